@@ -1,0 +1,3 @@
+from tilestack.cli import main
+
+main()
