@@ -1,0 +1,301 @@
+"""IR -> Triton source. One emitter per op, in ``_EMIT``; the lowering is a single walk in program order.
+
+The generated function takes, for each global, its pointer, sizes and strides (``A, A_d0, A_d1, A_s0,
+A_s1``), then the runtime scalars; constants are literals (a trace is per set of constants). A value is a
+Python variable named after the user's tile where one was known (``acc_23``). Loads and stores are masked
+against the global's sizes, so tiles may hang past the edge of a ragged tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tilestack.errors import BackendError
+from tilestack.ir.nodes import Block, Instr, KernelIR, Value
+from tilestack.ir.ops import Op
+from tilestack.ir.types import GlobalType, TileType, bf16, f32, f64
+
+TL_DTYPES = {"f64": "tl.float64", "f32": "tl.float32", "f16": "tl.float16", "bf16": "tl.bfloat16",
+             "i32": "tl.int32", "i64": "tl.int64"}
+_UNARY = {"exp": "tl.exp({})", "exp2": "tl.math.exp2({})", "log": "tl.log({})", "log2": "tl.log2({})",
+          "abs": "tl.abs({})", "neg": "-{}", "relu": "tl.maximum({}, 0.0)", "sqrt": "tl.sqrt({})",
+          "rsqrt": "tl.rsqrt({})", "sigmoid": "tl.sigmoid({})", "sin": "tl.sin({})", "cos": "tl.cos({})",
+          "copy": "{}"}
+_BINARY = {"add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "div": "({} / {})",
+           "max": "tl.maximum({}, {})", "min": "tl.minimum({}, {})"}
+_SCALAR = {"add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "floordiv": "({} // {})",
+           "cdiv": "(({0} + {1} - 1) // {1})", "mod": "({} % {})", "min": "tl.minimum({}, {})",
+           "max": "tl.maximum({}, {})", "fadd": "({} + {})", "fmul": "({} * {})", "fdiv": "({} / {})"}
+_REDUCE = {"max": "tl.max", "min": "tl.min", "sum": "tl.sum"}
+_COMBINE = {"max": "tl.maximum({}, {})", "min": "tl.minimum({}, {})", "sum": "({} + {})"}
+
+
+def _literal(x) -> str:
+    if isinstance(x, float) and math.isinf(x):
+        return 'float("inf")' if x > 0 else 'float("-inf")'
+    return repr(x)
+
+
+class _Emitter:
+    def __init__(self, kernel: KernelIR, interpret: bool):
+        self.kernel = kernel
+        self.interpret = interpret
+        self.lines: list[str] = []
+        self.names: dict[Value, str] = {}
+        self.globals: dict[Value, str] = {}   # global value -> its parameter name
+        self.consts: set[Value] = set()       # values that are Python literals in the source
+        self.addresses = 0
+        self.used = _used_values(kernel.body)  # values something reads: the rest is host-side grid math
+        self.indent = 1
+
+    # ---- names ---------------------------------------------------------------------------------------------
+    def name(self, v: Value) -> str:
+        if v not in self.names:
+            self.names[v] = f"{v.hint}_{v.id}" if v.hint else f"v{v.id}"
+        return self.names[v]
+
+    def emit(self, line: str) -> None:
+        self.lines.append("    " * self.indent + line)
+
+    def assign(self, v: Value, expr: str) -> None:
+        self.emit(f"{self.name(v)} = {expr}")
+
+    # ---- the walk ------------------------------------------------------------------------------------------
+    def block(self, block: Block) -> None:
+        for ins in block.instrs:
+            if ins.results and ins.op is not Op.RANGE and not any(r in self.used for r in ins.results):
+                continue
+            self.check(ins)
+            _EMIT[ins.op](self, ins)
+
+    def check(self, ins: Instr) -> None:
+        for v in ins.results + ins.srcs:
+            if isinstance(v.type, TileType):
+                for n in v.type.shape:
+                    if n & (n - 1):
+                        raise BackendError(f"{ins.where}: the Triton backend needs power-of-two tile sizes; "
+                                           f"{ins.op.value} uses a {v.type} (pad the tile and mask the edge)")
+        if ins.op is Op.MMA:
+            for v in (ins.result, ins.srcs[1], ins.srcs[2]):
+                if min(v.type.shape) < 16:
+                    raise BackendError(f"{ins.where}: the Triton backend's mma needs every tile dimension "
+                                       f">= 16; got {v.type}")
+
+    def f32(self, v: Value) -> str:
+        """The value as f32 (or f64) for arithmetic: Triton's math functions take 32- or 64-bit floats."""
+        n = self.name(v)
+        return n if v.type.dtype in (f32, f64) else f"{n}.to(tl.float32)"
+
+    def cast_to(self, expr: str, v_from_dtype, dst: TileType) -> str:
+        return expr if v_from_dtype is dst.dtype else f"{expr}.to({TL_DTYPES[dst.dtype.name]})"
+
+    # ---- memory --------------------------------------------------------------------------------------------
+    def address(self, ins: Instr, g: Value, coords: tuple[Value, ...], shape: tuple[int, ...]):
+        """(pointer expression, mask expression) for a tile at tile coordinates ``coords`` of global ``g``."""
+        gname = self.globals[g]
+        rank = g.type.rank
+        lead = rank - len(shape)
+        self.addresses += 1
+        key = f"t{self.addresses}"
+        # leading (non-tile) coordinates in 64 bits: batch * stride can pass 2**31 on big tensors
+        terms = [f"{self.name(c)} * {gname}_s{a}" if c in self.consts else
+                 f"{self.name(c)}.to(tl.int64) * {gname}_s{a}" for a, c in enumerate(coords[:lead])]
+        offs, masks = [], []
+        for k, n in enumerate(shape):
+            axis = lead + k
+            var = f"{key}_o{k}"
+            self.emit(f"{var} = {self.name(coords[axis])} * {n} + tl.arange(0, {n})")
+            if len(shape) == 2:
+                bcast = "[:, None]" if k == 0 else "[None, :]"
+            else:
+                bcast = ""
+            offs.append(f"{var}{bcast} * {gname}_s{axis}")
+            masks.append(f"({var}{bcast} < {gname}_d{axis})")
+        for a, c in enumerate(coords[:lead]):
+            masks.append(f"({self.name(c)} < {gname}_d{a})")
+        base = f"{gname} + " + " + ".join(f"({t})" for t in terms) if terms else gname
+        ptr = f"{base} + " + " + ".join(offs)
+        return ptr, " & ".join(masks)
+
+    def scalar(self, v: Value) -> str:
+        return self.name(v)
+
+
+def _e_arg(e: _Emitter, ins: Instr) -> None:
+    name = ins.attrs["name"]
+    if isinstance(ins.result.type, GlobalType):
+        e.globals[ins.result] = name
+    e.names[ins.result] = name
+
+
+def _e_const(e: _Emitter, ins: Instr) -> None:
+    e.names[ins.result] = _literal(ins.attrs["value"])
+    e.consts.add(ins.result)
+
+
+def _e_dim(e: _Emitter, ins: Instr) -> None:
+    e.names[ins.result] = f"{e.globals[ins.srcs[0]]}_d{ins.attrs['axis']}"
+
+
+def _e_block_id(e: _Emitter, ins: Instr) -> None:
+    e.assign(ins.result, f"tl.program_id({ins.attrs['axis']})")
+
+
+def _e_num_blocks(e: _Emitter, ins: Instr) -> None:
+    e.assign(ins.result, f"tl.num_programs({ins.attrs['axis']})")
+
+
+def _e_scalar(e: _Emitter, ins: Instr) -> None:
+    a, b = (e.name(s) for s in ins.srcs)
+    e.assign(ins.result, _SCALAR[ins.attrs["fn"]].format(a, b))
+
+
+def _e_fill(e: _Emitter, ins: Instr) -> None:
+    t = ins.result.type
+    e.assign(ins.result, f"tl.full({t.shape}, {_literal(ins.attrs['value'])}, {TL_DTYPES[t.dtype.name]})")
+
+
+def _e_unary(e: _Emitter, ins: Instr) -> None:
+    (x,) = ins.srcs
+    fn = ins.attrs["fn"]
+    if fn == "copy":
+        e.assign(ins.result, e.cast_to(e.name(x), x.type.dtype, ins.result.type))
+        return
+    expr = _UNARY[fn].format(e.f32(x))
+    e.assign(ins.result, e.cast_to(expr, f32 if x.type.dtype is not f64 else f64, ins.result.type))
+
+
+def _operand(e: _Emitter, v: Value) -> str:
+    return e.f32(v) if isinstance(v.type, TileType) else e.name(v)
+
+
+def _e_binary(e: _Emitter, ins: Instr) -> None:
+    a, b = ins.srcs
+    expr = _BINARY[ins.attrs["fn"]].format(_operand(e, a), _operand(e, b))
+    e.assign(ins.result, e.cast_to(expr, f32 if a.type.dtype is not f64 else f64, ins.result.type))
+
+
+def _e_broadcast(e: _Emitter, ins: Instr) -> None:
+    x, v = ins.srcs
+    vec = f"{e.f32(v)}[:, None]" if ins.attrs["axis"] == "row" else f"{e.f32(v)}[None, :]"
+    expr = _BINARY[ins.attrs["fn"]].format(e.f32(x), vec)
+    e.assign(ins.result, e.cast_to(expr, f32 if x.type.dtype is not f64 else f64, ins.result.type))
+
+
+def _e_cast(e: _Emitter, ins: Instr) -> None:
+    (x,) = ins.srcs
+    e.assign(ins.result, e.cast_to(e.name(x), x.type.dtype, ins.result.type))
+
+
+def _e_reduce(e: _Emitter, ins: Instr) -> None:
+    fn, axis = ins.attrs["fn"], 1 if ins.attrs["axis"] == "row" else 0
+    x = ins.srcs[0]
+    expr = f"{_REDUCE[fn]}({e.f32(x)}, axis={axis})"
+    if len(ins.srcs) > 1:
+        expr = _COMBINE[fn].format(e.f32(ins.srcs[1]), expr)
+    e.assign(ins.result, e.cast_to(expr, f32 if x.type.dtype is not f64 else f64, ins.result.type))
+
+
+def _e_mask(e: _Emitter, ins: Instr) -> None:
+    x, k = ins.srcs
+    r, c = ins.result.type.shape
+    rows, cols = f"tl.arange(0, {r})[:, None]", f"tl.arange(0, {c})[None, :]"
+    kn = e.name(k)
+    cond = {"tril": f"({cols} - {rows}) <= {kn}", "triu": f"({cols} - {rows}) >= {kn}",
+            "right_fill": f"{cols} < {kn}", "lower_fill": f"{rows} < {kn}"}[ins.attrs["kind"]]
+    fill = _literal(ins.attrs["value"])
+    e.assign(ins.result, f"tl.where({cond}, {e.name(x)}, {fill})")
+
+
+def _e_mma(e: _Emitter, ins: Instr) -> None:
+    acc, a, b = ins.srcs
+    an = f"tl.trans({e.name(a)})" if ins.attrs["trans_a"] else e.name(a)
+    bn = f"tl.trans({e.name(b)})" if ins.attrs["trans_b"] else e.name(b)
+    precision = ', input_precision="ieee"' if a.type.dtype is f32 else ""
+    if e.interpret and a.type.dtype is bf16:
+        # Triton 3.6's interpreter multiplies bf16 dot operands wrongly (NumPy has no bf16); upcasting is
+        # exact (a bf16 product fits in f32), so the interpreted kernel computes what the GPU does.
+        an, bn, precision = f"{an}.to(tl.float32)", f"{bn}.to(tl.float32)", ', input_precision="ieee"'
+    e.assign(ins.result, f"tl.dot({an}, {bn}, {e.name(acc)}{precision})")
+
+
+def _e_load(e: _Emitter, ins: Instr) -> None:
+    g, *coords = ins.srcs
+    t = ins.result.type
+    ptr, mask = e.address(ins, g, tuple(coords), t.shape)
+    e.assign(ins.result, e.cast_to(f"tl.load({ptr}, mask={mask}, other=0.0)", g.type.dtype, t))
+
+
+def _e_store(e: _Emitter, ins: Instr) -> None:
+    g, x, *coords = ins.srcs
+    ptr, mask = e.address(ins, g, tuple(coords), x.type.shape)
+    val = e.name(x) if x.type.dtype is g.type.dtype else f"{e.name(x)}.to({TL_DTYPES[g.type.dtype.name]})"
+    e.emit(f"tl.store({ptr}, {val}, mask={mask})")
+
+
+def _e_range(e: _Emitter, ins: Instr) -> None:
+    lo, hi, *inits = ins.srcs
+    body = ins.body
+    for arg, init in zip(body.args[1:], inits, strict=True):
+        e.assign(arg, e.name(init))
+    stages = ins.attrs.get("stages")
+    rng = f"tl.range({e.name(lo)}, {e.name(hi)}, num_stages={stages})" if stages else \
+        f"range({e.name(lo)}, {e.name(hi)})"
+    e.emit(f"for {e.name(body.args[0])} in {rng}:")
+    e.indent += 1
+    e.block(body)
+    for arg, y in zip(body.args[1:], body.yields, strict=True):
+        if y is not arg:
+            e.assign(arg, e.name(y))
+    if not body.instrs and not body.args[1:]:
+        e.emit("pass")
+    e.indent -= 1
+    for r, arg in zip(ins.results, body.args[1:], strict=True):
+        e.names[r] = e.name(arg)
+
+
+_EMIT = {
+    Op.ARG: _e_arg, Op.CONST: _e_const, Op.DIM: _e_dim, Op.BLOCK_ID: _e_block_id,
+    Op.NUM_BLOCKS: _e_num_blocks, Op.SCALAR: _e_scalar, Op.FILL: _e_fill, Op.UNARY: _e_unary,
+    Op.BINARY: _e_binary, Op.BROADCAST: _e_broadcast, Op.CAST: _e_cast, Op.REDUCE: _e_reduce,
+    Op.MASK: _e_mask, Op.MMA: _e_mma, Op.LOAD: _e_load, Op.STORE: _e_store, Op.RANGE: _e_range,
+}
+
+
+def _used_values(block: Block) -> set[Value]:
+    used: set[Value] = set()
+    for ins in block.walk():
+        used.update(ins.srcs)
+        if ins.body is not None:
+            used.update(ins.body.yields)
+    return used
+
+
+def generate(kernel: KernelIR, interpret: bool = False) -> tuple[str, str]:
+    """(source, function name) of the Triton kernel for ``kernel`` (for Triton's interpreter if asked)."""
+    e = _Emitter(kernel, interpret)
+    e.block(kernel.body)
+    params = []
+    for p in kernel.params:
+        if isinstance(p.type, GlobalType):
+            params.append(p.name)
+            params += [f"{p.name}_d{a}" for a in range(p.type.rank)]
+            params += [f"{p.name}_s{a}" for a in range(p.type.rank)]
+        else:
+            params.append(p.name)
+    fn = f"{kernel.name}_kernel"
+    consts = ", ".join(f"{k}={v!r}" for k, v in kernel.constants.items())
+    head = [
+        f'"""Generated by tilestack from kernel `{kernel.name}` ({kernel.where}); constants: {consts}."""',
+        "import triton",
+        "import triton.language as tl",
+        "",
+        "",
+        "@triton.jit",
+        f"def {fn}({', '.join(params)}):",
+    ]
+    return "\n".join(head + e.lines) + "\n", fn
+
+
+def source(traced) -> str:
+    return generate(traced.ir)[0]

@@ -1,0 +1,98 @@
+"""Compile the generated source with Triton and launch it: on a CUDA GPU, or on the CPU under Triton's
+interpreter (no GPU, or ``TRITON_INTERPRET=1``).
+
+The source is written to ``<cache_dir>/triton/<name>_<hash>.py`` and imported from there, so Triton can read
+it like any other kernel and a person can open it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import tempfile
+
+from tilestack.backends.triton.codegen import generate
+from tilestack.config import knobs
+from tilestack.errors import BackendError, LaunchError
+from tilestack.ir.types import GlobalType
+
+LAUNCH_OPTIONS = ("num_warps", "num_stages")   # constants the backend reads as launch options
+
+
+def _triton():
+    try:
+        import triton
+    except ImportError as e:  # pragma: no cover - triton is a dependency on Linux
+        raise BackendError("the Triton backend needs the `triton` package (pip install triton)") from e
+    return triton
+
+
+def _interpret(args) -> bool:
+    import torch
+
+    devices = {a.device.type for a in args if isinstance(a, torch.Tensor)}
+    if knobs.triton_interpret:
+        if devices - {"cpu"}:
+            raise LaunchError(f"triton backend: TRITON_INTERPRET=1 runs on CPU tensors; got tensors on {devices}")
+        return True
+    if devices == {"cuda"}:
+        return False
+    if devices == {"cpu"} and not torch.cuda.is_available():
+        return True   # no GPU here: Triton's interpreter
+    raise LaunchError(f"triton backend: tensors are on {sorted(devices)}; with a CUDA GPU present they must be "
+                      "on cuda (or set TRITON_INTERPRET=1 to run Triton's interpreter on CPU tensors)")
+
+
+def compile_source(src: str, fn_name: str, interpret: bool):
+    """Import ``src`` as a module and return its @triton.jit function (interpreted if asked)."""
+    triton = _triton()
+    digest = hashlib.sha256(src.encode()).hexdigest()[:16]
+    folder = knobs.cache_dir / "triton"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{fn_name}_{digest}.py"
+    if not path.exists():   # written whole, then renamed: an interrupted run never leaves half a file
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".py.tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(src)
+        os.replace(tmp, path)
+    old = triton.knobs.runtime.interpret
+    triton.knobs.runtime.interpret = interpret
+    try:
+        spec = importlib.util.spec_from_file_location(f"tilestack_gen_{fn_name}_{digest}_{int(interpret)}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        triton.knobs.runtime.interpret = old
+    return getattr(module, fn_name)
+
+
+def jit_function(traced, interpret: bool):
+    key = "triton-interpret" if interpret else "triton"
+    if key not in traced._compiled:
+        src, fn_name = generate(traced.ir, interpret)
+        traced._compiled[key] = compile_source(src, fn_name, interpret)
+    return traced._compiled[key]
+
+
+def flat_args(traced, args) -> list:
+    flat = []
+    for p, a in zip(traced.ir.params, args, strict=True):
+        if isinstance(p.type, GlobalType):
+            flat.append(a)
+            flat.extend(int(s) for s in a.shape)
+            flat.extend(int(s) for s in a.stride())
+        else:
+            flat.append(a)
+    return flat
+
+
+def run(traced, args):
+    interpret = _interpret(args)
+    fn = jit_function(traced, interpret)
+    grid = traced.grid(*args)
+    if 0 in grid:
+        return None
+    options = {k: traced.constants[k] for k in LAUNCH_OPTIONS if k in traced.constants}
+    fn[grid](*flat_args(traced, args), **options)
+    return None

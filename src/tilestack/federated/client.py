@@ -1,0 +1,186 @@
+"""The tilestack ClientApp: one Flower ``ClientApp`` for every strategy, engine and deployment.
+
+    flower-supernode ... (runs ``tilestack.federated.client:app``)
+    from tilestack.federated.client import app          # run_simulation(client_app=app, ...)
+
+A client learns everything from the message: the task (``tilestack.task``, a :class:`Task` as JSON), its
+share of the round's work (``tilestack.work``, set by the system simulator), FedProx's ``proximal-mu``,
+and the records that select a method: ``scaffold-c`` (SCAFFOLD), ``tilestack.ifca-k`` (IFCA cluster
+models), ``tilestack.local-prefix`` (FedBN). Its partition is ``partition-id`` from the node config.
+Clients flagged by the task as malicious or faulty misbehave on purpose, so that the server's defences
+can be tested against a real ClientApp.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from tilestack.federated.models import MLP, Model, Params, evaluate, local_sgd
+from tilestack.federated.task import Task
+
+app = ClientApp()
+
+TASK_KEY = "tilestack.task"
+WORK_KEY = "tilestack.work"
+IFCA_KEY = "tilestack.ifca-k"
+LOCAL_PREFIX_KEY = "tilestack.local-prefix"
+SCAFFOLD_C = "scaffold-c"
+SCAFFOLD_DC_PREFIX = "scaffold.dc."
+PARTITION_METRIC = "tilestack.partition"
+CLUSTER_SEP = "/"
+
+
+def cluster_key(j: int, key: str) -> str:
+    """Name of array ``key`` of IFCA cluster model ``j`` inside one ArrayRecord."""
+    return f"cluster{j}{CLUSTER_SEP}{key}"
+
+
+def _to_numpy(record: ArrayRecord) -> Params:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def _to_record(params: Params) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in params.items()})
+
+
+def _model_for(task: Task, params: Params) -> Model:
+    """The task's model, at the width the server sent (HeteroFL sends narrower MLPs)."""
+    if task.model == "mlp" and "fc1.weight" in params:
+        return MLP(task.features, params["fc1.weight"].shape[1], task.classes, norm=task.norm)
+    return task.build_model()
+
+
+def _split_clusters(arrays: Params, k: int) -> list[Params]:
+    out: list[Params] = [{} for _ in range(k)]
+    for name, v in arrays.items():
+        head, _, key = name.partition(CLUSTER_SEP)
+        out[int(head.removeprefix("cluster"))][key] = v
+    return out
+
+
+def _pick_cluster(task: Task, clusters: list[Params], x: np.ndarray, y: np.ndarray) -> int:
+    losses = [evaluate(_model_for(task, p), p, x, y)[0] for p in clusters]
+    return int(np.argmin(losses))
+
+
+def _with_local(params: Params, context: Context, prefix: str) -> Params:
+    """FedBN: replace the keys under ``prefix`` by this client's own, once it has them."""
+    if not prefix or "fedbn-local" not in context.state:
+        return params
+    local = _to_numpy(context.state["fedbn-local"])
+    return {k: (local[k] if k.startswith(prefix) and k in local else v) for k, v in params.items()}
+
+
+def _poison(task: Task, start: Params, trained: Params, rng: np.random.Generator) -> Params:
+    if task.attack == "signflip":  # send the update reversed and scaled up
+        return {k: start[k] - task.attack_scale * (trained[k] - start[k]) for k in trained}
+    return {k: (v + rng.normal(0, task.attack_scale, v.shape)).astype(np.float32) for k, v in trained.items()}
+
+
+def _apply_fault(kind: str | None, task: Task, params: Params) -> Params:
+    if kind == "crash":
+        raise RuntimeError("simulated client crash (task.faults)")
+    if kind == "slow":
+        time.sleep(task.slow_seconds)
+    if kind == "nan":
+        first = next(iter(params))
+        params = dict(params)
+        params[first] = np.full_like(params[first], np.nan)
+    if kind == "shape":
+        first = next(iter(params))
+        params = dict(params)
+        params[first] = np.zeros((*params[first].shape[:-1], params[first].shape[-1] + 1), np.float32)
+    return params
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training on this client's partition; replies with its model and how much work it did."""
+    config = msg.content["config"]
+    task = Task.from_json(str(config[TASK_KEY]))
+    pid = int(context.node_config["partition-id"])
+    server_round = int(config.get("server-round", 0))
+    x, y, _, _ = task.client_data(pid)
+    rng = np.random.default_rng([task.seed, pid, server_round, 13])
+    arrays = _to_numpy(msg.content["arrays"])
+    metrics: dict[str, float | int] = {}
+
+    ifca_k = int(config.get(IFCA_KEY, 0))
+    if ifca_k:
+        clusters = _split_clusters(arrays, ifca_k)
+        j = _pick_cluster(task, clusters, x, y)
+        arrays = clusters[j]
+        metrics["cluster-id"] = j
+    prefix = str(config.get(LOCAL_PREFIX_KEY, ""))
+    start = _with_local(arrays, context, prefix)
+
+    correction = None
+    if SCAFFOLD_C in msg.content:
+        c = _to_numpy(msg.content[SCAFFOLD_C])
+        ci = _to_numpy(context.state[SCAFFOLD_C]) if SCAFFOLD_C in context.state else None
+        ci = ci if ci is not None else {k: np.zeros_like(v) for k, v in c.items()}
+        correction = {k: c[k] - ci[k] for k in c}
+
+    full_steps = task.steps_for(pid)
+    work = float(config.get(WORK_KEY, 1.0))
+    steps = max(1, math.ceil(work * full_steps)) if work > 0 else 0
+    model = _model_for(task, start)
+    trained, steps, loss = local_sgd(
+        model, start, x, y, steps=steps, batch_size=task.batch_size, lr=task.lr, rng=rng,
+        prox_mu=float(config.get("proximal-mu", 0.0)), correction=correction,
+    )  # fmt: skip
+
+    reply = dict(trained)
+    if correction is not None and steps > 0:
+        # SCAFFOLD option II: c_i+ = c_i - c + (x - y) / (K lr); the server receives c_i+ - c_i.
+        ci_new = {k: ci[k] - c[k] + (start[k] - trained[k]) / (steps * task.lr) for k in c}
+        context.state[SCAFFOLD_C] = _to_record(ci_new)
+        reply |= {SCAFFOLD_DC_PREFIX + k: (ci_new[k] - ci[k]).astype(np.float32) for k in c}
+    if prefix:
+        context.state["fedbn-local"] = _to_record({k: v for k, v in trained.items() if k.startswith(prefix)})
+    if task.is_malicious(pid):
+        reply |= _poison(task, start, trained, rng)
+    reply = _apply_fault(task.fault(pid), task, reply)
+
+    metrics |= {
+        "num-examples": len(y),
+        "train-loss": loss,
+        "num-steps": steps,
+        "full-steps": full_steps,
+        PARTITION_METRIC: pid,
+    }
+    content = RecordDict({"arrays": _to_record(reply), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_local(msg: Message, context: Context) -> Message:
+    """Evaluate the global model (the best cluster model under IFCA) on this client's test split."""
+    config = msg.content["config"]
+    task = Task.from_json(str(config[TASK_KEY]))
+    pid = int(context.node_config["partition-id"])
+    x, y, x_test, y_test = task.client_data(pid)
+    arrays = _to_numpy(msg.content["arrays"])
+    ifca_k = int(config.get(IFCA_KEY, 0))
+    if ifca_k:
+        clusters = _split_clusters(arrays, ifca_k)
+        arrays = clusters[_pick_cluster(task, clusters, x, y)]
+    params = _with_local(arrays, context, str(config.get(LOCAL_PREFIX_KEY, "")))
+    loss, acc = evaluate(_model_for(task, params), params, x_test, y_test)
+    metrics = MetricRecord({"num-examples": len(y_test), "eval-loss": loss, "eval-acc": acc, PARTITION_METRIC: pid})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Answer the server's roll call with this node's partition id (used to order nodes reproducibly)."""
+    pid = int(context.node_config.get("partition-id", -1))
+    return Message(content=RecordDict({"metrics": MetricRecord({PARTITION_METRIC: pid})}), reply_to=msg)
+
+
+__all__ = ["app", "cluster_key", "TASK_KEY", "WORK_KEY", "IFCA_KEY", "LOCAL_PREFIX_KEY", "ConfigRecord"]

@@ -1,0 +1,121 @@
+"""tilestack's single-process simulation engine: a Flower ``Grid`` that runs ClientApps in this process.
+
+    from tilestack.federated.engine import InProcessGrid
+    from tilestack.federated.client import app
+    grid = InProcessGrid(app, num_nodes=1000, seed=0)
+    replies = grid.send_and_receive(strategy.configure_train(1, arrays, config, grid))
+
+It is "just another transport" under the same Flower ``Strategy`` objects: the strategy samples nodes from
+``get_node_ids()`` and builds ``Message`` s; the grid hands each one to the very ``ClientApp`` Flower's
+engine would run, with the same per-node ``Context`` (``partition-id``, ``num-partitions``, a persistent
+``state``), and returns the replies. What it leaves out is Flower's machinery around that call: no Ray
+actors, no LinkState, no polling every 0.1 s of every registered node, so a round costs the clients' work.
+A client that raises becomes an error reply, as in Flower; one that answers after ``timeout`` seconds is
+dropped, as Flower's ``send_and_receive`` would drop it. Node ids are seeded, not random.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+NODE_ID_BITS = 62
+
+
+class InProcessGrid(Grid):
+    """A Flower ``Grid`` over ``num_nodes`` virtual SuperNodes that run ``client_app`` in this process."""
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, *, seed: int = 0, run_id: int = 1):
+        if num_nodes < 1:
+            raise ValueError(f"InProcessGrid: num_nodes={num_nodes!r}; expected >= 1")
+        self.client_app = client_app
+        rng = np.random.default_rng([seed, 17])
+        ids: list[int] = []
+        seen: set[int] = set()
+        while len(ids) < num_nodes:  # distinct, nonzero, seeded
+            for v in rng.integers(1, 2**NODE_ID_BITS, num_nodes).tolist():
+                if v not in seen and len(ids) < num_nodes:
+                    seen.add(v)
+                    ids.append(v)
+        self._node_ids = ids
+        self.partitions = {nid: pid for pid, nid in enumerate(ids)}
+        self.contexts = {
+            nid: Context(
+                run_id=run_id,
+                node_id=nid,
+                node_config={"partition-id": pid, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
+            for pid, nid in enumerate(ids)
+        }
+        self._run = Run.create_empty(run_id)
+        # This process is now the server task, as run_simulation declares it for its ServerApp thread.
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
+        self._replies: dict[str, Message] = {}
+        self._elapsed: dict[str, float] = {}
+        self._counter = itertools.count(1)
+
+    # ---- Grid interface -----------------------------------------------------------------------------
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._node_ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Run every message's ClientApp now; the replies wait for ``pull_messages``."""
+        ids = []
+        for msg in messages:
+            if msg.metadata.dst_node_id not in self.contexts:
+                raise ValueError(f"InProcessGrid.push_messages: dst_node_id={msg.metadata.dst_node_id}; unknown node")
+            mid = f"m{next(self._counter)}"
+            msg.metadata.__dict__["_message_id"] = mid  # what Flower's own grids do when they accept a message
+            t0 = time.perf_counter()
+            try:
+                reply = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
+            except Exception as ex:  # noqa: BLE001 - a client's failure becomes its error reply, as in Flower
+                reason = f"{type(ex).__name__}: {ex}"
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+            self._elapsed[mid] = time.perf_counter() - t0
+            self._replies[mid] = reply
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(m) for m in message_ids if m in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        ids = list(self.push_messages(messages))
+        late = {m for m in ids if timeout is not None and self._elapsed.get(m, 0.0) > timeout}
+        replies = self.pull_messages([m for m in ids if m not in late])
+        for m in ids:
+            self._elapsed.pop(m, None)
+        return replies
+
+    # ---- checkpointing ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[int, RecordDict]:
+        """Each node's persistent ``Context.state`` (SCAFFOLD's c_i, FedBN's local layers)."""
+        return {nid: ctx.state for nid, ctx in self.contexts.items()}
+
+    def load_state_dict(self, states: dict[int, RecordDict]) -> None:
+        for nid, state in states.items():
+            self.contexts[nid].state = state

@@ -1,0 +1,57 @@
+"""Server-side evaluation of the global model: loss and accuracy on pooled client test (and train) data.
+
+    from tilestack.federated.evaluation import Evaluator
+    evaluator = Evaluator(task, max_clients=200)
+    test_loss, test_acc, train_loss = evaluator(arrays)       # arrays: a Flower ArrayRecord
+
+With several models in one record (IFCA's ``cluster{j}/...``), every client is scored with the model that
+fits its training data best, as IFCA's clients choose. Evaluates at most ``max_clients`` clients (the first
+ones by partition id), so that 10,000-client runs do not spend their time here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ArrayRecord
+
+from tilestack.federated.client import CLUSTER_SEP, _model_for, _split_clusters
+from tilestack.federated.models import Params, evaluate
+from tilestack.federated.task import Task
+
+
+class Evaluator:
+    """Callable ``(arrays) -> (test_loss, test_acc, train_loss)`` over the first ``max_clients`` clients."""
+
+    def __init__(self, task: Task, max_clients: int = 200):
+        if max_clients < 1:
+            raise ValueError(f"Evaluator: max_clients={max_clients!r}; expected >= 1")
+        self.task = task
+        self.pids = list(range(min(task.num_clients, max_clients)))
+        parts = [task.client_data(p) for p in self.pids]
+        self.x_train = np.concatenate([p[0] for p in parts])
+        self.y_train = np.concatenate([p[1] for p in parts])
+        self.x_test = np.concatenate([p[2] for p in parts])
+        self.y_test = np.concatenate([p[3] for p in parts])
+        self.parts = parts
+
+    def __call__(self, arrays: ArrayRecord) -> tuple[float, float, float]:
+        params: Params = {k: v.numpy() for k, v in arrays.items()}
+        if any(CLUSTER_SEP in k for k in params):
+            return self._per_client_best(params)
+        model = _model_for(self.task, params)
+        test_loss, test_acc = evaluate(model, params, self.x_test, self.y_test)
+        train_loss, _ = evaluate(model, params, self.x_train, self.y_train)
+        return test_loss, test_acc, train_loss
+
+    def _per_client_best(self, params: Params) -> tuple[float, float, float]:
+        k = 1 + max(int(name.partition(CLUSTER_SEP)[0].removeprefix("cluster")) for name in params)
+        clusters = _split_clusters(params, k)
+        n_test = n_train = 0
+        test_loss = test_hits = train_loss = 0.0
+        for x, y, xt, yt in self.parts:
+            scores = [evaluate(_model_for(self.task, p), p, x, y)[0] for p in clusters]
+            best = clusters[int(np.argmin(scores))]
+            loss, acc = evaluate(_model_for(self.task, best), best, xt, yt)
+            test_loss, test_hits, n_test = test_loss + loss * len(yt), test_hits + acc * len(yt), n_test + len(yt)
+            train_loss, n_train = train_loss + min(scores) * len(y), n_train + len(y)
+        return test_loss / n_test, test_hits / n_test, train_loss / n_train

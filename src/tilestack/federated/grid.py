@@ -1,0 +1,220 @@
+"""A Grid wrapper that adds what real heterogeneous clients bring: ordering, system effects, faults, accounting.
+
+    from tilestack.federated.grid import ManagedGrid
+    grid = ManagedGrid(inner_grid, task, system=SystemModel(...), stragglers="partial")
+    replies = grid.send_and_receive(strategy.configure_train(r, arrays, config, grid), timeout=60)
+    grid.take_round_log()     # bytes each way, simulated time, excluded clients and why, per-client metrics
+
+It wraps any Flower ``Grid`` (tilestack's :class:`InProcessGrid`, Flower's simulation grid, a deployment's
+SuperLink grid) and stays a ``Grid``, so the same strategy objects run over it:
+
+- Order: nodes are listed in partition order (a roll call with QUERY messages learns each node's
+  partition where the inner grid cannot tell), and replies come back in that order, so that a seeded run
+  samples and sums identically on every engine.
+- System: each TRAIN message gets the share of local work its client finishes under the
+  :class:`SystemModel` (``tilestack.work``); dropped-out or timed-out clients are not asked;
+  ``stragglers="drop"`` leaves out clients that cannot finish (FedAvg in the FedProx paper),
+  ``"partial"`` keeps their partial work.
+- Faults: a reply that is an error (crash), arrives late (timeout), carries a non-finite value or an
+  array of the wrong shape is left out with its reason logged; the round goes on with the rest.
+- Accounting: bytes each way (array payloads), simulated round time (slowest kept client, or deadline).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from tilestack.federated.client import CLUSTER_SEP, PARTITION_METRIC, SCAFFOLD_DC_PREFIX, WORK_KEY
+from tilestack.federated.system import SystemModel
+from tilestack.federated.task import Task
+
+log = logging.getLogger("tilestack.federated")
+STRAGGLER_POLICIES = ("drop", "partial")
+ROLL_CALL_TIMEOUT = 600.0
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of the array payload of a message (what dominates the wire)."""
+    return sum(len(a.data) for rec in content.array_records.values() for a in rec.values())
+
+
+def _canonical(name: str) -> str:
+    return name.rpartition(CLUSTER_SEP)[2].removeprefix(SCAFFOLD_DC_PREFIX)
+
+
+def check_reply(sent: RecordDict, reply: Message) -> str:
+    """Why ``reply`` must be left out ('' when it is fine): error, non-finite value, wrong shape."""
+    if reply.has_error():
+        return f"error: {reply.error.reason.strip()[:200]}"
+    shapes = {_canonical(k): a.shape for rec in sent.array_records.values() for k, a in rec.items()}
+    for rec in reply.content.array_records.values():
+        for k, a in rec.items():
+            want = shapes.get(_canonical(k))
+            if want is not None and tuple(a.shape) != tuple(want):
+                return f"shape: {k} is {tuple(a.shape)}, expected {tuple(want)}"
+            if not np.all(np.isfinite(a.numpy())):
+                return f"non-finite: {k}"
+    for rec in reply.content.metric_records.values():
+        for k, v in rec.items():
+            if not np.all(np.isfinite(np.asarray(v, np.float64))):
+                return f"non-finite metric: {k}"
+    return ""
+
+
+class ManagedGrid(Grid):
+    """Wrap ``inner`` with ordering, a system model, fault checks and accounting (see module doc)."""
+
+    def __init__(
+        self,
+        inner: Grid,
+        task: Task,
+        *,
+        system: SystemModel | None = None,
+        stragglers: str = "partial",
+    ):
+        if stragglers not in STRAGGLER_POLICIES:
+            raise ValueError(f"ManagedGrid: stragglers={stragglers!r}; expected one of {STRAGGLER_POLICIES}")
+        if system is not None and system.num_clients != task.num_clients:
+            raise ValueError(
+                f"ManagedGrid: system.num_clients={system.num_clients}; expected task.num_clients={task.num_clients}"
+            )
+        self.inner, self.task, self.system, self.stragglers = inner, task, system, stragglers
+        self.server_round = 0
+        self._order: list[int] | None = None
+        self.partition_of: dict[int, int] = {}
+        self._log = self._empty_log()
+
+    # ---- ordering -----------------------------------------------------------------------------------
+    def _roll_call(self) -> None:
+        known = getattr(self.inner, "partitions", None)
+        if known is not None:
+            self.partition_of = dict(known)
+        else:
+            ids = list(self.inner.get_node_ids())
+            msgs = [Message(RecordDict({"config": ConfigRecord()}), nid, MessageType.QUERY) for nid in ids]
+            for reply in self.inner.send_and_receive(msgs, timeout=ROLL_CALL_TIMEOUT):
+                if not reply.has_error():
+                    self.partition_of[reply.metadata.src_node_id] = int(reply.content["metrics"][PARTITION_METRIC])
+            if len(self.partition_of) != len(ids):
+                raise RuntimeError(f"ManagedGrid: {len(self.partition_of)} of {len(ids)} nodes answered the roll call")
+        self._order = sorted(self.partition_of, key=self.partition_of.__getitem__)
+
+    def get_node_ids(self) -> Iterable[int]:
+        if self._order is None:
+            self._roll_call()
+        assert self._order is not None
+        return list(self._order)
+
+    # ---- pass-through -------------------------------------------------------------------------------
+    def set_run(self, run: Run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.inner.run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+    # ---- the managed round trip ---------------------------------------------------------------------
+    @staticmethod
+    def _empty_log() -> dict:
+        return {
+            "selected": 0, "aggregated": 0, "steps_done": 0, "steps_full": 0, "bytes_down": 0, "bytes_up": 0,
+            "sim_time": 0.0, "excluded": {}, "client_metrics": [],
+        }  # fmt: skip
+
+    def take_round_log(self) -> dict:
+        """What happened since the last call (the driver calls it once per round)."""
+        out, self._log = self._log, self._empty_log()
+        return out
+
+    def _exclude(self, pid: int, reason: str) -> None:
+        self._log["excluded"][str(pid)] = reason
+        log.info("round %d: client %d left out: %s", self.server_round, pid, reason)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        if self._order is None:
+            self._roll_call()
+        out: list[Message] = []
+        sent: dict[int, tuple[RecordDict, int]] = {}  # node id -> (content, steps planned)
+        durations: list[float] = []
+        is_train = False
+        for msg in messages:
+            nid = msg.metadata.dst_node_id
+            pid = self.partition_of[nid]
+            down = payload_bytes(msg.content)
+            steps = 0
+            if msg.metadata.message_type == MessageType.TRAIN:
+                is_train = True
+                self._log["selected"] += 1
+                full = self.task.steps_for(pid)
+                self._log["steps_full"] += full
+                if self.system is not None:
+                    plan = self.system.plan(self.server_round, pid, full, down)
+                    if plan.work == 0.0 or (plan.reason and self.stragglers == "drop"):
+                        self._exclude(pid, plan.reason)
+                        if plan.reason in ("straggler", "deadline") and self.system.deadline is not None:
+                            durations.append(self.system.deadline)  # the server waited for it until the deadline
+                        continue
+                    if plan.work < 1.0:
+                        config = ConfigRecord(dict(msg.content["config"]))
+                        config[WORK_KEY] = plan.work
+                        content = RecordDict({**msg.content, "config": config})
+                        msg = Message(content, nid, msg.metadata.message_type, group_id=msg.metadata.group_id)
+                    steps = plan.steps
+                else:
+                    steps = full
+            self._log["bytes_down"] += down
+            sent[nid] = (msg.content, steps)
+            out.append(msg)
+        replies = list(self.inner.send_and_receive(out, timeout=timeout))
+        answered = {r.metadata.src_node_id for r in replies}
+        for nid in sent:
+            if nid not in answered:
+                self._exclude(self.partition_of[nid], f"timeout: no reply within {timeout} s")
+        kept = []
+        for reply in replies:
+            nid = reply.metadata.src_node_id
+            pid = self.partition_of[nid]
+            content, steps = sent[nid]
+            why = check_reply(content, reply)
+            if not why and reply.metadata.message_type == MessageType.TRAIN:
+                metrics = next(iter(reply.content.metric_records.values()))
+                steps = int(metrics.get("num-steps", steps))
+            if why:
+                self._exclude(pid, why)
+                continue
+            up = payload_bytes(reply.content)
+            self._log["bytes_up"] += up
+            if is_train:
+                self._log["aggregated"] += 1
+                self._log["steps_done"] += steps
+            else:
+                metrics = next(iter(reply.content.metric_records.values()))
+                self._log["client_metrics"].append({k: metrics[k] for k in metrics})
+            if self.system is not None:
+                down = payload_bytes(content)
+                durations.append(self.system.duration(pid, steps=steps, bytes_down=down, bytes_up=up))
+            kept.append(reply)
+        if durations:
+            t = max(durations)
+            if self.system is not None and self.system.deadline is not None:
+                t = min(t, self.system.deadline)
+            self._log["sim_time"] += t
+        kept.sort(key=lambda r: self.partition_of[r.metadata.src_node_id])
+        return kept

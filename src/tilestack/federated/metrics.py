@@ -1,0 +1,79 @@
+"""Per-round metrics of a federated run, and the fairness summary of a distribution over clients.
+
+    from tilestack.federated.metrics import History, fairness
+    history.rounds[-1].test_acc, history.rounds[-1].bytes_down, history.rounds[-1].sim_time
+    fairness([0.9, 0.7, 0.95])     # {"mean": ..., "std": ..., "p10": ..., "worst": ..., "jain": ...}
+    history.to_json("run.json")    # every round, every field
+
+One ``RoundMetrics`` per completed round: the global model's loss and accuracy (server-side, on the
+pooled test data and on the pooled training data), the distribution of client accuracies from federated
+evaluation (fairness), bytes sent each way, simulated and real wall time, and which clients were left out
+of the round and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def fairness(values: list[float]) -> dict[str, float]:
+    """Summary of per-client values (accuracies): mean, std, 10th percentile, worst, Jain's index."""
+    if not values:
+        return {}
+    v = np.asarray(values, np.float64)
+    jain = float(v.sum() ** 2 / (len(v) * (v**2).sum())) if (v**2).sum() > 0 else 1.0
+    return {
+        "mean": float(v.mean()),
+        "std": float(v.std()),
+        "p10": float(np.percentile(v, 10)),
+        "worst": float(v.min()),
+        "jain": jain,
+    }
+
+
+@dataclasses.dataclass
+class RoundMetrics:
+    """What happened in one round (see module doc)."""
+
+    round: int
+    test_loss: float = float("nan")
+    test_acc: float = float("nan")
+    train_loss: float = float("nan")
+    client_acc: dict[str, float] = dataclasses.field(default_factory=dict)
+    """fairness() of the per-client accuracies from federated evaluation."""
+    num_selected: int = 0
+    num_aggregated: int = 0
+    steps_done: int = 0
+    steps_full: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    sim_time: float = 0.0
+    wall_time: float = 0.0
+    excluded: dict[str, str] = dataclasses.field(default_factory=dict)
+    """partition id -> reason the client was left out (dropout, timeout, crash, nan, shape, straggler)."""
+    extra: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Strategy-specific numbers (epsilon of DP, cluster purity, ...)."""
+
+
+@dataclasses.dataclass
+class History:
+    """All completed rounds of a run, in order."""
+
+    rounds: list[RoundMetrics] = dataclasses.field(default_factory=list)
+
+    def column(self, name: str) -> list[float]:
+        return [getattr(r, name) for r in self.rounds]
+
+    def to_dict(self) -> dict:
+        return {"rounds": [dataclasses.asdict(r) for r in self.rounds]}
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> History:
+        return cls([RoundMetrics(**r) for r in data["rounds"]])

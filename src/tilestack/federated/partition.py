@@ -1,0 +1,99 @@
+"""Non-IID partitioners over any labelled array dataset: each returns one index array per client.
+
+    from tilestack.federated.partition import dirichlet, shards, quantity_skew
+    parts = dirichlet(labels, num_clients=100, alpha=0.3, seed=0)   # label skew, concentration alpha
+    parts = shards(labels, num_clients=100, classes_per_client=2)    # pathological k-class shards
+    parts = quantity_skew(len(labels), num_clients=100, sigma=1.0)   # lognormal sizes, IID labels
+    x_client, y_client = x[parts[7]], labels[parts[7]]
+
+Every partitioner gives each sample to exactly one client and every client at least ``min_size``
+samples (it raises a ``ValueError`` naming the argument when that cannot be done).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _check_common(num_samples: int, num_clients: int, min_size: int) -> None:
+    if num_clients < 1:
+        raise ValueError(f"num_clients={num_clients!r}; expected >= 1")
+    if min_size < 0:
+        raise ValueError(f"min_size={min_size!r}; expected >= 0")
+    if num_clients * min_size > num_samples:
+        raise ValueError(
+            f"num_clients={num_clients} x min_size={min_size} > {num_samples} samples; "
+            "expected fewer clients or a smaller min_size"
+        )
+
+
+def _labels(labels: np.ndarray) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels: shape {labels.shape}, dtype {labels.dtype}; expected a 1-D integer array")
+    return labels
+
+
+def dirichlet(
+    labels: np.ndarray, num_clients: int, alpha: float, *, seed: int = 0, min_size: int = 1, max_tries: int = 100
+) -> list[np.ndarray]:
+    """Label skew: for each class, its samples are split over clients by proportions ~ Dir(alpha).
+
+    Small alpha (0.1) gives clients few classes; large alpha (100) is close to IID. Draws again (up to
+    ``max_tries``) until every client holds ``min_size`` samples.
+    """
+    labels = _labels(labels)
+    if not alpha > 0:
+        raise ValueError(f"dirichlet: alpha={alpha!r}; expected > 0")
+    _check_common(len(labels), num_clients, min_size)
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    for _ in range(max_tries):
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        for c in classes:
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            props = rng.dirichlet(np.full(num_clients, alpha))
+            cuts = (np.cumsum(props)[:-1] * len(idx)).astype(int)
+            for client, chunk in enumerate(np.split(idx, cuts)):
+                parts[client].append(chunk)
+        out = [np.sort(np.concatenate(p)) for p in parts]
+        if min(len(p) for p in out) >= min_size:
+            return out
+    raise ValueError(
+        f"dirichlet: no draw in max_tries={max_tries} gave every client min_size={min_size} samples "
+        f"(alpha={alpha}, num_clients={num_clients}); expected a larger alpha or a smaller min_size"
+    )
+
+
+def shards(labels: np.ndarray, num_clients: int, classes_per_client: int = 2, *, seed: int = 0) -> list[np.ndarray]:
+    """Pathological non-IID (McMahan et al.): sort by label, cut into ``num_clients * classes_per_client``
+    shards, give each client ``classes_per_client`` random shards, so most clients see that many classes."""
+    labels = _labels(labels)
+    if classes_per_client < 1:
+        raise ValueError(f"shards: classes_per_client={classes_per_client!r}; expected >= 1")
+    num_shards = num_clients * classes_per_client
+    _check_common(len(labels), num_shards, 1)
+    rng = np.random.default_rng(seed)
+    order = np.argsort(labels, kind="stable")
+    pieces = np.array_split(order, num_shards)
+    owner = rng.permutation(num_shards)
+    return [
+        np.sort(np.concatenate([pieces[s] for s in owner[i * classes_per_client : (i + 1) * classes_per_client]]))
+        for i in range(num_clients)
+    ]
+
+
+def quantity_skew(
+    num_samples: int, num_clients: int, sigma: float = 1.0, *, seed: int = 0, min_size: int = 1
+) -> list[np.ndarray]:
+    """Quantity skew: IID samples, client sizes proportional to lognormal(0, sigma) draws (sigma=0: equal)."""
+    if sigma < 0:
+        raise ValueError(f"quantity_skew: sigma={sigma!r}; expected >= 0")
+    _check_common(num_samples, num_clients, min_size)
+    rng = np.random.default_rng(seed)
+    weights = rng.lognormal(0.0, sigma, num_clients)
+    spare = num_samples - num_clients * min_size
+    sizes = min_size + np.floor(weights / weights.sum() * spare).astype(int)
+    sizes[np.argmax(weights)] += num_samples - sizes.sum()  # the rounding remainder
+    idx = rng.permutation(num_samples)
+    return [np.sort(chunk) for chunk in np.split(idx, np.cumsum(sizes)[:-1])]

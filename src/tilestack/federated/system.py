@@ -1,0 +1,116 @@
+"""System heterogeneity: per-client compute speed and bandwidth, stragglers, dropouts and a round deadline.
+
+    from tilestack.federated.system import SystemModel
+    system = SystemModel(num_clients=1000, speed_sigma=1.0, deadline=30.0, dropout=0.05, seed=0)
+    system = SystemModel.from_trace("devices.csv")       # columns: client,speed,bandwidth
+    plan = system.plan(server_round=3, pid=17, full_steps=400, bytes_down=2440)
+    plan.work, plan.reason                                # share of full local work; why it was cut or dropped
+    system.duration(17, steps=plan.steps, bytes_down=2440, bytes_up=2440)   # simulated seconds
+
+Speeds are in local SGD steps per second and bandwidths in bytes per second, drawn per client from
+lognormal distributions (median ``speed`` / ``bandwidth``, log-std ``*_sigma``) or read from a trace.
+Each round a client either drops out (``dropout`` probability), or is given the share of its full local
+work it can finish before the ``deadline`` (partial work, counted honestly in steps), or, in the FedProx
+paper's setting, ``straggler_fraction`` of the selected clients do a random k/E of their work, k in 1..E-1.
+All draws are seeded by (seed, round, client), so a resumed run sees the same system.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientPlan:
+    """One client's assignment for one round."""
+
+    pid: int
+    work: float
+    """Share of the client's full local work it will do, in [0, 1]; 0 with ``reason`` set: not asked."""
+    steps: int
+    reason: str = ""
+    """Why the client does less than full work or none: 'dropout', 'straggler', 'deadline', 'timeout'."""
+
+
+@dataclasses.dataclass
+class SystemModel:
+    """Heterogeneous clients: speeds, bandwidths, dropouts, stragglers and a deadline (see module doc)."""
+
+    num_clients: int
+    speed: float = 100.0
+    speed_sigma: float = 0.0
+    bandwidth: float = 1e6
+    bandwidth_sigma: float = 0.0
+    dropout: float = 0.0
+    straggler_fraction: float = 0.0
+    straggler_epochs: int = 20
+    deadline: float | None = None
+    seed: int = 0
+    speeds: np.ndarray | None = None
+    bandwidths: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        checks = {
+            "num_clients": self.num_clients >= 1,
+            "speed": self.speed > 0,
+            "bandwidth": self.bandwidth > 0,
+            "speed_sigma": self.speed_sigma >= 0,
+            "bandwidth_sigma": self.bandwidth_sigma >= 0,
+            "dropout": 0.0 <= self.dropout < 1.0,
+            "straggler_fraction": 0.0 <= self.straggler_fraction <= 1.0,
+            "straggler_epochs": self.straggler_epochs >= 2,
+            "deadline": self.deadline is None or self.deadline > 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"SystemModel: {name}={getattr(self, name)!r} is out of range")
+        rng = np.random.default_rng([self.seed, 19])
+        if self.speeds is None:
+            self.speeds = self.speed * rng.lognormal(0.0, self.speed_sigma, self.num_clients)
+        if self.bandwidths is None:
+            self.bandwidths = self.bandwidth * rng.lognormal(0.0, self.bandwidth_sigma, self.num_clients)
+        for name in ("speeds", "bandwidths"):
+            arr = np.asarray(getattr(self, name), np.float64)
+            if arr.shape != (self.num_clients,) or not np.all(arr > 0):
+                raise ValueError(f"SystemModel: {name} has shape {arr.shape}; expected ({self.num_clients},) of > 0")
+            setattr(self, name, arr)
+
+    @classmethod
+    def from_trace(cls, path: str | Path, **kwargs) -> SystemModel:
+        """Speeds and bandwidths from a CSV trace with columns ``client,speed,bandwidth`` (one row per client)."""
+        rows = list(csv.DictReader(Path(path).open()))
+        missing = {"client", "speed", "bandwidth"} - set(rows[0] if rows else {})
+        if missing:
+            raise ValueError(f"SystemModel.from_trace: path={str(path)!r} lacks columns {sorted(missing)}")
+        rows.sort(key=lambda r: int(r["client"]))
+        speeds = np.array([float(r["speed"]) for r in rows])
+        bandwidths = np.array([float(r["bandwidth"]) for r in rows])
+        return cls(num_clients=len(rows), speeds=speeds, bandwidths=bandwidths, **kwargs)
+
+    def duration(self, pid: int, *, steps: int, bytes_down: int, bytes_up: int) -> float:
+        """Simulated seconds for client ``pid``: download, ``steps`` local steps, upload."""
+        assert self.speeds is not None and self.bandwidths is not None
+        return (bytes_down + bytes_up) / self.bandwidths[pid] + steps / self.speeds[pid]
+
+    def plan(self, server_round: int, pid: int, full_steps: int, bytes_down: int) -> ClientPlan:
+        """How much of its ``full_steps`` client ``pid`` does this round, and why it does less."""
+        rng = np.random.default_rng([self.seed, server_round, pid, 23])
+        if self.dropout and rng.random() < self.dropout:
+            return ClientPlan(pid, 0.0, 0, "dropout")
+        work, reason = 1.0, ""
+        if self.straggler_fraction and rng.random() < self.straggler_fraction:
+            work, reason = rng.integers(1, self.straggler_epochs) / self.straggler_epochs, "straggler"
+        if self.deadline is not None:
+            assert self.speeds is not None and self.bandwidths is not None
+            comm = 2 * bytes_down / self.bandwidths[pid]  # the reply is about as large as the model sent
+            affordable = (self.deadline - comm) * self.speeds[pid] / max(1, full_steps)
+            if affordable * full_steps < 1:
+                return ClientPlan(pid, 0.0, 0, "timeout")
+            if affordable < work:
+                work, reason = affordable, "deadline"
+        steps = max(1, int(np.ceil(work * full_steps)))
+        return ClientPlan(pid, work, steps, reason)

@@ -1,0 +1,232 @@
+"""A federated task as one small, validated, JSON-serialisable value: data, model, local training, misbehaviour.
+
+    from tilestack.federated.task import Task
+    task = Task(dataset="synthetic", alpha=1, beta=1, num_clients=30, model="logreg")
+    x, y, x_test, y_test = task.client_data(7)      # built locally, identical in every process
+    model = task.build_model(); params = task.initial_params()
+    Task.from_json(task.to_json()) == task           # travels to clients inside the round config
+
+The ClientApp rebuilds the task from the JSON it receives, so the same spec works in tilestack's in-process
+engine, in Flower's Ray simulation and in a real SuperLink/SuperNode deployment with no shared files.
+Datasets (all generated locally, no downloads):
+
+- ``synthetic``: Synthetic(alpha, beta) of the FedProx paper, one device per client.
+- ``blobs``: a Gaussian-mixture classification set of ``num_samples`` points split by ``partitioner``
+  (``iid``, ``dirichlet`` with ``partition_alpha``, ``shards`` with ``classes_per_client``, ``quantity``);
+  ``feature_shift`` > 0 gives every client its own affine distortion of the features (FedBN's setting).
+- ``clustered``: ``groups`` planted groups; clients of group g label x ~ N(0, I) by their own teacher W_g,
+  so one global model cannot fit them all (client i is in group i % groups).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+
+import numpy as np
+
+from tilestack.federated import partition
+from tilestack.federated.models import MLP, Model, Params, SoftmaxRegression
+from tilestack.federated.synthetic import Synthetic
+
+DATASETS = ("synthetic", "blobs", "clustered")
+PARTITIONERS = ("iid", "dirichlet", "shards", "quantity")
+MODELS = ("logreg", "mlp")
+ATTACKS = ("signflip", "noise")
+FAULTS = ("crash", "nan", "shape", "slow")
+TEST_FRACTION = 0.2
+BLOB_SEPARATION = 1.5  # std of the class means, in units of the within-class std
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """Everything a client needs to rebuild its data and model and to train, as plain values."""
+
+    dataset: str = "synthetic"
+    num_clients: int = 30
+    seed: int = 0
+    # synthetic
+    alpha: float = 1.0
+    beta: float = 1.0
+    max_samples: int | None = None
+    # blobs
+    num_samples: int = 6000
+    num_features: int = 60
+    num_classes: int = 10
+    partitioner: str = "iid"
+    partition_alpha: float = 0.5
+    classes_per_client: int = 2
+    feature_shift: float = 0.0
+    # clustered
+    groups: int = 2
+    samples_per_client: int = 200
+    # model and local training
+    model: str = "logreg"
+    hidden: int = 32
+    norm: bool = False
+    lr: float = 0.01
+    batch_size: int = 10
+    local_epochs: float = 20.0
+    """Local work per round in passes over the client's training data (FedProx: E = 20)."""
+    local_steps: int | None = None
+    """Fixed local SGD steps per round instead of epochs (scale benchmarks)."""
+    # misbehaviour, simulated by the clients themselves
+    malicious_fraction: float = 0.0
+    attack: str = "signflip"
+    attack_scale: float = 10.0
+    faults: tuple[tuple[int, str], ...] = ()
+    """(partition id, kind) pairs: kind in FAULTS. 'slow' sleeps ``slow_seconds`` before replying."""
+    slow_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        def bad(name: str, expected: str) -> ValueError:
+            return ValueError(f"Task: {name}={getattr(self, name)!r}; expected {expected}")
+
+        if self.dataset not in DATASETS:
+            raise bad("dataset", f"one of {DATASETS}")
+        if self.partitioner not in PARTITIONERS:
+            raise bad("partitioner", f"one of {PARTITIONERS}")
+        if self.model not in MODELS:
+            raise bad("model", f"one of {MODELS}")
+        if self.attack not in ATTACKS:
+            raise bad("attack", f"one of {ATTACKS}")
+        if self.num_clients < 1:
+            raise bad("num_clients", ">= 1")
+        if not 0.0 <= self.malicious_fraction < 1.0:
+            raise bad("malicious_fraction", "in [0, 1)")
+        if not self.lr > 0:
+            raise bad("lr", "> 0")
+        if self.batch_size < 1:
+            raise bad("batch_size", ">= 1")
+        if self.local_steps is None and not self.local_epochs > 0:
+            raise bad("local_epochs", "> 0")
+        if self.local_steps is not None and self.local_steps < 1:
+            raise bad("local_steps", ">= 1 or None")
+        if self.dataset == "clustered" and not 1 <= self.groups <= self.num_clients:
+            raise bad("groups", f"in [1, num_clients={self.num_clients}]")
+        for pid, kind in self.faults:
+            if kind not in FAULTS or not 0 <= pid < self.num_clients:
+                raise ValueError(
+                    f"Task: faults entry {(pid, kind)!r}; expected (partition id in [0, {self.num_clients}), "
+                    f"kind in {FAULTS})"
+                )
+
+    # ---- serialisation -------------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Task:
+        return _from_json(text)
+
+    # ---- data ---------------------------------------------------------------------------------------
+    @property
+    def features(self) -> int:
+        return 60 if self.dataset == "synthetic" else self.num_features
+
+    @property
+    def classes(self) -> int:
+        return 10 if self.dataset == "synthetic" else self.num_classes
+
+    def _synthetic(self) -> Synthetic:
+        return Synthetic(self.alpha, self.beta, self.num_clients, seed=self.seed, max_samples=self.max_samples)
+
+    def client_data(self, pid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(x_train, y_train, x_test, y_test)`` of client ``pid``."""
+        if not 0 <= pid < self.num_clients:
+            raise ValueError(f"Task.client_data: pid={pid!r}; expected 0 <= pid < num_clients={self.num_clients}")
+        if self.dataset == "synthetic":
+            return self._synthetic().device(pid)
+        if self.dataset == "clustered":
+            return _clustered_client(self, pid)
+        return _blobs_client(self, pid)
+
+    def group(self, pid: int) -> int:
+        """Planted group of client ``pid`` (``clustered``; 0 otherwise)."""
+        return pid % self.groups if self.dataset == "clustered" else 0
+
+    def is_malicious(self, pid: int) -> bool:
+        """Whether client ``pid`` sends poisoned updates: a fixed, seeded ``malicious_fraction`` of clients."""
+        return pid in _malicious_set(self)
+
+    def fault(self, pid: int) -> str | None:
+        return dict(self.faults).get(pid)
+
+    def num_train(self, pid: int) -> int:
+        return len(self.client_data(pid)[1])
+
+    def steps_for(self, pid: int) -> int:
+        """Full local work of client ``pid`` in SGD steps: ``local_steps`` or epochs x batches per epoch."""
+        if self.local_steps is not None:
+            return self.local_steps
+        batches = -(-self.num_train(pid) // self.batch_size)
+        return max(1, int(round(self.local_epochs * batches)))
+
+    # ---- model --------------------------------------------------------------------------------------
+    def build_model(self, width: float = 1.0) -> Model:
+        """The task's model; ``width`` < 1 gives a HeteroFL sub-model with that fraction of hidden units."""
+        if self.model == "logreg":
+            return SoftmaxRegression(self.features, self.classes)
+        return MLP(self.features, max(1, int(round(self.hidden * width))), self.classes, norm=self.norm)
+
+    def initial_params(self) -> Params:
+        return self.build_model().init(np.random.default_rng([self.seed, 7]))
+
+
+@functools.lru_cache(maxsize=64)
+def _from_json(text: str) -> Task:
+    fields = json.loads(text)
+    fields["faults"] = tuple(tuple(f) for f in fields.get("faults", ()))
+    return Task(**fields)
+
+
+@functools.lru_cache(maxsize=64)
+def _malicious_set(task: Task) -> frozenset[int]:
+    count = int(round(task.malicious_fraction * task.num_clients))
+    rng = np.random.default_rng([task.seed, 11])
+    return frozenset(int(i) for i in rng.choice(task.num_clients, size=count, replace=False))
+
+
+def _split(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    n_test = max(1, int(round(TEST_FRACTION * len(y))))
+    return x[n_test:], y[n_test:], x[:n_test], y[:n_test]
+
+
+@functools.lru_cache(maxsize=8)
+def _blobs(task: Task) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    rng = np.random.default_rng([task.seed, 3])
+    means = rng.normal(0, BLOB_SEPARATION, (task.num_classes, task.num_features))  # (C, D)
+    y = rng.integers(0, task.num_classes, task.num_samples)
+    x = (means[y] + rng.normal(0, 1, (task.num_samples, task.num_features))).astype(np.float32)
+    if task.partitioner == "dirichlet":
+        parts = partition.dirichlet(y, task.num_clients, task.partition_alpha, seed=task.seed, min_size=2)
+    elif task.partitioner == "shards":
+        parts = partition.shards(y, task.num_clients, task.classes_per_client, seed=task.seed)
+    elif task.partitioner == "quantity":
+        parts = partition.quantity_skew(task.num_samples, task.num_clients, seed=task.seed, min_size=2)
+    else:
+        parts = partition.quantity_skew(task.num_samples, task.num_clients, sigma=0.0, seed=task.seed, min_size=2)
+    return x, y, parts
+
+
+def _blobs_client(task: Task, pid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    x, y, parts = _blobs(task)
+    idx = np.random.default_rng([task.seed, 5, pid]).permutation(parts[pid])
+    xc, yc = x[idx], y[idx]
+    if task.feature_shift > 0:  # a client-specific affine distortion of the inputs (scanner, camera)
+        rng = np.random.default_rng([task.seed, 6, pid])
+        scale = np.exp(rng.normal(0, task.feature_shift, task.num_features)).astype(np.float32)
+        shift = rng.normal(0, 3 * task.feature_shift, task.num_features).astype(np.float32)
+        xc = xc * scale + shift
+    return _split(xc, yc)
+
+
+@functools.lru_cache(maxsize=4096)
+def _clustered_client(task: Task, pid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    g = task.group(pid)
+    teacher = np.random.default_rng([task.seed, 9, g]).normal(0, 1, (task.num_features, task.num_classes))
+    rng = np.random.default_rng([task.seed, 10, pid])
+    x = rng.normal(0, 1, (task.samples_per_client, task.num_features)).astype(np.float32)
+    y = np.argmax(x @ teacher, axis=1).astype(np.int64)
+    return _split(x, y)

@@ -1,0 +1,169 @@
+"""What a kernel costs for given sizes, exactly, from its IR: FLOPs, global bytes, on-chip footprints.
+
+    cost = traced.cost(a, b, c)      # tensors, or shapes like (4096, 4096)
+    cost.flops, cost.bytes_read, cost.bytes_written, cost.shared_bytes, cost.intensity
+
+Index arithmetic is evaluated for every program of the grid and every loop iteration at once (NumPy
+arrays over the instances), so trip counts that depend on the block id (causal attention) and tiles that
+hang over the edge of a ragged tensor are counted as they run:
+- FLOPs are the work the tile ops do, masked edges included: 2*M*N*K per mma, one per element for
+  element-wise, broadcast and reduction ops (casts, copies, fills and masks are free).
+- bytes are the global elements a load or store really touches (masked-off elements move nothing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from tilestack.ir.nodes import Block, KernelIR, Value
+from tilestack.ir.ops import Op
+from tilestack.ir.scalars import apply_scalar, valid_extent
+from tilestack.ir.types import GlobalType, Space, TileType
+
+_FREE = {Op.FILL, Op.CAST, Op.MASK}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    flops: int             # all tile arithmetic
+    mma_flops: int         # the part done by matrix units
+    bytes_read: int        # global memory
+    bytes_written: int
+    shared_bytes: int      # shared tiles declared by one program (before any pipelining copies)
+    register_bytes: int    # register tiles declared by one program (spread over its threads)
+    programs: int          # grid size
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_read + self.bytes_written
+
+    @property
+    def intensity(self) -> float:
+        """FLOPs per global byte."""
+        return self.flops / self.bytes if self.bytes else float("inf")
+
+
+def grid_of(kernel: KernelIR, dims: dict[int, tuple[int, ...]], scalars: dict[int, float]) -> tuple[int, ...]:
+    """The launch grid for argument sizes ``dims`` (param index -> shape)."""
+    env = _Env(dims, scalars)
+    _eval_block(kernel.body, env, counts=None, stop_at_block_id=True)
+    return tuple(int(np.asarray(env.values[g]).reshape(-1)[0]) for g in kernel.grid)
+
+
+def kernel_cost(kernel: KernelIR, dims: dict[int, tuple[int, ...]], scalars: dict[int, float]) -> Cost:
+    grid = grid_of(kernel, dims, scalars)
+    n = int(np.prod(grid))
+    env = _Env(dims, scalars)
+    env.block_ids = [np.asarray(a).reshape(-1) for a in np.unravel_index(np.arange(n), grid, order="F")]
+    env.n = n
+    env.grid = grid
+    counts = {"flops": 0, "mma": 0, "read": 0, "written": 0}
+    _eval_block(kernel.body, env, counts)
+    shared, regs = _footprints(kernel)
+    return Cost(flops=int(counts["flops"]), mma_flops=int(counts["mma"]), bytes_read=int(counts["read"]),
+                bytes_written=int(counts["written"]), shared_bytes=shared, register_bytes=regs, programs=n)
+
+
+def _footprints(kernel: KernelIR) -> tuple[int, int]:
+    """Bytes of the distinct shared and register tiles (by the tracer's tile handle) one program holds."""
+    sizes: dict[int, tuple[Space, int]] = {}
+    for ins in kernel.walk():
+        if "dst" in ins.attrs and ins.results and isinstance(ins.results[0].type, TileType):
+            t = ins.results[0].type
+            sizes[ins.attrs["dst"]] = (t.space, t.nbytes)
+    shared = sum(b for s, b in sizes.values() if s is Space.SHARED)
+    regs = sum(b for s, b in sizes.values() if s is Space.REG)
+    return shared, regs
+
+
+class _Env:
+    def __init__(self, dims, scalars):
+        self.dims = dims
+        self.scalars = scalars
+        self.values: dict[Value, object] = {}
+        self.block_ids: list[np.ndarray] = []
+        self.arg_index: dict[Value, int] = {}
+        self.grid: tuple = ()
+        self.n = 1
+
+
+class _StopAtBlockId(Exception):
+    pass
+
+
+def _eval_block(block: Block, env: _Env, counts, stop_at_block_id: bool = False) -> None:
+    for ins in block.instrs:
+        op = ins.op
+        if op is Op.ARG:
+            idx = ins.attrs["index"]
+            env.arg_index[ins.result] = idx
+            if not isinstance(ins.result.type, GlobalType):
+                env.values[ins.result] = env.scalars.get(idx, 0.0)
+        elif op is Op.CONST:
+            env.values[ins.result] = ins.attrs["value"]
+        elif op is Op.DIM:
+            env.values[ins.result] = env.dims[env.arg_index[ins.srcs[0]]][ins.attrs["axis"]]
+        elif op is Op.SCALAR:
+            a, b = (env.values[s] for s in ins.srcs)
+            env.values[ins.result] = apply_scalar(ins.attrs["fn"], a, b)
+        elif op is Op.BLOCK_ID:
+            if stop_at_block_id:
+                return
+            env.values[ins.result] = env.block_ids[ins.attrs["axis"]]
+        elif op is Op.NUM_BLOCKS:
+            env.values[ins.result] = env.grid[ins.attrs["axis"]]
+        elif counts is None:
+            continue
+        elif op is Op.RANGE:
+            _eval_range(ins, env, counts)
+        elif op in (Op.LOAD, Op.STORE):
+            _count_memory(ins, env, counts)
+        elif op is Op.MMA:
+            m, n = ins.result.type.shape
+            a = ins.srcs[1].type.shape
+            k = a[0] if ins.attrs["trans_a"] else a[1]
+            counts["mma"] += 2 * m * n * k * env.n
+            counts["flops"] += 2 * m * n * k * env.n
+        elif op in _FREE or (op is Op.UNARY and ins.attrs["fn"] == "copy"):
+            continue
+        elif op is Op.REDUCE:
+            counts["flops"] += ins.srcs[0].type.numel * env.n
+        else:  # UNARY, BINARY, BROADCAST
+            counts["flops"] += ins.result.type.numel * env.n
+
+
+def _count_memory(ins, env: _Env, counts) -> None:
+    g = ins.srcs[0]
+    tile = ins.result.type if ins.op is Op.LOAD else ins.srcs[1].type
+    coords = ins.srcs[1:] if ins.op is Op.LOAD else ins.srcs[2:]
+    dims = env.dims[env.arg_index[g]]
+    per = valid_extent(dims, [env.values[c] for c in coords], tile.shape)
+    total = np.sum(np.broadcast_to(np.asarray(per), (env.n,)), dtype=np.int64)
+    key = "read" if ins.op is Op.LOAD else "written"
+    counts[key] += int(total) * g.type.dtype.itemsize
+
+
+def _eval_range(ins, env: _Env, counts) -> None:
+    lo, hi = (np.broadcast_to(np.asarray(env.values[s], dtype=np.int64), (env.n,)) for s in ins.srcs[:2])
+    trips = np.maximum(hi - lo, 0)
+    total = int(trips.sum())
+    if total == 0:
+        return
+    rep = np.repeat(np.arange(env.n), trips)
+    starts = np.cumsum(trips) - trips
+    k = np.arange(total) - np.repeat(starts, trips)
+    inner = _Env(env.dims, env.scalars)
+    inner.arg_index = env.arg_index
+    inner.grid = env.grid
+    inner.n = total
+    for v, x in env.values.items():
+        if isinstance(x, np.ndarray) and x.shape == (env.n,):
+            inner.values[v] = x[rep]
+        else:
+            inner.values[v] = x
+    inner.values[ins.body.args[0]] = lo[rep] + k
+    _eval_block(ins.body, inner, counts)
+
+

@@ -1,0 +1,91 @@
+"""IR nodes: typed SSA values, instructions, blocks, and the kernel that holds them.
+
+    kernel = KernelIR(name, params, body)     # body: Block
+    Block(args, instrs, yields)               # a loop body's args are (i, *carried)
+    Instr(op, results, srcs, attrs, body, where)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+from tilestack.ir.ops import Op
+from tilestack.ir.types import GlobalType, Type
+
+_ids = itertools.count()
+
+
+@dataclasses.dataclass(eq=False)
+class Value:
+    """One SSA value. ``hint`` is a readable name taken from the user's variable, where one was found."""
+    type: Type
+    hint: str = ""
+    id: int = dataclasses.field(default_factory=lambda: next(_ids))
+
+    def __repr__(self) -> str:
+        return f"%{self.hint or 'v'}{self.id}"
+
+
+@dataclasses.dataclass(eq=False)
+class Instr:
+    op: Op
+    results: tuple[Value, ...]
+    srcs: tuple[Value, ...]
+    attrs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    body: Block | None = None
+    where: str = ""          # the user's file:line that made it
+
+    @property
+    def result(self) -> Value:
+        (r,) = self.results
+        return r
+
+
+@dataclasses.dataclass(eq=False)
+class Block:
+    args: list[Value] = dataclasses.field(default_factory=list)
+    instrs: list[Instr] = dataclasses.field(default_factory=list)
+    yields: list[Value] = dataclasses.field(default_factory=list)
+
+    def walk(self) -> Iterator[Instr]:
+        """Every instruction, nested loop bodies included, in program order."""
+        for ins in self.instrs:
+            yield ins
+            if ins.body is not None:
+                yield from ins.body.walk()
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """A kernel parameter: a global tensor, or a runtime scalar."""
+    name: str
+    type: Type
+
+    @property
+    def is_global(self) -> bool:
+        return isinstance(self.type, GlobalType)
+
+
+@dataclasses.dataclass(eq=False)
+class KernelIR:
+    name: str
+    params: list[Param]
+    body: Block
+    constants: dict[str, Any]           # compile-time constants and tunables, by name
+    grid: tuple[Value, ...] = ()         # index values computed from argument sizes and constants
+    where: str = ""
+
+    def walk(self) -> Iterator[Instr]:
+        return self.body.walk()
+
+    def written_params(self) -> set[int]:
+        """Indices of the global params the kernel stores to."""
+        args = {ins.result: ins.attrs["index"] for ins in self.walk() if ins.op is Op.ARG}
+        return {args[ins.srcs[0]] for ins in self.walk() if ins.op is Op.STORE}
+
+    def __str__(self) -> str:
+        from tilestack.ir.printer import format_kernel
+        return format_kernel(self)

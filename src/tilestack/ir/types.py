@@ -1,0 +1,126 @@
+"""Types of IR values: tiles and vectors in a memory space, global tensors, and scalars.
+
+    TileType(Space.REG, f32, (64, 64))      # a register tile
+    TileType(Space.SHARED, bf16, (64,))     # a shared vector
+    GlobalType(bf16, rank=4)                # a global tensor argument, addressed in whole tiles
+    INDEX, FLOAT                            # scalars: integer index arithmetic, runtime floats
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class DType:
+    name: str        # "bf16"
+    itemsize: int    # bytes per element
+    is_float: bool
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+f64 = DType("f64", 8, True)
+f32 = DType("f32", 4, True)
+f16 = DType("f16", 2, True)
+bf16 = DType("bf16", 2, True)
+i32 = DType("i32", 4, False)
+i64 = DType("i64", 8, False)
+DTYPES = {d.name: d for d in (f64, f32, f16, bf16, i32, i64)}
+
+# The torch dtype each tile dtype corresponds to, by name (torch is imported only where tensors are).
+TORCH_NAMES = {"f64": "float64", "f32": "float32", "f16": "float16", "bf16": "bfloat16",
+               "i32": "int32", "i64": "int64"}
+
+
+def dtype_of_torch(torch_dtype) -> DType | None:
+    """The tile dtype of a torch dtype, or None where tiles have no such dtype."""
+    name = str(torch_dtype).removeprefix("torch.")
+    for k, v in TORCH_NAMES.items():
+        if v == name:
+            return DTYPES[k]
+    return None
+
+
+def round_to(x: np.ndarray, dtype: DType) -> np.ndarray:
+    """Round float64 values to what ``dtype`` can hold, returned as float64 (the reference's storage).
+
+    bf16 keeps float32's exponent and 8 bits of mantissa: round-to-nearest-even on the low 16 bits of the
+    float32 pattern (NaN stays NaN, infinities stay infinite).
+    """
+    if dtype is f64:
+        return np.asarray(x, dtype=np.float64)
+    if dtype is f32:
+        return np.asarray(x, dtype=np.float32).astype(np.float64)
+    if dtype is f16:
+        with np.errstate(over="ignore"):
+            return np.asarray(x, dtype=np.float16).astype(np.float64)
+    if dtype is bf16:
+        with np.errstate(over="ignore", invalid="ignore"):
+            bits = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+        nan = np.isnan(np.asarray(x, dtype=np.float32))
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        out = rounded.astype(np.uint32).view(np.float32).astype(np.float64)
+        return np.where(nan, np.nan, out)
+    if not dtype.is_float:
+        return np.trunc(np.asarray(x, dtype=np.float64))
+    raise TypeError(f"round_to: no rounding rule for {dtype}")
+
+
+class Space(enum.Enum):
+    REG = "reg"          # registers of the threads of one program
+    SHARED = "shared"    # shared memory of one program's block
+
+
+@dataclasses.dataclass(frozen=True)
+class TileType:
+    """A tile (rank 2) or vector (rank 1) with static shape and dtype in a memory space."""
+    space: Space
+    dtype: DType
+    shape: tuple[int, ...]
+
+    @property
+    def is_vec(self) -> bool:
+        return len(self.shape) == 1
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    def __str__(self) -> str:
+        kind = ("RegVec" if self.is_vec else "RegTile") if self.space is Space.REG else \
+               ("SharedVec" if self.is_vec else "SharedTile")
+        return f"{kind}[{self.dtype}, {', '.join(map(str, self.shape))}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalType:
+    """A global tensor argument of the kernel: dtype and rank are static, sizes and strides are not."""
+    dtype: DType
+    rank: int
+
+    def __str__(self) -> str:
+        return f"Global[{self.dtype}, rank {self.rank}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalarType:
+    """A scalar: ``index`` for sizes, block ids and tile coordinates; ``float`` for runtime floats."""
+    kind: str
+
+    def __str__(self) -> str:
+        return self.kind
+
+
+INDEX = ScalarType("index")
+FLOAT = ScalarType("float")
+
+Type = TileType | GlobalType | ScalarType

@@ -1,0 +1,84 @@
+"""Loops over tiles, block ids and index arithmetic.
+
+    for j in ts.range(0, ts.cdiv(N, BN)):    # j: an index Scalar; tiles written in the body are carried
+        ...
+    i = ts.block_id(0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from tilestack.errors import TraceError
+from tilestack.ir.nodes import Value
+from tilestack.ir.ops import Op
+from tilestack.ir.types import INDEX
+from tilestack.lang.tiles import Scalar, as_scalar
+from tilestack.lang.trace import current, user_line
+
+
+def block_id(axis: int = 0) -> Scalar:
+    """This program's index on grid axis ``axis`` (0, 1 or 2)."""
+    _axis("block_id", axis)
+    return Scalar(current("block_id").emit(Op.BLOCK_ID, (), (INDEX,), user_line(), axis=axis).result)
+
+
+def num_blocks(axis: int = 0) -> Scalar:
+    """The grid's size on ``axis``."""
+    _axis("num_blocks", axis)
+    return Scalar(current("num_blocks").emit(Op.NUM_BLOCKS, (), (INDEX,), user_line(), axis=axis).result)
+
+
+def _axis(name: str, axis) -> None:
+    if axis not in (0, 1, 2):
+        raise TraceError(f"{name}: axis must be 0, 1 or 2, got {axis!r}", user_line())
+
+
+def _index(name: str, x) -> Scalar | int:
+    if isinstance(x, Scalar | int) and not isinstance(x, bool):
+        return x
+    raise TraceError(f"{name}: expected an index (int or Scalar), got {x!r}", user_line())
+
+
+def cdiv(a, b):
+    """ceil(a / b) for indices."""
+    a, b = _index("cdiv", a), _index("cdiv", b)
+    if isinstance(a, int) and isinstance(b, int):
+        return -(-a // b)
+    return as_scalar(a)._op(b, "cdiv")
+
+
+def smin(a, b):
+    """min of two indices."""
+    a, b = _index("smin", a), _index("smin", b)
+    if isinstance(a, int) and isinstance(b, int):
+        return a if a < b else b
+    return as_scalar(a)._op(b, "min")
+
+
+def smax(a, b):
+    """max of two indices."""
+    a, b = _index("smax", a), _index("smax", b)
+    if isinstance(a, int) and isinstance(b, int):
+        return a if a > b else b
+    return as_scalar(a)._op(b, "max")
+
+
+def range(lo, hi=None, *, stages: int | None = None) -> Iterator[Scalar]:  # noqa: A001
+    """A loop over tiles, traced once: ``for j in range(lo, hi)`` (or ``range(hi)``), step 1.
+
+    Tiles written in the body are carried from one iteration to the next; ``stages`` asks backends that
+    pipeline loads (Triton) for that many stages in flight.
+    """
+    where = user_line()
+    if hi is None:
+        lo, hi = 0, lo
+    lo_s, hi_s = as_scalar(_index("range", lo)), as_scalar(_index("range", hi))
+    if stages is not None and (not isinstance(stages, int) or stages < 1):
+        raise TraceError(f"range: stages must be a positive int, got {stages!r}", where)
+    tr = current("range")
+    ins = tr.emit(Op.RANGE, (lo_s.v, hi_s.v), (), where, stages=stages)
+    induction = Value(INDEX, "j")
+    loop = tr.begin_loop(ins, induction)
+    yield Scalar(induction)
+    tr.end_loop(loop)

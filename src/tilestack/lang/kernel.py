@@ -1,0 +1,265 @@
+"""Kernels: a Python function of tiles, traced once per signature into IR and run by a backend.
+
+    @ts.kernel(grid=lambda C, BM, BN: (ts.cdiv(C.shape[0], BM), ts.cdiv(C.shape[1], BN)))
+    def gemm(A, B, C, *, BM: int = ts.tunable(128, (64, 128)), BN: int = ts.tunable(128, (64, 128)), ...):
+        ...
+
+    gemm(a, b, c, BM=64)                          # trace (cached) and run on the default backend
+    t = gemm.trace(a, b, c, BM=64)                # a TracedKernel: t.ir, t.source(), t.cost(a, b, c)
+    t.run(a, b, c, backend="reference")
+
+Positional parameters are global tensors (unannotated, or annotated ``Global``) or runtime scalars
+(annotated ``float`` or ``int``); keyword-only parameters are compile-time constants, tunable ones
+declared with ``tunable(default, domain)``. The signature a kernel is traced for is the dtypes and ranks of
+its tensors and the values of its constants; sizes and strides stay symbolic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import itertools
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tilestack.errors import LaunchError, TraceError, TunableError
+from tilestack.ir.cost import Cost, grid_of, kernel_cost
+from tilestack.ir.nodes import KernelIR, Param
+from tilestack.ir.ops import Op
+from tilestack.ir.types import FLOAT, INDEX, DType, GlobalType, dtype_of_torch
+from tilestack.ir.verify import verify
+from tilestack.lang.tiles import GlobalTensor, Scalar, as_scalar
+from tilestack.lang.trace import Tracer, set_current, user_line
+
+
+class Global:
+    """Annotation for a global tensor parameter (the default for unannotated positional parameters)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Tunable:
+    """A compile-time constant a tuner may choose, from ``domain``."""
+    default: Any
+    domain: tuple
+
+    def __post_init__(self):
+        if self.default not in self.domain:
+            raise TunableError(f"tunable default {self.default!r} is not in its domain {self.domain!r}",
+                               user_line())
+
+
+def tunable(default, domain: Sequence) -> Any:
+    """Declare a tunable constant: ``BM: int = tunable(128, (64, 128, 256))``."""
+    return Tunable(default, tuple(domain))
+
+
+@dataclasses.dataclass(frozen=True)
+class ArgSpec:
+    """A global argument known only by dtype and rank: enough to trace without tensors."""
+    dtype: DType
+    rank: int
+
+
+_REQUIRED = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class _ParamDecl:
+    name: str
+    kind: str   # "global" | "float" | "int"
+
+
+class Kernel:
+    """A tile-language kernel (see the module docstring)."""
+
+    def __init__(self, fn: Callable, grid: Callable):
+        self.fn = fn
+        self.name = fn.__name__
+        self.grid_fn = grid
+        self.where = f"{os.path.basename(fn.__code__.co_filename)}:{fn.__code__.co_firstlineno}"
+        self.params: list[_ParamDecl] = []
+        self.constants: dict[str, Any] = {}
+        for p in inspect.signature(fn).parameters.values():
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+                kind = {float: "float", int: "int", "float": "float", "int": "int"}.get(p.annotation, "global")
+                self.params.append(_ParamDecl(p.name, kind))
+            elif p.kind is p.KEYWORD_ONLY:
+                self.constants[p.name] = _REQUIRED if p.default is p.empty else p.default
+            else:
+                raise TraceError(f"kernel {self.name}: *args/**kwargs are not kernel parameters", self.where)
+        self._traced: dict[tuple, TracedKernel] = {}
+        functools.update_wrapper(self, fn)
+
+    @property
+    def tunables(self) -> dict[str, Tunable]:
+        return {k: v for k, v in self.constants.items() if isinstance(v, Tunable)}
+
+    def configs(self) -> list[dict[str, Any]]:
+        """Every combination of the tunables' domains (a tuner filters these further)."""
+        names = list(self.tunables)
+        return [dict(zip(names, vals, strict=True))
+                for vals in itertools.product(*(self.tunables[n].domain for n in names))]
+
+    def resolve(self, consts: dict[str, Any]) -> dict[str, Any]:
+        """Constants with defaults filled in, each tunable checked against its domain."""
+        unknown = set(consts) - set(self.constants)
+        if unknown:
+            raise LaunchError(f"{self.name}: unknown constant(s) {sorted(unknown)}; its constants are "
+                              f"{sorted(self.constants)}")
+        out = {}
+        for name, decl in self.constants.items():
+            value = consts.get(name, decl.default if isinstance(decl, Tunable) else decl)
+            if value is _REQUIRED:
+                raise LaunchError(f"{self.name}: constant {name}= is required")
+            if isinstance(decl, Tunable) and value not in decl.domain:
+                raise TunableError(f"{self.name}: tunable {name}={value!r} is outside its domain "
+                                   f"{decl.domain!r} (declared at {self.where})", user_line())
+            out[name] = value
+        return out
+
+    def signature(self, args: Sequence) -> tuple:
+        if len(args) != len(self.params):
+            names = ", ".join(p.name for p in self.params)
+            raise LaunchError(f"{self.name} takes {len(self.params)} arguments ({names}); got {len(args)}")
+        sig = []
+        for p, a in zip(self.params, args, strict=True):
+            if p.kind != "global":
+                sig.append(p.kind)
+            elif isinstance(a, ArgSpec):
+                sig.append((a.dtype, a.rank))
+            elif hasattr(a, "dtype") and hasattr(a, "dim"):
+                dt = dtype_of_torch(a.dtype)
+                if dt is None:
+                    raise LaunchError(f"{self.name}: argument {p.name} has dtype {a.dtype}, which tiles cannot "
+                                      "hold; expected float64/32/16, bfloat16, int32 or int64")
+                sig.append((dt, a.dim()))
+            else:
+                raise LaunchError(f"{self.name}: argument {p.name} must be a torch.Tensor (or ArgSpec to trace), "
+                                  f"got {type(a).__name__}")
+        return tuple(sig)
+
+    def trace(self, *args, **consts) -> TracedKernel:
+        """The kernel traced for the dtypes and ranks of ``args`` and these constants (cached)."""
+        resolved = self.resolve(consts)
+        sig = self.signature(args)
+        key = (sig, tuple(sorted((k, repr(v)) for k, v in resolved.items())))
+        if key not in self._traced:
+            self._traced[key] = TracedKernel(self, sig, resolved, self._trace(sig, resolved))
+        return self._traced[key]
+
+    def __call__(self, *args, backend: str | None = None, **consts):
+        return self.trace(*args, **consts).run(*args, backend=backend)
+
+    def _trace(self, sig: tuple, consts: dict[str, Any]) -> KernelIR:
+        tr = Tracer()
+        old = set_current(tr)
+        try:
+            params, handles = [], []
+            for i, (p, s) in enumerate(zip(self.params, sig, strict=True)):
+                t = GlobalType(*s) if p.kind == "global" else (FLOAT if p.kind == "float" else INDEX)
+                ins = tr.emit(Op.ARG, (), (t,), self.where, index=i, name=p.name, hint=p.name)
+                params.append(Param(p.name, t))
+                if p.kind == "global":
+                    g = GlobalTensor(ins.result, p.name)
+                    _ = g.shape   # sizes are defined at entry, before any loop
+                    handles.append(g)
+                else:
+                    handles.append(Scalar(ins.result))
+            named = dict(zip((p.name for p in self.params), handles, strict=True)) | consts
+            grid = self._call_by_name(self.grid_fn, named)
+            grid = grid if isinstance(grid, tuple) else (grid,)
+            if not 1 <= len(grid) <= 3:
+                raise TraceError(f"{self.name}: grid must have 1 to 3 axes, got {grid!r}", self.where)
+            grid_values = tuple(as_scalar(g).v for g in grid)
+            self.fn(*handles, **consts)
+            if tr.loops:
+                raise TraceError("a ts.range loop was left early (break/return); tile loops run to the end",
+                                 tr.loops[-1].where)
+        finally:
+            set_current(old)
+        ir = KernelIR(self.name, params, tr.blocks[0], dict(consts), grid_values, self.where)
+        verify(ir)
+        return ir
+
+    @staticmethod
+    def _call_by_name(fn: Callable, named: dict[str, Any]):
+        ps = inspect.signature(fn).parameters
+        if any(p.kind is p.VAR_KEYWORD for p in ps.values()):
+            return fn(**named)
+        return fn(**{k: named[k] for k in ps if k in named})
+
+    def __repr__(self) -> str:
+        return f"<tilestack kernel {self.name} at {self.where}>"
+
+
+def kernel(fn: Callable | None = None, *, grid: Callable) -> Any:
+    """Decorator: make a tile-language kernel. ``grid`` maps the arguments (by name, globals as handles
+    with symbolic ``.shape``) and constants to the number of programs on each grid axis."""
+    if fn is None:
+        return lambda f: Kernel(f, grid)
+    return Kernel(fn, grid)
+
+
+class TracedKernel:
+    """One kernel traced for one signature: its IR, its cost, its generated code, and its launches."""
+
+    def __init__(self, kernel: Kernel, signature: tuple, constants: dict[str, Any], ir: KernelIR):
+        self.kernel = kernel
+        self.signature = signature
+        self.constants = constants
+        self.ir = ir
+        self._compiled: dict[str, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return self.kernel.name
+
+    # ---- arguments -----------------------------------------------------------------------------------------
+    def _split_args(self, args: Sequence) -> tuple[dict[int, tuple[int, ...]], dict[int, float]]:
+        """Sizes of the globals and values of the scalars, from tensors, shapes or numbers."""
+        if len(args) != len(self.signature):
+            raise LaunchError(f"{self.name} takes {len(self.signature)} arguments; got {len(args)}")
+        dims, scalars = {}, {}
+        for i, (s, a) in enumerate(zip(self.signature, args, strict=True)):
+            if isinstance(s, tuple):
+                shape = tuple(a.shape) if hasattr(a, "shape") else tuple(a)
+                if len(shape) != s[1]:
+                    raise LaunchError(f"{self.name}: argument {self.ir.params[i].name} has rank {len(shape)}; "
+                                      f"the kernel was traced for rank {s[1]}")
+                dims[i] = tuple(int(x) for x in shape)
+            else:
+                scalars[i] = a
+        return dims, scalars
+
+    def cost(self, *args) -> Cost:
+        """FLOPs, global bytes and footprints for these sizes (tensors, or shapes for the globals)."""
+        dims, scalars = self._split_args(args)
+        return kernel_cost(self.ir, dims, scalars)
+
+    def grid(self, *args) -> tuple[int, ...]:
+        dims, scalars = self._split_args(args)
+        return grid_of(self.ir, dims, scalars)
+
+    def check_args(self, args: Sequence) -> None:
+        """Every launch-time check, before any work: count, kinds, dtypes, ranks, devices, layouts."""
+        from tilestack.lang.launch import check_args
+        check_args(self, args)
+
+    # ---- code ----------------------------------------------------------------------------------------------
+    def source(self, backend: str = "triton") -> str:
+        """The generated source for ``backend`` (Triton: the @triton.jit function, readable)."""
+        from tilestack.backends import get_backend
+        return get_backend(backend).source(self)
+
+    def run(self, *args, backend: str | None = None):
+        from tilestack.backends import get_backend, pick_backend
+        self.check_args(args)
+        name = backend or pick_backend(args)
+        return get_backend(name).run(self, args)
+
+    __call__ = run
+
+    def __repr__(self) -> str:
+        return f"<traced {self.name} {self.signature} {self.constants}>"

@@ -1,0 +1,340 @@
+"""The tile-op vocabulary. Each op checks its operands' shapes, dtypes and memory spaces here, when traced,
+and records one IR instruction; backends lower the instruction (one place per backend, by op name).
+
+Destination first, as in ThunderKittens: ``mul(c, a, b)`` writes ``c = a * b``.
+
+    zero(acc); load(q, Q, at=(b, h, i, 0)); mma_ABt(s, q, k, s); row_max(m, s, m); exp2(s, s)
+"""
+
+from __future__ import annotations
+
+import math
+
+from tilestack.errors import MemorySpaceError, TileDTypeError, TileShapeError, TraceError
+from tilestack.ir.ops import Op
+from tilestack.ir.types import Space, bf16, f16, f32
+from tilestack.lang.tiles import GlobalTensor, Tile, as_scalar
+from tilestack.lang.trace import current, user_line, user_name
+
+_MMA_INPUTS = (bf16, f16, f32)
+
+
+def _name(t) -> str:
+    return user_name(t) or str(getattr(t, "type", t))
+
+
+def _need_tile(opname: str, arg: str, t) -> Tile:
+    if not isinstance(t, Tile):
+        raise TraceError(f"{opname}: {arg} must be a tile or vector, got {type(t).__name__} {t!r}", user_line())
+    return t
+
+
+def _need_reg(opname: str, arg: str, t: Tile) -> None:
+    if t.space is not Space.REG:
+        raise MemorySpaceError(
+            f"{opname}: {arg} `{_name(t)}` is a {t.type}; {opname} works on register tiles and vectors: "
+            f"copy or load it into a Reg{'Vec' if t.type.is_vec else 'Tile'} first", user_line())
+
+
+def _need_float(opname: str, arg: str, t: Tile) -> None:
+    if not t.dtype.is_float:
+        raise TileDTypeError(f"{opname}: {arg} `{_name(t)}` is {t.dtype}; expected a float dtype", user_line())
+
+
+def _write(dst: Tile, op: Op, srcs: tuple, result_shape: tuple[int, ...], opname: str, **attrs) -> None:
+    """Record ``dst = op(srcs)``, after checking the result fits ``dst``."""
+    where = user_line()
+    if result_shape != dst.shape:
+        tr = current(opname)
+        carried = tr.loops and dst._value is not None and dst._value in tr.loops[-1].args.values()
+        if carried:
+            raise TileShapeError(
+                f"{opname}: loop-carried tile `{_name(dst)}` is {dst.shape} when the loop at "
+                f"{tr.loops[-1].where} starts, but this writes a {result_shape} result into it; "
+                "a tile carried by a loop keeps its shape", where)
+        raise TileShapeError(f"{opname}: the result is {result_shape} but dst `{_name(dst)}` is {dst.shape}",
+                             where)
+    ins = current(opname).emit(op, srcs, (dst.type,), where, hint=user_name(dst), dst=dst.uid, **attrs)
+    dst._value = ins.result
+
+
+# ---- fills ------------------------------------------------------------------------------------------------
+def fill(dst: Tile, value: float) -> None:
+    """Every element of ``dst`` = ``value``."""
+    _need_tile("fill", "dst", dst)
+    _write(dst, Op.FILL, (), dst.shape, "fill", value=float(value))
+
+
+def zero(dst: Tile) -> None:
+    fill(dst, 0.0)
+
+
+def one(dst: Tile) -> None:
+    fill(dst, 1.0)
+
+
+def neg_infty(dst: Tile) -> None:
+    fill(dst, -math.inf)
+
+
+def pos_infty(dst: Tile) -> None:
+    fill(dst, math.inf)
+
+
+# ---- element-wise unary ops and copies ---------------------------------------------------------------------
+def _unary(fn: str, dst: Tile, src: Tile) -> None:
+    _need_tile(fn, "dst", dst)
+    _need_tile(fn, "src", src)
+    _need_reg(fn, "src", src)
+    _need_reg(fn, "dst", dst)
+    _need_float(fn, "src", src)
+    if src.shape != dst.shape:
+        raise TileShapeError(f"{fn}: src `{_name(src)}` is {src.shape} but dst `{_name(dst)}` is {dst.shape}",
+                             user_line())
+    _write(dst, Op.UNARY, (src.value(fn),), src.shape, fn, fn=fn)
+
+
+def exp(dst, src): _unary("exp", dst, src)
+def exp2(dst, src): _unary("exp2", dst, src)
+def log(dst, src): _unary("log", dst, src)
+def log2(dst, src): _unary("log2", dst, src)
+def abs(dst, src): _unary("abs", dst, src)  # noqa: A001 - the ThunderKittens name
+def neg(dst, src): _unary("neg", dst, src)
+def relu(dst, src): _unary("relu", dst, src)
+def sqrt(dst, src): _unary("sqrt", dst, src)
+def rsqrt(dst, src): _unary("rsqrt", dst, src)
+def sigmoid(dst, src): _unary("sigmoid", dst, src)
+def sin(dst, src): _unary("sin", dst, src)
+def cos(dst, src): _unary("cos", dst, src)
+
+
+def copy(dst: Tile, src: Tile) -> None:
+    """``dst = src`` converted to dst's dtype and memory space (register <-> shared, f32 -> bf16, ...)."""
+    _need_tile("copy", "dst", dst)
+    _need_tile("copy", "src", src)
+    if src.shape != dst.shape:
+        raise TileShapeError(f"copy: src `{_name(src)}` is {src.shape} but dst `{_name(dst)}` is {dst.shape}",
+                             user_line())
+    _write(dst, Op.CAST, (src.value("copy"),), src.shape, "copy")
+
+
+# ---- element-wise binary ops ------------------------------------------------------------------------------
+def _binary(fn: str, dst: Tile, a: Tile, b) -> None:
+    for arg, t in (("dst", dst), ("a", a)):
+        _need_tile(fn, arg, t)
+        _need_reg(fn, arg, t)
+    _need_float(fn, "a", a)
+    if isinstance(b, Tile):
+        _need_reg(fn, "b", b)
+        if a.shape != b.shape:
+            raise TileShapeError(f"{fn}: a `{_name(a)}` is {a.shape} but b `{_name(b)}` is {b.shape}",
+                                 user_line())
+        if a.dtype != b.dtype:
+            raise TileDTypeError(f"{fn}: a `{_name(a)}` is {a.dtype} but b `{_name(b)}` is {b.dtype}; "
+                                 "copy one into a tile of the other's dtype first", user_line())
+        bv = b.value(fn)
+    else:
+        s = as_scalar(float(b) if isinstance(b, int | float) else b)
+        bv = s.v
+    _write(dst, Op.BINARY, (a.value(fn), bv), a.shape, fn, fn=fn)
+
+
+def add(dst, a, b): _binary("add", dst, a, b)
+def sub(dst, a, b): _binary("sub", dst, a, b)
+def mul(dst, a, b): _binary("mul", dst, a, b)
+def div(dst, a, b): _binary("div", dst, a, b)
+def max(dst, a, b): _binary("max", dst, a, b)  # noqa: A001
+def min(dst, a, b): _binary("min", dst, a, b)  # noqa: A001
+
+
+# ---- row / column broadcasts --------------------------------------------------------------------------------
+def _broadcast(fn: str, axis: str, dst: Tile, src: Tile, vec: Tile) -> None:
+    opname = f"{fn}_{axis}"
+    for arg, t in (("dst", dst), ("src", src), ("vec", vec)):
+        _need_tile(opname, arg, t)
+        _need_reg(opname, arg, t)
+    if src.type.is_vec or not vec.type.is_vec:
+        raise TileShapeError(f"{opname}: takes a tile and a vector; got src {src.type}, vec {vec.type}",
+                             user_line())
+    want = src.shape[0] if axis == "row" else src.shape[1]
+    if vec.shape[0] != want:
+        what = "rows" if axis == "row" else "columns"
+        raise TileShapeError(f"{opname}: src `{_name(src)}` {src.shape} has {want} {what} but vec "
+                             f"`{_name(vec)}` has {vec.shape[0]} elements", user_line())
+    _write(dst, Op.BROADCAST, (src.value(opname), vec.value(opname)), src.shape, opname, fn=fn, axis=axis)
+
+
+def add_row(dst, src, vec): _broadcast("add", "row", dst, src, vec)
+def sub_row(dst, src, vec): _broadcast("sub", "row", dst, src, vec)
+def mul_row(dst, src, vec): _broadcast("mul", "row", dst, src, vec)
+def div_row(dst, src, vec): _broadcast("div", "row", dst, src, vec)
+def add_col(dst, src, vec): _broadcast("add", "col", dst, src, vec)
+def sub_col(dst, src, vec): _broadcast("sub", "col", dst, src, vec)
+def mul_col(dst, src, vec): _broadcast("mul", "col", dst, src, vec)
+def div_col(dst, src, vec): _broadcast("div", "col", dst, src, vec)
+
+
+# ---- reductions ------------------------------------------------------------------------------------------------
+def _reduce(fn: str, axis: str, dst: Tile, src: Tile, acc: Tile | None) -> None:
+    opname = f"{axis}_{fn}"
+    for arg, t in (("dst", dst), ("src", src)) + ((("acc", acc),) if acc is not None else ()):
+        _need_tile(opname, arg, t)
+        _need_reg(opname, arg, t)
+    if src.type.is_vec:
+        raise TileShapeError(f"{opname}: src must be a tile, got {src.type}", user_line())
+    out = (src.shape[0],) if axis == "row" else (src.shape[1],)
+    if acc is not None and acc.shape != out:
+        raise TileShapeError(f"{opname}: acc `{_name(acc)}` is {acc.shape}; expected {out}", user_line())
+    srcs = (src.value(opname),) + ((acc.value(opname),) if acc is not None else ())
+    _write(dst, Op.REDUCE, srcs, out, opname, fn=fn, axis=axis)
+
+
+def row_max(dst, src, acc=None): _reduce("max", "row", dst, src, acc)
+def row_min(dst, src, acc=None): _reduce("min", "row", dst, src, acc)
+def row_sum(dst, src, acc=None): _reduce("sum", "row", dst, src, acc)
+def col_max(dst, src, acc=None): _reduce("max", "col", dst, src, acc)
+def col_min(dst, src, acc=None): _reduce("min", "col", dst, src, acc)
+def col_sum(dst, src, acc=None): _reduce("sum", "col", dst, src, acc)
+
+
+# ---- masks -------------------------------------------------------------------------------------------------------
+def _mask(kind: str, dst: Tile, src: Tile, k, value: float) -> None:
+    for arg, t in (("dst", dst), ("src", src)):
+        _need_tile(kind, arg, t)
+        _need_reg(kind, arg, t)
+    if src.type.is_vec:
+        raise TileShapeError(f"{kind}: src must be a tile, got {src.type}", user_line())
+    _write(dst, Op.MASK, (src.value(kind), as_scalar(k).v), src.shape, kind, kind=kind, value=float(value))
+
+
+def tril(dst, src, diagonal=0, value=0.0):
+    """Keep elements with col - row <= diagonal, else ``value``."""
+    _mask("tril", dst, src, diagonal, value)
+
+
+def triu(dst, src, diagonal=0, value=0.0):
+    """Keep elements with col - row >= diagonal, else ``value``."""
+    _mask("triu", dst, src, diagonal, value)
+
+
+def make_causal(dst, src, diagonal=0, value=-math.inf):
+    """Causal attention mask: keep keys at or before the query, i.e. ``tril`` filled with -inf.
+
+    For a score tile of query block i (BM rows) and key block j (BN columns), ``diagonal = i*BM - j*BN``.
+    """
+    _mask("tril", dst, src, diagonal, value)
+
+
+def right_fill(dst, src, col, value):
+    """Columns ``>= col`` get ``value`` (e.g. keys past the end of a ragged sequence)."""
+    _mask("right_fill", dst, src, col, value)
+
+
+def lower_fill(dst, src, row, value):
+    """Rows ``>= row`` get ``value``."""
+    _mask("lower_fill", dst, src, row, value)
+
+
+# ---- matrix products ----------------------------------------------------------------------------------------------
+def _mma(dst: Tile, a: Tile, b: Tile, acc: Tile, trans_a: bool, trans_b: bool, opname: str) -> None:
+    for arg, t in (("dst", dst), ("a", a), ("b", b), ("acc", acc)):
+        _need_tile(opname, arg, t)
+        if t.type.is_vec:
+            raise TileShapeError(f"{opname}: {arg} must be a tile, got {t.type}", user_line())
+    for arg, t in (("dst", dst), ("acc", acc)):
+        if t.space is not Space.REG:
+            raise MemorySpaceError(f"{opname}: {arg} `{_name(t)}` is a {t.type}; the accumulator lives in "
+                                   "registers (a RegTile)", user_line())
+    if a.dtype != b.dtype or a.dtype not in _MMA_INPUTS:
+        raise TileDTypeError(f"{opname}: a `{_name(a)}` is {a.dtype} and b `{_name(b)}` is {b.dtype}; "
+                             "expected both bf16, both f16 or both f32", user_line())
+    if dst.dtype is not f32 or acc.dtype is not f32:
+        raise TileDTypeError(f"{opname}: accumulates in f32; dst is {dst.dtype} and acc is {acc.dtype}",
+                             user_line())
+    m, ka = (a.shape[1], a.shape[0]) if trans_a else a.shape
+    kb, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
+    if ka != kb:
+        ta = "a.T" if trans_a else "a"
+        tb = "b.T" if trans_b else "b"
+        raise TileShapeError(f"{opname}: inner dimensions differ: {ta} is ({m}, {ka}) and {tb} is ({kb}, {n}) "
+                             f"(a `{_name(a)}` {a.shape}, b `{_name(b)}` {b.shape})", user_line())
+    if acc.shape != (m, n):
+        raise TileShapeError(f"{opname}: acc `{_name(acc)}` is {acc.shape}; expected ({m}, {n})", user_line())
+    _write(dst, Op.MMA, (acc.value(opname), a.value(opname), b.value(opname)), (m, n), opname,
+           trans_a=trans_a, trans_b=trans_b)
+
+
+def mma_AB(dst, a, b, acc):
+    """dst = a @ b + acc  (a: (M, K), b: (K, N), acc and dst: f32 (M, N))."""
+    _mma(dst, a, b, acc, False, False, "mma_AB")
+
+
+def mma_ABt(dst, a, b, acc):
+    """dst = a @ b.T + acc  (a: (M, K), b: (N, K))."""
+    _mma(dst, a, b, acc, False, True, "mma_ABt")
+
+
+def mma_AtB(dst, a, b, acc):
+    """dst = a.T @ b + acc  (a: (K, M), b: (K, N))."""
+    _mma(dst, a, b, acc, True, False, "mma_AtB")
+
+
+def mma_AtBt(dst, a, b, acc):
+    """dst = a.T @ b.T + acc  (a: (K, M), b: (N, K))."""
+    _mma(dst, a, b, acc, True, True, "mma_AtBt")
+
+
+# ---- memory ---------------------------------------------------------------------------------------------------------
+def _coords(opname: str, g: GlobalTensor, tile: Tile, at) -> tuple:
+    at = at if isinstance(at, tuple | list) else (at,)
+    if len(at) != g.rank:
+        raise TraceError(f"{opname}: at={tuple(at)!r} has {len(at)} coordinates but `{g.name}` has rank "
+                         f"{g.rank}; give one per axis (the last {len(tile.shape)} count whole tiles)",
+                         user_line())
+    if g.rank < len(tile.shape):
+        raise TileShapeError(f"{opname}: a {tile.type} does not fit rank-{g.rank} `{g.name}`", user_line())
+    return tuple(as_scalar(c).v for c in at)
+
+
+def load(dst: Tile, src, at=None) -> None:
+    """Load ``dst`` from a global at tile coordinates ``at`` (edges past the tensor read as zero), or from a
+    shared tile. A load into a shared tile is asynchronous: it overlaps with the work before its first use."""
+    _need_tile("load", "dst", dst)
+    if isinstance(src, Tile):
+        if at is not None:
+            raise TraceError("load: `at` is for global sources; a tile-to-tile load copies whole tiles",
+                             user_line())
+        if src.space is not Space.SHARED or dst.space is not Space.REG:
+            raise MemorySpaceError(f"load: tile-to-tile loads go shared -> register; got {src.type} -> "
+                                   f"{dst.type}", user_line())
+        copy(dst, src)
+        return
+    if not isinstance(src, GlobalTensor):
+        raise TraceError(f"load: src must be a global tensor argument or a shared tile, got {src!r}",
+                         user_line())
+    if at is None:
+        raise TraceError(f"load: give the tile coordinates in `{src.name}` with at=(...)", user_line())
+    coords = _coords("load", src, dst, at)
+    _write(dst, Op.LOAD, (src.v,) + coords, dst.shape, "load")
+
+
+def store(dst, src: Tile, at=None) -> None:
+    """Store tile ``src`` into global ``dst`` at tile coordinates ``at`` (edges past the tensor are dropped)."""
+    _need_tile("store", "src", src)
+    if not isinstance(dst, GlobalTensor):
+        raise TraceError(f"store: dst must be a global tensor argument, got {dst!r}", user_line())
+    if at is None:
+        raise TraceError(f"store: give the tile coordinates in `{dst.name}` with at=(...)", user_line())
+    coords = _coords("store", dst, src, at)
+    current("store").emit(Op.STORE, (dst.v, src.value("store")) + coords, (), user_line())
+
+
+__all__ = [
+    "fill", "zero", "one", "neg_infty", "pos_infty",
+    "exp", "exp2", "log", "log2", "abs", "neg", "relu", "sqrt", "rsqrt", "sigmoid", "sin", "cos", "copy",
+    "add", "sub", "mul", "div", "max", "min",
+    "add_row", "sub_row", "mul_row", "div_row", "add_col", "sub_col", "mul_col", "div_col",
+    "row_max", "row_min", "row_sum", "col_max", "col_min", "col_sum",
+    "tril", "triu", "make_causal", "right_fill", "lower_fill",
+    "mma_AB", "mma_ABt", "mma_AtB", "mma_AtBt", "load", "store",
+]

@@ -1,0 +1,231 @@
+"""The four tile types, global tensors and scalars, as the kernel author holds them.
+
+    acc = RegTile[f32, BM, BN]()     # a register tile, not yet written
+    k_s = SharedTile[bf16, BN, D]()  # a shared tile (operand of the matrix unit)
+    m   = RegVec[f32, BM]()          # a register vector: one value per row of a (BM, *) tile
+    A.shape[0]                       # a global's size on an axis, an index Scalar
+
+Tiles are mutable handles, as in ThunderKittens: ``exp(s, s)`` writes ``s``. Each write makes a new SSA
+value in the IR, so a traced loop knows which tiles it carries. Operator sugar (``a + b``, ``a * 0.5``,
+``a @ b``, ``a @ b.T``) makes a new register tile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tilestack.errors import TileShapeError, TraceError
+from tilestack.ir.nodes import Value
+from tilestack.ir.ops import Op
+from tilestack.ir.types import DType, GlobalType, ScalarType, Space, TileType, INDEX, FLOAT
+from tilestack.lang.trace import current, user_line, user_name
+
+
+class TileSpec:
+    """A tile type such as ``RegTile[f32, 64, 64]``; calling it declares a tile of that type."""
+
+    def __init__(self, type_: TileType):
+        self.type = type_
+
+    def __call__(self) -> Tile:
+        return Tile(self.type)
+
+    def __repr__(self) -> str:
+        return str(self.type)
+
+
+class _TileFamily:
+    def __init__(self, name: str, space: Space, rank: int):
+        self.name, self.space, self.rank = name, space, rank
+
+    def __getitem__(self, key) -> TileSpec:
+        key = key if isinstance(key, tuple) else (key,)
+        if len(key) != 1 + self.rank or not isinstance(key[0], DType):
+            dims = ", ".join("N" * (i + 1) for i in range(self.rank))
+            raise TraceError(f"{self.name}[...] takes a dtype and {self.rank} size(s), like "
+                             f"{self.name}[f32, {dims}]; got {key!r}", user_line())
+        dtype, *shape = key
+        for s in shape:
+            if not isinstance(s, int) or isinstance(s, bool) or s <= 0:
+                raise TileShapeError(f"{self.name} sizes are positive compile-time ints (use a tunable or "
+                                     f"constant); got {s!r}", user_line())
+        return TileSpec(TileType(self.space, dtype, tuple(shape)))
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+RegTile = _TileFamily("RegTile", Space.REG, 2)
+RegVec = _TileFamily("RegVec", Space.REG, 1)
+SharedTile = _TileFamily("SharedTile", Space.SHARED, 2)
+SharedVec = _TileFamily("SharedVec", Space.SHARED, 1)
+
+_handle_ids = iter(range(1, 1 << 62))
+
+
+class Tile:
+    """A tile or vector handle inside a trace."""
+
+    def __init__(self, type_: TileType):
+        self.type = type_
+        self._value: Value | None = None
+        self.uid = next(_handle_ids)
+        current(str(type_)).handles.append(self)
+
+    shape = property(lambda self: self.type.shape)
+    dtype = property(lambda self: self.type.dtype)
+    space = property(lambda self: self.type.space)
+
+    def value(self, opname: str) -> Value:
+        if self._value is None:
+            name = user_name(self) or "a tile"
+            raise TraceError(f"{opname}: {name} ({self.type}) is read before anything wrote it; "
+                             "fill it (zero, neg_infty, ...) or load it first", user_line())
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"{self.type}({self._value!r})"
+
+    # ---- operator sugar: each makes a new register tile ------------------------------------------------
+    def _binary(self, other, fn: str, swap: bool = False) -> Tile:
+        from tilestack.lang import ops
+        out = Tile(dataclasses.replace(self.type, space=Space.REG))
+        a, b = (other, self) if swap else (self, other)
+        if swap and not isinstance(other, Tile):   # scalar on the left: 2 - t == (-t) + 2 etc.
+            if fn == "sub":
+                ops.neg(out, self)
+                ops.add(out, out, other)
+                return out
+            if fn == "div":
+                ops.fill(out, float(other))
+                ops.div(out, out, self)
+                return out
+            a, b = self, other
+        getattr(ops, fn)(out, a, b)
+        return out
+
+    def __add__(self, o): return self._binary(o, "add")
+    def __radd__(self, o): return self._binary(o, "add", swap=True)
+    def __sub__(self, o): return self._binary(o, "sub")
+    def __rsub__(self, o): return self._binary(o, "sub", swap=True)
+    def __mul__(self, o): return self._binary(o, "mul")
+    def __rmul__(self, o): return self._binary(o, "mul", swap=True)
+    def __truediv__(self, o): return self._binary(o, "div")
+    def __rtruediv__(self, o): return self._binary(o, "div", swap=True)
+
+    def __neg__(self) -> Tile:
+        from tilestack.lang import ops
+        out = Tile(dataclasses.replace(self.type, space=Space.REG))
+        ops.neg(out, self)
+        return out
+
+    @property
+    def T(self) -> _Transposed:
+        return _Transposed(self)
+
+    def __matmul__(self, other) -> Tile:
+        from tilestack.lang import ops
+        from tilestack.ir.types import f32
+        a, ta = (self, False)
+        b, tb = (other.tile, True) if isinstance(other, _Transposed) else (other, False)
+        m = a.shape[0]
+        n = b.shape[0] if tb else b.shape[-1]
+        out = Tile(TileType(Space.REG, f32, (m, n)))
+        ops.zero(out)
+        ops._mma(out, a, b, out, ta, tb, "@")
+        return out
+
+
+@dataclasses.dataclass
+class _Transposed:
+    tile: Tile
+
+    def __rmatmul__(self, a: Tile) -> Tile:
+        return a @ self
+
+
+class Scalar:
+    """An index (or float) known only when the kernel runs: sizes, block ids, loop counters."""
+
+    def __init__(self, value: Value):
+        self.v = value
+
+    @property
+    def type(self) -> ScalarType:
+        return self.v.type
+
+    def _op(self, other, fn: str, swap: bool = False) -> Scalar:
+        o = as_scalar(other)
+        a, b = (o, self) if swap else (self, o)
+        is_float = FLOAT in (a.type, b.type)
+        if is_float and fn in ("add", "mul", "div"):
+            fn = {"add": "fadd", "mul": "fmul", "div": "fdiv"}[fn]
+        rtype = FLOAT if is_float else INDEX
+        ins = current("scalar arithmetic").emit(Op.SCALAR, (a.v, b.v), (rtype,), user_line(), fn=fn)
+        return Scalar(ins.result)
+
+    def __add__(self, o): return self._op(o, "add")
+    def __radd__(self, o): return self._op(o, "add", True)
+    def __sub__(self, o): return self._op(o, "sub")
+    def __rsub__(self, o): return self._op(o, "sub", True)
+    def __mul__(self, o): return self._op(o, "mul")
+    def __rmul__(self, o): return self._op(o, "mul", True)
+    def __floordiv__(self, o): return self._op(o, "floordiv")
+    def __rfloordiv__(self, o): return self._op(o, "floordiv", True)
+    def __mod__(self, o): return self._op(o, "mod")
+    def __truediv__(self, o): return self._op(o, "div")
+
+    def __bool__(self):
+        raise TraceError("a Scalar's value is known only when the kernel runs: Python `if`/`while` cannot "
+                         "branch on it; use masks (tril, right_fill, ...) or loop bounds instead", user_line())
+
+    def __index__(self):
+        raise TraceError("a Scalar cannot be used as a Python int (tile sizes must be compile-time "
+                         "constants)", user_line())
+
+    def __repr__(self) -> str:
+        return f"Scalar({self.v!r})"
+
+
+def as_scalar(x) -> Scalar:
+    """A Python number or Scalar as a Scalar (numbers become CONST instructions)."""
+    if isinstance(x, Scalar):
+        return x
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        raise TraceError(f"expected an index Scalar or a number, got {x!r}", user_line())
+    t = INDEX if isinstance(x, int) else FLOAT
+    return Scalar(current("constant").emit(Op.CONST, (), (t,), user_line(), value=x).result)
+
+
+class GlobalTensor:
+    """A global tensor argument: addressed in whole tiles with ``load(tile, G, at=(...))``."""
+
+    def __init__(self, value: Value, name: str):
+        self.v = value
+        self.name = name
+        self._dims: dict[int, Scalar] = {}
+
+    @property
+    def type(self) -> GlobalType:
+        return self.v.type
+
+    @property
+    def dtype(self) -> DType:
+        return self.type.dtype
+
+    @property
+    def rank(self) -> int:
+        return self.type.rank
+
+    @property
+    def shape(self) -> tuple[Scalar, ...]:
+        return tuple(self.dim(a) for a in range(self.rank))
+
+    def dim(self, axis: int) -> Scalar:
+        if axis not in self._dims:
+            ins = current("shape").emit(Op.DIM, (self.v,), (INDEX,), user_line(), axis=axis)
+            self._dims[axis] = Scalar(ins.result)
+        return self._dims[axis]
+
+    def __repr__(self) -> str:
+        return f"{self.name}: {self.type}"

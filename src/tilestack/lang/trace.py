@@ -1,0 +1,162 @@
+"""The tracer: while a kernel function runs with symbolic tiles, every op appends to the open IR block.
+
+Errors name the user's own line: ``user_line()`` walks out of tilestack's language and IR modules to the
+first frame that is the kernel author's.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from tilestack.errors import TraceError
+from tilestack.ir.nodes import Block, Instr, Value
+from tilestack.ir.ops import Op
+from tilestack.ir.types import Type
+
+_PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_INTERNAL = (os.path.join(_PKG, "lang") + os.sep, os.path.join(_PKG, "ir") + os.sep)
+
+
+def _user_frame():
+    f = sys._getframe(1)
+    while f is not None and f.f_code.co_filename.startswith(_INTERNAL):
+        f = f.f_back
+    return f
+
+
+def user_line() -> str:
+    """``file.py:12`` of the kernel author's line that is running now."""
+    f = _user_frame()
+    if f is None:
+        return "<unknown>"
+    return f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno}"
+
+
+def user_name(obj: Any) -> str:
+    """The user's local variable name bound to ``obj`` right now, or ''."""
+    f = _user_frame()
+    if f is None:
+        return ""
+    for k, v in f.f_locals.items():
+        if v is obj and not k.startswith("_"):
+            return k
+    return ""
+
+
+class _Loop:
+    def __init__(self, instr: Instr, where: str):
+        self.instr = instr
+        self.where = where
+        self.entry: dict[int, Value] = {}   # tile handle id -> value before the loop
+        self.args: dict[int, Value] = {}    # tile handle id -> provisional loop-carried arg
+
+
+class Tracer:
+    """State of one trace. Tiles register here so loops can find which of them they carry."""
+
+    def __init__(self):
+        self.blocks: list[Block] = [Block()]
+        self.handles: list[Any] = []        # every Tile handle made in this trace, in order
+        self.loops: list[_Loop] = []
+        self.closed: set[int] = set()       # ids of values defined in loop bodies that have ended
+        self.defined_in: dict[int, str] = {}
+
+    @property
+    def block(self) -> Block:
+        return self.blocks[-1]
+
+    def emit(self, op: Op, srcs: tuple[Value, ...], result_types: tuple[Type, ...], where: str,
+             **attrs) -> Instr:
+        for s in srcs:
+            if s.id in self.closed:
+                raise TraceError(
+                    f"{op.value}: {s!r} was made inside the loop at {self.defined_in[s.id]} and is used "
+                    "after the loop ended; to carry a tile across iterations, declare it before the loop "
+                    "and write into it (e.g. mma_AB(acc, a, b, acc))", where)
+        results = tuple(Value(t, attrs.pop("hint", "") if i == 0 else "") for i, t in enumerate(result_types))
+        ins = Instr(op, results, tuple(srcs), attrs, None, where)
+        self.block.instrs.append(ins)
+        return ins
+
+    # ---- loops -------------------------------------------------------------------------------------------
+    def begin_loop(self, ins: Instr, induction: Value) -> _Loop:
+        """Open a loop body. Every live tile gets a provisional carried argument; ``end_loop`` keeps those
+        the body wrote and folds the rest back to their value before the loop."""
+        loop = _Loop(ins, ins.where)
+        body = Block(args=[induction])
+        ins.body = body
+        for h in self.handles:
+            v = h._value
+            if v is None or v.id in self.closed:
+                continue
+            arg = Value(v.type, v.hint)
+            loop.entry[id(h)] = v
+            loop.args[id(h)] = arg
+            h._value = arg
+        self.loops.append(loop)
+        self.blocks.append(body)
+        return loop
+
+    def end_loop(self, loop: _Loop) -> None:
+        if not self.loops or self.loops[-1] is not loop:
+            raise TraceError("tile loops must close in order (is there a `break` in a ts.range loop?)",
+                             loop.where)
+        self.loops.pop()
+        body = self.blocks.pop()
+        ins = loop.instr
+        fold: dict[Value, Value] = {}
+        carried_inits, carried_args, yields, handles = [], [], [], []
+        by_id = {id(h): h for h in self.handles}
+        for hid, arg in loop.args.items():
+            h = by_id[hid]
+            out = h._value
+            if out is arg:
+                fold[arg] = loop.entry[hid]
+                h._value = loop.entry[hid]
+                continue
+            carried_inits.append(loop.entry[hid])
+            carried_args.append(arg)
+            yields.append(out)
+            handles.append(h)
+        _substitute(body, fold)
+        body.args.extend(carried_args)
+        body.yields = yields
+        ins.srcs = ins.srcs + tuple(carried_inits)
+        ins.results = tuple(Value(a.type, a.hint) for a in carried_args)
+        for h, r in zip(handles, ins.results, strict=True):
+            h._value = r
+        for inner in body.walk():
+            for r in inner.results:
+                self.closed.add(r.id)
+                self.defined_in[r.id] = inner.where
+        for a in body.args:
+            self.closed.add(a.id)
+            self.defined_in[a.id] = loop.where
+
+
+def _substitute(block: Block, mapping: dict[Value, Value]) -> None:
+    if not mapping:
+        return
+    for ins in block.walk():
+        ins.srcs = tuple(mapping.get(s, s) for s in ins.srcs)
+        if ins.body is not None:
+            ins.body.yields = [mapping.get(s, s) for s in ins.body.yields]
+    block.yields = [mapping.get(s, s) for s in block.yields]
+
+
+_current: Tracer | None = None
+
+
+def current(opname: str) -> Tracer:
+    if _current is None:
+        raise TraceError(f"{opname}() is a tile op: call it inside a @ts.kernel function while it is traced",
+                         user_line())
+    return _current
+
+
+def set_current(t: Tracer | None) -> Tracer | None:
+    global _current
+    old, _current = _current, t
+    return old

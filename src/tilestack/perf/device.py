@@ -1,0 +1,332 @@
+"""The device: what it is, what its spec sheet promises, and what it measurably reaches.
+
+    from tilestack.perf import device
+    dev = device.detect()                  # the first GPU, else the CPU
+    dev.name, dev.spec.peak("bf16")        # "NVIDIA H100 80GB HBM3", 9.89e14 (published, dense)
+    c = device.ceilings(dev)               # measured once per device, cached on disk
+    c.copy_bytes_per_s, c.matmul["bf16"]
+    device.ceilings(dev, remeasure=True)   # measure again (``tilestack device --remeasure``)
+
+Published peaks are dense (no 2:4 sparsity), from the vendors' data sheets, for the matrix units of each
+dtype (``fp32`` is the non-tensor-core rate, ``tf32`` the tensor-core one). Utilisation is reported against
+both these and the measured ceilings: the spec sheet says what the silicon could do, the ceiling what a
+well-written kernel reaches here (clocks, power limits, memory controller efficiency).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from tilestack import config
+from tilestack.errors import DeviceError
+
+TERA = 1e12
+GIGA = 1e9
+MIB = 1 << 20
+
+# How large the ceiling measurements are. GPU copies are many times the L2 so they stream from HBM; matmuls
+# are large enough to reach the matrix units' plateau. The CPU sizes keep `tilestack device` to seconds.
+GPU_COPY_BYTES = 1 << 30
+CPU_COPY_BYTES = 64 * MIB
+GPU_MATMUL_N = 8192
+CPU_MATMUL_N = 1024
+GPU_MATMUL_DTYPES = ("fp32", "tf32", "bf16", "fp16")
+CPU_MATMUL_DTYPES = ("fp32", "bf16")
+CEILINGS_FORMAT = 1  # bumped when the cached file's layout changes; older files are measured again
+
+
+@dataclasses.dataclass(frozen=True)
+class PeakSpec:
+    """A device's published peaks: ``flops`` by dtype (FLOP/s, dense), ``bandwidth`` (bytes/s), ``tdp_w``.
+
+    ``patterns`` are regular expressions matched, case-insensitively, against the name the driver reports.
+    """
+
+    key: str
+    label: str
+    patterns: tuple[str, ...]
+    flops: dict[str, float]
+    bandwidth: float | None
+    tdp_w: float | None = None
+    l2_bytes: int | None = None
+    source: str = ""
+
+    def peak(self, dtype: str) -> float | None:
+        """Published FLOP/s for ``dtype`` (``"bf16"``...), or None where the sheet gives none."""
+        return self.flops.get(dtype)
+
+
+def _tf(**per_dtype: float) -> dict[str, float]:
+    return {k: v * TERA for k, v in per_dtype.items()}
+
+
+# The spec-sheet table. Order matters: the first entry whose pattern matches wins ("L40S" before "L4").
+PEAKS: tuple[PeakSpec, ...] = (
+    PeakSpec("h100-sxm", "H100 SXM", (r"h100.*(sxm|hbm3)",),
+             _tf(fp64=67, fp32=67, tf32=494.7, bf16=989.4, fp16=989.4, fp8=1978.9, int8=1978.9),
+             3.35e12, 700, 50 * MIB, "NVIDIA H100 datasheet (SXM5), dense"),
+    PeakSpec("h100-nvl", "H100 NVL", (r"h100.*nvl",),
+             _tf(fp64=60, fp32=60, tf32=417.5, bf16=835, fp16=835, fp8=1670, int8=1670),
+             3.9e12, 400, 50 * MIB, "NVIDIA H100 datasheet (NVL), dense"),
+    PeakSpec("h100-pcie", "H100 PCIe", (r"h100.*pcie",),
+             _tf(fp64=51, fp32=51, tf32=378, bf16=756, fp16=756, fp8=1513, int8=1513),
+             2.0e12, 350, 50 * MIB, "NVIDIA H100 datasheet (PCIe), dense"),
+    PeakSpec("h200-nvl", "H200 NVL", (r"h200.*nvl",),
+             _tf(fp64=60, fp32=60, tf32=417.5, bf16=835, fp16=835, fp8=1670, int8=1670),
+             4.8e12, 600, 50 * MIB, "NVIDIA H200 datasheet (NVL), dense"),
+    PeakSpec("h200", "H200 SXM", (r"h200",),
+             _tf(fp64=67, fp32=67, tf32=494.7, bf16=989.4, fp16=989.4, fp8=1978.9, int8=1978.9),
+             4.8e12, 700, 50 * MIB, "NVIDIA H200 datasheet (SXM), dense"),
+    PeakSpec("a100-sxm-80gb", "A100 SXM 80GB", (r"a100.*sxm.*80",),
+             _tf(fp64=19.5, fp32=19.5, tf32=156, bf16=312, fp16=312, int8=624),
+             2.039e12, 400, 40 * MIB, "NVIDIA A100 datasheet, dense"),
+    PeakSpec("a100-sxm-40gb", "A100 SXM 40GB", (r"a100.*sxm",),
+             _tf(fp64=19.5, fp32=19.5, tf32=156, bf16=312, fp16=312, int8=624),
+             1.555e12, 400, 40 * MIB, "NVIDIA A100 datasheet, dense"),
+    PeakSpec("a100-pcie-80gb", "A100 PCIe 80GB", (r"a100.*80gb.*pcie", r"a100.*pcie.*80"),
+             _tf(fp64=19.5, fp32=19.5, tf32=156, bf16=312, fp16=312, int8=624),
+             1.935e12, 300, 40 * MIB, "NVIDIA A100 datasheet, dense"),
+    PeakSpec("a100-pcie-40gb", "A100 PCIe 40GB", (r"a100",),
+             _tf(fp64=19.5, fp32=19.5, tf32=156, bf16=312, fp16=312, int8=624),
+             1.555e12, 250, 40 * MIB, "NVIDIA A100 datasheet, dense"),
+    PeakSpec("l40s", "L40S", (r"l40s",),
+             _tf(fp32=91.6, tf32=183, bf16=362.05, fp16=362.05, fp8=733, int8=733),
+             0.864e12, 350, 96 * MIB, "NVIDIA L40S datasheet, dense"),
+    PeakSpec("l4", "L4", (r"\bl4\b",),
+             _tf(fp32=30.3, tf32=60, bf16=121, fp16=121, fp8=242.5, int8=242.5),
+             0.3e12, 72, 48 * MIB, "NVIDIA L4 datasheet, dense"),
+    # CPUs differ too much for one sheet: no published peaks, so utilisation is against measured ceilings.
+    PeakSpec("cpu", "CPU", (r"^cpu\b",), {}, None, None, None, "none: measured ceilings only"),
+)
+
+
+def lookup_peaks(name: str, *, strict: bool = True) -> PeakSpec | None:
+    """The spec-sheet entry for a driver-reported name: ``lookup_peaks("NVIDIA H100 80GB HBM3").key == "h100-sxm"``.
+
+    A key of the table (``"h100-sxm"``) is accepted too. Unknown names raise :class:`DeviceError`
+    (or return None with ``strict=False``: an unknown GPU still gets measured ceilings).
+    """
+    text = name.strip().lower()
+    for spec in PEAKS:
+        if text == spec.key or any(re.search(p, text) for p in spec.patterns):
+            return spec
+    if strict:
+        known = ", ".join(s.label for s in PEAKS)
+        raise DeviceError(f"device name={name!r} is not in the table of published peaks; expected one of: {known}")
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    """One device to measure on. ``kind`` is ``"cuda"`` or ``"cpu"``; ``spec`` None for an unknown GPU."""
+
+    kind: str
+    name: str
+    index: int = 0
+    spec: PeakSpec | None = None
+    sm_count: int | None = None
+    memory_bytes: int | None = None
+    capability: str | None = None
+    cores: int | None = None
+
+    @property
+    def torch_device(self) -> str:
+        return f"cuda:{self.index}" if self.kind == "cuda" else "cpu"
+
+    @property
+    def slug(self) -> str:
+        """A file-name-safe identity: ``nvidia-h100-80gb-hbm3``."""
+        return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-") or self.kind
+
+    @property
+    def l2_bytes(self) -> int | None:
+        return self.spec.l2_bytes if self.spec else None
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "index": self.index,
+                "spec": self.spec.key if self.spec else None, "sm_count": self.sm_count,
+                "memory_bytes": self.memory_bytes, "capability": self.capability, "cores": self.cores}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_device() -> Device:
+    """The host CPU (its name as /proc/cpuinfo reports it, with ``cpu:`` in front)."""
+    return Device("cpu", f"cpu: {_cpu_name()}", 0, lookup_peaks("cpu"), cores=os.cpu_count())
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA device (False, not an error, where torch itself is a CPU build)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    try:
+        return bool(torch.cuda.is_available())
+    except Exception:  # a broken driver install makes is_available() raise on some builds
+        return False
+
+
+def detect(device: str | int | None = None) -> Device:
+    """The device to measure on: ``None`` picks ``cuda:0`` if present, else the CPU.
+
+        detect("cpu"); detect("cuda:1"); detect(0)
+    """
+    if device is None:
+        device = "cuda" if cuda_available() else "cpu"
+    text = str(device)
+    if text.isdigit():
+        text = f"cuda:{text}"
+    if text == "cpu":
+        return cpu_device()
+    m = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if not m:
+        raise DeviceError(f"device={device!r}; expected 'cpu', 'cuda', 'cuda:N' or a GPU index")
+    if not cuda_available():
+        raise DeviceError(f"device={device!r} asked for, but torch sees no CUDA GPU here; use device='cpu'")
+    import torch
+
+    index = int(m.group(1) or 0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise DeviceError(f"device={device!r}; expected an index below the {count} GPU(s) present")
+    props = torch.cuda.get_device_properties(index)
+    return Device("cuda", props.name, index, lookup_peaks(props.name, strict=False),
+                  sm_count=props.multi_processor_count, memory_bytes=props.total_memory,
+                  capability=f"{props.major}.{props.minor}")
+
+
+def versions() -> dict[str, str | None]:
+    """Versions that change what a measurement means: Python, tilestack, torch, CUDA, Triton, the driver."""
+    import tilestack
+
+    out: dict[str, str | None] = {"python": platform.python_version(), "tilestack": tilestack.__version__}
+    try:
+        import torch
+
+        out["torch"] = torch.__version__
+        out["cuda"] = torch.version.cuda
+    except ImportError:
+        out["torch"] = None
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    from tilestack.perf import energy
+
+    out["driver"] = energy.driver_version()
+    return out
+
+
+@dataclasses.dataclass
+class Ceilings:
+    """What this device measurably reaches: copy bandwidth (bytes read + written per s), matmul FLOP/s by dtype."""
+
+    device: str
+    copy_bytes_per_s: float
+    matmul: dict[str, float]
+    measured_at: str
+    versions: dict[str, Any] = dataclasses.field(default_factory=dict)
+    sizes: dict[str, int] = dataclasses.field(default_factory=dict)
+    format: int = CEILINGS_FORMAT
+
+    def peak(self, dtype: str) -> float | None:
+        """Measured FLOP/s for ``dtype``; ``tf32`` falls back to ``fp32`` where only that was measured."""
+        if dtype in self.matmul:
+            return self.matmul[dtype]
+        return self.matmul.get("fp32") if dtype == "tf32" else None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def ceilings_path(dev: Device) -> Path:
+    """Where ``dev``'s measured ceilings are cached: ``<cache_dir>/perf/ceilings-<slug>.json``."""
+    return Path(config.knobs.cache_dir) / "perf" / f"ceilings-{dev.slug}.json"
+
+
+def _load(path: Path, dev: Device) -> Ceilings | None:
+    try:
+        data = json.loads(path.read_text())
+        c = Ceilings(**data)
+    except (OSError, ValueError, TypeError):
+        return None  # absent, half-written or of an older layout: measure again
+    return c if c.format == CEILINGS_FORMAT and c.device == dev.name else None
+
+
+def ceilings(dev: Device | None = None, *, remeasure: bool = False, copy_bytes: int | None = None,
+             matmul_n: int | None = None, dtypes: Iterable[str] | None = None) -> Ceilings:
+    """The device's measured ceilings, from the on-disk cache or measured now (and cached).
+
+    ``copy_bytes``, ``matmul_n`` and ``dtypes`` override the default sizes (tests use small ones); sizes that
+    differ from the cached ones are measured again.
+    """
+    dev = dev or detect()
+    path = ceilings_path(dev)
+    cached = None if remeasure else _load(path, dev)
+    gpu = dev.kind == "cuda"
+    copy_bytes = copy_bytes or (GPU_COPY_BYTES if gpu else CPU_COPY_BYTES)
+    matmul_n = matmul_n or (GPU_MATMUL_N if gpu else CPU_MATMUL_N)
+    dtypes = tuple(dtypes or (GPU_MATMUL_DTYPES if gpu else CPU_MATMUL_DTYPES))
+    if cached and cached.sizes.get("copy_bytes") == copy_bytes and cached.sizes.get("matmul_n") == matmul_n \
+            and set(dtypes) <= set(cached.matmul):
+        return cached
+    c = measure_ceilings(dev, copy_bytes=copy_bytes, matmul_n=matmul_n, dtypes=dtypes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(c.to_json(), indent=2))
+    tmp.replace(path)  # atomic: a reader never sees half a file
+    return c
+
+
+def measure_ceilings(dev: Device, *, copy_bytes: int, matmul_n: int, dtypes: Iterable[str]) -> Ceilings:
+    """Measure copy bandwidth and matmul rate per dtype on ``dev`` now (no cache)."""
+    import torch
+
+    from tilestack.perf import timing
+
+    td = dev.torch_device
+    n_copy = max(1, copy_bytes // 4)  # fp32 elements
+    src = torch.empty(n_copy, dtype=torch.float32, device=td).uniform_()
+    dst = torch.empty_like(src)
+    t = timing.time_fn(lambda s, d: d.copy_(s), args_sets=[(src, dst)], device=dev)
+    copy_bw = 2 * n_copy * 4 / t.median_s  # bytes read + bytes written
+    del src, dst
+
+    matmul: dict[str, float] = {}
+    for name in dtypes:
+        torch_dtype = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16,
+                       "fp16": torch.float16, "fp64": torch.float64}.get(name)
+        if torch_dtype is None:
+            raise DeviceError(f"dtypes contains {name!r}; expected some of fp64, fp32, tf32, bf16, fp16")
+        a = torch.randn(matmul_n, matmul_n, device=td).to(torch_dtype)
+        b = torch.randn(matmul_n, matmul_n, device=td).to(torch_dtype)
+        out = torch.empty_like(a)
+        allow = torch.backends.cuda.matmul.allow_tf32
+        try:
+            torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
+            t = timing.time_fn(lambda x, y, o: torch.mm(x, y, out=o), args_sets=[(a, b, out)], device=dev)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = allow
+        matmul[name] = 2 * matmul_n**3 / t.median_s
+        del a, b, out
+    return Ceilings(dev.name, copy_bw, matmul, datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                    versions(), {"copy_bytes": copy_bytes, "matmul_n": matmul_n})

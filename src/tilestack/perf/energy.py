@@ -1,0 +1,212 @@
+"""Energy and power from NVML's total-energy counter, over windows long enough for it to mean something.
+
+    from tilestack.perf import energy
+    meter = energy.EnergyMeter(0)               # GPU index; meter.available False (with .reason) without NVML
+    with meter.window() as w:
+        run_for_a_second()                      # the GPU must be synchronised before the window closes
+    w.joules, w.seconds, w.avg_power_w, w.valid, w.note
+    s = energy.measure_energy(fn, args_sets=sets, per_call_s=t.median_s, meter=meter)
+    s.joules_per_call, s.avg_power_w
+
+``nvmlDeviceGetTotalEnergyConsumption`` counts millijoules since the driver loaded (Volta and later); it
+updates every 10 to 100 ms, so a window shorter than ``MIN_WINDOW_S`` is mostly quantisation error: such a
+window is returned with ``valid=False`` and a note saying so, never silently. The counter is board energy
+(GPU and HBM), not one kernel's: ``measure_energy`` repeats the call back to back until the window is long
+enough and divides by the number of calls. NVML's power reading (``nvmlDeviceGetPowerUsage``) is a 1 s
+average on recent GPUs; it is read too, for the idle baseline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+MIN_WINDOW_S = 1.0  # the counter updates every 10-100 ms: 1 s keeps quantisation error to a few per cent
+MJ_TO_J = 1e-3
+MW_TO_W = 1e-3
+MAX_ENERGY_CALLS = 1_000_000
+
+_nvml_state: dict[str, Any] = {"init": None, "error": None}
+
+
+def _nvml() -> Any:
+    """The initialised pynvml module, or raise RuntimeError saying why it cannot be used here."""
+    if _nvml_state["init"] is None and _nvml_state["error"] is None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            _nvml_state["init"] = pynvml
+        except ImportError:
+            _nvml_state["error"] = "pynvml (nvidia-ml-py) is not installed"
+        except Exception as e:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
+            _nvml_state["error"] = f"NVML cannot start here ({type(e).__name__}: {e}); no NVIDIA driver?"
+    if _nvml_state["error"]:
+        raise RuntimeError(_nvml_state["error"])
+    return _nvml_state["init"]
+
+
+def driver_version() -> str | None:
+    """The NVIDIA driver's version, or None without one."""
+    try:
+        v = _nvml().nvmlSystemGetDriverVersion()
+    except Exception:
+        return None
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+@dataclasses.dataclass(frozen=True)
+class EnergyWindow:
+    """Energy over one window; ``valid`` False (and ``note`` why) when the window is too short or unmeasured."""
+
+    joules: float | None
+    seconds: float
+    valid: bool
+    note: str = ""
+
+    @property
+    def avg_power_w(self) -> float | None:
+        return self.joules / self.seconds if self.joules is not None and self.seconds > 0 else None
+
+
+@dataclasses.dataclass(frozen=True)
+class EnergySample:
+    """Energy of ``calls`` back-to-back calls of one fn, and what that makes per call."""
+
+    window: EnergyWindow
+    calls: int
+    idle_power_w: float | None = None
+
+    @property
+    def valid(self) -> bool:
+        return self.window.valid
+
+    @property
+    def note(self) -> str:
+        return self.window.note
+
+    @property
+    def joules_per_call(self) -> float | None:
+        return self.window.joules / self.calls if self.window.valid and self.window.joules is not None else None
+
+    @property
+    def avg_power_w(self) -> float | None:
+        return self.window.avg_power_w if self.window.valid else None
+
+
+class EnergyMeter:
+    """NVML's energy counter of one GPU. ``available`` False (``reason`` why) where it cannot be read."""
+
+    def __init__(self, index: int = 0):
+        self.index = index
+        self.reason = ""
+        self._handle: Any = None
+        try:
+            nv = _nvml()
+            count = nv.nvmlDeviceGetCount()
+            if index >= count:
+                raise RuntimeError(f"GPU index={index}; NVML sees {count} GPU(s)")
+            self._handle = nv.nvmlDeviceGetHandleByIndex(index)
+            nv.nvmlDeviceGetTotalEnergyConsumption(self._handle)  # not supported before Volta
+        except Exception as e:
+            self._handle = None
+            self.reason = str(e) or type(e).__name__
+
+    @property
+    def available(self) -> bool:
+        return self._handle is not None
+
+    def energy_mj(self) -> int:
+        """Millijoules since the driver loaded."""
+        return _nvml().nvmlDeviceGetTotalEnergyConsumption(self._handle)
+
+    def power_w(self) -> float | None:
+        """NVML's (averaged) power reading in watts, or None where it cannot be read."""
+        try:
+            return _nvml().nvmlDeviceGetPowerUsage(self._handle) * MW_TO_W
+        except Exception:
+            return None
+
+    @contextlib.contextmanager
+    def window(self, min_window_s: float = MIN_WINDOW_S) -> Iterator[_OpenWindow]:
+        """Energy from entering to leaving the block; the result is ``.result`` of the yielded object.
+
+        Synchronise the GPU inside the block: work still queued when it closes is not counted.
+        """
+        w = _OpenWindow()
+        if not self.available:
+            t0 = time.perf_counter()
+            yield w
+            w.result = EnergyWindow(None, time.perf_counter() - t0, False, f"no energy counter: {self.reason}")
+            return
+        e0, t0 = self.energy_mj(), time.perf_counter()
+        yield w
+        e1, t1 = self.energy_mj(), time.perf_counter()
+        seconds = t1 - t0
+        if seconds < min_window_s:
+            w.result = EnergyWindow((e1 - e0) * MJ_TO_J, seconds, False,
+                                    f"window of {seconds * 1e3:.1f} ms is shorter than {min_window_s:.2f} s: "
+                                    "NVML's energy counter updates every 10-100 ms, so this is mostly noise")
+        else:
+            w.result = EnergyWindow((e1 - e0) * MJ_TO_J, seconds, True)
+
+
+class _OpenWindow:
+    result: EnergyWindow | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or self.result is None:
+            raise AttributeError(name)
+        return getattr(self.result, name)
+
+
+_meters: dict[int, EnergyMeter] = {}
+_idle_w: dict[int, float | None] = {}
+
+
+def meter_for(device: Any) -> EnergyMeter | None:
+    """The (cached) meter of a CUDA :class:`~tilestack.perf.device.Device`; None for a CPU."""
+    if getattr(device, "kind", str(device)) != "cuda":
+        return None
+    index = getattr(device, "index", 0)
+    if index not in _meters:
+        _meters[index] = EnergyMeter(index)
+    return _meters[index]
+
+
+def idle_power_w(meter: EnergyMeter, seconds: float = MIN_WINDOW_S) -> float | None:
+    """The GPU's power while nothing runs, over one window (measured once per process and meter)."""
+    if meter.index not in _idle_w:
+        if not meter.available:
+            return None
+        with meter.window(seconds) as w:
+            time.sleep(seconds)
+        _idle_w[meter.index] = w.result.avg_power_w if w.result and w.result.valid else None
+    return _idle_w[meter.index]
+
+
+def measure_energy(fn: Callable[..., Any], *, args_sets: Sequence[tuple] | None, per_call_s: float,
+                   meter: EnergyMeter | None, min_window_s: float = MIN_WINDOW_S,
+                   sync: Callable[[], None] | None = None, idle: bool = False) -> EnergySample:
+    """Run ``fn`` back to back for at least ``min_window_s`` and read the energy it took.
+
+    ``per_call_s`` (the timed median) sets how many calls fill the window. ``sync`` waits for the device
+    (``torch.cuda.synchronize``); ``idle`` also measures the idle power once per process.
+    """
+    sets = [()] if args_sets is None else list(args_sets)
+    if meter is None or not meter.available:
+        why = meter.reason if meter is not None else "not a CUDA device"
+        return EnergySample(EnergyWindow(None, 0.0, False, f"no energy counter: {why}"), 0)
+    calls = int(min(MAX_ENERGY_CALLS, max(1, min_window_s / max(per_call_s, 1e-9) * 1.1)))
+    if sync:
+        sync()
+    with meter.window(min_window_s) as w:
+        for i in range(calls):
+            fn(*sets[i % len(sets)])
+        if sync:
+            sync()
+    idle_w = idle_power_w(meter) if idle else None
+    return EnergySample(w.result, calls, idle_w)

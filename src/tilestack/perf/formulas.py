@@ -1,0 +1,173 @@
+"""FLOPs and global-memory bytes of the baselines (torch ops), from their shapes.
+
+    from tilestack.perf import formulas
+    c = formulas.attention(batch=4, heads=16, n_q=4096, n_kv=4096, head_dim=128, dtype="bf16", causal=True)
+    c.flops, c.bytes_read, c.bytes_written, c.bytes, c.intensity
+
+Tile kernels get the same three numbers from their IR (``kernel.cost(**sizes)``); these formulas are for the
+ops tilestack is compared against, so both sides of a comparison are counted the same way.
+
+Conventions (those of the field, so numbers compare with published ones):
+- a multiply-add is 2 FLOPs; a matmul (M, K) @ (K, N) is 2*M*N*K;
+- attention forward is 4*B*H*Nq*Nkv*D (QK^T and PV), halved when causal; its backward is 2.5x the forward
+  (the FlashAttention papers' convention: five matmuls instead of two);
+- transcendental functions (exp, rsqrt) count as 1 FLOP each;
+- bytes are the minimum traffic to global memory: every input read once, every output written once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from tilestack.errors import LaunchError
+
+# Bytes per element of every dtype tilestack names, by short name. torch dtypes map onto these names.
+DTYPE_BYTES: dict[str, int] = {
+    "fp64": 8, "fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "int32": 4, "int64": 8, "bool": 1,
+}
+_TORCH_NAMES: dict[str, str] = {
+    "float64": "fp64", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float8_e4m3fn": "fp8",
+    "float8_e5m2": "fp8", "int8": "int8", "uint8": "int8", "int32": "int32", "int64": "int64", "bool": "bool",
+}
+
+FLOPS_PER_MAC = 2
+ATTENTION_MATMULS_FWD = 2  # S = Q K^T and O = P V
+ATTENTION_BWD_OVER_FWD = 2.5  # dV, dP, dQ, dK (+ recompute of S): five matmuls for the forward's two
+CAUSAL_FRACTION = 0.5  # a causal mask keeps (about) half of the N x N scores
+LSE_BYTES = 4  # the forward also writes one fp32 log-sum-exp per query row, read again by the backward
+LAYERNORM_FLOPS_PER_ELEMENT = 8  # mean (1), variance (3), normalise (2), affine (2)
+RMSNORM_FLOPS_PER_ELEMENT = 4  # square-accumulate (2), scale (1), weight (1)
+SOFTMAX_FLOPS_PER_ELEMENT = 5  # max (1), subtract + exp (2), sum (1), divide (1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """FLOPs and bytes moved to and from global memory by one call."""
+
+    flops: float
+    bytes_read: float
+    bytes_written: float
+
+    @property
+    def bytes(self) -> float:
+        return self.bytes_read + self.bytes_written
+
+    @property
+    def intensity(self) -> float:
+        """Arithmetic intensity, FLOPs per byte of global-memory traffic (inf for zero bytes)."""
+        return self.flops / self.bytes if self.bytes else float("inf")
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.flops + other.flops, self.bytes_read + other.bytes_read,
+                    self.bytes_written + other.bytes_written)
+
+    def scaled(self, factor: float) -> Cost:
+        return Cost(self.flops * factor, self.bytes_read * factor, self.bytes_written * factor)
+
+
+def dtype_name(dtype: Any) -> str:
+    """The short name (``"bf16"``) of a short name, a torch dtype or a numpy dtype.
+
+        dtype_name(torch.bfloat16) == "bf16"; dtype_name("fp32") == "fp32"
+    """
+    if isinstance(dtype, str) and dtype in DTYPE_BYTES:
+        return dtype
+    text = str(dtype).removeprefix("torch.")
+    if text in _TORCH_NAMES:
+        return _TORCH_NAMES[text]
+    raise LaunchError(f"dtype={dtype!r}; expected one of {sorted(DTYPE_BYTES)} or a torch/numpy dtype of them")
+
+
+def dtype_bytes(dtype: Any) -> int:
+    """Bytes per element: ``dtype_bytes("bf16") == 2``; accepts what :func:`dtype_name` accepts."""
+    return DTYPE_BYTES[dtype_name(dtype)]
+
+
+def _positive(**sizes: float) -> None:
+    for name, value in sizes.items():
+        if value is None or value < 1:
+            raise LaunchError(f"{name}={value!r}; expected a positive size")
+
+
+def matmul(m: int, n: int, k: int, dtype: Any = "bf16", *, batch: int = 1, out_dtype: Any = None,
+           bias: bool = False) -> Cost:
+    """(batch, M, K) @ (batch, K, N) -> (batch, M, N): 2*M*N*K FLOPs per batch entry (+ M*N for a bias)."""
+    _positive(m=m, n=n, k=k, batch=batch)
+    e, eo = dtype_bytes(dtype), dtype_bytes(out_dtype or dtype)
+    flops = batch * (FLOPS_PER_MAC * m * n * k + (m * n if bias else 0))
+    read = batch * (m * k + k * n) * e + (n * e if bias else 0)
+    return Cost(flops, read, batch * m * n * eo)
+
+
+def attention(batch: int, heads: int, n_q: int, n_kv: int, head_dim: int, dtype: Any = "bf16", *,
+              causal: bool = False, kv_heads: int | None = None, backward: bool = False,
+              head_dim_v: int | None = None) -> Cost:
+    """Scaled dot-product attention, Q (B, H, Nq, D), K (B, Hkv, Nkv, D), V (B, Hkv, Nkv, Dv) -> O (B, H, Nq, Dv).
+
+    Forward FLOPs 2*B*H*Nq*Nkv*(D + Dv) (= 4*B*H*Nq*Nkv*D), halved when causal; backward 2.5x that.
+    Bytes: the forward reads Q, K, V once and writes O and the fp32 log-sum-exp; the backward reads
+    Q, K, V, O, dO and the log-sum-exp and writes dQ, dK, dV. The N x N scores never touch global memory
+    (flash attention); the unfused baselines move more, so their achieved bytes/s is a lower bound.
+    """
+    kv_heads = heads if kv_heads is None else kv_heads
+    dv = head_dim if head_dim_v is None else head_dim_v
+    _positive(batch=batch, heads=heads, n_q=n_q, n_kv=n_kv, head_dim=head_dim, kv_heads=kv_heads, head_dim_v=dv)
+    if heads % kv_heads:
+        raise LaunchError(f"kv_heads={kv_heads}; expected a divisor of heads={heads}")
+    e = dtype_bytes(dtype)
+    flops = FLOPS_PER_MAC * batch * heads * n_q * n_kv * (head_dim + dv)
+    if causal:
+        flops *= CAUSAL_FRACTION
+    q = batch * heads * n_q * head_dim * e
+    k = batch * kv_heads * n_kv * head_dim * e
+    v = batch * kv_heads * n_kv * dv * e
+    o = batch * heads * n_q * dv * e
+    lse = batch * heads * n_q * LSE_BYTES
+    if not backward:
+        return Cost(flops, q + k + v, o + lse)
+    return Cost(flops * ATTENTION_BWD_OVER_FWD, q + k + v + o + o + lse, q + k + v)
+
+
+def layernorm(rows: int, cols: int, dtype: Any = "bf16", *, affine: bool = True) -> Cost:
+    """LayerNorm over the last dim of a (rows, cols) input: read x (+ weight, bias), write y."""
+    _positive(rows=rows, cols=cols)
+    e = dtype_bytes(dtype)
+    return Cost(LAYERNORM_FLOPS_PER_ELEMENT * rows * cols, rows * cols * e + (2 * cols * e if affine else 0),
+                rows * cols * e)
+
+
+def rmsnorm(rows: int, cols: int, dtype: Any = "bf16") -> Cost:
+    """RMSNorm over the last dim of a (rows, cols) input: read x and weight, write y."""
+    _positive(rows=rows, cols=cols)
+    e = dtype_bytes(dtype)
+    return Cost(RMSNORM_FLOPS_PER_ELEMENT * rows * cols, rows * cols * e + cols * e, rows * cols * e)
+
+
+def softmax(rows: int, cols: int, dtype: Any = "bf16") -> Cost:
+    """Softmax over the last dim of a (rows, cols) input."""
+    _positive(rows=rows, cols=cols)
+    e = dtype_bytes(dtype)
+    return Cost(SOFTMAX_FLOPS_PER_ELEMENT * rows * cols, rows * cols * e, rows * cols * e)
+
+
+def elementwise(numel: int, dtype: Any = "bf16", *, inputs: int = 1, outputs: int = 1,
+                flops_per_element: float = 1) -> Cost:
+    """An element-wise op over ``numel`` elements reading ``inputs`` and writing ``outputs`` tensors of that size.
+
+    ``elementwise(n, "fp32", inputs=1, outputs=1, flops_per_element=0)`` is a copy.
+    """
+    _positive(numel=numel)
+    e = dtype_bytes(dtype)
+    return Cost(flops_per_element * numel, inputs * numel * e, outputs * numel * e)
+
+
+def sdpa(q: Any, k: Any, v: Any, *, causal: bool = False, backward: bool = False) -> Cost:
+    """:func:`attention` read off torch tensors ``q (B, H, Nq, D)``, ``k, v (B, Hkv, Nkv, D)``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if getattr(t, "ndim", None) != 4:
+            raise LaunchError(f"{name} of shape {tuple(getattr(t, 'shape', ()))}; expected 4 dims (B, H, N, D)")
+    b, h, nq, d = q.shape
+    _, hkv, nkv, _ = k.shape
+    return attention(b, h, nq, nkv, d, q.dtype, causal=causal, kv_heads=hkv, backward=backward,
+                     head_dim_v=v.shape[-1])

@@ -1,0 +1,284 @@
+"""The numbers every run gets: latency, throughput, FLOP/s, bytes/s, intensity, utilisation, energy, perf/W.
+
+    from tilestack import perf
+    m = perf.measure(fn, args_sets=sets, flops=c.flops, bytes_read=c.bytes_read, bytes_written=c.bytes_written,
+                     name="attention_fwd", config={"BM": 128}, items=4 * 4096, item_name="tokens")
+    m.latency_s, m.items_per_s, m.flops_per_s, m.compute_util_measured, m.bound, m.tip, m.joules_per_call
+    m.to_row()                                  # flat dict: what the store keeps and the tables show
+
+    # Without running anything (numbers from elsewhere, e.g. a profiler):
+    m = perf.compute_metrics(name="mm", latency_s=1e-3, flops=2e12 * 1e-3, bytes_read=..., bytes_written=...,
+                             roofs=perf.roofs_for(dev, ceil, "bf16"))
+
+Utilisation is given against the measured ceiling (what a good kernel reaches here) and the published peak
+(the spec sheet); each is None where that roof is unknown. Perf per watt is FLOP/s per W, i.e. FLOP per joule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from tilestack.errors import TilestackError
+from tilestack.perf import formulas
+from tilestack.perf.roofline import Placement, Roof, place
+from tilestack.perf.timing import Timing, TimingError, time_fn
+
+
+class MetricsError(TilestackError, ValueError):
+    """Counts or times that no metric can be computed from (negative FLOPs, a zero-length window)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Roofs:
+    """The measured and the published roof of one device for one dtype."""
+
+    measured: Roof
+    published: Roof
+    dtype: str
+
+
+def roofs_for(device: Any, ceilings: Any, dtype: str) -> Roofs:
+    """Both roofs of ``device`` (a :class:`~tilestack.perf.device.Device`) for ``dtype``.
+
+    ``ceilings`` is a :class:`~tilestack.perf.device.Ceilings` or None (no measured roof).
+    """
+    spec = getattr(device, "spec", None)
+    measured = Roof(ceilings.peak(dtype) if ceilings else None,
+                    ceilings.copy_bytes_per_s if ceilings else None, "measured")
+    published = Roof(spec.peak(dtype) if spec else None, spec.bandwidth if spec else None, "published")
+    return Roofs(measured, published, dtype)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """One timed run of one kernel in one config, and everything derived from it.
+
+    Stored fields are plain numbers and strings (see :meth:`to_row`); the rates, utilisations and roofline
+    placement are properties computed from them.
+    """
+
+    name: str
+    config: dict[str, Any]
+    device: str
+    dtype: str
+    latency_s: float  # median per call
+    flops: float
+    bytes_read: float
+    bytes_written: float
+    items: float | None = None
+    item_name: str = "items"
+    latency_p10_s: float | None = None
+    latency_p90_s: float | None = None
+    repeats: int = 1
+    timing_method: str = "given"
+    measured_peak_flops: float | None = None
+    measured_bandwidth: float | None = None
+    published_peak_flops: float | None = None
+    published_bandwidth: float | None = None
+    joules_per_call: float | None = None
+    avg_power_w: float | None = None
+    idle_power_w: float | None = None
+    energy_note: str = ""
+    ncu: dict[str, Any] | None = None
+    time: str = ""
+
+    # --- rates -------------------------------------------------------------------------------------------
+    @property
+    def bytes(self) -> float:
+        return self.bytes_read + self.bytes_written
+
+    @property
+    def intensity(self) -> float:
+        """FLOPs per byte of global-memory traffic (inf for a kernel that moves nothing)."""
+        return self.flops / self.bytes if self.bytes else math.inf
+
+    @property
+    def flops_per_s(self) -> float:
+        return self.flops / self.latency_s
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.bytes / self.latency_s
+
+    @property
+    def items_per_s(self) -> float | None:
+        return self.items / self.latency_s if self.items is not None else None
+
+    # --- utilisation -------------------------------------------------------------------------------------
+    @property
+    def compute_util_measured(self) -> float | None:
+        return _ratio(self.flops_per_s, self.measured_peak_flops)
+
+    @property
+    def compute_util_published(self) -> float | None:
+        return _ratio(self.flops_per_s, self.published_peak_flops)
+
+    @property
+    def memory_util_measured(self) -> float | None:
+        return _ratio(self.bytes_per_s, self.measured_bandwidth)
+
+    @property
+    def memory_util_published(self) -> float | None:
+        return _ratio(self.bytes_per_s, self.published_bandwidth)
+
+    # --- energy --------------------------------------------------------------------------------------------
+    @property
+    def flops_per_joule(self) -> float | None:
+        """Perf per watt: (FLOP/s) / W = FLOP/J."""
+        return _ratio(self.flops, self.joules_per_call)
+
+    @property
+    def items_per_joule(self) -> float | None:
+        return _ratio(self.items, self.joules_per_call) if self.items is not None else None
+
+    # --- roofline ------------------------------------------------------------------------------------------
+    @property
+    def roofs(self) -> Roofs:
+        return Roofs(Roof(self.measured_peak_flops, self.measured_bandwidth, "measured"),
+                     Roof(self.published_peak_flops, self.published_bandwidth, "published"), self.dtype)
+
+    def placement(self, which: str = "measured") -> Placement:
+        """Roofline placement under the ``"measured"`` or the ``"published"`` roof."""
+        if which not in ("measured", "published"):
+            raise MetricsError(f"which={which!r}; expected 'measured' or 'published'")
+        roof = getattr(self.roofs, which)
+        return place(flops=self.flops, bytes_moved=self.bytes, seconds=self.latency_s, roof=roof)
+
+    def _best_placement(self) -> Placement:
+        p = self.placement("measured")
+        return p if p.fraction is not None else self.placement("published")
+
+    @property
+    def bound(self) -> str:
+        return self._best_placement().bound
+
+    @property
+    def roof_fraction(self) -> float | None:
+        """Achieved over the roof at this intensity (the measured roof, else the published one)."""
+        return self._best_placement().fraction
+
+    @property
+    def tip(self) -> str:
+        return self._best_placement().tip
+
+    def to_row(self) -> dict[str, Any]:
+        """Every stored field and every derived metric, flat (``config`` and ``ncu`` stay dicts)."""
+        row = dataclasses.asdict(self)
+        pub = self.placement("published")
+        row.update(
+            bytes=self.bytes, intensity=self.intensity, flops_per_s=self.flops_per_s,
+            bytes_per_s=self.bytes_per_s, items_per_s=self.items_per_s,
+            compute_util_measured=self.compute_util_measured, compute_util_published=self.compute_util_published,
+            memory_util_measured=self.memory_util_measured, memory_util_published=self.memory_util_published,
+            flops_per_joule=self.flops_per_joule, items_per_joule=self.items_per_joule,
+            bound=self.bound, roof_fraction=self.roof_fraction, roof_fraction_published=pub.fraction,
+            tip=self.tip,
+        )
+        return row
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Measurement:
+        """The inverse of :meth:`to_row` (derived columns are ignored and recomputed)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in row.items() if k in names})
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def compute_metrics(*, name: str, latency_s: float, flops: float, bytes_read: float, bytes_written: float,
+                    roofs: Roofs | None = None, device: str = "", dtype: str | None = None,
+                    config: Mapping[str, Any] | None = None, items: float | None = None, item_name: str = "items",
+                    timing: Timing | None = None, energy: Any = None) -> Measurement:
+    """A :class:`Measurement` from numbers already in hand (no running). ``energy`` is an EnergySample."""
+    for arg, value in (("flops", flops), ("bytes_read", bytes_read), ("bytes_written", bytes_written)):
+        if value is None or not value >= 0 or not math.isfinite(value):
+            raise MetricsError(f"{arg}={value!r} for {name!r}; expected a finite count >= 0")
+    if not (latency_s is not None and latency_s > 0 and math.isfinite(latency_s)):
+        raise MetricsError(f"latency_s={latency_s!r} for {name!r}; expected a positive time. A zero-length "
+                           "window means the timer could not resolve the call: time more work per call")
+    if items is not None and not items >= 0:
+        raise MetricsError(f"items={items!r} for {name!r}; expected a count >= 0 or None")
+    e_ok = energy is not None and energy.valid
+    return Measurement(
+        name=name, config=dict(config or {}), device=device, dtype=dtype or (roofs.dtype if roofs else ""),
+        latency_s=latency_s, flops=flops, bytes_read=bytes_read, bytes_written=bytes_written, items=items,
+        item_name=item_name,
+        latency_p10_s=timing.p10_s if timing else None, latency_p90_s=timing.p90_s if timing else None,
+        repeats=timing.repeats if timing else 1, timing_method=timing.method if timing else "given",
+        measured_peak_flops=roofs.measured.peak_flops_per_s if roofs else None,
+        measured_bandwidth=roofs.measured.bandwidth if roofs else None,
+        published_peak_flops=roofs.published.peak_flops_per_s if roofs else None,
+        published_bandwidth=roofs.published.bandwidth if roofs else None,
+        joules_per_call=energy.joules_per_call if e_ok else None,
+        avg_power_w=energy.avg_power_w if e_ok else None,
+        idle_power_w=getattr(energy, "idle_power_w", None),
+        energy_note=energy.note if energy is not None else "energy not measured",
+        time=_now(),
+    )
+
+
+def infer_dtype(args_sets: Sequence[tuple] | None) -> str:
+    """The short dtype name of the first floating-point tensor among the arguments (``"fp32"`` if none)."""
+    for args in (args_sets or [])[:1]:
+        for a in args:
+            dt = getattr(a, "dtype", None)
+            if dt is not None and getattr(dt, "is_floating_point", False):
+                return formulas.dtype_name(dt)
+    return "fp32"
+
+
+def measure(fn: Callable[..., Any], *, args_sets: Sequence[tuple] | None, flops: float, bytes_read: float,
+            bytes_written: float, name: str, config: Mapping[str, Any] | None = None, items: float | None = None,
+            item_name: str = "items", dtype: str | None = None, device: Any = None, ceilings: Any = None,
+            energy: bool | None = None, graph: bool = False, repeats: int | None = None,
+            window_s: float | None = None, nvtx: bool = True) -> Measurement:
+    """Time ``fn`` over ``args_sets`` (see :func:`~tilestack.perf.timing.time_fn`) and compute every metric.
+
+    ``device`` None detects one; ``ceilings`` None loads (or measures once) the device's cached ceilings,
+    ``False`` skips them. ``energy`` None measures energy where NVML can (GPUs), adding about a second per
+    call of ``measure``; ``False`` skips it. ``dtype`` None reads it off the first floating-point argument.
+    Every call runs inside an NVTX range named by ``name`` and ``config``.
+    """
+    from tilestack.perf import device as device_mod
+    from tilestack.perf import energy as energy_mod
+    from tilestack.perf import nvtx as nvtx_mod
+
+    dev = device if isinstance(device, device_mod.Device) else device_mod.detect(device)
+    ceil = None if ceilings is False else (ceilings or device_mod.ceilings(dev))
+    dtype = formulas.dtype_name(dtype) if dtype else infer_dtype(args_sets)
+    label = nvtx_mod.range_name(name, config)
+
+    def run(*args: Any) -> Any:
+        with nvtx_mod.range(label, enabled=nvtx):
+            return fn(*args)
+
+    kwargs: dict[str, Any] = {"repeats": repeats}
+    if window_s is not None:
+        kwargs["window_s"] = window_s
+    try:
+        t = time_fn(run, args_sets=args_sets, device=dev, graph=graph, **kwargs)
+    except TimingError:
+        raise
+    except Exception as e:
+        raise MetricsError(f"{name!r} raised {type(e).__name__} while being timed: {e}") from e
+    sample = None
+    if energy is not False and dev.kind == "cuda":
+        import torch
+
+        sample = energy_mod.measure_energy(run, args_sets=args_sets, per_call_s=t.median_s,
+                                           meter=energy_mod.meter_for(dev), sync=torch.cuda.synchronize)
+    elif energy:
+        sample = energy_mod.measure_energy(run, args_sets=args_sets, per_call_s=t.median_s, meter=None)
+    return compute_metrics(name=name, latency_s=t.median_s, flops=flops, bytes_read=bytes_read,
+                           bytes_written=bytes_written, roofs=roofs_for(dev, ceil, dtype), device=dev.name,
+                           dtype=dtype, config=config, items=items, item_name=item_name, timing=t, energy=sample)

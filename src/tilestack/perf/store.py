@@ -1,0 +1,278 @@
+"""Every result, appended to one SQLite file: device, versions, config and time beside the numbers.
+
+    from tilestack.perf.store import Store
+    with Store() as st:                                   # <cache_dir>/perf/results.sqlite
+        run = st.start_run(device=dev, ceilings=ceil, label="nightly", command="tilestack bench")
+        st.append(run, measurement)                       # committed at once: a crash keeps every row before it
+        st.runs()                                         # newest first
+        st.measurements("latest")                         # Measurement objects of a run
+        cmp = st.compare("latest~1", "latest")            # or two device names: latest result of each case
+        cmp.rows                                          # name, config, latency A/B, speed-up B over A
+
+The file is in WAL mode and every append is its own transaction, so a run killed half-way leaves the file
+readable with every row committed before the kill. A run is named by its id, a unique prefix of it,
+``latest`` / ``latest~N``, or its label; a device by (a unique part of) its name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import secrets
+import socket
+import sqlite3
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from tilestack import config
+from tilestack.errors import TilestackError
+from tilestack.perf.metrics import Measurement
+
+BUSY_TIMEOUT_MS = 10_000  # another process appending: wait this long for the write lock
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    started_at TEXT NOT NULL,
+    label TEXT,
+    command TEXT,
+    host TEXT,
+    device TEXT NOT NULL,
+    device_json TEXT,
+    ceilings_json TEXT,
+    versions_json TEXT
+);
+CREATE TABLE IF NOT EXISTS results (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    time TEXT NOT NULL,
+    device TEXT NOT NULL,
+    name TEXT NOT NULL,
+    config_json TEXT NOT NULL,
+    latency_s REAL,
+    flops_per_s REAL,
+    bytes_per_s REAL,
+    row_json TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS results_run ON results(run_id);
+CREATE INDEX IF NOT EXISTS results_case ON results(device, name, config_json);
+"""
+
+
+class StoreError(TilestackError, ValueError):
+    """A run or device that the store cannot find, or finds more than once."""
+
+
+def default_path() -> Path:
+    """``<cache_dir>/perf/results.sqlite``."""
+    return Path(config.knobs.cache_dir) / "perf" / "results.sqlite"
+
+
+def _canon(cfg: Mapping[str, Any] | None) -> str:
+    return json.dumps(dict(cfg or {}), sort_keys=True, default=str)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def _json(obj: Any) -> str | None:
+    if obj is None:
+        return None
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = obj.describe() if hasattr(obj, "describe") else dataclasses.asdict(obj)
+    return json.dumps(obj, default=str)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    id: str
+    started_at: str
+    label: str | None
+    command: str | None
+    host: str | None
+    device: str
+    device_info: dict[str, Any] | None
+    ceilings: dict[str, Any] | None
+    versions: dict[str, Any] | None
+    n_results: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareRow:
+    name: str
+    config: dict[str, Any]
+    a: Measurement | None
+    b: Measurement | None
+
+    @property
+    def speedup(self) -> float | None:
+        """How many times faster B is than A (latency A / latency B)."""
+        if self.a is None or self.b is None:
+            return None
+        return self.a.latency_s / self.b.latency_s
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    a_label: str
+    b_label: str
+    rows: list[CompareRow]
+
+
+class Store:
+    """The SQLite result store at ``path`` (default :func:`default_path`)."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path is not None else default_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: autocommit, transactions opened explicitly with BEGIN IMMEDIATE.
+        self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against process kills
+        self._db.executescript(_SCHEMA)
+        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+
+    # --- plumbing --------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[None]:
+        """One write transaction; IMMEDIATE takes the write lock up front, so two writers queue, not fail."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+    # --- writing ---------------------------------------------------------------------------------------------
+    def start_run(self, *, device: Any, ceilings: Any = None, label: str | None = None,
+                  command: str | None = None, versions: Mapping[str, Any] | None = None) -> str:
+        """Record a new run and return its id (``20261121-224400-3fa2``)."""
+        from tilestack.perf import device as device_mod
+
+        name = getattr(device, "name", None) or str(device)
+        if versions is None:
+            versions = device_mod.versions()
+        run_id = f"{datetime.datetime.now(datetime.UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+        with self._tx():
+            self._db.execute(
+                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, _now(), label, command, socket.gethostname(), name, _json(device), _json(ceilings),
+                 _json(dict(versions))))
+        return run_id
+
+    def append(self, run_id: str, m: Measurement) -> int:
+        """Append one result to ``run_id``, committed before returning; the row's id."""
+        row = m.to_row()
+        with self._tx():
+            cur = self._db.execute(
+                "INSERT INTO results (run_id, time, device, name, config_json, latency_s, flops_per_s, "
+                "bytes_per_s, row_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, m.time or _now(), m.device, m.name, _canon(m.config), m.latency_s, m.flops_per_s,
+                 m.bytes_per_s, json.dumps(row, default=_json_default)))
+        return int(cur.lastrowid or 0)
+
+    # --- reading ---------------------------------------------------------------------------------------------
+    def runs(self) -> list[Run]:
+        """Every run, newest first, with its number of results."""
+        rows = self._db.execute(
+            "SELECT r.*, (SELECT COUNT(*) FROM results x WHERE x.run_id = r.id) AS n "
+            "FROM runs r ORDER BY r.started_at DESC, r.rowid DESC").fetchall()
+        return [self._run(r) for r in rows]
+
+    @staticmethod
+    def _run(r: sqlite3.Row) -> Run:
+        load = lambda s: json.loads(s) if s else None  # noqa: E731
+        return Run(r["id"], r["started_at"], r["label"], r["command"], r["host"], r["device"],
+                   load(r["device_json"]), load(r["ceilings_json"]), load(r["versions_json"]), r["n"])
+
+    def run(self, ref: str) -> Run:
+        """The run named by ``ref``: an id, a unique id prefix, a label, ``latest`` or ``latest~N``."""
+        runs = self.runs()
+        if not runs:
+            raise StoreError(f"run={ref!r}: the store {self.path} holds no runs yet")
+        if ref == "latest" or ref.startswith("latest~"):
+            back = int(ref.partition("~")[2] or 0) if ref.partition("~")[2].isdigit() or ref == "latest" else -1
+            if not 0 <= back < len(runs):
+                raise StoreError(f"run={ref!r}; expected latest or latest~N with N below {len(runs)}")
+            return runs[back]
+        hits = [r for r in runs if r.id == ref] or [r for r in runs if r.id.startswith(ref)] \
+            or [r for r in runs if r.label == ref]
+        if len(hits) == 1 or (hits and hits[0].label == ref):
+            return hits[0]  # a label reused by several runs means its newest
+        if not hits:
+            raise StoreError(f"run={ref!r} matches no run id, prefix or label in {self.path}")
+        raise StoreError(f"run={ref!r} matches {len(hits)} runs ({', '.join(r.id for r in hits[:5])}); "
+                         "expected a unique prefix")
+
+    def measurements(self, ref: str) -> list[Measurement]:
+        """The results of the run named by ``ref``, in the order they were appended."""
+        run = self.run(ref)
+        rows = self._db.execute("SELECT row_json FROM results WHERE run_id = ? ORDER BY id", (run.id,))
+        return [Measurement.from_row(json.loads(r[0])) for r in rows]
+
+    def devices(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT DISTINCT device FROM results ORDER BY device")]
+
+    def latest_on_device(self, device: str) -> list[Measurement]:
+        """The newest result of every (name, config) on the device whose name contains ``device``."""
+        names = [d for d in self.devices() if device.lower() in d.lower()]
+        exact = [d for d in names if d == device]
+        names = exact or names
+        if len(names) != 1:
+            raise StoreError(f"device={device!r} matches {len(names)} devices in the store "
+                             f"({', '.join(self.devices()) or 'none'}); expected exactly one")
+        rows = self._db.execute(
+            "SELECT row_json FROM results WHERE id IN (SELECT MAX(id) FROM results WHERE device = ? "
+            "GROUP BY name, config_json) ORDER BY id", (names[0],))
+        return [Measurement.from_row(json.loads(r[0])) for r in rows]
+
+    def _side(self, ref: str) -> tuple[str, list[Measurement]]:
+        try:
+            run = self.run(ref)
+            return f"run {run.id} ({run.device})", self.measurements(run.id)
+        except StoreError as run_error:
+            try:
+                ms = self.latest_on_device(ref)
+            except StoreError as device_error:
+                raise StoreError(f"{run_error}; as a device: {device_error}") from None
+            return f"device {ms[0].device if ms else ref}", ms
+
+    def compare(self, a: str, b: str) -> Comparison:
+        """Pair the results of A and B (two runs or two devices) case by case: same name and config."""
+        la, ma = self._side(a)
+        lb, mb = self._side(b)
+        key = lambda m: (m.name, _canon(m.config))  # noqa: E731
+        index_b = {key(m): m for m in mb}
+        rows, seen = [], set()
+        for m in ma:
+            rows.append(CompareRow(m.name, m.config, m, index_b.get(key(m))))
+            seen.add(key(m))
+        rows += [CompareRow(m.name, m.config, None, m) for m in mb if key(m) not in seen]
+        return Comparison(la, lb, rows)
+
+    def integrity_ok(self) -> bool:
+        return self._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, float | int | str):
+        return obj
+    return str(obj)
