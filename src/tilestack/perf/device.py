@@ -70,46 +70,125 @@ def _tf(**per_dtype: float) -> dict[str, float]:
 
 # The spec-sheet table. Order matters: the first entry whose pattern matches wins ("L40S" before "L4").
 PEAKS: tuple[PeakSpec, ...] = (
-    PeakSpec("h100-sxm", "H100 SXM", (r"h100.*(sxm|hbm3)",),
-             _tf(fp64=67, fp32=67, tf32=494.7, bf16=989.4, fp16=989.4, fp8=1978.9, int8=1978.9),
-             3.35e12, 700, 50 * MIB, "NVIDIA H100 datasheet (SXM5), dense"),
-    PeakSpec("h100-nvl", "H100 NVL", (r"h100.*nvl",),
-             _tf(fp64=60, fp32=60, tf32=417.5, bf16=835, fp16=835, fp8=1670, int8=1670),
-             3.9e12, 400, 50 * MIB, "NVIDIA H100 datasheet (NVL), dense"),
-    PeakSpec("h100-pcie", "H100 PCIe", (r"h100.*pcie",),
-             _tf(fp64=51, fp32=51, tf32=378, bf16=756, fp16=756, fp8=1513, int8=1513),
-             2.0e12, 350, 50 * MIB, "NVIDIA H100 datasheet (PCIe), dense"),
-    PeakSpec("h200-nvl", "H200 NVL", (r"h200.*nvl",),
-             _tf(fp64=60, fp32=60, tf32=417.5, bf16=835, fp16=835, fp8=1670, int8=1670),
-             4.8e12, 600, 50 * MIB, "NVIDIA H200 datasheet (NVL), dense"),
-    PeakSpec("h200", "H200 SXM", (r"h200",),
-             _tf(fp64=67, fp32=67, tf32=494.7, bf16=989.4, fp16=989.4, fp8=1978.9, int8=1978.9),
-             4.8e12, 700, 50 * MIB, "NVIDIA H200 datasheet (SXM), dense"),
-    PeakSpec("a100-sxm-80gb", "A100 SXM 80GB", (r"a100.*sxm.*80",),
-             _tf(fp64=19.5, fp32=19.5, tf32=156, bf16=312, fp16=312, int8=624),
-             2.039e12, 400, 40 * MIB, "NVIDIA A100 datasheet, dense"),
-    PeakSpec("a100-sxm-40gb", "A100 SXM 40GB", (r"a100.*sxm",),
-             _tf(fp64=19.5, fp32=19.5, tf32=156, bf16=312, fp16=312, int8=624),
-             1.555e12, 400, 40 * MIB, "NVIDIA A100 datasheet, dense"),
-    PeakSpec("a100-pcie-80gb", "A100 PCIe 80GB", (r"a100.*80gb.*pcie", r"a100.*pcie.*80"),
-             _tf(fp64=19.5, fp32=19.5, tf32=156, bf16=312, fp16=312, int8=624),
-             1.935e12, 300, 40 * MIB, "NVIDIA A100 datasheet, dense"),
-    PeakSpec("a100-pcie-40gb", "A100 PCIe 40GB", (r"a100",),
-             _tf(fp64=19.5, fp32=19.5, tf32=156, bf16=312, fp16=312, int8=624),
-             1.555e12, 250, 40 * MIB, "NVIDIA A100 datasheet, dense"),
-    PeakSpec("l40s", "L40S", (r"l40s",),
-             _tf(fp32=91.6, tf32=183, bf16=362.05, fp16=362.05, fp8=733, int8=733),
-             0.864e12, 350, 96 * MIB, "NVIDIA L40S datasheet, dense"),
-    PeakSpec("l4", "L4", (r"\bl4\b",),
-             _tf(fp32=30.3, tf32=60, bf16=121, fp16=121, fp8=242.5, int8=242.5),
-             0.3e12, 72, 48 * MIB, "NVIDIA L4 datasheet, dense"),
+    PeakSpec(
+        "h100-sxm",
+        "H100 SXM",
+        (r"h100.*(sxm|hbm3)",),
+        _tf(fp64=67, fp32=67, tf32=494.7, bf16=989.4, fp16=989.4, fp8=1978.9, int8=1978.9),
+        3.35e12,
+        700,
+        50 * MIB,
+        "NVIDIA H100 datasheet (SXM5), dense",
+    ),
+    PeakSpec(
+        "h100-nvl",
+        "H100 NVL",
+        (r"h100.*nvl",),
+        _tf(fp64=60, fp32=60, tf32=417.5, bf16=835, fp16=835, fp8=1670, int8=1670),
+        3.9e12,
+        400,
+        50 * MIB,
+        "NVIDIA H100 datasheet (NVL), dense",
+    ),
+    PeakSpec(
+        "h100-pcie",
+        "H100 PCIe",
+        (r"h100.*pcie",),
+        _tf(fp64=51, fp32=51, tf32=378, bf16=756, fp16=756, fp8=1513, int8=1513),
+        2.0e12,
+        350,
+        50 * MIB,
+        "NVIDIA H100 datasheet (PCIe), dense",
+    ),
+    PeakSpec(
+        "h200-nvl",
+        "H200 NVL",
+        (r"h200.*nvl",),
+        _tf(fp64=60, fp32=60, tf32=417.5, bf16=835, fp16=835, fp8=1670, int8=1670),
+        4.8e12,
+        600,
+        50 * MIB,
+        "NVIDIA H200 datasheet (NVL), dense",
+    ),
+    PeakSpec(
+        "h200",
+        "H200 SXM",
+        (r"h200",),
+        _tf(fp64=67, fp32=67, tf32=494.7, bf16=989.4, fp16=989.4, fp8=1978.9, int8=1978.9),
+        4.8e12,
+        700,
+        50 * MIB,
+        "NVIDIA H200 datasheet (SXM), dense",
+    ),
+    PeakSpec(
+        "a100-sxm-80gb",
+        "A100 SXM 80GB",
+        (r"a100.*sxm.*80",),
+        _tf(fp64=19.5, fp32=19.5, tf32=156, bf16=312, fp16=312, int8=624),
+        2.039e12,
+        400,
+        40 * MIB,
+        "NVIDIA A100 datasheet, dense",
+    ),
+    PeakSpec(
+        "a100-sxm-40gb",
+        "A100 SXM 40GB",
+        (r"a100.*sxm",),
+        _tf(fp64=19.5, fp32=19.5, tf32=156, bf16=312, fp16=312, int8=624),
+        1.555e12,
+        400,
+        40 * MIB,
+        "NVIDIA A100 datasheet, dense",
+    ),
+    PeakSpec(
+        "a100-pcie-80gb",
+        "A100 PCIe 80GB",
+        (r"a100.*80gb.*pcie", r"a100.*pcie.*80"),
+        _tf(fp64=19.5, fp32=19.5, tf32=156, bf16=312, fp16=312, int8=624),
+        1.935e12,
+        300,
+        40 * MIB,
+        "NVIDIA A100 datasheet, dense",
+    ),
+    PeakSpec(
+        "a100-pcie-40gb",
+        "A100 PCIe 40GB",
+        (r"a100",),
+        _tf(fp64=19.5, fp32=19.5, tf32=156, bf16=312, fp16=312, int8=624),
+        1.555e12,
+        250,
+        40 * MIB,
+        "NVIDIA A100 datasheet, dense",
+    ),
+    PeakSpec(
+        "l40s",
+        "L40S",
+        (r"l40s",),
+        _tf(fp32=91.6, tf32=183, bf16=362.05, fp16=362.05, fp8=733, int8=733),
+        0.864e12,
+        350,
+        96 * MIB,
+        "NVIDIA L40S datasheet, dense",
+    ),
+    PeakSpec(
+        "l4",
+        "L4",
+        (r"\bl4\b",),
+        _tf(fp32=30.3, tf32=60, bf16=121, fp16=121, fp8=242.5, int8=242.5),
+        0.3e12,
+        72,
+        48 * MIB,
+        "NVIDIA L4 datasheet, dense",
+    ),
     # CPUs differ too much for one sheet: no published peaks, so utilisation is against measured ceilings.
     PeakSpec("cpu", "CPU", (r"^cpu\b",), {}, None, None, None, "none: measured ceilings only"),
 )
 
 
 def lookup_peaks(name: str, *, strict: bool = True) -> PeakSpec | None:
-    """The spec-sheet entry for a driver-reported name: ``lookup_peaks("NVIDIA H100 80GB HBM3").key == "h100-sxm"``.
+    """The spec-sheet entry for a driver-reported name.
+
+        lookup_peaks("NVIDIA H100 80GB HBM3").key == "h100-sxm"
 
     A key of the table (``"h100-sxm"``) is accepted too. Unknown names raise :class:`DeviceError`
     (or return None with ``strict=False``: an unknown GPU still gets measured ceilings).
@@ -120,7 +199,9 @@ def lookup_peaks(name: str, *, strict: bool = True) -> PeakSpec | None:
             return spec
     if strict:
         known = ", ".join(s.label for s in PEAKS)
-        raise DeviceError(f"device name={name!r} is not in the table of published peaks; expected one of: {known}")
+        raise DeviceError(
+            f"device name={name!r} is not in the table of published peaks; expected one of: {known}"
+        )
     return None
 
 
@@ -151,9 +232,16 @@ class Device:
         return self.spec.l2_bytes if self.spec else None
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "name": self.name, "index": self.index,
-                "spec": self.spec.key if self.spec else None, "sm_count": self.sm_count,
-                "memory_bytes": self.memory_bytes, "capability": self.capability, "cores": self.cores}
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "index": self.index,
+            "spec": self.spec.key if self.spec else None,
+            "sm_count": self.sm_count,
+            "memory_bytes": self.memory_bytes,
+            "capability": self.capability,
+            "cores": self.cores,
+        }
 
 
 def _cpu_name() -> str:
@@ -186,7 +274,7 @@ def cuda_available() -> bool:
 def detect(device: str | int | None = None) -> Device:
     """The device to measure on: ``None`` picks ``cuda:0`` if present, else the CPU.
 
-        detect("cpu"); detect("cuda:1"); detect(0)
+    detect("cpu"); detect("cuda:1"); detect(0)
     """
     if device is None:
         device = "cuda" if cuda_available() else "cpu"
@@ -207,9 +295,15 @@ def detect(device: str | int | None = None) -> Device:
     if index >= count:
         raise DeviceError(f"device={device!r}; expected an index below the {count} GPU(s) present")
     props = torch.cuda.get_device_properties(index)
-    return Device("cuda", props.name, index, lookup_peaks(props.name, strict=False),
-                  sm_count=props.multi_processor_count, memory_bytes=props.total_memory,
-                  capability=f"{props.major}.{props.minor}")
+    return Device(
+        "cuda",
+        props.name,
+        index,
+        lookup_peaks(props.name, strict=False),
+        sm_count=props.multi_processor_count,
+        memory_bytes=props.total_memory,
+        capability=f"{props.major}.{props.minor}",
+    )
 
 
 def versions() -> dict[str, str | None]:
@@ -238,7 +332,7 @@ def versions() -> dict[str, str | None]:
 
 @dataclasses.dataclass
 class Ceilings:
-    """What this device measurably reaches: copy bandwidth (bytes read + written per s), matmul FLOP/s by dtype."""
+    """What this device measurably reaches: copy bandwidth (read + written B/s), matmul FLOP/s by dtype."""
 
     device: str
     copy_bytes_per_s: float
@@ -272,8 +366,14 @@ def _load(path: Path, dev: Device) -> Ceilings | None:
     return c if c.format == CEILINGS_FORMAT and c.device == dev.name else None
 
 
-def ceilings(dev: Device | None = None, *, remeasure: bool = False, copy_bytes: int | None = None,
-             matmul_n: int | None = None, dtypes: Iterable[str] | None = None) -> Ceilings:
+def ceilings(
+    dev: Device | None = None,
+    *,
+    remeasure: bool = False,
+    copy_bytes: int | None = None,
+    matmul_n: int | None = None,
+    dtypes: Iterable[str] | None = None,
+) -> Ceilings:
     """The device's measured ceilings, from the on-disk cache or measured now (and cached).
 
     ``copy_bytes``, ``matmul_n`` and ``dtypes`` override the default sizes (tests use small ones); sizes that
@@ -286,8 +386,12 @@ def ceilings(dev: Device | None = None, *, remeasure: bool = False, copy_bytes: 
     copy_bytes = copy_bytes or (GPU_COPY_BYTES if gpu else CPU_COPY_BYTES)
     matmul_n = matmul_n or (GPU_MATMUL_N if gpu else CPU_MATMUL_N)
     dtypes = tuple(dtypes or (GPU_MATMUL_DTYPES if gpu else CPU_MATMUL_DTYPES))
-    if cached and cached.sizes.get("copy_bytes") == copy_bytes and cached.sizes.get("matmul_n") == matmul_n \
-            and set(dtypes) <= set(cached.matmul):
+    if (
+        cached
+        and cached.sizes.get("copy_bytes") == copy_bytes
+        and cached.sizes.get("matmul_n") == matmul_n
+        and set(dtypes) <= set(cached.matmul)
+    ):
         return cached
     c = measure_ceilings(dev, copy_bytes=copy_bytes, matmul_n=matmul_n, dtypes=dtypes)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -313,8 +417,13 @@ def measure_ceilings(dev: Device, *, copy_bytes: int, matmul_n: int, dtypes: Ite
 
     matmul: dict[str, float] = {}
     for name in dtypes:
-        torch_dtype = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16,
-                       "fp16": torch.float16, "fp64": torch.float64}.get(name)
+        torch_dtype = {
+            "fp32": torch.float32,
+            "tf32": torch.float32,
+            "bf16": torch.bfloat16,
+            "fp16": torch.float16,
+            "fp64": torch.float64,
+        }.get(name)
         if torch_dtype is None:
             raise DeviceError(f"dtypes contains {name!r}; expected some of fp64, fp32, tf32, bf16, fp16")
         a = torch.randn(matmul_n, matmul_n, device=td).to(torch_dtype)
@@ -328,5 +437,11 @@ def measure_ceilings(dev: Device, *, copy_bytes: int, matmul_n: int, dtypes: Ite
             torch.backends.cuda.matmul.allow_tf32 = allow
         matmul[name] = 2 * matmul_n**3 / t.median_s
         del a, b, out
-    return Ceilings(dev.name, copy_bw, matmul, datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                    versions(), {"copy_bytes": copy_bytes, "matmul_n": matmul_n})
+    return Ceilings(
+        dev.name,
+        copy_bw,
+        matmul,
+        datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        versions(),
+        {"copy_bytes": copy_bytes, "matmul_n": matmul_n},
+    )

@@ -60,7 +60,7 @@ def driver_version() -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class EnergyWindow:
-    """Energy over one window; ``valid`` False (and ``note`` why) when the window is too short or unmeasured."""
+    """Energy over one window; ``valid`` False (and ``note`` why) when too short or unmeasured."""
 
     joules: float | None
     seconds: float
@@ -90,7 +90,9 @@ class EnergySample:
 
     @property
     def joules_per_call(self) -> float | None:
-        return self.window.joules / self.calls if self.window.valid and self.window.joules is not None else None
+        return (
+            self.window.joules / self.calls if self.window.valid and self.window.joules is not None else None
+        )
 
     @property
     def avg_power_w(self) -> float | None:
@@ -140,16 +142,22 @@ class EnergyMeter:
         if not self.available:
             t0 = time.perf_counter()
             yield w
-            w.result = EnergyWindow(None, time.perf_counter() - t0, False, f"no energy counter: {self.reason}")
+            w.result = EnergyWindow(
+                None, time.perf_counter() - t0, False, f"no energy counter: {self.reason}"
+            )
             return
         e0, t0 = self.energy_mj(), time.perf_counter()
         yield w
         e1, t1 = self.energy_mj(), time.perf_counter()
         seconds = t1 - t0
         if seconds < min_window_s:
-            w.result = EnergyWindow((e1 - e0) * MJ_TO_J, seconds, False,
-                                    f"window of {seconds * 1e3:.1f} ms is shorter than {min_window_s:.2f} s: "
-                                    "NVML's energy counter updates every 10-100 ms, so this is mostly noise")
+            w.result = EnergyWindow(
+                (e1 - e0) * MJ_TO_J,
+                seconds,
+                False,
+                f"window of {seconds * 1e3:.1f} ms is shorter than {min_window_s:.2f} s: "
+                "NVML's energy counter updates every 10-100 ms, so this is mostly noise",
+            )
         else:
             w.result = EnergyWindow((e1 - e0) * MJ_TO_J, seconds, True)
 
@@ -188,9 +196,16 @@ def idle_power_w(meter: EnergyMeter, seconds: float = MIN_WINDOW_S) -> float | N
     return _idle_w[meter.index]
 
 
-def measure_energy(fn: Callable[..., Any], *, args_sets: Sequence[tuple] | None, per_call_s: float,
-                   meter: EnergyMeter | None, min_window_s: float = MIN_WINDOW_S,
-                   sync: Callable[[], None] | None = None, idle: bool = False) -> EnergySample:
+def measure_energy(
+    fn: Callable[..., Any],
+    *,
+    args_sets: Sequence[tuple] | None,
+    per_call_s: float,
+    meter: EnergyMeter | None,
+    min_window_s: float = MIN_WINDOW_S,
+    sync: Callable[[], None] | None = None,
+    idle: bool = False,
+) -> EnergySample:
     """Run ``fn`` back to back for at least ``min_window_s`` and read the energy it took.
 
     ``per_call_s`` (the timed median) sets how many calls fill the window. ``sync`` waits for the device

@@ -24,11 +24,29 @@ from tilestack.errors import LaunchError
 
 # Bytes per element of every dtype tilestack names, by short name. torch dtypes map onto these names.
 DTYPE_BYTES: dict[str, int] = {
-    "fp64": 8, "fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "int32": 4, "int64": 8, "bool": 1,
+    "fp64": 8,
+    "fp32": 4,
+    "tf32": 4,
+    "bf16": 2,
+    "fp16": 2,
+    "fp8": 1,
+    "int8": 1,
+    "int32": 4,
+    "int64": 8,
+    "bool": 1,
 }
 _TORCH_NAMES: dict[str, str] = {
-    "float64": "fp64", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float8_e4m3fn": "fp8",
-    "float8_e5m2": "fp8", "int8": "int8", "uint8": "int8", "int32": "int32", "int64": "int64", "bool": "bool",
+    "float64": "fp64",
+    "float32": "fp32",
+    "bfloat16": "bf16",
+    "float16": "fp16",
+    "float8_e4m3fn": "fp8",
+    "float8_e5m2": "fp8",
+    "int8": "int8",
+    "uint8": "int8",
+    "int32": "int32",
+    "int64": "int64",
+    "bool": "bool",
 }
 
 FLOPS_PER_MAC = 2
@@ -59,8 +77,11 @@ class Cost:
         return self.flops / self.bytes if self.bytes else float("inf")
 
     def __add__(self, other: Cost) -> Cost:
-        return Cost(self.flops + other.flops, self.bytes_read + other.bytes_read,
-                    self.bytes_written + other.bytes_written)
+        return Cost(
+            self.flops + other.flops,
+            self.bytes_read + other.bytes_read,
+            self.bytes_written + other.bytes_written,
+        )
 
     def scaled(self, factor: float) -> Cost:
         return Cost(self.flops * factor, self.bytes_read * factor, self.bytes_written * factor)
@@ -69,14 +90,16 @@ class Cost:
 def dtype_name(dtype: Any) -> str:
     """The short name (``"bf16"``) of a short name, a torch dtype or a numpy dtype.
 
-        dtype_name(torch.bfloat16) == "bf16"; dtype_name("fp32") == "fp32"
+    dtype_name(torch.bfloat16) == "bf16"; dtype_name("fp32") == "fp32"
     """
     if isinstance(dtype, str) and dtype in DTYPE_BYTES:
         return dtype
     text = str(dtype).removeprefix("torch.")
     if text in _TORCH_NAMES:
         return _TORCH_NAMES[text]
-    raise LaunchError(f"dtype={dtype!r}; expected one of {sorted(DTYPE_BYTES)} or a torch/numpy dtype of them")
+    raise LaunchError(
+        f"dtype={dtype!r}; expected one of {sorted(DTYPE_BYTES)} or a torch/numpy dtype of them"
+    )
 
 
 def dtype_bytes(dtype: Any) -> int:
@@ -90,8 +113,9 @@ def _positive(**sizes: float) -> None:
             raise LaunchError(f"{name}={value!r}; expected a positive size")
 
 
-def matmul(m: int, n: int, k: int, dtype: Any = "bf16", *, batch: int = 1, out_dtype: Any = None,
-           bias: bool = False) -> Cost:
+def matmul(
+    m: int, n: int, k: int, dtype: Any = "bf16", *, batch: int = 1, out_dtype: Any = None, bias: bool = False
+) -> Cost:
     """(batch, M, K) @ (batch, K, N) -> (batch, M, N): 2*M*N*K FLOPs per batch entry (+ M*N for a bias)."""
     _positive(m=m, n=n, k=k, batch=batch)
     e, eo = dtype_bytes(dtype), dtype_bytes(out_dtype or dtype)
@@ -100,10 +124,20 @@ def matmul(m: int, n: int, k: int, dtype: Any = "bf16", *, batch: int = 1, out_d
     return Cost(flops, read, batch * m * n * eo)
 
 
-def attention(batch: int, heads: int, n_q: int, n_kv: int, head_dim: int, dtype: Any = "bf16", *,
-              causal: bool = False, kv_heads: int | None = None, backward: bool = False,
-              head_dim_v: int | None = None) -> Cost:
-    """Scaled dot-product attention, Q (B, H, Nq, D), K (B, Hkv, Nkv, D), V (B, Hkv, Nkv, Dv) -> O (B, H, Nq, Dv).
+def attention(
+    batch: int,
+    heads: int,
+    n_q: int,
+    n_kv: int,
+    head_dim: int,
+    dtype: Any = "bf16",
+    *,
+    causal: bool = False,
+    kv_heads: int | None = None,
+    backward: bool = False,
+    head_dim_v: int | None = None,
+) -> Cost:
+    """Attention, Q (B, H, Nq, D), K (B, Hkv, Nkv, D), V (B, Hkv, Nkv, Dv) -> O (B, H, Nq, Dv).
 
     Forward FLOPs 2*B*H*Nq*Nkv*(D + Dv) (= 4*B*H*Nq*Nkv*D), halved when causal; backward 2.5x that.
     Bytes: the forward reads Q, K, V once and writes O and the fp32 log-sum-exp; the backward reads
@@ -112,7 +146,9 @@ def attention(batch: int, heads: int, n_q: int, n_kv: int, head_dim: int, dtype:
     """
     kv_heads = heads if kv_heads is None else kv_heads
     dv = head_dim if head_dim_v is None else head_dim_v
-    _positive(batch=batch, heads=heads, n_q=n_q, n_kv=n_kv, head_dim=head_dim, kv_heads=kv_heads, head_dim_v=dv)
+    _positive(
+        batch=batch, heads=heads, n_q=n_q, n_kv=n_kv, head_dim=head_dim, kv_heads=kv_heads, head_dim_v=dv
+    )
     if heads % kv_heads:
         raise LaunchError(f"kv_heads={kv_heads}; expected a divisor of heads={heads}")
     e = dtype_bytes(dtype)
@@ -133,8 +169,11 @@ def layernorm(rows: int, cols: int, dtype: Any = "bf16", *, affine: bool = True)
     """LayerNorm over the last dim of a (rows, cols) input: read x (+ weight, bias), write y."""
     _positive(rows=rows, cols=cols)
     e = dtype_bytes(dtype)
-    return Cost(LAYERNORM_FLOPS_PER_ELEMENT * rows * cols, rows * cols * e + (2 * cols * e if affine else 0),
-                rows * cols * e)
+    return Cost(
+        LAYERNORM_FLOPS_PER_ELEMENT * rows * cols,
+        rows * cols * e + (2 * cols * e if affine else 0),
+        rows * cols * e,
+    )
 
 
 def rmsnorm(rows: int, cols: int, dtype: Any = "bf16") -> Cost:
@@ -151,9 +190,10 @@ def softmax(rows: int, cols: int, dtype: Any = "bf16") -> Cost:
     return Cost(SOFTMAX_FLOPS_PER_ELEMENT * rows * cols, rows * cols * e, rows * cols * e)
 
 
-def elementwise(numel: int, dtype: Any = "bf16", *, inputs: int = 1, outputs: int = 1,
-                flops_per_element: float = 1) -> Cost:
-    """An element-wise op over ``numel`` elements reading ``inputs`` and writing ``outputs`` tensors of that size.
+def elementwise(
+    numel: int, dtype: Any = "bf16", *, inputs: int = 1, outputs: int = 1, flops_per_element: float = 1
+) -> Cost:
+    """An element-wise op over ``numel`` elements, reading ``inputs`` and writing ``outputs`` such tensors.
 
     ``elementwise(n, "fp32", inputs=1, outputs=1, flops_per_element=0)`` is a copy.
     """
@@ -166,8 +206,11 @@ def sdpa(q: Any, k: Any, v: Any, *, causal: bool = False, backward: bool = False
     """:func:`attention` read off torch tensors ``q (B, H, Nq, D)``, ``k, v (B, Hkv, Nkv, D)``."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if getattr(t, "ndim", None) != 4:
-            raise LaunchError(f"{name} of shape {tuple(getattr(t, 'shape', ()))}; expected 4 dims (B, H, N, D)")
+            raise LaunchError(
+                f"{name} of shape {tuple(getattr(t, 'shape', ()))}; expected 4 dims (B, H, N, D)"
+            )
     b, h, nq, d = q.shape
     _, hkv, nkv, _ = k.shape
-    return attention(b, h, nq, nkv, d, q.dtype, causal=causal, kv_heads=hkv, backward=backward,
-                     head_dim_v=v.shape[-1])
+    return attention(
+        b, h, nq, nkv, d, q.dtype, causal=causal, kv_heads=hkv, backward=backward, head_dim_v=v.shape[-1]
+    )

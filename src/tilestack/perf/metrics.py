@@ -1,7 +1,8 @@
 """The numbers every run gets: latency, throughput, FLOP/s, bytes/s, intensity, utilisation, energy, perf/W.
 
     from tilestack import perf
-    m = perf.measure(fn, args_sets=sets, flops=c.flops, bytes_read=c.bytes_read, bytes_written=c.bytes_written,
+    m = perf.measure(fn, args_sets=sets, flops=c.flops, bytes_read=c.bytes_read,
+                     bytes_written=c.bytes_written,
                      name="attention_fwd", config={"BM": 128}, items=4 * 4096, item_name="tokens")
     m.latency_s, m.items_per_s, m.flops_per_s, m.compute_util_measured, m.bound, m.tip, m.joules_per_call
     m.to_row()                                  # flat dict: what the store keeps and the tables show
@@ -47,8 +48,11 @@ def roofs_for(device: Any, ceilings: Any, dtype: str) -> Roofs:
     ``ceilings`` is a :class:`~tilestack.perf.device.Ceilings` or None (no measured roof).
     """
     spec = getattr(device, "spec", None)
-    measured = Roof(ceilings.peak(dtype) if ceilings else None,
-                    ceilings.copy_bytes_per_s if ceilings else None, "measured")
+    measured = Roof(
+        ceilings.peak(dtype) if ceilings else None,
+        ceilings.copy_bytes_per_s if ceilings else None,
+        "measured",
+    )
     published = Roof(spec.peak(dtype) if spec else None, spec.bandwidth if spec else None, "published")
     return Roofs(measured, published, dtype)
 
@@ -142,8 +146,11 @@ class Measurement:
     # --- roofline ------------------------------------------------------------------------------------------
     @property
     def roofs(self) -> Roofs:
-        return Roofs(Roof(self.measured_peak_flops, self.measured_bandwidth, "measured"),
-                     Roof(self.published_peak_flops, self.published_bandwidth, "published"), self.dtype)
+        return Roofs(
+            Roof(self.measured_peak_flops, self.measured_bandwidth, "measured"),
+            Roof(self.published_peak_flops, self.published_bandwidth, "published"),
+            self.dtype,
+        )
 
     def placement(self, which: str = "measured") -> Placement:
         """Roofline placement under the ``"measured"`` or the ``"published"`` roof."""
@@ -174,12 +181,20 @@ class Measurement:
         row = dataclasses.asdict(self)
         pub = self.placement("published")
         row.update(
-            bytes=self.bytes, intensity=self.intensity, flops_per_s=self.flops_per_s,
-            bytes_per_s=self.bytes_per_s, items_per_s=self.items_per_s,
-            compute_util_measured=self.compute_util_measured, compute_util_published=self.compute_util_published,
-            memory_util_measured=self.memory_util_measured, memory_util_published=self.memory_util_published,
-            flops_per_joule=self.flops_per_joule, items_per_joule=self.items_per_joule,
-            bound=self.bound, roof_fraction=self.roof_fraction, roof_fraction_published=pub.fraction,
+            bytes=self.bytes,
+            intensity=self.intensity,
+            flops_per_s=self.flops_per_s,
+            bytes_per_s=self.bytes_per_s,
+            items_per_s=self.items_per_s,
+            compute_util_measured=self.compute_util_measured,
+            compute_util_published=self.compute_util_published,
+            memory_util_measured=self.memory_util_measured,
+            memory_util_published=self.memory_util_published,
+            flops_per_joule=self.flops_per_joule,
+            items_per_joule=self.items_per_joule,
+            bound=self.bound,
+            roof_fraction=self.roof_fraction,
+            roof_fraction_published=pub.fraction,
             tip=self.tip,
         )
         return row
@@ -195,26 +210,49 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
-def compute_metrics(*, name: str, latency_s: float, flops: float, bytes_read: float, bytes_written: float,
-                    roofs: Roofs | None = None, device: str = "", dtype: str | None = None,
-                    config: Mapping[str, Any] | None = None, items: float | None = None, item_name: str = "items",
-                    timing: Timing | None = None, energy: Any = None) -> Measurement:
+def compute_metrics(
+    *,
+    name: str,
+    latency_s: float,
+    flops: float,
+    bytes_read: float,
+    bytes_written: float,
+    roofs: Roofs | None = None,
+    device: str = "",
+    dtype: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    items: float | None = None,
+    item_name: str = "items",
+    timing: Timing | None = None,
+    energy: Any = None,
+) -> Measurement:
     """A :class:`Measurement` from numbers already in hand (no running). ``energy`` is an EnergySample."""
     for arg, value in (("flops", flops), ("bytes_read", bytes_read), ("bytes_written", bytes_written)):
         if value is None or not value >= 0 or not math.isfinite(value):
             raise MetricsError(f"{arg}={value!r} for {name!r}; expected a finite count >= 0")
     if not (latency_s is not None and latency_s > 0 and math.isfinite(latency_s)):
-        raise MetricsError(f"latency_s={latency_s!r} for {name!r}; expected a positive time. A zero-length "
-                           "window means the timer could not resolve the call: time more work per call")
+        raise MetricsError(
+            f"latency_s={latency_s!r} for {name!r}; expected a positive time. A zero-length "
+            "window means the timer could not resolve the call: time more work per call"
+        )
     if items is not None and not items >= 0:
         raise MetricsError(f"items={items!r} for {name!r}; expected a count >= 0 or None")
     e_ok = energy is not None and energy.valid
     return Measurement(
-        name=name, config=dict(config or {}), device=device, dtype=dtype or (roofs.dtype if roofs else ""),
-        latency_s=latency_s, flops=flops, bytes_read=bytes_read, bytes_written=bytes_written, items=items,
+        name=name,
+        config=dict(config or {}),
+        device=device,
+        dtype=dtype or (roofs.dtype if roofs else ""),
+        latency_s=latency_s,
+        flops=flops,
+        bytes_read=bytes_read,
+        bytes_written=bytes_written,
+        items=items,
         item_name=item_name,
-        latency_p10_s=timing.p10_s if timing else None, latency_p90_s=timing.p90_s if timing else None,
-        repeats=timing.repeats if timing else 1, timing_method=timing.method if timing else "given",
+        latency_p10_s=timing.p10_s if timing else None,
+        latency_p90_s=timing.p90_s if timing else None,
+        repeats=timing.repeats if timing else 1,
+        timing_method=timing.method if timing else "given",
         measured_peak_flops=roofs.measured.peak_flops_per_s if roofs else None,
         measured_bandwidth=roofs.measured.bandwidth if roofs else None,
         published_peak_flops=roofs.published.peak_flops_per_s if roofs else None,
@@ -237,11 +275,26 @@ def infer_dtype(args_sets: Sequence[tuple] | None) -> str:
     return "fp32"
 
 
-def measure(fn: Callable[..., Any], *, args_sets: Sequence[tuple] | None, flops: float, bytes_read: float,
-            bytes_written: float, name: str, config: Mapping[str, Any] | None = None, items: float | None = None,
-            item_name: str = "items", dtype: str | None = None, device: Any = None, ceilings: Any = None,
-            energy: bool | None = None, graph: bool = False, repeats: int | None = None,
-            window_s: float | None = None, nvtx: bool = True) -> Measurement:
+def measure(
+    fn: Callable[..., Any],
+    *,
+    args_sets: Sequence[tuple] | None,
+    flops: float,
+    bytes_read: float,
+    bytes_written: float,
+    name: str,
+    config: Mapping[str, Any] | None = None,
+    items: float | None = None,
+    item_name: str = "items",
+    dtype: str | None = None,
+    device: Any = None,
+    ceilings: Any = None,
+    energy: bool | None = None,
+    graph: bool = False,
+    repeats: int | None = None,
+    window_s: float | None = None,
+    nvtx: bool = True,
+) -> Measurement:
     """Time ``fn`` over ``args_sets`` (see :func:`~tilestack.perf.timing.time_fn`) and compute every metric.
 
     ``device`` None detects one; ``ceilings`` None loads (or measures once) the device's cached ceilings,
@@ -275,10 +328,27 @@ def measure(fn: Callable[..., Any], *, args_sets: Sequence[tuple] | None, flops:
     if energy is not False and dev.kind == "cuda":
         import torch
 
-        sample = energy_mod.measure_energy(run, args_sets=args_sets, per_call_s=t.median_s,
-                                           meter=energy_mod.meter_for(dev), sync=torch.cuda.synchronize)
+        sample = energy_mod.measure_energy(
+            run,
+            args_sets=args_sets,
+            per_call_s=t.median_s,
+            meter=energy_mod.meter_for(dev),
+            sync=torch.cuda.synchronize,
+        )
     elif energy:
         sample = energy_mod.measure_energy(run, args_sets=args_sets, per_call_s=t.median_s, meter=None)
-    return compute_metrics(name=name, latency_s=t.median_s, flops=flops, bytes_read=bytes_read,
-                           bytes_written=bytes_written, roofs=roofs_for(dev, ceil, dtype), device=dev.name,
-                           dtype=dtype, config=config, items=items, item_name=item_name, timing=t, energy=sample)
+    return compute_metrics(
+        name=name,
+        latency_s=t.median_s,
+        flops=flops,
+        bytes_read=bytes_read,
+        bytes_written=bytes_written,
+        roofs=roofs_for(dev, ceil, dtype),
+        device=dev.name,
+        dtype=dtype,
+        config=config,
+        items=items,
+        item_name=item_name,
+        timing=t,
+        energy=sample,
+    )

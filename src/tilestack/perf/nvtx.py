@@ -1,7 +1,7 @@
 """NVTX ranges named by kernel and config, so Nsight tools can select one tilestack launch.
 
     from tilestack.perf import nvtx
-    with nvtx.range(nvtx.range_name("attention_fwd", {"BM": 128, "BN": 64})):   # "attention_fwd[BM=128,BN=64]"
+    with nvtx.range(nvtx.range_name("attention_fwd", {"BM": 128, "BN": 64})):  # attention_fwd[BM=128,BN=64]
         launch()
     @nvtx.annotate("rmsnorm")
     def f(...): ...

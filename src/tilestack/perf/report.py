@@ -3,11 +3,11 @@
     from tilestack.perf import report
     report.print_measurements(ms, title="attention, H100")           # rich table, tips underneath
     report.roofline_png(ms, "roofline.png", device=dev, ceilings=c)   # every kernel a point under both roofs
-    report.html_report(ms, "report.html", device=dev, ceilings=c)     # tables + the PNG embedded, no links out
+    report.html_report(ms, "report.html", device=dev, ceilings=c)     # tables + PNG embedded, no links
     for case in report.track(cases, "benchmarking"): ...             # a progress bar for long runs
 
-Everything here takes :class:`~tilestack.perf.metrics.Measurement` objects (live, or read back from the store),
-so a report can be rendered again later from a stored run (``tilestack report latest``).
+Everything here takes :class:`~tilestack.perf.metrics.Measurement` objects (live, or read back from the
+store), so a report can be rendered again later from a stored run (``tilestack report latest``).
 """
 
 from __future__ import annotations
@@ -31,8 +31,15 @@ _TIME = ((1.0, "s"), (1e-3, "ms"), (1e-6, "us"), (1e-9, "ns"))
 PNG_DPI = 120
 PNG_SIZE_IN = (9.0, 6.0)
 ROOF_INTENSITY_RANGE = (1e-2, 1e4)  # FLOP/byte, the x-axis of the roofline plot
-DTYPE_COLORS = {"bf16": "tab:blue", "fp16": "tab:cyan", "fp32": "tab:orange", "tf32": "tab:red",
-                "fp64": "tab:purple", "fp8": "tab:green", "int8": "tab:olive"}
+DTYPE_COLORS = {
+    "bf16": "tab:blue",
+    "fp16": "tab:cyan",
+    "fp32": "tab:orange",
+    "tf32": "tab:red",
+    "fp64": "tab:purple",
+    "fp8": "tab:green",
+    "int8": "tab:olive",
+}
 
 
 # --- number formatting --------------------------------------------------------------------------------------
@@ -66,7 +73,7 @@ def _config(cfg: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in cfg.items())
 
 
-# --- tables ---------------------------------------------------------------------------------------------------
+# --- tables -------------------------------------------------------------------------------------------------
 # (heading, how to read it off a Measurement). The terminal and the HTML show the same columns.
 COLUMNS: tuple[tuple[str, Any], ...] = (
     ("kernel", lambda m: m.name),
@@ -125,8 +132,12 @@ def print_measurements(ms: Sequence[Measurement], title: str = "", console: Any 
 
 def ncu_summary(ncu: Mapping[str, Any]) -> str:
     parts = []
-    for key, label in (("sm_throughput_pct", "SM SOL"), ("memory_throughput_pct", "memory SOL"),
-                       ("dram_throughput_pct", "DRAM"), ("achieved_occupancy_pct", "occupancy")):
+    for key, label in (
+        ("sm_throughput_pct", "SM SOL"),
+        ("memory_throughput_pct", "memory SOL"),
+        ("dram_throughput_pct", "DRAM"),
+        ("achieved_occupancy_pct", "occupancy"),
+    ):
         if ncu.get(key) is not None:
             parts.append(f"{label} {ncu[key]:.0f}%")
     if ncu.get("dram_bytes") is not None:
@@ -146,10 +157,15 @@ def comparison_table(cmp: Any) -> Any:
     for r in cmp.rows:
         sp = r.speedup
         style = "" if sp is None else "green" if sp > 1 else "red"
-        t.add_row(r.name, _config(r.config), seconds(r.a.latency_s if r.a else None),
-                  seconds(r.b.latency_s if r.b else None),
-                  f"[{style}]{sp:.2f}x[/{style}]" if sp is not None else "-",
-                  si(r.a.flops_per_s if r.a else None, "FLOP/s"), si(r.b.flops_per_s if r.b else None, "FLOP/s"))
+        t.add_row(
+            r.name,
+            _config(r.config),
+            seconds(r.a.latency_s if r.a else None),
+            seconds(r.b.latency_s if r.b else None),
+            f"[{style}]{sp:.2f}x[/{style}]" if sp is not None else "-",
+            si(r.a.flops_per_s if r.a else None, "FLOP/s"),
+            si(r.b.flops_per_s if r.b else None, "FLOP/s"),
+        )
     return t
 
 
@@ -160,10 +176,10 @@ def track(items: Iterable[T], description: str = "working", total: int | None = 
     yield from rich_track(items, description=description, total=total, transient=True)
 
 
-# --- roofline PNG ---------------------------------------------------------------------------------------------
+# --- roofline PNG -------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class RoofLine:
-    """One roof to draw: peak FLOP/s and bandwidth, with a label and a style (measured solid, published dashed)."""
+    """One roof to draw: peak FLOP/s and bandwidth; measured roofs are drawn solid, published ones dashed."""
 
     label: str
     peak_flops_per_s: float
@@ -189,8 +205,14 @@ def roof_lines(ms: Sequence[Measurement], device: Any = None, ceilings: Any = No
     return lines
 
 
-def roofline_png(ms: Sequence[Measurement], path: str | Path | None = None, *, device: Any = None,
-                 ceilings: Any = None, title: str = "") -> bytes:
+def roofline_png(
+    ms: Sequence[Measurement],
+    path: str | Path | None = None,
+    *,
+    device: Any = None,
+    ceilings: Any = None,
+    title: str = "",
+) -> bytes:
     """Draw the roofline with every measurement as a point; write it to ``path`` (if given), return PNG bytes.
 
     Kernels with no FLOPs (copies) have no place on a FLOP/s axis and are listed in the caption instead.
@@ -212,18 +234,26 @@ def roofline_png(ms: Sequence[Measurement], path: str | Path | None = None, *, d
     xs = [lo * (hi / lo) ** (i / steps) for i in range(steps + 1)]
     for line in roof_lines(ms, device, ceilings):
         ys = [min(line.peak_flops_per_s, line.bandwidth * x) for x in xs]
-        ax.plot(xs, ys, linestyle="--" if line.published else "-", color=DTYPE_COLORS.get(line.dtype, "gray"),
-                linewidth=1.2 if line.published else 2.0,
-                label=f"{line.label}: {si(line.peak_flops_per_s, 'FLOP/s')}, {si(line.bandwidth, 'B/s')}")
+        ax.plot(
+            xs,
+            ys,
+            linestyle="--" if line.published else "-",
+            color=DTYPE_COLORS.get(line.dtype, "gray"),
+            linewidth=1.2 if line.published else 2.0,
+            label=f"{line.label}: {si(line.peak_flops_per_s, 'FLOP/s')}, {si(line.bandwidth, 'B/s')}",
+        )
     skipped = []
     for i, m in enumerate(ms):
         if m.flops <= 0:
             skipped.append(m.name)
             continue
         x = m.intensity if math.isfinite(m.intensity) else hi
-        ax.scatter([x], [m.flops_per_s], color=DTYPE_COLORS.get(m.dtype, "black"), edgecolor="black", zorder=3)
-        ax.annotate(f"{i + 1}. {m.name}", (x, m.flops_per_s), textcoords="offset points", xytext=(4, 4),
-                    fontsize=7)
+        ax.scatter(
+            [x], [m.flops_per_s], color=DTYPE_COLORS.get(m.dtype, "black"), edgecolor="black", zorder=3
+        )
+        ax.annotate(
+            f"{i + 1}. {m.name}", (x, m.flops_per_s), textcoords="offset points", xytext=(4, 4), fontsize=7
+        )
     ax.set_xlabel("arithmetic intensity (FLOP / byte of global memory)")
     ax.set_ylabel("FLOP/s")
     ax.set_title(title or (getattr(device, "name", None) or (ms[0].device if ms else "roofline")))
@@ -241,7 +271,7 @@ def roofline_png(ms: Sequence[Measurement], path: str | Path | None = None, *, d
     return data
 
 
-# --- HTML -----------------------------------------------------------------------------------------------------
+# --- HTML ---------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Section:
     """One part of an HTML report: a heading, an optional table, notes, and an optional PNG."""
@@ -266,14 +296,17 @@ img{max-width:100%;border:1px solid #ddd}
 def write_html(path: str | Path, title: str, sections: Sequence[Section]) -> Path:
     """One self-contained HTML file (inline CSS, images as data: URIs, nothing fetched)."""
     e = html.escape
-    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
-           f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1>",
-           f"<p class='note'>generated {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}</p>"]
+    out = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
+        f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1>",
+        f"<p class='note'>generated {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}</p>",
+    ]
     for s in sections:
         out.append(f"<h2>{e(s.heading)}</h2>")
         if s.png:
-            out.append(f"<img alt='{e(s.heading)}' src='data:image/png;base64,"
-                       f"{base64.b64encode(s.png).decode()}'>")
+            out.append(
+                f"<img alt='{e(s.heading)}' src='data:image/png;base64,{base64.b64encode(s.png).decode()}'>"
+            )
         if s.columns:
             out.append("<table><tr>" + "".join(f"<th>{e(str(c))}</th>" for c in s.columns) + "</tr>")
             out += ["<tr>" + "".join(f"<td>{e(str(v))}</td>" for v in r) + "</tr>" for r in s.rows]
@@ -286,44 +319,68 @@ def write_html(path: str | Path, title: str, sections: Sequence[Section]) -> Pat
     return p
 
 
-def device_section(device: Any = None, ceilings: Any = None, versions: Mapping[str, Any] | None = None) -> Section:
+def device_section(
+    device: Any = None, ceilings: Any = None, versions: Mapping[str, Any] | None = None
+) -> Section:
     rows_: list[tuple[str, str]] = []
     if device is not None:
         rows_.append(("device", getattr(device, "name", str(device))))
         spec = getattr(device, "spec", None)
         if spec is not None:
-            rows_.append(("published peaks", ", ".join(f"{k} {si(v, 'FLOP/s')}" for k, v in spec.flops.items())
-                          or "none"))
+            rows_.append(
+                (
+                    "published peaks",
+                    ", ".join(f"{k} {si(v, 'FLOP/s')}" for k, v in spec.flops.items()) or "none",
+                )
+            )
             rows_.append(("published bandwidth", si(spec.bandwidth, "B/s")))
             rows_.append(("TDP", si(spec.tdp_w, "W")))
             rows_.append(("source", spec.source))
     if ceilings is not None:
         rows_.append(("measured copy bandwidth", si(ceilings.copy_bytes_per_s, "B/s")))
-        rows_.append(("measured matmul", ", ".join(f"{k} {si(v, 'FLOP/s')}" for k, v in ceilings.matmul.items())))
+        rows_.append(
+            ("measured matmul", ", ".join(f"{k} {si(v, 'FLOP/s')}" for k, v in ceilings.matmul.items()))
+        )
         rows_.append(("ceilings measured at", ceilings.measured_at))
     for k, v in (versions or {}).items():
         rows_.append((k, str(v)))
     return Section("device", ("", ""), rows_)
 
 
-def measurement_sections(ms: Sequence[Measurement], *, device: Any = None, ceilings: Any = None,
-                         title: str = "") -> list[Section]:
+def measurement_sections(
+    ms: Sequence[Measurement], *, device: Any = None, ceilings: Any = None, title: str = ""
+) -> list[Section]:
     """The roofline plot, the metrics table, the tips and (where present) ncu's figures."""
     png = roofline_png(ms, device=device, ceilings=ceilings, title=title)
-    out = [Section("roofline", png=png,
-                   notes=["solid: measured ceilings; dashed: published peaks. Points are numbered as the table."]),
-           Section("results", ["#"] + [h for h, _ in COLUMNS], [[i + 1, *r] for i, r in enumerate(rows(ms))]),
-           Section("tips", ["#", "kernel", "config", "tip", "energy note"],
-                   [[i + 1, m.name, _config(m.config), m.tip, m.energy_note] for i, m in enumerate(ms)])]
+    out = [
+        Section(
+            "roofline",
+            png=png,
+            notes=["solid: measured ceilings; dashed: published peaks. Points are numbered as the table."],
+        ),
+        Section("results", ["#"] + [h for h, _ in COLUMNS], [[i + 1, *r] for i, r in enumerate(rows(ms))]),
+        Section(
+            "tips",
+            ["#", "kernel", "config", "tip", "energy note"],
+            [[i + 1, m.name, _config(m.config), m.tip, m.energy_note] for i, m in enumerate(ms)],
+        ),
+    ]
     ncu_rows = [[i + 1, m.name, ncu_summary(m.ncu)] for i, m in enumerate(ms) if m.ncu]
     if ncu_rows:
         out.append(Section("Nsight Compute", ["#", "kernel", "figures"], ncu_rows))
     return out
 
 
-def html_report(ms: Sequence[Measurement], path: str | Path, *, device: Any = None, ceilings: Any = None,
-                versions: Mapping[str, Any] | None = None, title: str = "tilestack report",
-                extra: Sequence[Section] = ()) -> Path:
+def html_report(
+    ms: Sequence[Measurement],
+    path: str | Path,
+    *,
+    device: Any = None,
+    ceilings: Any = None,
+    versions: Mapping[str, Any] | None = None,
+    title: str = "tilestack report",
+    extra: Sequence[Section] = (),
+) -> Path:
     """Write the whole report for ``ms`` (roofline embedded) to ``path``."""
     sections = measurement_sections(ms, device=device, ceilings=ceilings, title=title)
     sections += [*extra, device_section(device, ceilings, versions)]

@@ -6,9 +6,9 @@
     p.bound, p.fraction, p.distance, p.tip     # "compute", 0.86, 1.16, "compute-bound at 86% ..."
 
 The roof at arithmetic intensity I (FLOPs per byte of global memory) is ``min(peak, bandwidth * I)``; the
-ridge point ``peak / bandwidth`` separates the memory-bound side from the compute-bound one. ``fraction`` is the
-achieved rate over the roof at the kernel's intensity (FLOP/s on the compute side, bytes/s on the memory side:
-the two agree, since on the memory side the roof's FLOP/s is bandwidth times intensity).
+ridge point ``peak / bandwidth`` separates the memory-bound side from the compute-bound one.
+``fraction`` is the achieved rate over the roof at the kernel's intensity (FLOP/s on the compute side,
+bytes/s on the memory side: the two agree, since there the roof's FLOP/s is bandwidth times intensity).
 """
 
 from __future__ import annotations
@@ -94,25 +94,43 @@ def tip(p: Placement) -> str:
         return "no roof known for this device and dtype: run `tilestack device --remeasure` to measure one"
     pct = f"{p.fraction:.0%}"
     if p.seconds < LAUNCH_BOUND_S and p.fraction < LOW_FRACTION:
-        return (f"latency-bound: {p.seconds * 1e6:.1f} us per call at {pct} of the {p.bound} roof; "
-                "put more work in each launch (batch, fuse) or replay it from a CUDA graph")
-    near_ridge = p.roof.ridge is not None and math.isfinite(p.intensity) and p.intensity > 0 \
+        return (
+            f"latency-bound: {p.seconds * 1e6:.1f} us per call at {pct} of the {p.bound} roof; "
+            "put more work in each launch (batch, fuse) or replay it from a CUDA graph"
+        )
+    near_ridge = (
+        p.roof.ridge is not None
+        and math.isfinite(p.intensity)
+        and p.intensity > 0
         and 1 / RIDGE_BAND <= p.intensity / p.roof.ridge <= RIDGE_BAND
+    )
     if p.bound == "memory":
         if p.fraction < LOW_FRACTION:
-            return (f"memory-bound at {pct} of bandwidth: loads are not saturating memory; widen and coalesce "
-                    "loads (128-bit), raise occupancy or the number of blocks in flight, or fuse with a neighbour")
+            return (
+                f"memory-bound at {pct} of bandwidth: loads are not saturating memory; widen and coalesce "
+                "loads (128-bit), raise occupancy or the number of blocks in flight, or fuse with a neighbour"
+            )
         if p.fraction < NEAR_ROOF_FRACTION:
-            return (f"memory-bound at {pct} of bandwidth: fuse with a neighbouring op to cut bytes, "
-                    "or widen loads and pipeline them deeper")
+            return (
+                f"memory-bound at {pct} of bandwidth: fuse with a neighbouring op to cut bytes, "
+                "or widen loads and pipeline them deeper"
+            )
         extra = "; near the ridge, so fewer bytes soon make it compute-bound" if near_ridge else ""
-        return (f"memory-bound at {pct} of bandwidth, on the roof: only fewer bytes help (fuse, keep data "
-                f"on chip, lower precision){extra}")
+        return (
+            f"memory-bound at {pct} of bandwidth, on the roof: only fewer bytes help (fuse, keep data "
+            f"on chip, lower precision){extra}"
+        )
     if p.fraction < LOW_FRACTION:
-        return (f"compute-bound at {pct} of peak: use the matrix units (bf16/fp16/tf32 mma), larger tiles, "
-                "and more pipeline stages to keep them fed")
+        return (
+            f"compute-bound at {pct} of peak: use the matrix units (bf16/fp16/tf32 mma), larger tiles, "
+            "and more pipeline stages to keep them fed"
+        )
     if p.fraction < NEAR_ROOF_FRACTION:
-        return (f"compute-bound at {pct} of peak: overlap memory and math (warp specialisation, "
-                "asynchronous copies), trim non-matmul work on the critical path")
-    return (f"compute-bound at {pct} of peak, on the roof: only less work helps (skip masked blocks, "
-            "lower precision such as fp8)")
+        return (
+            f"compute-bound at {pct} of peak: overlap memory and math (warp specialisation, "
+            "asynchronous copies), trim non-matmul work on the critical path"
+        )
+    return (
+        f"compute-bound at {pct} of peak, on the roof: only less work helps (skip masked blocks, "
+        "lower precision such as fp8)"
+    )

@@ -3,7 +3,7 @@
     from tilestack.perf.store import Store
     with Store() as st:                                   # <cache_dir>/perf/results.sqlite
         run = st.start_run(device=dev, ceilings=ceil, label="nightly", command="tilestack bench")
-        st.append(run, measurement)                       # committed at once: a crash keeps every row before it
+        st.append(run, measurement)                       # committed at once: a crash keeps earlier rows
         st.runs()                                         # newest first
         st.measurements("latest")                         # Measurement objects of a run
         cmp = st.compare("latest~1", "latest")            # or two device names: latest result of each case
@@ -140,7 +140,7 @@ class Store:
         self._db.executescript(_SCHEMA)
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
 
-    # --- plumbing --------------------------------------------------------------------------------------------
+    # --- plumbing -------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _tx(self) -> Iterator[None]:
         """One write transaction; IMMEDIATE takes the write lock up front, so two writers queue, not fail."""
@@ -161,9 +161,16 @@ class Store:
     def __exit__(self, *_: Any) -> None:
         self.close()
 
-    # --- writing ---------------------------------------------------------------------------------------------
-    def start_run(self, *, device: Any, ceilings: Any = None, label: str | None = None,
-                  command: str | None = None, versions: Mapping[str, Any] | None = None) -> str:
+    # --- writing --------------------------------------------------------------------------------------------
+    def start_run(
+        self,
+        *,
+        device: Any,
+        ceilings: Any = None,
+        label: str | None = None,
+        command: str | None = None,
+        versions: Mapping[str, Any] | None = None,
+    ) -> str:
         """Record a new run and return its id (``20261121-224400-3fa2``)."""
         from tilestack.perf import device as device_mod
 
@@ -174,8 +181,18 @@ class Store:
         with self._tx():
             self._db.execute(
                 "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (run_id, _now(), label, command, socket.gethostname(), name, _json(device), _json(ceilings),
-                 _json(dict(versions))))
+                (
+                    run_id,
+                    _now(),
+                    label,
+                    command,
+                    socket.gethostname(),
+                    name,
+                    _json(device),
+                    _json(ceilings),
+                    _json(dict(versions)),
+                ),
+            )
         return run_id
 
     def append(self, run_id: str, m: Measurement) -> int:
@@ -185,23 +202,44 @@ class Store:
             cur = self._db.execute(
                 "INSERT INTO results (run_id, time, device, name, config_json, latency_s, flops_per_s, "
                 "bytes_per_s, row_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (run_id, m.time or _now(), m.device, m.name, _canon(m.config), m.latency_s, m.flops_per_s,
-                 m.bytes_per_s, json.dumps(row, default=_json_default)))
+                (
+                    run_id,
+                    m.time or _now(),
+                    m.device,
+                    m.name,
+                    _canon(m.config),
+                    m.latency_s,
+                    m.flops_per_s,
+                    m.bytes_per_s,
+                    json.dumps(row, default=_json_default),
+                ),
+            )
         return int(cur.lastrowid or 0)
 
-    # --- reading ---------------------------------------------------------------------------------------------
+    # --- reading --------------------------------------------------------------------------------------------
     def runs(self) -> list[Run]:
         """Every run, newest first, with its number of results."""
         rows = self._db.execute(
             "SELECT r.*, (SELECT COUNT(*) FROM results x WHERE x.run_id = r.id) AS n "
-            "FROM runs r ORDER BY r.started_at DESC, r.rowid DESC").fetchall()
+            "FROM runs r ORDER BY r.started_at DESC, r.rowid DESC"
+        ).fetchall()
         return [self._run(r) for r in rows]
 
     @staticmethod
     def _run(r: sqlite3.Row) -> Run:
         load = lambda s: json.loads(s) if s else None  # noqa: E731
-        return Run(r["id"], r["started_at"], r["label"], r["command"], r["host"], r["device"],
-                   load(r["device_json"]), load(r["ceilings_json"]), load(r["versions_json"]), r["n"])
+        return Run(
+            r["id"],
+            r["started_at"],
+            r["label"],
+            r["command"],
+            r["host"],
+            r["device"],
+            load(r["device_json"]),
+            load(r["ceilings_json"]),
+            load(r["versions_json"]),
+            r["n"],
+        )
 
     def run(self, ref: str) -> Run:
         """The run named by ``ref``: an id, a unique id prefix, a label, ``latest`` or ``latest~N``."""
@@ -209,18 +247,25 @@ class Store:
         if not runs:
             raise StoreError(f"run={ref!r}: the store {self.path} holds no runs yet")
         if ref == "latest" or ref.startswith("latest~"):
-            back = int(ref.partition("~")[2] or 0) if ref.partition("~")[2].isdigit() or ref == "latest" else -1
+            back = (
+                int(ref.partition("~")[2] or 0) if ref.partition("~")[2].isdigit() or ref == "latest" else -1
+            )
             if not 0 <= back < len(runs):
                 raise StoreError(f"run={ref!r}; expected latest or latest~N with N below {len(runs)}")
             return runs[back]
-        hits = [r for r in runs if r.id == ref] or [r for r in runs if r.id.startswith(ref)] \
+        hits = (
+            [r for r in runs if r.id == ref]
+            or [r for r in runs if r.id.startswith(ref)]
             or [r for r in runs if r.label == ref]
+        )
         if len(hits) == 1 or (hits and hits[0].label == ref):
             return hits[0]  # a label reused by several runs means its newest
         if not hits:
             raise StoreError(f"run={ref!r} matches no run id, prefix or label in {self.path}")
-        raise StoreError(f"run={ref!r} matches {len(hits)} runs ({', '.join(r.id for r in hits[:5])}); "
-                         "expected a unique prefix")
+        raise StoreError(
+            f"run={ref!r} matches {len(hits)} runs ({', '.join(r.id for r in hits[:5])}); "
+            "expected a unique prefix"
+        )
 
     def measurements(self, ref: str) -> list[Measurement]:
         """The results of the run named by ``ref``, in the order they were appended."""
@@ -237,11 +282,15 @@ class Store:
         exact = [d for d in names if d == device]
         names = exact or names
         if len(names) != 1:
-            raise StoreError(f"device={device!r} matches {len(names)} devices in the store "
-                             f"({', '.join(self.devices()) or 'none'}); expected exactly one")
+            raise StoreError(
+                f"device={device!r} matches {len(names)} devices in the store "
+                f"({', '.join(self.devices()) or 'none'}); expected exactly one"
+            )
         rows = self._db.execute(
             "SELECT row_json FROM results WHERE id IN (SELECT MAX(id) FROM results WHERE device = ? "
-            "GROUP BY name, config_json) ORDER BY id", (names[0],))
+            "GROUP BY name, config_json) ORDER BY id",
+            (names[0],),
+        )
         return [Measurement.from_row(json.loads(r[0])) for r in rows]
 
     def _side(self, ref: str) -> tuple[str, list[Measurement]]:

@@ -7,7 +7,7 @@
     timing.time_fn(fn, args_sets=sets, graph=True)               # CUDA-graph replay: no launch overhead
 
 Repeat ``i`` calls ``fn(*args_sets[i % len(args_sets)])``: with enough sets that together they exceed the L2
-cache, no repeat finds its inputs still cached from the one before (``rotating_sets`` makes as many as needed).
+cache, no repeat finds its inputs still cached from the one before (``rotating_sets`` makes enough).
 On a GPU each repeat is bracketed by two CUDA events and the host synchronises once at the end, so the host's
 launch loop runs ahead and what is measured is the GPU's time. With ``graph=True`` the calls are captured into
 one CUDA graph of ``GRAPH_CALLS`` launches and each replay is divided by that count, which removes launch
@@ -103,11 +103,17 @@ def _infer_cuda(args_sets: Sequence[tuple]) -> bool:
     return False
 
 
-def rotating_sets(make_args: Callable[[], tuple], *, bytes_per_set: float, l2_bytes: int | None = None,
-                  device: Any = None, max_sets: int = MAX_ROTATING_SETS) -> list[tuple]:
+def rotating_sets(
+    make_args: Callable[[], tuple],
+    *,
+    bytes_per_set: float,
+    l2_bytes: int | None = None,
+    device: Any = None,
+    max_sets: int = MAX_ROTATING_SETS,
+) -> list[tuple]:
     """Enough fresh input sets (each from ``make_args()``) that together they exceed twice the L2.
 
-    On a CPU one set is returned: its caches are not flushable this way and small CPU timings want warm inputs.
+    On a CPU one set is returned: its caches are not flushed this way, and CPU timings want warm inputs.
     """
     if bytes_per_set <= 0:
         raise TimingError(f"bytes_per_set={bytes_per_set!r}; expected the positive size of one input set")
@@ -118,7 +124,9 @@ def rotating_sets(make_args: Callable[[], tuple], *, bytes_per_set: float, l2_by
     return [make_args() for _ in range(n)]
 
 
-def _check(fn: Callable, args_sets: Sequence[tuple] | None, repeats: int | None, window_s: float) -> list[tuple]:
+def _check(
+    fn: Callable, args_sets: Sequence[tuple] | None, repeats: int | None, window_s: float
+) -> list[tuple]:
     if not callable(fn):
         raise TimingError(f"fn={fn!r}; expected a callable")
     sets = [()] if args_sets is None else [tuple(a) for a in args_sets]
@@ -137,9 +145,16 @@ def _plan(per_call_s: float, repeats: int | None, window_s: float) -> int:
     return int(min(MAX_REPEATS, max(MIN_REPEATS, window_s / max(per_call_s, 1e-9))))
 
 
-def time_fn(fn: Callable[..., Any], *, args_sets: Sequence[tuple] | None = None, device: Any = None,
-            warmup_s: float = DEFAULT_WARMUP_S, repeats: int | None = None, window_s: float = DEFAULT_WINDOW_S,
-            graph: bool = False) -> Timing:
+def time_fn(
+    fn: Callable[..., Any],
+    *,
+    args_sets: Sequence[tuple] | None = None,
+    device: Any = None,
+    warmup_s: float = DEFAULT_WARMUP_S,
+    repeats: int | None = None,
+    window_s: float = DEFAULT_WINDOW_S,
+    graph: bool = False,
+) -> Timing:
     """Per-call times of ``fn(*args_sets[i % len(args_sets)])``: see the module docstring.
 
     ``device`` (a :class:`~tilestack.perf.device.Device`, ``"cuda"``, ``"cpu"``) picks the clock; None infers
@@ -151,8 +166,11 @@ def time_fn(fn: Callable[..., Any], *, args_sets: Sequence[tuple] | None = None,
     if graph and not cuda:
         raise TimingError("graph=True; expected a CUDA device (CUDA-graph replay has no CPU counterpart)")
     if cuda:
-        return _time_graph(fn, sets, warmup_s, repeats, window_s) if graph \
+        return (
+            _time_graph(fn, sets, warmup_s, repeats, window_s)
+            if graph
             else _time_cuda(fn, sets, warmup_s, repeats, window_s)
+        )
     return _time_cpu(fn, sets, warmup_s, repeats, window_s)
 
 
@@ -167,7 +185,9 @@ def _warm(fn: Callable, sets: list[tuple], warmup_s: float, clock: Callable[[], 
             return calls, elapsed / calls
 
 
-def _time_cpu(fn: Callable, sets: list[tuple], warmup_s: float, repeats: int | None, window_s: float) -> Timing:
+def _time_cpu(
+    fn: Callable, sets: list[tuple], warmup_s: float, repeats: int | None, window_s: float
+) -> Timing:
     warm, per_call = _warm(fn, sets, warmup_s, time.perf_counter)
     n = _plan(per_call, repeats, window_s)
     times = []
@@ -189,7 +209,9 @@ def _cuda_clock() -> Callable[[], float]:
     return clock
 
 
-def _time_cuda(fn: Callable, sets: list[tuple], warmup_s: float, repeats: int | None, window_s: float) -> Timing:
+def _time_cuda(
+    fn: Callable, sets: list[tuple], warmup_s: float, repeats: int | None, window_s: float
+) -> Timing:
     import torch
 
     warm, per_call = _warm(fn, sets, warmup_s, _cuda_clock())
@@ -203,11 +225,17 @@ def _time_cuda(fn: Callable, sets: list[tuple], warmup_s: float, repeats: int | 
         ends[i].record()
     torch.cuda.synchronize()
     ms_to_s = 1e-3
-    return Timing(tuple(s.elapsed_time(e) * ms_to_s for s, e in zip(starts, ends, strict=True)),
-                  "cuda-events", warm, len(sets))
+    return Timing(
+        tuple(s.elapsed_time(e) * ms_to_s for s, e in zip(starts, ends, strict=True)),
+        "cuda-events",
+        warm,
+        len(sets),
+    )
 
 
-def _time_graph(fn: Callable, sets: list[tuple], warmup_s: float, repeats: int | None, window_s: float) -> Timing:
+def _time_graph(
+    fn: Callable, sets: list[tuple], warmup_s: float, repeats: int | None, window_s: float
+) -> Timing:
     import torch
 
     # Warm up on a side stream before capture (as torch.cuda.graphs recommends), so lazy initialisation
@@ -223,8 +251,10 @@ def _time_graph(fn: Callable, sets: list[tuple], warmup_s: float, repeats: int |
             for i in range(GRAPH_CALLS):
                 fn(*sets[i % len(sets)])
     except Exception as e:  # capture forbids host syncs, allocations on some paths, CPU tensors...
-        raise TimingError(f"graph=True: {type(e).__name__} while capturing fn into a CUDA graph ({e}); "
-                          "expected a capturable fn (no host synchronisation), or use graph=False") from e
+        raise TimingError(
+            f"graph=True: {type(e).__name__} while capturing fn into a CUDA graph ({e}); "
+            "expected a capturable fn (no host synchronisation), or use graph=False"
+        ) from e
     g.replay()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -240,5 +270,9 @@ def _time_graph(fn: Callable, sets: list[tuple], warmup_s: float, repeats: int |
         ends[i].record()
     torch.cuda.synchronize()
     ms_to_s = 1e-3
-    return Timing(tuple(s.elapsed_time(e) * ms_to_s / GRAPH_CALLS for s, e in zip(starts, ends, strict=True)),
-                  "cuda-graph", warm, len(sets))
+    return Timing(
+        tuple(s.elapsed_time(e) * ms_to_s / GRAPH_CALLS for s, e in zip(starts, ends, strict=True)),
+        "cuda-graph",
+        warm,
+        len(sets),
+    )
