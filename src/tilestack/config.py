@@ -55,3 +55,24 @@ def override(**changes) -> Iterator[Knobs]:
     finally:
         for k, v in old.items():
             setattr(knobs, k, v)
+
+
+def use_triton_interpreter() -> None:
+    """Make Triton run kernels on the CPU through its interpreter.
+
+    Triton decides at import time (its own library functions are jitted then), so this must run before the
+    first ``import triton``; afterwards it only checks that Triton was imported that way.
+    """
+    import sys
+
+    from tilestack.errors import BackendError
+
+    if "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"
+        knobs.triton_interpret = True
+        return
+    import triton
+
+    if not triton.knobs.runtime.interpret:
+        raise BackendError("Triton was imported before tilestack could turn on its interpreter, and this machine "
+                           "has no GPU; set TRITON_INTERPRET=1 in the environment before starting Python")

@@ -20,7 +20,10 @@ from tilestack.ir.types import GlobalType
 LAUNCH_OPTIONS = ("num_warps", "num_stages")   # constants the backend reads as launch options
 
 
-def _triton():
+def _triton(interpret: bool):
+    if interpret:
+        from tilestack.config import use_triton_interpreter
+        use_triton_interpreter()
     try:
         import triton
     except ImportError as e:  # pragma: no cover - triton is a dependency on Linux
@@ -46,7 +49,7 @@ def _interpret(args) -> bool:
 
 def compile_source(src: str, fn_name: str, interpret: bool):
     """Import ``src`` as a module and return its @triton.jit function (interpreted if asked)."""
-    triton = _triton()
+    triton = _triton(interpret)
     digest = hashlib.sha256(src.encode()).hexdigest()[:16]
     folder = knobs.cache_dir / "triton"
     folder.mkdir(parents=True, exist_ok=True)

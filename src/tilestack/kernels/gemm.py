@@ -1,0 +1,71 @@
+"""GEMM: C = A @ B with bf16/f16 inputs and f32 accumulation, written in the tile language.
+
+    c = tilestack.kernels.gemm(a, b)               # (M, K) @ (K, N) -> (M, N), a's dtype
+    gemm_kernel.trace(a, b, c).source()            # the generated Triton
+
+Programs walk the output in groups of GROUP_M block-rows so that neighbouring programs share A and B
+tiles in L2.
+"""
+
+from __future__ import annotations
+
+import tilestack.lang as ts
+from tilestack.kernels._checks import check_same_device, check_tensor
+
+
+def _grid(A, B, BM, BN):
+    return (ts.cdiv(A.shape[0], BM) * ts.cdiv(B.shape[1], BN),)
+
+
+@ts.kernel(grid=_grid)
+def gemm_kernel(A, B, C, *,
+                BM: int = ts.tunable(128, (16, 32, 64, 128, 256)),
+                BN: int = ts.tunable(128, (16, 32, 64, 128, 256)),
+                BK: int = ts.tunable(64, (16, 32, 64, 128)),
+                GROUP_M: int = ts.tunable(8, (1, 4, 8, 16)),
+                num_warps: int = ts.tunable(8, (4, 8)),
+                num_stages: int = ts.tunable(3, (2, 3, 4, 5))):
+    M, K = A.shape
+    N = B.shape[1]
+    # grouped program order: (i, j) of this program's C tile
+    pid = ts.block_id(0)
+    tiles_m, tiles_n = ts.cdiv(M, BM), ts.cdiv(N, BN)
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    rows_in_group = ts.smin(tiles_m - first_m, GROUP_M)
+    i = first_m + (pid % (GROUP_M * tiles_n)) % rows_in_group
+    j = (pid % (GROUP_M * tiles_n)) // rows_in_group
+
+    acc = ts.RegTile[ts.f32, BM, BN]()
+    a = ts.SharedTile[A.dtype, BM, BK]()
+    b = ts.SharedTile[B.dtype, BK, BN]()
+    c = ts.RegTile[C.dtype, BM, BN]()
+    ts.zero(acc)
+    for k in ts.range(ts.cdiv(K, BK)):
+        ts.load(a, A, at=(i, k))         # (BM, BK)
+        ts.load(b, B, at=(k, j))         # (BK, BN)
+        ts.mma_AB(acc, a, b, acc)
+    ts.copy(c, acc)
+    ts.store(C, c, at=(i, j))
+
+
+def reference(a, b):
+    """Plain PyTorch: the product in f32, returned in a's dtype."""
+    return (a.float() @ b.float()).to(a.dtype)
+
+
+def gemm(a, b, *, out=None, backend: str | None = None, **config):
+    """C = A @ B for 2-D bf16/f16 tensors of any size, accumulated in f32."""
+    import torch
+
+    check_tensor("gemm", "a", a, rank=2, dtypes=(torch.bfloat16, torch.float16))
+    check_tensor("gemm", "b", b, rank=2, dtypes=(a.dtype,))
+    if a.shape[1] != b.shape[0]:
+        from tilestack.errors import LaunchError
+        raise LaunchError(f"gemm: a is {tuple(a.shape)} and b is {tuple(b.shape)}; a.shape[1] must equal "
+                          "b.shape[0]")
+    check_same_device("gemm", a=a, b=b, out=out)
+    if out is None:
+        out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
+    gemm_kernel(a, b, out, backend=backend, **config)
+    return out

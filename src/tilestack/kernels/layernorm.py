@@ -1,0 +1,79 @@
+"""Layer norm forward over the last dim of a 2-D tensor, any width; saves mean and 1/std for a backward.
+
+    y, mean, rstd = tilestack.kernels.layer_norm(x, weight, bias, eps=1e-5)
+"""
+
+from __future__ import annotations
+
+import tilestack.lang as ts
+from tilestack.kernels._checks import check_same_device, check_tensor
+
+
+@ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))
+def layer_norm_kernel(X, W, B, Y, Mean, Rstd, eps: float, *,
+                      BM: int = ts.tunable(4, (1, 2, 4, 8, 16)),
+                      BN: int = ts.tunable(1024, (128, 256, 512, 1024, 2048, 4096)),
+                      num_warps: int = ts.tunable(4, (2, 4, 8)),
+                      num_stages: int = ts.tunable(1, (1, 2))):
+    i = ts.block_id(0)
+    N = X.shape[1]
+    x = ts.RegTile[ts.f32, BM, BN]()
+    mean = ts.RegVec[ts.f32, BM]()
+    var = ts.RegVec[ts.f32, BM]()
+    ts.zero(mean)
+    ts.zero(var)
+    for j in ts.range(ts.cdiv(N, BN)):          # pass 1: mean (edges load as zero)
+        ts.load(x, X, at=(i, j))                 # (BM, BN)
+        ts.row_sum(mean, x, mean)
+    ts.div(mean, mean, N * 1.0)
+    for j in ts.range(ts.cdiv(N, BN)):          # pass 2: variance about the mean (two-pass: no cancellation)
+        ts.load(x, X, at=(i, j))
+        ts.sub_row(x, x, mean)
+        ts.right_fill(x, x, N - j * BN, 0.0)
+        ts.mul(x, x, x)
+        ts.row_sum(var, x, var)
+    ts.div(var, var, N * 1.0)
+    rstd = ts.RegVec[ts.f32, BM]()
+    ts.add(rstd, var, eps)
+    ts.rsqrt(rstd, rstd)
+    w = ts.RegVec[ts.f32, BN]()
+    b = ts.RegVec[ts.f32, BN]()
+    y = ts.RegTile[Y.dtype, BM, BN]()
+    for j in ts.range(ts.cdiv(N, BN)):          # pass 3: y = (x - mean) * rstd * w + b
+        ts.load(x, X, at=(i, j))
+        ts.load(w, W, at=(j,))
+        ts.load(b, B, at=(j,))
+        ts.sub_row(x, x, mean)
+        ts.mul_row(x, x, rstd)
+        ts.mul_col(x, x, w)
+        ts.add_col(x, x, b)
+        ts.copy(y, x)
+        ts.store(Y, y, at=(i, j))
+    ts.store(Mean, mean, at=(i,))
+    ts.store(Rstd, rstd, at=(i,))
+
+
+def reference(x, weight, bias, eps: float = 1e-5):
+    import torch
+
+    return torch.nn.functional.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).to(x.dtype)
+
+
+def layer_norm(x, weight, bias, eps: float = 1e-5, *, backend: str | None = None, **config):
+    """(y, mean, rstd) of layer norm over the last dim of a 2-D tensor; weight and bias of shape (N,)."""
+    import torch
+
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    check_tensor("layer_norm", "x", x, rank=2, dtypes=floats)
+    check_tensor("layer_norm", "weight", weight, rank=1, dtypes=floats)
+    check_tensor("layer_norm", "bias", bias, rank=1, dtypes=floats)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t.shape[0] != x.shape[1]:
+            from tilestack.errors import LaunchError
+            raise LaunchError(f"layer_norm: {name} has {t.shape[0]} elements; expected x.shape[1] = {x.shape[1]}")
+    check_same_device("layer_norm", x=x, weight=weight, bias=bias)
+    y = torch.empty_like(x)
+    mean = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    layer_norm_kernel(x, weight, bias, y, mean, rstd, float(eps), backend=backend, **config)
+    return y, mean, rstd

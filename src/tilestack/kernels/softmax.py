@@ -1,0 +1,68 @@
+"""Row softmax of a 2-D tensor, any width: one pass for the running max and sum (online), one to write.
+
+    y = tilestack.kernels.softmax(x)       # softmax over the last dim, x's dtype, f32 arithmetic
+"""
+
+from __future__ import annotations
+
+import math
+
+import tilestack.lang as ts
+from tilestack.kernels._checks import check_same_device, check_tensor
+
+LOG2E = math.log2(math.e)
+
+
+@ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))
+def softmax_kernel(X, Y, *,
+                   BM: int = ts.tunable(4, (1, 2, 4, 8, 16)),
+                   BN: int = ts.tunable(1024, (128, 256, 512, 1024, 2048, 4096)),
+                   num_warps: int = ts.tunable(4, (2, 4, 8)),
+                   num_stages: int = ts.tunable(1, (1, 2))):
+    i = ts.block_id(0)
+    N = X.shape[1]
+    x = ts.RegTile[ts.f32, BM, BN]()
+    m = ts.RegVec[ts.f32, BM]()
+    m_new = ts.RegVec[ts.f32, BM]()
+    alpha = ts.RegVec[ts.f32, BM]()
+    l = ts.RegVec[ts.f32, BM]()
+    ts.neg_infty(m)
+    ts.zero(l)
+    for j in ts.range(ts.cdiv(N, BN)):          # pass 1: running max m and sum l of exp2(x*log2e - m)
+        ts.load(x, X, at=(i, j))                 # (BM, BN)
+        ts.mul(x, x, LOG2E)
+        ts.right_fill(x, x, N - j * BN, -math.inf)
+        ts.row_max(m_new, x, m)
+        ts.sub(alpha, m, m_new)
+        ts.exp2(alpha, alpha)
+        ts.mul(l, l, alpha)
+        ts.sub_row(x, x, m_new)
+        ts.exp2(x, x)
+        ts.row_sum(l, x, l)
+        ts.copy(m, m_new)
+    y = ts.RegTile[Y.dtype, BM, BN]()
+    for j in ts.range(ts.cdiv(N, BN)):          # pass 2: y = exp2(x*log2e - m) / l
+        ts.load(x, X, at=(i, j))
+        ts.mul(x, x, LOG2E)
+        ts.sub_row(x, x, m)
+        ts.exp2(x, x)
+        ts.div_row(x, x, l)
+        ts.copy(y, x)
+        ts.store(Y, y, at=(i, j))
+
+
+def reference(x):
+    import torch
+
+    return torch.softmax(x.float(), dim=-1).to(x.dtype)
+
+
+def softmax(x, *, out=None, backend: str | None = None, **config):
+    """Softmax over the last dim of a 2-D f32/bf16/f16 tensor."""
+    import torch
+
+    check_tensor("softmax", "x", x, rank=2, dtypes=(torch.float32, torch.bfloat16, torch.float16))
+    check_same_device("softmax", x=x, out=out)
+    out = torch.empty_like(x) if out is None else out
+    softmax_kernel(x, out, backend=backend, **config)
+    return out
