@@ -38,6 +38,7 @@ DEFAULT_WARMUP = 2
 HOT_SPOTS = 5  # ops listed, with tips, before the table
 OTHER = "(other)"
 DEFAULT_BUILDER = "build"
+ALLOCATING_PREFIXES = ("empty", "new_empty", "zeros_like", "ones_like", "full_like", "resize_")
 
 
 class ProfileError(TilestackError, RuntimeError):
@@ -129,6 +130,7 @@ def _nbytes(ts: Sequence[Any]) -> float:
 
 def _flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     """FLOPs of one ATen call: torch's registered formula, or tilestack's for the ops torch leaves out."""
+    import torch
     from torch.utils.flop_counter import flop_registry
 
     packet = func._overloadpacket
@@ -139,6 +141,8 @@ def _flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     if str(packet) == "aten._scaled_dot_product_flash_attention_for_cpu":
         q, k, v = args[:3]
         return float(formulas.sdpa(q, k, v, causal=bool(is_causal)).flops)
+    if torch.Tag.pointwise in getattr(func, "tags", ()):
+        return float(sum(t.numel() for t in _tensors(out)))  # 1 FLOP per output element, as torch's profiler
     return 0.0
 
 
@@ -164,6 +168,21 @@ def _profiler_name(func: Any) -> str:
     return f"{ns}::{name}"
 
 
+def _storage(t: Any) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except Exception:  # tensors without storage (sparse, some subclasses)
+        return id(t)
+
+
+def _moves_no_data(func: Any, name: str, ins: Sequence[Any], outs: Sequence[Any]) -> bool:
+    """Views and aliases (their outputs share the inputs' storage) and allocations move no bytes."""
+    if getattr(func, "is_view", False) or name.removeprefix("aten::").startswith(ALLOCATING_PREFIXES):
+        return True
+    in_place = name.endswith("_")
+    return not in_place and bool(outs) and {_storage(t) for t in outs} <= {_storage(t) for t in ins}
+
+
 def count_ops(step: Callable[[], Any]) -> dict[str, _Count]:
     """Run ``step`` once under a dispatch mode; FLOPs and bytes of every ATen op, by profiler name."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -176,10 +195,11 @@ def count_ops(step: Callable[[], Any]) -> dict[str, _Count]:
         ) -> Any:
             kwargs = kwargs or {}
             out = func(*args, **kwargs)
-            c = counts[_profiler_name(func)]
+            name = _profiler_name(func)
+            c = counts[name]
             c.calls += 1
             ins, outs = _tensors((args, kwargs)), _tensors(out)
-            if not getattr(func, "is_view", False):
+            if not _moves_no_data(func, name, ins, outs):
                 c.bytes_read += _nbytes(ins)
                 c.bytes_written += _nbytes(outs)
             c.flops += _flops(func, args, kwargs, out)
@@ -208,6 +228,23 @@ def _model_device(model: Any, inputs: Any) -> str:
         for p in params():
             return p.device.type
     return "cpu"
+
+
+def _without_fastpath(step: Callable[[], Any]) -> Callable[[], Any]:
+    import torch
+
+    def inner() -> Any:
+        mha = getattr(torch.backends, "mha", None)
+        if mha is None:
+            return step()
+        before = mha.get_fastpath_enabled()
+        mha.set_fastpath_enabled(False)
+        try:
+            return step()
+        finally:
+            mha.set_fastpath_enabled(before)
+
+    return inner
 
 
 def make_step(model: Callable[..., Any], inputs: Any, *, train: bool = False) -> Callable[[], Any]:
@@ -242,11 +279,14 @@ def profile_model(
     name: str | None = None,
     device: Any = None,
     ceilings: Any = None,
+    fastpath: bool = False,
 ) -> ModelProfile:
     """Profile ``model(*inputs)`` (a tuple, a dict of keyword arguments, or one tensor): see the module doc.
 
     ``device`` None reads it off the inputs or parameters; ``ceilings`` None uses the cached (or freshly
-    measured) ceilings of that device, ``False`` none.
+    measured) ceilings of that device, ``False`` none. ``fastpath`` False turns off the inference fast path
+    of ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer``: its fused native kernels call matmuls that
+    no dispatch mode sees, so with it on their time is shown but not their FLOPs.
     """
     import time
 
@@ -267,6 +307,8 @@ def profile_model(
     cuda = dev.kind == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     step = make_step(model, inputs, train=train)
+    if not fastpath:
+        step = _without_fastpath(step)
 
     def guarded(phase: str, fn: Callable[[], Any]) -> Any:
         try:
@@ -276,14 +318,14 @@ def profile_model(
         except Exception as e:
             raise ProfileError(f"model {name!r} raised {type(e).__name__} during the {phase}: {e}") from e
 
-    counts = guarded("counting pass", lambda: count_ops(step))
-
     def warm() -> None:
         for _ in range(warmup):
             step()
         sync()
 
+    # Warm-up first, so the counted step is a steady-state one (gradients already allocated, caches built).
     guarded("warm-up", warm)
+    counts = guarded("counting pass", lambda: count_ops(step))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
 
     def timed() -> tuple[Any, float]:
@@ -296,13 +338,48 @@ def profile_model(
         return prof, wall
 
     prof, wall = guarded("profiled steps", timed)
-    return _join(name, dev, ceil, counts, prof.key_averages(), steps, wall, train, cuda)
+    return _join(name, dev, ceil, counts, prof.events(), steps, wall, train, cuda)
 
 
 def _self_s(e: Any, cuda: bool) -> float:
     if cuda:
         return float(getattr(e, "self_device_time_total", 0.0)) * US_TO_S
     return float(e.self_cpu_time_total) * US_TO_S
+
+
+def attribute(events: Sequence[Any], counted: set[str], cuda: bool) -> tuple[dict[str, list[float]], float]:
+    """Seconds and calls per op name over the profiler's event tree, the way the counting pass saw the ops.
+
+    The dispatch mode counts the outermost ATen op of each call chain below autograd (``clone``, not the
+    ``copy_`` inside it); so a counted op takes the time of its whole subtree, while an op it never saw
+    (``linear``, which decomposes before dispatch) keeps only its own time and its children are visited.
+    Returns ``{op: [calls, seconds]}`` over all steps, and the total (GPU kernel time, or CPU self time).
+    """
+    from torch.autograd import DeviceType
+
+    per: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+    cpu = [e for e in events if e.device_type == DeviceType.CPU]
+    total = math.fsum(_self_s(e, cuda) for e in cpu if not e.name.startswith("ProfilerStep"))
+
+    def subtree_s(e: Any) -> float:
+        acc, stack = 0.0, [e]
+        while stack:
+            x = stack.pop()
+            acc += _self_s(x, cuda)
+            stack.extend(x.cpu_children)
+        return acc
+
+    stack = [e for e in cpu if e.cpu_parent is None]
+    while stack:
+        e = stack.pop()
+        if e.name.startswith("aten::"):
+            per[e.name][0] += 1
+            if e.name in counted:
+                per[e.name][1] += subtree_s(e)
+                continue
+            per[e.name][1] += _self_s(e, cuda)
+        stack.extend(e.cpu_children)
+    return dict(per), total
 
 
 def _join(
@@ -316,34 +393,23 @@ def _join(
     train: bool,
     cuda: bool,
 ) -> ModelProfile:
-    from torch.autograd import DeviceType
-
-    per_op: dict[str, tuple[float, float]] = {}  # op -> (calls per step, seconds per step)
-    total = 0.0
-    for e in events:
-        s = _self_s(e, cuda) / steps
-        if cuda:
-            if e.device_type == DeviceType.CUDA:
-                total += s  # kernels: the GPU's busy time
-                continue
-        elif not e.key.startswith("ProfilerStep"):
-            total += s
-        if e.key.startswith("aten::") and s > 0:
-            per_op[e.key] = (e.count / steps, s)
+    counted = {op for op, c in counts.items() if c.flops > 0 or c.bytes_read + c.bytes_written > 0}
+    per, total = attribute(events, counted, cuda)
+    per_op = {op: (calls / steps, s / steps) for op, (calls, s) in per.items() if s > 0}
+    total /= steps
     attributed = math.fsum(s for _, s in per_op.values())
     if total > attributed:
-        per_op[OTHER] = (0.0, total - attributed)
+        per_op[OTHER] = (0.0, total - attributed)  # non-ATen work: autograd bookkeeping, custom kernels
     total = max(total, attributed)
     ops: list[OpStat] = []
     for op, (calls, s) in per_op.items():
         c = counts.get(op, _Count())
         n = c.calls or max(calls, 1)  # per-step calls as counted; the profiler's if the op was not seen
-        counted = (c.flops > 0 or c.bytes_read + c.bytes_written > 0) and op != OTHER
+        is_counted = op in counted
         dtype = c.dtype or "fp32"
-        per_call_s = s / max(calls, 1)
         m = compute_metrics(
             name=op,
-            latency_s=per_call_s,
+            latency_s=s / max(calls, 1),
             flops=c.flops / n,
             bytes_read=c.bytes_read / n,
             bytes_written=c.bytes_written / n,
@@ -352,7 +418,7 @@ def _join(
             dtype=dtype,
             config={"calls/step": round(calls, 2)},
         )
-        ops.append(OpStat(op, calls, s, s / total if total else 0.0, m, counted))
+        ops.append(OpStat(op, calls, s, s / total if total else 0.0, m, is_counted))
     ops.sort(key=lambda o: o.total_s, reverse=True)
     return ModelProfile(name, dev, ceil, steps, train, total, wall / steps, ops)
 
@@ -458,14 +524,13 @@ def hot_spot_lines(p: ModelProfile, n: int = HOT_SPOTS) -> list[str]:
     ]
 
 
-def print_profile(p: ModelProfile, console: Any = None, top: int | None = None) -> None:
+def print_profile(p: ModelProfile, con: Any = None, top: int | None = None) -> None:
     """Hot spots with tips first, then the per-op table (the ``top`` ops, all by default)."""
-    from rich.console import Console
     from rich.table import Table
 
-    from tilestack.perf.report import seconds, si
+    from tilestack.perf.report import console, seconds, si
 
-    con = console or Console()
+    con = console(con)
     mode = "forward + backward" if p.train else "forward"
     con.print(
         f"[bold]{p.name}[/bold] on {p.device.name}: {mode}, {seconds(p.step_s)} of op time per step "

@@ -29,6 +29,7 @@ T = TypeVar("T")
 _SI = ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
 _TIME = ((1.0, "s"), (1e-3, "ms"), (1e-6, "us"), (1e-9, "ns"))
 PNG_DPI = 120
+PIPE_WIDTH = 200  # columns of the tables when output goes to a file (logs, CI)
 PNG_SIZE_IN = (9.0, 6.0)
 ROOF_INTENSITY_RANGE = (1e-2, 1e4)  # FLOP/byte, the x-axis of the roofline plot
 DTYPE_COLORS = {
@@ -110,17 +111,19 @@ def measurements_table(ms: Sequence[Measurement], title: str = "") -> Any:
     return t
 
 
-def _console(console: Any = None) -> Any:
-    if console is not None:
-        return console
+def console(given: Any = None) -> Any:
+    """``given``, or a rich Console: wide (``PIPE_WIDTH``) when writing to a pipe or a file."""
+    if given is not None:
+        return given
     from rich.console import Console
 
-    return Console()
+    con = Console()
+    return con if con.is_terminal else Console(width=PIPE_WIDTH)
 
 
-def print_measurements(ms: Sequence[Measurement], title: str = "", console: Any = None) -> None:
+def print_measurements(ms: Sequence[Measurement], title: str = "", con: Any = None) -> None:
     """Print the table, then one tip per kernel (and every energy note) underneath."""
-    con = _console(console)
+    con = console(con)
     con.print(measurements_table(ms, title))
     for m in ms:
         con.print(f"[bold]{m.name}[/bold] {_config(m.config)}: {m.tip}")
