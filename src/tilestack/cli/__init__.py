@@ -11,7 +11,15 @@ import importlib
 
 import typer
 
-app = typer.Typer(help="tilestack: tile kernels, measured.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(help="tilestack: tile kernels, measured.", no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_show_locals=False)
+
+
+
+@app.callback()
+def _root() -> None:
+    """tilestack: tile kernels, measured."""
+
 
 # Command modules, imported for their side effect of registering commands on ``app``.
 # A module whose optional dependencies are missing (e.g. flwr) is skipped.

@@ -45,11 +45,36 @@ class Cost:
         return self.flops / self.bytes if self.bytes else float("inf")
 
 
-def grid_of(kernel: KernelIR, dims: dict[int, tuple[int, ...]], scalars: dict[int, float]) -> tuple[int, ...]:
+def grid_plan(kernel: KernelIR) -> list:
+    """The entry instructions the grid depends on (its backward slice), to evaluate with plain ints."""
+    need = set(kernel.grid)
+    plan = []
+    for ins in reversed(kernel.body.instrs):
+        if ins.results and ins.results[0] in need:
+            plan.append(ins)
+            need.update(ins.srcs)
+    return plan[::-1]
+
+
+def grid_of(kernel: KernelIR, dims: dict[int, tuple[int, ...]], scalars: dict[int, float],
+            plan: list | None = None) -> tuple[int, ...]:
     """The launch grid for argument sizes ``dims`` (param index -> shape)."""
-    env = _Env(dims, scalars)
-    _eval_block(kernel.body, env, counts=None, stop_at_block_id=True)
-    return tuple(int(np.asarray(env.values[g]).reshape(-1)[0]) for g in kernel.grid)
+    values: dict[Value, object] = {}
+    args: dict[Value, int] = {}
+    for ins in plan if plan is not None else grid_plan(kernel):
+        if ins.op is Op.ARG:
+            args[ins.result] = ins.attrs["index"]
+            values[ins.result] = scalars.get(ins.attrs["index"])
+        elif ins.op is Op.CONST:
+            values[ins.result] = ins.attrs["value"]
+        elif ins.op is Op.DIM:
+            values[ins.result] = dims[args[ins.srcs[0]]][ins.attrs["axis"]]
+        elif ins.op is Op.SCALAR:
+            values[ins.result] = apply_scalar(ins.attrs["fn"], values[ins.srcs[0]], values[ins.srcs[1]])
+        else:
+            raise ValueError(f"grid depends on {ins.op.value} ({ins.where}); it may use only argument sizes, "
+                             "scalars and constants")
+    return tuple(int(values[g]) for g in kernel.grid)
 
 
 def kernel_cost(kernel: KernelIR, dims: dict[int, tuple[int, ...]], scalars: dict[int, float]) -> Cost:
@@ -89,11 +114,7 @@ class _Env:
         self.n = 1
 
 
-class _StopAtBlockId(Exception):
-    pass
-
-
-def _eval_block(block: Block, env: _Env, counts, stop_at_block_id: bool = False) -> None:
+def _eval_block(block: Block, env: _Env, counts) -> None:
     for ins in block.instrs:
         op = ins.op
         if op is Op.ARG:
@@ -109,13 +130,9 @@ def _eval_block(block: Block, env: _Env, counts, stop_at_block_id: bool = False)
             a, b = (env.values[s] for s in ins.srcs)
             env.values[ins.result] = apply_scalar(ins.attrs["fn"], a, b)
         elif op is Op.BLOCK_ID:
-            if stop_at_block_id:
-                return
             env.values[ins.result] = env.block_ids[ins.attrs["axis"]]
         elif op is Op.NUM_BLOCKS:
             env.values[ins.result] = env.grid[ins.attrs["axis"]]
-        elif counts is None:
-            continue
         elif op is Op.RANGE:
             _eval_range(ins, env, counts)
         elif op in (Op.LOAD, Op.STORE):

@@ -24,7 +24,7 @@ def gemm_kernel(A, B, C, *,
                 BK: int = ts.tunable(64, (16, 32, 64, 128)),
                 GROUP_M: int = ts.tunable(8, (1, 4, 8, 16)),
                 num_warps: int = ts.tunable(8, (4, 8)),
-                num_stages: int = ts.tunable(3, (2, 3, 4, 5))):
+                num_stages: int = ts.tunable(3, (1, 2, 3, 4, 5))):
     M, K = A.shape
     N = B.shape[1]
     # grouped program order: (i, j) of this program's C tile

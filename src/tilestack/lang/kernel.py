@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tilestack.errors import LaunchError, TraceError, TunableError
-from tilestack.ir.cost import Cost, grid_of, kernel_cost
+from tilestack.ir.cost import Cost, grid_of, grid_plan, kernel_cost
 from tilestack.ir.nodes import KernelIR, Param
 from tilestack.ir.ops import Op
 from tilestack.ir.types import FLOAT, INDEX, DType, GlobalType, dtype_of_torch
@@ -211,6 +211,8 @@ class TracedKernel:
         self.constants = constants
         self.ir = ir
         self._compiled: dict[str, Any] = {}
+        self._grid_plan = grid_plan(ir)
+        self.written = ir.written_params()   # indices of the globals it stores to
 
     @property
     def name(self) -> str:
@@ -239,8 +241,9 @@ class TracedKernel:
         return kernel_cost(self.ir, dims, scalars)
 
     def grid(self, *args) -> tuple[int, ...]:
+        """The number of programs on each grid axis for these arguments."""
         dims, scalars = self._split_args(args)
-        return grid_of(self.ir, dims, scalars)
+        return grid_of(self.ir, dims, scalars, self._grid_plan)
 
     def check_args(self, args: Sequence) -> None:
         """Every launch-time check, before any work: count, kinds, dtypes, ranks, devices, layouts."""

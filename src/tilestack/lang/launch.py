@@ -19,7 +19,7 @@ def check_args(traced, args: Sequence) -> None:
     if len(args) != len(params):
         names = ", ".join(p.name for p in params)
         raise LaunchError(f"{name} takes {len(params)} arguments ({names}); got {len(args)}")
-    written = traced.ir.written_params()
+    written = traced.written
     devices = {}
     for i, (p, s, a) in enumerate(zip(params, traced.signature, args, strict=True)):
         if not isinstance(s, tuple):

@@ -1,0 +1,349 @@
+"""Performance commands: device, profile, compare, report, runs, ncu.
+
+    tilestack device [--remeasure]                 the device, its published peaks and measured ceilings
+    tilestack profile model.py[:build] [--train]   per-op table of a PyTorch model, hot spots and tips first
+    tilestack runs                                 the runs in the result store
+    tilestack report [RUN] --out DIR               table, roofline PNG, HTML and markdown of a stored run
+    tilestack compare RUN_A RUN_B                  two runs (or two devices), case by case
+    tilestack ncu --kernel REGEX -- script.py ...  Nsight Compute's figures for one kernel
+
+torch and matplotlib are imported inside the commands, so ``tilestack --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tilestack.cli import app
+
+DbOption = Annotated[
+    Path | None, typer.Option("--db", help="Result store (default <cache_dir>/perf/results.sqlite).")
+]
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def device(
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda or cuda:N (default: the first GPU, else cpu).")
+    ] = None,
+    remeasure: Annotated[
+        bool, typer.Option(help="Measure the ceilings again instead of reading the cache.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Show the device, its published peaks and its measured ceilings (measured once, then cached)."""
+    from tilestack.errors import TilestackError
+    from tilestack.perf import device as device_mod
+    from tilestack.perf import report
+
+    try:
+        dev = device_mod.detect(device)
+        with report.console().status("measuring ceilings..." if remeasure else "reading ceilings..."):
+            ceil = device_mod.ceilings(dev, remeasure=remeasure)
+    except TilestackError as e:
+        _fail(str(e))
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "device": dev.describe(),
+                    "ceilings": ceil.to_json(),
+                    "published": dict(dev.spec.flops, bandwidth=dev.spec.bandwidth) if dev.spec else None,
+                },
+                indent=2,
+                default=str,
+            )
+        )
+        return
+    from rich.table import Table
+
+    t = Table(title=dev.name, header_style="bold")
+    for col in ("", "measured", "published", "measured / published"):
+        t.add_column(col)
+    spec = dev.spec
+    pub_bw = spec.bandwidth if spec else None
+    t.add_row(
+        "memory bandwidth",
+        report.si(ceil.copy_bytes_per_s, "B/s"),
+        report.si(pub_bw, "B/s"),
+        report.pct(ceil.copy_bytes_per_s / pub_bw) if pub_bw else "-",
+    )
+    for dtype in dict.fromkeys([*ceil.matmul, *(spec.flops if spec else {})]):
+        mv, pv = ceil.matmul.get(dtype), spec.peak(dtype) if spec else None
+        t.add_row(
+            f"matmul {dtype}",
+            report.si(mv, "FLOP/s"),
+            report.si(pv, "FLOP/s"),
+            report.pct(mv / pv) if mv and pv else "-",
+        )
+    con = report.console()
+    con.print(t)
+    con.print(
+        f"spec: {spec.label + ' (' + spec.source + ')' if spec else 'not in the table of published peaks'}"
+    )
+    con.print(f"ceilings measured {ceil.measured_at}, cached in {device_mod.ceilings_path(dev)}")
+
+
+@app.command()
+def profile(
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="path/to/script.py[:fn] or package.module[:fn]; fn() returns "
+            "(model, inputs); else top-level `model` and `inputs`."
+        ),
+    ],
+    device: Annotated[
+        str | None, typer.Option(help="Move model and inputs to this device (cpu, cuda).")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Profiled steps.")] = 5,
+    warmup: Annotated[int, typer.Option(help="Warm-up steps before counting and profiling.")] = 2,
+    train: Annotated[bool, typer.Option(help="Profile forward and backward, not just forward.")] = False,
+    top: Annotated[int | None, typer.Option(help="Show only the slowest N ops.")] = 25,
+    fastpath: Annotated[
+        bool,
+        typer.Option(
+            help="Keep nn.MultiheadAttention's fused fast path (its inner matmuls then go uncounted)."
+        ),
+    ] = False,
+    out: Annotated[Path | None, typer.Option(help="Write profile.html and profile.png here.")] = None,
+    store: Annotated[bool, typer.Option(help="Append every op's row to the result store.")] = True,
+    db: DbOption = None,
+) -> None:
+    """Profile a PyTorch model: per-op time, share, FLOPs, bytes, intensity, bound and % of roof."""
+    from tilestack.errors import TilestackError
+    from tilestack.perf import profile as profile_mod
+    from tilestack.perf import report
+
+    try:
+        model, inputs = profile_mod.load_target(target)
+        if device is not None:
+            model, inputs = _to_device(model, inputs, device)
+        with report.console().status(f"profiling {target}..."):
+            prof = profile_mod.profile_model(
+                model,
+                inputs,
+                steps=steps,
+                warmup=warmup,
+                train=train,
+                name=Path(target.partition(":")[0]).stem,
+                fastpath=fastpath,
+            )
+    except TilestackError as e:
+        _fail(str(e))
+    profile_mod.print_profile(prof, top=top)
+    if out is not None:
+        html = profile_mod.profile_html(prof, out / "profile.html", out / "profile.png")
+        (out / "profile.md").write_text(
+            report.markdown_table(profile_mod.PROFILE_COLUMNS, profile_mod.profile_rows(prof)) + "\n"
+        )
+        report.console().print(f"wrote {html}, {out / 'profile.png'}, {out / 'profile.md'}")
+    if store:
+        from tilestack.perf.store import Store
+
+        with Store(db) as st:
+            run = st.start_run(
+                device=prof.device,
+                ceilings=prof.ceilings,
+                label=f"profile {target}",
+                command=" ".join(sys.argv),
+            )
+            for o in prof.ops:
+                if o.counted:
+                    st.append(run, o.m)
+        report.console().print(f"stored as run {run} in {st.path}")
+
+
+def _to_device(model: object, inputs: object, device: str) -> tuple[object, object]:
+    import torch
+
+    def move(x: object) -> object:
+        if isinstance(x, torch.Tensor):
+            return x.to(device)
+        if isinstance(x, tuple | list):
+            return type(x)(move(v) for v in x)
+        if isinstance(x, dict):
+            return {k: move(v) for k, v in x.items()}
+        return x
+
+    to = getattr(model, "to", None)
+    return (to(device) if to else model), move(inputs)
+
+
+@app.command()
+def runs(db: DbOption = None, limit: Annotated[int, typer.Option(help="Newest N runs.")] = 20) -> None:
+    """List the runs in the result store, newest first."""
+    from rich.table import Table
+
+    from tilestack.perf import report
+    from tilestack.perf.store import Store
+
+    with Store(db) as st:
+        rs = st.runs()[:limit]
+        t = Table(title=str(st.path), header_style="bold")
+    for col in ("run", "started", "device", "results", "label", "versions"):
+        t.add_column(col, overflow="fold")
+    for r in rs:
+        v = r.versions or {}
+        t.add_row(
+            r.id,
+            r.started_at,
+            r.device,
+            str(r.n_results),
+            r.label or "",
+            f"torch {v.get('torch')}, triton {v.get('triton')}, cuda {v.get('cuda')}",
+        )
+    report.console().print(t)
+
+
+@app.command()
+def report(
+    run: Annotated[str, typer.Argument(help="Run id, unique prefix, label, latest or latest~N.")] = "latest",
+    out: Annotated[
+        Path | None, typer.Option(help="Write report.html, roofline.png and report.md here.")
+    ] = None,
+    title: Annotated[str | None, typer.Option(help="Report title.")] = None,
+    db: DbOption = None,
+) -> None:
+    """Show a stored run as a table; with --out, also the roofline PNG, the HTML report and markdown."""
+    from tilestack.perf import report as report_mod
+    from tilestack.perf.store import Store, StoreError
+
+    try:
+        with Store(db) as st:
+            r = st.run(run)
+            ms = st.measurements(r.id)
+    except StoreError as e:
+        _fail(str(e))
+    title = title or f"tilestack run {r.id} on {r.device}"
+    report_mod.print_measurements(ms, title=title)
+    if out is not None:
+        ceil = _ceilings_of(r.ceilings)
+        report_mod.roofline_png(ms, out / "roofline.png", ceilings=ceil, title=title)
+        report_mod.html_report(ms, out / "report.html", ceilings=ceil, versions=r.versions, title=title)
+        (out / "report.md").write_text(report_mod.measurements_markdown(ms) + "\n")
+        report_mod.console().print(
+            f"wrote {out / 'report.html'}, {out / 'roofline.png'}, {out / 'report.md'}"
+        )
+
+
+def _ceilings_of(data: dict | None) -> object:
+    from tilestack.perf.device import Ceilings
+
+    try:
+        return Ceilings(**data) if data else None
+    except TypeError:
+        return None  # stored by an older layout: the report falls back to the roofs kept in each row
+
+
+@app.command()
+def compare(
+    a: Annotated[str, typer.Argument(help="Run (id, prefix, label, latest~N) or device name: the baseline.")],
+    b: Annotated[str, typer.Argument(help="Run or device name compared against A.")],
+    db: DbOption = None,
+) -> None:
+    """Compare two runs or two devices case by case (same kernel and config): latency and B's speed-up."""
+    from tilestack.perf import report as report_mod
+    from tilestack.perf.store import Store, StoreError
+
+    try:
+        with Store(db) as st:
+            cmp = st.compare(a, b)
+    except StoreError as e:
+        _fail(str(e))
+    report_mod.console().print(report_mod.comparison_table(cmp))
+
+
+@app.command()
+def ncu(
+    target: Annotated[
+        list[str],
+        typer.Argument(help="The command to profile, after `--` (a .py file runs under this Python)."),
+    ],
+    kernel: Annotated[
+        str | None, typer.Option(help="Regex on kernel names (ncu --kernel-name regex:...).")
+    ] = None,
+    nvtx: Annotated[
+        str | None, typer.Option(help="NVTX range filter, e.g. 'tilestack:rmsnorm[BM=64]/'.")
+    ] = None,
+    skip: Annotated[int, typer.Option(help="Matching launches to skip first (warm-up).")] = 0,
+    count: Annotated[int, typer.Option(help="Matching launches to profile.")] = 1,
+    fold: Annotated[
+        str | None,
+        typer.Option(
+            help="Fold the figures into the newest stored result of this kernel name (appended to its run)."
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    db: DbOption = None,
+) -> None:
+    """Run Nsight Compute (--clock-control none) on matching launches and show speed-of-light and memory."""
+    from tilestack.perf import ncu as ncu_mod
+    from tilestack.perf import report as report_mod
+
+    argv = [sys.executable, *target] if target and target[0].endswith(".py") else list(target)
+    try:
+        with report_mod.console().status("running ncu..."):
+            res = ncu_mod.run(
+                argv, kernel_regex=kernel, nvtx_include=nvtx, launch_skip=skip, launch_count=count
+            )
+    except ncu_mod.NcuError as e:
+        _fail(str(e))
+    if as_json:
+        print(json.dumps({"kernels": [vars(k) for k in res.kernels], "summary": res.summary()}, indent=2))
+    else:
+        from rich.table import Table
+
+        t = Table(title="Nsight Compute (--clock-control none)", header_style="bold")
+        for col in (
+            "kernel",
+            "time",
+            "SM SOL",
+            "memory SOL",
+            "DRAM %",
+            "DRAM bytes",
+            "L2 bytes",
+            "occupancy",
+            "regs",
+        ):
+            t.add_column(col, overflow="fold")
+        p = lambda v: "-" if v is None else f"{v:.0f}%"  # noqa: E731
+        for k in res.kernels:
+            t.add_row(
+                k.name,
+                report_mod.seconds(k.duration_s),
+                p(k.sm_throughput_pct),
+                p(k.memory_throughput_pct),
+                p(k.dram_throughput_pct),
+                report_mod.si(k.dram_bytes, "B"),
+                report_mod.si(k.l2_bytes, "B"),
+                p(k.achieved_occupancy_pct),
+                f"{k.registers_per_thread:g}" if k.registers_per_thread else "-",
+            )
+        report_mod.console().print(t)
+    if fold:
+        _fold(res, fold, db)
+
+
+def _fold(res: object, name: str, db: Path | None) -> None:
+    from tilestack.perf import ncu as ncu_mod
+    from tilestack.perf import report as report_mod
+    from tilestack.perf.store import Store, StoreError
+
+    try:
+        with Store(db) as st:
+            run_id, m = st.latest_result(name)
+            st.append(run_id, ncu_mod.fold(m, res))
+    except StoreError as e:
+        _fail(f"fold: {e}")
+    report_mod.console().print(f"folded ncu figures into {name!r} (run {run_id})")
