@@ -260,7 +260,7 @@ def compute_metrics(
         joules_per_call=energy.joules_per_call if e_ok else None,
         avg_power_w=energy.avg_power_w if e_ok else None,
         idle_power_w=getattr(energy, "idle_power_w", None),
-        energy_note=energy.note if energy is not None else "energy not measured",
+        energy_note=energy.note if energy is not None else "",
         time=_now(),
     )
 

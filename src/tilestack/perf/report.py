@@ -127,7 +127,7 @@ def print_measurements(ms: Sequence[Measurement], title: str = "", con: Any = No
     con.print(measurements_table(ms, title))
     for m in ms:
         con.print(f"[bold]{m.name}[/bold] {_config(m.config)}: {m.tip}")
-        if m.energy_note and m.joules_per_call is None:
+        if m.energy_note:
             con.print(f"  [dim]energy: {m.energy_note}[/dim]")
         if m.ncu:
             con.print(f"  [dim]ncu: {ncu_summary(m.ncu)}[/dim]")

@@ -20,6 +20,7 @@ LAUNCH_BOUND_S = 10e-6  # below this a kernel's time is mostly launch and tail l
 LOW_FRACTION = 0.5  # below half the roof: something structural (loads, tiles, occupancy) is wrong
 NEAR_ROOF_FRACTION = 0.8  # above this: only less work or fewer bytes help
 RIDGE_BAND = 2.0  # within 2x of the ridge point, both bytes and math matter
+ABOVE_ROOF_FRACTION = 1.1  # more than 10% above a measured roof is not noise: the counts or the roof are off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +94,12 @@ def tip(p: Placement) -> str:
     if p.bound == "unknown" or p.fraction is None:
         return "no roof known for this device and dtype: run `tilestack device --remeasure` to measure one"
     pct = f"{p.fraction:.0%}"
+    if p.fraction > ABOVE_ROOF_FRACTION:
+        if p.bound == "memory":
+            return (f"memory-bound at {pct} of bandwidth, above the roof: its bytes came from cache, "
+                    "not DRAM; time it with inputs larger than the cache (timing.rotating_sets)")
+        return (f"compute-bound at {pct} of peak, above the roof: the FLOP count overstates the work "
+                "(masked blocks counted?) or the ceiling was measured low (`tilestack device --remeasure`)")
     if p.seconds < LAUNCH_BOUND_S and p.fraction < LOW_FRACTION:
         return (
             f"latency-bound: {p.seconds * 1e6:.1f} us per call at {pct} of the {p.bound} roof; "

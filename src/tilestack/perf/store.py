@@ -273,6 +273,15 @@ class Store:
         rows = self._db.execute("SELECT row_json FROM results WHERE run_id = ? ORDER BY id", (run.id,))
         return [Measurement.from_row(json.loads(r[0])) for r in rows]
 
+    def latest_result(self, name: str) -> tuple[str, Measurement]:
+        """The newest stored result of kernel ``name``, and its run's id."""
+        row = self._db.execute(
+            "SELECT run_id, row_json FROM results WHERE name = ? ORDER BY id DESC LIMIT 1", (name,)
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"name={name!r}: no stored result of that kernel in {self.path}")
+        return row["run_id"], Measurement.from_row(json.loads(row["row_json"]))
+
     def devices(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT DISTINCT device FROM results ORDER BY device")]
 
