@@ -59,7 +59,7 @@ def attention_fwd_kernel(Q, K, V, O, LSE, scale: float, *,
                          num_stages: int = ts.tunable(3, (1, 2, 3, 4))):
     i = ts.block_id(0)
     bh = ts.block_id(1)
-    H, Nq = Q.shape[1], Q.shape[2]
+    H = Q.shape[1]
     Nk = K.shape[2]
     b, h = bh // H, bh % H
     hk = h // (H // K.shape[1])                  # GQA: the key/value head of query head h

@@ -97,5 +97,17 @@ def run(traced, args):
     if 0 in grid:
         return None
     options = {k: traced.constants[k] for k in LAUNCH_OPTIONS if k in traced.constants}
-    fn[grid](*flat_args(traced, args), **options)
+    compiled = fn[grid](*flat_args(traced, args), **options)
+    if not interpret:
+        traced._compiled["triton-binary"] = compiled
     return None
+
+
+def resource_report(traced) -> dict:
+    """What the compiler gave the last GPU launch: registers per thread, spills, shared memory, warps."""
+    k = traced._compiled.get("triton-binary")
+    if k is None:
+        raise BackendError(f"{traced.name}: no compiled GPU kernel yet; launch it on a CUDA device first")
+    md = k.metadata
+    return {"registers": k.n_regs, "spills": k.n_spills, "shared_bytes": md.shared,
+            "num_warps": md.num_warps, "num_stages": md.num_stages}
