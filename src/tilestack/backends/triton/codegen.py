@@ -18,7 +18,7 @@ from tilestack.ir.types import GlobalType, TileType, bf16, f32, f64
 TL_DTYPES = {"f64": "tl.float64", "f32": "tl.float32", "f16": "tl.float16", "bf16": "tl.bfloat16",
              "i32": "tl.int32", "i64": "tl.int64"}
 _UNARY = {"exp": "tl.exp({})", "exp2": "tl.math.exp2({})", "log": "tl.log({})", "log2": "tl.log2({})",
-          "abs": "tl.abs({})", "neg": "-{}", "relu": "tl.maximum({}, 0.0)", "sqrt": "tl.sqrt({})",
+          "abs": "tl.abs({})", "neg": "(-{})", "relu": "tl.maximum({}, 0.0)", "sqrt": "tl.sqrt({})",
           "rsqrt": "tl.rsqrt({})", "sigmoid": "tl.sigmoid({})", "sin": "tl.sin({})", "cos": "tl.cos({})",
           "copy": "{}"}
 _BINARY = {"add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "div": "({} / {})",
@@ -86,8 +86,12 @@ class _Emitter:
         n = self.name(v)
         return n if v.type.dtype in (f32, f64) else f"{n}.to(tl.float32)"
 
-    def cast_to(self, expr: str, v_from_dtype, dst: TileType) -> str:
-        return expr if v_from_dtype is dst.dtype else f"{expr}.to({TL_DTYPES[dst.dtype.name]})"
+    def cast_to(self, expr: str, v_from_dtype, dst: TileType | GlobalType) -> str:
+        if v_from_dtype is dst.dtype:
+            return expr
+        if self.interpret and {v_from_dtype, dst.dtype} == {bf16, f64}:
+            expr = f"{expr}.to(tl.float32)"
+        return f"{expr}.to({TL_DTYPES[dst.dtype.name]})"
 
     # ---- memory --------------------------------------------------------------------------------------------
     def address(self, ins: Instr, g: Value, coords: tuple[Value, ...], shape: tuple[int, ...]):
@@ -110,8 +114,10 @@ class _Emitter:
             else:
                 bcast = ""
             offs.append(f"{var}{bcast} * {gname}_s{axis}")
-            masks.append(f"({var}{bcast} < {gname}_d{axis})")
+            masks.append(f"({var}{bcast} >= 0) & ({var}{bcast} < {gname}_d{axis})")
         for a, c in enumerate(coords[:lead]):
+            if not (c in self.consts and self.name(c).isdigit()):
+                masks.append(f"({self.name(c)} >= 0)")
             masks.append(f"({self.name(c)} < {gname}_d{a})")
         base = f"{gname} + " + " + ".join(f"({t})" for t in terms) if terms else gname
         ptr = f"{base} + " + " + ".join(offs)
@@ -152,6 +158,9 @@ def _e_scalar(e: _Emitter, ins: Instr) -> None:
 
 def _e_fill(e: _Emitter, ins: Instr) -> None:
     t = ins.result.type
+    if e.interpret and t.dtype is bf16:
+        e.assign(ins.result, f"tl.full({t.shape}, {_literal(ins.attrs['value'])}, tl.float32).to(tl.bfloat16)")
+        return
     e.assign(ins.result, f"tl.full({t.shape}, {_literal(ins.attrs['value'])}, {TL_DTYPES[t.dtype.name]})")
 
 
@@ -204,6 +213,9 @@ def _e_mask(e: _Emitter, ins: Instr) -> None:
     cond = {"tril": f"({cols} - {rows}) <= {kn}", "triu": f"({cols} - {rows}) >= {kn}",
             "right_fill": f"{cols} < {kn}", "lower_fill": f"{rows} < {kn}"}[ins.attrs["kind"]]
     fill = _literal(ins.attrs["value"])
+    if e.interpret and x.type.dtype is bf16:
+        e.assign(ins.result, f"tl.where({cond}, {e.name(x)}.to(tl.float32), {fill}).to(tl.bfloat16)")
+        return
     e.assign(ins.result, f"tl.where({cond}, {e.name(x)}, {fill})")
 
 
@@ -229,8 +241,7 @@ def _e_load(e: _Emitter, ins: Instr) -> None:
 def _e_store(e: _Emitter, ins: Instr) -> None:
     g, x, *coords = ins.srcs
     ptr, mask = e.address(ins, g, tuple(coords), x.type.shape)
-    val = e.name(x) if x.type.dtype is g.type.dtype else f"{e.name(x)}.to({TL_DTYPES[g.type.dtype.name]})"
-    e.emit(f"tl.store({ptr}, {val}, mask={mask})")
+    e.emit(f"tl.store({ptr}, {e.cast_to(e.name(x), x.type.dtype, g.type)}, mask={mask})")
 
 
 def _e_range(e: _Emitter, ins: Instr) -> None:
