@@ -108,6 +108,7 @@ def run_rounds(
             grid.inner.load_state_dict(state["grid_state"])
         first = state["round"] + 1
         log.info("resuming after round %d from %s", state["round"], ckpt)
+    grid.get_node_ids()  # the roll call, before any seeding: it may draw random numbers on some engines
     done_now = 0
     for r in range(first, num_rounds + 1):
         if stop_after is not None and done_now >= stop_after:

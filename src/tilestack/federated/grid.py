@@ -23,6 +23,7 @@ SuperLink grid) and stays a ``Grid``, so the same strategy objects run over it:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 
 import numpy as np
@@ -37,6 +38,7 @@ from tilestack.federated.task import Task
 log = logging.getLogger("tilestack.federated")
 STRAGGLER_POLICIES = ("drop", "partial")
 ROLL_CALL_TIMEOUT = 600.0
+NODE_POLL_INTERVAL = 0.2
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -96,7 +98,14 @@ class ManagedGrid(Grid):
         if known is not None:
             self.partition_of = dict(known)
         else:
-            ids = list(self.inner.get_node_ids())
+            deadline = time.monotonic() + ROLL_CALL_TIMEOUT
+            while len(ids := list(self.inner.get_node_ids())) < self.task.num_clients:  # nodes still connecting
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"ManagedGrid: {len(ids)} nodes connected after {ROLL_CALL_TIMEOUT} s; "
+                        f"expected task.num_clients={self.task.num_clients}"
+                    )
+                time.sleep(NODE_POLL_INTERVAL)
             msgs = [Message(RecordDict({"config": ConfigRecord()}), nid, MessageType.QUERY) for nid in ids]
             for reply in self.inner.send_and_receive(msgs, timeout=ROLL_CALL_TIMEOUT):
                 if not reply.has_error():
@@ -204,9 +213,6 @@ class ManagedGrid(Grid):
             if is_train:
                 self._log["aggregated"] += 1
                 self._log["steps_done"] += steps
-            else:
-                metrics = next(iter(reply.content.metric_records.values()))
-                self._log["client_metrics"].append({k: metrics[k] for k in metrics})
             if self.system is not None:
                 down = payload_bytes(content)
                 durations.append(self.system.duration(pid, steps=steps, bytes_down=down, bytes_up=up))
@@ -217,4 +223,8 @@ class ManagedGrid(Grid):
                 t = min(t, self.system.deadline)
             self._log["sim_time"] += t
         kept.sort(key=lambda r: self.partition_of[r.metadata.src_node_id])
+        if not is_train:
+            for reply in kept:
+                metrics = next(iter(reply.content.metric_records.values()))
+                self._log["client_metrics"].append({k: metrics[k] for k in metrics})
         return kept
