@@ -44,15 +44,13 @@ class Tunable:
     default: Any
     domain: tuple
 
-    def __post_init__(self):
-        if self.default not in self.domain:
-            raise TunableError(f"tunable default {self.default!r} is not in its domain {self.domain!r}",
-                               user_line())
-
 
 def tunable(default, domain: Sequence) -> Any:
     """Declare a tunable constant: ``BM: int = tunable(128, (64, 128, 256))``."""
-    return Tunable(default, tuple(domain))
+    domain = tuple(domain)
+    if default not in domain:
+        raise TunableError(f"tunable default {default!r} is not in its domain {domain!r}", user_line())
+    return Tunable(default, domain)
 
 
 @dataclasses.dataclass(frozen=True)
