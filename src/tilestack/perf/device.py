@@ -21,7 +21,7 @@ import json
 import os
 import platform
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,8 @@ MIB = 1 << 20
 # are large enough to reach the matrix units' plateau. The CPU sizes keep `tilestack device` to seconds.
 GPU_COPY_BYTES = 1 << 30
 CPU_COPY_BYTES = 64 * MIB
-GPU_MATMUL_N = 8192
-CPU_MATMUL_N = 1024
+GPU_MATMUL_N = (4096, 8192)  # cuBLAS peaks at different sizes per dtype and GPU: the ceiling is the best
+CPU_MATMUL_N = (1024,)
 GPU_MATMUL_DTYPES = ("fp32", "tf32", "bf16", "fp16")
 CPU_MATMUL_DTYPES = ("fp32", "bf16")
 CEILINGS_FORMAT = 1  # bumped when the cached file's layout changes; older files are measured again
@@ -199,9 +199,7 @@ def lookup_peaks(name: str, *, strict: bool = True) -> PeakSpec | None:
             return spec
     if strict:
         known = ", ".join(s.label for s in PEAKS)
-        raise DeviceError(
-            f"device name={name!r} is not in the table of published peaks; expected one of: {known}"
-        )
+        raise DeviceError(f"device name={name!r} is not in the table of published peaks; expected one of: {known}")
     return None
 
 
@@ -217,6 +215,7 @@ class Device:
     memory_bytes: int | None = None
     capability: str | None = None
     cores: int | None = None
+    l2_cache_bytes: int | None = None  # as the driver reports it
 
     @property
     def torch_device(self) -> str:
@@ -229,7 +228,8 @@ class Device:
 
     @property
     def l2_bytes(self) -> int | None:
-        return self.spec.l2_bytes if self.spec else None
+        """The L2 size the driver reports, else the spec sheet's."""
+        return self.l2_cache_bytes or (self.spec.l2_bytes if self.spec else None)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -303,6 +303,7 @@ def detect(device: str | int | None = None) -> Device:
         sm_count=props.multi_processor_count,
         memory_bytes=props.total_memory,
         capability=f"{props.major}.{props.minor}",
+        l2_cache_bytes=getattr(props, "L2_cache_size", None),
     )
 
 
@@ -339,7 +340,7 @@ class Ceilings:
     matmul: dict[str, float]
     measured_at: str
     versions: dict[str, Any] = dataclasses.field(default_factory=dict)
-    sizes: dict[str, int] = dataclasses.field(default_factory=dict)
+    sizes: dict[str, Any] = dataclasses.field(default_factory=dict)
     format: int = CEILINGS_FORMAT
 
     def peak(self, dtype: str) -> float | None:
@@ -371,7 +372,7 @@ def ceilings(
     *,
     remeasure: bool = False,
     copy_bytes: int | None = None,
-    matmul_n: int | None = None,
+    matmul_n: int | Sequence[int] | None = None,
     dtypes: Iterable[str] | None = None,
 ) -> Ceilings:
     """The device's measured ceilings, from the on-disk cache or measured now (and cached).
@@ -384,16 +385,19 @@ def ceilings(
     cached = None if remeasure else _load(path, dev)
     gpu = dev.kind == "cuda"
     copy_bytes = copy_bytes or (GPU_COPY_BYTES if gpu else CPU_COPY_BYTES)
-    matmul_n = matmul_n or (GPU_MATMUL_N if gpu else CPU_MATMUL_N)
+    sizes = [
+        int(n)
+        for n in ((matmul_n,) if isinstance(matmul_n, int) else matmul_n or (GPU_MATMUL_N if gpu else CPU_MATMUL_N))
+    ]
     dtypes = tuple(dtypes or (GPU_MATMUL_DTYPES if gpu else CPU_MATMUL_DTYPES))
     if (
         cached
         and cached.sizes.get("copy_bytes") == copy_bytes
-        and cached.sizes.get("matmul_n") == matmul_n
+        and cached.sizes.get("matmul_n") == sizes
         and set(dtypes) <= set(cached.matmul)
     ):
         return cached
-    c = measure_ceilings(dev, copy_bytes=copy_bytes, matmul_n=matmul_n, dtypes=dtypes)
+    c = measure_ceilings(dev, copy_bytes=copy_bytes, matmul_n=sizes, dtypes=dtypes)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(c.to_json(), indent=2))
@@ -401,8 +405,11 @@ def ceilings(
     return c
 
 
-def measure_ceilings(dev: Device, *, copy_bytes: int, matmul_n: int, dtypes: Iterable[str]) -> Ceilings:
-    """Measure copy bandwidth and matmul rate per dtype on ``dev`` now (no cache)."""
+def measure_ceilings(dev: Device, *, copy_bytes: int, matmul_n: Sequence[int], dtypes: Iterable[str]) -> Ceilings:
+    """Measure copy bandwidth and matmul rate per dtype on ``dev`` now (no cache).
+
+    The matmul ceiling of a dtype is the best rate over the square sizes ``matmul_n``.
+    """
     import torch
 
     from tilestack.perf import timing
@@ -426,22 +433,23 @@ def measure_ceilings(dev: Device, *, copy_bytes: int, matmul_n: int, dtypes: Ite
         }.get(name)
         if torch_dtype is None:
             raise DeviceError(f"dtypes contains {name!r}; expected some of fp64, fp32, tf32, bf16, fp16")
-        a = torch.randn(matmul_n, matmul_n, device=td).to(torch_dtype)
-        b = torch.randn(matmul_n, matmul_n, device=td).to(torch_dtype)
-        out = torch.empty_like(a)
-        allow = torch.backends.cuda.matmul.allow_tf32
-        try:
-            torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
-            t = timing.time_fn(lambda x, y, o: torch.mm(x, y, out=o), args_sets=[(a, b, out)], device=dev)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = allow
-        matmul[name] = 2 * matmul_n**3 / t.median_s
-        del a, b, out
+        for n in matmul_n:
+            a = torch.randn(n, n, device=td).to(torch_dtype)
+            b = torch.randn(n, n, device=td).to(torch_dtype)
+            out = torch.empty_like(a)
+            allow = torch.backends.cuda.matmul.allow_tf32
+            try:
+                torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
+                t = timing.time_fn(lambda x, y, o: torch.mm(x, y, out=o), args_sets=[(a, b, out)], device=dev)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = allow
+            matmul[name] = max(matmul.get(name, 0.0), 2 * n**3 / t.median_s)
+            del a, b, out
     return Ceilings(
         dev.name,
         copy_bw,
         matmul,
         datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         versions(),
-        {"copy_bytes": copy_bytes, "matmul_n": matmul_n},
+        {"copy_bytes": copy_bytes, "matmul_n": list(matmul_n)},
     )

@@ -28,6 +28,7 @@ MIN_WINDOW_S = 1.0  # the counter updates every 10-100 ms: 1 s keeps quantisatio
 MJ_TO_J = 1e-3
 MW_TO_W = 1e-3
 MAX_ENERGY_CALLS = 1_000_000
+WINDOW_MARGIN = 1.1
 
 _nvml_state: dict[str, Any] = {"init": None, "error": None}
 
@@ -90,9 +91,7 @@ class EnergySample:
 
     @property
     def joules_per_call(self) -> float | None:
-        return (
-            self.window.joules / self.calls if self.window.valid and self.window.joules is not None else None
-        )
+        return self.window.joules / self.calls if self.window.valid and self.window.joules is not None else None
 
     @property
     def avg_power_w(self) -> float | None:
@@ -102,16 +101,24 @@ class EnergySample:
 class EnergyMeter:
     """NVML's energy counter of one GPU. ``available`` False (``reason`` why) where it cannot be read."""
 
-    def __init__(self, index: int = 0):
+    def __init__(self, index: int = 0, pci_bus_id: str | None = None):
+        """``index`` is NVML's; ``pci_bus_id`` (``"00000000:19:00.0"``), where known, finds the GPU whatever
+        ``CUDA_VISIBLE_DEVICES`` renumbered, and wins over ``index``."""
         self.index = index
         self.reason = ""
         self._handle: Any = None
         try:
             nv = _nvml()
-            count = nv.nvmlDeviceGetCount()
-            if index >= count:
-                raise RuntimeError(f"GPU index={index}; NVML sees {count} GPU(s)")
-            self._handle = nv.nvmlDeviceGetHandleByIndex(index)
+            if pci_bus_id:
+                try:
+                    self._handle = nv.nvmlDeviceGetHandleByPciBusId_v2(pci_bus_id)
+                except Exception:
+                    self._handle = None  # an unexpected bus-id format: fall back to the index
+            if self._handle is None:
+                count = nv.nvmlDeviceGetCount()
+                if index >= count:
+                    raise RuntimeError(f"GPU index={index}; NVML sees {count} GPU(s)")
+                self._handle = nv.nvmlDeviceGetHandleByIndex(index)
             nv.nvmlDeviceGetTotalEnergyConsumption(self._handle)  # not supported before Volta
         except Exception as e:
             self._handle = None
@@ -142,9 +149,7 @@ class EnergyMeter:
         if not self.available:
             t0 = time.perf_counter()
             yield w
-            w.result = EnergyWindow(
-                None, time.perf_counter() - t0, False, f"no energy counter: {self.reason}"
-            )
+            w.result = EnergyWindow(None, time.perf_counter() - t0, False, f"no energy counter: {self.reason}")
             return
         e0, t0 = self.energy_mj(), time.perf_counter()
         yield w
@@ -181,8 +186,19 @@ def meter_for(device: Any) -> EnergyMeter | None:
         return None
     index = getattr(device, "index", 0)
     if index not in _meters:
-        _meters[index] = EnergyMeter(index)
+        _meters[index] = EnergyMeter(index, _pci_bus_id(index))
     return _meters[index]
+
+
+def _pci_bus_id(cuda_index: int) -> str | None:
+    """NVML's bus id (``"00000000:19:00.0"``) of torch's ``cuda:<index>``, or None where torch does not say."""
+    try:
+        import torch
+
+        props = torch.cuda.get_device_properties(cuda_index)
+        return f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
+    except Exception:  # older torch without the pci_* fields, or no CUDA
+        return None
 
 
 def idle_power_w(meter: EnergyMeter, seconds: float = MIN_WINDOW_S) -> float | None:
@@ -205,17 +221,21 @@ def measure_energy(
     min_window_s: float = MIN_WINDOW_S,
     sync: Callable[[], None] | None = None,
     idle: bool = False,
+    calls_per_invocation: int = 1,
 ) -> EnergySample:
     """Run ``fn`` back to back for at least ``min_window_s`` and read the energy it took.
 
     ``per_call_s`` (the timed median) sets how many calls fill the window. ``sync`` waits for the device
-    (``torch.cuda.synchronize``); ``idle`` also measures the idle power once per process.
+    (``torch.cuda.synchronize``); ``idle`` also measures the idle power once per process. A ``fn`` that
+    launches several calls at once (a CUDA-graph replay) says how many in ``calls_per_invocation``.
     """
     sets = [()] if args_sets is None else list(args_sets)
     if meter is None or not meter.available:
         why = meter.reason if meter is not None else "not a CUDA device"
         return EnergySample(EnergyWindow(None, 0.0, False, f"no energy counter: {why}"), 0)
-    calls = int(min(MAX_ENERGY_CALLS, max(1, min_window_s / max(per_call_s, 1e-9) * 1.1)))
+    per_invocation_s = per_call_s * calls_per_invocation
+    # WINDOW_MARGIN over the minimum, so a slightly faster run than timed still fills the window.
+    calls = int(min(MAX_ENERGY_CALLS, max(1, min_window_s / max(per_invocation_s, 1e-9) * WINDOW_MARGIN)))
     if sync:
         sync()
     with meter.window(min_window_s) as w:
@@ -224,4 +244,4 @@ def measure_energy(
         if sync:
             sync()
     idle_w = idle_power_w(meter) if idle else None
-    return EnergySample(w.result, calls, idle_w)
+    return EnergySample(w.result, calls * calls_per_invocation, idle_w)

@@ -275,6 +275,29 @@ def infer_dtype(args_sets: Sequence[tuple] | None) -> str:
     return "fp32"
 
 
+def _energy_on_gpu(run: Callable[..., Any], args_sets: Sequence[tuple] | None, t: Timing, dev: Any, graph: bool) -> Any:
+    """NVML energy of back-to-back calls (replays of one CUDA graph when the timing used one)."""
+    import torch
+
+    from tilestack.perf import energy as energy_mod
+    from tilestack.perf import timing as timing_mod
+
+    meter = energy_mod.meter_for(dev)
+    if graph and meter is not None and meter.available:
+        replay, _ = timing_mod.capture_graph(run, args_sets)
+        return energy_mod.measure_energy(
+            lambda: replay(),
+            args_sets=None,
+            per_call_s=t.median_s,
+            meter=meter,
+            sync=torch.cuda.synchronize,
+            calls_per_invocation=timing_mod.GRAPH_CALLS,
+        )
+    return energy_mod.measure_energy(
+        run, args_sets=args_sets, per_call_s=t.median_s, meter=meter, sync=torch.cuda.synchronize
+    )
+
+
 def measure(
     fn: Callable[..., Any],
     *,
@@ -326,15 +349,7 @@ def measure(
         raise MetricsError(f"{name!r} raised {type(e).__name__} while being timed: {e}") from e
     sample = None
     if energy is not False and dev.kind == "cuda":
-        import torch
-
-        sample = energy_mod.measure_energy(
-            run,
-            args_sets=args_sets,
-            per_call_s=t.median_s,
-            meter=energy_mod.meter_for(dev),
-            sync=torch.cuda.synchronize,
-        )
+        sample = _energy_on_gpu(run, args_sets, t, dev, graph)
     elif energy:
         sample = energy_mod.measure_energy(run, args_sets=args_sets, per_call_s=t.median_s, meter=None)
     return compute_metrics(

@@ -35,6 +35,15 @@ from tilestack.perf.metrics import Measurement, compute_metrics, roofs_for
 US_TO_S = 1e-6
 DEFAULT_STEPS = 5
 DEFAULT_WARMUP = 2
+PROFILER_WARMUP_STEPS = 1
+# Row-wise ops torch's flop counter leaves out, counted per input element as tilestack.perf.formulas does.
+ROW_OP_FLOPS_PER_ELEMENT = {
+    "aten.native_layer_norm": formulas.LAYERNORM_FLOPS_PER_ELEMENT,
+    "aten._fused_rms_norm": formulas.RMSNORM_FLOPS_PER_ELEMENT,
+    "aten._softmax": formulas.SOFTMAX_FLOPS_PER_ELEMENT,
+    "aten._safe_softmax": formulas.SOFTMAX_FLOPS_PER_ELEMENT,
+    "aten._log_softmax": formulas.SOFTMAX_FLOPS_PER_ELEMENT,
+}
 HOT_SPOTS = 5  # ops listed, with tips, before the table
 OTHER = "(other)"
 DEFAULT_BUILDER = "build"
@@ -141,6 +150,9 @@ def _flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     if str(packet) == "aten._scaled_dot_product_flash_attention_for_cpu":
         q, k, v = args[:3]
         return float(formulas.sdpa(q, k, v, causal=bool(is_causal)).flops)
+    per_element = ROW_OP_FLOPS_PER_ELEMENT.get(str(packet))
+    if per_element is not None and args and isinstance(args[0], torch.Tensor):
+        return float(per_element * args[0].numel())
     if torch.Tag.pointwise in getattr(func, "tags", ()):
         return float(sum(t.numel() for t in _tensors(out)))  # 1 FLOP per output element, as torch's profiler
     return 0.0
@@ -291,7 +303,7 @@ def profile_model(
     import time
 
     import torch
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, schedule
 
     from tilestack.perf import device as device_mod
 
@@ -328,12 +340,20 @@ def profile_model(
     counts = guarded("counting pass", lambda: count_ops(step))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
 
+    # One profiled-but-discarded step first: the profiler may drop kernel events as it starts up.
+    plan = schedule(wait=0, warmup=PROFILER_WARMUP_STEPS, active=steps, repeat=1)
+
     def timed() -> tuple[Any, float]:
-        with profile(activities=activities) as prof:
+        with profile(activities=activities, schedule=plan) as prof:
+            for _ in range(PROFILER_WARMUP_STEPS):
+                step()
+                prof.step()
+            sync()
             t0 = time.perf_counter()
             for _ in range(steps):
                 step()
-            sync()
+                sync()  # inside the step, so its kernels belong to it
+                prof.step()
             wall = time.perf_counter() - t0
         return prof, wall
 
@@ -342,8 +362,9 @@ def profile_model(
 
 
 def _self_s(e: Any, cuda: bool) -> float:
-    if cuda:
-        return float(getattr(e, "self_device_time_total", 0.0)) * US_TO_S
+    if cuda:  # torch < 2.4 named it self_cuda_time_total
+        us = getattr(e, "self_device_time_total", None)
+        return float(us if us is not None else getattr(e, "self_cuda_time_total", 0.0)) * US_TO_S
     return float(e.self_cpu_time_total) * US_TO_S
 
 

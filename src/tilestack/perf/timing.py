@@ -124,9 +124,7 @@ def rotating_sets(
     return [make_args() for _ in range(n)]
 
 
-def _check(
-    fn: Callable, args_sets: Sequence[tuple] | None, repeats: int | None, window_s: float
-) -> list[tuple]:
+def _check(fn: Callable, args_sets: Sequence[tuple] | None, repeats: int | None, window_s: float) -> list[tuple]:
     if not callable(fn):
         raise TimingError(f"fn={fn!r}; expected a callable")
     sets = [()] if args_sets is None else [tuple(a) for a in args_sets]
@@ -185,9 +183,7 @@ def _warm(fn: Callable, sets: list[tuple], warmup_s: float, clock: Callable[[], 
             return calls, elapsed / calls
 
 
-def _time_cpu(
-    fn: Callable, sets: list[tuple], warmup_s: float, repeats: int | None, window_s: float
-) -> Timing:
+def _time_cpu(fn: Callable, sets: list[tuple], warmup_s: float, repeats: int | None, window_s: float) -> Timing:
     warm, per_call = _warm(fn, sets, warmup_s, time.perf_counter)
     n = _plan(per_call, repeats, window_s)
     times = []
@@ -209,9 +205,7 @@ def _cuda_clock() -> Callable[[], float]:
     return clock
 
 
-def _time_cuda(
-    fn: Callable, sets: list[tuple], warmup_s: float, repeats: int | None, window_s: float
-) -> Timing:
+def _time_cuda(fn: Callable, sets: list[tuple], warmup_s: float, repeats: int | None, window_s: float) -> Timing:
     import torch
 
     warm, per_call = _warm(fn, sets, warmup_s, _cuda_clock())
@@ -233,11 +227,20 @@ def _time_cuda(
     )
 
 
-def _time_graph(
-    fn: Callable, sets: list[tuple], warmup_s: float, repeats: int | None, window_s: float
-) -> Timing:
+def capture_graph(
+    fn: Callable[..., Any],
+    args_sets: Sequence[tuple] | None,
+    *,
+    warmup_s: float = DEFAULT_WARMUP_S,
+    calls: int = GRAPH_CALLS,
+) -> tuple[Callable[[], None], int]:
+    """Capture ``calls`` calls of ``fn`` (cycling through ``args_sets``) into one CUDA graph.
+
+    Returns ``(replay, warm-up calls)``; one ``replay()`` runs all ``calls`` launches with no launch overhead.
+    """
     import torch
 
+    sets = [()] if args_sets is None else [tuple(a) for a in args_sets]
     # Warm up on a side stream before capture (as torch.cuda.graphs recommends), so lazy initialisation
     # (cuBLAS handles, Triton compilation) happens outside the graph.
     side = torch.cuda.Stream()
@@ -248,17 +251,24 @@ def _time_graph(
     g = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(g):
-            for i in range(GRAPH_CALLS):
+            for i in range(calls):
                 fn(*sets[i % len(sets)])
     except Exception as e:  # capture forbids host syncs, allocations on some paths, CPU tensors...
         raise TimingError(
             f"graph=True: {type(e).__name__} while capturing fn into a CUDA graph ({e}); "
             "expected a capturable fn (no host synchronisation), or use graph=False"
         ) from e
-    g.replay()
+    return g.replay, warm
+
+
+def _time_graph(fn: Callable, sets: list[tuple], warmup_s: float, repeats: int | None, window_s: float) -> Timing:
+    import torch
+
+    replay, warm = capture_graph(fn, sets, warmup_s=warmup_s)
+    replay()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    g.replay()
+    replay()
     torch.cuda.synchronize()
     per_call = (time.perf_counter() - t0) / GRAPH_CALLS
     n = _plan(per_call * GRAPH_CALLS, repeats, window_s)
@@ -266,7 +276,7 @@ def _time_graph(
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     for i in range(n):
         starts[i].record()
-        g.replay()
+        replay()
         ends[i].record()
     torch.cuda.synchronize()
     ms_to_s = 1e-3
