@@ -12,7 +12,7 @@ from tilestack.kernels._checks import check_same_device, check_tensor
 @ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))
 def layer_norm_kernel(X, W, B, Y, Mean, Rstd, eps: float, *,
                       BM: int = ts.tunable(4, (1, 2, 4, 8, 16)),
-                      BN: int = ts.tunable(1024, (128, 256, 512, 1024, 2048, 4096)),
+                      BN: int = ts.tunable(1024, (128, 256, 512, 1024, 2048, 4096, 8192, 16384)),
                       num_warps: int = ts.tunable(4, (2, 4, 8)),
                       num_stages: int = ts.tunable(1, (1, 2))):
     i = ts.block_id(0)
