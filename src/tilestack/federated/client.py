@@ -17,7 +17,7 @@ import math
 import time
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from tilestack.federated.models import MLP, Model, Params, evaluate, local_sgd
@@ -33,6 +33,7 @@ SCAFFOLD_C = "scaffold-c"
 SCAFFOLD_DC_PREFIX = "scaffold.dc."
 PARTITION_METRIC = "tilestack.partition"
 CLUSTER_SEP = "/"
+UNIT_WEIGHT = "unit-weight"  # weighting key for equal client weights (DP accounting requires them)
 
 
 def cluster_key(j: int, key: str) -> str:
@@ -141,14 +142,16 @@ def train(msg: Message, context: Context) -> Message:
         ci_new = {k: ci[k] - c[k] + (start[k] - trained[k]) / (steps * task.lr) for k in c}
         context.state[SCAFFOLD_C] = _to_record(ci_new)
         reply |= {SCAFFOLD_DC_PREFIX + k: (ci_new[k] - ci[k]).astype(np.float32) for k in c}
-    if prefix:
+    if prefix:  # FedBN: the local layers stay here and are not uploaded
         context.state["fedbn-local"] = _to_record({k: v for k, v in trained.items() if k.startswith(prefix)})
+        reply = {k: v for k, v in reply.items() if not k.startswith(prefix)}
     if task.is_malicious(pid):
         reply |= _poison(task, start, trained, rng)
     reply = _apply_fault(task.fault(pid), task, reply)
 
     metrics |= {
         "num-examples": len(y),
+        UNIT_WEIGHT: 1,
         "train-loss": loss,
         "num-steps": steps,
         "full-steps": full_steps,
@@ -172,7 +175,9 @@ def evaluate_local(msg: Message, context: Context) -> Message:
         arrays = clusters[_pick_cluster(task, clusters, x, y)]
     params = _with_local(arrays, context, str(config.get(LOCAL_PREFIX_KEY, "")))
     loss, acc = evaluate(_model_for(task, params), params, x_test, y_test)
-    metrics = MetricRecord({"num-examples": len(y_test), "eval-loss": loss, "eval-acc": acc, PARTITION_METRIC: pid})
+    metrics = MetricRecord(
+        {"num-examples": len(y_test), UNIT_WEIGHT: 1, "eval-loss": loss, "eval-acc": acc, PARTITION_METRIC: pid}
+    )
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
@@ -181,6 +186,3 @@ def query(msg: Message, context: Context) -> Message:
     """Answer the server's roll call with this node's partition id (used to order nodes reproducibly)."""
     pid = int(context.node_config.get("partition-id", -1))
     return Message(content=RecordDict({"metrics": MetricRecord({PARTITION_METRIC: pid})}), reply_to=msg)
-
-
-__all__ = ["app", "cluster_key", "TASK_KEY", "WORK_KEY", "IFCA_KEY", "LOCAL_PREFIX_KEY", "ConfigRecord"]

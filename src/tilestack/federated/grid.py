@@ -215,13 +215,13 @@ class ManagedGrid(Grid):
                 self._log["steps_done"] += steps
             if self.system is not None:
                 down = payload_bytes(content)
-                durations.append(self.system.duration(pid, steps=steps, bytes_down=down, bytes_up=up))
+                durations.append(float(self.system.duration(pid, steps=steps, bytes_down=down, bytes_up=up)))
             kept.append(reply)
         if durations:
             t = max(durations)
             if self.system is not None and self.system.deadline is not None:
                 t = min(t, self.system.deadline)
-            self._log["sim_time"] += t
+            self._log["sim_time"] += float(t)
         kept.sort(key=lambda r: self.partition_of[r.metadata.src_node_id])
         if not is_train:
             for reply in kept:

@@ -25,11 +25,15 @@ NORM_PREFIX = "bn."
 
 
 def _softmax_xent(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-    """Mean cross-entropy and its gradient w.r.t. the logits. logits (B, C), y (B,)."""
+    """Mean cross-entropy and its gradient w.r.t. the logits. logits (B, C); y (B,) labels or (B, C) soft
+    targets (distillation: the gradient is then (p - y) / B, that of KL(y || p))."""
     z = logits - logits.max(axis=1, keepdims=True)
     p = np.exp(z)
     p /= p.sum(axis=1, keepdims=True)
     b = len(y)
+    if y.ndim == 2:
+        loss = float(-(y * np.log(p + 1e-12)).sum(axis=1).mean())
+        return loss, (p - y) / b
     loss = float(-np.log(p[np.arange(b), y] + 1e-12).mean())
     p[np.arange(b), y] -= 1.0
     return loss, p / b
@@ -119,9 +123,7 @@ class MLP:
             params["bn.running_mean"] = ((1 - m) * params["bn.running_mean"] + m * cache["batch_mean"]).astype(
                 np.float32
             )
-            params["bn.running_var"] = ((1 - m) * params["bn.running_var"] + m * cache["batch_var"]).astype(
-                np.float32
-            )
+            params["bn.running_var"] = ((1 - m) * params["bn.running_var"] + m * cache["batch_var"]).astype(np.float32)
         grads["fc1.weight"] = cache["x"].T @ dh
         grads["fc1.bias"] = dh.sum(axis=0)
         return loss, grads

@@ -1,0 +1,80 @@
+"""PNG plots of federated runs: one metric per round, one line per run.
+
+    from tilestack.federated.plots import plot_rounds
+    plot_rounds({"FedAvg": h1, "FedProx mu=1": h2}, "train_loss", "docs/federated/loss.png", title="...")
+    plot_grid({"0%": {...}, "50%": {...}}, ["train_loss", "test_acc"], "docs/federated/stragglers.png")
+
+Metric names are ``RoundMetrics`` fields (``test_acc``, ``train_loss``, ``sim_time``, ``bytes_up``...)
+or ``client_acc.<stat>`` for the fairness summary (``client_acc.p10``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tilestack.federated.metrics import History
+
+LABELS = {
+    "train_loss": "training loss (global model)",
+    "test_loss": "test loss",
+    "test_acc": "test accuracy",
+    "sim_time": "simulated round time (s)",
+    "bytes_up": "bytes up per round",
+    "bytes_down": "bytes down per round",
+}
+
+
+def _values(history: History, metric: str) -> list[float]:
+    if metric.startswith("client_acc."):
+        key = metric.split(".", 1)[1]
+        return [r.client_acc.get(key, float("nan")) for r in history.rounds]
+    if metric.startswith("extra."):
+        key = metric.split(".", 1)[1]
+        return [r.extra.get(key, float("nan")) for r in history.rounds]
+    return history.column(metric)
+
+
+def _axes_plot(ax, runs: dict[str, History], metric: str, title: str) -> None:
+    for label, h in runs.items():
+        ax.plot([r.round for r in h.rounds], _values(h, metric), label=label, linewidth=1.4)
+    ax.set_xlabel("round")
+    ax.set_ylabel(LABELS.get(metric, metric))
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def plot_rounds(runs: dict[str, History], metric: str, path: str | Path, *, title: str = "") -> Path:
+    """One line per run of ``metric`` against the round; written to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    _axes_plot(ax, runs, metric, title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_grid(panels: dict[str, dict[str, History]], metrics: list[str], path: str | Path) -> Path:
+    """A grid of plots: one row per metric, one column per panel (e.g. a straggler share)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(metrics), len(panels), figsize=(4.2 * len(panels), 3.3 * len(metrics)), squeeze=False)
+    for j, (panel, runs) in enumerate(panels.items()):
+        for i, metric in enumerate(metrics):
+            _axes_plot(axes[i][j], runs, metric, panel)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

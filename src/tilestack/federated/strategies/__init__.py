@@ -1,0 +1,94 @@
+"""tilestack's strategies: Flower ``Strategy`` subclasses and wrappers, plus Flower's own by name.
+
+    from tilestack.federated.strategies import make_strategy, Scaffold, FedNova, IFCA, Selected
+    strategy = make_strategy("fedprox", clients_per_round=10, num_clients=30, proximal_mu=1.0)
+
+``make_strategy`` builds Flower's FedAvg, FedProx, FedAdam, FedYogi, FedMedian, FedTrimmedAvg, Krum,
+MultiKrum, Bulyan and its DP wrapper, or tilestack's SCAFFOLD, FedNova, FedBN, IFCA, by name, sampling
+``clients_per_round`` of ``num_clients`` per round (evaluation on ``eval_fraction`` of them).
+"""
+
+from __future__ import annotations
+
+from flwr.serverapp import strategy as fl
+
+from tilestack.federated.client import UNIT_WEIGHT
+from tilestack.federated.strategies.fedbn import FedBN
+from tilestack.federated.strategies.feddf import FedDF
+from tilestack.federated.strategies.fednova import FedNova
+from tilestack.federated.strategies.heterofl import HeteroFL, sub_model
+from tilestack.federated.strategies.ifca import IFCA, adjusted_rand_index
+from tilestack.federated.strategies.scaffold import Scaffold
+from tilestack.federated.strategies.selection import OortSelector, RandomSelector, Selected, SubsetGrid
+
+NAMES = (
+    "fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "trimmedmean", "krum", "multikrum", "bulyan",
+    "dp-fedavg", "scaffold", "fednova", "fedbn", "ifca",
+)  # fmt: skip
+
+
+def make_strategy(
+    name: str,
+    *,
+    clients_per_round: int,
+    num_clients: int,
+    eval_fraction: float = 0.0,
+    proximal_mu: float = 0.0,
+    server_lr: float = 0.1,
+    num_malicious: int = 0,
+    num_clusters: int = 2,
+    noise_multiplier: float = 1.0,
+    clipping_norm: float = 1.0,
+    accountant=None,
+) -> fl.Strategy:
+    """A strategy by name (see ``NAMES``); a ``ValueError`` names the argument when it does not fit."""
+    if name not in NAMES:
+        raise ValueError(f"make_strategy: name={name!r}; expected one of {NAMES}")
+    if not 1 <= clients_per_round <= num_clients:
+        raise ValueError(
+            f"make_strategy: clients_per_round={clients_per_round!r}; expected in [1, num_clients={num_clients}]"
+        )
+    common = dict(
+        fraction_train=clients_per_round / num_clients,
+        fraction_evaluate=eval_fraction,
+        min_train_nodes=clients_per_round,
+        min_evaluate_nodes=max(1, int(eval_fraction * num_clients)) if eval_fraction else 0,
+        min_available_nodes=num_clients,
+    )
+    if name == "fedavg":
+        return fl.FedAvg(**common)
+    if name == "fedprox":
+        return fl.FedProx(**common, proximal_mu=proximal_mu)
+    if name == "fedadam":
+        return fl.FedAdam(**common, eta=server_lr)
+    if name == "fedyogi":
+        return fl.FedYogi(**common, eta=server_lr)
+    if name == "fedmedian":
+        return fl.FedMedian(**common)
+    if name == "trimmedmean":
+        return fl.FedTrimmedAvg(**common, beta=min(0.49, max(0.1, num_malicious / clients_per_round + 0.05)))
+    if name == "krum":
+        return fl.Krum(**common, num_malicious_nodes=num_malicious)
+    if name == "multikrum":
+        return fl.MultiKrum(**common, num_malicious_nodes=num_malicious,
+                            num_nodes_to_select=max(1, clients_per_round - num_malicious))  # fmt: skip
+    if name == "bulyan":
+        return fl.Bulyan(**common, num_malicious_nodes=num_malicious)
+    if name == "dp-fedavg":
+        inner = fl.FedAvg(**common, weighted_by_key=UNIT_WEIGHT)
+        return fl.DifferentialPrivacyServerSideFixedClipping(
+            inner, noise_multiplier, clipping_norm, clients_per_round, accountant=accountant
+        )
+    if name == "scaffold":
+        return Scaffold(**common)
+    if name == "fednova":
+        return FedNova(**common)
+    if name == "fedbn":
+        return FedBN(**common)
+    return IFCA(num_clusters=num_clusters, **common)
+
+
+__all__ = [
+    "NAMES", "make_strategy", "Scaffold", "FedNova", "FedBN", "FedDF", "HeteroFL", "sub_model", "IFCA",
+    "adjusted_rand_index", "Selected", "RandomSelector", "OortSelector", "SubsetGrid",
+]  # fmt: skip

@@ -1,0 +1,55 @@
+"""FedBN (Li et al., ICLR 2021): normalisation layers stay local, everything else is averaged.
+
+    from tilestack.federated.strategies import FedBN
+    strategy = FedBN(fraction_train=0.5, fraction_evaluate=1.0)     # with Task(model="mlp", norm=True)
+
+Clients keep every array whose name starts with ``local_prefix`` (``bn.``: scale, shift and running
+statistics) in their ``Context.state`` and do not upload it; the server averages the rest with Flower's
+FedAvg and keeps its own copy of the normalisation arrays only so the global record stays complete.
+Judge FedBN by federated evaluation (each client with its own normalisation), not by the server's model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from tilestack.federated.client import LOCAL_PREFIX_KEY
+from tilestack.federated.models import NORM_PREFIX
+
+
+class FedBN(FedAvg):
+    """FedAvg that leaves the normalisation layers (``local_prefix``) on the clients."""
+
+    def __init__(self, *, local_prefix: str = NORM_PREFIX, **fedavg_kwargs):
+        super().__init__(**fedavg_kwargs)
+        if not local_prefix:
+            raise ValueError("FedBN: local_prefix=''; expected the name prefix of the local layers, e.g. 'bn.'")
+        self.local_prefix = local_prefix
+        self._local: dict = {}
+
+    def _with_prefix(self, config: ConfigRecord) -> ConfigRecord:
+        config[LOCAL_PREFIX_KEY] = self.local_prefix
+        return config
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._local = {k: v for k, v in arrays.items() if k.startswith(self.local_prefix)}
+        return super().configure_train(server_round, arrays, self._with_prefix(config), grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return super().configure_evaluate(server_round, arrays, self._with_prefix(config), grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None:
+            return None, metrics
+        return ArrayRecord({**{k: v for k, v in arrays.items()}, **self._local}), metrics

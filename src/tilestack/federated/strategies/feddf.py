@@ -1,0 +1,65 @@
+"""FedDF-style ensemble distillation (Lin et al., NeurIPS 2020) on the server's unlabeled data.
+
+    from tilestack.federated.strategies import FedDF
+    strategy = FedDF(model=task.build_model(), unlabeled=x_server, steps=100, lr=0.05, fraction_train=0.3)
+
+After Flower's weighted averaging, the averaged model (student) is trained for ``steps`` SGD steps to
+match the ensemble of the round's client models (teacher: their mean softmax at ``temperature``) on
+``unlabeled`` inputs the server holds. No labels are used on the server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAvg
+
+from tilestack.federated.models import Model, is_statistic
+from tilestack.federated.strategies._util import ok_replies, to_numpy, to_record
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class FedDF(FedAvg):
+    """FedAvg followed by server-side distillation of the client ensemble (see module doc)."""
+
+    def __init__(
+        self, *, model: Model, unlabeled: np.ndarray, steps: int = 100, lr: float = 0.05, batch_size: int = 50,
+        temperature: float = 1.0, seed: int = 0, **fedavg_kwargs,
+    ):  # fmt: skip
+        super().__init__(**fedavg_kwargs)
+        if steps < 0 or not lr > 0 or not temperature > 0 or batch_size < 1:
+            raise ValueError(
+                f"FedDF: steps={steps}, lr={lr}, temperature={temperature}, batch_size={batch_size}; "
+                "expected steps >= 0, lr > 0, temperature > 0, batch_size >= 1"
+            )
+        if np.asarray(unlabeled).ndim != 2 or len(unlabeled) == 0:
+            raise ValueError(f"FedDF: unlabeled has shape {np.shape(unlabeled)}; expected (N, features), N > 0")
+        self.model, self.unlabeled = model, np.asarray(unlabeled, np.float32)
+        self.steps, self.lr, self.batch_size, self.temperature = steps, lr, batch_size, temperature
+        self.rng = np.random.default_rng(seed)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = ok_replies(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None or not replies:
+            return arrays, metrics
+        teachers = [to_numpy(next(iter(m.content.array_records.values()))) for m in replies]
+        x = self.unlabeled
+        probs = np.mean([_softmax(self.model.logits(t, x) / self.temperature) for t in teachers], axis=0)  # (N, C)
+        student = to_numpy(arrays)
+        for _ in range(self.steps):
+            idx = self.rng.choice(len(x), size=min(self.batch_size, len(x)), replace=False)
+            _, grads = self.model.loss_and_grads(student, x[idx], probs[idx])
+            for k, g in grads.items():
+                if not is_statistic(k):
+                    student[k] = (student[k] - self.lr * g).astype(np.float32)
+        return to_record(student), metrics

@@ -1,0 +1,55 @@
+"""FedNova (Wang et al., NeurIPS 2020): normalised averaging for clients that do unequal local work.
+
+    from tilestack.federated.strategies import FedNova
+    strategy = FedNova(fraction_train=1/3, fraction_evaluate=0.0)
+
+Clients report ``num-steps`` (tau_i, the SGD steps they actually ran). FedAvg's plain average lets the
+clients that ran more steps pull the model towards their own optimum (objective inconsistency). FedNova
+averages the normalised updates d_i = (x - y_i) / tau_i with weights p_i = n_i / n and takes a step of
+tau_eff = sum_i p_i tau_i: x+ = x - tau_eff * sum_i p_i d_i.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from tilestack.federated.strategies._util import metric, ok_replies, to_numpy, to_record
+
+
+class FedNova(FedAvg):
+    """FedNova over Flower's FedAvg sampling and messaging (vanilla local SGD: a_i = tau_i)."""
+
+    def __init__(self, **fedavg_kwargs):
+        super().__init__(**fedavg_kwargs)
+        self._x: dict[str, np.ndarray] = {}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._x = to_numpy(arrays)
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = [m for m in ok_replies(replies) if metric(m, "num-steps") > 0]
+        if not replies:
+            return None, None
+        n = np.array([metric(m, self.weighted_by_key) for m in replies])
+        p = n / n.sum()
+        tau = np.array([metric(m, "num-steps") for m in replies])
+        tau_eff = float((p * tau).sum())
+        step = {k: np.zeros_like(v, dtype=np.float64) for k, v in self._x.items()}
+        for pi, ti, m in zip(p, tau, replies, strict=True):
+            y = to_numpy(next(iter(m.content.array_records.values())))
+            for k in step:
+                step[k] += pi * (self._x[k] - y[k]) / ti
+        x_new = {k: (self._x[k] - tau_eff * step[k]).astype(np.float32) for k in self._x}
+        metrics = aggregate_metricrecords([m.content for m in replies], self.weighted_by_key)
+        return to_record(x_new), metrics

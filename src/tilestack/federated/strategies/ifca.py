@@ -1,0 +1,111 @@
+"""IFCA (Ghosh et al., NeurIPS 2020): K cluster models; each client trains the one that fits it best.
+
+    from tilestack.federated.strategies import IFCA
+    strategy = IFCA(num_clusters=2, fraction_train=0.5, fraction_evaluate=0.0)
+    initial = strategy.initial_arrays(task)            # K differently seeded models in one ArrayRecord
+    strategy.assignments                               # partition id -> cluster, from the last round
+
+The K models travel in one ArrayRecord (keys ``cluster{j}/<name>``) with ``tilestack.ifca-k`` = K in
+the config; a client scores every model on its own training data, trains the best, and reports
+``cluster-id``. The server averages each cluster's replies with Flower's weighted averaging; a cluster
+nobody chose keeps its model. ``agreement(task)`` measures how well the clusters recover planted groups.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from math import comb
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggregate_metricrecords
+
+from tilestack.federated.client import CLUSTER_SEP, IFCA_KEY, PARTITION_METRIC, cluster_key
+from tilestack.federated.strategies._util import metric, ok_replies, to_numpy, to_record
+from tilestack.federated.task import Task
+
+INIT_STD = 0.1  # spread of the random initial cluster models (zero init would make them identical)
+
+
+def adjusted_rand_index(a: list[int], b: list[int]) -> float:
+    """Agreement of two labelings up to renaming: 1 identical, about 0 for chance."""
+    n = len(a)
+    if n < 2:
+        return 1.0
+    pairs = {}
+    for x, y in zip(a, b, strict=True):
+        pairs[(x, y)] = pairs.get((x, y), 0) + 1
+    rows = np.bincount(np.unique(a, return_inverse=True)[1])
+    cols = np.bincount(np.unique(b, return_inverse=True)[1])
+    index = sum(comb(v, 2) for v in pairs.values())
+    sum_r, sum_c = sum(comb(int(v), 2) for v in rows), sum(comb(int(v), 2) for v in cols)
+    expected = sum_r * sum_c / comb(n, 2)
+    top = (sum_r + sum_c) / 2
+    return 1.0 if top == expected else float((index - expected) / (top - expected))
+
+
+class IFCA(FedAvg):
+    """Iterative Federated Clustering over Flower's FedAvg sampling and averaging."""
+
+    def __init__(self, *, num_clusters: int, **fedavg_kwargs):
+        super().__init__(**fedavg_kwargs)
+        if num_clusters < 1:
+            raise ValueError(f"IFCA: num_clusters={num_clusters!r}; expected >= 1")
+        self.num_clusters = num_clusters
+        self.assignments: dict[int, int] = {}
+        self._clusters: list[dict[str, np.ndarray]] = []
+
+    def initial_arrays(self, task: Task) -> ArrayRecord:
+        base = task.initial_params()
+        packed = {}
+        for j in range(self.num_clusters):
+            rng = np.random.default_rng([task.seed, 31, j])
+            for k, v in base.items():
+                packed[cluster_key(j, k)] = (v + rng.normal(0, INIT_STD, v.shape)).astype(np.float32)
+        return to_record(packed)
+
+    def _unpack(self, arrays: ArrayRecord) -> list[dict[str, np.ndarray]]:
+        out: list[dict[str, np.ndarray]] = [{} for _ in range(self.num_clusters)]
+        for name, v in to_numpy(arrays).items():
+            head, _, key = name.partition(CLUSTER_SEP)
+            out[int(head.removeprefix("cluster"))][key] = v
+        return out
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._clusters = self._unpack(arrays)
+        config[IFCA_KEY] = self.num_clusters
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        config[IFCA_KEY] = self.num_clusters
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = ok_replies(replies)
+        if not replies:
+            return None, None
+        packed = {}
+        for j in range(self.num_clusters):
+            members = [m for m in replies if int(metric(m, "cluster-id", -1)) == j]
+            model = (
+                to_numpy(aggregate_arrayrecords([m.content for m in members], self.weighted_by_key))
+                if members
+                else self._clusters[j]
+            )
+            packed |= {cluster_key(j, k): v for k, v in model.items()}
+        for m in replies:
+            self.assignments[int(metric(m, PARTITION_METRIC))] = int(metric(m, "cluster-id"))
+        return to_record(packed), aggregate_metricrecords([m.content for m in replies], self.weighted_by_key)
+
+    def agreement(self, task: Task) -> float:
+        """Adjusted Rand index between the last cluster choices and the task's planted groups."""
+        pids = sorted(self.assignments)
+        return adjusted_rand_index([task.group(p) for p in pids], [self.assignments[p] for p in pids])
