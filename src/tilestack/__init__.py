@@ -1,12 +1,27 @@
 """tilestack: a tile language, a kernel library, and the tools to make AI workloads fast.
 
-    import tilestack as ts
-    ts.kernels.gemm(a, b)                 # a library kernel, on the best backend here
-    print(ts.kernels.gemm.kernel.ir())    # what it became
+    import tilestack
+    import tilestack.lang as ts                       # the tile language
+    o = tilestack.attention(q, k, v, causal=True)     # a library kernel as a differentiable PyTorch op
+    c = tilestack.kernels.gemm(a, b)
+    print(tilestack.kernels.gemm_kernel.trace(a, b, c).source())   # what it became
 """
 
 from tilestack import errors
 from tilestack.config import knobs
 
-__all__ = ["errors", "knobs"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # torch-backed parts load on first use, so `import tilestack` (and the CLI) stays light
+    if name == "attention":
+        from tilestack.torch import attention
+        return attention
+    if name in ("kernels", "lang", "perf", "bench", "ir", "backends"):
+        import importlib
+        return importlib.import_module(f"tilestack.{name}")
+    raise AttributeError(f"module 'tilestack' has no attribute {name!r}")
+
+
+__all__ = ["attention", "errors", "knobs"]
