@@ -39,8 +39,9 @@ def main() -> None:
                         extra_metrics=lambda s, a, r: {"ari": s.agreement(task)})  # fmt: skip
     ari = [r.extra["ari"] for r in res_ifca.history.rounds]
     res_avg = simulate(FedAvg(**common), task, rounds=args.rounds, seed=args.seed)
-    plot_rounds({f"IFCA (K={args.groups})": res_ifca.history, "FedAvg": res_avg.history}, "test_acc",
-                _common.DOCS / "clustering.png", title=f"{args.groups} planted groups, {NUM_CLIENTS} clients")  # fmt: skip
+    title = f"{args.groups} planted groups, {NUM_CLIENTS} clients"
+    runs = {f"IFCA (K={args.groups})": res_ifca.history, "FedAvg": res_avg.history}
+    plot_rounds(runs, "test_acc", _common.DOCS / "clustering.png", title=title)
     out = {
         "machine": _common.machine(), "rounds": args.rounds, "groups": args.groups, "seconds": time.time() - t0,
         "ifca_final_test_acc": res_ifca.history.rounds[-1].test_acc,
