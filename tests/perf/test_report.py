@@ -95,3 +95,16 @@ def test_formatting():
     assert report.seconds(2.5e-5) == "25 us" and report.seconds(1.5) == "1.5 s" and report.pct(0.456) == "46%"
     md = report.measurements_markdown([])
     assert md.splitlines()[0].startswith("| kernel |")
+
+
+def test_names_with_brackets_survive_rich(measurements):
+    import dataclasses
+
+    from rich.console import Console
+
+    m = dataclasses.replace(measurements[0], name="torch.sdpa[flash]", config={"backend": "[cudnn]"})
+    con = Console(record=True, width=250)
+    report.print_measurements([m], title="sdpa [bold]", con=con)
+    con.print(report.comparison_table(type("C", (), {"a_label": "[a]", "b_label": "b", "rows": []})()))
+    out = con.export_text()
+    assert "torch.sdpa[flash]" in out and "backend=[cudnn]" in out and "sdpa [bold]" in out and "A = [a]" in out

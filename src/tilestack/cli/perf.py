@@ -21,9 +21,7 @@ import typer
 
 from tilestack.cli import app
 
-DbOption = Annotated[
-    Path | None, typer.Option("--db", help="Result store (default <cache_dir>/perf/results.sqlite).")
-]
+DbOption = Annotated[Path | None, typer.Option("--db", help="Result store (default <cache_dir>/perf/results.sqlite).")]
 
 
 def _fail(message: str) -> None:
@@ -33,12 +31,8 @@ def _fail(message: str) -> None:
 
 @app.command()
 def device(
-    device: Annotated[
-        str | None, typer.Option(help="cpu, cuda or cuda:N (default: the first GPU, else cpu).")
-    ] = None,
-    remeasure: Annotated[
-        bool, typer.Option(help="Measure the ceilings again instead of reading the cache.")
-    ] = False,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: the first GPU, else cpu).")] = None,
+    remeasure: Annotated[bool, typer.Option(help="Measure the ceilings again instead of reading the cache.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Show the device, its published peaks and its measured ceilings (measured once, then cached)."""
@@ -67,7 +61,7 @@ def device(
         return
     from rich.table import Table
 
-    t = Table(title=dev.name, header_style="bold")
+    t = Table(title=report.escape(dev.name), header_style="bold")
     for col in ("", "measured", "published", "measured / published"):
         t.add_column(col)
     spec = dev.spec
@@ -89,7 +83,9 @@ def device(
     con = report.console()
     con.print(t)
     con.print(
-        f"spec: {spec.label + ' (' + spec.source + ')' if spec else 'not in the table of published peaks'}"
+        report.escape(
+            f"spec: {spec.label + ' (' + spec.source + ')' if spec else 'not in the table of published peaks'}"
+        )
     )
     con.print(f"ceilings measured {ceil.measured_at}, cached in {device_mod.ceilings_path(dev)}")
 
@@ -103,18 +99,14 @@ def profile(
             "(model, inputs); else top-level `model` and `inputs`."
         ),
     ],
-    device: Annotated[
-        str | None, typer.Option(help="Move model and inputs to this device (cpu, cuda).")
-    ] = None,
+    device: Annotated[str | None, typer.Option(help="Move model and inputs to this device (cpu, cuda).")] = None,
     steps: Annotated[int, typer.Option(help="Profiled steps.")] = 5,
     warmup: Annotated[int, typer.Option(help="Warm-up steps before counting and profiling.")] = 2,
     train: Annotated[bool, typer.Option(help="Profile forward and backward, not just forward.")] = False,
     top: Annotated[int | None, typer.Option(help="Show only the slowest N ops.")] = 25,
     fastpath: Annotated[
         bool,
-        typer.Option(
-            help="Keep nn.MultiheadAttention's fused fast path (its inner matmuls then go uncounted)."
-        ),
+        typer.Option(help="Keep nn.MultiheadAttention's fused fast path (its inner matmuls then go uncounted)."),
     ] = False,
     out: Annotated[Path | None, typer.Option(help="Write profile.html and profile.png here.")] = None,
     store: Annotated[bool, typer.Option(help="Append every op's row to the result store.")] = True,
@@ -195,7 +187,7 @@ def runs(db: DbOption = None, limit: Annotated[int, typer.Option(help="Newest N 
         t.add_column(col, overflow="fold")
     for r in rs:
         v = r.versions or {}
-        t.add_row(
+        cells = (
             r.id,
             r.started_at,
             r.device,
@@ -203,15 +195,14 @@ def runs(db: DbOption = None, limit: Annotated[int, typer.Option(help="Newest N 
             r.label or "",
             f"torch {v.get('torch')}, triton {v.get('triton')}, cuda {v.get('cuda')}",
         )
+        t.add_row(*(report.escape(c) for c in cells))
     report.console().print(t)
 
 
 @app.command()
 def report(
     run: Annotated[str, typer.Argument(help="Run id, unique prefix, label, latest or latest~N.")] = "latest",
-    out: Annotated[
-        Path | None, typer.Option(help="Write report.html, roofline.png and report.md here.")
-    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Write report.html, roofline.png and report.md here.")] = None,
     title: Annotated[str | None, typer.Option(help="Report title.")] = None,
     db: DbOption = None,
 ) -> None:
@@ -232,9 +223,7 @@ def report(
         report_mod.roofline_png(ms, out / "roofline.png", ceilings=ceil, title=title)
         report_mod.html_report(ms, out / "report.html", ceilings=ceil, versions=r.versions, title=title)
         (out / "report.md").write_text(report_mod.measurements_markdown(ms) + "\n")
-        report_mod.console().print(
-            f"wrote {out / 'report.html'}, {out / 'roofline.png'}, {out / 'report.md'}"
-        )
+        report_mod.console().print(f"wrote {out / 'report.html'}, {out / 'roofline.png'}, {out / 'report.md'}")
 
 
 def _ceilings_of(data: dict | None) -> object:
@@ -270,19 +259,13 @@ def ncu(
         list[str],
         typer.Argument(help="The command to profile, after `--` (a .py file runs under this Python)."),
     ],
-    kernel: Annotated[
-        str | None, typer.Option(help="Regex on kernel names (ncu --kernel-name regex:...).")
-    ] = None,
-    nvtx: Annotated[
-        str | None, typer.Option(help="NVTX range filter, e.g. 'tilestack:rmsnorm[BM=64]/'.")
-    ] = None,
+    kernel: Annotated[str | None, typer.Option(help="Regex on kernel names (ncu --kernel-name regex:...).")] = None,
+    nvtx: Annotated[str | None, typer.Option(help="NVTX range filter, e.g. 'tilestack:rmsnorm[BM=64]/'.")] = None,
     skip: Annotated[int, typer.Option(help="Matching launches to skip first (warm-up).")] = 0,
     count: Annotated[int, typer.Option(help="Matching launches to profile.")] = 1,
     fold: Annotated[
         str | None,
-        typer.Option(
-            help="Fold the figures into the newest stored result of this kernel name (appended to its run)."
-        ),
+        typer.Option(help="Fold the figures into the newest stored result of this kernel name (appended to its run)."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
     db: DbOption = None,
@@ -294,9 +277,7 @@ def ncu(
     argv = [sys.executable, *target] if target and target[0].endswith(".py") else list(target)
     try:
         with report_mod.console().status("running ncu..."):
-            res = ncu_mod.run(
-                argv, kernel_regex=kernel, nvtx_include=nvtx, launch_skip=skip, launch_count=count
-            )
+            res = ncu_mod.run(argv, kernel_regex=kernel, nvtx_include=nvtx, launch_skip=skip, launch_count=count)
     except ncu_mod.NcuError as e:
         _fail(str(e))
     if as_json:
@@ -320,7 +301,7 @@ def ncu(
         p = lambda v: "-" if v is None else f"{v:.0f}%"  # noqa: E731
         for k in res.kernels:
             t.add_row(
-                k.name,
+                report_mod.escape(k.name),
                 report_mod.seconds(k.duration_s),
                 p(k.sm_throughput_pct),
                 p(k.memory_throughput_pct),

@@ -28,7 +28,8 @@ MIN_WINDOW_S = 1.0  # the counter updates every 10-100 ms: 1 s keeps quantisatio
 MJ_TO_J = 1e-3
 MW_TO_W = 1e-3
 MAX_ENERGY_CALLS = 1_000_000
-WINDOW_MARGIN = 1.1
+WINDOW_MARGIN = 1.1  # run a little past the minimum, so the window clears it after the final sync
+CHUNK_S = 0.05
 
 _nvml_state: dict[str, Any] = {"init": None, "error": None}
 
@@ -225,7 +226,7 @@ def measure_energy(
 ) -> EnergySample:
     """Run ``fn`` back to back for at least ``min_window_s`` and read the energy it took.
 
-    ``per_call_s`` (the timed median) sets how many calls fill the window. ``sync`` waits for the device
+    ``per_call_s`` (the timed median) sizes the chunks of calls between clock reads. ``sync`` waits for the device
     (``torch.cuda.synchronize``); ``idle`` also measures the idle power once per process. A ``fn`` that
     launches several calls at once (a CUDA-graph replay) says how many in ``calls_per_invocation``.
     """
@@ -233,14 +234,18 @@ def measure_energy(
     if meter is None or not meter.available:
         why = meter.reason if meter is not None else "not a CUDA device"
         return EnergySample(EnergyWindow(None, 0.0, False, f"no energy counter: {why}"), 0)
-    per_invocation_s = per_call_s * calls_per_invocation
-    # WINDOW_MARGIN over the minimum, so a slightly faster run than timed still fills the window.
-    calls = int(min(MAX_ENERGY_CALLS, max(1, min_window_s / max(per_invocation_s, 1e-9) * WINDOW_MARGIN)))
+    # Calls go in chunks of about CHUNK_S of (timed) work until the host has spent the window; a host that
+    # runs ahead of the GPU blocks once the launch queue is full, so the window tracks the GPU's time.
+    chunk = int(min(MAX_ENERGY_CALLS, max(1, CHUNK_S / max(per_call_s * calls_per_invocation, 1e-9))))
+    calls = 0
     if sync:
         sync()
     with meter.window(min_window_s) as w:
-        for i in range(calls):
-            fn(*sets[i % len(sets)])
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < min_window_s * WINDOW_MARGIN and calls < MAX_ENERGY_CALLS:
+            for i in range(chunk):
+                fn(*sets[(calls + i) % len(sets)])
+            calls += chunk
         if sync:
             sync()
     idle_w = idle_power_w(meter) if idle else None

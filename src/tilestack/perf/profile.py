@@ -549,22 +549,22 @@ def print_profile(p: ModelProfile, con: Any = None, top: int | None = None) -> N
     """Hot spots with tips first, then the per-op table (the ``top`` ops, all by default)."""
     from rich.table import Table
 
-    from tilestack.perf.report import console, seconds, si
+    from tilestack.perf.report import console, escape, seconds, si
 
     con = console(con)
     mode = "forward + backward" if p.train else "forward"
     con.print(
-        f"[bold]{p.name}[/bold] on {p.device.name}: {mode}, {seconds(p.step_s)} of op time per step "
+        f"[bold]{escape(p.name)}[/bold] on {escape(p.device.name)}: {mode}, {seconds(p.step_s)} of op time per step "
         f"({seconds(p.wall_s)} wall), {si(p.flops, 'FLOP')} per step"
     )
     con.print("[bold]hot spots[/bold]")
     for line in hot_spot_lines(p):
-        con.print("  " + line)
+        con.print("  " + escape(line))
     t = Table(header_style="bold")
     for c in PROFILE_COLUMNS:
         t.add_column(c, overflow="fold")
     for r in profile_rows(p)[:top]:
-        t.add_row(*r)
+        t.add_row(*(escape(c) for c in r))
     con.print(t)
 
 

@@ -70,6 +70,13 @@ def pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.0%}" if x >= 0.1 else f"{x:.1%}"
 
 
+def escape(text: str) -> str:
+    """``text`` safe to print through rich (``torch.sdpa[flash]`` is not a style tag)."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
 def _config(cfg: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in cfg.items())
 
@@ -103,11 +110,11 @@ def measurements_table(ms: Sequence[Measurement], title: str = "") -> Any:
     """A ``rich.table.Table`` of ``ms``, one row each."""
     from rich.table import Table
 
-    t = Table(title=title or None, show_lines=False, header_style="bold")
+    t = Table(title=escape(title) or None, show_lines=False, header_style="bold")
     for heading, _ in COLUMNS:
         t.add_column(heading, overflow="fold", no_wrap=heading in ("latency", "bound"))
     for r in rows(ms):
-        t.add_row(*r)
+        t.add_row(*(escape(c) for c in r))
     return t
 
 
@@ -126,11 +133,11 @@ def print_measurements(ms: Sequence[Measurement], title: str = "", con: Any = No
     con = console(con)
     con.print(measurements_table(ms, title))
     for m in ms:
-        con.print(f"[bold]{m.name}[/bold] {_config(m.config)}: {m.tip}")
+        con.print(f"[bold]{escape(m.name)}[/bold] {escape(_config(m.config))}: {escape(m.tip)}")
         if m.energy_note:
-            con.print(f"  [dim]energy: {m.energy_note}[/dim]")
+            con.print(f"  [dim]energy: {escape(m.energy_note)}[/dim]")
         if m.ncu:
-            con.print(f"  [dim]ncu: {ncu_summary(m.ncu)}[/dim]")
+            con.print(f"  [dim]ncu: {escape(ncu_summary(m.ncu))}[/dim]")
 
 
 def ncu_summary(ncu: Mapping[str, Any]) -> str:
@@ -154,15 +161,15 @@ def comparison_table(cmp: Any) -> Any:
     """A ``rich.table.Table`` of a :class:`~tilestack.perf.store.Comparison`."""
     from rich.table import Table
 
-    t = Table(title=f"A = {cmp.a_label}   B = {cmp.b_label}", header_style="bold")
+    t = Table(title=escape(f"A = {cmp.a_label}   B = {cmp.b_label}"), header_style="bold")
     for h in ("kernel", "config", "latency A", "latency B", "B speed-up", "FLOP/s A", "FLOP/s B"):
         t.add_column(h, overflow="fold")
     for r in cmp.rows:
         sp = r.speedup
         style = "" if sp is None else "green" if sp > 1 else "red"
         t.add_row(
-            r.name,
-            _config(r.config),
+            escape(r.name),
+            escape(_config(r.config)),
             seconds(r.a.latency_s if r.a else None),
             seconds(r.b.latency_s if r.b else None),
             f"[{style}]{sp:.2f}x[/{style}]" if sp is not None else "-",
