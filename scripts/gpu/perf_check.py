@@ -155,7 +155,7 @@ def check_energy() -> str:
     assert not short.result.valid, "a too-short window was not flagged"
     t = timing.time_fn(torch.mm, args_sets=[(a, a)])
     long = energy.measure_energy(torch.mm, args_sets=[(a, a)], per_call_s=t.median_s, meter=meter, sync=_sync)
-    print(f"idle {report.si(idle, 'W')}; short window: {short.note}")
+    print(f"idle {report.si(idle, 'W')}; short window: {short.result.note}")
     print(f"GEMM {GEMM_N}^3 bf16: {report.si(long.joules_per_call, 'J')}/call at {report.si(long.avg_power_w, 'W')}"
           f" over {long.window.seconds:.2f} s ({long.calls} calls), power reading now "
           f"{report.si(meter.power_w(), 'W')}")

@@ -4,7 +4,7 @@
     meter = energy.EnergyMeter(0)               # GPU index; meter.available False (with .reason) without NVML
     with meter.window() as w:
         run_for_a_second()                      # the GPU must be synchronised before the window closes
-    w.joules, w.seconds, w.avg_power_w, w.valid, w.note
+    w.result.joules, w.result.avg_power_w, w.result.valid, w.result.note
     s = energy.measure_energy(fn, args_sets=sets, per_call_s=t.median_s, meter=meter)
     s.joules_per_call, s.avg_power_w
 
@@ -13,7 +13,7 @@ updates every 10 to 100 ms, so a window shorter than ``MIN_WINDOW_S`` is mostly 
 window is returned with ``valid=False`` and a note saying so, never silently. The counter is board energy
 (GPU and HBM), not one kernel's: ``measure_energy`` repeats the call back to back until the window is long
 enough and divides by the number of calls. NVML's power reading (``nvmlDeviceGetPowerUsage``) is a 1 s
-average on recent GPUs; it is read too, for the idle baseline.
+average on recent GPUs: ``meter.power_w()`` gives it, for a glance; energies come from the counter only.
 """
 
 from __future__ import annotations
@@ -169,12 +169,9 @@ class EnergyMeter:
 
 
 class _OpenWindow:
-    result: EnergyWindow | None = None
+    """What ``EnergyMeter.window`` yields: ``result`` is filled in when the block closes."""
 
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_") or self.result is None:
-            raise AttributeError(name)
-        return getattr(self.result, name)
+    result: EnergyWindow | None = None
 
 
 _meters: dict[int, EnergyMeter] = {}

@@ -240,6 +240,8 @@ def capture_graph(
     """
     import torch
 
+    if not torch.cuda.is_available():
+        raise TimingError("capture_graph: torch sees no CUDA device; expected one (CUDA graphs are GPU-only)")
     sets = [()] if args_sets is None else [tuple(a) for a in args_sets]
     # Warm up on a side stream before capture (as torch.cuda.graphs recommends), so lazy initialisation
     # (cuBLAS handles, Triton compilation) happens outside the graph.
