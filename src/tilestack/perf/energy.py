@@ -112,7 +112,7 @@ class EnergyMeter:
             nv = _nvml()
             if pci_bus_id:
                 try:
-                    self._handle = nv.nvmlDeviceGetHandleByPciBusId_v2(pci_bus_id)
+                    self._handle = nv.nvmlDeviceGetHandleByPciBusId(pci_bus_id)
                 except Exception:
                     self._handle = None  # an unexpected bus-id format: fall back to the index
             if self._handle is None:
