@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import tilestack.lang as ts
+from tilestack import config
 from tilestack.lang import ops as ts_ops
 
 BACKENDS = ("reference", "triton")
@@ -76,7 +77,9 @@ def check(out: torch.Tensor, want: np.ndarray, rtol: float, atol: float | None =
 
 
 def launch(kernel, backend, *args, **consts) -> None:
-    kernel.trace(*args, **consts).run(*args, backend=backend)
+    """Trace and run on these CPU tensors: Triton under its interpreter, also where a GPU is present."""
+    with config.override(triton_interpret=True):
+        kernel.trace(*args, **consts).run(*args, backend=backend)
 
 
 def test_the_sweep_covers_every_op():
