@@ -12,7 +12,7 @@ Sections (each runs on its own; a failure is recorded and the next one runs):
   library   tilestack's own kernels through tilestack.bench (FLOPs and bytes from the IR)
   store     every result appended to $OUT/results.sqlite; compare
   ncu       Nsight Compute (--clock-control none) on SDPA, by kernel regex and by NVTX range; folded in;
-            plus the `tilestack ncu` command
+            plus the `tilestack ncu` command, on SDPA and on the library's attention (--case)
   profile   a small GPT built here, forward and forward+backward, under torch.profiler + FLOP counting;
             plus the `tilestack profile` command on the same model
   report    rich tables, roofline.png, report.html, report.md, profile.{html,png,md}
@@ -312,6 +312,15 @@ def check_ncu(out: Path) -> str:
     notes.append(f"`tilestack ncu` exit {cli.returncode}")
     if cli.returncode:
         print(cli.stdout[-2000:], cli.stderr[-2000:])
+    # One of the library's own kernels, selected by its NVTX range (`tilestack ncu --case`).
+    lib = subprocess.run([sys.executable, "-m", "tilestack.cli", "ncu", "--case", "attention_fwd", "--json"],
+                         capture_output=True, text=True, env={**os.environ, **env}, timeout=NCU_TIMEOUT_S)
+    (out / "ncu_case.json").write_text(lib.stdout)
+    notes.append(f"`tilestack ncu --case attention_fwd` exit {lib.returncode}")
+    if lib.returncode:
+        print(lib.stdout[-2000:], lib.stderr[-2000:])
+    else:
+        print(lib.stdout[-3000:])
     print("; ".join(notes))
     return "; ".join(notes)
 

@@ -100,3 +100,24 @@ def test_ncu_without_ncu(monkeypatch):
     monkeypatch.setattr(ncu, "find_ncu", lambda: None)
     r = runner.invoke(app, ["ncu", "--kernel", "x", "--", "run.py"])
     assert r.exit_code == 1 and "not on PATH" in r.output
+
+
+def test_ncu_needs_a_target_or_a_case():
+    r = runner.invoke(app, ["ncu"])
+    assert r.exit_code == 1 and "expected exactly one" in r.output
+
+
+def test_ncu_case_selects_by_nvtx_range(monkeypatch):
+    from tilestack.perf import ncu
+
+    seen = {}
+
+    def fake_run(argv, **kw):
+        seen.update(kw, argv=argv, script=open(argv[1]).read())
+        raise ncu.NcuPermissionError(ncu.PERMISSION_HELP)
+
+    monkeypatch.setattr(ncu, "run", fake_run)
+    r = runner.invoke(app, ["ncu", "--case", "attention_fwd#1"])
+    assert r.exit_code == 1 and "ERR_NVGPUCTRPERM" in r.output
+    assert seen["argv"][-1] == "attention_fwd#1" and seen["nvtx_include"] == "tilestack:ncu_case/"
+    assert 'range_push("tilestack:ncu_case")' in seen["script"]

@@ -256,9 +256,16 @@ def compare(
 @app.command()
 def ncu(
     target: Annotated[
-        list[str],
+        list[str] | None,
         typer.Argument(help="The command to profile, after `--` (a .py file runs under this Python)."),
-    ],
+    ] = None,
+    case: Annotated[
+        str | None,
+        typer.Option(
+            help="Profile one `tilestack bench` case instead of a command: NAME or NAME#i (the i-th "
+            "case of that name); selected by its NVTX range, after two warm-up calls."
+        ),
+    ] = None,
     kernel: Annotated[str | None, typer.Option(help="Regex on kernel names (ncu --kernel-name regex:...).")] = None,
     nvtx: Annotated[str | None, typer.Option(help="NVTX range filter, e.g. 'tilestack:rmsnorm[BM=64]/'.")] = None,
     skip: Annotated[int, typer.Option(help="Matching launches to skip first (warm-up).")] = 0,
@@ -271,15 +278,26 @@ def ncu(
     db: DbOption = None,
 ) -> None:
     """Run Nsight Compute (--clock-control none) on matching launches and show speed-of-light and memory."""
+    import tempfile
+
     from tilestack.perf import ncu as ncu_mod
     from tilestack.perf import report as report_mod
 
-    argv = [sys.executable, *target] if target and target[0].endswith(".py") else list(target)
-    try:
-        with report_mod.console().status("running ncu..."):
-            res = ncu_mod.run(argv, kernel_regex=kernel, nvtx_include=nvtx, launch_skip=skip, launch_count=count)
-    except ncu_mod.NcuError as e:
-        _fail(str(e))
+    if bool(target) == bool(case):
+        _fail(f"target={target!r}, case={case!r}; expected exactly one: a command after `--`, or --case NAME")
+    with tempfile.TemporaryDirectory(prefix="tilestack-ncu-case-") as tmp:
+        if case:
+            script = Path(tmp) / "ncu_case.py"
+            script.write_text(CASE_SCRIPT)
+            argv = [sys.executable, str(script), case]
+            nvtx = nvtx or f"{CASE_RANGE}/"
+        else:
+            argv = [sys.executable, *target] if target[0].endswith(".py") else list(target)
+        try:
+            with report_mod.console().status("running ncu..."):
+                res = ncu_mod.run(argv, kernel_regex=kernel, nvtx_include=nvtx, launch_skip=skip, launch_count=count)
+        except ncu_mod.NcuError as e:
+            _fail(str(e))
     if as_json:
         print(json.dumps({"kernels": [vars(k) for k in res.kernels], "summary": res.summary()}, indent=2))
     else:
@@ -314,6 +332,30 @@ def ncu(
         report_mod.console().print(t)
     if fold:
         _fold(res, fold, db)
+
+
+CASE_RANGE = "tilestack:ncu_case"
+WARMUP_CALLS = 2  # outside the range: compilation and autotuning happen there, not under ncu's filter
+CASE_SCRIPT = f"""
+import sys
+import torch
+from tilestack.bench.cases import cases
+
+name, _, index = sys.argv[1].partition("#")
+found = [c for c in cases("cuda", full=True) if c.name == name]
+if not found or int(index or 0) >= len(found):
+    names = sorted({{c.name for c in cases("cuda", full=True)}})
+    sys.exit(f"case={{sys.argv[1]!r}}; expected NAME or NAME#i with NAME one of {{names}}")
+case = found[int(index or 0)]
+inputs = case.make("cuda")
+for _ in range({WARMUP_CALLS}):
+    case.ours(inputs)
+torch.cuda.synchronize()
+torch.cuda.nvtx.range_push("{CASE_RANGE}")
+case.ours(inputs)
+torch.cuda.nvtx.range_pop()
+torch.cuda.synchronize()
+"""
 
 
 def _fold(res: object, name: str, db: Path | None) -> None:
