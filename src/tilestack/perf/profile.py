@@ -11,7 +11,9 @@ Two passes over the same step, so counting never distorts timing:
    formulas of ``torch.utils.flop_counter`` (matmuls, convolutions, attention; causal attention halved as
    tilestack counts it) and its bytes as the sizes of its distinct input and output tensors (views move none);
 2. timing: ``steps`` steps under ``torch.profiler`` (CUDA kernel time on a GPU, CPU self time on a CPU),
-   attributed to the ATen op that launched each kernel.
+   after one discarded profiler step; each op's time is that of its whole subtree of the profiler's event
+   tree when the counting pass saw it (``clone`` takes the ``copy_`` inside it), its own time otherwise
+   (``linear``, which decomposes before dispatch, leaves its ``addmm`` to be counted on its own).
 The two are joined by op name, per step, and every op becomes a :class:`Measurement` (per call) so it gets
 the same roofline placement and tip as a kernel; time no ATen op accounts for is one ``(other)`` row.
 """
