@@ -31,6 +31,7 @@ DEFAULT_WINDOW_S = 0.1  # total time spent in timed repeats, when the caller doe
 MIN_REPEATS = 10  # a median of fewer is noise
 MAX_REPEATS = 1000
 MAX_WARMUP_CALLS = 100
+MIN_WARMUP_CALLS = 5
 GRAPH_CALLS = 20  # launches captured in one CUDA graph; a replay's time is divided by this
 L2_ROTATION_FACTOR = 2  # rotate through at least twice the L2's worth of inputs
 MAX_ROTATING_SETS = 64
@@ -173,14 +174,21 @@ def time_fn(
 
 
 def _warm(fn: Callable, sets: list[tuple], warmup_s: float, clock: Callable[[], float]) -> tuple[int, float]:
-    """Call until ``warmup_s`` has passed (at least once per set); return calls and seconds per call."""
-    calls, start = 0, clock()
+    """Call until ``warmup_s`` has passed (at least once per set, at least ``MIN_WARMUP_CALLS`` times).
+
+    Returns the calls made and the median seconds per call: the median, because the first calls (lazy
+    initialisation, compilation) and a busy host's descheduled ones would make a mean plan far too few repeats.
+    """
+    calls, start, per_call = 0, clock(), []
     while True:
+        t0 = clock()
         fn(*sets[calls % len(sets)])
+        t1 = clock()
+        per_call.append(t1 - t0)
         calls += 1
-        elapsed = clock() - start
-        if (calls >= len(sets) and elapsed >= warmup_s) or calls >= max(MAX_WARMUP_CALLS, len(sets)):
-            return calls, elapsed / calls
+        enough = calls >= max(len(sets), MIN_WARMUP_CALLS) and t1 - start >= warmup_s
+        if enough or calls >= max(MAX_WARMUP_CALLS, len(sets)):
+            return calls, statistics.median(per_call)
 
 
 def _time_cpu(fn: Callable, sets: list[tuple], warmup_s: float, repeats: int | None, window_s: float) -> Timing:
