@@ -100,3 +100,17 @@ def test_run_and_fold(on_path, measurements):
     from tilestack.perf import report
 
     assert "SM SOL 74%" in report.ncu_summary(m.ncu)
+
+
+def test_parse_the_long_details_layout_too():
+    head = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
+            '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"')
+    row = '"{id}","1","p","h","{k}","1","7","(128, 1, 1)","(8, 1, 1)","0","9.0","s","{m}","{u}","{v}"'
+    text = "\n".join([head,
+                      row.format(id=0, k="k0", m="gpu__time_duration.sum", u="usecond", v="12.5"),
+                      row.format(id=0, k="k0", m="dram__bytes_read.sum", u="Mbyte", v="2"),
+                      row.format(id=1, k="k1", m="sm__throughput.avg.pct_of_peak_sustained_elapsed", u="%",
+                                 v="55")])
+    k0, k1 = ncu.parse_raw_csv(text)
+    assert k0.name == "k0" and k0.duration_s == pytest.approx(12.5e-6) and k0.dram_bytes_read == 2e6
+    assert k1.sm_throughput_pct == 55 and k1.duration_s is None and k1.grid_size == "(8, 1, 1)"

@@ -197,8 +197,15 @@ def _number(text: str) -> float | None:
         return None
 
 
+def _scaled(value: str, unit: str) -> float | None:
+    v = _number(value)
+    return None if v is None else v * UNIT_SCALE.get(unit.strip().lower(), 1.0)
+
+
 def parse_raw_csv(text: str) -> list[NcuKernel]:
-    """Kernels from ``ncu --import rep --csv --page raw --print-units base`` (header, units, rows)."""
+    """Kernels from ``ncu --import rep --csv --page raw --print-units base``: a header row, a unit row, one
+    row per launch. The long layout of ncu's default ``details`` page (one row per launch and metric, with
+    ``Metric Name``, ``Metric Unit``, ``Metric Value``) is read too."""
     lines = [ln for ln in text.splitlines() if ln.startswith('"')]  # drop ==PROF== and app output
     table = list(csv.reader(io.StringIO("\n".join(lines))))
     if not table:
@@ -206,33 +213,39 @@ def parse_raw_csv(text: str) -> list[NcuKernel]:
     header = table[0]
     col = {h: i for i, h in enumerate(header)}
     if "Kernel Name" not in col:
-        raise NcuError(
-            f"ncu CSV without a 'Kernel Name' column (header {header[:6]}...); expected --page raw"
-        )
+        raise NcuError(f"ncu CSV without a 'Kernel Name' column (header {header[:6]}...); expected --page raw")
+    if {"Metric Name", "Metric Value"} <= set(col):
+        return _parse_long(table[1:], col)
     body = table[1:]
     units = [""] * len(header)
     if body and not body[0][col["Kernel Name"]]:
         units, body = body[0], body[1:]
     kernels = []
     for row in body:
-        fields: dict[str, Any] = {}
-        for metric, field in METRICS.items():
-            i = col.get(metric)
-            if i is None or i >= len(row):
-                continue
-            v = _number(row[i])
-            if v is not None:
-                v *= UNIT_SCALE.get(units[i].strip().lower(), 1.0) if i < len(units) else 1.0
-            fields[field] = v
-        kernels.append(
-            NcuKernel(
-                name=row[col["Kernel Name"]],
-                block_size=row[col["Block Size"]] if "Block Size" in col else "",
-                grid_size=row[col["Grid Size"]] if "Grid Size" in col else "",
-                **fields,
-            )
-        )
+        fields = {
+            field: _scaled(row[col[metric]], units[col[metric]])
+            for metric, field in METRICS.items()
+            if metric in col and col[metric] < len(row)
+        }
+        kernels.append(_kernel(row, col, fields))
     return kernels
+
+
+def _kernel(row: list[str], col: dict[str, int], fields: dict[str, Any]) -> NcuKernel:
+    get = lambda name: row[col[name]] if name in col and col[name] < len(row) else ""  # noqa: E731
+    return NcuKernel(name=get("Kernel Name"), block_size=get("Block Size"), grid_size=get("Grid Size"), **fields)
+
+
+def _parse_long(body: list[list[str]], col: dict[str, int]) -> list[NcuKernel]:
+    by_launch: dict[str, tuple[list[str], dict[str, Any]]] = {}
+    unit_col = col.get("Metric Unit")
+    for row in body:
+        launch = row[col["ID"]] if "ID" in col else str(len(by_launch))
+        first, fields = by_launch.setdefault(launch, (row, {}))
+        field = METRICS.get(row[col["Metric Name"]])
+        if field is not None:
+            fields[field] = _scaled(row[col["Metric Value"]], row[unit_col] if unit_col is not None else "")
+    return [_kernel(first, col, fields) for first, fields in by_launch.values()]
 
 
 def _check_output(text: str, returncode: int, cmd: Sequence[str]) -> None:
@@ -263,8 +276,7 @@ def run(
     exe = find_ncu()
     if exe is None:
         raise NcuError(
-            "ncu (Nsight Compute) is not on PATH nor in /usr/local/cuda/bin; install Nsight Compute "
-            "or add it to PATH"
+            "ncu (Nsight Compute) is not on PATH nor in /usr/local/cuda/bin; install Nsight Compute or add it to PATH"
         )
     with tempfile.TemporaryDirectory(prefix="tilestack-ncu-") as tmp:
         rep = Path(keep_report) if keep_report else Path(tmp) / "report"
