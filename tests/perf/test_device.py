@@ -11,7 +11,7 @@ from tilestack.perf import device
     ("NVIDIA H200", "h200"), ("NVIDIA H200 NVL", "h200-nvl"), ("NVIDIA A100-SXM4-80GB", "a100-sxm-80gb"),
     ("NVIDIA A100-SXM4-40GB", "a100-sxm-40gb"), ("NVIDIA A100 80GB PCIe", "a100-pcie-80gb"),
     ("NVIDIA A100-PCIE-40GB", "a100-pcie-40gb"), ("NVIDIA L40S", "l40s"), ("NVIDIA L4", "l4"),
-    ("cpu: Intel(R) Xeon(R) Processor", "cpu"), ("h100-sxm", "h100-sxm"),
+    ("cpu: Intel(R) Xeon(R) Processor", "cpu"), ("h100-sxm", "h100-sxm"), ("NVIDIA GH200 480GB", "gh200"),
 ])
 def test_driver_names_find_their_spec_sheet(name, key):
     assert device.lookup_peaks(name).key == key

@@ -111,9 +111,19 @@ PEAKS: tuple[PeakSpec, ...] = (
         "NVIDIA H200 datasheet (NVL), dense",
     ),
     PeakSpec(
+        "gh200",
+        "GH200 (96 GB HBM3)",
+        (r"gh200",),
+        _tf(fp64=67, fp32=67, tf32=494.7, bf16=989.4, fp16=989.4, fp8=1978.9, int8=1978.9),
+        4.0e12,
+        None,  # the module's power is configurable, shared with the Grace CPU
+        50 * MIB,
+        "NVIDIA GH200 datasheet, dense (the 144 GB HBM3e part has 4.9 TB/s)",
+    ),
+    PeakSpec(
         "h200",
         "H200 SXM",
-        (r"h200",),
+        (r"\bh200",),
         _tf(fp64=67, fp32=67, tf32=494.7, bf16=989.4, fp16=989.4, fp8=1978.9, int8=1978.9),
         4.8e12,
         700,
