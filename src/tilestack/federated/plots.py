@@ -21,6 +21,8 @@ LABELS = {
     "sim_time": "simulated round time (s)",
     "bytes_up": "bytes up per round",
     "bytes_down": "bytes down per round",
+    "extra.ari": "adjusted Rand index vs planted groups",
+    "extra.epsilon": "epsilon (client-level DP)",
 }
 
 
