@@ -40,6 +40,7 @@ GPU_MATMUL_N = (4096, 8192)  # cuBLAS peaks at different sizes per dtype and GPU
 CPU_MATMUL_N = (1024,)
 GPU_MATMUL_DTYPES = ("fp32", "tf32", "bf16", "fp16")
 CPU_MATMUL_DTYPES = ("fp32", "bf16")
+MIG_MARKER = " mig "
 CEILINGS_FORMAT = 1  # bumped when the cached file's layout changes; older files are measured again
 
 
@@ -309,7 +310,8 @@ def detect(device: str | int | None = None) -> Device:
         "cuda",
         props.name,
         index,
-        lookup_peaks(props.name, strict=False),
+        # A MIG slice has a fraction of the SMs and bandwidth: the sheet's whole-GPU peaks would mislead.
+        None if MIG_MARKER in props.name.lower() else lookup_peaks(props.name, strict=False),
         sm_count=props.multi_processor_count,
         memory_bytes=props.total_memory,
         capability=f"{props.major}.{props.minor}",
