@@ -29,6 +29,7 @@ T = TypeVar("T")
 _SI = ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
 _TIME = ((1.0, "s"), (1e-3, "ms"), (1e-6, "us"), (1e-9, "ns"))
 PNG_DPI = 120
+LABEL_OFFSETS = ((4, 4), (4, -10), (-10, 8))  # points: neighbours' labels alternate so they do not overlap
 PIPE_WIDTH = 200  # columns of the tables when output goes to a file (logs, CI)
 PNG_SIZE_IN = (9.0, 6.0)
 ROOF_INTENSITY_RANGE = (1e-2, 1e4)  # FLOP/byte, the x-axis of the roofline plot
@@ -258,11 +259,13 @@ def roofline_png(
             skipped.append(m.name)
             continue
         x = m.intensity if math.isfinite(m.intensity) else hi
-        ax.scatter(
-            [x], [m.flops_per_s], color=DTYPE_COLORS.get(m.dtype, "black"), edgecolor="black", zorder=3
-        )
+        ax.scatter([x], [m.flops_per_s], color=DTYPE_COLORS.get(m.dtype, "black"), edgecolor="black", zorder=3)
         ax.annotate(
-            f"{i + 1}. {m.name}", (x, m.flops_per_s), textcoords="offset points", xytext=(4, 4), fontsize=7
+            f"{i + 1}. {m.name}",
+            (x, m.flops_per_s),
+            textcoords="offset points",
+            xytext=LABEL_OFFSETS[i % len(LABEL_OFFSETS)],
+            fontsize=7,
         )
     ax.set_xlabel("arithmetic intensity (FLOP / byte of global memory)")
     ax.set_ylabel("FLOP/s")
@@ -314,9 +317,7 @@ def write_html(path: str | Path, title: str, sections: Sequence[Section]) -> Pat
     for s in sections:
         out.append(f"<h2>{e(s.heading)}</h2>")
         if s.png:
-            out.append(
-                f"<img alt='{e(s.heading)}' src='data:image/png;base64,{base64.b64encode(s.png).decode()}'>"
-            )
+            out.append(f"<img alt='{e(s.heading)}' src='data:image/png;base64,{base64.b64encode(s.png).decode()}'>")
         if s.columns:
             out.append("<table><tr>" + "".join(f"<th>{e(str(c))}</th>" for c in s.columns) + "</tr>")
             out += ["<tr>" + "".join(f"<td>{e(str(v))}</td>" for v in r) + "</tr>" for r in s.rows]
@@ -329,9 +330,7 @@ def write_html(path: str | Path, title: str, sections: Sequence[Section]) -> Pat
     return p
 
 
-def device_section(
-    device: Any = None, ceilings: Any = None, versions: Mapping[str, Any] | None = None
-) -> Section:
+def device_section(device: Any = None, ceilings: Any = None, versions: Mapping[str, Any] | None = None) -> Section:
     rows_: list[tuple[str, str]] = []
     if device is not None:
         rows_.append(("device", getattr(device, "name", str(device))))
@@ -348,9 +347,7 @@ def device_section(
             rows_.append(("source", spec.source))
     if ceilings is not None:
         rows_.append(("measured copy bandwidth", si(ceilings.copy_bytes_per_s, "B/s")))
-        rows_.append(
-            ("measured matmul", ", ".join(f"{k} {si(v, 'FLOP/s')}" for k, v in ceilings.matmul.items()))
-        )
+        rows_.append(("measured matmul", ", ".join(f"{k} {si(v, 'FLOP/s')}" for k, v in ceilings.matmul.items())))
         rows_.append(("ceilings measured at", ceilings.measured_at))
     for k, v in (versions or {}).items():
         rows_.append((k, str(v)))
