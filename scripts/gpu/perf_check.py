@@ -1,6 +1,6 @@
 """Exercise everything GPU-specific in tilestack.perf on one GPU and write the evidence under --out.
 
-    PYTHONPATH=src python3 scripts/gpu/perf_check.py --out $OUT            # about 3-5 minutes on an H100
+    PYTHONPATH=src python3 scripts/gpu/perf_check.py --out $OUT            # about 4-7 minutes on an H100
     PYTHONPATH=src python3 scripts/gpu/perf_check.py --out $OUT --skip ncu,library
 
 Sections (each runs on its own; a failure is recorded and the next one runs):
@@ -52,7 +52,7 @@ ADD_NUMEL = 64 << 20
 TINY_NUMEL = 4096
 L2_RESIDENT_NUMEL = 1 << 20  # 2 MiB of bf16 per tensor: fits the L2 several times over
 GPT = {"vocab": 8192, "d": 512, "heads": 8, "layers": 4, "ff": 2048, "batch": 8, "seq": 1024}
-NCU_TIMEOUT_S = 300
+NCU_TIMEOUT_S = 150  # per ncu run; four runs keep the whole script within a 10-minute device call
 ATTENTION_KERNELS = "flash|fmha|attention|sdpa|cudnn"
 
 
@@ -79,7 +79,8 @@ class Checker:
         except Exception as e:
             tb = traceback.format_exc()
             print(tb, flush=True)
-            (self.out / "errors.log").open("a").write(f"--- {name}\n{tb}\n")
+            with (self.out / "errors.log").open("a") as log:
+                log.write(f"--- {name}\n{tb}\n")
             self.checks.append(Check(name, False, time.perf_counter() - t0, f"{type(e).__name__}: {e}"[:160]))
 
 
@@ -417,6 +418,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("out/perf_check"))
     ap.add_argument("--skip", default="", help=f"comma-separated sections to skip, of {', '.join(SECTIONS)}")
     args = ap.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows as it happens, even through a pipe
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
