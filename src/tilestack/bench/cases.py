@@ -14,8 +14,15 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-
-from tilestack.kernels import attention_fwd, gemm, gemm_kernel, layer_norm, layer_norm_kernel, softmax, softmax_kernel
+from tilestack.kernels import (
+    attention_fwd,
+    gemm,
+    gemm_kernel,
+    layer_norm,
+    layer_norm_kernel,
+    softmax,
+    softmax_kernel,
+)
 from tilestack.perf import formulas
 
 POISON = float("nan")

@@ -86,6 +86,17 @@ class KernelIR:
         args = {ins.result: ins.attrs["index"] for ins in self.walk() if ins.op is Op.ARG}
         return {args[ins.srcs[0]] for ins in self.walk() if ins.op is Op.STORE}
 
+    def tile_params(self) -> set[int]:
+        """Indices of the global params some load or store moves whole 2-D tiles of."""
+        args = {ins.result: ins.attrs["index"] for ins in self.walk() if ins.op is Op.ARG}
+        out = set()
+        for ins in self.walk():
+            if ins.op is Op.LOAD and len(ins.result.type.shape) == 2:
+                out.add(args[ins.srcs[0]])
+            elif ins.op is Op.STORE and len(ins.srcs[1].type.shape) == 2:
+                out.add(args[ins.srcs[0]])
+        return out
+
     def __str__(self) -> str:
         from tilestack.ir.printer import format_kernel
         return format_kernel(self)

@@ -32,12 +32,14 @@ def _attend_block(j, q, k, v, s, p, o, m, m_new, alpha, l, K, V, b, hk, qk_scale
     ts.load(v, V, at=(b, hk, j, 0))              # (BN, D)
     ts.zero(s)
     ts.mma_ABt(s, q, k, s)                       # (BM, BN) = q @ k.T
-    ts.mul(s, s, qk_scale)                       # log2 domain
     if masked:
         ts.right_fill(s, s, K.shape[2] - j * BN, -math.inf)      # keys past the end
         if causal:
             ts.make_causal(s, s, i * BM - j * BN)                 # keys after the query
-    ts.row_max(m_new, s, m)
+    ts.row_max(m_new, s)                         # max of the raw scores, then scaled (the scale is > 0),
+    ts.mul(m_new, m_new, qk_scale)               # so that s * qk_scale - m_new below is one FMA
+    ts.max(m_new, m_new, m)
+    ts.mul(s, s, qk_scale)                       # log2 domain
     ts.sub(alpha, m, m_new)
     ts.exp2(alpha, alpha)                        # rescale of what was summed so far
     ts.sub_row(s, s, m_new)

@@ -14,7 +14,7 @@ from tilestack.ir.nodes import Value
 from tilestack.ir.ops import Op
 from tilestack.ir.types import INDEX
 from tilestack.lang.tiles import Scalar, as_scalar
-from tilestack.lang.trace import current, user_line
+from tilestack.lang.trace import current, user_line, user_name
 
 
 def block_id(axis: int = 0) -> Scalar:
@@ -78,7 +78,9 @@ def range(lo, hi=None, *, stages: int | None = None) -> Iterator[Scalar]:  # noq
         raise TraceError(f"range: stages must be a positive int, got {stages!r}", where)
     tr = current("range")
     ins = tr.emit(Op.RANGE, (lo_s.v, hi_s.v), (), where, stages=stages)
-    induction = Value(INDEX, "j")
+    induction = Value(INDEX, "it")
     loop = tr.begin_loop(ins, induction)
-    yield Scalar(induction)
+    index = Scalar(induction)
+    yield index
+    induction.hint = user_name(index) or induction.hint   # the user's loop variable, now bound: `for k in ...`
     tr.end_loop(loop)

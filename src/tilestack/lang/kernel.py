@@ -211,6 +211,7 @@ class TracedKernel:
         self._compiled: dict[str, Any] = {}
         self._grid_plan = grid_plan(ir)
         self.written = ir.written_params()   # indices of the globals it stores to
+        self.tile_globals = ir.tile_params()  # indices of the globals it moves 2-D tiles of
 
     @property
     def name(self) -> str:

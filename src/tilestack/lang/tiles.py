@@ -17,7 +17,7 @@ import dataclasses
 from tilestack.errors import TileShapeError, TraceError
 from tilestack.ir.nodes import Value
 from tilestack.ir.ops import Op
-from tilestack.ir.types import DType, GlobalType, ScalarType, Space, TileType, INDEX, FLOAT
+from tilestack.ir.types import FLOAT, INDEX, DType, GlobalType, ScalarType, Space, TileType
 from tilestack.lang.trace import current, user_line, user_name
 
 
@@ -124,8 +124,8 @@ class Tile:
         return _Transposed(self)
 
     def __matmul__(self, other) -> Tile:
-        from tilestack.lang import ops
         from tilestack.ir.types import f32
+        from tilestack.lang import ops
         a, ta = (self, False)
         b, tb = (other.tile, True) if isinstance(other, _Transposed) else (other, False)
         m = a.shape[0]

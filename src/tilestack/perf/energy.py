@@ -237,6 +237,8 @@ def measure_energy(
     calls = 0
     if sync:
         sync()
+    # Idle first (once per process), while the GPU is as cool as it will be in this process.
+    idle_w = idle_power_w(meter) if idle else None
     with meter.window(min_window_s) as w:
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < min_window_s * WINDOW_MARGIN and calls < MAX_ENERGY_CALLS:
@@ -245,5 +247,4 @@ def measure_energy(
             calls += chunk
         if sync:
             sync()
-    idle_w = idle_power_w(meter) if idle else None
     return EnergySample(w.result, calls * calls_per_invocation, idle_w)

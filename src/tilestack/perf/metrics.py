@@ -140,6 +140,13 @@ class Measurement:
         return _ratio(self.flops, self.joules_per_call)
 
     @property
+    def joules_above_idle_per_call(self) -> float | None:
+        """Energy per call beyond what the idle GPU would have drawn meanwhile: J * (1 - P_idle / P_avg)."""
+        if self.joules_per_call is None or not self.avg_power_w or self.idle_power_w is None:
+            return None
+        return self.joules_per_call * max(0.0, 1 - self.idle_power_w / self.avg_power_w)
+
+    @property
     def items_per_joule(self) -> float | None:
         return _ratio(self.items, self.joules_per_call) if self.items is not None else None
 
@@ -191,6 +198,7 @@ class Measurement:
             memory_util_measured=self.memory_util_measured,
             memory_util_published=self.memory_util_published,
             flops_per_joule=self.flops_per_joule,
+            joules_above_idle_per_call=self.joules_above_idle_per_call,
             items_per_joule=self.items_per_joule,
             bound=self.bound,
             roof_fraction=self.roof_fraction,
@@ -292,9 +300,10 @@ def _energy_on_gpu(run: Callable[..., Any], args_sets: Sequence[tuple] | None, t
             meter=meter,
             sync=torch.cuda.synchronize,
             calls_per_invocation=timing_mod.GRAPH_CALLS,
+            idle=True,
         )
     return energy_mod.measure_energy(
-        run, args_sets=args_sets, per_call_s=t.median_s, meter=meter, sync=torch.cuda.synchronize
+        run, args_sets=args_sets, per_call_s=t.median_s, meter=meter, sync=torch.cuda.synchronize, idle=True
     )
 
 

@@ -141,6 +141,16 @@ def print_measurements(ms: Sequence[Measurement], title: str = "", con: Any = No
             con.print(f"  [dim]ncu: {escape(ncu_summary(m.ncu))}[/dim]")
 
 
+def energy_summary(m: Measurement) -> str:
+    """``"0.52 J/op at 612 W (idle 75 W: 0.46 J/op above idle), 1.9 TFLOP/J"``, or why there is none."""
+    if m.joules_per_call is None:
+        return m.energy_note or "not measured"
+    text = f"{si(m.joules_per_call, 'J')}/op at {si(m.avg_power_w, 'W')}"
+    if m.idle_power_w is not None:
+        text += f" (idle {si(m.idle_power_w, 'W')}: {si(m.joules_above_idle_per_call, 'J')}/op above idle)"
+    return text + (f", {si(m.flops_per_joule, 'FLOP/J')}" if m.flops else "")
+
+
 def ncu_summary(ncu: Mapping[str, Any]) -> str:
     parts = []
     for key, label in (
@@ -368,8 +378,8 @@ def measurement_sections(
         Section("results", ["#"] + [h for h, _ in COLUMNS], [[i + 1, *r] for i, r in enumerate(rows(ms))]),
         Section(
             "tips",
-            ["#", "kernel", "config", "tip", "energy note"],
-            [[i + 1, m.name, _config(m.config), m.tip, m.energy_note] for i, m in enumerate(ms)],
+            ["#", "kernel", "config", "tip", "energy"],
+            [[i + 1, m.name, _config(m.config), m.tip, energy_summary(m)] for i, m in enumerate(ms)],
         ),
     ]
     ncu_rows = [[i + 1, m.name, ncu_summary(m.ncu)] for i, m in enumerate(ms) if m.ncu]

@@ -8,12 +8,13 @@ against the global's sizes, so tiles may hang past the edge of a ragged tensor.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from tilestack.errors import BackendError
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
 from tilestack.ir.ops import Op
-from tilestack.ir.types import GlobalType, TileType, bf16, f32, f64
+from tilestack.ir.types import GlobalType, Space, TileType, bf16, f32, f64
 
 TL_DTYPES = {"f64": "tl.float64", "f32": "tl.float32", "f16": "tl.float16", "bf16": "tl.bfloat16",
              "i32": "tl.int32", "i64": "tl.int64"}
@@ -37,9 +38,11 @@ def _literal(x) -> str:
 
 
 class _Emitter:
-    def __init__(self, kernel: KernelIR, interpret: bool):
+    def __init__(self, kernel: KernelIR, interpret: bool, tma: bool):
         self.kernel = kernel
         self.interpret = interpret
+        self.tma = tma
+        self.descriptors: dict[tuple[str, tuple[int, ...]], str] = {}   # (global, block shape) -> param name
         self.lines: list[str] = []
         self.names: dict[Value, str] = {}
         self.globals: dict[Value, str] = {}   # global value -> its parameter name
@@ -50,8 +53,10 @@ class _Emitter:
 
     # ---- names ---------------------------------------------------------------------------------------------
     def name(self, v: Value) -> str:
+        # numbered per kernel, in emission order: the same kernel gives the same source whatever was traced before
         if v not in self.names:
-            self.names[v] = f"{v.hint}_{v.id}" if v.hint else f"v{v.id}"
+            n = len(self.names)
+            self.names[v] = f"{v.hint}_{n}" if v.hint else f"v{n}"
         return self.names[v]
 
     def emit(self, line: str) -> None:
@@ -125,6 +130,25 @@ class _Emitter:
 
     def scalar(self, v: Value) -> str:
         return self.name(v)
+
+    def descriptor(self, g: Value, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+        """The TMA descriptor parameter for whole-tile accesses of ``shape`` into ``g`` (made on the host)."""
+        block = (1,) * (g.type.rank - len(shape)) + tuple(shape)
+        key = (self.globals[g], block)
+        if key not in self.descriptors:
+            self.descriptors[key] = f"{self.globals[g]}_desc{len(self.descriptors)}"
+        return self.descriptors[key], block
+
+    def uses_tma(self, g: Value, shape: tuple[int, ...], space) -> bool:
+        """Loads into shared tiles and stores of 2-D tiles go through the copy engine when the layout allows it
+        (checked at launch): TMA fetches whole tiles, zero-fills past the edges and clips stores."""
+        return self.tma and len(shape) == 2 and g.type.rank >= 2 and space is not Space.REG
+
+    def tma_offsets(self, coords: tuple[Value, ...], shape: tuple[int, ...]) -> str:
+        lead = len(coords) - len(shape)
+        offs = [self.name(c) for c in coords[:lead]]
+        offs += [f"{self.name(c)} * {n}" for c, n in zip(coords[lead:], shape, strict=True)]
+        return "[" + ", ".join(offs) + "]"
 
 
 def _e_arg(e: _Emitter, ins: Instr) -> None:
@@ -234,6 +258,11 @@ def _e_mma(e: _Emitter, ins: Instr) -> None:
 def _e_load(e: _Emitter, ins: Instr) -> None:
     g, *coords = ins.srcs
     t = ins.result.type
+    if e.uses_tma(g, t.shape, t.space):
+        desc, _ = e.descriptor(g, t.shape)
+        expr = f"{desc}.load({e.tma_offsets(tuple(coords), t.shape)}).reshape({t.shape})"
+        e.assign(ins.result, e.cast_to(expr, g.type.dtype, t))
+        return
     ptr, mask = e.address(ins, g, tuple(coords), t.shape)
     e.assign(ins.result, e.cast_to(f"tl.load({ptr}, mask={mask}, other=0.0)", g.type.dtype, t))
 
@@ -282,9 +311,17 @@ def _used_values(block: Block) -> set[Value]:
     return used
 
 
-def generate(kernel: KernelIR, interpret: bool = False) -> tuple[str, str]:
-    """(source, function name) of the Triton kernel for ``kernel`` (for Triton's interpreter if asked)."""
-    e = _Emitter(kernel, interpret)
+@dataclasses.dataclass(frozen=True)
+class Lowered:
+    source: str
+    fn_name: str
+    descriptors: tuple[tuple[str, tuple[int, ...]], ...]   # (global param name, block shape), in param order
+
+
+def generate(kernel: KernelIR, interpret: bool = False, tma: bool = False) -> Lowered:
+    """The Triton kernel for ``kernel``: for Triton's interpreter if asked; with TMA descriptors for whole-tile
+    accesses if ``tma`` (the caller checks at launch that the tensors' layouts allow it)."""
+    e = _Emitter(kernel, interpret, tma)
     e.block(kernel.body)
     params = []
     for p in kernel.params:
@@ -294,6 +331,7 @@ def generate(kernel: KernelIR, interpret: bool = False) -> tuple[str, str]:
             params += [f"{p.name}_s{a}" for a in range(p.type.rank)]
         else:
             params.append(p.name)
+    params += list(e.descriptors.values())
     fn = f"{kernel.name}_kernel"
     consts = ", ".join(f"{k}={v!r}" for k, v in kernel.constants.items())
     head = [
@@ -305,8 +343,9 @@ def generate(kernel: KernelIR, interpret: bool = False) -> tuple[str, str]:
         "@triton.jit",
         f"def {fn}({', '.join(params)}):",
     ]
-    return "\n".join(head + e.lines) + "\n", fn
+    return Lowered("\n".join(head + e.lines) + "\n", fn, tuple(e.descriptors))
 
 
-def source(traced) -> str:
-    return generate(traced.ir)[0]
+def source(traced, tma: bool = True) -> str:
+    """The generated source as a GPU launch with TMA-friendly tensors would run it."""
+    return generate(traced.ir, tma=tma).source

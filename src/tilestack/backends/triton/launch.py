@@ -70,37 +70,68 @@ def compile_source(src: str, fn_name: str, interpret: bool):
     return getattr(module, fn_name)
 
 
-def jit_function(traced, interpret: bool):
-    key = "triton-interpret" if interpret else "triton"
+TMA_ALIGN = 16   # bytes: the copy engine needs 16-byte aligned base addresses and leading strides
+
+
+def tma_ok(t) -> bool:
+    """Whether the copy engine can address tensor ``t`` in whole tiles."""
+    item = t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % TMA_ALIGN == 0
+            and all((s * item) % TMA_ALIGN == 0 for s in t.stride()[:-1]))
+
+
+def jit_function(traced, interpret: bool, tma: bool):
+    """(jitted function, lowered kernel) for this mode, compiled once per traced kernel."""
+    key = f"triton{'-interpret' if interpret else ''}{'-tma' if tma else ''}"
     if key not in traced._compiled:
-        src, fn_name = generate(traced.ir, interpret)
-        traced._compiled[key] = compile_source(src, fn_name, interpret)
+        low = generate(traced.ir, interpret=interpret, tma=tma)
+        traced._compiled[key] = (compile_source(low.source, low.fn_name, interpret), low)
     return traced._compiled[key]
 
 
-def flat_args(traced, args) -> list:
+def flat_args(traced, args, low) -> list:
     flat = []
+    by_name = {}
     for p, a in zip(traced.ir.params, args, strict=True):
         if isinstance(p.type, GlobalType):
+            by_name[p.name] = a
             flat.append(a)
             flat.extend(int(s) for s in a.shape)
             flat.extend(int(s) for s in a.stride())
         else:
             flat.append(a)
+    if low.descriptors:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        for name, block in low.descriptors:
+            t = by_name[name]
+            flat.append(TensorDescriptor(t, list(t.shape), list(t.stride()), list(block)))
     return flat
 
 
 def run(traced, args):
     interpret = _interpret(args)
-    fn = jit_function(traced, interpret)
+    tma = (interpret or _tma_capable()) and all(tma_ok(args[i]) for i in traced.tile_globals)
+    fn, low = jit_function(traced, interpret, tma)
     grid = traced.grid(*args)
     if 0 in grid:
         return None
     options = {k: traced.constants[k] for k in LAUNCH_OPTIONS if k in traced.constants}
-    compiled = fn[grid](*flat_args(traced, args), **options)
+    compiled = fn[grid](*flat_args(traced, args, low), **options)
     if not interpret:
         traced._compiled["triton-binary"] = compiled
     return None
+
+
+_tma_capability: bool | None = None
+
+
+def _tma_capable() -> bool:
+    """Hopper or newer (the copy engine); set once, with the allocator Triton's descriptors may need."""
+    global _tma_capability
+    if _tma_capability is None:
+        import torch
+        _tma_capability = torch.cuda.get_device_capability()[0] >= 9
+    return _tma_capability
 
 
 def resource_report(traced) -> dict:

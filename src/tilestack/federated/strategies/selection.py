@@ -139,6 +139,12 @@ class Selected(Strategy):
             raise ValueError(
                 f"Selected: inner.fraction_train={inner.fraction_train!r}; expected 1.0 (the selector picks the nodes)"
             )
+        for name in ("min_train_nodes", "min_available_nodes"):
+            if getattr(inner, name, 0) > per_round:
+                raise ValueError(
+                    f"Selected: inner.{name}={getattr(inner, name)}; expected <= per_round={per_round} "
+                    "(the wrapped strategy sees only the selected nodes)"
+                )
         self.inner, self.selector, self.per_round = inner, selector, per_round
 
     def __getattr__(self, name: str):
