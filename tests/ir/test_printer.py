@@ -66,7 +66,7 @@ def test_loop_body_is_indented_with_its_carried_values():
     i = lines.index(rng)
     indent = len(rng) - len(rng.lstrip())
     body = lines[i + 1]
-    assert body.strip().startswith("^body(%j") and ", %acc" in body   # the loop index, then the carried tile
+    assert body.strip().startswith("^body(%k") and ", %acc" in body   # the loop index (the user's `k`), then the tile
     mma = the_line(lines, "= mma")
     assert len(mma) - len(mma.lstrip()) > indent
     yields = [x for x in lines if x.strip().startswith("yield(%acc")]

@@ -17,9 +17,10 @@ import math
 import time
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from tilestack.federated import codec
 from tilestack.federated.models import MLP, Model, Params, evaluate, local_sgd
 from tilestack.federated.task import Task
 
@@ -42,11 +43,11 @@ def cluster_key(j: int, key: str) -> str:
 
 
 def _to_numpy(record: ArrayRecord) -> Params:
-    return {k: v.numpy() for k, v in record.items()}
+    return codec.to_numpy(record)
 
 
 def _to_record(params: Params) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in params.items()})
+    return codec.to_record({k: np.asarray(v, np.float32) for k, v in params.items()})
 
 
 def _model_for(task: Task, params: Params) -> Model:

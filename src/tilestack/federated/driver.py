@@ -35,6 +35,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import Strategy
 
+from tilestack.federated import codec
 from tilestack.federated.evaluation import Evaluator
 from tilestack.federated.grid import ManagedGrid
 from tilestack.federated.metrics import History, RoundMetrics, fairness
@@ -55,7 +56,7 @@ def _round_seed(seed: int, server_round: int, phase: int) -> int:
 
 
 def _finite(arrays: ArrayRecord) -> bool:
-    return all(np.all(np.isfinite(a.numpy())) for a in arrays.values())
+    return all(np.all(np.isfinite(codec.decode(a))) for a in arrays.values())
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import ArrayRecord
 
+from tilestack.federated import codec
 from tilestack.federated.client import CLUSTER_SEP, _model_for, _split_clusters
 from tilestack.federated.models import Params, evaluate
 from tilestack.federated.task import Task
@@ -35,7 +36,7 @@ class Evaluator:
         self.parts = parts
 
     def __call__(self, arrays: ArrayRecord) -> tuple[float, float, float]:
-        params: Params = {k: v.numpy() for k, v in arrays.items()}
+        params: Params = codec.to_numpy(arrays)
         if any(CLUSTER_SEP in k for k in params):
             return self._per_client_best(params)
         model = _model_for(self.task, params)

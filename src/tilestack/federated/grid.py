@@ -31,6 +31,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from tilestack.federated import codec
 from tilestack.federated.client import CLUSTER_SEP, PARTITION_METRIC, SCAFFOLD_DC_PREFIX, WORK_KEY
 from tilestack.federated.system import SystemModel
 from tilestack.federated.task import Task
@@ -60,7 +61,7 @@ def check_reply(sent: RecordDict, reply: Message) -> str:
             want = shapes.get(_canonical(k))
             if want is not None and tuple(a.shape) != tuple(want):
                 return f"shape: {k} is {tuple(a.shape)}, expected {tuple(want)}"
-            if not np.all(np.isfinite(a.numpy())):
+            if not np.all(np.isfinite(codec.decode(a))):
                 return f"non-finite: {k}"
     for rec in reply.content.metric_records.values():
         for k, v in rec.items():

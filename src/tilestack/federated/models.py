@@ -27,16 +27,17 @@ NORM_PREFIX = "bn."
 def _softmax_xent(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
     """Mean cross-entropy and its gradient w.r.t. the logits. logits (B, C); y (B,) labels or (B, C) soft
     targets (distillation: the gradient is then (p - y) / B, that of KL(y || p))."""
-    z = logits - logits.max(axis=1, keepdims=True)
-    p = np.exp(z)
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
     b = len(y)
     if y.ndim == 2:
-        loss = float(-(y * np.log(p + 1e-12)).sum(axis=1).mean())
+        loss = float(-(y * np.log(p + 1e-12)).sum()) / b
         return loss, (p - y) / b
-    loss = float(-np.log(p[np.arange(b), y] + 1e-12).mean())
-    p[np.arange(b), y] -= 1.0
-    return loss, p / b
+    rows = np.arange(b)
+    loss = float(-np.log(p[rows, y] + 1e-12).sum()) / b
+    p[rows, y] -= 1.0
+    p /= b
+    return loss, p
 
 
 class SoftmaxRegression:
@@ -177,8 +178,8 @@ def local_sgd(
                 gk = gk + prox_mu * (w[k] - start[k])
             if correction is not None:
                 gk = gk + correction[k]
-            w[k] -= (lr * gk).astype(np.float32)
-    return w, steps, float(np.mean(losses)) if losses else float("nan")
+            w[k] -= lr * gk  # in place: w[k] stays float32
+    return w, steps, sum(losses) / len(losses) if losses else float("nan")
 
 
 def evaluate(model: Model, params: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

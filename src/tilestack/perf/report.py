@@ -26,7 +26,7 @@ from tilestack.perf.metrics import Measurement
 
 T = TypeVar("T")
 
-_SI = ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
+_SI = ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1.0, ""), (1e-3, "m"), (1e-6, "u"))
 _TIME = ((1.0, "s"), (1e-3, "ms"), (1e-6, "us"), (1e-9, "ns"))
 PNG_DPI = 120
 LABEL_OFFSETS = ((4, 4), (4, -10), (-10, 8))  # points: neighbours' labels alternate so they do not overlap
@@ -46,11 +46,13 @@ DTYPE_COLORS = {
 
 # --- number formatting --------------------------------------------------------------------------------------
 def si(x: float | None, unit: str = "", digits: int = 3) -> str:
-    """``si(3.02e12, "B/s") == "3.02 TB/s"``; "-" for None, "inf" for infinity."""
+    """``si(3.02e12, "B/s") == "3.02 TB/s"``, ``si(0.5, "J") == "500 mJ"``; "-" for None, "inf" for infinity."""
     if x is None:
         return "-"
     if math.isinf(x):
         return "inf"
+    if x == 0:
+        return f"0 {unit}".rstrip()
     for scale, prefix in _SI:
         if abs(x) >= scale:
             return f"{x / scale:.{digits}g} {prefix}{unit}"

@@ -5,17 +5,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
+
+from tilestack.federated import codec
 
 Params = dict[str, np.ndarray]
 
 
 def to_numpy(record: ArrayRecord) -> Params:
-    return {k: v.numpy() for k, v in record.items()}
+    return codec.to_numpy(record)
 
 
 def to_record(params: Params) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in params.items()})
+    return codec.to_record({k: np.asarray(v, np.float32) for k, v in params.items()})
 
 
 def ok_replies(replies: Iterable[Message]) -> list[Message]:
