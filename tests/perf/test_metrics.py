@@ -85,3 +85,14 @@ def test_measure_reports_a_raising_kernel_by_name():
     with pytest.raises(TimingError, match="repeats=0"):
         perf.measure(lambda: None, args_sets=None, flops=1, bytes_read=1, bytes_written=1, name="k", device="cpu",
                      ceilings=False, repeats=0)
+
+
+def test_energy_above_idle(h100, h100_ceilings):
+    from tilestack.perf import report
+
+    sample = EnergySample(EnergyWindow(500.0, 1.25, True), calls=1000, idle_power_w=100.0)
+    m = compute_metrics(name="k", latency_s=1e-3, flops=2e11, bytes_read=1e9, bytes_written=0,
+                        roofs=roofs_for(h100, h100_ceilings, "bf16"), energy=sample)
+    assert m.idle_power_w == 100 and m.joules_above_idle_per_call == pytest.approx(0.5 * (1 - 100 / 400))
+    assert report.energy_summary(m).startswith("500 mJ/op at 400 W (idle 100 W: 375 mJ/op above idle)")
+    assert m.to_row()["joules_above_idle_per_call"] == pytest.approx(0.375)
