@@ -88,6 +88,15 @@ def device(
         )
     )
     con.print(f"ceilings measured {ceil.measured_at}, cached in {device_mod.ceilings_path(dev)}")
+    from tilestack.perf import energy
+
+    meter = energy.meter_for(dev)
+    if meter is None:
+        con.print("energy: no counter for a CPU (energy per op and perf/W are GPU-only)")
+    elif meter.available:
+        con.print(f"energy: NVML counter readable; power now {report.si(meter.power_w(), 'W')}")
+    else:
+        con.print(report.escape(f"energy: NVML counter not readable ({meter.reason})"))
 
 
 @app.command()
