@@ -1,4 +1,5 @@
 import dataclasses
+import os
 import signal
 import sqlite3
 import subprocess
@@ -68,7 +69,9 @@ def test_compare_two_runs_and_two_devices(tmp_path, measurements):
 def test_a_run_killed_half_way_leaves_a_readable_store(tmp_path):
     db = tmp_path / "killed.sqlite"
     writer = Path(__file__).with_name("_store_writer.py")
-    p = subprocess.Popen([sys.executable, str(writer), str(db)], stdout=subprocess.PIPE, text=True)
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.Popen([sys.executable, str(writer), str(db)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         for _ in range(20):  # wait until 20 rows are committed
             assert p.stdout.readline(), "the writer died before writing"
