@@ -10,12 +10,11 @@ Writes docs/federated/clustering.png (first seed of each group count) and cluste
 
 from __future__ import annotations
 
-import _common  # noqa: F401
-
 import argparse
 import json
 import time
 
+import _common  # noqa: F401
 from flwr.serverapp.strategy import FedAvg
 
 from tilestack.federated import Task, simulate

@@ -129,3 +129,14 @@ def test_real_deployment_superlink_and_supernodes(tmp_path):
                        evaluator=Evaluator(task), seed=0, timeout=120.0)  # fmt: skip
     for k, v in local.arrays.items():
         assert np.array_equal(np.asarray(deployed["arrays"][k], np.float32), v.numpy()), k
+
+
+@pytest.mark.timeout(300)
+def test_secure_aggregation_on_flowers_simulation_engine():
+    from tilestack.federated.secagg import run_plain, run_secure
+
+    task = Task(dataset="synthetic", num_clients=4, max_samples=200, local_steps=5, lr=0.05)
+    secure = run_secure(task, rounds=2, per_round=4, engine="flower")
+    plain = run_plain(task, rounds=2, per_round=4)
+    for k in plain:
+        np.testing.assert_allclose(secure[k], plain[k], atol=1e-4)

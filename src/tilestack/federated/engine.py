@@ -31,6 +31,13 @@ from flwr.supercore.task_identity import TaskIdentity
 NODE_ID_BITS = 62
 
 
+def _private_copy(content: RecordDict) -> RecordDict:
+    """Each client gets its own records, as after a trip over the wire: strategies share one RecordDict
+    between all messages of a round, and a client (or a mod such as SecAgg+'s) may change what it got.
+    The arrays themselves (immutable bytes) are shared."""
+    return RecordDict({k: type(rec)(dict(rec)) for k, rec in content.items()})
+
+
 class InProcessGrid(Grid):
     """A Flower ``Grid`` over ``num_nodes`` virtual SuperNodes that run ``client_app`` in this process."""
 
@@ -91,7 +98,8 @@ class InProcessGrid(Grid):
             msg.metadata.__dict__["_message_id"] = mid  # what Flower's own grids do when they accept a message
             t0 = time.perf_counter()
             try:
-                reply = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
+                private = Message(content=_private_copy(msg.content), metadata=msg.metadata)
+                reply = self.client_app(private, self.contexts[msg.metadata.dst_node_id])
             except Exception as ex:  # noqa: BLE001 - a client's failure becomes its error reply, as in Flower
                 reason = f"{type(ex).__name__}: {ex}"
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)

@@ -54,6 +54,7 @@ def _client_fn(context: Context):
 
 
 secure_client_app = ClientApp(client_fn=_client_fn, mods=[secaggplus_mod])
+plain_client_app = ClientApp(client_fn=_client_fn)  # the same client without the SecAgg+ mod
 
 
 def _strategy(task: Task, per_round: int) -> LegacyFedAvg:
@@ -121,9 +122,9 @@ def run_plain(task: Task, *, rounds: int, per_round: int) -> dict[str, np.ndarra
         params = legacy.state.array_records[PARAMS_RECORD]
         box["arrays"] = dict(zip(task.initial_params(), (a.numpy() for a in params.values()), strict=True))
 
-    grid = InProcessGrid(secure_client_app, task.num_clients, seed=task.seed)
+    grid = InProcessGrid(plain_client_app, task.num_clients, seed=task.seed)
     main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
     return box["arrays"]
 
 
-__all__ = ["run_secure", "run_plain", "secure_client_app"]
+__all__ = ["run_secure", "run_plain", "secure_client_app", "plain_client_app"]
