@@ -74,3 +74,12 @@ def test_a_corrupt_cache_is_measured_again():
 def test_unknown_ceiling_dtype():
     with pytest.raises(DeviceError, match="'int4'"):
         device.ceilings(device.detect("cpu"), copy_bytes=1 << 16, matmul_n=8, dtypes=("int4",))
+
+
+def test_an_unwritable_cache_warns_and_still_measures(tmp_path):
+    from tilestack import config
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with config.override(cache_dir=blocker), pytest.warns(UserWarning, match="ceilings not cached"):
+        assert device.ceilings(device.detect("cpu"), **SMALL).matmul["fp32"] > 0

@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -410,10 +411,13 @@ def ceilings(
     ):
         return cached
     c = measure_ceilings(dev, copy_bytes=copy_bytes, matmul_n=sizes, dtypes=dtypes)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(c.to_json(), indent=2))
-    tmp.replace(path)  # atomic: a reader never sees half a file
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: two writers never share a temp file
+        tmp.write_text(json.dumps(c.to_json(), indent=2))
+        tmp.replace(path)  # atomic: a reader never sees half a file
+    except OSError as e:  # a read-only cache dir costs a re-measure next time, not this run
+        warnings.warn(f"ceilings not cached: cannot write {path} ({e}); set TILESTACK_CACHE_DIR", stacklevel=2)
     return c
 
 
