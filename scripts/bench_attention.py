@@ -25,6 +25,8 @@ import torch
 from tilestack.backends.triton.launch import resource_report
 from tilestack.kernels import attention_bwd, attention_fwd
 from tilestack.perf import time_fn
+from tilestack.tune import ConfigCache, SearchSpace, lookup, size_bucket, tune
+from tilestack.tune.cache import key as cache_key
 
 TOKENS, HIDDEN = 16 * 1024, 2048
 BWD_OVER_FWD = 2.5
@@ -71,40 +73,6 @@ def ours_bwd(cfg):
     return prepare
 
 
-BWD_CONFIGS = {
-    "dkdv": [dict(BM=bm, BN=bn, num_warps=w, num_stages=s) for bm, bn, w, s in
-             itertools.product((32, 64), (64, 128), (4, 8), (2, 3))],
-    "dq": [dict(BM=bm, BN=bn, num_warps=w, num_stages=s) for bm, bn, w, s in
-           itertools.product((64, 128), (32, 64), (4, 8), (2, 3))],
-}
-
-
-def tune_bwd(q, k, v, do, causal, D, log):
-    """Each backward kernel tuned on its own (they are independent launches), checked against FA2's grads."""
-    ref = sdpa_bwd("FLASH_ATTENTION")(q, k, v, do, causal)()
-    o, lse = attention_fwd.attention_forward(q, k, v, causal)
-    best = attention_bwd.default_config(D, causal, "cuda")
-    for part in ("dkdv", "dq"):
-        found = None
-        for c in BWD_CONFIGS[part]:
-            cfg = dict(best, **{part: c})
-            try:
-                grads = attention_bwd.attention_backward(q, k, v, o, lse, do, causal, config=cfg)
-                err = max(rel(g, r) for g, r in zip(grads, ref))
-                if err > 2e-2:
-                    log(f"  {part} {c}: WRONG (rel err {err:.1e})")
-                    continue
-                ms = time_fn(lambda cfg=cfg: attention_bwd.attention_backward(q, k, v, o, lse, do, causal, config=cfg),
-                             device="cuda", repeats=20).median_s
-            except Exception as e:  # a config the compiler rejects
-                log(f"  {part} {c}: {type(e).__name__}: {str(e)[:80]}")
-                continue
-            if found is None or ms < found[1]:
-                found = (c, ms)
-        best[part] = found[0]
-    return best
-
-
 def median_ms(fn, *args):
     return time_fn(lambda: fn(*args), device="cuda", repeats=30).median_s * 1e3
 
@@ -116,51 +84,57 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-CONFIGS = [dict(BM=bm, BN=bn, num_warps=w, num_stages=s)
-           for bm, bn, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))
-           if not (bm == 64 and w == 8)]
+FWD_RESTRICT = dict(BM=(64, 128), BN=(64, 128), num_warps=(4, 8), num_stages=(2, 3, 4))
+BWD_RESTRICT = {"dkdv": dict(BM=(32, 64), BN=(64, 128), num_warps=(4, 8), num_stages=(2, 3)),
+                "dq": dict(BM=(64, 128), BN=(64,), num_warps=(4, 8), num_stages=(2, 3))}
+TUNED: dict = {}     # table entries written by this run: key -> {"config", "seconds", ...}
 
 
-def tune(q, k, v, causal, D, log):
-    """The fastest config that is also correct, for this shape."""
+def signature(q, D, causal):
+    return f"{str(q.dtype).removeprefix('torch.')}-D{D}-{'causal' if causal else 'full'}"
+
+
+def record(kernel, q, D, causal, N, result):
+    sig, dev = signature(q, D, causal), torch.cuda.get_device_name()
+    ConfigCache().put(kernel, sig, dev, size_bucket(N), result.best, seconds=result.seconds)
+    TUNED[cache_key(kernel, sig, dev, size_bucket(N))] = {"config": result.best, "seconds": result.seconds}
+    lookup.reload()
+
+
+def tune_fwd(q, k, v, causal, D, log):
+    """The fastest correct forward config for this shape, from the kernel's declared domains."""
     ref = sdpa("FLASH_ATTENTION")(q, k, v, causal)
-    best = None
-    for cfg in CONFIGS:
-        if D == 128 and cfg["BN"] == 128 and cfg["BM"] == 128 and cfg["num_stages"] > 2:
-            continue   # over the shared-memory budget
-        try:
-            out = ours_fwd(cfg)(q, k, v, causal)
-            err = rel(out, ref)
-            if err > 2e-2:
-                log(f"  config {cfg}: WRONG (rel err {err:.1e})")
-                continue
-            ms = median_ms(ours_fwd(cfg), q, k, v, causal)
-        except Exception as e:  # a config the compiler rejects (too much shared memory, ...)
-            log(f"  config {cfg}: {type(e).__name__}: {str(e)[:80]}")
-            continue
-        if best is None or ms < best[1]:
-            best = (cfg, ms)
-    return best[0]
+    B, H, N, _ = q.shape
+    args = (q, k, v, ref, torch.empty(B, H, N, device="cuda"), 0.1)
+    space = SearchSpace(attention_fwd.attention_fwd_kernel, fixed=dict(D=D, causal=causal), restrict=FWD_RESTRICT)
+    result = tune("attention_fwd", space.configs(args),
+                  check=lambda cfg: rel(ours_fwd(cfg)(q, k, v, causal), ref),
+                  time=lambda cfg: median_ms(ours_fwd(cfg), q, k, v, causal), log=log)
+    record("attention_fwd", q, D, causal, N, result)
+    log(f"  fwd D={D} N={N} causal={causal}: {result.as_code()} ({len(result.trials)} tried)")
+    return result.best
 
 
-def backward_row(q, k, v, B, H, N, D, causal, tune, log):
-    do = torch.randn_like(q)
-    cfg = tune_bwd(q, k, v, do, causal, D, log) if tune else attention_bwd.default_config(D, causal, "cuda")
+def tune_bwd(q, k, v, do, causal, D, log):
+    """Each backward kernel tuned on its own (independent launches), checked against FA2's gradients."""
     ref = sdpa_bwd("FLASH_ATTENTION")(q, k, v, do, causal)()
     o, lse = attention_fwd.attention_forward(q, k, v, causal)
-    grads = attention_bwd.attention_backward(q, k, v, o, lse, do, causal, config=cfg)
-    err = max(rel(g, r) for g, r in zip(grads, ref))
-    f = flops(B, H, N, D, causal, backward=True)
-    t = {}
-    for name, prep in (("tilestack", ours_bwd(cfg)), ("fa2", sdpa_bwd("FLASH_ATTENTION")),
-                       ("cudnn", sdpa_bwd("CUDNN_ATTENTION"))):
-        run = prep(q, k, v, do, causal)
-        t[name] = time_fn(run, device="cuda", repeats=20).median_s * 1e3
-    tf = {name: f / (ms * 1e-3) / 1e12 for name, ms in t.items()}
-    log(f"bwd D={D} N={N} causal={causal} err={err:.1e} ours={tf['tilestack']:.0f} fa2={tf['fa2']:.0f} "
-        f"cudnn={tf['cudnn']:.0f} TFLOP/s {cfg}")
-    return dict(pass_="bwd", D=D, N=N, B=B, H=H, causal=causal, config=cfg, err_vs_fa2=err, ms=t, tflops=tf,
-                vs_fa2=tf["tilestack"] / tf["fa2"], vs_cudnn=tf["tilestack"] / tf["cudnn"])
+    N = q.shape[2]
+    best = attention_bwd.default_config(D, causal, "cuda")
+    kernels = {"dkdv": attention_bwd.attention_bwd_dkdv_kernel, "dq": attention_bwd.attention_bwd_dq_kernel}
+
+    def run(cfg):
+        return attention_bwd.attention_backward(q, k, v, o, lse, do, causal, config=cfg)
+
+    for part in ("dkdv", "dq"):
+        space = SearchSpace(kernels[part], fixed=dict(D=D, causal=causal), restrict=BWD_RESTRICT[part])
+        result = tune(f"attention_bwd_{part}", space.all_configs(),
+                      check=lambda c, part=part: max(rel(g, r) for g, r in zip(run(dict(best, **{part: c})), ref)),
+                      time=lambda c, part=part: time_fn(lambda: run(dict(best, **{part: c})), device="cuda",
+                                                        repeats=20).median_s, log=log)
+        best[part] = result.best
+        record(f"attention_bwd_{part}", q, D, causal, N, result)
+    return best
 
 
 def main(argv=None):
@@ -195,7 +169,7 @@ def main(argv=None):
             rows.append(backward_row(q, k, v, B, H, N, D, causal, a.tune, log))
         if a.no_forward:
             continue
-        cfg = tune(q, k, v, causal, D, log) if a.tune else attention_fwd.default_config(D, causal, "cuda")
+        cfg = tune_fwd(q, k, v, causal, D, log) if a.tune else attention_fwd.default_config(D, causal, "cuda")
         ref = sdpa("FLASH_ATTENTION")(q, k, v, causal)
         err = rel(ours_fwd(cfg)(q, k, v, causal), ref)
         f = flops(B, H, N, D, causal)
@@ -212,6 +186,9 @@ def main(argv=None):
             f"cudnn={tf['cudnn']:.0f} TFLOP/s  regs={res['registers']} spills={res['spills']}")
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)
+        if TUNED:   # the table tilestack ships (src/tilestack/tune/tables/) is this file, reviewed
+            slug = torch.cuda.get_device_name().lower().replace(" ", "-")
+            (a.out / f"attention_{slug}.json").write_text(json.dumps(TUNED, indent=1, sort_keys=True))
         (a.out / "attention_results.json").write_text(json.dumps(dict(device=dev, torch=torch.__version__,
                                                                       rows=rows), indent=1))
     print(f"\nattention, bf16, {dev}, TFLOP/s (forward 4BHN^2D, causal halved; backward 2.5x forward)")

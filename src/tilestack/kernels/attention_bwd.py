@@ -18,6 +18,7 @@ import math
 
 import tilestack.lang as ts
 from tilestack.kernels.attention_fwd import LOG2E, check_attention_args
+from tilestack.tune.lookup import launch_config
 
 
 @ts.kernel(grid=lambda O, BM: (ts.cdiv(O.shape[2], BM), O.shape[0] * O.shape[1]))
@@ -206,7 +207,9 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
     check_attention_args("attention_backward", q, k, v, scale)
     B, H, Nq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    cfg = default_config(D, causal, q.device.type)
+    sig = f"{str(q.dtype).removeprefix('torch.')}-D{D}-{'causal' if causal else 'full'}"
+    defaults = default_config(D, causal, q.device.type)
+    cfg = {part: launch_config(f"attention_bwd_{part}", sig, q.device, Nq, c) for part, c in defaults.items()}
     for name, c in (config or {}).items():
         cfg[name] = cfg[name] | c
     do = do.contiguous()

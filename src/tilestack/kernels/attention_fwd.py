@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import tilestack.lang as ts
+from tilestack.tune.lookup import launch_config
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -175,6 +176,7 @@ def attention_forward(q, k, v, causal: bool = False, scale: float | None = None,
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     o = torch.empty_like(q)
     lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
-    cfg = default_config(D, causal, q.device.type) | config
+    sig = f"{str(q.dtype).removeprefix('torch.')}-D{D}-{'causal' if causal else 'full'}"
+    cfg = launch_config("attention_fwd", sig, q.device, Nq, default_config(D, causal, q.device.type)) | config
     attention_fwd_kernel(q, k, v, o, lse, scale, D=D, causal=bool(causal), backend=backend, **cfg)
     return o, lse
