@@ -58,6 +58,8 @@ class Task:
     partition_alpha: float = 0.5
     classes_per_client: int = 2
     feature_shift: float = 0.0
+    separation: float = BLOB_SEPARATION
+    """Std of the class means in units of the within-class std (smaller: harder)."""
     # clustered
     groups: int = 2
     samples_per_client: int = 200
@@ -103,6 +105,8 @@ class Task:
             raise bad("local_epochs", "> 0")
         if self.local_steps is not None and self.local_steps < 1:
             raise bad("local_steps", ">= 1 or None")
+        if not self.separation > 0:
+            raise bad("separation", "> 0")
         if self.dataset == "clustered" and not 1 <= self.groups <= self.num_clients:
             raise bad("groups", f"in [1, num_clients={self.num_clients}]")
         for pid, kind in self.faults:
@@ -196,7 +200,7 @@ def _split(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
 @functools.lru_cache(maxsize=8)
 def _blobs(task: Task) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     rng = np.random.default_rng([task.seed, 3])
-    means = rng.normal(0, BLOB_SEPARATION, (task.num_classes, task.num_features))  # (C, D)
+    means = rng.normal(0, task.separation, (task.num_classes, task.num_features))  # (C, D)
     y = rng.integers(0, task.num_classes, task.num_samples)
     x = (means[y] + rng.normal(0, 1, (task.num_samples, task.num_features))).astype(np.float32)
     if task.partitioner == "dirichlet":

@@ -88,6 +88,7 @@ class Kernel:
             else:
                 raise TraceError(f"kernel {self.name}: *args/**kwargs are not kernel parameters", self.where)
         self._traced: dict[tuple, TracedKernel] = {}
+        self._by_fast_key: dict[tuple, TracedKernel] = {}
         functools.update_wrapper(self, fn)
 
     @property
@@ -148,7 +149,18 @@ class Kernel:
         return self._traced[key]
 
     def __call__(self, *args, backend: str | None = None, **consts):
-        return self.trace(*args, **consts).run(*args, backend=backend)
+        # the launch path: a cheap key (dtypes, ranks, constants) before the full signature and domain checks
+        try:
+            fast = (tuple((a.dtype, a.dim()) if hasattr(a, "dim") else type(a) for a in args),
+                    tuple(consts.items()))
+            traced = self._by_fast_key.get(fast)
+        except TypeError:   # an unhashable constant: take the long way
+            fast, traced = None, None
+        if traced is None:
+            traced = self.trace(*args, **consts)
+            if fast is not None:
+                self._by_fast_key[fast] = traced
+        return traced.run(*args, backend=backend)
 
     def _trace(self, sig: tuple, consts: dict[str, Any]) -> KernelIR:
         tr = Tracer()
@@ -210,6 +222,9 @@ class TracedKernel:
         self.ir = ir
         self._compiled: dict[str, Any] = {}
         self._grid_plan = grid_plan(ir)
+        grid_args = {ins.attrs["index"] for ins in self._grid_plan if ins.op is Op.ARG}
+        self._grid_globals = [i for i in grid_args if isinstance(signature[i], tuple)]
+        self._grid_scalars = [i for i in grid_args if not isinstance(signature[i], tuple)]
         self.written = ir.written_params()   # indices of the globals it stores to
         self.tile_globals = ir.tile_params()  # indices of the globals it moves 2-D tiles of
 
@@ -241,7 +256,8 @@ class TracedKernel:
 
     def grid(self, *args) -> tuple[int, ...]:
         """The number of programs on each grid axis for these arguments."""
-        dims, scalars = self._split_args(args)
+        dims = {i: tuple(args[i].shape) for i in self._grid_globals}
+        scalars = {i: args[i] for i in self._grid_scalars}
         return grid_of(self.ir, dims, scalars, self._grid_plan)
 
     def check_args(self, args: Sequence) -> None:

@@ -3,45 +3,62 @@
 Checks, in order: the number of arguments; each is a tensor where a global is expected and a number where
 a scalar is; the dtype and rank the kernel was traced for; every tensor on one device; and a layout every
 written tensor can be addressed with (no overlapping elements: a zero stride on an axis of size > 1).
+The per-parameter expectations are computed once per traced kernel: this runs on every launch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from tilestack.errors import LaunchError
-from tilestack.ir.types import dtype_of_torch
+from tilestack.ir.types import TORCH_NAMES
+
+
+def _plan(traced) -> list[tuple]:
+    """(index, name, torch dtype or None for a scalar, tile dtype, rank, written) per parameter."""
+    plan = []
+    for i, (p, s) in enumerate(zip(traced.ir.params, traced.signature, strict=True)):
+        if isinstance(s, tuple):
+            dt, rank = s
+            plan.append((i, p.name, getattr(torch, TORCH_NAMES[dt.name]), dt, rank, i in traced.written))
+        else:
+            plan.append((i, p.name, None, s, 0, False))
+    return plan
 
 
 def check_args(traced, args: Sequence) -> None:
     name = traced.name
-    params = traced.ir.params
-    if len(args) != len(params):
-        names = ", ".join(p.name for p in params)
-        raise LaunchError(f"{name} takes {len(params)} arguments ({names}); got {len(args)}")
-    written = traced.written
-    devices = {}
-    for i, (p, s, a) in enumerate(zip(params, traced.signature, args, strict=True)):
-        if not isinstance(s, tuple):
+    plan = traced.__dict__.get("_check_plan")
+    if plan is None:
+        plan = traced._check_plan = _plan(traced)
+    if len(args) != len(plan):
+        names = ", ".join(p[1] for p in plan)
+        raise LaunchError(f"{name} takes {len(plan)} arguments ({names}); got {len(args)}")
+    device = None
+    for i, pname, tdt, dt, rank, written in plan:
+        a = args[i]
+        if tdt is None:
             if isinstance(a, bool) or not isinstance(a, int | float):
-                raise LaunchError(f"{name}: argument {p.name} is a runtime {s}; got {type(a).__name__} {a!r}")
+                raise LaunchError(f"{name}: argument {pname} is a runtime {dt}; got {type(a).__name__} {a!r}")
             continue
-        if not (hasattr(a, "dtype") and hasattr(a, "stride") and hasattr(a, "device")):
-            raise LaunchError(f"{name}: argument {p.name} must be a torch.Tensor, got {type(a).__name__}")
-        dt, rank = s
-        if dtype_of_torch(a.dtype) != dt:
-            raise LaunchError(f"{name}: argument {p.name} is {a.dtype}; this trace of {name} is for {dt} "
+        if not isinstance(a, torch.Tensor):
+            raise LaunchError(f"{name}: argument {pname} must be a torch.Tensor, got {type(a).__name__}")
+        if a.dtype is not tdt:
+            raise LaunchError(f"{name}: argument {pname} is {a.dtype}; this trace of {name} is for {dt} "
                               f"(trace it again for the new dtype: kernel.trace(...))")
         if a.dim() != rank:
-            raise LaunchError(f"{name}: argument {p.name} has rank {a.dim()} (shape {tuple(a.shape)}); "
+            raise LaunchError(f"{name}: argument {pname} has rank {a.dim()} (shape {tuple(a.shape)}); "
                               f"this trace is for rank {rank}")
-        devices[p.name] = a.device
-        if i in written:
+        if device is None:
+            device = a.device
+        elif a.device != device:
+            listing = ", ".join(f"{p[1]} on {args[p[0]].device}" for p in plan if p[2] is not None)
+            raise LaunchError(f"{name}: all tensors must be on one device; got {listing}")
+        if written and 0 in a.stride():
             for axis, (size, stride) in enumerate(zip(a.shape, a.stride(), strict=True)):
                 if size > 1 and stride == 0:
-                    raise LaunchError(f"{name}: output {p.name} has stride 0 on axis {axis} (size {size}), so "
-                                      "its elements overlap and a store cannot address them; pass a tensor "
-                                      "with its own storage (e.g. .contiguous())")
-    if len(set(map(str, devices.values()))) > 1:
-        listing = ", ".join(f"{k} on {v}" for k, v in devices.items())
-        raise LaunchError(f"{name}: all tensors must be on one device; got {listing}")
+                    raise LaunchError(f"{name}: output {pname} has stride 0 on axis {axis} (size {size}), so its "
+                                      "elements overlap and a store cannot address them; pass a tensor with its "
+                                      "own storage (e.g. .contiguous())")

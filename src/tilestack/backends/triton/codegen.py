@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 from tilestack.errors import BackendError
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
@@ -316,6 +317,9 @@ class Lowered:
     source: str
     fn_name: str
     descriptors: tuple[tuple[str, tuple[int, ...]], ...]   # (global param name, block shape), in param order
+    # what to pass, in order: ("ptr", i) the tensor, ("dim", i, axis), ("stride", i, axis), ("scalar", i),
+    # ("desc", i, block); only what the body reads (with TMA, most sizes and strides travel in descriptors)
+    binding: tuple[tuple, ...]
 
 
 def generate(kernel: KernelIR, interpret: bool = False, tma: bool = False) -> Lowered:
@@ -323,15 +327,23 @@ def generate(kernel: KernelIR, interpret: bool = False, tma: bool = False) -> Lo
     accesses if ``tma`` (the caller checks at launch that the tensors' layouts allow it)."""
     e = _Emitter(kernel, interpret, tma)
     e.block(kernel.body)
-    params = []
-    for p in kernel.params:
+    used = set(re.findall(r"\b\w+\b", "\n".join(e.lines)))
+    params, binding = [], []
+    for i, p in enumerate(kernel.params):
         if isinstance(p.type, GlobalType):
-            params.append(p.name)
-            params += [f"{p.name}_d{a}" for a in range(p.type.rank)]
-            params += [f"{p.name}_s{a}" for a in range(p.type.rank)]
+            cands = [(p.name, ("ptr", i))]
+            cands += [(f"{p.name}_d{a}", ("dim", i, a)) for a in range(p.type.rank)]
+            cands += [(f"{p.name}_s{a}", ("stride", i, a)) for a in range(p.type.rank)]
         else:
-            params.append(p.name)
-    params += list(e.descriptors.values())
+            cands = [(p.name, ("scalar", i))]
+        for name, how in cands:
+            if name in used:
+                params.append(name)
+                binding.append(how)
+    index = {p.name: i for i, p in enumerate(kernel.params)}
+    for (gname, block), dname in e.descriptors.items():
+        params.append(dname)
+        binding.append(("desc", index[gname], block))
     fn = f"{kernel.name}_kernel"
     consts = ", ".join(f"{k}={v!r}" for k, v in kernel.constants.items())
     head = [
@@ -343,7 +355,7 @@ def generate(kernel: KernelIR, interpret: bool = False, tma: bool = False) -> Lo
         "@triton.jit",
         f"def {fn}({', '.join(params)}):",
     ]
-    return Lowered("\n".join(head + e.lines) + "\n", fn, tuple(e.descriptors))
+    return Lowered("\n".join(head + e.lines) + "\n", fn, tuple(e.descriptors), tuple(binding))
 
 
 def source(traced, tma: bool = True) -> str:

@@ -35,6 +35,8 @@ def _interpret(args) -> bool:
     import torch
 
     devices = {a.device.type for a in args if isinstance(a, torch.Tensor)}
+    if devices == {"cuda"} and not knobs.triton_interpret:
+        return False
     if knobs.triton_interpret:
         if devices - {"cpu"}:
             raise LaunchError(f"triton backend: TRITON_INTERPRET=1 runs on CPU tensors; got tensors on {devices}")
@@ -89,23 +91,36 @@ def jit_function(traced, interpret: bool, tma: bool):
     return traced._compiled[key]
 
 
-def flat_args(traced, args, low) -> list:
-    flat = []
-    by_name = {}
-    for p, a in zip(traced.ir.params, args, strict=True):
-        if isinstance(p.type, GlobalType):
-            by_name[p.name] = a
-            flat.append(a)
-            flat.extend(int(s) for s in a.shape)
-            flat.extend(int(s) for s in a.stride())
-        else:
-            flat.append(a)
-    if low.descriptors:
+_descriptors: dict[tuple, object] = {}
+_MAX_DESCRIPTORS = 4096
+
+
+def _descriptor(t, block: tuple[int, ...]):
+    """A TMA descriptor of tensor ``t`` (cached: it is only a description of the address, sizes and strides)."""
+    key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, block)
+    d = _descriptors.get(key)
+    if d is None:
         from triton.tools.tensor_descriptor import TensorDescriptor
-        for name, block in low.descriptors:
-            t = by_name[name]
-            flat.append(TensorDescriptor(t, list(t.shape), list(t.stride()), list(block)))
-    return flat
+        if len(_descriptors) >= _MAX_DESCRIPTORS:
+            _descriptors.clear()
+        d = _descriptors[key] = TensorDescriptor(t, list(t.shape), list(t.stride()), list(block))
+    return d
+
+
+def flat_args(traced, args, low) -> list:
+    """The kernel's arguments, in the order of ``low.binding`` (only what its body reads)."""
+    out = []
+    for how in low.binding:
+        kind, i = how[0], how[1]
+        if kind == "ptr" or kind == "scalar":
+            out.append(args[i])
+        elif kind == "dim":
+            out.append(args[i].shape[how[2]])
+        elif kind == "stride":
+            out.append(args[i].stride(how[2]))
+        else:
+            out.append(_descriptor(args[i], how[2]))
+    return out
 
 
 def run(traced, args):

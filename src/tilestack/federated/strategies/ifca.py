@@ -49,11 +49,14 @@ def adjusted_rand_index(a: list[int], b: list[int]) -> float:
 class IFCA(FedAvg):
     """Iterative Federated Clustering over Flower's FedAvg sampling and averaging."""
 
-    def __init__(self, *, num_clusters: int, **fedavg_kwargs):
+    def __init__(self, *, num_clusters: int, reseed_after: int = 3, seed: int = 0, **fedavg_kwargs):
         super().__init__(**fedavg_kwargs)
         if num_clusters < 1:
             raise ValueError(f"IFCA: num_clusters={num_clusters!r}; expected >= 1")
-        self.num_clusters = num_clusters
+        if reseed_after < 0:
+            raise ValueError(f"IFCA: reseed_after={reseed_after!r}; expected >= 0 (0: never re-seed)")
+        self.num_clusters, self.reseed_after, self.seed = num_clusters, reseed_after, seed
+        self._idle = [0] * num_clusters
         self.assignments: dict[int, int] = {}
         self._clusters: list[dict[str, np.ndarray]] = []
 
@@ -92,18 +95,34 @@ class IFCA(FedAvg):
         replies = ok_replies(replies)
         if not replies:
             return None, None
-        packed = {}
+        models, sizes = [], []
         for j in range(self.num_clusters):
             members = [m for m in replies if int(metric(m, "cluster-id", -1)) == j]
-            model = (
+            sizes.append(len(members))
+            self._idle[j] = 0 if members else self._idle[j] + 1
+            models.append(
                 to_numpy(aggregate_arrayrecords([m.content for m in members], self.weighted_by_key))
                 if members
                 else self._clusters[j]
             )
-            packed |= {cluster_key(j, k): v for k, v in model.items()}
+        self._reseed(server_round, models, sizes)
+        packed = {cluster_key(j, k): v for j, model in enumerate(models) for k, v in model.items()}
         for m in replies:
             self.assignments[int(metric(m, PARTITION_METRIC))] = int(metric(m, "cluster-id"))
         return to_record(packed), aggregate_metricrecords([m.content for m in replies], self.weighted_by_key)
+
+    def _reseed(self, server_round: int, models: list[dict[str, np.ndarray]], sizes: list[int]) -> None:
+        """A cluster nobody chose for ``reseed_after`` rounds restarts next to the most chosen one (as k-means
+        implementations re-seed empty clusters), so that two groups stuck in one cluster can split."""
+        if not self.reseed_after:
+            return
+        biggest = int(np.argmax(sizes))
+        for j in range(self.num_clusters):
+            if self._idle[j] >= self.reseed_after and sizes[biggest] >= 2:
+                rng = np.random.default_rng([self.seed, server_round, j, 43])
+                models[j] = {k: (v + rng.normal(0, INIT_STD, v.shape)).astype(np.float32)
+                             for k, v in models[biggest].items()}  # fmt: skip
+                self._idle[j] = 0
 
     def agreement(self, task: Task) -> float:
         """Adjusted Rand index between the last cluster choices and the task's planted groups."""
