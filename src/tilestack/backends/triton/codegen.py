@@ -270,8 +270,13 @@ def _e_load(e: _Emitter, ins: Instr) -> None:
 
 def _e_store(e: _Emitter, ins: Instr) -> None:
     g, x, *coords = ins.srcs
+    val = e.cast_to(e.name(x), x.type.dtype, g.type)
+    if e.uses_tma(g, x.type.shape, None):
+        desc, block = e.descriptor(g, x.type.shape)
+        e.emit(f"{desc}.store({e.tma_offsets(tuple(coords), x.type.shape)}, {val}.reshape({block}))")
+        return
     ptr, mask = e.address(ins, g, tuple(coords), x.type.shape)
-    e.emit(f"tl.store({ptr}, {e.cast_to(e.name(x), x.type.dtype, g.type)}, mask={mask})")
+    e.emit(f"tl.store({ptr}, {val}, mask={mask})")
 
 
 def _e_range(e: _Emitter, ins: Instr) -> None:
