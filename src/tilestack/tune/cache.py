@@ -48,8 +48,15 @@ class ConfigCache:
             self._shipped.update(_read(table))
 
     def get(self, kernel: str, signature: str, device: str, bucket: int | str) -> dict | None:
+        """The config tuned for this bucket, else for the nearest tuned size (in powers of two), else None."""
         k = key(kernel, signature, device, bucket)
         entry = self._user.get(k) or self._shipped.get(k)
+        if entry is None:
+            prefix = key(kernel, signature, device, "")
+            near = [(abs(int(x).bit_length() - int(bucket).bit_length()), x, e)
+                    for table in (self._user, self._shipped) for kk, e in table.items()
+                    if kk.startswith(prefix) and (x := kk[len(prefix):]).isdigit()]
+            entry = min(near, key=lambda t: (t[0], int(t[1])))[2] if near else None
         return dict(entry["config"]) if entry else None
 
     def put(self, kernel: str, signature: str, device: str, bucket: int | str, config: dict,
