@@ -91,20 +91,11 @@ def jit_function(traced, interpret: bool, tma: bool):
     return traced._compiled[key]
 
 
-_descriptors: dict[tuple, object] = {}
-_MAX_DESCRIPTORS = 4096
-
-
 def _descriptor(t, block: tuple[int, ...]):
-    """A TMA descriptor of tensor ``t`` (cached: it is only a description of the address, sizes and strides)."""
-    key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, block)
-    d = _descriptors.get(key)
-    if d is None:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-        if len(_descriptors) >= _MAX_DESCRIPTORS:
-            _descriptors.clear()
-        d = _descriptors[key] = TensorDescriptor(t, list(t.shape), list(t.stride()), list(block))
-    return d
+    """A TMA descriptor of tensor ``t``. Made per launch: a descriptor holds its tensor, so a cache of them
+    would keep every output ever launched alive."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block))
 
 
 def flat_args(traced, args, low) -> list:
