@@ -11,12 +11,11 @@ the 10th percentile of client accuracy (fairness) and bytes per round. Writes do
 
 from __future__ import annotations
 
-import _common  # noqa: F401
-
 import argparse
 import json
 import time
 
+import _common  # noqa: F401
 from flwr.serverapp.strategy import FedAvg, FedProx
 
 from tilestack.federated import SystemModel, Task, simulate

@@ -16,6 +16,7 @@ def _labels(n=2000, c=10, seed=0):
         lambda y: P.shards(y, 20, 2, seed=1),
         lambda y: P.quantity_skew(len(y), 20, 1.0, seed=1),
     ],
+    ids=["dirichlet", "shards", "quantity"],
 )
 def test_partitions_cover_every_sample_once(parts_fn):
     y = _labels()

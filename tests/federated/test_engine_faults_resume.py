@@ -93,3 +93,14 @@ def test_in_process_grid_runs_the_client_app_with_contexts():
     assert ids == list(InProcessGrid(app, num_nodes=5, seed=0).get_node_ids())  # seeded
     with pytest.raises(ValueError, match="num_nodes=0"):
         InProcessGrid(app, num_nodes=0)
+
+
+def test_worker_processes_give_the_same_rounds_as_one_process():
+    task = Task(**SMALL, faults=((2, "crash"),))
+    runs = [
+        simulate(Scaffold(fraction_train=1.0, fraction_evaluate=0.5), task, rounds=3, workers=w, seed=1) for w in (1, 2)
+    ]
+    a, b = (_arrays(r) for r in runs)
+    assert all(np.array_equal(a[k], b[k]) for k in a)  # SCAFFOLD: the clients' c_i came back from the workers
+    assert [r.excluded for r in runs[0].history.rounds] == [r.excluded for r in runs[1].history.rounds]
+    assert runs[1].history.rounds[0].excluded["2"].startswith("error:")

@@ -12,7 +12,9 @@ def _numeric_grad(model, params, x, y, key, idx, eps=1e-6):
     return (model.loss_and_grads(p1, x, y)[0] - model.loss_and_grads(p2, x, y)[0]) / (2 * eps)
 
 
-@pytest.mark.parametrize("model", [SoftmaxRegression(7, 4), MLP(7, 5, 4), MLP(7, 5, 4, norm=True)], ids=str)
+@pytest.mark.parametrize(
+    "model", [SoftmaxRegression(7, 4), MLP(7, 5, 4), MLP(7, 5, 4, norm=True)], ids=["logreg", "mlp", "mlp-bn"]
+)
 @pytest.mark.parametrize("soft", [False, True])
 def test_gradients_match_finite_differences(model, soft):
     rng = np.random.default_rng(0)

@@ -17,8 +17,10 @@ dropped, as Flower's ``send_and_receive`` would drop it. Node ids are seeded, no
 from __future__ import annotations
 
 import itertools
+import multiprocessing as mp
 import time
 from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 from flwr.app import Context, Error, Message, RecordDict
@@ -38,13 +40,40 @@ def _private_copy(content: RecordDict) -> RecordDict:
     return RecordDict({k: type(rec)(dict(rec)) for k, rec in content.items()})
 
 
+_WORKER_APP: ClientApp | None = None
+
+
+def _set_worker_app(client_app: ClientApp) -> None:
+    global _WORKER_APP
+    _WORKER_APP = client_app
+
+
+def _run_one(client_app: ClientApp, msg: Message, context: Context) -> tuple[Message, float, RecordDict]:
+    """Run one message; a client's exception becomes its error reply, as in Flower."""
+    t0 = time.perf_counter()
+    try:
+        reply = client_app(msg, context)
+    except Exception as ex:  # noqa: BLE001 - a client's failure becomes its error reply, as in Flower
+        reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(ex).__name__}: {ex}"),
+                        reply_to=msg)  # fmt: skip
+    return reply, time.perf_counter() - t0, context.state
+
+
+def _run_chunk(jobs: list[tuple[Message, Context]]) -> list[tuple[Message, float, RecordDict]]:
+    assert _WORKER_APP is not None
+    return [_run_one(_WORKER_APP, msg, ctx) for msg, ctx in jobs]
+
+
 class InProcessGrid(Grid):
     """A Flower ``Grid`` over ``num_nodes`` virtual SuperNodes that run ``client_app`` in this process."""
 
-    def __init__(self, client_app: ClientApp, num_nodes: int, *, seed: int = 0, run_id: int = 1):
+    def __init__(self, client_app: ClientApp, num_nodes: int, *, seed: int = 0, run_id: int = 1, workers: int = 1):
         if num_nodes < 1:
             raise ValueError(f"InProcessGrid: num_nodes={num_nodes!r}; expected >= 1")
-        self.client_app = client_app
+        if workers < 1:
+            raise ValueError(f"InProcessGrid: workers={workers!r}; expected >= 1")
+        self.client_app, self.workers = client_app, workers
+        self._pool: ProcessPoolExecutor | None = None
         rng = np.random.default_rng([seed, 17])
         ids: list[int] = []
         seen: set[int] = set()
@@ -89,24 +118,42 @@ class InProcessGrid(Grid):
         return list(self._node_ids)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Run every message's ClientApp now; the replies wait for ``pull_messages``."""
-        ids = []
+        """Run every message's ClientApp now (in ``workers`` processes); replies wait for ``pull_messages``."""
+        jobs = []
         for msg in messages:
             if msg.metadata.dst_node_id not in self.contexts:
                 raise ValueError(f"InProcessGrid.push_messages: dst_node_id={msg.metadata.dst_node_id}; unknown node")
             mid = f"m{next(self._counter)}"
             msg.metadata.__dict__["_message_id"] = mid  # what Flower's own grids do when they accept a message
-            t0 = time.perf_counter()
-            try:
-                private = Message(content=_private_copy(msg.content), metadata=msg.metadata)
-                reply = self.client_app(private, self.contexts[msg.metadata.dst_node_id])
-            except Exception as ex:  # noqa: BLE001 - a client's failure becomes its error reply, as in Flower
-                reason = f"{type(ex).__name__}: {ex}"
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
-            self._elapsed[mid] = time.perf_counter() - t0
+            private = Message(content=_private_copy(msg.content), metadata=msg.metadata)
+            jobs.append((private, self.contexts[msg.metadata.dst_node_id]))
+        if self.workers > 1 and len(jobs) >= 2 * self.workers:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("fork"),
+                                                 initializer=_set_worker_app, initargs=(self.client_app,))  # fmt: skip
+            # A node always goes to the same worker, so each worker's caches (the client's data) stay warm.
+            chunks = [
+                [j for j in jobs if self.partitions[j[1].node_id] % self.workers == i] for i in range(self.workers)
+            ]
+            results = [r for part in self._pool.map(_run_chunk, chunks) for r in part]
+            jobs = [j for c in chunks for j in c]  # in the order of the results
+            for (msg, _), (_, _, state) in zip(jobs, results, strict=True):
+                self.contexts[msg.metadata.dst_node_id].state = state  # the node's state as the client left it
+        else:
+            results = [_run_one(self.client_app, msg, ctx) for msg, ctx in jobs]
+        ids = []
+        for (msg, _), (reply, elapsed, _) in zip(jobs, results, strict=True):
+            mid = msg.metadata.message_id
+            self._elapsed[mid] = elapsed
             self._replies[mid] = reply
             ids.append(mid)
         return ids
+
+    def close(self) -> None:
+        """Stop the worker processes (if any)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(m) for m in message_ids if m in self._replies]

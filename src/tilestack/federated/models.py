@@ -25,14 +25,18 @@ NORM_PREFIX = "bn."
 
 
 def _softmax_xent(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-    """Mean cross-entropy and its gradient w.r.t. the logits. logits (B, C); y (B,) labels or (B, C) soft
-    targets (distillation: the gradient is then (p - y) / B, that of KL(y || p))."""
-    p = np.exp(logits - logits.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
+    """Mean cross-entropy and its gradient w.r.t. the logits. logits (B, C), overwritten; y (B,) labels or
+    (B, C) soft targets (distillation: the gradient is then (p - y) / B, that of KL(y || p))."""
+    p = logits
+    p -= p.max(axis=1, keepdims=True)
+    np.exp(p, out=p)
+    p /= p.sum(axis=1, keepdims=True)  # (B, C) softmax
     b = len(y)
     if y.ndim == 2:
         loss = float(-(y * np.log(p + 1e-12)).sum()) / b
-        return loss, (p - y) / b
+        p -= y
+        p /= b
+        return loss, p
     rows = np.arange(b)
     loss = float(-np.log(p[rows, y] + 1e-12).sum()) / b
     p[rows, y] -= 1.0
@@ -161,29 +165,31 @@ def local_sgd(
         raise ValueError(f"local_sgd: steps={steps}, batch_size={batch_size}, lr={lr}; expected >= 0, >= 1, > 0")
     start = {k: np.asarray(v, np.float32) for k, v in params.items()}
     w = {k: v.copy() for k, v in start.items()}
+    trained = [k for k in w if not is_statistic(k)]
     n = len(y)
     order = rng.permutation(n)
-    pos, losses = 0, []
+    pos, total = 0, 0.0
     for _ in range(steps):
         if pos >= n:
             order, pos = rng.permutation(n), 0
         idx = order[pos : pos + batch_size]
         pos += batch_size
         loss, g = model.loss_and_grads(w, x[idx], y[idx])
-        losses.append(loss)
-        for k, gk in g.items():
-            if is_statistic(k):
-                continue
+        total += loss
+        for k in trained:
+            gk = g[k]  # a fresh array: safe to scale in place
             if prox_mu:
-                gk = gk + prox_mu * (w[k] - start[k])
+                gk += prox_mu * (w[k] - start[k])
             if correction is not None:
-                gk = gk + correction[k]
-            w[k] -= lr * gk  # in place: w[k] stays float32
-    return w, steps, sum(losses) / len(losses) if losses else float("nan")
+                gk += correction[k]
+            gk *= lr
+            w[k] -= gk  # in place: w[k] stays float32
+    return w, steps, total / steps if steps else float("nan")
 
 
 def evaluate(model: Model, params: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of ``params`` on ``(x, y)``."""
     z = model.logits(params, x, train=False)
+    acc = float((z.argmax(axis=1) == y).mean())
     loss, _ = _softmax_xent(z, y)
-    return loss, float((z.argmax(axis=1) == y).mean())
+    return loss, acc

@@ -7,7 +7,8 @@
                       engine="tilestack", system=SystemModel(30, straggler_fraction=0.5), seed=0)
     result.history.rounds[-1].test_acc
 
-``engine="tilestack"`` runs the ``ClientApp`` in this process through :class:`InProcessGrid`;
+``engine="tilestack"`` runs the ``ClientApp`` in this process through :class:`InProcessGrid` (or in
+``workers`` forked processes, no Ray);
 ``engine="flower"`` runs the same ``ServerApp`` logic and ``ClientApp`` in Flower's Simulation Engine
 (``flwr.simulation.run_simulation`` on Ray). Both go through the same :class:`ManagedGrid` and
 :func:`run_rounds`, and with the same seed they produce the same rounds, bit for bit.
@@ -57,6 +58,7 @@ def simulate(
     stop_after: int | None = None,
     initial: ArrayRecord | None = None,
     flower_backend: dict | None = None,
+    workers: int = 1,
 ) -> RunResult:
     """Run ``rounds`` rounds of ``strategy`` on ``task``; see the module doc for the engines."""
     if engine not in ENGINES:
@@ -76,7 +78,11 @@ def simulate(
         )  # fmt: skip
 
     if engine == "tilestack":
-        return drive(InProcessGrid(client.app, task.num_clients, seed=seed))
+        grid = InProcessGrid(client.app, task.num_clients, seed=seed, workers=workers)
+        try:
+            return drive(grid)
+        finally:
+            grid.close()
     return _run_on_flower(drive, task.num_clients, flower_backend)
 
 
