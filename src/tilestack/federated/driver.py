@@ -30,8 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
-from flwr.serverapp import Grid
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import Strategy
 
@@ -168,13 +167,3 @@ def run_rounds(
         if on_round is not None:
             on_round(m)
     return RunResult(arrays, history, strategy)
-
-
-def unwrap_grid(grid: Grid) -> Grid:
-    """The innermost grid under ManagedGrid wrappers."""
-    while isinstance(grid, ManagedGrid):
-        grid = grid.inner
-    return grid
-
-
-__all__ = ["run_rounds", "RunResult", "save_checkpoint", "load_checkpoint", "MetricRecord"]

@@ -21,7 +21,7 @@ import numpy as np
 
 
 def fairness(values: list[float]) -> dict[str, float]:
-    """Summary of per-client values (accuracies): mean, std, 10th percentile, worst, Jain's index."""
+    """Summary of per-client values (accuracies): mean, std, 10th/25th/50th percentiles, worst, Jain's index."""
     if not values:
         return {}
     v = np.asarray(values, np.float64)
@@ -30,6 +30,8 @@ def fairness(values: list[float]) -> dict[str, float]:
         "mean": float(v.mean()),
         "std": float(v.std()),
         "p10": float(np.percentile(v, 10)),
+        "p25": float(np.percentile(v, 25)),
+        "median": float(np.median(v)),
         "worst": float(v.min()),
         "jain": jain,
     }

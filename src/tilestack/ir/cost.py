@@ -8,7 +8,10 @@ arrays over the instances), so trip counts that depend on the block id (causal a
 hang over the edge of a ragged tensor are counted as they run:
 - FLOPs are the work the tile ops do, masked edges included: 2*M*N*K per mma, one per element for
   element-wise, broadcast and reduction ops (casts, copies, fills and masks are free).
-- bytes are the global elements a load or store really touches (masked-off elements move nothing).
+- bytes are the global elements a load or store really touches (masked-off elements move nothing): the
+  traffic the program asks of the memory system, much of which L2 serves when tiles are re-read.
+- dram bytes are the compulsory part: each global counted at most once (its accessed bytes, capped at its
+  size), what a perfect cache would still fetch from DRAM. Rooflines place kernels by this.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ _FREE = {Op.FILL, Op.CAST, Op.MASK}
 class Cost:
     flops: int             # all tile arithmetic
     mma_flops: int         # the part done by matrix units
-    bytes_read: int        # global memory
+    bytes_read: int        # global memory, every access
     bytes_written: int
+    dram_bytes_read: int   # compulsory: each global at most once
+    dram_bytes_written: int
     shared_bytes: int      # shared tiles declared by one program (before any pipelining copies)
     register_bytes: int    # register tiles declared by one program (spread over its threads)
     programs: int          # grid size
@@ -40,9 +45,13 @@ class Cost:
         return self.bytes_read + self.bytes_written
 
     @property
+    def dram_bytes(self) -> int:
+        return self.dram_bytes_read + self.dram_bytes_written
+
+    @property
     def intensity(self) -> float:
-        """FLOPs per global byte."""
-        return self.flops / self.bytes if self.bytes else float("inf")
+        """FLOPs per compulsory (DRAM) byte: the roofline's arithmetic intensity."""
+        return self.flops / self.dram_bytes if self.dram_bytes else float("inf")
 
 
 def grid_plan(kernel: KernelIR) -> list:
@@ -84,11 +93,16 @@ def kernel_cost(kernel: KernelIR, dims: dict[int, tuple[int, ...]], scalars: dic
     env.block_ids = [np.asarray(a).reshape(-1) for a in np.unravel_index(np.arange(n), grid, order="F")]
     env.n = n
     env.grid = grid
-    counts = {"flops": 0, "mma": 0, "read": 0, "written": 0}
+    counts = {"flops": 0, "mma": 0, "read": 0, "written": 0, "per_global": {}}
     _eval_block(kernel.body, env, counts)
     shared, regs = _footprints(kernel)
+    dram = {"read": 0, "written": 0}
+    for (idx, key), b in counts["per_global"].items():
+        size = int(np.prod(dims[idx])) * kernel.params[idx].type.dtype.itemsize
+        dram[key] += min(b, size)
     return Cost(flops=int(counts["flops"]), mma_flops=int(counts["mma"]), bytes_read=int(counts["read"]),
-                bytes_written=int(counts["written"]), shared_bytes=shared, register_bytes=regs, programs=n)
+                bytes_written=int(counts["written"]), dram_bytes_read=dram["read"],
+                dram_bytes_written=dram["written"], shared_bytes=shared, register_bytes=regs, programs=n)
 
 
 def _footprints(kernel: KernelIR) -> tuple[int, int]:
@@ -160,6 +174,8 @@ def _count_memory(ins, env: _Env, counts) -> None:
     total = np.sum(np.broadcast_to(np.asarray(per), (env.n,)), dtype=np.int64)
     key = "read" if ins.op is Op.LOAD else "written"
     counts[key] += int(total) * g.type.dtype.itemsize
+    slot = (env.arg_index[g], key)
+    counts["per_global"][slot] = counts["per_global"].get(slot, 0) + int(total) * g.type.dtype.itemsize
 
 
 def _eval_range(ins, env: _Env, counts) -> None:
