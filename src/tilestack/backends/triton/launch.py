@@ -122,9 +122,20 @@ def run(traced, args):
     if 0 in grid:
         return None
     options = {k: traced.constants[k] for k in LAUNCH_OPTIONS if k in traced.constants}
-    compiled = fn[grid](*flat_args(traced, args, low), **options)
-    if not interpret:
-        traced._compiled["triton-binary"] = compiled
+    if interpret:
+        fn[grid](*flat_args(traced, args, low), **options)
+        return None
+    # every GPU launch sits in an NVTX range named by kernel and config, so Nsight tools can select it
+    import torch
+    label = traced._compiled.get("nvtx-label")
+    if label is None:
+        from tilestack.perf.nvtx import PREFIX, range_name
+        label = traced._compiled["nvtx-label"] = PREFIX + range_name(traced.name, traced.constants)
+    torch.cuda.nvtx.range_push(label)
+    try:
+        traced._compiled["triton-binary"] = fn[grid](*flat_args(traced, args, low), **options)
+    finally:
+        torch.cuda.nvtx.range_pop()
     return None
 
 
