@@ -86,7 +86,7 @@ def rel(a, b):
 
 
 FWD_RESTRICT = dict(BM=(64, 128), BN=(64, 128), num_warps=(4, 8), num_stages=(2, 3, 4))
-BWD_RESTRICT = {"dkdv": dict(BM=(32, 64), BN=(64, 128), num_warps=(4, 8), num_stages=(2, 3)),
+BWD_RESTRICT = {"dkdv": dict(BM=(32, 64, 128), BN=(64, 128), num_warps=(4, 8), num_stages=(2, 3)),
                 "dq": dict(BM=(64, 128), BN=(64,), num_warps=(4, 8), num_stages=(2, 3))}
 TUNED: dict = {}     # table entries written by this run: key -> {"config", "seconds", ...}
 

@@ -2,8 +2,8 @@
 
     .venv/bin/python scripts/federated/robust_aggregation.py [--rounds 40] [--attack signflip|noise]
 
-50 clients (a Gaussian-mixture task, 10 classes, multinomial logistic regression), 20 per round; 10 of
-the 50 (20%) are malicious: they train honestly and send their update reversed and scaled by 10
+50 clients (a Gaussian-mixture task, 10 classes, class-mean spread 0.5, multinomial logistic regression),
+20 per round; 10 of the 50 (20%) are malicious: they train honestly and send their update reversed and scaled by 10
 (signflip) or their model plus N(0, 10^2) noise. Flower's FedAvg, FedMedian, FedTrimmedAvg, Krum,
 MultiKrum and Bulyan are run unchanged in tilestack's engine. Writes docs/federated/robust_<attack>.png/.json.
 """
@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     base = dict(dataset="blobs", num_clients=NUM_CLIENTS, num_features=20, num_classes=10, num_samples=10000,
-                lr=0.05, batch_size=10, local_steps=20, attack=args.attack, seed=args.seed)  # fmt: skip
+                separation=0.5, lr=0.05, batch_size=10, local_steps=20, attack=args.attack, seed=args.seed)  # fmt: skip
     common = dict(fraction_train=PER_ROUND / NUM_CLIENTS, fraction_evaluate=0.0, min_train_nodes=PER_ROUND)
     strategies = {
         "FedAvg, no attack": (fl.FedAvg(**common), 0.0),

@@ -137,3 +137,13 @@ def test_every_named_strategy_runs_and_learns(name):
     assert _acc(res) > 0.2  # ten classes: chance is about 0.1
     with pytest.raises(ValueError, match="clients_per_round=13"):
         make_strategy(name, clients_per_round=13, num_clients=12)
+
+
+def test_ifca_reseeds_an_empty_cluster_so_four_groups_split():
+    task = Task(dataset="clustered", num_clients=40, groups=4, num_features=20, num_classes=5, local_steps=20, lr=0.1)
+    found = {}
+    for reseed in (0, 3):
+        s = IFCA(num_clusters=4, reseed_after=reseed, fraction_train=0.5, fraction_evaluate=0.0)
+        simulate(s, task, rounds=30, initial=s.initial_arrays(task))
+        found[reseed] = s.agreement(task)
+    assert found[3] == 1.0 and found[0] < 0.9  # without re-seeding two groups stay merged (seed 0)
