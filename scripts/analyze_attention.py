@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 SHAPE = dict(B=4, H=16, N=4096)
-OPCODES = ("HGMMA", "HMMA", "UTMALDG", "UTMASTG", "LDGSTS", "MUFU.EX2", "BAR", "LDL", "STL", "USETMAXREG",
-           "WARPGROUP")
+SASS_OPS = ("HGMMA", "HMMA", "UTMALDG", "UTMASTG", "LDGSTS", "MUFU.EX2", "BAR", "LDL", "STL", "USETMAXREG")
+PTX_OPS = ("wgmma.mma_async", "mma.sync", "cp.async.bulk.tensor", "cp.async.cg", "ex2.approx", "setmaxnreg",
+           "mbarrier.try_wait", "bar.sync", "ld.local", "st.local")
 NCU_SECTIONS = ("SpeedOfLight", "ComputeWorkloadAnalysis", "Occupancy", "WarpStateStats", "SchedulerStats")
 
 
@@ -59,9 +60,14 @@ def sass_census(D, causal):
     traced = attention_fwd.attention_fwd_kernel.trace(q, k, v, o, lse, 0.1, D=D, causal=causal, **cfg)
     traced.run(q, k, v, o, lse, 0.1)
     binary = traced._compiled["triton-binary"]
-    sass = binary.asm.get("sass", "")
-    counts = {op: len(re.findall(rf"\b{re.escape(op)}", sass)) for op in OPCODES}
-    return {"D": D, "causal": causal, "config": cfg, **resource_report(traced), "sass": counts}
+    ptx = binary.asm["ptx"]
+    try:
+        sass = binary.asm["sass"]          # disassembled on first access (needs nvdisasm)
+    except Exception as e:  # noqa: BLE001 - the census still has the PTX
+        sass = f"unavailable: {e}"
+    census = {op: len(re.findall(rf"\b{re.escape(op)}", ptx)) for op in PTX_OPS}
+    census |= {f"sass {op}": len(re.findall(rf"\b{re.escape(op)}", sass)) for op in SASS_OPS}
+    return {"D": D, "causal": causal, "config": cfg, **resource_report(traced), "census": census}
 
 
 def ncu_metrics(target: str, D: int, causal: bool, regex: str) -> dict[str, str]:
@@ -102,7 +108,7 @@ def main():
             c = sass_census(D, causal)
             result["census"].append(c)
             print(f"D={D} causal={causal} {c['config']}: regs {c['registers']}, spills {c['spills']}, "
-                  f"smem {c['shared_bytes']} B; SASS {c['sass']}", flush=True)
+                  f"smem {c['shared_bytes']} B; {c['census']}", flush=True)
     for D in (128,):
         ours = ncu_metrics("ours", D, False, "attention_fwd")
         theirs = ncu_metrics("cudnn", D, False, "cudnn|fmha|sm90|flash")
