@@ -139,6 +139,7 @@ def test_every_named_strategy_runs_and_learns(name):
         make_strategy(name, clients_per_round=13, num_clients=12)
 
 
+@pytest.mark.slow
 def test_ifca_reseeds_an_empty_cluster_so_four_groups_split():
     task = Task(dataset="clustered", num_clients=40, groups=4, num_features=20, num_classes=5, local_steps=20, lr=0.1)
     found = {}
