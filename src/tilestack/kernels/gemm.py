@@ -64,6 +64,12 @@ def gemm(a, b, *, out=None, backend: str | None = None, **config):
         from tilestack.errors import LaunchError
         raise LaunchError(f"gemm: a is {tuple(a.shape)} and b is {tuple(b.shape)}; a.shape[1] must equal "
                           "b.shape[0]")
+    if out is not None:
+        check_tensor("gemm", "out", out, rank=2, dtypes=(a.dtype,))
+        if tuple(out.shape) != (a.shape[0], b.shape[1]):
+            from tilestack.errors import LaunchError
+            raise LaunchError(f"gemm: out is {tuple(out.shape)}; expected (a.shape[0], b.shape[1]) = "
+                              f"{(a.shape[0], b.shape[1])}")
     check_same_device("gemm", a=a, b=b, out=out)
     if out is None:
         out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)

@@ -62,6 +62,11 @@ def softmax(x, *, out=None, backend: str | None = None, **config):
     import torch
 
     check_tensor("softmax", "x", x, rank=2, dtypes=(torch.float32, torch.bfloat16, torch.float16))
+    if out is not None:
+        check_tensor("softmax", "out", out, rank=2, dtypes=(x.dtype,))
+        if out.shape != x.shape:
+            from tilestack.errors import LaunchError
+            raise LaunchError(f"softmax: out is {tuple(out.shape)}; expected x's shape {tuple(x.shape)}")
     check_same_device("softmax", x=x, out=out)
     out = torch.empty_like(x) if out is None else out
     softmax_kernel(x, out, backend=backend, **config)

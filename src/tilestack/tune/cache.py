@@ -66,9 +66,13 @@ class ConfigCache:
         self._user[key(kernel, signature, device, bucket)] = {"config": config, **evidence}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".json.tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self._user, f, indent=1, sort_keys=True)
-        os.replace(tmp, self.path)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self._user, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.unlink(tmp)          # a failed write (e.g. evidence JSON cannot hold) leaves no half file behind
+            raise
 
     def entries(self) -> dict[str, Any]:
         return {**self._shipped, **self._user}

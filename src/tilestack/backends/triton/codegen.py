@@ -17,6 +17,7 @@ from tilestack.ir.nodes import Block, Instr, KernelIR, Value
 from tilestack.ir.ops import Op
 from tilestack.ir.types import GlobalType, Space, TileType, bf16, f32, f64
 
+TMA_MAX_BOX = 256   # elements per dimension of one copy-engine transfer (a wider tile goes through pointers)
 TL_DTYPES = {"f64": "tl.float64", "f32": "tl.float32", "f16": "tl.float16", "bf16": "tl.bfloat16",
              "i32": "tl.int32", "i64": "tl.int64"}
 _UNARY = {"exp": "tl.exp({})", "exp2": "tl.math.exp2({})", "log": "tl.log({})", "log2": "tl.log2({})",
@@ -143,7 +144,8 @@ class _Emitter:
     def uses_tma(self, g: Value, shape: tuple[int, ...], space) -> bool:
         """Loads into shared tiles and stores of 2-D tiles go through the copy engine when the layout allows it
         (checked at launch): TMA fetches whole tiles, zero-fills past the edges and clips stores."""
-        return self.tma and len(shape) == 2 and g.type.rank >= 2 and space is not Space.REG
+        return (self.tma and len(shape) == 2 and g.type.rank >= 2 and space is not Space.REG
+                and max(shape) <= TMA_MAX_BOX)
 
     def tma_offsets(self, coords: tuple[Value, ...], shape: tuple[int, ...]) -> str:
         lead = len(coords) - len(shape)
