@@ -24,6 +24,7 @@ from tilestack.kernels import (
     softmax_kernel,
 )
 from tilestack.perf import formulas
+from tilestack.tune.lookup import launch_config
 
 POISON = float("nan")
 
@@ -183,7 +184,8 @@ def attention_case(device: str, B: int, H: int, N: int, D: int, causal: bool, co
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return torch.nn.functional.scaled_dot_product_attention(x["q"], x["k"], x["v"], is_causal=causal)
 
-    cfg = attention_fwd.default_config(D, causal, device) | config
+    default = attention_fwd.default_config(D, causal, device)
+    cfg = launch_config("attention_fwd", f"bfloat16-D{D}-{'causal' if causal else 'full'}", device, N, default) | config
     return Case(
         "attention_fwd", f"B={B} H={H} N={N} D={D}{' causal' if causal else ''} bf16", make,
         ours=lambda x: attention_fwd.attention_fwd_kernel(*args(x), D=D, causal=causal, **cfg),
