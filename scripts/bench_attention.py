@@ -190,8 +190,15 @@ def main(argv=None):
             v = torch.randn(2, 2, 1100, D, device="cuda", dtype=torch.bfloat16)
             o, lse = attention_fwd.attention_forward(q, k, v, causal)
             ro, rlse = attention_fwd.reference(q, k, v, causal)
-            log(f"float64 check D={D} causal={causal}: out {rel(o, ro):.2e}, lse {rel(lse, rlse):.2e}")
-            assert rel(o, ro) < 1e-2 and rel(lse, rlse) < 1e-4
+            do = torch.randn_like(q)
+            grads = attention_bwd.attention_backward(q, k, v, o, lse, do, causal)
+            q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+            o64 = attention_fwd.reference(q64, k64, v64, causal)[0]
+            ref_grads = torch.autograd.grad(o64, (q64, k64, v64), do.double())
+            gerr = max(rel(g, r) for g, r in zip(grads, ref_grads))
+            log(f"float64 check D={D} causal={causal}: out {rel(o, ro):.2e}, lse {rel(lse, rlse):.2e}, "
+                f"grads {gerr:.2e}")
+            assert rel(o, ro) < 1e-2 and rel(lse, rlse) < 1e-4 and gerr < 2e-2
     rows = []
     causals = {"both": (False, True), "yes": (True,), "no": (False,)}[a.causal]
     for D, N, causal in itertools.product(a.dims, a.seqs, causals):

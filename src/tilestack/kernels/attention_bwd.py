@@ -194,9 +194,14 @@ def default_config(D: int, causal: bool, device_type: str) -> dict[str, dict]:
         return {"delta": dict(BM=64, num_warps=4, num_stages=1),
                 "dkdv": dict(BM=64, BN=128, num_warps=8, num_stages=3),
                 "dq": dict(BM=128, BN=64, num_warps=8, num_stages=3)}
-    return {"delta": dict(BM=64, num_warps=4, num_stages=1),
-            "dkdv": dict(BM=64, BN=128, num_warps=8, num_stages=2),
-            "dq": dict(BM=128, BN=64, num_warps=8, num_stages=2)}
+    if D <= 128:
+        return {"delta": dict(BM=64, num_warps=4, num_stages=1),
+                "dkdv": dict(BM=64, BN=128, num_warps=8, num_stages=2),
+                "dq": dict(BM=128, BN=64, num_warps=8, num_stages=2)}
+    # D = 256: the f32 accumulators (dK, dV: BN x 256 each) must fit the registers of 8 warps
+    return {"delta": dict(BM=32, num_warps=4, num_stages=1),
+            "dkdv": dict(BM=32, BN=32, num_warps=8, num_stages=2),
+            "dq": dict(BM=64, BN=32, num_warps=8, num_stages=2)}
 
 
 def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float | None = None, *,

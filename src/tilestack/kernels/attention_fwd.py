@@ -163,7 +163,7 @@ def default_config(D: int, causal: bool, device_type: str) -> dict:
         return dict(BM=128, BN=64, num_warps=4, num_stages=3)
     if D <= 128:
         return dict(BM=128, BN=64, num_warps=8, num_stages=3)
-    return dict(BM=64, BN=32, num_warps=4, num_stages=2)
+    return dict(BM=64, BN=32, num_warps=8, num_stages=2)
 
 
 def attention_forward(q, k, v, causal: bool = False, scale: float | None = None, *,
