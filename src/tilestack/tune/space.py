@@ -14,8 +14,23 @@ import itertools
 from typing import Any
 
 from tilestack.errors import TunableError
+from tilestack.ir.ops import Op
+from tilestack.ir.types import Space, TileType
 
 H100_SHARED_BYTES = 227 * 1024   # per block, after cudaFuncSetAttribute; Hopper's opt-in maximum
+
+
+def _looped_shared_bytes(body) -> int:
+    """Bytes of the distinct shared tiles that some load inside a loop writes."""
+    tiles: dict[int, int] = {}
+    for loop in body.walk():
+        if loop.body is None:
+            continue
+        for ins in loop.body.walk():
+            t = ins.results[0].type if ins.op is Op.LOAD and ins.results else None
+            if isinstance(t, TileType) and t.space is Space.SHARED:
+                tiles[ins.attrs["dst"]] = t.nbytes
+    return sum(tiles.values())
 
 
 @dataclasses.dataclass
@@ -44,10 +59,12 @@ class SearchSpace:
         return [dict(zip(names, vals, strict=True)) for vals in itertools.product(*(doms[n] for n in names))]
 
     def shared_bytes(self, args, config: dict) -> int:
-        """Shared memory the config needs: declared shared tiles, with ``num_stages`` copies (pipelining)."""
+        """Shared memory the config needs: the declared shared tiles (the IR's footprint), plus
+        ``num_stages - 1`` more copies of those loaded inside a loop (pipelining); a tile loaded once before
+        the loops (attention's Q) is not multiplied."""
         traced = self.kernel.trace(*args, **self.fixed, **config)
-        stages = config.get("num_stages", 1)
-        return traced.cost(*args).shared_bytes * max(1, stages)
+        stages = max(1, config.get("num_stages", 1))
+        return traced.cost(*args).shared_bytes + (stages - 1) * _looped_shared_bytes(traced.ir.body)
 
     def configs(self, args, shared_limit: int = H100_SHARED_BYTES) -> list[dict[str, Any]]:
         return [c for c in self.all_configs() if self.shared_bytes(args, c) <= shared_limit]
