@@ -86,6 +86,8 @@ def rel(a, b):
 
 
 FWD_RESTRICT = dict(BM=(64, 128), BN=(64, 128), num_warps=(4, 8), num_stages=(2, 3, 4))
+BWD_RESTRICT_D256 = {"dkdv": dict(BM=(16, 32, 64), BN=(32, 64), num_warps=(4, 8), num_stages=(1, 2)),
+                     "dq": dict(BM=(32, 64), BN=(32, 64), num_warps=(4, 8), num_stages=(1, 2))}
 BWD_RESTRICT = {"dkdv": dict(BM=(32, 64, 128), BN=(64, 128), num_warps=(4, 8), num_stages=(2, 3)),
                 "dq": dict(BM=(64, 128), BN=(64,), num_warps=(4, 8), num_stages=(2, 3))}
 TUNED: dict = {}     # table entries written by this run: key -> {"config", "seconds", ...}
@@ -128,7 +130,8 @@ def tune_bwd(q, k, v, do, causal, D, log):
         return attention_bwd.attention_backward(q, k, v, o, lse, do, causal, config=cfg)
 
     for part in ("dkdv", "dq"):
-        space = SearchSpace(kernels[part], fixed=dict(D=D, causal=causal), restrict=BWD_RESTRICT[part])
+        restrict = (BWD_RESTRICT_D256 if D > 128 else BWD_RESTRICT)[part]
+        space = SearchSpace(kernels[part], fixed=dict(D=D, causal=causal), restrict=restrict)
         result = tune(f"attention_bwd_{part}", space.all_configs(),
                       check=lambda c, part=part: max(rel(g, r) for g, r in zip(run(dict(best, **{part: c})), ref)),
                       time=lambda c, part=part: time_fn(lambda: run(dict(best, **{part: c})), device="cuda",

@@ -27,6 +27,7 @@ from tilestack.perf import formulas
 from tilestack.tune.lookup import launch_config
 
 POISON = float("nan")
+BACKEND = "triton"   # what is timed: the GPU, or Triton's interpreter on a CPU (never the reference executor)
 
 
 @dataclasses.dataclass
@@ -53,9 +54,10 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def _check(run_ours: Callable[[str | None], Any], ref64, device: str, tol: float) -> dict:
-    """Run ours on ``device``'s backend and on the reference executor (CPU); compare both with float64."""
-    ours = run_ours(None)
+def _check(run_ours: Callable[[str], Any], ref64, device: str, tol: float) -> dict:
+    """Run ours through the Triton backend (the GPU, or Triton's interpreter on a CPU) and through the reference
+    executor; compare both with float64 and with each other."""
+    ours = run_ours(BACKEND)
     reference = run_ours("reference")
     return {"vs_float64": _rel(ours, ref64), "vs_reference": _rel(ours, reference),
             "reference_vs_float64": _rel(reference, ref64), "tol": tol}
@@ -83,7 +85,7 @@ def gemm_case(device: str, m: int, n: int, k: int, config: dict) -> Case:
 
     return Case(
         "gemm", f"{m}x{n}x{k} bf16", make,
-        ours=lambda x: gemm_kernel(x["a"], x["b"], x["c"], **config),
+        ours=lambda x: gemm_kernel(x["a"], x["b"], x["c"], **config, backend=BACKEND),
         traced=lambda x: gemm_kernel.trace(x["a"], x["b"], x["c"], **config),
         cost_args=lambda x: (x["a"], x["b"], x["c"]),
         baseline_name="torch.matmul (cuBLAS)" if device == "cuda" else "torch.matmul",
@@ -110,7 +112,7 @@ def softmax_case(device: str, rows: int, cols: int, config: dict) -> Case:
 
     return Case(
         "softmax", f"{rows}x{cols} bf16", make,
-        ours=lambda x: softmax_kernel(x["x"], x["y"], **config),
+        ours=lambda x: softmax_kernel(x["x"], x["y"], **config, backend=BACKEND),
         traced=lambda x: softmax_kernel.trace(x["x"], x["y"], **config),
         cost_args=lambda x: (x["x"], x["y"]),
         baseline_name="torch.softmax", baseline=lambda x: torch.softmax(x["x"], -1),
@@ -144,7 +146,7 @@ def layer_norm_case(device: str, rows: int, cols: int, config: dict) -> Case:
 
     return Case(
         "layer_norm", f"{rows}x{cols} bf16", make,
-        ours=lambda x: layer_norm_kernel(*args(x), **config),
+        ours=lambda x: layer_norm_kernel(*args(x), **config, backend=BACKEND),
         traced=lambda x: layer_norm_kernel.trace(*args(x), **config),
         cost_args=args,
         baseline_name="F.layer_norm",
@@ -188,7 +190,7 @@ def attention_case(device: str, B: int, H: int, N: int, D: int, causal: bool, co
     cfg = launch_config("attention_fwd", f"bfloat16-D{D}-{'causal' if causal else 'full'}", device, N, default) | config
     return Case(
         "attention_fwd", f"B={B} H={H} N={N} D={D}{' causal' if causal else ''} bf16", make,
-        ours=lambda x: attention_fwd.attention_fwd_kernel(*args(x), D=D, causal=causal, **cfg),
+        ours=lambda x: attention_fwd.attention_fwd_kernel(*args(x), D=D, causal=causal, **cfg, backend=BACKEND),
         traced=lambda x: attention_fwd.attention_fwd_kernel.trace(*args(x), D=D, causal=causal, **cfg),
         cost_args=args,
         baseline_name="SDPA FLASH_ATTENTION (FA2)" if device == "cuda" else "SDPA (math, CPU)",

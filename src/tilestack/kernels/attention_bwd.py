@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 import tilestack.lang as ts
+from tilestack.errors import LaunchError
 from tilestack.kernels.attention_fwd import LOG2E, check_attention_args
 from tilestack.tune.lookup import launch_config
 
@@ -185,6 +186,19 @@ def attention_bwd_dq_kernel(Q, K, V, dO, LSE, Delta, dQ, scale: float, *,
     ts.store(dQ, out, at=(b, h, i, 0))
 
 
+def _check_saved(q, o, lse, do) -> None:
+    """The forward's output and log-sum-exp and the incoming gradient must match q."""
+    import torch
+
+    for name, t, shape, dtype in (("o", o, q.shape, q.dtype), ("do", do, q.shape, q.dtype),
+                                  ("lse", lse, q.shape[:3], torch.float32)):
+        if not isinstance(t, torch.Tensor):
+            raise LaunchError(f"attention_backward: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != q.device:
+            raise LaunchError(f"attention_backward: {name} is {tuple(t.shape)} {t.dtype} on {t.device}; expected "
+                              f"{tuple(shape)} {dtype} on {q.device}")
+
+
 def default_config(D: int, causal: bool, device_type: str) -> dict[str, dict]:
     """Per-kernel block shapes (tuned ones come from the tuner's cache)."""
     if device_type != "cuda":
@@ -211,6 +225,10 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
 
     check_attention_args("attention_backward", q, k, v, scale)
     B, H, Nq, D = q.shape
+    _check_saved(q, o, lse, do)
+    unknown = set(config or {}) - {"delta", "dkdv", "dq"}
+    if unknown:
+        raise LaunchError(f"attention_backward: config has {sorted(unknown)}; its kernels are delta, dkdv and dq")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     sig = f"{str(q.dtype).removeprefix('torch.')}-D{D}-{'causal' if causal else 'full'}"
     defaults = default_config(D, causal, q.device.type)

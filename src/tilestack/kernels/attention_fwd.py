@@ -14,6 +14,7 @@ The log-sum-exp (natural log, per query row, f32) is saved for the backward.
 from __future__ import annotations
 
 import math
+import numbers
 
 import tilestack.lang as ts
 from tilestack.tune.lookup import launch_config
@@ -150,8 +151,9 @@ def check_attention_args(fn: str, q, k, v, scale) -> None:
                           "K/V heads (GQA/MQA)")
     if D not in SUPPORTED_HEAD_DIMS:
         raise LaunchError(f"{fn}: head dim D={D} is not supported; expected one of {SUPPORTED_HEAD_DIMS}")
-    if scale is not None and not (isinstance(scale, int | float) and scale > 0):
-        raise LaunchError(f"{fn}: scale must be a positive number or None, got {scale!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                              or not math.isfinite(scale) or scale <= 0):
+        raise LaunchError(f"{fn}: scale must be a positive number or None, got {scale!r} (finite, not a bool)")
 
 
 def default_config(D: int, causal: bool, device_type: str) -> dict:
