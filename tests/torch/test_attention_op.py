@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import tilestack
+import tilestack.torch  # noqa: F401 - registers the tilestack:: ops that opcheck looks up
 from tilestack import config
 from tilestack.errors import LaunchError
 

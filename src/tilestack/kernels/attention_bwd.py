@@ -40,6 +40,27 @@ def attention_bwd_delta_kernel(O, dO, Delta, *, D: int,
     ts.store(Delta, delta, at=(b, h, i))
 
 
+def _probabilities(s, q, k, lse, qk_scale, *, masked: bool, diagonal):
+    """s = P = exp2(q k^T * qk_scale - lse) for one (query block, key block) pair, exactly as the forward
+    normalised it; ``diagonal`` (= i*BM - j*BN) masks the causal diagonal when ``masked``."""
+    ts.zero(s)
+    ts.mma_ABt(s, q, k, s)                       # (BM, BN) = q @ k.T
+    ts.mul(s, s, qk_scale)
+    if masked:
+        ts.make_causal(s, s, diagonal)
+    ts.sub_row(s, s, lse)                        # lse in the log2 domain
+    ts.exp2(s, s)
+
+
+def _score_grad(ds, dp, p, do, v, delta):
+    """ds = dS = P * (dO V^T - delta), in the input dtype for the matrix unit (dp is f32 scratch)."""
+    ts.zero(dp)
+    ts.mma_ABt(dp, do, v, dp)                    # (BM, BN) = dO @ V^T
+    ts.sub_row(dp, dp, delta)
+    ts.mul(dp, dp, p)
+    ts.copy(ds, dp)
+
+
 def _dkdv_block(i, h, *, b, q, do, lse, delta, k, v, s, dp, p, ds, dk, dv, Q, dO, LSE, Delta, qk_scale,
                 masked: bool, j, BM: int, BN: int):
     """Query block i of query head h against this program's key block j."""
@@ -48,20 +69,10 @@ def _dkdv_block(i, h, *, b, q, do, lse, delta, k, v, s, dp, p, ds, dk, dv, Q, dO
     ts.load(lse, LSE, at=(b, h, i))              # (BM,) natural log
     ts.load(delta, Delta, at=(b, h, i))          # (BM,)
     ts.mul(lse, lse, LOG2E)
-    ts.zero(s)
-    ts.mma_ABt(s, q, k, s)                       # (BM, BN) = q @ k.T
-    ts.mul(s, s, qk_scale)
-    if masked:
-        ts.make_causal(s, s, i * BM - j * BN)
-    ts.sub_row(s, s, lse)
-    ts.exp2(s, s)                                # P, exactly as the forward normalised it
+    _probabilities(s, q, k, lse, qk_scale, masked=masked, diagonal=i * BM - j * BN)
     ts.copy(p, s)
     ts.mma_AtB(dv, p, do, dv)                    # (BN, D) += P^T dO
-    ts.zero(dp)
-    ts.mma_ABt(dp, do, v, dp)                    # (BM, BN) = dO @ V^T
-    ts.sub_row(dp, dp, delta)
-    ts.mul(dp, dp, s)                            # dS = P * (dP - delta)
-    ts.copy(ds, dp)
+    _score_grad(ds, dp, s, do, v, delta)
     ts.mma_AtB(dk, ds, q, dk)                    # (BN, D) += dS^T Q
 
 
@@ -123,20 +134,11 @@ def attention_bwd_dkdv_kernel(Q, K, V, dO, LSE, Delta, dK, dV, scale: float, *,
 
 def _dq_block(j, *, b, hk, q, do, lse, delta, k, v, s, dp, ds, dq, K, V, qk_scale, masked: bool, i,
               BM: int, BN: int):
+    """This program's query block i against key block j."""
     ts.load(k, K, at=(b, hk, j, 0))              # (BN, D)
     ts.load(v, V, at=(b, hk, j, 0))              # (BN, D)
-    ts.zero(s)
-    ts.mma_ABt(s, q, k, s)                       # (BM, BN)
-    ts.mul(s, s, qk_scale)
-    if masked:
-        ts.make_causal(s, s, i * BM - j * BN)
-    ts.sub_row(s, s, lse)
-    ts.exp2(s, s)                                # P
-    ts.zero(dp)
-    ts.mma_ABt(dp, do, v, dp)                    # dO @ V^T
-    ts.sub_row(dp, dp, delta)
-    ts.mul(dp, dp, s)                            # dS
-    ts.copy(ds, dp)
+    _probabilities(s, q, k, lse, qk_scale, masked=masked, diagonal=i * BM - j * BN)
+    _score_grad(ds, dp, s, do, v, delta)
     ts.mma_AB(dq, ds, k, dq)                     # (BM, D) += dS @ K
 
 
