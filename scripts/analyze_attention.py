@@ -87,7 +87,8 @@ def ncu_metrics(target: str, D: int, causal: bool, regex: str) -> dict[str, str]
 
 KEEP = ("Duration", "Compute (SM) Throughput", "Memory Throughput", "DRAM Throughput", "Registers Per Thread",
         "Achieved Occupancy", "Theoretical Occupancy", "Issue Slots Busy", "Executed Ipc Active",
-        "No Eligible", "Active Warps Per Scheduler", "Eligible Warps Per Scheduler", "Warp Cycles Per Issued Instruction")
+        "No Eligible", "Active Warps Per Scheduler", "Eligible Warps Per Scheduler",
+        "Warp Cycles Per Issued Instruction")
 
 
 def main():

@@ -27,7 +27,8 @@ def main(path: str) -> None:
             bar = BARS.get((pass_, r["D"]))   # the issue sets no bar at hd256
             mark = ("met" if r["vs_fa2"] >= bar else "**missed**") if bar and r["N"] >= 4096 else "-"
             print(f"| {r['D']} | {r['N']} | {'yes' if r['causal'] else 'no'} | {t['tilestack']:.0f} | {t['fa2']:.0f} | "
-                  f"{t['cudnn']:.0f} | {r['vs_fa2']:.2f} | {r['vs_cudnn']:.2f} | {bar or ''} {mark} | {r['err_vs_fa2']:.1e} |")
+                  f"{t['cudnn']:.0f} | {r['vs_fa2']:.2f} | {r['vs_cudnn']:.2f} | {bar or ''} {mark} | "
+                  f"{r['err_vs_fa2']:.1e} |")
         print()
 
 

@@ -88,7 +88,8 @@ def run_suite(*, full: bool = True, only: list[str] | None = None, store: bool =
     rows: list[BenchRow] = []
     st = perf.Store() if store else None
     try:
-        run_id = st.start_run(device=dev, ceilings=ceil, label="tilestack bench", command="tilestack bench") if st else None
+        run_id = (st.start_run(device=dev, ceilings=ceil, label="tilestack bench", command="tilestack bench")
+                  if st else None)
         for case in report.track(suite, description=f"bench on {label}", total=len(suite)):
             rows.append(run_case(case, dev, ceil, st, run_id))
     finally:

@@ -21,7 +21,8 @@ class Op(enum.Enum):
     FILL = "fill"                # () -> tile                        attrs: value
     UNARY = "unary"              # (x) -> tile                       attrs: fn in UNARY_FNS
     BINARY = "binary"            # (x, y) -> tile  (y a tile, or a scalar broadcast)   attrs: fn in BINARY_FNS
-    BROADCAST = "broadcast"      # (x, v) -> tile                    attrs: fn, axis ("row": v[r] to row r; "col": v[c] to col c)
+    BROADCAST = "broadcast"      # (x, v) -> tile                    attrs: fn, axis
+    #                              ("row": v[r] applies to row r; "col": v[c] to column c)
     CAST = "cast"                # (x) -> tile of another dtype or space (also register <-> shared copies)
     REDUCE = "reduce"            # (x[, acc]) -> vec                 attrs: fn in ("max", "min", "sum"), axis
     MASK = "mask"                # (x, k) -> tile                    attrs: kind in MASK_KINDS, value

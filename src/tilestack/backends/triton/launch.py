@@ -15,7 +15,6 @@ import tempfile
 from tilestack.backends.triton.codegen import generate
 from tilestack.config import knobs
 from tilestack.errors import BackendError, LaunchError
-from tilestack.ir.types import GlobalType
 
 LAUNCH_OPTIONS = ("num_warps", "num_stages")   # constants the backend reads as launch options
 
