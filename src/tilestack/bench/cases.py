@@ -23,6 +23,8 @@ from tilestack.kernels import (
     softmax,
     softmax_kernel,
 )
+from tilestack.kernels.gemm import gemm_config
+from tilestack.kernels.softmax import row_config
 from tilestack.perf import formulas
 from tilestack.tune.lookup import launch_config
 
@@ -201,11 +203,13 @@ def attention_case(device: str, B: int, H: int, N: int, D: int, causal: bool, co
 
 def cases(device: str, full: bool = True) -> list[Case]:
     """The suite: full sizes on a GPU; small sizes on a CPU (Triton's interpreter is slow)."""
+    import torch
+
     if device == "cuda" and full:
         return [
-            gemm_case(device, 4096, 4096, 4096, {}),
-            softmax_case(device, 8192, 8192, {"BM": 1, "BN": 8192, "num_warps": 8}),
-            layer_norm_case(device, 8192, 8192, {"BM": 1, "BN": 8192, "num_warps": 8}),
+            gemm_case(device, 4096, 4096, 4096, gemm_config(4096, 4096, 4096, torch.bfloat16, device)),
+            softmax_case(device, 8192, 8192, row_config(8192, device)),
+            layer_norm_case(device, 8192, 8192, row_config(8192, device)),
             attention_case(device, 4, 16, 4096, 128, False, {}),
             attention_case(device, 4, 16, 4096, 128, True, {}),
             attention_case(device, 8, 32, 2048, 64, False, {}),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tilestack.lang as ts
 from tilestack.kernels._checks import check_same_device, check_tensor
+from tilestack.tune.lookup import launch_config
 
 
 def _grid(A, B, BM, BN):
@@ -73,5 +74,12 @@ def gemm(a, b, *, out=None, backend: str | None = None, **config):
     check_same_device("gemm", a=a, b=b, out=out)
     if out is None:
         out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
-    gemm_kernel(a, b, out, backend=backend, **config)
+    cfg = gemm_config(a.shape[0], b.shape[1], a.shape[1], a.dtype, a.device) | config
+    gemm_kernel(a, b, out, backend=backend, **cfg)
     return out
+
+
+def gemm_config(m: int, n: int, k: int, dtype, device) -> dict:
+    """The tuned config for this size (tilestack.tune's tables, by the largest dimension), else the default."""
+    sig = str(dtype).removeprefix("torch.")
+    return launch_config("gemm", sig, device, max(m, n, k), {})

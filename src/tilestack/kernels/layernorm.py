@@ -1,4 +1,6 @@
 """Layer norm forward over the last dim of a 2-D tensor, any width; saves mean and 1/std for a backward.
+A row that fits one tile (``ONE_TILE``) is read once; a wider one takes three passes (mean, variance about the
+mean, normalise).
 
     y, mean, rstd = tilestack.kernels.layer_norm(x, weight, bias, eps=1e-5)
 """
@@ -7,19 +9,47 @@ from __future__ import annotations
 
 import tilestack.lang as ts
 from tilestack.kernels._checks import check_same_device, check_tensor
+from tilestack.kernels.softmax import row_config
 
 
 @ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))
 def layer_norm_kernel(X, W, B, Y, Mean, Rstd, eps: float, *,
                       BM: int = ts.tunable(4, (1, 2, 4, 8, 16)),
                       BN: int = ts.tunable(1024, (128, 256, 512, 1024, 2048, 4096, 8192, 16384)),
-                      num_warps: int = ts.tunable(4, (2, 4, 8)),
-                      num_stages: int = ts.tunable(1, (1, 2))):
+                      num_warps: int = ts.tunable(4, (2, 4, 8, 16)),
+                      num_stages: int = ts.tunable(1, (1, 2)),
+                      ONE_TILE: bool = False):
     i = ts.block_id(0)
     N = X.shape[1]
     x = ts.RegTile[ts.f32, BM, BN]()
     mean = ts.RegVec[ts.f32, BM]()
     var = ts.RegVec[ts.f32, BM]()
+    rstd = ts.RegVec[ts.f32, BM]()
+    w = ts.RegVec[ts.f32, BN]()
+    b = ts.RegVec[ts.f32, BN]()
+    y = ts.RegTile[Y.dtype, BM, BN]()
+    if ONE_TILE:                                 # the whole row in registers: one read of x, one write of y
+        sq = ts.RegTile[ts.f32, BM, BN]()
+        ts.load(x, X, at=(i, 0))                 # (BM, BN); past N reads zero
+        ts.row_sum(mean, x)
+        ts.div(mean, mean, N * 1.0)
+        ts.sub_row(x, x, mean)
+        ts.right_fill(x, x, N, 0.0)              # the padding must not count in the variance
+        ts.mul(sq, x, x)
+        ts.row_sum(var, sq)
+        ts.div(var, var, N * 1.0)
+        ts.add(rstd, var, eps)
+        ts.rsqrt(rstd, rstd)
+        ts.load(w, W, at=(0,))
+        ts.load(b, B, at=(0,))
+        ts.mul_row(x, x, rstd)
+        ts.mul_col(x, x, w)
+        ts.add_col(x, x, b)
+        ts.copy(y, x)
+        ts.store(Y, y, at=(i, 0))
+        ts.store(Mean, mean, at=(i,))
+        ts.store(Rstd, rstd, at=(i,))
+        return
     ts.zero(mean)
     ts.zero(var)
     for j in ts.range(ts.cdiv(N, BN)):          # pass 1: mean (edges load as zero)
@@ -33,12 +63,8 @@ def layer_norm_kernel(X, W, B, Y, Mean, Rstd, eps: float, *,
         ts.mul(x, x, x)
         ts.row_sum(var, x, var)
     ts.div(var, var, N * 1.0)
-    rstd = ts.RegVec[ts.f32, BM]()
     ts.add(rstd, var, eps)
     ts.rsqrt(rstd, rstd)
-    w = ts.RegVec[ts.f32, BN]()
-    b = ts.RegVec[ts.f32, BN]()
-    y = ts.RegTile[Y.dtype, BM, BN]()
     for j in ts.range(ts.cdiv(N, BN)):          # pass 3: y = (x - mean) * rstd * w + b
         ts.load(x, X, at=(i, j))
         ts.load(w, W, at=(j,))
@@ -75,5 +101,6 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, *, backend: str | None = None
     y = torch.empty_like(x)
     mean = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    layer_norm_kernel(x, weight, bias, y, mean, rstd, float(eps), backend=backend, **config)
+    cfg = row_config(x.shape[1], x.device.type) | config
+    layer_norm_kernel(x, weight, bias, y, mean, rstd, float(eps), backend=backend, **cfg)
     return y, mean, rstd

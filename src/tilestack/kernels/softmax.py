@@ -1,4 +1,5 @@
-"""Row softmax of a 2-D tensor, any width: one pass for the running max and sum (online), one to write.
+"""Row softmax of a 2-D tensor, any width. A row that fits one tile (``ONE_TILE``) is read once and written once;
+a wider one takes a pass for the running max and sum (online softmax), then a pass to write.
 
     y = tilestack.kernels.softmax(x)       # softmax over the last dim, x's dtype, f32 arithmetic
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 import math
 
 import tilestack.lang as ts
-from tilestack.kernels._checks import check_same_device, check_tensor
+from tilestack.kernels._checks import check_same_device, check_tensor, next_pow2
 
 LOG2E = math.log2(math.e)
 
@@ -17,11 +18,27 @@ LOG2E = math.log2(math.e)
 def softmax_kernel(X, Y, *,
                    BM: int = ts.tunable(4, (1, 2, 4, 8, 16)),
                    BN: int = ts.tunable(1024, (128, 256, 512, 1024, 2048, 4096, 8192, 16384)),
-                   num_warps: int = ts.tunable(4, (2, 4, 8)),
-                   num_stages: int = ts.tunable(1, (1, 2))):
+                   num_warps: int = ts.tunable(4, (2, 4, 8, 16)),
+                   num_stages: int = ts.tunable(1, (1, 2)),
+                   ONE_TILE: bool = False):
     i = ts.block_id(0)
     N = X.shape[1]
     x = ts.RegTile[ts.f32, BM, BN]()
+    if ONE_TILE:                                 # the whole row in registers: one read, one write
+        m1 = ts.RegVec[ts.f32, BM]()
+        l1 = ts.RegVec[ts.f32, BM]()
+        y1 = ts.RegTile[Y.dtype, BM, BN]()
+        ts.load(x, X, at=(i, 0))                 # (BM, BN)
+        ts.mul(x, x, LOG2E)
+        ts.right_fill(x, x, N, -math.inf)
+        ts.row_max(m1, x)
+        ts.sub_row(x, x, m1)
+        ts.exp2(x, x)
+        ts.row_sum(l1, x)
+        ts.div_row(x, x, l1)
+        ts.copy(y1, x)
+        ts.store(Y, y1, at=(i, 0))
+        return
     m = ts.RegVec[ts.f32, BM]()
     m_new = ts.RegVec[ts.f32, BM]()
     alpha = ts.RegVec[ts.f32, BM]()
@@ -69,5 +86,18 @@ def softmax(x, *, out=None, backend: str | None = None, **config):
             raise LaunchError(f"softmax: out is {tuple(out.shape)}; expected x's shape {tuple(x.shape)}")
     check_same_device("softmax", x=x, out=out)
     out = torch.empty_like(x) if out is None else out
-    softmax_kernel(x, out, backend=backend, **config)
+    softmax_kernel(x, out, backend=backend, **(row_config(x.shape[1], x.device.type) | config))
     return out
+
+
+MAX_ONE_TILE = 16384   # widest row kept whole in registers (f32: 64 KB a row over the program's threads)
+
+
+def row_config(n: int, device_type: str) -> dict:
+    """Launch config for rows of width ``n``: the whole row in one tile where it fits (GPU)."""
+    if device_type != "cuda":
+        return {}
+    width = next_pow2(n)
+    if width <= MAX_ONE_TILE:
+        return dict(BM=1, BN=max(width, 128), ONE_TILE=True, num_warps=min(16, max(4, width // 1024)))
+    return dict(BM=1, BN=4096, num_warps=8)
