@@ -46,3 +46,23 @@ def test_row_config_keeps_rows_whole_on_a_gpu_only():
     assert row_config(300, "cuda") == dict(BM=1, BN=512, ONE_TILE=True, num_warps=4)
     assert row_config(8192, "cuda")["ONE_TILE"] and row_config(8192, "cuda")["BN"] == 8192
     assert "ONE_TILE" not in row_config(100_000, "cuda")
+
+
+def test_one_tile_follows_the_final_block_width():
+    from tilestack.kernels.softmax import resolve_row_config
+
+    # an explicit narrow BN on a GPU turns the automatic one-tile path off (the row no longer fits)
+    assert resolve_row_config("softmax", 300, "cuda", dict(BM=4, BN=128))["ONE_TILE"] is False
+    assert resolve_row_config("softmax", 300, "cuda", {})["ONE_TILE"] is True
+    assert resolve_row_config("softmax", 300, "cpu", {})["ONE_TILE"] is False
+
+
+def test_one_tile_with_a_narrow_tile_is_refused():
+    from tilestack.errors import LaunchError
+    from tilestack.kernels import layer_norm, softmax
+
+    x = torch.randn(4, 300)
+    with pytest.raises(LaunchError, match="ONE_TILE=True needs BN >= the row width 300; got BN=128"):
+        softmax(x, ONE_TILE=True, BN=128)
+    with pytest.raises(LaunchError, match="ONE_TILE=True needs BN"):
+        layer_norm(x, torch.ones(300), torch.zeros(300), ONE_TILE=True, BN=256)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tilestack.lang as ts
 from tilestack.kernels._checks import check_same_device, check_tensor
-from tilestack.kernels.softmax import row_config
+from tilestack.kernels.softmax import resolve_row_config
 
 
 @ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))
@@ -19,6 +19,7 @@ def layer_norm_kernel(X, W, B, Y, Mean, Rstd, eps: float, *,
                       num_warps: int = ts.tunable(4, (2, 4, 8, 16)),
                       num_stages: int = ts.tunable(1, (1, 2)),
                       ONE_TILE: bool = False):
+    # ONE_TILE needs BN >= the row width (checked by layer_norm(), as for softmax)
     i = ts.block_id(0)
     N = X.shape[1]
     x = ts.RegTile[ts.f32, BM, BN]()
@@ -101,6 +102,6 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, *, backend: str | None = None
     y = torch.empty_like(x)
     mean = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    cfg = row_config(x.shape[1], x.device.type) | config
+    cfg = resolve_row_config("layer_norm", x.shape[1], x.device.type, config)
     layer_norm_kernel(x, weight, bias, y, mean, rstd, float(eps), backend=backend, **cfg)
     return y, mean, rstd

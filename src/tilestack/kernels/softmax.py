@@ -21,6 +21,8 @@ def softmax_kernel(X, Y, *,
                    num_warps: int = ts.tunable(4, (2, 4, 8, 16)),
                    num_stages: int = ts.tunable(1, (1, 2)),
                    ONE_TILE: bool = False):
+    # ONE_TILE: the row is read once into one (BM, BN) tile; it needs BN >= the row width, which the public
+    # function checks (the kernel cannot: the width is known only at run time)
     i = ts.block_id(0)
     N = X.shape[1]
     x = ts.RegTile[ts.f32, BM, BN]()
@@ -86,8 +88,22 @@ def softmax(x, *, out=None, backend: str | None = None, **config):
             raise LaunchError(f"softmax: out is {tuple(out.shape)}; expected x's shape {tuple(x.shape)}")
     check_same_device("softmax", x=x, out=out)
     out = torch.empty_like(x) if out is None else out
-    softmax_kernel(x, out, backend=backend, **(row_config(x.shape[1], x.device.type) | config))
+    softmax_kernel(x, out, backend=backend, **resolve_row_config("softmax", x.shape[1], x.device.type, config))
     return out
+
+
+def resolve_row_config(fn: str, n: int, device_type: str, config: dict) -> dict:
+    """The automatic row config with the caller's choices on top; ``ONE_TILE`` follows the final BN (a tile
+    narrower than the row cannot hold it whole), and asking for it with too narrow a tile is an error."""
+    if config.get("ONE_TILE"):
+        bn = config.get("BN", row_config(n, device_type).get("BN", 0))
+        if bn < n:
+            from tilestack.errors import LaunchError
+            raise LaunchError(f"{fn}: ONE_TILE=True needs BN >= the row width {n}; got BN={bn}")
+    cfg = row_config(n, device_type) | config
+    if "ONE_TILE" not in config:
+        cfg["ONE_TILE"] = cfg.get("BN", 0) >= n and cfg.get("ONE_TILE", False)
+    return cfg
 
 
 MAX_ONE_TILE = 16384   # widest row kept whole in registers (f32: 64 KB a row over the program's threads)
