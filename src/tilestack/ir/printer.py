@@ -10,7 +10,8 @@ from tilestack.ir.ops import Op
 
 
 def _attrs(ins: Instr) -> str:
-    keep = {k: v for k, v in ins.attrs.items() if k not in ("name", "index") and v is not None}
+    # "dst" is the tracer's tile-handle id (footprints count tiles by it): internal, not shown
+    keep = {k: v for k, v in ins.attrs.items() if k not in ("name", "index", "dst") and v is not None}
     return " " + " ".join(f"{k}={v}" for k, v in keep.items()) if keep else ""
 
 
