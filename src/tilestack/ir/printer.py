@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from tilestack.ir.nodes import Block, Instr, KernelIR, Value
+from tilestack.ir.nodes import Block, Instr, KernelIR
 from tilestack.ir.ops import Op
 
 
@@ -42,10 +42,6 @@ def format_kernel(kernel: KernelIR) -> str:
     params = ", ".join(f"{p.name}: {p.type}" for p in kernel.params)
     consts = ", ".join(f"{k}={v}" for k, v in kernel.constants.items())
     out = [f"kernel {kernel.name}({params}) [{consts}]",
-           f"  grid = ({', '.join(_ref(g) for g in kernel.grid)})"]
+           f"  grid = ({', '.join(repr(g) for g in kernel.grid)})"]
     _block(kernel.body, 1, out)
     return "\n".join(out)
-
-
-def _ref(v: Value) -> str:
-    return repr(v)

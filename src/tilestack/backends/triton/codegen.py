@@ -130,9 +130,6 @@ class _Emitter:
         ptr = f"{base} + " + " + ".join(offs)
         return ptr, " & ".join(masks)
 
-    def scalar(self, v: Value) -> str:
-        return self.name(v)
-
     def descriptor(self, g: Value, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
         """The TMA descriptor parameter for whole-tile accesses of ``shape`` into ``g`` (made on the host)."""
         block = (1,) * (g.type.rank - len(shape)) + tuple(shape)

@@ -142,7 +142,7 @@ _tma_capability: bool | None = None
 
 
 def _tma_capable() -> bool:
-    """Hopper or newer (the copy engine); set once, with the allocator Triton's descriptors may need."""
+    """Whether this GPU has the copy engine (Hopper or newer); read once."""
     global _tma_capability
     if _tma_capability is None:
         import torch
