@@ -181,19 +181,21 @@ def main(argv=None):
     p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     p.add_argument("--tune", action="store_true", help="sweep block configs per shape; keep the best")
     p.add_argument("--backward", action="store_true", help="also time the backward")
+    p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     p.add_argument("--no-forward", action="store_true", help="time only the backward")
     p.add_argument("--out", type=Path, default=None, help="folder for results.json")
     a = p.parse_args(argv)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     dev = torch.cuda.get_device_name()
-    log(f"device: {dev}; torch {torch.__version__}")
+    dtype = getattr(torch, a.dtype)
+    log(f"device: {dev}; torch {torch.__version__}; {a.dtype}")
     spin_up()
     # float64 check at a modest ragged size, GQA, both masks
     for D in a.dims:
         for causal in (False, True):
-            q = torch.randn(2, 4, 1000, D, device="cuda", dtype=torch.bfloat16)
-            k = torch.randn(2, 2, 1100, D, device="cuda", dtype=torch.bfloat16)
-            v = torch.randn(2, 2, 1100, D, device="cuda", dtype=torch.bfloat16)
+            q = torch.randn(2, 4, 1000, D, device="cuda", dtype=dtype)
+            k = torch.randn(2, 2, 1100, D, device="cuda", dtype=dtype)
+            v = torch.randn(2, 2, 1100, D, device="cuda", dtype=dtype)
             o, lse = attention_fwd.attention_forward(q, k, v, causal)
             ro, rlse = attention_fwd.reference(q, k, v, causal)
             do = torch.randn_like(q)
@@ -209,7 +211,7 @@ def main(argv=None):
     causals = {"both": (False, True), "yes": (True,), "no": (False,)}[a.causal]
     for D, N, causal in itertools.product(a.dims, a.seqs, causals):
         B, H = TOKENS // N, HIDDEN // D
-        q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=dtype) for _ in range(3))
         if a.backward:
             rows.append(backward_row(q, k, v, B, H, N, D, causal, a.tune, log))
         if a.no_forward:
@@ -236,9 +238,9 @@ def main(argv=None):
         if TUNED:   # the table tilestack ships (src/tilestack/tune/tables/) is this file, reviewed
             slug = torch.cuda.get_device_name().lower().replace(" ", "-")
             (a.out / f"attention_{slug}.json").write_text(json.dumps(TUNED, indent=1, sort_keys=True))
-        (a.out / "attention_results.json").write_text(json.dumps(dict(device=dev, torch=torch.__version__,
+        (a.out / "attention_results.json").write_text(json.dumps(dict(device=dev, torch=torch.__version__, dtype=a.dtype,
                                                                       rows=rows), indent=1))
-    print(f"\nattention, bf16, {dev}, TFLOP/s (forward 4BHN^2D, causal halved; backward 2.5x forward)")
+    print(f"\nattention, {a.dtype}, {dev}, TFLOP/s (forward 4BHN^2D, causal halved; backward 2.5x forward)")
     print(f"{'pass':>4} {'D':>4} {'N':>6} {'causal':>6} | {'tilestack':>9} {'FA2':>6} {'cuDNN':>6} | "
           f"{'/FA2':>5} {'/cuDNN':>6} | config")
     for r in rows:
