@@ -24,11 +24,20 @@ def device_name(device) -> str:
     return "cpu"
 
 
+# Signatures that tune alike: fp16 and bf16 tiles have the same size, so one's table serves the other.
+SAME_SHAPE = {"float16": "bfloat16", "bfloat16": "float16"}
+
+
 def launch_config(kernel: str, signature: str, device, n: int, default: dict) -> dict:
+    """The tuned config for this signature (or a same-shape one: fp16 for bf16 and back), else ``default``."""
     if getattr(device, "type", device) != "cuda":
         return dict(default)
-    tuned = _cache().get(kernel, signature, device_name(device), size_bucket(n))
-    return dict(default) if tuned is None else {**default, **tuned}
+    dtype, _, rest = signature.partition("-")
+    for sig in (signature, "-".join(filter(None, (SAME_SHAPE.get(dtype, dtype), rest)))):
+        tuned = _cache().get(kernel, sig, device_name(device), size_bucket(n))
+        if tuned is not None:
+            return {**default, **tuned}
+    return dict(default)
 
 
 def reload() -> None:
