@@ -46,6 +46,18 @@ def _axes_plot(ax, runs: dict[str, History], metric: str, title: str) -> None:
     ax.legend(fontsize=8)
 
 
+def _save(fig, path: str | Path) -> Path:
+    """Lay out, write as PNG (making the folder), and close ``fig``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_rounds(runs: dict[str, History], metric: str, path: str | Path, *, title: str = "") -> Path:
     """One line per run of ``metric`` against the round; written to ``path`` (PNG)."""
     import matplotlib
@@ -55,12 +67,7 @@ def plot_rounds(runs: dict[str, History], metric: str, path: str | Path, *, titl
 
     fig, ax = plt.subplots(figsize=(6, 4))
     _axes_plot(ax, runs, metric, title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_grid(panels: dict[str, dict[str, History]], metrics: list[str], path: str | Path) -> Path:
@@ -74,9 +81,4 @@ def plot_grid(panels: dict[str, dict[str, History]], metrics: list[str], path: s
     for j, (panel, runs) in enumerate(panels.items()):
         for i, metric in enumerate(metrics):
             _axes_plot(axes[i][j], runs, metric, panel)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
