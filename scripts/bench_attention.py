@@ -238,8 +238,8 @@ def main(argv=None):
         if TUNED:   # the table tilestack ships (src/tilestack/tune/tables/) is this file, reviewed
             slug = torch.cuda.get_device_name().lower().replace(" ", "-")
             (a.out / f"attention_{slug}.json").write_text(json.dumps(TUNED, indent=1, sort_keys=True))
-        (a.out / "attention_results.json").write_text(json.dumps(dict(device=dev, torch=torch.__version__, dtype=a.dtype,
-                                                                      rows=rows), indent=1))
+        results = dict(device=dev, torch=torch.__version__, dtype=a.dtype, rows=rows)
+        (a.out / "attention_results.json").write_text(json.dumps(results, indent=1))
     print(f"\nattention, {a.dtype}, {dev}, TFLOP/s (forward 4BHN^2D, causal halved; backward 2.5x forward)")
     print(f"{'pass':>4} {'D':>4} {'N':>6} {'causal':>6} | {'tilestack':>9} {'FA2':>6} {'cuDNN':>6} | "
           f"{'/FA2':>5} {'/cuDNN':>6} | config")
