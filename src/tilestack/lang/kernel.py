@@ -24,6 +24,9 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+
+from tilestack.config import knobs
 from tilestack.errors import LaunchError, TraceError, TunableError
 from tilestack.ir.cost import Cost, grid_of, grid_plan, kernel_cost
 from tilestack.ir.nodes import KernelIR, Param
@@ -32,6 +35,28 @@ from tilestack.ir.types import FLOAT, INDEX, DType, GlobalType, dtype_of_torch
 from tilestack.ir.verify import verify
 from tilestack.lang.tiles import GlobalTensor, Scalar, as_scalar
 from tilestack.lang.trace import Tracer, set_current, user_line
+
+MAX_LAUNCHERS = 4096   # launch signatures remembered per kernel
+
+
+def launch_key(args: Sequence) -> tuple:
+    """What a launch is specialized for: per tensor its dtype, shape, strides, device and whether its address is
+    16-byte aligned (Triton specializes on that); per number its type and, for ints, what Triton specializes
+    on (== 1, divisible by 16, fits in 32 bits). Everything a launch checks or derives is a function of this."""
+    return tuple((a.dtype, a.shape, a.stride(), a.device, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
+                 else (int, a == 1, a % 16 == 0, -_I32 <= a < _I32) if type(a) is int
+                 else type(a) for a in args)
+
+
+_I32 = 2**31
+
+
+def remember(cache: dict, key, value):
+    """``cache[key] = value``, emptying the cache first when it is full; returns ``value``."""
+    if len(cache) >= MAX_LAUNCHERS:   # shapes that never repeat must not grow it forever
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 class Global:
@@ -88,7 +113,7 @@ class Kernel:
             else:
                 raise TraceError(f"kernel {self.name}: *args/**kwargs are not kernel parameters", self.where)
         self._traced: dict[tuple, TracedKernel] = {}
-        self._by_fast_key: dict[tuple, TracedKernel] = {}
+        self._launchers: dict[tuple, Callable] = {}   # launch key -> prebuilt launcher (see __call__)
         functools.update_wrapper(self, fn)
 
     @property
@@ -149,18 +174,24 @@ class Kernel:
         return self._traced[key]
 
     def __call__(self, *args, backend: str | None = None, **consts):
-        # the launch path: a cheap key (dtypes, ranks, constants) before the full signature and domain checks
+        """Launch on ``backend`` (default: ``tilestack.backends.pick_backend``). The hot path is one key and one
+        dictionary lookup: a launch signature seen before goes straight to its prebuilt launcher, skipping the
+        trace, the constant and argument checks, and the backend's preparation (all done on the first call)."""
+        return self.launcher_for(args, backend, **consts)(args)
+
+    def launcher_for(self, args: Sequence, backend: str | None = None, **consts) -> Callable:
+        """The prebuilt launcher for the launch signature of ``args`` (``launcher(args)`` launches). A library
+        function that launches the same signature many times can keep it and skip even the key."""
         try:
-            fast = (tuple((a.dtype, a.dim()) if hasattr(a, "dim") else type(a) for a in args),
-                    tuple(consts.items()))
-            traced = self._by_fast_key.get(fast)
-        except TypeError:   # an unhashable constant: take the long way
-            fast, traced = None, None
-        if traced is None:
-            traced = self.trace(*args, **consts)
-            if fast is not None:
-                self._by_fast_key[fast] = traced
-        return traced.run(*args, backend=backend)
+            key = (launch_key(args), tuple(consts.items()), backend, knobs.backend, knobs.triton_interpret)
+            launcher = self._launchers.get(key)
+        except TypeError:   # an unhashable constant or an argument no launch accepts: the checked way
+            key, launcher = None, None
+        if launcher is None:
+            launcher = self.trace(*args, **consts).launcher(args, backend)
+            if key is not None:
+                remember(self._launchers, key, launcher)
+        return launcher
 
     def _trace(self, sig: tuple, consts: dict[str, Any]) -> KernelIR:
         tr = Tracer()
@@ -221,6 +252,7 @@ class TracedKernel:
         self.constants = constants
         self.ir = ir
         self._compiled: dict[str, Any] = {}
+        self._launchers: dict[tuple, Callable] = {}
         self._grid_plan = grid_plan(ir)
         grid_args = {ins.attrs["index"] for ins in self._grid_plan if ins.op is Op.ARG}
         self._grid_globals = [i for i in grid_args if isinstance(signature[i], tuple)]
@@ -271,11 +303,26 @@ class TracedKernel:
         from tilestack.backends import get_backend
         return get_backend(backend).source(self)
 
-    def run(self, *args, backend: str | None = None):
+    def launcher(self, args: Sequence, backend: str | None = None):
+        """The prebuilt launcher for the launch signature of ``args``: every launch-time check runs here, once
+        per signature, then the backend prepares (compiles, computes the grid and the constant arguments)."""
         from tilestack.backends import get_backend, pick_backend
+
         self.check_args(args)
         name = backend or pick_backend(args)
-        return get_backend(name).run(self, args)
+        return get_backend(name).prepare(self, args)
+
+    def run(self, *args, backend: str | None = None):
+        try:
+            key = (launch_key(args), backend, knobs.backend, knobs.triton_interpret)
+            launcher = self._launchers.get(key)
+        except TypeError:
+            key, launcher = None, None
+        if launcher is None:
+            launcher = self.launcher(args, backend)
+            if key is not None:
+                remember(self._launchers, key, launcher)
+        return launcher(args)
 
     __call__ = run
 

@@ -6,6 +6,6 @@ the CPU under Triton's interpreter.
 """
 
 from tilestack.backends.triton.codegen import source
-from tilestack.backends.triton.launch import run
+from tilestack.backends.triton.launch import prepare, run
 
-__all__ = ["run", "source"]
+__all__ = ["prepare", "run", "source"]

@@ -1,6 +1,15 @@
 """Compile the generated source with Triton and launch it: on a CUDA GPU, or on the CPU under Triton's
 interpreter (no GPU, or ``TRITON_INTERPRET=1``).
 
+    launcher = prepare(traced, args)    # once per launch signature: compile, grid, constant arguments
+    launcher(args)                      # every call: fill in pointers (and TMA descriptors), launch
+
+A launcher is built for one launch signature (see ``tilestack.lang.kernel.launch_key``: dtypes, shapes,
+strides, device, pointer alignment), so everything derived from those (the grid, the sizes and strides the
+kernel reads, whether TMA applies, Triton's specialization) is computed once. After the first GPU launch,
+which goes through Triton's JIT to compile, a call goes straight to the compiled kernel's launcher: a list
+copy, one pointer per tensor and one C call.
+
 The source is written to ``<cache_dir>/triton/<name>_<hash>.py`` and imported from there, so Triton can read
 it like any other kernel and a person can open it.
 """
@@ -42,7 +51,7 @@ def _interpret(args) -> bool:
         return True
     if devices == {"cuda"}:
         return False
-    if devices == {"cpu"} and not torch.cuda.is_available():
+    if devices <= {"cpu"} and not torch.cuda.is_available():
         return True   # no GPU here: Triton's interpreter
     raise LaunchError(f"triton backend: tensors are on {sorted(devices)}; with a CUDA GPU present they must be "
                       "on cuda (or set TRITON_INTERPRET=1 to run Triton's interpreter on CPU tensors)")
@@ -77,7 +86,7 @@ TMA_ALIGN = 16   # bytes: the copy engine needs 16-byte aligned base addresses a
 def tma_ok(t) -> bool:
     """Whether the copy engine can address tensor ``t`` in whole tiles."""
     item = t.element_size()
-    return (t.stride(-1) == 1 and t.data_ptr() % TMA_ALIGN == 0
+    return (t.stride(-1) == 1 and t.data_ptr() % TMA_ALIGN == 0 and t.numel() > 0
             and all((s * item) % TMA_ALIGN == 0 for s in t.stride()[:-1]))
 
 
@@ -90,52 +99,129 @@ def jit_function(traced, interpret: bool, tma: bool):
     return traced._compiled[key]
 
 
-def _descriptor(t, block: tuple[int, ...]):
-    """A TMA descriptor of tensor ``t``. Made per launch: a descriptor holds its tensor, so a cache of them
-    would keep every output ever launched alive."""
+def _descriptor_factory():
+    """A maker of TMA descriptors that skips TensorDescriptor's argument validation (done once, at prepare).
+
+    A descriptor is made per launch: it holds its tensor, so a cache of them would keep every output ever
+    launched alive."""
     from triton.tools.tensor_descriptor import TensorDescriptor
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block))
+
+    new = object.__new__
+
+    def make(t, shape, strides, block):
+        d = new(TensorDescriptor)
+        d.base, d.shape, d.strides, d.block_shape, d.padding = t, shape, strides, block, "zero"
+        return d
+
+    return make
 
 
-def flat_args(traced, args, low) -> list:
-    """The kernel's arguments, in the order of ``low.binding`` (only what its body reads)."""
-    out = []
-    for how in low.binding:
-        kind, i = how[0], how[1]
-        if kind == "ptr" or kind == "scalar":
-            out.append(args[i])
-        elif kind == "dim":
-            out.append(args[i].shape[how[2]])
-        elif kind == "stride":
-            out.append(args[i].stride(how[2]))
-        else:
-            out.append(_descriptor(args[i], how[2]))
-    return out
+class Launcher:
+    """Launches one traced kernel for one launch signature (see the module docstring)."""
 
+    def __init__(self, traced, args):
+        import torch
 
-def run(traced, args):
-    interpret = _interpret(args)
-    tma = (interpret or _tma_capable()) and all(tma_ok(args[i]) for i in traced.tile_globals)
-    fn, low = jit_function(traced, interpret, tma)
-    grid = traced.grid(*args)
-    if 0 in grid:
-        return None
-    options = {k: traced.constants[k] for k in LAUNCH_OPTIONS if k in traced.constants}
-    if interpret:
-        fn[grid](*flat_args(traced, args, low), **options)
-        return None
-    # every GPU launch sits in an NVTX range named by kernel and config, so Nsight tools can select it
-    import torch
-    label = traced._compiled.get("nvtx-label")
-    if label is None:
+        self.traced = traced
+        self.interpret = _interpret(args)
+        self.tma = (self.interpret or _tma_capable()) and all(tma_ok(args[i]) for i in traced.tile_globals)
+        self.fn, low = jit_function(traced, self.interpret, self.tma)
+        self.options = {k: traced.constants[k] for k in LAUNCH_OPTIONS if k in traced.constants}
+        # the grid, unless it reads a runtime scalar (then it is evaluated per call)
+        self.grid = None if traced._grid_scalars else _grid3(traced.grid(*args))
+        # the flat argument list: sizes and strides are fixed by the signature, pointers and descriptors are not
+        self.template: list = []
+        self.pointers: list[tuple[int, int]] = []          # (position in template, argument index)
+        self.descriptors: list[tuple[int, int, list, list, list]] = []   # (+ shape, strides, block)
+        for how in low.binding:
+            kind, i = how[0], how[1]
+            pos = len(self.template)
+            if kind in ("ptr", "scalar"):
+                self.pointers.append((pos, i))
+                self.template.append(None)
+            elif kind == "dim":
+                self.template.append(int(args[i].shape[how[2]]))
+            elif kind == "stride":
+                self.template.append(int(args[i].stride(how[2])))
+            else:
+                t = args[i]
+                self.descriptors.append((pos, i, list(t.shape), list(t.stride()), list(how[2])))
+                self.template.append(None)
+        self.compiled = None
+        self.device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        if self.descriptors:
+            self.make_descriptor = _descriptor_factory()
+            from triton.tools.tensor_descriptor import TensorDescriptor
+            for _, i, shape, strides, block in self.descriptors:   # validate once, with Triton's own checks
+                TensorDescriptor(args[i], shape, strides, block)
+        self.label = None
+
+    def flat(self, args) -> list:
+        out = self.template.copy()
+        for pos, i in self.pointers:
+            out[pos] = args[i]
+        for pos, i, shape, strides, block in self.descriptors:
+            out[pos] = self.make_descriptor(args[i], shape, strides, block)
+        return out
+
+    def __call__(self, args) -> None:
+        grid = self.grid or _grid3(self.traced.grid(*args))
+        if 0 in grid:
+            return
+        flat = self.flat(args)
+        if self.interpret:
+            self.fn[grid](*flat, **self.options)
+            return
+        compiled = self.compiled
+        if compiled is None:
+            self._first_launch(grid, flat)
+            return
+        import triton
+
+        rt = triton.knobs.runtime
+        if rt.launch_enter_hook is not None or rt.launch_exit_hook is not None:   # a profiler is listening
+            self.fn[grid](*flat, **self.options)
+            return
+        self._nvtx_push(self.label)
+        try:
+            compiled.run(grid[0], grid[1], grid[2], self._stream(self._device_index), compiled.function,
+                         compiled.packed_metadata, None, None, None, *flat)
+        finally:
+            self._nvtx_pop()
+
+    def _first_launch(self, grid, flat) -> None:
+        """Through Triton's JIT (which compiles and specializes), keeping the compiled kernel for later calls."""
+        import torch
+
         from tilestack.perf.nvtx import PREFIX, range_name
-        label = traced._compiled["nvtx-label"] = PREFIX + range_name(traced.name, traced.constants)
-    torch.cuda.nvtx.range_push(label)
-    try:
-        traced._compiled["triton-binary"] = fn[grid](*flat_args(traced, args, low), **options)
-    finally:
-        torch.cuda.nvtx.range_pop()
-    return None
+
+        self.label = PREFIX + range_name(self.traced.name, self.traced.constants)
+        self._nvtx_push, self._nvtx_pop = torch.cuda.nvtx.range_push, torch.cuda.nvtx.range_pop
+        self._stream = torch._C._cuda_getCurrentRawStream
+        self._device_index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        self._nvtx_push(self.label)
+        try:
+            with torch.cuda.device(self._device_index):
+                compiled = self.fn[grid](*flat, **self.options)
+        finally:
+            self._nvtx_pop()
+        self.traced._compiled["triton-binary"] = compiled
+        # the fast path needs the kernel loaded on the device the tensors live on
+        if self._device_index == torch.cuda.current_device():
+            self.compiled = compiled
+
+
+def _grid3(grid: tuple[int, ...]) -> tuple[int, int, int]:
+    return (*grid, *(1,) * (3 - len(grid)))
+
+
+def prepare(traced, args) -> Launcher:
+    return Launcher(traced, args)
+
+
+def run(traced, args) -> None:
+    """One launch, preparing it first (prefer ``prepare`` once and the launcher many times)."""
+    prepare(traced, args)(args)
 
 
 _tma_capability: bool | None = None
