@@ -1,0 +1,116 @@
+"""Rotary position embedding (RoPE, the rotate-half form of GPT-NeoX and Llama) of queries and keys in one
+launch; the backward is the same rotation by the opposite angle.
+
+    qr, kr = tilestack.kernels.rotary(q, k, cos, sin)              # q: (B, N, H, D), k: (B, N, Hkv, D)
+    dq, dk = tilestack.kernels.rotary(dqr, dkr, cos, sin, inverse=True)
+
+cos, sin: (N, D/2) f32, the angles pos * theta**(-2i/D). With x1 = x[..., :D/2] and x2 = x[..., D/2:]:
+    out1 = x1 cos - x2 sin,   out2 = x2 cos + x1 sin      (inverse: the signs of sin flipped)
+One program per (position, batch) rotates every query and key head there, reading cos and sin once.
+Inputs and outputs may be strided views (a slice of a fused qkv projection in; a (B, H, N, D) buffer seen
+as (B, N, H, D) out, so attention reads it without a transpose copy).
+"""
+
+from __future__ import annotations
+
+import tilestack.lang as ts
+from tilestack.errors import LaunchError
+from tilestack.kernels._checks import check_same_device, check_tensor, next_pow2
+
+
+def _rotate(X, O, c, s, x1, x2, t, u, o, b, n, inverse: bool) -> None:
+    """O[b, n] = X[b, n] rotated: all heads at once, as a (heads, D/2) tile per half."""
+    ts.load(x1, X, at=(b, n, 0, 0))             # (BH, HALF): x[..., :D/2]
+    ts.load(x2, X, at=(b, n, 0, 1))             # (BH, HALF): x[..., D/2:]
+    ts.mul_col(t, x2, s)
+    ts.mul_col(x2, x2, c)
+    ts.mul_col(u, x1, s)                         # x1 sin
+    ts.mul_col(x1, x1, c)
+    if inverse:
+        ts.add(x1, x1, t)
+        ts.sub(x2, x2, u)
+    else:
+        ts.sub(x1, x1, t)
+        ts.add(x2, x2, u)
+    ts.copy(o, x1)
+    ts.store(O, o, at=(b, n, 0, 0))
+    ts.copy(o, x2)
+    ts.store(O, o, at=(b, n, 0, 1))
+
+
+@ts.kernel(grid=lambda Q: (Q.shape[1], Q.shape[0]))
+def rotary_kernel(Q, K, Cos, Sin, QO, KO, *, HALF: int, BH: int, BHK: int, INVERSE: bool = False,
+                  num_warps: int = ts.tunable(4, (1, 2, 4, 8))):
+    # Q, QO: (B, N, H, 2*HALF); K, KO: (B, N, Hkv, 2*HALF); Cos, Sin: (N, HALF) f32. BH >= H, BHK >= Hkv
+    n, b = ts.block_id(0), ts.block_id(1)
+    c = ts.RegVec[ts.f32, HALF]()
+    s = ts.RegVec[ts.f32, HALF]()
+    ts.load(c, Cos, at=(n, 0))
+    ts.load(s, Sin, at=(n, 0))
+    for X, O, rows in ((Q, QO, BH), (K, KO, BHK)):
+        x1 = ts.RegTile[ts.f32, rows, HALF]()
+        x2 = ts.RegTile[ts.f32, rows, HALF]()
+        t = ts.RegTile[ts.f32, rows, HALF]()
+        u = ts.RegTile[ts.f32, rows, HALF]()
+        o = ts.RegTile[O.dtype, rows, HALF]()
+        _rotate(X, O, c, s, x1, x2, t, u, o, b, n, INVERSE)
+
+
+def reference(x, cos, sin):
+    """Plain PyTorch rotate-half RoPE of x (B, N, H, D) with cos, sin (N, D/2), in f32, returned in x's dtype."""
+    import torch
+
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    c, s = cos.float()[None, :, None, :], sin.float()[None, :, None, :]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
+def rotary_tables(n: int, d: int, theta: float = 10000.0, device=None):
+    """(cos, sin), each (n, d/2) f32: the angle of position p and frequency i is p * theta**(-2i/d)."""
+    import torch
+
+    inv_freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)   # (d/2,)
+    angles = torch.arange(n, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]   # (n, d/2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def check_rotary_args(fn: str, q, k, cos, sin) -> None:
+    import torch
+
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    check_tensor(fn, "q", q, rank=4, dtypes=floats)
+    check_tensor(fn, "k", k, rank=4, dtypes=(q.dtype,))
+    check_tensor(fn, "cos", cos, rank=2, dtypes=(torch.float32,))
+    check_tensor(fn, "sin", sin, rank=2, dtypes=(torch.float32,))
+    B, N, _, D = q.shape
+    if k.shape[0] != B or k.shape[1] != N or k.shape[3] != D:
+        raise LaunchError(f"{fn}: k is {tuple(k.shape)}; expected (B={B}, N={N}, Hkv, D={D}) to match q "
+                          f"{tuple(q.shape)}")
+    if D < 2 or D % 2 or next_pow2(D // 2) != D // 2:
+        raise LaunchError(f"{fn}: head dim D={D}; expected an even D whose half is a power of two (16..256)")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if tuple(t.shape) != (N, D // 2):
+            raise LaunchError(f"{fn}: {name} is {tuple(t.shape)}; expected (N, D/2) = {(N, D // 2)}")
+    check_same_device(fn, q=q, k=k, cos=cos, sin=sin)
+
+
+def rotary(q, k, cos, sin, *, inverse: bool = False, q_out=None, k_out=None, backend: str | None = None,
+           **config):
+    """(q, k) rotated by the angles in ``cos``/``sin`` (by minus them if ``inverse``: the backward), into
+    ``q_out``/``k_out`` if given (any strides), else new contiguous tensors."""
+    import torch
+
+    check_rotary_args("rotary", q, k, cos, sin)
+    for name, out, src in (("q_out", q_out, q), ("k_out", k_out, k)):
+        if out is not None:
+            check_tensor("rotary", name, out, rank=4, dtypes=(src.dtype,))
+            if out.shape != src.shape:
+                raise LaunchError(f"rotary: {name} is {tuple(out.shape)}; expected {tuple(src.shape)}")
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if q_out is None else q_out
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device) if k_out is None else k_out
+    rows = q.shape[2] * q.shape[3] + k.shape[2] * k.shape[3]
+    cfg = {"num_warps": 4 if rows <= 4096 else 8} if q.device.type == "cuda" else {}
+    rotary_kernel(q, k, cos, sin, q_out, k_out, HALF=q.shape[3] // 2, BH=next_pow2(q.shape[2]),
+                  BHK=next_pow2(k.shape[2]), INVERSE=bool(inverse), backend=backend, **(cfg | config))
+    return q_out, k_out

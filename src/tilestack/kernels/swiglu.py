@@ -1,0 +1,118 @@
+"""SwiGLU, the gated MLP activation of Llama-style models: y = silu(a) * b, forward and backward.
+
+    y = tilestack.kernels.swiglu(a, b)                     # a, b: (M, F), e.g. the two halves of one projection
+    da, db = tilestack.kernels.swiglu_backward(dy, a, b)   # or into given outputs (views of one (M, 2F) grad)
+
+Element-wise over (BM, BN) tiles, f32 arithmetic, inputs and outputs in any layout (strided views are fine,
+so ``a`` and ``b`` can be column halves of one tensor and the gradients can land in the halves of another).
+With s = sigmoid(a):  da = dy * b * s * (1 + a * (1 - s)),  db = dy * a * s.
+"""
+
+from __future__ import annotations
+
+import tilestack.lang as ts
+from tilestack.errors import LaunchError
+from tilestack.kernels._checks import check_same_device, check_tensor
+
+
+def _grid(A, BM, BN):
+    return (ts.cdiv(A.shape[0], BM), ts.cdiv(A.shape[1], BN))
+
+
+_BM = ts.tunable(4, (1, 2, 4, 8, 16, 32))
+_BN = ts.tunable(1024, (16, 32, 64, 128, 256, 512, 1024, 2048))
+_WARPS = ts.tunable(4, (2, 4, 8))
+
+
+@ts.kernel(grid=_grid)
+def swiglu_fwd_kernel(A, B, Y, *, BM: int = _BM, BN: int = _BN, num_warps: int = _WARPS):
+    # A, B, Y: (M, F)
+    i, j = ts.block_id(0), ts.block_id(1)
+    a = ts.RegTile[ts.f32, BM, BN]()
+    b = ts.RegTile[ts.f32, BM, BN]()
+    s = ts.RegTile[ts.f32, BM, BN]()
+    y = ts.RegTile[Y.dtype, BM, BN]()
+    ts.load(a, A, at=(i, j))
+    ts.load(b, B, at=(i, j))
+    ts.sigmoid(s, a)
+    ts.mul(s, s, a)                              # silu(a)
+    ts.mul(s, s, b)
+    ts.copy(y, s)
+    ts.store(Y, y, at=(i, j))
+
+
+@ts.kernel(grid=_grid)
+def swiglu_bwd_kernel(DY, A, B, DA, DB, *, BM: int = _BM, BN: int = _BN, num_warps: int = _WARPS):
+    # DY, A, B, DA, DB: (M, F)
+    i, j = ts.block_id(0), ts.block_id(1)
+    dy = ts.RegTile[ts.f32, BM, BN]()
+    a = ts.RegTile[ts.f32, BM, BN]()
+    b = ts.RegTile[ts.f32, BM, BN]()
+    s = ts.RegTile[ts.f32, BM, BN]()
+    t = ts.RegTile[ts.f32, BM, BN]()
+    da = ts.RegTile[DA.dtype, BM, BN]()
+    db = ts.RegTile[DB.dtype, BM, BN]()
+    ts.load(dy, DY, at=(i, j))
+    ts.load(a, A, at=(i, j))
+    ts.load(b, B, at=(i, j))
+    ts.sigmoid(s, a)
+    ts.mul(t, a, s)                              # silu(a)
+    ts.mul(t, t, dy)
+    ts.copy(db, t)                               # db = dy * silu(a)
+    ts.store(DB, db, at=(i, j))
+    ts.neg(t, s)
+    ts.add(t, t, 1.0)
+    ts.mul(t, t, a)
+    ts.add(t, t, 1.0)                            # 1 + a (1 - s)
+    ts.mul(t, t, s)                              # silu'(a)
+    ts.mul(t, t, b)
+    ts.mul(t, t, dy)
+    ts.copy(da, t)
+    ts.store(DA, da, at=(i, j))
+
+
+def reference(a, b):
+    """Plain PyTorch in f32, returned in a's dtype."""
+    import torch
+
+    return (torch.nn.functional.silu(a.float()) * b.float()).to(a.dtype)
+
+
+def default_config(device_type: str) -> dict:
+    """Big tiles on a GPU (4k elements a program, memory-bound); the kernel's small defaults elsewhere."""
+    return dict(BM=4, BN=1024, num_warps=4) if device_type == "cuda" else {}
+
+
+def _check(fn: str, **tensors) -> None:
+    import torch
+
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    first_name, first = next(iter(tensors.items()))
+    for name, t in tensors.items():
+        check_tensor(fn, name, t, rank=2, dtypes=floats if t is first else (first.dtype,))
+        if tuple(t.shape) != tuple(first.shape):
+            raise LaunchError(f"{fn}: {name} is {tuple(t.shape)}; expected {first_name}'s shape "
+                              f"{tuple(first.shape)}")
+    check_same_device(fn, **tensors)
+
+
+def swiglu(a, b, *, out=None, backend: str | None = None, **config):
+    """silu(a) * b for 2-D f32/bf16/f16 tensors of one shape and dtype (any strides)."""
+    import torch
+
+    _check("swiglu", a=a, b=b, **({} if out is None else {"out": out}))
+    out = torch.empty(a.shape, dtype=a.dtype, device=a.device) if out is None else out
+    swiglu_fwd_kernel(a, b, out, backend=backend, **(default_config(a.device.type) | config))
+    return out
+
+
+def swiglu_backward(dy, a, b, *, da=None, db=None, backend: str | None = None, **config):
+    """(da, db) of y = silu(a) * b; into ``da``/``db`` if given (e.g. the two halves of one gradient)."""
+    import torch
+
+    outs = {k: v for k, v in (("da", da), ("db", db)) if v is not None}
+    _check("swiglu_backward", dy=dy, a=a, b=b, **outs)
+    da = torch.empty(a.shape, dtype=a.dtype, device=a.device) if da is None else da
+    db = torch.empty(a.shape, dtype=a.dtype, device=a.device) if db is None else db
+    swiglu_bwd_kernel(dy, a, b, da, db, backend=backend, **(default_config(a.device.type) | config))
+    return da, db
