@@ -41,7 +41,7 @@ def run(traced, args):
     scalars: dict[int, float] = {}
     for i, (p, a) in enumerate(zip(ir.params, args, strict=True)):
         if isinstance(p.type, GlobalType):
-            arrays[i] = a.detach().to("cpu", torch.float64).numpy().copy()
+            arrays[i] = _float64(a)
         else:
             scalars[i] = a
     grid = traced.grid(*args)
@@ -51,6 +51,18 @@ def run(traced, args):
     for i in ir.written_params():
         args[i].copy_(torch.from_numpy(arrays[i]).to(args[i].dtype))
     return None
+
+
+def _float64(a) -> np.ndarray:
+    """A tensor's values as a float64 array. An expanded axis (stride 0) is converted once and broadcast back
+    (read-only: an output never has one), so a huge expanded input costs no more than its storage."""
+    import torch
+
+    a = a.detach()
+    if 0 not in a.stride():
+        return a.to("cpu", torch.float64).numpy().copy()
+    base = a[tuple(slice(0, 1) if s == 0 else slice(None) for s in a.stride())]
+    return np.broadcast_to(base.to("cpu", torch.float64).numpy(), tuple(a.shape))
 
 
 class _Program:

@@ -4,6 +4,10 @@ The generated function takes, for each global, its pointer, sizes and strides (`
 A_s1``), then the runtime scalars; constants are literals (a trace is per set of constants). A value is a
 Python variable named after the user's tile where one was known (``acc_23``). Loads and stores are masked
 against the global's sizes, so tiles may hang past the edge of a ragged tensor.
+
+Element offsets of pointer-path accesses are 32-bit (Triton's default, the fastest) for the globals whose
+every offset fits in int32, and 64-bit for the others (``index64``: chosen per launch from the tensors'
+shapes and strides with ``needs_int64``); copy-engine (TMA) accesses take per-axis coordinates and need neither.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Collection, Sequence
 
 from tilestack.errors import BackendError
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
@@ -18,6 +23,7 @@ from tilestack.ir.ops import Op
 from tilestack.ir.types import GlobalType, Space, TileType, bf16, f32, f64
 
 TMA_MAX_BOX = 256   # elements per dimension of one copy-engine transfer (a wider tile goes through pointers)
+INT32_MAX = 2**31 - 1
 TL_DTYPES = {"f64": "tl.float64", "f32": "tl.float32", "f16": "tl.float16", "bf16": "tl.bfloat16",
              "i32": "tl.int32", "i64": "tl.int64"}
 _UNARY = {"exp": "tl.exp({})", "exp2": "tl.math.exp2({})", "log": "tl.log({})", "log2": "tl.log2({})",
@@ -39,15 +45,33 @@ def _literal(x) -> str:
     return repr(x)
 
 
+def needs_int64(shape: Sequence[int], stride: Sequence[int]) -> bool:
+    """Whether an element offset into a tensor of this shape and these strides (in elements) can pass int32:
+    its largest one, ``sum((size - 1) * |stride|)``, or a coordinate on its own (``size - 1``: an expanded
+    axis of stride 0 has offsets that stay small and coordinates that need not).
+
+    Offsets of elements outside the tensor (a tile hanging past its edge) may wrap in 32 bits: they are
+    masked off and never dereferenced. An empty tensor is never addressed.
+    """
+    if 0 in shape:
+        return False
+    top = sum((d - 1) * abs(s) for d, s in zip(shape, stride, strict=True))
+    return top > INT32_MAX or any(d - 1 > INT32_MAX for d in shape)
+
+
 class _Emitter:
-    def __init__(self, kernel: KernelIR, interpret: bool, tma: bool):
+    def __init__(self, kernel: KernelIR, interpret: bool, tma: bool, index64: bool | Collection[int]):
         self.kernel = kernel
         self.interpret = interpret
         self.tma = tma
+        # the param indices of the globals whose element offsets are computed in 64 bits
+        self.index64 = frozenset(i for i, p in enumerate(kernel.params) if p.is_global and (
+            index64 is True or (index64 is not False and i in index64)))
         self.descriptors: dict[tuple[str, tuple[int, ...]], str] = {}   # (global, block shape) -> param name
         self.lines: list[str] = []
         self.names: dict[Value, str] = {}
         self.globals: dict[Value, str] = {}   # global value -> its parameter name
+        self.global_index: dict[Value, int] = {}   # global value -> its param index
         self.consts: set[Value] = set()       # values that are Python literals in the source
         self.addresses = 0
         self.used = _used_values(kernel.body)  # values something reads: the rest is host-side grid math
@@ -108,14 +132,16 @@ class _Emitter:
         lead = rank - len(shape)
         self.addresses += 1
         key = f"t{self.addresses}"
-        # leading (non-tile) coordinates in 64 bits: batch * stride can pass 2**31 on big tensors
-        terms = [f"{self.name(c)} * {gname}_s{a}" if c in self.consts else
-                 f"{self.name(c)}.to(tl.int64) * {gname}_s{a}" for a, c in enumerate(coords[:lead])]
+        # a global whose offsets can pass int32 computes them in 64 bits from its coordinates on (tl.cast, not
+        # .to: under the interpreter a loop counter is a Python int)
+        wide = self.global_index[g] in self.index64
+        coord = (lambda c: f"tl.cast({self.name(c)}, tl.int64)") if wide else self.name
+        terms = [f"{coord(c)} * {gname}_s{a}" for a, c in enumerate(coords[:lead])]
         offs, masks = [], []
         for k, n in enumerate(shape):
             axis = lead + k
             var = f"{key}_o{k}"
-            self.emit(f"{var} = {self.name(coords[axis])} * {n} + tl.arange(0, {n})")
+            self.emit(f"{var} = {coord(coords[axis])} * {n} + tl.arange(0, {n})")
             if len(shape) == 2:
                 bcast = "[:, None]" if k == 0 else "[None, :]"
             else:
@@ -155,6 +181,7 @@ def _e_arg(e: _Emitter, ins: Instr) -> None:
     name = ins.attrs["name"]
     if isinstance(ins.result.type, GlobalType):
         e.globals[ins.result] = name
+        e.global_index[ins.result] = ins.attrs["index"]
     e.names[ins.result] = name
 
 
@@ -326,10 +353,15 @@ class Lowered:
     binding: tuple[tuple, ...]
 
 
-def generate(kernel: KernelIR, interpret: bool = False, tma: bool = False) -> Lowered:
+def generate(kernel: KernelIR, interpret: bool = False, tma: bool = False,
+             index64: bool | Collection[int] = True) -> Lowered:
     """The Triton kernel for ``kernel``: for Triton's interpreter if asked; with TMA descriptors for whole-tile
-    accesses if ``tma`` (the caller checks at launch that the tensors' layouts allow it)."""
-    e = _Emitter(kernel, interpret, tma)
+    accesses if ``tma`` (the caller checks at launch that the tensors' layouts allow it).
+
+    ``index64``: which globals' pointer offsets are computed in 64 bits: all (True, the default: right for any
+    size), none (False), or the param indices given; a launcher passes those ``needs_int64`` of its tensors.
+    """
+    e = _Emitter(kernel, interpret, tma, index64)
     e.block(kernel.body)
     used = set(re.findall(r"\b\w+\b", "\n".join(e.lines)))
     params, binding = [], []
@@ -362,6 +394,7 @@ def generate(kernel: KernelIR, interpret: bool = False, tma: bool = False) -> Lo
     return Lowered("\n".join(head + e.lines) + "\n", fn, tuple(e.descriptors), tuple(binding))
 
 
-def source(traced, tma: bool = True) -> str:
-    """The generated source as a GPU launch with TMA-friendly tensors would run it."""
-    return generate(traced.ir, tma=tma).source
+def source(traced, tma: bool = True, index64: bool | Collection[int] = False) -> str:
+    """The generated source as a GPU launch with TMA-friendly tensors would run it (tensors under 2**31
+    elements unless ``index64`` says otherwise)."""
+    return generate(traced.ir, tma=tma, index64=index64).source
