@@ -125,3 +125,86 @@ def test_gemm_tile_outside_domain_is_refused():
     a, b = torch.zeros(8, 4, dtype=torch.bfloat16), torch.zeros(4, 6, dtype=torch.bfloat16)
     with pytest.raises(TunableError, match="GROUP_M=2 is outside its domain"):
         gemm(a, b, backend="reference", BM=32, BN=32, BK=16, GROUP_M=2)
+
+
+# ---- outputs a kernel cannot write safely, autograd through out=, meta and empty problems ---------------------
+def _sharing_cases():
+    bf = torch.bfloat16
+    big = torch.zeros(16, 32, dtype=bf)
+    a, b = big[:, :16], torch.zeros(16, 16, dtype=bf)
+    return {
+        "out is a": (a, b, a, "out shares memory with a"),
+        "out is b": (a, b, b, "out shares memory with b"),
+        "out overlaps a": (a, b, big[:, 8:24], "out shares memory with a"),
+        "out strides (1, 1)": (a, b, torch.zeros(64, dtype=bf).as_strided((16, 16), (1, 1)),
+                               r"out has shape \(16, 16\) and strides \(1, 1\)"),
+        "out expanded": (a, b, torch.zeros(16, 1, dtype=bf).expand(16, 16), r"stride 0 on axis 1"),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(_sharing_cases()))
+def test_gemm_refuses_an_out_that_overlaps(backend, case, no_launch):
+    """Before: out=a gave an error of ~1e2 on Triton (tiles of a read after other programs overwrote them)."""
+    a, b, out, message = _sharing_cases()[case]
+    no_launch(gemm_module, "gemm_kernel")
+    with pytest.raises(LaunchError, match=message):
+        gemm_module.gemm(a, b, out=out, backend=backend, BK=16, **SMALL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gemm_accepts_a_strided_out_that_does_not_overlap(backend, rng):
+    """A transposed, column-sliced out is a legal layout and is written exactly where it points."""
+    a, b = randn(rng, (20, 12), torch.float16), randn(rng, (12, 9), torch.float16)
+    parent = torch.full((14, 25), math.nan, dtype=torch.float16)
+    out = parent[2:11, 3:23].t()                 # (20, 9), strides (1, 25)
+    gemm(a, b, out=out, backend=backend, BK=16, **SMALL)
+    assert rel(out, a.double() @ b.double()) <= TOL[torch.float16]
+    assert bool(parent[:2].isnan().all()) and bool(parent[:, :3].isnan().all())   # nothing written outside
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("needs_grad", ("out", "a"))
+def test_gemm_out_refuses_autograd(backend, needs_grad, no_launch):
+    """As torch's out=: before, the reference backend raised torch's in-place error and Triton wrote silently."""
+    bf = torch.bfloat16
+    t = {"a": torch.zeros(8, 4, dtype=bf), "b": torch.zeros(4, 6, dtype=bf), "out": torch.zeros(8, 6, dtype=bf)}
+    t[needs_grad].requires_grad_(True)
+    no_launch(gemm_module, "gemm_kernel")
+    with pytest.raises(LaunchError, match=rf"out= does not support autograd, but {needs_grad} requires grad"):
+        gemm_module.gemm(t["a"], t["b"], out=t["out"], backend=backend, BK=16, **SMALL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gemm_out_requiring_grad_is_written_under_no_grad(backend, rng):
+    a, b = randn(rng, (8, 4), torch.bfloat16), randn(rng, (4, 6), torch.bfloat16)
+    out = torch.zeros(8, 6, dtype=torch.bfloat16, requires_grad=True)
+    with torch.no_grad():
+        gemm(a, b, out=out, backend=backend, BK=16, **SMALL)
+    assert rel(out.detach(), a.double() @ b.double()) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("backend", (None, *BACKENDS))
+@pytest.mark.parametrize("with_out", (False, True))
+def test_gemm_on_meta_gives_a_meta_result(backend, with_out, no_launch):
+    """Before: NotImplementedError from the reference executor (the default backend for non-CUDA tensors)."""
+    a = torch.empty(37, 20, dtype=torch.float16, device="meta")
+    b = torch.empty(20, 11, dtype=torch.float16, device="meta")
+    out = torch.empty(37, 11, dtype=torch.float16, device="meta") if with_out else None
+    no_launch(gemm_module, "gemm_kernel")
+    c = gemm_module.gemm(a, b, out=out, backend=backend)
+    assert c.device.type == "meta" and c.shape == (37, 11) and c.dtype == torch.float16
+    assert out is None or c is out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mnk", [(5, 7, 0), (0, 7, 5), (5, 0, 5), (0, 0, 0)], ids=str)
+def test_gemm_empty_problems_launch_nothing(backend, mnk, no_launch, poison_empty):
+    """K = 0 is a sum of nothing: zeros, as torch; an empty output has nothing to write."""
+    m, n, k = mnk
+    a, b = torch.ones(m, k, dtype=torch.bfloat16), torch.ones(k, n, dtype=torch.bfloat16)
+    no_launch(gemm_module, "gemm_kernel")
+    c = gemm_module.gemm(a, b, backend=backend, BK=16, **SMALL)
+    assert c.shape == (m, n) and c.dtype == torch.bfloat16
+    assert torch.equal(c, a @ b)
+

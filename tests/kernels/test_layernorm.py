@@ -102,6 +102,12 @@ def _bad_cases():
         "weight on meta": (dict(x=x, weight=w.to("meta"), bias=b), r"weight on meta"),
         "bias on meta": (dict(x=x, weight=w, bias=b.to("meta")), r"bias on meta"),
         "x on meta": (dict(x=x.to("meta"), weight=w, bias=b), r"x on meta"),
+        # before: eps=None raised a bare TypeError from float(); the others were accepted
+        "eps None": (dict(x=x, weight=w, bias=b, eps=None), r"eps must be a finite number >= 0.0, got None"),
+        "eps negative": (dict(x=x, weight=w, bias=b, eps=-1e-5), r"eps must be a finite number >= 0.0, got -1e-05"),
+        "eps nan": (dict(x=x, weight=w, bias=b, eps=math.nan), r"eps must be a finite number >= 0.0, got nan"),
+        "eps bool": (dict(x=x, weight=w, bias=b, eps=True), r"eps must be a finite number >= 0.0, got True"),
+        "eps string": (dict(x=x, weight=w, bias=b, eps="1e-5"), r"eps must be a finite number >= 0.0, got '1e-5'"),
     }
 
 
@@ -117,3 +123,27 @@ def test_layer_norm_bad_arguments(case, no_launch):
 def test_poison_empty_fixture_poisons(poison_empty):
     assert bool(torch.empty(3).isnan().all()) and bool(torch.empty_like(torch.zeros(2, 2)).isnan().all())
     assert bool(torch.empty(2, dtype=torch.bfloat16).isnan().all())
+
+
+@pytest.mark.parametrize("backend", (None, *BACKENDS))
+def test_layer_norm_on_meta_gives_meta_results(backend, no_launch):
+    """Before: NotImplementedError from the reference executor."""
+    x = torch.empty(5, 300, dtype=torch.bfloat16, device="meta")
+    w, b = torch.empty(300, device="meta"), torch.empty(300, device="meta")
+    no_launch(ln_module, "layer_norm_kernel")
+    y, mean, rstd = ln_module.layer_norm(x, w, b, backend=backend)
+    assert {t.device.type for t in (y, mean, rstd)} == {"meta"}
+    assert y.shape == (5, 300) and y.dtype == torch.bfloat16
+    assert mean.shape == rstd.shape == (5,) and mean.dtype == rstd.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 7), (5, 0), (0, 0)], ids=str)
+def test_layer_norm_empty_launches_nothing(backend, shape, no_launch, poison_empty):
+    """As torch.native_layer_norm: y empty; a row of width 0 has mean 0 and an undefined (NaN) 1/std."""
+    x, w, b = torch.zeros(shape), torch.ones(shape[1]), torch.zeros(shape[1])
+    no_launch(ln_module, "layer_norm_kernel")
+    y, mean, rstd = ln_module.layer_norm(x, w, b, backend=backend)
+    ty, tmean, trstd = torch.native_layer_norm(x, shape[1:], w, b, 1e-5)
+    assert y.shape == ty.shape and mean.shape == rstd.shape == shape[:1]
+    assert torch.equal(mean, tmean.reshape(-1)) and torch.equal(rstd.isnan(), trstd.reshape(-1).isnan())

@@ -99,3 +99,75 @@ def test_softmax_bad_arguments(case, no_launch):
     with pytest.raises(LaunchError, match=message) as e:
         softmax_module.softmax(**kwargs, backend="reference", BM=4, BN=128)
     assert str(e.value).startswith("softmax: ")
+
+
+# ---- extreme values (issue 9, item 5) --------------------------------------------------------------------------
+def _extreme_rows(dtype) -> torch.Tensor:
+    """Rows near the top of the dtype's range: x * log2(e) overflows f32 past 2.4e38 (bf16 and f32 reach it)."""
+    big = torch.finfo(dtype).max
+    x = torch.tensor([[big, big, big, big, big, big, big],              # all equal: 1/7 each
+                      [-big, big, 0.0, big, -big, 1.0, big],             # the max three times
+                      [big, big / 2, big / 4, 0.0, -big, -big, -big],    # one winner
+                      [-big, -big, -big, -big, -big, -big, -big]])      # all equal at the bottom
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("one_tile", (True, False), ids=("one_tile", "online"))
+def test_softmax_extreme_values_match_torch(backend, dtype, one_tile):
+    """Before: NaN for f32 and bf16 (the running max was taken after scaling by log2(e), which overflowed)."""
+    x = _extreme_rows(dtype)
+    cfg = dict(BM=2, BN=128, ONE_TILE=True) if one_tile else dict(BM=2, BN=128)
+    if not one_tile:                             # several column tiles: the online path rescales across them
+        x = x.repeat_interleave(40, dim=1)       # (4, 280)
+    y = softmax(x, backend=backend, num_warps=4, num_stages=1, **cfg)
+    want = torch.softmax(x.double(), dim=-1)
+    assert bool(y.isfinite().all())
+    assert float((y.double() - want).abs().max()) <= TOL[dtype]
+
+
+# ---- outputs a kernel cannot write safely, autograd through out=, meta and empty tensors ----------------------
+def _out_cases():
+    x, parent = torch.zeros(6, 8), torch.zeros(7, 8)
+    return {
+        "out is x": (x, x, "out shares memory with x"),
+        "out overlaps x": (parent[:6], parent[1:], "out shares memory with x"),   # rows 1..5 shared
+        "out strides (1, 1)": (x, torch.zeros(16).as_strided((6, 8), (1, 1)),
+                               r"out has shape \(6, 8\) and strides \(1, 1\)"),
+        "out expanded": (x, torch.zeros(1, 8).expand(6, 8), r"stride 0 on axis 0"),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(_out_cases()))
+def test_softmax_refuses_an_out_that_overlaps(backend, case, no_launch):
+    """Before: every one of these was accepted."""
+    x, out, message = _out_cases()[case]
+    no_launch(softmax_module, "softmax_kernel")
+    with pytest.raises(LaunchError, match=message) as e:
+        softmax_module.softmax(x, out=out, backend=backend, BM=4, BN=128)
+    assert str(e.value).startswith("softmax: ")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softmax_out_refuses_autograd(backend, no_launch):
+    no_launch(softmax_module, "softmax_kernel")
+    with pytest.raises(LaunchError, match="out= does not support autograd, but x requires grad"):
+        softmax_module.softmax(torch.zeros(4, 8, requires_grad=True), out=torch.zeros(4, 8), backend=backend)
+
+
+@pytest.mark.parametrize("backend", (None, *BACKENDS))
+def test_softmax_on_meta_gives_a_meta_result(backend, no_launch):
+    """Before: NotImplementedError from the reference executor."""
+    no_launch(softmax_module, "softmax_kernel")
+    y = softmax_module.softmax(torch.empty(5, 300, dtype=torch.bfloat16, device="meta"), backend=backend)
+    assert y.device.type == "meta" and y.shape == (5, 300) and y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 7), (5, 0), (0, 0)], ids=str)
+def test_softmax_empty_launches_nothing(backend, shape, no_launch):
+    no_launch(softmax_module, "softmax_kernel")
+    y = softmax_module.softmax(torch.zeros(shape), backend=backend)
+    assert y.shape == shape and y.shape == torch.softmax(torch.zeros(shape), -1).shape

@@ -31,3 +31,37 @@ def check_same_device(fn: str, **tensors) -> None:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def check_out_memory(fn: str, out, **inputs) -> None:
+    """An ``out=`` tensor the kernel may write: no autograd through it (as torch's ``out=``), no element reached
+    from two indices, no memory shared with an input. Run after the shape, dtype and device checks."""
+    import torch
+
+    from tilestack.lang.layout import check_not_aliased, check_writable
+
+    if torch.is_grad_enabled():
+        needs_grad = [name for name, t in (("out", out), *inputs.items()) if t is not None and t.requires_grad]
+        if needs_grad:
+            raise LaunchError(f"{fn}: out= does not support autograd, but {', '.join(needs_grad)} requires grad; "
+                              "pass tensors that do not require grad, or call it under torch.no_grad()")
+    check_writable(fn, "out", out)
+    check_not_aliased(fn, "out", out, **inputs)
+
+
+def nothing_to_launch(*tensors) -> bool:
+    """True when a kernel has no work: a tensor on the meta device (shapes only, no data) or one with no
+    elements. The caller returns its allocated outputs (on meta, or empty) as they are."""
+    return any(t.device.type == "meta" or t.numel() == 0 for t in tensors)
+
+
+def check_real(fn: str, name: str, value, *, minimum: float | None = None) -> float:
+    """A finite real number (not a bool), at least ``minimum`` if given; returned as a float."""
+    import math
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or (
+            minimum is not None and value < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise LaunchError(f"{fn}: {name} must be a finite number{bound}, got {value!r}")
+    return float(value)

@@ -10,7 +10,8 @@ tiles in L2.
 from __future__ import annotations
 
 import tilestack.lang as ts
-from tilestack.kernels._checks import check_same_device, check_tensor
+from tilestack.errors import LaunchError
+from tilestack.kernels._checks import check_out_memory, check_same_device, check_tensor, nothing_to_launch
 from tilestack.tune.lookup import launch_config
 
 
@@ -56,24 +57,30 @@ def reference(a, b):
 
 
 def gemm(a, b, *, out=None, backend: str | None = None, **config):
-    """C = A @ B for 2-D bf16/f16 tensors of any size, accumulated in f32."""
+    """C = A @ B for 2-D bf16/f16 tensors of any size, accumulated in f32.
+
+    ``out`` (optional) must not share memory with a or b nor require grad. Empty problems launch nothing
+    (K = 0 gives zeros); meta tensors give a meta result of the right shape."""
     import torch
 
     check_tensor("gemm", "a", a, rank=2, dtypes=(torch.bfloat16, torch.float16))
     check_tensor("gemm", "b", b, rank=2, dtypes=(a.dtype,))
     if a.shape[1] != b.shape[0]:
-        from tilestack.errors import LaunchError
         raise LaunchError(f"gemm: a is {tuple(a.shape)} and b is {tuple(b.shape)}; a.shape[1] must equal "
                           "b.shape[0]")
     if out is not None:
         check_tensor("gemm", "out", out, rank=2, dtypes=(a.dtype,))
         if tuple(out.shape) != (a.shape[0], b.shape[1]):
-            from tilestack.errors import LaunchError
             raise LaunchError(f"gemm: out is {tuple(out.shape)}; expected (a.shape[0], b.shape[1]) = "
                               f"{(a.shape[0], b.shape[1])}")
     check_same_device("gemm", a=a, b=b, out=out)
     if out is None:
         out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
+    else:
+        check_out_memory("gemm", out, a=a, b=b)
+    if nothing_to_launch(out, a):
+        # (M, 0) @ (0, N) is a sum of nothing: zeros
+        return out.zero_() if a.shape[1] == 0 else out
     cfg = gemm_config(a.shape[0], b.shape[1], a.shape[1], a.dtype, a.device) | config
     gemm_kernel(a, b, out, backend=backend, **cfg)
     return out

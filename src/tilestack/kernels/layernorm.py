@@ -7,8 +7,11 @@ mean, normalise).
 
 from __future__ import annotations
 
+import math
+
 import tilestack.lang as ts
-from tilestack.kernels._checks import check_same_device, check_tensor
+from tilestack.errors import LaunchError
+from tilestack.kernels._checks import check_real, check_same_device, check_tensor, nothing_to_launch
 from tilestack.kernels.softmax import resolve_row_config
 
 
@@ -87,7 +90,10 @@ def reference(x, weight, bias, eps: float = 1e-5):
 
 
 def layer_norm(x, weight, bias, eps: float = 1e-5, *, backend: str | None = None, **config):
-    """(y, mean, rstd) of layer norm over the last dim of a 2-D tensor; weight and bias of shape (N,)."""
+    """(y, mean, rstd) of layer norm over the last dim of a 2-D tensor; weight and bias of shape (N,).
+
+    Empty tensors launch nothing (rows of width 0 give mean 0 and rstd NaN, as torch.native_layer_norm); meta
+    tensors give meta results of the right shapes."""
     import torch
 
     floats = (torch.float32, torch.bfloat16, torch.float16)
@@ -96,12 +102,17 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, *, backend: str | None = None
     check_tensor("layer_norm", "bias", bias, rank=1, dtypes=floats)
     for name, t in (("weight", weight), ("bias", bias)):
         if t.shape[0] != x.shape[1]:
-            from tilestack.errors import LaunchError
             raise LaunchError(f"layer_norm: {name} has {t.shape[0]} elements; expected x.shape[1] = {x.shape[1]}")
     check_same_device("layer_norm", x=x, weight=weight, bias=bias)
+    eps = check_real("layer_norm", "eps", eps, minimum=0.0)
     y = torch.empty_like(x)
     mean = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     cfg = resolve_row_config("layer_norm", x.shape[1], x.device.type, config)
-    layer_norm_kernel(x, weight, bias, y, mean, rstd, float(eps), backend=backend, **cfg)
+    if nothing_to_launch(x):
+        if x.device.type != "meta":              # width 0: the mean of nothing is 0, its 1/std undefined
+            mean.zero_()
+            rstd.fill_(math.nan)
+        return y, mean, rstd
+    layer_norm_kernel(x, weight, bias, y, mean, rstd, eps, backend=backend, **cfg)
     return y, mean, rstd

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 
 import tilestack.lang as ts
-from tilestack.kernels._checks import check_same_device, check_tensor, next_pow2
+from tilestack.errors import LaunchError
+from tilestack.kernels._checks import check_out_memory, check_same_device, check_tensor, next_pow2, nothing_to_launch
 
 LOG2E = math.log2(math.e)
 
@@ -31,10 +32,10 @@ def softmax_kernel(X, Y, *,
         l1 = ts.RegVec[ts.f32, BM]()
         y1 = ts.RegTile[Y.dtype, BM, BN]()
         ts.load(x, X, at=(i, 0))                 # (BM, BN)
-        ts.mul(x, x, LOG2E)
         ts.right_fill(x, x, N, -math.inf)
         ts.row_max(m1, x)
-        ts.sub_row(x, x, m1)
+        ts.sub_row(x, x, m1)                     # x - max <= 0 before the scale: x * log2e overflows past 2.4e38
+        ts.mul(x, x, LOG2E)
         ts.exp2(x, x)
         ts.row_sum(l1, x)
         ts.div_row(x, x, l1)
@@ -47,23 +48,26 @@ def softmax_kernel(X, Y, *,
     l = ts.RegVec[ts.f32, BM]()
     ts.neg_infty(m)
     ts.zero(l)
-    for j in ts.range(ts.cdiv(N, BN)):          # pass 1: running max m and sum l of exp2(x*log2e - m)
+    # m is the running max of x itself (not of x*log2e, which overflows f32 for |x| > 2.4e38); differences
+    # from it are <= 0 and are scaled to the log2 domain only then
+    for j in ts.range(ts.cdiv(N, BN)):          # pass 1: running max m and sum l of exp2((x - m)*log2e)
         ts.load(x, X, at=(i, j))                 # (BM, BN)
-        ts.mul(x, x, LOG2E)
         ts.right_fill(x, x, N - j * BN, -math.inf)
         ts.row_max(m_new, x, m)
         ts.sub(alpha, m, m_new)
+        ts.mul(alpha, alpha, LOG2E)
         ts.exp2(alpha, alpha)
         ts.mul(l, l, alpha)
         ts.sub_row(x, x, m_new)
+        ts.mul(x, x, LOG2E)
         ts.exp2(x, x)
         ts.row_sum(l, x, l)
         ts.copy(m, m_new)
     y = ts.RegTile[Y.dtype, BM, BN]()
-    for j in ts.range(ts.cdiv(N, BN)):          # pass 2: y = exp2(x*log2e - m) / l
+    for j in ts.range(ts.cdiv(N, BN)):          # pass 2: y = exp2((x - m)*log2e) / l
         ts.load(x, X, at=(i, j))
-        ts.mul(x, x, LOG2E)
         ts.sub_row(x, x, m)
+        ts.mul(x, x, LOG2E)
         ts.exp2(x, x)
         ts.div_row(x, x, l)
         ts.copy(y, x)
@@ -77,18 +81,26 @@ def reference(x):
 
 
 def softmax(x, *, out=None, backend: str | None = None, **config):
-    """Softmax over the last dim of a 2-D f32/bf16/f16 tensor."""
+    """Softmax over the last dim of a 2-D f32/bf16/f16 tensor.
+
+    ``out`` (optional) must not share memory with x nor require grad. Empty tensors launch nothing; meta
+    tensors give a meta result of the right shape."""
     import torch
 
     check_tensor("softmax", "x", x, rank=2, dtypes=(torch.float32, torch.bfloat16, torch.float16))
     if out is not None:
         check_tensor("softmax", "out", out, rank=2, dtypes=(x.dtype,))
         if out.shape != x.shape:
-            from tilestack.errors import LaunchError
             raise LaunchError(f"softmax: out is {tuple(out.shape)}; expected x's shape {tuple(x.shape)}")
     check_same_device("softmax", x=x, out=out)
-    out = torch.empty_like(x) if out is None else out
-    softmax_kernel(x, out, backend=backend, **resolve_row_config("softmax", x.shape[1], x.device.type, config))
+    if out is None:
+        out = torch.empty_like(x)
+    else:
+        check_out_memory("softmax", out, x=x)
+    cfg = resolve_row_config("softmax", x.shape[1], x.device.type, config)
+    if nothing_to_launch(out):
+        return out
+    softmax_kernel(x, out, backend=backend, **cfg)
     return out
 
 
@@ -98,7 +110,6 @@ def resolve_row_config(fn: str, n: int, device_type: str, config: dict) -> dict:
     if config.get("ONE_TILE"):
         bn = config.get("BN", row_config(n, device_type).get("BN", 0))
         if bn < n:
-            from tilestack.errors import LaunchError
             raise LaunchError(f"{fn}: ONE_TILE=True needs BN >= the row width {n}; got BN={bn}")
     cfg = row_config(n, device_type) | config
     if "ONE_TILE" not in config:
