@@ -1,0 +1,199 @@
+"""Linear layer + cross-entropy fused so that the (T, V) logits never exist whole in memory, with the
+gradients made in the forward pass (Liger Kernel's scheme).
+
+    loss, dx, dw = tilestack.kernels.fused_linear_cross_entropy(x, weight, labels)
+    # x: (T, d) hidden states, weight: (V, d) (the LM head), labels: (T,) int64, ignore_index = -100
+    # loss = mean over the labelled rows of CE(x @ weight.T, labels); dx, dw: its gradients
+
+The rows are taken ``chunk`` at a time: the chunk's logits (chunk, V) come from one GEMM, the tile kernel
+``ce_grad_kernel`` turns them in place into d loss / d logits and writes each row's loss, and two more GEMMs
+give the chunk's rows of dx and add its share of dw. So memory holds one chunk of logits, and the logits are
+read twice and written once by the kernel (online logsumexp, then the gradient) instead of the several
+full-size passes of a log_softmax, its f32 copy and their backward.
+
+The kernel, per block of BM rows, visits the vocabulary in BN-wide tiles twice:
+  pass 1: running max m and sum l of exp(z - m) (z: a row's logits, in the log2 domain for exp2);
+  pass 2: p = exp(z - m) / l, g = (p - onehot(label)) * scale, written over the logits, and the label's
+          logit picked out with the same one-hot; then loss = (m + log l - z[label]) * scale.
+scale is 1/(number of labelled rows) for a labelled row and 0 for an ignored one. The one-hot is built from
+column numbers without a gather: relu(1 - |col - label|) is 1 at the label's column and 0 elsewhere (exact:
+both are integers below 2^24), and an ignored label (-100) matches no column.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import tilestack.lang as ts
+from tilestack.errors import LaunchError
+from tilestack.kernels._checks import check_same_device, check_tensor
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+IGNORE_INDEX = -100
+MAX_EXACT_VOCAB = 1 << 24      # column numbers and labels are exact in f32 below this
+
+
+@ts.kernel(grid=lambda L, BM: (ts.cdiv(L.shape[0], BM),))
+def ce_grad_kernel(L, Labels, Scale, Cols, Loss, *,
+                   BM: int = ts.tunable(1, (1, 2, 4, 8, 16)),
+                   BN: int = ts.tunable(4096, (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)),
+                   num_warps: int = ts.tunable(8, (1, 2, 4, 8, 16)),
+                   num_stages: int = ts.tunable(1, (1, 2, 3))):
+    # L: (C, V) logits, overwritten with d loss / d logits; Labels: (C,) int; Scale: (C,) f32;
+    # Cols: (BN,) f32 = 0, 1, ..., BN-1; Loss: (C,) f32, each row's loss times its scale
+    i = ts.block_id(0)
+    V = L.shape[1]
+    x = ts.RegTile[ts.f32, BM, BN]()
+    z = ts.RegTile[ts.f32, BM, BN]()             # x * log2(e)
+    hot = ts.RegTile[ts.f32, BM, BN]()
+    cols = ts.RegTile[ts.f32, BM, BN]()          # column number within the tile, every row
+    g = ts.RegTile[L.dtype, BM, BN]()
+    col = ts.RegVec[ts.f32, BN]()
+    m = ts.RegVec[ts.f32, BM]()
+    m_new = ts.RegVec[ts.f32, BM]()
+    alpha = ts.RegVec[ts.f32, BM]()
+    l = ts.RegVec[ts.f32, BM]()
+    label = ts.RegVec[ts.f32, BM]()
+    label_j = ts.RegVec[ts.f32, BM]()            # the label's column within tile j
+    scale = ts.RegVec[ts.f32, BM]()
+    coef = ts.RegVec[ts.f32, BM]()
+    target = ts.RegVec[ts.f32, BM]()
+    loss = ts.RegVec[ts.f32, BM]()
+    ts.neg_infty(m)
+    ts.zero(l)
+    for j in ts.range(ts.cdiv(V, BN)):          # pass 1: online max and sum (log2 domain)
+        ts.load(x, L, at=(i, j))                 # (BM, BN)
+        ts.mul(z, x, LOG2E)
+        ts.right_fill(z, z, V - j * BN, -math.inf)
+        ts.row_max(m_new, z, m)
+        ts.sub(alpha, m, m_new)
+        ts.exp2(alpha, alpha)
+        ts.mul(l, l, alpha)
+        ts.sub_row(z, z, m_new)
+        ts.exp2(z, z)
+        ts.row_sum(l, z, l)
+        ts.copy(m, m_new)
+    ts.load(label, Labels, at=(i,))
+    ts.load(scale, Scale, at=(i,))
+    ts.div(coef, scale, l)                       # softmax's 1/l and the mean's scale in one factor
+    ts.load(col, Cols, at=(0,))
+    ts.zero(cols)
+    ts.add_col(cols, cols, col)
+    ts.zero(target)
+    for j in ts.range(ts.cdiv(V, BN)):          # pass 2: the gradient, over the logits
+        ts.load(x, L, at=(i, j))
+        ts.sub(label_j, label, (j * BN) * 1.0)
+        ts.sub_row(hot, cols, label_j)           # col - label: 0 at the label's column
+        ts.abs(hot, hot)
+        ts.neg(hot, hot)
+        ts.add(hot, hot, 1.0)
+        ts.relu(hot, hot)                        # one-hot of the label
+        ts.mul(z, x, hot)
+        ts.row_sum(target, z, target)
+        ts.mul(z, x, LOG2E)
+        ts.sub_row(z, z, m)
+        ts.exp2(z, z)
+        ts.mul_row(z, z, coef)                   # p * scale
+        ts.mul_row(hot, hot, scale)
+        ts.sub(z, z, hot)
+        ts.copy(g, z)
+        ts.store(L, g, at=(i, j))                # columns past V are dropped
+    ts.log2(loss, l)
+    ts.add(loss, loss, m)
+    ts.mul(loss, loss, LN2)                      # logsumexp, natural log
+    ts.sub(loss, loss, target)
+    ts.mul(loss, loss, scale)
+    ts.store(Loss, loss, at=(i,))
+
+
+def reference(x, weight, labels, ignore_index: int = IGNORE_INDEX):
+    """(loss, dx, dw) with plain PyTorch: the whole logits in f32, autograd; in the inputs' dtypes."""
+    import torch
+
+    xf, wf = x.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    loss = torch.nn.functional.cross_entropy(xf @ wf.T, labels, ignore_index=ignore_index)
+    dx, dw = torch.autograd.grad(loss, (xf, wf))
+    return loss.detach(), dx.to(x.dtype), dw.to(weight.dtype)
+
+
+def check_ce_args(fn: str, x, weight, labels, ignore_index) -> None:
+    import torch
+
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    check_tensor(fn, "x", x, rank=2, dtypes=floats)
+    check_tensor(fn, "weight", weight, rank=2, dtypes=(x.dtype,))
+    check_tensor(fn, "labels", labels, rank=1, dtypes=(torch.int64, torch.int32))
+    if weight.shape[1] != x.shape[1]:
+        raise LaunchError(f"{fn}: weight is {tuple(weight.shape)} and x is {tuple(x.shape)}; expected weight "
+                          f"(V, d) with d = x.shape[1] = {x.shape[1]}")
+    if labels.shape[0] != x.shape[0]:
+        raise LaunchError(f"{fn}: labels has {labels.shape[0]} elements; expected x.shape[0] = {x.shape[0]}")
+    if not 0 < weight.shape[0] < MAX_EXACT_VOCAB:
+        raise LaunchError(f"{fn}: the vocabulary weight.shape[0] = {weight.shape[0]}; expected 1 .. "
+                          f"{MAX_EXACT_VOCAB - 1}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or 0 <= ignore_index < weight.shape[0]:
+        raise LaunchError(f"{fn}: ignore_index must be an int outside 0..V-1 = 0..{weight.shape[0] - 1} (a label "
+                          f"that is never a class), got {ignore_index!r}")
+    check_same_device(fn, x=x, weight=weight, labels=labels)
+
+
+CHUNK_BYTES = 1 << 28      # logits of one chunk: 256 MiB (GPT-2's 50257 columns: 2048 rows in bf16)
+
+
+def chunk_rows(t: int, v: int, itemsize: int) -> int:
+    """Rows per chunk: the logits of one chunk within CHUNK_BYTES, a power of two (whole GEMM tiles)."""
+    rows = max(1, CHUNK_BYTES // max(1, v * itemsize))
+    rows = 1 << (rows.bit_length() - 1)
+    return max(1, min(t, rows))
+
+
+def default_config(v: int, device_type: str) -> dict:
+    if device_type != "cuda":
+        return {}
+    bn = 4096 if v >= 4096 else max(128, 1 << (v - 1).bit_length())
+    return dict(BM=1, BN=bn, num_warps=8 if bn >= 2048 else 4)
+
+
+@functools.cache
+def _cols(bn: int, device) -> object:
+    import torch
+
+    return torch.arange(bn, dtype=torch.float32, device=device)
+
+
+def fused_linear_cross_entropy(x, weight, labels, *, ignore_index: int = IGNORE_INDEX, chunk: int | None = None,
+                               backend: str | None = None, **config):
+    """(loss, dx, dw): mean cross-entropy of ``x @ weight.T`` against ``labels`` over the rows whose label is
+    not ``ignore_index`` (nan if none, as torch; the gradients are then zero), and its gradients in x's and
+    weight's dtypes. ``chunk`` rows at a time (default: the logits of a chunk within 256 MiB)."""
+    import torch
+
+    check_ce_args("fused_linear_cross_entropy", x, weight, labels, ignore_index)
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise LaunchError(f"fused_linear_cross_entropy: chunk must be a positive int, got {chunk!r}")
+    t, v = x.shape[0], weight.shape[0]
+    cfg = default_config(v, x.device.type) | config
+    bn = cfg.get("BN", ce_grad_kernel.constants["BN"].default)
+    cols = _cols(bn, x.device)
+    valid = labels != ignore_index
+    count = valid.sum()
+    scale = valid.float() / count.clamp(min=1)       # (T,): 1/n on labelled rows, 0 on ignored ones
+    row_loss = torch.empty(t, dtype=torch.float32, device=x.device)
+    dx = torch.empty_like(x)
+    dw = torch.zeros_like(weight) if t == 0 else torch.empty_like(weight)
+    step = chunk or chunk_rows(t, v, x.element_size())
+    for lo in range(0, t, step):
+        hi = min(t, lo + step)
+        xc = x[lo:hi]                                # (c, d)
+        logits = torch.mm(xc, weight.T)              # (c, V), x's dtype, f32 accumulation
+        ce_grad_kernel(logits, labels[lo:hi], scale[lo:hi], cols, row_loss[lo:hi], backend=backend, **cfg)
+        torch.mm(logits, weight, out=dx[lo:hi])      # (c, d) = (c, V) @ (V, d)
+        if lo == 0:
+            torch.mm(logits.T, xc, out=dw)           # (V, d) = (V, c) @ (c, d)
+        else:
+            dw.addmm_(logits.T, xc)
+    loss = row_loss.sum()
+    loss = torch.where(count > 0, loss, torch.full_like(loss, math.nan))
+    return loss, dx, dw
