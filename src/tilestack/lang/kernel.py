@@ -229,6 +229,12 @@ class Kernel:
         ps = inspect.signature(fn).parameters
         if any(p.kind is p.VAR_KEYWORD for p in ps.values()):
             return fn(**named)
+        unknown = [k for k, p in ps.items() if k not in named and p.default is p.empty]
+        if unknown:
+            code = getattr(fn, "__code__", None)
+            where = f"{os.path.basename(code.co_filename)}:{code.co_firstlineno}" if code else None
+            raise TraceError(f"grid: parameter(s) {', '.join(unknown)} name no argument or constant of the "
+                             f"kernel; the grid may take any of {', '.join(named)}", where)
         return fn(**{k: named[k] for k in ps if k in named})
 
     def __repr__(self) -> str:

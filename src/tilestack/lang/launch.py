@@ -40,7 +40,7 @@ def check_args(traced, args: Sequence) -> None:
     for i, pname, tdt, dt, rank, written in plan:
         a = args[i]
         if tdt is None:
-            if isinstance(a, bool) or not isinstance(a, int | float):
+            if isinstance(a, bool) or not isinstance(a, int | float) or (dt == "int" and not isinstance(a, int)):
                 raise LaunchError(f"{name}: argument {pname} is a runtime {dt}; got {type(a).__name__} {a!r}")
             continue
         if not isinstance(a, torch.Tensor):
