@@ -12,9 +12,9 @@ read twice and written once by the kernel (online logsumexp, then the gradient) 
 full-size passes of a log_softmax, its f32 copy and their backward.
 
 The kernel, per block of BM rows, visits the vocabulary in BN-wide tiles twice:
-  pass 1: running max m and sum l of exp(z - m) (z: a row's logits, in the log2 domain for exp2);
-  pass 2: p = exp(z - m) / l, g = (p - onehot(label)) * scale, written over the logits, and the label's
-          logit picked out with the same one-hot; then loss = (m + log l - z[label]) * scale.
+  pass 1: running max m and sum l of exp(x - m) over a row's logits x (as exp2);
+  pass 2: p = exp(x - m) / l, g = (p - onehot(label)) * scale, written over the logits, and the label's
+          logit picked out with the same one-hot; then loss = (m + log l - x[label]) * scale.
 scale is 1/(number of labelled rows) for a labelled row and 0 for an ignored one. The one-hot is built from
 column numbers without a gather: relu(1 - |col - label|) is 1 at the label's column and 0 elsewhere (exact:
 both are integers below 2^24), and an ignored label (-100) matches no column.
@@ -30,7 +30,7 @@ from tilestack.errors import LaunchError
 from tilestack.kernels._checks import check_same_device, check_tensor
 
 LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
+FLT_MAX = 3.4028234663852886e38
 IGNORE_INDEX = -100
 MAX_EXACT_VOCAB = 1 << 24      # column numbers and labels are exact in f32 below this
 
@@ -46,7 +46,7 @@ def ce_grad_kernel(L, Labels, Scale, Cols, Loss, *,
     i = ts.block_id(0)
     V = L.shape[1]
     x = ts.RegTile[ts.f32, BM, BN]()
-    z = ts.RegTile[ts.f32, BM, BN]()             # x * log2(e)
+    z = ts.RegTile[ts.f32, BM, BN]()
     hot = ts.RegTile[ts.f32, BM, BN]()
     cols = ts.RegTile[ts.f32, BM, BN]()          # column number within the tile, every row
     g = ts.RegTile[L.dtype, BM, BN]()
@@ -61,17 +61,18 @@ def ce_grad_kernel(L, Labels, Scale, Cols, Loss, *,
     coef = ts.RegVec[ts.f32, BM]()
     target = ts.RegVec[ts.f32, BM]()
     loss = ts.RegVec[ts.f32, BM]()
-    ts.neg_infty(m)
+    ts.fill(m, -FLT_MAX)                         # finite: a tile of -inf logits leaves m - m_new = 0, not NaN
     ts.zero(l)
-    for j in ts.range(ts.cdiv(V, BN)):          # pass 1: online max and sum (log2 domain)
+    for j in ts.range(ts.cdiv(V, BN)):          # pass 1: online max and sum
         ts.load(x, L, at=(i, j))                 # (BM, BN)
-        ts.mul(z, x, LOG2E)
-        ts.right_fill(z, z, V - j * BN, -math.inf)
-        ts.row_max(m_new, z, m)
+        ts.right_fill(x, x, V - j * BN, -math.inf)
+        ts.row_max(m_new, x, m)
         ts.sub(alpha, m, m_new)
+        ts.mul(alpha, alpha, LOG2E)
         ts.exp2(alpha, alpha)
         ts.mul(l, l, alpha)
-        ts.sub_row(z, z, m_new)
+        ts.sub_row(z, x, m_new)                  # subtract, then scale: x * log2(e) could overflow
+        ts.mul(z, z, LOG2E)
         ts.exp2(z, z)
         ts.row_sum(l, z, l)
         ts.copy(m, m_new)
@@ -92,17 +93,16 @@ def ce_grad_kernel(L, Labels, Scale, Cols, Loss, *,
         ts.relu(hot, hot)                        # one-hot of the label
         ts.mul(z, x, hot)
         ts.row_sum(target, z, target)
-        ts.mul(z, x, LOG2E)
-        ts.sub_row(z, z, m)
+        ts.sub_row(z, x, m)
+        ts.mul(z, z, LOG2E)
         ts.exp2(z, z)
         ts.mul_row(z, z, coef)                   # p * scale
         ts.mul_row(hot, hot, scale)
         ts.sub(z, z, hot)
         ts.copy(g, z)
         ts.store(L, g, at=(i, j))                # columns past V are dropped
-    ts.log2(loss, l)
-    ts.add(loss, loss, m)
-    ts.mul(loss, loss, LN2)                      # logsumexp, natural log
+    ts.log(loss, l)
+    ts.add(loss, loss, m)                        # logsumexp
     ts.sub(loss, loss, target)
     ts.mul(loss, loss, scale)
     ts.store(Loss, loss, at=(i,))
