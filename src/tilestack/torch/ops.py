@@ -1,0 +1,380 @@
+"""The norm, rotary, SwiGLU and fused linear + cross-entropy kernels as differentiable PyTorch ops.
+
+    y = tilestack.torch.ops.rms_norm(x, weight, eps=1e-6)           # over the last dim, any leading dims
+    y = tilestack.torch.ops.layer_norm(x, weight, bias, eps=1e-5)
+    qr, kr = tilestack.torch.ops.rotary(q, k, cos, sin)             # (B, N, H, D), stored heads-first
+    y = tilestack.torch.ops.swiglu(x)                               # silu(x[..., :F]) * x[..., F:]
+    loss = tilestack.torch.ops.fused_linear_cross_entropy(x, weight, labels, ignore_index=-100)
+
+Two paths to the same kernels, as for ``tilestack.attention``:
+- under ``torch.compile`` (and for ``torch.library.opcheck``): ``tilestack::*`` custom ops, each with a fake
+  implementation and ``register_autograd``, so Dynamo keeps them in the graph;
+- in eager mode: a ``torch.autograd.Function`` per op calling the kernels directly, without the custom-op
+  dispatcher's per-call Python.
+Each op's forward and backward are written once (``_*_forward`` / ``_*_backward`` below) and used by both.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tilestack.errors import LaunchError
+from tilestack.kernels.cross_entropy import IGNORE_INDEX, check_ce_args
+from tilestack.kernels.cross_entropy import fused_linear_cross_entropy as _flce
+from tilestack.kernels.layernorm import layer_norm as _layer_norm
+from tilestack.kernels.layernorm_bwd import layer_norm_backward as _layer_norm_backward
+from tilestack.kernels.rmsnorm import check_rms_norm_args, rms_norm_backward
+from tilestack.kernels.rmsnorm import rms_norm as _rms_norm
+from tilestack.kernels.rotary import check_rotary_args
+from tilestack.kernels.rotary import rotary as _rotary
+from tilestack.kernels.swiglu import swiglu as _swiglu
+from tilestack.kernels.swiglu import swiglu_backward as _swiglu_backward
+
+_is_compiling = torch.compiler.is_compiling
+
+
+def _eager(x: torch.Tensor) -> bool:
+    """Whether the thin eager path applies: a plain tensor outside a graph being traced."""
+    return not _is_compiling() and type(x) is torch.Tensor and not x.is_meta
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as (rows, last dim): a view where the layout allows it."""
+    return x.reshape(-1, x.shape[-1])
+
+
+# ---- RMS norm -------------------------------------------------------------------------------------------------
+@torch.library.custom_op("tilestack::rms_norm_fwd", mutates_args=())
+def rms_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    y, rstd = _rms_norm(_rows(x), weight, eps)
+    return y.view(x.shape), rstd
+
+
+@rms_norm_fwd_op.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(
+        x.numel() // max(1, x.shape[-1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("tilestack::rms_norm_bwd", mutates_args=())
+def rms_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                    rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dx, dw = rms_norm_backward(_rows(dy), _rows(x), weight, rstd)
+    return dx.view(x.shape), dw
+
+
+@rms_norm_bwd_op.register_fake
+def _(dy, x, weight, rstd):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight)
+
+
+def _rms_setup(ctx, inputs, output):
+    x, weight, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _rms_backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = rms_norm_bwd_op(dy, x, weight, rstd)
+    return dx, dw, None
+
+
+rms_norm_fwd_op.register_autograd(_rms_backward, setup_context=_rms_setup)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = _rms_norm(_rows(x), weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = rms_norm_backward(_rows(dy), _rows(x), weight, rstd)
+        return dx.view(x.shape), dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMS norm over the last dim of ``x`` (any leading dims) times ``weight``; differentiable in both."""
+    if isinstance(x, torch.Tensor) and x.dim() == 0:
+        raise LaunchError("rms_norm: x must have at least one dim, got a 0-d tensor")
+    check_rms_norm_args("rms_norm", _rows(x) if isinstance(x, torch.Tensor) else x, weight, eps)
+    if not _eager(x):
+        return rms_norm_fwd_op(x, weight, float(eps))[0]
+    if _needs_grad(x, weight):
+        return _RMSNorm.apply(x, weight, float(eps))
+    return _rms_norm(_rows(x), weight, eps)[0].view(x.shape)
+
+
+# ---- layer norm -----------------------------------------------------------------------------------------------
+@torch.library.custom_op("tilestack::layer_norm_fwd", mutates_args=())
+def layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, mean, rstd = _layer_norm(_rows(x), weight, bias, eps)
+    return y.view(x.shape), mean, rstd
+
+
+@layer_norm_fwd_op.register_fake
+def _(x, weight, bias, eps):
+    m = x.numel() // max(1, x.shape[-1])
+    stat = x.new_empty(m, dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), stat, torch.empty_like(stat)
+
+
+@torch.library.custom_op("tilestack::layer_norm_bwd", mutates_args=())
+def layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                      rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dw, db = _layer_norm_backward(_rows(dy), _rows(x), weight, mean, rstd)
+    return dx.view(x.shape), dw, db
+
+
+@layer_norm_bwd_op.register_fake
+def _(dy, x, weight, mean, rstd):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight),
+            torch.empty_like(weight))
+
+
+def _ln_setup(ctx, inputs, output):
+    x, weight, _, _ = inputs
+    ctx.save_for_backward(x, weight, output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _ln_backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = layer_norm_bwd_op(dy, x, weight, mean, rstd)
+    return dx, dw, db, None
+
+
+layer_norm_fwd_op.register_autograd(_ln_backward, setup_context=_ln_setup)
+
+
+class _LayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, rstd = _layer_norm(_rows(x), weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = _layer_norm_backward(_rows(dy), _rows(x), weight, mean, rstd)
+        return dx.view(x.shape), dw, db, None
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Layer norm over the last dim of ``x`` (any leading dims) with ``weight`` and ``bias``; differentiable.
+    weight and bias share a dtype."""
+    if isinstance(x, torch.Tensor) and x.dim() == 0:
+        raise LaunchError("layer_norm: x must have at least one dim, got a 0-d tensor")
+    if isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor) and bias.dtype != weight.dtype:
+        raise LaunchError(f"layer_norm: bias is {bias.dtype}; expected weight's dtype {weight.dtype}")
+    if not _eager(x):
+        return layer_norm_fwd_op(x, weight, bias, float(eps))[0]
+    if _needs_grad(x, weight, bias):
+        return _LayerNorm.apply(x, weight, bias, float(eps))
+    return _layer_norm(_rows(x), weight, bias, eps)[0].view(x.shape)
+
+
+# ---- rotary embedding -----------------------------------------------------------------------------------------
+def _heads_first(t: torch.Tensor) -> torch.Tensor:
+    """An empty (B, N, H, D) tensor laid out as (B, H, N, D): attention reads it after a free transpose."""
+    B, N, H, D = t.shape
+    return t.new_empty((B, H, N, D)).transpose(1, 2)
+
+
+def _rotate(q, k, cos, sin, inverse: bool):
+    return _rotary(q, k, cos, sin, inverse=inverse, q_out=_heads_first(q), k_out=_heads_first(k))
+
+
+@torch.library.custom_op("tilestack::rotary", mutates_args=())
+def rotary_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rotate(q, k, cos, sin, inverse)
+
+
+@rotary_op.register_fake
+def _(q, k, cos, sin, inverse):
+    return _heads_first(q), _heads_first(k)
+
+
+def _rotary_setup(ctx, inputs, output):
+    _, _, cos, sin, inverse = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.inverse = inverse
+
+
+def _rotary_backward(ctx, dq, dk):
+    cos, sin = ctx.saved_tensors
+    dq, dk = rotary_op(dq, dk, cos, sin, not ctx.inverse)    # the rotation by minus the angle
+    return dq, dk, None, None, None
+
+
+rotary_op.register_autograd(_rotary_backward, setup_context=_rotary_setup)
+
+
+class _Rotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(q, k, cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        dq, dk = _rotate(dq, dk, cos, sin, True)
+        return dq, dk, None, None
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """(q, k) rotated (rotate-half RoPE); q: (B, N, H, D), k: (B, N, Hkv, D), cos/sin: (N, D/2) f32 (see
+    ``tilestack.kernels.rotary_tables``). The results have q's and k's shapes but are stored heads-first, so
+    ``qr.transpose(1, 2)`` is a contiguous (B, H, N, D) tensor. Differentiable in q and k."""
+    check_rotary_args("rotary", q, k, cos, sin)
+    if not _eager(q):
+        return rotary_op(q, k, cos, sin, False)
+    if _needs_grad(q, k):
+        return _Rotary.apply(q, k, cos, sin)
+    return _rotate(q, k, cos, sin, False)
+
+
+# ---- SwiGLU ---------------------------------------------------------------------------------------------------
+def _halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = _rows(x)
+    f = x.shape[-1] // 2
+    return rows[:, :f], rows[:, f:]
+
+
+def _swiglu_forward(x: torch.Tensor) -> torch.Tensor:
+    a, b = _halves(x)
+    return _swiglu(a, b).view(*x.shape[:-1], x.shape[-1] // 2)
+
+
+def _swiglu_grad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    a, b = _halves(x)
+    dx = torch.empty(a.shape[0], x.shape[-1], dtype=x.dtype, device=x.device)   # (M, 2F): [da | db]
+    f = a.shape[1]
+    _swiglu_backward(_rows(dy), a, b, da=dx[:, :f], db=dx[:, f:])
+    return dx.view(x.shape)
+
+
+@torch.library.custom_op("tilestack::swiglu_fwd", mutates_args=())
+def swiglu_fwd_op(x: torch.Tensor) -> torch.Tensor:
+    return _swiglu_forward(x)
+
+
+@swiglu_fwd_op.register_fake
+def _(x):
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+@torch.library.custom_op("tilestack::swiglu_bwd", mutates_args=())
+def swiglu_bwd_op(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return _swiglu_grad(dy, x)
+
+
+@swiglu_bwd_op.register_fake
+def _(dy, x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _swiglu_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _swiglu_bwd(ctx, dy):
+    (x,) = ctx.saved_tensors
+    return swiglu_bwd_op(dy, x)
+
+
+swiglu_fwd_op.register_autograd(_swiglu_bwd, setup_context=_swiglu_setup)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return _swiglu_forward(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        return _swiglu_grad(dy, x)
+
+
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    """silu(a) * b with a, b the two halves of x's last dim (a gate and an up projection made by one GEMM):
+    (..., 2F) -> (..., F); differentiable, the gradient landing in one (..., 2F) tensor."""
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] % 2:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise LaunchError(f"swiglu: x must be a tensor whose last dim is even (the two halves a, b); got {got}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise LaunchError(f"swiglu: x has dtype {x.dtype}; expected one of float32, bfloat16, float16")
+    if not _eager(x):
+        return swiglu_fwd_op(x)
+    if _needs_grad(x):
+        return _SwiGLU.apply(x)
+    return _swiglu_forward(x)
+
+
+# ---- fused linear + cross-entropy ------------------------------------------------------------------------------
+@torch.library.custom_op("tilestack::fused_linear_cross_entropy", mutates_args=())
+def fused_linear_cross_entropy_op(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                                  ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _flce(x, weight, labels, ignore_index=ignore_index)
+
+
+@fused_linear_cross_entropy_op.register_fake
+def _(x, weight, labels, ignore_index):
+    return x.new_empty((), dtype=torch.float32), torch.empty_like(x), torch.empty_like(weight)
+
+
+def _ce_setup(ctx, inputs, output):
+    _, dx, dw = output
+    ctx.save_for_backward(dx, dw)
+    ctx.mark_non_differentiable(dx, dw)
+
+
+def _ce_backward(ctx, dloss, _ddx, _ddw):
+    dx, dw = ctx.saved_tensors          # made by the forward, for a loss gradient of 1
+    return dx * dloss.to(dx.dtype), dw * dloss.to(dw.dtype), None, None
+
+
+fused_linear_cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup)
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, labels, ignore_index):
+        loss, dx, dw = _flce(x, weight, labels, ignore_index=ignore_index)
+        ctx.save_for_backward(dx, dw)
+        return loss
+
+    @staticmethod
+    def backward(ctx, dloss):
+        dx, dw = ctx.saved_tensors
+        return dx * dloss.to(dx.dtype), dw * dloss.to(dw.dtype), None, None
+
+
+def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                               ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Mean cross-entropy of ``x @ weight.T`` (x: (T, d), weight: (V, d)) against ``labels`` (T,), skipping
+    rows labelled ``ignore_index``; the (T, V) logits are never made whole. A 0-d f32 loss, differentiable in
+    x and weight (their gradients are made in the forward, for a loss gradient of 1, and scaled after)."""
+    check_ce_args("fused_linear_cross_entropy", x, weight, labels, ignore_index)
+    if not _eager(x):
+        return fused_linear_cross_entropy_op(x, weight, labels, int(ignore_index))[0]
+    if _needs_grad(x, weight):
+        return _FusedLinearCrossEntropy.apply(x, weight, labels, int(ignore_index))
+    return _flce(x, weight, labels, ignore_index=ignore_index)[0]
+
+
+__all__ = ["fused_linear_cross_entropy", "layer_norm", "rms_norm", "rotary", "swiglu"]
