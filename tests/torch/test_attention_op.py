@@ -197,5 +197,5 @@ def test_fake_path_still_checks_arguments():
         tilestack.attention(q, k, k)
     with pytest.raises(LaunchError, match=r"attention: scale must be a positive number"):
         tilestack.attention(k, k, k, scale=-1.0)
-    with pytest.raises(LaunchError, match=r"attention: q has dtype float32"):
-        tilestack.attention(k.float(), k.float(), k.float())
+    with pytest.raises(LaunchError, match=r"attention: q has dtype float64"):
+        tilestack.attention(k.double(), k.double(), k.double())

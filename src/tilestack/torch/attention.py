@@ -3,9 +3,12 @@
     o = tilestack.attention(q, k, v, causal=False, scale=None)
     # q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D) with H a multiple of Hkv; bf16 or fp16; D in 16..256
 
-Registered as ``tilestack::attention_fwd`` and ``tilestack::attention_bwd`` custom ops, each with a fake
-(meta) implementation, and tied together with ``register_autograd``, so ``torch.compile`` traces through
-without a graph break and ``loss.backward()`` gives dq, dk, dv.
+Two paths to the same kernels:
+- under ``torch.compile`` (and for ``torch.library.opcheck``): the ``tilestack::attention_fwd`` and
+  ``tilestack::attention_bwd`` custom ops, each with a fake (meta) implementation, tied together with
+  ``register_autograd``, so Dynamo keeps them in the graph without a graph break;
+- in eager mode: a ``torch.autograd.Function`` calling the same kernels directly, because a custom op's
+  dispatch costs tens of microseconds of Python per call, which a training step at small sizes feels.
 """
 
 from __future__ import annotations
@@ -56,10 +59,39 @@ def _backward(ctx, do, _dlse):
 attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _Attention(torch.autograd.Function):
+    """The eager path: the kernels without the custom-op dispatcher (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale):
+        o, lse = attention_forward(q, k, v, causal, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.scale = causal, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = attention_backward(q, k, v, o, lse, do, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+_is_compiling = torch.compiler.is_compiling
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
               scale: float | None = None) -> torch.Tensor:
     """Scaled dot-product attention on (B, H, N, D) tensors, as ``F.scaled_dot_product_attention(q, k, v,
-    is_causal=causal, scale=scale)`` with GQA (fewer K/V heads) allowed; differentiable."""
-    check_attention_args("attention", q, k, v, scale)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return attention_fwd_op(q, k, v, bool(causal), scale)[0]
+    is_causal=causal, scale=scale)`` with GQA (fewer K/V heads) allowed; differentiable. Arguments are
+    checked before any work (by the kernels' own checks, once per launch signature)."""
+    if _is_compiling() or type(q) is not torch.Tensor or q.is_meta:   # graphs, fake and meta tensors, subclasses
+        check_attention_args("attention", q, k, v, scale)
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        return attention_fwd_op(q, k, v, bool(causal), scale)[0]
+    if scale is not None and not isinstance(scale, float):
+        check_attention_args("attention", q, k, v, scale)   # an int, a bool, a tensor: refused or made a float
+        scale = float(scale)
+    causal = bool(causal)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _Attention.apply(q, k, v, causal, scale)
+    return attention_forward(q, k, v, causal, scale)[0]
