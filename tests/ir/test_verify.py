@@ -30,7 +30,8 @@ def loop(lo: Instr, init: Instr, body_result_type: TileType, where: str = "k.py:
     arg = Value(init.result.type)
     inner = fill(body_result_type, "k.py:6")
     body = Block(args=[Value(INDEX), arg], instrs=[inner], yields=[inner.result])
-    return Instr(Op.RANGE, (Value(init.result.type),), (lo.result, lo.result, init.result), {}, body, where)
+    return Instr(Op.RANGE, (Value(init.result.type),), (lo.result, lo.result, lo.result, init.result), {}, body,
+                 where)
 
 
 def test_a_well_formed_kernel_passes():

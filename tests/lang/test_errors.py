@@ -585,3 +585,102 @@ def test_ragged_sizes_are_not_rejected(backend, shape):
     with config.override(triton_interpret=True):   # CPU tensors: Triton's interpreter, GPU or not
         scale(a, c, -1.5, backend=backend)
     torch.testing.assert_close(c, a * -1.5)
+
+
+# ---- index scalars, runtime scalars, grids and ranks (issue 9, item 6) -----------------------------------------------
+@ts.kernel(grid=lambda Y: (1,))
+def scalar_division(X, Y, n: int, *, HOW: str):
+    """Y[:16] = a float made from index scalars (X's width N and the runtime int n) in one of several ways."""
+    y = ts.RegVec[ts.f32, 16]()
+    N = X.shape[1]
+    value = {"N/4": lambda: N / 4, "1.0/N": lambda: 1.0 / N, "n/N": lambda: n / N, "-N//n": lambda: -N // n,
+             "7%N": lambda: 7 % N, "N/n": lambda: N / n}[HOW]()
+    ts.zero(y)
+    ts.add(y, y, value)
+    ts.store(Y, y, at=(0,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.filterwarnings("ignore:divide by zero")
+@pytest.mark.parametrize(("how", "want"), [("N/4", 2.5), ("1.0/N", 0.1), ("n/N", 0.3), ("-N//n", -4.0),
+                                           ("7%N", 7.0), ("N/n", float("inf"))])
+def test_index_scalars_divide_as_python_does(backend, how, want):
+    x, y = torch.zeros(3, 10), nan_tensor(16)
+    n = 0 if how == "N/n" else 3
+    with config.override(triton_interpret=True):
+        scalar_division(x, y, n, HOW=how, backend=backend)
+    torch.testing.assert_close(y, torch.full((16,), want))
+
+
+def test_a_float_tile_coordinate():
+    @one_program
+    def k(X):
+        x = ts.RegTile[ts.f32, 16, 16]()
+        ts.load(x, X, at=(X.shape[0] / 16, 0))  # E:float-at
+
+    with pytest.raises(TraceError) as err:
+        k.trace(F32_2D)
+    assert_names(err, "E:float-at", "load: at[0] must be an index, got a float scalar", "divide with //")
+
+
+def test_a_float_loop_bound():
+    @one_program
+    def k(X):
+        for _ in ts.range(X.shape[0] * 0.5):  # E:float-range
+            pass
+
+    with pytest.raises(TraceError) as err:
+        k.trace(F32_2D)
+    assert_names(err, "E:float-range", "range: an operand must be an index, got a float scalar")
+
+
+def test_floor_division_of_a_float_scalar():
+    @ts.kernel(grid=lambda: (1,))
+    def k(X, s: float):
+        _ = s // 2  # E:float-floordiv
+
+    with pytest.raises(TraceError) as err:
+        k.trace(F32_2D, 1.0)
+    assert_names(err, "E:float-floordiv", "`//` is for index scalars; got float // index")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_float_for_an_int_scalar(backend):
+    y = nan_tensor(16)
+    with pytest.raises(LaunchError, match=r"scalar_division: argument n is a runtime int; got float 2.0"):
+        scalar_division(torch.zeros(3, 10), y, 2.0, HOW="n/N", backend=backend)
+    assert_untouched(y)
+
+
+def test_grid_parameter_that_names_nothing():
+    @ts.kernel(grid=lambda Out, BM: (ts.cdiv(Out.shape[0], BM),))  # E:grid-names
+    def k(X, Y, *, BM: int = 16):
+        pass
+
+    with pytest.raises(TraceError) as err:
+        k.trace(F32_2D, F32_2D)
+    assert_names(err, "E:grid-names", "grid: parameter(s) Out name no argument or constant",
+                  "the grid may take any of X, Y, BM")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_tensor_of_lower_rank_on_first_launch(backend):
+    @ts.kernel(grid=lambda X: (ts.cdiv(X.shape[0], 16),))
+    def rowsum(X, Y):
+        x = ts.RegTile[ts.f32, 16, 16]()
+        s = ts.RegVec[ts.f32, 16]()
+        ts.zero(s)
+        for j in ts.range(ts.cdiv(X.shape[1], 16)):  # E:rank-axis
+            ts.load(x, X, at=(ts.block_id(0), j))
+            ts.row_sum(s, x, s)
+        ts.store(Y, s, at=(ts.block_id(0),))
+
+    y = nan_tensor(20)
+    with pytest.raises(LaunchError) as err:
+        rowsum(torch.ones(20), y, backend=backend)
+    assert isinstance(err.value, TraceError)
+    assert_names(err, "E:rank-axis", "X.shape[1]: argument X has rank 1 (axes 0 to 0), so it has no axis 1")
+    assert_untouched(y)
+    rowsum.trace(ts.ArgSpec(ts.f32, 2), ts.ArgSpec(ts.f32, 1))   # the rank it reads traces
+    with pytest.raises(LaunchError, match=r"X.shape\[-2\]: argument X has rank 1"):
+        ts.kernel(lambda X: ts.cdiv(X.shape[-2], 4), grid=lambda: (1,)).trace(ts.ArgSpec(ts.f32, 1))

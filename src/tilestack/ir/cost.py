@@ -179,8 +179,10 @@ def _count_memory(ins, env: _Env, counts) -> None:
 
 
 def _eval_range(ins, env: _Env, counts) -> None:
-    lo, hi = (np.broadcast_to(np.asarray(env.values[s], dtype=np.int64), (env.n,)) for s in ins.srcs[:2])
-    trips = np.maximum(hi - lo, 0)
+    lo, hi, step = (np.broadcast_to(np.asarray(env.values[s], dtype=np.int64), (env.n,)) for s in ins.srcs[:3])
+    if (step == 0).any():
+        raise ValueError(f"range step is 0 ({ins.where})")
+    trips = np.maximum(-((lo - hi) // step), 0)       # ceil((hi - lo) / step), either sign of step
     total = int(trips.sum())
     if total == 0:
         return
@@ -196,7 +198,7 @@ def _eval_range(ins, env: _Env, counts) -> None:
             inner.values[v] = x[rep]
         else:
             inner.values[v] = x
-    inner.values[ins.body.args[0]] = lo[rep] + k
+    inner.values[ins.body.args[0]] = lo[rep] + k * step[rep]
     _eval_block(ins.body, inner, counts)
 
 

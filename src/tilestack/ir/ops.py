@@ -31,7 +31,8 @@ class Op(enum.Enum):
     # --- memory and control ------------------------------------------------------------------------------
     LOAD = "load"                # (global, *coords) -> tile         trailing coords count whole tiles
     STORE = "store"              # (global, tile, *coords) -> ()
-    RANGE = "range"              # (lo, hi, *inits) -> carried       attrs: stages; body: (i, *carried) -> yields
+    RANGE = "range"              # (lo, hi, step, *inits) -> carried  attrs: stages; body: (i, *carried) -> yields
+    #                              (i = lo, lo + step, ... while before hi, as Python's range; step != 0)
 
 
 SCALAR_FNS = ("add", "sub", "mul", "floordiv", "cdiv", "mod", "min", "max", "fadd", "fmul", "fdiv")

@@ -42,7 +42,9 @@ def _block(block: Block, outer: set[Value]) -> None:
         if ins.op is Op.RANGE:
             body = ins.body
             carried = body.args[1:]
-            inits = ins.srcs[2:]
+            inits = ins.srcs[3:]
+            if any(s.type != INDEX for s in ins.srcs[:3]):
+                raise TraceError("range: start, stop and step must be indices", ins.where)
             if body.args[0].type != INDEX or len(carried) != len(inits) != len(body.yields):
                 raise TraceError("range: malformed loop (args, inits and yields disagree)", ins.where)
             for a, i, y, r in zip(carried, inits, body.yields, ins.results, strict=True):

@@ -13,7 +13,7 @@ from tilestack.errors import TraceError
 from tilestack.ir.nodes import Value
 from tilestack.ir.ops import Op
 from tilestack.ir.types import INDEX
-from tilestack.lang.tiles import Scalar, as_scalar
+from tilestack.lang.tiles import Scalar, as_index, as_scalar
 from tilestack.lang.trace import current, user_line, user_name
 
 
@@ -35,9 +35,7 @@ def _axis(name: str, axis) -> None:
 
 
 def _index(name: str, x) -> Scalar | int:
-    if isinstance(x, Scalar | int) and not isinstance(x, bool):
-        return x
-    raise TraceError(f"{name}: expected an index (int or Scalar), got {x!r}", user_line())
+    return x if isinstance(x, int) and not isinstance(x, bool) else as_index(x, f"{name}: an operand")
 
 
 def cdiv(a, b):
@@ -64,20 +62,24 @@ def smax(a, b):
     return as_scalar(a)._op(b, "max")
 
 
-def range(lo, hi=None, *, stages: int | None = None) -> Iterator[Scalar]:  # noqa: A001
-    """A loop over tiles, traced once: ``for j in range(lo, hi)`` (or ``range(hi)``), step 1.
+def range(start, stop=None, step=1, *, stages: int | None = None) -> Iterator[Scalar]:  # noqa: A001
+    """A loop over tiles, traced once: ``for j in range(start, stop, step)`` (or ``range(stop)``), as Python's.
 
-    Tiles written in the body are carried from one iteration to the next; ``stages`` asks backends that
-    pipeline loads (Triton) for that many stages in flight.
+    ``step`` is a nonzero int (negative counts down), or an index Scalar that must be positive when the
+    kernel runs (a grid-stride loop: ``range(block_id(0), n, num_blocks(0))``). Tiles written in the body are
+    carried from one iteration to the next; ``stages`` asks backends that pipeline loads (Triton) for that
+    many stages in flight.
     """
     where = user_line()
-    if hi is None:
-        lo, hi = 0, lo
-    lo_s, hi_s = as_scalar(_index("range", lo)), as_scalar(_index("range", hi))
+    if stop is None:
+        start, stop = 0, start
+    if isinstance(step, int) and not isinstance(step, bool) and step == 0:
+        raise TraceError("range: step must not be zero", where)
+    lo_s, hi_s, step_s = (as_scalar(_index("range", x)) for x in (start, stop, step))
     if stages is not None and (not isinstance(stages, int) or stages < 1):
         raise TraceError(f"range: stages must be a positive int, got {stages!r}", where)
     tr = current("range")
-    ins = tr.emit(Op.RANGE, (lo_s.v, hi_s.v), (), where, stages=stages)
+    ins = tr.emit(Op.RANGE, (lo_s.v, hi_s.v, step_s.v), (), where, stages=stages)
     induction = Value(INDEX, "it")
     loop = tr.begin_loop(ins, induction)
     index = Scalar(induction)

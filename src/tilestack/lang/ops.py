@@ -13,7 +13,7 @@ import math
 from tilestack.errors import MemorySpaceError, TileDTypeError, TileShapeError, TraceError
 from tilestack.ir.ops import Op
 from tilestack.ir.types import Space, bf16, f16, f32
-from tilestack.lang.tiles import GlobalTensor, Tile, as_scalar
+from tilestack.lang.tiles import GlobalTensor, Tile, as_index, as_scalar
 from tilestack.lang.trace import current, user_line, user_name
 
 _MMA_INPUTS = (bf16, f16, f32)
@@ -293,7 +293,7 @@ def _coords(opname: str, g: GlobalTensor, tile: Tile, at) -> tuple:
                          user_line())
     if g.rank < len(tile.shape):
         raise TileShapeError(f"{opname}: a {tile.type} does not fit rank-{g.rank} `{g.name}`", user_line())
-    return tuple(as_scalar(c).v for c in at)
+    return tuple(as_index(c, f"{opname}: at[{k}]").v for k, c in enumerate(at))
 
 
 def load(dst: Tile, src, at=None) -> None:

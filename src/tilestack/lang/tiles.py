@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from tilestack.errors import TileShapeError, TraceError
+from tilestack.errors import LaunchError, TileShapeError, TraceError
 from tilestack.ir.nodes import Value
 from tilestack.ir.ops import Op
 from tilestack.ir.types import FLOAT, INDEX, DType, GlobalType, ScalarType, Space, TileType
@@ -155,12 +155,20 @@ class Scalar:
         return self.v.type
 
     def _op(self, other, fn: str, swap: bool = False) -> Scalar:
+        if isinstance(other, Tile):
+            return NotImplemented   # `2 * N * t`: the tile's reflected operator takes the scalar
         o = as_scalar(other)
         a, b = (o, self) if swap else (self, o)
         is_float = FLOAT in (a.type, b.type)
-        if is_float and fn in ("add", "mul", "div"):
-            fn = {"add": "fadd", "mul": "fmul", "div": "fdiv"}[fn]
-        rtype = FLOAT if is_float else INDEX
+        if is_float and fn in ("floordiv", "cdiv", "mod"):
+            sym = {"floordiv": "//", "cdiv": "cdiv", "mod": "%"}[fn]
+            raise TraceError(f"`{sym}` is for index scalars; got {a.type} {sym} {b.type} (a float scalar "
+                             "divides with `/`)", user_line())
+        if fn == "div":      # true division, as in Python: `N / 2` and `1.0 / N` are floats (`//` floors)
+            fn = "fdiv"
+        elif is_float and fn in ("add", "mul"):
+            fn = {"add": "fadd", "mul": "fmul"}[fn]
+        rtype = FLOAT if is_float or fn == "fdiv" else INDEX
         ins = current("scalar arithmetic").emit(Op.SCALAR, (a.v, b.v), (rtype,), user_line(), fn=fn)
         return Scalar(ins.result)
 
@@ -173,7 +181,10 @@ class Scalar:
     def __floordiv__(self, o): return self._op(o, "floordiv")
     def __rfloordiv__(self, o): return self._op(o, "floordiv", True)
     def __mod__(self, o): return self._op(o, "mod")
+    def __rmod__(self, o): return self._op(o, "mod", True)
     def __truediv__(self, o): return self._op(o, "div")
+    def __rtruediv__(self, o): return self._op(o, "div", True)
+    def __neg__(self): return self._op(0, "sub", True)
 
     def __bool__(self):
         raise TraceError("a Scalar's value is known only when the kernel runs: Python `if`/`while` cannot "
@@ -195,6 +206,37 @@ def as_scalar(x) -> Scalar:
         raise TraceError(f"expected an index Scalar or a number, got {x!r}", user_line())
     t = INDEX if isinstance(x, int) else FLOAT
     return Scalar(current("constant").emit(Op.CONST, (), (t,), user_line(), value=x).result)
+
+
+def as_index(x, what: str) -> Scalar:
+    """``x`` as an index Scalar, for ``what`` (a tile coordinate, a loop bound): a float is refused."""
+    if isinstance(x, bool) or not isinstance(x, int | Scalar):
+        raise TraceError(f"{what} must be an index (int or index Scalar), got {type(x).__name__} {x!r}",
+                         user_line())
+    s = as_scalar(x)
+    if s.type != INDEX:
+        raise TraceError(f"{what} must be an index, got a float scalar (index scalars divide with // or "
+                         "ts.cdiv; `/` makes a float)", user_line())
+    return s
+
+
+class ArgumentRankError(TraceError, LaunchError):
+    """A kernel reads an axis past the rank of the tensor it was given (a LaunchError to the caller, at the
+    kernel's line)."""
+
+
+class _Shape(tuple):
+    """A global's symbolic sizes; indexing past its rank names the argument, its rank and the axis."""
+
+    def __new__(cls, g: GlobalTensor):
+        obj = super().__new__(cls, tuple(g.dim(a) for a in range(g.rank)))
+        obj.g = g
+        return obj
+
+    def __getitem__(self, key):
+        if isinstance(key, int) and not -len(self) <= key < len(self):
+            self.g.dim(key)   # raises, naming the argument
+        return super().__getitem__(key)
 
 
 class GlobalTensor:
@@ -219,9 +261,15 @@ class GlobalTensor:
 
     @property
     def shape(self) -> tuple[Scalar, ...]:
-        return tuple(self.dim(a) for a in range(self.rank))
+        return _Shape(self)
 
     def dim(self, axis: int) -> Scalar:
+        if not isinstance(axis, int) or isinstance(axis, bool) or not -self.rank <= axis < self.rank:
+            raise ArgumentRankError(
+                f"{self.name}.shape[{axis!r}]: argument {self.name} has rank {self.rank} (axes 0 to "
+                f"{self.rank - 1}), so it has no axis {axis!r}; pass a tensor of the rank the kernel reads",
+                user_line())
+        axis %= self.rank
         if axis not in self._dims:
             ins = current("shape").emit(Op.DIM, (self.v,), (INDEX,), user_line(), axis=axis)
             self._dims[axis] = Scalar(ins.result)

@@ -45,9 +45,10 @@ def run(traced, args):
         else:
             scalars[i] = a
     grid = traced.grid(*args)
+    constants = {ins.result for ins in ir.walk() if ins.op is Op.CONST}
     with np.errstate(all="ignore"):  # -inf - -inf, exp overflow etc. behave as on the GPU
         for pid in np.ndindex(*grid[::-1]):
-            _Program(arrays, scalars, pid[::-1], grid).block(ir.body, {})
+            _Program(arrays, scalars, pid[::-1], grid, constants).block(ir.body, {})
     for i in ir.written_params():
         args[i].copy_(torch.from_numpy(arrays[i]).to(args[i].dtype))
     return None
@@ -66,8 +67,9 @@ def _float64(a) -> np.ndarray:
 
 
 class _Program:
-    def __init__(self, arrays, scalars, pid, grid):
+    def __init__(self, arrays, scalars, pid, grid, constants=frozenset()):
         self.arrays, self.scalars, self.pid, self.grid = arrays, scalars, pid, grid
+        self.constants = constants   # values that are compile-time constants (a negative loop step must be)
         self.arg_index: dict[Value, int] = {}
 
     def block(self, block: Block, env: dict) -> None:
@@ -167,10 +169,13 @@ class _Program:
             g[region[0]] = round_to(env[tv][region[1]], gv.type.dtype)
 
     def loop(self, ins: Instr, env: dict) -> None:
-        lo, hi = int(env[ins.srcs[0]]), int(env[ins.srcs[1]])
+        lo, hi, step = (int(env[s]) for s in ins.srcs[:3])
+        if step == 0 or (step < 0 and ins.srcs[2] not in self.constants):
+            raise BackendError(f"{ins.where}: range step is {step} when the kernel runs; a runtime step must be "
+                               "positive (a negative step must be a compile-time int)")
         body = ins.body
-        carried = [env[s] for s in ins.srcs[2:]]
-        for i in range(lo, hi):
+        carried = [env[s] for s in ins.srcs[3:]]
+        for i in range(lo, hi, step):
             inner = dict(env)
             inner[body.args[0]] = i
             for arg, v in zip(body.args[1:], carried, strict=True):
