@@ -3,22 +3,15 @@
 ``rng``: a NumPy generator with a fresh seed per test, printed so a failing run can be replayed with
 ``TILESTACK_TEST_SEED=<seed>``.
 
-On a machine without a GPU, Triton runs kernels through its interpreter, which it decides when first
-imported; torch.compile and opcheck import Triton too, so the interpreter is turned on here, before any test.
+Nothing here turns Triton's interpreter on: the Triton backend decides per launch (CPU tensors with no GPU
+present run under the interpreter) whatever was imported first, as it does for a user.
 """
 
 import os
 import random
-import sys
 
 import numpy as np
 import pytest
-import torch
-
-from tilestack import config
-
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    config.use_triton_interpreter()
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,21 +59,61 @@ def override(**changes) -> Iterator[Knobs]:
 
 
 def use_triton_interpreter() -> None:
-    """Make Triton run kernels on the CPU through its interpreter.
+    """Let Triton's interpreter run tilestack's kernels in this process, whether or not Triton was imported first.
 
-    Triton decides at import time (its own library functions are jitted then), so this must run before the
-    first ``import triton``; afterwards it only checks that Triton was imported that way.
+    The Triton backend decides per launch whether a kernel runs compiled (CUDA tensors) or under Triton's
+    interpreter (CPU tensors with no GPU present, or ``TRITON_INTERPRET=1``), compiles the kernel for that mode
+    itself, and calls this first. What Triton fixes when it is imported is its own library: ``tl.max``,
+    ``tl.sum``, ``tl.cdiv`` and the other helpers written with ``@triton.jit`` can be interpreted only if
+    ``TRITON_INTERPRET=1`` was set before ``import triton``; otherwise an interpreted kernel that calls one
+    fails ("Cannot call @triton.jit'd outside of the scope of a kernel"). Here each such helper learns to run
+    under the interpreter too. The compiler never calls a jitted function (it reads its source), so compiling
+    for a GPU in the same process is unchanged. Cheap after the first call.
     """
     import sys
 
-    from tilestack.errors import BackendError
+    import triton.language  # noqa: F401  (loads Triton's library)
 
-    if "triton" not in sys.modules:
-        os.environ["TRITON_INTERPRET"] = "1"
-        knobs.triton_interpret = True
-        return
-    import triton
+    helper = _interpretable_jit_class()
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "triton.language" or name.startswith("triton.language.")):
+            continue
+        for value in list(vars(module).values()):
+            if type(value) is helper.__base__:
+                value.__class__ = helper   # the same object: every reference to it (tl.max, tensor.max) follows
 
-    if not triton.knobs.runtime.interpret:
-        raise BackendError("Triton was imported before tilestack could turn on its interpreter, and this machine "
-                           "has no GPU; set TRITON_INTERPRET=1 in the environment before starting Python")
+
+_INTERPRETABLE_JIT: type | None = None
+
+
+def _interpretable_jit_class() -> type:
+    """A subclass of Triton's ``JITFunction`` that, when called (only the interpreter calls one), runs the
+    function under the interpreter; built once, on first use, so ``import tilestack`` never imports Triton."""
+    global _INTERPRETABLE_JIT
+    if _INTERPRETABLE_JIT is not None:
+        return _INTERPRETABLE_JIT
+    from triton.runtime import interpreter
+    from triton.runtime.jit import JITFunction
+
+    class InterpretableJITFunction(JITFunction):
+        def __call__(self, *args, **kwargs):
+            # what the interpreter does for a device function, with Triton's language patched for the call
+            # only: a GPU compile later in this process sees the language unpatched
+            rewritten = self.__dict__.get("_interpreted")
+            if rewritten is None:
+                rewritten = self.__dict__["_interpreted"] = interpreter.InterpretedFunction(self.fn).rewrite()
+            scope = interpreter._patch_lang(self.fn)
+            try:
+                return rewritten(*args, **kwargs)
+            finally:
+                scope.restore()
+
+        def __get__(self, obj, objtype=None):
+            # ``x.max(0)`` on an interpreted tensor: bind x as the first argument, as Triton's interpreter
+            # does for its own helpers. The compiler reads the unbound function (its tensors hold IR values).
+            if obj is not None and isinstance(getattr(obj, "handle", None), interpreter.TensorHandle):
+                return functools.partial(self.__call__, obj)
+            return self
+
+    _INTERPRETABLE_JIT = InterpretableJITFunction
+    return InterpretableJITFunction
