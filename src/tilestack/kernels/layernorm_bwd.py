@@ -10,7 +10,8 @@ The grid is persistent: P programs (P = the rows of the partial buffers ``DWp``/
 fill the GPU) each walk the row blocks pid, pid + P, ... and keep their share of dw and db, which the host
 adds up over P afterwards (P x N floats, tiny next to x). A row that fits one tile (``ONE_TILE``) is read once
 and its partial sums stay in registers; a wider row takes two passes over its column tiles (the row's two
-means, then dx), adding into the program's own row of the partial buffers in memory.
+means, then dx), adding into the program's own row of the partial buffers in memory. A second small kernel
+(``partial_sum_kernel``) adds the partials up and writes dw and db in the weight's dtype.
 """
 
 from __future__ import annotations
@@ -131,6 +132,24 @@ def norm_bwd_kernel(X, W, DY, Mean, Rstd, DX, DWp, DBp, *,
             ts.store(DX, dx, at=(i, j))
 
 
+@ts.kernel(grid=lambda Parts, BN: (ts.cdiv(Parts.shape[2], BN), Parts.shape[0]))
+def partial_sum_kernel(Parts, Out, *,
+                       BP: int = ts.tunable(32, (1, 2, 4, 8, 16, 32, 64)),
+                       BN: int = ts.tunable(64, (16, 32, 64, 128, 256, 512)),
+                       num_warps: int = ts.tunable(4, (1, 2, 4, 8))):
+    # Parts: (K, P, N) f32 partial sums; Out: (K, N) = Parts summed over P, in Out's dtype (the weights')
+    j, k = ts.block_id(0), ts.block_id(1)
+    part = ts.RegTile[ts.f32, BP, BN]()
+    acc = ts.RegVec[ts.f32, BN]()
+    out = ts.RegVec[Out.dtype, BN]()
+    ts.zero(acc)
+    for r in ts.range(ts.cdiv(Parts.shape[1], BP)):
+        ts.load(part, Parts, at=(k, r, j))       # (BP, BN); rows past P read zero
+        ts.col_sum(acc, part, acc)
+    ts.copy(out, acc)
+    ts.store(Out, out, at=(k, j))
+
+
 def reference(dy, x, weight, bias, eps: float = 1e-5):
     """(dx, dw, db) of torch's layer norm in f32 autograd, returned in the inputs' dtypes."""
     import torch
@@ -200,25 +219,26 @@ def check_norm_bwd_args(fn: str, dy, x, weight, stats: dict) -> None:
 
 
 def norm_backward(dy, x, weight, mean, rstd, *, centered: bool, backend: str | None, config: dict):
-    """(dx, dw, db or None) after the checks: the launch and the reduction of the partial sums over programs."""
+    """(dx, sums) after the checks: the launch and the reduction of the partial sums over programs; sums is
+    (2, N) = [dw, db] for layer norm, (1, N) = [dw] for RMS norm, in weight's dtype."""
     import torch
 
     m, n = x.shape
     cfg = bwd_config(n, x.device.type, config)
     p = programs(m, x.device, cfg.get("BM", 1))
     alloc = torch.empty if cfg["ONE_TILE"] else torch.zeros    # the wide path adds into its partials
-    dwp = alloc(p, n, dtype=torch.float32, device=x.device)
-    dbp = alloc(p, n, dtype=torch.float32, device=x.device) if centered else dwp
+    parts = alloc(2 if centered else 1, p, n, dtype=torch.float32, device=x.device)   # (K, P, N): dw [, db]
     dx = torch.empty_like(x)
-    norm_bwd_kernel(x, weight, dy, rstd if mean is None else mean, rstd, dx, dwp, dbp, CENTERED=centered,
-                    backend=backend, **cfg)
-    dw = dwp.sum(0).to(weight.dtype)
-    db = dbp.sum(0).to(weight.dtype) if centered else None
-    return dx, dw, db
+    norm_bwd_kernel(x, weight, dy, rstd if mean is None else mean, rstd, dx, parts[0], parts[-1],
+                    CENTERED=centered, backend=backend, **cfg)
+    sums = torch.empty(parts.shape[0], n, dtype=weight.dtype, device=x.device)     # (K, N): dw [, db]
+    partial_sum_kernel(parts, sums, backend=backend, **({"BN": 128} if n >= 8192 else {}))
+    return dx, sums
 
 
 def layer_norm_backward(dy, x, weight, mean, rstd, *, backend: str | None = None, **config):
     """(dx, dw, db) of layer norm over the last dim of 2-D ``x``; ``mean`` and ``rstd`` as the forward
     (``tilestack.kernels.layer_norm``) saved them. dx in x's dtype, dw and db in weight's."""
     check_norm_bwd_args("layer_norm_backward", dy, x, weight, {"mean": mean, "rstd": rstd})
-    return norm_backward(dy, x, weight, mean, rstd, centered=True, backend=backend, config=config)
+    dx, sums = norm_backward(dy, x, weight, mean, rstd, centered=True, backend=backend, config=config)
+    return dx, sums[0], sums[1]

@@ -101,5 +101,5 @@ def rms_norm(x, weight, eps: float = 1e-6, *, backend: str | None = None, **conf
 def rms_norm_backward(dy, x, weight, rstd, *, backend: str | None = None, **config):
     """(dx, dw) of RMS norm given the forward's ``rstd``; dx in x's dtype, dw in weight's."""
     check_norm_bwd_args("rms_norm_backward", dy, x, weight, {"rstd": rstd})
-    dx, dw, _ = norm_backward(dy, x, weight, None, rstd, centered=False, backend=backend, config=config)
-    return dx, dw
+    dx, sums = norm_backward(dy, x, weight, None, rstd, centered=False, backend=backend, config=config)
+    return dx, sums[0]

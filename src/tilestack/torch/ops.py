@@ -22,6 +22,7 @@ from tilestack.errors import LaunchError
 from tilestack.kernels.cross_entropy import IGNORE_INDEX, check_ce_args
 from tilestack.kernels.cross_entropy import fused_linear_cross_entropy as _flce
 from tilestack.kernels.layernorm import layer_norm as _layer_norm
+from tilestack.kernels.layernorm_bwd import check_norm_bwd_args, norm_backward
 from tilestack.kernels.layernorm_bwd import layer_norm_backward as _layer_norm_backward
 from tilestack.kernels.rmsnorm import check_rms_norm_args, rms_norm_backward
 from tilestack.kernels.rmsnorm import rms_norm as _rms_norm
@@ -130,15 +131,16 @@ def _(x, weight, bias, eps):
 
 @torch.library.custom_op("tilestack::layer_norm_bwd", mutates_args=())
 def layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                      rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dw, db = _layer_norm_backward(_rows(dy), _rows(x), weight, mean, rstd)
-    return dx.view(x.shape), dw, db
+                      rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, [dw; db]): dw and db as the two rows of one (2, N) tensor (a custom op's outputs may not alias)."""
+    check_norm_bwd_args("layer_norm_backward", _rows(dy), _rows(x), weight, {"mean": mean, "rstd": rstd})
+    dx, sums = norm_backward(_rows(dy), _rows(x), weight, mean, rstd, centered=True, backend=None, config={})
+    return dx.view(x.shape), sums
 
 
 @layer_norm_bwd_op.register_fake
 def _(dy, x, weight, mean, rstd):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight),
-            torch.empty_like(weight))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), weight.new_empty((2, weight.shape[0]))
 
 
 def _ln_setup(ctx, inputs, output):
@@ -149,8 +151,8 @@ def _ln_setup(ctx, inputs, output):
 
 def _ln_backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = layer_norm_bwd_op(dy, x, weight, mean, rstd)
-    return dx, dw, db, None
+    dx, sums = layer_norm_bwd_op(dy, x, weight, mean, rstd)
+    return dx, sums[0], sums[1], None
 
 
 layer_norm_fwd_op.register_autograd(_ln_backward, setup_context=_ln_setup)

@@ -1,0 +1,281 @@
+"""Time a whole training step (forward, backward, fused AdamW) of two language models on torch's kernels and on
+tilestack's, eager and under torch.compile, from the same weights on the same batch.
+
+    PYTHONPATH=src python3 scripts/bench_model_step.py                       # everything (GPU; long: see below)
+    PYTHONPATH=src python3 scripts/bench_model_step.py --models gpt2 --modes eager --json gpt2_eager.json
+    PYTHONPATH=src python3 scripts/bench_model_step.py --models llama --sizes 4x2048
+    PYTHONPATH=src python3 scripts/bench_model_step.py --quick               # tiny models on the CPU (a check)
+
+Models (tilestack.bench.models): GPT-2 small (12 layers, d=768, 12 heads of 64, vocab 50257, tied LM head) at
+(B, N) = (16, 512), (8, 1024), (4, 2048), (1, 8192); a Llama-style 1B (16 layers, d=2048, 16 query and 4 key/value
+heads of 128, SwiGLU 5632, vocab 32000) at (4, 2048) and (1, 8192). bf16 parameters, AdamW (fused).
+
+Per case and mode it prints the median step time over CUDA-event timed steps after warm-up, the ratio tilestack /
+torch, the largest difference of the two runs' losses over the same steps, and the peak memory of each run; then,
+for the eager steps, where the GPU time goes (torch.profiler: GEMM, attention, cross-entropy, norms, elementwise
+and copies, optimizer, other). ``--json PATH`` writes all of it. Each torch.compile run compiles once (tens of
+seconds); run the models or modes separately to stay within a time limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from tilestack.bench.models import (
+    GPT,
+    GPT2_SMALL,
+    GPT2_TINY,
+    IMPLS,
+    LLAMA_1B,
+    LLAMA_TINY,
+    Llama,
+    make_batch,
+    make_optimizer,
+    train_step,
+)
+
+CASES = {   # model name -> (class, config, [(B, N), ...])
+    "gpt2": (GPT, GPT2_SMALL, [(16, 512), (8, 1024), (4, 2048), (1, 8192)]),
+    "llama": (Llama, LLAMA_1B, [(4, 2048), (1, 8192)]),
+}
+QUICK_CASES = {
+    "gpt2": (GPT, GPT2_TINY, [(2, 16), (1, 32)]),
+    "llama": (Llama, LLAMA_TINY, [(2, 16)]),
+}
+MODES = ("eager", "compile")
+LOSS_TOL = 1e-3
+FAST_N = 2048          # from this sequence length on, the bar is a 5% faster step
+FAST_MARGIN = 0.95
+
+# where a GPU kernel's time goes, by its name (lowercase); the first category whose words match wins
+CATEGORIES = (
+    ("optimizer", ("adam", "multi_tensor")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "attn")),
+    ("cross-entropy", ("softmax", "nll_loss", "cross_entropy", "crossentropy", "ce_grad")),
+    ("norms", ("layer_norm", "layernorm", "rms_norm", "rmsnorm", "norm_bwd", "gammabeta")),
+    ("GEMM", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "matmul", "wgmma", "splitk")),
+    ("elementwise/copies", ("elementwise", "vectorized", "copy", "cat", "fill", "reduce", "triton", "index",
+                            "embedding", "gelu", "silu", "rotary", "swiglu", "mul", "add")),
+)
+
+
+def category(kernel_name: str) -> str:
+    name = kernel_name.lower()
+    for cat, words in CATEGORIES:
+        if any(w in name for w in words):
+            return cat
+    return "other"
+
+
+class StepTimer:
+    """Per-step wall time on the device: CUDA events on a GPU, perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def start(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def stop(self, begin) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append((begin, ev))
+        else:
+            self.marks.append((begin, time.perf_counter()))
+
+    def times_ms(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in self.marks]
+        return [(b - a) * 1e3 for a, b in self.marks]
+
+
+def run_impl(model, init_state, impl: str, mode: str, batch, args, device) -> dict:
+    """Train ``warmup + steps`` steps from ``init_state`` with ``impl``; the timed steps' median and the losses."""
+    model.load_state_dict(init_state)
+    model.set_impl(impl)
+    opt = make_optimizer(model, lr=args.lr)
+    step_model = torch.compile(model, dynamic=False) if mode == "compile" else model
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    timer = StepTimer(device)
+    losses = []
+    for _ in range(args.warmup + args.steps):
+        t = timer.start()
+        losses.append(train_step(step_model, batch, opt))
+        timer.stop(t)
+    times = timer.times_ms()[args.warmup:]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    out = {"median_ms": statistics.median(times), "min_ms": min(times), "losses": [float(x) for x in losses],
+           "peak_gib": peak}
+    del opt, step_model
+    if mode == "compile":
+        torch._dynamo.reset()
+    return out
+
+
+def profile_impl(model, init_state, impl: str, batch, args, device) -> dict:
+    """GPU time per category over two eager steps (after one untimed), from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model.load_state_dict(init_state)
+    model.set_impl(impl)
+    opt = make_optimizer(model, lr=args.lr)
+    train_step(model, batch, opt)
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            train_step(model, batch, opt)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    for ev in prof.key_averages():
+        if device.type == "cuda" and str(getattr(ev, "device_type", "")).split(".")[-1] != "CUDA":
+            continue
+        us = getattr(ev, "self_device_time_total", None)
+        if us is None:
+            us = getattr(ev, "self_cuda_time_total", 0.0)
+        if device.type != "cuda":
+            us = ev.self_cpu_time_total
+        if us <= 0:
+            continue
+        cat = category(ev.key)
+        totals[cat] = totals.get(cat, 0.0) + us / 2e3      # ms per step
+        kernels[ev.key] = kernels.get(ev.key, 0.0) + us / 2e3
+    del opt
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
+    return {"ms_per_step": totals, "top_kernels": top}
+
+
+def parse_sizes(text: str | None) -> list[tuple[int, int]] | None:
+    if not text:
+        return None
+    out = []
+    for part in text.split(","):
+        b, n = part.lower().split("x")
+        out.append((int(b), int(n)))
+    return out
+
+
+def bench_case(name: str, cls, cfg, sizes, args, device, dtype) -> list[dict]:
+    torch.manual_seed(0)
+    model = cls(cfg, seed=0).to(device=device, dtype=dtype)
+    init_state = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = []
+    for B, N in sizes:
+        batch = make_batch(cfg, B, N, seed=1, device=device)
+        for mode in args.modes:
+            res = {impl: run_impl(model, init_state, impl, mode, batch, args, device) for impl in IMPLS}
+            t, s = res["torch"], res["tilestack"]
+            diffs = [abs(a - b) for a, b in zip(t["losses"], s["losses"], strict=True)]
+            row = {"model": name, "B": B, "N": N, "mode": mode, "torch": t, "tilestack": s,
+                   "ratio": s["median_ms"] / t["median_ms"], "loss_diff_max": max(diffs),
+                   "loss_diff_first": diffs[0], "loss_first": t["losses"][0], "loss_last": t["losses"][-1]}
+            bar = FAST_MARGIN if N >= FAST_N else 1.0
+            row["meets_bar"] = bool(row["ratio"] < bar and row["loss_diff_max"] < LOSS_TOL
+                                    and (t["peak_gib"] is None or s["peak_gib"] <= t["peak_gib"]))
+            rows.append(row)
+            print_row(row)
+        if args.profile:
+            prof = {impl: profile_impl(model, init_state, impl, batch, args, device) for impl in IMPLS}
+            rows[-1]["profile"] = prof
+            print_profile(name, B, N, prof)
+    del model, init_state
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+HEADER = (f"{'model':6} {'B':>3} {'N':>5} {'mode':7} {'torch ms':>9} {'tilestack ms':>12} {'ratio':>6} "
+          f"{'loss diff':>9} {'peak torch':>10} {'peak ts':>8} {'bar':>4}")
+
+
+def _gib(x) -> str:
+    return "-" if x is None else f"{x:.2f}G"
+
+
+def print_row(r: dict) -> None:
+    print(f"{r['model']:6} {r['B']:>3} {r['N']:>5} {r['mode']:7} {r['torch']['median_ms']:>9.2f} "
+          f"{r['tilestack']['median_ms']:>12.2f} {r['ratio']:>6.3f} {r['loss_diff_max']:>9.2e} "
+          f"{_gib(r['torch']['peak_gib']):>10} {_gib(r['tilestack']['peak_gib']):>8} "
+          f"{'ok' if r['meets_bar'] else 'MISS':>4}", flush=True)
+
+
+def print_profile(name: str, B: int, N: int, prof: dict) -> None:
+    cats = [c for c, _ in CATEGORIES] + ["other"]
+    print(f"  where the eager step's time goes, {name} B={B} N={N} (ms per step, share):")
+    for impl in IMPLS:
+        tot = sum(prof[impl]["ms_per_step"].values()) or 1.0
+        parts = ", ".join(f"{c} {prof[impl]['ms_per_step'].get(c, 0.0):.2f} "
+                          f"({100 * prof[impl]['ms_per_step'].get(c, 0.0) / tot:.0f}%)" for c in cats)
+        print(f"    {impl:9} total {tot:.2f}: {parts}")
+    for impl in IMPLS:
+        top = "; ".join(f"{k[:60]} {v:.2f}" for k, v in prof[impl]["top_kernels"][:6])
+        print(f"    top {impl}: {top}")
+    sys.stdout.flush()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny models on the CPU: checks that everything runs")
+    ap.add_argument("--models", default="gpt2,llama", help="comma-separated: gpt2, llama")
+    ap.add_argument("--sizes", default=None, help="BxN,BxN,... instead of each model's sizes")
+    ap.add_argument("--modes", default=None, help="comma-separated: eager, compile (default both)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 10; quick 2)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; quick 1)")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the torch.profiler breakdown")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    args.modes = tuple(args.modes.split(",")) if args.modes else (("eager",) if args.quick else MODES)
+    for m in args.modes:
+        if m not in MODES:
+            ap.error(f"--modes: {m!r} is not one of {MODES}")
+    args.steps = args.steps or (2 if args.quick else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    if args.quick:
+        from tilestack import config
+        config.use_triton_interpreter()
+        device = torch.device("cpu")
+    else:
+        if not torch.cuda.is_available():
+            ap.error("no CUDA GPU here; use --quick for the CPU check")
+        device = torch.device("cuda")
+    cases = QUICK_CASES if args.quick else CASES
+    sizes = parse_sizes(args.sizes)
+    env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+           "dtype": "bfloat16", "steps": args.steps, "warmup": args.warmup, "lr": args.lr}
+    print(f"# {env}")
+    print(HEADER)
+    rows = []
+    for name in args.models.split(","):
+        if name not in cases:
+            ap.error(f"--models: {name!r} is not one of {sorted(cases)}")
+        cls, cfg, default_sizes = cases[name]
+        rows += bench_case(name, cls, cfg, sizes or default_sizes, args, device, torch.bfloat16)
+    print(f"# bar (faster everywhere, >= 5% at N >= {FAST_N}, loss within {LOSS_TOL}, peak memory no higher): "
+          f"{sum(r['meets_bar'] for r in rows)}/{len(rows)} rows meet it")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "rows": rows}, f, indent=1)
+    bad = [r for r in rows if not r["loss_diff_max"] < LOSS_TOL]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
