@@ -87,6 +87,9 @@ def test_the_sweep_covers_every_op():
              | {f"{fn}_{axis}" for fn in ("add", "sub", "mul", "div") for axis in ("row", "col")}
              | {f"{axis}_{fn}" for fn in REDUCE for axis in ("row", "col")}
              | set(MASKS) | set(MMAS) | set(MEMORY))
+    # comparisons, logic, where, arange, per_row/per_col and atomic_add: swept in test_masks_and_atomics.py
+    swept |= {"lt", "le", "gt", "ge", "eq", "ne", "logical_and", "logical_or", "logical_not", "where", "arange",
+              "per_row", "per_col", "atomic_add"}
     assert set(ts_ops.__all__) == swept
 
 

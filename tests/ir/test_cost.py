@@ -146,3 +146,38 @@ def test_4d_leading_coordinates_count_in_bounds_only():
     c = traced.cost(shape, shape)
     assert c.programs == 2 * 2 * 3
     assert c.bytes_read == c.bytes_written == 2 * 2 * 3 * 40 * 16
+
+
+# ---- loops with a step, and what is provably non-negative ----------------------------------------------------------
+@pytest.mark.parametrize(("start", "stop", "step", "trips"), [(0, 10, 3, 4), (9, -1, -2, 5), (5, 5, 1, 0),
+                                                               (1, 10, 20, 1), (3, 0, 1, 0)])
+def test_range_step_trip_counts(start, stop, step, trips):
+    @ts.kernel(grid=lambda: (1,))
+    def k(X):
+        t = ts.RegTile[ts.f32, 16, 16]()
+        ts.zero(t)
+        for _ in ts.range(start, stop, step):
+            ts.add(t, t, 1.0)
+        ts.store(X, t, at=(0, 0))
+
+    assert k.trace(ts.ArgSpec(ts.f32, 2)).cost((16, 16)).flops == trips * 256
+
+
+def test_nonnegative_indices():
+    from tilestack.ir.ops import Op
+    from tilestack.ir.scalars import nonnegative
+
+    @ts.kernel(grid=lambda X: (1,))
+    def k(X, n: int):
+        i = ts.block_id(0)
+        t = ts.RegVec[ts.f32, 16]()
+        ts.zero(t)
+        ts.store(X, t, at=(i * 16 + X.shape[0] // 2,))    # sizes, block ids, + * //: provably >= 0
+        ts.store(X, t, at=((i - 1) // 2,))                 # a difference: not
+        ts.store(X, t, at=(ts.smax(n, 0) % 4,))            # max with 0: >= 0 whatever n is
+        ts.store(X, t, at=(n // 4,))                       # a runtime int: not
+
+    ir = k.trace(ts.ArgSpec(ts.f32, 1), 3).ir
+    stores = [ins for ins in ir.walk() if ins.op is Op.STORE]
+    facts = nonnegative(ir.body)
+    assert [ins.srcs[2] in facts for ins in stores] == [True, False, True, False]

@@ -99,3 +99,49 @@ def test_grid_must_be_an_index_defined_at_entry():
         verify(kernel(c, f, grid=[f.result]))
     with pytest.raises(TraceError, match="not an index defined at entry"):
         verify(kernel(c, grid=[Value(INDEX)]))
+
+
+# ---- broadcasting ops, arange, atomic adds ------------------------------------------------------------------------
+BOOL_TILE = TileType(Space.REG, ts.bool_, (16, 16))
+VEC16 = TileType(Space.REG, ts.f32, (16,))
+
+
+def test_compare_with_vectors_along_axes_passes():
+    u, v = fill(VEC16), fill(VEC16)
+    cmp = Instr(Op.COMPARE, (Value(BOOL_TILE),), (u.result, v.result), {"fn": "lt", "axes": ("row", "col")},
+                None, "k.py:7")
+    sel = Instr(Op.SELECT, (Value(TILE),), (cmp.result, u.result, v.result),
+                {"axes": (None, "row", "col")}, None, "k.py:8")
+    verify(kernel(u, v, cmp, sel))
+
+
+@pytest.mark.parametrize(("op", "result", "srcs", "attrs", "message"), [
+    (Op.COMPARE, TILE, ("tile", "tile"), {"fn": "lt", "axes": (None, None)}, "compare and logic make bool masks"),
+    (Op.COMPARE, BOOL_TILE, ("tile", "tile"), {"fn": "less", "axes": (None, None)}, "unknown fn 'less'"),
+    (Op.COMPARE, BOOL_TILE, ("vec", "tile"), {"fn": "lt", "axes": (None, None)}, "does not broadcast"),
+    (Op.COMPARE, BOOL_TILE, ("tile", "tile"), {"fn": "lt", "axes": (None,)}, "2 operands and axes"),
+    (Op.LOGIC, BOOL_TILE, ("tile", "tile"), {"fn": "and", "axes": (None, None)}, "a mask must be bool"),
+    (Op.SELECT, TILE, ("tile", "tile", "tile"), {"axes": (None, None, None)}, "a mask must be bool"),
+    (Op.SELECT, TILE, ("mask", "mask", "tile"), {"axes": (None, None, None)}, "values must not be bool"),
+])
+def test_broadcasting_rules(op, result, srcs, attrs, message):
+    make = {"tile": lambda: fill(TILE), "vec": lambda: fill(VEC16), "mask": lambda: fill(BOOL_TILE)}
+    defs = [make[s]() for s in srcs]
+    ins = Instr(op, (Value(result),), tuple(d.result for d in defs), attrs, None, "k.py:9")
+    with pytest.raises(TraceError, match=rf"^k.py:9: {op.value}: .*{message}"):
+        verify(kernel(*defs, ins))
+
+
+def test_atomic_add_produces_nothing():
+    f = fill()
+    bad = Instr(Op.ATOMIC_ADD, (Value(TILE),), (f.result,), {}, None, "k.py:4")
+    with pytest.raises(TraceError, match="^k.py:4: atomic_add produces no value"):
+        verify(kernel(f, bad))
+
+
+def test_range_bounds_must_be_indices():
+    c, f = const(), fill()
+    lp = loop(c, f, TILE)
+    lp.srcs = (c.result, c.result, f.result, f.result)
+    with pytest.raises(TraceError, match="^k.py:5: range: start, stop and step must be indices"):
+        verify(kernel(c, f, lp))

@@ -594,7 +594,8 @@ def scalar_division(X, Y, n: int, *, HOW: str):
     y = ts.RegVec[ts.f32, 16]()
     N = X.shape[1]
     value = {"N/4": lambda: N / 4, "1.0/N": lambda: 1.0 / N, "n/N": lambda: n / N, "-N//n": lambda: -N // n,
-             "7%N": lambda: 7 % N, "N/n": lambda: N / n}[HOW]()
+             "7%N": lambda: 7 % N, "N/n": lambda: N / n, "-N%n": lambda: -N % n,
+             "cdiv(-N,n)": lambda: ts.cdiv(-N, n)}[HOW]()
     ts.zero(y)
     ts.add(y, y, value)
     ts.store(Y, y, at=(0,))
@@ -603,7 +604,8 @@ def scalar_division(X, Y, n: int, *, HOW: str):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.filterwarnings("ignore:divide by zero")
 @pytest.mark.parametrize(("how", "want"), [("N/4", 2.5), ("1.0/N", 0.1), ("n/N", 0.3), ("-N//n", -4.0),
-                                           ("7%N", 7.0), ("N/n", float("inf"))])
+                                           ("7%N", 7.0), ("N/n", float("inf")), ("-N%n", 2.0),
+                                           ("cdiv(-N,n)", -3.0)])
 def test_index_scalars_divide_as_python_does(backend, how, want):
     x, y = torch.zeros(3, 10), nan_tensor(16)
     n = 0 if how == "N/n" else 3

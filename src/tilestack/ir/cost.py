@@ -7,9 +7,11 @@ Index arithmetic is evaluated for every program of the grid and every loop itera
 arrays over the instances), so trip counts that depend on the block id (causal attention) and tiles that
 hang over the edge of a ragged tensor are counted as they run:
 - FLOPs are the work the tile ops do, masked edges included: 2*M*N*K per mma, one per element for
-  element-wise, broadcast and reduction ops (casts, copies, fills and masks are free).
+  element-wise, broadcast and reduction ops, one per element an atomic add adds (casts, copies, fills and
+  masking are free: masks, comparisons, logic on masks, where and arange).
 - bytes are the global elements a load or store really touches (masked-off elements move nothing): the
-  traffic the program asks of the memory system, much of which L2 serves when tiles are re-read.
+  traffic the program asks of the memory system, much of which L2 serves when tiles are re-read. An atomic
+  add reads and writes each element it touches.
 - dram bytes are the compulsory part: each global counted at most once (its accessed bytes, capped at its
   size), what a perfect cache would still fetch from DRAM. Rooflines place kernels by this.
 """
@@ -25,7 +27,7 @@ from tilestack.ir.ops import Op
 from tilestack.ir.scalars import apply_scalar, valid_extent
 from tilestack.ir.types import GlobalType, Space, TileType
 
-_FREE = {Op.FILL, Op.CAST, Op.MASK}
+_FREE = {Op.FILL, Op.CAST, Op.MASK, Op.COMPARE, Op.LOGIC, Op.SELECT, Op.ARANGE}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +153,9 @@ def _eval_block(block: Block, env: _Env, counts) -> None:
             _eval_range(ins, env, counts)
         elif op in (Op.LOAD, Op.STORE):
             _count_memory(ins, env, counts)
+        elif op is Op.ATOMIC_ADD:   # a read-modify-write of each element, and one add
+            counts["flops"] += _count_memory(ins, env, counts, "read")
+            _count_memory(ins, env, counts, "written")
         elif op is Op.MMA:
             m, n = ins.result.type.shape
             a = ins.srcs[1].type.shape
@@ -165,17 +170,20 @@ def _eval_block(block: Block, env: _Env, counts) -> None:
             counts["flops"] += ins.result.type.numel * env.n
 
 
-def _count_memory(ins, env: _Env, counts) -> None:
+def _count_memory(ins, env: _Env, counts, key: str | None = None) -> int:
+    """Count the global bytes one load, store or atomic add touches over all instances as ``key`` ("read" or
+    "written"; by the op if None); returns the number of elements."""
     g = ins.srcs[0]
     tile = ins.result.type if ins.op is Op.LOAD else ins.srcs[1].type
     coords = ins.srcs[1:] if ins.op is Op.LOAD else ins.srcs[2:]
     dims = env.dims[env.arg_index[g]]
     per = valid_extent(dims, [env.values[c] for c in coords], tile.shape)
     total = np.sum(np.broadcast_to(np.asarray(per), (env.n,)), dtype=np.int64)
-    key = "read" if ins.op is Op.LOAD else "written"
+    key = key or ("read" if ins.op is Op.LOAD else "written")
     counts[key] += int(total) * g.type.dtype.itemsize
     slot = (env.arg_index[g], key)
     counts["per_global"][slot] = counts["per_global"].get(slot, 0) + int(total) * g.type.dtype.itemsize
+    return int(total)
 
 
 def _eval_range(ins, env: _Env, counts) -> None:

@@ -82,9 +82,9 @@ class KernelIR:
         return self.body.walk()
 
     def written_params(self) -> set[int]:
-        """Indices of the global params the kernel stores to."""
+        """Indices of the global params the kernel stores to (or adds into)."""
         args = {ins.result: ins.attrs["index"] for ins in self.walk() if ins.op is Op.ARG}
-        return {args[ins.srcs[0]] for ins in self.walk() if ins.op is Op.STORE}
+        return {args[ins.srcs[0]] for ins in self.walk() if ins.op in (Op.STORE, Op.ATOMIC_ADD)}
 
     def tile_params(self) -> set[int]:
         """Indices of the global params some load or store moves whole 2-D tiles of."""

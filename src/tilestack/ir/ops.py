@@ -27,10 +27,17 @@ class Op(enum.Enum):
     REDUCE = "reduce"            # (x[, acc]) -> vec                 attrs: fn in ("max", "min", "sum"), axis
     MASK = "mask"                # (x, k) -> tile                    attrs: kind in MASK_KINDS, value
     MMA = "mma"                  # (acc, a, b) -> acc + op(a) @ op(b) attrs: trans_a, trans_b
+    # Element-wise ops with broadcasting: ``axes`` holds one entry per src, None for a tile of the result's
+    # shape (or a scalar), "row" for a vector v applied as v[r] to element (r, c), "col" for v[c].
+    COMPARE = "compare"          # (a, b) -> bool tile               attrs: fn in COMPARE_FNS, axes
+    LOGIC = "logic"              # (a[, b]) -> bool tile             attrs: fn in LOGIC_FNS, axes
+    SELECT = "select"            # (mask, a, b) -> tile: a where mask else b     attrs: axes
+    ARANGE = "arange"            # (start) -> vec: start + k at element k
 
     # --- memory and control ------------------------------------------------------------------------------
     LOAD = "load"                # (global, *coords) -> tile         trailing coords count whole tiles
     STORE = "store"              # (global, tile, *coords) -> ()
+    ATOMIC_ADD = "atomic_add"    # (global, tile, *coords) -> ()      global += tile, atomically per element
     RANGE = "range"              # (lo, hi, step, *inits) -> carried  attrs: stages; body: (i, *carried) -> yields
     #                              (i = lo, lo + step, ... while before hi, as Python's range; step != 0)
 
@@ -40,6 +47,8 @@ UNARY_FNS = ("exp", "exp2", "log", "log2", "abs", "neg", "relu", "sqrt", "rsqrt"
              "copy")
 BINARY_FNS = ("add", "sub", "mul", "div", "max", "min")
 REDUCE_FNS = ("max", "min", "sum")
+COMPARE_FNS = ("lt", "le", "gt", "ge", "eq", "ne")
+LOGIC_FNS = ("and", "or", "not")
 # Masks keep x where a condition on the element's (row, col) inside the tile holds, else write ``value``:
 #   tril: col - row <= k     triu: col - row >= k     right_fill: col < k (keeps the left k columns)
 #   lower_fill: row < k (keeps the upper k rows)

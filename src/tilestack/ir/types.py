@@ -30,7 +30,8 @@ f16 = DType("f16", 2, True)
 bf16 = DType("bf16", 2, True)
 i32 = DType("i32", 4, False)
 i64 = DType("i64", 8, False)
-DTYPES = {d.name: d for d in (f64, f32, f16, bf16, i32, i64)}
+bool_ = DType("bool", 1, False)   # masks: what comparisons make and where() selects by (register tiles only)
+DTYPES = {d.name: d for d in (f64, f32, f16, bf16, i32, i64, bool_)}
 
 # The torch dtype each tile dtype corresponds to, by name (torch is imported only where tensors are).
 TORCH_NAMES = {"f64": "float64", "f32": "float32", "f16": "float16", "bf16": "bfloat16",
@@ -66,6 +67,8 @@ def round_to(x: np.ndarray, dtype: DType) -> np.ndarray:
         rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
         out = rounded.astype(np.uint32).view(np.float32).astype(np.float64)
         return np.where(nan, np.nan, out)
+    if dtype is bool_:
+        return (np.asarray(x, dtype=np.float64) != 0).astype(np.float64)
     if not dtype.is_float:
         return np.trunc(np.asarray(x, dtype=np.float64))
     raise TypeError(f"round_to: no rounding rule for {dtype}")

@@ -8,11 +8,12 @@ Destination first, as in ThunderKittens: ``mul(c, a, b)`` writes ``c = a * b``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from tilestack.errors import MemorySpaceError, TileDTypeError, TileShapeError, TraceError
 from tilestack.ir.ops import Op
-from tilestack.ir.types import Space, bf16, f16, f32
+from tilestack.ir.types import Space, TileType, bf16, bool_, f16, f32, f64, i32, i64
 from tilestack.lang.tiles import GlobalTensor, Tile, as_index, as_scalar
 from tilestack.lang.trace import current, user_line, user_name
 
@@ -235,6 +236,125 @@ def lower_fill(dst, src, row, value):
     _mask("lower_fill", dst, src, row, value)
 
 
+# ---- comparisons, masks by index and selection --------------------------------------------------------------------
+# Operands broadcast to dst's shape: a tile or vector of dst's shape, a number or Scalar, or (into a 2-D dst) a
+# vector marked per_row(v) (v[r] at element (r, c)) or per_col(v) (v[c]). Masks are tiles of dtype bool_.
+#
+#     q = RegVec[i32, BM](); arange(q, i * BM)             # query positions of this block's rows
+#     k = RegVec[i32, BN](); arange(k, j * BN)             # key positions of this tile's columns
+#     causal = RegTile[bool_, BM, BN](); ge(causal, per_row(q), per_col(k))
+#     where(s, causal, s, -math.inf)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PerAxis:
+    vec: Tile
+    axis: str      # "row" | "col"
+
+
+def per_row(v: Tile) -> _PerAxis:
+    """Vector ``v`` broadcast along the rows of a 2-D result: element (r, c) sees ``v[r]``."""
+    _need_tile("per_row", "v", v)
+    if not v.type.is_vec:
+        raise TileShapeError(f"per_row: takes a vector, got {v.type}", user_line())
+    return _PerAxis(v, "row")
+
+
+def per_col(v: Tile) -> _PerAxis:
+    """Vector ``v`` broadcast along the columns of a 2-D result: element (r, c) sees ``v[c]``."""
+    _need_tile("per_col", "v", v)
+    if not v.type.is_vec:
+        raise TileShapeError(f"per_col: takes a vector, got {v.type}", user_line())
+    return _PerAxis(v, "col")
+
+
+def _operand(opname: str, arg: str, x, dst: Tile, kind: str):
+    """(Value, axis) of operand ``x`` broadcast to ``dst``; kind "mask" wants bool, "value" a number or
+    non-bool tile (scalars allowed)."""
+    axis = None
+    if isinstance(x, _PerAxis):
+        if dst.type.is_vec:
+            raise TileShapeError(f"{opname}: {arg} is per_{x.axis}(...), which broadcasts into a 2-D tile; dst "
+                                 f"`{_name(dst)}` is a {dst.type}", user_line())
+        axis, x = x.axis, x.vec
+        want = dst.shape[0] if axis == "row" else dst.shape[1]
+        if x.shape[0] != want:
+            what = "rows" if axis == "row" else "columns"
+            raise TileShapeError(f"{opname}: {arg} per_{axis}(`{_name(x)}`) has {x.shape[0]} elements but dst "
+                                 f"`{_name(dst)}` {dst.shape} has {want} {what}", user_line())
+    elif isinstance(x, Tile):
+        if x.shape != dst.shape:
+            hint = "; mark a vector per_row(v) or per_col(v) to broadcast it" if x.type.is_vec else ""
+            raise TileShapeError(f"{opname}: {arg} `{_name(x)}` is {x.shape} but dst `{_name(dst)}` is "
+                                 f"{dst.shape}{hint}", user_line())
+    if isinstance(x, Tile):
+        _need_reg(opname, arg, x)
+        if (x.dtype is bool_) != (kind == "mask"):
+            want = "a bool_ mask" if kind == "mask" else "numbers (not a bool_ mask)"
+            raise TileDTypeError(f"{opname}: {arg} `{_name(x)}` is {x.dtype}; expected {want}", user_line())
+        return x.value(opname), axis
+    if kind == "mask":
+        raise TraceError(f"{opname}: {arg} must be a bool_ mask tile, got {type(x).__name__} {x!r}", user_line())
+    return as_scalar(x).v, None
+
+
+def _need_dst(opname: str, dst: Tile, dtype=None) -> None:
+    _need_tile(opname, "dst", dst)
+    _need_reg(opname, "dst", dst)
+    if dtype is not None and dst.dtype is not dtype:
+        raise TileDTypeError(f"{opname}: dst `{_name(dst)}` is {dst.dtype}; expected a bool_ mask tile",
+                             user_line())
+    if dtype is None and dst.dtype is bool_:
+        raise TileDTypeError(f"{opname}: dst `{_name(dst)}` is a bool_ mask; expected a tile of numbers",
+                             user_line())
+
+
+def _compare(fn: str, dst: Tile, a, b) -> None:
+    _need_dst(fn, dst, bool_)
+    (av, ax), (bv, bx) = _operand(fn, "a", a, dst, "value"), _operand(fn, "b", b, dst, "value")
+    if not any(isinstance(v.type, TileType) for v in (av, bv)):
+        raise TraceError(f"{fn}: compares tiles or vectors; a and b are both scalars", user_line())
+    _write(dst, Op.COMPARE, (av, bv), dst.shape, fn, fn=fn, axes=(ax, bx))
+
+
+def lt(dst, a, b): _compare("lt", dst, a, b)
+def le(dst, a, b): _compare("le", dst, a, b)
+def gt(dst, a, b): _compare("gt", dst, a, b)
+def ge(dst, a, b): _compare("ge", dst, a, b)
+def eq(dst, a, b): _compare("eq", dst, a, b)
+def ne(dst, a, b): _compare("ne", dst, a, b)
+
+
+def _logic(fn: str, dst: Tile, *srcs) -> None:
+    opname = f"logical_{fn}"
+    _need_dst(opname, dst, bool_)
+    ops = [_operand(opname, arg, x, dst, "mask") for arg, x in zip(("a", "b")[:len(srcs)], srcs, strict=True)]
+    _write(dst, Op.LOGIC, tuple(v for v, _ in ops), dst.shape, opname, fn=fn, axes=tuple(a for _, a in ops))
+
+
+def logical_and(dst, a, b): _logic("and", dst, a, b)
+def logical_or(dst, a, b): _logic("or", dst, a, b)
+def logical_not(dst, a): _logic("not", dst, a)
+
+
+def where(dst: Tile, mask, a, b) -> None:
+    """``dst = a`` where ``mask`` holds, else ``b`` (each a tile of dst's shape, per_row/per_col of a vector,
+    or, for a and b, a number or Scalar)."""
+    _need_dst("where", dst)
+    ops = [_operand("where", "mask", mask, dst, "mask"), _operand("where", "a", a, dst, "value"),
+           _operand("where", "b", b, dst, "value")]
+    _write(dst, Op.SELECT, tuple(v for v, _ in ops), dst.shape, "where", axes=tuple(a for _, a in ops))
+
+
+def arange(dst: Tile, start=0) -> None:
+    """``dst[k] = start + k`` for a register vector ``dst`` (i32, i64 or float): row or column indices, e.g.
+    ``arange(q, i * BM)`` for the positions of a block's BM rows."""
+    _need_dst("arange", dst)
+    if not dst.type.is_vec:
+        raise TileShapeError(f"arange: dst must be a vector, got {dst.type}", user_line())
+    _write(dst, Op.ARANGE, (as_index(start, "arange: start").v,), dst.shape, "arange")
+
+
 # ---- matrix products ----------------------------------------------------------------------------------------------
 def _mma(dst: Tile, a: Tile, b: Tile, acc: Tile, trans_a: bool, trans_b: bool, opname: str) -> None:
     for arg, t in (("dst", dst), ("a", a), ("b", b), ("acc", acc)):
@@ -329,6 +449,28 @@ def store(dst, src: Tile, at=None) -> None:
     current("store").emit(Op.STORE, (dst.v, src.value("store")) + coords, (), user_line())
 
 
+ATOMIC_DTYPES = (f64, f32, f16, i32, i64)   # what atomic adds into global memory exist for (not bf16)
+
+
+def atomic_add(dst, src: Tile, at=None) -> None:
+    """``dst[tile at ``at``] += src``, each element atomically (edges past the tensor are dropped): sums over
+    programs, e.g. a column sum split over row blocks. The order of the additions is not fixed, so a float
+    sum may differ in its last bits from run to run."""
+    _need_tile("atomic_add", "src", src)
+    if not isinstance(dst, GlobalTensor):
+        raise TraceError(f"atomic_add: dst must be a global tensor argument, got {dst!r}", user_line())
+    if at is None:
+        raise TraceError(f"atomic_add: give the tile coordinates in `{dst.name}` with at=(...)", user_line())
+    _need_reg("atomic_add", "src", src)
+    if dst.dtype not in ATOMIC_DTYPES:
+        raise TileDTypeError(f"atomic_add: `{dst.name}` is {dst.dtype}; atomic adds go into "
+                             f"{', '.join(map(str, ATOMIC_DTYPES))} tensors", user_line())
+    if src.dtype is bool_:
+        raise TileDTypeError(f"atomic_add: src `{_name(src)}` is a bool_ mask; expected numbers", user_line())
+    coords = _coords("atomic_add", dst, src, at)
+    current("atomic_add").emit(Op.ATOMIC_ADD, (dst.v, src.value("atomic_add")) + coords, (), user_line())
+
+
 __all__ = [
     "fill", "zero", "one", "neg_infty", "pos_infty",
     "exp", "exp2", "log", "log2", "abs", "neg", "relu", "sqrt", "rsqrt", "sigmoid", "sin", "cos", "copy",
@@ -336,5 +478,7 @@ __all__ = [
     "add_row", "sub_row", "mul_row", "div_row", "add_col", "sub_col", "mul_col", "div_col",
     "row_max", "row_min", "row_sum", "col_max", "col_min", "col_sum",
     "tril", "triu", "make_causal", "right_fill", "lower_fill",
-    "mma_AB", "mma_ABt", "mma_AtB", "mma_AtBt", "load", "store",
+    "per_row", "per_col", "lt", "le", "gt", "ge", "eq", "ne", "logical_and", "logical_or", "logical_not",
+    "where", "arange",
+    "mma_AB", "mma_ABt", "mma_AtB", "mma_AtBt", "load", "store", "atomic_add",
 ]

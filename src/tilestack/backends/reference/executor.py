@@ -26,6 +26,9 @@ _UNARY = {
 _BINARY = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide,
            "max": np.maximum, "min": np.minimum}
 _REDUCE = {"max": np.max, "min": np.min, "sum": np.sum}
+_COMPARE = {"lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal, "eq": np.equal,
+            "ne": np.not_equal}
+_LOGIC = {"and": np.logical_and, "or": np.logical_or, "not": np.logical_not}
 _COMBINE = {"max": np.maximum, "min": np.minimum, "sum": np.add}
 
 
@@ -96,6 +99,8 @@ class _Program:
             self.loop(ins, env)
         elif op is Op.STORE:
             self.store(ins, env)
+        elif op is Op.ATOMIC_ADD:
+            self.store(ins, env, add=True)
         else:
             t: TileType = ins.result.type
             env[ins.result] = round_to(self.tile_op(ins, src, env), t.dtype)
@@ -124,6 +129,19 @@ class _Program:
                     "right_fill": np.broadcast_to(cols < k, t.shape),
                     "lower_fill": np.broadcast_to(rows < k, t.shape)}[a["kind"]]
             return np.where(keep, src[0], a["value"])
+        if op in (Op.COMPARE, Op.LOGIC, Op.SELECT):
+            # each operand as its axis says: a tile (or scalar) as is, a vector along rows or columns
+            xs = [x if ax is None else (x[:, None] if ax == "row" else x[None, :])
+                  for x, ax in zip(src, a["axes"], strict=True)]
+            if op is Op.COMPARE:
+                out = _COMPARE[a["fn"]](*xs)
+            elif op is Op.LOGIC:
+                out = _LOGIC[a["fn"]](*(np.asarray(x) != 0 for x in xs))
+            else:
+                out = np.where(np.asarray(xs[0]) != 0, xs[1], xs[2])
+            return np.broadcast_to(out, t.shape)
+        if op is Op.ARANGE:
+            return src[0] + np.arange(t.shape[0])
         if op is Op.MMA:
             acc, x, y = src
             x = x.T if a["trans_a"] else x
@@ -161,12 +179,14 @@ class _Program:
             out[region[1]] = g[region[0]]
         return out
 
-    def store(self, ins: Instr, env: dict) -> None:
+    def store(self, ins: Instr, env: dict, add: bool = False) -> None:
+        """A store, or with ``add`` an atomic add: programs run one at a time, so each add is atomic."""
         gv, tv, *coords = ins.srcs
         g = self.arrays[self.arg_index[gv]]
         region = self._region(g, [env[c] for c in coords], tv.type.shape)
         if region is not None:
-            g[region[0]] = round_to(env[tv][region[1]], gv.type.dtype)
+            x = env[tv][region[1]]
+            g[region[0]] = round_to(g[region[0]] + x if add else x, gv.type.dtype)
 
     def loop(self, ins: Instr, env: dict) -> None:
         lo, hi, step = (int(env[s]) for s in ins.srcs[:3])

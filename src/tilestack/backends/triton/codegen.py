@@ -26,7 +26,7 @@ from tilestack.ir.types import GlobalType, Space, TileType, bf16, f32, f64
 TMA_MAX_BOX = 256   # elements per dimension of one copy-engine transfer (a wider tile goes through pointers)
 INT32_MAX = 2**31 - 1
 TL_DTYPES = {"f64": "tl.float64", "f32": "tl.float32", "f16": "tl.float16", "bf16": "tl.bfloat16",
-             "i32": "tl.int32", "i64": "tl.int64"}
+             "i32": "tl.int32", "i64": "tl.int64", "bool": "tl.int1"}
 _UNARY = {"exp": "tl.exp({})", "exp2": "tl.math.exp2({})", "log": "tl.log({})", "log2": "tl.log2({})",
           "abs": "tl.abs({})", "neg": "(-{})", "relu": "tl.maximum({}, 0.0)", "sqrt": "tl.sqrt({})",
           "rsqrt": "tl.rsqrt({})", "sigmoid": "tl.sigmoid({})", "sin": "tl.sin({})", "cos": "tl.cos({})",
@@ -56,6 +56,8 @@ def _floormod(a, b):
 '''
 _REDUCE = {"max": "tl.max", "min": "tl.min", "sum": "tl.sum"}
 _COMBINE = {"max": "tl.maximum({}, {})", "min": "tl.minimum({}, {})", "sum": "({} + {})"}
+_COMPARE = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
+_LOGIC = {"and": "({} & {})", "or": "({} | {})", "not": "(~{})"}
 
 
 def _literal(x) -> str:
@@ -352,11 +354,59 @@ def _e_range(e: _Emitter, ins: Instr) -> None:
         e.names[r] = e.name(arg)
 
 
+def _along(e: _Emitter, v: Value, axis: str | None, as_float: bool) -> str:
+    """Operand ``v`` of a broadcasting op: float tiles in f32 (or f64) if ``as_float``, vectors along an axis."""
+    is_float_tile = isinstance(v.type, TileType) and v.type.dtype.is_float
+    x = e.f32(v) if as_float and is_float_tile else e.name(v)
+    return x if axis is None else (f"{x}[:, None]" if axis == "row" else f"{x}[None, :]")
+
+
+def _to_result_shape(ins: Instr, expr: str) -> str:
+    """``expr`` broadcast to the result's shape where no operand has it (vectors and scalars only)."""
+    if any(isinstance(s.type, TileType) and ax is None for s, ax in zip(ins.srcs, ins.attrs["axes"], strict=True)):
+        return expr
+    return f"tl.broadcast_to({expr}, {ins.result.type.shape})"
+
+
+def _e_compare(e: _Emitter, ins: Instr) -> None:
+    a, b = (_along(e, s, ax, True) for s, ax in zip(ins.srcs, ins.attrs["axes"], strict=True))
+    e.assign(ins.result, _to_result_shape(ins, f"({a} {_COMPARE[ins.attrs['fn']]} {b})"))
+
+
+def _e_logic(e: _Emitter, ins: Instr) -> None:
+    xs = [_along(e, s, ax, False) for s, ax in zip(ins.srcs, ins.attrs["axes"], strict=True)]
+    e.assign(ins.result, _to_result_shape(ins, _LOGIC[ins.attrs["fn"]].format(*xs)))
+
+
+def _e_select(e: _Emitter, ins: Instr) -> None:
+    t = ins.result.type
+    m, a, b = (_along(e, s, ax, t.dtype.is_float) for s, ax in zip(ins.srcs, ins.attrs["axes"], strict=True))
+    wide = f64 if any(isinstance(s.type, TileType) and s.type.dtype is f64 for s in ins.srcs) else f32
+    expr = _to_result_shape(ins, f"tl.where({m}, {a}, {b})")
+    e.assign(ins.result, e.cast_to(expr, wide if t.dtype.is_float else t.dtype, t))
+
+
+def _e_arange(e: _Emitter, ins: Instr) -> None:
+    t = ins.result.type
+    expr = f"({e.name(ins.srcs[0])} + tl.arange(0, {t.shape[0]}))"
+    via = ".to(tl.float32)" if t.dtype is bf16 else ""   # the interpreter converts ints to bf16 through f32
+    e.assign(ins.result, f"{expr}{via}.to({TL_DTYPES[t.dtype.name]})")
+
+
+def _e_atomic_add(e: _Emitter, ins: Instr) -> None:
+    g, x, *coords = ins.srcs
+    ptr, mask = e.address(ins, g, tuple(coords), x.type.shape)
+    val = e.cast_to(e.name(x), x.type.dtype, g.type)
+    e.emit(f'tl.atomic_add({ptr}, {val}, mask={mask}, sem="relaxed")')
+
+
 _EMIT = {
     Op.ARG: _e_arg, Op.CONST: _e_const, Op.DIM: _e_dim, Op.BLOCK_ID: _e_block_id,
     Op.NUM_BLOCKS: _e_num_blocks, Op.SCALAR: _e_scalar, Op.FILL: _e_fill, Op.UNARY: _e_unary,
     Op.BINARY: _e_binary, Op.BROADCAST: _e_broadcast, Op.CAST: _e_cast, Op.REDUCE: _e_reduce,
     Op.MASK: _e_mask, Op.MMA: _e_mma, Op.LOAD: _e_load, Op.STORE: _e_store, Op.RANGE: _e_range,
+    Op.COMPARE: _e_compare, Op.LOGIC: _e_logic, Op.SELECT: _e_select, Op.ARANGE: _e_arange,
+    Op.ATOMIC_ADD: _e_atomic_add,
 }
 
 
