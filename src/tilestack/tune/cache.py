@@ -1,11 +1,20 @@
-"""The tuned-config cache: chosen configs keyed by kernel, signature, device and size bucket.
+"""Tuned configs on disk: tables of chosen configs, one device each, keyed by kernel, signature and size bucket.
 
-    cache = ConfigCache()                                   # <cache_dir>/tuned.json, plus the shipped tables
-    cache.get("attention_fwd", sig, "NVIDIA H100 80GB HBM3", bucket) -> dict | None
-    cache.put(...)                                          # written whole, then renamed: never half a file
+    cache = ConfigCache()                          # the user's tables (<cache_dir>/tuned/) over the shipped ones
+    dev = device_key(0)                            # DeviceKey: "sm90-132sm-227kb", name "NVIDIA H200"
+    cache.get("attention_fwd", "bfloat16-D128-causal", dev, 4096) -> {"BM": 128, ...} | None
+    cache.put("attention_fwd", sig, dev, 4096, cfg, seconds=...)   # written whole, then renamed
 
-Lookups read the user's cache first, then the tables shipped with tilestack (``tune/tables/*.json``, tuned
-on the project's GPUs), so a fresh install starts with good configs.
+A table is a JSON file::
+
+    {"format": 2,
+     "device": {"key": "sm90-132sm-227kb", "name": "NVIDIA H200", "capability": "9.0", "sms": 132, ...},
+     "entries": {"attention_fwd|bfloat16-D128-causal|4096": {"config": {...}, "seconds": ..., ...}}}
+
+Tables ship in ``tune/tables/`` (tuned on the project's GPUs, one file per kernel and device); ``tilestack tune``
+writes the user's own, one file per device key, in ``<cache_dir>/tuned/``. A lookup for a device reads every
+table of its key: the user's first, then those tuned on a GPU of the same name, then the others of that key
+(closest memory size first).
 """
 
 from __future__ import annotations
@@ -17,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from tilestack.config import knobs
+from tilestack.tune.devices import DeviceKey, distance
 
 TABLES = Path(__file__).parent / "tables"
+FORMAT = 2
 
 
 def size_bucket(n: int) -> int:
@@ -26,53 +37,124 @@ def size_bucket(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def key(kernel: str, signature: str, device: str, bucket: int | str) -> str:
-    return f"{kernel}|{signature}|{device}|{bucket}"
+def key(kernel: str, signature: str, bucket: int | str) -> str:
+    """An entry's key inside a table (the table says which device)."""
+    return f"{kernel}|{signature}|{bucket}"
 
 
-def _read(path: Path) -> dict[str, Any]:
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` whole or not at all: a temporary file in the same folder, then renamed
+    over ``path``. A failure (data JSON cannot hold, an interrupt) leaves the old file and no temporary."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except json.JSONDecodeError as e:
-        raise ValueError(f"tuned-config cache {path} is not valid JSON ({e}); delete it to start over") from e
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class Table:
+    """The tuned entries of one device."""
+
+    def __init__(self, device: DeviceKey, entries: dict[str, dict] | None = None, path: Path | None = None):
+        self.device = device
+        self.entries: dict[str, dict] = dict(entries or {})
+        self.path = path
+
+    @classmethod
+    def read(cls, path: Path) -> Table | None:
+        """The table in ``path``; None if there is no such file. A file that is not a table is an error."""
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"tuned-config table {path} is not valid JSON ({e}); delete it to start over") from e
+        if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("entries"), dict):
+            raise ValueError(f"tuned-config table {path}: expected {{'format': {FORMAT}, 'device': {{...}}, "
+                             f"'entries': {{...}}}}; got keys {sorted(data) if isinstance(data, dict) else data!r}"
+                             " (a table from before device keys: delete it, or re-run `tilestack tune`)")
+        return cls(DeviceKey.from_meta(data.get("device")), data["entries"], path)
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "device": self.device.meta(), "entries": self.entries}
+
+    def write(self, path: Path | None = None) -> None:
+        write_json_atomic(path or self.path, self.to_json())
+
+
+def file_name(kernel: str, device: DeviceKey) -> str:
+    """A shipped table's file name: one kernel on one device, "gemm_sm90-132sm-227kb_nvidia-h200.json"."""
+    return f"{kernel}_{device}_{device.slug}.json"
+
+
+def lookup_entry(entries: dict[str, dict], kernel: str, signature: str, bucket: int) -> dict | None:
+    """The entry for this bucket, else the nearest tuned bucket (in powers of two; a tie takes the smaller)."""
+    entry = entries.get(key(kernel, signature, bucket))
+    if entry is not None:
+        return entry
+    prefix = key(kernel, signature, "")
+    near = [(abs(int(b).bit_length() - int(bucket).bit_length()), int(b), e) for k, e in entries.items()
+            if k.startswith(prefix) and (b := k[len(prefix):]).isdigit()]
+    return min(near, key=lambda t: t[:2])[2] if near else None
 
 
 class ConfigCache:
-    def __init__(self, path: Path | None = None):
-        self.path = path or knobs.cache_dir / "tuned.json"
-        self._user = _read(self.path)
-        self._shipped: dict[str, Any] = {}
-        for table in sorted(TABLES.glob("*.json")):
-            self._shipped.update(_read(table))
+    """The user's tables over the shipped ones (see the module docstring)."""
 
-    def get(self, kernel: str, signature: str, device: str, bucket: int | str) -> dict | None:
-        """The config tuned for this bucket, else for the nearest tuned size (in powers of two), else None."""
-        k = key(kernel, signature, device, bucket)
-        entry = self._user.get(k) or self._shipped.get(k)
-        if entry is None:
-            prefix = key(kernel, signature, device, "")
-            near = [(abs(int(x).bit_length() - int(bucket).bit_length()), x, e)
-                    for table in (self._user, self._shipped) for kk, e in table.items()
-                    if kk.startswith(prefix) and (x := kk[len(prefix):]).isdigit()]
-            entry = min(near, key=lambda t: (t[0], int(t[1])))[2] if near else None
+    def __init__(self, cache_dir: Path | None = None, tables_dir: Path | None = TABLES):
+        self.dir = Path(cache_dir or knobs.cache_dir) / "tuned"
+        self.shipped = [t for p in sorted(tables_dir.glob("*.json")) if (t := Table.read(p))] if tables_dir else []
+        self.user = {str(t.device): t for p in sorted(self.dir.glob("*.json")) if (t := Table.read(p))}
+
+    def user_path(self, device: DeviceKey) -> Path:
+        return self.dir / f"{device}.json"
+
+    def devices(self) -> list[DeviceKey]:
+        """Every device some table was tuned on (one per key and name)."""
+        seen = {(str(t.device), t.device.name): t.device for t in [*self.user.values(), *self.shipped]}
+        return list(seen.values())
+
+    def tables_for(self, device: DeviceKey) -> list[Table]:
+        """The tables of ``device``'s key, most trusted first: the user's, the same name's, the nearest memory."""
+        same = [t for t in self.shipped if str(t.device) == str(device)]
+        same.sort(key=lambda t: distance(device, t.device)[3:])
+        user = self.user.get(str(device))
+        return [user, *same] if user else same
+
+    def view(self, device: DeviceKey) -> dict[str, dict]:
+        """Every entry for ``device``'s key, the most trusted table's where two have one."""
+        merged: dict[str, dict] = {}
+        for table in reversed(self.tables_for(device)):
+            merged.update(table.entries)
+        return merged
+
+    def get(self, kernel: str, signature: str, device: DeviceKey, bucket: int) -> dict | None:
+        """A copy of the config tuned for ``device``'s key at this bucket (else the nearest bucket), or None."""
+        entry = lookup_entry(self.view(device), kernel, signature, bucket)
         return dict(entry["config"]) if entry else None
 
-    def put(self, kernel: str, signature: str, device: str, bucket: int | str, config: dict,
+    def put(self, kernel: str, signature: str, device: DeviceKey, bucket: int | str, config: dict,
             **evidence) -> None:
-        """Record a winner (and what it measured) in the user's cache, atomically."""
-        self._user = _read(self.path)   # another process may have written since
-        self._user[key(kernel, signature, device, bucket)] = {"config": config, **evidence}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".json.tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self._user, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
-        except BaseException:
-            os.unlink(tmp)          # a failed write (e.g. evidence JSON cannot hold) leaves no half file behind
-            raise
+        """Record a winner (and what it measured) in the user's table for ``device``, atomically."""
+        path = self.user_path(device)
+        table = Table.read(path) or Table(device, path=path)   # another process may have written since
+        table.device = device                                    # the name of the GPU that tuned it last
+        table.entries[key(kernel, signature, bucket)] = {"config": dict(config), **evidence}
+        table.write(path)
+        self.user[str(device)] = table
 
-    def entries(self) -> dict[str, Any]:
-        return {**self._shipped, **self._user}
+    def entries(self, device: DeviceKey | None = None) -> dict[str, dict]:
+        """Every entry as "kernel|signature|device key|bucket" (or only ``device``'s view, keyed as in tables)."""
+        if device is not None:
+            return self.view(device)
+        out: dict[str, dict] = {}
+        for table in [*self.shipped, *self.user.values()]:
+            for k, e in table.entries.items():
+                kernel, sig, bucket = k.split("|")
+                out[f"{kernel}|{sig}|{table.device}|{bucket}"] = e
+        return out

@@ -4,7 +4,9 @@
     space.configs(args, shared_limit=227 * 1024)   # every combination of the domains that fits
 
 A config is dropped before anything compiles when the shared tiles it declares (from the IR's footprint),
-times the pipeline stages that keep copies of the tiles loaded in a loop, exceed the device's shared memory.
+times the pipeline stages that keep copies of the tiles loaded in a loop, exceed the device's shared memory,
+or when its register tiles (the IR's footprint over the program's threads) are so large that the compiler
+could only spill them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ from tilestack.ir.ops import Op
 from tilestack.ir.types import Space, TileType
 
 H100_SHARED_BYTES = 227 * 1024   # per block, after cudaFuncSetAttribute; Hopper's opt-in maximum
+THREADS_PER_WARP = 32
+# Register tiles per thread past which a config is not worth compiling. A thread has at most 255 32-bit
+# registers; the IR's footprint counts every distinct tile as if all were live at once (an over-estimate: the
+# largest shipped configs count 293 registers and run well), so the bound is 1.5x that.
+REGISTER_BYTES_PER_THREAD = 384 * 4
 
 
 def _looped_shared_bytes(body) -> int:
@@ -62,9 +69,24 @@ class SearchSpace:
         """Shared memory the config needs: the declared shared tiles (the IR's footprint), plus
         ``num_stages - 1`` more copies of those loaded inside a loop (pipelining); a tile loaded once before
         the loops (attention's Q) is not multiplied."""
-        traced = self.kernel.trace(*args, **self.fixed, **config)
-        stages = max(1, config.get("num_stages", 1))
-        return traced.cost(*args).shared_bytes + (stages - 1) * _looped_shared_bytes(traced.ir.body)
+        return self.footprint(args, config)[0]
 
-    def configs(self, args, shared_limit: int = H100_SHARED_BYTES) -> list[dict[str, Any]]:
-        return [c for c in self.all_configs() if self.shared_bytes(args, c) <= shared_limit]
+    def footprint(self, args, config: dict) -> tuple[int, int]:
+        """(shared bytes with pipelining copies, register-tile bytes per thread) of one config, from its IR."""
+        traced = self.kernel.trace(*args, **self.fixed, **config)
+        cost = traced.cost(*args)
+        stages = max(1, config.get("num_stages", 1))
+        shared = cost.shared_bytes + (stages - 1) * _looped_shared_bytes(traced.ir.body)
+        threads = config.get("num_warps", 4) * THREADS_PER_WARP
+        return shared, -(-cost.register_bytes // threads)
+
+    def configs(self, args, shared_limit: int = H100_SHARED_BYTES,
+                register_limit: int | None = REGISTER_BYTES_PER_THREAD) -> list[dict[str, Any]]:
+        """The configs that fit ``shared_limit`` bytes of shared memory per block and (unless None)
+        ``register_limit`` bytes of register tiles per thread."""
+        kept = []
+        for c in self.all_configs():
+            shared, regs = self.footprint(args, c)
+            if shared <= shared_limit and (register_limit is None or regs <= register_limit):
+                kept.append(c)
+        return kept

@@ -1,0 +1,103 @@
+"""What a tuned config depends on: the GPU's architecture, SM count and shared memory per block, not its name.
+
+    key = device_key(0)              # read once per device index from torch.cuda.get_device_properties
+    str(key)                         # "sm90-132sm-227kb" (an H100 SXM, an H200: the same key)
+    key.name                         # "NVIDIA H200": metadata, kept beside the tables, never part of the key
+    nearest(key, known)              # the known devices of the same architecture, closest first
+
+Two GPUs with the same key run a kernel with the same tiles the same way (same SM count, same shared memory a
+block may opt in to, same instruction set), so they share tuned configs whatever they are sold as. Between
+devices of one key the name and memory size only break ties (an H200 prefers the table tuned on an H200).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+
+from tilestack.errors import DeviceError
+
+KIB = 1024
+DEFAULT_SHARED_PER_BLOCK = 48 * KIB      # what every CUDA GPU gives a block without opting in
+_KEY = re.compile(r"^sm(\d+)(\d)-(\d+)sm-(\d+)kb$")
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceKey:
+    major: int
+    minor: int
+    sms: int                 # streaming multiprocessors
+    shared_kb: int           # shared memory one block may opt in to, KiB (227 on Hopper)
+    # metadata: recorded beside a table, compared only to break ties between devices of one key
+    name: str = dataclasses.field(default="", compare=False)
+    memory_gb: float = dataclasses.field(default=0.0, compare=False)
+
+    def __str__(self) -> str:
+        return f"sm{self.major}{self.minor}-{self.sms}sm-{self.shared_kb}kb"
+
+    @property
+    def arch(self) -> tuple[int, int]:
+        return (self.major, self.minor)
+
+    @property
+    def shared_bytes(self) -> int:
+        return self.shared_kb * KIB
+
+    @classmethod
+    def parse(cls, text: str, *, name: str = "", memory_gb: float = 0.0) -> DeviceKey:
+        """``DeviceKey.parse("sm90-132sm-227kb")``."""
+        m = _KEY.match(text)
+        if not m:
+            raise DeviceError(f"device key {text!r}; expected 'sm<major><minor>-<SMs>sm-<shared KiB>kb', "
+                              "e.g. 'sm90-132sm-227kb'")
+        major, minor, sms, kb = map(int, m.groups())
+        return cls(major, minor, sms, kb, name=name, memory_gb=memory_gb)
+
+    @classmethod
+    def from_properties(cls, props) -> DeviceKey:
+        """From ``torch.cuda.get_device_properties`` (or anything with the same fields)."""
+        shared = getattr(props, "shared_memory_per_block_optin", None) or \
+            getattr(props, "shared_memory_per_block", None) or DEFAULT_SHARED_PER_BLOCK
+        memory = getattr(props, "total_memory", 0) or 0
+        return cls(int(props.major), int(props.minor), int(props.multi_processor_count), int(shared) // KIB,
+                   name=str(getattr(props, "name", "")), memory_gb=round(memory / 2**30, 1))
+
+    def meta(self) -> dict:
+        """What a table records about the device it was tuned on."""
+        return {"key": str(self), "name": self.name, "capability": f"{self.major}.{self.minor}", "sms": self.sms,
+                "shared_kb": self.shared_kb, "memory_gb": self.memory_gb}
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> DeviceKey:
+        if not isinstance(meta, dict) or "key" not in meta:
+            raise DeviceError(f"table device {meta!r}; expected a dict with 'key' (and 'name', 'memory_gb')")
+        return cls.parse(meta["key"], name=str(meta.get("name", "")), memory_gb=float(meta.get("memory_gb", 0)))
+
+    @property
+    def slug(self) -> str:
+        """The name as a file name part: "NVIDIA H200" -> "nvidia-h200"."""
+        return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-") or "unnamed"
+
+
+@functools.cache
+def device_key(index: int) -> DeviceKey:
+    """The key of CUDA device ``index``, read once per process."""
+    import torch
+
+    return DeviceKey.from_properties(torch.cuda.get_device_properties(index))
+
+
+def distance(a: DeviceKey, b: DeviceKey) -> tuple:
+    """How far ``b``'s configs are from fitting ``a`` (same architecture assumed): a device with more shared memory
+    than ``a`` last (its configs may not fit), then the SM-count ratio, the shared-memory gap, the memory size
+    gap, and a name that differs."""
+    return (b.shared_kb > a.shared_kb, abs(math.log2(b.sms / a.sms)), abs(b.shared_kb - a.shared_kb),
+            abs(b.memory_gb - a.memory_gb), b.name != a.name, b.name)
+
+
+def nearest(target: DeviceKey, known) -> list[DeviceKey]:
+    """``known`` devices of ``target``'s architecture, closest first (those with ``target``'s key lead)."""
+    same = [k for k in known if k.arch == target.arch and k.sms > 0]
+    return sorted(same, key=lambda k: (str(k) != str(target), distance(target, k)))

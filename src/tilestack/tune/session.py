@@ -1,0 +1,225 @@
+"""Tune a list of problems within a time budget, writing each winner as soon as it is known.
+
+    session = Session(device_key(0), budget_s=300, ship_dir=Path("out/tables"))
+    outcomes = session.run(library_problems())        # most valuable first
+
+Each problem in its turn gets a share of the budget in proportion to its weight (time a problem leaves unused
+passes to the next ones; once the budget is spent the rest are skipped). Its search is local: first the config
+the launch path uses now (the shipped table's, else the default) and the kernel's default, then the winners of
+the same kernel at nearby sizes and in the other dtype, then the configs nearest the best so far, each checked
+against the reference before it is timed. The few best are timed again, longer, and the fastest is written at
+once to the user's table (atomically: an interrupted run keeps every winner already written) and, with
+``ship_dir``, to a table of the same format for ``src/tilestack/tune/tables/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tilestack.tune import lookup
+from tilestack.tune.cache import TABLES, ConfigCache, Table, file_name, key
+from tilestack.tune.devices import DeviceKey
+from tilestack.tune.library import Problem
+from tilestack.tune.search import tune
+from tilestack.tune.space import SearchSpace
+
+SEARCH_REP_MS = 20         # timing of each candidate: short (the search's ranking)
+CONFIRM_REP_MS = 100       # the finalists, timed again
+FINALISTS = 3
+TOL = 2e-2                 # relative error against the reference (bf16 outputs: ~4e-3)
+# errors after which the CUDA context is unusable: every later launch would fail too
+FATAL = re.compile(r"illegal memory access|unspecified launch failure|illegal instruction|misaligned address",
+                   re.IGNORECASE)
+
+
+@dataclasses.dataclass
+class Outcome:
+    problem: Problem
+    config: dict | None = None           # the winner (None: nothing written)
+    seconds: float | None = None
+    before: dict | None = None           # the config the launch path used before this run
+    before_seconds: float | None = None
+    tried: int = 0
+    failed: int = 0
+    complete: bool = False               # the whole space was searched
+    note: str = ""                       # why nothing was written, or what to know
+
+    @property
+    def speedup(self) -> float | None:
+        """Time before / time after (both timed in this run)."""
+        if self.seconds and self.before_seconds:
+            return self.before_seconds / self.seconds
+        return None
+
+
+def cuda_timer(fn: Callable[[], object], rep_ms: float) -> float:
+    """Median seconds per call on the GPU (Triton's do_bench: L2 flushed between calls)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=min(5, rep_ms), rep=rep_ms, return_mode="median") / 1e3
+
+
+def wall_timer(fn: Callable[[], object], rep_ms: float) -> float:
+    """Median wall seconds of three calls, after one (for Triton's interpreter on a CPU)."""
+    fn()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class ShipWriter:
+    """Tables for ``src/tilestack/tune/tables/``: one file per kernel for this device, holding what the packaged
+    file of that name holds plus this run's winners, rewritten atomically after each."""
+
+    def __init__(self, out_dir: Path, device: DeviceKey, tables_dir: Path = TABLES):
+        self.out_dir, self.device, self.tables_dir = Path(out_dir), device, tables_dir
+        self.tables: dict[str, Table] = {}
+
+    def put(self, kernel: str, signature: str, bucket: int, entry: dict) -> Path:
+        name = file_name(kernel, self.device)
+        if kernel not in self.tables:
+            old = Table.read(self.out_dir / name) or Table.read(self.tables_dir / name)
+            self.tables[kernel] = Table(self.device, old.entries if old else {})
+        table = self.tables[kernel]
+        table.entries[key(kernel, signature, bucket)] = entry
+        table.write(self.out_dir / name)
+        return self.out_dir / name
+
+
+class Session:
+    """See the module docstring. ``device_str`` is where inputs live ("cuda"; "cpu" runs Triton's interpreter)."""
+
+    def __init__(self, device: DeviceKey, *, budget_s: float, device_str: str = "cuda",
+                 cache: ConfigCache | None = None, ship_dir: Path | None = None, timer=None,
+                 search_rep_ms: float = SEARCH_REP_MS, confirm_rep_ms: float = CONFIRM_REP_MS,
+                 clock: Callable[[], float] = time.monotonic, log: Callable[[str], None] = lambda s: None,
+                 register_limit: int | None = None):
+        from tilestack.tune.space import REGISTER_BYTES_PER_THREAD
+
+        self.device, self.device_str, self.budget_s = device, device_str, float(budget_s)
+        self.cache = cache or ConfigCache()
+        self.before = copy.deepcopy(self.cache)     # the tables as they were: what the launch path used
+        self.ship = ShipWriter(ship_dir, device) if ship_dir is not None else None
+        self.timer = timer or (cuda_timer if device_str == "cuda" else wall_timer)
+        self.search_rep_ms, self.confirm_rep_ms = search_rep_ms, confirm_rep_ms
+        self.clock, self.log = clock, log
+        self.register_limit = REGISTER_BYTES_PER_THREAD if register_limit is None else register_limit
+        self.winners: dict[tuple[str, str], dict[int, list[dict]]] = {}   # (kernel, signature) -> bucket -> best
+
+    def run(self, problems: list[Problem], on_start: Callable[[int, Problem], None] = lambda i, p: None,
+            on_done: Callable[[Outcome], None] = lambda o: None) -> list[Outcome]:
+        start = self.clock()
+        end = start + self.budget_s
+        total = sum(p.weight for p in problems) or 1.0
+        done_weight, outcomes = 0.0, []
+        try:
+            for i, p in enumerate(problems):
+                done_weight += p.weight
+                on_start(i, p)
+                if self.clock() >= end:
+                    out = Outcome(p, note="skipped: the time budget is spent")
+                else:
+                    deadline = min(end, start + self.budget_s * done_weight / total)
+                    out = self.tune_one(p, deadline)
+                outcomes.append(out)
+                on_done(out)
+        finally:
+            lookup.reload()       # this process launches with what was just written
+        return outcomes
+
+    def tune_one(self, p: Problem, deadline: float) -> Outcome:
+        out = Outcome(p)
+        try:
+            work = p.make(self.device_str)
+        except Exception as e:  # noqa: BLE001 - a problem that cannot be set up (out of memory) is skipped
+            out.note = f"skipped: its inputs failed: {type(e).__name__}: {str(e)[:160]}"
+            return out
+        space = SearchSpace(p.tile, fixed=p.fixed, restrict=p.restrict)
+        declared = {k: t.default for k, t in p.tile.tunables.items()}
+
+        def full(cfg: dict) -> dict:
+            return {k: cfg.get(k, v) for k, v in declared.items()}
+
+        candidates = space.configs(work.args, shared_limit=self.device.shared_bytes,
+                                   register_limit=self.register_limit)
+        current = lookup.resolve(p.kernel, p.signature, self.device, p.n, cache=self.before)
+        out.before = full({**p.default, **(current or {})})
+        must = _unique([out.before, full(p.default)])
+        seeds = _unique([*must, *(full(c) for c in self._related(p))])
+        candidates = _unique([*must, *candidates])
+        timed = {}
+
+        def time_cfg(cfg):
+            timed[_frozen(cfg)] = self.timer(lambda: work.run(cfg), self.search_rep_ms)
+            return timed[_frozen(cfg)]
+
+        try:
+            result = tune(p.name, candidates, time=time_cfg, check=work.check, tol=TOL, strategy="local",
+                          seeds=seeds, deadline=deadline, min_trials=len(must), clock=self.clock, log=self.log)
+        except RuntimeError as e:
+            _raise_if_fatal(p, [str(e)])
+            out.note = f"not tuned: {e}"
+            return out
+        _raise_if_fatal(p, [t.error for t in result.trials if t.error])
+        out.tried = len(result.trials)
+        out.failed = sum(t.seconds is None for t in result.trials)
+        out.complete = result.complete
+        ranked = sorted((t for t in result.trials if t.seconds is not None), key=lambda t: t.seconds)
+        # the finalists and the config in use (if it ran correctly), timed again, longer, one after the other
+        finalists = _unique([t.config for t in ranked[:FINALISTS]] +
+                            [out.before] * (_frozen(out.before) in timed))
+        confirm = {_frozen(c): self.timer(lambda c=c: work.run(c), self.confirm_rep_ms) for c in finalists}
+        out.before_seconds = confirm.get(_frozen(out.before))
+        best = min(finalists, key=lambda c: confirm[_frozen(c)])
+        out.config, out.seconds = best, confirm[_frozen(best)]
+        self.winners.setdefault((p.kernel, p.signature), {})[p.bucket] = [t.config for t in ranked[:FINALISTS]]
+        entry = {"config": best, "seconds": out.seconds, "shared_bytes": space.footprint(work.args, best)[0],
+                 "tried": out.tried}
+        if out.speedup:
+            entry["speedup"] = round(out.speedup, 4)
+        self.cache.put(p.kernel, p.signature, self.device, p.bucket, best,
+                       **{k: v for k, v in entry.items() if k != "config"})
+        if self.ship is not None:
+            self.ship.put(p.kernel, p.signature, p.bucket, entry)
+        return out
+
+    def _related(self, p: Problem) -> list[dict]:
+        """Winners of this kernel and signature at other sizes (nearest first), then of the other dtype."""
+        from tilestack.tune.lookup import SAME_SHAPE
+
+        mine = self.winners.get((p.kernel, p.signature), {})
+        near = sorted(mine, key=lambda b: (abs(b.bit_length() - p.bucket.bit_length()), b))
+        dtype, _, rest = p.signature.partition("-")
+        twin = "-".join(filter(None, (SAME_SHAPE.get(dtype, dtype), rest)))
+        other = self.winners.get((p.kernel, twin), {})
+        twin_near = sorted(other, key=lambda b: (abs(b.bit_length() - p.bucket.bit_length()), b))
+        return [c for b in twin_near[:1] for c in other[b]] + [c for b in near for c in mine[b][:2]]
+
+
+def _frozen(cfg: dict) -> tuple:
+    return tuple(sorted(cfg.items()))
+
+
+def _unique(cfgs) -> list[dict]:
+    seen, out = set(), []
+    for c in cfgs:
+        if _frozen(c) not in seen:
+            seen.add(_frozen(c))
+            out.append(c)
+    return out
+
+
+def _raise_if_fatal(p: Problem, errors: list[str]) -> None:
+    fatal = next((e for e in errors if FATAL.search(e)), None)
+    if fatal:
+        raise RuntimeError(f"tune: {p.name}: a config broke the CUDA context ({fatal}); the winners so far are "
+                           "written. Run again without that kernel (-k) to tune the rest.")
