@@ -29,7 +29,7 @@ FLOATS = ("float32", "bfloat16", "float16")
 def norm_bwd_kernel(X, W, DY, Mean, Rstd, DX, DWp, DBp, *,
                     CENTERED: bool,
                     BM: int = ts.tunable(1, (1, 2, 4, 8, 16)),
-                    BN: int = ts.tunable(1024, (128, 256, 512, 1024, 2048, 4096, 8192, 16384)),
+                    BN: int = ts.tunable(1024, (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)),
                     num_warps: int = ts.tunable(4, (2, 4, 8, 16)),
                     num_stages: int = ts.tunable(1, (1, 2)),
                     ONE_TILE: bool = False):

@@ -20,7 +20,7 @@ from tilestack.kernels.softmax import resolve_row_config
 @ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))
 def rms_norm_kernel(X, W, Y, Rstd, eps: float, *,
                     BM: int = ts.tunable(4, (1, 2, 4, 8, 16)),
-                    BN: int = ts.tunable(1024, (128, 256, 512, 1024, 2048, 4096, 8192, 16384)),
+                    BN: int = ts.tunable(1024, (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)),
                     num_warps: int = ts.tunable(4, (2, 4, 8, 16)),
                     num_stages: int = ts.tunable(1, (1, 2)),
                     ONE_TILE: bool = False):

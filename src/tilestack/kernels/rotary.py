@@ -17,6 +17,9 @@ import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.kernels._checks import check_same_device, check_tensor, next_pow2
 
+MIN_HEAD_DIM = 16     # a half row of 8 bf16 values: the 16 bytes the GPU's tile copies need at least
+MAX_HEAD_DIM = 512
+
 
 def _rotate(X, O, c, s, x1, x2, t, u, o, b, n, inverse: bool) -> None:
     """O[b, n] = X[b, n] rotated: all heads at once, as a (heads, D/2) tile per half."""
@@ -87,8 +90,8 @@ def check_rotary_args(fn: str, q, k, cos, sin) -> None:
     if k.shape[0] != B or k.shape[1] != N or k.shape[3] != D:
         raise LaunchError(f"{fn}: k is {tuple(k.shape)}; expected (B={B}, N={N}, Hkv, D={D}) to match q "
                           f"{tuple(q.shape)}")
-    if D < 2 or D % 2 or next_pow2(D // 2) != D // 2:
-        raise LaunchError(f"{fn}: head dim D={D}; expected an even D whose half is a power of two (16..256)")
+    if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM or next_pow2(D // 2) != D // 2:
+        raise LaunchError(f"{fn}: head dim D={D}; expected a power of two in {MIN_HEAD_DIM}..{MAX_HEAD_DIM}")
     for name, t in (("cos", cos), ("sin", sin)):
         if tuple(t.shape) != (N, D // 2):
             raise LaunchError(f"{fn}: {name} is {tuple(t.shape)}; expected (N, D/2) = {(N, D // 2)}")
