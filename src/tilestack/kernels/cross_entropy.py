@@ -91,7 +91,8 @@ def ce_grad_kernel(L, Labels, Scale, Cols, Loss, *,
         ts.neg(hot, hot)
         ts.add(hot, hot, 1.0)
         ts.relu(hot, hot)                        # one-hot of the label
-        ts.mul(z, x, hot)
+        ts.max(z, x, -FLT_MAX)                   # a -inf logit times a 0 of the one-hot must not be NaN
+        ts.mul(z, z, hot)
         ts.row_sum(target, z, target)
         ts.sub_row(z, x, m)
         ts.mul(z, z, LOG2E)

@@ -1,0 +1,137 @@
+"""tilestack.kernels.fused_linear_cross_entropy on both backends against float64 PyTorch (whole logits,
+autograd) and the reference executor: ragged T and V, chunks that do not divide T, several rows per program,
+ignored labels, every float dtype, extreme logits, all rows ignored, and the argument checks."""
+
+import importlib
+import math
+
+import pytest
+import torch
+
+from tilestack.errors import LaunchError
+from tilestack.kernels import fused_linear_cross_entropy
+
+mod = importlib.import_module("tilestack.kernels.cross_entropy")
+
+BACKENDS = ("reference", "triton")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# the logits are rounded to x's dtype (as torch's LM head makes them) before the softmax
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    if not bool(got.isfinite().all()):
+        return math.inf
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+def f64(x, w, labels, ignore_index=-100):
+    """(loss, dx, dw) in float64 from the whole logits."""
+    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    loss = torch.nn.functional.cross_entropy(xd @ wd.T, labels.long(), ignore_index=ignore_index)
+    return (loss.detach(), *torch.autograd.grad(loss, (xd, wd)))
+
+
+def data(rng, T, d, V, dtype, ignored=(), std=1.0):
+    x = torch.from_numpy(rng.normal(0.0, std, (T, d))).to(dtype)
+    w = torch.from_numpy(rng.normal(0.0, 1.0, (V, d))).to(dtype)
+    labels = torch.from_numpy(rng.integers(0, V, T))
+    labels[list(ignored)] = -100
+    return x, w, labels
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,d,V,chunk,cfg", [
+    (11, 16, 37, 4, dict(BM=2, BN=16)),          # 3 chunks (4, 4, 3), 3 column tiles, a ragged last tile
+    (9, 32, 100, None, dict(BM=1, BN=32)),       # one chunk
+    (6, 16, 20, 5, dict(BM=4, BN=64)),           # one tile wider than V
+], ids=str)
+def test_fused_linear_cross_entropy_matches_float64_and_reference(backend, dtype, T, d, V, chunk, cfg, rng,
+                                                                  poison_empty):
+    x, w, labels = data(rng, T, d, V, dtype, ignored=(1, T - 1), std=0.3)
+    loss64, dx64, dw64 = f64(x, w, labels)
+
+    loss, dx, dw = fused_linear_cross_entropy(x, w, labels, chunk=chunk, backend=backend, **cfg)
+    rloss, rdx, rdw = fused_linear_cross_entropy(x, w, labels, chunk=chunk, backend="reference", **cfg)
+    assert loss.shape == () and loss.dtype == torch.float32
+    assert dx.shape == x.shape and dx.dtype == dtype and dw.shape == w.shape and dw.dtype == dtype
+    tol = TOL[dtype]
+    assert abs(float(loss) - float(loss64)) <= tol * float(loss64) and abs(float(loss) - float(rloss)) <= 1e-5
+    assert rel(dx, dx64) <= tol and rel(dx, rdx) <= tol
+    assert rel(dw, dw64) <= tol and rel(dw, rdw) <= tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("std", [30.0, 1e17], ids=["logits~1e3", "logits~1e35"])
+def test_fused_linear_cross_entropy_extreme_logits(backend, std, rng):
+    """Logits in the thousands (exp overflows without the max) and near f32's largest: finite, exact."""
+    x, w, labels = data(rng, 5, 16, 40, torch.float32, std=std)
+    loss64, dx64, dw64 = f64(x, w, labels)
+    loss, dx, dw = fused_linear_cross_entropy(x, w, labels, chunk=3, backend=backend, BM=1, BN=16)
+    assert math.isfinite(float(loss))
+    assert abs(float(loss) - float(loss64)) <= 1e-5 * float(loss64)
+    assert rel(dx, dx64) <= 1e-5 and rel(dw, dw64) <= 1e-5
+
+
+def test_fused_linear_cross_entropy_minus_inf_logits(rng):
+    """A column of -inf logits (a masked vocabulary entry) takes no probability and leaves the rest exact."""
+    x, w, labels = data(rng, 4, 16, 24, torch.float32)
+    labels = labels.clamp(max=22)
+    x = torch.cat((x, torch.ones(4, 1)), dim=1)
+    w = torch.cat((w, torch.zeros(24, 1)), dim=1)
+    w[23, :] = 0.0
+    w[23, -1] = -math.inf                       # logit of class 23 = -inf for every row
+    loss, dx, _ = fused_linear_cross_entropy(x, w, labels, backend="triton", BM=1, BN=16)
+    logits = x.double() @ w.double().T
+    want = torch.nn.functional.cross_entropy(logits, labels)
+    assert abs(float(loss) - float(want)) <= 1e-5 * float(want)
+    assert bool(dx[:, :-1].isfinite().all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_linear_cross_entropy_all_ignored_is_nan_with_zero_gradients(backend, rng):
+    """As torch: the mean over no rows is nan, and nothing flows back."""
+    x, w, labels = data(rng, 3, 16, 20, torch.float32, ignored=(0, 1, 2))
+    loss, dx, dw = fused_linear_cross_entropy(x, w, labels, backend=backend, BM=1, BN=16)
+    assert math.isnan(float(loss))
+    assert torch.equal(dx, torch.zeros_like(dx)) and torch.equal(dw, torch.zeros_like(dw))
+
+
+def test_fused_linear_cross_entropy_int32_labels_and_custom_ignore_index(rng):
+    x, w, labels = data(rng, 7, 16, 30, torch.float32)
+    labels[2] = -1
+    loss64, dx64, dw64 = f64(x, w, labels, ignore_index=-1)
+    loss, dx, dw = fused_linear_cross_entropy(x, w, labels.int(), ignore_index=-1, backend="triton", BM=1, BN=16)
+    assert abs(float(loss) - float(loss64)) <= 1e-5 * float(loss64)
+    assert rel(dx, dx64) <= 1e-5 and rel(dw, dw64) <= 1e-5
+
+
+def test_chunk_rows_keeps_chunks_within_the_budget():
+    assert mod.chunk_rows(8192, 50257, 2) == 2048
+    assert mod.chunk_rows(8192, 32000, 2) == 4096
+    assert mod.chunk_rows(100, 50257, 2) == 100
+    assert mod.chunk_rows(5, 1 << 30, 4) == 1
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: fused_linear_cross_entropy(torch.ones(4, 8), torch.ones(10, 7), torch.zeros(4, dtype=torch.long)),
+     "weight is \\(10, 7\\) and x is \\(4, 8\\)"),
+    (lambda: fused_linear_cross_entropy(torch.ones(4, 8), torch.ones(10, 8), torch.zeros(3, dtype=torch.long)),
+     "labels has 3 elements; expected x.shape\\[0\\] = 4"),
+    (lambda: fused_linear_cross_entropy(torch.ones(4, 8), torch.ones(10, 8), torch.zeros(4)),
+     "labels has dtype float32"),
+    (lambda: fused_linear_cross_entropy(torch.ones(4, 8), torch.ones(10, 8).half(),
+                                        torch.zeros(4, dtype=torch.long)), "weight has dtype float16"),
+    (lambda: fused_linear_cross_entropy(torch.ones(4, 8), torch.ones(10, 8), torch.zeros(4, dtype=torch.long),
+                                        ignore_index=3), "ignore_index must be an int outside 0..V-1"),
+    (lambda: fused_linear_cross_entropy(torch.ones(4, 8), torch.ones(10, 8), torch.zeros(4, dtype=torch.long),
+                                        chunk=0), "chunk must be a positive int"),
+    (lambda: fused_linear_cross_entropy(torch.ones(4, 8), torch.ones(0, 8), torch.zeros(4, dtype=torch.long)),
+     "the vocabulary weight.shape\\[0\\] = 0"),
+], ids=["d", "labels-len", "labels-dtype", "weight-dtype", "ignore-index", "chunk", "empty-vocab"])
+def test_fused_linear_cross_entropy_bad_arguments_refused_before_launch(call, match, no_launch):
+    no_launch(mod, "ce_grad_kernel")
+    with pytest.raises(LaunchError, match=match):
+        call()
