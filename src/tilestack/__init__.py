@@ -15,13 +15,13 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # torch-backed parts load on first use, so `import tilestack` (and the CLI) stays light
-    if name == "attention":
-        from tilestack.torch import attention
-        return attention
+    if name in ("attention", "scaled_dot_product_attention", "patch"):
+        import tilestack.torch
+        return getattr(tilestack.torch, name)
     if name in ("kernels", "lang", "perf", "bench", "ir", "backends"):
         import importlib
         return importlib.import_module(f"tilestack.{name}")
     raise AttributeError(f"module 'tilestack' has no attribute {name!r}")
 
 
-__all__ = ["attention", "errors", "knobs"]
+__all__ = ["attention", "errors", "knobs", "patch", "scaled_dot_product_attention"]

@@ -1,7 +1,12 @@
 """``tilestack.attention``: the tile-language attention as a PyTorch op with autograd.
 
-    o = tilestack.attention(q, k, v, causal=False, scale=None)
-    # q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D) with H a multiple of Hkv; bf16 or fp16; D in 16..256
+    o = tilestack.attention(q, k, v, causal=False, scale=None, attn_mask=None, causal_align="top_left")
+    # q: (B, H, Nq, D); k: (B, Hkv, Nk, D); v: (B, Hkv, Nk, Dv), H a multiple of Hkv; bf16, fp16 or fp32;
+    # D, Dv up to 256; attn_mask: bool (True = attend) or additive, broadcastable to (B, H, Nq, Nk)
+
+Causal alignment: "top_left" (query r sees keys c <= r, as torch SDPA's is_causal) or "bottom_right" (query r
+sees keys c <= r + Nk - Nq, as FlashAttention-2 >= 2.1 and decoding against a KV cache). The mask gets no
+gradient (``tilestack.scaled_dot_product_attention`` hands a mask that needs one to torch).
 
 Two paths to the same kernels:
 - under ``torch.compile`` (and for ``torch.library.opcheck``): the ``tilestack::attention_fwd`` and
@@ -20,40 +25,41 @@ from tilestack.kernels.attention_fwd import attention_forward, check_attention_a
 
 
 @torch.library.custom_op("tilestack::attention_fwd", mutates_args=())
-def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_forward(q, k, v, causal, scale)
+def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                     causal: bool, scale: float, causal_align: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, causal, scale, attn_mask=attn_mask, causal_align=causal_align)
 
 
 @attention_fwd_op.register_fake
-def _(q, k, v, causal, scale):
+def _(q, k, v, attn_mask, causal, scale, causal_align):
     B, H, Nq, _ = q.shape
-    return torch.empty_like(q), q.new_empty((B, H, Nq), dtype=torch.float32)
+    return q.new_empty((B, H, Nq, v.shape[3])), q.new_empty((B, H, Nq), dtype=torch.float32)
 
 
 @torch.library.custom_op("tilestack::attention_bwd", mutates_args=())
 def attention_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                     do: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_backward(q, k, v, o, lse, do, causal, scale)
+                     do: torch.Tensor, attn_mask: torch.Tensor | None, causal: bool, scale: float,
+                     causal_align: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(q, k, v, o, lse, do, causal, scale, attn_mask=attn_mask, causal_align=causal_align)
 
 
 @attention_bwd_op.register_fake
-def _(q, k, v, o, lse, do, causal, scale):
+def _(q, k, v, o, lse, do, attn_mask, causal, scale, causal_align):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale = inputs
+    q, k, v, attn_mask, causal, scale, causal_align = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
-    ctx.causal, ctx.scale = causal, scale
+    ctx.save_for_backward(q, k, v, o, lse, attn_mask)
+    ctx.causal, ctx.scale, ctx.causal_align = causal, scale, causal_align
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = attention_bwd_op(q, k, v, o, lse, do, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None
+    q, k, v, o, lse, attn_mask = ctx.saved_tensors
+    dq, dk, dv = attention_bwd_op(q, k, v, o, lse, do, attn_mask, ctx.causal, ctx.scale, ctx.causal_align)
+    return dq, dk, dv, None, None, None, None
 
 
 attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -63,35 +69,41 @@ class _Attention(torch.autograd.Function):
     """The eager path: the kernels without the custom-op dispatcher (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale):
-        o, lse = attention_forward(q, k, v, causal, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.scale = causal, scale
+    def forward(ctx, q, k, v, attn_mask, causal, scale, causal_align):
+        o, lse = attention_forward(q, k, v, causal, scale, attn_mask=attn_mask, causal_align=causal_align)
+        ctx.save_for_backward(q, k, v, o, lse, attn_mask)
+        ctx.causal, ctx.scale, ctx.causal_align = causal, scale, causal_align
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = attention_backward(q, k, v, o, lse, do, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
+        q, k, v, o, lse, attn_mask = ctx.saved_tensors
+        dq, dk, dv = attention_backward(q, k, v, o, lse, do, ctx.causal, ctx.scale, attn_mask=attn_mask,
+                                        causal_align=ctx.causal_align)
+        return dq, dk, dv, None, None, None, None
 
 
 _is_compiling = torch.compiler.is_compiling
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-              scale: float | None = None) -> torch.Tensor:
+              scale: float | None = None, *, attn_mask: torch.Tensor | None = None,
+              causal_align: str = "top_left") -> torch.Tensor:
     """Scaled dot-product attention on (B, H, N, D) tensors, as ``F.scaled_dot_product_attention(q, k, v,
-    is_causal=causal, scale=scale)`` with GQA (fewer K/V heads) allowed; differentiable. Arguments are
+    attn_mask, is_causal=causal, scale=scale, enable_gqa=True)``; differentiable in q, k and v. Arguments are
     checked before any work (by the kernels' own checks, once per launch signature)."""
     if _is_compiling() or type(q) is not torch.Tensor or q.is_meta:   # graphs, fake and meta tensors, subclasses
-        check_attention_args("attention", q, k, v, scale)
+        check_attention_args("attention", q, k, v, scale, attn_mask=attn_mask, causal_align=causal_align)
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-        return attention_fwd_op(q, k, v, bool(causal), scale)[0]
+        return attention_fwd_op(q, k, v, attn_mask, bool(causal), scale, causal_align)[0]
     if scale is not None and not isinstance(scale, float):
         check_attention_args("attention", q, k, v, scale)   # an int, a bool, a tensor: refused or made a float
         scale = float(scale)
     causal = bool(causal)
+    if attn_mask is not None and attn_mask.requires_grad:
+        from tilestack.errors import LaunchError
+        raise LaunchError("attention: attn_mask requires grad, and the kernels give the mask no gradient; detach "
+                          "it, or call tilestack.scaled_dot_product_attention, which hands such calls to torch")
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _Attention.apply(q, k, v, causal, scale)
-    return attention_forward(q, k, v, causal, scale)[0]
+        return _Attention.apply(q, k, v, attn_mask, causal, scale, causal_align)
+    return attention_forward(q, k, v, causal, scale, attn_mask=attn_mask, causal_align=causal_align)[0]

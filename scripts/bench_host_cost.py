@@ -1,0 +1,153 @@
+"""Host cost per call of what users call, beside torch, in one process: wall time per call over a loop
+(launch included, no sync inside the loop), so it measures what a training step at small sizes feels.
+
+    PYTHONPATH=src python3 scripts/bench_host_cost.py [--json out.json]
+
+Cases: tilestack.attention forward and forward+backward against torch SDPA (FLASH_ATTENTION, CUDNN and its
+default choice) at a tiny size (1, 8, 128, 64) and at (8, 16, 1024, 128), bf16; gemm, softmax and layer_norm
+against torch at small sizes. Then: the op captured in a CUDA graph replays to the eager result, and
+torch.compile(fullgraph=True) of a model using it compiles without a graph break and matches eager.
+Prints a table with the ratios last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import tilestack
+from tilestack import kernels
+
+
+def per_call_us(fn, n: int = 300, warmup: int = 30) -> float:
+    """Median over 5 rounds of the wall time per call of ``n`` back-to-back calls, synchronized at the ends."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    rounds = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        rounds.append((time.perf_counter() - t0) / n * 1e6)
+    return sorted(rounds)[2]
+
+
+def _sdpa_with(backend, q, k, v):
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def attention_cases(rows: list) -> None:
+    for shape in ((1, 8, 128, 64), (8, 16, 1024, 128)):
+        B, H, N, D = shape
+        q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        do = torch.randn_like(q)
+
+        impls = {"tilestack": functools.partial(tilestack.attention, q, k, v, causal=True),
+                 "sdpa-default": functools.partial(F.scaled_dot_product_attention, q, k, v, is_causal=True),
+                 "sdpa-flash": functools.partial(_sdpa_with, SDPBackend.FLASH_ATTENTION, q, k, v),
+                 "sdpa-cudnn": functools.partial(_sdpa_with, SDPBackend.CUDNN_ATTENTION, q, k, v)}
+        for mode in ("fwd", "fwd+bwd"):
+            res = {}
+            for name, f in impls.items():
+                if mode == "fwd":
+                    def call(f=f):
+                        with torch.no_grad():
+                            f()
+                else:
+                    def call(f=f, do=do):
+                        f().backward(do)
+                try:
+                    res[name] = per_call_us(call)
+                except RuntimeError as e:   # a backend that refuses this shape
+                    print(f"{name} {shape} {mode}: {e}".splitlines()[0])
+            for name, us in res.items():
+                rows.append({"case": f"attention{shape}", "mode": mode, "impl": name, "us": us,
+                             "vs_flash": us / res["sdpa-flash"] if "sdpa-flash" in res else None})
+
+
+def library_cases(rows: list) -> None:
+    a = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16)
+    w = torch.ones(1024, device="cuda", dtype=torch.bfloat16)
+    b = torch.zeros(1024, device="cuda", dtype=torch.bfloat16)
+    pairs = {"gemm(256^3)": (lambda: kernels.gemm(a, a), lambda: a @ a),
+             "softmax(64x1024)": (lambda: kernels.softmax(x), lambda: torch.softmax(x, -1)),
+             "layer_norm(64x1024)": (lambda: kernels.layer_norm(x, w, b), lambda: F.layer_norm(x, (1024,), w, b))}
+    for case, (ours, theirs) in pairs.items():
+        t_ours, t_torch = per_call_us(ours), per_call_us(theirs)
+        rows.append({"case": case, "mode": "fwd", "impl": "tilestack", "us": t_ours, "vs_torch": t_ours / t_torch})
+        rows.append({"case": case, "mode": "fwd", "impl": "torch", "us": t_torch, "vs_torch": 1.0})
+
+
+def graph_and_compile_checks() -> dict:
+    q, k, v = (torch.randn(2, 4, 256, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    eager = tilestack.attention(q, k, v, causal=True)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            tilestack.attention(q, k, v, causal=True)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = tilestack.attention(q, k, v, causal=True)
+    q.copy_(torch.randn_like(q))
+    g.replay()
+    torch.cuda.synchronize()
+    graph_ok = bool(torch.allclose(out, tilestack.attention(q, k, v, causal=True), atol=0, rtol=0))
+    graph_ok &= not torch.equal(out, eager)   # the replay read the new q
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(256, 768, dtype=torch.bfloat16, device="cuda")
+
+        def forward(self, x):
+            B, N, _ = x.shape
+            q, k, v = self.qkv(x).view(B, N, 3, 4, 64).permute(2, 0, 3, 1, 4)
+            return tilestack.attention(q, k, v, causal=True).transpose(1, 2).reshape(B, N, 256)
+
+    m = Block()
+    x = torch.randn(2, 128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    explain = torch._dynamo.explain(m)(x)
+    compiled = torch.compile(m, fullgraph=True)
+    y = compiled(x)
+    y.sum().backward()
+    compile_ok = bool(torch.allclose(y, m(x), atol=2e-2, rtol=2e-2))
+    return {"cuda_graph_replay_ok": graph_ok, "graph_breaks": explain.graph_break_count,
+            "compile_fullgraph_ok": compile_ok}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    rows: list = []
+    attention_cases(rows)
+    library_cases(rows)
+    checks = graph_and_compile_checks()
+    print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}")
+    print(f"{'case':<28}{'mode':<9}{'impl':<14}{'us/call':>9}{'ratio':>8}")
+    for r in rows:
+        ratio = r.get("vs_flash", r.get("vs_torch"))
+        shown = "" if ratio is None else f"{ratio:8.2f}"
+        print(f"{r['case']:<28}{r['mode']:<9}{r['impl']:<14}{r['us']:>9.1f}{shown}")
+    print(checks)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
+                       "checks": checks}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Plans: a library function's checks and choices made once per launch signature, not once per call.
+
+    @planned
+    def softmax(x, *, out=None, backend=None):
+        check_tensor("softmax", "x", x, ...)                 # every check, the config, the launcher: once
+        launch = softmax_kernel.launcher_for((x, y), backend, **cfg)
+        def run(x, *, out=None, backend=None):               # every call: allocate and launch
+            y = torch.empty_like(x) if out is None else out
+            launch((x, y))
+            return y
+        return run
+
+The plan is keyed by ``plan_key``: per tensor its dtype, shape, strides, device and address alignment (what a
+kernel launch is specialized for), per other argument its value. A repeated call costs the key, one dictionary
+lookup and what ``run`` does. Arguments the key cannot hold (unhashable ones) take the planned way every time.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+from tilestack.config import knobs
+from tilestack.lang.kernel import remember
+
+
+def plan_key(args: tuple, kwargs: dict) -> tuple:
+    return (tuple((a.dtype, a.shape, a.stride(), a.device, a.data_ptr() % 16 == 0)
+                  if isinstance(a, torch.Tensor) else a for a in args),
+            tuple((k, (v.dtype, v.shape, v.stride(), v.device, v.data_ptr() % 16 == 0)
+                   if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()),
+            knobs.backend, knobs.triton_interpret)
+
+
+def planned(plan: Callable) -> Callable:
+    """Decorator: ``plan(*args, **kwargs)`` checks everything and returns ``run(*args, **kwargs)``; the
+    decorated function plans once per ``plan_key`` and runs every time."""
+    cache: dict = {}
+
+    @functools.wraps(plan)
+    def call(*args, **kwargs):
+        try:
+            key = plan_key(args, kwargs)
+            run = cache.get(key)
+        except TypeError:   # an unhashable argument
+            return plan(*args, **kwargs)(*args, **kwargs)
+        if run is None:
+            run = remember(cache, key, plan(*args, **kwargs))
+        return run(*args, **kwargs)
+
+    call.plans = cache
+    return call

@@ -1,0 +1,120 @@
+"""A drop-in for ``torch.nn.functional.scaled_dot_product_attention``, and a one-liner that swaps it into a model.
+
+    from tilestack import scaled_dot_product_attention as sdpa
+    o = sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False)
+
+    handle = tilestack.patch(model)        # F.scaled_dot_product_attention calls now run tilestack's kernels
+    handle.undo()                          # or: with tilestack.patch(model): ...
+
+Same arguments, same meaning as torch's. What the kernels do (``tilestack.attention``): (B, H, N, D) inputs in
+bf16, fp16 or fp32 (fp32 products through tf32 matrix units: about 1e-3 relative error), head dims up to 256 and
+Dv != D, GQA (``enable_gqa=True``), a boolean or additive ``attn_mask`` broadcastable to (B, H, Nq, Nk), top-left
+causal (torch's). Anything else (dropout, a mask that needs a gradient, other ranks, batch broadcasting, mixed
+dtypes, head dims past 256, CPU tensors unless a tilestack backend is forced) is handed to torch's own
+function, with a one-time notice saying why; torch then answers or raises exactly as it would.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from tilestack.config import knobs
+from tilestack.torch.attention import attention
+
+torch_sdpa = F.scaled_dot_product_attention   # torch's own, kept before any patch
+MAX_HEAD_DIM = 256
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_noticed: set[str] = set()
+
+
+def unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> str | None:
+    """Why the kernels cannot take this call (None when they can)."""
+    if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
+        return "query, key and value are not all tensors"
+    if dropout_p:
+        return f"dropout_p={dropout_p} (dropout is not fused in tilestack's kernels)"
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return f"inputs of rank {query.dim()}, {key.dim()}, {value.dim()} (the kernels take (B, H, N, D))"
+    if query.device.type != "cuda" and knobs.backend == "auto":
+        return f"tensors on {query.device.type} (tilestack's kernels run on CUDA GPUs)"
+    if not (query.dtype == key.dtype == value.dtype) or query.dtype not in _DTYPES:
+        return f"dtypes {query.dtype}, {key.dtype}, {value.dtype} (the kernels take one of bf16, fp16, fp32)"
+    if not (query.shape[0] == key.shape[0] == value.shape[0]) or key.shape[:3] != value.shape[:3]:
+        return f"batch or key/value shapes {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+    if query.shape[1] != key.shape[1] and not (enable_gqa and key.shape[1] and query.shape[1] % key.shape[1] == 0):
+        return f"{query.shape[1]} query heads and {key.shape[1]} key/value heads without enable_gqa"
+    if query.shape[3] != key.shape[3] or max(query.shape[3], value.shape[3]) > MAX_HEAD_DIM:
+        return f"head dims {query.shape[3]} and {value.shape[3]} (the kernels take up to {MAX_HEAD_DIM})"
+    if attn_mask is not None:
+        if is_causal:
+            return "both attn_mask and is_causal (torch decides what that means)"
+        if not isinstance(attn_mask, torch.Tensor) or attn_mask.requires_grad:
+            return "an attn_mask that needs a gradient (the kernels give the mask none)"
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            return f"an attn_mask of dtype {attn_mask.dtype} with {query.dtype} inputs"
+        try:
+            torch.broadcast_shapes(attn_mask.shape, (query.shape[0], query.shape[1], query.shape[2], key.shape[2]))
+        except RuntimeError:
+            return f"an attn_mask of shape {tuple(attn_mask.shape)} that does not broadcast"
+    return None
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False):
+    """``F.scaled_dot_product_attention`` through tilestack's kernels where they apply (module docstring)."""
+    why = unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    if why is not None:
+        if why not in _noticed:
+            _noticed.add(why)
+            warnings.warn(f"tilestack.scaled_dot_product_attention: handing {why} to torch's own function "
+                          "(said once per reason)", stacklevel=2)
+        return torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                          scale=scale, enable_gqa=enable_gqa)
+    return attention(query, key, value, causal=is_causal, scale=scale, attn_mask=attn_mask)
+
+
+class Patch:
+    """What ``patch`` replaced, to put back with ``undo()`` (or at the end of a ``with`` block)."""
+
+    def __init__(self, replaced: list[tuple[object, str, object]]):
+        self.replaced = replaced
+
+    def undo(self) -> None:
+        for owner, name, old in reversed(self.replaced):
+            setattr(owner, name, old)
+        self.replaced = []
+
+    def __enter__(self) -> Patch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.undo()
+
+
+def patch(model: torch.nn.Module | None = None) -> Patch:
+    """Route ``F.scaled_dot_product_attention`` to tilestack without editing the model: the attribute of
+    ``torch.nn.functional`` (which Hugging Face's "sdpa" attention and most models call through) and any name
+    bound to torch's function in the modules that define ``model``'s classes (``from torch.nn.functional import
+    scaled_dot_product_attention``). Returns a ``Patch``; ``undo()`` restores torch's."""
+    replaced: list[tuple[object, str, object]] = []
+    owners: list[object] = [F]
+    if model is not None:
+        if not isinstance(model, torch.nn.Module):
+            from tilestack.errors import LaunchError
+            raise LaunchError(f"patch: model must be a torch.nn.Module or None, got {type(model).__name__}")
+        seen = set()
+        for m in model.modules():
+            name = type(m).__module__
+            if name not in seen and name in sys.modules:
+                seen.add(name)
+                owners.append(sys.modules[name])
+    for owner in owners:
+        for name, value in list(vars(owner).items()):
+            if value is torch_sdpa:
+                setattr(owner, name, scaled_dot_product_attention)
+                replaced.append((owner, name, value))
+    return Patch(replaced)
