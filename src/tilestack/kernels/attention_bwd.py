@@ -1,6 +1,11 @@
 """Attention backward in the tile language: FlashAttention-2's three-kernel split.
 
     dq, dk, dv = attention_backward(q, k, v, o, lse, do, causal=False, scale=None)
+    dq, dk, dv = attention_backward(q, k, v, o, lse, do, causal, scale, attn_mask=mask, causal_align="bottom_right")
+
+The same conventions as the forward (see ``attention_fwd``: head dims 1..256 with Dv free, bf16/fp16/fp32,
+top-left or bottom-right causal alignment, an additive or boolean ``attn_mask`` that gets no gradient); ``o``,
+``lse`` are the forward's outputs for the same arguments and ``do`` is o's gradient.
 
 1. ``attention_bwd_delta_kernel``: delta = rowsum(dO * O), one f32 per query row.
 2. ``attention_bwd_dkdv_kernel``: one program per (key block, batch * K/V head); it loops over the query
@@ -8,8 +13,17 @@
        dV += P^T dO,   dK += dS^T Q,   dS = P * (dO V^T - delta)
 3. ``attention_bwd_dq_kernel``: one program per (query block, batch * head), looping over key blocks:
        dQ += dS K
-Causal blocks on the diagonal are masked in a loop of their own, as in the forward. Ragged edges need no
-mask: rows past the end load as zero, and zero dO, V or K rows contribute nothing to what is stored.
+Each has a ``*_bias_kernel`` twin that adds the bias to the scores (the same body).
+
+Masks. P = exp2(s - lse) is only safe where s is a real score: a padded key (past Nk) loads as a zero row of K,
+scores 0 and would get P = exp2(-lse), which overflows when the row's real scores are all strongly negative
+(lse < about -88 in the log2 domain), and inf * 0 is NaN in dQ = dS K. So the dQ kernel masks keys past Nk
+(in the same loop that masks the causal diagonal, over the key blocks that need either). The dK/dV kernel
+needs no key mask: a padded key's P reaches only its own dK, dV rows, which the store drops. Padded query rows
+(past Nq) need no mask in either: their q, dO, lse and delta load as zero, so their P is exp2(0 - 0) = 1 or 0,
+finite, and every product with their dO = 0 and dS = P * (0 - 0) = 0 is zero. A row that saw no key has
+lse = -inf (all its scores are -inf too); where that can happen (a bias, bottom-right alignment) lse is raised
+to the lowest finite f32, so its P is exp2(-inf - lowest) = 0, not exp2(-inf + inf) = NaN.
 """
 
 from __future__ import annotations
@@ -18,7 +32,18 @@ import math
 
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
-from tilestack.kernels.attention_fwd import LOG2E, check_attention_args
+from tilestack.kernels.attention_fwd import (
+    LOG2E,
+    LOWEST_F32,
+    add_bias,
+    causal_diagonal,
+    causal_shift,
+    check_attention_args,
+    config_signature,
+    head_tile,
+    mask_as_bias,
+    query_block_keys,
+)
 from tilestack.tune.lookup import launch_config
 
 
@@ -27,6 +52,7 @@ def attention_bwd_delta_kernel(O, dO, Delta, *, D: int,
                                BM: int = ts.tunable(64, (16, 32, 64, 128)),
                                num_warps: int = ts.tunable(4, (4, 8)),
                                num_stages: int = ts.tunable(1, (1, 2))):
+    """O, dO: (B, H, Nq, *), Delta: (B, H, Nq) f32; D is the tile width of O's head dim (Dv's tile)."""
     i, bh = ts.block_id(0), ts.block_id(1)
     H = O.shape[1]
     b, h = bh // H, bh % H
@@ -40,15 +66,20 @@ def attention_bwd_delta_kernel(O, dO, Delta, *, D: int,
     ts.store(Delta, delta, at=(b, h, i))
 
 
-def _probabilities(s, q, k, lse, qk_scale, *, masked: bool, diagonal):
-    """s = P = exp2(q k^T * qk_scale - lse) for one (query block, key block) pair, exactly as the forward
-    normalised it; ``diagonal`` (= i*BM - j*BN) masks the causal diagonal when ``masked``."""
+def _probabilities(s, q, k, lse, qk_scale, *, keys_left=None, diagonal=None, Bias=None, bias=None, at=None):
+    """s = P = exp2(q k^T * qk_scale [+ bias * log2 e] - lse) for one (query block, key block) pair, exactly as
+    the forward normalised it; ``keys_left`` (= Nk - j*BN) masks keys past the end, ``diagonal`` (see
+    ``causal_diagonal``) the causal diagonal; lse is in the log2 domain."""
     ts.zero(s)
     ts.mma_ABt(s, q, k, s)                       # (BM, BN) = q @ k.T
     ts.mul(s, s, qk_scale)
-    if masked:
+    if Bias is not None:
+        add_bias(s, bias, Bias, at)
+    if keys_left is not None:
+        ts.right_fill(s, s, keys_left, -math.inf)
+    if diagonal is not None:
         ts.make_causal(s, s, diagonal)
-    ts.sub_row(s, s, lse)                        # lse in the log2 domain
+    ts.sub_row(s, s, lse)
     ts.exp2(s, s)
 
 
@@ -61,42 +92,55 @@ def _score_grad(ds, dp, p, do, v, delta):
     ts.copy(ds, dp)
 
 
+def _lse_log2(lse, empty_rows: bool) -> None:
+    """The saved natural-log lse to the log2 domain; -inf (a row that saw no key) raised to the lowest f32."""
+    ts.mul(lse, lse, LOG2E)
+    if empty_rows:
+        ts.max(lse, lse, LOWEST_F32)
+
+
+def key_block_queries(j, Nq, BM: int, BN: int, causal: bool, shift):
+    """(first, full, n_q_blocks) for key block j: query blocks [first, full) reach its causal diagonal and are
+    masked, [full, n_q_blocks) see all of it, earlier ones none of it. Clamped at 0 before dividing."""
+    n_q_blocks = ts.cdiv(Nq, BM)
+    if not causal:
+        return 0, 0, n_q_blocks
+    if shift is None:
+        return (ts.smin((j * BN) // BM, n_q_blocks), ts.smin(ts.cdiv((j + 1) * BN, BM), n_q_blocks), n_q_blocks)
+    first = ts.smin(ts.smax(j * BN - shift, 0) // BM, n_q_blocks)
+    return first, ts.smin(ts.cdiv(ts.smax((j + 1) * BN - shift, 0), BM), n_q_blocks), n_q_blocks
+
+
 def _dkdv_block(i, h, *, b, q, do, lse, delta, k, v, s, dp, p, ds, dk, dv, Q, dO, LSE, Delta, qk_scale,
-                masked: bool, j, BM: int, BN: int):
+                masked: bool, shift, empty_rows: bool, Bias, bias, j, BM: int, BN: int):
     """Query block i of query head h against this program's key block j."""
     ts.load(q, Q, at=(b, h, i, 0))               # (BM, D)
-    ts.load(do, dO, at=(b, h, i, 0))             # (BM, D)
+    ts.load(do, dO, at=(b, h, i, 0))             # (BM, DV)
     ts.load(lse, LSE, at=(b, h, i))              # (BM,) natural log
     ts.load(delta, Delta, at=(b, h, i))          # (BM,)
-    ts.mul(lse, lse, LOG2E)
-    _probabilities(s, q, k, lse, qk_scale, masked=masked, diagonal=i * BM - j * BN)
+    _lse_log2(lse, empty_rows)
+    _probabilities(s, q, k, lse, qk_scale, diagonal=causal_diagonal(i, j, BM, BN, shift) if masked else None,
+                   Bias=Bias, bias=bias, at=(b, h, i, j))
     ts.copy(p, s)
-    ts.mma_AtB(dv, p, do, dv)                    # (BN, D) += P^T dO
+    ts.mma_AtB(dv, p, do, dv)                    # (BN, DV) += P^T dO
     _score_grad(ds, dp, s, do, v, delta)
     ts.mma_AtB(dk, ds, q, dk)                    # (BN, D) += dS^T Q
 
 
-def _grid_kv(K, BN):
-    return (ts.cdiv(K.shape[2], BN), K.shape[0] * K.shape[1])
-
-
-@ts.kernel(grid=_grid_kv)
-def attention_bwd_dkdv_kernel(Q, K, V, dO, LSE, Delta, dK, dV, scale: float, *,
-                              D: int, causal: bool = False,
-                              BM: int = ts.tunable(64, (16, 32, 64, 128)),
-                              BN: int = ts.tunable(128, (16, 32, 64, 128)),
-                              num_warps: int = ts.tunable(8, (4, 8)),
-                              num_stages: int = ts.tunable(2, (1, 2, 3, 4))):
+def _dkdv(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale, *, D: int, DV: int | None, causal: bool,
+          causal_align: str, BM: int, BN: int):
+    """The body of both dK/dV kernels (``Bias`` is None for the unbiased one)."""
+    DV = D if DV is None else DV
     j, bh = ts.block_id(0), ts.block_id(1)
     Hkv = K.shape[1]
     b, hk = bh // Hkv, bh % Hkv
     group = Q.shape[1] // Hkv                    # query heads per K/V head
-    Nq = Q.shape[2]
+    shift = causal_shift(Q, K, causal, causal_align)
 
     k = ts.SharedTile[K.dtype, BN, D]()
-    v = ts.SharedTile[V.dtype, BN, D]()
+    v = ts.SharedTile[V.dtype, BN, DV]()
     q = ts.SharedTile[Q.dtype, BM, D]()
-    do = ts.SharedTile[dO.dtype, BM, D]()
+    do = ts.SharedTile[dO.dtype, BM, DV]()
     lse = ts.RegVec[ts.f32, BM]()
     delta = ts.RegVec[ts.f32, BM]()
     s = ts.RegTile[ts.f32, BM, BN]()
@@ -104,19 +148,16 @@ def attention_bwd_dkdv_kernel(Q, K, V, dO, LSE, Delta, dK, dV, scale: float, *,
     p = ts.RegTile[Q.dtype, BM, BN]()
     ds = ts.RegTile[Q.dtype, BM, BN]()
     dk = ts.RegTile[ts.f32, BN, D]()
-    dv = ts.RegTile[ts.f32, BN, D]()
+    dv = ts.RegTile[ts.f32, BN, DV]()
+    bias = ts.RegTile[ts.f32, BM, BN]() if Bias is not None else None
     ts.load(k, K, at=(b, hk, j, 0))
     ts.load(v, V, at=(b, hk, j, 0))
     ts.zero(dk)
     ts.zero(dv)
-    n_q_blocks = ts.cdiv(Nq, BM)
-    if causal:   # query blocks that reach this key block's diagonal are masked; later ones see all of it
-        first = ts.smin((j * BN) // BM, n_q_blocks)
-        full = ts.smin(ts.cdiv((j + 1) * BN, BM), n_q_blocks)
-    else:
-        first = full = 0
+    first, full, n_q_blocks = key_block_queries(j, Q.shape[2], BM, BN, causal, shift)
     tiles = dict(b=b, q=q, do=do, lse=lse, delta=delta, k=k, v=v, s=s, dp=dp, p=p, ds=ds, dk=dk, dv=dv, Q=Q,
-                 dO=dO, LSE=LSE, Delta=Delta, qk_scale=scale * LOG2E, j=j, BM=BM, BN=BN)
+                 dO=dO, LSE=LSE, Delta=Delta, qk_scale=scale * LOG2E, shift=shift,
+                 empty_rows=Bias is not None or shift is not None, Bias=Bias, bias=bias, j=j, BM=BM, BN=BN)
     for g in ts.range(group):
         h = hk * group + g
         for i in ts.range(first, full):
@@ -125,62 +166,88 @@ def attention_bwd_dkdv_kernel(Q, K, V, dO, LSE, Delta, dK, dV, scale: float, *,
             _dkdv_block(i, h, masked=False, **tiles)
     ts.mul(dk, dk, scale)
     out_k = ts.RegTile[dK.dtype, BN, D]()
-    out_v = ts.RegTile[dV.dtype, BN, D]()
+    out_v = ts.RegTile[dV.dtype, BN, DV]()
     ts.copy(out_k, dk)
     ts.copy(out_v, dv)
     ts.store(dK, out_k, at=(b, hk, j, 0))
     ts.store(dV, out_v, at=(b, hk, j, 0))
 
 
-def _dq_block(j, *, b, hk, q, do, lse, delta, k, v, s, dp, ds, dq, K, V, qk_scale, masked: bool, i,
-              BM: int, BN: int):
+def _grid_kv(K, BN):
+    return (ts.cdiv(K.shape[2], BN), K.shape[0] * K.shape[1])
+
+
+_BWD_WARPS = ts.tunable(8, (4, 8))
+_BWD_STAGES = ts.tunable(2, (1, 2, 3, 4))
+_KV_BM = ts.tunable(64, (16, 32, 64, 128))
+_KV_BN = ts.tunable(128, (16, 32, 64, 128))
+
+
+@ts.kernel(grid=_grid_kv)
+def attention_bwd_dkdv_kernel(Q, K, V, dO, LSE, Delta, dK, dV, scale: float, *,
+                              D: int, DV: int | None = None, causal: bool = False, causal_align: str = "top_left",
+                              BM: int = _KV_BM, BN: int = _KV_BN, num_warps: int = _BWD_WARPS,
+                              num_stages: int = _BWD_STAGES):
+    """dK (like K) and dV (like V); D and DV are the tile widths of the q/k and v head dims."""
+    _dkdv(Q, K, V, None, dO, LSE, Delta, dK, dV, scale, D=D, DV=DV, causal=causal, causal_align=causal_align,
+          BM=BM, BN=BN)
+
+
+@ts.kernel(grid=_grid_kv)
+def attention_bwd_dkdv_bias_kernel(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale: float, *,
+                                   D: int, DV: int | None = None, causal: bool = False,
+                                   causal_align: str = "top_left", BM: int = _KV_BM, BN: int = _KV_BN,
+                                   num_warps: int = _BWD_WARPS, num_stages: int = _BWD_STAGES):
+    """``attention_bwd_dkdv_kernel`` with the forward's bias (B, H, Nq, Nk) added to the scores."""
+    _dkdv(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale, D=D, DV=DV, causal=causal, causal_align=causal_align,
+          BM=BM, BN=BN)
+
+
+def _dq_block(j, *, b, h, hk, q, do, lse, delta, k, v, s, dp, ds, dq, K, V, qk_scale, masked: bool, causal: bool,
+              shift, Bias, bias, i, BM: int, BN: int):
     """This program's query block i against key block j."""
     ts.load(k, K, at=(b, hk, j, 0))              # (BN, D)
-    ts.load(v, V, at=(b, hk, j, 0))              # (BN, D)
-    _probabilities(s, q, k, lse, qk_scale, masked=masked, diagonal=i * BM - j * BN)
+    ts.load(v, V, at=(b, hk, j, 0))              # (BN, DV)
+    _probabilities(s, q, k, lse, qk_scale, keys_left=K.shape[2] - j * BN if masked else None,
+                   diagonal=causal_diagonal(i, j, BM, BN, shift) if masked and causal else None,
+                   Bias=Bias, bias=bias, at=(b, h, i, j))
     _score_grad(ds, dp, s, do, v, delta)
     ts.mma_AB(dq, ds, k, dq)                     # (BM, D) += dS @ K
 
 
-@ts.kernel(grid=lambda Q, BM: (ts.cdiv(Q.shape[2], BM), Q.shape[0] * Q.shape[1]))
-def attention_bwd_dq_kernel(Q, K, V, dO, LSE, Delta, dQ, scale: float, *,
-                            D: int, causal: bool = False,
-                            BM: int = ts.tunable(128, (16, 32, 64, 128)),
-                            BN: int = ts.tunable(64, (16, 32, 64, 128)),
-                            num_warps: int = ts.tunable(8, (4, 8)),
-                            num_stages: int = ts.tunable(2, (1, 2, 3, 4))):
+def _dq(Q, K, V, Bias, dO, LSE, Delta, dQ, scale, *, D: int, DV: int | None, causal: bool, causal_align: str,
+        BM: int, BN: int):
+    """The body of both dQ kernels (``Bias`` is None for the unbiased one)."""
+    DV = D if DV is None else DV
     i, bh = ts.block_id(0), ts.block_id(1)
     H = Q.shape[1]
     b, h = bh // H, bh % H
     hk = h // (H // K.shape[1])
-    Nk = K.shape[2]
+    shift = causal_shift(Q, K, causal, causal_align)
 
     q = ts.SharedTile[Q.dtype, BM, D]()
-    do = ts.SharedTile[dO.dtype, BM, D]()
+    do = ts.SharedTile[dO.dtype, BM, DV]()
     k = ts.SharedTile[K.dtype, BN, D]()
-    v = ts.SharedTile[V.dtype, BN, D]()
+    v = ts.SharedTile[V.dtype, BN, DV]()
     lse = ts.RegVec[ts.f32, BM]()
     delta = ts.RegVec[ts.f32, BM]()
     s = ts.RegTile[ts.f32, BM, BN]()
     dp = ts.RegTile[ts.f32, BM, BN]()
     ds = ts.RegTile[Q.dtype, BM, BN]()
     dq = ts.RegTile[ts.f32, BM, D]()
+    bias = ts.RegTile[ts.f32, BM, BN]() if Bias is not None else None
     ts.load(q, Q, at=(b, h, i, 0))
     ts.load(do, dO, at=(b, h, i, 0))
     ts.load(lse, LSE, at=(b, h, i))
     ts.load(delta, Delta, at=(b, h, i))
-    ts.mul(lse, lse, LOG2E)
+    _lse_log2(lse, Bias is not None or shift is not None)
     ts.zero(dq)
-    if causal:
-        n_blocks = ts.smin(ts.cdiv((i + 1) * BM, BN), ts.cdiv(Nk, BN))
-        n_full = ts.smin((i * BM) // BN, n_blocks)
-    else:
-        n_blocks = n_full = ts.cdiv(Nk, BN)
-    tiles = dict(b=b, hk=hk, q=q, do=do, lse=lse, delta=delta, k=k, v=v, s=s, dp=dp, ds=ds, dq=dq, K=K, V=V,
-                 qk_scale=scale * LOG2E, i=i, BM=BM, BN=BN)
+    n_full, n_blocks = query_block_keys(i, K.shape[2], BM, BN, causal, shift)
+    tiles = dict(b=b, h=h, hk=hk, q=q, do=do, lse=lse, delta=delta, k=k, v=v, s=s, dp=dp, ds=ds, dq=dq, K=K, V=V,
+                 qk_scale=scale * LOG2E, causal=causal, shift=shift, Bias=Bias, bias=bias, i=i, BM=BM, BN=BN)
     for j in ts.range(0, n_full):
         _dq_block(j, masked=False, **tiles)
-    for j in ts.range(n_full, n_blocks):
+    for j in ts.range(n_full, n_blocks):         # the ragged end of the keys and the causal diagonal
         _dq_block(j, masked=True, **tiles)
     ts.mul(dq, dq, scale)
     out = ts.RegTile[dQ.dtype, BM, D]()
@@ -188,11 +255,40 @@ def attention_bwd_dq_kernel(Q, K, V, dO, LSE, Delta, dQ, scale: float, *,
     ts.store(dQ, out, at=(b, h, i, 0))
 
 
-def _check_saved(q, o, lse, do) -> None:
-    """The forward's output and log-sum-exp and the incoming gradient must match q."""
+def _grid_q(Q, BM):
+    return (ts.cdiv(Q.shape[2], BM), Q.shape[0] * Q.shape[1])
+
+
+_DQ_BM = ts.tunable(128, (16, 32, 64, 128))
+_DQ_BN = ts.tunable(64, (16, 32, 64, 128))
+
+
+@ts.kernel(grid=_grid_q)
+def attention_bwd_dq_kernel(Q, K, V, dO, LSE, Delta, dQ, scale: float, *,
+                            D: int, DV: int | None = None, causal: bool = False, causal_align: str = "top_left",
+                            BM: int = _DQ_BM, BN: int = _DQ_BN, num_warps: int = _BWD_WARPS,
+                            num_stages: int = _BWD_STAGES):
+    """dQ (like Q); D and DV are the tile widths of the q/k and v head dims."""
+    _dq(Q, K, V, None, dO, LSE, Delta, dQ, scale, D=D, DV=DV, causal=causal, causal_align=causal_align,
+        BM=BM, BN=BN)
+
+
+@ts.kernel(grid=_grid_q)
+def attention_bwd_dq_bias_kernel(Q, K, V, Bias, dO, LSE, Delta, dQ, scale: float, *,
+                                 D: int, DV: int | None = None, causal: bool = False,
+                                 causal_align: str = "top_left", BM: int = _DQ_BM, BN: int = _DQ_BN,
+                                 num_warps: int = _BWD_WARPS, num_stages: int = _BWD_STAGES):
+    """``attention_bwd_dq_kernel`` with the forward's bias (B, H, Nq, Nk) added to the scores."""
+    _dq(Q, K, V, Bias, dO, LSE, Delta, dQ, scale, D=D, DV=DV, causal=causal, causal_align=causal_align,
+        BM=BM, BN=BN)
+
+
+def _check_saved(q, v, o, lse, do) -> None:
+    """The forward's output and log-sum-exp and the incoming gradient must match q and v."""
     import torch
 
-    for name, t, shape, dtype in (("o", o, q.shape, q.dtype), ("do", do, q.shape, q.dtype),
+    o_shape = (*q.shape[:3], v.shape[3])
+    for name, t, shape, dtype in (("o", o, o_shape, q.dtype), ("do", do, o_shape, q.dtype),
                                   ("lse", lse, q.shape[:3], torch.float32)):
         if not isinstance(t, torch.Tensor):
             raise LaunchError(f"attention_backward: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -201,11 +297,16 @@ def _check_saved(q, o, lse, do) -> None:
                               f"{tuple(shape)} {dtype} on {q.device}")
 
 
-def default_config(D: int, causal: bool, device_type: str) -> dict[str, dict]:
-    """Per-kernel block shapes (tuned ones come from the tuner's cache)."""
+def default_config(D: int, causal: bool, device_type: str, dtype=None) -> dict[str, dict]:
+    """Per-kernel block shapes (D: the widest head tile; tuned ones come from the tuner's cache). fp32 tiles
+    take twice the shared memory and registers of half ones, so they get the shapes of twice the head dim."""
+    import torch
+
     if device_type != "cuda":
         small = dict(num_warps=4, num_stages=1)
         return {"delta": dict(BM=16) | small, "dkdv": dict(BM=16, BN=16) | small, "dq": dict(BM=16, BN=16) | small}
+    if dtype == torch.float32:
+        D *= 2
     # the shapes tuning on the H100 picks most often (tune/tables/ has them per size)
     if D <= 64:
         return {"delta": dict(BM=64, num_warps=4, num_stages=1),
@@ -215,35 +316,54 @@ def default_config(D: int, causal: bool, device_type: str) -> dict[str, dict]:
         return {"delta": dict(BM=64, num_warps=4, num_stages=1),
                 "dkdv": dict(BM=64, BN=64, num_warps=4, num_stages=2),
                 "dq": dict(BM=128, BN=64, num_warps=8, num_stages=3)}
-    # D = 256: the f32 accumulators (dK, dV: BN x 256 each) must fit the registers of 8 warps
-    return {"delta": dict(BM=32, num_warps=4, num_stages=1),
-            "dkdv": dict(BM=32, BN=32, num_warps=8, num_stages=2),
-            "dq": dict(BM=64, BN=32, num_warps=8, num_stages=2)}
+    if D <= 256:   # the f32 accumulators (dK, dV: BN x 256 each) must fit the registers of 8 warps
+        return {"delta": dict(BM=32, num_warps=4, num_stages=1),
+                "dkdv": dict(BM=32, BN=32, num_warps=8, num_stages=2),
+                "dq": dict(BM=64, BN=32, num_warps=8, num_stages=2)}
+    return {"delta": dict(BM=32, num_warps=4, num_stages=1),       # fp32 at D = 256
+            "dkdv": dict(BM=16, BN=32, num_warps=8, num_stages=1),
+            "dq": dict(BM=32, BN=32, num_warps=8, num_stages=1)}
 
 
 def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float | None = None, *,
-                       backend: str | None = None, config: dict[str, dict] | None = None):
-    """(dq, dk, dv) of attention, from the forward's output ``o`` and log-sum-exp ``lse``."""
+                       backend: str | None = None, config: dict[str, dict] | None = None, attn_mask=None,
+                       causal_align: str = "top_left"):
+    """(dq, dk, dv) of attention, from the forward's output ``o`` and log-sum-exp ``lse`` (for the same
+    ``causal``, ``scale``, ``attn_mask`` and ``causal_align``). The mask gets no gradient."""
     import torch
 
-    check_attention_args("attention_backward", q, k, v, scale)
+    check_attention_args("attention_backward", q, k, v, scale, attn_mask=attn_mask, causal_align=causal_align)
     B, H, Nq, D = q.shape
-    _check_saved(q, o, lse, do)
+    Nk, Dv = k.shape[2], v.shape[3]
+    _check_saved(q, v, o, lse, do)
     unknown = set(config or {}) - {"delta", "dkdv", "dq"}
     if unknown:
         raise LaunchError(f"attention_backward: config has {sorted(unknown)}; its kernels are delta, dkdv and dq")
+    if 0 in (B, H, Nq, Nk):       # nothing to launch: no query reaches a key, every gradient is zero (or empty)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    sig = f"{str(q.dtype).removeprefix('torch.')}-D{D}-{'causal' if causal else 'full'}"
-    defaults = default_config(D, causal, q.device.type)
+    DT, DVT = head_tile(D), head_tile(Dv)
+    sig = config_signature(q, DT, DVT, causal)
+    defaults = default_config(max(DT, DVT), causal, q.device.type, q.dtype)
     cfg = {part: launch_config(f"attention_bwd_{part}", sig, q.device, Nq, c) for part, c in defaults.items()}
     for name, c in (config or {}).items():
         cfg[name] = cfg[name] | c
+    consts = dict(D=DT, causal=bool(causal))
+    if DVT != DT:
+        consts["DV"] = DVT
+    if causal and causal_align != "top_left":
+        consts["causal_align"] = causal_align
     do = do.contiguous()
     delta = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    attention_bwd_delta_kernel(o, do, delta, D=D, backend=backend, **cfg["delta"])
-    attention_bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, scale, D=D, causal=bool(causal), backend=backend,
-                              **cfg["dkdv"])
-    attention_bwd_dq_kernel(q, k, v, do, lse, delta, dq, scale, D=D, causal=bool(causal), backend=backend,
-                            **cfg["dq"])
+    attention_bwd_delta_kernel(o, do, delta, D=DVT, backend=backend, **cfg["delta"])
+    bias = mask_as_bias(attn_mask, (B, H, Nq, Nk))
+    if bias is None:
+        attention_bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, scale, backend=backend, **consts, **cfg["dkdv"])
+        attention_bwd_dq_kernel(q, k, v, do, lse, delta, dq, scale, backend=backend, **consts, **cfg["dq"])
+    else:
+        attention_bwd_dkdv_bias_kernel(q, k, v, bias, do, lse, delta, dk, dv, scale, backend=backend, **consts,
+                                       **cfg["dkdv"])
+        attention_bwd_dq_bias_kernel(q, k, v, bias, do, lse, delta, dq, scale, backend=backend, **consts,
+                                     **cfg["dq"])
     return dq, dk, dv

@@ -1,13 +1,35 @@
 """Attention forward with online softmax, in the tile language: FlashAttention's algorithm.
 
-    o, lse = attention_forward(q, k, v, causal=False, scale=None)   # q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D)
+    o, lse = attention_forward(q, k, v, causal=False, scale=None)   # q: (B, H, Nq, D); k: (B, Hkv, Nk, D)
+    o, lse = attention_forward(q, k, v, attn_mask=mask, causal=True, causal_align="bottom_right")
+    # v: (B, Hkv, Nk, Dv); o: (B, H, Nq, Dv); lse: (B, H, Nq) f32, natural log
+
+The meaning is torch's ``F.scaled_dot_product_attention`` (its math backend, in float64, is the reference):
+- Head dims D and Dv are any of 1..256, and may differ. Tiles are a power of two wide (the head dim rounded up,
+  at least 16): loads read zeros past the tensor's last column and stores drop what hangs past it, so the
+  padding adds zero to every product.
+- bf16, fp16 and fp32 inputs. fp32 products go through the Triton backend's f32 ``tl.dot``; with tf32 matrix
+  units, scores carry about 1e-3 relative error (10-bit mantissas), like any tf32 matmul.
+- Causal alignment: ``causal_align="top_left"`` (the default, as torch SDPA's ``is_causal``): query r sees keys
+  c <= r. ``"bottom_right"`` (FlashAttention-2 >= 2.1, decoding against a KV cache): query r sees keys
+  c <= r + Nk - Nq, so the last query sees every key. The two agree when Nq == Nk.
+- ``attn_mask``: an additive float bias or a boolean mask (True = attend), broadcastable to (B, H, Nq, Nk) (H
+  counts query heads). A boolean mask becomes a 0 / -inf bias; with ``causal`` both apply.
+- A query row that sees no key (every key masked, bottom-right causal with Nq > Nk, or Nk = 0) gives o = 0
+  and lse = -inf, as torch's math backend. An additive bias at or below about -2.4e38 (e.g.
+  ``torch.finfo(torch.float32).min``) overflows to -inf in the kernel's log2 domain, so a row masked that way
+  everywhere counts as fully masked (o = 0) where torch's math backend averages v (its softmax of equal huge
+  scores is uniform); rows with any larger score agree.
+- GQA/MQA: query head h reads key/value head h // (H // Hkv).
 
 One program per (query block, batch*head). Keys are visited in two loops: blocks that need no mask (fully
-inside the sequence and, when causal, fully at or below the diagonal), then the few that do (the ragged
-end of the keys, the causal diagonal), so the common case pays for no masking. Scores live in the log2
-domain (the softmax scale is folded with log2(e)) so the exponentials are exp2.
-Causal means query r sees keys c <= r (top-left aligned, as torch's scaled_dot_product_attention).
-GQA/MQA: query head h reads key/value head h // (H // Hkv).
+inside the sequence and, when causal, fully at or below the diagonal), then the few that do (the ragged end
+of the keys, the causal diagonal), so the common case pays for no masking. Scores live in the log2 domain (the
+softmax scale is folded with log2(e)) so the exponentials are exp2. A bias is a kernel of its own
+(``attention_fwd_bias_kernel``, the same body): the unbiased trace has no trace of it. Rows that may see no
+key (a bias, or bottom-right alignment) start the running max at the lowest finite f32 instead of -inf, so a
+fully masked block gives exp2(-inf - lowest) = 0 rather than exp2(-inf + inf) = NaN; such a row ends with
+l = 0 and o = 0, and its division is guarded.
 The log-sum-exp (natural log, per query row, f32) is saved for the backward.
 """
 
@@ -17,31 +39,83 @@ import math
 import numbers
 
 import tilestack.lang as ts
+from tilestack.kernels._checks import next_pow2
 from tilestack.tune.lookup import launch_config
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
+LOWEST_F32 = -3.4028234663852886e38   # the lowest finite f32: the running max of a row that has seen no key
+EMPTY_ROW_SUM = 1e-30                 # divides an empty row's zero output (a row that saw a key has l >= 1)
+MAX_HEAD_DIM = 256
+MIN_TILE = 16                         # the matrix units' smallest tile side
+CAUSAL_ALIGNS = ("top_left", "bottom_right")
+
+# the tunables, shared by the plain and the biased kernel
+_BM = ts.tunable(128, (16, 32, 64, 128))
+_BN = ts.tunable(64, (16, 32, 64, 128))
+_WARPS = ts.tunable(8, (4, 8))
+_STAGES = ts.tunable(3, (1, 2, 3, 4))
 
 
-def _grid(Q, BM):
-    return (ts.cdiv(Q.shape[2], BM), Q.shape[0] * Q.shape[1])
+def head_tile(d: int) -> int:
+    """The tile width for a head dim: the next power of two, at least the matrix units' 16."""
+    return max(MIN_TILE, next_pow2(d))
 
 
-def _attend_block(j, q, k, v, s, p, o, m, m_new, alpha, l, K, V, b, hk, qk_scale, *, masked: bool,
-                  causal: bool, i, BM: int, BN: int):
+def causal_shift(Q, K, causal: bool, causal_align: str):
+    """How far right of the top-left diagonal query r's last key is (r sees keys c <= r + shift): None for no
+    shift (not causal, or top-left), Nk - Nq (an index Scalar, maybe negative) for bottom-right."""
+    if causal and causal_align == "bottom_right":
+        return K.shape[2] - Q.shape[2]
+    return None
+
+
+def causal_diagonal(i, j, BM: int, BN: int, shift):
+    """``make_causal``'s diagonal for query block i against key block j: keep col - row <= i*BM - j*BN + shift."""
+    d = i * BM - j * BN
+    return d if shift is None else d + shift
+
+
+def query_block_keys(i, Nk, BM: int, BN: int, causal: bool, shift):
+    """(n_full, n_blocks) for query block i: key blocks [0, n_full) need no mask, [n_full, n_blocks) do (the
+    ragged end, the diagonal); later blocks are invisible. Indices are clamped at 0 before any division (the
+    Triton backend's // truncates toward zero)."""
+    if not causal:
+        return Nk // BN, ts.cdiv(Nk, BN)
+    if shift is None:
+        n_blocks = ts.smin(ts.cdiv((i + 1) * BM, BN), ts.cdiv(Nk, BN))
+        return ts.smin((i * BM) // BN, Nk // BN), n_blocks
+    n_blocks = ts.smin(ts.cdiv(ts.smax((i + 1) * BM + shift, 0), BN), ts.cdiv(Nk, BN))
+    return ts.smin(ts.smax(i * BM + shift, 0) // BN, Nk // BN), n_blocks
+
+
+def add_bias(s, bias, Bias, at) -> None:
+    """s (log2-domain scores, f32) += the (BM, BN) tile of ``Bias`` at ``at``, taken to the log2 domain."""
+    ts.load(bias, Bias, at=at)                   # (BM, BN) f32; zeros past the edges
+    ts.mul(bias, bias, LOG2E)
+    ts.add(s, s, bias)
+
+
+def _attend_block(j, q, k, v, s, p, o, m, m_new, alpha, l, K, V, b, h, hk, qk_scale, *, masked: bool,
+                  causal: bool, shift, bias, Bias, i, BM: int, BN: int):
     """One key block j: s = q k^T, online-softmax update of (m, l), o += p v."""
     ts.load(k, K, at=(b, hk, j, 0))              # (BN, D)
-    ts.load(v, V, at=(b, hk, j, 0))              # (BN, D)
+    ts.load(v, V, at=(b, hk, j, 0))              # (BN, DV)
     ts.zero(s)
     ts.mma_ABt(s, q, k, s)                       # (BM, BN) = q @ k.T
+    if Bias is not None:                         # scores to the log2 domain first, the bias added there
+        ts.mul(s, s, qk_scale)
+        add_bias(s, bias, Bias, (b, h, i, j))
     if masked:
         ts.right_fill(s, s, K.shape[2] - j * BN, -math.inf)      # keys past the end
         if causal:
-            ts.make_causal(s, s, i * BM - j * BN)                 # keys after the query
-    ts.row_max(m_new, s)                         # max of the raw scores, then scaled (the scale is > 0),
-    ts.mul(m_new, m_new, qk_scale)               # so that s * qk_scale - m_new below is one FMA
+            ts.make_causal(s, s, causal_diagonal(i, j, BM, BN, shift))   # keys after the query
+    ts.row_max(m_new, s)
+    if Bias is None:                             # the max of the raw scores, then scaled (the scale is > 0),
+        ts.mul(m_new, m_new, qk_scale)           # so that s * qk_scale - m_new below is one FMA
     ts.max(m_new, m_new, m)
-    ts.mul(s, s, qk_scale)                       # log2 domain
+    if Bias is None:
+        ts.mul(s, s, qk_scale)                   # log2 domain
     ts.sub(alpha, m, m_new)
     ts.exp2(alpha, alpha)                        # rescale of what was summed so far
     ts.sub_row(s, s, m_new)
@@ -50,85 +124,114 @@ def _attend_block(j, q, k, v, s, p, o, m, m_new, alpha, l, K, V, b, hk, qk_scale
     ts.row_sum(l, s, l)
     ts.mul_row(o, o, alpha)
     ts.copy(p, s)                                # to the input dtype for the matrix unit
-    ts.mma_AB(o, p, v, o)                        # (BM, D) += (BM, BN) @ (BN, D)
+    ts.mma_AB(o, p, v, o)                        # (BM, DV) += (BM, BN) @ (BN, DV)
     ts.copy(m, m_new)
 
 
-@ts.kernel(grid=_grid)
-def attention_fwd_kernel(Q, K, V, O, LSE, scale: float, *,
-                         D: int, causal: bool = False,
-                         BM: int = ts.tunable(128, (16, 32, 64, 128)),
-                         BN: int = ts.tunable(64, (16, 32, 64, 128)),
-                         num_warps: int = ts.tunable(8, (4, 8)),
-                         num_stages: int = ts.tunable(3, (1, 2, 3, 4))):
+def _forward(Q, K, V, Bias, O, LSE, scale, *, D: int, DV: int | None, causal: bool, causal_align: str,
+             BM: int, BN: int):
+    """The body of both forward kernels (``Bias`` is None for the unbiased one)."""
+    DV = D if DV is None else DV
     i = ts.block_id(0)
     bh = ts.block_id(1)
     H = Q.shape[1]
     Nk = K.shape[2]
     b, h = bh // H, bh % H
     hk = h // (H // K.shape[1])                  # GQA: the key/value head of query head h
+    shift = causal_shift(Q, K, causal, causal_align)
+    empty_rows = Bias is not None or shift is not None     # can a query row see no key at all?
 
     q = ts.SharedTile[Q.dtype, BM, D]()
     k = ts.SharedTile[K.dtype, BN, D]()
-    v = ts.SharedTile[V.dtype, BN, D]()
+    v = ts.SharedTile[V.dtype, BN, DV]()
     s = ts.RegTile[ts.f32, BM, BN]()
     p = ts.RegTile[Q.dtype, BM, BN]()
-    o = ts.RegTile[ts.f32, BM, D]()
+    o = ts.RegTile[ts.f32, BM, DV]()
     m = ts.RegVec[ts.f32, BM]()
     m_new = ts.RegVec[ts.f32, BM]()
     alpha = ts.RegVec[ts.f32, BM]()
     l = ts.RegVec[ts.f32, BM]()
+    bias = ts.RegTile[ts.f32, BM, BN]() if Bias is not None else None
     ts.load(q, Q, at=(b, h, i, 0))               # (BM, D)
     ts.zero(o)
-    ts.neg_infty(m)
+    ts.fill(m, LOWEST_F32 if empty_rows else -math.inf)
     ts.zero(l)
     qk_scale = scale * LOG2E
 
-    if causal:
-        n_blocks = ts.smin(ts.cdiv((i + 1) * BM, BN), ts.cdiv(Nk, BN))
-        n_full = ts.smin((i * BM) // BN, Nk // BN)
-    else:
-        n_blocks = ts.cdiv(Nk, BN)
-        n_full = Nk // BN
-    tiles = dict(q=q, k=k, v=v, s=s, p=p, o=o, m=m, m_new=m_new, alpha=alpha, l=l, K=K, V=V, b=b, hk=hk,
-                 qk_scale=qk_scale, causal=causal, i=i, BM=BM, BN=BN)
+    n_full, n_blocks = query_block_keys(i, Nk, BM, BN, causal, shift)
+    tiles = dict(q=q, k=k, v=v, s=s, p=p, o=o, m=m, m_new=m_new, alpha=alpha, l=l, K=K, V=V, b=b, h=h, hk=hk,
+                 qk_scale=qk_scale, causal=causal, shift=shift, bias=bias, Bias=Bias, i=i, BM=BM, BN=BN)
     for j in ts.range(0, n_full):
         _attend_block(j, masked=False, **tiles)
     for j in ts.range(n_full, n_blocks):
         _attend_block(j, masked=True, **tiles)
 
-    out = ts.RegTile[O.dtype, BM, D]()
-    ts.div_row(o, o, l)
+    out = ts.RegTile[O.dtype, BM, DV]()
+    if empty_rows:                               # a row that saw no key has o = 0 and l = 0: 0 / tiny = 0
+        l_div = ts.RegVec[ts.f32, BM]()
+        ts.max(l_div, l, EMPTY_ROW_SUM)
+        ts.div_row(o, o, l_div)
+    else:
+        ts.div_row(o, o, l)
     ts.copy(out, o)
     ts.store(O, out, at=(b, h, i, 0))
-    lse = ts.RegVec[ts.f32, BM]()                # natural-log LSE = (m + log2 l) * ln 2
+    lse = ts.RegVec[ts.f32, BM]()                # natural-log LSE = (m + log2 l) * ln 2 (-inf for l = 0)
     ts.log2(lse, l)
     ts.add(lse, lse, m)
     ts.mul(lse, lse, LN2)
     ts.store(LSE, lse, at=(b, h, i))
 
 
-def reference(q, k, v, causal: bool = False, scale: float | None = None):
-    """float64 PyTorch attention with the same conventions (GQA by repeating K/V heads)."""
+def _grid(Q, BM):
+    return (ts.cdiv(Q.shape[2], BM), Q.shape[0] * Q.shape[1])
+
+
+@ts.kernel(grid=_grid)
+def attention_fwd_kernel(Q, K, V, O, LSE, scale: float, *,
+                         D: int, DV: int | None = None, causal: bool = False, causal_align: str = "top_left",
+                         BM: int = _BM, BN: int = _BN, num_warps: int = _WARPS, num_stages: int = _STAGES):
+    """Q: (B, H, Nq, *), K: (B, Hkv, Nk, *), V: (B, Hkv, Nk, *), O: (B, H, Nq, *), LSE: (B, H, Nq) f32.
+    D and DV are the tile widths of the q/k and v/o head dims (powers of two >= 16, see ``head_tile``)."""
+    _forward(Q, K, V, None, O, LSE, scale, D=D, DV=DV, causal=causal, causal_align=causal_align, BM=BM, BN=BN)
+
+
+@ts.kernel(grid=_grid)
+def attention_fwd_bias_kernel(Q, K, V, Bias, O, LSE, scale: float, *,
+                              D: int, DV: int | None = None, causal: bool = False, causal_align: str = "top_left",
+                              BM: int = _BM, BN: int = _BN, num_warps: int = _WARPS, num_stages: int = _STAGES):
+    """``attention_fwd_kernel`` with an additive bias added to the scores: Bias (B, H, Nq, Nk), any float dtype,
+    usually an expanded view (zero strides on the broadcast axes)."""
+    _forward(Q, K, V, Bias, O, LSE, scale, D=D, DV=DV, causal=causal, causal_align=causal_align, BM=BM, BN=BN)
+
+
+def reference(q, k, v, causal: bool = False, scale: float | None = None, *, attn_mask=None,
+              causal_align: str = "top_left"):
+    """float64 PyTorch attention with the same conventions: torch's math backend (GQA by repeating K/V heads; a
+    row that sees no key gives 0 and lse = -inf, and finite gradients). Returns (o, lse)."""
     import torch
 
-    group = q.shape[1] // k.shape[1]
+    group = q.shape[1] // max(k.shape[1], 1)
     kk = k.double().repeat_interleave(group, dim=1)
     vv = v.double().repeat_interleave(group, dim=1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = (q.double() @ kk.transpose(-1, -2)) * scale
+    s = (q.double() @ kk.transpose(-1, -2)) * scale                       # (B, H, Nq, Nk)
+    nq, nk = q.shape[2], k.shape[2]
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            s = s.masked_fill(~attn_mask.to(s.device), float("-inf"))
+        else:
+            s = s + attn_mask.to(s.device, torch.float64)
     if causal:
-        nq, nk = q.shape[2], k.shape[2]
-        keep = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril()
+        shift = nk - nq if causal_align == "bottom_right" else 0
+        keep = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(diagonal=shift)
         s = s.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    return torch.softmax(s, dim=-1) @ vv, lse
+    lse = torch.logsumexp(s, dim=-1) if nk else s.new_full(s.shape[:-1], float("-inf"))
+    empty = torch.isneginf(lse)[..., None]                                # rows that see no key
+    p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    return p @ vv, lse
 
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
-
-
-def check_attention_args(fn: str, q, k, v, scale) -> None:
+def check_attention_args(fn: str, q, k, v, scale, *, attn_mask=None, causal_align: str = "top_left") -> None:
     """Every check on attention inputs, before any work (shared by forward, backward and the torch op)."""
     import torch
 
@@ -136,31 +239,67 @@ def check_attention_args(fn: str, q, k, v, scale) -> None:
     from tilestack.kernels._checks import check_same_device, check_tensor
 
     for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(fn, name, t, rank=4, dtypes=(torch.bfloat16, torch.float16))
+        check_tensor(fn, name, t, rank=4, dtypes=(torch.bfloat16, torch.float16, torch.float32))
     check_same_device(fn, q=q, k=k, v=v)
     if not (q.dtype == k.dtype == v.dtype):
         raise LaunchError(f"{fn}: q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     B, H, _, D = q.shape
-    if k.shape != v.shape:
-        raise LaunchError(f"{fn}: k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[:3] != v.shape[:3]:
+        raise LaunchError(f"{fn}: k and v must agree on (B, Hkv, Nk); got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[0] != B or k.shape[3] != D:
         raise LaunchError(f"{fn}: k is {tuple(k.shape)}; expected (B={B}, Hkv, Nk, D={D}) to match q "
                           f"{tuple(q.shape)}")
-    if k.shape[1] == 0 or H % k.shape[1]:
-        raise LaunchError(f"{fn}: q has H={H} heads and k/v have {k.shape[1]}; H must be a multiple of the "
+    Hkv = k.shape[1]
+    if (Hkv == 0 and H != 0) or (Hkv != 0 and H % Hkv):
+        raise LaunchError(f"{fn}: q has H={H} heads and k/v have {Hkv}; H must be a multiple of the "
                           "K/V heads (GQA/MQA)")
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise LaunchError(f"{fn}: head dim D={D} is not supported; expected one of {SUPPORTED_HEAD_DIMS}")
+    for name, d in (("D", D), ("Dv", v.shape[3])):
+        if not 1 <= d <= MAX_HEAD_DIM:
+            raise LaunchError(f"{fn}: head dim {name}={d} is not supported; expected 1..{MAX_HEAD_DIM}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
                               or not math.isfinite(scale) or scale <= 0):
         raise LaunchError(f"{fn}: scale must be a positive number or None, got {scale!r} (finite, not a bool)")
+    if causal_align not in CAUSAL_ALIGNS:
+        raise LaunchError(f"{fn}: causal_align must be one of {CAUSAL_ALIGNS}, got {causal_align!r}")
+    if attn_mask is not None:
+        check_tensor(fn, "attn_mask", attn_mask, dtypes=(torch.bool, torch.bfloat16, torch.float16, torch.float32,
+                                                        torch.float64))
+        check_same_device(fn, q=q, attn_mask=attn_mask)
+        want = (B, H, q.shape[2], k.shape[2])
+        tail = want[4 - attn_mask.dim():] if attn_mask.dim() <= 4 else None
+        if tail is None or any(m not in (1, w) for m, w in zip(attn_mask.shape, tail, strict=True)):
+            raise LaunchError(f"{fn}: attn_mask is {tuple(attn_mask.shape)}; expected a shape broadcastable to "
+                              f"(B, H, Nq, Nk) = {want}")
 
 
-def default_config(D: int, causal: bool, device_type: str) -> dict:
-    """Block shapes for a launch: large tiles on a GPU (tuned configs come from tilestack.tune), small ones for
-    the CPU executors, which are slow per element but not per tile."""
+def mask_as_bias(attn_mask, shape):
+    """attn_mask as an additive bias view of ``shape`` (B, H, Nq, Nk), or None: a boolean mask becomes 0 where
+    True and -inf where False, in bf16 (exact), at the mask's own size; then both are expanded (zero strides on
+    the broadcast axes, no copy)."""
+    import torch
+
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype == torch.bool:
+        bias = torch.zeros(attn_mask.shape, dtype=torch.bfloat16, device=attn_mask.device)
+        attn_mask = bias.masked_fill_(~attn_mask, float("-inf"))
+    return attn_mask.expand(shape)
+
+
+def default_config(D: int, causal: bool, device_type: str, dtype=None) -> dict:
+    """Block shapes for a launch (D: the widest head tile): large tiles on a GPU (tuned configs come from
+    tilestack.tune), small ones for the CPU executors, which are slow per element but not per tile. fp32 tiles
+    take twice the shared memory, so they get half the rows."""
+    import torch
+
     if device_type != "cuda":
         return dict(BM=16, BN=16, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        if D <= 64:
+            return dict(BM=64, BN=64, num_warps=4, num_stages=2)
+        if D <= 128:
+            return dict(BM=64, BN=32, num_warps=8, num_stages=2)
+        return dict(BM=32, BN=32, num_warps=8, num_stages=1)
     if D <= 64:
         return dict(BM=128, BN=64, num_warps=4, num_stages=3)
     if D <= 128:
@@ -168,17 +307,37 @@ def default_config(D: int, causal: bool, device_type: str) -> dict:
     return dict(BM=64, BN=32, num_warps=8, num_stages=2)
 
 
+def config_signature(q, D: int, DV: int, causal: bool) -> str:
+    """The tuning tables' key: dtype, head tile widths (one when equal), causal or not."""
+    dims = f"D{D}" if D == DV else f"D{D}-DV{DV}"
+    return f"{str(q.dtype).removeprefix('torch.')}-{dims}-{'causal' if causal else 'full'}"
+
+
 def attention_forward(q, k, v, causal: bool = False, scale: float | None = None, *,
-                      backend: str | None = None, **config):
-    """(o, lse): o (B, H, Nq, D) in q's dtype; lse (B, H, Nq) f32, natural log."""
+                      backend: str | None = None, attn_mask=None, causal_align: str = "top_left", **config):
+    """(o, lse): o (B, H, Nq, Dv) in q's dtype; lse (B, H, Nq) f32, natural log (-inf for a row that sees no key).
+    See the module docstring for ``attn_mask`` and ``causal_align``; ``config`` overrides block shapes."""
     import torch
 
-    check_attention_args("attention_forward", q, k, v, scale)
+    check_attention_args("attention_forward", q, k, v, scale, attn_mask=attn_mask, causal_align=causal_align)
     B, H, Nq, D = q.shape
+    Nk, Dv = k.shape[2], v.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    o = torch.empty_like(q)
+    if 0 in (B, H, Nq, Nk):       # nothing to launch: no rows, or rows that see no key (o = 0, lse = -inf)
+        return q.new_zeros((B, H, Nq, Dv)), torch.full((B, H, Nq), -math.inf, device=q.device)
+    o = torch.empty_like(q) if Dv == D else q.new_empty((B, H, Nq, Dv))
     lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
-    sig = f"{str(q.dtype).removeprefix('torch.')}-D{D}-{'causal' if causal else 'full'}"
-    cfg = launch_config("attention_fwd", sig, q.device, Nq, default_config(D, causal, q.device.type)) | config
-    attention_fwd_kernel(q, k, v, o, lse, scale, D=D, causal=bool(causal), backend=backend, **cfg)
+    DT, DVT = head_tile(D), head_tile(Dv)
+    default = default_config(max(DT, DVT), causal, q.device.type, q.dtype)
+    cfg = launch_config("attention_fwd", config_signature(q, DT, DVT, causal), q.device, Nq, default) | config
+    consts = dict(D=DT, causal=bool(causal), **cfg)
+    if DVT != DT:
+        consts["DV"] = DVT
+    if causal and causal_align != "top_left":
+        consts["causal_align"] = causal_align
+    bias = mask_as_bias(attn_mask, (B, H, Nq, Nk))
+    if bias is None:
+        attention_fwd_kernel(q, k, v, o, lse, scale, backend=backend, **consts)
+    else:
+        attention_fwd_bias_kernel(q, k, v, bias, o, lse, scale, backend=backend, **consts)
     return o, lse
