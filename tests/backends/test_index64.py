@@ -13,7 +13,7 @@ import torch
 
 import tilestack.lang as ts
 from tilestack import config
-from tilestack.backends.triton.codegen import INT32_MAX, generate, needs_int64
+from tilestack.backends.triton.codegen import INT32_MAX, generate, needs_int64, wide_globals
 
 BACKENDS = ("reference", "triton")
 BIG_STRIDE = 2**30 + 64     # rows 2 and 3 of a (4, 64) view start past element 2**31
@@ -133,3 +133,12 @@ def test_coordinates_past_2_31_on_an_expanded_axis(backend):
     with config.override(triton_interpret=True):
         last_tile(x, y, backend=backend)
     np.testing.assert_array_equal(y.numpy(), np.r_[np.full(8, 2.5), np.zeros(8)])
+
+
+def test_wide_globals_picks_the_tensors_that_need_64_bits():
+    ir = copy_rows.trace(ts.ArgSpec(ts.bf16, 2), ts.ArgSpec(ts.bf16, 2), 0).ir
+    small = torch.zeros(4, 64, dtype=torch.bfloat16)
+    big = big_view(torch.zeros(4, 64))
+    assert wide_globals(ir, (small, small, 1)) == frozenset()
+    assert wide_globals(ir, (big, small, 1)) == {0}
+    assert wide_globals(ir, (big, big, 1)) == {0, 1}

@@ -686,3 +686,20 @@ def test_a_tensor_of_lower_rank_on_first_launch(backend):
     rowsum.trace(ts.ArgSpec(ts.f32, 2), ts.ArgSpec(ts.f32, 1))   # the rank it reads traces
     with pytest.raises(LaunchError, match=r"X.shape\[-2\]: argument X has rank 1"):
         ts.kernel(lambda X: ts.cdiv(X.shape[-2], 4), grid=lambda: (1,)).trace(ts.ArgSpec(ts.f32, 1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tile_sugar_with_index_scalars(backend, rng):
+    @ts.kernel(grid=lambda: (1,))
+    def k(X, Y):
+        x = ts.RegTile[ts.f32, 16, 16]()
+        ts.load(x, X, at=(0, 0))
+        N = X.shape[1]
+        y = (N / x) + (2 * N * x) - (N - x) + x / N     # a Scalar on either side of a tile
+        ts.store(Y, y, at=(0, 0))
+
+    x = torch.from_numpy(rng.uniform(0.5, 2.0, (16, 16)).astype("float32"))
+    y = nan_tensor(16, 16)
+    with config.override(triton_interpret=True):
+        k(x, y, backend=backend)
+    torch.testing.assert_close(y, 16 / x + 32 * x - (16 - x) + x / 16)

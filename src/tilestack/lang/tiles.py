@@ -96,8 +96,9 @@ class Tile:
                 ops.neg(out, self)
                 ops.add(out, out, other)
                 return out
-            if fn == "div":
-                ops.fill(out, float(other))
+            if fn == "div":   # other / t: other broadcast into the tile (a number, or a Scalar known at run time)
+                ops.zero(out)
+                ops.add(out, out, other)
                 ops.div(out, out, self)
                 return out
             a, b = self, other

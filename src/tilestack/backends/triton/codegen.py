@@ -80,6 +80,13 @@ def needs_int64(shape: Sequence[int], stride: Sequence[int]) -> bool:
     return top > INT32_MAX or any(d - 1 > INT32_MAX for d in shape)
 
 
+def wide_globals(kernel: KernelIR, args: Sequence) -> frozenset[int]:
+    """The param indices of ``kernel``'s globals whose offsets need 64 bits for these tensors: ``index64`` for
+    ``generate``, and part of a launch's specialization key (two launches with the same set share code)."""
+    return frozenset(i for i, p in enumerate(kernel.params)
+                     if p.is_global and needs_int64(args[i].shape, args[i].stride()))
+
+
 class _Emitter:
     def __init__(self, kernel: KernelIR, interpret: bool, tma: bool, index64: bool | Collection[int]):
         self.kernel = kernel
