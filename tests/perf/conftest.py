@@ -19,6 +19,14 @@ def cache_dir(tmp_path):
         yield tmp_path / "cache"
 
 
+@pytest.fixture(autouse=True)
+def small_cpu_ceilings(monkeypatch):
+    """CPU ceilings measured at small sizes within a short budget, so commands that measure them stay fast."""
+    monkeypatch.setattr(device, "CPU_COPY_BYTES", 1 << 20)
+    monkeypatch.setattr(device, "CPU_MATMUL_N", (64,))
+    monkeypatch.setattr(device, "CPU_CEILING_BUDGET_S", 0.2)
+
+
 @pytest.fixture
 def h100() -> device.Device:
     """A device record for an H100 SXM, built without a GPU (the table lookup is the real one)."""

@@ -26,8 +26,10 @@ def test_profile_of_a_small_transformer():
     tokens = BATCH * SEQ
     linears = [(D, FF), (FF, D), (D, 3 * D), (D, D)]
     expected = sum(formulas.matmul(tokens, n, k).flops for k, n in linears)
-    matmuls = [ops[name] for name in ("aten::addmm", "aten::mm") if name in ops]
+    matmuls = [o for o in p.ops if o.op in ("aten::addmm", "aten::mm")]
     assert math.fsum(o.m.flops * o.calls for o in matmuls) == pytest.approx(expected)
+    # One row per input shapes: the four linears are four rows, each its own matmul.
+    assert len(matmuls) == len(linears) and all(o.calls == 1 for o in matmuls)
     sdpa = ops["aten::_scaled_dot_product_flash_attention_for_cpu"]
     assert sdpa.m.flops == pytest.approx(4 * BATCH * HEADS * SEQ * SEQ * (D // HEADS))
     assert math.fsum(o.share for o in p.ops) == pytest.approx(1.0)

@@ -62,13 +62,20 @@ def device(
     from rich.table import Table
 
     t = Table(title=report.escape(dev.name), header_style="bold")
-    for col in ("", "measured", "published", "measured / published"):
+    for col in ("", "measured", "+- (95%)", "repeats", "published", "measured / published"):
         t.add_column(col)
     spec = dev.spec
     pub_bw = spec.bandwidth if spec else None
+
+    def repeats(key: str) -> str:
+        entry = ceil.spread.get(key, {})
+        return f"{entry['repeats']}{'' if entry.get('converged') else ' (budget)'}" if entry else "-"
+
     t.add_row(
         "memory bandwidth",
         report.si(ceil.copy_bytes_per_s, "B/s"),
+        report.spread(ceil.rel_ci("copy")),
+        repeats("copy"),
         report.si(pub_bw, "B/s"),
         report.pct(ceil.copy_bytes_per_s / pub_bw) if pub_bw else "-",
     )
@@ -77,6 +84,8 @@ def device(
         t.add_row(
             f"matmul {dtype}",
             report.si(mv, "FLOP/s"),
+            report.spread(ceil.rel_ci(f"matmul {dtype}")) if mv else "-",
+            repeats(f"matmul {dtype}") if mv else "-",
             report.si(pv, "FLOP/s"),
             report.pct(mv / pv) if mv and pv else "-",
         )
@@ -87,7 +96,11 @@ def device(
             f"spec: {spec.label + ' (' + spec.source + ')' if spec else 'not in the table of published peaks'}"
         )
     )
-    con.print(f"ceilings measured {ceil.measured_at}, cached in {device_mod.ceilings_path(dev)}")
+    con.print(
+        f"ceilings measured {ceil.measured_at} on {ceil.machine.get('host')} ({ceil.measurements} measurement(s)), "
+        f"cached in {device_mod.ceilings_path(dev)}; each timed until known to "
+        f"+-{report.pct(device_mod.CEILING_TARGET_REL_CI)} or its budget was spent"
+    )
     from tilestack.perf import energy
 
     meter = energy.meter_for(dev)
@@ -137,7 +150,7 @@ def profile(
                 steps=steps,
                 warmup=warmup,
                 train=train,
-                name=Path(target.partition(":")[0]).stem,
+                name=_model_name(target),
                 fastpath=fastpath,
             )
     except TilestackError as e:
@@ -163,6 +176,13 @@ def profile(
                 if o.counted:
                     st.append(run, o.m)
         report.console().print(f"stored as run {run} in {st.path}")
+
+
+def _model_name(target: str) -> str:
+    """``models/convnet.py:small`` -> ``convnet:small``: the model's name in the store, which `compare` keys on."""
+    spec, _, fn = target.partition(":")
+    stem = Path(spec).stem if spec.endswith(".py") else spec
+    return f"{stem}:{fn}" if fn else stem
 
 
 def _to_device(model: object, inputs: object, device: str) -> tuple[object, object]:
@@ -259,7 +279,12 @@ def compare(
             cmp = st.compare(a, b)
     except StoreError as e:
         _fail(str(e))
-    report_mod.console().print(report_mod.comparison_table(cmp))
+    if not cmp.comparable:
+        _fail(f"A = {cmp.a_label}, B = {cmp.b_label}: " + "; ".join(cmp.notes))
+    con = report_mod.console()
+    con.print(report_mod.comparison_table(cmp))
+    for note in cmp.notes:
+        con.print(report_mod.escape(f"note: {note}"))
 
 
 @app.command()

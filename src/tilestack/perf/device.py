@@ -3,14 +3,21 @@
     from tilestack.perf import device
     dev = device.detect()                  # the first GPU, else the CPU
     dev.name, dev.spec.peak("bf16")        # "NVIDIA H100 80GB HBM3", 9.89e14 (published, dense)
-    c = device.ceilings(dev)               # measured once per device, cached on disk
+    c = device.ceilings(dev)               # measured once per device and machine, cached on disk
     c.copy_bytes_per_s, c.matmul["bf16"]
+    c.spread["copy"]["rel_ci"]             # each ceiling known to +- this (95% interval of the median)
     device.ceilings(dev, remeasure=True)   # measure again (``tilestack device --remeasure``)
 
 Published peaks are dense (no 2:4 sparsity), from the vendors' data sheets, for the matrix units of each
 dtype (``fp32`` is the non-tensor-core rate, ``tf32`` the tensor-core one). Utilisation is reported against
 both these and the measured ceilings: the spec sheet says what the silicon could do, the ceiling what a
 well-written kernel reaches here (clocks, power limits, memory controller efficiency).
+
+Each ceiling is timed until its median is known to ``CEILING_TARGET_REL_CI`` or its time budget is spent, and
+keeps its spread (``Ceilings.spread``). A cached file is used only on the machine that measured it (host,
+cores, memory, device, torch version: ``machine_fingerprint``) and while each ceiling's spread is within
+``MAX_CACHED_REL_CI``; otherwise the ceilings are measured again, and where a busy machine cannot do better,
+each ceiling keeps the better-known of its measurements, up to ``MAX_REMEASURES`` tries.
 """
 
 from __future__ import annotations
@@ -18,9 +25,11 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import re
+import socket
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -28,6 +37,7 @@ from typing import Any
 
 from tilestack import config
 from tilestack.errors import DeviceError
+from tilestack.perf import timing
 
 TERA = 1e12
 GIGA = 1e9
@@ -42,7 +52,12 @@ CPU_MATMUL_N = (1024,)
 GPU_MATMUL_DTYPES = ("fp32", "tf32", "bf16", "fp16")
 CPU_MATMUL_DTYPES = ("fp32", "bf16")
 MIG_MARKER = " mig "
-CEILINGS_FORMAT = 1  # bumped when the cached file's layout changes; older files are measured again
+CEILINGS_FORMAT = 2  # bumped when the cached file's layout changes; older files are measured again
+CEILING_TARGET_REL_CI = 0.02  # time each ceiling until its median is known to +-2% ...
+GPU_CEILING_BUDGET_S = 3.0  # ... or this many seconds of timed calls have passed (per ceiling and size)
+CPU_CEILING_BUDGET_S = 1.0
+MAX_CACHED_REL_CI = 0.1  # a cached ceiling known worse than +-10% (or from too few calls) is measured again ...
+MAX_REMEASURES = 3  # ... at most this many times; then it is used, with its spread shown
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,7 +361,13 @@ def versions() -> dict[str, str | None]:
 
 @dataclasses.dataclass
 class Ceilings:
-    """What this device measurably reaches: copy bandwidth (read + written B/s), matmul FLOP/s by dtype."""
+    """What this device measurably reaches: copy bandwidth (read + written B/s), matmul FLOP/s by dtype.
+
+    ``spread`` has one entry per ceiling (``"copy"``, ``"matmul bf16"``...): ``rel_ci`` (half-width of the
+    median's 95% interval over the median), ``rel_spread`` ((p90 - p10) / median of single calls),
+    ``repeats`` and ``converged``. ``machine`` is the :func:`machine_fingerprint` of where it was measured;
+    ``measurements`` how many measurements the cached file has merged.
+    """
 
     device: str
     copy_bytes_per_s: float
@@ -355,6 +376,20 @@ class Ceilings:
     versions: dict[str, Any] = dataclasses.field(default_factory=dict)
     sizes: dict[str, Any] = dataclasses.field(default_factory=dict)
     format: int = CEILINGS_FORMAT
+    spread: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    machine: dict[str, Any] = dataclasses.field(default_factory=dict)
+    measurements: int = 1
+
+    def rel_ci(self, ceiling: str) -> float | None:
+        """How well ``ceiling`` (``"copy"``, ``"matmul fp32"``) is known; None where no spread was kept."""
+        value = self.spread.get(ceiling, {}).get("rel_ci")
+        return None if value is None else float(value)
+
+    @property
+    def worst(self) -> tuple[str, float] | None:
+        """The least well-known ceiling and its ``rel_ci``, or None where no spread was kept."""
+        known = [(k, float(v["rel_ci"])) for k, v in self.spread.items() if v.get("rel_ci") is not None]
+        return max(known, key=lambda kv: kv[1]) if known else None
 
     def peak(self, dtype: str) -> float | None:
         """Measured FLOP/s for ``dtype``; ``tf32`` falls back to ``fp32`` where only that was measured."""
@@ -371,6 +406,35 @@ def ceilings_path(dev: Device) -> Path:
     return Path(config.knobs.cache_dir) / "perf" / f"ceilings-{dev.slug}.json"
 
 
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system
+        return None
+
+
+def machine_fingerprint(dev: Device) -> dict[str, Any]:
+    """What makes ceilings measured here valid here only: host, cores, memory, the device, torch's version.
+
+    Two machines with the same CPU model name (a cache directory shared over NFS, a copied home) differ here.
+    """
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:
+        torch_version = None
+    d = dev.describe()
+    d.pop("index", None)  # the same GPU model at another index is the same ceilings
+    return {
+        "host": socket.gethostname(),
+        "cores": os.cpu_count(),
+        "memory_bytes": _memory_bytes(),
+        "device": d,
+        "torch": torch_version,
+    }
+
+
 def _load(path: Path, dev: Device) -> Ceilings | None:
     try:
         data = json.loads(path.read_text())
@@ -380,6 +444,48 @@ def _load(path: Path, dev: Device) -> Ceilings | None:
     return c if c.format == CEILINGS_FORMAT and c.device == dev.name else None
 
 
+def stale_reason(cached: Ceilings, dev: Device) -> str | None:
+    """Why a cached measurement cannot be used here as it is (another machine; a ceiling known too loosely),
+    or None. A ceiling still too loose after ``MAX_REMEASURES`` measurements is used, spread and all."""
+    here = machine_fingerprint(dev)
+    differ = sorted(k for k in here if cached.machine.get(k) != here[k])
+    if differ:
+        return "measured on another machine (" + ", ".join(
+            f"{k} {cached.machine.get(k)!r}, here {here[k]!r}" for k in differ
+        ) + ")"
+    if not cached.spread:
+        return "no spread kept with the ceilings"
+    if cached.measurements >= MAX_REMEASURES:
+        return None
+    for name, entry in cached.spread.items():
+        if entry.get("repeats", 0) < timing.MIN_CI_SAMPLES:
+            return f"{name} timed only {entry.get('repeats', 0)} times"
+        if entry.get("rel_ci", math.inf) > MAX_CACHED_REL_CI:
+            return f"{name} known only to +-{entry['rel_ci']:.0%} (above +-{MAX_CACHED_REL_CI:.0%})"
+    return None
+
+
+def _merge(old: Ceilings, new: Ceilings) -> Ceilings:
+    """Each ceiling from whichever of two measurements on this machine knows it better (smaller ``rel_ci``)."""
+    def better(k: str) -> bool:  # the old one, known at least as well
+        o, n = old.rel_ci(k), new.rel_ci(k)
+        return o is not None and o <= (math.inf if n is None else n)
+
+    copy = old if better("copy") else new
+    matmul, spread = dict(new.matmul), {**new.spread, "copy": copy.spread.get("copy", {})}
+    for dtype, rate in old.matmul.items():
+        key = f"matmul {dtype}"
+        if dtype not in new.matmul or better(key):
+            matmul[dtype], spread[key] = rate, old.spread.get(key, {})
+    return dataclasses.replace(
+        new,
+        copy_bytes_per_s=copy.copy_bytes_per_s,
+        matmul=matmul,
+        spread=spread,
+        measurements=old.measurements + new.measurements,
+    )
+
+
 def ceilings(
     dev: Device | None = None,
     *,
@@ -387,11 +493,14 @@ def ceilings(
     copy_bytes: int | None = None,
     matmul_n: int | Sequence[int] | None = None,
     dtypes: Iterable[str] | None = None,
+    budget_s: float | None = None,
 ) -> Ceilings:
     """The device's measured ceilings, from the on-disk cache or measured now (and cached).
 
     ``copy_bytes``, ``matmul_n`` and ``dtypes`` override the default sizes (tests use small ones); sizes that
-    differ from the cached ones are measured again.
+    differ from the cached ones are measured again. ``budget_s`` is the time budget of each ceiling (default
+    ``GPU_CEILING_BUDGET_S`` / ``CPU_CEILING_BUDGET_S``). A cached file from another machine, or whose spread
+    is too large (:func:`stale_reason`), is measured again, with a warning that says why.
     """
     dev = dev or detect()
     path = ceilings_path(dev)
@@ -403,14 +512,28 @@ def ceilings(
         for n in ((matmul_n,) if isinstance(matmul_n, int) else matmul_n or (GPU_MATMUL_N if gpu else CPU_MATMUL_N))
     ]
     dtypes = tuple(dtypes or (GPU_MATMUL_DTYPES if gpu else CPU_MATMUL_DTYPES))
-    if (
-        cached
+    budget_s = budget_s or (GPU_CEILING_BUDGET_S if gpu else CPU_CEILING_BUDGET_S)
+    same_sizes = (
+        cached is not None
         and cached.sizes.get("copy_bytes") == copy_bytes
         and cached.sizes.get("matmul_n") == sizes
         and set(dtypes) <= set(cached.matmul)
-    ):
+    )
+    reason = stale_reason(cached, dev) if cached is not None and same_sizes else None
+    if cached is not None and same_sizes and reason is None:
         return cached
-    c = measure_ceilings(dev, copy_bytes=copy_bytes, matmul_n=sizes, dtypes=dtypes)
+    c = measure_ceilings(dev, copy_bytes=copy_bytes, matmul_n=sizes, dtypes=dtypes, budget_s=budget_s)
+    if reason is not None:
+        if not reason.startswith("measured on another machine"):
+            c = _merge(cached, c)
+        warnings.warn(f"ceilings cached in {path} measured again: {reason}", stacklevel=2)
+    worst = c.worst
+    if worst is not None and worst[1] > MAX_CACHED_REL_CI:
+        warnings.warn(
+            f"ceilings of {dev.name}: {worst[0]} known only to +-{worst[1]:.0%} within its {budget_s:g} s budget "
+            "(a busy machine?): utilisations against it are that uncertain",
+            stacklevel=2,
+        )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: two writers never share a temp file
@@ -421,21 +544,35 @@ def ceilings(
     return c
 
 
-def measure_ceilings(dev: Device, *, copy_bytes: int, matmul_n: Sequence[int], dtypes: Iterable[str]) -> Ceilings:
-    """Measure copy bandwidth and matmul rate per dtype on ``dev`` now (no cache).
+def _spread(t: Any) -> dict[str, Any]:
+    return {"rel_ci": t.rel_ci, "rel_spread": t.rel_spread, "repeats": t.repeats, "converged": t.converged}
+
+
+def measure_ceilings(
+    dev: Device,
+    *,
+    copy_bytes: int,
+    matmul_n: Sequence[int],
+    dtypes: Iterable[str],
+    budget_s: float | None = None,
+    target_rel_ci: float = CEILING_TARGET_REL_CI,
+) -> Ceilings:
+    """Measure copy bandwidth and matmul rate per dtype on ``dev`` now (no cache), each timed until its median
+    is known to ``target_rel_ci`` or ``budget_s`` (per ceiling and size) is spent.
 
     The matmul ceiling of a dtype is the best rate over the square sizes ``matmul_n``.
     """
     import torch
 
-    from tilestack.perf import timing
-
+    budget_s = budget_s or (GPU_CEILING_BUDGET_S if dev.kind == "cuda" else CPU_CEILING_BUDGET_S)
+    until = {"target_rel_ci": target_rel_ci, "budget_s": budget_s}
     td = dev.torch_device
     n_copy = max(1, copy_bytes // 4)  # fp32 elements
     src = torch.empty(n_copy, dtype=torch.float32, device=td).uniform_()
     dst = torch.empty_like(src)
-    t = timing.time_fn(lambda s, d: d.copy_(s), args_sets=[(src, dst)], device=dev)
+    t = timing.time_fn(lambda s, d: d.copy_(s), args_sets=[(src, dst)], device=dev, **until)
     copy_bw = 2 * n_copy * 4 / t.median_s  # bytes read + bytes written
+    spread = {"copy": _spread(t)}
     del src, dst
 
     matmul: dict[str, float] = {}
@@ -456,10 +593,14 @@ def measure_ceilings(dev: Device, *, copy_bytes: int, matmul_n: Sequence[int], d
             allow = torch.backends.cuda.matmul.allow_tf32
             try:
                 torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
-                t = timing.time_fn(lambda x, y, o: torch.mm(x, y, out=o), args_sets=[(a, b, out)], device=dev)
+                t = timing.time_fn(
+                    lambda x, y, o: torch.mm(x, y, out=o), args_sets=[(a, b, out)], device=dev, **until
+                )
             finally:
                 torch.backends.cuda.matmul.allow_tf32 = allow
-            matmul[name] = max(matmul.get(name, 0.0), 2 * n**3 / t.median_s)
+            rate = 2 * n**3 / t.median_s
+            if rate > matmul.get(name, 0.0):
+                matmul[name], spread[f"matmul {name}"] = rate, _spread(t)
             del a, b, out
     return Ceilings(
         dev.name,
@@ -468,4 +609,6 @@ def measure_ceilings(dev: Device, *, copy_bytes: int, matmul_n: Sequence[int], d
         datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         versions(),
         {"copy_bytes": copy_bytes, "matmul_n": list(matmul_n)},
+        spread=spread,
+        machine=machine_fingerprint(dev),
     )

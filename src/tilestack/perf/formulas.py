@@ -11,6 +11,10 @@ Conventions (those of the field, so numbers compare with published ones):
 - a multiply-add is 2 FLOPs; a matmul (M, K) @ (K, N) is 2*M*N*K;
 - attention forward is 4*B*H*Nq*Nkv*D (QK^T and PV), halved when causal; its backward is 2.5x the forward
   (the FlashAttention papers' convention: five matmuls instead of two);
+- a convolution is 2 FLOPs per weight element per batch entry per output position (padded taps included,
+  as the kernels compute them); its backward is that once for the input gradient and once for the weight
+  gradient. Groups are in the weight's shape (C_out, C_in / groups, *kernel), so a depthwise convolution
+  costs C_in times less than a dense one of the same channel counts, forward and backward alike;
 - transcendental functions (exp, rsqrt) count as 1 FLOP each;
 - bytes are the minimum traffic to global memory: every input read once, every output written once.
 """
@@ -214,3 +218,86 @@ def sdpa(q: Any, k: Any, v: Any, *, causal: bool = False, backward: bool = False
     return attention(
         b, h, nq, nkv, d, q.dtype, causal=causal, kv_heads=hkv, backward=backward, head_dim_v=v.shape[-1]
     )
+
+
+def _prod(xs: Any) -> int:
+    out = 1
+    for x in xs:
+        out *= int(x)
+    return out
+
+
+def _conv_shapes(x_shape: Any, w_shape: Any, y_shape: Any, groups: int, transposed: bool) -> tuple:
+    """Check one convolution's shapes against each other; ``(batch, channels_in, channels_out)``."""
+    x, w, y = (tuple(int(d) for d in s) for s in (x_shape, w_shape, y_shape))
+    if not (len(x) == len(w) == len(y) >= 3):
+        raise LaunchError(
+            f"x_shape={x}, w_shape={w}, y_shape={y}; expected (N, C, *spatial) tensors and a "
+            "(C_out, C_in / groups, *kernel) weight of the same rank, at least 3"
+        )
+    if groups < 1:
+        raise LaunchError(f"groups={groups!r}; expected a positive group count")
+    # A transposed convolution's weight is (C_in, C_out / groups, *kernel).
+    c_in, c_out = (w[0], w[1] * groups) if transposed else (w[1] * groups, w[0])
+    if x[1] != c_in or y[1] != c_out or x[0] != y[0]:
+        raise LaunchError(
+            f"x_shape={x}, w_shape={w}, y_shape={y}, groups={groups}, transposed={transposed}; expected "
+            f"x with {c_in} channels, y with {c_out} channels and one batch size"
+        )
+    return x, w, y
+
+
+def _conv_macs(x: tuple, w: tuple, y: tuple, transposed: bool) -> int:
+    """Multiply-adds of one convolution: each weight element meets each batch entry at each position of the
+    side it slides over (the output of a convolution, the input of a transposed one, whose adjoint it is)."""
+    slid = x if transposed else y
+    return x[0] * _prod(w) * _prod(slid[2:])
+
+
+def convolution(
+    x_shape: Any,
+    w_shape: Any,
+    y_shape: Any,
+    dtype: Any = "fp32",
+    *,
+    groups: int = 1,
+    transposed: bool = False,
+    bias: bool = False,
+) -> Cost:
+    """Convolution x (N, C_in, *S_in) * w -> y (N, C_out, *S_out); w is (C_out, C_in / groups, *K), or
+    (C_in, C_out / groups, *K) when ``transposed``.
+
+    FLOPs 2 * N * numel(w) * prod(S_out) (prod(S_in) when transposed), plus one add per output element for
+    a bias. Reads x, w (and the bias) once, writes y once.
+    """
+    x, w, y = _conv_shapes(x_shape, w_shape, y_shape, groups, transposed)
+    e = dtype_bytes(dtype)
+    flops = FLOPS_PER_MAC * _conv_macs(x, w, y, transposed) + (_prod(y) if bias else 0)
+    return Cost(flops, (_prod(x) + _prod(w) + (y[1] if bias else 0)) * e, _prod(y) * e)
+
+
+def convolution_backward(
+    grad_y_shape: Any,
+    x_shape: Any,
+    w_shape: Any,
+    dtype: Any = "fp32",
+    *,
+    groups: int = 1,
+    transposed: bool = False,
+    input_grad: bool = True,
+    weight_grad: bool = True,
+    bias_grad: bool = False,
+) -> Cost:
+    """Backward of :func:`convolution`: dx (a transposed convolution of dy by w), dw (a correlation of x with
+    dy) and db (a sum of dy over batch and positions), each only when asked for.
+
+    dx and dw each take the forward's multiply-adds: 2 * N * numel(w) * prod(S_out) FLOPs apiece; db one add
+    per element of dy. Reads dy, plus w for dx and x for dw; writes the gradients asked for.
+    """
+    x, w, dy = _conv_shapes(x_shape, w_shape, grad_y_shape, groups, transposed)
+    e = dtype_bytes(dtype)
+    macs = _conv_macs(x, w, dy, transposed)
+    flops = FLOPS_PER_MAC * macs * (int(input_grad) + int(weight_grad)) + (_prod(dy) if bias_grad else 0)
+    read = _prod(dy) + (_prod(w) if input_grad else 0) + (_prod(x) if weight_grad else 0)
+    written = (_prod(x) if input_grad else 0) + (_prod(w) if weight_grad else 0) + (dy[1] if bias_grad else 0)
+    return Cost(flops, read * e, written * e)

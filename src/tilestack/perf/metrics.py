@@ -26,7 +26,7 @@ from typing import Any
 from tilestack.errors import TilestackError
 from tilestack.perf import formulas
 from tilestack.perf.roofline import Placement, Roof, place
-from tilestack.perf.timing import Timing, TimingError, time_fn
+from tilestack.perf.timing import DEFAULT_TARGET_REL_CI, Timing, TimingError, time_fn
 
 
 class MetricsError(TilestackError, ValueError):
@@ -81,8 +81,11 @@ class Measurement:
     item_name: str = "items"
     latency_p10_s: float | None = None
     latency_p90_s: float | None = None
+    latency_rel_ci: float | None = None  # half-width of the median's 95% interval over the median
+    latency_converged: bool | None = None  # whether the repeats reached their target interval
     repeats: int = 1
     timing_method: str = "given"
+    device_kind: str = ""  # "cuda" | "cpu"; "" in rows stored before it was kept (read off the name)
     measured_peak_flops: float | None = None
     measured_bandwidth: float | None = None
     published_peak_flops: float | None = None
@@ -150,6 +153,11 @@ class Measurement:
     def items_per_joule(self) -> float | None:
         return _ratio(self.items, self.joules_per_call) if self.items is not None else None
 
+    @property
+    def kind(self) -> str:
+        """The kind of device it ran on, ``"cuda"`` or ``"cpu"`` (``""`` where unknown)."""
+        return self.device_kind or device_kind_of(self.device)
+
     # --- roofline ------------------------------------------------------------------------------------------
     @property
     def roofs(self) -> Roofs:
@@ -164,7 +172,7 @@ class Measurement:
         if which not in ("measured", "published"):
             raise MetricsError(f"which={which!r}; expected 'measured' or 'published'")
         roof = getattr(self.roofs, which)
-        return place(flops=self.flops, bytes_moved=self.bytes, seconds=self.latency_s, roof=roof)
+        return place(flops=self.flops, bytes_moved=self.bytes, seconds=self.latency_s, roof=roof, kind=self.kind)
 
     def _best_placement(self) -> Placement:
         p = self.placement("measured")
@@ -214,6 +222,14 @@ class Measurement:
         return cls(**{k: v for k, v in row.items() if k in names})
 
 
+def device_kind_of(name: str) -> str:
+    """``"cpu"`` for a device named as :func:`tilestack.perf.device.cpu_device` names CPUs, ``"cuda"`` for any
+    other name, ``""`` for none: the kind of rows stored without one."""
+    if not name:
+        return ""
+    return "cpu" if name.lower().startswith("cpu") else "cuda"
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
@@ -227,6 +243,7 @@ def compute_metrics(
     bytes_written: float,
     roofs: Roofs | None = None,
     device: str = "",
+    device_kind: str = "",
     dtype: str | None = None,
     config: Mapping[str, Any] | None = None,
     items: float | None = None,
@@ -234,7 +251,10 @@ def compute_metrics(
     timing: Timing | None = None,
     energy: Any = None,
 ) -> Measurement:
-    """A :class:`Measurement` from numbers already in hand (no running). ``energy`` is an EnergySample."""
+    """A :class:`Measurement` from numbers already in hand (no running). ``energy`` is an EnergySample.
+
+    ``device_kind`` (``"cuda"``, ``"cpu"``) picks the tips; empty reads it off the device's name.
+    """
     for arg, value in (("flops", flops), ("bytes_read", bytes_read), ("bytes_written", bytes_written)):
         if value is None or not value >= 0 or not math.isfinite(value):
             raise MetricsError(f"{arg}={value!r} for {name!r}; expected a finite count >= 0")
@@ -259,8 +279,11 @@ def compute_metrics(
         item_name=item_name,
         latency_p10_s=timing.p10_s if timing else None,
         latency_p90_s=timing.p90_s if timing else None,
+        latency_rel_ci=timing.rel_ci if timing else None,
+        latency_converged=timing.converged if timing else None,
         repeats=timing.repeats if timing else 1,
         timing_method=timing.method if timing else "given",
+        device_kind=device_kind or device_kind_of(device),
         measured_peak_flops=roofs.measured.peak_flops_per_s if roofs else None,
         measured_bandwidth=roofs.measured.bandwidth if roofs else None,
         published_peak_flops=roofs.published.peak_flops_per_s if roofs else None,
@@ -325,6 +348,8 @@ def measure(
     graph: bool = False,
     repeats: int | None = None,
     window_s: float | None = None,
+    budget_s: float | None = None,
+    target_rel_ci: float | None = DEFAULT_TARGET_REL_CI,
     nvtx: bool = True,
 ) -> Measurement:
     """Time ``fn`` over ``args_sets`` (see :func:`~tilestack.perf.timing.time_fn`) and compute every metric.
@@ -332,6 +357,8 @@ def measure(
     ``device`` None detects one; ``ceilings`` None loads (or measures once) the device's cached ceilings,
     ``False`` skips them. ``energy`` None measures energy where NVML can (GPUs), adding about a second per
     call of ``measure``; ``False`` skips it. ``dtype`` None reads it off the first floating-point argument.
+    ``repeats``, ``window_s``, ``budget_s`` and ``target_rel_ci`` go to :func:`~tilestack.perf.timing.time_fn`:
+    by default calls repeat until the median is known to +-2% or the budget is spent.
     Every call runs inside an NVTX range named by ``name`` and ``config``.
     """
     from tilestack.perf import device as device_mod
@@ -347,9 +374,11 @@ def measure(
         with nvtx_mod.range(label, enabled=nvtx):
             return fn(*args)
 
-    kwargs: dict[str, Any] = {"repeats": repeats}
+    kwargs: dict[str, Any] = {"repeats": repeats, "target_rel_ci": target_rel_ci}
     if window_s is not None:
         kwargs["window_s"] = window_s
+    if budget_s is not None:
+        kwargs["budget_s"] = budget_s
     try:
         t = time_fn(run, args_sets=args_sets, device=dev, graph=graph, **kwargs)
     except TimingError:
@@ -369,6 +398,7 @@ def measure(
         bytes_written=bytes_written,
         roofs=roofs_for(dev, ceil, dtype),
         device=dev.name,
+        device_kind=dev.kind,
         dtype=dtype,
         config=config,
         items=items,

@@ -8,14 +8,18 @@
 
 Two passes over the same step, so counting never distorts timing:
 1. counting: one step under a ``TorchDispatchMode`` that sees every ATen op, counts its FLOPs with the
-   formulas of ``torch.utils.flop_counter`` (matmuls, convolutions, attention; causal attention halved as
-   tilestack counts it) and its bytes as the sizes of its distinct input and output tensors (views move none);
-2. timing: ``steps`` steps under ``torch.profiler`` (CUDA kernel time on a GPU, CPU self time on a CPU),
-   after one discarded profiler step; each op's time is that of its whole subtree of the profiler's event
-   tree when the counting pass saw it (``clone`` takes the ``copy_`` inside it), its own time otherwise
-   (``linear``, which decomposes before dispatch, leaves its ``addmm`` to be counted on its own).
-The two are joined by op name, per step, and every op becomes a :class:`Measurement` (per call) so it gets
-the same roofline placement and tip as a kernel; time no ATen op accounts for is one ``(other)`` row.
+   formulas of ``torch.utils.flop_counter`` (matmuls, attention; causal attention halved as tilestack counts
+   it) or tilestack's own (convolutions forward and backward with their groups: ``formulas.convolution``),
+   and its bytes as the sizes of its distinct input and output tensors (views move none);
+2. timing: ``steps`` steps under ``torch.profiler`` with ``record_shapes`` (CUDA kernel time on a GPU, CPU
+   self time on a CPU), after one discarded profiler step; each op's time is that of its whole subtree of the
+   profiler's event tree when the counting pass saw it (``clone`` takes the ``copy_`` inside it), its own time
+   otherwise (``linear``, which decomposes before dispatch, leaves its ``addmm`` to be counted on its own).
+The two are joined by op name and input shapes, per step: a stem, a depthwise and a pointwise convolution are
+three rows, each with its own bound and tip. Every row becomes a :class:`Measurement` (per call) so it gets
+the same roofline placement and tip as a kernel, and the spread of its time over the steps; time no ATen op
+accounts for is one ``(other)`` row. The rows' config names the model, the step (forward, or forward and
+backward) and the shapes, so ``tilestack compare`` pairs only the same op of the same model at the same shapes.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from tilestack.errors import TilestackError
-from tilestack.perf import formulas
+from tilestack.perf import formulas, roofline, timing
 from tilestack.perf.metrics import Measurement, compute_metrics, roofs_for
 
 US_TO_S = 1e-6
@@ -47,6 +51,7 @@ ROW_OP_FLOPS_PER_ELEMENT = {
     "aten._log_softmax": formulas.SOFTMAX_FLOPS_PER_ELEMENT,
 }
 HOT_SPOTS = 5  # ops listed, with tips, before the table
+NOISY_STEP_REL_CI = 0.1  # a step time known worse than +-10% gets a note under the profile's heading
 OTHER = "(other)"
 DEFAULT_BUILDER = "build"
 ALLOCATING_PREFIXES = ("empty", "new_empty", "zeros_like", "ones_like", "full_like", "resize_")
@@ -56,9 +61,19 @@ class ProfileError(TilestackError, RuntimeError):
     """A model that cannot be loaded or raises while profiled; the message names the target and the phase."""
 
 
+Shapes = tuple[tuple[int, ...], ...]  # shapes of an op's tensor arguments, in schema order
+OpKey = tuple[str, Shapes]  # one row: the profiler's op name and its input shapes
+
+
+def shapes_text(shapes: Shapes) -> str:
+    """``((2, 16, 8, 8), (16, 1, 3, 3))`` -> ``"2x16x8x8, 16x1x3x3"``; ``"-"`` for none."""
+    return ", ".join("x".join(str(d) for d in s) for s in shapes) or "-"
+
+
 @dataclasses.dataclass(frozen=True)
 class OpStat:
-    """One ATen op over one step: ``calls``, ``total_s``, its ``share`` of the step, and ``m`` per call."""
+    """One ATen op at one set of input shapes over one step: ``calls``, ``total_s``, its ``share`` of the step,
+    and ``m`` per call (with its own bound and tip: a depthwise and a dense convolution are different work)."""
 
     op: str
     calls: float
@@ -66,6 +81,12 @@ class OpStat:
     share: float
     m: Measurement
     counted: bool  # False: the op moved no counted bytes nor FLOPs (views, bookkeeping, uncounted time)
+    shapes: Shapes = ()
+
+    @property
+    def label(self) -> str:
+        """``aten::convolution (2x16x8x8, 16x1x3x3)``: the op and the shapes it ran at."""
+        return f"{self.op} ({shapes_text(self.shapes)})" if self.shapes else self.op
 
     @property
     def bound(self) -> str:
@@ -79,7 +100,7 @@ class OpStat:
     def tip(self) -> str:
         if self.counted:
             return self.m.tip
-        return "host-side or uncounted time: fewer ops (fusion, torch.compile, CUDA graphs) removes it"
+        return roofline.uncounted_tip(self.m.device_kind)
 
 
 @dataclasses.dataclass
@@ -94,10 +115,16 @@ class ModelProfile:
     step_s: float  # sum of attributed op time per step
     wall_s: float  # wall-clock per step, host included
     ops: list[OpStat]
+    step_times_s: tuple[float, ...] = ()  # op time of each profiled step
 
     @property
     def flops(self) -> float:
         return math.fsum(o.m.flops * o.calls for o in self.ops)
+
+    @property
+    def step_rel_ci(self) -> float | None:
+        """How well the step time is known: the half-width of its median's 95% interval over the median."""
+        return timing.rel_ci(self.step_times_s) if self.step_times_s else None
 
     def hot_spots(self, n: int = HOT_SPOTS) -> list[OpStat]:
         return [o for o in self.ops if o.op != OTHER][:n]
@@ -145,6 +172,9 @@ def _flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     from torch.utils.flop_counter import flop_registry
 
     packet = func._overloadpacket
+    own = OWN_FLOPS.get(str(packet))
+    if own is not None:
+        return own(func, args, kwargs, out)
     is_causal = _argument(func, args, kwargs, "is_causal")
     if packet in flop_registry:
         flops = float(flop_registry[packet](*args, **kwargs, out_val=out))
@@ -158,6 +188,44 @@ def _flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     if torch.Tag.pointwise in getattr(func, "tags", ()):
         return float(sum(t.numel() for t in _tensors(out)))  # 1 FLOP per output element, as torch's profiler
     return 0.0
+
+
+def _conv_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """aten.convolution / aten._convolution: x (N, C_in, *S), w, bias -> y, counted by formulas.convolution."""
+    arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+    x, w, b = arg("input"), arg("weight"), arg("bias")
+    groups, transposed = int(arg("groups")), bool(arg("transposed"))
+    cost = formulas.convolution(x.shape, w.shape, out.shape, groups=groups, transposed=transposed, bias=b is not None)
+    return float(cost.flops)
+
+
+def _conv_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """aten.convolution_backward: (dy, x, w, ..., output_mask) -> (dx, dw, db), by formulas.convolution_backward.
+
+    torch's own formula counts the weight gradient as if groups were 1 (groups times too many FLOPs).
+    """
+    arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+    dx, dw, db = arg("output_mask")
+    return float(
+        formulas.convolution_backward(
+            arg("grad_output").shape,
+            arg("input").shape,
+            arg("weight").shape,
+            groups=int(arg("groups")),
+            transposed=bool(arg("transposed")),
+            input_grad=bool(dx),
+            weight_grad=bool(dw),
+            bias_grad=bool(db),
+        ).flops
+    )
+
+
+# Ops tilestack counts itself, ahead of torch's registry (whose convolution backward ignores groups).
+OWN_FLOPS: dict[str, Callable[[Any, tuple, dict, Any], float]] = {
+    "aten.convolution": _conv_flops,
+    "aten._convolution": _conv_flops,
+    "aten.convolution_backward": _conv_backward_flops,
+}
 
 
 def _argument(func: Any, args: tuple, kwargs: dict, name: str) -> Any:
@@ -197,11 +265,35 @@ def _moves_no_data(func: Any, name: str, ins: Sequence[Any], outs: Sequence[Any]
     return not in_place and bool(outs) and {_storage(t) for t in outs} <= {_storage(t) for t in ins}
 
 
-def count_ops(step: Callable[[], Any]) -> dict[str, _Count]:
-    """Run ``step`` once under a dispatch mode; FLOPs and bytes of every ATen op, by profiler name."""
+def _arg_shapes(func: Any, args: tuple, kwargs: dict) -> Shapes:
+    """Shapes of the op's tensor arguments in schema order, as ``torch.profiler``'s ``record_shapes`` gives them.
+
+    Lists of tensors and 0-dim tensors are left out: the profiler records an empty shape for both.
+    """
+    import torch
+
+    out = []
+    for i, a in enumerate(func._schema.arguments):
+        v = kwargs[a.name] if a.name in kwargs else args[i] if i < len(args) else None
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            out.append(tuple(int(d) for d in v.shape))
+    return tuple(out)
+
+
+def _event_shapes(e: Any) -> Shapes:
+    """The same shapes read off a profiler event recorded with ``record_shapes=True``."""
+    return tuple(
+        tuple(int(d) for d in s)
+        for s in (getattr(e, "input_shapes", None) or ())
+        if isinstance(s, list | tuple) and s and all(isinstance(d, int) for d in s)
+    )
+
+
+def count_ops(step: Callable[[], Any]) -> dict[OpKey, _Count]:
+    """Run ``step`` once under a dispatch mode; FLOPs and bytes of every ATen op, by profiler name and shapes."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    counts: dict[str, _Count] = collections.defaultdict(_Count)
+    counts: dict[OpKey, _Count] = collections.defaultdict(_Count)
 
     class Counter(TorchDispatchMode):
         def __torch_dispatch__(
@@ -210,7 +302,7 @@ def count_ops(step: Callable[[], Any]) -> dict[str, _Count]:
             kwargs = kwargs or {}
             out = func(*args, **kwargs)
             name = _profiler_name(func)
-            c = counts[name]
+            c = counts[name, _arg_shapes(func, args, kwargs)]
             c.calls += 1
             ins, outs = _tensors((args, kwargs)), _tensors(out)
             if not _moves_no_data(func, name, ins, outs):
@@ -346,7 +438,7 @@ def profile_model(
     plan = schedule(wait=0, warmup=PROFILER_WARMUP_STEPS, active=steps, repeat=1)
 
     def timed() -> tuple[Any, float]:
-        with profile(activities=activities, schedule=plan) as prof:
+        with profile(activities=activities, schedule=plan, record_shapes=True) as prof:
             for _ in range(PROFILER_WARMUP_STEPS):
                 step()
                 prof.step()
@@ -360,7 +452,7 @@ def profile_model(
         return prof, wall
 
     prof, wall = guarded("profiled steps", timed)
-    return _join(name, dev, ceil, counts, prof.events(), steps, wall, train, cuda)
+    return _join(name, dev, ceil, counts, prof.events(), steps, wall, train)
 
 
 def _self_s(e: Any, cuda: bool) -> float:
@@ -370,19 +462,39 @@ def _self_s(e: Any, cuda: bool) -> float:
     return float(e.self_cpu_time_total) * US_TO_S
 
 
-def attribute(events: Sequence[Any], counted: set[str], cuda: bool) -> tuple[dict[str, list[float]], float]:
-    """Seconds and calls per op name over the profiler's event tree, the way the counting pass saw the ops.
+@dataclasses.dataclass
+class _Timed:
+    """One row's profiled time: calls and seconds over all steps, and seconds in each step."""
+
+    calls: int = 0
+    seconds: float = 0.0
+    per_step: dict[int, float] = dataclasses.field(default_factory=lambda: collections.defaultdict(float))
+
+    def add(self, other: _Timed) -> None:
+        self.calls += other.calls
+        self.seconds += other.seconds
+        for k, v in other.per_step.items():
+            self.per_step[k] += v
+
+
+def attribute(events: Sequence[Any], counted: set[str], cuda: bool) -> tuple[dict[OpKey, _Timed], list[float], float]:
+    """Seconds and calls per (op name, input shapes) over the profiler's event tree, as the counting pass saw them.
 
     The dispatch mode counts the outermost ATen op of each call chain below autograd (``clone``, not the
     ``copy_`` inside it); so a counted op takes the time of its whole subtree, while an op it never saw
     (``linear``, which decomposes before dispatch) keeps only its own time and its children are visited.
-    Returns ``{op: [calls, seconds]}`` over all steps, and the total (GPU kernel time, or CPU self time).
+    Returns ``{(op, shapes): _Timed}``, the time of each ``ProfilerStep`` (GPU kernel time, or CPU self time),
+    and the time outside any step.
     """
     from torch.autograd import DeviceType
 
-    per: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+    per: dict[OpKey, _Timed] = collections.defaultdict(_Timed)
     cpu = [e for e in events if e.device_type == DeviceType.CPU]
-    total = math.fsum(_self_s(e, cuda) for e in cpu if not e.name.startswith("ProfilerStep"))
+    roots = [e for e in cpu if e.cpu_parent is None]
+    step_roots = sorted((e for e in roots if e.name.startswith("ProfilerStep")), key=lambda e: e.time_range.start)
+    step_of = {id(e): i for i, e in enumerate(step_roots)}
+    step_s = [0.0] * len(step_roots)
+    outside = 0.0
 
     def subtree_s(e: Any) -> float:
         acc, stack = 0.0, [e]
@@ -392,58 +504,89 @@ def attribute(events: Sequence[Any], counted: set[str], cuda: bool) -> tuple[dic
             stack.extend(x.cpu_children)
         return acc
 
-    stack = [e for e in cpu if e.cpu_parent is None]
+    stack: list[tuple[Any, int | None]] = [(e, step_of.get(id(e))) for e in roots]
     while stack:
-        e = stack.pop()
+        e, step = stack.pop()
+        whole = e.name in counted  # a counted op: its subtree is its time, and nothing below is visited
+        s = subtree_s(e) if whole else 0.0 if e.name.startswith("ProfilerStep") else _self_s(e, cuda)
+        if step is None:
+            outside += s
+        else:
+            step_s[step] += s
         if e.name.startswith("aten::"):
-            per[e.name][0] += 1
-            if e.name in counted:
-                per[e.name][1] += subtree_s(e)
-                continue
-            per[e.name][1] += _self_s(e, cuda)
-        stack.extend(e.cpu_children)
-    return dict(per), total
+            t = per[e.name, _event_shapes(e)]
+            t.calls += 1
+            t.seconds += s
+            if step is not None:
+                t.per_step[step] += s
+        if not whole:
+            stack.extend((c, step) for c in e.cpu_children)
+    return dict(per), step_s, outside
 
 
 def _join(
     name: str,
     dev: Any,
     ceil: Any,
-    counts: dict[str, _Count],
+    counts: dict[OpKey, _Count],
     events: Any,
     steps: int,
     wall: float,
     train: bool,
-    cuda: bool,
 ) -> ModelProfile:
-    counted = {op for op, c in counts.items() if c.flops > 0 or c.bytes_read + c.bytes_written > 0}
-    per, total = attribute(events, counted, cuda)
-    per_op = {op: (calls / steps, s / steps) for op, (calls, s) in per.items() if s > 0}
-    total /= steps
-    attributed = math.fsum(s for _, s in per_op.values())
-    if total > attributed:
-        per_op[OTHER] = (0.0, total - attributed)  # non-ATen work: autograd bookkeeping, custom kernels
+    cuda = dev.kind == "cuda"
+    counted = {key for key, c in counts.items() if c.flops > 0 or c.bytes_read + c.bytes_written > 0}
+    timed, step_s, outside = attribute(events, {op for op, _ in counted}, cuda)
+    # A profiled op whose shapes the counting pass did not see under its name (a shape the profiler records
+    # differently) joins the counted row of that name when there is only one.
+    by_name: dict[str, list[OpKey]] = collections.defaultdict(list)
+    for key in counts:
+        by_name[key[0]].append(key)
+    rows: dict[OpKey, _Timed] = collections.defaultdict(_Timed)
+    for key, t in timed.items():
+        if key not in counts and len(by_name.get(key[0], ())) == 1:
+            key = by_name[key[0]][0]
+        if key not in counted:
+            key = (key[0], ())  # no bound nor tip to tell apart: one row per op name (views, bookkeeping)
+        rows[key].add(t)
+    rows = {k: t for k, t in rows.items() if t.seconds > 0}
+    total = (math.fsum(step_s) + outside) / steps
+    attributed = math.fsum(t.seconds for t in rows.values()) / steps
+    if total > attributed:  # non-ATen work: autograd bookkeeping, custom kernels
+        rows[OTHER, ()] = _Timed(0, (total - attributed) * steps)
     total = max(total, attributed)
+    mode = "forward+backward" if train else "forward"
     ops: list[OpStat] = []
-    for op, (calls, s) in per_op.items():
-        c = counts.get(op, _Count())
+    for key, t in rows.items():
+        op, shapes = key
+        calls, s = t.calls / steps, t.seconds / steps
+        c = counts.get(key, _Count())
         n = c.calls or max(calls, 1)  # per-step calls as counted; the profiler's if the op was not seen
-        is_counted = op in counted
         dtype = c.dtype or "fp32"
+        per_call = s / max(calls, 1)
+        # Per-call time in each step: how much the op's time varies from step to step.
+        spread = timing.Timing(
+            tuple(t.per_step.get(i, 0.0) / max(calls, 1) for i in range(steps)) if t.per_step else (per_call,),
+            "torch-profiler",
+            PROFILER_WARMUP_STEPS,
+            1,
+        )
         m = compute_metrics(
             name=op,
-            latency_s=s / max(calls, 1),
+            latency_s=per_call,
             flops=c.flops / n,
             bytes_read=c.bytes_read / n,
             bytes_written=c.bytes_written / n,
             roofs=roofs_for(dev, ceil, dtype),
             device=dev.name,
+            device_kind=dev.kind,
             dtype=dtype,
-            config={"calls/step": round(calls, 2)},
+            config={"model": name, "step": mode, "shapes": shapes_text(shapes), "calls/step": round(calls, 2)},
+            timing=spread,
         )
-        ops.append(OpStat(op, calls, s, s / total if total else 0.0, m, is_counted))
+        ops.append(OpStat(op, calls, s, s / total if total else 0.0, m, key in counted, shapes))
     ops.sort(key=lambda o: o.total_s, reverse=True)
-    return ModelProfile(name, dev, ceil, steps, train, total, wall / steps, ops)
+    return ModelProfile(name, dev, ceil, steps, train, total, wall / steps, ops, tuple(step_s))
 
 
 # --- loading a target ---------------------------------------------------------------------------------------
@@ -504,8 +647,10 @@ def load_target(target: str) -> tuple[Any, Any]:
 # --- rendering ----------------------------------------------------------------------------------------------
 PROFILE_COLUMNS = (
     "op",
+    "input shapes",
     "calls/step",
     "time/step",
+    "+-",
     "share",
     "FLOPs/step",
     "bytes/step",
@@ -524,8 +669,10 @@ def profile_rows(p: ModelProfile) -> list[list[str]]:
         out.append(
             [
                 o.op,
+                shapes_text(o.shapes),
                 f"{o.calls:g}",
                 seconds(o.total_s),
+                pct(o.m.latency_rel_ci),
                 pct(o.share),
                 si(o.m.flops * o.calls, "FLOP"),
                 si(o.m.bytes * o.calls, "B"),
@@ -542,7 +689,7 @@ def hot_spot_lines(p: ModelProfile, n: int = HOT_SPOTS) -> list[str]:
     from tilestack.perf.report import pct, seconds
 
     return [
-        f"{i + 1}. {o.op}: {pct(o.share)} of the step ({seconds(o.total_s)}), {o.tip}"
+        f"{i + 1}. {o.label}: {pct(o.share)} of the step ({seconds(o.total_s)}), {o.tip}"
         for i, o in enumerate(p.hot_spots(n))
     ]
 
@@ -551,14 +698,21 @@ def print_profile(p: ModelProfile, con: Any = None, top: int | None = None) -> N
     """Hot spots with tips first, then the per-op table (the ``top`` ops, all by default)."""
     from rich.table import Table
 
-    from tilestack.perf.report import console, escape, seconds, si
+    from tilestack.perf.report import ceilings_line, console, escape, pct, seconds, si
 
     con = console(con)
     mode = "forward + backward" if p.train else "forward"
+    spread = p.step_rel_ci
     con.print(
         f"[bold]{escape(p.name)}[/bold] on {escape(p.device.name)}: {mode}, {seconds(p.step_s)} of op time per step "
-        f"({seconds(p.wall_s)} wall), {si(p.flops, 'FLOP')} per step"
+        f"(+-{pct(spread)} over {p.steps} steps; {seconds(p.wall_s)} wall), {si(p.flops, 'FLOP')} per step"
     )
+    if spread is not None and spread > NOISY_STEP_REL_CI:
+        con.print(
+            f"[yellow]note: the step time is known only to +-{pct(spread)} (95% interval over {p.steps} steps): "
+            "every op's time is as uncertain; profile more --steps, on a quieter machine[/yellow]"
+        )
+    con.print(escape(ceilings_line(p.ceilings)))
     con.print("[bold]hot spots[/bold]")
     for line in hot_spot_lines(p):
         con.print("  " + escape(line))

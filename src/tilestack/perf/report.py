@@ -80,6 +80,27 @@ def escape(text: str) -> str:
     return rich_escape(text)
 
 
+def spread(rel_ci: float | None) -> str:
+    """``"+-2.1%"`` for a relative half-width, ``"-"`` for none."""
+    return "-" if rel_ci is None else f"+-{pct(rel_ci)}"
+
+
+def _with_spread(text: str, ceilings: Any, key: str) -> str:
+    """``"3.02 TB/s +-1.2%"``; just the value where no spread was kept (ceilings stored before it was)."""
+    rel = getattr(ceilings, "rel_ci", lambda _: None)(key)
+    return text if rel is None else f"{text} {spread(rel)}"
+
+
+def ceilings_line(ceilings: Any) -> str:
+    """One line: each measured ceiling with its spread, or why there are none."""
+    if ceilings is None:
+        return "roofs: no measured ceilings (published peaks only)"
+    parts = [_with_spread(f"copy {si(ceilings.copy_bytes_per_s, 'B/s')}", ceilings, "copy")]
+    for k, v in ceilings.matmul.items():
+        parts.append(_with_spread(f"matmul {k} {si(v, 'FLOP/s')}", ceilings, f"matmul {k}"))
+    return f"roofs measured {ceilings.measured_at}: " + ", ".join(parts)
+
+
 def _config(cfg: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in cfg.items())
 
@@ -91,6 +112,7 @@ COLUMNS: tuple[tuple[str, Any], ...] = (
     ("config", lambda m: _config(m.config)),
     ("dtype", lambda m: m.dtype),
     ("latency", lambda m: seconds(m.latency_s)),
+    ("+-", lambda m: spread(m.latency_rel_ci)),
     ("items/s", lambda m: si(m.items_per_s, f" {m.item_name}/s") if m.items is not None else "-"),
     ("FLOP/s", lambda m: si(m.flops_per_s, "FLOP/s")),
     ("bytes/s", lambda m: si(m.bytes_per_s, "B/s")),
@@ -358,8 +380,15 @@ def device_section(device: Any = None, ceilings: Any = None, versions: Mapping[s
             rows_.append(("TDP", si(spec.tdp_w, "W")))
             rows_.append(("source", spec.source))
     if ceilings is not None:
-        rows_.append(("measured copy bandwidth", si(ceilings.copy_bytes_per_s, "B/s")))
-        rows_.append(("measured matmul", ", ".join(f"{k} {si(v, 'FLOP/s')}" for k, v in ceilings.matmul.items())))
+        rows_.append(("measured copy bandwidth", _with_spread(si(ceilings.copy_bytes_per_s, "B/s"), ceilings, "copy")))
+        rows_.append(
+            (
+                "measured matmul",
+                ", ".join(
+                    _with_spread(f"{k} {si(v, 'FLOP/s')}", ceilings, f"matmul {k}") for k, v in ceilings.matmul.items()
+                ),
+            )
+        )
         rows_.append(("ceilings measured at", ceilings.measured_at))
     for k, v in (versions or {}).items():
         rows_.append((k, str(v)))

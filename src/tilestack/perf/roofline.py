@@ -4,11 +4,15 @@
     roof = Roof(peak_flops_per_s=7.6e14, bandwidth=3.0e12, label="measured")
     p = place(flops=2 * 4096**3, bytes_moved=3 * 2 * 4096**2, seconds=2.1e-4, roof=roof)
     p.bound, p.fraction, p.distance, p.tip     # "compute", 0.86, 1.16, "compute-bound at 86% ..."
+    place(..., kind="cpu").tip                 # the advice of the device at hand: caches, cores, SIMD
 
 The roof at arithmetic intensity I (FLOPs per byte of global memory) is ``min(peak, bandwidth * I)``; the
 ridge point ``peak / bandwidth`` separates the memory-bound side from the compute-bound one.
 ``fraction`` is the achieved rate over the roof at the kernel's intensity (FLOP/s on the compute side,
 bytes/s on the memory side: the two agree, since there the roof's FLOP/s is bandwidth times intensity).
+The tip names the situation (which side, how far below the roof) in the words of the device kind: a GPU's
+(launches, CUDA graphs, coalesced loads, occupancy, matrix units) or a CPU's (per-op overhead, cores,
+contiguous data and SIMD, caches); ``TIPS`` holds both.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class Placement:
     fraction: float | None  # achieved / roof at this intensity, in [0, ~1]
     seconds: float
     tip: str
+    kind: str = "cuda"  # the device kind whose tips apply
 
     @property
     def distance(self) -> float | None:
@@ -67,8 +72,72 @@ class Placement:
         return 1 / self.fraction if self.fraction else None
 
 
-def place(*, flops: float, bytes_moved: float, seconds: float, roof: Roof) -> Placement:
-    """Place a kernel of ``flops`` and ``bytes_moved`` that ran in ``seconds`` under ``roof``."""
+# One sentence per situation and device kind; ``{pct}`` is the fraction of the roof, ``{us}`` the call's time.
+TIPS: dict[str, dict[str, str]] = {
+    "cuda": {
+        "memory-above": "memory-bound at {pct} of bandwidth, above the roof: its bytes came from cache, not DRAM; "
+        "time it with inputs larger than the cache (timing.rotating_sets)",
+        "latency": "latency-bound: {us:.1f} us per call at {pct} of the {bound} roof; put more work in each "
+        "launch (batch, fuse) or replay it from a CUDA graph",
+        "memory-low": "memory-bound at {pct} of bandwidth: loads are not saturating memory; widen and coalesce "
+        "loads (128-bit), raise occupancy or the number of blocks in flight, or fuse with a neighbour",
+        "memory-mid": "memory-bound at {pct} of bandwidth: fuse with a neighbouring op to cut bytes, "
+        "or widen loads and pipeline them deeper",
+        "compute-low": "compute-bound at {pct} of peak: use the matrix units (bf16/fp16/tf32 mma), larger tiles, "
+        "and more pipeline stages to keep them fed",
+        "compute-mid": "compute-bound at {pct} of peak: overlap memory and math (warp specialisation, "
+        "asynchronous copies), trim non-matmul work on the critical path",
+        "compute-roof": "compute-bound at {pct} of peak, on the roof: only less work helps (skip masked blocks, "
+        "lower precision such as fp8)",
+        "uncounted": "host-side or uncounted time: fewer ops (fusion, torch.compile, CUDA graphs) removes it",
+    },
+    "cpu": {
+        "memory-above": "memory-bound at {pct} of bandwidth, above the roof: its bytes came from the CPU's "
+        "caches, not DRAM; the op's data fits in cache, so time it with inputs larger than the last-level cache",
+        "latency": "overhead-bound: {us:.1f} us per call at {pct} of the {bound} roof; per-op framework overhead "
+        "(Python, dispatch, allocation) dominates: put more work in each call (batch) or fuse ops "
+        "(torch.compile)",
+        "memory-low": "memory-bound at {pct} of bandwidth: the op does not stream memory; make its inputs "
+        "contiguous (strided reads defeat SIMD and prefetching), let it use every core "
+        "(torch.get_num_threads), or fuse it with a neighbour so its data is read once",
+        "memory-mid": "memory-bound at {pct} of bandwidth: fuse with a neighbouring op to cut bytes "
+        "(torch.compile), or work in blocks that stay in the L2 cache",
+        "compute-low": "compute-bound at {pct} of peak: give it a vectorised library path (oneDNN/MKL: contiguous "
+        "inputs, channels_last for convolutions, fp32, or bf16 only where the CPU has AMX or AVX-512 BF16), "
+        "larger batches and every core",
+        "compute-mid": "compute-bound at {pct} of peak: block the work for the caches, keep every core busy, and "
+        "trim the non-matmul work around it",
+        "compute-roof": "compute-bound at {pct} of peak, on the roof: only less work helps (smaller or pruned "
+        "layers, lower precision where the CPU has units for it)",
+        "uncounted": "framework overhead or uncounted time: fewer, larger ops (fusion, torch.compile) remove it",
+    },
+}
+# Situations worded alike on every device.
+COMMON_TIPS = {
+    "unknown": "no roof known for this device and dtype: run `tilestack device --remeasure` to measure one",
+    "compute-above": "compute-bound at {pct} of peak, above the roof: the FLOP count overstates the work "
+    "(masked blocks counted?) or the ceiling was measured low (`tilestack device --remeasure`)",
+    "memory-roof": "memory-bound at {pct} of bandwidth, on the roof: only fewer bytes help (fuse, keep data "
+    "on chip, lower precision){ridge}",
+}
+NEAR_RIDGE_NOTE = "; near the ridge, so fewer bytes soon make it compute-bound"
+
+
+def tips_for(kind: str) -> dict[str, str]:
+    """The tip table of a device kind (``"cuda"``, ``"cpu"``; any other kind gets the GPU's)."""
+    return {**TIPS.get(kind, TIPS["cuda"]), **COMMON_TIPS}
+
+
+def uncounted_tip(kind: str) -> str:
+    """The tip of time no FLOP or byte count accounts for (host work, bookkeeping)."""
+    return tips_for(kind)["uncounted"]
+
+
+def place(*, flops: float, bytes_moved: float, seconds: float, roof: Roof, kind: str = "cuda") -> Placement:
+    """Place a kernel of ``flops`` and ``bytes_moved`` that ran in ``seconds`` under ``roof``.
+
+    ``kind`` (``"cuda"`` or ``"cpu"``) is the device kind it ran on: it picks the words of the tip.
+    """
     intensity = flops / bytes_moved if bytes_moved > 0 else math.inf
     fps, bps = flops / seconds, bytes_moved / seconds
     ridge = roof.ridge
@@ -85,59 +154,33 @@ def place(*, flops: float, bytes_moved: float, seconds: float, roof: Roof) -> Pl
         fraction = bps / roof.bandwidth  # below the ridge the roof is the bandwidth itself
     elif bound == "compute" and roof.peak_flops_per_s:
         fraction = fps / roof.peak_flops_per_s
-    p = Placement(roof, intensity, bound, fps, bps, fraction, seconds, "")
+    p = Placement(roof, intensity, bound, fps, bps, fraction, seconds, "", kind)
     return dataclasses.replace(p, tip=tip(p))
 
 
-def tip(p: Placement) -> str:
-    """One short, actionable sentence that follows from where ``p`` sits."""
+def situation(p: Placement) -> str:
+    """Which tip applies: a key of :data:`TIPS` / :data:`COMMON_TIPS`."""
     if p.bound == "unknown" or p.fraction is None:
-        return "no roof known for this device and dtype: run `tilestack device --remeasure` to measure one"
-    pct = f"{p.fraction:.0%}"
+        return "unknown"
     if p.fraction > ABOVE_ROOF_FRACTION:
-        if p.bound == "memory":
-            return (f"memory-bound at {pct} of bandwidth, above the roof: its bytes came from cache, "
-                    "not DRAM; time it with inputs larger than the cache (timing.rotating_sets)")
-        return (f"compute-bound at {pct} of peak, above the roof: the FLOP count overstates the work "
-                "(masked blocks counted?) or the ceiling was measured low (`tilestack device --remeasure`)")
+        return f"{p.bound}-above"
     if p.seconds < LAUNCH_BOUND_S and p.fraction < LOW_FRACTION:
-        return (
-            f"latency-bound: {p.seconds * 1e6:.1f} us per call at {pct} of the {p.bound} roof; "
-            "put more work in each launch (batch, fuse) or replay it from a CUDA graph"
-        )
+        return "latency"
+    level = "low" if p.fraction < LOW_FRACTION else "mid" if p.fraction < NEAR_ROOF_FRACTION else "roof"
+    return f"{p.bound}-{level}"
+
+
+def tip(p: Placement) -> str:
+    """One short, actionable sentence that follows from where ``p`` sits, for the device kind it ran on."""
     near_ridge = (
         p.roof.ridge is not None
         and math.isfinite(p.intensity)
         and p.intensity > 0
         and 1 / RIDGE_BAND <= p.intensity / p.roof.ridge <= RIDGE_BAND
     )
-    if p.bound == "memory":
-        if p.fraction < LOW_FRACTION:
-            return (
-                f"memory-bound at {pct} of bandwidth: loads are not saturating memory; widen and coalesce "
-                "loads (128-bit), raise occupancy or the number of blocks in flight, or fuse with a neighbour"
-            )
-        if p.fraction < NEAR_ROOF_FRACTION:
-            return (
-                f"memory-bound at {pct} of bandwidth: fuse with a neighbouring op to cut bytes, "
-                "or widen loads and pipeline them deeper"
-            )
-        extra = "; near the ridge, so fewer bytes soon make it compute-bound" if near_ridge else ""
-        return (
-            f"memory-bound at {pct} of bandwidth, on the roof: only fewer bytes help (fuse, keep data "
-            f"on chip, lower precision){extra}"
-        )
-    if p.fraction < LOW_FRACTION:
-        return (
-            f"compute-bound at {pct} of peak: use the matrix units (bf16/fp16/tf32 mma), larger tiles, "
-            "and more pipeline stages to keep them fed"
-        )
-    if p.fraction < NEAR_ROOF_FRACTION:
-        return (
-            f"compute-bound at {pct} of peak: overlap memory and math (warp specialisation, "
-            "asynchronous copies), trim non-matmul work on the critical path"
-        )
-    return (
-        f"compute-bound at {pct} of peak, on the roof: only less work helps (skip masked blocks, "
-        "lower precision such as fp8)"
+    return tips_for(p.kind)[situation(p)].format(
+        pct=f"{p.fraction:.0%}" if p.fraction is not None else "-",
+        us=p.seconds * 1e6,
+        bound=p.bound,
+        ridge=NEAR_RIDGE_NOTE if near_ridge else "",
     )

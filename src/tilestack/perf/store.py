@@ -8,10 +8,15 @@
         st.measurements("latest")                         # Measurement objects of a run
         cmp = st.compare("latest~1", "latest")            # or two device names: latest result of each case
         cmp.rows                                          # name, config, latency A/B, speed-up B over A
+        cmp.comparable, cmp.notes                         # whether anything paired; what differs and why
 
 The file is in WAL mode and every append is its own transaction, so a run killed half-way leaves the file
 readable with every row committed before the kill. A run is named by its id, a unique prefix of it,
 ``latest`` / ``latest~N``, or its label; a device by (a unique part of) its name.
+
+A comparison pairs results of the same case: the same name, dtype and config. A profiled model's rows carry
+the model, the step and the input shapes in their config, so two models' ``aten::mean`` never pair; where
+nothing pairs the comparison says the two sides are not comparable, and why.
 """
 
 from __future__ import annotations
@@ -123,6 +128,16 @@ class Comparison:
     a_label: str
     b_label: str
     rows: list[CompareRow]
+    notes: list[str] = dataclasses.field(default_factory=list)  # what differs between the sides
+
+    @property
+    def paired(self) -> list[CompareRow]:
+        return [r for r in self.rows if r.a is not None and r.b is not None]
+
+    @property
+    def comparable(self) -> bool:
+        """Whether any case ran on both sides."""
+        return bool(self.paired)
 
 
 class Store:
@@ -302,32 +317,73 @@ class Store:
         )
         return [Measurement.from_row(json.loads(r[0])) for r in rows]
 
-    def _side(self, ref: str) -> tuple[str, list[Measurement]]:
+    def _side(self, ref: str) -> tuple[str, list[Measurement], Run | None]:
         try:
             run = self.run(ref)
-            return f"run {run.id} ({run.device})", self.measurements(run.id)
+            return f"run {run.id} ({run.device})", self.measurements(run.id), run
         except StoreError as run_error:
             try:
                 ms = self.latest_on_device(ref)
             except StoreError as device_error:
                 raise StoreError(f"{run_error}; as a device: {device_error}") from None
-            return f"device {ms[0].device if ms else ref}", ms
+            return f"device {ms[0].device if ms else ref}", ms, None
 
     def compare(self, a: str, b: str) -> Comparison:
-        """Pair the results of A and B (two runs or two devices) case by case: same name and config."""
-        la, ma = self._side(a)
-        lb, mb = self._side(b)
-        key = lambda m: (m.name, _canon(m.config))  # noqa: E731
-        index_b = {key(m): m for m in mb}
+        """Pair the results of A and B (two runs or two devices) case by case: same name, dtype and config."""
+        la, ma, ra = self._side(a)
+        lb, mb, rb = self._side(b)
+        index_b = {case_key(m): m for m in mb}
         rows, seen = [], set()
         for m in ma:
-            rows.append(CompareRow(m.name, m.config, m, index_b.get(key(m))))
-            seen.add(key(m))
-        rows += [CompareRow(m.name, m.config, None, m) for m in mb if key(m) not in seen]
-        return Comparison(la, lb, rows)
+            rows.append(CompareRow(m.name, m.config, m, index_b.get(case_key(m))))
+            seen.add(case_key(m))
+        rows += [CompareRow(m.name, m.config, None, m) for m in mb if case_key(m) not in seen]
+        return Comparison(la, lb, rows, _differences(ma, mb, ra, rb, rows))
 
     def integrity_ok(self) -> bool:
         return self._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def case_key(m: Measurement) -> tuple[str, str, str]:
+    """What makes two results the same case: kernel (or op) name, dtype and config (a profiled op's config
+    names its model, step and input shapes)."""
+    return m.name, m.dtype, _canon(m.config)
+
+
+def _what(ms: list[Measurement]) -> str:
+    """What a side holds, in a few words: its models, else its kernels."""
+    models = sorted({str(m.config["model"]) for m in ms if "model" in m.config})
+    if models:
+        return "model " + ", ".join(models)
+    names = sorted({m.name for m in ms})
+    return "kernels " + ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _differences(
+    ma: list[Measurement], mb: list[Measurement], ra: Run | None, rb: Run | None, rows: list[CompareRow]
+) -> list[str]:
+    """Notes on what differs between two sides, the first saying they are not comparable where nothing pairs."""
+    notes = []
+    paired = sum(1 for r in rows if r.a is not None and r.b is not None)
+    if not paired:
+        notes.append(
+            f"not comparable: no case ran on both sides (A: {_what(ma) if ma else 'no results'}; "
+            f"B: {_what(mb) if mb else 'no results'}); results pair only with the same name, dtype and config "
+            "(for a profile: the same model, step and input shapes)"
+        )
+    else:
+        only_a, only_b = (sum(1 for r in rows if getattr(r, side) is None) for side in ("b", "a"))
+        if only_a or only_b:
+            notes.append(f"{paired} cases paired; {only_a} only in A, {only_b} only in B")
+    devices_a, devices_b = {m.device for m in ma}, {m.device for m in mb}
+    if ma and mb and devices_a != devices_b:
+        notes.append(f"devices differ (A: {', '.join(sorted(devices_a))}; B: {', '.join(sorted(devices_b))})")
+    if ra is not None and rb is not None:
+        va, vb = ra.versions or {}, rb.versions or {}
+        changed = [f"{k} {va.get(k)} -> {vb.get(k)}" for k in sorted(set(va) | set(vb)) if va.get(k) != vb.get(k)]
+        if changed:
+            notes.append("versions differ: " + ", ".join(changed))
+    return notes
 
 
 def _json_default(obj: Any) -> Any:

@@ -4,7 +4,9 @@
     sets = timing.rotating_sets(lambda: (torch.randn(n, device="cuda"),), bytes_per_set=4 * n, device=dev)
     t = timing.time_fn(lambda x: x * 2, args_sets=sets)          # CUDA events on a GPU, perf_counter on a CPU
     t.median_s, t.p10_s, t.p90_s, t.repeats, t.method
+    t.rel_ci, t.converged                                        # how well the median is known
     timing.time_fn(fn, args_sets=sets, graph=True)               # CUDA-graph replay: no launch overhead
+    timing.time_fn(fn, args_sets=sets, budget_s=3.0)             # a slow fn: stop after 3 s, spread reported
 
 Repeat ``i`` calls ``fn(*args_sets[i % len(args_sets)])``: with enough sets that together they exceed the L2
 cache, no repeat finds its inputs still cached from the one before (``rotating_sets`` makes enough).
@@ -13,6 +15,13 @@ launch loop runs ahead and what is measured is the GPU's time. With ``graph=True
 one CUDA graph of ``GRAPH_CALLS`` launches and each replay is divided by that count, which removes launch
 overhead from kernels of a few microseconds. On a CPU the same interface times each call with
 ``time.perf_counter`` (torch CPU ops are synchronous).
+
+Repeat until the spread is known: with ``repeats`` None, the calls run for ``window_s`` (at least
+``MIN_REPEATS``), then in ever larger rounds until the 95% confidence interval of the median is within
+``target_rel_ci`` of it, or ``budget_s`` seconds of timed calls have passed (at least ``MIN_BUDGET_REPEATS``
+even then). The interval comes from order statistics, so it needs no assumption about the distribution of
+the times (a CPU's are far from normal: a descheduled call takes 1000x longer). ``t.rel_ci`` is its half-width
+over the median, ``t.converged`` says whether it met the target; both go into every Measurement and report.
 """
 
 from __future__ import annotations
@@ -29,7 +38,13 @@ from tilestack.errors import TilestackError
 DEFAULT_WARMUP_S = 0.025  # as triton.testing.do_bench: long enough for clocks and caches to settle
 DEFAULT_WINDOW_S = 0.1  # total time spent in timed repeats, when the caller does not fix ``repeats``
 MIN_REPEATS = 10  # a median of fewer is noise
-MAX_REPEATS = 1000
+MAX_REPEATS = 100_000  # fast calls stop at the confidence target or the budget long before this
+DEFAULT_TARGET_REL_CI = 0.02  # the median known to +-2% (95% confidence)
+DEFAULT_BUDGET_S = 2.0  # timed seconds after which repeating stops, known or not
+MIN_BUDGET_REPEATS = 3  # a call slower than the budget still runs this many times
+CI_Z = 1.96  # two-sided 95% normal quantile, for the order-statistic ranks of the median's interval
+MIN_CI_SAMPLES = 6  # (min, max) of 6 samples covers the median with 97% confidence; of 5, only 94%
+LOOSE_REL_CI = 0.1  # a median known worse than +-10% is not known (fixed-repeat timings, cached ceilings)
 MAX_WARMUP_CALLS = 100
 MIN_WARMUP_CALLS = 5
 GRAPH_CALLS = 20  # launches captured in one CUDA graph; a replay's time is divided by this
@@ -48,9 +63,10 @@ class Timing:
     """Per-call seconds of every timed repeat, and the statistics read off them."""
 
     times_s: tuple[float, ...]
-    method: str  # "cuda-events" | "cuda-graph" | "cpu-perf-counter"
+    method: str  # "cuda-events" | "cuda-graph" | "cpu-perf-counter" | "torch-profiler"
     warmup_calls: int
     n_sets: int
+    target_rel_ci: float | None = None  # what the repeats aimed for; None: a fixed number of repeats
 
     @property
     def repeats(self) -> int:
@@ -80,6 +96,52 @@ class Timing:
     def total_s(self) -> float:
         """Sum of the timed calls: the length of the timing window."""
         return math.fsum(self.times_s)
+
+    @property
+    def ci_s(self) -> tuple[float, float]:
+        """The 95% confidence interval of the median (:func:`median_ci`)."""
+        return median_ci(self.times_s)
+
+    @property
+    def rel_ci(self) -> float:
+        """Half-width of the median's 95% confidence interval over the median: 0.02 means +-2%."""
+        return rel_ci(self.times_s)
+
+    @property
+    def rel_spread(self) -> float:
+        """(p90 - p10) / median: how much single calls vary (not how well the median is known)."""
+        return (self.p90_s - self.p10_s) / self.median_s if self.median_s > 0 else math.inf
+
+    @property
+    def converged(self) -> bool:
+        """Whether the median is known to ``target_rel_ci`` (with a fixed ``repeats``: to within +-10%), from
+        at least ``MIN_CI_SAMPLES`` calls: fewer give no 95% interval at all."""
+        target = self.target_rel_ci if self.target_rel_ci is not None else LOOSE_REL_CI
+        return self.repeats >= MIN_CI_SAMPLES and self.rel_ci <= target
+
+
+def median_ci(xs: Sequence[float]) -> tuple[float, float]:
+    """A distribution-free 95% confidence interval of the median of ``xs``, from order statistics.
+
+    The interval runs between the sorted samples of ranks n/2 -+ z*sqrt(n)/2 (the normal approximation to the
+    binomial count of samples below the median); with too few samples for that, it is (min, max), which below
+    ``MIN_CI_SAMPLES`` samples is narrower than a 95% interval (:attr:`Timing.converged` is then False).
+    """
+    if not xs:
+        raise TimingError("median_ci of no samples; expected at least one time")
+    s = sorted(xs)
+    n = len(s)
+    half = CI_Z * math.sqrt(n) / 2
+    lo = math.floor(n / 2 - half)  # 1-based ranks; below 1 or above n means the sample cannot bound it
+    hi = math.ceil(n / 2 + half) + 1
+    return s[max(lo, 1) - 1], s[min(hi, n) - 1]
+
+
+def rel_ci(xs: Sequence[float]) -> float:
+    """Half-width of :func:`median_ci` over the median (inf for a zero median)."""
+    lo, hi = median_ci(xs)
+    med = statistics.median(xs)
+    return (hi - lo) / (2 * med) if med > 0 else math.inf
 
 
 def _percentile(xs: Sequence[float], q: float) -> float:
@@ -125,7 +187,14 @@ def rotating_sets(
     return [make_args() for _ in range(n)]
 
 
-def _check(fn: Callable, args_sets: Sequence[tuple] | None, repeats: int | None, window_s: float) -> list[tuple]:
+def _check(
+    fn: Callable,
+    args_sets: Sequence[tuple] | None,
+    repeats: int | None,
+    window_s: float,
+    budget_s: float,
+    target_rel_ci: float | None,
+) -> list[tuple]:
     if not callable(fn):
         raise TimingError(f"fn={fn!r}; expected a callable")
     sets = [()] if args_sets is None else [tuple(a) for a in args_sets]
@@ -135,13 +204,49 @@ def _check(fn: Callable, args_sets: Sequence[tuple] | None, repeats: int | None,
         raise TimingError(f"repeats={repeats!r}; expected at least 1 timed repeat")
     if not window_s > 0:
         raise TimingError(f"window_s={window_s!r}; expected a positive timing window in seconds")
+    if not budget_s > 0:
+        raise TimingError(f"budget_s={budget_s!r}; expected a positive time budget in seconds")
+    if target_rel_ci is not None and not target_rel_ci > 0:
+        raise TimingError(f"target_rel_ci={target_rel_ci!r}; expected a positive relative half-width, or None")
     return sets
 
 
-def _plan(per_call_s: float, repeats: int | None, window_s: float) -> int:
+def _plan(per_call_s: float, repeats: int | None, window_s: float, budget_s: float) -> int:
+    """The first round: ``repeats``, else the window's worth (at least MIN_REPEATS) within the budget."""
     if repeats is not None:
         return repeats
-    return int(min(MAX_REPEATS, max(MIN_REPEATS, window_s / max(per_call_s, 1e-9))))
+    per_call_s = max(per_call_s, 1e-9)
+    n = min(MAX_REPEATS, max(MIN_REPEATS, window_s / per_call_s), budget_s / per_call_s)
+    return int(max(MIN_BUDGET_REPEATS, n))
+
+
+def _repeat(
+    chunk: Callable[[int, int, float], list[float]],
+    per_call_s: float,
+    repeats: int | None,
+    window_s: float,
+    budget_s: float,
+    target_rel_ci: float | None,
+) -> list[float]:
+    """Times of the planned round, then of rounds as long as all before, until the median's interval is within
+    ``target_rel_ci`` or the budget is spent. ``chunk(start, n, deadline)`` times calls ``start .. start + n - 1``,
+    stopping early (after one call at least) where it can see the clock pass ``deadline``: the warm-up's
+    estimate of a call can be far off on a busy machine."""
+    t0 = time.perf_counter()
+    if repeats is not None:
+        return chunk(0, repeats, math.inf)
+    deadline = t0 + budget_s
+    times = chunk(0, _plan(per_call_s, repeats, window_s, budget_s), deadline)
+    if target_rel_ci is None:
+        return times
+    while len(times) < MIN_CI_SAMPLES or rel_ci(times) > target_rel_ci:
+        spent = time.perf_counter() - t0
+        per_entry = spent / len(times)  # wall time, host overhead and graph replays included
+        n = min(len(times), MAX_REPEATS - len(times), int((budget_s - spent) / max(per_entry, 1e-9)))
+        if n < 1:
+            break
+        times += chunk(len(times), n, deadline)
+    return times
 
 
 def time_fn(
@@ -153,24 +258,32 @@ def time_fn(
     repeats: int | None = None,
     window_s: float = DEFAULT_WINDOW_S,
     graph: bool = False,
+    target_rel_ci: float | None = DEFAULT_TARGET_REL_CI,
+    budget_s: float = DEFAULT_BUDGET_S,
 ) -> Timing:
     """Per-call times of ``fn(*args_sets[i % len(args_sets)])``: see the module docstring.
 
     ``device`` (a :class:`~tilestack.perf.device.Device`, ``"cuda"``, ``"cpu"``) picks the clock; None infers
-    it from the arguments. ``repeats`` None repeats until ``window_s`` seconds of calls are timed (between
-    ``MIN_REPEATS`` and ``MAX_REPEATS``).
+    it from the arguments. ``repeats`` fixes the number of timed calls; None times ``window_s`` seconds of
+    calls (at least ``MIN_REPEATS``), then repeats until the median's 95% interval is within ``target_rel_ci``
+    (None: do not) or ``budget_s`` seconds have gone (see the module docstring).
     """
-    sets = _check(fn, args_sets, repeats, window_s)
+    sets = _check(fn, args_sets, repeats, window_s, budget_s, target_rel_ci)
+    plan = (repeats, window_s, budget_s, target_rel_ci)
     cuda = _is_cuda(device) if device is not None else _infer_cuda(sets)
     if graph and not cuda:
         raise TimingError("graph=True; expected a CUDA device (CUDA-graph replay has no CPU counterpart)")
     if cuda:
-        return (
-            _time_graph(fn, sets, warmup_s, repeats, window_s)
-            if graph
-            else _time_cuda(fn, sets, warmup_s, repeats, window_s)
-        )
-    return _time_cpu(fn, sets, warmup_s, repeats, window_s)
+        return _time_graph(fn, sets, warmup_s, plan) if graph else _time_cuda(fn, sets, warmup_s, plan)
+    return _time_cpu(fn, sets, warmup_s, plan)
+
+
+Plan = tuple[int | None, float, float, float | None]  # repeats, window_s, budget_s, target_rel_ci
+
+
+def _timing(times: list[float], method: str, warm: int, sets: list[tuple], plan: Plan) -> Timing:
+    repeats, _, _, target = plan
+    return Timing(tuple(times), method, warm, len(sets), target if repeats is None else None)
 
 
 def _warm(fn: Callable, sets: list[tuple], warmup_s: float, clock: Callable[[], float]) -> tuple[int, float]:
@@ -191,16 +304,22 @@ def _warm(fn: Callable, sets: list[tuple], warmup_s: float, clock: Callable[[], 
             return calls, statistics.median(per_call)
 
 
-def _time_cpu(fn: Callable, sets: list[tuple], warmup_s: float, repeats: int | None, window_s: float) -> Timing:
+def _time_cpu(fn: Callable, sets: list[tuple], warmup_s: float, plan: Plan) -> Timing:
     warm, per_call = _warm(fn, sets, warmup_s, time.perf_counter)
-    n = _plan(per_call, repeats, window_s)
-    times = []
-    for i in range(n):
-        args = sets[i % len(sets)]
-        t0 = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - t0)
-    return Timing(tuple(times), "cpu-perf-counter", warm, len(sets))
+
+    def chunk(start: int, n: int, deadline: float) -> list[float]:
+        times = []
+        for i in range(start, start + n):
+            args = sets[i % len(sets)]
+            t0 = time.perf_counter()
+            fn(*args)
+            t1 = time.perf_counter()
+            times.append(t1 - t0)
+            if t1 > deadline and len(times) + start >= MIN_BUDGET_REPEATS:
+                break
+        return times
+
+    return _timing(_repeat(chunk, per_call, *plan), "cpu-perf-counter", warm, sets, plan)
 
 
 def _cuda_clock() -> Callable[[], float]:
@@ -213,26 +332,29 @@ def _cuda_clock() -> Callable[[], float]:
     return clock
 
 
-def _time_cuda(fn: Callable, sets: list[tuple], warmup_s: float, repeats: int | None, window_s: float) -> Timing:
+def _event_times(launch: Callable[[int], None], start: int, n: int, per_event: int = 1) -> list[float]:
+    """Seconds of ``launch(i)`` for i in start .. start + n - 1, each between two CUDA events, one sync."""
     import torch
 
-    warm, per_call = _warm(fn, sets, warmup_s, _cuda_clock())
-    n = _plan(per_call, repeats, window_s)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     torch.cuda.synchronize()
-    for i in range(n):
-        starts[i].record()
-        fn(*sets[i % len(sets)])
-        ends[i].record()
+    for j in range(n):
+        starts[j].record()
+        launch(start + j)
+        ends[j].record()
     torch.cuda.synchronize()
     ms_to_s = 1e-3
-    return Timing(
-        tuple(s.elapsed_time(e) * ms_to_s for s, e in zip(starts, ends, strict=True)),
-        "cuda-events",
-        warm,
-        len(sets),
-    )
+    return [s.elapsed_time(e) * ms_to_s / per_event for s, e in zip(starts, ends, strict=True)]
+
+
+def _time_cuda(fn: Callable, sets: list[tuple], warmup_s: float, plan: Plan) -> Timing:
+    warm, per_call = _warm(fn, sets, warmup_s, _cuda_clock())
+
+    def chunk(start: int, n: int, deadline: float) -> list[float]:  # the GPU's clock is read only at the end
+        return _event_times(lambda i: fn(*sets[i % len(sets)]), start, n)
+
+    return _timing(_repeat(chunk, per_call, *plan), "cuda-events", warm, sets, plan)
 
 
 def capture_graph(
@@ -271,7 +393,7 @@ def capture_graph(
     return g.replay, warm
 
 
-def _time_graph(fn: Callable, sets: list[tuple], warmup_s: float, repeats: int | None, window_s: float) -> Timing:
+def _time_graph(fn: Callable, sets: list[tuple], warmup_s: float, plan: Plan) -> Timing:
     import torch
 
     replay, warm = capture_graph(fn, sets, warmup_s=warmup_s)
@@ -280,19 +402,9 @@ def _time_graph(fn: Callable, sets: list[tuple], warmup_s: float, repeats: int |
     t0 = time.perf_counter()
     replay()
     torch.cuda.synchronize()
-    per_call = (time.perf_counter() - t0) / GRAPH_CALLS
-    n = _plan(per_call * GRAPH_CALLS, repeats, window_s)
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-    for i in range(n):
-        starts[i].record()
-        replay()
-        ends[i].record()
-    torch.cuda.synchronize()
-    ms_to_s = 1e-3
-    return Timing(
-        tuple(s.elapsed_time(e) * ms_to_s / GRAPH_CALLS for s, e in zip(starts, ends, strict=True)),
-        "cuda-graph",
-        warm,
-        len(sets),
-    )
+    per_replay = time.perf_counter() - t0
+
+    def chunk(start: int, n: int, deadline: float) -> list[float]:
+        return _event_times(lambda i: replay(), start, n, per_event=GRAPH_CALLS)
+
+    return _timing(_repeat(chunk, per_replay, *plan), "cuda-graph", warm, sets, plan)
