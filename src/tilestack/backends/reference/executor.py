@@ -63,7 +63,7 @@ def _float64(a) -> np.ndarray:
     import torch
 
     a = a.detach()
-    if 0 not in a.stride():
+    if not any(s == 0 and d > 1 for d, s in zip(a.shape, a.stride(), strict=True)):
         return a.to("cpu", torch.float64).numpy().copy()
     base = a[tuple(slice(0, 1) if s == 0 else slice(None) for s in a.stride())]
     return np.broadcast_to(base.to("cpu", torch.float64).numpy(), tuple(a.shape))
