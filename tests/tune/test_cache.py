@@ -1,27 +1,26 @@
-"""ConfigCache: round trips through <cache_dir>/tuned.json, atomic writes, the nearest tuned size as a
-fallback, the user's entries over the shipped tables; and launch_config, which reads it."""
+"""ConfigCache and its tables: round trips through <cache_dir>/tuned/<device key>.json, atomic writes, the nearest
+tuned size as a fallback, the user's entries over the shipped tables, tables of one key merged (the same GPU
+name first), and tables in the old name-keyed format refused with a clear message."""
 
 import json
 
 import numpy as np
 import pytest
-import torch
 
-from tilestack import config
-from tilestack.tune import ConfigCache, lookup, size_bucket
-from tilestack.tune.cache import key
+from tilestack.tune import ConfigCache, size_bucket
+from tilestack.tune.cache import Table, file_name, key, write_json_atomic
+from tilestack.tune.devices import DeviceKey
 
-DEV = "NVIDIA H100 80GB HBM3"
+H100 = DeviceKey(9, 0, 132, 227, name="NVIDIA H100 80GB HBM3", memory_gb=79.6)
+H200 = DeviceKey(9, 0, 132, 227, name="NVIDIA H200", memory_gb=139.8)
+PCIE = DeviceKey(9, 0, 114, 227, name="NVIDIA H100 PCIe", memory_gb=79.6)
 SIG = "bfloat16-D64-causal"
 KERNEL = "test_kernel"          # no shipped table has it
 
 
 @pytest.fixture
 def cache_dir(tmp_path):
-    with config.override(cache_dir=tmp_path / "cache"):
-        lookup.reload()
-        yield tmp_path / "cache"
-    lookup.reload()
+    return tmp_path / "cache"
 
 
 def test_size_bucket():
@@ -29,43 +28,62 @@ def test_size_bucket():
 
 
 def test_put_get_round_trip(cache_dir):
-    cache = ConfigCache()
-    assert cache.path == cache_dir / "tuned.json" and not cache.path.exists()
-    assert cache.get(KERNEL, SIG, DEV, 1024) is None
+    cache = ConfigCache(cache_dir)
+    path = cache.user_path(H100)
+    assert path == cache_dir / "tuned" / "sm90-132sm-227kb.json" and not path.exists()
+    assert cache.get(KERNEL, SIG, H100, 1024) is None
     cfg = dict(BM=128, BN=64, num_warps=4, num_stages=3)
-    cache.put(KERNEL, SIG, DEV, 1024, cfg, seconds=1.5e-4, tflops=321.0)
-    assert cache.get(KERNEL, SIG, DEV, 1024) == cfg
-    fresh = ConfigCache()                                   # another process reading the file
-    assert fresh.get(KERNEL, SIG, DEV, 1024) == cfg
-    data = json.loads(cache.path.read_text())
-    assert data[key(KERNEL, SIG, DEV, 1024)] == {"config": cfg, "seconds": 1.5e-4, "tflops": 321.0}
-    got = fresh.get(KERNEL, SIG, DEV, 1024)
+    cache.put(KERNEL, SIG, H100, 1024, cfg, seconds=1.5e-4, tflops=321.0)
+    assert cache.get(KERNEL, SIG, H100, 1024) == cfg
+    fresh = ConfigCache(cache_dir)                          # another process reading the file
+    assert fresh.get(KERNEL, SIG, H100, 1024) == cfg
+    assert fresh.get(KERNEL, SIG, H200, 1024) == cfg        # the same key: an H200 reads the H100's entries
+    data = json.loads(path.read_text())
+    assert data["format"] == 2 and data["device"]["key"] == "sm90-132sm-227kb"
+    assert data["device"]["name"] == "NVIDIA H100 80GB HBM3" and data["device"]["sms"] == 132
+    assert data["entries"][key(KERNEL, SIG, 1024)] == {"config": cfg, "seconds": 1.5e-4, "tflops": 321.0}
+    got = fresh.get(KERNEL, SIG, H100, 1024)
     got["BM"] = 16                                          # a copy: the cache is not changed through it
-    assert fresh.get(KERNEL, SIG, DEV, 1024)["BM"] == 128
-    assert fresh.get(KERNEL, "float16-D64-causal", DEV, 1024) is None
-    assert fresh.get(KERNEL, SIG, "NVIDIA A100-SXM4-80GB", 1024) is None
-    assert fresh.get("other_kernel", SIG, DEV, 1024) is None
+    assert fresh.get(KERNEL, SIG, H100, 1024)["BM"] == 128
+    assert fresh.get(KERNEL, "float16-D64-causal", H100, 1024) is None
+    assert fresh.get(KERNEL, SIG, PCIE, 1024) is None       # another key: not this table (lookup falls back)
+    assert fresh.get("other_kernel", SIG, H100, 1024) is None
 
 
 def test_puts_from_two_caches_both_survive(cache_dir):
-    a, b = ConfigCache(), ConfigCache()
-    a.put(KERNEL, SIG, DEV, 512, dict(BM=64))
-    b.put(KERNEL, SIG, DEV, 4096, dict(BM=128))             # b re-reads the file before writing
-    c = ConfigCache()
-    assert c.get(KERNEL, SIG, DEV, 512) == dict(BM=64) and c.get(KERNEL, SIG, DEV, 4096) == dict(BM=128)
+    a, b = ConfigCache(cache_dir), ConfigCache(cache_dir)
+    a.put(KERNEL, SIG, H100, 512, dict(BM=64))
+    b.put(KERNEL, SIG, H100, 4096, dict(BM=128))            # b re-reads the file before writing
+    c = ConfigCache(cache_dir)
+    assert c.get(KERNEL, SIG, H100, 512) == dict(BM=64) and c.get(KERNEL, SIG, H100, 4096) == dict(BM=128)
 
 
 def test_atomic_write_leaves_valid_json(cache_dir):
     """Evidence JSON cannot hold fails the write: the previous file stays whole and no temp file is left."""
-    cache = ConfigCache()
-    cache.put(KERNEL, SIG, DEV, 1024, dict(BM=64), seconds=1.0)
-    before = cache.path.read_text()
+    cache = ConfigCache(cache_dir)
+    cache.put(KERNEL, SIG, H100, 1024, dict(BM=64), seconds=1.0)
+    path = cache.user_path(H100)
+    before = path.read_text()
     with pytest.raises(TypeError):
-        cache.put(KERNEL, SIG, DEV, 2048, dict(BM=128), seconds=np.float32(0.5))
-    assert cache.path.read_text() == before
-    assert json.loads(before)[key(KERNEL, SIG, DEV, 1024)]["config"] == dict(BM=64)
-    assert sorted(p.name for p in cache_dir.iterdir()) == ["tuned.json"]
-    assert ConfigCache().get(KERNEL, SIG, DEV, 2048) == dict(BM=64)    # nearest: the failed write is not there
+        cache.put(KERNEL, SIG, H100, 2048, dict(BM=128), seconds=np.float32(0.5))
+    assert path.read_text() == before
+    assert json.loads(before)["entries"][key(KERNEL, SIG, 1024)]["config"] == dict(BM=64)
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    assert ConfigCache(cache_dir).get(KERNEL, SIG, H100, 2048) == dict(BM=64)    # nearest: 2048 is not there
+
+
+def test_write_json_atomic_interrupted(tmp_path, monkeypatch):
+    """An interrupt in the middle of writing (here: in json.dump) leaves the old file and no temporary."""
+    path = tmp_path / "t.json"
+    write_json_atomic(path, {"a": 1})
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(json, "dump", boom)
+    with pytest.raises(KeyboardInterrupt):
+        write_json_atomic(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == ["t.json"]
 
 
 @pytest.mark.parametrize("bucket,want", [
@@ -77,72 +95,70 @@ def test_atomic_write_leaves_valid_json(cache_dir):
     (1, 1024),
 ])
 def test_nearest_bucket_fallback(cache_dir, bucket, want):
-    cache = ConfigCache()
+    cache = ConfigCache(cache_dir)
     for b in (1024, 8192):
-        cache.put(KERNEL, SIG, DEV, b, dict(BM=b // 16))
-    assert cache.get(KERNEL, SIG, DEV, bucket) == dict(BM=want // 16)
+        cache.put(KERNEL, SIG, H100, b, dict(BM=b // 16))
+    assert cache.get(KERNEL, SIG, H100, bucket) == dict(BM=want // 16)
 
 
 def test_nearest_bucket_tie_takes_the_smaller(cache_dir):
-    cache = ConfigCache()
+    cache = ConfigCache(cache_dir)
     for b in (4096, 1024):
-        cache.put(KERNEL, SIG, DEV, b, dict(BM=b // 16))
-    assert cache.get(KERNEL, SIG, DEV, 2048) == dict(BM=64)
+        cache.put(KERNEL, SIG, H100, b, dict(BM=b // 16))
+    assert cache.get(KERNEL, SIG, H100, 2048) == dict(BM=64)
 
 
-def test_nearest_bucket_ignores_other_signatures_and_devices(cache_dir):
-    cache = ConfigCache()
-    cache.put(KERNEL, "bfloat16-D64-full", DEV, 1024, dict(BM=1))
-    cache.put(KERNEL, SIG, "NVIDIA H200", 1024, dict(BM=2))
-    cache.put(KERNEL + "_x", SIG, DEV, 1024, dict(BM=3))
-    assert cache.get(KERNEL, SIG, DEV, 1024) is None
+def test_nearest_bucket_ignores_other_signatures_and_kernels(cache_dir):
+    cache = ConfigCache(cache_dir)
+    cache.put(KERNEL, "bfloat16-D64-full", H100, 1024, dict(BM=1))
+    cache.put(KERNEL, SIG, PCIE, 1024, dict(BM=2))
+    cache.put(KERNEL + "_x", SIG, H100, 1024, dict(BM=3))
+    assert cache.get(KERNEL, SIG, H100, 1024) is None
 
 
 def test_user_entries_override_the_shipped_tables(cache_dir):
-    cache = ConfigCache()
-    shipped = next(k for k in cache.entries() if k.startswith("attention_fwd|"))
-    kernel, sig, dev, bucket = shipped.split("|")
-    assert cache.get(kernel, sig, dev, int(bucket)) == cache.entries()[shipped]["config"]
+    cache = ConfigCache(cache_dir)
+    shipped = next(k for k in cache.view(H100) if k.startswith("attention_fwd|"))
+    kernel, sig, bucket = shipped.split("|")
+    assert cache.get(kernel, sig, H100, int(bucket)) == cache.view(H100)[shipped]["config"]
     mine = dict(BM=16, BN=16, num_warps=4, num_stages=1)
-    cache.put(kernel, sig, dev, int(bucket), mine)
-    assert ConfigCache().get(kernel, sig, dev, int(bucket)) == mine
-    on_disk = json.loads(cache.path.read_text())
+    cache.put(kernel, sig, H100, int(bucket), mine)
+    assert ConfigCache(cache_dir).get(kernel, sig, H100, int(bucket)) == mine
+    on_disk = json.loads(cache.user_path(H100).read_text())["entries"]
     assert list(on_disk) == [shipped]                       # the shipped tables are not copied into the user's
 
 
+def write_table(folder, device, entries):
+    Table(device, {key(KERNEL, SIG, b): {"config": c} for b, c in entries.items()}).write(
+        folder / file_name(KERNEL, device))
+
+
+def test_tables_of_one_key_merge_the_same_name_first(tmp_path):
+    """An H100 and an H200 table share a key: each GPU reads its own name's entry where both have one, the
+    other's where only it has one; a third GPU of that key takes the closer memory size's."""
+    tables = tmp_path / "tables"
+    write_table(tables, H100, {1024: dict(BM=1), 4096: dict(BM=4)})
+    write_table(tables, H200, {1024: dict(BM=2)})
+    cache = ConfigCache(tmp_path / "cache", tables_dir=tables)
+    assert cache.get(KERNEL, SIG, H200, 1024) == dict(BM=2)
+    assert cache.get(KERNEL, SIG, H100, 1024) == dict(BM=1)
+    assert cache.get(KERNEL, SIG, H200, 4096) == dict(BM=4)          # only the H100 tuned it
+    gh200 = DeviceKey(9, 0, 132, 227, name="NVIDIA GH200 144G HBM3e", memory_gb=132.0)
+    assert cache.get(KERNEL, SIG, gh200, 1024) == dict(BM=2)         # 132 GB: nearer the H200's 140
+    assert [t.device.name for t in cache.tables_for(gh200)] == ["NVIDIA H200", "NVIDIA H100 80GB HBM3"]
+    assert {(str(d), d.name) for d in cache.devices()} == {(str(H100), H100.name), (str(H200), H200.name)}
+
+
 def test_corrupt_json_is_a_clear_error(cache_dir):
-    cache_dir.mkdir(parents=True)
-    (cache_dir / "tuned.json").write_text('{"attention_fwd|x": {"config": ')
-    with pytest.raises(ValueError, match=r"tuned.json is not valid JSON .*delete it to start over"):
-        ConfigCache()
+    (cache_dir / "tuned").mkdir(parents=True)
+    (cache_dir / "tuned" / "sm90-132sm-227kb.json").write_text('{"format": 2, "entries": ')
+    with pytest.raises(ValueError, match=r"sm90-132sm-227kb.json is not valid JSON .*delete it to start over"):
+        ConfigCache(cache_dir)
 
 
-# ---- launch_config ----------------------------------------------------------------------------------------------
-DEFAULT = dict(BM=16, BN=16, num_warps=4, num_stages=1)
-
-
-@pytest.mark.parametrize("device", ["cpu", torch.device("cpu"), "meta"])
-def test_launch_config_off_gpu_is_the_default(cache_dir, device):
-    ConfigCache().put("attention_fwd", SIG, "cpu", 1024, dict(BM=128))       # even with an entry for "cpu"
-    lookup.reload()
-    got = lookup.launch_config("attention_fwd", SIG, device, 1000, DEFAULT)
-    assert got == DEFAULT and got is not DEFAULT
-
-
-def test_launch_config_on_a_gpu_reads_the_tables(cache_dir, monkeypatch):
-    """A CUDA device by name alone (no GPU needed): the tuned config over the default, nearest size first."""
-    monkeypatch.setattr(lookup, "device_name", lambda device: DEV)
-    entries = ConfigCache().entries()
-    tuned = entries[key("attention_fwd", "bfloat16-D128-causal", DEV, 4096)]["config"]
-    got = lookup.launch_config("attention_fwd", "bfloat16-D128-causal", "cuda", 3000, DEFAULT | {"extra": 1})
-    assert got == DEFAULT | {"extra": 1} | tuned
-    untuned = lookup.launch_config("attention_fwd", "float32-D48-full", "cuda", 3000, DEFAULT)
-    assert untuned == DEFAULT
-
-
-def test_launch_config_sees_a_put_after_reload(cache_dir, monkeypatch):
-    monkeypatch.setattr(lookup, "device_name", lambda device: DEV)
-    assert lookup.launch_config(KERNEL, SIG, "cuda", 100, DEFAULT) == DEFAULT
-    ConfigCache().put(KERNEL, SIG, DEV, 128, dict(BM=64))
-    lookup.reload()
-    assert lookup.launch_config(KERNEL, SIG, "cuda", 100, DEFAULT) == DEFAULT | dict(BM=64)
+def test_a_name_keyed_table_is_refused(tmp_path):
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    (tables / "old.json").write_text(json.dumps({"gemm|bfloat16|NVIDIA H100 80GB HBM3|4096": {"config": {}}}))
+    with pytest.raises(ValueError, match=r"old.json: expected \{'format': 2.*a table from before device keys"):
+        ConfigCache(tmp_path / "cache", tables_dir=tables)

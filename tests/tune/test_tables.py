@@ -1,89 +1,86 @@
-"""The tuned-config tables shipped in src/tilestack/tune/tables/: every file parses, every key names a kernel
-the library launches with a signature its launch path builds, and every config is inside the declared
-tunable domains of that kernel and fits the shared memory of the device it was tuned on."""
+"""The tuned-config tables shipped in src/tilestack/tune/tables/: every file is a table of one device (format 2,
+named after its kernel and device), every entry is a problem `tilestack tune` knows (the kernel and the
+signature its launch path builds), and every config is inside its kernel's declared domains and fits the
+shared memory of the device it was tuned on."""
 
+import functools
 import json
-import re
-from pathlib import Path
 
 import pytest
-import torch
 
-from tilestack.kernels.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
-from tilestack.kernels.attention_fwd import SUPPORTED_HEAD_DIMS, attention_fwd_kernel
-from tilestack.kernels.gemm import gemm_kernel
-from tilestack.tune import ConfigCache, SearchSpace
-from tilestack.tune.cache import TABLES
-from tilestack.tune.space import H100_SHARED_BYTES
+from tilestack.tune import ConfigCache
+from tilestack.tune.cache import FORMAT, TABLES, Table, file_name
+from tilestack.tune.library import DTYPES, library_problems
+from tilestack.tune.space import REGISTER_BYTES_PER_THREAD, SearchSpace
 
-KERNELS = {"attention_fwd": attention_fwd_kernel, "attention_bwd_dkdv": attention_bwd_dkdv_kernel,
-           "attention_bwd_dq": attention_bwd_dq_kernel, "gemm": gemm_kernel}
-GEMM_SIGNATURES = ("bfloat16", "float16")   # what gemm_config builds: the input dtype
-# what attention_forward / attention_backward build: f"{dtype}-D{D}-{'causal' if causal else 'full'}"
-SIGNATURE = re.compile(r"^(bfloat16|float16)-D(\d+)-(causal|full)$")
-SHARED = {"NVIDIA H100 80GB HBM3": H100_SHARED_BYTES}
 FILES = sorted(TABLES.glob("*.json"))
+EVIDENCE = {"config", "seconds", "tflops", "flops", "bytes", "speedup", "shared_bytes", "tried"}
+
+
+@functools.cache
+def known() -> dict:
+    """(kernel, signature) -> (tile kernel, fixed constants) for every problem the tuner has."""
+    return {(p.kernel, p.signature): (p.tile, p.fixed) for p in library_problems(dtypes=DTYPES)}
+
+
+@functools.cache
+def small_args(kernel: str):
+    """Arguments of the kernel's dtypes and ranks (footprints do not depend on the sizes)."""
+    p = next(p for p in library_problems(dtypes=("bfloat16",), small=True) if p.kernel == kernel)
+    return p.make("cpu").args
 
 
 def entries():
     for path in FILES:
-        for k, entry in json.loads(path.read_text()).items():
-            yield pytest.param(path, k, entry, id=f"{path.stem}:{k}")
+        table = Table.read(path)
+        for k, entry in table.entries.items():
+            yield pytest.param(table, k, entry, id=f"{path.stem}:{k}")
 
 
-def args_for(kernel_name: str, D: int):
-    """Small tensors of the kernel's dtypes and ranks (shared footprints do not depend on the sizes)."""
-    bf = dict(dtype=torch.bfloat16)
-    if kernel_name == "gemm":
-        a = torch.empty(64, 64, **bf)
-        return a, a, torch.empty_like(a)
-    q, kv = torch.empty(1, 2, 64, D, **bf), torch.empty(1, 1, 64, D, **bf)
-    rows = torch.empty(1, 2, 64)
-    if kernel_name == "attention_fwd":
-        return q, kv, kv, torch.empty_like(q), rows, 0.1
-    if kernel_name == "attention_bwd_dkdv":
-        return q, kv, kv, q, rows, rows, torch.empty_like(kv), torch.empty_like(kv), 0.1
-    return q, kv, kv, q, rows, rows, torch.empty_like(q), 0.1
-
-
-def test_there_are_tables():
+def test_there_are_tables_for_the_h100():
     assert FILES, f"no tables in {TABLES}"
-    for path in FILES:
-        data = json.loads(path.read_text())
-        assert isinstance(data, dict) and data, path.name
+    h100 = [t for t in map(Table.read, FILES) if t.device.name == "NVIDIA H100 80GB HBM3"]
+    assert {k.split("|")[0] for t in h100 for k in t.entries} >= {"attention_fwd", "attention_bwd_dkdv",
+                                                                  "attention_bwd_dq", "gemm"}
 
 
-def test_the_cache_loads_every_table():
-    cache = ConfigCache(Path("/nonexistent/tuned.json"))
-    total = sum(len(json.loads(p.read_text())) for p in FILES)
-    assert len(cache.entries()) == total, "two tables share a key"
+@pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
+def test_each_file_is_one_kernel_on_one_device(path):
+    data = json.loads(path.read_text())
+    assert data["format"] == FORMAT and set(data) == {"format", "device", "entries"}
+    table = Table.read(path)
+    kernels = {k.split("|")[0] for k in table.entries}
+    assert len(kernels) == 1 and table.entries, path.name
+    assert path.name == file_name(kernels.pop(), table.device)
+    assert table.device.name and table.device.sms > 0 and table.device.memory_gb > 0
 
 
-@pytest.mark.parametrize("path,key,entry", list(entries()))
-def test_entry_is_a_valid_config_of_its_kernel(path, key, entry):
-    kernel_name, signature, device, bucket = key.split("|")
-    assert kernel_name in KERNELS, f"{kernel_name!r}: no such tuned kernel"
-    kernel = KERNELS[kernel_name]
-    if kernel_name == "gemm":
-        assert signature in GEMM_SIGNATURES, f"signature {signature!r} is not what gemm_config builds"
-        D, fixed = 0, {}
-    else:
-        m = SIGNATURE.match(signature)
-        assert m, f"signature {signature!r} is not what the launch path builds"
-        D, fixed = int(m.group(2)), dict(D=int(m.group(2)), causal=m.group(3) == "causal")
-        assert D in SUPPORTED_HEAD_DIMS
+def test_the_cache_loads_every_table_and_no_two_collide():
+    cache = ConfigCache(tables_dir=TABLES)
+    assert len(cache.shipped) == len(FILES)
+    seen = set()
+    for t in cache.shipped:
+        for k in t.entries:
+            assert (str(t.device), t.device.name, k) not in seen
+            seen.add((str(t.device), t.device.name, k))
+
+
+@pytest.mark.parametrize("table,key,entry", list(entries()))
+def test_entry_is_a_valid_config_of_its_kernel(table, key, entry):
+    kernel_name, signature, bucket = key.split("|")
+    assert (kernel_name, signature) in known(), f"{kernel_name} {signature}: no such tuning problem"
+    tile, fixed = known()[kernel_name, signature]
     assert bucket.isdigit() and int(bucket) > 0 and int(bucket) & (int(bucket) - 1) == 0, "bucket: a power of 2"
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    assert path.stem.endswith(slug), f"{path.name} holds an entry for {device}"
-
     cfg = entry["config"]
-    assert set(entry) <= {"config", "seconds", "tflops", "flops", "bytes", "speedup"}, set(entry)
+    assert set(entry) <= EVIDENCE, set(entry) - EVIDENCE
     assert entry.get("seconds", 1.0) > 0
-    tunables = kernel.tunables
-    assert set(cfg) <= set(tunables), f"not tunables of {kernel.name}: {set(cfg) - set(tunables)}"
+    tunables = tile.tunables
+    assert set(cfg) <= set(tunables), f"not tunables of {tile.name}: {set(cfg) - set(tunables)}"
     for name, value in cfg.items():
         assert value in tunables[name].domain, f"{name}={value} outside {tunables[name].domain}"
-    kernel.resolve(cfg | fixed)                                        # the kernel's own check agrees
-    if device in SHARED:
-        space = SearchSpace(kernel, fixed=fixed)
-        assert space.shared_bytes(args_for(kernel_name, D), cfg) <= SHARED[device]
+    tile.resolve(cfg | fixed)                                        # the kernel's own check agrees
+    shared, regs = SearchSpace(tile, fixed=fixed).footprint(small_args(kernel_name), cfg)
+    assert shared <= table.device.shared_bytes
+    assert regs <= REGISTER_BYTES_PER_THREAD                         # the tuner would have searched it
+    if "shared_bytes" in entry:
+        assert entry["shared_bytes"] == shared

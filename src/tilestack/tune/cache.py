@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tilestack.config import knobs
-from tilestack.tune.devices import DeviceKey, distance
+from tilestack.tune.devices import DeviceKey
 
 TABLES = Path(__file__).parent / "tables"
 FORMAT = 2
@@ -122,7 +122,7 @@ class ConfigCache:
     def tables_for(self, device: DeviceKey) -> list[Table]:
         """The tables of ``device``'s key, most trusted first: the user's, the same name's, the nearest memory."""
         same = [t for t in self.shipped if str(t.device) == str(device)]
-        same.sort(key=lambda t: distance(device, t.device)[3:])
+        same.sort(key=lambda t: (t.device.name != device.name, abs(t.device.memory_gb - device.memory_gb)))
         user = self.user.get(str(device))
         return [user, *same] if user else same
 

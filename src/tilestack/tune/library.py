@@ -26,6 +26,7 @@ DTYPES = ("bfloat16", "float16")
 TOKENS, HIDDEN = 16 * 1024, 2048              # attention: batch * sequence and heads * head dim (FA3's grid)
 SEQS = (4096, 512, 1024, 2048, 8192, 16384)   # the first is each family's anchor: tuned first, seeds the rest
 HEAD_DIMS = (128, 64, 256)
+SEQS_D256 = (4096,)                           # head dim 256: rarer, and slow to compile
 GEMM_SIZES = (4096, 8192, 2048, 1024)
 ROW_ELEMENTS = 1 << 26                        # row kernels: rows x width = 64M elements (128 MiB in bf16)
 NORM_WIDTHS = (8192, 1024, 2048, 4096, 16384)
@@ -135,7 +136,7 @@ def attention_fwd_problems(dtype: str, small: bool = False) -> list[Problem]:
     dims, seqs = ((64,), (32, 64)) if small else (HEAD_DIMS, SEQS)
     for D in dims:
         for causal in (False, True):
-            for N in seqs:
+            for N in (SEQS_D256 if D > 128 else seqs):
                 B, H, _ = _attention_shape(N, D, small)
 
                 def make(device, B=B, H=H, N=N, D=D, causal=causal):
@@ -153,7 +154,7 @@ def attention_fwd_problems(dtype: str, small: bool = False) -> list[Problem]:
                     f"B={B} H={H} N={N} D={D}{' causal' if causal else ''}", af.attention_fwd_kernel,
                     dict(D=D, causal=causal), _restrict(ATTN_FWD, small, BM=(16, 32), BN=(16, 32)),
                     _default(af.default_config(D, causal, "cuda", _torch_dtype(dtype)), small), make,
-                    priority=_attention_priority(D, dtype, anchor, 0), weight=4.0 if anchor else 1.0))
+                    priority=_attention_priority(D, dtype, anchor, 0), weight=_attention_weight(D, dtype, anchor)))
     return out
 
 
@@ -169,6 +170,12 @@ def _attention_priority(D: int, dtype: str, anchor: bool, offset: int) -> int:
     return rank + offset + (0 if anchor else 1)
 
 
+def _attention_weight(D: int, dtype: str, anchor: bool) -> float:
+    """A family's anchor searches widest (it seeds the other sizes); fp16 and head dim 256 start from bf16's
+    winners and matter less."""
+    return (4.0 if anchor else 1.0) * (0.5 if dtype != "bfloat16" else 1.0) * (0.5 if D > 128 else 1.0)
+
+
 def attention_bwd_problems(dtype: str, small: bool = False) -> list[Problem]:
     """dK/dV, dQ and delta, each tuned on its own (independent launches), with the others' defaults."""
     ab = _module("attention_bwd")
@@ -179,7 +186,7 @@ def attention_bwd_problems(dtype: str, small: bool = False) -> list[Problem]:
     for D in dims:
         for causal in (False, True):
             defaults = ab.default_config(D, causal, "cuda", _torch_dtype(dtype))
-            for N in seqs:
+            for N in (SEQS_D256 if D > 128 else seqs):
                 B, H, _ = _attention_shape(N, D, small)
                 for part in ("dkdv", "dq", "delta"):
                     make = _bwd_maker(part, dtype, B, H, N, D, causal, small)
@@ -193,7 +200,7 @@ def attention_bwd_problems(dtype: str, small: bool = False) -> list[Problem]:
                         f"B={B} H={H} N={N} D={D}{' causal' if causal else ''}", tile, fixed,
                         _restrict(ATTN_BWD[part], small, **shrink), _default(defaults[part], small), make,
                         priority=_attention_priority(D, dtype, anchor, 1) + (2 if part == "delta" else 0),
-                        weight=(4.0 if anchor else 1.0) * (0.25 if part == "delta" else 1.0)))
+                        weight=_attention_weight(D, dtype, anchor) * (0.25 if part == "delta" else 1.0)))
     return out
 
 
@@ -243,7 +250,7 @@ def gemm_problems(dtype: str, small: bool = False) -> list[Problem]:
                            _restrict(GEMM, small, BM=(16, 32), BN=(16, 32), BK=(16, 32)),
                            _default({}, small), make,     # the launch path's default: the declared one
                            priority=(0 if big else 4) + (0 if dtype == "bfloat16" else 2),
-                           weight=3.0 if big else 1.0))
+                           weight=(3.0 if big else 1.0) * (1.0 if dtype == "bfloat16" else 0.5)))
     return out
 
 

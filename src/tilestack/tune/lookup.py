@@ -58,7 +58,7 @@ def _resolve(kernel: str, signature: str, device, n: int) -> dict | None:
 
 def resolve(kernel: str, signature: str, target: DeviceKey, n: int, cache: ConfigCache | None = None) -> dict | None:
     """The tuned values for ``target`` (see the module docstring), uncached; None where nothing applies.
-    ``cache``: read these tables instead of the user's and the shipped ones."""
+    ``cache``: read these tables instead of the user's and the shipped ones (and log no fallback)."""
     bucket = 1 << max(0, (int(n) - 1).bit_length())
     dtype, _, rest = signature.partition("-")
     twin = "-".join(filter(None, (SAME_SHAPE.get(dtype, dtype), rest)))
@@ -69,13 +69,13 @@ def resolve(kernel: str, signature: str, target: DeviceKey, n: int, cache: Confi
             entry = lookup_entry(entries, kernel, sig, bucket)
             if entry is None or entry.get("shared_bytes", 0) > target.shared_bytes:
                 continue
-            if source != str(target) and (str(target), source) not in _logged:
+            if source != str(target) and cache is None and (str(target), source) not in _logged:
                 _logged.add((str(target), source))
                 log.warning("tilestack.tune: no tuned config of %s for %s (%s); using those of the nearest known "
                             "device, %s (tuned on %s). `tilestack tune` tunes this GPU.", kernel, target,
                             target.name or "?", source, names)
             return dict(entry["config"])
-    if not devices and (str(target), None) not in _logged:
+    if not devices and cache is None and (str(target), None) not in _logged:
         _logged.add((str(target), None))
         log.warning("tilestack.tune: no tuned configs for %s (%s) or any device of its architecture; using "
                     "defaults. `tilestack tune` tunes this GPU.", target, target.name or "?")

@@ -30,8 +30,8 @@ from tilestack.tune.search import tune
 from tilestack.tune.space import SearchSpace
 
 SEARCH_REP_MS = 20         # timing of each candidate: short (the search's ranking)
-CONFIRM_REP_MS = 100       # the finalists, timed again
-FINALISTS = 3
+CONFIRM_REP_MS = 60        # the finalists and the config in use, timed again
+FINALISTS = 2
 TOL = 2e-2                 # relative error against the reference (bf16 outputs: ~4e-3)
 # errors after which the CUDA context is unusable: every later launch would fail too
 FATAL = re.compile(r"illegal memory access|unspecified launch failure|illegal instruction|misaligned address",
@@ -114,22 +114,22 @@ class Session:
         self.clock, self.log = clock, log
         self.register_limit = REGISTER_BYTES_PER_THREAD if register_limit is None else register_limit
         self.winners: dict[tuple[str, str], dict[int, list[dict]]] = {}   # (kernel, signature) -> bucket -> best
+        self._spaces: dict[tuple, list[dict]] = {}
 
     def run(self, problems: list[Problem], on_start: Callable[[int, Problem], None] = lambda i, p: None,
             on_done: Callable[[Outcome], None] = lambda o: None) -> list[Outcome]:
-        start = self.clock()
-        end = start + self.budget_s
-        total = sum(p.weight for p in problems) or 1.0
-        done_weight, outcomes = 0.0, []
+        end = self.clock() + self.budget_s
+        left = sum(p.weight for p in problems)
+        outcomes = []
         try:
             for i, p in enumerate(problems):
-                done_weight += p.weight
                 on_start(i, p)
-                if self.clock() >= end:
+                now = self.clock()
+                if now >= end:
                     out = Outcome(p, note="skipped: the time budget is spent")
-                else:
-                    deadline = min(end, start + self.budget_s * done_weight / total)
-                    out = self.tune_one(p, deadline)
+                else:   # this problem's share of what is left (what earlier ones left unused passes on)
+                    out = self.tune_one(p, now + (end - now) * p.weight / max(left, 1e-9))
+                left -= p.weight
                 outcomes.append(out)
                 on_done(out)
         finally:
@@ -149,8 +149,7 @@ class Session:
         def full(cfg: dict) -> dict:
             return {k: cfg.get(k, v) for k, v in declared.items()}
 
-        candidates = space.configs(work.args, shared_limit=self.device.shared_bytes,
-                                   register_limit=self.register_limit)
+        candidates = self._candidates(space, work.args)
         current = lookup.resolve(p.kernel, p.signature, self.device, p.n, cache=self.before)
         out.before = full({**p.default, **(current or {})})
         must = _unique([out.before, full(p.default)])
@@ -191,6 +190,15 @@ class Session:
         if self.ship is not None:
             self.ship.put(p.kernel, p.signature, p.bucket, entry)
         return out
+
+    def _candidates(self, space: SearchSpace, args) -> list[dict]:
+        """The space's configs that fit this device, worked out once per kernel, constants and argument types."""
+        kinds = tuple((str(a.dtype), a.dim()) if hasattr(a, "dtype") else type(a).__name__ for a in args)
+        k = (space.kernel.name, _frozen(space.fixed), _frozen(space.restrict), kinds)
+        if k not in self._spaces:
+            self._spaces[k] = space.configs(args, shared_limit=self.device.shared_bytes,
+                                            register_limit=self.register_limit)
+        return self._spaces[k]
 
     def _related(self, p: Problem) -> list[dict]:
         """Winners of this kernel and signature at other sizes (nearest first), then of the other dtype."""

@@ -25,6 +25,7 @@ THREADS_PER_WARP = 32
 # registers; the IR's footprint counts every distinct tile as if all were live at once (an over-estimate: the
 # largest shipped configs count 293 registers and run well), so the bound is 1.5x that.
 REGISTER_BYTES_PER_THREAD = 384 * 4
+FOOTPRINT_DIM = 16
 
 
 def _looped_shared_bytes(body) -> int:
@@ -74,7 +75,8 @@ class SearchSpace:
     def footprint(self, args, config: dict) -> tuple[int, int]:
         """(shared bytes with pipelining copies, register-tile bytes per thread) of one config, from its IR."""
         traced = self.kernel.trace(*args, **self.fixed, **config)
-        cost = traced.cost(*args)
+        # footprints do not depend on the sizes: cost the IR at small ones (a large grid costs seconds)
+        cost = traced.cost(*((FOOTPRINT_DIM,) * len(a.shape) if hasattr(a, "shape") else a for a in args))
         stages = max(1, config.get("num_stages", 1))
         shared = cost.shared_bytes + (stages - 1) * _looped_shared_bytes(traced.ir.body)
         threads = config.get("num_warps", 4) * THREADS_PER_WARP

@@ -1,0 +1,152 @@
+"""``tilestack tune``: tune the kernel library for this GPU within a time budget.
+
+    tilestack tune                                   # every kernel, bf16 and fp16, 10 minutes
+    tilestack tune -k gemm -k softmax --budget-s 120
+    tilestack tune --budget-s 300 --ship --out out/tables --report out/tune.json   # tables to commit
+    tilestack tune --dry-run                          # what would be tuned, in which order
+
+Winners go to the user's table (``<cache_dir>/tuned/<device key>.json``) as soon as each is known, written
+atomically; ``--ship`` also writes them, merged with the packaged tables of this device, as tables for
+``src/tilestack/tune/tables/``. See ``tilestack.tune.session`` for how the budget is spent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from tilestack.cli import app
+
+
+@app.command()
+def tune(
+    kernel: list[str] = typer.Option(None, "--kernel", "-k", help="only these kernels (repeatable); default all"),
+    dtype: list[str] = typer.Option(None, "--dtype", help="bfloat16 and/or float16 (repeatable); default both"),
+    budget_s: float = typer.Option(600.0, "--budget-s", help="seconds for the whole run (set-up included)"),
+    size: list[int] = typer.Option(None, "--size", help="only these sizes: sequence length, GEMM size, row width "
+                                                        "(repeatable)"),
+    head_dim: list[int] = typer.Option(None, "--head-dim", help="attention: only these head dims (repeatable)"),
+    ship: bool = typer.Option(False, help="also write tables for src/tilestack/tune/tables/ (one per kernel)"),
+    out: Path = typer.Option(None, help="folder for --ship's tables; default the package's tables folder"),
+    report: Path = typer.Option(None, help="write every problem's outcome here as JSON"),
+    device: int = typer.Option(0, help="CUDA device index"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list what would be tuned, in order; tune nothing"),
+    small: bool = typer.Option(False, hidden=True, help="tests: tiny sizes on the CPU under Triton's interpreter"),
+    as_device: str = typer.Option(None, hidden=True, help="tests: write tables for this device key"),
+) -> None:
+    """Time each kernel's candidate configs on this GPU (checked against a reference first) and keep the
+    fastest per kernel, signature and size, most valuable problems first, within --budget-s seconds."""
+    from tilestack.errors import TilestackError
+    from tilestack.tune.library import DTYPES, library_problems
+
+    try:
+        problems = library_problems(kernel or None, tuple(dtype or DTYPES), small=small)
+    except TilestackError as e:
+        raise typer.BadParameter(str(e)) from e
+    problems = [p for p in problems if (not size or p.n in size) and
+                (not head_dim or p.fixed.get("D") is None or p.fixed["D"] in head_dim)]
+    if not problems:
+        raise typer.BadParameter("no problem matches --kernel/--dtype/--size/--head-dim")
+    if budget_s <= 0:
+        raise typer.BadParameter(f"--budget-s must be > 0, got {budget_s}")
+    if dry_run:
+        _print_plan(problems, budget_s)
+        return
+    key, device_str = _device(device, small, as_device)
+    _run(problems, key, device_str, budget_s, ship, out, report)
+
+
+def _device(index: int, small: bool, as_device: str | None):
+    from tilestack.perf.device import cuda_available
+    from tilestack.tune.devices import DeviceKey, device_key
+
+    if small:
+        return DeviceKey.parse(as_device or "sm90-132sm-227kb", name="interpreter"), "cpu"
+    if not cuda_available():
+        typer.echo("tilestack tune times kernels on a CUDA GPU, and torch sees none here (on a CPU the library "
+                   "runs its default configs).", err=True)
+        raise typer.Exit(2)
+    import torch
+
+    if not 0 <= index < torch.cuda.device_count():
+        raise typer.BadParameter(f"--device {index}; expected an index below {torch.cuda.device_count()}")
+    torch.cuda.set_device(index)
+    key = DeviceKey.parse(as_device, name=device_key(index).name, memory_gb=device_key(index).memory_gb) \
+        if as_device else device_key(index)
+    return key, "cuda"
+
+
+def _print_plan(problems, budget_s: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tilestack.tune.space import SearchSpace
+
+    total = sum(p.weight for p in problems)
+    table = Table(title=f"{len(problems)} problems, {budget_s:.0f} s", show_lines=False)
+    for col in ("#", "kernel", "signature", "bucket", "shape", "configs", "share (s)"):
+        table.add_column(col, justify="right" if col in ("#", "bucket", "configs", "share (s)") else "left")
+    for i, p in enumerate(problems):
+        n = len(SearchSpace(p.tile, fixed=p.fixed, restrict=p.restrict).all_configs())
+        table.add_row(str(i + 1), p.kernel, p.signature, str(p.bucket), p.label, str(n),
+                      f"{budget_s * p.weight / total:.1f}")
+    Console().print(table)
+
+
+def _run(problems, key, device_str: str, budget_s: float, ship: bool, out: Path | None, report: Path | None):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tilestack.tune.cache import TABLES, ConfigCache
+    from tilestack.tune.session import Session
+
+    console = Console()
+    cache = ConfigCache()
+    ship_dir = (out or TABLES) if ship else None
+    console.print(f"tuning {len(problems)} problems on {key.name or '?'} ({key}) in {budget_s:.0f} s; winners go to "
+                  f"{cache.user_path(key)}" + (f" and {ship_dir}" if ship_dir else ""))
+    session = Session(key, budget_s=budget_s, device_str=device_str, cache=cache, ship_dir=ship_dir)
+    outcomes = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("tune", total=len(problems))
+
+        def start(i, p):
+            progress.update(task, description=f"{p.kernel} {p.signature} {p.label}")
+
+        def done(o):
+            outcomes.append(o)
+            progress.console.print(_line(o))
+            progress.advance(task)
+
+        try:
+            session.run(problems, on_start=start, on_done=done)
+        finally:
+            if report is not None:
+                _write_report(report, key, budget_s, outcomes)
+    tuned = [o for o in outcomes if o.config]
+    faster = [o for o in tuned if o.speedup and o.speedup > 1.0]
+    console.print(f"{len(tuned)} of {len(problems)} problems tuned ({len(faster)} faster than before); "
+                  f"{sum(o.tried for o in outcomes)} configs tried")
+
+
+def _line(o) -> str:
+    p = o.problem
+    head = f"{p.kernel} {p.signature} @{p.bucket} ({p.label})"
+    if not o.config:
+        return f"  {head}: {o.note}"
+    was = f", was {o.before_seconds * 1e3:.3f} ms ({o.speedup:.2f}x)" if o.speedup else ""
+    cfg = " ".join(f"{k}={v}" for k, v in o.config.items())
+    more = "" if o.complete else ", search cut short"
+    return f"  {head}: {o.seconds * 1e3:.3f} ms{was}  {cfg}  [{o.tried} tried, {o.failed} failed{more}]"
+
+
+def _write_report(path: Path, key, budget_s: float, outcomes) -> None:
+    from tilestack.tune.cache import write_json_atomic
+
+    rows = [{"kernel": o.problem.kernel, "signature": o.problem.signature, "bucket": o.problem.bucket,
+             "shape": o.problem.label, "config": o.config, "ms": o.seconds and o.seconds * 1e3,
+             "before": o.before, "before_ms": o.before_seconds and o.before_seconds * 1e3, "speedup": o.speedup,
+             "tried": o.tried, "failed": o.failed, "complete": o.complete, "note": o.note} for o in outcomes]
+    write_json_atomic(Path(path), {"device": key.meta(), "budget_s": budget_s, "problems": rows})
