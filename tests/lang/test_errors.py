@@ -703,3 +703,13 @@ def test_tile_sugar_with_index_scalars(backend, rng):
     with config.override(triton_interpret=True):
         k(x, y, backend=backend)
     torch.testing.assert_close(y, 16 / x + 32 * x - (16 - x) + x / 16)
+
+
+def test_python_comparison_of_a_runtime_index():
+    @one_program
+    def k(X):
+        _ = ts.block_id(0) < X.shape[0]  # E:scalar-lt
+
+    with pytest.raises(TraceError) as err:
+        k.trace(F32_2D)
+    assert_names(err, "E:scalar-lt", "`<` on a Scalar", "ts.lt")

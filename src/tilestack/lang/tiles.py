@@ -187,6 +187,16 @@ class Scalar:
     def __rtruediv__(self, o): return self._op(o, "div", True)
     def __neg__(self): return self._op(0, "sub", True)
 
+    def _compare(self, other, sym: str):
+        raise TraceError(f"`{sym}` on a Scalar: its value is known only when the kernel runs, so Python cannot "
+                         "compare it; compare tiles into a mask (ts.lt, ts.ge, ... with per_row/per_col vectors "
+                         "from ts.arange) or bound a loop with ts.smin/ts.smax", user_line())
+
+    def __lt__(self, o): return self._compare(o, "<")
+    def __le__(self, o): return self._compare(o, "<=")
+    def __gt__(self, o): return self._compare(o, ">")
+    def __ge__(self, o): return self._compare(o, ">=")
+
     def __bool__(self):
         raise TraceError("a Scalar's value is known only when the kernel runs: Python `if`/`while` cannot "
                          "branch on it; use masks (tril, right_fill, ...) or loop bounds instead", user_line())
