@@ -135,3 +135,14 @@ def test_fused_linear_cross_entropy_bad_arguments_refused_before_launch(call, ma
     no_launch(mod, "ce_grad_kernel")
     with pytest.raises(LaunchError, match=match):
         call()
+
+
+def test_gpu_default_config_trace_and_run(rng):
+    """The GPU's config (one row a program, 4096-wide tiles) on a vocabulary of two and a bit tiles."""
+    cfg = mod.default_config(9000, "cuda")
+    x, w, labels = data(rng, 3, 16, 9000, torch.float32, ignored=(1,), std=0.3)
+    loss, dx, dw = fused_linear_cross_entropy(x, w, labels, backend="triton", **cfg)
+    loss64, dx64, dw64 = f64(x, w, labels)
+    assert cfg == dict(BM=1, BN=4096, num_warps=8)
+    assert abs(float(loss) - float(loss64)) <= 1e-5 * float(loss64)
+    assert rel(dx, dx64) <= 1e-5 and rel(dw, dw64) <= 1e-5

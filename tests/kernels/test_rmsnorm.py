@@ -126,3 +126,23 @@ def test_rms_norm_gpu_config_holds_the_row_in_one_tile():
     assert cfg["ONE_TILE"] and cfg["BN"] == 2048 and cfg["BM"] == 1
     assert not bwd_module.bwd_config(40000, "cuda", {})["ONE_TILE"]
     assert bwd_module.bwd_config(768, "cpu", {}) == {"ONE_TILE": False}
+
+
+def test_gpu_default_configs_trace_and_run(rng):
+    """The configs a GPU launch gets (one tile of 1024 for a 768-wide row, two rows a round, the partial sums'
+    strips) are valid and exact, run here through Triton's interpreter."""
+    n = 768
+    x = torch.from_numpy(rng.normal(0.0, 1.0, (5, n))).float()
+    w = torch.from_numpy(rng.normal(1.0, 0.1, n)).float()
+    dy = torch.from_numpy(rng.normal(0.0, 1.0, (5, n))).float()
+    fwd = rms_module.resolve_row_config("rms_norm", n, "cuda", {})
+    y, rstd = rms_norm(x, w, 1e-6, backend="triton", **fwd)
+    cfg = bwd_module.bwd_config(n, "cuda", {})
+    parts = torch.from_numpy(rng.normal(0.0, 1.0, (2, 70, n))).float()
+    sums = torch.empty(2, n)
+    bwd_module.partial_sum_kernel(parts, sums, backend="triton", **bwd_module.sum_config(n, "cuda"))
+    dx, dw = rms_norm_backward(dy, x, w, rstd, backend="triton", **cfg)
+    y64, _, dx64, dw64 = f64(x, w, dy, 1e-6)
+    assert cfg == dict(BM=2, BN=1024, ONE_TILE=True, num_warps=8)
+    assert rel(y, y64) <= 1e-5 and rel(dx, dx64) <= 1e-5 and rel(dw, dw64) <= 1e-5
+    assert rel(sums, parts.double().sum(1)) <= 1e-6

@@ -77,3 +77,13 @@ def test_swiglu_bad_arguments_refused_before_launch(call, match, no_launch):
     no_launch(mod, "swiglu_fwd_kernel", "swiglu_bwd_kernel")
     with pytest.raises(LaunchError, match=match):
         call()
+
+
+def test_gpu_default_config_trace_and_run(rng):
+    cfg = mod.default_config("cuda")
+    a = torch.from_numpy(rng.normal(0.0, 2.0, (5, 1100))).float()
+    b = torch.from_numpy(rng.normal(0.0, 1.0, (5, 1100))).float()
+    y = swiglu(a, b, backend="triton", **cfg)
+    da, db = swiglu_backward(torch.ones_like(a), a, b, backend="triton", **cfg)
+    y64, da64, db64 = f64(a, b, torch.ones_like(a))
+    assert rel(y, y64) <= 1e-6 and rel(da, da64) <= 1e-6 and rel(db, db64) <= 1e-6

@@ -187,8 +187,8 @@ def bwd_config(n: int, device_type: str, config: dict) -> dict:
     if device_type == "cuda":
         width = max(128, next_pow2(n))
         if width <= MAX_ONE_TILE:
-            cfg = dict(BM=max(1, min(16, 2048 // width)), BN=width, ONE_TILE=True,
-                       num_warps=4 if width <= 2048 else 8)
+            bm = max(1, min(16, 2048 // width))          # >= 2048 elements a round: enough loads in flight
+            cfg = dict(BM=bm, BN=width, ONE_TILE=True, num_warps=8 if bm * width >= 2048 else 4)
         else:
             cfg = dict(BM=1, BN=4096, num_warps=8)
     cfg |= config
@@ -197,6 +197,13 @@ def bwd_config(n: int, device_type: str, config: dict) -> dict:
         raise LaunchError(f"norm backward: ONE_TILE=True needs BN >= the row width {n}; got BN={bn}")
     cfg["ONE_TILE"] = bool(cfg.get("ONE_TILE", False)) and bn >= n
     return cfg
+
+
+def sum_config(n: int, device_type: str) -> dict:
+    """Column strips narrow enough that the sum over the P partial rows runs on many programs at once."""
+    if device_type != "cuda":
+        return {}
+    return dict(BP=64, BN=32 if n <= 4096 else 128, num_warps=4)
 
 
 def check_norm_bwd_args(fn: str, dy, x, weight, stats: dict) -> None:
@@ -232,7 +239,7 @@ def norm_backward(dy, x, weight, mean, rstd, *, centered: bool, backend: str | N
     norm_bwd_kernel(x, weight, dy, rstd if mean is None else mean, rstd, dx, parts[0], parts[-1],
                     CENTERED=centered, backend=backend, **cfg)
     sums = torch.empty(parts.shape[0], n, dtype=weight.dtype, device=x.device)     # (K, N): dw [, db]
-    partial_sum_kernel(parts, sums, backend=backend, **({"BN": 128} if n >= 8192 else {}))
+    partial_sum_kernel(parts, sums, backend=backend, **sum_config(n, x.device.type))
     return dx, sums
 
 
