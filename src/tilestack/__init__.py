@@ -3,6 +3,7 @@
     import tilestack
     import tilestack.lang as ts                       # the tile language
     o = tilestack.attention(q, k, v, causal=True)     # a library kernel as a differentiable PyTorch op
+    loss = tilestack.fused_linear_cross_entropy(h, lm_head.weight, labels)   # also rms_norm, rotary, swiglu...
     c = tilestack.kernels.gemm(a, b)
     print(tilestack.kernels.gemm_kernel.trace(a, b, c).source())   # what it became
 """
@@ -18,10 +19,14 @@ def __getattr__(name: str):
     if name in ("attention", "scaled_dot_product_attention", "patch"):
         import tilestack.torch
         return getattr(tilestack.torch, name)
+    if name in ("rms_norm", "layer_norm", "rotary", "swiglu", "fused_linear_cross_entropy"):
+        import tilestack.torch.ops
+        return getattr(tilestack.torch.ops, name)
     if name in ("kernels", "lang", "perf", "bench", "ir", "backends"):
         import importlib
         return importlib.import_module(f"tilestack.{name}")
     raise AttributeError(f"module 'tilestack' has no attribute {name!r}")
 
 
-__all__ = ["attention", "errors", "knobs", "patch", "scaled_dot_product_attention"]
+__all__ = ["attention", "errors", "fused_linear_cross_entropy", "knobs", "layer_norm", "patch", "rms_norm", "rotary",
+           "scaled_dot_product_attention", "swiglu"]
