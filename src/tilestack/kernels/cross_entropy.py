@@ -28,6 +28,7 @@ import math
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.kernels._checks import check_same_device, check_tensor
+from tilestack.tune.lookup import launch_config
 
 LOG2E = math.log2(math.e)
 FLT_MAX = 3.4028234663852886e38
@@ -175,7 +176,8 @@ def fused_linear_cross_entropy(x, weight, labels, *, ignore_index: int = IGNORE_
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise LaunchError(f"fused_linear_cross_entropy: chunk must be a positive int, got {chunk!r}")
     t, v = x.shape[0], weight.shape[0]
-    cfg = default_config(v, x.device.type) | config
+    cfg = launch_config("cross_entropy", str(x.dtype).removeprefix("torch."), x.device, v,
+                        default_config(v, x.device.type)) | config
     bn = cfg.get("BN", ce_grad_kernel.constants["BN"].default)
     cols = _cols(bn, x.device)
     valid = labels != ignore_index

@@ -108,7 +108,7 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, *, backend: str | None = None
     y = torch.empty_like(x)
     mean = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    cfg = resolve_row_config("layer_norm", x.shape[1], x.device.type, config)
+    cfg = resolve_row_config("layer_norm", x.shape[1], x.device.type, config, x=x)
     if nothing_to_launch(x):
         if x.device.type != "meta":              # width 0: the mean of nothing is 0, its 1/std undefined
             mean.zero_()

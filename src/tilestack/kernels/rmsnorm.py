@@ -1,11 +1,17 @@
-"""RMS norm over the last dim of a 2-D tensor, forward and backward, any width.
+"""RMS norm over the last dim of a 2-D tensor, forward and backward, any width; and the residual add fused
+into the norm that follows it, for RMS norm and layer norm (the pre-norm block's ``h = h + f(h); y = norm(h)``).
 
     y, rstd = tilestack.kernels.rms_norm(x, weight, eps=1e-6)     # y = x / sqrt(mean(x^2) + eps) * weight
     dx, dw = tilestack.kernels.rms_norm_backward(dy, x, weight, rstd)
+    y, h, rstd = tilestack.kernels.add_rms_norm(x, r, weight)            # h = x + r (x's dtype), y = rms_norm(h)
+    y, h, mean, rstd = tilestack.kernels.add_layer_norm(x, r, weight, bias)
 
-The forward saves 1/rms per row (f32) for the backward. A row that fits one tile (``ONE_TILE``) is read once;
-a wider one takes two passes (sum of squares, then normalise). The backward is the shared norm backward
-(``tilestack.kernels.layernorm_bwd``) without the centring.
+The forward kernels, ``rms_norm_kernel`` and ``norm_fwd_kernel`` (the residual add, then RMS norm or, with
+``CENTERED``, layer norm), trace one body: h = x + r is written out, rounded to its dtype as torch would, and
+normalised as rounded. It saves 1/std (and the mean) per row, f32, for the backward. A row that fits one
+tile (``ONE_TILE``) is read once; a wider one is read once per pass (mean, variance about it, normalise;
+RMS norm has no mean pass). The backward is the shared norm backward (``tilestack.kernels.layernorm_bwd``),
+which also adds the residual stream's gradient into dx.
 """
 
 from __future__ import annotations
@@ -17,51 +23,113 @@ from tilestack.kernels.layernorm_bwd import check_norm_bwd_args, norm_backward
 from tilestack.kernels.softmax import resolve_row_config
 
 
+def _row_tile(x, hq, r, X, R, i, j, residual: bool) -> None:
+    """x = the (i, j) tile of X (+ R, rounded to hq's dtype through hq, which keeps it for the store of H)."""
+    ts.load(x, X, at=(i, j))                     # (BM, BN); past the edges reads zero
+    if residual:
+        ts.load(r, R, at=(i, j))
+        ts.add(x, x, r)
+        ts.copy(hq, x)
+        ts.copy(x, hq)
+
+
+_BM = ts.tunable(4, (1, 2, 4, 8, 16))
+_BN = ts.tunable(1024, (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384))
+_WARPS = ts.tunable(4, (2, 4, 8, 16))
+_STAGES = ts.tunable(1, (1, 2))
+
+
 @ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))
-def rms_norm_kernel(X, W, Y, Rstd, eps: float, *,
-                    BM: int = ts.tunable(4, (1, 2, 4, 8, 16)),
-                    BN: int = ts.tunable(1024, (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)),
-                    num_warps: int = ts.tunable(4, (2, 4, 8, 16)),
-                    num_stages: int = ts.tunable(1, (1, 2)),
-                    ONE_TILE: bool = False):
+def rms_norm_kernel(X, W, Y, Rstd, eps: float, *, BM: int = _BM, BN: int = _BN, num_warps: int = _WARPS,
+                    num_stages: int = _STAGES, ONE_TILE: bool = False):
     # X, Y: (M, N); W: (N,); Rstd: (M,) f32. ONE_TILE needs BN >= N (checked by rms_norm())
+    _norm_forward(X, None, W, None, Y, None, None, Rstd, eps, centered=False, residual=False, BM=BM, BN=BN,
+                  one_tile=ONE_TILE)
+
+
+@ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))
+def norm_fwd_kernel(X, R, W, B, Y, H, Mean, Rstd, eps: float, *, CENTERED: bool = False, BM: int = _BM,
+                    BN: int = _BN, num_warps: int = _WARPS, num_stages: int = _STAGES, ONE_TILE: bool = False):
+    # h = X + R written to H (M, N), then y = norm(h): layer norm if CENTERED (B (N,) and Mean (M,) f32 too;
+    # unused otherwise), else RMS norm. ONE_TILE needs BN >= N (checked by the callers)
+    _norm_forward(X, R, W, B, Y, H, Mean, Rstd, eps, centered=CENTERED, residual=True, BM=BM, BN=BN,
+                  one_tile=ONE_TILE)
+
+
+def _norm_forward(X, R, W, B, Y, H, Mean, Rstd, eps, *, centered: bool, residual: bool, BM: int, BN: int,
+                  one_tile: bool) -> None:
+    """The body both kernels trace: y = norm(x [+ r]), one program per BM rows."""
     i = ts.block_id(0)
     N = X.shape[1]
     x = ts.RegTile[ts.f32, BM, BN]()
+    r = ts.RegTile[ts.f32, BM, BN]()
     sq = ts.RegTile[ts.f32, BM, BN]()
-    ms = ts.RegVec[ts.f32, BM]()
+    hq = ts.RegTile[H.dtype, BM, BN]() if residual else None
+    mean = ts.RegVec[ts.f32, BM]()
+    rstd = ts.RegVec[ts.f32, BM]()
     w = ts.RegVec[ts.f32, BN]()
+    b = ts.RegVec[ts.f32, BN]()
     y = ts.RegTile[Y.dtype, BM, BN]()
-    if ONE_TILE:                                 # the whole row in registers: one read of x, one write of y
-        ts.load(x, X, at=(i, 0))                 # (BM, BN); past N reads zero, which adds nothing to sum x^2
+    if one_tile:                                 # the whole row in registers: one read of x (and r), one write
+        _row_tile(x, hq, r, X, R, i, 0, residual)
+        if residual:
+            ts.store(H, hq, at=(i, 0))
+        if centered:
+            ts.row_sum(mean, x)
+            ts.div(mean, mean, N * 1.0)
+            ts.sub_row(x, x, mean)
+            ts.right_fill(x, x, N, 0.0)          # the padding must not count in the variance
+            ts.store(Mean, mean, at=(i,))
         ts.mul(sq, x, x)
-        ts.row_sum(ms, sq)
-        ts.div(ms, ms, N * 1.0)
-        ts.add(ms, ms, eps)
-        ts.rsqrt(ms, ms)                         # 1 / rms
+        ts.row_sum(rstd, sq)
+        ts.div(rstd, rstd, N * 1.0)
+        ts.add(rstd, rstd, eps)
+        ts.rsqrt(rstd, rstd)
         ts.load(w, W, at=(0,))
-        ts.mul_row(x, x, ms)
+        ts.mul_row(x, x, rstd)
         ts.mul_col(x, x, w)
+        if centered:
+            ts.load(b, B, at=(0,))
+            ts.add_col(x, x, b)
         ts.copy(y, x)
         ts.store(Y, y, at=(i, 0))
-        ts.store(Rstd, ms, at=(i,))
+        ts.store(Rstd, rstd, at=(i,))
         return
-    ts.zero(ms)
-    for j in ts.range(ts.cdiv(N, BN)):          # pass 1: sum of squares
-        ts.load(x, X, at=(i, j))                 # (BM, BN)
+    ts.zero(mean)
+    if centered:
+        for j in ts.range(ts.cdiv(N, BN)):      # the mean (layer norm); h is written here
+            _row_tile(x, hq, r, X, R, i, j, residual)
+            if residual:
+                ts.store(H, hq, at=(i, j))
+            ts.row_sum(mean, x, mean)
+        ts.div(mean, mean, N * 1.0)
+        ts.store(Mean, mean, at=(i,))
+    ts.zero(rstd)
+    for j in ts.range(ts.cdiv(N, BN)):          # sum of squares about the mean (two-pass: no cancellation)
+        _row_tile(x, hq, r, X, R, i, j, residual)
+        if residual and not centered:
+            ts.store(H, hq, at=(i, j))
+        if centered:
+            ts.sub_row(x, x, mean)
+            ts.right_fill(x, x, N - j * BN, 0.0)
         ts.mul(sq, x, x)
-        ts.row_sum(ms, sq, ms)
-    ts.div(ms, ms, N * 1.0)
-    ts.add(ms, ms, eps)
-    ts.rsqrt(ms, ms)
-    for j in ts.range(ts.cdiv(N, BN)):          # pass 2: y = x * rstd * w
-        ts.load(x, X, at=(i, j))
+        ts.row_sum(rstd, sq, rstd)
+    ts.div(rstd, rstd, N * 1.0)
+    ts.add(rstd, rstd, eps)
+    ts.rsqrt(rstd, rstd)
+    for j in ts.range(ts.cdiv(N, BN)):          # y = (h - mean) * rstd * w (+ b)
+        _row_tile(x, hq, r, X, R, i, j, residual)
         ts.load(w, W, at=(j,))
-        ts.mul_row(x, x, ms)
+        if centered:
+            ts.sub_row(x, x, mean)
+        ts.mul_row(x, x, rstd)
         ts.mul_col(x, x, w)
+        if centered:
+            ts.load(b, B, at=(j,))
+            ts.add_col(x, x, b)
         ts.copy(y, x)
         ts.store(Y, y, at=(i, j))
-    ts.store(Rstd, ms, at=(i,))
+    ts.store(Rstd, rstd, at=(i,))
 
 
 def reference(x, weight, eps: float = 1e-6):
@@ -72,7 +140,8 @@ def reference(x, weight, eps: float = 1e-6):
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
 
 
-def check_rms_norm_args(fn: str, x, weight, eps) -> None:
+def check_norm_args(fn: str, x, weight, eps, *, bias=None, residual=None) -> None:
+    """Every check on a norm forward's inputs, before any work."""
     import torch
 
     floats = (torch.float32, torch.bfloat16, torch.float16)
@@ -80,26 +149,66 @@ def check_rms_norm_args(fn: str, x, weight, eps) -> None:
     check_tensor(fn, "weight", weight, rank=1, dtypes=floats)
     if weight.shape[0] != x.shape[1]:
         raise LaunchError(f"{fn}: weight has {weight.shape[0]} elements; expected x.shape[1] = {x.shape[1]}")
+    if bias is not None:
+        check_tensor(fn, "bias", bias, rank=1, dtypes=(weight.dtype,))
+        if bias.shape[0] != x.shape[1]:
+            raise LaunchError(f"{fn}: bias has {bias.shape[0]} elements; expected x.shape[1] = {x.shape[1]}")
+    if residual is not None:
+        check_tensor(fn, "r", residual, rank=2, dtypes=(x.dtype,))
+        if tuple(residual.shape) != tuple(x.shape):
+            raise LaunchError(f"{fn}: r is {tuple(residual.shape)}; expected x's shape {tuple(x.shape)}")
     if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps >= 0:
         raise LaunchError(f"{fn}: eps must be a number >= 0, got {eps!r}")
-    check_same_device(fn, x=x, weight=weight)
+    check_same_device(fn, x=x, weight=weight, bias=bias, r=residual)
+
+
+def norm_forward(x, weight, bias, residual, eps: float, *, backend: str | None, config: dict):
+    """(y, h or None, mean or None, rstd) after the checks: layer norm if ``bias`` is given (with ``residual``
+    only), else RMS norm, of x (+ residual)."""
+    import torch
+
+    centered = bias is not None
+    y = torch.empty_like(x)
+    rstd = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    if residual is None:
+        cfg = resolve_row_config("rms_norm", x.shape[1], x.device.type, config)
+        rms_norm_kernel(x, weight, y, rstd, float(eps), backend=backend, **cfg)
+        return y, None, None, rstd
+    h = torch.empty_like(x)
+    mean = torch.empty_like(rstd) if centered else None
+    fn = "add_layer_norm" if centered else "add_rms_norm"
+    cfg = resolve_row_config(fn, x.shape[1], x.device.type, config)
+    norm_fwd_kernel(x, residual, weight, bias if centered else weight, y, h, mean if centered else rstd, rstd,
+                    float(eps), CENTERED=centered, backend=backend, **cfg)
+    return y, h, mean, rstd
 
 
 def rms_norm(x, weight, eps: float = 1e-6, *, backend: str | None = None, **config):
     """(y, rstd) of RMS norm over the last dim of a 2-D f32/bf16/f16 tensor; weight of shape (N,); y in x's
     dtype, rstd (M,) f32."""
-    import torch
-
-    check_rms_norm_args("rms_norm", x, weight, eps)
-    y = torch.empty_like(x)
-    rstd = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-    cfg = resolve_row_config("rms_norm", x.shape[1], x.device.type, config)
-    rms_norm_kernel(x, weight, y, rstd, float(eps), backend=backend, **cfg)
+    check_norm_args("rms_norm", x, weight, eps)
+    y, _, _, rstd = norm_forward(x, weight, None, None, eps, backend=backend, config=config)
     return y, rstd
 
 
-def rms_norm_backward(dy, x, weight, rstd, *, backend: str | None = None, **config):
-    """(dx, dw) of RMS norm given the forward's ``rstd``; dx in x's dtype, dw in weight's."""
-    check_norm_bwd_args("rms_norm_backward", dy, x, weight, {"rstd": rstd})
-    dx, sums = norm_backward(dy, x, weight, None, rstd, centered=False, backend=backend, config=config)
+def add_rms_norm(x, r, weight, eps: float = 1e-6, *, backend: str | None = None, **config):
+    """(y, h, rstd): h = x + r in x's dtype, y = RMS norm of h (the backward: rms_norm_backward with the
+    gradient reaching h from elsewhere passed as ``dh``)."""
+    check_norm_args("add_rms_norm", x, weight, eps, residual=r)
+    y, h, _, rstd = norm_forward(x, weight, None, r, eps, backend=backend, config=config)
+    return y, h, rstd
+
+
+def add_layer_norm(x, r, weight, bias, eps: float = 1e-5, *, backend: str | None = None, **config):
+    """(y, h, mean, rstd): h = x + r in x's dtype, y = layer norm of h (the backward: layer_norm_backward with
+    ``dh``)."""
+    check_norm_args("add_layer_norm", x, weight, eps, bias=bias, residual=r)
+    return norm_forward(x, weight, bias, r, eps, backend=backend, config=config)
+
+
+def rms_norm_backward(dy, x, weight, rstd, *, dh=None, backend: str | None = None, **config):
+    """(dx, dw) of RMS norm given the forward's ``rstd``; dx in x's dtype, dw in weight's. ``dh``: a gradient
+    that reaches x (the residual stream h) by another path, added into dx."""
+    check_norm_bwd_args("rms_norm_backward", dy, x, weight, {"rstd": rstd}, dh=dh)
+    dx, sums = norm_backward(dy, x, weight, None, rstd, dh=dh, centered=False, backend=backend, config=config)
     return dx, sums[0]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.kernels._checks import check_same_device, check_tensor, next_pow2
+from tilestack.tune.lookup import launch_config
 
 MIN_HEAD_DIM = 16     # a half row of 8 bf16 values: the 16 bytes the GPU's tile copies need at least
 MAX_HEAD_DIM = 512
@@ -114,6 +115,7 @@ def rotary(q, k, cos, sin, *, inverse: bool = False, q_out=None, k_out=None, bac
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device) if k_out is None else k_out
     rows = q.shape[2] * q.shape[3] + k.shape[2] * k.shape[3]
     cfg = {"num_warps": 4 if rows <= 4096 else 8} if q.device.type == "cuda" else {}
+    cfg = launch_config("rotary", f"{str(q.dtype).removeprefix('torch.')}-D{q.shape[3]}", q.device, rows, cfg)
     rotary_kernel(q, k, cos, sin, q_out, k_out, HALF=q.shape[3] // 2, BH=next_pow2(q.shape[2]),
                   BHK=next_pow2(k.shape[2]), INVERSE=bool(inverse), backend=backend, **(cfg | config))
     return q_out, k_out

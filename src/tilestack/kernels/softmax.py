@@ -11,6 +11,7 @@ import math
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.kernels._checks import check_out_memory, check_same_device, check_tensor, next_pow2, nothing_to_launch
+from tilestack.tune.lookup import launch_config
 
 LOG2E = math.log2(math.e)
 
@@ -97,21 +98,25 @@ def softmax(x, *, out=None, backend: str | None = None, **config):
         out = torch.empty_like(x)
     else:
         check_out_memory("softmax", out, x=x)
-    cfg = resolve_row_config("softmax", x.shape[1], x.device.type, config)
+    cfg = resolve_row_config("softmax", x.shape[1], x.device.type, config, x=x)
     if nothing_to_launch(out):
         return out
     softmax_kernel(x, out, backend=backend, **cfg)
     return out
 
 
-def resolve_row_config(fn: str, n: int, device_type: str, config: dict) -> dict:
-    """The automatic row config with the caller's choices on top; ``ONE_TILE`` follows the final BN (a tile
-    narrower than the row cannot hold it whole), and asking for it with too narrow a tile is an error."""
+def resolve_row_config(fn: str, n: int, device_type: str, config: dict, x=None) -> dict:
+    """The automatic row config (tuned for ``fn`` on ``x``'s dtype and device, if given) with the caller's choices
+    on top; ``ONE_TILE`` follows the final BN (a tile narrower than the row cannot hold it whole), and asking for
+    it with too narrow a tile is an error."""
+    auto = row_config(n, device_type)
+    if x is not None:
+        auto = launch_config(fn, str(x.dtype).removeprefix("torch."), x.device, n, auto)
     if config.get("ONE_TILE"):
-        bn = config.get("BN", row_config(n, device_type).get("BN", 0))
+        bn = config.get("BN", auto.get("BN", 0))
         if bn < n:
             raise LaunchError(f"{fn}: ONE_TILE=True needs BN >= the row width {n}; got BN={bn}")
-    cfg = row_config(n, device_type) | config
+    cfg = auto | config
     if "ONE_TILE" not in config:
         cfg["ONE_TILE"] = cfg.get("BN", 0) >= n and cfg.get("ONE_TILE", False)
     return cfg

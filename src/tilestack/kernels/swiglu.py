@@ -13,6 +13,7 @@ from __future__ import annotations
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.kernels._checks import check_same_device, check_tensor
+from tilestack.tune.lookup import launch_config
 
 
 def _grid(A, BM, BN):
@@ -102,7 +103,9 @@ def swiglu(a, b, *, out=None, backend: str | None = None, **config):
 
     _check("swiglu", a=a, b=b, **({} if out is None else {"out": out}))
     out = torch.empty(a.shape, dtype=a.dtype, device=a.device) if out is None else out
-    swiglu_fwd_kernel(a, b, out, backend=backend, **(default_config(a.device.type) | config))
+    cfg = launch_config("swiglu", str(a.dtype).removeprefix("torch."), a.device, a.shape[1],
+                        default_config(a.device.type)) | config
+    swiglu_fwd_kernel(a, b, out, backend=backend, **cfg)
     return out
 
 
