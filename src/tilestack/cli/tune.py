@@ -77,8 +77,16 @@ def _device(index: int, small: bool, as_device: str | None):
     return key, "cuda"
 
 
-def _print_plan(problems, budget_s: float) -> None:
+def _console():
+    """Rich's console; 200 columns wide when the output is not a terminal (a log: lines are not wrapped)."""
+    import sys
+
     from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
+def _print_plan(problems, budget_s: float) -> None:
     from rich.table import Table
 
     from tilestack.tune.space import SearchSpace
@@ -91,17 +99,16 @@ def _print_plan(problems, budget_s: float) -> None:
         n = len(SearchSpace(p.tile, fixed=p.fixed, restrict=p.restrict).all_configs())
         table.add_row(str(i + 1), p.kernel, p.signature, str(p.bucket), p.label, str(n),
                       f"{budget_s * p.weight / total:.1f}")
-    Console().print(table)
+    _console().print(table)
 
 
 def _run(problems, key, device_str: str, budget_s: float, ship: bool, out: Path | None, report: Path | None):
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from tilestack.tune.cache import TABLES, ConfigCache
     from tilestack.tune.session import Session
 
-    console = Console()
+    console = _console()
     cache = ConfigCache()
     ship_dir = (out or TABLES) if ship else None
     console.print(f"tuning {len(problems)} problems on {key.name or '?'} ({key}) in {budget_s:.0f} s; winners go to "
