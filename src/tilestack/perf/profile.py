@@ -182,6 +182,13 @@ def _flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     if str(packet) == "aten._scaled_dot_product_flash_attention_for_cpu":
         q, k, v = args[:3]
         return float(formulas.sdpa(q, k, v, causal=bool(is_causal)).flops)
+    if str(packet) == "aten._scaled_dot_product_flash_attention_for_cpu_backward":
+        # torch's own count for its GPU flash backward (four matmuls), so a profile reads alike on both devices
+        from torch.utils.flop_counter import sdpa_backward_flop_count
+
+        d_out, q, k, v = args[:4]
+        flops = float(sdpa_backward_flop_count(d_out.shape, q.shape, k.shape, v.shape))
+        return flops * formulas.CAUSAL_FRACTION if is_causal else flops
     per_element = ROW_OP_FLOPS_PER_ELEMENT.get(str(packet))
     if per_element is not None and args and isinstance(args[0], torch.Tensor):
         return float(per_element * args[0].numel())
@@ -565,11 +572,15 @@ def _join(
         dtype = c.dtype or "fp32"
         per_call = s / max(calls, 1)
         # Per-call time in each step: how much the op's time varies from step to step.
-        spread = timing.Timing(
-            tuple(t.per_step.get(i, 0.0) / max(calls, 1) for i in range(steps)) if t.per_step else (per_call,),
-            "torch-profiler",
-            PROFILER_WARMUP_STEPS,
-            1,
+        spread = (
+            timing.Timing(
+                tuple(t.per_step.get(i, 0.0) / max(calls, 1) for i in range(steps)),
+                "torch-profiler",
+                PROFILER_WARMUP_STEPS,
+                1,
+            )
+            if t.per_step
+            else None
         )
         m = compute_metrics(
             name=op,

@@ -21,6 +21,10 @@ import dataclasses
 import math
 
 LAUNCH_BOUND_S = 10e-6  # below this a kernel's time is mostly launch and tail latency, not throughput
+# Below this an eager CPU op far from its roof is mostly framework overhead (Python, dispatch, allocation,
+# waking the thread pool: each some microseconds), not its work.
+CPU_OVERHEAD_BOUND_S = 100e-6
+LATENCY_BOUND_S = {"cuda": LAUNCH_BOUND_S, "cpu": CPU_OVERHEAD_BOUND_S}
 LOW_FRACTION = 0.5  # below half the roof: something structural (loads, tiles, occupancy) is wrong
 NEAR_ROOF_FRACTION = 0.8  # above this: only less work or fewer bytes help
 RIDGE_BAND = 2.0  # within 2x of the ridge point, both bytes and math matter
@@ -164,7 +168,7 @@ def situation(p: Placement) -> str:
         return "unknown"
     if p.fraction > ABOVE_ROOF_FRACTION:
         return f"{p.bound}-above"
-    if p.seconds < LAUNCH_BOUND_S and p.fraction < LOW_FRACTION:
+    if p.seconds < LATENCY_BOUND_S.get(p.kind, LAUNCH_BOUND_S) and p.fraction < LOW_FRACTION:
         return "latency"
     level = "low" if p.fraction < LOW_FRACTION else "mid" if p.fraction < NEAR_ROOF_FRACTION else "roof"
     return f"{p.bound}-{level}"
