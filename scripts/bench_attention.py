@@ -27,7 +27,9 @@ from tilestack.backends.triton.launch import resource_report
 from tilestack.kernels import attention_bwd, attention_fwd
 from tilestack.perf import time_fn
 from tilestack.tune import ConfigCache, SearchSpace, lookup, size_bucket, tune
+from tilestack.tune.cache import Table, file_name
 from tilestack.tune.cache import key as cache_key
+from tilestack.tune.devices import device_key
 
 TOKENS, HIDDEN = 16 * 1024, 2048
 BWD_OVER_FWD = 2.5
@@ -90,7 +92,7 @@ BWD_RESTRICT_D256 = {"dkdv": dict(BM=(16, 32, 64), BN=(32, 64), num_warps=(4, 8)
                      "dq": dict(BM=(32, 64), BN=(32, 64), num_warps=(4, 8), num_stages=(1, 2))}
 BWD_RESTRICT = {"dkdv": dict(BM=(32, 64, 128), BN=(64, 128), num_warps=(4, 8), num_stages=(2, 3)),
                 "dq": dict(BM=(64, 128), BN=(64,), num_warps=(4, 8), num_stages=(2, 3))}
-TUNED: dict = {}     # table entries written by this run: key -> {"config", "seconds", ...}
+TUNED: dict = {}     # table entries written by this run: kernel -> key -> {"config", "seconds", ...}
 
 
 def signature(q, D, causal):
@@ -98,9 +100,10 @@ def signature(q, D, causal):
 
 
 def record(kernel, q, D, causal, N, result):
-    sig, dev = signature(q, D, causal), torch.cuda.get_device_name()
+    sig, dev = signature(q, D, causal), device_key(q.device.index or 0)
     ConfigCache().put(kernel, sig, dev, size_bucket(N), result.best, seconds=result.seconds)
-    TUNED[cache_key(kernel, sig, dev, size_bucket(N))] = {"config": result.best, "seconds": result.seconds}
+    TUNED.setdefault(kernel, {})[cache_key(kernel, sig, size_bucket(N))] = {"config": result.best,
+                                                                            "seconds": result.seconds}
     lookup.reload()
 
 
@@ -235,9 +238,9 @@ def main(argv=None):
             f"cudnn={tf['cudnn']:.0f} TFLOP/s  regs={res['registers']} spills={res['spills']}")
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)
-        if TUNED:   # the table tilestack ships (src/tilestack/tune/tables/) is this file, reviewed
-            slug = torch.cuda.get_device_name().lower().replace(" ", "-")
-            (a.out / f"attention_{slug}.json").write_text(json.dumps(TUNED, indent=1, sort_keys=True))
+        for kernel, entries in TUNED.items():   # tables as tilestack ships them (src/tilestack/tune/tables/)
+            dev = device_key(torch.cuda.current_device())
+            Table(dev, entries).write(a.out / file_name(kernel, dev))
         results = dict(device=dev, torch=torch.__version__, dtype=a.dtype, rows=rows)
         (a.out / "attention_results.json").write_text(json.dumps(results, indent=1))
     print(f"\nattention, {a.dtype}, {dev}, TFLOP/s (forward 4BHN^2D, causal halved; backward 2.5x forward)")
