@@ -89,16 +89,16 @@ def _console():
 def _print_plan(problems, budget_s: float) -> None:
     from rich.table import Table
 
+    from tilestack.tune.session import plan
     from tilestack.tune.space import SearchSpace
 
-    total = sum(p.weight for p in problems)
+    shares = plan(problems, budget_s)
     table = Table(title=f"{len(problems)} problems, {budget_s:.0f} s", show_lines=False)
     for col in ("#", "kernel", "signature", "bucket", "shape", "configs", "share (s)"):
         table.add_column(col, justify="right" if col in ("#", "bucket", "configs", "share (s)") else "left")
-    for i, p in enumerate(problems):
+    for i, (p, share) in enumerate(zip(problems, shares, strict=True)):
         n = len(SearchSpace(p.tile, fixed=p.fixed, restrict=p.restrict).all_configs())
-        table.add_row(str(i + 1), p.kernel, p.signature, str(p.bucket), p.label, str(n),
-                      f"{budget_s * p.weight / total:.1f}")
+        table.add_row(str(i + 1), p.kernel, p.signature, str(p.bucket), p.label, str(n), f"{share:.1f}")
     _console().print(table)
 
 

@@ -3,8 +3,9 @@
     session = Session(device_key(0), budget_s=300, ship_dir=Path("out/tables"))
     outcomes = session.run(library_problems())        # most valuable first
 
-Each problem in its turn gets a share of the budget in proportion to its weight (time a problem leaves unused
-passes to the next ones; once the budget is spent the rest are skipped). Its search is local: first the config
+Each problem in its turn gets a share of what is left of the budget, in proportion to its weight halved per
+priority level (time a problem leaves unused passes to the next ones; once the budget is spent the rest are
+skipped, keeping what the tables gave them). Its search is local: first the config
 the launch path uses now (the shipped table's, else the default) and the kernel's default, then the winners of
 the same kernel at nearby sizes and in the other dtype, then the configs nearest the best so far, each checked
 against the reference before it is timed. The few best are timed again, longer, and the fastest is written at
@@ -32,10 +33,23 @@ from tilestack.tune.space import SearchSpace
 SEARCH_REP_MS = 20         # timing of each candidate: short (the search's ranking)
 CONFIRM_REP_MS = 60        # the finalists and the config in use, timed again
 FINALISTS = 2
+PRIORITY_DECAY = 0.5       # a problem's share of the budget halves with each priority level
 TOL = 2e-2                 # relative error against the reference (bf16 outputs: ~4e-3)
 # errors after which the CUDA context is unusable: every later launch would fail too
 FATAL = re.compile(r"illegal memory access|unspecified launch failure|illegal instruction|misaligned address",
                    re.IGNORECASE)
+
+
+def share_weight(p: Problem) -> float:
+    """A problem's claim on the budget: its weight, halved per priority level below the first, so that a short
+    budget goes mostly to the most valuable problems (the rest keep what the tables gave them)."""
+    return p.weight * PRIORITY_DECAY ** p.priority
+
+
+def plan(problems: list[Problem], budget_s: float) -> list[float]:
+    """Each problem's share of the budget in seconds, if every earlier one used all of its own."""
+    total = sum(map(share_weight, problems)) or 1.0
+    return [budget_s * share_weight(p) / total for p in problems]
 
 
 @dataclasses.dataclass
@@ -119,7 +133,7 @@ class Session:
     def run(self, problems: list[Problem], on_start: Callable[[int, Problem], None] = lambda i, p: None,
             on_done: Callable[[Outcome], None] = lambda o: None) -> list[Outcome]:
         end = self.clock() + self.budget_s
-        left = sum(p.weight for p in problems)
+        left = sum(map(share_weight, problems))
         outcomes = []
         try:
             for i, p in enumerate(problems):
@@ -128,8 +142,8 @@ class Session:
                 if now >= end:
                     out = Outcome(p, note="skipped: the time budget is spent")
                 else:   # this problem's share of what is left (what earlier ones left unused passes on)
-                    out = self.tune_one(p, now + (end - now) * p.weight / max(left, 1e-9))
-                left -= p.weight
+                    out = self.tune_one(p, now + (end - now) * share_weight(p) / max(left, 1e-9))
+                left -= share_weight(p)
                 outcomes.append(out)
                 on_done(out)
         finally:
