@@ -46,3 +46,23 @@ def test_profile_a_small_model_on_the_gpu():
     p = profile.profile_model(model, (x,), steps=2, ceilings=False)
     assert p.device.kind == "cuda" and p.ops[0].total_s > 0
     assert p.flops == pytest.approx(2 * 64 * 512 * 2048 * 2, rel=0.05)
+
+
+def test_held_out_models_on_the_gpu_get_gpu_tips_and_ceilings_with_their_spread():
+    import re
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import heldout_models as hm
+
+    dev = perf.detect()
+    ceil = perf.ceilings(dev, **SMALL)
+    assert ceil.spread and all(e["repeats"] >= timing.MIN_CI_SAMPLES for e in ceil.spread.values())
+    assert ceil.rel_ci("copy") < 0.1  # a GPU's copy is steady: its median is known to better than +-10%
+    model, inputs = hm.convnet()
+    p = profile.profile_model(model.cuda(), tuple(x.cuda() for x in inputs), steps=3, train=True, ceilings=ceil)
+    convs = [o for o in p.ops if o.op == "aten::convolution"]
+    assert len(convs) == 3 and all(o.m.device_kind == "cuda" for o in p.ops)
+    cpu_words = re.compile(r"\b(SIMD|oneDNN|AVX|cores?|torch.get_num_threads)\b")
+    assert not [o.tip for o in p.ops if cpu_words.search(o.tip)]

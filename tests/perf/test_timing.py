@@ -28,8 +28,56 @@ def test_median_resists_outliers():
 
 
 def test_repeats_chosen_from_the_window():
-    t = timing.time_fn(lambda: time.sleep(0.002), window_s=0.05, warmup_s=0)
+    t = timing.time_fn(lambda: time.sleep(0.002), window_s=0.05, warmup_s=0, target_rel_ci=None)
     assert timing.MIN_REPEATS <= t.repeats <= 30
+
+
+def test_median_interval_from_order_statistics():
+    xs = [float(i) for i in range(1, 101)]
+    assert timing.median_ci(xs) == (40.0, 61.0)  # ranks 40 and 61 of 100: the textbook 95% interval
+    assert timing.median_ci([3.0, 1.0, 2.0]) == (1.0, 3.0)  # too few for ranks: (min, max)
+    assert timing.rel_ci(xs) == pytest.approx((61 - 40) / 2 / 50.5)
+    few = timing.Timing((1.0, 1.0, 1.0), "cpu-perf-counter", 0, 1, target_rel_ci=0.5)
+    assert few.rel_ci == 0 and not few.converged  # three equal times prove nothing
+    with pytest.raises(TimingError, match="no samples"):
+        timing.median_ci([])
+
+
+def _noisy(period: int, slow_s: float):
+    """A call that sleeps ``slow_s`` on one call in ``period``: a busy machine's descheduled calls."""
+    calls = iter(range(10**9))
+
+    def fn():
+        if next(calls) % period == 0:
+            time.sleep(slow_s)
+
+    return fn
+
+
+def test_repeats_until_the_median_is_known():
+    # 1 call in 5 is 1 ms slower: a few repeats can put the median among the slow ones; enough repeats do not.
+    fn = _noisy(5, 0.001)
+    t = timing.time_fn(fn, warmup_s=0, window_s=1e-4, target_rel_ci=0.5, budget_s=5.0)
+    assert t.converged and t.repeats >= timing.MIN_CI_SAMPLES and t.rel_ci <= 0.5 and t.target_rel_ci == 0.5
+
+
+def test_an_unreachable_target_stops_at_the_budget_and_says_so():
+    t0 = time.perf_counter()
+    t = timing.time_fn(_noisy(2, 0.002), warmup_s=0, target_rel_ci=1e-9, budget_s=0.3)
+    spent = time.perf_counter() - t0
+    assert not t.converged and t.rel_ci > 1e-9 and t.repeats >= timing.MIN_CI_SAMPLES
+    assert spent < 1.0  # the budget (0.3 s), not the target, ended it
+    slow = timing.time_fn(lambda: time.sleep(0.05), warmup_s=0, budget_s=0.05)
+    assert slow.repeats == timing.MIN_BUDGET_REPEATS and not slow.converged  # slower than the budget: 3 calls
+
+
+def test_fixed_repeats_are_exact_and_report_their_spread():
+    t = timing.time_fn(lambda: None, repeats=7, warmup_s=0)
+    assert t.repeats == 7 and t.target_rel_ci is None and t.rel_ci >= 0 and t.rel_spread >= 0
+    with pytest.raises(TimingError, match="budget_s=0"):
+        timing.time_fn(lambda: None, budget_s=0)
+    with pytest.raises(TimingError, match="target_rel_ci=-1"):
+        timing.time_fn(lambda: None, target_rel_ci=-1)
 
 
 @pytest.mark.parametrize("kwargs,match", [({"repeats": 0}, "repeats=0"), ({"window_s": 0.0}, "window_s=0.0"),
