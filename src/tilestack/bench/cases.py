@@ -34,19 +34,24 @@ BACKEND = "triton"   # what is timed: the GPU, or Triton's interpreter on a CPU 
 
 @dataclasses.dataclass
 class Case:
-    name: str                                   # "attention_fwd"
-    shape: str                                  # what a person reads in the table
+    """One row of the suite. A kernel case counts tilestack's FLOPs and bytes from its traced IR (``traced``,
+    ``cost_args``); a model step counts them by formula (``ours_cost``). ``baseline_cost`` None: the same as ours."""
+
+    name: str                                   # "attention_fwd", "gpt2_step"
+    shape: str                                  # what a person reads in the table; with ``name``, the case's key
     make: Callable[[str], dict]                 # device -> fresh inputs (and preallocated outputs)
     ours: Callable[[dict], Any]                 # runs tilestack on the inputs
-    traced: Callable[[dict], Any]               # the TracedKernel (for the IR's cost)
-    cost_args: Callable[[dict], tuple]          # arguments of traced.cost
     baseline_name: str
     baseline: Callable[[dict], Any]
-    baseline_cost: Callable[[], Any]            # perf.formulas.Cost
+    baseline_cost: Callable[[], Any] | None     # perf.formulas.Cost
     check: Callable[[str], dict]                # device -> {"vs_float64": err, "vs_reference": err, "tol": tol}
+    traced: Callable[[dict], Any] | None = None         # the TracedKernel (for the IR's cost)
+    cost_args: Callable[[dict], tuple] | None = None    # arguments of traced.cost
+    ours_cost: Callable[[dict], Any] | None = None      # inputs -> perf.formulas.Cost, where there is no IR
     items: float | None = None
     item_name: str = "items"
     config: dict = dataclasses.field(default_factory=dict)
+    rotate: bool = True                         # fresh inputs per call, rotated past the caches (kernels)
 
 
 def _rel(a, b) -> float:
@@ -201,8 +206,16 @@ def attention_case(device: str, B: int, H: int, N: int, D: int, causal: bool, co
         check=check, items=B * N, item_name="tokens", config=cfg)
 
 
-def cases(device: str, full: bool = True) -> list[Case]:
-    """The suite: full sizes on a GPU; small sizes on a CPU (Triton's interpreter is slow)."""
+def cases(device: str, full: bool = True, models: bool = True) -> list[Case]:
+    """The suite: full sizes on a GPU; small sizes on a CPU (Triton's interpreter is slow). The library's kernels,
+    then (``models``) whole training steps of two language models (:mod:`tilestack.bench.steps`)."""
+    from tilestack.bench.steps import step_cases
+
+    return kernel_cases(device, full) + (step_cases(device, full) if models else [])
+
+
+def kernel_cases(device: str, full: bool = True) -> list[Case]:
+    """A case per library kernel: full sizes on a GPU, small ones on a CPU."""
     import torch
 
     if device == "cuda" and full:

@@ -1,19 +1,26 @@
-"""Run the bench suite: check every kernel, time it beside its baseline, keep and show the results.
+"""Run the bench suite: check every case, time it beside its baseline, keep and show the results.
 
-    rows, measurements = run_suite(full=True)       # what ``tilestack bench`` does
+    rows = run_suite(full=True, out_dir=Path("out/bench"))    # what ``tilestack bench`` does
+    rows[0].passed, rows[0].speedup, rows[0].ours.flops_per_s
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
 from tilestack import perf
+from tilestack.bench import record
 from tilestack.bench.cases import Case, cases
-from tilestack.perf import report
+from tilestack.perf import formulas, report
+from tilestack.perf.metrics import compute_metrics, roofs_for
+from tilestack.perf.timing import Timing
 
 CPU_REPEATS = 3      # the Triton interpreter takes about a second a call: a few repeats say enough
+STEP_CPU_PLAN = (1, 2)   # (warm-up, timed) steps of a model step on a CPU, where one takes seconds
+DTYPE = "bf16"       # every case runs in bf16
 
 
 @dataclasses.dataclass
@@ -33,27 +40,54 @@ class BenchRow:
         return self.baseline.latency_s / self.ours.latency_s
 
 
-def _sets(case: Case, dev, per_set_bytes: float) -> list[tuple]:
+def _sets(case: Case, dev, first: dict, per_set_bytes: float) -> list[tuple]:
+    if not case.rotate:             # a model step: one model, its optimizer and a batch, stepped again and again
+        return [(first,)]
     return perf.rotating_sets(lambda: (case.make(dev.torch_device),), bytes_per_set=max(per_set_bytes, 1.0),
                               device=dev)
+
+
+def _cost(case: Case, first: dict) -> tuple[formulas.Cost, dict]:
+    """tilestack's FLOPs and compulsory DRAM bytes (from the IR where there is one), and what else to keep."""
+    if case.traced is None:
+        return case.ours_cost(first), {}
+    ir = case.traced(first).cost(*case.cost_args(first))
+    # the roofline places a kernel by its compulsory DRAM bytes; every global access (L2 included) is noted
+    return formulas.Cost(ir.flops, ir.dram_bytes_read, ir.dram_bytes_written), {"global_access_bytes": ir.bytes}
+
+
+def _measure(fn, sets: list[tuple], cost: formulas.Cost, *, case: Case, dev, ceil, **common):
+    """perf.measure, except for a model step on a CPU: a step under Triton's interpreter takes seconds, so it is
+    timed over STEP_CPU_PLAN steps (perf.measure warms up with at least five calls)."""
+    counts = dict(flops=cost.flops, bytes_read=cost.bytes_read, bytes_written=cost.bytes_written,
+                  items=case.items, item_name=case.item_name, **common)
+    if dev.kind == "cpu" and not case.rotate:
+        warm, repeats = STEP_CPU_PLAN
+        for _ in range(warm):
+            fn(*sets[0])
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn(*sets[0])
+            times.append(time.perf_counter() - t0)
+        t = Timing(tuple(times), "cpu-perf-counter", warm, 1)
+        return compute_metrics(latency_s=t.median_s, roofs=roofs_for(dev, ceil, DTYPE), device=dev.name,
+                               device_kind=dev.kind, dtype=DTYPE, timing=t, **counts)
+    return perf.measure(fn, args_sets=sets, device=dev, ceilings=ceil, dtype=DTYPE,
+                        repeats=CPU_REPEATS if dev.kind == "cpu" else None, **counts)
 
 
 def run_case(case: Case, dev, ceil, store=None, run_id=None) -> BenchRow:
     check = case.check(dev.torch_device)
     first = case.make(dev.torch_device)
-    cost = case.traced(first).cost(*case.cost_args(first))
-    sets = _sets(case, dev, cost.dram_bytes)
-    repeats = CPU_REPEATS if dev.kind == "cpu" else None
-    common = dict(args_sets=sets, items=case.items, item_name=case.item_name, device=dev, ceilings=ceil,
-                  repeats=repeats, dtype="bf16")
-    # the roofline places a kernel by its compulsory DRAM bytes; every global access (L2 included) is noted
-    ours = perf.measure(case.ours, flops=cost.flops, bytes_read=cost.dram_bytes_read,
-                        bytes_written=cost.dram_bytes_written, name=f"tilestack.{case.name}",
-                        config={"shape": case.shape, **case.config, "global_access_bytes": cost.bytes}, **common)
-    base_cost = case.baseline_cost()
-    baseline = perf.measure(case.baseline, flops=base_cost.flops, bytes_read=base_cost.bytes_read,
-                            bytes_written=base_cost.bytes_written, name=case.baseline_name,
-                            config={"shape": case.shape}, **common)
+    cost, extra = _cost(case, first)
+    base_cost = case.baseline_cost() if case.baseline_cost is not None else cost
+    sets = _sets(case, dev, first, cost.bytes)
+    key = {"case": case.name, "shape": case.shape}    # what pairs a result with its match in another run
+    ours = _measure(case.ours, sets, cost, case=case, dev=dev, ceil=ceil, name=f"tilestack.{case.name}",
+                    config={**key, "role": "tilestack", **case.config, **extra})
+    baseline = _measure(case.baseline, sets, base_cost, case=case, dev=dev, ceil=ceil, name=case.baseline_name,
+                        config={**key, "role": "baseline"})
     if store is not None:
         store.append(run_id, ours)
         store.append(run_id, baseline)
@@ -78,18 +112,24 @@ def comparison_table(rows: list[BenchRow], device_label: str):
     return t
 
 
-def run_suite(*, full: bool = True, only: list[str] | None = None, store: bool = True,
+def run_suite(*, full: bool = True, only: list[str] | None = None, store: bool = True, models: bool = True,
               out_dir: Path | None = None, console=None) -> list[BenchRow]:
+    """Every case (``only``: those names) on this machine's device; results appended to the result store as one
+    run; with ``out_dir``, report.html, roofline.png, bench.md and bench.json (the run as a record) there."""
     con = report.console(console)
     dev = perf.detect()
     label = f"{dev.name} ({dev.kind.upper()}{', Triton interpreter, small sizes' if dev.kind == 'cpu' else ''})"
     ceil = perf.ceilings(dev)
-    suite = [c for c in cases(dev.kind, full) if not only or c.name in only]
+    suite = [c for c in cases(dev.kind, full, models) if not only or c.name in only]
     rows: list[BenchRow] = []
+    versions = perf.versions()
+    started = record.now()
     st = perf.Store() if store else None
+    run_id = None
     try:
-        run_id = (st.start_run(device=dev, ceilings=ceil, label="tilestack bench", command="tilestack bench")
-                  if st else None)
+        if st is not None:
+            run_id = st.start_run(device=dev, ceilings=ceil, label="tilestack bench", command=record.BENCH_COMMAND,
+                                  versions=versions)
         for case in report.track(suite, description=f"bench on {label}", total=len(suite)):
             rows.append(run_case(case, dev, ceil, st, run_id))
     finally:
@@ -98,10 +138,15 @@ def run_suite(*, full: bool = True, only: list[str] | None = None, store: bool =
     ms = [m for r in rows for m in (r.ours, r.baseline)]
     report.print_measurements(ms, title="every run, with roofline placement", con=con)
     con.print(comparison_table(rows, label))
+    if run_id is not None:
+        con.print(f"stored as run {run_id}; compare with another run or device: tilestack bench compare A B")
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         report.roofline_png(ms, out_dir / "roofline.png", device=dev, ceilings=ceil, title=label)
-        report.html_report(ms, out_dir / "report.html", device=dev, ceilings=ceil, versions=perf.versions())
+        report.html_report(ms, out_dir / "report.html", device=dev, ceilings=ceil, versions=versions)
         (out_dir / "bench.md").write_text(report.measurements_markdown(ms))
-        con.print(f"report: {out_dir / 'report.html'}, roofline: {out_dir / 'roofline.png'}")
+        record.Record(dev.name, ms, versions, dev.describe(), started, record.BENCH_COMMAND,
+                      f"run {run_id}" if run_id else "tilestack bench --no-store").write(out_dir / "bench.json")
+        con.print(f"report: {out_dir / 'report.html'}, roofline: {out_dir / 'roofline.png'}, "
+                  f"record: {out_dir / 'bench.json'}")
     return rows

@@ -1,4 +1,5 @@
-"""``tilestack bench``: every kernel of the library checked against the reference, timed beside its baseline."""
+"""``tilestack bench``: every library kernel and two model training steps, checked, timed beside their baselines,
+kept in the result store; ``tilestack bench compare A B``: two runs, devices or record files, case by case."""
 
 from __future__ import annotations
 
@@ -8,21 +9,59 @@ import typer
 
 from tilestack.cli import app
 
+bench_app = typer.Typer(help="Benchmark suite: run it (no subcommand), or compare two runs.", no_args_is_help=False,
+                        add_completion=False, pretty_exceptions_show_locals=False)
+app.add_typer(bench_app, name="bench")
 
-@app.command()
+
+@bench_app.callback(invoke_without_command=True)
 def bench(
-    kernel: list[str] = typer.Option(None, "--kernel", "-k", help="only these kernels (repeatable)"),
+    ctx: typer.Context,
+    kernel: list[str] = typer.Option(None, "--kernel", "-k",
+                                     help="only these cases (repeatable): gemm, softmax, layer_norm, attention_fwd, "
+                                          "gpt2_step, llama_step"),
     small: bool = typer.Option(False, help="small sizes even on a GPU"),
-    out: Path = typer.Option(Path("out/bench"), help="folder for report.html, roofline.png, bench.md"),
+    models: bool = typer.Option(True, help="include the model training steps (GPT-2 small, Llama-style 1B)"),
+    out: Path = typer.Option(Path("out/bench"),
+                             help="folder for report.html, roofline.png, bench.md, bench.json (the run as a record)"),
     store: bool = typer.Option(True, help="append every result to the SQLite result store"),
 ) -> None:
-    """Check every library kernel against the reference executor and float64 PyTorch, time it and its
-    baseline on this device (GPU; or CPU at small sizes under Triton's interpreter, labelled so), and print
-    time, FLOP/s, bytes/s and arithmetic intensity from the IR's own counts."""
+    """Check every library kernel against the reference executor and float64 PyTorch, and a training step of two
+    language models against torch's in float64; time each beside its baseline on this device (GPU; or CPU at small
+    sizes under Triton's interpreter, labelled so), and print time, FLOP/s, bytes/s and arithmetic intensity."""
+    if ctx.invoked_subcommand is not None:
+        return
     from tilestack.bench import run_suite
 
-    rows = run_suite(full=not small, only=kernel or None, store=store, out_dir=out)
+    rows = run_suite(full=not small, only=kernel or None, store=store, models=models, out_dir=out)
+    if kernel and not rows:
+        typer.echo(f"no case named {', '.join(kernel)}; see --help for the names", err=True)
+        raise typer.Exit(2)
     failed = [r.case.name for r in rows if not r.passed]
     if failed:
         typer.echo(f"correctness check failed: {', '.join(failed)}", err=True)
+        raise typer.Exit(1)
+
+
+@bench_app.command("compare")
+def compare(
+    a: str = typer.Argument(..., help="the baseline side: a record file (*.json), a run (id, prefix, label, latest, "
+                                      "latest~N) or a device name (its newest bench run)"),
+    b: str = typer.Argument(..., help="the side compared against A, the same kinds"),
+    db: Path = typer.Option(None, help="the result store (default: <cache_dir>/perf/results.sqlite)"),
+) -> None:
+    """Two bench runs case by case (matched by case name and shape): tilestack's time on each, B's speed-up over A
+    for tilestack and for the baseline, each side's speed-up over its own baseline, and notices where the runs
+    differ (sizes, devices, versions, tuned configs). Exits 1 when nothing pairs."""
+    from tilestack.bench.compare import compare as compare_runs
+    from tilestack.bench.compare import print_comparison
+    from tilestack.bench.record import RecordError, load_side
+
+    try:
+        cmp = compare_runs(load_side(a, db), load_side(b, db))
+    except RecordError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    print_comparison(cmp)
+    if not cmp.comparable:
         raise typer.Exit(1)
