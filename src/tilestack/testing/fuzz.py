@@ -651,7 +651,13 @@ def attention_problem(rng, device: str, backend: str, prof: Profile, caps: dict)
         eps_in = _eps(dtype) if dtype != torch.float32 else 2.0 ** -10   # fp32 products may run as tf32
         u_s = U32 if dtype != torch.float32 else 2.0 ** -11
         seen = s.isfinite()
-        smax = float(torch.where(seen, s.abs(), 0.0).amax()) if s.numel() else 0.0
+        # a score's rounding error grows with sum |q_d k_d| (tf32 products, f32 sums), not with |s|, plus the bias
+        smax = 0.0
+        if s.numel():
+            q_abs, kk_abs = q.double().abs(), k.double().abs().repeat_interleave(H // Hkv, 1)
+            magnitude = eff_scale * (q_abs @ kk_abs.transpose(-1, -2)) + (s - eff_scale * (
+                q.double() @ k.double().repeat_interleave(H // Hkv, 1).transpose(-1, -2))).abs()
+            smax = float(torch.where(seen, magnitude, 0.0).amax())
         lse_mag = float(torch.where(lse64.isfinite(), lse64.abs(), 0.0).amax()) if lse64.numel() else 0.0
         rel_p = 4 * (eps_in + u_s * 4 * (smax + lse_mag) + EXP2_APPROX)   # rounding of P (and dS) per element
         out_eps = 2 * _eps(dtype)
