@@ -146,6 +146,12 @@ def _norm_rows() -> dict[str, Row]:
         "rms_norm: weight length": Row(lambda: rms_norm(x, w[:3]), LaunchError, "weight has 3 elements"),
         "rms_norm: x int64": Row(lambda: rms_norm(x.long(), w), LaunchError, "x has dtype int64"),
         "rms_norm: eps None": Row(lambda: rms_norm(x, w, eps=None), LaunchError, "eps must be"),
+        # the differentiable ops over (..., N) tensors
+        "tilestack.layer_norm: weight length": Row(lambda: tilestack.layer_norm(x[None], w[:5], b), LaunchError,
+                                                   "weight"),
+        "tilestack.layer_norm: eps None": Row(lambda: tilestack.layer_norm(x, w, b, eps=None), LaunchError, "eps"),
+        "tilestack.rms_norm: x int32": Row(lambda: tilestack.rms_norm(x.int(), w), LaunchError, "x has dtype int32"),
+        "tilestack.rms_norm: eps string": Row(lambda: tilestack.rms_norm(x, w, eps="1e-6"), LaunchError, "eps"),
     }
 
 
@@ -280,4 +286,4 @@ def test_bad_input_is_refused_clearly(row):
 def test_the_table_covers_every_entry_point():
     prefixes = {name.split(":")[0] for name in ROWS}
     assert prefixes >= {"attention", "attention_forward", "attention_backward", "gemm", "softmax", "layer_norm",
-                        "rms_norm", "launch", "trace"}
+                        "rms_norm", "tilestack.layer_norm", "tilestack.rms_norm", "launch", "trace"}
