@@ -5,7 +5,8 @@
     PYTHONPATH=src python scripts/fuzz.py --seed 0 --start 417 --budget 1 -v    # replay one problem
 
 A large budget can be split into chunks (--start 0 --budget 5000, then --start 5000 --budget 5000): problem i
-is the same whatever the chunk. Exit status 1 when any problem failed.
+is the same whatever the chunk. With --time-limit a run stops early and prints where to continue. Exit status 1
+when any problem failed.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
                   time_limit=args.time_limit, progress=progress)
     print(report.summary(max_failures=50))
     print(f"attention capabilities: {report.capabilities}")
+    if report.tried < args.budget:
+        print(f"stopped by --time-limit: continue with --start {args.start + report.tried} "
+              f"--budget {args.budget - report.tried}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report.as_dict(), f, indent=1)
