@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tilestack.errors import LaunchError
-from tilestack.kernels import rms_norm, rms_norm_backward
+from tilestack.kernels import add_layer_norm, add_rms_norm, layer_norm_backward, rms_norm, rms_norm_backward
 
 rms_module = importlib.import_module("tilestack.kernels.rmsnorm")
 bwd_module = importlib.import_module("tilestack.kernels.layernorm_bwd")
@@ -115,7 +115,7 @@ def test_rms_norm_no_rows(poison_empty):
 ], ids=["rank", "weight-size", "dtype", "eps", "one-tile", "rstd-size", "dy-shape", "rstd-dtype",
         "bwd-one-tile"])
 def test_rms_norm_bad_arguments_refused_before_launch(call, match, no_launch):
-    no_launch(rms_module, "rms_norm_kernel")
+    no_launch(rms_module, "rms_norm_kernel", "norm_fwd_kernel")
     no_launch(bwd_module, "norm_bwd_kernel", "partial_sum_kernel")
     with pytest.raises(LaunchError, match=match):
         call()
@@ -146,3 +146,35 @@ def test_gpu_default_configs_trace_and_run(rng):
     assert cfg == dict(BM=2, BN=1024, ONE_TILE=True, num_warps=8)
     assert rel(y, y64) <= 1e-5 and rel(dx, dx64) <= 1e-5 and rel(dw, dw64) <= 1e-5
     assert rel(sums, parts.double().sum(1)) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("centered", [False, True], ids=["rms", "layer"])
+@pytest.mark.parametrize("shape,cfg", [((7, 300), dict(BM=2, BN=512, ONE_TILE=True)),
+                                       ((5, 300), dict(BM=2, BN=128))], ids=str)
+def test_add_norm_and_its_backward_with_dh(backend, dtype, centered, shape, cfg, rng, poison_empty):
+    """h = x + r rounded to x's dtype, y = norm(h); the backward adds dh (the residual stream's gradient)."""
+    def t(loc=0.0, std=1.0, s=shape):
+        return torch.from_numpy(rng.normal(loc, std, s)).to(dtype)
+
+    x, r, dy, dh = t(1.0, 2.0), t(), t(), t()
+    w, b = t(1.0, 0.5, shape[1:]), t(0.0, 0.5, shape[1:])
+    if centered:
+        y, h, mean, rstd = add_layer_norm(x, r, w, b, 1e-5, backend=backend, **cfg)
+        dx, dw, db = layer_norm_backward(dy, h, w, mean, rstd, dh=dh, backend=backend, **cfg)
+    else:
+        y, h, rstd = add_rms_norm(x, r, w, 1e-5, backend=backend, **cfg)
+        dx, dw = rms_norm_backward(dy, h, w, rstd, dh=dh, backend=backend, **cfg)
+    h_want = x + r                                                 # rounded to dtype, as torch's residual add
+    hd, wd, bd = (v.double().requires_grad_() for v in (h_want, w, b))
+    y64 = (torch.nn.functional.layer_norm(hd, shape[1:], wd, bd, 1e-5) if centered
+           else hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + 1e-5) * wd)
+    grads = torch.autograd.grad(y64, (hd, wd, bd) if centered else (hd, wd), dy.double())
+    tol = TOL[dtype]
+    # exact where bf16 rounds to nearest (the reference, a GPU); Triton's interpreter truncates (one ulp)
+    assert (torch.equal(h, h_want) if backend == "reference" or dtype == torch.float32 else rel(h, h_want) <= tol)
+    assert rel(y, y64) <= tol
+    assert rel(dx, grads[0] + dh.double()) <= tol and rel(dw, grads[1]) <= tol
+    if centered:
+        assert rel(db, grads[2]) <= tol

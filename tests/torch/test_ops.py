@@ -31,6 +31,10 @@ def _rope64(x, cos, sin):
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
 
+def _rms64(x, w):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+
 def cases(rng, dtype):
     """name -> (op, custom-op call, float64 reference, differentiable inputs, other arguments)."""
     def t(*shape, std=1.0, loc=0.0):
@@ -41,11 +45,17 @@ def cases(rng, dtype):
     labels[4] = -100
     return {
         "rms_norm": (ops.rms_norm, lambda x, w: ops.rms_norm_fwd_op(x, w, 1e-6)[0],
-                     lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w,
+                     _rms64,
                      (t(2, 3, 40, loc=1.0), t(40, loc=1.0)), ()),
         "layer_norm": (ops.layer_norm, lambda x, w, b: ops.layer_norm_fwd_op(x, w, b, 1e-5)[0],
                        lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b, 1e-5),
                        (t(2, 3, 40, loc=2.0), t(40, loc=1.0), t(40)), ()),
+        "add_rms_norm": (ops.add_rms_norm, lambda x, r, w: ops.add_rms_norm_fwd_op(x, r, w, 1e-6)[:2],
+                         lambda x, r, w: (_rms64(x + r, w), x + r),
+                         (t(2, 3, 40, loc=1.0), t(2, 3, 40), t(40, loc=1.0)), ()),
+        "add_layer_norm": (ops.add_layer_norm, lambda x, r, w, b: ops.add_layer_norm_fwd_op(x, r, w, b, 1e-5)[:2],
+                           lambda x, r, w, b: (F.layer_norm(x + r, x.shape[-1:], w, b, 1e-5), x + r),
+                           (t(2, 3, 40, loc=2.0), t(2, 3, 40), t(40, loc=1.0), t(40)), ()),
         "swiglu": (ops.swiglu, ops.swiglu_fwd_op, lambda x: F.silu(x[..., :20]) * x[..., 20:], (t(2, 3, 40),), ()),
         "rotary": (lambda q, k: ops.rotary(q, k, cos, sin), lambda q, k: ops.rotary_op(q, k, cos, sin, False),
                    lambda q, k: (_rope64(q, cos, sin), _rope64(k, cos, sin)), (t(2, 5, 4, 16), t(2, 5, 2, 16)), ()),
@@ -55,7 +65,7 @@ def cases(rng, dtype):
     }
 
 
-NAMES = ("rms_norm", "layer_norm", "swiglu", "rotary", "cross_entropy")
+NAMES = ("rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm", "swiglu", "rotary", "cross_entropy")
 
 
 def _outputs(y):
@@ -107,9 +117,14 @@ def test_rotary_outputs_are_stored_heads_first(rng):
 
 OPCHECKS = {
     "rms_norm_fwd": lambda r: (ops.rms_norm_fwd_op, (r(3, 4, 32), r(32), 1e-6)),
-    "rms_norm_bwd": lambda r: (ops.rms_norm_bwd_op, (r(3, 32), r(3, 32), r(32), r(3).abs())),
+    "rms_norm_bwd": lambda r: (ops.rms_norm_bwd_op, (r(3, 32), r(3, 32), r(32), r(3).abs(), None)),
+    "rms_norm_bwd_dh": lambda r: (ops.rms_norm_bwd_op, (r(3, 32), r(3, 32), r(32), r(3).abs(), r(3, 32))),
+    "add_rms_norm_fwd": lambda r: (ops.add_rms_norm_fwd_op, (r(3, 4, 32), r(3, 4, 32), r(32), 1e-6)),
     "layer_norm_fwd": lambda r: (ops.layer_norm_fwd_op, (r(3, 4, 32), r(32), r(32), 1e-5)),
-    "layer_norm_bwd": lambda r: (ops.layer_norm_bwd_op, (r(3, 32), r(3, 32), r(32), r(3), r(3).abs())),
+    "layer_norm_bwd": lambda r: (ops.layer_norm_bwd_op, (r(3, 32), r(3, 32), r(32), r(3), r(3).abs(), None)),
+    "layer_norm_bwd_dh": lambda r: (ops.layer_norm_bwd_op, (r(3, 32), r(3, 32), r(32), r(3), r(3).abs(),
+                                                           r(3, 32))),
+    "add_layer_norm_fwd": lambda r: (ops.add_layer_norm_fwd_op, (r(3, 4, 32), r(3, 4, 32), r(32), r(32), 1e-5)),
     "rotary": lambda r: (ops.rotary_op, (r(1, 3, 2, 16), r(1, 3, 1, 16), *rotary_tables(3, 16), False)),
     "swiglu_fwd": lambda r: (ops.swiglu_fwd_op, (r(3, 4, 32),)),
     "swiglu_bwd": lambda r: (ops.swiglu_bwd_op, (r(3, 4, 16), r(3, 4, 32))),
@@ -121,7 +136,7 @@ OPCHECKS = {
 @pytest.mark.parametrize("name", list(OPCHECKS))
 def test_opcheck(name, rng):
     def r(*shape):   # the backward ops have no derivative of their own: their inputs need none
-        return torch.from_numpy(rng.normal(0.0, 1.0, shape)).float().requires_grad_(not name.endswith("_bwd"))
+        return torch.from_numpy(rng.normal(0.0, 1.0, shape)).float().requires_grad_("_bwd" not in name)
 
     op, args = OPCHECKS[name](r)
     with config.override(backend="reference"):
@@ -140,10 +155,12 @@ def test_compile_fullgraph_keeps_every_op_in_the_graph(rng):
     def block(x, w, gu_w, head, b):
         h = ops.rms_norm(x, w)
         h = ops.layer_norm(h, w, b)
+        h, s = ops.add_rms_norm(h, x, w)
+        h, s = ops.add_layer_norm(s, h, w, b)
         q, k = ops.rotary(h.view(2, 5, 2, 16), h.view(2, 5, 2, 16), cos, sin)
         h = h + q.reshape(2, 5, 32) * k.reshape(2, 5, 32)
         h = ops.swiglu(h @ gu_w.T)
-        return ops.fused_linear_cross_entropy(h.reshape(10, 32), head, labels)
+        return ops.fused_linear_cross_entropy((h + s).reshape(10, 32), head, labels)
 
     with config.override(backend="reference"):
         want = block(x, w, gu_w, head, b)
@@ -159,13 +176,17 @@ def test_compile_fullgraph_keeps_every_op_in_the_graph(rng):
 @pytest.mark.parametrize("call,match", [
     (lambda: ops.rms_norm(torch.ones(2, 4), torch.ones(3)), "weight has 3 elements"),
     (lambda: ops.rms_norm(torch.tensor(1.0), torch.ones(1)), "at least one dim"),
-    (lambda: ops.layer_norm(torch.ones(2, 4), torch.ones(4), torch.ones(4).half()), "bias is torch.float16"),
+    (lambda: ops.layer_norm(torch.ones(2, 4), torch.ones(4), torch.ones(4).half()), "bias has dtype float16"),
+    (lambda: ops.add_rms_norm(torch.ones(2, 4), torch.ones(3, 4), torch.ones(4)), "r is \\(3, 4\\)"),
+    (lambda: ops.add_layer_norm(torch.ones(2, 4), torch.ones(2, 4).half(), torch.ones(4), torch.ones(4)),
+     "r has dtype float16"),
     (lambda: ops.swiglu(torch.ones(2, 5)), "last dim is even"),
     (lambda: ops.swiglu(torch.ones(2, 4, dtype=torch.int64)), "dtype torch.int64"),
     (lambda: ops.rotary(torch.ones(1, 3, 2, 16), torch.ones(1, 3, 2, 32), *rotary_tables(3, 16)), "k is"),
     (lambda: ops.fused_linear_cross_entropy(torch.ones(3, 4), torch.ones(5, 4), torch.zeros(2, dtype=torch.long)),
      "labels has 2 elements"),
-], ids=["rms-weight", "rms-0d", "ln-bias-dtype", "swiglu-odd", "swiglu-dtype", "rotary-k", "ce-labels"])
+], ids=["rms-weight", "rms-0d", "ln-bias-dtype", "add-r-shape", "add-r-dtype", "swiglu-odd", "swiglu-dtype",
+        "rotary-k", "ce-labels"])
 def test_bad_inputs_are_launch_errors(call, match):
     with pytest.raises(LaunchError, match=match):
         call()

@@ -4,13 +4,14 @@
     dx, dw = tilestack.kernels.rms_norm_backward(dy, x, weight, rstd)              # (tilestack.kernels.rmsnorm)
 
 With xhat = (x - mean) * rstd (RMS norm: mean = 0) and g = dy * w, per row of width N:
-    dx = rstd * (g - mean(g) - xhat * mean(g * xhat))       (RMS norm: no mean(g) term)
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat))  [+ dh]  (RMS norm: no mean(g) term)
     dw = sum over rows of dy * xhat,   db = sum over rows of dy
-The grid is persistent: P programs (P = the rows of the partial buffers ``DWp``/``DBp``, chosen by the host to
-fill the GPU) each walk the row blocks pid, pid + P, ... and keep their share of dw and db, which the host
-adds up over P afterwards (P x N floats, tiny next to x). A row that fits one tile (``ONE_TILE``) is read once
-and its partial sums stay in registers; a wider row takes two passes over its column tiles (the row's two
-means, then dx), adding into the program's own row of the partial buffers in memory. A second small kernel
+dh, given for a fused residual add (``add_layer_norm``/``add_rms_norm``), is the gradient reaching x by the
+residual path. The grid is persistent: P programs (P = the rows of the partial buffers ``DWp``/``DBp``, chosen
+by the host to fill the GPU) each walk the row blocks pid, pid + P, ... and keep their share of dw and db, which
+the host adds up over P afterwards (P x N floats, tiny next to x). A row that fits one tile (``ONE_TILE``) is
+read once and its partial sums stay in registers; a wider row takes two passes over its column tiles (the row's
+two means, then dx), adding into the program's own row of the partial buffers in memory. A second small kernel
 (``partial_sum_kernel``) adds the partials up and writes dw and db in the weight's dtype.
 """
 
@@ -26,8 +27,8 @@ FLOATS = ("float32", "bfloat16", "float16")
 
 
 @ts.kernel(grid=lambda DWp: (DWp.shape[0],))
-def norm_bwd_kernel(X, W, DY, Mean, Rstd, DX, DWp, DBp, *,
-                    CENTERED: bool,
+def norm_bwd_kernel(X, W, DY, DH, Mean, Rstd, DX, DWp, DBp, *,
+                    CENTERED: bool, ADD_DH: bool = False,
                     BM: int = ts.tunable(1, (1, 2, 4, 8, 16)),
                     BN: int = ts.tunable(1024, (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)),
                     num_warps: int = ts.tunable(4, (2, 4, 8, 16)),
@@ -35,6 +36,7 @@ def norm_bwd_kernel(X, W, DY, Mean, Rstd, DX, DWp, DBp, *,
                     ONE_TILE: bool = False):
     # X, DY, DX: (M, N); W: (N,); Mean, Rstd: (M,) f32; DWp, DBp: (P, N) f32 partial sums, one row per program.
     # CENTERED: layer norm (Mean and DBp are read/written); else RMS norm (Mean and DBp are never touched).
+    # ADD_DH: DH (M, N), the gradient reaching x by another path (the residual stream), is added into dx.
     pid = ts.block_id(0)
     P = ts.num_blocks(0)
     M, N = X.shape
@@ -78,6 +80,9 @@ def norm_bwd_kernel(X, W, DY, Mean, Rstd, DX, DWp, DBp, *,
                 ts.div(c_g, c_g, N * 1.0)
                 ts.sub_row(g, g, c_g)
             ts.mul_row(g, g, rstd)
+            if ADD_DH:
+                ts.load(t, DH, at=(i, 0))
+                ts.add(g, g, t)
             ts.copy(dx, g)
             ts.store(DX, dx, at=(i, 0))
         ts.store(DWp, dw, at=(pid, 0))
@@ -128,6 +133,9 @@ def norm_bwd_kernel(X, W, DY, Mean, Rstd, DX, DWp, DBp, *,
             if CENTERED:
                 ts.sub_row(g, g, c_g)
             ts.mul_row(g, g, rstd)
+            if ADD_DH:
+                ts.load(t, DH, at=(i, j))
+                ts.add(g, g, t)
             ts.copy(dx, g)
             ts.store(DX, dx, at=(i, j))
 
@@ -206,7 +214,7 @@ def sum_config(n: int, device_type: str) -> dict:
     return dict(BP=64, BN=32 if n <= 4096 else 128, num_warps=4)
 
 
-def check_norm_bwd_args(fn: str, dy, x, weight, stats: dict) -> None:
+def check_norm_bwd_args(fn: str, dy, x, weight, stats: dict, dh=None) -> None:
     """Every check on a norm backward's inputs, before any work."""
     import torch
 
@@ -216,16 +224,20 @@ def check_norm_bwd_args(fn: str, dy, x, weight, stats: dict) -> None:
     check_tensor(fn, "weight", weight, rank=1, dtypes=floats)
     if tuple(dy.shape) != tuple(x.shape):
         raise LaunchError(f"{fn}: dy is {tuple(dy.shape)}; expected x's shape {tuple(x.shape)}")
+    if dh is not None:
+        check_tensor(fn, "dh", dh, rank=2, dtypes=(x.dtype,))
+        if tuple(dh.shape) != tuple(x.shape):
+            raise LaunchError(f"{fn}: dh is {tuple(dh.shape)}; expected x's shape {tuple(x.shape)}")
     if weight.shape[0] != x.shape[1]:
         raise LaunchError(f"{fn}: weight has {weight.shape[0]} elements; expected x.shape[1] = {x.shape[1]}")
     for name, t in stats.items():
         check_tensor(fn, name, t, rank=1, dtypes=(torch.float32,))
         if t.shape[0] != x.shape[0]:
             raise LaunchError(f"{fn}: {name} has {t.shape[0]} elements; expected x.shape[0] = {x.shape[0]}")
-    check_same_device(fn, dy=dy, x=x, weight=weight, **stats)
+    check_same_device(fn, dy=dy, x=x, weight=weight, dh=dh, **stats)
 
 
-def norm_backward(dy, x, weight, mean, rstd, *, centered: bool, backend: str | None, config: dict):
+def norm_backward(dy, x, weight, mean, rstd, *, dh=None, centered: bool, backend: str | None, config: dict):
     """(dx, sums) after the checks: the launch and the reduction of the partial sums over programs; sums is
     (2, N) = [dw, db] for layer norm, (1, N) = [dw] for RMS norm, in weight's dtype."""
     import torch
@@ -236,16 +248,17 @@ def norm_backward(dy, x, weight, mean, rstd, *, centered: bool, backend: str | N
     alloc = torch.empty if cfg["ONE_TILE"] else torch.zeros    # the wide path adds into its partials
     parts = alloc(2 if centered else 1, p, n, dtype=torch.float32, device=x.device)   # (K, P, N): dw [, db]
     dx = torch.empty_like(x)
-    norm_bwd_kernel(x, weight, dy, rstd if mean is None else mean, rstd, dx, parts[0], parts[-1],
-                    CENTERED=centered, backend=backend, **cfg)
+    norm_bwd_kernel(x, weight, dy, dy if dh is None else dh, rstd if mean is None else mean, rstd, dx, parts[0],
+                    parts[-1], CENTERED=centered, ADD_DH=dh is not None, backend=backend, **cfg)
     sums = torch.empty(parts.shape[0], n, dtype=weight.dtype, device=x.device)     # (K, N): dw [, db]
     partial_sum_kernel(parts, sums, backend=backend, **sum_config(n, x.device.type))
     return dx, sums
 
 
-def layer_norm_backward(dy, x, weight, mean, rstd, *, backend: str | None = None, **config):
+def layer_norm_backward(dy, x, weight, mean, rstd, *, dh=None, backend: str | None = None, **config):
     """(dx, dw, db) of layer norm over the last dim of 2-D ``x``; ``mean`` and ``rstd`` as the forward
-    (``tilestack.kernels.layer_norm``) saved them. dx in x's dtype, dw and db in weight's."""
-    check_norm_bwd_args("layer_norm_backward", dy, x, weight, {"mean": mean, "rstd": rstd})
-    dx, sums = norm_backward(dy, x, weight, mean, rstd, centered=True, backend=backend, config=config)
+    (``tilestack.kernels.layer_norm`` or ``add_layer_norm``) saved them. dx in x's dtype, dw and db in weight's.
+    ``dh``: a gradient that reaches x (the residual stream h) by another path, added into dx."""
+    check_norm_bwd_args("layer_norm_backward", dy, x, weight, {"mean": mean, "rstd": rstd}, dh=dh)
+    dx, sums = norm_backward(dy, x, weight, mean, rstd, dh=dh, centered=True, backend=backend, config=config)
     return dx, sums[0], sums[1]

@@ -2,6 +2,8 @@
 
     y = tilestack.torch.ops.rms_norm(x, weight, eps=1e-6)           # over the last dim, any leading dims
     y = tilestack.torch.ops.layer_norm(x, weight, bias, eps=1e-5)
+    y, h = tilestack.torch.ops.add_rms_norm(x, r, weight)           # h = x + r, y = rms_norm(h): one pass
+    y, h = tilestack.torch.ops.add_layer_norm(x, r, weight, bias)
     qr, kr = tilestack.torch.ops.rotary(q, k, cos, sin)             # (B, N, H, D), stored heads-first
     y = tilestack.torch.ops.swiglu(x)                               # silu(x[..., :F]) * x[..., F:]
     loss = tilestack.torch.ops.fused_linear_cross_entropy(x, weight, labels, ignore_index=-100)
@@ -22,10 +24,8 @@ from tilestack.errors import LaunchError
 from tilestack.kernels.cross_entropy import IGNORE_INDEX, check_ce_args
 from tilestack.kernels.cross_entropy import fused_linear_cross_entropy as _flce
 from tilestack.kernels.layernorm import layer_norm as _layer_norm
-from tilestack.kernels.layernorm_bwd import check_norm_bwd_args, norm_backward
-from tilestack.kernels.layernorm_bwd import layer_norm_backward as _layer_norm_backward
-from tilestack.kernels.rmsnorm import check_rms_norm_args, rms_norm_backward
-from tilestack.kernels.rmsnorm import rms_norm as _rms_norm
+from tilestack.kernels.layernorm_bwd import norm_backward
+from tilestack.kernels.rmsnorm import check_norm_args, norm_forward
 from tilestack.kernels.rotary import check_rotary_args
 from tilestack.kernels.rotary import rotary as _rotary
 from tilestack.kernels.swiglu import swiglu as _swiglu
@@ -48,29 +48,47 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-# ---- RMS norm -------------------------------------------------------------------------------------------------
+# ---- norms: RMS norm and layer norm, each also with the residual add before it ------------------------------------
+# One forward op per kind; one backward op per kind, taking the residual stream's gradient dh (None without the
+# add). The forward saves the normalised input (h for the fused add) and its statistics.
+def _bwd_rows(dh):
+    return None if dh is None else _rows(dh)
+
+
 @torch.library.custom_op("tilestack::rms_norm_fwd", mutates_args=())
 def rms_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    y, rstd = _rms_norm(_rows(x), weight, eps)
+    y, _, _, rstd = norm_forward(_rows(x), weight, None, None, eps, backend=None, config={})
     return y.view(x.shape), rstd
 
 
 @rms_norm_fwd_op.register_fake
 def _(x, weight, eps):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(
-        x.numel() // max(1, x.shape[-1]), dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), _stat(x)
+
+
+@torch.library.custom_op("tilestack::add_rms_norm_fwd", mutates_args=())
+def add_rms_norm_fwd_op(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, h, _, rstd = norm_forward(_rows(x), weight, None, _rows(r), eps, backend=None, config={})
+    return y.view(x.shape), h.view(x.shape), rstd
+
+
+@add_rms_norm_fwd_op.register_fake
+def _(x, r, weight, eps):
+    return _like(x), _like(x), _stat(x)
 
 
 @torch.library.custom_op("tilestack::rms_norm_bwd", mutates_args=())
-def rms_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                    rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    dx, dw = rms_norm_backward(_rows(dy), _rows(x), weight, rstd)
-    return dx.view(x.shape), dw
+def rms_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                    dh: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    dx, sums = norm_backward(_rows(dy), _rows(x), weight, None, rstd, dh=_bwd_rows(dh), centered=False,
+                             backend=None, config={})
+    return dx.view(x.shape), sums[0]
 
 
 @rms_norm_bwd_op.register_fake
-def _(dy, x, weight, rstd):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight)
+def _(dy, x, weight, rstd, dh):
+    return _like(x), torch.empty_like(weight)
 
 
 def _rms_setup(ctx, inputs, output):
@@ -81,40 +99,28 @@ def _rms_setup(ctx, inputs, output):
 
 def _rms_backward(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
-    dx, dw = rms_norm_bwd_op(dy, x, weight, rstd)
+    dx, dw = rms_norm_bwd_op(dy, x, weight, rstd, None)
     return dx, dw, None
 
 
 rms_norm_fwd_op.register_autograd(_rms_backward, setup_context=_rms_setup)
 
 
-class _RMSNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        y, rstd = _rms_norm(_rows(x), weight, eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return y.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, rstd = ctx.saved_tensors
-        dx, dw = rms_norm_backward(_rows(dy), _rows(x), weight, rstd)
-        return dx.view(x.shape), dw, None
+def _add_rms_setup(ctx, inputs, output):
+    _, _, weight, _ = inputs
+    ctx.save_for_backward(output[1], weight, output[2])      # h, the normalised input
+    ctx.mark_non_differentiable(output[2])
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """RMS norm over the last dim of ``x`` (any leading dims) times ``weight``; differentiable in both."""
-    if isinstance(x, torch.Tensor) and x.dim() == 0:
-        raise LaunchError("rms_norm: x must have at least one dim, got a 0-d tensor")
-    check_rms_norm_args("rms_norm", _rows(x) if isinstance(x, torch.Tensor) else x, weight, eps)
-    if not _eager(x):
-        return rms_norm_fwd_op(x, weight, float(eps))[0]
-    if _needs_grad(x, weight):
-        return _RMSNorm.apply(x, weight, float(eps))
-    return _rms_norm(_rows(x), weight, eps)[0].view(x.shape)
+def _add_rms_backward(ctx, dy, dh, _drstd):
+    h, weight, rstd = ctx.saved_tensors
+    dx, dw = rms_norm_bwd_op(dy, h, weight, rstd, dh)
+    return dx, dx, dw, None                                   # h = x + r: x and r get the same gradient
 
 
-# ---- layer norm -----------------------------------------------------------------------------------------------
+add_rms_norm_fwd_op.register_autograd(_add_rms_backward, setup_context=_add_rms_setup)
+
+
 @torch.library.custom_op("tilestack::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,23 +130,33 @@ def layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 
 @layer_norm_fwd_op.register_fake
 def _(x, weight, bias, eps):
-    m = x.numel() // max(1, x.shape[-1])
-    stat = x.new_empty(m, dtype=torch.float32)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), stat, torch.empty_like(stat)
+    return _like(x), _stat(x), _stat(x)
+
+
+@torch.library.custom_op("tilestack::add_layer_norm_fwd", mutates_args=())
+def add_layer_norm_fwd_op(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, h, mean, rstd = norm_forward(_rows(x), weight, bias, _rows(r), eps, backend=None, config={})
+    return y.view(x.shape), h.view(x.shape), mean, rstd
+
+
+@add_layer_norm_fwd_op.register_fake
+def _(x, r, weight, bias, eps):
+    return _like(x), _like(x), _stat(x), _stat(x)
 
 
 @torch.library.custom_op("tilestack::layer_norm_bwd", mutates_args=())
 def layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                      rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                      rstd: torch.Tensor, dh: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, [dw; db]): dw and db as the two rows of one (2, N) tensor (a custom op's outputs may not alias)."""
-    check_norm_bwd_args("layer_norm_backward", _rows(dy), _rows(x), weight, {"mean": mean, "rstd": rstd})
-    dx, sums = norm_backward(_rows(dy), _rows(x), weight, mean, rstd, centered=True, backend=None, config={})
+    dx, sums = norm_backward(_rows(dy), _rows(x), weight, mean, rstd, dh=_bwd_rows(dh), centered=True,
+                             backend=None, config={})
     return dx.view(x.shape), sums
 
 
 @layer_norm_bwd_op.register_fake
-def _(dy, x, weight, mean, rstd):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), weight.new_empty((2, weight.shape[0]))
+def _(dy, x, weight, mean, rstd, dh):
+    return _like(x), weight.new_empty((2, weight.shape[0]))
 
 
 def _ln_setup(ctx, inputs, output):
@@ -151,39 +167,120 @@ def _ln_setup(ctx, inputs, output):
 
 def _ln_backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, sums = layer_norm_bwd_op(dy, x, weight, mean, rstd)
+    dx, sums = layer_norm_bwd_op(dy, x, weight, mean, rstd, None)
     return dx, sums[0], sums[1], None
 
 
 layer_norm_fwd_op.register_autograd(_ln_backward, setup_context=_ln_setup)
 
 
-class _LayerNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        y, mean, rstd = _layer_norm(_rows(x), weight, bias, eps)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        return y.view(x.shape)
+def _add_ln_setup(ctx, inputs, output):
+    _, _, weight, _, _ = inputs
+    ctx.save_for_backward(output[1], weight, output[2], output[3])
+    ctx.mark_non_differentiable(output[2], output[3])
+
+
+def _add_ln_backward(ctx, dy, dh, _dmean, _drstd):
+    h, weight, mean, rstd = ctx.saved_tensors
+    dx, sums = layer_norm_bwd_op(dy, h, weight, mean, rstd, dh)
+    return dx, dx, sums[0], sums[1], None
+
+
+add_layer_norm_fwd_op.register_autograd(_add_ln_backward, setup_context=_add_ln_setup)
+
+
+def _like(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _stat(x: torch.Tensor) -> torch.Tensor:
+    """An empty (rows,) f32 tensor: one statistic per row of x's last dim."""
+    return x.new_empty(x.numel() // max(1, x.shape[-1]), dtype=torch.float32)
+
+
+class _Norm(torch.autograd.Function):
+    """The eager path of all four norms: (y, h) = norm(x [+ r]); layer norm when a bias is given."""
 
     @staticmethod
-    def backward(ctx, dy):
-        x, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db = _layer_norm_backward(_rows(dy), _rows(x), weight, mean, rstd)
-        return dx.view(x.shape), dw, db, None
+    def forward(ctx, x, r, weight, bias, eps):
+        if bias is not None and r is None:
+            y, mean, rstd = _layer_norm(_rows(x), weight, bias, eps)
+            h = None
+        else:
+            y, h, mean, rstd = norm_forward(_rows(x), weight, bias, None if r is None else _rows(r), eps,
+                                            backend=None, config={})
+        h = x if h is None else h.view(x.shape)
+        ctx.save_for_backward(h, weight, mean, rstd)
+        ctx.residual, ctx.centered = r is not None, bias is not None
+        if r is None:
+            return y.view(x.shape)
+        return y.view(x.shape), h
+
+    @staticmethod
+    def backward(ctx, dy, dh=None):
+        h, weight, mean, rstd = ctx.saved_tensors
+        dx, sums = norm_backward(_rows(dy), _rows(h), weight, mean, rstd, dh=_bwd_rows(dh),
+                                 centered=ctx.centered, backend=None, config={})
+        dx = dx.view(h.shape)
+        db = sums[1] if ctx.centered else None
+        return dx, (dx if ctx.residual else None), sums[0], db, None
+
+
+def _check_norm(fn: str, x, weight, eps, bias=None, r=None) -> None:
+    if isinstance(x, torch.Tensor) and x.dim() == 0:
+        raise LaunchError(f"{fn}: x must have at least one dim, got a 0-d tensor")
+    rows = _rows(x) if isinstance(x, torch.Tensor) else x
+    r_rows = _rows(r) if isinstance(r, torch.Tensor) and r.dim() > 0 else r
+    if isinstance(r, torch.Tensor) and isinstance(x, torch.Tensor) and r.shape != x.shape:
+        raise LaunchError(f"{fn}: r is {tuple(r.shape)}; expected x's shape {tuple(x.shape)}")
+    check_norm_args(fn, rows, weight, eps, bias=bias, residual=r_rows)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMS norm over the last dim of ``x`` (any leading dims) times ``weight``; differentiable in both."""
+    _check_norm("rms_norm", x, weight, eps)
+    if not _eager(x):
+        return rms_norm_fwd_op(x, weight, float(eps))[0]
+    if _needs_grad(x, weight):
+        return _Norm.apply(x, None, weight, None, float(eps))
+    return norm_forward(_rows(x), weight, None, None, eps, backend=None, config={})[0].view(x.shape)
+
+
+def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
+    """(y, h): h = x + r (the residual stream, in x's dtype) and y = rms_norm(h, weight), in one pass;
+    differentiable in x, r and weight."""
+    _check_norm("add_rms_norm", x, weight, eps, r=r)
+    if not _eager(x):
+        y, h, _ = add_rms_norm_fwd_op(x, r, weight, float(eps))
+        return y, h
+    if _needs_grad(x, r, weight):
+        return _Norm.apply(x, r, weight, None, float(eps))
+    y, h, _, _ = norm_forward(_rows(x), weight, None, _rows(r), eps, backend=None, config={})
+    return y.view(x.shape), h.view(x.shape)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Layer norm over the last dim of ``x`` (any leading dims) with ``weight`` and ``bias``; differentiable.
     weight and bias share a dtype."""
-    if isinstance(x, torch.Tensor) and x.dim() == 0:
-        raise LaunchError("layer_norm: x must have at least one dim, got a 0-d tensor")
-    if isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor) and bias.dtype != weight.dtype:
-        raise LaunchError(f"layer_norm: bias is {bias.dtype}; expected weight's dtype {weight.dtype}")
+    _check_norm("layer_norm", x, weight, eps, bias=bias)
     if not _eager(x):
         return layer_norm_fwd_op(x, weight, bias, float(eps))[0]
     if _needs_grad(x, weight, bias):
-        return _LayerNorm.apply(x, weight, bias, float(eps))
+        return _Norm.apply(x, None, weight, bias, float(eps))
     return _layer_norm(_rows(x), weight, bias, eps)[0].view(x.shape)
+
+
+def add_layer_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5):
+    """(y, h): h = x + r (the residual stream, in x's dtype) and y = layer_norm(h, weight, bias), in one pass;
+    differentiable in x, r, weight and bias."""
+    _check_norm("add_layer_norm", x, weight, eps, bias=bias, r=r)
+    if not _eager(x):
+        y, h, _, _ = add_layer_norm_fwd_op(x, r, weight, bias, float(eps))
+        return y, h
+    if _needs_grad(x, r, weight, bias):
+        return _Norm.apply(x, r, weight, bias, float(eps))
+    y, h, _, _ = norm_forward(_rows(x), weight, bias, _rows(r), eps, backend=None, config={})
+    return y.view(x.shape), h.view(x.shape)
 
 
 # ---- rotary embedding -----------------------------------------------------------------------------------------
@@ -379,4 +476,5 @@ def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: to
     return _flce(x, weight, labels, ignore_index=ignore_index)[0]
 
 
-__all__ = ["fused_linear_cross_entropy", "layer_norm", "rms_norm", "rotary", "swiglu"]
+__all__ = ["add_layer_norm", "add_rms_norm", "fused_linear_cross_entropy", "layer_norm", "rms_norm", "rotary",
+           "swiglu"]
