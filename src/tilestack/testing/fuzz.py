@@ -617,7 +617,8 @@ def attention_problem(rng, device: str, backend: str, prof: Profile, caps: dict)
             mask = tensor(rng, shape, [torch.float32, dtype][int(rng.integers(2))], device,
                           scale=float(rng.choice((1.0, 30.0))))
     backward = bool(rng.random() < 0.6)
-    op_ok = mask is None and (not causal or align == "top_left" or "causal_align" in caps["op_params"])
+    op_ok = ((mask is None or "attn_mask" in caps["op_params"])
+             and (not causal or align == "top_left" or "causal_align" in caps["op_params"]))
     path = "op" if op_ok and rng.random() < 0.25 else "kernels"
     desc = (f"attention B={B} H={H} Hkv={Hkv} Nq={Nq} Nk={Nk} D={D} Dv={Dv} {str(dtype)[6:]} "
             f"causal={causal}{'/' + align if causal else ''} scale={scale} {style} mask={mask_kind}"
@@ -627,10 +628,13 @@ def attention_problem(rng, device: str, backend: str, prof: Profile, caps: dict)
         extra["causal_align"] = align
 
     def run():
-        if path == "op":
+        if path == "op":                         # tilestack.attention: autograd, on the backend the knob names
+            from tilestack.config import override
+
             leaves = [t.detach().clone().requires_grad_(backward) for t in (q, k, v)]
-            with torch.enable_grad():
-                o = _attention_op()(*leaves, causal=causal, scale=scale, **extra)
+            op_kw = extra if mask is None else dict(extra, attn_mask=mask)
+            with torch.enable_grad(), override(backend=backend):
+                o = _attention_op()(*leaves, causal=causal, scale=scale, **op_kw)
                 if not backward:
                     return o.detach(), None, None, None, None
                 o.backward(do)
