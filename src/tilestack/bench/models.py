@@ -12,11 +12,13 @@ parameters (one state_dict loads into both), for timing a whole training step.
   ``LLAMA_1B``: 16 layers, d=2048, 16 query heads and 4 key/value heads of 128, MLP hidden 5632, vocab 32000.
 - ``*_TINY``: the same architectures small enough for a CPU test.
 
-``impl="torch"``: torch's own ops: F.scaled_dot_product_attention (whatever backend it picks), F.layer_norm /
-F.rms_norm, rotary and SwiGLU as tensor expressions, and the LM head's logits in full followed by
-F.cross_entropy on them in f32 (as Hugging Face models do). ``impl="tilestack"``: ``tilestack.attention`` and
-the tile kernels of ``tilestack.torch.ops`` (norms, rotary, SwiGLU, and the fused linear + cross-entropy that
-never makes the logits whole). GEMMs (nn.Linear), embeddings and GELU are torch's in both.
+``impl="torch"``: torch's own ops: F.scaled_dot_product_attention (whatever backend it picks), the residual
+add then F.layer_norm / F.rms_norm, rotary and SwiGLU as tensor expressions, and the LM head's logits in full
+followed by F.cross_entropy on them in f32 (as Hugging Face models do). ``impl="tilestack"``:
+``tilestack.attention`` and the tile kernels of ``tilestack.torch.ops`` (norms with the residual add before them
+fused in, rotary, SwiGLU, and the fused linear + cross-entropy that never makes the logits whole). GEMMs
+(nn.Linear), embeddings and GELU are torch's in both. The blocks pass (residual stream, block output) pairs so
+that the add can be fused into the next norm; the arithmetic is the same in both.
 """
 
 from __future__ import annotations
@@ -68,11 +70,23 @@ def _check_impl(impl: str) -> str:
 
 
 # ---- the ops that differ between the two implementations ----------------------------------------------------------
-def _layer_norm(impl: str, x, ln: nn.LayerNorm):
+def _add_norm(impl: str, h, delta, norm: nn.Module):
+    """(y, h + delta) with y = norm(h + delta): the pre-norm block's residual add and the norm after it (one pass
+    of the fused kernel with tilestack; an add and the norm with torch). ``delta`` None: no add."""
+    ln = isinstance(norm, nn.LayerNorm)
     if impl == "tilestack":
-        from tilestack.torch.ops import layer_norm
-        return layer_norm(x, ln.weight, ln.bias, ln.eps)
-    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+        from tilestack.torch import ops
+        if delta is None:
+            return (ops.layer_norm(h, norm.weight, norm.bias, norm.eps) if ln
+                    else ops.rms_norm(h, norm.weight, norm.eps)), h
+        if ln:
+            return ops.add_layer_norm(h, delta, norm.weight, norm.bias, norm.eps)
+        return ops.add_rms_norm(h, delta, norm.weight, norm.eps)
+    if delta is not None:
+        h = h + delta
+    if ln:
+        return F.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps), h
+    return F.rms_norm(h, norm.weight.shape, norm.weight, norm.eps), h
 
 
 def _causal_attention(impl: str, q, k, v):
@@ -148,10 +162,12 @@ class GPTBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d, eps=cfg.eps)
         self.mlp = nn.ModuleDict(dict(c_fc=nn.Linear(cfg.d, 4 * cfg.d), c_proj=nn.Linear(4 * cfg.d, cfg.d)))
 
-    def forward(self, x):
-        x = x + self.attn(_layer_norm(self.impl, x, self.ln_1))
-        h = F.gelu(self.mlp.c_fc(_layer_norm(self.impl, x, self.ln_2)), approximate="tanh")
-        return x + self.mlp.c_proj(h)
+    def forward(self, h, delta):
+        """The residual stream h and the previous block's output delta, not yet added (the add is fused into this
+        block's first norm) -> this block's (h, delta)."""
+        y, h = _add_norm(self.impl, h, delta, self.ln_1)
+        y, h = _add_norm(self.impl, h, self.attn(y), self.ln_2)
+        return h, self.mlp.c_proj(F.gelu(self.mlp.c_fc(y), approximate="tanh"))
 
 
 class GPT(_Model):
@@ -167,10 +183,11 @@ class GPT(_Model):
     def forward(self, idx, targets=None):
         """idx: (B, N) token ids -> the mean loss against ``targets`` (B, N), or the logits (B, N, V) if none."""
         N = idx.shape[1]
-        x = self.wte(idx) + self.wpe(torch.arange(N, device=idx.device))   # (B, N, d)
+        h = self.wte(idx) + self.wpe(torch.arange(N, device=idx.device))   # (B, N, d)
+        delta = None
         for block in self.h:
-            x = block(x)
-        x = _layer_norm(self.impl, x, self.ln_f)
+            h, delta = block(h, delta)
+        x, _ = _add_norm(self.impl, h, delta, self.ln_f)
         if targets is None:
             return F.linear(x, self.wte.weight)
         return _loss(self.impl, x, self.wte.weight, targets)     # the LM head is the token embedding
@@ -184,10 +201,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x):
-        if self.impl == "tilestack":
-            from tilestack.torch.ops import rms_norm
-            return rms_norm(x, self.weight, self.eps)
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return _add_norm(self.impl, x, None, self)[0]
 
 
 def _rotate_half_torch(x, cos, sin):
@@ -242,14 +256,17 @@ class LlamaMLP(nn.Module):
 class LlamaLayer(nn.Module):
     def __init__(self, cfg: LlamaConfig, impl: str):
         super().__init__()
+        self.impl = impl
         self.input_layernorm = RMSNorm(cfg.d, cfg.eps, impl)
         self.self_attn = LlamaAttention(cfg, impl)
         self.post_attention_layernorm = RMSNorm(cfg.d, cfg.eps, impl)
         self.mlp = LlamaMLP(cfg, impl)
 
-    def forward(self, x, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, h, delta, cos, sin):
+        """As GPTBlock.forward: (h, delta) in, the add fused into the first norm, (h, delta) out."""
+        y, h = _add_norm(self.impl, h, delta, self.input_layernorm)
+        y, h = _add_norm(self.impl, h, self.self_attn(y, cos, sin), self.post_attention_layernorm)
+        return h, self.mlp(y)
 
 
 class Llama(_Model):
@@ -278,11 +295,12 @@ class Llama(_Model):
 
     def forward(self, idx, targets=None):
         N = idx.shape[1]
-        x = self.embed_tokens(idx)                         # (B, N, d)
+        h = self.embed_tokens(idx)                         # (B, N, d)
         cos, sin = self.rope_cos[:N], self.rope_sin[:N]   # (N, D/2)
+        delta = None
         for layer in self.layers:
-            x = layer(x, cos, sin)
-        x = self.norm(x)
+            h, delta = layer(h, delta, cos, sin)
+        x, _ = _add_norm(self.impl, h, delta, self.norm)
         if targets is None:
             return self.lm_head(x)
         return _loss(self.impl, x, self.lm_head.weight, targets)
