@@ -22,7 +22,7 @@ from tilestack.bench.cases import BACKEND, Case
 from tilestack.perf import formulas
 
 STEP_DTYPE = "bf16"
-STEP_TOL = 3e-2              # relative error of the loss and of all gradients together, bf16 against float64
+STEP_TOL = 1e-2              # relative error of the loss and all gradients together, bf16 against float64 (~2e-3)
 CHECK_BATCH = (1, 37)        # (B, N) of the correctness check: N ragged against every tile size
 GPU_SIZES = {                # model -> [(B, N)], the sizes of issue 8: GPT-2 small, Llama-style 1B with GQA
     "gpt2": [(16, 512), (8, 1024), (4, 2048), (1, 8192)],
