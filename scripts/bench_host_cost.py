@@ -128,14 +128,49 @@ def graph_and_compile_checks() -> dict:
             "compile_fullgraph_ok": compile_ok}
 
 
+def diagnose() -> None:
+    """Where a tiny forward+backward spends its host time: torch.profiler's table by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v = (torch.randn(1, 8, 128, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    do = torch.randn_like(q)
+    for _ in range(10):
+        tilestack.attention(q, k, v, causal=True).backward(do)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(50):
+            tilestack.attention(q, k, v, causal=True).backward(do)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    # the same pieces timed one by one, without the profiler
+    from tilestack.kernels.attention_bwd import attention_backward
+    from tilestack.kernels.attention_fwd import attention_forward
+
+    with torch.no_grad():
+        o, lse = attention_forward(q, k, v, True, None)
+        pieces = {"attention_forward": lambda: attention_forward(q, k, v, True, None),
+                  "attention_backward": lambda: attention_backward(q, k, v, o, lse, do, True, None),
+                  "torch.empty_like": lambda: torch.empty_like(q)}
+        for name, f in pieces.items():
+            print(f"{name:<24}{per_call_us(f):8.1f} us/call")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
+    ap.add_argument("--diagnose", action="store_true", help="profile a tiny forward+backward first")
     args = ap.parse_args()
+    if args.diagnose:
+        diagnose()
     rows: list = []
     attention_cases(rows)
     library_cases(rows)
-    checks = graph_and_compile_checks()
+    try:
+        checks = graph_and_compile_checks()
+    except Exception as e:   # reported, not fatal: the timings above still print
+        import traceback
+        traceback.print_exc()
+        checks = {"error": f"{type(e).__name__}: {e}"[:2000]}
     print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}")
     print(f"{'case':<28}{'mode':<9}{'impl':<14}{'us/call':>9}{'ratio':>8}")
     for r in rows:

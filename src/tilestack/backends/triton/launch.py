@@ -6,7 +6,7 @@ interpreter (no GPU, or ``TRITON_INTERPRET=1``).
 
 A launcher is built for one launch signature (see ``tilestack.lang.kernel.launch_key``: dtypes, shapes,
 strides, device, pointer alignment), so everything derived from those (the grid, the sizes and strides the
-kernel reads, whether TMA applies, Triton's specialization) is computed once. After the first GPU launch,
+kernel reads, whether TMA applies, which offsets need 64 bits, Triton's specialization) is computed once. After the first GPU launch,
 which goes through Triton's JIT to compile, a call goes straight to the compiled kernel's launcher: a list
 copy, one pointer per tensor and one C call.
 
@@ -21,7 +21,7 @@ import importlib.util
 import os
 import tempfile
 
-from tilestack.backends.triton.codegen import generate
+from tilestack.backends.triton.codegen import generate, wide_globals
 from tilestack.config import knobs
 from tilestack.errors import BackendError, LaunchError
 
@@ -90,11 +90,12 @@ def tma_ok(t) -> bool:
             and all((s * item) % TMA_ALIGN == 0 for s in t.stride()[:-1]))
 
 
-def jit_function(traced, interpret: bool, tma: bool):
-    """(jitted function, lowered kernel) for this mode, compiled once per traced kernel."""
-    key = f"triton{'-interpret' if interpret else ''}{'-tma' if tma else ''}"
+def jit_function(traced, interpret: bool, tma: bool, index64: frozenset[int] = frozenset()):
+    """(jitted function, lowered kernel) for this mode, compiled once per traced kernel: with TMA or not, and
+    64-bit offsets for the globals in ``index64`` (those whose offsets can pass 2^31; 32-bit elsewhere)."""
+    key = ("triton", interpret, tma, index64)
     if key not in traced._compiled:
-        low = generate(traced.ir, interpret=interpret, tma=tma)
+        low = generate(traced.ir, interpret=interpret, tma=tma, index64=index64)
         traced._compiled[key] = (compile_source(low.source, low.fn_name, interpret), low)
     return traced._compiled[key]
 
@@ -125,7 +126,7 @@ class Launcher:
         self.traced = traced
         self.interpret = _interpret(args)
         self.tma = (self.interpret or _tma_capable()) and all(tma_ok(args[i]) for i in traced.tile_globals)
-        self.fn, low = jit_function(traced, self.interpret, self.tma)
+        self.fn, low = jit_function(traced, self.interpret, self.tma, wide_globals(traced.ir, args))
         self.options = {k: traced.constants[k] for k in LAUNCH_OPTIONS if k in traced.constants}
         # the grid, unless it reads a runtime scalar (then it is evaluated per call)
         self.grid = None if traced._grid_scalars else _grid3(traced.grid(*args))
