@@ -36,19 +36,35 @@ def gpu(monkeypatch, tmp_path):
     lookup.reload()
 
 
-def shipped(kernel, sig, bucket):
-    return ConfigCache(tables_dir=cache.TABLES).view(H100_TABLE)[key(kernel, sig, bucket)]["config"]
+def shipped(kernel, sig, bucket, device=H100_TABLE):
+    """What the shipped tables of ``device``'s key hold for it (its own GPU's table first)."""
+    return ConfigCache(tables_dir=cache.TABLES).view(device)[key(kernel, sig, bucket)]["config"]
 
 
-def test_an_h200_reads_the_h100_tables_by_key(gpu, caplog):
-    """The H200 has the H100's SMs and shared memory: its key is the same, so the tables apply as they are."""
-    gpu(props("NVIDIA H200"))
+@pytest.mark.parametrize("name", ["NVIDIA H200", "NVIDIA H100 80GB HBM3", "NVIDIA H800"])
+def test_a_132_sm_hopper_reads_the_tables_of_its_key(gpu, caplog, name):
+    """The H100 SXM, the H200 and the H800 have the same SMs and shared memory: one key, one set of tables
+    (each GPU's own name first where two tables of the key hold an entry)."""
+    gpu(props(name))
+    me = DeviceKey(9, 0, 132, 227, name=name, memory_gb=139.7)
     with caplog.at_level(logging.WARNING, logger="tilestack.tune.lookup"):
         got = lookup.launch_config("attention_fwd", SIG, CUDA, 3000, DEFAULT | {"extra": 1})
         gemm = lookup.launch_config("gemm", "bfloat16", "cuda", 4096, {})
-    assert got == DEFAULT | {"extra": 1} | shipped("attention_fwd", SIG, 4096)
-    assert gemm == shipped("gemm", "bfloat16", 4096) and gemm["BN"] == 256
+    assert got == DEFAULT | {"extra": 1} | shipped("attention_fwd", SIG, 4096, me)
+    assert gemm == shipped("gemm", "bfloat16", 4096, me) and gemm["BN"] in (128, 256)
     assert not caplog.records                                   # an exact key: no fallback to report
+
+
+def test_the_h100_and_the_h200_each_prefer_their_own_table(gpu):
+    got = {}
+    for name in ("NVIDIA H200", "NVIDIA H100 80GB HBM3"):
+        gpu(props(name))
+        got[name] = lookup.launch_config("gemm", "bfloat16", CUDA, 8192, {})
+    h100 = ConfigCache(tables_dir=cache.TABLES)
+    by_name = {t.device.name: t.entries.get(key("gemm", "bfloat16", 8192)) for t in h100.tables_for(H100_TABLE)}
+    for name, cfg in got.items():
+        if by_name.get(name):
+            assert cfg == by_name[name]["config"], name
 
 
 def test_another_hopper_falls_back_to_the_nearest_device_once(gpu, caplog):
@@ -67,7 +83,7 @@ def test_another_hopper_falls_back_to_the_nearest_device_once(gpu, caplog):
 def test_the_users_own_table_comes_before_the_fallback(gpu):
     pcie = DeviceKey(9, 0, 114, 227, name="NVIDIA H100 PCIe")
     ConfigCache().put("attention_fwd", SIG, pcie, 4096, dict(BM=64, BN=32))
-    gpu(props("NVIDIA H100 PCIe", sms=114))
+    gpu(props("NVIDIA H100 PCIe", sms=114, memory=85_520_809_984))     # 79.6 GB: the H100's table is nearest
     assert lookup.launch_config("attention_fwd", SIG, CUDA, 4096, DEFAULT) == DEFAULT | dict(BM=64, BN=32)
     # a kernel the user did not tune still falls back to the nearest device
     assert lookup.launch_config("gemm", "bfloat16", CUDA, 4096, {}) == shipped("gemm", "bfloat16", 4096)
@@ -136,3 +152,11 @@ def test_fp16_borrows_the_bf16_table_and_others_do_not(gpu):
     assert bf16 == fp16 and "BM" in fp16 and fp16["sentinel"] == 1
     assert lookup.launch_config("gemm", "float16", CUDA, 4096, {})["BN"] == 256
     assert lookup.launch_config("attention_fwd", "float32-D128-full", CUDA, 4096, {"d": 1}) == {"d": 1}
+
+
+def test_sizes_that_are_not_python_ints(gpu):
+    import numpy as np
+
+    gpu(props("NVIDIA H200"))
+    want = lookup.launch_config("attention_fwd", SIG, CUDA, 3000, DEFAULT)
+    assert lookup.launch_config("attention_fwd", SIG, CUDA, np.int64(3000), DEFAULT) == want

@@ -19,8 +19,12 @@ EVIDENCE = {"config", "seconds", "tflops", "flops", "bytes", "speedup", "shared_
 
 @functools.cache
 def known() -> dict:
-    """(kernel, signature) -> (tile kernel, fixed constants) for every problem the tuner has."""
-    return {(p.kernel, p.signature): (p.tile, p.fixed) for p in library_problems(dtypes=DTYPES)}
+    """(kernel, signature) -> {bucket: (tile kernel, fixed constants)} for every problem the tuner has (the
+    constants can depend on the size: a row kernel keeps the row in one tile up to a width)."""
+    out: dict = {}
+    for p in library_problems(dtypes=DTYPES):
+        out.setdefault((p.kernel, p.signature), {})[p.bucket] = (p.tile, p.fixed)
+    return out
 
 
 @functools.cache
@@ -69,7 +73,8 @@ def test_the_cache_loads_every_table_and_no_two_collide():
 def test_entry_is_a_valid_config_of_its_kernel(table, key, entry):
     kernel_name, signature, bucket = key.split("|")
     assert (kernel_name, signature) in known(), f"{kernel_name} {signature}: no such tuning problem"
-    tile, fixed = known()[kernel_name, signature]
+    sizes = known()[kernel_name, signature]
+    tile, fixed = sizes.get(int(bucket), next(iter(sizes.values())))
     assert bucket.isdigit() and int(bucket) > 0 and int(bucket) & (int(bucket) - 1) == 0, "bucket: a power of 2"
     cfg = entry["config"]
     assert set(entry) <= EVIDENCE, set(entry) - EVIDENCE

@@ -74,7 +74,8 @@ class Table:
             return None
         except json.JSONDecodeError as e:
             raise ValueError(f"tuned-config table {path} is not valid JSON ({e}); delete it to start over") from e
-        if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("entries"), dict):
+        if not isinstance(data, dict) or data.get("format", FORMAT) != FORMAT or \
+                not isinstance(data.get("entries"), dict) or "device" not in data:
             raise ValueError(f"tuned-config table {path}: expected {{'format': {FORMAT}, 'device': {{...}}, "
                              f"'entries': {{...}}}}; got keys {sorted(data) if isinstance(data, dict) else data!r}"
                              " (a table from before device keys: delete it, or re-run `tilestack tune`)")

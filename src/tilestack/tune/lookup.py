@@ -38,7 +38,10 @@ def launch_config(kernel: str, signature: str, device, n: int, default: dict) ->
 
     ``device`` is a ``torch.device`` or its string; one without an index means the current device when first
     seen. ``n`` is the size the kernel tunes by (sequence length, the largest GEMM dimension, the row width)."""
-    k = (kernel, signature, device, (n - 1).bit_length())
+    try:
+        k = (kernel, signature, device, (n - 1).bit_length())
+    except AttributeError:            # a NumPy integer, a SymInt: not a Python int
+        k = (kernel, signature, device, (int(n) - 1).bit_length())
     try:
         tuned = _resolved[k]
     except KeyError:
