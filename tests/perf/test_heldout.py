@@ -3,6 +3,7 @@ convolution FLOPs with groups, one row per op and input shapes, comparisons keye
 
 import math
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -164,3 +165,33 @@ def test_profile_command_on_a_model_it_has_never_seen(tmp_path, cache_dir):
         ms = st.measurements("latest")
     assert ms and {m.config["model"] for m in ms} == {"heldout_models:mixer"}
     assert all(m.device_kind == "cpu" and m.latency_rel_ci is not None for m in ms)
+
+
+class EveryThirdStepSlow(nn.Module):
+    """A linear layer, and on every third call a large matmul as well: steps of two lengths, like a busy host's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.calls = nn.Linear(32, 32), 0
+        self.big = torch.randn(256, 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 32)
+        self.calls += 1
+        if self.calls % 3 == 0:
+            x = x + (self.big @ self.big).sum() * 0  # the slow step's extra work
+        return self.lin(x)
+
+
+def test_profile_rounds_go_on_until_the_step_time_is_known_or_the_budget_is_spent():
+    import time
+
+    model = EveryThirdStepSlow()
+    t0 = time.perf_counter()
+    p = profile.profile_model(model, (torch.randn(4, 32),), warmup=0, ceilings=CEIL, device="cpu", budget_s=1.0)
+    assert time.perf_counter() - t0 < 10.0  # the 1 s budget, plus counting, on however busy a machine
+    assert p.steps > profile.ROUND_STEPS and len(p.step_times_s) == p.steps  # one round was not enough
+    # The median step is a fast one: the slow third of the steps does not set the profile.
+    assert p.step_s <= statistics.median(p.step_times_s) * 1.01
+    assert p.step_s < statistics.fmean(p.step_times_s)
+    with pytest.raises(profile.ProfileError, match="budget_s=0"):
+        profile.profile_model(model, (torch.randn(4, 32),), ceilings=False, device="cpu", budget_s=0)

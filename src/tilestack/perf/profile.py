@@ -29,6 +29,7 @@ import dataclasses
 import importlib
 import importlib.util
 import math
+import statistics
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -39,8 +40,11 @@ from tilestack.perf import formulas, roofline, timing
 from tilestack.perf.metrics import Measurement, compute_metrics, roofs_for
 
 US_TO_S = 1e-6
-DEFAULT_STEPS = 5
 DEFAULT_WARMUP = 2
+# steps=None profiles rounds of steps until the step time's median is known to +-5% or the budget is spent.
+ROUND_STEPS = 6  # the first round: the fewest steps whose (min, max) is a 95% interval of the median
+PROFILE_TARGET_REL_CI = 0.05
+PROFILE_BUDGET_S = 10.0
 PROFILER_WARMUP_STEPS = 1
 # Row-wise ops torch's flop counter leaves out, counted per input element as tilestack.perf.formulas does.
 ROW_OP_FLOPS_PER_ELEMENT = {
@@ -386,15 +390,21 @@ def profile_model(
     model: Callable[..., Any],
     inputs: Any,
     *,
-    steps: int = DEFAULT_STEPS,
+    steps: int | None = None,
     warmup: int = DEFAULT_WARMUP,
     train: bool = False,
     name: str | None = None,
     device: Any = None,
     ceilings: Any = None,
     fastpath: bool = False,
+    budget_s: float = PROFILE_BUDGET_S,
 ) -> ModelProfile:
     """Profile ``model(*inputs)`` (a tuple, a dict of keyword arguments, or one tensor): see the module doc.
+
+    ``steps`` profiles that many steps; None profiles rounds of steps (``ROUND_STEPS``, then as many as
+    already done) until the median step time is known to ``PROFILE_TARGET_REL_CI`` or ``budget_s`` seconds
+    of profiling have passed. Each op's time per step is its median over the steps (robust to a step the
+    machine descheduled), with its spread.
 
     ``device`` None reads it off the inputs or parameters; ``ceilings`` None uses the cached (or freshly
     measured) ceilings of that device, ``False`` none. ``fastpath`` False turns off the inference fast path
@@ -408,8 +418,10 @@ def profile_model(
 
     from tilestack.perf import device as device_mod
 
-    if steps < 1:
-        raise ProfileError(f"steps={steps!r}; expected at least 1 profiled step")
+    if steps is not None and steps < 1:
+        raise ProfileError(f"steps={steps!r}; expected at least 1 profiled step, or None to profile until known")
+    if not budget_s > 0:
+        raise ProfileError(f"budget_s={budget_s!r}; expected a positive time budget in seconds")
     name = name or type(model).__name__
     dev = (
         device
@@ -441,25 +453,42 @@ def profile_model(
     counts = guarded("counting pass", lambda: count_ops(step))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
 
-    # One profiled-but-discarded step first: the profiler may drop kernel events as it starts up.
-    plan = schedule(wait=0, warmup=PROFILER_WARMUP_STEPS, active=steps, repeat=1)
+    counted = {key for key, c in counts.items() if c.flops > 0 or c.bytes_read + c.bytes_written > 0}
 
-    def timed() -> tuple[Any, float]:
+    def timed(n: int) -> tuple[Any, float]:
+        # One profiled-but-discarded step first: the profiler may drop kernel events as it starts up.
+        plan = schedule(wait=0, warmup=PROFILER_WARMUP_STEPS, active=n, repeat=1)
         with profile(activities=activities, schedule=plan, record_shapes=True) as prof:
             for _ in range(PROFILER_WARMUP_STEPS):
                 step()
                 prof.step()
             sync()
             t0 = time.perf_counter()
-            for _ in range(steps):
+            for _ in range(n):
                 step()
                 sync()  # inside the step, so its kernels belong to it
                 prof.step()
             wall = time.perf_counter() - t0
         return prof, wall
 
-    prof, wall = guarded("profiled steps", timed)
-    return _join(name, dev, ceil, counts, prof.events(), steps, wall, train)
+    t_start = time.perf_counter()
+    rounds: list[tuple[dict[OpKey, _Timed], list[float], float]] = []
+    wall = 0.0
+    while True:
+        done = sum(len(r[1]) for r in rounds)
+        n = steps if steps is not None else max(ROUND_STEPS, done)
+        r0 = time.perf_counter()
+        prof, w = guarded("profiled steps", lambda n=n: timed(n))
+        rounds.append(attribute(prof.events(), {op for op, _ in counted}, cuda))
+        wall += w
+        now = time.perf_counter()
+        step_s = [x for r in rounds for x in r[1]]
+        if steps is not None or not step_s or timing.rel_ci(step_s) <= PROFILE_TARGET_REL_CI:
+            break
+        # The next round has as many steps as all before; it costs what this one did per step (profiler included).
+        if now - t_start + (now - r0) * (done + n) / n > budget_s:
+            break
+    return _join(name, dev, ceil, counts, counted, rounds, wall, train)
 
 
 def _self_s(e: Any, cuda: bool) -> float:
@@ -536,61 +565,66 @@ def _join(
     dev: Any,
     ceil: Any,
     counts: dict[OpKey, _Count],
-    events: Any,
-    steps: int,
+    counted: set[OpKey],
+    rounds: Sequence[tuple[dict[OpKey, _Timed], list[float], float]],
     wall: float,
     train: bool,
 ) -> ModelProfile:
-    cuda = dev.kind == "cuda"
-    counted = {key for key, c in counts.items() if c.flops > 0 or c.bytes_read + c.bytes_written > 0}
-    timed, step_s, outside = attribute(events, {op for op, _ in counted}, cuda)
+    """Rows from the profiled rounds: each op's per-step time is its median over all steps, the step the sum."""
     # A profiled op whose shapes the counting pass did not see under its name (a shape the profiler records
     # differently) joins the counted row of that name when there is only one.
     by_name: dict[str, list[OpKey]] = collections.defaultdict(list)
     for key in counts:
         by_name[key[0]].append(key)
     rows: dict[OpKey, _Timed] = collections.defaultdict(_Timed)
-    for key, t in timed.items():
-        if key not in counts and len(by_name.get(key[0], ())) == 1:
-            key = by_name[key[0]][0]
-        if key not in counted:
-            key = (key[0], ())  # no bound nor tip to tell apart: one row per op name (views, bookkeeping)
-        rows[key].add(t)
+    step_s: list[float] = []
+    outside = 0.0
+    for timed, r_step_s, r_outside in rounds:
+        offset = len(step_s)  # the round's steps are numbered after the earlier rounds' steps
+        for key, t in timed.items():
+            if key not in counts and len(by_name.get(key[0], ())) == 1:
+                key = by_name[key[0]][0]
+            if key not in counted:
+                key = (key[0], ())  # no bound nor tip to tell apart: one row per op name (views, bookkeeping)
+            rows[key].add(_Timed(t.calls, t.seconds, {i + offset: v for i, v in t.per_step.items()}))
+        step_s += r_step_s
+        outside += r_outside
+    steps = len(step_s) or 1
     rows = {k: t for k, t in rows.items() if t.seconds > 0}
-    total = (math.fsum(step_s) + outside) / steps
-    attributed = math.fsum(t.seconds for t in rows.values()) / steps
-    if total > attributed:  # non-ATen work: autograd bookkeeping, custom kernels
-        rows[OTHER, ()] = _Timed(0, (total - attributed) * steps)
-    total = max(total, attributed)
+
+    def per_step(t: _Timed) -> tuple[float, ...]:
+        return tuple(t.per_step.get(i, 0.0) for i in range(steps))
+
+    # Time no ATen op accounts for (autograd bookkeeping, custom kernels), step by step.
+    attributed = [math.fsum(t.per_step.get(i, 0.0) for t in rows.values()) for i in range(len(step_s))]
+    residual = [max(0.0, total - a) for total, a in zip(step_s, attributed, strict=True)]
+    if outside > 0 or any(residual):
+        rows[OTHER, ()] = _Timed(0, math.fsum(residual) + outside, dict(enumerate(residual)))
+    median_s = {k: statistics.median(per_step(t)) for k, t in rows.items()}
+    total = math.fsum(median_s.values())
     mode = "forward+backward" if train else "forward"
+    kind = dev.kind
     ops: list[OpStat] = []
     for key, t in rows.items():
         op, shapes = key
-        calls, s = t.calls / steps, t.seconds / steps
+        calls, s = t.calls / steps, median_s[key]
         c = counts.get(key, _Count())
         n = c.calls or max(calls, 1)  # per-step calls as counted; the profiler's if the op was not seen
         dtype = c.dtype or "fp32"
-        per_call = s / max(calls, 1)
+        per_call = max(calls, 1)
         # Per-call time in each step: how much the op's time varies from step to step.
-        spread = (
-            timing.Timing(
-                tuple(t.per_step.get(i, 0.0) / max(calls, 1) for i in range(steps)),
-                "torch-profiler",
-                PROFILER_WARMUP_STEPS,
-                1,
-            )
-            if t.per_step
-            else None
-        )
+        spread = timing.Timing(tuple(x / per_call for x in per_step(t)), "torch-profiler", PROFILER_WARMUP_STEPS, 1)
+        if s <= 0:
+            continue  # an op in fewer than half of the steps: no time in the median step
         m = compute_metrics(
             name=op,
-            latency_s=per_call,
+            latency_s=s / per_call,
             flops=c.flops / n,
             bytes_read=c.bytes_read / n,
             bytes_written=c.bytes_written / n,
             roofs=roofs_for(dev, ceil, dtype),
             device=dev.name,
-            device_kind=dev.kind,
+            device_kind=kind,
             dtype=dtype,
             config={"model": name, "step": mode, "shapes": shapes_text(shapes), "calls/step": round(calls, 2)},
             timing=spread,
@@ -673,7 +707,7 @@ PROFILE_COLUMNS = (
 
 
 def profile_rows(p: ModelProfile) -> list[list[str]]:
-    from tilestack.perf.report import pct, seconds, si
+    from tilestack.perf.report import pct, seconds, si, spread
 
     out = []
     for o in p.ops:
@@ -683,7 +717,7 @@ def profile_rows(p: ModelProfile) -> list[list[str]]:
                 shapes_text(o.shapes),
                 f"{o.calls:g}",
                 seconds(o.total_s),
-                pct(o.m.latency_rel_ci),
+                spread(o.m.latency_rel_ci),
                 pct(o.share),
                 si(o.m.flops * o.calls, "FLOP"),
                 si(o.m.bytes * o.calls, "B"),
@@ -709,19 +743,22 @@ def print_profile(p: ModelProfile, con: Any = None, top: int | None = None) -> N
     """Hot spots with tips first, then the per-op table (the ``top`` ops, all by default)."""
     from rich.table import Table
 
-    from tilestack.perf.report import ceilings_line, console, escape, pct, seconds, si
+    from tilestack.perf.report import ceilings_line, console, escape, seconds, si
+    from tilestack.perf.report import spread as show_spread
 
     con = console(con)
     mode = "forward + backward" if p.train else "forward"
     spread = p.step_rel_ci
     con.print(
-        f"[bold]{escape(p.name)}[/bold] on {escape(p.device.name)}: {mode}, {seconds(p.step_s)} of op time per step "
-        f"(+-{pct(spread)} over {p.steps} steps; {seconds(p.wall_s)} wall), {si(p.flops, 'FLOP')} per step"
+        f"[bold]{escape(p.name)}[/bold] on {escape(p.device.name)}: {mode}, {seconds(p.step_s)} of op time in the "
+        f"median step ({escape(show_spread(spread))} over {p.steps} steps; {seconds(p.wall_s)} wall), "
+        f"{si(p.flops, 'FLOP')} per step"
     )
     if spread is not None and spread > NOISY_STEP_REL_CI:
         con.print(
-            f"[yellow]note: the step time is known only to +-{pct(spread)} (95% interval over {p.steps} steps): "
-            "every op's time is as uncertain; profile more --steps, on a quieter machine[/yellow]"
+            f"[yellow]note: the step time is known only to {escape(show_spread(spread))} (95% interval of the median "
+            f"over {p.steps} steps): every op's time is as uncertain; give it more --steps or --budget, or a "
+            "quieter machine[/yellow]"
         )
     con.print(escape(ceilings_line(p.ceilings)))
     con.print("[bold]hot spots[/bold]")

@@ -81,8 +81,10 @@ def escape(text: str) -> str:
 
 
 def spread(rel_ci: float | None) -> str:
-    """``"+-2.1%"`` for a relative half-width, ``"-"`` for none."""
-    return "-" if rel_ci is None else f"+-{pct(rel_ci)}"
+    """``"+-2.1%"`` for a relative half-width, ``"-"`` for none, ``"+->100%"`` for one that says only "unknown"."""
+    if rel_ci is None:
+        return "-"
+    return "+->100%" if rel_ci > 1 else f"+-{pct(rel_ci)}"
 
 
 def _with_spread(text: str, ceilings: Any, key: str) -> str:
