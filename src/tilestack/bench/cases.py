@@ -221,8 +221,10 @@ def kernel_cases(device: str, full: bool = True) -> list[Case]:
     if device == "cuda" and full:
         return [
             gemm_case(device, 4096, 4096, 4096, gemm_config(4096, 4096, 4096, torch.bfloat16, device)),
-            softmax_case(device, 8192, 8192, row_config(8192, device)),
-            layer_norm_case(device, 8192, 8192, row_config(8192, device)),
+            softmax_case(device, 8192, 8192, launch_config("softmax", "bfloat16", device, 8192,
+                                                           row_config(8192, device))),
+            layer_norm_case(device, 8192, 8192, launch_config("layer_norm", "bfloat16", device, 8192,
+                                                                 row_config(8192, device))),
             attention_case(device, 4, 16, 4096, 128, False, {}),
             attention_case(device, 4, 16, 4096, 128, True, {}),
             attention_case(device, 8, 32, 2048, 64, False, {}),

@@ -171,13 +171,13 @@ def norm_forward(x, weight, bias, residual, eps: float, *, backend: str | None, 
     y = torch.empty_like(x)
     rstd = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     if residual is None:
-        cfg = resolve_row_config("rms_norm", x.shape[1], x.device.type, config)
+        cfg = resolve_row_config("rms_norm", x.shape[1], x.device.type, config, x=x)
         rms_norm_kernel(x, weight, y, rstd, float(eps), backend=backend, **cfg)
         return y, None, None, rstd
     h = torch.empty_like(x)
     mean = torch.empty_like(rstd) if centered else None
     fn = "add_layer_norm" if centered else "add_rms_norm"
-    cfg = resolve_row_config(fn, x.shape[1], x.device.type, config)
+    cfg = resolve_row_config(fn, x.shape[1], x.device.type, config, x=x)
     norm_fwd_kernel(x, residual, weight, bias if centered else weight, y, h, mean if centered else rstd, rstd,
                     float(eps), CENTERED=centered, backend=backend, **cfg)
     return y, h, mean, rstd
