@@ -22,6 +22,7 @@ import functools
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.kernels._checks import check_same_device, check_tensor, next_pow2
+from tilestack.tune.lookup import launch_config
 
 FLOATS = ("float32", "bfloat16", "float16")
 
@@ -243,7 +244,9 @@ def norm_backward(dy, x, weight, mean, rstd, *, dh=None, centered: bool, backend
     import torch
 
     m, n = x.shape
-    cfg = bwd_config(n, x.device.type, config)
+    tuned = launch_config("layer_norm_bwd" if centered else "rms_norm_bwd", str(x.dtype).removeprefix("torch."),
+                          x.device, n, {})
+    cfg = bwd_config(n, x.device.type, tuned | config)
     p = programs(m, x.device, cfg.get("BM", 1))
     alloc = torch.empty if cfg["ONE_TILE"] else torch.zeros    # the wide path adds into its partials
     parts = alloc(2 if centered else 1, p, n, dtype=torch.float32, device=x.device)   # (K, P, N): dw [, db]

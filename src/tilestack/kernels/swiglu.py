@@ -117,5 +117,7 @@ def swiglu_backward(dy, a, b, *, da=None, db=None, backend: str | None = None, *
     _check("swiglu_backward", dy=dy, a=a, b=b, **outs)
     da = torch.empty(a.shape, dtype=a.dtype, device=a.device) if da is None else da
     db = torch.empty(a.shape, dtype=a.dtype, device=a.device) if db is None else db
-    swiglu_bwd_kernel(dy, a, b, da, db, backend=backend, **(default_config(a.device.type) | config))
+    cfg = launch_config("swiglu_bwd", str(a.dtype).removeprefix("torch."), a.device, a.shape[1],
+                        default_config(a.device.type)) | config
+    swiglu_bwd_kernel(dy, a, b, da, db, backend=backend, **cfg)
     return da, db
