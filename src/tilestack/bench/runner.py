@@ -20,7 +20,6 @@ from tilestack.perf.timing import Timing
 
 CPU_REPEATS = 3      # the Triton interpreter takes about a second a call: a few repeats say enough
 STEP_CPU_PLAN = (1, 2)   # (warm-up, timed) steps of a model step on a CPU, where one takes seconds
-DTYPE = "bf16"       # every case runs in bf16
 
 
 @dataclasses.dataclass
@@ -71,9 +70,9 @@ def _measure(fn, sets: list[tuple], cost: formulas.Cost, *, case: Case, dev, cei
             fn(*sets[0])
             times.append(time.perf_counter() - t0)
         t = Timing(tuple(times), "cpu-perf-counter", warm, 1)
-        return compute_metrics(latency_s=t.median_s, roofs=roofs_for(dev, ceil, DTYPE), device=dev.name,
-                               device_kind=dev.kind, dtype=DTYPE, timing=t, **counts)
-    return perf.measure(fn, args_sets=sets, device=dev, ceilings=ceil, dtype=DTYPE,
+        return compute_metrics(latency_s=t.median_s, roofs=roofs_for(dev, ceil, case.dtype), device=dev.name,
+                               device_kind=dev.kind, dtype=case.dtype, timing=t, **counts)
+    return perf.measure(fn, args_sets=sets, device=dev, ceilings=ceil, dtype=case.dtype,
                         repeats=CPU_REPEATS if dev.kind == "cpu" else None, **counts)
 
 

@@ -19,7 +19,7 @@ def bench(
     ctx: typer.Context,
     kernel: list[str] = typer.Option(None, "--kernel", "-k",
                                      help="only these cases (repeatable): gemm, softmax, layer_norm, attention_fwd, "
-                                          "gpt2_step, llama_step"),
+                                          "attention_train, gpt2_step, llama_step"),
     small: bool = typer.Option(False, help="small sizes even on a GPU"),
     models: bool = typer.Option(True, help="include the model training steps (GPT-2 small, Llama-style 1B)"),
     out: Path = typer.Option(Path("out/bench"),
