@@ -130,13 +130,18 @@ def test_tips_speak_of_the_device_at_hand():
     assert all(o.m.device_kind == "cpu" for o in p.ops)
     assert not [t for t in tips if GPU_WORDS.search(t)]
     # Every situation has a CPU tip and a GPU tip; only the GPU's speak of GPU things.
+    assert set(roofline.TIPS["cuda"]) <= set(roofline.TIPS["cpu"])  # every GPU situation has its CPU words
     for kind in ("cpu", "cuda"):
-        for situation in roofline.TIPS["cuda"]:
+        for situation in roofline.TIPS[kind]:
             text = roofline.tips_for(kind)[situation]
             assert text and (kind == "cuda" or not GPU_WORDS.search(text)), (kind, situation)
     tiny = dict(flops=1e6, bytes_moved=1e6, seconds=3e-6, roof=roofline.Roof(1e13, 3e12))  # 11% of bandwidth
     assert "CUDA graph" in roofline.place(**tiny, kind="cuda").tip
     assert roofline.place(**tiny, kind="cpu").tip.startswith("overhead-bound")
+    # Far below the roof on a CPU, and not short: the time is not in the work (a busy or oversubscribed machine).
+    far = dict(flops=1e6, bytes_moved=1e6, seconds=0.07, roof=roofline.Roof(1e11, 5e9))
+    assert "not in its work" in roofline.place(**far, kind="cpu").tip
+    assert "not in its work" not in roofline.place(**far, kind="cuda").tip
 
 
 def test_a_small_transformer_counts_causal_attention_and_its_backward():

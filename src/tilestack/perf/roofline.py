@@ -25,6 +25,9 @@ LAUNCH_BOUND_S = 10e-6  # below this a kernel's time is mostly launch and tail l
 # waking the thread pool: each some microseconds), not its work.
 CPU_OVERHEAD_BOUND_S = 100e-6
 LATENCY_BOUND_S = {"cuda": LAUNCH_BOUND_S, "cpu": CPU_OVERHEAD_BOUND_S}
+# Below this fraction of its roof a CPU op's time is not in its work at all: overhead, an oversubscribed
+# thread pool, or a machine busy with other work (a 32x32 matmul timed at 70 ms on a loaded 2-core VM).
+CPU_FAR_FRACTION = 0.02
 LOW_FRACTION = 0.5  # below half the roof: something structural (loads, tiles, occupancy) is wrong
 NEAR_ROOF_FRACTION = 0.8  # above this: only less work or fewer bytes help
 RIDGE_BAND = 2.0  # within 2x of the ridge point, both bytes and math matter
@@ -114,6 +117,9 @@ TIPS: dict[str, dict[str, str]] = {
         "compute-roof": "compute-bound at {pct} of peak, on the roof: only less work helps (smaller or pruned "
         "layers, lower precision where the CPU has units for it)",
         "uncounted": "framework overhead or uncounted time: fewer, larger ops (fusion, torch.compile) remove it",
+        "far": "{bound}-bound at {pct} of the roof: its time is not in its work; per-op overhead, an "
+        "oversubscribed thread pool (more threads than free cores: lower torch.set_num_threads) or other work "
+        "on the machine; check the +- spread, then batch more work into each call",
     },
 }
 # Situations worded alike on every device.
@@ -170,6 +176,8 @@ def situation(p: Placement) -> str:
         return f"{p.bound}-above"
     if p.seconds < LATENCY_BOUND_S.get(p.kind, LAUNCH_BOUND_S) and p.fraction < LOW_FRACTION:
         return "latency"
+    if p.kind == "cpu" and p.fraction < CPU_FAR_FRACTION:
+        return "far"
     level = "low" if p.fraction < LOW_FRACTION else "mid" if p.fraction < NEAR_ROOF_FRACTION else "roof"
     return f"{p.bound}-{level}"
 
