@@ -86,3 +86,26 @@ def test_a_run_killed_half_way_leaves_a_readable_store(tmp_path):
         assert st.runs()[0].n_results == len(ms)
     con = sqlite3.connect(db)  # and plain sqlite3 reads it too
     assert con.execute("SELECT COUNT(*) FROM results").fetchone()[0] == len(ms)
+
+
+def test_a_speed_up_within_the_spread_is_called_noise(tmp_path, measurements):
+    from rich.console import Console
+
+    from tilestack.perf import report
+
+    gemm, _ = measurements
+    known = dataclasses.replace(gemm, latency_rel_ci=0.01)
+    with Store(tmp_path / "r.sqlite") as st:
+        a = st.start_run(device=gemm.device, versions=VERSIONS)
+        st.append(a, known)
+        b = st.start_run(device=gemm.device, versions=VERSIONS)
+        st.append(b, dataclasses.replace(known, latency_s=gemm.latency_s / 1.015))  # 1.5% faster: within +-2%
+        c = st.start_run(device=gemm.device, versions=VERSIONS)
+        st.append(c, dataclasses.replace(known, latency_s=gemm.latency_s / 1.5))
+        assert st.compare(a, b).rows[0].within_noise and not st.compare(a, c).rows[0].within_noise
+        con = Console(record=True, width=200)
+        con.print(report.comparison_table(st.compare(a, b)))
+    assert "1.01x (noise)" in con.export_text() or "1.02x (noise)" in con.export_text()
+    from tilestack.perf.store import CompareRow
+
+    assert CompareRow("gemm", {}, gemm, gemm).within_noise is None  # rows without a spread: no verdict

@@ -201,15 +201,20 @@ def comparison_table(cmp: Any) -> Any:
     t = Table(title=escape(f"A = {cmp.a_label}   B = {cmp.b_label}"), header_style="bold")
     for h in ("kernel", "config", "latency A", "latency B", "B speed-up", "FLOP/s A", "FLOP/s B"):
         t.add_column(h, overflow="fold")
+    def latency(m: Measurement | None) -> str:
+        if m is None:
+            return "-"
+        return seconds(m.latency_s) + ("" if m.latency_rel_ci is None else f" {spread(m.latency_rel_ci)}")
+
     for r in cmp.rows:
-        sp = r.speedup
-        style = "" if sp is None else "green" if sp > 1 else "red"
+        sp, noise = r.speedup, r.within_noise
+        style = "" if sp is None else "yellow" if noise else "green" if sp > 1 else "red"
         t.add_row(
             escape(r.name),
             escape(_config(r.config)),
-            seconds(r.a.latency_s if r.a else None),
-            seconds(r.b.latency_s if r.b else None),
-            f"[{style}]{sp:.2f}x[/{style}]" if sp is not None else "-",
+            latency(r.a),
+            latency(r.b),
+            f"[{style}]{sp:.2f}x{' (noise)' if noise else ''}[/{style}]" if sp is not None else "-",
             si(r.a.flops_per_s if r.a else None, "FLOP/s"),
             si(r.b.flops_per_s if r.b else None, "FLOP/s"),
         )

@@ -122,6 +122,15 @@ class CompareRow:
             return None
         return self.a.latency_s / self.b.latency_s
 
+    @property
+    def within_noise(self) -> bool | None:
+        """Whether the speed-up is within the two latencies' 95% intervals (None where either is unknown)."""
+        sp = self.speedup
+        if sp is None or self.a.latency_rel_ci is None or self.b.latency_rel_ci is None:
+            return None
+        # The ratio of two medians each known to +-r is known to about +-(r_a + r_b).
+        return abs(sp - 1) <= self.a.latency_rel_ci + self.b.latency_rel_ci
+
 
 @dataclasses.dataclass(frozen=True)
 class Comparison:
