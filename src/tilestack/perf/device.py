@@ -450,7 +450,7 @@ def stale_reason(cached: Ceilings, dev: Device) -> str | None:
     here = machine_fingerprint(dev)
     differ = sorted(k for k in here if cached.machine.get(k) != here[k])
     if differ:
-        return "measured on another machine (" + ", ".join(
+        return "measured on another machine or software (" + ", ".join(
             f"{k} {cached.machine.get(k)!r}, here {here[k]!r}" for k in differ
         ) + ")"
     if not cached.spread:
@@ -524,7 +524,7 @@ def ceilings(
         return cached
     c = measure_ceilings(dev, copy_bytes=copy_bytes, matmul_n=sizes, dtypes=dtypes, budget_s=budget_s)
     if reason is not None:
-        if not reason.startswith("measured on another machine"):
+        if not reason.startswith("measured on another"):  # only this machine's own measurements merge
             c = _merge(cached, c)
         warnings.warn(f"ceilings cached in {path} measured again: {reason}", stacklevel=2)
     worst = c.worst
