@@ -255,9 +255,11 @@ def gemm_problems(dtype: str, small: bool = False) -> list[Problem]:
 
 
 # ---- row kernels: softmax, layer norm, RMS norm -------------------------------------------------------------------
-def _row_problems(kernel: str, tile, widths, dtype: str, small: bool, make_args) -> list[Problem]:
+def _row_problems(kernel: str, tile, widths, dtype: str, small: bool, make_args, fixed: dict | None = None,
+                  priority: int = 0) -> list[Problem]:
     """Problems for a kernel over the rows of a (rows, width) tensor, configured like softmax: the whole row in
-    one tile up to MAX_ONE_TILE wide (then BN is the row width), else passes of BN-wide tiles."""
+    one tile up to MAX_ONE_TILE wide (then BN is the row width), else passes of BN-wide tiles. ``fixed``: more
+    constants of the kernel, the same for every problem."""
     from tilestack.kernels._checks import next_pow2
     from tilestack.kernels.softmax import MAX_ONE_TILE, row_config
 
@@ -270,13 +272,13 @@ def _row_problems(kernel: str, tile, widths, dtype: str, small: bool, make_args)
 
         def make(device, n=n, rows=rows, one=one):
             args, outputs, expected = make_args(rows, n, _torch_dtype(dtype), device)
-            return direct(tile, args, dict(ONE_TILE=one), outputs, expected)
+            return direct(tile, args, dict(fixed or {}, ONE_TILE=one), outputs, expected)
 
         restrict = dict(ROWS, BN=bn, num_stages=(1,) if one else (1, 2))
         default = {k: v for k, v in row_config(n, "cuda").items() if k != "ONE_TILE"}
-        out.append(Problem(kernel, dtype, n, f"{rows}x{n}", tile, dict(ONE_TILE=one),
+        out.append(Problem(kernel, dtype, n, f"{rows}x{n}", tile, dict(fixed or {}, ONE_TILE=one),
                            _restrict(restrict, small, BM=(1, 4), BN=(128,)), _default(default, small), make,
-                           priority=0 if dtype == "bfloat16" else 2, weight=0.5))
+                           priority=priority + (0 if dtype == "bfloat16" else 2), weight=0.5))
     return out
 
 
@@ -327,6 +329,94 @@ def rms_norm_problems(dtype: str, small: bool = False) -> list[Problem]:
     return _row_problems("rms_norm", rms_norm_kernel, NORM_WIDTHS, dtype, small, _rms_norm_args)
 
 
+def _add_norm_args(centered: bool):
+    """norm_fwd_kernel's arguments: h = x + r (rounded to x's dtype), then layer norm (centered) or RMS norm."""
+    def make_args(rows, n, dtype, device, eps=1e-5):
+        import torch
+        x, r = _randn((rows, n), dtype, device), _randn((rows, n), dtype, device, 1)
+        w, b = _randn((n,), dtype, device, 2), _randn((n,), dtype, device, 3)
+        f32 = dict(dtype=torch.float32, device=device)
+        y, h, mean, rstd = torch.empty_like(x), torch.empty_like(x), torch.empty(rows, **f32), torch.empty(rows, **f32)
+        hf = (x + r).float()                     # (rows, n): the sum as torch rounds it, then in f32
+        mu = hf.mean(-1) if centered else torch.zeros(rows, **f32)
+        r_std = torch.rsqrt(((hf - mu[:, None]) ** 2).mean(-1) + eps)
+        ref = (hf - mu[:, None]) * r_std[:, None] * w.float() + (b.float() if centered else 0.0)
+        args = (x, r, w, b if centered else w, y, h, mean if centered else rstd, rstd, eps)
+        outputs, expected = ((4, 5, 6, 7), (ref, hf, mu, r_std)) if centered else ((4, 5, 7), (ref, hf, r_std))
+        return args, outputs, expected
+    return make_args
+
+
+def add_rms_norm_problems(dtype: str, small: bool = False) -> list[Problem]:
+    tile = _module("rmsnorm").norm_fwd_kernel
+    return _row_problems("add_rms_norm", tile, NORM_WIDTHS, dtype, small, _add_norm_args(False),
+                         dict(CENTERED=False), priority=1)
+
+
+def add_layer_norm_problems(dtype: str, small: bool = False) -> list[Problem]:
+    tile = _module("rmsnorm").norm_fwd_kernel
+    return _row_problems("add_layer_norm", tile, NORM_WIDTHS, dtype, small, _add_norm_args(True),
+                         dict(CENTERED=True), priority=1)
+
+
+def _norm_bwd_problems(kernel: str, centered: bool, dtype: str, small: bool) -> list[Problem]:
+    """The norm backward (dx, and dw [, db] from per-program partial sums), launched as the library does it
+    (``norm_backward``: persistent programs, then the sum of the partials), keyed by the row width."""
+    from tilestack.kernels._checks import next_pow2
+    from tilestack.kernels.softmax import MAX_ONE_TILE
+
+    lb = _module("layernorm_bwd")
+    out = []
+    for n in ((40, 300) if small else NORM_WIDTHS):
+        width = max(128, next_pow2(n))
+        one = width <= MAX_ONE_TILE and not small
+        rows = 8 if small else max(1, ROW_ELEMENTS // n)
+
+        def make(device, n=n, rows=rows, eps=1e-5):
+            import torch
+            dt = _torch_dtype(dtype)
+            x, dy = _randn((rows, n), dt, device), _randn((rows, n), dt, device, 1)
+            w, b = _randn((n,), dt, device, 2), _randn((n,), dt, device, 3)
+            xf, wf, bf = (t.float().requires_grad_() for t in (x, w, b))
+            if centered:
+                y = torch.nn.functional.layer_norm(xf, (n,), wf, bf, eps)
+                grads = torch.autograd.grad(y, (xf, wf, bf), dy.float())
+            else:
+                y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * wf
+                grads = torch.autograd.grad(y, (xf, wf), dy.float())
+            xd = x.float()
+            mean = xd.mean(-1) if centered else None
+            rstd = torch.rsqrt(xd.var(-1, unbiased=False) + eps) if centered else \
+                torch.rsqrt(xd.pow(2).mean(-1) + eps)
+
+            def run(cfg):
+                return lb.norm_backward(dy, x, w, mean, rstd, centered=centered, backend="triton", config=cfg)
+
+            def check(cfg):
+                dx, sums = run(cfg)
+                return max(rel_error(got, ref) for got, ref in zip((dx, *sums), grads, strict=True))
+
+            parts = torch.empty(1, n, dtype=torch.float32, device=device)     # (P, N): shapes only, for the IR
+            args = (x, w, dy, dy, rstd if mean is None else mean, rstd, torch.empty_like(x), parts, parts)
+            return Workload(args, run, check)
+
+        bn = (width,) if one else (128,) if small else (2048, 4096, 8192)
+        restrict = dict(BM=(1, 2, 4, 8, 16), BN=bn, num_warps=(4, 8, 16), num_stages=(1,) if one else (1, 2))
+        default = {k: v for k, v in lb.bwd_config(n, "cuda", {}).items() if k != "ONE_TILE"}
+        out.append(Problem(kernel, dtype, n, f"{rows}x{n}", lb.norm_bwd_kernel, dict(CENTERED=centered, ONE_TILE=one),
+                           _restrict(restrict, small, BM=(1, 2), BN=(128,)), _default(default, small), make,
+                           priority=1 if dtype == "bfloat16" else 3, weight=0.5))
+    return out
+
+
+def layer_norm_bwd_problems(dtype: str, small: bool = False) -> list[Problem]:
+    return _norm_bwd_problems("layer_norm_bwd", True, dtype, small)
+
+
+def rms_norm_bwd_problems(dtype: str, small: bool = False) -> list[Problem]:
+    return _norm_bwd_problems("rms_norm_bwd", False, dtype, small)
+
+
 # ---- SwiGLU, rotary, cross-entropy --------------------------------------------------------------------------------
 def swiglu_problems(dtype: str, small: bool = False) -> list[Problem]:
     """The forward, silu(a) * b over (rows, F); keyed by F."""
@@ -344,6 +434,30 @@ def swiglu_problems(dtype: str, small: bool = False) -> list[Problem]:
 
         restrict = dict(BM=(1, 2, 4, 8, 16), BN=(256, 512, 1024, 2048), num_warps=(2, 4, 8))
         out.append(Problem("swiglu", dtype, f, f"{rows}x{f}", sw.swiglu_fwd_kernel, {},
+                           _restrict(restrict, small, BM=(1, 4), BN=(16, 32)),
+                           _default(sw.default_config("cuda"), small), make,
+                           priority=1 if dtype == "bfloat16" else 3, weight=0.5))
+    return out
+
+
+def swiglu_bwd_problems(dtype: str, small: bool = False) -> list[Problem]:
+    """The backward, (da, db) of silu(a) * b over (rows, F); keyed by F."""
+    sw = _module("swiglu")
+    out = []
+    for f in ((40, 72) if small else SWIGLU_WIDTHS):
+        rows = 8 if small else ROW_ELEMENTS // f
+
+        def make(device, f=f, rows=rows):
+            import torch
+            dt = _torch_dtype(dtype)
+            a, b, dy = (_randn((rows, f), dt, device, seed) for seed in range(3))
+            af, bf = a.float().requires_grad_(), b.float().requires_grad_()
+            ga, gb = torch.autograd.grad(torch.nn.functional.silu(af) * bf, (af, bf), dy.float())
+            da, db = torch.empty_like(a), torch.empty_like(b)
+            return direct(sw.swiglu_bwd_kernel, (dy, a, b, da, db), {}, (3, 4), (ga, gb))
+
+        restrict = dict(BM=(1, 2, 4, 8, 16), BN=(256, 512, 1024, 2048), num_warps=(2, 4, 8))
+        out.append(Problem("swiglu_bwd", dtype, f, f"{rows}x{f}", sw.swiglu_bwd_kernel, {},
                            _restrict(restrict, small, BM=(1, 4), BN=(16, 32)),
                            _default(sw.default_config("cuda"), small), make,
                            priority=1 if dtype == "bfloat16" else 3, weight=0.5))
@@ -447,6 +561,11 @@ TUNERS: dict[str, Callable[..., list[Problem]]] = {
     "layer_norm": layer_norm_problems,
     "rms_norm": rms_norm_problems,
     "swiglu": swiglu_problems,
+    "swiglu_bwd": swiglu_bwd_problems,
+    "add_rms_norm": add_rms_norm_problems,
+    "add_layer_norm": add_layer_norm_problems,
+    "layer_norm_bwd": layer_norm_bwd_problems,
+    "rms_norm_bwd": rms_norm_bwd_problems,
     "rotary": rotary_problems,
     "cross_entropy": cross_entropy_problems,
 }
