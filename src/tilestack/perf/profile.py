@@ -12,7 +12,9 @@ Two passes over the same step, so counting never distorts timing:
    it) or tilestack's own (convolutions forward and backward with their groups: ``formulas.convolution``),
    and its bytes as the sizes of its distinct input and output tensors (views move none);
 2. timing: ``steps`` steps under ``torch.profiler`` with ``record_shapes`` (CUDA kernel time on a GPU, CPU
-   self time on a CPU), after one discarded profiler step; each op's time is that of its whole subtree of the
+   self time on a CPU), after one discarded profiler step, or with ``steps=None`` rounds of steps until the
+   median step time is known to +-5% or a time budget is spent; each op's time per step is its median over
+   the steps (a step the machine descheduled does not set it), and is that of its whole subtree of the
    profiler's event tree when the counting pass saw it (``clone`` takes the ``copy_`` inside it), its own time
    otherwise (``linear``, which decomposes before dispatch, leaves its ``addmm`` to be counted on its own).
 The two are joined by op name and input shapes, per step: a stem, a depthwise and a pointwise convolution are
