@@ -32,6 +32,7 @@ import math
 
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
+from tilestack.kernels._plan import planned
 from tilestack.kernels.attention_fwd import (
     LOG2E,
     LOWEST_F32,
@@ -325,11 +326,13 @@ def default_config(D: int, causal: bool, device_type: str, dtype=None) -> dict[s
             "dq": dict(BM=32, BN=32, num_warps=8, num_stages=1)}
 
 
+@planned
 def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float | None = None, *,
                        backend: str | None = None, config: dict[str, dict] | None = None, attn_mask=None,
                        causal_align: str = "top_left"):
     """(dq, dk, dv) of attention, from the forward's output ``o`` and log-sum-exp ``lse`` (for the same
-    ``causal``, ``scale``, ``attn_mask`` and ``causal_align``). The mask gets no gradient."""
+    ``causal``, ``scale``, ``attn_mask`` and ``causal_align``). The mask gets no gradient. Checks, configs and
+    launchers are planned once per launch signature (``kernels._plan``)."""
     import torch
 
     check_attention_args("attention_backward", q, k, v, scale, attn_mask=attn_mask, causal_align=causal_align)
@@ -340,7 +343,7 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
     if unknown:
         raise LaunchError(f"attention_backward: config has {sorted(unknown)}; its kernels are delta, dkdv and dq")
     if 0 in (B, H, Nq, Nk):       # nothing to launch: no query reaches a key, every gradient is zero (or empty)
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        return lambda q, k, v, *_, **__: (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     DT, DVT = head_tile(D), head_tile(Dv)
     sig = config_signature(q, DT, DVT, causal)
@@ -353,17 +356,37 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
         consts["DV"] = DVT
     if causal and causal_align != "top_left":
         consts["causal_align"] = causal_align
+    with_bias = attn_mask is not None
+
+    def buffers(q, k, v):
+        return (torch.empty(B, H, Nq, dtype=torch.float32, device=q.device),
+                torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+
+    delta, dq, dk, dv = buffers(q, k, v)
     do = do.contiguous()
-    delta = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    attention_bwd_delta_kernel(o, do, delta, D=DVT, backend=backend, **cfg["delta"])
     bias = mask_as_bias(attn_mask, (B, H, Nq, Nk))
-    if bias is None:
-        attention_bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, scale, backend=backend, **consts, **cfg["dkdv"])
-        attention_bwd_dq_kernel(q, k, v, do, lse, delta, dq, scale, backend=backend, **consts, **cfg["dq"])
+    launch_delta = attention_bwd_delta_kernel.launcher_for((o, do, delta), backend, D=DVT, **cfg["delta"])
+    if not with_bias:
+        launch_dkdv = attention_bwd_dkdv_kernel.launcher_for((q, k, v, do, lse, delta, dk, dv, scale), backend,
+                                                             **consts, **cfg["dkdv"])
+        launch_dq = attention_bwd_dq_kernel.launcher_for((q, k, v, do, lse, delta, dq, scale), backend, **consts,
+                                                         **cfg["dq"])
     else:
-        attention_bwd_dkdv_bias_kernel(q, k, v, bias, do, lse, delta, dk, dv, scale, backend=backend, **consts,
-                                       **cfg["dkdv"])
-        attention_bwd_dq_bias_kernel(q, k, v, bias, do, lse, delta, dq, scale, backend=backend, **consts,
-                                     **cfg["dq"])
-    return dq, dk, dv
+        launch_dkdv = attention_bwd_dkdv_bias_kernel.launcher_for((q, k, v, bias, do, lse, delta, dk, dv, scale),
+                                                                  backend, **consts, **cfg["dkdv"])
+        launch_dq = attention_bwd_dq_bias_kernel.launcher_for((q, k, v, bias, do, lse, delta, dq, scale), backend,
+                                                              **consts, **cfg["dq"])
+
+    def run(q, k, v, o, lse, do, *_, attn_mask=None, **__):
+        delta, dq, dk, dv = buffers(q, k, v)
+        do = do.contiguous()
+        launch_delta((o, do, delta))
+        if with_bias:
+            bias = mask_as_bias(attn_mask, (B, H, Nq, Nk))
+            launch_dkdv((q, k, v, bias, do, lse, delta, dk, dv, scale))
+            launch_dq((q, k, v, bias, do, lse, delta, dq, scale))
+        else:
+            launch_dkdv((q, k, v, do, lse, delta, dk, dv, scale))
+            launch_dq((q, k, v, do, lse, delta, dq, scale))
+        return dq, dk, dv
+    return run

@@ -40,6 +40,7 @@ import numbers
 
 import tilestack.lang as ts
 from tilestack.kernels._checks import next_pow2
+from tilestack.kernels._plan import planned
 from tilestack.tune.lookup import launch_config
 
 LOG2E = math.log2(math.e)
@@ -313,10 +314,12 @@ def config_signature(q, D: int, DV: int, causal: bool) -> str:
     return f"{str(q.dtype).removeprefix('torch.')}-{dims}-{'causal' if causal else 'full'}"
 
 
+@planned
 def attention_forward(q, k, v, causal: bool = False, scale: float | None = None, *,
                       backend: str | None = None, attn_mask=None, causal_align: str = "top_left", **config):
     """(o, lse): o (B, H, Nq, Dv) in q's dtype; lse (B, H, Nq) f32, natural log (-inf for a row that sees no key).
-    See the module docstring for ``attn_mask`` and ``causal_align``; ``config`` overrides block shapes."""
+    See the module docstring for ``attn_mask`` and ``causal_align``; ``config`` overrides block shapes.
+    Checks, config and launcher are planned once per launch signature (``kernels._plan``)."""
     import torch
 
     check_attention_args("attention_forward", q, k, v, scale, attn_mask=attn_mask, causal_align=causal_align)
@@ -324,9 +327,7 @@ def attention_forward(q, k, v, causal: bool = False, scale: float | None = None,
     Nk, Dv = k.shape[2], v.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if 0 in (B, H, Nq, Nk):       # nothing to launch: no rows, or rows that see no key (o = 0, lse = -inf)
-        return q.new_zeros((B, H, Nq, Dv)), torch.full((B, H, Nq), -math.inf, device=q.device)
-    o = torch.empty_like(q) if Dv == D else q.new_empty((B, H, Nq, Dv))
-    lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
+        return lambda q, *_, **__: (q.new_zeros((B, H, Nq, Dv)), torch.full((B, H, Nq), -math.inf, device=q.device))
     DT, DVT = head_tile(D), head_tile(Dv)
     default = default_config(max(DT, DVT), causal, q.device.type, q.dtype)
     cfg = launch_config("attention_fwd", config_signature(q, DT, DVT, causal), q.device, Nq, default) | config
@@ -335,9 +336,26 @@ def attention_forward(q, k, v, causal: bool = False, scale: float | None = None,
         consts["DV"] = DVT
     if causal and causal_align != "top_left":
         consts["causal_align"] = causal_align
+    o_shape, lse_shape = (B, H, Nq, Dv), (B, H, Nq)
+
+    def outputs(q):
+        return (torch.empty_like(q) if Dv == D else q.new_empty(o_shape),
+                torch.empty(lse_shape, dtype=torch.float32, device=q.device))
+
+    o, lse = outputs(q)
     bias = mask_as_bias(attn_mask, (B, H, Nq, Nk))
     if bias is None:
-        attention_fwd_kernel(q, k, v, o, lse, scale, backend=backend, **consts)
+        launch = attention_fwd_kernel.launcher_for((q, k, v, o, lse, scale), backend, **consts)
+
+        def run(q, k, v, *_, **__):
+            o, lse = outputs(q)
+            launch((q, k, v, o, lse, scale))
+            return o, lse
     else:
-        attention_fwd_bias_kernel(q, k, v, bias, o, lse, scale, backend=backend, **consts)
-    return o, lse
+        launch = attention_fwd_bias_kernel.launcher_for((q, k, v, bias, o, lse, scale), backend, **consts)
+
+        def run(q, k, v, *_, attn_mask=None, **__):
+            o, lse = outputs(q)
+            launch((q, k, v, mask_as_bias(attn_mask, (B, H, Nq, Nk)), o, lse, scale))
+            return o, lse
+    return run
