@@ -64,3 +64,24 @@ def test_a_tiny_run_on_the_interpreter_writes_every_table(tmp_path):
     assert shipped.entries == user.entries and str(shipped.device) == "sm89-128sm-99kb"
     rows = json.loads(report.read_text())["problems"]
     assert len(rows) == 1 and rows[0]["config"] == entry["config"] and rows[0]["tried"] >= 1
+
+
+def test_missing_plans_only_what_the_gpus_own_tables_lack(tmp_path):
+    """--missing: problems with no entry in this device's own tables (the H100's entries, of the same key, do not
+    count for an H200). Planned here for the H200 from a CPU."""
+    from tilestack.tune.cache import TABLES
+    from tilestack.tune.cache import key as entry_key
+    from tilestack.tune.library import library_problems
+
+    have = {k for p in TABLES.glob("*.json") if (t := Table.read(p)).device.name == "NVIDIA H200" for k in t.entries}
+    want = [p for p in library_problems(["gemm", "softmax"]) if entry_key(p.kernel, p.signature, p.bucket) not in have]
+    with config.override(cache_dir=tmp_path / "cache"):
+        res = runner.invoke(app, ["tune", "--dry-run", "--missing", "--as-device", "sm90-132sm-227kb:NVIDIA H200",
+                                  "-k", "gemm", "-k", "softmax"])
+    assert res.exit_code == 0, res.output
+    if not want:
+        assert "nothing to tune" in res.output
+        return
+    rows = [ln for ln in res.output.splitlines() if "│" in ln]
+    assert len(rows) == len(want)
+    assert [r.split("│")[4].strip() for r in rows] == [str(p.bucket) for p in want]

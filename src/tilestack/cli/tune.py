@@ -31,9 +31,12 @@ def tune(
     out: Path = typer.Option(None, help="folder for --ship's tables; default the package's tables folder"),
     report: Path = typer.Option(None, help="write every problem's outcome here as JSON"),
     device: int = typer.Option(0, help="CUDA device index"),
+    missing: bool = typer.Option(False, "--missing", help="only problems this device's tables have no entry for "
+                                                          "(its key, its size bucket)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list what would be tuned, in order; tune nothing"),
     small: bool = typer.Option(False, hidden=True, help="tests: tiny sizes on the CPU under Triton's interpreter"),
-    as_device: str = typer.Option(None, hidden=True, help="tests: write tables for this device key"),
+    as_device: str = typer.Option(None, help="tune for this device key instead of the GPU's own; with --dry-run, "
+                                             "plan for it from any machine: 'sm90-132sm-227kb:NVIDIA H200'"),
 ) -> None:
     """Time each kernel's candidate configs on this GPU (checked against a reference first) and keep the
     fastest per kernel, signature and size, most valuable problems first, within --budget-s seconds."""
@@ -50,17 +53,45 @@ def tune(
         raise typer.BadParameter("no problem matches --kernel/--dtype/--size/--head-dim")
     if budget_s <= 0:
         raise typer.BadParameter(f"--budget-s must be > 0, got {budget_s}")
+    if dry_run and not missing:
+        _print_plan(problems, budget_s)
+        return
+    if dry_run and as_device:          # a plan for another device, from any machine
+        from tilestack.tune.devices import DeviceKey
+        text, _, name = as_device.partition(":")
+        key, device_str = DeviceKey.parse(text, name=name), "cpu"
+    else:
+        key, device_str = _device(device, small, as_device)
+    if missing:
+        problems = _missing(problems, key)
+        if not problems:
+            typer.echo(f"every problem already has an entry for {key}; nothing to tune")
+            return
     if dry_run:
         _print_plan(problems, budget_s)
         return
-    key, device_str = _device(device, small, as_device)
     _run(problems, key, device_str, budget_s, ship, out, report)
+
+
+def _missing(problems, key):
+    """The problems without an entry of their own (kernel, signature, bucket) in the user's table for ``key`` or
+    a shipped table tuned on a GPU of ``key``'s name (another GPU of the same key does not count)."""
+    from tilestack.tune.cache import ConfigCache
+    from tilestack.tune.cache import key as entry_key
+
+    cache = ConfigCache()
+    have = set()
+    for t in cache.tables_for(key):
+        if t.path is None or t.path.parent == cache.dir or t.device.name == key.name:
+            have.update(t.entries)
+    return [p for p in problems if entry_key(p.kernel, p.signature, p.bucket) not in have]
 
 
 def _device(index: int, small: bool, as_device: str | None):
     from tilestack.perf.device import cuda_available
     from tilestack.tune.devices import DeviceKey, device_key
 
+    as_device = as_device.partition(":")[0] if as_device else None
     if small:
         return DeviceKey.parse(as_device or "sm90-132sm-227kb", name="interpreter"), "cpu"
     if not cuda_available():

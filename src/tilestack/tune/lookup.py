@@ -46,7 +46,7 @@ def launch_config(kernel: str, signature: str, device, n: int, default: dict) ->
         tuned = _resolved[k]
     except KeyError:
         tuned = _resolved[k] = _resolve(kernel, signature, device, n)
-    return {**default, **tuned} if tuned else dict(default)
+    return {**default, **tuned} if tuned else default.copy()
 
 
 def _resolve(kernel: str, signature: str, device, n: int) -> dict | None:
