@@ -141,6 +141,7 @@ def check_ce_args(fn: str, x, weight, labels, ignore_index) -> None:
     check_same_device(fn, x=x, weight=weight, labels=labels)
 
 
+ROW_ALIGN = 64             # logits rows padded to a multiple of this many elements (GPT-2's 50257 is odd)
 CHUNK_BYTES = 1 << 28      # logits of one chunk: 256 MiB (GPT-2's 50257 columns: 2048 rows in bf16)
 
 
@@ -187,10 +188,12 @@ def fused_linear_cross_entropy(x, weight, labels, *, ignore_index: int = IGNORE_
     dx = torch.empty_like(x)
     dw = torch.zeros_like(weight) if t == 0 else torch.empty_like(weight)
     step = chunk or chunk_rows(t, v, x.element_size())
+    padded = -(-v // ROW_ALIGN) * ROW_ALIGN          # rows start 16-byte aligned: vector loads, aligned GEMMs
     for lo in range(0, t, step):
         hi = min(t, lo + step)
         xc = x[lo:hi]                                # (c, d)
-        logits = torch.mm(xc, weight.T)              # (c, V), x's dtype, f32 accumulation
+        logits = torch.empty(hi - lo, padded, dtype=x.dtype, device=x.device)[:, :v]   # (c, V), row stride padded
+        torch.mm(xc, weight.T, out=logits)           # x's dtype, f32 accumulation
         ce_grad_kernel(logits, labels[lo:hi], scale[lo:hi], cols, row_loss[lo:hi], backend=backend, **cfg)
         torch.mm(logits, weight, out=dx[lo:hi])      # (c, d) = (c, V) @ (V, d)
         if lo == 0:
