@@ -146,3 +146,12 @@ def test_bench_writes_a_record_that_compares_with_its_stored_run(tmp_path):
         r = runner.invoke(app, ["bench", "compare", "latest", str(out / "bench.json")])
     assert r.exit_code == 0, r.output
     assert "softmax" in r.output and "1.00x" in r.output        # the same results on both sides
+
+
+def test_tilestack_compare_pairs_bench_records_by_case(tmp_path):
+    # `tilestack compare` (the perf command) hands two bench sides to the bench comparison: tuned configs differ
+    a = run_of(H100, [("gemm", "4096 bf16", 2e-4, 2.2e-4, {"BM": 128})]).write(tmp_path / "a.json")
+    b = run_of(H200, [("gemm", "4096 bf16", 1e-4, 2.0e-4, {"BM": 64})]).write(tmp_path / "b.json")
+    r = runner.invoke(app, ["compare", str(a), str(b)])
+    assert r.exit_code == 0, r.output
+    assert "2.00x" in r.output and "launch configs differ" in r.output

@@ -184,3 +184,18 @@ def from_bench_markdown(text: str, *, device: str, versions: dict[str, Any], sta
             published_bandwidth=_roof(bytes_s, row["memory % meas/pub"], 1),
             joules_per_call=_number(row["J/op"], "J"), avg_power_w=_number(row["power"], "W"), time=started_at))
     return Record(device, ms, versions, None, started_at, BENCH_COMMAND, source)
+
+
+def bench_sides(a: str, b: str, db: str | Path | None = None) -> tuple[Record, Record] | None:
+    """Both sides as records when each is a bench record file or names a ``tilestack bench`` run (or a device with
+    one); None otherwise, so that ``tilestack compare`` treats other runs (profiles) its own way."""
+    sides = []
+    for ref in (a, b):
+        try:
+            rec = load_side(ref, db)
+        except RecordError:
+            return None
+        if rec.command != BENCH_COMMAND:
+            return None
+        sides.append(rec)
+    return sides[0], sides[1]

@@ -276,9 +276,20 @@ def compare(
     db: DbOption = None,
 ) -> None:
     """Compare two runs or two devices case by case (same kernel and config): latency and B's speed-up."""
+    from tilestack.bench.record import bench_sides
     from tilestack.perf import report as report_mod
     from tilestack.perf.store import Store, StoreError
 
+    bench = bench_sides(a, b, db)   # bench runs or record files: paired by case and shape (tilestack bench compare)
+    if bench is not None:
+        from tilestack.bench.compare import compare as compare_bench
+        from tilestack.bench.compare import print_comparison
+
+        by_case = compare_bench(*bench)
+        print_comparison(by_case)
+        if not by_case.comparable:
+            raise typer.Exit(1)
+        return
     try:
         with Store(db) as st:
             cmp = st.compare(a, b)
