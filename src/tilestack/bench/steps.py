@@ -29,7 +29,9 @@ GPU_SIZES = {                # model -> [(B, N)], the sizes of issue 8: GPT-2 sm
     "llama": [(4, 2048), (1, 8192)],
 }
 CPU_SIZES = {"gpt2": [CHECK_BATCH], "llama": [CHECK_BATCH]}
-AdamW_STREAMS = (4, 3)       # AdamW reads parameter, gradient and both moments; writes parameter and moments
+WEIGHT_READS = 2             # the forward and the backward each read every weight once
+GRAD_WRITES = 1              # the backward writes every gradient once
+ADAMW_STREAMS = (4, 3)       # AdamW reads parameter, gradient and both moments; writes parameter and moments
 
 
 def _models():
@@ -67,8 +69,8 @@ def step_cost(model, B: int, N: int, dtype: str = STEP_DTYPE) -> formulas.Cost:
         flops += cfg.n_layer * formulas.attention(B, H, N, N, D, dtype, causal=True, kv_heads=Hkv,
                                                   backward=backward).flops
     params = sum(p.numel() for p in model.parameters()) * formulas.dtype_bytes(dtype)
-    reads, writes = AdamW_STREAMS
-    return formulas.Cost(flops, (2 + reads) * params, (1 + writes) * params)
+    reads, writes = ADAMW_STREAMS
+    return formulas.Cost(flops, (WEIGHT_READS + reads) * params, (GRAD_WRITES + writes) * params)
 
 
 def _rel(got: list, want: list) -> float:
