@@ -5,6 +5,7 @@ tilestack's, eager and under torch.compile, from the same weights on the same ba
     PYTHONPATH=src python3 scripts/bench_model_step.py --models gpt2 --modes eager --json gpt2_eager.json
     PYTHONPATH=src python3 scripts/bench_model_step.py --models llama --sizes 4x2048
     PYTHONPATH=src python3 scripts/bench_model_step.py --quick               # tiny models on the CPU (a check)
+    PYTHONPATH=src python3 scripts/bench_model_step.py --kernels             # each op alone, at the models' shapes
 
 Models (tilestack.bench.models): GPT-2 small (12 layers, d=768, 12 heads of 64, vocab 50257, tied LM head) at
 (B, N) = (16, 512), (8, 1024), (4, 2048), (1, 8192); a Llama-style 1B (16 layers, d=2048, 16 query and 4 key/value
@@ -162,6 +163,95 @@ def profile_impl(model, init_state, impl: str, batch, args, device) -> dict:
     return {"ms_per_step": totals, "top_kernels": top}
 
 
+def kernel_cases(quick: bool, device):
+    """(name, tilestack fn, torch fn, input maker) for each op at the models' shapes (T = 8192 tokens): forward and
+    backward together, as a training step runs them."""
+    import torch.nn.functional as F
+
+    from tilestack.kernels import rotary_tables
+    from tilestack.torch import ops
+
+    T, dg, dl, F_, V1, V2 = (64, 32, 64, 96, 97, 101) if quick else (8192, 768, 2048, 5632, 50257, 32000)
+    H, Hkv, D, N = (4, 2, 16, 16) if quick else (16, 4, 128, 2048)
+    dt = torch.bfloat16
+
+    def t(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device) * scale).to(dt).requires_grad_()
+
+    cos, sin = rotary_tables(N, D, device=device)
+    B = T // N
+
+    def rope_torch(q, k):
+        def rot(x):
+            x1, x2 = x.chunk(2, -1)
+            c, s_ = cos.to(x.dtype)[None, :, None], sin.to(x.dtype)[None, :, None]
+            return torch.cat((x1 * c - x2 * s_, x2 * c + x1 * s_), -1)
+        return rot(q), rot(k)
+
+    labels = {V1: torch.randint(0, V1, (T,), device=device), V2: torch.randint(0, V2, (T,), device=device)}
+    return [
+        ("add_layer_norm d=768", lambda x, r, w, b: ops.add_layer_norm(x, r, w, b),
+         lambda x, r, w, b: (F.layer_norm(x + r, (dg,), w, b), x + r), lambda: (t(T, dg), t(T, dg), t(dg), t(dg))),
+        ("add_rms_norm d=2048", lambda x, r, w: ops.add_rms_norm(x, r, w),
+         lambda x, r, w: (F.rms_norm(x + r, (dl,), w, 1e-6), x + r), lambda: (t(T, dl), t(T, dl), t(dl))),
+        ("rotary H=16/4 D=128", lambda q, k: ops.rotary(q, k, cos, sin), rope_torch,
+         lambda: (t(B, N, H, D), t(B, N, Hkv, D))),
+        ("swiglu F=5632", ops.swiglu, lambda x: F.silu(x[..., :F_]) * x[..., F_:], lambda: (t(T, 2 * F_),)),
+        (f"linear+CE V={V1}", lambda x, w: ops.fused_linear_cross_entropy(x, w, labels[V1]),
+         lambda x, w: F.cross_entropy(F.linear(x, w).float(), labels[V1]), lambda: (t(T, dg), t(V1, dg, scale=0.02))),
+        (f"linear+CE V={V2}", lambda x, w: ops.fused_linear_cross_entropy(x, w, labels[V2]),
+         lambda x, w: F.cross_entropy(F.linear(x, w).float(), labels[V2]), lambda: (t(T, dl), t(V2, dl, scale=0.02))),
+    ]
+
+
+def bench_kernels(args, device) -> list[dict]:
+    """Each op forward + backward at the models' shapes: tilestack against torch eager (and torch.compile), the
+    median time, the peak memory above the inputs, and the largest difference of outputs and gradients."""
+    rows = []
+    print(f"{'op':24} {'tilestack ms':>12} {'torch ms':>9} {'compiled':>9} {'ratio':>6} {'peak ts':>8} "
+          f"{'peak torch':>10} {'max rel err':>11}")
+    for name, ours, theirs, make in kernel_cases(args.quick, device):
+        inputs = make()
+        res, outs = {}, {}
+        fns = {"tilestack": ours, "torch": theirs}
+        if "compile" in args.modes and not args.quick:
+            fns["compiled"] = torch.compile(theirs, dynamic=False)
+        for impl, fn in fns.items():
+            def step(fn=fn, inputs=inputs):
+                y = fn(*inputs)
+                y = y if isinstance(y, tuple) else (y,)
+                grads = torch.autograd.grad(y, inputs, [torch.ones_like(v) for v in y])
+                return y, grads
+            for _ in range(args.warmup):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            timer = StepTimer(device)
+            for _ in range(max(args.steps, 5)):
+                b = timer.start()
+                outs[impl] = step()
+                timer.stop(b)
+            times = timer.times_ms()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else None
+            res[impl] = {"median_ms": statistics.median(times), "peak_gib": peak}
+        err = 0.0
+        for a, b in zip([*outs["tilestack"][0], *outs["tilestack"][1]], [*outs["torch"][0], *outs["torch"][1]],
+                        strict=True):
+            a, b = a.detach().double(), b.detach().double()
+            err = max(err, float((a - b).norm() / b.norm().clamp_min(1e-30)))
+        row = {"op": name, **{k: v for k, v in res.items()}, "ratio": res["tilestack"]["median_ms"] /
+               res["torch"]["median_ms"], "max_rel_err": err}
+        comp = res.get("compiled", {}).get("median_ms")
+        print(f"{name:24} {res['tilestack']['median_ms']:>12.3f} {res['torch']['median_ms']:>9.3f} "
+              f"{comp if comp is not None else float('nan'):>9.3f} {row['ratio']:>6.3f} "
+              f"{_gib(res['tilestack']['peak_gib']):>8} {_gib(res['torch']['peak_gib']):>10} {err:>11.2e}",
+              flush=True)
+        rows.append(row)
+    return rows
+
+
 def parse_sizes(text: str | None) -> list[tuple[int, int]] | None:
     if not text:
         return None
@@ -241,6 +331,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the torch.profiler breakdown")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--kernels", action="store_true", help="time each op (forward + backward) at the models' "
+                    "shapes against torch instead of the model steps")
     args = ap.parse_args(argv)
     args.modes = tuple(args.modes.split(",")) if args.modes else (("eager",) if args.quick else MODES)
     for m in args.modes:
@@ -261,6 +353,12 @@ def main(argv=None) -> int:
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "dtype": "bfloat16", "steps": args.steps, "warmup": args.warmup, "lr": args.lr}
     print(f"# {env}")
+    if args.kernels:
+        rows = bench_kernels(args, device)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"env": env, "kernels": rows}, f, indent=1)
+        return 0
     print(HEADER)
     rows = []
     for name in args.models.split(","):
