@@ -111,3 +111,10 @@ def test_bench_script_quick_mode_runs(tmp_path):
     for r in rows:
         assert r["loss_diff_max"] < 1e-3 and r["torch"]["median_ms"] > 0 and r["tilestack"]["median_ms"] > 0
         assert len(r["torch"]["losses"]) == 2
+
+
+def test_bench_script_kernels_mode_runs(tmp_path):
+    out = tmp_path / "kernels.json"
+    assert _script().main(["--quick", "--kernels", "--steps", "1", "--warmup", "0", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["kernels"]
+    assert len(rows) == 6 and all(r["max_rel_err"] < 2e-2 for r in rows)

@@ -143,7 +143,7 @@ def norm_bwd_kernel(X, W, DY, DH, Mean, Rstd, DX, DWp, DBp, *,
 
 @ts.kernel(grid=lambda Parts, BN: (ts.cdiv(Parts.shape[2], BN), Parts.shape[0]))
 def partial_sum_kernel(Parts, Out, *,
-                       BP: int = ts.tunable(32, (1, 2, 4, 8, 16, 32, 64)),
+                       BP: int = ts.tunable(32, (1, 2, 4, 8, 16, 32, 64, 128)),
                        BN: int = ts.tunable(64, (16, 32, 64, 128, 256, 512)),
                        num_warps: int = ts.tunable(4, (1, 2, 4, 8))):
     # Parts: (K, P, N) f32 partial sums; Out: (K, N) = Parts summed over P, in Out's dtype (the weights')
@@ -212,7 +212,7 @@ def sum_config(n: int, device_type: str) -> dict:
     """Column strips narrow enough that the sum over the P partial rows runs on many programs at once."""
     if device_type != "cuda":
         return {}
-    return dict(BP=64, BN=32 if n <= 4096 else 128, num_warps=4)
+    return dict(BP=128, BN=16 if n <= 4096 else 64, num_warps=4)     # ~100 programs of a few rounds each
 
 
 def check_norm_bwd_args(fn: str, dy, x, weight, stats: dict, dh=None) -> None:
