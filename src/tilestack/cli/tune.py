@@ -157,12 +157,10 @@ def _run(problems, key, device_str: str, budget_s: float, ship: bool, out: Path 
             outcomes.append(o)
             progress.console.print(_line(o))
             progress.advance(task)
-
-        try:
-            session.run(problems, on_start=start, on_done=done)
-        finally:
-            if report is not None:
+            if report is not None:        # after every problem: a run that is killed keeps its report so far
                 _write_report(report, key, budget_s, outcomes)
+
+        session.run(problems, on_start=start, on_done=done)
     tuned = [o for o in outcomes if o.config]
     faster = [o for o in tuned if o.speedup and o.speedup > 1.0]
     console.print(f"{len(tuned)} of {len(problems)} problems tuned ({len(faster)} faster than before); "
