@@ -102,6 +102,9 @@ def test_opcheck_forward(backend, causal, rng):
         torch.library.opcheck(torch.ops.tilestack.attention_fwd.default,
                               (q, k, v, mask, False, 0.2, "top_left"))
         torch.library.opcheck(torch.ops.tilestack.attention_fwd.default, (q, k, v, None, causal, 0.2, "bottom_right"))
+        # q as a projection's (B, N, H, D) output seen as (B, H, N, D): o keeps that layout, and the fake must too
+        qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+        torch.library.opcheck(torch.ops.tilestack.attention_fwd.default, (qt, k, v, None, causal, 0.2, "top_left"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -32,8 +32,9 @@ def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
 
 @attention_fwd_op.register_fake
 def _(q, k, v, attn_mask, causal, scale, causal_align):
-    B, H, Nq, _ = q.shape
-    return q.new_empty((B, H, Nq, v.shape[3])), q.new_empty((B, H, Nq), dtype=torch.float32)
+    B, H, Nq, D = q.shape   # o as attention_forward makes it: q's layout when Dv == D
+    o = torch.empty_like(q) if v.shape[3] == D else q.new_empty((B, H, Nq, v.shape[3]))
+    return o, q.new_empty((B, H, Nq), dtype=torch.float32)
 
 
 @torch.library.custom_op("tilestack::attention_bwd", mutates_args=())
