@@ -8,8 +8,10 @@ The meaning is torch's ``F.scaled_dot_product_attention`` (its math backend, in 
 - Head dims D and Dv are any of 1..256, and may differ. Tiles are a power of two wide (the head dim rounded up,
   at least 16): loads read zeros past the tensor's last column and stores drop what hangs past it, so the
   padding adds zero to every product.
-- bf16, fp16 and fp32 inputs. fp32 products go through the Triton backend's f32 ``tl.dot``; with tf32 matrix
-  units, scores carry about 1e-3 relative error (10-bit mantissas), like any tf32 matmul.
+- bf16, fp16 and fp32 inputs. P (and dS) are rounded to the input dtype for the second product, as
+  FlashAttention does. fp32 products are exact f32 today (the Triton backend emits an IEEE f32 ``tl.dot``: no
+  tf32, the CUDA cores); once the language can ask for tf32 matrix units, their 10-bit mantissas give about
+  1e-3 relative error in o and the gradients, like any tf32 matmul, which is the bound fp32 is tested to.
 - Causal alignment: ``causal_align="top_left"`` (the default, as torch SDPA's ``is_causal``): query r sees keys
   c <= r. ``"bottom_right"`` (FlashAttention-2 >= 2.1, decoding against a KV cache): query r sees keys
   c <= r + Nk - Nq, so the last query sees every key. The two agree when Nq == Nk.
@@ -281,9 +283,8 @@ def mask_as_bias(attn_mask, shape):
 
     if attn_mask is None:
         return None
-    if attn_mask.dtype == torch.bool:
-        bias = torch.zeros(attn_mask.shape, dtype=torch.bfloat16, device=attn_mask.device)
-        attn_mask = bias.masked_fill_(~attn_mask, float("-inf"))
+    if attn_mask.dtype == torch.bool:   # log of the 0/1 mask: log 1 = 0, log 0 = -inf, exactly (two small kernels)
+        attn_mask = attn_mask.to(torch.bfloat16).log_()
     return attn_mask.expand(shape)
 
 
