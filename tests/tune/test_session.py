@@ -181,3 +181,14 @@ def test_a_tiny_gemm_tuned_on_the_interpreter(tmp_path):
     assert out.config in ({**p.default, "BN": 16}, {**p.default, "BN": 32}) and out.failed == 0
     assert out.tried == 2 and out.seconds > 0
     assert ConfigCache(tmp_path / "cache", tables_dir=None).get("gemm", "bfloat16", DEV, 48) == out.config
+
+
+def test_plan_gives_the_most_valuable_problems_most_of_a_budget():
+    from tilestack.tune.session import plan, share_weight
+
+    p0, _ = fake_problem(1024, SECONDS)
+    p1, _ = fake_problem(2048, SECONDS)
+    p2, _ = fake_problem(4096, SECONDS)
+    p1.priority, p2.priority, p2.weight = 1, 2, 4.0
+    assert [share_weight(p) for p in (p0, p1, p2)] == [1.0, 0.5, 1.0]
+    assert plan([p0, p1, p2], 100.0) == [40.0, 20.0, 40.0]
