@@ -127,7 +127,7 @@ def compare(a: Record, b: Record) -> BenchComparison:
     elif ka != kb:
         notes.append(f"A ran on {ka} and B on {kb}: CPU times are Triton's interpreter, not a GPU's; the ratios "
                      "compare the two machines, not the code")
-    if only_a or only_b:
+    if pairs and (only_a or only_b):
         notes.append(f"{len(pairs)} cases in both; only in A: {_names(only_a) or 'none'}; "
                      f"only in B: {_names(only_b) or 'none'}")
     if a.device != b.device:
@@ -147,7 +147,8 @@ def _x(v: float | None, good: float = 1.0) -> str:
     if v is None:
         return "-"
     style = "green" if v > good else "red" if v < good else ""
-    return f"[{style}]{v:.2f}x[/{style}]" if style else f"{v:.2f}x"
+    text = f"{v:.2f}x" if v >= 0.1 else f"{v:.2g}x"    # the CPU's interpreter is 100s of times slower
+    return f"[{style}]{text}[/{style}]" if style else text
 
 
 def comparison_table(cmp: BenchComparison):
@@ -159,11 +160,10 @@ def comparison_table(cmp: BenchComparison):
     for col in ("case", "shape", "time A", "time B", "B speed-up", "baseline B speed-up", "vs baseline A",
                 "vs baseline B", "% of roof A", "% of roof B"):
         t.add_column(col, justify="left" if col in ("case", "shape") else "right", overflow="fold")
-    pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
     for p in cmp.pairs:
         t.add_row(report.escape(p.case), report.escape(p.shape), report.seconds(p._lat("a", OURS)),
                   report.seconds(p._lat("b", OURS)), _x(p.speedup), _x(p.baseline_speedup), _x(p.vs_baseline("a")),
-                  _x(p.vs_baseline("b")), pct(p.roof("a")), pct(p.roof("b")))
+                  _x(p.vs_baseline("b")), report.pct(p.roof("a")), report.pct(p.roof("b")))
     return t
 
 
