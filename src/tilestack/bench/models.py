@@ -228,11 +228,11 @@ class LlamaAttention(nn.Module):
         v = v.view(B, N, self.hkv, self.hd).transpose(1, 2)   # (B, Hkv, N, D)
         if self.impl == "tilestack":
             from tilestack.torch.ops import rotary
-            q, k = rotary(q, k, cos, sin)                  # stored heads-first: the transposes below are free
+            q, k = rotary(q, k, cos, sin)                  # contiguous (B, N, H, D), as torch's rotation gives
         else:
             q, k = _rotate_half_torch(q, cos, sin), _rotate_half_torch(k, cos, sin)
         y = _causal_attention(self.impl, q.transpose(1, 2), k.transpose(1, 2), v)   # (B, H, N, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, N, self.h * self.hd))
+        return self.o_proj(y.transpose(1, 2).reshape(B, N, self.h * self.hd))   # a view where y is laid out like q
 
 
 class LlamaMLP(nn.Module):

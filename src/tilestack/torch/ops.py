@@ -4,7 +4,7 @@
     y = tilestack.torch.ops.layer_norm(x, weight, bias, eps=1e-5)
     y, h = tilestack.torch.ops.add_rms_norm(x, r, weight)           # h = x + r, y = rms_norm(h): one pass
     y, h = tilestack.torch.ops.add_layer_norm(x, r, weight, bias)
-    qr, kr = tilestack.torch.ops.rotary(q, k, cos, sin)             # (B, N, H, D), stored heads-first
+    qr, kr = tilestack.torch.ops.rotary(q, k, cos, sin)             # (B, N, H, D), contiguous
     y = tilestack.torch.ops.swiglu(x)                               # silu(x[..., :F]) * x[..., F:]
     loss = tilestack.torch.ops.fused_linear_cross_entropy(x, weight, labels, ignore_index=-100)
 
@@ -284,14 +284,10 @@ def add_layer_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias:
 
 
 # ---- rotary embedding -----------------------------------------------------------------------------------------
-def _heads_first(t: torch.Tensor) -> torch.Tensor:
-    """An empty (B, N, H, D) tensor laid out as (B, H, N, D): attention reads it after a free transpose."""
-    B, N, H, D = t.shape
-    return t.new_empty((B, H, N, D)).transpose(1, 2)
-
-
 def _rotate(q, k, cos, sin, inverse: bool):
-    return _rotary(q, k, cos, sin, inverse=inverse, q_out=_heads_first(q), k_out=_heads_first(k))
+    # contiguous (B, N, H, D) results: attention reads them through a transpose, and its output, laid out like
+    # q, is then (B, N, H, D) in memory too, so the model's merge of the heads is a view, not a copy
+    return _rotary(q, k, cos, sin, inverse=inverse)
 
 
 @torch.library.custom_op("tilestack::rotary", mutates_args=())
@@ -302,7 +298,7 @@ def rotary_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
 
 @rotary_op.register_fake
 def _(q, k, cos, sin, inverse):
-    return _heads_first(q), _heads_first(k)
+    return _like(q), _like(k)
 
 
 def _rotary_setup(ctx, inputs, output):
@@ -335,8 +331,8 @@ class _Rotary(torch.autograd.Function):
 
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """(q, k) rotated (rotate-half RoPE); q: (B, N, H, D), k: (B, N, Hkv, D), cos/sin: (N, D/2) f32 (see
-    ``tilestack.kernels.rotary_tables``). The results have q's and k's shapes but are stored heads-first, so
-    ``qr.transpose(1, 2)`` is a contiguous (B, H, N, D) tensor. Differentiable in q and k."""
+    ``tilestack.kernels.rotary_tables``). The results are contiguous tensors of q's and k's shapes (the inputs may
+    be strided views, e.g. of a fused qkv projection). Differentiable in q and k."""
     check_rotary_args("rotary", q, k, cos, sin)
     if not _eager(q):
         return rotary_op(q, k, cos, sin, False)
