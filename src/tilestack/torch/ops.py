@@ -13,7 +13,7 @@ Two paths to the same kernels, as for ``tilestack.attention``:
   implementation and ``register_autograd``, so Dynamo keeps them in the graph;
 - in eager mode: a ``torch.autograd.Function`` per op calling the kernels directly, without the custom-op
   dispatcher's per-call Python.
-Each op's forward and backward are written once (``_*_forward`` / ``_*_backward`` below) and used by both.
+Both paths call the same kernel-level functions (``tilestack.kernels``), so an op's arithmetic lives once.
 """
 
 from __future__ import annotations
