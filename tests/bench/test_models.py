@@ -95,7 +95,9 @@ def test_kernel_names_fall_in_the_issue_categories():
     assert category("void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float>") == "cross-entropy"
     assert category("ce_grad_kernel_kernel") == "cross-entropy"
     assert category("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16>") == "norms"
-    assert category("norm_bwd_kernel_kernel") == "norms"
+    assert category("norm_bwd_kernel_kernel") == "norms" and category("partial_sum_kernel_kernel") == "norms"
+    assert category("norm_fwd_kernel_kernel") == "norms" and category("rms_norm_kernel_kernel") == "norms"
+    assert category("swiglu_bwd_kernel_kernel") == "elementwise/copies"
     assert category("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>") \
         == "optimizer"
     assert category("void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>") == "elementwise/copies"
