@@ -6,9 +6,10 @@ interpreter (no GPU, or ``TRITON_INTERPRET=1``).
 
 A launcher is built for one launch signature (see ``tilestack.lang.kernel.launch_key``: dtypes, shapes,
 strides, device, pointer alignment), so everything derived from those (the grid, the sizes and strides the
-kernel reads, whether TMA applies, which offsets need 64 bits, Triton's specialization) is computed once. After the first GPU launch,
-which goes through Triton's JIT to compile, a call goes straight to the compiled kernel's launcher: a list
-copy, one pointer per tensor and one C call.
+kernel reads, whether TMA applies, which offsets need 64 bits, Triton's specialization) is computed once. After
+the first GPU launch, which goes through Triton's JIT to compile, a call goes straight to the compiled kernel's C
+launcher (``_DirectLaunch``): a list copy, one pointer per tensor, TMA descriptors encoded once per address,
+and one C call.
 
 The source is written to ``<cache_dir>/triton/<name>_<hash>.py`` and imported from there, so Triton can read
 it like any other kernel and a person can open it.
@@ -149,6 +150,7 @@ class Launcher:
                 self.descriptors.append((pos, i, list(t.shape), list(t.stride()), list(how[2])))
                 self.template.append(None)
         self.compiled = None
+        self.fast = None   # a _DirectLaunch once the kernel is compiled (see _first_launch)
         self.device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
         if self.descriptors:
             self.make_descriptor = _descriptor_factory()
@@ -169,26 +171,17 @@ class Launcher:
         grid = self.grid or _grid3(self.traced.grid(*args))
         if 0 in grid:
             return
+        fast = self.fast
+        if fast is not None and not _hooks():
+            fast(grid, args)
+            return
         flat = self.flat(args)
         if self.interpret:
             self.fn[grid](*flat, **self.options)
-            return
-        compiled = self.compiled
-        if compiled is None:
+        elif self.compiled is None:
             self._first_launch(grid, flat)
-            return
-        import triton
-
-        rt = triton.knobs.runtime
-        if rt.launch_enter_hook is not None or rt.launch_exit_hook is not None:   # a profiler is listening
+        else:   # a profiler's launch hooks are set (or the direct path does not apply): Triton's own way
             self.fn[grid](*flat, **self.options)
-            return
-        self._nvtx_push(self.label)
-        try:
-            compiled.run(grid[0], grid[1], grid[2], self._stream(self._device_index), compiled.function,
-                         compiled.packed_metadata, None, None, None, *flat)
-        finally:
-            self._nvtx_pop()
 
     def _first_launch(self, grid, flat) -> None:
         """Through Triton's JIT (which compiles and specializes), keeping the compiled kernel for later calls."""
@@ -197,19 +190,103 @@ class Launcher:
         from tilestack.perf.nvtx import PREFIX, range_name
 
         self.label = PREFIX + range_name(self.traced.name, self.traced.constants)
-        self._nvtx_push, self._nvtx_pop = torch.cuda.nvtx.range_push, torch.cuda.nvtx.range_pop
-        self._stream = torch._C._cuda_getCurrentRawStream
-        self._device_index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        self._nvtx_push(self.label)
+        device_index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        torch.cuda.nvtx.range_push(self.label)
         try:
-            with torch.cuda.device(self._device_index):
+            with torch.cuda.device(device_index):
                 compiled = self.fn[grid](*flat, **self.options)
         finally:
-            self._nvtx_pop()
+            torch.cuda.nvtx.range_pop()
         self.traced._compiled["triton-binary"] = compiled
-        # the fast path needs the kernel loaded on the device the tensors live on
-        if self._device_index == torch.cuda.current_device():
-            self.compiled = compiled
+        self.compiled = compiled
+        # the direct path needs the kernel loaded on the device the tensors live on
+        if device_index == torch.cuda.current_device():
+            self.fast = _DirectLaunch(self, compiled, device_index)
+
+
+class _DirectLaunch:
+    """A compiled kernel's C launcher called directly: what Triton's ``CompiledKernel.run`` does, without its
+    per-call Python, and with each TMA descriptor encoded once per tensor address (a descriptor is a function of
+    the address, the shape, the strides and the box, and the last three are fixed by the launch signature).
+
+    Built only where Triton's launcher has the layout this was written against (Triton 3.6: no scratch memory,
+    descriptors expanded by a wrapper around the C launcher); otherwise ``make`` returns None and launches go
+    through ``CompiledKernel.run``."""
+
+    MAX_DESCRIPTORS = 256   # encoded descriptors kept per argument (addresses a training loop cycles through)
+
+    def __new__(cls, launcher: Launcher, compiled, device_index: int):
+        run = compiled.run
+        if getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1):
+            return None
+        raw = run.launch
+        if launcher.descriptors:   # Triton wraps its C launcher to expand descriptors: take the C one
+            cells = dict(zip(getattr(raw, "__code__", None) and raw.__code__.co_freevars or (),
+                             (c.cell_contents for c in getattr(raw, "__closure__", None) or ()), strict=False))
+            raw = cells.get("launcher")
+            if raw is None:
+                return None
+        self = super().__new__(cls)
+        import torch
+        from triton.backends.nvidia.driver import make_tensordesc_arg
+
+        self.raw, self.function, self.packed = raw, compiled.function, compiled.packed_metadata
+        self.coop, self.pdl = run.launch_cooperative_grid, run.launch_pdl
+        self.stream, self.device_index = torch._C._cuda_getCurrentRawStream, device_index
+        self.nvtx = (torch.cuda.nvtx.range_push, torch.cuda.nvtx.range_pop, launcher.label)
+        meta = list(getattr(compiled.metadata, "tensordesc_meta", None) or [None] * len(launcher.descriptors))
+        # the expanded argument list: fixed values, and slots filled per call
+        self.template, self.pointers, self.tma = [], [], []
+        by_pos = {pos: d for d, (pos, *_rest) in enumerate(launcher.descriptors)}
+        for pos, value in enumerate(launcher.template):
+            if pos in by_pos:
+                _, i, shape, strides, block = launcher.descriptors[by_pos[pos]]
+                m = meta[by_pos[pos]]
+                if m is None:
+                    return None   # descriptors lowered to pointers: rare; Triton's own path handles them
+                self.tma.append((len(self.template), i, shape, strides, block, m, {}))
+                self.template.extend([None, *shape, *strides])
+            elif value is None:
+                self.pointers.append((len(self.template), next(i for p, i in launcher.pointers if p == pos)))
+                self.template.append(None)
+            else:
+                self.template.append(value)
+        self.make_descriptor, self.encode = launcher.make_descriptor if launcher.descriptors else None, \
+            make_tensordesc_arg
+        return self
+
+    def __call__(self, grid, args) -> None:
+        out = self.template.copy()
+        for pos, i in self.pointers:
+            out[pos] = args[i]
+        for pos, i, shape, strides, block, meta, cache in self.tma:
+            t = args[i]
+            ptr = t.data_ptr()
+            desc = cache.get(ptr)
+            if desc is None:
+                if len(cache) >= self.MAX_DESCRIPTORS:
+                    cache.clear()
+                desc = cache[ptr] = self.encode(self.make_descriptor(t, shape, strides, block), meta)[0]
+            out[pos] = desc
+        push, pop, label = self.nvtx
+        push(label)
+        try:
+            self.raw(grid[0], grid[1], grid[2], self.stream(self.device_index), self.function, self.coop, self.pdl,
+                     None, None, self.packed, None, None, None, *out)
+        finally:
+            pop()
+
+
+_runtime_knobs = None
+
+
+def _hooks() -> bool:
+    """Whether a profiler listens to Triton's launches (then launches take Triton's path, which calls it)."""
+    global _runtime_knobs
+    if _runtime_knobs is None:
+        import triton
+        _runtime_knobs = triton.knobs.runtime
+    return bool(_runtime_knobs.launch_enter_hook.calls or _runtime_knobs.launch_exit_hook.calls)
 
 
 def _grid3(grid: tuple[int, ...]) -> tuple[int, int, int]:
