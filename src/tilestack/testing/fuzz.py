@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import math
 import time
@@ -43,7 +44,7 @@ import numpy as np
 U32 = 2.0 ** -24          # f32 unit roundoff
 TINY32 = 2.0 ** -126      # smallest normal f32: GPUs flush f32 subnormals to zero
 EXP2_APPROX = 2.0 ** -21  # relative error of the GPU's exp2 (ex2.approx) and of the f32 rounding around it
-KINDS = ("gemm", "softmax", "layer_norm", "rms_norm", "attention")
+KINDS = ("gemm", "softmax", "layer_norm", "rms_norm", "layer_norm_bwd", "rms_norm_bwd", "attention")
 STATUSES = ("ok", "mismatch", "nan", "crash")
 
 
@@ -486,6 +487,61 @@ def rms_norm_problem(rng, device: str, backend: str, prof: Profile) -> Problem:
     return desc, run, expect
 
 
+def norm_backward_problem(rng, device: str, backend: str, prof: Profile, *, centered: bool) -> Problem:
+    """layer_norm_backward (centered) or rms_norm_backward, from statistics the forward would save (the exact
+    ones rounded to f32), with an optional gradient dh that reaches x by another path."""
+    import torch
+
+    from tilestack.kernels import layer_norm_backward, rms_norm_backward
+
+    m, n = size(rng, prof.rows), size(rng, prof.cols)
+    dtype = [torch.float32, torch.bfloat16, torch.float16][int(rng.integers(3))]
+    pdtype = dtype if rng.random() < 0.7 else torch.float32
+    style, x = _norm_input(rng, m, n, dtype, device)
+    x = strided(rng, x)
+    w = tensor(rng, (n,), pdtype, device, scale=float(rng.choice((1.0, 10.0))), loc=1.0)
+    dy = tensor(rng, (m, n), dtype, device, scale=log_uniform(rng, 1e-3, 1e2 if dtype == torch.float16 else 1e4))
+    dh = tensor(rng, (m, n), dtype, device) if rng.random() < 0.3 else None
+    eps = float(rng.choice((1e-6, 1e-5, 1e-2)))
+    x64 = x.double()
+    mean = x64.mean(-1) if centered else torch.zeros(m, dtype=torch.float64, device=device)
+    msq = (x64 - mean[:, None]).square().mean(-1) if n else torch.zeros(m, dtype=torch.float64, device=device)
+    mean32, rstd32 = mean.float(), (msq + eps).rsqrt().float()
+    cfg = _row_config(rng, n, device)
+    name = "layer_norm_backward" if centered else "rms_norm_backward"
+    desc = (f"{name} M={m} N={n} {str(dtype)[6:]} w {str(pdtype)[6:]} {style} eps={eps} dh={dh is not None} "
+            f"x{tuple(x.stride())} cfg={cfg}")
+
+    def run():
+        if centered:
+            return layer_norm_backward(dy, x, w, mean32, rstd32, dh=dh, backend=backend, **cfg)
+        return rms_norm_backward(dy, x, w, rstd32, dh=dh, backend=backend, **cfg)
+
+    def expect(outs):
+        r = rstd32.double()[:, None]                             # (M, 1)
+        xhat = (x64 - mean32.double()[:, None]) * r if centered else x64 * r
+        g = dy.double() * w.double()
+        g_xhat = (g * xhat).mean(-1, keepdim=True) if n else torch.zeros_like(r)
+        g_mean = g.mean(-1, keepdim=True) if n and centered else torch.zeros_like(r)
+        dx64 = r * (g - g_mean - xhat * g_xhat)
+        dh64 = torch.zeros_like(dx64) if dh is None else dh.double()
+        dx64 = dx64 + dh64
+        steps_n = _reduction_steps(n) * U32
+        spread = (g.abs().mean(-1, keepdim=True) + xhat.abs() * (g * xhat).abs().mean(-1, keepdim=True)) if n \
+            else torch.zeros_like(r)
+        tol_dx = 2 * _eps(dtype) * (dx64.abs() + dh64.abs()) + 4 * steps_n * r * (g.abs() + spread) + _atol(dtype)
+        check("dx", outs[0], dx64, tol_dx)
+        steps_m = _reduction_steps(m) * U32
+        dys = dy.double()
+        sums = [("dw", (dys * xhat).sum(0), (dys * xhat).abs().sum(0))]
+        if centered:
+            sums.append(("db", dys.sum(0), dys.abs().sum(0)))
+        for (label, want, growth), got in zip(sums, outs[1:], strict=True):
+            check(label, got, want, 2 * _eps(pdtype) * want.abs() + 4 * steps_m * growth + (m + 1) * _atol(pdtype))
+
+    return desc, run, expect
+
+
 # ---- attention -----------------------------------------------------------------------------------------------
 def attention_capabilities() -> dict:
     """What the attention functions accept today, found by asking them (their argument checks run before any
@@ -709,14 +765,17 @@ def draw(index: int, seed: int, device: str, backends: Sequence[str], caps: dict
          kinds: Sequence[str] = KINDS) -> tuple[str, str, Problem]:
     """Problem ``index`` of ``seed``: (kind, backend, problem), the same on every run."""
     rng = np.random.default_rng([seed, index])
-    weights = np.array([{"attention": 3.0, "gemm": 2.0}.get(k, 1.5) for k in kinds])
+    weights = np.array([{"attention": 3.0, "gemm": 2.0, "layer_norm_bwd": 1.0, "rms_norm_bwd": 1.0}.get(k, 1.5)
+                        for k in kinds])
     kind = str(rng.choice(list(kinds), p=weights / weights.sum()))
     backend = backends[index % len(backends)]
     prof = PROFILES["cuda" if device == "cuda" else "cpu"]
     if kind == "attention":
         return kind, backend, attention_problem(rng, device, backend, prof, caps)
     maker = {"gemm": gemm_problem, "softmax": softmax_problem, "layer_norm": layer_norm_problem,
-             "rms_norm": rms_norm_problem}[kind]
+             "rms_norm": rms_norm_problem,
+             "layer_norm_bwd": functools.partial(norm_backward_problem, centered=True),
+             "rms_norm_bwd": functools.partial(norm_backward_problem, centered=False)}[kind]
     return kind, backend, maker(rng, device, backend, prof)
 
 
