@@ -96,18 +96,18 @@ def run_case(case: Case, dev, ceil, store=None, run_id=None) -> BenchRow:
 def comparison_table(rows: list[BenchRow], device_label: str):
     from rich.table import Table
 
-    t = Table(title=f"tilestack bench on {device_label}  (tilestack's FLOPs and bytes from its IR; "
-                    "baselines' from formulas)")
-    for col in ("kernel", "shape", "check (rel err)", "time", "FLOP/s", "bytes/s", "FLOP/byte",
+    t = Table(title=f"tilestack bench on {device_label}  (a kernel's FLOPs and bytes from its IR; model steps', "
+                    "attention_train's and baselines' from formulas)")
+    for col in ("case", "shape", "check (rel err)", "time", "FLOP/s", "bytes/s", "FLOP/byte",
                 "baseline", "baseline time", "baseline FLOP/s", "speedup"):
-        t.add_column(col, justify="left" if col in ("kernel", "shape", "baseline") else "right")
+        t.add_column(col, justify="left" if col in ("case", "shape", "baseline") else "right")
     for r in rows:
         ok = "[green]ok[/]" if r.passed else "[red]FAIL[/]"
         t.add_row(r.case.name, r.case.shape, f"{ok} {r.check['vs_float64']:.1e}",
                   report.seconds(r.ours.latency_s), report.si(r.ours.flops_per_s, "FLOP/s"),
                   report.si(r.ours.bytes_per_s, "B/s"), f"{r.ours.intensity:.1f}", r.case.baseline_name,
                   report.seconds(r.baseline.latency_s), report.si(r.baseline.flops_per_s, "FLOP/s"),
-                  f"{r.speedup:.2f}x")
+                  f"{r.speedup:.2f}x" if r.speedup >= 0.1 else f"{r.speedup:.2g}x")
     return t
 
 
