@@ -96,8 +96,8 @@ def run_case(case: Case, dev, ceil, store=None, run_id=None) -> BenchRow:
 def comparison_table(rows: list[BenchRow], device_label: str):
     from rich.table import Table
 
-    t = Table(title=f"tilestack bench on {device_label}  (a kernel's FLOPs and bytes from its IR; model steps', "
-                    "attention_train's and baselines' from formulas)")
+    t = Table(title=f"tilestack bench on {device_label}  (a kernel's FLOPs and bytes from its IR; whole ops', "
+                    "model steps' and baselines' from formulas)")
     for col in ("case", "shape", "check (rel err)", "time", "FLOP/s", "bytes/s", "FLOP/byte",
                 "baseline", "baseline time", "baseline FLOP/s", "speedup"):
         t.add_column(col, justify="left" if col in ("case", "shape", "baseline") else "right")
