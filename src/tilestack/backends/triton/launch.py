@@ -232,7 +232,8 @@ class _DirectLaunch:
 
         self.raw, self.function, self.packed = raw, compiled.function, compiled.packed_metadata
         self.coop, self.pdl = run.launch_cooperative_grid, run.launch_pdl
-        self.stream, self.device_index = torch._C._cuda_getCurrentRawStream, device_index
+        self.stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)   # None in a CPU build of torch
+        self.device_index = device_index
         self.nvtx = (torch.cuda.nvtx.range_push, torch.cuda.nvtx.range_pop, launcher.label)
         meta = list(getattr(compiled.metadata, "tensordesc_meta", None) or [None] * len(launcher.descriptors))
         # the expanded argument list: fixed values, and slots filled per call
