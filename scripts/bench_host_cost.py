@@ -45,6 +45,21 @@ def _sdpa_with(backend, q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
+def _check_against_sdpa(q, k, v, do) -> dict:
+    """Relative errors of tilestack.attention's output and gradients against SDPA's (both bf16)."""
+    def run(f):
+        for t in (q, k, v):
+            t.grad = None
+        o = f(q, k, v)
+        o.backward(do)
+        return [o.detach()] + [t.grad.clone() for t in (q, k, v)]
+
+    ours = run(lambda q, k, v: tilestack.attention(q, k, v, causal=True))
+    ref = run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    return {name: float((a.float() - b.float()).norm() / b.float().norm())
+            for name, a, b in zip(("o", "dq", "dk", "dv"), ours, ref, strict=True)}
+
+
 def attention_cases(rows: list) -> None:
     for shape in ((1, 8, 128, 64), (8, 16, 1024, 128)):
         B, H, N, D = shape
@@ -70,6 +85,9 @@ def attention_cases(rows: list) -> None:
                     res[name] = per_call_us(call)
                 except RuntimeError as e:   # a backend that refuses this shape
                     print(f"{name} {shape} {mode}: {e}".splitlines()[0])
+            if mode == "fwd+bwd":   # after thousands of direct launches: still the right answer?
+                checks = _check_against_sdpa(q, k, v, do)
+                print(f"attention{shape} vs SDPA after the timing loops: {checks}")
             for name, us in res.items():
                 rows.append({"case": f"attention{shape}", "mode": mode, "impl": name, "us": us,
                              "vs_flash": us / res["sdpa-flash"] if "sdpa-flash" in res else None})
@@ -151,6 +169,23 @@ def diagnose() -> None:
         pieces = {"attention_forward": lambda: attention_forward(q, k, v, True, None),
                   "attention_backward": lambda: attention_backward(q, k, v, o, lse, do, True, None),
                   "torch.empty_like": lambda: torch.empty_like(q)}
+        # inside one launch: the prebuilt launcher, its argument list, the compiled kernel's own launcher
+        from triton.backends.nvidia.driver import make_tensordesc_arg
+
+        from tilestack.kernels.attention_fwd import attention_fwd_kernel
+        launcher = next(iter(attention_fwd_kernel._launchers.values()))
+        args = (q, k, v, o, lse, 0.125)
+        flat = launcher.flat(args)
+        compiled, grid = launcher.compiled, launcher.grid
+        stream = torch.cuda.current_stream().cuda_stream
+        pieces["Launcher(args)"] = lambda: launcher(args)
+        pieces["Launcher.flat(args)"] = lambda: launcher.flat(args)
+        pieces["CompiledKernel.run"] = lambda: compiled.run(*grid, stream, compiled.function, compiled.packed_metadata,
+                                                            None, None, None, *flat)
+        meta = getattr(compiled.metadata, "tensordesc_meta", None)
+        descs = [a for a in flat if type(a).__name__ == "TensorDescriptor"]
+        if descs:
+            pieces["make_tensordesc_arg"] = lambda: make_tensordesc_arg(descs[0], meta[0] if meta else None)
         for name, f in pieces.items():
             print(f"{name:<24}{per_call_us(f):8.1f} us/call")
 
