@@ -132,6 +132,13 @@ def test_cli_compare_files_runs_and_devices(tmp_path):
     r = runner.invoke(app, ["bench", "compare", "H100", "latest", "--db", str(db)])
     assert r.exit_code == 0, r.output
     assert "2.00x" in r.output
+    with Store(db) as st:          # a newer run of another kind: `bench compare` counts bench runs only
+        st.append(st.start_run(device=H200, label="profile x", command="tilestack profile"),
+                  result("mm", "8 bf16", "tilestack", 1e-3, H200))
+    r = runner.invoke(app, ["bench", "compare", "latest~1", "latest", "--db", str(db)])
+    assert r.exit_code == 0 and "2.00x" in r.output, r.output
+    r = runner.invoke(app, ["compare", "latest~1", "latest", "--db", str(db)])   # the store's own meaning
+    assert "vs baseline" not in r.output
     r = runner.invoke(app, ["bench", "compare", "A100", "latest", "--db", str(db)])
     assert r.exit_code == 2 and "matches no device" in r.output and "NVIDIA H200" in r.output
 

@@ -99,9 +99,10 @@ def latest_bench_run_on(store, device: str) -> str:
     return runs[0].id
 
 
-def load_side(ref: str, db: str | Path | None = None) -> Record:
+def load_side(ref: str, db: str | Path | None = None, *, latest_bench: bool = True) -> Record:
     """One side of a comparison: a record file (``*.json``), else a run of the result store (id, unique prefix,
-    label, ``latest``, ``latest~N``), else the newest bench run on a device whose name contains ``ref``."""
+    label, ``latest``, ``latest~N``: with ``latest_bench``, counted among bench runs only), else the newest bench
+    run on a device whose name contains ``ref``."""
     if ref.endswith(".json"):
         if not Path(ref).is_file():
             raise RecordError(f"record={ref!r}: no such file")
@@ -109,6 +110,13 @@ def load_side(ref: str, db: str | Path | None = None) -> Record:
     from tilestack.perf.store import Store, StoreError
 
     with Store(db) as st:
+        if latest_bench and (ref == "latest" or ref.startswith("latest~")):
+            back = ref.partition("~")[2] or "0"
+            runs = [r for r in st.runs() if r.command == BENCH_COMMAND]
+            if not back.isdigit() or int(back) >= len(runs):
+                raise RecordError(f"run={ref!r}; expected latest or latest~N with N below the {len(runs)} "
+                                  f"`tilestack bench` runs in {st.path}")
+            return record_of_run(st, runs[int(back)].id)
         try:
             return record_of_run(st, ref)
         except StoreError as run_error:
@@ -192,7 +200,7 @@ def bench_sides(a: str, b: str, db: str | Path | None = None) -> tuple[Record, R
     sides = []
     for ref in (a, b):
         try:
-            rec = load_side(ref, db)
+            rec = load_side(ref, db, latest_bench=False)     # "latest" means what it means to the store
         except RecordError:
             return None
         if rec.command != BENCH_COMMAND:
