@@ -102,3 +102,23 @@ def test_empty_problems_give_torchs_answer_without_launching(backend, causal, sh
         o64 = F.scaled_dot_product_attention(q64, k64, v64, is_causal=causal)
         o64.backward(do.double())
         assert torch.equal(o.double(), o64) and torch.equal(grads[0].double(), q64.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
+def test_keys_at_minus_infinity_act_as_masked(backend, causal, rng):
+    """Keys that overflowed to -inf (fp16) with positive queries score -inf: torch's math backend gives them
+    P = 0 and zero dK, dV. The dK/dV kernel sums over query rows, so a padded query row (q = 0, past Nq) must
+    not score 0 * -inf = NaN into that sum: it is masked. (dQ = dS K is 0 * -inf = NaN for torch too.)"""
+    q = (1.0 + randn(rng, (1, 2, 21, 16), torch.float64).abs()).half()
+    k, v = randn(rng, (1, 2, 19, 16), torch.float16), randn(rng, (1, 2, 19, 16), torch.float16)
+    k[:, :, [3, 7]] = -math.inf
+    do = randn(rng, (1, 2, 21, 16), torch.float16)
+    o, lse = attention_forward(q, k, v, causal, backend=backend)
+    _, dk, dv = attention_backward(q, k, v, o, lse, do, causal, backend=backend)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    o64 = F.scaled_dot_product_attention(*leaves, is_causal=causal)
+    o64.backward(do.double())
+    for name, got, want in (("o", o, o64.detach()), ("dk", dk, leaves[1].grad), ("dv", dv, leaves[2].grad)):
+        assert got.isfinite().all() and want.isfinite().all(), name
+        torch.testing.assert_close(got.double(), want, rtol=5e-3, atol=5e-3, msg=name)

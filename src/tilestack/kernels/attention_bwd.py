@@ -17,13 +17,15 @@ Each has a ``*_bias_kernel`` twin that adds the bias to the scores (the same bod
 
 Masks. P = exp2(s - lse) is only safe where s is a real score: a padded key (past Nk) loads as a zero row of K,
 scores 0 and would get P = exp2(-lse), which overflows when the row's real scores are all strongly negative
-(lse < about -88 in the log2 domain), and inf * 0 is NaN in dQ = dS K. So the dQ kernel masks keys past Nk
-(in the same loop that masks the causal diagonal, over the key blocks that need either). The dK/dV kernel
-needs no key mask: a padded key's P reaches only its own dK, dV rows, which the store drops. Padded query rows
-(past Nq) need no mask in either: their q, dO, lse and delta load as zero, so their P is exp2(0 - 0) = 1 or 0,
-finite, and every product with their dO = 0 and dS = P * (0 - 0) = 0 is zero. A row that saw no key has
-lse = -inf (all its scores are -inf too); where that can happen (a bias, bottom-right alignment) lse is raised
-to the lowest finite f32, so its P is exp2(-inf - lowest) = 0, not exp2(-inf + inf) = NaN.
+(natural lse below about -88 in f32, -11 once P is rounded to fp16), and inf * 0 is NaN in dQ = dS K. So the
+dQ kernel masks keys past Nk (in the loop that masks the causal diagonal, over the key blocks that need
+either). The dK/dV kernel needs no key mask: a padded key's P reaches only its own dK, dV rows, which the store
+drops. But it sums over query rows, so it masks the rows past Nq of the ragged last query block: they load q,
+dO, lse and delta as zero, which gives a finite P and zero products for finite keys, but 0 * inf = NaN for a
+key that overflowed to -inf (which torch treats as masked). In the dQ kernel a padded query row reaches only
+its own dQ row, which the store drops. A row that saw no key has lse = -inf (and every score -inf); where that
+can happen (a bias, bottom-right alignment) lse is raised to the lowest finite f32, so its P is
+exp2(-inf - lowest) = 0, not exp2(-inf + inf) = NaN.
 """
 
 from __future__ import annotations
@@ -67,10 +69,12 @@ def attention_bwd_delta_kernel(O, dO, Delta, *, D: int,
     ts.store(Delta, delta, at=(b, h, i))
 
 
-def _probabilities(s, q, k, lse, qk_scale, *, keys_left=None, diagonal=None, Bias=None, bias=None, at=None):
+def _probabilities(s, q, k, lse, qk_scale, *, keys_left=None, rows_left=None, diagonal=None, Bias=None, bias=None,
+                   at=None):
     """s = P = exp2(q k^T * qk_scale [+ bias * log2 e] - lse) for one (query block, key block) pair, exactly as
-    the forward normalised it; ``keys_left`` (= Nk - j*BN) masks keys past the end, ``diagonal`` (see
-    ``causal_diagonal``) the causal diagonal; lse is in the log2 domain."""
+    the forward normalised it; ``keys_left`` (= Nk - j*BN) masks keys past the end, ``rows_left`` (= Nq - i*BM)
+    queries past the end, ``diagonal`` (see ``causal_diagonal``) the causal diagonal; lse is in the log2
+    domain."""
     ts.zero(s)
     ts.mma_ABt(s, q, k, s)                       # (BM, BN) = q @ k.T
     ts.mul(s, s, qk_scale)
@@ -78,6 +82,8 @@ def _probabilities(s, q, k, lse, qk_scale, *, keys_left=None, diagonal=None, Bia
         add_bias(s, bias, Bias, at)
     if keys_left is not None:
         ts.right_fill(s, s, keys_left, -math.inf)
+    if rows_left is not None:
+        ts.lower_fill(s, s, rows_left, -math.inf)
     if diagonal is not None:
         ts.make_causal(s, s, diagonal)
     ts.sub_row(s, s, lse)
@@ -101,26 +107,32 @@ def _lse_log2(lse, empty_rows: bool) -> None:
 
 
 def key_block_queries(j, Nq, BM: int, BN: int, causal: bool, shift):
-    """(first, full, n_q_blocks) for key block j: query blocks [first, full) reach its causal diagonal and are
-    masked, [full, n_q_blocks) see all of it, earlier ones none of it. Clamped at 0 before dividing."""
+    """(first, full, tail, n_q_blocks) for key block j: query blocks [first, full) reach its causal diagonal,
+    [full, tail) see all of it and need no mask, [tail, n_q_blocks) is the ragged last block (masked: its rows
+    past Nq); earlier blocks see none of it. Clamped at 0 before dividing."""
     n_q_blocks = ts.cdiv(Nq, BM)
     if not causal:
-        return 0, 0, n_q_blocks
+        return 0, 0, Nq // BM, n_q_blocks
     if shift is None:
-        return (ts.smin((j * BN) // BM, n_q_blocks), ts.smin(ts.cdiv((j + 1) * BN, BM), n_q_blocks), n_q_blocks)
-    first = ts.smin(ts.smax(j * BN - shift, 0) // BM, n_q_blocks)
-    return first, ts.smin(ts.cdiv(ts.smax((j + 1) * BN - shift, 0), BM), n_q_blocks), n_q_blocks
+        first = ts.smin((j * BN) // BM, n_q_blocks)
+        full = ts.smin(ts.cdiv((j + 1) * BN, BM), n_q_blocks)
+    else:
+        first = ts.smin(ts.smax(j * BN - shift, 0) // BM, n_q_blocks)
+        full = ts.smin(ts.cdiv(ts.smax((j + 1) * BN - shift, 0), BM), n_q_blocks)
+    return first, full, ts.smax(full, Nq // BM), n_q_blocks
 
 
 def _dkdv_block(i, h, *, b, q, do, lse, delta, k, v, s, dp, p, ds, dk, dv, Q, dO, LSE, Delta, qk_scale,
-                masked: bool, shift, empty_rows: bool, Bias, bias, j, BM: int, BN: int):
-    """Query block i of query head h against this program's key block j."""
+                masked: bool, diagonal: bool, shift, empty_rows: bool, Bias, bias, j, BM: int, BN: int):
+    """Query block i of query head h against this program's key block j; ``masked``: rows past Nq, and the
+    causal diagonal if ``diagonal``."""
     ts.load(q, Q, at=(b, h, i, 0))               # (BM, D)
     ts.load(do, dO, at=(b, h, i, 0))             # (BM, DV)
     ts.load(lse, LSE, at=(b, h, i))              # (BM,) natural log
     ts.load(delta, Delta, at=(b, h, i))          # (BM,)
     _lse_log2(lse, empty_rows)
-    _probabilities(s, q, k, lse, qk_scale, diagonal=causal_diagonal(i, j, BM, BN, shift) if masked else None,
+    _probabilities(s, q, k, lse, qk_scale, rows_left=Q.shape[2] - i * BM if masked else None,
+                   diagonal=causal_diagonal(i, j, BM, BN, shift) if diagonal else None,
                    Bias=Bias, bias=bias, at=(b, h, i, j))
     ts.copy(p, s)
     ts.mma_AtB(dv, p, do, dv)                    # (BN, DV) += P^T dO
@@ -155,16 +167,18 @@ def _dkdv(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale, *, D: int, DV: int | Non
     ts.load(v, V, at=(b, hk, j, 0))
     ts.zero(dk)
     ts.zero(dv)
-    first, full, n_q_blocks = key_block_queries(j, Q.shape[2], BM, BN, causal, shift)
+    first, full, tail, n_q_blocks = key_block_queries(j, Q.shape[2], BM, BN, causal, shift)
     tiles = dict(b=b, q=q, do=do, lse=lse, delta=delta, k=k, v=v, s=s, dp=dp, p=p, ds=ds, dk=dk, dv=dv, Q=Q,
                  dO=dO, LSE=LSE, Delta=Delta, qk_scale=scale * LOG2E, shift=shift,
                  empty_rows=Bias is not None or shift is not None, Bias=Bias, bias=bias, j=j, BM=BM, BN=BN)
     for g in ts.range(group):
         h = hk * group + g
-        for i in ts.range(first, full):
-            _dkdv_block(i, h, masked=True, **tiles)
-        for i in ts.range(full, n_q_blocks):
-            _dkdv_block(i, h, masked=False, **tiles)
+        for i in ts.range(first, full):          # the causal diagonal (and maybe the ragged last query block)
+            _dkdv_block(i, h, masked=True, diagonal=True, **tiles)
+        for i in ts.range(full, tail):
+            _dkdv_block(i, h, masked=False, diagonal=False, **tiles)
+        for i in ts.range(tail, n_q_blocks):     # the ragged last query block, past the diagonal
+            _dkdv_block(i, h, masked=True, diagonal=False, **tiles)
     ts.mul(dk, dk, scale)
     out_k = ts.RegTile[dK.dtype, BN, D]()
     out_v = ts.RegTile[dV.dtype, BN, DV]()
