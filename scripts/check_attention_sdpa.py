@@ -167,6 +167,27 @@ def timings() -> None:
                   f"fwd+bwd {f[2]:7.3f} / {f[3]:7.3f}")
 
 
+def sdpa_fully_masked_rows() -> None:
+    """What each of torch's GPU backends gives for a query row whose boolean mask is all False (tilestack gives
+    0, as the math backend)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    print("\ntorch SDPA on a fully masked row (boolean mask), bf16:")
+    q, k, v = (torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    keep = torch.ones(64, 64, device="cuda", dtype=torch.bool)
+    keep[5] = False
+    for backend in (SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                    SDPBackend.FLASH_ATTENTION):
+        try:
+            with sdpa_kernel(backend):
+                row = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)[:, :, 5]
+            what = "NaN" if bool(row.isnan().any()) else ("0" if not bool(row.any()) else "other")
+        except RuntimeError as e:
+            what = f"not available ({str(e).splitlines()[0][:60]})"
+        print(f"  {backend.name:20s} {what}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=("check", "time", "both"), default="both")
@@ -182,6 +203,7 @@ def main() -> int:
         ok = all([check(case, gen) for case in CASES])
         print("all ok" if ok else "SOME CHECKS FAILED")
     if args.part in ("time", "both"):
+        sdpa_fully_masked_rows()
         timings()
     return 0 if ok else 1
 
