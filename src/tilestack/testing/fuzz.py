@@ -155,6 +155,10 @@ def check(name: str, got, want, tol=None) -> None:
     if got.numel() == 0:
         return
     g, w = got.detach().double(), want.double()
+    # a finite float64 result beyond the output dtype's range is an infinity in that dtype: either the infinity
+    # or a finite value within the bound passes (the f32 result may round either way at the edge)
+    in_dtype = w.to(got.dtype).double()
+    g = torch.where(w.isfinite() & ~in_dtype.isfinite() & (g == in_dtype), w, g)
     fin = w.isfinite()
     bad_nan = fin & ~g.isfinite()
     if bool(bad_nan.any()):
