@@ -22,7 +22,13 @@ def __getattr__(name: str):
     if name in ("rms_norm", "layer_norm", "rotary", "swiglu", "fused_linear_cross_entropy"):
         import tilestack.torch.ops
         return getattr(tilestack.torch.ops, name)
-    if name in ("kernels", "lang", "perf", "bench", "ir", "backends"):
+    if name == "optimize":
+        import tilestack.compile
+        return tilestack.compile.optimize
+    if name == "quantize":
+        import tilestack.quant
+        return tilestack.quant.quantize
+    if name in ("kernels", "lang", "perf", "bench", "ir", "backends", "compile", "quant"):
         import importlib
         return importlib.import_module(f"tilestack.{name}")
     raise AttributeError(f"module 'tilestack' has no attribute {name!r}")

@@ -1,0 +1,123 @@
+"""The ``tilestack`` torch.compile backend: the named pattern passes over each captured graph, then the
+inner compiler (Inductor by default, through ``compile_fx``, which runs AOT autograd: the tilestack custom
+ops carry their own backward, so training graphs work too).
+
+    model = torch.compile(model, backend="tilestack")                      # after `import tilestack.compile`
+    model = torch.compile(model, backend="tilestack", mode="max-autotune")
+    model = torch.compile(model, backend="tilestack", options={"check": True, "inner": "aot_eager"})
+    model = tilestack.optimize(model, check=True)                          # the same, in one call
+
+Options (``options=``): ``check`` (bool: test every rewrite on random inputs first, and keep the original
+where the test fails), ``inner`` ("inductor", "aot_eager" or "eager"), ``passes`` (names, a subset of
+``PASSES`` in their order); any other key is an Inductor config patch. ``mode`` is Inductor's
+("reduce-overhead" captures the result in CUDA graphs; "max-autotune").
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch import fx
+
+from tilestack.compile import ops
+from tilestack.compile.patterns import LEFT_REASONS, PASSES, kind, op_name
+from tilestack.compile.report import Report, Swap
+from tilestack.compile.rewrite import apply_match, check_match, follow
+from tilestack.errors import LaunchError
+
+INNER = ("inductor", "aot_eager", "eager")
+_OPS_FUNCTIONS = {getattr(ops, n) for n in dir(ops) if n.startswith("ts_")}
+_NOT_OPS = ("placeholder", "output", "get_attr")
+_reports: list[Report] = []
+
+
+def reports() -> list[Report]:
+    """The reports of every graph the backend compiled in this process, oldest first."""
+    return list(_reports)
+
+
+def last_report() -> Report:
+    if not _reports:
+        raise LaunchError("last_report: the tilestack backend has compiled no graph yet in this process")
+    return _reports[-1]
+
+
+def run_passes(gm: fx.GraphModule, *, passes=None, check: bool = False, inner: str = "inductor") -> Report:
+    """Rewrite ``gm`` in place with the named passes (all of ``PASSES`` by default) and say what happened."""
+    names = list(PASSES) if passes is None else list(passes)
+    unknown = [n for n in names if n not in PASSES]
+    if unknown:
+        raise LaunchError(f"tilestack backend: passes {unknown} unknown; expected names from {list(PASSES)}")
+    report = Report(graph=f"#{len(_reports)}", inner=inner)
+    declined_nodes: dict[fx.Node, str] = {}
+    for name in names:
+        matches, declined = PASSES[name](gm)
+        for node, why in declined:
+            report.declined.append((name, node.name, why))
+            declined_nodes[node] = why
+        replaced: dict[fx.Node, fx.Node] = {}
+        for m in matches:
+            m = follow(m, replaced)
+            verdict = check_match(gm, m) if check else None
+            made = verdict is None or verdict.ok
+            report.swaps.append(Swap(name, m.outputs[-1].name, m.what, "not run" if verdict is None else
+                                     str(verdict), made))
+            if made:
+                replaced.update(apply_match(gm, m))
+    gm.graph.lint()
+    gm.recompile()
+    left: Counter = Counter()
+    for node in gm.graph.nodes:
+        if node.op in _NOT_OPS or node.target in _OPS_FUNCTIONS or op_name(node) == "getitem":
+            continue
+        op = op_name(node)
+        left[op] += 1
+        if op not in report.left_why:
+            report.left_why[op] = LEFT_REASONS.get(kind(node) or "", declined_nodes.get(
+                node, "no tilestack kernel for it"))
+    report.left = left
+    return report
+
+
+def tilestack_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = None, options: dict | None = None):
+    """The backend function ``torch.compile`` calls with each captured graph (see the module docstring)."""
+    options = dict(options or {})
+    check = bool(options.pop("check", False))
+    inner = options.pop("inner", "inductor")
+    passes = options.pop("passes", None)
+    if inner not in INNER:
+        raise LaunchError(f"tilestack backend: options['inner']={inner!r}; expected one of {INNER}")
+    _reports.append(run_passes(gm, passes=passes, check=check, inner=inner))
+    if inner == "eager":
+        return gm.forward
+    if inner == "aot_eager":
+        from torch._dynamo.backends.registry import lookup_backend
+        return lookup_backend("aot_eager")(gm, example_inputs)
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+    patches = (list_mode_options(mode) if mode else {}) | options
+    return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def optimize(model, *, mode: str | None = None, check: bool = False, inner: str = "inductor",
+             passes=None, dynamic: bool | None = None, fullgraph: bool = False, **inductor_options):
+    """``torch.compile(model, backend="tilestack", ...)``: the module (or function) compiled with the pattern
+    passes, the rest by ``inner``. ``tilestack.compile.last_report()`` says what was swapped, after the first call
+    (Dynamo captures on the first call)."""
+    if not (isinstance(model, torch.nn.Module) or callable(model)):
+        raise LaunchError(f"optimize: model must be a torch.nn.Module or a function, got {type(model).__name__}")
+    if inner not in INNER:
+        raise LaunchError(f"optimize: inner={inner!r}; expected one of {INNER}")
+    options = dict(inductor_options, check=check, inner=inner)
+    if passes is not None:
+        options["passes"] = tuple(passes)
+    return torch.compile(model, backend="tilestack", mode=mode, options=options, dynamic=dynamic,
+                         fullgraph=fullgraph)
+
+
+def register() -> None:
+    """Make ``backend="tilestack"`` known to torch.compile (once per process)."""
+    from torch._dynamo.backends.registry import _BACKENDS, register_backend
+    if "tilestack" not in _BACKENDS:
+        register_backend(name="tilestack")(tilestack_backend)

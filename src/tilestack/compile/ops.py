@@ -1,0 +1,79 @@
+"""The functions the rewritten graphs call: each takes tensors and constants, calls tilestack's custom ops
+(``tilestack::*``, with fake implementations and autograd, so AOT autograd traces forward and backward
+through them), and returns what the nodes it replaced returned. Module-level functions, so a printed graph
+names them and FX code generation can refer to them.
+
+Softmax has no op in ``tilestack.torch`` yet; ``tilestack::softmax`` here wraps ``tilestack.kernels.softmax``
+with the usual backward, dx = y * (dy - sum(dy * y)), left to torch (Inductor fuses it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tilestack.kernels.softmax import softmax as _softmax_kernel
+from tilestack.torch.attention import attention_fwd_op
+from tilestack.torch.ops import (
+    add_layer_norm_fwd_op,
+    add_rms_norm_fwd_op,
+    layer_norm_fwd_op,
+    rms_norm_fwd_op,
+)
+
+
+@torch.library.custom_op("tilestack::softmax", mutates_args=())
+def softmax_op(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim of x (any leading dims), in x's dtype, f32 arithmetic."""
+    rows = x.reshape(-1, x.shape[-1])                        # (M, N)
+    return _softmax_kernel(rows.contiguous()).view(x.shape)
+
+
+@softmax_op.register_fake
+def _(x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _softmax_setup(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+def _softmax_backward(ctx, dy):
+    (y,) = ctx.saved_tensors
+    yf, dyf = y.float(), dy.float()
+    return (yf * (dyf - (dyf * yf).sum(-1, keepdim=True))).to(y.dtype)
+
+
+softmax_op.register_autograd(_softmax_backward, setup_context=_softmax_setup)
+
+
+def ts_attention(q, k, v, mask, mask_is_fill: bool, causal: bool, scale: float):
+    """softmax(q @ k^T * scale + mask) @ v on (B, H, N, D) tensors. ``mask``: None, an additive or boolean
+    (True = attend) mask, or, with ``mask_is_fill``, the condition of ``masked_fill(cond, -inf)`` (True =
+    masked), which is inverted here."""
+    if mask is not None and mask_is_fill:
+        mask = torch.logical_not(mask)
+    return attention_fwd_op(q, k, v, mask, causal, scale, "top_left")[0]
+
+
+def ts_layer_norm(x, weight, bias, eps: float):
+    return layer_norm_fwd_op(x, weight, bias, eps)[0]
+
+
+def ts_rms_norm(x, weight, eps: float):
+    return rms_norm_fwd_op(x, weight, eps)[0]
+
+
+def ts_add_layer_norm(x, r, weight, bias, eps: float):
+    """(h, y): h = x + r, y = layer_norm(h), in that order (the order of the nodes they replace)."""
+    y, h, _, _ = add_layer_norm_fwd_op(x, r, weight, bias, eps)
+    return h, y
+
+
+def ts_add_rms_norm(x, r, weight, eps: float):
+    """(h, y): h = x + r, y = rms_norm(h)."""
+    y, h, _ = add_rms_norm_fwd_op(x, r, weight, eps)
+    return h, y
+
+
+def ts_softmax(x):
+    return softmax_op(x)

@@ -1,0 +1,376 @@
+"""The named pattern passes: each scans a Dynamo-captured FX graph (torch-level ops, modules inlined) and
+returns the rewrites it can make and, for what it recognised but cannot take, why.
+
+    matches, declined = PASSES["sdpa"](gm)      # list[Match], list[(node, reason)]
+
+A ``Match`` names the original nodes a rewrite replaces (``outputs``, in order) and removes (``nodes``), and
+the function of ``tilestack.compile.ops`` that computes the outputs from ``inputs`` and constants. Applying
+and checking matches is ``tilestack.compile.rewrite``'s job, so every pass is only a matcher.
+
+Passes, in the order they run:
+- ``sdpa``: ``F.scaled_dot_product_attention`` calls -> ``tilestack::attention_fwd``.
+- ``explicit_attention``: ``softmax(q @ k.transpose(-2, -1) * s [+ mask | .masked_fill(cond, -inf)]) @ v``.
+- ``add_norm``: ``h = a + b`` followed by LayerNorm / RMSNorm of h -> one fused add + norm kernel.
+- ``norm``: the remaining LayerNorm (with weight and bias) and RMSNorm (with weight).
+- ``softmax``: the remaining softmax over the last dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from tilestack.compile import ops
+from tilestack.config import knobs
+from tilestack.errors import LaunchError
+
+Node = fx.Node
+
+
+@dataclasses.dataclass
+class Match:
+    pattern: str                     # the pass that found it
+    fn: Callable                     # a function of tilestack.compile.ops
+    inputs: list[Node | None]        # fn's tensor arguments (None: an absent optional tensor)
+    consts: tuple                    # fn's constant arguments, after the tensors
+    outputs: list[Node]              # the nodes whose values fn returns, in order
+    nodes: list[Node]                # every node the rewrite replaces (outputs included), in graph order
+    what: str                        # one line for the report
+
+
+# ---- recognising torch-level ops --------------------------------------------------------------------------------
+# Dynamo records module calls inlined, as functions (F.layer_norm, torch._C._nn.linear) or tensor methods
+_FUNCTIONS = {
+    F.scaled_dot_product_attention: "sdpa", torch._C._nn.scaled_dot_product_attention: "sdpa",
+    F.layer_norm: "layer_norm", torch.layer_norm: "layer_norm",
+    F.rms_norm: "rms_norm", torch.rms_norm: "rms_norm",
+    F.softmax: "softmax", torch.softmax: "softmax", torch.special.softmax: "softmax",
+    operator.matmul: "matmul", torch.matmul: "matmul",
+    operator.add: "add", torch.add: "add",
+    operator.mul: "mul", torch.mul: "mul",
+    operator.truediv: "div", torch.div: "div",
+    torch.transpose: "transpose", torch.masked_fill: "masked_fill",
+    F.linear: "linear", torch._C._nn.linear: "linear",
+}
+_METHODS = {"softmax": "softmax", "matmul": "matmul", "add": "add", "mul": "mul", "div": "div",
+            "transpose": "transpose", "masked_fill": "masked_fill"}
+
+
+def kind(node) -> str | None:
+    """The op family of a node ("sdpa", "softmax", "matmul", ...), None if it is none of them."""
+    if not isinstance(node, Node):
+        return None
+    if node.op == "call_function":
+        try:
+            return _FUNCTIONS.get(node.target)
+        except TypeError:           # an unhashable target
+            return None
+    if node.op == "call_method":
+        return _METHODS.get(node.target)
+    return None
+
+
+def op_name(node: Node) -> str:
+    """A short name for a node's op, for the report."""
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return node.op
+
+
+def value(node) -> object:
+    """The example value Dynamo recorded for a node (a fake tensor), or the constant itself."""
+    if isinstance(node, Node):
+        return node.meta.get("example_value", node.meta.get("val"))
+    return node
+
+
+def _arg(node: Node, i: int, name: str, default=None):
+    """Argument ``i`` (positional) or ``name`` (keyword) of a call, for functions and methods alike (a method's
+    self is args[0], so its positions match the function's)."""
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def runs_here(t: torch.Tensor) -> str | None:
+    """Why tilestack's kernels cannot run on t's device (None when they can)."""
+    if t.device.type != "cuda" and knobs.backend == "auto":
+        return (f"tensors on {t.device.type} (tilestack's kernels run on CUDA GPUs; config.override(backend="
+                "'reference') runs them on the CPU)")
+    return None
+
+
+def _number(x) -> float | None:
+    return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else None
+
+
+def _softmax_dtype(node: Node):
+    """The dtype= of a softmax call: F.softmax(input, dim, _stacklevel, dtype), torch.softmax(input, dim, dtype),
+    Tensor.softmax(dim, dtype)."""
+    return _arg(node, 3 if node.target is F.softmax else 2, "dtype")
+
+
+def _last_dim(dim, ndim: int) -> bool:
+    return isinstance(dim, int) and dim in (-1, ndim - 1)
+
+
+# ---- sdpa -----------------------------------------------------------------------------------------------------
+_SDPA_ARGS = (("query", None), ("key", None), ("value", None), ("attn_mask", None), ("dropout_p", 0.0),
+              ("is_causal", False), ("scale", None), ("enable_gqa", False))
+
+
+def sdpa(gm: fx.GraphModule):
+    from tilestack.kernels.attention_fwd import check_attention_args
+    from tilestack.torch.sdpa import unsupported
+
+    matches, declined = [], []
+    for node in gm.graph.nodes:
+        if kind(node) != "sdpa":
+            continue
+        a = {name: _arg(node, i, name, d) for i, (name, d) in enumerate(_SDPA_ARGS)}
+        consts = [name for name in ("dropout_p", "is_causal", "scale", "enable_gqa") if isinstance(a[name], Node)]
+        if consts:
+            declined.append((node, f"{', '.join(consts)} computed in the graph (the kernels take constants)"))
+            continue
+        q, k, v, mask = (value(a[n]) for n in ("query", "key", "value", "attn_mask"))
+        why = unsupported(q, k, v, mask, a["dropout_p"], a["is_causal"], a["enable_gqa"])
+        if why is None and isinstance(q, torch.Tensor):
+            why = runs_here(q)
+        if why is None:
+            try:
+                check_attention_args("attention", q, k, v, a["scale"], attn_mask=mask)
+            except LaunchError as e:
+                why = str(e)
+        if why is not None:
+            declined.append((node, why))
+            continue
+        scale = q.shape[-1] ** -0.5 if a["scale"] is None else float(a["scale"])
+        matches.append(Match("sdpa", ops.ts_attention, [a["query"], a["key"], a["value"], a["attn_mask"]],
+                             (False, bool(a["is_causal"]), scale), [node], [node],
+                             f"scaled_dot_product_attention{' causal' if a['is_causal'] else ''}"
+                             f"{' masked' if a['attn_mask'] is not None else ''} -> tilestack::attention_fwd"))
+    return matches, declined
+
+
+# ---- explicit attention -----------------------------------------------------------------------------------------
+def _scores(x: Node, chain: list[Node]):
+    """(q, k, scale) if x is ``q @ k.transpose(-2, -1)`` times numbers, with its nodes added to chain."""
+    nodes: list[Node] = []
+    scale = 1.0
+    while kind(x) in ("mul", "div"):
+        a, b = _arg(x, 0, "input"), _arg(x, 1, "other")
+        if kind(x) == "mul":
+            c, inner = (_number(b), a) if isinstance(a, Node) else (_number(a), b)
+        else:
+            c, inner = (None if _number(b) in (None, 0.0) else 1.0 / _number(b)), a
+            if x.kwargs.get("rounding_mode") is not None:
+                c = None
+        if c is None or not isinstance(inner, Node):
+            return None
+        nodes.append(x)
+        scale, x = scale * c, inner
+    if kind(x) != "matmul":
+        return None
+    q, kt = _arg(x, 0, "input"), _arg(x, 1, "other")
+    if kind(kt) != "transpose" or not isinstance(q, Node):
+        return None
+    k, d0, d1 = _arg(kt, 0, "input"), _arg(kt, 1, "dim0"), _arg(kt, 2, "dim1")
+    kv = value(k)
+    if not isinstance(kv, torch.Tensor) or kv.dim() != 4 or {d0 % 4, d1 % 4} != {2, 3}:
+        return None
+    chain.extend([kt, x, *reversed(nodes)])
+    return q, k, scale
+
+
+def explicit_attention(gm: fx.GraphModule):
+    from tilestack.kernels.attention_fwd import check_attention_args
+    from tilestack.torch.sdpa import unsupported
+
+    matches, declined = [], []
+    for node in gm.graph.nodes:
+        if kind(node) != "matmul" or kind(_arg(node, 0, "input")) != "softmax":
+            continue
+        p, v = _arg(node, 0, "input"), _arg(node, 1, "other")
+        x = _arg(p, 0, "input")
+        pv = value(p)
+        if not isinstance(pv, torch.Tensor) or not _last_dim(_arg(p, 1, "dim"), pv.dim()) or \
+                _softmax_dtype(p) is not None:
+            continue
+        chain: list[Node] = []
+        mask, fill = None, False
+        found = _scores(x, chain)
+        if found is None and kind(x) == "add":
+            a, b = _arg(x, 0, "input"), _arg(x, 1, "other")
+            for s, m in ((a, b), (b, a)):
+                if isinstance(s, Node) and isinstance(m, Node) and "alpha" not in x.kwargs:
+                    found = _scores(s, chain)
+                    if found is not None:
+                        mask = m
+                        break
+        elif found is None and kind(x) == "masked_fill":
+            s, cond, fillv = _arg(x, 0, "input"), _arg(x, 1, "mask"), _arg(x, 2, "value")
+            qv = value(s)
+            low = _number(fillv)
+            if low is not None and isinstance(qv, torch.Tensor) and qv.dtype.is_floating_point and \
+                    (low == -math.inf or low <= torch.finfo(qv.dtype).min) and isinstance(cond, Node):
+                found = _scores(s, chain)
+                mask, fill = cond, True
+        if found is None:
+            continue
+        q, k = found[0], found[1]
+        scale = found[2]
+        if mask is not None:
+            chain.append(x)
+        chain.extend([p, node])
+        qv, kv_, vv, mv = value(q), value(k), value(v), value(mask)
+        why = unsupported(qv, kv_, vv, mv, 0.0, False, False)
+        if why is None:
+            why = runs_here(qv)
+        if why is None:
+            try:
+                check_attention_args("attention", qv, kv_, vv, scale, attn_mask=mv)
+            except LaunchError as e:
+                why = str(e)
+        if why is not None:
+            declined.append((node, f"explicit attention: {why}"))
+            continue
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        chain = sorted(set(chain), key=order.__getitem__)
+        how = "" if mask is None else (" with masked_fill(cond, -inf)" if fill else " with an additive mask")
+        matches.append(Match("explicit_attention", ops.ts_attention, [q, k, v, mask], (fill, False, scale),
+                             [node], chain, f"softmax(q @ k^T * {scale:.4g}){how} @ v -> tilestack::attention_fwd"))
+    return matches, declined
+
+
+# ---- norms ------------------------------------------------------------------------------------------------------
+def _norm_args(node: Node):
+    """(x, weight, bias, eps, why-not) of a LayerNorm / RMSNorm node."""
+    k = kind(node)
+    x, shape = _arg(node, 0, "input"), _arg(node, 1, "normalized_shape")
+    weight = _arg(node, 2, "weight")
+    bias = _arg(node, 3, "bias") if k == "layer_norm" else None
+    eps = _arg(node, 4, "eps", 1e-5) if k == "layer_norm" else _arg(node, 3, "eps")
+    xv = value(x)
+    if not isinstance(xv, torch.Tensor):
+        return None
+    if eps is None:                                  # F.rms_norm's default
+        eps = torch.finfo(xv.dtype).eps
+    shape = tuple(shape) if isinstance(shape, list | tuple) else (shape,)
+    if shape != (xv.shape[-1],):
+        return x, weight, bias, eps, f"normalized_shape {shape} is not the last dim alone ({xv.shape[-1]},)"
+    if not isinstance(weight, Node) or (k == "layer_norm" and not isinstance(bias, Node)):
+        need = "a weight and a bias" if k == "layer_norm" else "a weight"
+        return x, weight, bias, eps, f"no affine parameters (the kernel takes {need})"
+    if isinstance(eps, Node):
+        return x, weight, bias, eps, "eps computed in the graph"
+    why = runs_here(xv)
+    if why is None:
+        from tilestack.kernels.rmsnorm import check_norm_args
+        try:
+            check_norm_args(k, xv.reshape(-1, xv.shape[-1]), value(weight), float(eps),
+                            bias=value(bias) if bias is not None else None)
+        except LaunchError as e:
+            why = str(e)
+    return x, weight, bias, float(eps), why
+
+
+def add_norm(gm: fx.GraphModule):
+    matches, declined = [], []
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in gm.graph.nodes:
+        if kind(node) not in ("layer_norm", "rms_norm"):
+            continue
+        got = _norm_args(node)
+        if got is None or got[4] is not None or kind(got[0]) != "add":
+            continue
+        x, weight, bias, eps, _ = got
+        a, b = _arg(x, 0, "input"), _arg(x, 1, "other")
+        if not (isinstance(a, Node) and isinstance(b, Node)) or x.kwargs.get("alpha") is not None:
+            continue
+        av, bv = value(a), value(b)
+        if not (isinstance(av, torch.Tensor) and isinstance(bv, torch.Tensor)) or av.shape != bv.shape or \
+                av.dtype != bv.dtype:
+            declined.append((x, "residual add of differing shapes or dtypes (the fused kernel adds equal ones)"))
+            continue
+        late = [w for w in (weight, bias) if w is not None and order[w] > order[x]]
+        if late:
+            declined.append((x, "norm parameters computed after the residual add"))
+            continue
+        ln = kind(node) == "layer_norm"
+        fn = ops.ts_add_layer_norm if ln else ops.ts_add_rms_norm
+        inputs = [a, b, weight, bias] if ln else [a, b, weight]
+        name = "layer_norm" if ln else "rms_norm"
+        matches.append(Match("add_norm", fn, inputs, (eps,), [x, node], [x, node],
+                             f"add + {name} -> tilestack::add_{name}_fwd"))
+    return matches, declined
+
+
+def norm(gm: fx.GraphModule):
+    matches, declined = [], []
+    for node in gm.graph.nodes:
+        if kind(node) not in ("layer_norm", "rms_norm"):
+            continue
+        got = _norm_args(node)
+        if got is None:
+            continue
+        x, weight, bias, eps, why = got
+        if why is not None:
+            declined.append((node, why))
+            continue
+        if kind(node) == "layer_norm":
+            matches.append(Match("norm", ops.ts_layer_norm, [x, weight, bias], (eps,), [node], [node],
+                                 "layer_norm -> tilestack::layer_norm_fwd"))
+        else:
+            matches.append(Match("norm", ops.ts_rms_norm, [x, weight], (eps,), [node], [node],
+                                 "rms_norm -> tilestack::rms_norm_fwd"))
+    return matches, declined
+
+
+# ---- softmax ----------------------------------------------------------------------------------------------------
+def softmax(gm: fx.GraphModule):
+    matches, declined = [], []
+    for node in gm.graph.nodes:
+        if kind(node) != "softmax":
+            continue
+        x = _arg(node, 0, "input")
+        xv = value(x)
+        if not isinstance(xv, torch.Tensor) or xv.dim() == 0:
+            continue
+        dtype = _softmax_dtype(node)
+        if not _last_dim(_arg(node, 1, "dim"), xv.dim()):
+            declined.append((node, f"softmax over dim {_arg(node, 1, 'dim')!r}, not the last (the kernel takes "
+                                   "rows)"))
+        elif dtype is not None:
+            declined.append((node, f"softmax with dtype={dtype} (the kernel keeps the input's dtype)"))
+        elif xv.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            declined.append((node, f"softmax of {xv.dtype} (the kernel takes f32, bf16, f16)"))
+        elif (why := runs_here(xv)) is not None:
+            declined.append((node, why))
+        else:
+            matches.append(Match("softmax", ops.ts_softmax, [x], (), [node], [node],
+                                 "softmax(dim=-1) -> tilestack::softmax"))
+    return matches, declined
+
+
+PASSES: dict[str, Callable] = {
+    "sdpa": sdpa,
+    "explicit_attention": explicit_attention,
+    "add_norm": add_norm,
+    "norm": norm,
+    "softmax": softmax,
+}
+
+# Why the ops no pass takes stay with Inductor, by op family (the report's "left" section)
+LEFT_REASONS = {
+    "linear": "tilestack.kernels.gemm has no epilogue (bias, activation, residual) and takes 2-D bf16/f16 only: "
+              "left to Inductor, which fuses the bias and activation into its GEMM template or the next kernel",
+    "matmul": "a plain matrix product: left to Inductor (cuBLAS or its templates)",
+}

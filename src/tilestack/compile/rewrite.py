@@ -1,0 +1,136 @@
+"""Applying a pass's matches to the graph, and checking each one first (check mode): the replaced nodes,
+copied into a graph of their own, and the replacement run on the same random inputs, shaped as Dynamo's
+example values, and compared with a tolerance for the dtype. A rewrite that fails its check is not made.
+
+    check = check_match(gm, match)      # Check(ok, max_err, note)
+    apply_match(gm, match)              # the graph now calls match.fn in place of match.nodes
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+from torch import fx
+
+from tilestack.compile.patterns import Match, value
+
+# max |new - old| / (1 + |old|) allowed, by the output's dtype: f32 products may run through tf32 on a GPU
+TOLERANCE = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 4e-2, torch.float64: 1e-9}
+
+
+@dataclasses.dataclass
+class Check:
+    ok: bool
+    max_err: float | None
+    note: str = ""
+
+    def __str__(self) -> str:
+        if self.max_err is None:
+            return self.note
+        return f"{'passed' if self.ok else 'FAILED'} (max err {self.max_err:.2g}){' ' + self.note if self.note else ''}"
+
+
+def external_inputs(match: Match) -> list[fx.Node]:
+    """The nodes the matched nodes read that are not themselves matched, in first-use order."""
+    inside = set(match.nodes)
+    seen: dict[fx.Node, None] = {}
+    for n in match.nodes:
+        for a in n.all_input_nodes:
+            if a not in inside:
+                seen.setdefault(a)
+    return list(seen)
+
+
+def original_module(gm: fx.GraphModule, match: Match, inputs: list[fx.Node]) -> fx.GraphModule:
+    """The matched nodes as a GraphModule of their own: inputs -> the outputs' values, as a tuple."""
+    g = fx.Graph()
+    env = {n: g.placeholder(f"in_{i}") for i, n in enumerate(inputs)}
+    for n in match.nodes:
+        env[n] = g.node_copy(n, lambda a: env[a])
+    g.output(tuple(env[o] for o in match.outputs))
+    return fx.GraphModule(gm, g)
+
+
+def random_like(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A real tensor of t's shape, dtype and device. Booleans (masks) get, in every row, a True in column 0 and
+    a False in column 1, so that a row is never fully masked whichever way the mask is read."""
+    shape = tuple(int(s) for s in t.shape)
+    if t.dtype == torch.bool:
+        out = torch.rand(shape, generator=gen) > 0.5
+        if out.dim() and shape[-1] > 0:
+            out[..., 0] = True
+            if shape[-1] > 1:
+                out[..., 1] = False
+    elif t.dtype.is_floating_point:
+        out = torch.randn(shape, generator=gen, dtype=torch.float32)
+    else:
+        out = torch.randint(0, 8, shape, generator=gen)
+    return out.to(dtype=t.dtype, device=t.device)
+
+
+def _fn_args(match: Match, vals: dict) -> list:
+    return [None if n is None else vals[n] for n in match.inputs] + list(match.consts)
+
+
+def check_match(gm: fx.GraphModule, match: Match, seed: int = 0) -> Check:
+    """Run the original nodes and the replacement on the same random inputs and compare their outputs."""
+    inputs = external_inputs(match)
+    fakes = [value(n) for n in inputs]
+    if not all(isinstance(f, torch.Tensor) for f in fakes):
+        return Check(True, None, "not checked (an input is not a tensor)")
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        real = [random_like(f, gen) for f in fakes]
+    except (TypeError, RuntimeError) as e:      # symbolic sizes without a hint
+        return Check(True, None, f"not checked ({e.__class__.__name__}: dynamic sizes)")
+    vals = dict(zip(inputs, real, strict=True))
+    with torch.no_grad():
+        want = original_module(gm, match, inputs)(*real)
+        got = match.fn(*_fn_args(match, vals))
+    got = got if isinstance(got, tuple) else (got,)
+    worst = 0.0
+    ok = True
+    for w, g in zip(want, got, strict=True):
+        if w.shape != g.shape or w.dtype != g.dtype:
+            return Check(False, None, f"FAILED: shape/dtype {tuple(g.shape)} {g.dtype}, expected "
+                                      f"{tuple(w.shape)} {w.dtype}")
+        w64, g64 = w.double(), g.double()
+        if not torch.equal(torch.isnan(w64), torch.isnan(g64)):
+            return Check(False, None, "FAILED: NaN where the original has none (or the reverse)")
+        finite = ~torch.isnan(w64)
+        err = ((g64 - w64).abs() / (1 + w64.abs()))[finite]
+        e = float(err.max()) if err.numel() else 0.0
+        worst = max(worst, e)
+        ok = ok and e <= TOLERANCE.get(w.dtype, 1e-3)
+    return Check(ok, worst)
+
+
+def apply_match(gm: fx.GraphModule, match: Match) -> dict[fx.Node, fx.Node]:
+    """Insert a call of match.fn before the first of match.outputs, send the outputs' users to it, and erase the
+    matched nodes nothing reads any more. Returns {replaced output: its new node}, for the pass's later matches
+    that read one (``follow``)."""
+    g = gm.graph
+    order = {n: i for i, n in enumerate(g.nodes)}
+    first = min(match.outputs, key=order.__getitem__)
+    with g.inserting_before(first):
+        call = g.call_function(match.fn, tuple(match.inputs) + tuple(match.consts))
+        if len(match.outputs) == 1:
+            news = [call]
+        else:
+            news = [g.call_function(operator.getitem, (call, i)) for i in range(len(match.outputs))]
+            call.meta["example_value"] = tuple(value(o) for o in match.outputs)
+    for old, new in zip(match.outputs, news, strict=True):
+        new.meta["example_value"] = value(old)
+        old.replace_all_uses_with(new)
+    for n in reversed(match.nodes):
+        if not n.users:
+            g.erase_node(n)
+    return dict(zip(match.outputs, news, strict=True))
+
+
+def follow(match: Match, replaced: dict[fx.Node, fx.Node]) -> Match:
+    """match with inputs that an earlier rewrite replaced read from their replacements (a norm's input may be
+    the previous fused add + norm's residual output)."""
+    return dataclasses.replace(match, inputs=[replaced.get(n, n) if n is not None else None for n in match.inputs])
