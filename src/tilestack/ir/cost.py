@@ -6,6 +6,8 @@
 Index arithmetic is evaluated for every program of the grid and every loop iteration at once (NumPy
 arrays over the instances), so trip counts that depend on the block id (causal attention) and tiles that
 hang over the edge of a ragged tensor are counted as they run:
+Each op's cost rule lives with its definition (``ir.ops``); index arithmetic is evaluated by the ops' own
+reference semantics (the interpreter the reference executor runs), here on arrays of instances.
 - FLOPs are the work the tile ops do, masked edges included: 2*M*N*K per mma, one per element for
   element-wise, broadcast and reduction ops, one per element an atomic add adds (casts, copies, fills and
   masking are free: masks, comparisons, logic on masks, where and arange).
@@ -23,11 +25,9 @@ import dataclasses
 import numpy as np
 
 from tilestack.ir.nodes import Block, KernelIR, Value
-from tilestack.ir.ops import Op
-from tilestack.ir.scalars import apply_scalar, valid_extent
+from tilestack.ir.ops import OPS, Op
+from tilestack.ir.scalars import valid_extent
 from tilestack.ir.types import GlobalType, Space, TileType
-
-_FREE = {Op.FILL, Op.CAST, Op.MASK, Op.COMPARE, Op.LOGIC, Op.SELECT, Op.ARANGE}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,146 +67,145 @@ def grid_plan(kernel: KernelIR) -> list:
     return plan[::-1]
 
 
+class ScalarMachine:
+    """What scalar ops read when evaluated host-side: argument sizes and values, block ids and the grid.
+
+    ``block_ids`` may be arrays (one entry per program), so one evaluation covers every program at once."""
+
+    def __init__(self, dims: dict[int, tuple[int, ...]], scalars: dict[int, float], default_scalar=None):
+        self.dims, self.scalars, self.default_scalar = dims, scalars, default_scalar
+        self.values: dict[Value, object] = {}
+        self.arg_index: dict[Value, int] = {}
+        self.block_ids: list = []
+        self.grid: tuple = ()
+
+    def arg(self, ins):
+        self.arg_index[ins.result] = ins.attrs.index
+        if isinstance(ins.result.type, GlobalType):
+            return None
+        return self.scalars.get(ins.attrs.index, self.default_scalar)
+
+    def dim(self, ins):
+        return self.dims[self.arg_index[ins.srcs[0]]][ins.attrs.axis]
+
+    def block_id(self, axis: int):
+        if not self.block_ids:
+            raise ValueError("block_id: no program is running (the grid may use only argument sizes, scalars "
+                             "and constants)")
+        return self.block_ids[axis]
+
+    def num_blocks(self, axis: int):
+        if not self.grid:
+            raise ValueError("num_blocks: the grid may use only argument sizes, scalars and constants")
+        return self.grid[axis]
+
+    def eval(self, ins) -> None:
+        """Evaluate one scalar or argument instruction into ``values``."""
+        d = OPS[ins.op]
+        if d.kind not in ("scalar", "arg"):
+            raise ValueError(f"{ins.op.value} ({ins.where}) is not index arithmetic")
+        self.values[ins.result] = d.reference(ins, [self.values.get(s) for s in ins.srcs], self)
+
+
 def grid_of(kernel: KernelIR, dims: dict[int, tuple[int, ...]], scalars: dict[int, float],
             plan: list | None = None) -> tuple[int, ...]:
     """The launch grid for argument sizes ``dims`` (param index -> shape)."""
-    values: dict[Value, object] = {}
-    args: dict[Value, int] = {}
+    m = ScalarMachine(dims, scalars)
     for ins in plan if plan is not None else grid_plan(kernel):
-        if ins.op is Op.ARG:
-            args[ins.result] = ins.attrs["index"]
-            values[ins.result] = scalars.get(ins.attrs["index"])
-        elif ins.op is Op.CONST:
-            values[ins.result] = ins.attrs["value"]
-        elif ins.op is Op.DIM:
-            values[ins.result] = dims[args[ins.srcs[0]]][ins.attrs["axis"]]
-        elif ins.op is Op.SCALAR:
-            values[ins.result] = apply_scalar(ins.attrs["fn"], values[ins.srcs[0]], values[ins.srcs[1]])
-        else:
+        try:
+            m.eval(ins)
+        except ValueError:
             raise ValueError(f"grid depends on {ins.op.value} ({ins.where}); it may use only argument sizes, "
-                             "scalars and constants")
-    return tuple(int(values[g]) for g in kernel.grid)
+                             "scalars and constants") from None
+    return tuple(int(m.values[g]) for g in kernel.grid)
 
 
 def kernel_cost(kernel: KernelIR, dims: dict[int, tuple[int, ...]], scalars: dict[int, float]) -> Cost:
     grid = grid_of(kernel, dims, scalars)
     n = int(np.prod(grid))
-    env = _Env(dims, scalars)
-    env.block_ids = [np.asarray(a).reshape(-1) for a in np.unravel_index(np.arange(n), grid, order="F")]
-    env.n = n
-    env.grid = grid
-    counts = {"flops": 0, "mma": 0, "read": 0, "written": 0, "per_global": {}}
-    _eval_block(kernel.body, env, counts)
+    m = ScalarMachine(dims, scalars, default_scalar=0.0)
+    m.block_ids = [np.asarray(a).reshape(-1) for a in np.unravel_index(np.arange(n), grid, order="F")]
+    m.grid = grid
+    counter = _Counter(m, n)
+    counter.block(kernel.body)
     shared, regs = _footprints(kernel)
     dram = {"read": 0, "written": 0}
-    for (idx, key), b in counts["per_global"].items():
+    for (idx, key), b in counter.per_global.items():
         size = int(np.prod(dims[idx])) * kernel.params[idx].type.dtype.itemsize
         dram[key] += min(b, size)
-    return Cost(flops=int(counts["flops"]), mma_flops=int(counts["mma"]), bytes_read=int(counts["read"]),
-                bytes_written=int(counts["written"]), dram_bytes_read=dram["read"],
+    return Cost(flops=int(counter.total_flops), mma_flops=int(counter.mma), bytes_read=int(counter.bytes["read"]),
+                bytes_written=int(counter.bytes["written"]), dram_bytes_read=dram["read"],
                 dram_bytes_written=dram["written"], shared_bytes=shared, register_bytes=regs, programs=n)
 
 
 def _footprints(kernel: KernelIR) -> tuple[int, int]:
-    """Bytes of the distinct shared and register tiles (by the tracer's tile handle) one program holds."""
+    """Bytes of the distinct shared and register tile buffers one program holds (by ``Value.buffer``)."""
     sizes: dict[int, tuple[Space, int]] = {}
     for ins in kernel.walk():
-        if "dst" in ins.attrs and ins.results and isinstance(ins.results[0].type, TileType):
-            t = ins.results[0].type
-            sizes[ins.attrs["dst"]] = (t.space, t.nbytes)
+        for r in ins.results:
+            if r.buffer is not None and isinstance(r.type, TileType):
+                sizes[r.buffer] = (r.type.space, r.type.nbytes)
     shared = sum(b for s, b in sizes.values() if s is Space.SHARED)
     regs = sum(b for s, b in sizes.values() if s is Space.REG)
     return shared, regs
 
 
-class _Env:
-    def __init__(self, dims, scalars):
-        self.dims = dims
-        self.scalars = scalars
-        self.values: dict[Value, object] = {}
-        self.block_ids: list[np.ndarray] = []
-        self.arg_index: dict[Value, int] = {}
-        self.grid: tuple = ()
-        self.n = 1
+class _Counter:
+    """The counter the ops' cost rules add to (see ``ir.ops``), over ``n`` instances (programs x loop trips)."""
 
+    def __init__(self, machine: ScalarMachine, n: int, parent: _Counter | None = None):
+        self.m, self.n = machine, n
+        self.root = parent.root if parent is not None else self
+        if parent is None:
+            self.total_flops, self.mma = 0, 0
+            self.bytes = {"read": 0, "written": 0}
+            self.per_global: dict[tuple[int, str], int] = {}
 
-def _eval_block(block: Block, env: _Env, counts) -> None:
-    for ins in block.instrs:
-        op = ins.op
-        if op is Op.ARG:
-            idx = ins.attrs["index"]
-            env.arg_index[ins.result] = idx
-            if not isinstance(ins.result.type, GlobalType):
-                env.values[ins.result] = env.scalars.get(idx, 0.0)
-        elif op is Op.CONST:
-            env.values[ins.result] = ins.attrs["value"]
-        elif op is Op.DIM:
-            env.values[ins.result] = env.dims[env.arg_index[ins.srcs[0]]][ins.attrs["axis"]]
-        elif op is Op.SCALAR:
-            a, b = (env.values[s] for s in ins.srcs)
-            env.values[ins.result] = apply_scalar(ins.attrs["fn"], a, b)
-        elif op is Op.BLOCK_ID:
-            env.values[ins.result] = env.block_ids[ins.attrs["axis"]]
-        elif op is Op.NUM_BLOCKS:
-            env.values[ins.result] = env.grid[ins.attrs["axis"]]
-        elif op is Op.RANGE:
-            _eval_range(ins, env, counts)
-        elif op in (Op.LOAD, Op.STORE):
-            _count_memory(ins, env, counts)
-        elif op is Op.ATOMIC_ADD:   # a read-modify-write of each element, and one add
-            counts["flops"] += _count_memory(ins, env, counts, "read")
-            _count_memory(ins, env, counts, "written")
-        elif op is Op.MMA:
-            m, n = ins.result.type.shape
-            a = ins.srcs[1].type.shape
-            k = a[0] if ins.attrs["trans_a"] else a[1]
-            counts["mma"] += 2 * m * n * k * env.n
-            counts["flops"] += 2 * m * n * k * env.n
-        elif op in _FREE or (op is Op.UNARY and ins.attrs["fn"] == "copy"):
-            continue
-        elif op is Op.REDUCE:
-            counts["flops"] += ins.srcs[0].type.numel * env.n
-        else:  # UNARY, BINARY, BROADCAST
-            counts["flops"] += ins.result.type.numel * env.n
+    def block(self, block: Block) -> None:
+        for ins in block.instrs:
+            kind = OPS[ins.op].kind
+            if kind in ("scalar", "arg"):
+                self.m.eval(ins)
+            else:
+                OPS[ins.op].cost(ins, self)
 
+    def flops(self, count: int, mma: bool = False, per_instance: bool = True) -> None:
+        total = count * self.n if per_instance else count
+        self.root.total_flops += total
+        if mma:
+            self.root.mma += total
 
-def _count_memory(ins, env: _Env, counts, key: str | None = None) -> int:
-    """Count the global bytes one load, store or atomic add touches over all instances as ``key`` ("read" or
-    "written"; by the op if None); returns the number of elements."""
-    g = ins.srcs[0]
-    tile = ins.result.type if ins.op is Op.LOAD else ins.srcs[1].type
-    coords = ins.srcs[1:] if ins.op is Op.LOAD else ins.srcs[2:]
-    dims = env.dims[env.arg_index[g]]
-    per = valid_extent(dims, [env.values[c] for c in coords], tile.shape)
-    total = np.sum(np.broadcast_to(np.asarray(per), (env.n,)), dtype=np.int64)
-    key = key or ("read" if ins.op is Op.LOAD else "written")
-    counts[key] += int(total) * g.type.dtype.itemsize
-    slot = (env.arg_index[g], key)
-    counts["per_global"][slot] = counts["per_global"].get(slot, 0) + int(total) * g.type.dtype.itemsize
-    return int(total)
+    def memory(self, ins, key: str) -> int:
+        """Count the global bytes one load, store or atomic add touches over all instances as ``key``; returns
+        the number of elements."""
+        g = ins.srcs[0]
+        tile = ins.result.type if ins.op is Op.LOAD else ins.srcs[1].type
+        coords = ins.srcs[1:] if ins.op is Op.LOAD else ins.srcs[2:]
+        idx = self.m.arg_index[g]
+        per = valid_extent(self.m.dims[idx], [self.m.values[c] for c in coords], tile.shape)
+        total = int(np.sum(np.broadcast_to(np.asarray(per), (self.n,)), dtype=np.int64))
+        nbytes = total * g.type.dtype.itemsize
+        self.root.bytes[key] += nbytes
+        self.root.per_global[(idx, key)] = self.root.per_global.get((idx, key), 0) + nbytes
+        return total
 
-
-def _eval_range(ins, env: _Env, counts) -> None:
-    lo, hi, step = (np.broadcast_to(np.asarray(env.values[s], dtype=np.int64), (env.n,)) for s in ins.srcs[:3])
-    if (step == 0).any():
-        raise ValueError(f"range step is 0 ({ins.where})")
-    trips = np.maximum(-((lo - hi) // step), 0)       # ceil((hi - lo) / step), either sign of step
-    total = int(trips.sum())
-    if total == 0:
-        return
-    rep = np.repeat(np.arange(env.n), trips)
-    starts = np.cumsum(trips) - trips
-    k = np.arange(total) - np.repeat(starts, trips)
-    inner = _Env(env.dims, env.scalars)
-    inner.arg_index = env.arg_index
-    inner.grid = env.grid
-    inner.n = total
-    for v, x in env.values.items():
-        if isinstance(x, np.ndarray) and x.shape == (env.n,):
-            inner.values[v] = x[rep]
-        else:
-            inner.values[v] = x
-    inner.values[ins.body.args[0]] = lo[rep] + k * step[rep]
-    _eval_block(ins.body, inner, counts)
-
-
+    def loop(self, ins) -> None:
+        """Evaluate a loop body once for all its trips over all instances."""
+        m = self.m
+        lo, hi, step = (np.broadcast_to(np.asarray(m.values[s], dtype=np.int64), (self.n,)) for s in ins.srcs[:3])
+        if (step == 0).any():
+            raise ValueError(f"range step is 0 ({ins.where})")
+        trips = np.maximum(-((lo - hi) // step), 0)       # ceil((hi - lo) / step), either sign of step
+        total = int(trips.sum())
+        if total == 0:
+            return
+        rep = np.repeat(np.arange(self.n), trips)
+        starts = np.cumsum(trips) - trips
+        k = np.arange(total) - np.repeat(starts, trips)
+        inner = ScalarMachine(m.dims, m.scalars, m.default_scalar)
+        inner.arg_index, inner.grid = m.arg_index, m.grid
+        inner.block_ids = [b[rep] if isinstance(b, np.ndarray) and b.shape == (self.n,) else b for b in m.block_ids]
+        for v, x in m.values.items():
+            inner.values[v] = x[rep] if isinstance(x, np.ndarray) and x.shape == (self.n,) else x
+        inner.values[ins.body.args[0]] = lo[rep] + k * step[rep]
+        _Counter(inner, total, self).block(ins.body)

@@ -2,7 +2,10 @@
 
     kernel = KernelIR(name, params, body)     # body: Block
     Block(args, instrs, yields)               # a loop body's args are (i, *carried)
-    Instr(op, results, srcs, attrs, body, where)
+    Instr(op, results, srcs, attrs, body, where)   # attrs: the op's typed attributes (ir.ops), e.g. FnAttrs
+
+A tile's SSA values are versions of one buffer (``Value.buffer``, the tile the kernel author declared): each
+write makes a new value of the same buffer, so footprints count buffers, not values.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import itertools
 from collections.abc import Iterator
 from typing import Any
 
-from tilestack.ir.ops import Op
+from tilestack.ir.ops import Op, make_attrs
 from tilestack.ir.types import GlobalType, Type
 
 _ids = itertools.count()
@@ -20,10 +23,12 @@ _ids = itertools.count()
 
 @dataclasses.dataclass(eq=False)
 class Value:
-    """One SSA value. ``hint`` is a readable name taken from the user's variable, where one was found."""
+    """One SSA value. ``hint`` is a readable name taken from the user's variable, where one was found;
+    ``buffer`` the id of the tile it is a version of (None for scalars and globals)."""
     type: Type
     hint: str = ""
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
+    buffer: int | None = None
 
     def __repr__(self) -> str:
         return f"%{self.hint or 'v'}{self.id}"
@@ -34,9 +39,12 @@ class Instr:
     op: Op
     results: tuple[Value, ...]
     srcs: tuple[Value, ...]
-    attrs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    attrs: Any = dataclasses.field(default_factory=dict)   # the op's attrs class (a dict of its fields is converted)
     body: Block | None = None
     where: str = ""          # the user's file:line that made it
+
+    def __post_init__(self):
+        self.attrs = make_attrs(self.op, self.attrs)
 
     @property
     def result(self) -> Value:
@@ -83,12 +91,12 @@ class KernelIR:
 
     def written_params(self) -> set[int]:
         """Indices of the global params the kernel stores to (or adds into)."""
-        args = {ins.result: ins.attrs["index"] for ins in self.walk() if ins.op is Op.ARG}
+        args = {ins.result: ins.attrs.index for ins in self.walk() if ins.op is Op.ARG}
         return {args[ins.srcs[0]] for ins in self.walk() if ins.op in (Op.STORE, Op.ATOMIC_ADD)}
 
     def tile_params(self) -> set[int]:
         """Indices of the global params some load or store moves whole 2-D tiles of."""
-        args = {ins.result: ins.attrs["index"] for ins in self.walk() if ins.op is Op.ARG}
+        args = {ins.result: ins.attrs.index for ins in self.walk() if ins.op is Op.ARG}
         out = set()
         for ins in self.walk():
             if ins.op is Op.LOAD and len(ins.result.type.shape) == 2:

@@ -1,55 +1,688 @@
-"""The one enum of IR operations. Each op's operands and attributes, as the tracer builds them:
+"""The IR's operations: one enum, and one definition per op holding everything about it.
 
-    results  = op(srcs..., attrs)
+    from tilestack.ir.ops import Op, opdef
+    d = opdef("unary")                  # or opdef(Op.UNARY): the OpDef
+    d.attrs                             # its typed attributes (UnaryAttrs(fn=...))
+    d.rule(ins)                         # its shape and dtype rule (the verifier calls it; raises TraceError)
+    d.reference(ins, srcs, machine)     # its meaning on float64 NumPy arrays (the reference executor runs it)
+    d.cost(ins, counter)                # what it costs (FLOPs, global bytes)
+    d.fns                               # the functions it takes (exp, exp2, ...), each with its reference
+
+Adding an op touches one place here (its attrs, rule, reference and cost, in one block), the public function in
+``tilestack.lang`` that records it, and one emitter per backend (``register_emitter`` in the backend's folder).
+``tests/ir/test_registry.py`` fails if any op lacks one of them.
+
+Each instruction is ``results = op(srcs..., attrs)``; the shape of ``srcs`` and ``results`` per op is in ``sig``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tilestack.errors import TraceError
+
+if TYPE_CHECKING:
+    from tilestack.ir.nodes import Instr
 
 
 class Op(enum.Enum):
     # --- scalars (index arithmetic on sizes, block ids and loop counters; runtime floats) -----------------
-    CONST = "const"              # () -> scalar                      attrs: value
-    ARG = "arg"                  # () -> global | scalar             attrs: index, name  (kernel argument)
-    DIM = "dim"                  # (global) -> index                 attrs: axis         (its size on an axis)
-    BLOCK_ID = "block_id"        # () -> index                       attrs: axis
-    NUM_BLOCKS = "num_blocks"    # () -> index                       attrs: axis
-    SCALAR = "scalar"            # (a, b) -> scalar                  attrs: fn in SCALAR_FNS
-
+    CONST = "const"
+    ARG = "arg"
+    DIM = "dim"
+    BLOCK_ID = "block_id"
+    NUM_BLOCKS = "num_blocks"
+    SCALAR = "scalar"
     # --- tiles and vectors -------------------------------------------------------------------------------
-    FILL = "fill"                # () -> tile                        attrs: value
-    UNARY = "unary"              # (x) -> tile                       attrs: fn in UNARY_FNS
-    BINARY = "binary"            # (x, y) -> tile  (y a tile, or a scalar broadcast)   attrs: fn in BINARY_FNS
-    BROADCAST = "broadcast"      # (x, v) -> tile                    attrs: fn, axis
-    #                              ("row": v[r] applies to row r; "col": v[c] to column c)
-    CAST = "cast"                # (x) -> tile of another dtype or space (also register <-> shared copies)
-    REDUCE = "reduce"            # (x[, acc]) -> vec                 attrs: fn in ("max", "min", "sum"), axis
-    MASK = "mask"                # (x, k) -> tile                    attrs: kind in MASK_KINDS, value
-    MMA = "mma"                  # (acc, a, b) -> acc + op(a) @ op(b) attrs: trans_a, trans_b
-    # Element-wise ops with broadcasting: ``axes`` holds one entry per src, None for a tile of the result's
-    # shape (or a scalar), "row" for a vector v applied as v[r] to element (r, c), "col" for v[c].
-    COMPARE = "compare"          # (a, b) -> bool tile               attrs: fn in COMPARE_FNS, axes
-    LOGIC = "logic"              # (a[, b]) -> bool tile             attrs: fn in LOGIC_FNS, axes
-    SELECT = "select"            # (mask, a, b) -> tile: a where mask else b     attrs: axes
-    ARANGE = "arange"            # (start) -> vec: start + k at element k
-
+    FILL = "fill"
+    UNARY = "unary"
+    BINARY = "binary"
+    BROADCAST = "broadcast"
+    CAST = "cast"
+    REDUCE = "reduce"
+    MASK = "mask"
+    MMA = "mma"
+    COMPARE = "compare"
+    LOGIC = "logic"
+    SELECT = "select"
+    ARANGE = "arange"
     # --- memory and control ------------------------------------------------------------------------------
-    LOAD = "load"                # (global, *coords) -> tile         trailing coords count whole tiles
-    STORE = "store"              # (global, tile, *coords) -> ()
-    ATOMIC_ADD = "atomic_add"    # (global, tile, *coords) -> ()      global += tile, atomically per element
-    RANGE = "range"              # (lo, hi, step, *inits) -> carried  attrs: stages; body: (i, *carried) -> yields
-    #                              (i = lo, lo + step, ... while before hi, as Python's range; step != 0)
+    LOAD = "load"
+    STORE = "store"
+    ATOMIC_ADD = "atomic_add"
+    RANGE = "range"
 
 
-SCALAR_FNS = ("add", "sub", "mul", "floordiv", "cdiv", "mod", "min", "max", "fadd", "fmul", "fdiv")
-UNARY_FNS = ("exp", "exp2", "log", "log2", "abs", "neg", "relu", "sqrt", "rsqrt", "sigmoid", "sin", "cos",
-             "copy")
-BINARY_FNS = ("add", "sub", "mul", "div", "max", "min")
-REDUCE_FNS = ("max", "min", "sum")
-COMPARE_FNS = ("lt", "le", "gt", "ge", "eq", "ne")
-LOGIC_FNS = ("and", "or", "not")
+# ---- typed attributes ------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class NoAttrs:
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstAttrs:
+    value: int | float
+
+
+@dataclasses.dataclass(frozen=True)
+class ArgAttrs:
+    index: int          # the kernel parameter's position
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisAttrs:
+    axis: int           # a global's axis (dim) or a grid axis (block_id, num_blocks)
+
+
+@dataclasses.dataclass(frozen=True)
+class FnAttrs:
+    fn: str             # one of the op's ``fns``
+
+
+@dataclasses.dataclass(frozen=True)
+class FillAttrs:
+    value: float
+
+
+@dataclasses.dataclass(frozen=True)
+class BroadcastAttrs:
+    fn: str             # add | sub | mul | div
+    axis: str           # "row": v[r] applies to row r; "col": v[c] to column c
+
+
+@dataclasses.dataclass(frozen=True)
+class ReduceAttrs:
+    fn: str             # max | min | sum
+    axis: str           # "row" reduces each row (to one value per row), "col" each column
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskAttrs:
+    kind: str           # one of MASK_KINDS
+    value: float        # what masked-off elements become
+
+
+@dataclasses.dataclass(frozen=True)
+class MmaAttrs:
+    trans_a: bool
+    trans_b: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class BroadcastingAttrs:
+    """Element-wise ops with broadcasting: one axis per src, None for a tile of the result's shape (or a scalar),
+    "row" for a vector v applied as v[r] to element (r, c), "col" for v[c]."""
+    axes: tuple[str | None, ...]
+    fn: str = ""        # compare and logic: one of the op's fns; select: none
+
+
+@dataclasses.dataclass(frozen=True)
+class RangeAttrs:
+    stages: int | None = None    # pipelining stages asked of backends that pipeline loads
+
+
+# ---- the definition of an op ---------------------------------------------------------------------------------------
+KINDS = ("scalar", "arg", "tile", "effect", "loop")
+
+
+@dataclasses.dataclass
+class OpDef:
+    """Everything about one op. ``kind`` says what it makes: ``scalar`` one index or float, ``arg`` a kernel
+    argument, ``tile`` one tile or vector, ``effect`` nothing (a write to global memory), ``loop`` its carried
+    values."""
+    op: Op
+    sig: str                                   # "(x) -> tile": operands and results, for readers
+    kind: str
+    attrs: type
+    rule: Callable[[Instr], None]              # shape/dtype rule: raises TraceError naming what is wrong
+    reference: Callable[[Instr, list, Any], Any]   # (ins, src values, machine) -> result (float64 for tiles)
+    cost: Callable[[Instr, Any], None]         # (ins, counter): adds FLOPs and bytes to the counter
+    fns: dict[str, Any] = dataclasses.field(default_factory=dict)   # fn name -> its reference (fn-taking ops)
+    doc: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.op.value
+
+
+OPS: dict[Op, OpDef] = {}
+_BY_NAME: dict[str, OpDef] = {}
+
+
+def define(d: OpDef) -> OpDef:
+    if d.op in OPS:
+        raise ValueError(f"op {d.name} is defined twice")
+    if d.kind not in KINDS:
+        raise ValueError(f"op {d.name}: kind {d.kind!r} is not one of {KINDS}")
+    OPS[d.op] = _BY_NAME[d.name] = d
+    return d
+
+
+def opdef(op: Op | str) -> OpDef:
+    """The definition of ``op`` (an Op or its name)."""
+    d = OPS.get(op) if isinstance(op, Op) else _BY_NAME.get(op)
+    if d is None:
+        raise KeyError(f"no op named {op!r}; the ops are {sorted(_BY_NAME)}")
+    return d
+
+
+def make_attrs(op: Op, attrs) -> Any:
+    """``attrs`` (a dict of field values or the typed object) as ``op``'s typed attributes."""
+    cls = OPS[op].attrs
+    if isinstance(attrs, cls):
+        return attrs
+    if not isinstance(attrs, dict):
+        raise TypeError(f"{op.value}: attrs must be a {cls.__name__} or a dict, got {type(attrs).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(attrs) - names
+    if unknown:
+        raise TypeError(f"{op.value}: unknown attribute(s) {sorted(unknown)}; {cls.__name__} has {sorted(names)}")
+    return cls(**attrs)
+
+
+# ---- emitters: each backend registers, in its own folder, how it lowers each op ---------------------------------
+@dataclasses.dataclass(frozen=True)
+class Emitter:
+    fn: Callable
+    fns: frozenset[str] | None    # the op's functions it lowers (None: all of them, or the op takes none)
+
+
+EMITTERS: dict[str, dict[Op, Emitter]] = {}
+
+
+def register_emitter(backend: str, op: Op, fns: Iterable[str] | None = None) -> Callable:
+    """Decorator: ``fn`` lowers ``op`` for ``backend`` (only the functions ``fns`` of it, if given)."""
+    def deco(fn: Callable) -> Callable:
+        table = EMITTERS.setdefault(backend, {})
+        if op in table:
+            raise ValueError(f"backend {backend}: op {op.value} has two emitters")
+        table[op] = Emitter(fn, frozenset(fns) if fns is not None else None)
+        return fn
+    return deco
+
+
+def lowerable(backend: str, ins: Instr) -> bool:
+    e = EMITTERS.get(backend, {}).get(ins.op)
+    if e is None:
+        return False
+    fn = getattr(ins.attrs, "fn", None)
+    return e.fns is None or fn is None or fn in e.fns
+
+
+def check_lowerable(backend: str, body) -> None:
+    """TraceError at the first instruction of ``body`` (a Block) that ``backend`` has no emitter for."""
+    for ins in body.walk():
+        if not lowerable(backend, ins):
+            fn = getattr(ins.attrs, "fn", None)
+            what = f"{ins.op.value} (fn={fn})" if fn else ins.op.value
+            raise TraceError(f"the {backend} backend cannot lower op {what}: it registers no emitter for it",
+                             ins.where)
+
+
+# ---- helpers of the rules ---------------------------------------------------------------------------------------
+def _fail(ins: Instr, msg: str) -> None:
+    raise TraceError(f"{ins.op.value}: {msg}", ins.where)
+
+
+def _types():
+    from tilestack.ir import types
+    return types
+
+
+def _tile(ins: Instr, v, what: str):
+    t = _types()
+    if not isinstance(v.type, t.TileType):
+        _fail(ins, f"{what} must be a tile or vector, got {v.type}")
+    return v.type
+
+
+def _index(ins: Instr, v, what: str) -> None:
+    if v.type != _types().INDEX:
+        _fail(ins, f"{what} must be an index, got {v.type}")
+
+
+def _fn(ins: Instr) -> None:
+    fns = OPS[ins.op].fns
+    if ins.attrs.fn not in fns:
+        _fail(ins, f"unknown fn {ins.attrs.fn!r}; expected one of {tuple(fns)}")
+
+
+def _arity(ins: Instr, *counts: int) -> None:
+    if len(ins.srcs) not in counts:
+        _fail(ins, f"takes {' or '.join(map(str, counts))} operands, got {len(ins.srcs)}")
+
+
+def _same_shape(ins: Instr, v, what: str) -> None:
+    if _tile(ins, v, what).shape != ins.result.type.shape:
+        _fail(ins, f"{what} is a {v.type} but the result is a {ins.result.type}")
+
+
+def _axis_of(ins: Instr, axis: str) -> None:
+    if axis not in ("row", "col"):
+        _fail(ins, f"axis must be 'row' or 'col', got {axis!r}")
+
+
+def _no_rule(ins: Instr) -> None:
+    return None
+
+
+# ---- the counter protocol of cost rules (ir.cost implements it) ----------------------------------------------
+# counter.flops(per_instance, mma=False)   FLOPs one instance does (counted once per program and loop trip)
+# counter.memory(ins, key)                 global bytes a load / store / atomic add touches, as "read"/"written"
+# counter.loop(ins)                        evaluate a loop body for every trip
+def _free(ins: Instr, counter) -> None:
+    return None
+
+
+def _per_result_element(ins: Instr, counter) -> None:
+    counter.flops(ins.result.type.numel)
+
+
+# ---- scalars --------------------------------------------------------------------------------------------------------
+def _fdiv(a, b):
+    """True division, IEEE as on the GPU: x / 0 is inf or nan, not an exception."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+            return np.true_divide(a, b)
+        return float(np.true_divide(float(a), float(b)))
+
+
+def _smin(a, b):
+    return np.minimum(a, b) if isinstance(a, np.ndarray) or isinstance(b, np.ndarray) else min(a, b)
+
+
+def _smax(a, b):
+    return np.maximum(a, b) if isinstance(a, np.ndarray) or isinstance(b, np.ndarray) else max(a, b)
+
+
+# Scalar functions on ints (or int arrays: the cost analysis evaluates every program at once); f* on floats.
+SCALAR_FNS: dict[str, Callable] = {
+    "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
+    "floordiv": lambda a, b: a // b, "cdiv": lambda a, b: -(-a // b), "mod": lambda a, b: a % b,
+    "min": _smin, "max": _smax,
+    "fadd": lambda a, b: a + b, "fmul": lambda a, b: a * b, "fdiv": _fdiv,
+}
+
+
+def _scalar_result(ins: Instr) -> None:
+    if len(ins.results) != 1 or not isinstance(ins.result.type, _types().ScalarType):
+        raise TraceError(f"{ins.op.value} must produce a scalar", ins.where)
+
+
+define(OpDef(
+    Op.CONST, "() -> scalar", "scalar", ConstAttrs, _scalar_result,
+    lambda ins, s, m: ins.attrs.value, _free, doc="A compile-time number."))
+define(OpDef(
+    Op.ARG, "() -> global | scalar", "arg", ArgAttrs, _no_rule,
+    lambda ins, s, m: m.arg(ins), _free, doc="Kernel argument ``index``."))
+
+
+def _dim_rule(ins: Instr) -> None:
+    _scalar_result(ins)
+    _arity(ins, 1)
+    g = ins.srcs[0].type
+    if not isinstance(g, _types().GlobalType) or not 0 <= ins.attrs.axis < g.rank:
+        _fail(ins, f"reads axis {ins.attrs.axis} of a {g}")
+
+
+define(OpDef(
+    Op.DIM, "(global) -> index", "scalar", AxisAttrs, _dim_rule,
+    lambda ins, s, m: m.dim(ins), _free, doc="A global's size on ``axis``."))
+
+
+def _grid_axis_rule(ins: Instr) -> None:
+    _scalar_result(ins)
+    if ins.attrs.axis not in (0, 1, 2):
+        _fail(ins, f"grid axis must be 0, 1 or 2, got {ins.attrs.axis!r}")
+
+
+define(OpDef(
+    Op.BLOCK_ID, "() -> index", "scalar", AxisAttrs, _grid_axis_rule,
+    lambda ins, s, m: m.block_id(ins.attrs.axis), _free, doc="This program's index on grid axis ``axis``."))
+define(OpDef(
+    Op.NUM_BLOCKS, "() -> index", "scalar", AxisAttrs, _grid_axis_rule,
+    lambda ins, s, m: m.num_blocks(ins.attrs.axis), _free, doc="The grid's size on ``axis``."))
+
+
+def _scalar_rule(ins: Instr) -> None:
+    _scalar_result(ins)
+    _fn(ins)
+    _arity(ins, 2)
+
+
+define(OpDef(
+    Op.SCALAR, "(a, b) -> scalar", "scalar", FnAttrs, _scalar_rule,
+    lambda ins, s, m: SCALAR_FNS[ins.attrs.fn](s[0], s[1]), _free, fns=SCALAR_FNS,
+    doc="Index arithmetic (floor division and remainder as Python's); f* on runtime floats."))
+
+
+# ---- tiles and vectors ----------------------------------------------------------------------------------------------
+def _tile_result(ins: Instr) -> None:
+    if len(ins.results) != 1 or not isinstance(ins.result.type, _types().TileType):
+        raise TraceError(f"{ins.op.value} must produce one tile", ins.where)
+
+
+def _fill_rule(ins: Instr) -> None:
+    _tile_result(ins)
+    _arity(ins, 0)
+
+
+define(OpDef(
+    Op.FILL, "() -> tile", "tile", FillAttrs, _fill_rule,
+    lambda ins, s, m: np.full(ins.result.type.shape, ins.attrs.value), _free,
+    doc="Every element = ``value``."))
+
+UNARY_FNS: dict[str, Callable] = {
+    "exp": np.exp, "exp2": np.exp2, "log": np.log, "log2": np.log2, "abs": np.abs, "neg": np.negative,
+    "relu": lambda x: np.maximum(x, 0.0), "sqrt": np.sqrt, "rsqrt": lambda x: 1.0 / np.sqrt(x),
+    "sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)), "sin": np.sin, "cos": np.cos,
+}
+
+
+def _unary_rule(ins: Instr) -> None:
+    _tile_result(ins)
+    _fn(ins)
+    _arity(ins, 1)
+    _same_shape(ins, ins.srcs[0], "x")
+    if not ins.srcs[0].type.dtype.is_float:
+        _fail(ins, f"x is {ins.srcs[0].type.dtype}; expected a float dtype")
+
+
+define(OpDef(
+    Op.UNARY, "(x) -> tile", "tile", FnAttrs, _unary_rule,
+    lambda ins, s, m: UNARY_FNS[ins.attrs.fn](s[0]), _per_result_element, fns=UNARY_FNS,
+    doc="Element-wise ``fn(x)``, computed in float and rounded to the result's dtype."))
+
+BINARY_FNS: dict[str, Callable] = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide,
+                                   "max": np.maximum, "min": np.minimum}
+
+
+def _binary_rule(ins: Instr) -> None:
+    _tile_result(ins)
+    _fn(ins)
+    _arity(ins, 2)
+    _same_shape(ins, ins.srcs[0], "a")
+    b = ins.srcs[1].type
+    if isinstance(b, _types().TileType):
+        _same_shape(ins, ins.srcs[1], "b")
+    elif not isinstance(b, _types().ScalarType):
+        _fail(ins, f"b must be a tile or a scalar, got {b}")
+
+
+define(OpDef(
+    Op.BINARY, "(a, b) -> tile  (b a tile, or a scalar broadcast)", "tile", FnAttrs, _binary_rule,
+    lambda ins, s, m: BINARY_FNS[ins.attrs.fn](s[0], s[1]), _per_result_element, fns=BINARY_FNS,
+    doc="Element-wise ``fn(a, b)``."))
+
+BROADCAST_FNS = {k: BINARY_FNS[k] for k in ("add", "sub", "mul", "div")}
+
+
+def _broadcast_rule(ins: Instr) -> None:
+    _tile_result(ins)
+    _fn(ins)
+    _arity(ins, 2)
+    _axis_of(ins, ins.attrs.axis)
+    _same_shape(ins, ins.srcs[0], "x")
+    x, v = ins.srcs[0].type, _tile(ins, ins.srcs[1], "v")
+    want = (x.shape[0] if ins.attrs.axis == "row" else x.shape[1],) if not x.is_vec else None
+    if v.shape != want:
+        _fail(ins, f"v is a {v} and does not broadcast along the {ins.attrs.axis}s of a {x}")
+
+
+def _broadcast_ref(ins: Instr, s: list, m) -> np.ndarray:
+    vec = s[1][:, None] if ins.attrs.axis == "row" else s[1][None, :]
+    return BROADCAST_FNS[ins.attrs.fn](s[0], vec)
+
+
+define(OpDef(
+    Op.BROADCAST, "(x, v) -> tile", "tile", BroadcastAttrs, _broadcast_rule, _broadcast_ref,
+    _per_result_element, fns=BROADCAST_FNS, doc="``fn(x, v)`` with v[r] along row r (or v[c] along column c)."))
+
+
+def _cast_rule(ins: Instr) -> None:
+    _tile_result(ins)
+    _arity(ins, 1)
+    _same_shape(ins, ins.srcs[0], "x")
+
+
+define(OpDef(
+    Op.CAST, "(x) -> tile", "tile", NoAttrs, _cast_rule, lambda ins, s, m: s[0], _free,
+    doc="``x`` in the result's dtype and memory space (also register <-> shared copies)."))
+
+REDUCE_FNS: dict[str, tuple[Callable, Callable]] = {   # fn -> (reduction, combination with acc)
+    "max": (np.max, np.maximum), "min": (np.min, np.minimum), "sum": (np.sum, np.add)}
+
+
+def _reduce_rule(ins: Instr) -> None:
+    _tile_result(ins)
+    _fn(ins)
+    _arity(ins, 1, 2)
+    _axis_of(ins, ins.attrs.axis)
+    x = _tile(ins, ins.srcs[0], "x")
+    if x.is_vec:
+        _fail(ins, f"x must be a 2-D tile, got {x}")
+    want = (x.shape[0],) if ins.attrs.axis == "row" else (x.shape[1],)
+    if ins.result.type.shape != want:
+        _fail(ins, f"a {ins.attrs.axis} reduction of a {x} makes {want}, not {ins.result.type}")
+    if len(ins.srcs) == 2:
+        _same_shape(ins, ins.srcs[1], "acc")
+
+
+def _reduce_ref(ins: Instr, s: list, m) -> np.ndarray:
+    red, comb = REDUCE_FNS[ins.attrs.fn]
+    r = red(s[0], axis=1 if ins.attrs.axis == "row" else 0)
+    return comb(r, s[1]) if len(s) > 1 else r
+
+
+define(OpDef(
+    Op.REDUCE, "(x[, acc]) -> vec", "tile", ReduceAttrs, _reduce_rule, _reduce_ref,
+    lambda ins, c: c.flops(ins.srcs[0].type.numel), fns=REDUCE_FNS,
+    doc="``fn`` over each row (or column) of x, combined with acc if given."))
+
 # Masks keep x where a condition on the element's (row, col) inside the tile holds, else write ``value``:
 #   tril: col - row <= k     triu: col - row >= k     right_fill: col < k (keeps the left k columns)
 #   lower_fill: row < k (keeps the upper k rows)
-MASK_KINDS = ("tril", "triu", "right_fill", "lower_fill")
+MASK_KINDS: dict[str, Callable] = {
+    "tril": lambda rows, cols, k: cols - rows <= k, "triu": lambda rows, cols, k: cols - rows >= k,
+    "right_fill": lambda rows, cols, k: cols + 0 * rows < k, "lower_fill": lambda rows, cols, k: rows + 0 * cols < k,
+}
+
+
+def _mask_rule(ins: Instr) -> None:
+    _tile_result(ins)
+    _arity(ins, 2)
+    if ins.attrs.kind not in MASK_KINDS:
+        _fail(ins, f"unknown kind {ins.attrs.kind!r}; expected one of {tuple(MASK_KINDS)}")
+    _same_shape(ins, ins.srcs[0], "x")
+    if ins.result.type.is_vec:
+        _fail(ins, f"masks a 2-D tile, got {ins.result.type}")
+    _index(ins, ins.srcs[1], "k")
+
+
+def _mask_ref(ins: Instr, s: list, m) -> np.ndarray:
+    r, c = ins.result.type.shape
+    keep = MASK_KINDS[ins.attrs.kind](np.arange(r)[:, None], np.arange(c)[None, :], s[1])
+    return np.where(keep, s[0], ins.attrs.value)
+
+
+define(OpDef(
+    Op.MASK, "(x, k) -> tile", "tile", MaskAttrs, _mask_rule, _mask_ref, _free,
+    doc="x where the kind's condition on (row, col) and k holds, else ``value``."))
+MMA_INPUTS = ("bf16", "f16", "f32")
+
+
+def _mma_dims(ins: Instr) -> tuple[int, int, int, int]:
+    """(m, k of a, k of b, n) of an mma."""
+    a, b = ins.srcs[1].type.shape, ins.srcs[2].type.shape
+    m, ka = (a[1], a[0]) if ins.attrs.trans_a else a
+    kb, n = (b[1], b[0]) if ins.attrs.trans_b else b
+    return m, ka, kb, n
+
+
+def _mma_rule(ins: Instr) -> None:
+    _tile_result(ins)
+    _arity(ins, 3)
+    acc, a, b = (_tile(ins, v, w) for v, w in zip(ins.srcs, ("acc", "a", "b"), strict=True))
+    if any(t.is_vec for t in (acc, a, b, ins.result.type)):
+        _fail(ins, "multiplies 2-D tiles")
+    if a.dtype != b.dtype or a.dtype.name not in MMA_INPUTS:
+        _fail(ins, f"a is {a.dtype} and b is {b.dtype}; expected both bf16, both f16 or both f32")
+    if acc.dtype.name != "f32" or ins.result.type.dtype.name != "f32":
+        _fail(ins, f"accumulates in f32; acc is {acc.dtype} and the result {ins.result.type.dtype}")
+    m, ka, kb, n = _mma_dims(ins)
+    if ka != kb or acc.shape != (m, n) or ins.result.type.shape != (m, n):
+        _fail(ins, f"op(a) is ({m}, {ka}), op(b) is ({kb}, {n}), acc {acc.shape}, result {ins.result.type.shape}")
+
+
+def _mma_ref(ins: Instr, s: list, m) -> np.ndarray:
+    acc, x, y = s
+    x = x.T if ins.attrs.trans_a else x
+    y = y.T if ins.attrs.trans_b else y
+    return acc + x @ y
+
+
+def _mma_cost(ins: Instr, c) -> None:
+    m, k, _, n = _mma_dims(ins)
+    c.flops(2 * m * n * k, mma=True)
+
+
+define(OpDef(
+    Op.MMA, "(acc, a, b) -> acc + op(a) @ op(b)", "tile", MmaAttrs, _mma_rule, _mma_ref, _mma_cost,
+    doc="Matrix product on the matrix units, accumulated in f32 (the product exact, in float64, then rounded)."))
+
+COMPARE_FNS: dict[str, Callable] = {"lt": np.less, "le": np.less_equal, "gt": np.greater,
+                                    "ge": np.greater_equal, "eq": np.equal, "ne": np.not_equal}
+LOGIC_FNS: dict[str, Callable] = {"and": np.logical_and, "or": np.logical_or, "not": np.logical_not}
+
+
+def _broadcasting_rule(ins: Instr) -> None:
+    """Operands broadcast to the result by their axes; masks are bool."""
+    _tile_result(ins)
+    t = _types()
+    out, axes = ins.result.type, ins.attrs.axes
+    if ins.op is not Op.SELECT:
+        _fn(ins)
+    arity = {Op.COMPARE: 2, Op.LOGIC: 1 if ins.attrs.fn == "not" else 2, Op.SELECT: 3}[ins.op]
+    if len(ins.srcs) != arity or len(axes) != len(ins.srcs):
+        _fail(ins, f"{len(ins.srcs)} operands and axes {axes!r}")
+    if (out.dtype is t.bool_) != (ins.op is not Op.SELECT):
+        _fail(ins, f"makes a {out}; compare and logic make bool masks, select numbers")
+    for k, (s, ax) in enumerate(zip(ins.srcs, axes, strict=True)):
+        is_mask = ins.op is Op.LOGIC or (ins.op is Op.SELECT and k == 0)
+        if isinstance(s.type, t.ScalarType):
+            if ax is not None or is_mask:
+                _fail(ins, f"operand {k} is a scalar where a tile is needed")
+            continue
+        want = out.shape if ax is None else (out.shape[0] if ax == "row" else out.shape[1],)
+        if ax not in (None, "row", "col") or (ax is not None and out.is_vec) or s.type.shape != want:
+            _fail(ins, f"operand {k} is a {s.type} on axis {ax}; it does not broadcast to {out}")
+        if (s.type.dtype is t.bool_) != is_mask:
+            _fail(ins, f"operand {k} is {s.type.dtype}; "
+                       f"{'a mask must be bool' if is_mask else 'values must not be bool'}")
+
+
+def _along(ins: Instr, s: list) -> list:
+    """Each operand as its axis says: a tile (or scalar) as is, a vector along rows or columns."""
+    return [x if ax is None else (x[:, None] if ax == "row" else x[None, :])
+            for x, ax in zip(s, ins.attrs.axes, strict=True)]
+
+
+define(OpDef(
+    Op.COMPARE, "(a, b) -> bool tile", "tile", BroadcastingAttrs, _broadcasting_rule,
+    lambda ins, s, m: np.broadcast_to(COMPARE_FNS[ins.attrs.fn](*_along(ins, s)), ins.result.type.shape),
+    _free, fns=COMPARE_FNS, doc="A mask: ``a fn b`` element-wise, operands broadcast by their axes."))
+define(OpDef(
+    Op.LOGIC, "(a[, b]) -> bool tile", "tile", BroadcastingAttrs, _broadcasting_rule,
+    lambda ins, s, m: np.broadcast_to(LOGIC_FNS[ins.attrs.fn](*(np.asarray(x) != 0 for x in _along(ins, s))),
+                                      ins.result.type.shape),
+    _free, fns=LOGIC_FNS, doc="Masks combined: and, or, not."))
+
+
+def _select_ref(ins: Instr, s: list, m) -> np.ndarray:
+    mask, a, b = _along(ins, s)
+    return np.broadcast_to(np.where(np.asarray(mask) != 0, a, b), ins.result.type.shape)
+
+
+define(OpDef(
+    Op.SELECT, "(mask, a, b) -> tile", "tile", BroadcastingAttrs, _broadcasting_rule, _select_ref, _free,
+    doc="a where mask else b, operands broadcast by their axes."))
+
+
+def _arange_rule(ins: Instr) -> None:
+    _tile_result(ins)
+    _arity(ins, 1)
+    if not ins.result.type.is_vec or ins.srcs[0].type != _types().INDEX:
+        _fail(ins, "arange makes a vector from an index start")
+
+
+define(OpDef(
+    Op.ARANGE, "(start) -> vec", "tile", NoAttrs, _arange_rule,
+    lambda ins, s, m: s[0] + np.arange(ins.result.type.shape[0]), _free, doc="start + k at element k."))
+
+
+# ---- memory and control -----------------------------------------------------------------------------------------
+def _access_rule(ins: Instr, g, tile, coords) -> None:
+    t = _types()
+    if not isinstance(g.type, t.GlobalType):
+        _fail(ins, f"the first operand must be a global, got {g.type}")
+    tt = _tile(ins, tile, "the tile")
+    if len(coords) != g.type.rank or g.type.rank < len(tt.shape):
+        _fail(ins, f"{len(coords)} coordinates for a {tt} in a {g.type}")
+    for k, c in enumerate(coords):
+        _index(ins, c, f"coordinate {k}")
+
+
+def _load_rule(ins: Instr) -> None:
+    _tile_result(ins)
+    _access_rule(ins, ins.srcs[0], ins.result, ins.srcs[1:])
+
+
+def _effect_rule(ins: Instr) -> None:
+    if ins.results:
+        raise TraceError(f"{ins.op.value} produces no value", ins.where)
+    _access_rule(ins, ins.srcs[0], ins.srcs[1], ins.srcs[2:])
+
+
+def _atomic_cost(ins: Instr, c) -> None:
+    c.flops(c.memory(ins, "read"), per_instance=False)   # a read-modify-write of each element, and one add
+    c.memory(ins, "written")
+
+
+define(OpDef(
+    Op.LOAD, "(global, *coords) -> tile", "tile", NoAttrs, _load_rule, lambda ins, s, m: m.load(ins, s),
+    lambda ins, c: c.memory(ins, "read"),
+    doc="A tile of a global at tile coordinates (trailing coords count whole tiles); zeros past the edges."))
+define(OpDef(
+    Op.STORE, "(global, tile, *coords) -> ()", "effect", NoAttrs, _effect_rule,
+    lambda ins, s, m: m.store(ins, s, add=False), lambda ins, c: c.memory(ins, "written"),
+    doc="Write a tile into a global; what hangs past the edges is dropped."))
+define(OpDef(
+    Op.ATOMIC_ADD, "(global, tile, *coords) -> ()", "effect", NoAttrs, _effect_rule,
+    lambda ins, s, m: m.store(ins, s, add=True), _atomic_cost,
+    doc="global += tile, atomically per element."))
+
+
+def _range_rule(ins: Instr) -> None:
+    body = ins.body
+    if body is None or not body.args:
+        _fail(ins, "a loop needs a body whose first argument is its index")
+    carried, inits = body.args[1:], ins.srcs[3:]
+    if any(s.type != _types().INDEX for s in ins.srcs[:3]):
+        raise TraceError("range: start, stop and step must be indices", ins.where)
+    if body.args[0].type != _types().INDEX or len(carried) != len(inits) != len(body.yields):
+        raise TraceError("range: malformed loop (args, inits and yields disagree)", ins.where)
+    for a, i, y, r in zip(carried, inits, body.yields, ins.results, strict=True):
+        if not (a.type == i.type == y.type == r.type):
+            raise TraceError(f"range: loop-carried value changes type: {i.type} -> {y.type}", ins.where)
+
+
+define(OpDef(
+    Op.RANGE, "(lo, hi, step, *inits) -> carried; body: (i, *carried) -> yields", "loop", RangeAttrs,
+    _range_rule, lambda ins, s, m: m.loop(ins, s), lambda ins, c: c.loop(ins),
+    doc="i = lo, lo + step, ... while before hi, as Python's range (step != 0); carried values flow through."))

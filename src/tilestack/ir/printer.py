@@ -1,40 +1,63 @@
 """Readable text for a kernel's IR: one instruction a line, loop bodies indented, the user's line at right.
 
     print(kernel.ir)
+
+A tile value prints with the buffer it is a version of: ``%acc12 = mma ... : RegTile[f32, 64, 64] #acc`` says
+the value is a new version of the tile the author called ``acc`` (buffers are numbered where names repeat).
 """
 
 from __future__ import annotations
 
-from tilestack.ir.nodes import Block, Instr, KernelIR
+import dataclasses
+
+from tilestack.ir.nodes import Block, Instr, KernelIR, Value
 from tilestack.ir.ops import Op
 
 
 def _attrs(ins: Instr) -> str:
-    # "dst" is the tracer's tile-handle id (footprints count tiles by it): internal, not shown
-    keep = {k: v for k, v in ins.attrs.items() if k not in ("name", "index", "dst") and v is not None}
-    return " " + " ".join(f"{k}={v}" for k, v in keep.items()) if keep else ""
+    keep = [(f.name, getattr(ins.attrs, f.name)) for f in dataclasses.fields(ins.attrs)]
+    keep = [(k, v) for k, v in keep if v is not None and v != ""]
+    return " " + " ".join(f"{k}={v}" for k, v in keep) if keep else ""
 
 
-def _line(ins: Instr) -> str:
+class _Buffers:
+    """Names of tile buffers: the first value's hint (``acc``), numbered when two buffers share one."""
+
+    def __init__(self):
+        self.names: dict[int, str] = {}
+        self.taken: dict[str, int] = {}
+
+    def __call__(self, v: Value) -> str:
+        if v.buffer is None:
+            return ""
+        if v.buffer not in self.names:
+            base = v.hint or "t"
+            n = self.taken.get(base, 0)
+            self.taken[base] = n + 1
+            self.names[v.buffer] = f"#{base}" if n == 0 else f"#{base}.{n}"
+        return self.names[v.buffer]
+
+
+def _line(ins: Instr, buffers: _Buffers) -> str:
     lhs = ", ".join(repr(r) for r in ins.results)
     rhs = f"{ins.op.value}{_attrs(ins)}"
     if ins.op is Op.ARG:
-        rhs = f"arg {ins.attrs['name']}"
+        rhs = f"arg {ins.attrs.name}"
     srcs = ", ".join(repr(s) for s in ins.srcs)
-    types = ", ".join(str(r.type) for r in ins.results)
+    types = ", ".join(f"{r.type} {buffers(r)}".rstrip() for r in ins.results)
     text = f"{lhs} = {rhs}({srcs})" if lhs else f"{rhs}({srcs})"
     return f"{text} : {types}" if types else text
 
 
-def _block(block: Block, indent: int, out: list[str]) -> None:
+def _block(block: Block, indent: int, out: list[str], buffers: _Buffers) -> None:
     pad = "  " * indent
     for ins in block.instrs:
-        text = pad + _line(ins)
+        text = pad + _line(ins, buffers)
         out.append(f"{text:<90} # {ins.where}" if ins.where else text)
         if ins.body is not None:
             args = ", ".join(repr(a) for a in ins.body.args)
             out.append(f"{pad}  ^body({args}):")
-            _block(ins.body, indent + 2, out)
+            _block(ins.body, indent + 2, out, buffers)
             out.append(f"{pad}    yield({', '.join(repr(v) for v in ins.body.yields)})")
 
 
@@ -43,5 +66,5 @@ def format_kernel(kernel: KernelIR) -> str:
     consts = ", ".join(f"{k}={v}" for k, v in kernel.constants.items())
     out = [f"kernel {kernel.name}({params}) [{consts}]",
            f"  grid = ({', '.join(repr(g) for g in kernel.grid)})"]
-    _block(kernel.body, 1, out)
+    _block(kernel.body, 1, out, _Buffers())
     return "\n".join(out)

@@ -1,37 +1,14 @@
-"""Scalar semantics shared by every consumer of the IR (reference executor, cost analysis, host-side grid).
+"""Facts about the scalar (index) values of a kernel, shared by every consumer of the IR.
 
-Works on Python numbers and on NumPy arrays alike, so the cost analysis can evaluate index arithmetic for
-every program and loop iteration at once.
+The scalar ops' meaning lives with their definitions (``ir.ops.SCALAR_FNS``), on Python numbers and NumPy arrays
+alike (the cost analysis evaluates index arithmetic for every program at once).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-
-def apply_scalar(fn: str, a, b):
-    """``fn`` of ``SCALAR_FNS`` on two ints (or int arrays); f* variants on floats."""
-    if fn in ("add", "fadd"):
-        return a + b
-    if fn == "sub":
-        return a - b
-    if fn in ("mul", "fmul"):
-        return a * b
-    if fn == "floordiv":
-        return a // b
-    if fn == "cdiv":
-        return -(-a // b)
-    if fn == "mod":
-        return a % b
-    if fn == "min":
-        return np.minimum(a, b) if isinstance(a, np.ndarray) or isinstance(b, np.ndarray) else min(a, b)
-    if fn == "max":
-        return np.maximum(a, b) if isinstance(a, np.ndarray) or isinstance(b, np.ndarray) else max(a, b)
-    if fn == "fdiv":     # true division, IEEE as on the GPU: x / 0 is inf or nan, not an exception
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.true_divide(a, b) if isinstance(a, np.ndarray) or isinstance(b, np.ndarray) \
-                else float(np.true_divide(float(a), float(b)))
-    raise ValueError(f"apply_scalar: unknown fn {fn!r}")
+from tilestack.ir.ops import Op
 
 
 def valid_extent(dims, coords, tile_shape):
@@ -57,18 +34,16 @@ def nonnegative(block) -> set:
     ids, non-negative constants, and sums, products, quotients, remainders, min and max of such (a max of one);
     a loop counter counting up from one. Backends whose integer division truncates (Triton, C) divide these
     with the plain operator and the others with an exact floor."""
-    from tilestack.ir.ops import Op
-
     out: set = set()
     for ins in block.walk():
         op = ins.op
         if op in (Op.DIM, Op.BLOCK_ID, Op.NUM_BLOCKS):
             out.add(ins.result)
-        elif op is Op.CONST and isinstance(ins.attrs["value"], int) and ins.attrs["value"] >= 0:
+        elif op is Op.CONST and isinstance(ins.attrs.value, int) and ins.attrs.value >= 0:
             out.add(ins.result)
         elif op is Op.SCALAR:
             a, b = (s in out for s in ins.srcs)
-            fn = ins.attrs["fn"]
+            fn = ins.attrs.fn
             if (a and b and fn in ("add", "mul", "floordiv", "cdiv", "mod", "min", "max")) or \
                     (fn == "max" and (a or b)):
                 out.add(ins.result)

@@ -31,11 +31,14 @@ bf16 = DType("bf16", 2, True)
 i32 = DType("i32", 4, False)
 i64 = DType("i64", 8, False)
 bool_ = DType("bool", 1, False)   # masks: what comparisons make and where() selects by (register tiles only)
-DTYPES = {d.name: d for d in (f64, f32, f16, bf16, i32, i64, bool_)}
+i8 = DType("i8", 1, False)        # quantized weights (tilestack.quant), widened to a float tile before an mma
+f8e4m3 = DType("f8e4m3", 1, True)   # OCP fp8 E4M3 "fn" (torch.float8_e4m3fn): no infinities, max 448
+DTYPES = {d.name: d for d in (f64, f32, f16, bf16, i32, i64, bool_, i8, f8e4m3)}
+F8E4M3_MAX = 448.0
 
 # The torch dtype each tile dtype corresponds to, by name (torch is imported only where tensors are).
 TORCH_NAMES = {"f64": "float64", "f32": "float32", "f16": "float16", "bf16": "bfloat16",
-               "i32": "int32", "i64": "int64"}
+               "i32": "int32", "i64": "int64", "i8": "int8", "f8e4m3": "float8_e4m3fn"}
 
 
 def dtype_of_torch(torch_dtype) -> DType | None:
@@ -67,11 +70,24 @@ def round_to(x: np.ndarray, dtype: DType) -> np.ndarray:
         rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
         out = rounded.astype(np.uint32).view(np.float32).astype(np.float64)
         return np.where(nan, np.nan, out)
+    if dtype is f8e4m3:
+        return _round_f8e4m3(np.asarray(x, dtype=np.float64))
     if dtype is bool_:
         return (np.asarray(x, dtype=np.float64) != 0).astype(np.float64)
     if not dtype.is_float:
         return np.trunc(np.asarray(x, dtype=np.float64))
     raise TypeError(f"round_to: no rounding rule for {dtype}")
+
+
+def _round_f8e4m3(x: np.ndarray) -> np.ndarray:
+    """x rounded to E4M3 "fn" as torch's cast (and the GPU's satfinite conversion) does: 3 mantissa bits, round
+    to nearest even, subnormals below 2**-6 (spacing 2**-9), saturated to +-448 (E4M3 has no infinity;
+    infinities saturate too); NaN stays NaN."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        x = np.clip(x, -F8E4M3_MAX, F8E4M3_MAX)
+        _, e = np.frexp(x)                                  # x = m * 2**e, 0.5 <= |m| < 1
+        step = np.exp2(np.maximum(e - 1, -6) - 3)          # the spacing of E4M3 values at x's exponent
+        return np.round(x / step) * step                     # numpy rounds halves to even
 
 
 class Space(enum.Enum):

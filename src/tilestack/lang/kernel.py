@@ -260,7 +260,7 @@ class TracedKernel:
         self._compiled: dict[str, Any] = {}
         self._launchers: dict[tuple, Callable] = {}
         self._grid_plan = grid_plan(ir)
-        grid_args = {ins.attrs["index"] for ins in self._grid_plan if ins.op is Op.ARG}
+        grid_args = {ins.attrs.index for ins in self._grid_plan if ins.op is Op.ARG}
         self._grid_globals = [i for i in grid_args if isinstance(signature[i], tuple)]
         self._grid_scalars = [i for i in grid_args if not isinstance(signature[i], tuple)]
         self.written = ir.written_params()   # indices of the globals it stores to

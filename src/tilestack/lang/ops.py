@@ -55,7 +55,8 @@ def _write(dst: Tile, op: Op, srcs: tuple, result_shape: tuple[int, ...], opname
                 "a tile carried by a loop keeps its shape", where)
         raise TileShapeError(f"{opname}: the result is {result_shape} but dst `{_name(dst)}` is {dst.shape}",
                              where)
-    ins = current(opname).emit(op, srcs, (dst.type,), where, hint=user_name(dst), dst=dst.uid, **attrs)
+    ins = current(opname).emit(op, srcs, (dst.type,), where, hint=user_name(dst), **attrs)
+    ins.result.buffer = dst.uid
     dst._value = ins.result
 
 

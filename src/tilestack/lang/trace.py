@@ -91,7 +91,7 @@ class Tracer:
             v = h._value
             if v is None or v.id in self.closed:
                 continue
-            arg = Value(v.type, v.hint)
+            arg = Value(v.type, v.hint, buffer=v.buffer)
             loop.entry[id(h)] = v
             loop.args[id(h)] = arg
             h._value = arg
@@ -124,7 +124,7 @@ class Tracer:
         body.args.extend(carried_args)
         body.yields = yields
         ins.srcs = ins.srcs + tuple(carried_inits)
-        ins.results = tuple(Value(a.type, a.hint) for a in carried_args)
+        ins.results = tuple(Value(a.type, a.hint, buffer=a.buffer) for a in carried_args)
         for h, r in zip(handles, ins.results, strict=True):
             h._value = r
         for inner in body.walk():

@@ -37,7 +37,7 @@ def _looped_shared_bytes(body) -> int:
         for ins in loop.body.walk():
             t = ins.results[0].type if ins.op is Op.LOAD and ins.results else None
             if isinstance(t, TileType) and t.space is Space.SHARED:
-                tiles[ins.attrs["dst"]] = t.nbytes
+                tiles[ins.result.buffer] = t.nbytes
     return sum(tiles.values())
 
 

@@ -1,4 +1,5 @@
-"""IR -> Triton source. One emitter per op, in ``_EMIT``; the lowering is a single walk in program order.
+"""IR -> Triton source. One emitter per op, registered with ``ir.ops.register_emitter("triton", op)``; the lowering
+is a single walk in program order.
 
 The generated function takes, for each global, its pointer, sizes and strides (``A, A_d0, A_d1, A_s0,
 A_s1``), then the runtime scalars; constants are literals (a trace is per set of constants). A value is a
@@ -19,18 +20,17 @@ from collections.abc import Collection, Sequence
 
 from tilestack.errors import BackendError
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
-from tilestack.ir.ops import Op
+from tilestack.ir.ops import EMITTERS, Op, check_lowerable, register_emitter
 from tilestack.ir.scalars import nonnegative
 from tilestack.ir.types import GlobalType, Space, TileType, bf16, f32, f64
 
 TMA_MAX_BOX = 256   # elements per dimension of one copy-engine transfer (a wider tile goes through pointers)
 INT32_MAX = 2**31 - 1
 TL_DTYPES = {"f64": "tl.float64", "f32": "tl.float32", "f16": "tl.float16", "bf16": "tl.bfloat16",
-             "i32": "tl.int32", "i64": "tl.int64", "bool": "tl.int1"}
+             "i32": "tl.int32", "i64": "tl.int64", "bool": "tl.int1", "i8": "tl.int8", "f8e4m3": "tl.float8e4nv"}
 _UNARY = {"exp": "tl.exp({})", "exp2": "tl.math.exp2({})", "log": "tl.log({})", "log2": "tl.log2({})",
           "abs": "tl.abs({})", "neg": "(-{})", "relu": "tl.maximum({}, 0.0)", "sqrt": "tl.sqrt({})",
-          "rsqrt": "tl.rsqrt({})", "sigmoid": "tl.sigmoid({})", "sin": "tl.sin({})", "cos": "tl.cos({})",
-          "copy": "{}"}
+          "rsqrt": "tl.rsqrt({})", "sigmoid": "tl.sigmoid({})", "sin": "tl.sin({})", "cos": "tl.cos({})"}
 _BINARY = {"add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "div": "({} / {})",
            "max": "tl.maximum({}, {})", "min": "tl.minimum({}, {})"}
 _SCALAR = {"add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "floordiv": "({} // {})",
@@ -127,7 +127,7 @@ class _Emitter:
             if ins.results and ins.op is not Op.RANGE and not any(r in self.used for r in ins.results):
                 continue
             self.check(ins)
-            _EMIT[ins.op](self, ins)
+            EMITTERS["triton"][ins.op].fn(self, ins)
 
     def check(self, ins: Instr) -> None:
         for v in ins.results + ins.srcs:
@@ -207,34 +207,40 @@ class _Emitter:
         return "[" + ", ".join(offs) + "]"
 
 
+@register_emitter("triton", Op.ARG)
 def _e_arg(e: _Emitter, ins: Instr) -> None:
-    name = ins.attrs["name"]
+    name = ins.attrs.name
     if isinstance(ins.result.type, GlobalType):
         e.globals[ins.result] = name
-        e.global_index[ins.result] = ins.attrs["index"]
+        e.global_index[ins.result] = ins.attrs.index
     e.names[ins.result] = name
 
 
+@register_emitter("triton", Op.CONST)
 def _e_const(e: _Emitter, ins: Instr) -> None:
-    e.names[ins.result] = _literal(ins.attrs["value"])
+    e.names[ins.result] = _literal(ins.attrs.value)
     e.consts.add(ins.result)
 
 
+@register_emitter("triton", Op.DIM)
 def _e_dim(e: _Emitter, ins: Instr) -> None:
-    e.names[ins.result] = f"{e.globals[ins.srcs[0]]}_d{ins.attrs['axis']}"
+    e.names[ins.result] = f"{e.globals[ins.srcs[0]]}_d{ins.attrs.axis}"
 
 
+@register_emitter("triton", Op.BLOCK_ID)
 def _e_block_id(e: _Emitter, ins: Instr) -> None:
-    e.assign(ins.result, f"tl.program_id({ins.attrs['axis']})")
+    e.assign(ins.result, f"tl.program_id({ins.attrs.axis})")
 
 
+@register_emitter("triton", Op.NUM_BLOCKS)
 def _e_num_blocks(e: _Emitter, ins: Instr) -> None:
-    e.assign(ins.result, f"tl.num_programs({ins.attrs['axis']})")
+    e.assign(ins.result, f"tl.num_programs({ins.attrs.axis})")
 
 
+@register_emitter("triton", Op.SCALAR, fns=_SCALAR)
 def _e_scalar(e: _Emitter, ins: Instr) -> None:
     a, b = (e.name(s) for s in ins.srcs)
-    fn = ins.attrs["fn"]
+    fn = ins.attrs.fn
     if fn in _FLOOR_SCALAR and not all(s in e.nonneg for s in ins.srcs):
         e.floor_helpers = True
         e.assign(ins.result, _FLOOR_SCALAR[fn].format(a, b))
@@ -242,21 +248,19 @@ def _e_scalar(e: _Emitter, ins: Instr) -> None:
     e.assign(ins.result, _SCALAR[fn].format(a, b))
 
 
+@register_emitter("triton", Op.FILL)
 def _e_fill(e: _Emitter, ins: Instr) -> None:
     t = ins.result.type
     if e.interpret and t.dtype is bf16:
-        e.assign(ins.result, f"tl.full({t.shape}, {_literal(ins.attrs['value'])}, tl.float32).to(tl.bfloat16)")
+        e.assign(ins.result, f"tl.full({t.shape}, {_literal(ins.attrs.value)}, tl.float32).to(tl.bfloat16)")
         return
-    e.assign(ins.result, f"tl.full({t.shape}, {_literal(ins.attrs['value'])}, {TL_DTYPES[t.dtype.name]})")
+    e.assign(ins.result, f"tl.full({t.shape}, {_literal(ins.attrs.value)}, {TL_DTYPES[t.dtype.name]})")
 
 
+@register_emitter("triton", Op.UNARY, fns=_UNARY)
 def _e_unary(e: _Emitter, ins: Instr) -> None:
     (x,) = ins.srcs
-    fn = ins.attrs["fn"]
-    if fn == "copy":
-        e.assign(ins.result, e.cast_to(e.name(x), x.type.dtype, ins.result.type))
-        return
-    expr = _UNARY[fn].format(e.f32(x))
+    expr = _UNARY[ins.attrs.fn].format(e.f32(x))
     e.assign(ins.result, e.cast_to(expr, f32 if x.type.dtype is not f64 else f64, ins.result.type))
 
 
@@ -264,26 +268,30 @@ def _operand(e: _Emitter, v: Value) -> str:
     return e.f32(v) if isinstance(v.type, TileType) else e.name(v)
 
 
+@register_emitter("triton", Op.BINARY, fns=_BINARY)
 def _e_binary(e: _Emitter, ins: Instr) -> None:
     a, b = ins.srcs
-    expr = _BINARY[ins.attrs["fn"]].format(_operand(e, a), _operand(e, b))
+    expr = _BINARY[ins.attrs.fn].format(_operand(e, a), _operand(e, b))
     e.assign(ins.result, e.cast_to(expr, f32 if a.type.dtype is not f64 else f64, ins.result.type))
 
 
+@register_emitter("triton", Op.BROADCAST, fns=_BINARY)
 def _e_broadcast(e: _Emitter, ins: Instr) -> None:
     x, v = ins.srcs
-    vec = f"{e.f32(v)}[:, None]" if ins.attrs["axis"] == "row" else f"{e.f32(v)}[None, :]"
-    expr = _BINARY[ins.attrs["fn"]].format(e.f32(x), vec)
+    vec = f"{e.f32(v)}[:, None]" if ins.attrs.axis == "row" else f"{e.f32(v)}[None, :]"
+    expr = _BINARY[ins.attrs.fn].format(e.f32(x), vec)
     e.assign(ins.result, e.cast_to(expr, f32 if x.type.dtype is not f64 else f64, ins.result.type))
 
 
+@register_emitter("triton", Op.CAST)
 def _e_cast(e: _Emitter, ins: Instr) -> None:
     (x,) = ins.srcs
     e.assign(ins.result, e.cast_to(e.name(x), x.type.dtype, ins.result.type))
 
 
+@register_emitter("triton", Op.REDUCE, fns=_REDUCE)
 def _e_reduce(e: _Emitter, ins: Instr) -> None:
-    fn, axis = ins.attrs["fn"], 1 if ins.attrs["axis"] == "row" else 0
+    fn, axis = ins.attrs.fn, 1 if ins.attrs.axis == "row" else 0
     x = ins.srcs[0]
     expr = f"{_REDUCE[fn]}({e.f32(x)}, axis={axis})"
     if len(ins.srcs) > 1:
@@ -291,24 +299,26 @@ def _e_reduce(e: _Emitter, ins: Instr) -> None:
     e.assign(ins.result, e.cast_to(expr, f32 if x.type.dtype is not f64 else f64, ins.result.type))
 
 
+@register_emitter("triton", Op.MASK)
 def _e_mask(e: _Emitter, ins: Instr) -> None:
     x, k = ins.srcs
     r, c = ins.result.type.shape
     rows, cols = f"tl.arange(0, {r})[:, None]", f"tl.arange(0, {c})[None, :]"
     kn = e.name(k)
     cond = {"tril": f"({cols} - {rows}) <= {kn}", "triu": f"({cols} - {rows}) >= {kn}",
-            "right_fill": f"{cols} < {kn}", "lower_fill": f"{rows} < {kn}"}[ins.attrs["kind"]]
-    fill = _literal(ins.attrs["value"])
+            "right_fill": f"{cols} < {kn}", "lower_fill": f"{rows} < {kn}"}[ins.attrs.kind]
+    fill = _literal(ins.attrs.value)
     if e.interpret and x.type.dtype is bf16:
         e.assign(ins.result, f"tl.where({cond}, {e.name(x)}.to(tl.float32), {fill}).to(tl.bfloat16)")
         return
     e.assign(ins.result, f"tl.where({cond}, {e.name(x)}, {fill})")
 
 
+@register_emitter("triton", Op.MMA)
 def _e_mma(e: _Emitter, ins: Instr) -> None:
     acc, a, b = ins.srcs
-    an = f"tl.trans({e.name(a)})" if ins.attrs["trans_a"] else e.name(a)
-    bn = f"tl.trans({e.name(b)})" if ins.attrs["trans_b"] else e.name(b)
+    an = f"tl.trans({e.name(a)})" if ins.attrs.trans_a else e.name(a)
+    bn = f"tl.trans({e.name(b)})" if ins.attrs.trans_b else e.name(b)
     precision = ', input_precision="ieee"' if a.type.dtype is f32 else ""
     if e.interpret and a.type.dtype is bf16:
         # Triton 3.6's interpreter multiplies bf16 dot operands wrongly (NumPy has no bf16); upcasting is
@@ -317,6 +327,7 @@ def _e_mma(e: _Emitter, ins: Instr) -> None:
     e.assign(ins.result, f"tl.dot({an}, {bn}, {e.name(acc)}{precision})")
 
 
+@register_emitter("triton", Op.LOAD)
 def _e_load(e: _Emitter, ins: Instr) -> None:
     g, *coords = ins.srcs
     t = ins.result.type
@@ -329,6 +340,7 @@ def _e_load(e: _Emitter, ins: Instr) -> None:
     e.assign(ins.result, e.cast_to(f"tl.load({ptr}, mask={mask}, other=0.0)", g.type.dtype, t))
 
 
+@register_emitter("triton", Op.STORE)
 def _e_store(e: _Emitter, ins: Instr) -> None:
     g, x, *coords = ins.srcs
     val = e.cast_to(e.name(x), x.type.dtype, g.type)
@@ -340,12 +352,13 @@ def _e_store(e: _Emitter, ins: Instr) -> None:
     e.emit(f"tl.store({ptr}, {val}, mask={mask})")
 
 
+@register_emitter("triton", Op.RANGE)
 def _e_range(e: _Emitter, ins: Instr) -> None:
     lo, hi, step, *inits = ins.srcs
     body = ins.body
     for arg, init in zip(body.args[1:], inits, strict=True):
         e.assign(arg, e.name(init))
-    stages = ins.attrs.get("stages")
+    stages = ins.attrs.stages
     bounds = [e.name(lo), e.name(hi)] + ([] if e.name(step) == "1" else [e.name(step)])
     rng = f"tl.range({', '.join(bounds)}, num_stages={stages})" if stages else f"range({', '.join(bounds)})"
     e.emit(f"for {e.name(body.args[0])} in {rng}:")
@@ -370,29 +383,33 @@ def _along(e: _Emitter, v: Value, axis: str | None, as_float: bool) -> str:
 
 def _to_result_shape(ins: Instr, expr: str) -> str:
     """``expr`` broadcast to the result's shape where no operand has it (vectors and scalars only)."""
-    if any(isinstance(s.type, TileType) and ax is None for s, ax in zip(ins.srcs, ins.attrs["axes"], strict=True)):
+    if any(isinstance(s.type, TileType) and ax is None for s, ax in zip(ins.srcs, ins.attrs.axes, strict=True)):
         return expr
     return f"tl.broadcast_to({expr}, {ins.result.type.shape})"
 
 
+@register_emitter("triton", Op.COMPARE, fns=_COMPARE)
 def _e_compare(e: _Emitter, ins: Instr) -> None:
-    a, b = (_along(e, s, ax, True) for s, ax in zip(ins.srcs, ins.attrs["axes"], strict=True))
-    e.assign(ins.result, _to_result_shape(ins, f"({a} {_COMPARE[ins.attrs['fn']]} {b})"))
+    a, b = (_along(e, s, ax, True) for s, ax in zip(ins.srcs, ins.attrs.axes, strict=True))
+    e.assign(ins.result, _to_result_shape(ins, f"({a} {_COMPARE[ins.attrs.fn]} {b})"))
 
 
+@register_emitter("triton", Op.LOGIC, fns=_LOGIC)
 def _e_logic(e: _Emitter, ins: Instr) -> None:
-    xs = [_along(e, s, ax, False) for s, ax in zip(ins.srcs, ins.attrs["axes"], strict=True)]
-    e.assign(ins.result, _to_result_shape(ins, _LOGIC[ins.attrs["fn"]].format(*xs)))
+    xs = [_along(e, s, ax, False) for s, ax in zip(ins.srcs, ins.attrs.axes, strict=True)]
+    e.assign(ins.result, _to_result_shape(ins, _LOGIC[ins.attrs.fn].format(*xs)))
 
 
+@register_emitter("triton", Op.SELECT)
 def _e_select(e: _Emitter, ins: Instr) -> None:
     t = ins.result.type
-    m, a, b = (_along(e, s, ax, t.dtype.is_float) for s, ax in zip(ins.srcs, ins.attrs["axes"], strict=True))
+    m, a, b = (_along(e, s, ax, t.dtype.is_float) for s, ax in zip(ins.srcs, ins.attrs.axes, strict=True))
     wide = f64 if any(isinstance(s.type, TileType) and s.type.dtype is f64 for s in ins.srcs) else f32
     expr = _to_result_shape(ins, f"tl.where({m}, {a}, {b})")
     e.assign(ins.result, e.cast_to(expr, wide if t.dtype.is_float else t.dtype, t))
 
 
+@register_emitter("triton", Op.ARANGE)
 def _e_arange(e: _Emitter, ins: Instr) -> None:
     t = ins.result.type
     expr = f"({e.name(ins.srcs[0])} + tl.arange(0, {t.shape[0]}))"
@@ -400,21 +417,12 @@ def _e_arange(e: _Emitter, ins: Instr) -> None:
     e.assign(ins.result, f"{expr}{via}.to({TL_DTYPES[t.dtype.name]})")
 
 
+@register_emitter("triton", Op.ATOMIC_ADD)
 def _e_atomic_add(e: _Emitter, ins: Instr) -> None:
     g, x, *coords = ins.srcs
     ptr, mask = e.address(ins, g, tuple(coords), x.type.shape)
     val = e.cast_to(e.name(x), x.type.dtype, g.type)
     e.emit(f'tl.atomic_add({ptr}, {val}, mask={mask}, sem="relaxed")')
-
-
-_EMIT = {
-    Op.ARG: _e_arg, Op.CONST: _e_const, Op.DIM: _e_dim, Op.BLOCK_ID: _e_block_id,
-    Op.NUM_BLOCKS: _e_num_blocks, Op.SCALAR: _e_scalar, Op.FILL: _e_fill, Op.UNARY: _e_unary,
-    Op.BINARY: _e_binary, Op.BROADCAST: _e_broadcast, Op.CAST: _e_cast, Op.REDUCE: _e_reduce,
-    Op.MASK: _e_mask, Op.MMA: _e_mma, Op.LOAD: _e_load, Op.STORE: _e_store, Op.RANGE: _e_range,
-    Op.COMPARE: _e_compare, Op.LOGIC: _e_logic, Op.SELECT: _e_select, Op.ARANGE: _e_arange,
-    Op.ATOMIC_ADD: _e_atomic_add,
-}
 
 
 def _used_values(block: Block) -> set[Value]:
@@ -444,6 +452,7 @@ def generate(kernel: KernelIR, interpret: bool = False, tma: bool = False,
     ``index64``: which globals' pointer offsets are computed in 64 bits: all (True, the default: right for any
     size), none (False), or the param indices given; a launcher passes those ``needs_int64`` of its tensors.
     """
+    check_lowerable("triton", kernel.body)
     e = _Emitter(kernel, interpret, tma, index64)
     e.block(kernel.body)
     used = set(re.findall(r"\b\w+\b", "\n".join(e.lines)))
