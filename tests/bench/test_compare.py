@@ -151,8 +151,14 @@ def test_bench_writes_a_record_that_compares_with_its_stored_run(tmp_path):
         rec = record.Record.read(out / "bench.json")
         assert {m.config["role"] for m in rec.measurements} == {"tilestack", "baseline"}
         r = runner.invoke(app, ["bench", "compare", "latest", str(out / "bench.json")])
-    assert r.exit_code == 0, r.output
-    assert "softmax" in r.output and "1.00x" in r.output        # the same results on both sides
+        assert r.exit_code == 0, r.output
+        assert "softmax" in r.output and "1.00x" in r.output        # the same results on both sides
+        r = runner.invoke(app, ["bench", "-k", "softmax", "--small", "--no-store", "--out", str(tmp_path / "again"),
+                                "--against", str(out / "bench.json")])
+        assert r.exit_code == 0, r.output
+        assert "B = this run" in r.output and "vs baseline" in r.output
+        r = runner.invoke(app, ["bench", "--against", str(tmp_path / "none.json")])   # refused before any work
+        assert r.exit_code == 2 and "no such file" in r.output
 
 
 def test_tilestack_compare_pairs_bench_records_by_case(tmp_path):

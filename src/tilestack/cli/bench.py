@@ -25,6 +25,8 @@ def bench(
     out: Path = typer.Option(Path("out/bench"),
                              help="folder for report.html, roofline.png, bench.md, bench.json (the run as a record)"),
     store: bool = typer.Option(True, help="append every result to the SQLite result store"),
+    against: str = typer.Option(None, help="after the run, compare it with this record file, run or device "
+                                           "(as `tilestack bench compare AGAINST <this run>`)"),
 ) -> None:
     """Check every library kernel against the reference executor and float64 PyTorch, and a training step of two
     language models against torch's in float64; time each beside its baseline on this device (GPU; or CPU at small
@@ -33,7 +35,15 @@ def bench(
         return
     from tilestack.bench import run_suite
 
+    baseline = _side(against) if against else None       # read first: a wrong name fails before the run
     rows = run_suite(full=not small, only=kernel or None, store=store, models=models, out_dir=out)
+    if baseline is not None and rows:
+        from tilestack.bench.compare import compare as compare_runs
+        from tilestack.bench.compare import print_comparison
+        from tilestack.bench.record import Record
+
+        ms = [m for r in rows for m in (r.ours, r.baseline)]
+        print_comparison(compare_runs(baseline, Record(ms[0].device, ms, source="this run")))
     if kernel and not rows:
         typer.echo(f"no case named {', '.join(kernel)}; see --help for the names", err=True)
         raise typer.Exit(2)
@@ -55,13 +65,19 @@ def compare(
     differ (sizes, devices, versions, tuned configs). Exits 1 when nothing pairs."""
     from tilestack.bench.compare import compare as compare_runs
     from tilestack.bench.compare import print_comparison
-    from tilestack.bench.record import RecordError, load_side
 
-    try:
-        cmp = compare_runs(load_side(a, db), load_side(b, db))
-    except RecordError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    cmp = compare_runs(_side(a, db), _side(b, db))
     print_comparison(cmp)
     if not cmp.comparable:
         raise typer.Exit(1)
+
+
+def _side(ref: str, db: Path | None = None):
+    """A record file, run or device as a record; a clear error (exit 2) where there is none."""
+    from tilestack.bench.record import RecordError, load_side
+
+    try:
+        return load_side(ref, db)
+    except RecordError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
