@@ -48,3 +48,7 @@ class BackendError(TilestackError):
 
 class DeviceError(TilestackError, ValueError):
     """An unknown device or a device property that cannot be read."""
+
+
+class FederatedError(TilestackError, ValueError):
+    """A federated run that cannot go on as asked (a checkpoint from another run, a strategy that cannot aggregate)."""

@@ -31,7 +31,8 @@ BIN = Path(sys.executable).parent
 @pytest.mark.timeout(300)
 def test_tilestack_engine_matches_flower_simulation_round_for_round():
     task = Task(dataset="synthetic", num_clients=12, max_samples=300, local_steps=10,
-                faults=((5, "nan"), (3, "crash"), (9, "shape")))  # fmt: skip
+                faults=((5, "nan"), (3, "crash"), (9, "shape"), (0, "missing"), (1, "extra"),
+                        (2, "nometrics")))  # fmt: skip
     system = SystemModel(12, straggler_fraction=0.5, speed_sigma=0.5, seed=1)
 
     def run(engine):
@@ -51,7 +52,10 @@ def test_tilestack_engine_matches_flower_simulation_round_for_round():
     x, y = ({k: v.numpy() for k, v in r.arrays.items()} for r in (ours, flower))
     assert all(np.array_equal(x[k], y[k]) for k in x)
     reasons = {v.split(":")[0] for r in flower.history.rounds for v in r.excluded.values()}
-    assert reasons == {"error", "non-finite", "shape"}  # every faulty client was sampled and left out
+    assert reasons == {"error", "non-finite", "shape", "keys", "metrics"}  # every kind was sampled and left out
+    crashes = [v for r in flower.history.rounds for v in r.excluded.values() if v.startswith("error")]
+    assert crashes and all(v == "error: RuntimeError: simulated client crash (task.faults)" for v in crashes)
+    assert all(r.num_aggregated > 0 and not r.skipped for r in flower.history.rounds)  # the rounds went on
 
 
 def _free_port() -> int:

@@ -5,6 +5,8 @@
     tilestack fl run --engine flower --clients 100 --per-round 10 --rounds 5 --out run.json --plot run.png
     tilestack fl run --malicious 0.2 --strategy fedmedian         # poisoned clients vs a robust rule
     tilestack fl run --checkpoint run.ckpt ...                     # resumes after the last completed round
+    tilestack fl run --data mine.csv --partitioner dirichlet       # your own data (.csv, label last; or .npz x, y)
+    tilestack fl run --faults 1:crash,2:nan --timeout 30 --workers 2
 
 flwr and ray are imported inside the command, so ``tilestack --help`` works without them.
 """
@@ -12,6 +14,7 @@ flwr and ray are imported inside the command, so ``tilestack --help`` works with
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -23,6 +26,9 @@ fl = typer.Typer(help="Heterogeneous federated learning on Flower.", no_args_is_
 app.add_typer(fl, name="fl")
 
 SELECTIONS = ("flower", "random", "oort")
+# Ray's workers print to this terminal unless told not to; their news is in the report's reasons.
+FLOWER_BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                  "init_args": {"log_to_driver": False, "logging_level": "error"}}  # fmt: skip
 
 
 @fl.command("run")
@@ -36,7 +42,9 @@ def run(
     clients: int = typer.Option(30, min=1, help="number of clients (partitions)"),
     per_round: int = typer.Option(10, min=1, help="clients sampled per round"),
     engine: str = typer.Option("tilestack", help="tilestack (in-process) or flower (Flower's Ray simulation)"),
-    dataset: str = typer.Option("synthetic", help="synthetic, blobs or clustered"),
+    dataset: str = typer.Option("synthetic", help="synthetic, blobs, clustered, digits (or file, see --data)"),
+    data: Path = typer.Option(None, help="your own dataset: .npz with x (N, D) and y (N,), or .csv with the label "
+                              "last; split by --partitioner"),
     alpha: float = typer.Option(1.0, help="Synthetic(alpha, beta): model heterogeneity"),
     beta: float = typer.Option(1.0, help="Synthetic(alpha, beta): data heterogeneity"),
     partitioner: str = typer.Option("iid", help="blobs: iid, dirichlet, shards, quantity"),
@@ -59,7 +67,12 @@ def run(
     attack: str = typer.Option("signflip", help="signflip or noise"),
     noise: float = typer.Option(1.0, help="dp-fedavg noise multiplier"),
     clip: float = typer.Option(1.0, help="dp-fedavg clipping norm"),
-    eval_fraction: float = typer.Option(0.0, help="share of clients in federated evaluation (fairness)"),
+    eval_fraction: float = typer.Option(0.0, help="share of clients in federated evaluation (0: the server scores "
+                                        "each client's test split for the client accuracy distribution)"),
+    faults: str = typer.Option("", help="faulty clients, e.g. 1:crash,2:nan (crash, nan, shape, slow, missing, "
+                               "extra, nometrics)"),
+    timeout: float = typer.Option(0.0, help="seconds to wait for a round's replies (0: no limit)"),
+    workers: int = typer.Option(1, min=1, help="worker processes of the tilestack engine"),
     seed: int = typer.Option(0),
     checkpoint: Path = typer.Option(None, help="checkpoint file; an existing one is resumed"),
     out: Path = typer.Option(None, help="write the per-round history as JSON"),
@@ -70,6 +83,7 @@ def run(
         os.environ.setdefault(var, "1")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     import logging
+    import warnings
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -78,14 +92,24 @@ def run(
     from tilestack.federated import SystemModel, Task, simulate
     from tilestack.federated.strategies import OortSelector, RandomSelector, Selected, make_strategy
 
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    # Flower's own notices (its deprecations, a faulty client's raw Ray traceback) would break the progress
+    # bar; every client left out is reported below with a one-line reason.
+    logging.getLogger("flwr").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
     if selection not in SELECTIONS:
         raise typer.BadParameter(f"selection={selection!r}; expected one of {SELECTIONS}", param_hint="--selection")
     if per_round > clients:
         raise typer.BadParameter(f"per_round={per_round} > clients={clients}", param_hint="--per-round")
+    if data is not None:
+        dataset = "file"
+    try:
+        fault_list = _parse_faults(faults)
+    except ValueError as ex:
+        raise typer.BadParameter(str(ex), param_hint="--faults") from ex
     try:
         task = Task(
-            dataset=dataset, num_clients=clients, seed=seed, alpha=alpha, beta=beta, partitioner=partitioner,
+            dataset=dataset, num_clients=clients, data_path=str(data or ""), faults=fault_list,
+            seed=seed, alpha=alpha, beta=beta, partitioner=partitioner,
             partition_alpha=partition_alpha, model=model, lr=lr, local_epochs=local_epochs,
             local_steps=local_steps or None, malicious_fraction=malicious, attack=attack, groups=clusters,
         )  # fmt: skip
@@ -126,6 +150,9 @@ def run(
         return out_
 
     console = Console()
+    if engine == "flower":
+        console.print("starting Flower's simulation engine (Ray): the first round waits for its workers ...")
+    t_start = time.perf_counter()
     with Progress(
         TextColumn("[bold]fl run[/bold]"), BarColumn(), MofNCompleteColumn(),
         TextColumn("acc {task.fields[acc]:.3f}  loss {task.fields[loss]:.3f}"), TimeElapsedColumn(),
@@ -139,7 +166,9 @@ def run(
         result = simulate(
             strat, task, rounds=rounds, engine=engine, system=system, stragglers=straggler_policy, seed=seed,
             checkpoint=checkpoint, on_round=on_round, extra_metrics=extra, initial=initial,
+            timeout=timeout or None, workers=workers, flower_backend=FLOWER_BACKEND,
         )  # fmt: skip
+    wall = time.perf_counter() - t_start
 
     h = result.history
     if not h.rounds:
@@ -147,6 +176,9 @@ def run(
         return
     last = h.rounds[-1]
     reasons = Counter(v.split(":")[0] for r in h.rounds for v in r.excluded.values())
+    examples = {v.split(":")[0]: v for r in h.rounds for v in r.excluded.values()}
+    skipped = Counter(r.skipped for r in h.rounds if r.skipped)
+    skipped_text = [f"{n} ({why})" for why, n in skipped.items()]
     table = Table(title=f"{strategy} on {dataset}: {clients} clients, {per_round} per round, engine {engine}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -162,8 +194,10 @@ def run(
         ("bytes down / up (total)", f"{sum(h.column('bytes_down')):,} / {sum(h.column('bytes_up')):,}"),
         ("local steps done / full", f"{sum(h.column('steps_done')):,} / {sum(h.column('steps_full')):,}"),
         ("simulated time (s)", f"{sum(h.column('sim_time')):.2f}"),
-        ("wall time (s)", f"{sum(h.column('wall_time')):.2f}"),
+        ("wall time: rounds / whole run incl. start-up (s)", f"{sum(h.column('wall_time')):.2f} / {wall:.2f}"),
         ("clients left out", ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) or "none"),
+        *[(f"  e.g. {kind}", why) for kind, why in sorted(examples.items())],
+        ("rounds without aggregation", ", ".join(skipped_text) or "none"),
     ]
     rows += [(k, f"{v:.4f}") for k, v in last.extra.items()]
     for name, value in rows:
@@ -177,3 +211,17 @@ def run(
 
         plot_grid({f"{strategy}": {strategy: h}}, ["train_loss", "test_acc"], plot)
         console.print(f"plot written to {plot}")
+    if len(skipped_text) and all(r.skipped for r in h.rounds):
+        console.print(f"[red]no round aggregated a model[/red]: {'; '.join(skipped_text)}")
+        raise typer.Exit(1)
+
+
+def _parse_faults(text: str) -> tuple[tuple[int, str], ...]:
+    """``"1:crash,2:nan"`` -> ((1, "crash"), (2, "nan")); Task checks the ids and kinds."""
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        pid, sep, kind = item.partition(":")
+        if not sep or not pid.strip().isdigit():
+            raise ValueError(f"faults entry {item!r}; expected PARTITION:KIND, e.g. 1:crash")
+        out.append((int(pid), kind.strip()))
+    return tuple(out)

@@ -97,6 +97,11 @@ def _apply_fault(kind: str | None, task: Task, params: Params) -> Params:
         first = next(iter(params))
         params = dict(params)
         params[first] = np.zeros((*params[first].shape[:-1], params[first].shape[-1] + 1), np.float32)
+    if kind == "missing":  # one array left out of the reply
+        params = dict(params)
+        del params[next(iter(params))]
+    if kind == "extra":  # an array the server never sent
+        params = {**params, "extra.weight": np.zeros(1, np.float32)}
     return params
 
 
@@ -146,8 +151,8 @@ def train(msg: Message, context: Context) -> Message:
     if prefix:  # FedBN: the local layers stay here and are not uploaded
         context.state["fedbn-local"] = _to_record({k: v for k, v in trained.items() if k.startswith(prefix)})
         reply = {k: v for k, v in reply.items() if not k.startswith(prefix)}
-    if task.is_malicious(pid):
-        reply |= _poison(task, start, trained, rng)
+    if task.is_malicious(pid):  # poison what is uploaded (FedBN's local layers stay local)
+        reply |= _poison(task, start, {k: v for k, v in trained.items() if k in reply}, rng)
     reply = _apply_fault(task.fault(pid), task, reply)
 
     metrics |= {
@@ -159,6 +164,8 @@ def train(msg: Message, context: Context) -> Message:
         PARTITION_METRIC: pid,
     }
     content = RecordDict({"arrays": _to_record(reply), "metrics": MetricRecord(metrics)})
+    if task.fault(pid) == "nometrics":
+        content = RecordDict({"arrays": content["arrays"]})
     return Message(content=content, reply_to=msg)
 
 

@@ -8,24 +8,32 @@
 It calls the strategy exactly as Flower's ``Strategy.start`` does (configure_train, send, aggregate_train,
 configure_evaluate, send, aggregate_evaluate, then server-side evaluation), and adds what ``start`` lacks:
 
-- Seeding: Flower's node sampling uses Python's global ``random`` and takes no seed; the loop seeds it from
-  (seed, round) just before each configure call, so a run is reproducible and engines can be compared.
+- Seeding: Flower's node sampling uses Python's global ``random`` and its differential-privacy noise
+  NumPy's global ``np.random``, and neither takes a seed; the loop seeds both from (seed, round, phase)
+  just before each configure and aggregate call, so a run (DP included) is reproducible, resumes bit for
+  bit, and engines can be compared.
+- Accounting: a round whose strategy returned no model (Bulyan with fewer than 4f + 3 replies, every
+  reply left out) reports ``num_aggregated=0`` and why in ``RoundMetrics.skipped``.
 - Safety: an aggregate with a non-finite value is rejected (the global model stays as it was, the reason
   is logged) - the server never adopts a NaN.
 - Resume: after every completed round the server state (round, global arrays, the strategy object with
   its own state such as server-optimiser moments or SCAFFOLD's c, metrics, and the in-process engine's
   per-client state) is written to ``checkpoint`` atomically (temporary file, fsync, rename); a later call
-  with the same checkpoint starts after the last completed round.
+  with the same checkpoint starts after the last completed round. The checkpoint records what run it
+  belongs to (strategy, task, seed, node count, array names and shapes); resuming another run is refused
+  with a :class:`~tilestack.errors.FederatedError` naming what differs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import os
 import pickle
 import random
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +42,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import Strategy
 
+from tilestack.errors import FederatedError
 from tilestack.federated import codec
 from tilestack.federated.evaluation import Evaluator
 from tilestack.federated.grid import ManagedGrid
@@ -41,6 +50,7 @@ from tilestack.federated.metrics import History, RoundMetrics, fairness
 
 log = logging.getLogger("tilestack.federated")
 ROUND_SEED_STRIDE = 1_000_003
+AGGREGATE_PHASE = 2  # seeds of phases 0 (configure train) and 1 (configure evaluate) come from _round_seed
 
 
 @dataclasses.dataclass
@@ -54,15 +64,76 @@ def _round_seed(seed: int, server_round: int, phase: int) -> int:
     return (seed * ROUND_SEED_STRIDE + server_round) * 2 + phase
 
 
+def _seed_global_rngs(seed: int, server_round: int, phase: int) -> None:
+    """Seed Python's ``random`` (Flower's node sampling) and ``np.random`` (Flower's DP noise)."""
+    if phase == AGGREGATE_PHASE:  # a stream apart from the configure phases' (their formula predates it)
+        x = int(np.random.SeedSequence([seed, server_round, phase]).generate_state(1)[0])
+    else:
+        x = _round_seed(seed, server_round, phase)
+    random.seed(x)
+    np.random.seed(x % 2**32)
+
+
+def strategy_name(strategy: Strategy) -> str:
+    """The strategy's class, with those of the strategies it wraps: ``Selected(Scaffold)``."""
+    inner = getattr(strategy, "inner", None) or getattr(strategy, "strategy", None)
+    name = type(strategy).__name__
+    return f"{name}({strategy_name(inner)})" if isinstance(inner, Strategy) else name
+
+
+def run_signature(strategy: Strategy, grid: ManagedGrid, arrays: ArrayRecord, seed: int) -> dict:
+    """What a checkpoint must agree on with the run that resumes it."""
+    return {
+        "strategy": strategy_name(strategy),
+        "task": grid.task.to_json(),
+        "seed": seed,
+        "nodes": len(list(grid.get_node_ids())),
+        "arrays": {k: list(v.shape) for k, v in arrays.items()},
+    }
+
+
+def check_signature(saved: dict | None, now: dict, path: Path) -> None:
+    if saved is None:
+        raise FederatedError(f"checkpoint={str(path)!r} records no run signature; expected one written by this version")
+    diff = [k for k in now if saved.get(k) != now[k]]
+    if diff:
+        lines = "; ".join(f"{k}: checkpoint has {_short(saved.get(k))}, this run has {_short(now[k])}" for k in diff)
+        raise FederatedError(f"checkpoint={str(path)!r} belongs to another run ({lines}); expected the same run")
+
+
+def _short(v, limit: int = 160) -> str:
+    text = repr(v)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def skip_reason(strategy: Strategy, num_replies: int) -> str:
+    """Why ``strategy`` returned no model from ``num_replies`` replies."""
+    if num_replies == 0:
+        return "no replies to aggregate"
+    f = getattr(strategy, "num_malicious_nodes", None)
+    if type(strategy).__name__ == "Bulyan" and f is not None and num_replies < 4 * f + 3:
+        return f"Bulyan needs >= 4f+3 = {4 * f + 3} replies (f={f}), got {num_replies}"
+    return f"{strategy_name(strategy)}.aggregate_train returned no model from {num_replies} replies"
+
+
 def _finite(arrays: ArrayRecord) -> bool:
     return all(np.all(np.isfinite(codec.decode(a))) for a in arrays.values())
+
+
+class _Pickler(pickle.Pickler):
+    """Pickles a module by its name (Flower's RDP accountant keeps the modules it computes with)."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, types.ModuleType):
+            return importlib.import_module, (obj.__name__,)
+        return NotImplemented
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write ``state`` so that ``path`` always holds a complete checkpoint (temporary file, fsync, rename)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
+        _Pickler(f, protocol=pickle.HIGHEST_PROTOCOL).dump(state)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -99,8 +170,11 @@ def run_rounds(
         raise TypeError(f"run_rounds: grid is a {type(grid).__name__}; expected a ManagedGrid")
     ckpt = Path(checkpoint) if checkpoint is not None else None
     arrays, history, first = initial_arrays, History(), 1
+    grid.get_node_ids()  # the roll call, before any seeding: it may draw random numbers on some engines
+    signature = run_signature(strategy, grid, initial_arrays, seed)
     if ckpt is not None and ckpt.exists():
         state = load_checkpoint(ckpt)
+        check_signature(state.get("signature"), signature, ckpt)
         arrays = ArrayRecord(state["arrays"])
         strategy.__dict__.update(state["strategy"].__dict__)
         history = History.from_dict(state["history"])
@@ -108,36 +182,44 @@ def run_rounds(
             grid.inner.load_state_dict(state["grid_state"])
         first = state["round"] + 1
         log.info("resuming after round %d from %s", state["round"], ckpt)
-    grid.get_node_ids()  # the roll call, before any seeding: it may draw random numbers on some engines
     done_now = 0
     for r in range(first, num_rounds + 1):
         if stop_after is not None and done_now >= stop_after:
             break
         t0 = time.perf_counter()
         grid.server_round = r
-        random.seed(_round_seed(seed, r, 0))
+        _seed_global_rngs(seed, r, 0)
         messages = strategy.configure_train(r, arrays, ConfigRecord(dict(train_config or {})), grid)
-        replies = grid.send_and_receive(messages, timeout=timeout)
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        # DP noise is drawn here, after the clients ran (in this process or not)
+        _seed_global_rngs(seed, r, AGGREGATE_PHASE)
+        skipped = ""
         try:
             new_arrays, _ = strategy.aggregate_train(r, replies)
+            if new_arrays is None:
+                skipped = skip_reason(strategy, len(replies))
         except InconsistentMessageReplies as ex:
-            log.warning("round %d: aggregation skipped: %s", r, ex)
-            new_arrays = None
+            new_arrays, skipped = None, f"inconsistent replies: {ex}"
         if new_arrays is not None and not _finite(new_arrays):
-            log.warning("round %d: aggregate has non-finite values; the global model is kept", r)
-            new_arrays = None
+            new_arrays, skipped = None, "the aggregate has non-finite values; the global model is kept"
+        if skipped:
+            log.warning("round %d: aggregation skipped: %s", r, skipped)
         if new_arrays is not None:
             arrays = new_arrays
-        random.seed(_round_seed(seed, r, 1))
+        _seed_global_rngs(seed, r, 1)
         eval_messages = strategy.configure_evaluate(r, arrays, ConfigRecord(dict(evaluate_config or {})), grid)
         eval_replies = grid.send_and_receive(eval_messages, timeout=timeout)
         strategy.aggregate_evaluate(r, eval_replies)
         rlog = grid.take_round_log()
+        client_accs = [float(c["eval-acc"]) for c in rlog["client_metrics"] if "eval-acc" in c]
+        if not client_accs and evaluator is not None:  # no federated evaluation: the server scores each client
+            client_accs = evaluator.client_accuracies(arrays)
         m = RoundMetrics(
             round=r,
-            client_acc=fairness([float(c["eval-acc"]) for c in rlog["client_metrics"] if "eval-acc" in c]),
+            client_acc=fairness(client_accs),
             num_selected=rlog["selected"],
-            num_aggregated=rlog["aggregated"],
+            num_aggregated=0 if skipped else rlog["aggregated"],
+            skipped=skipped,
             steps_done=rlog["steps_done"],
             steps_full=rlog["steps_full"],
             bytes_down=rlog["bytes_down"],
@@ -162,6 +244,7 @@ def run_rounds(
                     "strategy": strategy,
                     "history": history.to_dict(),
                     "grid_state": grid_state,
+                    "signature": signature,
                 },
             )
         if on_round is not None:

@@ -34,6 +34,7 @@ class Evaluator:
         self.x_test = np.concatenate([p[2] for p in parts])
         self.y_test = np.concatenate([p[3] for p in parts])
         self.parts = parts
+        self._bounds = np.cumsum([0] + [len(p[3]) for p in parts])  # client i's test rows: bounds[i]:bounds[i+1]
 
     def __call__(self, arrays: ArrayRecord) -> tuple[float, float, float]:
         params: Params = codec.to_numpy(arrays)
@@ -44,9 +45,24 @@ class Evaluator:
         train_loss, _ = evaluate(model, params, self.x_train, self.y_train)
         return test_loss, test_acc, train_loss
 
+    def client_accuracies(self, arrays: ArrayRecord) -> list[float]:
+        """Test accuracy of the global model on each evaluated client's own test split (the fairness
+        distribution when no federated evaluation ran); under IFCA each client's best cluster model."""
+        params: Params = codec.to_numpy(arrays)
+        if any(CLUSTER_SEP in k for k in params):
+            clusters = _split_clusters(params, _num_clusters(params))
+            out = []
+            for x, y, xt, yt in self.parts:
+                best = clusters[int(np.argmin([evaluate(_model_for(self.task, p), p, x, y)[0] for p in clusters]))]
+                out.append(evaluate(_model_for(self.task, best), best, xt, yt)[1])
+            return out
+        z = _model_for(self.task, params).logits(params, self.x_test, train=False)  # (N_test, C)
+        hits = (z.argmax(axis=1) == self.y_test).astype(np.float64)
+        b = self._bounds
+        return [float(hits[b[i] : b[i + 1]].mean()) for i in range(len(self.parts)) if b[i + 1] > b[i]]
+
     def _per_client_best(self, params: Params) -> tuple[float, float, float]:
-        k = 1 + max(int(name.partition(CLUSTER_SEP)[0].removeprefix("cluster")) for name in params)
-        clusters = _split_clusters(params, k)
+        clusters = _split_clusters(params, _num_clusters(params))
         n_test = n_train = 0
         test_loss = test_hits = train_loss = 0.0
         for x, y, xt, yt in self.parts:
@@ -56,3 +72,7 @@ class Evaluator:
             test_loss, test_hits, n_test = test_loss + loss * len(yt), test_hits + acc * len(yt), n_test + len(yt)
             train_loss, n_train = train_loss + min(scores) * len(y), n_train + len(y)
         return test_loss / n_test, test_hits / n_test, train_loss / n_train
+
+
+def _num_clusters(params: Params) -> int:
+    return 1 + max(int(name.partition(CLUSTER_SEP)[0].removeprefix("cluster")) for name in params)

@@ -15,15 +15,18 @@ SuperLink grid) and stays a ``Grid``, so the same strategy objects run over it:
   :class:`SystemModel` (``tilestack.work``); dropped-out or timed-out clients are not asked;
   ``stragglers="drop"`` leaves out clients that cannot finish (FedAvg in the FedProx paper),
   ``"partial"`` keeps their partial work.
-- Faults: a reply that is an error (crash), arrives late (timeout), carries a non-finite value or an
-  array of the wrong shape is left out with its reason logged; the round goes on with the rest.
+- Faults: a reply that is an error (crash), arrives late (timeout), lacks its MetricRecord, misses an
+  array or carries an extra one, carries a non-finite value or an array of the wrong shape is left out
+  with its reason logged; the round goes on with the rest (which Flower's strategies would refuse whole).
 - Accounting: bytes each way (array payloads), simulated round time (slowest kept client, or deadline).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
+from collections import Counter
 from collections.abc import Iterable
 
 import numpy as np
@@ -32,7 +35,14 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from tilestack.federated import codec
-from tilestack.federated.client import CLUSTER_SEP, PARTITION_METRIC, SCAFFOLD_DC_PREFIX, WORK_KEY
+from tilestack.federated.client import (
+    CLUSTER_SEP,
+    LOCAL_PREFIX_KEY,
+    PARTITION_METRIC,
+    SCAFFOLD_C,
+    SCAFFOLD_DC_PREFIX,
+    WORK_KEY,
+)  # fmt: skip
 from tilestack.federated.system import SystemModel
 from tilestack.federated.task import Task
 
@@ -51,23 +61,74 @@ def _canonical(name: str) -> str:
     return name.rpartition(CLUSTER_SEP)[2].removeprefix(SCAFFOLD_DC_PREFIX)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+REASON_CHARS = 200
+
+
+def error_reason(text: str) -> str:
+    """A client error's reason in one clean line: ANSI colour codes removed, and of a traceback (Ray wraps
+    the client's exception in its own, chained) only the first exception line with a message, the cause."""
+    lines = [ln.strip() for ln in _ANSI.sub("", text).strip().splitlines() if ln.strip()]
+    if not lines:
+        return "(no reason given)"
+    exc = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt): *\S", ln)]
+    return (exc[0] if exc else lines[-1])[:REASON_CHARS]
+
+
+def expected_train_keys(sent: RecordDict) -> set[str]:
+    """Array names a correct ClientApp sends back for the TRAIN content ``sent``: the model's names (one
+    model under IFCA, whose ``cluster{j}/`` prefix the client drops), less FedBN's local layers, plus
+    SCAFFOLD's ``scaffold.dc.*`` control-variate changes."""
+    prefix = str(sent["config"].get(LOCAL_PREFIX_KEY, "")) if "config" in sent.config_records else ""
+    keys = {
+        k.rpartition(CLUSTER_SEP)[2]
+        for name, rec in sent.array_records.items()
+        if name != SCAFFOLD_C
+        for k in rec
+    }
+    keys = {k for k in keys if not (prefix and k.startswith(prefix))}
+    if SCAFFOLD_C in sent.array_records:
+        keys |= {SCAFFOLD_DC_PREFIX + k for k in sent[SCAFFOLD_C]}
+    return keys
+
+
 def check_reply(sent: RecordDict, reply: Message) -> str:
-    """Why ``reply`` must be left out ('' when it is fine): error, non-finite value, wrong shape."""
+    """Why ``reply`` must be left out ('' when it is fine): an error; no (or more than one) MetricRecord;
+    for TRAIN, not exactly one ArrayRecord or missing or extra arrays; a wrong shape; a non-finite value."""
     if reply.has_error():
-        return f"error: {reply.error.reason.strip()[:200]}"
+        return f"error: {error_reason(reply.error.reason)}"
+    content, kind = reply.content, reply.metadata.message_type
+    if kind in (MessageType.TRAIN, MessageType.EVALUATE) and len(content.metric_records) != 1:
+        return f"metrics: {len(content.metric_records)} MetricRecords in the reply, expected 1"
+    if kind == MessageType.TRAIN:
+        if len(content.array_records) != 1:
+            return f"keys: {len(content.array_records)} ArrayRecords in the reply, expected 1"
+        got = {k for rec in content.array_records.values() for k in rec}
+        want = expected_train_keys(sent)
+        if missing := sorted(want - got):
+            return f"keys: missing {missing[:5]}"
+        if extra := sorted(got - want):
+            return f"keys: unexpected {extra[:5]}"
+        metrics = next(iter(content.metric_records.values()))
+        if "num-examples" not in metrics:
+            return "metrics: no 'num-examples'"
     shapes = {_canonical(k): a.shape for rec in sent.array_records.values() for k, a in rec.items()}
-    for rec in reply.content.array_records.values():
+    for rec in content.array_records.values():
         for k, a in rec.items():
-            want = shapes.get(_canonical(k))
-            if want is not None and tuple(a.shape) != tuple(want):
-                return f"shape: {k} is {tuple(a.shape)}, expected {tuple(want)}"
+            want_shape = shapes.get(_canonical(k))
+            if want_shape is not None and tuple(a.shape) != tuple(want_shape):
+                return f"shape: {k} is {tuple(a.shape)}, expected {tuple(want_shape)}"
             if not np.all(np.isfinite(codec.decode(a))):
                 return f"non-finite: {k}"
-    for rec in reply.content.metric_records.values():
+    for rec in content.metric_records.values():
         for k, v in rec.items():
             if not np.all(np.isfinite(np.asarray(v, np.float64))):
                 return f"non-finite metric: {k}"
     return ""
+
+
+def _metric_keys(reply: Message) -> frozenset[str]:
+    return frozenset(next(iter(reply.content.metric_records.values())).keys())
 
 
 class ManagedGrid(Grid):
@@ -197,18 +258,25 @@ class ManagedGrid(Grid):
         for nid in sent:
             if nid not in answered:
                 self._exclude(self.partition_of[nid], f"timeout: no reply within {timeout} s")
-        kept = []
+        checked = []  # (reply, partition id, content sent, steps) of replies that passed check_reply
         for reply in replies:
             nid = reply.metadata.src_node_id
             pid = self.partition_of[nid]
             content, steps = sent[nid]
-            why = check_reply(content, reply)
-            if not why and reply.metadata.message_type == MessageType.TRAIN:
-                metrics = next(iter(reply.content.metric_records.values()))
-                steps = int(metrics.get("num-steps", steps))
-            if why:
+            if why := check_reply(content, reply):
                 self._exclude(pid, why)
+            else:
+                checked.append((reply, pid, content, steps))
+        # Flower aggregates only when every reply's MetricRecord has the same keys: the odd ones out go.
+        common = Counter(_metric_keys(r) for r, *_ in checked).most_common(1)
+        kept = []
+        for reply, pid, content, steps in checked:
+            if _metric_keys(reply) != common[0][0]:
+                diff = sorted(_metric_keys(reply) ^ common[0][0])
+                self._exclude(pid, f"metrics: keys {diff[:5]} differ from the other replies'")
                 continue
+            if reply.metadata.message_type == MessageType.TRAIN:
+                steps = int(next(iter(reply.content.metric_records.values())).get("num-steps", steps))
             up = payload_bytes(reply.content)
             self._log["bytes_up"] += up
             if is_train:

@@ -56,7 +56,10 @@ class RoundMetrics:
     sim_time: float = 0.0
     wall_time: float = 0.0
     excluded: dict[str, str] = dataclasses.field(default_factory=dict)
-    """partition id -> reason the client was left out (dropout, timeout, crash, nan, shape, straggler)."""
+    """partition id -> reason the client was left out (dropout, timeout, crash, nan, shape, keys, metrics,
+    straggler)."""
+    skipped: str = ""
+    """Why the round aggregated nothing and kept the global model ('' when it aggregated)."""
     extra: dict[str, float] = dataclasses.field(default_factory=dict)
     """Strategy-specific numbers (epsilon of DP, cluster purity, ...)."""
 

@@ -14,6 +14,10 @@ Datasets (all generated locally, no downloads):
 - ``blobs``: a Gaussian-mixture classification set of ``num_samples`` points split by ``partitioner``
   (``iid``, ``dirichlet`` with ``partition_alpha``, ``shards`` with ``classes_per_client``, ``quantity``);
   ``feature_shift`` > 0 gives every client its own affine distortion of the features (FedBN's setting).
+- ``digits``: scikit-learn's 8x8 handwritten digits (1,797 images, shipped with the package), split by
+  ``partitioner`` as ``blobs`` is.
+- ``file``: a user's own data, ``data_path`` to an ``.npz`` (``x``, ``y``) or a ``.csv`` (label last),
+  split by ``partitioner``.
 - ``clustered``: ``groups`` planted groups; clients of group g label x ~ N(0, I) by their own teacher W_g,
   so one global model cannot fit them all (client i is in group i % groups).
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -30,11 +35,12 @@ from tilestack.federated import partition
 from tilestack.federated.models import MLP, Model, Params, SoftmaxRegression
 from tilestack.federated.synthetic import Synthetic
 
-DATASETS = ("synthetic", "blobs", "clustered")
+DATASETS = ("synthetic", "blobs", "clustered", "digits", "file")
+DIGITS_MAX = 16.0  # scikit-learn's digits are 8x8 images of 0..16
 PARTITIONERS = ("iid", "dirichlet", "shards", "quantity")
 MODELS = ("logreg", "mlp")
 ATTACKS = ("signflip", "noise")
-FAULTS = ("crash", "nan", "shape", "slow")
+FAULTS = ("crash", "nan", "shape", "slow", "missing", "extra", "nometrics")
 TEST_FRACTION = 0.2
 BLOB_SEPARATION = 1.5  # std of the class means, in units of the within-class std
 
@@ -60,6 +66,8 @@ class Task:
     feature_shift: float = 0.0
     separation: float = BLOB_SEPARATION
     """Std of the class means in units of the within-class std (smaller: harder)."""
+    # file: a user's own dataset (see load_file), split like blobs
+    data_path: str = ""
     # clustered
     groups: int = 2
     samples_per_client: int = 200
@@ -78,7 +86,8 @@ class Task:
     attack: str = "signflip"
     attack_scale: float = 10.0
     faults: tuple[tuple[int, str], ...] = ()
-    """(partition id, kind) pairs: kind in FAULTS. 'slow' sleeps ``slow_seconds`` before replying."""
+    """(partition id, kind) pairs: kind in FAULTS. 'slow' sleeps ``slow_seconds`` before replying; 'missing'
+    drops an array from the reply, 'extra' adds one, 'nometrics' sends no MetricRecord."""
     slow_seconds: float = 5.0
 
     def __post_init__(self) -> None:
@@ -107,6 +116,9 @@ class Task:
             raise bad("local_steps", ">= 1 or None")
         if not self.separation > 0:
             raise bad("separation", "> 0")
+        readable = Path(self.data_path).is_file() and self.data_path.endswith((".npz", ".csv"))
+        if self.dataset == "file" and not readable:
+            raise ValueError(f"Task: data_path={self.data_path!r} is not a file; expected an .npz (x, y) or a .csv")
         if self.dataset == "clustered" and not 1 <= self.groups <= self.num_clients:
             raise bad("groups", f"in [1, num_clients={self.num_clients}]")
         for pid, kind in self.faults:
@@ -127,10 +139,14 @@ class Task:
     # ---- data ---------------------------------------------------------------------------------------
     @property
     def features(self) -> int:
+        if self.dataset in ("digits", "file"):
+            return _pooled(self)[0].shape[1]
         return 60 if self.dataset == "synthetic" else self.num_features
 
     @property
     def classes(self) -> int:
+        if self.dataset in ("digits", "file"):
+            return int(_pooled(self)[1].max()) + 1
         return 10 if self.dataset == "synthetic" else self.num_classes
 
     def _synthetic(self) -> Synthetic:
@@ -198,20 +214,69 @@ def _split(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 @functools.lru_cache(maxsize=8)
-def _blobs(task: Task) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+def _pooled(task: Task) -> tuple[np.ndarray, np.ndarray]:
+    """All examples of a pooled dataset, ``x`` (N, D) float32 and ``y`` (N,) int64 in [0, C)."""
+    if task.dataset == "digits":
+        from sklearn.datasets import load_digits  # ships with scikit-learn: no download
+
+        d = load_digits()
+        x = (d.data / DIGITS_MAX).astype(np.float32)  # (1797, 64), pixels in [0, 1]
+        order = np.random.default_rng([task.seed, 4]).permutation(len(d.target))
+        return x[order], d.target.astype(np.int64)[order]
+    if task.dataset == "file":
+        return load_file(task.data_path)
     rng = np.random.default_rng([task.seed, 3])
     means = rng.normal(0, task.separation, (task.num_classes, task.num_features))  # (C, D)
     y = rng.integers(0, task.num_classes, task.num_samples)
     x = (means[y] + rng.normal(0, 1, (task.num_samples, task.num_features))).astype(np.float32)
+    return x, y
+
+
+@functools.lru_cache(maxsize=8)
+def _blobs(task: Task) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    x, y = _pooled(task)
+    n = len(y)
     if task.partitioner == "dirichlet":
         parts = partition.dirichlet(y, task.num_clients, task.partition_alpha, seed=task.seed, min_size=2)
     elif task.partitioner == "shards":
         parts = partition.shards(y, task.num_clients, task.classes_per_client, seed=task.seed)
     elif task.partitioner == "quantity":
-        parts = partition.quantity_skew(task.num_samples, task.num_clients, seed=task.seed, min_size=2)
+        parts = partition.quantity_skew(n, task.num_clients, seed=task.seed, min_size=2)
     else:
-        parts = partition.quantity_skew(task.num_samples, task.num_clients, sigma=0.0, seed=task.seed, min_size=2)
+        parts = partition.quantity_skew(n, task.num_clients, sigma=0.0, seed=task.seed, min_size=2)
     return x, y, parts
+
+
+@functools.lru_cache(maxsize=8)
+def load_file(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """A user's dataset: ``.npz`` with arrays ``x`` (N, D) and ``y`` (N,), or ``.csv`` of numbers whose last
+    column is the label (a first line that is not numeric is a header). Labels become 0..C-1."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"Task: data_path={path!r} is not a file; expected an .npz (x, y) or a .csv")
+    if p.suffix == ".npz":
+        with np.load(p) as f:
+            if "x" not in f or "y" not in f:
+                raise ValueError(f"Task: data_path={path!r} holds {sorted(f.files)}; expected arrays 'x' and 'y'")
+            x, y = np.asarray(f["x"]), np.asarray(f["y"])
+    elif p.suffix == ".csv":
+        first = p.read_text().split("\n", 1)[0]
+        try:
+            [float(v) for v in first.split(",")]
+            skip = 0
+        except ValueError:
+            skip = 1
+        table = np.loadtxt(p, delimiter=",", skiprows=skip, ndmin=2)
+        x, y = table[:, :-1], table[:, -1]
+    else:
+        raise ValueError(f"Task: data_path={path!r}; expected a .npz or .csv file")
+    x = x.reshape(len(x), -1).astype(np.float32)
+    if len(x) != len(y) or len(y) < 2:
+        raise ValueError(f"Task: data_path={path!r} has {len(x)} rows of x and {len(y)} labels; expected equal, >= 2")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"Task: data_path={path!r} has non-finite features; expected finite numbers")
+    _, y = np.unique(y, return_inverse=True)
+    return x, y.astype(np.int64)
 
 
 def _blobs_client(task: Task, pid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

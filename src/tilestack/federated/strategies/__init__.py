@@ -73,6 +73,11 @@ def make_strategy(
         return fl.MultiKrum(**common, num_malicious_nodes=num_malicious,
                             num_nodes_to_select=max(1, clients_per_round - num_malicious))  # fmt: skip
     if name == "bulyan":
+        if clients_per_round < 4 * num_malicious + 3:
+            raise ValueError(
+                f"make_strategy: clients_per_round={clients_per_round} with num_malicious={num_malicious}; "
+                f"Bulyan expects clients_per_round >= 4 * num_malicious + 3 = {4 * num_malicious + 3}"
+            )
         return fl.Bulyan(**common, num_malicious_nodes=num_malicious)
     if name == "dp-fedavg":
         inner = fl.FedAvg(**common, weighted_by_key=UNIT_WEIGHT)

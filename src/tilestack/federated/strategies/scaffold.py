@@ -41,7 +41,8 @@ class Scaffold(FedAvg):
         self._x = to_numpy(arrays)
         if self.c is None:
             self.c = {k: np.zeros_like(v) for k, v in self._x.items()}
-        self._population = len(list(grid.get_node_ids()))
+        # N of |S| / N is every node, also when a selector shows this strategy only the chosen ones.
+        self._population = getattr(grid, "population", None) or len(list(grid.get_node_ids()))
         messages = list(super().configure_train(server_round, arrays, config, grid))
         c_record = to_record(self.c)
         return [with_content(m, RecordDict({**m.content, SCAFFOLD_C: c_record})) for m in messages]

@@ -40,6 +40,11 @@ class SubsetGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self._ids)
 
+    @property
+    def population(self) -> int:
+        """How many nodes the wrapped grid holds (SCAFFOLD's N), not how many this view lists."""
+        return len(list(self._grid.get_node_ids()))
+
     def set_run(self, run) -> None:
         self._grid.set_run(run)
 
