@@ -173,8 +173,9 @@ def _dkdv(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale, *, D: int, DV: int | Non
                  empty_rows=Bias is not None or shift is not None, Bias=Bias, bias=bias, j=j, BM=BM, BN=BN)
     for g in ts.range(group):
         h = hk * group + g
-        for i in ts.range(first, full):          # the causal diagonal (and maybe the ragged last query block)
-            _dkdv_block(i, h, masked=True, diagonal=True, **tiles)
+        if causal:                               # the diagonal (and maybe the ragged last query block)
+            for i in ts.range(first, full):
+                _dkdv_block(i, h, masked=True, diagonal=True, **tiles)
         for i in ts.range(full, tail):
             _dkdv_block(i, h, masked=False, diagonal=False, **tiles)
         for i in ts.range(tail, n_q_blocks):     # the ragged last query block, past the diagonal
