@@ -13,11 +13,11 @@ import math
 
 from tilestack.errors import MemorySpaceError, TileDTypeError, TileShapeError, TraceError
 from tilestack.ir.ops import Op
-from tilestack.ir.types import Space, TileType, bf16, bool_, f16, f32, f64, i32, i64
+from tilestack.ir.types import Space, TileType, bf16, bool_, f8e4m3, f16, f32, f64, i32, i64
 from tilestack.lang.tiles import GlobalTensor, Tile, as_index, as_scalar
 from tilestack.lang.trace import current, user_line, user_name
 
-_MMA_INPUTS = (bf16, f16, f32)
+_MMA_INPUTS = (bf16, f16, f32, f8e4m3)   # f8e4m3: the fp8 tensor cores (tilestack.quant)
 
 
 def _name(t) -> str:

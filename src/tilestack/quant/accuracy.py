@@ -1,0 +1,71 @@
+"""What quantization costs in accuracy: the quantized model's outputs against the float model's, and the test
+accuracy of a classifier trained here on a small real dataset (scikit-learn's 8x8 digits, shipped with it).
+
+    qmodel = tilestack.quantize(copy.deepcopy(model), "int8")
+    accuracy_cost(model, qmodel, batches)   # {"max_rel_err": ..., "mean_rel_err": ..., "top1_agree": ...}
+    model, (x_test, y_test) = digits_classifier()
+    top1(model, x_test, y_test)             # test accuracy in [0, 1]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_PIXEL_MAX = 16.0            # the digits set's pixels are 0..16
+
+
+def _outputs(model: nn.Module, batch) -> torch.Tensor:
+    with torch.no_grad():
+        if isinstance(batch, torch.Tensor):
+            return model(batch).float()
+        return model(*batch).float()
+
+
+def accuracy_cost(model: nn.Module, qmodel: nn.Module, batches) -> dict[str, float]:
+    """The quantized model's outputs against the float model's over ``batches`` (inputs as for ``model``):
+    the largest and the mean of |yq - y| / max|y| per batch, and the fraction of rows whose argmax over the
+    last dim agrees (top-1 for logits)."""
+    worst, total, agree, rows, n = 0.0, 0.0, 0, 0, 0
+    for batch in batches:
+        y, yq = _outputs(model, batch), _outputs(qmodel, batch)
+        rel = float((yq - y).abs().max() / y.abs().max().clamp_min(1e-30))
+        worst, total, n = max(worst, rel), total + rel, n + 1
+        agree += int((yq.argmax(-1) == y.argmax(-1)).sum())
+        rows += y.numel() // y.shape[-1]
+    return {"max_rel_err": worst, "mean_rel_err": total / max(n, 1), "top1_agree": agree / max(rows, 1)}
+
+
+def digits_data(seed: int = 0):
+    """((x_train, y_train), (x_test, y_test)): the digits set, pixels scaled to [0, 1], a fixed 80/20 split."""
+    from sklearn.datasets import load_digits  # ships with scikit-learn: no download
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / DIGITS_PIXEL_MAX       # (1797, 64)
+    y = torch.tensor(d.target, dtype=torch.int64)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    x, y = x[order], y[order]
+    n_test = int(round(DIGITS_TEST_FRACTION * len(y)))
+    return (x[n_test:], y[n_test:]), (x[:n_test], y[:n_test])
+
+
+def digits_classifier(hidden: int = 128, steps: int = 300, seed: int = 0):
+    """(model, (x_test, y_test)): a two-hidden-layer MLP trained on the digits training split with full-batch
+    Adam (a few seconds on a CPU)."""
+    (x, y), test = digits_data(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                          nn.Linear(hidden, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), test
+
+
+def top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(-1) == y).float().mean())

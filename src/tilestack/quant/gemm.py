@@ -1,0 +1,179 @@
+"""Quantized GEMMs for linear layers, written in the tile language: y = x @ W^T with W stored in 8 bits, one
+f32 scale per output channel (a row of W), applied to the f32 accumulator with the bias in the epilogue.
+
+    q, s = quantize_weight(w, "int8")                 # w: (N, K) float -> q: (N, K) int8, s: (N,) f32
+    y = quantized_linear(x, q, s, bias)               # weight-only: x (M, K) f32/bf16/f16 -> (M, N), x's dtype
+    q, s = quantize_weight(w, "fp8")                  # q: (N, K) float8_e4m3fn
+    y = quantized_linear(x, q, s, bias, x_scale=0.02) # fp8 weights and activations: x -> fp8 (x / x_scale)
+
+Weight-only (int8 or fp8): a W tile is loaded in 8 bits and widened to x's dtype in shared memory (exact:
+an int8 or an E4M3 value is a bf16 value), then multiplied on the matrix units as usual; the memory traffic of
+the weights halves against bf16. Weights and activations in fp8: x is quantized by ``quantize_fp8_kernel``
+(x / x_scale, clamped to +-448, rounded to E4M3) and both operands of the mma are fp8 (the H100/H200 fp8
+tensor cores, twice bf16's rate); the accumulator is scaled by x_scale * s[n].
+
+Programs walk the output in groups of GROUP_M block-rows, as ``tilestack.kernels.gemm``.
+"""
+
+from __future__ import annotations
+
+import tilestack.lang as ts
+from tilestack.errors import LaunchError
+from tilestack.ir.types import F8E4M3_MAX
+from tilestack.kernels._checks import check_same_device, check_tensor, nothing_to_launch
+
+INT8_MAX = 127                                       # symmetric int8: [-127, 127], zero exactly representable
+MODES = ("int8", "fp8")
+
+
+def _grid(X, W, BM, BN):
+    return (ts.cdiv(X.shape[0], BM) * ts.cdiv(W.shape[0], BN),)
+
+
+@ts.kernel(grid=_grid)
+def qgemm_kernel(X, W, S, Bias, Y, x_scale: float, *,
+                 BM: int = ts.tunable(128, (16, 32, 64, 128, 256)),
+                 BN: int = ts.tunable(128, (16, 32, 64, 128, 256)),
+                 BK: int = ts.tunable(64, (16, 32, 64, 128)),
+                 GROUP_M: int = ts.tunable(8, (1, 4, 8, 16)),
+                 num_warps: int = ts.tunable(8, (4, 8)),
+                 num_stages: int = ts.tunable(3, (1, 2, 3, 4, 5)),
+                 HAS_BIAS: bool = False):
+    # X: (M, K) f32/bf16/f16, or fp8 when W is fp8 too; W: (N, K) int8 or fp8; S: (N,) f32; Bias: (N,), read
+    # only with HAS_BIAS; Y: (M, N). Y = x_scale * (X @ W^T) * S[None, :] + Bias
+    M, K = X.shape
+    N = W.shape[0]
+    pid = ts.block_id(0)
+    tiles_m, tiles_n = ts.cdiv(M, BM), ts.cdiv(N, BN)
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    rows_in_group = ts.smin(tiles_m - first_m, GROUP_M)
+    i = first_m + (pid % (GROUP_M * tiles_n)) % rows_in_group
+    j = (pid % (GROUP_M * tiles_n)) // rows_in_group
+
+    acc = ts.RegTile[ts.f32, BM, BN]()
+    a = ts.SharedTile[X.dtype, BM, BK]()
+    w = ts.SharedTile[W.dtype, BN, BK]()
+    widen = X.dtype != W.dtype                       # weight-only: W widened to X's dtype before the mma
+    wx = ts.SharedTile[X.dtype, BN, BK]() if widen else w
+    ts.zero(acc)
+    for k in ts.range(ts.cdiv(K, BK)):
+        ts.load(a, X, at=(i, k))                     # (BM, BK)
+        ts.load(w, W, at=(j, k))                     # (BN, BK): W's rows are K-major, as fp8 mma wants B
+        if widen:
+            ts.copy(wx, w)
+        ts.mma_ABt(acc, a, wx, acc)
+    s = ts.RegVec[ts.f32, BN]()
+    ts.load(s, S, at=(j,))                           # (BN,) per output channel
+    ts.mul_col(acc, acc, s)
+    ts.mul(acc, acc, x_scale)
+    if HAS_BIAS:
+        b = ts.RegVec[ts.f32, BN]()
+        ts.load(b, Bias, at=(j,))
+        ts.add_col(acc, acc, b)
+    c = ts.RegTile[Y.dtype, BM, BN]()
+    ts.copy(c, acc)
+    ts.store(Y, c, at=(i, j))
+
+
+@ts.kernel(grid=lambda X, BM, BN: (ts.cdiv(X.shape[0], BM), ts.cdiv(X.shape[1], BN)))
+def quantize_fp8_kernel(X, Q, inv_scale: float, *,
+                        BM: int = ts.tunable(32, (8, 16, 32, 64, 128)),
+                        BN: int = ts.tunable(128, (32, 64, 128, 256)),
+                        num_warps: int = ts.tunable(4, (2, 4, 8)),
+                        num_stages: int = ts.tunable(1, (1, 2))):
+    # Q = fp8(clamp(X * inv_scale, -448, 448)); X: (M, K) float, Q: (M, K) fp8 E4M3
+    i, j = ts.block_id(0), ts.block_id(1)
+    x = ts.RegTile[ts.f32, BM, BN]()
+    q = ts.RegTile[ts.f8e4m3, BM, BN]()
+    ts.load(x, X, at=(i, j))
+    ts.mul(x, x, inv_scale)
+    ts.min(x, x, F8E4M3_MAX)                         # saturate: E4M3 has no infinity
+    ts.max(x, x, -F8E4M3_MAX)
+    ts.copy(q, x)
+    ts.store(Q, q, at=(i, j))
+
+
+# ---- plain PyTorch references -----------------------------------------------------------------------------------
+def quantize_weight(w, mode: str):
+    """(q, scale): w (N, K) float quantized per output channel (row) to int8 (symmetric, [-127, 127]) or fp8
+    E4M3, with w ~= q * scale[:, None]. A row of zeros gets scale 1."""
+    import torch
+
+    check_tensor("quantize_weight", "w", w, rank=2, dtypes=(torch.float32, torch.bfloat16, torch.float16))
+    if mode not in MODES:
+        raise LaunchError(f"quantize_weight: mode={mode!r}; expected one of {MODES}")
+    top = INT8_MAX if mode == "int8" else F8E4M3_MAX
+    amax = w.detach().float().abs().amax(dim=1)                          # (N,)
+    scale = torch.where(amax > 0, amax / top, torch.ones_like(amax))
+    ratio = w.detach().float() / scale[:, None]
+    if mode == "int8":
+        q = ratio.round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    else:
+        q = ratio.clamp(-F8E4M3_MAX, F8E4M3_MAX).to(torch.float8_e4m3fn)
+    return q, scale.contiguous()
+
+
+def activation_scale(amax: float) -> float:
+    """The per-tensor fp8 scale for activations whose calibrated largest magnitude is ``amax``."""
+    return float(amax) / F8E4M3_MAX if amax > 0 else 1.0
+
+
+def reference(x, q, scale, bias=None, x_scale=None):
+    """What ``quantized_linear`` computes, in float64 then rounded to x's dtype: the same fp8 rounding of x
+    (through torch's cast) when x_scale is given."""
+    import torch
+
+    xf = x.double()
+    if x_scale is not None:
+        xf = (x.float() / x_scale).clamp(-F8E4M3_MAX, F8E4M3_MAX).to(torch.float8_e4m3fn).double() * x_scale
+    y = xf @ (q.double() * scale.double()[:, None]).T
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(x.dtype)
+
+
+# ---- the public function ----------------------------------------------------------------------------------------
+def quantized_linear(x, q, scale, bias=None, *, x_scale: float | None = None, backend: str | None = None,
+                     **config):
+    """y = x @ (q * scale[:, None])^T + bias for x (M, K) f32/bf16/f16, q (N, K) int8 or float8_e4m3fn, scale
+    (N,) f32, bias (N,) float or None; y in x's dtype. With ``x_scale`` (fp8 q only) x is quantized to fp8
+    first (x / x_scale) and the product runs in fp8 (module docstring). Meta tensors give a meta result."""
+    import math
+
+    import torch
+
+    check_tensor("quantized_linear", "x", x, rank=2, dtypes=(torch.float32, torch.bfloat16, torch.float16))
+    check_tensor("quantized_linear", "q", q, rank=2, dtypes=(torch.int8, torch.float8_e4m3fn))
+    check_tensor("quantized_linear", "scale", scale, rank=1, dtypes=(torch.float32,))
+    if q.shape[1] != x.shape[1]:
+        raise LaunchError(f"quantized_linear: x is {tuple(x.shape)} and q is {tuple(q.shape)}; q.shape[1] must "
+                          "equal x.shape[1] (q is (out_features, in_features))")
+    if scale.shape[0] != q.shape[0]:
+        raise LaunchError(f"quantized_linear: scale has {scale.shape[0]} elements; expected q.shape[0] = "
+                          f"{q.shape[0]} (one per output channel)")
+    if bias is not None:
+        check_tensor("quantized_linear", "bias", bias, rank=1,
+                     dtypes=(torch.float32, torch.bfloat16, torch.float16))
+        if bias.shape[0] != q.shape[0]:
+            raise LaunchError(f"quantized_linear: bias has {bias.shape[0]} elements; expected q.shape[0] = "
+                              f"{q.shape[0]}")
+    if x_scale is not None:
+        if q.dtype != torch.float8_e4m3fn:
+            raise LaunchError(f"quantized_linear: x_scale is for fp8 weights and activations; q is {q.dtype}")
+        if isinstance(x_scale, bool) or not isinstance(x_scale, int | float) or not (
+                math.isfinite(x_scale) and x_scale > 0):
+            raise LaunchError(f"quantized_linear: x_scale must be a finite number > 0, got {x_scale!r}")
+    check_same_device("quantized_linear", x=x, q=q, scale=scale, bias=bias)
+    y = torch.empty(x.shape[0], q.shape[0], dtype=x.dtype, device=x.device)
+    if nothing_to_launch(y, x):
+        return y.zero_() if x.shape[1] == 0 and bias is None else (
+            y.copy_(bias.expand_as(y)) if x.shape[1] == 0 and not nothing_to_launch(y) else y)
+    xin = x
+    if x_scale is not None:
+        xin = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+        quantize_fp8_kernel(x, xin, 1.0 / float(x_scale), backend=backend)
+    cfg = dict(config)
+    qgemm_kernel(xin, q, scale, scale if bias is None else bias, y, float(x_scale or 1.0), backend=backend,
+                 HAS_BIAS=bias is not None, **cfg)
+    return y

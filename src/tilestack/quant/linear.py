@@ -1,0 +1,122 @@
+"""``tilestack.quantize(model, ...)``: post-training quantization of a model's ``nn.Linear`` layers onto the
+quantized GEMMs of ``tilestack.quant.gemm``.
+
+    qmodel = tilestack.quantize(model, "int8")                          # weight-only int8, per-channel scales
+    qmodel = tilestack.quantize(model, "fp8")                           # weight-only fp8 E4M3
+    qmodel = tilestack.quantize(model, "fp8-act", calibration=batches)  # fp8 weights and activations
+    qmodel = tilestack.quantize(model, "int8", skip=("lm_head",))       # leave layers by name
+
+"fp8-act" runs ``model(*batch)`` (or ``model(batch)`` for a tensor) on each calibration batch with the float
+weights, records the largest |input| of every linear layer, and fixes each layer's activation scale at that
+over 448 (static per-tensor scales, as TensorRT's int8 calibration fixes its ranges before deployment).
+
+The model is changed in place (its linear layers become ``QuantLinear``) and returned. ``QuantLinear`` runs
+inference only (no gradients); under ``torch.compile`` it is the ``tilestack::quant_linear`` custom op.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tilestack.errors import LaunchError
+from tilestack.quant.gemm import activation_scale, quantize_weight, quantized_linear
+
+MODES = {"int8": "int8", "fp8": "fp8", "fp8-act": "fp8"}     # mode -> the weights' format
+
+
+@torch.library.custom_op("tilestack::quant_linear", mutates_args=())
+def quant_linear_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                    x_scale: float) -> torch.Tensor:
+    """x (M, K) @ dequantized q^T + bias; x_scale 0 means weight-only."""
+    return quantized_linear(x, q, scale, bias, x_scale=x_scale or None)
+
+
+@quant_linear_op.register_fake
+def _(x, q, scale, bias, x_scale):
+    return x.new_empty((x.shape[0], q.shape[0]))
+
+
+class QuantLinear(nn.Module):
+    """An ``nn.Linear`` with its weight in int8 or fp8 E4M3 and one f32 scale per output channel (buffers
+    ``qweight`` (out, in) and ``scale`` (out,)); ``x_scale`` > 0: the input is quantized to fp8 too."""
+
+    def __init__(self, linear: nn.Linear, mode: str, x_scale: float = 0.0):
+        super().__init__()
+        if mode not in MODES:
+            raise LaunchError(f"QuantLinear: mode={mode!r}; expected one of {tuple(MODES)}")
+        self.in_features, self.out_features, self.mode = linear.in_features, linear.out_features, mode
+        q, s = quantize_weight(linear.weight.detach(), MODES[mode])
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", s)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.x_scale = float(x_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)                              # (M, K)
+        if torch.compiler.is_compiling():
+            y = quant_linear_op(rows, self.qweight, self.scale, self.bias, self.x_scale)
+        else:
+            y = quantized_linear(rows, self.qweight, self.scale, self.bias, x_scale=self.x_scale or None)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        act = f", x_scale={self.x_scale:.4g}" if self.x_scale else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}{act}"
+
+
+def _run(model: nn.Module, batch) -> None:
+    if isinstance(batch, torch.Tensor):
+        model(batch)
+    elif isinstance(batch, dict):
+        model(**batch)
+    else:
+        model(*batch)
+
+
+def calibrate(model: nn.Module, names: list[str], batches) -> dict[str, float]:
+    """The largest |input| of each named linear layer over ``batches`` (float weights, no gradients)."""
+    amax = dict.fromkeys(names, 0.0)
+    hooks = []
+    modules = dict(model.named_modules())
+    for name in names:
+        def record(_mod, args, name=name):
+            amax[name] = max(amax[name], float(args[0].detach().abs().max()))
+        hooks.append(modules[name].register_forward_pre_hook(record))
+    seen = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                _run(model, batch)
+                seen += 1
+    finally:
+        for h in hooks:
+            h.remove()
+    if seen == 0:
+        raise LaunchError("quantize: calibration gave no batches; fp8-act needs sample inputs to fix its "
+                          "activation scales")
+    return amax
+
+
+def quantize(model: nn.Module, mode: str = "int8", *, calibration=None, skip=()) -> nn.Module:
+    """Replace ``model``'s ``nn.Linear`` layers (except those whose qualified name is in ``skip`` or ends with
+    ``.<name in skip>``) by ``QuantLinear`` in ``mode`` ("int8", "fp8" or "fp8-act"); returns the model."""
+    if not isinstance(model, nn.Module):
+        raise LaunchError(f"quantize: model must be a torch.nn.Module, got {type(model).__name__}")
+    if mode not in MODES:
+        raise LaunchError(f"quantize: mode={mode!r}; expected one of {tuple(MODES)}")
+    if mode == "fp8-act" and calibration is None:
+        raise LaunchError("quantize: mode='fp8-act' needs calibration=<an iterable of sample batches>")
+    if mode != "fp8-act" and calibration is not None:
+        raise LaunchError(f"quantize: calibration is for mode='fp8-act'; mode={mode!r} quantizes weights only")
+    skip = tuple(skip)
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and
+             not any(n == s or n.endswith("." + s) for s in skip)]
+    scales = {}
+    if mode == "fp8-act":
+        scales = {n: activation_scale(a) for n, a in calibrate(model, names, calibration).items()}
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, QuantLinear(getattr(parent, attr), mode, scales.get(name, 0.0)))
+    return model
