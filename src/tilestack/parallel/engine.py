@@ -1,0 +1,141 @@
+"""One training loop for every parallel configuration.
+
+    trainer = Trainer(GPT(cfg, seed=0), pc, mesh, lr=1e-3)
+    for step in range(steps):
+        loss = trainer.step(idx, targets)          # the global batch (B, N) on every rank; a float, the same on all
+
+Every rank is given the whole global batch and takes its data-parallel slice (rows [k * B / D, (k + 1) * B / D)
+for data-parallel index k = dp_rank * dp_shard + dp_shard_rank, D = dp * dp_shard), so the same arguments give
+the same run on any layout. The loss is the mean over the global batch, so every layout's gradients equal the
+single-process ones up to rounding. ``forward_backward`` and ``optimizer_step`` are the two halves of ``step``
+(tests read the reduced gradients between them with ``full_grads``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tilestack.parallel.config import ParallelConfig
+from tilestack.parallel.model import GPT, lm_loss
+from tilestack.parallel.parallelize import (
+    all_reduce_gradients,
+    parallelize,
+    trainer_reduces_gradients,
+)
+from tilestack.parallel.zero import ZeroOptimizer
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class Trainer:
+    def __init__(self, model: GPT, pc: ParallelConfig, mesh, *, lr: float = 1e-3, weight_decay: float = 0.1,
+                 betas: tuple[float, float] = (0.9, 0.95)):
+        self.pc, self.mesh, self.cfg = pc, mesh, model.cfg
+        self.device = next(model.parameters()).device
+        self.pp_rank = mesh["pp"].get_local_rank()
+        self.dp_index = mesh["dp"].get_local_rank() * pc.dp_shard + mesh["dp_shard"].get_local_rank()
+        self.parts, self.stage_ids = parallelize(model, pc, mesh)
+        self.params = [p for part in self.parts for p in part.parameters()]
+
+        def make(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+            # foreach kernels reject lists that mix DTensors and plain tensors (TP without SP: plain norms)
+            return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, foreach=False)
+
+        self.zero = ZeroOptimizer(self.params, mesh["dp"].get_group(), stage=pc.zero, make_optimizer=make) \
+            if pc.zero else None
+        self.optimizer = self.zero.optimizer if self.zero else make(self.params)
+        self.schedule = self._pipeline_schedule() if pc.pp > 1 else None
+
+    # ---- pipeline ------------------------------------------------------------------------------------------------
+    def _pipeline_schedule(self):
+        from torch.distributed.pipelining import (
+            PipelineStage,
+            Schedule1F1B,
+            ScheduleGPipe,
+            ScheduleInterleaved1F1B,
+        )
+        group = self.mesh["pp"].get_group()
+        stages = [PipelineStage(part, s, self.pc.n_stages, self.device, group=group)
+                  for part, s in zip(self.parts, self.stage_ids, strict=True)]
+        # loss_fn: the mean over one micro-batch; scale_grads divides the summed gradients by the number of
+        # micro-batches, so they are those of the mean over the whole batch
+        if self.pc.pp_schedule == "interleaved-1f1b":
+            return ScheduleInterleaved1F1B(stages, self.pc.microbatches, loss_fn=lm_loss)
+        cls = ScheduleGPipe if self.pc.pp_schedule == "gpipe" else Schedule1F1B
+        return cls(stages[0], self.pc.microbatches, loss_fn=lm_loss)
+
+    # ---- one step ------------------------------------------------------------------------------------------------
+    def local_batch(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's rows of the global (B, N) batch."""
+        n = idx.shape[0] // self.pc.dp_total
+        rows = slice(self.dp_index * n, (self.dp_index + 1) * n)
+        return idx[rows].to(self.device), targets[rows].to(self.device)
+
+    def forward_backward(self, idx: torch.Tensor, targets: torch.Tensor) -> float:
+        """Loss and reduced gradients of the global batch (B, N); returns the global mean loss on every rank."""
+        self.pc.validate(self.mesh.size(), model=self.cfg, batch=idx.shape[0], seq=idx.shape[1])
+        idx, targets = self.local_batch(idx, targets)
+        if self.schedule is None:
+            loss = lm_loss(self.parts[0](idx), targets)
+            loss.backward()
+            loss = loss.detach()
+        else:
+            first, last = 0 in self.stage_ids, self.pc.n_stages - 1 in self.stage_ids
+            losses: list[torch.Tensor] = []
+            self.schedule.step(*((idx,) if first else ()), target=targets if last else None,
+                               losses=losses if last else None)
+            loss = torch.stack(losses).mean().detach() if last else torch.zeros((), device=self.device)
+            dist.all_reduce(loss, group=self.mesh["pp"].get_group())       # only the last stage's is non-zero
+        self._reduce_gradients()
+        for dim in ("dp", "dp_shard"):                                     # mean over the data-parallel shards
+            if self.mesh[dim].size() > 1:
+                dist.all_reduce(loss, group=self.mesh[dim].get_group())
+        return loss.item() / self.pc.dp_total
+
+    def _reduce_gradients(self) -> None:
+        if self.zero is not None:
+            self.zero.reduce_gradients()
+        elif trainer_reduces_gradients(self.pc):
+            all_reduce_gradients(self.params, self.mesh["dp"].get_group(), comm=self.pc.dp_comm)
+        # else DDP or FSDP2 reduced them during backward (or there is one data-parallel rank)
+
+    def optimizer_step(self) -> None:
+        if self.zero is not None:
+            self.zero.step()
+            self.zero.zero_grad()
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, idx: torch.Tensor, targets: torch.Tensor) -> float:
+        loss = self.forward_backward(idx, targets)
+        self.optimizer_step()
+        return loss
+
+    # ---- whole tensors, for tests and checkpoints ----------------------------------------------------------------
+    def named_parts(self) -> list[tuple[str, nn.Parameter]]:
+        """(name in the full model, parameter) for every parameter this rank holds (DDP's ``module.`` dropped)."""
+        return [(name.removeprefix("module."), p) for part in self.parts for name, p in part.named_parameters()]
+
+    def full_params(self) -> dict[str, torch.Tensor]:
+        """Whole parameters this rank's stages hold (gathered over tp and dp_shard), on the CPU."""
+        return {name: _full(p.detach()).cpu().clone() for name, p in self.named_parts()}
+
+    def full_grads(self) -> dict[str, torch.Tensor]:
+        """Whole reduced gradients (after forward_backward), on the CPU."""
+        named = self.named_parts()
+        if self.zero is not None:
+            from torch.distributed.tensor import DTensor
+            grads = self.zero.full_gradient()
+            out = {}
+            for (name, p), g in zip(named, grads, strict=True):
+                if isinstance(p, DTensor):
+                    g = DTensor.from_local(g, p.device_mesh, p.placements).full_tensor()
+                out[name] = g.cpu().clone()
+            return out
+        return {name: _full(p.grad).cpu().clone() for name, p in named if p.grad is not None}

@@ -1,0 +1,93 @@
+"""Start a process group on this machine and run a function on every rank.
+
+    results = run_local(fn, world_size=4, args=(cfg,))      # fn(rank, world_size, *args) on 4 processes
+    results[r]                                              # what rank r returned (picklable)
+
+Backend ``gloo`` on the CPU (one thread per process, so that W processes share the cores without
+oversubscription), ``nccl`` with one GPU per rank when ``device="cuda"``. The rendezvous is a file in a fresh
+temporary directory (no port to collide with a concurrent run). An exception on any rank is raised here with that
+rank's traceback; the other ranks are then terminated.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import queue as queue_mod
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tilestack.errors import LaunchError
+
+
+def _entry(rank: int, world_size: int, init_file: str, device: str, fn: Callable, args: tuple, results) -> None:
+    try:
+        if device == "cuda":
+            torch.cuda.set_device(rank)
+            backend = "nccl"
+        else:
+            torch.set_num_threads(1)
+            backend = "gloo"
+        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+        try:
+            out = fn(rank, world_size, *args)
+        finally:
+            dist.destroy_process_group()
+        buf = io.BytesIO()      # bytes, not shared-memory tensors: the child may exit before the parent reads
+        torch.save(out, buf)
+        results.put((rank, True, buf.getvalue()))
+    except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
+        results.put((rank, False, traceback.format_exc()))
+
+
+def run_local(fn: Callable[..., Any], world_size: int, args: tuple = (), *, device: str = "cpu",
+              timeout_s: float = 600.0) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes in one process group; returns
+    the per-rank results in rank order. ``fn`` must be importable (a module-level function)."""
+    if not isinstance(world_size, int) or world_size < 1:
+        raise LaunchError(f"run_local: world_size={world_size!r}; expected a positive int")
+    if device not in ("cpu", "cuda"):
+        raise LaunchError(f"run_local: device={device!r}; expected 'cpu' or 'cuda'")
+    if device == "cuda" and torch.cuda.device_count() < world_size:
+        raise LaunchError(f"run_local: world_size={world_size} on cuda; this machine has "
+                          f"{torch.cuda.device_count()} GPUs")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        procs = [ctx.Process(target=_entry, args=(r, world_size, init_file, device, fn, args, results))
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        got: dict[int, Any] = {}
+        deadline = time.monotonic() + timeout_s
+        try:
+            while len(got) < world_size:
+                try:
+                    rank, ok, out = results.get(timeout=1.0)
+                except queue_mod.Empty:
+                    dead = [r for r, p in enumerate(procs) if r not in got and p.exitcode not in (None, 0)]
+                    if dead:   # died without reporting (killed, or failed before its first line)
+                        raise LaunchError(f"run_local: ranks {dead} exited with codes "
+                                          f"{[procs[r].exitcode for r in dead]} without a result") from None
+                    if time.monotonic() > deadline:
+                        missing = sorted(set(range(world_size)) - set(got))
+                        raise LaunchError(f"run_local: no result from ranks {missing} within {timeout_s} s") from None
+                    continue
+                if not ok:
+                    raise LaunchError(f"run_local: rank {rank} failed:\n{out}")
+                got[rank] = torch.load(io.BytesIO(out), weights_only=False)
+        finally:
+            for p in procs:
+                p.join(timeout=5 if len(got) == world_size else 0.1)
+                if p.is_alive():
+                    p.terminate()
+                    p.join()
+    return [got[r] for r in range(world_size)]

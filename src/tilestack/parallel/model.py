@@ -1,0 +1,178 @@
+"""A GPT laid out for sharding: separate q/k/v projections (so a column split keeps whole heads), layers in a
+``ModuleDict`` keyed by their global index (so a pipeline stage keeps the names of the full model), and
+embeddings / head that a stage may drop.
+
+    model = GPT(TINY, seed=0)
+    logits = model(idx)                        # idx (B, N) int64 -> (B, N, vocab)
+    loss = lm_loss(logits, targets)            # mean cross-entropy in f32
+
+GPT-2 shaped (learned positions, pre-LayerNorm, tanh-GELU MLP of 4d, causal attention), untied LM head (the
+embedding and the head live on different pipeline stages). ``bench.models.GPT`` fuses the residual add into the
+next norm for its kernels; this one keeps the plain ``x + f(norm(x))`` that tensor and sequence parallel plans
+address module by module.
+
+Attention: ``attention="math"`` materialises the (B, H, N, N) scores (what selective recompute is for: it
+recomputes them in backward instead of keeping them), ``"sdpa"`` calls F.scaled_dot_product_attention (flash on
+a GPU: the scores are never stored, selective recompute then saves little).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+ATTENTIONS = ("math", "sdpa")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    n_layer: int = 4
+    d: int = 32
+    n_head: int = 4
+    vocab: int = 64
+    max_seq: int = 64
+    eps: float = 1e-5
+    attention: str = "math"
+
+    @property
+    def head_dim(self) -> int:
+        return self.d // self.n_head
+
+    def flops_per_token(self, seq: int) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward): 6 * (non-embedding params + head) plus the
+        attention matmuls 6 * 2 * L * N * d for causal attention counted in full (PaLM's convention)."""
+        d, L = self.d, self.n_layer
+        matmul_params = L * 12 * d * d + self.vocab * d
+        return 6 * matmul_params + 12 * L * seq * d
+
+
+TINY = ModelConfig()
+GPT_1P3B = ModelConfig(n_layer=24, d=2048, n_head=16, vocab=50304, max_seq=2048, attention="sdpa")
+
+
+def _causal_scores_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, D) each -> (B, H, N, D), softmax(q k^T / sqrt(D) + causal mask) v with the scores materialised."""
+    N, D = q.shape[-2], q.shape[-1]
+    scale = 1.0 / math.sqrt(D)
+    s = (q @ k.transpose(-2, -1)) * scale                                # (B, H, N, N)
+    causal = torch.ones(N, N, dtype=torch.bool, device=q.device).tril()
+    p = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)      # (B, H, N, N)
+    return p @ v
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.core = _causal_scores_attention if cfg.attention == "math" else _sdpa
+        self.q_proj = nn.Linear(cfg.d, cfg.d)
+        self.k_proj = nn.Linear(cfg.d, cfg.d)
+        self.v_proj = nn.Linear(cfg.d, cfg.d)
+        self.o_proj = nn.Linear(cfg.d, cfg.d)
+        self.recompute_scores = False          # set by parallelize.apply_recompute("selective")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        # -1 heads: under tensor parallelism each rank holds n_head / tp whole heads of the column-split q/k/v
+        q, k, v = (p(x).view(B, N, -1, self.head_dim).transpose(1, 2)          # (B, H_local, N, D)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        if self.recompute_scores:
+            y = checkpoint(self.core, q, k, v, use_reentrant=False)           # scores not kept for backward
+        else:
+            y = self.core(q, k, v)
+        return self.o_proj(y.transpose(1, 2).reshape(B, N, -1))               # (B, N, d)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d, 4 * cfg.d)
+        self.proj = nn.Linear(4 * cfg.d, cfg.d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d, eps=cfg.eps)
+        self.attn = Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.d, eps=cfg.eps)
+        self.mlp = MLP(cfg)
+        self.recompute = False                 # set by parallelize.apply_recompute("full")
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recompute:
+            return checkpoint(self._forward, x, use_reentrant=False)     # keeps only the block's input
+        return self._forward(x)
+
+
+class GPT(nn.Module):
+    """The whole model, or one pipeline stage of it (``wte``/``wpe`` None past the first stage, ``ln_f``/``lm_head``
+    None before the last; a stage's forward then takes or returns the (B, N, d) hidden states)."""
+
+    def __init__(self, cfg: ModelConfig = TINY, *, seed: int = 0):
+        super().__init__()
+        if cfg.attention not in ATTENTIONS:
+            raise ValueError(f"ModelConfig.attention={cfg.attention!r}; expected one of {ATTENTIONS}")
+        self.cfg = cfg
+        self.wte: nn.Embedding | None = nn.Embedding(cfg.vocab, cfg.d)
+        self.wpe: nn.Embedding | None = nn.Embedding(cfg.max_seq, cfg.d)
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})
+        self.ln_f: nn.LayerNorm | None = nn.LayerNorm(cfg.d, eps=cfg.eps)
+        self.lm_head: nn.Linear | None = nn.Linear(cfg.d, cfg.vocab, bias=False)
+        self.init_weights(seed)
+
+    def init_weights(self, seed: int) -> None:
+        """normal(0, 0.02) for matrices and embeddings (o_proj, proj scaled by 1/sqrt(2 L)), small normal biases
+        (so that their gradients are tested), ones for norm weights; the same on every rank from ``seed``."""
+        gen = torch.Generator().manual_seed(seed)
+        out_projs = ("o_proj.weight", "mlp.proj.weight")      # residual-branch outputs: GPT-2's scaled init
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if p.dim() == 1 and name.endswith("weight"):          # LayerNorm gains
+                    p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+                elif p.dim() == 1:                                    # biases
+                    p.copy_(0.01 * torch.randn(p.shape, generator=gen))
+                else:
+                    std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if name.endswith(out_projs) else 0.02
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, N) token ids on the first stage, else (B, N, d) hidden states -> logits (B, N, vocab) on the last
+        stage, else hidden states."""
+        if self.wte is not None:
+            N = x.shape[1]
+            pos = torch.arange(N, device=x.device)[None]                   # (1, N): the sequence dim is dim 1
+            x = self.wte(x) + self.wpe(pos)                                # (B, N, d)
+        for block in self.layers.values():
+            x = block(x)
+        if self.lm_head is not None:
+            x = self.lm_head(self.ln_f(x))                                 # (B, N, vocab)
+        return x
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; logits (B, N, V), targets (B, N)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def make_batch(cfg: ModelConfig, batch: int, seq: int, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx, targets), (batch, seq) int64 each: random tokens and the next one; the same on every rank."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, cfg.vocab, (batch, seq + 1), generator=gen)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
