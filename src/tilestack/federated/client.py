@@ -5,7 +5,8 @@
 
 A client learns everything from the message: the task (``tilestack.task``, a :class:`Task` as JSON), its
 share of the round's work (``tilestack.work``, set by the system simulator), FedProx's ``proximal-mu``,
-and the records that select a method: ``scaffold-c`` (SCAFFOLD), ``tilestack.ifca-k`` (IFCA cluster
+``tilestack.compress`` (send compressed updates, see ``compression``), and the records that select a
+method: ``scaffold-c`` (SCAFFOLD), ``tilestack.ifca-k`` (IFCA cluster
 models), ``tilestack.local-prefix`` (FedBN). Its partition is ``partition-id`` from the node config.
 Clients flagged by the task as malicious or faulty misbehave on purpose, so that the server's defences
 can be tested against a real ClientApp.
@@ -21,6 +22,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from tilestack.federated import codec
+from tilestack.federated.compression import COMPRESS_KEY, compress_update
 from tilestack.federated.models import MLP, Model, Params, evaluate, local_sgd
 from tilestack.federated.task import Task
 
@@ -163,7 +165,14 @@ def train(msg: Message, context: Context) -> Message:
         "full-steps": full_steps,
         PARTITION_METRIC: pid,
     }
-    content = RecordDict({"arrays": _to_record(reply), "metrics": MetricRecord(metrics)})
+    record = _to_record(reply)
+    if COMPRESS_KEY in config:  # send model updates compressed, with error feedback (compression.py)
+        # model arrays as updates from the start; SCAFFOLD's control-variate changes are updates from zero
+        base = start | {k: np.zeros_like(v) for k, v in reply.items() if k.startswith(SCAFFOLD_DC_PREFIX)}
+        same = {k: v for k, v in reply.items() if k in base and np.shape(v) == base[k].shape}
+        packed = compress_update(str(config[COMPRESS_KEY]), base, same, context)
+        record = ArrayRecord({k: packed[k] if k in packed else record[k] for k in reply})
+    content = RecordDict({"arrays": record, "metrics": MetricRecord(metrics)})
     if task.fault(pid) == "nometrics":
         content = RecordDict({"arrays": content["arrays"]})
     return Message(content=content, reply_to=msg)

@@ -19,6 +19,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 NUMPY_STYPE = "numpy.ndarray"
+TOPK_STYPE = "tilestack.topk"  # data: k uint32 flat indices, then k float32 values; the rest of the array is 0
+INT8_STYPE = "tilestack.int8"  # data: float32 (low, step), then one uint8 code per element: low + code * step
 _HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
 
 
@@ -42,8 +44,54 @@ def encode(arr: np.ndarray) -> Array:
     return Array(dtype=str(arr.dtype), shape=shape, stype=NUMPY_STYPE, data=data)
 
 
+def encode_topk(arr: np.ndarray, k: int) -> Array:
+    """The ``k`` entries of ``arr`` largest in magnitude (an update compressed by top-k sparsification)."""
+    flat = np.ascontiguousarray(arr, np.float32).ravel()
+    k = min(max(1, k), flat.size)
+    idx = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :]).astype(np.uint32)  # (k,)
+    data = idx.tobytes() + flat[idx].tobytes()
+    return Array(dtype="float32", shape=tuple(arr.shape), stype=TOPK_STYPE, data=data)
+
+
+def encode_int8(arr: np.ndarray) -> Array:
+    """``arr`` quantised to 256 evenly spaced levels between its minimum and maximum (rounded to nearest)."""
+    flat = np.ascontiguousarray(arr, np.float32).ravel()
+    low = float(flat.min()) if flat.size else 0.0
+    span = float(flat.max()) - low if flat.size else 0.0
+    step = span / INT8_LEVELS if span > 0 else 1.0
+    codes = np.clip(np.rint((flat - low) / step), 0, INT8_LEVELS).astype(np.uint8)
+    data = np.array([low, step], np.float32).tobytes() + codes.tobytes()
+    return Array(dtype="float32", shape=tuple(arr.shape), stype=INT8_STYPE, data=data)
+
+
+INT8_LEVELS = 255
+
+
+def _decode_compressed(a: Array) -> np.ndarray:
+    shape = tuple(a.shape)
+    n = int(np.prod(shape, dtype=np.int64))
+    if a.stype == TOPK_STYPE:
+        k = len(a.data) // 8
+        if len(a.data) != 8 * k:
+            raise ValueError(f"codec: a {TOPK_STYPE} array of {len(a.data)} bytes; expected 8 per kept entry")
+        idx = np.frombuffer(a.data, np.uint32, count=k)
+        if k and int(idx.max()) >= n:
+            raise ValueError(f"codec: a {TOPK_STYPE} index {int(idx.max())} for shape {shape}; expected < {n}")
+        out = np.zeros(n, np.float32)
+        out[idx] = np.frombuffer(a.data, np.float32, count=k, offset=4 * k)
+        return out.reshape(shape)
+    low, step = np.frombuffer(a.data, np.float32, count=2)
+    codes = np.frombuffer(a.data, np.uint8, offset=8)
+    if codes.size != n:
+        raise ValueError(f"codec: a {INT8_STYPE} array with {codes.size} codes for shape {shape}; expected {n}")
+    return (low + codes.astype(np.float32) * step).reshape(shape)
+
+
 def decode(a: Array) -> np.ndarray:
-    """``a.numpy()`` as a writable array, without parsing a header it has seen before."""
+    """``a.numpy()`` as a writable array, without parsing a header it has seen before; compressed arrays
+    (top-k, int8) are expanded to dense float32."""
+    if a.stype in (TOPK_STYPE, INT8_STYPE):
+        return _decode_compressed(a)
     if a.stype != NUMPY_STYPE:
         return a.numpy()
     dtype = np.dtype(a.dtype)

@@ -163,6 +163,9 @@ def local_sgd(
     """
     if steps < 0 or batch_size < 1 or not lr > 0:
         raise ValueError(f"local_sgd: steps={steps}, batch_size={batch_size}, lr={lr}; expected >= 0, >= 1, > 0")
+    if hasattr(model, "local_sgd"):  # a PyTorch model (torch_models.TorchModel) trains itself
+        return model.local_sgd(params, x, y, steps=steps, batch_size=batch_size, lr=lr, rng=rng, prox_mu=prox_mu,
+                               correction=correction)  # fmt: skip
     start = {k: np.asarray(v, np.float32) for k, v in params.items()}
     w = {k: v.copy() for k, v in start.items()}
     trained = [k for k in w if not is_statistic(k)]

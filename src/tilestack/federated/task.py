@@ -38,7 +38,7 @@ from tilestack.federated.synthetic import Synthetic
 DATASETS = ("synthetic", "blobs", "clustered", "digits", "file")
 DIGITS_MAX = 16.0  # scikit-learn's digits are 8x8 images of 0..16
 PARTITIONERS = ("iid", "dirichlet", "shards", "quantity")
-MODELS = ("logreg", "mlp")
+MODELS = ("logreg", "mlp", "cnn", "transformer")  # the last two are PyTorch models (torch_models)
 ATTACKS = ("signflip", "noise")
 FAULTS = ("crash", "nan", "shape", "slow", "missing", "extra", "nometrics")
 TEST_FRACTION = 0.2
@@ -186,6 +186,10 @@ class Task:
     # ---- model --------------------------------------------------------------------------------------
     def build_model(self, width: float = 1.0) -> Model:
         """The task's model; ``width`` < 1 gives a HeteroFL sub-model with that fraction of hidden units."""
+        if self.model in ("cnn", "transformer"):
+            from tilestack.federated.torch_models import TorchModel  # torch only where a task asks for it
+
+            return TorchModel(self.model, self.features, self.classes)
         if self.model == "logreg":
             return SoftmaxRegression(self.features, self.classes)
         return MLP(self.features, max(1, int(round(self.hidden * width))), self.classes, norm=self.norm)
