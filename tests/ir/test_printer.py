@@ -59,6 +59,14 @@ def test_each_op_names_the_users_variable_type_and_line():
     assert store.lstrip().startswith("store(%C") and store.endswith(f"# {line_of('P:store')}")
 
 
+def test_tile_values_show_their_buffer():
+    lines = printed()
+    # every version of the accumulator (fill, loop result, mma) is a value of one buffer, named after it
+    for marker in ("= fill", "= range(", "= mma"):
+        assert the_line(lines, marker).rstrip().split(" # ")[0].rstrip().endswith("#acc"), marker
+    assert the_line(lines, "= load", "SharedTile[bf16, 32, 16]").split(" # ")[0].rstrip().endswith("#a_tile")
+
+
 def test_loop_body_is_indented_with_its_carried_values():
     lines = printed()
     rng = the_line(lines, "= range(")

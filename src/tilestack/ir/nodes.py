@@ -85,6 +85,9 @@ class KernelIR:
     constants: dict[str, Any]           # compile-time constants and tunables, by name
     grid: tuple[Value, ...] = ()         # index values computed from argument sizes and constants
     where: str = ""
+    # what the device code reads of each parameter, once a backend's passes have decided it (None before):
+    # ("ptr", i), ("dim", i, axis), ("stride", i, axis), ("scalar", i), ("desc", i, block shape), in order
+    reads: tuple[tuple, ...] | None = None
 
     def walk(self) -> Iterator[Instr]:
         return self.body.walk()

@@ -123,6 +123,11 @@ class BroadcastingAttrs:
 
 
 @dataclasses.dataclass(frozen=True)
+class AccessAttrs:
+    via: str | None = None   # how a backend moves the tile, decided by its passes: "pointer" | "tma" (None: open)
+
+
+@dataclasses.dataclass(frozen=True)
 class RangeAttrs:
     stages: int | None = None    # pipelining stages asked of backends that pipeline loads
 
@@ -514,7 +519,7 @@ def _mask_ref(ins: Instr, s: list, m) -> np.ndarray:
 define(OpDef(
     Op.MASK, "(x, k) -> tile", "tile", MaskAttrs, _mask_rule, _mask_ref, _free,
     doc="x where the kind's condition on (row, col) and k holds, else ``value``."))
-MMA_INPUTS = ("bf16", "f16", "f32")
+MMA_INPUTS = ("bf16", "f16", "f32", "f8e4m3")   # f8e4m3: the fp8 tensor cores (tilestack.quant)
 
 
 def _mma_dims(ins: Instr) -> tuple[int, int, int, int]:
@@ -655,15 +660,15 @@ def _atomic_cost(ins: Instr, c) -> None:
 
 
 define(OpDef(
-    Op.LOAD, "(global, *coords) -> tile", "tile", NoAttrs, _load_rule, lambda ins, s, m: m.load(ins, s),
+    Op.LOAD, "(global, *coords) -> tile", "tile", AccessAttrs, _load_rule, lambda ins, s, m: m.load(ins, s),
     lambda ins, c: c.memory(ins, "read"),
     doc="A tile of a global at tile coordinates (trailing coords count whole tiles); zeros past the edges."))
 define(OpDef(
-    Op.STORE, "(global, tile, *coords) -> ()", "effect", NoAttrs, _effect_rule,
+    Op.STORE, "(global, tile, *coords) -> ()", "effect", AccessAttrs, _effect_rule,
     lambda ins, s, m: m.store(ins, s, add=False), lambda ins, c: c.memory(ins, "written"),
     doc="Write a tile into a global; what hangs past the edges is dropped."))
 define(OpDef(
-    Op.ATOMIC_ADD, "(global, tile, *coords) -> ()", "effect", NoAttrs, _effect_rule,
+    Op.ATOMIC_ADD, "(global, tile, *coords) -> ()", "effect", AccessAttrs, _effect_rule,
     lambda ins, s, m: m.store(ins, s, add=True), _atomic_cost,
     doc="global += tile, atomically per element."))
 

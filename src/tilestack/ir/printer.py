@@ -61,10 +61,21 @@ def _block(block: Block, indent: int, out: list[str], buffers: _Buffers) -> None
             out.append(f"{pad}    yield({', '.join(repr(v) for v in ins.body.yields)})")
 
 
+def _read(kernel: KernelIR, how: tuple) -> str:
+    name, kind = kernel.params[how[1]].name, how[0]
+    if kind in ("ptr", "scalar"):
+        return name
+    if kind == "desc":
+        return f"{name}.desc{list(how[2])}"
+    return f"{name}.{'shape' if kind == 'dim' else 'stride'}[{how[2]}]"
+
+
 def format_kernel(kernel: KernelIR) -> str:
     params = ", ".join(f"{p.name}: {p.type}" for p in kernel.params)
     consts = ", ".join(f"{k}={v}" for k, v in kernel.constants.items())
     out = [f"kernel {kernel.name}({params}) [{consts}]",
            f"  grid = ({', '.join(repr(g) for g in kernel.grid)})"]
+    if kernel.reads is not None:
+        out.append(f"  reads = ({', '.join(_read(kernel, r) for r in kernel.reads)})")
     _block(kernel.body, 1, out, _Buffers())
     return "\n".join(out)

@@ -309,6 +309,19 @@ class TracedKernel:
         from tilestack.backends import get_backend
         return get_backend(backend).source(self)
 
+    def passes(self, backend: str = "triton", print_after=(), **options) -> list[tuple[str, KernelIR]]:
+        """Every stage of ``backend``'s pass pipeline for this trace: [("traced", ir), (pass name, ir), ...];
+        ``print_after`` names passes whose output to print ("all" for every one)."""
+        from tilestack.backends import get_backend
+        return get_backend(backend).lower(self.ir, print_after=print_after, **options)[1]
+
+    def ir_after(self, name: str, backend: str = "triton", **options) -> KernelIR:
+        """The IR after pass ``name`` of ``backend``'s pipeline (``print(traced.ir_after("dce"))``)."""
+        stages = dict(self.passes(backend, **options))
+        if name not in stages:
+            raise KeyError(f"{backend} has no pass {name!r}; its stages are {list(stages)}")
+        return stages[name]
+
     def launcher(self, args: Sequence, backend: str | None = None):
         """The prebuilt launcher for the launch signature of ``args``: every launch-time check runs here, once
         per signature, then the backend prepares (compiles, computes the grid and the constant arguments)."""

@@ -7,6 +7,14 @@ against.
 import functools
 
 from tilestack.backends.reference.executor import run, source
+from tilestack.ir.passes import DCE, Pipeline
+
+PIPELINE = Pipeline([DCE])
+
+
+def lower(ir, print_after=()):
+    """(lowered IR, stages): the reference runs the traced IR; dead code is all a pass could take from it."""
+    return PIPELINE.run(ir, print_after=print_after)
 
 
 def prepare(traced, args):
@@ -14,4 +22,4 @@ def prepare(traced, args):
     return functools.partial(run, traced)
 
 
-__all__ = ["prepare", "run", "source"]
+__all__ = ["lower", "prepare", "run", "source"]

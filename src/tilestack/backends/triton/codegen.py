@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Collection, Sequence
 
-from tilestack.errors import BackendError
+from tilestack.backends.triton.passes import TMA_MAX_BOX, pipeline  # noqa: F401  (TMA_MAX_BOX: re-exported)
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
-from tilestack.ir.ops import EMITTERS, Op, check_lowerable, register_emitter
+from tilestack.ir.ops import EMITTERS, Op, register_emitter
 from tilestack.ir.scalars import nonnegative
-from tilestack.ir.types import GlobalType, Space, TileType, bf16, f32, f64
+from tilestack.ir.types import GlobalType, TileType, bf16, f32, f64
 
-TMA_MAX_BOX = 256   # elements per dimension of one copy-engine transfer (a wider tile goes through pointers)
 INT32_MAX = 2**31 - 1
 TL_DTYPES = {"f64": "tl.float64", "f32": "tl.float32", "f16": "tl.float16", "bf16": "tl.bfloat16",
              "i32": "tl.int32", "i64": "tl.int64", "bool": "tl.int1", "i8": "tl.int8", "f8e4m3": "tl.float8e4nv"}
@@ -88,21 +86,21 @@ def wide_globals(kernel: KernelIR, args: Sequence) -> frozenset[int]:
 
 
 class _Emitter:
-    def __init__(self, kernel: KernelIR, interpret: bool, tma: bool, index64: bool | Collection[int]):
+    def __init__(self, kernel: KernelIR, interpret: bool, index64: bool | Collection[int]):
         self.kernel = kernel
         self.interpret = interpret
-        self.tma = tma
         # the param indices of the globals whose element offsets are computed in 64 bits
         self.index64 = frozenset(i for i, p in enumerate(kernel.params) if p.is_global and (
             index64 is True or (index64 is not False and i in index64)))
-        self.descriptors: dict[tuple[str, tuple[int, ...]], str] = {}   # (global, block shape) -> param name
+        # (global param index, block shape) -> descriptor param name, as the passes decided (KernelIR.reads)
+        self.descriptors = {(how[1], how[2]): f"{kernel.params[how[1]].name}_desc{k}"
+                            for k, how in enumerate(r for r in kernel.reads if r[0] == "desc")}
         self.lines: list[str] = []
         self.names: dict[Value, str] = {}
         self.globals: dict[Value, str] = {}   # global value -> its parameter name
         self.global_index: dict[Value, int] = {}   # global value -> its param index
         self.consts: set[Value] = set()       # values that are Python literals in the source
         self.addresses = 0
-        self.used = _used_values(kernel.body)  # values something reads: the rest is host-side grid math
         self.nonneg = nonnegative(kernel.body)  # index values >= 0: plain // and % floor them
         self.floor_helpers = False              # whether the source needs _floordiv / _floormod
         self.indent = 1
@@ -123,24 +121,9 @@ class _Emitter:
 
     # ---- the walk ------------------------------------------------------------------------------------------
     def block(self, block: Block) -> None:
+        table = EMITTERS["triton"]
         for ins in block.instrs:
-            if ins.results and ins.op is not Op.RANGE and not any(r in self.used for r in ins.results):
-                continue
-            self.check(ins)
-            EMITTERS["triton"][ins.op].fn(self, ins)
-
-    def check(self, ins: Instr) -> None:
-        for v in ins.results + ins.srcs:
-            if isinstance(v.type, TileType):
-                for n in v.type.shape:
-                    if n & (n - 1):
-                        raise BackendError(f"{ins.where}: the Triton backend needs power-of-two tile sizes; "
-                                           f"{ins.op.value} uses a {v.type} (pad the tile and mask the edge)")
-        if ins.op is Op.MMA:
-            for v in (ins.result, ins.srcs[1], ins.srcs[2]):
-                if min(v.type.shape) < 16:
-                    raise BackendError(f"{ins.where}: the Triton backend's mma needs every tile dimension "
-                                       f">= 16; got {v.type}")
+            table[ins.op].fn(self, ins)
 
     def f32(self, v: Value) -> str:
         """The value as f32 (or f64) for arithmetic: Triton's math functions take 32- or 64-bit floats."""
@@ -150,8 +133,8 @@ class _Emitter:
     def cast_to(self, expr: str, v_from_dtype, dst: TileType | GlobalType) -> str:
         if v_from_dtype is dst.dtype:
             return expr
-        if self.interpret and {v_from_dtype, dst.dtype} == {bf16, f64}:
-            expr = f"{expr}.to(tl.float32)"
+        if self.interpret and bf16 in (v_from_dtype, dst.dtype) and f32 not in (v_from_dtype, dst.dtype):
+            expr = f"{expr}.to(tl.float32)"   # the interpreter casts bf16 only from and to f32 right (f64, int8)
         return f"{expr}.to({TL_DTYPES[dst.dtype.name]})"
 
     # ---- memory --------------------------------------------------------------------------------------------
@@ -189,16 +172,7 @@ class _Emitter:
     def descriptor(self, g: Value, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
         """The TMA descriptor parameter for whole-tile accesses of ``shape`` into ``g`` (made on the host)."""
         block = (1,) * (g.type.rank - len(shape)) + tuple(shape)
-        key = (self.globals[g], block)
-        if key not in self.descriptors:
-            self.descriptors[key] = f"{self.globals[g]}_desc{len(self.descriptors)}"
-        return self.descriptors[key], block
-
-    def uses_tma(self, g: Value, shape: tuple[int, ...], space) -> bool:
-        """Loads into shared tiles and stores of 2-D tiles go through the copy engine when the layout allows it
-        (checked at launch): TMA fetches whole tiles, zero-fills past the edges and clips stores."""
-        return (self.tma and len(shape) == 2 and g.type.rank >= 2 and space is not Space.REG
-                and max(shape) <= TMA_MAX_BOX)
+        return self.descriptors[(self.global_index[g], block)], block
 
     def tma_offsets(self, coords: tuple[Value, ...], shape: tuple[int, ...]) -> str:
         lead = len(coords) - len(shape)
@@ -320,7 +294,7 @@ def _e_mma(e: _Emitter, ins: Instr) -> None:
     an = f"tl.trans({e.name(a)})" if ins.attrs.trans_a else e.name(a)
     bn = f"tl.trans({e.name(b)})" if ins.attrs.trans_b else e.name(b)
     precision = ', input_precision="ieee"' if a.type.dtype is f32 else ""
-    if e.interpret and a.type.dtype is bf16:
+    if e.interpret and a.type.dtype.name in ("bf16", "f8e4m3"):
         # Triton 3.6's interpreter multiplies bf16 dot operands wrongly (NumPy has no bf16); upcasting is
         # exact (a bf16 product fits in f32), so the interpreted kernel computes what the GPU does.
         an, bn, precision = f"{an}.to(tl.float32)", f"{bn}.to(tl.float32)", ', input_precision="ieee"'
@@ -331,7 +305,7 @@ def _e_mma(e: _Emitter, ins: Instr) -> None:
 def _e_load(e: _Emitter, ins: Instr) -> None:
     g, *coords = ins.srcs
     t = ins.result.type
-    if e.uses_tma(g, t.shape, t.space):
+    if ins.attrs.via == "tma":
         desc, _ = e.descriptor(g, t.shape)
         expr = f"{desc}.load({e.tma_offsets(tuple(coords), t.shape)}).reshape({t.shape})"
         e.assign(ins.result, e.cast_to(expr, g.type.dtype, t))
@@ -344,7 +318,7 @@ def _e_load(e: _Emitter, ins: Instr) -> None:
 def _e_store(e: _Emitter, ins: Instr) -> None:
     g, x, *coords = ins.srcs
     val = e.cast_to(e.name(x), x.type.dtype, g.type)
-    if e.uses_tma(g, x.type.shape, None):
+    if ins.attrs.via == "tma":
         desc, block = e.descriptor(g, x.type.shape)
         e.emit(f"{desc}.store({e.tma_offsets(tuple(coords), x.type.shape)}, {val}.reshape({block}))")
         return
@@ -425,15 +399,6 @@ def _e_atomic_add(e: _Emitter, ins: Instr) -> None:
     e.emit(f'tl.atomic_add({ptr}, {val}, mask={mask}, sem="relaxed")')
 
 
-def _used_values(block: Block) -> set[Value]:
-    used: set[Value] = set()
-    for ins in block.walk():
-        used.update(ins.srcs)
-        if ins.body is not None:
-            used.update(ins.body.yields)
-    return used
-
-
 @dataclasses.dataclass(frozen=True)
 class Lowered:
     source: str
@@ -444,6 +409,11 @@ class Lowered:
     binding: tuple[tuple, ...]
 
 
+def lower(kernel: KernelIR, tma: bool = False, print_after=()) -> tuple[KernelIR, list]:
+    """The Triton pipeline's result for ``kernel`` and every stage [(pass name, IR), ...]."""
+    return pipeline(tma).run(kernel, print_after=print_after)
+
+
 def generate(kernel: KernelIR, interpret: bool = False, tma: bool = False,
              index64: bool | Collection[int] = True) -> Lowered:
     """The Triton kernel for ``kernel``: for Triton's interpreter if asked; with TMA descriptors for whole-tile
@@ -452,30 +422,22 @@ def generate(kernel: KernelIR, interpret: bool = False, tma: bool = False,
     ``index64``: which globals' pointer offsets are computed in 64 bits: all (True, the default: right for any
     size), none (False), or the param indices given; a launcher passes those ``needs_int64`` of its tensors.
     """
-    check_lowerable("triton", kernel.body)
-    e = _Emitter(kernel, interpret, tma, index64)
-    e.block(kernel.body)
-    used = set(re.findall(r"\b\w+\b", "\n".join(e.lines)))
-    params, binding = [], []
-    for i, p in enumerate(kernel.params):
-        if isinstance(p.type, GlobalType):
-            cands = [(p.name, ("ptr", i))]
-            cands += [(f"{p.name}_d{a}", ("dim", i, a)) for a in range(p.type.rank)]
-            cands += [(f"{p.name}_s{a}", ("stride", i, a)) for a in range(p.type.rank)]
-        else:
-            cands = [(p.name, ("scalar", i))]
-        for name, how in cands:
-            if name in used:
-                params.append(name)
-                binding.append(how)
-    index = {p.name: i for i, p in enumerate(kernel.params)}
-    for (gname, block), dname in e.descriptors.items():
-        params.append(dname)
-        binding.append(("desc", index[gname], block))
-    fn = f"{kernel.name}_kernel"
-    consts = ", ".join(f"{k}={v!r}" for k, v in kernel.constants.items())
+    return emit(lower(kernel, tma)[0], interpret, index64)
+
+
+def emit(low: KernelIR, interpret: bool = False, index64: bool | Collection[int] = True) -> Lowered:
+    """Triton source for IR the Triton pipeline has lowered (``lower``): one emitter per instruction."""
+    e = _Emitter(low, interpret, index64)
+    e.block(low.body)
+    params = []
+    for how in low.reads:
+        name = low.params[how[1]].name
+        params.append({"ptr": name, "scalar": name, "dim": f"{name}_d{how[-1]}", "stride": f"{name}_s{how[-1]}",
+                       "desc": e.descriptors.get((how[1], how[-1]))}[how[0]])
+    fn = f"{low.name}_kernel"
+    consts = ", ".join(f"{k}={v!r}" for k, v in low.constants.items())
     head = [
-        f'"""Generated by tilestack from kernel `{kernel.name}` ({kernel.where}); constants: {consts}."""',
+        f'"""Generated by tilestack from kernel `{low.name}` ({low.where}); constants: {consts}."""',
         "import triton",
         "import triton.language as tl",
         *([_FLOOR_HELPERS] if e.floor_helpers else []),
@@ -484,7 +446,8 @@ def generate(kernel: KernelIR, interpret: bool = False, tma: bool = False,
         "@triton.jit",
         f"def {fn}({', '.join(params)}):",
     ]
-    return Lowered("\n".join(head + e.lines) + "\n", fn, tuple(e.descriptors), tuple(binding))
+    descriptors = tuple((low.params[i].name, block) for (i, block) in e.descriptors)
+    return Lowered("\n".join(head + e.lines) + "\n", fn, descriptors, low.reads)
 
 
 def source(traced, tma: bool = True, index64: bool | Collection[int] = False) -> str:
