@@ -4,6 +4,7 @@ and the single-process reference they are checked against."""
 from __future__ import annotations
 
 import functools
+import traceback
 
 import torch
 
@@ -42,13 +43,20 @@ def strategies(rank: int, world_size: int, scenarios: list[tuple[str, dict]], st
     losses, the first step's reduced gradients and the final parameters this rank can see (whole tensors)."""
     out = {}
     for name, kw in scenarios:
-        pc = ParallelConfig(**kw)
-        trainer = Trainer(GPT(CFG, seed=0), pc, pc.build_mesh("cpu"), **HYPER)
-        losses, grads = [], None
-        for idx, targets in batches(steps):
-            losses.append(trainer.forward_backward(idx, targets))
-            if grads is None:
-                grads = trainer.full_grads()
-            trainer.optimizer_step()
-        out[name] = dict(losses=losses, grads=grads, params=trainer.full_params())
+        try:
+            out[name] = _train(kw, steps)
+        except Exception:  # noqa: BLE001 - one scenario's failure is that scenario's test failure, not all of them
+            out[name] = dict(error=traceback.format_exc())
     return out
+
+
+def _train(kw: dict, steps: int) -> dict:
+    pc = ParallelConfig(**kw)
+    trainer = Trainer(GPT(CFG, seed=0), pc, pc.build_mesh("cpu"), **HYPER)
+    losses, grads = [], None
+    for idx, targets in batches(steps):
+        losses.append(trainer.forward_backward(idx, targets))
+        if grads is None:
+            grads = trainer.full_grads()
+        trainer.optimizer_step()
+    return dict(losses=losses, grads=grads, params=trainer.full_params())

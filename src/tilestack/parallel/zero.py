@@ -26,6 +26,10 @@ import torch.distributed as dist
 from tilestack.parallel.config import ParallelConfigError
 from tilestack.parallel.parallelize import local_grad
 
+# torch 2.13 renamed the flat collectives (the old names warn); 2.11 has only the old ones
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
@@ -67,7 +71,7 @@ class ZeroOptimizer:
             self.grad_shard = flat[self.rank * self.shard:(self.rank + 1) * self.shard].clone()
         else:
             self.grad_shard = flat.new_empty(self.shard)
-            dist.reduce_scatter_tensor(self.grad_shard, flat, group=self.group)
+            _reduce_scatter(self.grad_shard, flat, group=self.group)
             for p in self.params:                                  # the full gradient is not kept
                 p.grad = None
         self.grad_shard.div_(self.W)
@@ -78,7 +82,7 @@ class ZeroOptimizer:
             raise ParallelConfigError("ZeroOptimizer.full_gradient: no reduced gradient; call reduce_gradients() "
                                       "after backward first")
         full = self.grad_shard.new_empty(self.padded)
-        dist.all_gather_into_tensor(full, self.grad_shard.contiguous(), group=self.group)
+        _all_gather(full, self.grad_shard.contiguous(), group=self.group)
         return [t.view_as(_local(p)) for t, p in zip(full.split(self.numels + [self.padded - sum(self.numels)])[:-1],
                                                      self.params, strict=True)]
 
@@ -90,7 +94,7 @@ class ZeroOptimizer:
         self.master.grad = self.grad_shard.to(self.master.dtype)
         self.optimizer.step()
         full = self.master.new_empty(self.padded)
-        dist.all_gather_into_tensor(full, self.master.detach().contiguous(), group=self.group)
+        _all_gather(full, self.master.detach().contiguous(), group=self.group)
         offset = 0
         for p, n in zip(self.params, self.numels, strict=True):
             local = _local(p)
