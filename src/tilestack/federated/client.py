@@ -36,6 +36,8 @@ SCAFFOLD_C = "scaffold-c"
 SCAFFOLD_DC_PREFIX = "scaffold.dc."
 PARTITION_METRIC = "tilestack.partition"
 CLUSTER_SEP = "/"
+START_LOSS_KEY = "tilestack.start-loss"  # config: also report the loss at the received model (q-FFL's F_k)
+START_LOSS_METRIC = "start-loss"
 UNIT_WEIGHT = "unit-weight"  # weighting key for equal client weights (DP accounting requires them)
 
 
@@ -135,6 +137,8 @@ def train(msg: Message, context: Context) -> Message:
         ci = ci if ci is not None else {k: np.zeros_like(v) for k, v in c.items()}
         correction = {k: c[k] - ci[k] for k in c}
 
+    if START_LOSS_KEY in config:
+        metrics[START_LOSS_METRIC] = evaluate(_model_for(task, start), start, x, y)[0]
     full_steps = task.steps_for(pid)
     work = float(config.get(WORK_KEY, 1.0))
     steps = max(1, math.ceil(work * full_steps)) if work > 0 else 0

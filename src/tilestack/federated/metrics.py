@@ -21,7 +21,8 @@ import numpy as np
 
 
 def fairness(values: list[float]) -> dict[str, float]:
-    """Summary of per-client values (accuracies): mean, std, 10th/25th/50th percentiles, worst, Jain's index."""
+    """Summary of per-client values (accuracies): mean, std, variance, 10th/25th/50th percentiles, the mean
+    of the worst 10% (at least one client), worst, Jain's index."""
     if not values:
         return {}
     v = np.asarray(values, np.float64)
@@ -29,6 +30,8 @@ def fairness(values: list[float]) -> dict[str, float]:
     return {
         "mean": float(v.mean()),
         "std": float(v.std()),
+        "var": float(v.var()),
+        "worst10": float(np.sort(v)[: max(1, len(v) // 10)].mean()),
         "p10": float(np.percentile(v, 10)),
         "p25": float(np.percentile(v, 25)),
         "median": float(np.median(v)),

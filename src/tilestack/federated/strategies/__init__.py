@@ -4,7 +4,8 @@
     strategy = make_strategy("fedprox", clients_per_round=10, num_clients=30, proximal_mu=1.0)
 
 ``make_strategy`` builds Flower's FedAvg, FedProx, FedAdam, FedYogi, FedMedian, FedTrimmedAvg, Krum,
-MultiKrum, Bulyan and its DP wrapper, or tilestack's SCAFFOLD, FedNova, FedBN, IFCA, by name, sampling
+MultiKrum, Bulyan and its DP wrapper, q-FedAvg (fed each client's loss at the global model), or
+tilestack's SCAFFOLD, FedNova, FedBN, IFCA, CFL, by name, sampling
 ``clients_per_round`` of ``num_clients`` per round (evaluation on ``eval_fraction`` of them).
 """
 
@@ -13,17 +14,19 @@ from __future__ import annotations
 from flwr.serverapp import strategy as fl
 
 from tilestack.federated.client import UNIT_WEIGHT
+from tilestack.federated.strategies.cfl import CFL
 from tilestack.federated.strategies.fedbn import FedBN
 from tilestack.federated.strategies.feddf import FedDF
 from tilestack.federated.strategies.fednova import FedNova
 from tilestack.federated.strategies.heterofl import HeteroFL, sub_model
 from tilestack.federated.strategies.ifca import IFCA, adjusted_rand_index
+from tilestack.federated.strategies.qffl import QFFL
 from tilestack.federated.strategies.scaffold import Scaffold
 from tilestack.federated.strategies.selection import OortSelector, RandomSelector, Selected, SubsetGrid
 
 NAMES = (
     "fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "trimmedmean", "krum", "multikrum", "bulyan",
-    "dp-fedavg", "scaffold", "fednova", "fedbn", "ifca",
+    "dp-fedavg", "scaffold", "fednova", "fedbn", "ifca", "qfedavg", "cfl",
 )  # fmt: skip
 
 
@@ -40,6 +43,8 @@ def make_strategy(
     noise_multiplier: float = 1.0,
     clipping_norm: float = 1.0,
     accountant=None,
+    q: float = 1.0,
+    client_lr: float = 0.01,
 ) -> fl.Strategy:
     """A strategy by name (see ``NAMES``); a ``ValueError`` names the argument when it does not fit."""
     if name not in NAMES:
@@ -90,10 +95,14 @@ def make_strategy(
         return FedNova(**common)
     if name == "fedbn":
         return FedBN(**common)
+    if name == "qfedavg":
+        return QFFL(q=q, client_learning_rate=client_lr, **common)
+    if name == "cfl":
+        return CFL(**common)
     return IFCA(num_clusters=num_clusters, **common)
 
 
 __all__ = [
     "NAMES", "make_strategy", "Scaffold", "FedNova", "FedBN", "FedDF", "HeteroFL", "sub_model", "IFCA",
-    "adjusted_rand_index", "Selected", "RandomSelector", "OortSelector", "SubsetGrid",
+    "adjusted_rand_index", "QFFL", "CFL", "Selected", "RandomSelector", "OortSelector", "SubsetGrid",
 ]  # fmt: skip
