@@ -178,3 +178,21 @@ def test_add_norm_and_its_backward_with_dh(backend, dtype, centered, shape, cfg,
     assert rel(dx, grads[0] + dh.double()) <= tol and rel(dw, grads[1]) <= tol
     if centered:
         assert rel(db, grads[2]) <= tol
+
+
+@pytest.mark.parametrize("shape", [(0, 48), (5, 0)], ids=("no-rows", "width-0"))
+def test_empty_inputs_launch_nothing_and_match_torch(shape):
+    """Empty problems answer without a launch (a launch of an empty tensor crashed): y empty, rstd NaN for
+    width-0 rows, zero weight gradients."""
+    from tilestack.kernels.layernorm_bwd import norm_backward
+    from tilestack.kernels.rmsnorm import add_rms_norm, rms_norm
+
+    x = torch.randn(shape, dtype=torch.bfloat16)
+    w = torch.ones(shape[1], dtype=torch.bfloat16)
+    y, rstd = rms_norm(x, w)
+    assert y.shape == x.shape and rstd.shape == (shape[0],) and bool(rstd.isnan().all())
+    assert y.shape == torch.nn.functional.rms_norm(x, (shape[1],), w).shape
+    y2, h, _ = add_rms_norm(x, x, w)
+    assert y2.shape == h.shape == x.shape
+    dx, sums = norm_backward(x, x, w, None, rstd, centered=False, backend=None, config={})
+    assert dx.shape == x.shape and sums.shape == (1, shape[1]) and not bool(sums.any())

@@ -244,6 +244,9 @@ def norm_backward(dy, x, weight, mean, rstd, *, dh=None, centered: bool, backend
     import torch
 
     m, n = x.shape
+    if x.numel() == 0:   # nothing to launch: no rows give zero weight gradients; rows of width 0 give empty ones
+        dx = torch.empty_like(x)
+        return dx, torch.zeros(2 if centered else 1, n, dtype=weight.dtype, device=x.device)
     tuned = launch_config("layer_norm_bwd" if centered else "rms_norm_bwd", str(x.dtype).removeprefix("torch."),
                           x.device, n, {})
     cfg = bwd_config(n, x.device.type, tuned | config)

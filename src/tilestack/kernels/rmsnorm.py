@@ -16,6 +16,8 @@ which also adds the residual stream's gradient into dx.
 
 from __future__ import annotations
 
+import math
+
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.kernels._checks import check_same_device, check_tensor
@@ -170,6 +172,10 @@ def norm_forward(x, weight, bias, residual, eps: float, *, backend: str | None, 
     centered = bias is not None
     y = torch.empty_like(x)
     rstd = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    if x.numel() == 0:   # nothing to launch: no rows, or rows of width 0 (mean 0, rstd NaN, as torch's norms)
+        h = None if residual is None else x + residual
+        rstd.fill_(math.nan)
+        return y, h, (torch.zeros_like(rstd) if centered else None), rstd
     if residual is None:
         cfg = resolve_row_config("rms_norm", x.shape[1], x.device.type, config, x=x)
         rms_norm_kernel(x, weight, y, rstd, float(eps), backend=backend, **cfg)
