@@ -1,0 +1,388 @@
+"""Inference benchmark of issue 14: eager vs Inductor (default, max-autotune) vs the tilestack backend on a
+GPT-2-small-shaped model and a ResNet-50-shaped CNN, and the quantized GEMMs against bf16 on GPT-2's linear
+layers. Each (case, variant) runs in a process of its own (compile caches and memory do not carry over).
+
+    PYTHONPATH=src python3 scripts/bench_inference.py                        # everything (H200; about 30 min)
+    PYTHONPATH=src python3 scripts/bench_inference.py --cases gpt2-prefill --variants eager,inductor,tilestack
+    PYTHONPATH=src python3 scripts/bench_inference.py --cases gemm           # the fp8 bar alone (no compiling)
+    PYTHONPATH=src python3 scripts/bench_inference.py --quick                # tiny sizes on the CPU (a check)
+    PYTHONPATH=src python3 scripts/bench_inference.py --json results.json
+
+Cases:
+- ``gpt2-prefill``: GPT-2 small (tilestack.bench.models.GPT, impl="torch", random weights, bf16), logits of
+  B=8 sequences of N=1024 tokens; throughput in tokens/s.
+- ``gpt2-decode``: one decoding step of batch 32 against a static KV cache of 1024 positions (the step writes
+  position 1023 and attends to all 1024 through a boolean mask); throughput in tokens/s.
+- ``resnet50-b1``, ``resnet50-b64``: torchvision's resnet50 (random weights) if torchvision imports, else the
+  same architecture defined here (bottleneck blocks 3-4-6-3, widths 64-512, expansion 4); bf16, channels-last,
+  224x224 images; throughput in images/s.
+- ``gemm``: the GPT-2 linear layers at M = 8 x 1024 rows: torch bf16 (cuBLAS), tilestack's bf16 GEMM, int8
+  and fp8 weight-only, fp8 weights and activations (with and without quantizing the activations).
+
+Variants (model cases): ``eager``; ``inductor`` and ``inductor-max-autotune`` (torch.compile); ``tilestack``
+(torch.compile(backend="tilestack"), the rest by Inductor default), ``tilestack-max-autotune``,
+``tilestack-reduce-overhead`` (the result captured in CUDA graphs); ``tilestack-int8``, ``tilestack-fp8-act``
+(GPT-2 only: tilestack.quantize then the tilestack backend). Per variant: compile time (the first call), median
+latency (CUDA events), throughput, peak memory of a steady-state call, the output's largest difference from
+eager's relative to eager's largest magnitude, and the backend's swap counts.
+
+Bars (issue 14), checked at the end: tilestack at least as fast as Inductor default and at least 1.3x eager on
+every model case; bf16 outputs within 1e-2 of eager (relative); fp8 weights-and-activations GEMM at least 1.4x
+the bf16 GEMM on GPT-2's linear layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODEL_CASES = ("gpt2-prefill", "gpt2-decode", "resnet50-b1", "resnet50-b64")
+CASES = MODEL_CASES + ("gemm",)
+VARIANTS = ("eager", "inductor", "inductor-max-autotune", "tilestack", "tilestack-max-autotune",
+            "tilestack-reduce-overhead", "tilestack-int8", "tilestack-fp8-act")
+QUICK_VARIANTS = ("eager", "inductor", "tilestack", "tilestack-int8")
+QUANT_VARIANTS = {"tilestack-int8": "int8", "tilestack-fp8-act": "fp8-act"}
+GEMM_VARIANTS = ("bf16-torch", "bf16-tilestack", "int8-w", "fp8-w", "fp8-act", "fp8-act-gemm-only")
+OUT_TOL = 1e-2            # bf16 outputs against eager, relative to eager's largest magnitude
+SPEEDUP_EAGER = 1.3
+FP8_SPEEDUP = 1.4
+
+
+# ---- the models --------------------------------------------------------------------------------------------------
+class GPTDecoder(nn.Module):
+    """One decoding step of a tilestack.bench.models.GPT against a static KV cache (per layer (B, H, L, hd)):
+    token ids (B, 1) at position ``pos`` (a 0-d int64 tensor, so that every position runs one compiled graph)
+    -> next-token logits (B, V)."""
+
+    def __init__(self, gpt, batch: int, length: int):
+        super().__init__()
+        self.gpt, self.length = gpt, length
+        cfg = gpt.cfg
+        hd = cfg.d // cfg.n_head
+        p = next(gpt.parameters())
+        for i in range(cfg.n_layer):
+            # a prompt's keys and values, as if prefilled: random, scaled like the projections' outputs
+            self.register_buffer(f"k{i}", 0.5 * torch.randn(batch, cfg.n_head, length, hd, device=p.device,
+                                                            dtype=p.dtype))
+            self.register_buffer(f"v{i}", 0.5 * torch.randn(batch, cfg.n_head, length, hd, device=p.device,
+                                                            dtype=p.dtype))
+
+    def forward(self, idx, pos):
+        gpt = self.gpt
+        B, d, H = idx.shape[0], gpt.cfg.d, gpt.cfg.n_head
+        at = pos.view(1)
+        h = gpt.wte(idx) + gpt.wpe(at)                                      # (B, 1, d)
+        seen = (torch.arange(self.length, device=idx.device) <= pos).view(1, 1, 1, self.length)
+        for i, block in enumerate(gpt.h):
+            q, k, v = block.attn.c_attn(block.ln_1(h)).split(d, dim=2)     # (B, 1, d) each
+            q, k, v = (t.view(B, 1, H, d // H).transpose(1, 2) for t in (q, k, v))   # (B, H, 1, hd)
+            kc, vc = getattr(self, f"k{i}"), getattr(self, f"v{i}")
+            kc.index_copy_(2, at, k)
+            vc.index_copy_(2, at, v)
+            y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=seen)  # (B, H, 1, hd)
+            h = h + block.attn.c_proj(y.transpose(1, 2).reshape(B, 1, d))
+            h = h + block.mlp.c_proj(F.gelu(block.mlp.c_fc(block.ln_2(h)), approximate="tanh"))
+        return F.linear(gpt.ln_f(h), gpt.wte.weight)[:, -1]               # (B, V)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int):
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return F.relu(y + (x if self.down is None else self.down(x)))
+
+
+class ResNet(nn.Module):
+    """ResNet-50's architecture (depths 3-4-6-3, widths 64-128-256-512) when torchvision is not installed;
+    ``base``/``depths`` shrink it for --quick."""
+
+    def __init__(self, depths=(3, 4, 6, 3), base: int = 64, classes: int = 1000):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, base, 7, 2, 3, bias=False), nn.BatchNorm2d(base), nn.ReLU(),
+                                  nn.MaxPool2d(3, 2, 1))
+        blocks, cin = [], base
+        for stage, depth in enumerate(depths):
+            width = base * 2**stage
+            for b in range(depth):
+                blocks.append(Bottleneck(cin, width, 2 if b == 0 and stage > 0 else 1))
+                cin = width * Bottleneck.expansion
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1), 1))
+
+
+def resnet50(quick: bool) -> nn.Module:
+    if quick:
+        return ResNet(depths=(1, 1, 1, 1), base=8, classes=10)
+    try:
+        import torchvision
+        return torchvision.models.resnet50(weights=None)
+    except ImportError:
+        return ResNet()
+
+
+def build(case: str, quick: bool, device: str, dtype):
+    """(module, args, units per call, unit name)."""
+    from tilestack.bench.models import GPT, GPT2_SMALL, GPT2_TINY, make_batch
+
+    torch.manual_seed(0)
+    if case.startswith("gpt2"):
+        cfg = GPT2_TINY if quick else GPT2_SMALL
+        gpt = GPT(cfg, impl="torch").to(device=device, dtype=dtype).eval()
+        if case == "gpt2-prefill":
+            B, N = (2, 16) if quick else (8, 1024)
+            idx, _ = make_batch(cfg, B, N, device=device)
+            return gpt, (idx,), B * N, "tokens"
+        B, L = (4, 16) if quick else (32, 1024)
+        dec = GPTDecoder(gpt, B, L).eval()
+        idx = torch.randint(0, cfg.vocab, (B, 1), device=device)
+        return dec, (idx, torch.tensor(L - 1, device=device)), B, "tokens"
+    B = int(case.split("-b")[1])
+    B, size = (min(B, 2), 32) if quick else (B, 224)
+    model = resnet50(quick).to(device=device, dtype=dtype).eval()
+    x = torch.randn(B, 3, size, size, device=device, dtype=dtype)
+    if device == "cuda":
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    return model, (x,), B, "images"
+
+
+def prepare(variant: str, model: nn.Module, args, passes=None):
+    """The callable to time for a variant, and a note. ``passes``: the tilestack backend's passes (None: all)."""
+    import tilestack
+
+    if variant == "eager":
+        return model, ""
+    if variant.startswith("inductor"):
+        mode = "max-autotune" if variant.endswith("max-autotune") else None
+        return torch.compile(model, mode=mode), ""
+    if variant in QUANT_VARIANTS:
+        mode = QUANT_VARIANTS[variant]
+        calib = [args] if mode == "fp8-act" else None      # calibrated on the benchmark batch itself
+        model = tilestack.quantize(copy.deepcopy(model), mode, calibration=calib)
+        return tilestack.optimize(model, passes=passes), f"quantized {mode}"
+    mode = {"tilestack": None, "tilestack-max-autotune": "max-autotune",
+            "tilestack-reduce-overhead": "reduce-overhead"}[variant]
+    return tilestack.optimize(model, mode=mode, passes=passes), ""
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_model_case(case: str, variant: str, quick: bool, passes=None) -> dict:
+    from tilestack.perf.timing import time_fn
+
+    device = "cuda" if torch.cuda.is_available() and not quick else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, args, units, unit = build(case, quick, device, dtype)
+    with torch.no_grad():
+        want = model(*args).float()
+        if case == "gpt2-decode":      # the step wrote the cache: run it again so both see the same cache
+            want = model(*args).float()
+        fn, note = prepare(variant, model, args, passes)
+        t0 = time.perf_counter()
+        got = fn(*args)
+        _sync(device)
+        compile_s = time.perf_counter() - t0
+        got = fn(*args).float()
+        err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+        timing = time_fn(fn, args_sets=[args], budget_s=2.0 if quick else 10.0)
+        peak = None
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            fn(*args)
+            _sync(device)
+            peak = torch.cuda.max_memory_allocated() / 2**30
+    swaps = {}
+    if variant.startswith("tilestack"):
+        import tilestack.compile as tc
+        for r in tc.reports():
+            for k, v in r.swapped.items():
+                swaps[k] = swaps.get(k, 0) + v
+    lat = timing.median_s
+    return dict(case=case, variant=variant, device=device, dtype=str(dtype).removeprefix("torch."),
+                compile_s=compile_s, latency_ms=lat * 1e3, throughput=units / lat, unit=f"{unit}/s",
+                peak_gib=peak, max_rel_err=err, swaps=swaps, note=note, rel_ci=timing.rel_ci)
+
+
+# ---- the GEMMs ----------------------------------------------------------------------------------------------------
+def gemm_shapes(quick: bool):
+    """(name, M, K, N) of GPT-2 small's linear layers at B x N = 8 x 1024 rows."""
+    if quick:
+        return [("c_attn", 32, 32, 96), ("c_fc", 32, 32, 128)]
+    M, d = 8 * 1024, 768
+    return [("c_attn", M, d, 3 * d), ("attn.c_proj", M, d, d), ("mlp.c_fc", M, d, 4 * d), ("mlp.c_proj", M, 4 * d, d)]
+
+
+def run_gemm_case(quick: bool) -> list[dict]:
+    from tilestack.kernels import gemm
+    from tilestack.perf.timing import time_fn
+    from tilestack.quant import quantize_weight, quantized_linear
+    from tilestack.quant.gemm import activation_scale, qgemm_kernel, quantize_fp8_kernel
+
+    device = "cuda" if torch.cuda.is_available() and not quick else "cpu"
+    dtype = torch.bfloat16
+    rows = []
+    for name, M, K, N in gemm_shapes(quick):
+        torch.manual_seed(0)
+        x = torch.randn(M, K, device=device, dtype=dtype)
+        w = (torch.randn(N, K, device=device) * K**-0.5).to(dtype)
+        wt = w.t().contiguous()                                            # (K, N) for tilestack's gemm
+        want = (x.float() @ w.float().T)
+        q8, s8 = quantize_weight(w, "int8")
+        qf, sf = quantize_weight(w, "fp8")
+        xs = activation_scale(float(x.abs().max()))
+        xq = torch.empty(M, K, device=device, dtype=torch.float8_e4m3fn)
+        quantize_fp8_kernel(x, xq, 1.0 / xs)
+        yq = torch.empty(M, N, device=device, dtype=dtype)
+        P = functools.partial
+        fns = {
+            "bf16-torch": P(F.linear, x, w),
+            "bf16-tilestack": P(gemm, x, wt),
+            "int8-w": P(quantized_linear, x, q8, s8),
+            "fp8-w": P(quantized_linear, x, qf, sf),
+            "fp8-act": P(quantized_linear, x, qf, sf, x_scale=xs),
+            "fp8-act-gemm-only": P(qgemm_kernel, xq, qf, sf, sf, yq, xs),   # writes yq, returns None
+        }
+        base = None
+        for variant, fn in fns.items():
+            out = fn()
+            out = yq if out is None else out
+            err = float((out.float() - want).abs().max() / want.abs().max())
+            t = time_fn(fn, args_sets=[()], budget_s=1.0 if quick else 3.0, device=device)
+            base = t.median_s if variant == "bf16-torch" else base
+            rows.append(dict(case="gemm", variant=variant, shape=f"{name} {M}x{K}x{N}", latency_ms=t.median_s * 1e3,
+                             tflops=2 * M * N * K / t.median_s / 1e12, speedup_vs_bf16=base / t.median_s,
+                             max_rel_err=err, device=device))
+    return rows
+
+
+# ---- the driver ---------------------------------------------------------------------------------------------------
+def worker(case: str, variant: str, quick: bool, passes=None) -> list[dict]:
+    from tilestack import config
+
+    if quick:   # tilestack's kernels on CPU tensors: the reference executor (the backend swaps only then)
+        config.knobs.backend = "reference"
+    try:
+        return run_gemm_case(quick) if case == "gemm" else [run_model_case(case, variant, quick, passes)]
+    except Exception as e:   # one failed case must not hide the others' results
+        return [dict(case=case, variant=variant, error=f"{type(e).__name__}: {str(e)[:500]}")]
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def print_results(rows: list[dict]) -> None:
+    for case in dict.fromkeys(r["case"] for r in rows):
+        print(f"\n== {case}")
+        for r in (r for r in rows if r["case"] == case):
+            if "error" in r:
+                print(f"  {r['variant']:<26} ERROR {r['error']}")
+            elif case == "gemm":
+                print(f"  {r['shape']:<28} {r['variant']:<18} {r['latency_ms']:8.3f} ms {r['tflops']:7.1f} TFLOP/s "
+                      f"x{r['speedup_vs_bf16']:.2f} vs bf16  err {r['max_rel_err']:.1e}")
+            else:
+                print(f"  {r['variant']:<26} compile {r['compile_s']:6.1f} s  {r['latency_ms']:9.3f} ms  "
+                      f"{r['throughput']:12.1f} {r['unit']:<9} peak {_fmt(r['peak_gib'], '.2f')} GiB  "
+                      f"err {r['max_rel_err']:.1e}  {r['swaps'] or ''} {r['note']}")
+
+
+def check_bars(rows: list[dict]) -> list[str]:
+    lines = []
+    for case in MODEL_CASES:
+        got = {r["variant"]: r for r in rows if r["case"] == case and "error" not in r}
+        if "tilestack" not in got:
+            continue
+        ts = got["tilestack"]["latency_ms"]
+        if "eager" in got:
+            s = got["eager"]["latency_ms"] / ts
+            lines.append(f"{case}: tilestack {s:.2f}x eager ({'ok' if s >= SPEEDUP_EAGER else 'MISSED'}, bar "
+                         f"{SPEEDUP_EAGER}x)")
+        if "inductor" in got:
+            s = got["inductor"]["latency_ms"] / ts
+            lines.append(f"{case}: tilestack {s:.2f}x Inductor default ({'ok' if s >= 1.0 else 'MISSED'})")
+        err = got["tilestack"]["max_rel_err"]
+        lines.append(f"{case}: tilestack output vs eager {err:.1e} ({'ok' if err <= OUT_TOL else 'MISSED'}, "
+                     f"bar {OUT_TOL})")
+    for r in rows:
+        if r["case"] == "gemm" and r.get("variant") == "fp8-act":
+            s = r["speedup_vs_bf16"]
+            lines.append(f"gemm {r['shape']}: fp8 weights+activations {s:.2f}x bf16 "
+                         f"({'ok' if s >= FP8_SPEEDUP else 'MISSED'}, bar {FP8_SPEEDUP}x)")
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--variants", default=None, help=f"comma-separated, from {VARIANTS}")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes on the CPU")
+    ap.add_argument("--in-process", action="store_true", help="run every case in this process")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--passes", default=None, help="the tilestack backend's passes, comma-separated (default: all "
+                    "of tilestack.compile.PASSES), e.g. norm,add_norm to leave attention to Inductor")
+    ap.add_argument("--worker", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        passes = a.passes.split(",") if a.passes else None
+        print("RESULT " + json.dumps(worker(a.worker[0], a.worker[1], a.quick, passes)))
+        return 0
+    cases = [c for c in a.cases.split(",") if c]
+    variants = a.variants.split(",") if a.variants else list(QUICK_VARIANTS if a.quick else VARIANTS)
+    bad = [c for c in cases if c not in CASES] + [v for v in variants if v not in VARIANTS]
+    if bad:
+        ap.error(f"unknown cases or variants {bad}; cases: {CASES}, variants: {VARIANTS}")
+    jobs = [(c, "-") if c == "gemm" else (c, v) for c in cases for v in (["-"] if c == "gemm" else variants)
+            if not (v in QUANT_VARIANTS and not c.startswith("gpt2"))]
+    rows: list[dict] = []
+    for case, variant in jobs:
+        print(f"[bench_inference] {case} {variant}", file=sys.stderr, flush=True)
+        if a.in_process:
+            rows += worker(case, variant, a.quick, a.passes.split(",") if a.passes else None)
+            continue
+        cmd = [sys.executable, __file__, "--worker", case, variant] + (["--quick"] if a.quick else []) + (
+            ["--passes", a.passes] if a.passes else [])
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+        if p.returncode or not lines:
+            rows.append(dict(case=case, variant=variant, error=f"exit {p.returncode}: {p.stderr[-500:]}"))
+        else:
+            rows += json.loads(lines[-1][len("RESULT "):])
+    print_results(rows)
+    bars = check_bars(rows)
+    if bars:
+        print("\n== bars\n  " + "\n  ".join(bars))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(rows=rows, bars=bars, argv=sys.argv[1:], torch=torch.__version__), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
