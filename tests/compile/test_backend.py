@@ -190,3 +190,16 @@ def test_torch_compile_by_name_through_inductor():
     assert report.swapped == {"norm": 1} and report.inner == "inductor", str(report)
     assert "no epilogue" in report.left_why["linear"]
     torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_passes_subset_runs_in_canonical_order():
+    """norm before add_norm as asked: add_norm still runs first, so the residual add is fused."""
+    ln = nn.LayerNorm(8)
+
+    def f(a, b):
+        return ln(a + b)
+
+    a, b = torch.randn(3, 8), torch.randn(3, 8)
+    got = tilestack.optimize(f, inner="aot_eager", passes=["norm", "add_norm"])(a, b)
+    assert tc.last_report().swapped == {"add_norm": 1}, str(tc.last_report())
+    torch.testing.assert_close(got, f(a, b), rtol=1e-5, atol=1e-5)

@@ -9,8 +9,8 @@ ops carry their own backward, so training graphs work too).
 
 Options (``options=``): ``check`` (bool: test every rewrite on random inputs first, and keep the original
 where the test fails), ``inner`` ("inductor", "aot_eager" or "eager"), ``passes`` (names, a subset of
-``PASSES`` in their order); any other key is an Inductor config patch. ``mode`` is Inductor's
-("reduce-overhead" captures the result in CUDA graphs; "max-autotune").
+``PASSES``, run in PASSES' order whatever the order given); any other key is an Inductor config patch.
+``mode`` is Inductor's ("reduce-overhead" captures the result in CUDA graphs; "max-autotune").
 """
 
 from __future__ import annotations
@@ -45,10 +45,11 @@ def last_report() -> Report:
 
 def run_passes(gm: fx.GraphModule, *, passes=None, check: bool = False, inner: str = "inductor") -> Report:
     """Rewrite ``gm`` in place with the named passes (all of ``PASSES`` by default) and say what happened."""
-    names = list(PASSES) if passes is None else list(passes)
-    unknown = [n for n in names if n not in PASSES]
+    chosen = list(PASSES) if passes is None else list(passes)
+    unknown = [n for n in chosen if n not in PASSES]
     if unknown:
         raise LaunchError(f"tilestack backend: passes {unknown} unknown; expected names from {list(PASSES)}")
+    names = [n for n in PASSES if n in chosen]        # PASSES' order: add_norm must see the adds before norm runs
     report = Report(graph=f"#{len(_reports)}", inner=inner)
     declined_nodes: dict[fx.Node, str] = {}
     for name in names:
