@@ -36,7 +36,7 @@ def run(
     strategy: str = typer.Option(
         "fedavg",
         help="fedavg, fedprox, fedadam, fedyogi, fedmedian, trimmedmean, krum, "
-        "multikrum, bulyan, dp-fedavg, scaffold, fednova, fedbn, ifca",
+        "multikrum, bulyan, dp-fedavg, scaffold, fednova, fedbn, ifca, qfedavg, cfl",
     ),  # fmt: skip
     rounds: int = typer.Option(20, min=1),
     clients: int = typer.Option(30, min=1, help="number of clients (partitions)"),
@@ -49,7 +49,10 @@ def run(
     beta: float = typer.Option(1.0, help="Synthetic(alpha, beta): data heterogeneity"),
     partitioner: str = typer.Option("iid", help="blobs: iid, dirichlet, shards, quantity"),
     partition_alpha: float = typer.Option(0.5, help="Dirichlet concentration"),
-    model: str = typer.Option("logreg", help="logreg or mlp"),
+    model: str = typer.Option("logreg", help="logreg, mlp, or the PyTorch cnn or transformer (digits: 8x8 images)"),
+    batch_size: int = typer.Option(10, min=1, help="local minibatch size"),
+    q: float = typer.Option(1.0, help="qfedavg: fairness exponent q (0: FedAvg)"),
+    compress: str = typer.Option("", help="compress client updates: topk:RATIO (with error feedback) or int8"),
     local_epochs: float = typer.Option(20.0, help="local epochs per round"),
     local_steps: int = typer.Option(0, help="fixed local SGD steps per round instead of epochs (0: use epochs)"),
     lr: float = typer.Option(0.01),
@@ -112,6 +115,7 @@ def run(
             seed=seed, alpha=alpha, beta=beta, partitioner=partitioner,
             partition_alpha=partition_alpha, model=model, lr=lr, local_epochs=local_epochs,
             local_steps=local_steps or None, malicious_fraction=malicious, attack=attack, groups=clusters,
+            batch_size=batch_size,
         )  # fmt: skip
         if trace is not None:
             system = SystemModel.from_trace(trace, dropout=dropout, straggler_fraction=stragglers,
@@ -132,7 +136,12 @@ def run(
                               eval_fraction=eval_fraction,
                               proximal_mu=mu, server_lr=server_lr, num_malicious=int(malicious * per_round),
                               num_clusters=clusters, noise_multiplier=noise, clipping_norm=clip,
-                              accountant=accountant)  # fmt: skip
+                              accountant=accountant, q=q, client_lr=lr)  # fmt: skip
+        if compress:
+            from tilestack.federated.compression import Compressed, parse
+
+            method, ratio = parse(compress)
+            strat = Compressed(strat, method, ratio)
     except ValueError as ex:
         raise typer.BadParameter(str(ex)) from ex
     if selection == "random":
@@ -225,3 +234,43 @@ def _parse_faults(text: str) -> tuple[tuple[int, str], ...]:
             raise ValueError(f"faults entry {item!r}; expected PARTITION:KIND, e.g. 1:crash")
         out.append((int(pid), kind.strip()))
     return tuple(out)
+
+
+@fl.command("bench")
+def bench(
+    size: str = typer.Option("default", help="default (minutes on a 2-core CPU) or full (adds the PyTorch CNN)"),
+    seeds: int = typer.Option(0, min=0, help="number of seeds (0: the size's own)"),
+    rounds: int = typer.Option(0, min=0, help="rounds per run (0: the size's own)"),
+    workers: int = typer.Option(0, min=0, help="processes (0: one per core)"),
+    doc: Path = typer.Option(Path("docs/federated.md"), help="markdown file that gets the table"),
+    img: Path = typer.Option(Path("docs/img"), help="folder for the plot"),
+) -> None:
+    """Methods by heterogeneity level over fixed tasks, partitions, system profiles and seeds: one table."""
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    import dataclasses
+    import logging
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tilestack.federated.bench import BenchSpec, run_bench, write_report
+
+    logging.getLogger("flwr").setLevel(logging.CRITICAL)
+    if size not in ("default", "full"):
+        raise typer.BadParameter(f"size={size!r}; expected default or full", param_hint="--size")
+    spec = BenchSpec.default() if size == "default" else BenchSpec.full()
+    if seeds:
+        spec = dataclasses.replace(spec, seeds=tuple(range(seeds)))
+    if rounds:
+        spec = dataclasses.replace(spec, rounds=rounds)
+    console = Console()
+    t0 = time.perf_counter()
+    with Progress(TextColumn("[bold]fl bench[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:  # fmt: skip
+        bar = progress.add_task("cells", total=len(spec.cells()))
+        cells = run_bench(spec, workers=workers or os.cpu_count() or 1, on_cell=lambda c: progress.advance(bar))
+    seconds = time.perf_counter() - t0
+    write_report(spec, cells, doc, img, seconds=seconds)
+    console.print(f"{len(cells)} runs in {seconds:.0f} s; table written to {doc}, plot to {img / 'fl_bench.png'}")
