@@ -5,6 +5,7 @@ layers. Each (case, variant) runs in a process of its own (compile caches and me
     PYTHONPATH=src python3 scripts/bench_inference.py                        # everything (H200; about 30 min)
     PYTHONPATH=src python3 scripts/bench_inference.py --cases gpt2-prefill --variants eager,inductor,tilestack
     PYTHONPATH=src python3 scripts/bench_inference.py --cases gemm           # the fp8 bar alone (no compiling)
+    PYTHONPATH=src python3 scripts/bench_inference.py --cases gemm --gemm-sweep   # and the fp8 GEMM's best config
     PYTHONPATH=src python3 scripts/bench_inference.py --quick                # tiny sizes on the CPU (a check)
     PYTHONPATH=src python3 scripts/bench_inference.py --json results.json
 
@@ -239,7 +240,12 @@ def gemm_shapes(quick: bool):
     return [("c_attn", M, d, 3 * d), ("attn.c_proj", M, d, d), ("mlp.c_fc", M, d, 4 * d), ("mlp.c_proj", M, 4 * d, d)]
 
 
-def run_gemm_case(quick: bool) -> list[dict]:
+SWEEP = [dict(BM=bm, BN=bn, BK=bk, num_warps=nw, num_stages=ns) for bm in (64, 128) for bn in (128, 256)
+         for bk in (64, 128) for nw in (4, 8) for ns in (3, 4)]
+
+
+def run_gemm_case(quick: bool, sweep: bool = False) -> list[dict]:
+    """Per GPT-2 linear shape, each variant's time; with ``sweep`` also the fp8 GEMM's best config of SWEEP."""
     from tilestack.kernels import gemm
     from tilestack.perf.timing import time_fn
     from tilestack.quant import quantize_weight, quantized_linear
@@ -279,17 +285,32 @@ def run_gemm_case(quick: bool) -> list[dict]:
             rows.append(dict(case="gemm", variant=variant, shape=f"{name} {M}x{K}x{N}", latency_ms=t.median_s * 1e3,
                              tflops=2 * M * N * K / t.median_s / 1e12, speedup_vs_bf16=base / t.median_s,
                              max_rel_err=err, device=device))
+        if sweep and not quick:
+            best = None
+            for cfg in SWEEP:
+                try:
+                    t = time_fn(functools.partial(qgemm_kernel, xq, qf, sf, sf, yq, xs, **cfg), args_sets=[()],
+                                budget_s=0.5, device=device)
+                except Exception:   # a config past the shared-memory or register limit
+                    continue
+                if best is None or t.median_s < best[0]:
+                    best = (t.median_s, cfg)
+            if best is not None:
+                rows.append(dict(case="gemm", variant="fp8-gemm-best", shape=f"{name} {M}x{K}x{N}",
+                                 latency_ms=best[0] * 1e3, tflops=2 * M * N * K / best[0] / 1e12,
+                                 speedup_vs_bf16=base / best[0], max_rel_err=float("nan"), device=device,
+                                 note=str(best[1])))
     return rows
 
 
 # ---- the driver ---------------------------------------------------------------------------------------------------
-def worker(case: str, variant: str, quick: bool, passes=None) -> list[dict]:
+def worker(case: str, variant: str, quick: bool, passes=None, sweep: bool = False) -> list[dict]:
     from tilestack import config
 
     if quick:   # tilestack's kernels on CPU tensors: the reference executor (the backend swaps only then)
         config.knobs.backend = "reference"
     try:
-        return run_gemm_case(quick) if case == "gemm" else [run_model_case(case, variant, quick, passes)]
+        return run_gemm_case(quick, sweep) if case == "gemm" else [run_model_case(case, variant, quick, passes)]
     except Exception as e:   # one failed case must not hide the others' results
         return [dict(case=case, variant=variant, error=f"{type(e).__name__}: {str(e)[:500]}")]
 
@@ -306,7 +327,7 @@ def print_results(rows: list[dict]) -> None:
                 print(f"  {r['variant']:<26} ERROR {r['error']}")
             elif case == "gemm":
                 print(f"  {r['shape']:<28} {r['variant']:<18} {r['latency_ms']:8.3f} ms {r['tflops']:7.1f} TFLOP/s "
-                      f"x{r['speedup_vs_bf16']:.2f} vs bf16  err {r['max_rel_err']:.1e}")
+                      f"x{r['speedup_vs_bf16']:.2f} vs bf16  err {r['max_rel_err']:.1e} {r.get('note', '')}")
             else:
                 print(f"  {r['variant']:<26} compile {r['compile_s']:6.1f} s  {r['latency_ms']:9.3f} ms  "
                       f"{r['throughput']:12.1f} {r['unit']:<9} peak {_fmt(r['peak_gib'], '.2f')} GiB  "
@@ -331,9 +352,9 @@ def check_bars(rows: list[dict]) -> list[str]:
         lines.append(f"{case}: tilestack output vs eager {err:.1e} ({'ok' if err <= OUT_TOL else 'MISSED'}, "
                      f"bar {OUT_TOL})")
     for r in rows:
-        if r["case"] == "gemm" and r.get("variant") == "fp8-act":
+        if r["case"] == "gemm" and r.get("variant") in ("fp8-act", "fp8-gemm-best"):
             s = r["speedup_vs_bf16"]
-            lines.append(f"gemm {r['shape']}: fp8 weights+activations {s:.2f}x bf16 "
+            lines.append(f"gemm {r['shape']}: {r['variant']} {s:.2f}x bf16 "
                          f"({'ok' if s >= FP8_SPEEDUP else 'MISSED'}, bar {FP8_SPEEDUP}x)")
     return lines
 
@@ -345,13 +366,14 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sizes on the CPU")
     ap.add_argument("--in-process", action="store_true", help="run every case in this process")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--gemm-sweep", action="store_true", help="also search the fp8 GEMM's config (about a minute)")
     ap.add_argument("--passes", default=None, help="the tilestack backend's passes, comma-separated (default: all "
                     "of tilestack.compile.PASSES), e.g. norm,add_norm to leave attention to Inductor")
     ap.add_argument("--worker", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         passes = a.passes.split(",") if a.passes else None
-        print("RESULT " + json.dumps(worker(a.worker[0], a.worker[1], a.quick, passes)))
+        print("RESULT " + json.dumps(worker(a.worker[0], a.worker[1], a.quick, passes, a.gemm_sweep)))
         return 0
     cases = [c for c in a.cases.split(",") if c]
     variants = a.variants.split(",") if a.variants else list(QUICK_VARIANTS if a.quick else VARIANTS)
@@ -364,10 +386,10 @@ def main(argv=None) -> int:
     for case, variant in jobs:
         print(f"[bench_inference] {case} {variant}", file=sys.stderr, flush=True)
         if a.in_process:
-            rows += worker(case, variant, a.quick, a.passes.split(",") if a.passes else None)
+            rows += worker(case, variant, a.quick, a.passes.split(",") if a.passes else None, a.gemm_sweep)
             continue
         cmd = [sys.executable, __file__, "--worker", case, variant] + (["--quick"] if a.quick else []) + (
-            ["--passes", a.passes] if a.passes else [])
+            ["--passes", a.passes] if a.passes else []) + (["--gemm-sweep"] if a.gemm_sweep else [])
         p = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
         if p.returncode or not lines:

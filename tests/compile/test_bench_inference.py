@@ -1,0 +1,42 @@
+"""scripts/bench_inference.py measures what it says: its KV-cache decoder gives the full model's next-token
+logits, and its GEMM case runs every variant at --quick sizes."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from tilestack.bench.models import GPT, GPT2_TINY
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_inference.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("bench_inference", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_decoder_matches_the_full_forward():
+    bench = _script()
+    torch.manual_seed(0)
+    gpt = GPT(GPT2_TINY, impl="torch").eval()
+    B, L = 3, 9
+    idx = torch.randint(0, GPT2_TINY.vocab, (B, L))
+    dec = bench.GPTDecoder(gpt, B, L)
+    with torch.no_grad():
+        for pos in range(L):                     # prefill the cache token by token
+            got = dec(idx[:, pos:pos + 1], torch.tensor(pos))
+        want = gpt(idx)[:, -1]                   # (B, V)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_gemm_case_quick():
+    bench = _script()
+    rows = bench.run_gemm_case(quick=True)
+    assert {r["variant"] for r in rows} == set(bench.GEMM_VARIANTS)
+    for r in rows:   # every variant approximates the bf16 product as its format allows
+        assert r["max_rel_err"] < (1e-2 if r["variant"].startswith(("bf16", "int8")) else 0.1), r
