@@ -125,6 +125,16 @@ def _run_cell_args(args: tuple[BenchSpec, tuple]) -> Cell:
     return run_cell(*args)
 
 
+def _quiet_worker() -> None:
+    """A worker process: one BLAS thread, and Flower's per-round notices off (they would break the bar)."""
+    import logging
+
+    import torch
+
+    torch.set_num_threads(1)
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+
+
 def run_bench(spec: BenchSpec, *, workers: int = 1, on_cell=None) -> list[Cell]:
     """Every cell of ``spec``, in ``workers`` processes; ``on_cell(cell)`` after each."""
     if workers < 1:
@@ -139,7 +149,7 @@ def run_bench(spec: BenchSpec, *, workers: int = 1, on_cell=None) -> list[Cell]:
         return out
     import multiprocessing as mp
 
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_quiet_worker) as pool:
         for cell in pool.map(_run_cell_args, jobs, chunksize=1):
             out.append(cell)
             if on_cell:
