@@ -12,6 +12,7 @@ from __future__ import annotations
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.kernels._checks import check_out_memory, check_same_device, check_tensor, nothing_to_launch
+from tilestack.kernels._plan import planned
 from tilestack.tune.lookup import launch_config
 
 
@@ -56,11 +57,13 @@ def reference(a, b):
     return (a.float() @ b.float()).to(a.dtype)
 
 
+@planned
 def gemm(a, b, *, out=None, backend: str | None = None, **config):
     """C = A @ B for 2-D bf16/f16 tensors of any size, accumulated in f32.
 
     ``out`` (optional) must not share memory with a or b nor require grad. Empty problems launch nothing
-    (K = 0 gives zeros); meta tensors give a meta result of the right shape."""
+    (K = 0 gives zeros); meta tensors give a meta result of the right shape. Checks, config and launcher are
+    planned once per launch signature (``kernels._plan``); only ``out``'s memory is checked on every call."""
     import torch
 
     check_tensor("gemm", "a", a, rank=2, dtypes=(torch.bfloat16, torch.float16))
@@ -68,22 +71,31 @@ def gemm(a, b, *, out=None, backend: str | None = None, **config):
     if a.shape[1] != b.shape[0]:
         raise LaunchError(f"gemm: a is {tuple(a.shape)} and b is {tuple(b.shape)}; a.shape[1] must equal "
                           "b.shape[0]")
+    shape = (a.shape[0], b.shape[1])
     if out is not None:
         check_tensor("gemm", "out", out, rank=2, dtypes=(a.dtype,))
-        if tuple(out.shape) != (a.shape[0], b.shape[1]):
-            raise LaunchError(f"gemm: out is {tuple(out.shape)}; expected (a.shape[0], b.shape[1]) = "
-                              f"{(a.shape[0], b.shape[1])}")
+        if tuple(out.shape) != shape:
+            raise LaunchError(f"gemm: out is {tuple(out.shape)}; expected (a.shape[0], b.shape[1]) = {shape}")
     check_same_device("gemm", a=a, b=b, out=out)
-    if out is None:
-        out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
-    else:
+
+    def output(a, b, out):
+        if out is None:
+            return torch.empty(shape, dtype=a.dtype, device=a.device)
         check_out_memory("gemm", out, a=a, b=b)
-    if nothing_to_launch(out, a):
+        return out
+
+    if nothing_to_launch(output(a, b, out), a):
         # (M, 0) @ (0, N) is a sum of nothing: zeros
-        return out.zero_() if a.shape[1] == 0 else out
+        return lambda a, b, *, out=None, **_: (output(a, b, out).zero_() if a.shape[1] == 0
+                                                else output(a, b, out))
     cfg = gemm_config(a.shape[0], b.shape[1], a.shape[1], a.dtype, a.device) | config
-    gemm_kernel(a, b, out, backend=backend, **cfg)
-    return out
+    launch = gemm_kernel.launcher_for((a, b, output(a, b, out)), backend, **cfg)
+
+    def run(a, b, *, out=None, **_):
+        c = output(a, b, out)
+        launch((a, b, c))
+        return c
+    return run
 
 
 def gemm_config(m: int, n: int, k: int, dtype, device) -> dict:

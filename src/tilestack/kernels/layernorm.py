@@ -12,6 +12,7 @@ import math
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.kernels._checks import check_real, check_same_device, check_tensor, nothing_to_launch
+from tilestack.kernels._plan import planned
 from tilestack.kernels.softmax import resolve_row_config
 
 
@@ -89,11 +90,12 @@ def reference(x, weight, bias, eps: float = 1e-5):
     return torch.nn.functional.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).to(x.dtype)
 
 
+@planned
 def layer_norm(x, weight, bias, eps: float = 1e-5, *, backend: str | None = None, **config):
     """(y, mean, rstd) of layer norm over the last dim of a 2-D tensor; weight and bias of shape (N,).
 
     Empty tensors launch nothing (rows of width 0 give mean 0 and rstd NaN, as torch.native_layer_norm); meta
-    tensors give meta results of the right shapes."""
+    tensors give meta results of the right shapes. Planned once per launch signature (``kernels._plan``)."""
     import torch
 
     floats = (torch.float32, torch.bfloat16, torch.float16)
@@ -105,14 +107,24 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, *, backend: str | None = None
             raise LaunchError(f"layer_norm: {name} has {t.shape[0]} elements; expected x.shape[1] = {x.shape[1]}")
     check_same_device("layer_norm", x=x, weight=weight, bias=bias)
     eps = check_real("layer_norm", "eps", eps, minimum=0.0)
-    y = torch.empty_like(x)
-    mean = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-    rstd = torch.empty_like(mean)
+
+    def outputs(x):
+        mean = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        return torch.empty_like(x), mean, torch.empty_like(mean)
+
     cfg = resolve_row_config("layer_norm", x.shape[1], x.device.type, config, x=x)
     if nothing_to_launch(x):
-        if x.device.type != "meta":              # width 0: the mean of nothing is 0, its 1/std undefined
-            mean.zero_()
-            rstd.fill_(math.nan)
+        def empty(x, *_, **__):
+            y, mean, rstd = outputs(x)
+            if x.device.type != "meta":          # width 0: the mean of nothing is 0, its 1/std undefined
+                mean.zero_()
+                rstd.fill_(math.nan)
+            return y, mean, rstd
+        return empty
+    launch = layer_norm_kernel.launcher_for((x, weight, bias, *outputs(x), eps), backend, **cfg)
+
+    def run(x, weight, bias, *_, **__):
+        y, mean, rstd = outputs(x)
+        launch((x, weight, bias, y, mean, rstd, eps))
         return y, mean, rstd
-    layer_norm_kernel(x, weight, bias, y, mean, rstd, eps, backend=backend, **cfg)
-    return y, mean, rstd
+    return run

@@ -11,6 +11,7 @@ import math
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.kernels._checks import check_out_memory, check_same_device, check_tensor, next_pow2, nothing_to_launch
+from tilestack.kernels._plan import planned
 from tilestack.tune.lookup import launch_config
 
 LOG2E = math.log2(math.e)
@@ -81,11 +82,12 @@ def reference(x):
     return torch.softmax(x.float(), dim=-1).to(x.dtype)
 
 
+@planned
 def softmax(x, *, out=None, backend: str | None = None, **config):
     """Softmax over the last dim of a 2-D f32/bf16/f16 tensor.
 
     ``out`` (optional) must not share memory with x nor require grad. Empty tensors launch nothing; meta
-    tensors give a meta result of the right shape."""
+    tensors give a meta result of the right shape. Planned once per launch signature (``kernels._plan``)."""
     import torch
 
     check_tensor("softmax", "x", x, rank=2, dtypes=(torch.float32, torch.bfloat16, torch.float16))
@@ -94,15 +96,24 @@ def softmax(x, *, out=None, backend: str | None = None, **config):
         if out.shape != x.shape:
             raise LaunchError(f"softmax: out is {tuple(out.shape)}; expected x's shape {tuple(x.shape)}")
     check_same_device("softmax", x=x, out=out)
-    if out is None:
-        out = torch.empty_like(x)
-    else:
+
+    def output(x, out):
+        if out is None:
+            return torch.empty_like(x)
         check_out_memory("softmax", out, x=x)
-    cfg = resolve_row_config("softmax", x.shape[1], x.device.type, config, x=x)
-    if nothing_to_launch(out):
         return out
-    softmax_kernel(x, out, backend=backend, **cfg)
-    return out
+
+    cfg = resolve_row_config("softmax", x.shape[1], x.device.type, config, x=x)
+    y = output(x, out)
+    if nothing_to_launch(y):
+        return lambda x, *, out=None, **_: output(x, out)
+    launch = softmax_kernel.launcher_for((x, y), backend, **cfg)
+
+    def run(x, *, out=None, **_):
+        y = output(x, out)
+        launch((x, y))
+        return y
+    return run
 
 
 def resolve_row_config(fn: str, n: int, device_type: str, config: dict, x=None) -> dict:
