@@ -60,3 +60,40 @@ def _train(kw: dict, steps: int) -> dict:
             grads = trainer.full_grads()
         trainer.optimizer_step()
     return dict(losses=losses, grads=grads, params=trainer.full_params())
+
+
+def ring_cases(rank: int, world_size: int) -> list[str]:
+    """ring_all_reduce against dist.all_reduce on this group and on a sub-group, ragged sizes, several chunk
+    counts; raises on the first mismatch. Returns the cases checked."""
+    import torch.distributed as dist
+
+    from tilestack.parallel import ring_all_gather, ring_all_reduce, ring_reduce_scatter
+    checked = []
+    sub = dist.new_group([0, world_size - 1])            # ranks 0 and W-1: global ranks differ from group ranks
+    for group, members in ((None, range(world_size)), (sub, [0, world_size - 1])):
+        if rank not in members:
+            continue
+        for numel in (0, 1, 2, 5, 1001):
+            for chunks in (1, 3, 8):
+                gen = torch.Generator().manual_seed(1000 * rank + numel)
+                ints = torch.randint(-2**40, 2**40, (numel,), generator=gen, dtype=torch.int64)
+                expect = ints.clone()
+                dist.all_reduce(expect, group=group)
+                got = ring_all_reduce(ints.clone(), group, chunks=chunks)
+                assert torch.equal(got, expect), f"int64 numel={numel} chunks={chunks}: {got} vs {expect}"
+                f = torch.randn((numel, 3), generator=gen)     # 2-D: reduced through a flat view
+                fe = f.clone()
+                dist.all_reduce(fe, group=group)
+                torch.testing.assert_close(ring_all_reduce(f.clone(), group, chunks=chunks), fe, rtol=1e-6, atol=1e-6)
+                checked.append(f"group={'sub' if group else 'world'} numel={numel} chunks={chunks}")
+        # reduce-scatter leaves rank r's segment (r + 1) mod W summed; all-gather with owned_shift=0 copies segment r
+        Wg, r = dist.get_world_size(group), dist.get_rank(group)
+        t = torch.arange(10, dtype=torch.int64) * (r + 1)
+        seg = ring_reduce_scatter(t, group)
+        total = sum(range(1, Wg + 1))
+        assert torch.equal(seg, (torch.arange(10) * total).tensor_split(Wg)[(r + 1) % Wg])
+        t = torch.zeros(10, dtype=torch.int64)
+        t.tensor_split(Wg)[r].fill_(r + 7)
+        ring_all_gather(t, group, owned_shift=0)
+        assert torch.equal(t, torch.cat([torch.full_like(s, i + 7) for i, s in enumerate(t.tensor_split(Wg))]))
+    return checked
