@@ -139,3 +139,40 @@ class Trainer:
                 out[name] = g.cpu().clone()
             return out
         return {name: _full(p.grad).cpu().clone() for name, p in named if p.grad is not None}
+
+
+def run_training(rank: int, world_size: int, spec: dict) -> dict:
+    """One rank of a timed training run (what ``tilestack train`` and scripts/parallel/bench_scaling.py start on
+    every rank). ``spec``: ``parallel`` (ParallelConfig keywords), ``model`` (ModelConfig keywords), ``batch``,
+    ``seq``, ``steps``, ``warmup``, ``lr``, ``dtype`` ("float32" or "bfloat16"), ``device`` ("cpu" or "cuda"),
+    ``progress`` (print a line per step on rank 0). Returns per-step losses and seconds, tokens/s after warm-up,
+    model FLOPs per token and the peak memory of this rank (bytes, CUDA only)."""
+    import time
+
+    from tilestack.parallel.model import ModelConfig, make_batch
+    pc = ParallelConfig(**spec.get("parallel", {}))
+    cfg = ModelConfig(**spec.get("model", {}))
+    batch, seq, steps = spec["batch"], spec["seq"], spec["steps"]
+    warmup = min(spec.get("warmup", 2), steps - 1)
+    device = torch.device("cuda", torch.cuda.current_device()) if spec.get("device") == "cuda" else torch.device("cpu")
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    pc.validate(world_size, model=cfg, batch=batch, seq=seq)
+    model = GPT(cfg, seed=spec.get("seed", 0)).to(device=device, dtype=dtype)
+    trainer = Trainer(model, pc, pc.build_mesh(device.type), lr=spec.get("lr", 1e-3))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    losses, seconds = [], []
+    tokens = batch * seq
+    for step in range(steps):
+        idx, targets = make_batch(cfg, batch, seq, seed=step)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        losses.append(trainer.step(idx, targets))           # .item() inside: the step has finished
+        seconds.append(time.perf_counter() - t0)
+        if spec.get("progress") and rank == 0:
+            print(f"step {step + 1}/{steps}  loss {losses[-1]:.4f}  {tokens / seconds[-1]:,.0f} tokens/s", flush=True)
+    timed = seconds[warmup:]
+    return dict(losses=losses, seconds=seconds, tokens_per_s=tokens * len(timed) / sum(timed),
+                flops_per_token=cfg.flops_per_token(seq), n_params=sum(p.numel() for p in model.parameters()),
+                peak_bytes=torch.cuda.max_memory_allocated() if device.type == "cuda" else None)

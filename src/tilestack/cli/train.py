@@ -1,0 +1,70 @@
+"""``tilestack train``: train the parallel GPT under any layout on this machine's CPUs (gloo) or GPUs (NCCL).
+
+    tilestack train --nproc 4 --dp 2 --tp 2 --sp --steps 20                   # DP x TP with sequence parallelism
+    tilestack train --nproc 2 --pp 2 --schedule interleaved-1f1b --stages-per-rank 2 --microbatches 4
+    tilestack train --nproc 8 --device cuda --dp-shard 8 --model 1.3b --seq 2048 --batch 8 --dtype bfloat16
+
+Prints a line per step (loss, tokens/s), then tokens/s after warm-up, MFU (model FLOPs per token from
+ModelConfig.flops_per_token over the device table's dense peak; none on a CPU) and peak memory per rank.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from tilestack.cli import app
+
+MODELS = ("tiny", "1.3b")
+
+
+@app.command("train")
+def train(
+    nproc: int = typer.Option(1, min=1, help="processes (ranks); one GPU each with --device cuda"),
+    device: str = typer.Option("cpu", help="cpu (gloo) or cuda (NCCL)"),
+    dp: int = typer.Option(1, min=1, help="replicated data parallel degree (DDP, or ZeRO with --zero)"),
+    dp_shard: int = typer.Option(1, min=1, help="fully sharded data parallel degree (FSDP2)"),
+    tp: int = typer.Option(1, min=1, help="tensor parallel degree"),
+    sp: bool = typer.Option(False, help="sequence parallelism on the tensor-parallel group"),
+    pp: int = typer.Option(1, min=1, help="pipeline stages (ranks)"),
+    schedule: str = typer.Option("1f1b", help="gpipe, 1f1b or interleaved-1f1b"),
+    stages_per_rank: int = typer.Option(1, min=1, help="virtual stages per rank (interleaved-1f1b)"),
+    microbatches: int = typer.Option(1, min=1),
+    recompute: str = typer.Option("none", help="none, selective or full"),
+    zero: int = typer.Option(0, help="ZeRO stage over dp: 0, 1 or 2"),
+    dp_comm: str = typer.Option("library", help="library or ring all-reduce for dp gradients"),
+    model: str = typer.Option("tiny", help="tiny (4 layers, d=32) or 1.3b (24 layers, d=2048)"),
+    batch: int = typer.Option(8, min=1, help="global batch, sequences"),
+    seq: int = typer.Option(32, min=1, help="tokens per sequence"),
+    steps: int = typer.Option(10, min=2),
+    lr: float = typer.Option(1e-3),
+    dtype: str = typer.Option("float32", help="float32 or bfloat16"),
+) -> None:
+    """Train the parallel GPT for --steps steps under the given degrees."""
+    from tilestack.parallel import GPT_1P3B, TINY, ParallelConfig, run_local
+    from tilestack.parallel.engine import run_training
+    if model not in MODELS:
+        raise typer.BadParameter(f"--model {model!r}; expected one of {MODELS}")
+    if dtype not in ("float32", "bfloat16"):
+        raise typer.BadParameter(f"--dtype {dtype!r}; expected float32 or bfloat16")
+    parallel = dict(dp=dp, dp_shard=dp_shard, tp=tp, sp=tp if sp else 1, pp=pp, pp_schedule=schedule,
+                    stages_per_rank=stages_per_rank, microbatches=microbatches, recompute=recompute, zero=zero,
+                    dp_comm=dp_comm)
+    cfg = TINY if model == "tiny" else GPT_1P3B
+    ParallelConfig(**parallel).validate(nproc, model=cfg, batch=batch, seq=seq)     # fail here, not in nproc children
+    spec = dict(parallel=parallel, model=cfg.__dict__, batch=batch, seq=seq, steps=steps, lr=lr, dtype=dtype,
+                device=device, progress=True)
+    results = run_local(run_training, nproc, (spec,), device=device)
+    r0 = results[0]
+    typer.echo(f"{nproc} ranks, {r0['n_params'] / 1e6:.2f} M parameters, final loss {r0['losses'][-1]:.4f}")
+    typer.echo(f"tokens/s {r0['tokens_per_s']:,.0f}")
+    peak = None
+    if device == "cuda":
+        from tilestack.perf.device import detect
+        dev = detect(0)
+        peak = dev.spec.peak("bf16" if dtype == "bfloat16" else "fp32") if dev.spec else None
+        mem = ", ".join(f"{r['peak_bytes'] / 2**30:.2f}" for r in results)
+        typer.echo(f"peak memory per rank (GiB): {mem}")
+    if peak:
+        typer.echo(f"MFU {r0['tokens_per_s'] * r0['flops_per_token'] / (nproc * peak):.1%}")
+    else:
+        typer.echo("MFU: no published peak for this device")
