@@ -33,8 +33,8 @@ def _checks_passed(report) -> bool:
 
 @pytest.mark.parametrize("Model,cfg,norm", [(GPT, GPT2_TINY, "layer_norm"), (Llama, LLAMA_TINY, "rms_norm")])
 def test_benchmark_models_forward_and_backward(Model, cfg, norm):
-    """Every attention and norm of the tiny benchmark models swapped (each check passed), the loss and every
-    gradient as eager's."""
+    """Every attention and norm of the tiny benchmark models, and the LM head's GEMM with the loss, swapped (each
+    check passed); the loss and every gradient as eager's."""
     torch.manual_seed(0)
     model = Model(cfg, impl="torch")
     batch = make_batch(cfg, 2, 8)
@@ -49,7 +49,8 @@ def test_benchmark_models_forward_and_backward(Model, cfg, norm):
     report = tc.last_report()
     # per layer: one attention, two norms with the residual add before them (the first layer's first norm has
     # no add before it in GPT's graph (the add there broadcasts positions), nor in Llama's (none at all))
-    assert report.swapped == {"sdpa": cfg.n_layer, "add_norm": 2 * cfg.n_layer, "norm": 1}, str(report)
+    assert report.swapped == {"sdpa": cfg.n_layer, "add_norm": 2 * cfg.n_layer, "norm": 1,
+                              "linear_cross_entropy": 1}, str(report)
     assert _checks_passed(report), str(report)
     assert f"tilestack::add_{norm}_fwd" in str(report)
     torch.testing.assert_close(loss2, loss, rtol=1e-5, atol=1e-6)
@@ -203,3 +204,25 @@ def test_passes_subset_runs_in_canonical_order():
     got = tilestack.optimize(f, inner="aot_eager", passes=["norm", "add_norm"])(a, b)
     assert tc.last_report().swapped == {"add_norm": 1}, str(tc.last_report())
     torch.testing.assert_close(got, f(a, b), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_cross_entropy_not_in_inference():
+    lm = nn.Linear(16, 40, bias=False)
+
+    def f(x, y):
+        return F.cross_entropy(lm(x).float(), y)
+
+    x, y = torch.randn(6, 16), torch.randint(0, 40, (6,))
+    with torch.no_grad():
+        tilestack.optimize(f, inner="aot_eager")(x, y)
+    report = tc.last_report()
+    assert report.swapped == {} and "an inference graph" in str(report), str(report)
+    torch._dynamo.reset()
+    got = tilestack.optimize(f, check=True, inner="aot_eager")(x.requires_grad_(), y)
+    assert tc.last_report().swapped == {"linear_cross_entropy": 1}, str(tc.last_report())
+    got.backward()
+    gx, gw = x.grad.clone(), lm.weight.grad.clone()
+    x.grad, lm.weight.grad = None, None
+    f(x, y).backward()
+    torch.testing.assert_close(gx, x.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, lm.weight.grad, rtol=1e-5, atol=1e-6)

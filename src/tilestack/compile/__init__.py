@@ -7,8 +7,8 @@
     print(tilestack.compile.last_report())                     # what was swapped, what was left and why
 
 The passes (``tilestack.compile.patterns.PASSES``): ``sdpa``, ``explicit_attention``, ``add_norm``, ``norm``,
-``softmax``. Linear layers stay with Inductor: ``tilestack.kernels.gemm`` has no epilogue yet (the report says
-so for each). See docs/inference.md.
+``softmax``, ``linear_cross_entropy`` (training graphs). Linear layers stay with Inductor:
+``tilestack.kernels.gemm`` has no epilogue yet (the report says so for each). See docs/inference.md.
 """
 
 from tilestack.compile.backend import last_report, optimize, register, reports, run_passes, tilestack_backend

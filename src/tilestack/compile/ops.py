@@ -16,6 +16,7 @@ from tilestack.torch.attention import attention_fwd_op
 from tilestack.torch.ops import (
     add_layer_norm_fwd_op,
     add_rms_norm_fwd_op,
+    fused_linear_cross_entropy_op,
     layer_norm_fwd_op,
     rms_norm_fwd_op,
 )
@@ -77,3 +78,8 @@ def ts_add_rms_norm(x, r, weight, eps: float):
 
 def ts_softmax(x):
     return softmax_op(x)
+
+
+def ts_linear_cross_entropy(x, weight, labels, ignore_index: int):
+    """Mean cross-entropy of x @ weight^T against labels: x (T, d), weight (V, d), labels (T,)."""
+    return fused_linear_cross_entropy_op(x, weight, labels, ignore_index)[0]
