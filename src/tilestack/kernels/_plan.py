@@ -27,6 +27,7 @@ from tilestack.lang.kernel import remember
 
 
 def plan_key(args: tuple, kwargs: dict) -> tuple:
+    """What a plan depends on (module docstring); a TypeError for an argument that cannot be a key."""
     return (tuple((a.dtype, a.shape, a.stride(), a.device, a.data_ptr() % 16 == 0)
                   if isinstance(a, torch.Tensor) else a for a in args),
             tuple((k, (v.dtype, v.shape, v.stride(), v.device, v.data_ptr() % 16 == 0)
