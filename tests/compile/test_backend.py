@@ -226,3 +226,20 @@ def test_linear_cross_entropy_not_in_inference():
     f(x, y).backward()
     torch.testing.assert_close(gx, x.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gw, lm.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_dynamic_shapes():
+    """dynamic=True: one graph for two sequence lengths; a symbolic head dim without scale= leaves SDPA to torch."""
+    ln = nn.LayerNorm(16)
+
+    def f(q, x):
+        return F.scaled_dot_product_attention(q, q, q, is_causal=True), ln(x).softmax(-1)
+
+    g = tilestack.optimize(f, check=True, inner="aot_eager", dynamic=True)
+    for n in (5, 7):
+        q, x = torch.randn(2, 2, n, 16), torch.randn(n, 16)
+        for got, want in zip(g(q, x), f(q, x), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    report = tc.last_report()
+    assert report.swapped == {"norm": 1, "softmax": 1}, str(report)
+    assert "symbolic head dim" in str(report)

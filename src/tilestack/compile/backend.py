@@ -45,7 +45,7 @@ def last_report() -> Report:
 
 def run_passes(gm: fx.GraphModule, *, passes=None, check: bool = False, inner: str = "inductor") -> Report:
     """Rewrite ``gm`` in place with the named passes (all of ``PASSES`` by default) and say what happened."""
-    chosen = list(PASSES) if passes is None else list(passes)
+    chosen = list(PASSES) if passes is None else [passes] if isinstance(passes, str) else list(passes)
     unknown = [n for n in chosen if n not in PASSES]
     if unknown:
         raise LaunchError(f"tilestack backend: passes {unknown} unknown; expected names from {list(PASSES)}")

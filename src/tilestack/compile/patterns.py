@@ -151,6 +151,8 @@ def sdpa(gm: fx.GraphModule):
                 check_attention_args("attention", q, k, v, a["scale"], attn_mask=mask)
             except LaunchError as e:
                 why = str(e)
+        if why is None and a["scale"] is None and not isinstance(q.shape[-1], int):
+            why = "a symbolic head dim with scale=None (the kernel's scale is a constant; pass scale=)"
         if why is not None:
             declined.append((node, why))
             continue
