@@ -188,7 +188,8 @@ def _scores(x: Node, chain: list[Node]):
         return None
     k, d0, d1 = _arg(kt, 0, "input"), _arg(kt, 1, "dim0"), _arg(kt, 2, "dim1")
     kv = value(k)
-    if not isinstance(kv, torch.Tensor) or kv.dim() != 4 or {d0 % 4, d1 % 4} != {2, 3}:
+    if not isinstance(kv, torch.Tensor) or kv.dim() != 4 or not (isinstance(d0, int) and isinstance(d1, int)) or \
+            {d0 % 4, d1 % 4} != {2, 3}:
         return None
     chain.extend([kt, x, *reversed(nodes)])
     return q, k, scale
