@@ -97,3 +97,21 @@ def ring_cases(rank: int, world_size: int) -> list[str]:
         ring_all_gather(t, group, owned_shift=0)
         assert torch.equal(t, torch.cat([torch.full_like(s, i + 7) for i, s in enumerate(t.tensor_split(Wg))]))
     return checked
+
+
+def reshard(rank: int, world_size: int, path: str, before: dict, after: dict, steps: int = 5, cut: int = 3) -> dict:
+    """Train ``cut`` steps under ``before``, save, train on; load the checkpoint into a fresh trainer (another
+    initial model) under ``after`` and train the same remaining steps. Both loss sequences after the cut."""
+    from tilestack.parallel import checkpoint
+    data = batches(steps)
+    pc = ParallelConfig(**before)
+    t1 = Trainer(GPT(CFG, seed=0), pc, pc.build_mesh("cpu"), **HYPER)
+    for idx, targets in data[:cut]:
+        t1.step(idx, targets)
+    checkpoint.save(t1, path)
+    cont = [t1.step(idx, targets) for idx, targets in data[cut:]]
+    pc2 = ParallelConfig(**after)
+    t2 = Trainer(GPT(CFG, seed=1), pc2, pc2.build_mesh("cpu"), **HYPER)
+    checkpoint.load(t2, path)
+    resumed = [t2.step(idx, targets) for idx, targets in data[cut:]]
+    return dict(cont=cont, resumed=resumed)
