@@ -73,6 +73,7 @@ class ExplicitAttention(nn.Module):
         super().__init__()
         self.form = form
         self.register_buffer("bias", torch.tril(torch.ones(n, n)).view(1, 1, n, n))
+        self.drop = nn.Dropout(0.1)
 
     def forward(self, q, k, v, add_mask=None):
         N = q.shape[2]
@@ -83,7 +84,7 @@ class ExplicitAttention(nn.Module):
             att = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(k.shape[-1]) + add_mask
         else:
             att = q @ k.transpose(-1, -2)
-        att = F.softmax(att, dim=-1)
+        att = self.drop(F.softmax(att, dim=-1))
         return att @ v
 
 
@@ -92,7 +93,7 @@ def test_explicit_attention(form):
     torch.manual_seed(1)
     q, k, v = (torch.randn(2, 3, 7, 16) for _ in range(3))
     mask = torch.randn(1, 1, 7, 7)
-    mod = ExplicitAttention(16, form)
+    mod = ExplicitAttention(16, form).eval()            # eval: the dropout is a no-op, as in inference
     want = mod(q, k, v, mask)
     got = tilestack.optimize(mod, check=True, inner="aot_eager")(q, k, v, mask)
     report = tc.last_report()
@@ -243,3 +244,11 @@ def test_dynamic_shapes():
     report = tc.last_report()
     assert report.swapped == {"norm": 1, "softmax": 1}, str(report)
     assert "symbolic head dim" in str(report)
+
+
+def test_explicit_attention_with_training_dropout_is_left():
+    mod = ExplicitAttention(16, "plain").train()
+    q = torch.randn(1, 2, 5, 16)
+    tilestack.optimize(mod, inner="aot_eager")(q, q, q)
+    report = tc.last_report()
+    assert "explicit_attention" not in report.swapped and "dropout on the probabilities" in str(report), str(report)

@@ -59,6 +59,7 @@ _FUNCTIONS = {
     torch.transpose: "transpose", torch.masked_fill: "masked_fill",
     F.linear: "linear", torch._C._nn.linear: "linear",
     F.cross_entropy: "cross_entropy",
+    F.dropout: "dropout",
 }
 _METHODS = {"softmax": "softmax", "matmul": "matmul", "add": "add", "mul": "mul", "div": "div",
             "transpose": "transpose", "masked_fill": "masked_fill"}
@@ -201,9 +202,19 @@ def explicit_attention(gm: fx.GraphModule):
 
     matches, declined = [], []
     for node in gm.graph.nodes:
-        if kind(node) != "matmul" or kind(_arg(node, 0, "input")) != "softmax":
+        if kind(node) != "matmul":
             continue
         p, v = _arg(node, 0, "input"), _arg(node, 1, "other")
+        drop = None
+        if kind(p) == "dropout":           # nanoGPT's attn_dropout: a no-op in eval mode or with p = 0
+            if kind(_arg(p, 0, "input")) == "softmax" and (
+                    _arg(p, 2, "training", True) is not False and _arg(p, 1, "p", 0.5) != 0):
+                declined.append((node, "explicit attention: dropout on the probabilities (training; the kernels "
+                                       "fuse no dropout)"))
+                continue
+            drop, p = p, _arg(p, 0, "input")
+        if kind(p) != "softmax":
+            continue
         x = _arg(p, 0, "input")
         pv = value(p)
         if not isinstance(pv, torch.Tensor) or not _last_dim(_arg(p, 1, "dim"), pv.dim()) or \
@@ -234,7 +245,7 @@ def explicit_attention(gm: fx.GraphModule):
         scale = found[2]
         if mask is not None:
             chain.append(x)
-        chain.extend([p, node])
+        chain.extend([p, node] + ([drop] if drop is not None else []))
         qv, kv_, vv, mv = value(q), value(k), value(v), value(mask)
         why = unsupported(qv, kv_, vv, mv, 0.0, False, False)
         if why is None:
