@@ -17,7 +17,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-BACKENDS = ("auto", "reference", "triton")
+from tilestack.backends import NAMES as _BACKEND_NAMES
+
+BACKENDS = ("auto", *_BACKEND_NAMES)   # the knob's choices: "auto" or a registered backend
 
 
 @dataclasses.dataclass

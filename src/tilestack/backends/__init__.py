@@ -1,28 +1,47 @@
-"""Backends, one folder each, all reading the same IR.
+"""Backends, one folder each, all reading the same IR, behind one protocol (``backends.base.Backend``).
 
     get_backend("reference").run(traced, args)    # NumPy, exact semantics, runs anywhere
     get_backend("triton").source(traced)          # the generated @triton.jit source
+    get_backend("triton").lower(traced.ir)        # (lowered IR, [(pass, IR), ...])
+
+``NAMES`` is the one list of backends (``tilestack.config`` derives its knob's choices from it). A backend's
+module is imported when it is first asked for (Triton's import is slow), by the function registered here.
+This module imports nothing of tilestack at its top, so ``tilestack.config`` can read ``NAMES``.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from tilestack.config import knobs
-from tilestack.errors import BackendError
 
-BACKENDS = ("reference", "triton")
+def _reference():
+    from tilestack.backends.reference import BACKEND
+    return BACKEND
+
+
+def _triton():
+    from tilestack.backends.triton import BACKEND
+    return BACKEND
+
+
+_REGISTRY: dict[str, Callable] = {"reference": _reference, "triton": _triton}
+NAMES: tuple[str, ...] = tuple(_REGISTRY)
+BACKENDS = NAMES   # the former name
 
 
 def get_backend(name: str):
-    if name not in BACKENDS:
-        raise BackendError(f"backend={name!r}; expected one of {BACKENDS}")
-    return importlib.import_module(f"tilestack.backends.{name}")
+    """The backend named ``name`` (a ``backends.base.Backend``)."""
+    make = _REGISTRY.get(name) if isinstance(name, str) else None
+    if make is None:
+        from tilestack.errors import BackendError
+        raise BackendError(f"backend={name!r}; expected one of {NAMES}")
+    return make()
 
 
 def pick_backend(args: Sequence) -> str:
     """The backend a launch uses when none is named: the knob, else Triton for CUDA tensors, else reference."""
+    from tilestack.config import knobs
+
     if knobs.backend != "auto":
         return knobs.backend
     on_cuda = any(getattr(getattr(a, "device", None), "type", None) == "cuda" for a in args)

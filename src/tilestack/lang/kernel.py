@@ -257,8 +257,7 @@ class TracedKernel:
         self.signature = signature
         self.constants = constants
         self.ir = ir
-        self._compiled: dict[str, Any] = {}
-        self._launchers: dict[tuple, Callable] = {}
+        self._check_plan = None   # lang.launch's per-parameter checks, made on the first launch
         self._grid_plan = grid_plan(ir)
         grid_args = {ins.attrs.index for ins in self._grid_plan if ins.op is Op.ARG}
         self._grid_globals = [i for i in grid_args if isinstance(signature[i], tuple)]
@@ -332,15 +331,18 @@ class TracedKernel:
         return get_backend(name).prepare(self, args)
 
     def run(self, *args, backend: str | None = None):
+        """Launch this trace. Launchers live in the kernel's cache, under the key ``launcher_for`` gives these
+        arguments and constants; a miss checks the arguments against this trace (its dtypes and ranks)."""
+        cache = self.kernel._launchers
         try:
-            key = (launch_key(args), backend, knobs.backend, knobs.triton_interpret)
-            launcher = self._launchers.get(key)
+            key = (launch_key(args), tuple(self.constants.items()), backend, knobs.backend, knobs.triton_interpret)
+            launcher = cache.get(key)
         except TypeError:
             key, launcher = None, None
         if launcher is None:
             launcher = self.launcher(args, backend)
             if key is not None:
-                remember(self._launchers, key, launcher)
+                remember(cache, key, launcher)
         return launcher(args)
 
     __call__ = run

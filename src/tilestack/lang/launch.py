@@ -30,7 +30,7 @@ def _plan(traced) -> list[tuple]:
 
 def check_args(traced, args: Sequence) -> None:
     name = traced.name
-    plan = traced.__dict__.get("_check_plan")
+    plan = traced._check_plan
     if plan is None:
         plan = traced._check_plan = _plan(traced)
     if len(args) != len(plan):

@@ -4,22 +4,54 @@ against.
     traced.run(*tensors, backend="reference")
 """
 
+from __future__ import annotations
+
+import dataclasses
 import functools
 
-from tilestack.backends.reference.executor import run, source
+from tilestack.backends.base import Backend
+from tilestack.backends.reference.executor import run as _run
+from tilestack.backends.reference.executor import source as _source
 from tilestack.ir.passes import DCE, Pipeline
 
-PIPELINE = Pipeline([DCE])
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceOptions:
+    """The reference executor has no options: it runs the IR as it means."""
 
 
-def lower(ir, print_after=()):
-    """(lowered IR, stages): the reference runs the traced IR; dead code is all a pass could take from it."""
-    return PIPELINE.run(ir, print_after=print_after)
+@dataclasses.dataclass(frozen=True)
+class ReferenceArtifact:
+    traced: object
+
+    def launch(self, args) -> None:
+        _run(self.traced, args)
 
 
-def prepare(traced, args):
-    """The launcher for ``traced``: the executor reads sizes from the arguments on every run."""
-    return functools.partial(run, traced)
+class ReferenceBackend(Backend):
+    name = "reference"
+    Options = ReferenceOptions
+    PIPELINE = Pipeline([DCE])
+
+    def lower(self, ir, print_after=()):
+        """(lowered IR, stages): the reference runs the traced IR; dead code is all a pass could take from it."""
+        return self.PIPELINE.run(ir, print_after=print_after)
+
+    def compile(self, traced, options=None) -> ReferenceArtifact:
+        return ReferenceArtifact(traced)
+
+    def prepare(self, traced, args):
+        """The launcher for ``traced``: the executor reads sizes from the arguments on every run."""
+        return functools.partial(_run, traced)
+
+    def source(self, traced) -> str:
+        return _source(traced)
+
+    def run(self, traced, args) -> None:
+        _run(traced, args)
 
 
-__all__ = ["lower", "prepare", "run", "source"]
+BACKEND = ReferenceBackend()
+lower, prepare, run, source = BACKEND.lower, BACKEND.prepare, BACKEND.run, BACKEND.source
+
+__all__ = ["BACKEND", "ReferenceBackend", "lower", "prepare", "run", "source"]

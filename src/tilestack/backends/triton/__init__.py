@@ -3,16 +3,94 @@ the CPU under Triton's interpreter.
 
     print(traced.source())                       # the generated Triton source
     traced.run(*tensors, backend="triton")
+    BACKEND.options(traced.constants)            # TritonOptions(num_warps=..., num_stages=...)
+    BACKEND.resources(traced)                    # registers, spills, shared memory of the last GPU compile
 """
 
-from tilestack.backends.triton.codegen import lower as _lower
-from tilestack.backends.triton.codegen import source
-from tilestack.backends.triton.launch import prepare, run
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Any
+
+from tilestack.backends.base import Backend
+from tilestack.backends.triton import codegen, launch
+from tilestack.errors import BackendError
 
 
-def lower(ir, print_after=(), tma: bool = True):
-    """(lowered IR, stages) of the Triton pipeline (``backends/triton/passes.py``), with TMA as on a Hopper GPU."""
-    return _lower(ir, tma=tma, print_after=print_after)
+@dataclasses.dataclass(frozen=True)
+class TritonOptions:
+    """Triton's launch options. None leaves Triton's default (4 warps; its default pipelining)."""
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+    def __post_init__(self):
+        for name in ("num_warps", "num_stages"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise BackendError(f"triton: {name}={v!r}; expected a positive int")
+        if self.num_warps is not None and self.num_warps & (self.num_warps - 1):
+            raise BackendError(f"triton: num_warps={self.num_warps}; expected a power of two")
+
+    def launch_kwargs(self) -> dict[str, int]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
-__all__ = ["lower", "prepare", "run", "source"]
+LAUNCH_OPTIONS = tuple(f.name for f in dataclasses.fields(TritonOptions))
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonArtifact:
+    """One compiled mode of a trace: the jitted function and the lowered kernel it came from."""
+    traced: Any                  # a weak reference: the cache holding this artifact is keyed weakly by the trace
+    fn: Any                      # the @triton.jit function (interpreted or compiled by Triton on first launch)
+    lowered: codegen.Lowered
+
+    def launch(self, args) -> None:
+        BACKEND.prepare(self.traced(), args)(args)
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    Options = TritonOptions
+
+    def options(self, constants: dict[str, Any]) -> TritonOptions:
+        """Launch options a kernel still declares among its constants (num_warps, num_stages)."""
+        return TritonOptions(**{k: constants[k] for k in LAUNCH_OPTIONS if k in constants})
+
+    def lower(self, ir, print_after=(), tma: bool = True):
+        """(lowered IR, stages) of the Triton pipeline (``backends/triton/passes.py``), TMA as on a Hopper GPU."""
+        return codegen.lower(ir, tma=tma, print_after=print_after)
+
+    def compile(self, traced, options: TritonOptions | None = None, *, interpret: bool = False, tma: bool = False,
+                index64: frozenset[int] = frozenset()) -> TritonArtifact:
+        """The artifact for one mode (interpreted or not, TMA or not, which globals use 64-bit offsets), cached
+        per trace. Launch options do not change the source: Triton specializes on them when it compiles."""
+        cache = self.cache(traced)
+        key = ("jit", interpret, tma, index64)
+        art = cache.get(key)
+        if art is None:
+            low = codegen.generate(traced.ir, interpret=interpret, tma=tma, index64=index64)
+            fn = launch.compile_source(low.source, low.fn_name, interpret)
+            art = cache[key] = TritonArtifact(weakref.ref(traced), fn, low)
+        return art
+
+    def prepare(self, traced, args) -> launch.Launcher:
+        return launch.Launcher(traced, args)
+
+    def source(self, traced) -> str:
+        return codegen.source(traced)
+
+    def binary(self, traced):
+        """The kernel Triton compiled for the last GPU launch of ``traced`` (None before one)."""
+        return self.cache(traced).get("binary")
+
+    def resources(self, traced) -> dict:
+        return launch.resource_report(traced)
+
+
+BACKEND = TritonBackend()
+lower, prepare, run, source = BACKEND.lower, BACKEND.prepare, BACKEND.run, BACKEND.source
+
+__all__ = ["BACKEND", "LAUNCH_OPTIONS", "TritonArtifact", "TritonBackend", "TritonOptions", "lower", "prepare",
+           "run", "source"]

@@ -22,11 +22,9 @@ import importlib.util
 import os
 import tempfile
 
-from tilestack.backends.triton.codegen import generate, wide_globals
+from tilestack.backends.triton.codegen import wide_globals
 from tilestack.config import knobs
 from tilestack.errors import BackendError, LaunchError
-
-LAUNCH_OPTIONS = ("num_warps", "num_stages")   # constants the backend reads as launch options
 
 
 def _triton(interpret: bool):
@@ -92,13 +90,13 @@ def tma_ok(t) -> bool:
 
 
 def jit_function(traced, interpret: bool, tma: bool, index64: frozenset[int] = frozenset()):
-    """(jitted function, lowered kernel) for this mode, compiled once per traced kernel: with TMA or not, and
-    64-bit offsets for the globals in ``index64`` (those whose offsets can pass 2^31; 32-bit elsewhere)."""
-    key = ("triton", interpret, tma, index64)
-    if key not in traced._compiled:
-        low = generate(traced.ir, interpret=interpret, tma=tma, index64=index64)
-        traced._compiled[key] = (compile_source(low.source, low.fn_name, interpret), low)
-    return traced._compiled[key]
+    """(jitted function, lowered kernel) for this mode, compiled once per traced kernel (the backend's artifact
+    cache): with TMA or not, and 64-bit offsets for the globals in ``index64`` (those whose offsets can pass 2^31;
+    32-bit elsewhere)."""
+    from tilestack.backends.triton import BACKEND
+
+    art = BACKEND.compile(traced, interpret=interpret, tma=tma, index64=index64)
+    return art.fn, art.lowered
 
 
 def _descriptor_factory():
@@ -128,7 +126,8 @@ class Launcher:
         self.interpret = _interpret(args)
         self.tma = (self.interpret or _tma_capable()) and all(tma_ok(args[i]) for i in traced.tile_globals)
         self.fn, low = jit_function(traced, self.interpret, self.tma, wide_globals(traced.ir, args))
-        self.options = {k: traced.constants[k] for k in LAUNCH_OPTIONS if k in traced.constants}
+        from tilestack.backends.triton import BACKEND
+        self.options = BACKEND.options(traced.constants).launch_kwargs()
         # the grid, unless it reads a runtime scalar (then it is evaluated per call)
         self.grid = None if traced._grid_scalars else _grid3(traced.grid(*args))
         # the flat argument list: sizes and strides are fixed by the signature, pointers and descriptors are not
@@ -187,7 +186,7 @@ class Launcher:
         """Through Triton's JIT (which compiles and specializes), keeping the compiled kernel for later calls."""
         import torch
 
-        from tilestack.perf.nvtx import PREFIX, range_name
+        from tilestack.backends.labels import PREFIX, range_name
 
         self.label = PREFIX + range_name(self.traced.name, self.traced.constants)
         device_index = self.device.index if self.device.index is not None else torch.cuda.current_device()
@@ -197,7 +196,8 @@ class Launcher:
                 compiled = self.fn[grid](*flat, **self.options)
         finally:
             torch.cuda.nvtx.range_pop()
-        self.traced._compiled["triton-binary"] = compiled
+        from tilestack.backends.triton import BACKEND
+        BACKEND.cache(self.traced)["binary"] = compiled
         self.compiled = compiled
         # the direct path needs the kernel loaded on the device the tensors live on
         if device_index == torch.cuda.current_device():
@@ -317,7 +317,9 @@ def _tma_capable() -> bool:
 
 def resource_report(traced) -> dict:
     """What the compiler gave the last GPU launch: registers per thread, spills, shared memory, warps."""
-    k = traced._compiled.get("triton-binary")
+    from tilestack.backends.triton import BACKEND
+
+    k = BACKEND.binary(traced)
     if k is None:
         raise BackendError(f"{traced.name}: no compiled GPU kernel yet; launch it on a CUDA device first")
     md = k.metadata

@@ -1,0 +1,59 @@
+"""The backend protocol: what the front end (``tilestack.lang``) asks of every backend.
+
+    be = get_backend("triton")
+    low, stages = be.lower(traced.ir)          # its pass pipeline, every stage printable
+    art = be.compile(traced, options)          # an Artifact, cached by the backend per (trace, options)
+    launch = be.prepare(traced, args)          # the prebuilt launcher of one launch signature: launch(args)
+    be.source(traced)                          # what it generates, readable
+
+Each backend owns its typed options (``Options``: Triton's num_warps and num_stages), its cache of artifacts
+(keyed weakly by the traced kernel, so a dropped trace frees its code) and its launchers.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+
+class Artifact(Protocol):
+    def launch(self, args: Sequence) -> None:
+        """Run the compiled kernel on ``args`` (checked by the front end, once per launch signature)."""
+
+
+class Backend:
+    """Base of every backend: a name, typed options, a cache of artifacts per trace."""
+    name: str = ""
+    Options: type = type(None)
+
+    def __init__(self):
+        self._cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def cache(self, traced) -> dict:
+        """This backend's artifacts of ``traced`` (key -> artifact), emptied when the trace is dropped."""
+        d = self._cache.get(traced)
+        if d is None:
+            d = self._cache[traced] = {}
+        return d
+
+    def options(self, constants: dict[str, Any]) -> Any:
+        """The backend's options for a trace with these constants (defaults where the kernel sets none)."""
+        return self.Options()
+
+    # the protocol, each backend's own
+    def lower(self, ir, print_after=(), **options):
+        raise NotImplementedError
+
+    def compile(self, traced, options) -> Artifact:
+        raise NotImplementedError
+
+    def prepare(self, traced, args: Sequence):
+        raise NotImplementedError
+
+    def source(self, traced) -> str:
+        raise NotImplementedError
+
+    def run(self, traced, args: Sequence) -> None:
+        """One launch, preparing it first (prefer ``prepare`` once and the launcher many times)."""
+        self.prepare(traced, args)(args)
