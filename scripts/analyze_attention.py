@@ -59,7 +59,8 @@ def sass_census(D, causal):
     o, lse = torch.empty_like(q), torch.empty(SHAPE["B"], SHAPE["H"], SHAPE["N"], device="cuda")
     traced = attention_fwd.attention_fwd_kernel.trace(q, k, v, o, lse, 0.1, D=D, causal=causal, **cfg)
     traced.run(q, k, v, o, lse, 0.1)
-    binary = traced._compiled["triton-binary"]
+    from tilestack.backends import get_backend
+    binary = get_backend("triton").binary(traced)
     ptx = binary.asm["ptx"]
     try:
         sass = binary.asm["sass"]          # disassembled on first access (needs nvdisasm)

@@ -19,17 +19,11 @@ import functools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
+from tilestack.backends.labels import PREFIX, range_name  # noqa: F401  (defined with the launchers that use them)
+
 F = TypeVar("F", bound=Callable[..., Any])
-PREFIX = "tilestack:"  # every range tilestack opens starts with this, to tell them from torch's own ranges
 
 _backend: dict[str, Any] = {}
-
-
-def range_name(kernel: str, config: Mapping[str, Any] | None = None) -> str:
-    """``"kernel[k=v,...]"`` with keys sorted; ``/`` replaced since NVTX filters use it to nest ranges."""
-    body = ",".join(f"{k}={config[k]}" for k in sorted(config)) if config else ""
-    name = f"{kernel}[{body}]" if body else kernel
-    return name.replace("/", "|")
 
 
 def _cuda_nvtx() -> Any:
