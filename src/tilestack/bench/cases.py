@@ -56,7 +56,7 @@ class Case:
 
 
 def _rel(a, b) -> float:
-    a, b = a.double().cpu(), b.double().cpu()
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
     if not bool(a.isfinite().all()):
         return math.inf                         # NaN never passes (outputs start poisoned)
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
