@@ -38,6 +38,7 @@ def train(
     steps: int = typer.Option(10, min=2),
     lr: float = typer.Option(1e-3),
     dtype: str = typer.Option("float32", help="float32 or bfloat16"),
+    store: bool = typer.Option(True, help="append the result to the perf store (tilestack.perf.store)"),
 ) -> None:
     """Train the parallel GPT for --steps steps under the given degrees."""
     from tilestack.parallel import GPT_1P3B, TINY, ParallelConfig, run_local
@@ -57,14 +58,36 @@ def train(
     r0 = results[0]
     typer.echo(f"{nproc} ranks, {r0['n_params'] / 1e6:.2f} M parameters, final loss {r0['losses'][-1]:.4f}")
     typer.echo(f"tokens/s {r0['tokens_per_s']:,.0f}")
-    peak = None
+    from tilestack.perf.device import cpu_device, detect
+    dev = detect(0) if device == "cuda" else cpu_device()
+    peak = dev.spec.peak("bf16" if dtype == "bfloat16" else "fp32") if dev.spec else None
     if device == "cuda":
-        from tilestack.perf.device import detect
-        dev = detect(0)
-        peak = dev.spec.peak("bf16" if dtype == "bfloat16" else "fp32") if dev.spec else None
         mem = ", ".join(f"{r['peak_bytes'] / 2**30:.2f}" for r in results)
         typer.echo(f"peak memory per rank (GiB): {mem}")
     if peak:
         typer.echo(f"MFU {r0['tokens_per_s'] * r0['flops_per_token'] / (nproc * peak):.1%}")
     else:
         typer.echo("MFU: no published peak for this device")
+    if store:
+        _store(dev, spec, nproc, r0, peak)
+
+
+def _store(dev, spec: dict, nproc: int, r0: dict, peak: float | None) -> None:
+    """One row per run: latency = median step after warm-up, FLOPs and tokens per rank (so that the row's
+    utilisation against one device's peak is the MFU)."""
+    import statistics
+
+    from tilestack.perf.metrics import Measurement
+    from tilestack.perf.store import Store
+    tokens = spec["batch"] * spec["seq"]
+    timed = r0["seconds"][min(2, len(r0["seconds"]) - 1):]
+    layout = "-".join(f"{k}{v}" for k, v in spec["parallel"].items() if k in ("pp", "dp", "dp_shard", "tp") and v > 1)
+    m = Measurement(name=f"train/{layout or 'single'}", config=dict(spec, progress=None, nproc=nproc),
+                    device=dev.name, dtype=spec["dtype"], latency_s=statistics.median(timed),
+                    flops=r0["flops_per_token"] * tokens / nproc, bytes_read=0.0, bytes_written=0.0,
+                    items=tokens / nproc, item_name="tokens", repeats=len(timed), timing_method="wall",
+                    device_kind=dev.kind, published_peak_flops=peak)
+    with Store() as st:
+        run = st.start_run(device=dev, label="train", command="tilestack train")
+        st.append(run, m)
+    typer.echo(f"stored in the perf store as run {run}")
