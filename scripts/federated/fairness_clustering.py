@@ -23,7 +23,7 @@ def fairness() -> None:
     task = Task(dataset="synthetic", alpha=1, beta=1, num_clients=30, local_steps=5, lr=0.05)
     runs = {"FedAvg": FedAvg(fraction_train=1 / 3, fraction_evaluate=0.0)}
     for q in (0.0, 0.5, 1.0, 2.0):
-        runs[f"q-FedAvg q={q:g}"] = QFFL(q=q, client_learning_rate=task.lr, fraction_train=1 / 3,
+        runs[f"q-FedAvg q={q:g}"] = QFFL(q=q, client_learning_rate=task.lr * task.local_steps, fraction_train=1 / 3,
                                          fraction_evaluate=0.0)  # fmt: skip
     print("| method | test accuracy | client mean | variance | worst 10% | worst | Jain |")
     print("|---|---|---|---|---|---|---|")

@@ -58,6 +58,42 @@ def test_tilestack_engine_matches_flower_simulation_round_for_round():
     assert all(r.num_aggregated > 0 and not r.skipped for r in flower.history.rounds)  # the rounds went on
 
 
+@pytest.mark.timeout(300)
+def test_torch_cnn_clients_with_compressed_updates_run_the_same_on_flowers_engine():
+    """PyTorch clients and top-k updates through Ray: the same rounds as the in-process engine (up to float
+    summation order: torch in Ray's actors may use other kernels)."""
+    from flwr.serverapp.strategy import FedAvg
+
+    from tilestack.federated.compression import Compressed
+
+    task = Task(dataset="digits", num_clients=4, model="cnn", lr=0.3, batch_size=32, local_steps=5,
+                faults=((2, "missing"),))  # fmt: skip
+
+    def run(engine):
+        strategy = Compressed(FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=4), "topk", 0.05)
+        return simulate(strategy, task, rounds=2, engine=engine, seed=3)
+
+    ours, flower = run("tilestack"), run("flower")
+    for a, b in zip(ours.history.rounds, flower.history.rounds, strict=True):
+        assert (a.num_aggregated, a.bytes_up, a.bytes_down) == (b.num_aggregated, b.bytes_up, b.bytes_down)
+        assert a.num_aggregated == 3 and b.excluded["2"].startswith("keys: missing")
+        assert a.test_acc == pytest.approx(b.test_acc, abs=0.02)
+    for k, v in ours.arrays.items():
+        np.testing.assert_allclose(v.numpy(), flower.arrays[k].numpy(), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.timeout(300)
+def test_a_slow_client_times_out_on_flowers_engine_and_the_round_goes_on():
+    from flwr.serverapp.strategy import FedAvg
+
+    task = Task(dataset="synthetic", num_clients=3, max_samples=100, local_steps=2, faults=((1, "slow"),),
+                slow_seconds=4.0)  # fmt: skip
+    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=3)
+    res = simulate(strategy, task, rounds=1, engine="flower", timeout=2.0)
+    r = res.history.rounds[0]
+    assert r.excluded == {"1": "timeout: no reply within 2.0 s"} and r.num_aggregated == 2 and not r.skipped
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

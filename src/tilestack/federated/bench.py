@@ -9,7 +9,8 @@ In the spirit of LEAF and FedScale: one fixed grid, every method run on every ce
 one comparison table. Tasks are generated or shipped locally (``blobs``: a Gaussian mixture; ``digits``:
 scikit-learn's 8x8 digits), partitions go from IID through Dirichlet(1.0, 0.5, 0.1) to two-class shards,
 system profiles are ``uniform`` (every client does its full work) and ``stragglers`` (half of the selected
-clients do a random share of it, speeds log-normal). Each cell reports the final global test accuracy and
+clients do a random share of it, speeds log-normal). q-FedAvg runs with q = 1 and L = 1 / (lr K), K the
+local steps (the local run read as one step of the mean gradient). Each cell reports the final global test accuracy and
 the mean test accuracy of the worst 10% of clients (fairness), as mean +- std over seeds. Runs are
 independent and go to ``workers`` processes.
 """
@@ -112,7 +113,7 @@ def run_cell(spec: BenchSpec, cell: tuple[str, str, str, str, int]) -> Cell:
                 local_steps=spec.local_steps)  # fmt: skip
     system = SystemModel(spec.clients, seed=seed, **PROFILES[profile])
     strategy = make_strategy(method, clients_per_round=spec.per_round, num_clients=spec.clients, proximal_mu=0.1,
-                             server_lr=0.03, q=1.0, client_lr=task.lr)  # fmt: skip
+                             server_lr=0.03, q=1.0, client_lr=task.lr * spec.local_steps)  # fmt: skip
     t0 = time.perf_counter()
     res = simulate(strategy, task, rounds=spec.rounds, system=system, seed=seed)
     last = res.history.rounds[-1]

@@ -22,6 +22,7 @@ LABELS = {
     "bytes_up": "bytes up per round",
     "bytes_down": "bytes down per round",
     "extra.ari": "adjusted Rand index vs planted groups",
+    "client_acc.worst10": "accuracy of the worst 10% of clients",
     "extra.epsilon": "epsilon (client-level DP)",
 }
 

@@ -221,7 +221,11 @@ def _split(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
 def _pooled(task: Task) -> tuple[np.ndarray, np.ndarray]:
     """All examples of a pooled dataset, ``x`` (N, D) float32 and ``y`` (N,) int64 in [0, C)."""
     if task.dataset == "digits":
-        from sklearn.datasets import load_digits  # ships with scikit-learn: no download
+        try:
+            from sklearn.datasets import load_digits  # ships with scikit-learn: no download
+        except ImportError as ex:
+            raise ValueError("Task: dataset='digits' needs scikit-learn; expected it installed (the federated "
+                             "extra: pip install -e '.[federated]')") from ex  # fmt: skip
 
         d = load_digits()
         x = (d.data / DIGITS_MAX).astype(np.float32)  # (1797, 64), pixels in [0, 1]
