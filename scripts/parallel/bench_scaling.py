@@ -19,6 +19,7 @@ peak memory allocated per GPU (max over ranks), scaling efficiency = (tokens/s p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -86,9 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--only", default="", help="comma-separated strategy names (default: all)")
+    ap.add_argument("--attention", default="", choices=("", "math", "sdpa", "tilestack"),
+                    help="attention core (default: the model's, sdpa for 350m and 1.3b)")
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
     cfg = MODELS[a.model]
+    if a.attention:
+        cfg = dataclasses.replace(cfg, attention=a.attention)
     peak = None
     if a.device == "cuda":
         from tilestack.perf.device import detect
@@ -124,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001 - one strategy failing (e.g. out of memory) is one row
             rows.append(dict(strategy=name, gpus=a.gpus, skipped=f"{type(e).__name__}: {str(e)[-300:]}"))
 
-    print(f"\nmodel {a.model} ({cfg.n_layer} layers, d={cfg.d}), seq {a.seq}, {a.dtype}, "
+    print(f"\nmodel {a.model} ({cfg.n_layer} layers, d={cfg.d}, {cfg.attention} attention), seq {a.seq}, {a.dtype}, "
           f"{a.per_gpu_batch} sequences per data-parallel rank")
     head = (f"{'strategy':<22}{'GPUs':>5}{'batch':>6}{'tokens/s':>12}{'tok/s/GPU':>11}{'MFU':>7}{'mem GiB':>9}"
             f"{'scaling':>9}")

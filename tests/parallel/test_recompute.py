@@ -37,3 +37,19 @@ def test_recompute_gives_the_same_gradients():
     for policy in ("selective", "full"):
         for g, r in zip(grads[policy], grads["none"], strict=True):
             torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
+def test_tilestack_attention_core_matches_math():
+    """The model on tilestack's attention kernels (Triton's interpreter here) against the explicit scores."""
+    import dataclasses
+    cfg = ModelConfig(n_layer=1, d=32, n_head=2, vocab=64, max_seq=16)
+    idx, targets = make_batch(cfg, 1, 16)
+    out = {}
+    for attention in ("math", "tilestack"):
+        model = GPT(dataclasses.replace(cfg, attention=attention), seed=0)
+        loss = lm_loss(model(idx), targets)
+        loss.backward()
+        out[attention] = (loss.detach(), [p.grad for p in model.parameters()])
+    torch.testing.assert_close(out["tilestack"][0], out["math"][0], rtol=1e-5, atol=1e-6)
+    for g, r in zip(out["tilestack"][1], out["math"][1], strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)

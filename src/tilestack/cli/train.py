@@ -10,6 +10,8 @@ ModelConfig.flops_per_token over the device table's dense peak; none on a CPU) a
 
 from __future__ import annotations
 
+import dataclasses
+
 import typer
 
 from tilestack.cli import app
@@ -38,11 +40,13 @@ def train(
     steps: int = typer.Option(10, min=2),
     lr: float = typer.Option(1e-3),
     dtype: str = typer.Option("float32", help="float32 or bfloat16"),
+    attention: str = typer.Option("", help="math, sdpa or tilestack (default: the model's own)"),
     store: bool = typer.Option(True, help="append the result to the perf store (tilestack.perf.store)"),
 ) -> None:
     """Train the parallel GPT for --steps steps under the given degrees."""
     from tilestack.parallel import GPT_1P3B, TINY, ParallelConfig, run_local
     from tilestack.parallel.engine import run_training
+    from tilestack.parallel.model import ATTENTIONS
     if model not in MODELS:
         raise typer.BadParameter(f"--model {model!r}; expected one of {MODELS}")
     if dtype not in ("float32", "bfloat16"):
@@ -51,6 +55,10 @@ def train(
                     stages_per_rank=stages_per_rank, microbatches=microbatches, recompute=recompute, zero=zero,
                     dp_comm=dp_comm)
     cfg = TINY if model == "tiny" else GPT_1P3B
+    if attention:
+        if attention not in ATTENTIONS:
+            raise typer.BadParameter(f"--attention {attention!r}; expected one of {ATTENTIONS}")
+        cfg = dataclasses.replace(cfg, attention=attention)
     ParallelConfig(**parallel).validate(nproc, model=cfg, batch=batch, seq=seq)     # fail here, not in nproc children
     spec = dict(parallel=parallel, model=cfg.__dict__, batch=batch, seq=seq, steps=steps, lr=lr, dtype=dtype,
                 device=device, progress=True)

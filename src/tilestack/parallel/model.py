@@ -13,7 +13,8 @@ address module by module.
 
 Attention: ``attention="math"`` materialises the (B, H, N, N) scores (what selective recompute is for: it
 recomputes them in backward instead of keeping them), ``"sdpa"`` calls F.scaled_dot_product_attention (flash on
-a GPU: the scores are never stored, selective recompute then saves little).
+a GPU: the scores are never stored, selective recompute then saves little), ``"tilestack"`` the tile-language
+flash attention (tilestack.torch.attention, forward and backward kernels).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-ATTENTIONS = ("math", "sdpa")
+ATTENTIONS = ("math", "sdpa", "tilestack")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,11 +70,19 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
+def _tilestack(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    from tilestack.torch.attention import attention
+    return attention(q, k, v, causal=True)
+
+
+_CORES = {"math": _causal_scores_attention, "sdpa": _sdpa, "tilestack": _tilestack}
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.head_dim = cfg.head_dim
-        self.core = _causal_scores_attention if cfg.attention == "math" else _sdpa
+        self.core = _CORES[cfg.attention]
         self.q_proj = nn.Linear(cfg.d, cfg.d)
         self.k_proj = nn.Linear(cfg.d, cfg.d)
         self.v_proj = nn.Linear(cfg.d, cfg.d)
