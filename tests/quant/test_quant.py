@@ -132,9 +132,13 @@ def test_bad_inputs():
         quantize(nn.Sequential(nn.Linear(2, 2)), "fp8-act", calibration=[])
 
 
-def test_empty_batch():
+def test_empty_problems():
     q, s = quantize_weight(torch.randn(5, 8), "int8")
     assert quantized_linear(torch.randn(0, 8), q, s).shape == (0, 5)
+    q0, s0 = quantize_weight(torch.randn(5, 0), "int8")           # K = 0: zeros, plus the bias
+    b = torch.randn(5)
+    torch.testing.assert_close(quantized_linear(torch.randn(3, 0), q0, s0, b), b.expand(3, 5))
+    assert not quantized_linear(torch.randn(3, 0), q0, s0).any()
 
 
 @pytest.mark.parametrize("Model,cfg", [(GPT, GPT2_TINY), (Llama, LLAMA_TINY)])

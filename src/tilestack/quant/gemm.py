@@ -104,9 +104,10 @@ def quantize_weight(w, mode: str):
     if mode not in MODES:
         raise LaunchError(f"quantize_weight: mode={mode!r}; expected one of {MODES}")
     top = INT8_MAX if mode == "int8" else F8E4M3_MAX
-    amax = w.detach().float().abs().amax(dim=1)                          # (N,)
+    wf = w.detach().float()
+    amax = wf.abs().amax(dim=1) if w.shape[1] else wf.new_zeros(w.shape[0])   # (N,)
     scale = torch.where(amax > 0, amax / top, torch.ones_like(amax))
-    ratio = w.detach().float() / scale[:, None]
+    ratio = wf / scale[:, None]
     if mode == "int8":
         q = ratio.round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
     else:
@@ -167,8 +168,9 @@ def quantized_linear(x, q, scale, bias=None, *, x_scale: float | None = None, ba
     check_same_device("quantized_linear", x=x, q=q, scale=scale, bias=bias)
     y = torch.empty(x.shape[0], q.shape[0], dtype=x.dtype, device=x.device)
     if nothing_to_launch(y, x):
-        return y.zero_() if x.shape[1] == 0 and bias is None else (
-            y.copy_(bias.expand_as(y)) if x.shape[1] == 0 and not nothing_to_launch(y) else y)
+        if x.shape[1] == 0 and y.numel() and y.device.type != "meta":   # a sum of nothing (K = 0): the bias
+            y.zero_() if bias is None else y.copy_(bias.expand_as(y))
+        return y
     xin = x
     if x_scale is not None:
         xin = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
