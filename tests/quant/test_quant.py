@@ -128,6 +128,10 @@ def test_bad_inputs():
         quantize(nn.Linear(2, 2), "fp8-act")
     with pytest.raises(LaunchError, match="calibration is for mode='fp8-act'"):
         quantize(nn.Linear(2, 2), "int8", calibration=[torch.ones(1, 2)])
+    with pytest.raises(LaunchError, match="NaN or infinite"):
+        quantize_weight(torch.tensor([[1.0, float("nan")]]), "fp8")
+    with pytest.raises(LaunchError, match="calibration inputs of \\['0'\\] hold NaN"):
+        quantize(nn.Sequential(nn.Linear(2, 2)), "fp8-act", calibration=[torch.tensor([[1.0, float("inf")]])])
     with pytest.raises(LaunchError, match="gave no batches"):
         quantize(nn.Sequential(nn.Linear(2, 2)), "fp8-act", calibration=[])
 

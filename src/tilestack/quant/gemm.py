@@ -105,6 +105,9 @@ def quantize_weight(w, mode: str):
         raise LaunchError(f"quantize_weight: mode={mode!r}; expected one of {MODES}")
     top = INT8_MAX if mode == "int8" else F8E4M3_MAX
     wf = w.detach().float()
+    if not bool(torch.isfinite(wf).all()):
+        raise LaunchError(f"quantize_weight: w {tuple(w.shape)} holds NaN or infinite values; expected finite "
+                          "weights (a scale made from them would poison every output of the channel)")
     amax = wf.abs().amax(dim=1) if w.shape[1] else wf.new_zeros(w.shape[0])   # (N,)
     scale = torch.where(amax > 0, amax / top, torch.ones_like(amax))
     ratio = wf / scale[:, None]

@@ -16,6 +16,8 @@ inference only (no gradients); under ``torch.compile`` it is the ``tilestack::qu
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -92,6 +94,10 @@ def calibrate(model: nn.Module, names: list[str], batches) -> dict[str, float]:
     finally:
         for h in hooks:
             h.remove()
+    bad = [n for n, a in amax.items() if not math.isfinite(a)]
+    if bad:
+        raise LaunchError(f"quantize: calibration inputs of {bad} hold NaN or infinite values; expected finite "
+                          "activations to fix the fp8 scales from")
     if seen == 0:
         raise LaunchError("quantize: calibration gave no batches; fp8-act needs sample inputs to fix its "
                           "activation scales")
