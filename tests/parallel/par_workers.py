@@ -99,6 +99,10 @@ def ring_cases(rank: int, world_size: int) -> list[str]:
     return checked
 
 
+def reshard_cases(rank: int, world_size: int, path: str, cases: list[tuple[dict, dict]]) -> list[dict]:
+    return [reshard(rank, world_size, f"{path}/{i}", before, after) for i, (before, after) in enumerate(cases)]
+
+
 def reshard(rank: int, world_size: int, path: str, before: dict, after: dict, steps: int = 5, cut: int = 3) -> dict:
     """Train ``cut`` steps under ``before``, save, train on; load the checkpoint into a fresh trainer (another
     initial model) under ``after`` and train the same remaining steps. Both loss sequences after the cut."""

@@ -6,14 +6,13 @@ import torch
 
 from tilestack.parallel import GPT, ParallelConfig, ParallelConfigError, run_local
 
-CASES = [(dict(dp=2), dict(tp=2, sp=2)), (dict(dp_shard=2), dict(pp=2, microbatches=2))]
+CASES = [(dict(dp=2), dict(tp=2, sp=2)), (dict(dp_shard=2), dict(pp=2, microbatches=2))]   # before -> after
 
 
-@pytest.mark.parametrize("before, after", CASES, ids=["dp2-to-tp2", "fsdp2-to-pp2"])
-def test_resume_under_another_layout(tmp_path, before, after):
-    res = run_local(W.reshard, 2, (str(tmp_path / "ckpt"), before, after), timeout_s=300)
+def test_resume_under_another_layout(tmp_path):
+    res = run_local(W.reshard_cases, 2, (str(tmp_path / "ckpt"), CASES), timeout_s=300)
     ref = W.reference(5)["losses"][3:]
-    for r in res:
+    for r in (case for per_rank in res for case in per_rank):
         torch.testing.assert_close(torch.tensor(r["cont"]), torch.tensor(ref), rtol=1e-5, atol=0)
         torch.testing.assert_close(torch.tensor(r["resumed"]), torch.tensor(ref), rtol=1e-5, atol=0)
 
