@@ -101,10 +101,20 @@ def test_fp8_mma_triton_interpreter():
 
 def test_quantize_fp8_kernel_reference():
     x = torch.cat([torch.randn(30, 40) * 50, torch.full((2, 40), 1e6), torch.full((1, 40), -1e6)])
+    x[3, 5] = float("nan")
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn)
     quantize_fp8_kernel(x, q, 2.0, backend="reference", BM=16, BN=32)
     want = (x * 2.0).clamp(-448, 448).to(torch.float8_e4m3fn)
-    assert torch.equal(q.float(), want.float())
+    torch.testing.assert_close(q.float(), want.float(), rtol=0, atol=0, equal_nan=True)
+    assert q[3, 5].float().isnan()
+
+
+def test_nan_activations_stay_nan():
+    q, s = quantize_weight(torch.randn(6, 16), "fp8")
+    x = torch.randn(4, 16)
+    x[1, 3] = float("nan")
+    y = quantized_linear(x, q, s, x_scale=0.01, backend="reference")
+    assert y[1].isnan().all() and not y[[0, 2, 3]].isnan().any()
 
 
 def test_bad_inputs():

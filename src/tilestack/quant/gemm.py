@@ -85,11 +85,15 @@ def quantize_fp8_kernel(X, Q, inv_scale: float, *,
     # Q = fp8(clamp(X * inv_scale, -448, 448)); X: (M, K) float, Q: (M, K) fp8 E4M3
     i, j = ts.block_id(0), ts.block_id(1)
     x = ts.RegTile[ts.f32, BM, BN]()
+    xc = ts.RegTile[ts.f32, BM, BN]()
+    nan = ts.RegTile[ts.bool_, BM, BN]()
     q = ts.RegTile[ts.f8e4m3, BM, BN]()
     ts.load(x, X, at=(i, j))
     ts.mul(x, x, inv_scale)
-    ts.min(x, x, F8E4M3_MAX)                         # saturate: E4M3 has no infinity
-    ts.max(x, x, -F8E4M3_MAX)
+    ts.min(xc, x, F8E4M3_MAX)                        # saturate: E4M3 has no infinity
+    ts.max(xc, xc, -F8E4M3_MAX)
+    ts.ne(nan, x, x)                                 # a GPU's min/max return the number beside a NaN:
+    ts.where(x, nan, x, xc)                          # keep NaN NaN
     ts.copy(q, x)
     ts.store(Q, q, at=(i, j))
 
