@@ -37,6 +37,9 @@ def test_quantize_fp8_kernel_cuda_matches_torch_cast():
     if not _fp8_capable():
         pytest.skip("fp8 needs compute capability 8.9+")
     x = torch.randn(300, 500, device="cuda") * 100
+    x[7, 11] = float("nan")
     q = torch.empty(x.shape, device="cuda", dtype=torch.float8_e4m3fn)
     quantize_fp8_kernel(x, q, 0.5)
-    assert torch.equal(q.float(), (x * 0.5).clamp(-448, 448).to(torch.float8_e4m3fn).float())
+    want = (x * 0.5).clamp(-448, 448).to(torch.float8_e4m3fn)
+    torch.testing.assert_close(q.float(), want.float(), rtol=0, atol=0, equal_nan=True)
+    assert q[7, 11].float().isnan()
