@@ -76,7 +76,8 @@ def test_a_loop_with_nothing_live_is_removed():
 def test_triton_pipeline_stages_are_named_and_printable():
     t = traced()
     stages = t.passes("triton")
-    assert [n for n, _ in stages] == ["traced", "split_host", "dce", "legalize", "choose_access", "prune_params"]
+    assert [n for n, _ in stages] == ["traced", "split_host", "dce", "erase_async", "dce.erased", "legalize",
+                                      "choose_access", "prune_params"]
     text = str(t.ir_after("prune_params"))
     # X loads into registers (pointers: its sizes for the masks, its strides); Y's 2-D store goes through a TMA
     # descriptor; the runtime int n bounds the loop; `unused` is read by nothing, so it is pruned

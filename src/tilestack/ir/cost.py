@@ -25,9 +25,9 @@ import dataclasses
 import numpy as np
 
 from tilestack.ir.nodes import Block, KernelIR, Value
-from tilestack.ir.ops import OPS, Op
+from tilestack.ir.ops import OPS, access_of
 from tilestack.ir.scalars import valid_extent
-from tilestack.ir.types import GlobalType, Space, TileType
+from tilestack.ir.types import GlobalType, Space, StagesType, TileType
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +143,7 @@ def _footprints(kernel: KernelIR) -> tuple[int, int]:
     sizes: dict[int, tuple[Space, int]] = {}
     for ins in kernel.walk():
         for r in ins.results:
-            if r.buffer is not None and isinstance(r.type, TileType):
+            if r.buffer is not None and isinstance(r.type, TileType | StagesType):
                 sizes[r.buffer] = (r.type.space, r.type.nbytes)
     shared = sum(b for s, b in sizes.values() if s is Space.SHARED)
     regs = sum(b for s, b in sizes.values() if s is Space.REG)
@@ -178,11 +178,9 @@ class _Counter:
     def memory(self, ins, key: str) -> int:
         """Count the global bytes one load, store or atomic add touches over all instances as ``key``; returns
         the number of elements."""
-        g = ins.srcs[0]
-        tile = ins.result.type if ins.op is Op.LOAD else ins.srcs[1].type
-        coords = ins.srcs[1:] if ins.op is Op.LOAD else ins.srcs[2:]
+        g, shape, coords = access_of(ins)
         idx = self.m.arg_index[g]
-        per = valid_extent(self.m.dims[idx], [self.m.values[c] for c in coords], tile.shape)
+        per = valid_extent(self.m.dims[idx], [self.m.values[c] for c in coords], shape)
         total = int(np.sum(np.broadcast_to(np.asarray(per), (self.n,)), dtype=np.int64))
         nbytes = total * g.type.dtype.itemsize
         self.root.bytes[key] += nbytes

@@ -42,6 +42,7 @@ class Instr:
     attrs: Any = dataclasses.field(default_factory=dict)   # the op's attrs class (a dict of its fields is converted)
     body: Block | None = None
     where: str = ""          # the user's file:line that made it
+    role: str = ""           # the warp role (``KernelIR.roles``) that runs it; "" for every warp
 
     def __post_init__(self):
         self.attrs = make_attrs(self.op, self.attrs)
@@ -67,6 +68,15 @@ class Block:
 
 
 @dataclasses.dataclass(frozen=True)
+class Role:
+    """A warp-role partition: ``warps`` warps (in ``groups`` groups taking turns, e.g. ping-pong consumers) that
+    run the instructions marked with its name, each thread holding at most ``registers`` registers."""
+    warps: int
+    registers: int
+    groups: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
 class Param:
     """A kernel parameter: a global tensor, or a runtime scalar."""
     name: str
@@ -88,6 +98,7 @@ class KernelIR:
     # what the device code reads of each parameter, once a backend's passes have decided it (None before):
     # ("ptr", i), ("dim", i, axis), ("stride", i, axis), ("scalar", i), ("desc", i, block shape), in order
     reads: tuple[tuple, ...] | None = None
+    roles: dict[str, Role] = dataclasses.field(default_factory=dict)   # warp roles, by name (opt-in)
 
     def walk(self) -> Iterator[Instr]:
         return self.body.walk()

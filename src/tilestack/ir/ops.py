@@ -56,6 +56,12 @@ class Op(enum.Enum):
     STORE = "store"
     ATOMIC_ADD = "atomic_add"
     RANGE = "range"
+    # --- explicit hardware (opt-in; the reference runs them synchronously, Triton's passes erase them) ------
+    STAGES = "stages"
+    ASYNC_LOAD = "async_load"
+    WAIT_LOAD = "wait_load"
+    MMA_ASYNC = "mma_async"
+    MMA_WAIT = "mma_wait"
 
 
 # ---- typed attributes ------------------------------------------------------------------------------------------
@@ -275,6 +281,15 @@ def _axis_of(ins: Instr, axis: str) -> None:
 
 def _no_rule(ins: Instr) -> None:
     return None
+
+
+def access_of(ins: Instr) -> tuple:
+    """(global value, tile shape, coordinate values) of a load, store, atomic add or async load."""
+    if ins.op is Op.LOAD:
+        return ins.srcs[0], ins.result.type.shape, ins.srcs[1:]
+    if ins.op is Op.ASYNC_LOAD:
+        return ins.srcs[2], ins.result.type.shape, ins.srcs[3:]
+    return ins.srcs[0], ins.srcs[1].type.shape, ins.srcs[2:]
 
 
 # ---- the counter protocol of cost rules (ir.cost implements it) ----------------------------------------------
@@ -537,7 +552,7 @@ def _mma_rule(ins: Instr) -> None:
     if any(t.is_vec for t in (acc, a, b, ins.result.type)):
         _fail(ins, "multiplies 2-D tiles")
     if a.dtype != b.dtype or a.dtype.name not in MMA_INPUTS:
-        _fail(ins, f"a is {a.dtype} and b is {b.dtype}; expected both bf16, both f16 or both f32")
+        _fail(ins, f"a is {a.dtype} and b is {b.dtype}; expected both of one of {MMA_INPUTS}")
     if acc.dtype.name != "f32" or ins.result.type.dtype.name != "f32":
         _fail(ins, f"accumulates in f32; acc is {acc.dtype} and the result {ins.result.type.dtype}")
     m, ka, kb, n = _mma_dims(ins)
@@ -691,3 +706,91 @@ define(OpDef(
     Op.RANGE, "(lo, hi, step, *inits) -> carried; body: (i, *carried) -> yields", "loop", RangeAttrs,
     _range_rule, lambda ins, s, m: m.loop(ins, s), lambda ins, c: c.loop(ins),
     doc="i = lo, lo + step, ... while before hi, as Python's range (step != 0); carried values flow through."))
+
+
+# ---- explicit hardware ------------------------------------------------------------------------------------------
+# Opt-in ops for hand-scheduled kernels (ThunderKittens style) and for backends that schedule explicitly (TMA,
+# mbarriers, wgmma, warp specialization). Their reference semantics are synchronous: an async load has landed by
+# the time the next op runs, an async mma is done when issued. Warp roles are not ops but a mark on each
+# instruction (``Instr.role``, declared in ``KernelIR.roles``): the reference runs instructions in program order,
+# whichever role they belong to, which is one valid interleaving of the roles.
+def _stages_result(ins: Instr):
+    t = _types()
+    if len(ins.results) != 1 or not isinstance(ins.result.type, t.StagesType):
+        raise TraceError(f"{ins.op.value} must produce one staged buffer", ins.where)
+    return ins.result.type
+
+
+def _stages_rule(ins: Instr) -> None:
+    st = _stages_result(ins)
+    _arity(ins, 0)
+    if st.stages < 1 or len(st.shape) not in (1, 2):
+        _fail(ins, f"a staged buffer has >= 1 stages of a 1-D or 2-D tile, got {st}")
+
+
+define(OpDef(
+    Op.STAGES, "() -> stages", "tile", NoAttrs, _stages_rule,
+    lambda ins, s, m: np.full((ins.result.type.stages, *ins.result.type.shape), np.nan), _free,
+    doc="A multi-stage shared buffer, its stages unwritten (NaN in the reference: a read before a load shows)."))
+
+
+def _async_load_rule(ins: Instr) -> None:
+    st = _stages_result(ins)
+    if len(ins.srcs) < 3 or ins.srcs[0].type != st:
+        _fail(ins, f"takes (buffer, stage, global, *coords) and makes the buffer's next version ({st})")
+    _index(ins, ins.srcs[1], "the stage")
+    t = _types()
+    g, coords = ins.srcs[2], ins.srcs[3:]
+    if not isinstance(g.type, t.GlobalType) or len(coords) != g.type.rank or g.type.rank < len(st.shape):
+        _fail(ins, f"{len(coords)} coordinates for a {st.stage} in a {g.type}")
+    for k, c in enumerate(coords):
+        _index(ins, c, f"coordinate {k}")
+
+
+def _async_load_ref(ins: Instr, s: list, m) -> np.ndarray:
+    stage = m.stage_index(ins, s[1])
+    out = np.array(s[0], copy=True)
+    out[stage] = m.read(ins.srcs[2], s[3:], ins.result.type.shape)
+    return out
+
+
+define(OpDef(
+    Op.ASYNC_LOAD, "(stages, stage, global, *coords) -> stages", "tile", AccessAttrs, _async_load_rule,
+    _async_load_ref, lambda ins, c: c.memory(ins, "read"),
+    doc="Start loading a tile of a global into one stage (TMA on Hopper); the data is usable after wait_load."))
+
+
+def _wait_load_rule(ins: Instr) -> None:
+    _tile_result(ins)
+    _arity(ins, 2)
+    st = ins.srcs[0].type
+    if not isinstance(st, _types().StagesType) or ins.result.type != st.stage:
+        _fail(ins, f"reads one stage ({getattr(st, 'stage', st)}) of a staged buffer, not {ins.result.type}")
+    _index(ins, ins.srcs[1], "the stage")
+
+
+define(OpDef(
+    Op.WAIT_LOAD, "(stages, stage) -> shared tile", "tile", NoAttrs, _wait_load_rule,
+    lambda ins, s, m: s[0][m.stage_index(ins, s[1])], _free,
+    doc="Wait until the stage's async load has landed (an mbarrier wait on Hopper); the stage as a shared tile."))
+
+
+def _mma_async_rule(ins: Instr) -> None:
+    _mma_rule(ins)
+
+
+define(OpDef(
+    Op.MMA_ASYNC, "(acc, a, b) -> pending acc + op(a) @ op(b)", "tile", MmaAttrs, _mma_async_rule, _mma_ref,
+    _mma_cost, doc="Issue an mma (wgmma on Hopper); its result may be read only by mma_wait or as the acc of the "
+                   "next async mma."))
+
+
+def _mma_wait_rule(ins: Instr) -> None:
+    _tile_result(ins)
+    _arity(ins, 1)
+    _same_shape(ins, ins.srcs[0], "x")
+
+
+define(OpDef(
+    Op.MMA_WAIT, "(pending) -> tile", "tile", NoAttrs, _mma_wait_rule, lambda ins, s, m: s[0], _free,
+    doc="Wait for the async mmas that made ``x``; the finished tile."))

@@ -21,17 +21,22 @@ def _attrs(ins: Instr) -> str:
 
 
 class _Buffers:
-    """Names of tile buffers: the first value's hint (``acc``), numbered when two buffers share one."""
+    """Names of tile buffers: the first hint one of its values has (``acc``), numbered when two buffers share one."""
 
-    def __init__(self):
+    def __init__(self, kernel: KernelIR):
         self.names: dict[int, str] = {}
         self.taken: dict[str, int] = {}
+        self.hints: dict[int, str] = {}
+        for ins in kernel.walk():
+            for r in ins.results:
+                if r.buffer is not None and r.hint:
+                    self.hints.setdefault(r.buffer, r.hint)
 
     def __call__(self, v: Value) -> str:
         if v.buffer is None:
             return ""
         if v.buffer not in self.names:
-            base = v.hint or "t"
+            base = self.hints.get(v.buffer, "t")
             n = self.taken.get(base, 0)
             self.taken[base] = n + 1
             self.names[v.buffer] = f"#{base}" if n == 0 else f"#{base}.{n}"
@@ -46,6 +51,7 @@ def _line(ins: Instr, buffers: _Buffers) -> str:
     srcs = ", ".join(repr(s) for s in ins.srcs)
     types = ", ".join(f"{r.type} {buffers(r)}".rstrip() for r in ins.results)
     text = f"{lhs} = {rhs}({srcs})" if lhs else f"{rhs}({srcs})"
+    text = f"[{ins.role}] {text}" if ins.role else text
     return f"{text} : {types}" if types else text
 
 
@@ -75,7 +81,9 @@ def format_kernel(kernel: KernelIR) -> str:
     consts = ", ".join(f"{k}={v}" for k, v in kernel.constants.items())
     out = [f"kernel {kernel.name}({params}) [{consts}]",
            f"  grid = ({', '.join(repr(g) for g in kernel.grid)})"]
+    for name, r in kernel.roles.items():
+        out.append(f"  role {name}: warps={r.warps} registers={r.registers} groups={r.groups}")
     if kernel.reads is not None:
         out.append(f"  reads = ({', '.join(_read(kernel, r) for r in kernel.reads)})")
-    _block(kernel.body, 1, out, _Buffers())
+    _block(kernel.body, 1, out, _Buffers(kernel))
     return "\n".join(out)

@@ -121,6 +121,27 @@ class TileType:
 
 
 @dataclasses.dataclass(frozen=True)
+class StagesType:
+    """A multi-stage shared buffer: ``stages`` shared tiles of one shape, filled by asynchronous loads (a ring
+    a producer fills ahead of its consumers)."""
+    dtype: DType
+    shape: tuple[int, ...]     # one stage's
+    stages: int
+    space: Space = Space.SHARED
+
+    @property
+    def stage(self) -> TileType:
+        return TileType(Space.SHARED, self.dtype, self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.stages * self.stage.nbytes
+
+    def __str__(self) -> str:
+        return f"SharedStages[{self.dtype}, {self.stages} x {', '.join(map(str, self.shape))}]"
+
+
+@dataclasses.dataclass(frozen=True)
 class GlobalType:
     """A global tensor argument of the kernel: dtype and rank are static, sizes and strides are not."""
     dtype: DType
@@ -142,4 +163,4 @@ class ScalarType:
 INDEX = ScalarType("index")
 FLOAT = ScalarType("float")
 
-Type = TileType | GlobalType | ScalarType
+Type = TileType | StagesType | GlobalType | ScalarType

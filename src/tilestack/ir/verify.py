@@ -6,19 +6,28 @@
 - every instruction keeps its op's shape and dtype rule (``ir.ops``: one rule per op, beside its semantics):
   tile ops make one tile, scalar ops one scalar, stores and atomic adds nothing; element-wise ops broadcast
   their operands by their axes; a loop's body arguments are (index, *carried) and its yields and results match;
-- the grid is made of index values defined at entry.
+- the grid is made of index values defined at entry;
+- an async mma's pending result is read only by mma_wait, as the acc of the next async mma, or carried by a loop;
+- every instruction's warp role is declared, each role's registers are 24..256 in steps of 8, and the roles
+  together fit one SM's register file.
 """
 
 from __future__ import annotations
 
 from tilestack.errors import TraceError
 from tilestack.ir.nodes import Block, KernelIR, Value
-from tilestack.ir.ops import OPS
+from tilestack.ir.ops import OPS, Op
 from tilestack.ir.types import INDEX
+
+REGISTER_FILE = 65536        # 32-bit registers per SM (every NVIDIA GPU since Kepler)
+THREADS_PER_WARP = 32
+ROLE_REGISTERS = range(24, 257, 8)   # what setmaxnreg accepts
 
 
 def verify(kernel: KernelIR) -> None:
     _block(kernel.body, set())
+    _pending(kernel)
+    _roles(kernel)
     defined = {r for ins in kernel.body.instrs for r in ins.results}
     for g in kernel.grid:
         if g not in defined or g.type != INDEX:
@@ -41,3 +50,29 @@ def _block(block: Block, outer: set[Value]) -> None:
                 if y not in inner:
                     raise TraceError(f"{ins.op.value}: yields {y!r}, which is not defined", ins.where)
         defined.update(ins.results)
+
+
+def _pending(kernel: KernelIR) -> None:
+    pending = {ins.result for ins in kernel.walk() if ins.op is Op.MMA_ASYNC}
+    if not pending:
+        return
+    for ins in kernel.walk():
+        for k, s in enumerate(ins.srcs):
+            if s in pending and not (ins.op is Op.MMA_WAIT or (ins.op is Op.MMA_ASYNC and k == 0)
+                                     or (ins.op is Op.RANGE and k >= 3)):
+                raise TraceError(f"{ins.op.value}: reads {s!r}, an async mma's result, before mma_wait", ins.where)
+
+
+def _roles(kernel: KernelIR) -> None:
+    total = 0
+    for name, r in kernel.roles.items():
+        if r.registers not in ROLE_REGISTERS or r.warps < 1 or r.groups < 1:
+            raise TraceError(f"role {name}: warps={r.warps} groups={r.groups} registers={r.registers}; expected "
+                             "warps and groups >= 1 and registers 24..256 in steps of 8", kernel.where)
+        total += r.warps * r.groups * THREADS_PER_WARP * r.registers
+    if total > REGISTER_FILE:
+        raise TraceError(f"roles {dict(kernel.roles)} ask {total} registers; an SM has {REGISTER_FILE}",
+                         kernel.where)
+    for ins in kernel.walk():
+        if ins.role and ins.role not in kernel.roles:
+            raise TraceError(f"{ins.op.value}: role {ins.role!r} is not declared", ins.where)

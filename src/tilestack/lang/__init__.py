@@ -17,6 +17,16 @@
 
 from tilestack.ir.types import bf16, bool_, f8e4m3, f16, f32, f64, i8, i32, i64
 from tilestack.lang.control import block_id, cdiv, num_blocks, range, smax, smin
+from tilestack.lang.explicit import (
+                                     SharedStages,
+                                     Stages,
+                                     async_load,
+                                     mma_AB_async,
+                                     mma_ABt_async,
+                                     mma_wait,
+                                     partition,
+                                     wait_load,
+)
 from tilestack.lang.kernel import ArgSpec, Global, Kernel, TracedKernel, Tunable, kernel, tunable
 from tilestack.lang.ops import *  # noqa: F403 - the op vocabulary, listed in ops.__all__
 from tilestack.lang.ops import __all__ as _ops_all
@@ -26,6 +36,7 @@ __all__ = [
     "bf16", "bool_", "f8e4m3", "f16", "f32", "f64", "i8", "i32", "i64",
     "block_id", "cdiv", "num_blocks", "range", "smax", "smin",
     "ArgSpec", "Global", "Kernel", "TracedKernel", "Tunable", "kernel", "tunable",
+    "SharedStages", "Stages", "async_load", "wait_load", "mma_AB_async", "mma_ABt_async", "mma_wait", "partition",
     "GlobalTensor", "RegTile", "RegVec", "Scalar", "SharedTile", "SharedVec", "Tile",
     *_ops_all,
 ]

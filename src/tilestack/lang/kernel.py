@@ -220,7 +220,7 @@ class Kernel:
                                  tr.loops[-1].where)
         finally:
             set_current(old)
-        ir = KernelIR(self.name, params, tr.blocks[0], dict(consts), grid_values, self.where)
+        ir = KernelIR(self.name, params, tr.blocks[0], dict(consts), grid_values, self.where, roles=dict(tr.roles))
         verify(ir)
         return ir
 

@@ -357,7 +357,8 @@ def arange(dst: Tile, start=0) -> None:
 
 
 # ---- matrix products ----------------------------------------------------------------------------------------------
-def _mma(dst: Tile, a: Tile, b: Tile, acc: Tile, trans_a: bool, trans_b: bool, opname: str) -> None:
+def _mma(dst: Tile, a: Tile, b: Tile, acc: Tile, trans_a: bool, trans_b: bool, opname: str,
+         op: Op = Op.MMA) -> None:
     for arg, t in (("dst", dst), ("a", a), ("b", b), ("acc", acc)):
         _need_tile(opname, arg, t)
         if t.type.is_vec:
@@ -381,7 +382,7 @@ def _mma(dst: Tile, a: Tile, b: Tile, acc: Tile, trans_a: bool, trans_b: bool, o
                              f"(a `{_name(a)}` {a.shape}, b `{_name(b)}` {b.shape})", user_line())
     if acc.shape != (m, n):
         raise TileShapeError(f"{opname}: acc `{_name(acc)}` is {acc.shape}; expected ({m}, {n})", user_line())
-    _write(dst, Op.MMA, (acc.value(opname), a.value(opname), b.value(opname)), (m, n), opname,
+    _write(dst, op, (acc.value(opname), a.value(opname), b.value(opname)), (m, n), opname,
            trans_a=trans_a, trans_b=trans_b)
 
 

@@ -6,6 +6,7 @@ first frame that is the kernel author's.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import sys
 from typing import Any
@@ -62,6 +63,8 @@ class Tracer:
         self.loops: list[_Loop] = []
         self.closed: set[int] = set()       # ids of values defined in loop bodies that have ended
         self.defined_in: dict[int, str] = {}
+        self.role = ""                      # the warp role ``ts.partition`` has opened, if any
+        self.roles: dict[str, Any] = {}     # role name -> ir.nodes.Role, as declared
 
     @property
     def block(self) -> Block:
@@ -76,7 +79,7 @@ class Tracer:
                     "after the loop ended; to carry a tile across iterations, declare it before the loop "
                     "and write into it (e.g. mma_AB(acc, a, b, acc))", where)
         results = tuple(Value(t, attrs.pop("hint", "") if i == 0 else "") for i, t in enumerate(result_types))
-        ins = Instr(op, results, tuple(srcs), attrs, None, where)
+        ins = Instr(op, results, tuple(srcs), attrs, None, where, self.role)
         self.block.instrs.append(ins)
         return ins
 
@@ -146,17 +149,19 @@ def _substitute(block: Block, mapping: dict[Value, Value]) -> None:
     block.yields = [mapping.get(s, s) for s in block.yields]
 
 
-_current: Tracer | None = None
+# The trace being recorded, per thread and per asyncio task (two threads may trace at once).
+_current: contextvars.ContextVar[Tracer | None] = contextvars.ContextVar("tilestack_tracer", default=None)
 
 
 def current(opname: str) -> Tracer:
-    if _current is None:
+    tr = _current.get()
+    if tr is None:
         raise TraceError(f"{opname}() is a tile op: call it inside a @ts.kernel function while it is traced",
                          user_line())
-    return _current
+    return tr
 
 
 def set_current(t: Tracer | None) -> Tracer | None:
-    global _current
-    old, _current = _current, t
+    old = _current.get()
+    _current.set(t)
     return old

@@ -109,13 +109,22 @@ class _Program:
         return tuple(g_idx), tuple(t_idx)
 
     def load(self, ins: Instr, srcs: list) -> np.ndarray:
-        t = ins.result.type
-        g = self.arrays[self.arg_index[ins.srcs[0]]]
-        out = np.zeros(t.shape)
-        region = self._region(g, srcs[1:], t.shape)
+        return self.read(ins.srcs[0], srcs[1:], ins.result.type.shape)
+
+    def read(self, gv: Value, coords: list, shape: tuple[int, ...]) -> np.ndarray:
+        """The tile of ``shape`` of global ``gv`` at tile coordinates ``coords``; zeros past the edges."""
+        g = self.arrays[self.arg_index[gv]]
+        out = np.zeros(shape)
+        region = self._region(g, coords, shape)
         if region is not None:
             out[region[1]] = g[region[0]]
         return out
+
+    def stage_index(self, ins: Instr, stage) -> int:
+        n = ins.srcs[0].type.stages
+        if not 0 <= int(stage) < n:
+            raise BackendError(f"{ins.where}: {ins.op.value} of stage {int(stage)} in a buffer of {n} stages")
+        return int(stage)
 
     def store(self, ins: Instr, srcs: list, add: bool = False) -> None:
         """A store, or with ``add`` an atomic add: programs run one at a time, so each add is atomic."""

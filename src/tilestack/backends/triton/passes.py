@@ -1,6 +1,9 @@
 """The Triton backend's passes, after the neutral ones (``ir.passes``): what Triton can lower, how each tile
 moves, and what the kernel function takes.
 
+    erase_async    staged async loads become the loads their waits wait for, async mmas plain ones, roles go;
+                   a loop's staged buffers become its pipelining depth (``tl.range(num_stages=...)``)
+    dce.erased     what erasure left unread (the staged buffers)
     legalize       power-of-two tiles, mma tiles >= 16, an emitter for every op (else the op and the user's line)
     choose_access  each load/store through the copy engine (TMA descriptors) or through pointers
     prune_params   the parameters the device code reads (``KernelIR.reads``), from the IR
@@ -10,21 +13,80 @@ moves, and what the kernel function takes.
 
 from __future__ import annotations
 
+import dataclasses
+
 from tilestack.errors import BackendError
-from tilestack.ir.nodes import KernelIR
-from tilestack.ir.ops import Op, check_lowerable
-from tilestack.ir.passes import DCE, SPLIT_HOST, Pass, Pipeline, clone
-from tilestack.ir.types import Space, TileType
+from tilestack.ir.nodes import Block, Instr, KernelIR, Value
+from tilestack.ir.ops import AccessAttrs, Op, RangeAttrs, check_lowerable
+from tilestack.ir.passes import DCE, SPLIT_HOST, Pass, Pipeline, clone, dead_code
+from tilestack.ir.types import Space, StagesType, TileType
 
 TMA_MAX_BOX = 256   # elements per dimension of one copy-engine transfer (a wider tile goes through pointers)
 MMA_MIN_DIM = 16    # tl.dot's smallest tile dimension
+
+
+ERASED = frozenset({Op.STAGES, Op.ASYNC_LOAD, Op.WAIT_LOAD, Op.MMA_ASYNC, Op.MMA_WAIT})   # no emitter: erased
+
+
+def erase_async(ir: KernelIR) -> KernelIR:
+    """The explicit-hardware ops as Triton sees them. A ``wait_load`` of the stage an ``async_load`` has just
+    written (the same buffer version and stage value) becomes a plain load of that tile, where the wait is; an
+    ``mma_async`` becomes an ``mma`` and its ``mma_wait`` goes (its uses read the mma); warp roles are dropped.
+    A loop that async-loads into a buffer of S > 1 stages and asks no depth itself gets ``stages=S`` (Triton's
+    pipeliner then keeps S loads in flight). A wait whose load is elsewhere (another iteration) has no plain
+    equivalent here: BackendError naming its line."""
+    out = clone(ir, roles={})
+    writer: dict[Value, Instr] = {ins.result: ins for ins in out.walk() if ins.op is Op.ASYNC_LOAD}
+    alias: dict[Value, Value] = {}
+    _erase(out.body, writer, alias, None)
+    if alias:
+        _rename(out.body, alias)
+    return out
+
+
+def _erase(block: Block, writer: dict, alias: dict, loop: Instr | None) -> None:
+    kept = []
+    for ins in block.instrs:
+        ins.role = ""
+        if ins.op is Op.WAIT_LOAD:
+            buf, stage = ins.srcs
+            load = writer.get(buf)
+            if load is None or load.srcs[1] is not stage:
+                raise BackendError(f"{ins.where}: the Triton backend erases staged loads only where a wait_load "
+                                   "reads the stage its async_load has just written (in the same iteration); "
+                                   "this wait's load is elsewhere")
+            ins = Instr(Op.LOAD, ins.results, load.srcs[2:], AccessAttrs(), None, ins.where)
+        elif ins.op is Op.MMA_ASYNC:
+            ins = dataclasses.replace(ins, op=Op.MMA)
+        elif ins.op is Op.MMA_WAIT:
+            alias[ins.result] = ins.srcs[0]
+            continue
+        elif ins.op is Op.ASYNC_LOAD and loop is not None and loop.attrs.stages is None:
+            n = ins.result.type.stages
+            if n > 1:
+                loop.attrs = RangeAttrs(stages=n)
+        if ins.body is not None:
+            _erase(ins.body, writer, alias, ins if ins.op is Op.RANGE else loop)
+        kept.append(ins)
+    block.instrs = kept
+
+
+def _rename(block: Block, alias: dict) -> None:
+    def r(v):
+        while v in alias:
+            v = alias[v]
+        return v
+    for ins in block.walk():
+        ins.srcs = tuple(r(s) for s in ins.srcs)
+        if ins.body is not None:
+            ins.body.yields = [r(y) for y in ins.body.yields]
 
 
 def legalize(ir: KernelIR) -> KernelIR:
     check_lowerable("triton", ir.body)
     for ins in ir.walk():
         for v in ins.results + ins.srcs:
-            if isinstance(v.type, TileType):
+            if isinstance(v.type, TileType | StagesType):
                 for n in v.type.shape:
                     if n & (n - 1):
                         raise BackendError(f"{ins.where}: the Triton backend needs power-of-two tile sizes; "
@@ -101,6 +163,8 @@ def prune_params(ir: KernelIR) -> KernelIR:
 def pipeline(tma: bool) -> Pipeline:
     return Pipeline([
         SPLIT_HOST, DCE,
+        Pass("erase_async", erase_async, "explicit-hardware ops as Triton's plain ones"),
+        Pass("dce.erased", dead_code, "what erasure left unread"),
         Pass("legalize", legalize, "what Triton can lower"),
         Pass("choose_access", choose_access(tma), "copy engine or pointers, per load and store"),
         Pass("prune_params", prune_params, "the parameters the device code reads"),
