@@ -80,6 +80,9 @@ class ExplicitAttention(nn.Module):
         if self.form == "masked_fill":
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.shape[-1]))
             att = att.masked_fill(self.bias[:, :, :N, :N] == 0, float("-inf"))
+        elif self.form == "where":               # Hugging Face's eager GPT-2
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])
+            att = torch.where(self.bias[:, :, :N, :N].bool(), att, torch.finfo(att.dtype).min)
         elif self.form == "additive":
             att = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(k.shape[-1]) + add_mask
         else:
@@ -88,7 +91,7 @@ class ExplicitAttention(nn.Module):
         return att @ v
 
 
-@pytest.mark.parametrize("form", ["masked_fill", "additive", "plain"])
+@pytest.mark.parametrize("form", ["masked_fill", "where", "additive", "plain"])
 def test_explicit_attention(form):
     torch.manual_seed(1)
     q, k, v = (torch.randn(2, 3, 7, 16) for _ in range(3))

@@ -9,7 +9,8 @@ and checking matches is ``tilestack.compile.rewrite``'s job, so every pass is on
 
 Passes, in the order they run:
 - ``sdpa``: ``F.scaled_dot_product_attention`` calls -> ``tilestack::attention_fwd``.
-- ``explicit_attention``: ``softmax(q @ k.transpose(-2, -1) * s [+ mask | .masked_fill(cond, -inf)]) @ v``.
+- ``explicit_attention``: ``softmax(q @ k.transpose(-2, -1) * s [+ mask | .masked_fill(cond, -inf) |
+  torch.where(keep, ., -inf)]) @ v``.
 - ``add_norm``: ``h = a + b`` followed by LayerNorm / RMSNorm of h -> one fused add + norm kernel.
 - ``norm``: the remaining LayerNorm (with weight and bias) and RMSNorm (with weight).
 - ``softmax``: the remaining softmax over the last dim.
@@ -60,9 +61,10 @@ _FUNCTIONS = {
     F.linear: "linear", torch._C._nn.linear: "linear",
     F.cross_entropy: "cross_entropy",
     F.dropout: "dropout",
+    torch.where: "where",
 }
 _METHODS = {"softmax": "softmax", "matmul": "matmul", "add": "add", "mul": "mul", "div": "div",
-            "transpose": "transpose", "masked_fill": "masked_fill"}
+            "transpose": "transpose", "masked_fill": "masked_fill", "where": "where"}
 
 
 def kind(node) -> str | None:
@@ -239,6 +241,13 @@ def explicit_attention(gm: fx.GraphModule):
                     (low == -math.inf or low <= torch.finfo(qv.dtype).min) and isinstance(cond, Node):
                 found = _scores(s, chain)
                 mask, fill = cond, True
+        elif found is None and kind(x) == "where" and x.op == "call_function":
+            cond, s, low = _arg(x, 0, "condition"), _arg(x, 1, "input"), _number(_arg(x, 2, "other"))
+            qv = value(s)
+            if low is not None and isinstance(qv, torch.Tensor) and qv.dtype.is_floating_point and \
+                    (low == -math.inf or low <= torch.finfo(qv.dtype).min) and isinstance(cond, Node):
+                found = _scores(s, chain)           # Hugging Face's eager GPT-2: where(causal, scores, min)
+                mask = cond
         if found is None:
             continue
         q, k = found[0], found[1]
@@ -260,7 +269,8 @@ def explicit_attention(gm: fx.GraphModule):
             continue
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         chain = sorted(set(chain), key=order.__getitem__)
-        how = "" if mask is None else (" with masked_fill(cond, -inf)" if fill else " with an additive mask")
+        how = "" if mask is None else (" with masked_fill(cond, -inf)" if fill else " with a boolean mask"
+                                       if kind(x) == "where" else " with an additive mask")
         matches.append(Match("explicit_attention", ops.ts_attention, [q, k, v, mask], (fill, False, scale),
                              [node], chain, f"softmax(q @ k^T * {scale:.4g}){how} @ v -> tilestack::attention_fwd"))
     return matches, declined
