@@ -11,8 +11,9 @@ rank into segment (r - s - 1) mod W; after W - 1 steps rank r holds segment (r +
 ranks. The all-gather passes the finished segments round the ring in W - 1 more steps. Every rank sends
 2 (W - 1) / W of the bytes whatever W is: time ~ 2 (W - 1) alpha + 2 (W - 1) / W * S / B.
 
-Each step's segment goes as ``chunks`` messages, all posted at once, and the received chunks are added in
-arrival order, so adding chunk i overlaps the transfer of chunk i + 1 (the pipelining of NCCL's ring).
+Each step's segment goes as ``chunks`` messages, posted together (one ``batch_isend_irecv``), and the received
+chunks are added in order as they complete, so adding chunk i overlaps the transfer of chunk i + 1 (the
+pipelining of NCCL's ring).
 Integer tensors give bit-equal results to dist.all_reduce (integer sums do not depend on the order); floating
 point ones agree to rounding (the summation order differs).
 """
@@ -46,17 +47,19 @@ def _step(send: torch.Tensor, recv_into: torch.Tensor, nxt: int, prv: int, chunk
           group) -> None:
     """Send ``send`` to ``nxt`` and receive a tensor of ``recv_into``'s size from ``prv``, both in ``chunks``
     pieces; add the received pieces into ``recv_into`` (or copy them) as they arrive."""
-    send_parts = send.tensor_split(chunks)
-    dst_parts = recv_into.tensor_split(chunks)
-    bufs = [torch.empty_like(p) for p in dst_parts] if accumulate else list(dst_parts)
-    recvs = [dist.irecv(b, src=prv, group=group, tag=i) for i, b in enumerate(bufs) if b.numel()]
-    sends = [dist.isend(p, dst=nxt, group=group, tag=i) for i, p in enumerate(send_parts) if p.numel()]
-    for work, buf, dst in zip(recvs, [b for b in bufs if b.numel()], [d for d in dst_parts if d.numel()],
-                              strict=True):
+    send_parts = [p for p in send.tensor_split(chunks) if p.numel()]
+    dst_parts = [p for p in recv_into.tensor_split(chunks) if p.numel()]
+    bufs = [torch.empty_like(p) for p in dst_parts] if accumulate else dst_parts
+    # one batch (an NCCL group): separately posted blocking-in-order sends and receives would deadlock on NCCL,
+    # every rank's first receive waiting for a send queued behind its neighbour's receive
+    ops = [dist.P2POp(dist.irecv, b, prv, group) for b in bufs] + [dist.P2POp(dist.isend, p, nxt, group)
+                                                                   for p in send_parts]
+    works = dist.batch_isend_irecv(ops) if ops else []
+    for work, buf, dst in zip(works[:len(bufs)], bufs, dst_parts, strict=True):
         work.wait()
         if accumulate:
             dst.add_(buf)
-    for work in sends:
+    for work in works[len(bufs):]:
         work.wait()
 
 
