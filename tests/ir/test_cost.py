@@ -181,3 +181,17 @@ def test_nonnegative_indices():
     stores = [ins for ins in ir.walk() if ins.op is Op.STORE]
     facts = nonnegative(ir.body)
     assert [ins.srcs[2] in facts for ins in stores] == [True, False, True, False]
+
+
+def test_one_cost_record_for_kernels_and_formulas():
+    from tilestack.ir.cost import Cost
+    from tilestack.perf import formulas
+
+    assert formulas.Cost is Cost
+    f = formulas.matmul(64, 32, 16, "bf16")
+    assert (f.flops, f.bytes_read, f.bytes_written) == (2 * 64 * 32 * 16, 2 * (64 * 16 + 16 * 32), 2 * 64 * 32)
+    assert f.dram_bytes == f.bytes and f.intensity == f.flops / f.bytes   # a formula counts compulsory bytes
+    k = gemm_traced().cost((64, 16), (16, 32), (64, 32))
+    both = k + f
+    assert both.flops == k.flops + f.flops and both.dram_bytes == k.dram_bytes + f.bytes
+    assert k.scaled(2).dram_bytes == 2 * k.dram_bytes and k.scaled(2).shared_bytes == k.shared_bytes

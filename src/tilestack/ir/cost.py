@@ -32,28 +32,53 @@ from tilestack.ir.types import GlobalType, Space, StagesType, TileType
 
 @dataclasses.dataclass(frozen=True)
 class Cost:
-    flops: int             # all tile arithmetic
-    mma_flops: int         # the part done by matrix units
-    bytes_read: int        # global memory, every access
-    bytes_written: int
-    dram_bytes_read: int   # compulsory: each global at most once
-    dram_bytes_written: int
-    shared_bytes: int      # shared tiles declared by one program (before any pipelining copies)
-    register_bytes: int    # register tiles declared by one program (spread over its threads)
-    programs: int          # grid size
+    """FLOPs and global-memory bytes of one call: the one cost record of tilestack. A kernel's comes from its IR
+    (``traced.cost(...)``, every field); a baseline's from a formula (``tilestack.perf.formulas``: flops and
+    bytes, which are then the compulsory traffic already, so the dram fields stay None and read as the bytes)."""
+    flops: float                     # all arithmetic (a multiply-add is 2)
+    bytes_read: float                # global memory: an IR cost counts every access, a formula the minimum
+    bytes_written: float
+    mma_flops: float = 0             # the part done by matrix units (IR costs)
+    dram_bytes_read: float | None = None      # compulsory: each global at most once (None: = bytes_read)
+    dram_bytes_written: float | None = None
+    shared_bytes: int = 0            # shared tiles declared by one program (before any pipelining copies)
+    register_bytes: int = 0          # register tiles declared by one program (spread over its threads)
+    programs: int = 1                # grid size
 
     @property
-    def bytes(self) -> int:
+    def bytes(self) -> float:
         return self.bytes_read + self.bytes_written
 
     @property
-    def dram_bytes(self) -> int:
-        return self.dram_bytes_read + self.dram_bytes_written
+    def dram_bytes(self) -> float:
+        read = self.bytes_read if self.dram_bytes_read is None else self.dram_bytes_read
+        written = self.bytes_written if self.dram_bytes_written is None else self.dram_bytes_written
+        return read + written
 
     @property
     def intensity(self) -> float:
-        """FLOPs per compulsory (DRAM) byte: the roofline's arithmetic intensity."""
+        """FLOPs per compulsory (DRAM) byte: the roofline's arithmetic intensity (inf for zero bytes)."""
         return self.flops / self.dram_bytes if self.dram_bytes else float("inf")
+
+    def __add__(self, other: Cost) -> Cost:
+        """Two calls in sequence: counts add (footprints are the larger one's)."""
+        def dram(a, b, fa, fb):
+            return None if a is None and b is None else (fa if a is None else a) + (fb if b is None else b)
+        return Cost(self.flops + other.flops, self.bytes_read + other.bytes_read,
+                    self.bytes_written + other.bytes_written, self.mma_flops + other.mma_flops,
+                    dram(self.dram_bytes_read, other.dram_bytes_read, self.bytes_read, other.bytes_read),
+                    dram(self.dram_bytes_written, other.dram_bytes_written, self.bytes_written, other.bytes_written),
+                    max(self.shared_bytes, other.shared_bytes), max(self.register_bytes, other.register_bytes),
+                    self.programs + other.programs)
+
+    def scaled(self, factor: float) -> Cost:
+        """``factor`` calls' counts (footprints unchanged)."""
+        def f(x):
+            return None if x is None else x * factor
+        return dataclasses.replace(self, flops=self.flops * factor, bytes_read=self.bytes_read * factor,
+                                   bytes_written=self.bytes_written * factor, mma_flops=self.mma_flops * factor,
+                                   dram_bytes_read=f(self.dram_bytes_read),
+                                   dram_bytes_written=f(self.dram_bytes_written))
 
 
 def grid_plan(kernel: KernelIR) -> list:

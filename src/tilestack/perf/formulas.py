@@ -21,10 +21,10 @@ Conventions (those of the field, so numbers compare with published ones):
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from tilestack.errors import LaunchError
+from tilestack.ir.cost import Cost  # noqa: F401  (the one cost record; formulas fill flops and bytes)
 
 # Bytes per element of every dtype tilestack names, by short name. torch dtypes map onto these names.
 DTYPE_BYTES: dict[str, int] = {
@@ -61,34 +61,6 @@ LSE_BYTES = 4  # the forward also writes one fp32 log-sum-exp per query row, rea
 LAYERNORM_FLOPS_PER_ELEMENT = 8  # mean (1), variance (3), normalise (2), affine (2)
 RMSNORM_FLOPS_PER_ELEMENT = 4  # square-accumulate (2), scale (1), weight (1)
 SOFTMAX_FLOPS_PER_ELEMENT = 5  # max (1), subtract + exp (2), sum (1), divide (1)
-
-
-@dataclasses.dataclass(frozen=True)
-class Cost:
-    """FLOPs and bytes moved to and from global memory by one call."""
-
-    flops: float
-    bytes_read: float
-    bytes_written: float
-
-    @property
-    def bytes(self) -> float:
-        return self.bytes_read + self.bytes_written
-
-    @property
-    def intensity(self) -> float:
-        """Arithmetic intensity, FLOPs per byte of global-memory traffic (inf for zero bytes)."""
-        return self.flops / self.bytes if self.bytes else float("inf")
-
-    def __add__(self, other: Cost) -> Cost:
-        return Cost(
-            self.flops + other.flops,
-            self.bytes_read + other.bytes_read,
-            self.bytes_written + other.bytes_written,
-        )
-
-    def scaled(self, factor: float) -> Cost:
-        return Cost(self.flops * factor, self.bytes_read * factor, self.bytes_written * factor)
 
 
 def dtype_name(dtype: Any) -> str:
