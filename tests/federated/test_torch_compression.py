@@ -36,7 +36,7 @@ def test_torch_local_sgd_is_plain_sgd_with_prox_and_correction(arch):
         # prox term is 0 at the first step (w = w_start); the correction is added as is
         want = anchor[k].astype(np.float64) - 0.1 * (g.numpy() + corr[k])
         np.testing.assert_allclose(out[k], want, rtol=1e-4, atol=1e-5)
-    assert steps == 1 and loss == pytest.approx(float(ce), rel=1e-4)
+    assert steps == 1 and loss == pytest.approx(float(ce.detach()), rel=1e-4)
     assert set(out) == set(params) and all(v.dtype == np.float32 for v in out.values())
 
 

@@ -59,7 +59,8 @@ def encode_int8(arr: np.ndarray) -> Array:
     low = float(flat.min()) if flat.size else 0.0
     span = float(flat.max()) - low if flat.size else 0.0
     step = span / INT8_LEVELS if span > 0 else 1.0
-    codes = np.clip(np.rint((flat - low) / step), 0, INT8_LEVELS).astype(np.uint8)
+    with np.errstate(invalid="ignore"):  # a non-finite update: its NaN low/step decode to NaN, caught by the server
+        codes = np.clip(np.rint((flat - low) / step), 0, INT8_LEVELS).astype(np.uint8)
     data = np.array([low, step], np.float32).tobytes() + codes.tobytes()
     return Array(dtype="float32", shape=tuple(arr.shape), stype=INT8_STYPE, data=data)
 
