@@ -51,7 +51,7 @@ def run(
     partition_alpha: float = typer.Option(0.5, help="Dirichlet concentration"),
     model: str = typer.Option("logreg", help="logreg, mlp, or the PyTorch cnn or transformer (digits: 8x8 images)"),
     batch_size: int = typer.Option(10, min=1, help="local minibatch size"),
-    q: float = typer.Option(1.0, help="qfedavg: fairness exponent q (0: FedAvg)"),
+    q: float = typer.Option(1.0, help="qfedavg: fairness exponent q (0: the plain mean); L = 1 / (lr x local steps)"),
     compress: str = typer.Option("", help="compress client updates: topk:RATIO (with error feedback) or int8"),
     local_epochs: float = typer.Option(20.0, help="local epochs per round"),
     local_steps: int = typer.Option(0, help="fixed local SGD steps per round instead of epochs (0: use epochs)"),
@@ -136,7 +136,8 @@ def run(
                               eval_fraction=eval_fraction,
                               proximal_mu=mu, server_lr=server_lr, num_malicious=int(malicious * per_round),
                               num_clusters=clusters, noise_multiplier=noise, clipping_norm=clip,
-                              accountant=accountant, q=q, client_lr=lr)  # fmt: skip
+                              accountant=accountant, q=q,
+                              client_lr=lr * (local_steps or task.steps_for(0)))  # fmt: skip
         if compress:
             from tilestack.federated.compression import Compressed, parse
 
