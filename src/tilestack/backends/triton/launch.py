@@ -210,8 +210,8 @@ class _DirectLaunch:
     the address, the shape, the strides and the box, and the last three are fixed by the launch signature).
 
     Built only where Triton's launcher has the layout this was written against (Triton 3.6: no scratch memory,
-    descriptors expanded by a wrapper around the C launcher); otherwise ``make`` returns None and launches go
-    through ``CompiledKernel.run``."""
+    descriptors expanded by a wrapper around the C launcher); otherwise construction gives None and launches go
+    through Triton's JIT as before."""
 
     MAX_DESCRIPTORS = 256   # encoded descriptors kept per argument (addresses a training loop cycles through)
 
