@@ -195,3 +195,15 @@ def test_one_cost_record_for_kernels_and_formulas():
     both = k + f
     assert both.flops == k.flops + f.flops and both.dram_bytes == k.dram_bytes + f.bytes
     assert k.scaled(2).dram_bytes == 2 * k.dram_bytes and k.scaled(2).shared_bytes == k.shared_bytes
+
+
+def test_one_dtype_vocabulary_with_its_spec_sheet_spelling():
+    from tilestack.ir.types import DTYPES, bf16, dtype_named, f8e4m3, f32
+    from tilestack.perf import formulas
+
+    assert dtype_named("f32") is dtype_named("fp32") is f32 and dtype_named("fp8") is f8e4m3
+    for d in DTYPES.values():
+        assert formulas.dtype_name(d) == d.spec and formulas.dtype_bytes(d) == d.itemsize, d
+    assert formulas.matmul(8, 8, 8, bf16) == formulas.matmul(8, 8, 8, "bf16")
+    with pytest.raises(KeyError, match="no dtype named 'f33'"):
+        dtype_named("f33")

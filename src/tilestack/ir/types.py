@@ -16,25 +16,37 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class DType:
+    """A dtype of tiles. ``name`` is the IR's ("f32"), ``spec`` the name device tables and cost formulas use
+    ("fp32", as spec sheets write it): one vocabulary, two spellings, both found by ``dtype_named``."""
     name: str        # "bf16"
     itemsize: int    # bytes per element
     is_float: bool
+    spec: str = ""   # the spec-sheet name: "fp32", "bf16", "fp8", "int8"
 
     def __repr__(self) -> str:
         return self.name
 
 
-f64 = DType("f64", 8, True)
-f32 = DType("f32", 4, True)
-f16 = DType("f16", 2, True)
-bf16 = DType("bf16", 2, True)
-i32 = DType("i32", 4, False)
-i64 = DType("i64", 8, False)
-bool_ = DType("bool", 1, False)   # masks: what comparisons make and where() selects by (register tiles only)
-i8 = DType("i8", 1, False)        # quantized weights (tilestack.quant), widened to a float tile before an mma
-f8e4m3 = DType("f8e4m3", 1, True)   # OCP fp8 E4M3 "fn" (torch.float8_e4m3fn): no infinities, max 448
+f64 = DType("f64", 8, True, "fp64")
+f32 = DType("f32", 4, True, "fp32")
+f16 = DType("f16", 2, True, "fp16")
+bf16 = DType("bf16", 2, True, "bf16")
+i32 = DType("i32", 4, False, "int32")
+i64 = DType("i64", 8, False, "int64")
+bool_ = DType("bool", 1, False, "bool")   # masks: what comparisons make and where() selects by (register tiles only)
+i8 = DType("i8", 1, False, "int8")        # quantized weights (tilestack.quant), widened to a float tile before an mma
+f8e4m3 = DType("f8e4m3", 1, True, "fp8")   # OCP fp8 E4M3 "fn" (torch.float8_e4m3fn): no infinities, max 448
 DTYPES = {d.name: d for d in (f64, f32, f16, bf16, i32, i64, bool_, i8, f8e4m3)}
 F8E4M3_MAX = 448.0
+
+
+def dtype_named(name: str) -> DType:
+    """The dtype called ``name`` in either spelling: ``dtype_named("f32") is dtype_named("fp32") is f32``."""
+    d = DTYPES.get(name) or next((d for d in DTYPES.values() if d.spec == name), None)
+    if d is None:
+        raise KeyError(f"no dtype named {name!r}; expected one of {sorted(DTYPES)} or "
+                       f"{sorted(d.spec for d in DTYPES.values())}")
+    return d
 
 # The torch dtype each tile dtype corresponds to, by name (torch is imported only where tensors are).
 TORCH_NAMES = {"f64": "float64", "f32": "float32", "f16": "float16", "bf16": "bfloat16",

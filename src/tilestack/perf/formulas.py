@@ -70,6 +70,8 @@ def dtype_name(dtype: Any) -> str:
     """
     if isinstance(dtype, str) and dtype in DTYPE_BYTES:
         return dtype
+    if isinstance(getattr(dtype, "spec", None), str) and dtype.spec in DTYPE_BYTES:   # a tile dtype (ir.types)
+        return dtype.spec
     text = str(dtype).removeprefix("torch.")
     if text in _TORCH_NAMES:
         return _TORCH_NAMES[text]
