@@ -31,6 +31,7 @@ WORLD4 = {
     "dp2-tp2-sp": dict(dp=2, tp=2, sp=2),
     "dp2-tp2-ring": dict(dp=2, tp=2, dp_comm="ring"),
     "pp2-dp2": dict(pp=2, dp=2, microbatches=2),
+    "pp2-fsdp2": dict(pp=2, dp_shard=2, microbatches=2),
     "fsdp2-tp2-sp": dict(dp_shard=2, tp=2, sp=2),
     "hsdp-dp2-shard2": dict(dp=2, dp_shard=2),
     "pp2-tp2-sp": dict(pp=2, tp=2, sp=2, microbatches=2),
