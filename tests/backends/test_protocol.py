@@ -91,7 +91,7 @@ def test_a_repeated_launch_reuses_the_prebuilt_launcher(backend, monkeypatch):
     built = []
     be = get_backend(backend)
     prepare = be.prepare
-    monkeypatch.setattr(be, "prepare", lambda traced, args: built.append(1) or prepare(traced, args))
+    monkeypatch.setattr(be, "prepare", lambda traced, args, options: built.append(1) or prepare(traced, args, options))
     double._launchers.clear()
     for _ in range(3):
         double(x, y, backend=backend)
@@ -107,3 +107,32 @@ def test_launch_options_reach_triton():
     x = torch.randn(16, 16)
     launcher = Launcher(double.trace(x, x.clone(), num_warps=8), (x, x.clone()))
     assert launcher.options == {"num_warps": 8}
+
+
+@ts.kernel(grid=lambda X: (ts.cdiv(X.shape[0], 16),))
+def triple(X, Y):
+    x = ts.RegTile[ts.f32, 16, 16]()
+    ts.load(x, X, at=(ts.block_id(0), 0))
+    ts.mul(x, x, 3.0)
+    ts.store(Y, x, at=(ts.block_id(0), 0))
+
+
+@pytest.mark.parametrize("backend", NAMES)
+def test_launch_options_a_kernel_does_not_declare_are_given_at_launch(backend, monkeypatch):
+    from tilestack.backends.triton.launch import Launcher
+    x = torch.randn(20, 16)
+    y = torch.full_like(x, float("nan"))
+    seen = []
+    init = Launcher.__init__
+    monkeypatch.setattr(Launcher, "__init__", lambda self, *a: init(self, *a) or seen.append(self.options))
+    triple(x, y, num_warps=2, num_stages=1, backend=backend)
+    torch.testing.assert_close(y, 3 * x)
+    assert seen == ([{"num_warps": 2, "num_stages": 1}] if backend == "triton" else [])
+    assert "num_warps" not in triple.trace(x, y).constants     # the trace is the kernel's alone
+
+
+def test_an_unknown_constant_is_still_refused_by_name():
+    from tilestack.errors import LaunchError
+    x = torch.randn(16, 16)
+    with pytest.raises(LaunchError, match=r"unknown constant\(s\) \['num_wraps'\]"):
+        triple(x, x.clone(), num_wraps=2)

@@ -38,6 +38,12 @@ def get_backend(name: str):
     return make()
 
 
+def launch_option_names() -> frozenset[str]:
+    """Every launch option some backend takes (the fields of its ``Options``)."""
+    import dataclasses
+    return frozenset(f.name for name in NAMES for f in dataclasses.fields(get_backend(name).Options))
+
+
 def pick_backend(args: Sequence) -> str:
     """The backend a launch uses when none is named: the knob, else Triton for CUDA tensors, else reference."""
     from tilestack.config import knobs

@@ -3,7 +3,7 @@
     be = get_backend("triton")
     low, stages = be.lower(traced.ir)          # its pass pipeline, every stage printable
     art = be.compile(traced, options)          # an Artifact, cached by the backend per (trace, options)
-    launch = be.prepare(traced, args)          # the prebuilt launcher of one launch signature: launch(args)
+    launch = be.prepare(traced, args, opts)    # the prebuilt launcher of one launch signature: launch(args)
     be.source(traced)                          # what it generates, readable
 
 Each backend owns its typed options (``Options``: Triton's num_warps and num_stages), its cache of artifacts
@@ -48,7 +48,9 @@ class Backend:
     def compile(self, traced, options) -> Artifact:
         raise NotImplementedError
 
-    def prepare(self, traced, args: Sequence):
+    def prepare(self, traced, args: Sequence, options: dict[str, Any] | None = None):
+        """The launcher of one launch signature; ``options`` are launch options given at launch (the backend
+        ignores those of other backends), over those among the kernel's constants."""
         raise NotImplementedError
 
     def source(self, traced) -> str:

@@ -188,10 +188,22 @@ class Kernel:
         except TypeError:   # an unhashable constant or an argument no launch accepts: the checked way
             key, launcher = None, None
         if launcher is None:
-            launcher = self.trace(*args, **consts).launcher(args, backend)
+            consts, options = self._launch_options(consts)
+            launcher = self.trace(*args, **consts).launcher(args, backend, options)
             if key is not None:
                 remember(self._launchers, key, launcher)
         return launcher
+
+    def _launch_options(self, consts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the kernel's constants, backend launch options): a name the kernel does not declare but a backend's
+        options do (num_warps, num_stages) is a launch option, given at launch or by the tuner."""
+        extra = [k for k in consts if k not in self.constants]
+        if not extra:
+            return consts, {}
+        from tilestack.backends import launch_option_names
+        names = launch_option_names()
+        options = {k: consts[k] for k in extra if k in names}
+        return {k: v for k, v in consts.items() if k not in options}, options
 
     def _trace(self, sig: tuple, consts: dict[str, Any]) -> KernelIR:
         tr = Tracer()
@@ -321,14 +333,15 @@ class TracedKernel:
             raise KeyError(f"{backend} has no pass {name!r}; its stages are {list(stages)}")
         return stages[name]
 
-    def launcher(self, args: Sequence, backend: str | None = None):
+    def launcher(self, args: Sequence, backend: str | None = None, options: dict[str, Any] | None = None):
         """The prebuilt launcher for the launch signature of ``args``: every launch-time check runs here, once
-        per signature, then the backend prepares (compiles, computes the grid and the constant arguments)."""
+        per signature, then the backend prepares (compiles, computes the grid and the constant arguments) with
+        its launch ``options`` (those the kernel's constants do not set)."""
         from tilestack.backends import get_backend, pick_backend
 
         self.check_args(args)
         name = backend or pick_backend(args)
-        return get_backend(name).prepare(self, args)
+        return get_backend(name).prepare(self, args, options)
 
     def run(self, *args, backend: str | None = None):
         """Launch this trace. Launchers live in the kernel's cache, under the key ``launcher_for`` gives these

@@ -40,7 +40,7 @@ class ReferenceBackend(Backend):
     def compile(self, traced, options=None) -> ReferenceArtifact:
         return ReferenceArtifact(traced)
 
-    def prepare(self, traced, args):
+    def prepare(self, traced, args, options=None):
         """The launcher for ``traced``: the executor reads sizes from the arguments on every run."""
         return functools.partial(_run, traced)
 

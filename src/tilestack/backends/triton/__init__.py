@@ -54,9 +54,11 @@ class TritonBackend(Backend):
     name = "triton"
     Options = TritonOptions
 
-    def options(self, constants: dict[str, Any]) -> TritonOptions:
-        """Launch options a kernel still declares among its constants (num_warps, num_stages)."""
-        return TritonOptions(**{k: constants[k] for k in LAUNCH_OPTIONS if k in constants})
+    def options(self, constants: dict[str, Any], given: dict[str, Any] | None = None) -> TritonOptions:
+        """Launch options: those a kernel still declares among its constants (num_warps, num_stages), else those
+        ``given`` at launch."""
+        merged = {**(given or {}), **constants}
+        return TritonOptions(**{k: merged[k] for k in LAUNCH_OPTIONS if k in merged})
 
     def lower(self, ir, print_after=(), tma: bool = True):
         """(lowered IR, stages) of the Triton pipeline (``backends/triton/passes.py``), TMA as on a Hopper GPU."""
@@ -75,8 +77,8 @@ class TritonBackend(Backend):
             art = cache[key] = TritonArtifact(weakref.ref(traced), fn, low)
         return art
 
-    def prepare(self, traced, args) -> launch.Launcher:
-        return launch.Launcher(traced, args)
+    def prepare(self, traced, args, options: dict[str, Any] | None = None) -> launch.Launcher:
+        return launch.Launcher(traced, args, options)
 
     def source(self, traced) -> str:
         return codegen.source(traced)

@@ -119,7 +119,7 @@ def _descriptor_factory():
 class Launcher:
     """Launches one traced kernel for one launch signature (see the module docstring)."""
 
-    def __init__(self, traced, args):
+    def __init__(self, traced, args, options: dict | None = None):
         import torch
 
         self.traced = traced
@@ -127,7 +127,7 @@ class Launcher:
         self.tma = (self.interpret or _tma_capable()) and all(tma_ok(args[i]) for i in traced.tile_globals)
         self.fn, low = jit_function(traced, self.interpret, self.tma, wide_globals(traced.ir, args))
         from tilestack.backends.triton import BACKEND
-        self.options = BACKEND.options(traced.constants).launch_kwargs()
+        self.options = BACKEND.options(traced.constants, options).launch_kwargs()
         # the grid, unless it reads a runtime scalar (then it is evaluated per call)
         self.grid = None if traced._grid_scalars else _grid3(traced.grid(*args))
         # the flat argument list: sizes and strides are fixed by the signature, pointers and descriptors are not
@@ -294,8 +294,8 @@ def _grid3(grid: tuple[int, ...]) -> tuple[int, int, int]:
     return (*grid, *(1,) * (3 - len(grid)))
 
 
-def prepare(traced, args) -> Launcher:
-    return Launcher(traced, args)
+def prepare(traced, args, options: dict | None = None) -> Launcher:
+    return Launcher(traced, args, options)
 
 
 def run(traced, args) -> None:
