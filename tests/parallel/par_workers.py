@@ -51,8 +51,10 @@ def strategies(rank: int, world_size: int, scenarios: list[tuple[str, dict]], st
 
 
 def _train(kw: dict, steps: int) -> dict:
+    kw = dict(kw)
+    extra = {"zero_bucket_numel": kw.pop("zero_bucket_numel")} if "zero_bucket_numel" in kw else {}
     pc = ParallelConfig(**kw)
-    trainer = Trainer(GPT(CFG, seed=0), pc, pc.build_mesh("cpu"), **HYPER)
+    trainer = Trainer(GPT(CFG, seed=0), pc, pc.build_mesh("cpu"), **HYPER, **extra)
     losses, grads = [], None
     for idx, targets in batches(steps):
         losses.append(trainer.forward_backward(idx, targets))
@@ -119,3 +121,14 @@ def reshard(rank: int, world_size: int, path: str, before: dict, after: dict, st
     checkpoint.load(t2, path)
     resumed = [t2.step(idx, targets) for idx, targets in data[cut:]]
     return dict(cont=cont, resumed=resumed)
+
+
+def zero2_overlap(rank: int, world_size: int) -> dict:
+    """After a bare backward under ZeRO-2 with overlap, before reduce_gradients: which buckets the gradient hooks
+    already reduce-scattered, and which full gradients are still alive."""
+    pc = ParallelConfig(dp=2, zero=2)
+    trainer = Trainer(GPT(CFG, seed=0), pc, pc.build_mesh("cpu"), zero_bucket_numel=3000, **HYPER)
+    idx, targets = trainer.local_batch(*batches(1)[0])
+    lm_loss(trainer.parts[0](idx), targets).backward()
+    return dict(buckets=len(trainer.zero.buckets), reduced=sum(p is not None for p in trainer.zero.pieces),
+                alive=sum(p.grad is not None for p in trainer.params))

@@ -18,6 +18,7 @@ WORLD2 = {
     "ddp-ring-hook": dict(dp=2, dp_comm="ring"),
     "zero1": dict(dp=2, zero=1),
     "zero2": dict(dp=2, zero=2),
+    "zero2-small-buckets": dict(dp=2, zero=2, zero_bucket_numel=3000),   # many buckets reduced during backward
     "fsdp2": dict(dp_shard=2),
     "fsdp2-full-recompute": dict(dp_shard=2, recompute="full"),
     "tp": dict(tp=2),
@@ -35,7 +36,8 @@ WORLD4 = {
     "fsdp2-tp2-sp": dict(dp_shard=2, tp=2, sp=2),
     "hsdp-dp2-shard2": dict(dp=2, dp_shard=2),
     "pp2-tp2-sp": dict(pp=2, tp=2, sp=2, microbatches=2),
-    "zero2-tp2": dict(dp=2, tp=2, zero=2),
+    "zero2-tp2": dict(dp=2, tp=2, zero=2, zero_bucket_numel=2000),
+    "zero1-pp2": dict(dp=2, pp=2, zero=1, microbatches=2),
 }
 
 
@@ -85,3 +87,9 @@ def test_a_wrong_reduction_is_caught(runs):
     broken = [{"ddp": dict(r["ddp"], grads={n: 2 * g for n, g in r["ddp"]["grads"].items()})} for r in runs[2]]
     with pytest.raises(AssertionError, match="grad"):
         _check(broken, "ddp")
+
+
+def test_zero2_reduces_during_backward():
+    """The buckets are reduce-scattered by the gradient hooks and the full gradients freed before backward ends."""
+    for r in run_local(W.zero2_overlap, 2, timeout_s=300):
+        assert r["buckets"] > 5 and r["reduced"] == r["buckets"] and r["alive"] == 0, r

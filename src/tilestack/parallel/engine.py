@@ -34,7 +34,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 class Trainer:
     def __init__(self, model: GPT, pc: ParallelConfig, mesh, *, lr: float = 1e-3, weight_decay: float = 0.1,
-                 betas: tuple[float, float] = (0.9, 0.95)):
+                 betas: tuple[float, float] = (0.9, 0.95), zero_bucket_numel: int = 1 << 22):
         self.pc, self.mesh, self.cfg = pc, mesh, model.cfg
         self.device = next(model.parameters()).device
         self.pp_rank = mesh["pp"].get_local_rank()
@@ -46,8 +46,9 @@ class Trainer:
             # foreach kernels reject lists that mix DTensors and plain tensors (TP without SP: plain norms)
             return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, foreach=False)
 
-        self.zero = ZeroOptimizer(self.params, mesh["dp"].get_group(), stage=pc.zero, make_optimizer=make) \
-            if pc.zero else None
+        # ZeRO-2 reduce-scatters during backward unless a pipeline runs several backwards per step
+        self.zero = ZeroOptimizer(self.params, mesh["dp"].get_group(), stage=pc.zero, make_optimizer=make,
+                                  bucket_numel=zero_bucket_numel, overlap=pc.pp == 1) if pc.zero else None
         self.optimizer = self.zero.optimizer if self.zero else make(self.params)
         self.schedule = self._pipeline_schedule() if pc.pp > 1 else None
 

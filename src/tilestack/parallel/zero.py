@@ -4,20 +4,25 @@ this rank's 1/W slice of the flattened parameters.
     opt = ZeroOptimizer(model.parameters(), dp_group, stage=2, make_optimizer=lambda ps: torch.optim.AdamW(ps))
     loss.backward(); opt.reduce_gradients(); opt.step(); opt.zero_grad()
 
-All parameters (the local shards of DTensors under tensor parallelism) are viewed as one flat vector of P
-elements, padded to W * ceil(P / W); rank r owns slice r. The optimizer state (Adam's two moments: 8 bytes per
-element in f32) and an f32 master copy exist for that slice only: 1/W of the memory of plain data parallelism.
+All parameters (the local shards of DTensors under tensor parallelism) are viewed as one flat vector. The
+optimizer state (Adam's two moments: 8 bytes per element in f32) and an f32 master copy exist for this rank's
+slice only: 1/W of the memory of plain data parallelism.
 
 - stage 1: gradients all-reduced whole (as DDP does), then this rank keeps its slice.
 - stage 2: gradients reduce-scattered: each rank receives only its slice, summed (half the bytes of an all-reduce
-  received, and the full gradient is freed after the step). This implementation reduces after backward, so
-  the peak still holds one full gradient; FSDP2 (``dp_shard``) reduce-scatters per block during backward.
+  received). With ``overlap`` (the Trainer's choice without a pipeline) each bucket of gradients is
+  reduce-scattered from a gradient hook as soon as backward has produced it and its full gradients are freed
+  there, so at most about one bucket of full gradients is alive beyond the slices.
+The flat vector is cut into buckets of consecutive parameters (the last parameters first, as backward produces
+them); each bucket is padded to a multiple of W and rank r owns slice r of every bucket.
 After the update each rank's slice is all-gathered back into every replica's parameters. The arithmetic of an
 element-wise optimizer (SGD, Adam, AdamW) is that of the unsharded one, element for element.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable, Iterable
 
 import torch
@@ -36,55 +41,109 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+@dataclasses.dataclass
+class _Bucket:
+    """Consecutive parameters reduced together: elements [rank * shard, (rank + 1) * shard) of their flattened,
+    zero-padded gradients (``padded`` = W * shard elements) are this rank's."""
+    index: list[int]            # into ZeroOptimizer.params
+    numels: list[int]
+    shard: int
+    padded: int
+    ready: int = 0              # gradients accumulated in this backward (overlapped stage 2)
+
+
 class ZeroOptimizer:
     def __init__(self, params: Iterable[torch.nn.Parameter], group, *, stage: int,
-                 make_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer]):
+                 make_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
+                 bucket_numel: int = 1 << 22, overlap: bool = False):
+        """``bucket_numel``: elements per gradient bucket; ``overlap`` (stage 2): reduce-scatter each bucket from
+        a gradient hook as soon as backward has produced it, and free its gradients there (one backward per
+        step, one accumulation per parameter: not with pipeline micro-batches or tied weights)."""
         if stage not in (1, 2):
             raise ParallelConfigError(f"ZeroOptimizer: stage={stage!r}; expected 1 or 2 (3 is FSDP2: dp_shard)")
+        if not isinstance(bucket_numel, int) or bucket_numel < 1:
+            raise ParallelConfigError(f"ZeroOptimizer: bucket_numel={bucket_numel!r}; expected a positive int")
         self.params = [p for p in params if p.requires_grad]
         self.group, self.stage = group, stage
         self.W, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.numels = [_local(p).numel() for p in self.params]
-        total = sum(self.numels)
-        self.shard = -(-total // self.W)                      # ceil(P / W)
-        self.padded = self.shard * self.W
-        lo = self.rank * self.shard
-        flat = self._flatten([_local(p).detach() for p in self.params])
-        # this rank's slice of the parameters, in f32: what the optimizer updates
-        self.master = flat[lo:lo + self.shard].float().clone().requires_grad_(True)
+        # buckets of consecutive parameters, the last first: the order in which backward produces gradients
+        self.buckets: list[_Bucket] = []
+        index: list[int] = []
+        for i in reversed(range(len(self.params))):
+            index.append(i)
+            if sum(self.numels[j] for j in index) >= bucket_numel or i == 0:
+                n = sum(self.numels[j] for j in index)
+                shard = -(-n // self.W)                         # ceil(n / W)
+                self.buckets.append(_Bucket(index, [self.numels[j] for j in index], shard, shard * self.W))
+                index = []
+        # this rank's slice of every bucket's parameters, in f32: what the optimizer updates
+        self.master = torch.cat([self._flatten(b, [_local(self.params[j]).detach() for j in b.index])
+                                 [self.rank * b.shard:(self.rank + 1) * b.shard] for b in self.buckets]
+                                ).float().clone().requires_grad_(True)
         self.optimizer = make_optimizer([self.master])
+        self.pieces: list[torch.Tensor | None] = [None] * len(self.buckets)
         self.grad_shard: torch.Tensor | None = None
+        self.overlap = overlap and stage == 2
+        if self.overlap:
+            for k, b in enumerate(self.buckets):
+                for j in b.index:
+                    self.params[j].register_post_accumulate_grad_hook(functools.partial(self._grad_ready, k))
 
-    def _flatten(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """(padded,) the tensors flattened, then zeros."""
-        flat = torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.empty(0)
-        return torch.cat([flat, flat.new_zeros(self.padded - flat.numel())])
+    def _flatten(self, b: _Bucket, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """(b.padded,) the tensors flattened, then zeros."""
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        return torch.cat([flat, flat.new_zeros(b.padded - flat.numel())])
 
-    def _grads(self) -> list[torch.Tensor]:
-        return [local_grad(p) if p.grad is not None else torch.zeros_like(_local(p)) for p in self.params]
-
-    def reduce_gradients(self) -> None:
-        """After backward: this rank's slice of the gradients averaged over the group (see the module docstring)."""
-        flat = self._flatten(self._grads())
+    def _reduce_bucket(self, k: int) -> None:
+        b = self.buckets[k]
+        grads = [local_grad(self.params[j]) if self.params[j].grad is not None
+                 else torch.zeros_like(_local(self.params[j])) for j in b.index]
+        flat = self._flatten(b, grads)
         if self.stage == 1:
             dist.all_reduce(flat, group=self.group)
-            self.grad_shard = flat[self.rank * self.shard:(self.rank + 1) * self.shard].clone()
+            piece = flat[self.rank * b.shard:(self.rank + 1) * b.shard].clone()
         else:
-            self.grad_shard = flat.new_empty(self.shard)
-            _reduce_scatter(self.grad_shard, flat, group=self.group)
-            for p in self.params:                                  # the full gradient is not kept
-                p.grad = None
-        self.grad_shard.div_(self.W)
+            piece = flat.new_empty(b.shard)
+            _reduce_scatter(piece, flat, group=self.group)
+            for j in b.index:                                      # the full gradient is not kept
+                self.params[j].grad = None
+        self.pieces[k] = piece.div_(self.W)
+
+    def _grad_ready(self, k: int, _param: torch.Tensor) -> None:
+        b = self.buckets[k]
+        b.ready += 1
+        if b.ready == len(b.index):
+            self._reduce_bucket(k)
+
+    def reduce_gradients(self) -> None:
+        """After backward: this rank's slice of the gradients averaged over the group (see the module docstring);
+        buckets already reduced during backward (``overlap``) are not reduced again."""
+        for k, b in enumerate(self.buckets):
+            if self.pieces[k] is None:       # not overlapped, or a bucket with a parameter that got no gradient
+                self._reduce_bucket(k)
+            b.ready = 0
+        self.grad_shard = torch.cat(self.pieces)
+        self.pieces = [None] * len(self.buckets)
+
+    def _gather(self, shard: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``shard`` (laid out as master) all-gathered: one whole tensor per parameter, local shape."""
+        out: list[torch.Tensor | None] = [None] * len(self.params)
+        offset = 0
+        for b in self.buckets:
+            full = shard.new_empty(b.padded)
+            _all_gather(full, shard[offset:offset + b.shard].contiguous(), group=self.group)
+            offset += b.shard
+            for j, t in zip(b.index, full[:sum(b.numels)].split(b.numels), strict=True):
+                out[j] = t.view_as(_local(self.params[j]))
+        return out
 
     def full_gradient(self) -> list[torch.Tensor]:
         """The reduced gradients, whole, one per parameter in local shape (all-gathered; for tests)."""
         if self.grad_shard is None:
             raise ParallelConfigError("ZeroOptimizer.full_gradient: no reduced gradient; call reduce_gradients() "
                                       "after backward first")
-        full = self.grad_shard.new_empty(self.padded)
-        _all_gather(full, self.grad_shard.contiguous(), group=self.group)
-        return [t.view_as(_local(p)) for t, p in zip(full.split(self.numels + [self.padded - sum(self.numels)])[:-1],
-                                                     self.params, strict=True)]
+        return self._gather(self.grad_shard)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -93,13 +152,8 @@ class ZeroOptimizer:
             raise ParallelConfigError("ZeroOptimizer.step: no reduced gradient; call reduce_gradients() first")
         self.master.grad = self.grad_shard.to(self.master.dtype)
         self.optimizer.step()
-        full = self.master.new_empty(self.padded)
-        _all_gather(full, self.master.detach().contiguous(), group=self.group)
-        offset = 0
-        for p, n in zip(self.params, self.numels, strict=True):
-            local = _local(p)
-            local.copy_(full[offset:offset + n].view_as(local))
-            offset += n
+        for p, whole in zip(self.params, self._gather(self.master.detach()), strict=True):
+            _local(p).copy_(whole)
         self.grad_shard = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
