@@ -12,12 +12,12 @@ import dataclasses
 import math
 
 from tilestack.errors import MemorySpaceError, TileDTypeError, TileShapeError, TraceError
-from tilestack.ir.ops import Op
-from tilestack.ir.types import Space, TileType, bf16, bool_, f8e4m3, f16, f32, f64, i32, i64
+from tilestack.ir.ops import MMA_INPUTS, Op
+from tilestack.ir.types import DTYPES, Space, TileType, bool_, f16, f32, f64, i32, i64
 from tilestack.lang.tiles import GlobalTensor, Tile, as_index, as_scalar
 from tilestack.lang.trace import current, user_line, user_name
 
-_MMA_INPUTS = (bf16, f16, f32, f8e4m3)   # f8e4m3: the fp8 tensor cores (tilestack.quant)
+_MMA_INPUTS = tuple(DTYPES[n] for n in MMA_INPUTS)   # the mma op's rule (ir.ops), as tile dtypes
 
 
 def _name(t) -> str:
@@ -369,7 +369,7 @@ def _mma(dst: Tile, a: Tile, b: Tile, acc: Tile, trans_a: bool, trans_b: bool, o
                                    "registers (a RegTile)", user_line())
     if a.dtype != b.dtype or a.dtype not in _MMA_INPUTS:
         raise TileDTypeError(f"{opname}: a `{_name(a)}` is {a.dtype} and b `{_name(b)}` is {b.dtype}; "
-                             "expected both bf16, both f16 or both f32", user_line())
+                             "expected both bf16, both f16 or both f32 (or both f8e4m3)", user_line())
     if dst.dtype is not f32 or acc.dtype is not f32:
         raise TileDTypeError(f"{opname}: accumulates in f32; dst is {dst.dtype} and acc is {acc.dtype}",
                              user_line())
