@@ -33,9 +33,15 @@ def test_e4m3_rounding_matches_torch():
     x = torch.cat([torch.randn(20000) * 100, torch.randn(2000) * 1e-2, torch.randn(2000) * 1e-3,
                    torch.tensor([16.5, 17.0, 100.0, 447.0, 464.0, 465.0, 1e9, -1e9, 2.0**-10, 3 * 2.0**-11,
                                  float("inf"), float("nan"), 0.0])])
-    want = x.to(torch.float8_e4m3fn).double()
     got = torch.from_numpy(round_to(x.double().numpy(), f8e4m3))
-    torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+    # in range, every torch rounds the same; past 448 torch's cast saturates since 2.12 and gave NaN before,
+    # and tilestack saturates (as the fp8 quantizer needs): that part is checked on its own
+    inside = x.abs() <= 448
+    want = x[inside].to(torch.float8_e4m3fn).double()
+    torch.testing.assert_close(got[inside], want, rtol=0, atol=0)
+    outside = ~inside & ~x.isnan()
+    assert torch.equal(got[outside], 448.0 * x[outside].sign().double())
+    assert bool(got[x.isnan()].isnan().all())
 
 
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
