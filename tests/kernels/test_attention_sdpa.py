@@ -128,7 +128,25 @@ def test_head_dims(backend, d, dv, rng, poison_empty):
     """Tiles are the head dim rounded up to a power of two >= 16: loads zero-fill, stores drop the edge."""
     causal = d % 2 == 0
     q, k, v, do, scale = inputs(rng, (1, 2, 1, 19, 23, d, None), torch.bfloat16, dv=dv)
-    check_against_float64(backend, q, k, v, do, causal, scale)
+    grad_scale = 1.0
+    if min(d, dv) == 1:
+        # a head dim of 1: each gradient element is a short sum that cancels, so bf16 dS alone can cost several
+        # percent (seen: 8% on dq for one seed in 100); the yardstick is torch's own bf16 attention on the inputs
+        grad_scale = max(3.0, 2 * _torch_bf16_grad_error(q, k, v, do, causal) / TOL[torch.bfloat16])
+    check_against_float64(backend, q, k, v, do, causal, scale, grad_scale=grad_scale)
+
+
+def _torch_bf16_grad_error(q, k, v, do, causal) -> float:
+    """The largest relative gradient error of torch's SDPA in bf16 (K/V heads repeated) against float64."""
+    from test_attention import float64_truth
+
+    group = q.shape[1] // k.shape[1]
+    qb, kb, vb = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    o = torch.nn.functional.scaled_dot_product_attention(qb, kb.repeat_interleave(group, 1),
+                                                         vb.repeat_interleave(group, 1), is_causal=causal)
+    o.backward(do)
+    _, _, grads64 = float64_truth(q, k, v, do, causal, None)
+    return max(rel(t.grad, g) for t, g in zip((qb, kb, vb), grads64, strict=True))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
