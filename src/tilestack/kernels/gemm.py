@@ -20,6 +20,18 @@ def _grid(A, B, BM, BN):
     return (ts.cdiv(A.shape[0], BM) * ts.cdiv(B.shape[1], BN),)
 
 
+def grouped_tile(M, N, BM: int, BN: int, GROUP_M: int):
+    """(i, j) of this program's output tile in grouped order: GROUP_M row tiles share their column tiles in
+    turn, so the operands they read stay in L2. Shared by every GEMM-shaped kernel (a 1-D grid)."""
+    pid = ts.block_id(0)
+    tiles_m, tiles_n = ts.cdiv(M, BM), ts.cdiv(N, BN)
+    first_m = (pid // (GROUP_M * tiles_n)) * GROUP_M
+    rows_in_group = ts.smin(tiles_m - first_m, GROUP_M)
+    i = first_m + (pid % (GROUP_M * tiles_n)) % rows_in_group
+    j = (pid % (GROUP_M * tiles_n)) // rows_in_group
+    return i, j
+
+
 @ts.kernel(grid=_grid)
 def gemm_kernel(A, B, C, *,
                 BM: int = ts.tunable(128, (16, 32, 64, 128, 256)),
@@ -30,14 +42,7 @@ def gemm_kernel(A, B, C, *,
                 num_stages: int = ts.tunable(3, (1, 2, 3, 4, 5))):
     M, K = A.shape
     N = B.shape[1]
-    # grouped program order: (i, j) of this program's C tile
-    pid = ts.block_id(0)
-    tiles_m, tiles_n = ts.cdiv(M, BM), ts.cdiv(N, BN)
-    group = pid // (GROUP_M * tiles_n)
-    first_m = group * GROUP_M
-    rows_in_group = ts.smin(tiles_m - first_m, GROUP_M)
-    i = first_m + (pid % (GROUP_M * tiles_n)) % rows_in_group
-    j = (pid % (GROUP_M * tiles_n)) // rows_in_group
+    i, j = grouped_tile(M, N, BM, BN, GROUP_M)
 
     acc = ts.RegTile[ts.f32, BM, BN]()
     a = ts.SharedTile[A.dtype, BM, BK]()

@@ -21,6 +21,7 @@ import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.ir.types import F8E4M3_MAX
 from tilestack.kernels._checks import check_same_device, check_tensor, nothing_to_launch
+from tilestack.kernels.gemm import grouped_tile
 
 INT8_MAX = 127                                       # symmetric int8: [-127, 127], zero exactly representable
 MODES = ("int8", "fp8")
@@ -43,13 +44,7 @@ def qgemm_kernel(X, W, S, Bias, Y, x_scale: float, *,
     # only with HAS_BIAS; Y: (M, N). Y = x_scale * (X @ W^T) * S[None, :] + Bias
     M, K = X.shape
     N = W.shape[0]
-    pid = ts.block_id(0)
-    tiles_m, tiles_n = ts.cdiv(M, BM), ts.cdiv(N, BN)
-    group = pid // (GROUP_M * tiles_n)
-    first_m = group * GROUP_M
-    rows_in_group = ts.smin(tiles_m - first_m, GROUP_M)
-    i = first_m + (pid % (GROUP_M * tiles_n)) % rows_in_group
-    j = (pid % (GROUP_M * tiles_n)) // rows_in_group
+    i, j = grouped_tile(M, N, BM, BN, GROUP_M)
 
     acc = ts.RegTile[ts.f32, BM, BN]()
     a = ts.SharedTile[X.dtype, BM, BK]()
