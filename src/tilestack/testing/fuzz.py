@@ -67,6 +67,7 @@ class Report:
     outcomes: list[Outcome] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
     capabilities: dict = dataclasses.field(default_factory=dict)
+    next_index: int = 0                # the first problem of this run's range (or shard) that was not tried
 
     @property
     def tried(self) -> int:
@@ -88,7 +89,7 @@ class Report:
     def as_dict(self) -> dict:
         return dict(seed=self.seed, device=self.device, backends=list(self.backends), tried=self.tried,
                     **{s: self.count(s) for s in STATUSES}, seconds=round(self.seconds, 1),
-                    capabilities=self.capabilities,
+                    capabilities=self.capabilities, next_index=self.next_index,
                     by_kind={k: dict(v) for k, v in sorted(self.by_kind().items())},
                     failures=[dataclasses.asdict(o) for o in self.failures])
 
@@ -785,8 +786,9 @@ def draw(index: int, seed: int, device: str, backends: Sequence[str], caps: dict
 
 def fuzz(budget: int, seed: int = 0, device: str = "cpu", backends: Sequence[str] | None = None, *,
          start: int = 0, kinds: Sequence[str] = KINDS, time_limit: float | None = None,
-         progress: Callable[[Outcome], None] | None = None) -> Report:
-    """Run problems ``start .. start + budget - 1`` of ``seed``; stop early after ``time_limit`` seconds."""
+         progress: Callable[[Outcome], None] | None = None, shard: tuple[int, int] = (0, 1)) -> Report:
+    """Run problems ``start .. start + budget - 1`` of ``seed``; stop early after ``time_limit`` seconds.
+    ``shard=(w, n)`` runs only every n-th of them, from the w-th: n processes share one budget that way."""
     import torch
 
     backends = tuple(backends or default_backends(device))
@@ -796,8 +798,13 @@ def fuzz(budget: int, seed: int = 0, device: str = "cpu", backends: Sequence[str
     caps = attention_capabilities() if "attention" in kinds else {}
     report = Report(seed, device, backends, capabilities=caps)
     t0 = time.perf_counter()
-    for index in range(start, start + budget):
+    w, n = shard
+    if not 0 <= w < n:
+        raise ValueError(f"fuzz: shard must be (w, n) with 0 <= w < n; got {shard!r}")
+    report.next_index = start + budget
+    for index in range(start + w, start + budget, n):
         if time_limit is not None and time.perf_counter() - t0 > time_limit:
+            report.next_index = index
             break
         kind, backend, (desc, run, expect) = draw(index, seed, device, backends, caps, kinds)
         status, detail = "ok", ""
