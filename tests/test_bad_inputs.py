@@ -267,9 +267,6 @@ ROWS: dict[str, Row] = {
 
 # rows that fail today, each with the owner of the fix; strict, so a fix shows up as an unexpected pass
 KNOWN_GAPS = {
-    "launch: output strides (1, 1)": "the launch check (lang/launch.py) catches only stride 0; "
-                                     "tilestack.lang.layout.check_writable is the general check to call there",
-    "trace: python comparison of a runtime size": "index scalars have no comparison operators: a bare TypeError",
 }
 
 

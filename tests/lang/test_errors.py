@@ -572,7 +572,7 @@ def test_dtype_tiles_cannot_hold():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_output_with_overlapping_elements(backend, traced):
     c = nan_tensor(1, 20).expand(20, 20)
-    with pytest.raises(LaunchError, match=r"output C has stride 0 on axis 0 \(size 20\)"):
+    with pytest.raises(LaunchError, match=r"output C has shape \(20, 20\) and strides \(0, 1\): stride 0 on axis 0"):
         traced.run(torch.ones(20, 20), c, 2.0, backend=backend)
     assert_untouched(c)
 

@@ -2,7 +2,7 @@
 
 Checks, in order: the number of arguments; each is a tensor where a global is expected and a number where
 a scalar is; the dtype and rank the kernel was traced for; every tensor on one device; and a layout every
-written tensor can be addressed with (no overlapping elements: a zero stride on an axis of size > 1).
+written tensor can be addressed with (no two indices reaching one element: lang.layout.check_writable).
 The per-parameter expectations are computed once per traced kernel: this runs on every launch.
 """
 
@@ -14,6 +14,7 @@ import torch
 
 from tilestack.errors import LaunchError
 from tilestack.ir.types import TORCH_NAMES
+from tilestack.lang.layout import check_writable
 
 
 def _plan(traced) -> list[tuple]:
@@ -56,9 +57,5 @@ def check_args(traced, args: Sequence) -> None:
         elif a.device != device:
             listing = ", ".join(f"{p[1]} on {args[p[0]].device}" for p in plan if p[2] is not None)
             raise LaunchError(f"{name}: all tensors must be on one device; got {listing}")
-        if written and 0 in a.stride():
-            for axis, (size, stride) in enumerate(zip(a.shape, a.stride(), strict=True)):
-                if size > 1 and stride == 0:
-                    raise LaunchError(f"{name}: output {pname} has stride 0 on axis {axis} (size {size}), so its "
-                                      "elements overlap and a store cannot address them; pass a tensor with its "
-                                      "own storage (e.g. .contiguous())")
+        if written:
+            check_writable(name, f"output {pname}", a)

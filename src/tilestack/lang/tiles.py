@@ -18,7 +18,7 @@ from tilestack.errors import LaunchError, TileShapeError, TraceError
 from tilestack.ir.nodes import Value
 from tilestack.ir.ops import Op
 from tilestack.ir.types import FLOAT, INDEX, DType, GlobalType, ScalarType, Space, TileType
-from tilestack.lang.trace import current, user_line, user_name
+from tilestack.lang.trace import current, user_line, user_name, user_source
 
 
 class TileSpec:
@@ -188,7 +188,9 @@ class Scalar:
     def __neg__(self): return self._op(0, "sub", True)
 
     def _compare(self, other, sym: str):
-        raise TraceError(f"`{sym}` on a Scalar: its value is known only when the kernel runs, so Python cannot "
+        code = user_source()
+        raise TraceError(f"`{sym}` on a Scalar" + (f" in `{code}`" if code else "") + ": its value is known "
+                         "only when the kernel runs, so Python cannot "
                          "compare it; compare tiles into a mask (ts.lt, ts.ge, ... with per_row/per_col vectors "
                          "from ts.arange) or bound a loop with ts.smin/ts.smax", user_line())
 
@@ -198,7 +200,9 @@ class Scalar:
     def __ge__(self, o): return self._compare(o, ">=")
 
     def __bool__(self):
-        raise TraceError("a Scalar's value is known only when the kernel runs: Python `if`/`while` cannot "
+        code = user_source()
+        raise TraceError("a Scalar's value" + (f" (in `{code}`)" if code else "") + " is known only when the "
+                         "kernel runs: Python `if`/`while` cannot "
                          "branch on it; use masks (tril, right_fill, ...) or loop bounds instead", user_line())
 
     def __index__(self):

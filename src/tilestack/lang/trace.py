@@ -7,6 +7,7 @@ first frame that is the kernel author's.
 from __future__ import annotations
 
 import contextvars
+import linecache
 import os
 import sys
 from typing import Any
@@ -33,6 +34,12 @@ def user_line() -> str:
     if f is None:
         return "<unknown>"
     return f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno}"
+
+
+def user_source() -> str:
+    """The text of the kernel author's line that is running now (stripped), or ''."""
+    f = _user_frame()
+    return "" if f is None else linecache.getline(f.f_code.co_filename, f.f_lineno).strip()
 
 
 def user_name(obj: Any) -> str:
