@@ -1,0 +1,66 @@
+"""AOT compiles for sm_90a on this CPU: registers, spills and shared memory of a config, cached on disk."""
+
+import pytest
+import torch
+
+from tilestack import config
+from tilestack.kernels.gemm import gemm_kernel
+from tilestack.kernels.softmax import softmax_kernel
+from tilestack.tune import aot
+
+pytestmark = pytest.mark.skipif(aot.missing_tools() is not None, reason=f"AOT compiles: {aot.missing_tools()}")
+
+
+def _meta(*shape, dtype=torch.bfloat16):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+GEMM_ARGS = (_meta(512, 512), _meta(512, 512), _meta(512, 512))
+SMALL_GEMM = dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=2)
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    with config.override(cache_dir=tmp_path):
+        yield tmp_path / "aot"
+
+
+def test_gemm_report_and_cache(cache_dir):
+    r = aot.resources(gemm_kernel, GEMM_ARGS, {}, SMALL_GEMM)
+    assert r.ok and r.error is None and not r.cached
+    # two stages of the (64, 32) and (32, 64) bf16 operand tiles: 16 KiB, plus Triton's barriers
+    assert 2 * 2 * (64 * 32 * 2) <= r.shared_bytes < 2 * 2 * (64 * 32 * 2) + 1024
+    assert r.num_warps == 4 and r.num_stages == 2
+    if r.registers is not None:          # cuobjdump present
+        # a (64, 64) f32 accumulator over 128 threads is 32 registers each; a thread has at most 255
+        assert 32 <= r.registers <= 255 and r.spills == 0
+    files = list(cache_dir.glob("*.json"))
+    assert len(files) == 1
+    again = aot.resources(gemm_kernel, GEMM_ARGS, {}, SMALL_GEMM)
+    assert again.cached and again.to_json() | {"compile_s": 0} == r.to_json() | {"compile_s": 0}
+    assert not list(cache_dir.glob("*.tmp"))
+
+
+def test_more_stages_more_shared(cache_dir):
+    two = aot.resources(gemm_kernel, GEMM_ARGS, {}, SMALL_GEMM)
+    three = aot.resources(gemm_kernel, GEMM_ARGS, {}, {**SMALL_GEMM, "num_stages": 3})
+    stage = 2 * 64 * 32 * 2                     # one more copy of both bf16 operand tiles, plus its barrier
+    assert stage <= three.shared_bytes - two.shared_bytes < stage + 64
+
+
+def test_over_the_device_shared_memory_is_not_ok(cache_dir):
+    r = aot.resources(gemm_kernel, GEMM_ARGS, {}, SMALL_GEMM, shared_limit=8 * 1024)
+    assert not r.ok and "shared memory" in r.error and r.shared_bytes > 8 * 1024
+
+
+def test_a_config_the_tracer_rejects(cache_dir):
+    r = aot.resources(gemm_kernel, GEMM_ARGS, {}, {**SMALL_GEMM, "BM": 48})     # outside BM's domain
+    assert not r.ok and r.error.startswith("trace:")
+
+
+def test_row_kernel_without_tiles_in_shared(cache_dir):
+    x = _meta(64, 1024)
+    r = aot.resources(softmax_kernel, (x, _meta(64, 1024)), dict(ONE_TILE=True),
+                      dict(BM=2, BN=1024, num_warps=4, num_stages=1))
+    assert r.ok, r.error
+    assert r.shared_bytes < 4096          # reductions' scratch only
