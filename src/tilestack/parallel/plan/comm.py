@@ -1,0 +1,201 @@
+"""Communication time: an alpha-beta model per collective and group size, fitted to measurements.
+
+    cm = measure_gloo(world_sizes=(2, 4))             # times collectives on a gloo group on localhost, stores the fit
+    cm = load_comm("gloo-cpu") or measure_gloo()      # the stored fit (``<cache_dir>/plan/comm-gloo-cpu.json``)
+    cm = h200_nccl()                                  # ANCHORS.md's 2x / 4x H200 NCCL all-reduce bus bandwidths
+    cm.time("all_reduce", nbytes, n=4)                # seconds for one all-reduce of nbytes over 4 ranks
+
+Each (collective, n) has its own straight line t = a + b S (S: the bytes of the whole tensor each rank holds
+before an all-reduce, after an all-gather, before a reduce-scatter; of the message for ``p2p``), fitted by
+least squares to measured times. A group size that was not measured uses the ring model
+(``tilestack.parallel.cost``: 2 (n - 1) alpha + 2 (n - 1) / n S / B for an all-reduce, half of that for an
+all-gather or a reduce-scatter) with the alpha and B fitted at the nearest measured size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tilestack.parallel.plan.describe import PlanError
+
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "p2p")
+DEFAULT_SIZES = (1 << 10, 1 << 14, 1 << 17, 1 << 20, 1 << 22)   # bytes: latency- to bandwidth-bound on localhost
+MEASURE_REPEATS = 15
+MIB = 1 << 20
+# ANCHORS.md: NCCL all-reduce bus bandwidth (GB/s) through torch.distributed, bf16, NVLink NV18, 2026-11-21
+H200_NCCL_BUSBW = {
+    2: {1: 37, 8: 180, 64: 270, 256: 302, 1024: 330},
+    4: {1: 12, 8: 213, 64: 316, 256: 342, 1024: 355},
+}
+
+
+def _ring_steps(kind: str, n: int) -> float:
+    """How many alpha terms (and what multiple of S (n - 1) / n / B) a ring collective of n ranks costs."""
+    if kind == "all_reduce":
+        return 2.0 * (n - 1)
+    if kind in ("all_gather", "reduce_scatter"):
+        return float(n - 1)
+    return 1.0                                                   # p2p: one message
+
+
+@dataclasses.dataclass
+class CommModel:
+    """Fitted lines ``fits[kind][n] = (a s, b s/byte)``; ``source`` says where they came from."""
+
+    fits: dict[str, dict[int, tuple[float, float]]]
+    source: str
+    points: dict[str, dict[int, list[tuple[float, float]]]] = dataclasses.field(default_factory=dict)
+
+    def time(self, kind: str, nbytes: float, n: int) -> float:
+        """Seconds for one ``kind`` collective of ``nbytes`` over ``n`` ranks (0 for n = 1 or no bytes)."""
+        if kind not in COLLECTIVES:
+            raise PlanError(f"CommModel.time: kind={kind!r}; expected one of {COLLECTIVES}")
+        if n <= 1 or nbytes <= 0:
+            return 0.0
+        fits = self.fits.get(kind) or self.fits.get("all_reduce")
+        if not fits:
+            raise PlanError(f"CommModel ({self.source}) has no fit for {kind!r}; expected one of {list(self.fits)}")
+        if kind == "p2p":
+            a, b = fits[min(fits)]
+            return a + b * nbytes
+        if n in fits and kind in self.fits:
+            a, b = fits[n]
+            return a + b * nbytes
+        # the ring model at the nearest measured size: alpha per step, B from the per-byte slope
+        m = min(fits, key=lambda k: abs(k - n))
+        a, b = fits[m]
+        src = kind if kind in self.fits else "all_reduce"
+        alpha = a / _ring_steps(src, m)
+        bw = _ring_steps(src, m) / m / b if b > 0 else float("inf")
+        return _ring_steps(kind, n) * alpha + _ring_steps(kind, n) / n * nbytes / bw
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source,
+                "fits": {k: {str(n): list(v) for n, v in f.items()} for k, f in self.fits.items()},
+                "points": {k: {str(n): v for n, v in f.items()} for k, f in self.points.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CommModel:
+        return cls(fits={k: {int(n): tuple(v) for n, v in f.items()} for k, f in data["fits"].items()},
+                   source=data["source"],
+                   points={k: {int(n): [tuple(p) for p in v] for n, v in f.items()}
+                           for k, f in data.get("points", {}).items()})
+
+
+def fit_line(sizes: Sequence[float], times: Sequence[float]) -> tuple[float, float]:
+    """(a, b) of t = a + b S by least squares weighted by 1 / t (relative errors: small and large sizes count
+    alike); a and b kept non-negative."""
+    s, t = np.asarray(sizes, dtype=np.float64), np.asarray(times, dtype=np.float64)
+    if len(set(s.tolist())) < 2:
+        raise PlanError(f"fit_line: sizes={list(sizes)}; expected two distinct sizes or more")
+    w = 1.0 / t
+    A = np.stack([np.ones_like(s), s], axis=1) * w[:, None]
+    (a, b), *_ = np.linalg.lstsq(A, t * w, rcond=None)
+    if b <= 0:
+        return float(np.median(t)), 0.0
+    return max(float(a), 0.0), float(b)
+
+
+def comm_path(name: str) -> Path:
+    from tilestack import config
+    return Path(config.knobs.cache_dir) / "plan" / f"comm-{name}.json"
+
+
+def load_comm(name: str = "gloo-cpu") -> CommModel | None:
+    """The stored fit called ``name``, or None."""
+    path = comm_path(name)
+    if not path.exists():
+        return None
+    return CommModel.from_json(json.loads(path.read_text()))
+
+
+def _collective(kind: str, full, part, rank: int) -> None:
+    """One collective on the default group: ``full`` the whole tensor, ``part`` a rank's 1/n of it."""
+    import torch.distributed as dist
+    # torch 2.13 renamed the flat collectives (the old names warn); 2.11 has only the old ones
+    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    if kind == "all_reduce":
+        dist.all_reduce(full)
+    elif kind == "all_gather":
+        all_gather(full, part)
+    elif kind == "reduce_scatter":
+        reduce_scatter(part, full)
+    elif rank == 0:
+        dist.send(full, 1)
+    elif rank == 1:
+        dist.recv(full, 0)
+
+
+def _time_collectives(rank: int, world_size: int, sizes: Sequence[int], repeats: int) -> dict[str, list]:
+    """On every rank of a gloo group: the median time of each collective at each size (float32 tensors)."""
+    import torch
+    import torch.distributed as dist
+    out: dict[str, list] = {k: [] for k in COLLECTIVES}
+    for nbytes in sizes:
+        numel = max(nbytes // 4 // world_size * world_size, world_size)
+        full = torch.ones(numel)
+        part = torch.ones(numel // world_size)
+        for kind in COLLECTIVES:
+            ts = []
+            for i in range(repeats + 2):
+                dist.barrier()
+                t0 = time.perf_counter()
+                _collective(kind, full, part, rank)
+                dt = time.perf_counter() - t0
+                if i >= 2:
+                    ts.append(dt)
+            out[kind].append((numel * 4, statistics.median(ts)))
+    return out
+
+
+def measure_gloo(world_sizes: Sequence[int] = (2, 4), sizes: Sequence[int] = DEFAULT_SIZES, *,
+                 repeats: int = MEASURE_REPEATS, name: str = "gloo-cpu", store: bool = True) -> CommModel:
+    """Time all-reduce, all-gather, reduce-scatter and a send/recv on gloo groups of each size on this machine
+    (tilestack.parallel.launch.run_local), fit a line per collective and size, and store it as ``name``."""
+    from tilestack.parallel.launch import run_local
+    for n in world_sizes:
+        if not isinstance(n, int) or n < 2:
+            raise PlanError(f"measure_gloo: world_sizes={list(world_sizes)}; expected ints >= 2")
+    fits: dict[str, dict[int, tuple[float, float]]] = {k: {} for k in COLLECTIVES}
+    points: dict[str, dict[int, list[tuple[float, float]]]] = {k: {} for k in COLLECTIVES}
+    for n in world_sizes:
+        res = run_local(_time_collectives, n, (list(sizes), repeats))
+        for kind in COLLECTIVES:
+            # the slowest rank's median: a collective ends when its last rank is done
+            rows = [max(r[kind][i][1] for r in res) for i in range(len(sizes))]
+            pts = [(res[0][kind][i][0], rows[i]) for i in range(len(sizes))]
+            points[kind][n] = pts
+            fits[kind][n] = fit_line([p[0] for p in pts], [p[1] for p in pts])
+    model = CommModel(fits={k: v for k, v in fits.items() if v}, source=f"gloo on this machine ({name}), measured",
+                      points=points)
+    if store:
+        path = comm_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(model.to_json(), indent=1))
+    return model
+
+
+def h200_nccl() -> CommModel:
+    """NCCL on H200s over NVLink, fitted to ANCHORS.md's all-reduce bus bandwidths (2 and 4 GPUs): the time of an
+    all-reduce of S bytes is S x 2 (n - 1) / n / busbw. All-gather and reduce-scatter move half an all-reduce's
+    bytes at the same bus bandwidth; a p2p send is taken at the 2-GPU all-reduce's bus bandwidth."""
+    fits: dict[str, dict[int, tuple[float, float]]] = {k: {} for k in COLLECTIVES}
+    points: dict[str, dict[int, list[tuple[float, float]]]] = {"all_reduce": {}}
+    for n, table in H200_NCCL_BUSBW.items():
+        pts = [(mib * MIB, mib * MIB * 2 * (n - 1) / n / (gbs * 1e9)) for mib, gbs in table.items()]
+        points["all_reduce"][n] = pts
+        a, b = fit_line([p[0] for p in pts], [p[1] for p in pts])
+        fits["all_reduce"][n] = (a, b)
+        fits["all_gather"][n] = fits["reduce_scatter"][n] = (a / 2, b / 2)
+    a2, b2 = fits["all_reduce"][2]
+    fits["p2p"][2] = (a2 / 2, b2)          # one message of S bytes: the 2-rank all-reduce moves S/2 each way twice
+    return CommModel(fits=fits, source="NCCL on H200 NVLink (ANCHORS.md bus bandwidths)", points=points)

@@ -1,0 +1,284 @@
+"""Compute time of each layer, forward and backward, at a micro-batch size and tensor-parallel degree.
+
+    cm = MeasuredCompute.for_gpt(desc)                 # times the GPT's own modules on this machine's CPU
+    cm = MeasuredCompute.for_module(desc, model, x)    # times a torch module's layers
+    cm = RooflineCompute(desc, "h200", dtype="bf16")   # a device that is not here: the device table's peaks
+    fwd_s, bwd_s = cm.layer_times(i, micro_batch=2, tp=1)
+    cm.optimizer_s(params=1_000_000, tensors=40)       # one AdamW step over that many elements and tensors
+
+Measured times come from ``tilestack.perf.timing.time_fn`` (medians, repeated until known to +-5% or a budget)
+on the modules a rank really runs: a tensor-parallel rank's block is a block with n_head / tp heads and 4 d / tp
+hidden units, which is the computation it does (the collectives are the communication model's). On a CPU the
+timing runs with one thread, as every rank of ``tilestack.parallel.launch.run_local`` does; when more ranks than
+cores share the machine, each rank's compute slows by ranks / cores (``contention``).
+
+The roofline model adds, per layer, matrix FLOPs over the dense peak times the efficiency measured for cuBLAS on
+the H200 (ANCHORS.md: 720 of 989 TFLOP/s), attention FLOPs over the peak times the efficiency of cuDNN's
+attention there (about 450 of 989), and the bytes an elementwise op moves (twice the activations saved: each
+written once, read once) over the copy bandwidth measured there (4.27 of 4.8 TB/s); a layer costs at least its
+host launches (``HOST_S_PER_OP`` per ATen call). Backward is twice the forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+from tilestack.parallel.plan.describe import FP32_BYTES, LayerDesc, ModelDesc, PlanError
+
+# Efficiencies measured on the project's H200 (ANCHORS.md), used for devices that are not present
+MATMUL_EFFICIENCY = 720 / 989.4          # cuBLAS bf16 GEMM 4096^3 over the dense peak
+ATTENTION_EFFICIENCY = 450 / 989.4       # cuDNN attention forward, long sequences, over the dense peak
+COPY_EFFICIENCY = 4.27e12 / 4.8e12       # device-to-device copy over the data-sheet bandwidth
+HOST_S_PER_OP = 10e-6                    # torch's host cost per op call (ANCHORS.md: about 10-20 us)
+OPS_PER_BLOCK_FWD = 25                   # ATen calls of one GPT block's forward (linears, norms, attention, adds)
+BACKWARD_PER_FORWARD = 2.0               # backward: input and weight gradients, two products per forward one
+ADAM_BYTES_PER_ELEMENT = 7 * FP32_BYTES  # AdamW reads param, grad, m, v and writes param, m, v
+ADAM_OPS_PER_TENSOR = 12                 # foreach=False AdamW: about a dozen ATen calls per tensor
+TIMING_BUDGET_S = 0.5
+TIMING_REL_CI = 0.05
+
+
+class ComputeModel:
+    """Per-layer compute times; subclasses measure or estimate ``_times``. ``cores``: CPU cores the ranks share
+    (None on a GPU: one device per rank)."""
+
+    desc: ModelDesc
+    source: str
+    cores: int | None = None
+
+    def _times(self, layer: LayerDesc, index: int, micro_batch: int, tp: int) -> tuple[float, float]:
+        raise NotImplementedError
+
+    def layer_times(self, index: int, micro_batch: int, tp: int = 1) -> tuple[float, float]:
+        """(forward s, backward s) of layer ``index`` on one rank for a micro-batch of ``micro_batch`` samples."""
+        return self._times(self.desc.layers[index], index, micro_batch, tp)
+
+    def recompute_s(self, index: int, micro_batch: int, tp: int, policy: str) -> float:
+        """Extra backward time of a recompute policy: the whole forward again (full), or the share of the forward
+        FLOPs in attention's scores (selective)."""
+        layer = self.desc.layers[index]
+        if policy == "none" or layer.kind != "block":
+            return 0.0
+        fwd, _ = self.layer_times(index, micro_batch, tp)
+        if policy == "full":
+            return fwd
+        return fwd * layer.selective_flops / layer.flops_fwd
+
+    def optimizer_s(self, params: float, tensors: int) -> float:
+        raise NotImplementedError
+
+    def contention(self, ranks: int) -> float:
+        """How much slower each rank computes when ``ranks`` processes share this machine's cores."""
+        return max(1.0, ranks / self.cores) if self.cores else 1.0
+
+
+# ---- measured -----------------------------------------------------------------------------------------------------
+def _median_s(fn: Callable[[], Any]) -> float:
+    from tilestack.perf.timing import time_fn
+    return time_fn(fn, args_sets=[()], device="cpu", budget_s=TIMING_BUDGET_S,
+                   target_rel_ci=TIMING_REL_CI, warmup_s=0.05).median_s
+
+
+def _single_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def inner(*args, **kwargs):
+        import torch
+        old = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(old)
+    return inner
+
+
+@_single_thread
+def time_forward_backward(module: Any, make_input: Callable[[], Any], loss: Callable[[Any], Any] | None = None
+                          ) -> tuple[float, float]:
+    """(forward s, backward s) of ``module`` on ``make_input()`` (one thread): forward timed alone, backward as
+    forward-and-backward minus forward. ``loss`` turns the output into a scalar (default: its sum)."""
+    import torch
+    x = make_input()
+    reduce = loss or (lambda y: y.float().sum())
+
+    def fwd():
+        with torch.no_grad():
+            module(x)
+
+    def fwd_bwd():
+        reduce(module(x)).backward()
+
+    t_f = _median_s(fwd)
+    t_fb = _median_s(fwd_bwd)
+    module.zero_grad(set_to_none=True)
+    return t_f, max(t_fb - t_f, 0.0)
+
+
+@_single_thread
+def time_adamw(params: int, tensors: int) -> float:
+    """One foreach=False AdamW step (as the Trainer's) over ``tensors`` tensors of ``params`` elements in all."""
+    import torch
+    each = max(params // max(tensors, 1), 1)
+    ps = [torch.nn.Parameter(torch.zeros(each)) for _ in range(tensors)]
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt = torch.optim.AdamW(ps, lr=1e-3, foreach=False)
+    return _median_s(opt.step)
+
+
+class MeasuredCompute(ComputeModel):
+    """Times measured on this machine's CPU (one thread per rank). Build with :meth:`for_gpt` or
+    :meth:`for_module`."""
+
+    def __init__(self, desc: ModelDesc, builders: dict[str, Callable[..., tuple[Any, Callable, Callable | None]]],
+                 *, cores: int | None = None):
+        self.desc = desc
+        self.builders = builders
+        self.source = "measured on this CPU (one thread per rank)"
+        self.cores = cores or os.cpu_count() or 1
+        self._cache: dict[tuple[str, int, int], tuple[float, float]] = {}
+        self._adam: tuple[float, float] | None = None
+
+    def _key(self, layer: LayerDesc) -> str:
+        return layer.kind if layer.kind in ("embed", "block", "head") else layer.name
+
+    def _times(self, layer: LayerDesc, index: int, micro_batch: int, tp: int) -> tuple[float, float]:
+        key = (self._key(layer), micro_batch, tp)
+        if key not in self._cache:
+            module, make_input, loss = self.builders[key[0]](micro_batch, tp)
+            self._cache[key] = time_forward_backward(module, make_input, loss)
+        return self._cache[key]
+
+    def optimizer_s(self, params: float, tensors: int) -> float:
+        """A linear fit, per element and per tensor, of two measured AdamW steps."""
+        if self._adam is None:
+            big, many = 1 << 20, 64
+            t_big = time_adamw(big, 1)
+            t_many = time_adamw(many * 16, many)
+            per_tensor = max((t_many - 16 * many * (t_big / big)) / many, 0.0)
+            per_elem = max((t_big - per_tensor) / big, 0.0)
+            self._adam = (per_elem, per_tensor)
+        per_elem, per_tensor = self._adam
+        return params * per_elem + tensors * per_tensor
+
+    @classmethod
+    def for_gpt(cls, desc: ModelDesc, *, cores: int | None = None) -> MeasuredCompute:
+        """The parallel GPT's own embedding, block and head (tilestack.parallel.model), in its dtype."""
+        if not desc.config:
+            raise PlanError(f"MeasuredCompute.for_gpt: model {desc.name!r} has no ModelConfig; expected a "
+                            "description from describe_gpt (use for_module for other models)")
+        import torch
+
+        from tilestack.parallel.model import GPT, Block, ModelConfig, lm_loss
+        cfg = ModelConfig(**desc.config)
+        dtype = {2: torch.bfloat16, 4: torch.float32}[desc.dtype_bytes]
+        s, h, V = desc.seq, cfg.d, cfg.vocab
+
+        def block(b: int, tp: int):
+            # a tensor-parallel rank's block: n_head / tp heads, 4 d / tp hidden units (its local shards)
+            blk = Block(cfg)
+            for name in ("q_proj", "k_proj", "v_proj"):
+                setattr(blk.attn, name, torch.nn.Linear(h, h // tp))
+            blk.attn.o_proj = torch.nn.Linear(h // tp, h)
+            blk.mlp.fc = torch.nn.Linear(h, 4 * h // tp)
+            blk.mlp.proj = torch.nn.Linear(4 * h // tp, h)
+            blk = blk.to(dtype)
+            return blk, lambda: torch.randn(b, s, h, dtype=dtype, requires_grad=True), None
+
+        def embed(b: int, tp: int):
+            part = GPT(dataclasses.replace(cfg, n_layer=0), seed=0).to(dtype)
+            part.ln_f = part.lm_head = None
+            return part, lambda: torch.randint(0, V, (b, s)), None
+
+        def head(b: int, tp: int):
+            part = GPT(dataclasses.replace(cfg, n_layer=0, vocab=V // tp), seed=0).to(dtype)
+            part.wte = part.wpe = None
+            targets = torch.randint(0, V // tp, (b, s))
+            return part, lambda: torch.randn(b, s, h, dtype=dtype, requires_grad=True), \
+                lambda y: lm_loss(y, targets)
+
+        return cls(desc, {"embed": embed, "block": block, "head": head}, cores=cores)
+
+    @classmethod
+    def for_module(cls, desc: ModelDesc, module: Any, example_input: Any, *, cores: int | None = None
+                   ) -> MeasuredCompute:
+        """The layers of a torch module described by ``describe_module(module, example_input)``: each is timed
+        on the tensor it receives, one sample repeated to the micro-batch size (tp must be 1)."""
+        import torch
+
+        from tilestack.parallel.plan.describe import _children_in_order
+        chain = dict(_children_in_order(module))
+        missing = [layer.name for layer in desc.layers if layer.name not in chain]
+        if missing:
+            raise PlanError(f"MeasuredCompute.for_module: layers {missing} of {desc.name!r} are not children of "
+                            f"module {type(module).__name__}; expected the module that was described")
+        inputs: dict[str, torch.Tensor] = {}
+        x = example_input[:1]
+        with torch.no_grad():
+            for layer in desc.layers:
+                inputs[layer.name] = x
+                x = chain[layer.name](x)
+
+        def builder(name: str):
+            def build(b: int, tp: int):
+                if tp != 1:
+                    raise PlanError(f"layer {name!r} has no tensor-parallel layout; expected tp=1, got tp={tp}")
+                x0 = inputs[name]
+                rep = (b,) + (1,) * (x0.dim() - 1)
+
+                def make():
+                    xb = x0.repeat(*rep)
+                    return xb.requires_grad_(True) if xb.is_floating_point() else xb
+                return chain[name], make, None
+            return build
+
+        return cls(desc, {layer.name: builder(layer.name) for layer in desc.layers}, cores=cores)
+
+
+# ---- roofline -----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RooflineCompute(ComputeModel):
+    """Times from the device table's peaks (a device that is not here): see the module docstring."""
+
+    desc: ModelDesc
+    device: str
+    dtype: str = "bf16"
+    matmul_efficiency: float = MATMUL_EFFICIENCY
+    attention_efficiency: float = ATTENTION_EFFICIENCY
+    copy_efficiency: float = COPY_EFFICIENCY
+    host_s_per_op: float = HOST_S_PER_OP
+
+    def __post_init__(self) -> None:
+        from tilestack.errors import DeviceError
+        from tilestack.perf.device import lookup_peaks
+        try:
+            self.spec = lookup_peaks(self.device)
+        except DeviceError as e:
+            raise PlanError(f"RooflineCompute: device={self.device!r} is not in tilestack.perf.device's table; "
+                            f"expected a key or name such as 'h200', 'h100-sxm', 'a100-sxm-80gb' ({e})") from None
+        self.peak = self.spec.peak(self.dtype)
+        if not self.peak or not self.spec.bandwidth:
+            raise PlanError(f"RooflineCompute: device={self.device!r} has no published {self.dtype} peak or "
+                            "bandwidth; expected a GPU of the device table")
+        self.source = f"roofline of {self.spec.label} ({self.dtype}, device table)"
+        self.cores = None
+
+    def _times(self, layer: LayerDesc, index: int, micro_batch: int, tp: int) -> tuple[float, float]:
+        b = micro_batch
+        split = tp if layer.tp_able else 1
+        other = layer.flops_fwd - layer.matmul_flops
+        flop_s = (layer.matmul_flops * b / split / (self.peak * self.matmul_efficiency)
+                  + other * b / split / (self.peak * self.attention_efficiency))
+        moved = 2 * b * (layer.act_bytes["none"] - layer.act_tp_bytes.get("none", 0.0) * (1 - 1 / split))
+        mem_s = moved / (self.spec.bandwidth * self.copy_efficiency)
+        host = self.host_s_per_op * (OPS_PER_BLOCK_FWD if layer.kind == "block" else 4)
+        fwd = max(flop_s + mem_s, host)
+        return fwd, max(BACKWARD_PER_FORWARD * (flop_s + mem_s), BACKWARD_PER_FORWARD * host)
+
+    def optimizer_s(self, params: float, tensors: int) -> float:
+        mem = params * ADAM_BYTES_PER_ELEMENT / (self.spec.bandwidth * self.copy_efficiency)
+        return max(mem, tensors * ADAM_OPS_PER_TENSOR * self.host_s_per_op)

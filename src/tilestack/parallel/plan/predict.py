@@ -1,0 +1,328 @@
+"""The predicted step time and memory per rank of one plan.
+
+    plan = Plan(pp=2, dp=2, microbatches=4, batch=16)
+    pred = predict(plan, desc, compute, comm)
+    pred.step_s, pred.terms, pred.bound, pred.memory_bytes, pred.memory[rank]["activations"], pred.mfu(peak)
+
+A step is: the pipeline (every stage's forwards and backwards per micro-batch, run through the schedule's
+simulator, so its bubble is in it), then the data-parallel gradient reduction, then the optimizer step.
+
+Per stage and micro-batch of b samples: forward = the layers' measured (or roofline) forward at (b, tp), times
+the contention of ranks sharing CPU cores; plus Megatron's tensor-parallel all-reduces (2 forward, 2 backward
+per block, of b s d elements; a full recompute replays the forward's 2) and, with FSDP, an all-gather of each
+layer's parameters before its forward and again before its backward, and a reduce-scatter of its gradients
+after. Backward = backward + recompute (the whole forward again, or attention's share of it for selective).
+Stages pass b s d elements to their neighbours (point to point). After the pipeline: an all-reduce of the
+gradients over dp (DDP, or the Trainer's flat one), or for ZeRO-1 an all-reduce and ZeRO-2 a reduce-scatter,
+then an all-gather of the parameters; the optimizer runs on the rank's own elements.
+
+Memory per rank (bytes; the largest rank is the plan's): parameters, gradients and AdamW's two moments of the
+rank's layers, divided by tp for the tensor-parallel ones and by dp_shard (FSDP) — ZeRO-1 keeps the moments and an
+f32 master copy of 1/dp of them, ZeRO-2 the gradients too; activations: Korthikanti et al.'s bytes per layer and
+sample under the recompute policy (divided by tp where tensor parallelism splits them; all of them with sequence
+parallelism), times the micro-batch, times the micro-batches the schedule keeps in flight on that rank (the
+simulator's count), plus under full recompute one block's activations rebuilt during its backward, and under
+FSDP the gathered parameters of one layer (of the whole stage inside a pipeline, which keeps them gathered).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from tilestack.parallel.plan.comm import CommModel
+from tilestack.parallel.plan.compute import ComputeModel
+from tilestack.parallel.plan.describe import FP32_BYTES, TP_ALLREDUCES_BWD, TP_ALLREDUCES_FWD, ModelDesc, PlanError
+from tilestack.parallel.plan.schedule import SCHEDULES, Simulation, simulate
+
+RECOMPUTE = ("none", "selective", "full")
+ADAM_MOMENTS = 2
+LOSS_BYTES = FP32_BYTES          # the step's loss, all-reduced over pp and the data-parallel groups
+MEMORY_COMPONENTS = ("parameters", "gradients", "optimizer", "activations", "transient")
+TERMS = ("compute", "bubble", "tp comm", "fsdp comm", "p2p", "dp comm", "optimizer")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Plan:
+    """One way to run a training step of ``batch`` samples (sequences) on pp * dp * dp_shard * tp ranks.
+
+    ``bounds``: the layers of each of the pp * stages_per_rank stages, as indices into the model's layers
+    (stage k has layers [bounds[k], bounds[k + 1])); None is the even split of
+    ``tilestack.parallel.parallelize.split_stages`` (blocks evenly, embeddings on the first stage, the head on
+    the last). Other fields are those of :class:`tilestack.parallel.ParallelConfig`."""
+
+    batch: int
+    pp: int = 1
+    dp: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    sp: bool = False
+    schedule: str = "1f1b"
+    stages_per_rank: int = 1
+    microbatches: int = 1
+    recompute: str = "none"
+    zero: int = 0
+    bounds: tuple[int, ...] | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp * self.dp_shard * self.tp
+
+    @property
+    def n_stages(self) -> int:
+        return self.pp * self.stages_per_rank
+
+    @property
+    def micro_batch(self) -> int:
+        return self.batch // (self.dp * self.dp_shard * self.microbatches)
+
+    def label(self) -> str:
+        parts = [f"{k}{v}" for k, v in (("pp", self.pp), ("dp", self.dp), ("fsdp", self.dp_shard), ("tp", self.tp))
+                 if v > 1]
+        if self.sp:
+            parts.append("sp")
+        if self.zero:
+            parts.append(f"zero{self.zero}")
+        if self.pp > 1:
+            parts.append({"gpipe": "gpipe", "1f1b": "1f1b", "interleaved-1f1b": f"int{self.stages_per_rank}"}
+                         [self.schedule])
+            parts.append(f"m{self.microbatches}")
+        if self.recompute != "none":
+            parts.append(f"rc-{self.recompute}")
+        return "-".join(parts) or "single"
+
+    def parallel_kwargs(self) -> dict[str, Any]:
+        """The keywords of the ParallelConfig that runs this plan."""
+        return dict(dp=self.dp, dp_shard=self.dp_shard, tp=self.tp, sp=self.tp if self.sp else 1, pp=self.pp,
+                    pp_schedule=self.schedule, stages_per_rank=self.stages_per_rank, microbatches=self.microbatches,
+                    recompute=self.recompute, zero=self.zero)
+
+    def check(self, desc: ModelDesc) -> None:
+        """PlanError naming the field that does not fit the model or the batch."""
+        for name in ("batch", "pp", "dp", "dp_shard", "tp", "stages_per_rank", "microbatches"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise PlanError(f"Plan: {name}={v!r}; expected a positive int")
+        if self.schedule not in SCHEDULES:
+            raise PlanError(f"Plan: schedule={self.schedule!r}; expected one of {SCHEDULES}")
+        if self.recompute not in RECOMPUTE:
+            raise PlanError(f"Plan: recompute={self.recompute!r}; expected one of {RECOMPUTE}")
+        if self.batch % (self.dp * self.dp_shard * self.microbatches):
+            raise PlanError(f"Plan: batch={self.batch} is not divisible by dp*dp_shard*microbatches="
+                            f"{self.dp * self.dp_shard * self.microbatches}; expected whole micro-batches")
+        if not desc.tp_divides(self.tp):
+            raise PlanError(f"Plan: tp={self.tp} does not split model {desc.name!r} (heads, width, vocabulary)")
+        bounds = self.stage_bounds(desc)
+        if len(bounds) != self.n_stages + 1 or bounds[0] != 0 or bounds[-1] != len(desc.layers) or any(
+                b >= c for b, c in zip(bounds, bounds[1:], strict=False)):
+            raise PlanError(f"Plan: bounds={bounds}; expected {self.n_stages + 1} increasing layer indices from 0 "
+                            f"to {len(desc.layers)}")
+
+    def stage_bounds(self, desc: ModelDesc) -> tuple[int, ...]:
+        if self.bounds is not None:
+            return self.bounds
+        return even_bounds(desc, self.n_stages)
+
+
+def even_bounds(desc: ModelDesc, n_stages: int) -> tuple[int, ...]:
+    """split_stages' layout: with embed/head layers, blocks split evenly (the embeddings join the first stage,
+    the head the last); otherwise the layers split as evenly as they go."""
+    L = len(desc.layers)
+    kinds = [layer.kind for layer in desc.layers]
+    if kinds and kinds[0] == "embed" and kinds[-1] == "head":
+        blocks = L - 2
+        if blocks % n_stages:
+            raise PlanError(f"Plan: {n_stages} pipeline stages do not divide the model's {blocks} blocks; expected "
+                            f"n_layer % (pp * stages_per_rank) == 0")
+        per = blocks // n_stages
+        return (0, *(1 + per * k for k in range(1, n_stages)), L)
+    if n_stages > L:
+        raise PlanError(f"Plan: {n_stages} pipeline stages for {L} layers; expected at most one stage per layer")
+    return tuple(round(k * L / n_stages) for k in range(n_stages + 1))
+
+
+def runnable(plan: Plan, desc: ModelDesc) -> bool:
+    """Whether ``tilestack train`` can run the plan: tilestack's GPT, its even stage split, its config rules."""
+    if not desc.config:
+        return False
+    from tilestack.parallel.config import ParallelConfig, ParallelConfigError
+    from tilestack.parallel.model import ModelConfig
+    try:
+        if plan.bounds is not None and plan.bounds != even_bounds(desc, plan.n_stages):
+            return False
+        ParallelConfig(**plan.parallel_kwargs()).validate(plan.world_size, model=ModelConfig(**desc.config),
+                                                           batch=plan.batch, seq=desc.seq)
+    except (ParallelConfigError, PlanError):
+        return False
+    return True
+
+
+@dataclasses.dataclass
+class Prediction:
+    plan: Plan
+    step_s: float
+    terms: dict[str, float]                     # seconds, summing to step_s (see TERMS)
+    memory: list[dict[str, float]]              # per pipeline rank: bytes by MEMORY_COMPONENTS
+    sim: Simulation
+    stage_fwd: list[float]
+    stage_bwd: list[float]
+    flops_per_step: float
+    runnable: bool = False
+
+    @property
+    def bound(self) -> str:
+        """The largest term of the step."""
+        return max(self.terms, key=lambda k: self.terms[k])
+
+    @property
+    def memory_bytes(self) -> float:
+        """The largest rank's total."""
+        return max(sum(m.values()) for m in self.memory)
+
+    def samples_per_s(self) -> float:
+        return self.plan.batch / self.step_s
+
+    def mfu(self, peak_flops: float | None) -> float | None:
+        """Model FLOPs per second over world_size x the device's peak (None without a peak)."""
+        if not peak_flops:
+            return None
+        return self.flops_per_step / self.step_s / (self.plan.world_size * peak_flops)
+
+
+def _stage_layers(plan: Plan, desc: ModelDesc) -> list[range]:
+    b = plan.stage_bounds(desc)
+    return [range(b[k], b[k + 1]) for k in range(plan.n_stages)]
+
+
+def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel, *,
+            overlap_dp: float = 0.0) -> Prediction:
+    """The step time and memory per rank of ``plan`` (see the module docstring). ``overlap_dp``: the fraction
+    of the data-parallel gradient reduction hidden behind backward (0: none; DDP on a GPU hides most of it)."""
+    plan.check(desc)
+    e = desc.dtype_bytes
+    b = plan.micro_batch
+    tp, m = plan.tp, plan.microbatches
+    slow = compute.contention(plan.world_size)
+    shard = plan.dp_shard
+    stages = _stage_layers(plan, desc)
+    fwd, bwd, p2p, act_w, comp, tp_c, fsdp_c = [], [], [], [], [], [], []
+    tp_fwd_share = TP_ALLREDUCES_FWD / (TP_ALLREDUCES_FWD + TP_ALLREDUCES_BWD)
+    for layers in stages:
+        f = g = c_tp = c_fsdp = act = 0.0
+        for i in layers:
+            layer = desc.layers[i]
+            lf, lb = compute.layer_times(i, b, tp)
+            f += lf * slow
+            g += (lb + compute.recompute_s(i, b, tp, plan.recompute)) * slow
+            if tp > 1 and layer.kind == "block":
+                replays = TP_ALLREDUCES_FWD if plan.recompute == "full" else 0
+                c_tp += comm.time("all_reduce", layer.tp_comm_bytes * b, tp) * (
+                    TP_ALLREDUCES_FWD + TP_ALLREDUCES_BWD + replays)
+            if shard > 1:
+                # FSDP2: gathered before forward (and again before backward without a pipeline, which keeps them
+                # gathered), gradients reduce-scattered after backward
+                nbytes = _local_params(layer, tp) * e
+                gathers = 2 if plan.pp == 1 else 1
+                c_fsdp += gathers * comm.time("all_gather", nbytes, shard) + comm.time("reduce_scatter", nbytes, shard)
+            act += _act_bytes(layer, plan) * b
+        comp.append(f + g)
+        tp_c.append(c_tp)
+        fsdp_c.append(c_fsdp)
+        fwd.append(f + c_tp * tp_fwd_share + c_fsdp / 2)
+        bwd.append(g + c_tp * (1 - tp_fwd_share) + c_fsdp / 2)
+        boundary = desc.layers[layers[-1]].out_bytes * b / (tp if plan.sp else 1)
+        p2p.append(comm.time("p2p", boundary, 2) if plan.pp > 1 else 0.0)
+        act_w.append(act)
+    sim = simulate(plan.schedule, pp=plan.pp, stages_per_rank=plan.stages_per_rank, microbatches=m,
+                   fwd=fwd, bwd=bwd, p2p=p2p, act_weight=act_w)
+    # per pipeline rank: its stages' parameters, tensors
+    ranks = range(plan.pp)
+    rank_stages = [[s for s in range(plan.n_stages) if s % plan.pp == r] for r in ranks]
+    rank_params = [sum(_local_params(desc.layers[i], tp) for s in rs for i in stages[s]) for rs in rank_stages]
+    rank_tensors = [sum(desc.layers[i].tensors for s in rs for i in stages[s]) for rs in rank_stages]
+    # data-parallel gradient reduction (slowest rank), then ZeRO's all-gather of the parameters
+    dp_s = []
+    for r in ranks:
+        grad_bytes = rank_params[r] / shard * e
+        t = 0.0
+        if plan.dp > 1:
+            if plan.zero == 2:
+                t = comm.time("reduce_scatter", grad_bytes, plan.dp)
+            else:
+                t = comm.time("all_reduce", grad_bytes, plan.dp)
+            if plan.zero:
+                t += comm.time("all_gather", rank_params[r] * e, plan.dp)
+        dp_s.append(t)
+    dp_exposed = max(dp_s) * (1 - overlap_dp)
+    owner = plan.dp if plan.zero else 1
+    opt_s = max(compute.optimizer_s(rank_params[r] / shard / owner, rank_tensors[r]) for r in ranks) * slow
+    losses = sum(comm.time("all_reduce", LOSS_BYTES, n) for n in (plan.pp, plan.dp, plan.dp_shard))
+    busiest = max(range(plan.pp), key=lambda r: sim.busy[r])
+    mine = rank_stages[busiest]
+    work = sim.busy[busiest]
+    terms = {
+        "compute": sum(comp[s] for s in mine) * m,
+        "bubble": sim.makespan - work,
+        "tp comm": sum(tp_c[s] for s in mine) * m,
+        "fsdp comm": sum(fsdp_c[s] for s in mine) * m,
+        "p2p": 0.0,
+        "dp comm": dp_exposed + losses,
+        "optimizer": opt_s,
+    }
+    step = sim.makespan + dp_exposed + losses + opt_s
+    if plan.pp > 1:
+        # the sends' latency shows in the simulation as waiting: count the part they account for as p2p
+        sends = 2 * sum(p2p[s] for s in mine) * m
+        terms["p2p"] = min(sends, terms["bubble"])
+        terms["bubble"] -= terms["p2p"]
+    memory = [_memory(plan, desc, stages, rank_stages[r], rank_params[r], sim.peak_inflight[r]) for r in ranks]
+    flops = desc.flops_per_sample * plan.batch
+    return Prediction(plan=plan, step_s=step, terms=terms, memory=memory, sim=sim, stage_fwd=fwd, stage_bwd=bwd,
+                      flops_per_step=flops, runnable=runnable(plan, desc))
+
+
+def _local_params(layer: Any, tp: int) -> float:
+    """Parameter elements of ``layer`` on one tensor-parallel rank."""
+    if tp == 1 or not layer.tp_able:
+        return float(layer.params)
+    return layer.tp_params / tp + (layer.params - layer.tp_params)
+
+
+def _act_bytes(layer: Any, plan: Plan) -> float:
+    """Bytes one sample leaves saved in ``layer`` under the plan's recompute policy and tensor parallelism."""
+    policy = plan.recompute if layer.kind == "block" else "none"
+    full = layer.act_bytes[policy]
+    if plan.tp == 1 or not layer.tp_able:
+        return full
+    if plan.sp:
+        return full / plan.tp
+    split = layer.act_tp_bytes.get(policy, 0.0)
+    return full - split + split / plan.tp
+
+
+def _memory(plan: Plan, desc: ModelDesc, stages: list[range], my_stages: list[int], params: float,
+            inflight: float) -> dict[str, float]:
+    e = desc.dtype_bytes
+    local = params / plan.dp_shard
+    zero_owned = local / plan.dp if plan.zero else local
+    grads = local * e
+    optimizer = ADAM_MOMENTS * local * e
+    if plan.zero:
+        # ZeroOptimizer: f32 master slice, its two f32 moments, its f32 gradient and the reduced gradient slice
+        optimizer = zero_owned * FP32_BYTES * (ADAM_MOMENTS + 2) + zero_owned * e
+        if plan.zero == 2:
+            grads = zero_owned * e
+    transient = 0.0
+    blocks = [i for s in my_stages for i in stages[s] if desc.layers[i].kind == "block"]
+    if plan.recompute == "full" and blocks:
+        layer = desc.layers[blocks[0]]
+        rebuilt = dataclasses.replace(plan, recompute="none")
+        transient += _act_bytes(layer, rebuilt) * plan.micro_batch
+    if plan.dp_shard > 1:
+        layers = [i for s in my_stages for i in stages[s]]
+        if plan.pp > 1:
+            transient += (params - local) * e                # the stage stays gathered between micro-batches
+        elif layers:
+            transient += max(_local_params(desc.layers[i], plan.tp) for i in layers) * e
+    return {"parameters": local * e, "gradients": grads, "optimizer": optimizer, "activations": inflight,
+            "transient": transient}

@@ -1,0 +1,321 @@
+"""Search plans: every intra-operator layout and micro-batch count of a world size (ranked by predicted step
+time or goodput, under each rank's memory limit), and Alpa's inter-operator dynamic program over layer
+boundaries and sub-mesh sizes.
+
+    ranked = search(desc, compute, comm, world_size=4, batch=16, memory_limit=2**30)
+    ranked[0].plan, ranked[0].step_s                  # the fastest plan that fits (runnable ones first)
+    best = alpa_stages(n_layers, n_devices=8, submeshes=(1, 2, 4, 8), microbatches=8, stage_cost=cost)
+
+``search`` enumerates pp x dp x dp_shard x tp = world_size (each a factor), sequence parallelism with tp > 1,
+the three schedules (interleaved with 2 virtual stages per rank), the micro-batch counts that divide the per-rank
+batch, the three recompute policies, ZeRO-1/2 for replicated data parallelism; each plan is predicted with
+``predict`` (the pipeline simulated) and kept if its largest rank fits ``memory_limit``.
+
+``alpa_stages`` is the inter-operator pass of Alpa (Zheng et al., OSDI 2022, section 5.2): cut K layers into
+stages, give stage j a sub-mesh of d_j devices (sum d_j = n_devices), minimising the pipeline latency
+    T = sum_j t_j + (B - 1) max_j t_j
+(t_j: stage j's time per micro-batch under its best intra-operator layout, B micro-batches). For each candidate
+t_max (every stage time the cost gives, ascending) a DP over (layers left, devices left) finds the least sum of
+t_j with every t_j <= t_max; the answer is the least sum + (B - 1) t_max over the candidates (stopping once
+(B - 1) t_max alone is no better). ``stage_cost(k, i, d, stages_after)`` gives (t, choice) of layers [k, i)
+on d devices, ``stages_after`` stages following it (1F1B keeps that many more micro-batches in flight on it, so
+memory limits it), or None when nothing fits. ``brute_force_stages`` enumerates every cut and device split with
+the same cost: the tests check the DP against it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from tilestack.parallel.plan.comm import CommModel
+from tilestack.parallel.plan.compute import ComputeModel
+from tilestack.parallel.plan.describe import ModelDesc, PlanError
+from tilestack.parallel.plan.predict import Plan, Prediction, even_bounds, predict
+
+INTERLEAVED_CHUNKS = 2
+RANK_BY = ("time", "goodput")
+
+
+def factorizations(n: int, parts: int) -> Iterator[tuple[int, ...]]:
+    """Every ordered tuple of ``parts`` positive ints whose product is ``n``."""
+    if parts == 1:
+        yield (n,)
+        return
+    for f in range(1, n + 1):
+        if n % f == 0:
+            for rest in factorizations(n // f, parts - 1):
+                yield (f, *rest)
+
+
+def check_world(world_size: Any) -> int:
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise PlanError(f"world_size={world_size!r}; expected a positive int (ranks)")
+    return world_size
+
+
+def enumerate_plans(desc: ModelDesc, world_size: int, batch: int, *, schedules: Sequence[str] | None = None,
+                    recompute: Sequence[str] = ("none", "selective", "full"), zero: bool = True,
+                    max_microbatches: int = 16) -> list[Plan]:
+    """Every plan of ``world_size`` ranks for a global ``batch`` that the model and batch allow (see the module
+    docstring); PlanError if there is none (e.g. a batch smaller than any data-parallel degree would need)."""
+    check_world(world_size)
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise PlanError(f"batch={batch!r}; expected a positive int (samples per step)")
+    schedules = tuple(schedules or ("gpipe", "1f1b", "interleaved-1f1b"))
+    has_blocks = any(layer.kind == "block" for layer in desc.layers)
+    policies = tuple(recompute) if has_blocks else ("none",)
+    out: list[Plan] = []
+    for pp, dp, shard, tp in factorizations(world_size, 4):
+        if not desc.tp_divides(tp) or batch % (dp * shard):
+            continue
+        local = batch // (dp * shard)
+        for sched in (schedules if pp > 1 else ("1f1b",)):
+            v = INTERLEAVED_CHUNKS if sched == "interleaved-1f1b" else 1
+            try:
+                even_bounds(desc, pp * v)
+            except PlanError:
+                continue
+            for m in range(1, min(local, max_microbatches) + 1):
+                if local % m or (pp == 1 and m > 1) or (pp > 1 and sched != "gpipe" and m < pp):
+                    continue
+                if sched == "interleaved-1f1b" and m % pp:
+                    continue
+                for sp in ((False, True) if tp > 1 else (False,)):
+                    for rc in policies:
+                        for z in ((0, 1, 2) if zero and dp > 1 and shard == 1 else (0,)):
+                            out.append(Plan(batch=batch, pp=pp, dp=dp, dp_shard=shard, tp=tp, sp=sp, schedule=sched,
+                                            stages_per_rank=v, microbatches=m, recompute=rc, zero=z))
+    if not out:
+        raise PlanError(f"no plan of world_size={world_size} fits batch={batch} and model {desc.name!r}; expected a "
+                        "batch divisible by some data-parallel degree and layers that some stage count divides")
+    return out
+
+
+@dataclasses.dataclass
+class Ranked:
+    prediction: Prediction
+    score: float                    # what the ranking sorts by (seconds per step, or -goodput)
+    goodput: float | None = None    # samples per second x statistical efficiency, when ranked by goodput
+
+    @property
+    def plan(self) -> Plan:
+        return self.prediction.plan
+
+    @property
+    def step_s(self) -> float:
+        return self.prediction.step_s
+
+
+def search(desc: ModelDesc, compute: ComputeModel, comm: CommModel, *, world_size: int, batch: int | Sequence[int],
+           memory_limit: float | None = None, rank_by: str = "time", efficiency: Callable[[int], float] | None = None,
+           **enumerate_kw: Any) -> list[Ranked]:
+    """Predict every enumerated plan (for each batch size given) and rank those that fit ``memory_limit`` bytes
+    per rank: by step time (runnable plans first among equals), or by goodput = samples/s x ``efficiency(batch)``
+    (``rank_by="goodput"``, tilestack.parallel.plan.goodput). PlanError naming the limit if none fits."""
+    check_world(world_size)
+    if rank_by not in RANK_BY:
+        raise PlanError(f"search: rank_by={rank_by!r}; expected one of {RANK_BY}")
+    if rank_by == "goodput" and efficiency is None:
+        raise PlanError("search: rank_by='goodput' needs efficiency=E(batch) (e.g. GradientNoiseScale.efficiency)")
+    if memory_limit is not None and not memory_limit > 0:
+        raise PlanError(f"search: memory_limit={memory_limit!r}; expected a positive number of bytes per rank")
+    batches = [batch] if isinstance(batch, int) else list(batch)
+    plans = [p for b in batches for p in enumerate_plans(desc, world_size, b, **enumerate_kw)]
+    preds = [predict(p, desc, compute, comm) for p in plans]
+    fits = [p for p in preds if memory_limit is None or p.memory_bytes <= memory_limit]
+    if not fits:
+        least = min(preds, key=lambda p: p.memory_bytes)
+        raise PlanError(f"search: memory_limit={memory_limit:.4g} bytes per rank; no plan of {len(preds)} fits "
+                        f"(the smallest, {least.plan.label()}, needs {least.memory_bytes:.4g}); expected a limit of "
+                        "at least that, more ranks or a smaller batch")
+    out = []
+    for p in fits:
+        if rank_by == "goodput":
+            g = p.samples_per_s() * efficiency(p.plan.batch)
+            out.append(Ranked(p, -g, g))
+        else:
+            out.append(Ranked(p, p.step_s))
+    out.sort(key=lambda r: (r.score, not r.prediction.runnable))
+    return out
+
+
+def choose(ranked: Sequence[Ranked]) -> Ranked:
+    """The best plan ``tilestack train`` can run (the best of all when none is runnable)."""
+    for r in ranked:
+        if r.prediction.runnable:
+            return r
+    return ranked[0]
+
+
+# ---- Alpa's inter-operator pass --------------------------------------------------------------------------------------
+StageCost = Callable[[int, int, int, int], "tuple[float, Any] | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSplit:
+    """Stages as (first layer, end layer, devices, choice), the latency T and its t_max."""
+
+    stages: tuple[tuple[int, int, int, Any], ...]
+    latency: float
+    t_max: float
+
+
+def pipeline_latency(times: Sequence[float], microbatches: int) -> float:
+    return sum(times) + (microbatches - 1) * max(times)
+
+
+def alpa_stages(n_layers: int, *, n_devices: int, submeshes: Sequence[int], microbatches: int,
+                stage_cost: StageCost, max_stages: int | None = None) -> StageSplit:
+    """Alpa's DP (module docstring). ``submeshes``: the device counts a stage may take (Alpa: 1, 2, 4, ..., a
+    node, then whole nodes). PlanError when no split fits."""
+    if n_layers < 1 or n_devices < 1:
+        raise PlanError(f"alpa_stages: n_layers={n_layers}, n_devices={n_devices}; expected both positive")
+    sizes = sorted({d for d in submeshes if 1 <= d <= n_devices})
+    if not sizes:
+        raise PlanError(f"alpa_stages: submeshes={list(submeshes)}; expected sizes between 1 and {n_devices}")
+    max_stages = max_stages or min(n_layers, n_devices)
+
+    @functools.cache
+    def cost(k: int, i: int, d: int, after: int):
+        return stage_cost(k, i, d, after)
+
+    # every stage time the cost can give: the candidates for t_max
+    cands = sorted({c[0] for k in range(n_layers) for i in range(k + 1, n_layers + 1) for d in sizes
+                    for after in range(max_stages) if (c := cost(k, i, d, after)) is not None})
+    best: StageSplit | None = None
+    for t_max in cands:
+        if best is not None and (microbatches - 1) * t_max >= best.latency:
+            break
+
+        @functools.cache
+        def F(k: int, d: int, s_left: int, t_max=t_max):
+            """Least sum of stage times for layers [k, n) on exactly d devices in exactly s_left stages."""
+            if k == n_layers:
+                return (0.0, ()) if d == 0 and s_left == 0 else None
+            if s_left == 0 or d == 0:
+                return None
+            out = None
+            for i in range(k + 1, n_layers + 1):
+                for dj in sizes:
+                    if dj > d:
+                        break
+                    c = cost(k, i, dj, s_left - 1)
+                    if c is None or c[0] > t_max:
+                        continue
+                    rest = F(i, d - dj, s_left - 1)
+                    if rest is None:
+                        continue
+                    total = c[0] + rest[0]
+                    if out is None or total < out[0]:
+                        out = (total, ((k, i, dj, c[1]), *rest[1]))
+            return out
+
+        for s in range(1, max_stages + 1):
+            r = F(0, n_devices, s)
+            if r is None:
+                continue
+            times = [cost(k, i, d, s - 1 - j)[0] for j, (k, i, d, _) in enumerate(r[1])]
+            lat = pipeline_latency(times, microbatches)
+            if best is None or lat < best.latency:
+                best = StageSplit(r[1], lat, max(times))
+    if best is None:
+        raise PlanError(f"alpa_stages: no split of {n_layers} layers over {n_devices} devices fits (every stage "
+                        "cost is None: memory); expected a larger memory limit or more devices")
+    return best
+
+
+def compositions(n: int) -> Iterator[tuple[int, ...]]:
+    """Every way to write n as an ordered sum of positive ints."""
+    for cuts in itertools.product((False, True), repeat=n - 1):
+        parts, run = [], 1
+        for c in cuts:
+            if c:
+                parts.append(run)
+                run = 1
+            else:
+                run += 1
+        parts.append(run)
+        yield tuple(parts)
+
+
+def brute_force_stages(n_layers: int, *, n_devices: int, submeshes: Sequence[int], microbatches: int,
+                       stage_cost: StageCost, max_stages: int | None = None) -> StageSplit:
+    """The same optimum as :func:`alpa_stages`, by enumerating every cut and every device split (small cases)."""
+    sizes = sorted({d for d in submeshes if 1 <= d <= n_devices})
+    max_stages = max_stages or min(n_layers, n_devices)
+    best: StageSplit | None = None
+    for parts in compositions(n_layers):
+        S = len(parts)
+        if S > max_stages:
+            continue
+        starts = list(itertools.accumulate((0, *parts)))
+        for devs in itertools.product(sizes, repeat=S):
+            if sum(devs) != n_devices:
+                continue
+            cs = [stage_cost(starts[j], starts[j + 1], devs[j], S - 1 - j) for j in range(S)]
+            if any(c is None for c in cs):
+                continue
+            lat = pipeline_latency([c[0] for c in cs], microbatches)
+            if best is None or lat < best.latency - 1e-15:
+                best = StageSplit(tuple((starts[j], starts[j + 1], devs[j], cs[j][1]) for j in range(S)), lat,
+                                  max(c[0] for c in cs))
+    if best is None:
+        raise PlanError("brute_force_stages: no split fits")
+    return best
+
+
+def plan_stage_cost(desc: ModelDesc, compute: ComputeModel, comm: CommModel, *, batch: int, microbatches: int,
+                    memory_limit: float | None, recompute: Sequence[str] = ("none", "selective", "full")
+                    ) -> StageCost:
+    """The stage cost of the planner's own models, for :func:`alpa_stages`: layers [k, i) on d devices run as a
+    one-stage plan of the best intra-operator layout (dp x dp_shard x tp = d, sp, recompute), per micro-batch of
+    batch / microbatches samples (forward + backward + its collectives + its share of the gradient reduction and
+    optimizer step), with ``stages_after`` more micro-batches' activations in flight (1F1B), under the limit."""
+    micro = batch // microbatches
+
+    def cost(k: int, i: int, d: int, after: int):
+        sub = dataclasses.replace(desc, layers=desc.layers[k:i])
+        best = None
+        for dp, shard, tp in factorizations(d, 3):
+            if micro % (dp * shard) or not sub.tp_divides(tp):
+                continue
+            for sp in ((False, True) if tp > 1 else (False,)):
+                for rc in recompute:
+                    plan = Plan(batch=micro, dp=dp, dp_shard=shard, tp=tp, sp=sp, recompute=rc)
+                    try:
+                        p = predict(plan, sub, _Offset(compute, k), comm)
+                    except PlanError:
+                        continue
+                    mem = p.memory[0]
+                    total = sum(mem.values()) + mem["activations"] * after
+                    if memory_limit is not None and total > memory_limit:
+                        continue
+                    # gradient sync and optimizer once per step: a 1/microbatches share per micro-batch
+                    t = (p.step_s - p.terms["optimizer"] - p.terms["dp comm"]) + \
+                        (p.terms["optimizer"] + p.terms["dp comm"]) / microbatches
+                    if best is None or t < best[0]:
+                        best = (t, plan.label())
+        return best
+
+    return cost
+
+
+class _Offset(ComputeModel):
+    """A compute model seen from layer ``k`` on (a sub-model's layer j is the model's k + j)."""
+
+    def __init__(self, inner: ComputeModel, k: int):
+        self.inner, self.k = inner, k
+        self.desc, self.source, self.cores = inner.desc, inner.source, inner.cores
+
+    def layer_times(self, index: int, micro_batch: int, tp: int = 1) -> tuple[float, float]:
+        return self.inner.layer_times(self.k + index, micro_batch, tp)
+
+    def recompute_s(self, index: int, micro_batch: int, tp: int, policy: str) -> float:
+        return self.inner.recompute_s(self.k + index, micro_batch, tp, policy)
+
+    def optimizer_s(self, params: float, tensors: int) -> float:
+        return self.inner.optimizer_s(params, tensors)
