@@ -24,7 +24,12 @@ def _triton():
     return BACKEND
 
 
-_REGISTRY: dict[str, Callable] = {"reference": _reference, "triton": _triton}
+def _gluon():
+    from tilestack.backends.gluon import BACKEND
+    return BACKEND
+
+
+_REGISTRY: dict[str, Callable] = {"reference": _reference, "triton": _triton, "gluon": _gluon}
 NAMES: tuple[str, ...] = tuple(_REGISTRY)
 BACKENDS = NAMES   # the former name
 

@@ -1,0 +1,120 @@
+"""The Gluon backend: explicit Hopper (sm_90a) kernels through Triton's Gluon dialect: TMA descriptors into
+multi-stage shared rings with mbarriers, wgmma with asynchronous waits, warp roles as ``gl.warp_specialize``
+partitions with register budgets (setmaxnreg).
+
+    print(traced.source(backend="gluon"))        # the generated Gluon source
+    gemm_kernel(a, b, c, backend="gluon")        # on an H100/H200 (CUDA tensors)
+    BACKEND.aot(traced)                          # compile for sm_90a here, no GPU needed (tests, SASS checks)
+    BACKEND.options(traced.constants)            # GluonOptions(num_warps=..., num_stages=...)
+
+Gluon kernels do not run under Triton's CPU interpreter; their correctness is checked on the GPU
+(``scripts/gpu/check_gluon.py``), and on a CPU the generated source and its compile for sm_90a are tested.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Any
+
+from tilestack.backends.base import Backend
+from tilestack.backends.gluon import codegen
+from tilestack.errors import BackendError
+
+
+@dataclasses.dataclass(frozen=True)
+class GluonOptions:
+    """``num_warps``: warps of a kernel without warp roles (a multiple of 4: whole warpgroups for wgmma);
+    ``num_stages``: the depth of the shared rings of loops the ``schedule`` pass pipelines. Kernels with warp
+    roles take their warps and register budgets from their ``ts.partition`` declarations."""
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+    DEFAULT_WARPS = 8
+    DEFAULT_STAGES = 4
+
+    def __post_init__(self):
+        for name in ("num_warps", "num_stages"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise BackendError(f"gluon: {name}={v!r}; expected a positive int")
+        if self.num_warps is not None and self.num_warps % 4:
+            raise BackendError(f"gluon: num_warps={self.num_warps}; expected a multiple of 4 (whole warpgroups)")
+        if self.num_stages is not None and self.num_stages < 2:
+            raise BackendError(f"gluon: num_stages={self.num_stages}; expected >= 2 (a ring keeps loads in flight)")
+
+    @property
+    def warps(self) -> int:
+        return self.num_warps or self.DEFAULT_WARPS
+
+    @property
+    def stages(self) -> int:
+        return self.num_stages or self.DEFAULT_STAGES
+
+
+LAUNCH_OPTIONS = tuple(f.name for f in dataclasses.fields(GluonOptions))
+
+
+@dataclasses.dataclass(frozen=True)
+class GluonArtifact:
+    traced: Any                 # a weak reference (the cache holding this artifact is keyed weakly by the trace)
+    fn: Any                     # the @gluon.jit kernel
+    lowered: codegen.Lowered
+    options: GluonOptions
+
+    def launch(self, args) -> None:
+        BACKEND.prepare(self.traced(), args, dataclasses.asdict(self.options))(args)
+
+
+class GluonBackend(Backend):
+    name = "gluon"
+    Options = GluonOptions
+
+    def options(self, constants: dict[str, Any], given: dict[str, Any] | None = None) -> GluonOptions:
+        merged = {**(given or {}), **constants}
+        return GluonOptions(**{k: merged[k] for k in LAUNCH_OPTIONS if k in merged})
+
+    def lower(self, ir, print_after=(), num_warps: int | None = None, num_stages: int | None = None):
+        """(lowered IR, stages) of the Gluon pipeline (``backends/gluon/passes.py``)."""
+        o = GluonOptions(num_warps, num_stages)
+        return codegen.lower(ir, o.warps, o.stages, print_after=print_after)
+
+    def generate(self, traced, options: GluonOptions | None = None) -> codegen.Lowered:
+        o = options or self.options(traced.constants)
+        key = ("lowered", o)
+        cache = self.cache(traced)
+        if key not in cache:
+            cache[key] = codegen.generate(traced.ir, o.warps, o.stages)
+        return cache[key]
+
+    def compile(self, traced, options: GluonOptions | None = None) -> GluonArtifact:
+        """The jitted kernel for these options, cached per trace (Triton compiles it on the first launch)."""
+        from tilestack.backends.gluon import launch
+
+        o = options or self.options(traced.constants)
+        cache = self.cache(traced)
+        art = cache.get(("jit", o))
+        if art is None:
+            low = self.generate(traced, o)
+            art = cache[("jit", o)] = GluonArtifact(weakref.ref(traced), launch.compile_source(low), low, o)
+        return art
+
+    def prepare(self, traced, args, options: dict[str, Any] | None = None):
+        from tilestack.backends.gluon import launch
+        return launch.Launcher(traced, args, self.options(traced.constants, options))
+
+    def source(self, traced, options: GluonOptions | None = None) -> str:
+        return self.generate(traced, options).source
+
+    def aot(self, traced, options: GluonOptions | None = None, arch: int = 90):
+        """Compile for sm_``arch``a on this machine (no GPU needed): a ``triton.compiler.CompiledKernel`` whose
+        ``asm`` holds the PTX and the cubin (``aot.resources`` reads registers, spills and SASS from it)."""
+        from tilestack.backends.gluon import aot
+        return aot.compile_for(self.compile(traced, options), arch)
+
+
+BACKEND = GluonBackend()
+lower, prepare, source = BACKEND.lower, BACKEND.prepare, BACKEND.source
+
+__all__ = ["BACKEND", "GluonArtifact", "GluonBackend", "GluonOptions", "LAUNCH_OPTIONS", "lower", "prepare",
+           "source"]

@@ -1,0 +1,897 @@
+"""IR -> Gluon source for sm_90a (Hopper). One emitter per op, registered with
+``ir.ops.register_emitter("gluon", op)``; the lowering is a walk in program order, once per generated function.
+
+What the source does with the hardware:
+- Shared tiles come through the copy engine: a TMA descriptor per (global, box) made on the host, an
+  ``mbarrier`` per shared buffer (``expect`` the bytes, ``wait`` on its phase).
+- A loop the ``schedule`` pass pipelined keeps ``stages - 1`` loads in flight: a ring of shared buffers, one
+  barrier per stage, a prologue that fills the ring and a refill after each trip's matrix work; a trip's barrier
+  phase is ``(trip // stages) & 1``.
+- Matrix products are ``warpgroup_mma`` (wgmma, ``HGMMA`` in SASS) on an ``NVMMADistributedLayout``
+  accumulator; an accumulation chain in a pipelined loop keeps one wgmma in flight (``warpgroup_mma_wait(1)``).
+- Explicit-hardware ops map one to one: ``stages`` a ring with ready (and, with warp roles, empty) barriers,
+  ``async_load`` an expect + TMA copy, ``wait_load`` a phase wait (phases tracked per stage as a bitmask),
+  ``mma_async``/``mma_wait`` an async wgmma and its wait.
+- Warp roles become ``gl.warp_specialize`` partitions: one function per role (the role's instructions, and the
+  role-less scalar work they need, recomputed), the role with the largest register budget as the default
+  partition, the others as workers with their warps and register budgets (``setmaxnreg``). A consumer role
+  releases the stages it waited on at the end of each trip (``mbarrier.arrive`` on the empty barrier); the
+  producer waits for that release before it refills a stage.
+- Element-wise work and reductions run on the distributed layouts ``layouts.plan_layouts`` chose, with
+  ``gl.convert_layout`` where an op needs another.
+
+Register loads and the stores the copy engine cannot make go through masked pointers, as the Triton backend's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from tilestack.backends.gluon.layouts import materialize, plan_layouts
+from tilestack.backends.gluon.passes import pipeline, pipelined_loads, scalar_slice
+from tilestack.errors import BackendError
+from tilestack.ir.nodes import Block, Instr, KernelIR, Value
+from tilestack.ir.ops import EMITTERS, Op, register_emitter
+from tilestack.ir.scalars import nonnegative
+from tilestack.ir.types import GlobalType, ScalarType, Space, StagesType, TileType
+
+GL_DTYPES = {"f64": "gl.float64", "f32": "gl.float32", "f16": "gl.float16", "bf16": "gl.bfloat16",
+             "i32": "gl.int32", "i64": "gl.int64", "bool": "gl.int1", "i8": "gl.int8", "f8e4m3": "gl.float8e4nv"}
+SIG_DTYPES = {"f64": "fp64", "f32": "fp32", "f16": "fp16", "bf16": "bf16", "i32": "i32", "i64": "i64",
+              "bool": "i1", "i8": "i8", "f8e4m3": "fp8e4nv"}
+_UNARY = {"exp": "gl.exp({})", "exp2": "gl.exp2({})", "log": "gl.log({})", "log2": "gl.log2({})",
+          "abs": "gl.abs({})", "neg": "(-{})", "relu": "gl.maximum({}, 0.0)", "sqrt": "gl.sqrt({})",
+          "rsqrt": "gl.rsqrt({})", "sigmoid": "(1.0 / (1.0 + gl.exp(-{})))", "sin": "gl.sin({})",
+          "cos": "gl.cos({})"}
+_BINARY = {"add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "div": "({} / {})",
+           "max": "gl.maximum({}, {})", "min": "gl.minimum({}, {})"}
+_SCALAR = {"add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "floordiv": "({} // {})",
+           "cdiv": "(({0} + {1} - 1) // {1})", "mod": "({} % {})", "min": "gl.minimum({}, {})",
+           "max": "gl.maximum({}, {})", "fadd": "({} + {})", "fmul": "({} * {})", "fdiv": "({} / {})"}
+# Python's floor division and remainder where an operand may be negative (Gluon's // and % truncate)
+_FLOOR_SCALAR = {"floordiv": "_floordiv({}, {})", "cdiv": "(-_floordiv(-{}, {}))", "mod": "_floormod({}, {})"}
+_FLOOR_HELPERS = '''
+
+@gluon.jit
+def _floordiv(a, b):
+    """a // b rounded toward -inf, as Python's (Gluon's // rounds toward zero)."""
+    q = a // b
+    r = a - q * b
+    return gl.where((r != 0) & ((r < 0) != (b < 0)), q - 1, q)
+
+
+@gluon.jit
+def _floormod(a, b):
+    """a % b with the sign of b, as Python's."""
+    return a - _floordiv(a, b) * b
+'''
+_REDUCE = {"max": "gl.max", "min": "gl.min", "sum": "gl.sum"}
+_COMBINE = {"max": "gl.maximum({}, {})", "min": "gl.minimum({}, {})", "sum": "({} + {})"}
+_COMPARE = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
+_LOGIC = {"and": "({} & {})", "or": "({} | {})", "not": "(~{})"}
+_SHARED_LAYOUT = "gl.NVMMASharedLayout.get_default_for({}, {})"
+
+
+def _literal(x) -> str:
+    if isinstance(x, float) and math.isinf(x):
+        return 'float("inf")' if x > 0 else 'float("-inf")'
+    return repr(x)
+
+
+def _block(g: Value, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The copy-engine box of a tile of ``shape`` in global ``g``: leading axes of one element."""
+    return (1,) * (g.type.rank - len(shape)) + tuple(shape)
+
+
+def _ring_view(expr: str, block: tuple[int, ...], shape: tuple[int, ...]) -> str:
+    return expr if len(block) == len(shape) else f"{expr}.reshape({list(shape)})"
+
+
+@dataclasses.dataclass
+class _Ring:
+    """A staged buffer (all versions of one ``stages`` value): its shared ring and barriers."""
+    name: str
+    type: StagesType
+    block: tuple[int, ...]
+    consumers: int        # roles that wait on it (arrivals that free a stage); 0 without warp roles
+
+
+class _Emitter:
+    """Emits one Gluon function: the kernel, or one warp role's partition (``keep``: the instructions it runs)."""
+
+    def __init__(self, kernel: KernelIR, warps: int, rings: dict[int, _Ring], keep: set | None = None,
+                 live: set | None = None, partition: bool = False):
+        self.kernel = kernel
+        self.warps = warps
+        self.rings = rings
+        self.keep, self.live, self.partition = keep, live, partition
+        self.descriptors = {(how[1], how[2]): f"{kernel.params[how[1]].name}_desc{k}"
+                            for k, how in enumerate(r for r in kernel.reads if r[0] == "desc")}
+        self.lines: list[str] = []
+        self.names: dict[Value, str] = {}
+        self.globals: dict[Value, str] = {}
+        self.global_index: dict[Value, int] = {}
+        self.consts: set[Value] = set()
+        self.nonneg = nonnegative(kernel.body)
+        self.floor_helpers = False
+        self.indent = 1
+        self.plan = plan_layouts(kernel)
+        self.lay: dict[Value, tuple] = {}            # the layout each emitted register value has
+        self.layout_names: dict[tuple, str] = {}
+        self.layout_decls: list[str] = []
+        self.fresh_count = 0
+        self.ring_tiles: dict[Instr, str] = {}       # a pipelined load -> its stage's shared buffer expression
+        self.deferred: list[Value] = []              # mma results kept in flight in a pipelined loop
+        self.released: list[list[tuple[_Ring, str]]] = [[]]   # per open block: the stages waited on in it
+        self.pipelining: Instr | None = None        # the pipelined loop whose body is being emitted
+
+    # ---- names and layouts ------------------------------------------------------------------------------------
+    def name(self, v: Value) -> str:
+        if v not in self.names:
+            n = len(self.names)
+            self.names[v] = f"{v.hint}_{n}" if v.hint else f"v{n}"
+        return self.names[v]
+
+    def fresh(self, stem: str) -> str:
+        self.fresh_count += 1
+        return f"{stem}_{self.fresh_count}"
+
+    def emit(self, line: str) -> None:
+        self.lines.append("    " * self.indent + line)
+
+    def assign(self, v: Value, expr: str) -> None:
+        self.emit(f"{self.name(v)} = {expr}")
+
+    def layout(self, key: tuple) -> str:
+        """The name of the constexpr layout ``key`` in this function (declared at its top)."""
+        if key not in self.layout_names:
+            name = f"L{len(self.layout_names)}"
+            self.layout_names[key] = name
+            self.layout_decls.append(f"{name}: gl.constexpr = {materialize(key, self.warps)}")
+        return self.layout_names[key]
+
+    def as_layout(self, v: Value, key: tuple) -> str:
+        """``v`` in layout ``key`` (converted if it has another)."""
+        n = self.name(v)
+        return n if self.lay.get(v) == key else f"gl.convert_layout({n}, {self.layout(key)})"
+
+    def f32(self, expr: str, v: Value) -> str:
+        return expr if v.type.dtype.name in ("f32", "f64") else f"{expr}.to(gl.float32)"
+
+    def cast(self, expr: str, src_dtype, dst_dtype) -> str:
+        return expr if src_dtype is dst_dtype else f"{expr}.to({GL_DTYPES[dst_dtype.name]})"
+
+    def set_lay(self, v: Value, key: tuple) -> None:
+        self.lay[v] = key
+
+    def ring(self, v: Value) -> _Ring:
+        return self.rings[v.buffer]
+
+    def ring_desc(self, ring: _Ring) -> str:
+        """The descriptor of a ring's async loads (they read one global with one box: the ring's layout)."""
+        for ins in self.kernel.walk():
+            if ins.op is Op.ASYNC_LOAD and self.rings.get(ins.result.buffer) is ring:
+                return self.descriptor(ins.srcs[2], ring.type.shape)
+        raise BackendError(f"{self.kernel.where}: the gluon backend fills staged buffers with async loads; "
+                           f"{ring.name} has none")
+
+    # ---- the walk ----------------------------------------------------------------------------------------------
+    def emitting(self, ins: Instr) -> bool:
+        return self.keep is None or ins in self.keep
+
+    def block(self, block: Block) -> None:
+        table = EMITTERS["gluon"]
+        for ins in block.instrs:
+            if self.emitting(ins):
+                table[ins.op].fn(self, ins)
+
+    def carried(self, ins: Instr) -> list[int]:
+        """The carried slots of loop ``ins`` this function keeps: register and scalar values (a staged buffer is
+        its ring, not a value), and in a partition only those its role needs."""
+        body = ins.body
+        out = []
+        for k, (arg, r) in enumerate(zip(body.args[1:], ins.results, strict=True)):
+            if isinstance(arg.type, StagesType):
+                continue
+            if self.live is not None and arg not in self.live and r not in self.live:
+                continue
+            out.append(k)
+        return out
+
+    def release_stages(self) -> None:
+        """A consumer role frees the stages it waited on in this block (one arrival per role per stage)."""
+        for ring, stage in self.released[-1]:
+            self.emit(f"mbarrier.arrive({ring.name}_empty.index({stage}))")
+
+    # ---- memory ------------------------------------------------------------------------------------------------
+    def descriptor(self, g: Value, shape: tuple[int, ...]) -> str:
+        return self.descriptors[(self.global_index[g], _block(g, shape))]
+
+    def tma_coords(self, coords, shape: tuple[int, ...], expr=None) -> str:
+        expr = expr or self.name
+        lead = len(coords) - len(shape)
+        offs = [expr(c) for c in coords[:lead]]
+        offs += [f"{expr(c)} * {n}" for c, n in zip(coords[lead:], shape, strict=True)]
+        return "[" + ", ".join(offs) + "]"
+
+    def address(self, g: Value, coords, shape: tuple[int, ...], key: tuple) -> tuple[str, str]:
+        """(pointer, mask) of a tile at tile coordinates ``coords`` of ``g``, in layout ``key``; offsets in 64
+        bits (any tensor size), masked against the global's sizes so tiles may hang past a ragged edge."""
+        gname = self.globals[g]
+        lead = g.type.rank - len(shape)
+        lname = self.layout(key)
+        terms = [f"{self.name(c)} * {gname}_s{a}" for a, c in enumerate(coords[:lead])]
+        offs, masks = [], []
+        for k, n in enumerate(shape):
+            axis = lead + k
+            var = self.fresh("o")
+            sl = f"gl.SliceLayout({1 - k}, {lname})" if len(shape) == 2 else lname
+            self.emit(f"{var} = ({self.name(coords[axis])} * {n} + gl.arange(0, {n}, layout={sl})).to(gl.int64)")
+            bc = ("[:, None]" if k == 0 else "[None, :]") if len(shape) == 2 else ""
+            offs.append(f"{var}{bc} * {gname}_s{axis}")
+            masks.append(f"({var}{bc} >= 0) & ({var}{bc} < {gname}_d{axis})")
+        for a, c in enumerate(coords[:lead]):
+            masks.append(f"({self.name(c)} >= 0) & ({self.name(c)} < {gname}_d{a})")
+        base = f"{gname} + " + " + ".join(f"({t})" for t in terms) if terms else gname
+        return f"{base} + " + " + ".join(offs), " & ".join(masks)
+
+    def scalar_expr(self, v: Value, env: dict[Value, str], made: dict[Value, Instr]) -> str:
+        """``v`` as one expression, recomputing the loop body's scalar work with ``env``'s values (another trip)."""
+        if v in env:
+            return env[v]
+        ins = made.get(v)
+        if ins is None:
+            return self.name(v)
+        if ins.op is Op.CONST:
+            return _literal(ins.attrs.value)
+        a, b = (self.scalar_expr(s, env, made) for s in ins.srcs)
+        fn = ins.attrs.fn
+        if fn in _FLOOR_SCALAR:
+            self.floor_helpers = True
+            return _FLOOR_SCALAR[fn].format(a, b)
+        return _SCALAR[fn].format(a, b)
+
+
+# ---- scalars -------------------------------------------------------------------------------------------------------
+@register_emitter("gluon", Op.ARG)
+def _e_arg(e: _Emitter, ins: Instr) -> None:
+    if isinstance(ins.result.type, GlobalType):
+        e.globals[ins.result] = ins.attrs.name
+        e.global_index[ins.result] = ins.attrs.index
+    e.names[ins.result] = ins.attrs.name
+
+
+@register_emitter("gluon", Op.CONST)
+def _e_const(e: _Emitter, ins: Instr) -> None:
+    e.names[ins.result] = _literal(ins.attrs.value)
+    e.consts.add(ins.result)
+
+
+@register_emitter("gluon", Op.DIM)
+def _e_dim(e: _Emitter, ins: Instr) -> None:
+    e.names[ins.result] = f"{e.globals[ins.srcs[0]]}_d{ins.attrs.axis}"
+
+
+@register_emitter("gluon", Op.BLOCK_ID)
+def _e_block_id(e: _Emitter, ins: Instr) -> None:
+    e.assign(ins.result, f"gl.program_id({ins.attrs.axis})")
+
+
+@register_emitter("gluon", Op.NUM_BLOCKS)
+def _e_num_blocks(e: _Emitter, ins: Instr) -> None:
+    e.assign(ins.result, f"gl.num_programs({ins.attrs.axis})")
+
+
+@register_emitter("gluon", Op.SCALAR, fns=_SCALAR)
+def _e_scalar(e: _Emitter, ins: Instr) -> None:
+    a, b = (e.name(s) for s in ins.srcs)
+    fn = ins.attrs.fn
+    if fn in _FLOOR_SCALAR and not all(s in e.nonneg for s in ins.srcs):
+        e.floor_helpers = True
+        e.assign(ins.result, _FLOOR_SCALAR[fn].format(a, b))
+        return
+    e.assign(ins.result, _SCALAR[fn].format(a, b))
+
+
+# ---- element-wise work on distributed layouts ---------------------------------------------------------------------
+@register_emitter("gluon", Op.FILL)
+def _e_fill(e: _Emitter, ins: Instr) -> None:
+    t, key = ins.result.type, e.plan[ins.result]
+    e.assign(ins.result, f"gl.full({list(t.shape)}, {_literal(ins.attrs.value)}, {GL_DTYPES[t.dtype.name]}, "
+                         f"layout={e.layout(key)})")
+    e.set_lay(ins.result, key)
+
+
+@register_emitter("gluon", Op.UNARY, fns=_UNARY)
+def _e_unary(e: _Emitter, ins: Instr) -> None:
+    (x,) = ins.srcs
+    expr = _UNARY[ins.attrs.fn].format(e.f32(e.name(x), x))
+    e.assign(ins.result, e.cast(expr, x.type.dtype if x.type.dtype.name == "f64" else _f32(), ins.result.type.dtype))
+    e.set_lay(ins.result, e.lay[x])
+
+
+def _f32():
+    from tilestack.ir.types import f32
+    return f32
+
+
+@register_emitter("gluon", Op.BINARY, fns=_BINARY)
+def _e_binary(e: _Emitter, ins: Instr) -> None:
+    a, b = ins.srcs
+    key = e.lay[a]
+    bx = e.f32(e.as_layout(b, key), b) if isinstance(b.type, TileType) else e.name(b)
+    expr = _BINARY[ins.attrs.fn].format(e.f32(e.name(a), a), bx)
+    e.assign(ins.result, e.cast(expr, _f32(), ins.result.type.dtype))
+    e.set_lay(ins.result, key)
+
+
+@register_emitter("gluon", Op.BROADCAST, fns=_BINARY)
+def _e_broadcast(e: _Emitter, ins: Instr) -> None:
+    x, v = ins.srcs
+    key = e.lay[x]
+    dim = 1 if ins.attrs.axis == "row" else 0
+    vec = e.f32(e.as_layout(v, ("slice", dim, key)), v) + ("[:, None]" if dim == 1 else "[None, :]")
+    expr = _BINARY[ins.attrs.fn].format(e.f32(e.name(x), x), vec)
+    e.assign(ins.result, e.cast(expr, _f32(), ins.result.type.dtype))
+    e.set_lay(ins.result, key)
+
+
+@register_emitter("gluon", Op.CAST)
+def _e_cast(e: _Emitter, ins: Instr) -> None:
+    (x,) = ins.srcs
+    src, dst = x.type, ins.result.type
+    if src.space is Space.REG and dst.space is Space.REG:
+        e.assign(ins.result, e.cast(e.name(x), src.dtype, dst.dtype))
+        e.set_lay(ins.result, e.lay[x])
+    elif src.space is Space.REG:      # registers -> a shared tile (an mma operand): store, then fence for wgmma
+        dt = GL_DTYPES[dst.dtype.name]
+        layout = _SHARED_LAYOUT.format(list(dst.shape), dt)
+        e.assign(ins.result, f"gl.allocate_shared_memory({dt}, {list(dst.shape)}, {layout}, "
+                             f"{e.cast(e.name(x), src.dtype, dst.dtype)})")
+        e.emit("hopper.fence_async_shared()")
+    elif dst.space is Space.REG:      # a shared tile -> registers
+        key = e.plan[ins.result]
+        e.assign(ins.result, e.cast(f"{e.name(x)}.load({e.layout(key)})", src.dtype, dst.dtype))
+        e.set_lay(ins.result, key)
+    else:
+        raise BackendError(f"{ins.where}: the gluon backend copies shared tiles through registers; cast a "
+                           f"{src} to a RegTile first")
+
+
+@register_emitter("gluon", Op.REDUCE, fns=_REDUCE)
+def _e_reduce(e: _Emitter, ins: Instr) -> None:
+    fn, x = ins.attrs.fn, ins.srcs[0]
+    dim = 1 if ins.attrs.axis == "row" else 0
+    key = ("slice", dim, e.lay[x])
+    expr = f"{_REDUCE[fn]}({e.f32(e.name(x), x)}, axis={dim})"
+    if len(ins.srcs) > 1:
+        expr = _COMBINE[fn].format(e.f32(e.as_layout(ins.srcs[1], key), ins.srcs[1]), expr)
+    e.assign(ins.result, e.cast(expr, _f32(), ins.result.type.dtype))
+    e.set_lay(ins.result, key)
+
+
+@register_emitter("gluon", Op.MASK)
+def _e_mask(e: _Emitter, ins: Instr) -> None:
+    x, k = ins.srcs
+    r, c = ins.result.type.shape
+    lname = e.layout(e.lay[x])
+    rows = f"gl.arange(0, {r}, layout=gl.SliceLayout(1, {lname}))[:, None]"
+    cols = f"gl.arange(0, {c}, layout=gl.SliceLayout(0, {lname}))[None, :]"
+    kn = e.name(k)
+    cond = {"tril": f"({cols} - {rows}) <= {kn}", "triu": f"({cols} - {rows}) >= {kn}",
+            "right_fill": f"{cols} < {kn}", "lower_fill": f"{rows} < {kn}"}[ins.attrs.kind]
+    e.assign(ins.result, f"gl.where({cond}, {e.name(x)}, {_literal(ins.attrs.value)})")
+    e.set_lay(ins.result, e.lay[x])
+
+
+def _broadcasting(e: _Emitter, ins: Instr, as_float: bool) -> tuple[list[str], tuple]:
+    """The operands of a compare, logic or select in the result's layout, vectors expanded along their axes."""
+    key = next((e.lay[s] for s, ax in zip(ins.srcs, ins.attrs.axes, strict=True)
+                if ax is None and isinstance(s.type, TileType)), e.plan[ins.result])
+    if not any(ax is None and isinstance(s.type, TileType) for s, ax in zip(ins.srcs, ins.attrs.axes, strict=True)) \
+            and len({ax for ax in ins.attrs.axes if ax is not None}) < 2:
+        raise BackendError(f"{ins.where}: the gluon backend broadcasts {ins.op.value}'s operands to a tile from a "
+                           "tile, or from a row and a column vector")
+    out = []
+    for s, ax in zip(ins.srcs, ins.attrs.axes, strict=True):
+        if not isinstance(s.type, TileType):
+            out.append(e.name(s))
+            continue
+        if ax is None:
+            x = e.as_layout(s, key)
+        else:
+            dim = 1 if ax == "row" else 0
+            x = e.as_layout(s, ("slice", dim, key)) + ("[:, None]" if dim == 1 else "[None, :]")
+        out.append(e.f32(x, s) if as_float and s.type.dtype.is_float else x)
+    return out, key
+
+
+@register_emitter("gluon", Op.COMPARE, fns=_COMPARE)
+def _e_compare(e: _Emitter, ins: Instr) -> None:
+    (a, b), key = _broadcasting(e, ins, True)
+    e.assign(ins.result, f"({a} {_COMPARE[ins.attrs.fn]} {b})")
+    e.set_lay(ins.result, key)
+
+
+@register_emitter("gluon", Op.LOGIC, fns=_LOGIC)
+def _e_logic(e: _Emitter, ins: Instr) -> None:
+    xs, key = _broadcasting(e, ins, False)
+    e.assign(ins.result, _LOGIC[ins.attrs.fn].format(*xs))
+    e.set_lay(ins.result, key)
+
+
+@register_emitter("gluon", Op.SELECT)
+def _e_select(e: _Emitter, ins: Instr) -> None:
+    t = ins.result.type
+    (m, a, b), key = _broadcasting(e, ins, t.dtype.is_float)
+    e.assign(ins.result, e.cast(f"gl.where({m}, {a}, {b})", _f32() if t.dtype.is_float else t.dtype, t.dtype))
+    e.set_lay(ins.result, key)
+
+
+@register_emitter("gluon", Op.ARANGE)
+def _e_arange(e: _Emitter, ins: Instr) -> None:
+    t, key = ins.result.type, e.plan[ins.result]
+    e.assign(ins.result, f"({e.name(ins.srcs[0])} + gl.arange(0, {t.shape[0]}, layout={e.layout(key)}))"
+                         f".to({GL_DTYPES[t.dtype.name]})")
+    e.set_lay(ins.result, key)
+
+
+# ---- matrix products ----------------------------------------------------------------------------------------------
+def _mma_operands(e: _Emitter, ins: Instr) -> tuple[str, str, str, tuple]:
+    acc, a, b = ins.srcs
+    key = e.plan[ins.result]
+    if a.type.space is Space.SHARED:
+        an = f"{e.name(a)}.permute((1, 0))" if ins.attrs.trans_a else e.name(a)
+    else:   # wgmma's a from registers: the dot-operand layout of the accumulator's
+        k_width = 4 // a.type.dtype.itemsize
+        an = f"gl.convert_layout({e.name(a)}, {e.layout(('dot_a', key, k_width))})"
+    bn = f"{e.name(b)}.permute((1, 0))" if ins.attrs.trans_b else e.name(b)
+    return an, bn, e.as_layout(acc, key), key
+
+
+def _deferrable(e: _Emitter, ins: Instr) -> bool:
+    """An accumulation chain in a pipelined loop (the result only feeds the next trip's mma as its acc) keeps
+    one wgmma in flight: waited with ``warpgroup_mma_wait(1)`` in the loop, ``(0)`` after it."""
+    loop = e.pipelining
+    if loop is None or ins not in loop.body.instrs:
+        return False
+    body = loop.body
+    r, acc = ins.result, ins.srcs[0]
+    if r not in body.yields or acc not in body.args[1:] or body.args[1 + body.yields.index(r)] is not acc:
+        return False
+    return not any((r in i.srcs) or (acc in i.srcs and i is not ins) for i in body.walk())
+
+
+@register_emitter("gluon", Op.MMA)
+def _e_mma(e: _Emitter, ins: Instr) -> None:
+    an, bn, acc, key = _mma_operands(e, ins)
+    if _deferrable(e, ins):
+        e.assign(ins.result, f"hopper.warpgroup_mma({an}, {bn}, {acc}, is_async=True)")
+        e.assign(ins.result, f"hopper.warpgroup_mma_wait(1, deps=[{e.name(ins.result)}])")
+        e.deferred.append(ins.result)
+    else:
+        e.assign(ins.result, f"hopper.warpgroup_mma({an}, {bn}, {acc})")
+    e.set_lay(ins.result, key)
+
+
+@register_emitter("gluon", Op.MMA_ASYNC)
+def _e_mma_async(e: _Emitter, ins: Instr) -> None:
+    an, bn, acc, key = _mma_operands(e, ins)
+    e.assign(ins.result, f"hopper.warpgroup_mma({an}, {bn}, {acc}, is_async=True)")
+    e.set_lay(ins.result, key)
+
+
+@register_emitter("gluon", Op.MMA_WAIT)
+def _e_mma_wait(e: _Emitter, ins: Instr) -> None:
+    (x,) = ins.srcs
+    e.assign(ins.result, f"hopper.warpgroup_mma_wait(0, deps=[{e.name(x)}])")
+    e.set_lay(ins.result, e.lay[x])
+
+
+# ---- global memory --------------------------------------------------------------------------------------------------
+def _tma_copy(e: _Emitter, desc: str, coords: str, barrier: str, dst: str, pred: str = "") -> str:
+    p = f", pred={pred}" if pred else ""
+    return f"tma.async_copy_global_to_shared({desc}, {coords}, {barrier}, {dst}{p})"
+
+
+@register_emitter("gluon", Op.LOAD)
+def _e_load(e: _Emitter, ins: Instr) -> None:
+    g, *coords = ins.srcs
+    t = ins.result.type
+    if ins in e.ring_tiles:                    # a pipelined load: its stage has landed (the loop waited)
+        e.assign(ins.result, e.ring_tiles[ins])
+        return
+    if ins.attrs.via == "tma":                 # one copy into a fresh buffer, waited on its own barrier
+        desc, block = e.descriptor(g, t.shape), _block(g, t.shape)
+        buf, bar = e.fresh(f"{ins.result.hint or 'tile'}_smem"), e.fresh("bar")
+        e.emit(f"{buf} = gl.allocate_shared_memory({GL_DTYPES[t.dtype.name]}, {list(block)}, {desc}.layout)")
+        e.emit(f"{bar} = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())")
+        e.emit(f"mbarrier.init({bar}, count=1)")
+        e.emit("hopper.fence_async_shared()")
+        e.emit(f"mbarrier.expect({bar}, {desc}.block_type.nbytes)")
+        e.emit(_tma_copy(e, desc, e.tma_coords(coords, t.shape), bar, buf))
+        e.emit(f"mbarrier.wait({bar}, 0)")
+        e.emit(f"mbarrier.invalidate({bar})")
+        e.assign(ins.result, _ring_view(buf, block, t.shape))
+        return
+    key = e.plan.get(ins.result) or ("blocked", *t.shape)
+    coalesced = ("blocked", *t.shape) if len(t.shape) == 2 else ("blocked1", t.shape[0])
+    ptr, mask = e.address(g, coords, t.shape, coalesced)
+    x = e.cast(f"gl.load({ptr}, mask={mask}, other=0.0)", g.type.dtype, t.dtype)
+    e.assign(ins.result, x if key == coalesced else f"gl.convert_layout({x}, {e.layout(key)})")
+    e.set_lay(ins.result, key)
+
+
+@register_emitter("gluon", Op.STORE)
+def _e_store(e: _Emitter, ins: Instr) -> None:
+    g, x, *coords = ins.srcs
+    t = x.type
+    val = e.cast(e.name(x), t.dtype, g.type.dtype)
+    if ins.attrs.via == "tma":                 # registers -> shared -> the copy engine; waited before reuse
+        desc, block = e.descriptor(g, t.shape), _block(g, t.shape)
+        buf = e.fresh(f"{x.hint or 'tile'}_smem")
+        e.emit(f"{buf} = gl.allocate_shared_memory({GL_DTYPES[g.type.dtype.name]}, {list(block)}, {desc}.layout)")
+        e.emit(f"{_ring_view(buf, block, t.shape)}.store({val})")
+        e.emit("hopper.fence_async_shared()")
+        e.emit(f"tma.async_copy_shared_to_global({desc}, {e.tma_coords(coords, t.shape)}, {buf})")
+        e.emit("tma.store_wait(0)")
+        return
+    key = ("blocked", *t.shape) if len(t.shape) == 2 else ("blocked1", t.shape[0])
+    ptr, mask = e.address(g, coords, t.shape, key)
+    e.emit(f"gl.store({ptr}, {e.cast(e.as_layout(x, key), t.dtype, g.type.dtype)}, mask={mask})")
+
+
+@register_emitter("gluon", Op.ATOMIC_ADD)
+def _e_atomic_add(e: _Emitter, ins: Instr) -> None:
+    g, x, *coords = ins.srcs
+    t = x.type
+    key = ("blocked", *t.shape) if len(t.shape) == 2 else ("blocked1", t.shape[0])
+    ptr, mask = e.address(g, coords, t.shape, key)
+    e.emit(f'gl.atomic_add({ptr}, {e.cast(e.as_layout(x, key), t.dtype, g.type.dtype)}, mask={mask}, '
+           'sem="relaxed")')
+
+
+# ---- explicit hardware: staged buffers, async loads and their waits -------------------------------------------------
+def allocate_ring(e: _Emitter, ring: _Ring, desc: str) -> None:
+    """A ring of shared buffers with a ready barrier per stage (and an empty one per stage where consumer roles
+    free them), initialized and fenced for the copy engine."""
+    s, dt = ring.type.stages, GL_DTYPES[ring.type.dtype.name]
+    e.emit(f"{ring.name} = gl.allocate_shared_memory({dt}, {[s, *ring.block]}, {desc}.layout)"
+           f"   # {s} stages of {list(ring.type.shape)}")
+    e.emit(f"{ring.name}_ready = gl.allocate_shared_memory(gl.int64, [{s}, 1], mbarrier.MBarrierLayout())")
+    if ring.consumers:
+        e.emit(f"{ring.name}_empty = gl.allocate_shared_memory(gl.int64, [{s}, 1], mbarrier.MBarrierLayout())")
+    e.emit(f"for st in gl.static_range({s}):")
+    e.emit(f"    mbarrier.init({ring.name}_ready.index(st), count=1)")
+    if ring.consumers:
+        e.emit(f"    mbarrier.init({ring.name}_empty.index(st), count={ring.consumers})   # one arrival per role")
+    e.emit("hopper.fence_async_shared()")
+
+
+def phase_bits(e: _Emitter, ring: _Ring) -> None:
+    """The phase of each stage's barriers, one bit per stage (flipped at each completed wait)."""
+    e.emit(f"{ring.name}_rph = 0   # ready phases, bit s for stage s")
+    if ring.consumers:
+        e.emit(f"{ring.name}_eph = 0   # empty phases")
+
+
+@register_emitter("gluon", Op.STAGES)
+def _e_stages(e: _Emitter, ins: Instr) -> None:
+    ring = e.ring(ins.result)
+    e.names[ins.result] = ring.name
+    if not e.partition:     # with warp roles the kernel allocates rings before forking, partitions get them
+        allocate_ring(e, ring, e.ring_desc(ring))
+        phase_bits(e, ring)
+
+
+@register_emitter("gluon", Op.ASYNC_LOAD)
+def _e_async_load(e: _Emitter, ins: Instr) -> None:
+    buf, stage, g, *coords = ins.srcs
+    ring = e.ring(buf)
+    e.names[ins.result] = ring.name
+    s = e.name(stage)
+    desc = e.descriptor(g, ring.type.shape)
+    if ring.consumers:      # wait until every consumer role has freed the stage (passes at once the first time)
+        e.emit(f"mbarrier.wait({ring.name}_empty.index({s}), (({ring.name}_eph >> {s}) & 1) ^ 1)")
+        e.emit(f"{ring.name}_eph = {ring.name}_eph ^ (1 << {s})")
+    e.emit(f"mbarrier.expect({ring.name}_ready.index({s}), {desc}.block_type.nbytes)")
+    e.emit(_tma_copy(e, desc, e.tma_coords(coords, ring.type.shape), f"{ring.name}_ready.index({s})",
+                     f"{ring.name}.index({s})"))
+
+
+@register_emitter("gluon", Op.WAIT_LOAD)
+def _e_wait_load(e: _Emitter, ins: Instr) -> None:
+    buf, stage = ins.srcs
+    ring = e.ring(buf)
+    s = e.name(stage)
+    e.emit(f"mbarrier.wait({ring.name}_ready.index({s}), ({ring.name}_rph >> {s}) & 1)")
+    e.emit(f"{ring.name}_rph = {ring.name}_rph ^ (1 << {s})")
+    e.assign(ins.result, _ring_view(f"{ring.name}.index({s})", ring.block, ring.type.shape))
+    if ring.consumers:
+        e.released[-1].append((ring, s))
+
+
+# ---- loops -----------------------------------------------------------------------------------------------------------
+@register_emitter("gluon", Op.RANGE)
+def _e_range(e: _Emitter, ins: Instr) -> None:
+    lo, hi, step, *inits = ins.srcs
+    body = ins.body
+    slots = e.carried(ins)
+    for k in slots:
+        arg, init = body.args[1 + k], inits[k]
+        if isinstance(arg.type, TileType):
+            e.assign(arg, e.as_layout(init, e.plan[arg]))
+            e.set_lay(arg, e.plan[arg])
+        else:
+            e.assign(arg, e.name(init))
+    loads = [x for x in pipelined_loads(ins) if e.emitting(x)] if ins.attrs.stages else []
+    outer = e.pipelining
+    if loads and e.name(step).lstrip("-").isdigit() and int(e.name(step)) > 0:
+        _pipelined_loop(e, ins, loads)
+    else:
+        bounds = [e.name(lo), e.name(hi)] + ([] if e.name(step) == "1" else [e.name(step)])
+        e.emit(f"for {e.name(body.args[0])} in range({', '.join(bounds)}):")
+        e.indent += 1
+        e.pipelining = None
+        _loop_body(e, ins, slots)
+        e.indent -= 1
+    e.pipelining = outer
+    for k in slots:
+        arg, r = body.args[1 + k], ins.results[k]
+        e.names[r] = e.name(arg)
+        if isinstance(arg.type, TileType):
+            e.set_lay(r, e.plan[arg])
+    for r in list(e.deferred):     # the accumulation chains kept in flight: done after the loop
+        res = next((ins.results[k] for k in slots if body.yields[k] is r), None)
+        if res is not None:
+            e.emit(f"{e.name(res)} = hopper.warpgroup_mma_wait(0, deps=[{e.name(res)}])")
+            e.deferred.remove(r)
+
+
+def _loop_body(e: _Emitter, ins: Instr, slots: list[int]) -> None:
+    body = ins.body
+    e.released.append([])
+    e.block(body)
+    e.release_stages()
+    e.released.pop()
+    for k in slots:
+        arg, y = body.args[1 + k], body.yields[k]
+        if y is not arg:
+            e.assign(arg, e.as_layout(y, e.plan[arg]) if isinstance(arg.type, TileType) else e.name(y))
+    if not any(e.emitting(i) for i in body.instrs) and not slots:
+        e.emit("pass")
+
+
+def _pipelined_loop(e: _Emitter, ins: Instr, loads: list[Instr]) -> None:
+    """A ring of ``stages`` buffers per load and one barrier per stage; ``stages - 1`` trips' loads in flight
+    (a prologue fills the ring, each trip refills the stage the previous trip's matrix work has released)."""
+    lo, hi, step = (e.name(s) for s in ins.srcs[:3])
+    body, stages = ins.body, ins.attrs.stages
+    idx = body.args[0]
+    trips = e.fresh("trips")
+    count = hi if (lo, step) == ("0", "1") else f"{hi} - {lo}" if step == "1" else f"gl.cdiv({hi} - {lo}, {step})"
+    e.emit(f"{trips} = {count}")
+    ready = e.fresh("ready")
+    rings = []
+    for x in loads:
+        g, t = x.srcs[0], x.result.type
+        desc, block = e.descriptor(g, t.shape), _block(g, t.shape)
+        name = e.fresh(f"{x.result.hint or 'tile'}_ring")
+        e.emit(f"{name} = gl.allocate_shared_memory({GL_DTYPES[t.dtype.name]}, {[stages, *block]}, {desc}.layout)"
+               f"   # {stages} stages of {list(t.shape)}")
+        rings.append((x, name, desc, block))
+    e.emit(f"{ready} = gl.allocate_shared_memory(gl.int64, [{stages}, 1], mbarrier.MBarrierLayout())")
+    e.emit(f"for st in gl.static_range({stages}):")
+    e.emit(f"    mbarrier.init({ready}.index(st), count=1)")
+    e.emit("hopper.fence_async_shared()")
+    nbytes = " + ".join(f"{desc}.block_type.nbytes" for _, _, desc, _ in rings)
+    made = {r: i for i in body.instrs for r in i.results}
+    for x, *_ in rings:
+        for i in scalar_slice(body, x.srcs[1:], idx):   # their scalar work is recomputed per trip (pure)
+            if i.op is Op.SCALAR and i.attrs.fn in _FLOOR_SCALAR:
+                e.floor_helpers = True
+
+    def issue(trip: str, stage: str, pred: str) -> None:
+        k = trip if (lo, step) == ("0", "1") else f"({lo} + {trip} * {step})"
+        e.emit(f"mbarrier.expect({ready}.index({stage}), {nbytes}, pred={pred})")
+        for x, name, desc, _ in rings:
+            coords = e.tma_coords(x.srcs[1:], x.result.type.shape, lambda v: e.scalar_expr(v, {idx: k}, made))
+            e.emit(_tma_copy(e, desc, coords, f"{ready}.index({stage})", f"{name}.index({stage})", pred))
+
+    e.emit(f"for p in gl.static_range({stages - 1}):   # prologue: the first trips' loads")
+    e.indent += 1
+    issue("p", "p", f"p < {trips}")
+    e.indent -= 1
+    trip = e.name(idx) if (lo, step) == ("0", "1") else e.fresh("trip")
+    e.emit(f"for {trip} in range(0, {trips}):")
+    e.indent += 1
+    if trip != e.name(idx):
+        e.emit(f"{e.name(idx)} = {lo} + {trip} * {step}")
+    s = e.fresh("s")
+    e.emit(f"{s} = {trip} % {stages}")
+    e.emit(f"mbarrier.wait({ready}.index({s}), ({trip} // {stages}) & 1)")
+    for x, name, _, block in rings:
+        e.ring_tiles[x] = _ring_view(f"{name}.index({s})", block, x.result.type.shape)
+    e.pipelining = ins
+    e.released.append([])
+    e.block(body)
+    e.release_stages()
+    e.released.pop()
+    nxt = e.fresh("nxt")
+    e.emit(f"{nxt} = {trip} + {stages - 1}   # refill the stage the previous trip used")
+    issue(nxt, f"{nxt} % {stages}", f"{nxt} < {trips}")
+    slots = e.carried(ins)
+    for k in slots:
+        arg, y = body.args[1 + k], body.yields[k]
+        if y is not arg:
+            e.assign(arg, e.as_layout(y, e.plan[arg]) if isinstance(arg.type, TileType) else e.name(y))
+    e.indent -= 1
+
+
+# ---- functions and the module ----------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Lowered:
+    source: str
+    fn_name: str
+    num_warps: int                     # the kernel's warps (with roles: the default partition's)
+    # what to pass, in order: ("ptr", i), ("dim", i, axis), ("stride", i, axis), ("scalar", i), ("desc", i, box)
+    binding: tuple[tuple, ...]
+    signature: dict[str, str]          # parameter -> Triton signature type, for AOT compiles
+    roles: tuple[tuple[str, int, int], ...] = ()   # (role, warps, registers) in partition order (default first)
+
+
+def _rings(kernel: KernelIR) -> dict[int, _Ring]:
+    rings: dict[int, _Ring] = {}
+    waiters: dict[int, set[str]] = {}
+    ranks: dict[int, int] = {}
+    for ins in kernel.walk():
+        if ins.op is Op.WAIT_LOAD:
+            waiters.setdefault(ins.srcs[0].buffer, set()).add(ins.role)
+        elif ins.op is Op.ASYNC_LOAD:
+            ranks[ins.result.buffer] = ins.srcs[2].type.rank
+    for ins in kernel.walk():
+        if ins.op is Op.STAGES:
+            t = ins.result.type
+            uid = ins.result.buffer
+            block = (1,) * (ranks.get(uid, len(t.shape)) - len(t.shape)) + tuple(t.shape)
+            consumers = len(waiters.get(uid, ())) if kernel.roles else 0
+            rings[uid] = _Ring(f"{ins.result.hint or 'buf'}_ring{len(rings)}", t, block, consumers)
+    return rings
+
+
+def _params(low: KernelIR, e: _Emitter) -> list[str]:
+    out = []
+    for how in low.reads:
+        name = low.params[how[1]].name
+        out.append({"ptr": name, "scalar": name, "dim": f"{name}_d{how[-1]}", "stride": f"{name}_s{how[-1]}",
+                    "desc": e.descriptors.get((how[1], how[-1]))}[how[0]])
+    return out
+
+
+def signature(low: KernelIR, names: list[str]) -> dict[str, str]:
+    """Triton signature types of the kernel's parameters (descriptors with the NVMMA shared layout the device
+    code allocates their buffers in, as Gluon's host TensorDescriptor gives them)."""
+    from triton.experimental.gluon import language as gl
+
+    sig = {}
+    for name, how in zip(names, low.reads, strict=True):
+        p = low.params[how[1]]
+        if how[0] == "ptr":
+            sig[name] = "*" + SIG_DTYPES[p.type.dtype.name]
+        elif how[0] in ("dim", "stride"):
+            sig[name] = "i32"
+        elif how[0] == "scalar":
+            sig[name] = "fp32" if p.type == ScalarType("float") else "i32"
+        else:
+            dt = getattr(gl, GL_DTYPES[p.type.dtype.name].removeprefix("gl."))
+            layout = gl.NVMMASharedLayout.get_default_for(list(how[2]), dt)
+            sig[name] = f"tensordesc<{SIG_DTYPES[p.type.dtype.name]}{list(how[2])},{layout!r}>"
+    return sig
+
+
+def role_slice(kernel: KernelIR, role: str) -> tuple[set[Instr], set[Value]]:
+    """(instructions, values) a role's partition runs and needs: its own instructions, the role-less ones they
+    read (recomputed in the partition), and the loops around them with the carried values it uses. Staged
+    buffers are not values here: every partition gets the rings."""
+    keep: set[Instr] = set()
+    live: set[Value] = set()
+    changed = True
+    while changed:
+        changed = False
+        for ins in kernel.walk():
+            if ins in keep or ins.op is Op.STAGES:
+                continue
+            if ins.role == role or any(r in live for r in ins.results) or (
+                    ins.op is Op.RANGE and (any(a in live for a in ins.body.args[1:])
+                                            or any(i in keep for i in ins.body.walk()))):
+                if ins.role in ("", role):
+                    keep.add(ins)
+                    changed = True
+        for ins in keep:
+            if ins.op is Op.RANGE:
+                need = set(ins.srcs[:3])
+                for k, (a, r) in enumerate(zip(ins.body.args[1:], ins.results, strict=True)):
+                    if a in live or r in live:
+                        need.update((ins.srcs[3 + k], ins.body.yields[k]))
+            else:
+                need = set(ins.srcs)
+            need = {v for v in need if not isinstance(v.type, StagesType)}
+            if not need <= live:
+                live |= need
+                changed = True
+    return keep, live
+
+
+def _function(name: str, params: list[str], e: _Emitter, extra: list[str] = ()) -> list[str]:
+    head = ["@gluon.jit", f"def {name}({', '.join(params + list(extra))}):"]
+    decls = ["    " + d for d in e.layout_decls]
+    return head + decls + e.lines
+
+
+def emit(low: KernelIR, warps: int) -> Lowered:
+    """Gluon source for IR the Gluon pipeline has lowered (``lower``): one function, or with warp roles one per
+    role and a kernel that forks them."""
+    rings = _rings(low)
+    fn = f"{low.name}_kernel"
+    consts = ", ".join(f"{k}={v!r}" for k, v in low.constants.items())
+    funcs: list[list[str]] = []
+    floor = False
+    roles: tuple = ()
+    if not low.roles:
+        e = _Emitter(low, warps, rings)
+        e.block(low.body)
+        params = _params(low, e)
+        funcs.append(_function(fn, params, e))
+        floor = e.floor_helpers
+        num_warps = warps
+    else:
+        order = sorted(low.roles.items(), key=lambda kv: -kv[1].registers)   # stable: the first largest leads
+        probe = _Emitter(low, warps, rings)
+        params = _params(low, probe)
+        ring_args = []
+        for ring in rings.values():
+            ring_args += [ring.name, f"{ring.name}_ready"] + ([f"{ring.name}_empty"] if ring.consumers else [])
+        for role, decl in order:
+            keep, live = role_slice(low, role)
+            e = _Emitter(low, decl.warps, rings, keep, live, partition=True)
+            for ring in rings.values():
+                phase_bits(e, ring)
+            e.block(low.body)
+            e.release_stages()
+            funcs.append(_function(f"{low.name}_{role}", params, e, ring_args))
+            floor = floor or e.floor_helpers
+        k = _Emitter(low, order[0][1].warps, rings)
+        for ins in low.body.instrs:        # what the kernel itself runs: arguments (names) and the rings
+            if ins.op is Op.ARG:
+                _e_arg(k, ins)
+        for ring in rings.values():
+            allocate_ring(k, ring, k.ring_desc(ring))
+        args = ", ".join(params + ring_args)
+        parts = ", ".join(f"({low.name}_{role}, ({args},))" for role, _ in order)
+        k.emit(f"gl.warp_specialize([{parts}],")
+        k.emit(f"                   {[d.warps for _, d in order[1:]]}, {[d.registers for _, d in order[1:]]})")
+        funcs.append(_function(fn, params, k))
+        num_warps = order[0][1].warps
+        roles = tuple((r, d.warps, d.registers) for r, d in order)
+    head = [
+        f'"""Generated by tilestack from kernel `{low.name}` ({low.where}) for sm_90a; constants: {consts}."""',
+        "from triton.experimental import gluon",
+        "from triton.experimental.gluon import language as gl",
+        "from triton.experimental.gluon.language.nvidia import hopper",
+        "from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma",
+        *([_FLOOR_HELPERS] if floor else []),
+    ]
+    text = "\n".join(head)
+    for f in funcs:
+        text += "\n\n\n" + "\n".join(f)
+    return Lowered(text + "\n", fn, num_warps, low.reads, signature(low, params), roles)
+
+
+def lower(kernel: KernelIR, warps: int, stages: int, print_after=()) -> tuple[KernelIR, list]:
+    """The Gluon pipeline's result for ``kernel`` and every stage [(pass name, IR), ...]."""
+    return pipeline(warps, stages).run(kernel, print_after=print_after)
+
+
+def generate(kernel: KernelIR, warps: int, stages: int) -> Lowered:
+    return emit(lower(kernel, warps, stages)[0], warps)

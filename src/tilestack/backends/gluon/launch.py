@@ -1,0 +1,90 @@
+"""Launch generated Gluon kernels on a Hopper GPU (sm_90): CUDA tensors only (Gluon has no CPU interpreter).
+
+    launcher = Launcher(traced, args, options)   # once per launch signature: compile, grid, descriptor plan
+    launcher(args)                               # every call: fill in pointers and TMA descriptors, launch
+
+TMA descriptors are Gluon's host ``TensorDescriptor`` with the NVMMA shared layout the device code allocates
+its buffers in (``NVMMASharedLayout.get_default_for(box, dtype)``, the same rule ``codegen.signature`` uses).
+"""
+
+from __future__ import annotations
+
+from tilestack.backends.triton.launch import TMA_ALIGN, tma_ok
+from tilestack.backends.triton.launch import compile_source as _compile_module
+from tilestack.errors import LaunchError
+
+HOPPER = 9   # the compute capability major of the GPUs the generated code targets (wgmma, setmaxnreg)
+
+
+def compile_source(low):
+    """The @gluon.jit kernel of a lowered source (written to the cache folder and imported, as Triton's)."""
+    return _compile_module(low.source, low.fn_name, False)
+
+
+def _gl_dtype(torch_dtype):
+    from triton.experimental.gluon import language as gl
+    name = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "float64": "float64",
+            "float8_e4m3fn": "float8e4nv", "int32": "int32", "int64": "int64", "int8": "int8"}
+    return getattr(gl, name[str(torch_dtype).removeprefix("torch.")])
+
+
+class Launcher:
+    def __init__(self, traced, args, options):
+        import torch
+
+        from tilestack.backends.gluon import BACKEND
+
+        devices = {a.device.type for a in args if isinstance(a, torch.Tensor)}
+        if devices != {"cuda"}:
+            raise LaunchError(f"gluon backend: runs on CUDA tensors of a Hopper GPU; got tensors on "
+                              f"{sorted(devices)} (use backend='triton' or 'reference' elsewhere)")
+        cap = torch.cuda.get_device_capability(next(a.device for a in args if isinstance(a, torch.Tensor)))
+        if cap[0] != HOPPER:
+            raise LaunchError(f"gluon backend: generates sm_90a code (H100/H200); this GPU is sm_{cap[0]}{cap[1]}")
+        self.traced = traced
+        art = BACKEND.compile(traced, options)
+        self.fn, low = art.fn, art.lowered
+        self.num_warps = low.num_warps
+        self.grid = None if traced._grid_scalars else _grid3(traced.grid(*args))
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+        self.TensorDescriptor = TensorDescriptor
+        self.template: list = []
+        self.fill: list[tuple[int, int, list | None, object]] = []   # (position, argument, box, layout)
+        for how in low.binding:
+            kind, i = how[0], how[1]
+            pos = len(self.template)
+            if kind in ("ptr", "scalar"):
+                self.fill.append((pos, i, None, None))
+                self.template.append(None)
+            elif kind == "dim":
+                self.template.append(int(args[i].shape[how[2]]))
+            elif kind == "stride":
+                self.template.append(int(args[i].stride(how[2])))
+            else:
+                t = args[i]
+                if not tma_ok(t):
+                    raise LaunchError(
+                        f"gluon backend: {traced.ir.params[i].name} (shape {tuple(t.shape)}, strides "
+                        f"{tuple(t.stride())}) is read or written by the copy engine, which needs the last axis "
+                        f"contiguous, the other strides and the address {TMA_ALIGN}-byte aligned and no empty "
+                        "tensor; pass a contiguous copy")
+                box = list(how[2])
+                layout = gl.NVMMASharedLayout.get_default_for(box, _gl_dtype(t.dtype))
+                self.fill.append((pos, i, box, layout))
+                self.template.append(None)
+
+    def __call__(self, args) -> None:
+        grid = self.grid or _grid3(self.traced.grid(*args))
+        if 0 in grid:
+            return
+        flat = self.template.copy()
+        for pos, i, box, layout in self.fill:
+            t = args[i]
+            flat[pos] = t if box is None else self.TensorDescriptor(t, list(t.shape), list(t.stride()), box, layout)
+        self.fn[grid](*flat, num_warps=self.num_warps)
+
+
+def _grid3(grid):
+    return (*grid, *(1,) * (3 - len(grid)))

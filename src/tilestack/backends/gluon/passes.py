@@ -1,0 +1,219 @@
+"""The Gluon backend's passes, after the neutral ones (``ir.passes``): what Gluon on sm_90a can lower, how each
+tile moves, which loops it pipelines, and what the kernel function takes.
+
+    legalize        an emitter for every op; wgmma-shaped matrix products; copy-engine boxes; roles it can split
+    choose_access   shared-tile loads, async loads and 2-D stores through the copy engine (TMA descriptors),
+                    register loads, 1-D stores and atomic adds through pointers
+    schedule        a loop whose body loads shared tiles through the copy engine (coordinates computed from the
+                    loop index and values from outside the loop) gets ``stages=S``: the emitter keeps S - 1 loads
+                    in flight in a ring of S shared buffers with one mbarrier each (a plain kernel's pipelining;
+                    hand-scheduled kernels write stages, async loads and waits themselves)
+    prune_params    the parameters the device code reads (``KernelIR.reads``): Triton's rule, plus a descriptor
+                    per async load
+
+``pipeline(stages)`` is the whole list; ``codegen.emit`` lowers its result.
+"""
+
+from __future__ import annotations
+
+from tilestack.backends.triton.passes import prune_params as _pointer_and_tma_reads
+from tilestack.errors import BackendError
+from tilestack.ir.nodes import Block, Instr, KernelIR, Value
+from tilestack.ir.ops import OPS, AccessAttrs, Op, RangeAttrs, check_lowerable
+from tilestack.ir.passes import DCE, SPLIT_HOST, Pass, Pipeline, clone
+from tilestack.ir.types import GlobalType, Space, StagesType, TileType
+
+TMA_MAX_BOX = 256          # elements per dimension of one copy-engine transfer
+TMA_MIN_ROW_BYTES = 16     # the innermost box dimension moves at least 16 bytes
+WGMMA_DTYPES = ("bf16", "f16", "f8e4m3")   # operand dtypes the backend gives wgmma (f32 would be tf32: refused)
+WGMMA_K = {"bf16": 16, "f16": 16, "f8e4m3": 32}   # the k of one wgmma instruction, per operand dtype
+WARPGROUP_ROWS = 64        # rows of the accumulator one warpgroup (4 warps) covers per wgmma
+WARP_ROWS = 16
+
+
+def _fail(ins: Instr, msg: str) -> None:
+    raise BackendError(f"{ins.where}: the gluon backend {msg}")
+
+
+def tma_box_ok(shape: tuple[int, ...], itemsize: int) -> bool:
+    """Whether one copy-engine transfer can move a tile of ``shape`` (each dimension 1..256 elements, a power of
+    two, the innermost at least 16 bytes)."""
+    return (all(0 < n <= TMA_MAX_BOX and not n & (n - 1) for n in shape)
+            and shape[-1] * itemsize >= TMA_MIN_ROW_BYTES)
+
+
+def legalize(warps: int):
+    """Refuse, naming the op and the user's line, what this backend cannot lower for ``warps`` warps per role."""
+    def run(ir: KernelIR) -> KernelIR:
+        check_lowerable("gluon", ir.body)
+        for ins in ir.walk():
+            for v in ins.results + ins.srcs:
+                if isinstance(v.type, TileType | StagesType):
+                    for n in v.type.shape:
+                        if n & (n - 1):
+                            _fail(ins, f"needs power-of-two tile sizes; {ins.op.value} uses a {v.type}")
+            if ins.op in (Op.MMA, Op.MMA_ASYNC):
+                _check_mma(ins, ir.roles[ins.role].warps if ins.role else warps)
+            elif ins.op is Op.ASYNC_LOAD:
+                st = ins.result.type
+                if not tma_box_ok(st.shape, st.dtype.itemsize):
+                    _fail(ins, f"moves async loads with the copy engine; a stage of {st} is no copy-engine box "
+                               f"(sizes 1..{TMA_MAX_BOX}, the last >= {TMA_MIN_ROW_BYTES} bytes)")
+            elif ins.op is Op.LOAD and ins.result.type.space is Space.SHARED:
+                t = ins.result.type
+                if not tma_box_ok(t.shape, t.dtype.itemsize):
+                    _fail(ins, f"loads shared tiles with the copy engine; a {t} is no copy-engine box")
+        if ir.roles:
+            _check_roles(ir)
+        return ir
+    return run
+
+
+def _check_mma(ins: Instr, warps: int) -> None:
+    acc, a, b = ins.srcs
+    if a.type.dtype.name not in WGMMA_DTYPES:
+        _fail(ins, f"multiplies {'/'.join(WGMMA_DTYPES)} tiles on wgmma; {ins.op.value} has {a.type.dtype} "
+                   "operands (use the triton backend, or cast the operands)")
+    if b.type.space is not Space.SHARED:
+        _fail(ins, f"needs wgmma's b operand in shared memory; b is a {b.type} (load it as a SharedTile)")
+    m, n = acc.type.shape
+    k = a.type.shape[0] if ins.attrs.trans_a else a.type.shape[1]
+    if m % (WARP_ROWS * warps) or m < WARPGROUP_ROWS:
+        _fail(ins, f"gives each of the {warps} warps of a wgmma {WARP_ROWS}-row slices of the accumulator; "
+                   f"{ins.op.value} accumulates {m} rows (need a multiple of {WARP_ROWS * warps}, >= "
+                   f"{WARPGROUP_ROWS})")
+    if n % 8 or n > 256 or k % WGMMA_K[a.type.dtype.name]:
+        _fail(ins, f"needs wgmma's n a multiple of 8 up to 256 and k a multiple of {WGMMA_K[a.type.dtype.name]}; "
+                   f"{ins.op.value} has n={n}, k={k}")
+    if ins.attrs.trans_a and a.type.space is Space.REG:
+        _fail(ins, "takes a transposed a operand only from shared memory")
+
+
+def _check_roles(ir: KernelIR) -> None:
+    """Roles share only staged buffers: a role reading another role's register value, or an effect outside
+    every role, has no lowering to separate partitions."""
+    owner: dict[Value, str] = {}
+    for ins in ir.walk():
+        for r in ins.results:
+            owner[r] = ins.role
+        if ins.body is not None:
+            for a in ins.body.args:
+                owner[a] = ins.role
+    for ins in ir.walk():
+        if OPS[ins.op].kind == "effect" and not ins.role:
+            _fail(ins, f"splits warp roles into partitions; this {ins.op.value} belongs to no role "
+                       "(put it inside a ts.partition)")
+        if not ins.role:
+            continue
+        for s in ins.srcs:
+            if isinstance(s.type, TileType) and owner.get(s, "") not in ("", ins.role):
+                _fail(ins, f"splits warp roles into partitions that share only staged buffers; role {ins.role}'s "
+                           f"{ins.op.value} reads {s!r}, which role {owner[s]} computes")
+    for name, r in ir.roles.items():
+        if r.warps % 4:
+            raise BackendError(f"{ir.where}: the gluon backend gives each role whole warpgroups (setmaxnreg); "
+                               f"role {name} has {r.warps} warps")
+
+
+def choose_access(ir: KernelIR) -> KernelIR:
+    out = clone(ir)
+    for ins in out.walk():
+        if ins.op is Op.LOAD:
+            via = "tma" if ins.result.type.space is Space.SHARED else "pointer"
+        elif ins.op is Op.STORE:
+            t = ins.srcs[1].type
+            via = "tma" if len(t.shape) == 2 and tma_box_ok(t.shape, ins.srcs[0].type.dtype.itemsize) \
+                else "pointer"
+        elif ins.op is Op.ATOMIC_ADD:
+            via = "pointer"
+        elif ins.op is Op.ASYNC_LOAD:
+            via = "tma"
+        else:
+            continue
+        ins.attrs = AccessAttrs(via=via)
+    return out
+
+
+# ---- pipelining plain loops -------------------------------------------------------------------------------------
+def defined_in(block: Block) -> set[Value]:
+    """Every value a block (nested bodies included) defines: its args and its instructions' results."""
+    out = set(block.args)
+    for ins in block.walk():
+        out.update(ins.results)
+        if ins.body is not None:
+            out.update(ins.body.args)
+    return out
+
+
+def scalar_slice(body: Block, values, index: Value) -> list[Instr] | None:
+    """The body's instructions that compute ``values`` from the loop index and values defined outside the loop,
+    in program order, if they are all scalar (so the emitter can recompute them for another trip); else None."""
+    made = {r: ins for ins in body.instrs for r in ins.results}
+    need: set[Instr] = set()
+    stack = list(values)
+    while stack:
+        v = stack.pop()
+        if v is index or v not in made:
+            if v is not index and any(v in ins.body.args for ins in body.instrs if ins.body is not None):
+                return None
+            if v in body.args and v is not index:
+                return None     # a loop-carried value: not a function of the trip
+            continue
+        ins = made[v]
+        if ins.op not in (Op.SCALAR, Op.CONST) or ins in need:
+            if ins.op not in (Op.SCALAR, Op.CONST):
+                return None
+            continue
+        need.add(ins)
+        stack.extend(ins.srcs)
+    return [ins for ins in body.instrs if ins in need]
+
+
+def pipelined_loads(loop: Instr) -> list[Instr]:
+    """The copy-engine loads of shared tiles at the top level of ``loop``'s body that the emitter pipelines: their
+    coordinates are scalar functions of the loop index and of values from outside the loop."""
+    body = loop.body
+    out = []
+    for ins in body.instrs:
+        if ins.op is Op.LOAD and ins.attrs.via == "tma" and ins.result.type.space is Space.SHARED \
+                and scalar_slice(body, ins.srcs[1:], body.args[0]) is not None:
+            out.append(ins)
+    return out
+
+
+def schedule(stages: int):
+    def run(ir: KernelIR) -> KernelIR:
+        out = clone(ir)
+        for ins in out.walk():
+            if ins.op is Op.RANGE and ins.attrs.stages is None and pipelined_loads(ins):
+                ins.attrs = RangeAttrs(stages=stages)
+        return out
+    return run
+
+
+def prune_params(ir: KernelIR) -> KernelIR:
+    """Triton's rule for loads, stores and atomic adds (pointer: pointer, sizes, strides; TMA: one descriptor per
+    (global, box)), plus one descriptor per (global, box) of the async loads."""
+    out = _pointer_and_tma_reads(ir)
+    index = {ins.result: ins.attrs.index for ins in ir.walk() if ins.op is Op.ARG}
+    reads = list(out.reads)
+    for ins in ir.walk():
+        if ins.op is Op.ASYNC_LOAD:
+            g: Value = ins.srcs[2]
+            shape = ins.result.type.shape
+            assert isinstance(g.type, GlobalType)
+            read = ("desc", index[g], (1,) * (g.type.rank - len(shape)) + tuple(shape))
+            if read not in reads:
+                reads.append(read)
+    out.reads = tuple(reads)
+    return out
+
+
+def pipeline(warps: int, stages: int) -> Pipeline:
+    return Pipeline([
+        SPLIT_HOST, DCE,
+        Pass("legalize", legalize(warps), "what Gluon on sm_90a can lower"),
+        Pass("choose_access", choose_access, "copy engine or pointers, per load and store"),
+        Pass("schedule", schedule(stages), "pipeline plain loops that load shared tiles"),
+        Pass("prune_params", prune_params, "the parameters the device code reads"),
+    ])
