@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tilestack.tune import ConfigCache, size_bucket
-from tilestack.tune.cache import Table, file_name, key, write_json_atomic
+from tilestack.tune.cache import Table, file_name, key, launch_kwargs, write_json_atomic
 from tilestack.tune.devices import DeviceKey
 
 H100 = DeviceKey(9, 0, 132, 227, name="NVIDIA H100 80GB HBM3", memory_gb=79.6)
@@ -39,9 +39,12 @@ def test_put_get_round_trip(cache_dir):
     assert fresh.get(KERNEL, SIG, H100, 1024) == cfg
     assert fresh.get(KERNEL, SIG, H200, 1024) == cfg        # the same key: an H200 reads the H100's entries
     data = json.loads(path.read_text())
-    assert data["format"] == 2 and data["device"]["key"] == "sm90-132sm-227kb"
+    assert data["format"] == 3 and data["device"]["key"] == "sm90-132sm-227kb"
     assert data["device"]["name"] == "NVIDIA H100 80GB HBM3" and data["device"]["sms"] == 132
-    assert data["entries"][key(KERNEL, SIG, 1024)] == {"config": cfg, "seconds": 1.5e-4, "tflops": 321.0}
+    # the kernel's tunables and the backend's launch options stored apart
+    assert data["entries"][key(KERNEL, SIG, 1024)] == {"config": dict(BM=128, BN=64),
+                                                       "options": dict(num_warps=4, num_stages=3),
+                                                       "seconds": 1.5e-4, "tflops": 321.0}
     got = fresh.get(KERNEL, SIG, H100, 1024)
     got["BM"] = 16                                          # a copy: the cache is not changed through it
     assert fresh.get(KERNEL, SIG, H100, 1024)["BM"] == 128
@@ -120,7 +123,7 @@ def test_user_entries_override_the_shipped_tables(cache_dir):
     cache = ConfigCache(cache_dir)
     shipped = next(k for k in cache.view(H100) if k.startswith("attention_fwd|"))
     kernel, sig, bucket = shipped.split("|")
-    assert cache.get(kernel, sig, H100, int(bucket)) == cache.view(H100)[shipped]["config"]
+    assert cache.get(kernel, sig, H100, int(bucket)) == launch_kwargs(cache.view(H100)[shipped])
     mine = dict(BM=16, BN=16, num_warps=4, num_stages=1)
     cache.put(kernel, sig, H100, int(bucket), mine)
     assert ConfigCache(cache_dir).get(kernel, sig, H100, int(bucket)) == mine
@@ -160,5 +163,21 @@ def test_a_name_keyed_table_is_refused(tmp_path):
     tables = tmp_path / "tables"
     tables.mkdir()
     (tables / "old.json").write_text(json.dumps({"gemm|bfloat16|NVIDIA H100 80GB HBM3|4096": {"config": {}}}))
-    with pytest.raises(ValueError, match=r"old.json: expected \{'format': 2.*a table from before device keys"):
+    with pytest.raises(ValueError, match=r"old.json: expected \{'format': 3.*a table from before device keys"):
         ConfigCache(tmp_path / "cache", tables_dir=tables)
+
+
+def test_a_format_2_table_loads_with_its_launch_options_apart(tmp_path):
+    """Tables written before the split (one flat config) still load: the launch options move to ``options``,
+    every value kept; a lookup gives the same flat config as before."""
+    flat = dict(BM=128, BN=64, num_warps=8, num_stages=3)
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    (tables / "old.json").write_text(json.dumps({"format": 2, "device": H100.meta(), "entries": {
+        key(KERNEL, SIG, 1024): {"config": flat, "seconds": 2.5e-4}}}))
+    [table] = ConfigCache(tmp_path / "cache", tables_dir=tables).shipped
+    assert table.entries[key(KERNEL, SIG, 1024)] == {"config": dict(BM=128, BN=64),
+                                                     "options": dict(num_warps=8, num_stages=3), "seconds": 2.5e-4}
+    assert ConfigCache(tmp_path / "cache", tables_dir=tables).get(KERNEL, SIG, H100, 1024) == flat
+    table.write(tmp_path / "new.json")
+    assert json.loads((tmp_path / "new.json").read_text())["format"] == 3

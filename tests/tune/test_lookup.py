@@ -38,7 +38,7 @@ def gpu(monkeypatch, tmp_path):
 
 def shipped(kernel, sig, bucket, device=H100_TABLE):
     """What the shipped tables of ``device``'s key hold for it (its own GPU's table first)."""
-    return ConfigCache(tables_dir=cache.TABLES).view(device)[key(kernel, sig, bucket)]["config"]
+    return cache.launch_kwargs(ConfigCache(tables_dir=cache.TABLES).view(device)[key(kernel, sig, bucket)])
 
 
 @pytest.mark.parametrize("name", ["NVIDIA H200", "NVIDIA H100 80GB HBM3", "NVIDIA H800"])
@@ -64,7 +64,7 @@ def test_the_h100_and_the_h200_each_prefer_their_own_table(gpu):
     by_name = {t.device.name: t.entries.get(key("gemm", "bfloat16", 8192)) for t in h100.tables_for(H100_TABLE)}
     for name, cfg in got.items():
         if by_name.get(name):
-            assert cfg == by_name[name]["config"], name
+            assert cfg == cache.launch_kwargs(by_name[name]), name
 
 
 def test_another_hopper_falls_back_to_the_nearest_device_once(gpu, caplog):

@@ -9,7 +9,7 @@ import torch
 
 from tilestack.kernels.gemm import gemm_kernel
 from tilestack.tune import ConfigCache, lookup
-from tilestack.tune.cache import Table, file_name, key
+from tilestack.tune.cache import Table, file_name, key, launch_kwargs
 from tilestack.tune.devices import DeviceKey
 from tilestack.tune.library import Problem, Workload, library_problems
 from tilestack.tune.session import Session, ShipWriter
@@ -85,7 +85,8 @@ def test_finds_the_fastest_and_writes_both_tables(tmp_path):
     assert out.tried == 6 and out.failed == 0
     user = Table.read(tmp_path / "cache" / "tuned" / "sm90-132sm-227kb.json")
     entry = user.entries[key("test_gemm", "bfloat16", 4096)]
-    assert entry["config"] == cfg(128, 64) and entry["seconds"] == 1.0 and entry["speedup"] == 5.0
+    assert entry["config"] == dict(BM=128, BN=64, BK=32, GROUP_M=8) and entry["seconds"] == 1.0
+    assert entry["options"] == dict(num_warps=4, num_stages=1) and entry["speedup"] == 5.0   # stored apart
     assert entry["shared_bytes"] == (128 * 32 + 32 * 64) * 2          # A and B tiles, one stage, bf16
     shipped = Table.read(tmp_path / "ship" / file_name("test_gemm", DEV))
     assert shipped.device.name == "Test GPU" and shipped.entries == user.entries
@@ -146,7 +147,7 @@ def test_an_interrupted_run_keeps_every_winner_written(tmp_path):
         session(tmp_path, timer).run([p1, p2])
     for path in (tmp_path / "cache" / "tuned" / "sm90-132sm-227kb.json",
                  tmp_path / "ship" / file_name("test_gemm", DEV)):
-        assert Table.read(path).entries[key("test_gemm", "bfloat16", 4096)]["config"] == cfg(128, 64)
+        assert launch_kwargs(Table.read(path).entries[key("test_gemm", "bfloat16", 4096)]) == cfg(128, 64)
         assert sorted(x.name for x in path.parent.iterdir()) == [path.name]       # no temporary left
 
 
@@ -157,8 +158,8 @@ def test_ship_writer_keeps_the_packaged_entries(tmp_path):
     w = ShipWriter(tmp_path / "out", DEV, tables_dir=tables)
     path = w.put("test_gemm", "bfloat16", 4096, {"config": dict(BM=64)})
     assert path == tmp_path / "out" / file_name("test_gemm", DEV)
-    assert Table.read(path).entries == {key("test_gemm", "bfloat16", 1024): {"config": dict(BM=16)},
-                                        key("test_gemm", "bfloat16", 4096): {"config": dict(BM=64)}}
+    assert Table.read(path).entries == {key("test_gemm", "bfloat16", 1024): {"config": dict(BM=16), "options": {}},
+                                        key("test_gemm", "bfloat16", 4096): {"config": dict(BM=64), "options": {}}}
 
 
 def test_a_problem_whose_inputs_fail_is_skipped(tmp_path):

@@ -1,20 +1,21 @@
-"""The tuned-config tables shipped in src/tilestack/tune/tables/: every file is a table of one device (format 2,
+"""The tuned-config tables shipped in src/tilestack/tune/tables/: every file is a table of one device (format 3,
 named after its kernel and device), every entry is a problem `tilestack tune` knows (the kernel and the
-signature its launch path builds), and every config is inside its kernel's declared domains and fits the
-shared memory of the device it was tuned on."""
+signature its launch path builds), every config is inside its kernel's declared domains with the backend's
+launch options stored apart and valid, and fits the shared memory of the device it was tuned on."""
 
 import functools
 import json
 
 import pytest
 
+from tilestack.backends import get_backend
 from tilestack.tune import ConfigCache
-from tilestack.tune.cache import FORMAT, TABLES, Table, file_name
+from tilestack.tune.cache import FORMAT, TABLES, Table, file_name, launch_kwargs
 from tilestack.tune.library import DTYPES, library_problems
 from tilestack.tune.space import REGISTER_BYTES_PER_THREAD, SearchSpace
 
 FILES = sorted(TABLES.glob("*.json"))
-EVIDENCE = {"config", "seconds", "tflops", "flops", "bytes", "speedup", "shared_bytes", "tried"}
+EVIDENCE = {"config", "options", "seconds", "tflops", "flops", "bytes", "speedup", "shared_bytes", "tried"}
 
 
 @functools.cache
@@ -84,7 +85,10 @@ def test_entry_is_a_valid_config_of_its_kernel(table, key, entry):
     for name, value in cfg.items():
         assert value in tunables[name].domain, f"{name}={value} outside {tunables[name].domain}"
     tile.resolve(cfg | fixed)                                        # the kernel's own check agrees
-    shared, regs = SearchSpace(tile, fixed=fixed).footprint(small_args(kernel_name), cfg)
+    options = entry["options"]                                       # the backend's, stored apart
+    assert set(options) <= set(get_backend("triton").search_domains()) and not set(options) & set(tunables)
+    get_backend("triton").check_options(options)
+    shared, regs = SearchSpace(tile, fixed=fixed).footprint(small_args(kernel_name), launch_kwargs(entry))
     assert shared <= table.device.shared_bytes
     assert regs <= REGISTER_BYTES_PER_THREAD                         # the tuner would have searched it
     if "shared_bytes" in entry:

@@ -7,7 +7,9 @@
     be.source(traced)                          # what it generates, readable
 
 Each backend owns its typed options (``Options``: Triton's num_warps and num_stages), its cache of artifacts
-(keyed weakly by the traced kernel, so a dropped trace frees its code) and its launchers.
+(keyed weakly by the traced kernel, so a dropped trace frees its code) and its launchers. Options are not a
+kernel's tunables: they are given at launch (``kernel(*args, num_warps=8)``), defaulted per kernel
+(``@ts.kernel(..., options=...)``), or searched by the tuner over ``search_domains()`` beside the kernel's own.
 """
 
 from __future__ import annotations
@@ -40,6 +42,19 @@ class Backend:
     def options(self, constants: dict[str, Any]) -> Any:
         """The backend's options for a trace with these constants (defaults where the kernel sets none)."""
         return self.Options()
+
+    # what a tuner reads: kernel tunables times these (``tune.space.SearchSpace``)
+    def search_domains(self) -> dict[str, tuple]:
+        """The values a tuner tries for each option, unless a problem narrows them (``Options.SEARCH``)."""
+        return dict(getattr(self.Options, "SEARCH", {}))
+
+    def option_defaults(self) -> dict[str, Any]:
+        """What the backend uses for an option left unset (``Options.DEFAULTS``): where a search starts."""
+        return dict(getattr(self.Options, "DEFAULTS", {}))
+
+    def check_options(self, values: dict[str, Any]) -> None:
+        """Raise the backend's error for option values it cannot take (``Options`` checks its fields)."""
+        self.Options(**values)
 
     # the protocol, each backend's own
     def lower(self, ir, print_after=(), **options):

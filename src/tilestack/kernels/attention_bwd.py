@@ -50,11 +50,10 @@ from tilestack.kernels.attention_fwd import (
 from tilestack.tune.lookup import launch_config
 
 
-@ts.kernel(grid=lambda O, BM: (ts.cdiv(O.shape[2], BM), O.shape[0] * O.shape[1]))
+@ts.kernel(grid=lambda O, BM: (ts.cdiv(O.shape[2], BM), O.shape[0] * O.shape[1]),
+           options=dict(num_warps=4, num_stages=1))
 def attention_bwd_delta_kernel(O, dO, Delta, *, D: int,
-                               BM: int = ts.tunable(64, (16, 32, 64, 128)),
-                               num_warps: int = ts.tunable(4, (4, 8)),
-                               num_stages: int = ts.tunable(1, (1, 2))):
+                               BM: int = ts.tunable(64, (16, 32, 64, 128))):
     """O, dO: (B, H, Nq, *), Delta: (B, H, Nq) f32; D is the tile width of O's head dim (Dv's tile)."""
     i, bh = ts.block_id(0), ts.block_id(1)
     H = O.shape[1]
@@ -193,27 +192,25 @@ def _grid_kv(K, BN):
     return (ts.cdiv(K.shape[2], BN), K.shape[0] * K.shape[1])
 
 
-_BWD_WARPS = ts.tunable(8, (4, 8))
-_BWD_STAGES = ts.tunable(2, (1, 2, 3, 4))
+# Triton's launch options by default (not tunables of the kernel: the tuner searches them as the backend's)
+_BWD_OPTIONS = dict(num_warps=8, num_stages=2)
 _KV_BM = ts.tunable(64, (16, 32, 64, 128))
 _KV_BN = ts.tunable(128, (16, 32, 64, 128))
 
 
-@ts.kernel(grid=_grid_kv)
+@ts.kernel(grid=_grid_kv, options=_BWD_OPTIONS)
 def attention_bwd_dkdv_kernel(Q, K, V, dO, LSE, Delta, dK, dV, scale: float, *,
                               D: int, DV: int | None = None, causal: bool = False, causal_align: str = "top_left",
-                              BM: int = _KV_BM, BN: int = _KV_BN, num_warps: int = _BWD_WARPS,
-                              num_stages: int = _BWD_STAGES):
+                              BM: int = _KV_BM, BN: int = _KV_BN):
     """dK (like K) and dV (like V); D and DV are the tile widths of the q/k and v head dims."""
     _dkdv(Q, K, V, None, dO, LSE, Delta, dK, dV, scale, D=D, DV=DV, causal=causal, causal_align=causal_align,
           BM=BM, BN=BN)
 
 
-@ts.kernel(grid=_grid_kv)
+@ts.kernel(grid=_grid_kv, options=_BWD_OPTIONS)
 def attention_bwd_dkdv_bias_kernel(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale: float, *,
                                    D: int, DV: int | None = None, causal: bool = False,
-                                   causal_align: str = "top_left", BM: int = _KV_BM, BN: int = _KV_BN,
-                                   num_warps: int = _BWD_WARPS, num_stages: int = _BWD_STAGES):
+                                   causal_align: str = "top_left", BM: int = _KV_BM, BN: int = _KV_BN):
     """``attention_bwd_dkdv_kernel`` with the forward's bias (B, H, Nq, Nk) added to the scores."""
     _dkdv(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale, D=D, DV=DV, causal=causal, causal_align=causal_align,
           BM=BM, BN=BN)
@@ -279,21 +276,19 @@ _DQ_BM = ts.tunable(128, (16, 32, 64, 128))
 _DQ_BN = ts.tunable(64, (16, 32, 64, 128))
 
 
-@ts.kernel(grid=_grid_q)
+@ts.kernel(grid=_grid_q, options=_BWD_OPTIONS)
 def attention_bwd_dq_kernel(Q, K, V, dO, LSE, Delta, dQ, scale: float, *,
                             D: int, DV: int | None = None, causal: bool = False, causal_align: str = "top_left",
-                            BM: int = _DQ_BM, BN: int = _DQ_BN, num_warps: int = _BWD_WARPS,
-                            num_stages: int = _BWD_STAGES):
+                            BM: int = _DQ_BM, BN: int = _DQ_BN):
     """dQ (like Q); D and DV are the tile widths of the q/k and v head dims."""
     _dq(Q, K, V, None, dO, LSE, Delta, dQ, scale, D=D, DV=DV, causal=causal, causal_align=causal_align,
         BM=BM, BN=BN)
 
 
-@ts.kernel(grid=_grid_q)
+@ts.kernel(grid=_grid_q, options=_BWD_OPTIONS)
 def attention_bwd_dq_bias_kernel(Q, K, V, Bias, dO, LSE, Delta, dQ, scale: float, *,
                                  D: int, DV: int | None = None, causal: bool = False,
-                                 causal_align: str = "top_left", BM: int = _DQ_BM, BN: int = _DQ_BN,
-                                 num_warps: int = _BWD_WARPS, num_stages: int = _BWD_STAGES):
+                                 causal_align: str = "top_left", BM: int = _DQ_BM, BN: int = _DQ_BN):
     """``attention_bwd_dq_kernel`` with the forward's bias (B, H, Nq, Nk) added to the scores."""
     _dq(Q, K, V, Bias, dO, LSE, Delta, dQ, scale, D=D, DV=DV, causal=causal, causal_align=causal_align,
         BM=BM, BN=BN)

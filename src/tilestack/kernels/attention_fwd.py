@@ -56,8 +56,8 @@ CAUSAL_ALIGNS = ("top_left", "bottom_right")
 # the tunables, shared by the plain and the biased kernel
 _BM = ts.tunable(128, (16, 32, 64, 128))
 _BN = ts.tunable(64, (16, 32, 64, 128))
-_WARPS = ts.tunable(8, (4, 8))
-_STAGES = ts.tunable(3, (1, 2, 3, 4))
+# Triton's launch options by default (not tunables of the kernel: the tuner searches them as the backend's)
+_OPTIONS = dict(num_warps=8, num_stages=3)
 
 
 def head_tile(d: int) -> int:
@@ -189,19 +189,19 @@ def _grid(Q, BM):
     return (ts.cdiv(Q.shape[2], BM), Q.shape[0] * Q.shape[1])
 
 
-@ts.kernel(grid=_grid)
+@ts.kernel(grid=_grid, options=_OPTIONS)
 def attention_fwd_kernel(Q, K, V, O, LSE, scale: float, *,
                          D: int, DV: int | None = None, causal: bool = False, causal_align: str = "top_left",
-                         BM: int = _BM, BN: int = _BN, num_warps: int = _WARPS, num_stages: int = _STAGES):
+                         BM: int = _BM, BN: int = _BN):
     """Q: (B, H, Nq, *), K: (B, Hkv, Nk, *), V: (B, Hkv, Nk, *), O: (B, H, Nq, *), LSE: (B, H, Nq) f32.
     D and DV are the tile widths of the q/k and v/o head dims (powers of two >= 16, see ``head_tile``)."""
     _forward(Q, K, V, None, O, LSE, scale, D=D, DV=DV, causal=causal, causal_align=causal_align, BM=BM, BN=BN)
 
 
-@ts.kernel(grid=_grid)
+@ts.kernel(grid=_grid, options=_OPTIONS)
 def attention_fwd_bias_kernel(Q, K, V, Bias, O, LSE, scale: float, *,
                               D: int, DV: int | None = None, causal: bool = False, causal_align: str = "top_left",
-                              BM: int = _BM, BN: int = _BN, num_warps: int = _WARPS, num_stages: int = _STAGES):
+                              BM: int = _BM, BN: int = _BN):
     """``attention_fwd_kernel`` with an additive bias added to the scores: Bias (B, H, Nq, Nk), any float dtype,
     usually an expanded view (zero strides on the broadcast axes)."""
     _forward(Q, K, V, Bias, O, LSE, scale, D=D, DV=DV, causal=causal, causal_align=causal_align, BM=BM, BN=BN)

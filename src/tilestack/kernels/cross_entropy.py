@@ -36,12 +36,10 @@ IGNORE_INDEX = -100
 MAX_EXACT_VOCAB = 1 << 24      # column numbers and labels are exact in f32 below this
 
 
-@ts.kernel(grid=lambda L, BM: (ts.cdiv(L.shape[0], BM),))
+@ts.kernel(grid=lambda L, BM: (ts.cdiv(L.shape[0], BM),), options=dict(num_warps=8, num_stages=1))
 def ce_grad_kernel(L, Labels, Scale, Cols, Loss, *,
                    BM: int = ts.tunable(1, (1, 2, 4, 8, 16)),
-                   BN: int = ts.tunable(4096, (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)),
-                   num_warps: int = ts.tunable(8, (1, 2, 4, 8, 16)),
-                   num_stages: int = ts.tunable(1, (1, 2, 3))):
+                   BN: int = ts.tunable(4096, (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192))):
     # L: (C, V) logits, overwritten with d loss / d logits; Labels: (C,) int; Scale: (C,) f32;
     # Cols: (BN,) f32 = 0, 1, ..., BN-1; Loss: (C,) f32, each row's loss times its scale
     i = ts.block_id(0)

@@ -32,14 +32,12 @@ def grouped_tile(M, N, BM: int, BN: int, GROUP_M: int):
     return i, j
 
 
-@ts.kernel(grid=_grid)
+@ts.kernel(grid=_grid, options=dict(num_warps=8, num_stages=3))   # Triton's launch options by default
 def gemm_kernel(A, B, C, *,
                 BM: int = ts.tunable(128, (16, 32, 64, 128, 256)),
                 BN: int = ts.tunable(128, (16, 32, 64, 128, 256)),
                 BK: int = ts.tunable(64, (16, 32, 64, 128)),
-                GROUP_M: int = ts.tunable(8, (1, 4, 8, 16)),
-                num_warps: int = ts.tunable(8, (4, 8)),
-                num_stages: int = ts.tunable(3, (1, 2, 3, 4, 5))):
+                GROUP_M: int = ts.tunable(8, (1, 4, 8, 16))):
     M, K = A.shape
     N = B.shape[1]
     i, j = grouped_tile(M, N, BM, BN, GROUP_M)

@@ -16,12 +16,10 @@ from tilestack.kernels._plan import planned
 from tilestack.kernels.softmax import resolve_row_config
 
 
-@ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))
+@ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),), options=dict(num_warps=4, num_stages=1))
 def layer_norm_kernel(X, W, B, Y, Mean, Rstd, eps: float, *,
                       BM: int = ts.tunable(4, (1, 2, 4, 8, 16)),
                       BN: int = ts.tunable(1024, (128, 256, 512, 1024, 2048, 4096, 8192, 16384)),
-                      num_warps: int = ts.tunable(4, (2, 4, 8, 16)),
-                      num_stages: int = ts.tunable(1, (1, 2)),
                       ONE_TILE: bool = False):
     # ONE_TILE needs BN >= the row width (checked by layer_norm(), as for softmax)
     i = ts.block_id(0)

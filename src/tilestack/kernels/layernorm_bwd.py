@@ -27,13 +27,11 @@ from tilestack.tune.lookup import launch_config
 FLOATS = ("float32", "bfloat16", "float16")
 
 
-@ts.kernel(grid=lambda DWp: (DWp.shape[0],))
+@ts.kernel(grid=lambda DWp: (DWp.shape[0],), options=dict(num_warps=4, num_stages=1))
 def norm_bwd_kernel(X, W, DY, DH, Mean, Rstd, DX, DWp, DBp, *,
                     CENTERED: bool, ADD_DH: bool = False,
                     BM: int = ts.tunable(1, (1, 2, 4, 8, 16)),
                     BN: int = ts.tunable(1024, (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)),
-                    num_warps: int = ts.tunable(4, (2, 4, 8, 16)),
-                    num_stages: int = ts.tunable(1, (1, 2)),
                     ONE_TILE: bool = False):
     # X, DY, DX: (M, N); W: (N,); Mean, Rstd: (M,) f32; DWp, DBp: (P, N) f32 partial sums, one row per program.
     # CENTERED: layer norm (Mean and DBp are read/written); else RMS norm (Mean and DBp are never touched).
@@ -141,11 +139,10 @@ def norm_bwd_kernel(X, W, DY, DH, Mean, Rstd, DX, DWp, DBp, *,
             ts.store(DX, dx, at=(i, j))
 
 
-@ts.kernel(grid=lambda Parts, BN: (ts.cdiv(Parts.shape[2], BN), Parts.shape[0]))
+@ts.kernel(grid=lambda Parts, BN: (ts.cdiv(Parts.shape[2], BN), Parts.shape[0]), options=dict(num_warps=4))
 def partial_sum_kernel(Parts, Out, *,
                        BP: int = ts.tunable(32, (1, 2, 4, 8, 16, 32, 64, 128)),
-                       BN: int = ts.tunable(64, (16, 32, 64, 128, 256, 512)),
-                       num_warps: int = ts.tunable(4, (1, 2, 4, 8))):
+                       BN: int = ts.tunable(64, (16, 32, 64, 128, 256, 512))):
     # Parts: (K, P, N) f32 partial sums; Out: (K, N) = Parts summed over P, in Out's dtype (the weights')
     j, k = ts.block_id(0), ts.block_id(1)
     part = ts.RegTile[ts.f32, BP, BN]()

@@ -37,21 +37,20 @@ def _row_tile(x, hq, r, X, R, i, j, residual: bool) -> None:
 
 _BM = ts.tunable(4, (1, 2, 4, 8, 16))
 _BN = ts.tunable(1024, (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384))
-_WARPS = ts.tunable(4, (2, 4, 8, 16))
-_STAGES = ts.tunable(1, (1, 2))
+# Triton's launch options by default (not tunables of the kernel: the tuner searches them as the backend's)
+_OPTIONS = dict(num_warps=4, num_stages=1)
 
 
-@ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))
-def rms_norm_kernel(X, W, Y, Rstd, eps: float, *, BM: int = _BM, BN: int = _BN, num_warps: int = _WARPS,
-                    num_stages: int = _STAGES, ONE_TILE: bool = False):
+@ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),), options=_OPTIONS)
+def rms_norm_kernel(X, W, Y, Rstd, eps: float, *, BM: int = _BM, BN: int = _BN, ONE_TILE: bool = False):
     # X, Y: (M, N); W: (N,); Rstd: (M,) f32. ONE_TILE needs BN >= N (checked by rms_norm())
     _norm_forward(X, None, W, None, Y, None, None, Rstd, eps, centered=False, residual=False, BM=BM, BN=BN,
                   one_tile=ONE_TILE)
 
 
-@ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))
+@ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),), options=_OPTIONS)
 def norm_fwd_kernel(X, R, W, B, Y, H, Mean, Rstd, eps: float, *, CENTERED: bool = False, BM: int = _BM,
-                    BN: int = _BN, num_warps: int = _WARPS, num_stages: int = _STAGES, ONE_TILE: bool = False):
+                    BN: int = _BN, ONE_TILE: bool = False):
     # h = X + R written to H (M, N), then y = norm(h): layer norm if CENTERED (B (N,) and Mean (M,) f32 too;
     # unused otherwise), else RMS norm. ONE_TILE needs BN >= N (checked by the callers)
     _norm_forward(X, R, W, B, Y, H, Mean, Rstd, eps, centered=CENTERED, residual=True, BM=BM, BN=BN,

@@ -42,9 +42,8 @@ def _rotate(X, O, c, s, x1, x2, t, u, o, b, n, inverse: bool) -> None:
     ts.store(O, o, at=(b, n, 0, 1))
 
 
-@ts.kernel(grid=lambda Q: (Q.shape[1], Q.shape[0]))
-def rotary_kernel(Q, K, Cos, Sin, QO, KO, *, HALF: int, BH: int, BHK: int, INVERSE: bool = False,
-                  num_warps: int = ts.tunable(4, (1, 2, 4, 8))):
+@ts.kernel(grid=lambda Q: (Q.shape[1], Q.shape[0]), options=dict(num_warps=4))
+def rotary_kernel(Q, K, Cos, Sin, QO, KO, *, HALF: int, BH: int, BHK: int, INVERSE: bool = False):
     # Q, QO: (B, N, H, 2*HALF); K, KO: (B, N, Hkv, 2*HALF); Cos, Sin: (N, HALF) f32. BH >= H, BHK >= Hkv
     n, b = ts.block_id(0), ts.block_id(1)
     c = ts.RegVec[ts.f32, HALF]()

@@ -17,12 +17,10 @@ from tilestack.tune.lookup import launch_config
 LOG2E = math.log2(math.e)
 
 
-@ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))
+@ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),), options=dict(num_warps=4, num_stages=1))
 def softmax_kernel(X, Y, *,
                    BM: int = ts.tunable(4, (1, 2, 4, 8, 16)),
                    BN: int = ts.tunable(1024, (128, 256, 512, 1024, 2048, 4096, 8192, 16384)),
-                   num_warps: int = ts.tunable(4, (2, 4, 8, 16)),
-                   num_stages: int = ts.tunable(1, (1, 2)),
                    ONE_TILE: bool = False):
     # ONE_TILE: the row is read once into one (BM, BN) tile; it needs BN >= the row width, which the public
     # function checks (the kernel cannot: the width is known only at run time)

@@ -22,11 +22,12 @@ def _grid(A, BM, BN):
 
 _BM = ts.tunable(4, (1, 2, 4, 8, 16, 32))
 _BN = ts.tunable(1024, (16, 32, 64, 128, 256, 512, 1024, 2048))
-_WARPS = ts.tunable(4, (2, 4, 8))
+# Triton's launch options by default (not tunables of the kernel: the tuner searches them as the backend's)
+_OPTIONS = dict(num_warps=4)
 
 
-@ts.kernel(grid=_grid)
-def swiglu_fwd_kernel(A, B, Y, *, BM: int = _BM, BN: int = _BN, num_warps: int = _WARPS):
+@ts.kernel(grid=_grid, options=_OPTIONS)
+def swiglu_fwd_kernel(A, B, Y, *, BM: int = _BM, BN: int = _BN):
     # A, B, Y: (M, F)
     i, j = ts.block_id(0), ts.block_id(1)
     a = ts.RegTile[ts.f32, BM, BN]()
@@ -42,8 +43,8 @@ def swiglu_fwd_kernel(A, B, Y, *, BM: int = _BM, BN: int = _BN, num_warps: int =
     ts.store(Y, y, at=(i, j))
 
 
-@ts.kernel(grid=_grid)
-def swiglu_bwd_kernel(DY, A, B, DA, DB, *, BM: int = _BM, BN: int = _BN, num_warps: int = _WARPS):
+@ts.kernel(grid=_grid, options=_OPTIONS)
+def swiglu_bwd_kernel(DY, A, B, DA, DB, *, BM: int = _BM, BN: int = _BN):
     # DY, A, B, DA, DB: (M, F)
     i, j = ts.block_id(0), ts.block_id(1)
     dy = ts.RegTile[ts.f32, BM, BN]()

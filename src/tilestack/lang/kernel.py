@@ -5,6 +5,7 @@
         ...
 
     gemm(a, b, c, BM=64)                          # trace (cached) and run on the default backend
+    gemm(a, b, c, BM=64, num_warps=8)             # a backend's launch option, given at launch
     t = gemm.trace(a, b, c, BM=64)                # a TracedKernel: t.ir, t.source(), t.cost(a, b, c)
     t.run(a, b, c, backend="reference")
 
@@ -12,6 +13,11 @@ Positional parameters are global tensors (unannotated, or annotated ``Global``) 
 (annotated ``float`` or ``int``); keyword-only parameters are compile-time constants, tunable ones
 declared with ``tunable(default, domain)``. The signature a kernel is traced for is the dtypes and ranks of
 its tensors and the values of its constants; sizes and strides stay symbolic.
+
+A kernel declares only what is its own: tile sizes and algorithmic variants. How a backend runs it (Triton's
+``num_warps`` and ``num_stages``: ``backends.triton.TritonOptions``) are launch options, given at launch, chosen
+by the tuner, or defaulted per kernel with ``@ts.kernel(grid=..., options=dict(num_warps=8))``. A kernel that
+still declares ``num_warps``/``num_stages`` among its constants keeps working: the backend takes them from there.
 """
 
 from __future__ import annotations
@@ -97,7 +103,7 @@ class _ParamDecl:
 class Kernel:
     """A tile-language kernel (see the module docstring)."""
 
-    def __init__(self, fn: Callable, grid: Callable):
+    def __init__(self, fn: Callable, grid: Callable, options: dict[str, Any] | None = None):
         self.fn = fn
         self.name = fn.__name__
         self.grid_fn = grid
@@ -112,6 +118,12 @@ class Kernel:
                 self.constants[p.name] = _REQUIRED if p.default is p.empty else p.default
             else:
                 raise TraceError(f"kernel {self.name}: *args/**kwargs are not kernel parameters", self.where)
+        # default launch options (backend options such as num_warps), under those given at launch
+        self.options: dict[str, Any] = dict(options or {})
+        clash = sorted(set(self.options) & set(self.constants))
+        if clash:
+            raise TraceError(f"kernel {self.name}: {clash} are both constants of the kernel and launch options; "
+                             "declare each in one place", self.where)
         self._traced: dict[tuple, TracedKernel] = {}
         self._launchers: dict[tuple, Callable] = {}   # launch key -> prebuilt launcher (see __call__)
         functools.update_wrapper(self, fn)
@@ -165,7 +177,10 @@ class Kernel:
         return tuple(sig)
 
     def trace(self, *args, **consts) -> TracedKernel:
-        """The kernel traced for the dtypes and ranks of ``args`` and these constants (cached)."""
+        """The kernel traced for the dtypes and ranks of ``args`` and these constants (cached). Launch options
+        among ``consts`` (num_warps, ...) are left out: they do not change the trace (give them at launch)."""
+        if any(k not in self.constants for k in consts):
+            consts = self._launch_options(consts)[0]
         resolved = self.resolve(consts)
         sig = self.signature(args)
         key = (sig, tuple(sorted((k, repr(v)) for k, v in resolved.items())))
@@ -200,8 +215,7 @@ class Kernel:
         extra = [k for k in consts if k not in self.constants]
         if not extra:
             return consts, {}
-        from tilestack.backends import launch_option_names
-        names = launch_option_names()
+        names = _launch_option_names()
         options = {k: consts[k] for k in extra if k in names}
         return {k: v for k, v in consts.items() if k not in options}, options
 
@@ -253,12 +267,18 @@ class Kernel:
         return f"<tilestack kernel {self.name} at {self.where}>"
 
 
-def kernel(fn: Callable | None = None, *, grid: Callable) -> Any:
+def _launch_option_names() -> frozenset[str]:
+    from tilestack.backends import launch_option_names
+    return launch_option_names()
+
+
+def kernel(fn: Callable | None = None, *, grid: Callable, options: dict[str, Any] | None = None) -> Any:
     """Decorator: make a tile-language kernel. ``grid`` maps the arguments (by name, globals as handles
-    with symbolic ``.shape``) and constants to the number of programs on each grid axis."""
+    with symbolic ``.shape``) and constants to the number of programs on each grid axis. ``options``: the
+    kernel's default launch options (``dict(num_warps=8, num_stages=3)``), under those given at launch."""
     if fn is None:
-        return lambda f: Kernel(f, grid)
-    return Kernel(fn, grid)
+        return lambda f: Kernel(f, grid, options)
+    return Kernel(fn, grid, options)
 
 
 class TracedKernel:
@@ -336,10 +356,17 @@ class TracedKernel:
     def launcher(self, args: Sequence, backend: str | None = None, options: dict[str, Any] | None = None):
         """The prebuilt launcher for the launch signature of ``args``: every launch-time check runs here, once
         per signature, then the backend prepares (compiles, computes the grid and the constant arguments) with
-        its launch ``options`` (those the kernel's constants do not set)."""
+        its launch ``options`` (over the kernel's default options; those the kernel's constants set win)."""
         from tilestack.backends import get_backend, pick_backend
 
         self.check_args(args)
+        defaults = self.kernel.options
+        if defaults:
+            unknown = sorted(set(defaults) - _launch_option_names())
+            if unknown:
+                raise LaunchError(f"{self.name}: default launch options {unknown} are no backend's; expected "
+                                  f"some of {sorted(_launch_option_names())}")
+            options = {**defaults, **(options or {})}
         name = backend or pick_backend(args)
         return get_backend(name).prepare(self, args, options)
 

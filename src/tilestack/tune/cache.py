@@ -2,14 +2,20 @@
 
     cache = ConfigCache()                          # the user's tables (<cache_dir>/tuned/) over the shipped ones
     dev = device_key(0)                            # DeviceKey: "sm90-132sm-227kb", name "NVIDIA H200"
-    cache.get("attention_fwd", "bfloat16-D128-causal", dev, 4096) -> {"BM": 128, ...} | None
+    cache.get("attention_fwd", "bfloat16-D128-causal", dev, 4096) -> {"BM": 128, ..., "num_warps": 8} | None
     cache.put("attention_fwd", sig, dev, 4096, cfg, seconds=...)   # written whole, then renamed
 
 A table is a JSON file::
 
-    {"format": 2,
+    {"format": 3,
      "device": {"key": "sm90-132sm-227kb", "name": "NVIDIA H200", "capability": "9.0", "sms": 132, ...},
-     "entries": {"attention_fwd|bfloat16-D128-causal|4096": {"config": {...}, "seconds": ..., ...}}}
+     "entries": {"attention_fwd|bfloat16-D128-causal|4096": {"config": {"BM": 128, "BN": 64},
+                                                              "options": {"num_warps": 8, "num_stages": 3},
+                                                              "seconds": ..., ...}}}
+
+An entry keeps the kernel's tunables (``config``) apart from the backend's launch options (``options``); a
+lookup gives them merged, as a launch takes them (``kernel(*args, **cfg)`` sends the options to the backend).
+Tables of format 2 (one flat ``config``) are read too, their launch options moved to ``options`` as they load.
 
 Tables ship in ``tune/tables/`` (tuned on the project's GPUs, one file per kernel and device); ``tilestack tune``
 writes the user's own, one file per device key, in ``<cache_dir>/tuned/``. A lookup for a device reads every
@@ -29,7 +35,8 @@ from tilestack.config import knobs
 from tilestack.tune.devices import DeviceKey
 
 TABLES = Path(__file__).parent / "tables"
-FORMAT = 2
+FORMAT = 3
+READS = (2, 3)       # format 2: tunables and launch options in one flat "config"
 
 
 def size_bucket(n: int) -> int:
@@ -40,6 +47,27 @@ def size_bucket(n: int) -> int:
 def key(kernel: str, signature: str, bucket: int | str) -> str:
     """An entry's key inside a table (the table says which device)."""
     return f"{kernel}|{signature}|{bucket}"
+
+
+def split_options(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the kernel's tunables, the backends' launch options) of a flat config, by the options' names."""
+    from tilestack.backends import launch_option_names
+
+    names = launch_option_names()
+    return ({k: v for k, v in config.items() if k not in names}, {k: v for k, v in config.items() if k in names})
+
+
+def upgrade_entry(entry: dict) -> dict:
+    """A format-2 entry (launch options inside ``config``) in format 3 (apart, in ``options``); the same values."""
+    if "options" in entry or not isinstance(entry.get("config"), dict):
+        return entry
+    config, options = split_options(entry["config"])
+    return {**entry, "config": config, "options": options}
+
+
+def launch_kwargs(entry: dict) -> dict[str, Any]:
+    """What a launch takes from an entry: its tunables and its launch options, in one new dict."""
+    return {**entry["config"], **entry.get("options", {})}
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -74,12 +102,13 @@ class Table:
             return None
         except json.JSONDecodeError as e:
             raise ValueError(f"tuned-config table {path} is not valid JSON ({e}); delete it to start over") from e
-        if not isinstance(data, dict) or data.get("format", FORMAT) != FORMAT or \
+        if not isinstance(data, dict) or data.get("format", FORMAT) not in READS or \
                 not isinstance(data.get("entries"), dict) or "device" not in data:
             raise ValueError(f"tuned-config table {path}: expected {{'format': {FORMAT}, 'device': {{...}}, "
                              f"'entries': {{...}}}}; got keys {sorted(data) if isinstance(data, dict) else data!r}"
                              " (a table from before device keys: delete it, or re-run `tilestack tune`)")
-        return cls(DeviceKey.from_meta(data.get("device")), data["entries"], path)
+        entries = {k: upgrade_entry(e) for k, e in data["entries"].items()}     # format 2's flat configs split
+        return cls(DeviceKey.from_meta(data.get("device")), entries, path)
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "device": self.device.meta(), "entries": self.entries}
@@ -135,17 +164,20 @@ class ConfigCache:
         return merged
 
     def get(self, kernel: str, signature: str, device: DeviceKey, bucket: int) -> dict | None:
-        """A copy of the config tuned for ``device``'s key at this bucket (else the nearest bucket), or None."""
+        """The config tuned for ``device``'s key at this bucket (else the nearest bucket), as a launch takes it
+        (tunables and launch options in one new dict), or None."""
         entry = lookup_entry(self.view(device), kernel, signature, bucket)
-        return dict(entry["config"]) if entry else None
+        return launch_kwargs(entry) if entry else None
 
     def put(self, kernel: str, signature: str, device: DeviceKey, bucket: int | str, config: dict,
-            **evidence) -> None:
-        """Record a winner (and what it measured) in the user's table for ``device``, atomically."""
+            options: dict | None = None, **evidence) -> None:
+        """Record a winner (and what it measured) in the user's table for ``device``, atomically: its tunables
+        ``config`` and launch ``options`` apart (``options=None``: taken out of ``config`` by name)."""
+        config, found = split_options(config) if options is None else (dict(config), dict(options))
         path = self.user_path(device)
         table = Table.read(path) or Table(device, path=path)   # another process may have written since
         table.device = device                                    # the name of the GPU that tuned it last
-        table.entries[key(kernel, signature, bucket)] = {"config": dict(config), **evidence}
+        table.entries[key(kernel, signature, bucket)] = {"config": config, "options": found, **evidence}
         table.write(path)
         self.user[str(device)] = table
 

@@ -3,6 +3,8 @@
     key = device_key(0)              # read once per device index from torch.cuda.get_device_properties
     str(key)                         # "sm90-132sm-227kb" (an H100 SXM, an H200: the same key)
     key.name                         # "NVIDIA H200": metadata, kept beside the tables, never part of the key
+    key.shared_bytes, key.register_tile_bytes    # the limits a search space filters configs by
+    target_device()                  # the current GPU's key, or HOPPER on a machine without one
     nearest(key, known)              # the known devices of the same architecture, closest first
 
 Two GPUs with the same key run a kernel with the same tiles the same way (same SM count, same shared memory a
@@ -21,6 +23,11 @@ from tilestack.errors import DeviceError
 
 KIB = 1024
 DEFAULT_SHARED_PER_BLOCK = 48 * KIB      # what every CUDA GPU gives a block without opting in
+MAX_REGISTERS_PER_THREAD = 255           # 32-bit registers a thread may use, on every CUDA GPU since Kepler
+# Register tiles per thread past which a config is not worth compiling: the IR's footprint counts every distinct
+# tile as if all were live at once (an over-estimate: the largest shipped configs count 293 registers and run
+# well), so the bound is 1.5x the registers a thread has (rounded up to 384 registers of 4 bytes).
+REGISTER_SLACK = 1.5
 _KEY = re.compile(r"^sm(\d+)(\d)-(\d+)sm-(\d+)kb$")
 
 
@@ -33,6 +40,7 @@ class DeviceKey:
     # metadata: recorded beside a table, compared only to break ties between devices of one key
     name: str = dataclasses.field(default="", compare=False)
     memory_gb: float = dataclasses.field(default=0.0, compare=False)
+    registers_per_thread: int = dataclasses.field(default=MAX_REGISTERS_PER_THREAD, compare=False)
 
     def __str__(self) -> str:
         return f"sm{self.major}{self.minor}-{self.sms}sm-{self.shared_kb}kb"
@@ -43,7 +51,13 @@ class DeviceKey:
 
     @property
     def shared_bytes(self) -> int:
+        """Shared memory one block may opt in to, bytes."""
         return self.shared_kb * KIB
+
+    @property
+    def register_tile_bytes(self) -> int:
+        """Bytes of register tiles per thread past which the tuner skips a config (see ``REGISTER_SLACK``)."""
+        return 4 * int(REGISTER_SLACK * (self.registers_per_thread + 1))
 
     @classmethod
     def parse(cls, text: str, *, name: str = "", memory_gb: float = 0.0) -> DeviceKey:
@@ -87,6 +101,21 @@ def device_key(index: int) -> DeviceKey:
     import torch
 
     return DeviceKey.from_properties(torch.cuda.get_device_properties(index))
+
+
+# The device a search is for when no GPU says otherwise (a CPU machine preparing or testing a search): Hopper,
+# the GPUs the shipped tables were tuned on (H100 SXM and H200 share this key).
+HOPPER = DeviceKey(9, 0, 132, 227, name="NVIDIA H100 80GB HBM3", memory_gb=79.6)
+REGISTER_BYTES_PER_THREAD = HOPPER.register_tile_bytes
+
+
+def target_device(index: int | None = None) -> DeviceKey:
+    """The key of CUDA device ``index`` (None: the current one), or ``HOPPER`` where there is no GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return HOPPER
+    return device_key(torch.cuda.current_device() if index is None else index)
 
 
 def distance(a: DeviceKey, b: DeviceKey) -> tuple:

@@ -35,7 +35,8 @@ SWIGLU_WIDTHS = (8192, 2048, 4096, 16384)
 CE_VOCABS = (65536, 32768, 131072)            # cross-entropy's vocabulary (GPT-2's 50257 -> 65536)
 POISON = float("nan")
 
-# the tuned domains: narrower than the declared ones where a value never wins on a GPU (tiny tiles)
+# the tuned domains: narrower than the declared ones where a value never wins on a GPU (tiny tiles); each
+# names the kernel's tunables and the Triton backend's launch options it searches (tune.space: their product)
 ATTN_FWD = dict(BM=(64, 128), BN=(32, 64, 128), num_warps=(4, 8), num_stages=(1, 2, 3, 4))
 ATTN_BWD = {"delta": dict(BM=(32, 64, 128), num_warps=(4, 8), num_stages=(1,)),
             "dkdv": dict(BM=(32, 64, 128), BN=(32, 64, 128), num_warps=(4, 8), num_stages=(1, 2, 3)),
@@ -44,6 +45,7 @@ GEMM = dict(BM=(64, 128, 256), BN=(64, 128, 256), BK=(32, 64, 128), GROUP_M=(8,)
             num_stages=(2, 3, 4, 5))
 ROWS = dict(BM=(1, 2, 4, 8), num_warps=(2, 4, 8, 16))
 SMALL = dict(num_warps=(4,), num_stages=(1,))           # the interpreter: one launch option, tiles vary
+LOOPLESS = dict(num_stages=(3,))    # a kernel with no loop has nothing to pipeline: Triton's default, not searched
 
 
 @dataclasses.dataclass
@@ -432,7 +434,7 @@ def swiglu_problems(dtype: str, small: bool = False) -> list[Problem]:
             y = torch.empty_like(a)
             return direct(sw.swiglu_fwd_kernel, (a, b, y), {}, (2,), (sw.reference(a, b).float(),))
 
-        restrict = dict(BM=(1, 2, 4, 8, 16), BN=(256, 512, 1024, 2048), num_warps=(2, 4, 8))
+        restrict = dict(BM=(1, 2, 4, 8, 16), BN=(256, 512, 1024, 2048), num_warps=(2, 4, 8), **LOOPLESS)
         out.append(Problem("swiglu", dtype, f, f"{rows}x{f}", sw.swiglu_fwd_kernel, {},
                            _restrict(restrict, small, BM=(1, 4), BN=(16, 32)),
                            _default(sw.default_config("cuda"), small), make,
@@ -456,7 +458,7 @@ def swiglu_bwd_problems(dtype: str, small: bool = False) -> list[Problem]:
             da, db = torch.empty_like(a), torch.empty_like(b)
             return direct(sw.swiglu_bwd_kernel, (dy, a, b, da, db), {}, (3, 4), (ga, gb))
 
-        restrict = dict(BM=(1, 2, 4, 8, 16), BN=(256, 512, 1024, 2048), num_warps=(2, 4, 8))
+        restrict = dict(BM=(1, 2, 4, 8, 16), BN=(256, 512, 1024, 2048), num_warps=(2, 4, 8), **LOOPLESS)
         out.append(Problem("swiglu_bwd", dtype, f, f"{rows}x{f}", sw.swiglu_bwd_kernel, {},
                            _restrict(restrict, small, BM=(1, 4), BN=(16, 32)),
                            _default(sw.default_config("cuda"), small), make,
@@ -486,7 +488,7 @@ def rotary_problems(dtype: str, small: bool = False) -> list[Problem]:
 
         out.append(Problem("rotary", f"{dtype}-D{D}", 2 * H * D, f"B={B} N={N} H={H} D={D}", ro.rotary_kernel,
                            dict(HALF=D // 2, BH=next_pow2(H), BHK=next_pow2(H)),
-                           dict(num_warps=(4,) if small else (1, 2, 4, 8)),
+                           _restrict(dict(num_warps=(1, 2, 4, 8), **LOOPLESS), small),
                            {"num_warps": 4 if 2 * H * D <= 4096 else 8}, make,
                            priority=2 if dtype == "bfloat16" else 4, weight=0.25))
     return out

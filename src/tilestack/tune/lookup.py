@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 
-from tilestack.tune.cache import ConfigCache, lookup_entry
+from tilestack.tune.cache import ConfigCache, launch_kwargs, lookup_entry
 from tilestack.tune.devices import DeviceKey, device_key, nearest
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,8 @@ def _resolve(kernel: str, signature: str, device, n: int) -> dict | None:
 
 
 def resolve(kernel: str, signature: str, target: DeviceKey, n: int, cache: ConfigCache | None = None) -> dict | None:
-    """The tuned values for ``target`` (see the module docstring), uncached; None where nothing applies.
+    """The tuned values for ``target`` (see the module docstring), uncached; None where nothing applies. The
+    kernel's tunables and the backend's launch options come merged, as a launch takes them.
     ``cache``: read these tables instead of the user's and the shipped ones (and log no fallback)."""
     bucket = 1 << max(0, (int(n) - 1).bit_length())
     dtype, _, rest = signature.partition("-")
@@ -77,7 +78,7 @@ def resolve(kernel: str, signature: str, target: DeviceKey, n: int, cache: Confi
                 log.warning("tilestack.tune: no tuned config of %s for %s (%s); using those of the nearest known "
                             "device, %s (tuned on %s). `tilestack tune` tunes this GPU.", kernel, target,
                             target.name or "?", source, names)
-            return dict(entry["config"])
+            return launch_kwargs(entry)
     if not devices and cache is None and (str(target), None) not in _logged:
         _logged.add((str(target), None))
         log.warning("tilestack.tune: no tuned configs for %s (%s) or any device of its architecture; using "

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tilestack.tune import lookup
-from tilestack.tune.cache import TABLES, ConfigCache, Table, file_name, key
+from tilestack.tune.cache import TABLES, ConfigCache, Table, file_name, key, upgrade_entry
 from tilestack.tune.devices import DeviceKey
 from tilestack.tune.library import Problem
 from tilestack.tune.search import tune
@@ -104,7 +104,7 @@ class ShipWriter:
             old = Table.read(self.out_dir / name) or Table.read(self.tables_dir / name)
             self.tables[kernel] = Table(self.device, old.entries if old else {})
         table = self.tables[kernel]
-        table.entries[key(kernel, signature, bucket)] = entry
+        table.entries[key(kernel, signature, bucket)] = upgrade_entry(entry)
         table.write(self.out_dir / name)
         return self.out_dir / name
 
@@ -117,8 +117,6 @@ class Session:
                  search_rep_ms: float = SEARCH_REP_MS, confirm_rep_ms: float = CONFIRM_REP_MS,
                  clock: Callable[[], float] = time.monotonic, log: Callable[[str], None] = lambda s: None,
                  register_limit: int | None = None):
-        from tilestack.tune.space import REGISTER_BYTES_PER_THREAD
-
         self.device, self.device_str, self.budget_s = device, device_str, float(budget_s)
         self.cache = cache or ConfigCache()
         self.before = copy.deepcopy(self.cache)     # the tables as they were: what the launch path used
@@ -126,7 +124,7 @@ class Session:
         self.timer = timer or (cuda_timer if device_str == "cuda" else wall_timer)
         self.search_rep_ms, self.confirm_rep_ms = search_rep_ms, confirm_rep_ms
         self.clock, self.log = clock, log
-        self.register_limit = REGISTER_BYTES_PER_THREAD if register_limit is None else register_limit
+        self.register_limit = device.register_tile_bytes if register_limit is None else register_limit
         self.winners: dict[tuple[str, str], dict[int, list[dict]]] = {}   # (kernel, signature) -> bucket -> best
         self._spaces: dict[tuple, list[dict]] = {}
 
@@ -157,8 +155,8 @@ class Session:
         except Exception as e:  # noqa: BLE001 - a problem that cannot be set up (out of memory) is skipped
             out.note = f"skipped: its inputs failed: {type(e).__name__}: {str(e)[:160]}"
             return out
-        space = SearchSpace(p.tile, fixed=p.fixed, restrict=p.restrict)
-        declared = {k: t.default for k, t in p.tile.tunables.items()}
+        space = SearchSpace(p.tile, fixed=p.fixed, restrict=p.restrict, device=self.device)
+        declared = space.defaults()     # the kernel's tunables and the backend's options, as a launch defaults them
 
         def full(cfg: dict) -> dict:
             return {k: cfg.get(k, v) for k, v in declared.items()}
@@ -195,12 +193,13 @@ class Session:
         best = min(finalists, key=lambda c: confirm[_frozen(c)])
         out.config, out.seconds = best, confirm[_frozen(best)]
         self.winners.setdefault((p.kernel, p.signature), {})[p.bucket] = [t.config for t in ranked[:FINALISTS]]
-        entry = {"config": best, "seconds": out.seconds, "shared_bytes": space.footprint(work.args, best)[0],
-                 "tried": out.tried}
+        config, options = space.split(best)   # stored apart: the kernel's tunables, the backend's options
+        entry = {"config": config, "options": options, "seconds": out.seconds,
+                 "shared_bytes": space.footprint(work.args, best)[0], "tried": out.tried}
         if out.speedup:
             entry["speedup"] = round(out.speedup, 4)
-        self.cache.put(p.kernel, p.signature, self.device, p.bucket, best,
-                       **{k: v for k, v in entry.items() if k != "config"})
+        self.cache.put(p.kernel, p.signature, self.device, p.bucket, config, options=options,
+                       **{k: v for k, v in entry.items() if k not in ("config", "options")})
         if self.ship is not None:
             self.ship.put(p.kernel, p.signature, p.bucket, entry)
         return out
@@ -211,7 +210,7 @@ class Session:
         k = (space.kernel.name, _frozen(space.fixed), _frozen(space.restrict), kinds)
         if k not in self._spaces:
             self._spaces[k] = space.configs(args, shared_limit=self.device.shared_bytes,
-                                            register_limit=self.register_limit)
+                                            register_limit=self.register_limit)   # the device's limits
         return self._spaces[k]
 
     def _related(self, p: Problem) -> list[dict]:

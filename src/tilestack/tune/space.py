@@ -1,12 +1,20 @@
-"""Search spaces from a kernel's declared tunables, minus the configs a device cannot run.
+"""Search spaces: a kernel's declared tunables times its backend's options, minus the configs a device cannot run.
 
     space = SearchSpace(attention_fwd_kernel, fixed=dict(D=128, causal=True))
-    space.configs(args, shared_limit=227 * 1024)   # every combination of the domains that fits
+    space.domains()                     # {"BM": (...), "BN": (...), "num_warps": (4, 8), "num_stages": (1, 2, 3, 4)}
+    space.configs(args)                 # every combination that fits the device (default: this GPU, else Hopper)
+    space.split(cfg)                    # ({"BM": 128, "BN": 64}, {"num_warps": 8, "num_stages": 3})
+
+The kernel declares its own tunables (tile sizes, variants: ``ts.tunable``); the backend declares its launch
+options and the values worth searching (``Backend.search_domains()``: Triton's num_warps and num_stages).
+A config is one flat dict, as a launch takes it (``kernel(*args, **cfg)`` sends the options to the backend);
+``split`` parts it again for a table. ``restrict`` narrows either kind. A kernel that still declares
+``num_warps``/``num_stages`` as tunables keeps its declared domains for them.
 
 A config is dropped before anything compiles when the shared tiles it declares (from the IR's footprint),
-times the pipeline stages that keep copies of the tiles loaded in a loop, exceed the device's shared memory,
-or when its register tiles (the IR's footprint over the program's threads) are so large that the compiler
-could only spill them.
+times the pipeline stages that keep copies of the tiles loaded in a loop, exceed the device's shared memory per
+block, or when its register tiles (the IR's footprint over the program's threads) are so large that the compiler
+could only spill them. Both limits come from the device (``tune.devices.DeviceKey``).
 """
 
 from __future__ import annotations
@@ -15,17 +23,15 @@ import dataclasses
 import itertools
 from typing import Any
 
-from tilestack.errors import TunableError
+from tilestack.errors import BackendError, TunableError
 from tilestack.ir.ops import Op
 from tilestack.ir.types import Space, TileType
+from tilestack.tune.devices import REGISTER_BYTES_PER_THREAD, DeviceKey, target_device
 
-H100_SHARED_BYTES = 227 * 1024   # per block, after cudaFuncSetAttribute; Hopper's opt-in maximum
 THREADS_PER_WARP = 32
-# Register tiles per thread past which a config is not worth compiling. A thread has at most 255 32-bit
-# registers; the IR's footprint counts every distinct tile as if all were live at once (an over-estimate: the
-# largest shipped configs count 293 registers and run well), so the bound is 1.5x that.
-REGISTER_BYTES_PER_THREAD = 384 * 4
 FOOTPRINT_DIM = 16
+DEVICE_LIMIT = -1      # configs(register_limit=...): the device's (None: no limit)
+__all__ = ["DEVICE_LIMIT", "REGISTER_BYTES_PER_THREAD", "SearchSpace", "THREADS_PER_WARP"]
 
 
 def _looped_shared_bytes(body) -> int:
@@ -46,22 +52,64 @@ class SearchSpace:
     kernel: Any                          # a tilestack.lang.Kernel
     fixed: dict[str, Any] = dataclasses.field(default_factory=dict)   # non-tunable constants (D=128, ...)
     restrict: dict[str, tuple] = dataclasses.field(default_factory=dict)   # narrower domains to search
+    backend: str = "triton"              # whose launch options are searched beside the kernel's tunables
+    device: DeviceKey | None = None      # whose limits filter the configs (None: this GPU, else Hopper)
 
     def __post_init__(self):
+        from tilestack.backends import get_backend
+
+        self._backend = get_backend(self.backend)
         tunables = self.kernel.tunables
+        searched = self._backend.search_domains()
+        self._names = frozenset(searched)      # the backend's option names: a table stores these apart
+        # the options the kernel does not declare itself (a kernel declaring num_warps keeps its own domain)
+        self._options = {n: d for n, d in searched.items() if n not in tunables}
         for name, dom in self.restrict.items():
+            if name in self._options:
+                try:
+                    for v in dom:
+                        self._backend.check_options({name: v})
+                except BackendError as e:
+                    raise TunableError(f"SearchSpace: {name}={list(dom)} for {self.kernel.name}: {e}") from e
+                continue
             if name not in tunables:
                 raise TunableError(f"SearchSpace: {name!r} is not a tunable of {self.kernel.name}; its tunables "
-                                   f"are {sorted(tunables)}")
+                                   f"are {sorted(tunables)} and {self.backend}'s options {sorted(self._options)}")
             outside = set(dom) - set(tunables[name].domain)
             if outside:
                 raise TunableError(f"SearchSpace: {name}={sorted(outside)} is outside the declared domain "
                                    f"{tunables[name].domain}")
 
     def domains(self) -> dict[str, tuple]:
-        return {n: self.restrict.get(n, t.domain) for n, t in self.kernel.tunables.items()}
+        """The values searched per name: the kernel's tunables, then the backend's options (the kernel's default
+        option added to the backend's values, so the search can start from it)."""
+        doms = {n: self.restrict.get(n, t.domain) for n, t in self.kernel.tunables.items()}
+        for name, values in self._options.items():
+            if name in self.restrict:
+                doms[name] = tuple(self.restrict[name])
+            else:
+                default = self.kernel.options.get(name)
+                doms[name] = tuple(values) if default is None or default in values else \
+                    tuple(sorted({*values, default}))
+        return doms
+
+    def defaults(self) -> dict[str, Any]:
+        """The config a launch uses when it is given none: the tunables' defaults, the kernel's default options,
+        else the backend's own."""
+        out = {n: t.default for n, t in self.kernel.tunables.items()}
+        backend = self._backend.option_defaults()
+        for name in self._options:
+            out[name] = self.kernel.options.get(name, backend.get(name))
+        return out
+
+    def split(self, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the kernel's tunables, the backend's options) of a flat config, as a table stores them (a kernel that
+        declares num_warps among its tunables has it stored as the option it is)."""
+        return ({k: v for k, v in config.items() if k not in self._names},
+                {k: v for k, v in config.items() if k in self._names})
 
     def all_configs(self) -> list[dict[str, Any]]:
+        """Every combination of ``domains()``: the kernel's tunables times the backend's options."""
         doms = self.domains()
         names = list(doms)
         return [dict(zip(names, vals, strict=True)) for vals in itertools.product(*(doms[n] for n in names))]
@@ -74,18 +122,27 @@ class SearchSpace:
 
     def footprint(self, args, config: dict) -> tuple[int, int]:
         """(shared bytes with pipelining copies, register-tile bytes per thread) of one config, from its IR."""
-        traced = self.kernel.trace(*args, **self.fixed, **config)
+        traced = self.kernel.trace(*args, **self.fixed, **config)    # launch options do not change the trace
         # footprints do not depend on the sizes: cost the IR at small ones (a large grid costs seconds)
         cost = traced.cost(*((FOOTPRINT_DIM,) * len(a.shape) if hasattr(a, "shape") else a for a in args))
-        stages = max(1, config.get("num_stages", 1))
+        launch = {**self.kernel.options, **config}      # a legacy kernel's num_warps is among its tunables
+        stages = max(1, launch.get("num_stages", 1))
         shared = cost.shared_bytes + (stages - 1) * _looped_shared_bytes(traced.ir.body)
-        threads = config.get("num_warps", 4) * THREADS_PER_WARP
+        threads = launch.get("num_warps", 4) * THREADS_PER_WARP
         return shared, -(-cost.register_bytes // threads)
 
-    def configs(self, args, shared_limit: int = H100_SHARED_BYTES,
-                register_limit: int | None = REGISTER_BYTES_PER_THREAD) -> list[dict[str, Any]]:
-        """The configs that fit ``shared_limit`` bytes of shared memory per block and (unless None)
-        ``register_limit`` bytes of register tiles per thread."""
+    def limits(self) -> tuple[int, int]:
+        """(shared bytes per block, register-tile bytes per thread) of the device this space is for."""
+        device = self.device or target_device()
+        return device.shared_bytes, device.register_tile_bytes
+
+    def configs(self, args, shared_limit: int | None = None,
+                register_limit: int | None = DEVICE_LIMIT) -> list[dict[str, Any]]:
+        """The configs that fit ``shared_limit`` bytes of shared memory per block (None: the device's) and
+        ``register_limit`` bytes of register tiles per thread (``DEVICE_LIMIT``: the device's; None: no limit)."""
+        shared_dev, regs_dev = self.limits()
+        shared_limit = shared_dev if shared_limit is None else shared_limit
+        register_limit = regs_dev if register_limit == DEVICE_LIMIT else register_limit
         kept = []
         for c in self.all_configs():
             shared, regs = self.footprint(args, c)

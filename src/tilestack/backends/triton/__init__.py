@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import Any
+from typing import Any, ClassVar
 
 from tilestack.backends.base import Backend
 from tilestack.backends.triton import codegen, launch
@@ -20,9 +20,12 @@ from tilestack.errors import BackendError
 
 @dataclasses.dataclass(frozen=True)
 class TritonOptions:
-    """Triton's launch options. None leaves Triton's default (4 warps; its default pipelining)."""
+    """Triton's launch options. None leaves Triton's default (``DEFAULTS``: 4 warps, 3 stages)."""
     num_warps: int | None = None
     num_stages: int | None = None
+
+    DEFAULTS: ClassVar[dict[str, int]] = {"num_warps": 4, "num_stages": 3}        # Triton's, on NVIDIA GPUs
+    SEARCH: ClassVar[dict[str, tuple[int, ...]]] = {"num_warps": (4, 8), "num_stages": (1, 2, 3, 4)}
 
     def __post_init__(self):
         for name in ("num_warps", "num_stages"):
