@@ -117,6 +117,7 @@ class _Emitter:
         self.floor_helpers = False
         self.indent = 1
         self.plan = plan_layouts(kernel)
+        self.hints = buffer_hints(kernel)             # a tile's name, from whichever version the user named
         self.lay: dict[Value, tuple] = {}            # the layout each emitted register value has
         self.layout_names: dict[tuple, str] = {}
         self.layout_decls: list[str] = []
@@ -130,7 +131,8 @@ class _Emitter:
     def name(self, v: Value) -> str:
         if v not in self.names:
             n = len(self.names)
-            self.names[v] = f"{v.hint}_{n}" if v.hint else f"v{n}"
+            hint = v.hint or self.hints.get(v.buffer, "")
+            self.names[v] = f"{hint}_{n}" if hint else f"v{n}"
         return self.names[v]
 
     def fresh(self, stem: str) -> str:
@@ -146,9 +148,9 @@ class _Emitter:
     def layout(self, key: tuple) -> str:
         """The name of the constexpr layout ``key`` in this function (declared at its top)."""
         if key not in self.layout_names:
-            name = f"L{len(self.layout_names)}"
-            self.layout_names[key] = name
-            self.layout_decls.append(f"{name}: gl.constexpr = {materialize(key, self.warps)}")
+            decl = materialize(key, self.warps, self.layout)    # parents first: declared before their children
+            self.layout_names[key] = name = f"L{len(self.layout_decls)}"
+            self.layout_decls.append(f"{name}: gl.constexpr = {decl}")
         return self.layout_names[key]
 
     def as_layout(self, v: Value, key: tuple) -> str:
@@ -444,8 +446,7 @@ def _mma_operands(e: _Emitter, ins: Instr) -> tuple[str, str, str, tuple]:
     if a.type.space is Space.SHARED:
         an = f"{e.name(a)}.permute((1, 0))" if ins.attrs.trans_a else e.name(a)
     else:   # wgmma's a from registers: the dot-operand layout of the accumulator's
-        k_width = 4 // a.type.dtype.itemsize
-        an = f"gl.convert_layout({e.name(a)}, {e.layout(('dot_a', key, k_width))})"
+        an = e.as_layout(a, ("dot_a", key, 4 // a.type.dtype.itemsize))
     bn = f"{e.name(b)}.permute((1, 0))" if ins.attrs.trans_b else e.name(b)
     return an, bn, e.as_layout(acc, key), key
 
@@ -741,8 +742,19 @@ class Lowered:
     roles: tuple[tuple[str, int, int], ...] = ()   # (role, warps, registers) in partition order (default first)
 
 
+def buffer_hints(kernel: KernelIR) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for ins in kernel.walk():
+        for r in ins.results:
+            if r.buffer is not None and r.hint:
+                out.setdefault(r.buffer, r.hint)
+    return out
+
+
 def _rings(kernel: KernelIR) -> dict[int, _Ring]:
     rings: dict[int, _Ring] = {}
+    hints = buffer_hints(kernel)
+    taken: set[str] = set()
     waiters: dict[int, set[str]] = {}
     ranks: dict[int, int] = {}
     for ins in kernel.walk():
@@ -756,7 +768,10 @@ def _rings(kernel: KernelIR) -> dict[int, _Ring]:
             uid = ins.result.buffer
             block = (1,) * (ranks.get(uid, len(t.shape)) - len(t.shape)) + tuple(t.shape)
             consumers = len(waiters.get(uid, ())) if kernel.roles else 0
-            rings[uid] = _Ring(f"{ins.result.hint or 'buf'}_ring{len(rings)}", t, block, consumers)
+            name = hints.get(uid, "ring")
+            name = name if name not in taken else f"{name}{len(rings)}"
+            taken.add(name)
+            rings[uid] = _Ring(name, t, block, consumers)
     return rings
 
 

@@ -84,6 +84,11 @@ def plan_layouts(ir: KernelIR) -> dict[Value, tuple]:
         if ins.op in (Op.MMA, Op.MMA_ASYNC):
             root = g.find(ins.result)
             layout.setdefault(root, mma_key(ins.result.type.shape[1], ins.srcs[1].type.dtype))
+    # a register a operand of wgmma whose group has no layout of its own is kept in the operand layout
+    for ins in ir.walk():
+        if ins.op in (Op.MMA, Op.MMA_ASYNC) and _reg(ins.srcs[1]):
+            parent = layout[g.find(ins.result)]
+            layout.setdefault(g.find(ins.srcs[1]), ("dot_a", parent, 4 // ins.srcs[1].type.dtype.itemsize))
     # vector groups: the slice of the tile group a reduction or a broadcast pairs them with
     for ins in ir.walk():
         if ins.op is Op.REDUCE:
@@ -113,18 +118,21 @@ def blocked_params(rows: int, cols: int, itemsize: int, warps: int) -> tuple[lis
     return [1, vec], [THREADS_PER_WARP // tcols, tcols], [warps, 1]
 
 
-def materialize(key: tuple, warps: int, itemsize: int = 4) -> str:
+def materialize(key: tuple, warps: int, parent_name=None) -> str:
+    """The Gluon expression of ``key`` for ``warps`` warps; ``parent_name(key)`` names a slice's or an operand
+    layout's parent where it is declared already (else the parent is spelled out)."""
     kind = key[0]
+    parent = parent_name or (lambda k: materialize(k, warps))
     if kind == "mma":
         _, n, k = key
         return f"gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[{warps}, 1], instr_shape=[16, {n}, {k}])"
     if kind == "blocked":
-        spt, tpw, wpc = blocked_params(key[1], key[2], itemsize, warps)
+        spt, tpw, wpc = blocked_params(key[1], key[2], 4, warps)
         return f"gl.BlockedLayout({spt}, {tpw}, {wpc}, [1, 0])"
     if kind == "blocked1":
         return f"gl.BlockedLayout([1], [{THREADS_PER_WARP}], [{warps}], [0])"
     if kind == "slice":
-        return f"gl.SliceLayout({key[1]}, {materialize(key[2], warps, itemsize)})"
+        return f"gl.SliceLayout({key[1]}, {parent(key[2])})"
     if kind == "dot_a":
-        return f"gl.DotOperandLayout(0, {materialize(key[1], warps, itemsize)}, {key[2]})"
+        return f"gl.DotOperandLayout(0, {parent(key[1])}, {key[2]})"
     raise ValueError(f"no layout kind {kind!r}")

@@ -110,6 +110,9 @@ def _check_roles(ir: KernelIR) -> None:
                 _fail(ins, f"splits warp roles into partitions that share only staged buffers; role {ins.role}'s "
                            f"{ins.op.value} reads {s!r}, which role {owner[s]} computes")
     for name, r in ir.roles.items():
+        if r.groups != 1:
+            raise BackendError(f"{ir.where}: the gluon backend makes one partition per role; role {name} has "
+                               f"groups={r.groups} (declare each group as a role of its own)")
         if r.warps % 4:
             raise BackendError(f"{ir.where}: the gluon backend gives each role whole warpgroups (setmaxnreg); "
                                f"role {name} has {r.warps} warps")

@@ -1,0 +1,175 @@
+"""The Gluon backend's generated source (no GPU, no compile): the GEMM's pipelined TMA ring with mbarriers and
+wgmma kept in flight, a hand-scheduled warp-specialized GEMM and the explicit attention forward as
+gl.warp_specialize partitions with their register budgets, and the refusals that name the op and the line.
+Compiling it for sm_90a is test_gluon_aot.py; running it, scripts/gpu/check_gluon.py on an H200."""
+
+import importlib.util
+import pathlib
+import re
+
+import pytest
+import torch
+
+import tilestack.lang as ts
+from tilestack.backends import get_backend
+from tilestack.errors import BackendError, LaunchError, TraceError
+from tilestack.ir.ops import EMITTERS, Op
+from tilestack.kernels.gemm import gemm_kernel
+
+BF16_2 = ts.ArgSpec(ts.bf16, 2)
+BF16_4 = ts.ArgSpec(ts.bf16, 4)
+
+
+def explicit_attention():
+    """The hand-scheduled attention forward of tests/lang/test_explicit.py (one kernel, one place)."""
+    path = pathlib.Path(__file__).parents[1] / "lang" / "test_explicit.py"
+    spec = importlib.util.spec_from_file_location("tilestack_explicit_attention", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.attention_hs
+
+
+@ts.kernel(grid=lambda A, B, BM, BN: (ts.cdiv(A.shape[0], BM) * ts.cdiv(B.shape[1], BN),))
+def gemm_ws(A, B, C, *, BM: int = 128, BN: int = 128, BK: int = 64, STAGES: int = 4):
+    """C = A @ B, hand-scheduled: a producer warpgroup fills rings of A and B tiles, a consumer of two
+    warpgroups waits on each stage, multiplies on wgmma and frees it."""
+    M, K = A.shape
+    N = B.shape[1]
+    pid = ts.block_id(0)
+    i, j = pid // ts.cdiv(N, BN), pid % ts.cdiv(N, BN)
+    a_ring = ts.SharedStages[A.dtype, STAGES, BM, BK]()
+    b_ring = ts.SharedStages[B.dtype, STAGES, BK, BN]()
+    a = ts.SharedTile[A.dtype, BM, BK]()
+    b = ts.SharedTile[B.dtype, BK, BN]()
+    with ts.partition("consumer", warps=8, registers=232):
+        acc = ts.RegTile[ts.f32, BM, BN]()
+        ts.zero(acc)
+    for k in ts.range(ts.cdiv(K, BK)):
+        s = k % STAGES
+        with ts.partition("producer", warps=4, registers=40):
+            ts.async_load(a_ring, s, A, at=(i, k))          # (BM, BK) into stage s
+            ts.async_load(b_ring, s, B, at=(k, j))          # (BK, BN)
+        with ts.partition("consumer", warps=8, registers=232):
+            ts.wait_load(a, a_ring, s)
+            ts.wait_load(b, b_ring, s)
+            ts.mma_AB_async(acc, a, b, acc)
+            ts.mma_wait(acc)
+    with ts.partition("consumer", warps=8, registers=232):
+        c = ts.RegTile[C.dtype, BM, BN]()
+        ts.copy(c, acc)
+        ts.store(C, c, at=(i, j))
+
+
+def gemm_source(**options):
+    return get_backend("gluon").source(gemm_kernel.trace(BF16_2, BF16_2, BF16_2), get_backend("gluon").Options(
+        **options))
+
+
+def test_gemm_is_a_pipelined_tma_ring_with_wgmma_in_flight():
+    src = gemm_source()
+    compile(src, "<gluon gemm>", "exec")                          # valid Python
+    assert "@gluon.jit" in src and "def gemm_kernel_kernel(" in src
+    # a ring of 4 stages per operand, one barrier per stage, fed by the copy engine
+    assert re.search(r"gl\.allocate_shared_memory\(gl\.bfloat16, \[4, 128, 64\], A_desc\d\.layout\)", src)
+    assert re.search(r"gl\.allocate_shared_memory\(gl\.bfloat16, \[4, 64, 128\], B_desc\d\.layout\)", src)
+    assert "gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())" in src
+    assert "for p in gl.static_range(3):" in src                  # the prologue: 3 loads in flight
+    assert src.count("tma.async_copy_global_to_shared(") == 4     # two in the prologue, two refills
+    assert "block_type.nbytes + B_desc1.block_type.nbytes" in src  # expect-tx: both tiles' bytes
+    assert re.search(r"mbarrier\.wait\(ready_\d+\.index\(s_\d+\), \(k_\d+ // 4\) & 1\)", src)   # the trip's phase
+    # the accumulation keeps one wgmma in flight, waited for after the loop
+    assert re.search(r"hopper\.warpgroup_mma\(a_\d+, b_\d+, acc_\d+, is_async=True\)", src)
+    assert "hopper.warpgroup_mma_wait(1, deps=" in src and "hopper.warpgroup_mma_wait(0, deps=" in src
+    assert "NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1], instr_shape=[16, 128, 16])" in src
+    # the epilogue: registers -> shared -> the copy engine
+    assert "hopper.fence_async_shared()" in src and "tma.async_copy_shared_to_global(C_desc" in src
+    assert "tma.store_wait(0)" in src
+
+
+def test_stages_and_warps_are_backend_options():
+    src = gemm_source(num_stages=3, num_warps=4)
+    assert "[3, 128, 64]" in src and "for p in gl.static_range(2):" in src
+    assert "warps_per_cta=[4, 1]" in src
+    with pytest.raises(BackendError, match="num_warps=6; expected a multiple of 4"):
+        get_backend("gluon").Options(num_warps=6)
+
+
+def test_the_pass_pipeline_is_printable_and_schedules_the_loop():
+    traced = gemm_kernel.trace(BF16_2, BF16_2, BF16_2)
+    stages = dict(traced.passes("gluon"))
+    assert list(stages) == ["traced", "split_host", "dce", "legalize", "choose_access", "schedule", "prune_params"]
+    assert "range stages=4(" in str(stages["schedule"]) and "stages=4" not in str(stages["choose_access"])
+    assert "load via=tma(" in str(stages["choose_access"])
+
+
+def test_explicit_gemm_becomes_producer_and_consumer_partitions():
+    traced = gemm_ws.trace(BF16_2, BF16_2, BF16_2)
+    src = get_backend("gluon").source(traced)
+    compile(src, "<gluon gemm_ws>", "exec")
+    assert "def gemm_ws_consumer(" in src and "def gemm_ws_producer(" in src
+    # the consumer (largest budget) is the default partition; the producer a worker with its warps and registers
+    assert re.search(r"gl\.warp_specialize\(\[\(gemm_ws_consumer, \(.*\)\), \(gemm_ws_producer, \(.*\)\)\],", src)
+    assert "[4], [40])" in src
+    consumer = src.split("def gemm_ws_consumer(")[1].split("@gluon.jit")[0]
+    producer = src.split("def gemm_ws_producer(")[1].split("@gluon.jit")[0]
+    # the producer waits for a stage to be freed (the first pass goes through: phase ^ 1), then expect + TMA
+    assert re.search(r"mbarrier\.wait\(a_ring_empty\.index\(\w+\), \(\(a_ring_eph >> \w+\) & 1\) \^ 1\)",
+                     producer)
+    assert "mbarrier.expect(a_ring_ready.index(" in producer and "warpgroup_mma" not in producer
+    # the consumer waits on the stage's ready phase, multiplies, and frees the stage at the end of the trip
+    assert re.search(r"mbarrier\.wait\(a_ring_ready\.index\(\w+\), \(a_ring_rph >> \w+\) & 1\)", consumer)
+    assert "is_async=True" in consumer and "mbarrier.arrive(a_ring_empty.index(" in consumer
+    assert "async_copy_global_to_shared" not in consumer
+    assert "warps_per_cta=[8, 1]" in consumer                     # layouts for the role's own warps
+    kernel = src.split("def gemm_ws_kernel(")[1]
+    assert "mbarrier.init(a_ring_empty.index(st), count=1)" in kernel   # one consumer role frees a stage
+
+
+def test_explicit_attention_splits_into_ping_pong_consumers_and_a_producer():
+    attention = explicit_attention()
+    traced = attention.trace(BF16_4, BF16_4, BF16_4, BF16_4, 1.0, BM=128, BN=64, D=64, STAGES=2)
+    src = get_backend("gluon").source(traced)
+    compile(src, "<gluon attention>", "exec")
+    assert "[4, 4], [240, 24])" in src                            # consumer1 and the producer as workers
+    assert src.count("count=2)   # one arrival per role") == 2      # K and V stages freed by both consumers
+    for role in ("consumer0", "consumer1"):
+        body = src.split(f"def attention_hs_{role}(")[1].split("@gluon.jit")[0]
+        assert body.count("hopper.warpgroup_mma(") == 2 and "gl.max(" in body and "gl.exp2(" in body
+        assert "gl.DotOperandLayout(0, L1, 2)" in body           # P (and Q) as wgmma's register operand
+        assert ".permute((1, 0))" in body                          # K^T straight from its stage
+
+
+def test_an_op_the_backend_cannot_lower_fails_naming_op_and_line(monkeypatch):
+    table = dict(EMITTERS["gluon"])
+    del table[Op.MASK]
+    monkeypatch.setitem(EMITTERS, "gluon", table)
+    traced = explicit_attention().trace(BF16_4, BF16_4, BF16_4, BF16_4, 1.0, BM=128, BN=64, D=64)
+    with pytest.raises(TraceError, match=r"test_explicit\.py:\d+: the gluon backend cannot lower op mask"):
+        traced.source("gluon")
+
+
+def test_f32_operands_and_small_accumulators_are_refused_with_the_line():
+    with pytest.raises(BackendError, match=r"gemm\.py:\d+: the gluon backend multiplies bf16/f16/f8e4m3 tiles"):
+        gemm_kernel.trace(ts.ArgSpec(ts.f32, 2), ts.ArgSpec(ts.f32, 2), ts.ArgSpec(ts.f32, 2)).source("gluon")
+    with pytest.raises(BackendError, match=r"accumulates 64 rows \(need a multiple of 128"):
+        gemm_kernel.trace(BF16_2, BF16_2, BF16_2, BM=64).source("gluon")
+
+
+def test_roles_share_only_staged_buffers():
+    @ts.kernel(grid=lambda: (1,))
+    def crossing(X, Y):
+        t = ts.RegTile[ts.bf16, 64, 64]()
+        with ts.partition("a", warps=4, registers=128):
+            ts.load(t, X, at=(0, 0))
+        with ts.partition("b", warps=4, registers=128):
+            ts.exp(t, t)
+            ts.store(Y, t, at=(0, 0))
+
+    with pytest.raises(BackendError, match=r"role b's unary reads %t\d+, which role a computes"):
+        crossing.trace(BF16_2, BF16_2).source("gluon")
+
+
+def test_launching_without_a_hopper_gpu_is_a_clear_error():
+    x = torch.zeros(128, 128, dtype=torch.bfloat16)
+    with pytest.raises(LaunchError, match="gluon backend: runs on CUDA tensors of a Hopper GPU; got tensors on"):
+        gemm_kernel(x, x, x.clone(), backend="gluon")
