@@ -267,7 +267,9 @@ class Kernel:
         return f"<tilestack kernel {self.name} at {self.where}>"
 
 
+@functools.cache
 def _launch_option_names() -> frozenset[str]:
+    """Every backend's launch option names (read once: it imports every backend)."""
     from tilestack.backends import launch_option_names
     return launch_option_names()
 
