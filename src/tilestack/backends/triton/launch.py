@@ -188,7 +188,8 @@ class Launcher:
 
         from tilestack.backends.labels import PREFIX, range_name
 
-        self.label = PREFIX + range_name(self.traced.name, self.traced.constants)
+        # the range names the whole config: the kernel's constants and its launch options (num_warps, ...)
+        self.label = PREFIX + range_name(self.traced.name, {**self.traced.constants, **self.options})
         device_index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         torch.cuda.nvtx.range_push(self.label)
         try:
