@@ -1,0 +1,72 @@
+"""The Gluon backend's kernels compiled ahead of time for sm_90a on this machine (no GPU): no spills in ptxas's
+report, wgmma (HGMMA) in the SASS, and for warp roles the warp-specialized partitions with their register
+budgets (setmaxnreg in the PTX, USETMAXREG in the SASS). Skips only where Triton's ptxas is missing."""
+
+import re
+
+import pytest
+
+import tilestack.lang as ts
+from tilestack.backends import get_backend
+from tilestack.backends.gluon import aot
+from tilestack.kernels.gemm import gemm_kernel
+
+from test_gluon_source import explicit_attention, gemm_ws  # noqa: E402  (pytest puts this folder on sys.path)
+
+BF16_2, F16_2, BF16_4 = ts.ArgSpec(ts.bf16, 2), ts.ArgSpec(ts.f16, 2), ts.ArgSpec(ts.bf16, 4)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ptxas():
+    try:
+        aot.tool("ptxas")
+        aot.tool("cuobjdump")
+    except aot.ToolMissing as e:
+        pytest.skip(str(e))
+
+
+def compiled(traced, **options):
+    be = get_backend("gluon")
+    k = be.aot(traced, be.Options(**options))
+    return k, aot.resources(k), aot.sass(k)
+
+
+def no_spills(res: dict) -> None:
+    assert res["spill_stores"] == res["spill_loads"] == res["stack"] == 0, res["report"]
+    assert "bytes spill stores" in res["report"]          # the report was read, not missing
+
+
+@pytest.mark.parametrize("spec", [BF16_2, F16_2], ids=["bf16", "f16"])
+def test_gemm_compiles_to_hgmma_without_spills(spec):
+    k, res, sass = compiled(gemm_kernel.trace(spec, spec, spec))
+    no_spills(res)
+    dt = r"\.BF16" if spec is BF16_2 else r" "                  # SASS names bf16 operands; f16 is its default
+    assert re.search(rf"HGMMA\.64x128x16\.F32{dt}", sass)      # wgmma: each warpgroup 64 rows x 128 cols
+    assert "LDL" not in sass and "STL" not in sass              # no local-memory traffic
+    assert "UTMALDG" in sass and "UTMASTG" in sass              # the copy engine loads and stores the tiles
+    assert "SYNCS" in sass                                       # mbarrier waits
+    assert "wgmma.wait_group.sync.aligned 1;" in k.asm["ptx"]    # one wgmma kept in flight in the loop
+    assert res["num_warps"] == 8 and res["shared_bytes"] >= 4 * (128 * 64 + 64 * 128) * 2   # a 4-stage ring
+
+
+def test_explicit_gemm_is_warp_specialized_with_register_budgets():
+    k, res, sass = compiled(gemm_ws.trace(BF16_2, BF16_2, BF16_2))
+    no_spills(res)
+    ptx = k.asm["ptx"]
+    budgets = {int(n) for n in re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32 \t(\d+);", ptx)}
+    assert 40 in budgets                                        # the producer's budget, set in its partition
+    assert max(budgets) >= 232                                  # the consumer (default partition) gets the rest
+    assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass
+    assert "HGMMA.64x128x16.F32.BF16" in sass
+    assert res["num_warps"] == 12                               # 8 consumer warps + 4 producer warps
+
+
+def test_explicit_attention_compiles_with_ping_pong_partitions():
+    traced = explicit_attention().trace(BF16_4, BF16_4, BF16_4, BF16_4, 1.0, BM=128, BN=64, D=64, STAGES=2)
+    k, res, sass = compiled(traced)
+    no_spills(res)
+    ptx = k.asm["ptx"]
+    budgets = {int(n) for n in re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32 \t(\d+);", ptx)}
+    assert {24, 240} <= budgets                                 # the producer and the second consumer (a worker)
+    assert sass.count("HGMMA.64x64x16.F32.BF16") >= 8           # QK^T and PV, 4 k-steps each, per consumer
+    assert res["num_warps"] == 12
