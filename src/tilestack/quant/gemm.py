@@ -21,7 +21,7 @@ import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.ir.types import F8E4M3_MAX
 from tilestack.kernels._checks import check_same_device, check_tensor, nothing_to_launch
-from tilestack.kernels.gemm import grouped_tile
+from tilestack.kernels.gemm import ACTIVATIONS, epilogue, grouped_tile, torch_activation
 
 INT8_MAX = 127                                       # symmetric int8: [-127, 127], zero exactly representable
 MODES = ("int8", "fp8")
@@ -32,16 +32,17 @@ def _grid(X, W, BM, BN):
 
 
 @ts.kernel(grid=_grid)
-def qgemm_kernel(X, W, S, Bias, Y, x_scale: float, *,
+def qgemm_kernel(X, W, S, Bias, R, Y, x_scale: float, *,
                  BM: int = ts.tunable(128, (16, 32, 64, 128, 256)),
                  BN: int = ts.tunable(128, (16, 32, 64, 128, 256)),
                  BK: int = ts.tunable(64, (16, 32, 64, 128)),
                  GROUP_M: int = ts.tunable(8, (1, 4, 8, 16)),
                  num_warps: int = ts.tunable(8, (4, 8)),
                  num_stages: int = ts.tunable(3, (1, 2, 3, 4, 5)),
-                 HAS_BIAS: bool = False):
+                 HAS_BIAS: bool = False, HAS_RESIDUAL: bool = False, activation: str | None = None):
     # X: (M, K) f32/bf16/f16, or fp8 when W is fp8 too; W: (N, K) int8 or fp8; S: (N,) f32; Bias: (N,), read
-    # only with HAS_BIAS; Y: (M, N). Y = x_scale * (X @ W^T) * S[None, :] + Bias
+    # only with HAS_BIAS; R: (M, N), read only with HAS_RESIDUAL; Y: (M, N).
+    # Y = activation(x_scale * (X @ W^T) * S[None, :] + Bias) + R: kernels.gemm's epilogue after the scales
     M, K = X.shape
     N = W.shape[0]
     i, j = grouped_tile(M, N, BM, BN, GROUP_M)
@@ -62,10 +63,8 @@ def qgemm_kernel(X, W, S, Bias, Y, x_scale: float, *,
     ts.load(s, S, at=(j,))                           # (BN,) per output channel
     ts.mul_col(acc, acc, s)
     ts.mul(acc, acc, x_scale)
-    if HAS_BIAS:
-        b = ts.RegVec[ts.f32, BN]()
-        ts.load(b, Bias, at=(j,))
-        ts.add_col(acc, acc, b)
+    epilogue(acc, Bias if HAS_BIAS else None, R if HAS_RESIDUAL else None, i, j, activation=activation,
+             BM=BM, BN=BN)
     c = ts.RegTile[Y.dtype, BM, BN]()
     ts.copy(c, acc)
     ts.store(Y, c, at=(i, j))
@@ -122,7 +121,7 @@ def activation_scale(amax: float) -> float:
     return float(amax) / F8E4M3_MAX if amax > 0 else 1.0
 
 
-def reference(x, q, scale, bias=None, x_scale=None):
+def reference(x, q, scale, bias=None, x_scale=None, *, activation: str | None = None, residual=None):
     """What ``quantized_linear`` computes, in float64 then rounded to x's dtype: the same fp8 rounding of x
     (through torch's cast) when x_scale is given."""
     import torch
@@ -133,15 +132,20 @@ def reference(x, q, scale, bias=None, x_scale=None):
     y = xf @ (q.double() * scale.double()[:, None]).T
     if bias is not None:
         y = y + bias.double()
+    y = torch_activation(y, activation)
+    if residual is not None:
+        y = y + residual.double()
     return y.to(x.dtype)
 
 
 # ---- the public function ----------------------------------------------------------------------------------------
-def quantized_linear(x, q, scale, bias=None, *, x_scale: float | None = None, backend: str | None = None,
-                     **config):
-    """y = x @ (q * scale[:, None])^T + bias for x (M, K) f32/bf16/f16, q (N, K) int8 or float8_e4m3fn, scale
-    (N,) f32, bias (N,) float or None; y in x's dtype. With ``x_scale`` (fp8 q only) x is quantized to fp8
-    first (x / x_scale) and the product runs in fp8 (module docstring). Meta tensors give a meta result."""
+def quantized_linear(x, q, scale, bias=None, *, x_scale: float | None = None, activation: str | None = None,
+                     residual=None, backend: str | None = None, **config):
+    """y = activation(x @ (q * scale[:, None])^T + bias) + residual for x (M, K) f32/bf16/f16, q (N, K) int8 or
+    float8_e4m3fn, scale (N,) f32, bias (N,) float or None, activation None or one of
+    ``tilestack.kernels.gemm.ACTIVATIONS``, residual (M, N) float or None; y in x's dtype. With ``x_scale`` (fp8
+    q only) x is quantized to fp8 first (x / x_scale) and the product runs in fp8 (module docstring). The
+    epilogue is ``tilestack.kernels.gemm``'s, on the f32 accumulator. Meta tensors give a meta result."""
     import math
 
     import torch
@@ -161,23 +165,33 @@ def quantized_linear(x, q, scale, bias=None, *, x_scale: float | None = None, ba
         if bias.shape[0] != q.shape[0]:
             raise LaunchError(f"quantized_linear: bias has {bias.shape[0]} elements; expected q.shape[0] = "
                               f"{q.shape[0]}")
+    if activation is not None and activation not in ACTIVATIONS:
+        raise LaunchError(f"quantized_linear: activation={activation!r}; expected None or one of {ACTIVATIONS}")
+    if residual is not None:
+        check_tensor("quantized_linear", "residual", residual, rank=2,
+                     dtypes=(torch.float32, torch.bfloat16, torch.float16))
+        if tuple(residual.shape) != (x.shape[0], q.shape[0]):
+            raise LaunchError(f"quantized_linear: residual is {tuple(residual.shape)}; expected the output's shape "
+                              f"(x.shape[0], q.shape[0]) = {(x.shape[0], q.shape[0])}")
     if x_scale is not None:
         if q.dtype != torch.float8_e4m3fn:
             raise LaunchError(f"quantized_linear: x_scale is for fp8 weights and activations; q is {q.dtype}")
         if isinstance(x_scale, bool) or not isinstance(x_scale, int | float) or not (
                 math.isfinite(x_scale) and x_scale > 0):
             raise LaunchError(f"quantized_linear: x_scale must be a finite number > 0, got {x_scale!r}")
-    check_same_device("quantized_linear", x=x, q=q, scale=scale, bias=bias)
+    check_same_device("quantized_linear", x=x, q=q, scale=scale, bias=bias, residual=residual)
     y = torch.empty(x.shape[0], q.shape[0], dtype=x.dtype, device=x.device)
-    if nothing_to_launch(y, x):
-        if x.shape[1] == 0 and y.numel() and y.device.type != "meta":   # a sum of nothing (K = 0): the bias
-            y.zero_() if bias is None else y.copy_(bias.expand_as(y))
+    if nothing_to_launch(y):
         return y
     xin = x
-    if x_scale is not None:
+    if x_scale is not None and x.numel() == 0:        # K = 0: nothing to quantize; the epilogue still runs
+        xin = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    elif x_scale is not None:
         xin = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
         quantize_fp8_kernel(x, xin, 1.0 / float(x_scale), backend=backend)
     cfg = dict(config)
-    qgemm_kernel(xin, q, scale, scale if bias is None else bias, y, float(x_scale or 1.0), backend=backend,
-                 HAS_BIAS=bias is not None, **cfg)
+    # an absent bias or residual: scale stands in for it, never read (HAS_BIAS / HAS_RESIDUAL are False)
+    qgemm_kernel(xin, q, scale, scale if bias is None else bias, scale if residual is None else residual, y,
+                 float(x_scale or 1.0), backend=backend, HAS_BIAS=bias is not None,
+                 HAS_RESIDUAL=residual is not None, activation=activation, **cfg)
     return y
