@@ -7,8 +7,12 @@
     print(tilestack.compile.last_report())                     # what was swapped, what was left and why
 
 The passes (``tilestack.compile.patterns.PASSES``): ``sdpa``, ``explicit_attention``, ``add_norm``, ``norm``,
-``softmax``, ``linear_cross_entropy`` (training graphs). Linear layers stay with Inductor:
-``tilestack.kernels.gemm`` has no epilogue yet (the report says so for each). See docs/inference.md.
+``linear_epilogue`` (Linear + bias + activation (+ residual add) as one GEMM with a fused epilogue, in inference
+graphs), ``softmax``, ``linear_cross_entropy`` (training graphs). A Linear with nothing to fuse stays with
+Inductor (the report says why for each). See docs/inference.md.
+
+``torch.compile(model, backend="tilestack")`` also works without importing tilestack first: the package
+declares the backend in the ``torch_dynamo_backends`` entry-point group (pyproject.toml), which Dynamo reads.
 """
 
 from tilestack.compile.backend import last_report, optimize, register, reports, run_passes, tilestack_backend

@@ -5,12 +5,15 @@ names them and FX code generation can refer to them.
 
 Softmax has no op in ``tilestack.torch`` yet; ``tilestack::softmax`` here wraps ``tilestack.kernels.softmax``
 with the usual backward, dx = y * (dy - sum(dy * y)), left to torch (Inductor fuses it).
+``tilestack::linear_epilogue`` wraps ``tilestack.kernels.gemm`` with its fused epilogue; it has no backward (the
+``linear_epilogue`` pass takes inference graphs only).
 """
 
 from __future__ import annotations
 
 import torch
 
+from tilestack.kernels.gemm import gemm as _gemm
 from tilestack.kernels.softmax import softmax as _softmax_kernel
 from tilestack.torch.attention import attention_fwd_op
 from tilestack.torch.ops import (
@@ -45,6 +48,27 @@ def _softmax_backward(ctx, dy):
 
 
 softmax_op.register_autograd(_softmax_backward, setup_context=_softmax_setup)
+
+
+@torch.library.custom_op("tilestack::linear_epilogue", mutates_args=())
+def linear_epilogue_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
+                       activation: str | None, w_is_kn: bool) -> torch.Tensor:
+    """activation(x @ W + bias) + residual in one GEMM: x (..., K); W is w.T for a Linear's weight w (N, K), or
+    w itself (K, N) with ``w_is_kn``; bias (N,), residual (..., N); the result (..., N) in x's dtype."""
+    rows = x.reshape(-1, x.shape[-1])                                    # (M, K)
+    b = w if w_is_kn else w.t()                                          # (K, N); a weight's .t() is read as is
+    n = b.shape[1]
+    res = None if residual is None else residual.reshape(-1, n)          # (M, N)
+    return _gemm(rows, b, bias=bias, activation=activation, residual=res).view(*x.shape[:-1], n)
+
+
+@linear_epilogue_op.register_fake
+def _(x, w, bias, residual, activation, w_is_kn):
+    return x.new_empty((*x.shape[:-1], w.shape[1] if w_is_kn else w.shape[0]))
+
+
+def ts_linear_epilogue(x, w, bias, residual, activation: str | None, w_is_kn: bool):
+    return linear_epilogue_op(x, w, bias, residual, activation, w_is_kn)
 
 
 def ts_attention(q, k, v, mask, mask_is_fill: bool, causal: bool, scale: float):

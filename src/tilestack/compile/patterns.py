@@ -13,6 +13,8 @@ Passes, in the order they run:
   torch.where(keep, ., -inf)]) @ v``.
 - ``add_norm``: ``h = a + b`` followed by LayerNorm / RMSNorm of h -> one fused add + norm kernel.
 - ``norm``: the remaining LayerNorm (with weight and bias) and RMSNorm (with weight).
+- ``linear_epilogue``: ``act(F.linear(x, w, b)) [+ r]`` (or ``x @ W + b``, aten's addmm / mm; act relu, gelu,
+  silu) in inference graphs -> one GEMM with the bias, activation and residual add fused into its epilogue.
 - ``softmax``: the remaining softmax over the last dim.
 - ``linear_cross_entropy``: ``F.cross_entropy(F.linear(x, w), labels)`` in training graphs.
 """
@@ -61,10 +63,13 @@ _FUNCTIONS = {
     F.linear: "linear", torch._C._nn.linear: "linear",
     F.cross_entropy: "cross_entropy",
     F.dropout: "dropout",
+    torch._C._nn.gelu: "gelu", F.silu: "silu", F.relu: "relu", torch.relu: "relu", torch.relu_: "relu",
+    torch.ops.aten.addmm.default: "addmm", torch.ops.aten.mm.default: "mm", torch.ops.aten.add.Tensor: "add",
+    torch.ops.aten.gelu.default: "gelu", torch.ops.aten.relu.default: "relu", torch.ops.aten.silu.default: "silu",
     torch.where: "where",
 }
 _METHODS = {"softmax": "softmax", "matmul": "matmul", "add": "add", "mul": "mul", "div": "div",
-            "transpose": "transpose", "masked_fill": "masked_fill", "where": "where"}
+            "transpose": "transpose", "masked_fill": "masked_fill", "where": "where", "relu": "relu"}
 
 
 def kind(node) -> str | None:
@@ -410,6 +415,125 @@ def linear_cross_entropy(gm: fx.GraphModule):
     return matches, declined
 
 
+# ---- linear + bias + activation (+ residual) -> one GEMM with a fused epilogue -------------------------------------
+_GEMM_DTYPES = (torch.bfloat16, torch.float16)      # what tilestack.kernels.gemm multiplies
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _gemm_head(node: Node):
+    """(x, w, bias, w_is_kn) of a GEMM node: ``F.linear(x, w, b)`` (w (N, K)), ``x @ W`` (W (K, N)), aten's
+    ``addmm(b, x, W)`` and ``mm(x, W)``; None for anything else (a batched matmul, addmm with alpha or beta)."""
+    k = kind(node)
+    if k == "linear":
+        x, w, bias, kn = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias"), False
+    elif k in ("matmul", "mm"):
+        x, w, bias, kn = _arg(node, 0, "input"), _arg(node, 1, "other"), None, True
+    elif k == "addmm" and node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1:
+        x, w, bias, kn = node.args[1], node.args[2], node.args[0], True
+    else:
+        return None
+    xv, wv = value(x), value(w)
+    if not (isinstance(xv, torch.Tensor) and isinstance(wv, torch.Tensor)) or wv.dim() != 2 or xv.dim() < 1 or \
+            (bias is not None and not isinstance(bias, Node)):
+        return None
+    return x, w, bias, kn
+
+
+def _activation(node: Node, x: Node) -> str | None:
+    """The epilogue name (kernels.gemm.ACTIVATIONS) of an activation node applied to x, else None."""
+    k = kind(node)
+    if k not in ("relu", "gelu", "silu") or _arg(node, 0, "input") is not x:
+        return None
+    if k == "gelu":
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(_arg(node, 1, "approximate", "none"))
+    return k
+
+
+def _noop_dropout(node: Node) -> bool:
+    """F.dropout in eval mode or with p = 0 (nanoGPT's and Hugging Face's after a projection)."""
+    return kind(node) == "dropout" and (_arg(node, 2, "training", True) is False or _arg(node, 1, "p", 0.5) == 0)
+
+
+def _sole_user(node: Node) -> Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _added(node: Node, x: Node) -> Node | None:
+    """The other operand of ``x + other`` (no alpha) when node is that add, else None."""
+    if kind(node) != "add" or "alpha" in node.kwargs or len(node.args) > 2:
+        return None
+    a, b = _arg(node, 0, "input"), _arg(node, 1, "other")
+    other = b if a is x else a if b is x else None
+    return other if isinstance(other, Node) and other is not x else None
+
+
+def linear_epilogue(gm: fx.GraphModule):
+    """``act(F.linear(x, w, b)) [+ r]`` (also ``x @ W + b`` and aten's ``addmm`` / ``mm``; act relu, gelu in
+    either form or silu; through no-op dropouts) -> ``tilestack::linear_epilogue``: one GEMM with the bias, the
+    activation and the residual add applied to its f32 accumulator. Only where it pays: an activation or a
+    residual add to fuse (a lone Linear is cuBLAS's addmm with the bias fused already) in a graph without
+    gradients (the fused op has no backward; Inductor fuses training graphs' epilogues itself)."""
+    matches, declined = [], []
+    for node in gm.graph.nodes:
+        head = _gemm_head(node)
+        if head is None:
+            continue
+        x, w, bias, kn = head
+        out = value(node)
+        if not isinstance(out, torch.Tensor):
+            continue
+        n = out.shape[-1]
+        chain, cur, activation, residual = [node], node, None, None
+        user = _sole_user(cur)
+        if bias is None and user is not None and (b := _added(user, cur)) is not None:
+            bv = value(b)
+            if isinstance(bv, torch.Tensor) and bv.dim() == 1 and bv.shape[0] == n and \
+                    value(user).dtype == out.dtype:
+                bias, cur = b, user
+                chain.append(cur)
+        for step in ("activation", "residual"):
+            user = _sole_user(cur)
+            while user is not None and _noop_dropout(user) and _arg(user, 0, "input") is cur:
+                chain.append(user)
+                cur, user = user, _sole_user(user)
+            if user is None:
+                break
+            if step == "activation" and (act := _activation(user, cur)) is not None:
+                activation, cur = act, user
+                chain.append(cur)
+            elif step == "residual" and (r := _added(user, cur)) is not None:
+                rv, cv = value(r), value(cur)
+                if isinstance(rv, torch.Tensor) and rv.shape == cv.shape and rv.dtype == cv.dtype == \
+                        value(user).dtype:
+                    residual, cur = r, user
+                    chain.append(cur)
+        if activation is None and residual is None:
+            continue                      # nothing to fuse: LEFT_REASONS["linear"]
+        xv, wv = value(x), value(w)
+        why = None
+        if value(cur).requires_grad:
+            why = "a graph that needs gradients (the fused GEMM has no backward; Inductor fuses there)"
+        elif xv.dtype not in _GEMM_DTYPES or wv.dtype != xv.dtype:
+            why = (f"x is {xv.dtype} and the weight {wv.dtype} (tilestack's GEMM multiplies bf16 or f16, both "
+                   "alike)")
+        elif bias is not None and (not isinstance(value(bias), torch.Tensor) or value(bias).dim() != 1 or
+                                   value(bias).dtype not in _FLOATS):
+            why = "a bias that is not one float per output column"
+        else:
+            why = runs_here(xv)
+        if why is not None:
+            declined.append((node, f"linear epilogue: {why}"))
+            continue
+        order = {nd: i for i, nd in enumerate(gm.graph.nodes)}
+        parts = ["linear" if kind(node) == "linear" else kind(node)] + (["bias"] if bias is not None else []) + \
+            ([activation] if activation else []) + (["residual add"] if residual is not None else [])
+        matches.append(Match("linear_epilogue", ops.ts_linear_epilogue, [x, w, bias, residual], (activation, kn),
+                             [cur], sorted(chain, key=order.__getitem__),
+                             f"{' + '.join(parts)} -> tilestack::linear_epilogue"))
+    return matches, declined
+
+
 # ---- softmax ----------------------------------------------------------------------------------------------------
 def softmax(gm: fx.GraphModule):
     matches, declined = [], []
@@ -441,13 +565,14 @@ PASSES: dict[str, Callable] = {
     "explicit_attention": explicit_attention,
     "add_norm": add_norm,
     "norm": norm,
+    "linear_epilogue": linear_epilogue,
     "softmax": softmax,
     "linear_cross_entropy": linear_cross_entropy,
 }
 
 # Why the ops no pass takes stay with Inductor, by op family (the report's "left" section)
 LEFT_REASONS = {
-    "linear": "tilestack.kernels.gemm has no epilogue (bias, activation, residual) and takes 2-D bf16/f16 only: "
-              "left to Inductor, which fuses the bias and activation into its GEMM template or the next kernel",
+    "linear": "no activation or residual add after it to fuse (a lone Linear is cuBLAS's addmm, its bias fused "
+              "already), or one the linear_epilogue pass declined (listed above): left to Inductor",
     "matmul": "a plain matrix product: left to Inductor (cuBLAS or its templates)",
 }
