@@ -50,6 +50,10 @@ class ComputeModel:
     source: str
     cores: int | None = None
 
+    def overhead(self, name: str) -> float:
+        """The host cost of a parallel wrapper (tilestack.parallel.plan.overhead): 0 unless measured."""
+        return 0.0
+
     def _times(self, layer: LayerDesc, index: int, micro_batch: int, tp: int) -> tuple[float, float]:
         raise NotImplementedError
 
@@ -77,10 +81,11 @@ class ComputeModel:
 
 
 # ---- measured -----------------------------------------------------------------------------------------------------
-def _median_s(fn: Callable[[], Any]) -> float:
+def _best_s(fn: Callable[[], Any], device: str = "cpu") -> float:
+    """The least time of repeated calls (tilestack.perf.timing): on a shared machine the least disturbed one."""
     from tilestack.perf.timing import time_fn
-    return time_fn(fn, args_sets=[()], device="cpu", budget_s=TIMING_BUDGET_S,
-                   target_rel_ci=TIMING_REL_CI, warmup_s=0.05).median_s
+    return time_fn(fn, args_sets=[()], device="cuda" if device.startswith("cuda") else "cpu",
+                   budget_s=TIMING_BUDGET_S, target_rel_ci=TIMING_REL_CI, warmup_s=0.05).min_s
 
 
 def _single_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -97,10 +102,10 @@ def _single_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @_single_thread
-def time_forward_backward(module: Any, make_input: Callable[[], Any], loss: Callable[[Any], Any] | None = None
-                          ) -> tuple[float, float]:
-    """(forward s, backward s) of ``module`` on ``make_input()`` (one thread): forward timed alone, backward as
-    forward-and-backward minus forward. ``loss`` turns the output into a scalar (default: its sum)."""
+def time_forward_backward(module: Any, make_input: Callable[[], Any], loss: Callable[[Any], Any] | None = None,
+                          device: str = "cpu") -> tuple[float, float]:
+    """(forward s, backward s) of ``module`` on ``make_input()`` (one CPU thread): forward timed alone, backward
+    as forward-and-backward minus forward. ``loss`` turns the output into a scalar (default: its sum)."""
     import torch
     x = make_input()
     reduce = loss or (lambda y: y.float().sum())
@@ -112,22 +117,22 @@ def time_forward_backward(module: Any, make_input: Callable[[], Any], loss: Call
     def fwd_bwd():
         reduce(module(x)).backward()
 
-    t_f = _median_s(fwd)
-    t_fb = _median_s(fwd_bwd)
+    t_f = _best_s(fwd, device)
+    t_fb = _best_s(fwd_bwd, device)
     module.zero_grad(set_to_none=True)
     return t_f, max(t_fb - t_f, 0.0)
 
 
 @_single_thread
-def time_adamw(params: int, tensors: int) -> float:
+def time_adamw(params: int, tensors: int, device: str = "cpu", dtype: Any = None) -> float:
     """One foreach=False AdamW step (as the Trainer's) over ``tensors`` tensors of ``params`` elements in all."""
     import torch
     each = max(params // max(tensors, 1), 1)
-    ps = [torch.nn.Parameter(torch.zeros(each)) for _ in range(tensors)]
+    ps = [torch.nn.Parameter(torch.zeros(each, device=device, dtype=dtype)) for _ in range(tensors)]
     for p in ps:
         p.grad = torch.ones_like(p)
     opt = torch.optim.AdamW(ps, lr=1e-3, foreach=False)
-    return _median_s(opt.step)
+    return _best_s(opt.step, device)
 
 
 class MeasuredCompute(ComputeModel):
@@ -135,13 +140,26 @@ class MeasuredCompute(ComputeModel):
     :meth:`for_module`."""
 
     def __init__(self, desc: ModelDesc, builders: dict[str, Callable[..., tuple[Any, Callable, Callable | None]]],
-                 *, cores: int | None = None):
+                 *, cores: int | None = None, overheads: bool | dict[str, float] = False, device: str = "cpu"):
         self.desc = desc
         self.builders = builders
-        self.source = "measured on this CPU (one thread per rank)"
-        self.cores = cores or os.cpu_count() or 1
+        self.device = device
+        gpu = device.startswith("cuda")
+        self.source = f"measured on {device}" if gpu else "measured on this CPU (one thread per rank)"
+        self.cores = None if gpu else (cores or os.cpu_count() or 1)
         self._cache: dict[tuple[str, int, int], tuple[float, float]] = {}
         self._adam: tuple[float, float] | None = None
+        self._overheads: dict[str, float] | None = overheads if isinstance(overheads, dict) else None
+        self._measure_overheads = overheads is True
+
+    def overhead(self, name: str) -> float:
+        """The wrappers' host costs, measured once on a one-rank group when asked for (``overheads=True``)."""
+        if self._overheads is None:
+            if not self._measure_overheads:
+                return 0.0
+            from tilestack.parallel.plan.overhead import measure_overheads
+            self._overheads = measure_overheads(self.desc)
+        return self._overheads.get(name, 0.0)
 
     def _key(self, layer: LayerDesc) -> str:
         return layer.kind if layer.kind in ("embed", "block", "head") else layer.name
@@ -150,15 +168,17 @@ class MeasuredCompute(ComputeModel):
         key = (self._key(layer), micro_batch, tp)
         if key not in self._cache:
             module, make_input, loss = self.builders[key[0]](micro_batch, tp)
-            self._cache[key] = time_forward_backward(module, make_input, loss)
+            self._cache[key] = time_forward_backward(module, make_input, loss, self.device)
         return self._cache[key]
 
     def optimizer_s(self, params: float, tensors: int) -> float:
         """A linear fit, per element and per tensor, of two measured AdamW steps."""
         if self._adam is None:
             big, many = 1 << 20, 64
-            t_big = time_adamw(big, 1)
-            t_many = time_adamw(many * 16, many)
+            dtype = {2: "bfloat16", 4: "float32"}[self.desc.dtype_bytes]
+            import torch
+            t_big = time_adamw(big, 1, self.device, getattr(torch, dtype))
+            t_many = time_adamw(many * 16, many, self.device, getattr(torch, dtype))
             per_tensor = max((t_many - 16 * many * (t_big / big)) / many, 0.0)
             per_elem = max((t_big - per_tensor) / big, 0.0)
             self._adam = (per_elem, per_tensor)
@@ -166,8 +186,10 @@ class MeasuredCompute(ComputeModel):
         return params * per_elem + tensors * per_tensor
 
     @classmethod
-    def for_gpt(cls, desc: ModelDesc, *, cores: int | None = None) -> MeasuredCompute:
-        """The parallel GPT's own embedding, block and head (tilestack.parallel.model), in its dtype."""
+    def for_gpt(cls, desc: ModelDesc, *, cores: int | None = None, overheads: bool | dict[str, float] = True,
+                device: str = "cpu") -> MeasuredCompute:
+        """The parallel GPT's own embedding, block and head (tilestack.parallel.model), in its dtype; with
+        ``overheads`` the host costs of the parallel wrappers too (measured when first needed, or given)."""
         if not desc.config:
             raise PlanError(f"MeasuredCompute.for_gpt: model {desc.name!r} has no ModelConfig; expected a "
                             "description from describe_gpt (use for_module for other models)")
@@ -186,22 +208,23 @@ class MeasuredCompute(ComputeModel):
             blk.attn.o_proj = torch.nn.Linear(h // tp, h)
             blk.mlp.fc = torch.nn.Linear(h, 4 * h // tp)
             blk.mlp.proj = torch.nn.Linear(4 * h // tp, h)
-            blk = blk.to(dtype)
-            return blk, lambda: torch.randn(b, s, h, dtype=dtype, requires_grad=True), None
+            blk = blk.to(device=device, dtype=dtype)
+            return blk, lambda: torch.randn(b, s, h, dtype=dtype, device=device, requires_grad=True), None
 
         def embed(b: int, tp: int):
-            part = GPT(dataclasses.replace(cfg, n_layer=0), seed=0).to(dtype)
+            part = GPT(dataclasses.replace(cfg, n_layer=0), seed=0).to(device=device, dtype=dtype)
             part.ln_f = part.lm_head = None
-            return part, lambda: torch.randint(0, V, (b, s)), None
+            return part, lambda: torch.randint(0, V, (b, s), device=device), None
 
         def head(b: int, tp: int):
-            part = GPT(dataclasses.replace(cfg, n_layer=0, vocab=V // tp), seed=0).to(dtype)
+            part = GPT(dataclasses.replace(cfg, n_layer=0, vocab=V // tp), seed=0).to(device=device, dtype=dtype)
             part.wte = part.wpe = None
-            targets = torch.randint(0, V // tp, (b, s))
-            return part, lambda: torch.randn(b, s, h, dtype=dtype, requires_grad=True), \
+            targets = torch.randint(0, V // tp, (b, s), device=device)
+            return part, lambda: torch.randn(b, s, h, dtype=dtype, device=device, requires_grad=True), \
                 lambda y: lm_loss(y, targets)
 
-        return cls(desc, {"embed": embed, "block": block, "head": head}, cores=cores)
+        return cls(desc, {"embed": embed, "block": block, "head": head}, cores=cores, overheads=overheads,
+                   device=device)
 
     @classmethod
     def for_module(cls, desc: ModelDesc, module: Any, example_input: Any, *, cores: int | None = None

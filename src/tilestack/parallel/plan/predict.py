@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from tilestack.parallel.parallelize import uses_ddp
 from tilestack.parallel.plan.comm import CommModel
 from tilestack.parallel.plan.compute import ComputeModel
 from tilestack.parallel.plan.describe import FP32_BYTES, TP_ALLREDUCES_BWD, TP_ALLREDUCES_FWD, ModelDesc, PlanError
@@ -224,7 +225,15 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
                 nbytes = _local_params(layer, tp) * e
                 gathers = 2 if plan.pp == 1 else 1
                 c_fsdp += gathers * comm.time("all_gather", nbytes, shard) + comm.time("reduce_scatter", nbytes, shard)
+            if layer.kind == "block":
+                # the wrappers' host costs per block and micro-batch: a third with the forward
+                wrap = (compute.overhead("sp" if plan.sp else "tp") if tp > 1 else 0.0) + \
+                    (compute.overhead("fsdp") if shard > 1 else 0.0)
+                f += wrap * slow / 3
+                g += wrap * slow * 2 / 3
             act += _act_bytes(layer, plan) * b
+        if plan.pp > 1:
+            f += compute.overhead("pipeline") * slow / plan.stages_per_rank
         comp.append(f + g)
         tp_c.append(c_tp)
         fsdp_c.append(c_fsdp)
@@ -256,6 +265,10 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
     dp_exposed = max(dp_s) * (1 - overlap_dp)
     owner = plan.dp if plan.zero else 1
     opt_s = max(compute.optimizer_s(rank_params[r] / shard / owner, rank_tensors[r]) for r in ranks) * slow
+    if plan.zero:
+        opt_s += compute.overhead("zero") * slow
+    elif uses_ddp(plan):
+        dp_exposed += compute.overhead("ddp") * slow
     losses = sum(comm.time("all_reduce", LOSS_BYTES, n) for n in (plan.pp, plan.dp, plan.dp_shard))
     busiest = max(range(plan.pp), key=lambda r: sim.busy[r])
     mine = rank_stages[busiest]

@@ -1,0 +1,117 @@
+"""Run plans for real and measure what the planner predicts: step time and peak memory per rank.
+
+    rows = measure_plans(desc, [plan_a, plan_b], steps=6)          # gloo on this machine's CPUs (run_local)
+    rows[0]["step_s"], rows[0]["peak_bytes"], rows[0]["components"]
+
+Each plan runs in a fresh process group of ``plan.world_size`` ranks, training tilestack's parallel GPT with the
+Trainer that ``tilestack train`` uses, on ``make_batch`` batches. Step time: the median over the steps after
+``warmup`` of the slowest rank's wall time (a step ends when its last rank does). Memory, without CUDA: one
+more step runs under ``torch.profiler`` with ``profile_memory``; the peak of the running sum of its CPU
+allocations and frees, plus the bytes alive when it began (parameters and optimizer state, counted tensor by
+tensor; gradients were freed by the previous step), is the rank's peak. The bytes of parameters, gradients (after
+the gradient reduction) and optimizer state are also counted tensor by tensor, per component.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from tilestack.parallel.plan.describe import ModelDesc, PlanError
+from tilestack.parallel.plan.predict import Plan, runnable
+
+
+def _tensor_bytes(ts) -> int:
+    from torch.distributed.tensor import DTensor
+    seen: dict[int, int] = {}
+    for t in ts:
+        if t is None:
+            continue
+        local = t.to_local() if isinstance(t, DTensor) else t
+        st = local.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+def _optimizer_bytes(trainer) -> int:
+    import torch
+    if trainer.zero is not None:
+        z = trainer.zero
+        return z.state_bytes() + (z.grad_shard.numel() * z.grad_shard.element_size() if z.grad_shard is not None
+                                  else 0)
+    return _tensor_bytes(v for st in trainer.optimizer.state.values() for v in st.values()
+                         if isinstance(v, torch.Tensor) and v.dim() > 0)
+
+
+def _peak_allocated(prof) -> int:
+    """The peak of the running sum of the CPU allocations (positive) and frees (negative) the profiler saw: each
+    op's own (self) allocations less its frees at its start, and the frees of tensors that outlived their op
+    (``[memory]`` events) when they happen."""
+    deltas = []
+    for e in prof.events():
+        b = getattr(e, "self_cpu_memory_usage", 0)
+        if b:
+            deltas.append((e.time_range.start, b))
+    run = peak = 0
+    for _, b in sorted(deltas):
+        run += b
+        peak = max(peak, run)
+    return peak
+
+
+def measure_rank(rank: int, world_size: int, spec: dict) -> dict:
+    """One rank: train ``spec["steps"]`` timed steps, then one profiled for memory. Returns per-step seconds,
+    losses, the peak bytes and the counted components."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from tilestack.parallel import GPT, ModelConfig, ParallelConfig, Trainer, make_batch
+    pc = ParallelConfig(**spec["parallel"])
+    cfg = ModelConfig(**spec["model"])
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    model = GPT(cfg, seed=0).to(dtype)
+    trainer = Trainer(model, pc, pc.build_mesh("cpu"))
+    seconds, losses = [], []
+    for step in range(spec["steps"]):
+        idx, targets = make_batch(cfg, spec["batch"], spec["seq"], seed=step)
+        torch.distributed.barrier()
+        t0 = time.perf_counter()
+        losses.append(trainer.step(idx, targets))
+        seconds.append(time.perf_counter() - t0)
+    params = _tensor_bytes(trainer.params)
+    before = params + _optimizer_bytes(trainer)
+    idx, targets = make_batch(cfg, spec["batch"], spec["seq"], seed=spec["steps"])
+    torch.distributed.barrier()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        trainer.forward_backward(idx, targets)
+        grads = _tensor_bytes(p.grad for p in trainer.params)
+        if trainer.zero is not None and trainer.zero.grad_shard is not None:
+            grads += trainer.zero.grad_shard.numel() * trainer.zero.grad_shard.element_size()
+        trainer.optimizer_step()
+    return dict(seconds=seconds, losses=losses, peak_bytes=before + _peak_allocated(prof),
+                components=dict(parameters=params, gradients=grads, optimizer=_optimizer_bytes(trainer)))
+
+
+def measure_plans(desc: ModelDesc, plans: Sequence[Plan], *, steps: int = 6, warmup: int = 2,
+                  dtype: str = "float32", timeout_s: float = 600.0) -> list[dict[str, Any]]:
+    """Each plan trained for ``steps`` steps on ``plan.world_size`` gloo processes; a row per plan (module doc)."""
+    from tilestack.parallel.launch import run_local
+    if steps <= warmup:
+        raise PlanError(f"measure_plans: steps={steps} with warmup={warmup}; expected steps > warmup")
+    rows = []
+    for plan in plans:
+        if not runnable(plan, desc):
+            raise PlanError(f"measure_plans: plan {plan.label()} cannot run on tilestack's Trainer (model "
+                            f"{desc.name!r}, even stages only); expected a runnable plan")
+        spec = dict(parallel=plan.parallel_kwargs(), model=desc.config, batch=plan.batch, seq=desc.seq, steps=steps,
+                    dtype=dtype)
+        res = run_local(measure_rank, plan.world_size, (spec,), timeout_s=timeout_s)
+        per_step = [max(r["seconds"][i] for r in res) for i in range(steps)][warmup:]
+        worst = max(res, key=lambda r: r["peak_bytes"])
+        rows.append(dict(plan=plan.label(), world_size=plan.world_size, step_s=statistics.median(per_step),
+                         step_s_all=per_step, peak_bytes=worst["peak_bytes"],
+                         peak_bytes_per_rank=[r["peak_bytes"] for r in res], components=worst["components"],
+                         loss=res[0]["losses"][-1]))
+    return rows
