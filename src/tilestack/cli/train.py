@@ -42,6 +42,8 @@ def train(
     dtype: str = typer.Option("float32", help="float32 or bfloat16"),
     attention: str = typer.Option("", help="math, sdpa or tilestack (default: the model's own)"),
     store: bool = typer.Option(True, help="append the result to the perf store (tilestack.perf.store)"),
+    plan: str = typer.Option("", help="a plan file from `tilestack plan --out` (its ranks, degrees, model, batch, "
+                             "seq and dtype replace those options)"),
 ) -> None:
     """Train the parallel GPT for --steps steps under the given degrees."""
     from tilestack.parallel import GPT_1P3B, TINY, ParallelConfig, run_local
@@ -59,6 +61,12 @@ def train(
         if attention not in ATTENTIONS:
             raise typer.BadParameter(f"--attention {attention!r}; expected one of {ATTENTIONS}")
         cfg = dataclasses.replace(cfg, attention=attention)
+    if plan:
+        from tilestack.parallel.model import ModelConfig
+        from tilestack.parallel.plan.planfile import read_plan
+        spec_file = read_plan(plan)
+        nproc, parallel, batch, seq, dtype = (spec_file[k] for k in ("nproc", "parallel", "batch", "seq", "dtype"))
+        cfg = ModelConfig(**spec_file["model"])
     ParallelConfig(**parallel).validate(nproc, model=cfg, batch=batch, seq=seq)     # fail here, not in nproc children
     spec = dict(parallel=parallel, model=cfg.__dict__, batch=batch, seq=seq, steps=steps, lr=lr, dtype=dtype,
                 device=device, progress=True)
