@@ -1,0 +1,217 @@
+"""Check and time the Gluon backend on a Hopper GPU (H100/H200): correctness against float64 torch on ragged
+shapes, then kernel time against cuBLAS (torch.matmul) and the Triton backend.
+
+    PYTHONPATH=src python3 scripts/gpu/check_gluon.py --json gluon.json            # about 1-2 minutes
+    PYTHONPATH=src python3 scripts/gpu/check_gluon.py --json gluon.json --skip bench
+
+Sections (each case runs on its own; a failure is recorded with its traceback and the next one runs):
+  gemm       kernels.gemm's kernel on the gluon backend (pipelined TMA ring + wgmma), bf16 and fp16, ragged
+  gemm_ws    the hand-scheduled warp-specialized GEMM of tests/backends/test_gluon_source.py (producer and
+             consumer partitions, setmaxnreg), ragged
+  attention  the explicit attention forward of tests/lang/test_explicit.py (a producer and two ping-pong
+             consumer partitions), bf16, head dims 64 and 128, ragged lengths
+  bench      4096^3 and 8192^3, bf16 and fp16: gluon (a few stage/tile configs, the best kept), gluon_ws,
+             triton backend, torch.matmul (cuBLAS); kernel time by triton.testing.do_bench (median), TFLOP/s
+A case's output tensor starts as NaN, so a tile the kernel never writes fails the check. Bounded by
+--time-limit (default 170 s): cases past it are recorded as skipped. The last thing printed is a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
+
+from tilestack.kernels.gemm import gemm_config, gemm_kernel  # noqa: E402
+
+SECTIONS = ("gemm", "gemm_ws", "attention", "bench")
+# (M, N, K): ragged edges on every axis; N and K multiples of 8 (the copy engine's 16-byte row rule for 2-byte
+# dtypes); one tile, a sub-tile problem, more k-steps than ring stages, and a wide one
+GEMM_SHAPES = [(128, 128, 64), (1, 8, 8), (257, 136, 72), (1000, 520, 1032), (300, 1024, 4096), (2048, 2048, 512)]
+# (B, H, Nq, Nk, D): ragged lengths, fewer keys than one block, more than the ring
+ATTN_SHAPES = [(1, 2, 128, 128, 64), (2, 3, 300, 257, 64), (1, 2, 1, 40, 64), (2, 2, 513, 1000, 128),
+               (1, 4, 1024, 1024, 128)]
+BENCH_SIZES = (4096, 8192)
+GEMM_CONFIGS = [dict(BM=128, BN=128, BK=64, num_stages=4), dict(BM=128, BN=256, BK=64, num_stages=3),
+                dict(BM=128, BN=128, BK=64, num_stages=3)]
+# errors against float64, relative to the largest reference element: the output's rounding (bf16: 2^-8,
+# fp16: 2^-11) plus f32 accumulation, with room; cuBLAS's own error is recorded beside each
+GEMM_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+ATTN_TOL = 2e-2
+
+
+def load_test_module(relpath: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / relpath)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str((ROOT / relpath).parent))
+    spec.loader.exec_module(module)
+    return module
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref| in float64; inf if out has a NaN or an inf where ref has none."""
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return math.inf
+    scale = ref.abs().max().item() or 1.0
+    return (out - ref).abs().max().item() / scale
+
+
+class Runner:
+    def __init__(self, limit: float):
+        self.t0 = time.time()
+        self.limit = limit
+        self.rows: list[dict] = []
+
+    def case(self, section: str, name: str, fn) -> None:
+        row = {"section": section, "case": name}
+        if time.time() - self.t0 > self.limit:
+            row.update(status="skipped", detail="past --time-limit")
+        else:
+            t = time.time()
+            try:
+                row.update(fn())
+                row.setdefault("status", "ok")
+            except Exception as e:   # recorded, and the next case runs
+                row.update(status="error", detail=f"{type(e).__name__}: {e}"[:400],
+                           traceback=traceback.format_exc()[-3000:])
+            row["seconds"] = round(time.time() - t, 2)
+        self.rows.append(row)
+        print(f"[{row['status']:>7}] {section:<9} {name:<40} {row.get('detail', '')[:100]}", flush=True)
+
+
+def check_gemm(kernel, a, b, tol, **cfg) -> dict:
+    c = torch.full((a.shape[0], b.shape[1]), float("nan"), dtype=a.dtype, device=a.device)
+    kernel(a, b, c, backend="gluon", **cfg)
+    torch.cuda.synchronize()
+    ref = a.double() @ b.double()
+    err = rel_err(c, ref)
+    cublas = rel_err(a @ b, ref)
+    ok = err <= tol
+    return {"status": "ok" if ok else "FAIL", "rel_err": err, "cublas_rel_err": cublas,
+            "detail": f"rel err {err:.2e} (cuBLAS {cublas:.2e}, tol {tol:.0e})"}
+
+
+def gemm_cases(run: Runner, section: str, kernel) -> None:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16) if section == "gemm" else (torch.bfloat16,):
+        for m, n, k in GEMM_SHAPES:
+            def one(m=m, n=n, k=k, dtype=dtype):
+                a = torch.randn(m, k, device="cuda", dtype=dtype, generator=g)
+                b = torch.randn(k, n, device="cuda", dtype=dtype, generator=g)
+                return check_gemm(kernel, a, b, GEMM_TOL[dtype])
+            run.case(section, f"{str(dtype)[6:]} {m}x{n}x{k}", one)
+
+
+def attention_cases(run: Runner, attention) -> None:
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for b, h, nq, nk, d in ATTN_SHAPES:
+        def one(b=b, h=h, nq=nq, nk=nk, d=d):
+            q = torch.randn(b, h, nq, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            k = torch.randn(b, h, nk, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            v = torch.randn(b, h, nk, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            o = torch.full_like(q, float("nan"))
+            scale = 1 / math.sqrt(d)
+            bn = 64 if d == 128 else 128
+            attention(q, k, v, o, scale, backend="gluon", BM=128, BN=bn, D=d, STAGES=2)
+            torch.cuda.synchronize()
+            s = (q.double() @ k.double().transpose(-1, -2)) * scale
+            ref = torch.softmax(s, dim=-1) @ v.double()
+            err = rel_err(o, ref)
+            sdpa = rel_err(torch.nn.functional.scaled_dot_product_attention(q, k, v), ref)
+            return {"status": "ok" if err <= ATTN_TOL else "FAIL", "rel_err": err, "sdpa_rel_err": sdpa,
+                    "detail": f"rel err {err:.2e} (SDPA {sdpa:.2e}, tol {ATTN_TOL:.0e})"}
+        run.case("attention", f"bf16 B{b} H{h} Nq{nq} Nk{nk} D{d}", one)
+
+
+def bench_cases(run: Runner, gemm_ws) -> None:
+    for dtype in (torch.bfloat16, torch.float16):
+        for n in BENCH_SIZES:
+            bench_one(run, gemm_ws, dtype, n)
+            torch.cuda.empty_cache()
+
+
+def bench_one(run: Runner, gemm_ws, dtype, n: int) -> None:
+    """One size and dtype: cuBLAS, the Triton backend (its tuned config), the gluon backend (each config of
+    GEMM_CONFIGS; the best is its number), the warp-specialized explicit GEMM; then the ratios to cuBLAS."""
+    from triton.testing import do_bench
+
+    flops = 2 * n**3
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    c = torch.empty(n, n, device="cuda", dtype=dtype)
+    tag = f"{str(dtype)[6:]} {n}^3"
+    best: dict[str, float] = {}
+
+    def timed(impl: str, launch, **extra) -> dict:
+        ms = do_bench(launch, warmup=25, rep=100, return_mode="median")
+        best[impl] = min(ms, best.get(impl, math.inf))
+        return {"impl": impl, "ms": ms, "tflops": flops / ms / 1e9, **extra,
+                "detail": f"{ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s"}
+
+    def through(kernel, backend: str, **cfg):
+        launch = kernel.launcher_for((a, b, c), backend, **cfg)
+        return lambda: launch((a, b, c))
+
+    run.case("bench", f"{tag} cublas", lambda: timed("cublas", lambda: torch.matmul(a, b, out=c)))
+    tuned = gemm_config(n, n, n, dtype, a.device)      # the Triton backend's tuned config, as kernels.gemm uses
+    run.case("bench", f"{tag} triton", lambda: timed("triton", through(gemm_kernel, "triton", **tuned), config=tuned))
+    for cfg in GEMM_CONFIGS:
+        run.case("bench", f"{tag} gluon {cfg}", lambda cfg=cfg: timed("gluon", through(gemm_kernel, "gluon", **cfg),
+                                                                       config=cfg))
+    run.case("bench", f"{tag} gluon_ws", lambda: timed("gluon_ws", through(gemm_ws, "gluon")))
+    if "cublas" in best:
+        ratios = {k: best["cublas"] / v for k, v in best.items() if k != "cublas"}
+        run.rows.append({"section": "bench", "case": f"{tag} vs cuBLAS", "status": "ok",
+                         **{f"{k}_vs_cublas": r for k, r in ratios.items()},
+                         "detail": ", ".join(f"{k} {r:.2f}x" for k, r in ratios.items())})
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", "--out", dest="json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--time-limit", type=float, default=170.0, help="seconds; later cases are skipped")
+    ap.add_argument("--skip", default="", help=f"comma-separated sections of {SECTIONS}")
+    args = ap.parse_args()
+    skip = {s for s in args.skip.split(",") if s}
+    unknown = skip - set(SECTIONS)
+    if unknown:
+        ap.error(f"--skip: unknown sections {sorted(unknown)}; expected some of {SECTIONS}")
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        print("needs a Hopper GPU (sm_90): the gluon backend generates sm_90a code", file=sys.stderr)
+        return 2
+    run = Runner(args.time_limit)
+    ws = load_test_module("tests/backends/test_gluon_source.py", "gluon_source_tests")
+    if "gemm" not in skip:
+        gemm_cases(run, "gemm", gemm_kernel)
+    if "gemm_ws" not in skip:
+        gemm_cases(run, "gemm_ws", ws.gemm_ws)
+    if "attention" not in skip:
+        attention_cases(run, ws.explicit_attention())
+    if "bench" not in skip:
+        bench_cases(run, ws.gemm_ws)
+    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "triton": __import__("triton").__version__, "seconds": round(time.time() - run.t0, 1)}
+    if args.json:
+        args.json.write_text(json.dumps({"env": env, "results": run.rows}, indent=1, default=str))
+    bad = [r for r in run.rows if r["status"] in ("FAIL", "error")]
+    print(f"\n{env}")
+    print(f"{'section':<10} {'case':<52} {'status':<8} detail")
+    for r in run.rows:
+        print(f"{r['section']:<10} {r['case'][:52]:<52} {r['status']:<8} {r.get('detail', '')[:90]}")
+    print(f"\n{len(run.rows)} cases, {len(bad)} failed or errored")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
