@@ -42,7 +42,7 @@ class Pipeline:
     def run(self, ir: KernelIR, print_after: Iterable[str] = (), file=None) -> tuple[KernelIR, list]:
         """(the IR after the last pass, [(name, IR) for "traced" and every pass]); prints the IR after each
         pass named in ``print_after`` ("all" for every one) to ``file`` (stdout)."""
-        wanted = set(print_after)
+        wanted = {print_after} if isinstance(print_after, str) else set(print_after)   # "all" or ("dce", ...)
         unknown = wanted - set(self.names) - {"all", "traced"}
         if unknown:
             raise ValueError(f"print_after: no pass named {sorted(unknown)}; the passes are {self.names}")
