@@ -5,13 +5,12 @@ budgets (setmaxnreg in the PTX, USETMAXREG in the SASS). Skips only where Triton
 import re
 
 import pytest
+from test_gluon_source import explicit_attention, gemm_ws  # pytest puts this folder on sys.path
 
 import tilestack.lang as ts
 from tilestack.backends import get_backend
 from tilestack.backends.gluon import aot
 from tilestack.kernels.gemm import gemm_kernel
-
-from test_gluon_source import explicit_attention, gemm_ws  # noqa: E402  (pytest puts this folder on sys.path)
 
 BF16_2, F16_2, BF16_4 = ts.ArgSpec(ts.bf16, 2), ts.ArgSpec(ts.f16, 2), ts.ArgSpec(ts.bf16, 4)
 

@@ -32,7 +32,7 @@ def explicit_attention():
 @ts.kernel(grid=lambda A, B, BM, BN: (ts.cdiv(A.shape[0], BM) * ts.cdiv(B.shape[1], BN),))
 def gemm_ws(A, B, C, *, BM: int = 128, BN: int = 128, BK: int = 64, STAGES: int = 4):
     """C = A @ B, hand-scheduled: a producer warpgroup fills rings of A and B tiles, a consumer of two
-    warpgroups waits on each stage, multiplies on wgmma and frees it."""
+    warpgroups waits on each stage and multiplies on wgmma, one wgmma in flight (waited after the loop)."""
     M, K = A.shape
     N = B.shape[1]
     pid = ts.block_id(0)
@@ -53,8 +53,8 @@ def gemm_ws(A, B, C, *, BM: int = 128, BN: int = 128, BK: int = 64, STAGES: int 
             ts.wait_load(a, a_ring, s)
             ts.wait_load(b, b_ring, s)
             ts.mma_AB_async(acc, a, b, acc)
-            ts.mma_wait(acc)
     with ts.partition("consumer", warps=8, registers=232):
+        ts.mma_wait(acc)
         c = ts.RegTile[C.dtype, BM, BN]()
         ts.copy(c, acc)
         ts.store(C, c, at=(i, j))
@@ -116,13 +116,27 @@ def test_explicit_gemm_becomes_producer_and_consumer_partitions():
     assert re.search(r"mbarrier\.wait\(a_ring_empty\.index\(\w+\), \(\(a_ring_eph >> \w+\) & 1\) \^ 1\)",
                      producer)
     assert "mbarrier.expect(a_ring_ready.index(" in producer and "warpgroup_mma" not in producer
-    # the consumer waits on the stage's ready phase, multiplies, and frees the stage at the end of the trip
+    # the consumer waits on the stage's ready phase, multiplies keeping one wgmma in flight, and frees the
+    # previous trip's stage (whose wgmma has retired) at the end of each trip
     assert re.search(r"mbarrier\.wait\(a_ring_ready\.index\(\w+\), \(a_ring_rph >> \w+\) & 1\)", consumer)
-    assert "is_async=True" in consumer and "mbarrier.arrive(a_ring_empty.index(" in consumer
+    assert "is_async=True" in consumer and "hopper.warpgroup_mma_wait(1, deps=[" in consumer
+    assert re.search(r"mbarrier\.arrive\(a_ring_empty\.index\((a_ring_prev_\d+)\), pred=(a_ring_held_\d+) == 1\)",
+                     consumer)
+    assert re.search(r"a_ring_prev_\d+ = 0\n\s+a_ring_held_\d+ = 0 .*\n(.*\n)*\s+for k_\d+ in range", consumer)
     assert "async_copy_global_to_shared" not in consumer
     assert "warps_per_cta=[8, 1]" in consumer                     # layouts for the role's own warps
     kernel = src.split("def gemm_ws_kernel(")[1]
     assert "mbarrier.init(a_ring_empty.index(st), count=1)" in kernel   # one consumer role frees a stage
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(130, 136, 72), (1, 8, 264)])
+def test_the_explicit_gemm_means_a_product(m, n, k):
+    # its reference semantics (synchronous, roles in program order): what the GPU runs must equal this
+    g = torch.Generator().manual_seed(m + n + k)
+    a, b = torch.randn(m, k, generator=g).bfloat16(), torch.randn(k, n, generator=g).bfloat16()
+    c = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
+    gemm_ws(a, b, c, backend="reference")
+    torch.testing.assert_close(c.double(), a.double() @ b.double(), rtol=1e-2, atol=1e-2)
 
 
 def test_explicit_attention_splits_into_ping_pong_consumers_and_a_producer():

@@ -125,6 +125,8 @@ class _Emitter:
         self.ring_tiles: dict[Instr, str] = {}       # a pipelined load -> its stage's shared buffer expression
         self.deferred: list[Value] = []              # mma results kept in flight in a pipelined loop
         self.released: list[list[tuple[_Ring, str]]] = [[]]   # per open block: the stages waited on in it
+        self.lagging: list[bool] = [False]           # per open block: a wgmma may still read them at its end
+        self.blocks: list[Block] = []                # the blocks being emitted, innermost last
         self.pipelining: Instr | None = None        # the pipelined loop whose body is being emitted
 
     # ---- names and layouts ------------------------------------------------------------------------------------
@@ -184,9 +186,21 @@ class _Emitter:
 
     def block(self, block: Block) -> None:
         table = EMITTERS["gluon"]
+        self.blocks.append(block)
         for ins in block.instrs:
             if self.emitting(ins):
                 table[ins.op].fn(self, ins)
+        self.blocks.pop()
+
+    def open_block(self) -> None:
+        self.released.append([])
+        self.lagging.append(False)
+
+    def close_block(self, head: int | None = None) -> None:
+        """Free the stages waited on in the block just emitted (see ``release_stages``) and leave it."""
+        self.release_stages(head)
+        self.released.pop()
+        self.lagging.pop()
 
     def carried(self, ins: Instr) -> list[int]:
         """The carried slots of loop ``ins`` this function keeps: register and scalar values (a staged buffer is
@@ -201,10 +215,25 @@ class _Emitter:
             out.append(k)
         return out
 
-    def release_stages(self) -> None:
-        """A consumer role frees the stages it waited on in this block (one arrival per role per stage)."""
+    def release_stages(self, head: int | None = None) -> None:
+        """A consumer role frees the stages it waited on in this block (one arrival per role per stage). Where a
+        wgmma issued in the block may still read them (one kept in flight), a loop body frees the previous trip's
+        stages instead, whose wgmma has retired; ``head`` is where the loop's first line is, to set that up."""
+        if not (self.lagging[-1] and head is not None):
+            for ring, stage in self.released[-1]:
+                self.emit(f"mbarrier.arrive({ring.name}_empty.index({stage}))")
+            return
+        pad = self.lines[head][: len(self.lines[head]) - len(self.lines[head].lstrip())]
         for ring, stage in self.released[-1]:
-            self.emit(f"mbarrier.arrive({ring.name}_empty.index({stage}))")
+            if ring.type.stages < 2:   # the producer would wait for a stage freed only after its next fill
+                raise BackendError(f"{self.kernel.where}: the gluon backend frees a stage one trip late where a "
+                                   f"wgmma stays in flight; {ring.name} needs >= 2 stages, it has 1")
+            prev, held = self.fresh(f"{ring.name}_prev"), self.fresh(f"{ring.name}_held")
+            self.emit(f"mbarrier.arrive({ring.name}_empty.index({prev}), pred={held} == 1)   # the previous trip's")
+            self.emit(f"{prev} = {stage}")
+            self.emit(f"{held} = 1")
+            self.lines[head:head] = [f"{pad}{prev} = 0", f"{pad}{held} = 0   # no stage held before the first trip"]
+            head += 2
 
     # ---- memory ------------------------------------------------------------------------------------------------
     def descriptor(self, g: Value, shape: tuple[int, ...]) -> str:
@@ -478,8 +507,13 @@ def _e_mma(e: _Emitter, ins: Instr) -> None:
 
 @register_emitter("gluon", Op.MMA_ASYNC)
 def _e_mma_async(e: _Emitter, ins: Instr) -> None:
+    """An async wgmma. Waited in the same block: the wait is its ``mma_wait``. Carried on (waited after the
+    loop, or the acc of the next one): at most one kept in flight, ``warpgroup_mma_wait(1)`` right after it."""
     an, bn, acc, key = _mma_operands(e, ins)
     e.assign(ins.result, f"hopper.warpgroup_mma({an}, {bn}, {acc}, is_async=True)")
+    if not any(i.op is Op.MMA_WAIT and i.srcs[0] is ins.result for i in e.blocks[-1].instrs):
+        e.emit(f"{e.name(ins.result)} = hopper.warpgroup_mma_wait(1, deps=[{e.name(ins.result)}])")
+        e.lagging[-1] = True
     e.set_lay(ins.result, key)
 
 
@@ -632,10 +666,11 @@ def _e_range(e: _Emitter, ins: Instr) -> None:
         _pipelined_loop(e, ins, loads)
     else:
         bounds = [e.name(lo), e.name(hi)] + ([] if e.name(step) == "1" else [e.name(step)])
+        head = len(e.lines)
         e.emit(f"for {e.name(body.args[0])} in range({', '.join(bounds)}):")
         e.indent += 1
         e.pipelining = None
-        _loop_body(e, ins, slots)
+        _loop_body(e, ins, slots, head)
         e.indent -= 1
     e.pipelining = outer
     for k in slots:
@@ -650,12 +685,11 @@ def _e_range(e: _Emitter, ins: Instr) -> None:
             e.deferred.remove(r)
 
 
-def _loop_body(e: _Emitter, ins: Instr, slots: list[int]) -> None:
+def _loop_body(e: _Emitter, ins: Instr, slots: list[int], head: int) -> None:
     body = ins.body
-    e.released.append([])
+    e.open_block()
     e.block(body)
-    e.release_stages()
-    e.released.pop()
+    e.close_block(head)
     for k in slots:
         arg, y = body.args[1 + k], body.yields[k]
         if y is not arg:
@@ -715,10 +749,9 @@ def _pipelined_loop(e: _Emitter, ins: Instr, loads: list[Instr]) -> None:
     for x, name, _, block in rings:
         e.ring_tiles[x] = _ring_view(f"{name}.index({s})", block, x.result.type.shape)
     e.pipelining = ins
-    e.released.append([])
+    e.open_block()
     e.block(body)
-    e.release_stages()
-    e.released.pop()
+    e.close_block()
     nxt = e.fresh("nxt")
     e.emit(f"{nxt} = {trip} + {stages - 1}   # refill the stage the previous trip used")
     issue(nxt, f"{nxt} % {stages}", f"{nxt} < {trips}")
