@@ -4,12 +4,13 @@
     rows[0]["step_s"], rows[0]["peak_bytes"], rows[0]["components"]
 
 Each plan runs in a fresh process group of ``plan.world_size`` ranks, training tilestack's parallel GPT with the
-Trainer that ``tilestack train`` uses, on ``make_batch`` batches. Step time: the median over the steps after
-``warmup`` of the slowest rank's wall time (a step ends when its last rank does). Memory, without CUDA: one
-more step runs under ``torch.profiler`` with ``profile_memory``; the peak of the running sum of its CPU
-allocations and frees, plus the bytes alive when it began (parameters and optimizer state, counted tensor by
-tensor; gradients were freed by the previous step), is the rank's peak. The bytes of parameters, gradients (after
-the gradient reduction) and optimizer state are also counted tensor by tensor, per component.
+Trainer that ``tilestack train`` uses, on ``make_batch`` batches. Step time: the least, over the steps after
+``warmup``, of the slowest rank's wall time (a step ends when its last rank does; the least is the step other
+work on a shared machine disturbed least, as the planner's own timings are; the median is kept too).
+Memory, without CUDA: one more step runs under ``torch.profiler`` with ``profile_memory``; the peak of the
+running sum of its CPU allocations and frees, plus the bytes alive when it began (parameters and optimizer
+state, counted tensor by tensor; gradients were freed by the previous step), is the rank's peak. The bytes of
+parameters, gradients (after the gradient reduction) and optimizer state are also counted tensor by tensor.
 """
 
 from __future__ import annotations
@@ -110,8 +111,8 @@ def measure_plans(desc: ModelDesc, plans: Sequence[Plan], *, steps: int = 6, war
         res = run_local(measure_rank, plan.world_size, (spec,), timeout_s=timeout_s)
         per_step = [max(r["seconds"][i] for r in res) for i in range(steps)][warmup:]
         worst = max(res, key=lambda r: r["peak_bytes"])
-        rows.append(dict(plan=plan.label(), world_size=plan.world_size, step_s=statistics.median(per_step),
-                         step_s_all=per_step, peak_bytes=worst["peak_bytes"],
+        rows.append(dict(plan=plan.label(), world_size=plan.world_size, step_s=min(per_step),
+                         step_s_median=statistics.median(per_step), step_s_all=per_step, peak_bytes=worst["peak_bytes"],
                          peak_bytes_per_rank=[r["peak_bytes"] for r in res], components=worst["components"],
                          loss=res[0]["losses"][-1]))
     return rows
