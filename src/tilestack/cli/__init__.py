@@ -23,7 +23,7 @@ def _root() -> None:
 
 # Command modules, imported for their side effect of registering commands on ``app``.
 # A module whose optional dependencies are missing (e.g. flwr) is skipped.
-_COMMAND_MODULES = ("bench", "perf", "fl", "tune", "train")
+_COMMAND_MODULES = ("bench", "perf", "fl", "tune", "train", "plan")
 
 
 def _register() -> None:
