@@ -155,7 +155,8 @@ def check(name: str, got, want, tol=None) -> None:
         raise Mismatch("mismatch", f"{name} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
     if got.numel() == 0:
         return
-    g, w = got.detach().double(), want.double()
+    g = got.detach().double()
+    w = want.double().to(g.device)
     # a finite float64 result beyond the output dtype's range is an infinity in that dtype: either the infinity
     # or a finite value within the bound passes (the f32 result may round either way at the edge)
     in_dtype = w.to(got.dtype).double()
@@ -824,6 +825,10 @@ def fuzz(budget: int, seed: int = 0, device: str = "cpu", backends: Sequence[str
                 expect(outs)
             except Mismatch as m:
                 status, detail = m.status, str(m)
+            except Exception as e:    # the fuzzer's own check failed: recorded, so the run (and its worker) goes on
+                where = traceback.extract_tb(e.__traceback__)[-1]
+                status, detail = "crash", (f"in the check, not the library: {type(e).__name__}: {str(e)[:300]} "
+                                           f"(at {where.filename.split('/')[-1]}:{where.lineno})")
         outcome = Outcome(index, kind, backend, status, desc, detail)
         report.outcomes.append(outcome)
         if progress is not None:

@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import os
 import tempfile
+import warnings
 
 from tilestack.backends.triton.codegen import wide_globals
 from tilestack.config import knobs
@@ -194,7 +195,7 @@ class Launcher:
         torch.cuda.nvtx.range_push(self.label)
         try:
             with torch.cuda.device(device_index):
-                compiled = self.fn[grid](*flat, **self.options)
+                compiled = self._compile_fitting(grid, flat)
         finally:
             torch.cuda.nvtx.range_pop()
         from tilestack.backends.triton import BACKEND
@@ -203,6 +204,31 @@ class Launcher:
         # the direct path needs the kernel loaded on the device the tensors live on
         if device_index == torch.cuda.current_device():
             self.fast = _DirectLaunch(self, compiled, device_index)
+
+
+    def _compile_fitting(self, grid, flat):
+        """The first launch, with fewer pipeline stages when the tiles do not fit the device's shared memory.
+
+        A tuned config fits the kernel it was tuned on; a variant of it (an attention with a mask tile, a wider
+        head padded to the next power of two) can need more. Each stage less drops one copy of the loop's tiles,
+        so the kernel still runs, a little slower, with a one-time warning; a kernel too big even with one stage
+        is refused with the numbers, not Triton's traceback."""
+        from triton.runtime.errors import OutOfResources
+
+        while True:
+            try:
+                return self.fn[grid](*flat, **self.options)
+            except OutOfResources as e:
+                stages = self.options.get("num_stages", 1)
+                if e.name != "shared memory" or stages <= 1:
+                    raise LaunchError(
+                        f"{self.traced.name}: its tiles need more {e.name} than the device has with "
+                        f"{ {**self.traced.constants, **self.options} }: required {e.required}, limit {e.limit}; "
+                        "choose smaller tiles (the kernel's tunables)") from None
+                warnings.warn(f"{self.traced.name}: config {self.traced.constants} with num_stages={stages} needs "
+                              f"{e.required} bytes of shared memory (limit {e.limit}); launching with "
+                              f"num_stages={stages - 1}", RuntimeWarning, stacklevel=2)
+                self.options = {**self.options, "num_stages": stages - 1}
 
 
 class _DirectLaunch:
