@@ -3,11 +3,12 @@ GPT-2-small-shaped model and a ResNet-50-shaped CNN, and the quantized GEMMs aga
 layers. Each (case, variant) runs in a process of its own (compile caches and memory do not carry over).
 
     PYTHONPATH=src python3 scripts/bench_inference.py                        # everything (H200; about 30 min)
+    PYTHONPATH=src python3 scripts/bench_inference.py --cases epilogue --time-limit 300 --json epilogue.json
     PYTHONPATH=src python3 scripts/bench_inference.py --cases gpt2-prefill --variants eager,inductor,tilestack
     PYTHONPATH=src python3 scripts/bench_inference.py --cases gemm           # the fp8 bar alone (no compiling)
     PYTHONPATH=src python3 scripts/bench_inference.py --cases gemm --gemm-sweep   # and the fp8 GEMM's best config
     PYTHONPATH=src python3 scripts/bench_inference.py --quick                # tiny sizes on the CPU (a check)
-    PYTHONPATH=src python3 scripts/bench_inference.py --json results.json
+    PYTHONPATH=src python3 scripts/bench_inference.py --json results.json --time-limit 2400   # (the default)
 
 Cases:
 - ``gpt2-prefill``: GPT-2 small (tilestack.bench.models.GPT, impl="torch", random weights, bf16), logits of
@@ -19,6 +20,9 @@ Cases:
   224x224 images; throughput in images/s.
 - ``gemm``: the GPT-2 linear layers at M = 8 x 1024 rows: torch bf16 (cuBLAS), tilestack's bf16 GEMM, int8
   and fp8 weight-only, fp8 weights and activations (with and without quantizing the activations).
+- ``epilogue``: GPT-2 small's MLP layers at M = 8 x 1024 rows, c_fc + bias + GELU (tanh) and c_proj + bias +
+  residual add: torch eager, Inductor, tilestack's GEMM with the epilogue in torch, tilestack's GEMM with the
+  epilogue fused, and the tilestack backend's rewrite of the eager code (about 2 minutes).
 
 Variants (model cases): ``eager``; ``inductor`` and ``inductor-max-autotune`` (torch.compile); ``tilestack``
 (torch.compile(backend="tilestack"), the rest by Inductor default), ``tilestack-max-autotune``,
@@ -29,7 +33,8 @@ eager's relative to eager's largest magnitude, and the backend's swap counts.
 
 Bars (issue 14), checked at the end: tilestack at least as fast as Inductor default and at least 1.3x eager on
 every model case; bf16 outputs within 1e-2 of eager (relative); fp8 weights-and-activations GEMM at least 1.4x
-the bf16 GEMM on GPT-2's linear layers.
+the bf16 GEMM on GPT-2's linear layers. Printed last: the bars, then the table of every row. ``--time-limit``
+bounds the whole run (a case past it is stopped, later ones skipped; their rows say so).
 """
 
 from __future__ import annotations
@@ -47,12 +52,14 @@ import torch.nn.functional as F
 from torch import nn
 
 MODEL_CASES = ("gpt2-prefill", "gpt2-decode", "resnet50-b1", "resnet50-b64")
-CASES = MODEL_CASES + ("gemm",)
+KERNEL_CASES = ("gemm", "epilogue")                  # no model variants: one process runs all of a case
+CASES = MODEL_CASES + KERNEL_CASES
 VARIANTS = ("eager", "inductor", "inductor-max-autotune", "tilestack", "tilestack-max-autotune",
             "tilestack-reduce-overhead", "tilestack-int8", "tilestack-fp8-act")
 QUICK_VARIANTS = ("eager", "inductor", "tilestack", "tilestack-int8")
 QUANT_VARIANTS = {"tilestack-int8": "int8", "tilestack-fp8-act": "fp8-act"}
 GEMM_VARIANTS = ("bf16-torch", "bf16-tilestack", "int8-w", "fp8-w", "fp8-act", "fp8-act-gemm-only")
+EPILOGUE_VARIANTS = ("torch-eager", "inductor", "tilestack-unfused", "tilestack-fused", "tilestack-backend")
 OUT_TOL = 1e-2            # bf16 outputs against eager, relative to eager's largest magnitude
 SPEEDUP_EAGER = 1.3
 FP8_SPEEDUP = 1.4
@@ -273,7 +280,7 @@ def run_gemm_case(quick: bool, sweep: bool = False) -> list[dict]:
             "int8-w": P(quantized_linear, x, q8, s8),
             "fp8-w": P(quantized_linear, x, qf, sf),
             "fp8-act": P(quantized_linear, x, qf, sf, x_scale=xs),
-            "fp8-act-gemm-only": P(qgemm_kernel, xq, qf, sf, sf, yq, xs),   # writes yq, returns None
+            "fp8-act-gemm-only": P(qgemm_kernel, xq, qf, sf, sf, sf, yq, xs),   # writes yq, returns None
         }
         base = None
         for variant, fn in fns.items():
@@ -289,7 +296,7 @@ def run_gemm_case(quick: bool, sweep: bool = False) -> list[dict]:
             best = None
             for cfg in SWEEP:
                 try:
-                    t = time_fn(functools.partial(qgemm_kernel, xq, qf, sf, sf, yq, xs, **cfg), args_sets=[()],
+                    t = time_fn(functools.partial(qgemm_kernel, xq, qf, sf, sf, sf, yq, xs, **cfg), args_sets=[()],
                                 budget_s=0.5, device=device)
                 except Exception:   # a config past the shared-memory or register limit
                     continue
@@ -303,6 +310,79 @@ def run_gemm_case(quick: bool, sweep: bool = False) -> list[dict]:
     return rows
 
 
+# ---- the fused epilogue -------------------------------------------------------------------------------------------
+def epilogue_shapes(quick: bool):
+    """(name, M, K, N, activation, residual) of GPT-2 small's MLP at B x N = 8 x 1024 rows: c_fc + bias + GELU
+    (tanh form, as GPT-2) and c_proj + bias + the residual add."""
+    if quick:
+        return [("mlp.c_fc+gelu", 32, 32, 128, "gelu_tanh", False), ("mlp.c_proj+res", 32, 128, 32, None, True)]
+    M, d = 8 * 1024, 768
+    return [("mlp.c_fc+gelu", M, d, 4 * d, "gelu_tanh", False), ("mlp.c_proj+res", M, 4 * d, d, None, True)]
+
+
+def _linear_epilogue(activation: str | None, residual: bool):
+    """The torch code a model runs: F.linear, then the activation, then the residual add."""
+    def fn(x, w, b, r):
+        y = F.linear(x, w, b)
+        if activation == "gelu_tanh":
+            y = F.gelu(y, approximate="tanh")
+        return y + r if residual else y
+    return fn
+
+
+def run_epilogue_case(quick: bool) -> list[dict]:
+    """Per GPT-2 MLP layer: torch eager, Inductor (default), tilestack's plain GEMM with the epilogue left to
+    torch, tilestack's GEMM with the epilogue fused (kernels.gemm(..., bias=, activation=, residual=)), and the
+    tilestack backend's rewrite of the eager code (linear_epilogue pass, the rest by Inductor)."""
+    import tilestack
+    import tilestack.compile as tc
+    from tilestack.kernels import gemm
+    from tilestack.kernels.gemm import torch_activation
+    from tilestack.perf.timing import time_fn
+
+    device = "cuda" if torch.cuda.is_available() and not quick else "cpu"
+    dtype = torch.bfloat16
+    rows = []
+    for name, M, K, N, act, res in epilogue_shapes(quick):
+        torch.manual_seed(0)
+        x = torch.randn(M, K, device=device, dtype=dtype)
+        w = (torch.randn(N, K, device=device) * K**-0.5).to(dtype)         # (out, in), as nn.Linear
+        b = (0.1 * torch.randn(N, device=device)).to(dtype)
+        r = torch.randn(M, N, device=device, dtype=dtype)
+        wt = w.t().contiguous()                                            # (K, N) for the plain GEMM
+        fn = _linear_epilogue(act, res)
+        want = fn(x.float(), w.float(), b.float(), r.float())
+
+        def unfused(x=x, wt=wt, b=b, r=r, act=act, res=res):
+            y = torch_activation(gemm(x, wt) + b, act)
+            return y + r if res else y
+
+        torch._dynamo.reset()
+        backend_fn = tilestack.optimize(fn)
+        P = functools.partial
+        fns = {
+            "torch-eager": P(fn, x, w, b, r),
+            "inductor": P(torch.compile(fn), x, w, b, r),
+            "tilestack-unfused": unfused,
+            "tilestack-fused": P(gemm, x, w.t(), bias=b, activation=act, residual=r if res else None),
+            "tilestack-backend": P(backend_fn, x, w, b, r),
+        }
+        base = None
+        for variant, f in fns.items():
+            with torch.no_grad():
+                out = f()
+                note = ""
+                if variant == "tilestack-backend":
+                    note = str(dict(tc.last_report().swapped))
+                err = float((out.float() - want).abs().max() / want.abs().max())
+                t = time_fn(f, args_sets=[()], budget_s=1.0 if quick else 3.0, device=device)
+            base = t.median_s if variant == "torch-eager" else base
+            rows.append(dict(case="epilogue", variant=variant, shape=f"{name} {M}x{K}x{N}",
+                             latency_ms=t.median_s * 1e3, tflops=2 * M * N * K / t.median_s / 1e12,
+                             speedup_vs_eager=base / t.median_s, max_rel_err=err, device=device, note=note))
+    return rows
+
+
 # ---- the driver ---------------------------------------------------------------------------------------------------
 def worker(case: str, variant: str, quick: bool, passes=None, sweep: bool = False) -> list[dict]:
     from tilestack import config
@@ -310,7 +390,11 @@ def worker(case: str, variant: str, quick: bool, passes=None, sweep: bool = Fals
     if quick:   # tilestack's kernels on CPU tensors: the reference executor (the backend swaps only then)
         config.knobs.backend = "reference"
     try:
-        return run_gemm_case(quick, sweep) if case == "gemm" else [run_model_case(case, variant, quick, passes)]
+        if case == "gemm":
+            return run_gemm_case(quick, sweep)
+        if case == "epilogue":
+            return run_epilogue_case(quick)
+        return [run_model_case(case, variant, quick, passes)]
     except Exception as e:   # one failed case must not hide the others' results
         return [dict(case=case, variant=variant, error=f"{type(e).__name__}: {str(e)[:500]}")]
 
@@ -328,6 +412,9 @@ def print_results(rows: list[dict]) -> None:
             elif case == "gemm":
                 print(f"  {r['shape']:<28} {r['variant']:<18} {r['latency_ms']:8.3f} ms {r['tflops']:7.1f} TFLOP/s "
                       f"x{r['speedup_vs_bf16']:.2f} vs bf16  err {r['max_rel_err']:.1e} {r.get('note', '')}")
+            elif case == "epilogue":
+                print(f"  {r['shape']:<30} {r['variant']:<18} {r['latency_ms']:8.3f} ms {r['tflops']:7.1f} TFLOP/s "
+                      f"x{r['speedup_vs_eager']:.2f} vs eager  err {r['max_rel_err']:.1e} {r['note']}")
             else:
                 print(f"  {r['variant']:<26} compile {r['compile_s']:6.1f} s  {r['latency_ms']:9.3f} ms  "
                       f"{r['throughput']:12.1f} {r['unit']:<9} peak {_fmt(r['peak_gib'], '.2f')} GiB  "
@@ -351,6 +438,11 @@ def check_bars(rows: list[dict]) -> list[str]:
         err = got["tilestack"]["max_rel_err"]
         lines.append(f"{case}: tilestack output vs eager {err:.1e} ({'ok' if err <= OUT_TOL else 'MISSED'}, "
                      f"bar {OUT_TOL})")
+    for shape in dict.fromkeys(r["shape"] for r in rows if r["case"] == "epilogue" and "error" not in r):
+        got = {r["variant"]: r["latency_ms"] for r in rows if r["case"] == "epilogue" and r.get("shape") == shape}
+        if "tilestack-fused" in got and "inductor" in got:
+            lines.append(f"epilogue {shape}: tilestack-fused {got['inductor'] / got['tilestack-fused']:.2f}x "
+                         f"Inductor, {got['torch-eager'] / got['tilestack-fused']:.2f}x eager (no bar: a measure)")
     for r in rows:
         if r["case"] == "gemm" and r.get("variant") in ("fp8-act", "fp8-gemm-best"):
             s = r["speedup_vs_bf16"]
@@ -365,7 +457,9 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=None, help=f"comma-separated, from {VARIANTS}")
     ap.add_argument("--quick", action="store_true", help="tiny sizes on the CPU")
     ap.add_argument("--in-process", action="store_true", help="run every case in this process")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", "--out", default=None, help="write every row and the bars here")
+    ap.add_argument("--time-limit", type=float, default=2400.0, help="seconds for the whole run: a case past it is "
+                    "stopped and the cases after it skipped (their rows say so); default 40 minutes")
     ap.add_argument("--gemm-sweep", action="store_true", help="also search the fp8 GEMM's config (about a minute)")
     ap.add_argument("--passes", default=None, help="the tilestack backend's passes, comma-separated (default: all "
                     "of tilestack.compile.PASSES), e.g. norm,add_norm to leave attention to Inductor")
@@ -380,26 +474,35 @@ def main(argv=None) -> int:
     bad = [c for c in cases if c not in CASES] + [v for v in variants if v not in VARIANTS]
     if bad:
         ap.error(f"unknown cases or variants {bad}; cases: {CASES}, variants: {VARIANTS}")
-    jobs = [(c, "-") if c == "gemm" else (c, v) for c in cases for v in (["-"] if c == "gemm" else variants)
+    jobs = [(c, v) for c in cases for v in (["-"] if c in KERNEL_CASES else variants)
             if not (v in QUANT_VARIANTS and not c.startswith("gpt2"))]
     rows: list[dict] = []
+    deadline = time.monotonic() + a.time_limit
     for case, variant in jobs:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            rows.append(dict(case=case, variant=variant, error=f"skipped: --time-limit {a.time_limit:g} s reached"))
+            continue
         print(f"[bench_inference] {case} {variant}", file=sys.stderr, flush=True)
         if a.in_process:
             rows += worker(case, variant, a.quick, a.passes.split(",") if a.passes else None, a.gemm_sweep)
             continue
         cmd = [sys.executable, __file__, "--worker", case, variant] + (["--quick"] if a.quick else []) + (
             ["--passes", a.passes] if a.passes else []) + (["--gemm-sweep"] if a.gemm_sweep else [])
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
+        except subprocess.TimeoutExpired:
+            rows.append(dict(case=case, variant=variant, error=f"stopped: --time-limit {a.time_limit:g} s reached"))
+            continue
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
         if p.returncode or not lines:
             rows.append(dict(case=case, variant=variant, error=f"exit {p.returncode}: {p.stderr[-500:]}"))
         else:
             rows += json.loads(lines[-1][len("RESULT "):])
-    print_results(rows)
     bars = check_bars(rows)
     if bars:
         print("\n== bars\n  " + "\n  ".join(bars))
+    print_results(rows)                              # the table last
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(rows=rows, bars=bars, argv=sys.argv[1:], torch=torch.__version__), f, indent=1)
