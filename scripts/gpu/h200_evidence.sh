@@ -1,22 +1,43 @@
 #!/usr/bin/env bash
-# One call on the H200 that produces the evidence for issues 8 and 9, each part bounded in time, every result
-# under $OUT (at most 8 files come back: logs are concatenated). Run from the repository root:
-#   bash scripts/gpu/h200_evidence.sh            (PYTHONPATH=src is set here)
+# One call on the H200 that produces the evidence for the open issues, each part bounded in time, every result
+# under $OUT (few files come back: logs are concatenated, folders tarred). Run from the repository root:
+#   PARTS="bench host" bash scripts/gpu/h200_evidence.sh        (PYTHONPATH=src is set here)
+# Parts: replay (fuzz problems listed in REPLAY), bench, host, gpt2, llama, compile-steps, fa3, gluon, dropout,
+#        inference, fuzz (FUZZ_S seconds from FUZZ_START), tune-truth (TUNE_S seconds).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
 OUT=${OUT:-out/h200}
-mkdir -p "$OUT"
+PARTS=${PARTS:-"bench host gpt2 llama fa3"}
+mkdir -p "$OUT/files"
 log="$OUT/log.txt"
 part() {   # part <seconds> <name> <command...>
   local s=$1 name=$2; shift 2
   echo "=== $name" | tee -a "$log"
-  timeout "$s" "$@" >>"$log" 2>&1; echo "=== $name rc=$?" | tee -a "$log"
+  local t0=$SECONDS
+  timeout "$s" "$@" >>"$log" 2>&1; echo "=== $name rc=$? ($((SECONDS - t0)) s)" | tee -a "$log"
 }
-part 80 host-cost python3 scripts/bench_host_cost.py --json "$OUT/host.json"
-part 120 gpt2-eager python3 scripts/bench_model_step.py --models gpt2 --modes eager --json "$OUT/gpt2_eager.json"
-part 70 llama-eager python3 scripts/bench_model_step.py --models llama --modes eager --no-profile --json "$OUT/llama_eager.json"
-part 110 fa3-grid python3 scripts/bench_attention.py --backward --seqs 1024 4096 16384 --out "$OUT"
-part 70 bench python3 -m tilestack.cli bench --no-models --out "$OUT/bench"
-[ -n "${FUZZ_S:-}" ] && part "$FUZZ_S" fuzz python3 scripts/fuzz.py --budget 10000 --device cuda --time-limit "$((FUZZ_S - 10))" --json "$OUT/fuzz.json"
-tar czf "$OUT/bench.tgz" -C "$OUT" bench 2>/dev/null && rm -rf "$OUT/bench"
-grep -E "us/call|vs SDPA|^attention\(|^gemm|^softmax|^layer|cuda_graph|bar|MISS|PASS| eager |fwd D=|bwd D=|problems|mismatch|===" "$log" | cut -c1-220 | tail -120
+F="$OUT/files"
+for p in $PARTS; do
+  case $p in
+    replay) for i in ${REPLAY:-}; do
+              part 60 "replay $i" python3 scripts/fuzz.py --seed 0 --start "$i" --budget 1 --device cuda -v; done ;;
+    bench) part 100 bench python3 -m tilestack.cli bench --no-models --out "$F/bench" ;;
+    host) part 80 host-cost python3 scripts/bench_host_cost.py --json "$F/host.json" ;;
+    gpt2) part 120 gpt2-eager python3 scripts/bench_model_step.py --models gpt2 --modes eager --json "$F/gpt2_eager.json" ;;
+    llama) part 80 llama-eager python3 scripts/bench_model_step.py --models llama --modes eager --no-profile \
+             --json "$F/llama_eager.json" ;;
+    compile-steps) part 200 compile-steps python3 scripts/bench_model_step.py --models gpt2,llama --modes compile \
+                     --sizes 4x2048,1x8192 --no-profile --json "$F/compile_steps.json" ;;
+    fa3) part 150 fa3-grid python3 scripts/bench_attention.py --backward --seqs 512 2048 8192 --out "$F/fa3" ;;
+    gluon) part 200 gluon python3 scripts/gpu/check_gluon.py --json "$F/gluon.json" ;;
+    dropout) part 130 dropout python3 scripts/gpu/check_dropout.py --json "$F/dropout.json" ;;
+    inference) part 300 inference python3 scripts/bench_inference.py --json "$F/inference.json" ;;
+    fuzz) part "${FUZZ_S:-300}" fuzz python3 scripts/fuzz.py --budget 10000 --seed 0 --device cuda --workers 15 \
+            --start "${FUZZ_START:-0}" --time-limit "$(( ${FUZZ_S:-300} - 40 ))" --json "$F/fuzz.json" ;;
+    tune-truth) part "${TUNE_S:-300}" tune-truth python3 scripts/tune/collect_ground_truth.py \
+                  --time-limit "$(( ${TUNE_S:-300} - 20 ))" --out "$F/ground_truth.jsonl" ;;
+    *) echo "unknown part $p" | tee -a "$log" ;;
+  esac
+done
+tar czf "$OUT/files.tgz" -C "$OUT" files && rm -rf "$F"
+grep -E "us/call|vs SDPA|^attention\(|^gemm|^softmax|^layer|^rms|cuda_graph|bar|MISS|PASS| eager | compile |fwd D=|bwd D=|problems|mismatch|ratio|x cuBLAS|TFLOP|===" "$log" | cut -c1-220 | tail -150
