@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import Any
+from typing import Any, ClassVar
 
 from tilestack.backends.base import Backend
 from tilestack.backends.gluon import codegen
@@ -25,13 +25,14 @@ from tilestack.errors import BackendError
 @dataclasses.dataclass(frozen=True)
 class GluonOptions:
     """``num_warps``: warps of a kernel without warp roles (a multiple of 4: whole warpgroups for wgmma);
-    ``num_stages``: the depth of the shared rings of loops the ``schedule`` pass pipelines. Kernels with warp
-    roles take their warps and register budgets from their ``ts.partition`` declarations."""
+    ``num_stages``: the depth of the shared rings of loops the ``schedule`` pass pipelines (1: none). Kernels
+    with warp roles take their warps and register budgets from their ``ts.partition`` declarations. The same
+    names as Triton's options, so a kernel's defaults (``@ts.kernel(options=...)``) apply to both."""
     num_warps: int | None = None
     num_stages: int | None = None
 
-    DEFAULT_WARPS = 8
-    DEFAULT_STAGES = 4
+    DEFAULTS: ClassVar[dict[str, int]] = {"num_warps": 8, "num_stages": 4}
+    SEARCH: ClassVar[dict[str, tuple[int, ...]]] = {"num_warps": (4, 8), "num_stages": (2, 3, 4, 5)}
 
     def __post_init__(self):
         for name in ("num_warps", "num_stages"):
@@ -40,16 +41,14 @@ class GluonOptions:
                 raise BackendError(f"gluon: {name}={v!r}; expected a positive int")
         if self.num_warps is not None and self.num_warps % 4:
             raise BackendError(f"gluon: num_warps={self.num_warps}; expected a multiple of 4 (whole warpgroups)")
-        if self.num_stages is not None and self.num_stages < 2:
-            raise BackendError(f"gluon: num_stages={self.num_stages}; expected >= 2 (a ring keeps loads in flight)")
 
     @property
     def warps(self) -> int:
-        return self.num_warps or self.DEFAULT_WARPS
+        return self.num_warps or self.DEFAULTS["num_warps"]
 
     @property
     def stages(self) -> int:
-        return self.num_stages or self.DEFAULT_STAGES
+        return self.num_stages or self.DEFAULTS["num_stages"]
 
 
 LAUNCH_OPTIONS = tuple(f.name for f in dataclasses.fields(GluonOptions))
@@ -71,8 +70,14 @@ class GluonBackend(Backend):
     Options = GluonOptions
 
     def options(self, constants: dict[str, Any], given: dict[str, Any] | None = None) -> GluonOptions:
+        """Those a kernel still declares among its constants, else those ``given`` (at launch, or the kernel's
+        defaults), else ``GluonOptions.DEFAULTS``."""
         merged = {**(given or {}), **constants}
         return GluonOptions(**{k: merged[k] for k in LAUNCH_OPTIONS if k in merged})
+
+    def default_options(self, traced) -> GluonOptions:
+        """What a launch with no options given uses: the kernel's default options over the backend's."""
+        return self.options(traced.constants, getattr(traced.kernel, "options", None))
 
     def lower(self, ir, print_after=(), num_warps: int | None = None, num_stages: int | None = None):
         """(lowered IR, stages) of the Gluon pipeline (``backends/gluon/passes.py``)."""
@@ -80,7 +85,7 @@ class GluonBackend(Backend):
         return codegen.lower(ir, o.warps, o.stages, print_after=print_after)
 
     def generate(self, traced, options: GluonOptions | None = None) -> codegen.Lowered:
-        o = options or self.options(traced.constants)
+        o = options or self.default_options(traced)
         key = ("lowered", o)
         cache = self.cache(traced)
         if key not in cache:
@@ -91,7 +96,7 @@ class GluonBackend(Backend):
         """The jitted kernel for these options, cached per trace (Triton compiles it on the first launch)."""
         from tilestack.backends.gluon import launch
 
-        o = options or self.options(traced.constants)
+        o = options or self.default_options(traced)
         cache = self.cache(traced)
         art = cache.get(("jit", o))
         if art is None:
@@ -100,6 +105,7 @@ class GluonBackend(Backend):
         return art
 
     def prepare(self, traced, args, options: dict[str, Any] | None = None):
+        """``options``: given at launch over the kernel's defaults (the front end merged them)."""
         from tilestack.backends.gluon import launch
         return launch.Launcher(traced, args, self.options(traced.constants, options))
 

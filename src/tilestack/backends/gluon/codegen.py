@@ -662,7 +662,7 @@ def _e_range(e: _Emitter, ins: Instr) -> None:
             e.assign(arg, e.name(init))
     loads = [x for x in pipelined_loads(ins) if e.emitting(x)] if ins.attrs.stages else []
     outer = e.pipelining
-    if loads and e.name(step).lstrip("-").isdigit() and int(e.name(step)) > 0:
+    if loads and ins.attrs.stages >= 2 and e.name(step).isdigit() and int(e.name(step)) > 0:
         _pipelined_loop(e, ins, loads)
     else:
         bounds = [e.name(lo), e.name(hi)] + ([] if e.name(step) == "1" else [e.name(step)])

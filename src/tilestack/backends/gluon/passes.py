@@ -188,7 +188,7 @@ def schedule(stages: int):
     def run(ir: KernelIR) -> KernelIR:
         out = clone(ir)
         for ins in out.walk():
-            if ins.op is Op.RANGE and ins.attrs.stages is None and pipelined_loads(ins):
+            if stages > 1 and ins.op is Op.RANGE and ins.attrs.stages is None and pipelined_loads(ins):
                 ins.attrs = RangeAttrs(stages=stages)
         return out
     return run
