@@ -19,13 +19,16 @@ hard (the config cannot work: it does not compile, does not launch, or the copy 
   - TMA boxes: a tile the copy engine moves has each box dimension <= 256 elements and an inner dimension whose
     bytes are a multiple of 16
   - occupancy: not even one block fits an SM (threads, registers or shared memory)
+  - coverage (sizes known): the grid's tiles do not read every element of the tensors the kernel loads (the IR's
+    compulsory bytes fall short of their sizes: a row wider than the one tile a program reads, a wrong result)
 
 soft (it works, but a config that differs only there is certain to be at least as fast)
   - registers: the tiles held live at the program's peak (accumulators, operands in registers, scores) spread
     over the threads exceed what ptxas may give a thread at that block size by ``SPILL_SLACK``: it spills
   - idle warps: the largest tile has fewer elements than the block has threads
   - a tile wider than the tensor it moves (past the next power of two of its size): all extra work is masked
-  - duplicates: ``num_stages`` > 1 where no loop loads anything (Triton compiles the same code)
+  - duplicates: ``num_stages`` other than the domain's first where no loop loads anything (Triton compiles the
+    same code)
 
 ``valid()`` applies the hard rules, ``kept()`` both; the precision of each is measured by ``tune.aot`` (compiles
 for sm_90a on this CPU) and the interpreter (``scripts/tune/constraint_report.py``).
@@ -36,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -52,8 +56,6 @@ PTXAS_REGISTER_GRANULE = 8    # ptxas hands out registers per thread in steps of
 # The register estimate counts live tiles, not the compiler's exact layouts; a config is dropped as spilling only
 # past this factor of the per-thread limit (calibrated against sm_90a compiles: docs/autotuning.md).
 SPILL_SLACK = 1.25
-# The backend options the tuner searches next to a kernel's tunables when a problem names none.
-BACKEND_DOMAINS = {"num_warps": (2, 4, 8, 16), "num_stages": (1, 2, 3, 4)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +102,7 @@ class Estimate:
     threads: int = 0
     blocks_per_sm: int = 0                # occupancy
     warps_per_sm: int = 0
+    occupancy: float = 0.0                # resident threads / the SM's maximum
     programs: int | None = None           # the grid's size, where sizes are known
     flops: float | None = None            # of one call, from the IR (sizes known)
     bytes: float | None = None            # global bytes touched
@@ -138,8 +141,8 @@ def estimate(kernel, args: Sequence, fixed: dict[str, Any], config: dict[str, An
     arch = arch_limits(device.arch)
     e = Estimate(dict(config))
     consts, options = split_config(kernel, config)
-    warps = options.get("num_warps", consts.get("num_warps", kernel.options.get("num_warps", 4)))
-    stages = options.get("num_stages", consts.get("num_stages", kernel.options.get("num_stages", 1))) or 1
+    launch = {**BACKEND.option_defaults(), **kernel.options, **consts, **options}   # what the launch would use
+    warps, stages = launch["num_warps"], launch["num_stages"] or 1
     e.threads = warps * THREADS_PER_WARP
     if warps < 1 or warps & (warps - 1) or e.threads > arch.max_threads_per_block:
         e.hard.append(f"backend: num_warps={warps}: Triton needs a power of two up to "
@@ -165,8 +168,6 @@ def estimate(kernel, args: Sequence, fixed: dict[str, Any], config: dict[str, An
                       f"give at {e.threads} threads: spills")
     if e.tile_elements and e.tile_elements < e.threads:
         e.soft.append(f"idle warps: the largest tile has {e.tile_elements} elements for {e.threads} threads")
-    if "num_stages" in config and stages > 1 and not e.loop_loads:
-        e.soft.append(f"duplicate: num_stages={stages} with no loop that loads (same code as 1)")
     return e
 
 
@@ -307,6 +308,7 @@ def _occupancy(e: Estimate, arch: ArchLimits, shared_per_block: int) -> None:
     by_shared = arch.shared_per_sm // e.shared_bytes if e.shared_bytes else arch.max_blocks_per_sm
     e.blocks_per_sm = min(by_regs, by_threads, by_shared, arch.max_blocks_per_sm)
     e.warps_per_sm = e.blocks_per_sm * e.threads // THREADS_PER_WARP
+    e.occupancy = e.blocks_per_sm * e.threads / arch.max_threads_per_sm
     if e.shared_bytes > shared_per_block:
         e.hard.append(f"shared memory: ~{e.shared_bytes} B (with pipelining copies) > the device's "
                       f"{shared_per_block} B per block")
@@ -329,11 +331,32 @@ def _sizes(e: Estimate, traced, low, args) -> None:
                 e.soft.append(f"tile wider than its tensor: {g.hint or 'global'}'s tile {tuple(shape)} over "
                               f"{tuple(dims)}")
                 break
-    try:
-        cost = traced.cost(*args)
-    except (ValueError, TypeError):
+    cost = _cost(traced, args)
+    if cost is None:
         return
     e.programs, e.flops, e.bytes, e.dram_bytes = cost.programs, cost.flops, cost.bytes, cost.dram_bytes
+    # coverage: the grid's tiles must read every element of the tensors the kernel loads (a row longer than
+    # the one tile a program reads of it, a grid too small for the tensor: a wrong result, not a slow one)
+    loaded = {index[ins.srcs[0]] for ins in low.walk() if ins.op is Op.LOAD}
+    size = sum(math.prod(args[i].shape) * low.params[i].type.dtype.itemsize for i in loaded)
+    read = cost.dram_bytes_read if cost.dram_bytes_read is not None else cost.bytes_read
+    if read < size:
+        e.hard.append(f"coverage: the tiles read {read} of the {size} bytes of the loaded tensors")
+
+
+_costs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # trace -> {argument sizes: Cost}
+
+
+def _cost(traced, args):
+    """The IR's cost at these sizes, once per trace and sizes (launch options share a trace)."""
+    sizes = tuple(tuple(a.shape) if hasattr(a, "shape") else a for a in args)
+    memo = _costs.setdefault(traced, {})
+    if sizes not in memo:
+        try:
+            memo[sizes] = traced.cost(*args)
+        except (ValueError, TypeError):
+            memo[sizes] = None
+    return memo[sizes]
 
 
 def _next_pow2(n: int) -> int:
@@ -373,7 +396,12 @@ class ConstrainedSpace:
     def estimate(self, config: dict[str, Any]) -> Estimate:
         k = tuple(sorted(config.items()))
         if k not in self._cache:
-            self._cache[k] = estimate(self.kernel, self.args, self.fixed, config, self.device)
+            e = estimate(self.kernel, self.args, self.fixed, config, self.device)
+            first = self.domains.get("num_stages", (None,))[0]
+            if e.valid and not e.loop_loads and config.get("num_stages", first) != first:
+                e.soft.append(f"duplicate: num_stages={config['num_stages']} with no loop that loads (the same "
+                              f"code as num_stages={first})")
+            self._cache[k] = e
         return self._cache[k]
 
     def estimates(self) -> list[Estimate]:
@@ -397,16 +425,11 @@ class ConstrainedSpace:
 
 
 def problem_domains(problem) -> dict[str, tuple]:
-    """A library problem's search domains: its kernel tunables as the problem restricts them, and the backend's
-    options (the problem's, else ``BACKEND_DOMAINS``)."""
-    from tilestack.backends.triton import LAUNCH_OPTIONS
+    """A library problem's search domains: its kernel's tunables times the backend's options, as the problem
+    restricts them (``tune.space.SearchSpace.domains``)."""
+    from tilestack.tune.space import SearchSpace
 
-    doms = {k: tuple(v) for k, v in problem.restrict.items()}
-    for name, t in problem.tile.tunables.items():
-        doms.setdefault(name, tuple(t.domain))
-    for name in LAUNCH_OPTIONS:
-        doms.setdefault(name, BACKEND_DOMAINS[name])
-    return doms
+    return SearchSpace(problem.tile, fixed=problem.fixed, restrict=problem.restrict).domains()
 
 
 def problem_args(problem) -> tuple:

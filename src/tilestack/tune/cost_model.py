@@ -1,0 +1,220 @@
+"""A learned cost model: predicts a config's time from its features, with an uncertainty, and picks what to
+measure next by expected improvement.
+
+    data = Dataset.load(["docs/results/tune_ground_truth_h200.jsonl"])      # measurements, by problem
+    model = CostModel().fit(*data.training(exclude_kernel="gemm"))          # pre-trained on the other kernels
+    mean, std = model.predict(X)                                            # log2(time / roofline), per config
+    order = active_search(X, measure, prior=data.training(...), budget=12)  # refined on the target
+
+The target is ``log2(time / roofline time)`` (the roofline from the IR's FLOPs and bytes and the device table:
+a per-problem constant known before anything runs), so that problems of every size and kernel share one scale.
+The model is a random forest (scikit-learn): its mean over trees predicts, the spread of the trees is the
+uncertainty that expected improvement trades against the mean. On the target problem each measurement is
+added to the training set, weighted so that the target's own points count as much as all the pre-training
+data together once there are a few of them, and the forest is refitted (a few hundred ms).
+
+The dataset is JSON lines, written by ``scripts/tune/collect_ground_truth.py`` as it measures (a run cut short
+keeps every line written):
+    {"type": "problem", "id": ..., "kernel": ..., "signature": ..., "shape": ..., "n": ..., "device": {...}}
+    {"type": "config", "id": ..., "config": {...}, "group": "kept"|"hard"|"soft", "us": 12.5 | null,
+     "error": null | "...", "features": {...}}
+    {"type": "done", "id": ..., "complete": true}          # every kept config of the problem was measured
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tilestack.errors import TunableError
+from tilestack.tune.features import FEATURES, vector
+
+N_TREES = 100
+MIN_LEAF = 2
+MAX_FEATURES = 0.5          # of the features tried at each split: decorrelates the trees (the uncertainty)
+TARGET_WEIGHT = 1.0         # the target's points together weigh this much relative to the pre-training data
+XI = 0.01                   # expected improvement's margin, in log2 units (~0.7%)
+
+
+def _sklearn():
+    try:
+        from sklearn.ensemble import RandomForestRegressor
+    except ImportError as e:
+        raise TunableError("the cost model needs scikit-learn (pip install 'scikit-learn>=1.3')") from e
+    return RandomForestRegressor
+
+
+def target(us: float, features: dict[str, float]) -> float:
+    """The model's target for a measured time: log2(time / roofline time)."""
+    return math.log2(us) - features.get("log2_roofline_us", 0.0)
+
+
+class CostModel:
+    """A random forest over ``FEATURES`` vectors; ``predict`` gives (mean, std over trees)."""
+
+    def __init__(self, n_trees: int = N_TREES, seed: int = 0):
+        self.n_trees, self.seed = n_trees, seed
+        self.forest = None
+
+    def fit(self, X: Sequence, y: Sequence[float], weight: Sequence[float] | None = None) -> CostModel:
+        X, y = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        if X.ndim != 2 or X.shape[0] != y.shape[0] or X.shape[0] == 0:
+            raise TunableError(f"CostModel.fit: X is {X.shape} and y {y.shape}; expected (n, features) and (n,) "
+                               "with n > 0")
+        forest = _sklearn()(n_estimators=self.n_trees, min_samples_leaf=MIN_LEAF, max_features=MAX_FEATURES,
+                            random_state=self.seed, n_jobs=1)
+        self.forest = forest.fit(X, y, sample_weight=None if weight is None else np.asarray(weight))
+        return self
+
+    def predict(self, X: Sequence) -> tuple[np.ndarray, np.ndarray]:
+        if self.forest is None:
+            raise TunableError("CostModel.predict: fit the model first")
+        X = np.asarray(X, dtype=np.float64)
+        per_tree = np.stack([t.predict(X) for t in self.forest.estimators_])     # (trees, n)
+        return per_tree.mean(0), per_tree.std(0)
+
+
+def expected_improvement(mean: np.ndarray, std: np.ndarray, best: float, xi: float = XI) -> np.ndarray:
+    """How much below ``best`` (lower is better) each prediction is expected to land."""
+    from scipy.stats import norm
+
+    std = np.maximum(std, 1e-9)
+    gain = best - mean - xi
+    z = gain / std
+    return gain * norm.cdf(z) + std * norm.pdf(z)
+
+
+@dataclasses.dataclass
+class Step:
+    index: int                  # into the candidates
+    y: float | None             # the measured target (None: failed)
+
+
+def active_search(X: Sequence, measure: Callable[[int], float | None], *, budget: int,
+                  prior: tuple[Sequence, Sequence] | None = None, seeds: Sequence[int] = (),
+                  n_trees: int = N_TREES, seed: int = 0) -> list[Step]:
+    """Measure ``budget`` of the candidates ``X`` (feature vectors), choosing each next one by expected
+    improvement under a forest pre-trained on ``prior`` (X, y) and refitted with every measurement; ``seeds``
+    (indices: the config in use, another GPU's winner) are measured first. ``measure(i)`` returns the target
+    of candidate i (``target``), or None if it failed (then it counts as worse than any measured)."""
+    X = np.asarray(X, dtype=np.float64)
+    n = len(X)
+    budget = min(budget, n)
+    steps: list[Step] = []
+    tried: set[int] = set()
+
+    def take(i: int):
+        tried.add(i)
+        steps.append(Step(i, measure(i)))
+
+    for i in seeds:
+        if len(steps) < budget and i not in tried and 0 <= i < n:
+            take(i)
+    rng = np.random.default_rng(seed)
+    while len(steps) < budget:
+        left = np.array([i for i in range(n) if i not in tried])
+        model = _refit(X, steps, prior, n_trees, seed)
+        if model is None:                    # no prior and nothing measured yet: a random start
+            take(int(rng.choice(left)))
+            continue
+        mean, std = model.predict(X[left])
+        ok = [s.y for s in steps if s.y is not None]
+        if not ok:
+            take(int(left[np.argmin(mean)]))
+            continue
+        ei = expected_improvement(mean, std, min(ok))
+        take(int(left[np.argmax(ei)]) if ei.max() > 0 else int(left[np.argmin(mean)]))
+    return steps
+
+
+def _refit(X: np.ndarray, steps: list[Step], prior, n_trees: int, seed: int) -> CostModel | None:
+    ok = [s.y for s in steps if s.y is not None]
+    worst = max(ok) + 1.0 if ok else None
+    tx = [X[s.index] for s in steps if s.y is not None or worst is not None]
+    ty = [s.y if s.y is not None else worst for s in steps if s.y is not None or worst is not None]
+    px, py = (list(prior[0]), list(prior[1])) if prior is not None and len(prior[0]) else ([], [])
+    if not tx and not px:
+        return None
+    # the target's points weigh TARGET_WEIGHT x the prior's total once there are a few; never less than one each
+    w_target = max(1.0, TARGET_WEIGHT * len(px) / max(len(tx), 1) * min(1.0, len(tx) / 4))
+    weight = [1.0] * len(px) + [w_target] * len(tx)
+    return CostModel(n_trees, seed).fit(px + tx, py + ty, weight)
+
+
+# ---- the dataset ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class ProblemData:
+    id: str
+    kernel: str
+    meta: dict[str, Any]
+    configs: list[dict] = dataclasses.field(default_factory=list)     # every measured config, in order
+    us: list[float | None] = dataclasses.field(default_factory=list)   # its time (None: failed or wrong)
+    groups: list[str] = dataclasses.field(default_factory=list)        # kept / hard / soft
+    features: list[dict] = dataclasses.field(default_factory=list)
+    complete: bool = False
+
+    def kept(self) -> list[int]:
+        """Indices of the configs the constraints keep (the tuner's candidates)."""
+        return [i for i, g in enumerate(self.groups) if g == "kept"]
+
+    def X(self, idx: Iterable[int] | None = None) -> np.ndarray:
+        idx = range(len(self.configs)) if idx is None else idx
+        return np.array([vector(self.features[i]) for i in idx], dtype=np.float64).reshape(-1, len(FEATURES))
+
+    def y(self, i: int) -> float | None:
+        return None if self.us[i] is None else target(self.us[i], self.features[i])
+
+    def best_us(self) -> float | None:
+        ok = [self.us[i] for i in self.kept() if self.us[i] is not None]
+        return min(ok) if ok else None
+
+
+@dataclasses.dataclass
+class Dataset:
+    problems: dict[str, ProblemData]
+
+    @classmethod
+    def load(cls, paths: Iterable[Path | str]) -> Dataset:
+        """Every problem in these JSON-lines files (a torn last line, from a run cut short, is skipped)."""
+        problems: dict[str, ProblemData] = {}
+        for path in paths:
+            for line in Path(path).read_text().splitlines():
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                kind, pid = r.get("type"), r.get("id")
+                if kind == "problem":
+                    problems[pid] = ProblemData(pid, r["kernel"], r)
+                elif kind == "config" and pid in problems:
+                    p = problems[pid]
+                    p.configs.append(r["config"])
+                    p.us.append(r.get("us"))
+                    p.groups.append(r.get("group", "kept"))
+                    p.features.append(r.get("features") or {})
+                elif kind == "done" and pid in problems:
+                    problems[pid].complete = bool(r.get("complete"))
+        return cls(problems)
+
+    def kernels(self) -> list[str]:
+        return sorted({p.kernel for p in self.problems.values()})
+
+    def training(self, exclude_kernel: str | None = None, exclude: Iterable[str] = ()) -> tuple[list, list]:
+        """(X, y) of every measured config, leaving out one kernel's problems and the problem ids ``exclude``."""
+        skip = set(exclude)
+        X, y = [], []
+        for p in self.problems.values():
+            if p.kernel == exclude_kernel or p.id in skip:
+                continue
+            for i in range(len(p.configs)):
+                t = p.y(i)
+                if t is not None:
+                    X.append(vector(p.features[i]))
+                    y.append(t)
+        return X, y
