@@ -10,8 +10,13 @@ Sections (each case runs on its own; a failure is recorded with its traceback an
              consumer partitions, setmaxnreg), ragged
   attention  the explicit attention forward of tests/lang/test_explicit.py (a producer and two ping-pong
              consumer partitions), bf16, head dims 64 and 128, ragged lengths
+  attn_lib   the library's attention forward (kernels.attention_fwd, a plain kernel the schedule pass pipelines)
+             on the gluon backend: causal (both alignments) and not, GQA, head dims 64 and 128, bf16 and fp16,
+             ragged lengths; o and lse against float64
   bench      4096^3 and 8192^3, bf16 and fp16: gluon (a few stage/tile configs, the best kept), gluon_ws,
              triton backend, torch.matmul (cuBLAS); kernel time by triton.testing.do_bench (median), TFLOP/s
+  attn_bench the FA3 grid at N=4096 (B*N = 16k, H*D = 2048), bf16, causal and not: the library attention on
+             gluon and on triton, the explicit attention on gluon, SDPA's cuDNN and flash backends
 A case's output tensor starts as NaN, so a tile the kernel never writes fails the check. Bounded by
 --time-limit (default 170 s): cases past it are recorded as skipped. The last thing printed is a table.
 """
@@ -34,14 +39,23 @@ import torch  # noqa: E402
 
 from tilestack.kernels.gemm import gemm_config, gemm_kernel  # noqa: E402
 
-SECTIONS = ("gemm", "gemm_ws", "attention", "bench")
+SECTIONS = ("gemm", "gemm_ws", "attention", "attn_lib", "bench", "attn_bench")
 # (M, N, K): ragged edges on every axis; N and K multiples of 8 (the copy engine's 16-byte row rule for 2-byte
 # dtypes); one tile, a sub-tile problem, more k-steps than ring stages, and a wide one
 GEMM_SHAPES = [(128, 128, 64), (1, 8, 8), (257, 136, 72), (1000, 520, 1032), (300, 1024, 4096), (2048, 2048, 512)]
 # (B, H, Nq, Nk, D): ragged lengths, fewer keys than one block, more than the ring
 ATTN_SHAPES = [(1, 2, 128, 128, 64), (2, 3, 300, 257, 64), (1, 2, 1, 40, 64), (2, 2, 513, 1000, 128),
                (1, 4, 1024, 1024, 128)]
+# (B, H, Hkv, Nq, Nk, D, causal, causal_align, dtype)
+ATTN_LIB_CASES = [(2, 4, 4, 300, 257, 64, False, "top_left", "bfloat16"), (1, 4, 2, 513, 1000, 128, True, "top_left",
+                  "bfloat16"), (2, 2, 2, 200, 333, 64, True, "bottom_right", "float16"),
+                  (1, 8, 2, 1024, 1024, 128, True, "top_left", "float16"), (1, 2, 1, 1, 77, 64, False, "top_left",
+                                                                             "bfloat16")]
+# gluon configs for the library attention: 128 query rows over two warpgroups, K/V rings of 3 (2 at hd 128)
+ATTN_LIB_CONFIG = {64: dict(BM=128, BN=128, num_warps=8, num_stages=3),
+                   128: dict(BM=128, BN=64, num_warps=8, num_stages=3)}
 BENCH_SIZES = (4096, 8192)
+ATTN_BENCH = [(4, 32, 4096, 64), (4, 16, 4096, 128)]   # (B, H, N, D): B*N = 16k, H*D = 2048
 GEMM_CONFIGS = [dict(BM=128, BN=128, BK=64, num_stages=4), dict(BM=128, BN=256, BK=64, num_stages=3),
                 dict(BM=128, BN=128, BK=64, num_stages=3)]
 # errors against float64, relative to the largest reference element: the output's rounding (bf16: 2^-8,
@@ -134,6 +148,82 @@ def attention_cases(run: Runner, attention) -> None:
         run.case("attention", f"bf16 B{b} H{h} Nq{nq} Nk{nk} D{d}", one)
 
 
+def attention_lib_cases(run: Runner) -> None:
+    from tilestack.kernels import attention_fwd as af
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    for b, h, hkv, nq, nk, d, causal, align, dt in ATTN_LIB_CASES:
+        def one(b=b, h=h, hkv=hkv, nq=nq, nk=nk, d=d, causal=causal, align=align, dt=dt):
+            dtype = getattr(torch, dt)
+            q = torch.randn(b, h, nq, d, device="cuda", dtype=dtype, generator=g)
+            k = torch.randn(b, hkv, nk, d, device="cuda", dtype=dtype, generator=g)
+            v = torch.randn(b, hkv, nk, d, device="cuda", dtype=dtype, generator=g)
+            o, lse = af.attention_forward(q, k, v, causal, backend="gluon", causal_align=align,
+                                          **ATTN_LIB_CONFIG[d])
+            torch.cuda.synchronize()
+            ref_o, ref_lse = af.reference(q, k, v, causal, causal_align=align)
+            err = rel_err(o, ref_o)
+            lse_err = (lse.double() - ref_lse).nan_to_num(posinf=0, neginf=0).abs().max().item()
+            ok = err <= ATTN_TOL and lse_err <= 1e-3 and torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+            return {"status": "ok" if ok else "FAIL", "rel_err": err, "lse_abs_err": lse_err,
+                    "detail": f"o rel err {err:.2e}, lse abs err {lse_err:.2e}"}
+        run.case("attn_lib", f"{dt} B{b} H{h}/{hkv} {nq}x{nk} D{d} {'causal ' + align if causal else 'full'}", one)
+
+
+def attention_bench(run: Runner, attention) -> None:
+    for b, h, n, d in ATTN_BENCH:
+        for causal in (False, True):
+            attention_bench_one(run, attention, b, h, n, d, causal)
+        torch.cuda.empty_cache()
+
+
+def attention_bench_one(run: Runner, attention, b: int, h: int, n: int, d: int, causal: bool) -> None:
+    """One FA3-grid point: SDPA's cuDNN and flash kernels, the library attention on triton and on gluon, the
+    explicit attention on gluon (not causal: it has no mask); then the ratios to cuDNN."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from triton.testing import do_bench
+
+    from tilestack.kernels import attention_fwd as af
+
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    flops = 4 * b * h * n * n * d // (2 if causal else 1)
+    tag = f"B{b} H{h} N{n} D{d} {'causal' if causal else 'full'}"
+    best: dict[str, float] = {}
+
+    def timed(impl: str, fn) -> dict:
+        ms = do_bench(fn, warmup=10, rep=50, return_mode="median")
+        best[impl] = ms
+        return {"impl": impl, "ms": ms, "tflops": flops / ms / 1e9,
+                "detail": f"{ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s"}
+
+    def sdpa(backend):
+        def fn():
+            with sdpa_kernel([backend]):
+                torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return lambda: timed(backend.name.lower(), fn)
+
+    def library(backend: str, **cfg):   # through the public op (its plan is cached after the first call)
+        return lambda: timed(backend, lambda: af.attention_forward(q, k, v, causal, backend=backend, **cfg))
+
+    def explicit():
+        o, scale = torch.empty_like(q), 1 / math.sqrt(d)
+        launch = attention.launcher_for((q, k, v, o, scale), "gluon", BM=128, BN=64 if d == 128 else 128, D=d,
+                                        STAGES=2)
+        return timed("gluon_explicit", lambda: launch((q, k, v, o, scale)))
+
+    run.case("attn_bench", f"{tag} sdpa cudnn", sdpa(SDPBackend.CUDNN_ATTENTION))
+    run.case("attn_bench", f"{tag} sdpa flash", sdpa(SDPBackend.FLASH_ATTENTION))
+    run.case("attn_bench", f"{tag} triton", library("triton"))
+    run.case("attn_bench", f"{tag} gluon", library("gluon", **ATTN_LIB_CONFIG[d]))
+    if not causal:
+        run.case("attn_bench", f"{tag} gluon explicit", explicit)
+    if "cudnn_attention" in best:
+        ratios = {i: best["cudnn_attention"] / ms for i, ms in best.items() if i != "cudnn_attention"}
+        run.rows.append({"section": "attn_bench", "case": f"{tag} vs cuDNN", "status": "ok",
+                         **{f"{i}_vs_cudnn": r for i, r in ratios.items()},
+                         "detail": ", ".join(f"{i} {r:.2f}x" for i, r in ratios.items())})
+
+
 def bench_cases(run: Runner, gemm_ws) -> None:
     for dtype in (torch.bfloat16, torch.float16):
         for n in BENCH_SIZES:
@@ -198,8 +288,12 @@ def main() -> int:
         gemm_cases(run, "gemm_ws", ws.gemm_ws)
     if "attention" not in skip:
         attention_cases(run, ws.explicit_attention())
+    if "attn_lib" not in skip:
+        attention_lib_cases(run)
     if "bench" not in skip:
         bench_cases(run, ws.gemm_ws)
+    if "attn_bench" not in skip:
+        attention_bench(run, ws.explicit_attention())
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "triton": __import__("triton").__version__, "seconds": round(time.time() - run.t0, 1)}
     if args.json:
