@@ -157,6 +157,8 @@ class ProblemData:
     us: list[float | None] = dataclasses.field(default_factory=list)   # its time (None: failed or wrong)
     groups: list[str] = dataclasses.field(default_factory=list)        # kept / hard / soft
     features: list[dict] = dataclasses.field(default_factory=list)
+    raw_index: list[int] = dataclasses.field(default_factory=list)     # position in the space's product order
+    first_s: list[float | None] = dataclasses.field(default_factory=list)   # compile + first launch, seconds
     complete: bool = False
 
     def kept(self) -> list[int]:
@@ -198,6 +200,8 @@ class Dataset:
                     p.us.append(r.get("us"))
                     p.groups.append(r.get("group", "kept"))
                     p.features.append(r.get("features") or {})
+                    p.raw_index.append(int(r.get("raw_index", len(p.raw_index))))
+                    p.first_s.append(r.get("first_s"))
                 elif kind == "done" and pid in problems:
                     problems[pid].complete = bool(r.get("complete"))
         return cls(problems)

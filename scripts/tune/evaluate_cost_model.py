@@ -1,0 +1,229 @@
+"""How good the cost model is, on stored measurements (``collect_ground_truth.py``): no GPU needed.
+
+    PYTHONPATH=src python3 scripts/tune/evaluate_cost_model.py --data docs/results/tune_ground_truth_h200.jsonl \
+        --out docs/results/cost_model_eval_h200.json
+
+For each (kernel, shape) problem whose kept configs were all measured, with the model pre-trained on the OTHER
+kernels only (leave one kernel out):
+  ranking   Spearman between predicted and measured times over the kept configs; top-1 regret (the predicted
+            best's time over the measured best, minus 1); top-5 regret
+  search    at a budget of --budget-frac of the kept configs (at least 1), the best found over the exhaustive best
+            (1.0 = found it), for: active learning by expected improvement (``tune.cost_model.active_search``),
+            the model's top-k, random search (mean over --random-seeds), Triton-style exhaustive autotune in the
+            space's product order cut at the same budget, and active learning seeded with the H100 table's
+            winner where one exists; and how many measurements each needs to come within 5% of the best
+  time      tuning wall time: the measured configs' compile + first launch + timing, plus the model's own time
+The last lines are tables: per problem, and the medians / worst case against the bar (98% of the best at 10% of
+the measurements, worst case 95%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tilestack.tune.cost_model import CostModel, Dataset, active_search
+
+MIN_CONFIGS = 6          # problems with fewer measured kept configs are not worth ranking
+NEAR = 1.05              # "within 5% of the best"
+TIMING_S = 0.05          # per measured config beyond its first launch (do_bench's 20 ms rep and warm-up)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", action="append", help="JSON lines (repeatable; globs); default docs/results/"
+                                                     "tune_ground_truth_*.jsonl")
+    ap.add_argument("--budget-frac", type=float, default=0.10)
+    ap.add_argument("--random-seeds", type=int, default=20)
+    ap.add_argument("--trees", type=int, default=100)
+    ap.add_argument("--seed-device", default="nvidia-h100-80gb-hbm3", help="tables whose winners seed the search")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args(argv)
+    paths = sorted({p for pat in (a.data or ["docs/results/tune_ground_truth_*.jsonl"]) for p in glob.glob(pat)})
+    if not paths:
+        print("no data: run scripts/tune/collect_ground_truth.py first")
+        return 2
+    data = Dataset.load(paths)
+    rows = []
+    for p in data.problems.values():
+        kept = p.kept()
+        ok = [i for i in kept if p.us[i] is not None]
+        if not p.complete or len(ok) < MIN_CONFIGS:
+            continue
+        rows.append(evaluate(p, data, a))
+        r = rows[-1]
+        print(f"{r['id'][:58]:58} n={r['n']:4} rho={r['spearman']:+.2f} top1={r['top1_regret']:.3f} "
+              f"AL={r['al_frac']:.3f} rand={r['random_frac']:.3f} triton={r['triton_frac']:.3f}", flush=True)
+    if not rows:
+        print(f"no problem in {paths} has all its kept configs measured (at least {MIN_CONFIGS} that ran)")
+        return 2
+    summary = summarize(rows)
+    if a.out:
+        from tilestack.tune.cache import write_json_atomic
+        write_json_atomic(a.out, {"data": paths, "budget_frac": a.budget_frac, "problems": rows, "summary": summary})
+    print_tables(rows, summary, a.budget_frac, [data.problems[r["id"]].meta.get("timer", "") for r in rows])
+    return 0
+
+
+def evaluate(p, data: Dataset, a) -> dict:
+    kept = p.kept()
+    X = p.X(kept)
+    us = np.array([math.inf if p.us[i] is None else p.us[i] for i in kept])
+    best = float(us.min())
+    n = len(kept)
+    budget = max(1, math.ceil(a.budget_frac * n))
+    prior = data.training(exclude_kernel=p.kernel)
+    t0 = time.perf_counter()
+    model = CostModel(a.trees).fit(*prior) if prior[0] else None
+    fit_s = time.perf_counter() - t0
+    out = {"id": p.id, "kernel": p.kernel, "n": n, "valid": int(np.isfinite(us).sum()), "budget": budget,
+           "best_us": best, "prior_rows": len(prior[0])}
+    # ranking over the configs that ran
+    ran = np.isfinite(us)
+    if model is not None:
+        mean, _ = model.predict(X)
+        out["spearman"] = spearman(mean[ran], us[ran])
+        order = np.argsort(mean)
+        out["top1_regret"] = float(us[order[0]] / best - 1)
+        out["top5_regret"] = float(us[order[:5]].min() / best - 1)
+        out["topk_frac"] = best / float(us[order[:budget]].min())
+        out["topk_to_5pct"] = first_within(list(order), us, best)
+    else:
+        out.update(spearman=float("nan"), top1_regret=float("nan"), top5_regret=float("nan"), topk_frac=0.0,
+                   topk_to_5pct=n)
+
+    def measure(i):
+        return None if not np.isfinite(us[i]) else math.log2(us[i]) - p.features[kept[i]].get("log2_roofline_us", 0)
+
+    # active learning: run to the whole space so that "measurements to 5%" is known, read off at the budget
+    t0 = time.perf_counter()
+    steps = active_search(X, measure, budget=min(n, max(budget, 4 * budget)), prior=prior if prior[0] else None,
+                          n_trees=a.trees)
+    al_s = time.perf_counter() - t0
+    al_order = [s.index for s in steps]
+    out["al_frac"] = best / float(us[al_order[:budget]].min())
+    out["al_to_5pct"] = first_within(al_order, us, best)
+    out["al_model_s"] = al_s * budget / max(len(steps), 1)
+    # seeded by another GPU's table
+    seed = seed_index(p, kept, a.seed_device)
+    out["h100_seed"] = seed is not None
+    if seed is not None:
+        st = active_search(X, measure, budget=budget, prior=prior if prior[0] else None, seeds=[seed],
+                           n_trees=a.trees)
+        seeded = [s.index for s in st]
+        out["seeded_frac"] = best / float(us[seeded].min())
+        out["seed_alone_frac"] = best / float(us[seed]) if np.isfinite(us[seed]) else 0.0
+    # random search, averaged
+    rng = np.random.default_rng(0)
+    fr, to5 = [], []
+    for _ in range(a.random_seeds):
+        perm = list(rng.permutation(n))
+        fr.append(best / float(us[perm[:budget]].min()))
+        to5.append(first_within(perm, us, best))
+    out["random_frac"], out["random_to_5pct"] = float(np.mean(fr)), float(np.mean(to5))
+    # Triton-style autotune: the configs in the space's product order, cut at the budget
+    triton = list(np.argsort([p.raw_index[i] for i in kept], kind="stable"))
+    out["triton_frac"] = best / float(us[triton[:budget]].min())
+    out["triton_to_5pct"] = first_within(triton, us, best)
+    # tuning wall time: exhaustive vs active learning at the budget
+    cost = [config_seconds(p, i) for i in kept]
+    out["exhaustive_s"] = float(sum(cost))
+    out["al_s"] = float(sum(cost[i] for i in al_order[:budget]) + out["al_model_s"] + fit_s)
+    return out
+
+
+def config_seconds(p, i) -> float:
+    """What measuring config i cost: its compile and first launch (recorded), plus timing."""
+    return (p.first_s[i] or 0.0) + TIMING_S
+
+
+def first_within(order, us, best) -> int:
+    """How many measurements, in this order, until one is within 5% of the best (the whole space if never)."""
+    for k, i in enumerate(order):
+        if us[i] <= NEAR * best:
+            return k + 1
+    return len(us)
+
+
+def spearman(a, b) -> float:
+    from scipy.stats import spearmanr
+
+    if len(a) < 3:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+def seed_index(p, kept, device_slug: str) -> int | None:
+    """The index (into ``kept``) of the config another GPU's shipped table chose for this problem, if it is
+    among the kept configs."""
+    from tilestack.tune.cache import TABLES, Table, launch_kwargs, lookup_entry
+
+    for path in TABLES.glob(f"{p.kernel}_*_{device_slug}.json"):
+        table = Table.read(path)
+        entry = table and lookup_entry(table.entries, p.kernel, p.meta.get("signature", ""),
+                                       int(p.meta.get("bucket") or 0))
+        if entry:
+            cfg = launch_kwargs(entry)
+            for k, i in enumerate(kept):
+                if all(p.configs[i].get(n) == v for n, v in cfg.items() if n in p.configs[i]):
+                    return k
+    return None
+
+
+def summarize(rows) -> dict:
+    def med(k):
+        vals = [r[k] for r in rows if k in r and not (isinstance(r[k], float) and math.isnan(r[k]))]
+        return statistics.median(vals) if vals else float("nan")
+
+    def worst(k):
+        vals = [r[k] for r in rows if k in r]
+        return min(vals) if vals else float("nan")
+
+    s = {"problems": len(rows)}
+    for k in ("spearman", "top1_regret", "top5_regret", "al_frac", "topk_frac", "random_frac", "triton_frac",
+              "seeded_frac", "seed_alone_frac", "al_to_5pct", "topk_to_5pct", "random_to_5pct", "triton_to_5pct",
+              "exhaustive_s", "al_s"):
+        s[f"median_{k}"] = med(k)
+    for k in ("al_frac", "topk_frac", "random_frac", "triton_frac", "seeded_frac"):
+        s[f"worst_{k}"] = worst(k)
+    s["bar_met"] = bool(s["median_al_frac"] >= 0.98 and s["worst_al_frac"] >= 0.95)
+    return s
+
+
+def print_tables(rows, s, frac, timers) -> None:
+    print()
+    print(f"{'problem':50} {'n':>4} {'bud':>4} {'rho':>6} {'top1':>6} {'AL':>6} {'top-k':>6} {'rand':>6} "
+          f"{'triton':>6} {'H100':>6} | to5%: {'AL':>4} {'rand':>5} {'trit':>4} | {'exh s':>6} {'AL s':>6}")
+    for r in rows:
+        seeded = f"{r['seeded_frac']:.3f}" if "seeded_frac" in r else "-"
+        print(f"{r['id'][:50]:50} {r['n']:>4} {r['budget']:>4} {r['spearman']:>6.2f} {r['top1_regret']:>6.3f} "
+              f"{r['al_frac']:>6.3f} {r['topk_frac']:>6.3f} {r['random_frac']:>6.3f} {r['triton_frac']:>6.3f} "
+              f"{seeded:>6} | {r['al_to_5pct']:>10} {r['random_to_5pct']:>5.1f} {r['triton_to_5pct']:>4} | "
+              f"{r['exhaustive_s']:>6.1f} {r['al_s']:>6.1f}")
+    print()
+    print(f"{s['problems']} problems; budget {frac:.0%} of the kept configs; fraction of the exhaustive best found "
+          "(median / worst):")
+    for name, k in (("active learning (EI)", "al_frac"), ("model top-k", "topk_frac"),
+                    ("random search", "random_frac"), ("Triton-style product order", "triton_frac"),
+                    ("AL seeded by H100 tables", "seeded_frac")):
+        print(f"  {name:28} {s['median_' + k]:.3f} / {s['worst_' + k]:.3f}")
+    print(f"  measurements to within 5% (median): AL {s['median_al_to_5pct']}, random "
+          f"{s['median_random_to_5pct']:.1f}, Triton order {s['median_triton_to_5pct']}")
+    print(f"  ranking (leave one kernel out): Spearman {s['median_spearman']:.2f}, top-1 regret "
+          f"{s['median_top1_regret']:.3f}, top-5 regret {s['median_top5_regret']:.3f}")
+    print(f"  tuning wall time per problem (median): exhaustive {s['median_exhaustive_s']:.1f} s, "
+          f"AL {s['median_al_s']:.1f} s")
+    print(f"  bar (median >= 0.98, worst >= 0.95 at {frac:.0%}): {'met' if s['bar_met'] else 'NOT met'}")
+    kinds = sorted(set(timers))
+    print(f"  timer: {'; '.join(kinds)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The cost model: features, the forest's mean and uncertainty, expected improvement, active search, the dataset."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tilestack.errors import TunableError
+from tilestack.kernels.gemm import gemm_kernel
+from tilestack.tune.constraints import estimate
+from tilestack.tune.cost_model import CostModel, Dataset, active_search, expected_improvement, target
+from tilestack.tune.devices import DeviceKey
+from tilestack.tune.features import FEATURES, config_features, device_peaks, resource_features, vector
+
+pytest.importorskip("sklearn")
+H100 = DeviceKey.parse("sm90-132sm-227kb")
+
+
+def _gemm_features(n=4096, **cfg):
+    m = [torch.empty(n, n, dtype=torch.bfloat16, device="meta") for _ in range(3)]
+    e = estimate(gemm_kernel, m, {}, {"GROUP_M": 8, **cfg}, H100)
+    peak, bw = device_peaks("NVIDIA H200")
+    return config_features(e, sms=H100.sms, shared_per_block=H100.shared_bytes, peak_flops=peak, bandwidth=bw)
+
+
+def test_gemm_features():
+    f = _gemm_features(BM=128, BN=256, BK=64, num_warps=8, num_stages=3)
+    assert set(f) == set(FEATURES)
+    assert f["log2_warps"] == 3 and f["stages"] == 3 and f["log2_bm"] == 7 and f["log2_bn"] == 8
+    assert f["log2_programs"] == math.log2(32 * 16)                       # (4096 / 128) x (4096 / 256) tiles
+    assert f["log2_flops"] == pytest.approx(math.log2(2 * 4096**3))
+    # 2 n^3 FLOPs at 989 TFLOP/s vs 3 n^2 x 2 bytes at 4.8 TB/s: compute bound, ~139 us
+    assert f["compute_bound"] == 1 and 2 ** f["log2_roofline_us"] == pytest.approx(2 * 4096**3 / 989.4e6, rel=1e-6)
+    assert f["waves"] == pytest.approx(512 / 132 / f["blocks_per_sm"])
+    assert f["has_aot"] == 0
+    v = vector(f | resource_features({"registers": 168, "spills": 0, "shared_bytes": 147480, "num_warps": 8}))
+    assert len(v) == len(FEATURES) and all(math.isfinite(x) for x in v)
+    assert v[FEATURES.index("aot_registers")] == 168 and v[FEATURES.index("has_aot")] == 1
+
+
+def test_vector_zeroes_what_is_missing_or_not_finite():
+    v = vector({"log2_warps": float("nan"), "stages": float("inf"), "log2_bm": 3.0})
+    assert v[:3] == [0.0, 0.0, 3.0] and len(v) == len(FEATURES)
+
+
+def _synthetic(n, rng, shift=0.0):
+    """Candidates with 3 informative features and the rest noise; time = a bowl with its minimum at (1, -1)."""
+    X = rng.normal(size=(n, len(FEATURES)))
+    y = (X[:, 0] - 1) ** 2 + (X[:, 1] + 1) ** 2 + 0.5 * X[:, 2] + shift
+    return X, y
+
+
+def test_forest_predicts_and_knows_what_it_has_not_seen():
+    rng = np.random.default_rng(0)
+    X, y = _synthetic(400, rng)
+    model = CostModel(n_trees=60).fit(X, y)
+    Xt, yt = _synthetic(200, rng)
+    mean, std = model.predict(Xt)
+    from scipy.stats import spearmanr
+    assert spearmanr(mean, yt).statistic > 0.8
+    far = np.full((1, len(FEATURES)), 6.0)                   # far outside the training data
+    assert model.predict(far)[1][0] > np.median(std)
+
+
+def test_fit_and_predict_check_their_inputs():
+    with pytest.raises(TunableError, match="fit"):
+        CostModel().fit(np.zeros((0, len(FEATURES))), [])
+    with pytest.raises(TunableError, match="fit the model first"):
+        CostModel().predict(np.zeros((1, len(FEATURES))))
+
+
+def test_expected_improvement():
+    best = 1.0
+    ei = expected_improvement(np.array([0.5, 1.5, 1.5, 1.5]), np.array([1e-12, 1e-12, 0.1, 1.0]), best, xi=0.0)
+    assert ei[0] == pytest.approx(0.5)           # certain to improve by 0.5
+    assert ei[1] == pytest.approx(0.0, abs=1e-9)  # certain not to
+    assert 0 < ei[2] < ei[3]                       # more uncertainty, more hope
+
+
+def _search_score(order, y):
+    """Measurements until the true best is found."""
+    best = int(np.argmin(y))
+    return order.index(best) + 1 if best in order else len(y) + 1
+
+
+def test_active_search_with_a_prior_beats_random_search():
+    rng = np.random.default_rng(1)
+    prior = _synthetic(600, rng, shift=3.0)           # another "kernel": same shape of landscape, other times
+    X, y = _synthetic(200, rng)
+    steps = active_search(X, lambda i: float(y[i]), budget=20, prior=prior, n_trees=40)
+    found = min(y[s.index] for s in steps)
+    # random search with 20 of 200 finds something this good with probability ~ 1 - (1 - k/200)^20
+    rank = int((y < found).sum())                     # configs better than what active search found
+    assert rank <= 2
+    assert len({s.index for s in steps}) == 20
+
+
+def test_active_search_measures_seeds_first_and_survives_failures():
+    rng = np.random.default_rng(2)
+    X, y = _synthetic(50, rng)
+    failed = set(range(0, 50, 3))
+    steps = active_search(X, lambda i: None if i in failed else float(y[i]), budget=10, seeds=[7, 7, 3],
+                          n_trees=20)
+    assert [s.index for s in steps[:2]] == [7, 3] and steps[1].y is None        # 3 failed: counted, no crash
+    assert len(steps) == 10 and len({s.index for s in steps}) == 10
+
+
+def test_dataset_load(tmp_path):
+    feats = {"log2_roofline_us": 3.0, "log2_warps": 2.0}
+    lines = [{"type": "problem", "id": "a", "kernel": "gemm", "signature": "bfloat16", "n": 4096},
+             {"type": "config", "id": "a", "config": {"BM": 64}, "group": "kept", "us": 16.0, "features": feats},
+             {"type": "config", "id": "a", "config": {"BM": 128}, "group": "kept", "us": None, "features": feats,
+              "error": "wrong result"},
+             {"type": "config", "id": "a", "config": {"BM": 256}, "group": "hard", "us": None, "features": feats},
+             {"type": "done", "id": "a", "complete": True},
+             {"type": "problem", "id": "b", "kernel": "softmax", "n": 1024},
+             {"type": "config", "id": "b", "config": {"BM": 1}, "group": "kept", "us": 4.0, "features": feats}]
+    path = tmp_path / "gt.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + '\n{"type": "config", "id": "b", "conf')   # torn
+    d = Dataset.load([path])
+    a, b = d.problems["a"], d.problems["b"]
+    assert a.complete and not b.complete and d.kernels() == ["gemm", "softmax"]
+    assert a.kept() == [0, 1] and a.best_us() == 16.0 and a.y(0) == target(16.0, feats) == 1.0
+    X, y = d.training(exclude_kernel="gemm")
+    assert y == [target(4.0, feats)] and len(X[0]) == len(FEATURES)
+    assert len(d.training()[1]) == 2
