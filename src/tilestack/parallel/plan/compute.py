@@ -49,6 +49,7 @@ class ComputeModel:
     desc: ModelDesc
     source: str
     cores: int | None = None
+    background: float = 0.0         # cores kept busy by other work on a shared CPU machine (busy_cores())
 
     def overhead(self, name: str) -> float:
         """The host cost of a parallel wrapper (tilestack.parallel.plan.overhead): 0 unless measured."""
@@ -76,8 +77,31 @@ class ComputeModel:
         raise NotImplementedError
 
     def contention(self, ranks: int) -> float:
-        """How much slower each rank computes when ``ranks`` processes share this machine's cores."""
-        return max(1.0, ranks / self.cores) if self.cores else 1.0
+        """How much slower each rank computes when ``ranks`` processes, and other work keeping ``background``
+        cores busy, share this machine's cores (each runnable process gets an equal share of a core)."""
+        return max(1.0, (ranks + self.background) / self.cores) if self.cores else 1.0
+
+
+def busy_cores(window_s: float = 1.0) -> float:
+    """Cores kept busy by whatever runs on this machine now: (1 - idle fraction) x cores over ``window_s`` seconds
+    of /proc/stat (0 where there is no /proc). Call it while none of the planner's own processes run."""
+    import time
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)          # idle + iowait
+        return idle, sum(fields)
+
+    try:
+        i0, t0 = sample()
+        time.sleep(window_s)
+        i1, t1 = sample()
+    except OSError:
+        return 0.0
+    if t1 <= t0:
+        return 0.0
+    return (1.0 - (i1 - i0) / (t1 - t0)) * (os.cpu_count() or 1)
 
 
 # ---- measured -----------------------------------------------------------------------------------------------------

@@ -1,0 +1,131 @@
+"""The planner's predictions against measurement on this machine's CPUs (gloo), for several models and plans.
+
+    PYTHONPATH=src python3 scripts/parallel/plan_cpu_validate.py --nproc 2,4 --out docs/results/plan_cpu.json \\
+        --figure docs/img/plan_pred_vs_meas.png --time-limit 900
+
+For each model (--models: small GPTs given as LxD, e.g. 4x64) and world size: the compute model is measured
+(per-layer times, the wrappers' overheads), the collectives' fit is loaded (or measured: gloo-cpu), every plan is
+predicted and ranked (on an idle machine), and --plans of them are trained for real
+(tilestack.parallel.plan.measure), each predicted again just before its run with the cores that other work keeps
+busy at that moment (compute.busy_cores: this machine is shared). The plans: the planner's choice, then a
+spread of layouts (one of each of dp, fsdp, tp, tp+sp, pp 1f1b, pp gpipe, interleaved, zero, recompute, where
+they fit), then the next-ranked. Prints one table row per plan (predicted and measured step
+time and peak memory, the errors), then a summary: the share of plans within 15% (time) and 10% (memory), and
+for each model and world size how far the planner's choice is from the fastest plan measured. Stops starting new
+runs after --time-limit seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from tilestack.parallel.model import ModelConfig
+from tilestack.parallel.plan import MeasuredCompute, describe_gpt, load_comm, measure_gloo, predict, search
+from tilestack.parallel.plan.compute import busy_cores
+from tilestack.parallel.plan.measure import measure_plans
+from tilestack.parallel.plan.search import choose
+
+TIME_TOL, MEM_TOL = 0.15, 0.10
+FAMILIES = ("dp", "fsdp", "tp", "sp", "1f1b", "gpipe", "int", "zero", "rc-")
+
+
+def family(label: str) -> str:
+    for f in FAMILIES:
+        if f in label:
+            return f
+    return "single"
+
+
+def pick(ranked, n: int) -> list:
+    """The choice, then one runnable plan of each family (its best), then the rest by rank."""
+    runnable = [r for r in ranked if r.prediction.runnable]
+    out = [choose(ranked)]
+    seen = {family(out[0].plan.label())}
+    for r in runnable:
+        f = family(r.plan.label())
+        if f not in seen and len(out) < n:
+            out.append(r)
+            seen.add(f)
+    for r in runnable:
+        if len(out) >= n:
+            break
+        if r not in out:
+            out.append(r)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="4x64,4x128,8x64", help="GPTs as LAYERSxWIDTH (4 heads, vocab 256)")
+    ap.add_argument("--nproc", default="2,4")
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--plans", type=int, default=6, help="plans measured per model and world size")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--time-limit", type=float, default=900.0)
+    ap.add_argument("--out", default="", help="write the rows as JSON here")
+    ap.add_argument("--figure", default="", help="predicted vs measured PNG")
+    args = ap.parse_args()
+    t0 = time.monotonic()
+    comm = load_comm("gloo-cpu") or measure_gloo(name="gloo-cpu")
+    rows, summary = [], []
+    for spec in args.models.split(","):
+        L, D = (int(x) for x in spec.split("x"))
+        cfg = ModelConfig(n_layer=L, d=D, n_head=4, vocab=256, max_seq=args.seq)
+        desc = describe_gpt(cfg, args.seq, name=f"gpt-{spec}")
+        compute = MeasuredCompute.for_gpt(desc)
+        for n in (int(x) for x in args.nproc.split(",")):
+            ranked = search(desc, compute, comm, world_size=n, batch=args.batch)
+            chosen = choose(ranked)
+            group = []
+            for r in pick(ranked, args.plans):
+                if time.monotonic() - t0 > args.time_limit:
+                    print(f"time limit {args.time_limit:.0f} s reached: stopping", file=sys.stderr)
+                    break
+                # what else runs here now: the prediction shares the cores with it (ComputeModel.contention)
+                compute.background = busy_cores()
+                p = predict(r.plan, desc, compute, comm)
+                (m,) = measure_plans(desc, [r.plan], steps=args.steps)
+                row = dict(model=desc.name, nproc=n, plan=p.plan.label(), chosen=r is chosen,
+                           predicted_step_s=p.step_s, measured_step_s=m["step_s"],
+                           measured_step_s_median=m["step_s_median"], predicted_peak_bytes=p.memory_bytes,
+                           measured_peak_bytes=m["peak_bytes"], bound=p.bound, terms=p.terms,
+                           predicted_components=p.memory, measured_components=m["components"],
+                           background_cores=compute.background)
+                row["time_err"] = row["measured_step_s"] / row["predicted_step_s"] - 1
+                row["mem_err"] = row["measured_peak_bytes"] / row["predicted_peak_bytes"] - 1
+                rows.append(row)
+                group.append(row)
+                print(f"{desc.name:10s} n={n} bg {compute.background:3.1f} {row['plan']:24s} "
+                      f"pred {p.step_s * 1e3:8.2f} ms  meas "
+                      f"{m['step_s'] * 1e3:8.2f} ms ({row['time_err']:+6.1%})  mem pred "
+                      f"{p.memory_bytes / 2**20:7.2f} MiB meas {m['peak_bytes'] / 2**20:7.2f} ({row['mem_err']:+6.1%})"
+                      f"{'  <- chosen' if row['chosen'] else ''}", flush=True)
+            if group:
+                fastest = min(group, key=lambda r: r["measured_step_s"])
+                ch = next((r for r in group if r["chosen"]), None)
+                if ch is not None:
+                    summary.append(dict(model=desc.name, nproc=n, chosen=ch["plan"], fastest=fastest["plan"],
+                                        chosen_over_fastest=ch["measured_step_s"] / fastest["measured_step_s"] - 1))
+    if args.figure and rows:
+        from tilestack.parallel.plan.pictures import predicted_vs_measured_png
+        predicted_vs_measured_png(rows, args.figure)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(rows=rows, summary=summary), f, indent=1)
+    within_t = sum(abs(r["time_err"]) <= TIME_TOL for r in rows)
+    within_m = sum(abs(r["mem_err"]) <= MEM_TOL for r in rows)
+    print("\nmodel       nproc  chosen                    fastest measured          chosen vs fastest")
+    for s in summary:
+        print(f"{s['model']:10s}  {s['nproc']:5d}  {s['chosen']:24s}  {s['fastest']:24s}  "
+              f"{s['chosen_over_fastest']:+.1%}")
+    print(f"\n{len(rows)} plans: step time within {TIME_TOL:.0%} for {within_t}, peak memory within {MEM_TOL:.0%} "
+          f"for {within_m}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
