@@ -103,3 +103,51 @@ def test_library_attention_forward_is_pipelined_on_wgmma():
     k, res, sass = compiled(traced)
     no_spills(res)
     assert sass.count("HGMMA.64x64x16.F32.BF16") >= 8 and "UTMALDG" in sass
+
+
+class _Hopper:
+    """A stand-in for Triton's CUDA driver that answers only what compiling asks (target, device, stream)."""
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+@pytest.fixture
+def hopper_jit():
+    from triton.runtime import driver
+    saved = driver._active
+    driver.set_active(_Hopper())
+    yield
+    driver._active = saved
+
+
+def jit_compile(traced, args):
+    """What a launch does short of running: the launcher's flat arguments (real descriptors over these tensors)
+    through Gluon's JIT, which specializes on them and compiles for sm_90a."""
+    from tilestack.backends.gluon.launch import Binding
+    be = get_backend("gluon")
+    art = be.compile(traced, be.default_options(traced))
+    flat = Binding(traced, args, art.lowered)(args)
+    return art.fn.run(*flat, grid=(1,), warmup=True, num_warps=art.lowered.num_warps)
+
+
+def test_launch_arguments_bind_to_the_generated_kernels(hopper_jit):
+    torch = pytest.importorskip("torch")
+    a, b = torch.randn(300, 72).bfloat16(), torch.randn(72, 136).bfloat16()
+    c = torch.empty(300, 136).bfloat16()
+    for kernel in (gemm_kernel, gemm_ws):
+        k = jit_compile(kernel.trace(a, b, c), (a, b, c))
+        assert "UTMALDG" in aot.sass(k) and "HGMMA" in aot.sass(k)
+    q, kk, v = (torch.randn(1, 2, n, 64).bfloat16() for n in (200, 77, 77))
+    o = torch.empty_like(q)
+    attention = explicit_attention()
+    traced = attention.trace(q, kk, v, o, 0.125, BM=128, BN=64, D=64, STAGES=2)   # a float scalar, pointers, TMA
+    k = jit_compile(traced, (q, kk, v, o, 0.125))
+    assert k.metadata.num_warps == 12

@@ -28,24 +28,11 @@ def _gl_dtype(torch_dtype):
     return getattr(gl, name[str(torch_dtype).removeprefix("torch.")])
 
 
-class Launcher:
-    def __init__(self, traced, args, options):
-        import torch
+class Binding:
+    """The kernel's flat argument list for one launch signature: sizes and strides fixed, pointers and TMA
+    descriptors filled in per call (a descriptor holds its tensor: made per launch, never cached)."""
 
-        from tilestack.backends.gluon import BACKEND
-
-        devices = {a.device.type for a in args if isinstance(a, torch.Tensor)}
-        if devices != {"cuda"}:
-            raise LaunchError(f"gluon backend: runs on CUDA tensors of a Hopper GPU; got tensors on "
-                              f"{sorted(devices)} (use backend='triton' or 'reference' elsewhere)")
-        cap = torch.cuda.get_device_capability(next(a.device for a in args if isinstance(a, torch.Tensor)))
-        if cap[0] != HOPPER:
-            raise LaunchError(f"gluon backend: generates sm_90a code (H100/H200); this GPU is sm_{cap[0]}{cap[1]}")
-        self.traced = traced
-        art = BACKEND.compile(traced, options)
-        self.fn, low = art.fn, art.lowered
-        self.num_warps = low.num_warps
-        self.grid = None if traced._grid_scalars else _grid3(traced.grid(*args))
+    def __init__(self, traced, args, low):
         from triton.experimental.gluon import language as gl
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -75,15 +62,39 @@ class Launcher:
                 self.fill.append((pos, i, box, layout))
                 self.template.append(None)
 
-    def __call__(self, args) -> None:
-        grid = self.grid or _grid3(self.traced.grid(*args))
-        if 0 in grid:
-            return
+    def __call__(self, args) -> list:
         flat = self.template.copy()
         for pos, i, box, layout in self.fill:
             t = args[i]
             flat[pos] = t if box is None else self.TensorDescriptor(t, list(t.shape), list(t.stride()), box, layout)
-        self.fn[grid](*flat, num_warps=self.num_warps)
+        return flat
+
+
+class Launcher:
+    def __init__(self, traced, args, options):
+        import torch
+
+        from tilestack.backends.gluon import BACKEND
+
+        devices = {a.device.type for a in args if isinstance(a, torch.Tensor)}
+        if devices != {"cuda"}:
+            raise LaunchError(f"gluon backend: runs on CUDA tensors of a Hopper GPU; got tensors on "
+                              f"{sorted(devices)} (use backend='triton' or 'reference' elsewhere)")
+        cap = torch.cuda.get_device_capability(next(a.device for a in args if isinstance(a, torch.Tensor)))
+        if cap[0] != HOPPER:
+            raise LaunchError(f"gluon backend: generates sm_90a code (H100/H200); this GPU is sm_{cap[0]}{cap[1]}")
+        self.traced = traced
+        art = BACKEND.compile(traced, options)
+        self.fn, low = art.fn, art.lowered
+        self.num_warps = low.num_warps
+        self.grid = None if traced._grid_scalars else _grid3(traced.grid(*args))
+        self.binding = Binding(traced, args, low)
+
+    def __call__(self, args) -> None:
+        grid = self.grid or _grid3(self.traced.grid(*args))
+        if 0 in grid:
+            return
+        self.fn[grid](*self.binding(args), num_warps=self.num_warps)
 
 
 def _grid3(grid):
