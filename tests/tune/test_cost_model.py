@@ -126,3 +126,33 @@ def test_dataset_load(tmp_path):
     X, y = d.training(exclude_kernel="gemm")
     assert y == [target(4.0, feats)] and len(X[0]) == len(FEATURES)
     assert len(d.training()[1]) == 2
+
+
+def _write_dataset(path, rng, n=40):
+    lines = [{"type": "problem", "id": "p", "kernel": "gemm", "n": 64}]
+    for _ in range(n):
+        f = {name: float(v) for name, v in zip(FEATURES, rng.normal(size=len(FEATURES)), strict=True)}
+        lines.append({"type": "config", "id": "p", "config": {}, "group": "kept", "us": float(rng.uniform(1, 9)),
+                      "features": f})
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+
+
+def test_cli_tune_model_times_only_the_top_k(tmp_path):
+    from typer.testing import CliRunner
+
+    from tilestack import config
+    from tilestack.cli import _register, app
+
+    _register()
+    data, report = tmp_path / "gt.jsonl", tmp_path / "report.json"
+    _write_dataset(data, np.random.default_rng(3))
+    args = ["tune", "--small", "-k", "gemm", "--dtype", "bfloat16", "--size", "48", "--budget-s", "30", "--model",
+            "--top-k", "2"]
+    with config.override(cache_dir=tmp_path / "cache"):
+        res = CliRunner().invoke(app, [*args, "--model-data", str(data), "--report", str(report)])
+        assert res.exit_code == 0, res.output
+        (row,) = json.loads(report.read_text())["problems"]
+        # 8 configs in the tiny space; the top 2 and the config in use (here the default) are timed
+        assert row["config"] and 1 <= row["tried"] <= 3
+        res = CliRunner().invoke(app, [*args, "--model-data", str(tmp_path / "missing.jsonl")])
+    assert res.exit_code == 2 and "--model-data" in res.output

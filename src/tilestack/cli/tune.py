@@ -35,6 +35,11 @@ def tune(
                                                           "(its key, its size bucket)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list what would be tuned, in order; tune nothing"),
     small: bool = typer.Option(False, hidden=True, help="tests: tiny sizes on the CPU under Triton's interpreter"),
+    model: bool = typer.Option(False, "--model", help="time only the --top-k configs the cost model ranks best "
+                                                      "(tune.guided; pre-trained on --model-data)"),
+    model_data: list[Path] = typer.Option(None, "--model-data", help="ground-truth JSON lines for --model "
+                                          "(default docs/results/tune_ground_truth_h200.jsonl)"),
+    top_k: int = typer.Option(8, "--top-k", help="--model: configs timed per problem (plus the one in use)"),
     as_device: str = typer.Option(None, help="tune for this device key instead of the GPU's own; with --dry-run, "
                                              "plan for it from any machine: 'sm90-132sm-227kb:NVIDIA H200'"),
 ) -> None:
@@ -70,7 +75,16 @@ def tune(
     if dry_run:
         _print_plan(problems, budget_s)
         return
-    _run(problems, key, device_str, budget_s, ship, out, report)
+    guided = None
+    if model:
+        from tilestack.tune.guided import pretrained_model
+        if top_k < 1:
+            raise typer.BadParameter(f"--top-k must be >= 1, got {top_k}")
+        try:
+            guided = (pretrained_model(model_data or [Path("docs/results/tune_ground_truth_h200.jsonl")]), top_k)
+        except TilestackError as e:
+            raise typer.BadParameter(str(e)) from e
+    _run(problems, key, device_str, budget_s, ship, out, report, guided)
 
 
 def _missing(problems, key):
@@ -133,7 +147,8 @@ def _print_plan(problems, budget_s: float) -> None:
     _console().print(table)
 
 
-def _run(problems, key, device_str: str, budget_s: float, ship: bool, out: Path | None, report: Path | None):
+def _run(problems, key, device_str: str, budget_s: float, ship: bool, out: Path | None, report: Path | None,
+         guided=None):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from tilestack.tune.cache import TABLES, ConfigCache
@@ -144,7 +159,12 @@ def _run(problems, key, device_str: str, budget_s: float, ship: bool, out: Path 
     ship_dir = (out or TABLES) if ship else None
     console.print(f"tuning {len(problems)} problems on {key.name or '?'} ({key}) in {budget_s:.0f} s; winners go to "
                   f"{cache.user_path(key)}" + (f" and {ship_dir}" if ship_dir else ""))
-    session = Session(key, budget_s=budget_s, device_str=device_str, cache=cache, ship_dir=ship_dir)
+    if guided is not None:       # (cost model, top k): time only the model's best-ranked configs
+        from tilestack.tune.guided import ModelSession
+        session = ModelSession(key, budget_s=budget_s, device_str=device_str, cache=cache, ship_dir=ship_dir,
+                               model=guided[0], top_k=guided[1])
+    else:
+        session = Session(key, budget_s=budget_s, device_str=device_str, cache=cache, ship_dir=ship_dir)
     outcomes = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
