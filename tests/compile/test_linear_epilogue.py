@@ -192,3 +192,20 @@ def test_pass_is_listed_after_the_norms():
     """add_norm must see the residual adds first (a pre-norm block's add feeds the next norm)."""
     names = list(patterns.PASSES)
     assert names.index("add_norm") < names.index("norm") < names.index("linear_epilogue")
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8", "fp8-act"])
+def test_quantized_mlp(mode):
+    """After tilestack.quantize: tilestack::quant_linear, its view back to (B, N, .), GELU and the residual add
+    become the quantized GEMM with the epilogue fused (kernels.gemm's, after the scales)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 24, dtype=torch.bfloat16)
+    model = tilestack.quantize(MLP("F.gelu tanh").to(torch.bfloat16).eval(), mode,
+                               calibration=[x] if mode == "fp8-act" else None)
+    with torch.no_grad():
+        want = model(x)
+        got = tilestack.optimize(model, check=True, inner="aot_eager", fullgraph=True)(x)
+    assert _made(tc.last_report()) == [
+        "quant_linear + bias + gelu_tanh -> tilestack::quant_linear_epilogue",
+        "quant_linear + bias + residual add -> tilestack::quant_linear_epilogue"], str(tc.last_report())
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)

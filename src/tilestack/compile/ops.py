@@ -15,6 +15,7 @@ import torch
 
 from tilestack.kernels.gemm import gemm as _gemm
 from tilestack.kernels.softmax import softmax as _softmax_kernel
+from tilestack.quant.gemm import quantized_linear as _quantized_linear
 from tilestack.torch.attention import attention_fwd_op
 from tilestack.torch.ops import (
     add_layer_norm_fwd_op,
@@ -67,8 +68,31 @@ def _(x, w, bias, residual, activation, w_is_kn):
     return x.new_empty((*x.shape[:-1], w.shape[1] if w_is_kn else w.shape[0]))
 
 
-def ts_linear_epilogue(x, w, bias, residual, activation: str | None, w_is_kn: bool):
-    return linear_epilogue_op(x, w, bias, residual, activation, w_is_kn)
+@torch.library.custom_op("tilestack::quant_linear_epilogue", mutates_args=())
+def quant_linear_epilogue_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                             residual: torch.Tensor | None, x_scale: float, activation: str | None) -> torch.Tensor:
+    """``tilestack::quant_linear`` (x (M, K), q (N, K) 8-bit, x_scale 0: weight-only) with the epilogue: the
+    activation, then residual ((M, N) in any shape of as many elements) added; (M, N) in x's dtype."""
+    res = None if residual is None else residual.reshape(x.shape[0], q.shape[0])
+    return _quantized_linear(x, q, scale, bias, x_scale=x_scale or None, activation=activation, residual=res)
+
+
+@quant_linear_epilogue_op.register_fake
+def _(x, q, scale, bias, residual, x_scale, activation):
+    return x.new_empty((x.shape[0], q.shape[0]))
+
+
+def _viewed(y, shape):
+    return y if shape is None else y.view(shape)
+
+
+def ts_linear_epilogue(x, w, bias, residual, activation: str | None, w_is_kn: bool, shape=None):
+    """The fused Linear; ``shape``: the static view the replaced nodes ended with (None: none)."""
+    return _viewed(linear_epilogue_op(x, w, bias, residual, activation, w_is_kn), shape)
+
+
+def ts_quant_linear_epilogue(x, q, scale, bias, residual, x_scale: float, activation: str | None, shape=None):
+    return _viewed(quant_linear_epilogue_op(x, q, scale, bias, residual, x_scale, activation), shape)
 
 
 def ts_attention(q, k, v, mask, mask_is_fill: bool, causal: bool, scale: float):

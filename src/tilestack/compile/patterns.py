@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+import tilestack.quant.linear  # noqa: F401 - registers tilestack::quant_linear, a head of linear_epilogue
 from tilestack.compile import ops
 from tilestack.config import knobs
 from tilestack.errors import LaunchError
@@ -63,6 +64,7 @@ _FUNCTIONS = {
     F.linear: "linear", torch._C._nn.linear: "linear",
     F.cross_entropy: "cross_entropy",
     F.dropout: "dropout",
+    torch.ops.tilestack.quant_linear.default: "quant_linear",
     torch._C._nn.gelu: "gelu", F.silu: "silu", F.relu: "relu", torch.relu: "relu", torch.relu_: "relu",
     torch.ops.aten.addmm.default: "addmm", torch.ops.aten.mm.default: "mm", torch.ops.aten.add.Tensor: "add",
     torch.ops.aten.gelu.default: "gelu", torch.ops.aten.relu.default: "relu", torch.ops.aten.silu.default: "silu",
@@ -421,22 +423,28 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _gemm_head(node: Node):
-    """(x, w, bias, w_is_kn) of a GEMM node: ``F.linear(x, w, b)`` (w (N, K)), ``x @ W`` (W (K, N)), aten's
-    ``addmm(b, x, W)`` and ``mm(x, W)``; None for anything else (a batched matmul, addmm with alpha or beta)."""
-    k = kind(node)
+    """(x, w, bias, w_is_kn, x_scale) of a GEMM node: ``F.linear(x, w, b)`` (w (N, K)), ``x @ W`` (W (K, N)),
+    aten's ``addmm(b, x, W)`` and ``mm(x, W)``, and ``tilestack::quant_linear(x, q, scale, b, x_scale)`` (w is
+    (q, scale) then); None for anything else (a batched matmul, addmm with alpha or beta)."""
+    k, x_scale = kind(node), None
     if k == "linear":
         x, w, bias, kn = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias"), False
     elif k in ("matmul", "mm"):
         x, w, bias, kn = _arg(node, 0, "input"), _arg(node, 1, "other"), None, True
     elif k == "addmm" and node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1:
         x, w, bias, kn = node.args[1], node.args[2], node.args[0], True
+    elif k == "quant_linear" and len(node.args) == 5 and not node.kwargs:
+        x, q, scale, bias, x_scale = node.args
+        w, kn = (q, scale), False
+        if not isinstance(x_scale, float):
+            return None
     else:
         return None
-    xv, wv = value(x), value(w)
+    xv, wv = value(x), value(w[0] if k == "quant_linear" else w)
     if not (isinstance(xv, torch.Tensor) and isinstance(wv, torch.Tensor)) or wv.dim() != 2 or xv.dim() < 1 or \
             (bias is not None and not isinstance(bias, Node)):
         return None
-    return x, w, bias, kn
+    return x, w, bias, kn, x_scale
 
 
 def _activation(node: Node, x: Node) -> str | None:
@@ -468,23 +476,34 @@ def _added(node: Node, x: Node) -> Node | None:
     return other if isinstance(other, Node) and other is not x else None
 
 
+def _static_view(node: Node, x: Node) -> tuple[int, ...] | None:
+    """The shape of ``x.view(*shape)`` / ``x.reshape(*shape)`` when node is that and every size is a number
+    (QuantLinear views its rows back to the input's leading dims), else None."""
+    if node.op != "call_method" or node.target not in ("view", "reshape") or node.args[:1] != (x,) or node.kwargs:
+        return None
+    shape = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], list | tuple) else node.args[1:]
+    return tuple(shape) if shape and all(type(s) is int for s in shape) else None
+
+
 def linear_epilogue(gm: fx.GraphModule):
-    """``act(F.linear(x, w, b)) [+ r]`` (also ``x @ W + b`` and aten's ``addmm`` / ``mm``; act relu, gelu in
-    either form or silu; through no-op dropouts) -> ``tilestack::linear_epilogue``: one GEMM with the bias, the
-    activation and the residual add applied to its f32 accumulator. Only where it pays: an activation or a
-    residual add to fuse (a lone Linear is cuBLAS's addmm with the bias fused already) in a graph without
-    gradients (the fused op has no backward; Inductor fuses training graphs' epilogues itself)."""
+    """``act(F.linear(x, w, b)) [+ r]`` (also ``x @ W + b``, aten's ``addmm`` / ``mm`` and ``tilestack.quantize``'s
+    ``tilestack::quant_linear``, its view back to the input's leading dims included; act relu, gelu in either
+    form or silu; through no-op dropouts) -> ``tilestack::linear_epilogue`` / ``quant_linear_epilogue``: one
+    GEMM with the bias, the activation and the residual add applied to its f32 accumulator. Only where it pays:
+    an activation or a residual add to fuse (a lone Linear is cuBLAS's addmm with the bias fused already) in a
+    graph without gradients (the fused op has no backward; Inductor fuses training graphs' epilogues itself)."""
     matches, declined = [], []
     for node in gm.graph.nodes:
         head = _gemm_head(node)
         if head is None:
             continue
-        x, w, bias, kn = head
+        x, w, bias, kn, x_scale = head
+        quant = kind(node) == "quant_linear"
         out = value(node)
         if not isinstance(out, torch.Tensor):
             continue
         n = out.shape[-1]
-        chain, cur, activation, residual = [node], node, None, None
+        chain, cur, activation, residual, shape = [node], node, None, None, None
         user = _sole_user(cur)
         if bias is None and user is not None and (b := _added(user, cur)) is not None:
             bv = value(b)
@@ -492,6 +511,10 @@ def linear_epilogue(gm: fx.GraphModule):
                     value(user).dtype == out.dtype:
                 bias, cur = b, user
                 chain.append(cur)
+        user = _sole_user(cur)
+        if user is not None and (shape := _static_view(user, cur)) is not None:
+            cur = user
+            chain.append(cur)
         for step in ("activation", "residual"):
             user = _sole_user(cur)
             while user is not None and _noop_dropout(user) and _arg(user, 0, "input") is cur:
@@ -510,11 +533,12 @@ def linear_epilogue(gm: fx.GraphModule):
                     chain.append(cur)
         if activation is None and residual is None:
             continue                      # nothing to fuse: LEFT_REASONS["linear"]
-        xv, wv = value(x), value(w)
+        xv = value(x)
+        wv = value(w[0] if quant else w)
         why = None
         if value(cur).requires_grad:
             why = "a graph that needs gradients (the fused GEMM has no backward; Inductor fuses there)"
-        elif xv.dtype not in _GEMM_DTYPES or wv.dtype != xv.dtype:
+        elif not quant and (xv.dtype not in _GEMM_DTYPES or wv.dtype != xv.dtype):
             why = (f"x is {xv.dtype} and the weight {wv.dtype} (tilestack's GEMM multiplies bf16 or f16, both "
                    "alike)")
         elif bias is not None and (not isinstance(value(bias), torch.Tensor) or value(bias).dim() != 1 or
@@ -526,11 +550,16 @@ def linear_epilogue(gm: fx.GraphModule):
             declined.append((node, f"linear epilogue: {why}"))
             continue
         order = {nd: i for i, nd in enumerate(gm.graph.nodes)}
-        parts = ["linear" if kind(node) == "linear" else kind(node)] + (["bias"] if bias is not None else []) + \
-            ([activation] if activation else []) + (["residual add"] if residual is not None else [])
-        matches.append(Match("linear_epilogue", ops.ts_linear_epilogue, [x, w, bias, residual], (activation, kn),
-                             [cur], sorted(chain, key=order.__getitem__),
-                             f"{' + '.join(parts)} -> tilestack::linear_epilogue"))
+        parts = [kind(node)] + (["bias"] if bias is not None else []) + ([activation] if activation else []) + \
+            (["residual add"] if residual is not None else [])
+        if quant:
+            m = Match("linear_epilogue", ops.ts_quant_linear_epilogue, [x, w[0], w[1], bias, residual],
+                      (x_scale, activation, shape), [cur], sorted(chain, key=order.__getitem__),
+                      f"{' + '.join(parts)} -> tilestack::quant_linear_epilogue")
+        else:
+            m = Match("linear_epilogue", ops.ts_linear_epilogue, [x, w, bias, residual], (activation, kn, shape),
+                      [cur], sorted(chain, key=order.__getitem__), f"{' + '.join(parts)} -> tilestack::linear_epilogue")
+        matches.append(m)
     return matches, declined
 
 
