@@ -51,6 +51,7 @@ class Op(enum.Enum):
     LOGIC = "logic"
     SELECT = "select"
     ARANGE = "arange"
+    RAND = "rand"
     # --- memory and control ------------------------------------------------------------------------------
     LOAD = "load"
     STORE = "store"
@@ -644,6 +645,74 @@ def _arange_rule(ins: Instr) -> None:
 define(OpDef(
     Op.ARANGE, "(start) -> vec", "tile", NoAttrs, _arange_rule,
     lambda ins, s, m: s[0] + np.arange(ins.result.type.shape[0]), _free, doc="start + k at element k."))
+
+
+# Counter-based random numbers: Philox 4x32-10 as Triton's ``tl.rand`` computes it, bit for bit, so a kernel's
+# random tile is the same on every backend. The key is the 64-bit seed (low word k0, high word k1); the counter of
+# an element is a 64-bit int (low word c0, high word c1, c2 = c3 = 0); the first output word, as a signed int32
+# folded to >= 0 (x < 0 -> -x - 1), times 4.6566127342e-10 in f32 is the uniform float in [0, 1).
+PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)       # added to (k0, k1) after each round
+PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)     # the multipliers of c0 and c2
+PHILOX_ROUNDS = 10
+UINT32_TO_UNIFORM = np.float32(4.6566127342e-10)   # the largest f32 with (2**31 - 1) * it < 1 after rounding
+_U32 = np.uint64(0xFFFFFFFF)
+
+
+def philox_uniform(seed: int, counters) -> np.ndarray:
+    """Uniform f32 in [0, 1) for each 64-bit counter (an int array, wrapped to 64 bits) under key ``seed``:
+    the bits of Triton's ``tl.rand(seed, counters)`` with int64 counters. Returned as float32."""
+    x = philox_word(seed, counters).view(np.int32)
+    x = np.where(x < 0, np.invert(x), x)     # -x - 1 without the overflow at -2**31
+    return x.astype(np.float32) * UINT32_TO_UNIFORM
+
+
+def philox_word(seed: int, counters) -> np.ndarray:
+    """Philox 4x32-10's first output word (uint32) for counters (c0, c1) = the 64-bit counter's (low, high)
+    words, c2 = c3 = 0, and key (k0, k1) = the seed's (low, high) words: Triton's ``tl.randint``."""
+    ctr = np.asarray(counters).astype(np.uint64)
+    c0, c1 = ctr & _U32, ctr >> np.uint64(32)
+    c2 = c3 = np.zeros_like(c0)
+    seed = int(seed) % 2**64
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    ra, rb = (np.uint64(x) for x in PHILOX_ROUND)
+    for _ in range(PHILOX_ROUNDS):   # products of two 32-bit words fit in uint64: hi = p >> 32, lo = p & mask
+        pa, pb = ra * c0, rb * c2
+        c0, c2, c1, c3 = ((pb >> np.uint64(32)) ^ c1 ^ k0, (pa >> np.uint64(32)) ^ c3 ^ k1, pb & _U32, pa & _U32)
+        k0 = np.uint64((int(k0) + PHILOX_KEY[0]) & 0xFFFFFFFF)
+        k1 = np.uint64((int(k1) + PHILOX_KEY[1]) & 0xFFFFFFFF)
+    return c0.astype(np.uint32)
+
+
+def rand_counters(shape: tuple[int, ...], offset: int, row: int, col: int, stride: int) -> np.ndarray:
+    """The rand op's counters: ``offset + (row + r) * stride + col + c`` for element (r, c) of a tile (a vector
+    is one row: ``offset + row * stride + col + k``), wrapped to 64 bits as int64 arithmetic on the GPU."""
+    wrap = [np.uint64(int(x) % 2**64) for x in (offset, row, col, stride)]
+    offset, row, col, stride = wrap
+    cols = np.arange(shape[-1], dtype=np.uint64)
+    rows = np.arange(shape[0], dtype=np.uint64)[:, None] if len(shape) == 2 else np.uint64(0)
+    with np.errstate(over="ignore"):
+        return offset + (row + rows) * stride + col + cols
+
+
+def _rand_rule(ins: Instr) -> None:
+    _tile_result(ins)
+    _arity(ins, 5)
+    if ins.result.type.dtype.name != "f32":
+        _fail(ins, f"makes f32 uniforms (as Triton's tl.rand), not a {ins.result.type}")
+    for v, what in zip(ins.srcs, ("seed", "offset", "row", "col", "stride"), strict=True):
+        _index(ins, v, what)
+
+
+def _rand_ref(ins: Instr, s: list, m) -> np.ndarray:
+    seed, offset, row, col, stride = s
+    return philox_uniform(seed, rand_counters(ins.result.type.shape, offset, row, col, stride)).astype(np.float64)
+
+
+define(OpDef(
+    Op.RAND, "(seed, offset, row, col, stride) -> f32 tile", "tile", NoAttrs, _rand_rule, _rand_ref,
+    _per_result_element,
+    doc="Uniform floats in [0, 1): Philox 4x32-10 (Triton's tl.rand) under key ``seed`` at counter "
+        "``offset + (row + r) * stride + col + c`` for element (r, c), in 64-bit arithmetic."))
 
 
 # ---- memory and control -----------------------------------------------------------------------------------------

@@ -356,6 +356,25 @@ def arange(dst: Tile, start=0) -> None:
     _write(dst, Op.ARANGE, (as_index(start, "arange: start").v,), dst.shape, "arange")
 
 
+def rand(dst: Tile, seed, offset=0, *, row=0, col=0, stride=None) -> None:
+    """Uniform random floats in [0, 1) into the f32 register tile (or vector) ``dst``: counter-based, Philox
+    4x32-10 exactly as Triton's ``tl.rand``. Element (r, c) is drawn with key ``seed`` at counter
+    ``offset + (row + r) * stride + col + c`` (a vector is one row: ``offset + row * stride + col + k``), in
+    64-bit arithmetic; ``stride`` defaults to dst's width (the tile alone, row-major). The same seed and counter
+    give the same number anywhere, so a backward pass regenerates the forward's dropout mask:
+
+        ts.rand(u, seed, offset, row=bh * Nq + i * BM, col=j * BN, stride=Nk)   # block (i, j) of a (Nq, Nk) grid
+    """
+    _need_dst("rand", dst)
+    if dst.dtype is not f32:
+        raise TileDTypeError(f"rand: dst `{_name(dst)}` is {dst.dtype}; rand makes f32 uniforms (as tl.rand)",
+                             user_line())
+    stride = dst.shape[-1] if stride is None else stride
+    srcs = tuple(as_index(x, f"rand: {what}").v for x, what in
+                 ((seed, "seed"), (offset, "offset"), (row, "row"), (col, "col"), (stride, "stride")))
+    _write(dst, Op.RAND, srcs, dst.shape, "rand")
+
+
 # ---- matrix products ----------------------------------------------------------------------------------------------
 def _mma(dst: Tile, a: Tile, b: Tile, acc: Tile, trans_a: bool, trans_b: bool, opname: str,
          op: Op = Op.MMA) -> None:
@@ -481,6 +500,6 @@ __all__ = [
     "row_max", "row_min", "row_sum", "col_max", "col_min", "col_sum",
     "tril", "triu", "make_causal", "right_fill", "lower_fill",
     "per_row", "per_col", "lt", "le", "gt", "ge", "eq", "ne", "logical_and", "logical_or", "logical_not",
-    "where", "arange",
+    "where", "arange", "rand",
     "mma_AB", "mma_ABt", "mma_AtB", "mma_AtBt", "load", "store", "atomic_add",
 ]

@@ -391,6 +391,19 @@ def _e_arange(e: _Emitter, ins: Instr) -> None:
     e.assign(ins.result, f"{expr}{via}.to({TL_DTYPES[t.dtype.name]})")
 
 
+@register_emitter("triton", Op.RAND)
+def _e_rand(e: _Emitter, ins: Instr) -> None:
+    seed, offset, row, col, stride = (e.name(s) for s in ins.srcs)
+    shape = ins.result.type.shape
+    # 64-bit counters from the first term on (tl.cast, not .to: under the interpreter an index may be a Python int)
+    if len(shape) == 2:
+        rows = f"(tl.cast({row}, tl.int64) + tl.arange(0, {shape[0]})[:, None])"
+        cols = f"(tl.cast({col}, tl.int64) + tl.arange(0, {shape[1]})[None, :])"
+    else:
+        rows, cols = f"tl.cast({row}, tl.int64)", f"(tl.cast({col}, tl.int64) + tl.arange(0, {shape[0]}))"
+    e.assign(ins.result, f"tl.rand({seed}, tl.cast({offset}, tl.int64) + {rows} * {stride} + {cols})")
+
+
 @register_emitter("triton", Op.ATOMIC_ADD)
 def _e_atomic_add(e: _Emitter, ins: Instr) -> None:
     g, x, *coords = ins.srcs
