@@ -45,7 +45,7 @@ def test_each_op_runs_once_in_dependency_order():
                 assert e.start >= seen["B", i, s + 1].end + 0.1 - 1e-12
     for r in range(4):                              # a rank runs one thing at a time
         mine = sorted((e.start, e.end) for e in sim.events if e.rank == r)
-        assert all(a[1] <= b[0] + 1e-12 for a, b in zip(mine, mine[1:]))
+        assert all(a[1] <= b[0] + 1e-12 for a, b in zip(mine, mine[1:], strict=False))
 
 
 def test_communication_shows_as_waiting():
