@@ -17,7 +17,8 @@ Sections (each case runs on its own; a failure is recorded with its traceback an
              triton backend, torch.matmul (cuBLAS); kernel time by triton.testing.do_bench (median), TFLOP/s
   attn_bench the FA3 grid at N=4096 (B*N = 16k, H*D = 2048), bf16, causal and not: the library attention on
              gluon and on triton, the explicit attention on gluon, SDPA's cuDNN and flash backends
-A case's output tensor starts as NaN, so a tile the kernel never writes fails the check. Bounded by
+A case's output tensor starts as NaN, so a tile the kernel never writes fails the check. Each section runs in
+a child process killed after SECTION_MAX_S (a hung kernel cannot stall the run); the whole is bounded by
 --time-limit (default 170 s): cases past it are recorded as skipped. The last thing printed is a table.
 """
 
@@ -27,7 +28,9 @@ import argparse
 import importlib.util
 import json
 import math
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -62,6 +65,9 @@ GEMM_CONFIGS = [dict(BM=128, BN=128, BK=64, num_stages=4), dict(BM=128, BN=256, 
 # fp16: 2^-11) plus f32 accumulation, with room; cuBLAS's own error is recorded beside each
 GEMM_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 ATTN_TOL = 2e-2
+SECTION_MAX_S = 60      # a section's child process is killed past this (or past the time left)
+SECTION_MIN_S = 10      # a section is not started with less time than this left
+SECTION_GRACE_S = 8     # the child stops starting cases this long before it would be killed
 
 
 def load_test_module(relpath: str, name: str):
@@ -267,11 +273,45 @@ def bench_one(run: Runner, gemm_ws, dtype, n: int) -> None:
                          "detail": ", ".join(f"{k} {r:.2f}x" for k, r in ratios.items())})
 
 
+def run_section(section: str, limit: float) -> list[dict]:
+    """One section in this process (``--section``, what the parent runs in a child)."""
+    run = Runner(limit)
+    ws = load_test_module("tests/backends/test_gluon_source.py", "gluon_source_tests")
+    {"gemm": lambda: gemm_cases(run, "gemm", gemm_kernel),
+     "gemm_ws": lambda: gemm_cases(run, "gemm_ws", ws.gemm_ws),
+     "attention": lambda: attention_cases(run, ws.explicit_attention()),
+     "attn_lib": lambda: attention_lib_cases(run),
+     "bench": lambda: bench_cases(run, ws.gemm_ws),
+     "attn_bench": lambda: attention_bench(run, ws.explicit_attention())}[section]()
+    return run.rows
+
+
+def run_isolated(section: str, limit: float) -> list[dict]:
+    """A section in a child process, killed past its time (a kernel that never returns, e.g. a barrier waited on
+    with the wrong phase, cannot be interrupted from Python; the driver frees a killed process's GPU context)."""
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "rows.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--section", section, "--json", str(out),
+               "--time-limit", str(max(1.0, limit - SECTION_GRACE_S))]
+        try:
+            subprocess.run(cmd, timeout=limit, check=False)
+        except subprocess.TimeoutExpired:
+            rows = json.loads(out.read_text())["results"] if out.exists() else []
+            return rows + [{"section": section, "case": "(section)", "status": "error",
+                            "detail": f"killed after {limit:.0f} s: a kernel that never finished (hang?) or "
+                                      "compiles past the budget"}]
+        if not out.exists():
+            return [{"section": section, "case": "(section)", "status": "error", "detail": "the child crashed "
+                     "before writing its results (see its output above)"}]
+        return json.loads(out.read_text())["results"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", "--out", dest="json", type=Path, default=None, help="write the results here")
-    ap.add_argument("--time-limit", type=float, default=170.0, help="seconds; later cases are skipped")
+    ap.add_argument("--time-limit", type=float, default=170.0, help="seconds in all; later cases are skipped")
     ap.add_argument("--skip", default="", help=f"comma-separated sections of {SECTIONS}")
+    ap.add_argument("--section", choices=SECTIONS, help="run one section in this process (no isolation)")
     args = ap.parse_args()
     skip = {s for s in args.skip.split(",") if s}
     unknown = skip - set(SECTIONS)
@@ -280,30 +320,31 @@ def main() -> int:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         print("needs a Hopper GPU (sm_90): the gluon backend generates sm_90a code", file=sys.stderr)
         return 2
-    run = Runner(args.time_limit)
-    ws = load_test_module("tests/backends/test_gluon_source.py", "gluon_source_tests")
-    if "gemm" not in skip:
-        gemm_cases(run, "gemm", gemm_kernel)
-    if "gemm_ws" not in skip:
-        gemm_cases(run, "gemm_ws", ws.gemm_ws)
-    if "attention" not in skip:
-        attention_cases(run, ws.explicit_attention())
-    if "attn_lib" not in skip:
-        attention_lib_cases(run)
-    if "bench" not in skip:
-        bench_cases(run, ws.gemm_ws)
-    if "attn_bench" not in skip:
-        attention_bench(run, ws.explicit_attention())
+    t0 = time.time()
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "triton": __import__("triton").__version__, "seconds": round(time.time() - run.t0, 1)}
+           "triton": __import__("triton").__version__}
+    if args.section:
+        rows = run_section(args.section, args.time_limit)
+    else:
+        rows = []
+        for section in (s for s in SECTIONS if s not in skip):
+            left = args.time_limit - (time.time() - t0)
+            if left < SECTION_MIN_S:
+                rows.append({"section": section, "case": "(section)", "status": "skipped",
+                             "detail": "past --time-limit"})
+                continue
+            rows += run_isolated(section, min(left, SECTION_MAX_S))
+    env["seconds"] = round(time.time() - t0, 1)
     if args.json:
-        args.json.write_text(json.dumps({"env": env, "results": run.rows}, indent=1, default=str))
-    bad = [r for r in run.rows if r["status"] in ("FAIL", "error")]
+        args.json.write_text(json.dumps({"env": env, "results": rows}, indent=1, default=str))
+    if args.section:
+        return 0
+    bad = [r for r in rows if r["status"] in ("FAIL", "error")]
     print(f"\n{env}")
     print(f"{'section':<10} {'case':<52} {'status':<8} detail")
-    for r in run.rows:
+    for r in rows:
         print(f"{r['section']:<10} {r['case'][:52]:<52} {r['status']:<8} {r.get('detail', '')[:90]}")
-    print(f"\n{len(run.rows)} cases, {len(bad)} failed or errored")
+    print(f"\n{len(rows)} cases, {len(bad)} failed or errored")
     return 1 if bad else 0
 
 
