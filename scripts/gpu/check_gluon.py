@@ -88,10 +88,11 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 class Runner:
-    def __init__(self, limit: float):
+    def __init__(self, limit: float, sink: Path | None = None):
         self.t0 = time.time()
         self.limit = limit
         self.rows: list[dict] = []
+        self.sink = sink        # rewritten after every case: a killed child leaves what it finished
 
     def case(self, section: str, name: str, fn) -> None:
         row = {"section": section, "case": name}
@@ -107,6 +108,8 @@ class Runner:
                            traceback=traceback.format_exc()[-3000:])
             row["seconds"] = round(time.time() - t, 2)
         self.rows.append(row)
+        if self.sink is not None:
+            self.sink.write_text(json.dumps({"results": self.rows}, default=str))
         print(f"[{row['status']:>7}] {section:<9} {name:<40} {row.get('detail', '')[:100]}", flush=True)
 
 
@@ -273,9 +276,9 @@ def bench_one(run: Runner, gemm_ws, dtype, n: int) -> None:
                          "detail": ", ".join(f"{k} {r:.2f}x" for k, r in ratios.items())})
 
 
-def run_section(section: str, limit: float) -> list[dict]:
+def run_section(section: str, limit: float, sink: Path | None) -> list[dict]:
     """One section in this process (``--section``, what the parent runs in a child)."""
-    run = Runner(limit)
+    run = Runner(limit, sink)
     ws = load_test_module("tests/backends/test_gluon_source.py", "gluon_source_tests")
     {"gemm": lambda: gemm_cases(run, "gemm", gemm_kernel),
      "gemm_ws": lambda: gemm_cases(run, "gemm_ws", ws.gemm_ws),
@@ -324,7 +327,7 @@ def main() -> int:
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "triton": __import__("triton").__version__}
     if args.section:
-        rows = run_section(args.section, args.time_limit)
+        rows = run_section(args.section, args.time_limit, args.json)
     else:
         rows = []
         for section in (s for s in SECTIONS if s not in skip):
