@@ -119,6 +119,7 @@ class MaskAttrs:
 class MmaAttrs:
     trans_a: bool
     trans_b: bool
+    input_precision: str | None = None   # None: exact products ("ieee"); "tf32": operands rounded to tf32 first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -536,6 +537,22 @@ define(OpDef(
     Op.MASK, "(x, k) -> tile", "tile", MaskAttrs, _mask_rule, _mask_ref, _free,
     doc="x where the kind's condition on (row, col) and k holds, else ``value``."))
 MMA_INPUTS = ("bf16", "f16", "f32", "f8e4m3")   # f8e4m3: the fp8 tensor cores (tilestack.quant)
+# How the matrix units read f32 operands: exactly (None, Triton's "ieee": the CUDA cores) or rounded to tf32 (the
+# tensor cores: 8-bit exponent, 10-bit mantissa). bf16, f16 and f8 operands fit tf32 already: the same either way.
+MMA_PRECISIONS = (None, "tf32")
+TF32_DROPPED_BITS = 13                          # f32 keeps 23 mantissa bits, tf32 10
+
+
+def round_tf32(x) -> np.ndarray:
+    """Values rounded to tf32 (f32's exponent, 10 mantissa bits), round-to-nearest-even on the f32 bit pattern,
+    as float64. NaN stays NaN; a value past tf32's largest rounds to infinity."""
+    x32 = np.asarray(x, dtype=np.float32)
+    bits = x32.view(np.uint32).astype(np.uint64)
+    half = np.uint64((1 << (TF32_DROPPED_BITS - 1)) - 1)
+    low = np.uint64(TF32_DROPPED_BITS)
+    rounded = ((bits + half + ((bits >> low) & np.uint64(1))) >> low) << low
+    out = (rounded & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.float32).astype(np.float64)
+    return np.where(np.isnan(x32), np.nan, out)
 
 
 def _mma_dims(ins: Instr) -> tuple[int, int, int, int]:
@@ -559,10 +576,14 @@ def _mma_rule(ins: Instr) -> None:
     m, ka, kb, n = _mma_dims(ins)
     if ka != kb or acc.shape != (m, n) or ins.result.type.shape != (m, n):
         _fail(ins, f"op(a) is ({m}, {ka}), op(b) is ({kb}, {n}), acc {acc.shape}, result {ins.result.type.shape}")
+    if ins.attrs.input_precision not in MMA_PRECISIONS:
+        _fail(ins, f"input_precision is {ins.attrs.input_precision!r}; expected one of {MMA_PRECISIONS}")
 
 
 def _mma_ref(ins: Instr, s: list, m) -> np.ndarray:
     acc, x, y = s
+    if ins.attrs.input_precision == "tf32":
+        x, y = round_tf32(x), round_tf32(y)
     x = x.T if ins.attrs.trans_a else x
     y = y.T if ins.attrs.trans_b else y
     return acc + x @ y
@@ -575,7 +596,8 @@ def _mma_cost(ins: Instr, c) -> None:
 
 define(OpDef(
     Op.MMA, "(acc, a, b) -> acc + op(a) @ op(b)", "tile", MmaAttrs, _mma_rule, _mma_ref, _mma_cost,
-    doc="Matrix product on the matrix units, accumulated in f32 (the product exact, in float64, then rounded)."))
+    doc="Matrix product on the matrix units, accumulated in f32 (the product exact, in float64, then rounded; "
+        "with input_precision tf32 the operands are rounded to tf32 first)."))
 
 COMPARE_FNS: dict[str, Callable] = {"lt": np.less, "le": np.less_equal, "gt": np.greater,
                                     "ge": np.greater_equal, "eq": np.equal, "ne": np.not_equal}

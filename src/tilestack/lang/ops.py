@@ -376,8 +376,14 @@ def rand(dst: Tile, seed, offset=0, *, row=0, col=0, stride=None) -> None:
 
 
 # ---- matrix products ----------------------------------------------------------------------------------------------
+MMA_INPUT_PRECISIONS = ("ieee", "tf32")   # the language's names; "ieee" is the IR's default (None)
+
+
 def _mma(dst: Tile, a: Tile, b: Tile, acc: Tile, trans_a: bool, trans_b: bool, opname: str,
-         op: Op = Op.MMA) -> None:
+         op: Op = Op.MMA, input_precision: str = "ieee") -> None:
+    if input_precision not in MMA_INPUT_PRECISIONS:
+        raise TraceError(f"{opname}: input_precision is {input_precision!r}; expected one of "
+                         f"{MMA_INPUT_PRECISIONS}", user_line())
     for arg, t in (("dst", dst), ("a", a), ("b", b), ("acc", acc)):
         _need_tile(opname, arg, t)
         if t.type.is_vec:
@@ -401,28 +407,32 @@ def _mma(dst: Tile, a: Tile, b: Tile, acc: Tile, trans_a: bool, trans_b: bool, o
                              f"(a `{_name(a)}` {a.shape}, b `{_name(b)}` {b.shape})", user_line())
     if acc.shape != (m, n):
         raise TileShapeError(f"{opname}: acc `{_name(acc)}` is {acc.shape}; expected ({m}, {n})", user_line())
+    precision = {} if input_precision == "ieee" else {"input_precision": input_precision}
     _write(dst, op, (acc.value(opname), a.value(opname), b.value(opname)), (m, n), opname,
-           trans_a=trans_a, trans_b=trans_b)
+           trans_a=trans_a, trans_b=trans_b, **precision)
 
 
-def mma_AB(dst, a, b, acc):
+# ``input_precision``: how f32 operands enter the matrix units: "ieee" (exact f32 products, the CUDA cores) or
+# "tf32" (rounded to a 10-bit mantissa first: the tensor cores, several times faster, ~1e-3 relative error).
+# bf16, f16 and f8 operands are exact either way.
+def mma_AB(dst, a, b, acc, *, input_precision="ieee"):
     """dst = a @ b + acc  (a: (M, K), b: (K, N), acc and dst: f32 (M, N))."""
-    _mma(dst, a, b, acc, False, False, "mma_AB")
+    _mma(dst, a, b, acc, False, False, "mma_AB", input_precision=input_precision)
 
 
-def mma_ABt(dst, a, b, acc):
+def mma_ABt(dst, a, b, acc, *, input_precision="ieee"):
     """dst = a @ b.T + acc  (a: (M, K), b: (N, K))."""
-    _mma(dst, a, b, acc, False, True, "mma_ABt")
+    _mma(dst, a, b, acc, False, True, "mma_ABt", input_precision=input_precision)
 
 
-def mma_AtB(dst, a, b, acc):
+def mma_AtB(dst, a, b, acc, *, input_precision="ieee"):
     """dst = a.T @ b + acc  (a: (K, M), b: (K, N))."""
-    _mma(dst, a, b, acc, True, False, "mma_AtB")
+    _mma(dst, a, b, acc, True, False, "mma_AtB", input_precision=input_precision)
 
 
-def mma_AtBt(dst, a, b, acc):
+def mma_AtBt(dst, a, b, acc, *, input_precision="ieee"):
     """dst = a.T @ b.T + acc  (a: (K, M), b: (N, K))."""
-    _mma(dst, a, b, acc, True, True, "mma_AtBt")
+    _mma(dst, a, b, acc, True, True, "mma_AtBt", input_precision=input_precision)
 
 
 # ---- memory ---------------------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ Each op's meaning is its reference semantics in ``tilestack.ir.ops``; this modul
 - A tile holds values its dtype can represent: every op computes in float64 and rounds the result to the
   destination's dtype (so a bf16 tile rounds like bf16, an f32 accumulator like f32).
 - Loads read zeros where the tile hangs past the edge of the global; stores drop what hangs past it.
-- mma accumulates in f32: dst = round_f32(acc + a @ b) with the product in float64.
+- mma accumulates in f32: dst = round_f32(acc + a @ b) with the product in float64 (a and b rounded to tf32
+  first, to nearest even, when the mma asks for tf32 input precision).
 - A loop's carried tiles take the body's yields from one iteration to the next.
 """
 

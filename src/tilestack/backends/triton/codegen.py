@@ -52,6 +52,17 @@ def _floormod(a, b):
     """a % b with the sign of b, as Python's."""
     return a - _floordiv(a, b) * b
 '''
+# Triton's interpreter ignores tl.dot's input_precision (it multiplies in f32): an interpreted tf32 product
+# rounds its operands here, as the reference executor does (ir.ops.round_tf32), so the CPU backends agree.
+_TF32_HELPER = '''
+
+@triton.jit
+def _round_tf32(x):
+    """f32 values rounded to tf32 (10 mantissa bits), to nearest even; NaN stays NaN."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = ((bits + 0xFFF + ((bits >> 13) & 1)) >> 13) << 13
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+'''
 _REDUCE = {"max": "tl.max", "min": "tl.min", "sum": "tl.sum"}
 _COMBINE = {"max": "tl.maximum({}, {})", "min": "tl.minimum({}, {})", "sum": "({} + {})"}
 _COMPARE = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
@@ -103,6 +114,7 @@ class _Emitter:
         self.addresses = 0
         self.nonneg = nonnegative(kernel.body)  # index values >= 0: plain // and % floor them
         self.floor_helpers = False              # whether the source needs _floordiv / _floormod
+        self.tf32_helper = False                # whether it needs _round_tf32 (interpreted tf32 products)
         self.indent = 1
 
     # ---- names ---------------------------------------------------------------------------------------------
@@ -293,7 +305,12 @@ def _e_mma(e: _Emitter, ins: Instr) -> None:
     acc, a, b = ins.srcs
     an = f"tl.trans({e.name(a)})" if ins.attrs.trans_a else e.name(a)
     bn = f"tl.trans({e.name(b)})" if ins.attrs.trans_b else e.name(b)
-    precision = ', input_precision="ieee"' if a.type.dtype is f32 else ""
+    precision = ""
+    if a.type.dtype is f32:
+        precision = f', input_precision="{ins.attrs.input_precision or "ieee"}"'
+        if e.interpret and ins.attrs.input_precision == "tf32":
+            e.tf32_helper = True
+            an, bn, precision = f"_round_tf32({an})", f"_round_tf32({bn})", ', input_precision="ieee"'
     if e.interpret and a.type.dtype.name in ("bf16", "f8e4m3"):
         # Triton 3.6's interpreter multiplies bf16 dot operands wrongly (NumPy has no bf16); upcasting is
         # exact (a bf16 product fits in f32), so the interpreted kernel computes what the GPU does.
@@ -454,6 +471,7 @@ def emit(low: KernelIR, interpret: bool = False, index64: bool | Collection[int]
         "import triton",
         "import triton.language as tl",
         *([_FLOOR_HELPERS] if e.floor_helpers else []),
+        *([_TF32_HELPER] if e.tf32_helper else []),
         "",
         "",
         "@triton.jit",
