@@ -36,21 +36,24 @@ from tilestack.tune.library import library_problems
 TOL = 2e-2
 FATAL = re.compile(r"illegal memory access|unspecified launch failure|illegal instruction|misaligned address",
                    re.IGNORECASE)
-# (tuner name, which of its bf16 problems): 24 (kernel, shape) pairs, in the order they are measured
+# (tuner name, which of its bf16 problems): 22 (kernel, shape) pairs, in the order they are measured: cheap
+# compiles first, sizes of one kernel together (a config compiles once for all of them); GEMM stops at 4096 (the
+# IR's cost analysis of an 8192 GEMM's small tiles takes seconds per tile shape on the host)
 PLAN = (
     ("softmax", lambda p: p.n in (1024, 4096, 8192)),
     ("rms_norm", lambda p: p.n in (2048, 8192)),
-    ("gemm", lambda p: True),
-    ("attention_fwd", lambda p: p.fixed["D"] == 128 and not p.fixed["causal"] and p.n in (1024, 4096, 16384)),
     ("rotary", lambda p: True),
     ("layer_norm", lambda p: p.n == 4096),
+    ("add_rms_norm", lambda p: p.n == 8192),
     ("swiglu", lambda p: p.n in (4096, 8192)),
+    ("attention_fwd", lambda p: p.fixed["D"] == 128 and not p.fixed["causal"] and p.n in (1024, 4096, 16384)),
+    ("gemm", lambda p: p.n in (1024, 2048, 4096)),
     ("cross_entropy", lambda p: p.n in (32768, 65536)),
     ("attention_fwd", lambda p: p.fixed["D"] == 64 and p.fixed["causal"] and p.n in (2048, 8192)),
-    ("add_rms_norm", lambda p: p.n == 8192),
     ("attention_bwd", lambda p: p.kernel == "attention_bwd_dq" and p.fixed["D"] == 128 and not p.fixed["causal"]
      and p.n == 4096),
 )
+FIRST_S, LATER_S = 1.5, 0.15     # first guesses of a config's cost: compiled (first size of a kernel), or not
 
 
 def plan_problems(kernels=None) -> list:
@@ -107,21 +110,30 @@ def main(argv=None) -> int:
             out.write(json.dumps(rec) + "\n")
             out.flush()
 
+        per_config = {True: FIRST_S, False: LATER_S}      # running means of a config's cost, by "first of kernel"
         for i, p in enumerate(problems):
             if time.monotonic() >= t_end:
                 print("time limit reached: stopping", flush=True)
                 break
             first = (p.kernel, repr(p.fixed)) not in compiled_kernels
             compiled_kernels.add((p.kernel, repr(p.fixed)))
-            # a problem's share: what is left over the problems left, more for the first of a kernel (compiles)
-            share = (t_end - time.monotonic()) / (len(problems) - i) * (2.0 if first else 0.75)
-            deadline = min(t_end, time.monotonic() + max(share, 30.0))
+            last = i == len(problems) - 1
+
+            def deadline(n_configs, first=first, last=last):
+                """Time for the whole space (as configs have cost so far), but at most 60% of what is left
+                (the last problem: all of it), so one large space cannot starve the rest."""
+                left = t_end - time.monotonic()
+                need = 1.25 * n_configs * per_config[first] + 5.0
+                return time.monotonic() + (left if last else min(need, 0.6 * left))
+
             try:
                 row = measure_problem(p, dev, device_str, peak, bw, a, write, first, deadline)
             except FatalError as e:
                 print(f"FATAL: {e}; stopping (the lines written stay)", flush=True)
                 break
             rows.append(row)
+            if row["timed_configs"]:
+                per_config[first] = 0.5 * per_config[first] + 0.5 * row["seconds"] / row["timed_configs"]
             print(f"[{i + 1}/{len(problems)}] {row['id']}: {row['measured']}/{row['kept']} kept measured, "
                   f"{row['failed']} failed, best {row['best_us']} us, {row['seconds']:.0f} s", flush=True)
     print_table(rows)
@@ -146,7 +158,8 @@ def _complete_ids(path: Path) -> set[str]:
     return out
 
 
-def measure_problem(p, dev, device_str: str, peak, bw, a, write, first: bool, deadline: float) -> dict:
+def measure_problem(p, dev, device_str: str, peak, bw, a, write, first: bool, deadline) -> dict:
+    """Measure one problem's kept configs and a sample of its dropped ones, until ``deadline(n_configs)``."""
     from tilestack.tune.session import cuda_timer, wall_timer
 
     t0 = time.monotonic()
@@ -171,13 +184,17 @@ def measure_problem(p, dev, device_str: str, peak, bw, a, write, first: bool, de
            "default": p.default, "timer": "cuda do_bench median" if device_str == "cuda" else
            "interpreter wall time (not GPU time)"})
     timer = cuda_timer if device_str == "cuda" else wall_timer
+    todo = [("kept", c) for c in kept] + dropped
+    deadline = deadline(len(todo))
+    tried = 0
     measured = failed = 0
     best = None
     complete = True
-    for group, cfg in [("kept", c) for c in kept] + dropped:
+    for group, cfg in todo:
         if time.monotonic() >= deadline:
             complete = group != "kept"          # every kept config was timed before the deadline
             break
+        tried += 1
         e = est[config_key(cfg)]
         rec = {"type": "config", "id": pid, "config": cfg, "group": group, "raw_index": raw.index(cfg),
                "us": None, "error": None, "reasons": e.hard + e.soft}
@@ -211,7 +228,7 @@ def measure_problem(p, dev, device_str: str, peak, bw, a, write, first: bool, de
            "measured": measured})
     return {"id": pid, "raw": len(raw), "kept": len(kept), "measured": measured, "failed": failed,
             "best_us": None if best is None else round(best, 2), "seconds": time.monotonic() - t0,
-            "complete": complete}
+            "complete": complete, "timed_configs": tried}
 
 
 def _resources(p, work, cfg) -> dict | None:

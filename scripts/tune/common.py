@@ -13,10 +13,13 @@ import json
 from tilestack.tune.library import library_problems
 
 # sizes that make a problem small enough for Triton's interpreter, by the name of its maker's keyword;
-# ragged on purpose (edges masked)
+# ragged on purpose (edges masked). GEMM and attention shrink with the problem (n / 16, N / 32) so that the
+# interpreter's problems keep the GPU problems' order of sizes.
 SMALL = {"rows": 3, "B": 1, "N": 80}
-SMALL_GEMM = 200
+SMALL_GEMM_DIV, SMALL_GEMM_MIN = 16, 64
+SMALL_SEQ_DIV, SMALL_SEQ_MIN = 32, 48
 SMALL_ATTENTION_HEADS = 2
+RAGGED = 8
 
 
 def config_key(cfg: dict) -> str:
@@ -42,13 +45,15 @@ def small_workload(p):
         part = p.kernel.removeprefix("attention_bwd_")
         D, causal = p.fixed["D"], p.fixed.get("causal", False)
         dtype = p.signature.split("-")[0]
-        return library._bwd_maker(part, dtype, 1, SMALL_ATTENTION_HEADS, SMALL["N"], D, causal, True)("cpu")
+        N = max(SMALL_SEQ_MIN, p.n // SMALL_SEQ_DIV) + RAGGED
+        return library._bwd_maker(part, dtype, 1, SMALL_ATTENTION_HEADS, N, D, causal, True)("cpu")
     params = inspect.signature(p.make).parameters
     kw = {k: v for k, v in SMALL.items() if k in params and k != "N" or (k == "N" and "D" in params)}
     if p.kernel == "rotary":
         kw = {"B": 1, "N": 5}
     if p.kernel.startswith("attention"):
         kw["H"] = SMALL_ATTENTION_HEADS
+        kw["N"] = max(SMALL_SEQ_MIN, p.n // SMALL_SEQ_DIV) + RAGGED
     if p.kernel == "gemm":
-        kw["n"] = SMALL_GEMM
+        kw["n"] = max(SMALL_GEMM_MIN, p.n // SMALL_GEMM_DIV) + RAGGED
     return p.make("cpu", **kw)

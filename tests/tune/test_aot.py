@@ -64,3 +64,11 @@ def test_row_kernel_without_tiles_in_shared(cache_dir):
                       dict(BM=2, BN=1024, num_warps=4, num_stages=1))
     assert r.ok, r.error
     assert r.shared_bytes < 4096          # reductions' scratch only
+
+
+def test_a_compile_past_its_timeout_is_killed_and_reported(cache_dir):
+    cfg = {**SMALL_GEMM, "BM": 128}                                     # not in the cache yet
+    r = aot.resources(gemm_kernel, GEMM_ARGS, {}, cfg, timeout_s=0.01)
+    assert not r.ok and "no result within" in r.error
+    ok = aot.resources(gemm_kernel, GEMM_ARGS, {}, cfg, timeout_s=120)    # tried again with more time: in time
+    assert ok.ok and ok.shared_bytes > 0

@@ -42,6 +42,8 @@ INT32_MAX = 2**31 - 1
 # Triton's names for the IR's dtypes, as a kernel signature spells them
 SIG_DTYPES = {"f64": "fp64", "f32": "fp32", "f16": "fp16", "bf16": "bf16", "i32": "i32", "i64": "i64", "i8": "i8",
               "bool": "i1", "f8e4m3": "fp8e4nv"}
+TIMED_OUT = "compile: no result within"
+COMPILE_TIMEOUT_S = 60.0               # a compile that takes longer is not worth having (see ``resources``)
 _RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 
@@ -135,11 +137,13 @@ def _key(source: str, sig: dict, attrs: dict, options: dict, target: tuple, shar
 
 def resources(kernel, args: Sequence, fixed: dict[str, Any], config: dict[str, Any], *,
               shared_limit: int = 227 * 1024, target: tuple = SM90A, tma: bool = True,
-              cache: bool = True) -> Resources:
+              cache: bool = True, timeout_s: float | None = COMPILE_TIMEOUT_S) -> Resources:
     """Compile ``kernel`` with ``fixed`` constants and ``config`` (its tunables and the backend's options, flat)
     for ``target`` and report its resources (see the module docstring). ``args``: tensors (meta tensors will do:
     only shapes, strides and dtypes are read) or ``tilestack.lang.ArgSpec`` (sizes unknown). ``shared_limit``:
-    shared memory per block the device allows (``DeviceKey.shared_bytes``)."""
+    shared memory per block the device allows (``DeviceKey.shared_bytes``). ``timeout_s``: a compile that takes
+    longer (ptxas on a kernel that spills thousands of registers can take minutes) runs in a child process that
+    is killed then, and the config is reported as not compiling in time (None: in this process, no limit)."""
     reason = missing_tools()
     if reason:
         raise BackendError(f"aot.resources: cannot compile for {target}: {reason}")
@@ -158,11 +162,16 @@ def resources(kernel, args: Sequence, fixed: dict[str, Any], config: dict[str, A
     path = _cache_dir() / f"{key}.json"
     if cache and path.exists():
         try:
-            data = json.loads(path.read_text())
-            return Resources(**data, cached=True)
+            r = Resources(**json.loads(path.read_text()), cached=True)
         except (ValueError, TypeError):
-            pass                         # a report from another format: compile again
-    r = _compile(low, sig, attrs, opts, target, shared_limit)
+            r = None                     # a report from another format: compile again
+        timed_out = r is not None and (r.error or "").startswith(TIMED_OUT)
+        if r is not None and not (timed_out and (timeout_s is None or timeout_s > r.compile_s)):
+            return r                     # (a compile cut short is tried again with a longer limit)
+    if timeout_s is None:
+        r = _compile(low, sig, attrs, opts, target, shared_limit)
+    else:
+        r = _compile_in_child(low, sig, attrs, opts, target, shared_limit, timeout_s)
     if cache:
         from tilestack.tune.cache import write_json_atomic
         write_json_atomic(path, r.to_json())
@@ -200,6 +209,41 @@ def _compile(low, sig: dict, attrs: dict, opts: dict, target: tuple, shared_limi
     ok = shared <= shared_limit
     return Resources(ok, regs, spills, shared, int(k.metadata.num_warps), int(k.metadata.num_stages), seconds,
                      None if ok else f"shared memory {shared} B > the device's {shared_limit} B per block")
+
+
+def _compile_in_child(low, sig, attrs, opts, target, shared_limit, timeout_s: float) -> Resources:
+    """``_compile`` in a forked child of its own process group (ptxas included), killed after ``timeout_s``."""
+    import multiprocessing
+    import signal
+
+    ctx = multiprocessing.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child, args=(send, low, sig, attrs, opts, target, shared_limit), daemon=True)
+    t0 = time.perf_counter()
+    child.start()
+    send.close()
+    try:
+        if recv.poll(timeout_s):
+            return recv.recv()
+        return Resources(False, num_warps=opts.get("num_warps"), num_stages=opts.get("num_stages"),
+                         compile_s=time.perf_counter() - t0,
+                         error=f"{TIMED_OUT} {timeout_s:g} s (killed)")
+    except EOFError:
+        return Resources(False, compile_s=time.perf_counter() - t0, error="compile: the compiler process died")
+    finally:
+        if child.is_alive():
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        child.join()
+        recv.close()
+
+
+def _child(send, low, sig, attrs, opts, target, shared_limit) -> None:
+    os.setsid()                 # its own process group: a kill reaches ptxas too
+    send.send(_compile(low, sig, attrs, opts, target, shared_limit))
+    send.close()
 
 
 def _registers(cubin: bytes | None) -> tuple[int | None, int | None]:

@@ -165,9 +165,9 @@ class ProblemData:
         """Indices of the configs the constraints keep (the tuner's candidates)."""
         return [i for i, g in enumerate(self.groups) if g == "kept"]
 
-    def X(self, idx: Iterable[int] | None = None) -> np.ndarray:
+    def X(self, idx: Iterable[int] | None = None, aot: bool = True) -> np.ndarray:
         idx = range(len(self.configs)) if idx is None else idx
-        return np.array([vector(self.features[i]) for i in idx], dtype=np.float64).reshape(-1, len(FEATURES))
+        return np.array([vector(self.features[i], aot) for i in idx], dtype=np.float64).reshape(-1, len(FEATURES))
 
     def y(self, i: int) -> float | None:
         return None if self.us[i] is None else target(self.us[i], self.features[i])
@@ -209,8 +209,10 @@ class Dataset:
     def kernels(self) -> list[str]:
         return sorted({p.kernel for p in self.problems.values()})
 
-    def training(self, exclude_kernel: str | None = None, exclude: Iterable[str] = ()) -> tuple[list, list]:
-        """(X, y) of every measured config, leaving out one kernel's problems and the problem ids ``exclude``."""
+    def training(self, exclude_kernel: str | None = None, exclude: Iterable[str] = (),
+                 aot: bool = True) -> tuple[list, list]:
+        """(X, y) of every measured config, leaving out one kernel's problems and the problem ids ``exclude``
+        (and the compiler's report from the features unless ``aot``)."""
         skip = set(exclude)
         X, y = [], []
         for p in self.problems.values():
@@ -219,6 +221,6 @@ class Dataset:
             for i in range(len(p.configs)):
                 t = p.y(i)
                 if t is not None:
-                    X.append(vector(p.features[i]))
+                    X.append(vector(p.features[i], aot))
                     y.append(t)
         return X, y

@@ -28,6 +28,7 @@ FEATURES = (
     "tma_fraction", "pointer_accesses", "loop_loads",
     "has_aot", "aot_registers", "aot_spills_log2", "aot_shared_kib", "aot_register_frac",
 )
+AOT_FEATURES = frozenset(("has_aot", "aot_registers", "aot_spills_log2", "aot_shared_kib", "aot_register_frac"))
 KIB = 1024
 WARP_SIZE = 32
 
@@ -91,11 +92,12 @@ def resource_features(r: Any) -> dict[str, float]:
             "aot_register_frac": regs * warps * WARP_SIZE / ArchLimits().registers_per_sm}
 
 
-def vector(f: dict[str, float]) -> list[float]:
-    """``f`` in ``FEATURES`` order (a missing or non-finite feature is 0)."""
+def vector(f: dict[str, float], aot: bool = True) -> list[float]:
+    """``f`` in ``FEATURES`` order (a missing or non-finite feature is 0; the compiler's report too unless
+    ``aot``: a model that ranks configs before any compile must not learn from it)."""
     out = []
     for name in FEATURES:
-        v = f.get(name, 0.0)
+        v = f.get(name, 0.0) if aot or name not in AOT_FEATURES else 0.0
         out.append(float(v) if v is not None and math.isfinite(v) else 0.0)
     return out
 

@@ -32,7 +32,7 @@ def pretrained_model(paths: Iterable[Path | str], n_trees: int | None = None):
     if not paths or missing:
         raise TunableError(f"tune --model: ground-truth data {missing or '(none given)'} not found; give "
                            "--model-data <file.jsonl> (written by scripts/tune/collect_ground_truth.py)")
-    X, y = Dataset.load(paths).training()
+    X, y = Dataset.load(paths).training(aot=False)      # it ranks configs before any compile
     if not X:
         raise TunableError(f"tune --model: no measured config in {[str(p) for p in paths]}")
     return CostModel(n_trees or N_TREES).fit(X, y)
