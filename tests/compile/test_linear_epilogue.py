@@ -108,6 +108,18 @@ def test_matmul_plus_bias_and_aten_forms():
         assert _made(report) == [f"{head} + residual add -> tilestack::linear_epilogue"], str(report)
         torch.testing.assert_close(gm(x, w, b, r), fn(x, w, b, r), rtol=4e-3, atol=4e-3)
 
+    # a 3-D input: view -> addmm(b, x2d, t(w)) -> view back -> gelu -> add, as AOT autograd writes F.linear
+    x3, wl = torch.randn(2, 5, 16, dtype=torch.float16), torch.randn(12, 16, dtype=torch.float16)
+    r3 = torch.randn(2, 5, 12, dtype=torch.float16)
+
+    def linear3(x, w, b, r):
+        return F.gelu(F.linear(x, w, b)) + r
+
+    gm = make_fx(linear3)(x3, wl, b, r3)
+    report = tc.run_passes(gm, passes=["linear_epilogue"], check=True)
+    assert _made(report) == ["addmm + bias + gelu + residual add -> tilestack::linear_epilogue"], str(report)
+    torch.testing.assert_close(gm(x3, wl, b, r3), linear3(x3, wl, b, r3), rtol=4e-3, atol=4e-3)
+
 
 def test_gpt2_tiny_inference():
     """The benchmark GPT in bf16: each block's c_fc + GELU fused (the projections' outputs feed the fused add +

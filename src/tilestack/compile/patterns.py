@@ -476,10 +476,16 @@ def _added(node: Node, x: Node) -> Node | None:
     return other if isinstance(other, Node) and other is not x else None
 
 
+_ATEN_VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.reshape.default)
+
+
 def _static_view(node: Node, x: Node) -> tuple[int, ...] | None:
-    """The shape of ``x.view(*shape)`` / ``x.reshape(*shape)`` when node is that and every size is a number
-    (QuantLinear views its rows back to the input's leading dims), else None."""
-    if node.op != "call_method" or node.target not in ("view", "reshape") or node.args[:1] != (x,) or node.kwargs:
+    """The shape of ``x.view(*shape)`` / ``x.reshape(*shape)`` (or aten's view, as AOT autograd puts after an
+    addmm of a 3-D input) when node is that and every size is a number (QuantLinear views its rows back to the
+    input's leading dims), else None."""
+    method = node.op == "call_method" and node.target in ("view", "reshape")
+    if not (method or (node.op == "call_function" and node.target in _ATEN_VIEWS)) or node.args[:1] != (x,) or \
+            node.kwargs:
         return None
     shape = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], list | tuple) else node.args[1:]
     return tuple(shape) if shape and all(type(s) is int for s in shape) else None
