@@ -60,6 +60,14 @@ def test_explicit_gemm_is_warp_specialized_with_register_budgets():
     assert res["num_warps"] == 12                               # 8 consumer warps + 4 producer warps
 
 
+def test_warp_specialized_plain_gemm_compiles_with_register_budgets():
+    k, res, sass = compiled(gemm_kernel.trace(BF16_2, BF16_2, BF16_2), warp_specialize=True)
+    no_spills(res)
+    budgets = {int(n) for n in re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32 \t(\d+);", k.asm["ptx"])}
+    assert 40 in budgets and max(budgets) >= 232
+    assert "HGMMA.64x128x16.F32.BF16" in sass and res["num_warps"] == 12
+
+
 def test_explicit_attention_compiles_with_ping_pong_partitions():
     traced = explicit_attention().trace(BF16_4, BF16_4, BF16_4, BF16_4, 1.0, BM=128, BN=64, D=64, STAGES=2)
     k, res, sass = compiled(traced)

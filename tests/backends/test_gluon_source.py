@@ -139,6 +139,34 @@ def test_the_explicit_gemm_means_a_product(m, n, k):
     torch.testing.assert_close(c.double(), a.double() @ b.double(), rtol=1e-2, atol=1e-2)
 
 
+def test_warp_specialize_splits_a_plain_gemm_into_producer_and_consumer():
+    traced = gemm_kernel.trace(BF16_2, BF16_2, BF16_2)
+    ws = str(dict(traced.passes("gluon", warp_specialize=True))["warp_specialize"])
+    assert "role producer: warps=4 registers=40" in ws and "role consumer: warps=8 registers=232" in ws
+    assert "= stages() : SharedStages[bf16, 4 x 128, 64] #a_ring" in ws
+    assert "[producer] %a_ring" in ws and "= async_load via=tma(" in ws and "[consumer] %a" in ws and "wait_load(" in ws
+    assert "= mma_async " in ws and "= mma_wait(" in ws and "[consumer] store(" in ws
+    src = get_backend("gluon").source(traced, get_backend("gluon").Options(warp_specialize=True, num_stages=3))
+    assert "def gemm_kernel_producer(" in src and "[4], [40])" in src and "[3, 128, 64]" in src
+    assert "for p in gl.static_range(" not in src          # the producer's ring replaces the one-partition pipeline
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(130, 136, 72), (1, 8, 264)])
+def test_warp_specialize_keeps_the_kernels_meaning(m, n, k):
+    # the split IR (async loads, waits, async mmas, roles) run by the reference executor: the same product
+    from tilestack.backends.gluon.passes import warp_specialize
+    from tilestack.lang.kernel import TracedKernel
+
+    g = torch.Generator().manual_seed(m * n + k)
+    a, b = torch.randn(m, k, generator=g).bfloat16(), torch.randn(k, n, generator=g).bfloat16()
+    c = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
+    traced = gemm_kernel.trace(a, b, c)
+    split = TracedKernel(traced.kernel, traced.signature, traced.constants, warp_specialize(8, 3)(traced.ir))
+    assert split.ir.roles and not traced.ir.roles
+    get_backend("reference").run(split, (a, b, c))
+    torch.testing.assert_close(c.double(), a.double() @ b.double(), rtol=1e-2, atol=1e-2)
+
+
 def test_explicit_attention_splits_into_ping_pong_consumers_and_a_producer():
     attention = explicit_attention()
     traced = attention.trace(BF16_4, BF16_4, BF16_4, BF16_4, 1.0, BM=128, BN=64, D=64, STAGES=2)

@@ -936,10 +936,11 @@ def emit(low: KernelIR, warps: int) -> Lowered:
     return Lowered(text + "\n", fn, num_warps, low.reads, signature(low, params), roles)
 
 
-def lower(kernel: KernelIR, warps: int, stages: int, print_after=()) -> tuple[KernelIR, list]:
+def lower(kernel: KernelIR, warps: int, stages: int, specialize: bool = False,
+          print_after=()) -> tuple[KernelIR, list]:
     """The Gluon pipeline's result for ``kernel`` and every stage [(pass name, IR), ...]."""
-    return pipeline(warps, stages).run(kernel, print_after=print_after)
+    return pipeline(warps, stages, specialize).run(kernel, print_after=print_after)
 
 
-def generate(kernel: KernelIR, warps: int, stages: int) -> Lowered:
-    return emit(lower(kernel, warps, stages)[0], warps)
+def generate(kernel: KernelIR, warps: int, stages: int, specialize: bool = False) -> Lowered:
+    return emit(lower(kernel, warps, stages, specialize)[0], warps)

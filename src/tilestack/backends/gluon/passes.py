@@ -4,10 +4,14 @@ tile moves, which loops it pipelines, and what the kernel function takes.
     legalize        an emitter for every op; wgmma-shaped matrix products; copy-engine boxes; roles it can split
     choose_access   shared-tile loads, async loads and 2-D stores through the copy engine (TMA descriptors),
                     register loads, 1-D stores and atomic adds through pointers
+    warp_specialize (option) a plain kernel's pipelinable loop split into warp roles, in the IR: its shared-tile
+                    loads become async loads into staged rings by a producer warpgroup and waits by a consumer
+                    role that runs every other tile op; its accumulation chain becomes async mmas kept in flight,
+                    waited after the loop (hand-scheduled kernels write the same ops themselves)
     schedule        a loop whose body loads shared tiles through the copy engine (coordinates computed from the
                     loop index and values from outside the loop) gets ``stages=S``: the emitter keeps S - 1 loads
-                    in flight in a ring of S shared buffers with one mbarrier each (a plain kernel's pipelining;
-                    hand-scheduled kernels write stages, async loads and waits themselves)
+                    in flight in a ring of S shared buffers with one mbarrier each (a plain kernel's pipelining
+                    in one partition)
     prune_params    the parameters the device code reads (``KernelIR.reads``): Triton's rule, plus a descriptor
                     per async load
 
@@ -18,10 +22,10 @@ from __future__ import annotations
 
 from tilestack.backends.triton.passes import prune_params as _pointer_and_tma_reads
 from tilestack.errors import BackendError
-from tilestack.ir.nodes import Block, Instr, KernelIR, Value
-from tilestack.ir.ops import OPS, AccessAttrs, Op, RangeAttrs, check_lowerable
+from tilestack.ir.nodes import Block, Instr, KernelIR, Role, Value
+from tilestack.ir.ops import OPS, AccessAttrs, ConstAttrs, FnAttrs, NoAttrs, Op, RangeAttrs, check_lowerable
 from tilestack.ir.passes import DCE, SPLIT_HOST, Pass, Pipeline, clone
-from tilestack.ir.types import GlobalType, Space, StagesType, TileType
+from tilestack.ir.types import INDEX, GlobalType, Space, StagesType, TileType
 
 TMA_MAX_BOX = 256          # elements per dimension of one copy-engine transfer
 TMA_MIN_ROW_BYTES = 16     # the innermost box dimension moves at least 16 bytes
@@ -29,6 +33,8 @@ WGMMA_DTYPES = ("bf16", "f16", "f8e4m3")   # operand dtypes the backend gives wg
 WGMMA_K = {"bf16": 16, "f16": 16, "f8e4m3": 32}   # the k of one wgmma instruction, per operand dtype
 WARPGROUP_ROWS = 64        # rows of the accumulator one warpgroup (4 warps) covers per wgmma
 WARP_ROWS = 16
+PRODUCER = Role(warps=4, registers=40)   # a warpgroup that only issues copies: few registers (setmaxnreg)
+REGISTER_FILE = 65536
 
 
 def _fail(ins: Instr, msg: str) -> None:
@@ -178,10 +184,93 @@ def pipelined_loads(loop: Instr) -> list[Instr]:
     body = loop.body
     out = []
     for ins in body.instrs:
-        if ins.op is Op.LOAD and ins.attrs.via == "tma" and ins.result.type.space is Space.SHARED \
+        if ins.op is Op.LOAD and ins.attrs.via != "pointer" and ins.result.type.space is Space.SHARED \
                 and scalar_slice(body, ins.srcs[1:], body.args[0]) is not None:
             out.append(ins)
     return out
+
+
+def _const(value: int, where: str) -> Instr:
+    return Instr(Op.CONST, (Value(INDEX),), (), ConstAttrs(value), where=where)
+
+
+def deferrable(loop: Instr, ins: Instr) -> bool:
+    """An mma of ``loop``'s body whose result only feeds the next trip's mma as its acc (an accumulation chain):
+    it may stay in flight across trips, waited after the loop."""
+    body = loop.body
+    r, acc = ins.result, ins.srcs[0]
+    if ins not in body.instrs or r not in body.yields or acc not in body.args[1:] \
+            or body.args[1 + body.yields.index(r)] is not acc:
+        return False
+    return not any((r in i.srcs) or (acc in i.srcs and i is not ins) for i in body.walk())
+
+
+def warp_specialize(warps: int, stages: int):
+    """Split a plain kernel's pipelinable loop (from 0 by 1, loading shared tiles) into a producer and a consumer
+    role. The result means what the input did (the reference executor runs both the same); kernels with roles
+    already, or without such a loop, pass through unchanged."""
+    def run(ir: KernelIR) -> KernelIR:
+        loops = [i for i in ir.body.instrs if i.op is Op.RANGE and pipelined_loads(i)]
+        if ir.roles or len(loops) != 1 or stages < 2:
+            return ir
+        out = clone(ir)
+        loop = next(i for i in out.body.instrs if i.op is Op.RANGE and pipelined_loads(i))
+        lo, _, step = (_made_by(out.body, v) for v in loop.srcs[:3])
+        if not (lo and step and lo.op is step.op is Op.CONST and lo.attrs.value == 0 and step.attrs.value == 1):
+            return ir
+        consumer_regs = min(256, (REGISTER_FILE - PRODUCER.warps * 32 * PRODUCER.registers) // (warps * 32) // 8 * 8)
+        out.roles = {"consumer": Role(warps=warps, registers=consumer_regs), "producer": PRODUCER}
+        for ins in out.walk():      # every tile op and effect is the consumer's; scalar work stays shared
+            if OPS[ins.op].kind in ("tile", "effect"):
+                ins.role = "consumer"
+        body = loop.body
+        idx = body.args[0]
+        count, stage = _const(stages, loop.where), None
+        new_body: list[Instr] = []
+        before = out.body.instrs.index(loop)
+        for ins in body.instrs:
+            if ins in pipelined_loads(loop):
+                if stage is None:
+                    stage = Instr(Op.SCALAR, (Value(INDEX, "stage"),), (idx, count.result), FnAttrs("mod"),
+                                  where=loop.where)
+                    new_body += [count, stage]
+                t = ins.result.type
+                st = StagesType(t.dtype, t.shape, stages)
+                ring = Value(st, f"{ins.result.hint or 'tile'}_ring")
+                ring.buffer = ring.id
+                arg, filled, res = (Value(st, ring.hint, buffer=ring.id) for _ in range(3))
+                out.body.instrs.insert(before, Instr(Op.STAGES, (ring,), (), NoAttrs(), where=ins.where))
+                before += 1
+                loop.srcs += (ring,)
+                loop.results += (res,)
+                body.args.append(arg)
+                body.yields.append(filled)
+                new_body.append(Instr(Op.ASYNC_LOAD, (filled,), (arg, stage.result, *ins.srcs), AccessAttrs("tma"),
+                                      where=ins.where, role="producer"))
+                new_body.append(Instr(Op.WAIT_LOAD, ins.results, (filled, stage.result), NoAttrs(), where=ins.where,
+                                      role="consumer"))
+            else:
+                new_body.append(ins)
+        body.instrs = new_body
+        waits = []
+        for ins in body.instrs:     # accumulation chains stay in flight, waited once after the loop
+            if ins.op is Op.MMA and deferrable(loop, ins):
+                ins.op = Op.MMA_ASYNC
+                r = loop.results[body.yields.index(ins.result)]
+                done = Value(r.type, r.hint, buffer=r.buffer)
+                waits.append(Instr(Op.MMA_WAIT, (done,), (r,), NoAttrs(), where=ins.where, role="consumer"))
+        at = out.body.instrs.index(loop) + 1
+        out.body.instrs[at:at] = waits
+        rename = {w.srcs[0]: w.result for w in waits}
+        for ins in out.body.instrs[at + len(waits):]:
+            for i in [ins, *(ins.body.walk() if ins.body is not None else ())]:
+                i.srcs = tuple(rename.get(v, v) for v in i.srcs)
+        return out
+    return run
+
+
+def _made_by(block: Block, v: Value) -> Instr | None:
+    return next((i for i in block.instrs if v in i.results), None)
 
 
 def schedule(stages: int):
@@ -212,9 +301,11 @@ def prune_params(ir: KernelIR) -> KernelIR:
     return out
 
 
-def pipeline(warps: int, stages: int) -> Pipeline:
+def pipeline(warps: int, stages: int, specialize: bool = False) -> Pipeline:
     return Pipeline([
         SPLIT_HOST, DCE,
+        *([Pass("warp_specialize", warp_specialize(warps, stages), "a producer and a consumer role")]
+          if specialize else []),
         Pass("legalize", legalize(warps), "what Gluon on sm_90a can lower"),
         Pass("choose_access", choose_access, "copy engine or pointers, per load and store"),
         Pass("schedule", schedule(stages), "pipeline plain loops that load shared tiles"),
