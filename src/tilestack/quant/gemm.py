@@ -31,14 +31,12 @@ def _grid(X, W, BM, BN):
     return (ts.cdiv(X.shape[0], BM) * ts.cdiv(W.shape[0], BN),)
 
 
-@ts.kernel(grid=_grid)
+@ts.kernel(grid=_grid, options=dict(num_warps=8, num_stages=3))   # Triton's launch options by default
 def qgemm_kernel(X, W, S, Bias, R, Y, x_scale: float, *,
                  BM: int = ts.tunable(128, (16, 32, 64, 128, 256)),
                  BN: int = ts.tunable(128, (16, 32, 64, 128, 256)),
                  BK: int = ts.tunable(64, (16, 32, 64, 128)),
                  GROUP_M: int = ts.tunable(8, (1, 4, 8, 16)),
-                 num_warps: int = ts.tunable(8, (4, 8)),
-                 num_stages: int = ts.tunable(3, (1, 2, 3, 4, 5)),
                  HAS_BIAS: bool = False, HAS_RESIDUAL: bool = False, activation: str | None = None):
     # X: (M, K) f32/bf16/f16, or fp8 when W is fp8 too; W: (N, K) int8 or fp8; S: (N,) f32; Bias: (N,), read
     # only with HAS_BIAS; R: (M, N), read only with HAS_RESIDUAL; Y: (M, N).
@@ -70,12 +68,11 @@ def qgemm_kernel(X, W, S, Bias, R, Y, x_scale: float, *,
     ts.store(Y, c, at=(i, j))
 
 
-@ts.kernel(grid=lambda X, BM, BN: (ts.cdiv(X.shape[0], BM), ts.cdiv(X.shape[1], BN)))
+@ts.kernel(grid=lambda X, BM, BN: (ts.cdiv(X.shape[0], BM), ts.cdiv(X.shape[1], BN)),
+           options=dict(num_warps=4, num_stages=1))
 def quantize_fp8_kernel(X, Q, inv_scale: float, *,
                         BM: int = ts.tunable(32, (8, 16, 32, 64, 128)),
-                        BN: int = ts.tunable(128, (32, 64, 128, 256)),
-                        num_warps: int = ts.tunable(4, (2, 4, 8)),
-                        num_stages: int = ts.tunable(1, (1, 2))):
+                        BN: int = ts.tunable(128, (32, 64, 128, 256))):
     # Q = fp8(clamp(X * inv_scale, -448, 448)); X: (M, K) float, Q: (M, K) fp8 E4M3
     i, j = ts.block_id(0), ts.block_id(1)
     x = ts.RegTile[ts.f32, BM, BN]()
