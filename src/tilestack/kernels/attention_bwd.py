@@ -38,13 +38,17 @@ from tilestack.kernels._plan import planned
 from tilestack.kernels.attention_fwd import (
     LOG2E,
     LOWEST_F32,
+    Dropout,
     add_bias,
     causal_diagonal,
     causal_shift,
     check_attention_args,
     config_signature,
+    dropout_scale,
+    dropout_threshold,
     head_tile,
     mask_as_bias,
+    philox_args,
     query_block_keys,
 )
 from tilestack.tune.lookup import launch_config
@@ -69,13 +73,13 @@ def attention_bwd_delta_kernel(O, dO, Delta, *, D: int,
 
 
 def _probabilities(s, q, k, lse, qk_scale, *, keys_left=None, rows_left=None, diagonal=None, Bias=None, bias=None,
-                   at=None):
+                   at=None, precision: str = "ieee"):
     """s = P = exp2(q k^T * qk_scale [+ bias * log2 e] - lse) for one (query block, key block) pair, exactly as
     the forward normalised it; ``keys_left`` (= Nk - j*BN) masks keys past the end, ``rows_left`` (= Nq - i*BM)
     queries past the end, ``diagonal`` (see ``causal_diagonal``) the causal diagonal; lse is in the log2
     domain."""
     ts.zero(s)
-    ts.mma_ABt(s, q, k, s)                       # (BM, BN) = q @ k.T
+    ts.mma_ABt(s, q, k, s, input_precision=precision)   # (BM, BN) = q @ k.T
     ts.mul(s, s, qk_scale)
     if Bias is not None:
         add_bias(s, bias, Bias, at)
@@ -89,10 +93,14 @@ def _probabilities(s, q, k, lse, qk_scale, *, keys_left=None, rows_left=None, di
     ts.exp2(s, s)
 
 
-def _score_grad(ds, dp, p, do, v, delta):
-    """ds = dS = P * (dO V^T - delta), in the input dtype for the matrix unit (dp is f32 scratch)."""
+def _score_grad(ds, dp, p, do, v, delta, precision: str = "ieee", dropout: Dropout | None = None):
+    """ds = dS = P * (dP - delta), dP = dO V^T (on the kept entries, times 1 / (1 - p), with ``dropout``, whose
+    mask is made), in the input dtype for the matrix unit (dp is f32 scratch)."""
     ts.zero(dp)
-    ts.mma_ABt(dp, do, v, dp)                    # (BM, BN) = dO @ V^T
+    ts.mma_ABt(dp, do, v, dp, input_precision=precision)   # (BM, BN) = dO @ V^T
+    if dropout is not None:
+        dropout.drop(dp, dp)
+        ts.mul(dp, dp, dropout.scale)
     ts.sub_row(dp, dp, delta)
     ts.mul(dp, dp, p)
     ts.copy(ds, dp)
@@ -122,9 +130,11 @@ def key_block_queries(j, Nq, BM: int, BN: int, causal: bool, shift):
 
 
 def _dkdv_block(i, h, *, b, q, do, lse, delta, k, v, s, dp, p, ds, dk, dv, Q, dO, LSE, Delta, qk_scale,
-                masked: bool, diagonal: bool, shift, empty_rows: bool, Bias, bias, j, BM: int, BN: int):
+                masked: bool, diagonal: bool, shift, empty_rows: bool, Bias, bias, j, BM: int, BN: int,
+                precision: str, dropout: Dropout | None, Nk):
     """Query block i of query head h against this program's key block j; ``masked``: rows past Nq, and the
-    causal diagonal if ``diagonal``."""
+    causal diagonal if ``diagonal``. With ``dropout``: dV from the dropped P (scaled once, at the end), dS from the
+    dropped dP."""
     ts.load(q, Q, at=(b, h, i, 0))               # (BM, D)
     ts.load(do, dO, at=(b, h, i, 0))             # (BM, DV)
     ts.load(lse, LSE, at=(b, h, i))              # (BM,) natural log
@@ -132,16 +142,22 @@ def _dkdv_block(i, h, *, b, q, do, lse, delta, k, v, s, dp, p, ds, dk, dv, Q, dO
     _lse_log2(lse, empty_rows)
     _probabilities(s, q, k, lse, qk_scale, rows_left=Q.shape[2] - i * BM if masked else None,
                    diagonal=causal_diagonal(i, j, BM, BN, shift) if diagonal else None,
-                   Bias=Bias, bias=bias, at=(b, h, i, j))
-    ts.copy(p, s)
-    ts.mma_AtB(dv, p, do, dv)                    # (BN, DV) += P^T dO
-    _score_grad(ds, dp, s, do, v, delta)
-    ts.mma_AtB(dk, ds, q, dk)                    # (BN, D) += dS^T Q
+                   Bias=Bias, bias=bias, at=(b, h, i, j), precision=precision)
+    if dropout is None:
+        ts.copy(p, s)
+    else:                                        # the forward's mask for these (row, key) pairs
+        dropout.mask((b * Q.shape[1] + h) * Q.shape[2] + i * BM, j * BN, Nk)
+        dropout.drop(dp, s)
+        ts.copy(p, dp)
+    ts.mma_AtB(dv, p, do, dv, input_precision=precision)   # (BN, DV) += P^T dO
+    _score_grad(ds, dp, s, do, v, delta, precision, dropout)
+    ts.mma_AtB(dk, ds, q, dk, input_precision=precision)   # (BN, D) += dS^T Q
 
 
 def _dkdv(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale, *, D: int, DV: int | None, causal: bool,
-          causal_align: str, BM: int, BN: int):
-    """The body of both dK/dV kernels (``Bias`` is None for the unbiased one)."""
+          causal_align: str, BM: int, BN: int, precision: str = "ieee", dropout: tuple | None = None):
+    """The body of every dK/dV kernel (``Bias`` is None for the unbiased ones; ``dropout`` is the forward's
+    (seed, offset, p, scale) for the dropout ones)."""
     DV = D if DV is None else DV
     j, bh = ts.block_id(0), ts.block_id(1)
     Hkv = K.shape[1]
@@ -162,6 +178,7 @@ def _dkdv(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale, *, D: int, DV: int | Non
     dk = ts.RegTile[ts.f32, BN, D]()
     dv = ts.RegTile[ts.f32, BN, DV]()
     bias = ts.RegTile[ts.f32, BM, BN]() if Bias is not None else None
+    drop = Dropout.tiles(*dropout, BM, BN) if dropout is not None else None
     ts.load(k, K, at=(b, hk, j, 0))
     ts.load(v, V, at=(b, hk, j, 0))
     ts.zero(dk)
@@ -169,7 +186,8 @@ def _dkdv(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale, *, D: int, DV: int | Non
     first, full, tail, n_q_blocks = key_block_queries(j, Q.shape[2], BM, BN, causal, shift)
     tiles = dict(b=b, q=q, do=do, lse=lse, delta=delta, k=k, v=v, s=s, dp=dp, p=p, ds=ds, dk=dk, dv=dv, Q=Q,
                  dO=dO, LSE=LSE, Delta=Delta, qk_scale=scale * LOG2E, shift=shift,
-                 empty_rows=Bias is not None or shift is not None, Bias=Bias, bias=bias, j=j, BM=BM, BN=BN)
+                 empty_rows=Bias is not None or shift is not None, Bias=Bias, bias=bias, j=j, BM=BM, BN=BN,
+                 precision=precision, dropout=drop, Nk=K.shape[2])
     for g in ts.range(group):
         h = hk * group + g
         if causal:                               # the diagonal (and maybe the ragged last query block)
@@ -180,6 +198,8 @@ def _dkdv(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale, *, D: int, DV: int | Non
         for i in ts.range(tail, n_q_blocks):     # the ragged last query block, past the diagonal
             _dkdv_block(i, h, masked=True, diagonal=False, **tiles)
     ts.mul(dk, dk, scale)
+    if drop is not None:                         # dV summed the kept entries of P unscaled
+        ts.mul(dv, dv, drop.scale)
     out_k = ts.RegTile[dK.dtype, BN, D]()
     out_v = ts.RegTile[dV.dtype, BN, DV]()
     ts.copy(out_k, dk)
@@ -201,36 +221,60 @@ _KV_BN = ts.tunable(128, (16, 32, 64, 128))
 @ts.kernel(grid=_grid_kv, options=_BWD_OPTIONS)
 def attention_bwd_dkdv_kernel(Q, K, V, dO, LSE, Delta, dK, dV, scale: float, *,
                               D: int, DV: int | None = None, causal: bool = False, causal_align: str = "top_left",
-                              BM: int = _KV_BM, BN: int = _KV_BN):
+                              BM: int = _KV_BM, BN: int = _KV_BN, precision: str = "ieee"):
     """dK (like K) and dV (like V); D and DV are the tile widths of the q/k and v head dims."""
     _dkdv(Q, K, V, None, dO, LSE, Delta, dK, dV, scale, D=D, DV=DV, causal=causal, causal_align=causal_align,
-          BM=BM, BN=BN)
+          BM=BM, BN=BN, precision=precision)
 
 
 @ts.kernel(grid=_grid_kv, options=_BWD_OPTIONS)
 def attention_bwd_dkdv_bias_kernel(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale: float, *,
                                    D: int, DV: int | None = None, causal: bool = False,
-                                   causal_align: str = "top_left", BM: int = _KV_BM, BN: int = _KV_BN):
+                                   causal_align: str = "top_left", BM: int = _KV_BM, BN: int = _KV_BN,
+                                   precision: str = "ieee"):
     """``attention_bwd_dkdv_kernel`` with the forward's bias (B, H, Nq, Nk) added to the scores."""
     _dkdv(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale, D=D, DV=DV, causal=causal, causal_align=causal_align,
-          BM=BM, BN=BN)
+          BM=BM, BN=BN, precision=precision)
+
+
+@ts.kernel(grid=_grid_kv, options=_BWD_OPTIONS)
+def attention_bwd_dkdv_dropout_kernel(Q, K, V, dO, LSE, Delta, dK, dV, scale: float, seed: int, offset: int,
+                                      dropout_p: float, dropout_scale: float, *, D: int, DV: int | None = None,
+                                      causal: bool = False, causal_align: str = "top_left", BM: int = _KV_BM,
+                                      BN: int = _KV_BN, precision: str = "ieee"):
+    """``attention_bwd_dkdv_kernel`` for a forward with dropout: its (seed, offset, p, scale)."""
+    _dkdv(Q, K, V, None, dO, LSE, Delta, dK, dV, scale, D=D, DV=DV, causal=causal, causal_align=causal_align,
+          BM=BM, BN=BN, precision=precision, dropout=(seed, offset, dropout_p, dropout_scale))
+
+
+@ts.kernel(grid=_grid_kv, options=_BWD_OPTIONS)
+def attention_bwd_dkdv_bias_dropout_kernel(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale: float, seed: int,
+                                           offset: int, dropout_p: float, dropout_scale: float, *, D: int,
+                                           DV: int | None = None, causal: bool = False,
+                                           causal_align: str = "top_left", BM: int = _KV_BM, BN: int = _KV_BN,
+                                           precision: str = "ieee"):
+    """``attention_bwd_dkdv_bias_kernel`` for a forward with dropout."""
+    _dkdv(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale, D=D, DV=DV, causal=causal, causal_align=causal_align,
+          BM=BM, BN=BN, precision=precision, dropout=(seed, offset, dropout_p, dropout_scale))
 
 
 def _dq_block(j, *, b, h, hk, q, do, lse, delta, k, v, s, dp, ds, dq, K, V, qk_scale, masked: bool, causal: bool,
-              shift, Bias, bias, i, BM: int, BN: int):
-    """This program's query block i against key block j."""
+              shift, Bias, bias, i, BM: int, BN: int, precision: str, dropout: Dropout | None, row):
+    """This program's query block i against key block j (``row``: block i's first row in the dropout grid)."""
     ts.load(k, K, at=(b, hk, j, 0))              # (BN, D)
     ts.load(v, V, at=(b, hk, j, 0))              # (BN, DV)
     _probabilities(s, q, k, lse, qk_scale, keys_left=K.shape[2] - j * BN if masked else None,
                    diagonal=causal_diagonal(i, j, BM, BN, shift) if masked and causal else None,
-                   Bias=Bias, bias=bias, at=(b, h, i, j))
-    _score_grad(ds, dp, s, do, v, delta)
-    ts.mma_AB(dq, ds, k, dq)                     # (BM, D) += dS @ K
+                   Bias=Bias, bias=bias, at=(b, h, i, j), precision=precision)
+    if dropout is not None:                      # the forward's mask for these (row, key) pairs
+        dropout.mask(row, j * BN, K.shape[2])
+    _score_grad(ds, dp, s, do, v, delta, precision, dropout)
+    ts.mma_AB(dq, ds, k, dq, input_precision=precision)   # (BM, D) += dS @ K
 
 
 def _dq(Q, K, V, Bias, dO, LSE, Delta, dQ, scale, *, D: int, DV: int | None, causal: bool, causal_align: str,
-        BM: int, BN: int):
-    """The body of both dQ kernels (``Bias`` is None for the unbiased one)."""
+        BM: int, BN: int, precision: str = "ieee", dropout: tuple | None = None):
+    """The body of every dQ kernel (``Bias`` is None for the unbiased ones; ``dropout`` as in ``_dkdv``)."""
     DV = D if DV is None else DV
     i, bh = ts.block_id(0), ts.block_id(1)
     H = Q.shape[1]
@@ -249,6 +293,7 @@ def _dq(Q, K, V, Bias, dO, LSE, Delta, dQ, scale, *, D: int, DV: int | None, cau
     ds = ts.RegTile[Q.dtype, BM, BN]()
     dq = ts.RegTile[ts.f32, BM, D]()
     bias = ts.RegTile[ts.f32, BM, BN]() if Bias is not None else None
+    drop = Dropout.tiles(*dropout, BM, BN) if dropout is not None else None
     ts.load(q, Q, at=(b, h, i, 0))
     ts.load(do, dO, at=(b, h, i, 0))
     ts.load(lse, LSE, at=(b, h, i))
@@ -257,7 +302,8 @@ def _dq(Q, K, V, Bias, dO, LSE, Delta, dQ, scale, *, D: int, DV: int | None, cau
     ts.zero(dq)
     n_full, n_blocks = query_block_keys(i, K.shape[2], BM, BN, causal, shift)
     tiles = dict(b=b, h=h, hk=hk, q=q, do=do, lse=lse, delta=delta, k=k, v=v, s=s, dp=dp, ds=ds, dq=dq, K=K, V=V,
-                 qk_scale=scale * LOG2E, causal=causal, shift=shift, Bias=Bias, bias=bias, i=i, BM=BM, BN=BN)
+                 qk_scale=scale * LOG2E, causal=causal, shift=shift, Bias=Bias, bias=bias, i=i, BM=BM, BN=BN,
+                 precision=precision, dropout=drop, row=bh * Q.shape[2] + i * BM)
     for j in ts.range(0, n_full):
         _dq_block(j, masked=False, **tiles)
     for j in ts.range(n_full, n_blocks):         # the ragged end of the keys and the causal diagonal
@@ -279,19 +325,40 @@ _DQ_BN = ts.tunable(64, (16, 32, 64, 128))
 @ts.kernel(grid=_grid_q, options=_BWD_OPTIONS)
 def attention_bwd_dq_kernel(Q, K, V, dO, LSE, Delta, dQ, scale: float, *,
                             D: int, DV: int | None = None, causal: bool = False, causal_align: str = "top_left",
-                            BM: int = _DQ_BM, BN: int = _DQ_BN):
+                            BM: int = _DQ_BM, BN: int = _DQ_BN, precision: str = "ieee"):
     """dQ (like Q); D and DV are the tile widths of the q/k and v head dims."""
     _dq(Q, K, V, None, dO, LSE, Delta, dQ, scale, D=D, DV=DV, causal=causal, causal_align=causal_align,
-        BM=BM, BN=BN)
+        BM=BM, BN=BN, precision=precision)
 
 
 @ts.kernel(grid=_grid_q, options=_BWD_OPTIONS)
 def attention_bwd_dq_bias_kernel(Q, K, V, Bias, dO, LSE, Delta, dQ, scale: float, *,
                                  D: int, DV: int | None = None, causal: bool = False,
-                                 causal_align: str = "top_left", BM: int = _DQ_BM, BN: int = _DQ_BN):
+                                 causal_align: str = "top_left", BM: int = _DQ_BM, BN: int = _DQ_BN,
+                                 precision: str = "ieee"):
     """``attention_bwd_dq_kernel`` with the forward's bias (B, H, Nq, Nk) added to the scores."""
     _dq(Q, K, V, Bias, dO, LSE, Delta, dQ, scale, D=D, DV=DV, causal=causal, causal_align=causal_align,
-        BM=BM, BN=BN)
+        BM=BM, BN=BN, precision=precision)
+
+
+@ts.kernel(grid=_grid_q, options=_BWD_OPTIONS)
+def attention_bwd_dq_dropout_kernel(Q, K, V, dO, LSE, Delta, dQ, scale: float, seed: int, offset: int,
+                                    dropout_p: float, dropout_scale: float, *, D: int, DV: int | None = None,
+                                    causal: bool = False, causal_align: str = "top_left", BM: int = _DQ_BM,
+                                    BN: int = _DQ_BN, precision: str = "ieee"):
+    """``attention_bwd_dq_kernel`` for a forward with dropout: its (seed, offset, p, scale)."""
+    _dq(Q, K, V, None, dO, LSE, Delta, dQ, scale, D=D, DV=DV, causal=causal, causal_align=causal_align,
+        BM=BM, BN=BN, precision=precision, dropout=(seed, offset, dropout_p, dropout_scale))
+
+
+@ts.kernel(grid=_grid_q, options=_BWD_OPTIONS)
+def attention_bwd_dq_bias_dropout_kernel(Q, K, V, Bias, dO, LSE, Delta, dQ, scale: float, seed: int, offset: int,
+                                         dropout_p: float, dropout_scale: float, *, D: int, DV: int | None = None,
+                                         causal: bool = False, causal_align: str = "top_left", BM: int = _DQ_BM,
+                                         BN: int = _DQ_BN, precision: str = "ieee"):
+    """``attention_bwd_dq_bias_kernel`` for a forward with dropout."""
+    _dq(Q, K, V, Bias, dO, LSE, Delta, dQ, scale, D=D, DV=DV, causal=causal, causal_align=causal_align,
+        BM=BM, BN=BN, precision=precision, dropout=(seed, offset, dropout_p, dropout_scale))
 
 
 def _check_saved(q, v, o, lse, do) -> None:
@@ -339,13 +406,15 @@ def default_config(D: int, causal: bool, device_type: str, dtype=None) -> dict[s
 @planned
 def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float | None = None, *,
                        backend: str | None = None, config: dict[str, dict] | None = None, attn_mask=None,
-                       causal_align: str = "top_left"):
+                       causal_align: str = "top_left", dropout_p: float = 0.0, rng=None, precision: str = "ieee"):
     """(dq, dk, dv) of attention, from the forward's output ``o`` and log-sum-exp ``lse`` (for the same
-    ``causal``, ``scale``, ``attn_mask`` and ``causal_align``). The mask gets no gradient. Checks, configs and
-    launchers are planned once per launch signature (``kernels._plan``)."""
+    ``causal``, ``scale``, ``attn_mask``, ``causal_align``, ``dropout_p`` and stream ``rng``, whose mask is
+    regenerated, and ``precision``). The mask gets no gradient. Checks, configs and launchers are planned once per
+    launch signature (``kernels._plan``)."""
     import torch
 
-    check_attention_args("attention_backward", q, k, v, scale, attn_mask=attn_mask, causal_align=causal_align)
+    check_attention_args("attention_backward", q, k, v, scale, attn_mask=attn_mask, causal_align=causal_align,
+                         dropout_p=dropout_p, rng=rng, precision=precision)
     B, H, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
     _check_saved(q, v, o, lse, do)
@@ -366,6 +435,8 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
         consts["DV"] = DVT
     if causal and causal_align != "top_left":
         consts["causal_align"] = causal_align
+    if precision != "ieee" and q.dtype == torch.float32:   # half inputs are exact either way: one trace
+        consts["precision"] = precision
     with_bias = attn_mask is not None
 
     def buffers(q, k, v):
@@ -376,6 +447,9 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
     do = do.contiguous()
     bias = mask_as_bias(attn_mask, (B, H, Nq, Nk))
     launch_delta = attention_bwd_delta_kernel.launcher_for((o, do, delta), backend, D=DVT, **cfg["delta"])
+    if dropout_p > 0:   # kernels of their own: dropout_p = 0 runs the kernels below, untouched
+        return _dropout_run(q, k, v, bias, do, lse, delta, dq, dk, dv, scale, rng, float(dropout_p), buffers,
+                            launch_delta, backend, consts, cfg, (B, H, Nq, Nk))
     if not with_bias:
         launch_dkdv = attention_bwd_dkdv_kernel.launcher_for((q, k, v, do, lse, delta, dk, dv, scale), backend,
                                                              **consts, **cfg["dkdv"])
@@ -398,5 +472,30 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
         else:
             launch_dkdv((q, k, v, do, lse, delta, dk, dv, scale))
             launch_dq((q, k, v, do, lse, delta, dq, scale))
+        return dq, dk, dv
+    return run
+
+
+def _dropout_run(q, k, v, bias, do, lse, delta, dq, dk, dv, scale, rng, p, buffers, launch_delta, backend, consts,
+                 cfg, shape):
+    """attention_backward's ``run`` after a forward with dropout: the dropout twins of the dK/dV and dQ kernels
+    (with the bias or not), the stream's (seed, offset) read per call."""
+    extra = (*philox_args(rng), dropout_threshold(p), dropout_scale(p))
+    with_bias = bias is not None
+    kdkdv, kdq = ((attention_bwd_dkdv_bias_dropout_kernel, attention_bwd_dq_bias_dropout_kernel) if with_bias else
+                  (attention_bwd_dkdv_dropout_kernel, attention_bwd_dq_dropout_kernel))
+    b = (bias,) if with_bias else ()
+    launch_dkdv = kdkdv.launcher_for((q, k, v, *b, do, lse, delta, dk, dv, scale, *extra), backend, **consts,
+                                     **cfg["dkdv"])
+    launch_dq = kdq.launcher_for((q, k, v, *b, do, lse, delta, dq, scale, *extra), backend, **consts, **cfg["dq"])
+
+    def run(q, k, v, o, lse, do, *_, attn_mask=None, rng=None, **__):
+        delta, dq, dk, dv = buffers(q, k, v)
+        do = do.contiguous()
+        launch_delta((o, do, delta))
+        b = (mask_as_bias(attn_mask, shape),) if with_bias else ()
+        x = (*philox_args(rng), *extra[2:])
+        launch_dkdv((q, k, v, *b, do, lse, delta, dk, dv, scale, *x))
+        launch_dq((q, k, v, *b, do, lse, delta, dq, scale, *x))
         return dq, dk, dv
     return run

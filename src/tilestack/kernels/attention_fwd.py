@@ -37,8 +37,10 @@ The log-sum-exp (natural log, per query row, f32) is saved for the backward.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
+from typing import Any
 
 import tilestack.lang as ts
 from tilestack.kernels._checks import next_pow2
@@ -99,13 +101,44 @@ def add_bias(s, bias, Bias, at) -> None:
     ts.add(s, s, bias)
 
 
+@dataclasses.dataclass
+class Dropout:
+    """Dropout of P inside a kernel, by counter-based random numbers that the backward regenerates.
+
+    Element (r, c) of the score grid of query row r (counted over all (batch, head) pairs: row = (b * H + h) * Nq
+    + r) and key c is kept when the rand op's uniform at counter ``offset + row * Nk + c`` under key ``seed`` is
+    >= p; kept entries are worth ``scale`` = 1 / (1 - p) (0 when p = 1), applied where it is cheapest (once to o
+    in the forward, once to dV, per element to dP). ``u`` and ``keep`` are (BM, BN) scratch tiles."""
+    seed: Any
+    offset: Any
+    p: Any
+    scale: Any
+    u: Any
+    keep: Any
+
+    @classmethod
+    def tiles(cls, seed, offset, p, scale, BM: int, BN: int) -> Dropout:
+        return cls(seed, offset, p, scale, ts.RegTile[ts.f32, BM, BN](), ts.RegTile[ts.bool_, BM, BN]())
+
+    def mask(self, row, col, stride) -> None:
+        """keep = the mask of the (BM, BN) block whose first element is (row, col) of a grid ``stride`` wide."""
+        ts.rand(self.u, self.seed, self.offset, row=row, col=col, stride=stride)
+        ts.ge(self.keep, self.u, self.p)
+
+    def drop(self, dst, x) -> None:
+        """dst = x where kept, else 0 (unscaled)."""
+        ts.where(dst, self.keep, x, 0.0)
+
+
 def _attend_block(j, q, k, v, s, p, o, m, m_new, alpha, l, K, V, b, h, hk, qk_scale, *, masked: bool,
-                  causal: bool, shift, bias, Bias, i, BM: int, BN: int):
-    """One key block j: s = q k^T, online-softmax update of (m, l), o += p v."""
+                  causal: bool, shift, bias, Bias, i, BM: int, BN: int, precision: str, dropout: Dropout | None,
+                  row):
+    """One key block j: s = q k^T, online-softmax update of (m, l), o += p v (p dropped if ``dropout``; l sums
+    the undropped p, so the lse is dropout's too)."""
     ts.load(k, K, at=(b, hk, j, 0))              # (BN, D)
     ts.load(v, V, at=(b, hk, j, 0))              # (BN, DV)
     ts.zero(s)
-    ts.mma_ABt(s, q, k, s)                       # (BM, BN) = q @ k.T
+    ts.mma_ABt(s, q, k, s, input_precision=precision)   # (BM, BN) = q @ k.T
     if Bias is not None:                         # scores to the log2 domain first, the bias added there
         ts.mul(s, s, qk_scale)
         add_bias(s, bias, Bias, (b, h, i, j))
@@ -126,14 +159,18 @@ def _attend_block(j, q, k, v, s, p, o, m, m_new, alpha, l, K, V, b, h, hk, qk_sc
     ts.mul(l, l, alpha)
     ts.row_sum(l, s, l)
     ts.mul_row(o, o, alpha)
+    if dropout is not None:                      # P's dropped entries to 0 (the kept ones scaled at the end)
+        dropout.mask(row, j * BN, K.shape[2])
+        dropout.drop(s, s)
     ts.copy(p, s)                                # to the input dtype for the matrix unit
-    ts.mma_AB(o, p, v, o)                        # (BM, DV) += (BM, BN) @ (BN, DV)
+    ts.mma_AB(o, p, v, o, input_precision=precision)   # (BM, DV) += (BM, BN) @ (BN, DV)
     ts.copy(m, m_new)
 
 
 def _forward(Q, K, V, Bias, O, LSE, scale, *, D: int, DV: int | None, causal: bool, causal_align: str,
-             BM: int, BN: int):
-    """The body of both forward kernels (``Bias`` is None for the unbiased one)."""
+             BM: int, BN: int, precision: str = "ieee", dropout: tuple | None = None):
+    """The body of every forward kernel (``Bias`` is None for the unbiased ones; ``dropout`` is (seed, offset,
+    p, scale) for the dropout ones)."""
     DV = D if DV is None else DV
     i = ts.block_id(0)
     bh = ts.block_id(1)
@@ -155,6 +192,7 @@ def _forward(Q, K, V, Bias, O, LSE, scale, *, D: int, DV: int | None, causal: bo
     alpha = ts.RegVec[ts.f32, BM]()
     l = ts.RegVec[ts.f32, BM]()
     bias = ts.RegTile[ts.f32, BM, BN]() if Bias is not None else None
+    drop = Dropout.tiles(*dropout, BM, BN) if dropout is not None else None
     ts.load(q, Q, at=(b, h, i, 0))               # (BM, D)
     ts.zero(o)
     ts.fill(m, LOWEST_F32 if empty_rows else -math.inf)
@@ -163,7 +201,8 @@ def _forward(Q, K, V, Bias, O, LSE, scale, *, D: int, DV: int | None, causal: bo
 
     n_full, n_blocks = query_block_keys(i, Nk, BM, BN, causal, shift)
     tiles = dict(q=q, k=k, v=v, s=s, p=p, o=o, m=m, m_new=m_new, alpha=alpha, l=l, K=K, V=V, b=b, h=h, hk=hk,
-                 qk_scale=qk_scale, causal=causal, shift=shift, bias=bias, Bias=Bias, i=i, BM=BM, BN=BN)
+                 qk_scale=qk_scale, causal=causal, shift=shift, bias=bias, Bias=Bias, i=i, BM=BM, BN=BN,
+                 precision=precision, dropout=drop, row=bh * Q.shape[2] + i * BM)
     for j in ts.range(0, n_full):
         _attend_block(j, masked=False, **tiles)
     for j in ts.range(n_full, n_blocks):
@@ -176,6 +215,8 @@ def _forward(Q, K, V, Bias, O, LSE, scale, *, D: int, DV: int | None, causal: bo
         ts.div_row(o, o, l_div)
     else:
         ts.div_row(o, o, l)
+    if drop is not None:                         # the kept entries' 1 / (1 - p)
+        ts.mul(o, o, drop.scale)
     ts.copy(out, o)
     ts.store(O, out, at=(b, h, i, 0))
     lse = ts.RegVec[ts.f32, BM]()                # natural-log LSE = (m + log2 l) * ln 2 (-inf for l = 0)
@@ -192,25 +233,52 @@ def _grid(Q, BM):
 @ts.kernel(grid=_grid, options=_OPTIONS)
 def attention_fwd_kernel(Q, K, V, O, LSE, scale: float, *,
                          D: int, DV: int | None = None, causal: bool = False, causal_align: str = "top_left",
-                         BM: int = _BM, BN: int = _BN):
+                         BM: int = _BM, BN: int = _BN, precision: str = "ieee"):
     """Q: (B, H, Nq, *), K: (B, Hkv, Nk, *), V: (B, Hkv, Nk, *), O: (B, H, Nq, *), LSE: (B, H, Nq) f32.
-    D and DV are the tile widths of the q/k and v/o head dims (powers of two >= 16, see ``head_tile``)."""
-    _forward(Q, K, V, None, O, LSE, scale, D=D, DV=DV, causal=causal, causal_align=causal_align, BM=BM, BN=BN)
+    D and DV are the tile widths of the q/k and v/o head dims (powers of two >= 16, see ``head_tile``);
+    ``precision``: the products' input precision for fp32 inputs ("ieee" or "tf32")."""
+    _forward(Q, K, V, None, O, LSE, scale, D=D, DV=DV, causal=causal, causal_align=causal_align, BM=BM, BN=BN,
+             precision=precision)
 
 
 @ts.kernel(grid=_grid, options=_OPTIONS)
 def attention_fwd_bias_kernel(Q, K, V, Bias, O, LSE, scale: float, *,
                               D: int, DV: int | None = None, causal: bool = False, causal_align: str = "top_left",
-                              BM: int = _BM, BN: int = _BN):
+                              BM: int = _BM, BN: int = _BN, precision: str = "ieee"):
     """``attention_fwd_kernel`` with an additive bias added to the scores: Bias (B, H, Nq, Nk), any float dtype,
     usually an expanded view (zero strides on the broadcast axes)."""
-    _forward(Q, K, V, Bias, O, LSE, scale, D=D, DV=DV, causal=causal, causal_align=causal_align, BM=BM, BN=BN)
+    _forward(Q, K, V, Bias, O, LSE, scale, D=D, DV=DV, causal=causal, causal_align=causal_align, BM=BM, BN=BN,
+             precision=precision)
+
+
+@ts.kernel(grid=_grid, options=_OPTIONS)
+def attention_fwd_dropout_kernel(Q, K, V, O, LSE, scale: float, seed: int, offset: int, dropout_p: float,
+                                 dropout_scale: float, *, D: int, DV: int | None = None, causal: bool = False,
+                                 causal_align: str = "top_left", BM: int = _BM, BN: int = _BN,
+                                 precision: str = "ieee"):
+    """``attention_fwd_kernel`` with dropout on P (see ``Dropout``): the random stream ``(seed, offset)``, the
+    probability ``dropout_p`` and the kept entries' ``dropout_scale`` = 1 / (1 - p)."""
+    _forward(Q, K, V, None, O, LSE, scale, D=D, DV=DV, causal=causal, causal_align=causal_align, BM=BM, BN=BN,
+             precision=precision, dropout=(seed, offset, dropout_p, dropout_scale))
+
+
+@ts.kernel(grid=_grid, options=_OPTIONS)
+def attention_fwd_bias_dropout_kernel(Q, K, V, Bias, O, LSE, scale: float, seed: int, offset: int,
+                                      dropout_p: float, dropout_scale: float, *, D: int, DV: int | None = None,
+                                      causal: bool = False, causal_align: str = "top_left", BM: int = _BM,
+                                      BN: int = _BN, precision: str = "ieee"):
+    """``attention_fwd_bias_kernel`` with dropout, as ``attention_fwd_dropout_kernel``."""
+    _forward(Q, K, V, Bias, O, LSE, scale, D=D, DV=DV, causal=causal, causal_align=causal_align, BM=BM, BN=BN,
+             precision=precision, dropout=(seed, offset, dropout_p, dropout_scale))
 
 
 def reference(q, k, v, causal: bool = False, scale: float | None = None, *, attn_mask=None,
-              causal_align: str = "top_left"):
+              causal_align: str = "top_left", dropout_p: float = 0.0, dropout_keep=None):
     """float64 PyTorch attention with the same conventions: torch's math backend (GQA by repeating K/V heads; a
-    row that sees no key gives 0 and lse = -inf, and finite gradients). Returns (o, lse)."""
+    row that sees no key gives 0 and lse = -inf, and finite gradients). Returns (o, lse).
+
+    ``dropout_keep``: a boolean (B, H, Nq, Nk) mask of the kept entries of P (``dropout_mask`` gives the kernels'),
+    each worth 1 / (1 - dropout_p), as torch's dropout; the lse is the undropped one."""
     import torch
 
     group = q.shape[1] // max(k.shape[1], 1)
@@ -231,10 +299,63 @@ def reference(q, k, v, causal: bool = False, scale: float | None = None, *, attn
     lse = torch.logsumexp(s, dim=-1) if nk else s.new_full(s.shape[:-1], float("-inf"))
     empty = torch.isneginf(lse)[..., None]                                # rows that see no key
     p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    if dropout_keep is not None:
+        p = p * dropout_keep.to(p.device, torch.float64) * dropout_scale(dropout_p)
     return p @ vv, lse
 
 
-def check_attention_args(fn: str, q, k, v, scale, *, attn_mask=None, causal_align: str = "top_left") -> None:
+# ---- dropout: a random stream per call, regenerated by the backward ----------------------------------------------
+PRECISIONS = ("ieee", "tf32")   # the products' input precision for fp32 inputs (bf16/fp16 are exact either way)
+
+
+def dropout_rng(generator=None):
+    """A fresh random stream for one dropout call, from torch's CPU generator (``torch.manual_seed`` repeats it;
+    activation checkpointing, which restores the CPU generator, redraws the same one): a CPU int64 tensor (2,),
+    (seed, offset) before ``philox_args``. A tensor, not ints, so that launch plans are not keyed by its value.
+    Keep it for the backward."""
+    import torch
+
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator)
+
+
+def philox_args(rng) -> tuple[int, int]:
+    """The kernels' (seed, offset) for the stream ``rng``: both 64-bit, the seed odd and >= 2**62, the offset
+    a multiple of 16 in [2**61, 2**61 + 2**60), so every call matches what Triton specialized the compiled kernel
+    for on the first (an int argument's == 1, divisibility by 16 and 32-bit range); the counters offset +
+    (B * H * Nq * Nk) stay below 2**63."""
+    s, o = rng.tolist()
+    return 2**62 | (s & (2**62 - 1)) | 1, 2**61 + ((o & (2**56 - 1)) << 4)
+
+
+def dropout_scale(p: float) -> float:
+    """What a kept entry is worth: 1 / (1 - p); 0 when p = 1 (everything dropped: o = 0, as torch's dropout)."""
+    return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+
+
+def dropout_threshold(p: float) -> float:
+    """p as the f32 the kernels compare their f32 uniforms with (an element is kept when u >= it)."""
+    import numpy as np
+
+    return float(np.float32(p))
+
+
+def dropout_mask(rng, dropout_p: float, shape):
+    """The kernels' dropout mask for stream ``rng`` and probability ``dropout_p``: a boolean CPU tensor of
+    ``shape`` (B, H, Nq, Nk), True where P's entry is kept; regenerated with the same Philox bits as the kernels
+    (``tilestack.ir.ops.philox_uniform``), for tests and for checking a run."""
+    import numpy as np
+    import torch
+
+    from tilestack.ir.ops import philox_uniform
+
+    seed, offset = philox_args(rng)
+    n = math.prod(shape)
+    u = philox_uniform(seed, np.uint64(offset) + np.arange(n, dtype=np.uint64))
+    return torch.from_numpy(u.reshape(tuple(shape)) >= np.float32(dropout_threshold(dropout_p)))
+
+
+def check_attention_args(fn: str, q, k, v, scale, *, attn_mask=None, causal_align: str = "top_left",
+                         dropout_p: float = 0.0, rng=None, precision: str = "ieee") -> None:
     """Every check on attention inputs, before any work (shared by forward, backward and the torch op)."""
     import torch
 
@@ -273,6 +394,16 @@ def check_attention_args(fn: str, q, k, v, scale, *, attn_mask=None, causal_alig
         if tail is None or any(m not in (1, w) for m, w in zip(attn_mask.shape, tail, strict=True)):
             raise LaunchError(f"{fn}: attn_mask is {tuple(attn_mask.shape)}; expected a shape broadcastable to "
                               f"(B, H, Nq, Nk) = {want}")
+    if (isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p <= 1.0):
+        raise LaunchError(f"{fn}: dropout_p must be a number in [0, 1], got {dropout_p!r}")
+    if dropout_p > 0:
+        if not isinstance(rng, torch.Tensor) or rng.dtype != torch.int64 or tuple(rng.shape) != (2,) \
+                or rng.device.type != "cpu":
+            got = f"{tuple(rng.shape)} {rng.dtype} on {rng.device}" if isinstance(rng, torch.Tensor) else repr(rng)
+            raise LaunchError(f"{fn}: dropout_p={dropout_p} needs rng, the dropout stream: a CPU int64 tensor (2,) "
+                              f"(seed, offset) from dropout_rng(), the same in the forward and the backward; got {got}")
+    if precision not in PRECISIONS:
+        raise LaunchError(f"{fn}: precision must be one of {PRECISIONS}, got {precision!r}")
 
 
 def mask_as_bias(attn_mask, shape):
@@ -317,13 +448,16 @@ def config_signature(q, D: int, DV: int, causal: bool) -> str:
 
 @planned
 def attention_forward(q, k, v, causal: bool = False, scale: float | None = None, *,
-                      backend: str | None = None, attn_mask=None, causal_align: str = "top_left", **config):
+                      backend: str | None = None, attn_mask=None, causal_align: str = "top_left",
+                      dropout_p: float = 0.0, rng=None, precision: str = "ieee", **config):
     """(o, lse): o (B, H, Nq, Dv) in q's dtype; lse (B, H, Nq) f32, natural log (-inf for a row that sees no key).
-    See the module docstring for ``attn_mask`` and ``causal_align``; ``config`` overrides block shapes.
-    Checks, config and launcher are planned once per launch signature (``kernels._plan``)."""
+    See the module docstring for ``attn_mask``, ``causal_align``, ``dropout_p`` with its stream ``rng`` and
+    ``precision``; ``config`` overrides block shapes. Checks, config and launcher are planned once per launch
+    signature (``kernels._plan``)."""
     import torch
 
-    check_attention_args("attention_forward", q, k, v, scale, attn_mask=attn_mask, causal_align=causal_align)
+    check_attention_args("attention_forward", q, k, v, scale, attn_mask=attn_mask, causal_align=causal_align,
+                         dropout_p=dropout_p, rng=rng, precision=precision)
     B, H, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -337,6 +471,8 @@ def attention_forward(q, k, v, causal: bool = False, scale: float | None = None,
         consts["DV"] = DVT
     if causal and causal_align != "top_left":
         consts["causal_align"] = causal_align
+    if precision != "ieee" and q.dtype == torch.float32:   # half inputs are exact either way: one trace
+        consts["precision"] = precision
     o_shape, lse_shape = (B, H, Nq, Dv), (B, H, Nq)
 
     def outputs(q):
@@ -345,6 +481,9 @@ def attention_forward(q, k, v, causal: bool = False, scale: float | None = None,
 
     o, lse = outputs(q)
     bias = mask_as_bias(attn_mask, (B, H, Nq, Nk))
+    if dropout_p > 0:   # a kernel of its own: dropout_p = 0 runs the kernels above, untouched
+        return _dropout_run(q, k, v, bias, o, lse, scale, rng, float(dropout_p), outputs, backend, consts,
+                            (B, H, Nq, Nk))
     if bias is None:
         launch = attention_fwd_kernel.launcher_for((q, k, v, o, lse, scale), backend, **consts)
 
@@ -358,5 +497,27 @@ def attention_forward(q, k, v, causal: bool = False, scale: float | None = None,
         def run(q, k, v, *_, attn_mask=None, **__):
             o, lse = outputs(q)
             launch((q, k, v, mask_as_bias(attn_mask, (B, H, Nq, Nk)), o, lse, scale))
+            return o, lse
+    return run
+
+
+def _dropout_run(q, k, v, bias, o, lse, scale, rng, p, outputs, backend, consts, shape):
+    """attention_forward's ``run`` for dropout_p > 0: the dropout twin of the plain or biased kernel, the stream's
+    (seed, offset) read per call."""
+    extra = (*philox_args(rng), dropout_threshold(p), dropout_scale(p))
+    if bias is None:
+        launch = attention_fwd_dropout_kernel.launcher_for((q, k, v, o, lse, scale, *extra), backend, **consts)
+
+        def run(q, k, v, *_, rng=None, **__):
+            o, lse = outputs(q)
+            launch((q, k, v, o, lse, scale, *philox_args(rng), *extra[2:]))
+            return o, lse
+    else:
+        launch = attention_fwd_bias_dropout_kernel.launcher_for((q, k, v, bias, o, lse, scale, *extra), backend,
+                                                                **consts)
+
+        def run(q, k, v, *_, attn_mask=None, rng=None, **__):
+            o, lse = outputs(q)
+            launch((q, k, v, mask_as_bias(attn_mask, shape), o, lse, scale, *philox_args(rng), *extra[2:]))
             return o, lse
     return run
