@@ -39,6 +39,9 @@ from tilestack.parallel.plan.schedule import SCHEDULES, Simulation, simulate
 RECOMPUTE = ("none", "selective", "full")
 ADAM_MOMENTS = 2
 LOSS_BYTES = FP32_BYTES          # the step's loss, all-reduced over pp and the data-parallel groups
+ZERO_BUCKET_NUMEL = 1 << 22      # the Trainer's ZeroOptimizer bucket (elements)
+FSDP_UNIT_COPIES = 4             # gathered block + prefetched neighbour + unsharded grads + reduce-scatter input
+FSDP_ROOT_COPIES = 3             # gathered root + its unsharded grads + reduce-scatter input
 MEMORY_COMPONENTS = ("parameters", "gradients", "optimizer", "activations", "transient")
 TERMS = ("compute", "bubble", "tp comm", "fsdp comm", "p2p", "dp comm", "optimizer")
 
@@ -308,7 +311,10 @@ def _act_bytes(layer: Any, plan: Plan) -> float:
     if plan.tp == 1 or not layer.tp_able:
         return full
     if plan.sp:
-        return full / plan.tp
+        # torch's sequence parallelism saves the all-gathered (whole-sequence) inputs of the column-parallel
+        # q/k/v and mlp.fc for their backward (Megatron gathers them again instead): 2 s d per sample undivided
+        kept = 2 * layer.out_bytes * (1 - 1 / plan.tp) if layer.kind == "block" and policy != "full" else 0.0
+        return full / plan.tp + kept
     split = layer.act_tp_bytes.get(policy, 0.0)
     return full - split + split / plan.tp
 
@@ -317,25 +323,34 @@ def _memory(plan: Plan, desc: ModelDesc, stages: list[range], my_stages: list[in
             inflight: float) -> dict[str, float]:
     e = desc.dtype_bytes
     local = params / plan.dp_shard
-    zero_owned = local / plan.dp if plan.zero else local
     grads = local * e
     optimizer = ADAM_MOMENTS * local * e
-    if plan.zero:
-        # ZeroOptimizer: f32 master slice, its two f32 moments, its f32 gradient and the reduced gradient slice
-        optimizer = zero_owned * FP32_BYTES * (ADAM_MOMENTS + 2) + zero_owned * e
-        if plan.zero == 2:
-            grads = zero_owned * e
     transient = 0.0
+    if plan.zero:
+        # ZeroOptimizer: an f32 master copy of this rank's 1/dp slice and AdamW's two f32 moments of it; the
+        # reduced gradient slice beside the full gradients (ZeRO-1), or in their place once a bucket is reduced
+        # (ZeRO-2: at most one bucket of full gradients alive); the master's f32 gradient during the step
+        owned = local / plan.dp
+        optimizer = owned * FP32_BYTES * (1 + ADAM_MOMENTS)
+        full = local if plan.zero == 1 else min(local, ZERO_BUCKET_NUMEL)
+        grads = (full + owned) * e
+        transient += owned * FP32_BYTES
     blocks = [i for s in my_stages for i in stages[s] if desc.layers[i].kind == "block"]
     if plan.recompute == "full" and blocks:
         layer = desc.layers[blocks[0]]
         rebuilt = dataclasses.replace(plan, recompute="none")
         transient += _act_bytes(layer, rebuilt) * plan.micro_batch
     if plan.dp_shard > 1:
-        layers = [i for s in my_stages for i in stages[s]]
+        mine = [desc.layers[i] for s in my_stages for i in stages[s]]
+        gathered = [_local_params(layer, plan.tp) for layer in mine]
         if plan.pp > 1:
             transient += (params - local) * e                # the stage stays gathered between micro-batches
-        elif layers:
-            transient += max(_local_params(desc.layers[i], plan.tp) for i in layers) * e
+        elif mine:
+            # FSDP2, per unit: its gathered parameters, its unsharded gradients and the reduce-scatter's copy of
+            # them; a block's neighbour prefetched beside it (4 blocks' worth); the root unit (every layer that is
+            # not a block) gathered from its forward to its backward, with its gradients and their copy (3 roots)
+            root = sum(g for g, layer in zip(gathered, mine, strict=True) if layer.kind != "block")
+            unit = max(g for g, layer in zip(gathered, mine, strict=True) if layer.kind == "block") if blocks else 0
+            transient += (FSDP_ROOT_COPIES * root + FSDP_UNIT_COPIES * unit) * e
     return {"parameters": local * e, "gradients": grads, "optimizer": optimizer, "activations": inflight,
             "transient": transient}
