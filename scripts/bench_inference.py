@@ -21,8 +21,9 @@ Cases:
 - ``gemm``: the GPT-2 linear layers at M = 8 x 1024 rows: torch bf16 (cuBLAS), tilestack's bf16 GEMM, int8
   and fp8 weight-only, fp8 weights and activations (with and without quantizing the activations).
 - ``epilogue``: GPT-2 small's MLP layers at M = 8 x 1024 rows, c_fc + bias + GELU (tanh) and c_proj + bias +
-  residual add: torch eager, Inductor, tilestack's GEMM with the epilogue in torch, tilestack's GEMM with the
-  epilogue fused, and the tilestack backend's rewrite of the eager code (about 2 minutes).
+  residual add, and c_fc + GELU at 32 rows (decode): torch eager, Inductor, tilestack's GEMM with the epilogue
+  in torch, tilestack's GEMM with the epilogue fused, and the tilestack backend's rewrite of the eager code
+  (about 3 minutes).
 
 Variants (model cases): ``eager``; ``inductor`` and ``inductor-max-autotune`` (torch.compile); ``tilestack``
 (torch.compile(backend="tilestack"), the rest by Inductor default), ``tilestack-max-autotune``,
@@ -312,12 +313,14 @@ def run_gemm_case(quick: bool, sweep: bool = False) -> list[dict]:
 
 # ---- the fused epilogue -------------------------------------------------------------------------------------------
 def epilogue_shapes(quick: bool):
-    """(name, M, K, N, activation, residual) of GPT-2 small's MLP at B x N = 8 x 1024 rows: c_fc + bias + GELU
-    (tanh form, as GPT-2) and c_proj + bias + the residual add."""
+    """(name, M, K, N, activation, residual) of GPT-2 small's MLP at B x N = 8 x 1024 rows (prefill): c_fc + bias +
+    GELU (tanh form, as GPT-2) and c_proj + bias + the residual add; and c_fc + GELU at 32 rows (a decode step of
+    batch 32, where the weights' traffic and the launches dominate)."""
     if quick:
         return [("mlp.c_fc+gelu", 32, 32, 128, "gelu_tanh", False), ("mlp.c_proj+res", 32, 128, 32, None, True)]
     M, d = 8 * 1024, 768
-    return [("mlp.c_fc+gelu", M, d, 4 * d, "gelu_tanh", False), ("mlp.c_proj+res", M, 4 * d, d, None, True)]
+    return [("mlp.c_fc+gelu", M, d, 4 * d, "gelu_tanh", False), ("mlp.c_proj+res", M, 4 * d, d, None, True),
+            ("decode mlp.c_fc+gelu", 32, d, 4 * d, "gelu_tanh", False)]
 
 
 def _linear_epilogue(activation: str | None, residual: bool):
