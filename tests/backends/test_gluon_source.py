@@ -120,9 +120,12 @@ def test_explicit_gemm_becomes_producer_and_consumer_partitions():
     # previous trip's stage (whose wgmma has retired) at the end of each trip
     assert re.search(r"mbarrier\.wait\(a_ring_ready\.index\(\w+\), \(a_ring_rph >> \w+\) & 1\)", consumer)
     assert "is_async=True" in consumer and "hopper.warpgroup_mma_wait(1, deps=[" in consumer
-    assert re.search(r"mbarrier\.arrive\(a_ring_empty\.index\((a_ring_prev_\d+)\), pred=(a_ring_held_\d+) == 1\)",
-                     consumer)
-    assert re.search(r"a_ring_prev_\d+ = 0\n\s+a_ring_held_\d+ = 0 .*\n(.*\n)*\s+for k_\d+ in range", consumer)
+    trip = re.search(r"hopper\.warpgroup_mma_wait\(1, deps=\[\w+\]\)\n\s+mbarrier\.arrive\(a_ring_empty\.index\("
+                     r"(a_ring_busy_\d+)\), pred=(a_ring_live_\d+) == 1\)", consumer)
+    assert trip, consumer                                      # after wait(1): the previous trip's stage is free
+    busy, live = trip.groups()
+    assert re.search(rf"{busy} = 0\n\s+{live} = 0 .*\n(.*\n)*\s+for k_\d+ in range", consumer)   # none before
+    assert f"{busy} = v" in consumer and f"{live} = 1" in consumer   # this trip's stage, carried to the next
     assert "async_copy_global_to_shared" not in consumer
     assert "warps_per_cta=[8, 1]" in consumer                     # layouts for the role's own warps
     kernel = src.split("def gemm_ws_kernel(")[1]

@@ -124,8 +124,12 @@ class _Emitter:
         self.fresh_count = 0
         self.ring_tiles: dict[Instr, str] = {}       # a pipelined load -> its stage's shared buffer expression
         self.deferred: list[Value] = []              # mma results kept in flight in a pipelined loop
-        self.released: list[list[tuple[_Ring, str]]] = [[]]   # per open block: the stages waited on in it
-        self.lagging: list[bool] = [False]           # per open block: a wgmma may still read them at its end
+        # freeing stages (warp roles): which stage each waited tile is; per open block, the stages waited on
+        # and not read by a wgmma in flight; the stages wgmmas in flight read, with the flag that says whether
+        # the entry is live (a name holding 0/1, or None: always), carried around loops in variables
+        self.stage_of: dict[Value, tuple[_Ring, str]] = {}
+        self.held: list[list[tuple[_Ring, str]]] = [[]]
+        self.inflight: list[tuple[_Ring, str, str | None]] = []
         self.blocks: list[Block] = []                # the blocks being emitted, innermost last
         self.pipelining: Instr | None = None        # the pipelined loop whose body is being emitted
 
@@ -192,16 +196,6 @@ class _Emitter:
                 table[ins.op].fn(self, ins)
         self.blocks.pop()
 
-    def open_block(self) -> None:
-        self.released.append([])
-        self.lagging.append(False)
-
-    def close_block(self, head: int | None = None) -> None:
-        """Free the stages waited on in the block just emitted (see ``release_stages``) and leave it."""
-        self.release_stages(head)
-        self.released.pop()
-        self.lagging.pop()
-
     def carried(self, ins: Instr) -> list[int]:
         """The carried slots of loop ``ins`` this function keeps: register and scalar values (a staged buffer is
         its ring, not a value), and in a partition only those its role needs."""
@@ -215,25 +209,88 @@ class _Emitter:
             out.append(k)
         return out
 
-    def release_stages(self, head: int | None = None) -> None:
-        """A consumer role frees the stages it waited on in this block (one arrival per role per stage). Where a
-        wgmma issued in the block may still read them (one kept in flight), a loop body frees the previous trip's
-        stages instead, whose wgmma has retired; ``head`` is where the loop's first line is, to set that up."""
-        if not (self.lagging[-1] and head is not None):
-            for ring, stage in self.released[-1]:
-                self.emit(f"mbarrier.arrive({ring.name}_empty.index({stage}))")
-            return
+    def open_block(self) -> None:
+        self.held.append([])
+
+    def close_block(self) -> None:
+        """Free the stages waited on in the block just emitted that no wgmma in flight reads."""
+        for ring, stage in self.held.pop():
+            self.emit(f"mbarrier.arrive({ring.name}_empty.index({stage}))")
+
+    def free_inflight(self) -> None:
+        """Every wgmma issued before has retired: free the stages they read."""
+        for ring, stage, live in self.inflight:
+            pred = f", pred={live} == 1" if live else ""
+            self.emit(f"mbarrier.arrive({ring.name}_empty.index({stage}){pred})   # its wgmma has retired")
+        self.inflight = []
+
+    def read_by_wgmma(self, ins: Instr) -> list[tuple[_Ring, str]]:
+        """The waited stages an mma's operands are (taken out of the blocks' held lists)."""
+        out = []
+        for v in ins.srcs[1:]:
+            if v in self.stage_of:
+                entry = self.stage_of[v]
+                for held in self.held:
+                    if entry in held:
+                        held.remove(entry)
+                        out.append(entry)
+        return out
+
+    def predict_inflight(self, block: Block) -> list[_Ring]:
+        """The rings whose stages wgmmas issued in ``block`` still read at its end (what the emitter will track),
+        found before emitting it: a loop carries one (stage, live) slot per entry around its back edge."""
+        ring_of, inflight = {}, []
+        for ins in block.instrs:
+            if not self.emitting(ins):
+                continue
+            if ins.op is Op.WAIT_LOAD and self.ring(ins.srcs[0]).consumers:
+                ring_of[ins.result] = self.ring(ins.srcs[0])
+            elif ins.op is Op.MMA_ASYNC:
+                rings = [ring_of[v] for v in ins.srcs[1:] if v in ring_of]
+                if not any(i.op is Op.MMA_WAIT and i.srcs[0] is ins.result for i in block.instrs):
+                    inflight = []
+                inflight += rings
+            elif ins.op is Op.MMA_WAIT:
+                inflight = []
+        return inflight
+
+    def carry_inflight(self, head: int, block: Block, body) -> None:
+        """Emit a loop body with the stages in flight carried around it: one (stage, live) pair of variables per
+        entry, set before the loop (``head``: the loop's first line) and at the end of each trip."""
         pad = self.lines[head][: len(self.lines[head]) - len(self.lines[head].lstrip())]
-        for ring, stage in self.released[-1]:
-            if ring.type.stages < 2:   # the producer would wait for a stage freed only after its next fill
-                raise BackendError(f"{self.kernel.where}: the gluon backend frees a stage one trip late where a "
-                                   f"wgmma stays in flight; {ring.name} needs >= 2 stages, it has 1")
-            prev, held = self.fresh(f"{ring.name}_prev"), self.fresh(f"{ring.name}_held")
-            self.emit(f"mbarrier.arrive({ring.name}_empty.index({prev}), pred={held} == 1)   # the previous trip's")
-            self.emit(f"{prev} = {stage}")
-            self.emit(f"{held} = 1")
-            self.lines[head:head] = [f"{pad}{prev} = 0", f"{pad}{held} = 0   # no stage held before the first trip"]
-            head += 2
+        slots, inits = [], []
+        for ring, stage, live in self.inflight:
+            var, flag = self.fresh(f"{ring.name}_busy"), self.fresh(f"{ring.name}_live")
+            slots.append((ring, var, flag))
+            inits += [f"{pad}{var} = {stage}", f"{pad}{flag} = {live or 1}"]
+        unmatched = [r for r, *_ in slots]
+        for ring in self.predict_inflight(block):   # entries the loop starts: slots dead before the first trip
+            if ring in unmatched:
+                unmatched.remove(ring)
+                continue
+            if ring.type.stages < 2:    # the producer would wait for a stage freed only after its next fill
+                raise BackendError(f"{self.kernel.where}: the gluon backend frees a stage whose wgmma stays in "
+                                   f"flight into the next trip one trip late; {ring.name} needs >= 2 stages")
+            var, flag = self.fresh(f"{ring.name}_busy"), self.fresh(f"{ring.name}_live")
+            slots.append((ring, var, flag))
+            inits += [f"{pad}{var} = 0", f"{pad}{flag} = 0   # no stage in flight before the first trip"]
+        self.lines[head:head] = inits
+        self.inflight = list(slots)
+        body()
+        left = list(self.inflight)
+        for ring, var, flag in slots:       # each slot takes the trip's entry of its ring, or goes dead
+            entry = next((x for x in left if x[0] is ring), None)
+            if entry is None:
+                self.emit(f"{flag} = 0")
+                continue
+            left.remove(entry)
+            if entry[1] != var:
+                self.emit(f"{var} = {entry[1]}")
+                self.emit(f"{flag} = {entry[2] or 1}")
+        if left:
+            raise BackendError(f"{self.kernel.where}: the gluon backend could not carry the stages read by wgmmas "
+                               f"in flight around this loop ({[r.name for r, *_ in left]})")
+        self.inflight = list(slots)
 
     # ---- memory ------------------------------------------------------------------------------------------------
     def descriptor(self, g: Value, shape: tuple[int, ...]) -> str:
@@ -510,10 +567,12 @@ def _e_mma_async(e: _Emitter, ins: Instr) -> None:
     """An async wgmma. Waited in the same block: the wait is its ``mma_wait``. Carried on (waited after the
     loop, or the acc of the next one): at most one kept in flight, ``warpgroup_mma_wait(1)`` right after it."""
     an, bn, acc, key = _mma_operands(e, ins)
+    stages = [(ring, stage, None) for ring, stage in e.read_by_wgmma(ins)]
     e.assign(ins.result, f"hopper.warpgroup_mma({an}, {bn}, {acc}, is_async=True)")
     if not any(i.op is Op.MMA_WAIT and i.srcs[0] is ins.result for i in e.blocks[-1].instrs):
         e.emit(f"{e.name(ins.result)} = hopper.warpgroup_mma_wait(1, deps=[{e.name(ins.result)}])")
-        e.lagging[-1] = True
+        e.free_inflight()          # all but this one have retired
+    e.inflight += stages
     e.set_lay(ins.result, key)
 
 
@@ -522,6 +581,7 @@ def _e_mma_wait(e: _Emitter, ins: Instr) -> None:
     (x,) = ins.srcs
     e.assign(ins.result, f"hopper.warpgroup_mma_wait(0, deps=[{e.name(x)}])")
     e.set_lay(ins.result, e.lay[x])
+    e.free_inflight()              # wait(0): every wgmma issued before has retired
 
 
 # ---- global memory --------------------------------------------------------------------------------------------------
@@ -644,7 +704,8 @@ def _e_wait_load(e: _Emitter, ins: Instr) -> None:
     e.emit(f"{ring.name}_rph = {ring.name}_rph ^ (1 << {s})")
     e.assign(ins.result, _ring_view(f"{ring.name}.index({s})", ring.block, ring.type.shape))
     if ring.consumers:
-        e.released[-1].append((ring, s))
+        e.stage_of[ins.result] = (ring, s)
+        e.held[-1].append((ring, s))
 
 
 # ---- loops -----------------------------------------------------------------------------------------------------------
@@ -687,9 +748,13 @@ def _e_range(e: _Emitter, ins: Instr) -> None:
 
 def _loop_body(e: _Emitter, ins: Instr, slots: list[int], head: int) -> None:
     body = ins.body
-    e.open_block()
-    e.block(body)
-    e.close_block(head)
+
+    def trip():
+        e.open_block()
+        e.block(body)
+        e.close_block()
+
+    e.carry_inflight(head, body, trip)
     for k in slots:
         arg, y = body.args[1 + k], body.yields[k]
         if y is not arg:
@@ -906,7 +971,8 @@ def emit(low: KernelIR, warps: int) -> Lowered:
             for ring in rings.values():
                 phase_bits(e, ring)
             e.block(low.body)
-            e.release_stages()
+            e.close_block()
+            e.free_inflight()
             funcs.append(_function(f"{low.name}_{role}", params, e, ring_args))
             floor = floor or e.floor_helpers
         k = _Emitter(low, order[0][1].warps, rings)
