@@ -10,7 +10,8 @@ Sections (each case runs on its own; a failure is recorded with its traceback an
   gemm_ws    the hand-scheduled warp-specialized GEMM of tests/backends/test_gluon_source.py (producer and
              consumer partitions, setmaxnreg), ragged
   attention  the explicit attention forward of tests/lang/test_explicit.py (a producer and two ping-pong
-             consumer partitions), bf16, head dims 64 and 128, ragged lengths
+             consumer partitions) and the FA3-scheduled one of tests/backends/test_gluon_source.py (the next
+             block's scores on wgmma under this block's softmax), bf16, head dims 64 and 128, ragged lengths
   attn_lib   the library's attention forward (kernels.attention_fwd, a plain kernel the schedule pass pipelines)
              on the gluon backend: causal (both alignments) and not, GQA, head dims 64 and 128, bf16 and fp16,
              ragged lengths; o and lse against float64
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import math
 import subprocess
@@ -142,17 +144,17 @@ def gemm_cases(run: Runner, section: str, kernel) -> None:
                 run.case(section, f"{str(dtype)[6:]} {m}x{n}x{k}{' ws' if opts else ''}", one)
 
 
-def attention_cases(run: Runner, attention) -> None:
+def attention_cases(run: Runner, attention, fa3) -> None:
     g = torch.Generator(device="cuda").manual_seed(1)
-    for b, h, nq, nk, d in ATTN_SHAPES:
-        def one(b=b, h=h, nq=nq, nk=nk, d=d):
+    for (b, h, nq, nk, d), (name, kernel) in itertools.product(ATTN_SHAPES, (("explicit", attention),
+                                                                             ("fa3", fa3))):
+        def one(b=b, h=h, nq=nq, nk=nk, d=d, kernel=kernel):
             q = torch.randn(b, h, nq, d, device="cuda", dtype=torch.bfloat16, generator=g)
             k = torch.randn(b, h, nk, d, device="cuda", dtype=torch.bfloat16, generator=g)
             v = torch.randn(b, h, nk, d, device="cuda", dtype=torch.bfloat16, generator=g)
             o = torch.full_like(q, float("nan"))
             scale = 1 / math.sqrt(d)
-            bn = 64 if d == 128 else 128
-            attention(q, k, v, o, scale, backend="gluon", BM=128, BN=bn, D=d, STAGES=2)
+            kernel(q, k, v, o, scale, backend="gluon", BM=128, BN=128, D=d, STAGES=2)
             torch.cuda.synchronize()
             s = (q.double() @ k.double().transpose(-1, -2)) * scale
             ref = torch.softmax(s, dim=-1) @ v.double()
@@ -160,7 +162,7 @@ def attention_cases(run: Runner, attention) -> None:
             sdpa = rel_err(torch.nn.functional.scaled_dot_product_attention(q, k, v), ref)
             return {"status": "ok" if err <= ATTN_TOL else "FAIL", "rel_err": err, "sdpa_rel_err": sdpa,
                     "detail": f"rel err {err:.2e} (SDPA {sdpa:.2e}, tol {ATTN_TOL:.0e})"}
-        run.case("attention", f"bf16 B{b} H{h} Nq{nq} Nk{nk} D{d}", one)
+        run.case("attention", f"{name} bf16 B{b} H{h} Nq{nq} Nk{nk} D{d}", one)
 
 
 def attention_lib_cases(run: Runner) -> None:
@@ -185,16 +187,16 @@ def attention_lib_cases(run: Runner) -> None:
         run.case("attn_lib", f"{dt} B{b} H{h}/{hkv} {nq}x{nk} D{d} {'causal ' + align if causal else 'full'}", one)
 
 
-def attention_bench(run: Runner, attention) -> None:
+def attention_bench(run: Runner, attention, fa3) -> None:
     for b, h, n, d in ATTN_BENCH:
         for causal in (False, True):
-            attention_bench_one(run, attention, b, h, n, d, causal)
+            attention_bench_one(run, attention, fa3, b, h, n, d, causal)
         torch.cuda.empty_cache()
 
 
-def attention_bench_one(run: Runner, attention, b: int, h: int, n: int, d: int, causal: bool) -> None:
+def attention_bench_one(run: Runner, attention, fa3, b: int, h: int, n: int, d: int, causal: bool) -> None:
     """One FA3-grid point: SDPA's cuDNN and flash kernels, the library attention on triton and on gluon, the
-    explicit attention on gluon (not causal: it has no mask); then the ratios to cuDNN."""
+    explicit and the FA3-scheduled attention on gluon (not causal: they have no mask); then the ratios to cuDNN."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from triton.testing import do_bench
 
@@ -220,18 +222,20 @@ def attention_bench_one(run: Runner, attention, b: int, h: int, n: int, d: int, 
     def library(backend: str, **cfg):   # through the public op (its plan is cached after the first call)
         return lambda: timed(backend, lambda: af.attention_forward(q, k, v, causal, backend=backend, **cfg))
 
-    def explicit():
-        o, scale = torch.empty_like(q), 1 / math.sqrt(d)
-        launch = attention.launcher_for((q, k, v, o, scale), "gluon", BM=128, BN=64 if d == 128 else 128, D=d,
-                                        STAGES=2)
-        return timed("gluon_explicit", lambda: launch((q, k, v, o, scale)))
+    def explicit(kernel, impl: str):
+        def case():
+            o, scale = torch.empty_like(q), 1 / math.sqrt(d)
+            launch = kernel.launcher_for((q, k, v, o, scale), "gluon", BM=128, BN=128, D=d, STAGES=2)
+            return timed(impl, lambda: launch((q, k, v, o, scale)))
+        return case
 
     run.case("attn_bench", f"{tag} sdpa cudnn", sdpa(SDPBackend.CUDNN_ATTENTION))
     run.case("attn_bench", f"{tag} sdpa flash", sdpa(SDPBackend.FLASH_ATTENTION))
     run.case("attn_bench", f"{tag} triton", library("triton"))
     run.case("attn_bench", f"{tag} gluon", library("gluon", **ATTN_LIB_CONFIG[d]))
     if not causal:
-        run.case("attn_bench", f"{tag} gluon explicit", explicit)
+        run.case("attn_bench", f"{tag} gluon explicit", explicit(attention, "gluon_explicit"))
+        run.case("attn_bench", f"{tag} gluon fa3", explicit(fa3, "gluon_fa3"))
     if "cudnn_attention" in best:
         ratios = {i: best["cudnn_attention"] / ms for i, ms in best.items() if i != "cudnn_attention"}
         run.rows.append({"section": "attn_bench", "case": f"{tag} vs cuDNN", "status": "ok",
@@ -289,10 +293,10 @@ def run_section(section: str, limit: float, sink: Path | None) -> list[dict]:
     ws = load_test_module("tests/backends/test_gluon_source.py", "gluon_source_tests")
     {"gemm": lambda: gemm_cases(run, "gemm", gemm_kernel),
      "gemm_ws": lambda: gemm_cases(run, "gemm_ws", ws.gemm_ws),
-     "attention": lambda: attention_cases(run, ws.explicit_attention()),
+     "attention": lambda: attention_cases(run, ws.explicit_attention(), ws.attention_fa3),
      "attn_lib": lambda: attention_lib_cases(run),
      "bench": lambda: bench_cases(run, ws.gemm_ws),
-     "attn_bench": lambda: attention_bench(run, ws.explicit_attention())}[section]()
+     "attn_bench": lambda: attention_bench(run, ws.explicit_attention(), ws.attention_fa3)}[section]()
     return run.rows
 
 

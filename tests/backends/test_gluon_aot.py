@@ -5,7 +5,7 @@ budgets (setmaxnreg in the PTX, USETMAXREG in the SASS). Skips only where Triton
 import re
 
 import pytest
-from test_gluon_source import explicit_attention, gemm_ws  # pytest puts this folder on sys.path
+from test_gluon_source import attention_fa3, explicit_attention, gemm_ws  # pytest puts this folder on sys.path
 
 import tilestack.lang as ts
 from tilestack.backends import get_backend
@@ -77,6 +77,17 @@ def test_explicit_attention_compiles_with_ping_pong_partitions():
     assert {24, 240} <= budgets                                 # the producer and the second consumer (a worker)
     assert sass.count("HGMMA.64x64x16.F32.BF16") >= 8           # QK^T and PV, 4 k-steps each, per consumer
     assert res["num_warps"] == 12
+
+
+@pytest.mark.parametrize(("d", "bn"), [(64, 128), (128, 128)])
+def test_fa3_scheduled_attention_compiles_without_spills(d, bn):
+    # the next block's scores in flight beside this block's softmax, PV and O: the consumers' budget holds it
+    traced = attention_fa3.trace(BF16_4, BF16_4, BF16_4, BF16_4, 1.0, BN=bn, D=d)
+    k, res, sass = compiled(traced)
+    no_spills(res)
+    budgets = {int(n) for n in re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32 \t(\d+);", k.asm["ptx"])}
+    assert {24, 240} <= budgets and res["num_warps"] == 12
+    assert sass.count(f"HGMMA.64x{bn}x16.F32.BF16") >= 2 * d // 16     # QK^T: k-steps over the head dim
 
 
 def library_kernel(name: str):

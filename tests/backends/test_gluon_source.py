@@ -4,6 +4,7 @@ gl.warp_specialize partitions with their register budgets, and the refusals that
 Compiling it for sm_90a is test_gluon_aot.py; running it, scripts/gpu/check_gluon.py on an H200."""
 
 import importlib.util
+import math
 import pathlib
 import re
 
@@ -58,6 +59,80 @@ def gemm_ws(A, B, C, *, BM: int = 128, BN: int = 128, BK: int = 64, STAGES: int 
         c = ts.RegTile[C.dtype, BM, BN]()
         ts.copy(c, acc)
         ts.store(C, c, at=(i, j))
+
+
+LOG2E = 1.4426950408889634
+
+
+@ts.kernel(grid=lambda Q, BM: (ts.cdiv(Q.shape[2], BM), Q.shape[0] * Q.shape[1]))
+def attention_fa3(Q, K, V, O, scale: float, *, BM: int = 128, BN: int = 128, D: int = 64, STAGES: int = 2):
+    """Attention forward (no mask), scheduled as FlashAttention-3 does on Hopper: a producer warpgroup loads K one
+    block ahead and V into rings; two consumer warpgroups (64 query rows each) issue the next block's scores
+    (S = Q K^T on wgmma) before the online softmax of this block's, so the matrix units work while it runs."""
+    i, bh = ts.block_id(0), ts.block_id(1)
+    H, Nk = Q.shape[1], K.shape[2]
+    b, h = bh // H, bh % H
+    HALF = BM // 2
+    k_ring = ts.SharedStages[K.dtype, STAGES, BN, D]()
+    v_ring = ts.SharedStages[V.dtype, STAGES, BN, D]()
+    k_s = ts.SharedTile[K.dtype, BN, D]()
+    v_s = ts.SharedTile[V.dtype, BN, D]()
+    roles = ("consumer0", "consumer1")
+    with ts.partition("producer", warps=4, registers=24):
+        ts.async_load(k_ring, 0, K, at=(b, h, 0, 0))                  # block 0's keys, before the loop
+    q, acc, m, lsum, s_next = [], [], [], [], []
+    for g, role in enumerate(roles):
+        with ts.partition(role, warps=4, registers=240):
+            q.append(ts.RegTile[Q.dtype, HALF, D]())
+            ts.load(q[g], Q, at=(b, h, 2 * i + g, 0))                   # (HALF, D)
+            acc.append(ts.RegTile[ts.f32, HALF, D]())
+            ts.zero(acc[g])
+            m.append(ts.RegVec[ts.f32, HALF]())
+            ts.neg_infty(m[g])
+            lsum.append(ts.RegVec[ts.f32, HALF]())
+            ts.zero(lsum[g])
+            ts.wait_load(k_s, k_ring, 0)
+            s_next.append(ts.RegTile[ts.f32, HALF, BN]())
+            ts.zero(s_next[g])
+            ts.mma_ABt_async(s_next[g], q[g], k_s, s_next[g])            # S_0 in flight
+    for j in ts.range(ts.cdiv(Nk, BN)):
+        st, nx = j % STAGES, (j + 1) % STAGES
+        with ts.partition("producer", warps=4, registers=24):
+            ts.async_load(k_ring, nx, K, at=(b, h, j + 1, 0))           # the next block's keys (past the end: zeros)
+            ts.async_load(v_ring, st, V, at=(b, h, j, 0))
+        for g, role in enumerate(roles):
+            with ts.partition(role, warps=4, registers=240):
+                ts.mma_wait(s_next[g])                                   # S_j
+                s = ts.RegTile[ts.f32, HALF, BN]()
+                ts.copy(s, s_next[g])
+                ts.wait_load(k_s, k_ring, nx)
+                ts.zero(s_next[g])
+                ts.mma_ABt_async(s_next[g], q[g], k_s, s_next[g])        # S_{j+1}, under the softmax below
+                ts.mul(s, s, scale * LOG2E)
+                ts.right_fill(s, s, Nk - j * BN, -math.inf)              # keys past the end
+                m_new = ts.RegVec[ts.f32, HALF]()
+                ts.row_max(m_new, s, m[g])
+                alpha = ts.RegVec[ts.f32, HALF]()
+                ts.sub(alpha, m[g], m_new)
+                ts.exp2(alpha, alpha)
+                ts.sub_row(s, s, m_new)
+                ts.exp2(s, s)
+                ts.mul_row(acc[g], acc[g], alpha)
+                ts.mul(lsum[g], lsum[g], alpha)
+                ts.row_sum(lsum[g], s, lsum[g])
+                p = ts.RegTile[V.dtype, HALF, BN]()
+                ts.copy(p, s)
+                ts.wait_load(v_s, v_ring, st)
+                ts.mma_AB_async(acc[g], p, v_s, acc[g])
+                ts.mma_wait(acc[g])
+                ts.copy(m[g], m_new)
+    for g, role in enumerate(roles):
+        with ts.partition(role, warps=4, registers=240):
+            ts.mma_wait(s_next[g])                                       # the unused scores past the end
+            ts.div_row(acc[g], acc[g], lsum[g])
+            o = ts.RegTile[O.dtype, HALF, D]()
+            ts.copy(o, acc[g])
+            ts.store(O, o, at=(b, h, 2 * i + g, 0))
 
 
 def gemm_source(**options):
@@ -182,6 +257,32 @@ def test_explicit_attention_splits_into_ping_pong_consumers_and_a_producer():
         assert body.count("hopper.warpgroup_mma(") == 2 and "gl.max(" in body and "gl.exp2(" in body
         assert "gl.DotOperandLayout(0, L1, 2)" in body           # P (and Q) as wgmma's register operand
         assert ".permute((1, 0))" in body                          # K^T straight from its stage
+
+
+@pytest.mark.parametrize(("nq", "nk"), [(130, 200), (1, 64), (128, 1)])
+def test_fa3_scheduled_attention_means_attention(nq, nk):
+    # its reference semantics (synchronous; K loaded one block ahead, waited across trips) against float64
+    g = torch.Generator().manual_seed(nq + nk)
+    q, k, v = (torch.randn(1, 2, n, 64, generator=g).bfloat16() for n in (nq, nk, nk))
+    o = torch.full_like(q, float("nan"))
+    attention_fa3(q, k, v, o, 0.125, backend="reference", BN=64)
+    s = (q.double() @ k.double().transpose(-1, -2)) * 0.125
+    torch.testing.assert_close(o.double(), torch.softmax(s, -1) @ v.double(), rtol=2e-2, atol=2e-2)
+
+
+def test_fa3_scheduled_attention_issues_the_next_scores_before_the_softmax():
+    src = get_backend("gluon").source(attention_fa3.trace(BF16_4, BF16_4, BF16_4, BF16_4, 1.0, BN=64))
+    compile(src, "<gluon fa3>", "exec")
+    body = src.split("def attention_fa3_consumer1(")[1].split("@gluon.jit")[0]
+    loop = body.split("for j_")[1]
+    issue, softmax = loop.index("is_async=True"), loop.index("gl.max(")
+    assert issue < softmax                                         # S_{j+1} in flight while the softmax runs
+    assert "hopper.warpgroup_mma_wait(1, deps=[" in loop           # ... kept so: no wait for it before the max
+    # the keys' stage is freed when a wgmma wait retires the scores that read it, carried into the loop
+    assert re.search(r"k_ring_busy_\d+ = 0\n\s+k_ring_live_\d+ = 1", body)
+    assert "mbarrier.arrive(k_ring_empty.index(k_ring_busy_" in loop
+    producer = src.split("def attention_fa3_producer(")[1].split("@gluon.jit")[0]
+    assert producer.index("K_desc") < producer.index("for j_")    # block 0's keys before the loop
 
 
 def test_an_op_the_backend_cannot_lower_fails_naming_op_and_line(monkeypatch):
