@@ -98,10 +98,13 @@ def plan_command(
         raise PlanError(f"--noise-scale {noise_scale}; --rank-by goodput expects the gradient noise scale phi > 0 "
                         "(tilestack.parallel.plan.goodput measures it during training)")
     desc, build = _describe(model, layers, d, heads, vocab, target, seq, dtype)
-    compute, comm_model, peak = _cost_models(desc, build, device, dtype, comm)
+    if not (device == "cpu" or device.startswith("cuda")):
+        from tilestack.parallel.plan import RooflineCompute
+        RooflineCompute(desc, device)                            # PlanError naming an unknown device
     for b in batches:
-        enumerate_plans(desc, nproc, b)            # PlanError: nothing fits nproc and this batch
+        enumerate_plans(desc, nproc, b)                          # PlanError: nothing fits nproc and this batch
     _check_memory(desc, nproc, batches, limit)
+    compute, comm_model, peak = _cost_models(desc, build, device, dtype, comm)
 
     # ---- search -------------------------------------------------------------------------------------------------
     m0 = base_batch or min(batches)

@@ -1,0 +1,69 @@
+"""``tilestack plan`` end to end: the ranked table, the plan file, the figures, then ``tilestack train --plan``
+running that file on gloo; and its refusals of bad input, before any measurement."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from tilestack import config
+from tilestack.cli import _register, app
+from tilestack.parallel.plan import PlanError
+from tilestack.parallel.plan.comm import CommModel, comm_path
+
+_register()
+# a stored gloo fit, so the test does not spend its time measuring collectives
+FIT = CommModel(fits={k: {2: (3e-4, 1e-9)} for k in ("all_reduce", "all_gather", "reduce_scatter", "p2p")},
+                source="test fit")
+MODEL = ["--layers", "2", "--d", "32", "--heads", "4", "--vocab", "64", "--seq", "16"]
+
+
+def _store_fit(tmp_path):
+    path = comm_path("gloo-cpu")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(FIT.to_json()))
+
+
+def test_plan_then_train_the_plan(tmp_path):
+    out, figs = tmp_path / "plan.json", tmp_path / "figs"
+    with config.override(cache_dir=tmp_path):
+        _store_fit(tmp_path)
+        res = CliRunner().invoke(app, ["plan", "--nproc", "2", *MODEL, "--batch", "4", "--memory-limit", "64MiB",
+                                       "--out", str(out), "--figures", str(figs)])
+        assert res.exit_code == 0, res.output
+        assert "step ms" in res.output and "chosen (*)" in res.output and "test fit" in res.output
+        spec = json.loads(out.read_text())
+        assert spec["nproc"] == 2 and spec["batch"] == 4 and spec["seq"] == 16 and spec["runnable"]
+        assert spec["model"]["n_layer"] == 2 and spec["predicted"]["step_s"] > 0
+        assert spec["predicted"]["memory_bytes"] <= 64 * 2**20
+        assert (figs / "timeline.png").stat().st_size > 0 and (figs / "memory.png").stat().st_size > 0
+        run = CliRunner().invoke(app, ["train", "--plan", str(out), "--steps", "3"])
+        assert run.exit_code == 0, run.output
+        assert "2 ranks" in run.output and "tokens/s" in run.output
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--nproc", "0", *MODEL], "world_size=0"),
+    (["--nproc", "3", *MODEL, "--batch", "4"], "no plan of world_size=3"),
+    (["--nproc", "2", *MODEL, "--memory-limit", "1KB"], "--memory-limit 1000 bytes per rank: no plan fits"),
+    (["--nproc", "2", *MODEL, "--memory-limit", "lots"], "--memory-limit 'lots'"),
+    (["--nproc", "2", *MODEL, "--device", "tpu-v9"], "device='tpu-v9'"),
+    (["--nproc", "2", "--model", "tiny", *MODEL], "--model and --layers given"),
+    (["--nproc", "2", *MODEL, "--batch", "4,x"], "--batch '4,x'"),
+    (["--nproc", "2", *MODEL, "--rank-by", "goodput"], "--noise-scale 0.0"),
+])
+def test_bad_input_is_refused_before_any_measurement(tmp_path, args, match):
+    with config.override(cache_dir=tmp_path):            # no stored fit: measuring it would leave a file here
+        res = CliRunner().invoke(app, ["plan", *args])
+        assert res.exit_code != 0
+        assert isinstance(res.exception, PlanError), res.output
+        assert match in str(res.exception)
+        assert not comm_path("gloo-cpu").exists()
+
+
+def test_train_refuses_a_bad_plan_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "something-else"}))
+    for path, match in ((tmp_path / "none.json", "does not exist"), (bad, "format='something-else'")):
+        res = CliRunner().invoke(app, ["train", "--plan", str(path)])
+        assert isinstance(res.exception, PlanError) and match in str(res.exception)
