@@ -86,7 +86,7 @@ def test_masks_match_torch(mask_kind, dtype, rng):
 
 
 @pytest.mark.parametrize("why, call", [
-    ("dropout", lambda q, k, v: dict(dropout_p=0.3)),
+    ("dropout_p outside [0, 1]", lambda q, k, v: dict(dropout_p=1.5)),
     ("rank 3", lambda q, k, v: dict(query=q[0], key=k[0], value=v[0])),
     ("mask needs grad", lambda q, k, v: dict(attn_mask=torch.zeros(1, 1, 6, 6, requires_grad=True))),
     ("heads without enable_gqa", lambda q, k, v: dict(key=k[:, :1], value=v[:, :1])),

@@ -1,8 +1,20 @@
 """``tilestack.attention``: the tile-language attention as a PyTorch op with autograd.
 
-    o = tilestack.attention(q, k, v, causal=False, scale=None, attn_mask=None, causal_align="top_left")
+    o = tilestack.attention(q, k, v, causal=False, scale=None, attn_mask=None, causal_align="top_left",
+                            dropout_p=0.0)
     # q: (B, H, Nq, D); k: (B, Hkv, Nk, D); v: (B, Hkv, Nk, Dv), H a multiple of Hkv; bf16, fp16 or fp32;
     # D, Dv up to 256; attn_mask: bool (True = attend) or additive, broadcastable to (B, H, Nq, Nk)
+
+Dropout (``dropout_p > 0``, in any mode, as torch's SDPA: a model passes 0 in eval) is fused in the kernels: each
+call draws a random stream from torch's CPU generator (``torch.manual_seed`` repeats a run), the forward drops
+P's entries with it and the backward regenerates the same mask (``kernels.attention_fwd.dropout_mask`` gives it).
+
+fp32 inputs: the products go through the tf32 matrix units exactly when torch's own fp32 matmuls do
+(``torch.backends.cuda.matmul.allow_tf32``, i.e. ``torch.set_float32_matmul_precision("high")`` or
+``torch.backends.cuda.matmul.fp32_precision = "tf32"``; torch's default, "highest", keeps IEEE f32 products).
+With tf32 each operand keeps 10 mantissa bits (relative rounding error up to 2**-11), so o and the gradients
+are off by about 1e-3 relative (norm) from float64, against about 1e-6 in IEEE f32; the softmax, its sums and
+the lse stay f32.
 
 Causal alignment: "top_left" (query r sees keys c <= r, as torch SDPA's is_causal) or "bottom_right" (query r
 sees keys c <= r + Nk - Nq, as FlashAttention-2 >= 2.1 and decoding against a KV cache). The mask gets no
@@ -21,17 +33,19 @@ from __future__ import annotations
 import torch
 
 from tilestack.kernels.attention_bwd import attention_backward
-from tilestack.kernels.attention_fwd import attention_forward, check_attention_args
+from tilestack.kernels.attention_fwd import attention_forward, check_attention_args, dropout_rng
 
 
 @torch.library.custom_op("tilestack::attention_fwd", mutates_args=())
 def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-                     causal: bool, scale: float, causal_align: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_forward(q, k, v, causal, scale, attn_mask=attn_mask, causal_align=causal_align)
+                     causal: bool, scale: float, causal_align: str, dropout_p: float = 0.0,
+                     rng: torch.Tensor | None = None, precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, causal, scale, attn_mask=attn_mask, causal_align=causal_align,
+                             dropout_p=dropout_p, rng=rng, precision=precision)
 
 
 @attention_fwd_op.register_fake
-def _(q, k, v, attn_mask, causal, scale, causal_align):
+def _(q, k, v, attn_mask, causal, scale, causal_align, dropout_p=0.0, rng=None, precision="ieee"):
     B, H, Nq, D = q.shape   # o as attention_forward makes it: q's layout when Dv == D
     o = torch.empty_like(q) if v.shape[3] == D else q.new_empty((B, H, Nq, v.shape[3]))
     return o, q.new_empty((B, H, Nq), dtype=torch.float32)
@@ -40,27 +54,31 @@ def _(q, k, v, attn_mask, causal, scale, causal_align):
 @torch.library.custom_op("tilestack::attention_bwd", mutates_args=())
 def attention_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                      do: torch.Tensor, attn_mask: torch.Tensor | None, causal: bool, scale: float,
-                     causal_align: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_backward(q, k, v, o, lse, do, causal, scale, attn_mask=attn_mask, causal_align=causal_align)
+                     causal_align: str, dropout_p: float = 0.0, rng: torch.Tensor | None = None,
+                     precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(q, k, v, o, lse, do, causal, scale, attn_mask=attn_mask, causal_align=causal_align,
+                              dropout_p=dropout_p, rng=rng, precision=precision)
 
 
 @attention_bwd_op.register_fake
-def _(q, k, v, o, lse, do, attn_mask, causal, scale, causal_align):
+def _(q, k, v, o, lse, do, attn_mask, causal, scale, causal_align, dropout_p=0.0, rng=None, precision="ieee"):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, causal, scale, causal_align = inputs
+    q, k, v, attn_mask, causal, scale, causal_align, dropout_p, rng, precision = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, attn_mask)
-    ctx.causal, ctx.scale, ctx.causal_align = causal, scale, causal_align
+    ctx.save_for_backward(q, k, v, o, lse, attn_mask, rng)
+    ctx.causal, ctx.scale, ctx.causal_align, ctx.dropout_p, ctx.precision = (causal, scale, causal_align,
+                                                                             dropout_p, precision)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, o, lse, attn_mask = ctx.saved_tensors
-    dq, dk, dv = attention_bwd_op(q, k, v, o, lse, do, attn_mask, ctx.causal, ctx.scale, ctx.causal_align)
-    return dq, dk, dv, None, None, None, None
+    q, k, v, o, lse, attn_mask, rng = ctx.saved_tensors
+    dq, dk, dv = attention_bwd_op(q, k, v, o, lse, do, attn_mask, ctx.causal, ctx.scale, ctx.causal_align,
+                                  ctx.dropout_p, rng, ctx.precision)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -70,33 +88,49 @@ class _Attention(torch.autograd.Function):
     """The eager path: the kernels without the custom-op dispatcher (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, attn_mask, causal, scale, causal_align):
-        o, lse = attention_forward(q, k, v, causal, scale, attn_mask=attn_mask, causal_align=causal_align)
+    def forward(ctx, q, k, v, attn_mask, causal, scale, causal_align, dropout_p, rng, precision):
+        o, lse = attention_forward(q, k, v, causal, scale, attn_mask=attn_mask, causal_align=causal_align,
+                                   dropout_p=dropout_p, rng=rng, precision=precision)
         ctx.save_for_backward(q, k, v, o, lse, attn_mask)
         ctx.causal, ctx.scale, ctx.causal_align = causal, scale, causal_align
+        ctx.dropout_p, ctx.rng, ctx.precision = dropout_p, rng, precision   # rng: a CPU tensor, not saved state
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, attn_mask = ctx.saved_tensors
         dq, dk, dv = attention_backward(q, k, v, o, lse, do, ctx.causal, ctx.scale, attn_mask=attn_mask,
-                                        causal_align=ctx.causal_align)
-        return dq, dk, dv, None, None, None, None
+                                        causal_align=ctx.causal_align, dropout_p=ctx.dropout_p, rng=ctx.rng,
+                                        precision=ctx.precision)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _is_compiling = torch.compiler.is_compiling
 
 
+def fp32_precision(q: torch.Tensor) -> str:
+    """The kernels' input precision for q's products, decided as torch decides for its own fp32 matmuls: "tf32"
+    for fp32 inputs when ``torch.backends.cuda.matmul.allow_tf32`` (what cuBLAS reads; set by
+    ``torch.set_float32_matmul_precision("high")`` or ``torch.backends.cuda.matmul.fp32_precision = "tf32"``),
+    else "ieee" (torch's default, and bf16/fp16 inputs, whose products are exact either way)."""
+    return "tf32" if getattr(q, "dtype", None) is torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
               scale: float | None = None, *, attn_mask: torch.Tensor | None = None,
-              causal_align: str = "top_left") -> torch.Tensor:
+              causal_align: str = "top_left", dropout_p: float = 0.0) -> torch.Tensor:
     """Scaled dot-product attention on (B, H, N, D) tensors, as ``F.scaled_dot_product_attention(q, k, v,
-    attn_mask, is_causal=causal, scale=scale, enable_gqa=True)``; differentiable in q, k and v. Arguments are
-    checked before any work (by the kernels' own checks, once per launch signature)."""
+    attn_mask, dropout_p, is_causal=causal, scale=scale, enable_gqa=True)``; differentiable in q, k and v.
+    Dropout applies whenever ``dropout_p > 0`` (module docstring). Arguments are checked before any work (by the
+    kernels' own checks, once per launch signature)."""
+    rng = dropout_rng() if dropout_p else None   # checked with the rest: a bad dropout_p is refused below
+    precision = fp32_precision(q)
     if _is_compiling() or type(q) is not torch.Tensor or q.is_meta:   # graphs, fake and meta tensors, subclasses
-        check_attention_args("attention", q, k, v, scale, attn_mask=attn_mask, causal_align=causal_align)
+        check_attention_args("attention", q, k, v, scale, attn_mask=attn_mask, causal_align=causal_align,
+                             dropout_p=dropout_p, rng=rng)
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-        return attention_fwd_op(q, k, v, attn_mask, bool(causal), scale, causal_align)[0]
+        return attention_fwd_op(q, k, v, attn_mask, bool(causal), scale, causal_align, float(dropout_p), rng,
+                                precision)[0]
     if scale is not None and not isinstance(scale, float):
         check_attention_args("attention", q, k, v, scale)   # an int, a bool, a tensor: refused or made a float
         scale = float(scale)
@@ -106,5 +140,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         raise LaunchError("attention: attn_mask requires grad, and the kernels give the mask no gradient; detach "
                           "it, or call tilestack.scaled_dot_product_attention, which hands such calls to torch")
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _Attention.apply(q, k, v, attn_mask, causal, scale, causal_align)
-    return attention_forward(q, k, v, causal, scale, attn_mask=attn_mask, causal_align=causal_align)[0]
+        return _Attention.apply(q, k, v, attn_mask, causal, scale, causal_align, dropout_p, rng, precision)
+    return attention_forward(q, k, v, causal, scale, attn_mask=attn_mask, causal_align=causal_align,
+                             dropout_p=dropout_p, rng=rng, precision=precision)[0]

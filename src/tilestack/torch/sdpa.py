@@ -7,11 +7,16 @@
     handle.undo()                          # or: with tilestack.patch(model): ...
 
 Same arguments, same meaning as torch's. What the kernels do (``tilestack.attention``): (B, H, N, D) inputs in
-bf16, fp16 or fp32 (fp32 products through tf32 matrix units: about 1e-3 relative error), head dims up to 256 and
-Dv != D, GQA (``enable_gqa=True``), a boolean or additive ``attn_mask`` broadcastable to (B, H, Nq, Nk), top-left
-causal (torch's). Anything else (dropout, a mask that needs a gradient, other ranks, batch broadcasting, mixed
-dtypes, head dims past 256, CPU tensors unless a tilestack backend is forced) is handed to torch's own
-function, with a one-time notice saying why; torch then answers or raises exactly as it would.
+bf16, fp16 or fp32, head dims up to 256 and Dv != D, GQA (``enable_gqa=True``), a boolean or additive
+``attn_mask`` broadcastable to (B, H, Nq, Nk), top-left causal (torch's), and ``dropout_p`` fused in the kernels,
+applied whenever it is > 0 as torch's (a model passes 0 in eval), from torch's CPU generator, so
+``torch.manual_seed`` repeats a run (not torch's own mask: the random bits differ, the distribution is the same).
+fp32 inputs go through the tf32 matrix units exactly when torch's fp32 matmuls do
+(``torch.backends.cuda.matmul.allow_tf32``; torch's default "highest" precision keeps IEEE f32): about 1e-3
+relative error against float64 with tf32, about 1e-6 without. Anything else (a mask that needs a gradient,
+other ranks, batch broadcasting, mixed dtypes, head dims past 256, a dropout_p outside [0, 1], dropout while a CUDA
+graph is captured, CPU tensors unless a tilestack backend is forced) is handed to torch's own function, with a
+one-time notice saying why; torch then answers or raises exactly as it would.
 """
 
 from __future__ import annotations
@@ -35,8 +40,10 @@ def unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) 
     """Why the kernels cannot take this call (None when they can)."""
     if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
         return "query, key and value are not all tensors"
-    if dropout_p:
-        return f"dropout_p={dropout_p} (dropout is not fused in tilestack's kernels)"
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, int | float) or not 0.0 <= dropout_p <= 1.0:
+        return f"dropout_p={dropout_p!r} (a probability is a number in [0, 1])"
+    if dropout_p and query.is_cuda and torch.cuda.is_current_stream_capturing():
+        return "dropout while a CUDA graph is captured (a replay would repeat one mask; torch's is graph-safe)"
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         return f"inputs of rank {query.dim()}, {key.dim()}, {value.dim()} (the kernels take (B, H, N, D))"
     if query.device.type != "cuda" and knobs.backend == "auto":
@@ -74,7 +81,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                           "(said once per reason)", stacklevel=2)
         return torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                           scale=scale, enable_gqa=enable_gqa)
-    return attention(query, key, value, causal=is_causal, scale=scale, attn_mask=attn_mask)
+    return attention(query, key, value, causal=is_causal, scale=scale, attn_mask=attn_mask, dropout_p=dropout_p)
 
 
 class Patch:
