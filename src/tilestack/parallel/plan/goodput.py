@@ -106,3 +106,34 @@ class AdaptiveBatch:
         if math.isinf(phi):
             return max(self.candidates)
         return max(self.candidates, key=lambda m: self.samples_per_s(m) * efficiency(m, phi, self.base_batch))
+
+
+def accumulate_and_observe(model, loss_fn: Callable, inputs, targets, *, micro_batches: int,
+                           gns: GradientNoiseScale | None = None) -> float:
+    """One step's gradient by accumulation over ``micro_batches`` equal slices of the batch (dim 0), leaving in
+    every ``p.grad`` the gradient of the mean loss over the whole batch (as one backward would), and feeding the
+    slices' gradients to ``gns``. Returns the mean loss."""
+    import torch
+    n = inputs.shape[0]
+    if micro_batches < 1 or n % micro_batches:
+        raise PlanError(f"accumulate_and_observe: micro_batches={micro_batches} with a batch of {n}; expected a "
+                        "divisor of the batch")
+    params = [p for p in model.parameters() if p.requires_grad]
+    b = n // micro_batches
+    flats, total = [], 0.0
+    acc = [torch.zeros_like(p) for p in params]
+    for k in range(micro_batches):
+        for p in params:
+            p.grad = None
+        loss = loss_fn(model(inputs[k * b:(k + 1) * b]), targets[k * b:(k + 1) * b])
+        loss.backward()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flats.append(torch.cat([g.reshape(-1) for g in grads]).detach().clone())
+        for a, g in zip(acc, grads, strict=True):
+            a.add_(g, alpha=1.0 / micro_batches)
+        total += float(loss)
+    for p, a in zip(params, acc, strict=True):
+        p.grad = a
+    if gns is not None and micro_batches >= 2:
+        gns.observe(flats, b)
+    return total / micro_batches
