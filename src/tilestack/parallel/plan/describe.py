@@ -113,19 +113,22 @@ class ModelDesc:
         return all(v % tp == 0 for v in dims)
 
 
-def _block(s: int, h: int, a: int, e: int, i: int) -> LayerDesc:
+def _block(s: int, h: int, a: int, e: int, i: int, flash: bool = False) -> LayerDesc:
     """A GPT-2 block of width h, a heads, at s tokens, e bytes per element (Korthikanti et al. 2022, no dropout).
 
     Activations (tilestack.parallel.memory, per sample): s h (32 + 2 a s / h) e / 2 bytes; selective recompute
     drops the 2 a s^2 e / 2 scores; full keeps the block's input s h e. Of the 32 s h, the LayerNorm inputs and
     the residual-stream tensors (10 s h in the paper's 16-bit count) are not split by tensor parallelism without
-    sequence parallelism; the rest (the projections' outputs, 24 s h, and the scores) are."""
+    sequence parallelism; the rest (the projections' outputs, 24 s h, and the scores) are. ``flash``: a fused
+    attention (SDPA's flash kernel, tilestack's) keeps no scores, only its f32 log-sum-exp per row and head."""
     from tilestack.parallel.memory import korthikanti_bytes
     params = 12 * h * h + 13 * h
     matmul = 24 * s * h * h                      # q, k, v, o (4 x 2 s h^2) and the MLP (2 x 8 s h^2)
     scores = 4 * s * s * h                       # q k^T and p v, the full (s, s) product (the model masks it)
     act = {p: korthikanti_bytes(s=s, b=1, h=h, a=a, policy=p, dropout=False, bytes_per_element=e)
            for p in ("none", "selective", "full")}
+    if flash:
+        act["none"] = act["selective"] + a * s * FP32_BYTES
     replicated = 10 * s * h * e / 2              # not split by tp without sp (Korthikanti et al., eq. 2)
     act_tp = {p: max(act[p] - replicated, 0.0) for p in ("none", "selective")}
     return LayerDesc(name=f"layers.{i}", params=params, tensors=BLOCK_TENSORS, flops_fwd=matmul + scores,
@@ -135,8 +138,9 @@ def _block(s: int, h: int, a: int, e: int, i: int) -> LayerDesc:
 
 def describe_transformer(*, n_layer: int, d: int, n_head: int, vocab: int, seq: int, dtype_bytes: int = FP32_BYTES,
                          max_seq: int | None = None, name: str | None = None,
-                         config: dict[str, Any] | None = None) -> ModelDesc:
-    """A GPT-2 shaped decoder (learned positions, pre-LN, MLP of 4d, untied head) counted by formula."""
+                         config: dict[str, Any] | None = None, flash: bool = False) -> ModelDesc:
+    """A GPT-2 shaped decoder (learned positions, pre-LN, MLP of 4d, untied head) counted by formula; ``flash``:
+    its attention is fused (keeps no scores)."""
     for arg, v in (("n_layer", n_layer), ("d", d), ("n_head", n_head), ("vocab", vocab), ("seq", seq),
                    ("dtype_bytes", dtype_bytes)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -157,7 +161,7 @@ def describe_transformer(*, n_layer: int, d: int, n_head: int, vocab: int, seq: 
                      act_bytes={p: float(head_act) for p in ("none", "selective", "full")},
                      out_bytes=float(s * vocab * e), kind="head", tp_params=vocab * h, matmul_flops=2.0 * s * h * vocab,
                      act_tp_bytes={"none": 0.0, "selective": 0.0})
-    blocks = tuple(_block(s, h, n_head, e, i) for i in range(n_layer))
+    blocks = tuple(_block(s, h, n_head, e, i, flash) for i in range(n_layer))
     return ModelDesc(name=name or f"gpt-L{n_layer}-d{d}", layers=(embed, *blocks, head), seq=seq, dtype_bytes=e,
                      n_head=n_head, d=d, vocab=vocab, config=config)
 
@@ -168,7 +172,7 @@ def describe_gpt(cfg: Any, seq: int, *, dtype_bytes: int = FP32_BYTES, name: str
         raise PlanError(f"describe_gpt: seq={seq} is longer than the model's max_seq={cfg.max_seq}")
     return describe_transformer(n_layer=cfg.n_layer, d=cfg.d, n_head=cfg.n_head, vocab=cfg.vocab, seq=seq,
                                 dtype_bytes=dtype_bytes, max_seq=cfg.max_seq, config=dataclasses.asdict(cfg),
-                                name=name or f"gpt-L{cfg.n_layer}-d{cfg.d}")
+                                name=name or f"gpt-L{cfg.n_layer}-d{cfg.d}", flash=cfg.attention != "math")
 
 
 def _children_in_order(module: Any) -> list[tuple[str, Any]]:
