@@ -68,6 +68,12 @@ def test_warp_specialized_plain_gemm_compiles_with_register_budgets():
     assert "HGMMA.64x128x16.F32.BF16" in sass and res["num_warps"] == 12
 
 
+def test_persistent_warp_specialized_gemm_compiles():
+    k, res, sass = compiled(gemm_kernel.trace(BF16_2, BF16_2, BF16_2), warp_specialize=True, persistent=True)
+    no_spills(res)
+    assert "HGMMA.64x128x16.F32.BF16" in sass and "USETMAXREG" in sass and res["num_warps"] == 12
+
+
 def test_explicit_attention_compiles_with_ping_pong_partitions():
     traced = explicit_attention().trace(BF16_4, BF16_4, BF16_4, BF16_4, 1.0, BM=128, BN=64, D=64, STAGES=2)
     k, res, sass = compiled(traced)

@@ -245,6 +245,43 @@ def test_warp_specialize_keeps_the_kernels_meaning(m, n, k):
     torch.testing.assert_close(c.double(), a.double() @ b.double(), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("programs", [1, 3, 4])
+def test_persistent_programs_loop_over_all_tiles(programs):
+    # the persistent IR run by the reference executor with fewer programs than tiles (2 x 3 = 6 output tiles):
+    # every tile is still computed once, by a grid-stride loop
+    from tilestack.backends.gluon.passes import persistent, warp_specialize
+    from tilestack.backends.reference import executor
+
+    g = torch.Generator().manual_seed(programs)
+    a, b = torch.randn(130, 72, generator=g).bfloat16(), torch.randn(72, 300, generator=g).bfloat16()
+    c = torch.full((130, 300), float("nan"), dtype=torch.bfloat16)
+    traced = gemm_kernel.trace(a, b, c)
+    ir = warp_specialize(8, 3)(persistent(traced.ir))
+    assert ir.roles and any(i.op is Op.NUM_BLOCKS for i in ir.walk())
+
+    class FewerPrograms:
+        def __init__(self):
+            self.ir = ir
+
+        def grid(self, *args):
+            return (programs,)
+
+    executor.run(FewerPrograms(), (a, b, c))
+    torch.testing.assert_close(c.double(), a.double() @ b.double(), rtol=1e-2, atol=1e-2)
+
+
+def test_persistent_gemm_source_and_launch_flag():
+    be = get_backend("gluon")
+    traced = gemm_kernel.trace(BF16_2, BF16_2, BF16_2)
+    low = be.generate(traced, be.Options(persistent=True, warp_specialize=True))
+    assert low.persistent and not be.generate(traced, be.Options()).persistent
+    consumer = low.source.split("def gemm_kernel_consumer(")[1].split("@gluon.jit")[0]
+    assert re.search(r"for tile_\d+ in range\(pid_\d+, v\d+, programs_\d+\):", consumer)
+    # the last trip's stages are freed after the tile's final wait, so the producer can fill the next tile's
+    tail = consumer.split("hopper.warpgroup_mma_wait(0, deps=")[1]
+    assert tail.index("mbarrier.arrive(a_ring_empty") < tail.index("tma.async_copy_shared_to_global")
+
+
 def test_explicit_attention_splits_into_ping_pong_consumers_and_a_producer():
     attention = explicit_attention()
     traced = attention.trace(BF16_4, BF16_4, BF16_4, BF16_4, 1.0, BM=128, BN=64, D=64, STAGES=2)

@@ -27,20 +27,25 @@ class GluonOptions:
     """``num_warps``: warps of a kernel without warp roles (a multiple of 4: whole warpgroups for wgmma);
     ``num_stages``: the depth of the shared rings of loops the ``schedule`` pass pipelines (1: none);
     ``warp_specialize``: split a plain kernel's pipelined loop into a producer warpgroup (TMA) and a consumer role
-    of ``num_warps`` warps (wgmma), with register budgets (the ``warp_specialize`` pass). Kernels with warp roles
-    take their warps and budgets from their ``ts.partition`` declarations. ``num_warps`` and ``num_stages`` are
-    Triton's names, so a kernel's defaults (``@ts.kernel(options=...)``) apply to both."""
+    of ``num_warps`` warps (wgmma), with register budgets (the ``warp_specialize`` pass); ``persistent``: a 1-D
+    grid's programs loop over its tiles and the host launches one per SM (the ``persistent`` pass). Kernels with
+    warp roles take their warps and budgets from their ``ts.partition`` declarations. ``num_warps`` and
+    ``num_stages`` are Triton's names, so a kernel's defaults (``@ts.kernel(options=...)``) apply to both."""
     num_warps: int | None = None
     num_stages: int | None = None
     warp_specialize: bool | None = None
+    persistent: bool | None = None
 
-    DEFAULTS: ClassVar[dict[str, Any]] = {"num_warps": 8, "num_stages": 4, "warp_specialize": False}
+    DEFAULTS: ClassVar[dict[str, Any]] = {"num_warps": 8, "num_stages": 4, "warp_specialize": False,
+                                          "persistent": False}
     SEARCH: ClassVar[dict[str, tuple]] = {"num_warps": (4, 8), "num_stages": (2, 3, 4, 5),
-                                          "warp_specialize": (False, True)}
+                                          "warp_specialize": (False, True), "persistent": (False, True)}
 
     def __post_init__(self):
-        if self.warp_specialize is not None and not isinstance(self.warp_specialize, bool):
-            raise BackendError(f"gluon: warp_specialize={self.warp_specialize!r}; expected True or False")
+        for name in ("warp_specialize", "persistent"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, bool):
+                raise BackendError(f"gluon: {name}={v!r}; expected True or False")
         for name in ("num_warps", "num_stages"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -59,6 +64,10 @@ class GluonOptions:
     @property
     def specialize(self) -> bool:
         return bool(self.warp_specialize)
+
+    @property
+    def persist(self) -> bool:
+        return bool(self.persistent)
 
 
 LAUNCH_OPTIONS = tuple(f.name for f in dataclasses.fields(GluonOptions))
@@ -89,18 +98,17 @@ class GluonBackend(Backend):
         """What a launch with no options given uses: the kernel's default options over the backend's."""
         return self.options(traced.constants, getattr(traced.kernel, "options", None))
 
-    def lower(self, ir, print_after=(), num_warps: int | None = None, num_stages: int | None = None,
-              warp_specialize: bool | None = None):
-        """(lowered IR, stages) of the Gluon pipeline (``backends/gluon/passes.py``)."""
-        o = GluonOptions(num_warps, num_stages, warp_specialize)
-        return codegen.lower(ir, o.warps, o.stages, o.specialize, print_after=print_after)
+    def lower(self, ir, print_after=(), **options):
+        """(lowered IR, stages) of the Gluon pipeline (``backends/gluon/passes.py``) for these options."""
+        o = GluonOptions(**options)
+        return codegen.lower(ir, o.warps, o.stages, o.specialize, o.persist, print_after=print_after)
 
     def generate(self, traced, options: GluonOptions | None = None) -> codegen.Lowered:
         o = options or self.default_options(traced)
         key = ("lowered", o)
         cache = self.cache(traced)
         if key not in cache:
-            cache[key] = codegen.generate(traced.ir, o.warps, o.stages, o.specialize)
+            cache[key] = codegen.generate(traced.ir, o.warps, o.stages, o.specialize, o.persist)
         return cache[key]
 
     def compile(self, traced, options: GluonOptions | None = None) -> GluonArtifact:

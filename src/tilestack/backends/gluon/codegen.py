@@ -838,6 +838,7 @@ class Lowered:
     binding: tuple[tuple, ...]
     signature: dict[str, str]          # parameter -> Triton signature type, for AOT compiles
     roles: tuple[tuple[str, int, int], ...] = ()   # (role, warps, registers) in partition order (default first)
+    persistent: bool = False           # programs loop over tiles: launch min(grid, SMs) programs
 
 
 def buffer_hints(kernel: KernelIR) -> dict[int, str]:
@@ -1002,11 +1003,13 @@ def emit(low: KernelIR, warps: int) -> Lowered:
     return Lowered(text + "\n", fn, num_warps, low.reads, signature(low, params), roles)
 
 
-def lower(kernel: KernelIR, warps: int, stages: int, specialize: bool = False,
+def lower(kernel: KernelIR, warps: int, stages: int, specialize: bool = False, persist: bool = False,
           print_after=()) -> tuple[KernelIR, list]:
     """The Gluon pipeline's result for ``kernel`` and every stage [(pass name, IR), ...]."""
-    return pipeline(warps, stages, specialize).run(kernel, print_after=print_after)
+    return pipeline(warps, stages, specialize, persist).run(kernel, print_after=print_after)
 
 
-def generate(kernel: KernelIR, warps: int, stages: int, specialize: bool = False) -> Lowered:
-    return emit(lower(kernel, warps, stages, specialize)[0], warps)
+def generate(kernel: KernelIR, warps: int, stages: int, specialize: bool = False, persist: bool = False) -> Lowered:
+    low, stages_ = lower(kernel, warps, stages, specialize, persist)
+    applied = persist and dict(stages_)["persistent"] is not kernel
+    return dataclasses.replace(emit(low, warps), persistent=applied)

@@ -89,11 +89,16 @@ class Launcher:
         self.num_warps = low.num_warps
         self.grid = None if traced._grid_scalars else _grid3(traced.grid(*args))
         self.binding = Binding(traced, args, low)
+        # a persistent kernel loops over its tiles: at most one program per SM
+        self.programs = torch.cuda.get_device_properties(args[0].device).multi_processor_count \
+            if low.persistent else None
 
     def __call__(self, args) -> None:
         grid = self.grid or _grid3(self.traced.grid(*args))
         if 0 in grid:
             return
+        if self.programs is not None:
+            grid = (min(grid[0], self.programs), 1, 1)
         self.fn[grid](*self.binding(args), num_warps=self.num_warps)
 
 

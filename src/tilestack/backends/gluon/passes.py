@@ -4,6 +4,7 @@ tile moves, which loops it pipelines, and what the kernel function takes.
     legalize        an emitter for every op; wgmma-shaped matrix products; copy-engine boxes; roles it can split
     choose_access   shared-tile loads, async loads and 2-D stores through the copy engine (TMA descriptors),
                     register loads, 1-D stores and atomic adds through pointers
+    persistent      (option) a 1-D grid's programs loop over tiles (grid-stride), so the host launches one per SM
     warp_specialize (option) a plain kernel's pipelinable loop split into warp roles, in the IR: its shared-tile
                     loads become async loads into staged rings by a producer warpgroup and waits by a consumer
                     role that runs every other tile op; its accumulation chain becomes async mmas kept in flight,
@@ -210,12 +211,14 @@ def warp_specialize(warps: int, stages: int):
     role. The result means what the input did (the reference executor runs both the same); kernels with roles
     already, or without such a loop, pass through unchanged."""
     def run(ir: KernelIR) -> KernelIR:
-        loops = [i for i in ir.body.instrs if i.op is Op.RANGE and pipelined_loads(i)]
+        loops = [i for i in ir.walk() if i.op is Op.RANGE and pipelined_loads(i)]
         if ir.roles or len(loops) != 1 or stages < 2:
             return ir
         out = clone(ir)
-        loop = next(i for i in out.body.instrs if i.op is Op.RANGE and pipelined_loads(i))
-        lo, _, step = (_made_by(out.body, v) for v in loop.srcs[:3])
+        parent, loop = next((b, i) for b in _blocks(out.body) for i in b.instrs
+                            if i.op is Op.RANGE and pipelined_loads(i))
+        made = {r: i for i in out.walk() for r in i.results}
+        lo, step = made.get(loop.srcs[0]), made.get(loop.srcs[2])
         if not (lo and step and lo.op is step.op is Op.CONST and lo.attrs.value == 0 and step.attrs.value == 1):
             return ir
         consumer_regs = min(256, (REGISTER_FILE - PRODUCER.warps * 32 * PRODUCER.registers) // (warps * 32) // 8 * 8)
@@ -227,7 +230,7 @@ def warp_specialize(warps: int, stages: int):
         idx = body.args[0]
         count, stage = _const(stages, loop.where), None
         new_body: list[Instr] = []
-        before = out.body.instrs.index(loop)
+        before = parent.instrs.index(loop)
         for ins in body.instrs:
             if ins in pipelined_loads(loop):
                 if stage is None:
@@ -239,7 +242,7 @@ def warp_specialize(warps: int, stages: int):
                 ring = Value(st, f"{ins.result.hint or 'tile'}_ring")
                 ring.buffer = ring.id
                 arg, filled, res = (Value(st, ring.hint, buffer=ring.id) for _ in range(3))
-                out.body.instrs.insert(before, Instr(Op.STAGES, (ring,), (), NoAttrs(), where=ins.where))
+                parent.instrs.insert(before, Instr(Op.STAGES, (ring,), (), NoAttrs(), where=ins.where))
                 before += 1
                 loop.srcs += (ring,)
                 loop.results += (res,)
@@ -259,18 +262,55 @@ def warp_specialize(warps: int, stages: int):
                 r = loop.results[body.yields.index(ins.result)]
                 done = Value(r.type, r.hint, buffer=r.buffer)
                 waits.append(Instr(Op.MMA_WAIT, (done,), (r,), NoAttrs(), where=ins.where, role="consumer"))
-        at = out.body.instrs.index(loop) + 1
-        out.body.instrs[at:at] = waits
+        at = parent.instrs.index(loop) + 1
+        parent.instrs[at:at] = waits
         rename = {w.srcs[0]: w.result for w in waits}
-        for ins in out.body.instrs[at + len(waits):]:
+        for ins in parent.instrs[at + len(waits):]:
             for i in [ins, *(ins.body.walk() if ins.body is not None else ())]:
                 i.srcs = tuple(rename.get(v, v) for v in i.srcs)
+        parent.yields = [rename.get(v, v) for v in parent.yields]
         return out
     return run
 
 
-def _made_by(block: Block, v: Value) -> Instr | None:
-    return next((i for i in block.instrs if v in i.results), None)
+def _blocks(block: Block):
+    """``block`` and every loop body in it."""
+    yield block
+    for ins in block.instrs:
+        if ins.body is not None:
+            yield from _blocks(ins.body)
+
+
+def persistent(ir: KernelIR) -> KernelIR:
+    """A 1-D grid's programs as a persistent loop: ``for t in range(block_id, tiles, num_blocks)`` around
+    everything that depends on the program id (``tiles``: the traced grid), so the host may launch fewer programs
+    (one per SM) and a program's next tile overlaps its last one's epilogue. Launched with the full grid it does
+    what the input did, one tile per program. Kernels with other grids or reading the grid size pass through."""
+    if len(ir.grid) != 1 or any(i.op is Op.NUM_BLOCKS or (i.op is Op.BLOCK_ID and i.attrs.axis)
+                                for i in ir.walk()):
+        return ir
+    out = clone(ir)
+    ids = {r for i in out.walk() if i.op is Op.BLOCK_ID for r in i.results}
+    if not ids:
+        return ir
+    tiles = out.grid[0]
+    varying: set[Value] = set(ids)       # what depends on the program id: stays in the loop
+    for ins in out.walk():
+        if any(v in varying for v in ins.srcs) or OPS[ins.op].kind in ("tile", "effect", "loop"):
+            varying.update(ins.results)
+    prefix = [i for i in out.body.instrs if i.op is not Op.BLOCK_ID and not (set(i.results) & varying)
+              and OPS[i.op].kind in ("scalar", "arg")]
+    moved = [i for i in out.body.instrs if i not in prefix and i.op is not Op.BLOCK_ID]
+    where = next((i.where for i in out.walk() if i.op is Op.BLOCK_ID), out.where)
+    tile = Value(INDEX, "tile")
+    first = Instr(Op.BLOCK_ID, (Value(INDEX, "pid"),), (), {"axis": 0}, where=where)
+    step = Instr(Op.NUM_BLOCKS, (Value(INDEX, "programs"),), (), {"axis": 0}, where=where)
+    loop = Instr(Op.RANGE, (), (first.result, tiles, step.result), RangeAttrs(), Block([tile], moved, []),
+                 where=where)
+    for i in loop.body.walk():
+        i.srcs = tuple(tile if v in ids else v for v in i.srcs)
+    out.body.instrs = prefix + [first, step, loop]
+    return out
 
 
 def schedule(stages: int):
@@ -301,8 +341,10 @@ def prune_params(ir: KernelIR) -> KernelIR:
     return out
 
 
-def pipeline(warps: int, stages: int, specialize: bool = False) -> Pipeline:
+def pipeline(warps: int, stages: int, specialize: bool = False, persist: bool = False) -> Pipeline:
     return Pipeline([
+        *([Pass("persistent", persistent, "a loop over tiles; the host launches one program per SM")]
+          if persist else []),
         SPLIT_HOST, DCE,
         *([Pass("warp_specialize", warp_specialize(warps, stages), "a producer and a consumer role")]
           if specialize else []),
