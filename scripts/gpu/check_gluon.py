@@ -5,8 +5,8 @@ shapes, then kernel time against cuBLAS (torch.matmul) and the Triton backend.
     PYTHONPATH=src python3 scripts/gpu/check_gluon.py --json gluon.json --skip bench
 
 Sections (each case runs on its own; a failure is recorded with its traceback and the next one runs):
-  gemm       kernels.gemm's kernel on the gluon backend (pipelined TMA ring + wgmma; and warp-specialized by the
-             backend's pass: producer/consumer partitions), bf16 and fp16, ragged
+  gemm       kernels.gemm's kernel on the gluon backend (pipelined TMA ring + wgmma; warp-specialized by the
+             backend's pass: producer/consumer partitions; and persistent too), bf16 and fp16, ragged
   gemm_ws    the hand-scheduled warp-specialized GEMM of tests/backends/test_gluon_source.py (producer and
              consumer partitions, setmaxnreg), ragged
   attention  the explicit attention forward of tests/lang/test_explicit.py (a producer and two ping-pong
@@ -65,7 +65,9 @@ ATTN_BENCH = [(4, 32, 4096, 64), (4, 16, 4096, 128)]   # (B, H, N, D): B*N = 16k
 GEMM_CONFIGS = [dict(BM=128, BN=128, BK=64, num_stages=4), dict(BM=128, BN=256, BK=64, num_stages=3),
                 dict(BM=128, BN=128, BK=64, num_stages=3),
                 dict(BM=128, BN=128, BK=64, num_stages=4, warp_specialize=True),
-                dict(BM=128, BN=256, BK=64, num_stages=3, warp_specialize=True)]
+                dict(BM=128, BN=256, BK=64, num_stages=3, warp_specialize=True),
+                dict(BM=128, BN=128, BK=64, num_stages=4, warp_specialize=True, persistent=True),
+                dict(BM=128, BN=256, BK=64, num_stages=3, warp_specialize=True, persistent=True)]
 # errors against float64, relative to the largest reference element: the output's rounding (bf16: 2^-8,
 # fp16: 2^-11) plus f32 accumulation, with room; cuBLAS's own error is recorded beside each
 GEMM_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -133,7 +135,8 @@ def check_gemm(kernel, a, b, tol, **cfg) -> dict:
 def gemm_cases(run: Runner, section: str, kernel) -> None:
     """Ragged GEMMs; kernels.gemm's kernel also with its loop warp-specialized by the backend's pass."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    variants = ({}, {"warp_specialize": True}) if section == "gemm" else ({},)
+    variants = ({}, {"warp_specialize": True}, {"warp_specialize": True, "persistent": True}) \
+        if section == "gemm" else ({},)
     for dtype in (torch.bfloat16, torch.float16) if section == "gemm" else (torch.bfloat16,):
         for opts in variants:
             for m, n, k in GEMM_SHAPES:
@@ -141,7 +144,8 @@ def gemm_cases(run: Runner, section: str, kernel) -> None:
                     a = torch.randn(m, k, device="cuda", dtype=dtype, generator=g)
                     b = torch.randn(k, n, device="cuda", dtype=dtype, generator=g)
                     return check_gemm(kernel, a, b, GEMM_TOL[dtype], **opts)
-                run.case(section, f"{str(dtype)[6:]} {m}x{n}x{k}{' ws' if opts else ''}", one)
+                tag = "".join(f" {name}" for name in opts)
+                run.case(section, f"{str(dtype)[6:]} {m}x{n}x{k}{tag}", one)
 
 
 def attention_cases(run: Runner, attention, fa3) -> None:
@@ -276,7 +280,8 @@ def bench_one(run: Runner, gemm_ws, dtype, n: int) -> None:
     tuned = gemm_config(n, n, n, dtype, a.device)      # the Triton backend's tuned config, as kernels.gemm uses
     run.case("bench", f"{tag} triton", lambda: timed("triton", through(gemm_kernel, "triton", **tuned), config=tuned))
     for cfg in GEMM_CONFIGS:
-        impl = "gluon_ws_pass" if cfg.get("warp_specialize") else "gluon"
+        impl = "gluon" + ("_ws_pass" if cfg.get("warp_specialize") else "") + ("_persistent" if cfg.get("persistent")
+                                                                                else "")
         run.case("bench", f"{tag} gluon {cfg}", lambda cfg=cfg, impl=impl: timed(
             impl, through(gemm_kernel, "gluon", **cfg), config=cfg))
     run.case("bench", f"{tag} gluon_ws explicit", lambda: timed("gluon_ws", through(gemm_ws, "gluon")))
