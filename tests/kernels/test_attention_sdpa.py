@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_attention import BACKENDS, TOL, check_against_float64, inputs, randn, rel
+from test_attention import BACKENDS, TOL, check_against_float64, float64_truth, inputs, randn, rel
 
 from tilestack.errors import LaunchError
 from tilestack.kernels.attention_fwd import attention_forward, mask_as_bias, reference
@@ -157,6 +157,57 @@ def test_float32(backend, case, rng, poison_empty):
     q, k, v, do, scale = inputs(rng, (1, 2, 1, 21, 18, 48, None), torch.float32)
     attn_mask = None if mask is None else masks(rng, 1, 2, 21, 18, torch.float32)[mask]
     check_against_float64(backend, q, k, v, do, causal, scale, attn_mask=attn_mask, causal_align=align)
+
+
+TF32_TOL = 2e-3     # the documented bound of fp32 through tf32 (attention_fwd's docstring), o and gradients
+IEEE_TOL = 1e-5     # IEEE f32 products: f32 rounding only
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
+def test_float32_through_tf32(backend, causal, rng, poison_empty):
+    """fp32 inputs through the tf32 matrix units (operands rounded to 10-bit mantissas, as on a GPU; the CPU
+    backends round them too): o and the gradients within the documented bound of float64, and clearly worse
+    than IEEE f32 products (the rounding really happens); both CPU backends agree."""
+    q, k, v, do, scale = inputs(rng, (1, 2, 1, 21, 18, 48, None), torch.float32)
+    attention_backward = bwd_module.attention_backward
+    o64, _, grads64 = float64_truth(q, k, v, do, causal, scale)
+    errs, outs = {}, {}
+    for precision in ("ieee", "tf32"):
+        o, lse = attention_forward(q, k, v, causal, scale, backend=backend, precision=precision)
+        grads = attention_backward(q, k, v, o, lse, do, causal, scale, backend=backend, precision=precision)
+        outs[precision] = (o, *grads)
+        errs[precision] = [rel(o, o64)] + [rel(g, g64) for g, g64 in zip(grads, grads64, strict=True)]
+    assert max(errs["ieee"]) <= IEEE_TOL, errs
+    assert max(errs["tf32"]) <= TF32_TOL, errs
+    assert min(errs["tf32"]) > 10 * max(errs["ieee"]), errs
+    if backend == "triton":
+        o, lse = attention_forward(q, k, v, causal, scale, backend="reference", precision="tf32")
+        grads = attention_backward(q, k, v, o, lse, do, causal, scale, backend="reference", precision="tf32")
+        for a, b in zip(outs["tf32"], (o, *grads), strict=True):
+            assert rel(a, b) <= 1e-5
+
+
+def test_tilestack_attention_follows_torchs_matmul_precision(rng):
+    """tf32 exactly when torch's own fp32 matmuls use it (torch.backends.cuda.matmul.allow_tf32, which
+    set_float32_matmul_precision("high") turns on); "highest", torch's default, keeps IEEE f32."""
+    import tilestack
+    from tilestack import config
+
+    q, k, v, _, _ = inputs(rng, (1, 2, 1, 9, 12, 16, None), torch.float32)
+    want = {p: attention_forward(q, k, v, backend="reference", precision=p)[0] for p in ("ieee", "tf32")}
+    assert not torch.equal(want["ieee"], want["tf32"])
+    before = torch.get_float32_matmul_precision()
+    try:
+        with config.override(backend="reference"):
+            for setting, precision in (("highest", "ieee"), ("high", "tf32"), ("highest", "ieee")):
+                torch.set_float32_matmul_precision(setting)
+                assert torch.equal(tilestack.attention(q, k, v), want[precision]), setting
+            torch.set_float32_matmul_precision("high")
+            half = tuple(t.to(torch.bfloat16) for t in (q, k, v))     # half inputs: exact either way
+            assert torch.equal(tilestack.attention(*half), attention_forward(*half, backend="reference")[0])
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 # ---- attn_mask -------------------------------------------------------------------------------------------------------

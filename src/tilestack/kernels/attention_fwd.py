@@ -9,9 +9,18 @@ The meaning is torch's ``F.scaled_dot_product_attention`` (its math backend, in 
   at least 16): loads read zeros past the tensor's last column and stores drop what hangs past it, so the
   padding adds zero to every product.
 - bf16, fp16 and fp32 inputs. P (and dS) are rounded to the input dtype for the second product, as
-  FlashAttention does. fp32 products are exact f32 today (the Triton backend emits an IEEE f32 ``tl.dot``: no
-  tf32, the CUDA cores); once the language can ask for tf32 matrix units, their 10-bit mantissas give about
-  1e-3 relative error in o and the gradients, like any tf32 matmul, which is the bound fp32 is tested to.
+  FlashAttention does. fp32 products follow ``precision``: "ieee" (the default: exact f32 products, the CUDA
+  cores; about 2e-7 relative norm error in o and the gradients against float64) or "tf32" (the tensor cores,
+  several times faster: each operand rounded to a 10-bit mantissa, relative error <= 2**-11, so o is off by
+  about 3e-4 and the gradients by about 6e-4 relative (norm) against float64, measured with the CPU backends'
+  round-to-nearest-even; hardware that truncates the low bits can double it; tested to 2e-3).
+  ``tilestack.attention`` picks tf32 exactly when torch's fp32 matmuls do (``torch.backends.cuda.matmul.
+  allow_tf32``). bf16 and fp16 products are exact either way.
+- ``dropout_p`` > 0 with a stream ``rng`` (``dropout_rng()``: seed and offset from torch's CPU generator): P's
+  entries are dropped with probability p by counter-based random numbers (the rand op: Philox 4x32-10, as
+  Triton's ``tl.rand``) and the kept ones scaled by 1 / (1 - p); the lse is the undropped one. The backward
+  regenerates the same mask from the stream; ``dropout_mask(rng, p, shape)`` gives it on the host. Dropout runs
+  its own kernels (``*_dropout_kernel``), so dropout_p = 0 costs nothing.
 - Causal alignment: ``causal_align="top_left"`` (the default, as torch SDPA's ``is_causal``): query r sees keys
   c <= r. ``"bottom_right"`` (FlashAttention-2 >= 2.1, decoding against a KV cache): query r sees keys
   c <= r + Nk - Nq, so the last query sees every key. The two agree when Nq == Nk.
