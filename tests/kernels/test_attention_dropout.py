@@ -208,3 +208,28 @@ def test_sdpa_applies_dropout_in_every_mode_without_a_notice(rng):
     want = reference(q.double(), k.double(), v.double(), dropout_p=0.4, dropout_keep=keep)[0]
     assert rel(dropped, want) <= TOL[torch.float16] and torch.equal(trained.detach(), dropped)
     assert rel(plain, want) > 0.1
+
+
+def test_dropout_under_torch_compile_fullgraph(rng):
+    """No graph break: the stream is drawn in the graph and passed to the custom op, which saves it for the
+    backward; under one seed the compiled call drops what eager drops, and each call draws a new mask."""
+    q, k, v, do, _ = inputs(rng, (1, 2, 1, 16, 16, 16, None), torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+
+    def f(q, k, v):
+        return tilestack.attention(q, k, v, causal=True, dropout_p=0.3)
+
+    with config.override(backend="reference"):
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        torch.manual_seed(9)
+        o = compiled(*leaves)
+        o.backward(do)
+        torch.manual_seed(9)
+        eager = f(q, k, v)
+        other = compiled(q, k, v)
+    assert torch.equal(o.detach(), eager) and not torch.equal(other, eager)
+    torch.manual_seed(9)
+    keep = dropout_mask(dropout_rng(), 0.3, (1, 2, 16, 16))
+    _, _, grads64 = _truth(q, k, v, do, True, None, 0.3, keep)
+    for t, g in zip(leaves, grads64, strict=True):
+        assert rel(t.grad, g) <= 1e-5
