@@ -82,6 +82,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dropped", type=int, default=3, help="dropped configs per problem, hard and soft each")
     ap.add_argument("--max-configs", type=int, default=0, help="kept configs per problem at most (0: all)")
     ap.add_argument("--rep-ms", type=float, default=20.0, help="GPU timing per config (do_bench rep)")
+    ap.add_argument("--dropped-timeout", type=float, default=20.0,
+                    help="a dropped config is first compiled on the CPU (tune.aot) with this limit; one that does "
+                         "not compile in time, or does not fit, never reaches the GPU")
     ap.add_argument("--resume", action="store_true", help="skip problems --out already has complete")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
@@ -199,6 +202,14 @@ def measure_problem(p, dev, device_str: str, peak, bw, a, write, first: bool, de
         rec = {"type": "config", "id": pid, "config": cfg, "group": group, "raw_index": raw.index(cfg),
                "us": None, "error": None, "reasons": e.hard + e.soft}
         c0 = time.monotonic()
+        if group != "kept" and device_str == "cuda":
+            pre = _precompile(p, work, cfg, dev, a.dropped_timeout)
+            if pre is not None and not pre.ok:
+                rec["error"], rec["aot"] = f"aot: {pre.error}", pre.to_json()
+                rec["features"] = config_features(e, sms=dev.sms, shared_per_block=dev.shared_bytes,
+                                                  peak_flops=peak, bandwidth=bw)
+                write(rec)
+                continue
         try:
             err = work.check(cfg)
             rec["rel_err"] = err if err == err and err != float("inf") else None
@@ -229,6 +240,16 @@ def measure_problem(p, dev, device_str: str, peak, bw, a, write, first: bool, de
     return {"id": pid, "raw": len(raw), "kept": len(kept), "measured": measured, "failed": failed,
             "best_us": None if best is None else round(best, 2), "seconds": time.monotonic() - t0,
             "complete": complete, "timed_configs": tried}
+
+
+def _precompile(p, work, cfg, dev, timeout_s: float):
+    """The config compiled on the CPU for this GPU's architecture (None where ptxas is missing)."""
+    from tilestack.tune import aot
+
+    if aot.missing_tools():
+        return None
+    return aot.resources(p.tile, work.args, p.fixed, cfg, shared_limit=dev.shared_bytes,
+                         target=("cuda", dev.major * 10 + dev.minor, 32), timeout_s=timeout_s)
 
 
 def _resources(p, work, cfg) -> dict | None:

@@ -49,6 +49,8 @@ from tilestack.ir.ops import Op, access_of
 from tilestack.ir.types import Space, StagesType, TileType
 
 THREADS_PER_WARP = 32
+WARPGROUP_WARPS = 4           # a Hopper warpgroup: the unit of wgmma
+WGMMA_MIN_M = 64              # wgmma's M per warpgroup
 TMA_INNER_BYTES = 16          # the copy engine moves an inner box dimension in multiples of 16 bytes
 BASE_REGISTERS = 24           # per thread beyond the tiles: indices, pointers, loop counters, descriptors
 REGISTER_BYTES = 4
@@ -155,7 +157,7 @@ def estimate(kernel, args: Sequence, fixed: dict[str, Any], config: dict[str, An
         e.hard.append(f"backend: {type(err).__name__}: {' '.join(str(err).split())[:160]}")
         return e
     sized = all(not _is_global(p) or hasattr(a, "shape") for p, a in zip(traced.ir.params, args, strict=True))
-    _memory(e, low, stages)
+    _memory(e, low, stages, warps)
     _tma(e, low)
     e.registers = BASE_REGISTERS + _peak_register_bytes(low, e.threads, warps) // REGISTER_BYTES
     e.register_limit = register_limit(e.threads, arch)
@@ -175,8 +177,18 @@ def _is_global(p) -> bool:
     return p.is_global
 
 
-def _memory(e: Estimate, low, stages: int) -> None:
-    """Shared bytes with pipelining copies; the largest register tile; whether a loop loads."""
+def warpgroup_mma(m: int, warps: int) -> bool:
+    """Whether Triton lowers an mma with ``m`` output rows to Hopper's warpgroup mma (wgmma: operands read from
+    shared memory, loads pipelined ``num_stages`` deep) rather than the older mma (operands in registers, loads
+    ``num_stages - 1`` deep). Measured on sm_90a compiles: docs/autotuning.md."""
+    return warps >= WARPGROUP_WARPS and m >= WGMMA_MIN_M
+
+
+def _memory(e: Estimate, low, stages: int, warps: int) -> None:
+    """Shared bytes with pipelining copies; the largest register tile; whether a loop loads.
+
+    A loop that loads shared tiles keeps ``num_stages`` copies of each when its mmas are warpgroup mmas, one
+    fewer otherwise (Triton's pipeliner; at least the one copy the kernel declares)."""
     shared: dict[int, int] = {}
     looped: dict[int, int] = {}
     for ins in low.walk():
@@ -194,6 +206,9 @@ def _memory(e: Estimate, low, stages: int) -> None:
         if loop.body is None:
             continue
         depth = loop.attrs.stages or stages
+        mmas = [ins for ins in loop.body.walk() if ins.op is Op.MMA]
+        if not mmas or not all(warpgroup_mma(ins.result.type.shape[0], warps) for ins in mmas):
+            depth = max(1, depth - 1)
         for ins in loop.body.walk():
             if ins.op is Op.LOAD:
                 e.loop_loads = True
@@ -235,8 +250,8 @@ def _peak_register_bytes(low, threads: int, warps: int) -> int:
     Liveness over the program in order, per tile buffer (the versions of one declared tile share its
     registers: a loop-carried accumulator is one tile, not one per SSA value): a buffer lives from its first
     definition to its last use; one defined outside a loop and used inside lives to the loop's end (every trip
-    reads it). A pointer access also holds its offsets (one 32-bit word per element), and below four warps (no
-    warpgroup mma) the mma operands are copied from shared memory into registers."""
+    reads it). A pointer access also holds its offsets (one 32-bit word per element), and an mma that is not a
+    warpgroup mma (``warpgroup_mma``) copies its operands from shared memory into registers."""
     pos = itertools.count()
     defined: dict[Any, int] = {}
     last: dict[Any, int] = {}
@@ -269,7 +284,7 @@ def _peak_register_bytes(low, threads: int, warps: int) -> int:
             if ins.op in (Op.LOAD, Op.STORE) and getattr(ins.attrs, "via", "") != "tma":
                 _, shape, _ = access_of(ins)
                 extra[p] = extra.get(p, 0) + max(1, -(-math.prod(shape) // threads)) * REGISTER_BYTES
-            if ins.op is Op.MMA and warps < 4:
+            if ins.op is Op.MMA and not warpgroup_mma(ins.result.type.shape[0], warps):
                 extra[p] = extra.get(p, 0) + sum(_tile_registers(s.type, threads) for s in ins.srcs[1:3]
                                                  if s.type.space is Space.SHARED)
             if ins.body is None:
