@@ -1,7 +1,7 @@
 """How close the IR's estimates (tune.constraints) are to what sm_90a compiles give, on the configs the constraint
 report compiled: shared memory (exact bytes) and registers per thread (ratio), per kernel.
 
-    PYTHONPATH=src:scripts/tune python3 scripts/tune/calibrate_estimates.py docs/results/constraints_sm90a.json
+    PYTHONPATH=src python3 scripts/tune/calibrate_estimates.py docs/results/constraints_sm90a.json
 
 Estimates are recomputed with the current rules (the report's stored ones may be older); compiles are read from
 the report. The last lines are a table.

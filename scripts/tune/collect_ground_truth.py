@@ -1,11 +1,11 @@
 """Ground truth for the cost model: every config the constraints keep, and a sample of the dropped ones, timed
 on this GPU for 20+ (kernel, shape) pairs across the library. JSON lines, appended as measured.
 
-    PYTHONPATH=src:scripts/tune python3 scripts/tune/collect_ground_truth.py --time-limit 500 \
+    PYTHONPATH=src python3 scripts/tune/collect_ground_truth.py --time-limit 500 \
         --out docs/results/tune_ground_truth_h200.jsonl
     # on a CPU (no GPU): the same machinery on small inputs under Triton's interpreter (wall times of the
     # interpreter, NOT GPU times: for testing the cost model's plumbing only)
-    PYTHONPATH=src:scripts/tune python3 scripts/tune/collect_ground_truth.py --cpu --max-configs 30 \
+    PYTHONPATH=src python3 scripts/tune/collect_ground_truth.py --cpu --max-configs 30 \
         --time-limit 600 --out docs/results/tune_ground_truth_cpu_interpreter.jsonl
 
 Problems are measured one after the other in ``PLAN`` order (cheap, varied ones early; sizes of one kernel
@@ -123,10 +123,10 @@ def main(argv=None) -> int:
             last = i == len(problems) - 1
 
             def deadline(n_configs, first=first, last=last):
-                """Time for the whole space (as configs have cost so far), but at most 60% of what is left
-                (the last problem: all of it), so one large space cannot starve the rest."""
+                """Time for the whole space (twice what configs have cost so far), but at most 60% of what is
+                left (the last problem: all of it), so one large space cannot starve the rest."""
                 left = t_end - time.monotonic()
-                need = 1.25 * n_configs * per_config[first] + 5.0
+                need = 2.0 * n_configs * per_config[first] + 10.0
                 return time.monotonic() + (left if last else min(need, 0.6 * left))
 
             try:

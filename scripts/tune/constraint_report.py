@@ -3,7 +3,7 @@ times the backend's searched options (and of the library's narrower tuning domai
 the kept configs how many compile for sm_90a (AOT, on this CPU) and compute the right result (Triton's interpreter on
 small inputs); of a sample of the dropped ones how many compile after all (wrongly dropped).
 
-    PYTHONPATH=src:scripts/tune python3 scripts/tune/constraint_report.py --out docs/results/constraints_sm90a.json
+    PYTHONPATH=src python3 scripts/tune/constraint_report.py --out docs/results/constraints_sm90a.json
 
 Compiles are cached (``tune.aot``): a second run costs file reads. --per-kept / --per-dropped bound the samples
 (seeded); --time-limit stops starting new groups. The last lines are a table.
@@ -79,7 +79,7 @@ def study(p, dev, rng, a) -> dict:
         r = aot.resources(p.tile, args, p.fixed, e.config, shared_limit=dev.shared_bytes)
         row = {"config": e.config, "group": group, "est_registers": e.registers, "est_shared": e.shared_bytes,
                "register_limit": e.register_limit, "reasons": e.hard + e.soft, **r.to_json()}
-        if group == "kept" and work is not None and r.ok:
+        if work is not None and r.ok:             # dropped ones too: a coverage drop compiles but is wrong
             try:
                 err = work.check(e.config)
                 row["rel_err"] = err
@@ -102,16 +102,18 @@ def study(p, dev, rng, a) -> dict:
             "kept_correct": sum(bool(r.get("correct")) for r in k),
             "hard_sampled": sum(r["group"] == "hard" for r in rows),
             "hard_compiled": sum(r["ok"] for r in rows if r["group"] == "hard"),
+            "hard_correct": sum(bool(r.get("correct")) for r in rows if r["group"] == "hard"),
             "soft_sampled": sum(r["group"] == "soft" for r in rows),
             "soft_compiled": sum(r["ok"] for r in rows if r["group"] == "soft"),
             "soft_spill_free": sum(r["ok"] and not r.get("spills") for r in rows if r["group"] == "soft"),
+            "soft_correct": sum(bool(r.get("correct")) for r in rows if r["group"] == "soft"),
             "seconds": round(time.monotonic() - t0, 1),
             "configs": {config_key(r["config"]): r for r in rows}}
 
 
 COLS = ("kernel", "fixed", "raw", "valid", "kept", "library_raw", "library_kept", "kept_sampled", "kept_compiled",
-        "kept_spill_free", "kept_correct", "hard_sampled", "hard_compiled", "soft_sampled", "soft_compiled",
-        "soft_spill_free")
+        "kept_spill_free", "kept_correct", "hard_sampled", "hard_compiled", "hard_correct", "soft_sampled",
+        "soft_compiled", "soft_spill_free", "soft_correct")
 
 
 def print_row(g, flush=False):
@@ -120,7 +122,7 @@ def print_row(g, flush=False):
 
 def print_table(groups):
     head = ("kernel", "constants", "raw", "valid", "kept", "lib.raw", "lib.kept", "k.samp", "k.comp", "k.nospill",
-            "k.correct", "h.samp", "h.comp", "s.samp", "s.comp", "s.nospill")
+            "k.correct", "h.samp", "h.comp", "h.correct", "s.samp", "s.comp", "s.nospill", "s.correct")
     widths = [22, 34] + [9] * (len(head) - 2)
     print(" ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths, strict=True))))
     tot = {c: 0 for c in COLS[2:]}
