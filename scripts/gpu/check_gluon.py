@@ -150,17 +150,22 @@ def gemm_cases(run: Runner, section: str, kernel) -> None:
 
 def attention_cases(run: Runner, attention, fa3) -> None:
     g = torch.Generator(device="cuda").manual_seed(1)
-    for (b, h, nq, nk, d), (name, kernel) in itertools.product(ATTN_SHAPES, (("explicit", attention),
-                                                                             ("fa3", fa3))):
-        def one(b=b, h=h, nq=nq, nk=nk, d=d, kernel=kernel):
+    kernels = (("explicit", attention, {}), ("fa3", fa3, {}), ("fa3 causal", fa3, {"CAUSAL": True}))
+    for (b, h, nq, nk, d), (name, kernel, opts) in itertools.product(ATTN_SHAPES, kernels):
+        if opts and nq > nk:
+            continue        # the causal kernel is top-left aligned: Nq <= Nk
+        def one(b=b, h=h, nq=nq, nk=nk, d=d, kernel=kernel, opts=opts):
             q = torch.randn(b, h, nq, d, device="cuda", dtype=torch.bfloat16, generator=g)
             k = torch.randn(b, h, nk, d, device="cuda", dtype=torch.bfloat16, generator=g)
             v = torch.randn(b, h, nk, d, device="cuda", dtype=torch.bfloat16, generator=g)
             o = torch.full_like(q, float("nan"))
             scale = 1 / math.sqrt(d)
-            kernel(q, k, v, o, scale, backend="gluon", BM=128, BN=128, D=d, STAGES=2)
+            bn = 64 if opts and d == 128 else 128     # the causal mask's arithmetic needs registers at hd 128
+            kernel(q, k, v, o, scale, backend="gluon", BM=128, BN=bn, D=d, STAGES=2, **opts)
             torch.cuda.synchronize()
             s = (q.double() @ k.double().transpose(-1, -2)) * scale
+            if opts:
+                s = s.masked_fill(torch.ones(nq, nk, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
             ref = torch.softmax(s, dim=-1) @ v.double()
             err = rel_err(o, ref)
             sdpa = rel_err(torch.nn.functional.scaled_dot_product_attention(q, k, v), ref)
@@ -200,7 +205,7 @@ def attention_bench(run: Runner, attention, fa3) -> None:
 
 def attention_bench_one(run: Runner, attention, fa3, b: int, h: int, n: int, d: int, causal: bool) -> None:
     """One FA3-grid point: SDPA's cuDNN and flash kernels, the library attention on triton and on gluon, the
-    explicit and the FA3-scheduled attention on gluon (not causal: they have no mask); then the ratios to cuDNN."""
+    FA3-scheduled attention on gluon, the explicit one (not causal: it has no mask); then the ratios to cuDNN."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from triton.testing import do_bench
 
@@ -226,10 +231,11 @@ def attention_bench_one(run: Runner, attention, fa3, b: int, h: int, n: int, d: 
     def library(backend: str, **cfg):   # through the public op (its plan is cached after the first call)
         return lambda: timed(backend, lambda: af.attention_forward(q, k, v, causal, backend=backend, **cfg))
 
-    def explicit(kernel, impl: str):
+    def explicit(kernel, impl: str, **opts):
         def case():
             o, scale = torch.empty_like(q), 1 / math.sqrt(d)
-            launch = kernel.launcher_for((q, k, v, o, scale), "gluon", BM=128, BN=128, D=d, STAGES=2)
+            bn = 64 if opts and d == 128 else 128
+            launch = kernel.launcher_for((q, k, v, o, scale), "gluon", BM=128, BN=bn, D=d, STAGES=2, **opts)
             return timed(impl, lambda: launch((q, k, v, o, scale)))
         return case
 
@@ -239,7 +245,7 @@ def attention_bench_one(run: Runner, attention, fa3, b: int, h: int, n: int, d: 
     run.case("attn_bench", f"{tag} gluon", library("gluon", **ATTN_LIB_CONFIG[d]))
     if not causal:
         run.case("attn_bench", f"{tag} gluon explicit", explicit(attention, "gluon_explicit"))
-        run.case("attn_bench", f"{tag} gluon fa3", explicit(fa3, "gluon_fa3"))
+    run.case("attn_bench", f"{tag} gluon fa3", explicit(fa3, "gluon_fa3", **({"CAUSAL": True} if causal else {})))
     if "cudnn_attention" in best:
         ratios = {i: best["cudnn_attention"] / ms for i, ms in best.items() if i != "cudnn_attention"}
         run.rows.append({"section": "attn_bench", "case": f"{tag} vs cuDNN", "status": "ok",

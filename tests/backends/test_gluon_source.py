@@ -65,10 +65,12 @@ LOG2E = 1.4426950408889634
 
 
 @ts.kernel(grid=lambda Q, BM: (ts.cdiv(Q.shape[2], BM), Q.shape[0] * Q.shape[1]))
-def attention_fa3(Q, K, V, O, scale: float, *, BM: int = 128, BN: int = 128, D: int = 64, STAGES: int = 2):
-    """Attention forward (no mask), scheduled as FlashAttention-3 does on Hopper: a producer warpgroup loads K one
-    block ahead and V into rings; two consumer warpgroups (64 query rows each) issue the next block's scores
-    (S = Q K^T on wgmma) before the online softmax of this block's, so the matrix units work while it runs."""
+def attention_fa3(Q, K, V, O, scale: float, *, BM: int = 128, BN: int = 128, D: int = 64, STAGES: int = 2,
+                  CAUSAL: bool = False):
+    """Attention forward, scheduled as FlashAttention-3 does on Hopper: a producer warpgroup loads K one block
+    ahead and V into rings; two consumer warpgroups (64 query rows each) issue the next block's scores
+    (S = Q K^T on wgmma) before the online softmax of this block's, so the matrix units work while it runs.
+    CAUSAL: query r sees keys <= r (top-left aligned, Nq <= Nk); key blocks past the query block are skipped."""
     i, bh = ts.block_id(0), ts.block_id(1)
     H, Nk = Q.shape[1], K.shape[2]
     b, h = bh // H, bh % H
@@ -78,7 +80,7 @@ def attention_fa3(Q, K, V, O, scale: float, *, BM: int = 128, BN: int = 128, D: 
     k_s = ts.SharedTile[K.dtype, BN, D]()
     v_s = ts.SharedTile[V.dtype, BN, D]()
     roles = ("consumer0", "consumer1")
-    with ts.partition("producer", warps=4, registers=24):
+    with ts.partition("producer", warps=4, registers=32):
         ts.async_load(k_ring, 0, K, at=(b, h, 0, 0))                  # block 0's keys, before the loop
     q, acc, m, lsum, s_next = [], [], [], [], []
     for g, role in enumerate(roles):
@@ -95,10 +97,11 @@ def attention_fa3(Q, K, V, O, scale: float, *, BM: int = 128, BN: int = 128, D: 
             s_next.append(ts.RegTile[ts.f32, HALF, BN]())
             ts.zero(s_next[g])
             ts.mma_ABt_async(s_next[g], q[g], k_s, s_next[g])            # S_0 in flight
-    for j in ts.range(ts.cdiv(Nk, BN)):
+    blocks = ts.cdiv(ts.smin(Nk, (i + 1) * BM), BN) if CAUSAL else ts.cdiv(Nk, BN)
+    for j in ts.range(blocks):
         st, nx = j % STAGES, (j + 1) % STAGES
-        with ts.partition("producer", warps=4, registers=24):
-            ts.async_load(k_ring, nx, K, at=(b, h, j + 1, 0))           # the next block's keys (past the end: zeros)
+        with ts.partition("producer", warps=4, registers=32):
+            ts.async_load(k_ring, nx, K, at=(b, h, j + 1, 0))           # the next block's keys (past the end: unused)
             ts.async_load(v_ring, st, V, at=(b, h, j, 0))
         for g, role in enumerate(roles):
             with ts.partition(role, warps=4, registers=240):
@@ -110,6 +113,8 @@ def attention_fa3(Q, K, V, O, scale: float, *, BM: int = 128, BN: int = 128, D: 
                 ts.mma_ABt_async(s_next[g], q[g], k_s, s_next[g])        # S_{j+1}, under the softmax below
                 ts.mul(s, s, scale * LOG2E)
                 ts.right_fill(s, s, Nk - j * BN, -math.inf)              # keys past the end
+                if CAUSAL:
+                    ts.make_causal(s, s, (2 * i + g) * HALF - j * BN)        # keys after the query
                 m_new = ts.RegVec[ts.f32, HALF]()
                 ts.row_max(m_new, s, m[g])
                 alpha = ts.RegVec[ts.f32, HALF]()
@@ -296,14 +301,17 @@ def test_explicit_attention_splits_into_ping_pong_consumers_and_a_producer():
         assert ".permute((1, 0))" in body                          # K^T straight from its stage
 
 
-@pytest.mark.parametrize(("nq", "nk"), [(130, 200), (1, 64), (128, 1)])
-def test_fa3_scheduled_attention_means_attention(nq, nk):
+@pytest.mark.parametrize(("nq", "nk", "causal"), [(130, 200, False), (1, 64, False), (128, 1, False),
+                                                  (200, 260, True), (64, 64, True)])
+def test_fa3_scheduled_attention_means_attention(nq, nk, causal):
     # its reference semantics (synchronous; K loaded one block ahead, waited across trips) against float64
     g = torch.Generator().manual_seed(nq + nk)
     q, k, v = (torch.randn(1, 2, n, 64, generator=g).bfloat16() for n in (nq, nk, nk))
     o = torch.full_like(q, float("nan"))
-    attention_fa3(q, k, v, o, 0.125, backend="reference", BN=64)
+    attention_fa3(q, k, v, o, 0.125, backend="reference", BN=64, CAUSAL=causal)
     s = (q.double() @ k.double().transpose(-1, -2)) * 0.125
+    if causal:
+        s = s.masked_fill(torch.ones(nq, nk, dtype=torch.bool).triu(1), float("-inf"))
     torch.testing.assert_close(o.double(), torch.softmax(s, -1) @ v.double(), rtol=2e-2, atol=2e-2)
 
 
