@@ -90,6 +90,7 @@ def test_the_sweep_covers_every_op():
     # comparisons, logic, where, arange, per_row/per_col and atomic_add: swept in test_masks_and_atomics.py
     swept |= {"lt", "le", "gt", "ge", "eq", "ne", "logical_and", "logical_or", "logical_not", "where", "arange",
               "per_row", "per_col", "atomic_add"}
+    swept |= {"rand"}     # swept in tests/ir/test_rand.py (bit-exact against Triton's tl.rand)
     assert set(ts_ops.__all__) == swept
 
 
