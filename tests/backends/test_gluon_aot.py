@@ -153,26 +153,41 @@ def hopper_jit():
     driver._active = saved
 
 
-def jit_compile(traced, args):
+def jit_compile(traced, args, **options):
     """What a launch does short of running: the launcher's flat arguments (real descriptors over these tensors)
     through Gluon's JIT, which specializes on them and compiles for sm_90a."""
     from tilestack.backends.gluon.launch import Binding
     be = get_backend("gluon")
-    art = be.compile(traced, be.default_options(traced))
+    art = be.compile(traced, be.options(traced.constants, {**traced.kernel.options, **options}))
     flat = Binding(traced, args, art.lowered)(args)
     return art.fn.run(*flat, grid=(1,), warmup=True, num_warps=art.lowered.num_warps)
 
 
-def test_launch_arguments_bind_to_the_generated_kernels(hopper_jit):
-    torch = pytest.importorskip("torch")
-    a, b = torch.randn(300, 72).bfloat16(), torch.randn(72, 136).bfloat16()
-    c = torch.empty(300, 136).bfloat16()
-    for kernel in (gemm_kernel, gemm_ws):
-        k = jit_compile(kernel.trace(a, b, c), (a, b, c))
-        assert "UTMALDG" in aot.sass(k) and "HGMMA" in aot.sass(k)
-    q, kk, v = (torch.randn(1, 2, n, 64).bfloat16() for n in (200, 77, 77))
-    o = torch.empty_like(q)
-    attention = explicit_attention()
-    traced = attention.trace(q, kk, v, o, 0.125, BM=128, BN=64, D=64, STAGES=2)   # a float scalar, pointers, TMA
-    k = jit_compile(traced, (q, kk, v, o, 0.125))
-    assert k.metadata.num_warps == 12
+def _gemm_args():
+    import torch
+    return torch.randn(300, 72).bfloat16(), torch.randn(72, 136).bfloat16(), torch.empty(300, 136).bfloat16()
+
+
+def _attention_args():
+    import torch
+    q, k, v = (torch.randn(1, 2, n, 64).bfloat16() for n in (200, 77, 77))
+    return q, k, v, torch.empty_like(q), 0.125        # pointers (Q), descriptors (K, V, O), a float scalar
+
+
+LAUNCHES = {
+    "gemm": lambda: (gemm_kernel, {}, _gemm_args(), {}),
+    "gemm_ws_explicit": lambda: (gemm_ws, {}, _gemm_args(), {}),
+    "gemm_ws_persistent": lambda: (gemm_kernel, {}, _gemm_args(), {"warp_specialize": True, "persistent": True}),
+    "attention_explicit": lambda: (explicit_attention(), dict(BM=128, BN=64, D=64, STAGES=2), _attention_args(), {}),
+    "attention_fa3_causal": lambda: (attention_fa3, dict(BN=64, CAUSAL=True), _attention_args(), {}),
+}
+
+
+@pytest.mark.parametrize("case", LAUNCHES)
+def test_launch_arguments_bind_to_the_generated_kernels(hopper_jit, case):
+    pytest.importorskip("torch")
+    kernel, consts, args, options = LAUNCHES[case]()
+    k = jit_compile(kernel.trace(*args, **consts), args, **options)
+    sass = aot.sass(k)
+    assert "HGMMA" in sass and "UTMALDG" in sass
+    assert k.metadata.num_warps == (8 if case == "gemm" else 12)
