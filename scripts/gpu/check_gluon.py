@@ -3,6 +3,7 @@ shapes, then kernel time against cuBLAS (torch.matmul) and the Triton backend.
 
     PYTHONPATH=src python3 scripts/gpu/check_gluon.py --json gluon.json            # about 1-2 minutes
     PYTHONPATH=src python3 scripts/gpu/check_gluon.py --json gluon.json --skip bench
+    PYTHONPATH=src python3 scripts/gpu/check_gluon.py --json gluon.json --dump gluon_sass/   # + PTX/SASS
 
 Sections (each case runs on its own; a failure is recorded with its traceback and the next one runs):
   gemm       kernels.gemm's kernel on the gluon backend (pipelined TMA ring + wgmma; warp-specialized by the
@@ -219,7 +220,7 @@ def attention_bench_one(run: Runner, attention, fa3, b: int, h: int, n: int, d: 
     def timed(impl: str, fn) -> dict:
         ms = do_bench(fn, warmup=10, rep=50, return_mode="median")
         best[impl] = ms
-        return {"impl": impl, "ms": ms, "tflops": flops / ms / 1e9,
+        return {"impl": impl, "ms": ms, "tflops": flops / ms / 1e9, **kernel_report(fn, tag, impl),
                 "detail": f"{ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s"}
 
     def sdpa(backend):
@@ -236,7 +237,7 @@ def attention_bench_one(run: Runner, attention, fa3, b: int, h: int, n: int, d: 
             o, scale = torch.empty_like(q), 1 / math.sqrt(d)
             bn = 64 if opts and d == 128 else 128
             launch = kernel.launcher_for((q, k, v, o, scale), "gluon", BM=128, BN=bn, D=d, STAGES=2, **opts)
-            return timed(impl, lambda: launch((q, k, v, o, scale)))
+            return timed(impl, Timed(lambda: launch((q, k, v, o, scale)), launch))
         return case
 
     run.case("attn_bench", f"{tag} sdpa cudnn", sdpa(SDPBackend.CUDNN_ATTENTION))
@@ -251,6 +252,36 @@ def attention_bench_one(run: Runner, attention, fa3, b: int, h: int, n: int, d: 
         run.rows.append({"section": "attn_bench", "case": f"{tag} vs cuDNN", "status": "ok",
                          **{f"{i}_vs_cudnn": r for i, r in ratios.items()},
                          "detail": ", ".join(f"{i} {r:.2f}x" for i, r in ratios.items())})
+
+
+class Timed:
+    """A launch to time, and the launcher behind it (for its compiled kernel's report)."""
+
+    def __init__(self, fn, launcher):
+        self.fn, self.launcher = fn, launcher
+
+    def __call__(self):
+        self.fn()
+
+
+def kernel_report(launch, tag: str, impl: str) -> dict:
+    """Registers, spills and shared memory of a gluon launcher's kernel; its PTX and SASS written under --dump."""
+    launcher = getattr(launch, "launcher", None)
+    if not hasattr(launcher, "resources"):
+        return {}
+    out = launcher.resources()
+    if DUMP is not None:
+        from tilestack.backends.gluon import aot
+        stem = DUMP / "".join(ch if ch.isalnum() else "_" for ch in f"{tag}_{impl}")
+        stem.with_suffix(".ptx").write_text(launcher.compiled.asm["ptx"])
+        try:
+            stem.with_suffix(".sass").write_text(aot.sass(launcher.compiled))
+        except Exception as e:      # no cuobjdump: the PTX is still there
+            out["sass_error"] = str(e)[:200]
+    return out
+
+
+DUMP: Path | None = None     # --dump: a folder for the PTX and SASS of the timed gluon kernels
 
 
 def bench_cases(run: Runner, gemm_ws) -> None:
@@ -275,12 +306,12 @@ def bench_one(run: Runner, gemm_ws, dtype, n: int) -> None:
     def timed(impl: str, launch, **extra) -> dict:
         ms = do_bench(launch, warmup=25, rep=100, return_mode="median")
         best[impl] = min(ms, best.get(impl, math.inf))
-        return {"impl": impl, "ms": ms, "tflops": flops / ms / 1e9, **extra,
+        return {"impl": impl, "ms": ms, "tflops": flops / ms / 1e9, **extra, **kernel_report(launch, tag, impl),
                 "detail": f"{ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s"}
 
     def through(kernel, backend: str, **cfg):
         launch = kernel.launcher_for((a, b, c), backend, **cfg)
-        return lambda: launch((a, b, c))
+        return Timed(lambda: launch((a, b, c)), launch)
 
     run.case("bench", f"{tag} cublas", lambda: timed("cublas", lambda: torch.matmul(a, b, out=c)))
     tuned = gemm_config(n, n, n, dtype, a.device)      # the Triton backend's tuned config, as kernels.gemm uses
@@ -317,7 +348,7 @@ def run_isolated(section: str, limit: float) -> list[dict]:
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "rows.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--section", section, "--json", str(out),
-               "--time-limit", str(max(1.0, limit - SECTION_GRACE_S))]
+               "--time-limit", str(max(1.0, limit - SECTION_GRACE_S))] + (["--dump", str(DUMP)] if DUMP else [])
         try:
             subprocess.run(cmd, timeout=limit, check=False)
         except subprocess.TimeoutExpired:
@@ -337,7 +368,12 @@ def main() -> int:
     ap.add_argument("--time-limit", type=float, default=170.0, help="seconds in all; later cases are skipped")
     ap.add_argument("--skip", default="", help=f"comma-separated sections of {SECTIONS}")
     ap.add_argument("--section", choices=SECTIONS, help="run one section in this process (no isolation)")
+    ap.add_argument("--dump", type=Path, default=None, help="write the timed gluon kernels' PTX and SASS here")
     args = ap.parse_args()
+    global DUMP
+    DUMP = args.dump
+    if DUMP is not None:
+        DUMP.mkdir(parents=True, exist_ok=True)
     skip = {s for s in args.skip.split(",") if s}
     unknown = skip - set(SECTIONS)
     if unknown:

@@ -92,6 +92,7 @@ class Launcher:
         # a persistent kernel loops over its tiles: at most one program per SM
         self.programs = torch.cuda.get_device_properties(args[0].device).multi_processor_count \
             if low.persistent else None
+        self.compiled = None     # Triton's CompiledKernel, once launched: registers, spills, PTX, cubin
 
     def __call__(self, args) -> None:
         grid = self.grid or _grid3(self.traced.grid(*args))
@@ -99,7 +100,17 @@ class Launcher:
             return
         if self.programs is not None:
             grid = (min(grid[0], self.programs), 1, 1)
-        self.fn[grid](*self.binding(args), num_warps=self.num_warps)
+        compiled = self.fn[grid](*self.binding(args), num_warps=self.num_warps)
+        if self.compiled is None:
+            self.compiled = compiled
+
+    def resources(self) -> dict:
+        """What ptxas gave the launched kernel (after the first launch): registers, spills, shared memory."""
+        k = self.compiled
+        if k is None:
+            raise LaunchError("gluon backend: launch once before asking for the kernel's resources")
+        return {"registers": k.n_regs, "spills": k.n_spills, "shared_bytes": k.metadata.shared,
+                "num_warps": k.metadata.num_warps}
 
 
 def _grid3(grid):
