@@ -16,7 +16,7 @@ from tilestack.parallel.plan.predict import MEMORY_COMPONENTS, Prediction
 MIB = 1 << 20
 BAND = 0.15                 # the issue's bar for step time, drawn around the diagonal
 COLORS = {"F": "#4C72B0", "B": "#DD8452"}
-MEMORY_COLORS = ("#4C72B0", "#55A868", "#C44E52", "#8172B2", "#CCB974")
+MEMORY_COLORS = ("#4C72B0", "#55A868", "#C44E52", "#8172B2", "#CCB974", "#64B5CD")
 
 
 def _plt():
@@ -62,7 +62,7 @@ def timeline_png(pred: Prediction, path: str | Path) -> Path:
 
 def memory_png(pred: Prediction, path: str | Path, *, limit: float | None = None) -> Path:
     """Stacked bars: bytes per pipeline rank by component (parameters, gradients, optimizer, activations,
-    transient), with the memory limit as a line."""
+    transient buffers, what exists only after backward), the predicted peak as a black tick, the limit dashed."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(1.8 + 1.0 * len(pred.memory), 3.6))
     bottom = [0.0] * len(pred.memory)
@@ -70,6 +70,9 @@ def memory_png(pred: Prediction, path: str | Path, *, limit: float | None = None
         vals = [m[comp] / MIB for m in pred.memory]
         ax.bar(range(len(vals)), vals, bottom=bottom, color=color, label=comp)
         bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    # the components never all live at once (activations are gone when ZeRO's slices appear): the peak
+    ax.scatter(range(len(pred.peaks)), [p / MIB for p in pred.peaks], marker="_", s=900, color="black",
+               label="predicted peak", zorder=3)
     if limit:
         ax.axhline(limit / MIB, color="black", linestyle="--", linewidth=1, label="limit")
     ax.set_xticks(range(len(pred.memory)), [f"pp rank {r}" for r in range(len(pred.memory))])

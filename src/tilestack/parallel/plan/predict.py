@@ -40,9 +40,10 @@ RECOMPUTE = ("none", "selective", "full")
 ADAM_MOMENTS = 2
 LOSS_BYTES = FP32_BYTES          # the step's loss, all-reduced over pp and the data-parallel groups
 ZERO_BUCKET_NUMEL = 1 << 22      # the Trainer's ZeroOptimizer bucket (elements)
+ZERO_FLAT_COPIES = {1: 2, 2: 1}  # copies of a bucket's gradients while ZeroOptimizer reduces it (see _memory)
 FSDP_UNIT_COPIES = 4             # gathered block + prefetched neighbour + unsharded grads + reduce-scatter input
 FSDP_ROOT_COPIES = 3             # gathered root + its unsharded grads + reduce-scatter input
-MEMORY_COMPONENTS = ("parameters", "gradients", "optimizer", "activations", "transient")
+MEMORY_COMPONENTS = ("parameters", "gradients", "optimizer", "activations", "transient", "after backward")
 TERMS = ("compute", "bubble", "tp comm", "fsdp comm", "p2p", "dp comm", "optimizer")
 
 
@@ -172,6 +173,7 @@ class Prediction:
     stage_bwd: list[float]
     flops_per_step: float
     runnable: bool = False
+    peaks: list[float] = dataclasses.field(default_factory=list)   # per pipeline rank, bytes (_peak)
 
     @property
     def bound(self) -> str:
@@ -180,8 +182,8 @@ class Prediction:
 
     @property
     def memory_bytes(self) -> float:
-        """The largest rank's total."""
-        return max(sum(m.values()) for m in self.memory)
+        """The largest rank's peak."""
+        return max(self.peaks)
 
     def samples_per_s(self) -> float:
         return self.plan.batch / self.step_s
@@ -206,47 +208,60 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
     e = desc.dtype_bytes
     b = plan.micro_batch
     tp, m = plan.tp, plan.microbatches
-    slow = compute.contention(plan.world_size)
     shard = plan.dp_shard
     stages = _stage_layers(plan, desc)
-    fwd, bwd, p2p, act_w, comp, tp_c, fsdp_c = [], [], [], [], [], [], []
     tp_fwd_share = TP_ALLREDUCES_FWD / (TP_ALLREDUCES_FWD + TP_ALLREDUCES_BWD)
-    for layers in stages:
-        f = g = c_tp = c_fsdp = act = 0.0
-        for i in layers:
-            layer = desc.layers[i]
-            lf, lb = compute.layer_times(i, b, tp)
-            f += lf * slow
-            g += (lb + compute.recompute_s(i, b, tp, plan.recompute)) * slow
-            if tp > 1 and layer.kind == "block":
-                replays = TP_ALLREDUCES_FWD if plan.recompute == "full" else 0
-                c_tp += comm.time("all_reduce", layer.tp_comm_bytes * b, tp) * (
-                    TP_ALLREDUCES_FWD + TP_ALLREDUCES_BWD + replays)
-            if shard > 1:
-                # FSDP2: gathered before forward (and again before backward without a pipeline, which keeps them
-                # gathered), gradients reduce-scattered after backward
-                nbytes = _local_params(layer, tp) * e
-                gathers = 2 if plan.pp == 1 else 1
-                c_fsdp += gathers * comm.time("all_gather", nbytes, shard) + comm.time("reduce_scatter", nbytes, shard)
-            if layer.kind == "block":
-                # the wrappers' host costs per block and micro-batch: a third with the forward
-                wrap = (compute.overhead("sp" if plan.sp else "tp") if tp > 1 else 0.0) + \
-                    (compute.overhead("fsdp") if shard > 1 else 0.0)
-                f += wrap * slow / 3
-                g += wrap * slow * 2 / 3
-            act += _act_bytes(layer, plan) * b
-        if plan.pp > 1:
-            f += compute.overhead("pipeline") * slow / plan.stages_per_rank
-        comp.append(f + g)
-        tp_c.append(c_tp)
-        fsdp_c.append(c_fsdp)
-        fwd.append(f + c_tp * tp_fwd_share + c_fsdp / 2)
-        bwd.append(g + c_tp * (1 - tp_fwd_share) + c_fsdp / 2)
-        boundary = desc.layers[layers[-1]].out_bytes * b / (tp if plan.sp else 1)
-        p2p.append(comm.time("p2p", boundary, 2) if plan.pp > 1 else 0.0)
-        act_w.append(act)
-    sim = simulate(plan.schedule, pp=plan.pp, stages_per_rank=plan.stages_per_rank, microbatches=m,
-                   fwd=fwd, bwd=bwd, p2p=p2p, act_weight=act_w)
+
+    def pipeline(slow: float):
+        """Per-stage forward / backward / send times at compute slowdown ``slow``, and the simulated schedule."""
+        fwd, bwd, p2p, act_w, comp, tp_c, fsdp_c = [], [], [], [], [], [], []
+        for layers in stages:
+            f = g = c_tp = c_fsdp = act = 0.0
+            for i in layers:
+                layer = desc.layers[i]
+                lf, lb = compute.layer_times(i, b, tp)
+                f += lf * slow
+                g += (lb + compute.recompute_s(i, b, tp, plan.recompute)) * slow
+                if tp > 1 and layer.kind == "block":
+                    replays = TP_ALLREDUCES_FWD if plan.recompute == "full" else 0
+                    c_tp += comm.time("all_reduce", layer.tp_comm_bytes * b, tp) * (
+                        TP_ALLREDUCES_FWD + TP_ALLREDUCES_BWD + replays)
+                if shard > 1:
+                    # FSDP2: gathered before forward (and again before backward without a pipeline, which keeps
+                    # them gathered), gradients reduce-scattered after backward
+                    nbytes = _local_params(layer, tp) * e
+                    gathers = 2 if plan.pp == 1 else 1
+                    c_fsdp += gathers * comm.time("all_gather", nbytes, shard) + \
+                        comm.time("reduce_scatter", nbytes, shard)
+                if layer.kind == "block":
+                    # the wrappers' host costs per block and micro-batch: a third with the forward
+                    wrap = (compute.overhead("sp" if plan.sp else "tp") if tp > 1 else 0.0) + \
+                        (compute.overhead("fsdp") if shard > 1 else 0.0)
+                    f += wrap * slow / 3
+                    g += wrap * slow * 2 / 3
+                act += _act_bytes(layer, plan) * b
+            if plan.pp > 1:
+                f += compute.overhead("pipeline") * slow / plan.stages_per_rank
+            comp.append(f + g)
+            tp_c.append(c_tp)
+            fsdp_c.append(c_fsdp)
+            fwd.append(f + c_tp * tp_fwd_share + c_fsdp / 2)
+            bwd.append(g + c_tp * (1 - tp_fwd_share) + c_fsdp / 2)
+            boundary = desc.layers[layers[-1]].out_bytes * b / (tp if plan.sp else 1)
+            p2p.append(comm.time("p2p", boundary, 2) if plan.pp > 1 else 0.0)
+            act_w.append(act)
+        sim = simulate(plan.schedule, pp=plan.pp, stages_per_rank=plan.stages_per_rank, microbatches=m,
+                       fwd=fwd, bwd=bwd, p2p=p2p, act_weight=act_w)
+        return fwd, bwd, p2p, comp, tp_c, fsdp_c, sim
+
+    slow = compute.contention(plan.world_size)
+    fwd, bwd, p2p, comp, tp_c, fsdp_c, sim = pipeline(slow)
+    if plan.pp > 1 and slow > 1:
+        # ranks that wait in the pipeline's bubble leave their core to the others: the cores are shared by the
+        # ranks busy on average (world x the pipeline's utilisation), so simulate again at that contention
+        busy = sum(sim.busy) / (plan.pp * sim.makespan) if sim.makespan > 0 else 1.0
+        slow = compute.contention(plan.world_size * busy)
+        fwd, bwd, p2p, comp, tp_c, fsdp_c, sim = pipeline(slow)
     # per pipeline rank: its stages' parameters, tensors
     ranks = range(plan.pp)
     rank_stages = [[s for s in range(plan.n_stages) if s % plan.pp == r] for r in ranks]
@@ -267,11 +282,12 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
         dp_s.append(t)
     dp_exposed = max(dp_s) * (1 - overlap_dp)
     owner = plan.dp if plan.zero else 1
-    opt_s = max(compute.optimizer_s(rank_params[r] / shard / owner, rank_tensors[r]) for r in ranks) * slow
+    every = compute.contention(plan.world_size)          # every rank steps its optimizer at once
+    opt_s = max(compute.optimizer_s(rank_params[r] / shard / owner, rank_tensors[r]) for r in ranks) * every
     if plan.zero:
-        opt_s += compute.overhead("zero") * slow
+        opt_s += compute.overhead("zero") * every
     elif uses_ddp(plan):
-        dp_exposed += compute.overhead("ddp") * slow
+        dp_exposed += compute.overhead("ddp") * every
     losses = sum(comm.time("all_reduce", LOSS_BYTES, n) for n in (plan.pp, plan.dp, plan.dp_shard))
     busiest = max(range(plan.pp), key=lambda r: sim.busy[r])
     mine = rank_stages[busiest]
@@ -292,9 +308,19 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
         terms["p2p"] = min(sends, terms["bubble"])
         terms["bubble"] -= terms["p2p"]
     memory = [_memory(plan, desc, stages, rank_stages[r], rank_params[r], sim.peak_inflight[r]) for r in ranks]
+    peaks = [_peak(mem) for mem in memory]
     flops = desc.flops_per_sample * plan.batch
     return Prediction(plan=plan, step_s=step, terms=terms, memory=memory, sim=sim, stage_fwd=fwd, stage_bwd=bwd,
-                      flops_per_step=flops, runnable=runnable(plan, desc))
+                      flops_per_step=flops, runnable=runnable(plan, desc), peaks=peaks)
+
+
+def _peak(mem: dict[str, float]) -> float:
+    """The rank's peak: parameters and optimizer state always; during forward and backward the activations, the
+    gradients and the transient buffers of that phase; after backward the gradients and what comes after it
+    (ZeRO's gradient slice and f32 master gradient)."""
+    during = mem["activations"] + mem["gradients"] + mem["transient"]
+    after = mem["gradients"] + mem["after backward"]
+    return mem["parameters"] + mem["optimizer"] + max(during, after)
 
 
 def _local_params(layer: Any, tp: int) -> float:
@@ -325,16 +351,18 @@ def _memory(plan: Plan, desc: ModelDesc, stages: list[range], my_stages: list[in
     local = params / plan.dp_shard
     grads = local * e
     optimizer = ADAM_MOMENTS * local * e
-    transient = 0.0
+    transient = after = 0.0
     if plan.zero:
         # ZeroOptimizer: an f32 master copy of this rank's 1/dp slice and AdamW's two f32 moments of it; the
         # reduced gradient slice beside the full gradients (ZeRO-1), or in their place once a bucket is reduced
         # (ZeRO-2: at most one bucket of full gradients alive); the master's f32 gradient during the step
         owned = local / plan.dp
         optimizer = owned * FP32_BYTES * (1 + ADAM_MOMENTS)
-        full = local if plan.zero == 1 else min(local, ZERO_BUCKET_NUMEL)
-        grads = (full + owned) * e
-        transient += owned * FP32_BYTES
+        bucket = min(local, ZERO_BUCKET_NUMEL)
+        grads = (local if plan.zero == 1 else bucket) * e
+        # reducing a bucket: its gradients flattened (a copy), padded (another) for ZeRO-1's all-reduce; for
+        # ZeRO-2 one copy goes to the reduce-scatter; then the slice and the master's f32 gradient
+        after += ZERO_FLAT_COPIES[plan.zero] * bucket * e + owned * e + owned * FP32_BYTES
     blocks = [i for s in my_stages for i in stages[s] if desc.layers[i].kind == "block"]
     if plan.recompute == "full" and blocks:
         layer = desc.layers[blocks[0]]
@@ -352,5 +380,12 @@ def _memory(plan: Plan, desc: ModelDesc, stages: list[range], my_stages: list[in
             root = sum(g for g, layer in zip(gathered, mine, strict=True) if layer.kind != "block")
             unit = max(g for g, layer in zip(gathered, mine, strict=True) if layer.kind == "block") if blocks else 0
             transient += (FSDP_ROOT_COPIES * root + FSDP_UNIT_COPIES * unit) * e
+    if plan.pp > 1:
+        # torch's PipelineStage keeps a receive buffer per micro-batch: the stage's input (all but the first
+        # stage) and the gradient of its output (all but the last), b samples of the boundary tensor each
+        for s in my_stages:
+            edges = (s > 0) + (s < plan.n_stages - 1)
+            boundary = desc.layers[stages[s][0] - 1 if s > 0 else stages[s][-1]].out_bytes
+            transient += edges * plan.microbatches * plan.micro_batch * boundary / (plan.tp if plan.sp else 1)
     return {"parameters": local * e, "gradients": grads, "optimizer": optimizer, "activations": inflight,
-            "transient": transient}
+            "transient": transient, "after backward": after}

@@ -290,8 +290,7 @@ def plan_stage_cost(desc: ModelDesc, compute: ComputeModel, comm: CommModel, *, 
                         p = predict(plan, sub, _Offset(compute, k), comm)
                     except PlanError:
                         continue
-                    mem = p.memory[0]
-                    total = sum(mem.values()) + mem["activations"] * after
+                    total = p.memory_bytes + p.memory[0]["activations"] * after
                     if memory_limit is not None and total > memory_limit:
                         continue
                     # gradient sync and optimizer once per step: a 1/microbatches share per micro-batch
