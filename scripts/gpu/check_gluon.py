@@ -149,6 +149,42 @@ def gemm_cases(run: Runner, section: str, kernel) -> None:
                 run.case(section, f"{str(dtype)[6:]} {m}x{n}x{k}{tag}", one)
 
 
+# (M, N, K, dtype, bias, activation, residual, out_dtype, b stored transposed)
+EPILOGUE_CASES = [(257, 136, 72, "bfloat16", True, "gelu", True, None, False),
+                  (1000, 520, 1032, "float16", True, "silu", False, "float32", False),
+                  (300, 264, 520, "bfloat16", False, "relu", True, None, True),
+                  (128, 128, 64, "bfloat16", True, "gelu_tanh", False, None, False)]
+GLUON_GEMM = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4)   # through the public op (its tuned table
+#                                                                        is the Triton backend's)
+
+
+def epilogue_cases(run: Runner) -> None:
+    """The public gemm with fused epilogues on the gluon backend (gemm_epilogue_kernel), against float64."""
+    gemm_mod = importlib.import_module("tilestack.kernels.gemm")   # the module (the package exports the function)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for m, n, k, dt, has_bias, act, has_res, out_dt, trans in EPILOGUE_CASES:
+        def one(m=m, n=n, k=k, dt=dt, has_bias=has_bias, act=act, has_res=has_res, out_dt=out_dt, trans=trans):
+            dtype = getattr(torch, dt)
+            a = torch.randn(m, k, device="cuda", dtype=dtype, generator=g)
+            b = torch.randn(n, k, device="cuda", dtype=dtype, generator=g).t() if trans else \
+                torch.randn(k, n, device="cuda", dtype=dtype, generator=g)
+            bias = torch.randn(n, device="cuda", dtype=dtype, generator=g) if has_bias else None
+            res = torch.randn(m, n, device="cuda", dtype=dtype, generator=g) if has_res else None
+            out_dtype = getattr(torch, out_dt) if out_dt else None
+            c = gemm_mod.gemm(a, b, bias=bias, activation=act, residual=res, out_dtype=out_dtype, backend="gluon",
+                              **GLUON_GEMM)
+            torch.cuda.synchronize()
+            y = a.double() @ b.double() + (bias.double() if has_bias else 0)
+            y = gemm_mod.torch_activation(y, act) + (res.double() if has_res else 0)
+            err = rel_err(c, y)
+            tol = GEMM_TOL[out_dtype or dtype] if (out_dtype or dtype) in GEMM_TOL else 1e-3
+            return {"status": "ok" if err <= tol else "FAIL", "rel_err": err,
+                    "detail": f"rel err {err:.2e} (tol {tol:.0e})"}
+        tag = f"{dt} {m}x{n}x{k} {'bias ' if has_bias else ''}{act}{' residual' if has_res else ''}" \
+              f"{' -> ' + out_dt if out_dt else ''}{' b^T' if trans else ''}"
+        run.case("gemm", f"epilogue {tag}", one)
+
+
 def attention_cases(run: Runner, attention, fa3) -> None:
     g = torch.Generator(device="cuda").manual_seed(1)
     kernels = (("explicit", attention, {}), ("fa3", fa3, {}), ("fa3 causal", fa3, {"CAUSAL": True}))
@@ -322,6 +358,14 @@ def bench_one(run: Runner, gemm_ws, dtype, n: int) -> None:
         run.case("bench", f"{tag} gluon {cfg}", lambda cfg=cfg, impl=impl: timed(
             impl, through(gemm_kernel, "gluon", **cfg), config=cfg))
     run.case("bench", f"{tag} gluon_ws explicit", lambda: timed("gluon_ws", through(gemm_ws, "gluon")))
+    if dtype is torch.bfloat16:
+        def fused():     # bias + gelu + residual: what the epilogue costs over the plain product
+            from tilestack.kernels.gemm import gemm_epilogue_kernel
+            bias, res = torch.randn(n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
+            launch = gemm_epilogue_kernel.launcher_for((a, b, bias, res, c), "gluon", activation="gelu",
+                                                       HAS_BIAS=True, HAS_RESIDUAL=True, **GLUON_GEMM)
+            return timed("gluon_epilogue", Timed(lambda: launch((a, b, bias, res, c)), launch), config=GLUON_GEMM)
+        run.case("bench", f"{tag} gluon bias+gelu+residual", fused)
     if "cublas" in best:
         ratios = {k: best["cublas"] / v for k, v in best.items() if k != "cublas"}
         run.rows.append({"section": "bench", "case": f"{tag} vs cuBLAS", "status": "ok",
@@ -333,7 +377,7 @@ def run_section(section: str, limit: float, sink: Path | None) -> list[dict]:
     """One section in this process (``--section``, what the parent runs in a child)."""
     run = Runner(limit, sink)
     ws = load_test_module("tests/backends/test_gluon_source.py", "gluon_source_tests")
-    {"gemm": lambda: gemm_cases(run, "gemm", gemm_kernel),
+    {"gemm": lambda: (gemm_cases(run, "gemm", gemm_kernel), epilogue_cases(run)),
      "gemm_ws": lambda: gemm_cases(run, "gemm_ws", ws.gemm_ws),
      "attention": lambda: attention_cases(run, ws.explicit_attention(), ws.attention_fa3),
      "attn_lib": lambda: attention_lib_cases(run),

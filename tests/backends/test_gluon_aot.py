@@ -48,6 +48,18 @@ def test_gemm_compiles_to_hgmma_without_spills(spec):
     assert res["num_warps"] == 8 and res["shared_bytes"] >= 4 * (128 * 64 + 64 * 128) * 2   # a 4-stage ring
 
 
+@pytest.mark.parametrize(("activation", "trans_b"), [("gelu", False), ("silu", True)])
+def test_gemm_with_a_fused_epilogue_compiles(activation, trans_b):
+    # bias (a vector through pointers, broadcast on wgmma's accumulator layout), the activation, a residual tile;
+    # B^T read from its (N, K) rows straight into wgmma (a transposed shared operand)
+    from tilestack.kernels.gemm import gemm_epilogue_kernel
+    traced = gemm_epilogue_kernel.trace(BF16_2, BF16_2, ts.ArgSpec(ts.bf16, 1), BF16_2, BF16_2,
+                                        activation=activation, HAS_BIAS=True, HAS_RESIDUAL=True, TRANS_B=trans_b)
+    k, res, sass = compiled(traced)
+    no_spills(res)
+    assert "HGMMA.64x128x16.F32.BF16" in sass and "UTMASTG" in sass
+
+
 def test_explicit_gemm_is_warp_specialized_with_register_budgets():
     k, res, sass = compiled(gemm_ws.trace(BF16_2, BF16_2, BF16_2))
     no_spills(res)
