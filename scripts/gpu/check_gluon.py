@@ -16,6 +16,8 @@ Sections (each case runs on its own; a failure is recorded with its traceback an
   attn_lib   the library's attention forward (kernels.attention_fwd, a plain kernel the schedule pass pipelines)
              on the gluon backend: causal (both alignments) and not, GQA, head dims 64 and 128, bf16 and fp16,
              ragged lengths; o and lse against float64
+  fp8        tilestack.quant's GEMM with e4m3 operands on gluon (QGMMA): ragged shapes against float64 of the
+             fp8 values, then 8192^3 against torch._scaled_mm (cuBLASLt fp8) and bf16 cuBLAS
   bench      4096^3 and 8192^3, bf16 and fp16: gluon (a few stage/tile configs, the best kept), gluon_ws,
              triton backend, torch.matmul (cuBLAS); kernel time by triton.testing.do_bench (median), TFLOP/s
   attn_bench the FA3 grid at N=4096 (B*N = 16k, H*D = 2048), bf16, causal and not: the library attention on
@@ -46,7 +48,7 @@ import torch  # noqa: E402
 
 from tilestack.kernels.gemm import gemm_config, gemm_kernel  # noqa: E402
 
-SECTIONS = ("gemm", "gemm_ws", "attention", "attn_lib", "bench", "attn_bench")
+SECTIONS = ("gemm", "gemm_ws", "attention", "attn_lib", "fp8", "bench", "attn_bench")
 # (M, N, K): ragged edges on every axis; N and K multiples of 8 (the copy engine's 16-byte row rule for 2-byte
 # dtypes); one tile, a sub-tile problem, more k-steps than ring stages, and a wide one
 GEMM_SHAPES = [(128, 128, 64), (1, 8, 8), (257, 136, 72), (1000, 520, 1032), (300, 1024, 4096), (2048, 2048, 512)]
@@ -183,6 +185,65 @@ def epilogue_cases(run: Runner) -> None:
         tag = f"{dt} {m}x{n}x{k} {'bias ' if has_bias else ''}{act}{' residual' if has_res else ''}" \
               f"{' -> ' + out_dt if out_dt else ''}{' b^T' if trans else ''}"
         run.case("gemm", f"epilogue {tag}", one)
+
+
+FP8_SHAPES = [(257, 136, 128), (1000, 520, 1024), (128, 128, 128)]   # K a multiple of 16: TMA's row rule
+FP8_CONFIGS = [dict(BM=128, BN=128, BK=128, num_stages=4), dict(BM=128, BN=256, BK=128, num_stages=3),
+               dict(BM=128, BN=128, BK=128, num_stages=4, warp_specialize=True),
+               dict(BM=128, BN=256, BK=128, num_stages=3, warp_specialize=True, persistent=True)]
+
+
+def fp8_cases(run: Runner) -> None:
+    from triton.testing import do_bench
+
+    from tilestack.quant.gemm import qgemm_kernel
+
+    f8 = torch.float8_e4m3fn
+    g = torch.Generator(device="cuda").manual_seed(4)
+
+    def operands(m, n, k):
+        x = torch.randn(m, k, device="cuda", generator=g).to(f8)
+        w = torch.randn(n, k, device="cuda", generator=g).to(f8)
+        s = torch.ones(n, device="cuda")
+        return x, w, s, torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+
+    for m, n, k in FP8_SHAPES:
+        for cfg in FP8_CONFIGS[:1] + FP8_CONFIGS[2:3]:
+            def one(m=m, n=n, k=k, cfg=cfg):
+                x, w, s, y = operands(m, n, k)
+                qgemm_kernel(x, w, s, s, y, y, 1.0, backend="gluon", **cfg)     # Bias, R: not read
+                torch.cuda.synchronize()
+                err = rel_err(y, x.double() @ w.double().t())
+                return {"status": "ok" if err <= GEMM_TOL[torch.bfloat16] else "FAIL", "rel_err": err,
+                        "detail": f"rel err {err:.2e} (tol {GEMM_TOL[torch.bfloat16]:.0e})"}
+            run.case("fp8", f"e4m3 {m}x{n}x{k}{' ws' if cfg.get('warp_specialize') else ''}", one)
+    n = 8192
+    flops = 2 * n**3
+    x, w, s, y = operands(n, n, n)
+    a16, b16 = x.to(torch.bfloat16), w.to(torch.bfloat16).t()
+    best: dict[str, float] = {}
+
+    def timed(impl, fn, launcher=None, **extra):
+        ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+        best[impl] = min(ms, best.get(impl, math.inf))
+        report = kernel_report(Timed(fn, launcher), f"fp8 {n}", impl) if launcher is not None else {}
+        return {"impl": impl, "ms": ms, "tflops": flops / ms / 1e9, **extra, **report,
+                "detail": f"{ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s"}
+
+    one = torch.ones((), device="cuda")
+    run.case("fp8", f"{n}^3 cublas bf16", lambda: timed("cublas_bf16", lambda: torch.matmul(a16, b16)))
+    run.case("fp8", f"{n}^3 torch._scaled_mm", lambda: timed("scaled_mm", lambda: torch._scaled_mm(
+        x, w.t(), one, one, out_dtype=torch.bfloat16)))
+    for cfg in FP8_CONFIGS:
+        def gluon(cfg=cfg):
+            launch = qgemm_kernel.launcher_for((x, w, s, s, y, y, 1.0), "gluon", **cfg)
+            return timed("gluon", lambda: launch((x, w, s, s, y, y, 1.0)), launch, config=cfg)
+        run.case("fp8", f"{n}^3 gluon {cfg}", gluon)
+    if "cublas_bf16" in best:
+        ratios = {i: best["cublas_bf16"] / ms for i, ms in best.items() if i != "cublas_bf16"}
+        run.rows.append({"section": "fp8", "case": f"{n}^3 vs bf16 cuBLAS", "status": "ok",
+                         **{f"{i}_vs_bf16_cublas": r for i, r in ratios.items()},
+                         "detail": ", ".join(f"{i} {r:.2f}x" for i, r in ratios.items())})
 
 
 def attention_cases(run: Runner, attention, fa3) -> None:
@@ -381,6 +442,7 @@ def run_section(section: str, limit: float, sink: Path | None) -> list[dict]:
      "gemm_ws": lambda: gemm_cases(run, "gemm_ws", ws.gemm_ws),
      "attention": lambda: attention_cases(run, ws.explicit_attention(), ws.attention_fa3),
      "attn_lib": lambda: attention_lib_cases(run),
+     "fp8": lambda: fp8_cases(run),
      "bench": lambda: bench_cases(run, ws.gemm_ws),
      "attn_bench": lambda: attention_bench(run, ws.explicit_attention(), ws.attention_fa3)}[section]()
     return run.rows

@@ -60,6 +60,17 @@ def test_gemm_with_a_fused_epilogue_compiles(activation, trans_b):
     assert "HGMMA.64x128x16.F32.BF16" in sass and "UTMASTG" in sass
 
 
+@pytest.mark.parametrize("ws", [False, True], ids=["pipelined", "warp_specialized"])
+def test_fp8_gemm_compiles_to_qgmma(ws):
+    # tilestack.quant's GEMM with e4m3 operands: wgmma's fp8 form (k = 32), W's (N, K) rows as the K-major b
+    from tilestack.quant.gemm import qgemm_kernel
+    f8, f1 = ts.ArgSpec(ts.f8e4m3, 2), ts.ArgSpec(ts.f32, 1)
+    traced = qgemm_kernel.trace(f8, f8, f1, f1, BF16_2, BF16_2, 1.0, BK=128)
+    k, res, sass = compiled(traced, warp_specialize=ws)
+    no_spills(res)
+    assert "QGMMA.64x128x32.F32.E4M3.E4M3" in sass
+
+
 def test_explicit_gemm_is_warp_specialized_with_register_budgets():
     k, res, sass = compiled(gemm_ws.trace(BF16_2, BF16_2, BF16_2))
     no_spills(res)
