@@ -1,8 +1,10 @@
 """Check and time the Gluon backend on a Hopper GPU (H100/H200): correctness against float64 torch on ragged
 shapes, then kernel time against cuBLAS (torch.matmul) and the Triton backend.
 
-    PYTHONPATH=src python3 scripts/gpu/check_gluon.py --json gluon.json            # about 1-2 minutes
-    PYTHONPATH=src python3 scripts/gpu/check_gluon.py --json gluon.json --skip bench
+    PYTHONPATH=src python3 scripts/gpu/check_gluon.py --json gluon.json            # at most --time-limit (170 s)
+    # everything fits two bounded runs: correctness, then the timings
+    PYTHONPATH=src python3 scripts/gpu/check_gluon.py --json check.json --skip fp8,bench,attn_bench
+    PYTHONPATH=src python3 scripts/gpu/check_gluon.py --json bench.json --skip gemm,gemm_ws,attention,attn_lib
     PYTHONPATH=src python3 scripts/gpu/check_gluon.py --json gluon.json --dump gluon_sass/   # + PTX/SASS
 
 Sections (each case runs on its own; a failure is recorded with its traceback and the next one runs):
