@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tilestack.lang as ts
-from tilestack.errors import TileDTypeError, TraceError
+from tilestack.errors import BackendError, TileDTypeError, TileShapeError, TraceError
 from tilestack.ir.ops import philox_uniform, philox_word, rand_counters
 
 # Triton's own random functions on int64 counters loaded from a tensor (no tilestack code in between)
@@ -87,6 +87,60 @@ def rand_kernel(Out, seed: int, offset: int, *, BM: int, BN: int):
     ts.store(Out, u, at=(i, j))
 
 
+@ts.kernel(grid=lambda Out, BM, BN: (ts.cdiv(Out.shape[0], BM), ts.cdiv(Out.shape[1], BN)))
+def rand4_kernel(Out, seed: int, offset: int, *, BM: int, BN: int):
+    """Out[r, c] = word c % 4 of Philox at counter offset + r * cdiv(cols, 4) + c // 4 (tl.rand4x)."""
+    i, j = ts.block_id(0), ts.block_id(1)
+    u = ts.RegTile[ts.f32, BM, BN]()
+    ts.rand(u, seed, offset, row=i * BM, col=j * BN, stride=ts.cdiv(Out.shape[1], 4), words=4)
+    ts.store(Out, u, at=(i, j))
+
+
+def rand4_grid(seed: int, offset: int, rows: int, cols: int) -> np.ndarray:
+    """What rand4_kernel writes, from tl.rand4x's definition: column 4k + w is word w of counter k."""
+    per_row = -(-cols // 4)
+    counters = offset + np.arange(rows)[:, None] * per_row + np.arange(per_row)[None, :]
+    words = philox_uniform(seed, counters, words=4)                        # (4, rows, per_row)
+    return np.moveaxis(words, 0, -1).reshape(rows, 4 * per_row)[:, :cols]
+
+
+@pytest.mark.parametrize("backend", ("reference", "triton"))
+@pytest.mark.parametrize("shape,seed,offset", [((37, 21), 5, 0), ((16, 70), 2**62 + 3, 2**61 + 16)], ids=str)
+def test_four_words_per_counter(backend, shape, seed, offset):
+    """words=4: a quarter of the Philox calls, each word an element; ragged rows and columns."""
+    out = torch.full(shape, float("nan"))
+    rand4_kernel(out, seed, offset, BM=16, BN=32, backend=backend)
+    assert np.array_equal(out.numpy(), rand4_grid(seed, offset, *shape))
+
+
+def test_four_words_are_tritons_rand4x(rng):
+    """The reference's four words are tl.rand4x's (the first is tl.rand's)."""
+    from tilestack.backends.triton.launch import compile_source
+
+    src = _TRITON_RAND.replace("def triton_rand(", "def triton_rand4x(").replace(
+        "tl.store(Uniform + k, tl.rand(seed, ctr))",
+        "a, b, c, d = tl.rand4x(seed, ctr)\n    tl.store(Uniform + k, a)\n    tl.store(Uniform + N + k, b)\n"
+        "    tl.store(Uniform + 2 * N + k, c)\n    tl.store(Uniform + 3 * N + k, d)")
+    fn = compile_source(src, "triton_rand4x", True)
+    counters = np.concatenate([np.arange(8), rng.integers(2**32, 2**63, 8, np.int64)]).astype(np.int64)
+    uniform = torch.zeros(4 * 16)
+    fn[(1,)](torch.from_numpy(counters), torch.zeros(16, dtype=torch.int32), uniform, 99, N=16)
+    assert np.array_equal(uniform.numpy().reshape(4, 16), philox_uniform(99, counters, words=4))
+
+
+def test_four_words_need_an_aligned_first_column():
+    out = torch.zeros(4, 64)
+    with pytest.raises(BackendError, match=r"rand with words=4 at col=2; a tile's first column must be a multiple"):
+        rand4_at_col2(out, 1, backend="reference")
+
+
+@ts.kernel(grid=lambda Out: (1,))
+def rand4_at_col2(Out, seed: int):
+    u = ts.RegTile[ts.f32, 4, 16]()
+    ts.rand(u, seed, col=2, words=4)
+    ts.store(Out, u, at=(0, 0))
+
+
 @ts.kernel(grid=lambda Out, N: (ts.cdiv(Out.shape[0], N),))
 def rand_vec_kernel(Out, seed: int, *, N: int):
     """Out[k] = uniform at counter k (a vector; the default offset, row and stride)."""
@@ -134,6 +188,14 @@ def test_bad_uses_are_refused_at_trace_time():
         ts.rand(u, seed)
         ts.store(Out, u, at=(0, 0))
 
+    @ts.kernel(grid=lambda Out: (1,))
+    def ragged_words(Out, seed: int):
+        u = ts.RegTile[ts.f32, 16, 6]()
+        ts.rand(u, seed, words=4)
+        ts.store(Out, u, at=(0, 0))
+
+    with pytest.raises(TileShapeError, match=r"rand: words=4 for dst `u` \(16, 6\); expected 1 or 4, dividing"):
+        ragged_words.trace(ts.ArgSpec(ts.f32, 2), 1)
     with pytest.raises(TileDTypeError, match=r"rand: dst `u` is bf16; rand makes f32 uniforms"):
         bf16_dst.trace(ts.ArgSpec(ts.f32, 2), 1)
     with pytest.raises(TraceError, match=r"rand: seed must be an index"):

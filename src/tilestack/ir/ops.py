@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tilestack.errors import TraceError
+from tilestack.errors import BackendError, TraceError
 
 if TYPE_CHECKING:
     from tilestack.ir.nodes import Instr
@@ -120,6 +120,11 @@ class MmaAttrs:
     trans_a: bool
     trans_b: bool
     input_precision: str | None = None   # None: exact products ("ieee"); "tf32": operands rounded to tf32 first
+
+
+@dataclasses.dataclass(frozen=True)
+class RandAttrs:
+    words: int = 1      # Philox output words used per counter: 1 (tl.rand) or 4 (tl.rand4x, a quarter the work)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -680,17 +685,24 @@ UINT32_TO_UNIFORM = np.float32(4.6566127342e-10)   # the largest f32 with (2**31
 _U32 = np.uint64(0xFFFFFFFF)
 
 
-def philox_uniform(seed: int, counters) -> np.ndarray:
+def philox_uniform(seed: int, counters, words: int = 1) -> np.ndarray:
     """Uniform f32 in [0, 1) for each 64-bit counter (an int array, wrapped to 64 bits) under key ``seed``:
-    the bits of Triton's ``tl.rand(seed, counters)`` with int64 counters. Returned as float32."""
-    x = philox_word(seed, counters).view(np.int32)
+    the bits of Triton's ``tl.rand(seed, counters)`` with int64 counters; with ``words=4``, of ``tl.rand4x``,
+    stacked on a new first axis of 4. Returned as float32."""
+    x = philox_words(seed, counters)[:words].view(np.int32)
     x = np.where(x < 0, np.invert(x), x)     # -x - 1 without the overflow at -2**31
-    return x.astype(np.float32) * UINT32_TO_UNIFORM
+    u = x.astype(np.float32) * UINT32_TO_UNIFORM
+    return u[0] if words == 1 else u
 
 
 def philox_word(seed: int, counters) -> np.ndarray:
     """Philox 4x32-10's first output word (uint32) for counters (c0, c1) = the 64-bit counter's (low, high)
     words, c2 = c3 = 0, and key (k0, k1) = the seed's (low, high) words: Triton's ``tl.randint``."""
+    return philox_words(seed, counters)[0]
+
+
+def philox_words(seed: int, counters) -> np.ndarray:
+    """All four output words (uint32, stacked on a new first axis) of ``philox_word``: ``tl.randint4x``."""
     ctr = np.asarray(counters).astype(np.uint64)
     c0, c1 = ctr & _U32, ctr >> np.uint64(32)
     c2 = c3 = np.zeros_like(c0)
@@ -702,18 +714,22 @@ def philox_word(seed: int, counters) -> np.ndarray:
         c0, c2, c1, c3 = ((pb >> np.uint64(32)) ^ c1 ^ k0, (pa >> np.uint64(32)) ^ c3 ^ k1, pb & _U32, pa & _U32)
         k0 = np.uint64((int(k0) + PHILOX_KEY[0]) & 0xFFFFFFFF)
         k1 = np.uint64((int(k1) + PHILOX_KEY[1]) & 0xFFFFFFFF)
-    return c0.astype(np.uint32)
+    return np.stack([c0, c1, c2, c3]).astype(np.uint32)
 
 
 def rand_counters(shape: tuple[int, ...], offset: int, row: int, col: int, stride: int) -> np.ndarray:
     """The rand op's counters: ``offset + (row + r) * stride + col + c`` for element (r, c) of a tile (a vector
-    is one row: ``offset + row * stride + col + k``), wrapped to 64 bits as int64 arithmetic on the GPU."""
+    is one row: ``offset + row * stride + col + k``), wrapped to 64 bits as int64 arithmetic on the GPU. (With
+    4 words per counter, the op asks for the counters of a tile a quarter as wide, from col // 4.)"""
     wrap = [np.uint64(int(x) % 2**64) for x in (offset, row, col, stride)]
     offset, row, col, stride = wrap
     cols = np.arange(shape[-1], dtype=np.uint64)
     rows = np.arange(shape[0], dtype=np.uint64)[:, None] if len(shape) == 2 else np.uint64(0)
     with np.errstate(over="ignore"):
         return offset + (row + rows) * stride + col + cols
+
+
+RAND_WORDS = (1, 4)
 
 
 def _rand_rule(ins: Instr) -> None:
@@ -723,18 +739,31 @@ def _rand_rule(ins: Instr) -> None:
         _fail(ins, f"makes f32 uniforms (as Triton's tl.rand), not a {ins.result.type}")
     for v, what in zip(ins.srcs, ("seed", "offset", "row", "col", "stride"), strict=True):
         _index(ins, v, what)
+    words = ins.attrs.words
+    if words not in RAND_WORDS or ins.result.type.shape[-1] % words:
+        _fail(ins, f"words={words} for a {ins.result.type}; expected one of {RAND_WORDS}, dividing its width")
 
 
 def _rand_ref(ins: Instr, s: list, m) -> np.ndarray:
     seed, offset, row, col, stride = s
-    return philox_uniform(seed, rand_counters(ins.result.type.shape, offset, row, col, stride)).astype(np.float64)
+    shape, words = ins.result.type.shape, ins.attrs.words
+    if words == 1:
+        return philox_uniform(seed, rand_counters(shape, offset, row, col, stride)).astype(np.float64)
+    if int(col) % words:
+        raise BackendError(f"{ins.where}: rand with words={words} at col={int(col)}; a tile's first column must be "
+                           f"a multiple of {words}")
+    narrow = (*shape[:-1], shape[-1] // words)
+    u = philox_uniform(seed, rand_counters(narrow, offset, row, int(col) // words, stride), words)   # (4, ..., C/4)
+    return np.moveaxis(u, 0, -1).reshape(shape).astype(np.float64)      # column 4k + w: word w of counter k
 
 
 define(OpDef(
-    Op.RAND, "(seed, offset, row, col, stride) -> f32 tile", "tile", NoAttrs, _rand_rule, _rand_ref,
+    Op.RAND, "(seed, offset, row, col, stride) -> f32 tile", "tile", RandAttrs, _rand_rule, _rand_ref,
     _per_result_element,
     doc="Uniform floats in [0, 1): Philox 4x32-10 (Triton's tl.rand) under key ``seed`` at counter "
-        "``offset + (row + r) * stride + col + c`` for element (r, c), in 64-bit arithmetic."))
+        "``offset + (row + r) * stride + col + c`` for element (r, c), in 64-bit arithmetic. With words=4 "
+        "(tl.rand4x: a quarter the work) element (r, c) is word (col + c) % 4 of counter "
+        "``offset + (row + r) * stride + (col + c) // 4``; col must be a multiple of 4."))
 
 
 # ---- memory and control -----------------------------------------------------------------------------------------

@@ -411,14 +411,23 @@ def _e_arange(e: _Emitter, ins: Instr) -> None:
 @register_emitter("triton", Op.RAND)
 def _e_rand(e: _Emitter, ins: Instr) -> None:
     seed, offset, row, col, stride = (e.name(s) for s in ins.srcs)
-    shape = ins.result.type.shape
+    shape, words = ins.result.type.shape, ins.attrs.words
+    width = shape[-1] // words                  # counters per row: each gives `words` numbers
     # 64-bit counters from the first term on (tl.cast, not .to: under the interpreter an index may be a Python int)
+    first = f"tl.cast({col}, tl.int64)" if words == 1 else f"(tl.cast({col}, tl.int64) // {words})"
     if len(shape) == 2:
         rows = f"(tl.cast({row}, tl.int64) + tl.arange(0, {shape[0]})[:, None])"
-        cols = f"(tl.cast({col}, tl.int64) + tl.arange(0, {shape[1]})[None, :])"
+        cols = f"({first} + tl.arange(0, {width})[None, :])"
     else:
-        rows, cols = f"tl.cast({row}, tl.int64)", f"(tl.cast({col}, tl.int64) + tl.arange(0, {shape[0]}))"
-    e.assign(ins.result, f"tl.rand({seed}, tl.cast({offset}, tl.int64) + {rows} * {stride} + {cols})")
+        rows, cols = f"tl.cast({row}, tl.int64)", f"({first} + tl.arange(0, {width}))"
+    counters = f"tl.cast({offset}, tl.int64) + {rows} * {stride} + {cols}"
+    if words == 1:
+        e.assign(ins.result, f"tl.rand({seed}, {counters})")
+        return
+    # tl.rand4x's four tiles interleaved along the row: column 4k + w is word w of counter k
+    u = [f"{e.name(ins.result)}_w{w}" for w in range(4)]
+    e.emit(f"{', '.join(u)} = tl.rand4x({seed}, {counters})")
+    e.assign(ins.result, f"tl.interleave(tl.interleave({u[0]}, {u[2]}), tl.interleave({u[1]}, {u[3]}))")
 
 
 @register_emitter("triton", Op.ATOMIC_ADD)
