@@ -18,9 +18,10 @@ The meaning is torch's ``F.scaled_dot_product_attention`` (its math backend, in 
   allow_tf32``). bf16 and fp16 products are exact either way.
 - ``dropout_p`` > 0 with a stream ``rng`` (``dropout_rng()``: seed and offset from torch's CPU generator): P's
   entries are dropped with probability p by counter-based random numbers (the rand op: Philox 4x32-10, as
-  Triton's ``tl.rand``) and the kept ones scaled by 1 / (1 - p); the lse is the undropped one. The backward
-  regenerates the same mask from the stream; ``dropout_mask(rng, p, shape)`` gives it on the host. Dropout runs
-  its own kernels (``*_dropout_kernel``), so dropout_p = 0 costs nothing.
+  Triton's ``tl.rand4x``, four numbers per counter; see ``Dropout``) and the kept ones scaled by 1 / (1 - p);
+  the lse is the undropped one. The backward regenerates the same mask from the stream; ``dropout_mask(rng, p,
+  shape)`` gives it on the host. Dropout runs its own kernels (``*_dropout_kernel``), so dropout_p = 0 costs
+  nothing.
 - Causal alignment: ``causal_align="top_left"`` (the default, as torch SDPA's ``is_causal``): query r sees keys
   c <= r. ``"bottom_right"`` (FlashAttention-2 >= 2.1, decoding against a KV cache): query r sees keys
   c <= r + Nk - Nq, so the last query sees every key. The two agree when Nq == Nk.
