@@ -233,3 +233,23 @@ def test_dropout_under_torch_compile_fullgraph(rng):
     _, _, grads64 = _truth(q, k, v, do, True, None, 0.3, keep)
     for t, g in zip(leaves, grads64, strict=True):
         assert rel(t.grad, g) <= 1e-5
+
+
+def test_activation_checkpointing_recomputes_the_same_mask(rng):
+    """torch.utils.checkpoint restores torch's CPU generator before recomputing, so the recomputed forward draws
+    the same stream: its gradients equal those of the plain run."""
+    from torch.utils.checkpoint import checkpoint
+
+    q, k, v, do, _ = inputs(rng, (1, 2, 1, 12, 14, 16, None), torch.float32)
+    grads = {}
+    with config.override(backend="reference"):
+        for how in ("plain", "checkpointed"):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            torch.manual_seed(3)
+            if how == "plain":
+                o = tilestack.attention(*leaves, dropout_p=0.5)
+            else:
+                o = checkpoint(lambda *a: tilestack.attention(*a, dropout_p=0.5), *leaves, use_reentrant=False)
+            o.backward(do)
+            grads[how] = [t.grad for t in leaves]
+    assert all(torch.equal(a, b) for a, b in zip(grads["plain"], grads["checkpointed"], strict=True))
