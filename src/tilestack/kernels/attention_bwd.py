@@ -13,7 +13,10 @@ top-left or bottom-right causal alignment, an additive or boolean ``attn_mask`` 
        dV += P^T dO,   dK += dS^T Q,   dS = P * (dO V^T - delta)
 3. ``attention_bwd_dq_kernel``: one program per (query block, batch * head), looping over key blocks:
        dQ += dS K
-Each has a ``*_bias_kernel`` twin that adds the bias to the scores (the same body).
+Each has a ``*_bias_kernel`` twin that adds the bias to the scores (the same body), and ``*_dropout_kernel``
+twins for a forward with dropout: the forward's mask M (kept entries, worth s = 1 / (1 - p)) is regenerated from
+the same stream (``attention_fwd.Dropout``), and with delta = rowsum(dO * O) as before
+       dV += (P * M)^T dO * s,   dP = M * (dO V^T) * s,   dS = P * (dP - delta)
 
 Masks. P = exp2(s - lse) is only safe where s is a real score: a padded key (past Nk) loads as a zero row of K,
 scores 0 and would get P = exp2(-lse), which overflows when the row's real scores are all strongly negative
