@@ -28,13 +28,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from tilestack.backends.gluon.layouts import materialize, plan_layouts
+from tilestack.backends.gluon.layouts import blocked_key, materialize, plan_layouts
 from tilestack.backends.gluon.passes import pipeline, pipelined_loads, scalar_slice
 from tilestack.errors import BackendError
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
 from tilestack.ir.ops import EMITTERS, Op, register_emitter
 from tilestack.ir.scalars import nonnegative
-from tilestack.ir.types import GlobalType, ScalarType, Space, StagesType, TileType
+from tilestack.ir.types import GlobalType, ScalarType, Space, StagesType, TileType, f32
 
 GL_DTYPES = {"f64": "gl.float64", "f32": "gl.float32", "f16": "gl.float16", "bf16": "gl.bfloat16",
              "i32": "gl.int32", "i64": "gl.int64", "bool": "gl.int1", "i8": "gl.int8", "f8e4m3": "gl.float8e4nv"}
@@ -309,7 +309,7 @@ class _Emitter:
         gname = self.globals[g]
         lead = g.type.rank - len(shape)
         lname = self.layout(key)
-        terms = [f"{self.name(c)} * {gname}_s{a}" for a, c in enumerate(coords[:lead])]
+        terms = [f"{self.wide(c)} * {gname}_s{a}" for a, c in enumerate(coords[:lead])]   # 64-bit, as below
         offs, masks = [], []
         for k, n in enumerate(shape):
             axis = lead + k
@@ -323,6 +323,10 @@ class _Emitter:
             masks.append(f"({self.name(c)} >= 0) & ({self.name(c)} < {gname}_d{a})")
         base = f"{gname} + " + " + ".join(f"({t})" for t in terms) if terms else gname
         return f"{base} + " + " + ".join(offs), " & ".join(masks)
+
+    def wide(self, c: Value) -> str:
+        """An index in 64 bits (a literal stays one; gl.cast also takes a size Triton specialized to 1)."""
+        return self.name(c) if c in self.consts else f"gl.cast({self.name(c)}, gl.int64)"
 
     def scalar_expr(self, v: Value, env: dict[Value, str], made: dict[Value, Instr]) -> str:
         """``v`` as one expression, recomputing the loop body's scalar work with ``env``'s values (another trip)."""
@@ -395,13 +399,8 @@ def _e_fill(e: _Emitter, ins: Instr) -> None:
 def _e_unary(e: _Emitter, ins: Instr) -> None:
     (x,) = ins.srcs
     expr = _UNARY[ins.attrs.fn].format(e.f32(e.name(x), x))
-    e.assign(ins.result, e.cast(expr, x.type.dtype if x.type.dtype.name == "f64" else _f32(), ins.result.type.dtype))
+    e.assign(ins.result, e.cast(expr, x.type.dtype if x.type.dtype.name == "f64" else f32, ins.result.type.dtype))
     e.set_lay(ins.result, e.lay[x])
-
-
-def _f32():
-    from tilestack.ir.types import f32
-    return f32
 
 
 @register_emitter("gluon", Op.BINARY, fns=_BINARY)
@@ -410,7 +409,7 @@ def _e_binary(e: _Emitter, ins: Instr) -> None:
     key = e.lay[a]
     bx = e.f32(e.as_layout(b, key), b) if isinstance(b.type, TileType) else e.name(b)
     expr = _BINARY[ins.attrs.fn].format(e.f32(e.name(a), a), bx)
-    e.assign(ins.result, e.cast(expr, _f32(), ins.result.type.dtype))
+    e.assign(ins.result, e.cast(expr, f32, ins.result.type.dtype))
     e.set_lay(ins.result, key)
 
 
@@ -421,7 +420,7 @@ def _e_broadcast(e: _Emitter, ins: Instr) -> None:
     dim = 1 if ins.attrs.axis == "row" else 0
     vec = e.f32(e.as_layout(v, ("slice", dim, key)), v) + ("[:, None]" if dim == 1 else "[None, :]")
     expr = _BINARY[ins.attrs.fn].format(e.f32(e.name(x), x), vec)
-    e.assign(ins.result, e.cast(expr, _f32(), ins.result.type.dtype))
+    e.assign(ins.result, e.cast(expr, f32, ins.result.type.dtype))
     e.set_lay(ins.result, key)
 
 
@@ -455,7 +454,7 @@ def _e_reduce(e: _Emitter, ins: Instr) -> None:
     expr = f"{_REDUCE[fn]}({e.f32(e.name(x), x)}, axis={dim})"
     if len(ins.srcs) > 1:
         expr = _COMBINE[fn].format(e.f32(e.as_layout(ins.srcs[1], key), ins.srcs[1]), expr)
-    e.assign(ins.result, e.cast(expr, _f32(), ins.result.type.dtype))
+    e.assign(ins.result, e.cast(expr, f32, ins.result.type.dtype))
     e.set_lay(ins.result, key)
 
 
@@ -513,7 +512,7 @@ def _e_logic(e: _Emitter, ins: Instr) -> None:
 def _e_select(e: _Emitter, ins: Instr) -> None:
     t = ins.result.type
     (m, a, b), key = _broadcasting(e, ins, t.dtype.is_float)
-    e.assign(ins.result, e.cast(f"gl.where({m}, {a}, {b})", _f32() if t.dtype.is_float else t.dtype, t.dtype))
+    e.assign(ins.result, e.cast(f"gl.where({m}, {a}, {b})", f32 if t.dtype.is_float else t.dtype, t.dtype))
     e.set_lay(ins.result, key)
 
 
@@ -610,8 +609,8 @@ def _e_load(e: _Emitter, ins: Instr) -> None:
         e.emit(f"mbarrier.invalidate({bar})")
         e.assign(ins.result, _ring_view(buf, block, t.shape))
         return
-    key = e.plan.get(ins.result) or ("blocked", *t.shape)
-    coalesced = ("blocked", *t.shape) if len(t.shape) == 2 else ("blocked1", t.shape[0])
+    key = e.plan.get(ins.result) or blocked_key(t)
+    coalesced = blocked_key(t)
     ptr, mask = e.address(g, coords, t.shape, coalesced)
     x = e.cast(f"gl.load({ptr}, mask={mask}, other=0.0)", g.type.dtype, t.dtype)
     e.assign(ins.result, x if key == coalesced else f"gl.convert_layout({x}, {e.layout(key)})")
@@ -632,7 +631,7 @@ def _e_store(e: _Emitter, ins: Instr) -> None:
         e.emit(f"tma.async_copy_shared_to_global({desc}, {e.tma_coords(coords, t.shape)}, {buf})")
         e.emit("tma.store_wait(0)")
         return
-    key = ("blocked", *t.shape) if len(t.shape) == 2 else ("blocked1", t.shape[0])
+    key = blocked_key(t)
     ptr, mask = e.address(g, coords, t.shape, key)
     e.emit(f"gl.store({ptr}, {e.cast(e.as_layout(x, key), t.dtype, g.type.dtype)}, mask={mask})")
 
@@ -641,7 +640,7 @@ def _e_store(e: _Emitter, ins: Instr) -> None:
 def _e_atomic_add(e: _Emitter, ins: Instr) -> None:
     g, x, *coords = ins.srcs
     t = x.type
-    key = ("blocked", *t.shape) if len(t.shape) == 2 else ("blocked1", t.shape[0])
+    key = blocked_key(t)
     ptr, mask = e.address(g, coords, t.shape, key)
     e.emit(f'gl.atomic_add({ptr}, {e.cast(e.as_layout(x, key), t.dtype, g.type.dtype)}, mask={mask}, '
            'sem="relaxed")')
