@@ -51,9 +51,10 @@ import torch  # noqa: E402
 from tilestack.kernels.gemm import gemm_config, gemm_kernel  # noqa: E402
 
 SECTIONS = ("gemm", "gemm_ws", "attention", "attn_lib", "fp8", "bench", "attn_bench")
-# (M, N, K): ragged edges on every axis; N and K multiples of 8 (the copy engine's 16-byte row rule for 2-byte
-# dtypes); one tile, a sub-tile problem, more k-steps than ring stages, and a wide one
-GEMM_SHAPES = [(128, 128, 64), (1, 8, 8), (257, 136, 72), (1000, 520, 1032), (300, 1024, 4096), (2048, 2048, 512)]
+# (M, N, K): ragged edges on every axis; one tile, a sub-tile problem, more k-steps than ring stages, a wide one;
+# N and K multiples of 8 (the copy engine's 16-byte row rule for 2-byte dtypes) except the last two
+GEMM_SHAPES = [(128, 128, 64), (1, 8, 8), (257, 136, 72), (1000, 520, 1032), (300, 1024, 4096), (2048, 2048, 512),
+               (130, 24, 13), (77, 9, 40)]   # rows not 16-byte aligned: no copy engine, pointers into shared
 # (B, H, Nq, Nk, D): ragged lengths, fewer keys than one block, more than the ring
 ATTN_SHAPES = [(1, 2, 128, 128, 64), (2, 3, 300, 257, 64), (1, 2, 1, 40, 64), (2, 2, 513, 1000, 128),
                (1, 4, 1024, 1024, 128)]

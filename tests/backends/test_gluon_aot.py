@@ -71,6 +71,19 @@ def test_fp8_gemm_compiles_to_qgmma(ws):
     assert "QGMMA.64x128x32.F32.E4M3.E4M3" in sass
 
 
+def test_without_the_copy_engine_tiles_go_through_pointers_into_shared_memory():
+    # tensors whose rows are not 16-byte aligned (e.g. 13 bf16 columns) cannot be TMA'd: the launcher compiles
+    # this mode instead, loads through pointers into NVMMA-swizzled shared tiles that wgmma reads
+    be = get_backend("gluon")
+    traced = gemm_kernel.trace(BF16_2, BF16_2, BF16_2)
+    src = be.generate(traced, be.Options(), tma=False).source
+    assert "tma." not in src and "for p in gl.static_range(" not in src and "gl.load(" in src
+    k = be.aot(traced, be.Options(), tma=False)
+    res, sass = aot.resources(k), aot.sass(k)
+    no_spills(res)
+    assert "HGMMA.64x128x16.F32.BF16" in sass and "UTMALDG" not in sass
+
+
 def test_explicit_gemm_is_warp_specialized_with_register_budgets():
     k, res, sass = compiled(gemm_ws.trace(BF16_2, BF16_2, BF16_2))
     no_spills(res)
@@ -179,9 +192,10 @@ def hopper_jit():
 def jit_compile(traced, args, **options):
     """What a launch does short of running: the launcher's flat arguments (real descriptors over these tensors)
     through Gluon's JIT, which specializes on them and compiles for sm_90a."""
-    from tilestack.backends.gluon.launch import Binding
+    from tilestack.backends.gluon.launch import Binding, tma_ok
     be = get_backend("gluon")
-    art = be.compile(traced, be.options(traced.constants, {**traced.kernel.options, **options}))
+    tma = all(tma_ok(args[i]) for i in traced.tile_globals)        # as the launcher decides
+    art = be.compile(traced, be.options(traced.constants, {**traced.kernel.options, **options}), tma)
     flat = Binding(traced, args, art.lowered)(args)
     return art.fn.run(*flat, grid=(1,), warmup=True, num_warps=art.lowered.num_warps)
 
@@ -197,8 +211,15 @@ def _attention_args():
     return q, k, v, torch.empty_like(q), 0.125        # pointers (Q), descriptors (K, V, O), a float scalar
 
 
+def _unaligned_gemm_args():
+    import torch
+    a = torch.randn(130, 13).bfloat16()               # 26-byte rows: no copy engine for A
+    return a, torch.randn(13, 24).bfloat16(), torch.empty(130, 24).bfloat16()
+
+
 LAUNCHES = {
     "gemm": lambda: (gemm_kernel, {}, _gemm_args(), {}),
+    "gemm_pointers": lambda: (gemm_kernel, {}, _unaligned_gemm_args(), {}),
     "gemm_ws_explicit": lambda: (gemm_ws, {}, _gemm_args(), {}),
     "gemm_ws_persistent": lambda: (gemm_kernel, {}, _gemm_args(), {"warp_specialize": True, "persistent": True}),
     "attention_explicit": lambda: (explicit_attention(), dict(BM=128, BN=64, D=64, STAGES=2), _attention_args(), {}),
@@ -212,5 +233,5 @@ def test_launch_arguments_bind_to_the_generated_kernels(hopper_jit, case):
     kernel, consts, args, options = LAUNCHES[case]()
     k = jit_compile(kernel.trace(*args, **consts), args, **options)
     sass = aot.sass(k)
-    assert "HGMMA" in sass and "UTMALDG" in sass
-    assert k.metadata.num_warps == (8 if case == "gemm" else 12)
+    assert "HGMMA" in sass and ("UTMALDG" in sass) == (case != "gemm_pointers")
+    assert k.metadata.num_warps == (8 if case.startswith("gemm_p") or case == "gemm" else 12)

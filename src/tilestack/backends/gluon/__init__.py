@@ -103,24 +103,26 @@ class GluonBackend(Backend):
         o = GluonOptions(**options)
         return codegen.lower(ir, o.warps, o.stages, o.specialize, o.persist, print_after=print_after)
 
-    def generate(self, traced, options: GluonOptions | None = None) -> codegen.Lowered:
+    def generate(self, traced, options: GluonOptions | None = None, tma: bool = True) -> codegen.Lowered:
+        """The lowered kernel for these options; ``tma``: whether the launch's tensors go through the copy
+        engine (a launcher decides from their strides; source and AOT compiles assume they do)."""
         o = options or self.default_options(traced)
-        key = ("lowered", o)
+        key = ("lowered", o, tma)
         cache = self.cache(traced)
         if key not in cache:
-            cache[key] = codegen.generate(traced.ir, o.warps, o.stages, o.specialize, o.persist)
+            cache[key] = codegen.generate(traced.ir, o.warps, o.stages, o.specialize, o.persist, tma)
         return cache[key]
 
-    def compile(self, traced, options: GluonOptions | None = None) -> GluonArtifact:
+    def compile(self, traced, options: GluonOptions | None = None, tma: bool = True) -> GluonArtifact:
         """The jitted kernel for these options, cached per trace (Triton compiles it on the first launch)."""
         from tilestack.backends.gluon import launch
 
         o = options or self.default_options(traced)
         cache = self.cache(traced)
-        art = cache.get(("jit", o))
+        art = cache.get(("jit", o, tma))
         if art is None:
-            low = self.generate(traced, o)
-            art = cache[("jit", o)] = GluonArtifact(weakref.ref(traced), launch.compile_source(low), low, o)
+            low = self.generate(traced, o, tma)
+            art = cache[("jit", o, tma)] = GluonArtifact(weakref.ref(traced), launch.compile_source(low), low, o)
         return art
 
     def prepare(self, traced, args, options: dict[str, Any] | None = None):
@@ -131,11 +133,11 @@ class GluonBackend(Backend):
     def source(self, traced, options: GluonOptions | None = None) -> str:
         return self.generate(traced, options).source
 
-    def aot(self, traced, options: GluonOptions | None = None, arch: int = 90):
+    def aot(self, traced, options: GluonOptions | None = None, arch: int = 90, tma: bool = True):
         """Compile for sm_``arch``a on this machine (no GPU needed): a ``triton.compiler.CompiledKernel`` whose
         ``asm`` holds the PTX and the cubin (``aot.resources`` reads registers, spills and SASS from it)."""
         from tilestack.backends.gluon import aot
-        return aot.compile_for(self.compile(traced, options), arch)
+        return aot.compile_for(self.compile(traced, options, tma), arch)
 
 
 BACKEND = GluonBackend()

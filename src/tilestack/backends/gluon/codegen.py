@@ -609,10 +609,16 @@ def _e_load(e: _Emitter, ins: Instr) -> None:
         e.emit(f"mbarrier.invalidate({bar})")
         e.assign(ins.result, _ring_view(buf, block, t.shape))
         return
-    key = e.plan.get(ins.result) or blocked_key(t)
     coalesced = blocked_key(t)
     ptr, mask = e.address(g, coords, t.shape, coalesced)
     x = e.cast(f"gl.load({ptr}, mask={mask}, other=0.0)", g.type.dtype, t.dtype)
+    if t.space is Space.SHARED:      # no copy engine for these tensors: through registers into a shared tile
+        dt = GL_DTYPES[t.dtype.name]
+        e.assign(ins.result, f"gl.allocate_shared_memory({dt}, {list(t.shape)}, "
+                             f"{_SHARED_LAYOUT.format(list(t.shape), dt)}, {x})")
+        e.emit("hopper.fence_async_shared()")
+        return
+    key = e.plan.get(ins.result) or coalesced
     e.assign(ins.result, x if key == coalesced else f"gl.convert_layout({x}, {e.layout(key)})")
     e.set_lay(ins.result, key)
 
@@ -1003,12 +1009,13 @@ def emit(low: KernelIR, warps: int) -> Lowered:
 
 
 def lower(kernel: KernelIR, warps: int, stages: int, specialize: bool = False, persist: bool = False,
-          print_after=()) -> tuple[KernelIR, list]:
+          tma: bool = True, print_after=()) -> tuple[KernelIR, list]:
     """The Gluon pipeline's result for ``kernel`` and every stage [(pass name, IR), ...]."""
-    return pipeline(warps, stages, specialize, persist).run(kernel, print_after=print_after)
+    return pipeline(warps, stages, specialize, persist, tma).run(kernel, print_after=print_after)
 
 
-def generate(kernel: KernelIR, warps: int, stages: int, specialize: bool = False, persist: bool = False) -> Lowered:
-    low, stages_ = lower(kernel, warps, stages, specialize, persist)
+def generate(kernel: KernelIR, warps: int, stages: int, specialize: bool = False, persist: bool = False,
+             tma: bool = True) -> Lowered:
+    low, stages_ = lower(kernel, warps, stages, specialize, persist, tma)
     applied = persist and dict(stages_)["persistent"] is not kernel
     return dataclasses.replace(emit(low, warps), persistent=applied)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from tilestack.backends.triton.launch import TMA_ALIGN, tma_ok
 from tilestack.backends.triton.launch import compile_source as _compile_module
 from tilestack.errors import LaunchError
+from tilestack.ir.ops import Op
 
 HOPPER = 9   # the compute capability major of the GPUs the generated code targets (wgmma, setmaxnreg)
 
@@ -55,8 +56,7 @@ class Binding:
                     raise LaunchError(
                         f"gluon backend: {traced.ir.params[i].name} (shape {tuple(t.shape)}, strides "
                         f"{tuple(t.stride())}) is read or written by the copy engine, which needs the last axis "
-                        f"contiguous, the other strides and the address {TMA_ALIGN}-byte aligned and no empty "
-                        "tensor; pass a contiguous copy")
+                        f"contiguous, the other strides and the address {TMA_ALIGN}-byte aligned")
                 box = list(how[2])
                 layout = gl.NVMMASharedLayout.get_default_for(box, _gl_dtype(t.dtype))
                 self.fill.append((pos, i, box, layout))
@@ -84,7 +84,14 @@ class Launcher:
         if cap[0] != HOPPER:
             raise LaunchError(f"gluon backend: generates sm_90a code (H100/H200); this GPU is sm_{cap[0]}{cap[1]}")
         self.traced = traced
-        art = BACKEND.compile(traced, options)
+        # the copy engine where every tiled tensor allows it (16-byte aligned rows): else pointers, unpipelined
+        tma = all(tma_ok(args[i]) for i in traced.tile_globals)
+        if not tma and any(ins.op is Op.ASYNC_LOAD for ins in traced.ir.walk()):
+            bad = [traced.ir.params[i].name for i in traced.tile_globals if not tma_ok(args[i])]
+            raise LaunchError(f"gluon backend: {traced.name}'s async loads go through the copy engine, which needs "
+                              f"{bad} contiguous in the last axis, the other strides and the address "
+                              f"{TMA_ALIGN}-byte aligned (pad the last axis)")
+        art = BACKEND.compile(traced, options, tma)
         self.fn, low = art.fn, art.lowered
         self.num_warps = low.num_warps
         self.grid = None if traced._grid_scalars else _grid3(traced.grid(*args))

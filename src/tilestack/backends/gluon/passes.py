@@ -49,7 +49,7 @@ def tma_box_ok(shape: tuple[int, ...], itemsize: int) -> bool:
             and shape[-1] * itemsize >= TMA_MIN_ROW_BYTES)
 
 
-def legalize(warps: int):
+def legalize(warps: int, tma: bool = True):
     """Refuse, naming the op and the user's line, what this backend cannot lower for ``warps`` warps per role."""
     def run(ir: KernelIR) -> KernelIR:
         check_lowerable("gluon", ir.body)
@@ -66,7 +66,7 @@ def legalize(warps: int):
                 if not tma_box_ok(st.shape, st.dtype.itemsize):
                     _fail(ins, f"moves async loads with the copy engine; a stage of {st} is no copy-engine box "
                                f"(sizes 1..{TMA_MAX_BOX}, the last >= {TMA_MIN_ROW_BYTES} bytes)")
-            elif ins.op is Op.LOAD and ins.result.type.space is Space.SHARED:
+            elif ins.op is Op.LOAD and ins.result.type.space is Space.SHARED and tma:
                 t = ins.result.type
                 if not tma_box_ok(t.shape, t.dtype.itemsize):
                     _fail(ins, f"loads shared tiles with the copy engine; a {t} is no copy-engine box")
@@ -125,14 +125,23 @@ def _check_roles(ir: KernelIR) -> None:
                                f"role {name} has {r.warps} warps")
 
 
-def choose_access(ir: KernelIR) -> KernelIR:
+def choose_access(tma: bool):
+    """Shared-tile loads and 2-D stores through the copy engine when the launch's tensors allow it (``tma``:
+    decided per launch from their strides and alignment), else through pointers (a shared tile then is stored
+    from registers); register loads and atomic adds through pointers; async loads always through the engine."""
+    def run(ir: KernelIR) -> KernelIR:
+        return _choose_access(ir, tma)
+    return run
+
+
+def _choose_access(ir: KernelIR, tma: bool) -> KernelIR:
     out = clone(ir)
     for ins in out.walk():
         if ins.op is Op.LOAD:
-            via = "tma" if ins.result.type.space is Space.SHARED else "pointer"
+            via = "tma" if tma and ins.result.type.space is Space.SHARED else "pointer"
         elif ins.op is Op.STORE:
             t = ins.srcs[1].type
-            via = "tma" if len(t.shape) == 2 and tma_box_ok(t.shape, ins.srcs[0].type.dtype.itemsize) \
+            via = "tma" if tma and len(t.shape) == 2 and tma_box_ok(t.shape, ins.srcs[0].type.dtype.itemsize) \
                 else "pointer"
         elif ins.op is Op.ATOMIC_ADD:
             via = "pointer"
@@ -341,15 +350,18 @@ def prune_params(ir: KernelIR) -> KernelIR:
     return out
 
 
-def pipeline(warps: int, stages: int, specialize: bool = False, persist: bool = False) -> Pipeline:
+def pipeline(warps: int, stages: int, specialize: bool = False, persist: bool = False,
+             tma: bool = True) -> Pipeline:
+    """The whole list for one set of options; ``tma``: the launch's tensors can go through the copy engine (if
+    not, shared tiles are loaded through pointers and nothing is pipelined or warp-specialized)."""
     return Pipeline([
         *([Pass("persistent", persistent, "a loop over tiles; the host launches one program per SM")]
           if persist else []),
         SPLIT_HOST, DCE,
         *([Pass("warp_specialize", warp_specialize(warps, stages), "a producer and a consumer role")]
-          if specialize else []),
-        Pass("legalize", legalize(warps), "what Gluon on sm_90a can lower"),
-        Pass("choose_access", choose_access, "copy engine or pointers, per load and store"),
+          if specialize and tma else []),
+        Pass("legalize", legalize(warps, tma), "what Gluon on sm_90a can lower"),
+        Pass("choose_access", choose_access(tma), "copy engine or pointers, per load and store"),
         Pass("schedule", schedule(stages), "pipeline plain loops that load shared tiles"),
         Pass("prune_params", prune_params, "the parameters the device code reads"),
     ])
