@@ -279,14 +279,14 @@ def attention_lib_cases(run: Runner) -> None:
     from tilestack.kernels import attention_fwd as af
 
     g = torch.Generator(device="cuda").manual_seed(2)
-    for b, h, hkv, nq, nk, d, causal, align, dt in ATTN_LIB_CASES:
-        def one(b=b, h=h, hkv=hkv, nq=nq, nk=nk, d=d, causal=causal, align=align, dt=dt):
+    for (b, h, hkv, nq, nk, d, causal, align, dt), ws in itertools.product(ATTN_LIB_CASES, (False, True)):
+        def one(b=b, h=h, hkv=hkv, nq=nq, nk=nk, d=d, causal=causal, align=align, dt=dt, ws=ws):
             dtype = getattr(torch, dt)
             q = torch.randn(b, h, nq, d, device="cuda", dtype=dtype, generator=g)
             k = torch.randn(b, hkv, nk, d, device="cuda", dtype=dtype, generator=g)
             v = torch.randn(b, hkv, nk, d, device="cuda", dtype=dtype, generator=g)
             o, lse = af.attention_forward(q, k, v, causal, backend="gluon", causal_align=align,
-                                          **ATTN_LIB_CONFIG[d])
+                                          warp_specialize=ws, **ATTN_LIB_CONFIG[d])
             torch.cuda.synchronize()
             ref_o, ref_lse = af.reference(q, k, v, causal, causal_align=align)
             err = rel_err(o, ref_o)
@@ -294,7 +294,8 @@ def attention_lib_cases(run: Runner) -> None:
             ok = err <= ATTN_TOL and lse_err <= 1e-3 and torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
             return {"status": "ok" if ok else "FAIL", "rel_err": err, "lse_abs_err": lse_err,
                     "detail": f"o rel err {err:.2e}, lse abs err {lse_err:.2e}"}
-        run.case("attn_lib", f"{dt} B{b} H{h}/{hkv} {nq}x{nk} D{d} {'causal ' + align if causal else 'full'}", one)
+        run.case("attn_lib", f"{dt} B{b} H{h}/{hkv} {nq}x{nk} D{d} {'causal ' + align if causal else 'full'}"
+                             f"{' ws' if ws else ''}", one)
 
 
 def attention_bench(run: Runner, attention, fa3) -> None:
@@ -344,6 +345,8 @@ def attention_bench_one(run: Runner, attention, fa3, b: int, h: int, n: int, d: 
     run.case("attn_bench", f"{tag} sdpa flash", sdpa(SDPBackend.FLASH_ATTENTION))
     run.case("attn_bench", f"{tag} triton", library("triton"))
     run.case("attn_bench", f"{tag} gluon", library("gluon", **ATTN_LIB_CONFIG[d]))
+    run.case("attn_bench", f"{tag} gluon ws", lambda: timed("gluon_ws", lambda: af.attention_forward(
+        q, k, v, causal, backend="gluon", warp_specialize=True, **ATTN_LIB_CONFIG[d])))
     if not causal:
         run.case("attn_bench", f"{tag} gluon explicit", explicit(attention, "gluon_explicit"))
     run.case("attn_bench", f"{tag} gluon fa3", explicit(fa3, "gluon_fa3", **({"CAUSAL": True} if causal else {})))

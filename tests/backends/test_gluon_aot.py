@@ -156,6 +156,12 @@ def test_library_row_kernels_compile(name):
         no_spills(res)
 
 
+def test_library_attention_forward_warp_specialized_compiles():
+    k, res, sass = compiled(library_kernel("attention_fwd"), warp_specialize=True, num_stages=3)
+    no_spills(res)
+    assert res["num_warps"] == 12 and "USETMAXREG" in sass and sass.count("HGMMA") >= 8
+
+
 def test_library_attention_forward_is_pipelined_on_wgmma():
     # the plain kernel (no explicit ops): the schedule pass rings its K/V loads; QK^T and PV on wgmma
     traced = library_kernel("attention_fwd")

@@ -250,6 +250,29 @@ def test_warp_specialize_keeps_the_kernels_meaning(m, n, k):
     torch.testing.assert_close(c.double(), a.double() @ b.double(), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_warp_specialize_splits_the_library_attention_sharing_rings_across_its_loops(causal):
+    # the diagonal and the full key blocks are two loops: one K ring and one V ring, carried from the first into
+    # the second; the split IR computes attention (o and lse) on the reference executor
+    import importlib
+
+    from tilestack.backends.gluon.passes import warp_specialize
+    from tilestack.lang.kernel import TracedKernel
+
+    af = importlib.import_module("tilestack.kernels.attention_fwd")
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, n, 64, generator=g).bfloat16() for n in (200, 260, 260))
+    o, lse = torch.full_like(q, float("nan")), torch.full((1, 2, 200), float("nan"))
+    traced = af.attention_fwd_kernel.trace(q, k, v, o, lse, 0.125, D=64, DV=64, causal=causal, BM=128, BN=64)
+    split = warp_specialize(8, 3)(traced.ir)
+    assert sum(i.op is Op.STAGES for i in split.walk()) == 2 and set(split.roles) == {"consumer", "producer"}
+    get_backend("reference").run(TracedKernel(traced.kernel, traced.signature, traced.constants, split),
+                                 (q, k, v, o, lse, 0.125))
+    ref_o, ref_lse = af.reference(q, k, v, causal, 0.125)
+    torch.testing.assert_close(o.double(), ref_o, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("programs", [1, 3, 4])
 def test_persistent_programs_loop_over_all_tiles(programs):
     # the persistent IR run by the reference executor with fewer programs than tiles (2 x 3 = 6 output tiles):

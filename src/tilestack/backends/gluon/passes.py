@@ -216,70 +216,86 @@ def deferrable(loop: Instr, ins: Instr) -> bool:
 
 
 def warp_specialize(warps: int, stages: int):
-    """Split a plain kernel's pipelinable loop (from 0 by 1, loading shared tiles) into a producer and a consumer
-    role. The result means what the input did (the reference executor runs both the same); kernels with roles
-    already, or without such a loop, pass through unchanged."""
+    """Split a plain kernel's pipelinable loops (by steps of 1, loading shared tiles; all in one block, e.g. the
+    attention's diagonal and full key blocks) into a producer and a consumer role. Loads of one global with one
+    box share a ring, threaded through the loops in order. The result means what the input did (the reference
+    executor runs both the same); kernels with roles already, or without such loops, pass through unchanged."""
     def run(ir: KernelIR) -> KernelIR:
-        loops = [i for i in ir.walk() if i.op is Op.RANGE and pipelined_loads(i)]
-        if ir.roles or len(loops) != 1 or stages < 2:
+        if ir.roles or stages < 2 or not any(i.op is Op.RANGE and pipelined_loads(i) for i in ir.walk()):
             return ir
         out = clone(ir)
-        parent, loop = next((b, i) for b in _blocks(out.body) for i in b.instrs
-                            if i.op is Op.RANGE and pipelined_loads(i))
+        found = [(b, i) for b in _blocks(out.body) for i in b.instrs if i.op is Op.RANGE and pipelined_loads(i)]
+        parent = found[0][0]
         made = {r: i for i in out.walk() for r in i.results}
-        lo, step = made.get(loop.srcs[0]), made.get(loop.srcs[2])
-        if not (lo and step and lo.op is step.op is Op.CONST and lo.attrs.value == 0 and step.attrs.value == 1):
+        steps = [made.get(loop.srcs[2]) for _, loop in found]
+        if any(b is not parent for b, _ in found) or not all(
+                st is not None and st.op is Op.CONST and st.attrs.value == 1 for st in steps):
             return ir
         consumer_regs = min(256, (REGISTER_FILE - PRODUCER.warps * 32 * PRODUCER.registers) // (warps * 32) // 8 * 8)
         out.roles = {"consumer": Role(warps=warps, registers=consumer_regs), "producer": PRODUCER}
         for ins in out.walk():      # every tile op and effect is the consumer's; scalar work stays shared
             if OPS[ins.op].kind in ("tile", "effect"):
                 ins.role = "consumer"
-        body = loop.body
-        idx = body.args[0]
-        count, stage = _const(stages, loop.where), None
-        new_body: list[Instr] = []
-        before = parent.instrs.index(loop)
-        for ins in body.instrs:
-            if ins in pipelined_loads(loop):
-                if stage is None:
-                    stage = Instr(Op.SCALAR, (Value(INDEX, "stage"),), (idx, count.result), FnAttrs("mod"),
-                                  where=loop.where)
-                    new_body += [count, stage]
-                t = ins.result.type
-                st = StagesType(t.dtype, t.shape, stages)
-                ring = Value(st, f"{ins.result.hint or 'tile'}_ring")
-                ring.buffer = ring.id
-                arg, filled, res = (Value(st, ring.hint, buffer=ring.id) for _ in range(3))
-                parent.instrs.insert(before, Instr(Op.STAGES, (ring,), (), NoAttrs(), where=ins.where))
-                before += 1
-                loop.srcs += (ring,)
-                loop.results += (res,)
-                body.args.append(arg)
-                body.yields.append(filled)
-                new_body.append(Instr(Op.ASYNC_LOAD, (filled,), (arg, stage.result, *ins.srcs), AccessAttrs("tma"),
-                                      where=ins.where, role="producer"))
-                new_body.append(Instr(Op.WAIT_LOAD, ins.results, (filled, stage.result), NoAttrs(), where=ins.where,
-                                      role="consumer"))
-            else:
-                new_body.append(ins)
-        body.instrs = new_body
-        waits = []
-        for ins in body.instrs:     # accumulation chains stay in flight, waited once after the loop
-            if ins.op is Op.MMA and deferrable(loop, ins):
-                ins.op = Op.MMA_ASYNC
-                r = loop.results[body.yields.index(ins.result)]
-                done = Value(r.type, r.hint, buffer=r.buffer)
-                waits.append(Instr(Op.MMA_WAIT, (done,), (r,), NoAttrs(), where=ins.where, role="consumer"))
-        at = parent.instrs.index(loop) + 1
-        parent.instrs[at:at] = waits
-        rename = {w.srcs[0]: w.result for w in waits}
-        for ins in parent.instrs[at + len(waits):]:
-            for i in [ins, *(ins.body.walk() if ins.body is not None else ())]:
-                i.srcs = tuple(rename.get(v, v) for v in i.srcs)
-        parent.yields = [rename.get(v, v) for v in parent.yields]
+        rings: dict[tuple, Value] = {}      # (global, box, k-th such load of a trip) -> the ring's current version
+        first = parent.instrs.index(found[0][1])
+        for _, loop in found:
+            _split_loop(parent, loop, rings, stages, first)
+            first = parent.instrs.index(found[0][1])
         return out
     return run
+
+
+def _split_loop(parent: Block, loop: Instr, rings: dict, stages: int, first: int) -> None:
+    """One loop's shared-tile loads as async loads (producer) and waits (consumer) on rings carried through it;
+    its accumulation chains as async mmas waited after it."""
+    body = loop.body
+    idx = body.args[0]
+    count, stage = _const(stages, loop.where), None
+    new_body: list[Instr] = []
+    seen: dict[tuple, int] = {}
+    for ins in body.instrs:
+        if ins not in pipelined_loads(loop):
+            new_body.append(ins)
+            continue
+        if stage is None:   # trips by steps of 1 visit the stages in turn, whatever the first index
+            stage = Instr(Op.SCALAR, (Value(INDEX, "stage"),), (idx, count.result), FnAttrs("mod"), where=loop.where)
+            new_body += [count, stage]
+        t = ins.result.type
+        st = StagesType(t.dtype, t.shape, stages)
+        key = (ins.srcs[0], t.shape)
+        key += (seen.setdefault(key, 0),)
+        seen[key[:2]] += 1
+        if key not in rings:            # a ring made before the first loop, so later loops can share it
+            ring = Value(st, f"{ins.result.hint or 'tile'}_ring")
+            ring.buffer = ring.id
+            parent.instrs.insert(first, Instr(Op.STAGES, (ring,), (), NoAttrs(), where=ins.where))
+            rings[key] = ring
+        init = rings[key]
+        arg, filled, res = (Value(st, init.hint, buffer=init.buffer) for _ in range(3))
+        loop.srcs += (init,)
+        loop.results += (res,)
+        body.args.append(arg)
+        body.yields.append(filled)
+        rings[key] = res
+        new_body.append(Instr(Op.ASYNC_LOAD, (filled,), (arg, stage.result, *ins.srcs), AccessAttrs("tma"),
+                              where=ins.where, role="producer"))
+        new_body.append(Instr(Op.WAIT_LOAD, ins.results, (filled, stage.result), NoAttrs(), where=ins.where,
+                              role="consumer"))
+    body.instrs = new_body
+    waits = []
+    for ins in body.instrs:     # accumulation chains stay in flight, waited once after the loop
+        if ins.op is Op.MMA and deferrable(loop, ins):
+            ins.op = Op.MMA_ASYNC
+            r = loop.results[body.yields.index(ins.result)]
+            done = Value(r.type, r.hint, buffer=r.buffer)
+            waits.append(Instr(Op.MMA_WAIT, (done,), (r,), NoAttrs(), where=ins.where, role="consumer"))
+    at = parent.instrs.index(loop) + 1
+    parent.instrs[at:at] = waits
+    rename = {w.srcs[0]: w.result for w in waits}
+    for ins in parent.instrs[at + len(waits):]:
+        for i in [ins, *(ins.body.walk() if ins.body is not None else ())]:
+            i.srcs = tuple(rename.get(v, v) for v in i.srcs)
+    parent.yields = [rename.get(v, v) for v in parent.yields]
 
 
 def _blocks(block: Block):
