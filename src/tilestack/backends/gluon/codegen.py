@@ -29,7 +29,7 @@ import dataclasses
 import math
 
 from tilestack.backends.gluon.layouts import blocked_key, materialize, plan_layouts
-from tilestack.backends.gluon.passes import pipeline, pipelined_loads, scalar_slice
+from tilestack.backends.gluon.passes import deferrable, pipeline, pipelined_loads, scalar_slice
 from tilestack.errors import BackendError
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
 from tilestack.ir.ops import EMITTERS, Op, register_emitter
@@ -537,16 +537,9 @@ def _mma_operands(e: _Emitter, ins: Instr) -> tuple[str, str, str, tuple]:
 
 
 def _deferrable(e: _Emitter, ins: Instr) -> bool:
-    """An accumulation chain in a pipelined loop (the result only feeds the next trip's mma as its acc) keeps
-    one wgmma in flight: waited with ``warpgroup_mma_wait(1)`` in the loop, ``(0)`` after it."""
-    loop = e.pipelining
-    if loop is None or ins not in loop.body.instrs:
-        return False
-    body = loop.body
-    r, acc = ins.result, ins.srcs[0]
-    if r not in body.yields or acc not in body.args[1:] or body.args[1 + body.yields.index(r)] is not acc:
-        return False
-    return not any((r in i.srcs) or (acc in i.srcs and i is not ins) for i in body.walk())
+    """An accumulation chain in a pipelined loop keeps one wgmma in flight: waited with
+    ``warpgroup_mma_wait(1)`` in the loop, ``(0)`` after it (``passes.deferrable``)."""
+    return e.pipelining is not None and deferrable(e.pipelining, ins)
 
 
 @register_emitter("gluon", Op.MMA)

@@ -154,35 +154,23 @@ def _choose_access(ir: KernelIR, tma: bool) -> KernelIR:
 
 
 # ---- pipelining plain loops -------------------------------------------------------------------------------------
-def defined_in(block: Block) -> set[Value]:
-    """Every value a block (nested bodies included) defines: its args and its instructions' results."""
-    out = set(block.args)
-    for ins in block.walk():
-        out.update(ins.results)
-        if ins.body is not None:
-            out.update(ins.body.args)
-    return out
-
-
 def scalar_slice(body: Block, values, index: Value) -> list[Instr] | None:
     """The body's instructions that compute ``values`` from the loop index and values defined outside the loop,
-    in program order, if they are all scalar (so the emitter can recompute them for another trip); else None."""
+    in program order, if they are all scalar (so the emitter can recompute them for another trip); else None
+    (a value carried by the loop, or made by a tile op or a nested loop, is no function of the trip alone)."""
     made = {r: ins for ins in body.instrs for r in ins.results}
+    carried = set(body.args[1:])
     need: set[Instr] = set()
     stack = list(values)
     while stack:
         v = stack.pop()
-        if v is index or v not in made:
-            if v is not index and any(v in ins.body.args for ins in body.instrs if ins.body is not None):
-                return None
-            if v in body.args and v is not index:
-                return None     # a loop-carried value: not a function of the trip
+        if v in carried:
+            return None
+        ins = made.get(v)
+        if ins is None or ins in need:          # the index, a value from outside, or already taken
             continue
-        ins = made[v]
-        if ins.op not in (Op.SCALAR, Op.CONST) or ins in need:
-            if ins.op not in (Op.SCALAR, Op.CONST):
-                return None
-            continue
+        if ins.op not in (Op.SCALAR, Op.CONST):
+            return None
         need.add(ins)
         stack.extend(ins.srcs)
     return [ins for ins in body.instrs if ins in need]
