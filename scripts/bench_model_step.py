@@ -12,7 +12,9 @@ Models (tilestack.bench.models): GPT-2 small (12 layers, d=768, 12 heads of 64, 
 heads of 128, SwiGLU 5632, vocab 32000) at (4, 2048) and (1, 8192). bf16 parameters, AdamW (fused).
 
 Per case and mode it prints the median step time over CUDA-event timed steps after warm-up, the ratio tilestack /
-torch, the largest difference of the two runs' losses over the same steps, and the peak memory of each run; then,
+torch (the implementations run in alternating rounds, torch first then tilestack first, ``--rounds`` of them,
+and each median is over the timed steps of all rounds, so a disturbance of the machine hits both), the
+largest difference of the two runs' losses over the same steps, and the peak memory of each run; then,
 for the eager steps, where the GPU time goes (torch.profiler: GEMM, attention, cross-entropy, norms, elementwise
 and copies, optimizer, other). ``--json PATH`` writes all of it. Each torch.compile run compiles once (tens of
 seconds); run the models or modes separately to stay within a time limit.
@@ -123,7 +125,7 @@ def run_impl(model, init_state, impl: str, mode: str, batch, args, device) -> di
     times = timer.times_ms()[args.warmup:]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     out = {"median_ms": statistics.median(times), "min_ms": min(times), "losses": [float(x) for x in losses],
-           "peak_gib": peak}
+           "peak_gib": peak, "times_ms": times}
     del opt, step_model
     if mode == "compile":
         torch._dynamo.reset()
@@ -263,6 +265,22 @@ def parse_sizes(text: str | None) -> list[tuple[int, int]] | None:
     return out
 
 
+def run_rounds(model, init_state, mode: str, batch, args, device) -> dict:
+    """Each implementation ``args.rounds`` times, alternating which goes first; medians over every timed step of
+    every round, losses of the first round (each round starts from the same weights, so they repeat)."""
+    runs: dict[str, list[dict]] = {impl: [] for impl in IMPLS}
+    for r in range(args.rounds):
+        for impl in (IMPLS if r % 2 == 0 else tuple(reversed(IMPLS))):
+            runs[impl].append(run_impl(model, init_state, impl, mode, batch, args, device))
+    res = {}
+    for impl, rs in runs.items():
+        times = [t for x in rs for t in x["times_ms"]]
+        peaks = [x["peak_gib"] for x in rs if x["peak_gib"] is not None]
+        res[impl] = {**rs[0], "median_ms": statistics.median(times), "min_ms": min(times), "times_ms": times,
+                     "round_medians_ms": [x["median_ms"] for x in rs], "peak_gib": max(peaks) if peaks else None}
+    return res
+
+
 def bench_case(name: str, cls, cfg, sizes, args, device, dtype) -> list[dict]:
     torch.manual_seed(0)
     model = cls(cfg, seed=0).to(device=device, dtype=dtype)
@@ -271,7 +289,7 @@ def bench_case(name: str, cls, cfg, sizes, args, device, dtype) -> list[dict]:
     for B, N in sizes:
         batch = make_batch(cfg, B, N, seed=1, device=device)
         for mode in args.modes:
-            res = {impl: run_impl(model, init_state, impl, mode, batch, args, device) for impl in IMPLS}
+            res = run_rounds(model, init_state, mode, batch, args, device)
             t, s = res["torch"], res["tilestack"]
             diffs = [abs(a - b) for a, b in zip(t["losses"], s["losses"], strict=True)]
             row = {"model": name, "B": B, "N": N, "mode": mode, "torch": t, "tilestack": s,
@@ -330,6 +348,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 10; quick 2)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; quick 1)")
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per implementation (default 2)")
     ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the torch.profiler breakdown")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--kernels", action="store_true", help="time each op (forward + backward) at the models' "

@@ -27,7 +27,7 @@ for p in $PARTS; do
     llama) part 80 llama-eager python3 scripts/bench_model_step.py --models llama --modes eager --no-profile \
              --json "$F/llama_eager.json" ;;
     compile-steps) part 200 compile-steps python3 scripts/bench_model_step.py --models gpt2,llama --modes compile \
-                     --sizes 4x2048,1x8192 --no-profile --json "$F/compile_steps.json" ;;
+                     --sizes 4x2048,1x8192 --rounds 1 --no-profile --json "$F/compile_steps.json" ;;
     fa3) part 150 fa3-grid python3 scripts/bench_attention.py --backward --seqs 512 2048 8192 --out "$F/fa3" ;;
     gluon) part 200 gluon python3 scripts/gpu/check_gluon.py --json "$F/gluon.json" ;;
     dropout) part 130 dropout python3 scripts/gpu/check_dropout.py --json "$F/dropout.json" ;;
