@@ -121,15 +121,21 @@ def main() -> int:
     t_start = time.monotonic()
     trans = make_chain(args.vocab, args.fanout, 0)
     held = markov_batch(trans, 256, args.seq, torch.Generator().manual_seed(7))
-    # samples/s per candidate batch: a few timed steps (CPU time) of the same model
+    # samples/s per candidate batch: a few timed steps (CPU time) as the adaptive run takes them: a batch drawn,
+    # forward and backward as two accumulation micro-steps, an AdamW step
+    from tilestack.parallel.plan.goodput import accumulate_and_observe
     model = GPT(ModelConfig(n_layer=2, d=args.d, n_head=4, vocab=args.vocab, max_seq=args.seq))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+    gen = torch.Generator().manual_seed(1)
     throughput = {}
     for m in (int(c) for c in args.candidates.split(",")):
-        idx, targets = markov_batch(trans, m, args.seq, torch.Generator().manual_seed(m))
         ts = []
         for _ in range(6):
             t0 = time.process_time()
-            lm_loss(model(idx), targets).backward()
+            idx, targets = markov_batch(trans, m, args.seq, gen)
+            accumulate_and_observe(model, lm_loss, idx, targets, micro_batches=2)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
             ts.append(time.process_time() - t0)
         throughput[m] = m / min(ts[1:])
     print("samples/s by batch (CPU time):", {m: round(v) for m, v in throughput.items()}, flush=True)

@@ -131,7 +131,7 @@ def accumulate_and_observe(model, loss_fn: Callable, inputs, targets, *, micro_b
         flats.append(torch.cat([g.reshape(-1) for g in grads]).detach().clone())
         for a, g in zip(acc, grads, strict=True):
             a.add_(g, alpha=1.0 / micro_batches)
-        total += float(loss)
+        total += float(loss.detach())
     for p, a in zip(params, acc, strict=True):
         p.grad = a
     if gns is not None and micro_batches >= 2:
