@@ -824,6 +824,10 @@ def _pipelined_loop(e: _Emitter, ins: Instr, loads: list[Instr]) -> None:
         if y is not arg:
             e.assign(arg, e.as_layout(y, e.plan[arg]) if isinstance(arg.type, TileType) else e.name(y))
     e.indent -= 1
+    # every load issued was waited on (the refills past the last trip are predicated off): the barriers can go,
+    # and must before their memory is initialized again (the loop inside another, e.g. a persistent one)
+    e.emit(f"for st in gl.static_range({stages}):")
+    e.emit(f"    mbarrier.invalidate({ready}.index(st))")
 
 
 # ---- functions and the module ----------------------------------------------------------------------------------------
