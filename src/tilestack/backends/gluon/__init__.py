@@ -6,6 +6,7 @@ partitions with register budgets (setmaxnreg).
     gemm_kernel(a, b, c, backend="gluon")        # on an H100/H200 (CUDA tensors)
     BACKEND.aot(traced)                          # compile for sm_90a here, no GPU needed (tests, SASS checks)
     BACKEND.options(traced.constants)            # GluonOptions(num_warps=..., num_stages=...)
+    BACKEND.resources(traced)                    # registers, spills, shared memory of the last GPU launch
 
 Gluon kernels do not run under Triton's CPU interpreter; their correctness is checked on the GPU
 (``scripts/gpu/check_gluon.py``), and on a CPU the generated source and its compile for sm_90a are tested.
@@ -132,6 +133,21 @@ class GluonBackend(Backend):
 
     def source(self, traced, options: GluonOptions | None = None) -> str:
         return self.generate(traced, options).source
+
+    def binary(self, traced):
+        """The kernel Triton compiled for the last GPU launch of ``traced`` (None before one)."""
+        return self.cache(traced).get("binary")
+
+    def resources(self, traced) -> dict:
+        """What ptxas gave the last GPU launch of ``traced``: registers, spills, shared memory, warps (as the
+        Triton backend's ``resources``); ``aot.resources`` gives the same without a GPU."""
+        from tilestack.backends.gluon.launch import kernel_report
+
+        k = self.binary(traced)
+        if k is None:
+            raise BackendError(f"{traced.name}: no compiled gluon kernel yet; launch it on a Hopper GPU first "
+                               "(or compile ahead of time: BACKEND.aot(traced), aot.resources)")
+        return kernel_report(k)
 
     def aot(self, traced, options: GluonOptions | None = None, arch: int = 90, tma: bool = True):
         """Compile for sm_``arch``a on this machine (no GPU needed): a ``triton.compiler.CompiledKernel`` whose

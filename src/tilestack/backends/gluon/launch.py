@@ -109,15 +109,20 @@ class Launcher:
             grid = (min(grid[0], self.programs), 1, 1)
         compiled = self.fn[grid](*self.binding(args), num_warps=self.num_warps)
         if self.compiled is None:
-            self.compiled = compiled
+            from tilestack.backends.gluon import BACKEND
+            self.compiled = BACKEND.cache(self.traced)["binary"] = compiled
 
     def resources(self) -> dict:
-        """What ptxas gave the launched kernel (after the first launch): registers, spills, shared memory."""
-        k = self.compiled
-        if k is None:
+        """What ptxas gave this launcher's kernel (after its first launch): registers, spills, shared memory."""
+        if self.compiled is None:
             raise LaunchError("gluon backend: launch once before asking for the kernel's resources")
-        return {"registers": k.n_regs, "spills": k.n_spills, "shared_bytes": k.metadata.shared,
-                "num_warps": k.metadata.num_warps}
+        return kernel_report(self.compiled)
+
+
+def kernel_report(k) -> dict:
+    """Registers, spills, shared memory and warps of a loaded Triton CompiledKernel."""
+    return {"registers": k.n_regs, "spills": k.n_spills, "shared_bytes": k.metadata.shared,
+            "num_warps": k.metadata.num_warps}
 
 
 def _grid3(grid):
