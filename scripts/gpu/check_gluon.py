@@ -2,6 +2,7 @@
 shapes, then kernel time against cuBLAS (torch.matmul) and the Triton backend.
 
     PYTHONPATH=src python3 scripts/gpu/check_gluon.py --json gluon.json            # at most --time-limit (170 s)
+    PYTHONPATH=src python3 scripts/gpu/check_gluon.py --json quick.json --quick     # a first look, ~1-2 min
     # everything fits two bounded runs: correctness, then the timings
     PYTHONPATH=src python3 scripts/gpu/check_gluon.py --json check.json --skip fp8,bench,attn_bench
     PYTHONPATH=src python3 scripts/gpu/check_gluon.py --json bench.json --skip gemm,gemm_ws,attention,attn_lib
@@ -78,9 +79,15 @@ GEMM_CONFIGS = [dict(BM=128, BN=128, BK=64, num_stages=4), dict(BM=128, BN=256, 
 # fp16: 2^-11) plus f32 accumulation, with room; cuBLAS's own error is recorded beside each
 GEMM_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 ATTN_TOL = 2e-2
+QUICK = False           # --quick: a few cases a section (a first look at whether it works at all)
 SECTION_MAX_S = 60      # a section's child process is killed past this (or past the time left)
 SECTION_MIN_S = 10      # a section is not started with less time than this left
 SECTION_GRACE_S = 8     # the child stops starting cases this long before it would be killed
+
+
+def few(cases: list) -> list:
+    """All the cases, or with --quick the first and the last."""
+    return cases if not QUICK or len(cases) <= 2 else [cases[0], cases[-1]]
 
 
 def load_test_module(relpath: str, name: str):
@@ -145,7 +152,7 @@ def gemm_cases(run: Runner, section: str, kernel) -> None:
         if section == "gemm" else ({},)
     for dtype in (torch.bfloat16, torch.float16) if section == "gemm" else (torch.bfloat16,):
         for opts in variants if dtype is torch.bfloat16 else variants[:1]:   # fp16: the plain schedule
-            for m, n, k in GEMM_SHAPES:
+            for m, n, k in few(GEMM_SHAPES):
                 def one(m=m, n=n, k=k, dtype=dtype, opts=opts):
                     a = torch.randn(m, k, device="cuda", dtype=dtype, generator=g)
                     b = torch.randn(k, n, device="cuda", dtype=dtype, generator=g)
@@ -167,7 +174,7 @@ def epilogue_cases(run: Runner) -> None:
     """The public gemm with fused epilogues on the gluon backend (gemm_epilogue_kernel), against float64."""
     gemm_mod = importlib.import_module("tilestack.kernels.gemm")   # the module (the package exports the function)
     g = torch.Generator(device="cuda").manual_seed(3)
-    for m, n, k, dt, has_bias, act, has_res, out_dt, trans in EPILOGUE_CASES:
+    for m, n, k, dt, has_bias, act, has_res, out_dt, trans in few(EPILOGUE_CASES):
         def one(m=m, n=n, k=k, dt=dt, has_bias=has_bias, act=act, has_res=has_res, out_dt=out_dt, trans=trans):
             dtype = getattr(torch, dt)
             a = torch.randn(m, k, device="cuda", dtype=dtype, generator=g)
@@ -210,7 +217,7 @@ def fp8_cases(run: Runner) -> None:
         s = torch.ones(n, device="cuda")
         return x, w, s, torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
 
-    for m, n, k in FP8_SHAPES:
+    for m, n, k in few(FP8_SHAPES):
         for cfg in FP8_CONFIGS[:1] + FP8_CONFIGS[2:3]:
             def one(m=m, n=n, k=k, cfg=cfg):
                 x, w, s, y = operands(m, n, k)
@@ -237,7 +244,7 @@ def fp8_cases(run: Runner) -> None:
     run.case("fp8", f"{n}^3 cublas bf16", lambda: timed("cublas_bf16", lambda: torch.matmul(a16, b16)))
     run.case("fp8", f"{n}^3 torch._scaled_mm", lambda: timed("scaled_mm", lambda: torch._scaled_mm(
         x, w.t(), one, one, out_dtype=torch.bfloat16)))
-    for cfg in FP8_CONFIGS:
+    for cfg in few(FP8_CONFIGS):
         def gluon(cfg=cfg):
             launch = qgemm_kernel.launcher_for((x, w, s, s, y, y, 1.0), "gluon", **cfg)
             return timed("gluon", lambda: launch((x, w, s, s, y, y, 1.0)), launch, config=cfg)
@@ -252,7 +259,7 @@ def fp8_cases(run: Runner) -> None:
 def attention_cases(run: Runner, attention, fa3) -> None:
     g = torch.Generator(device="cuda").manual_seed(1)
     kernels = (("explicit", attention, {}), ("fa3", fa3, {}), ("fa3 causal", fa3, {"CAUSAL": True}))
-    for (b, h, nq, nk, d), (name, kernel, opts) in itertools.product(ATTN_SHAPES, kernels):
+    for (b, h, nq, nk, d), (name, kernel, opts) in itertools.product(few(ATTN_SHAPES), kernels):
         if opts and nq > nk:
             continue        # the causal kernel is top-left aligned: Nq <= Nk
         def one(b=b, h=h, nq=nq, nk=nk, d=d, kernel=kernel, opts=opts):
@@ -269,7 +276,7 @@ def attention_cases(run: Runner, attention, fa3) -> None:
                 s = s.masked_fill(torch.ones(nq, nk, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
             ref = torch.softmax(s, dim=-1) @ v.double()
             err = rel_err(o, ref)
-            sdpa = rel_err(torch.nn.functional.scaled_dot_product_attention(q, k, v), ref)
+            sdpa = rel_err(torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=bool(opts)), ref)
             return {"status": "ok" if err <= ATTN_TOL else "FAIL", "rel_err": err, "sdpa_rel_err": sdpa,
                     "detail": f"rel err {err:.2e} (SDPA {sdpa:.2e}, tol {ATTN_TOL:.0e})"}
         run.case("attention", f"{name} bf16 B{b} H{h} Nq{nq} Nk{nk} D{d}", one)
@@ -279,7 +286,7 @@ def attention_lib_cases(run: Runner) -> None:
     from tilestack.kernels import attention_fwd as af
 
     g = torch.Generator(device="cuda").manual_seed(2)
-    for (b, h, hkv, nq, nk, d, causal, align, dt), ws in itertools.product(ATTN_LIB_CASES, (False, True)):
+    for (b, h, hkv, nq, nk, d, causal, align, dt), ws in itertools.product(few(ATTN_LIB_CASES), (False, True)):
         def one(b=b, h=h, hkv=hkv, nq=nq, nk=nk, d=d, causal=causal, align=align, dt=dt, ws=ws):
             dtype = getattr(torch, dt)
             q = torch.randn(b, h, nq, d, device="cuda", dtype=dtype, generator=g)
@@ -299,7 +306,7 @@ def attention_lib_cases(run: Runner) -> None:
 
 
 def attention_bench(run: Runner, attention, fa3) -> None:
-    for b, h, n, d in ATTN_BENCH:
+    for b, h, n, d in few(ATTN_BENCH):
         for causal in (False, True):
             attention_bench_one(run, attention, fa3, b, h, n, d, causal)
         torch.cuda.empty_cache()
@@ -389,7 +396,7 @@ DUMP: Path | None = None     # --dump: a folder for the PTX and SASS of the time
 
 def bench_cases(run: Runner, gemm_ws) -> None:
     for dtype in (torch.bfloat16, torch.float16):
-        for n in BENCH_SIZES:
+        for n in BENCH_SIZES[-1:] if QUICK else BENCH_SIZES:
             bench_one(run, gemm_ws, dtype, n)
             torch.cuda.empty_cache()
 
@@ -419,7 +426,7 @@ def bench_one(run: Runner, gemm_ws, dtype, n: int) -> None:
     run.case("bench", f"{tag} cublas", lambda: timed("cublas", lambda: torch.matmul(a, b, out=c)))
     tuned = gemm_config(n, n, n, dtype, a.device)      # the Triton backend's tuned config, as kernels.gemm uses
     run.case("bench", f"{tag} triton", lambda: timed("triton", through(gemm_kernel, "triton", **tuned), config=tuned))
-    for cfg in GEMM_CONFIGS if dtype is torch.bfloat16 else GEMM_CONFIGS[::3]:   # fp16: fewer, to stay bounded
+    for cfg in few(GEMM_CONFIGS if dtype is torch.bfloat16 else GEMM_CONFIGS[::3]):   # fp16: fewer, bounded
         impl = "gluon" + ("_ws_pass" if cfg.get("warp_specialize") else "") + ("_persistent" if cfg.get("persistent")
                                                                                 else "")
         run.case("bench", f"{tag} gluon {cfg}", lambda cfg=cfg, impl=impl: timed(
@@ -460,7 +467,8 @@ def run_isolated(section: str, limit: float) -> list[dict]:
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "rows.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--section", section, "--json", str(out),
-               "--time-limit", str(max(1.0, limit - SECTION_GRACE_S))] + (["--dump", str(DUMP)] if DUMP else [])
+               "--time-limit", str(max(1.0, limit - SECTION_GRACE_S))] + (["--dump", str(DUMP)] if DUMP else []) \
+            + (["--quick"] if QUICK else [])
         try:
             subprocess.run(cmd, timeout=limit, check=False)
         except subprocess.TimeoutExpired:
@@ -481,9 +489,10 @@ def main() -> int:
     ap.add_argument("--skip", default="", help=f"comma-separated sections of {SECTIONS}")
     ap.add_argument("--section", choices=SECTIONS, help="run one section in this process (no isolation)")
     ap.add_argument("--dump", type=Path, default=None, help="write the timed gluon kernels' PTX and SASS here")
+    ap.add_argument("--quick", action="store_true", help="two cases a list: a first look, about a minute")
     args = ap.parse_args()
-    global DUMP
-    DUMP = args.dump
+    global DUMP, QUICK
+    DUMP, QUICK = args.dump, args.quick
     if DUMP is not None:
         DUMP.mkdir(parents=True, exist_ok=True)
     skip = {s for s in args.skip.split(",") if s}
