@@ -4,7 +4,7 @@ shapes, then kernel time against cuBLAS (torch.matmul) and the Triton backend.
     PYTHONPATH=src python3 scripts/gpu/check_gluon.py --json gluon.json            # at most --time-limit (170 s)
     PYTHONPATH=src python3 scripts/gpu/check_gluon.py --json quick.json --quick     # a first look, ~1-2 min
     # everything fits two bounded runs: correctness, then the timings
-    PYTHONPATH=src python3 scripts/gpu/check_gluon.py --json check.json --skip fp8,bench,attn_bench
+    PYTHONPATH=src python3 scripts/gpu/check_gluon.py --json check.json --skip attn_bwd,fp8,bench,attn_bench
     PYTHONPATH=src python3 scripts/gpu/check_gluon.py --json bench.json --skip gemm,gemm_ws,attention,attn_lib
     PYTHONPATH=src python3 scripts/gpu/check_gluon.py --json gluon.json --dump gluon_sass/   # + PTX/SASS
 
@@ -19,6 +19,8 @@ Sections (each case runs on its own; a failure is recorded with its traceback an
   attn_lib   the library's attention forward (kernels.attention_fwd, a plain kernel the schedule pass pipelines)
              on the gluon backend: causal (both alignments) and not, GQA, head dims 64 and 128, bf16 and fp16,
              ragged lengths; o and lse against float64
+  attn_bwd   the library attention backward (delta, dK/dV, dQ kernels) on gluon: gradients against float64 autograd
+             (causal and not, hd 64 and 128, ragged), then at N=4096 against SDPA's cuDNN backward
   fp8        tilestack.quant's GEMM with e4m3 operands on gluon (QGMMA): ragged shapes against float64 of the
              fp8 values, then 8192^3 against torch._scaled_mm (cuBLASLt fp8) and bf16 cuBLAS
   bench      4096^3 and 8192^3, bf16 and fp16: gluon (a few stage/tile configs, the best kept), gluon_ws,
@@ -51,7 +53,7 @@ import torch  # noqa: E402
 
 from tilestack.kernels.gemm import gemm_config, gemm_kernel  # noqa: E402
 
-SECTIONS = ("gemm", "gemm_ws", "attention", "attn_lib", "fp8", "bench", "attn_bench")
+SECTIONS = ("gemm", "gemm_ws", "attention", "attn_lib", "attn_bwd", "fp8", "bench", "attn_bench")
 # (M, N, K): ragged edges on every axis; one tile, a sub-tile problem, more k-steps than ring stages, a wide one;
 # N and K multiples of 8 (the copy engine's 16-byte row rule for 2-byte dtypes) except the last two
 GEMM_SHAPES = [(128, 128, 64), (1, 8, 8), (257, 136, 72), (1000, 520, 1032), (300, 1024, 4096), (2048, 2048, 512),
@@ -282,6 +284,64 @@ def attention_cases(run: Runner, attention, fa3) -> None:
         run.case("attention", f"{name} bf16 B{b} H{h} Nq{nq} Nk{nk} D{d}", one)
 
 
+# (B, H, Nq, Nk, D, causal): ragged; the gluon configs per kernel (as the H100 tuning picks for the Triton backend)
+ATTN_BWD_CASES = [(1, 2, 200, 260, 64, False), (1, 2, 300, 300, 64, True), (2, 2, 256, 256, 128, False),
+                  (1, 2, 130, 200, 128, True)]
+ATTN_BWD_CONFIG = {64: {"delta": dict(BM=64, num_warps=4, num_stages=1),
+                        "dkdv": dict(BM=64, BN=64, num_warps=4, num_stages=3),
+                        "dq": dict(BM=128, BN=64, num_warps=8, num_stages=3)},
+                   128: {"delta": dict(BM=64, num_warps=4, num_stages=1),
+                         "dkdv": dict(BM=64, BN=64, num_warps=4, num_stages=2),
+                         "dq": dict(BM=128, BN=64, num_warps=8, num_stages=3)}}
+
+
+def attention_bwd_cases(run: Runner) -> None:
+    from triton.testing import do_bench
+
+    from tilestack.kernels import attention_bwd as ab
+    from tilestack.kernels import attention_fwd as af
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    for b, h, nq, nk, d, causal in few(ATTN_BWD_CASES):
+        def one(b=b, h=h, nq=nq, nk=nk, d=d, causal=causal):
+            q = torch.randn(b, h, nq, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            k, v = (torch.randn(b, h, nk, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+            do = torch.randn(b, h, nq, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            o, lse = af.attention_forward(q, k, v, causal, backend="triton")
+            dq, dk, dv = ab.attention_backward(q, k, v, o, lse, do, causal, backend="gluon",
+                                               config=ATTN_BWD_CONFIG[d])
+            torch.cuda.synchronize()
+            q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+            ref = af.reference(q64, k64, v64, causal)[0]
+            grads = torch.autograd.grad(ref, (q64, k64, v64), do.double())
+            errs = [rel_err(x, r) for x, r in zip((dq, dk, dv), grads, strict=True)]
+            ok = max(errs) <= ATTN_TOL
+            return {"status": "ok" if ok else "FAIL", "rel_err": max(errs),
+                    "detail": "rel err dq {:.2e} dk {:.2e} dv {:.2e}".format(*errs)}
+        run.case("attn_bwd", f"bf16 B{b} H{h} {nq}x{nk} D{d} {'causal' if causal else 'full'}", one)
+    for d in (64, 128):
+        b, h, n = 4, 2048 // d, 4096
+        q, k, v, do = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        o, lse = af.attention_forward(q, k, v, False, backend="triton")
+
+        def ours(d=d, q=q, k=k, v=v, o=o, lse=lse, do=do):
+            ms = do_bench(lambda: ab.attention_backward(q, k, v, o, lse, do, False, backend="gluon",
+                                                        config=ATTN_BWD_CONFIG[d]), warmup=5, rep=50,
+                          return_mode="median")
+            return {"impl": "gluon", "ms": ms, "detail": f"{ms:.3f} ms"}
+
+        def cudnn(q=q, k=k, v=v, do=do):
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                out = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv)
+            ms = do_bench(lambda: torch.autograd.grad(out, (qq, kk, vv), do, retain_graph=True), warmup=5, rep=50,
+                          return_mode="median")
+            return {"impl": "cudnn", "ms": ms, "detail": f"{ms:.3f} ms"}
+        run.case("attn_bwd", f"B{b} H{h} N{n} D{d} backward gluon", ours)
+        run.case("attn_bwd", f"B{b} H{h} N{n} D{d} backward sdpa cudnn", cudnn)
+
+
 def attention_lib_cases(run: Runner) -> None:
     from tilestack.kernels import attention_fwd as af
 
@@ -455,6 +515,7 @@ def run_section(section: str, limit: float, sink: Path | None) -> list[dict]:
      "gemm_ws": lambda: gemm_cases(run, "gemm_ws", ws.gemm_ws),
      "attention": lambda: attention_cases(run, ws.explicit_attention(), ws.attention_fa3),
      "attn_lib": lambda: attention_lib_cases(run),
+     "attn_bwd": lambda: attention_bwd_cases(run),
      "fp8": lambda: fp8_cases(run),
      "bench": lambda: bench_cases(run, ws.gemm_ws),
      "attn_bench": lambda: attention_bench(run, ws.explicit_attention(), ws.attention_fa3)}[section]()

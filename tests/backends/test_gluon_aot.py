@@ -162,6 +162,25 @@ def test_library_attention_forward_warp_specialized_compiles():
     assert res["num_warps"] == 12 and "USETMAXREG" in sass and sass.count("HGMMA") >= 8
 
 
+@pytest.mark.parametrize("part", ["delta", "dkdv", "dq"])
+def test_library_attention_backward_compiles(part):
+    # the backward's kernels at the block shapes the H100 tuning picks at head dim 64; dK/dV's P^T dO and
+    # dS^T Q take a transposed register operand (permuted into wgmma's operand layout)
+    import importlib
+    ab = importlib.import_module("tilestack.kernels.attention_bwd")
+    f3 = ts.ArgSpec(ts.f32, 3)
+    traced, warps = {
+        "delta": lambda: (ab.attention_bwd_delta_kernel.trace(BF16_4, BF16_4, f3, D=64), 4),
+        "dkdv": lambda: (ab.attention_bwd_dkdv_kernel.trace(BF16_4, BF16_4, BF16_4, BF16_4, f3, f3, BF16_4, BF16_4,
+                                                            0.1, D=64, BM=64, BN=64), 4),
+        "dq": lambda: (ab.attention_bwd_dq_kernel.trace(BF16_4, BF16_4, BF16_4, BF16_4, f3, f3, BF16_4, 0.1, D=64,
+                                                        BM=128, BN=64), 8),
+    }[part]()
+    k, res, sass = compiled(traced, num_warps=warps, num_stages=3)
+    no_spills(res)
+    assert part == "delta" or sass.count("HGMMA") >= 8
+
+
 def test_library_attention_forward_is_pipelined_on_wgmma():
     # the plain kernel (no explicit ops): the schedule pass rings its K/V loads; QK^T and PV on wgmma
     traced = library_kernel("attention_fwd")

@@ -530,6 +530,9 @@ def _mma_operands(e: _Emitter, ins: Instr) -> tuple[str, str, str, tuple]:
     key = e.plan[ins.result]
     if a.type.space is Space.SHARED:
         an = f"{e.name(a)}.permute((1, 0))" if ins.attrs.trans_a else e.name(a)
+    elif ins.attrs.trans_a:   # a register tile used transposed: permuted, then in wgmma's operand layout
+        operand = e.layout(("dot_a", key, 4 // a.type.dtype.itemsize))
+        an = f"gl.convert_layout(gl.permute({e.name(a)}, (1, 0)), {operand})"
     else:   # wgmma's a from registers: the dot-operand layout of the accumulator's
         an = e.as_layout(a, ("dot_a", key, 4 // a.type.dtype.itemsize))
     bn = f"{e.name(b)}.permute((1, 0))" if ins.attrs.trans_b else e.name(b)

@@ -86,7 +86,7 @@ def plan_layouts(ir: KernelIR) -> dict[Value, tuple]:
             layout.setdefault(root, mma_key(ins.result.type.shape[1], ins.srcs[1].type.dtype))
     # a register a operand of wgmma whose group has no layout of its own is kept in the operand layout
     for ins in ir.walk():
-        if ins.op in (Op.MMA, Op.MMA_ASYNC) and _reg(ins.srcs[1]):
+        if ins.op in (Op.MMA, Op.MMA_ASYNC) and _reg(ins.srcs[1]) and not ins.attrs.trans_a:
             parent = layout[g.find(ins.result)]
             layout.setdefault(g.find(ins.srcs[1]), ("dot_a", parent, 4 // ins.srcs[1].type.dtype.itemsize))
     # vector groups: the slice of the tile group a reduction or a broadcast pairs them with

@@ -92,8 +92,6 @@ def _check_mma(ins: Instr, warps: int) -> None:
     if n % 8 or n > 256 or k % WGMMA_K[a.type.dtype.name]:
         _fail(ins, f"needs wgmma's n a multiple of 8 up to 256 and k a multiple of {WGMMA_K[a.type.dtype.name]}; "
                    f"{ins.op.value} has n={n}, k={k}")
-    if ins.attrs.trans_a and a.type.space is Space.REG:
-        _fail(ins, "takes a transposed a operand only from shared memory")
 
 
 def _check_roles(ir: KernelIR) -> None:
