@@ -54,8 +54,10 @@ class CommModel:
     source: str
     points: dict[str, dict[int, list[tuple[float, float]]]] = dataclasses.field(default_factory=dict)
 
-    def time(self, kind: str, nbytes: float, n: int) -> float:
-        """Seconds for one ``kind`` collective of ``nbytes`` over ``n`` ranks (0 for n = 1 or no bytes)."""
+    def time(self, kind: str, nbytes: float, n: int, *, stride: int = 1) -> float:
+        """Seconds for one ``kind`` collective of ``nbytes`` over ``n`` ranks (0 for n = 1 or no bytes).
+        ``stride``: the rank distance between group members (the mesh is ("pp", "dp", "dp_shard", "tp"),
+        outermost first); one machine's model ignores it, :class:`ClusterComm` uses it to tell the links apart."""
         if kind not in COLLECTIVES:
             raise PlanError(f"CommModel.time: kind={kind!r}; expected one of {COLLECTIVES}")
         if n <= 1 or nbytes <= 0:
@@ -199,3 +201,25 @@ def h200_nccl() -> CommModel:
     a2, b2 = fits["all_reduce"][2]
     fits["p2p"][2] = (a2 / 2, b2)          # one message of S bytes: the 2-rank all-reduce moves S/2 each way twice
     return CommModel(fits=fits, source="NCCL on H200 NVLink (ANCHORS.md bus bandwidths)", points=points)
+
+
+@dataclasses.dataclass
+class ClusterComm(CommModel):
+    """Nodes of ``gpus_per_node`` GPUs: a group whose ranks (``n`` of them, ``stride`` apart) fit in one node uses
+    ``intra`` (a CommModel, e.g. NVLink), a group that spans nodes runs a ring whose slowest link is each GPU's
+    share of the node's network: ``inter_alpha`` per step, ``inter_bytes_per_s`` per GPU."""
+
+    intra: CommModel | None = None
+    gpus_per_node: int = 8
+    inter_alpha: float = 10e-6
+    inter_bytes_per_s: float = 25e9
+
+    def time(self, kind: str, nbytes: float, n: int, *, stride: int = 1) -> float:
+        if n <= 1 or nbytes <= 0:
+            return 0.0
+        if (n - 1) * stride < self.gpus_per_node and self.gpus_per_node % (n * stride) == 0:
+            return self.intra.time(kind, nbytes, n, stride=stride)
+        steps = _ring_steps(kind, n)
+        if kind == "p2p":
+            return self.inter_alpha + nbytes / self.inter_bytes_per_s
+        return steps * self.inter_alpha + steps / n * nbytes / self.inter_bytes_per_s

@@ -201,9 +201,11 @@ def _stage_layers(plan: Plan, desc: ModelDesc) -> list[range]:
 
 
 def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel, *,
-            overlap_dp: float = 0.0) -> Prediction:
+            overlap_dp: float = 0.0, recv_buffers: bool = True) -> Prediction:
     """The step time and memory per rank of ``plan`` (see the module docstring). ``overlap_dp``: the fraction
-    of the data-parallel gradient reduction hidden behind backward (0: none; DDP on a GPU hides most of it)."""
+    of the data-parallel gradient reduction hidden behind backward (0: none; DDP on a GPU hides most of it).
+    ``recv_buffers``: a pipeline stage keeps a receive buffer per micro-batch (torch's PipelineStage, which
+    tilestack.parallel uses; Megatron-LM's schedules do not)."""
     plan.check(desc)
     e = desc.dtype_bytes
     b = plan.micro_batch
@@ -224,15 +226,15 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
                 g += (lb + compute.recompute_s(i, b, tp, plan.recompute)) * slow
                 if tp > 1 and layer.kind == "block":
                     replays = TP_ALLREDUCES_FWD if plan.recompute == "full" else 0
-                    c_tp += comm.time("all_reduce", layer.tp_comm_bytes * b, tp) * (
+                    c_tp += comm.time("all_reduce", layer.tp_comm_bytes * b, tp, stride=1) * (
                         TP_ALLREDUCES_FWD + TP_ALLREDUCES_BWD + replays)
                 if shard > 1:
                     # FSDP2: gathered before forward (and again before backward without a pipeline, which keeps
                     # them gathered), gradients reduce-scattered after backward
                     nbytes = _local_params(layer, tp) * e
                     gathers = 2 if plan.pp == 1 else 1
-                    c_fsdp += gathers * comm.time("all_gather", nbytes, shard) + \
-                        comm.time("reduce_scatter", nbytes, shard)
+                    c_fsdp += gathers * comm.time("all_gather", nbytes, shard, stride=tp) + \
+                        comm.time("reduce_scatter", nbytes, shard, stride=tp)
                 if layer.kind == "block":
                     # the wrappers' host costs per block and micro-batch: a third with the forward
                     wrap = (compute.overhead("sp" if plan.sp else "tp") if tp > 1 else 0.0) + \
@@ -248,7 +250,8 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
             fwd.append(f + c_tp * tp_fwd_share + c_fsdp / 2)
             bwd.append(g + c_tp * (1 - tp_fwd_share) + c_fsdp / 2)
             boundary = desc.layers[layers[-1]].out_bytes * b / (tp if plan.sp else 1)
-            p2p.append(comm.time("p2p", boundary, 2) if plan.pp > 1 else 0.0)
+            hop = plan.world_size // plan.pp                  # neighbouring stages: one pp index apart
+            p2p.append(comm.time("p2p", boundary, 2, stride=hop) if plan.pp > 1 else 0.0)
             act_w.append(act)
         sim = simulate(plan.schedule, pp=plan.pp, stages_per_rank=plan.stages_per_rank, microbatches=m,
                        fwd=fwd, bwd=bwd, p2p=p2p, act_weight=act_w)
@@ -274,11 +277,11 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
         t = 0.0
         if plan.dp > 1:
             if plan.zero == 2:
-                t = comm.time("reduce_scatter", grad_bytes, plan.dp)
+                t = comm.time("reduce_scatter", grad_bytes, plan.dp, stride=tp * shard)
             else:
-                t = comm.time("all_reduce", grad_bytes, plan.dp)
+                t = comm.time("all_reduce", grad_bytes, plan.dp, stride=tp * shard)
             if plan.zero:
-                t += comm.time("all_gather", rank_params[r] * e, plan.dp)
+                t += comm.time("all_gather", rank_params[r] * e, plan.dp, stride=tp * shard)
         dp_s.append(t)
     dp_exposed = max(dp_s) * (1 - overlap_dp)
     owner = plan.dp if plan.zero else 1
@@ -307,7 +310,8 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
         sends = 2 * sum(p2p[s] for s in mine) * m
         terms["p2p"] = min(sends, terms["bubble"])
         terms["bubble"] -= terms["p2p"]
-    memory = [_memory(plan, desc, stages, rank_stages[r], rank_params[r], sim.peak_inflight[r]) for r in ranks]
+    memory = [_memory(plan, desc, stages, rank_stages[r], rank_params[r], sim.peak_inflight[r], recv_buffers)
+              for r in ranks]
     peaks = [_peak(mem) for mem in memory]
     flops = desc.flops_per_sample * plan.batch
     return Prediction(plan=plan, step_s=step, terms=terms, memory=memory, sim=sim, stage_fwd=fwd, stage_bwd=bwd,
@@ -346,7 +350,7 @@ def _act_bytes(layer: Any, plan: Plan) -> float:
 
 
 def _memory(plan: Plan, desc: ModelDesc, stages: list[range], my_stages: list[int], params: float,
-            inflight: float) -> dict[str, float]:
+            inflight: float, recv_buffers: bool = True) -> dict[str, float]:
     e = desc.dtype_bytes
     local = params / plan.dp_shard
     grads = local * e
@@ -380,7 +384,7 @@ def _memory(plan: Plan, desc: ModelDesc, stages: list[range], my_stages: list[in
             root = sum(g for g, layer in zip(gathered, mine, strict=True) if layer.kind != "block")
             unit = max(g for g, layer in zip(gathered, mine, strict=True) if layer.kind == "block") if blocks else 0
             transient += (FSDP_ROOT_COPIES * root + FSDP_UNIT_COPIES * unit) * e
-    if plan.pp > 1:
+    if plan.pp > 1 and recv_buffers:
         # torch's PipelineStage keeps a receive buffer per micro-batch: the stage's input (all but the first
         # stage) and the gradient of its output (all but the last), b samples of the boundary tensor each
         for s in my_stages:
