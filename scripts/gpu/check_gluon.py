@@ -340,6 +340,11 @@ def attention_bwd_cases(run: Runner) -> None:
             return {"impl": "cudnn", "ms": ms, "detail": f"{ms:.3f} ms"}
         run.case("attn_bwd", f"B{b} H{h} N{n} D{d} backward gluon", ours)
         run.case("attn_bwd", f"B{b} H{h} N{n} D{d} backward sdpa cudnn", cudnn)
+        timed = {r["impl"]: r["ms"] for r in run.rows[-2:] if r.get("status") == "ok" and "impl" in r}
+        if len(timed) == 2:
+            run.rows.append({"section": "attn_bwd", "case": f"B{b} H{h} N{n} D{d} backward vs cuDNN", "status": "ok",
+                             "gluon_vs_cudnn": timed["cudnn"] / timed["gluon"],
+                             "detail": f"gluon {timed['cudnn'] / timed['gluon']:.2f}x"})
 
 
 def attention_lib_cases(run: Runner) -> None:
