@@ -1,14 +1,15 @@
 """The Gluon backend's passes, after the neutral ones (``ir.passes``): what Gluon on sm_90a can lower, how each
 tile moves, which loops it pipelines, and what the kernel function takes.
 
-    legalize        an emitter for every op; wgmma-shaped matrix products; copy-engine boxes; roles it can split
-    choose_access   shared-tile loads, async loads and 2-D stores through the copy engine (TMA descriptors),
-                    register loads, 1-D stores and atomic adds through pointers
     persistent      (option) a 1-D grid's programs loop over tiles (grid-stride), so the host launches one per SM
-    warp_specialize (option) a plain kernel's pipelinable loop split into warp roles, in the IR: its shared-tile
+    warp_specialize (option) a plain kernel's pipelinable loops split into warp roles, in the IR: their shared-tile
                     loads become async loads into staged rings by a producer warpgroup and waits by a consumer
-                    role that runs every other tile op; its accumulation chain becomes async mmas kept in flight,
-                    waited after the loop (hand-scheduled kernels write the same ops themselves)
+                    role that runs every other tile op; accumulation chains become async mmas kept in flight,
+                    waited after their loop (hand-scheduled kernels write the same ops themselves)
+    legalize        an emitter for every op; wgmma-shaped matrix products; copy-engine boxes; roles it can split
+    choose_access   shared-tile loads, async loads and 2-D stores through the copy engine (TMA descriptors) when
+                    the launch's tensors allow it, else through pointers; register loads, 1-D stores and atomic
+                    adds through pointers
     schedule        a loop whose body loads shared tiles through the copy engine (coordinates computed from the
                     loop index and values from outside the loop) gets ``stages=S``: the emitter keeps S - 1 loads
                     in flight in a ring of S shared buffers with one mbarrier each (a plain kernel's pipelining
@@ -16,7 +17,8 @@ tile moves, which loops it pipelines, and what the kernel function takes.
     prune_params    the parameters the device code reads (``KernelIR.reads``): Triton's rule, plus a descriptor
                     per async load
 
-``pipeline(stages)`` is the whole list; ``codegen.emit`` lowers its result.
+``pipeline(warps, stages, ...)`` is the whole list, in this order after ``split_host`` and ``dce``
+(``persistent`` before them: it reads the grid); ``codegen.emit`` lowers its result.
 """
 
 from __future__ import annotations
