@@ -273,8 +273,8 @@ def test_warp_specialize_splits_the_library_attention_sharing_rings_across_its_l
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("programs", [1, 3, 4])
-def test_persistent_programs_loop_over_all_tiles(programs):
+@pytest.mark.parametrize(("programs", "ws"), [(1, True), (3, True), (4, True), (4, False)])
+def test_persistent_programs_loop_over_all_tiles(programs, ws):
     # the persistent IR run by the reference executor with fewer programs than tiles (2 x 3 = 6 output tiles):
     # every tile is still computed once, by a grid-stride loop
     from tilestack.backends.gluon.passes import persistent, warp_specialize
@@ -284,8 +284,9 @@ def test_persistent_programs_loop_over_all_tiles(programs):
     a, b = torch.randn(130, 72, generator=g).bfloat16(), torch.randn(72, 300, generator=g).bfloat16()
     c = torch.full((130, 300), float("nan"), dtype=torch.bfloat16)
     traced = gemm_kernel.trace(a, b, c)
-    ir = warp_specialize(8, 3)(persistent(traced.ir))
-    assert ir.roles and any(i.op is Op.NUM_BLOCKS for i in ir.walk())
+    ir = persistent(traced.ir)
+    ir = warp_specialize(8, 3)(ir) if ws else ir
+    assert bool(ir.roles) == ws and any(i.op is Op.NUM_BLOCKS for i in ir.walk())
 
     class FewerPrograms:
         def __init__(self):
