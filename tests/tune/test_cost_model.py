@@ -123,8 +123,9 @@ def test_dataset_load(tmp_path):
     a, b = d.problems["a"], d.problems["b"]
     assert a.complete and not b.complete and d.kernels() == ["gemm", "softmax"]
     assert a.kept() == [0, 1] and a.best_us() == 16.0 and a.y(0) == target(16.0, feats) == 1.0
-    X, y = d.training(exclude_kernel="gemm")
+    X, y = d.training(exclude_kernel="gemm", center=False)
     assert y == [target(4.0, feats)] and len(X[0]) == len(FEATURES)
+    assert d.training(exclude_kernel="gemm")[1] == [0.0]          # centred per problem
     assert len(d.training()[1]) == 2
 
 

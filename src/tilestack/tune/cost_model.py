@@ -3,7 +3,7 @@ measure next by expected improvement.
 
     data = Dataset.load(["docs/results/tune_ground_truth_h200.jsonl"])      # measurements, by problem
     model = CostModel().fit(*data.training(exclude_kernel="gemm"))          # pre-trained on the other kernels
-    mean, std = model.predict(X)                                            # log2(time / roofline), per config
+    mean, std = model.predict(X)               # log2(time / roofline), centred per problem: compare, not absolute
     order = active_search(X, measure, prior=data.training(...), budget=12)  # refined on the target
 
 The target is ``log2(time / roofline time)`` (the roofline from the IR's FLOPs and bytes and the device table:
@@ -11,7 +11,9 @@ a per-problem constant known before anything runs), so that problems of every si
 The model is a random forest (scikit-learn): its mean over trees predicts, the spread of the trees is the
 uncertainty that expected improvement trades against the mean. On the target problem each measurement is
 added to the training set, weighted so that the target's own points count as much as all the pre-training
-data together once there are a few of them, and the forest is refitted (a few hundred ms).
+data together once there are a few of them, and the forest is refitted (a few hundred ms). Pre-training
+targets are centred per problem (the model learns how the configs of one problem compare); the target's
+measurements set its offset.
 
 The dataset is JSON lines, written by ``scripts/tune/collect_ground_truth.py`` as it measures (a run cut short
 keeps every line written):
@@ -100,14 +102,21 @@ def active_search(X: Sequence, measure: Callable[[int], float | None], *, budget
                   prior: tuple[Sequence, Sequence] | None = None, seeds: Sequence[int] = (),
                   n_trees: int = N_TREES, seed: int = 0) -> list[Step]:
     """Measure ``budget`` of the candidates ``X`` (feature vectors), choosing each next one by expected
-    improvement under a forest pre-trained on ``prior`` (X, y) and refitted with every measurement; ``seeds``
-    (indices: the config in use, another GPU's winner) are measured first. ``measure(i)`` returns the target
-    of candidate i (``target``), or None if it failed (then it counts as worse than any measured)."""
+    improvement under a forest pre-trained on ``prior`` (X, y: targets centred per problem, as
+    ``Dataset.training`` gives them) and refitted with every measurement; ``seeds`` (indices: the config in use,
+    another GPU's winner) are measured first. ``measure(i)`` returns the target of candidate i (``target``), or
+    None if it failed (then it counts as worse than any measured).
+
+    The prior knows how configs of a problem compare, not how fast the target problem is: the target's
+    measurements set that offset (their mean gap to the prior's prediction), and enter the refitted forest
+    shifted by it."""
     X = np.asarray(X, dtype=np.float64)
     n = len(X)
     budget = min(budget, n)
     steps: list[Step] = []
     tried: set[int] = set()
+    has_prior = prior is not None and len(prior[0]) > 0
+    base = CostModel(n_trees, seed).fit(*prior) if has_prior else None
 
     def take(i: int):
         tried.add(i)
@@ -119,11 +128,13 @@ def active_search(X: Sequence, measure: Callable[[int], float | None], *, budget
     rng = np.random.default_rng(seed)
     while len(steps) < budget:
         left = np.array([i for i in range(n) if i not in tried])
-        model = _refit(X, steps, prior, n_trees, seed)
-        if model is None:                    # no prior and nothing measured yet: a random start
+        fitted = _refit(X, steps, prior if has_prior else None, base, n_trees, seed)
+        if fitted is None:                   # no prior and nothing measured yet: a random start
             take(int(rng.choice(left)))
             continue
+        model, offset = fitted
         mean, std = model.predict(X[left])
+        mean = mean + offset
         ok = [s.y for s in steps if s.y is not None]
         if not ok:
             take(int(left[np.argmin(mean)]))
@@ -133,18 +144,24 @@ def active_search(X: Sequence, measure: Callable[[int], float | None], *, budget
     return steps
 
 
-def _refit(X: np.ndarray, steps: list[Step], prior, n_trees: int, seed: int) -> CostModel | None:
+def _refit(X: np.ndarray, steps: list[Step], prior, base: CostModel | None, n_trees: int,
+           seed: int) -> tuple[CostModel, float] | None:
+    """(a forest, the offset to add to its predictions) from the prior and the target's measurements so far."""
     ok = [s.y for s in steps if s.y is not None]
     worst = max(ok) + 1.0 if ok else None
-    tx = [X[s.index] for s in steps if s.y is not None or worst is not None]
-    ty = [s.y if s.y is not None else worst for s in steps if s.y is not None or worst is not None]
-    px, py = (list(prior[0]), list(prior[1])) if prior is not None and len(prior[0]) else ([], [])
-    if not tx and not px:
-        return None
+    done = [s for s in steps if s.y is not None or worst is not None]
+    tx = [X[s.index] for s in done]
+    ty = np.array([s.y if s.y is not None else worst for s in done])
+    if base is None:
+        return (CostModel(n_trees, seed).fit(tx, ty), 0.0) if tx else None
+    if not tx:
+        return base, 0.0
+    offset = float(np.mean(ty - base.predict(np.asarray(tx))[0]))
+    px, py = list(prior[0]), list(prior[1])
     # the target's points weigh TARGET_WEIGHT x the prior's total once there are a few; never less than one each
-    w_target = max(1.0, TARGET_WEIGHT * len(px) / max(len(tx), 1) * min(1.0, len(tx) / 4))
+    w_target = max(1.0, TARGET_WEIGHT * len(px) / len(tx) * min(1.0, len(tx) / 4))
     weight = [1.0] * len(px) + [w_target] * len(tx)
-    return CostModel(n_trees, seed).fit(px + tx, py + ty, weight)
+    return CostModel(n_trees, seed).fit(px + tx, py + list(ty - offset), weight), offset
 
 
 # ---- the dataset ------------------------------------------------------------------------------------------------
@@ -209,18 +226,19 @@ class Dataset:
     def kernels(self) -> list[str]:
         return sorted({p.kernel for p in self.problems.values()})
 
-    def training(self, exclude_kernel: str | None = None, exclude: Iterable[str] = (),
-                 aot: bool = True) -> tuple[list, list]:
+    def training(self, exclude_kernel: str | None = None, exclude: Iterable[str] = (), aot: bool = True,
+                 center: bool = True) -> tuple[list, list]:
         """(X, y) of every measured config, leaving out one kernel's problems and the problem ids ``exclude``
-        (and the compiler's report from the features unless ``aot``)."""
+        (and the compiler's report from the features unless ``aot``). ``center``: each problem's targets minus
+        their mean, so that the model learns how configs of one problem compare (what ranking needs), not
+        which kernels run nearer their roofline."""
         skip = set(exclude)
         X, y = [], []
         for p in self.problems.values():
             if p.kernel == exclude_kernel or p.id in skip:
                 continue
-            for i in range(len(p.configs)):
-                t = p.y(i)
-                if t is not None:
-                    X.append(vector(p.features[i], aot))
-                    y.append(t)
+            rows = [(vector(p.features[i], aot), t) for i in range(len(p.configs)) if (t := p.y(i)) is not None]
+            mean = float(np.mean([t for _, t in rows])) if rows and center else 0.0
+            X += [x for x, _ in rows]
+            y += [t - mean for _, t in rows]
         return X, y
