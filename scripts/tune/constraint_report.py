@@ -12,6 +12,8 @@ Compiles are cached (``tune.aot``): a second run costs file reads. --per-kept / 
 from __future__ import annotations
 
 import argparse
+import ast
+import json
 import random
 import sys
 import time
@@ -38,6 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--time-limit", type=float, default=3000)
     ap.add_argument("--no-run", action="store_true", help="skip the interpreter runs")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", action="store_true", help="keep the groups --out has; study the others")
     a = ap.parse_args(argv)
     reason = aot.missing_tools()
     if reason:
@@ -47,6 +50,9 @@ def main(argv=None) -> int:
     rng = random.Random(a.seed)
     t_end = time.monotonic() + a.time_limit
     groups, seen_kernels = [], set()
+    if a.resume and a.out.exists():
+        groups = json.loads(a.out.read_text())["groups"]
+        seen_kernels = {(g["kernel"], ast.literal_eval(g["fixed"]).get("D")) for g in groups}
     for p in study_problems(a.kernel):
         group = (p.kernel, p.fixed.get("D"))
         if group in seen_kernels or p.fixed.get("causal"):
