@@ -54,6 +54,7 @@ class Workload:
     args: tuple                          # the tile kernel's positional arguments (the space reads the IR)
     run: Callable[[dict], Any]           # one launch with this config
     check: Callable[[dict], float]       # relative error of this config's outputs against the reference
+    on: Callable[[str], Workload] | None = None   # the same inputs launched on another backend (None: Triton only)
 
 
 @dataclasses.dataclass
@@ -90,11 +91,11 @@ def rel_error(out, ref) -> float:
 
 
 def direct(tile, args: tuple, fixed: dict, outputs: tuple[int, ...], expected: tuple, *,
-           extra: Callable[[dict], dict] = lambda cfg: {}) -> Workload:
-    """A Workload that launches ``tile`` on ``args`` (through the Triton backend: the GPU, or the interpreter on
-    a CPU) and checks the arguments at ``outputs`` (poisoned first) against ``expected``."""
+           extra: Callable[[dict], dict] = lambda cfg: {}, backend: str = "triton") -> Workload:
+    """A Workload that launches ``tile`` on ``args`` (through ``backend``: Triton's on the GPU, or under its
+    interpreter on a CPU) and checks the arguments at ``outputs`` (poisoned first) against ``expected``."""
     def run(cfg):
-        tile(*args, **fixed, **extra(cfg), **cfg, backend="triton")
+        tile(*args, **fixed, **extra(cfg), **cfg, backend=backend)
 
     def check(cfg):
         for i in outputs:
@@ -102,7 +103,10 @@ def direct(tile, args: tuple, fixed: dict, outputs: tuple[int, ...], expected: t
         run(cfg)
         return max(rel_error(args[i], ref) for i, ref in zip(outputs, expected, strict=True))
 
-    return Workload(args, run, check)
+    def on(name: str) -> Workload:
+        return direct(tile, args, fixed, outputs, expected, extra=extra, backend=name)
+
+    return Workload(args, run, check, on)
 
 
 def _module(name: str):

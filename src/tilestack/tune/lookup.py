@@ -13,12 +13,23 @@ Resolution, for the device's key (architecture, SM count, shared memory per bloc
 3. else ``default``. Off a GPU (CPU, meta) always ``default``.
 
 A config from another device that needs more shared memory than this one has is never used.
+
+Backends: an entry names the backend it was tuned on (``"backend"``; absent: ``DEFAULT_BACKEND``, as every
+table before the tuner searched backends) and may keep the best config of each other backend it timed
+(``"others"``: backend -> {"config", "options", "seconds"}). With no backend asked for (``backend=None`` and
+the ``TILESTACK_BACKEND`` knob at "auto"), the result carries the entry's ``"backend"`` and the library function
+launches on it (the default backend is not named: the launch picks it anyway); asked for one, the result is that backend's own config where the entry keeps one (else the
+winner's) and carries no ``"backend"``. An entry whose backend cannot launch on this device (the gluon backend
+off sm_90, a backend this install lacks) is skipped, once per device and backend logged as a warning, for
+another backend's config in the same entry, else the next table or ``default``. Callers take the backend out
+with ``take_backend``.
 """
 
 from __future__ import annotations
 
 import logging
 
+from tilestack.config import knobs
 from tilestack.tune.cache import ConfigCache, launch_kwargs, lookup_entry
 from tilestack.tune.devices import DeviceKey, device_key, nearest
 
@@ -31,37 +42,97 @@ _resolved: dict[tuple, dict | None] = {}     # (kernel, signature, device, bucke
 _cache: ConfigCache | None = None
 _views: dict[str, list[tuple[str, str, dict]]] = {}    # device key -> per known device key, nearest first
 _logged: set[tuple] = set()
+DEFAULT_BACKEND = "triton"   # what a table entry without "backend" was tuned on (pick_backend's for CUDA tensors)
 
 
-def launch_config(kernel: str, signature: str, device, n: int, default: dict) -> dict:
+def launch_config(kernel: str, signature: str, device, n: int, default: dict, backend: str | None = None) -> dict:
     """The tuned config for this launch over ``default`` (a new dict either way; see the module docstring).
 
     ``device`` is a ``torch.device`` or its string; one without an index means the current device when first
-    seen. ``n`` is the size the kernel tunes by (sequence length, the largest GEMM dimension, the row width)."""
+    seen. ``n`` is the size the kernel tunes by (sequence length, the largest GEMM dimension, the row width).
+    ``backend``: the one the caller asked for (None: the ``TILESTACK_BACKEND`` knob's, else the tuned one, which
+    the result then carries as ``"backend"``: see ``take_backend``)."""
+    if backend is None and knobs.backend != "auto":
+        backend = knobs.backend
     try:
-        k = (kernel, signature, device, (n - 1).bit_length())
+        k = (kernel, signature, device, (n - 1).bit_length(), backend)
     except AttributeError:            # a NumPy integer, a SymInt: not a Python int
-        k = (kernel, signature, device, (int(n) - 1).bit_length())
+        k = (kernel, signature, device, (int(n) - 1).bit_length(), backend)
     try:
         tuned = _resolved[k]
     except KeyError:
-        tuned = _resolved[k] = _resolve(kernel, signature, device, n)
+        tuned = _resolved[k] = _resolve(kernel, signature, device, n, backend)
     return {**default, **tuned} if tuned else default.copy()
 
 
-def _resolve(kernel: str, signature: str, device, n: int) -> dict | None:
+def take_backend(cfg: dict, backend: str | None) -> str | None:
+    """The backend a launch uses: ``backend`` if the caller named one, else the tuned one ``cfg`` carries (taken
+    out of ``cfg``: it is not a kernel constant), else None (``backends.pick_backend``'s default)."""
+    tuned = cfg.pop("backend", None)
+    return backend if backend is not None else tuned
+
+
+def _resolve(kernel: str, signature: str, device, n: int, backend: str | None = None) -> dict | None:
     import torch
 
     dev = device if isinstance(device, torch.device) else torch.device(device)
     if dev.type != "cuda":
         return None
     target = device_key(dev.index if dev.index is not None else torch.cuda.current_device())
-    return resolve(kernel, signature, target, n)
+    return resolve(kernel, signature, target, n, backend=backend)
 
 
-def resolve(kernel: str, signature: str, target: DeviceKey, n: int, cache: ConfigCache | None = None) -> dict | None:
+def backend_refusal(name: str, target: DeviceKey) -> str | None:
+    """Why backend ``name`` cannot launch kernels on ``target`` (None: it can, as far as the device goes; a
+    backend may still refuse a kernel it cannot lower, with a BackendError when it compiles)."""
+    from tilestack.backends import get_backend
+
+    if name == "reference":
+        return "the reference backend runs NumPy on the host, not on a GPU"
+    try:
+        get_backend(name)
+    except Exception as e:  # noqa: BLE001 - not registered, or its module does not import here (no Gluon in Triton)
+        return f"backend {name!r} is not available in this install ({type(e).__name__}: {e})"
+    if name == "gluon":
+        from tilestack.backends.gluon.launch import HOPPER
+        if target.major != HOPPER:
+            return f"the gluon backend generates sm_90a code (H100/H200); {target} is sm_{target.major}{target.minor}"
+    return None
+
+
+def gpu_backends(target: DeviceKey) -> tuple[str, ...]:
+    """The registered backends that can launch on ``target`` (``tilestack tune``'s default: it searches each),
+    the default one first."""
+    from tilestack.backends import NAMES
+
+    names = (DEFAULT_BACKEND, *(n for n in NAMES if n != DEFAULT_BACKEND))
+    return tuple(n for n in names if backend_refusal(n, target) is None)
+
+
+def _usable(entry: dict, target: DeviceKey, backend: str | None, warn: bool) -> dict | None:
+    """What a launch takes from ``entry`` (see the module docstring: backends), or None if no backend of it
+    can launch here."""
+    won = entry.get("backend", DEFAULT_BACKEND)
+    others = entry.get("others", {})
+    if backend is not None:           # asked for: its own tuned config, else the winner's tunables and options
+        return launch_kwargs(others[backend]) if backend != won and backend in others else launch_kwargs(entry)
+    for name, e in ((won, entry), *((b, o) for b, o in others.items() if b != won)):
+        why = backend_refusal(name, target)
+        if why is None:
+            # the default backend is what a launch picks anyway: not named, so results are as before backends
+            return launch_kwargs(e) if name == DEFAULT_BACKEND else {**launch_kwargs(e), "backend": name}
+        if warn and (str(target), name) not in _logged:
+            _logged.add((str(target), name))
+            log.warning("tilestack.tune: a tuned config for %s names backend %r, which cannot launch here (%s); "
+                        "using another backend's config or the default.", target, name, why)
+    return None
+
+
+def resolve(kernel: str, signature: str, target: DeviceKey, n: int, cache: ConfigCache | None = None,
+            backend: str | None = None) -> dict | None:
     """The tuned values for ``target`` (see the module docstring), uncached; None where nothing applies. The
-    kernel's tunables and the backend's launch options come merged, as a launch takes them.
+    kernel's tunables and the backend's launch options come merged, as a launch takes them, with ``"backend"``
+    where the tables chose one and ``backend`` is None.
     ``cache``: read these tables instead of the user's and the shipped ones (and log no fallback)."""
     bucket = 1 << max(0, (int(n) - 1).bit_length())
     dtype, _, rest = signature.partition("-")
@@ -73,12 +144,15 @@ def resolve(kernel: str, signature: str, target: DeviceKey, n: int, cache: Confi
             entry = lookup_entry(entries, kernel, sig, bucket)
             if entry is None or entry.get("shared_bytes", 0) > target.shared_bytes:
                 continue
+            cfg = _usable(entry, target, backend, warn=cache is None)
+            if cfg is None:
+                continue
             if source != str(target) and cache is None and (str(target), source) not in _logged:
                 _logged.add((str(target), source))
                 log.warning("tilestack.tune: no tuned config of %s for %s (%s); using those of the nearest known "
                             "device, %s (tuned on %s). `tilestack tune` tunes this GPU.", kernel, target,
                             target.name or "?", source, names)
-            return launch_kwargs(entry)
+            return cfg
     if not devices and cache is None and (str(target), None) not in _logged:
         _logged.add((str(target), None))
         log.warning("tilestack.tune: no tuned configs for %s (%s) or any device of its architecture; using "

@@ -63,6 +63,8 @@ class Outcome:
     failed: int = 0
     complete: bool = False               # the whole space was searched
     note: str = ""                       # why nothing was written, or what to know
+    backend: str | None = None           # the winner's backend
+    seconds_by_backend: dict = dataclasses.field(default_factory=dict)   # each searched backend's best
 
     @property
     def speedup(self) -> float | None:
@@ -70,6 +72,64 @@ class Outcome:
         if self.seconds and self.before_seconds:
             return self.before_seconds / self.seconds
         return None
+
+
+class _Refused(Exception):
+    """A backend cannot run this problem (the device, the install, a kernel it cannot lower): why."""
+
+
+@dataclasses.dataclass
+class _Found:
+    """The best of one backend's search."""
+    config: dict
+    seconds: float
+    space: SearchSpace
+    before: dict                 # the config the launch path used before, in full
+    before_seconds: float | None  # ... timed in this run (None: not on this backend, or it failed)
+    tried: int
+    failed: int
+    complete: bool
+
+
+def restrict_for(backend: str, kernel, restrict: dict) -> dict:
+    """``restrict`` (a problem's domains, written with the Triton backend's launch options) for ``backend``: the
+    kernel's tunables as they are, the launch options this backend has narrowed to the values it accepts (none
+    left: its own domain), the options it lacks dropped."""
+    from tilestack.backends import get_backend
+    from tilestack.errors import BackendError
+
+    be = get_backend(backend)
+    names = set(be.search_domains()) | set(be.option_defaults())
+    out = {}
+    for name, dom in restrict.items():
+        if name in kernel.tunables:
+            out[name] = dom
+        elif name in names:
+            ok = []
+            for v in dom:
+                try:
+                    be.check_options({name: v})
+                    ok.append(v)
+                except BackendError:
+                    pass
+            if ok:
+                out[name] = tuple(ok)
+    return out
+
+
+def _lowering_refusal(space: SearchSpace, p: Problem, args, config: dict) -> str | None:
+    """Why ``space``'s backend cannot generate ``p``'s kernel at ``config`` (None: it can): the backend's
+    BackendError, as it reports an op or dtype it cannot lower (its default options: a config it can lower
+    only with others fails as a trial of the search)."""
+    from tilestack.backends import get_backend
+    from tilestack.errors import BackendError
+
+    constants, _ = space.split(config)
+    try:
+        get_backend(space.backend).source(p.tile.trace(*args, **p.fixed, **constants))
+    except BackendError as e:
+        return f"cannot lower {p.tile.name}: {str(e)[:200]}"
+    return None
 
 
 def cuda_timer(fn: Callable[[], object], rep_ms: float) -> float:
@@ -116,7 +176,7 @@ class Session:
                  cache: ConfigCache | None = None, ship_dir: Path | None = None, timer=None,
                  search_rep_ms: float = SEARCH_REP_MS, confirm_rep_ms: float = CONFIRM_REP_MS,
                  clock: Callable[[], float] = time.monotonic, log: Callable[[str], None] = lambda s: None,
-                 register_limit: int | None = None):
+                 register_limit: int | None = None, backends: tuple[str, ...] | None = None):
         self.device, self.device_str, self.budget_s = device, device_str, float(budget_s)
         self.cache = cache or ConfigCache()
         self.before = copy.deepcopy(self.cache)     # the tables as they were: what the launch path used
@@ -127,6 +187,11 @@ class Session:
         self.register_limit = device.register_tile_bytes if register_limit is None else register_limit
         self.winners: dict[tuple[str, str], dict[int, list[dict]]] = {}   # (kernel, signature) -> bucket -> best
         self._spaces: dict[tuple, list[dict]] = {}
+        # the backends searched per problem: on a GPU every one that can launch there, on a CPU (Triton's
+        # interpreter) the default alone
+        if backends is None:
+            backends = lookup.gpu_backends(device) if device_str == "cuda" else (lookup.DEFAULT_BACKEND,)
+        self.backends = tuple(backends)
 
     def run(self, problems: list[Problem], on_start: Callable[[int, Problem], None] = lambda i, p: None,
             on_done: Callable[[Outcome], None] = lambda o: None) -> list[Outcome]:
@@ -155,47 +220,37 @@ class Session:
         except Exception as e:  # noqa: BLE001 - a problem that cannot be set up (out of memory) is skipped
             out.note = f"skipped: its inputs failed: {type(e).__name__}: {str(e)[:160]}"
             return out
-        space = SearchSpace(p.tile, fixed=p.fixed, restrict=p.restrict, device=self.device)
-        declared = space.defaults()     # the kernel's tunables and the backend's options, as a launch defaults them
-
-        def full(cfg: dict) -> dict:
-            return {k: cfg.get(k, v) for k, v in declared.items()}
-
-        candidates = self._candidates(space, work.args)
-        current = lookup.resolve(p.kernel, p.signature, self.device, p.n, cache=self.before)
-        out.before = full({**p.default, **(current or {})})
-        must = _unique([out.before, full(p.default)])
-        seeds = _unique([*must, *(full(c) for c in self._related(p))])
-        candidates = _unique([*must, *candidates])
-        timed = {}
-
-        def time_cfg(cfg):
-            timed[_frozen(cfg)] = self.timer(lambda: work.run(cfg), self.search_rep_ms)
-            return timed[_frozen(cfg)]
-
-        try:
-            result = tune(p.name, candidates, time=time_cfg, check=work.check, tol=TOL, strategy="local",
-                          seeds=seeds, deadline=deadline, min_trials=len(must), clock=self.clock, log=self.log)
-        except RuntimeError as e:
-            _raise_if_fatal(p, [str(e)])
-            out.note = f"not tuned: {e}"
+        current = dict(lookup.resolve(p.kernel, p.signature, self.device, p.n, cache=self.before) or {})
+        current_backend = current.pop("backend", lookup.DEFAULT_BACKEND)
+        found, notes = {}, []
+        for i, backend in enumerate(self.backends):   # each backend its share of what is left of the problem's
+            now = self.clock()
+            if i and now >= deadline:
+                notes.append(f"{backend}: skipped, no time left")
+                continue
+            try:
+                found[backend] = self._search(p, work, backend, now + (deadline - now) / (len(self.backends) - i),
+                                              current if backend == current_backend else None)
+            except _Refused as e:
+                notes.append(f"{backend}: {e}")
+        out.note = "; ".join(notes)
+        if not found:
             return out
-        _raise_if_fatal(p, [t.error for t in result.trials if t.error])
-        out.tried = len(result.trials)
-        out.failed = sum(t.seconds is None for t in result.trials)
-        out.complete = result.complete
-        ranked = sorted((t for t in result.trials if t.seconds is not None), key=lambda t: t.seconds)
-        # the finalists and the config in use (if it ran correctly), timed again, longer, one after the other
-        finalists = _unique([t.config for t in ranked[:FINALISTS]] +
-                            [out.before] * (_frozen(out.before) in timed))
-        confirm = {_frozen(c): self.timer(lambda c=c: work.run(c), self.confirm_rep_ms) for c in finalists}
-        out.before_seconds = confirm.get(_frozen(out.before))
-        best = min(finalists, key=lambda c: confirm[_frozen(c)])
-        out.config, out.seconds = best, confirm[_frozen(best)]
-        self.winners.setdefault((p.kernel, p.signature), {})[p.bucket] = [t.config for t in ranked[:FINALISTS]]
-        config, options = space.split(best)   # stored apart: the kernel's tunables, the backend's options
-        entry = {"config": config, "options": options, "seconds": out.seconds,
-                 "shared_bytes": space.footprint(work.args, best)[0], "tried": out.tried}
+        won = min(found, key=lambda b: found[b].seconds)
+        best = found[won]
+        out.config, out.seconds, out.backend = best.config, best.seconds, won
+        out.seconds_by_backend = {b: f.seconds for b, f in found.items()}
+        out.tried, out.failed = sum(f.tried for f in found.values()), sum(f.failed for f in found.values())
+        out.complete = all(f.complete for f in found.values()) and len(found) == len(self.backends)
+        out.before = found[current_backend].before if current_backend in found else None
+        out.before_seconds = found[current_backend].before_seconds if current_backend in found else None
+        config, options = best.space.split(best.config)   # stored apart: the kernel's tunables, backend's options
+        entry = {"config": config, "options": options, "backend": won, "seconds": out.seconds,
+                 "shared_bytes": best.space.footprint(work.args, best.config)[0], "tried": out.tried}
+        others = {b: dict(zip(("config", "options"), f.space.split(f.config), strict=True), seconds=f.seconds)
+                  for b, f in found.items() if b != won}
+        if others:      # each other backend's best: an explicit backend= launches with its own
+            entry["others"] = others
         if out.speedup:
             entry["speedup"] = round(out.speedup, 4)
         self.cache.put(p.kernel, p.signature, self.device, p.bucket, config, options=options,
@@ -204,24 +259,78 @@ class Session:
             self.ship.put(p.kernel, p.signature, p.bucket, entry)
         return out
 
+    def _search(self, p: Problem, work, backend: str, deadline: float, current: dict | None) -> _Found:
+        """The best config of ``p`` on ``backend`` by ``deadline``; ``current``: the config the launch path uses
+        now, if it uses this backend (timed again beside the finalists). Raises _Refused where the backend
+        cannot run the problem."""
+        if backend != lookup.DEFAULT_BACKEND:
+            why = lookup.backend_refusal(backend, self.device)
+            if why is None and work.on is None:
+                why = "this problem's workload launches only on the Triton backend"
+            if why is None:
+                work = work.on(backend)
+            if why is not None:
+                raise _Refused(why)
+        space = SearchSpace(p.tile, fixed=p.fixed, restrict=restrict_for(backend, p.tile, p.restrict),
+                            device=self.device, backend=backend)
+        declared = space.defaults()     # the kernel's tunables and the backend's options, as a launch defaults them
+
+        def full(cfg: dict) -> dict:
+            return {k: cfg.get(k, v) for k, v in declared.items()}
+
+        if backend != lookup.DEFAULT_BACKEND:
+            refusal = _lowering_refusal(space, p, work.args, full(p.default))
+            if refusal:
+                raise _Refused(refusal)
+        candidates = self._candidates(space, work.args)
+        before = full({**p.default, **(current or {})})
+        must = _unique([before, full(p.default)] if current is not None else [full(p.default)])
+        seeds = _unique([*must, *(full(c) for c in self._related(p, backend))])
+        candidates = _unique([*must, *candidates])
+        timed = {}
+
+        def time_cfg(cfg):
+            timed[_frozen(cfg)] = self.timer(lambda: work.run(cfg), self.search_rep_ms)
+            return timed[_frozen(cfg)]
+
+        try:
+            result = tune(f"{p.name} [{backend}]", candidates, time=time_cfg, check=work.check, tol=TOL,
+                          strategy="local", seeds=seeds, deadline=deadline, min_trials=len(must), clock=self.clock,
+                          log=self.log)
+        except RuntimeError as e:
+            _raise_if_fatal(p, [str(e)])
+            raise _Refused(f"not tuned: {e}") from e
+        _raise_if_fatal(p, [t.error for t in result.trials if t.error])
+        ranked = sorted((t for t in result.trials if t.seconds is not None), key=lambda t: t.seconds)
+        # the finalists and the config in use (if it ran correctly), timed again, longer, one after the other
+        in_use = current is not None and _frozen(before) in timed
+        finalists = _unique([t.config for t in ranked[:FINALISTS]] + [before] * in_use)
+        confirm = {_frozen(c): self.timer(lambda c=c: work.run(c), self.confirm_rep_ms) for c in finalists}
+        best = min(finalists, key=lambda c: confirm[_frozen(c)])
+        self.winners.setdefault((p.kernel, p.signature, backend), {})[p.bucket] = \
+            [t.config for t in ranked[:FINALISTS]]
+        return _Found(best, confirm[_frozen(best)], space, before, confirm.get(_frozen(before)) if in_use else None,
+                      len(result.trials), sum(t.seconds is None for t in result.trials), result.complete)
+
     def _candidates(self, space: SearchSpace, args) -> list[dict]:
         """The space's configs that fit this device, worked out once per kernel, constants and argument types."""
         kinds = tuple((str(a.dtype), a.dim()) if hasattr(a, "dtype") else type(a).__name__ for a in args)
-        k = (space.kernel.name, _frozen(space.fixed), _frozen(space.restrict), kinds)
+        k = (space.kernel.name, space.backend, _frozen(space.fixed), _frozen(space.restrict), kinds)
         if k not in self._spaces:
             self._spaces[k] = space.configs(args, shared_limit=self.device.shared_bytes,
                                             register_limit=self.register_limit)   # the device's limits
         return self._spaces[k]
 
-    def _related(self, p: Problem) -> list[dict]:
-        """Winners of this kernel and signature at other sizes (nearest first), then of the other dtype."""
+    def _related(self, p: Problem, backend: str = lookup.DEFAULT_BACKEND) -> list[dict]:
+        """Winners of this kernel and signature on ``backend`` at other sizes (nearest first), then of the other
+        dtype."""
         from tilestack.tune.lookup import SAME_SHAPE
 
-        mine = self.winners.get((p.kernel, p.signature), {})
+        mine = self.winners.get((p.kernel, p.signature, backend), {})
         near = sorted(mine, key=lambda b: (abs(b.bit_length() - p.bucket.bit_length()), b))
         dtype, _, rest = p.signature.partition("-")
         twin = "-".join(filter(None, (SAME_SHAPE.get(dtype, dtype), rest)))
-        other = self.winners.get((p.kernel, twin), {})
+        other = self.winners.get((p.kernel, twin, backend), {})
         twin_near = sorted(other, key=lambda b: (abs(b.bit_length() - p.bucket.bit_length()), b))
         return [c for b in twin_near[:1] for c in other[b]] + [c for b in near for c in mine[b][:2]]
 
