@@ -16,13 +16,15 @@ Stages pass b s d elements to their neighbours (point to point). After the pipel
 gradients over dp (DDP, or the Trainer's flat one), or for ZeRO-1 an all-reduce and ZeRO-2 a reduce-scatter,
 then an all-gather of the parameters; the optimizer runs on the rank's own elements.
 
-Memory per rank (bytes; the largest rank is the plan's): parameters, gradients and AdamW's two moments of the
-rank's layers, divided by tp for the tensor-parallel ones and by dp_shard (FSDP) — ZeRO-1 keeps the moments and an
-f32 master copy of 1/dp of them, ZeRO-2 the gradients too; activations: Korthikanti et al.'s bytes per layer and
-sample under the recompute policy (divided by tp where tensor parallelism splits them; all of them with sequence
-parallelism), times the micro-batch, times the micro-batches the schedule keeps in flight on that rank (the
-simulator's count), plus under full recompute one block's activations rebuilt during its backward, and under
-FSDP the gathered parameters of one layer (of the whole stage inside a pipeline, which keeps them gathered).
+Memory per rank (bytes; the largest rank is the plan's), by component: parameters, gradients and AdamW's two
+moments of the rank's layers, divided by tp for the tensor-parallel ones and by dp_shard (FSDP); ZeRO as
+ZeroOptimizer keeps it (f32 master copy and moments of 1/dp, a gradient slice, the flattened copies of a bucket
+while it reduces it); activations: Korthikanti et al.'s bytes per layer and sample under the recompute policy
+(divided by tp where tensor parallelism splits them; all of them with sequence parallelism but the all-gathered
+inputs torch saves whole), times the micro-batch, times the micro-batches the schedule keeps in flight on that
+rank (the simulator's count); transient buffers: one block rebuilt under full recompute, FSDP2's gathered units
+and gradient copies, a pipeline stage's receive buffers (one per micro-batch in torch's PipelineStage). The
+peak (``_peak``) is parameters + optimizer + the larger of what lives during backward and what after it.
 """
 
 from __future__ import annotations
@@ -30,13 +32,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from tilestack.parallel.config import RECOMPUTE
 from tilestack.parallel.parallelize import uses_ddp
 from tilestack.parallel.plan.comm import CommModel
 from tilestack.parallel.plan.compute import ComputeModel
 from tilestack.parallel.plan.describe import FP32_BYTES, TP_ALLREDUCES_BWD, TP_ALLREDUCES_FWD, ModelDesc, PlanError
 from tilestack.parallel.plan.schedule import SCHEDULES, Simulation, simulate
 
-RECOMPUTE = ("none", "selective", "full")
 ADAM_MOMENTS = 2
 LOSS_BYTES = FP32_BYTES          # the step's loss, all-reduced over pp and the data-parallel groups
 ZERO_BUCKET_NUMEL = 1 << 22      # the Trainer's ZeroOptimizer bucket (elements)

@@ -23,9 +23,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from tilestack.parallel.config import PP_SCHEDULES as SCHEDULES
 from tilestack.parallel.plan.describe import PlanError
-
-SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
 
 
 @dataclasses.dataclass(frozen=True)
