@@ -1,7 +1,8 @@
 """Automatic parallelization: predict a training step's time and memory under a plan, and search plans.
 
     from tilestack.parallel.model import ModelConfig
-    from tilestack.parallel.plan import describe_gpt, MeasuredCompute, measure_gloo, search, choose, write_plan
+    from tilestack.parallel.plan import MeasuredCompute, choose, describe_gpt, load_comm, measure_gloo, search
+    from tilestack.parallel.plan import write_plan
 
     desc = describe_gpt(ModelConfig(n_layer=4, d=128, n_head=4, vocab=256, max_seq=64), seq=64)
     compute = MeasuredCompute.for_gpt(desc)              # per-layer times measured here (or RooflineCompute)
@@ -16,7 +17,7 @@ pictures (matplotlib figures), goodput (gradient noise scale, Pollux's statistic
 plans for real and compare).
 """
 
-from tilestack.parallel.plan.comm import CommModel, h200_nccl, load_comm, measure_gloo
+from tilestack.parallel.plan.comm import ClusterComm, CommModel, h200_nccl, load_comm, measure_gloo
 from tilestack.parallel.plan.compute import ComputeModel, MeasuredCompute, RooflineCompute
 from tilestack.parallel.plan.describe import (
     LayerDesc,
@@ -26,13 +27,16 @@ from tilestack.parallel.plan.describe import (
     describe_module,
     describe_transformer,
 )
+from tilestack.parallel.plan.goodput import AdaptiveBatch, GradientNoiseScale, accumulate_and_observe, efficiency
+from tilestack.parallel.plan.planfile import read_plan, write_plan
 from tilestack.parallel.plan.predict import Plan, Prediction, predict
 from tilestack.parallel.plan.schedule import simulate
 from tilestack.parallel.plan.search import alpa_stages, brute_force_stages, choose, enumerate_plans, search
 
 __all__ = [
-    "CommModel", "ComputeModel", "LayerDesc", "MeasuredCompute", "ModelDesc", "Plan", "PlanError", "Prediction",
-    "RooflineCompute", "alpa_stages", "brute_force_stages", "choose", "describe_gpt", "describe_module",
-    "describe_transformer", "enumerate_plans", "h200_nccl", "load_comm", "measure_gloo", "predict", "search",
-    "simulate",
+    "AdaptiveBatch", "ClusterComm", "CommModel", "ComputeModel", "GradientNoiseScale", "LayerDesc", "MeasuredCompute",
+    "ModelDesc", "Plan", "PlanError", "Prediction", "RooflineCompute", "accumulate_and_observe", "alpa_stages",
+    "brute_force_stages", "choose", "describe_gpt", "describe_module", "describe_transformer", "efficiency",
+    "enumerate_plans", "h200_nccl", "load_comm", "measure_gloo", "predict", "read_plan", "search", "simulate",
+    "write_plan",
 ]
