@@ -8,6 +8,8 @@
 Dropout (``dropout_p > 0``, in any mode, as torch's SDPA: a model passes 0 in eval) is fused in the kernels: each
 call draws a random stream from torch's CPU generator (``torch.manual_seed`` repeats a run), the forward drops
 P's entries with it and the backward regenerates the same mask (``kernels.attention_fwd.dropout_mask`` gives it).
+A CUDA graph captures the stream drawn at capture, so its replays repeat one mask
+(``tilestack.scaled_dot_product_attention`` hands dropout under capture to torch, whose stream is graph-safe).
 
 fp32 inputs: the products go through the tf32 matrix units exactly when torch's own fp32 matmuls do
 (``torch.backends.cuda.matmul.allow_tf32``, i.e. ``torch.set_float32_matmul_precision("high")`` or
