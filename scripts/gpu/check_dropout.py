@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 P = 0.1
-TOL = {torch.bfloat16: 1e-2, torch.float32: 2e-3}
+TOL = {torch.bfloat16: 1e-2, torch.float32: 4e-3}   # fp32: tf32's documented bound on a GPU (attention_fwd)
 
 
 class _OutOfTime(Exception):

@@ -54,4 +54,4 @@ def test_fp32_through_tf32_within_the_bound():
         tf32 = rel(tilestack.attention(q, k, v, causal=True), o64)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
-    assert ieee < 1e-5 and 10 * ieee < tf32 < 2e-3, (ieee, tf32)
+    assert ieee < 1e-5 and 10 * ieee < tf32 < 4e-3, (ieee, tf32)   # H200: the largest of o and grads 1.9e-3
