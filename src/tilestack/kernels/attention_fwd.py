@@ -13,8 +13,8 @@ The meaning is torch's ``F.scaled_dot_product_attention`` (its math backend, in 
   cores; about 2e-7 relative norm error in o and the gradients against float64) or "tf32" (the tensor cores,
   several times faster: each operand keeps a 10-bit mantissa. With the CPU backends' round-to-nearest-even
   (error <= 2**-11 per operand) o is off by about 3e-4 and the gradients by about 6e-4 relative (norm) against
-  float64, tested to 2e-3; on an H200 the largest of o, dq, dk, dv at (2, 4, 257, 64) causal was 1.9e-3 (the
-  operands' conversion there is not round-to-nearest-even), so expect up to about 4e-3, the GPU tests' bound).
+  float64, tested to 2e-3; on an H200 the largest of o, dq, dk, dv at (2, 4, 257, 64) causal was 1.9e-3, so
+  expect up to about 4e-3, the GPU tests' bound).
   ``tilestack.attention`` picks tf32 exactly when torch's fp32 matmuls do (``torch.backends.cuda.matmul.
   allow_tf32``). bf16 and fp16 products are exact either way.
 - ``dropout_p`` > 0 with a stream ``rng`` (``dropout_rng()``: seed and offset from torch's CPU generator): P's
