@@ -67,3 +67,31 @@ def test_train_refuses_a_bad_plan_file(tmp_path):
     for path, match in ((tmp_path / "none.json", "does not exist"), (bad, "format='something-else'")):
         res = CliRunner().invoke(app, ["train", "--plan", str(path)])
         assert isinstance(res.exception, PlanError) and match in str(res.exception)
+
+
+TARGET = '''
+import torch
+from torch import nn
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 4)), \\
+        torch.randn(4, 16)
+'''
+
+
+def test_plan_a_module_it_has_never_seen(tmp_path):
+    """Any torch module (a script's build() -> (module, example input)): planned with data and pipeline
+    parallelism, its plan file refused by tilestack train (it trains tilestack's GPT only)."""
+    script, out = tmp_path / "mlp.py", tmp_path / "plan.json"
+    script.write_text(TARGET)
+    with config.override(cache_dir=tmp_path):
+        _store_fit(tmp_path)
+        res = CliRunner().invoke(app, ["plan", "--nproc", "2", "--target", str(script), "--batch", "8",
+                                       "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        assert "not runnable by tilestack train" in res.output and "dp2" in res.output and "pp2" in res.output
+        spec = json.loads(out.read_text())
+        assert spec["model"] is None and spec["bounds"][0] == 0 and spec["bounds"][-1] == 5
+        run = CliRunner().invoke(app, ["train", "--plan", str(out)])
+        assert isinstance(run.exception, PlanError) and "not tilestack's parallel GPT" in str(run.exception)
