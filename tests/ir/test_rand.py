@@ -9,7 +9,7 @@ import torch
 
 import tilestack.lang as ts
 from tilestack.errors import BackendError, TileDTypeError, TileShapeError, TraceError
-from tilestack.ir.ops import philox_uniform, philox_word, rand_counters
+from tilestack.ir.ops import philox_uniform, philox_word, philox_words, rand_counters
 
 # Triton's own random functions on int64 counters loaded from a tensor (no tilestack code in between)
 _TRITON_RAND = '''
@@ -88,29 +88,37 @@ def rand_kernel(Out, seed: int, offset: int, *, BM: int, BN: int):
 
 
 @ts.kernel(grid=lambda Out, BM, BN: (ts.cdiv(Out.shape[0], BM), ts.cdiv(Out.shape[1], BN)))
-def rand4_kernel(Out, seed: int, offset: int, *, BM: int, BN: int):
-    """Out[r, c] = word c % 4 of Philox at counter offset + r * cdiv(cols, 4) + c // 4 (tl.rand4x)."""
+def rand_n_kernel(Out, seed: int, offset: int, *, BM: int, BN: int, N: int):
+    """Out[r, c] = number c % N of Philox at counter offset + r * cdiv(cols, N) + c // N."""
     i, j = ts.block_id(0), ts.block_id(1)
     u = ts.RegTile[ts.f32, BM, BN]()
-    ts.rand(u, seed, offset, row=i * BM, col=j * BN, stride=ts.cdiv(Out.shape[1], 4), words=4)
+    ts.rand(u, seed, offset, row=i * BM, col=j * BN, stride=ts.cdiv(Out.shape[1], N), per_counter=N)
     ts.store(Out, u, at=(i, j))
 
 
-def rand4_grid(seed: int, offset: int, rows: int, cols: int) -> np.ndarray:
-    """What rand4_kernel writes, from tl.rand4x's definition: column 4k + w is word w of counter k."""
-    per_row = -(-cols // 4)
+def rand_n_grid(seed: int, offset: int, rows: int, cols: int, n: int) -> np.ndarray:
+    """What rand_n_kernel writes, from the definitions: column n*k + m is number m of counter k (tl.rand4x's
+    uniforms for 4; for 8 the low 16-bit halves of tl.randint4x's words, then the high ones, over 65536)."""
+    per_row = -(-cols // n)
     counters = offset + np.arange(rows)[:, None] * per_row + np.arange(per_row)[None, :]
-    words = philox_uniform(seed, counters, words=4)                        # (4, rows, per_row)
-    return np.moveaxis(words, 0, -1).reshape(rows, 4 * per_row)[:, :cols]
+    if n == 4:
+        numbers = philox_uniform(seed, counters, per_counter=4)                  # (4, rows, per_row)
+    else:
+        w = philox_words(seed, counters)
+        numbers = np.concatenate([w & 0xFFFF, w >> 16]).astype(np.float64) / 65536
+    return np.moveaxis(numbers, 0, -1).reshape(rows, n * per_row)[:, :cols]
 
 
 @pytest.mark.parametrize("backend", ("reference", "triton"))
+@pytest.mark.parametrize("n", (4, 8))
 @pytest.mark.parametrize("shape,seed,offset", [((37, 21), 5, 0), ((16, 70), 2**62 + 3, 2**61 + 16)], ids=str)
-def test_four_words_per_counter(backend, shape, seed, offset):
-    """words=4: a quarter of the Philox calls, each word an element; ragged rows and columns."""
+def test_several_numbers_per_counter(backend, n, shape, seed, offset):
+    """per_counter=4 and 8: a quarter and an eighth of the Philox calls; ragged rows and columns."""
     out = torch.full(shape, float("nan"))
-    rand4_kernel(out, seed, offset, BM=16, BN=32, backend=backend)
-    assert np.array_equal(out.numpy(), rand4_grid(seed, offset, *shape))
+    rand_n_kernel(out, seed, offset, BM=16, BN=32, N=n, backend=backend)
+    assert np.array_equal(out.numpy(), rand_n_grid(seed, offset, *shape, n))
+    if n == 8:
+        assert np.all(out.numpy() * 65536 == np.round(out.numpy() * 65536)) and out.max() < 1
 
 
 def test_four_words_are_tritons_rand4x(rng):
@@ -125,19 +133,19 @@ def test_four_words_are_tritons_rand4x(rng):
     counters = np.concatenate([np.arange(8), rng.integers(2**32, 2**63, 8, np.int64)]).astype(np.int64)
     uniform = torch.zeros(4 * 16)
     fn[(1,)](torch.from_numpy(counters), torch.zeros(16, dtype=torch.int32), uniform, 99, N=16)
-    assert np.array_equal(uniform.numpy().reshape(4, 16), philox_uniform(99, counters, words=4))
+    assert np.array_equal(uniform.numpy().reshape(4, 16), philox_uniform(99, counters, per_counter=4))
 
 
-def test_four_words_need_an_aligned_first_column():
+def test_several_numbers_per_counter_need_an_aligned_first_column():
     out = torch.zeros(4, 64)
-    with pytest.raises(BackendError, match=r"rand with words=4 at col=2; a tile's first column must be a multiple"):
+    with pytest.raises(BackendError, match=r"rand with per_counter=4 at col=2; a tile's first column must be a"):
         rand4_at_col2(out, 1, backend="reference")
 
 
 @ts.kernel(grid=lambda Out: (1,))
 def rand4_at_col2(Out, seed: int):
     u = ts.RegTile[ts.f32, 4, 16]()
-    ts.rand(u, seed, col=2, words=4)
+    ts.rand(u, seed, col=2, per_counter=4)
     ts.store(Out, u, at=(0, 0))
 
 
@@ -191,10 +199,10 @@ def test_bad_uses_are_refused_at_trace_time():
     @ts.kernel(grid=lambda Out: (1,))
     def ragged_words(Out, seed: int):
         u = ts.RegTile[ts.f32, 16, 6]()
-        ts.rand(u, seed, words=4)
+        ts.rand(u, seed, per_counter=8)
         ts.store(Out, u, at=(0, 0))
 
-    with pytest.raises(TileShapeError, match=r"rand: words=4 for dst `u` \(16, 6\); expected 1 or 4, dividing"):
+    with pytest.raises(TileShapeError, match=r"rand: per_counter=8 for dst `u` \(16, 6\); expected 1, 4 or 8, div"):
         ragged_words.trace(ts.ArgSpec(ts.f32, 2), 1)
     with pytest.raises(TileDTypeError, match=r"rand: dst `u` is bf16; rand makes f32 uniforms"):
         bf16_dst.trace(ts.ArgSpec(ts.f32, 2), 1)

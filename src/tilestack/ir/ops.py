@@ -124,7 +124,7 @@ class MmaAttrs:
 
 @dataclasses.dataclass(frozen=True)
 class RandAttrs:
-    words: int = 1      # Philox output words used per counter: 1 (tl.rand) or 4 (tl.rand4x, a quarter the work)
+    per_counter: int = 1   # uniforms per Philox counter: 1 (tl.rand), 4 (tl.rand4x), 8 (its words' 16-bit halves)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -685,14 +685,21 @@ UINT32_TO_UNIFORM = np.float32(4.6566127342e-10)   # the largest f32 with (2**31
 _U32 = np.uint64(0xFFFFFFFF)
 
 
-def philox_uniform(seed: int, counters, words: int = 1) -> np.ndarray:
+HALF_TO_UNIFORM = np.float32(2.0**-16)   # a 16-bit half h as the uniform h / 65536 (exact in f32)
+
+
+def philox_uniform(seed: int, counters, per_counter: int = 1) -> np.ndarray:
     """Uniform f32 in [0, 1) for each 64-bit counter (an int array, wrapped to 64 bits) under key ``seed``:
-    the bits of Triton's ``tl.rand(seed, counters)`` with int64 counters; with ``words=4``, of ``tl.rand4x``,
-    stacked on a new first axis of 4. Returned as float32."""
-    x = philox_words(seed, counters)[:words].view(np.int32)
+    the bits of Triton's ``tl.rand(seed, counters)`` with int64 counters. ``per_counter=4``: ``tl.rand4x``'s
+    four, stacked on a new first axis; ``per_counter=8``: the 16-bit halves of ``tl.randint4x``'s words over
+    65536 (multiples of 2**-16: the four low halves, then the four high ones), stacked on a new first axis."""
+    words = philox_words(seed, counters)
+    if per_counter == 8:
+        return np.concatenate([words & 0xFFFF, words >> 16]).astype(np.float32) * HALF_TO_UNIFORM
+    x = words[:per_counter].view(np.int32)
     x = np.where(x < 0, np.invert(x), x)     # -x - 1 without the overflow at -2**31
     u = x.astype(np.float32) * UINT32_TO_UNIFORM
-    return u[0] if words == 1 else u
+    return u[0] if per_counter == 1 else u
 
 
 def philox_word(seed: int, counters) -> np.ndarray:
@@ -720,7 +727,7 @@ def philox_words(seed: int, counters) -> np.ndarray:
 def rand_counters(shape: tuple[int, ...], offset: int, row: int, col: int, stride: int) -> np.ndarray:
     """The rand op's counters: ``offset + (row + r) * stride + col + c`` for element (r, c) of a tile (a vector
     is one row: ``offset + row * stride + col + k``), wrapped to 64 bits as int64 arithmetic on the GPU. (With
-    4 words per counter, the op asks for the counters of a tile a quarter as wide, from col // 4.)"""
+    n uniforms per counter, the op asks for the counters of a tile 1/n as wide, from col // n.)"""
     wrap = [np.uint64(int(x) % 2**64) for x in (offset, row, col, stride)]
     offset, row, col, stride = wrap
     cols = np.arange(shape[-1], dtype=np.uint64)
@@ -729,7 +736,7 @@ def rand_counters(shape: tuple[int, ...], offset: int, row: int, col: int, strid
         return offset + (row + rows) * stride + col + cols
 
 
-RAND_WORDS = (1, 4)
+RAND_PER_COUNTER = (1, 4, 8)
 
 
 def _rand_rule(ins: Instr) -> None:
@@ -739,31 +746,32 @@ def _rand_rule(ins: Instr) -> None:
         _fail(ins, f"makes f32 uniforms (as Triton's tl.rand), not a {ins.result.type}")
     for v, what in zip(ins.srcs, ("seed", "offset", "row", "col", "stride"), strict=True):
         _index(ins, v, what)
-    words = ins.attrs.words
-    if words not in RAND_WORDS or ins.result.type.shape[-1] % words:
-        _fail(ins, f"words={words} for a {ins.result.type}; expected one of {RAND_WORDS}, dividing its width")
+    n = ins.attrs.per_counter
+    if n not in RAND_PER_COUNTER or ins.result.type.shape[-1] % n:
+        _fail(ins, f"per_counter={n} for a {ins.result.type}; expected one of {RAND_PER_COUNTER}, dividing its width")
 
 
 def _rand_ref(ins: Instr, s: list, m) -> np.ndarray:
     seed, offset, row, col, stride = s
-    shape, words = ins.result.type.shape, ins.attrs.words
-    if words == 1:
+    shape, n = ins.result.type.shape, ins.attrs.per_counter
+    if n == 1:
         return philox_uniform(seed, rand_counters(shape, offset, row, col, stride)).astype(np.float64)
-    if int(col) % words:
-        raise BackendError(f"{ins.where}: rand with words={words} at col={int(col)}; a tile's first column must be "
-                           f"a multiple of {words}")
-    narrow = (*shape[:-1], shape[-1] // words)
-    u = philox_uniform(seed, rand_counters(narrow, offset, row, int(col) // words, stride), words)   # (4, ..., C/4)
-    return np.moveaxis(u, 0, -1).reshape(shape).astype(np.float64)      # column 4k + w: word w of counter k
+    if int(col) % n:
+        raise BackendError(f"{ins.where}: rand with per_counter={n} at col={int(col)}; a tile's first column must "
+                           f"be a multiple of {n}")
+    narrow = (*shape[:-1], shape[-1] // n)
+    u = philox_uniform(seed, rand_counters(narrow, offset, row, int(col) // n, stride), n)   # (n, ..., C/n)
+    return np.moveaxis(u, 0, -1).reshape(shape).astype(np.float64)      # column n*k + w: uniform w of counter k
 
 
 define(OpDef(
     Op.RAND, "(seed, offset, row, col, stride) -> f32 tile", "tile", RandAttrs, _rand_rule, _rand_ref,
     _per_result_element,
     doc="Uniform floats in [0, 1): Philox 4x32-10 (Triton's tl.rand) under key ``seed`` at counter "
-        "``offset + (row + r) * stride + col + c`` for element (r, c), in 64-bit arithmetic. With words=4 "
-        "(tl.rand4x: a quarter the work) element (r, c) is word (col + c) % 4 of counter "
-        "``offset + (row + r) * stride + (col + c) // 4``; col must be a multiple of 4."))
+        "``offset + (row + r) * stride + col + c`` for element (r, c), in 64-bit arithmetic. With per_counter "
+        "n = 4 (tl.rand4x) or 8 (tl.randint4x's 16-bit halves / 65536), a 1/n of the work, element (r, c) is "
+        "uniform (col + c) % n of counter ``offset + (row + r) * stride + (col + c) // n``; col must be a "
+        "multiple of n."))
 
 
 # ---- memory and control -----------------------------------------------------------------------------------------

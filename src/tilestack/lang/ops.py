@@ -356,7 +356,7 @@ def arange(dst: Tile, start=0) -> None:
     _write(dst, Op.ARANGE, (as_index(start, "arange: start").v,), dst.shape, "arange")
 
 
-def rand(dst: Tile, seed, offset=0, *, row=0, col=0, stride=None, words: int = 1) -> None:
+def rand(dst: Tile, seed, offset=0, *, row=0, col=0, stride=None, per_counter: int = 1) -> None:
     """Uniform random floats in [0, 1) into the f32 register tile (or vector) ``dst``: counter-based, Philox
     4x32-10 exactly as Triton's ``tl.rand``. Element (r, c) is drawn with key ``seed`` at counter
     ``offset + (row + r) * stride + col + c`` (a vector is one row: ``offset + row * stride + col + k``), in
@@ -365,21 +365,23 @@ def rand(dst: Tile, seed, offset=0, *, row=0, col=0, stride=None, words: int = 1
 
         ts.rand(u, seed, offset, row=bh * Nq + i * BM, col=j * BN, stride=Nk)   # block (i, j) of a (Nq, Nk) grid
 
-    ``words=4`` uses all four of Philox's output words (``tl.rand4x``), a quarter of the work: element (r, c) is
-    word (col + c) % 4 of counter ``offset + (row + r) * stride + (col + c) // 4`` (stride then counts counters
-    per row, e.g. cdiv(Nk, 4); col must be a multiple of 4 and dst's width too).
+    ``per_counter=n`` draws n numbers per counter, 1/n of the work: 4 (``tl.rand4x``: all four of Philox's output
+    words) or 8 (the 16-bit halves of ``tl.randint4x``'s words over 65536: multiples of 2**-16, the four low
+    halves, then the four high ones). Element (r, c) is number (col + c) % n of counter
+    ``offset + (row + r) * stride + (col + c) // n`` (stride then counts counters per row, e.g. cdiv(Nk, n); col
+    must be a multiple of n and dst's width too).
     """
     _need_dst("rand", dst)
     if dst.dtype is not f32:
         raise TileDTypeError(f"rand: dst `{_name(dst)}` is {dst.dtype}; rand makes f32 uniforms (as tl.rand)",
                              user_line())
-    if words not in (1, 4) or dst.shape[-1] % words:
-        raise TileShapeError(f"rand: words={words!r} for dst `{_name(dst)}` {dst.shape}; expected 1 or 4, "
-                             "dividing dst's width", user_line())
-    stride = dst.shape[-1] // words if stride is None else stride
+    if per_counter not in (1, 4, 8) or dst.shape[-1] % per_counter:
+        raise TileShapeError(f"rand: per_counter={per_counter!r} for dst `{_name(dst)}` {dst.shape}; expected 1, 4 "
+                             "or 8, dividing dst's width", user_line())
+    stride = dst.shape[-1] // per_counter if stride is None else stride
     srcs = tuple(as_index(x, f"rand: {what}").v for x, what in
                  ((seed, "seed"), (offset, "offset"), (row, "row"), (col, "col"), (stride, "stride")))
-    _write(dst, Op.RAND, srcs, dst.shape, "rand", words=words)
+    _write(dst, Op.RAND, srcs, dst.shape, "rand", per_counter=per_counter)
 
 
 # ---- matrix products ----------------------------------------------------------------------------------------------

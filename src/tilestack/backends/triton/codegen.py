@@ -411,23 +411,39 @@ def _e_arange(e: _Emitter, ins: Instr) -> None:
 @register_emitter("triton", Op.RAND)
 def _e_rand(e: _Emitter, ins: Instr) -> None:
     seed, offset, row, col, stride = (e.name(s) for s in ins.srcs)
-    shape, words = ins.result.type.shape, ins.attrs.words
-    width = shape[-1] // words                  # counters per row: each gives `words` numbers
+    shape, n = ins.result.type.shape, ins.attrs.per_counter
+    width = shape[-1] // n                      # counters per row: each gives n numbers
     # 64-bit counters from the first term on (tl.cast, not .to: under the interpreter an index may be a Python int)
-    first = f"tl.cast({col}, tl.int64)" if words == 1 else f"(tl.cast({col}, tl.int64) // {words})"
+    first = f"tl.cast({col}, tl.int64)" if n == 1 else f"(tl.cast({col}, tl.int64) // {n})"
     if len(shape) == 2:
         rows = f"(tl.cast({row}, tl.int64) + tl.arange(0, {shape[0]})[:, None])"
         cols = f"({first} + tl.arange(0, {width})[None, :])"
     else:
         rows, cols = f"tl.cast({row}, tl.int64)", f"({first} + tl.arange(0, {width}))"
     counters = f"tl.cast({offset}, tl.int64) + {rows} * {stride} + {cols}"
-    if words == 1:
+    if n == 1:
         e.assign(ins.result, f"tl.rand({seed}, {counters})")
         return
-    # tl.rand4x's four tiles interleaved along the row: column 4k + w is word w of counter k
-    u = [f"{e.name(ins.result)}_w{w}" for w in range(4)]
-    e.emit(f"{', '.join(u)} = tl.rand4x({seed}, {counters})")
-    e.assign(ins.result, f"tl.interleave(tl.interleave({u[0]}, {u[2]}), tl.interleave({u[1]}, {u[3]}))")
+    base = e.name(ins.result)
+    words = [f"{base}_w{w}" for w in range(4)]
+    if n == 4:
+        e.emit(f"{', '.join(words)} = tl.rand4x({seed}, {counters})")
+        u = words
+    else:   # the four low 16-bit halves, then the four high ones, each over 65536
+        e.emit(f"{', '.join(words)} = tl.randint4x({seed}, {counters})")
+        u = [f"{base}_h{k}" for k in range(8)]
+        for k in range(8):
+            half = f"({words[k % 4]} & 0xFFFF)" if k < 4 else f"({words[k % 4]} >> 16)"
+            e.emit(f"{u[k]} = {half}.to(tl.float32) * {float(2.0**-16)!r}")
+    e.assign(ins.result, _interleaved(u))
+
+
+def _interleaved(tiles: list[str]) -> str:
+    """Tiles t_0..t_{n-1} of one shape interleaved along the last axis: column n*k + m is t_m's column k (n a power
+    of two: the even columns interleave the even tiles, the odd ones the odd tiles)."""
+    if len(tiles) == 1:
+        return tiles[0]
+    return f"tl.interleave({_interleaved(tiles[0::2])}, {_interleaved(tiles[1::2])})"
 
 
 @register_emitter("triton", Op.ATOMIC_ADD)
