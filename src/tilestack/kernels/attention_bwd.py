@@ -54,7 +54,7 @@ from tilestack.kernels.attention_fwd import (
     philox_args,
     query_block_keys,
 )
-from tilestack.tune.lookup import launch_config
+from tilestack.tune.lookup import launch_config, take_backend, tuned_launcher
 
 
 @ts.kernel(grid=lambda O, BM: (ts.cdiv(O.shape[2], BM), O.shape[0] * O.shape[1]),
@@ -430,9 +430,12 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
     DT, DVT = head_tile(D), head_tile(Dv)
     sig = config_signature(q, DT, DVT, causal)
     defaults = default_config(max(DT, DVT), causal, q.device.type, q.dtype)
-    cfg = {part: launch_config(f"attention_bwd_{part}", sig, q.device, Nq, c) for part, c in defaults.items()}
+    cfg = {part: launch_config(f"attention_bwd_{part}", sig, q.device, Nq, c, backend)
+           for part, c in defaults.items()}
     for name, c in (config or {}).items():
         cfg[name] = cfg[name] | c
+    # each kernel on the backend named, else on the one its own table entry chose (each is tuned on its own)
+    backends = {part: (take_backend(c, backend), backend) for part, c in cfg.items()}   # (to launch on, named)
     consts = dict(D=DT, causal=bool(causal))
     if DVT != DT:
         consts["DV"] = DVT
@@ -449,20 +452,21 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
     delta, dq, dk, dv = buffers(q, k, v)
     do = do.contiguous()
     bias = mask_as_bias(attn_mask, (B, H, Nq, Nk))
-    launch_delta = attention_bwd_delta_kernel.launcher_for((o, do, delta), backend, D=DVT, **cfg["delta"])
+    launch_delta = tuned_launcher(attention_bwd_delta_kernel, (o, do, delta), *backends["delta"], D=DVT,
+                                  **cfg["delta"])
     if dropout_p > 0:   # kernels of their own: dropout_p = 0 runs the kernels below, untouched
         return _dropout_run(q, k, v, bias, do, lse, delta, dq, dk, dv, scale, rng, float(dropout_p), buffers,
-                            launch_delta, backend, consts, cfg, (B, H, Nq, Nk))
+                            launch_delta, backends, consts, cfg, (B, H, Nq, Nk))
     if not with_bias:
-        launch_dkdv = attention_bwd_dkdv_kernel.launcher_for((q, k, v, do, lse, delta, dk, dv, scale), backend,
-                                                             **consts, **cfg["dkdv"])
-        launch_dq = attention_bwd_dq_kernel.launcher_for((q, k, v, do, lse, delta, dq, scale), backend, **consts,
-                                                         **cfg["dq"])
+        launch_dkdv = tuned_launcher(attention_bwd_dkdv_kernel, (q, k, v, do, lse, delta, dk, dv, scale),
+                                     *backends["dkdv"], **consts, **cfg["dkdv"])
+        launch_dq = tuned_launcher(attention_bwd_dq_kernel, (q, k, v, do, lse, delta, dq, scale), *backends["dq"],
+                                   **consts, **cfg["dq"])
     else:
-        launch_dkdv = attention_bwd_dkdv_bias_kernel.launcher_for((q, k, v, bias, do, lse, delta, dk, dv, scale),
-                                                                  backend, **consts, **cfg["dkdv"])
-        launch_dq = attention_bwd_dq_bias_kernel.launcher_for((q, k, v, bias, do, lse, delta, dq, scale), backend,
-                                                              **consts, **cfg["dq"])
+        launch_dkdv = tuned_launcher(attention_bwd_dkdv_bias_kernel, (q, k, v, bias, do, lse, delta, dk, dv, scale),
+                                     *backends["dkdv"], **consts, **cfg["dkdv"])
+        launch_dq = tuned_launcher(attention_bwd_dq_bias_kernel, (q, k, v, bias, do, lse, delta, dq, scale),
+                                   *backends["dq"], **consts, **cfg["dq"])
 
     def run(q, k, v, o, lse, do, *_, attn_mask=None, **__):
         delta, dq, dk, dv = buffers(q, k, v)
@@ -479,18 +483,20 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
     return run
 
 
-def _dropout_run(q, k, v, bias, do, lse, delta, dq, dk, dv, scale, rng, p, buffers, launch_delta, backend, consts,
+def _dropout_run(q, k, v, bias, do, lse, delta, dq, dk, dv, scale, rng, p, buffers, launch_delta, backends, consts,
                  cfg, shape):
     """attention_backward's ``run`` after a forward with dropout: the dropout twins of the dK/dV and dQ kernels
-    (with the bias or not), the stream's (seed, offset) read per call."""
+    (with the bias or not), the stream's (seed, offset) read per call; ``backends``: per part (the backend to
+    launch on, the one the caller named)."""
     extra = (*philox_args(rng), dropout_threshold(p), dropout_scale(p))
     with_bias = bias is not None
     kdkdv, kdq = ((attention_bwd_dkdv_bias_dropout_kernel, attention_bwd_dq_bias_dropout_kernel) if with_bias else
                   (attention_bwd_dkdv_dropout_kernel, attention_bwd_dq_dropout_kernel))
     b = (bias,) if with_bias else ()
-    launch_dkdv = kdkdv.launcher_for((q, k, v, *b, do, lse, delta, dk, dv, scale, *extra), backend, **consts,
-                                     **cfg["dkdv"])
-    launch_dq = kdq.launcher_for((q, k, v, *b, do, lse, delta, dq, scale, *extra), backend, **consts, **cfg["dq"])
+    launch_dkdv = tuned_launcher(kdkdv, (q, k, v, *b, do, lse, delta, dk, dv, scale, *extra), *backends["dkdv"],
+                                 **consts, **cfg["dkdv"])
+    launch_dq = tuned_launcher(kdq, (q, k, v, *b, do, lse, delta, dq, scale, *extra), *backends["dq"], **consts,
+                               **cfg["dq"])
 
     def run(q, k, v, o, lse, do, *_, attn_mask=None, rng=None, **__):
         delta, dq, dk, dv = buffers(q, k, v)

@@ -19,7 +19,7 @@ import tilestack.lang as ts
 from tilestack.errors import LaunchError, TraceError
 from tilestack.kernels._checks import check_out_memory, check_same_device, check_tensor, nothing_to_launch
 from tilestack.kernels._plan import planned
-from tilestack.tune.lookup import launch_config
+from tilestack.tune.lookup import DEFAULT_BACKEND, launch_config, take_backend, tuned_launcher
 
 
 def _grid(A, B, BM, BN):
@@ -272,9 +272,10 @@ def gemm(a, b, *, bias=None, activation: str | None = None, residual=None, out=N
         # (M, 0) @ (0, N) is a sum of nothing: zeros (an epilogue still runs on them: below)
         return lambda a, b, *, out=None, bias=None, residual=None, **_: (
             output(a, b, out, bias, residual).zero_() if a.shape[1] == 0 else output(a, b, out, bias, residual))
-    cfg = gemm_config(a.shape[0], b.shape[1], a.shape[1], a.dtype, a.device) | config
+    cfg = gemm_config(a.shape[0], b.shape[1], a.shape[1], a.dtype, a.device, backend) | config
+    asked, backend = backend, take_backend(cfg, backend)      # the tuned backend where none was named
     if not fused:
-        launch = gemm_kernel.launcher_for((a, b, c), backend, **cfg)
+        launch = tuned_launcher(gemm_kernel, (a, b, c), backend, asked, **cfg)
 
         def run(a, b, *, out=None, **_):
             c = output(a, b, out)
@@ -285,9 +286,10 @@ def gemm(a, b, *, bias=None, activation: str | None = None, residual=None, out=N
     # a b stored as its transpose (a Linear's weight.t(): column-major) is read as (N, K) rows; an absent bias or
     # residual: a stands in for it, never read (HAS_BIAS / HAS_RESIDUAL are False)
     trans_b = b.shape[1] > 1 and b.stride(0) == 1 and b.stride(1) != 1
-    launch = gemm_epilogue_kernel.launcher_for(
+    launch = tuned_launcher(
+        gemm_epilogue_kernel,
         (a, b.t() if trans_b else b, a if bias is None else bias, a if residual is None else residual, c), backend,
-        activation=activation, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, TRANS_B=trans_b,
+        asked, activation=activation, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, TRANS_B=trans_b,
         **cfg)
 
     def run_fused(a, b, *, bias=None, residual=None, out=None, **_):
@@ -297,7 +299,8 @@ def gemm(a, b, *, bias=None, activation: str | None = None, residual=None, out=N
     return run_fused
 
 
-def gemm_config(m: int, n: int, k: int, dtype, device) -> dict:
-    """The tuned config for this size (tilestack.tune's tables, by the largest dimension), else the default."""
+def gemm_config(m: int, n: int, k: int, dtype, device, backend: str | None = DEFAULT_BACKEND) -> dict:
+    """The tuned config for this size (tilestack.tune's tables, by the largest dimension), else the default;
+    ``backend`` as ``tune.lookup.launch_config`` takes it (None: the tables' choice, carried as "backend")."""
     sig = str(dtype).removeprefix("torch.")
-    return launch_config("gemm", sig, device, max(m, n, k), {})
+    return launch_config("gemm", sig, device, max(m, n, k), {}, backend)

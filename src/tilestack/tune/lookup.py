@@ -14,15 +14,15 @@ Resolution, for the device's key (architecture, SM count, shared memory per bloc
 
 A config from another device that needs more shared memory than this one has is never used.
 
-Backends: an entry names the backend it was tuned on (``"backend"``; absent: ``DEFAULT_BACKEND``, as every
-table before the tuner searched backends) and may keep the best config of each other backend it timed
-(``"others"``: backend -> {"config", "options", "seconds"}). With no backend asked for (``backend=None`` and
-the ``TILESTACK_BACKEND`` knob at "auto"), the result carries the entry's ``"backend"`` and the library function
-launches on it (the default backend is not named: the launch picks it anyway); asked for one, the result is that backend's own config where the entry keeps one (else the
-winner's) and carries no ``"backend"``. An entry whose backend cannot launch on this device (the gluon backend
-off sm_90, a backend this install lacks) is skipped, once per device and backend logged as a warning, for
-another backend's config in the same entry, else the next table or ``default``. Callers take the backend out
-with ``take_backend``.
+Backends: an entry names the backend it was tuned on (``"backend"``; absent: ``DEFAULT_BACKEND``, as in every
+table from before the tuner searched backends) and may keep the best config of each other backend it timed
+(``"others"``: backend -> {"config", "options", "seconds"}). A library function passes on the ``backend`` it
+was given; given None (and the ``TILESTACK_BACKEND`` knob at "auto"), the tables choose: the result carries the
+entry's backend as ``"backend"`` where it is not the default one (a launch picks that anyway), and
+``take_backend`` takes it out at plan time. Given a backend, the result is that backend's own config where the
+entry keeps one, else the winner's, and names none. An entry whose backend cannot launch on this device (the
+gluon backend off sm_90, a backend this install lacks) gives another backend's config of the same entry, else
+the next table's, else ``default``: logged once per device and backend, never an error.
 """
 
 from __future__ import annotations
@@ -45,13 +45,16 @@ _logged: set[tuple] = set()
 DEFAULT_BACKEND = "triton"   # what a table entry without "backend" was tuned on (pick_backend's for CUDA tensors)
 
 
-def launch_config(kernel: str, signature: str, device, n: int, default: dict, backend: str | None = None) -> dict:
+def launch_config(kernel: str, signature: str, device, n: int, default: dict,
+                  backend: str | None = DEFAULT_BACKEND) -> dict:
     """The tuned config for this launch over ``default`` (a new dict either way; see the module docstring).
 
     ``device`` is a ``torch.device`` or its string; one without an index means the current device when first
     seen. ``n`` is the size the kernel tunes by (sequence length, the largest GEMM dimension, the row width).
-    ``backend``: the one the caller asked for (None: the ``TILESTACK_BACKEND`` knob's, else the tuned one, which
-    the result then carries as ``"backend"``: see ``take_backend``)."""
+    ``backend``: the one the launch uses (left out: the default backend's config, as before the tables named
+    backends, for callers that launch on it); None, as a library function passes on a ``backend=None`` it was
+    given: the ``TILESTACK_BACKEND`` knob's if set, else the tables choose, and a result naming a backend other
+    than the default carries it as ``"backend"`` (``take_backend`` takes it out)."""
     if backend is None and knobs.backend != "auto":
         backend = knobs.backend
     try:
@@ -70,6 +73,25 @@ def take_backend(cfg: dict, backend: str | None) -> str | None:
     out of ``cfg``: it is not a kernel constant), else None (``backends.pick_backend``'s default)."""
     tuned = cfg.pop("backend", None)
     return backend if backend is not None else tuned
+
+
+def tuned_launcher(kernel, args, backend: str | None, asked: str | None, **consts):
+    """``kernel.launcher_for(args, backend, **consts)`` at plan time, where ``backend`` is ``take_backend``'s and
+    ``asked`` the one the caller named. A backend the tables chose (``asked`` None) that refuses this launch
+    (a variant of the tuned kernel it cannot lower, strides its copy engine cannot take: its BackendError or
+    LaunchError) gives way to the default backend, logged once per kernel and backend; a named one raises."""
+    from tilestack.errors import BackendError, LaunchError
+
+    try:
+        return kernel.launcher_for(args, backend, **consts)
+    except (BackendError, LaunchError) as e:
+        if asked is not None or backend is None:
+            raise
+        if (kernel.name, backend) not in _logged:
+            _logged.add((kernel.name, backend))
+            log.warning("tilestack.tune: %s on backend %r, tuned for this size, refused this launch (%s: %s); "
+                        "launching on the default backend.", kernel.name, backend, type(e).__name__, str(e)[:200])
+        return kernel.launcher_for(args, None, **consts)
 
 
 def _resolve(kernel: str, signature: str, device, n: int, backend: str | None = None) -> dict | None:
