@@ -88,8 +88,9 @@ def test_plan_a_module_it_has_never_seen(tmp_path):
     with config.override(cache_dir=tmp_path):
         _store_fit(tmp_path)
         res = CliRunner().invoke(app, ["plan", "--nproc", "2", "--target", str(script), "--batch", "8",
-                                       "--out", str(out)])
+                                       "--out", str(out), "--alpa"])
         assert res.exit_code == 0, res.output
+        assert "Alpa's inter-operator DP" in res.output
         assert "not runnable by tilestack train" in res.output and "dp2" in res.output and "pp2" in res.output
         spec = json.loads(out.read_text())
         assert spec["model"] is None and spec["bounds"][0] == 0 and spec["bounds"][-1] == 5

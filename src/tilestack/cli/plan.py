@@ -75,6 +75,8 @@ def plan_command(
     top: int = typer.Option(12, min=1, help="rows of the ranked table"),
     out: str = typer.Option("", help="write the chosen plan here (runnable by tilestack train --plan)"),
     figures: str = typer.Option("", help="directory for timeline.png and memory.png of the chosen plan"),
+    alpa: bool = typer.Option(False, help="also run Alpa's inter-operator DP: stages over sub-meshes of any size, "
+                              "each with its own best layout"),
     measure: int = typer.Option(0, min=0, help="also train the K best runnable plans here (gloo) and compare"),
     steps: int = typer.Option(6, min=3, help="steps per measured plan"),
 ) -> None:
@@ -110,7 +112,7 @@ def plan_command(
     m0 = base_batch or min(batches)
     eff = (lambda m: efficiency(m, noise_scale, m0)) if rank_by == "goodput" else None
     ranked = search(desc, compute, comm_model, world_size=nproc, batch=batches, memory_limit=limit,
-                               rank_by=rank_by, efficiency=eff)
+                    rank_by=rank_by, efficiency=eff)
     chosen = choose(ranked)
     con = Console() if Console().is_terminal else Console(width=150)     # a pipe or a log: do not squeeze the table
     table = Table(title=f"{desc.name} on {nproc} ranks ({compute.source}; comm: {comm_model.source})",
@@ -141,6 +143,8 @@ def plan_command(
         fig_dir.mkdir(parents=True, exist_ok=True)
         con.print(f"figures: {timeline_png(chosen.prediction, fig_dir / 'timeline.png')}, "
                   f"{memory_png(chosen.prediction, fig_dir / 'memory.png', limit=limit)}")
+    if alpa:
+        _alpa(con, desc, compute, comm_model, nproc, min(batches), chosen, limit)
     if measure:
         _measure(con, desc, [r.prediction for r in ranked if r.prediction.runnable][:measure], steps)
 
@@ -226,6 +230,32 @@ def _check_memory(desc, nproc: int, batches: list[int], limit: float | None) -> 
         raise PlanError(f"--memory-limit {limit:.4g} bytes per rank: no plan fits; the smallest "
                         f"({least.plan.label()}, batch {least.plan.batch}) needs {least.memory_bytes:.4g}; expected "
                         "a larger limit, more ranks or a smaller batch")
+
+
+def _alpa(con, desc, compute, comm_model, nproc: int, batch: int, chosen, limit: float | None) -> None:
+    """Alpa's stage DP at the chosen plan's micro-batch count (4 without a pipeline, or what divides the batch),
+    sub-meshes of 1, 2, 4, ... devices and the whole; each stage's line: its layers, devices, best layout."""
+    from rich.table import Table
+
+    from tilestack.parallel.plan import PlanError
+    from tilestack.parallel.plan.search import alpa_stages, plan_stage_cost
+    m = chosen.plan.microbatches if chosen.plan.pp > 1 else max(k for k in (1, 2, 4) if batch % k == 0)
+    sizes = sorted({1 << k for k in range(nproc.bit_length()) if 1 << k <= nproc} | {nproc})
+    cost = plan_stage_cost(desc, compute, comm_model, batch=batch, microbatches=m, memory_limit=limit)
+    try:
+        split = alpa_stages(len(desc.layers), n_devices=nproc, submeshes=sizes, microbatches=m, stage_cost=cost)
+    except PlanError as e:
+        con.print(f"Alpa's DP: {e}")
+        return
+    t = Table(title=f"Alpa's inter-operator DP: {len(split.stages)} stages, {m} micro-batches of {batch // m}, "
+                    f"pipeline latency {split.latency * 1e3:.2f} ms (sum + (B - 1) max of the stage times)",
+              header_style="bold")
+    for col in ("stage", "layers", "devices", "layout", "ms per micro-batch"):
+        t.add_column(col)
+    for j, (k, i, d, layout) in enumerate(split.stages):
+        t.add_row(str(j), f"{desc.layers[k].name} .. {desc.layers[i - 1].name}", str(d), layout,
+                  f"{cost(k, i, d, len(split.stages) - 1 - j)[0] * 1e3:.2f}")
+    con.print(t)
 
 
 def _measure(con, desc, preds, steps: int) -> None:
