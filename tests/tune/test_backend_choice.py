@@ -3,6 +3,7 @@ functions launch on it at plan time unless a backend is named; one that cannot l
 default (logged once, never an error). On the CPU, with synthetic tables of a fake device and a backend of the
 real registry (``Recorder``: the reference executor, recording what it prepares)."""
 
+import json
 import logging
 import math
 
@@ -250,3 +251,28 @@ def test_restrict_for_keeps_the_option_values_a_backend_accepts():
     assert restrict_for("triton", softmax_kernel, r) == r
     assert restrict_for("gluon", softmax_kernel, r) == dict(BM=(1, 2), num_warps=(4, 8), num_stages=(1, 2))
     assert restrict_for("reference", softmax_kernel, r) == dict(BM=(1, 2))
+
+
+def test_cli_backends_option(tmp_path):
+    """``tilestack tune --backends``: unknown names refused before any work; a backend that cannot launch on the
+    device (gluon on sm_89) skipped with its reason, the others tuned."""
+    from typer.testing import CliRunner
+
+    from tilestack.cli import _register, app
+    from tilestack.tune.cache import Table
+
+    _register()
+    runner = CliRunner()
+    base = ["tune", "--small", "--as-device", "sm89-128sm-99kb", "-k", "gemm", "--dtype", "bfloat16", "--size", "48",
+            "--budget-s", "3", "--report", str(tmp_path / "report.json")]
+    res = runner.invoke(app, [*base, "--backends", "triton,nope"])
+    text = " ".join(res.output.replace("│", "").split())
+    assert res.exit_code == 2 and "--backends 'triton,nope'" in text, res.output
+    with config.override(cache_dir=tmp_path / "cache"):
+        res = runner.invoke(app, [*base, "--backends", "triton,gluon"])
+    assert res.exit_code == 0, res.output
+    [entry] = Table.read(tmp_path / "cache" / "tuned" / "sm89-128sm-99kb.json").entries.values()
+    assert entry["backend"] == "triton" and "others" not in entry
+    [row] = json.loads((tmp_path / "report.json").read_text())["problems"]
+    assert row["backend"] == "triton" and "gluon: the gluon backend generates sm_90a" in row["note"]
+    assert "triton" in row["ms_by_backend"] and "gluon" not in row["ms_by_backend"]

@@ -4,6 +4,7 @@
     tilestack tune -k gemm -k softmax --budget-s 120
     tilestack tune --budget-s 300 --ship --out out/tables --report out/tune.json   # tables to commit
     tilestack tune --dry-run                          # what would be tuned, in which order
+    tilestack tune -k gemm --backends triton,gluon    # the backends searched (default: each that runs here)
 
 Winners go to the user's table (``<cache_dir>/tuned/<device key>.json``) as soon as each is known, written
 atomically; ``--ship`` also writes them, merged with the packaged tables of this device, as tables for
@@ -40,6 +41,8 @@ def tune(
     model_data: list[Path] = typer.Option(None, "--model-data", help="ground-truth JSON lines for --model "
                                           "(default docs/results/tune_ground_truth_h200.jsonl)"),
     top_k: int = typer.Option(8, "--top-k", help="--model: configs timed per problem (plus the one in use)"),
+    backends: str = typer.Option(None, "--backends", help="backends to search, comma-separated (e.g. "
+                                 "triton,gluon); default: every GPU backend that can launch on this device"),
     as_device: str = typer.Option(None, help="tune for this device key instead of the GPU's own; with --dry-run, "
                                              "plan for it from any machine: 'sm90-132sm-227kb:NVIDIA H200'"),
 ) -> None:
@@ -84,7 +87,14 @@ def tune(
             guided = (pretrained_model(model_data or [Path("docs/results/tune_ground_truth_h200.jsonl")]), top_k)
         except TilestackError as e:
             raise typer.BadParameter(str(e)) from e
-    _run(problems, key, device_str, budget_s, ship, out, report, guided)
+    chosen = None
+    if backends:
+        from tilestack.backends import NAMES
+        chosen = tuple(b.strip() for b in backends.split(",") if b.strip())
+        unknown = [b for b in chosen if b not in NAMES]
+        if unknown or not chosen:
+            raise typer.BadParameter(f"--backends {backends!r}: expected a comma-separated list of {NAMES}")
+    _run(problems, key, device_str, budget_s, ship, out, report, guided, chosen)
 
 
 def _missing(problems, key):
@@ -148,7 +158,7 @@ def _print_plan(problems, budget_s: float) -> None:
 
 
 def _run(problems, key, device_str: str, budget_s: float, ship: bool, out: Path | None, report: Path | None,
-         guided=None):
+         guided=None, backends=None):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from tilestack.tune.cache import TABLES, ConfigCache
@@ -162,9 +172,10 @@ def _run(problems, key, device_str: str, budget_s: float, ship: bool, out: Path 
     if guided is not None:       # (cost model, top k): time only the model's best-ranked configs
         from tilestack.tune.guided import ModelSession
         session = ModelSession(key, budget_s=budget_s, device_str=device_str, cache=cache, ship_dir=ship_dir,
-                               model=guided[0], top_k=guided[1])
+                               model=guided[0], top_k=guided[1], backends=backends)
     else:
-        session = Session(key, budget_s=budget_s, device_str=device_str, cache=cache, ship_dir=ship_dir)
+        session = Session(key, budget_s=budget_s, device_str=device_str, cache=cache, ship_dir=ship_dir,
+                          backends=backends)
     outcomes = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
@@ -195,7 +206,9 @@ def _line(o) -> str:
     was = f", was {o.before_seconds * 1e3:.3f} ms ({o.speedup:.2f}x)" if o.speedup else ""
     cfg = " ".join(f"{k}={v}" for k, v in o.config.items())
     more = "" if o.complete else ", search cut short"
-    return f"  {head}: {o.seconds * 1e3:.3f} ms{was}  {cfg}  [{o.tried} tried, {o.failed} failed{more}]"
+    on = "" if len(o.seconds_by_backend) < 2 else " on " + o.backend + " (" + ", ".join(
+        f"{b} {s * 1e3:.3f} ms" for b, s in o.seconds_by_backend.items()) + ")"
+    return f"  {head}: {o.seconds * 1e3:.3f} ms{was}{on}  {cfg}  [{o.tried} tried, {o.failed} failed{more}]"
 
 
 def _write_report(path: Path, key, budget_s: float, outcomes) -> None:
@@ -203,6 +216,7 @@ def _write_report(path: Path, key, budget_s: float, outcomes) -> None:
 
     rows = [{"kernel": o.problem.kernel, "signature": o.problem.signature, "bucket": o.problem.bucket,
              "shape": o.problem.label, "config": o.config, "ms": o.seconds and o.seconds * 1e3,
+             "backend": o.backend, "ms_by_backend": {b: s * 1e3 for b, s in o.seconds_by_backend.items()},
              "before": o.before, "before_ms": o.before_seconds and o.before_seconds * 1e3, "speedup": o.speedup,
              "tried": o.tried, "failed": o.failed, "complete": o.complete, "note": o.note} for o in outcomes]
     write_json_atomic(Path(path), {"device": key.meta(), "budget_s": budget_s, "problems": rows})
