@@ -20,6 +20,7 @@ from pathlib import Path
 from tilestack.backends import NAMES as _BACKEND_NAMES
 
 BACKENDS = ("auto", *_BACKEND_NAMES)   # the knob's choices: "auto" or a registered backend
+SDPA_DROPOUT = ("auto", "fused", "torch")
 
 
 @dataclasses.dataclass
@@ -30,6 +31,10 @@ class Knobs:
     """Where tuned configs, measured device ceilings and result stores live."""
     triton_interpret: bool = False
     """Whether Triton runs kernels on the CPU through its interpreter (``TRITON_INTERPRET=1``)."""
+    sdpa_dropout: str = "auto"
+    """Where the SDPA drop-in sends ``dropout_p > 0``: ``fused`` (tilestack's dropout kernels), ``torch`` (torch's
+    own SDPA), or ``auto``: torch's on a GPU, where the fused kernels were measured slower (docs/performance.md),
+    the fused kernels elsewhere. ``tilestack.attention(dropout_p=...)`` always runs the fused kernels."""
 
     @classmethod
     def from_env(cls) -> Knobs:
@@ -38,7 +43,11 @@ class Knobs:
         if backend not in BACKENDS:
             raise ValueError(f"TILESTACK_BACKEND={backend!r}; expected one of {BACKENDS}")
         cache = Path(env["TILESTACK_CACHE_DIR"]) if "TILESTACK_CACHE_DIR" in env else cls.cache_dir
-        return cls(backend=backend, cache_dir=cache, triton_interpret=env.get("TRITON_INTERPRET") == "1")
+        dropout = env.get("TILESTACK_SDPA_DROPOUT", "auto")
+        if dropout not in SDPA_DROPOUT:
+            raise ValueError(f"TILESTACK_SDPA_DROPOUT={dropout!r}; expected one of {SDPA_DROPOUT}")
+        return cls(backend=backend, cache_dir=cache, triton_interpret=env.get("TRITON_INTERPRET") == "1",
+                   sdpa_dropout=dropout)
 
 
 knobs = Knobs.from_env()

@@ -92,10 +92,27 @@ def test_masks_match_torch(mask_kind, dtype, rng):
     ("heads without enable_gqa", lambda q, k, v: dict(key=k[:, :1], value=v[:, :1])),
 ])
 def test_what_the_kernels_do_not_take_goes_to_torch_once_noticed(why, call, rng):
+    _hand_off_once(call, rng, {})
+
+
+def test_dropout_goes_to_torch_when_the_knob_says_so(rng):
+    """sdpa_dropout="torch" (the default on a GPU, where the fused kernels are slower) hands dropout to torch."""
+    _hand_off_once(lambda q, k, v: dict(dropout_p=0.2), rng, dict(sdpa_dropout="torch"))
+
+
+def test_dropout_is_fused_on_cpu_by_default(rng, monkeypatch):
+    q, k, v = (torch.from_numpy(rng.standard_normal((1, 2, 6, 16))).float() for _ in range(3))
+    monkeypatch.setattr(sdpa_module, "torch_sdpa", lambda *a, **kw: pytest.fail("handed to torch"))
+    with config.override(backend="reference", sdpa_dropout="auto"):
+        o = tilestack.scaled_dot_product_attention(q, k, v, dropout_p=0.2)
+    assert o.shape == q.shape and bool(o.isfinite().all())
+
+
+def _hand_off_once(call, rng, knobs):
     q, k, v = (torch.from_numpy(rng.standard_normal((1, 2, 6, 16))).float() for _ in range(3))
     kw = dict(query=q, key=k, value=v) | call(q, k, v)
     sdpa_module._noticed.clear()
-    with config.override(backend="reference"), warnings.catch_warnings(record=True) as seen:
+    with config.override(backend="reference", **knobs), warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         torch.manual_seed(0)
         try:

@@ -11,6 +11,8 @@ bf16, fp16 or fp32, head dims up to 256 and Dv != D, GQA (``enable_gqa=True``), 
 ``attn_mask`` broadcastable to (B, H, Nq, Nk), top-left causal (torch's), and ``dropout_p`` fused in the kernels,
 applied whenever it is > 0 as torch's (a model passes 0 in eval), from torch's CPU generator, so
 ``torch.manual_seed`` repeats a run (not torch's own mask: the random bits differ, the distribution is the same).
+On a GPU the drop-in hands dropout to torch by default, because the fused dropout kernels were measured slower
+than torch's on the H200 (``config.knobs.sdpa_dropout``, ``TILESTACK_SDPA_DROPOUT=fused`` to use them anyway).
 fp32 inputs go through the tf32 matrix units exactly when torch's fp32 matmuls do
 (``torch.backends.cuda.matmul.allow_tf32``; torch's default "highest" precision keeps IEEE f32): about 1e-3
 relative error against float64 with tf32 (up to 1.9e-3 measured on an H200), about 5e-7 without. Anything else (a
@@ -45,6 +47,9 @@ def unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) 
         return f"dropout_p={dropout_p!r} (a probability is a number in [0, 1])"
     if dropout_p and query.is_cuda and torch.cuda.is_current_stream_capturing():
         return "dropout while a CUDA graph is captured (a replay would repeat one mask; torch's is graph-safe)"
+    if dropout_p and (knobs.sdpa_dropout == "torch" or (knobs.sdpa_dropout == "auto" and query.is_cuda)):
+        return ("dropout_p > 0 (the fused dropout kernels are not yet faster than torch's on a GPU: H200, "
+                "docs/performance.md; config.knobs.sdpa_dropout='fused' or TILESTACK_SDPA_DROPOUT=fused uses them)")
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         return f"inputs of rank {query.dim()}, {key.dim()}, {value.dim()} (the kernels take (B, H, N, D))"
     if query.device.type != "cuda" and knobs.backend == "auto":
