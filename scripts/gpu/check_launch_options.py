@@ -22,8 +22,10 @@ import torch
 
 def cases():
     """(name, the tile kernel, launch it once, the tuned table's config) per case."""
-    from tilestack.kernels import attention_fwd as af
-    from tilestack.kernels import softmax as sm
+    import importlib
+
+    af = importlib.import_module("tilestack.kernels.attention_fwd")
+    sm = importlib.import_module("tilestack.kernels.softmax")   # the package exports a function of that name
     from tilestack.kernels.gemm import gemm, gemm_config, gemm_kernel
     from tilestack.tune.lookup import launch_config
 
