@@ -38,10 +38,14 @@ class Recorder(ReferenceBackend):
         self.refuse: set[str] = set()
 
     def prepare(self, traced, args, options=None):
-        if traced.name in self.refuse:
-            raise BackendError(f"recorder: cannot lower {traced.name}")
+        self.source(traced)
         self.prepared.append(traced.name)
         return super().prepare(traced, args, options)
+
+    def source(self, traced):
+        if traced.name in self.refuse:
+            raise BackendError(f"recorder: cannot lower {traced.name}")
+        return super().source(traced)
 
 
 @pytest.fixture
@@ -235,13 +239,16 @@ def test_the_session_keeps_the_fastest_backend_and_the_others_best(tables, tmp_p
 
 
 def test_the_session_skips_a_backend_that_cannot_run_a_problem(tables):
-    cache, _ = tables
+    """Not on this device, not installed, or unable to lower the kernel (judged before any config is timed)."""
+    cache, rec = tables
+    rec.refuse.add("gemm_kernel")
     p, timer = two_backend_problem({("triton", 32): 2.0, ("triton", 64): 1.0})
     s = Session(AMPERE, budget_s=1e9, device_str="cpu", cache=cache, timer=timer,
-                backends=("triton", "gluon", "no_such_backend"))
+                backends=("triton", "gluon", "no_such_backend", "recorder"))
     out = s.run([p])[0]
-    assert out.backend == "triton" and out.config["BM"] == 64
+    assert out.backend == "triton" and out.config["BM"] == 64 and out.seconds_by_backend == {"triton": 1.0}
     assert "gluon: the gluon backend generates sm_90a" in out.note and "no_such_backend" in out.note
+    assert "recorder: cannot lower gemm_kernel: recorder: cannot lower gemm_kernel" in out.note
     assert Session(HOPPER, budget_s=1, device_str="cpu", cache=cache).backends == ("triton",)   # CPU: the default
 
 

@@ -33,6 +33,7 @@ from tilestack.tune.space import SearchSpace
 SEARCH_REP_MS = 20         # timing of each candidate: short (the search's ranking)
 CONFIRM_REP_MS = 60        # the finalists and the config in use, timed again
 FINALISTS = 2
+LOWERING_SAMPLES = 6       # configs tried per backend before it is judged unable to lower a problem's kernel
 PRIORITY_DECAY = 0.5       # a problem's share of the budget halves with each priority level
 TOL = 2e-2                 # relative error against the reference (bf16 outputs: ~4e-3)
 # errors after which the CUDA context is unusable: every later launch would fail too
@@ -117,19 +118,27 @@ def restrict_for(backend: str, kernel, restrict: dict) -> dict:
     return out
 
 
-def _lowering_refusal(space: SearchSpace, p: Problem, args, config: dict) -> str | None:
-    """Why ``space``'s backend cannot generate ``p``'s kernel at ``config`` (None: it can): the backend's
-    BackendError, as it reports an op or dtype it cannot lower (its default options: a config it can lower
-    only with others fails as a trial of the search)."""
+def _lowering_refusal(space: SearchSpace, p: Problem, args, configs: list[dict]) -> str | None:
+    """Why ``space``'s backend cannot generate ``p``'s kernel at any of ``configs`` (None: it can at one): the
+    backend's BackendError, as it reports an op, dtype or tile shape it cannot lower. Checked before a search,
+    so that a backend that lowers none of a problem's configs does not try each of them in turn."""
     from tilestack.backends import get_backend
     from tilestack.errors import BackendError
 
-    constants, _ = space.split(config)
-    try:
-        get_backend(space.backend).source(p.tile.trace(*args, **p.fixed, **constants))
-    except BackendError as e:
-        return f"cannot lower {p.tile.name}: {str(e)[:200]}"
-    return None
+    be = get_backend(space.backend)
+    first = None
+    for cfg in configs:
+        constants, options = space.split(cfg)
+        try:
+            traced = p.tile.trace(*args, **p.fixed, **constants)
+            try:
+                be.source(traced, be.options(traced.constants, options))   # the gluon backend: per options
+            except TypeError:
+                be.source(traced)
+            return None
+        except BackendError as e:
+            first = first or f"cannot lower {p.tile.name}: {str(e)[:200]}"
+    return first
 
 
 def cuda_timer(fn: Callable[[], object], rep_ms: float) -> float:
@@ -278,11 +287,12 @@ class Session:
         def full(cfg: dict) -> dict:
             return {k: cfg.get(k, v) for k, v in declared.items()}
 
-        if backend != lookup.DEFAULT_BACKEND:
-            refusal = _lowering_refusal(space, p, work.args, full(p.default))
+        candidates = self._candidates(space, work.args)
+        if backend != lookup.DEFAULT_BACKEND:   # the default, then a few configs spread over the space
+            step = max(1, len(candidates) // LOWERING_SAMPLES)
+            refusal = _lowering_refusal(space, p, work.args, [full(p.default), *candidates[::step]])
             if refusal:
                 raise _Refused(refusal)
-        candidates = self._candidates(space, work.args)
         before = full({**p.default, **(current or {})})
         must = _unique([before, full(p.default)] if current is not None else [full(p.default)])
         seeds = _unique([*must, *(full(c) for c in self._related(p, backend))])

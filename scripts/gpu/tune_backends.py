@@ -1,0 +1,158 @@
+"""On an H100/H200: tune GEMM and attention forward over both GPU backends (triton, gluon) and keep, per kernel,
+signature and size, the faster backend with its config: tables to ship in ``src/tilestack/tune/tables/``.
+
+    PYTHONPATH=src python3 scripts/gpu/tune_backends.py --budget-s 420 --out /tmp/tables --json /tmp/backends.json
+    cp /tmp/tables/*.json src/tilestack/tune/tables/        # after reading the table this prints
+
+Cases: GEMM 4096^3 and 8192^3 in bf16 and fp16; attention forward at head dims 64 and 128, N 1024 and 4096,
+causal and not (bf16; ``--attention-dtypes`` adds fp16), at the library's tuning shapes (16k tokens, hidden
+2048). Each runs through ``tune.session.Session`` with ``backends=("triton", "gluon")``: per backend a local
+search (checked against the reference, then timed with L2 flushed), the winner written with ``"backend"`` and
+the other backend's best under ``"others"`` (``tune.lookup`` reads both). ``--out`` gets one table per kernel,
+the packaged table of that name merged with this run's winners. The user's own tuning cache is not touched (a
+cache folder under ``--out`` is used).
+
+Bounded: the session spends ``--budget-s`` across the cases (most valuable first); a watchdog stops the run at
+``--budget-s`` + 120 s whatever a compile does, and the winners written so far stay written. Prints, per case,
+each backend's best (ms and TFLOP/s) and the winner, last; writes the same as JSON to ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+GEMM_SIZES = (4096, 8192)
+HEAD_DIMS = (64, 128)
+SEQS = (1024, 4096)
+GRACE_S = 120
+
+
+class Watchdog(Exception):
+    """The run went past --budget-s + GRACE_S."""
+
+
+def problems(attention_dtypes: tuple[str, ...], small: bool):
+    """The cases as ``tune.library`` problems (keyed as the library's launch path asks for them)."""
+    from tilestack.tune.library import DTYPES, library_problems
+
+    gemm = [p for p in library_problems(["gemm"], DTYPES, small=small) if small or p.n in GEMM_SIZES]
+    attn = [p for p in library_problems(["attention_fwd"], attention_dtypes, small=small)
+            if small or (p.fixed["D"] in HEAD_DIMS and p.n in SEQS)]
+    return sorted(gemm + attn, key=lambda p: p.priority)
+
+
+def flops(p, small: bool) -> float:
+    """FLOPs of one launch of problem ``p`` (GEMM: 2 n^3; attention forward: 4 B H N^2 D, halved when causal)."""
+    from tilestack.tune.library import _attention_shape
+
+    if p.kernel == "gemm":
+        return 2.0 * p.n ** 3
+    D, causal = p.fixed["D"], p.fixed["causal"]
+    B, H, N = _attention_shape(p.n, D, small)
+    return 4.0 * B * H * N * N * D * (0.5 if causal else 1.0)
+
+
+def row(o, small: bool) -> dict:
+    p = o.problem
+    f = flops(p, small)
+    return {"kernel": p.kernel, "signature": p.signature, "bucket": p.bucket, "shape": p.label,
+            "winner": o.backend, "config": o.config, "note": o.note, "tried": o.tried, "failed": o.failed,
+            "ms": {b: s * 1e3 for b, s in o.seconds_by_backend.items()},
+            "tflops": {b: f / s / 1e12 for b, s in o.seconds_by_backend.items()},
+            "before_ms": o.before_seconds and o.before_seconds * 1e3}
+
+
+def table(rows: list[dict], backends: tuple[str, ...]) -> str:
+    head = f"{'case':44} " + " ".join(f"{b + ' ms':>10} {'TFLOP/s':>8}" for b in backends) + "  winner"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        case = f"{r['kernel']} {r['signature']} {r['shape']}"[:44]
+        cells = []
+        for b in backends:
+            ms, tf = r["ms"].get(b), r["tflops"].get(b)
+            cells.append(f"{ms:10.3f} {tf:8.1f}" if ms else f"{'-':>10} {'-':>8}")
+        won = r["winner"] or "(none: " + (r["note"] or "not tuned")[:60] + ")"
+        if r["winner"] and len(r["ms"]) > 1:
+            other = min(ms for b, ms in r["ms"].items() if b != r["winner"])
+            won += f" {other / r['ms'][r['winner']]:.3f}x"
+        lines.append(f"{case:44} " + " ".join(cells) + "  " + won)
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget-s", type=float, default=420.0, help="seconds for every case together")
+    ap.add_argument("--out", type=Path, default=Path("tune_backends_tables"), help="folder for the tables")
+    ap.add_argument("--json", type=Path, default=Path("tune_backends.json"), help="per-case results")
+    ap.add_argument("--backends", default="triton,gluon", help="comma-separated backends to search")
+    ap.add_argument("--attention-dtypes", default="bfloat16", help="comma-separated: bfloat16,float16")
+    ap.add_argument("--device", type=int, default=0)
+    ap.add_argument("--small", action="store_true", help="tiny cases on the CPU (Triton's interpreter): a smoke test")
+    args = ap.parse_args()
+
+    from tilestack.tune.cache import ConfigCache
+    from tilestack.tune.devices import DeviceKey, device_key
+    from tilestack.tune.lookup import backend_refusal
+    from tilestack.tune.session import Session
+
+    backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
+    if args.small:
+        key, where = DeviceKey.parse("sm90-132sm-227kb", name="interpreter"), "cpu"
+    else:
+        import torch
+        if not torch.cuda.is_available():
+            print("tune_backends: needs a CUDA GPU (or --small for the CPU smoke test)", file=sys.stderr)
+            return 2
+        torch.cuda.set_device(args.device)
+        key, where = device_key(args.device), "cuda"
+        for b in backends:
+            why = backend_refusal(b, key)
+            if why:
+                print(f"tune_backends: {b} cannot launch on {key.name} ({key}): {why}", file=sys.stderr)
+    todo = problems(tuple(d.strip() for d in args.attention_dtypes.split(",")), args.small)
+    args.out.mkdir(parents=True, exist_ok=True)
+    session = Session(key, budget_s=args.budget_s, device_str=where, cache=ConfigCache(args.out / "cache"),
+                      ship_dir=args.out, backends=backends, log=lambda s: None)
+    rows: list[dict] = []
+    t0 = time.monotonic()
+
+    def write():
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"device": key.meta(), "backends": backends, "budget_s": args.budget_s,
+                                         "elapsed_s": time.monotonic() - t0, "cases": rows}, indent=1) + "\n")
+
+    def done(o):
+        rows.append(row(o, args.small))
+        write()
+        r = rows[-1]
+        print(f"[{time.monotonic() - t0:6.0f} s] {r['kernel']} {r['signature']} {r['shape']}: "
+              + ", ".join(f"{b} {ms:.3f} ms" for b, ms in r["ms"].items()) + f" -> {r['winner']}"
+              + (f" ({r['note']})" if r["note"] else ""), flush=True)
+
+    def alarm(signum, frame):
+        raise Watchdog(f"stopped at --budget-s + {GRACE_S} s")
+
+    signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(int(args.budget_s + GRACE_S))
+    status = 0
+    try:
+        session.run(todo, on_done=done)
+    except (Watchdog, RuntimeError) as e:     # RuntimeError: a config broke the CUDA context (session.FATAL)
+        print(f"tune_backends: {e}; the winners so far are written", file=sys.stderr)
+        status = 1
+    finally:
+        signal.alarm(0)
+    write()
+    print(f"\n{len(rows)} of {len(todo)} cases in {time.monotonic() - t0:.0f} s on {key.name} ({key}); tables in "
+          f"{args.out}/ (copy the *.json beside src/tilestack/tune/tables/), results in {args.json}\n")
+    print(table(rows, backends))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
