@@ -7,7 +7,8 @@
 Each problem's candidates are the configs its constrained space keeps (``tune.constraints``: the IR's and the
 device's limits), ranked by the pre-trained model's predicted time (``tune.cost_model``), cut to ``top_k``; the
 session then searches them as usual (the config in use and the kernel's default first, always, so a tuned entry
-is never slower than what the library did), checking each against the reference before timing it.
+is never slower than what the library did), checking each against the reference before timing it. Spaces of
+other backends than Triton's (whose lowering the constraints model) are searched as the plain session does.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class ModelSession(Session):
         from tilestack.tune.constraints import ConstrainedSpace
         from tilestack.tune.features import config_features, device_peaks, vector
 
+        if getattr(space, "backend", "triton") != "triton":     # the constraints model Triton's lowering
+            return super()._candidates(space, args)
         kinds = tuple((str(a.dtype), tuple(a.shape)) if hasattr(a, "dtype") else type(a).__name__ for a in args)
         k = (space.kernel.name, repr(sorted(space.fixed.items())), repr(sorted(space.restrict.items())), kinds)
         if k not in self.ranked:
