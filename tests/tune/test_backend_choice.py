@@ -201,11 +201,12 @@ def test_attention_forward_and_each_backward_kernel_take_their_own_entry(tables)
 
 
 # ---- the tuner searches the backend -------------------------------------------------------------------------------
-RESTRICT = dict(BM=(32, 64), BN=(32,), BK=(32,), GROUP_M=(8,), num_warps=(4,), num_stages=(1,))
+RESTRICT = dict(BM=(32, 64, 128), BN=(32, 64), BK=(32,), GROUP_M=(8,), num_warps=(4,), num_stages=(1,))
 
 
-def two_backend_problem(seconds):
-    """A gemm problem whose workload runs on any backend; ``seconds[(backend, BM)]`` times it."""
+def two_backend_problem(seconds, runs=None):
+    """A gemm problem whose workload runs on any backend; ``seconds[(backend, BM)]`` times it (else 5 s);
+    ``runs`` gets (backend, BM, BN) per launch."""
     a = torch.empty(64, 64, dtype=torch.bfloat16)
     args = (a, a, torch.empty_like(a))
     last = {}
@@ -213,12 +214,16 @@ def two_backend_problem(seconds):
     def workload(backend):
         def run(c):
             last["key"] = (backend, c["BM"])
+            if runs is not None:
+                runs.append((backend, c["BM"], c["BN"]))
         return Workload(args, run, lambda c: (run(c), 0.0)[1], workload)
 
     def timer(fn, rep_ms):
         fn()
-        return seconds[last["key"]]
-    p = Problem("gemm", "bfloat16", 4096, "fake", gemm_kernel, {}, RESTRICT, {}, lambda device: workload("triton"))
+        return seconds.get(last["key"], 5.0)
+    p = Problem("gemm", "bfloat16", 4096, "fake", gemm_kernel, {}, RESTRICT,
+                dict(BM=32, BN=32, BK=32, GROUP_M=8, num_warps=4, num_stages=1),
+                lambda device: workload("triton"))
     return p, timer
 
 
@@ -236,6 +241,18 @@ def test_the_session_keeps_the_fastest_backend_and_the_others_best(tables, tmp_p
     got = lookup.resolve("gemm", "bfloat16", HOPPER, 4096, cache=cache)
     assert got.get("backend") == (None if faster == "triton" else "recorder") and got["BM"] == 64
     assert lookup.resolve("gemm", "bfloat16", HOPPER, 4096, cache=cache, backend=slow)["BM"] == 32
+
+
+def test_given_seeds_are_tried_early_on_their_backend_only(tables):
+    cache, _ = tables
+    runs = []
+    p, timer = two_backend_problem({}, runs)
+    s = Session(HOPPER, budget_s=1e9, device_str="cpu", cache=cache, timer=timer, backends=("triton", "recorder"),
+                seeds={("gemm", "recorder"): [dict(BM=128, BN=64)]})
+    s.run([p])
+    first = {b: [(bm, bn) for r, bm, bn in runs if r == b][:4:2] for b in ("triton", "recorder")}   # check, time
+    assert first["recorder"] == [(32, 32), (128, 64)] and first["triton"][0] == (32, 32)
+    assert first["triton"][1] in ((32, 64), (64, 32))          # one tunable from the default: no seed
 
 
 def test_the_session_skips_a_backend_that_cannot_run_a_problem(tables):

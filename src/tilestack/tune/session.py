@@ -185,7 +185,8 @@ class Session:
                  cache: ConfigCache | None = None, ship_dir: Path | None = None, timer=None,
                  search_rep_ms: float = SEARCH_REP_MS, confirm_rep_ms: float = CONFIRM_REP_MS,
                  clock: Callable[[], float] = time.monotonic, log: Callable[[str], None] = lambda s: None,
-                 register_limit: int | None = None, backends: tuple[str, ...] | None = None):
+                 register_limit: int | None = None, backends: tuple[str, ...] | None = None,
+                 seeds: dict[tuple[str, str], list[dict]] | None = None):
         self.device, self.device_str, self.budget_s = device, device_str, float(budget_s)
         self.cache = cache or ConfigCache()
         self.before = copy.deepcopy(self.cache)     # the tables as they were: what the launch path used
@@ -201,6 +202,7 @@ class Session:
         if backends is None:
             backends = lookup.gpu_backends(device) if device_str == "cuda" else (lookup.DEFAULT_BACKEND,)
         self.backends = tuple(backends)
+        self.seeds = dict(seeds or {})   # (kernel, backend) -> configs to try early (measured good elsewhere)
 
     def run(self, problems: list[Problem], on_start: Callable[[int, Problem], None] = lambda i, p: None,
             on_done: Callable[[Outcome], None] = lambda o: None) -> list[Outcome]:
@@ -231,14 +233,22 @@ class Session:
             return out
         current = dict(lookup.resolve(p.kernel, p.signature, self.device, p.n, cache=self.before) or {})
         current_backend = current.pop("backend", lookup.DEFAULT_BACKEND)
-        found, notes = {}, []
-        for i, backend in enumerate(self.backends):   # each backend its share of what is left of the problem's
+        found, notes, runnable = {}, [], {}
+        for backend in self.backends:         # those that cannot launch here, or not this workload: named, skipped
+            why = None if backend == lookup.DEFAULT_BACKEND else lookup.backend_refusal(backend, self.device)
+            if why is None and backend != lookup.DEFAULT_BACKEND and work.on is None:
+                why = "this problem's workload launches only on the Triton backend"
+            if why is None:
+                runnable[backend] = work if backend == lookup.DEFAULT_BACKEND else work.on(backend)
+            else:
+                notes.append(f"{backend}: {why}")
+        for i, (backend, w) in enumerate(runnable.items()):   # each its share of what is left of the problem's
             now = self.clock()
             if i and now >= deadline:
                 notes.append(f"{backend}: skipped, no time left")
                 continue
             try:
-                found[backend] = self._search(p, work, backend, now + (deadline - now) / (len(self.backends) - i),
+                found[backend] = self._search(p, w, backend, now + (deadline - now) / (len(runnable) - i),
                                               current if backend == current_backend else None)
             except _Refused as e:
                 notes.append(f"{backend}: {e}")
@@ -269,17 +279,9 @@ class Session:
         return out
 
     def _search(self, p: Problem, work, backend: str, deadline: float, current: dict | None) -> _Found:
-        """The best config of ``p`` on ``backend`` by ``deadline``; ``current``: the config the launch path uses
-        now, if it uses this backend (timed again beside the finalists). Raises _Refused where the backend
-        cannot run the problem."""
-        if backend != lookup.DEFAULT_BACKEND:
-            why = lookup.backend_refusal(backend, self.device)
-            if why is None and work.on is None:
-                why = "this problem's workload launches only on the Triton backend"
-            if why is None:
-                work = work.on(backend)
-            if why is not None:
-                raise _Refused(why)
+        """The best config of ``p`` on ``backend`` (``work`` launches there) by ``deadline``; ``current``: the
+        config the launch path uses now, if it uses this backend (timed again beside the finalists). Raises
+        _Refused where the backend cannot lower the kernel or no config of it ran."""
         space = SearchSpace(p.tile, fixed=p.fixed, restrict=restrict_for(backend, p.tile, p.restrict),
                             device=self.device, backend=backend)
         declared = space.defaults()     # the kernel's tunables and the backend's options, as a launch defaults them
@@ -295,7 +297,9 @@ class Session:
                 raise _Refused(refusal)
         before = full({**p.default, **(current or {})})
         must = _unique([before, full(p.default)] if current is not None else [full(p.default)])
-        seeds = _unique([*must, *(full(c) for c in self._related(p, backend))])
+        given = [full({**p.default, **c}) for c in self.seeds.get((p.kernel, backend), ())
+                 if c.keys() <= declared.keys()]
+        seeds = _unique([*must, *given, *(full(c) for c in self._related(p, backend))])
         candidates = _unique([*must, *candidates])
         timed = {}
 
