@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 # Signatures that tune alike: fp16 and bf16 tiles have the same size, so one's table serves the other.
 SAME_SHAPE = {"float16": "bfloat16", "bfloat16": "float16"}
 
-_resolved: dict[tuple, dict | None] = {}     # (kernel, signature, device, bucket exponent) -> tuned values | None
+_resolved: dict[tuple, dict | None] = {}   # (kernel, signature, device, bucket exponent, backend) -> values
 _cache: ConfigCache | None = None
 _views: dict[str, list[tuple[str, str, dict]]] = {}    # device key -> per known device key, nearest first
 _logged: set[tuple] = set()
