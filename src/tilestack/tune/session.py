@@ -11,6 +11,12 @@ the same kernel at nearby sizes and in the other dtype, then the configs nearest
 against the reference before it is timed. The few best are timed again, longer, and the fastest is written at
 once to the user's table (atomically: an interrupted run keeps every winner already written) and, with
 ``ship_dir``, to a table of the same format for ``src/tilestack/tune/tables/``.
+
+The backend is searched too: each of ``backends`` (default, on a GPU: every one that can launch there,
+``tune.lookup.gpu_backends``; on a CPU: Triton's interpreter alone) gets an equal part of the problem's time and
+a search of its own options, unless it cannot launch on the device, the problem's workload cannot run on it, or
+it cannot lower the kernel (judged from a few configs first). The fastest is written with ``"backend"`` and each
+other backend's best under ``"others"``, which ``tune.lookup`` reads.
 """
 
 from __future__ import annotations
