@@ -300,3 +300,12 @@ def test_cli_backends_option(tmp_path):
     [row] = json.loads((tmp_path / "report.json").read_text())["problems"]
     assert row["backend"] == "triton" and "gluon: the gluon backend generates sm_90a" in row["note"]
     assert "triton" in row["ms_by_backend"] and "gluon" not in row["ms_by_backend"]
+
+
+def test_kernels_whose_launch_path_ignores_the_choice_are_tuned_on_the_default_only(tables):
+    cache, _ = tables
+    p, timer = two_backend_problem({("triton", 64): 1.0, ("recorder", 64): 0.5})
+    p.kernel = "softmax"          # its launch path reads the default backend's config
+    out = Session(HOPPER, budget_s=1e9, device_str="cpu", cache=cache, timer=timer,
+                  backends=("triton", "recorder")).run([p])[0]
+    assert out.backend == "triton" and "recorder: softmax's launch path uses the default backend" in out.note

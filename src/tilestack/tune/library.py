@@ -34,6 +34,9 @@ SOFTMAX_WIDTHS = (*NORM_WIDTHS, 32768, 65536)
 SWIGLU_WIDTHS = (8192, 2048, 4096, 16384)
 CE_VOCABS = (65536, 32768, 131072)            # cross-entropy's vocabulary (GPT-2's 50257 -> 65536)
 POISON = float("nan")
+# the tables whose launch path launches on the tuned backend (``tune.lookup.take_backend``): the tuner searches
+# every backend for these, the default backend alone for the rest (their launch paths read its config only)
+BACKEND_CHOICE = frozenset({"gemm", "attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq", "attention_bwd_delta"})
 
 # the tuned domains: narrower than the declared ones where a value never wins on a GPU (tiny tiles); each
 # names the kernel's tunables and the Triton backend's launch options it searches (tune.space: their product)

@@ -32,7 +32,7 @@ from pathlib import Path
 from tilestack.tune import lookup
 from tilestack.tune.cache import TABLES, ConfigCache, Table, file_name, key, upgrade_entry
 from tilestack.tune.devices import DeviceKey
-from tilestack.tune.library import Problem
+from tilestack.tune.library import BACKEND_CHOICE, Problem
 from tilestack.tune.search import tune
 from tilestack.tune.space import SearchSpace
 
@@ -244,6 +244,8 @@ class Session:
             why = None if backend == lookup.DEFAULT_BACKEND else lookup.backend_refusal(backend, self.device)
             if why is None and backend != lookup.DEFAULT_BACKEND and work.on is None:
                 why = "this problem's workload launches only on the Triton backend"
+            if why is None and backend != lookup.DEFAULT_BACKEND and p.kernel not in BACKEND_CHOICE:
+                why = f"{p.kernel}'s launch path uses the default backend"
             if why is None:
                 runnable[backend] = work if backend == lookup.DEFAULT_BACKEND else work.on(backend)
             else:
