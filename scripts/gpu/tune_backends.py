@@ -12,9 +12,14 @@ the other backend's best under ``"others"`` (``tune.lookup`` reads both). ``--ou
 the packaged table of that name merged with this run's winners. The user's own tuning cache is not touched (a
 cache folder under ``--out`` is used).
 
-Bounded: the session spends ``--budget-s`` across the cases (most valuable first); a watchdog stops the run at
-``--budget-s`` + 120 s whatever a compile does, and the winners written so far stay written. Prints, per case,
-each backend's best (ms and TFLOP/s) and the winner, last; writes the same as JSON to ``--json``.
+Then, with this run's tables, each case goes once more through the library function with no backend named
+(``kernels.gemm.gemm``, ``attention_forward``): the backend its plan took, its error against float32 math and
+its time against ``backend="triton"`` ("public" in the JSON; ``--no-verify`` skips it).
+
+Bounded: the session spends ``--budget-s`` across the cases (most valuable first); a watchdog stops the tuning at
+``--budget-s`` + 120 s whatever a compile does (the winners written so far stay written), and the check after it
+at 180 s more. Prints, per case, each backend's best (ms and TFLOP/s) and the winner, last; writes the same as
+JSON to ``--json``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ GEMM_SIZES = (4096, 8192)
 HEAD_DIMS = (64, 128)
 SEQS = (1024, 4096)
 GRACE_S = 120
+VERIFY_S = 180          # the check through the public functions, after the tuning
 # tried first on the gluon backend (seeds of its local search): the GEMM configs that measured best on the H200
 # (docs/performance.md, second session: BN=256 at 4096^3), with and without the warp-specialize pass
 SEEDS = {("gemm", "gluon"): [dict(BM=128, BN=256, BK=64, num_stages=3, warp_specialize=False, persistent=False),
@@ -72,6 +78,65 @@ def row(o, small: bool) -> dict:
             "before_ms": o.before_seconds and o.before_seconds * 1e3}
 
 
+def calls(p, where: str, small: bool):
+    """(the library call with no backend named, the same with backend="triton", float32 math's result) at
+    problem ``p``'s shape."""
+    import torch
+
+    from tilestack.kernels.attention_fwd import attention_forward
+    from tilestack.kernels.gemm import gemm
+    from tilestack.tune.library import _attention_shape
+
+    dtype = getattr(torch, p.signature.partition("-")[0])
+    g = torch.Generator(device=where).manual_seed(0)
+    if p.kernel == "gemm":
+        a, b = (torch.randn(p.n, p.n, generator=g, device=where, dtype=dtype) for _ in range(2))
+        return (lambda: gemm(a, b)), (lambda: gemm(a, b, backend="triton")), a.float() @ b.float()
+    D, causal = p.fixed["D"], p.fixed["causal"]
+    B, H, N = _attention_shape(p.n, D, small)
+    q, k, v = (torch.randn(B, H, N, D, generator=g, device=where, dtype=dtype) for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
+    return (lambda: attention_forward(q, k, v, causal)[0]), \
+        (lambda: attention_forward(q, k, v, causal, backend="triton")[0]), ref
+
+
+def verify(done: list, rows: list[dict], cache_dir: Path, where: str, small: bool) -> None:
+    """Through the library's own functions (``kernels.gemm.gemm``, ``attention_forward``), with no backend named
+    and this run's tables: which backend the plan took (it must be the winner), the error against float32 math,
+    and the time against the same call with ``backend="triton"`` (row["public"])."""
+    import torch
+
+    from tilestack import config
+    from tilestack.tune import lookup
+    from tilestack.tune.library import rel_error
+
+    def bench(fn) -> float:
+        if where != "cuda":
+            t = time.perf_counter()
+            fn()
+            return time.perf_counter() - t
+        from triton.testing import do_bench
+        return do_bench(fn, warmup=10, rep=50, return_mode="median") / 1e3
+
+    with config.override(cache_dir=cache_dir):
+        lookup.reload()
+        for o, r in zip(done, rows, strict=True):
+            p = o.problem
+            if not o.config:
+                continue
+            run, named, ref = calls(p, where, small)
+            planned = lookup.launch_config(p.kernel, p.signature, torch.device(where), p.n, {}, None)
+            took = planned.get("backend", lookup.DEFAULT_BACKEND)
+            try:
+                err = rel_error(run(), ref)
+                auto_s, triton_s = bench(run), bench(named)
+                r["public"] = {"backend": took, "rel_err": err, "ms": auto_s * 1e3, "triton_ms": triton_s * 1e3,
+                               "speedup_vs_triton": triton_s / auto_s}
+            except Exception as e:  # noqa: BLE001 - reported per case, the others still checked
+                r["public"] = {"backend": took, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+    lookup.reload()
+
+
 def table(rows: list[dict], backends: tuple[str, ...]) -> str:
     head = f"{'case':44} " + " ".join(f"{b + ' ms':>10} {'TFLOP/s':>8}" for b in backends) + "  winner"
     lines = [head, "-" * len(head)]
@@ -85,6 +150,12 @@ def table(rows: list[dict], backends: tuple[str, ...]) -> str:
         if r["winner"] and len(r["ms"]) > 1:
             other = min(ms for b, ms in r["ms"].items() if b != r["winner"])
             won += f" {other / r['ms'][r['winner']]:.3f}x"
+        pub = r.get("public")
+        if pub and "error" in pub:
+            won += f" | public: {pub['backend']} ERROR {pub['error'][:60]}"
+        elif pub:
+            won += (f" | public: {pub['backend']}{'' if pub['backend'] == r['winner'] else ' (NOT the winner)'}"
+                    f" err {pub['rel_err']:.1e} {pub['speedup_vs_triton']:.3f}x vs triton")
         lines.append(f"{case:44} " + " ".join(cells) + "  " + won)
     return "\n".join(lines)
 
@@ -97,6 +168,8 @@ def main() -> int:
     ap.add_argument("--backends", default="triton,gluon", help="comma-separated backends to search")
     ap.add_argument("--attention-dtypes", default="bfloat16", help="comma-separated: bfloat16,float16")
     ap.add_argument("--device", type=int, default=0)
+    ap.add_argument("--no-verify", dest="verify", action="store_false",
+                    help="skip the check through kernels.gemm / attention_forward with this run's tables")
     ap.add_argument("--small", action="store_true", help="tiny cases on the CPU (Triton's interpreter): a smoke test")
     args = ap.parse_args()
 
@@ -124,6 +197,7 @@ def main() -> int:
     session = Session(key, budget_s=args.budget_s, device_str=where, cache=ConfigCache(args.out / "cache"),
                       ship_dir=args.out, backends=backends, log=lambda s: None, seeds=SEEDS)
     rows: list[dict] = []
+    outcomes: list = []
     t0 = time.monotonic()
 
     def write():
@@ -132,6 +206,7 @@ def main() -> int:
                                          "elapsed_s": time.monotonic() - t0, "cases": rows}, indent=1) + "\n")
 
     def done(o):
+        outcomes.append(o)
         rows.append(row(o, args.small))
         write()
         r = rows[-1]
@@ -152,6 +227,15 @@ def main() -> int:
         status = 1
     finally:
         signal.alarm(0)
+    if args.verify and status == 0:
+        signal.alarm(VERIFY_S)
+        try:
+            verify(outcomes, rows, args.out / "cache", where, args.small)
+        except Watchdog:
+            print(f"tune_backends: the public-function check stopped after {VERIFY_S} s", file=sys.stderr)
+            status = 1
+        finally:
+            signal.alarm(0)
     write()
     print(f"\n{len(rows)} of {len(todo)} cases in {time.monotonic() - t0:.0f} s on {key.name} ({key}); tables in "
           f"{args.out}/ (copy the *.json beside src/tilestack/tune/tables/), results in {args.json}\n")
