@@ -99,12 +99,13 @@ def test_launch_config_carries_the_tuned_backend_only_when_none_is_named(tables)
     assert lookup.take_backend(dict(cfg, backend="recorder"), "reference") == "reference"
 
 
-def test_a_table_naming_gluon_on_hopper_chooses_it():
-    cache = ConfigCache(None, tables_dir=None)
-    cache.view = lambda device: {"gemm|bfloat16|4096": {"config": GLUON_CFG, "options": {}, "backend": "gluon"}}
-    cache.devices = lambda: [HOPPER]
-    cache.tables_for = lambda device: []
-    assert lookup.resolve("gemm", "bfloat16", HOPPER, 4096, cache=cache) == GLUON_CFG | {"backend": "gluon"}
+def test_a_table_naming_gluon_on_hopper_chooses_it(tmp_path):
+    cache = ConfigCache(tmp_path, tables_dir=None)
+    cache.put("gemm", "bfloat16", HOPPER, 4096, GLUON_CFG, options={"persistent": True}, backend="gluon")
+    assert lookup.resolve("gemm", "bfloat16", HOPPER, 4096, cache=cache) == \
+        GLUON_CFG | {"persistent": True, "backend": "gluon"}
+    assert lookup.resolve("gemm", "bfloat16", HOPPER, 4096, cache=cache, backend="gluon") == \
+        GLUON_CFG | {"persistent": True}
 
 
 @pytest.mark.parametrize("missing", ["gluon", "no_such_backend"])
