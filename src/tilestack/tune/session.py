@@ -307,7 +307,8 @@ class Session:
         must = _unique([before, full(p.default)] if current is not None else [full(p.default)])
         given = [full({**p.default, **c}) for c in self.seeds.get((p.kernel, backend), ())
                  if c.keys() <= declared.keys()]
-        seeds = _unique([*must, *given, *(full(c) for c in self._related(p, backend))])
+        # seeds given for this backend first (measured good elsewhere), then the launch path's configs
+        seeds = _unique([*given, *must, *(full(c) for c in self._related(p, backend))])
         candidates = _unique([*must, *candidates])
         timed = {}
 
