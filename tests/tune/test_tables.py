@@ -15,7 +15,8 @@ from tilestack.tune.library import DTYPES, library_problems
 from tilestack.tune.space import REGISTER_BYTES_PER_THREAD, SearchSpace
 
 FILES = sorted(TABLES.glob("*.json"))
-EVIDENCE = {"config", "options", "seconds", "tflops", "flops", "bytes", "speedup", "shared_bytes", "tried"}
+EVIDENCE = {"config", "options", "seconds", "tflops", "flops", "bytes", "speedup", "shared_bytes", "tried",
+            "backend", "others"}      # backend: the one it was tuned on (absent: triton); others: their bests
 
 
 @functools.cache
@@ -85,9 +86,12 @@ def test_entry_is_a_valid_config_of_its_kernel(table, key, entry):
     for name, value in cfg.items():
         assert value in tunables[name].domain, f"{name}={value} outside {tunables[name].domain}"
     tile.resolve(cfg | fixed)                                        # the kernel's own check agrees
-    options = entry["options"]                                       # the backend's, stored apart
-    assert set(options) <= set(get_backend("triton").search_domains()) and not set(options) & set(tunables)
-    get_backend("triton").check_options(options)
+    for name, e in ((entry.get("backend", "triton"), entry), *entry.get("others", {}).items()):
+        backend = get_backend(name)
+        options = e["options"]                                       # the backend's, stored apart
+        assert set(options) <= set(backend.search_domains()) and not set(options) & set(tunables)
+        backend.check_options(options)
+        assert set(e["config"]) <= set(tunables) and e.get("seconds", 1.0) > 0
     shared, regs = SearchSpace(tile, fixed=fixed).footprint(small_args(kernel_name), launch_kwargs(entry))
     assert shared <= table.device.shared_bytes
     assert regs <= REGISTER_BYTES_PER_THREAD                         # the tuner would have searched it
