@@ -33,7 +33,7 @@ from tilestack.tune.cost_model import CostModel, Dataset, active_search
 
 MIN_CONFIGS = 6          # problems with fewer measured kept configs are not worth ranking
 NEAR = 1.05              # "within 5% of the best"
-AL_STEPS = 30           # active learning runs this far (or 4x the budget) to count measurements to within 5%
+AL_STEPS = 30           # active learning runs this far (or 3x the budget) to count measurements to within 5%
 TIMING_S = 0.05          # per measured config beyond its first launch (do_bench's 20 ms rep and warm-up)
 
 
@@ -111,7 +111,7 @@ def evaluate(p, data: Dataset, a) -> dict:
 
     # active learning: run to the whole space so that "measurements to 5%" is known, read off at the budget
     t0 = time.perf_counter()
-    steps = active_search(X, measure, budget=min(n, max(4 * budget, AL_STEPS)), prior=prior if prior[0] else None,
+    steps = active_search(X, measure, budget=min(n, max(3 * budget, AL_STEPS)), prior=prior if prior[0] else None,
                           n_trees=a.trees)
     al_s = time.perf_counter() - t0
     al_order = [s.index for s in steps]
@@ -122,7 +122,7 @@ def evaluate(p, data: Dataset, a) -> dict:
     seed = seed_index(p, kept, a.seed_device)
     out["h100_seed"] = seed is not None
     if seed is not None:
-        st = active_search(X, measure, budget=min(n, max(4 * budget, AL_STEPS)), prior=prior if prior[0] else None,
+        st = active_search(X, measure, budget=min(n, max(2 * budget, AL_STEPS)), prior=prior if prior[0] else None,
                            seeds=[seed], n_trees=a.trees)
         seeded = [s.index for s in st]
         out["seeded_frac"] = best / float(us[seeded[:budget]].min())
