@@ -90,7 +90,10 @@ def main(argv=None) -> int:
                          "not compile in time, or does not fit, never reaches the GPU")
     ap.add_argument("--resume", action="store_true", help="skip problems --out already has complete")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dry-run", action="store_true", help="list the problems and their spaces; measure nothing")
     a = ap.parse_args(argv)
+    if a.dry_run:
+        return dry_run(a.kernel)
     t_end = time.monotonic() + a.time_limit
 
     import torch
@@ -143,6 +146,24 @@ def main(argv=None) -> int:
             print(f"[{i + 1}/{len(problems)}] {row['id']}: {row['measured']}/{row['kept']} kept measured, "
                   f"{row['failed']} failed, best {row['best_us']} us, {row['seconds']:.0f} s", flush=True)
     print_table(rows)
+    return 0
+
+
+def dry_run(kernels) -> int:
+    """The plan, with each problem's raw and kept configs (fake tensors: any machine, no GPU)."""
+    from tilestack.tune.constraints import problem_args
+    from tilestack.tune.devices import DeviceKey
+
+    dev = DeviceKey.parse("sm90-132sm-227kb")
+    total, compiles = 0, set()
+    print(f"{'#':>3} {'problem':60} {'raw':>5} {'kept':>5}")
+    for i, p in enumerate(plan_problems(kernels)):
+        space = ConstrainedSpace(p.tile, problem_args(p), p.fixed, problem_domains(p), dev)
+        kept = space.kept()
+        total += len(kept)
+        compiles.update((p.kernel, repr(p.fixed), config_key(c)) for c in kept)
+        print(f"{i + 1:>3} {problem_id(p)[:60]:60} {len(space.raw()):>5} {len(kept):>5}")
+    print(f"{total} kept configs to time, {len(compiles)} distinct compiles (sizes of one kernel share them)")
     return 0
 
 
