@@ -4,6 +4,7 @@
     tilestack tune -k gemm -k softmax --budget-s 120
     tilestack tune --budget-s 300 --ship --out out/tables --report out/tune.json   # tables to commit
     tilestack tune --dry-run                          # what would be tuned, in which order
+    tilestack tune --model --top-k 8                  # time only what the cost model ranks best (tune.guided)
     tilestack tune -k gemm --backends triton,gluon    # the backends searched (default: each that runs here)
 
 Winners go to the user's table (``<cache_dir>/tuned/<device key>.json``) as soon as each is known, written
