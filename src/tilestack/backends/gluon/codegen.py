@@ -26,10 +26,16 @@ Register loads and the stores the copy engine cannot make go through masked poin
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from tilestack.backends.gluon.layouts import blocked_key, materialize, plan_layouts
 from tilestack.backends.gluon.passes import deferrable, pipeline, pipelined_loads, scalar_slice
+from tilestack.backends.python_dsl import (
+    FLOOR_SCALAR,
+    floor_helpers,
+    literal,
+    register_scalar_emitters,
+    scalar_templates,
+)
 from tilestack.errors import BackendError
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
 from tilestack.ir.ops import EMITTERS, Op, register_emitter
@@ -46,37 +52,15 @@ _UNARY = {"exp": "gl.exp({})", "exp2": "gl.exp2({})", "log": "gl.log({})", "log2
           "cos": "gl.cos({})"}
 _BINARY = {"add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "div": "({} / {})",
            "max": "gl.maximum({}, {})", "min": "gl.minimum({}, {})"}
-_SCALAR = {"add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "floordiv": "({} // {})",
-           "cdiv": "(({0} + {1} - 1) // {1})", "mod": "({} % {})", "min": "gl.minimum({}, {})",
-           "max": "gl.maximum({}, {})", "fadd": "({} + {})", "fmul": "({} * {})", "fdiv": "({} / {})"}
-# Python's floor division and remainder where an operand may be negative (Gluon's // and % truncate)
-_FLOOR_SCALAR = {"floordiv": "_floordiv({}, {})", "cdiv": "(-_floordiv(-{}, {}))", "mod": "_floormod({}, {})"}
-_FLOOR_HELPERS = '''
-
-@gluon.jit
-def _floordiv(a, b):
-    """a // b rounded toward -inf, as Python's (Gluon's // rounds toward zero)."""
-    q = a // b
-    r = a - q * b
-    return gl.where((r != 0) & ((r < 0) != (b < 0)), q - 1, q)
-
-
-@gluon.jit
-def _floormod(a, b):
-    """a % b with the sign of b, as Python's."""
-    return a - _floordiv(a, b) * b
-'''
+_SCALAR = scalar_templates("gl")
+# Python's floor division and remainder for operands that may be negative (backends/python_dsl.py)
+_FLOOR_HELPERS = floor_helpers("gluon.jit", "gl", "Gluon")
 _REDUCE = {"max": "gl.max", "min": "gl.min", "sum": "gl.sum"}
 _COMBINE = {"max": "gl.maximum({}, {})", "min": "gl.minimum({}, {})", "sum": "({} + {})"}
 _COMPARE = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
 _LOGIC = {"and": "({} & {})", "or": "({} | {})", "not": "(~{})"}
 _SHARED_LAYOUT = "gl.NVMMASharedLayout.get_default_for({}, {})"
 
-
-def _literal(x) -> str:
-    if isinstance(x, float) and math.isinf(x):
-        return 'float("inf")' if x > 0 else 'float("-inf")'
-    return repr(x)
 
 
 def _block(g: Value, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -336,12 +320,12 @@ class _Emitter:
         if ins is None:
             return self.name(v)
         if ins.op is Op.CONST:
-            return _literal(ins.attrs.value)
+            return literal(ins.attrs.value)
         a, b = (self.scalar_expr(s, env, made) for s in ins.srcs)
         fn = ins.attrs.fn
-        if fn in _FLOOR_SCALAR:
+        if fn in FLOOR_SCALAR:
             self.floor_helpers = True
-            return _FLOOR_SCALAR[fn].format(a, b)
+            return FLOOR_SCALAR[fn].format(a, b)
         return _SCALAR[fn].format(a, b)
 
 
@@ -354,43 +338,14 @@ def _e_arg(e: _Emitter, ins: Instr) -> None:
     e.names[ins.result] = ins.attrs.name
 
 
-@register_emitter("gluon", Op.CONST)
-def _e_const(e: _Emitter, ins: Instr) -> None:
-    e.names[ins.result] = _literal(ins.attrs.value)
-    e.consts.add(ins.result)
-
-
-@register_emitter("gluon", Op.DIM)
-def _e_dim(e: _Emitter, ins: Instr) -> None:
-    e.names[ins.result] = f"{e.globals[ins.srcs[0]]}_d{ins.attrs.axis}"
-
-
-@register_emitter("gluon", Op.BLOCK_ID)
-def _e_block_id(e: _Emitter, ins: Instr) -> None:
-    e.assign(ins.result, f"gl.program_id({ins.attrs.axis})")
-
-
-@register_emitter("gluon", Op.NUM_BLOCKS)
-def _e_num_blocks(e: _Emitter, ins: Instr) -> None:
-    e.assign(ins.result, f"gl.num_programs({ins.attrs.axis})")
-
-
-@register_emitter("gluon", Op.SCALAR, fns=_SCALAR)
-def _e_scalar(e: _Emitter, ins: Instr) -> None:
-    a, b = (e.name(s) for s in ins.srcs)
-    fn = ins.attrs.fn
-    if fn in _FLOOR_SCALAR and not all(s in e.nonneg for s in ins.srcs):
-        e.floor_helpers = True
-        e.assign(ins.result, _FLOOR_SCALAR[fn].format(a, b))
-        return
-    e.assign(ins.result, _SCALAR[fn].format(a, b))
+register_scalar_emitters("gluon", "gl", _SCALAR)
 
 
 # ---- element-wise work on distributed layouts ---------------------------------------------------------------------
 @register_emitter("gluon", Op.FILL)
 def _e_fill(e: _Emitter, ins: Instr) -> None:
     t, key = ins.result.type, e.plan[ins.result]
-    e.assign(ins.result, f"gl.full({list(t.shape)}, {_literal(ins.attrs.value)}, {GL_DTYPES[t.dtype.name]}, "
+    e.assign(ins.result, f"gl.full({list(t.shape)}, {literal(ins.attrs.value)}, {GL_DTYPES[t.dtype.name]}, "
                          f"layout={e.layout(key)})")
     e.set_lay(ins.result, key)
 
@@ -468,7 +423,7 @@ def _e_mask(e: _Emitter, ins: Instr) -> None:
     kn = e.name(k)
     cond = {"tril": f"({cols} - {rows}) <= {kn}", "triu": f"({cols} - {rows}) >= {kn}",
             "right_fill": f"{cols} < {kn}", "lower_fill": f"{rows} < {kn}"}[ins.attrs.kind]
-    e.assign(ins.result, f"gl.where({cond}, {e.name(x)}, {_literal(ins.attrs.value)})")
+    e.assign(ins.result, f"gl.where({cond}, {e.name(x)}, {literal(ins.attrs.value)})")
     e.set_lay(ins.result, e.lay[x])
 
 
@@ -790,7 +745,7 @@ def _pipelined_loop(e: _Emitter, ins: Instr, loads: list[Instr]) -> None:
     made = {r: i for i in body.instrs for r in i.results}
     for x, *_ in rings:
         for i in scalar_slice(body, x.srcs[1:], idx):   # their scalar work is recomputed per trip (pure)
-            if i.op is Op.SCALAR and i.attrs.fn in _FLOOR_SCALAR:
+            if i.op is Op.SCALAR and i.attrs.fn in FLOOR_SCALAR:
                 e.floor_helpers = True
 
     def issue(trip: str, stage: str, pred: str) -> None:

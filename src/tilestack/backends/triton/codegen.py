@@ -14,9 +14,14 @@ shapes and strides with ``needs_int64``); copy-engine (TMA) accesses take per-ax
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Collection, Sequence
 
+from tilestack.backends.python_dsl import (
+    floor_helpers,
+    literal,
+    register_scalar_emitters,
+    scalar_templates,
+)
 from tilestack.backends.triton.passes import TMA_MAX_BOX, pipeline  # noqa: F401  (TMA_MAX_BOX: re-exported)
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
 from tilestack.ir.ops import EMITTERS, Op, register_emitter
@@ -31,27 +36,9 @@ _UNARY = {"exp": "tl.exp({})", "exp2": "tl.math.exp2({})", "log": "tl.log({})", 
           "rsqrt": "tl.rsqrt({})", "sigmoid": "tl.sigmoid({})", "sin": "tl.sin({})", "cos": "tl.cos({})"}
 _BINARY = {"add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "div": "({} / {})",
            "max": "tl.maximum({}, {})", "min": "tl.minimum({}, {})"}
-_SCALAR = {"add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "floordiv": "({} // {})",
-           "cdiv": "(({0} + {1} - 1) // {1})", "mod": "({} % {})", "min": "tl.minimum({}, {})",
-           "max": "tl.maximum({}, {})", "fadd": "({} + {})", "fmul": "({} * {})", "fdiv": "({} / {})"}
-# Python's floor division and remainder, where an operand may be negative (Triton's // and % truncate toward
-# zero); index values provably >= 0 (ir.scalars.nonnegative) keep the plain operators above.
-_FLOOR_SCALAR = {"floordiv": "_floordiv({}, {})", "cdiv": "(-_floordiv(-{}, {}))", "mod": "_floormod({}, {})"}
-_FLOOR_HELPERS = '''
-
-@triton.jit
-def _floordiv(a, b):
-    """a // b rounded toward -inf, as Python's (Triton's // rounds toward zero)."""
-    q = a // b
-    r = a - q * b
-    return tl.where((r != 0) & ((r < 0) != (b < 0)), q - 1, q)
-
-
-@triton.jit
-def _floormod(a, b):
-    """a % b with the sign of b, as Python's."""
-    return a - _floordiv(a, b) * b
-'''
+_SCALAR = scalar_templates("tl")
+# Python's floor division and remainder for operands that may be negative (backends/python_dsl.py)
+_FLOOR_HELPERS = floor_helpers("triton.jit", "tl", "Triton")
 # Triton's interpreter ignores tl.dot's input_precision (it multiplies in f32): an interpreted tf32 product
 # rounds its operands here, as the reference executor does (ir.ops.round_tf32), so the CPU backends agree.
 _TF32_HELPER = '''
@@ -68,11 +55,6 @@ _COMBINE = {"max": "tl.maximum({}, {})", "min": "tl.minimum({}, {})", "sum": "({
 _COMPARE = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
 _LOGIC = {"and": "({} & {})", "or": "({} | {})", "not": "(~{})"}
 
-
-def _literal(x) -> str:
-    if isinstance(x, float) and math.isinf(x):
-        return 'float("inf")' if x > 0 else 'float("-inf")'
-    return repr(x)
 
 
 def needs_int64(shape: Sequence[int], stride: Sequence[int]) -> bool:
@@ -202,45 +184,16 @@ def _e_arg(e: _Emitter, ins: Instr) -> None:
     e.names[ins.result] = name
 
 
-@register_emitter("triton", Op.CONST)
-def _e_const(e: _Emitter, ins: Instr) -> None:
-    e.names[ins.result] = _literal(ins.attrs.value)
-    e.consts.add(ins.result)
-
-
-@register_emitter("triton", Op.DIM)
-def _e_dim(e: _Emitter, ins: Instr) -> None:
-    e.names[ins.result] = f"{e.globals[ins.srcs[0]]}_d{ins.attrs.axis}"
-
-
-@register_emitter("triton", Op.BLOCK_ID)
-def _e_block_id(e: _Emitter, ins: Instr) -> None:
-    e.assign(ins.result, f"tl.program_id({ins.attrs.axis})")
-
-
-@register_emitter("triton", Op.NUM_BLOCKS)
-def _e_num_blocks(e: _Emitter, ins: Instr) -> None:
-    e.assign(ins.result, f"tl.num_programs({ins.attrs.axis})")
-
-
-@register_emitter("triton", Op.SCALAR, fns=_SCALAR)
-def _e_scalar(e: _Emitter, ins: Instr) -> None:
-    a, b = (e.name(s) for s in ins.srcs)
-    fn = ins.attrs.fn
-    if fn in _FLOOR_SCALAR and not all(s in e.nonneg for s in ins.srcs):
-        e.floor_helpers = True
-        e.assign(ins.result, _FLOOR_SCALAR[fn].format(a, b))
-        return
-    e.assign(ins.result, _SCALAR[fn].format(a, b))
+register_scalar_emitters("triton", "tl", _SCALAR)
 
 
 @register_emitter("triton", Op.FILL)
 def _e_fill(e: _Emitter, ins: Instr) -> None:
     t = ins.result.type
     if e.interpret and t.dtype is bf16:
-        e.assign(ins.result, f"tl.full({t.shape}, {_literal(ins.attrs.value)}, tl.float32).to(tl.bfloat16)")
+        e.assign(ins.result, f"tl.full({t.shape}, {literal(ins.attrs.value)}, tl.float32).to(tl.bfloat16)")
         return
-    e.assign(ins.result, f"tl.full({t.shape}, {_literal(ins.attrs.value)}, {TL_DTYPES[t.dtype.name]})")
+    e.assign(ins.result, f"tl.full({t.shape}, {literal(ins.attrs.value)}, {TL_DTYPES[t.dtype.name]})")
 
 
 @register_emitter("triton", Op.UNARY, fns=_UNARY)
@@ -293,7 +246,7 @@ def _e_mask(e: _Emitter, ins: Instr) -> None:
     kn = e.name(k)
     cond = {"tril": f"({cols} - {rows}) <= {kn}", "triu": f"({cols} - {rows}) >= {kn}",
             "right_fill": f"{cols} < {kn}", "lower_fill": f"{rows} < {kn}"}[ins.attrs.kind]
-    fill = _literal(ins.attrs.value)
+    fill = literal(ins.attrs.value)
     if e.interpret and x.type.dtype is bf16:
         e.assign(ins.result, f"tl.where({cond}, {e.name(x)}.to(tl.float32), {fill}).to(tl.bfloat16)")
         return

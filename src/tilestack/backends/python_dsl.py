@@ -1,0 +1,81 @@
+"""What the backends that write Python source for a Triton-family DSL share (Triton's ``tl``, Gluon's ``gl``).
+
+The scalar index ops print the same in both, up to the module prefix: constants, sizes, program ids, and
+integer/float arithmetic with Python's floor semantics (both DSLs' ``//`` and ``%`` truncate toward zero, so
+an operand that may be negative goes through ``_floordiv`` / ``_floormod`` helpers the source then carries).
+"""
+
+from __future__ import annotations
+
+import math
+
+from tilestack.ir.ops import Op, register_emitter
+
+# Python's floor division and remainder, where an operand may be negative; index values provably >= 0
+# (ir.scalars.nonnegative) keep the plain operators of ``scalar_templates``.
+FLOOR_SCALAR = {"floordiv": "_floordiv({}, {})", "cdiv": "(-_floordiv(-{}, {}))", "mod": "_floormod({}, {})"}
+
+
+def scalar_templates(ns: str) -> dict[str, str]:
+    """Format strings of the SCALAR op's functions for the DSL module ``ns`` ("tl" or "gl")."""
+    return {"add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "floordiv": "({} // {})",
+            "cdiv": "(({0} + {1} - 1) // {1})", "mod": "({} % {})", "min": f"{ns}.minimum({{}}, {{}})",
+            "max": f"{ns}.maximum({{}}, {{}})", "fadd": "({} + {})", "fmul": "({} * {})", "fdiv": "({} / {})"}
+
+
+def floor_helpers(jit: str, ns: str, dsl: str) -> str:
+    """Source of ``_floordiv`` and ``_floormod`` for a kernel module (``jit``: the decorator, e.g. "triton.jit")."""
+    return f'''
+
+@{jit}
+def _floordiv(a, b):
+    """a // b rounded toward -inf, as Python's ({dsl}'s // rounds toward zero)."""
+    q = a // b
+    r = a - q * b
+    return {ns}.where((r != 0) & ((r < 0) != (b < 0)), q - 1, q)
+
+
+@{jit}
+def _floormod(a, b):
+    """a % b with the sign of b, as Python's."""
+    return a - _floordiv(a, b) * b
+'''
+
+
+def literal(x) -> str:
+    """A Python literal for a constant (infinities as float("inf"))."""
+    if isinstance(x, float) and math.isinf(x):
+        return 'float("inf")' if x > 0 else 'float("-inf")'
+    return repr(x)
+
+
+def register_scalar_emitters(backend: str, ns: str, templates: dict[str, str]) -> None:
+    """Register ``backend``'s emitters of CONST, DIM, BLOCK_ID, NUM_BLOCKS and SCALAR. Its emitter object has
+    ``names``, ``consts``, ``globals``, ``nonneg``, ``floor_helpers``, ``name()`` and ``assign()``."""
+
+    @register_emitter(backend, Op.CONST)
+    def _e_const(e, ins) -> None:
+        e.names[ins.result] = literal(ins.attrs.value)
+        e.consts.add(ins.result)
+
+    @register_emitter(backend, Op.DIM)
+    def _e_dim(e, ins) -> None:
+        e.names[ins.result] = f"{e.globals[ins.srcs[0]]}_d{ins.attrs.axis}"
+
+    @register_emitter(backend, Op.BLOCK_ID)
+    def _e_block_id(e, ins) -> None:
+        e.assign(ins.result, f"{ns}.program_id({ins.attrs.axis})")
+
+    @register_emitter(backend, Op.NUM_BLOCKS)
+    def _e_num_blocks(e, ins) -> None:
+        e.assign(ins.result, f"{ns}.num_programs({ins.attrs.axis})")
+
+    @register_emitter(backend, Op.SCALAR, fns=templates)
+    def _e_scalar(e, ins) -> None:
+        a, b = (e.name(s) for s in ins.srcs)
+        fn = ins.attrs.fn
+        if fn in FLOOR_SCALAR and not all(s in e.nonneg for s in ins.srcs):
+            e.floor_helpers = True
+            e.assign(ins.result, FLOOR_SCALAR[fn].format(a, b))
+            return
+        e.assign(ins.result, templates[fn].format(a, b))
