@@ -66,8 +66,11 @@ def test_row_kernel_without_tiles_in_shared(cache_dir):
     assert r.shared_bytes < 4096          # reductions' scratch only
 
 
-def test_a_compile_past_its_timeout_is_killed_and_reported(cache_dir):
-    cfg = {**SMALL_GEMM, "BM": 128}                                     # not in the cache yet
+def test_a_compile_past_its_timeout_is_killed_and_reported(cache_dir, tmp_path, monkeypatch):
+    # a cold compile: Triton's own on-disk cache (shared with every other test and run on this machine) would
+    # answer within the timeout, so the compile gets an empty one (read when the forked child compiles)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    cfg = {**SMALL_GEMM, "BM": 128}                                     # not in tilestack's cache yet
     r = aot.resources(gemm_kernel, GEMM_ARGS, {}, cfg, timeout_s=0.01)
     assert not r.ok and "no result within" in r.error
     ok = aot.resources(gemm_kernel, GEMM_ARGS, {}, cfg, timeout_s=120)    # tried again with more time: in time
