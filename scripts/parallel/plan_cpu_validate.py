@@ -26,35 +26,9 @@ from tilestack.parallel.model import ModelConfig
 from tilestack.parallel.plan import MeasuredCompute, describe_gpt, load_comm, measure_gloo, predict, search
 from tilestack.parallel.plan.compute import busy_cores
 from tilestack.parallel.plan.measure import measure_plans
-from tilestack.parallel.plan.search import choose
+from tilestack.parallel.plan.search import choose, to_measure
 
 TIME_TOL, MEM_TOL = 0.15, 0.10
-FAMILIES = ("dp", "fsdp", "tp", "sp", "1f1b", "gpipe", "int", "zero", "rc-")
-
-
-def family(label: str) -> str:
-    for f in FAMILIES:
-        if f in label:
-            return f
-    return "single"
-
-
-def pick(ranked, n: int) -> list:
-    """The choice, then one runnable plan of each family (its best), then the rest by rank."""
-    runnable = [r for r in ranked if r.prediction.runnable]
-    out = [choose(ranked)]
-    seen = {family(out[0].plan.label())}
-    for r in runnable:
-        f = family(r.plan.label())
-        if f not in seen and len(out) < n:
-            out.append(r)
-            seen.add(f)
-    for r in runnable:
-        if len(out) >= n:
-            break
-        if r not in out:
-            out.append(r)
-    return out
 
 
 def main() -> int:
@@ -81,7 +55,7 @@ def main() -> int:
             ranked = search(desc, compute, comm, world_size=n, batch=args.batch)
             chosen = choose(ranked)
             group = []
-            for r in pick(ranked, args.plans):
+            for r in to_measure(ranked, args.plans):
                 if time.monotonic() - t0 > args.time_limit:
                     print(f"time limit {args.time_limit:.0f} s reached: stopping", file=sys.stderr)
                     break

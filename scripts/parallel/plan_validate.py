@@ -26,29 +26,6 @@ MODELS = {
     "350m": dict(n_layer=24, d=1024, n_head=16, vocab=50304, max_seq=2048, attention="sdpa"),
     "760m": dict(n_layer=24, d=1536, n_head=16, vocab=50304, max_seq=2048, attention="sdpa"),
 }
-FAMILIES = ("dp", "fsdp", "tp", "sp", "1f1b", "gpipe", "int", "zero", "rc-full", "rc-selective")
-
-
-def family(label: str) -> str:
-    found = [f for f in FAMILIES if f in label]
-    return found[-1] if found else "single"
-
-
-def pick(ranked, n: int) -> list:
-    from tilestack.parallel.plan.search import choose
-    runnable = [r for r in ranked if r.prediction.runnable]
-    out = [choose(ranked)]
-    seen = {family(out[0].plan.label())}
-    for r in runnable:
-        if len(out) < n and family(r.plan.label()) not in seen:
-            out.append(r)
-            seen.add(family(r.plan.label()))
-    for r in runnable:
-        if len(out) >= n:
-            break
-        if r not in out:
-            out.append(r)
-    return out
 
 
 def main() -> int:
@@ -71,6 +48,7 @@ def main() -> int:
     from tilestack.parallel import ModelConfig, run_local
     from tilestack.parallel.engine import run_training
     from tilestack.parallel.plan import MeasuredCompute, choose, describe_gpt, h200_nccl, search
+    from tilestack.parallel.plan.search import to_measure
     from tilestack.perf.device import detect
     if not torch.cuda.is_available():
         print("no CUDA GPU here: this script measures plans on GPUs (see plan_cpu_validate.py for the CPU)")
@@ -90,7 +68,7 @@ def main() -> int:
                 break
             ranked = search(desc, compute, comm, world_size=n, batch=batch, memory_limit=limit)
             chosen = choose(ranked)
-            for r in pick(ranked, args.plans):
+            for r in to_measure(ranked, args.plans):
                 if time.monotonic() - t_start > args.time_limit:
                     print(f"time limit {args.time_limit:.0f} s: stopping", flush=True)
                     break

@@ -20,7 +20,7 @@ from tilestack.parallel.plan import (
 )
 from tilestack.parallel.plan.compute import ComputeModel
 from tilestack.parallel.plan.predict import runnable
-from tilestack.parallel.plan.search import factorizations, plan_stage_cost
+from tilestack.parallel.plan.search import choose, factorizations, family, plan_stage_cost, to_measure
 
 FREE = CommModel(fits={"all_reduce": {2: (1e-4, 1e-9), 4: (2e-4, 2e-9)}}, source="test")
 
@@ -121,6 +121,17 @@ def test_search_ranks_by_time_and_respects_the_memory_limit():
     limit = sorted(r.prediction.memory_bytes for r in ranked)[len(ranked) // 2]
     capped = search(desc, FakeCompute(desc), FREE, world_size=2, batch=8, memory_limit=limit)
     assert 0 < len(capped) < len(ranked) and all(r.prediction.memory_bytes <= limit for r in capped)
+
+
+def test_plans_to_measure_start_with_the_choice_and_spread_over_families():
+    desc = describe_gpt(ModelConfig(n_layer=4, d=32, n_head=4, vocab=64, max_seq=16), 16)
+    ranked = search(desc, FakeCompute(desc), FREE, world_size=4, batch=8)
+    picked = to_measure(ranked, 6)
+    assert len(picked) == 6 and len(set(map(id, picked))) == 6 and picked[0] is choose(ranked)
+    families = [family(r.plan.label()) for r in picked]
+    kinds = {family(r.plan.label()) for r in ranked if r.prediction.runnable}
+    assert len(set(families)) == min(6, len(kinds))        # one of each family before any second of one
+    assert family("pp2-dp2-1f1b-m2-rc-selective") == "rc-selective" and family("x") == "single"
 
 
 def test_bad_inputs_name_the_argument():

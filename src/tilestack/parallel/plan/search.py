@@ -151,6 +151,33 @@ def choose(ranked: Sequence[Ranked]) -> Ranked:
     return ranked[0]
 
 
+# a plan label's family: what kind of parallelism or saving sets it apart (the last one named wins)
+FAMILIES = ("dp", "fsdp", "tp", "sp", "1f1b", "gpipe", "int", "zero", "rc-full", "rc-selective")
+
+
+def family(label: str) -> str:
+    found = [f for f in FAMILIES if f in label]
+    return found[-1] if found else "single"
+
+
+def to_measure(ranked: Sequence[Ranked], n: int) -> list[Ranked]:
+    """``n`` plans worth measuring against their predictions: the choice, then the best runnable plan of each
+    family, then the rest of the runnable ones by rank."""
+    runnable = [r for r in ranked if r.prediction.runnable]
+    out = [choose(ranked)]
+    seen = {family(out[0].plan.label())}
+    for r in runnable:
+        if len(out) < n and family(r.plan.label()) not in seen:
+            out.append(r)
+            seen.add(family(r.plan.label()))
+    for r in runnable:
+        if len(out) >= n:
+            break
+        if r not in out:
+            out.append(r)
+    return out
+
+
 # ---- Alpa's inter-operator pass --------------------------------------------------------------------------------------
 StageCost = Callable[[int, int, int, int], "tuple[float, Any] | None"]
 
