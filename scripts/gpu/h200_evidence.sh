@@ -4,7 +4,7 @@
 #   PARTS="bench host" bash scripts/gpu/h200_evidence.sh        (PYTHONPATH=src is set here)
 # Parts: replay (fuzz problems listed in REPLAY), bench, host, gpt2, llama, compile-steps, fa3, gluon, dropout,
 #        inference, fuzz (FUZZ_S seconds from FUZZ_START), tune-truth (TUNE_S seconds), launch-options,
-#        tune-backends, act-mem (issue 12), mfu-1p3b (issue 12), plan (issue 13).
+#        tune-backends, act-mem (issue 12), mfu-1p3b (issue 12), scaling-1gpu, plan (issue 13).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
 OUT=${OUT:-out/h200}
@@ -40,8 +40,11 @@ for p in $PARTS; do
     launch-options) part 60 launch-options python3 scripts/gpu/check_launch_options.py --out "$F/launch_options.json" ;;
     tune-backends) part 300 tune-backends python3 scripts/gpu/tune_backends.py --budget-s 270 --out "$F/backend_tables" --json "$F/tune_backends.json" ;;
     act-mem) part 90 act-mem python3 scripts/parallel/activation_memory.py ;;
-    mfu-1p3b) part 200 mfu-1p3b python3 scripts/parallel/bench_scaling.py --gpus 1 --model 1.3b --attention tilestack \
-                --per-gpu-batch 4 --steps 8 --warmup 3 --json "$F/mfu_1p3b.json" ;;
+    mfu-1p3b) part 300 mfu-1p3b python3 scripts/bench_model_step.py --models gpt-1.3b --modes eager,compile --rounds 1 \
+                --no-profile --json "$F/mfu_1p3b.json" ;;
+    scaling-1gpu) part 200 scaling-1gpu python3 scripts/parallel/bench_scaling.py --gpus 1 --model 1.3b \
+                    --attention tilestack --only ddp,fsdp-selective --per-gpu-batch 4 --steps 8 --warmup 3 \
+                    --json "$F/scaling_1gpu.json" ;;
     plan) part 200 plan python3 scripts/parallel/plan_validate.py --time-limit 170 --out "$F/plan_validate.json" ;;
     *) echo "unknown part $p" | tee -a "$log" ;;
   esac

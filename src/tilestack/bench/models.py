@@ -42,6 +42,13 @@ class GPTConfig:
     max_seq: int = 8192
     eps: float = 1e-5
 
+    def flops_per_token(self, seq: int) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward; PaLM's convention, as
+        tilestack.parallel.ModelConfig counts them): 6 * (the blocks' matmul parameters + the LM head) plus the
+        attention matmuls 12 * L * N * d, causal attention counted in full."""
+        d, L = self.d, self.n_layer
+        return 6 * (L * 12 * d * d + self.vocab * d) + 12 * L * seq * d
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -56,8 +63,16 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     eps: float = 1e-5
 
+    def flops_per_token(self, seq: int) -> float:
+        """As GPTConfig.flops_per_token: q/o projections d x (H * Dh), k/v d x (Hkv * Dh), SwiGLU 3 * d * hidden,
+        the LM head; attention 12 * L * N * (H * Dh)."""
+        hd = self.n_head * self.head_dim
+        per_layer = 2 * self.d * hd + 2 * self.d * self.n_kv_head * self.head_dim + 3 * self.d * self.hidden
+        return 6 * (self.n_layer * per_layer + self.vocab * self.d) + 12 * self.n_layer * seq * hd
+
 
 GPT2_SMALL = GPTConfig()
+GPT_1P3B = GPTConfig(n_layer=24, d=2048, n_head=16, vocab=50304, max_seq=2048)   # issue 12's MFU model
 GPT2_TINY = GPTConfig(n_layer=2, d=32, n_head=2, vocab=97, max_seq=64)
 LLAMA_1B = LlamaConfig()
 LLAMA_TINY = LlamaConfig(n_layer=2, d=64, n_head=4, n_kv_head=2, head_dim=16, hidden=96, vocab=101, max_seq=64)
