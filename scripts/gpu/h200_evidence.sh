@@ -42,6 +42,8 @@ for p in $PARTS; do
     act-mem) part 90 act-mem python3 scripts/parallel/activation_memory.py ;;
     mfu-1p3b) part 300 mfu-1p3b python3 scripts/bench_model_step.py --models gpt-1.3b --modes eager,compile --rounds 1 \
                 --no-profile --json "$F/mfu_1p3b.json" ;;
+    mfu-compile) part "${MFU_S:-540}" mfu-compile python3 scripts/bench_model_step.py --models gpt-1.3b --modes compile \
+                   --rounds 1 --steps 6 --warmup 2 --no-profile --json "$F/mfu_1p3b_compile.json" ;;
     scaling-1gpu) part 200 scaling-1gpu python3 scripts/parallel/bench_scaling.py --gpus 1 --model 1.3b \
                     --attention tilestack --only ddp,fsdp-selective --per-gpu-batch 4 --steps 8 --warmup 3 \
                     --json "$F/scaling_1gpu.json" ;;
