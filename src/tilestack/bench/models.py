@@ -126,6 +126,11 @@ class _Model(nn.Module):
     """What both models share: the implementation switch and the initialisation."""
 
     impl: str
+    BLOCKS: str          # the attribute holding the repeated layers (an nn.ModuleList)
+
+    def repeated_blocks(self) -> nn.ModuleList:
+        """The layers that repeat: what a per-block ``torch.compile`` (torchtitan's way) compiles once for all."""
+        return getattr(self, self.BLOCKS)
 
     def set_impl(self, impl: str) -> _Model:
         """Switch every layer to ``impl`` ("torch" or "tilestack"); the parameters stay as they are."""
@@ -186,6 +191,8 @@ class GPTBlock(nn.Module):
 
 
 class GPT(_Model):
+    BLOCKS = "h"
+
     def __init__(self, cfg: GPTConfig = GPT2_SMALL, impl: str = "torch", seed: int = 0):
         super().__init__()
         self.cfg, self.impl = cfg, _check_impl(impl)
@@ -285,6 +292,8 @@ class LlamaLayer(nn.Module):
 
 
 class Llama(_Model):
+    BLOCKS = "layers"
+
     def __init__(self, cfg: LlamaConfig = LLAMA_1B, impl: str = "torch", seed: int = 0):
         super().__init__()
         self.cfg, self.impl = cfg, _check_impl(impl)
