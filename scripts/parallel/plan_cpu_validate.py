@@ -26,6 +26,7 @@ from tilestack.parallel.model import ModelConfig
 from tilestack.parallel.plan import MeasuredCompute, describe_gpt, load_comm, measure_gloo, predict, search
 from tilestack.parallel.plan.compute import busy_cores
 from tilestack.parallel.plan.measure import measure_plans
+from tilestack.parallel.plan.overhead import OVERHEADS
 from tilestack.parallel.plan.search import choose, to_measure
 
 TIME_TOL, MEM_TOL = 0.15, 0.10
@@ -38,19 +39,20 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--plans", type=int, default=6, help="plans measured per model and world size")
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--time-limit", type=float, default=900.0)
     ap.add_argument("--out", default="", help="write the rows as JSON here")
     ap.add_argument("--figure", default="", help="predicted vs measured PNG")
     args = ap.parse_args()
     t0 = time.monotonic()
     comm = load_comm("gloo-cpu") or measure_gloo(name="gloo-cpu")
-    rows, summary = [], []
+    rows, summary, overheads = [], [], {}
     for spec in args.models.split(","):
         L, D = (int(x) for x in spec.split("x"))
         cfg = ModelConfig(n_layer=L, d=D, n_head=4, vocab=256, max_seq=args.seq)
         desc = describe_gpt(cfg, args.seq, name=f"gpt-{spec}")
         compute = MeasuredCompute.for_gpt(desc)
+        overheads[desc.name] = {name: compute.overhead(name) for name in OVERHEADS}
         for n in (int(x) for x in args.nproc.split(",")):
             ranked = search(desc, compute, comm, world_size=n, batch=args.batch)
             chosen = choose(ranked)
@@ -66,7 +68,8 @@ def main() -> int:
                 row = dict(model=desc.name, nproc=n, plan=p.plan.label(), chosen=r is chosen,
                            predicted_step_s=p.step_s, measured_step_s=m["step_s"],
                            measured_step_s_median=m["step_s_median"], predicted_peak_bytes=p.memory_bytes,
-                           measured_peak_bytes=m["peak_bytes"], bound=p.bound, terms=p.terms,
+                           measured_peak_bytes=m["peak_bytes"], predicted_peak_bytes_per_rank=p.peaks,
+                           measured_peak_bytes_per_rank=m["peak_bytes_per_rank"], bound=p.bound, terms=p.terms,
                            predicted_components=p.memory, measured_components=m["components"],
                            background_cores=compute.background)
                 row["time_err"] = row["measured_step_s"] / row["predicted_step_s"] - 1
@@ -89,7 +92,7 @@ def main() -> int:
         predicted_vs_measured_png(rows, args.figure)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(rows=rows, summary=summary), f, indent=1)
+            json.dump(dict(rows=rows, summary=summary, overheads_s=overheads), f, indent=1)
     within_t = sum(abs(r["time_err"]) <= TIME_TOL for r in rows)
     within_m = sum(abs(r["mem_err"]) <= MEM_TOL for r in rows)
     print("\nmodel       nproc  chosen                    fastest measured          chosen vs fastest")

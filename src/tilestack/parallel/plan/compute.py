@@ -177,12 +177,13 @@ class MeasuredCompute(ComputeModel):
         self._measure_overheads = overheads is True
 
     def overhead(self, name: str) -> float:
-        """The wrappers' host costs, measured once on a one-rank group when asked for (``overheads=True``)."""
+        """The wrappers' host costs (tilestack.parallel.plan.overhead), measured once when asked for
+        (``overheads=True``)."""
         if self._overheads is None:
             if not self._measure_overheads:
                 return 0.0
             from tilestack.parallel.plan.overhead import measure_overheads
-            self._overheads = measure_overheads(self.desc)
+            self._overheads = measure_overheads(self.desc, self)
         return self._overheads.get(name, 0.0)
 
     def _key(self, layer: LayerDesc) -> str:

@@ -1,16 +1,25 @@
-"""What the parallel wrappers cost on the host, beyond the arithmetic and the bytes: measured on a one-rank group.
+"""What the parallel wrappers cost on the host, beyond the arithmetic and the bytes the planner counts.
 
-    oh = measure_overheads(desc, micro_batch=2)     # seconds: {"tp": per block, "sp": per block, "fsdp": per block,
+    oh = measure_overheads(desc, compute)           # seconds: {"tp": per block, "sp": per block, "fsdp": per block,
                                                     #           "ddp": per step, "pipeline": per micro-batch,
                                                     #           "zero": per step}
 
 On a GPU these are hidden behind kernels; on a CPU they are not: a DTensor op dispatches through sharding
 propagation in Python, FSDP2 and DDP run hooks and copy into flat buffers, a pipeline schedule splits the batch
 and runs its actions, ZeRO flattens gradients and slices. Each is timed on the real wrapper
-(tilestack.parallel.parallelize's apply_tp / apply_fsdp / apply_ddp, torch's pipelining, ZeroOptimizer) in one
-spawned process whose process group has one rank, so its collectives move nothing, against the same model
-unwrapped: the difference is the wrapper's own cost. Times are the minimum of rounds that alternate between
-the variants, so that a busy machine disturbs each alike.
+(tilestack.parallel.parallelize's apply_tp / apply_fsdp / apply_ddp, torch's pipelining, ZeroOptimizer).
+Times are the minimum of rounds that alternate between the variants, so that a busy machine disturbs each alike.
+
+- ddp, pipeline, zero: in one process whose group has one rank (their collectives move nothing), against the
+  same model unwrapped; the difference is the wrapper's own cost.
+- tp, sp, fsdp: on a group of ``degree`` ranks (2), because there the wrapper's cost is mostly in its
+  collectives and a one-rank group skips them: DTensor issues more collectives than Megatron's 2 + 2 per block
+  (each column-parallel input's gradient, the embeddings, the head), each through the functional collectives'
+  asynchronous path, which on gloo costs a few times a plain ``dist.all_reduce`` of the same bytes. The
+  wrapper's step is timed against what the planner counts for it, measured in the same rounds: the layers'
+  compute at that degree (``compute.layer_times``) and the collectives of the communication model (tp, sp: 2 + 2
+  all-reduces of a block's output per block; fsdp: two all-gathers and a reduce-scatter of each unit's
+  parameters) run as plain collectives on the same group. The rest, per block, is the overhead.
 """
 
 from __future__ import annotations
@@ -18,10 +27,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from tilestack.parallel.plan.describe import ModelDesc, PlanError
+from tilestack.parallel.plan.compute import ComputeModel, busy_cores
+from tilestack.parallel.plan.describe import TP_ALLREDUCES_BWD, TP_ALLREDUCES_FWD, ModelDesc, PlanError
 
 ROUNDS = 7
 OVERHEADS = ("tp", "sp", "fsdp", "ddp", "pipeline", "zero")
+GROUP_DEGREE = 2          # the group the collective-bound wrappers (tp, sp, fsdp) are timed on
 
 
 def _overhead_rank(rank: int, world_size: int, cfg_kw: dict, batch: int, seq: int, microbatches: int,
@@ -31,21 +42,12 @@ def _overhead_rank(rank: int, world_size: int, cfg_kw: dict, batch: int, seq: in
     from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
     from tilestack.parallel import GPT, ModelConfig, lm_loss, make_batch
-    from tilestack.parallel.parallelize import apply_ddp, apply_fsdp, apply_tp
+    from tilestack.parallel.parallelize import apply_ddp
     from tilestack.parallel.zero import ZeroOptimizer
     cfg = ModelConfig(**cfg_kw)
     mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("x",))
     idx, targets = make_batch(cfg, batch, seq)
-    models: dict[str, Any] = {}
-    for name in ("plain", "tp", "sp", "fsdp", "ddp"):
-        m = GPT(cfg, seed=0)
-        if name in ("tp", "sp"):
-            apply_tp(m, mesh, sp=name == "sp")
-        elif name == "fsdp":
-            apply_fsdp(m, mesh)
-        elif name == "ddp":
-            m = apply_ddp(m, mesh.get_group())
-        models[name] = m
+    models: dict[str, Any] = {"plain": GPT(cfg, seed=0), "ddp": apply_ddp(GPT(cfg, seed=0), mesh.get_group())}
     steps = {name: (lambda m=m: lm_loss(m(idx), targets).backward()) for name, m in models.items()}
     # pipeline: one stage running ``microbatches`` micro-batches, against the plain model on one micro-batch each
     stage = PipelineStage(GPT(cfg, seed=0), 0, 1, torch.device("cpu"), group=mesh.get_group())
@@ -75,33 +77,94 @@ def _overhead_rank(rank: int, world_size: int, cfg_kw: dict, batch: int, seq: in
         adam.step()
 
     steps["zero"], steps["adam"] = zero_step, adam_step
-    best = {k: float("inf") for k in steps}
-    for r in range(rounds + 1):
-        for k, fn in steps.items():
-            t0 = time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t0
-            if r:                          # round 0 warms up
-                best[k] = min(best[k], dt)
+    best = _best_of_rounds(steps, rounds)
     for m in models.values():
         m.zero_grad(set_to_none=True)
-    n_blocks = cfg.n_layer
     return {
-        "tp": max(best["tp"] - best["plain"], 0.0) / n_blocks,
-        "sp": max(best["sp"] - best["plain"], 0.0) / n_blocks,
-        "fsdp": max(best["fsdp"] - best["plain"], 0.0) / n_blocks,
         "ddp": max(best["ddp"] - best["plain"], 0.0),
         "pipeline": max(best["pipeline"] - best["plain_mb"], 0.0) / microbatches,
         "zero": max(best["zero"] - best["adam"], 0.0),
     }
 
 
-def measure_overheads(desc: ModelDesc, *, micro_batch: int = 2, microbatches: int = 2,
-                      rounds: int = ROUNDS) -> dict[str, float]:
-    """The wrappers' host costs for tilestack's GPT ``desc`` (module docstring), in seconds."""
+def _best_of_rounds(steps: dict[str, Any], rounds: int, barrier: Any = None) -> dict[str, float]:
+    """The least time of each step over ``rounds`` rounds that alternate between them (round 0 warms up);
+    ``barrier`` (a group's) lines the ranks up before each call, so a step's time is its own, not a wait."""
+    best = {k: float("inf") for k in steps}
+    for r in range(rounds + 1):
+        for k, fn in steps.items():
+            if barrier is not None:
+                barrier()
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            if r:
+                best[k] = min(best[k], dt)
+    return best
+
+
+def _group_rank(rank: int, world_size: int, cfg_kw: dict, batch: int, seq: int, tp_bytes: float,
+                unit_bytes: list[float], rounds: int) -> dict[str, float]:
+    """One rank of a ``world_size`` group: the tp, sp and fsdp wrappers' forward and backward of a ``batch``, and
+    the plain collectives the planner counts for each (``tp_bytes``: a block's output, all-reduced 2 + 2 times
+    per block; ``unit_bytes``: each FSDP unit's parameters, all-gathered twice and reduce-scattered once)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from tilestack.parallel import GPT, ModelConfig, lm_loss, make_batch
+    from tilestack.parallel.parallelize import apply_fsdp, apply_tp
+    cfg = ModelConfig(**cfg_kw)
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("x",))
+    idx, targets = make_batch(cfg, batch, seq)
+    steps: dict[str, Any] = {}
+    for name in ("tp", "sp", "fsdp"):
+        m = GPT(cfg, seed=0)
+        if name == "fsdp":
+            apply_fsdp(m, mesh)
+        else:
+            apply_tp(m, mesh, sp=name == "sp")
+        steps[name] = lambda m=m: lm_loss(m(idx), targets).backward()
+    block_out = torch.zeros(int(tp_bytes) // 4)                       # f32 elements
+    tp_collectives = cfg.n_layer * (TP_ALLREDUCES_FWD + TP_ALLREDUCES_BWD)
+    steps["tp_comm"] = lambda: [dist.all_reduce(block_out) for _ in range(tp_collectives)]
+    units = [(torch.zeros(int(b) // 4 // world_size), torch.zeros(int(b) // 4 // world_size * world_size))
+             for b in unit_bytes]
+
+    def fsdp_comm():
+        for shard, full in units:
+            dist.all_gather_into_tensor(full, shard)
+            dist.all_gather_into_tensor(full, shard)
+            dist.reduce_scatter_tensor(shard, full)
+
+    steps["fsdp_comm"] = fsdp_comm
+    return _best_of_rounds(steps, rounds, barrier=dist.barrier)
+
+
+def measure_overheads(desc: ModelDesc, compute: ComputeModel, *, micro_batch: int = 2, microbatches: int = 2,
+                      degree: int = GROUP_DEGREE, rounds: int = ROUNDS) -> dict[str, float]:
+    """The wrappers' host costs for tilestack's GPT ``desc`` (module docstring), in seconds; ``compute`` gives
+    the layers' own times that the wrappers' steps are compared with."""
     if not desc.config:
         raise PlanError(f"measure_overheads: model {desc.name!r} is not tilestack's GPT; expected a description from "
                         "describe_gpt (the wrappers are those of tilestack.parallel)")
     from tilestack.parallel.launch import run_local
     batch = micro_batch * microbatches
-    return run_local(_overhead_rank, 1, (desc.config, batch, desc.seq, microbatches, rounds))[0]
+    out = run_local(_overhead_rank, 1, (desc.config, batch, desc.seq, microbatches, rounds))[0]
+    blocks = [layer for layer in desc.layers if layer.kind == "block"]
+    roots = [layer for layer in desc.layers if layer.kind != "block"]
+    e = desc.dtype_bytes
+    unit_bytes = [layer.params * e for layer in blocks] + [sum(layer.params for layer in roots) * e]
+    tp_bytes = blocks[0].tp_comm_bytes * batch
+    # the group's ranks share the cores with whatever else runs now: their times, brought back to an idle
+    # machine's by the contention the planner predicts with (ComputeModel.contention), compare with idle layers
+    background = busy_cores()
+    best = run_local(_group_rank, degree, (desc.config, batch, desc.seq, tp_bytes, unit_bytes, rounds))[0]
+    slow = max(1.0, (degree + background) / compute.cores) if compute.cores else 1.0
+
+    def layers_s(tp: int) -> float:
+        return sum(sum(compute.layer_times(i, batch, tp)) for i in range(len(desc.layers)))
+
+    for name, tp, comm in (("tp", degree, "tp_comm"), ("sp", degree, "tp_comm"), ("fsdp", 1, "fsdp_comm")):
+        out[name] = max((best[name] - best[comm]) / slow - layers_s(tp), 0.0) / len(blocks)
+    return out

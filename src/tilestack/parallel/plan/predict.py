@@ -45,6 +45,7 @@ ZERO_BUCKET_NUMEL = 1 << 22      # the Trainer's ZeroOptimizer bucket (elements)
 ZERO_FLAT_COPIES = {1: 2, 2: 1}  # copies of a bucket's gradients while ZeroOptimizer reduces it (see _memory)
 FSDP_UNIT_COPIES = 4             # gathered block + prefetched neighbour + unsharded grads + reduce-scatter input
 FSDP_ROOT_COPIES = 3             # gathered root + its unsharded grads + reduce-scatter input
+FSDP_ROOT_START_COPIES = 2       # when backward begins: the gathered root + the head's gradients being made
 MEMORY_COMPONENTS = ("parameters", "gradients", "optimizer", "activations", "transient", "after backward")
 TERMS = ("compute", "bubble", "tp comm", "fsdp comm", "p2p", "dp comm", "optimizer")
 
@@ -312,8 +313,8 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
         sends = 2 * sum(p2p[s] for s in mine) * m
         terms["p2p"] = min(sends, terms["bubble"])
         terms["bubble"] -= terms["p2p"]
-    memory = [_memory(plan, desc, stages, rank_stages[r], rank_params[r], sim.peak_inflight[r], recv_buffers)
-              for r in ranks]
+    memory = [_memory(plan, desc, stages, rank_stages[r], rank_params[r], sim.peak_inflight[r],
+                      sim.steady_inflight[r], recv_buffers) for r in ranks]
     peaks = [_peak(mem) for mem in memory]
     flops = desc.flops_per_sample * plan.batch
     return Prediction(plan=plan, step_s=step, terms=terms, memory=memory, sim=sim, stage_fwd=fwd, stage_bwd=bwd,
@@ -321,12 +322,16 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
 
 
 def _peak(mem: dict[str, float]) -> float:
-    """The rank's peak: parameters and optimizer state always; during forward and backward the activations, the
-    gradients and the transient buffers of that phase; after backward the gradients and what comes after it
-    (ZeRO's gradient slice and f32 master gradient)."""
-    during = mem["activations"] + mem["gradients"] + mem["transient"]
+    """The rank's peak: parameters and optimizer state always, and the largest of three moments (the previous
+    step's gradients were freed, so none are alive before the first backward):
+    - its first backward begins: the activations of every micro-batch in flight, the loss's gradient (the last
+      stage), the transient buffers, FSDP's gathered root;
+    - a later forward (1F1B's steady state): the micro-batches in flight again, now beside the gradients;
+    - after backward: the gradients and what comes after them (ZeRO's gradient slice and f32 master gradient)."""
+    start = mem["activations"] + mem["loss gradient"] + mem["transient"] + mem["fsdp at first backward"]
+    steady = mem["activations after a backward"] + mem["gradients"] + mem["transient"] + mem["fsdp buffers"]
     after = mem["gradients"] + mem["after backward"]
-    return mem["parameters"] + mem["optimizer"] + max(during, after)
+    return mem["parameters"] + mem["optimizer"] + max(start, steady, after)
 
 
 def _local_params(layer: Any, tp: int) -> float:
@@ -352,7 +357,7 @@ def _act_bytes(layer: Any, plan: Plan) -> float:
 
 
 def _memory(plan: Plan, desc: ModelDesc, stages: list[range], my_stages: list[int], params: float,
-            inflight: float, recv_buffers: bool = True) -> dict[str, float]:
+            inflight: float, steady_inflight: float, recv_buffers: bool = True) -> dict[str, float]:
     e = desc.dtype_bytes
     local = params / plan.dp_shard
     grads = local * e
@@ -374,6 +379,7 @@ def _memory(plan: Plan, desc: ModelDesc, stages: list[range], my_stages: list[in
         layer = desc.layers[blocks[0]]
         rebuilt = dataclasses.replace(plan, recompute="none")
         transient += _act_bytes(layer, rebuilt) * plan.micro_batch
+    fsdp_start = fsdp_buffers = 0.0
     if plan.dp_shard > 1:
         mine = [desc.layers[i] for s in my_stages for i in stages[s]]
         gathered = [_local_params(layer, plan.tp) for layer in mine]
@@ -382,10 +388,12 @@ def _memory(plan: Plan, desc: ModelDesc, stages: list[range], my_stages: list[in
         elif mine:
             # FSDP2, per unit: its gathered parameters, its unsharded gradients and the reduce-scatter's copy of
             # them; a block's neighbour prefetched beside it (4 blocks' worth); the root unit (every layer that is
-            # not a block) gathered from its forward to its backward, with its gradients and their copy (3 roots)
+            # not a block) gathered from its forward to its backward, with its gradients and their copy (3 roots).
+            # When backward begins only the root is gathered and its (head's) gradients are being made (2 roots).
             root = sum(g for g, layer in zip(gathered, mine, strict=True) if layer.kind != "block")
             unit = max(g for g, layer in zip(gathered, mine, strict=True) if layer.kind == "block") if blocks else 0
-            transient += (FSDP_ROOT_COPIES * root + FSDP_UNIT_COPIES * unit) * e
+            fsdp_start = FSDP_ROOT_START_COPIES * root * e
+            fsdp_buffers = (FSDP_ROOT_COPIES * root + FSDP_UNIT_COPIES * unit) * e
     if plan.pp > 1 and recv_buffers:
         # torch's PipelineStage keeps a receive buffer per micro-batch: the stage's input (all but the first
         # stage) and the gradient of its output (all but the last), b samples of the boundary tensor each
@@ -393,5 +401,14 @@ def _memory(plan: Plan, desc: ModelDesc, stages: list[range], my_stages: list[in
             edges = (s > 0) + (s < plan.n_stages - 1)
             boundary = desc.layers[stages[s][0] - 1 if s > 0 else stages[s][-1]].out_bytes
             transient += edges * plan.microbatches * plan.micro_batch * boundary / (plan.tp if plan.sp else 1)
+    loss_grad = 0.0
+    if any(desc.layers[i].kind == "head" for s in my_stages for i in stages[s]):
+        # the loss's gradient with respect to the f32 logits, (b, s, vocab), made when the first backward begins;
+        # torch's pipeline schedules also keep each micro-batch's output (the logits) until the step's end
+        loss_grad = plan.micro_batch * desc.seq * desc.vocab * FP32_BYTES
+        if plan.pp > 1:
+            transient += plan.microbatches * plan.micro_batch * desc.seq * desc.vocab * e
     return {"parameters": local * e, "gradients": grads, "optimizer": optimizer, "activations": inflight,
-            "transient": transient, "after backward": after}
+            "transient": transient, "after backward": after, "loss gradient": loss_grad,
+            "activations after a backward": steady_inflight, "fsdp at first backward": fsdp_start,
+            "fsdp buffers": fsdp_buffers}

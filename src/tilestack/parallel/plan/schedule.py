@@ -5,6 +5,8 @@ ends, hence the bubble, and how many micro-batches' activations each rank holds 
     sim.makespan        # (m + p - 1) (f + b) = 33 for equal stages and free communication
     sim.bubble          # makespan - m (f + b) of the busiest rank, as a fraction of the makespan: (p-1)/(m+p-1)
     sim.peak_inflight   # per rank, the most forwards whose backward has not run (1F1B: p - rank; GPipe: m)
+    sim.steady_inflight # per rank, the most of them held after its first backward (1F1B with m > p - rank:
+                        # p - rank again, now beside the gradients; GPipe: 0, nothing is held once backward began)
     sim.events          # (rank, "F" or "B", micro-batch, stage, start, end): the timeline drawn by plan.pictures
 
 Stage s of S = pp * v runs on rank s % pp (the looped placement of tilestack.parallel.parallelize.split_stages).
@@ -43,6 +45,7 @@ class Simulation:
     makespan: float
     busy: list[float]                 # per rank, seconds of forward and backward work
     peak_inflight: list[float]        # per rank, the peak of (activation weight of the stages) x micro-batches held
+    steady_inflight: list[float]      # per rank, that peak after the rank's first backward (0 if no forward follows)
 
     @property
     def bubble(self) -> float:
@@ -103,6 +106,8 @@ def simulate(schedule: str, *, pp: int, stages_per_rank: int, microbatches: int,
     events: list[Event] = []
     held = [0.0] * pp
     peak = [0.0] * pp
+    steady = [0.0] * pp
+    backward_began = [False] * pp
     remaining = sum(len(o) for o in orders)
     while remaining:
         progressed = False
@@ -122,6 +127,9 @@ def simulate(schedule: str, *, pp: int, stages_per_rank: int, microbatches: int,
                 events.append(Event(r, kind, i, s, start, end))
                 held[r] += weight[s] if kind == "F" else -weight[s]
                 peak[r] = max(peak[r], held[r])
+                backward_began[r] |= kind == "B"
+                if backward_began[r] and kind == "F":
+                    steady[r] = max(steady[r], held[r])
                 pos[r] += 1
                 remaining -= 1
                 progressed = True
@@ -129,4 +137,4 @@ def simulate(schedule: str, *, pp: int, stages_per_rank: int, microbatches: int,
             raise PlanError(f"simulate: schedule {schedule!r} deadlocks at pp={pp}, stages_per_rank="
                             f"{stages_per_rank}, microbatches={microbatches}; expected a valid configuration")
     busy = [sum(e.end - e.start for e in events if e.rank == r) for r in range(pp)]
-    return Simulation(events=events, makespan=max(free), busy=busy, peak_inflight=peak)
+    return Simulation(events=events, makespan=max(free), busy=busy, peak_inflight=peak, steady_inflight=steady)
