@@ -153,7 +153,42 @@ def test_cli_tune_model_times_only_the_top_k(tmp_path):
         res = CliRunner().invoke(app, [*args, "--model-data", str(data), "--report", str(report)])
         assert res.exit_code == 0, res.output
         (row,) = json.loads(report.read_text())["problems"]
-        # 8 configs in the tiny space; the top 2 and the config in use (here the default) are timed
+        # 8 configs in the tiny space; the config in use and 2 more (seeds, then the model's picks) are timed
         assert row["config"] and 1 <= row["tried"] <= 3
         res = CliRunner().invoke(app, [*args, "--model-data", str(tmp_path / "missing.jsonl")])
     assert res.exit_code == 2 and "--model-data" in res.output
+
+
+def test_active_order_is_active_search_one_step_at_a_time():
+    # the generator the tuner drives and the batch search pick the same configs from the same measurements
+    from tilestack.tune.cost_model import active_order
+
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(40, len(FEATURES)))
+    y = X[:, 0] ** 2 + 0.3 * X[:, 1]
+    prior_X = rng.normal(size=(200, len(FEATURES)))
+    prior = (prior_X, prior_X[:, 0] ** 2 + 0.3 * prior_X[:, 1])
+    batch = [s.index for s in active_search(X, lambda i: float(y[i]), budget=8, prior=prior, seeds=[4],
+                                            n_trees=30)]
+    order = active_order(X, base=CostModel(30).fit(*prior), seeds=[4], n_trees=30)
+    stepped = [next(order)]
+    while len(stepped) < 8:
+        stepped.append(order.send(float(y[stepped[-1]])))
+    assert stepped == batch and stepped[0] == 4 and len(set(stepped)) == 8
+
+
+def test_tune_drives_a_generator_strategy_with_each_trial():
+    from tilestack.tune.search import tune
+
+    cands = [{"BM": b} for b in (16, 32, 64, 128)]
+    seen = []
+
+    def strategy(candidates, seeds):
+        assert candidates == cands and seeds == [{"BM": 64}]
+        trial = yield seeds[0]
+        seen.append((trial.config["BM"], trial.seconds))
+        trial = yield candidates[0]              # stops after two: the search ends with the generator
+        seen.append((trial.config["BM"], trial.seconds))
+
+    res = tune("k", cands, time=lambda c: 1.0 / c["BM"], strategy=strategy, seeds=[{"BM": 64}])
+    assert seen == [(64, 1 / 64), (16, 1 / 16)] and res.best == {"BM": 64} and len(res.trials) == 2

@@ -75,7 +75,7 @@ def test_every_config_failing_is_an_error():
 def test_no_candidates_and_bad_strategy():
     with pytest.raises(ValueError, match="no candidate configs for gemm_kernel"):
         tune("gemm_kernel", [], time=fake_time)
-    with pytest.raises(ValueError, match="strategy='grid'; expected 'exhaustive', 'random' or 'local'"):
+    with pytest.raises(ValueError, match="strategy='grid'; expected 'exhaustive', 'random', 'local' or a function"):
         tune("gemm_kernel", CANDIDATES, time=fake_time, strategy="grid")
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ class CostModel:
     def __init__(self, n_trees: int = N_TREES, seed: int = 0):
         self.n_trees, self.seed = n_trees, seed
         self.forest = None
+        self.data: tuple[list, list] | None = None     # what it was fitted on (X, y): the prior of a refit
 
     def fit(self, X: Sequence, y: Sequence[float], weight: Sequence[float] | None = None) -> CostModel:
         X, y = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64)
@@ -72,6 +73,8 @@ class CostModel:
         forest = _sklearn()(n_estimators=self.n_trees, min_samples_leaf=MIN_LEAF, max_features=MAX_FEATURES,
                             random_state=self.seed, n_jobs=1)
         self.forest = forest.fit(X, y, sample_weight=None if weight is None else np.asarray(weight))
+        if weight is None:
+            self.data = (X.tolist(), y.tolist())
         return self
 
     def predict(self, X: Sequence) -> tuple[np.ndarray, np.ndarray]:
@@ -98,50 +101,62 @@ class Step:
     y: float | None             # the measured target (None: failed)
 
 
-def active_search(X: Sequence, measure: Callable[[int], float | None], *, budget: int,
-                  prior: tuple[Sequence, Sequence] | None = None, seeds: Sequence[int] = (),
-                  n_trees: int = N_TREES, seed: int = 0) -> list[Step]:
-    """Measure ``budget`` of the candidates ``X`` (feature vectors), choosing each next one by expected
-    improvement under a forest pre-trained on ``prior`` (X, y: targets centred per problem, as
-    ``Dataset.training`` gives them) and refitted with every measurement; ``seeds`` (indices: the config in use,
-    another GPU's winner) are measured first. ``measure(i)`` returns the target of candidate i (``target``), or
-    None if it failed (then it counts as worse than any measured).
+def active_order(X: Sequence, *, base: CostModel | None = None, seeds: Sequence[int] = (),
+                 n_trees: int = N_TREES, seed: int = 0) -> Generator[int, float | None, None]:
+    """The order in which to measure the candidates ``X`` (feature vectors), as a generator: it yields the index
+    of the next candidate and is sent that candidate's measured target (``target``; None if it failed, which
+    counts as worse than any measured). ``seeds`` (indices: the config in use, another GPU's winner) come first;
+    then each next candidate is the one of largest expected improvement under ``base`` (a forest pre-trained
+    on other problems, its data the prior; None: none, a random start) refitted with every measurement.
 
     The prior knows how configs of a problem compare, not how fast the target problem is: the target's
     measurements set that offset (their mean gap to the prior's prediction), and enter the refitted forest
     shifted by it."""
     X = np.asarray(X, dtype=np.float64)
     n = len(X)
-    budget = min(budget, n)
+    prior = base.data if base is not None else None
     steps: list[Step] = []
     tried: set[int] = set()
-    has_prior = prior is not None and len(prior[0]) > 0
-    base = CostModel(n_trees, seed).fit(*prior) if has_prior else None
-
-    def take(i: int):
-        tried.add(i)
-        steps.append(Step(i, measure(i)))
-
-    for i in seeds:
-        if len(steps) < budget and i not in tried and 0 <= i < n:
-            take(i)
     rng = np.random.default_rng(seed)
-    while len(steps) < budget:
+    for i in seeds:
+        if i not in tried and 0 <= i < n:
+            tried.add(i)
+            steps.append(Step(i, (yield i)))
+    while len(tried) < n:
         left = np.array([i for i in range(n) if i not in tried])
-        fitted = _refit(X, steps, prior if has_prior else None, base, n_trees, seed)
+        fitted = _refit(X, steps, prior, base, n_trees, seed)
         if fitted is None:                   # no prior and nothing measured yet: a random start
-            take(int(rng.choice(left)))
-            continue
-        model, offset = fitted
-        mean, std = model.predict(X[left])
-        mean = mean + offset
-        ok = [s.y for s in steps if s.y is not None]
-        if not ok:
-            take(int(left[np.argmin(mean)]))
-            continue
-        ei = expected_improvement(mean, std, min(ok))
-        take(int(left[np.argmax(ei)]) if ei.max() > 0 else int(left[np.argmin(mean)]))
-    return steps
+            i = int(rng.choice(left))
+        else:
+            model, offset = fitted
+            mean, std = model.predict(X[left])
+            mean = mean + offset
+            ok = [s.y for s in steps if s.y is not None]
+            ei = expected_improvement(mean, std, min(ok)) if ok else np.zeros(len(left))
+            i = int(left[np.argmax(ei)]) if ei.max() > 0 else int(left[np.argmin(mean)])
+        tried.add(i)
+        steps.append(Step(i, (yield i)))
+
+
+def active_search(X: Sequence, measure: Callable[[int], float | None], *, budget: int,
+                  prior: tuple[Sequence, Sequence] | None = None, seeds: Sequence[int] = (),
+                  n_trees: int = N_TREES, seed: int = 0) -> list[Step]:
+    """Measure ``budget`` of the candidates ``X`` in ``active_order``, with a forest pre-trained on ``prior`` (X,
+    y: targets centred per problem, as ``Dataset.training`` gives them); ``measure(i)`` returns the target of
+    candidate i, or None if it failed."""
+    base = CostModel(n_trees, seed).fit(*prior) if prior is not None and len(prior[0]) > 0 else None
+    order = active_order(X, base=base, seeds=seeds, n_trees=n_trees, seed=seed)
+    steps: list[Step] = []
+    budget = min(budget, len(X))
+    if budget <= 0:
+        return steps
+    i = next(order)
+    while True:
+        steps.append(Step(i, measure(i)))
+        if len(steps) >= budget:
+            order.close()
+            return steps
+        i = order.send(steps[-1].y)
 
 
 def _refit(X: np.ndarray, steps: list[Step], prior, base: CostModel | None, n_trees: int,

@@ -5,20 +5,25 @@
     session.run(library_problems())
 
 Each problem's candidates are the configs its constrained space keeps (``tune.constraints``: the IR's and the
-device's limits), ranked by the pre-trained model's predicted time (``tune.cost_model``), cut to ``top_k``; the
-session then searches them as usual (the config in use and the kernel's default first, always, so a tuned entry
-is never slower than what the library did), checking each against the reference before timing it. Spaces of
+device's limits). The config in use (this device's table, else the nearest device's) and the kernel's default
+are timed first, always, so a tuned entry is never slower than what the library did; then ``top_k`` more, in the
+cost model's active order (``tune.cost_model.active_order``: expected improvement under the pre-trained model,
+refitted with each measurement), each checked against the reference before it is timed. Spaces of
 other backends than Triton's (whose lowering the constraints model) are searched as the plain session does.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
+from tilestack.tune.features import FEATURES
 from tilestack.tune.session import Session
+
+FEATURE_INDEX = {name: i for i, name in enumerate(FEATURES)}
 
 TOP_K = 8
 
@@ -40,27 +45,63 @@ def pretrained_model(paths: Iterable[Path | str], n_trees: int | None = None):
 
 
 class ModelSession(Session):
-    """A Session whose candidates are the constrained space's kept configs, the model's ``top_k`` best first."""
+    """A Session whose candidates are the constrained space's kept configs, searched in the cost model's active
+    order: the config in use, then ``top_k`` more: the other seeds (the kernel's default, winners elsewhere),
+    then each the candidate of largest expected improvement under the model refitted with what was measured."""
 
     def __init__(self, *args, model, top_k: int = TOP_K, **kwargs):
         super().__init__(*args, **kwargs)
         self.model, self.top_k = model, top_k
-        self.ranked: dict[tuple, list[dict]] = {}
+        self.spaces: dict[tuple, tuple] = {}       # -> (ConstrainedSpace, kept configs in the model's order)
 
-    def _candidates(self, space, args) -> list[dict]:
+    def _space(self, space, args):
         from tilestack.tune.constraints import ConstrainedSpace
-        from tilestack.tune.features import config_features, device_peaks, vector
 
-        if getattr(space, "backend", "triton") != "triton":     # the constraints model Triton's lowering
-            return super()._candidates(space, args)
         kinds = tuple((str(a.dtype), tuple(a.shape)) if hasattr(a, "dtype") else type(a).__name__ for a in args)
         k = (space.kernel.name, repr(sorted(space.fixed.items())), repr(sorted(space.restrict.items())), kinds)
-        if k not in self.ranked:
+        if k not in self.spaces:
             cs = ConstrainedSpace(space.kernel, args, space.fixed, space.domains(), self.device)
             kept = cs.kept()
-            peak, bw = device_peaks(self.device.name)
-            X = [vector(config_features(cs.estimate(c), sms=self.device.sms, shared_per_block=self.device.shared_bytes,
-                                        peak_flops=peak, bandwidth=bw)) for c in kept]
-            mean, _ = self.model.predict(np.asarray(X)) if kept else (np.zeros(0), None)
-            self.ranked[k] = [kept[i] for i in np.argsort(mean, kind="stable")[:self.top_k]]
-        return self.ranked[k]
+            mean, _ = self.model.predict(np.asarray([self._features(cs, c) for c in kept])) if kept else ([], None)
+            self.spaces[k] = (cs, [kept[i] for i in np.argsort(mean, kind="stable")])
+        return self.spaces[k]
+
+    def _features(self, cs, cfg: dict) -> list[float]:
+        from tilestack.tune.features import config_features, device_peaks, vector
+
+        peak, bw = device_peaks(self.device.name)
+        return vector(config_features(cs.estimate(cfg), sms=self.device.sms, shared_per_block=self.device.shared_bytes,
+                                      peak_flops=peak, bandwidth=bw), aot=False)
+
+    def _candidates(self, space, args) -> list[dict]:
+        if getattr(space, "backend", "triton") != "triton":     # the constraints model Triton's lowering
+            return super()._candidates(space, args)
+        return self._space(space, args)[1]
+
+    def _strategy(self, space, args):
+        if getattr(space, "backend", "triton") != "triton":
+            return super()._strategy(space, args)
+        cs, _ = self._space(space, args)
+        return lambda candidates, seeds: self._active(cs, candidates, seeds)
+
+    def _active(self, cs, candidates: list[dict], seeds: list[dict]):
+        """``tune.search`` strategy: yields configs, is sent each Trial; the first seed (the config in use) and
+        ``top_k`` more: the other seeds among the candidates (winners elsewhere), then the cost model's active
+        order."""
+        from tilestack.tune.cost_model import active_order
+
+        X = [self._features(cs, c) for c in candidates]
+        roofline = [x[FEATURE_INDEX["log2_roofline_us"]] for x in X]
+        first = [candidates.index(s) for s in seeds if s in candidates]
+        order = active_order(X, base=self.model, seeds=list(dict.fromkeys(first)))
+        i, picked = next(order), -1           # the first is the config in use: not counted
+        while True:
+            trial = yield candidates[i]
+            picked += 1
+            if picked >= self.top_k:
+                return
+            y = None if trial.seconds is None else math.log2(trial.seconds * 1e6) - roofline[i]
+            try:
+                i = order.send(y)
+            except StopIteration:
+                return

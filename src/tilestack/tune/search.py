@@ -6,7 +6,9 @@
 ``exhaustive`` times every config that fits, in the order given; ``random`` a seeded subset (for large
 spaces); ``local`` starts from ``seeds`` (the config in use, winners of similar problems) and then always
 tries next the untried config closest to the best so far (fewest tunables changed), so that a search cut
-short by its ``deadline`` has spent its time near the winner. A config that fails to compile (the compiler
+short by its ``deadline`` has spent its time near the winner. A strategy may also be a function
+``(candidates, seeds) -> generator`` that yields the next config and is sent each Trial as it is measured (a
+cost model's active search: ``tune.guided``); the search ends when it stops. A config that fails to compile (the compiler
 ran out of registers or shared memory) or computes a wrong result is logged and skipped, never chosen.
 """
 
@@ -61,7 +63,7 @@ def _local_order(candidates: list[dict], seeds: Sequence[dict]):
 
 
 def tune(kernel_name: str, candidates: list[dict[str, Any]], *, time: Callable[[dict], float],
-         check: Callable[[dict], float] | None = None, tol: float = 2e-2, strategy: str = "exhaustive",
+         check: Callable[[dict], float] | None = None, tol: float = 2e-2, strategy: str | Callable = "exhaustive",
          samples: int = 16, seed: int = 0, seeds: Sequence[dict] = (), deadline: float | None = None,
          min_trials: int = 1, clock: Callable[[], float] = _time.monotonic,
          log: Callable[[str], None] = lambda s: None) -> TuneResult:
@@ -71,11 +73,13 @@ def tune(kernel_name: str, candidates: list[dict[str, Any]], *, time: Callable[[
     and one of them timed."""
     if strategy == "random":
         candidates = random.Random(seed).sample(candidates, min(samples, len(candidates)))
-    elif strategy not in ("exhaustive", "local"):
-        raise ValueError(f"tune: strategy={strategy!r}; expected 'exhaustive', 'random' or 'local'")
+    elif not callable(strategy) and strategy not in ("exhaustive", "local"):
+        raise ValueError(f"tune: strategy={strategy!r}; expected 'exhaustive', 'random', 'local' or a function "
+                         "(candidates, seeds) -> generator")
     if not candidates:
         raise ValueError(f"tune: no candidate configs for {kernel_name} (all over the device's limits?)")
-    order = _local_order(candidates, seeds) if strategy == "local" else iter(candidates)
+    order = (strategy(candidates, seeds) if callable(strategy) else _local_order(candidates, seeds)
+             if strategy == "local" else iter(candidates))
     trials: list[Trial] = []
     best: Trial | None = None
     complete = True
@@ -89,7 +93,8 @@ def tune(kernel_name: str, candidates: list[dict[str, Any]], *, time: Callable[[
         if t.seconds is not None and (best is None or t.seconds < best.seconds):
             best = t
         try:
-            cfg = order.send(best.config if best else None) if strategy == "local" else next(order)
+            cfg = (order.send(t) if callable(strategy) else order.send(best.config if best else None)
+                   if strategy == "local" else next(order))
         except StopIteration:
             break
     if best is None:

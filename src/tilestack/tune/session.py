@@ -318,7 +318,7 @@ class Session:
 
         try:
             result = tune(f"{p.name} [{backend}]", candidates, time=time_cfg, check=work.check, tol=TOL,
-                          strategy="local", seeds=seeds, deadline=deadline, min_trials=len(must), clock=self.clock,
+                          strategy=self._strategy(space, work.args), seeds=seeds, deadline=deadline, min_trials=len(must), clock=self.clock,
                           log=self.log)
         except RuntimeError as e:
             _raise_if_fatal(p, [str(e)])
@@ -334,6 +334,10 @@ class Session:
             [t.config for t in ranked[:FINALISTS]]
         return _Found(best, confirm[_frozen(best)], space, before, confirm.get(_frozen(before)) if in_use else None,
                       len(result.trials), sum(t.seconds is None for t in result.trials), result.complete)
+
+    def _strategy(self, space: SearchSpace, args):
+        """How the search orders the candidates (``tune.search.tune``'s strategy): seeds, then nearest the best."""
+        return "local"
 
     def _candidates(self, space: SearchSpace, args) -> list[dict]:
         """The space's configs that fit this device, worked out once per kernel, constants and argument types."""
