@@ -6,8 +6,11 @@
 For each model (--models: small GPTs given as LxD, e.g. 4x64) and world size: the compute model is measured
 (per-layer times, the wrappers' overheads), the collectives' fit is loaded (or measured: gloo-cpu), every plan is
 predicted and ranked (on an idle machine), and --plans of them are trained for real
-(tilestack.parallel.plan.measure), each predicted again just before its run with the cores that other work keeps
-busy at that moment (compute.busy_cores: this machine is shared). The plans: the planner's choice, then a
+(tilestack.parallel.plan.measure), each with a lockstep probe after every step (fixed single-thread work ended by
+an all-reduce, on the plan's ranks): this machine is shared, and the probe says how much the other work slowed
+ranks in lockstep while the plan ran. Each plan is then predicted again with that background
+(compute.background_of; ComputeModel.contention), which uses nothing of the plan's own measured times.
+The plans: the planner's choice, then a
 spread of layouts (one of each of dp, fsdp, tp, tp+sp, pp 1f1b, pp gpipe, interleaved, zero, recompute, where
 they fit), then the next-ranked. Prints one table row per plan (predicted and measured step
 time and peak memory, the errors), then a summary: the share of plans within 15% (time) and 10% (memory), and
@@ -24,7 +27,7 @@ import time
 
 from tilestack.parallel.model import ModelConfig
 from tilestack.parallel.plan import MeasuredCompute, describe_gpt, load_comm, measure_gloo, predict, search
-from tilestack.parallel.plan.compute import busy_cores
+from tilestack.parallel.plan.compute import PROBE_CHUNK_S, background_of, busy_cores
 from tilestack.parallel.plan.measure import measure_plans
 from tilestack.parallel.plan.overhead import OVERHEADS
 from tilestack.parallel.plan.search import choose, to_measure
@@ -61,17 +64,19 @@ def main() -> int:
                 if time.monotonic() - t0 > args.time_limit:
                     print(f"time limit {args.time_limit:.0f} s reached: stopping", file=sys.stderr)
                     break
-                # what else runs here now: the prediction shares the cores with it (ComputeModel.contention)
-                compute.background = busy_cores()
+                # what else ran here meanwhile: a lockstep probe after each step says how much it slowed the
+                # ranks; the plan is predicted again with that background (ComputeModel.contention)
+                busy = busy_cores()
+                (m,) = measure_plans(desc, [r.plan], steps=args.steps, probe_s=PROBE_CHUNK_S)
+                compute.background = background_of(m["slowdown"], n)
                 p = predict(r.plan, desc, compute, comm)
-                (m,) = measure_plans(desc, [r.plan], steps=args.steps)
                 row = dict(model=desc.name, nproc=n, plan=p.plan.label(), chosen=r is chosen,
                            predicted_step_s=p.step_s, measured_step_s=m["step_s"],
                            measured_step_s_median=m["step_s_median"], predicted_peak_bytes=p.memory_bytes,
                            measured_peak_bytes=m["peak_bytes"], predicted_peak_bytes_per_rank=p.peaks,
                            measured_peak_bytes_per_rank=m["peak_bytes_per_rank"], bound=p.bound, terms=p.terms,
                            predicted_components=p.memory, measured_components=m["components"],
-                           background_cores=compute.background)
+                           background_cores=compute.background, slowdown=m["slowdown"], busy_cores_before=busy)
                 row["time_err"] = row["measured_step_s"] / row["predicted_step_s"] - 1
                 row["mem_err"] = row["measured_peak_bytes"] / row["predicted_peak_bytes"] - 1
                 rows.append(row)

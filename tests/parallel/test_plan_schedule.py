@@ -16,8 +16,11 @@ def test_equal_stages_give_the_closed_form(schedule, p, m):
     assert sim.bubble == pytest.approx((p - 1) / (m + p - 1))
     if schedule == "gpipe":
         assert sim.peak_inflight == [m] * p
+        assert sim.steady_inflight == [0] * p           # no forward after the first backward
     else:
         assert sim.peak_inflight == [min(p - r, m) for r in range(p)]
+        # a forward follows the first backward where m > p - rank, holding p - rank again beside the gradients
+        assert sim.steady_inflight == [p - r if m > p - r else 0 for r in range(p)]
 
 
 @pytest.mark.parametrize("p, v, m", [(2, 2, 4), (4, 2, 8), (2, 3, 4), (4, 2, 4)])

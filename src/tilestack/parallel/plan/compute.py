@@ -104,6 +104,74 @@ def busy_cores(window_s: float = 1.0) -> float:
     return (1.0 - (i1 - i0) / (t1 - t0)) * (os.cpu_count() or 1)
 
 
+PROBE_CHUNK_S = 0.02        # idle seconds of one probe rank's compute between two all-reduces
+PROBE_ITERS = 12
+
+
+@dataclasses.dataclass(frozen=True)
+class LockstepProbe:
+    """Fixed single-thread work (``matmuls`` 128 x 128 products, ``idle_s`` seconds on an idle core) ended by an
+    all-reduce of a scalar: run by every rank of a group at once (``work_s``), it shows how much this machine's
+    other work slows ranks that meet at collectives (``slowdown``). That is more than their fair share of the
+    cores (ComputeModel.contention with busy_cores()): a rank that loses its core holds the others up at the next
+    collective."""
+
+    matmuls: int
+    idle_s: float
+
+    @classmethod
+    def calibrated(cls, chunk_s: float = PROBE_CHUNK_S) -> LockstepProbe:
+        """About ``chunk_s`` idle seconds of work, timed here (the least of repeated calls)."""
+        import torch
+        a = torch.randn(128, 128)
+        one = _single_thread(_best_s)(lambda: torch.mm(a, a))
+        matmuls = max(1, round(chunk_s / one))
+        return cls(matmuls=matmuls, idle_s=matmuls * one)
+
+    def work_s(self) -> float:
+        """Seconds of the work and its all-reduce, less the all-reduce alone (each after a barrier)."""
+        import time
+
+        import torch
+        import torch.distributed as dist
+        a = torch.randn(128, 128)
+        flag = torch.zeros(1)
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(self.matmuls):
+            torch.mm(a, a)
+        dist.all_reduce(flag)
+        chunk = time.perf_counter() - t0
+        dist.barrier()
+        t0 = time.perf_counter()
+        dist.all_reduce(flag)
+        return chunk - (time.perf_counter() - t0)
+
+    def slowdown(self, work_s: float) -> float:
+        """``work_s`` (a rank's, or the slowest rank's) over the idle time: at least 1."""
+        return max(work_s / self.idle_s, 1.0)
+
+
+def _probe_rank(rank: int, world_size: int, probe: LockstepProbe, iters: int) -> float:
+    import statistics
+    return statistics.median(probe.work_s() for _ in range(iters))
+
+
+def lockstep_slowdown(world_size: int, *, iters: int = PROBE_ITERS) -> float:
+    """How much slower ``world_size`` spawned gloo ranks in lockstep compute now than one rank on an idle core: the
+    slowest rank's median LockstepProbe over ``iters`` runs."""
+    from tilestack.parallel.launch import run_local
+    probe = LockstepProbe.calibrated()
+    return probe.slowdown(max(run_local(_probe_rank, world_size, (probe, iters))))
+
+
+def background_of(slowdown: float, world_size: int, cores: int | None = None) -> float:
+    """The cores other work keeps busy, as ``world_size`` ranks in lockstep feel it (a lockstep_slowdown or
+    LockstepProbe.slowdown): the background that ComputeModel.contention turns back into that slowdown."""
+    cores = cores or os.cpu_count() or 1
+    return max(slowdown * cores - world_size, 0.0)
+
+
 # ---- measured -----------------------------------------------------------------------------------------------------
 def _best_s(fn: Callable[[], Any], device: str = "cpu") -> float:
     """The least time of repeated calls (tilestack.perf.timing): on a shared machine the least disturbed one."""

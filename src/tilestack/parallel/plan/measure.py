@@ -73,13 +73,15 @@ def measure_rank(rank: int, world_size: int, spec: dict) -> dict:
     dtype = getattr(torch, spec.get("dtype", "float32"))
     model = GPT(cfg, seed=0).to(dtype)
     trainer = Trainer(model, pc, pc.build_mesh("cpu"))
-    seconds, losses = [], []
+    seconds, losses, probes = [], [], []
     for step in range(spec["steps"]):
         idx, targets = make_batch(cfg, spec["batch"], spec["seq"], seed=step)
         torch.distributed.barrier()
         t0 = time.perf_counter()
         losses.append(trainer.step(idx, targets))
         seconds.append(time.perf_counter() - t0)
+        if spec["probe"] is not None:
+            probes.append(spec["probe"].work_s())
     params = _tensor_bytes(trainer.params)
     before = params + _optimizer_bytes(trainer)
     idx, targets = make_batch(cfg, spec["batch"], spec["seq"], seed=spec["steps"])
@@ -90,14 +92,28 @@ def measure_rank(rank: int, world_size: int, spec: dict) -> dict:
         if trainer.zero is not None and trainer.zero.grad_shard is not None:
             grads += trainer.zero.grad_shard.numel() * trainer.zero.grad_shard.element_size()
         trainer.optimizer_step()
-    return dict(seconds=seconds, losses=losses, peak_bytes=before + _peak_allocated(prof),
+    return dict(seconds=seconds, losses=losses, probes=probes, peak_bytes=before + _peak_allocated(prof),
                 components=dict(parameters=params, gradients=grads, optimizer=_optimizer_bytes(trainer)))
 
 
+def _slowdowns(res: list[dict], probe: Any, timed: range) -> dict[str, float | None]:
+    """The least and the median, over the ``timed`` steps, of the slowdown that the slowest rank's probe after
+    the step shows (None without a probe)."""
+    if probe is None:
+        return dict(slowdown=None, slowdown_median=None)
+    work = [max(r["probes"][i] for r in res) for i in timed]
+    return dict(slowdown=probe.slowdown(min(work)), slowdown_median=probe.slowdown(statistics.median(work)))
+
+
 def measure_plans(desc: ModelDesc, plans: Sequence[Plan], *, steps: int = 6, warmup: int = 2,
-                  dtype: str = "float32", timeout_s: float = 600.0) -> list[dict[str, Any]]:
-    """Each plan trained for ``steps`` steps on ``plan.world_size`` gloo processes; a row per plan (module doc)."""
+                  dtype: str = "float32", timeout_s: float = 600.0, probe_s: float = 0.0) -> list[dict[str, Any]]:
+    """Each plan trained for ``steps`` steps on ``plan.world_size`` gloo processes; a row per plan (module doc).
+    ``probe_s`` > 0: after each step the ranks also run a lockstep probe of that many idle seconds of fixed work
+    (compute.LockstepProbe); the row's ``slowdown`` is the least over the timed steps of the slowest rank's probe
+    against its idle time: how much this machine's other work slowed ranks in lockstep while the plan ran."""
     from tilestack.parallel.launch import run_local
+    from tilestack.parallel.plan.compute import LockstepProbe
+    probe = LockstepProbe.calibrated(probe_s) if probe_s > 0 else None
     if steps <= warmup:
         raise PlanError(f"measure_plans: steps={steps} with warmup={warmup}; expected steps > warmup")
     rows = []
@@ -106,12 +122,13 @@ def measure_plans(desc: ModelDesc, plans: Sequence[Plan], *, steps: int = 6, war
             raise PlanError(f"measure_plans: plan {plan.label()} cannot run on tilestack's Trainer (model "
                             f"{desc.name!r}, even stages only); expected a runnable plan")
         spec = dict(parallel=plan.parallel_kwargs(), model=desc.config, batch=plan.batch, seq=desc.seq, steps=steps,
-                    dtype=dtype)
+                    dtype=dtype, probe=probe)
         res = run_local(measure_rank, plan.world_size, (spec,), timeout_s=timeout_s)
         per_step = [max(r["seconds"][i] for r in res) for i in range(steps)][warmup:]
         worst = max(res, key=lambda r: r["peak_bytes"])
         rows.append(dict(plan=plan.label(), world_size=plan.world_size, step_s=min(per_step),
                          step_s_median=statistics.median(per_step), step_s_all=per_step, peak_bytes=worst["peak_bytes"],
                          peak_bytes_per_rank=[r["peak_bytes"] for r in res], components=worst["components"],
-                         loss=res[0]["losses"][-1]))
+                         loss=res[0]["losses"][-1],
+                         **_slowdowns(res, probe, range(warmup, steps))))
     return rows

@@ -8,7 +8,8 @@ On a GPU these are hidden behind kernels; on a CPU they are not: a DTensor op di
 propagation in Python, FSDP2 and DDP run hooks and copy into flat buffers, a pipeline schedule splits the batch
 and runs its actions, ZeRO flattens gradients and slices. Each is timed on the real wrapper
 (tilestack.parallel.parallelize's apply_tp / apply_fsdp / apply_ddp, torch's pipelining, ZeroOptimizer).
-Times are the minimum of rounds that alternate between the variants, so that a busy machine disturbs each alike.
+Times are the median over rounds that alternate between the variants, each divided by the slowdown that a
+lockstep probe right after it shows (compute.LockstepProbe: this machine is shared with other work).
 
 - ddp, pipeline, zero: in one process whose group has one rank (their collectives move nothing), against the
   same model unwrapped; the difference is the wrapper's own cost.
@@ -27,7 +28,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from tilestack.parallel.plan.compute import ComputeModel, busy_cores
+from tilestack.parallel.plan.compute import ComputeModel, LockstepProbe
 from tilestack.parallel.plan.describe import TP_ALLREDUCES_BWD, TP_ALLREDUCES_FWD, ModelDesc, PlanError
 
 ROUNDS = 7
@@ -36,7 +37,7 @@ GROUP_DEGREE = 2          # the group the collective-bound wrappers (tp, sp, fsd
 
 
 def _overhead_rank(rank: int, world_size: int, cfg_kw: dict, batch: int, seq: int, microbatches: int,
-                   rounds: int) -> dict[str, float]:
+                   rounds: int, probe: LockstepProbe) -> dict[str, float]:
     import torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
@@ -77,34 +78,41 @@ def _overhead_rank(rank: int, world_size: int, cfg_kw: dict, batch: int, seq: in
         adam.step()
 
     steps["zero"], steps["adam"] = zero_step, adam_step
-    best = _best_of_rounds(steps, rounds)
+    typical = _median_of_rounds(steps, rounds, probe)
     for m in models.values():
         m.zero_grad(set_to_none=True)
     return {
-        "ddp": max(best["ddp"] - best["plain"], 0.0),
-        "pipeline": max(best["pipeline"] - best["plain_mb"], 0.0) / microbatches,
-        "zero": max(best["zero"] - best["adam"], 0.0),
+        "ddp": max(typical["ddp"] - typical["plain"], 0.0),
+        "pipeline": max(typical["pipeline"] - typical["plain_mb"], 0.0) / microbatches,
+        "zero": max(typical["zero"] - typical["adam"], 0.0),
     }
 
 
-def _best_of_rounds(steps: dict[str, Any], rounds: int, barrier: Any = None) -> dict[str, float]:
-    """The least time of each step over ``rounds`` rounds that alternate between them (round 0 warms up);
-    ``barrier`` (a group's) lines the ranks up before each call, so a step's time is its own, not a wait."""
-    best = {k: float("inf") for k in steps}
+def _median_of_rounds(steps: dict[str, Any], rounds: int, probe: LockstepProbe) -> dict[str, float]:
+    """The median time of each step over ``rounds`` rounds that alternate between them (round 0 warms up), each
+    time divided by the slowdown that a LockstepProbe right after it shows: this machine is shared, and what the
+    wrappers cost is wanted on idle cores, as the layers' times are. The median, not the least: on gloo a
+    functional collective's wait takes either about 0.4 or about 3 ms, and the least of a few rounds catches the
+    fast ones that a step of tens of collectives does not. A barrier lines the ranks up before each call, so a
+    step's time is its own, not a wait for another rank."""
+    import statistics
+
+    import torch.distributed as dist
+    times: dict[str, list[float]] = {k: [] for k in steps}
     for r in range(rounds + 1):
         for k, fn in steps.items():
-            if barrier is not None:
-                barrier()
+            dist.barrier()
             t0 = time.perf_counter()
             fn()
             dt = time.perf_counter() - t0
+            slow = probe.slowdown(probe.work_s())
             if r:
-                best[k] = min(best[k], dt)
-    return best
+                times[k].append(dt / slow)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _group_rank(rank: int, world_size: int, cfg_kw: dict, batch: int, seq: int, tp_bytes: float,
-                unit_bytes: list[float], rounds: int) -> dict[str, float]:
+                unit_bytes: list[float], rounds: int, probe: LockstepProbe) -> dict[str, float]:
     """One rank of a ``world_size`` group: the tp, sp and fsdp wrappers' forward and backward of a ``batch``, and
     the plain collectives the planner counts for each (``tp_bytes``: a block's output, all-reduced 2 + 2 times
     per block; ``unit_bytes``: each FSDP unit's parameters, all-gathered twice and reduce-scattered once)."""
@@ -138,7 +146,7 @@ def _group_rank(rank: int, world_size: int, cfg_kw: dict, batch: int, seq: int, 
             dist.reduce_scatter_tensor(shard, full)
 
     steps["fsdp_comm"] = fsdp_comm
-    return _best_of_rounds(steps, rounds, barrier=dist.barrier)
+    return _median_of_rounds(steps, rounds, probe)
 
 
 def measure_overheads(desc: ModelDesc, compute: ComputeModel, *, micro_batch: int = 2, microbatches: int = 2,
@@ -150,21 +158,18 @@ def measure_overheads(desc: ModelDesc, compute: ComputeModel, *, micro_batch: in
                         "describe_gpt (the wrappers are those of tilestack.parallel)")
     from tilestack.parallel.launch import run_local
     batch = micro_batch * microbatches
-    out = run_local(_overhead_rank, 1, (desc.config, batch, desc.seq, microbatches, rounds))[0]
+    probe = LockstepProbe.calibrated()
+    out = run_local(_overhead_rank, 1, (desc.config, batch, desc.seq, microbatches, rounds, probe))[0]
     blocks = [layer for layer in desc.layers if layer.kind == "block"]
     roots = [layer for layer in desc.layers if layer.kind != "block"]
     e = desc.dtype_bytes
     unit_bytes = [layer.params * e for layer in blocks] + [sum(layer.params for layer in roots) * e]
     tp_bytes = blocks[0].tp_comm_bytes * batch
-    # the group's ranks share the cores with whatever else runs now: their times, brought back to an idle
-    # machine's by the contention the planner predicts with (ComputeModel.contention), compare with idle layers
-    background = busy_cores()
-    best = run_local(_group_rank, degree, (desc.config, batch, desc.seq, tp_bytes, unit_bytes, rounds))[0]
-    slow = max(1.0, (degree + background) / compute.cores) if compute.cores else 1.0
+    typical = run_local(_group_rank, degree, (desc.config, batch, desc.seq, tp_bytes, unit_bytes, rounds, probe))[0]
 
     def layers_s(tp: int) -> float:
         return sum(sum(compute.layer_times(i, batch, tp)) for i in range(len(desc.layers)))
 
     for name, tp, comm in (("tp", degree, "tp_comm"), ("sp", degree, "tp_comm"), ("fsdp", 1, "fsdp_comm")):
-        out[name] = max((best[name] - best[comm]) / slow - layers_s(tp), 0.0) / len(blocks)
+        out[name] = max(typical[name] - typical[comm] - layers_s(tp), 0.0) / len(blocks)
     return out

@@ -41,6 +41,7 @@ from tilestack.parallel.plan.schedule import SCHEDULES, Simulation, simulate
 
 ADAM_MOMENTS = 2
 LOSS_BYTES = FP32_BYTES          # the step's loss, all-reduced over pp and the data-parallel groups
+LOSS_GRAD_COPIES = 2             # (b, s, vocab) f32 gradients alive in log-softmax's backward (see _memory)
 ZERO_BUCKET_NUMEL = 1 << 22      # the Trainer's ZeroOptimizer bucket (elements)
 ZERO_FLAT_COPIES = {1: 2, 2: 1}  # copies of a bucket's gradients while ZeroOptimizer reduces it (see _memory)
 FSDP_UNIT_COPIES = 4             # gathered block + prefetched neighbour + unsharded grads + reduce-scatter input
@@ -403,9 +404,10 @@ def _memory(plan: Plan, desc: ModelDesc, stages: list[range], my_stages: list[in
             transient += edges * plan.microbatches * plan.micro_batch * boundary / (plan.tp if plan.sp else 1)
     loss_grad = 0.0
     if any(desc.layers[i].kind == "head" for s in my_stages for i in stages[s]):
-        # the loss's gradient with respect to the f32 logits, (b, s, vocab), made when the first backward begins;
-        # torch's pipeline schedules also keep each micro-batch's output (the logits) until the step's end
-        loss_grad = plan.micro_batch * desc.seq * desc.vocab * FP32_BYTES
+        # as the first backward begins, cross-entropy's gradients: with respect to the log-probabilities, then to
+        # the f32 logits, (b, s, vocab) each and both alive in log-softmax's backward; torch's pipeline schedules
+        # also keep each micro-batch's output (the logits) until the step's end
+        loss_grad = LOSS_GRAD_COPIES * plan.micro_batch * desc.seq * desc.vocab * FP32_BYTES
         if plan.pp > 1:
             transient += plan.microbatches * plan.micro_batch * desc.seq * desc.vocab * e
     return {"parameters": local * e, "gradients": grads, "optimizer": optimizer, "activations": inflight,
