@@ -290,7 +290,10 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
     dp_exposed = max(dp_s) * (1 - overlap_dp)
     owner = plan.dp if plan.zero else 1
     every = compute.contention(plan.world_size)          # every rank steps its optimizer at once
-    opt_s = max(compute.optimizer_s(rank_params[r] / shard / owner, rank_tensors[r]) for r in ranks) * every
+    # DTensor parameters (tp, FSDP2) cost their AdamW ops' dispatch on top, per tensor (overhead.py)
+    dtensor = compute.overhead("fsdp optimizer") if shard > 1 else compute.overhead("tp optimizer") if tp > 1 else 0.0
+    opt_s = max(compute.optimizer_s(rank_params[r] / shard / owner, rank_tensors[r]) + rank_tensors[r] * dtensor
+                for r in ranks) * every
     if plan.zero:
         opt_s += compute.overhead("zero") * every
     elif uses_ddp(plan):
