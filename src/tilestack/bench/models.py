@@ -43,11 +43,12 @@ class GPTConfig:
     eps: float = 1e-5
 
     def flops_per_token(self, seq: int) -> float:
-        """Training FLOPs per token (forward + backward = 3x forward; PaLM's convention, as
-        tilestack.parallel.ModelConfig counts them): 6 * (the blocks' matmul parameters + the LM head) plus the
-        attention matmuls 12 * L * N * d, causal attention counted in full."""
-        d, L = self.d, self.n_layer
-        return 6 * (L * 12 * d * d + self.vocab * d) + 12 * L * seq * d
+        """Training FLOPs per token (``perf.formulas.transformer_train_flops_per_token``): blocks of 12 d^2
+        matmul parameters, the LM head."""
+        from tilestack.perf.formulas import transformer_train_flops_per_token
+
+        return transformer_train_flops_per_token(matmul_params=self.n_layer * 12 * self.d ** 2 + self.vocab * self.d,
+                                                 n_layer=self.n_layer, seq=seq, attention_width=self.d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +66,13 @@ class LlamaConfig:
 
     def flops_per_token(self, seq: int) -> float:
         """As GPTConfig.flops_per_token: q/o projections d x (H * Dh), k/v d x (Hkv * Dh), SwiGLU 3 * d * hidden,
-        the LM head; attention 12 * L * N * (H * Dh)."""
+        the LM head."""
+        from tilestack.perf.formulas import transformer_train_flops_per_token
+
         hd = self.n_head * self.head_dim
         per_layer = 2 * self.d * hd + 2 * self.d * self.n_kv_head * self.head_dim + 3 * self.d * self.hidden
-        return 6 * (self.n_layer * per_layer + self.vocab * self.d) + 12 * self.n_layer * seq * hd
+        return transformer_train_flops_per_token(matmul_params=self.n_layer * per_layer + self.vocab * self.d,
+                                                 n_layer=self.n_layer, seq=seq, attention_width=hd)
 
 
 GPT2_SMALL = GPTConfig()

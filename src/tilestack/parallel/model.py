@@ -45,11 +45,12 @@ class ModelConfig:
         return self.d // self.n_head
 
     def flops_per_token(self, seq: int) -> float:
-        """Training FLOPs per token (forward + backward = 3x forward): 6 * (non-embedding params + head) plus the
-        attention matmuls 6 * 2 * L * N * d for causal attention counted in full (PaLM's convention)."""
-        d, L = self.d, self.n_layer
-        matmul_params = L * 12 * d * d + self.vocab * d
-        return 6 * matmul_params + 12 * L * seq * d
+        """Training FLOPs per token (``perf.formulas.transformer_train_flops_per_token``): blocks of 12 d^2
+        matmul parameters, the LM head."""
+        from tilestack.perf.formulas import transformer_train_flops_per_token
+
+        return transformer_train_flops_per_token(matmul_params=self.n_layer * 12 * self.d ** 2 + self.vocab * self.d,
+                                                 n_layer=self.n_layer, seq=seq, attention_width=self.d)
 
 
 TINY = ModelConfig()

@@ -194,6 +194,14 @@ def sdpa(q: Any, k: Any, v: Any, *, causal: bool = False, backward: bool = False
     )
 
 
+def transformer_train_flops_per_token(*, matmul_params: int, n_layer: int, seq: int, attention_width: int) -> float:
+    """Training FLOPs per token of a decoder (forward + backward = 3x forward; PaLM's convention, what MFU is
+    quoted in): 6 x the parameters that multiply activations (the blocks' matrices and the LM head, not the
+    embedding lookups) plus the attention matmuls 12 x layers x seq x (heads x head dim), causal counted in
+    full."""
+    return 6 * matmul_params + 12 * n_layer * seq * attention_width
+
+
 def _prod(xs: Any) -> int:
     out = 1
     for x in xs:

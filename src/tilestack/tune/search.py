@@ -8,8 +8,8 @@ spaces); ``local`` starts from ``seeds`` (the config in use, winners of similar 
 tries next the untried config closest to the best so far (fewest tunables changed), so that a search cut
 short by its ``deadline`` has spent its time near the winner. A strategy may also be a function
 ``(candidates, seeds) -> generator`` that yields the next config and is sent each Trial as it is measured (a
-cost model's active search: ``tune.guided``); the search ends when it stops. A config that fails to compile (the compiler
-ran out of registers or shared memory) or computes a wrong result is logged and skipped, never chosen.
+cost model's active search: ``tune.guided``); the search ends when it stops. A config that fails to compile (the
+compiler ran out of registers or shared memory) or computes a wrong result is logged and skipped, never chosen.
 """
 
 from __future__ import annotations

@@ -318,7 +318,8 @@ class Session:
 
         try:
             result = tune(f"{p.name} [{backend}]", candidates, time=time_cfg, check=work.check, tol=TOL,
-                          strategy=self._strategy(space, work.args), seeds=seeds, deadline=deadline, min_trials=len(must), clock=self.clock,
+                          strategy=self._strategy(space, work.args), seeds=seeds, deadline=deadline,
+                          min_trials=len(must), clock=self.clock,
                           log=self.log)
         except RuntimeError as e:
             _raise_if_fatal(p, [str(e)])
