@@ -23,8 +23,11 @@ while it reduces it); activations: Korthikanti et al.'s bytes per layer and samp
 (divided by tp where tensor parallelism splits them; all of them with sequence parallelism but the all-gathered
 inputs torch saves whole), times the micro-batch, times the micro-batches the schedule keeps in flight on that
 rank (the simulator's count); transient buffers: one block rebuilt under full recompute, FSDP2's gathered units
-and gradient copies, a pipeline stage's receive buffers (one per micro-batch in torch's PipelineStage). The
-peak (``_peak``) is parameters + optimizer + the larger of what lives during backward and what after it.
+and gradient copies, a pipeline stage's receive buffers (one per micro-batch in torch's PipelineStage), the last
+stage's logits of every micro-batch (torch's schedules keep them to the step's end). The peak (``_peak``) is
+parameters + optimizer + the largest of three moments: the first backward begins (activations in flight and
+cross-entropy's gradients, no parameter gradient yet), a forward after a backward (1F1B's steady state, beside
+the gradients), after backward.
 """
 
 from __future__ import annotations
