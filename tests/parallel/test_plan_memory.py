@@ -98,9 +98,10 @@ def test_per_rank_shards_of_real_runs(kw):
     # ZeRO-1 keeps the reduced 1/dp slice beside the full gradients (the model counts it after backward)
     slice_bytes = mem["parameters"] / kw["dp"] if kw.get("zero") else 0.0
     assert got["gradients"] == pytest.approx(mem["gradients"] + slice_bytes, rel=0.1 if "tp" in kw else 0.01)
-    # the peak: the profiler's CPU allocations during a step plus what was alive before it; on gloo it moves by up
-    # to about 20% between runs of the same plan (when the communication threads' buffers come and go)
-    assert row["peak_bytes"] == pytest.approx(predict(plan, desc, Unit(desc), FREE).memory_bytes, rel=0.25)
+    # the peak: the CPU allocator's records during a step plus what was alive before it (10%: the bar of issue 13;
+    # 25% while the measurement placed each op's allocations at its start and the model counted every gradient
+    # at the first backward)
+    assert row["peak_bytes"] == pytest.approx(predict(plan, desc, Unit(desc), FREE).memory_bytes, rel=0.10)
 
 
 def test_1f1b_peak_is_gpipes_where_the_orders_agree():
