@@ -14,16 +14,13 @@ other backends than Triton's (whose lowering the constraints model) are searched
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
-from tilestack.tune.features import FEATURES
+from tilestack.tune.features import vector
 from tilestack.tune.session import Session
-
-FEATURE_INDEX = {name: i for i, name in enumerate(FEATURES)}
 
 TOP_K = 8
 
@@ -50,9 +47,12 @@ class ModelSession(Session):
     then each the candidate of largest expected improvement under the model refitted with what was measured."""
 
     def __init__(self, *args, model, top_k: int = TOP_K, **kwargs):
+        from tilestack.tune.features import device_peaks
+
         super().__init__(*args, **kwargs)
         self.model, self.top_k = model, top_k
         self.spaces: dict[tuple, tuple] = {}       # -> (ConstrainedSpace, kept configs in the model's order)
+        self.peaks = device_peaks(self.device.name)    # (matrix FLOP/s, bytes/s) of the roofline feature
 
     def _space(self, space, args):
         from tilestack.tune.constraints import ConstrainedSpace
@@ -62,16 +62,16 @@ class ModelSession(Session):
         if k not in self.spaces:
             cs = ConstrainedSpace(space.kernel, args, space.fixed, space.domains(), self.device)
             kept = cs.kept()
-            mean, _ = self.model.predict(np.asarray([self._features(cs, c) for c in kept])) if kept else ([], None)
+            X = [vector(self._features(cs, c), aot=False) for c in kept]
+            mean, _ = self.model.predict(np.asarray(X)) if kept else ([], None)
             self.spaces[k] = (cs, [kept[i] for i in np.argsort(mean, kind="stable")])
         return self.spaces[k]
 
-    def _features(self, cs, cfg: dict) -> list[float]:
-        from tilestack.tune.features import config_features, device_peaks, vector
+    def _features(self, cs, cfg: dict) -> dict[str, float]:
+        from tilestack.tune.features import config_features
 
-        peak, bw = device_peaks(self.device.name)
-        return vector(config_features(cs.estimate(cfg), sms=self.device.sms, shared_per_block=self.device.shared_bytes,
-                                      peak_flops=peak, bandwidth=bw), aot=False)
+        return config_features(cs.estimate(cfg), sms=self.device.sms, shared_per_block=self.device.shared_bytes,
+                               peak_flops=self.peaks[0], bandwidth=self.peaks[1])
 
     def _candidates(self, space, args) -> list[dict]:
         if getattr(space, "backend", "triton") != "triton":     # the constraints model Triton's lowering
@@ -88,19 +88,18 @@ class ModelSession(Session):
         """``tune.search`` strategy: yields configs, is sent each Trial; the first seed (the config in use) and
         ``top_k`` more: the other seeds among the candidates (winners elsewhere), then the cost model's active
         order."""
-        from tilestack.tune.cost_model import active_order
+        from tilestack.tune.cost_model import active_order, target
 
-        X = [self._features(cs, c) for c in candidates]
-        roofline = [x[FEATURE_INDEX["log2_roofline_us"]] for x in X]
-        first = [candidates.index(s) for s in seeds if s in candidates]
-        order = active_order(X, base=self.model, seeds=list(dict.fromkeys(first)))
+        features = [self._features(cs, c) for c in candidates]
+        first = list(dict.fromkeys(candidates.index(s) for s in seeds if s in candidates))
+        order = active_order([vector(f, aot=False) for f in features], base=self.model, seeds=first)
         i, picked = next(order), -1           # the first is the config in use: not counted
         while True:
             trial = yield candidates[i]
             picked += 1
             if picked >= self.top_k:
                 return
-            y = None if trial.seconds is None else math.log2(trial.seconds * 1e6) - roofline[i]
+            y = None if trial.seconds is None else target(trial.seconds * 1e6, features[i])
             try:
                 i = order.send(y)
             except StopIteration:
