@@ -14,9 +14,9 @@ configs (rounded down, at least 1).
             (1.0 = found it), for: active learning by expected improvement (``tune.cost_model.active_search``),
             the model's top-k, random search (mean over --random-seeds), Triton-style exhaustive autotune in the
             space's product order cut at the same budget, active learning seeded with the H100 table's
-            winner where one exists, and "the tuner": what ``tilestack tune`` does (seeded where a table of
-            the nearest device has an entry, plain active learning elsewhere); and how many measurements each
-            needs to come within 5% of the best
+            winner where one exists, and "the tuner": what ``tilestack tune`` does (the config in use first: the
+            nearest device's table entry, else the kernel's default; then active learning); and how many
+            measurements each needs to come within 5% of the best
   time      tuning wall time: the measured configs' compile + first launch + timing, plus the model's own time
 The last lines are tables: per problem, and the medians / worst case against the bar (98% of the best at 10% of
 the measurements, worst case 95%).
@@ -139,9 +139,9 @@ def evaluate(p, data: Dataset, a) -> dict:
         out["seed_alone_frac"] = best / float(us[seed]) if np.isfinite(us[seed]) else 0.0
     # the tuner: `tilestack tune` measures the config the launch path uses first (the nearest device's table
     # entry, else the kernel's default), then searches by active learning
-    first = seed if seed is not None else default_index(p, kept)
+    first, out["tuner_seed"] = (seed, "table") if seed is not None else (default_index(p, kept), "default")
     if first is None:
-        out["tuner_frac"], out["tuner_to_5pct"] = out["al_frac"], out["al_to_5pct"]
+        out["tuner_frac"], out["tuner_to_5pct"], out["tuner_seed"] = out["al_frac"], out["al_to_5pct"], None
     elif first == seed:
         out["tuner_frac"], out["tuner_to_5pct"] = out["seeded_frac"], out["seeded_to_5pct"]
     else:
@@ -150,7 +150,6 @@ def evaluate(p, data: Dataset, a) -> dict:
         order = [s.index for s in st]
         out["tuner_frac"] = best / float(us[order[:budget]].min())
         out["tuner_to_5pct"] = first_within(order, us, best)
-    out["tuner_seed"] = "table" if first is not None and first == seed else "default" if first is not None else None
     # random search, averaged
     rng = np.random.default_rng(0)
     fr, to5 = [], []
