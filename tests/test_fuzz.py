@@ -115,3 +115,26 @@ def test_check(got, want, tol, status):
         with pytest.raises(fuzz.Mismatch) as e:
             fuzz.check("t", got, want, torch.tensor(tol))
         assert e.value.status == status
+
+
+def test_accumulation_error_covers_a_truncating_tensor_core_dot():
+    """A depth-256 dot whose 16-product k-steps are added to an f32 accumulator rounding toward zero (the worst
+    a tensor core may do), on scores of one sign as the fuzzer's "negative" attention style makes them: the
+    error grows with the number of k-steps, and fuzz.accumulation_error bounds it for every row."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    D, rows = 256, 2000
+    q = (1 + 0.1 * np.abs(rng.standard_normal((rows, D)))).astype(np.float16).astype(np.float64)
+    k = (-13.0 * (1 + 0.1 * np.abs(rng.standard_normal((rows, D))))).astype(np.float16).astype(np.float64)
+    exact = (q * k).sum(1)
+    acc = np.zeros(rows, dtype=np.float32)
+    for j in range(0, D, fuzz.TENSOR_CORE_K):
+        step = acc.astype(np.float64) + (q[:, j:j + 16] * k[:, j:j + 16]).sum(1)   # exact within the step
+        rounded = step.astype(np.float32)
+        away = np.abs(rounded.astype(np.float64)) > np.abs(step)
+        acc = np.where(away, np.nextafter(rounded, np.float32(0)), rounded)          # toward zero
+    err = np.abs(acc.astype(np.float64) - exact)
+    smax = float(np.abs(q * k).sum(1).max())
+    assert err.max() <= fuzz.accumulation_error(D, smax)
+    assert err.max() > 4 * fuzz.U32 * smax          # more than a few roundings: the term is needed
