@@ -84,7 +84,7 @@ def launch(kernel, backend, *args, **consts) -> None:
 
 def test_the_sweep_covers_every_op():
     swept = (set(UNARY) | {"copy"} | set(BINARY) | {"fill", *FILLS}
-             | {f"{fn}_{axis}" for fn in ("add", "sub", "mul", "div") for axis in ("row", "col")}
+             | {f"{fn}_{axis}" for fn in BROADCAST_FNS for axis in ("row", "col")}
              | {f"{axis}_{fn}" for fn in REDUCE for axis in ("row", "col")}
              | set(MASKS) | set(MMAS) | set(MEMORY))
     # comparisons, logic, where, arange, per_row/per_col and atomic_add: swept in test_masks_and_atomics.py
@@ -252,6 +252,9 @@ def test_load_shared_into_registers(backend, dtype, rng):
 
 
 # ---- row / column broadcasts -------------------------------------------------------------------------------
+BROADCAST_FNS = ("add", "sub", "mul", "div", "max", "min")
+
+
 @ts.kernel(grid=_grid2)
 def broadcast_k(X, V, Y, *, FN: str, AXIS: str, BM: int, BN: int):
     i, j = ts.block_id(0), ts.block_id(1)
@@ -267,7 +270,7 @@ def broadcast_k(X, V, Y, *, FN: str, AXIS: str, BM: int, BN: int):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
 @pytest.mark.parametrize("axis", ["row", "col"])
-@pytest.mark.parametrize("fn", ["add", "sub", "mul", "div"])
+@pytest.mark.parametrize("fn", BROADCAST_FNS)
 def test_broadcast(backend, dtype, axis, fn, rng):
     x = rand(rng, (40, 24), dtype)
     v = away_from_zero(rng, (40 if axis == "row" else 24,), dtype)

@@ -447,7 +447,7 @@ define(OpDef(
     lambda ins, s, m: BINARY_FNS[ins.attrs.fn](s[0], s[1]), _per_result_element, fns=BINARY_FNS,
     doc="Element-wise ``fn(a, b)``."))
 
-BROADCAST_FNS = {k: BINARY_FNS[k] for k in ("add", "sub", "mul", "div")}
+BROADCAST_FNS = {k: BINARY_FNS[k] for k in ("add", "sub", "mul", "div", "max", "min")}
 
 
 def _broadcast_rule(ins: Instr) -> None:

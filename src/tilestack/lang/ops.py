@@ -122,6 +122,11 @@ def copy(dst: Tile, src: Tile) -> None:
 
 # ---- element-wise binary ops ------------------------------------------------------------------------------
 def _binary(fn: str, dst: Tile, a: Tile, b) -> None:
+    """``dst = fn(a, b)`` with b a tile of a's shape, a number or Scalar, or (a 2-D a) a vector marked
+    per_row(v) / per_col(v), which is the same op as ``{fn}_row`` / ``{fn}_col``."""
+    if isinstance(b, _PerAxis):
+        _broadcast(fn, b.axis, dst, a, b.vec)
+        return
     for arg, t in (("dst", dst), ("a", a)):
         _need_tile(fn, arg, t)
         _need_reg(fn, arg, t)
@@ -129,7 +134,9 @@ def _binary(fn: str, dst: Tile, a: Tile, b) -> None:
     if isinstance(b, Tile):
         _need_reg(fn, "b", b)
         if a.shape != b.shape:
-            raise TileShapeError(f"{fn}: a `{_name(a)}` is {a.shape} but b `{_name(b)}` is {b.shape}",
+            hint = ("; mark a vector per_row(v) or per_col(v) to broadcast it"
+                    if b.type.is_vec and not a.type.is_vec else "")
+            raise TileShapeError(f"{fn}: a `{_name(a)}` is {a.shape} but b `{_name(b)}` is {b.shape}{hint}",
                                  user_line())
         if a.dtype != b.dtype:
             raise TileDTypeError(f"{fn}: a `{_name(a)}` is {a.dtype} but b `{_name(b)}` is {b.dtype}; "
@@ -174,6 +181,10 @@ def add_col(dst, src, vec): _broadcast("add", "col", dst, src, vec)
 def sub_col(dst, src, vec): _broadcast("sub", "col", dst, src, vec)
 def mul_col(dst, src, vec): _broadcast("mul", "col", dst, src, vec)
 def div_col(dst, src, vec): _broadcast("div", "col", dst, src, vec)
+def max_row(dst, src, vec): _broadcast("max", "row", dst, src, vec)
+def min_row(dst, src, vec): _broadcast("min", "row", dst, src, vec)
+def max_col(dst, src, vec): _broadcast("max", "col", dst, src, vec)
+def min_col(dst, src, vec): _broadcast("min", "col", dst, src, vec)
 
 
 # ---- reductions ------------------------------------------------------------------------------------------------
@@ -516,6 +527,7 @@ __all__ = [
     "exp", "exp2", "log", "log2", "abs", "neg", "relu", "sqrt", "rsqrt", "sigmoid", "sin", "cos", "copy",
     "add", "sub", "mul", "div", "max", "min",
     "add_row", "sub_row", "mul_row", "div_row", "add_col", "sub_col", "mul_col", "div_col",
+    "max_row", "min_row", "max_col", "min_col",
     "row_max", "row_min", "row_sum", "col_max", "col_min", "col_sum",
     "tril", "triu", "make_causal", "right_fill", "lower_fill",
     "per_row", "per_col", "lt", "le", "gt", "ge", "eq", "ne", "logical_and", "logical_or", "logical_not",
