@@ -4,14 +4,15 @@
         --figure docs/img/plan_pred_vs_meas.png --time-limit 900
 
 For each model (--models: small GPTs given as LxD, e.g. 4x64) and world size: the compute model is measured
-(per-layer times, the wrappers' overheads), the collectives' fit is loaded (or measured: gloo-cpu), every plan is
-predicted and ranked (on an idle machine), and --plans of them are trained for real
-(tilestack.parallel.plan.measure), each with a lockstep probe after every step (fixed single-thread work ended by
-an all-reduce, on the plan's ranks): this machine is shared, and the probe says how much the other work slowed
-ranks in lockstep while the plan ran. Each plan is then predicted again with that background
-(compute.background_of; ComputeModel.contention), which uses nothing of the plan's own measured times: the
-median of its timed steps against the median of its probes (the rows' time_err), and the least step against the
-least probe (time_err_least).
+(per-layer times, the wrappers' overheads), the collectives' fit is loaded (or measured: gloo-cpu), a lockstep
+probe on that many ranks reads the machine's state (compute.lockstep_load: how much slower ranks in lockstep
+compute, and the delay each synchronisation adds), every plan is predicted and ranked with it, and --plans of
+them are trained for real (tilestack.parallel.plan.measure), each with the probe after every step on the plan's
+ranks: this machine is shared, and the probe says how much the other work slowed ranks in lockstep and delayed
+their synchronisations while the plan ran. Each plan is then predicted again with that background and delay
+(compute.background_of, ComputeModel.contention, ComputeModel.sync_delay, counted per collective and pipeline
+send of the plan), which uses nothing of the plan's own measured times: the median of its timed steps against
+the medians of its probes (the rows' time_err), and the least step against the least probe (time_err_least).
 The plans: the planner's choice, then a
 spread of layouts (one of each of dp, fsdp, tp, tp+sp, pp 1f1b, pp gpipe, interleaved, zero, recompute, where
 they fit), then the next-ranked. Prints one table row per plan (predicted and measured step
@@ -29,7 +30,7 @@ import time
 
 from tilestack.parallel.model import ModelConfig
 from tilestack.parallel.plan import MeasuredCompute, describe_gpt, load_comm, measure_gloo, predict, search
-from tilestack.parallel.plan.compute import PROBE_CHUNK_S, background_of, busy_cores
+from tilestack.parallel.plan.compute import PROBE_CHUNK_S, background_of, busy_cores, lockstep_load
 from tilestack.parallel.plan.measure import measure_plans
 from tilestack.parallel.plan.overhead import OVERHEADS
 from tilestack.parallel.plan.search import choose, to_measure
@@ -51,7 +52,7 @@ def main() -> int:
     args = ap.parse_args()
     t0 = time.monotonic()
     comm = load_comm("gloo-cpu") or measure_gloo(name="gloo-cpu")
-    rows, summary, overheads = [], [], {}
+    rows, summary, overheads, planned_at = [], [], {}, {}
     for spec in args.models.split(","):
         L, D = (int(x) for x in spec.split("x"))
         cfg = ModelConfig(n_layer=L, d=D, n_head=4, vocab=256, max_seq=args.seq)
@@ -59,7 +60,13 @@ def main() -> int:
         compute = MeasuredCompute.for_gpt(desc)
         overheads[desc.name] = {name: compute.overhead(name) for name in OVERHEADS}
         for n in (int(x) for x in args.nproc.split(",")):
+            # the machine as n ranks in lockstep find it now: the planner ranks the plans at that state
+            slowdown, delay = lockstep_load(n)
+            compute.background, compute.sync_delay = background_of(slowdown, n), delay
             ranked = search(desc, compute, comm, world_size=n, batch=args.batch)
+            planned_at[f"{desc.name} n={n}"] = dict(slowdown=slowdown, sync_delay=delay)
+            print(f"{desc.name} n={n}: planned at slowdown {slowdown:.2f}, sync delay {delay * 1e3:.2f} ms",
+                  flush=True)
             chosen = choose(ranked)
             group = []
             for r in to_measure(ranked, args.plans):
@@ -73,8 +80,10 @@ def main() -> int:
                 # the typical step against the typical load (medians over the timed steps and their probes), and
                 # the least disturbed step against the least load its probes showed
                 compute.background = background_of(m["slowdown"], n)
+                compute.sync_delay = m["sync_delay"]
                 least = predict(r.plan, desc, compute, comm)
                 compute.background = background_of(m["slowdown_median"], n)
+                compute.sync_delay = m["sync_delay_median"]
                 p = predict(r.plan, desc, compute, comm)
                 row = dict(model=desc.name, nproc=n, plan=p.plan.label(), chosen=r is chosen,
                            predicted_step_s=p.step_s, measured_step_s=m["step_s_median"],
@@ -84,13 +93,16 @@ def main() -> int:
                            measured_peak_bytes=m["peak_bytes"], predicted_peak_bytes_per_rank=p.peaks,
                            measured_peak_bytes_per_rank=m["peak_bytes_per_rank"], bound=p.bound, terms=p.terms,
                            predicted_components=p.memory, measured_components=m["components"],
-                           background_cores=compute.background, slowdown=m["slowdown"], busy_cores_before=busy)
+                           background_cores=compute.background, slowdown=m["slowdown"],
+                           sync_delay_s=m["sync_delay"], sync_delay_s_median=m["sync_delay_median"],
+                           predicted_step_s_planned=r.prediction.step_s, busy_cores_before=busy)
                 row["time_err"] = row["measured_step_s"] / row["predicted_step_s"] - 1
                 row["time_err_least"] = row["measured_step_s_least"] / row["predicted_step_s_least"] - 1
                 row["mem_err"] = row["measured_peak_bytes"] / row["predicted_peak_bytes"] - 1
                 rows.append(row)
                 group.append(row)
-                print(f"{desc.name:10s} n={n} bg {compute.background:3.1f} {row['plan']:24s} "
+                print(f"{desc.name:10s} n={n} bg {compute.background:3.1f} d {compute.sync_delay * 1e3:4.2f} ms "
+                      f"{row['plan']:24s} "
                       f"pred {p.step_s * 1e3:8.2f} ms  meas "
                       f"{row['measured_step_s'] * 1e3:8.2f} ms ({row['time_err']:+6.1%}; least "
                       f"{row['time_err_least']:+6.1%})"
@@ -108,7 +120,7 @@ def main() -> int:
         predicted_vs_measured_png(rows, args.figure)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(rows=rows, summary=summary, overheads_s=overheads), f, indent=1)
+            json.dump(dict(rows=rows, summary=summary, overheads_s=overheads, planned_at=planned_at), f, indent=1)
     within_t = sum(abs(r["time_err"]) <= TIME_TOL for r in rows)
     within_least = sum(abs(r["time_err_least"]) <= TIME_TOL for r in rows)
     within_m = sum(abs(r["mem_err"]) <= MEM_TOL for r in rows)

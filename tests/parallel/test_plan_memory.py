@@ -153,9 +153,10 @@ def test_single_rank_peak_is_activations_and_the_loss_gradient():
 
 
 def test_pipeline_ranks_peaks_of_a_real_1f1b_run():
-    """pp=2, 1F1B, 4 micro-batches: each rank's measured peak. The last stage holds one micro-batch in flight
-    but torch's schedule keeps every micro-batch's logits to the step's end (the planner once missed them: -16%
-    on this model)."""
+    """pp=2, 1F1B, 4 micro-batches: each rank's measured peak. torch's PipelineStage keeps each micro-batch's
+    output (the last stage's logits) until its backward, so the last stage holds one micro-batch's logits beside
+    its activations; the Trainer passes return_outputs=False, or the schedule would keep all four to the step's
+    end (the planner once missed those: -16% on this model)."""
     from tilestack.parallel.plan.measure import measure_plans
     desc = describe_gpt(ModelConfig(n_layer=2, d=64, n_head=4, vocab=256, max_seq=64), 64)
     plan = Plan(batch=8, pp=2, microbatches=4)

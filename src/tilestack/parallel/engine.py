@@ -88,8 +88,10 @@ class Trainer:
         else:
             first, last = 0 in self.stage_ids, self.pc.n_stages - 1 in self.stage_ids
             losses: list[torch.Tensor] = []
+            # return_outputs=False: the last stage keeps no micro-batch's logits past its backward (the losses
+            # are all a step needs)
             self.schedule.step(*((idx,) if first else ()), target=targets if last else None,
-                               losses=losses if last else None)
+                               losses=losses if last else None, return_outputs=False)
             loss = torch.stack(losses).mean().detach() if last else torch.zeros((), device=self.device)
             dist.all_reduce(loss, group=self.mesh["pp"].get_group())       # only the last stage's is non-zero
         self._reduce_gradients()

@@ -50,6 +50,7 @@ class ComputeModel:
     source: str
     cores: int | None = None
     background: float = 0.0         # cores kept busy by other work on a shared CPU machine (busy_cores())
+    sync_delay: float = 0.0         # seconds a synchronisation waits beyond its transfer there (LockstepProbe)
 
     def overhead(self, name: str) -> float:
         """The host cost of a parallel wrapper (tilestack.parallel.plan.overhead): 0 unless measured."""
@@ -105,6 +106,7 @@ def busy_cores(window_s: float = 1.0) -> float:
 
 
 PROBE_CHUNK_S = 0.02        # idle seconds of one probe rank's compute between two all-reduces
+PROBE_SYNCS = 10            # the fine probe: the same work cut into this many chunks, each ended by an all-reduce
 PROBE_ITERS = 12
 
 
@@ -114,19 +116,60 @@ class LockstepProbe:
     all-reduce of a scalar: run by every rank of a group at once (``work_s``), it shows how much this machine's
     other work slows ranks that meet at collectives (``slowdown``). That is more than their fair share of the
     cores (ComputeModel.contention with busy_cores()): a rank that loses its core holds the others up at the next
-    collective."""
+    collective. How much more depends on how often ranks meet, so ``reading`` also runs the same work cut into
+    ``syncs`` chunks, each ended by an all-reduce: with ``W`` the work's seconds at the slowed rate and ``d`` the
+    delay of one synchronisation beyond the all-reduce itself, one chunk takes ``W + d`` and ``syncs`` chunks
+    ``W + syncs d``, which gives both (ComputeModel.background from W, ComputeModel.sync_delay = d)."""
 
     matmuls: int
     idle_s: float
+    syncs: int = PROBE_SYNCS
 
     @classmethod
-    def calibrated(cls, chunk_s: float = PROBE_CHUNK_S) -> LockstepProbe:
-        """About ``chunk_s`` idle seconds of work, timed here (the least of repeated calls)."""
+    def calibrated(cls, chunk_s: float = PROBE_CHUNK_S, syncs: int = PROBE_SYNCS) -> LockstepProbe:
+        """About ``chunk_s`` idle seconds of work (a multiple of ``syncs`` products), timed here (the least of
+        repeated calls)."""
         import torch
         a = torch.randn(128, 128)
         one = _single_thread(_best_s)(lambda: torch.mm(a, a))
-        matmuls = max(1, round(chunk_s / one))
-        return cls(matmuls=matmuls, idle_s=matmuls * one)
+        matmuls = syncs * max(1, round(chunk_s / one / syncs))
+        return cls(matmuls=matmuls, idle_s=matmuls * one, syncs=syncs)
+
+    def reading(self) -> tuple[float, float]:
+        """(work s, sync delay s): ``work_s``'s reading, and the delay of one synchronisation beyond the
+        all-reduce itself, from the same work in ``syncs`` chunks (class docstring; each timing after a barrier,
+        the all-reduce alone as the mean of ``syncs`` back to back)."""
+        import time
+
+        import torch
+        import torch.distributed as dist
+        a = torch.randn(128, 128)
+        flag = torch.zeros(1)
+        chunk = self.matmuls // self.syncs
+
+        def timed(fn) -> float:
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+
+        def once():
+            for _ in range(self.matmuls):
+                torch.mm(a, a)
+            dist.all_reduce(flag)
+
+        def chunked():
+            for _ in range(self.syncs):
+                for _ in range(chunk):
+                    torch.mm(a, a)
+                dist.all_reduce(flag)
+
+        def alone():
+            for _ in range(self.syncs):
+                dist.all_reduce(flag)
+
+        one, many, ar = timed(once), timed(chunked), timed(alone) / self.syncs
+        return one - ar, max((many - one) / (self.syncs - 1) - ar, 0.0)
 
     def work_s(self) -> float:
         """Seconds of the work and its all-reduce, less the all-reduce alone (each after a barrier)."""
@@ -147,22 +190,28 @@ class LockstepProbe:
         dist.all_reduce(flag)
         return chunk - (time.perf_counter() - t0)
 
-    def slowdown(self, work_s: float) -> float:
-        """``work_s`` (a rank's, or the slowest rank's) over the idle time: at least 1."""
-        return max(work_s / self.idle_s, 1.0)
+    def slowdown(self, work_s: float, sync_delay_s: float = 0.0) -> float:
+        """``work_s`` (a rank's, or the slowest rank's), less the delay of the synchronisation that ended it, over
+        the idle time: at least 1."""
+        return max((work_s - sync_delay_s) / self.idle_s, 1.0)
 
 
-def _probe_rank(rank: int, world_size: int, probe: LockstepProbe, iters: int) -> float:
+def _probe_rank(rank: int, world_size: int, probe: LockstepProbe, iters: int) -> list[tuple[float, float]]:
+    return [probe.reading() for _ in range(iters)]
+
+
+def lockstep_load(world_size: int, *, iters: int = PROBE_ITERS) -> tuple[float, float]:
+    """(slowdown, sync delay s) of ``world_size`` spawned gloo ranks in lockstep now: how much slower they compute
+    than one rank on an idle core, and what each synchronisation adds (LockstepProbe.reading; per run the slowest
+    rank's, then the median over ``iters`` runs)."""
     import statistics
-    return statistics.median(probe.work_s() for _ in range(iters))
 
-
-def lockstep_slowdown(world_size: int, *, iters: int = PROBE_ITERS) -> float:
-    """How much slower ``world_size`` spawned gloo ranks in lockstep compute now than one rank on an idle core: the
-    slowest rank's median LockstepProbe over ``iters`` runs."""
     from tilestack.parallel.launch import run_local
     probe = LockstepProbe.calibrated()
-    return probe.slowdown(max(run_local(_probe_rank, world_size, (probe, iters))))
+    ranks = run_local(_probe_rank, world_size, (probe, iters))
+    work = [max(r[i][0] for r in ranks) for i in range(iters)]
+    delay = [max(r[i][1] for r in ranks) for i in range(iters)]
+    return probe.slowdown(statistics.median(work), statistics.median(delay)), statistics.median(delay)
 
 
 def background_of(slowdown: float, world_size: int, cores: int | None = None) -> float:

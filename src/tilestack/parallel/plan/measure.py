@@ -81,7 +81,7 @@ def measure_rank(rank: int, world_size: int, spec: dict) -> dict:
         losses.append(trainer.step(idx, targets))
         seconds.append(time.perf_counter() - t0)
         if spec["probe"] is not None:
-            probes.append(spec["probe"].work_s())
+            probes.append(spec["probe"].reading())
     params = _tensor_bytes(trainer.params)
     before = params + _optimizer_bytes(trainer)
     idx, targets = make_batch(cfg, spec["batch"], spec["seq"], seed=spec["steps"])
@@ -97,20 +97,24 @@ def measure_rank(rank: int, world_size: int, spec: dict) -> dict:
 
 
 def _slowdowns(res: list[dict], probe: Any, timed: range) -> dict[str, float | None]:
-    """The least and the median, over the ``timed`` steps, of the slowdown that the slowest rank's probe after
-    the step shows (None without a probe)."""
+    """The least and the median, over the ``timed`` steps, of the slowdown and the sync delay that the probe
+    after the step shows (LockstepProbe.reading; per step the slowest rank's of each); None without a probe."""
     if probe is None:
-        return dict(slowdown=None, slowdown_median=None)
-    work = [max(r["probes"][i] for r in res) for i in timed]
-    return dict(slowdown=probe.slowdown(min(work)), slowdown_median=probe.slowdown(statistics.median(work)))
+        return dict(slowdown=None, slowdown_median=None, sync_delay=None, sync_delay_median=None)
+    work = [max(r["probes"][i][0] for r in res) for i in timed]
+    delay = [max(r["probes"][i][1] for r in res) for i in timed]
+    return dict(slowdown=probe.slowdown(min(work), min(delay)), sync_delay=min(delay),
+                slowdown_median=probe.slowdown(statistics.median(work), statistics.median(delay)),
+                sync_delay_median=statistics.median(delay))
 
 
 def measure_plans(desc: ModelDesc, plans: Sequence[Plan], *, steps: int = 6, warmup: int = 2,
                   dtype: str = "float32", timeout_s: float = 600.0, probe_s: float = 0.0) -> list[dict[str, Any]]:
     """Each plan trained for ``steps`` steps on ``plan.world_size`` gloo processes; a row per plan (module doc).
     ``probe_s`` > 0: after each step the ranks also run a lockstep probe of that many idle seconds of fixed work
-    (compute.LockstepProbe); the row's ``slowdown`` is the least over the timed steps of the slowest rank's probe
-    against its idle time: how much this machine's other work slowed ranks in lockstep while the plan ran."""
+    (compute.LockstepProbe.reading); the row's ``slowdown`` and ``sync_delay`` are the least over the timed steps
+    of the slowest rank's (``_median``: the medians): how much this machine's other work slowed ranks in lockstep
+    while the plan ran, and what it added to each synchronisation."""
     from tilestack.parallel.launch import run_local
     from tilestack.parallel.plan.compute import LockstepProbe
     probe = LockstepProbe.calibrated(probe_s) if probe_s > 0 else None

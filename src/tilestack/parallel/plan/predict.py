@@ -14,17 +14,23 @@ layer's parameters before its forward and again before its backward, and a reduc
 after. Backward = backward + recompute (the whole forward again, or attention's share of it for selective).
 Stages pass b s d elements to their neighbours (point to point). After the pipeline: an all-reduce of the
 gradients over dp (DDP, or the Trainer's flat one), or for ZeRO-1 an all-reduce and ZeRO-2 a reduce-scatter,
-then an all-gather of the parameters; the optimizer runs on the rank's own elements.
+then an all-gather of the parameters; the optimizer runs on the rank's own elements. On a shared CPU every
+collective and every pipeline send also costs ``compute.sync_delay`` (the ranks that meet there wait for the one
+that lost its core; the lockstep probe measures it), so a plan pays it as often as its ranks meet: per block
+and micro-batch under tp, per micro-batch and stage edge under a pipeline (where the simulator puts the send on
+the critical path), per step for the data-parallel reduction and the loss.
 
 Memory per rank (bytes; the largest rank is the plan's), by component: parameters, gradients and AdamW's two
 moments of the rank's layers, divided by tp for the tensor-parallel ones and by dp_shard (FSDP); ZeRO as
 ZeroOptimizer keeps it (f32 master copy and moments of 1/dp, a gradient slice, the flattened copies of a bucket
 while it reduces it); activations: Korthikanti et al.'s bytes per layer and sample under the recompute policy
 (divided by tp where tensor parallelism splits them; all of them with sequence parallelism but the all-gathered
-inputs torch saves whole), times the micro-batch, times the micro-batches the schedule keeps in flight on that
-rank (the simulator's count); transient buffers: one block rebuilt under full recompute, FSDP2's gathered units
-and gradient copies, a pipeline stage's receive buffers (one per micro-batch in torch's PipelineStage), the last
-stage's logits of every micro-batch (torch's schedules keep them to the step's end). The peak (``_peak``) is
+inputs torch saves whole), with a pipeline also each stage's output (torch's PipelineStage keeps it to the
+micro-batch's backward: the last stage's logits), times the micro-batch, times the micro-batches the schedule
+keeps in flight on that rank (the simulator's count); transient buffers: one block rebuilt under full
+recompute, FSDP2's gathered units and gradient copies, a pipeline stage's receive buffers (one per micro-batch in
+torch's PipelineStage). The Trainer runs the schedule with return_outputs=False, so no logits are kept past a
+micro-batch's backward. The peak (``_peak``) is
 parameters + optimizer + the largest of three moments: the first backward begins (activations in flight and
 cross-entropy's gradients, no parameter gradient yet), a forward after a backward (1F1B's steady state, beside
 the gradients), after backward.
@@ -221,6 +227,13 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
     stages = _stage_layers(plan, desc)
     tp_fwd_share = TP_ALLREDUCES_FWD / (TP_ALLREDUCES_FWD + TP_ALLREDUCES_BWD)
 
+    def sync(kind: str, nbytes: float, n: int, stride: int = 1) -> float:
+        """One collective (or a pipeline stage's send) over ``n`` ranks: its transfer, and on a shared CPU the
+        delay of the ranks meeting (compute.sync_delay: one of them may have lost its core)."""
+        if n <= 1:
+            return 0.0
+        return comm.time(kind, nbytes, n, stride=stride) + compute.sync_delay
+
     def pipeline(slow: float):
         """Per-stage forward / backward / send times at compute slowdown ``slow``, and the simulated schedule."""
         fwd, bwd, p2p, act_w, comp, tp_c, fsdp_c = [], [], [], [], [], [], []
@@ -233,15 +246,15 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
                 g += (lb + compute.recompute_s(i, b, tp, plan.recompute)) * slow
                 if tp > 1 and layer.kind == "block":
                     replays = TP_ALLREDUCES_FWD if plan.recompute == "full" else 0
-                    c_tp += comm.time("all_reduce", layer.tp_comm_bytes * b, tp, stride=1) * (
+                    c_tp += sync("all_reduce", layer.tp_comm_bytes * b, tp) * (
                         TP_ALLREDUCES_FWD + TP_ALLREDUCES_BWD + replays)
                 if shard > 1:
                     # FSDP2: gathered before forward (and again before backward without a pipeline, which keeps
                     # them gathered), gradients reduce-scattered after backward
                     nbytes = _local_params(layer, tp) * e
                     gathers = 2 if plan.pp == 1 else 1
-                    c_fsdp += gathers * comm.time("all_gather", nbytes, shard, stride=tp) + \
-                        comm.time("reduce_scatter", nbytes, shard, stride=tp)
+                    c_fsdp += gathers * sync("all_gather", nbytes, shard, tp) + \
+                        sync("reduce_scatter", nbytes, shard, tp)
                 if layer.kind == "block":
                     # the wrappers' host costs per block and micro-batch: a third with the forward
                     wrap = (compute.overhead("sp" if plan.sp else "tp") if tp > 1 else 0.0) + \
@@ -249,16 +262,20 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
                     f += wrap * slow / 3
                     g += wrap * slow * 2 / 3
                 act += _act_bytes(layer, plan) * b
+            last = desc.layers[layers[-1]]
+            boundary = last.out_bytes * b / (tp if plan.sp else 1)
             if plan.pp > 1:
                 f += compute.overhead("pipeline") * slow / plan.stages_per_rank
+                # torch's PipelineStage keeps each micro-batch's output (the last stage's: its logits, replicated
+                # under tp) until that micro-batch's backward (fwd_cache): in flight with its activations
+                act += last.out_bytes * b if last.kind == "head" else boundary
             comp.append(f + g)
             tp_c.append(c_tp)
             fsdp_c.append(c_fsdp)
             fwd.append(f + c_tp * tp_fwd_share + c_fsdp / 2)
             bwd.append(g + c_tp * (1 - tp_fwd_share) + c_fsdp / 2)
-            boundary = desc.layers[layers[-1]].out_bytes * b / (tp if plan.sp else 1)
             hop = plan.world_size // plan.pp                  # neighbouring stages: one pp index apart
-            p2p.append(comm.time("p2p", boundary, 2, stride=hop) if plan.pp > 1 else 0.0)
+            p2p.append(sync("p2p", boundary, 2, hop) if plan.pp > 1 else 0.0)
             act_w.append(act)
         sim = simulate(plan.schedule, pp=plan.pp, stages_per_rank=plan.stages_per_rank, microbatches=m,
                        fwd=fwd, bwd=bwd, p2p=p2p, act_weight=act_w)
@@ -284,11 +301,11 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
         t = 0.0
         if plan.dp > 1:
             if plan.zero == 2:
-                t = comm.time("reduce_scatter", grad_bytes, plan.dp, stride=tp * shard)
+                t = sync("reduce_scatter", grad_bytes, plan.dp, tp * shard)
             else:
-                t = comm.time("all_reduce", grad_bytes, plan.dp, stride=tp * shard)
+                t = sync("all_reduce", grad_bytes, plan.dp, tp * shard)
             if plan.zero:
-                t += comm.time("all_gather", rank_params[r] * e, plan.dp, stride=tp * shard)
+                t += sync("all_gather", rank_params[r] * e, plan.dp, tp * shard)
         dp_s.append(t)
     dp_exposed = max(dp_s) * (1 - overlap_dp)
     owner = plan.dp if plan.zero else 1
@@ -301,7 +318,7 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
         opt_s += compute.overhead("zero") * every
     elif uses_ddp(plan):
         dp_exposed += compute.overhead("ddp") * every
-    losses = sum(comm.time("all_reduce", LOSS_BYTES, n) for n in (plan.pp, plan.dp, plan.dp_shard))
+    losses = sum(sync("all_reduce", LOSS_BYTES, n) for n in (plan.pp, plan.dp, plan.dp_shard))
     busiest = max(range(plan.pp), key=lambda r: sim.busy[r])
     mine = rank_stages[busiest]
     work = sim.busy[busiest]
@@ -411,11 +428,8 @@ def _memory(plan: Plan, desc: ModelDesc, stages: list[range], my_stages: list[in
     loss_grad = 0.0
     if any(desc.layers[i].kind == "head" for s in my_stages for i in stages[s]):
         # as the first backward begins, cross-entropy's gradients: with respect to the log-probabilities, then to
-        # the f32 logits, (b, s, vocab) each and both alive in log-softmax's backward; torch's pipeline schedules
-        # also keep each micro-batch's output (the logits) until the step's end
+        # the f32 logits, (b, s, vocab) each and both alive in log-softmax's backward
         loss_grad = LOSS_GRAD_COPIES * plan.micro_batch * desc.seq * desc.vocab * FP32_BYTES
-        if plan.pp > 1:
-            transient += plan.microbatches * plan.micro_batch * desc.seq * desc.vocab * e
     return {"parameters": local * e, "gradients": grads, "optimizer": optimizer, "activations": inflight,
             "transient": transient, "after backward": after, "loss gradient": loss_grad,
             "activations after a backward": steady_inflight, "fsdp at first backward": fsdp_start,
