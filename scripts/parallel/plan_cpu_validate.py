@@ -10,14 +10,14 @@ compute, and the delay each synchronisation adds), every plan is predicted and r
 them are trained for real (tilestack.parallel.plan.measure), each with the probe after every step on the plan's
 ranks: this machine is shared, and the probe says how much the other work slowed ranks in lockstep and delayed
 their synchronisations while the plan ran. Each plan is then predicted again with that background and delay
-(compute.background_of, ComputeModel.contention, ComputeModel.sync_delay, counted per collective and pipeline
-send of the plan), which uses nothing of the plan's own measured times: the median of its timed steps against
-the medians of its probes (the rows' time_err), and the least step against the least probe (time_err_least).
-The plans: the planner's choice, then a
-spread of layouts (one of each of dp, fsdp, tp, tp+sp, pp 1f1b, pp gpipe, interleaved, zero, recompute, where
-they fit), then the next-ranked. Prints one table row per plan (predicted and measured step
-time and peak memory, the errors), then a summary: the share of plans within 15% (time) and 10% (memory), and
-for each model and world size how far the planner's choice is from the fastest plan measured. Stops starting new
+(ComputeModel.set_load: the background cores for ComputeModel.contention, the delays per collective and per
+pipeline send, counted as often as the plan's ranks meet), which uses nothing of the plan's own measured
+times: the median of its timed steps against the medians of its probes (the rows' time_err), and the least step
+against the least probe (time_err_least). The plans: the planner's choice, then a spread of layouts (one of each
+of dp, fsdp, tp, tp+sp, pp 1f1b, pp gpipe, interleaved, zero, recompute, where they fit), then the next-ranked.
+Prints one table row per plan (predicted and measured step time and peak memory, the errors), then a summary: the
+share of plans within 15% (time) and 10% (memory), and for each model and world size how far the planner's choice
+is from the fastest plan measured. Stops starting new
 runs after --time-limit seconds.
 """
 
@@ -30,7 +30,7 @@ import time
 
 from tilestack.parallel.model import ModelConfig
 from tilestack.parallel.plan import MeasuredCompute, describe_gpt, load_comm, measure_gloo, predict, search
-from tilestack.parallel.plan.compute import PROBE_CHUNK_S, background_of, busy_cores, lockstep_load
+from tilestack.parallel.plan.compute import PROBE_CHUNK_S, busy_cores, lockstep_load, sync_delays
 from tilestack.parallel.plan.measure import measure_plans
 from tilestack.parallel.plan.overhead import OVERHEADS
 from tilestack.parallel.plan.search import choose, to_measure
@@ -61,12 +61,13 @@ def main() -> int:
         overheads[desc.name] = {name: compute.overhead(name) for name in OVERHEADS}
         for n in (int(x) for x in args.nproc.split(",")):
             # the machine as n ranks in lockstep find it now: the planner ranks the plans at that state
-            slowdown, delay = lockstep_load(n)
-            compute.background, compute.sync_delay = background_of(slowdown, n), delay
+            load = lockstep_load(n, comm)
+            compute.set_load(*load, n)
             ranked = search(desc, compute, comm, world_size=n, batch=args.batch)
-            planned_at[f"{desc.name} n={n}"] = dict(slowdown=slowdown, sync_delay=delay)
-            print(f"{desc.name} n={n}: planned at slowdown {slowdown:.2f}, sync delay {delay * 1e3:.2f} ms",
-                  flush=True)
+            planned_at[f"{desc.name} n={n}"] = dict(zip(("slowdown", "collective_delay_s", "p2p_delay_s"), load,
+                                                        strict=True))
+            print(f"{desc.name} n={n}: planned at slowdown {load[0]:.2f}, delays {load[1] * 1e3:.2f} ms per "
+                  f"collective, {load[2] * 1e3:.2f} ms per send", flush=True)
             chosen = choose(ranked)
             group = []
             for r in to_measure(ranked, args.plans):
@@ -79,11 +80,11 @@ def main() -> int:
                 (m,) = measure_plans(desc, [r.plan], steps=args.steps, probe_s=PROBE_CHUNK_S)
                 # the typical step against the typical load (medians over the timed steps and their probes), and
                 # the least disturbed step against the least load its probes showed
-                compute.background = background_of(m["slowdown"], n)
-                compute.sync_delay = m["sync_delay"]
+                least_delays = sync_delays(m["collective_s"], m["p2p_s"], comm, n, m["probe_message_bytes"])
+                compute.set_load(m["slowdown"], *least_delays, n)
                 least = predict(r.plan, desc, compute, comm)
-                compute.background = background_of(m["slowdown_median"], n)
-                compute.sync_delay = m["sync_delay_median"]
+                delays = sync_delays(m["collective_s_median"], m["p2p_s_median"], comm, n, m["probe_message_bytes"])
+                compute.set_load(m["slowdown_median"], *delays, n)
                 p = predict(r.plan, desc, compute, comm)
                 row = dict(model=desc.name, nproc=n, plan=p.plan.label(), chosen=r is chosen,
                            predicted_step_s=p.step_s, measured_step_s=m["step_s_median"],
@@ -94,14 +95,16 @@ def main() -> int:
                            measured_peak_bytes_per_rank=m["peak_bytes_per_rank"], bound=p.bound, terms=p.terms,
                            predicted_components=p.memory, measured_components=m["components"],
                            background_cores=compute.background, slowdown=m["slowdown"],
-                           sync_delay_s=m["sync_delay"], sync_delay_s_median=m["sync_delay_median"],
+                           collective_delay_s=least_delays[0], p2p_delay_s=least_delays[1],
+                           collective_delay_s_median=delays[0], p2p_delay_s_median=delays[1],
                            predicted_step_s_planned=r.prediction.step_s, busy_cores_before=busy)
                 row["time_err"] = row["measured_step_s"] / row["predicted_step_s"] - 1
                 row["time_err_least"] = row["measured_step_s_least"] / row["predicted_step_s_least"] - 1
                 row["mem_err"] = row["measured_peak_bytes"] / row["predicted_peak_bytes"] - 1
                 rows.append(row)
                 group.append(row)
-                print(f"{desc.name:10s} n={n} bg {compute.background:3.1f} d {compute.sync_delay * 1e3:4.2f} ms "
+                print(f"{desc.name:10s} n={n} bg {compute.background:3.1f} delays {delays[0] * 1e3:4.2f} "
+                      f"{delays[1] * 1e3:4.2f} ms "
                       f"{row['plan']:24s} "
                       f"pred {p.step_s * 1e3:8.2f} ms  meas "
                       f"{row['measured_step_s'] * 1e3:8.2f} ms ({row['time_err']:+6.1%}; least "

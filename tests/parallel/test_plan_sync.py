@@ -1,12 +1,12 @@
-"""The delay a shared CPU adds to each synchronisation (ComputeModel.sync_delay, read by the lockstep probe's
-fine variant), counted per plan by how often the plan's ranks meet: each collective on its critical path, and
-each pipeline send that a stage waits for."""
+"""What a shared CPU adds to each synchronisation (ComputeModel.collective_delay and p2p_delay, read by the
+lockstep probe's fine variants), counted per plan by how often the plan's ranks meet: each collective on its
+critical path, and each pipeline send that a stage waits for."""
 
 import pytest
 
 from tilestack.parallel import ModelConfig
 from tilestack.parallel.plan import CommModel, Plan, describe_gpt, predict
-from tilestack.parallel.plan.compute import ComputeModel, LockstepProbe
+from tilestack.parallel.plan.compute import ComputeModel, LockstepProbe, sync_delays
 
 DELAY = 1e-3
 CFG = ModelConfig(n_layer=4, d=64, n_head=4, vocab=128, max_seq=32)
@@ -17,8 +17,9 @@ COMM = CommModel(fits={k: {2: (1e-4, 1e-9), 4: (2e-4, 2e-9)} for k in ("all_redu
 class Unit(ComputeModel):
     """Every layer 1 ms forward, 2 ms backward; the optimizer free; no CPU sharing (cores None)."""
 
-    def __init__(self, desc, sync_delay=0.0):
-        self.desc, self.source, self.sync_delay = desc, "unit", sync_delay
+    def __init__(self, desc, collective_delay=0.0, p2p_delay=0.0):
+        self.desc, self.source = desc, "unit"
+        self.collective_delay, self.p2p_delay = collective_delay, p2p_delay
 
     def _times(self, layer, index, micro_batch, tp):
         return 1e-3, 2e-3
@@ -27,10 +28,11 @@ class Unit(ComputeModel):
         return 0.0
 
 
-def added(plan: Plan) -> float:
-    """How much the delay adds to the plan's predicted step, in delays."""
+def added(plan: Plan, kind: str = "both") -> float:
+    """How much a delay per collective, per send or both ("both") adds to the plan's predicted step, in delays."""
     desc = describe_gpt(CFG, 32)
-    slow, idle = (predict(plan, desc, Unit(desc, d), COMM).step_s for d in (DELAY, 0.0))
+    delays = dict(collective_delay=DELAY * (kind != "p2p"), p2p_delay=DELAY * (kind != "collective"))
+    slow, idle = (predict(plan, desc, unit, COMM).step_s for unit in (Unit(desc, **delays), Unit(desc)))
     return (slow - idle) / DELAY
 
 
@@ -38,6 +40,7 @@ def test_data_parallel_meets_twice():
     """The gradient all-reduce and the loss's."""
     assert added(Plan(batch=8, dp=2)) == pytest.approx(2)
     assert added(Plan(batch=8, dp=2, zero=1)) == pytest.approx(3)          # ZeRO-1: the parameters' all-gather too
+    assert added(Plan(batch=8, dp=2), "p2p") == 0
 
 
 def test_tensor_parallelism_meets_per_block():
@@ -52,6 +55,7 @@ def test_pipelines_meet_per_send_on_the_critical_path():
     of its sends are on the critical path. Interleaving sends more, but some land where a rank is busy anyway:
     the simulator counts only those waited for (never more than every send of the step)."""
     assert added(Plan(batch=8, pp=2, microbatches=4, schedule="gpipe")) == pytest.approx(3)
+    assert added(Plan(batch=8, pp=2, microbatches=4, schedule="gpipe"), "p2p") == pytest.approx(2)
     assert added(Plan(batch=8, pp=2, microbatches=4, schedule="1f1b")) == pytest.approx(5)
     sends = 2 * 4 * 3                            # both ways, 4 micro-batches, 3 stage edges crossing ranks
     assert 3 <= added(Plan(batch=8, pp=2, microbatches=4, schedule="interleaved-1f1b", stages_per_rank=2)) <= sends + 1
@@ -61,16 +65,23 @@ def test_single_rank_never_waits():
     assert added(Plan(batch=8)) == 0
 
 
-def test_probe_reading_splits_the_work_and_the_delay():
-    """On a one-rank group nothing waits for another rank: the delay is ~0 and the work is the calibrated work
-    (within the noise of a shared machine: the slowdown at least 1, the delay under a tenth of the work)."""
+def test_probe_reading_on_one_rank():
+    """On a one-rank group nothing waits for another rank: a synchronisation costs next to nothing beside the
+    work (under a tenth of it, on a machine that others load), and the work's slowdown is at least 1."""
     from tilestack.parallel.launch import run_local
     probe = LockstepProbe.calibrated()
     assert probe.matmuls % probe.syncs == 0
     (readings,) = run_local(_readings, 1, (probe,))
-    work, delay = min(readings)
-    assert probe.slowdown(work, delay) >= 1.0
-    assert 0.0 <= delay < 0.1 * work
+    work, collective, p2p = min(readings)
+    assert probe.slowdown(work, collective) >= 1.0
+    assert 0.0 <= collective < 0.1 * work and 0.0 <= p2p < 0.1 * work
+
+
+def test_sync_delays_are_beyond_the_idle_transfer():
+    collective, p2p = sync_delays(5e-4, 3e-3, COMM, 2, message_bytes=1 << 16)
+    assert collective == pytest.approx(5e-4 - (1e-4 + 4e-9))
+    assert p2p == pytest.approx(3e-3 - (1e-4 + (1 << 16) * 1e-9))
+    assert sync_delays(0.0, 0.0, COMM, 2) == (0.0, 0.0)                   # never negative
 
 
 def _readings(rank, world_size, probe):

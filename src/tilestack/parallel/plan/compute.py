@@ -50,7 +50,8 @@ class ComputeModel:
     source: str
     cores: int | None = None
     background: float = 0.0         # cores kept busy by other work on a shared CPU machine (busy_cores())
-    sync_delay: float = 0.0         # seconds a synchronisation waits beyond its transfer there (LockstepProbe)
+    collective_delay: float = 0.0   # seconds the load there adds to each collective (LockstepProbe, sync_delays)
+    p2p_delay: float = 0.0          # ... and to each point-to-point message (a pipeline stage's send)
 
     def overhead(self, name: str) -> float:
         """The host cost of a parallel wrapper (tilestack.parallel.plan.overhead): 0 unless measured."""
@@ -76,6 +77,12 @@ class ComputeModel:
 
     def optimizer_s(self, params: float, tensors: int) -> float:
         raise NotImplementedError
+
+    def set_load(self, slowdown: float, collective_delay: float, p2p_delay: float, world_size: int) -> None:
+        """Predict at the load that ``world_size`` ranks in lockstep read (lockstep_load, or a measured plan's
+        probes through sync_delays): the background cores that give ``slowdown``, the delays per synchronisation."""
+        self.background = background_of(slowdown, world_size, self.cores)
+        self.collective_delay, self.p2p_delay = collective_delay, p2p_delay
 
     def contention(self, ranks: int) -> float:
         """How much slower each rank computes when ``ranks`` processes, and other work keeping ``background``
@@ -106,7 +113,8 @@ def busy_cores(window_s: float = 1.0) -> float:
 
 
 PROBE_CHUNK_S = 0.02        # idle seconds of one probe rank's compute between two all-reduces
-PROBE_SYNCS = 10            # the fine probe: the same work cut into this many chunks, each ended by an all-reduce
+PROBE_SYNCS = 10            # the fine probes: the same work cut into this many chunks, each ended by a synchronisation
+PROBE_MESSAGE_BYTES = 1 << 16   # the point-to-point probe's message: a pipeline boundary of these small GPTs
 PROBE_ITERS = 12
 
 
@@ -116,14 +124,18 @@ class LockstepProbe:
     all-reduce of a scalar: run by every rank of a group at once (``work_s``), it shows how much this machine's
     other work slows ranks that meet at collectives (``slowdown``). That is more than their fair share of the
     cores (ComputeModel.contention with busy_cores()): a rank that loses its core holds the others up at the next
-    collective. How much more depends on how often ranks meet, so ``reading`` also runs the same work cut into
-    ``syncs`` chunks, each ended by an all-reduce: with ``W`` the work's seconds at the slowed rate and ``d`` the
-    delay of one synchronisation beyond the all-reduce itself, one chunk takes ``W + d`` and ``syncs`` chunks
-    ``W + syncs d``, which gives both (ComputeModel.background from W, ComputeModel.sync_delay = d)."""
+    collective, and a rank that blocks in a collective waits for a core to come back to. How much more depends on
+    how often ranks meet, and how: ``reading`` also runs the same work cut into ``syncs`` chunks, each ended by an
+    all-reduce of a scalar, then each ended by a point-to-point exchange of ``message_bytes`` (every rank sends to
+    the next and receives from the previous, as pipeline stages do). With ``W`` the work's seconds at the slowed
+    rate and ``c`` the seconds one synchronisation takes, one chunk takes ``W + c`` and ``syncs`` chunks
+    ``W + syncs c``, which gives W and c for each kind (``sync_delays`` turns c into what the load adds to an idle
+    transfer: ComputeModel.collective_delay, ComputeModel.p2p_delay)."""
 
     matmuls: int
     idle_s: float
     syncs: int = PROBE_SYNCS
+    message_bytes: int = PROBE_MESSAGE_BYTES
 
     @classmethod
     def calibrated(cls, chunk_s: float = PROBE_CHUNK_S, syncs: int = PROBE_SYNCS) -> LockstepProbe:
@@ -134,42 +146,6 @@ class LockstepProbe:
         one = _single_thread(_best_s)(lambda: torch.mm(a, a))
         matmuls = syncs * max(1, round(chunk_s / one / syncs))
         return cls(matmuls=matmuls, idle_s=matmuls * one, syncs=syncs)
-
-    def reading(self) -> tuple[float, float]:
-        """(work s, sync delay s): ``work_s``'s reading, and the delay of one synchronisation beyond the
-        all-reduce itself, from the same work in ``syncs`` chunks (class docstring; each timing after a barrier,
-        the all-reduce alone as the mean of ``syncs`` back to back)."""
-        import time
-
-        import torch
-        import torch.distributed as dist
-        a = torch.randn(128, 128)
-        flag = torch.zeros(1)
-        chunk = self.matmuls // self.syncs
-
-        def timed(fn) -> float:
-            dist.barrier()
-            t0 = time.perf_counter()
-            fn()
-            return time.perf_counter() - t0
-
-        def once():
-            for _ in range(self.matmuls):
-                torch.mm(a, a)
-            dist.all_reduce(flag)
-
-        def chunked():
-            for _ in range(self.syncs):
-                for _ in range(chunk):
-                    torch.mm(a, a)
-                dist.all_reduce(flag)
-
-        def alone():
-            for _ in range(self.syncs):
-                dist.all_reduce(flag)
-
-        one, many, ar = timed(once), timed(chunked), timed(alone) / self.syncs
-        return one - ar, max((many - one) / (self.syncs - 1) - ar, 0.0)
 
     def work_s(self) -> float:
         """Seconds of the work and its all-reduce, less the all-reduce alone (each after a barrier)."""
@@ -190,28 +166,75 @@ class LockstepProbe:
         dist.all_reduce(flag)
         return chunk - (time.perf_counter() - t0)
 
-    def slowdown(self, work_s: float, sync_delay_s: float = 0.0) -> float:
-        """``work_s`` (a rank's, or the slowest rank's), less the delay of the synchronisation that ended it, over
+    def reading(self) -> tuple[float, float, float]:
+        """(work s, collective s, p2p s): the work ended by one all-reduce, and the seconds of one synchronisation
+        by an all-reduce and by a point-to-point exchange when the work is cut into ``syncs`` chunks (class
+        docstring; each timing after a barrier)."""
+        import time
+
+        import torch
+        import torch.distributed as dist
+        a = torch.randn(128, 128)
+        flag = torch.zeros(1)
+        message = torch.zeros(self.message_bytes // 4)
+        inbox = torch.zeros_like(message)
+        rank, world = dist.get_rank(), dist.get_world_size()
+
+        def all_reduce():
+            dist.all_reduce(flag)
+
+        def exchange():
+            if world == 1:
+                return
+            for work in dist.batch_isend_irecv([dist.P2POp(dist.isend, message, (rank + 1) % world),
+                                                dist.P2POp(dist.irecv, inbox, (rank - 1) % world)]):
+                work.wait()
+
+        def timed(sync, pieces: int) -> float:
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(pieces):
+                for _ in range(self.matmuls // pieces):
+                    torch.mm(a, a)
+                sync()
+            return time.perf_counter() - t0
+
+        once = timed(all_reduce, 1)
+        collective = (timed(all_reduce, self.syncs) - once) / (self.syncs - 1)
+        p2p = collective + (timed(exchange, self.syncs) - timed(all_reduce, self.syncs)) / self.syncs
+        return once, max(collective, 0.0), max(p2p, 0.0)
+
+    def slowdown(self, work_s: float, sync_s: float = 0.0) -> float:
+        """``work_s`` (a rank's, or the slowest rank's), less the synchronisation that ended it (``sync_s``), over
         the idle time: at least 1."""
-        return max((work_s - sync_delay_s) / self.idle_s, 1.0)
+        return max((work_s - sync_s) / self.idle_s, 1.0)
 
 
-def _probe_rank(rank: int, world_size: int, probe: LockstepProbe, iters: int) -> list[tuple[float, float]]:
+def sync_delays(collective_s: float, p2p_s: float, comm: Any, world_size: int,
+                message_bytes: int = PROBE_MESSAGE_BYTES) -> tuple[float, float]:
+    """(collective delay s, p2p delay s): what the load adds to a synchronisation, the probe's seconds per
+    all-reduce of a scalar over ``world_size`` ranks and per exchange of ``message_bytes`` less their idle
+    transfer times in ``comm`` (ComputeModel.collective_delay, ComputeModel.p2p_delay)."""
+    return (max(collective_s - comm.time("all_reduce", FP32_BYTES, world_size), 0.0),
+            max(p2p_s - comm.time("p2p", message_bytes, 2), 0.0))
+
+
+def _probe_rank(rank: int, world_size: int, probe: LockstepProbe, iters: int) -> list[tuple[float, float, float]]:
     return [probe.reading() for _ in range(iters)]
 
 
-def lockstep_load(world_size: int, *, iters: int = PROBE_ITERS) -> tuple[float, float]:
-    """(slowdown, sync delay s) of ``world_size`` spawned gloo ranks in lockstep now: how much slower they compute
-    than one rank on an idle core, and what each synchronisation adds (LockstepProbe.reading; per run the slowest
-    rank's, then the median over ``iters`` runs)."""
+def lockstep_load(world_size: int, comm: Any, *, iters: int = PROBE_ITERS) -> tuple[float, float, float]:
+    """(slowdown, collective delay s, p2p delay s) of ``world_size`` spawned gloo ranks in lockstep now: how much
+    slower they compute than one rank on an idle core, and what the load adds to each synchronisation
+    (LockstepProbe.reading, sync_delays; per run the slowest rank's, then the median over ``iters`` runs)."""
     import statistics
 
     from tilestack.parallel.launch import run_local
     probe = LockstepProbe.calibrated()
     ranks = run_local(_probe_rank, world_size, (probe, iters))
-    work = [max(r[i][0] for r in ranks) for i in range(iters)]
-    delay = [max(r[i][1] for r in ranks) for i in range(iters)]
-    return probe.slowdown(statistics.median(work), statistics.median(delay)), statistics.median(delay)
+    work, collective, p2p = (statistics.median(max(r[i][k] for r in ranks) for i in range(iters)) for k in range(3))
+    return (probe.slowdown(work, collective),
+            *sync_delays(collective, p2p, comm, world_size, probe.message_bytes))
 
 
 def background_of(slowdown: float, world_size: int, cores: int | None = None) -> float:

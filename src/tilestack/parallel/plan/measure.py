@@ -97,24 +97,26 @@ def measure_rank(rank: int, world_size: int, spec: dict) -> dict:
 
 
 def _slowdowns(res: list[dict], probe: Any, timed: range) -> dict[str, float | None]:
-    """The least and the median, over the ``timed`` steps, of the slowdown and the sync delay that the probe
-    after the step shows (LockstepProbe.reading; per step the slowest rank's of each); None without a probe."""
+    """The least and the median (``_median``), over the ``timed`` steps, of the slowdown and the seconds of one
+    synchronisation (collective, p2p) that the probe after the step shows (LockstepProbe.reading; per step the
+    slowest rank's of each); None without a probe."""
+    keys = ("slowdown", "collective_s", "p2p_s")
     if probe is None:
-        return dict(slowdown=None, slowdown_median=None, sync_delay=None, sync_delay_median=None)
-    work = [max(r["probes"][i][0] for r in res) for i in timed]
-    delay = [max(r["probes"][i][1] for r in res) for i in timed]
-    return dict(slowdown=probe.slowdown(min(work), min(delay)), sync_delay=min(delay),
-                slowdown_median=probe.slowdown(statistics.median(work), statistics.median(delay)),
-                sync_delay_median=statistics.median(delay))
+        return {k + tail: None for k in keys for tail in ("", "_median")}
+    work, collective, p2p = ([max(r["probes"][i][k] for r in res) for i in timed] for k in range(3))
+    return dict(slowdown=probe.slowdown(min(work), min(collective)), collective_s=min(collective), p2p_s=min(p2p),
+                slowdown_median=probe.slowdown(statistics.median(work), statistics.median(collective)),
+                collective_s_median=statistics.median(collective), p2p_s_median=statistics.median(p2p),
+                probe_message_bytes=probe.message_bytes)
 
 
 def measure_plans(desc: ModelDesc, plans: Sequence[Plan], *, steps: int = 6, warmup: int = 2,
                   dtype: str = "float32", timeout_s: float = 600.0, probe_s: float = 0.0) -> list[dict[str, Any]]:
     """Each plan trained for ``steps`` steps on ``plan.world_size`` gloo processes; a row per plan (module doc).
     ``probe_s`` > 0: after each step the ranks also run a lockstep probe of that many idle seconds of fixed work
-    (compute.LockstepProbe.reading); the row's ``slowdown`` and ``sync_delay`` are the least over the timed steps
-    of the slowest rank's (``_median``: the medians): how much this machine's other work slowed ranks in lockstep
-    while the plan ran, and what it added to each synchronisation."""
+    (compute.LockstepProbe.reading); the row's ``slowdown``, ``collective_s`` and ``p2p_s`` are the least over the
+    timed steps of the slowest rank's (``_median``: the medians): how much this machine's other work slowed ranks
+    in lockstep while the plan ran, and how long a synchronisation took (compute.sync_delays)."""
     from tilestack.parallel.launch import run_local
     from tilestack.parallel.plan.compute import LockstepProbe
     probe = LockstepProbe.calibrated(probe_s) if probe_s > 0 else None

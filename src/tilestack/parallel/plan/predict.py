@@ -15,10 +15,11 @@ after. Backward = backward + recompute (the whole forward again, or attention's 
 Stages pass b s d elements to their neighbours (point to point). After the pipeline: an all-reduce of the
 gradients over dp (DDP, or the Trainer's flat one), or for ZeRO-1 an all-reduce and ZeRO-2 a reduce-scatter,
 then an all-gather of the parameters; the optimizer runs on the rank's own elements. On a shared CPU every
-collective and every pipeline send also costs ``compute.sync_delay`` (the ranks that meet there wait for the one
-that lost its core; the lockstep probe measures it), so a plan pays it as often as its ranks meet: per block
-and micro-batch under tp, per micro-batch and stage edge under a pipeline (where the simulator puts the send on
-the critical path), per step for the data-parallel reduction and the loss.
+collective also costs ``compute.collective_delay`` and every pipeline send ``compute.p2p_delay`` (the ranks that
+meet there wait for one that lost its core, or for a core to come back to; the lockstep probe measures both), so
+a plan pays them as often as its ranks meet: per block and micro-batch under tp, per micro-batch and stage edge
+under a pipeline (where the simulator puts the send on the critical path), per step for the data-parallel
+reduction and the loss.
 
 Memory per rank (bytes; the largest rank is the plan's), by component: parameters, gradients and AdamW's two
 moments of the rank's layers, divided by tp for the tensor-parallel ones and by dp_shard (FSDP); ZeRO as
@@ -228,11 +229,13 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
     tp_fwd_share = TP_ALLREDUCES_FWD / (TP_ALLREDUCES_FWD + TP_ALLREDUCES_BWD)
 
     def sync(kind: str, nbytes: float, n: int, stride: int = 1) -> float:
-        """One collective (or a pipeline stage's send) over ``n`` ranks: its transfer, and on a shared CPU the
-        delay of the ranks meeting (compute.sync_delay: one of them may have lost its core)."""
+        """One collective (or a pipeline stage's send) over ``n`` ranks: its transfer, and on a shared CPU what the
+        load adds to it (compute.collective_delay, compute.p2p_delay: a rank may have lost its core, or waits for
+        one to come back to)."""
         if n <= 1:
             return 0.0
-        return comm.time(kind, nbytes, n, stride=stride) + compute.sync_delay
+        delay = compute.p2p_delay if kind == "p2p" else compute.collective_delay
+        return comm.time(kind, nbytes, n, stride=stride) + delay
 
     def pipeline(slow: float):
         """Per-stage forward / backward / send times at compute slowdown ``slow``, and the simulated schedule."""
