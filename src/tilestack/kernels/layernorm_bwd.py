@@ -7,12 +7,18 @@ With xhat = (x - mean) * rstd (RMS norm: mean = 0) and g = dy * w, per row of wi
     dx = rstd * (g - mean(g) - xhat * mean(g * xhat))  [+ dh]  (RMS norm: no mean(g) term)
     dw = sum over rows of dy * xhat,   db = sum over rows of dy
 dh, given for a fused residual add (``add_layer_norm``/``add_rms_norm``), is the gradient reaching x by the
-residual path. The grid is persistent: P programs (P = the rows of the partial buffers ``DWp``/``DBp``, chosen
-by the host to fill the GPU) each walk the row blocks pid, pid + P, ... and keep their share of dw and db, which
-the host adds up over P afterwards (P x N floats, tiny next to x). A row that fits one tile (``ONE_TILE``) is
-read once and its partial sums stay in registers; a wider row takes two passes over its column tiles (the row's
-two means, then dx), adding into the program's own row of the partial buffers in memory. A second small kernel
-(``partial_sum_kernel``) adds the partials up and writes dw and db in the weight's dtype.
+residual path.
+
+Two launches, nothing else on the device. The grid is persistent: P programs, as many as are resident on the
+GPU at once (``programs``: a register budget per thread; one wave, no stragglers), each walk the row blocks
+pid, pid + P, ... and keep their share of dw and db in the program's row of the partial buffers ``DWp``/``DBp``
+(P x N floats, small next to x); a second small kernel (``partial_sum_kernel``) adds the P rows up and writes dw
+and db in the weight's dtype. A row that fits one tile (``ONE_TILE``) is read once: the next round's x, dy and
+dh are loaded before this round's arithmetic (their latency hides behind it), dw and db gather element-wise in
+registers and are summed over the tile's rows once per program. A wider row takes two passes over its column
+tiles (the row's two means, then dx), adding into the program's row of the partial buffers in memory.
+Host side, ``norm_backward`` plans once per launch signature (config, programs, both launchers); a call
+allocates dx and the buffers and launches.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import functools
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.kernels._checks import check_same_device, check_tensor, next_pow2
+from tilestack.kernels._plan import planned
 from tilestack.tune.lookup import launch_config
 
 FLOATS = ("float32", "bfloat16", "float16")
@@ -51,46 +58,72 @@ def norm_bwd_kernel(X, W, DY, DH, Mean, Rstd, DX, DWp, DBp, *,
     c_g = ts.RegVec[ts.f32, BM]()                # mean(g) per row (layer norm)
     dw = ts.RegVec[ts.f32, BN]()
     db = ts.RegVec[ts.f32, BN]()
-    if ONE_TILE:                                 # the row in one tile: x and dy read once, partials in registers
-        ts.zero(dw)
-        ts.zero(db)
+    if ONE_TILE:
+        # The row in one tile: x, dy (and dh) read once. The next round's tiles are loaded, in their own dtype,
+        # before this round's arithmetic, so their memory latency hides behind it (the backward is a stream:
+        # nothing else keeps loads in flight). dw and db gather element-wise over the rounds and are summed over
+        # the tile's rows once, at the end: no cross-warp reduction per round for them.
+        x_next = ts.RegTile[X.dtype, BM, BN]()
+        dy_next = ts.RegTile[DY.dtype, BM, BN]()
+        dh_next = ts.RegTile[DH.dtype, BM, BN]()
+        dh = ts.RegTile[DH.dtype, BM, BN]()      # this round's dh, held in its dtype until dx is written
+        mean_next = ts.RegVec[ts.f32, BM]()
+        rstd_next = ts.RegVec[ts.f32, BM]()
+        dw_rows = ts.RegTile[ts.f32, BM, BN]()   # dy * xhat summed over this program's rounds
+        db_rows = ts.RegTile[ts.f32, BM, BN]()   # dy summed over this program's rounds (layer norm)
+        ts.zero(dw_rows)
+        ts.zero(db_rows)
         ts.load(w, W, at=(0,))                   # (BN,); past N reads zero, so g is zero there
+        _load_round(x_next, dy_next, dh_next, mean_next, rstd_next, X, DY, DH, Mean, Rstd, pid,
+                    centered=CENTERED, add_dh=ADD_DH)
         for r in ts.range(rounds):
             i = pid + r * P
-            ts.load(x, X, at=(i, 0))             # (BM, BN); rows past M read zero (and rstd = 0 there)
-            ts.load(g, DY, at=(i, 0))            # dy for now
-            ts.load(rstd, Rstd, at=(i,))
+            ts.copy(x, x_next)                   # (BM, BN); rows past M read zero (and rstd = 0 there)
+            ts.copy(g, dy_next)                  # dy for now
+            ts.copy(rstd, rstd_next)
             if CENTERED:
-                ts.load(mean, Mean, at=(i,))
+                ts.copy(mean, mean_next)
+            if ADD_DH:
+                ts.copy(dh, dh_next)
+            _load_round(x_next, dy_next, dh_next, mean_next, rstd_next, X, DY, DH, Mean, Rstd, i + P,
+                        centered=CENTERED, add_dh=ADD_DH)   # past the last round: rows past M, nothing read
+            if CENTERED:
                 ts.sub_row(x, x, mean)
                 ts.right_fill(x, x, N, 0.0)      # padding columns are 0 - mean: out of every sum
-                ts.col_sum(db, g, db)
+                ts.add(db_rows, db_rows, g)
             ts.mul_row(x, x, rstd)               # xhat
             ts.mul(t, g, x)
-            ts.col_sum(dw, t, dw)                # dy * xhat summed over this program's rows
+            ts.add(dw_rows, dw_rows, t)
             ts.mul_col(g, g, w)                  # g = dy * w
             ts.mul(t, g, x)
             ts.row_sum(c_gx, t)
             ts.div(c_gx, c_gx, N * 1.0)
-            ts.mul_row(t, x, c_gx)
-            ts.sub(g, g, t)
-            if CENTERED:
-                ts.row_sum(c_g, g)               # mean(g) - mean(xhat) * mean(g xhat) = mean(g): sum(xhat) = 0
+            if CENTERED:                         # mean(g), independent of c_gx: the two row sums overlap
+                ts.row_sum(c_g, g)
                 ts.div(c_g, c_g, N * 1.0)
                 ts.sub_row(g, g, c_g)
+            ts.mul_row(t, x, c_gx)
+            ts.sub(g, g, t)
             ts.mul_row(g, g, rstd)
             if ADD_DH:
-                ts.load(t, DH, at=(i, 0))
+                ts.copy(t, dh)
                 ts.add(g, g, t)
             ts.copy(dx, g)
             ts.store(DX, dx, at=(i, 0))
+        ts.col_sum(dw, dw_rows)
         ts.store(DWp, dw, at=(pid, 0))
         if CENTERED:
+            ts.col_sum(db, db_rows)
             ts.store(DBp, db, at=(pid, 0))
         return
     # wide rows: per row block, pass 1 gathers the row's means over its column tiles, pass 2 writes dx and adds
-    # this block's dw/db into the program's row of DWp/DBp (zero-filled by the host; no other program writes it)
+    # this block's dw/db into the program's row of DWp/DBp (zeroed here first; no other program writes it)
     cols = ts.cdiv(N, BN)
+    ts.zero(dw)
+    for j in ts.range(cols):
+        ts.store(DWp, dw, at=(pid, j))
+        if CENTERED:
+            ts.store(DBp, dw, at=(pid, j))
     for r in ts.range(rounds):
         i = pid + r * P
         ts.load(rstd, Rstd, at=(i,))
@@ -114,6 +147,8 @@ def norm_bwd_kernel(X, W, DY, DH, Mean, Rstd, DX, DWp, DBp, *,
         for j in ts.range(cols):
             ts.load(x, X, at=(i, j))
             ts.load(g, DY, at=(i, j))
+            if ADD_DH:
+                ts.load(dx, DH, at=(i, j))       # issued with x and dy, added at the end (kept in its dtype)
             ts.load(w, W, at=(j,))
             ts.load(dw, DWp, at=(pid, j))
             ts.sub_row(x, x, mean)
@@ -133,15 +168,26 @@ def norm_bwd_kernel(X, W, DY, DH, Mean, Rstd, DX, DWp, DBp, *,
                 ts.sub_row(g, g, c_g)
             ts.mul_row(g, g, rstd)
             if ADD_DH:
-                ts.load(t, DH, at=(i, j))
+                ts.copy(t, dx)
                 ts.add(g, g, t)
             ts.copy(dx, g)
             ts.store(DX, dx, at=(i, j))
 
 
+def _load_round(x, dy, dh, mean, rstd, X, DY, DH, Mean, Rstd, i, *, centered: bool, add_dh: bool) -> None:
+    """Row block ``i`` of x, dy (and dh) and its statistics into the given tiles (rows past M read zero)."""
+    ts.load(x, X, at=(i, 0))
+    ts.load(dy, DY, at=(i, 0))
+    if add_dh:
+        ts.load(dh, DH, at=(i, 0))
+    ts.load(rstd, Rstd, at=(i,))
+    if centered:
+        ts.load(mean, Mean, at=(i,))
+
+
 @ts.kernel(grid=lambda Parts, BN: (ts.cdiv(Parts.shape[2], BN), Parts.shape[0]), options=dict(num_warps=4))
 def partial_sum_kernel(Parts, Out, *,
-                       BP: int = ts.tunable(32, (1, 2, 4, 8, 16, 32, 64, 128)),
+                       BP: int = ts.tunable(32, (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)),
                        BN: int = ts.tunable(64, (16, 32, 64, 128, 256, 512))):
     # Parts: (K, P, N) f32 partial sums; Out: (K, N) = Parts summed over P, in Out's dtype (the weights')
     j, k = ts.block_id(0), ts.block_id(1)
@@ -166,37 +212,58 @@ def reference(dy, x, weight, bias, eps: float = 1e-5):
     return dx.to(x.dtype), dw.to(weight.dtype), db.to(bias.dtype)
 
 
-MAX_ONE_TILE = 16384       # widest row the backward keeps whole in registers (x, dy and two temporaries)
-PROGRAMS_PER_SM = 4
+MAX_ONE_TILE = 8192        # widest row the backward keeps whole in registers (16384 spills at 16 warps on sm_90)
+ELEMENTS_PER_THREAD = 8    # of a round's tile, per thread: one 16-byte load of bf16 per tensor
+MAX_WARPS = 16
+# Programs per SM are sized for a register budget per thread: the default configs compile to at most this many
+# registers on sm_90 (tests/kernels/test_layernorm_bwd.py compiles them), so every program of the persistent
+# grid is resident at once: one wave, no second wave of stragglers (at 4 programs an SM of a kernel that fits 3,
+# a third of the work ran alone after the rest).
+REGISTER_BUDGET = 128
+WARP = 32
+REGISTERS_PER_SM = 65536   # where torch does not say: every CUDA GPU from Kepler to Hopper has 64K an SM
+CPU_PROGRAMS = 4           # off a GPU (the interpreter, the reference executor): a few, so rounds are exercised
 
 
 @functools.cache
-def _sm_count(index: int) -> int:
+def _sm_resources(index: int) -> tuple[int, int]:
+    """(SMs, 32-bit registers per SM) of CUDA device ``index``."""
     import torch
 
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, getattr(props, "regs_per_multiprocessor", REGISTERS_PER_SM)
 
 
-def programs(m: int, device, bm: int) -> int:
-    """How many persistent programs: enough to fill every SM a few times over, never more than row blocks."""
-    blocks = max(1, -(-m // bm))
+def programs_per_sm(num_warps: int, registers_per_sm: int) -> int:
+    """Programs of ``num_warps`` warps resident on one SM when each thread holds ``REGISTER_BUDGET`` registers."""
+    return max(1, registers_per_sm // (REGISTER_BUDGET * WARP * num_warps))
+
+
+def programs(m: int, device, cfg: dict) -> int:
+    """How many persistent programs: as many as are resident on the GPU at once, never more than row blocks."""
+    blocks = max(1, -(-m // cfg.get("BM", 1)))
     if device.type != "cuda":
-        return min(blocks, 4)
-    index = device.index if device.index is not None else 0
-    return min(blocks, PROGRAMS_PER_SM * _sm_count(index))
+        return min(blocks, CPU_PROGRAMS)
+    import torch
+
+    sms, registers = _sm_resources(device.index if device.index is not None else torch.cuda.current_device())
+    warps = cfg.get("num_warps", norm_bwd_kernel.options["num_warps"])
+    return min(blocks, sms * programs_per_sm(warps, registers))
 
 
 def bwd_config(n: int, device_type: str, config: dict) -> dict:
     """Launch config for rows of width ``n`` with the caller's choices on top: on a GPU the whole row in one
-    tile where it fits, several short rows per program; ``ONE_TILE`` follows the final BN."""
+    tile where it fits, rounds of ``ELEMENTS_PER_THREAD`` x 32 x warps elements (several short rows a round);
+    wider rows in 2 x 2048 tiles. ``ONE_TILE`` follows the final BN."""
     cfg = {}
     if device_type == "cuda":
         width = max(128, next_pow2(n))
         if width <= MAX_ONE_TILE:
             bm = max(1, min(16, 2048 // width))          # >= 2048 elements a round: enough loads in flight
-            cfg = dict(BM=bm, BN=width, ONE_TILE=True, num_warps=8 if bm * width >= 2048 else 4)
-        else:
-            cfg = dict(BM=1, BN=4096, num_warps=8)
+            warps = min(MAX_WARPS, max(4, bm * width // (ELEMENTS_PER_THREAD * WARP)))
+            cfg = dict(BM=bm, BN=width, ONE_TILE=True, num_warps=warps)
+        else:   # two rows a block: the partial sums' read-modify-write per column tile serves both
+            cfg = dict(BM=2, BN=2048, num_warps=8)
     cfg |= config
     bn = cfg.get("BN", 1024)
     if config.get("ONE_TILE") and bn < n:
@@ -205,11 +272,17 @@ def bwd_config(n: int, device_type: str, config: dict) -> dict:
     return cfg
 
 
-def sum_config(n: int, device_type: str) -> dict:
-    """Column strips narrow enough that the sum over the P partial rows runs on many programs at once."""
+SUM_TILE_ELEMENTS = 8192   # of a partial-sum program's tile: 32 f32 registers a thread at 8 warps
+
+
+def sum_config(n: int, p: int, device_type: str) -> dict:
+    """Column strips narrow enough that the sum over the ``p`` partial rows runs on ~100 programs at once, each
+    taking its strip's rows in one round where they fit (the sum's time is then one load's latency)."""
     if device_type != "cuda":
         return {}
-    return dict(BP=128, BN=16 if n <= 4096 else 64, num_warps=4)     # ~100 programs of a few rounds each
+    bn = 16 if n <= 4096 else 64
+    bp = min(next_pow2(p), SUM_TILE_ELEMENTS // bn)
+    return dict(BP=bp, BN=bn, num_warps=8 if bp * bn > 2048 else 4)
 
 
 def check_norm_bwd_args(fn: str, dy, x, weight, stats: dict, dh=None) -> None:
@@ -237,25 +310,47 @@ def check_norm_bwd_args(fn: str, dy, x, weight, stats: dict, dh=None) -> None:
 
 def norm_backward(dy, x, weight, mean, rstd, *, dh=None, centered: bool, backend: str | None, config: dict):
     """(dx, sums) after the checks: the launch and the reduction of the partial sums over programs; sums is
-    (2, N) = [dw, db] for layer norm, (1, N) = [dw] for RMS norm, in weight's dtype."""
+    (2, N) = [dw, db] for layer norm, (1, N) = [dw] for RMS norm, in weight's dtype. Two launches, nothing else
+    on the device; the config and both launchers are planned once per launch signature."""
+    return _planned_backward(dy, x, weight, mean, rstd, dh, centered, backend, tuple(config.items()))
+
+
+@planned
+def _planned_backward(dy, x, weight, mean, rstd, dh, centered: bool, backend: str | None, config: tuple):
+    """The plan of ``norm_backward``: the config, the programs, the launchers; ``run`` allocates and launches."""
     import torch
 
     m, n = x.shape
+    sums_rows = 2 if centered else 1                   # dw [, db]
     if x.numel() == 0:   # nothing to launch: no rows give zero weight gradients; rows of width 0 give empty ones
-        dx = torch.empty_like(x)
-        return dx, torch.zeros(2 if centered else 1, n, dtype=weight.dtype, device=x.device)
+        def empty(dy, x, weight, *_):
+            return torch.empty_like(x), torch.zeros(sums_rows, n, dtype=weight.dtype, device=x.device)
+        return empty
     tuned = launch_config("layer_norm_bwd" if centered else "rms_norm_bwd", str(x.dtype).removeprefix("torch."),
                           x.device, n, {})
-    cfg = bwd_config(n, x.device.type, tuned | config)
-    p = programs(m, x.device, cfg.get("BM", 1))
-    alloc = torch.empty if cfg["ONE_TILE"] else torch.zeros    # the wide path adds into its partials
-    parts = alloc(2 if centered else 1, p, n, dtype=torch.float32, device=x.device)   # (K, P, N): dw [, db]
-    dx = torch.empty_like(x)
-    norm_bwd_kernel(x, weight, dy, dy if dh is None else dh, rstd if mean is None else mean, rstd, dx, parts[0],
-                    parts[-1], CENTERED=centered, ADD_DH=dh is not None, backend=backend, **cfg)
-    sums = torch.empty(parts.shape[0], n, dtype=weight.dtype, device=x.device)     # (K, N): dw [, db]
-    partial_sum_kernel(parts, sums, backend=backend, **sum_config(n, x.device.type))
-    return dx, sums
+    cfg = bwd_config(n, x.device.type, tuned | dict(config))
+    p = programs(m, x.device, cfg)
+
+    def outputs(x, weight):
+        parts = torch.empty(sums_rows, p, n, dtype=torch.float32, device=x.device)   # (K, P, N): dw [, db]
+        sums = torch.empty(sums_rows, n, dtype=weight.dtype, device=x.device)         # (K, N)
+        return torch.empty_like(x), parts, sums
+
+    def kernel_args(dy, x, weight, mean, rstd, dh, dx, parts):
+        return (x, weight, dy, dy if dh is None else dh, rstd if mean is None else mean, rstd, dx, parts[0],
+                parts[-1])
+
+    dx, parts, sums = outputs(x, weight)
+    launch = norm_bwd_kernel.launcher_for(kernel_args(dy, x, weight, mean, rstd, dh, dx, parts), backend,
+                                          CENTERED=centered, ADD_DH=dh is not None, **cfg)
+    launch_sum = partial_sum_kernel.launcher_for((parts, sums), backend, **sum_config(n, p, x.device.type))
+
+    def run(dy, x, weight, mean, rstd, dh, *_):
+        dx, parts, sums = outputs(x, weight)
+        launch(kernel_args(dy, x, weight, mean, rstd, dh, dx, parts))
+        launch_sum((parts, sums))
+        return dx, sums
+    return run
 
 
 def layer_norm_backward(dy, x, weight, mean, rstd, *, dh=None, backend: str | None = None, **config):

@@ -212,6 +212,7 @@ class _Norm(torch.autograd.Function):
         h = x if h is None else h.view(x.shape)
         ctx.save_for_backward(h, weight, mean, rstd)
         ctx.residual, ctx.centered = r is not None, bias is not None
+        ctx.set_materialize_grads(False)     # an unused h (the last norm's) gives dh None: no zeros made and read
         if r is None:
             return y.view(x.shape)
         return y.view(x.shape), h
@@ -219,6 +220,8 @@ class _Norm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dh=None):
         h, weight, mean, rstd = ctx.saved_tensors
+        if dy is None:                       # y unused (rare): its gradient is zero
+            dy = torch.zeros_like(h)
         dx, sums = norm_backward(_rows(dy), _rows(h), weight, mean, rstd, dh=_bwd_rows(dh),
                                  centered=ctx.centered, backend=None, config={})
         dx = dx.view(h.shape)
