@@ -239,11 +239,11 @@ def print_table(rows: list[dict], copy_bps: float) -> None:
           "kernel over the least bytes it must move.")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write every number here")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test; runs on a CPU)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.quick:
         print("needs a CUDA GPU (or --quick)", file=sys.stderr)

@@ -197,3 +197,24 @@ def test_gpu_default_configs_fit_the_register_budget(n, centered, with_dh):
     if registers is None:
         pytest.skip("no cuobjdump to read the registers")
     assert spills == 0 and registers <= bwd_module.REGISTER_BUDGET, (cfg, registers, spills)
+
+
+@pytest.mark.slow
+def test_gpu_timing_script_runs_in_quick_mode(tmp_path):
+    """scripts/gpu/check_norm_backward.py (the H200 timing of this backward against torch's) runs end to end
+    at tiny shapes here, so a GPU session is not spent on a script that breaks; its numbers agree with torch."""
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "gpu" / "check_norm_backward.py"
+    spec = importlib.util.spec_from_file_location("check_norm_backward", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "norm_backward.json"
+    assert script.main(["--quick", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["case"] for r in rows] == [c[0] for c in script.QUICK_CASES]
+    for r in rows:
+        assert r["tilestack_plan"]["launches"] == 2 and r["kernel_ms_tilestack"] > 0 and r["fwd_bwd_ms_torch"] > 0
+    assert rows[0]["rel_err_dx"] <= 1.5e-2           # bf16 layer norm + dh against torch's kernel
