@@ -372,13 +372,12 @@ def _norm_bwd_problems(kernel: str, centered: bool, dtype: str, small: bool) -> 
     """The norm backward (dx, and dw [, db] from per-program partial sums), launched as the library does it
     (``norm_backward``: persistent programs, then the sum of the partials), keyed by the row width."""
     from tilestack.kernels._checks import next_pow2
-    from tilestack.kernels.softmax import MAX_ONE_TILE
 
     lb = _module("layernorm_bwd")
     out = []
     for n in ((40, 300) if small else NORM_WIDTHS):
         width = max(128, next_pow2(n))
-        one = width <= MAX_ONE_TILE and not small
+        one = width <= lb.MAX_ONE_TILE and not small       # the backward's own limit (it holds more a row)
         rows = 8 if small else max(1, ROW_ELEMENTS // n)
 
         def make(device, n=n, rows=rows, eps=1e-5):
