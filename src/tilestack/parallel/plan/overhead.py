@@ -58,7 +58,7 @@ def _overhead_rank(rank: int, world_size: int, cfg_kw: dict, batch: int, seq: in
     # pipeline: one stage running ``microbatches`` micro-batches, against the plain model on one micro-batch each
     stage = PipelineStage(GPT(cfg, seed=0), 0, 1, torch.device("cpu"), group=mesh.get_group())
     sched = ScheduleGPipe(stage, microbatches, loss_fn=lm_loss)
-    steps["pipeline"] = lambda: sched.step(idx, target=targets, losses=[])
+    steps["pipeline"] = lambda: sched.step(idx, target=targets, losses=[], return_outputs=False)   # as the Trainer
     mb = batch // microbatches
     plain_mb = models["plain"]
     steps["plain_mb"] = lambda: [lm_loss(plain_mb(idx[:mb]), targets[:mb]).backward() for _ in range(microbatches)]
