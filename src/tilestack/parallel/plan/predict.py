@@ -31,10 +31,9 @@ micro-batch's backward: the last stage's logits), times the micro-batch, times t
 keeps in flight on that rank (the simulator's count); transient buffers: one block rebuilt under full
 recompute, FSDP2's gathered units and gradient copies, a pipeline stage's receive buffers (one per micro-batch in
 torch's PipelineStage). The Trainer runs the schedule with return_outputs=False, so no logits are kept past a
-micro-batch's backward. The peak (``_peak``) is
-parameters + optimizer + the largest of three moments: the first backward begins (activations in flight and
-cross-entropy's gradients, no parameter gradient yet), a forward after a backward (1F1B's steady state, beside
-the gradients), after backward.
+micro-batch's backward. The peak (``_peak``) is parameters + optimizer + the largest of three moments: the first
+backward begins (activations in flight and cross-entropy's gradients, no parameter gradient yet), a forward
+after a backward (1F1B's steady state, beside the gradients), after backward.
 """
 
 from __future__ import annotations
