@@ -167,11 +167,6 @@ def test_gpu_default_configs_fit_the_register_budget(n, centered, with_dh):
 
     if aot.missing_tools():
         pytest.skip(f"AOT compiles: {aot.missing_tools()}")
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    from tilestack.backends.triton import BACKEND, codegen
-
     m = 8192
     x = torch.empty(m, n, dtype=torch.bfloat16, device="meta")
     w = torch.empty(n, dtype=torch.bfloat16, device="meta")
@@ -179,23 +174,10 @@ def test_gpu_default_configs_fit_the_register_budget(n, centered, with_dh):
     parts = torch.empty(2, 264, n, dtype=torch.float32, device="meta")
     args = (x, w, x, x, stat, stat, x, parts[0], parts[1])
     cfg = bwd_module.bwd_config(n, "cuda", {})
-    consts = {k: v for k, v in cfg.items() if k in bwd_module.norm_bwd_kernel.constants}
-    traced = bwd_module.norm_bwd_kernel.trace(*args, CENTERED=centered, ADD_DH=with_dh, **consts)
-    options = BACKEND.options(traced.constants, {"num_warps": cfg["num_warps"]}).launch_kwargs()
-    low = codegen.generate(traced.ir, interpret=False, tma=False, index64=frozenset())
-    names = aot._arg_names(low.source, low.fn_name)
-    signature, attrs = aot._signature(low, traced.ir, args, names)
-    constexprs = {}
-    for pos, (name, how) in enumerate(zip(names, low.binding, strict=True)):
-        if how[0] in ("dim", "stride") and aot._int_of(args[how[1]], how[0], how[2]) == 1:
-            signature[name], constexprs[(pos,)] = "constexpr", 1        # as the JIT specializes an int of 1
-            attrs.pop((pos,), None)
-    src = triton.compiler.ASTSource(fn=aot._jit(low.source, low.fn_name), signature=signature, attrs=attrs,
-                                    constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget(*aot.SM90A), options=options)
-    registers, spills = aot._registers(compiled.asm["cubin"])
-    if registers is None:
-        pytest.skip("no cuobjdump to read the registers")
+    r = aot.resources(bwd_module.norm_bwd_kernel, args, dict(CENTERED=centered, ADD_DH=with_dh), cfg, tma=False)
+    if r.registers is None:
+        pytest.skip(f"no register count: {r.error or 'no cuobjdump'}")
+    registers, spills = r.registers, r.spills
     assert spills == 0 and registers <= bwd_module.REGISTER_BUDGET, (cfg, registers, spills)
 
 

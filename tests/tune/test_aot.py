@@ -75,3 +75,24 @@ def test_a_compile_past_its_timeout_is_killed_and_reported(cache_dir, tmp_path, 
     assert not r.ok and "no result within" in r.error
     ok = aot.resources(gemm_kernel, GEMM_ARGS, {}, cfg, timeout_s=120)    # tried again with more time: in time
     assert ok.ok and ok.shared_bytes > 0
+
+
+def test_unit_strides_compile_as_constants_as_the_jit_makes_them(cache_dir):
+    """Triton's JIT turns an int argument equal to 1 into the constant 1; the AOT report must describe that
+    kernel, not one that multiplies by a unit stride held in a register. The layer-norm backward at 768 columns
+    needs 117 registers so (203 with the strides as arguments)."""
+    from tilestack.kernels import layernorm_bwd
+
+    x, w = _meta(8192, 768), _meta(768)
+    stat, parts = _meta(8192, dtype=torch.float32), _meta(264, 768, dtype=torch.float32)
+    args = (x, w, x, x, stat, stat, x, parts, parts)
+    cfg = layernorm_bwd.bwd_config(768, "cuda", {})
+    fixed = dict(CENTERED=True, ADD_DH=True)
+    unit = aot.resources(layernorm_bwd.norm_bwd_kernel, args, fixed, cfg, tma=False)
+    # the same kernel on column-strided views (stride 2 along the rows): nothing to specialize
+    xs, ws = _meta(8192, 1536)[:, ::2], _meta(1536)[::2]
+    strided = aot.resources(layernorm_bwd.norm_bwd_kernel, (xs, ws, xs, xs, stat, stat, xs, parts, parts), fixed,
+                            cfg, tma=False)
+    assert unit.ok and strided.ok
+    if unit.registers is not None:
+        assert unit.registers < strided.registers

@@ -95,10 +95,12 @@ def _split(kernel, config: dict[str, Any]) -> tuple[dict, dict]:
     return consts, options
 
 
-def _signature(low, ir, args: Sequence, arg_names: Sequence[str]) -> tuple[dict, dict]:
-    """(Triton signature, divisibility attributes) of the generated function's parameters, as the JIT would
-    specialize them for ``args`` (tensors or ArgSpecs; an ArgSpec's sizes are unknown: 32-bit, no hint)."""
-    sig, attrs = {}, {}
+def _signature(low, ir, args: Sequence, arg_names: Sequence[str]) -> tuple[dict, dict, dict]:
+    """(Triton signature, divisibility attributes, constants) of the generated function's parameters, as the JIT
+    would specialize them for ``args`` (tensors or ArgSpecs; an ArgSpec's sizes are unknown: 32-bit, no hint).
+    A size or stride equal to 1 becomes the constant 1, as Triton's JIT makes it (a unit stride then costs no
+    multiply and no register)."""
+    sig, attrs, constants = {}, {}, {}
     for pos, (name, how) in enumerate(zip(arg_names, low.binding, strict=True)):
         kind, i = how[0], how[1]
         param = ir.params[i]
@@ -111,10 +113,13 @@ def _signature(low, ir, args: Sequence, arg_names: Sequence[str]) -> tuple[dict,
             sig[name] = "i32" if param.type.kind == "index" else "fp32"
         else:    # a size or a stride
             value = _int_of(args[i], kind, how[2])
+            if value == 1:
+                sig[name], constants[(pos,)] = "constexpr", 1
+                continue
             sig[name] = "i64" if value is not None and value > INT32_MAX else "i32"
             if value is not None and value % DIVISIBILITY == 0 and value:
                 attrs[(pos,)] = [["tt.divisibility", DIVISIBILITY]]
-    return sig, attrs
+    return sig, attrs, constants
 
 
 def _int_of(arg, kind: str, axis: int) -> int | None:
@@ -157,7 +162,7 @@ def resources(kernel, args: Sequence, fixed: dict[str, Any], config: dict[str, A
     opts = BACKEND.options(traced.constants, options).launch_kwargs()
     low = codegen.generate(traced.ir, interpret=False, tma=tma, index64=frozenset())
     names = _arg_names(low.source, low.fn_name)
-    sig, attrs = _signature(low, traced.ir, args, names)
+    sig, attrs, constants = _signature(low, traced.ir, args, names)
     key = _key(low.source, sig, attrs, opts, target, shared_limit)
     path = _cache_dir() / f"{key}.json"
     if cache and path.exists():
@@ -169,9 +174,9 @@ def resources(kernel, args: Sequence, fixed: dict[str, Any], config: dict[str, A
         if r is not None and not (timed_out and (timeout_s is None or timeout_s > r.compile_s)):
             return r                     # (a compile cut short is tried again with a longer limit)
     if timeout_s is None:
-        r = _compile(low, sig, attrs, opts, target, shared_limit)
+        r = _compile(low, sig, attrs, constants, opts, target, shared_limit)
     else:
-        r = _compile_in_child(low, sig, attrs, opts, target, shared_limit, timeout_s)
+        r = _compile_in_child(low, sig, attrs, constants, opts, target, shared_limit, timeout_s)
     if cache:
         from tilestack.tune.cache import write_json_atomic
         write_json_atomic(path, r.to_json())
@@ -190,14 +195,16 @@ def _jit(source: str, fn_name: str):
     return compile_source(source, fn_name, False)
 
 
-def _compile(low, sig: dict, attrs: dict, opts: dict, target: tuple, shared_limit: int) -> Resources:
+def _compile(low, sig: dict, attrs: dict, constants: dict, opts: dict, target: tuple,
+             shared_limit: int) -> Resources:
     import triton
     from triton.backends.compiler import GPUTarget
 
     warps, stages = opts.get("num_warps"), opts.get("num_stages")
     t0 = time.perf_counter()
     try:
-        src = triton.compiler.ASTSource(fn=_jit(low.source, low.fn_name), signature=sig, attrs=attrs)
+        src = triton.compiler.ASTSource(fn=_jit(low.source, low.fn_name), signature=sig, constexprs=constants,
+                                        attrs=attrs)
         k = triton.compile(src, target=GPUTarget(*target), options=opts)
     except Exception as e:  # noqa: BLE001 - what the compiler says is the report
         msg = " ".join(str(e).split())
@@ -211,14 +218,15 @@ def _compile(low, sig: dict, attrs: dict, opts: dict, target: tuple, shared_limi
                      None if ok else f"shared memory {shared} B > the device's {shared_limit} B per block")
 
 
-def _compile_in_child(low, sig, attrs, opts, target, shared_limit, timeout_s: float) -> Resources:
+def _compile_in_child(low, sig, attrs, constants, opts, target, shared_limit, timeout_s: float) -> Resources:
     """``_compile`` in a forked child of its own process group (ptxas included), killed after ``timeout_s``."""
     import multiprocessing
     import signal
 
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child, args=(send, low, sig, attrs, opts, target, shared_limit), daemon=True)
+    child = ctx.Process(target=_child, args=(send, low, sig, attrs, constants, opts, target, shared_limit),
+                        daemon=True)
     t0 = time.perf_counter()
     child.start()
     send.close()
@@ -240,9 +248,9 @@ def _compile_in_child(low, sig, attrs, opts, target, shared_limit, timeout_s: fl
         recv.close()
 
 
-def _child(send, low, sig, attrs, opts, target, shared_limit) -> None:
+def _child(send, low, sig, attrs, constants, opts, target, shared_limit) -> None:
     os.setsid()                 # its own process group: a kill reaches ptxas too
-    send.send(_compile(low, sig, attrs, opts, target, shared_limit))
+    send.send(_compile(low, sig, attrs, constants, opts, target, shared_limit))
     send.close()
 
 
