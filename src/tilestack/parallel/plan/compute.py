@@ -169,7 +169,8 @@ class LockstepProbe:
     def reading(self) -> tuple[float, float, float]:
         """(work s, collective s, p2p s): the work ended by one all-reduce, and the seconds of one synchronisation
         by an all-reduce and by a point-to-point exchange when the work is cut into ``syncs`` chunks (class
-        docstring; each timing after a barrier)."""
+        docstring; each timing after a barrier; the exchange's chunks end with the exchange alone, so
+        ``syncs`` exchanges take W + syncs x, and one chunk W + c)."""
         import time
 
         import torch
@@ -199,9 +200,11 @@ class LockstepProbe:
                 sync()
             return time.perf_counter() - t0
 
-        once = timed(all_reduce, 1)
-        collective = (timed(all_reduce, self.syncs) - once) / (self.syncs - 1)
-        p2p = collective + (timed(exchange, self.syncs) - timed(all_reduce, self.syncs)) / self.syncs
+        # the single chunk before and after the chunked runs: a load that drifts over the reading cancels
+        first, collectives, exchanges = timed(all_reduce, 1), timed(all_reduce, self.syncs), timed(exchange, self.syncs)
+        once = (first + timed(all_reduce, 1)) / 2
+        collective = (collectives - once) / (self.syncs - 1)
+        p2p = (exchanges - once + collective) / self.syncs
         return once, max(collective, 0.0), max(p2p, 0.0)
 
     def slowdown(self, work_s: float, sync_s: float = 0.0) -> float:
