@@ -64,3 +64,24 @@ def test_orders_and_errors():
         simulate("zb", pp=2, stages_per_rank=1, microbatches=2, fwd=[1, 1], bwd=[1, 1])
     with pytest.raises(PlanError, match="expected pp \\* stages_per_rank = 4"):
         simulate("1f1b", pp=2, stages_per_rank=2, microbatches=2, fwd=[1, 1], bwd=[1, 1])
+
+
+@pytest.mark.parametrize("p, v", [(2, 2), (3, 2), (4, 2), (4, 3), (8, 2)])
+def test_interleaved_order_is_torchs(p, v):
+    """Every rank's order of forwards and backwards is the one torch's ScheduleInterleaved1F1B computes (its
+    per-rank action list, without the idle slots), for every micro-batch count it accepts: fewer than pp
+    micro-batches run in one round of m (the simulator once took rounds of pp there and scheduled micro-batches
+    that do not exist)."""
+    from torch.distributed.pipelining.schedules import ScheduleInterleaved1F1B, _ComputationType
+    for m in range(1, 3 * p + 1):
+        rounds = max(1, m // p)
+        if m % rounds:
+            continue                                        # torch refuses these
+        sched = ScheduleInterleaved1F1B.__new__(ScheduleInterleaved1F1B)     # its order, without process groups
+        sched.n_local_stages, sched.pp_group_size, sched._n_microbatches = v, p, m
+        sched.number_of_rounds, sched.microbatches_per_round = rounds, m // rounds
+        for rank in range(p):
+            sched.rank = rank
+            torch_order = [("F" if a.computation_type == _ComputationType.FORWARD else "B", a.microbatch_index,
+                            a.stage_index) for a in sched._calculate_single_rank_operations(rank) if a is not None]
+            assert rank_order("interleaved-1f1b", p, v, m, rank) == torch_order, (p, v, m, rank)

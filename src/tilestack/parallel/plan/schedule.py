@@ -13,8 +13,9 @@ Stage s of S = pp * v runs on rank s % pp (the looped placement of tilestack.par
 Orders (those of torch.distributed.pipelining, after Megatron-LM):
 - gpipe: every forward, then every backward;
 - 1f1b: pp - rank - 1 warm-up forwards, then one forward and one backward in turn, then the remaining backwards;
-- interleaved-1f1b: (v - 1) pp + 2 (pp - rank - 1) warm-up forwards over the rank's v stages, taken in groups
-  of pp micro-batches per stage, then one forward and one backward in turn (Narayanan et al. 2021).
+- interleaved-1f1b: (v - 1) r + 2 (pp - rank - 1) warm-up forwards over the rank's v stages, taken in rounds
+  of r micro-batches per stage (r = pp, or m when m < pp, as torch's ScheduleInterleaved1F1B), then one forward
+  and one backward in turn (Narayanan et al. 2021).
 A forward waits for the previous stage's forward of its micro-batch plus ``p2p[s]`` seconds; a backward for the
 next stage's backward plus ``p2p[s]`` and for its own forward. Communication occupies no rank (it is
 asynchronous in torch's schedules).
@@ -67,22 +68,24 @@ def rank_order(schedule: str, pp: int, v: int, m: int, rank: int) -> list[tuple[
         for i in range(m - warm):
             order += [fwd[warm + i], bwd[i]]
         return order + bwd[m - warm:]
-    # interleaved: virtual micro-batch k -> (micro-batch, chunk); forwards ascend the chunks, backwards descend
+    # interleaved: the rank's forwards take its v stages in turn, ``per_round`` micro-batches at a time (pp, or
+    # all m when m < pp: torch's rounds of max(1, m // pp)); backwards descend the stages the same way; each
+    # stage runs its micro-batches in order
+    per_round = m // max(1, m // pp)
     total = m * v
+    warm = min((v - 1) * per_round + 2 * (pp - rank - 1), total)
+    issued = {"F": [0] * v, "B": [0] * v}
 
-    def fwd_op(k: int) -> tuple[str, int, int]:
-        chunk = (k // pp) % v
-        return "F", (k // (pp * v)) * pp + k % pp, rank + chunk * pp
+    def op(kind: str, k: int) -> tuple[str, int, int]:
+        chunk = (k // per_round) % v if kind == "F" else v - 1 - (k // per_round) % v
+        micro = issued[kind][chunk]
+        issued[kind][chunk] += 1
+        return kind, micro, rank + chunk * pp
 
-    def bwd_op(k: int) -> tuple[str, int, int]:
-        chunk = v - 1 - (k // pp) % v
-        return "B", (k // (pp * v)) * pp + k % pp, rank + chunk * pp
-
-    warm = min((v - 1) * pp + 2 * (pp - rank - 1), total)
-    order = [fwd_op(k) for k in range(warm)]
+    order = [op("F", k) for k in range(warm)]
     for i in range(total - warm):
-        order += [fwd_op(warm + i), bwd_op(i)]
-    return order + [bwd_op(k) for k in range(total - warm, total)]
+        order += [op("F", warm + i), op("B", i)]
+    return order + [op("B", k) for k in range(total - warm, total)]
 
 
 def simulate(schedule: str, *, pp: int, stages_per_rank: int, microbatches: int, fwd: Sequence[float],
