@@ -1,7 +1,7 @@
 """What the parallel wrappers cost on the host, beyond the arithmetic and the bytes the planner counts.
 
     oh = measure_overheads(desc, compute)           # seconds: {"tp": per block, "sp": per block, "fsdp": per block,
-                                                    #           "ddp": per step, "pipeline": per micro-batch,
+                                                    #           "ddp": per step, "pipeline": per stage and micro-batch,
                                                     #           "zero": per step, "tp optimizer": per tensor,
                                                     #           "fsdp optimizer": per tensor}
 

@@ -267,7 +267,9 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
             last = desc.layers[layers[-1]]
             boundary = last.out_bytes * b / (tp if plan.sp else 1)
             if plan.pp > 1:
-                f += compute.overhead("pipeline") * slow / plan.stages_per_rank
+                # the schedule's and the stage's host cost comes with each stage's forward and backward call (a
+                # rank with v stages pays it v times per micro-batch)
+                f += compute.overhead("pipeline") * slow
                 # torch's PipelineStage keeps each micro-batch's output (the last stage's: its logits, replicated
                 # under tp) until that micro-batch's backward (fwd_cache): in flight with its activations
                 act += last.out_bytes * b if last.kind == "head" else boundary
