@@ -1,7 +1,7 @@
 """How good the cost model is, on stored measurements (``collect_ground_truth.py``): no GPU needed.
 
-    PYTHONPATH=src python3 scripts/tune/evaluate_cost_model.py --data docs/results/tune_ground_truth_h200.jsonl \
-        --out docs/results/cost_model_eval_h200.json
+    .venv/bin/python scripts/tune/evaluate_cost_model.py --holdout pair \
+        --out docs/results/cost_model_eval_h200_pair.json          # the H200's ground truth; --data for another
 
 For each (kernel, shape) problem whose kept configs were all measured, with the model pre-trained without it:
 ``--holdout pair`` (the default, the issue's protocol: every other (kernel, shape) pair, other shapes of the same
@@ -14,9 +14,11 @@ configs (rounded down, at least 1).
             (1.0 = found it), for: active learning by expected improvement (``tune.cost_model.active_search``),
             the model's top-k, random search (mean over --random-seeds), Triton-style exhaustive autotune in the
             space's product order cut at the same budget, active learning seeded with the H100 table's
-            winner where one exists, and "the tuner": what ``tilestack tune`` does (the config in use first: the
-            nearest device's table entry, else the kernel's default; then active learning); and how many
-            measurements each needs to come within 5% of the best
+            winner where one exists, the kernel's default always first then active learning (the rule before
+            --trust), and "the tuner": what ``tilestack tune --model`` does (the nearest device's table entry
+            first; where there is none, the kernel's default, unless the model pre-trained without the problem
+            ranks a candidate more than --trust faster, ``tune.cost_model.first_seeds``; then active
+            learning); and how many measurements each needs to come within 5% of the best
   time      tuning wall time: the measured configs' compile + first launch + timing, plus the model's own time
 The last lines are tables: per problem, and the medians / worst case against the bar (98% of the best at 10% of
 the measurements, worst case 95%).
@@ -34,27 +36,31 @@ from pathlib import Path
 
 import numpy as np
 
-from tilestack.tune.cost_model import CostModel, Dataset, active_search
+from tilestack.tune.cost_model import TRUST, CostModel, Dataset, active_search
 
 MIN_CONFIGS = 6          # problems with fewer measured kept configs are not worth ranking
 NEAR = 1.05              # "within 5% of the best"
 AL_STEPS = 30           # active learning runs this far (or 3x the budget) to count measurements to within 5%
 TIMING_S = 0.05          # per measured config beyond its first launch (do_bench's 20 ms rep and warm-up)
+GPU_TRUTH = "docs/results/tune_ground_truth_h200.jsonl"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", action="append", help="JSON lines (repeatable; globs); default docs/results/"
-                                                     "tune_ground_truth_*.jsonl")
+    ap.add_argument("--data", action="append", help="JSON lines (repeatable; globs); default the H200's, "
+                    f"{GPU_TRUTH} (not the interpreter's: CPU wall times rank configs otherwise, and its problem ids "
+                    "are the GPU's)")
     ap.add_argument("--budget-frac", type=float, default=0.10)
     ap.add_argument("--holdout", default="pair", choices=("pair", "kernel"),
                     help="what the model is pre-trained without: the problem (pair) or its whole kernel")
     ap.add_argument("--random-seeds", type=int, default=20)
     ap.add_argument("--trees", type=int, default=100)
     ap.add_argument("--seed-device", default="nvidia-h100-80gb-hbm3", help="tables whose winners seed the search")
+    ap.add_argument("--trust", type=float, default=TRUST, help="the predicted gain (log2) for which the model's "
+                    "pick goes before an untuned default (tune.cost_model.first_seeds)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
-    paths = sorted({p for pat in (a.data or ["docs/results/tune_ground_truth_*.jsonl"]) for p in glob.glob(pat)})
+    paths = sorted({p for pat in (a.data or [GPU_TRUTH]) for p in glob.glob(pat)})
     if not paths:
         print("no data: run scripts/tune/collect_ground_truth.py first")
         return 2
@@ -75,7 +81,7 @@ def main(argv=None) -> int:
     summary = summarize(rows)
     if a.out:
         from tilestack.tune.cache import write_json_atomic
-        write_json_atomic(a.out, {"data": paths, "budget_frac": a.budget_frac, "holdout": a.holdout,
+        write_json_atomic(a.out, {"data": paths, "budget_frac": a.budget_frac, "holdout": a.holdout, "trust": a.trust,
                                   "problems": rows, "summary": summary})
     print_tables(rows, summary, a.budget_frac, a.holdout, [data.problems[r["id"]].meta.get("timer", "") for r in rows])
     return 0
@@ -137,19 +143,26 @@ def evaluate(p, data: Dataset, a) -> dict:
         out["seeded_frac"] = best / float(us[seeded[:budget]].min())
         out["seeded_to_5pct"] = first_within(seeded, us, best)
         out["seed_alone_frac"] = best / float(us[seed]) if np.isfinite(us[seed]) else 0.0
-    # the tuner: `tilestack tune` measures the config the launch path uses first (the nearest device's table
-    # entry, else the kernel's default), then searches by active learning
-    first, out["tuner_seed"] = (seed, "table") if seed is not None else (default_index(p, kept), "default")
-    if first is None:
-        out["tuner_frac"], out["tuner_to_5pct"], out["tuner_seed"] = out["al_frac"], out["al_to_5pct"], None
-    elif first == seed:
-        out["tuner_frac"], out["tuner_to_5pct"] = out["seeded_frac"], out["seeded_to_5pct"]
+    # the tuner: `tilestack tune` measures the tuned config in use first (the nearest device's table entry);
+    # where there is none, the kernel's default, unless the model ranks a candidate more than --trust faster
+    # (cost_model.first_seeds); then it searches by active learning
+    default = default_index(p, kept)
+    if seed is not None:
+        out["tuner_frac"], out["tuner_to_5pct"], out["tuner_seed"] = out["seeded_frac"], out["seeded_to_5pct"], "table"
     else:
         st = active_search(X, measure, budget=min(n, max(2 * budget, AL_STEPS)), prior=prior if prior[0] else None,
-                           seeds=[first], n_trees=a.trees)
+                           default=default, trust=a.trust, n_trees=a.trees)
         order = [s.index for s in st]
         out["tuner_frac"] = best / float(us[order[:budget]].min())
         out["tuner_to_5pct"] = first_within(order, us, best)
+        out["tuner_seed"] = "default" if default is not None and order[0] == default else "model"
+    if seed is None and default is not None:     # the rule before --trust: the default always first
+        st = active_search(X, measure, budget=budget, prior=prior if prior[0] else None, seeds=[default],
+                           n_trees=a.trees)
+        out["default_first_frac"] = best / float(us[[s.index for s in st]].min())
+        out["default_alone_frac"] = best / float(us[default]) if np.isfinite(us[default]) else 0.0
+    else:
+        out["default_first_frac"] = out["tuner_frac"]
     # random search, averaged
     rng = np.random.default_rng(0)
     fr, to5 = [], []
@@ -231,9 +244,9 @@ def summarize(rows) -> dict:
     for k in ("spearman", "top1_regret", "top5_regret", "spearman_aot", "top1_regret_aot", "al_frac", "topk_frac",
               "random_frac", "triton_frac", "seeded_frac", "seed_alone_frac", "al_to_5pct", "topk_to_5pct",
               "random_to_5pct", "triton_to_5pct", "seeded_to_5pct", "exhaustive_s", "al_s", "tuner_frac",
-              "tuner_to_5pct"):
+              "tuner_to_5pct", "default_first_frac"):
         s[f"median_{k}"] = med(k)
-    for k in ("al_frac", "topk_frac", "random_frac", "triton_frac", "seeded_frac", "tuner_frac"):
+    for k in ("al_frac", "topk_frac", "random_frac", "triton_frac", "seeded_frac", "tuner_frac", "default_first_frac"):
         s[f"worst_{k}"] = worst(k)
     s["bar_met"] = bool(s["median_tuner_frac"] >= 0.98 and s["worst_tuner_frac"] >= 0.95)
     return s
@@ -241,21 +254,25 @@ def summarize(rows) -> dict:
 
 def print_tables(rows, s, frac, holdout, timers) -> None:
     print()
-    print(f"{'problem':50} {'n':>4} {'bud':>4} {'rho':>6} {'top1':>6} {'AL':>6} {'top-k':>6} {'rand':>6} "
-          f"{'triton':>6} {'H100':>6} | to5%: {'AL':>4} {'rand':>5} {'trit':>4} | {'exh s':>6} {'AL s':>6}")
+    print(f"{'problem':50} {'n':>4} {'bud':>4} {'rho':>6} {'top1':>6} {'tuner':>6} {'first':>7} {'AL':>6} "
+          f"{'top-k':>6} {'rand':>6} {'triton':>6} {'H100':>6} | to5%: {'tuner':>5} {'AL':>4} {'rand':>5} "
+          f"{'trit':>4} | {'exh s':>6} {'AL s':>6}")
     for r in rows:
         seeded = f"{r['seeded_frac']:.3f}" if "seeded_frac" in r else "-"
         print(f"{r['id'][:50]:50} {r['n']:>4} {r['budget']:>4} {r['spearman']:>6.2f} {r['top1_regret']:>6.3f} "
+              f"{r['tuner_frac']:>6.3f} {r['tuner_seed'] or '-':>7} "
               f"{r['al_frac']:>6.3f} {r['topk_frac']:>6.3f} {r['random_frac']:>6.3f} {r['triton_frac']:>6.3f} "
-              f"{seeded:>6} | {r['al_to_5pct']:>10} {r['random_to_5pct']:>5.1f} {r['triton_to_5pct']:>4} | "
+              f"{seeded:>6} | {r['tuner_to_5pct']:>11} {r['al_to_5pct']:>4} {r['random_to_5pct']:>5.1f} "
+              f"{r['triton_to_5pct']:>4} | "
               f"{r['exhaustive_s']:>6.1f} {r['al_s']:>6.1f}")
     print()
     print(f"{s['problems']} problems, each held out ({holdout}); budget at most {frac:.0%} of the kept configs; "
           "fraction of the exhaustive best found (median / worst):")
     for name, k in (("active learning (EI)", "al_frac"), ("model top-k", "topk_frac"),
                     ("random search", "random_frac"), ("Triton-style product order", "triton_frac"),
-                    ("AL seeded by H100 tables", "seeded_frac"), ("the tuner (seeded where it can)", "tuner_frac")):
-        print(f"  {name:28} {s['median_' + k]:.3f} / {s['worst_' + k]:.3f}")
+                    ("AL seeded by H100 tables", "seeded_frac"), ("untuned default always first", "default_first_frac"),
+                    ("the tuner (seeded where it can)", "tuner_frac")):
+        print(f"  {name:32} {s['median_' + k]:.3f} / {s['worst_' + k]:.4f}")
     print(f"  measurements to within 5% (median): tuner {s['median_tuner_to_5pct']}, AL {s['median_al_to_5pct']}, "
           f"AL seeded by H100 "
           f"{s['median_seeded_to_5pct']}, random {s['median_random_to_5pct']:.1f}, Triton order "

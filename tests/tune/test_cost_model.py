@@ -107,6 +107,29 @@ def test_active_search_measures_seeds_first_and_survives_failures():
     assert len(steps) == 10 and len({s.index for s in steps}) == 10
 
 
+def test_an_untuned_default_goes_first_only_where_the_model_ranks_nothing_clearly_faster():
+    from tilestack.tune.cost_model import TRUST, first_seeds
+
+    rng = np.random.default_rng(3)
+    prior = _synthetic(600, rng)
+    model = CostModel(n_trees=40).fit(*prior)
+    X, _ = _synthetic(60, rng)
+    mean = model.predict(X)[0]
+    best, worst = int(np.argmin(mean)), int(np.argmax(mean))
+    assert mean[worst] - mean[best] > TRUST                         # the bowl spans several units
+    assert first_seeds(X, [5], worst, model) == [5]                 # clearly slower: a candidate like any
+    assert first_seeds(X, [5], best, model) == [5, best]            # the model's own pick: it goes first
+    assert first_seeds(X, [], worst, model, trust=math.inf) == [worst]
+    assert first_seeds(X, [], worst, None) == [worst]              # no model: nothing to rank it against
+    # in the search: the model's pick replaces the clearly slower default as the first measurement
+    y = X[:, 0]
+    steps = active_search(X, lambda i: float(y[i]), budget=3, prior=prior, default=worst, n_trees=40)
+    assert steps[0].index == best and worst not in [s.index for s in steps]
+    steps = active_search(X, lambda i: float(y[i]), budget=3, prior=prior, default=worst, trust=math.inf,
+                          n_trees=40)
+    assert steps[0].index == worst
+
+
 def test_dataset_load(tmp_path):
     feats = {"log2_roofline_us": 3.0, "log2_warps": 2.0}
     lines = [{"type": "problem", "id": "a", "kernel": "gemm", "signature": "bfloat16", "n": 4096},

@@ -193,3 +193,34 @@ def test_plan_gives_the_most_valuable_problems_most_of_a_budget():
     p1.priority, p2.priority, p2.weight = 1, 2, 4.0
     assert [share_weight(p) for p in (p0, p1, p2)] == [1.0, 0.5, 1.0]
     assert plan([p0, p1, p2], 100.0) == [40.0, 20.0, 40.0]
+
+
+def test_the_model_session_measures_its_pick_before_an_untuned_default(tmp_path):
+    """No table gives the config in use, so it is the kernel's default (BM=32, BN=32: 5 s); a model fitted on
+    this space's times ranks it far slower than BM=64 (2-3 s; the constraints drop BM=128 on 64x64 inputs), so
+    the model's pick is measured first, and with top_k=1 the default is never timed."""
+    import math
+
+    from tilestack.tune.constraints import ConstrainedSpace
+    from tilestack.tune.cost_model import TRUST, CostModel
+    from tilestack.tune.features import vector
+    from tilestack.tune.guided import ModelSession
+    from tilestack.tune.space import SearchSpace
+
+    calls = []
+    p, timer = fake_problem(64, SECONDS, calls=calls)
+    s = ModelSession(DEV, budget_s=1e9, device_str="cpu", cache=ConfigCache(tmp_path / "cache", tables_dir=None),
+                     timer=timer, model=None, top_k=1)
+    args = p.make("cpu").args
+    space = SearchSpace(p.tile, fixed=p.fixed, restrict=p.restrict, device=DEV)
+    cs = ConstrainedSpace(p.tile, args, p.fixed, space.domains(), DEV)
+    kept = cs.kept()
+    assert DEFAULT in kept and cfg(64, 64) in kept and cfg(128, 64) not in kept
+    X = [vector(s._features(cs, c), aot=False) for c in kept]
+    s.model = CostModel(n_trees=20).fit(X, [math.log2(SECONDS[c["BM"], c["BN"]]) for c in kept])
+    mean = s.model.predict(X)[0]
+    assert mean[kept.index(DEFAULT)] - mean.min() > TRUST
+    [out] = s.run([p])
+    timed = list(dict.fromkeys(c[1:] for c in calls))
+    assert timed[0][0] == 64 and len(timed) == 2 and (32, 32) not in timed
+    assert out.config == cfg(64, 64) and out.tried == 2

@@ -42,6 +42,12 @@ MIN_LEAF = 2
 MAX_FEATURES = 0.5          # of the features tried at each split: decorrelates the trees (the uncertainty)
 TARGET_WEIGHT = 1.0         # the target's points together weigh this much relative to the pre-training data
 XI = 0.01                   # expected improvement's margin, in log2 units (~0.7%)
+# The kernel's untuned default goes first unless the pre-trained model predicts a candidate this much faster
+# (log2 units: 0.1 = 7%). A kernel's default is written by hand to be good on every shape (the 22 held-out
+# H200 problems: 0.87-1.00 of the best, 0.92-1.00 on the row kernels), and the model's first pick on a
+# held-out problem misses by as much (0.90-1.00 on the row kernels): only a predicted gain larger than that
+# error is worth the measurement. docs/autotuning.md gives the effect of 0 to 0.2.
+TRUST = 0.1
 
 
 def _sklearn():
@@ -101,13 +107,29 @@ class Step:
     y: float | None             # the measured target (None: failed)
 
 
+def first_seeds(X: np.ndarray, seeds: Sequence[int], default: int | None, base: CostModel | None,
+                trust: float = TRUST) -> list[int]:
+    """What to measure before the model's own order: ``seeds`` (tuned configs: the config in use where a table
+    gave it, another GPU's winner), then ``default`` (the kernel's declared default, untuned) unless ``base``
+    predicts some candidate more than ``trust`` (log2 units) faster than it; then it is a candidate like any."""
+    first = list(seeds)
+    if default is not None and default not in first:
+        mean = base.predict(X)[0] if base is not None else None
+        if mean is None or mean[default] - mean.min() <= trust:
+            first.append(default)
+    return first
+
+
 def active_order(X: Sequence, *, base: CostModel | None = None, seeds: Sequence[int] = (),
-                 n_trees: int = N_TREES, seed: int = 0) -> Generator[int, float | None, None]:
+                 default: int | None = None, trust: float = TRUST, n_trees: int = N_TREES,
+                 seed: int = 0) -> Generator[int, float | None, None]:
     """The order in which to measure the candidates ``X`` (feature vectors), as a generator: it yields the index
     of the next candidate and is sent that candidate's measured target (``target``; None if it failed, which
-    counts as worse than any measured). ``seeds`` (indices: the config in use, another GPU's winner) come first;
-    then each next candidate is the one of largest expected improvement under ``base`` (a forest pre-trained
-    on other problems, its data the prior; None: none, a random start) refitted with every measurement.
+    counts as worse than any measured). ``seeds`` (indices: the config in use, another GPU's winner) come first,
+    then ``default`` (the kernel's untuned default) where the model does not rank another clearly faster
+    (``first_seeds``); then each next candidate is the one of largest expected improvement under ``base`` (a
+    forest pre-trained on other problems, its data the prior; None: none, a random start) refitted with every
+    measurement.
 
     The prior knows how configs of a problem compare, not how fast the target problem is: the target's
     measurements set that offset (their mean gap to the prior's prediction), and enter the refitted forest
@@ -118,7 +140,7 @@ def active_order(X: Sequence, *, base: CostModel | None = None, seeds: Sequence[
     steps: list[Step] = []
     tried: set[int] = set()
     rng = np.random.default_rng(seed)
-    for i in seeds:
+    for i in first_seeds(X, seeds, default, base, trust):
         if i not in tried and 0 <= i < n:
             tried.add(i)
             steps.append(Step(i, (yield i)))
@@ -140,12 +162,14 @@ def active_order(X: Sequence, *, base: CostModel | None = None, seeds: Sequence[
 
 def active_search(X: Sequence, measure: Callable[[int], float | None], *, budget: int,
                   prior: tuple[Sequence, Sequence] | None = None, seeds: Sequence[int] = (),
-                  n_trees: int = N_TREES, seed: int = 0) -> list[Step]:
-    """Measure ``budget`` of the candidates ``X`` in ``active_order``, with a forest pre-trained on ``prior`` (X,
-    y: targets centred per problem, as ``Dataset.training`` gives them); ``measure(i)`` returns the target of
-    candidate i, or None if it failed."""
+                  default: int | None = None, trust: float = TRUST, n_trees: int = N_TREES,
+                  seed: int = 0) -> list[Step]:
+    """Measure ``budget`` of the candidates ``X`` in ``active_order`` (``seeds``, ``default``, ``trust`` as
+    there), with a forest pre-trained on ``prior`` (X, y: targets centred per problem, as ``Dataset.training``
+    gives them); ``measure(i)`` returns the target of candidate i, or None if it failed."""
     base = CostModel(n_trees, seed).fit(*prior) if prior is not None and len(prior[0]) > 0 else None
-    order = active_order(X, base=base, seeds=seeds, n_trees=n_trees, seed=seed)
+    order = active_order(X, base=base, seeds=seeds, default=default, trust=trust, n_trees=n_trees,
+                         seed=seed)
     steps: list[Step] = []
     budget = min(budget, len(X))
     if budget <= 0:

@@ -5,11 +5,14 @@
     session.run(library_problems())
 
 Each problem's candidates are the configs its constrained space keeps (``tune.constraints``: the IR's and the
-device's limits). The config in use (this device's table, else the nearest device's) and the kernel's default
-are timed first, always, so a tuned entry is never slower than what the library did; then ``top_k`` more, in the
-cost model's active order (``tune.cost_model.active_order``: expected improvement under the pre-trained model,
-refitted with each measurement), each checked against the reference before it is timed. Spaces of
-other backends than Triton's (whose lowering the constraints model) are searched as the plain session does.
+device's limits). A tuned config in use (this device's table, else the nearest device's) and the kernel's
+default are timed first, so a tuned entry is never slower than what the library did. Where no table gives one,
+the config in use is the kernel's untuned default, and it goes first only if the pre-trained model ranks no
+candidate more than ``tune.cost_model.TRUST`` faster (``first_seeds``); else the model's pick goes first. Then
+``top_k`` more, in the cost model's active order (``tune.cost_model.active_order``: expected improvement under
+the pre-trained model, refitted with each measurement), each checked against the reference before it is timed.
+Spaces of other backends than Triton's (whose lowering the constraints model) are searched as the plain session
+does.
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ def pretrained_model(paths: Iterable[Path | str], n_trees: int | None = None):
 
 class ModelSession(Session):
     """A Session whose candidates are the constrained space's kept configs, searched in the cost model's active
-    order: the config in use, then ``top_k`` more: the other seeds (the kernel's default, winners elsewhere),
-    then each the candidate of largest expected improvement under the model refitted with what was measured."""
+    order: the config in use (an untuned default only where the model ranks nothing clearly faster), then
+    ``top_k`` more: the other seeds (the kernel's default, winners elsewhere), then each the candidate of
+    largest expected improvement under the model refitted with what was measured."""
 
     def __init__(self, *args, model, top_k: int = TOP_K, **kwargs):
         from tilestack.tune.features import device_peaks
@@ -78,22 +82,25 @@ class ModelSession(Session):
             return super()._candidates(space, args)
         return self._space(space, args)[1]
 
-    def _strategy(self, space, args):
+    def _strategy(self, space, args, untuned: dict | None = None):
         if getattr(space, "backend", "triton") != "triton":
-            return super()._strategy(space, args)
+            return super()._strategy(space, args, untuned)
         cs, _ = self._space(space, args)
-        return lambda candidates, seeds: self._active(cs, candidates, seeds)
+        return lambda candidates, seeds: self._active(cs, candidates, seeds, untuned)
 
-    def _active(self, cs, candidates: list[dict], seeds: list[dict]):
-        """``tune.search`` strategy: yields configs, is sent each Trial; the first seed (the config in use) and
+    def _active(self, cs, candidates: list[dict], seeds: list[dict], untuned: dict | None = None):
+        """``tune.search`` strategy: yields configs, is sent each Trial; the first (the config in use, or the
+        model's pick where that is the ``untuned`` default and the model ranks a candidate clearly faster) and
         ``top_k`` more: the other seeds among the candidates (winners elsewhere), then the cost model's active
         order."""
         from tilestack.tune.cost_model import active_order, target
 
         features = [self._features(cs, c) for c in candidates]
-        first = list(dict.fromkeys(candidates.index(s) for s in seeds if s in candidates))
-        order = active_order([vector(f, aot=False) for f in features], base=self.model, seeds=first)
-        i, picked = next(order), -1           # the first is the config in use: not counted
+        first = list(dict.fromkeys(candidates.index(s) for s in seeds if s in candidates and s != untuned))
+        default = candidates.index(untuned) if untuned in candidates else None
+        order = active_order([vector(f, aot=False) for f in features], base=self.model, seeds=first,
+                             default=default)
+        i, picked = next(order), -1           # the first (the config in use, or what the model puts before it)
         while True:
             trial = yield candidates[i]
             picked += 1

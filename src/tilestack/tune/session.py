@@ -310,6 +310,7 @@ class Session:
         # seeds given for this backend first (measured good elsewhere), then the launch path's configs
         seeds = _unique([*given, *must, *(full(c) for c in self._related(p, backend))])
         candidates = _unique([*must, *candidates])
+        untuned = None if current else full(p.default)     # the config in use, where no table gave one
         timed = {}
 
         def time_cfg(cfg):
@@ -318,7 +319,7 @@ class Session:
 
         try:
             result = tune(f"{p.name} [{backend}]", candidates, time=time_cfg, check=work.check, tol=TOL,
-                          strategy=self._strategy(space, work.args), seeds=seeds, deadline=deadline,
+                          strategy=self._strategy(space, work.args, untuned), seeds=seeds, deadline=deadline,
                           min_trials=len(must), clock=self.clock,
                           log=self.log)
         except RuntimeError as e:
@@ -336,8 +337,10 @@ class Session:
         return _Found(best, confirm[_frozen(best)], space, before, confirm.get(_frozen(before)) if in_use else None,
                       len(result.trials), sum(t.seconds is None for t in result.trials), result.complete)
 
-    def _strategy(self, space: SearchSpace, args):
-        """How the search orders the candidates (``tune.search.tune``'s strategy): seeds, then nearest the best."""
+    def _strategy(self, space: SearchSpace, args, untuned: dict | None = None):
+        """How the search orders the candidates (``tune.search.tune``'s strategy): seeds, then nearest the best.
+        ``untuned``: the kernel's default where no table gave a config (None: the config in use is tuned); the
+        local search measures it first either way."""
         return "local"
 
     def _candidates(self, space: SearchSpace, args) -> list[dict]:
