@@ -57,6 +57,8 @@ def _attention_rows(name: str, fn) -> dict[str, Row]:
         f"{name}: scale bool": Row(lambda: fn(q, k, v, scale=True), LaunchError, "scale must be"),
         f"{name}: scale string": Row(lambda: fn(q, k, v, scale="0.1"), LaunchError, "scale must be"),
         f"{name}: k on meta": Row(lambda: fn(q, k.to("meta"), v), LaunchError, "k on meta"),
+        f"{name}: causal string": Row(lambda: fn(q, k, v, "no"), LaunchError, "causal must be a bool"),
+        f"{name}: causal tensor": Row(lambda: fn(q, k, v, torch.tensor(True)), LaunchError, "causal must be a bool"),
     }
 
 

@@ -416,7 +416,8 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
     launch signature (``kernels._plan``)."""
     import torch
 
-    check_attention_args("attention_backward", q, k, v, scale, attn_mask=attn_mask, causal_align=causal_align,
+    check_attention_args("attention_backward", q, k, v, scale, causal=causal, attn_mask=attn_mask,
+                         causal_align=causal_align,
                          dropout_p=dropout_p, rng=rng, precision=precision)
     B, H, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[3]

@@ -373,7 +373,7 @@ def dropout_mask(rng, dropout_p: float, shape):
     return torch.from_numpy(u.reshape(tuple(shape)) >= np.float32(dropout_threshold(dropout_p)))
 
 
-def check_attention_args(fn: str, q, k, v, scale, *, attn_mask=None, causal_align: str = "top_left",
+def check_attention_args(fn: str, q, k, v, scale, *, causal=False, attn_mask=None, causal_align: str = "top_left",
                          dropout_p: float = 0.0, rng=None, precision: str = "ieee") -> None:
     """Every check on attention inputs, before any work (shared by forward, backward and the torch op)."""
     import torch
@@ -402,6 +402,8 @@ def check_attention_args(fn: str, q, k, v, scale, *, attn_mask=None, causal_alig
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
                               or not math.isfinite(scale) or scale <= 0):
         raise LaunchError(f"{fn}: scale must be a positive number or None, got {scale!r} (finite, not a bool)")
+    if not isinstance(causal, bool) and type(causal).__name__ != "bool_":    # Python's or numpy's bool
+        raise LaunchError(f"{fn}: causal must be a bool, got {causal!r} ({type(causal).__name__})")
     if causal_align not in CAUSAL_ALIGNS:
         raise LaunchError(f"{fn}: causal_align must be one of {CAUSAL_ALIGNS}, got {causal_align!r}")
     if attn_mask is not None:
@@ -475,7 +477,8 @@ def attention_forward(q, k, v, causal: bool = False, scale: float | None = None,
     signature (``kernels._plan``)."""
     import torch
 
-    check_attention_args("attention_forward", q, k, v, scale, attn_mask=attn_mask, causal_align=causal_align,
+    check_attention_args("attention_forward", q, k, v, scale, causal=causal, attn_mask=attn_mask,
+                         causal_align=causal_align,
                          dropout_p=dropout_p, rng=rng, precision=precision)
     B, H, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[3]

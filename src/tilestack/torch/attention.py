@@ -128,15 +128,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     rng = dropout_rng() if dropout_p else None   # checked with the rest: a bad dropout_p is refused below
     precision = fp32_precision(q)
     if _is_compiling() or type(q) is not torch.Tensor or q.is_meta:   # graphs, fake and meta tensors, subclasses
-        check_attention_args("attention", q, k, v, scale, attn_mask=attn_mask, causal_align=causal_align,
-                             dropout_p=dropout_p, rng=rng)
+        check_attention_args("attention", q, k, v, scale, causal=causal, attn_mask=attn_mask,
+                             causal_align=causal_align, dropout_p=dropout_p, rng=rng)
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
         return attention_fwd_op(q, k, v, attn_mask, bool(causal), scale, causal_align, float(dropout_p), rng,
                                 precision)[0]
     if scale is not None and not isinstance(scale, float):
         check_attention_args("attention", q, k, v, scale)   # an int, a bool, a tensor: refused or made a float
         scale = float(scale)
-    causal = bool(causal)
+    if causal is not True and causal is not False:           # a truthy string or a tensor is a mistake, not True
+        check_attention_args("attention", q, k, v, scale, causal=causal)
+        causal = bool(causal)                                # numpy's bool_
     if attn_mask is not None and attn_mask.requires_grad:
         from tilestack.errors import LaunchError
         raise LaunchError("attention: attn_mask requires grad, and the kernels give the mask no gradient; detach "
