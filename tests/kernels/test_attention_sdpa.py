@@ -128,12 +128,32 @@ def test_head_dims(backend, d, dv, rng, poison_empty):
     """Tiles are the head dim rounded up to a power of two >= 16: loads zero-fill, stores drop the edge."""
     causal = d % 2 == 0
     q, k, v, do, scale = inputs(rng, (1, 2, 1, 19, 23, d, None), torch.bfloat16, dv=dv)
-    grad_scale = 1.0
+    grad_scale, o_tol = 1.0, None
     if min(d, dv) == 1:
         # a head dim of 1: each gradient element is a short sum that cancels, so bf16 dS alone can cost several
         # percent (seen: 8% on dq for one seed in 100); the yardstick is torch's own bf16 attention on the inputs
         grad_scale = max(3.0, 2 * _torch_bf16_grad_error(q, k, v, do, causal) / TOL[torch.bfloat16])
-    check_against_float64(backend, q, k, v, do, causal, scale, grad_scale=grad_scale)
+        # o of one column is a short sum P v that cancels too (seen: 1.5% for seed 3928911029)
+        o_tol = max(TOL[torch.bfloat16], p_rounding_tol(q, k, v, causal))
+    check_against_float64(backend, q, k, v, do, causal, scale, grad_scale=grad_scale, o_tol=o_tol)
+
+
+def p_rounding_tol(q, k, v, causal) -> float:
+    """o's norm error, relative to its norm, when P is rounded to bf16 before P V as the kernels (and
+    FlashAttention) do: each p_j off by up to bf16's eps relative (truncation, the interpreter's cast: a bias of
+    eps/2 on every p_j, which moves o by eps/2 of itself, and a spread of eps/sqrt(12)), so an element of o is off
+    by its bias plus three standard deviations of the spread, eps/sqrt(12) * sqrt(sum_j p_j^2 v_j^2), plus o's own
+    rounding; K/V heads repeated for GQA."""
+    eps = torch.finfo(torch.bfloat16).eps
+    group = q.shape[1] // k.shape[1]
+    k64, v64 = (t.double().repeat_interleave(group, 1) for t in (k, v))
+    s = q.double() @ k64.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), -math.inf)
+    p = torch.softmax(s, -1)
+    o = p @ v64
+    bound = 1.5 * eps * o.abs() + 3 * eps / math.sqrt(12) * (p.square() @ v64.square()).sqrt()
+    return float(bound.norm() / o.norm().clamp_min(1e-3))
 
 
 def _torch_bf16_grad_error(q, k, v, do, causal) -> float:
