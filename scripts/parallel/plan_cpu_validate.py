@@ -64,10 +64,10 @@ def main() -> int:
             load = lockstep_load(n, comm)
             compute.set_load(*load, n)
             ranked = search(desc, compute, comm, world_size=n, batch=args.batch)
-            planned_at[f"{desc.name} n={n}"] = dict(zip(("slowdown", "collective_delay_s", "p2p_delay_s"), load,
+            planned_at[f"{desc.name} n={n}"] = dict(zip(("slowdown", "collective_s", "p2p_delay_s"), load,
                                                         strict=True))
-            print(f"{desc.name} n={n}: planned at slowdown {load[0]:.2f}, delays {load[1] * 1e3:.2f} ms per "
-                  f"collective, {load[2] * 1e3:.2f} ms per send", flush=True)
+            print(f"{desc.name} n={n}: planned at slowdown {load[0]:.2f}, {load[1] * 1e3:.2f} ms per scalar "
+                  f"all-reduce, {load[2] * 1e3:.2f} ms delay per send", flush=True)
             chosen = choose(ranked)
             group = []
             for r in to_measure(ranked, args.plans):
@@ -95,8 +95,8 @@ def main() -> int:
                            measured_peak_bytes_per_rank=m["peak_bytes_per_rank"], bound=p.bound, terms=p.terms,
                            predicted_components=p.memory, measured_components=m["components"],
                            background_cores=compute.background, slowdown=m["slowdown"],
-                           collective_delay_s=least_delays[0], p2p_delay_s=least_delays[1],
-                           collective_delay_s_median=delays[0], p2p_delay_s_median=delays[1],
+                           collective_s=least_delays[0], p2p_delay_s=least_delays[1],
+                           collective_s_median=delays[0], p2p_delay_s_median=delays[1],
                            predicted_step_s_planned=r.prediction.step_s, busy_cores_before=busy)
                 row["time_err"] = row["measured_step_s"] / row["predicted_step_s"] - 1
                 row["time_err_least"] = row["measured_step_s_least"] / row["predicted_step_s_least"] - 1

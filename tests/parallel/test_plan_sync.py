@@ -1,4 +1,4 @@
-"""What a shared CPU adds to each synchronisation (ComputeModel.collective_delay and p2p_delay, read by the
+"""What a shared CPU adds to each synchronisation (from ComputeModel.collective_s and p2p_delay, read by the
 lockstep probe's fine variants), counted per plan by how often the plan's ranks meet: each collective on its
 critical path, and each pipeline send that a stage waits for."""
 
@@ -19,7 +19,9 @@ class Unit(ComputeModel):
 
     def __init__(self, desc, collective_delay=0.0, p2p_delay=0.0):
         self.desc, self.source = desc, "unit"
-        self.collective_delay, self.p2p_delay = collective_delay, p2p_delay
+        # a probe whose scalar all-reduce takes the delay beyond the 2-rank fit's
+        self.collective_s = collective_delay + COMM.time("all_reduce", 4, 2) if collective_delay else 0.0
+        self.p2p_delay = p2p_delay
 
     def _times(self, layer, index, micro_batch, tp):
         return 1e-3, 2e-3
@@ -79,9 +81,23 @@ def test_probe_reading_on_one_rank():
 
 def test_sync_delays_are_beyond_the_idle_transfer():
     collective, p2p = sync_delays(5e-4, 3e-3, COMM, 2, message_bytes=1 << 16)
-    assert collective == pytest.approx(5e-4 - (1e-4 + 4e-9))
+    assert collective == pytest.approx(5e-4)                              # predict subtracts per group size
     assert p2p == pytest.approx(3e-3 - (1e-4 + (1 << 16) * 1e-9))
     assert sync_delays(0.0, 0.0, COMM, 2) == (0.0, 0.0)                   # never negative
+
+
+def test_a_subgroup_collective_is_charged_beyond_its_own_idle_latency():
+    """A probe on 4 ranks reads 3 ms per scalar all-reduce: a dp=2 group's all-reduce among them is charged 3 ms
+    beyond the 2-rank fit's latency, an all-reduce over all 4 beyond the 4-rank fit's."""
+    desc = describe_gpt(CFG, 32)
+    unit = Unit(desc)
+    unit.collective_s = 3e-3
+    two, four = (predict(Plan(batch=8, **kw), desc, unit, COMM).terms["dp comm"] -
+                 predict(Plan(batch=8, **kw), desc, Unit(desc), COMM).terms["dp comm"]
+                 for kw in (dict(pp=2, dp=2, microbatches=1), dict(dp=4)))
+    per_pp2dp2 = 3e-3 - COMM.time("all_reduce", 4, 2)
+    assert two == pytest.approx(3 * per_pp2dp2)                  # the gradients', the loss's over pp and over dp
+    assert four == pytest.approx(2 * (3e-3 - COMM.time("all_reduce", 4, 4)))     # the gradients', the loss's
 
 
 def _readings(rank, world_size, probe):

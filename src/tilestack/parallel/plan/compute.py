@@ -50,7 +50,7 @@ class ComputeModel:
     source: str
     cores: int | None = None
     background: float = 0.0         # cores kept busy by other work on a shared CPU machine (busy_cores())
-    collective_delay: float = 0.0   # seconds the load there adds to each collective (LockstepProbe, sync_delays)
+    collective_s: float = 0.0       # seconds a scalar all-reduce over all ranks takes there, under load (LockstepProbe)
     p2p_delay: float = 0.0          # ... and to each point-to-point message (a pipeline stage's send)
 
     def overhead(self, name: str) -> float:
@@ -78,11 +78,13 @@ class ComputeModel:
     def optimizer_s(self, params: float, tensors: int) -> float:
         raise NotImplementedError
 
-    def set_load(self, slowdown: float, collective_delay: float, p2p_delay: float, world_size: int) -> None:
+    def set_load(self, slowdown: float, collective_s: float, p2p_delay: float, world_size: int) -> None:
         """Predict at the load that ``world_size`` ranks in lockstep read (lockstep_load, or a measured plan's
-        probes through sync_delays): the background cores that give ``slowdown``, the delays per synchronisation."""
+        probes through sync_delays): the background cores that give ``slowdown``, a collective's latency
+        (``collective_s``; predict charges a collective over n ranks what it takes beyond the fit's scalar
+        all-reduce at n), the delay per pipeline send."""
         self.background = background_of(slowdown, world_size, self.cores)
-        self.collective_delay, self.p2p_delay = collective_delay, p2p_delay
+        self.collective_s, self.p2p_delay = collective_s, p2p_delay
 
     def contention(self, ranks: int) -> float:
         """How much slower each rank computes when ``ranks`` processes, and other work keeping ``background``
@@ -129,8 +131,8 @@ class LockstepProbe:
     all-reduce of a scalar, then each ended by a point-to-point exchange of ``message_bytes`` (every rank sends to
     the next and receives from the previous, as pipeline stages do). With ``W`` the work's seconds at the slowed
     rate and ``c`` the seconds one synchronisation takes, one chunk takes ``W + c`` and ``syncs`` chunks
-    ``W + syncs c``, which gives W and c for each kind (``sync_delays`` turns c into what the load adds to an idle
-    transfer: ComputeModel.collective_delay, ComputeModel.p2p_delay)."""
+    ``W + syncs c``, which gives W and c for each kind (``sync_delays``: ComputeModel.collective_s as read, and
+    ComputeModel.p2p_delay, what the load adds to an idle send)."""
 
     matmuls: int
     idle_s: float
@@ -215,11 +217,11 @@ class LockstepProbe:
 
 def sync_delays(collective_s: float, p2p_s: float, comm: Any, world_size: int,
                 message_bytes: int = PROBE_MESSAGE_BYTES) -> tuple[float, float]:
-    """(collective delay s, p2p delay s): what the load adds to a synchronisation, the probe's seconds per
-    all-reduce of a scalar over ``world_size`` ranks and per exchange of ``message_bytes`` less their idle
-    transfer times in ``comm`` (ComputeModel.collective_delay, ComputeModel.p2p_delay)."""
-    return (max(collective_s - comm.time("all_reduce", FP32_BYTES, world_size), 0.0),
-            max(p2p_s - comm.time("p2p", message_bytes, 2), 0.0))
+    """(collective s, p2p delay s): the probe's seconds per scalar all-reduce over ``world_size`` ranks as read
+    (predict subtracts the idle fit of the group size each collective has: a 2-rank group among 4 processes on 2
+    cores waits as the 4-rank probe does, where the 2-process fit does not), and what the load adds to an
+    exchange of ``message_bytes`` beyond its idle transfer in ``comm`` (ComputeModel.set_load)."""
+    return max(collective_s, 0.0), max(p2p_s - comm.time("p2p", message_bytes, 2), 0.0)
 
 
 def _probe_rank(rank: int, world_size: int, probe: LockstepProbe, iters: int) -> list[tuple[float, float, float]]:
@@ -227,9 +229,9 @@ def _probe_rank(rank: int, world_size: int, probe: LockstepProbe, iters: int) ->
 
 
 def lockstep_load(world_size: int, comm: Any, *, iters: int = PROBE_ITERS) -> tuple[float, float, float]:
-    """(slowdown, collective delay s, p2p delay s) of ``world_size`` spawned gloo ranks in lockstep now: how much
-    slower they compute than one rank on an idle core, and what the load adds to each synchronisation
-    (LockstepProbe.reading, sync_delays; per run the slowest rank's, then the median over ``iters`` runs)."""
+    """(slowdown, collective s, p2p delay s) of ``world_size`` spawned gloo ranks in lockstep now: how much
+    slower they compute than one rank on an idle core, and what synchronising costs (LockstepProbe.reading,
+    sync_delays; per run the slowest rank's, then the median over ``iters`` runs)."""
     import statistics
 
     from tilestack.parallel.launch import run_local

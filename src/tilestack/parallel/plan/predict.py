@@ -15,7 +15,8 @@ after. Backward = backward + recompute (the whole forward again, or attention's 
 Stages pass b s d elements to their neighbours (point to point). After the pipeline: an all-reduce of the
 gradients over dp (DDP, or the Trainer's flat one), or for ZeRO-1 an all-reduce and ZeRO-2 a reduce-scatter,
 then an all-gather of the parameters; the optimizer runs on the rank's own elements. On a shared CPU every
-collective also costs ``compute.collective_delay`` and every pipeline send ``compute.p2p_delay`` (the ranks that
+collective also costs what the probe's scalar all-reduce (``compute.collective_s``) takes beyond the
+idle one of its group size, and every pipeline send ``compute.p2p_delay`` (the ranks that
 meet there wait for one that lost its core, or for a core to come back to; the lockstep probe measures both), so
 a plan pays them as often as its ranks meet: per block and micro-batch under tp, per micro-batch and stage edge
 under a pipeline (where the simulator puts the send on the critical path), per step for the data-parallel
@@ -229,11 +230,16 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
 
     def sync(kind: str, nbytes: float, n: int, stride: int = 1) -> float:
         """One collective (or a pipeline stage's send) over ``n`` ranks: its transfer, and on a shared CPU what the
-        load adds to it (compute.collective_delay, compute.p2p_delay: a rank may have lost its core, or waits for
-        one to come back to)."""
+        load adds to it (compute.collective_s beyond the idle scalar all-reduce of n ranks, compute.p2p_delay: a
+        rank may have lost its core, or waits for one to come back to)."""
         if n <= 1:
             return 0.0
-        delay = compute.p2p_delay if kind == "p2p" else compute.collective_delay
+        if kind == "p2p":
+            delay = compute.p2p_delay
+        else:
+            # the probe's scalar all-reduce over every rank, beyond the idle one of a group of n
+            delay = max(compute.collective_s - comm.time("all_reduce", FP32_BYTES, n), 0.0) if compute.collective_s \
+                else 0.0
         return comm.time(kind, nbytes, n, stride=stride) + delay
 
     def pipeline(slow: float):
