@@ -6,11 +6,19 @@ f32 scale per output channel (a row of W), applied to the f32 accumulator with t
     q, s = quantize_weight(w, "fp8")                  # q: (N, K) float8_e4m3fn
     y = quantized_linear(x, q, s, bias, x_scale=0.02) # fp8 weights and activations: x -> fp8 (x / x_scale)
 
-Weight-only (int8 or fp8): a W tile is loaded in 8 bits and widened to x's dtype in shared memory (exact:
-an int8 or an E4M3 value is a bf16 value), then multiplied on the matrix units as usual; the memory traffic of
-the weights halves against bf16. Weights and activations in fp8: x is quantized by ``quantize_fp8_kernel``
-(x / x_scale, clamped to +-448, rounded to E4M3) and both operands of the mma are fp8 (the H100/H200 fp8
-tensor cores, twice bf16's rate); the accumulator is scaled by x_scale * s[n].
+Kernels (each launch picks one; tile sizes are ``ts.tunable``, launch options default to Hopper's):
+
+- ``qgemm_wonly_kernel`` (weight-only int8 or fp8): computes Y^T = W X^T so that the W tile, widened to x's
+  dtype in registers (exact: an int8 or an E4M3 value is a bf16 value), is the mma's first operand, which the
+  tensor cores read from registers. As the second operand (``qgemm_kernel`` with a float X) the widened tile has
+  to be written back to shared memory each step, and Triton then waits for each mma before the next step's
+  conversion (measured 0.5-0.7x bf16 on the H200). The weights' memory traffic halves against bf16.
+- ``qgemm_act_kernel`` (fp8 weights and activations): loads x's tile in its own dtype, multiplies by 1 / x_scale
+  (the static per-tensor scale calibrated beforehand), clamps to +-448, rounds to E4M3 in registers
+  (``quantize_tile_fp8``) and feeds it with the fp8 W tile to the fp8 mma (H100/H200: twice bf16's rate);
+  the accumulator is scaled by x_scale * s[n]. No pass over x of its own.
+- ``qgemm_kernel``: activations already in fp8 (or weight-only, the slow form kept as the plain spelling);
+  ``quantize_fp8_kernel`` quantizes activations in a pass of their own for that.
 
 Programs walk the output in groups of GROUP_M block-rows, as ``tilestack.kernels.gemm``.
 """
@@ -31,15 +39,47 @@ def _grid(X, W, BM, BN):
     return (ts.cdiv(X.shape[0], BM) * ts.cdiv(W.shape[0], BN),)
 
 
-@ts.kernel(grid=_grid, options=dict(num_warps=8, num_stages=3))   # Triton's launch options by default
+def _grid_t(X, W, BM, BN):
+    return (ts.cdiv(W.shape[0], BN) * ts.cdiv(X.shape[0], BM),)
+
+
+def quantize_tile_fp8(q, x, inv_scale, BM: int, BN: int) -> None:
+    """q (BM, BN) f8e4m3 = E4M3(clamp(x * inv_scale, -448, 448)) for a tile x of any float dtype, rounded to
+    nearest even; NaN stays NaN (the comparisons are False for it, so neither bound replaces it). The static
+    per-tensor activation quantizer, shared by ``quantize_fp8_kernel`` and ``qgemm_act_kernel``."""
+    xf = ts.RegTile[ts.f32, BM, BN]()
+    out = ts.RegTile[ts.bool_, BM, BN]()
+    ts.copy(xf, x)
+    ts.mul(xf, xf, inv_scale)
+    ts.gt(out, xf, F8E4M3_MAX)                       # saturate: E4M3 has no infinity
+    ts.where(xf, out, F8E4M3_MAX, xf)
+    ts.lt(out, xf, -F8E4M3_MAX)
+    ts.where(xf, out, -F8E4M3_MAX, xf)
+    ts.copy(q, xf)
+
+
+def _scale_and_store(acc, S, Bias, R, Y, x_scale, i, j, *, activation, BM: int, BN: int) -> None:
+    """acc (BM, BN) f32 of tile (i, j) of X @ W^T -> Y: times S[n] and x_scale, then kernels.gemm's epilogue."""
+    s = ts.RegVec[ts.f32, BN]()
+    ts.load(s, S, at=(j,))                           # (BN,) per output channel
+    ts.mul_col(acc, acc, s)
+    ts.mul(acc, acc, x_scale)
+    epilogue(acc, Bias, R, i, j, activation=activation, BM=BM, BN=BN)
+    c = ts.RegTile[Y.dtype, BM, BN]()
+    ts.copy(c, acc)
+    ts.store(Y, c, at=(i, j))
+
+
+@ts.kernel(grid=_grid, options=dict(num_warps=8, num_stages=4))
 def qgemm_kernel(X, W, S, Bias, R, Y, x_scale: float, *,
                  BM: int = ts.tunable(128, (16, 32, 64, 128, 256)),
                  BN: int = ts.tunable(128, (16, 32, 64, 128, 256)),
-                 BK: int = ts.tunable(64, (16, 32, 64, 128)),
+                 BK: int = ts.tunable(128, (16, 32, 64, 128)),
                  GROUP_M: int = ts.tunable(8, (1, 4, 8, 16)),
                  HAS_BIAS: bool = False, HAS_RESIDUAL: bool = False, activation: str | None = None):
-    # X: (M, K) f32/bf16/f16, or fp8 when W is fp8 too; W: (N, K) int8 or fp8; S: (N,) f32; Bias: (N,), read
-    # only with HAS_BIAS; R: (M, N), read only with HAS_RESIDUAL; Y: (M, N).
+    # X: (M, K) fp8 (activations quantized beforehand) or f32/bf16/f16 (weight-only: W widened to X's dtype in
+    # the loop; ``qgemm_wonly_kernel`` is the fast form of that); W: (N, K) int8 or fp8; S: (N,) f32; Bias: (N,),
+    # read only with HAS_BIAS; R: (M, N), read only with HAS_RESIDUAL; Y: (M, N).
     # Y = activation(x_scale * (X @ W^T) * S[None, :] + Bias) + R: kernels.gemm's epilogue after the scales
     M, K = X.shape
     N = W.shape[0]
@@ -49,7 +89,7 @@ def qgemm_kernel(X, W, S, Bias, R, Y, x_scale: float, *,
     a = ts.SharedTile[X.dtype, BM, BK]()
     w = ts.SharedTile[W.dtype, BN, BK]()
     widen = X.dtype != W.dtype                       # weight-only: W widened to X's dtype before the mma
-    wx = ts.SharedTile[X.dtype, BN, BK]() if widen else w
+    wx = ts.RegTile[X.dtype, BN, BK]() if widen else w
     ts.zero(acc)
     for k in ts.range(ts.cdiv(K, BK)):
         ts.load(a, X, at=(i, k))                     # (BM, BK)
@@ -57,15 +97,82 @@ def qgemm_kernel(X, W, S, Bias, R, Y, x_scale: float, *,
         if widen:
             ts.copy(wx, w)
         ts.mma_ABt(acc, a, wx, acc)
+    _scale_and_store(acc, S, Bias if HAS_BIAS else None, R if HAS_RESIDUAL else None, Y, x_scale, i, j,
+                     activation=activation, BM=BM, BN=BN)
+
+
+@ts.kernel(grid=_grid, options=dict(num_warps=8, num_stages=4))
+def qgemm_act_kernel(X, W, S, Bias, R, Y, x_scale: float, inv_x_scale: float, *,
+                     BM: int = ts.tunable(128, (16, 32, 64, 128, 256)),
+                     BN: int = ts.tunable(256, (16, 32, 64, 128, 256)),
+                     BK: int = ts.tunable(64, (16, 32, 64, 128)),
+                     GROUP_M: int = ts.tunable(8, (1, 4, 8, 16)),
+                     HAS_BIAS: bool = False, HAS_RESIDUAL: bool = False, activation: str | None = None):
+    # fp8 weights and activations, the activations quantized in the loop (no pass of their own): X (M, K)
+    # f32/bf16/f16, each (BM, BK) tile loaded in its dtype, times inv_x_scale (1 / x_scale, the calibrated static
+    # per-tensor scale), clamped to +-448 and rounded to E4M3 in registers, then the fp8 x fp8 mma with W (N, K)
+    # fp8; S, Bias, R, Y and the epilogue as qgemm_kernel. A wide BN spreads the quantizing (BM x BK per step)
+    # over more mma work (BM x BN x BK). Defaults for sm_90a (Triton 3.6, bf16 X): 189 registers, no spills,
+    # 120 KiB of shared memory in 4 stages (BK = 128 needs 3 stages to fit: 176 KiB, 226 registers); the loop is
+    # QGMMA.64x256x32.F32.E4M3.E4M3 with the quantized tile as the register operand.
+    M, K = X.shape
+    N = W.shape[0]
+    i, j = grouped_tile(M, N, BM, BN, GROUP_M)
+
+    acc = ts.RegTile[ts.f32, BM, BN]()
+    a = ts.SharedTile[X.dtype, BM, BK]()
+    a8 = ts.RegTile[ts.f8e4m3, BM, BK]()
+    w = ts.SharedTile[W.dtype, BN, BK]()
+    ts.zero(acc)
+    for k in ts.range(ts.cdiv(K, BK)):
+        ts.load(a, X, at=(i, k))                     # (BM, BK) in X's dtype; zeros past the edges stay zeros
+        ts.load(w, W, at=(j, k))                     # (BN, BK) fp8, K-major
+        quantize_tile_fp8(a8, a, inv_x_scale, BM, BK)
+        ts.mma_ABt(acc, a8, w, acc)
+    _scale_and_store(acc, S, Bias if HAS_BIAS else None, R if HAS_RESIDUAL else None, Y, x_scale, i, j,
+                     activation=activation, BM=BM, BN=BN)
+
+
+@ts.kernel(grid=_grid_t, options=dict(num_warps=8, num_stages=4))
+def qgemm_wonly_kernel(X, W, S, Bias, RT, YT, *,
+                       BM: int = ts.tunable(128, (16, 32, 64, 128, 256)),
+                       BN: int = ts.tunable(128, (16, 32, 64, 128, 256)),
+                       BK: int = ts.tunable(64, (16, 32, 64, 128)),
+                       GROUP_M: int = ts.tunable(8, (1, 4, 8, 16)),
+                       HAS_BIAS: bool = False, HAS_RESIDUAL: bool = False, activation: str | None = None):
+    # Weight-only int8/fp8, computed transposed: YT (N, M) = activation((W * S[:, None]) @ X^T + Bias[:, None])
+    # + RT, with YT and RT the (N, M) views y.t() and r.t() of the (M, N) output and residual. The widened W tile
+    # is the mma's first operand, which may come from registers: converted there it goes straight to the tensor
+    # cores, where as the second operand it has to be written back to shared memory first, and the mma of one
+    # step cannot overlap the conversion of the next. W's BN rows are the mma's rows (64 per warpgroup), so a
+    # decode step's few rows of X fit a narrow BM. X: (M, K) f32/bf16/f16; W: (N, K) int8 or fp8; S: (N,) f32.
+    M, K = X.shape
+    N = W.shape[0]
+    j, i = grouped_tile(N, M, BN, BM, GROUP_M)
+
+    acc = ts.RegTile[ts.f32, BN, BM]()               # a tile of Y^T
+    a = ts.SharedTile[X.dtype, BM, BK]()
+    w = ts.SharedTile[W.dtype, BN, BK]()
+    wx = ts.RegTile[X.dtype, BN, BK]()
+    ts.zero(acc)
+    for k in ts.range(ts.cdiv(K, BK)):
+        ts.load(w, W, at=(j, k))                     # (BN, BK) 8-bit
+        ts.load(a, X, at=(i, k))                     # (BM, BK)
+        ts.copy(wx, w)                               # exact: int8 and E4M3 values are bf16 (and f16) values
+        ts.mma_ABt(acc, wx, a, acc)                  # (BN, BM) += W (BN, BK) @ X^T (BK, BM)
     s = ts.RegVec[ts.f32, BN]()
-    ts.load(s, S, at=(j,))                           # (BN,) per output channel
-    ts.mul_col(acc, acc, s)
-    ts.mul(acc, acc, x_scale)
-    epilogue(acc, Bias if HAS_BIAS else None, R if HAS_RESIDUAL else None, i, j, activation=activation,
-             BM=BM, BN=BN)
-    c = ts.RegTile[Y.dtype, BM, BN]()
+    ts.load(s, S, at=(j,))                           # (BN,) per output channel: a row of Y^T
+    ts.mul_row(acc, acc, s)
+    if HAS_BIAS:
+        b = ts.RegVec[Bias.dtype, BN]()
+        ts.load(b, Bias, at=(j,))
+        b32 = ts.RegVec[ts.f32, BN]()
+        ts.copy(b32, b)
+        ts.add_row(acc, acc, b32)
+    epilogue(acc, None, RT if HAS_RESIDUAL else None, j, i, activation=activation, BM=BN, BN=BM)
+    c = ts.RegTile[YT.dtype, BN, BM]()
     ts.copy(c, acc)
-    ts.store(Y, c, at=(i, j))
+    ts.store(YT, c, at=(j, i))
 
 
 @ts.kernel(grid=lambda X, BM, BN: (ts.cdiv(X.shape[0], BM), ts.cdiv(X.shape[1], BN)),
@@ -73,19 +180,13 @@ def qgemm_kernel(X, W, S, Bias, R, Y, x_scale: float, *,
 def quantize_fp8_kernel(X, Q, inv_scale: float, *,
                         BM: int = ts.tunable(32, (8, 16, 32, 64, 128)),
                         BN: int = ts.tunable(128, (32, 64, 128, 256))):
-    # Q = fp8(clamp(X * inv_scale, -448, 448)); X: (M, K) float, Q: (M, K) fp8 E4M3
+    # Q = fp8(clamp(X * inv_scale, -448, 448)); X: (M, K) float, Q: (M, K) fp8 E4M3. quantized_linear does this
+    # inside the GEMM (qgemm_act_kernel); this pass is for activations quantized once and used more than once.
     i, j = ts.block_id(0), ts.block_id(1)
-    x = ts.RegTile[ts.f32, BM, BN]()
-    xc = ts.RegTile[ts.f32, BM, BN]()
-    nan = ts.RegTile[ts.bool_, BM, BN]()
+    x = ts.RegTile[X.dtype, BM, BN]()
     q = ts.RegTile[ts.f8e4m3, BM, BN]()
     ts.load(x, X, at=(i, j))
-    ts.mul(x, x, inv_scale)
-    ts.min(xc, x, F8E4M3_MAX)                        # saturate: E4M3 has no infinity
-    ts.max(xc, xc, -F8E4M3_MAX)
-    ts.ne(nan, x, x)                                 # a GPU's min/max return the number beside a NaN:
-    ts.where(x, nan, x, xc)                          # keep NaN NaN
-    ts.copy(q, x)
+    quantize_tile_fp8(q, x, inv_scale, BM, BN)
     ts.store(Q, q, at=(i, j))
 
 
@@ -118,14 +219,28 @@ def activation_scale(amax: float) -> float:
     return float(amax) / F8E4M3_MAX if amax > 0 else 1.0
 
 
-def reference(x, q, scale, bias=None, x_scale=None, *, activation: str | None = None, residual=None):
-    """What ``quantized_linear`` computes, in float64 then rounded to x's dtype: the same fp8 rounding of x
-    (through torch's cast) when x_scale is given."""
+def inverse_scale(x_scale: float) -> float:
+    """1 / x_scale rounded to f32: the factor the kernels multiply activations by (an f32 argument on a GPU), so
+    that the reference and every backend quantize with the same number."""
+    import numpy as np
+
+    return float(np.float32(1.0 / float(x_scale)))
+
+
+def quantize_activation(x, x_scale: float):
+    """x (float) -> E4M3 x * inv_x_scale, clamped to +-448, NaN kept: what the kernels do to activations, by
+    torch (f32 product, then its round-to-nearest-even cast)."""
     import torch
 
+    return (x.float() * inverse_scale(x_scale)).clamp(-F8E4M3_MAX, F8E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def reference(x, q, scale, bias=None, x_scale=None, *, activation: str | None = None, residual=None):
+    """What ``quantized_linear`` computes, in float64 then rounded to x's dtype: the same fp8 rounding of x
+    (``quantize_activation``) when x_scale is given."""
     xf = x.double()
     if x_scale is not None:
-        xf = (x.float() / x_scale).clamp(-F8E4M3_MAX, F8E4M3_MAX).to(torch.float8_e4m3fn).double() * x_scale
+        xf = quantize_activation(x, x_scale).double() * x_scale
     y = xf @ (q.double() * scale.double()[:, None]).T
     if bias is not None:
         y = y + bias.double()
@@ -180,15 +295,13 @@ def quantized_linear(x, q, scale, bias=None, *, x_scale: float | None = None, ac
     y = torch.empty(x.shape[0], q.shape[0], dtype=x.dtype, device=x.device)
     if nothing_to_launch(y):
         return y
-    xin = x
-    if x_scale is not None and x.numel() == 0:        # K = 0: nothing to quantize; the epilogue still runs
-        xin = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    elif x_scale is not None:
-        xin = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-        quantize_fp8_kernel(x, xin, 1.0 / float(x_scale), backend=backend)
-    cfg = dict(config)
     # an absent bias or residual: scale stands in for it, never read (HAS_BIAS / HAS_RESIDUAL are False)
-    qgemm_kernel(xin, q, scale, scale if bias is None else bias, scale if residual is None else residual, y,
-                 float(x_scale or 1.0), backend=backend, HAS_BIAS=bias is not None,
-                 HAS_RESIDUAL=residual is not None, activation=activation, **cfg)
+    bias_arg = scale if bias is None else bias
+    flags = dict(HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, activation=activation)
+    if x_scale is not None:       # fp8 x fp8, x quantized inside the GEMM (K = 0: nothing to quantize)
+        qgemm_act_kernel(x, q, scale, bias_arg, scale if residual is None else residual, y, float(x_scale),
+                         inverse_scale(x_scale), backend=backend, **flags, **config)
+    else:                         # weight-only: Y^T = W X^T, the widened weight tile from registers
+        qgemm_wonly_kernel(x, q, scale, bias_arg, scale if residual is None else residual.t(), y.t(),
+                           backend=backend, **flags, **config)
     return y
