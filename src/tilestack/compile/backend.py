@@ -9,18 +9,21 @@ ops carry their own backward, so training graphs work too).
 
 Options (``options=``): ``check`` (bool: test every rewrite on random inputs first, and keep the original
 where the test fails), ``inner`` ("inductor", "aot_eager" or "eager"), ``passes`` (names, a subset of
-``PASSES``, run in PASSES' order whatever the order given); any other key is an Inductor config patch.
+``PASSES``, run in PASSES' order whatever the order given), ``min_rows`` and ``min_query_rows`` (the size
+thresholds below which a swap does not pay: ``tilestack.compile.policy``); any other key is an Inductor config
+patch.
 ``mode`` is Inductor's ("reduce-overhead" captures the result in CUDA graphs; "max-autotune").
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import torch
 from torch import fx
 
-from tilestack.compile import ops
+from tilestack.compile import ops, policy
 from tilestack.compile.patterns import LEFT_REASONS, PASSES, kind, op_name
 from tilestack.compile.report import Report, Swap
 from tilestack.compile.rewrite import apply_match, check_match, follow
@@ -43,8 +46,12 @@ def last_report() -> Report:
     return _reports[-1]
 
 
-def run_passes(gm: fx.GraphModule, *, passes=None, check: bool = False, inner: str = "inductor") -> Report:
-    """Rewrite ``gm`` in place with the named passes (all of ``PASSES`` by default) and say what happened."""
+def run_passes(gm: fx.GraphModule, *, passes=None, check: bool = False, inner: str = "inductor",
+               rule: policy.Policy | None = None) -> Report:
+    """Rewrite ``gm`` in place with the named passes (all of ``PASSES`` by default) and say what happened. Each
+    match is made only where it pays at the graph's static shapes (``rule``, default ``policy.current()``; see
+    ``tilestack.compile.policy``)."""
+    rule = rule or policy.current()
     chosen = list(PASSES) if passes is None else [passes] if isinstance(passes, str) else list(passes)
     unknown = [n for n in chosen if n not in PASSES]
     if unknown:
@@ -60,6 +67,11 @@ def run_passes(gm: fx.GraphModule, *, passes=None, check: bool = False, inner: s
         replaced: dict[fx.Node, fx.Node] = {}
         for m in matches:
             m = follow(m, replaced)
+            why = policy.unpaid(m, rule)
+            if why is not None:
+                report.declined.append((name, m.outputs[-1].name, f"does not pay: {why}"))
+                declined_nodes.update(dict.fromkeys(m.nodes, f"does not pay: {why}"))
+                continue
             verdict = check_match(gm, m) if check else None
             made = verdict is None or verdict.ok
             report.swaps.append(Swap(name, m.outputs[-1].name, m.what, "not run" if verdict is None else
@@ -87,9 +99,11 @@ def tilestack_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = 
     check = bool(options.pop("check", False))
     inner = options.pop("inner", "inductor")
     passes = options.pop("passes", None)
+    thresholds = {k: options.pop(k) for k in ("min_rows", "min_query_rows") if k in options}
+    rule = dataclasses.replace(policy.current(), **thresholds)
     if inner not in INNER:
         raise LaunchError(f"tilestack backend: options['inner']={inner!r}; expected one of {INNER}")
-    _reports.append(run_passes(gm, passes=passes, check=check, inner=inner))
+    _reports.append(run_passes(gm, passes=passes, check=check, inner=inner, rule=rule))
     if inner == "eager":
         return gm.forward
     if inner == "aot_eager":
@@ -102,10 +116,12 @@ def tilestack_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = 
 
 
 def optimize(model, *, mode: str | None = None, check: bool = False, inner: str = "inductor",
-             passes=None, dynamic: bool | None = None, fullgraph: bool = False, **inductor_options):
+             passes=None, dynamic: bool | None = None, fullgraph: bool = False, min_rows: int | None = None,
+             min_query_rows: int | None = None, **inductor_options):
     """``torch.compile(model, backend="tilestack", ...)``: the module (or function) compiled with the pattern
     passes, the rest by ``inner``. ``tilestack.compile.last_report()`` says what was swapped, after the first call
-    (Dynamo captures on the first call)."""
+    (Dynamo captures on the first call). ``min_rows`` / ``min_query_rows``: the thresholds of
+    ``tilestack.compile.policy`` for this compile (default: ``policy.current()``)."""
     if not (isinstance(model, torch.nn.Module) or callable(model)):
         raise LaunchError(f"optimize: model must be a torch.nn.Module or a function, got {type(model).__name__}")
     if inner not in INNER:
@@ -113,6 +129,9 @@ def optimize(model, *, mode: str | None = None, check: bool = False, inner: str 
     options = dict(inductor_options, check=check, inner=inner)
     if passes is not None:
         options["passes"] = tuple(passes)
+    thresholds = {k: v for k, v in (("min_rows", min_rows), ("min_query_rows", min_query_rows)) if v is not None}
+    dataclasses.replace(policy.current(), **thresholds)      # a bad threshold is refused here, not inside Dynamo
+    options |= thresholds
     return torch.compile(model, backend="tilestack", mode=mode, options=options, dynamic=dynamic,
                          fullgraph=fullgraph)
 

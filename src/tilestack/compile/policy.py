@@ -1,0 +1,104 @@
+"""When a swap pays: the rule the backend applies, by the static shapes in the FX graph, to every rewrite a pass
+finds before making it.
+
+    from tilestack.compile import policy
+    policy.unpaid(match)                                  # None, or why the swap would not pay at these shapes
+    with policy.override(min_rows=0, min_query_rows=0):   # every size swapped (tests of the passes on tiny shapes)
+        ...
+    tilestack.optimize(model, min_rows=256)               # per compile (also options={"min_rows": 256})
+
+Every swap makes an op an opaque custom-op call: a launch with its host cost (the op's dispatch and tilestack's
+launcher, microseconds), and a wall Inductor cannot fuse across, where it would otherwise fold the norms, the
+bias, the activation and the residual add into the kernels around them. With many rows the kernel's work hides
+both (prefill: 8 x 1024 rows); with few (a decode step of batch 32: 32 rows) the call costs more than the work,
+and Inductor's few fused kernels win (issue 14's first H200 run: GPT-2 decode 5.98 ms swapped against Inductor's
+4.02). The rule:
+
+- a row-wise op (``norm``, ``add_norm``, ``softmax``, ``linear_epilogue``) is swapped only with at least
+  ``MIN_ROWS`` rows (the product of its input's leading dims);
+- an attention (``sdpa``, ``explicit_attention``) only with at least ``MIN_QUERY_ROWS`` query rows per head
+  (the tilestack kernel's smallest query tile: with one query row per head, decode, it would compute one row of
+  a 64-row tile);
+- ``linear_cross_entropy`` at any size (it saves memory: the logits are never whole).
+
+A size the graph keeps symbolic (``dynamic=True``) is not judged: one compiled graph serves every size, and the
+swap is made. Declined swaps are in the report with the reason, as the passes' own refusals are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+
+import torch
+
+from tilestack.errors import LaunchError
+
+MIN_ROWS = 1024          # rows below which a row-wise swap costs more (a custom-op call) than its kernel saves
+MIN_QUERY_ROWS = 64      # query rows per head below which an attention swap does not pay (one query tile)
+ROW_WISE = ("norm", "add_norm", "softmax", "linear_epilogue")
+ATTENTION = ("sdpa", "explicit_attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    min_rows: int = MIN_ROWS
+    min_query_rows: int = MIN_QUERY_ROWS
+
+    def __post_init__(self):
+        for name in ("min_rows", "min_query_rows"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise LaunchError(f"tilestack backend: {name}={v!r}; expected an int >= 0")
+
+
+_current = Policy()
+
+
+def current() -> Policy:
+    """The policy a compile uses unless its options name thresholds."""
+    return _current
+
+
+@contextlib.contextmanager
+def override(**thresholds):
+    """Within the block, compiles use these thresholds (``min_rows``, ``min_query_rows``) by default."""
+    global _current
+    before = _current
+    _current = dataclasses.replace(before, **thresholds)
+    try:
+        yield _current
+    finally:
+        _current = before
+
+
+def _static(n) -> int | None:
+    return n if type(n) is int else None
+
+
+def rows(t) -> int | None:
+    """The rows of a row-wise op's input (the product of its leading dims), None if any is symbolic."""
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return None
+    dims = [_static(d) for d in t.shape[:-1]]
+    return None if any(d is None for d in dims) else math.prod(dims)
+
+
+def unpaid(match, policy: Policy | None = None) -> str | None:
+    """Why ``match`` (a ``patterns.Match``) would cost more than it saves at its static shapes, or None."""
+    from tilestack.compile.patterns import value
+
+    policy = policy or _current
+    x = value(match.inputs[0]) if match.inputs else None
+    if match.pattern in ATTENTION and isinstance(x, torch.Tensor) and x.dim() >= 2:
+        n = _static(x.shape[-2])                          # q (B, H, N, D): query rows per head
+        if n is not None and n < policy.min_query_rows:
+            return (f"{n} query row(s) per head < min_query_rows={policy.min_query_rows} (a decode step: the kernel "
+                    "would fill one query tile with it; Inductor's attention takes it without a custom-op call)")
+    elif match.pattern in ROW_WISE:
+        r = rows(x)
+        if r is not None and r < policy.min_rows:
+            return (f"{r} rows < min_rows={policy.min_rows} (a custom-op call costs more than the kernel saves at "
+                    "this size, and Inductor fuses the op with its neighbours)")
+    return None
