@@ -22,7 +22,9 @@ Cases:
   weight-only (``int8-w``: qgemm_wonly_kernel, Y^T = W X^T; ``int8-w-direct``: qgemm_kernel, the form before), fp8
   weight-only, fp8 weights and activations (``fp8-act``: quantized_linear, the activations quantized inside the
   GEMM by qgemm_act_kernel; ``fp8-act-two-pass``: a quantizing pass, then the fp8 x fp8 GEMM, the form before;
-  ``fp8-act-gemm-only``: that GEMM alone on activations already in fp8).
+  ``fp8-act-gemm-only``: that GEMM alone on activations already in fp8); on a GPU also ``fp8-act-gluon`` and
+  ``fp8-act-gluon-ws``, the in-GEMM quantizing kernel on the Gluon backend, persistent or with warp roles.
+  ``--gemm-variants`` picks some (bf16-torch, the baseline, always runs).
 - ``epilogue``: GPT-2 small's MLP layers at M = 8 x 1024 rows, c_fc + bias + GELU (tanh) and c_proj + bias +
   residual add, and c_fc + GELU at 32 rows (decode): torch eager, Inductor, tilestack's GEMM with the epilogue
   in torch, tilestack's GEMM with the epilogue fused, and the tilestack backend's rewrite of the eager code
@@ -67,6 +69,9 @@ QUICK_VARIANTS = ("eager", "inductor", "tilestack", "tilestack-int8")
 QUANT_VARIANTS = {"tilestack-int8": "int8", "tilestack-fp8-act": "fp8-act"}
 GEMM_VARIANTS = ("bf16-torch", "bf16-tilestack", "int8-w", "int8-w-direct", "fp8-w", "fp8-act", "fp8-act-two-pass",
                  "fp8-act-gemm-only")
+GLUON_GEMM_VARIANTS = {"fp8-act-gluon": dict(persistent=True),          # the same kernel on the Gluon backend (a
+                       "fp8-act-gluon-ws": dict(warp_specialize=True)}  # Hopper GPU only): persistent / warp roles
+FP8_BAR_VARIANTS = ("fp8-act", "fp8-act-gluon", "fp8-act-gluon-ws", "fp8-gemm-best")
 EPILOGUE_VARIANTS = ("torch-eager", "inductor", "tilestack-unfused", "tilestack-fused", "tilestack-backend")
 OUT_TOL = 1e-2            # bf16 outputs against eager: ||out - eager|| / ||eager|| (norm-relative; docs/inference.md)
 SPEEDUP_EAGER = 1.3
@@ -290,9 +295,11 @@ def _fp8_two_pass(x, q, s, x_scale):
     return y
 
 
-def run_gemm_case(quick: bool, sweep: bool = False) -> list[dict]:
-    """Per GPT-2 linear shape, each variant's time; with ``sweep`` also the best config of SWEEP for the fp8
-    weights-and-activations GEMM (qgemm_act_kernel, the activations quantized in its loop)."""
+def run_gemm_case(quick: bool, sweep: bool = False, variants=None) -> list[dict]:
+    """Per GPT-2 linear shape, each variant's time (``variants``: names from GEMM_VARIANTS and, on a GPU,
+    GLUON_GEMM_VARIANTS; None: all; bf16-torch, the baseline, always runs); with ``sweep`` also the best config of
+    SWEEP for the fp8 weights-and-activations GEMM (qgemm_act_kernel, the activations quantized in its loop). A
+    variant that fails gives a row with its error; the others still run."""
     from tilestack.kernels import gemm
     from tilestack.perf.timing import time_fn
     from tilestack.quant import quantize_weight, quantized_linear
@@ -330,12 +337,21 @@ def run_gemm_case(quick: bool, sweep: bool = False) -> list[dict]:
             "fp8-act-two-pass": P(_fp8_two_pass, x, qf, sf, xs),
             "fp8-act-gemm-only": P(qgemm_kernel, xq, qf, sf, sf, sf, yq, xs),   # writes yq, returns None
         }
+        if device == "cuda":
+            fns |= {v: P(quantized_linear, x, qf, sf, x_scale=xs, backend="gluon", **opts)
+                    for v, opts in GLUON_GEMM_VARIANTS.items()}
+        fns = {v: f for v, f in fns.items() if variants is None or v in variants or v == "bf16-torch"}
         base = None
         for variant, fn in fns.items():
-            out = fn()
-            out = yq if out is None else out
-            err, norm_err = output_errors(out, want)
-            t = time_fn(fn, args_sets=[()], budget_s=1.0 if quick else 2.0, device=device)
+            try:
+                out = fn()
+                out = yq if out is None else out
+                err, norm_err = output_errors(out, want)
+                t = time_fn(fn, args_sets=[()], budget_s=1.0 if quick else 2.0, device=device)
+            except Exception as e:   # one variant's failure (a backend that cannot take it) must not hide the rest
+                rows.append(dict(case="gemm", variant=variant, shape=f"{name} {M}x{K}x{N}",
+                                 error=f"{type(e).__name__}: {str(e)[:300]}"))
+                continue
             base = t.median_s if variant == "bf16-torch" else base
             rows.append(dict(case="gemm", variant=variant, shape=f"{name} {M}x{K}x{N}", latency_ms=t.median_s * 1e3,
                              tflops=2 * M * N * K / t.median_s / 1e12, speedup_vs_bf16=base / t.median_s,
@@ -436,14 +452,15 @@ def run_epilogue_case(quick: bool) -> list[dict]:
 
 
 # ---- the driver ---------------------------------------------------------------------------------------------------
-def worker(case: str, variant: str, quick: bool, passes=None, sweep: bool = False, policy=None) -> list[dict]:
+def worker(case: str, variant: str, quick: bool, passes=None, sweep: bool = False, policy=None,
+           gemm_variants=None) -> list[dict]:
     from tilestack import config
 
     if quick:   # tilestack's kernels on CPU tensors: the reference executor (the backend swaps only then)
         config.knobs.backend = "reference"
     try:
         if case == "gemm":
-            return run_gemm_case(quick, sweep)
+            return run_gemm_case(quick, sweep, gemm_variants)
         if case == "epilogue":
             return run_epilogue_case(quick)
         return [run_model_case(case, variant, quick, passes, policy)]
@@ -465,7 +482,7 @@ def print_results(rows: list[dict]) -> None:
         print(f"\n== {case}")
         for r in (r for r in rows if r["case"] == case):
             if "error" in r:
-                print(f"  {r['variant']:<26} ERROR {r['error']}")
+                print(f"  {r.get('shape', '')} {r['variant']:<26} ERROR {r['error']}")
             elif case == "gemm":
                 print(f"  {r['shape']:<28} {r['variant']:<18} {r['latency_ms']:8.3f} ms {r['tflops']:7.1f} TFLOP/s "
                       f"x{r['speedup_vs_bf16']:.2f} vs bf16  {_errs(r)} {r.get('note', '')}")
@@ -507,11 +524,15 @@ def check_bars(rows: list[dict]) -> list[str]:
             lines.append(f"epilogue {shape}: tilestack-fused {got['inductor'] / got['tilestack-fused']:.2f}x "
                          f"Inductor, {got['torch-eager'] / got['tilestack-fused']:.2f}x eager (no bar: a measure)")
     for r in rows:
-        if r["case"] == "gemm" and r.get("variant") in ("fp8-act", "fp8-gemm-best"):
+        if r["case"] == "gemm" and r.get("variant") in FP8_BAR_VARIANTS and "error" not in r:
             s = r["speedup_vs_bf16"]
             lines.append(f"gemm {r['shape']}: {r['variant']} {s:.2f}x bf16 "
                          f"({'ok' if s >= FP8_SPEEDUP else 'MISSED'}, bar {FP8_SPEEDUP}x)")
     return lines
+
+
+def _gemm_variants(a) -> list[str] | None:
+    return a.gemm_variants.split(",") if a.gemm_variants else None
 
 
 def _policy(a) -> dict:
@@ -539,16 +560,19 @@ def main(argv=None) -> int:
                     "MIN_ROWS by default; 0 under --quick): row-wise ops with fewer rows stay with Inductor")
     ap.add_argument("--min-query-rows", type=int, default=None, help="the backend's query-rows-per-head threshold "
                     "for attention (policy.MIN_QUERY_ROWS by default; 0 under --quick)")
+    ap.add_argument("--gemm-variants", default=None, help="the gemm case's variants, comma-separated (default: all "
+                    f"of {GEMM_VARIANTS + tuple(GLUON_GEMM_VARIANTS)}; bf16-torch always runs, as the baseline)")
     ap.add_argument("--worker", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         passes = a.passes.split(",") if a.passes else None
         print("RESULT " + json.dumps(worker(a.worker[0], a.worker[1], a.quick, passes, a.gemm_sweep,
-                                            _policy(a))))
+                                            _policy(a), _gemm_variants(a))))
         return 0
     cases = [c for c in a.cases.split(",") if c]
     variants = a.variants.split(",") if a.variants else list(QUICK_VARIANTS if a.quick else VARIANTS)
-    bad = [c for c in cases if c not in CASES] + [v for v in variants if v not in VARIANTS]
+    bad = [c for c in cases if c not in CASES] + [v for v in variants if v not in VARIANTS] + [
+        v for v in (_gemm_variants(a) or []) if v not in GEMM_VARIANTS and v not in GLUON_GEMM_VARIANTS]
     if bad:
         ap.error(f"unknown cases or variants {bad}; cases: {CASES}, variants: {VARIANTS}")
     jobs = [(c, v) for c in cases for v in (["-"] if c in KERNEL_CASES else variants)
@@ -563,12 +587,12 @@ def main(argv=None) -> int:
         print(f"[bench_inference] {case} {variant}", file=sys.stderr, flush=True)
         if a.in_process:
             rows += worker(case, variant, a.quick, a.passes.split(",") if a.passes else None, a.gemm_sweep,
-                           _policy(a))
+                           _policy(a), _gemm_variants(a))
             continue
         cmd = [sys.executable, __file__, "--worker", case, variant] + (["--quick"] if a.quick else []) + (
             ["--passes", a.passes] if a.passes else []) + (["--gemm-sweep"] if a.gemm_sweep else []) + [
             f"--{k.replace('_', '-')}={v}" for k, v in (("min_rows", a.min_rows), ("min_query_rows", a.min_query_rows))
-            if v is not None]
+            if v is not None] + (["--gemm-variants", a.gemm_variants] if a.gemm_variants else [])
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
         except subprocess.TimeoutExpired:

@@ -63,3 +63,10 @@ def test_bars_use_the_norm_relative_error():
     assert "||d||/||eager|| 4.0e-03 (ok, bar 0.01); max|d|/max|eager| 1.2e-02 (Inductor's 1.2e-02; no bar)" in bars
     rows[2]["norm_rel_err"] = 2e-2
     assert "2.0e-02 (MISSED" in "\n".join(bench.check_bars(rows))
+
+
+def test_gemm_case_picks_variants_and_keeps_the_baseline():
+    bench = _script()
+    rows = bench.run_gemm_case(quick=True, variants=["fp8-act"])
+    assert {r["variant"] for r in rows} == {"bf16-torch", "fp8-act"}
+    assert all("error" not in r and r["norm_rel_err"] < 0.1 for r in rows), rows
