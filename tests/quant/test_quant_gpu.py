@@ -43,3 +43,22 @@ def test_quantize_fp8_kernel_cuda_matches_torch_cast():
     want = (x * 0.5).clamp(-448, 448).to(torch.float8_e4m3fn)
     torch.testing.assert_close(q.float(), want.float(), rtol=0, atol=0, equal_nan=True)
     assert q[7, 11].float().isnan()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_act_gemm_quantizes_as_torch_casts_cuda(dtype):
+    """qgemm_act_kernel's in-register quantizer on the GPU (cvt.rn.satfinite) against torch's cast of
+    x * f32(1 / x_scale): through an identity W the GEMM returns the E4M3 values times x_scale; +-1e4 saturate."""
+    if not _fp8_capable():
+        pytest.skip("fp8 needs compute capability 8.9+")
+    from tilestack.quant.gemm import inverse_scale, qgemm_act_kernel, quantize_activation
+
+    torch.manual_seed(1)
+    K, x_scale = 128, 0.037
+    x = torch.cat([torch.randn(300, K) * 5, torch.full((1, K), 1e4), torch.full((1, K), -1e4)]).to(dtype).cuda()
+    eye = torch.eye(K, device="cuda").to(torch.float8_e4m3fn)
+    ones = torch.ones(K, device="cuda")
+    y = torch.empty(x.shape[0], K, device="cuda")
+    qgemm_act_kernel(x, eye, ones, ones, ones, y, x_scale, inverse_scale(x_scale))
+    want = quantize_activation(x, x_scale).float() * x_scale
+    torch.testing.assert_close(y, want, rtol=1e-6, atol=0)

@@ -4,7 +4,7 @@ f32 scale per output channel (a row of W), applied to the f32 accumulator with t
     q, s = quantize_weight(w, "int8")                 # w: (N, K) float -> q: (N, K) int8, s: (N,) f32
     y = quantized_linear(x, q, s, bias)               # weight-only: x (M, K) f32/bf16/f16 -> (M, N), x's dtype
     q, s = quantize_weight(w, "fp8")                  # q: (N, K) float8_e4m3fn
-    y = quantized_linear(x, q, s, bias, x_scale=0.02) # fp8 weights and activations: x -> fp8 (x / x_scale)
+    y = quantized_linear(x, q, s, bias, x_scale=0.02) # fp8 weights and activations: x -> fp8(x * (1 / x_scale))
 
 Kernels (each launch picks one; tile sizes are ``ts.tunable``, launch options default to Hopper's):
 
