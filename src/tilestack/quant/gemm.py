@@ -59,11 +59,11 @@ def quantize_tile_fp8(q, x, inv_scale, BM: int, BN: int) -> None:
 
 
 def _scale_and_store(acc, S, Bias, R, Y, x_scale, i, j, *, activation, BM: int, BN: int) -> None:
-    """acc (BM, BN) f32 of tile (i, j) of X @ W^T -> Y: times S[n] and x_scale, then kernels.gemm's epilogue."""
+    """acc (BM, BN) f32 of tile (i, j) of X @ W^T -> Y: times x_scale * S[n], then kernels.gemm's epilogue."""
     s = ts.RegVec[ts.f32, BN]()
     ts.load(s, S, at=(j,))                           # (BN,) per output channel
+    ts.mul(s, s, x_scale)                            # x_scale * S[n] once per column: one multiply per acc element
     ts.mul_col(acc, acc, s)
-    ts.mul(acc, acc, x_scale)
     epilogue(acc, Bias, R, i, j, activation=activation, BM=BM, BN=BN)
     c = ts.RegTile[Y.dtype, BM, BN]()
     ts.copy(c, acc)
