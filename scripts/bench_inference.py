@@ -275,12 +275,12 @@ SWEEP = [dict(BM=bm, BN=bn, BK=bk, num_warps=nw, num_stages=ns) for bm in (64, 1
 
 
 def _weight_only_direct(x, q, s):
-    """Weight-only through qgemm_kernel (the form before qgemm_wonly_kernel): the widened W tile is the mma's second
-    operand, written back to shared memory each step."""
+    """Weight-only through qgemm_kernel, as the first H200 run measured it (its config then: 128 x 128 x 64, 3 stages,
+    8 warps): the widened W tile is the mma's second operand, written back to shared memory each step."""
     from tilestack.quant.gemm import qgemm_kernel
 
     y = torch.empty(x.shape[0], q.shape[0], device=x.device, dtype=x.dtype)
-    qgemm_kernel(x, q, s, s, s, y, 1.0)
+    qgemm_kernel(x, q, s, s, s, y, 1.0, **({} if x.device.type == "cpu" else dict(BK=64, num_stages=3)))
     return y
 
 
