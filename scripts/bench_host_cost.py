@@ -93,18 +93,76 @@ def attention_cases(rows: list) -> None:
                              "vs_flash": us / res["sdpa-flash"] if "sdpa-flash" in res else None})
 
 
+def _torch_rotary(q, k, cos, sin):
+    """Rotate-half RoPE as a PyTorch model writes it (the Llama reference code's form)."""
+    def rot(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        c = torch.cat((cos, cos), -1)[None, :, None, :].to(x.dtype)
+        s = torch.cat((sin, sin), -1)[None, :, None, :].to(x.dtype)
+        return x * c + torch.cat((-x2, x1), -1) * s
+    return rot(q), rot(k)
+
+
 def library_cases(rows: list) -> None:
-    a = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16)
-    w = torch.ones(1024, device="cuda", dtype=torch.bfloat16)
-    b = torch.zeros(1024, device="cuda", dtype=torch.bfloat16)
+    """Every other op of the library against what a PyTorch model calls for it, at a small size where the host
+    cost is what a call costs: forward alone (no grad) and forward + backward through autograd."""
+    from tilestack.torch import ops
+
+    dev, bf = "cuda", torch.bfloat16
+    a = torch.randn(256, 256, device=dev, dtype=bf)
+    x = torch.randn(64, 1024, device=dev, dtype=bf)
+    w = torch.ones(1024, device=dev, dtype=bf)
+    b = torch.zeros(1024, device=dev, dtype=bf)
     pairs = {"gemm(256^3)": (lambda: kernels.gemm(a, a), lambda: a @ a),
              "softmax(64x1024)": (lambda: kernels.softmax(x), lambda: torch.softmax(x, -1)),
              "layer_norm(64x1024)": (lambda: kernels.layer_norm(x, w, b), lambda: F.layer_norm(x, (1024,), w, b))}
     for case, (ours, theirs) in pairs.items():
-        t_ours, t_torch = per_call_us(ours), per_call_us(theirs)
-        rows.append({"case": case, "mode": "fwd", "impl": "tilestack", "us": t_ours, "vs_torch": t_ours / t_torch})
-        rows.append({"case": case, "mode": "fwd", "impl": "torch", "us": t_torch, "vs_torch": 1.0})
+        _pair(rows, case, "fwd", ours, theirs)
+
+    # the ops of a training step (tilestack.torch.ops), each with its gradient, at (B, N) = (4, 16)
+    def leaf(*shape, dtype=bf):
+        return torch.randn(*shape, device=dev, dtype=dtype).requires_grad_()
+
+    h, r = leaf(4, 16, 1024), leaf(4, 16, 1024)
+    wl, bl = leaf(1024), leaf(1024)
+    gu = leaf(4, 16, 2 * 1024)
+    q, k = leaf(4, 16, 8, 64), leaf(4, 16, 2, 64)
+    cos, sin = kernels.rotary_tables(16, 64, device=dev)
+    xe, we = leaf(64, 256), leaf(1000, 256)
+    labels = torch.randint(0, 1000, (64,), device=dev)
+    step_ops = {
+        "layer_norm(4x16x1024)": (lambda: ops.layer_norm(h, wl, bl), lambda: F.layer_norm(h, (1024,), wl, bl)),
+        "add_layer_norm(4x16x1024)": (lambda: ops.add_layer_norm(h, r, wl, bl),
+                                      lambda: (F.layer_norm(h + r, (1024,), wl, bl), h + r)),
+        "rms_norm(4x16x1024)": (lambda: ops.rms_norm(h, wl), lambda: F.rms_norm(h, (1024,), wl)),
+        "add_rms_norm(4x16x1024)": (lambda: ops.add_rms_norm(h, r, wl),
+                                    lambda: (F.rms_norm(h + r, (1024,), wl), h + r)),
+        "swiglu(4x16x2048)": (lambda: ops.swiglu(gu), lambda: F.silu(gu[..., :1024]) * gu[..., 1024:]),
+        "rotary(4x16x8|2x64)": (lambda: ops.rotary(q, k, cos, sin), lambda: _torch_rotary(q, k, cos, sin)),
+        "linear+cross_entropy(64x256, V=1000)": (lambda: ops.fused_linear_cross_entropy(xe, we, labels),
+                                                 lambda: F.cross_entropy((xe @ we.T).float(), labels)),
+    }
+    for case, (ours, theirs) in step_ops.items():
+        def fwd(f):
+            def call():
+                with torch.no_grad():
+                    f()
+            return call
+
+        def fwd_bwd(f):
+            def call():
+                out = f()
+                outs = out if isinstance(out, tuple) else (out,)
+                torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+            return call
+        _pair(rows, case, "fwd", fwd(ours), fwd(theirs))
+        _pair(rows, case, "fwd+bwd", fwd_bwd(ours), fwd_bwd(theirs))
+
+
+def _pair(rows: list, case: str, mode: str, ours, theirs) -> None:
+    t_ours, t_torch = per_call_us(ours), per_call_us(theirs)
+    rows.append({"case": case, "mode": mode, "impl": "tilestack", "us": t_ours, "vs_torch": t_ours / t_torch})
+    rows.append({"case": case, "mode": mode, "impl": "torch", "us": t_torch, "vs_torch": 1.0})
 
 
 def graph_and_compile_checks() -> dict:
@@ -207,11 +265,11 @@ def main() -> None:
         traceback.print_exc()
         checks = {"error": f"{type(e).__name__}: {e}"[:2000]}
     print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}")
-    print(f"{'case':<28}{'mode':<9}{'impl':<14}{'us/call':>9}{'ratio':>8}")
+    print(f"{'case':<38}{'mode':<9}{'impl':<14}{'us/call':>9}{'ratio':>8}")
     for r in rows:
         ratio = r.get("vs_flash", r.get("vs_torch"))
         shown = "" if ratio is None else f"{ratio:8.2f}"
-        print(f"{r['case']:<28}{r['mode']:<9}{r['impl']:<14}{r['us']:>9.1f}{shown}")
+        print(f"{r['case']:<38}{r['mode']:<9}{r['impl']:<14}{r['us']:>9.1f}{shown}")
     print(checks)
     if args.json:
         with open(args.json, "w") as f:

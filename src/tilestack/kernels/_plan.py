@@ -10,8 +10,9 @@
             return y
         return run
 
-The plan is keyed by ``plan_key``: per tensor its dtype, shape, strides, device and address alignment (what a
-kernel launch is specialized for), per other argument its value. A repeated call costs the key, one dictionary
+The plan is keyed by ``plan_key``: per tensor its dtype, shape, strides, device, address alignment (what a
+kernel launch is specialized for) and whether it requires grad (what an ``out=`` check depends on), per other
+argument its value. A repeated call costs the key, one dictionary
 lookup and what ``run`` does. Arguments the key cannot hold (unhashable ones) take the planned way every time.
 """
 
@@ -28,11 +29,11 @@ from tilestack.lang.kernel import remember
 
 def plan_key(args: tuple, kwargs: dict) -> tuple:
     """What a plan depends on (module docstring); a TypeError for an argument that cannot be a key."""
-    return (tuple((a.dtype, a.shape, a.stride(), a.device, a.data_ptr() % 16 == 0)
+    return (tuple((a.dtype, a.shape, a.stride(), a.device, a.data_ptr() % 16 == 0, a.requires_grad)
                   if isinstance(a, torch.Tensor) else a for a in args),
-            tuple((k, (v.dtype, v.shape, v.stride(), v.device, v.data_ptr() % 16 == 0)
+            tuple((k, (v.dtype, v.shape, v.stride(), v.device, v.data_ptr() % 16 == 0, v.requires_grad)
                    if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()),
-            knobs.backend, knobs.triton_interpret)
+            knobs.backend, knobs.triton_interpret, torch.is_grad_enabled())
 
 
 def planned(plan: Callable) -> Callable:
@@ -52,4 +53,28 @@ def planned(plan: Callable) -> Callable:
         return run(*args, **kwargs)
 
     call.plans = cache
+    return call
+
+
+def checked_once(check: Callable) -> Callable:
+    """Decorator: ``check(*args, **kwargs)`` (raising on bad input, returning nothing) runs once per
+    ``plan_key``; a signature that passed once passes again without running it. For the argument checks of a
+    public function whose launch is planned elsewhere (a wrapper of several planned kernels)."""
+    passed: dict = {}
+
+    @functools.wraps(check)
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling():   # traced into a graph: the check is traced with it, once
+            return check(*args, **kwargs)
+        try:
+            key = plan_key(args, kwargs)
+            if key in passed:
+                return
+        except (TypeError, RuntimeError, NotImplementedError):   # unhashable; a tensor without storage: every time
+            key = None
+        check(*args, **kwargs)
+        if key is not None:
+            remember(passed, key, True)
+
+    call.passed = passed
     return call

@@ -28,6 +28,7 @@ import math
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.kernels._checks import check_same_device, check_tensor
+from tilestack.kernels._plan import checked_once
 from tilestack.tune.lookup import launch_config
 
 LOG2E = math.log2(math.e)
@@ -118,7 +119,9 @@ def reference(x, weight, labels, ignore_index: int = IGNORE_INDEX):
     return loss.detach(), dx.to(x.dtype), dw.to(weight.dtype)
 
 
+@checked_once
 def check_ce_args(fn: str, x, weight, labels, ignore_index) -> None:
+    """Every check on the arguments, before any work (once per signature: shapes, dtypes, devices)."""
     import torch
 
     floats = (torch.float32, torch.bfloat16, torch.float16)

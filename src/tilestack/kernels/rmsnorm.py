@@ -21,6 +21,7 @@ import math
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.kernels._checks import check_same_device, check_tensor
+from tilestack.kernels._plan import checked_once, planned
 from tilestack.kernels.layernorm_bwd import check_norm_bwd_args, norm_backward
 from tilestack.kernels.softmax import resolve_row_config
 
@@ -141,8 +142,9 @@ def reference(x, weight, eps: float = 1e-6):
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
 
 
+@checked_once
 def check_norm_args(fn: str, x, weight, eps, *, bias=None, residual=None) -> None:
-    """Every check on a norm forward's inputs, before any work."""
+    """Every check on a norm forward's inputs, before any work (once per signature)."""
     import torch
 
     floats = (torch.float32, torch.bfloat16, torch.float16)
@@ -165,27 +167,56 @@ def check_norm_args(fn: str, x, weight, eps, *, bias=None, residual=None) -> Non
 
 def norm_forward(x, weight, bias, residual, eps: float, *, backend: str | None, config: dict):
     """(y, h or None, mean or None, rstd) after the checks: layer norm if ``bias`` is given (with ``residual``
-    only), else RMS norm, of x (+ residual)."""
+    only), else RMS norm, of x (+ residual). The config and the launcher are planned once per launch signature."""
+    return _planned_forward(x, weight, bias, residual, eps, backend, tuple(config.items()))
+
+
+@planned
+def _planned_forward(x, weight, bias, residual, eps, backend: str | None, config: tuple):
+    """The plan of ``norm_forward``: the config and the launcher; ``run`` allocates and launches."""
     import torch
 
     centered = bias is not None
-    y = torch.empty_like(x)
-    rstd = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    m, n = x.shape
     if x.numel() == 0:   # nothing to launch: no rows, or rows of width 0 (mean 0, rstd NaN, as torch's norms)
-        h = None if residual is None else x + residual
-        rstd.fill_(math.nan)
-        return y, h, (torch.zeros_like(rstd) if centered else None), rstd
+        def empty(x, weight, bias, residual, *_):
+            y = torch.empty_like(x)
+            rstd = torch.full((m,), math.nan, dtype=torch.float32, device=x.device)
+            h = None if residual is None else x + residual
+            return y, h, (torch.zeros_like(rstd) if centered else None), rstd
+        return empty
+
+    def stats(x):
+        return torch.empty(m, dtype=torch.float32, device=x.device)
+
     if residual is None:
-        cfg = resolve_row_config("rms_norm", x.shape[1], x.device.type, config, x=x)
-        rms_norm_kernel(x, weight, y, rstd, float(eps), backend=backend, **cfg)
-        return y, None, None, rstd
-    h = torch.empty_like(x)
-    mean = torch.empty_like(rstd) if centered else None
+        cfg = resolve_row_config("rms_norm", n, x.device.type, dict(config), x=x)
+        y, rstd = torch.empty_like(x), stats(x)
+        launch = rms_norm_kernel.launcher_for((x, weight, y, rstd, float(eps)), backend, **cfg)
+
+        def run_rms(x, weight, bias, residual, eps, *_):
+            y, rstd = torch.empty_like(x), stats(x)
+            launch((x, weight, y, rstd, float(eps)))
+            return y, None, None, rstd
+        return run_rms
+
     fn = "add_layer_norm" if centered else "add_rms_norm"
-    cfg = resolve_row_config(fn, x.shape[1], x.device.type, config, x=x)
-    norm_fwd_kernel(x, residual, weight, bias if centered else weight, y, h, mean if centered else rstd, rstd,
-                    float(eps), CENTERED=centered, backend=backend, **cfg)
-    return y, h, mean, rstd
+    cfg = resolve_row_config(fn, n, x.device.type, dict(config), x=x)
+
+    def args(x, weight, bias, residual, eps):
+        y, h, rstd = torch.empty_like(x), torch.empty_like(x), stats(x)
+        mean = stats(x) if centered else None
+        # RMS norm's kernel reads no bias and writes no mean: any tensor of the right kind stands in for them
+        return (x, residual, weight, bias if centered else weight, y, h, mean if centered else rstd, rstd,
+                float(eps)), (y, h, mean, rstd)
+
+    launch = norm_fwd_kernel.launcher_for(args(x, weight, bias, residual, eps)[0], backend, CENTERED=centered, **cfg)
+
+    def run_add(x, weight, bias, residual, eps, *_):
+        kargs, outs = args(x, weight, bias, residual, eps)
+        launch(kargs)
+        return outs
+    return run_add
 
 
 def rms_norm(x, weight, eps: float = 1e-6, *, backend: str | None = None, **config):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.kernels._checks import check_same_device, check_tensor, next_pow2
+from tilestack.kernels._plan import checked_once, planned
 from tilestack.tune.lookup import launch_config
 
 MIN_HEAD_DIM = 16     # a half row of 8 bf16 values: the 16 bytes the GPU's tile copies need at least
@@ -78,7 +79,9 @@ def rotary_tables(n: int, d: int, theta: float = 10000.0, device=None):
     return angles.cos().float(), angles.sin().float()
 
 
+@checked_once
 def check_rotary_args(fn: str, q, k, cos, sin) -> None:
+    """Every check on rotary's inputs, before any work (once per signature)."""
     import torch
 
     floats = (torch.float32, torch.bfloat16, torch.float16)
@@ -98,10 +101,12 @@ def check_rotary_args(fn: str, q, k, cos, sin) -> None:
     check_same_device(fn, q=q, k=k, cos=cos, sin=sin)
 
 
+@planned
 def rotary(q, k, cos, sin, *, inverse: bool = False, q_out=None, k_out=None, backend: str | None = None,
            **config):
     """(q, k) rotated by the angles in ``cos``/``sin`` (by minus them if ``inverse``: the backward), into
-    ``q_out``/``k_out`` if given (any strides), else new contiguous tensors."""
+    ``q_out``/``k_out`` if given (any strides), else new contiguous tensors. Checked and configured once per
+    launch signature."""
     import torch
 
     check_rotary_args("rotary", q, k, cos, sin)
@@ -110,11 +115,20 @@ def rotary(q, k, cos, sin, *, inverse: bool = False, q_out=None, k_out=None, bac
             check_tensor("rotary", name, out, rank=4, dtypes=(src.dtype,))
             if out.shape != src.shape:
                 raise LaunchError(f"rotary: {name} is {tuple(out.shape)}; expected {tuple(src.shape)}")
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if q_out is None else q_out
-    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device) if k_out is None else k_out
     rows = q.shape[2] * q.shape[3] + k.shape[2] * k.shape[3]
     cfg = {"num_warps": 4 if rows <= 4096 else 8} if q.device.type == "cuda" else {}
     cfg = launch_config("rotary", f"{str(q.dtype).removeprefix('torch.')}-D{q.shape[3]}", q.device, rows, cfg)
-    rotary_kernel(q, k, cos, sin, q_out, k_out, HALF=q.shape[3] // 2, BH=next_pow2(q.shape[2]),
-                  BHK=next_pow2(k.shape[2]), INVERSE=bool(inverse), backend=backend, **(cfg | config))
-    return q_out, k_out
+
+    def outputs(q, k, q_out, k_out):
+        return (torch.empty(q.shape, dtype=q.dtype, device=q.device) if q_out is None else q_out,
+                torch.empty(k.shape, dtype=k.dtype, device=k.device) if k_out is None else k_out)
+
+    launch = rotary_kernel.launcher_for((q, k, cos, sin, *outputs(q, k, q_out, k_out)), backend,
+                                        HALF=q.shape[3] // 2, BH=next_pow2(q.shape[2]), BHK=next_pow2(k.shape[2]),
+                                        INVERSE=bool(inverse), **(cfg | config))
+
+    def run(q, k, cos, sin, *, q_out=None, k_out=None, **_):
+        q_out, k_out = outputs(q, k, q_out, k_out)
+        launch((q, k, cos, sin, q_out, k_out))
+        return q_out, k_out
+    return run

@@ -13,6 +13,7 @@ from __future__ import annotations
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.kernels._checks import check_same_device, check_tensor
+from tilestack.kernels._plan import planned
 from tilestack.tune.lookup import launch_config
 
 
@@ -98,27 +99,44 @@ def _check(fn: str, **tensors) -> None:
     check_same_device(fn, **tensors)
 
 
+@planned
 def swiglu(a, b, *, out=None, backend: str | None = None, **config):
-    """silu(a) * b for 2-D f32/bf16/f16 tensors of one shape and dtype (any strides)."""
+    """silu(a) * b for 2-D f32/bf16/f16 tensors of one shape and dtype (any strides). Checked and configured once
+    per launch signature."""
     import torch
 
     _check("swiglu", a=a, b=b, **({} if out is None else {"out": out}))
-    out = torch.empty(a.shape, dtype=a.dtype, device=a.device) if out is None else out
     cfg = launch_config("swiglu", str(a.dtype).removeprefix("torch."), a.device, a.shape[1],
                         default_config(a.device.type)) | config
-    swiglu_fwd_kernel(a, b, out, backend=backend, **cfg)
-    return out
+    y = torch.empty(a.shape, dtype=a.dtype, device=a.device) if out is None else out
+    launch = swiglu_fwd_kernel.launcher_for((a, b, y), backend, **cfg)
+
+    def run(a, b, *, out=None, **_):
+        out = torch.empty(a.shape, dtype=a.dtype, device=a.device) if out is None else out
+        launch((a, b, out))
+        return out
+    return run
 
 
+@planned
 def swiglu_backward(dy, a, b, *, da=None, db=None, backend: str | None = None, **config):
-    """(da, db) of y = silu(a) * b; into ``da``/``db`` if given (e.g. the two halves of one gradient)."""
+    """(da, db) of y = silu(a) * b; into ``da``/``db`` if given (e.g. the two halves of one gradient). Checked
+    and configured once per launch signature."""
     import torch
 
     outs = {k: v for k, v in (("da", da), ("db", db)) if v is not None}
     _check("swiglu_backward", dy=dy, a=a, b=b, **outs)
-    da = torch.empty(a.shape, dtype=a.dtype, device=a.device) if da is None else da
-    db = torch.empty(a.shape, dtype=a.dtype, device=a.device) if db is None else db
     cfg = launch_config("swiglu_bwd", str(a.dtype).removeprefix("torch."), a.device, a.shape[1],
                         default_config(a.device.type)) | config
-    swiglu_bwd_kernel(dy, a, b, da, db, backend=backend, **cfg)
-    return da, db
+
+    def outputs(a, da, db):
+        return (torch.empty(a.shape, dtype=a.dtype, device=a.device) if da is None else da,
+                torch.empty(a.shape, dtype=a.dtype, device=a.device) if db is None else db)
+
+    launch = swiglu_bwd_kernel.launcher_for((dy, a, b, *outputs(a, da, db)), backend, **cfg)
+
+    def run(dy, a, b, *, da=None, db=None, **_):
+        da, db = outputs(a, da, db)
+        launch((dy, a, b, da, db))
+        return da, db
+    return run

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from tilestack.errors import LaunchError
+from tilestack.kernels._plan import checked_once
 from tilestack.kernels.cross_entropy import IGNORE_INDEX, check_ce_args
 from tilestack.kernels.cross_entropy import fused_linear_cross_entropy as _flce
 from tilestack.kernels.layernorm import layer_norm as _layer_norm
@@ -229,6 +230,7 @@ class _Norm(torch.autograd.Function):
         return dx, (dx if ctx.residual else None), sums[0], db, None
 
 
+@checked_once
 def _check_norm(fn: str, x, weight, eps, bias=None, r=None) -> None:
     if isinstance(x, torch.Tensor) and x.dim() == 0:
         raise LaunchError(f"{fn}: x must have at least one dim, got a 0-d tensor")
