@@ -256,3 +256,15 @@ def test_explicit_attention_with_training_dropout_is_left():
     tilestack.optimize(mod, inner="aot_eager")(q, q, q)
     report = tc.last_report()
     assert "explicit_attention" not in report.swapped and "dropout on the probabilities" in str(report), str(report)
+
+
+def test_optimize_takes_an_inductor_mode():
+    """torch.compile refuses mode= together with options=; optimize() carries the mode in its options (the
+    H200 run of "reduce-overhead" failed on exactly that before)."""
+    def f(x):
+        return torch.relu(x) * 2 + 1
+
+    x = torch.randn(8, 16)
+    torch._dynamo.reset()
+    got = tilestack.optimize(f, mode="reduce-overhead")(x)
+    torch.testing.assert_close(got, f(x))

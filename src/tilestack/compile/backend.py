@@ -96,6 +96,7 @@ def run_passes(gm: fx.GraphModule, *, passes=None, check: bool = False, inner: s
 def tilestack_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = None, options: dict | None = None):
     """The backend function ``torch.compile`` calls with each captured graph (see the module docstring)."""
     options = dict(options or {})
+    mode = options.pop("mode", None) or mode     # optimize() passes it here: torch.compile takes mode or options
     check = bool(options.pop("check", False))
     inner = options.pop("inner", "inductor")
     passes = options.pop("passes", None)
@@ -132,7 +133,9 @@ def optimize(model, *, mode: str | None = None, check: bool = False, inner: str 
     thresholds = {k: v for k, v in (("min_rows", min_rows), ("min_query_rows", min_query_rows)) if v is not None}
     dataclasses.replace(policy.current(), **thresholds)      # a bad threshold is refused here, not inside Dynamo
     options |= thresholds
-    return torch.compile(model, backend="tilestack", mode=mode, options=options, dynamic=dynamic,
+    if mode is not None:    # torch.compile refuses both mode= and options=: the backend reads it from options
+        options["mode"] = mode
+    return torch.compile(model, backend="tilestack", options=options, dynamic=dynamic,
                          fullgraph=fullgraph)
 
 
