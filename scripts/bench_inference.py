@@ -19,7 +19,8 @@ Cases:
   same architecture defined here (bottleneck blocks 3-4-6-3, widths 64-512, expansion 4); bf16, channels-last,
   224x224 images; throughput in images/s.
 - ``gemm``: the GPT-2 linear layers at M = 8 x 1024 rows: torch bf16 (cuBLAS), tilestack's bf16 GEMM, int8
-  weight-only (``int8-w``: qgemm_wonly_kernel, Y^T = W X^T; ``int8-w-direct``: qgemm_kernel, the form before), fp8
+  weight-only (``int8-w``: quantized_linear, qgemm_kernel with W widened in the loop; ``int8-w-transposed``:
+  qgemm_wonly_kernel, Y^T = W X^T), fp8
   weight-only, fp8 weights and activations (``fp8-act``: quantized_linear, the activations quantized inside the
   GEMM by qgemm_act_kernel; ``fp8-act-two-pass``: a quantizing pass, then the fp8 x fp8 GEMM, the form before;
   ``fp8-act-gemm-only``: that GEMM alone on activations already in fp8); on a GPU also ``fp8-act-gluon`` and
@@ -67,7 +68,7 @@ VARIANTS = ("eager", "inductor", "inductor-max-autotune", "tilestack", "tilestac
             "tilestack-reduce-overhead", "tilestack-int8", "tilestack-fp8-act")
 QUICK_VARIANTS = ("eager", "inductor", "tilestack", "tilestack-int8")
 QUANT_VARIANTS = {"tilestack-int8": "int8", "tilestack-fp8-act": "fp8-act"}
-GEMM_VARIANTS = ("bf16-torch", "bf16-tilestack", "int8-w", "int8-w-direct", "fp8-w", "fp8-act", "fp8-act-two-pass",
+GEMM_VARIANTS = ("bf16-torch", "bf16-tilestack", "int8-w", "int8-w-transposed", "fp8-w", "fp8-act", "fp8-act-two-pass",
                  "fp8-act-gemm-only")
 GLUON_GEMM_VARIANTS = {"fp8-act-gluon": dict(persistent=True),          # the same kernel on the Gluon backend (a
                        "fp8-act-gluon-ws": dict(warp_specialize=True)}  # Hopper GPU only): persistent / warp roles
@@ -274,13 +275,13 @@ SWEEP = [dict(BM=bm, BN=bn, BK=bk, num_warps=nw, num_stages=ns) for bm in (64, 1
          for bk in (64, 128) for nw in (4, 8) for ns in (3, 4)]
 
 
-def _weight_only_direct(x, q, s):
-    """Weight-only through qgemm_kernel, as the first H200 run measured it (its config then: 128 x 128 x 64, 3 stages,
-    8 warps): the widened W tile is the mma's second operand, written back to shared memory each step."""
-    from tilestack.quant.gemm import qgemm_kernel
+def _weight_only_transposed(x, q, s):
+    """Weight-only through qgemm_wonly_kernel (Y^T = W X^T: the widened W tile as the mma's register operand), the
+    alternative form ``quantized_linear`` does not launch (slower on the H200: docs/inference.md)."""
+    from tilestack.quant.gemm import qgemm_wonly_kernel
 
     y = torch.empty(x.shape[0], q.shape[0], device=x.device, dtype=x.dtype)
-    qgemm_kernel(x, q, s, s, s, y, 1.0, **({} if x.device.type == "cpu" else dict(BK=64, num_stages=3)))
+    qgemm_wonly_kernel(x, q, s, s, s, y.t())
     return y
 
 
@@ -330,8 +331,8 @@ def run_gemm_case(quick: bool, sweep: bool = False, variants=None) -> list[dict]
         fns = {
             "bf16-torch": P(F.linear, x, w),
             "bf16-tilestack": P(gemm, x, wt),
-            "int8-w": P(quantized_linear, x, q8, s8),                  # qgemm_wonly_kernel (Y^T = W X^T)
-            "int8-w-direct": P(_weight_only_direct, x, q8, s8),
+            "int8-w": P(quantized_linear, x, q8, s8),                  # qgemm_kernel, W widened in the loop
+            "int8-w-transposed": P(_weight_only_transposed, x, q8, s8),
             "fp8-w": P(quantized_linear, x, qf, sf),
             "fp8-act": P(quantized_linear, x, qf, sf, x_scale=xs),     # qgemm_act_kernel: x quantized in the loop
             "fp8-act-two-pass": P(_fp8_two_pass, x, qf, sf, xs),

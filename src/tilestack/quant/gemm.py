@@ -8,11 +8,13 @@ f32 scale per output channel (a row of W), applied to the f32 accumulator with t
 
 Kernels (each launch picks one; tile sizes are ``ts.tunable``, launch options default to Hopper's):
 
-- ``qgemm_wonly_kernel`` (weight-only int8 or fp8): computes Y^T = W X^T so that the W tile, widened to x's
-  dtype in registers (exact: an int8 or an E4M3 value is a bf16 value), is the mma's first operand, which the
-  tensor cores read from registers. As the second operand (``qgemm_kernel`` with a float X) the widened tile has
-  to be written back to shared memory each step, and Triton then waits for each mma before the next step's
-  conversion (measured 0.5-0.7x bf16 on the H200). The weights' memory traffic halves against bf16.
+- ``qgemm_kernel`` with a float X (weight-only int8 or fp8, what ``quantized_linear`` launches): the W tile is
+  widened to x's dtype in registers (exact: an int8 or an E4M3 value is a bf16 value) and written back to shared
+  memory as the mma's second operand each step (0.56-0.89x bf16 cuBLAS on GPT-2's layers on the H200).
+- ``qgemm_wonly_kernel`` (weight-only, an alternative kept for measurement: ``bench_inference.py``'s ``int8-w``
+  row): computes Y^T = W X^T so that the widened W tile is the mma's first operand, read from registers. In
+  principle the faster form; measured slower on the H200 (0.49-0.70x) because the transposed output view loses
+  TMA for the whole kernel (the launcher falls back to pointer loads).
 - ``qgemm_act_kernel`` (fp8 weights and activations): loads x's tile in its own dtype, multiplies by 1 / x_scale
   (the static per-tensor scale calibrated beforehand), clamps to +-448, rounds to E4M3 in registers
   (``quantize_tile_fp8``) and feeds it with the fp8 W tile to the fp8 mma (H100/H200: twice bf16's rate);
@@ -78,7 +80,7 @@ def qgemm_kernel(X, W, S, Bias, R, Y, x_scale: float, *,
                  GROUP_M: int = ts.tunable(8, (1, 4, 8, 16)),
                  HAS_BIAS: bool = False, HAS_RESIDUAL: bool = False, activation: str | None = None):
     # X: (M, K) fp8 (activations quantized beforehand) or f32/bf16/f16 (weight-only: W widened to X's dtype in
-    # the loop; ``qgemm_wonly_kernel`` is the fast form of that); W: (N, K) int8 or fp8; S: (N,) f32; Bias: (N,),
+    # the loop; ``qgemm_wonly_kernel`` is the transposed alternative); W: (N, K) int8 or fp8; S: (N,) f32; Bias: (N,),
     # read only with HAS_BIAS; R: (M, N), read only with HAS_RESIDUAL; Y: (M, N).
     # Y = activation(x_scale * (X @ W^T) * S[None, :] + Bias) + R: kernels.gemm's epilogue after the scales
     M, K = X.shape
@@ -251,6 +253,10 @@ def reference(x, q, scale, bias=None, x_scale=None, *, activation: str | None = 
 
 
 # ---- the public function ----------------------------------------------------------------------------------------
+# weight-only on a GPU: BK 64 in 3 stages (the first H200 run's config, 0.56-0.89x bf16 cuBLAS on GPT-2's layers)
+WEIGHT_ONLY_CUDA_CONFIG = dict(BK=64, num_stages=3)
+
+
 def quantized_linear(x, q, scale, bias=None, *, x_scale: float | None = None, activation: str | None = None,
                      residual=None, backend: str | None = None, **config):
     """y = activation(x @ (q * scale[:, None])^T + bias) + residual for x (M, K) f32/bf16/f16, q (N, K) int8 or
@@ -301,7 +307,9 @@ def quantized_linear(x, q, scale, bias=None, *, x_scale: float | None = None, ac
     if x_scale is not None:       # fp8 x fp8, x quantized inside the GEMM (K = 0: nothing to quantize)
         qgemm_act_kernel(x, q, scale, bias_arg, scale if residual is None else residual, y, float(x_scale),
                          inverse_scale(x_scale), backend=backend, **flags, **config)
-    else:                         # weight-only: Y^T = W X^T, the widened weight tile from registers
-        qgemm_wonly_kernel(x, q, scale, bias_arg, scale if residual is None else residual.t(), y.t(),
-                           backend=backend, **flags, **config)
+    else:   # weight-only: the direct form (the transposed qgemm_wonly_kernel measured slower on the H200:
+            # 0.49-0.70x bf16 cuBLAS against 0.56-0.89x, docs/inference.md), with its H200-measured tiles
+        tiles = WEIGHT_ONLY_CUDA_CONFIG if x.device.type == "cuda" else {}
+        qgemm_kernel(x, q, scale, bias_arg, scale if residual is None else residual, y, 1.0, backend=backend,
+                     **flags, **(tiles | config))
     return y
