@@ -195,8 +195,11 @@ def test_profile_rounds_go_on_until_the_step_time_is_known_or_the_budget_is_spen
     p = profile.profile_model(model, (torch.randn(4, 32),), warmup=0, ceilings=CEIL, device="cpu", budget_s=1.0)
     assert time.perf_counter() - t0 < 10.0  # the 1 s budget, plus counting, on however busy a machine
     assert p.steps > profile.ROUND_STEPS and len(p.step_times_s) == p.steps  # one round was not enough
-    # The median step is a fast one: the slow third of the steps does not set the profile.
-    assert p.step_s <= statistics.median(p.step_times_s) * 1.01
+    # The median step is a fast one: the slow third of the steps does not set the profile. step_s is the sum of
+    # each op's median over the steps, not the median step's total: on a busy machine the ops' jitter makes it
+    # a few percent above the median step (+1.1% seen with both cores busy), far below a slow step's 300x.
+    slow = sorted(p.step_times_s)[-(p.steps // 3):]
+    assert p.step_s <= statistics.median(p.step_times_s) * 1.25 < min(slow)
     assert p.step_s < statistics.fmean(p.step_times_s)
     with pytest.raises(profile.ProfileError, match="budget_s=0"):
         profile.profile_model(model, (torch.randn(4, 32),), ceilings=False, device="cpu", budget_s=0)

@@ -190,3 +190,34 @@ def test_compile_fullgraph_keeps_every_op_in_the_graph(rng):
 def test_bad_inputs_are_launch_errors(call, match):
     with pytest.raises(LaunchError, match=match):
         call()
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "add_rms_norm"])
+def test_eager_norm_backward_takes_any_gradient_layout(name, rng):
+    """The eager norms plan their backward per gradient layout (strides, dtype, alignment) under the forward's
+    plan: a transposed-strided gradient after a contiguous one (and the reverse) each get a right answer, and
+    one forward signature keeps one plan."""
+    x0 = torch.from_numpy(rng.normal(1.0, 1.0, (6, 40))).float()
+    r0 = torch.from_numpy(rng.normal(0.0, 1.0, (6, 40))).float()
+    w0 = torch.from_numpy(rng.normal(1.0, 0.1, 40)).float()
+    b0 = torch.from_numpy(rng.normal(0.0, 0.1, 40)).float()
+    g = torch.from_numpy(rng.normal(0.0, 1.0, (6, 40))).float()
+    layouts = [g, g.t().contiguous().t(), g]                  # contiguous, column-major, contiguous again
+    ops._norm_plans.plans.clear()
+    with config.override(backend="reference"):
+        for dy in layouts:
+            x, r, w, b = (t.clone().requires_grad_() for t in (x0, r0, w0, b0))
+            x64, r64, w64, b64 = (t.double().requires_grad_() for t in (x0, r0, w0, b0))
+            if name == "layer_norm":
+                ins, ins64 = (x, w, b), (x64, w64, b64)
+                y, y64 = ops.layer_norm(x, w, b), F.layer_norm(x64, (40,), w64, b64, 1e-5)
+            else:
+                ins, ins64 = (x, r, w), (x64, r64, w64)
+                y, y64 = ops.add_rms_norm(x, r, w)[0], _rms64(x64 + r64, w64)
+            got = torch.autograd.grad(y, ins, dy)
+            want = torch.autograd.grad(y64, ins64, dy.double())
+            for a, e in zip(got, want, strict=True):
+                assert rel(a, e) < 1e-5
+    assert len(ops._norm_plans.plans) == 1
+    plan = next(iter(ops._norm_plans.plans.values()))
+    assert len(plan._backward) == 2                           # the two layouts, each planned once

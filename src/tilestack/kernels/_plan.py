@@ -52,7 +52,17 @@ def planned(plan: Callable) -> Callable:
             run = remember(cache, key, plan(*args, **kwargs))
         return run(*args, **kwargs)
 
+    def plan_for(*args, **kwargs):
+        """The ``run`` of these arguments' signature, planned if new, without running it (a TypeError for an
+        argument the key cannot hold). For a caller that keeps a run and calls it again itself."""
+        key = plan_key(args, kwargs)
+        run = cache.get(key)
+        if run is None:
+            run = remember(cache, key, plan(*args, **kwargs))
+        return run
+
     call.plans = cache
+    call.plan_for = plan_for
     return call
 
 

@@ -21,16 +21,17 @@ from __future__ import annotations
 import torch
 
 from tilestack.errors import LaunchError
-from tilestack.kernels._plan import checked_once
+from tilestack.kernels._plan import checked_once, planned
 from tilestack.kernels.cross_entropy import IGNORE_INDEX, check_ce_args
 from tilestack.kernels.cross_entropy import fused_linear_cross_entropy as _flce
 from tilestack.kernels.layernorm import layer_norm as _layer_norm
-from tilestack.kernels.layernorm_bwd import norm_backward
-from tilestack.kernels.rmsnorm import check_norm_args, norm_forward
+from tilestack.kernels.layernorm_bwd import _planned_backward, norm_backward
+from tilestack.kernels.rmsnorm import _planned_forward, check_norm_args, norm_forward
 from tilestack.kernels.rotary import check_rotary_args
 from tilestack.kernels.rotary import rotary as _rotary
 from tilestack.kernels.swiglu import swiglu as _swiglu
 from tilestack.kernels.swiglu import swiglu_backward as _swiglu_backward
+from tilestack.lang.kernel import remember
 
 _is_compiling = torch.compiler.is_compiling
 
@@ -199,20 +200,62 @@ def _stat(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.numel() // max(1, x.shape[-1]), dtype=torch.float32)
 
 
+class _NormPlan:
+    """The eager path of one norm signature (x, r, weight, bias, eps; layer norm when a bias is given, the
+    residual add when r is): checked once, the forward's launcher planned once, the backward's planned on its
+    first use per gradient layout and then found by a key of the gradients' strides, dtype and alignment only
+    (the saved tensors' layouts follow from this signature). What an eager call costs on the host is this."""
+
+    def __init__(self, fn: str, x, r, weight, bias, eps):
+        _check_norm.__wrapped__(fn, x, weight, eps, bias=bias, r=r)
+        self.centered, self.residual = bias is not None, r is not None
+        rows = _rows(x)
+        if self.centered and not self.residual:     # layer norm alone: its own kernel, (y, mean, rstd)
+            self._forward = _layer_norm.plan_for(rows, weight, bias, eps)
+        else:
+            self._forward = _planned_forward.plan_for(rows, weight, bias, _bwd_rows(r), eps, None, ())
+        self._backward: dict = {}
+
+    def forward(self, x, r, weight, bias, eps):
+        """(y, h or None, mean or None, rstd) over the rows of x."""
+        if self.centered and not self.residual:
+            y, mean, rstd = self._forward(_rows(x), weight, bias, eps)
+            return y, None, mean, rstd
+        return self._forward(_rows(x), weight, bias, _bwd_rows(r), eps)
+
+    def backward(self, dy, dh, h, weight, mean, rstd):
+        """(dx rows, sums) for the gradients dy [, dh] of the forward's outputs."""
+        dy, dh, h = _rows(dy), _bwd_rows(dh), _rows(h)
+        key = (dy.dtype, dy.stride(), dy.data_ptr() % 16,
+               None if dh is None else (dh.dtype, dh.stride(), dh.data_ptr() % 16))
+        run = self._backward.get(key)
+        if run is None:
+            run = remember(self._backward, key,
+                           _planned_backward.plan_for(dy, h, weight, mean, rstd, dh, self.centered, None, ()))
+        return run(dy, h, weight, mean, rstd, dh)
+
+
+@planned
+def _norm_plans(fn: str, x, r, weight, bias, eps):
+    return _NormPlan(fn, x, r, weight, bias, eps)
+
+
+def _norm_plan(fn: str, x, r, weight, bias, eps) -> _NormPlan:
+    try:
+        return _norm_plans.plan_for(fn, x, r, weight, bias, eps)
+    except TypeError:        # an argument no key holds (a list for x, ...): checked, so refused, right here
+        return _NormPlan(fn, x, r, weight, bias, eps)
+
+
 class _Norm(torch.autograd.Function):
-    """The eager path of all four norms: (y, h) = norm(x [+ r]); layer norm when a bias is given."""
+    """The eager path of all four norms: (y, h) = norm(x [+ r]) by ``plan`` (a ``_NormPlan``)."""
 
     @staticmethod
-    def forward(ctx, x, r, weight, bias, eps):
-        if bias is not None and r is None:
-            y, mean, rstd = _layer_norm(_rows(x), weight, bias, eps)
-            h = None
-        else:
-            y, h, mean, rstd = norm_forward(_rows(x), weight, bias, None if r is None else _rows(r), eps,
-                                            backend=None, config={})
+    def forward(ctx, x, r, weight, bias, eps, plan):
+        y, h, mean, rstd = plan.forward(x, r, weight, bias, eps)
         h = x if h is None else h.view(x.shape)
         ctx.save_for_backward(h, weight, mean, rstd)
-        ctx.residual, ctx.centered = r is not None, bias is not None
+        ctx.plan = plan
         ctx.set_materialize_grads(False)     # an unused h (the last norm's) gives dh None: no zeros made and read
         if r is None:
             return y.view(x.shape)
@@ -221,13 +264,12 @@ class _Norm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dh=None):
         h, weight, mean, rstd = ctx.saved_tensors
+        plan = ctx.plan
         if dy is None:                       # y unused (rare): its gradient is zero
             dy = torch.zeros_like(h)
-        dx, sums = norm_backward(_rows(dy), _rows(h), weight, mean, rstd, dh=_bwd_rows(dh),
-                                 centered=ctx.centered, backend=None, config={})
+        dx, sums = plan.backward(dy, dh, h, weight, mean, rstd)
         dx = dx.view(h.shape)
-        db = sums[1] if ctx.centered else None
-        return dx, (dx if ctx.residual else None), sums[0], db, None
+        return dx, (dx if plan.residual else None), sums[0], (sums[1] if plan.centered else None), None, None
 
 
 @checked_once
@@ -238,54 +280,48 @@ def _check_norm(fn: str, x, weight, eps, bias=None, r=None) -> None:
     r_rows = _rows(r) if isinstance(r, torch.Tensor) and r.dim() > 0 else r
     if isinstance(r, torch.Tensor) and isinstance(x, torch.Tensor) and r.shape != x.shape:
         raise LaunchError(f"{fn}: r is {tuple(r.shape)}; expected x's shape {tuple(x.shape)}")
-    check_norm_args(fn, rows, weight, eps, bias=bias, residual=r_rows)
+    check_norm_args.__wrapped__(fn, rows, weight, eps, bias=bias, residual=r_rows)
+
+
+def _norm(fn: str, x, r, weight, bias, eps):
+    """y (no r) or (y, h) of the named norm, eager or traced; every public norm below is this."""
+    if not _eager(x):
+        _check_norm(fn, x, weight, eps, bias=bias, r=r)
+        eps = float(eps)
+        if r is None:
+            return (layer_norm_fwd_op(x, weight, bias, eps) if bias is not None else
+                    rms_norm_fwd_op(x, weight, eps))[0]
+        out = add_layer_norm_fwd_op(x, r, weight, bias, eps) if bias is not None else \
+            add_rms_norm_fwd_op(x, r, weight, eps)
+        return out[0], out[1]
+    plan = _norm_plan(fn, x, r, weight, bias, eps)
+    if _needs_grad(x, weight) or (r is not None and r.requires_grad) or (bias is not None and bias.requires_grad):
+        return _Norm.apply(x, r, weight, bias, float(eps), plan)
+    y, h, _, _ = plan.forward(x, r, weight, bias, float(eps))
+    return y.view(x.shape) if r is None else (y.view(x.shape), h.view(x.shape))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMS norm over the last dim of ``x`` (any leading dims) times ``weight``; differentiable in both."""
-    _check_norm("rms_norm", x, weight, eps)
-    if not _eager(x):
-        return rms_norm_fwd_op(x, weight, float(eps))[0]
-    if _needs_grad(x, weight):
-        return _Norm.apply(x, None, weight, None, float(eps))
-    return norm_forward(_rows(x), weight, None, None, eps, backend=None, config={})[0].view(x.shape)
+    return _norm("rms_norm", x, None, weight, None, eps)
 
 
 def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
     """(y, h): h = x + r (the residual stream, in x's dtype) and y = rms_norm(h, weight), in one pass;
     differentiable in x, r and weight."""
-    _check_norm("add_rms_norm", x, weight, eps, r=r)
-    if not _eager(x):
-        y, h, _ = add_rms_norm_fwd_op(x, r, weight, float(eps))
-        return y, h
-    if _needs_grad(x, r, weight):
-        return _Norm.apply(x, r, weight, None, float(eps))
-    y, h, _, _ = norm_forward(_rows(x), weight, None, _rows(r), eps, backend=None, config={})
-    return y.view(x.shape), h.view(x.shape)
+    return _norm("add_rms_norm", x, r, weight, None, eps)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Layer norm over the last dim of ``x`` (any leading dims) with ``weight`` and ``bias``; differentiable.
     weight and bias share a dtype."""
-    _check_norm("layer_norm", x, weight, eps, bias=bias)
-    if not _eager(x):
-        return layer_norm_fwd_op(x, weight, bias, float(eps))[0]
-    if _needs_grad(x, weight, bias):
-        return _Norm.apply(x, None, weight, bias, float(eps))
-    return _layer_norm(_rows(x), weight, bias, eps)[0].view(x.shape)
+    return _norm("layer_norm", x, None, weight, bias, eps)
 
 
 def add_layer_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5):
     """(y, h): h = x + r (the residual stream, in x's dtype) and y = layer_norm(h, weight, bias), in one pass;
     differentiable in x, r, weight and bias."""
-    _check_norm("add_layer_norm", x, weight, eps, bias=bias, r=r)
-    if not _eager(x):
-        y, h, _, _ = add_layer_norm_fwd_op(x, r, weight, bias, float(eps))
-        return y, h
-    if _needs_grad(x, r, weight, bias):
-        return _Norm.apply(x, r, weight, bias, float(eps))
-    y, h, _, _ = norm_forward(_rows(x), weight, bias, _rows(r), eps, backend=None, config={})
-    return y.view(x.shape), h.view(x.shape)
+    return _norm("add_layer_norm", x, r, weight, bias, eps)
 
 
 # ---- rotary embedding -----------------------------------------------------------------------------------------
