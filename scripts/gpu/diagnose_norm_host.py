@@ -6,24 +6,14 @@ against torch), piece by piece at a small size (4 x 16 x 1024 bf16), then torch.
 
 from __future__ import annotations
 
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-
-def per_call_us(fn, n: int = 300) -> float:
-    for _ in range(30):
-        fn()
-    torch.cuda.synchronize()
-    rounds = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-        rounds.append((time.perf_counter() - t0) / n * 1e6)
-    return sorted(rounds)[2]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_host_cost import per_call_us  # noqa: E402  (scripts/bench_host_cost.py: the same timing loop)
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from tilestack.errors import LaunchError
-from tilestack.kernels._plan import checked_once, planned
+from tilestack.kernels._plan import planned
 from tilestack.kernels.cross_entropy import IGNORE_INDEX, check_ce_args
 from tilestack.kernels.cross_entropy import fused_linear_cross_entropy as _flce
 from tilestack.kernels.layernorm import layer_norm as _layer_norm
@@ -53,8 +53,8 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 # ---- norms: RMS norm and layer norm, each also with the residual add before it ------------------------------------
 # One forward op per kind; one backward op per kind, taking the residual stream's gradient dh (None without the
 # add). The forward saves the normalised input (h for the fused add) and its statistics.
-def _bwd_rows(dh):
-    return None if dh is None else _rows(dh)
+def _rows_or_none(t):
+    return None if t is None else _rows(t)
 
 
 @torch.library.custom_op("tilestack::rms_norm_fwd", mutates_args=())
@@ -83,7 +83,7 @@ def _(x, r, weight, eps):
 @torch.library.custom_op("tilestack::rms_norm_bwd", mutates_args=())
 def rms_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                     dh: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    dx, sums = norm_backward(_rows(dy), _rows(x), weight, None, rstd, dh=_bwd_rows(dh), centered=False,
+    dx, sums = norm_backward(_rows(dy), _rows(x), weight, None, rstd, dh=_rows_or_none(dh), centered=False,
                              backend=None, config={})
     return dx.view(x.shape), sums[0]
 
@@ -151,7 +151,7 @@ def _(x, r, weight, bias, eps):
 def layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
                       rstd: torch.Tensor, dh: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, [dw; db]): dw and db as the two rows of one (2, N) tensor (a custom op's outputs may not alias)."""
-    dx, sums = norm_backward(_rows(dy), _rows(x), weight, mean, rstd, dh=_bwd_rows(dh), centered=True,
+    dx, sums = norm_backward(_rows(dy), _rows(x), weight, mean, rstd, dh=_rows_or_none(dh), centered=True,
                              backend=None, config={})
     return dx.view(x.shape), sums
 
@@ -207,13 +207,13 @@ class _NormPlan:
     (the saved tensors' layouts follow from this signature). What an eager call costs on the host is this."""
 
     def __init__(self, fn: str, x, r, weight, bias, eps):
-        _check_norm.__wrapped__(fn, x, weight, eps, bias=bias, r=r)
+        _check_norm(fn, x, weight, eps, bias=bias, r=r)
         self.centered, self.residual = bias is not None, r is not None
         rows = _rows(x)
         if self.centered and not self.residual:     # layer norm alone: its own kernel, (y, mean, rstd)
             self._forward = _layer_norm.plan_for(rows, weight, bias, eps)
         else:
-            self._forward = _planned_forward.plan_for(rows, weight, bias, _bwd_rows(r), eps, None, ())
+            self._forward = _planned_forward.plan_for(rows, weight, bias, _rows_or_none(r), eps, None, ())
         self._backward: dict = {}
 
     def forward(self, x, r, weight, bias, eps):
@@ -221,11 +221,11 @@ class _NormPlan:
         if self.centered and not self.residual:
             y, mean, rstd = self._forward(_rows(x), weight, bias, eps)
             return y, None, mean, rstd
-        return self._forward(_rows(x), weight, bias, _bwd_rows(r), eps)
+        return self._forward(_rows(x), weight, bias, _rows_or_none(r), eps)
 
     def backward(self, dy, dh, h, weight, mean, rstd):
         """(dx rows, sums) for the gradients dy [, dh] of the forward's outputs."""
-        dy, dh, h = _rows(dy), _bwd_rows(dh), _rows(h)
+        dy, dh, h = _rows(dy), _rows_or_none(dh), _rows(h)
         key = (dy.dtype, dy.stride(), dy.data_ptr() % 16,
                None if dh is None else (dh.dtype, dh.stride(), dh.data_ptr() % 16))
         run = self._backward.get(key)
@@ -272,8 +272,8 @@ class _Norm(torch.autograd.Function):
         return dx, (dx if plan.residual else None), sums[0], (sums[1] if plan.centered else None), None, None
 
 
-@checked_once
 def _check_norm(fn: str, x, weight, eps, bias=None, r=None) -> None:
+    """Every check of a norm's arguments (x of any rank); run once per signature by _NormPlan, and when traced."""
     if isinstance(x, torch.Tensor) and x.dim() == 0:
         raise LaunchError(f"{fn}: x must have at least one dim, got a 0-d tensor")
     rows = _rows(x) if isinstance(x, torch.Tensor) else x
