@@ -26,7 +26,7 @@ for p in $PARTS; do
   case $p in
     replay) for i in ${REPLAY:-}; do
               part 60 "replay $i" python3 scripts/fuzz.py --seed 0 --start "$i" --budget 1 --device cuda -v; done ;;
-    bench) part 100 bench python3 -m tilestack.cli bench --no-models --out "$F/bench" ;;
+    bench) part 160 bench python3 -m tilestack.cli bench --no-models --out "$F/bench" ;;   # kernels timed in two turns
     host) part 80 host-cost python3 scripts/bench_host_cost.py --json "$F/host.json" ;;
     gpt2) part 120 gpt2-eager python3 scripts/bench_model_step.py --models gpt2 --modes eager --json "$F/gpt2_eager.json" ;;
     llama) part 80 llama-eager python3 scripts/bench_model_step.py --models llama --modes eager --no-profile \
