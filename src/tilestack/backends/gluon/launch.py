@@ -5,11 +5,17 @@
 
 TMA descriptors are Gluon's host ``TensorDescriptor`` with the NVMMA shared layout the device code allocates
 its buffers in (``NVMMASharedLayout.get_default_for(box, dtype)``, the same rule ``codegen.signature`` uses).
+
+The first launch goes through Gluon's JIT (it compiles and specializes); later ones go straight to the compiled
+kernel's C launcher with each TMA descriptor encoded once per address, the Triton backend's ``_DirectLaunch``
+(Gluon kernels compile to the same ``CompiledKernel``). Through the JIT a call costs three descriptor objects,
+Gluon's argument binding and three descriptor encodings: 60-85 us of Python on a CPU, more than these kernels'
+GPU time at GPT-2's sizes (docs/inference.md, "fp8 GEMM: what the SASS shows").
 """
 
 from __future__ import annotations
 
-from tilestack.backends.triton.launch import TMA_ALIGN, tma_ok
+from tilestack.backends.triton.launch import TMA_ALIGN, _descriptor_factory, _DirectLaunch, _hooks, tma_ok
 from tilestack.backends.triton.launch import compile_source as _compile_module
 from tilestack.errors import LaunchError
 from tilestack.ir.ops import Op
@@ -31,7 +37,9 @@ def _gl_dtype(torch_dtype):
 
 class Binding:
     """The kernel's flat argument list for one launch signature: sizes and strides fixed, pointers and TMA
-    descriptors filled in per call (a descriptor holds its tensor: made per launch, never cached)."""
+    descriptors filled in per call (a descriptor holds its tensor: made per launch, never cached).
+    ``pointers`` [(position, argument)] and ``descriptors`` [(position, argument, shape, strides, box)] are the
+    same plan in the form the direct launch (``_DirectLaunch``) reads."""
 
     def __init__(self, traced, args, low):
         from triton.experimental.gluon import language as gl
@@ -40,11 +48,14 @@ class Binding:
         self.TensorDescriptor = TensorDescriptor
         self.template: list = []
         self.fill: list[tuple[int, int, list | None, object]] = []   # (position, argument, box, layout)
+        self.pointers: list[tuple[int, int]] = []
+        self.descriptors: list[tuple[int, int, list, list, list]] = []
         for how in low.binding:
             kind, i = how[0], how[1]
             pos = len(self.template)
             if kind in ("ptr", "scalar"):
                 self.fill.append((pos, i, None, None))
+                self.pointers.append((pos, i))
                 self.template.append(None)
             elif kind == "dim":
                 self.template.append(int(args[i].shape[how[2]]))
@@ -60,7 +71,12 @@ class Binding:
                 box = list(how[2])
                 layout = gl.NVMMASharedLayout.get_default_for(box, _gl_dtype(t.dtype))
                 self.fill.append((pos, i, box, layout))
+                self.descriptors.append((pos, i, list(t.shape), list(t.stride()), box))
                 self.template.append(None)
+        # for the direct launch: encoding reads a descriptor's base, shape, strides and padding (the swizzle comes
+        # from the compiled kernel's metadata), so Triton's plain descriptor object serves
+        self.make_descriptor = _descriptor_factory() if self.descriptors else None
+        self.label: str | None = None
 
     def __call__(self, args) -> list:
         flat = self.template.copy()
@@ -100,6 +116,8 @@ class Launcher:
         self.programs = torch.cuda.get_device_properties(args[0].device).multi_processor_count \
             if low.persistent else None
         self.compiled = None     # Triton's CompiledKernel, once launched: registers, spills, PTX, cubin
+        self.fast = None         # a _DirectLaunch after the first launch (None where it does not apply)
+        self.device = next(a.device for a in args if isinstance(a, torch.Tensor))
 
     def __call__(self, args) -> None:
         grid = self.grid or _grid3(self.traced.grid(*args))
@@ -107,10 +125,27 @@ class Launcher:
             return
         if self.programs is not None:
             grid = (min(grid[0], self.programs), 1, 1)
+        fast = self.fast
+        if fast is not None and not _hooks():
+            fast(grid, args)
+            return
         compiled = self.fn[grid](*self.binding(args), num_warps=self.num_warps)
         if self.compiled is None:
-            from tilestack.backends.gluon import BACKEND
-            self.compiled = BACKEND.cache(self.traced)["binary"] = compiled
+            self._first_launch(compiled)
+
+    def _first_launch(self, compiled) -> None:
+        """Keep the compiled kernel (resources, SASS) and build the direct path to its C launcher."""
+        import torch
+
+        from tilestack.backends.gluon import BACKEND
+        from tilestack.backends.labels import PREFIX, range_name
+
+        self.compiled = BACKEND.cache(self.traced)["binary"] = compiled
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        if index == torch.cuda.current_device():    # the C launcher runs on the current device
+            self.binding.label = PREFIX + range_name(self.traced.name, {**self.traced.constants,
+                                                                         "num_warps": self.num_warps})
+            self.fast = _DirectLaunch(self.binding, compiled, index)
 
     def resources(self) -> dict:
         """What ptxas gave this launcher's kernel (after its first launch): registers, spills, shared memory."""
