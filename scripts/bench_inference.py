@@ -271,8 +271,14 @@ def gemm_shapes(quick: bool):
     return [("c_attn", M, d, 3 * d), ("attn.c_proj", M, d, d), ("mlp.c_fc", M, d, 4 * d), ("mlp.c_proj", M, 4 * d, d)]
 
 
+# qgemm_act_kernel's configs for --gemm-sweep, less those that cannot win, by their sm_90a compile on a CPU
+# (Triton 3.6, docs/inference.md "fp8 GEMM: what the SASS shows"): BM=128 at 4 warps with BN=256 or BK=128 spills
+# (136 B to 4.4 KB), and 128x256x128 in 4 stages needs 246 KB of shared memory. The small-register configs stay:
+# they fit 2 blocks per SM (BM=128, BN=128, BK=64 at 8 warps: 123 registers), which hides one block's epilogue
+# and its serialized wgmmas behind the other's.
 SWEEP = [dict(BM=bm, BN=bn, BK=bk, num_warps=nw, num_stages=ns) for bm in (64, 128) for bn in (128, 256)
-         for bk in (64, 128) for nw in (4, 8) for ns in (3, 4)]
+         for bk in (64, 128) for nw in (4, 8) for ns in (3, 4)
+         if not (bm == 128 and nw == 4 and (bn == 256 or bk == 128)) and not (bm, bn, bk, ns) == (128, 256, 128, 4)]
 
 
 def _weight_only_transposed(x, q, s):

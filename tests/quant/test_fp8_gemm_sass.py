@@ -1,0 +1,89 @@
+"""What ptxas makes of the Triton backend's fp8 GEMMs for sm_90a, compiled on the CPU (no GPU): the wgmma chain of
+the K loop is serialized (ptxas C7515, a ``WARPGROUP.DEPBAR.LE gsb0, 0x0`` after every QGMMA) because the loop may
+run zero times: the zero-trip path writes the accumulator with plain moves, which reach the wgmma wait after
+the loop. The same source with the trip count bounded below by 1 keeps a wgmma in flight.
+docs/inference.md, "fp8 GEMM: what the SASS shows", has the numbers; the xfail turns into a failure the day the
+generated code stops being serialized, so the mark and that section get updated with it."""
+
+import os
+import re
+import subprocess
+import tempfile
+
+import pytest
+import torch
+
+from tilestack.tune import aot
+
+M, K, N = 8192, 768, 2304                  # GPT-2's c_attn at B x N = 8 x 1024 rows
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tools():
+    reason = aot.missing_tools()
+    if reason:
+        pytest.skip(reason)
+
+
+def compile_sm90a(kernel, args, edit=lambda source: source) -> tuple[str, str]:
+    """(ptxas's report, SASS) of ``kernel`` launched on ``args`` (meta tensors) with its default config, the
+    generated Triton source passed through ``edit`` first."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from tilestack.backends.triton import BACKEND, codegen
+
+    traced = kernel.trace(*args)
+    opts = BACKEND.options(traced.constants, kernel.options).launch_kwargs()
+    low = codegen.generate(traced.ir, interpret=False, tma=True, index64=frozenset())
+    sig, attrs, constants = aot._signature(low, traced.ir, args, aot._arg_names(low.source, low.fn_name))
+    src = triton.compiler.ASTSource(fn=aot._jit(edit(low.source), low.fn_name), signature=sig,
+                                    constexprs=constants, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget(*aot.SM90A), options=opts)
+    with tempfile.TemporaryDirectory() as d:
+        ptx, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
+        with open(ptx, "w") as f:
+            f.write(k.asm["ptx"])
+        with open(cubin, "wb") as f:
+            f.write(k.asm["cubin"])
+        report = subprocess.run([str(aot.tools_dir() / "ptxas"), "--gpu-name=sm_90a", "-v", ptx, "-o",
+                                 os.path.join(d, "k.o")], capture_output=True, text=True, check=True).stderr
+        sass = subprocess.run([str(aot.tools_dir() / "cuobjdump"), "--dump-sass", cubin], capture_output=True,
+                              text=True, check=True).stdout
+    return report, sass
+
+
+def _act_args():
+    meta = dict(device="meta")
+    s = torch.empty(N, **meta)
+    return (torch.empty(M, K, dtype=torch.bfloat16, **meta), torch.empty(N, K, dtype=torch.float8_e4m3fn, **meta),
+            s, s, s, torch.empty(M, N, dtype=torch.bfloat16, **meta), 1.0, 1.0)
+
+
+def _at_least_one_trip(source: str) -> str:
+    """The K loop's trip count cdiv(X_d1, BK) bounded below by 1 (the only edit)."""
+    edited, n = re.subn(r"(v\d+) = \(\(X_d1 \+ (\d+) - 1\) // (\d+)\)", r"\1 = tl.maximum((X_d1 + \2 - 1) // \3, 1)",
+                        source)
+    assert n == 1, "the generated source no longer spells the trip count this way"
+    return edited
+
+
+def _waits(sass: str) -> list[str]:
+    return re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x\d)", sass)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="ptxas C7515: the K loop's zero-trip path serializes every wgmma")
+def test_triton_fp8_act_gemm_keeps_a_wgmma_in_flight():
+    from tilestack.quant.gemm import qgemm_act_kernel
+    report, sass = compile_sm90a(qgemm_act_kernel, _act_args())
+    assert "QGMMA.64x256x32.F32.E4M3.E4M3" in sass
+    assert "C7515" not in report and "0x1" in _waits(sass)
+
+
+def test_a_trip_count_of_at_least_one_unserializes_the_fp8_act_gemm():
+    from tilestack.quant.gemm import qgemm_act_kernel
+    report, sass = compile_sm90a(qgemm_act_kernel, _act_args(), _at_least_one_trip)
+    assert "C7515" not in report and "bytes spill stores" in report
+    assert re.search(r"0 bytes spill stores, 0 bytes spill loads", report)
+    assert sass.count("QGMMA.64x256x32.F32.E4M3.E4M3") == 2 and "0x1" in _waits(sass)
