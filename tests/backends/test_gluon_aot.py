@@ -191,29 +191,6 @@ def test_library_attention_forward_is_pipelined_on_wgmma():
     assert sass.count("HGMMA.64x64x16.F32.BF16") >= 8 and "UTMALDG" in sass
 
 
-class _Hopper:
-    """A stand-in for Triton's CUDA driver that answers only what compiling asks (target, device, stream)."""
-
-    def get_current_target(self):
-        from triton.backends.compiler import GPUTarget
-        return GPUTarget("cuda", 90, 32)
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-
-@pytest.fixture
-def hopper_jit():
-    from triton.runtime import driver
-    saved = driver._active
-    driver.set_active(_Hopper())
-    yield
-    driver._active = saved
-
-
 def jit_compile(traced, args, **options):
     """What a launch does short of running: the launcher's flat arguments (real descriptors over these tensors)
     through Gluon's JIT, which specializes on them and compiles for sm_90a."""
