@@ -193,7 +193,10 @@ def fused_linear_cross_entropy(x, weight, labels, *, ignore_index: int = IGNORE_
     for lo in range(0, t, step):
         hi = min(t, lo + step)
         xc = x[lo:hi]                                # (c, d)
-        logits = torch.empty(hi - lo, padded, dtype=x.dtype, device=x.device)[:, :v]   # (c, V), row stride padded
+        rows = torch.empty(hi - lo, padded, dtype=x.dtype, device=x.device)
+        if padded > v and x.device.type == "cpu":
+            rows[:, v:].zero_()                      # torch's CPU bf16 mm reads a strided A's row past K (2.13)
+        logits = rows[:, :v]                         # (c, V), row stride padded
         torch.mm(xc, weight.T, out=logits)           # x's dtype, f32 accumulation
         ce_grad_kernel(logits, labels[lo:hi], scale[lo:hi], cols, row_loss[lo:hi], backend=backend, **cfg)
         torch.mm(logits, weight, out=dx[lo:hi])      # (c, d) = (c, V) @ (V, d)
