@@ -93,7 +93,7 @@ def qgemm_kernel(X, W, S, Bias, R, Y, x_scale: float, *,
     widen = X.dtype != W.dtype                       # weight-only: W widened to X's dtype before the mma
     wx = ts.RegTile[X.dtype, BN, BK]() if widen else w
     ts.zero(acc)
-    for k in ts.range(ts.cdiv(K, BK)):
+    for k in ts.range(ts.smax(ts.cdiv(K, BK), 1)):  # >= 1 trip: ptxas serializes the wgmmas otherwise
         ts.load(a, X, at=(i, k))                     # (BM, BK)
         ts.load(w, W, at=(j, k))                     # (BN, BK): W's rows are K-major, as fp8 mma wants B
         if widen:
@@ -126,7 +126,7 @@ def qgemm_act_kernel(X, W, S, Bias, R, Y, x_scale: float, inv_x_scale: float, *,
     a8 = ts.RegTile[ts.f8e4m3, BM, BK]()
     w = ts.SharedTile[W.dtype, BN, BK]()
     ts.zero(acc)
-    for k in ts.range(ts.cdiv(K, BK)):
+    for k in ts.range(ts.smax(ts.cdiv(K, BK), 1)):  # >= 1 trip: ptxas serializes the wgmmas otherwise
         ts.load(a, X, at=(i, k))                     # (BM, BK) in X's dtype; zeros past the edges stay zeros
         ts.load(w, W, at=(j, k))                     # (BN, BK) fp8, K-major
         quantize_tile_fp8(a8, a, inv_x_scale, BM, BK)
@@ -157,7 +157,7 @@ def qgemm_wonly_kernel(X, W, S, Bias, RT, YT, *,
     w = ts.SharedTile[W.dtype, BN, BK]()
     wx = ts.RegTile[X.dtype, BN, BK]()
     ts.zero(acc)
-    for k in ts.range(ts.cdiv(K, BK)):
+    for k in ts.range(ts.smax(ts.cdiv(K, BK), 1)):  # >= 1 trip: ptxas serializes the wgmmas otherwise
         ts.load(w, W, at=(j, k))                     # (BN, BK) 8-bit
         ts.load(a, X, at=(i, k))                     # (BM, BK)
         ts.copy(wx, w)                               # exact: int8 and E4M3 values are bf16 (and f16) values
