@@ -47,6 +47,7 @@ def data(rng, T, d, V, dtype, ignored=(), std=1.0):
     (11, 16, 37, 4, dict(BM=2, BN=16)),          # 3 chunks (4, 4, 3), 3 column tiles, a ragged last tile
     (9, 32, 100, None, dict(BM=1, BN=32)),       # one chunk
     (6, 16, 20, 5, dict(BM=4, BN=64)),           # one tile wider than V
+    (9, 16, 130, 4, dict(BM=2, BN=32)),          # 3 chunks, each's GEMMs over columns 0-127 and 128-129 apart
     (37, 64, 101, None, dict(BM=4, BN=32)),      # torch 2.13's CPU bf16 mm reads a padded row past K
 ], ids=str)
 def test_fused_linear_cross_entropy_matches_float64_and_reference(backend, dtype, T, d, V, chunk, cfg, rng,

@@ -190,6 +190,10 @@ def fused_linear_cross_entropy(x, weight, labels, *, ignore_index: int = IGNORE_
     dw = torch.zeros_like(weight) if t == 0 else torch.empty_like(weight)
     step = chunk or chunk_rows(t, v, x.element_size())
     padded = -(-v // ROW_ALIGN) * ROW_ALIGN          # rows start 16-byte aligned: vector loads, aligned GEMMs
+    # The GEMMs run over the first `va` vocabulary entries, a multiple of ROW_ALIGN, and the last few apart: with
+    # an odd V (GPT-2's 50257) as a GEMM dimension cuBLAS falls back to sm75-era kernels, 3-5x slower on Hopper.
+    va = v - v % ROW_ALIGN
+    parts = [(0, va), (va, v)] if 0 < va < v else [(0, v)]
     for lo in range(0, t, step):
         hi = min(t, lo + step)
         xc = x[lo:hi]                                # (c, d)
@@ -197,13 +201,18 @@ def fused_linear_cross_entropy(x, weight, labels, *, ignore_index: int = IGNORE_
         if padded > v and x.device.type == "cpu":
             rows[:, v:].zero_()                      # torch's CPU bf16 mm reads a strided A's row past K (2.13)
         logits = rows[:, :v]                         # (c, V), row stride padded
-        torch.mm(xc, weight.T, out=logits)           # x's dtype, f32 accumulation
+        for a, b in parts:
+            torch.mm(xc, weight[a:b].T, out=logits[:, a:b])      # x's dtype, f32 accumulation
         ce_grad_kernel(logits, labels[lo:hi], scale[lo:hi], cols, row_loss[lo:hi], backend=backend, **cfg)
-        torch.mm(logits, weight, out=dx[lo:hi])      # (c, d) = (c, V) @ (V, d)
-        if lo == 0:
-            torch.mm(logits.T, xc, out=dw)           # (V, d) = (V, c) @ (c, d)
-        else:
-            dw.addmm_(logits.T, xc)
+        for n, (a, b) in enumerate(parts):
+            if n == 0:
+                torch.mm(logits[:, a:b], weight[a:b], out=dx[lo:hi])     # (c, d) = (c, V) @ (V, d)
+            else:
+                dx[lo:hi].addmm_(logits[:, a:b], weight[a:b])
+            if lo == 0:
+                torch.mm(logits[:, a:b].T, xc, out=dw[a:b])              # (V, d) = (V, c) @ (c, d)
+            else:
+                dw[a:b].addmm_(logits[:, a:b].T, xc)
     loss = row_loss.sum()
     loss = torch.where(count > 0, loss, torch.full_like(loss, math.nan))
     return loss, dx, dw
