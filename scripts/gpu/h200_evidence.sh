@@ -4,7 +4,8 @@
 #   PARTS="bench host" bash scripts/gpu/h200_evidence.sh        (PYTHONPATH=src is set here)
 # Parts: replay (fuzz problems listed in REPLAY), bench, host, gpt2, llama, compile-steps, fa3, gluon, dropout,
 #        inference, fuzz (FUZZ_S seconds from FUZZ_START), tune-truth (TUNE_S seconds), launch-options,
-#        tune-backends, act-mem (issue 12), mfu-1p3b (issue 12), scaling-1gpu, plan (issue 13), norm-bwd.
+#        tune-backends, act-mem (issue 12), mfu-1p3b (issue 12), scaling-1gpu, plan (issue 13), norm-bwd, lm-head,
+#        fp8-gemm, fp8-sweep (issue 14).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
 # Compile caches inside the repository's ignored out/: the device keeps ignored paths between calls while it is
@@ -35,6 +36,11 @@ for p in $PARTS; do
                      --sizes 4x2048,1x8192 --rounds 1 --no-profile --json "$F/compile_steps.json" ;;
     fa3) part 150 fa3-grid python3 scripts/bench_attention.py --backward --seqs 512 2048 8192 --out "$F/fa3" ;;
     gluon) part 200 gluon python3 scripts/gpu/check_gluon.py --json "$F/gluon.json" ;;
+    lm-head) part 120 lm-head python3 scripts/gpu/check_lm_head.py --json "$F/lm_head.json" ;;
+    fp8-gemm) part 200 fp8-gemm python3 scripts/bench_inference.py --cases gemm --json "$F/fp8_gemm.json" \
+                --gemm-variants bf16-torch,bf16-tilestack,fp8-act,fp8-act-two-pass,fp8-act-gemm-only,fp8-act-gluon,fp8-act-gluon-ws ;;
+    fp8-sweep) part 330 fp8-sweep python3 scripts/bench_inference.py --cases gemm --gemm-variants bf16-torch,fp8-act \
+                 --gemm-sweep --json "$F/fp8_sweep.json" ;;
     norm-bwd) part 120 norm-bwd python3 scripts/gpu/check_norm_backward.py --json "$F/norm_backward.json" ;;
     dropout) part 130 dropout python3 scripts/gpu/check_dropout.py --json "$F/dropout.json" ;;
     inference) part 300 inference python3 scripts/bench_inference.py --json "$F/inference.json" ;;
