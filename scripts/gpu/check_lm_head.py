@@ -12,12 +12,16 @@ kernels each GEMM of it gets, in one process.
    gradients in its forward), against torch's ``F.cross_entropy(F.linear(x, W).float(), labels)`` and its
    backward, at the GPT-2 step's (8192, 768, 50257) and the Llama step's (8192, 2048, 32000), bf16: time, peak
    memory, loss and gradient errors against float64 (on a slice of rows for memory).
+3. The logits-gradient kernel alone (``ce_grad_kernel``, two passes over a chunk's logits, three times its
+   bytes moved) at 2048 rows of 50257 (padded rows, as the op lays them out), 50304 and 65536 columns, over a
+   few configs: bytes/s against the H200's 4.27 TB/s copy.
 Prints a table last; ``--json`` writes every number.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
 import torch
@@ -114,23 +118,57 @@ def step_rows(device: str, quick: bool) -> list[dict]:
     return out
 
 
+CE_CONFIGS = [dict(BM=bm, BN=bn, num_warps=nw, num_stages=ns) for bm in (1, 2, 4) for bn in (2048, 4096, 8192)
+              for nw in (4, 8, 16) for ns in (1,)]
+
+
+def ce_kernel_rows(device: str, quick: bool) -> list[dict]:
+    from tilestack.kernels.cross_entropy import ce_grad_kernel
+    rows_n = 16 if quick else 2048
+    out = []
+    for width, v in ((50304, 50257), (50304, 50304), (65536, 65536)) if not quick else ((208, 201),):
+        g = torch.Generator(device=device).manual_seed(2)
+        buf = torch.randn(rows_n, width, device=device, dtype=torch.bfloat16, generator=g)
+        logits = buf[:, :v]
+        labels = torch.randint(0, v, (rows_n,), device=device, generator=g)
+        scale = torch.full((rows_n,), 1.0 / rows_n, device=device)
+        loss = torch.empty(rows_n, device=device)
+        best = None
+        for cfg in CE_CONFIGS[:2] if quick else CE_CONFIGS:
+            cols = torch.arange(cfg["BN"], dtype=torch.float32, device=device)
+            fn = functools.partial(ce_grad_kernel, logits, labels, scale, cols, loss, **cfg)
+            try:
+                t = time_fn(fn, args_sets=[()], device=device, budget_s=0.3).median_s
+            except Exception:       # a config past the register or shared-memory limit
+                continue
+            if best is None or t < best[0]:
+                best = (t, cfg)
+        bytes_moved = 3 * rows_n * v * 2
+        out.append(dict(rows=rows_n, V=v, row_stride=width, best_ms=best[0] * 1e3, config=best[1],
+                        tb_per_s=bytes_moved / best[0] / 1e12))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() and not a.quick else "cpu"
-    gemms, steps = gemm_rows(device, a.quick), step_rows(device, a.quick)
+    gemms, steps, ce = gemm_rows(device, a.quick), step_rows(device, a.quick), ce_kernel_rows(device, a.quick)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                           torch=torch.__version__, gemms=gemms, steps=steps), f, indent=1)
+                           torch=torch.__version__, gemms=gemms, steps=steps, ce_kernel=ce), f, indent=1)
     for r in gemms:
         print(f"  {r['gemm']}: whole {r['kernels_whole']}\n  {r['gemm']}: split {r['kernels_split']}")
     print(f"{'gemm (c, d, V)':28} {'whole ms':>9} {'split ms':>9} {'speedup':>8} {'TFLOP/s':>8}")
     for r in gemms:
         print(f"{r['gemm'] + str((r['c'], r['d'], r['V'])):28} {r['whole_ms']:9.3f} {r['split_ms']:9.3f} "
               f"{r['speedup']:8.2f} {r['tflops_split']:8.1f}")
+    for r in ce:
+        print(f"ce_grad_kernel ({r['rows']}, {r['V']}) stride {r['row_stride']}: {r['best_ms']:.3f} ms "
+              f"{r['tb_per_s']:.2f} TB/s at {r['config']}")
     print(f"{'LM head + CE fwd+bwd':28} {'tilestack':>9} {'torch':>9} {'ratio':>8} {'peak ts/torch GB':>18} "
           f"{'err loss/dx/dw':>24}")
     for r in steps:
