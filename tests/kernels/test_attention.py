@@ -137,6 +137,26 @@ def test_attention_block_shapes(backend, causal, BM, BN, rng, poison_empty):
     check_against_float64(backend, q, k, v, do, causal, scale, fwd, bwd)
 
 
+@pytest.mark.parametrize("backend,dtype,causal,align", [
+    *(("reference", dt, c, a) for dt in (torch.bfloat16, torch.float32)
+      for c, a in ((False, "top_left"), (True, "top_left"), (True, "bottom_right"))),
+    ("triton", torch.bfloat16, True, "bottom_right"), ("triton", torch.float32, False, "top_left")], ids=str)
+def test_gqa_dkdv_per_query_head_matches_float64(backend, dtype, causal, align, rng, poison_empty, monkeypatch):
+    """GQA's dK/dV run per query head (K, V repeated, f32 partials summed over each group: what a GPU gets when
+    the per-K/V-head grid is too small for it) against float64, and against the per-K/V-head kernel."""
+    bwd = importlib.import_module("tilestack.kernels.attention_bwd")
+    q, k, v, do, scale = inputs(rng, (2, 6, 2, 29, 45, 32, None), dtype)
+    got = {}
+    for per_sm, split in ((10**9, True), (0, False)):
+        monkeypatch.setattr(bwd, "DKDV_PROGRAMS_PER_SM", per_sm)
+        attention_backward.plans.clear()            # the policy is planned once per signature
+        assert bwd.split_group(2, 6, 2, 45, 16, q.device) is split
+        got[split] = check_against_float64(backend, q, k, v, do, causal, scale, causal_align=align)[2]
+    attention_backward.plans.clear()
+    for a, b in zip(got[True], got[False], strict=True):
+        assert rel(a, b) <= TOL[dtype]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_triton_agrees_with_the_reference_executor(dtype, rng):
     q, k, v, do, scale = inputs(rng, SHAPES["gqa-nq<nk-d32"], dtype)

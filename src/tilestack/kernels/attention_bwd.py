@@ -13,6 +13,9 @@ top-left or bottom-right causal alignment, an additive or boolean ``attn_mask`` 
        dV += P^T dO,   dK += dS^T Q,   dS = P * (dO V^T - delta)
 3. ``attention_bwd_dq_kernel``: one program per (query block, batch * head), looping over key blocks:
        dQ += dS K
+With GQA and few (key block, batch * K/V head) programs for the GPU (a Llama-style 4 K/V heads at batch 1:
+512 programs of very unequal causal work for 132 SMs), the dK/dV kernel runs once per query head instead, on K
+and V repeated per query head, into f32 partials that are summed over each group (``split_group``).
 Each has a ``*_bias_kernel`` twin that adds the bias to the scores (the same body), and ``*_dropout_kernel``
 twins for a forward with dropout: the forward's mask M (kept entries, worth s = 1 / (1 - p)) is regenerated from
 the same stream (``attention_fwd.Dropout``), and with delta = rowsum(dO * O) as before
@@ -406,6 +409,23 @@ def default_config(D: int, causal: bool, device_type: str, dtype=None) -> dict[s
             "dq": dict(BM=32, BN=32, num_warps=8, num_stages=1)}
 
 
+DKDV_PROGRAMS_PER_SM = 4     # below this many dK/dV programs per SM, a GQA group is split across programs
+
+
+def _multiprocessors(device) -> int:
+    """SMs of a CUDA device; 1 elsewhere (the CPU executors: a split group then needs fewer than 4 programs)."""
+    import torch
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_group(B: int, H: int, Hkv: int, Nk: int, BN: int, device) -> bool:
+    """Whether the dK/dV kernel runs per query head (K, V repeated; f32 partials summed over each group): GQA
+    (H > Hkv) with fewer than DKDV_PROGRAMS_PER_SM programs per SM when it runs per K/V head."""
+    return H > Hkv and B * Hkv * -(-Nk // BN) < DKDV_PROGRAMS_PER_SM * _multiprocessors(device)
+
+
 @planned
 def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float | None = None, *,
                        backend: str | None = None, config: dict[str, dict] | None = None, attn_mask=None,
@@ -458,6 +478,30 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
     if dropout_p > 0:   # kernels of their own: dropout_p = 0 runs the kernels below, untouched
         return _dropout_run(q, k, v, bias, do, lse, delta, dq, dk, dv, scale, rng, float(dropout_p), buffers,
                             launch_delta, backends, consts, cfg, (B, H, Nq, Nk))
+    group = H // k.shape[1]
+    split = not with_bias and split_group(B, H, k.shape[1], Nk, cfg["dkdv"].get("BN", _KV_BN.default), q.device)
+    if split:               # per query head: K, V repeated (B, H, Nk, *), dK, dV partials in f32
+        def repeated(q, k, v):
+            kx, vx = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            return kx, vx, torch.empty(kx.shape, dtype=torch.float32, device=q.device), \
+                torch.empty(vx.shape, dtype=torch.float32, device=q.device)
+        kx, vx, dkx, dvx = repeated(q, k, v)
+        launch_dkdv = tuned_launcher(attention_bwd_dkdv_kernel, (q, kx, vx, do, lse, delta, dkx, dvx, scale),
+                                     *backends["dkdv"], **consts, **cfg["dkdv"])
+        launch_dq = tuned_launcher(attention_bwd_dq_kernel, (q, k, v, do, lse, delta, dq, scale), *backends["dq"],
+                                   **consts, **cfg["dq"])
+
+        def run_split(q, k, v, o, lse, do, *_, **__):
+            delta, dq, _, _ = buffers(q, k, v)
+            do = do.contiguous()
+            launch_delta((o, do, delta))
+            kx, vx, dkx, dvx = repeated(q, k, v)
+            launch_dkdv((q, kx, vx, do, lse, delta, dkx, dvx, scale))
+            launch_dq((q, k, v, do, lse, delta, dq, scale))
+            Hkv = k.shape[1]        # (B, H, Nk, *) f32 -> (B, Hkv, Nk, *): the group's sum, rounded once
+            return (dq, dkx.view(B, Hkv, group, Nk, D).sum(2).to(k.dtype),
+                    dvx.view(B, Hkv, group, Nk, Dv).sum(2).to(v.dtype))
+        return run_split
     if not with_bias:
         launch_dkdv = tuned_launcher(attention_bwd_dkdv_kernel, (q, k, v, do, lse, delta, dk, dv, scale),
                                      *backends["dkdv"], **consts, **cfg["dkdv"])

@@ -198,12 +198,15 @@ def fused_linear_cross_entropy(x, weight, labels, *, ignore_index: int = IGNORE_
         hi = min(t, lo + step)
         xc = x[lo:hi]                                # (c, d)
         rows = torch.empty(hi - lo, padded, dtype=x.dtype, device=x.device)
-        if padded > v and x.device.type == "cpu":
-            rows[:, v:].zero_()                      # torch's CPU bf16 mm reads a strided A's row past K (2.13)
         logits = rows[:, :v]                         # (c, V), row stride padded
+        if padded > v:
+            # The kernel runs over the padded rows (whole 64-wide tiles: 2x the bytes/s of a ragged V on the
+            # H200), the padding as -inf logits, which it turns into zero gradients; the GEMMs after it read
+            # zeros there (torch 2.13's CPU bf16 mm reads a strided row past K).
+            rows[:, v:].fill_(-math.inf)
         for a, b in parts:
             torch.mm(xc, weight[a:b].T, out=logits[:, a:b])      # x's dtype, f32 accumulation
-        ce_grad_kernel(logits, labels[lo:hi], scale[lo:hi], cols, row_loss[lo:hi], backend=backend, **cfg)
+        ce_grad_kernel(rows, labels[lo:hi], scale[lo:hi], cols, row_loss[lo:hi], backend=backend, **cfg)
         for n, (a, b) in enumerate(parts):
             if n == 0:
                 torch.mm(logits[:, a:b], weight[a:b], out=dx[lo:hi])     # (c, d) = (c, V) @ (V, d)
