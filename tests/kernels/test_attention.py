@@ -146,12 +146,14 @@ def test_gqa_dkdv_per_query_head_matches_float64(backend, dtype, causal, align, 
     the per-K/V-head grid is too small for it) against float64, and against the per-K/V-head kernel."""
     bwd = importlib.import_module("tilestack.kernels.attention_bwd")
     q, k, v, do, scale = inputs(rng, (2, 6, 2, 29, 45, 32, None), dtype)
+    k = k.transpose(1, 2).contiguous().transpose(1, 2)     # (B, Hkv, Nk, D) viewed from (B, Nk, Hkv, D), as a model
     got = {}
     for per_sm, split in ((10**9, True), (0, False)):
         monkeypatch.setattr(bwd, "DKDV_PROGRAMS_PER_SM", per_sm)
         attention_backward.plans.clear()            # the policy is planned once per signature
         assert bwd.split_group(2, 6, 2, 45, 16, q.device) is split
         got[split] = check_against_float64(backend, q, k, v, do, causal, scale, causal_align=align)[2]
+        assert got[split][1].stride() == torch.empty_like(k).stride()    # as torch.compile's fake kernel says
     attention_backward.plans.clear()
     for a, b in zip(got[True], got[False], strict=True):
         assert rel(a, b) <= TOL[dtype]

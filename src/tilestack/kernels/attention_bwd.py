@@ -498,9 +498,11 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
             kx, vx, dkx, dvx = repeated(q, k, v)
             launch_dkdv((q, kx, vx, do, lse, delta, dkx, dvx, scale))
             launch_dq((q, k, v, do, lse, delta, dq, scale))
-            Hkv = k.shape[1]        # (B, H, Nk, *) f32 -> (B, Hkv, Nk, *): the group's sum, rounded once
-            return (dq, dkx.view(B, Hkv, group, Nk, D).sum(2).to(k.dtype),
-                    dvx.view(B, Hkv, group, Nk, Dv).sum(2).to(v.dtype))
+            Hkv = k.shape[1]        # (B, H, Nk, *) f32 -> (B, Hkv, Nk, *): the group's sum, rounded once,
+            dk, dv = torch.empty_like(k), torch.empty_like(v)      # laid out like k and v, as the other path
+            dk.copy_(dkx.view(B, Hkv, group, Nk, D).sum(2))
+            dv.copy_(dvx.view(B, Hkv, group, Nk, Dv).sum(2))
+            return dq, dk, dv
         return run_split
     if not with_bias:
         launch_dkdv = tuned_launcher(attention_bwd_dkdv_kernel, (q, k, v, do, lse, delta, dk, dv, scale),
