@@ -151,12 +151,22 @@ def test_gqa_dkdv_per_query_head_matches_float64(backend, dtype, causal, align, 
     for per_sm, split in ((10**9, True), (0, False)):
         monkeypatch.setattr(bwd, "DKDV_PROGRAMS_PER_SM", per_sm)
         attention_backward.plans.clear()            # the policy is planned once per signature
-        assert bwd.split_group(2, 6, 2, 45, 16, q.device) is split
+        assert bwd.split_group(2, 6, 2, 45, 16, q.device, 32, 32) is split
         got[split] = check_against_float64(backend, q, k, v, do, causal, scale, causal_align=align)[2]
         assert got[split][1].stride() == torch.empty_like(k).stride()    # as torch.compile's fake kernel says
     attention_backward.plans.clear()
     for a, b in zip(got[True], got[False], strict=True):
         assert rel(a, b) <= TOL[dtype]
+
+
+def test_gqa_split_needs_few_programs_and_bounded_partials(monkeypatch):
+    bwd = importlib.import_module("tilestack.kernels.attention_bwd")
+    monkeypatch.setattr(bwd, "_multiprocessors", lambda device: 132)     # an H200
+    cuda = torch.device("cuda")
+    assert bwd.split_group(1, 16, 4, 8192, 64, cuda, 128, 128)           # Llama at (1, 8192): 512 programs
+    assert not bwd.split_group(4, 16, 4, 8192, 64, cuda, 128, 128)       # 2048 programs
+    assert not bwd.split_group(1, 16, 16, 8192, 64, cuda, 128, 128)      # no group to split
+    assert not bwd.split_group(1, 64, 1, 32768, 64, cuda, 256, 256)      # MQA: 8 GiB of partials
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -410,6 +410,7 @@ def default_config(D: int, causal: bool, device_type: str, dtype=None) -> dict[s
 
 
 DKDV_PROGRAMS_PER_SM = 4     # below this many dK/dV programs per SM, a GQA group is split across programs
+SPLIT_MAX_BYTES = 1 << 30    # ... unless its f32 dK, dV partials (B, H, Nk, *) would take more than this
 
 
 def _multiprocessors(device) -> int:
@@ -420,10 +421,12 @@ def _multiprocessors(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def split_group(B: int, H: int, Hkv: int, Nk: int, BN: int, device) -> bool:
+def split_group(B: int, H: int, Hkv: int, Nk: int, BN: int, device, D: int = 0, Dv: int = 0) -> bool:
     """Whether the dK/dV kernel runs per query head (K, V repeated; f32 partials summed over each group): GQA
-    (H > Hkv) with fewer than DKDV_PROGRAMS_PER_SM programs per SM when it runs per K/V head."""
-    return H > Hkv and B * Hkv * -(-Nk // BN) < DKDV_PROGRAMS_PER_SM * _multiprocessors(device)
+    (H > Hkv) with fewer than DKDV_PROGRAMS_PER_SM programs per SM when it runs per K/V head, and partials of
+    head dims D and Dv within SPLIT_MAX_BYTES."""
+    few = B * Hkv * -(-Nk // BN) < DKDV_PROGRAMS_PER_SM * _multiprocessors(device)
+    return H > Hkv and few and B * H * Nk * (D + Dv) * 4 <= SPLIT_MAX_BYTES
 
 
 @planned
@@ -479,7 +482,8 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
         return _dropout_run(q, k, v, bias, do, lse, delta, dq, dk, dv, scale, rng, float(dropout_p), buffers,
                             launch_delta, backends, consts, cfg, (B, H, Nq, Nk))
     group = H // k.shape[1]
-    split = not with_bias and split_group(B, H, k.shape[1], Nk, cfg["dkdv"].get("BN", _KV_BN.default), q.device)
+    split = not with_bias and split_group(B, H, k.shape[1], Nk, cfg["dkdv"].get("BN", _KV_BN.default), q.device,
+                                          D, Dv)
     if split:               # per query head: K, V repeated (B, H, Nk, *), dK, dV partials in f32
         def repeated(q, k, v):
             kx, vx = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
