@@ -50,8 +50,12 @@ def data(rng, T, d, V, dtype, ignored=(), std=1.0):
     (9, 16, 130, 4, dict(BM=2, BN=32)),          # 3 chunks, each's GEMMs over columns 0-127 and 128-129 apart
     (37, 64, 101, None, dict(BM=4, BN=32)),      # torch 2.13's CPU bf16 mm reads a padded row past K
 ], ids=str)
-def test_fused_linear_cross_entropy_matches_float64_and_reference(backend, dtype, T, d, V, chunk, cfg, rng,
-                                                                  poison_empty):
+@pytest.mark.parametrize("split", [True, False], ids=["gemms-split", "gemms-whole"])
+def test_fused_linear_cross_entropy_matches_float64_and_reference(backend, dtype, T, d, V, chunk, cfg, split, rng,
+                                                                  poison_empty, monkeypatch):
+    """``split``: each chunk's GEMMs over the first multiple of 64 vocabulary entries and the rest apart (what
+    large chunks get), or whole."""
+    monkeypatch.setattr(mod, "SPLIT_MIN_LOGITS", 0 if split else 1 << 62)
     x, w, labels = data(rng, T, d, V, dtype, ignored=(1, T - 1), std=0.3)
     loss64, dx64, dw64 = f64(x, w, labels)
 

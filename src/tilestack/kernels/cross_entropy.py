@@ -144,6 +144,7 @@ def check_ce_args(fn: str, x, weight, labels, ignore_index) -> None:
 
 ROW_ALIGN = 64             # logits rows padded to a multiple of this many elements (GPT-2's 50257 is odd)
 CHUNK_BYTES = 1 << 28      # logits of one chunk: 256 MiB (GPT-2's 50257 columns: 2048 rows in bf16)
+SPLIT_MIN_LOGITS = 1 << 22 # a chunk of this many logits or more has its GEMMs split at a multiple of ROW_ALIGN
 
 
 def chunk_rows(t: int, v: int, itemsize: int) -> int:
@@ -190,9 +191,10 @@ def fused_linear_cross_entropy(x, weight, labels, *, ignore_index: int = IGNORE_
     dw = torch.zeros_like(weight) if t == 0 else torch.empty_like(weight)
     step = chunk or chunk_rows(t, v, x.element_size())
     padded = -(-v // ROW_ALIGN) * ROW_ALIGN          # rows start 16-byte aligned: vector loads, aligned GEMMs
-    # The GEMMs run over the first `va` vocabulary entries, a multiple of ROW_ALIGN, and the last few apart: with
-    # an odd V (GPT-2's 50257) as a GEMM dimension cuBLAS falls back to sm75-era kernels, 3-5x slower on Hopper.
-    va = v - v % ROW_ALIGN
+    # Large chunks' GEMMs run over the first `va` vocabulary entries, a multiple of ROW_ALIGN, and the last few
+    # apart: with an odd V (GPT-2's 50257) as a GEMM dimension cuBLAS falls back to sm75-era kernels, 1.5-7x
+    # slower on the H200 (docs/performance.md). Small ones are host-bound: three GEMM calls, not six.
+    va = v - v % ROW_ALIGN if min(step, t) * v >= SPLIT_MIN_LOGITS else v
     parts = [(0, va), (va, v)] if 0 < va < v else [(0, v)]
     for lo in range(0, t, step):
         hi = min(t, lo + step)
