@@ -118,6 +118,20 @@ def test_opcheck_backward(backend, causal, rng):
                               (q, k, v, o, lse, do, None, causal, 0.2, "top_left"))
 
 
+def test_opcheck_backward_gqa_split_per_query_head(rng, monkeypatch):
+    """The backward's GQA path that runs dK/dV per query head (forced here; a GPU takes it for small grids) keeps
+    the fake kernel's layouts, also for k and v seen from a (B, N, Hkv, D) projection."""
+    import tilestack.kernels.attention_bwd as bwd
+    monkeypatch.setattr(bwd, "DKDV_PROGRAMS_PER_SM", 10**9)
+    bwd.attention_backward.plans.clear()
+    q, k, v, _ = make(rng, SHAPES["gqa-nq<nk"], torch.float16, requires_grad=False)
+    k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
+    o, lse = torch.ops.tilestack.attention_fwd(q, k, v, None, True, 0.2, "top_left")
+    do = randn(rng, tuple(q.shape), torch.float16)
+    torch.library.opcheck(torch.ops.tilestack.attention_bwd.default, (q, k, v, o, lse, do, None, True, 0.2, "top_left"))
+    bwd.attention_backward.plans.clear()
+
+
 # ---- torch.compile --------------------------------------------------------------------------------------------
 class Block(torch.nn.Module):
     """Projections around tilestack.attention (GQA: 4 query heads, 2 K/V heads of dim 16)."""
