@@ -14,8 +14,8 @@ top-left or bottom-right causal alignment, an additive or boolean ``attn_mask`` 
 3. ``attention_bwd_dq_kernel``: one program per (query block, batch * head), looping over key blocks:
        dQ += dS K
 With GQA and few (key block, batch * K/V head) programs for the GPU (a Llama-style 4 K/V heads at batch 1:
-512 programs of very unequal causal work for 132 SMs), the dK/dV kernel runs once per query head instead, on K
-and V repeated per query head, into f32 partials that are summed over each group (``split_group``).
+512 programs of very unequal causal work for 132 SMs), the dK/dV kernel runs a program per query head instead
+(``PER_Q_HEAD``), each writing its head's share of dK, dV, which are summed over each group (``split_group``).
 Each has a ``*_bias_kernel`` twin that adds the bias to the scores (the same body), and ``*_dropout_kernel``
 twins for a forward with dropout: the forward's mask M (kept entries, worth s = 1 / (1 - p)) is regenerated from
 the same stream (``attention_fwd.Dropout``), and with delta = rowsum(dO * O) as before
@@ -161,14 +161,22 @@ def _dkdv_block(i, h, *, b, q, do, lse, delta, k, v, s, dp, p, ds, dk, dv, Q, dO
 
 
 def _dkdv(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale, *, D: int, DV: int | None, causal: bool,
-          causal_align: str, BM: int, BN: int, precision: str = "ieee", dropout: tuple | None = None):
+          causal_align: str, BM: int, BN: int, precision: str = "ieee", dropout: tuple | None = None,
+          per_query_head: bool = False):
     """The body of every dK/dV kernel (``Bias`` is None for the unbiased ones; ``dropout`` is the forward's
-    (seed, offset, p, scale) for the dropout ones)."""
+    (seed, offset, p, scale) for the dropout ones). ``per_query_head``: a program per (key block, batch * query
+    head), whose dK, dV (B, H, Nk, *) are that head's share, summed over the group afterwards; else a program per
+    (key block, batch * K/V head) that sums its group's heads itself."""
     DV = D if DV is None else DV
     j, bh = ts.block_id(0), ts.block_id(1)
     Hkv = K.shape[1]
-    b, hk = bh // Hkv, bh % Hkv
     group = Q.shape[1] // Hkv                    # query heads per K/V head
+    if per_query_head:
+        b, out_h = bh // Q.shape[1], bh % Q.shape[1]
+        hk, first_h, heads = out_h // group, out_h, 1
+    else:
+        b, out_h = bh // Hkv, bh % Hkv
+        hk, first_h, heads = out_h, out_h * group, group
     shift = causal_shift(Q, K, causal, causal_align)
 
     k = ts.SharedTile[K.dtype, BN, D]()
@@ -194,8 +202,8 @@ def _dkdv(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale, *, D: int, DV: int | Non
                  dO=dO, LSE=LSE, Delta=Delta, qk_scale=scale * LOG2E, shift=shift,
                  empty_rows=Bias is not None or shift is not None, Bias=Bias, bias=bias, j=j, BM=BM, BN=BN,
                  precision=precision, dropout=drop, Nk=K.shape[2])
-    for g in ts.range(group):
-        h = hk * group + g
+    for g in ts.range(heads):
+        h = first_h + g
         if causal:                               # the diagonal (and maybe the ragged last query block)
             for i in ts.range(first, full):
                 _dkdv_block(i, h, masked=True, diagonal=True, **tiles)
@@ -210,12 +218,12 @@ def _dkdv(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale, *, D: int, DV: int | Non
     out_v = ts.RegTile[dV.dtype, BN, DV]()
     ts.copy(out_k, dk)
     ts.copy(out_v, dv)
-    ts.store(dK, out_k, at=(b, hk, j, 0))
-    ts.store(dV, out_v, at=(b, hk, j, 0))
+    ts.store(dK, out_k, at=(b, out_h, j, 0))
+    ts.store(dV, out_v, at=(b, out_h, j, 0))
 
 
-def _grid_kv(K, BN):
-    return (ts.cdiv(K.shape[2], BN), K.shape[0] * K.shape[1])
+def _grid_kv(K, dK, BN):
+    return (ts.cdiv(K.shape[2], BN), dK.shape[0] * dK.shape[1])     # dK's heads: K's, or Q's per query head
 
 
 # Triton's launch options by default (not tunables of the kernel: the tuner searches them as the backend's)
@@ -227,10 +235,12 @@ _KV_BN = ts.tunable(128, (16, 32, 64, 128))
 @ts.kernel(grid=_grid_kv, options=_BWD_OPTIONS)
 def attention_bwd_dkdv_kernel(Q, K, V, dO, LSE, Delta, dK, dV, scale: float, *,
                               D: int, DV: int | None = None, causal: bool = False, causal_align: str = "top_left",
-                              BM: int = _KV_BM, BN: int = _KV_BN, precision: str = "ieee"):
-    """dK (like K) and dV (like V); D and DV are the tile widths of the q/k and v head dims."""
+                              BM: int = _KV_BM, BN: int = _KV_BN, precision: str = "ieee",
+                              PER_Q_HEAD: bool = False):
+    """dK (like K) and dV (like V); D and DV are the tile widths of the q/k and v head dims. ``PER_Q_HEAD``: dK,
+    dV are (B, H, Nk, *), each query head's share (GQA: summed over each group by the caller)."""
     _dkdv(Q, K, V, None, dO, LSE, Delta, dK, dV, scale, D=D, DV=DV, causal=causal, causal_align=causal_align,
-          BM=BM, BN=BN, precision=precision)
+          BM=BM, BN=BN, precision=precision, per_query_head=PER_Q_HEAD)
 
 
 @ts.kernel(grid=_grid_kv, options=_BWD_OPTIONS)
@@ -410,7 +420,7 @@ def default_config(D: int, causal: bool, device_type: str, dtype=None) -> dict[s
 
 
 DKDV_PROGRAMS_PER_SM = 4     # below this many dK/dV programs per SM, a GQA group is split across programs
-SPLIT_MAX_BYTES = 1 << 30    # ... unless its f32 dK, dV partials (B, H, Nk, *) would take more than this
+SPLIT_MAX_BYTES = 1 << 30    # ... unless its dK, dV shares (B, H, Nk, *) would take more than this
 
 
 def _multiprocessors(device) -> int:
@@ -422,9 +432,9 @@ def _multiprocessors(device) -> int:
 
 
 def split_group(B: int, H: int, Hkv: int, Nk: int, BN: int, device, D: int = 0, Dv: int = 0) -> bool:
-    """Whether the dK/dV kernel runs per query head (K, V repeated; f32 partials summed over each group): GQA
-    (H > Hkv) with fewer than DKDV_PROGRAMS_PER_SM programs per SM when it runs per K/V head, and partials of
-    head dims D and Dv within SPLIT_MAX_BYTES."""
+    """Whether the dK/dV kernel runs per query head (each head's share of dK, dV summed over its group after):
+    GQA (H > Hkv) with fewer than DKDV_PROGRAMS_PER_SM programs per SM when it runs per K/V head, and shares of
+    head dims D and Dv (at most 4 bytes an element) within SPLIT_MAX_BYTES."""
     few = B * Hkv * -(-Nk // BN) < DKDV_PROGRAMS_PER_SM * _multiprocessors(device)
     return H > Hkv and few and B * H * Nk * (D + Dv) * 4 <= SPLIT_MAX_BYTES
 
@@ -484,28 +494,26 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
     group = H // k.shape[1]
     split = not with_bias and split_group(B, H, k.shape[1], Nk, cfg["dkdv"].get("BN", _KV_BN.default), q.device,
                                           D, Dv)
-    if split:               # per query head: K, V repeated (B, H, Nk, *), dK, dV partials in f32
-        def repeated(q, k, v):
-            kx, vx = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-            return kx, vx, torch.empty(kx.shape, dtype=torch.float32, device=q.device), \
-                torch.empty(vx.shape, dtype=torch.float32, device=q.device)
-        kx, vx, dkx, dvx = repeated(q, k, v)
-        launch_dkdv = tuned_launcher(attention_bwd_dkdv_kernel, (q, kx, vx, do, lse, delta, dkx, dvx, scale),
-                                     *backends["dkdv"], **consts, **cfg["dkdv"])
+    if split:               # per query head: dK, dV shares (B, H, Nk, *) in k's and v's dtypes, summed per group
+        def shares(q, k, v):
+            return (torch.empty((B, H, Nk, D), dtype=k.dtype, device=q.device),
+                    torch.empty((B, H, Nk, Dv), dtype=v.dtype, device=q.device))
+        dkx, dvx = shares(q, k, v)
+        launch_dkdv = tuned_launcher(attention_bwd_dkdv_kernel, (q, k, v, do, lse, delta, dkx, dvx, scale),
+                                     *backends["dkdv"], **consts, **cfg["dkdv"], PER_Q_HEAD=True)
         launch_dq = tuned_launcher(attention_bwd_dq_kernel, (q, k, v, do, lse, delta, dq, scale), *backends["dq"],
                                    **consts, **cfg["dq"])
 
         def run_split(q, k, v, o, lse, do, *_, **__):
-            delta, dq, _, _ = buffers(q, k, v)
+            delta, dq, dk, dv = buffers(q, k, v)      # dk, dv laid out like k and v, as the other path's
             do = do.contiguous()
             launch_delta((o, do, delta))
-            kx, vx, dkx, dvx = repeated(q, k, v)
-            launch_dkdv((q, kx, vx, do, lse, delta, dkx, dvx, scale))
+            dkx, dvx = shares(q, k, v)
+            launch_dkdv((q, k, v, do, lse, delta, dkx, dvx, scale))
             launch_dq((q, k, v, do, lse, delta, dq, scale))
-            Hkv = k.shape[1]        # (B, H, Nk, *) f32 -> (B, Hkv, Nk, *): the group's sum, rounded once,
-            dk, dv = torch.empty_like(k), torch.empty_like(v)      # laid out like k and v, as the other path
-            dk.copy_(dkx.view(B, Hkv, group, Nk, D).sum(2))
-            dv.copy_(dvx.view(B, Hkv, group, Nk, Dv).sum(2))
+            Hkv = k.shape[1]        # the shares (each in k's dtype, as FlashAttention-2's) summed in f32
+            dk.copy_(dkx.view(B, Hkv, group, Nk, D).sum(2, dtype=torch.float32))
+            dv.copy_(dvx.view(B, Hkv, group, Nk, Dv).sum(2, dtype=torch.float32))
             return dq, dk, dv
         return run_split
     if not with_bias:
