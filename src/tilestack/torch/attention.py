@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import torch
 
+from tilestack.kernels._plan import planned
 from tilestack.kernels.attention_bwd import attention_backward
 from tilestack.kernels.attention_fwd import attention_forward, check_attention_args, dropout_rng
+from tilestack.lang.kernel import remember
 
 
 @torch.library.custom_op("tilestack::attention_fwd", mutates_args=())
@@ -86,24 +88,56 @@ def _backward(ctx, do, _dlse):
 attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _AttentionPlan:
+    """One forward signature's eager path: the forward's run, and the backward's runs found by the layout of the
+    output's gradient alone (q, k, v, o, lse and the mask are the forward's, so their layouts follow from its
+    signature): a backward computes a three-field key, not the six-tensor one of ``attention_backward``."""
+
+    def __init__(self, q, k, v, attn_mask, causal, scale, causal_align, dropout_p, rng, precision):
+        # no tensor is kept here (a mask's memory would outlive its step): the mask and rng come with each call
+        self.options = dict(causal_align=causal_align, dropout_p=dropout_p, precision=precision)
+        self.forward_run = attention_forward.plan_for(q, k, v, causal, scale, attn_mask=attn_mask, rng=rng,
+                                                      **self.options)
+        self.backwards: dict = {}
+
+    def forward(self, q, k, v, causal, scale, attn_mask, rng):
+        return self.forward_run(q, k, v, causal, scale, attn_mask=attn_mask, rng=rng, **self.options)
+
+    def backward(self, q, k, v, o, lse, do, causal, scale, attn_mask, rng):
+        key = (do.dtype, do.stride(), do.data_ptr() % 16)
+        kwargs = self.options | dict(attn_mask=attn_mask, rng=rng)
+        run = self.backwards.get(key)
+        if run is None:
+            run = remember(self.backwards, key, attention_backward.plan_for(q, k, v, o, lse, do, causal, scale,
+                                                                            **kwargs))
+        return run(q, k, v, o, lse, do, causal, scale, **kwargs)
+
+
+@planned
+def _attention_plans(q, k, v, attn_mask, causal, scale, causal_align, dropout_p, rng, precision):
+    return _AttentionPlan(q, k, v, attn_mask, causal, scale, causal_align, dropout_p, rng, precision)
+
+
 class _Attention(torch.autograd.Function):
-    """The eager path: the kernels without the custom-op dispatcher (see the module docstring)."""
+    """The eager path: the kernels without the custom-op dispatcher (see the module docstring), through one
+    ``_AttentionPlan`` per forward signature."""
 
     @staticmethod
     def forward(ctx, q, k, v, attn_mask, causal, scale, causal_align, dropout_p, rng, precision):
-        o, lse = attention_forward(q, k, v, causal, scale, attn_mask=attn_mask, causal_align=causal_align,
-                                   dropout_p=dropout_p, rng=rng, precision=precision)
+        try:
+            plan = _attention_plans.plan_for(q, k, v, attn_mask, causal, scale, causal_align, dropout_p, rng,
+                                             precision)
+        except TypeError:      # an argument no key holds: the kernels' own checks refuse it
+            plan = _AttentionPlan(q, k, v, attn_mask, causal, scale, causal_align, dropout_p, rng, precision)
+        o, lse = plan.forward(q, k, v, causal, scale, attn_mask, rng)
         ctx.save_for_backward(q, k, v, o, lse, attn_mask)
-        ctx.causal, ctx.scale, ctx.causal_align = causal, scale, causal_align
-        ctx.dropout_p, ctx.rng, ctx.precision = dropout_p, rng, precision   # rng: a CPU tensor, not saved state
+        ctx.plan, ctx.causal, ctx.scale, ctx.rng = plan, causal, scale, rng   # rng: a CPU tensor, not saved state
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, attn_mask = ctx.saved_tensors
-        dq, dk, dv = attention_backward(q, k, v, o, lse, do, ctx.causal, ctx.scale, attn_mask=attn_mask,
-                                        causal_align=ctx.causal_align, dropout_p=ctx.dropout_p, rng=ctx.rng,
-                                        precision=ctx.precision)
+        dq, dk, dv = ctx.plan.backward(q, k, v, o, lse, do, ctx.causal, ctx.scale, attn_mask, ctx.rng)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
