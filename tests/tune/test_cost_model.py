@@ -10,9 +10,16 @@ import torch
 from tilestack.errors import TunableError
 from tilestack.kernels.gemm import gemm_kernel
 from tilestack.tune.constraints import estimate
-from tilestack.tune.cost_model import CostModel, Dataset, active_search, expected_improvement, target
+from tilestack.tune.cost_model import CostModel, Dataset, active_search, bound_slope, expected_improvement, target
 from tilestack.tune.devices import DeviceKey
-from tilestack.tune.features import FEATURES, config_features, device_peaks, resource_features, vector
+from tilestack.tune.features import (
+    FEATURES,
+    config_features,
+    derived_features,
+    device_peaks,
+    resource_features,
+    vector,
+)
 
 pytest.importorskip("sklearn")
 H100 = DeviceKey.parse("sm90-132sm-227kb")
@@ -40,14 +47,59 @@ def test_gemm_features():
     assert v[FEATURES.index("aot_registers")] == 168 and v[FEATURES.index("has_aot")] == 1
 
 
+def test_derived_features():
+    # 32 programs of one block per SM on 132 SMs (waves = 32 / 132): 100 SMs idle; 8 warps over a 4096-element tile
+    f = {"log2_programs": 5.0, "waves": 32 / 132, "blocks_per_sm": 1.0, "log2_warps": 3.0, "log2_tile_elements": 12.0}
+    d = derived_features(f)
+    assert d["log2_sm_fill"] == pytest.approx(math.log2(32 / 132)) and d["log2_elements_per_thread"] == 4.0
+    # two blocks per SM: the same SMs, half the waves; more programs than SMs: no idle SM
+    two = derived_features(f | {"waves": 32 / 264, "blocks_per_sm": 2.0})
+    assert two["log2_sm_fill"] == pytest.approx(d["log2_sm_fill"])
+    assert derived_features(f | {"log2_programs": 10.0, "waves": 1024 / 132})["log2_sm_fill"] == 0.0
+    one = derived_features(f | {"log2_programs": 0.0, "waves": 1 / 132})       # one program: log2 of it is 0
+    assert one["log2_sm_fill"] == pytest.approx(-math.log2(132))
+    # a stored feature dict without them gains them in its vector; GEMM's features have them from the estimate
+    v = vector(f)
+    assert v[FEATURES.index("log2_sm_fill")] == pytest.approx(d["log2_sm_fill"])
+    g = _gemm_features(n=1024, BM=128, BN=256, BK=64, num_warps=8, num_stages=3)       # 8 x 4 = 32 tiles
+    assert 2 ** g["log2_sm_fill"] == pytest.approx(32 / H100.sms)
+
+
+def test_the_idle_sm_bound_extrapolates_past_the_training_launches():
+    # trained only on launches that fill the SMs; a launch on a quarter of them is predicted 2 (log2) slower
+    rng = np.random.default_rng(4)
+    X, y = _synthetic(300, rng)
+    model = CostModel(n_trees=30).fit(X, y)
+    Xt = _noise(rng, 20)
+    idle = Xt.copy()
+    idle[:, FEATURES.index("log2_sm_fill")] = -2.0
+    assert model.predict(idle)[0] - model.predict(Xt)[0] == pytest.approx(np.full(20, 2.0))
+
+
+def test_the_bound_holds_unless_the_times_run_against_it():
+    b = np.array([0.0, 0.0, 1.0, 2.0, 3.0])
+    assert bound_slope(b, 0.5 * b + 3.0) == 1.0          # slower with idle SMs, if less than the bound: it holds
+    assert bound_slope(b, -b) == 0.0                     # faster with idle SMs: not a GPU's times
+    assert bound_slope(np.zeros(5), b) == 1.0            # no idle SM in the data: nothing against it
+    y = np.array([0.0, 0.0, -1.0, 5.0, 9.0])
+    assert bound_slope(b, y) == 1.0 and bound_slope(b, y, np.array([1.0, 1.0, 1.0, 0.0, 0.0])) == 0.0   # weighted
+
+
 def test_vector_zeroes_what_is_missing_or_not_finite():
     v = vector({"log2_warps": float("nan"), "stages": float("inf"), "log2_bm": 3.0})
     assert v[:3] == [0.0, 0.0, 3.0] and len(v) == len(FEATURES)
 
 
+def _noise(rng, n):
+    """(n, features) of noise, except that every launch fills the SMs (``log2_sm_fill`` 0: no idle-SM bound)."""
+    X = rng.normal(size=(n, len(FEATURES)))
+    X[:, FEATURES.index("log2_sm_fill")] = 0.0
+    return X
+
+
 def _synthetic(n, rng, shift=0.0):
     """Candidates with 3 informative features and the rest noise; time = a bowl with its minimum at (1, -1)."""
-    X = rng.normal(size=(n, len(FEATURES)))
+    X = _noise(rng, n)
     y = (X[:, 0] - 1) ** 2 + (X[:, 1] + 1) ** 2 + 0.5 * X[:, 2] + shift
     return X, y
 
@@ -155,7 +207,7 @@ def test_dataset_load(tmp_path):
 def _write_dataset(path, rng, n=40):
     lines = [{"type": "problem", "id": "p", "kernel": "gemm", "n": 64}]
     for _ in range(n):
-        f = {name: float(v) for name, v in zip(FEATURES, rng.normal(size=len(FEATURES)), strict=True)}
+        f = {name: float(v) for name, v in zip(FEATURES, _noise(rng, 1)[0], strict=True)}
         lines.append({"type": "config", "id": "p", "config": {}, "group": "kept", "us": float(rng.uniform(1, 9)),
                       "features": f})
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
@@ -187,9 +239,9 @@ def test_active_order_is_active_search_one_step_at_a_time():
     from tilestack.tune.cost_model import active_order
 
     rng = np.random.default_rng(5)
-    X = rng.normal(size=(40, len(FEATURES)))
+    X = _noise(rng, 40)
     y = X[:, 0] ** 2 + 0.3 * X[:, 1]
-    prior_X = rng.normal(size=(200, len(FEATURES)))
+    prior_X = _noise(rng, 200)
     prior = (prior_X, prior_X[:, 0] ** 2 + 0.3 * prior_X[:, 1])
     batch = [s.index for s in active_search(X, lambda i: float(y[i]), budget=8, prior=prior, seeds=[4],
                                             n_trees=30)]

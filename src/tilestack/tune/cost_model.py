@@ -8,10 +8,12 @@ measure next by expected improvement.
 
 The target is ``log2(time / roofline time)`` (the roofline from the IR's FLOPs and bytes and the device table:
 a per-problem constant known before anything runs), so that problems of every size and kernel share one scale.
-The model is a random forest (scikit-learn): its mean over trees predicts, the spread of the trees is the
-uncertainty that expected improvement trades against the mean. On the target problem each measurement is
-added to the training set, weighted so that the target's own points count as much as all the pre-training
-data together once there are a few of them, and the forest is refitted (a few hundred ms). Pre-training
+The model is a random forest (scikit-learn) over what is left of the target once the launch's idle SMs are
+accounted for (``idle_sm_bound``: a launch of fewer programs than SMs runs at least SMs/programs times slower, a
+bound a forest cannot extrapolate to launches smaller than it trained on): its mean over trees predicts, the
+spread of the trees is the uncertainty that expected improvement trades against the mean. On the target problem
+each measurement is added to the training set, weighted so that the target's own points count as much as all the
+pre-training data together once there are a few of them, and the forest is refitted (a few hundred ms). Pre-training
 targets are centred per problem (the model learns how the configs of one problem compare); the target's
 measurements set its offset.
 
@@ -63,12 +65,35 @@ def target(us: float, features: dict[str, float]) -> float:
     return math.log2(us) - features.get("log2_roofline_us", 0.0)
 
 
+FILL = FEATURES.index("log2_sm_fill")
+
+
+def idle_sm_bound(X: np.ndarray) -> np.ndarray:
+    """(n,) log2 of how much slower than its roofline each config must run because some SMs get no program
+    (``features.derived_features``): known before anything runs, and outside what a forest can extrapolate."""
+    return -X[:, FILL]
+
+
+def bound_slope(bound: np.ndarray, y: np.ndarray, weight: np.ndarray | None = None) -> float:
+    """1 (the bound holds) unless ``y`` falls as ``bound`` rises (the weighted covariance is negative: times that
+    do not follow a GPU's SMs, as made-up or interpreter times need not), then 0. Only the sign of the data's
+    slope is read: its size is confounded (the launches that leave SMs idle are those of the largest tiles, which
+    run nearest their bound: on the H200's GEMMs the pooled slope is ~0.24 though the bound itself holds)."""
+    w = np.ones_like(y) if weight is None else weight
+    mb, my = np.average(bound, weights=w), np.average(y, weights=w)
+    return 0.0 if float(np.average((bound - mb) * (y - my), weights=w)) < 0 else 1.0
+
+
 class CostModel:
-    """A random forest over ``FEATURES`` vectors; ``predict`` gives (mean, std over trees)."""
+    """A random forest over ``FEATURES`` vectors; ``predict`` gives (mean, std over trees). The forest learns the
+    target less ``slope`` x ``idle_sm_bound``, and ``predict`` adds that back, so that a launch of fewer programs
+    than any it trained on is predicted slower by what its idle SMs cost, not at the level of the fewest programs
+    it has seen. ``slope`` is 1 unless the training times run against the bound (``bound_slope``), then 0."""
 
     def __init__(self, n_trees: int = N_TREES, seed: int = 0):
         self.n_trees, self.seed = n_trees, seed
         self.forest = None
+        self.slope = 1.0
         self.data: tuple[list, list] | None = None     # what it was fitted on (X, y): the prior of a refit
 
     def fit(self, X: Sequence, y: Sequence[float], weight: Sequence[float] | None = None) -> CostModel:
@@ -78,7 +103,10 @@ class CostModel:
                                "with n > 0")
         forest = _sklearn()(n_estimators=self.n_trees, min_samples_leaf=MIN_LEAF, max_features=MAX_FEATURES,
                             random_state=self.seed, n_jobs=1)
-        self.forest = forest.fit(X, y, sample_weight=None if weight is None else np.asarray(weight))
+        w = None if weight is None else np.asarray(weight, dtype=np.float64)
+        bound = idle_sm_bound(X)
+        self.slope = bound_slope(bound, y, w)
+        self.forest = forest.fit(X, y - self.slope * bound, sample_weight=w)
         if weight is None:
             self.data = (X.tolist(), y.tolist())
         return self
@@ -88,7 +116,7 @@ class CostModel:
             raise TunableError("CostModel.predict: fit the model first")
         X = np.asarray(X, dtype=np.float64)
         per_tree = np.stack([t.predict(X) for t in self.forest.estimators_])     # (trees, n)
-        return per_tree.mean(0), per_tree.std(0)
+        return per_tree.mean(0) + self.slope * idle_sm_bound(X), per_tree.std(0)
 
 
 def expected_improvement(mean: np.ndarray, std: np.ndarray, best: float, xi: float = XI) -> np.ndarray:

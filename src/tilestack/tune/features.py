@@ -8,8 +8,10 @@ where there is one, the compiler's resource report.
 
 Every feature is a number that means the same in every kernel (no kernel names): tile and launch shape (log2),
 pipelining, per-program work (FLOPs and bytes per program, their ratio), occupancy and waves over the SMs, how
-far the problem's roofline time is, and the compiler's registers, spills and shared memory. Sizes and counts
-enter as log2 (times span decades); a feature that does not apply is 0 and its ``has_*`` flag says so.
+far the problem's roofline time is, and the compiler's registers, spills and shared memory; then what
+``derived_features`` computes from those (elements per thread, the fraction of the SMs the launch fills), which a
+dataset stored before them gains in ``vector``. Sizes and counts enter as log2 (times span decades); a feature
+that does not apply is 0 and its ``has_*`` flag says so.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ FEATURES = (
     "log2_intensity", "log2_roofline_us", "compute_bound",
     "tma_fraction", "pointer_accesses", "loop_loads",
     "has_aot", "aot_registers", "aot_spills_log2", "aot_shared_kib", "aot_register_frac",
+    "log2_elements_per_thread", "log2_sm_fill",
 )
 AOT_FEATURES = frozenset(("has_aot", "aot_registers", "aot_spills_log2", "aot_shared_kib", "aot_register_frac"))
 KIB = 1024
@@ -73,7 +76,33 @@ def config_features(e, *, sms: int, shared_per_block: int, peak_flops: float | N
     f["log2_roofline_us"] = _log2(max(t_compute, t_memory) * 1e6)
     f["compute_bound"] = float(t_compute > t_memory)
     f.update(resource_features(None))
+    f.update(derived_features(f))
     return f
+
+
+def derived_features(f: dict[str, float]) -> dict[str, float]:
+    """Features computed from others, so that a dataset stored before they existed gains them too (``vector``
+    adds them where missing).
+
+    ``log2_elements_per_thread``: the largest register tile's elements over the block's threads. On a row kernel
+    it is how much work (and how many loads in flight) each thread has: too few and the warps wait on memory with
+    nothing to issue, too many and the registers spill or occupancy falls. On the H200's row kernels the best
+    configs hold 16-64 elements per thread whatever the row length, which the forest could only piece together
+    from tile size and warps in separate splits.
+
+    ``log2_sm_fill``: log2 of the fraction of the SMs that get a program (0 where there are at least as many
+    programs as SMs; the SM count from ``log2_programs``, ``waves`` and ``blocks_per_sm``): a launch of 32
+    programs on 132 SMs leaves 100 idle, so it runs at best 132/32 times its roofline. The cost model takes this
+    bound out of what its forest learns (``cost_model.CostModel``) because a forest cannot extrapolate it: the
+    problems it trained on may never launch that few programs."""
+    threads = f.get("log2_warps", 0.0) + math.log2(WARP_SIZE)
+    tile = f.get("log2_tile_elements", 0.0)
+    out = {"log2_elements_per_thread": tile - threads if tile else 0.0, "log2_sm_fill": 0.0}
+    programs, waves = f.get("log2_programs", 0.0), f.get("waves", 0.0)
+    if waves and waves > 0:             # some programs (log2_programs is 0 for one program and for none)
+        log2_sms = programs - math.log2(waves) - math.log2(max(f.get("blocks_per_sm", 1.0), 1.0))
+        out["log2_sm_fill"] = min(0.0, programs - log2_sms)
+    return out
 
 
 def resource_features(r: Any) -> dict[str, float]:
@@ -95,6 +124,7 @@ def resource_features(r: Any) -> dict[str, float]:
 def vector(f: dict[str, float], aot: bool = True) -> list[float]:
     """``f`` in ``FEATURES`` order (a missing or non-finite feature is 0; the compiler's report too unless
     ``aot``: a model that ranks configs before any compile must not learn from it)."""
+    f = derived_features(f) | f
     out = []
     for name in FEATURES:
         v = f.get(name, 0.0) if aot or name not in AOT_FEATURES else 0.0
