@@ -22,6 +22,8 @@ configs (rounded down, at least 1).
   time      tuning wall time: the measured configs' compile + first launch + timing, plus the model's own time
 The last lines are tables: per problem, and the medians / worst case against the bar (98% of the best at 10% of
 the measurements, worst case 95%).
+``--seed`` sets the forests' random seed (bootstrap and the features tried at each split): with budgets of one to
+a few measurements the worst case moves with it, so run a few seeds before reading a difference.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ def main(argv=None) -> int:
                     help="what the model is pre-trained without: the problem (pair) or its whole kernel")
     ap.add_argument("--random-seeds", type=int, default=20)
     ap.add_argument("--trees", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0, help="the forests' random seed (their bootstrap and split "
+                    "features; the search is deterministic given it): run a few to see how much is luck")
     ap.add_argument("--seed-device", default="nvidia-h100-80gb-hbm3", help="tables whose winners seed the search")
     ap.add_argument("--trust", type=float, default=TRUST, help="the predicted gain (log2) for which the model's "
                     "pick goes before an untuned default (tune.cost_model.first_seeds)")
@@ -82,7 +86,7 @@ def main(argv=None) -> int:
     if a.out:
         from tilestack.tune.cache import write_json_atomic
         write_json_atomic(a.out, {"data": paths, "budget_frac": a.budget_frac, "holdout": a.holdout, "trust": a.trust,
-                                  "problems": rows, "summary": summary})
+                                  "seed": a.seed, "problems": rows, "summary": summary})
     print_tables(rows, summary, a.budget_frac, a.holdout, [data.problems[r["id"]].meta.get("timer", "") for r in rows])
     return 0
 
@@ -97,7 +101,7 @@ def evaluate(p, data: Dataset, a) -> dict:
     held = dict(exclude_kernel=p.kernel) if a.holdout == "kernel" else dict(exclude=[p.id])
     prior = data.training(**held, aot=False)
     t0 = time.perf_counter()
-    model = CostModel(a.trees).fit(*prior) if prior[0] else None
+    model = CostModel(a.trees, a.seed).fit(*prior) if prior[0] else None
     fit_s = time.perf_counter() - t0
     out = {"id": p.id, "kernel": p.kernel, "n": n, "valid": int(np.isfinite(us).sum()), "budget": budget,
            "best_us": best, "prior_rows": len(prior[0])}
@@ -117,7 +121,7 @@ def evaluate(p, data: Dataset, a) -> dict:
     # ranking with the compiler's report among the features (where the data has one: GPU runs)
     prior_aot = data.training(**held, aot=True)
     if prior_aot[0] and any(p.features[i].get("has_aot") for i in kept):
-        mean_aot, _ = CostModel(a.trees).fit(*prior_aot).predict(p.X(kept, aot=True))
+        mean_aot, _ = CostModel(a.trees, a.seed).fit(*prior_aot).predict(p.X(kept, aot=True))
         out["spearman_aot"] = spearman(mean_aot[ran], us[ran])
         out["top1_regret_aot"] = float(us[np.argmin(mean_aot)] / best - 1)
 
@@ -127,7 +131,7 @@ def evaluate(p, data: Dataset, a) -> dict:
     # active learning: run to the whole space so that "measurements to 5%" is known, read off at the budget
     t0 = time.perf_counter()
     steps = active_search(X, measure, budget=min(n, max(3 * budget, AL_STEPS)), prior=prior if prior[0] else None,
-                          n_trees=a.trees)
+                          n_trees=a.trees, seed=a.seed)
     al_s = time.perf_counter() - t0
     al_order = [s.index for s in steps]
     out["al_frac"] = best / float(us[al_order[:budget]].min())
@@ -138,7 +142,7 @@ def evaluate(p, data: Dataset, a) -> dict:
     out["h100_seed"] = seed is not None
     if seed is not None:
         st = active_search(X, measure, budget=min(n, max(2 * budget, AL_STEPS)), prior=prior if prior[0] else None,
-                           seeds=[seed], n_trees=a.trees)
+                           seeds=[seed], n_trees=a.trees, seed=a.seed)
         seeded = [s.index for s in st]
         out["seeded_frac"] = best / float(us[seeded[:budget]].min())
         out["seeded_to_5pct"] = first_within(seeded, us, best)
@@ -151,14 +155,14 @@ def evaluate(p, data: Dataset, a) -> dict:
         out["tuner_frac"], out["tuner_to_5pct"], out["tuner_seed"] = out["seeded_frac"], out["seeded_to_5pct"], "table"
     else:
         st = active_search(X, measure, budget=min(n, max(2 * budget, AL_STEPS)), prior=prior if prior[0] else None,
-                           default=default, trust=a.trust, n_trees=a.trees)
+                           default=default, trust=a.trust, n_trees=a.trees, seed=a.seed)
         order = [s.index for s in st]
         out["tuner_frac"] = best / float(us[order[:budget]].min())
         out["tuner_to_5pct"] = first_within(order, us, best)
         out["tuner_seed"] = "default" if default is not None and order[0] == default else "model"
     if seed is None and default is not None:     # the rule before --trust: the default always first
         st = active_search(X, measure, budget=budget, prior=prior if prior[0] else None, seeds=[default],
-                           n_trees=a.trees)
+                           n_trees=a.trees, seed=a.seed)
         out["default_first_frac"] = best / float(us[[s.index for s in st]].min())
         out["default_alone_frac"] = best / float(us[default]) if np.isfinite(us[default]) else 0.0
     else:
