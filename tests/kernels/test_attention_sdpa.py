@@ -90,9 +90,13 @@ def test_reference_is_torchs_math_backend(nq, nk, mask, causal, align, rng):
 @pytest.mark.parametrize("nq,nk", [(13, 40), (40, 13), (1, 37), (37, 37)], ids=str)
 def test_causal_alignment(backend, dtype, align, nq, nk, rng, poison_empty):
     """Nq < Nk and Nq > Nk both ways: bottom-right with Nq > Nk leaves the first Nq - Nk rows with no key
-    (o = 0, lse = -inf, zero gradients)."""
+    (o = 0, lse = -inf, zero gradients). One query row aligned top-left sees one key: P = 1, o = v_0 and
+    dS = dO.v_0 - dO.o, zero exactly, so dq and dk are zero and the kernels' are the f32 rounding of that
+    difference (about 1e-6 here), measured against rel()'s 1e-3 floor: a wider bound there."""
     q, k, v, do, scale = inputs(rng, (1, 4, 2, nq, nk, 16, None), dtype)
-    o, lse, _ = check_against_float64(backend, q, k, v, do, True, scale, causal_align=align)
+    single = nq == 1 and align == "top_left"
+    o, lse, _ = check_against_float64(backend, q, k, v, do, True, scale, causal_align=align,
+                                      grad_scale=4.0 if single else 1.0)
     if align == "bottom_right" and nq > nk:
         assert torch.equal(o[:, :, : nq - nk], torch.zeros_like(o[:, :, : nq - nk]))
         assert bool(torch.isneginf(lse[:, :, : nq - nk]).all())
