@@ -494,31 +494,15 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
     group = H // k.shape[1]
     split = not with_bias and split_group(B, H, k.shape[1], Nk, cfg["dkdv"].get("BN", _KV_BN.default), q.device,
                                           D, Dv)
-    if split:               # per query head: dK, dV shares (B, H, Nk, *) in k's and v's dtypes, summed per group
-        def shares(q, k, v):
-            return (torch.empty((B, H, Nk, D), dtype=k.dtype, device=q.device),
-                    torch.empty((B, H, Nk, Dv), dtype=v.dtype, device=q.device))
-        dkx, dvx = shares(q, k, v)
-        launch_dkdv = tuned_launcher(attention_bwd_dkdv_kernel, (q, k, v, do, lse, delta, dkx, dvx, scale),
-                                     *backends["dkdv"], **consts, **cfg["dkdv"], PER_Q_HEAD=True)
-        launch_dq = tuned_launcher(attention_bwd_dq_kernel, (q, k, v, do, lse, delta, dq, scale), *backends["dq"],
-                                   **consts, **cfg["dq"])
 
-        def run_split(q, k, v, o, lse, do, *_, **__):
-            delta, dq, dk, dv = buffers(q, k, v)      # dk, dv laid out like k and v, as the other path's
-            do = do.contiguous()
-            launch_delta((o, do, delta))
-            dkx, dvx = shares(q, k, v)
-            launch_dkdv((q, k, v, do, lse, delta, dkx, dvx, scale))
-            launch_dq((q, k, v, do, lse, delta, dq, scale))
-            Hkv = k.shape[1]        # the shares (each in k's dtype, as FlashAttention-2's) summed in f32
-            dk.copy_(dkx.view(B, Hkv, group, Nk, D).sum(2, dtype=torch.float32))
-            dv.copy_(dvx.view(B, Hkv, group, Nk, Dv).sum(2, dtype=torch.float32))
-            return dq, dk, dv
-        return run_split
+    def shares(q, k, v):    # split: each query head's share of dK, dV (B, H, Nk, *) in k's and v's dtypes
+        return (torch.empty((B, H, Nk, D), dtype=k.dtype, device=q.device),
+                torch.empty((B, H, Nk, Dv), dtype=v.dtype, device=q.device))
+
     if not with_bias:
-        launch_dkdv = tuned_launcher(attention_bwd_dkdv_kernel, (q, k, v, do, lse, delta, dk, dv, scale),
-                                     *backends["dkdv"], **consts, **cfg["dkdv"])
+        dk_out, dv_out = shares(q, k, v) if split else (dk, dv)
+        launch_dkdv = tuned_launcher(attention_bwd_dkdv_kernel, (q, k, v, do, lse, delta, dk_out, dv_out, scale),
+                                     *backends["dkdv"], **consts, **cfg["dkdv"], PER_Q_HEAD=split)
         launch_dq = tuned_launcher(attention_bwd_dq_kernel, (q, k, v, do, lse, delta, dq, scale), *backends["dq"],
                                    **consts, **cfg["dq"])
     else:
@@ -535,6 +519,13 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
             bias = mask_as_bias(attn_mask, (B, H, Nq, Nk))
             launch_dkdv((q, k, v, bias, do, lse, delta, dk, dv, scale))
             launch_dq((q, k, v, bias, do, lse, delta, dq, scale))
+        elif split:
+            dkx, dvx = shares(q, k, v)
+            launch_dkdv((q, k, v, do, lse, delta, dkx, dvx, scale))
+            launch_dq((q, k, v, do, lse, delta, dq, scale))
+            Hkv = k.shape[1]        # the shares (each in k's dtype, as FlashAttention-2's) summed in f32
+            dk.copy_(dkx.view(B, Hkv, group, Nk, D).sum(2, dtype=torch.float32))
+            dv.copy_(dvx.view(B, Hkv, group, Nk, Dv).sum(2, dtype=torch.float32))
         else:
             launch_dkdv((q, k, v, do, lse, delta, dk, dv, scale))
             launch_dq((q, k, v, do, lse, delta, dq, scale))
