@@ -100,3 +100,17 @@ def test_without_the_bound_on_the_trip_count_ptxas_serializes_the_fp8_gemm():
     from tilestack.quant.gemm import qgemm_act_kernel
     report, sass = compile_sm90a(qgemm_act_kernel, _act_args(), _zero_trips_allowed)
     assert "QGMMA.64x256x32.F32.E4M3.E4M3" in sass and not _in_flight(report, sass)
+
+
+def test_persistent_fp8_gemm_flattens_its_tile_loop_and_keeps_a_wgmma_in_flight():
+    """qgemm_persistent_kernel: the tile loop reaches Triton as a flattened ``tl.range`` (its K loop inside), and
+    the flattened pipeline still keeps a wgmma in flight without spills."""
+    from tilestack.backends.triton import codegen
+    from tilestack.quant.gemm import qgemm_persistent_kernel
+    args = _qgemm_fp8_args()
+    source = codegen.generate(qgemm_persistent_kernel.trace(*args).ir, interpret=False, tma=True,
+                              index64=frozenset()).source
+    assert re.search(r"in tl\.range\([^)]*flatten=True\)", source)
+    report, sass = compile_sm90a(qgemm_persistent_kernel, args)
+    assert "QGMMA" in sass and _in_flight(report, sass)
+    assert re.search(r"0 bytes spill stores, 0 bytes spill loads", report)

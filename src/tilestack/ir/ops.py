@@ -143,6 +143,7 @@ class AccessAttrs:
 @dataclasses.dataclass(frozen=True)
 class RangeAttrs:
     stages: int | None = None    # pipelining stages asked of backends that pipeline loads
+    flatten: bool = False        # a loop over tiles whose body loops: pipeline across both (Triton's flatten)
 
 
 # ---- the definition of an op ---------------------------------------------------------------------------------------

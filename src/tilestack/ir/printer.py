@@ -15,8 +15,9 @@ from tilestack.ir.ops import Op
 
 
 def _attrs(ins: Instr) -> str:
-    keep = [(f.name, getattr(ins.attrs, f.name)) for f in dataclasses.fields(ins.attrs)]
-    keep = [(k, v) for k, v in keep if v is not None and v != ""]
+    keep = [(f.name, getattr(ins.attrs, f.name), f.default) for f in dataclasses.fields(ins.attrs)]
+    # unset attributes are not printed: None, "", and a flag left at its default False (range's flatten)
+    keep = [(k, v) for k, v, d in keep if v is not None and v != "" and not (v is False and d is False)]
     return " " + " ".join(f"{k}={v}" for k, v in keep) if keep else ""
 
 

@@ -26,10 +26,11 @@ def _grid(A, B, BM, BN):
     return (ts.cdiv(A.shape[0], BM) * ts.cdiv(B.shape[1], BN),)
 
 
-def grouped_tile(M, N, BM: int, BN: int, GROUP_M: int):
+def grouped_tile(M, N, BM: int, BN: int, GROUP_M: int, tile=None):
     """(i, j) of this program's output tile in grouped order: GROUP_M row tiles share their column tiles in
-    turn, so the operands they read stay in L2. Shared by every GEMM-shaped kernel (a 1-D grid)."""
-    pid = ts.block_id(0)
+    turn, so the operands they read stay in L2. Shared by every GEMM-shaped kernel (a 1-D grid); ``tile``: the
+    tile's number in that order where it is not the program's (a persistent kernel's loop over tiles)."""
+    pid = ts.block_id(0) if tile is None else tile
     tiles_m, tiles_n = ts.cdiv(M, BM), ts.cdiv(N, BN)
     first_m = (pid // (GROUP_M * tiles_n)) * GROUP_M
     rows_in_group = ts.smin(tiles_m - first_m, GROUP_M)

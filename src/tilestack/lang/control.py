@@ -62,13 +62,16 @@ def smax(a, b):
     return as_scalar(a)._op(b, "max")
 
 
-def range(start, stop=None, step=1, *, stages: int | None = None) -> Iterator[Scalar]:  # noqa: A001
+def range(start, stop=None, step=1, *, stages: int | None = None,  # noqa: A001
+          flatten: bool = False) -> Iterator[Scalar]:
     """A loop over tiles, traced once: ``for j in range(start, stop, step)`` (or ``range(stop)``), as Python's.
 
     ``step`` is a nonzero int (negative counts down), or an index Scalar that must be positive when the
     kernel runs (a grid-stride loop: ``range(block_id(0), n, num_blocks(0))``). Tiles written in the body are
     carried from one iteration to the next; ``stages`` asks backends that pipeline loads (Triton) for that
-    many stages in flight.
+    many stages in flight. ``flatten`` (a hint; the result is the same): this loop's body holds the loop that
+    loads, e.g. a persistent kernel's loop over output tiles around its K loop; backends that can (Triton)
+    pipeline the two as one loop, so the next tile's first loads are in flight during this tile's epilogue.
     """
     where = user_line()
     if stop is None:
@@ -78,8 +81,10 @@ def range(start, stop=None, step=1, *, stages: int | None = None) -> Iterator[Sc
     lo_s, hi_s, step_s = (as_scalar(_index("range", x)) for x in (start, stop, step))
     if stages is not None and (not isinstance(stages, int) or stages < 1):
         raise TraceError(f"range: stages must be a positive int, got {stages!r}", where)
+    if not isinstance(flatten, bool):
+        raise TraceError(f"range: flatten must be a bool, got {flatten!r}", where)
     tr = current("range")
-    ins = tr.emit(Op.RANGE, (lo_s.v, hi_s.v, step_s.v), (), where, stages=stages)
+    ins = tr.emit(Op.RANGE, (lo_s.v, hi_s.v, step_s.v), (), where, stages=stages, flatten=flatten)
     induction = Value(INDEX, "it")
     loop = tr.begin_loop(ins, induction)
     index = Scalar(induction)

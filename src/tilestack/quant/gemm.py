@@ -103,6 +103,44 @@ def qgemm_kernel(X, W, S, Bias, R, Y, x_scale: float, *,
                      activation=activation, BM=BM, BN=BN)
 
 
+def _grid_persistent(X, W, BM, BN, PROGRAMS):
+    return (ts.smin(ts.cdiv(X.shape[0], BM) * ts.cdiv(W.shape[0], BN), PROGRAMS),)
+
+
+@ts.kernel(grid=_grid_persistent, options=dict(num_warps=8, num_stages=4))
+def qgemm_persistent_kernel(X, W, S, Bias, R, Y, x_scale: float, *,
+                            BM: int = ts.tunable(128, (16, 32, 64, 128, 256)),
+                            BN: int = ts.tunable(256, (16, 32, 64, 128, 256)),
+                            BK: int = ts.tunable(64, (16, 32, 64, 128)),
+                            GROUP_M: int = ts.tunable(8, (1, 4, 8, 16)),
+                            PROGRAMS: int = 132,
+                            HAS_BIAS: bool = False, HAS_RESIDUAL: bool = False, activation: str | None = None):
+    # qgemm_kernel's arguments and result, persistent: min(tiles, PROGRAMS) programs (PROGRAMS: the GPU's SM
+    # count, from the launcher) each walk output tiles t = program, program + PROGRAMS, ... in grouped order. For
+    # short K (GPT-2's K = 768 is 12 k-steps of 64) a tile's prologue loads and epilogue weigh as much as its
+    # mainloop; the tile loop is flattened with the K loop (``flatten``), so Triton's pipeliner issues the next
+    # tile's first loads while this tile's epilogue runs, instead of draining and refilling per tile.
+    M, K = X.shape
+    N = W.shape[0]
+    tiles = ts.cdiv(M, BM) * ts.cdiv(N, BN)
+    acc = ts.RegTile[ts.f32, BM, BN]()
+    a = ts.SharedTile[X.dtype, BM, BK]()
+    w = ts.SharedTile[W.dtype, BN, BK]()
+    widen = X.dtype != W.dtype
+    wx = ts.RegTile[X.dtype, BN, BK]() if widen else w
+    for t in ts.range(ts.block_id(0), tiles, ts.num_blocks(0), flatten=True):
+        i, j = grouped_tile(M, N, BM, BN, GROUP_M, tile=t)
+        ts.zero(acc)
+        for k in ts.range(ts.smax(ts.cdiv(K, BK), 1)):  # >= 1 trip: ptxas serializes the wgmmas otherwise
+            ts.load(a, X, at=(i, k))
+            ts.load(w, W, at=(j, k))
+            if widen:
+                ts.copy(wx, w)
+            ts.mma_ABt(acc, a, wx, acc)
+        _scale_and_store(acc, S, Bias if HAS_BIAS else None, R if HAS_RESIDUAL else None, Y, x_scale, i, j,
+                         activation=activation, BM=BM, BN=BN)
+
+
 @ts.kernel(grid=_grid, options=dict(num_warps=8, num_stages=4))
 def qgemm_act_kernel(X, W, S, Bias, R, Y, x_scale: float, inv_x_scale: float, *,
                      BM: int = ts.tunable(128, (16, 32, 64, 128, 256)),

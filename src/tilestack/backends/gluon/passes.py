@@ -23,6 +23,8 @@ tile moves, which loops it pipelines, and what the kernel function takes.
 
 from __future__ import annotations
 
+import dataclasses
+
 from tilestack.backends.triton.passes import prune_params as _pointer_and_tma_reads
 from tilestack.errors import BackendError
 from tilestack.ir.nodes import Block, Instr, KernelIR, Role, Value
@@ -331,7 +333,7 @@ def schedule(stages: int):
         out = clone(ir)
         for ins in out.walk():
             if stages > 1 and ins.op is Op.RANGE and ins.attrs.stages is None and pipelined_loads(ins):
-                ins.attrs = RangeAttrs(stages=stages)
+                ins.attrs = dataclasses.replace(ins.attrs, stages=stages)
         return out
     return run
 

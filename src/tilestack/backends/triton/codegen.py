@@ -302,9 +302,10 @@ def _e_range(e: _Emitter, ins: Instr) -> None:
     body = ins.body
     for arg, init in zip(body.args[1:], inits, strict=True):
         e.assign(arg, e.name(init))
-    stages = ins.attrs.stages
+    stages, flatten = ins.attrs.stages, ins.attrs.flatten
     bounds = [e.name(lo), e.name(hi)] + ([] if e.name(step) == "1" else [e.name(step)])
-    rng = f"tl.range({', '.join(bounds)}, num_stages={stages})" if stages else f"range({', '.join(bounds)})"
+    hints = ([f"num_stages={stages}"] if stages else []) + (["flatten=True"] if flatten else [])
+    rng = f"tl.range({', '.join(bounds + hints)})" if hints else f"range({', '.join(bounds)})"
     e.emit(f"for {e.name(body.args[0])} in {rng}:")
     e.indent += 1
     e.block(body)

@@ -17,7 +17,7 @@ import dataclasses
 
 from tilestack.errors import BackendError
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
-from tilestack.ir.ops import AccessAttrs, Op, RangeAttrs, check_lowerable
+from tilestack.ir.ops import AccessAttrs, Op, check_lowerable
 from tilestack.ir.passes import DCE, SPLIT_HOST, Pass, Pipeline, clone, dead_code
 from tilestack.ir.types import Space, StagesType, TileType
 
@@ -64,7 +64,7 @@ def _erase(block: Block, writer: dict, alias: dict, loop: Instr | None) -> None:
         elif ins.op is Op.ASYNC_LOAD and loop is not None and loop.attrs.stages is None:
             n = ins.result.type.stages
             if n > 1:
-                loop.attrs = RangeAttrs(stages=n)
+                loop.attrs = dataclasses.replace(loop.attrs, stages=n)
         if ins.body is not None:
             _erase(ins.body, writer, alias, ins if ins.op is Op.RANGE else loop)
         kept.append(ins)
