@@ -4,17 +4,20 @@
         --figure docs/img/planner_goodput.png --time-limit 600
 
 A small GPT (tilestack.parallel.model) learns a synthetic language: tokens from a fixed random Markov chain in
-which each token has a few likely successors, so the loss can fall well below log(vocab). Three ways to train,
-each from the same initial model and seed:
+which each token has a few likely successors, so the loss can fall well below log(vocab). Ways to train, each
+from the same initial model and seed:
 - fixed small: batch M0 (--small), AdamW at --lr;
-- fixed large: batch --large, AdamW at --lr x sqrt(large / M0) (square-root scaling for Adam);
-- adaptive (Pollux): the gradient noise scale phi is estimated at every step from its two accumulation
-  micro-steps of M / 2 samples (tilestack.parallel.plan.goodput.accumulate_and_observe); every --every steps
-  the next batch is the candidate with the largest goodput = samples/s(M) x E(M), E(M) = (phi + M0) / (phi + M),
-  at the learning rate --lr x sqrt(AdaScale gain (M / M0) E(M)); samples/s(M) is measured for each candidate
-  first.
+- fixed large: batch --large (the largest candidate), AdamW at --lr x sqrt(large / M0) (square-root scaling for
+  Adam); --also adds fixed batches in between, for context (the best fixed batch in hindsight);
+- adaptive (Pollux, tilestack.parallel.plan.goodput.GoodputController): the gradient noise scale phi is read on
+  one step in --probe-every from its two accumulation micro-steps of M / 2 samples (accumulate_and_observe, on
+  the gradients preconditioned as AdamW preconditions them; the other steps are one micro-step, as the fixed
+  runs'); every --every steps the next batch is the candidate with the largest goodput = samples/s(M) x E(M),
+  E(M) = (phi + M0) / (phi + M), at the learning rate --lr x sqrt(AdaScale gain (M / M0) E(M)); samples/s(M)
+  is measured for each candidate first, for plain and probe steps, and mixed as the run mixes them.
 Each run stops at the first evaluation (every --eval steps, on a fixed held-out batch) whose loss is at or below
---target, or after --max-samples. Time is the process's CPU time (this 2-core machine is shared: wall time would
+--target, or after --max-samples; the evaluations' own time is not counted (at batch 8 an evaluation every 5 steps
+costs about as much as the steps). Time is the process's CPU time (this 2-core machine is shared: wall time would
 measure the other users); wall time is kept too. Prints the medians over --seeds, writes --out JSON and a
 figure: phi over training and loss against time.
 """
@@ -50,47 +53,53 @@ def make_chain(V: int, fanout: int, seed: int):
     return trans / trans.sum(1, keepdim=True)
 
 
-def run(mode: str, args, seed: int, trans, held, throughput) -> dict:
+def run(mode: str, args, seed: int, trans, held, step_s, probe_s) -> dict:
     import torch
 
     from tilestack.parallel import GPT, ModelConfig, lm_loss
-    from tilestack.parallel.plan.goodput import AdaptiveBatch, GradientNoiseScale, accumulate_and_observe, lr_scale
+    from tilestack.parallel.plan.goodput import GoodputController, GradientNoiseScale, accumulate_and_observe
     torch.manual_seed(seed)
     cfg = ModelConfig(n_layer=2, d=args.d, n_head=4, vocab=args.vocab, max_seq=args.seq)
     model = GPT(cfg, seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(1000 + seed)
     m0 = args.small
-    cands = [int(c) for c in args.candidates.split(",")]
-    chooser = AdaptiveBatch(cands, throughput.__getitem__, base_batch=m0)
-    gns = GradientNoiseScale(ema=0.8)
-    batch = {"small": m0, "large": args.large, "adaptive": m0}[mode]
+    ctl = GoodputController([int(c) for c in args.candidates.split(",")], step_s, m0, args.lr, probe_s=probe_s,
+                            every=args.every, probe_every=args.probe_every, lr_rule="sqrt",
+                            gns=GradientNoiseScale(ema=0.8))
+    adaptive = mode == "adaptive"
+    batch = {"small": m0, "large": args.large, "adaptive": m0}.get(mode) or int(mode.split("-")[1])   # fixed-M
     samples, step, cpu0, wall0 = 0, 0, time.process_time(), time.perf_counter()
-    trace, phis = [], []
+    trace = []
     reached = None
     while samples < args.max_samples:
+        if adaptive:
+            batch = ctl.batch
         idx, targets = markov_batch(trans, batch, args.seq, gen)
         # square-root scaling for Adam: of the batch ratio (fixed), of AdaScale's gain (adaptive)
-        gain = lr_scale(batch, gns.phi, m0) if mode == "adaptive" and not math.isnan(gns.phi) else batch / m0
+        lr = ctl.lr() if adaptive else args.lr * math.sqrt(batch / m0)
         for group in opt.param_groups:
-            group["lr"] = args.lr * math.sqrt(gain)
-        # adaptive: the step as two accumulation micro-steps of half the batch, which the noise scale reads
-        accumulate_and_observe(model, lm_loss, idx, targets, micro_batches=2 if mode == "adaptive" else 1,
-                               gns=gns if mode == "adaptive" else None)
+            group["lr"] = lr
+        accumulate_and_observe(model, lm_loss, idx, targets, micro_batches=ctl.micro_batches(step) if adaptive
+                               else 1, gns=ctl.gns if adaptive else None,
+                               optimizer=opt if args.precondition else None)
         opt.step()
         opt.zero_grad(set_to_none=True)
         samples += batch
+        if adaptive:
+            ctl.after_step(step, samples)
         step += 1
-        if mode == "adaptive" and step % args.every == 0 and not math.isnan(gns.phi):
-            phis.append((samples, gns.phi, batch))
-            batch = chooser.choose(gns.phi)
-        if step % args.eval == 0:
+        if step % args.eval == 0:     # the evaluation is the experiment's, not training's: its time is left out
+            c, w = time.process_time(), time.perf_counter()
             with torch.no_grad():
                 loss = float(lm_loss(model(held[0]), held[1]))
-            trace.append((samples, time.process_time() - cpu0, time.perf_counter() - wall0, loss, batch))
+            trace.append((samples, c - cpu0, w - wall0, loss, batch))
+            cpu0 += time.process_time() - c
+            wall0 += time.perf_counter() - w
             if loss <= args.target:
                 reached = trace[-1]
                 break
+    phis = [(n, phi, b) for _, n, phi, b in ctl.history]
     return dict(mode=mode, seed=seed, reached=reached is not None, samples=samples,
                 cpu_s=(reached or trace[-1])[1], wall_s=(reached or trace[-1])[2], trace=trace, phi=phis)
 
@@ -103,13 +112,17 @@ def main() -> int:
     ap.add_argument("--d", type=int, default=32)
     ap.add_argument("--seq", type=int, default=16)
     ap.add_argument("--small", type=int, default=8)
-    ap.add_argument("--large", type=int, default=128)
-    ap.add_argument("--candidates", default="8,16,32,64,128")
+    ap.add_argument("--large", type=int, default=512)
+    ap.add_argument("--candidates", default="8,16,32,64,128,256,512")
+    ap.add_argument("--also", default="", help="more fixed batch sizes to train at, for context (e.g. 32,128)")
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--target", type=float, default=1.6)
-    ap.add_argument("--every", type=int, default=10)
+    ap.add_argument("--target", type=float, default=1.08)
+    ap.add_argument("--every", type=int, default=5)
+    ap.add_argument("--probe-every", type=int, default=4)
+    ap.add_argument("--precondition", action=argparse.BooleanOptionalAction, default=True,
+                    help="the noise scale of Adam's preconditioned gradients (Pollux), else of the raw gradients")
     ap.add_argument("--eval", type=int, default=5)
-    ap.add_argument("--max-samples", type=int, default=200_000)
+    ap.add_argument("--max-samples", type=int, default=400_000)
     ap.add_argument("--time-limit", type=float, default=600.0)
     ap.add_argument("--out", default="")
     ap.add_argument("--figure", default="")
@@ -121,31 +134,35 @@ def main() -> int:
     t_start = time.monotonic()
     trans = make_chain(args.vocab, args.fanout, 0)
     held = markov_batch(trans, 256, args.seq, torch.Generator().manual_seed(7))
-    # samples/s per candidate batch: a few timed steps (CPU time) as the adaptive run takes them: a batch drawn,
-    # forward and backward as two accumulation micro-steps, an AdamW step
+    # seconds per step for each candidate batch: a few timed steps (CPU time) as the runs take them, a batch drawn,
+    # forward and backward as one accumulation micro-step (plain) or two (a probe step), an AdamW step
     from tilestack.parallel.plan.goodput import accumulate_and_observe
     model = GPT(ModelConfig(n_layer=2, d=args.d, n_head=4, vocab=args.vocab, max_seq=args.seq))
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
     gen = torch.Generator().manual_seed(1)
-    throughput = {}
+    step_s, probe_s = {}, {}
     for m in (int(c) for c in args.candidates.split(",")):
-        ts = []
-        for _ in range(6):
-            t0 = time.process_time()
-            idx, targets = markov_batch(trans, m, args.seq, gen)
-            accumulate_and_observe(model, lm_loss, idx, targets, micro_batches=2)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            ts.append(time.process_time() - t0)
-        throughput[m] = m / min(ts[1:])
-    print("samples/s by batch (CPU time):", {m: round(v) for m, v in throughput.items()}, flush=True)
+        for micro, table in ((1, step_s), (2, probe_s)):
+            ts = []
+            for _ in range(6):
+                t0 = time.process_time()
+                idx, targets = markov_batch(trans, m, args.seq, gen)
+                accumulate_and_observe(model, lm_loss, idx, targets, micro_batches=micro)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                ts.append(time.process_time() - t0)
+            table[m] = min(ts[1:])
+    throughput = {m: m / step_s[m] for m in step_s}
+    print("samples/s by batch (CPU time, plain steps):", {m: round(v) for m, v in throughput.items()},
+          "probe step / plain step:", {m: round(probe_s[m] / step_s[m], 2) for m in step_s}, flush=True)
+    modes = ["small", "large", *(f"fixed-{m}" for m in args.also.split(",") if m), "adaptive"]
     runs = []
     for seed in range(args.seeds):
-        for mode in ("small", "large", "adaptive"):
+        for mode in modes:
             if time.monotonic() - t_start > args.time_limit:
                 print("time limit reached: stopping", flush=True)
                 break
-            r = run(mode, args, seed, trans, held, throughput)
+            r = run(mode, args, seed, trans, held, step_s, probe_s)
             runs.append(r)
             print(f"seed {seed} {mode:8s} reached={r['reached']} samples {r['samples']:7d} cpu {r['cpu_s']:6.2f} s "
                   f"wall {r['wall_s']:6.2f} s" + (f" final phi {r['phi'][-1][1]:.1f} batch {r['phi'][-1][2]}"
@@ -153,7 +170,7 @@ def main() -> int:
     print(f"\ntarget loss {args.target} (log vocab = {math.log(args.vocab):.2f}); medians over seeds")
     print(f"{'mode':9s} {'reached':>8s} {'samples':>9s} {'cpu s':>8s} {'wall s':>8s}")
     summary = {}
-    for mode in ("small", "large", "adaptive"):
+    for mode in modes:
         rs = [r for r in runs if r["mode"] == mode]
         if not rs:
             continue
@@ -165,7 +182,8 @@ def main() -> int:
         print(f"{mode:9s} {s['reached']:>4d}/{s['n']:<3d} {s['samples']:9.0f} {s['cpu_s']:8.2f} {s['wall_s']:8.2f}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(args=vars(args), throughput=throughput, summary=summary, runs=runs), f, indent=1)
+            json.dump(dict(args=vars(args), throughput=throughput, step_s=step_s, probe_s=probe_s, summary=summary,
+                           runs=runs), f, indent=1)
     if args.figure and runs:
         import matplotlib
         matplotlib.use("Agg")
@@ -176,7 +194,7 @@ def main() -> int:
                 a1.plot([p[0] for p in r["phi"]], [p[1] for p in r["phi"]], label=f"phi, seed {r['seed']}")
                 a1.step([p[0] for p in r["phi"]], [p[2] for p in r["phi"]], "--", where="post", alpha=0.6,
                         label=f"batch, seed {r['seed']}")
-            colour = {"small": "C0", "large": "C1", "adaptive": "C2"}[r["mode"]]
+            colour = {"small": "C0", "large": "C1", "adaptive": "C2"}.get(r["mode"], "C7")
             a2.plot([t[1] for t in r["trace"]], [t[3] for t in r["trace"]], color=colour, alpha=0.7,
                     label=r["mode"] if r["seed"] == 0 else None)
         a1.set_xlabel("samples")

@@ -27,16 +27,22 @@ from tilestack.parallel.plan.describe import (
     describe_module,
     describe_transformer,
 )
-from tilestack.parallel.plan.goodput import AdaptiveBatch, GradientNoiseScale, accumulate_and_observe, efficiency
+from tilestack.parallel.plan.goodput import (
+    AdaptiveBatch,
+    GoodputController,
+    GradientNoiseScale,
+    accumulate_and_observe,
+    efficiency,
+)
 from tilestack.parallel.plan.planfile import read_plan, write_plan
 from tilestack.parallel.plan.predict import Plan, Prediction, predict
 from tilestack.parallel.plan.schedule import simulate
 from tilestack.parallel.plan.search import alpa_stages, brute_force_stages, choose, enumerate_plans, search
 
 __all__ = [
-    "AdaptiveBatch", "ClusterComm", "CommModel", "ComputeModel", "GradientNoiseScale", "LayerDesc", "MeasuredCompute",
-    "ModelDesc", "Plan", "PlanError", "Prediction", "RooflineCompute", "accumulate_and_observe", "alpa_stages",
-    "brute_force_stages", "choose", "describe_gpt", "describe_module", "describe_transformer", "efficiency",
-    "enumerate_plans", "h200_nccl", "load_comm", "measure_gloo", "predict", "read_plan", "search", "simulate",
-    "write_plan",
+    "AdaptiveBatch", "ClusterComm", "CommModel", "ComputeModel", "GoodputController", "GradientNoiseScale",
+    "LayerDesc", "MeasuredCompute", "ModelDesc", "Plan", "PlanError", "Prediction", "RooflineCompute",
+    "accumulate_and_observe", "alpa_stages", "brute_force_stages", "choose", "describe_gpt", "describe_module",
+    "describe_transformer", "efficiency", "enumerate_plans", "h200_nccl", "load_comm", "measure_gloo", "predict",
+    "read_plan", "search", "simulate", "write_plan",
 ]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from tilestack.parallel.plan.describe import PlanError
 
@@ -38,6 +39,8 @@ def efficiency(batch: float, phi: float, base_batch: float) -> float:
         raise PlanError(f"efficiency: batch={batch}, base_batch={base_batch}; expected positive batch sizes")
     if phi < 0 or math.isnan(phi):
         raise PlanError(f"efficiency: phi={phi}; expected a non-negative gradient noise scale")
+    if math.isinf(phi):          # all noise: every sample counts fully at any batch (the limit, not inf / inf)
+        return 1.0
     return (phi + base_batch) / (phi + batch)
 
 
@@ -108,11 +111,114 @@ class AdaptiveBatch:
         return max(self.candidates, key=lambda m: self.samples_per_s(m) * efficiency(m, phi, self.base_batch))
 
 
+LR_RULES = ("sqrt", "linear")     # how the learning rate follows AdaScale's gain: Adam-family, SGD
+
+
+@dataclasses.dataclass
+class GoodputController:
+    """Pollux's adaptation inside one training loop: when to read the noise scale, which batch to train at next,
+    at which learning rate.
+
+        ctl = GoodputController(candidates=[8, 16, 32, 64, 128], step_s={8: 0.01, ...}, base_batch=8, base_lr=2e-3)
+        for step in itertools.count():
+            batch, micro = ctl.batch, ctl.micro_batches(step)       # 2 on probe steps, else 1
+            set the optimizer's lr to ctl.lr(); accumulate_and_observe(..., micro_batches=micro, gns=ctl.gns)
+            opt.step(); ctl.after_step(step, samples_seen)
+
+    Reading the noise scale needs the gradients of two halves of a batch, i.e. two accumulation micro-steps;
+    where a step's cost is mostly fixed (small models, the CPU, launch-bound GPUs) that doubles the step. So the
+    noise scale is read on one step in ``probe_every`` (it is smoothed over observations anyway and moves slowly
+    over training), and the throughput of each candidate is that of the mix actually run: ``step_s[M]`` (one
+    micro-step) and ``probe_s[M]`` (two; ``step_s`` when not given) averaged as 1 probe in ``probe_every``. Every
+    ``every`` steps the batch becomes the candidate with the largest goodput. The learning rate is ``base_lr``
+    times AdaScale's gain (M / M0) E(M), through ``lr_rule``: "linear" for SGD, "sqrt" for Adam-family
+    optimizers (whose update is already normalised by the gradient's scale). Before the first estimate the gain is
+    M / M0. ``history``: (step, samples, phi, batch) at each choice."""
+
+    candidates: Sequence[int]
+    step_s: dict[int, float]
+    base_batch: int
+    base_lr: float
+    probe_s: dict[int, float] | None = None
+    every: int = 10
+    probe_every: int = 4
+    lr_rule: str = "sqrt"
+    gns: GradientNoiseScale = dataclasses.field(default_factory=GradientNoiseScale)
+    batch: int = 0
+    history: list[tuple[int, int, float, int]] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.candidates or any(int(m) != m or m < 2 for m in self.candidates):
+            raise PlanError(f"GoodputController: candidates={list(self.candidates)}; expected batch sizes >= 2 "
+                            "(a probe step splits the batch in two)")
+        missing = [m for m in self.candidates if m not in self.step_s or not self.step_s[m] > 0]
+        if missing:
+            raise PlanError(f"GoodputController: step_s has no positive time for batch sizes {missing}; expected "
+                            "seconds per step for every candidate")
+        for name in ("every", "probe_every"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise PlanError(f"GoodputController: {name}={getattr(self, name)!r}; expected an int >= 1")
+        if self.lr_rule not in LR_RULES:
+            raise PlanError(f"GoodputController: lr_rule={self.lr_rule!r}; expected one of {LR_RULES}")
+        if not self.base_lr > 0:
+            raise PlanError(f"GoodputController: base_lr={self.base_lr!r}; expected a positive learning rate")
+        self.batch = self.batch or self.base_batch
+        self._chooser = AdaptiveBatch(list(self.candidates), self.samples_per_s, self.base_batch)
+
+    def samples_per_s(self, batch: int) -> float:
+        """Samples per second at ``batch`` with one probe step in ``probe_every``."""
+        probe = (self.probe_s or self.step_s).get(batch, self.step_s[batch])
+        mean_s = ((self.probe_every - 1) * self.step_s[batch] + probe) / self.probe_every
+        return batch / mean_s
+
+    def micro_batches(self, step: int) -> int:
+        """2 on the steps that read the noise scale (one in ``probe_every``, from the first), else 1."""
+        return 2 if step % self.probe_every == 0 and self.batch % 2 == 0 else 1
+
+    def lr(self) -> float:
+        phi = self.gns.phi
+        gain = self.batch / self.base_batch if math.isnan(phi) else lr_scale(self.batch, phi, self.base_batch)
+        return self.base_lr * (math.sqrt(gain) if self.lr_rule == "sqrt" else gain)
+
+    def after_step(self, step: int, samples: int) -> int:
+        """After step ``step`` (0-based): every ``every`` steps, the next batch by goodput. Returns the batch."""
+        if (step + 1) % self.every == 0 and not math.isnan(self.gns.phi):
+            self.batch = self._chooser.choose(self.gns.phi)
+            self.history.append((step, samples, self.gns.phi, self.batch))
+        return self.batch
+
+
+def adam_preconditioner(optimizer, params) -> Any:
+    """The flat diagonal preconditioner 1 / (sqrt(v_hat) + eps) an Adam-family ``optimizer`` (torch's Adam, AdamW:
+    state ``exp_avg_sq`` and ``step``) applies to ``params``' gradients, in their order; None before its first step
+    or for an optimizer without second moments (plain SGD: the identity)."""
+    import torch
+    parts = []
+    for group in optimizer.param_groups:
+        eps, (_, beta2) = group.get("eps", 1e-8), group.get("betas", (0.9, 0.999))
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "exp_avg_sq" not in state:
+                return None
+            step = float(state["step"])
+            v_hat = state["exp_avg_sq"] / (1 - beta2 ** step)
+            parts.append((p, 1.0 / (v_hat.sqrt() + eps)))
+    by_param = {id(p): d for p, d in parts}
+    if any(id(p) not in by_param for p in params):
+        return None
+    return torch.cat([by_param[id(p)].reshape(-1) for p in params])
+
+
 def accumulate_and_observe(model, loss_fn: Callable, inputs, targets, *, micro_batches: int,
-                           gns: GradientNoiseScale | None = None) -> float:
+                           gns: GradientNoiseScale | None = None, optimizer=None) -> float:
     """One step's gradient by accumulation over ``micro_batches`` equal slices of the batch (dim 0), leaving in
     every ``p.grad`` the gradient of the mean loss over the whole batch (as one backward would), and feeding the
-    slices' gradients to ``gns``. Returns the mean loss."""
+    slices' gradients to ``gns``. Returns the mean loss.
+
+    With an Adam-family ``optimizer`` the noise scale is that of the preconditioned gradients (Pollux's choice
+    for adaptive optimizers: tr(P Sigma P) / |P G|^2 with P Adam's 1 / (sqrt(v_hat) + eps)), the noise of the
+    update the optimizer actually takes; coordinates with small second moments weigh more than in the raw
+    gradient's noise scale, which underestimates the batch Adam can use."""
     import torch
     n = inputs.shape[0]
     if micro_batches < 1 or n % micro_batches:
@@ -135,5 +241,6 @@ def accumulate_and_observe(model, loss_fn: Callable, inputs, targets, *, micro_b
     for p, a in zip(params, acc, strict=True):
         p.grad = a
     if gns is not None and micro_batches >= 2:
-        gns.observe(flats, b)
+        precond = adam_preconditioner(optimizer, params) if optimizer is not None else None
+        gns.observe(flats if precond is None else [f * precond for f in flats], b)
     return total / micro_batches
