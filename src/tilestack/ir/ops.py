@@ -44,6 +44,7 @@ class Op(enum.Enum):
     BINARY = "binary"
     BROADCAST = "broadcast"
     CAST = "cast"
+    TRANSPOSE = "transpose"
     REDUCE = "reduce"
     MASK = "mask"
     MMA = "mma"
@@ -94,7 +95,7 @@ class FnAttrs:
 
 @dataclasses.dataclass(frozen=True)
 class FillAttrs:
-    value: float
+    value: int | float   # an int for integer and bool_ tiles (literal in generated source), else a float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +113,7 @@ class ReduceAttrs:
 @dataclasses.dataclass(frozen=True)
 class MaskAttrs:
     kind: str           # one of MASK_KINDS
-    value: float        # what masked-off elements become
+    value: int | float  # what masked-off elements become (an int for integer tiles)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -482,6 +483,18 @@ def _cast_rule(ins: Instr) -> None:
 define(OpDef(
     Op.CAST, "(x) -> tile", "tile", NoAttrs, _cast_rule, lambda ins, s, m: s[0], _free,
     doc="``x`` in the result's dtype and memory space (also register <-> shared copies)."))
+
+def _transpose_rule(ins: Instr) -> None:
+    _tile_result(ins)
+    _arity(ins, 1)
+    x = _tile(ins, ins.srcs[0], "x")
+    if x.is_vec or ins.result.type.shape != x.shape[::-1]:
+        _fail(ins, f"the transpose of a {x} is not a {ins.result.type}")
+
+
+define(OpDef(
+    Op.TRANSPOSE, "(x) -> tile", "tile", NoAttrs, _transpose_rule, lambda ins, s, m: s[0].T, _free,
+    doc="The 2-D tile ``x`` transposed (rows become columns), in the result's dtype and memory space."))
 
 REDUCE_FNS: dict[str, tuple[Callable, Callable]] = {   # fn -> (reduction, combination with acc)
     "max": (np.max, np.maximum), "min": (np.min, np.minimum), "sum": (np.sum, np.add)}

@@ -14,7 +14,7 @@ import math
 from tilestack.errors import MemorySpaceError, TileDTypeError, TileShapeError, TraceError
 from tilestack.ir.ops import MMA_INPUTS, Op
 from tilestack.ir.types import DTYPES, Space, TileType, bool_, f16, f32, f64, i32, i64
-from tilestack.lang.tiles import GlobalTensor, Tile, as_index, as_scalar
+from tilestack.lang.tiles import GlobalTensor, Tile, _Transposed, as_index, as_scalar
 from tilestack.lang.trace import current, user_line, user_name
 
 _MMA_INPUTS = tuple(DTYPES[n] for n in MMA_INPUTS)   # the mma op's rule (ir.ops), as tile dtypes
@@ -62,9 +62,25 @@ def _write(dst: Tile, op: Op, srcs: tuple, result_shape: tuple[int, ...], opname
 
 # ---- fills ------------------------------------------------------------------------------------------------
 def fill(dst: Tile, value: float) -> None:
-    """Every element of ``dst`` = ``value``."""
+    """Every element of ``dst`` = ``value`` (a whole number for an integer tile, 0 or 1 for a bool_ mask)."""
     _need_tile("fill", "dst", dst)
-    _write(dst, Op.FILL, (), dst.shape, "fill", value=float(value))
+    _write(dst, Op.FILL, (), dst.shape, "fill", value=_element_value("fill", dst, value))
+
+
+def _element_value(opname: str, t: Tile, value) -> int | float:
+    """``value`` as an element of tile ``t``: a float for a float tile, an int for an integer tile (which has no
+    infinities or fractions) or a bool_ mask (0 or 1)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TraceError(f"{opname}: value must be a Python number, got {type(value).__name__} {value!r}",
+                         user_line())
+    if t.dtype.is_float:
+        return float(value)
+    want = (0, 1) if t.dtype is bool_ else None
+    if not math.isfinite(value) or value != int(value) or (want is not None and value not in want):
+        expected = "0 or 1" if want else "a whole number"
+        raise TileDTypeError(f"{opname}: `{_name(t)}` is {t.dtype}; value {value!r} does not fit, expected "
+                             f"{expected}", user_line())
+    return int(value)
 
 
 def zero(dst: Tile) -> None:
@@ -110,14 +126,31 @@ def sin(dst, src): _unary("sin", dst, src)
 def cos(dst, src): _unary("cos", dst, src)
 
 
-def copy(dst: Tile, src: Tile) -> None:
-    """``dst = src`` converted to dst's dtype and memory space (register <-> shared, f32 -> bf16, ...)."""
+def copy(dst: Tile, src) -> None:
+    """``dst = src`` converted to dst's dtype and memory space (register <-> shared, f32 -> bf16, ...).
+    ``copy(dst, src.T)`` transposes a 2-D register or shared tile into the register tile ``dst`` (ThunderKittens'
+    ``transpose_sep``): a (R, C) src into a (C, R) dst."""
     _need_tile("copy", "dst", dst)
+    if isinstance(src, _Transposed):
+        _transpose(dst, src.tile)
+        return
     _need_tile("copy", "src", src)
     if src.shape != dst.shape:
         raise TileShapeError(f"copy: src `{_name(src)}` is {src.shape} but dst `{_name(dst)}` is {dst.shape}",
                              user_line())
     _write(dst, Op.CAST, (src.value("copy"),), src.shape, "copy")
+
+
+def _transpose(dst: Tile, src) -> None:
+    _need_tile("copy", "src of src.T", src)
+    _need_reg("copy", "dst (of a transpose)", dst)
+    for arg, t in (("dst", dst), ("src", src)):
+        if t.type.is_vec:
+            raise TileShapeError(f"copy: transposes 2-D tiles; {arg} `{_name(t)}` is a {t.type}", user_line())
+    if dst.shape != src.shape[::-1]:
+        raise TileShapeError(f"copy: src `{_name(src)}` is {src.shape}, so dst of its .T must be {src.shape[::-1]}; "
+                             f"dst `{_name(dst)}` is {dst.shape}", user_line())
+    _write(dst, Op.TRANSPOSE, (src.value("copy"),), dst.shape, "copy")
 
 
 # ---- element-wise binary ops ------------------------------------------------------------------------------
@@ -217,7 +250,8 @@ def _mask(kind: str, dst: Tile, src: Tile, k, value: float) -> None:
         _need_reg(kind, arg, t)
     if src.type.is_vec:
         raise TileShapeError(f"{kind}: src must be a tile, got {src.type}", user_line())
-    _write(dst, Op.MASK, (src.value(kind), as_scalar(k).v), src.shape, kind, kind=kind, value=float(value))
+    _write(dst, Op.MASK, (src.value(kind), as_scalar(k).v), src.shape, kind, kind=kind,
+           value=_element_value(kind, src, value))
 
 
 def tril(dst, src, diagonal=0, value=0.0):

@@ -125,24 +125,35 @@ class Tile:
         return _Transposed(self)
 
     def __matmul__(self, other) -> Tile:
-        from tilestack.ir.types import f32
-        from tilestack.lang import ops
-        a, ta = (self, False)
-        b, tb = (other.tile, True) if isinstance(other, _Transposed) else (other, False)
-        m = a.shape[0]
-        n = b.shape[0] if tb else b.shape[-1]
-        out = Tile(TileType(Space.REG, f32, (m, n)))
-        ops.zero(out)
-        ops._mma(out, a, b, out, ta, tb, "@")
-        return out
+        return _matmul(self, False, other)
+
+
+def _matmul(a, ta: bool, other) -> Tile:
+    """``a @ other`` (``a.T @ other`` if ``ta``; ``other`` a tile or ``b.T``) into a new f32 register tile."""
+    from tilestack.ir.types import f32
+    from tilestack.lang import ops
+    b, tb = (other.tile, True) if isinstance(other, _Transposed) else (other, False)
+    for arg, t in (("a", a), ("b", b)):
+        if not isinstance(t, Tile) or t.type.is_vec:
+            raise TraceError(f"@: {arg} must be a 2-D tile (or its .T), got {getattr(t, 'type', t)!r}", user_line())
+    m = a.shape[1] if ta else a.shape[0]
+    n = b.shape[0] if tb else b.shape[-1]
+    out = Tile(TileType(Space.REG, f32, (m, n)))
+    ops.zero(out)
+    ops._mma(out, a, b, out, ta, tb, "@")
+    return out
 
 
 @dataclasses.dataclass
 class _Transposed:
+    """``t.T``: a tile read transposed, by ``@`` (``a @ b.T``, ``a.T @ b``) and ``copy(dst, t.T)``."""
     tile: Tile
 
+    def __matmul__(self, other) -> Tile:
+        return _matmul(self.tile, True, other)
+
     def __rmatmul__(self, a: Tile) -> Tile:
-        return a @ self
+        return _matmul(a, False, self)
 
 
 class Scalar:

@@ -31,6 +31,7 @@ from tilestack.backends.gluon.layouts import blocked_key, materialize, plan_layo
 from tilestack.backends.gluon.passes import deferrable, pipeline, pipelined_loads, scalar_slice
 from tilestack.backends.python_dsl import (
     FLOOR_SCALAR,
+    compute_dtype,
     floor_helpers,
     literal,
     register_scalar_emitters,
@@ -373,9 +374,10 @@ def _e_broadcast(e: _Emitter, ins: Instr) -> None:
     x, v = ins.srcs
     key = e.lay[x]
     dim = 1 if ins.attrs.axis == "row" else 0
-    vec = e.f32(e.as_layout(v, ("slice", dim, key)), v) + ("[:, None]" if dim == 1 else "[None, :]")
-    expr = _BINARY[ins.attrs.fn].format(e.f32(e.name(x), x), vec)
-    e.assign(ins.result, e.cast(expr, f32, ins.result.type.dtype))
+    dt = compute_dtype(x.type.dtype, v.type.dtype)
+    vec = e.cast(e.as_layout(v, ("slice", dim, key)), v.type.dtype, dt) + ("[:, None]" if dim == 1 else "[None, :]")
+    expr = _BINARY[ins.attrs.fn].format(e.cast(e.name(x), x.type.dtype, dt), vec)
+    e.assign(ins.result, e.cast(expr, dt, ins.result.type.dtype))
     e.set_lay(ins.result, key)
 
 
@@ -401,15 +403,29 @@ def _e_cast(e: _Emitter, ins: Instr) -> None:
                            f"{src} to a RegTile first")
 
 
+@register_emitter("gluon", Op.TRANSPOSE)
+def _e_transpose(e: _Emitter, ins: Instr) -> None:
+    (x,) = ins.srcs
+    key = e.plan[ins.result]
+    if x.type.space is Space.REG:      # permuted registers, then moved into the result's planned layout
+        expr = f"gl.convert_layout(gl.permute({e.name(x)}, [1, 0]), {e.layout(key)})"
+    else:                               # a shared tile read through a transposed view
+        expr = f"{e.name(x)}.permute([1, 0]).load({e.layout(key)})"
+    e.assign(ins.result, e.cast(expr, x.type.dtype, ins.result.type.dtype))
+    e.set_lay(ins.result, key)
+
+
 @register_emitter("gluon", Op.REDUCE, fns=_REDUCE)
 def _e_reduce(e: _Emitter, ins: Instr) -> None:
     fn, x = ins.attrs.fn, ins.srcs[0]
     dim = 1 if ins.attrs.axis == "row" else 0
     key = ("slice", dim, e.lay[x])
-    expr = f"{_REDUCE[fn]}({e.f32(e.name(x), x)}, axis={dim})"
+    dt = compute_dtype(*(s.type.dtype for s in ins.srcs))
+    expr = f"{_REDUCE[fn]}({e.cast(e.name(x), x.type.dtype, dt)}, axis={dim})"
     if len(ins.srcs) > 1:
-        expr = _COMBINE[fn].format(e.f32(e.as_layout(ins.srcs[1], key), ins.srcs[1]), expr)
-    e.assign(ins.result, e.cast(expr, f32, ins.result.type.dtype))
+        acc = ins.srcs[1]
+        expr = _COMBINE[fn].format(e.cast(e.as_layout(acc, key), acc.type.dtype, dt), expr)
+    e.assign(ins.result, e.cast(expr, dt, ins.result.type.dtype))
     e.set_lay(ins.result, key)
 
 
@@ -423,7 +439,8 @@ def _e_mask(e: _Emitter, ins: Instr) -> None:
     kn = e.name(k)
     cond = {"tril": f"({cols} - {rows}) <= {kn}", "triu": f"({cols} - {rows}) >= {kn}",
             "right_fill": f"{cols} < {kn}", "lower_fill": f"{rows} < {kn}"}[ins.attrs.kind]
-    e.assign(ins.result, f"gl.where({cond}, {e.name(x)}, {literal(ins.attrs.value)})")
+    expr = f"gl.where({cond}, {e.name(x)}, {literal(ins.attrs.value)})"
+    e.assign(ins.result, e.cast(expr, x.type.dtype, ins.result.type.dtype))
     e.set_lay(ins.result, e.lay[x])
 
 

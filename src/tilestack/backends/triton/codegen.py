@@ -17,6 +17,7 @@ import dataclasses
 from collections.abc import Collection, Sequence
 
 from tilestack.backends.python_dsl import (
+    compute_dtype,
     floor_helpers,
     literal,
     register_scalar_emitters,
@@ -49,6 +50,17 @@ def _round_tf32(x):
     bits = x.to(tl.uint32, bitcast=True)
     bits = ((bits + 0xFFF + ((bits >> 13) & 1)) >> 13) << 13
     return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+'''
+# Triton 3.6's interpreter converts f32 to bf16 by truncating the low 16 bits (the GPU rounds to nearest even, as
+# torch and the reference executor do): an interpreted conversion to bf16 rounds here first, so the CPU backends agree.
+_BF16_HELPER = '''
+
+@triton.jit
+def _to_bf16(x):
+    """f32 values as bf16, rounded to nearest even (NaN stays NaN)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True)).to(tl.bfloat16)
 '''
 _REDUCE = {"max": "tl.max", "min": "tl.min", "sum": "tl.sum"}
 _COMBINE = {"max": "tl.maximum({}, {})", "min": "tl.minimum({}, {})", "sum": "({} + {})"}
@@ -97,6 +109,7 @@ class _Emitter:
         self.nonneg = nonnegative(kernel.body)  # index values >= 0: plain // and % floor them
         self.floor_helpers = False              # whether the source needs _floordiv / _floormod
         self.tf32_helper = False                # whether it needs _round_tf32 (interpreted tf32 products)
+        self.bf16_helper = False                # whether it needs _to_bf16 (interpreted conversions to bf16)
         self.indent = 1
 
     # ---- names ---------------------------------------------------------------------------------------------
@@ -124,11 +137,18 @@ class _Emitter:
         n = self.name(v)
         return n if v.type.dtype in (f32, f64) else f"{n}.to(tl.float32)"
 
+    def as_dtype(self, v: Value, dtype) -> str:
+        """Tile ``v`` converted to ``dtype`` (a ``compute_dtype``) for arithmetic."""
+        return self.cast_to(self.name(v), v.type.dtype, TileType(v.type.space, dtype, v.type.shape))
+
     def cast_to(self, expr: str, v_from_dtype, dst: TileType | GlobalType) -> str:
         if v_from_dtype is dst.dtype:
             return expr
         if self.interpret and bf16 in (v_from_dtype, dst.dtype) and f32 not in (v_from_dtype, dst.dtype):
             expr = f"{expr}.to(tl.float32)"   # the interpreter casts bf16 only from and to f32 right (f64, int8)
+        if self.interpret and dst.dtype is bf16:
+            self.bf16_helper = True
+            return f"_to_bf16({expr})"
         return f"{expr}.to({TL_DTYPES[dst.dtype.name]})"
 
     # ---- memory --------------------------------------------------------------------------------------------
@@ -191,7 +211,7 @@ register_scalar_emitters("triton", "tl", _SCALAR)
 def _e_fill(e: _Emitter, ins: Instr) -> None:
     t = ins.result.type
     if e.interpret and t.dtype is bf16:
-        e.assign(ins.result, f"tl.full({t.shape}, {literal(ins.attrs.value)}, tl.float32).to(tl.bfloat16)")
+        e.assign(ins.result, e.cast_to(f"tl.full({t.shape}, {literal(ins.attrs.value)}, tl.float32)", f32, t))
         return
     e.assign(ins.result, f"tl.full({t.shape}, {literal(ins.attrs.value)}, {TL_DTYPES[t.dtype.name]})")
 
@@ -217,9 +237,10 @@ def _e_binary(e: _Emitter, ins: Instr) -> None:
 @register_emitter("triton", Op.BROADCAST, fns=_BINARY)
 def _e_broadcast(e: _Emitter, ins: Instr) -> None:
     x, v = ins.srcs
-    vec = f"{e.f32(v)}[:, None]" if ins.attrs.axis == "row" else f"{e.f32(v)}[None, :]"
-    expr = _BINARY[ins.attrs.fn].format(e.f32(x), vec)
-    e.assign(ins.result, e.cast_to(expr, f32 if x.type.dtype is not f64 else f64, ins.result.type))
+    dt = compute_dtype(x.type.dtype, v.type.dtype)
+    vec = f"{e.as_dtype(v, dt)}[:, None]" if ins.attrs.axis == "row" else f"{e.as_dtype(v, dt)}[None, :]"
+    expr = _BINARY[ins.attrs.fn].format(e.as_dtype(x, dt), vec)
+    e.assign(ins.result, e.cast_to(expr, dt, ins.result.type))
 
 
 @register_emitter("triton", Op.CAST)
@@ -228,14 +249,21 @@ def _e_cast(e: _Emitter, ins: Instr) -> None:
     e.assign(ins.result, e.cast_to(e.name(x), x.type.dtype, ins.result.type))
 
 
+@register_emitter("triton", Op.TRANSPOSE)
+def _e_transpose(e: _Emitter, ins: Instr) -> None:
+    (x,) = ins.srcs
+    e.assign(ins.result, e.cast_to(f"tl.trans({e.name(x)})", x.type.dtype, ins.result.type))
+
+
 @register_emitter("triton", Op.REDUCE, fns=_REDUCE)
 def _e_reduce(e: _Emitter, ins: Instr) -> None:
     fn, axis = ins.attrs.fn, 1 if ins.attrs.axis == "row" else 0
     x = ins.srcs[0]
-    expr = f"{_REDUCE[fn]}({e.f32(x)}, axis={axis})"
+    dt = compute_dtype(*(s.type.dtype for s in ins.srcs))
+    expr = f"{_REDUCE[fn]}({e.as_dtype(x, dt)}, axis={axis})"
     if len(ins.srcs) > 1:
-        expr = _COMBINE[fn].format(e.f32(ins.srcs[1]), expr)
-    e.assign(ins.result, e.cast_to(expr, f32 if x.type.dtype is not f64 else f64, ins.result.type))
+        expr = _COMBINE[fn].format(e.as_dtype(ins.srcs[1], dt), expr)
+    e.assign(ins.result, e.cast_to(expr, dt, ins.result.type))
 
 
 @register_emitter("triton", Op.MASK)
@@ -248,9 +276,10 @@ def _e_mask(e: _Emitter, ins: Instr) -> None:
             "right_fill": f"{cols} < {kn}", "lower_fill": f"{rows} < {kn}"}[ins.attrs.kind]
     fill = literal(ins.attrs.value)
     if e.interpret and x.type.dtype is bf16:
-        e.assign(ins.result, f"tl.where({cond}, {e.name(x)}.to(tl.float32), {fill}).to(tl.bfloat16)")
-        return
-    e.assign(ins.result, f"tl.where({cond}, {e.name(x)}, {fill})")
+        expr = e.cast_to(f"tl.where({cond}, {e.name(x)}.to(tl.float32), {fill})", f32, x.type)
+    else:
+        expr = f"tl.where({cond}, {e.name(x)}, {fill})"
+    e.assign(ins.result, e.cast_to(expr, x.type.dtype, ins.result.type))
 
 
 @register_emitter("triton", Op.MMA)
@@ -358,8 +387,10 @@ def _e_select(e: _Emitter, ins: Instr) -> None:
 def _e_arange(e: _Emitter, ins: Instr) -> None:
     t = ins.result.type
     expr = f"({e.name(ins.srcs[0])} + tl.arange(0, {t.shape[0]}))"
-    via = ".to(tl.float32)" if t.dtype is bf16 else ""   # the interpreter converts ints to bf16 through f32
-    e.assign(ins.result, f"{expr}{via}.to({TL_DTYPES[t.dtype.name]})")
+    if t.dtype is bf16:                               # the interpreter converts ints to bf16 through f32
+        e.assign(ins.result, e.cast_to(f"{expr}.to(tl.float32)", f32, t))
+        return
+    e.assign(ins.result, f"{expr}.to({TL_DTYPES[t.dtype.name]})")
 
 
 @register_emitter("triton", Op.RAND)
@@ -451,6 +482,7 @@ def emit(low: KernelIR, interpret: bool = False, index64: bool | Collection[int]
         "import triton.language as tl",
         *([_FLOOR_HELPERS] if e.floor_helpers else []),
         *([_TF32_HELPER] if e.tf32_helper else []),
+        *([_BF16_HELPER] if e.bf16_helper else []),
         "",
         "",
         "@triton.jit",

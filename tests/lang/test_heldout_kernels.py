@@ -1,0 +1,615 @@
+"""Kernels a user of the tile language would write that the library does not have, run as a user would run them:
+on the reference executor and Triton's interpreter against float64 torch, over ragged shapes and several dtypes,
+then compiled for Hopper (sm_90a) on this CPU by the Triton backend and, where it lowers them, the Gluon backend.
+
+Each kernel is short and self-contained: fused bias + GELU + residual, row L2 normalisation over rows wider than a
+tile, column sums by atomic_add over row blocks, batched GEMMs with each transposed form and a ragged K, a two-pass
+softmax over a wide dimension, a row max/argmax, a transpose, row and column broadcasts, an int8/f16/f32 mix with
+casts, a grid-stride loop, a 4-D tensor addressed at (b, h, i, 0), empty tensors, and sizes past 2**31 (traced
+and costed on meta tensors only).
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import tilestack.lang as ts
+from tilestack import config
+from tilestack.errors import TileDTypeError, TileShapeError
+
+BACKENDS = ("reference", "triton")
+FLOATS = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+GELU_C = math.sqrt(2.0 / math.pi)     # tanh-GELU: 0.5 x (1 + tanh(c (x + 0.044715 x^3)))
+GELU_A = 0.044715
+
+
+def launch(kernel, backend, *args, **consts) -> None:
+    with config.override(triton_interpret=True):
+        kernel(*args, backend=backend, **consts)
+
+
+def tol(dtype: torch.dtype) -> dict:
+    """Tolerances of a result stored in ``dtype`` (computed in f32)."""
+    return {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
+            torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2), torch.float64: dict(rtol=1e-4, atol=1e-5)}[dtype]
+
+
+def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    torch.testing.assert_close(got.to(torch.float64), want.to(torch.float64), **tol(dtype or got.dtype))
+
+
+def randn(rng, *shape, dtype=torch.float32) -> torch.Tensor:
+    return torch.from_numpy(rng.standard_normal(shape)).to(dtype)
+
+
+# ---- 1. fused bias + tanh-GELU + residual over 2-D tiles ---------------------------------------------------------
+@ts.kernel(grid=lambda X, BM, BN: (ts.cdiv(X.shape[0], BM), ts.cdiv(X.shape[1], BN)))
+def bias_gelu_residual(X, Bias, R, Y, *, BM: int = 16, BN: int = 32):
+    i, j = ts.block_id(0), ts.block_id(1)
+    x = ts.RegTile[ts.f32, BM, BN]()
+    r = ts.RegTile[ts.f32, BM, BN]()
+    b = ts.RegVec[ts.f32, BN]()
+    s = ts.RegTile[ts.f32, BM, BN]()
+    ts.load(x, X, at=(i, j))
+    ts.load(r, R, at=(i, j))
+    ts.load(b, Bias, at=(j,))
+    ts.add_col(x, x, b)                               # x[r, c] += bias[c]
+    u = (x + x * x * x * GELU_A) * (2.0 * GELU_C)     # tanh(z) = 2 sigmoid(2z) - 1
+    ts.sigmoid(s, u)
+    y = x * s + r
+    ts.store(Y, y, at=(i, j))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dt", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize(("M", "N"), [(16, 32), (37, 50)])
+def test_bias_gelu_residual(backend, dt, M, N, rng):
+    dtype = FLOATS[dt]
+    x, r, b = randn(rng, M, N, dtype=dtype), randn(rng, M, N, dtype=dtype), randn(rng, N, dtype=dtype)
+    y = torch.full((M, N), math.nan, dtype=dtype)
+    launch(bias_gelu_residual, backend, x, b, r, y)
+    z = x.double() + b.double()
+    close(y, torch.nn.functional.gelu(z, approximate="tanh") + r.double())
+
+
+# ---- 2. row L2 normalisation of rows wider than one tile (two passes over the columns) --------------------------
+@ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))
+def l2_normalize(X, Y, eps: float, *, BM: int = 8, BN: int = 16):
+    i = ts.block_id(0)
+    x = ts.RegTile[ts.f32, BM, BN]()
+    ss = ts.RegVec[ts.f32, BM]()
+    ts.zero(ss)
+    for j in ts.range(ts.cdiv(X.shape[1], BN)):
+        ts.load(x, X, at=(i, j))
+        ts.row_sum(ss, x * x, ss)
+    ts.add(ss, ss, eps)
+    ts.rsqrt(ss, ss)
+    for j in ts.range(ts.cdiv(X.shape[1], BN)):
+        ts.load(x, X, at=(i, j))
+        ts.mul_row(x, x, ss)
+        ts.store(Y, x, at=(i, j))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dt", ["f32", "bf16"])
+@pytest.mark.parametrize(("M", "N"), [(8, 16), (13, 70)])
+def test_l2_normalize(backend, dt, M, N, rng):
+    dtype = FLOATS[dt]
+    x = randn(rng, M, N, dtype=dtype)
+    y = torch.full((M, N), math.nan, dtype=dtype)
+    launch(l2_normalize, backend, x, y, 1e-6)
+    xd = x.double()
+    close(y, xd / torch.sqrt((xd * xd).sum(1, keepdim=True) + 1e-6))
+
+
+# ---- 3. column sums split over row blocks with atomic_add --------------------------------------------------------
+@ts.kernel(grid=lambda X, BM, BN: (ts.cdiv(X.shape[0], BM), ts.cdiv(X.shape[1], BN)))
+def col_sums(X, Out, *, BM: int = 8, BN: int = 16):
+    i, j = ts.block_id(0), ts.block_id(1)
+    x = ts.RegTile[ts.f32, BM, BN]()
+    v = ts.RegVec[Out.dtype, BN]()
+    ts.load(x, X, at=(i, j))
+    ts.col_sum(v, x)
+    ts.atomic_add(Out, v, at=(j,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("xdt", "odt"), [("f16", torch.float32), ("f32", torch.float64), ("bf16", torch.float32)])
+@pytest.mark.parametrize(("M", "N"), [(8, 16), (45, 33), (0, 20)])
+def test_col_sums(backend, xdt, odt, M, N, rng):
+    x = randn(rng, M, N, dtype=FLOATS[xdt])
+    out = torch.zeros(N, dtype=odt)
+    launch(col_sums, backend, x, out)
+    close(out, x.double().sum(0), torch.float32)
+
+
+# ---- 4. batched GEMM, each operand possibly transposed, K not a multiple of the tile --------------------------------
+@ts.kernel(grid=lambda C, BM, BN: (ts.cdiv(C.shape[1], BM), ts.cdiv(C.shape[2], BN), C.shape[0]))
+def batched_gemm(A, B, C, *, TA: bool, TB: bool, BM: int = 16, BN: int = 16, BK: int = 16):
+    """C[z] = op(A[z]) @ op(B[z]); A is (Z, K, M) when TA else (Z, M, K), B is (Z, N, K) when TB else (Z, K, N)."""
+    i, j, z = ts.block_id(0), ts.block_id(1), ts.block_id(2)
+    acc = ts.RegTile[ts.f32, BM, BN]()
+    a = ts.SharedTile[A.dtype, BK, BM]() if TA else ts.SharedTile[A.dtype, BM, BK]()
+    b = ts.SharedTile[B.dtype, BN, BK]() if TB else ts.SharedTile[B.dtype, BK, BN]()
+    mma = {(False, False): ts.mma_AB, (False, True): ts.mma_ABt, (True, False): ts.mma_AtB,
+           (True, True): ts.mma_AtBt}[TA, TB]
+    ts.zero(acc)
+    for k in ts.range(ts.cdiv(A.shape[1] if TA else A.shape[2], BK)):
+        ts.load(a, A, at=(z, k, i) if TA else (z, i, k))
+        ts.load(b, B, at=(z, j, k) if TB else (z, k, j))
+        mma(acc, a, b, acc)
+    ts.store(C, acc, at=(z, i, j))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dt", ["f16", "bf16", "f32"])
+@pytest.mark.parametrize(("ta", "tb"), [(False, False), (False, True), (True, False), (True, True)])
+def test_batched_gemm(backend, dt, ta, tb, rng):
+    Z, M, N, K = 2, 19, 24, 37              # K = 2 full tiles and a ragged one
+    dtype = FLOATS[dt]
+    a = randn(rng, Z, K, M, dtype=dtype) if ta else randn(rng, Z, M, K, dtype=dtype)
+    b = randn(rng, Z, N, K, dtype=dtype) if tb else randn(rng, Z, K, N, dtype=dtype)
+    c = torch.full((Z, M, N), math.nan, dtype=torch.float32)
+    launch(batched_gemm, backend, a, b, c, TA=ta, TB=tb)
+    ad = a.double().transpose(1, 2) if ta else a.double()
+    bd = b.double().transpose(1, 2) if tb else b.double()
+    torch.testing.assert_close(c.double(), ad @ bd, rtol=1e-4, atol=1e-4)
+
+
+# ---- 5. softmax over rows wider than a tile: online max and sum, then a second pass that writes ------------------
+@ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))
+def wide_softmax(X, Y, *, BM: int = 8, BN: int = 16):
+    i = ts.block_id(0)
+    n = X.shape[1]
+    x = ts.RegTile[ts.f32, BM, BN]()
+    m = ts.RegVec[ts.f32, BM]()
+    m_new = ts.RegVec[ts.f32, BM]()
+    scale = ts.RegVec[ts.f32, BM]()
+    total = ts.RegVec[ts.f32, BM]()
+    ts.neg_infty(m)
+    ts.zero(total)
+    for j in ts.range(ts.cdiv(n, BN)):
+        ts.load(x, X, at=(i, j))
+        ts.right_fill(x, x, n - j * BN, -math.inf)       # columns past the end take no part
+        ts.row_max(m_new, x, m)
+        ts.sub(scale, m, m_new)
+        ts.exp(scale, scale)
+        ts.mul(total, total, scale)
+        ts.sub_row(x, x, m_new)
+        ts.exp(x, x)
+        ts.row_sum(total, x, total)
+        ts.copy(m, m_new)
+    for j in ts.range(ts.cdiv(n, BN)):
+        ts.load(x, X, at=(i, j))
+        ts.sub_row(x, x, m)
+        ts.exp(x, x)
+        ts.div_row(x, x, total)
+        ts.store(Y, x, at=(i, j))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dt", ["f32", "f16"])
+@pytest.mark.parametrize(("M", "N"), [(8, 16), (11, 71)])
+def test_wide_softmax(backend, dt, M, N, rng):
+    dtype = FLOATS[dt]
+    x = randn(rng, M, N, dtype=dtype) * 4
+    y = torch.full((M, N), math.nan, dtype=dtype)
+    launch(wide_softmax, backend, x, y)
+    close(y, torch.softmax(x.double(), dim=1))
+
+
+# ---- 6. row max and argmax (first index of the max) over rows wider than a tile ------------------------------------
+@ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))
+def row_argmax(X, Max, Arg, *, BM: int = 8, BN: int = 16):
+    i = ts.block_id(0)
+    n = X.shape[1]
+    x = ts.RegTile[ts.f32, BM, BN]()
+    m = ts.RegVec[ts.f32, BM]()
+    cols = ts.RegVec[ts.i32, BN]()
+    hit = ts.RegTile[ts.bool_, BM, BN]()
+    idx = ts.RegTile[ts.i32, BM, BN]()
+    best = ts.RegVec[ts.i32, BM]()
+    ts.neg_infty(m)
+    for j in ts.range(ts.cdiv(n, BN)):
+        ts.load(x, X, at=(i, j))
+        ts.right_fill(x, x, n - j * BN, -math.inf)
+        ts.row_max(m, x, m)
+    ts.fill(best, 2**30)
+    for j in ts.range(ts.cdiv(n, BN)):
+        ts.load(x, X, at=(i, j))
+        ts.right_fill(x, x, n - j * BN, -math.inf)
+        ts.arange(cols, j * BN)
+        ts.eq(hit, x, ts.per_row(m))
+        ts.where(idx, hit, ts.per_col(cols), 2**30)
+        ts.row_min(best, idx, best)
+    ts.store(Max, m, at=(i,))
+    ts.store(Arg, best, at=(i,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("adt", [torch.int32, torch.int64])
+@pytest.mark.parametrize(("M", "N"), [(8, 16), (13, 45)])
+def test_row_argmax(backend, adt, M, N, rng):
+    # distinct values per row but for a planted tie: the first index wins
+    x = torch.from_numpy(np.stack([rng.permutation(N) for _ in range(M)]).astype(np.float32))
+    x[0, N - 1] = x[0].max()
+    mx, arg = torch.full((M,), math.nan), torch.full((M,), -1, dtype=adt)
+    launch(row_argmax, backend, x, mx, arg)
+    want = x.double().max(1)
+    torch.testing.assert_close(mx.double(), want.values)
+    torch.testing.assert_close(arg.long(), x.double().argmax(1))
+
+
+# ---- 7. elementwise with a row vector and a column vector broadcast, both spellings ------------------------------
+@ts.kernel(grid=lambda X, BM, BN: (ts.cdiv(X.shape[0], BM), ts.cdiv(X.shape[1], BN)))
+def outer_affine(X, Rv, Cv, Y, *, SUGAR: bool, BM: int = 16, BN: int = 16):
+    """y = (x * r[:, None] + c[None, :]) / max(r[:, None], c[None, :])."""
+    i, j = ts.block_id(0), ts.block_id(1)
+    x = ts.RegTile[ts.f32, BM, BN]()
+    r = ts.RegVec[ts.f32, BM]()
+    c = ts.RegVec[ts.f32, BN]()
+    d = ts.RegTile[ts.f32, BM, BN]()
+    ts.load(x, X, at=(i, j))
+    ts.load(r, Rv, at=(i,))
+    ts.load(c, Cv, at=(j,))
+    if SUGAR:
+        y = x * ts.per_row(r) + ts.per_col(c)
+        ts.zero(d)
+        ts.max(d, d + ts.per_row(r), ts.per_col(c))
+        y = y / d
+    else:
+        y = ts.RegTile[ts.f32, BM, BN]()
+        ts.mul_row(y, x, r)
+        ts.add_col(y, y, c)
+        ts.zero(d)
+        ts.add_row(d, d, r)
+        ts.max_col(d, d, c)
+        ts.div(y, y, d)
+    ts.store(Y, y, at=(i, j))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sugar", [False, True])
+@pytest.mark.parametrize("ydt", ["f32", "bf16"])
+def test_outer_affine(backend, sugar, ydt, rng):
+    M, N = 21, 35
+    x = randn(rng, M, N)
+    r = torch.from_numpy(rng.uniform(1, 2, M).astype(np.float32))
+    c = torch.from_numpy(rng.uniform(1, 2, N).astype(np.float32))
+    y = torch.full((M, N), math.nan, dtype=FLOATS[ydt])
+    launch(outer_affine, backend, x, r, c, y, SUGAR=sugar)
+    rd, cd = r.double()[:, None], c.double()[None, :]
+    close(y, (x.double() * rd + cd) / torch.maximum(rd, cd))
+
+
+# ---- 8. int8 weights, f16 activations, f32 math: dequantise, add, and cast back to integers ------------------------
+@ts.kernel(grid=lambda W, BM, BN: (ts.cdiv(W.shape[0], BM), ts.cdiv(W.shape[1], BN)))
+def dequant_add(W, Scale, X, Y, Q, *, BM: int = 16, BN: int = 16):
+    """y = f16(f32(w) * scale[:, None] + x); q = y truncated toward zero (as torch's float -> int cast)."""
+    i, j = ts.block_id(0), ts.block_id(1)
+    wq = ts.RegTile[ts.i8, BM, BN]()
+    w = ts.RegTile[ts.f32, BM, BN]()
+    s = ts.RegVec[ts.f32, BM]()
+    x = ts.RegTile[ts.f16, BM, BN]()
+    xf = ts.RegTile[ts.f32, BM, BN]()
+    y = ts.RegTile[ts.f16, BM, BN]()
+    q = ts.RegTile[Q.dtype, BM, BN]()
+    ts.load(wq, W, at=(i, j))
+    ts.copy(w, wq)
+    ts.load(s, Scale, at=(i,))
+    ts.load(x, X, at=(i, j))
+    ts.copy(xf, x)
+    ts.mul_row(w, w, s)
+    ts.add(w, w, xf)
+    ts.copy(y, w)
+    ts.store(Y, y, at=(i, j))
+    ts.copy(q, w)
+    ts.store(Q, q, at=(i, j))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("qdt", [torch.int32, torch.int8])
+def test_dequant_add(backend, qdt, rng):
+    M, N = 19, 40
+    w = torch.from_numpy(rng.integers(-128, 128, (M, N)).astype(np.int8))
+    s = torch.from_numpy(rng.uniform(0.01, 0.2, M).astype(np.float32))
+    x = randn(rng, M, N, dtype=torch.float16)
+    y = torch.full((M, N), math.nan, dtype=torch.float16)
+    q = torch.full((M, N), 99, dtype=qdt)
+    launch(dequant_add, backend, w, s, x, y, q)
+    f = w.double() * s.double()[:, None] + x.double()
+    close(y, f)
+    # float -> int truncates toward zero; values within an ulp of an integer may go either way in f32
+    exact = (f - f.round()).abs() > 1e-4
+    torch.testing.assert_close(q.long()[exact], f.to(torch.float32).trunc().long()[exact])
+
+
+# ---- 9. a grid-stride loop over flattened tiles -------------------------------------------------------------------
+@ts.kernel(grid=lambda PROGRAMS: (PROGRAMS,))
+def grid_stride_axpb(X, Y, a: float, *, PROGRAMS: int = 3, BM: int = 8, BN: int = 16):
+    cols = ts.cdiv(X.shape[1], BN)
+    tiles = ts.cdiv(X.shape[0], BM) * cols
+    x = ts.RegTile[ts.f32, BM, BN]()
+    for t in ts.range(ts.block_id(0), tiles, ts.num_blocks(0)):
+        ts.load(x, X, at=(t // cols, t % cols))
+        ts.mul(x, x, a)
+        ts.add(x, x, 1.0)
+        ts.store(Y, x, at=(t // cols, t % cols))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("M", "N", "programs"), [(8, 16, 3), (29, 50, 4), (5, 3, 7)])
+def test_grid_stride(backend, M, N, programs, rng):
+    x = randn(rng, M, N)
+    y = torch.full((M, N), math.nan)
+    launch(grid_stride_axpb, backend, x, y, -1.5, PROGRAMS=programs)
+    close(y, x.double() * -1.5 + 1.0)
+
+
+# ---- 10. a 4-D tensor addressed at (b, h, i, 0): per-head RMSNorm with a weight -----------------------------------
+@ts.kernel(grid=lambda X, BS: (ts.cdiv(X.shape[2], BS), X.shape[1], X.shape[0]))
+def head_rmsnorm(X, W, Y, eps: float, *, BS: int = 8, D: int = 32):
+    i, h, b = ts.block_id(0), ts.block_id(1), ts.block_id(2)
+    x = ts.RegTile[ts.f32, BS, D]()
+    w = ts.RegVec[ts.f32, D]()
+    ms = ts.RegVec[ts.f32, BS]()
+    ts.load(x, X, at=(b, h, i, 0))
+    ts.load(w, W, at=(0,))
+    ts.row_sum(ms, x * x)
+    ts.mul(ms, ms, 1.0 / X.shape[3])
+    ts.add(ms, ms, eps)
+    ts.rsqrt(ms, ms)
+    ts.mul_row(x, x, ms)
+    ts.mul_col(x, x, w)
+    ts.store(Y, x, at=(b, h, i, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dt", ["f32", "bf16"])
+@pytest.mark.parametrize("shape", [(2, 3, 8, 32), (1, 2, 13, 24)])
+def test_head_rmsnorm(backend, dt, shape, rng):
+    dtype = FLOATS[dt]
+    x, w = randn(rng, *shape, dtype=dtype), randn(rng, shape[3], dtype=dtype)
+    y = torch.full(shape, math.nan, dtype=dtype)
+    launch(head_rmsnorm, backend, x, w, y, 1e-5)
+    xd = x.double()
+    close(y, xd * torch.rsqrt((xd * xd).mean(-1, keepdim=True) + 1e-5) * w.double())
+
+
+# ---- 11. empty tensors: a launch with no programs writes nothing -------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 32), (16, 0), (0, 0)])
+def test_empty_tensors(backend, shape, rng):
+    M, N = shape
+    x, r, b = torch.empty(M, N), torch.empty(M, N), torch.empty(N)
+    y = torch.empty(M, N)
+    launch(bias_gelu_residual, backend, x, b, r, y)
+    out = torch.full((N,), 7.0)
+    launch(col_sums, backend, x, out)
+    torch.testing.assert_close(out, torch.full((N,), 7.0))
+    z = torch.empty(M, N)
+    launch(wide_softmax, backend, x, z)      # rows of width 0: the loops run no iteration
+
+
+# ---- 12. integer tiles: reductions, broadcasts, fills and masks stay exact past 2**24 ------------------------------
+@ts.kernel(grid=lambda X: (1,))
+def int_tile_math(X, V, RowSum, ColMax, RowMin, Shifted, *, R: int = 8, C: int = 16):
+    x = ts.RegTile[X.dtype, R, C]()
+    v = ts.RegVec[V.dtype, C]()
+    rs = ts.RegVec[RowSum.dtype, R]()
+    cm = ts.RegVec[X.dtype, C]()
+    rm = ts.RegVec[X.dtype, R]()
+    y = ts.RegTile[X.dtype, R, C]()
+    ts.load(x, X, at=(0, 0))
+    ts.load(v, V, at=(0,))
+    ts.row_sum(rs, x)
+    ts.col_max(cm, x)
+    ts.fill(rm, 2**30 + 1)
+    ts.row_min(rm, x, rm)
+    ts.add_col(y, x, v)
+    ts.right_fill(y, y, C - 3, -7)                  # the last 3 columns become -7
+    ts.store(RowSum, rs, at=(0,))
+    ts.store(ColMax, cm, at=(0,))
+    ts.store(RowMin, rm, at=(0,))
+    ts.store(Shifted, y, at=(0, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("idt", [torch.int32, torch.int64])
+def test_int_tile_math(backend, idt, rng):
+    R, C = 8, 16
+    x = torch.from_numpy(2**25 + rng.integers(0, 1000, (R, C))).to(idt)   # f32 rounds these to even numbers
+    v = torch.from_numpy(rng.integers(-9, 10, C) * 2 + 1).to(idt)          # odd: x + v is exact only in ints
+    rs, cm, rm = torch.zeros(R, dtype=torch.int64), torch.zeros(C, dtype=idt), torch.zeros(R, dtype=idt)
+    y = torch.zeros(R, C, dtype=idt)
+    launch(int_tile_math, backend, x, v, rs, cm, rm, y)
+    xl = x.long()
+    torch.testing.assert_close(rs, xl.sum(1))
+    torch.testing.assert_close(cm.long(), xl.max(0).values)
+    torch.testing.assert_close(rm.long(), xl.min(1).values)
+    want = xl + v.long()
+    want[:, C - 3:] = -7
+    torch.testing.assert_close(y.long(), want)
+
+
+def test_fill_value_must_fit_the_tile():
+    @ts.kernel(grid=lambda: (1,))
+    def bad(Out, *, VALUE: float, DT: str):
+        t = ts.RegVec[getattr(ts, DT), 16]()
+        ts.fill(t, VALUE)
+        ts.store(Out, t, at=(0,))
+
+    out = ts.ArgSpec(ts.i32, 1)
+    for value, dt in ((-math.inf, "i32"), (2.5, "i32"), (2.0, "bool_")):
+        with pytest.raises(TileDTypeError, match=rf"fill: .*value {value!r} does not fit"):
+            bad.trace(out, VALUE=value, DT=dt)
+    bad.trace(out, VALUE=3.0, DT="i32")
+
+
+# ---- 13. matrix transpose, from registers or from a shared tile, with a dtype change -------------------------------
+@ts.kernel(grid=lambda X, BM, BN: (ts.cdiv(X.shape[0], BM), ts.cdiv(X.shape[1], BN)))
+def transpose_k(X, Y, *, SHARED: bool, BM: int = 16, BN: int = 32):
+    """Y = X.T (Y in its own dtype): tile (i, j) of X is tile (j, i) of Y."""
+    i, j = ts.block_id(0), ts.block_id(1)
+    x = ts.SharedTile[X.dtype, BM, BN]() if SHARED else ts.RegTile[X.dtype, BM, BN]()
+    y = ts.RegTile[Y.dtype, BN, BM]()
+    ts.load(x, X, at=(i, j))
+    ts.copy(y, x.T)
+    ts.store(Y, y, at=(j, i))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize(("xdt", "ydt"), [("f32", "f32"), ("bf16", "f32"), ("f32", "f16")])
+@pytest.mark.parametrize(("M", "N"), [(16, 32), (37, 45)])
+def test_transpose(backend, shared, xdt, ydt, M, N, rng):
+    x = randn(rng, M, N, dtype=FLOATS[xdt])
+    y = torch.full((N, M), math.nan, dtype=FLOATS[ydt])
+    launch(transpose_k, backend, x, y, SHARED=shared)
+    close(y, x.double().T)
+
+
+def test_transpose_shape_mismatch_names_both_tiles():
+    @ts.kernel(grid=lambda: (1,))
+    def bad(X, Y):
+        x = ts.RegTile[ts.f32, 16, 32]()
+        y = ts.RegTile[ts.f32, 16, 32]()
+        ts.load(x, X, at=(0, 0))
+        ts.copy(y, x.T)
+        ts.store(Y, y, at=(0, 0))
+
+    want = r"copy: src `x` is \(16, 32\), so dst of its .T must be \(32, 16\); dst `y`"
+    with pytest.raises(TileShapeError, match=want):
+        bad.trace(ts.ArgSpec(ts.f32, 2), ts.ArgSpec(ts.f32, 2))
+
+
+# ---- 14. sizes past 2**31 elements: traced, costed and generated from meta tensors (no memory) --------------------
+def test_sizes_past_int32_trace_cost_and_index_in_64_bits():
+    from tilestack.backends.triton.codegen import generate, wide_globals
+
+    M, N = 3 * 2**15, 2**16 + 5                     # 6.4e9 elements per operand
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    x, r, y, b = torch.empty(M, N, **meta), torch.empty(M, N, **meta), torch.empty(M, N, **meta), torch.empty(N, **meta)
+    traced = bias_gelu_residual.trace(x, b, r, y)
+    assert traced.grid(x, b, r, y) == (M // 16, -(-N // 32))
+    cost = traced.cost(x, b, r, y)
+    assert cost.bytes_read >= 2 * M * N * 2 and cost.bytes_written >= M * N * 2    # X and R read, Y written
+    wide = wide_globals(traced.ir, (x, b, r, y))
+    assert wide == {0, 2, 3}                          # the bias vector's offsets fit int32
+    src = generate(traced.ir, index64=wide).source
+    assert src.count("tl.int64") >= 3 and "Bias_s0" in src
+
+
+# ---- 15. every kernel above compiled for Hopper (sm_90a) on this CPU -------------------------------------------------
+def _meta(*shape, dtype=torch.float32) -> torch.Tensor:
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+BF = torch.bfloat16
+AOT_CASES = {   # name -> (kernel, meta args, constants)
+    "bias_gelu_residual": (bias_gelu_residual, (_meta(256, 256, dtype=BF), _meta(256, dtype=BF),
+                                                _meta(256, 256, dtype=BF), _meta(256, 256, dtype=BF)), {}),
+    "l2_normalize": (l2_normalize, (_meta(256, 512), _meta(256, 512), 1e-6), {}),
+    "col_sums": (col_sums, (_meta(256, 512, dtype=torch.float16), _meta(512)), {}),
+    "batched_gemm_AtBt": (batched_gemm, (_meta(4, 256, 256, dtype=BF), _meta(4, 256, 256, dtype=BF),
+                                         _meta(4, 256, 256)), dict(TA=True, TB=True, BM=128, BN=128, BK=64)),
+    "batched_gemm_ABt": (batched_gemm, (_meta(4, 256, 256, dtype=torch.float16),
+                                        _meta(4, 256, 256, dtype=torch.float16), _meta(4, 256, 256)),
+                         dict(TA=False, TB=True, BM=128, BN=128, BK=64)),
+    "wide_softmax": (wide_softmax, (_meta(256, 1024), _meta(256, 1024)), {}),
+    "row_argmax": (row_argmax, (_meta(256, 1024), _meta(256), _meta(256, dtype=torch.int64)), {}),
+    "outer_affine": (outer_affine, (_meta(256, 256), _meta(256), _meta(256), _meta(256, 256, dtype=BF)),
+                     dict(SUGAR=True)),
+    "dequant_add": (dequant_add, (_meta(256, 256, dtype=torch.int8), _meta(256), _meta(256, 256, dtype=torch.float16),
+                                  _meta(256, 256, dtype=torch.float16), _meta(256, 256, dtype=torch.int32)), {}),
+    "grid_stride_axpb": (grid_stride_axpb, (_meta(256, 256), _meta(256, 256), 2.0), {}),
+    "head_rmsnorm": (head_rmsnorm, (_meta(2, 4, 128, 32, dtype=BF), _meta(32, dtype=BF),
+                                    _meta(2, 4, 128, 32, dtype=BF), 1e-5), {}),
+    "int_tile_math": (int_tile_math, (_meta(8, 16, dtype=torch.int32), _meta(16, dtype=torch.int32),
+                                      _meta(8, dtype=torch.int64), _meta(16, dtype=torch.int32),
+                                      _meta(8, dtype=torch.int32), _meta(8, 16, dtype=torch.int32)), {}),
+    "transpose_reg": (transpose_k, (_meta(256, 512, dtype=BF), _meta(512, 256)), dict(SHARED=False)),
+    "transpose_shared": (transpose_k, (_meta(256, 512, dtype=BF), _meta(512, 256)), dict(SHARED=True)),
+}
+
+
+@pytest.mark.parametrize("name", AOT_CASES)
+def test_compiles_for_sm90a_with_triton(name):
+    from tilestack.tune import aot
+    reason = aot.missing_tools()
+    if reason:
+        pytest.skip(reason)
+    kernel, args, consts = AOT_CASES[name]
+    r = aot.resources(kernel, args, consts, {}, cache=False, timeout_s=None)
+    assert r.ok, r.error
+    assert r.spills == 0 and r.registers <= 255, r
+
+
+@pytest.mark.parametrize("name", AOT_CASES)
+def test_compiles_for_sm90a_with_gluon(name):
+    from tilestack.backends import get_backend
+    from tilestack.backends.gluon import aot as gaot
+    try:
+        gaot.tool("ptxas")
+    except gaot.ToolMissing as e:
+        pytest.skip(str(e))
+    kernel, args, consts = AOT_CASES[name]
+    be = get_backend("gluon")
+    compiled = be.aot(kernel.trace(*args, **consts), be.Options())
+    res = gaot.resources(compiled)
+    assert res["spill_stores"] == res["spill_loads"] == 0, res["report"]
+    if kernel is batched_gemm:
+        assert "HGMMA.64x128x16.F32" in gaot.sass(compiled)
+
+
+# ---- 16. operator sugar for the four products: a @ b, a @ b.T, a.T @ b, a.T @ b.T ----------------------------------
+@ts.kernel(grid=lambda: (1,))
+def matmul_sugar(A, B, C, *, TA: bool, TB: bool, M: int = 16, N: int = 32, K: int = 16):
+    a = ts.RegTile[A.dtype, K, M]() if TA else ts.RegTile[A.dtype, M, K]()
+    b = ts.SharedTile[B.dtype, N, K]() if TB else ts.SharedTile[B.dtype, K, N]()
+    ts.load(a, A, at=(0, 0))
+    ts.load(b, B, at=(0, 0))
+    c = (a.T if TA else a) @ (b.T if TB else b)
+    ts.store(C, c * 0.5, at=(0, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("ta", "tb"), [(False, False), (False, True), (True, False), (True, True)])
+def test_matmul_sugar(backend, ta, tb, rng):
+    M, N, K = 16, 32, 16
+    a = randn(rng, *((K, M) if ta else (M, K)), dtype=torch.float16)
+    b = randn(rng, *((N, K) if tb else (K, N)), dtype=torch.float16)
+    c = torch.full((M, N), math.nan)
+    launch(matmul_sugar, backend, a, b, c, TA=ta, TB=tb)
+    want = (a.double().T if ta else a.double()) @ (b.double().T if tb else b.double())
+    torch.testing.assert_close(c.double(), want * 0.5, rtol=1e-4, atol=1e-4)
+
+
+# ---- 17. conversions to bf16 round to nearest even on every backend (as torch and the GPU do) ----------------------
+@ts.kernel(grid=lambda: (1,))
+def to_bf16(X, Y, F, A, *, R: int = 16, C: int = 64):
+    x = ts.RegTile[ts.f32, R, C]()
+    y = ts.RegTile[ts.bf16, R, C]()
+    f = ts.RegTile[ts.bf16, R, C]()
+    a = ts.RegVec[ts.bf16, C]()
+    ts.load(x, X, at=(0, 0))
+    ts.copy(y, x)                                # a cast
+    ts.add(y, y, 0.0)                            # element-wise math in f32, rounded back
+    ts.fill(f, 0.1)                              # a fill value bf16 cannot hold
+    ts.arange(a, 301)                            # integers past 256 that bf16 cannot all hold
+    ts.store(Y, y, at=(0, 0))
+    ts.store(F, f, at=(0, 0))
+    ts.store(A, a, at=(0,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conversions_to_bf16_round_to_nearest_even(backend, rng):
+    R, C = 16, 64
+    x = randn(rng, R, C) * 100
+    y, f, a = (torch.zeros(R, C, dtype=BF), torch.zeros(R, C, dtype=BF), torch.zeros(C, dtype=BF))
+    launch(to_bf16, backend, x, y, f, a)
+    assert torch.equal(y, x.to(BF))
+    assert torch.equal(f, torch.full((R, C), 0.1).to(BF))
+    assert torch.equal(a, torch.arange(301, 301 + C, dtype=torch.float32).to(BF))
