@@ -10,9 +10,9 @@ from the same initial model and seed:
 - fixed large: batch --large (the largest candidate), AdamW at --lr x sqrt(large / M0) (square-root scaling for
   Adam); --also adds fixed batches in between, for context (the best fixed batch in hindsight);
 - adaptive (Pollux, tilestack.parallel.plan.goodput.GoodputController): the gradient noise scale phi is read on
-  one step in --probe-every from its two accumulation micro-steps of M / 2 samples (accumulate_and_observe, on
-  the gradients preconditioned as AdamW preconditions them; the other steps are one micro-step, as the fixed
-  runs'); every --every steps the next batch is the candidate with the largest goodput = samples/s(M) x E(M),
+  one step in --probe-every from its two accumulation micro-steps of M / 2 samples (accumulate_and_observe; of
+  the gradients preconditioned as AdamW preconditions them with --precondition; the other steps are one
+  micro-step, as the fixed runs'); every --every steps the next batch is the candidate with the largest goodput = samples/s(M) x E(M),
   E(M) = (phi + M0) / (phi + M), at the learning rate --lr x sqrt(AdaScale gain (M / M0) E(M)); samples/s(M)
   is measured for each candidate first, for plain and probe steps, and mixed as the run mixes them.
 Each run stops at the first evaluation (every --eval steps, on a fixed held-out batch) whose loss is at or below
@@ -119,8 +119,9 @@ def main() -> int:
     ap.add_argument("--target", type=float, default=1.08)
     ap.add_argument("--every", type=int, default=5)
     ap.add_argument("--probe-every", type=int, default=4)
-    ap.add_argument("--precondition", action=argparse.BooleanOptionalAction, default=True,
-                    help="the noise scale of Adam's preconditioned gradients (Pollux), else of the raw gradients")
+    ap.add_argument("--precondition", action=argparse.BooleanOptionalAction, default=False,
+                    help="the noise scale of Adam's preconditioned gradients (Pollux's choice for Adam), else of the "
+                         "raw gradients")
     ap.add_argument("--eval", type=int, default=5)
     ap.add_argument("--max-samples", type=int, default=400_000)
     ap.add_argument("--time-limit", type=float, default=600.0)

@@ -132,3 +132,21 @@ def zero2_overlap(rank: int, world_size: int) -> dict:
     lm_loss(trainer.parts[0](idx), targets).backward()
     return dict(buckets=len(trainer.zero.buckets), reduced=sum(p is not None for p in trainer.zero.pieces),
                 alive=sum(p.grad is not None for p in trainer.params))
+
+
+def noise_scale_dp(rank: int, world_size: int, steps: int = 6) -> dict:
+    """Plain data parallelism measuring the gradient noise scale from the per-rank gradients: losses and phi after
+    each step (and a refusal of a sharded layout)."""
+    from tilestack.parallel.config import ParallelConfigError
+    from tilestack.parallel.plan.goodput import GradientNoiseScale
+    pc = ParallelConfig(dp=world_size)
+    gns = GradientNoiseScale(ema=0.5)
+    trainer = Trainer(GPT(CFG, seed=0), pc, pc.build_mesh("cpu"), gns=gns, **HYPER)
+    losses = [trainer.step(idx, targets) for idx, targets in batches(steps)]
+    try:
+        sharded = ParallelConfig(dp_shard=world_size)
+        Trainer(GPT(CFG, seed=0), sharded, sharded.build_mesh("cpu"), gns=GradientNoiseScale(), **HYPER)
+        refused = ""
+    except ParallelConfigError as e:
+        refused = str(e)
+    return dict(losses=losses, phi=[phi for _, phi in gns.history], refused=refused)

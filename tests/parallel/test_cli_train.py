@@ -25,3 +25,9 @@ def test_train_refuses_degrees_that_do_not_fit():
     res = CliRunner().invoke(app, ["train", "--nproc", "2", "--tp", "3"])
     assert res.exit_code != 0
     assert "expected the world size 2" in str(res.exception)
+
+
+def test_train_noise_scale_needs_plain_data_parallelism():
+    res = CliRunner().invoke(app, ["train", "--nproc", "2", "--tp", "2", "--noise-scale", "--no-store"])
+    assert res.exit_code != 0
+    assert "--noise-scale reads the per-rank gradients" in res.output + str(res.exception)

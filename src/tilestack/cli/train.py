@@ -44,6 +44,8 @@ def train(
     store: bool = typer.Option(True, help="append the result to the perf store (tilestack.perf.store)"),
     plan: str = typer.Option("", help="a plan file from `tilestack plan --out` (its ranks, degrees, model, batch, "
                              "seq and dtype replace those options)"),
+    noise_scale: bool = typer.Option(False, help="measure the gradient noise scale from the per-rank gradients "
+                                     "(plain data parallelism, --dp > 1) and print it with the goodput at this batch"),
 ) -> None:
     """Train the parallel GPT for --steps steps under the given degrees."""
     from tilestack.parallel import GPT_1P3B, TINY, ParallelConfig, run_local
@@ -67,13 +69,28 @@ def train(
         spec_file = read_plan(plan)
         nproc, parallel, batch, seq, dtype = (spec_file[k] for k in ("nproc", "parallel", "batch", "seq", "dtype"))
         cfg = ModelConfig(**spec_file["model"])
-    ParallelConfig(**parallel).validate(nproc, model=cfg, batch=batch, seq=seq)     # fail here, not in nproc children
+    pc = ParallelConfig(**parallel)
+    pc.validate(nproc, model=cfg, batch=batch, seq=seq)     # fail here, not in nproc children
+    if noise_scale:
+        from tilestack.parallel.parallelize import uses_ddp
+        if not uses_ddp(pc):
+            raise typer.BadParameter(f"--noise-scale reads the per-rank gradients of plain data parallelism; got "
+                                     f"dp={dp}, dp_shard={dp_shard}, tp={tp}, pp={pp}, zero={zero}; expected --dp > 1 "
+                                     "and no other degree")
     spec = dict(parallel=parallel, model=cfg.__dict__, batch=batch, seq=seq, steps=steps, lr=lr, dtype=dtype,
-                device=device, progress=True)
+                device=device, progress=True, noise_scale=noise_scale)
     results = run_local(run_training, nproc, (spec,), device=device)
     r0 = results[0]
     typer.echo(f"{nproc} ranks, {r0['n_params'] / 1e6:.2f} M parameters, final loss {r0['losses'][-1]:.4f}")
     typer.echo(f"tokens/s {r0['tokens_per_s']:,.0f}")
+    if r0.get("noise_scale"):
+        from tilestack.parallel.plan.goodput import efficiency
+        phi = r0["noise_scale"][-1]
+        rate = r0["tokens_per_s"] / seq
+        typer.echo(f"gradient noise scale phi {phi:,.1f} sequences (per step: "
+                   f"{', '.join(f'{p:.1f}' for p in r0['noise_scale'])}); at batch {batch}: statistical efficiency "
+                   f"E = {efficiency(batch, phi, batch // pc.dp_total):.3f} against one rank's batch, goodput "
+                   f"{rate * efficiency(batch, phi, batch // pc.dp_total):,.1f} sequences/s")
     from tilestack.perf.device import cpu_device, detect
     dev = detect(0) if device == "cuda" else cpu_device()
     peak = dev.spec.peak("bf16" if dtype == "bfloat16" else "fp32") if dev.spec else None

@@ -9,20 +9,28 @@ for data-parallel index k = dp_rank * dp_shard + dp_shard_rank, D = dp * dp_shar
 the same run on any layout. The loss is the mean over the global batch, so every layout's gradients equal the
 single-process ones up to rounding. ``forward_backward`` and ``optimizer_step`` are the two halves of ``step``
 (tests read the reduced gradients between them with ``full_grads``).
+
+With ``gns=GradientNoiseScale()`` the Trainer measures the gradient noise scale online from the per-rank
+gradients of plain data parallelism (Pollux): each rank's gradient, before the all-reduce, is a small batch of
+B / dp samples, the reduced one the whole batch of B; the squared norms of both are all that is exchanged (one
+scalar all-reduce per step). DDP's reduction is then done after the backward, not overlapped with it.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from tilestack.parallel.config import ParallelConfig
+from tilestack.parallel.config import ParallelConfig, ParallelConfigError
 from tilestack.parallel.model import GPT, lm_loss
 from tilestack.parallel.parallelize import (
     all_reduce_gradients,
     parallelize,
     trainer_reduces_gradients,
+    uses_ddp,
 )
 from tilestack.parallel.zero import ZeroOptimizer
 
@@ -34,7 +42,13 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 class Trainer:
     def __init__(self, model: GPT, pc: ParallelConfig, mesh, *, lr: float = 1e-3, weight_decay: float = 0.1,
-                 betas: tuple[float, float] = (0.9, 0.95), zero_bucket_numel: int = 1 << 22):
+                 betas: tuple[float, float] = (0.9, 0.95), zero_bucket_numel: int = 1 << 22, gns=None):
+        if gns is not None and not uses_ddp(pc):
+            raise ParallelConfigError(
+                f"Trainer: gns needs each rank's whole gradient before the data-parallel reduction; got dp={pc.dp}, "
+                f"dp_shard={pc.dp_shard}, tp={pc.tp}, pp={pc.pp}, zero={pc.zero}; expected plain data parallelism "
+                "(dp > 1, dp_shard = tp = pp = 1, zero = 0), or accumulate_and_observe on one rank")
+        self.gns = gns
         self.pc, self.mesh, self.cfg = pc, mesh, model.cfg
         self.device = next(model.parameters()).device
         self.pp_rank = mesh["pp"].get_local_rank()
@@ -82,8 +96,10 @@ class Trainer:
         self.pc.validate(self.mesh.size(), model=self.cfg, batch=idx.shape[0], seq=idx.shape[1])
         idx, targets = self.local_batch(idx, targets)
         if self.schedule is None:
-            loss = lm_loss(self.parts[0](idx), targets)
-            loss.backward()
+            # measuring the noise scale: DDP leaves the gradients local (no_sync), _reduce_gradients reduces them
+            with self.parts[0].no_sync() if self.gns is not None else contextlib.nullcontext():
+                loss = lm_loss(self.parts[0](idx), targets)
+                loss.backward()
             loss = loss.detach()
         else:
             first, last = 0 in self.stage_ids, self.pc.n_stages - 1 in self.stage_ids
@@ -94,18 +110,37 @@ class Trainer:
                                losses=losses if last else None, return_outputs=False)
             loss = torch.stack(losses).mean().detach() if last else torch.zeros((), device=self.device)
             dist.all_reduce(loss, group=self.mesh["pp"].get_group())       # only the last stage's is non-zero
+        small_sq = self._squared_norm() if self.gns is not None else None
         self._reduce_gradients()
+        if small_sq is not None:
+            self._observe_noise(small_sq, idx.shape[0])
         for dim in ("dp", "dp_shard"):                                     # mean over the data-parallel shards
             if self.mesh[dim].size() > 1:
                 dist.all_reduce(loss, group=self.mesh[dim].get_group())
         return loss.item() / self.pc.dp_total
 
+    def _squared_norm(self) -> torch.Tensor:
+        """|g|^2 of this rank's whole gradient (f64; plain data parallelism: every parameter is whole here)."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in self.params:
+            if p.grad is not None:
+                total += p.grad.double().pow(2).sum()
+        return total
+
+    def _observe_noise(self, small_sq: torch.Tensor, local_rows: int) -> None:
+        """Feed the noise scale: the mean over ranks of |g_b|^2 (b = this rank's rows) and |g_B|^2 of the reduced
+        gradient (B = all ranks' rows)."""
+        world = self.mesh["dp"].size()
+        dist.all_reduce(small_sq, group=self.mesh["dp"].get_group())
+        self.gns.update(float(small_sq) / world, float(self._squared_norm()), local_rows, local_rows * world)
+
     def _reduce_gradients(self) -> None:
         if self.zero is not None:
             self.zero.reduce_gradients()
-        elif trainer_reduces_gradients(self.pc):
+        elif trainer_reduces_gradients(self.pc) or self.gns is not None:
             all_reduce_gradients(self.params, self.mesh["dp"].get_group(), comm=self.pc.dp_comm)
-        # else DDP or FSDP2 reduced them during backward (or there is one data-parallel rank)
+        # else DDP (unless measuring the noise scale) or FSDP2 reduced them during backward (or there is one
+        # data-parallel rank)
 
     def optimizer_step(self) -> None:
         if self.zero is not None:
@@ -148,8 +183,10 @@ def run_training(rank: int, world_size: int, spec: dict) -> dict:
     """One rank of a timed training run (what ``tilestack train`` and scripts/parallel/bench_scaling.py start on
     every rank). ``spec``: ``parallel`` (ParallelConfig keywords), ``model`` (ModelConfig keywords), ``batch``,
     ``seq``, ``steps``, ``warmup``, ``lr``, ``dtype`` ("float32" or "bfloat16"), ``device`` ("cpu" or "cuda"),
-    ``progress`` (print a line per step on rank 0). Returns per-step losses and seconds, tokens/s after warm-up,
-    model FLOPs per token and the peak memory of this rank (bytes, CUDA only)."""
+    ``progress`` (print a line per step on rank 0), ``noise_scale`` (measure the gradient noise scale from the
+    per-rank gradients: plain data parallelism). Returns per-step losses and seconds, tokens/s after warm-up,
+    model FLOPs per token, the peak memory of this rank (bytes, CUDA only) and the noise scale after each step
+    (``noise_scale``: None unless asked)."""
     import time
 
     from tilestack.parallel.model import ModelConfig, make_batch
@@ -161,7 +198,11 @@ def run_training(rank: int, world_size: int, spec: dict) -> dict:
     dtype = getattr(torch, spec.get("dtype", "float32"))
     pc.validate(world_size, model=cfg, batch=batch, seq=seq)
     model = GPT(cfg, seed=spec.get("seed", 0)).to(device=device, dtype=dtype)
-    trainer = Trainer(model, pc, pc.build_mesh(device.type), lr=spec.get("lr", 1e-3))
+    gns = None
+    if spec.get("noise_scale"):
+        from tilestack.parallel.plan.goodput import GradientNoiseScale
+        gns = GradientNoiseScale()
+    trainer = Trainer(model, pc, pc.build_mesh(device.type), lr=spec.get("lr", 1e-3), gns=gns)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     losses, seconds = [], []
@@ -178,4 +219,5 @@ def run_training(rank: int, world_size: int, spec: dict) -> dict:
     timed = seconds[warmup:]
     return dict(losses=losses, seconds=seconds, tokens_per_s=tokens * len(timed) / sum(timed),
                 flops_per_token=cfg.flops_per_token(seq), n_params=sum(p.numel() for p in model.parameters()),
-                peak_bytes=torch.cuda.max_memory_allocated() if device.type == "cuda" else None)
+                peak_bytes=torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+                noise_scale=[phi for _, phi in gns.history] if gns is not None else None)
