@@ -9,11 +9,11 @@ from the same initial model and seed:
 - fixed small: batch M0 (--small), AdamW at --lr;
 - fixed large: batch --large (the largest candidate), AdamW at --lr x sqrt(large / M0) (square-root scaling for
   Adam); --also adds fixed batches in between, for context (the best fixed batch in hindsight);
-- adaptive (Pollux, tilestack.parallel.plan.goodput.GoodputController): the gradient noise scale phi is read on
-  one step in --probe-every from its two accumulation micro-steps of M / 2 samples (accumulate_and_observe; of
-  the gradients preconditioned as AdamW preconditions them with --precondition; the other steps are one
-  micro-step, as the fixed runs'); every --every steps the next batch is the candidate with the largest goodput = samples/s(M) x E(M),
-  E(M) = (phi + M0) / (phi + M), at the learning rate --lr x sqrt(AdaScale gain (M / M0) E(M)); samples/s(M)
+- adaptive (Pollux, tilestack.parallel.plan.goodput.GoodputController): the gradient noise scale phi is read on one
+  step in --probe-every from its two accumulation micro-steps of M / 2 samples (accumulate_and_observe; of the
+  gradients preconditioned as AdamW preconditions them with --precondition; the other steps are one micro-step, as
+  the fixed runs'); every --every steps the next batch is the candidate with the largest goodput = samples/s(M) x
+  E(M), E(M) = (phi + M0) / (phi + M), at the learning rate --lr x sqrt(AdaScale gain (M / M0) E(M)); samples/s(M)
   is measured for each candidate first, for plain and probe steps, and mixed as the run mixes them.
 Each run stops at the first evaluation (every --eval steps, on a fixed held-out batch) whose loss is at or below
 --target, or after --max-samples; the evaluations' own time is not counted (at batch 8 an evaluation every 5 steps
