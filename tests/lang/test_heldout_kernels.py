@@ -502,7 +502,193 @@ def test_sizes_past_int32_trace_cost_and_index_in_64_bits():
     assert src.count("tl.int64") >= 3 and "Bias_s0" in src
 
 
-# ---- 15. every kernel above compiled for Hopper (sm_90a) on this CPU -------------------------------------------------
+# ---- 15. operator sugar for the four products: a @ b, a @ b.T, a.T @ b, a.T @ b.T ----------------------------------
+@ts.kernel(grid=lambda: (1,))
+def matmul_sugar(A, B, C, *, TA: bool, TB: bool, M: int = 16, N: int = 32, K: int = 16):
+    a = ts.RegTile[A.dtype, K, M]() if TA else ts.RegTile[A.dtype, M, K]()
+    b = ts.SharedTile[B.dtype, N, K]() if TB else ts.SharedTile[B.dtype, K, N]()
+    ts.load(a, A, at=(0, 0))
+    ts.load(b, B, at=(0, 0))
+    c = (a.T if TA else a) @ (b.T if TB else b)
+    ts.store(C, c * 0.5, at=(0, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("ta", "tb"), [(False, False), (False, True), (True, False), (True, True)])
+def test_matmul_sugar(backend, ta, tb, rng):
+    M, N, K = 16, 32, 16
+    a = randn(rng, *((K, M) if ta else (M, K)), dtype=torch.float16)
+    b = randn(rng, *((N, K) if tb else (K, N)), dtype=torch.float16)
+    c = torch.full((M, N), math.nan)
+    launch(matmul_sugar, backend, a, b, c, TA=ta, TB=tb)
+    want = (a.double().T if ta else a.double()) @ (b.double().T if tb else b.double())
+    torch.testing.assert_close(c.double(), want * 0.5, rtol=1e-4, atol=1e-4)
+
+
+# ---- 16. conversions to bf16 round to nearest even on every backend (as torch and the GPU do) ----------------------
+@ts.kernel(grid=lambda: (1,))
+def to_bf16(X, Y, F, A, *, R: int = 16, C: int = 64):
+    x = ts.RegTile[ts.f32, R, C]()
+    y = ts.RegTile[ts.bf16, R, C]()
+    f = ts.RegTile[ts.bf16, R, C]()
+    a = ts.RegVec[ts.bf16, C]()
+    ts.load(x, X, at=(0, 0))
+    ts.copy(y, x)                                # a cast
+    ts.add(y, y, 0.0)                            # element-wise math in f32, rounded back
+    ts.fill(f, 0.1)                              # a fill value bf16 cannot hold
+    ts.arange(a, 301)                            # integers past 256 that bf16 cannot all hold
+    ts.store(Y, y, at=(0, 0))
+    ts.store(F, f, at=(0, 0))
+    ts.store(A, a, at=(0,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conversions_to_bf16_round_to_nearest_even(backend, rng):
+    R, C = 16, 64
+    x = randn(rng, R, C) * 100
+    y, f, a = (torch.zeros(R, C, dtype=BF), torch.zeros(R, C, dtype=BF), torch.zeros(C, dtype=BF))
+    launch(to_bf16, backend, x, y, f, a)
+    assert torch.equal(y, x.to(BF))
+    assert torch.equal(f, torch.full((R, C), 0.1).to(BF))
+    assert torch.equal(a, torch.arange(301, 301 + C, dtype=torch.float32).to(BF))
+
+
+# ---- 17. a process that interprets a Triton kernel, then compiles Gluon kernels (as a test session does) -----------
+_INTERPRET_THEN_GLUON = """
+import torch
+import tilestack.lang as ts
+from tilestack import config
+from tilestack.backends import get_backend
+from tilestack.backends.gluon import aot
+
+@ts.kernel(grid=lambda: (1,))
+def softmax_rows(X, Y):
+    x = ts.RegTile[ts.f32, 16, 16]()
+    m = ts.RegVec[ts.f32, 16]()
+    ts.load(x, X, at=(0, 0))
+    ts.row_max(m, x)
+    ts.sub_row(x, x, m)
+    ts.exp(x, x)
+    ts.row_sum(m, x)
+    ts.div_row(x, x, m)
+    ts.store(Y, x, at=(0, 0))
+
+x, y = torch.randn(16, 16), torch.zeros(16, 16)
+with config.override(triton_interpret=True):
+    softmax_rows(x, y, backend="triton")
+assert torch.allclose(y, torch.softmax(x, 1))
+be = get_backend("gluon")
+spec = ts.ArgSpec(ts.f32, 2)
+res = aot.resources(be.aot(softmax_rows.trace(spec, spec), be.Options()))
+print("spills", res["spill_stores"])
+"""
+
+
+def test_interpreting_triton_first_leaves_gluon_compiling(tmp_path):
+    # Triton's interpreter imports Gluon lazily while it has tl's builtins replaced; a fresh process and an empty
+    # Triton cache, so the Gluon compile really runs after the interpreted launch
+    import os
+    import subprocess
+    import sys
+
+    from tilestack.backends.gluon import aot
+    try:
+        aot.tool("ptxas")
+    except aot.ToolMissing as e:
+        pytest.skip(str(e))
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton"), TILESTACK_CACHE_DIR=str(tmp_path / "ts"))
+    out = subprocess.run([sys.executable, "-c", _INTERPRET_THEN_GLUON], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0 and "spills 0" in out.stdout, out.stderr[-3000:]
+
+
+# ---- 18. row-wise cumulative sum over rows wider than a tile: x @ (upper-triangular ones), plus a carried offset ---
+@ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))
+def row_cumsum(X, Y, *, BM: int = 16, BN: int = 16):
+    i = ts.block_id(0)
+    k = ts.RegVec[ts.i32, BN]()
+    upper = ts.RegTile[ts.bool_, BN, BN]()
+    ones = ts.RegTile[ts.f32, BN, BN]()
+    u = ts.SharedTile[ts.f32, BN, BN]()
+    x = ts.RegTile[ts.f32, BM, BN]()
+    y = ts.RegTile[ts.f32, BM, BN]()
+    carry = ts.RegVec[ts.f32, BM]()
+    ts.arange(k)
+    ts.le(upper, ts.per_row(k), ts.per_col(k))        # u[r, c] = 1 where r <= c
+    ts.where(ones, upper, 1.0, 0.0)
+    ts.copy(u, ones)
+    ts.zero(carry)
+    for j in ts.range(ts.cdiv(X.shape[1], BN)):
+        ts.load(x, X, at=(i, j))
+        ts.zero(y)
+        ts.mma_AB(y, x, u, y)                         # y[r, c] = sum of x[r, :c + 1]
+        ts.add_row(y, y, carry)
+        ts.row_sum(carry, x, carry)
+        ts.store(Y, y, at=(i, j))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("M", "N"), [(16, 16), (21, 75)])
+def test_row_cumsum(backend, M, N, rng):
+    x = randn(rng, M, N)
+    y = torch.full((M, N), math.nan)
+    launch(row_cumsum, backend, x, y)
+    torch.testing.assert_close(y.double(), x.double().cumsum(1), rtol=1e-4, atol=1e-4)
+
+
+def test_an_argument_dtype_tiles_cannot_hold_lists_those_they_can():
+    from tilestack.errors import LaunchError
+    with pytest.raises(LaunchError, match=r"argument X has dtype torch.bool, which tiles cannot hold; expected one of "
+                                          r".*torch.int8.*torch.float8_e4m3fn"):
+        col_sums.trace(torch.zeros(4, 4, dtype=torch.bool), torch.zeros(4))
+
+
+# ---- 19. a row sum over a loop of loads, used twice after the loop; a kernel whose work is all dead ---------------
+@ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))
+def row_sums_twice(X, S, T, *, BM: int = 16, BN: int = 16):
+    """s = x.sum(1), t = 2 s / max over the columns."""
+    i = ts.block_id(0)
+    x = ts.RegTile[X.dtype, BM, BN]()
+    s = ts.RegVec[ts.f32, BM]()
+    m = ts.RegVec[ts.f32, BM]()
+    ts.zero(s)
+    ts.neg_infty(m)
+    for j in ts.range(ts.cdiv(X.shape[1], BN)):
+        ts.load(x, X, at=(i, j))
+        ts.row_sum(s, x, s)
+        ts.row_max(m, x, m)       # (zeros past the edge count: X's values are positive)
+    ts.store(S, s, at=(i,))
+    ts.mul(s, s, 2.0)
+    ts.div(s, s, m)
+    ts.store(T, s, at=(i,))
+
+
+@ts.kernel(grid=lambda X: (1,))
+def all_dead(X, Y, *, BM: int = 16, BN: int = 16):
+    x = ts.RegTile[ts.f32, BM, BN]()
+    ts.load(x, X, at=(0, 0))
+    ts.exp(x, x)                  # nothing is stored: the kernel does nothing
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("M", "N"), [(16, 16), (19, 70)])
+def test_row_sums_twice(backend, M, N, rng):
+    x = torch.from_numpy(rng.uniform(0.5, 2.0, (M, N)).astype(np.float32))
+    s, t = torch.full((M,), math.nan), torch.full((M,), math.nan)
+    launch(row_sums_twice, backend, x, s, t)
+    xd = x.double()
+    close(s, xd.sum(1))
+    close(t, 2 * xd.sum(1) / xd.max(1).values)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_kernel_with_nothing_to_store_runs(backend):
+    x, y = torch.randn(16, 16), torch.full((16, 16), 3.0)
+    launch(all_dead, backend, x, y)
+    assert torch.equal(y, torch.full((16, 16), 3.0))
+
+
+# ---- 20. every kernel above compiled for Hopper (sm_90a) on this CPU -------------------------------------------------
 def _meta(*shape, dtype=torch.float32) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype, device="meta")
 
@@ -532,16 +718,20 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
                                       _meta(8, dtype=torch.int32), _meta(8, 16, dtype=torch.int32)), {}),
     "transpose_reg": (transpose_k, (_meta(256, 512, dtype=BF), _meta(512, 256)), dict(SHARED=False)),
     "transpose_shared": (transpose_k, (_meta(256, 512, dtype=BF), _meta(512, 256)), dict(SHARED=True)),
+    "row_sums_twice": (row_sums_twice, (_meta(256, 1024), _meta(256), _meta(256)), dict(BM=64, BN=64)),
+    "all_dead": (all_dead, (_meta(64, 64), _meta(64, 64)), {}),
 }
+# f32 products: the Gluon backend refuses them (wgmma would round f32 to tf32), Triton multiplies them exactly
+F32_MMA_CASES = {"row_cumsum": (row_cumsum, (_meta(256, 1024), _meta(256, 1024)), dict(BM=64, BN=32))}
 
 
-@pytest.mark.parametrize("name", AOT_CASES)
+@pytest.mark.parametrize("name", [*AOT_CASES, *F32_MMA_CASES])
 def test_compiles_for_sm90a_with_triton(name):
     from tilestack.tune import aot
     reason = aot.missing_tools()
     if reason:
         pytest.skip(reason)
-    kernel, args, consts = AOT_CASES[name]
+    kernel, args, consts = {**AOT_CASES, **F32_MMA_CASES}[name]
     r = aot.resources(kernel, args, consts, {}, cache=False, timeout_s=None)
     assert r.ok, r.error
     assert r.spills == 0 and r.registers <= 255, r
@@ -564,52 +754,11 @@ def test_compiles_for_sm90a_with_gluon(name):
         assert "HGMMA.64x128x16.F32" in gaot.sass(compiled)
 
 
-# ---- 16. operator sugar for the four products: a @ b, a @ b.T, a.T @ b, a.T @ b.T ----------------------------------
-@ts.kernel(grid=lambda: (1,))
-def matmul_sugar(A, B, C, *, TA: bool, TB: bool, M: int = 16, N: int = 32, K: int = 16):
-    a = ts.RegTile[A.dtype, K, M]() if TA else ts.RegTile[A.dtype, M, K]()
-    b = ts.SharedTile[B.dtype, N, K]() if TB else ts.SharedTile[B.dtype, K, N]()
-    ts.load(a, A, at=(0, 0))
-    ts.load(b, B, at=(0, 0))
-    c = (a.T if TA else a) @ (b.T if TB else b)
-    ts.store(C, c * 0.5, at=(0, 0))
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(("ta", "tb"), [(False, False), (False, True), (True, False), (True, True)])
-def test_matmul_sugar(backend, ta, tb, rng):
-    M, N, K = 16, 32, 16
-    a = randn(rng, *((K, M) if ta else (M, K)), dtype=torch.float16)
-    b = randn(rng, *((N, K) if tb else (K, N)), dtype=torch.float16)
-    c = torch.full((M, N), math.nan)
-    launch(matmul_sugar, backend, a, b, c, TA=ta, TB=tb)
-    want = (a.double().T if ta else a.double()) @ (b.double().T if tb else b.double())
-    torch.testing.assert_close(c.double(), want * 0.5, rtol=1e-4, atol=1e-4)
-
-
-# ---- 17. conversions to bf16 round to nearest even on every backend (as torch and the GPU do) ----------------------
-@ts.kernel(grid=lambda: (1,))
-def to_bf16(X, Y, F, A, *, R: int = 16, C: int = 64):
-    x = ts.RegTile[ts.f32, R, C]()
-    y = ts.RegTile[ts.bf16, R, C]()
-    f = ts.RegTile[ts.bf16, R, C]()
-    a = ts.RegVec[ts.bf16, C]()
-    ts.load(x, X, at=(0, 0))
-    ts.copy(y, x)                                # a cast
-    ts.add(y, y, 0.0)                            # element-wise math in f32, rounded back
-    ts.fill(f, 0.1)                              # a fill value bf16 cannot hold
-    ts.arange(a, 301)                            # integers past 256 that bf16 cannot all hold
-    ts.store(Y, y, at=(0, 0))
-    ts.store(F, f, at=(0, 0))
-    ts.store(A, a, at=(0,))
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_conversions_to_bf16_round_to_nearest_even(backend, rng):
-    R, C = 16, 64
-    x = randn(rng, R, C) * 100
-    y, f, a = (torch.zeros(R, C, dtype=BF), torch.zeros(R, C, dtype=BF), torch.zeros(C, dtype=BF))
-    launch(to_bf16, backend, x, y, f, a)
-    assert torch.equal(y, x.to(BF))
-    assert torch.equal(f, torch.full((R, C), 0.1).to(BF))
-    assert torch.equal(a, torch.arange(301, 301 + C, dtype=torch.float32).to(BF))
+@pytest.mark.parametrize("name", F32_MMA_CASES)
+def test_gluon_refuses_f32_products_naming_the_op_and_dtype(name):
+    from tilestack.backends import get_backend
+    from tilestack.errors import BackendError, TraceError
+    kernel, args, consts = F32_MMA_CASES[name]
+    be = get_backend("gluon")
+    with pytest.raises((BackendError, TraceError), match=r"mma has f32 operands"):
+        be.aot(kernel.trace(*args, **consts), be.Options())

@@ -37,7 +37,7 @@ from tilestack.errors import LaunchError, TraceError, TunableError
 from tilestack.ir.cost import Cost, grid_of, grid_plan, kernel_cost
 from tilestack.ir.nodes import KernelIR, Param
 from tilestack.ir.ops import Op
-from tilestack.ir.types import FLOAT, INDEX, DType, GlobalType, dtype_of_torch
+from tilestack.ir.types import FLOAT, INDEX, TORCH_NAMES, DType, GlobalType, dtype_of_torch
 from tilestack.ir.verify import verify
 from tilestack.lang.tiles import GlobalTensor, Scalar, as_scalar
 from tilestack.lang.trace import Tracer, set_current, user_line
@@ -168,8 +168,9 @@ class Kernel:
             elif hasattr(a, "dtype") and hasattr(a, "dim"):
                 dt = dtype_of_torch(a.dtype)
                 if dt is None:
+                    held = ", ".join(f"torch.{n}" for n in TORCH_NAMES.values())
                     raise LaunchError(f"{self.name}: argument {p.name} has dtype {a.dtype}, which tiles cannot "
-                                      "hold; expected float64/32/16, bfloat16, int32 or int64")
+                                      f"hold; expected one of {held}")
                 sig.append((dt, a.dim()))
             else:
                 raise LaunchError(f"{self.name}: argument {p.name} must be a torch.Tensor (or ArgSpec to trace), "

@@ -917,7 +917,7 @@ def role_slice(kernel: KernelIR, role: str) -> tuple[set[Instr], set[Value]]:
 def _function(name: str, params: list[str], e: _Emitter, extra: list[str] = ()) -> list[str]:
     head = ["@gluon.jit", f"def {name}({', '.join(params + list(extra))}):"]
     decls = ["    " + d for d in e.layout_decls]
-    return head + decls + e.lines
+    return head + decls + (e.lines or ["    pass"])   # a kernel with no effect is an empty function
 
 
 def emit(low: KernelIR, warps: int) -> Lowered:

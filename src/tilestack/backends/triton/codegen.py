@@ -111,6 +111,7 @@ class _Emitter:
         self.tf32_helper = False                # whether it needs _round_tf32 (interpreted tf32 products)
         self.bf16_helper = False                # whether it needs _to_bf16 (interpreted conversions to bf16)
         self.indent = 1
+        self.shielded = _thread_locality_hazards(kernel)   # REDUCE instrs whose loaded operand gets `+ 0.0`
 
     # ---- names ---------------------------------------------------------------------------------------------
     def name(self, v: Value) -> str:
@@ -255,12 +256,51 @@ def _e_transpose(e: _Emitter, ins: Instr) -> None:
     e.assign(ins.result, e.cast_to(f"tl.trans({e.name(x)})", x.type.dtype, ins.result.type))
 
 
+def _thread_locality_hazards(kernel: KernelIR) -> frozenset[Instr]:
+    """Row reductions that Triton 3.6's ``OptimizeThreadLocality`` pass would rewrite and then abort on.
+
+    The pass takes a reduction along the last axis of a tile straight from ``tl.load`` whose result, combined
+    with a loop-carried accumulator, is what the loop carries on (``s = s + tl.sum(x, 1)``), and asserts that the
+    loop's result for that accumulator has exactly one use after the loop: a sum used twice after the loop, or
+    only inside it (a running offset), kills the compiling process (``Assertion `loopResult.hasOneUse()'``).
+    For those, the emitter reduces ``x + 0.0`` instead (not a load, so the pass leaves the loop alone; the sum
+    is the same, a max or min can differ only in the sign of a zero result)."""
+    uses: dict[Value, int] = {}
+
+    def count(block: Block) -> None:
+        for v in block.yields:
+            uses[v] = uses.get(v, 0) + 1
+        for ins in block.instrs:
+            for v in ins.srcs:
+                uses[v] = uses.get(v, 0) + 1
+            if ins.body is not None:
+                count(ins.body)
+
+    count(kernel.body)
+    loaded = {ins.result for ins in kernel.walk() if ins.op is Op.LOAD
+              and ins.result.type.dtype is ins.srcs[0].type.dtype and ins.result.type.dtype in (f32, f64)}
+    hazards = set()
+    for loop in kernel.walk():
+        if loop.op is not Op.RANGE:
+            continue
+        body = loop.body
+        for arg, y, r in zip(body.args[1:], body.yields, loop.results, strict=True):
+            red = next((ins for ins in body.instrs if ins.op is Op.REDUCE and y in ins.results), None)
+            if red is not None and len(red.srcs) == 2 and red.srcs[1] is arg and red.attrs.axis == "row" \
+                    and red.srcs[0] in loaded and uses.get(r, 0) != 1:
+                hazards.add(red)
+    return frozenset(hazards)
+
+
 @register_emitter("triton", Op.REDUCE, fns=_REDUCE)
 def _e_reduce(e: _Emitter, ins: Instr) -> None:
     fn, axis = ins.attrs.fn, 1 if ins.attrs.axis == "row" else 0
     x = ins.srcs[0]
     dt = compute_dtype(*(s.type.dtype for s in ins.srcs))
-    expr = f"{_REDUCE[fn]}({e.as_dtype(x, dt)}, axis={axis})"
+    xs = e.as_dtype(x, dt)
+    if ins in e.shielded and not e.interpret:
+        xs = f"({xs} + 0.0)"
+    expr = f"{_REDUCE[fn]}({xs}, axis={axis})"
     if len(ins.srcs) > 1:
         expr = _COMBINE[fn].format(e.as_dtype(ins.srcs[1], dt), expr)
     e.assign(ins.result, e.cast_to(expr, dt, ins.result.type))
@@ -489,7 +529,8 @@ def emit(low: KernelIR, interpret: bool = False, index64: bool | Collection[int]
         f"def {fn}({', '.join(params)}):",
     ]
     descriptors = tuple((low.params[i].name, block) for (i, block) in e.descriptors)
-    return Lowered("\n".join(head + e.lines) + "\n", fn, descriptors, low.reads)
+    body = e.lines or ["    pass"]   # a kernel with no effect (every store pruned) is an empty function
+    return Lowered("\n".join(head + body) + "\n", fn, descriptors, low.reads)
 
 
 def source(traced, tma: bool = True, index64: bool | Collection[int] = False) -> str:

@@ -32,11 +32,24 @@ def _triton(interpret: bool):
     if interpret:
         from tilestack.config import use_triton_interpreter
         use_triton_interpreter()
+        _import_gluon_first()
     try:
         import triton
     except ImportError as e:  # pragma: no cover - triton is a dependency on Linux
         raise BackendError("the Triton backend needs the `triton` package (pip install triton)") from e
     return triton
+
+
+def _import_gluon_first() -> None:
+    """Import Gluon's language before Triton's interpreter first runs a kernel. While an interpreted kernel runs,
+    Triton 3.6 replaces ``tl``'s builtins with its interpreter's, and its argument mangling (``jit.mangle_type``)
+    imports ``triton.experimental.gluon`` lazily, inside that window: Gluon's builtins (``gl.exp =
+    builtin(tl.math.exp)``, ...) would wrap the interpreter's stand-ins for good, and every Gluon kernel compiled
+    later in the process that calls one would fail ("Did you forget to add @triton.gluon.jit ?")."""
+    try:
+        import triton.experimental.gluon  # noqa: F401
+    except ImportError:   # a Triton without Gluon: nothing to protect
+        pass
 
 
 def _interpret(args) -> bool:
