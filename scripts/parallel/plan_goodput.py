@@ -104,6 +104,33 @@ def run(mode: str, args, seed: int, trans, held, step_s, probe_s) -> dict:
                 cpu_s=(reached or trace[-1])[1], wall_s=(reached or trace[-1])[2], trace=trace, phi=phis)
 
 
+def plot(runs: list[dict], target: float, path: str) -> None:
+    """phi and the adaptive batch over training (left), held-out loss against CPU time per run (right)."""
+    modes = list(dict.fromkeys(r["mode"] for r in runs))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for r in runs:
+        if r["mode"] == "adaptive" and r["phi"]:
+            a1.plot([p[0] for p in r["phi"]], [p[1] for p in r["phi"]], label=f"phi, seed {r['seed']}")
+            a1.step([p[0] for p in r["phi"]], [p[2] for p in r["phi"]], "--", where="post", alpha=0.6,
+                    label=f"batch, seed {r['seed']}")
+        colour = {"small": "C0", "large": "C1", "adaptive": "C2"}.get(r["mode"]) or f"C{3 + modes.index(r['mode'])}"
+        a2.plot([t[1] for t in r["trace"]], [t[3] for t in r["trace"]], color=colour, alpha=0.7,
+                label=r["mode"] if r["seed"] == 0 else None)
+    a1.set_xlabel("samples")
+    a1.set_ylabel("gradient noise scale phi / batch")
+    a1.set_yscale("log")
+    a1.legend(fontsize=6)
+    a2.axhline(target, color="black", linestyle=":", linewidth=1)
+    a2.set_xlabel("CPU seconds")
+    a2.set_ylabel("held-out loss")
+    a2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=3)
@@ -186,28 +213,7 @@ def main() -> int:
             json.dump(dict(args=vars(args), throughput=throughput, step_s=step_s, probe_s=probe_s, summary=summary,
                            runs=runs), f, indent=1)
     if args.figure and runs:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
-        for r in runs:
-            if r["mode"] == "adaptive" and r["phi"]:
-                a1.plot([p[0] for p in r["phi"]], [p[1] for p in r["phi"]], label=f"phi, seed {r['seed']}")
-                a1.step([p[0] for p in r["phi"]], [p[2] for p in r["phi"]], "--", where="post", alpha=0.6,
-                        label=f"batch, seed {r['seed']}")
-            colour = {"small": "C0", "large": "C1", "adaptive": "C2"}.get(r["mode"], "C7")
-            a2.plot([t[1] for t in r["trace"]], [t[3] for t in r["trace"]], color=colour, alpha=0.7,
-                    label=r["mode"] if r["seed"] == 0 else None)
-        a1.set_xlabel("samples")
-        a1.set_ylabel("gradient noise scale phi / batch")
-        a1.set_yscale("log")
-        a1.legend(fontsize=6)
-        a2.axhline(args.target, color="black", linestyle=":", linewidth=1)
-        a2.set_xlabel("CPU seconds")
-        a2.set_ylabel("held-out loss")
-        a2.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(args.figure, dpi=120)
+        plot(runs, args.target, args.figure)
     return 0
 
 
