@@ -1,5 +1,6 @@
 """On a GPU: layer_norm's one-tile kernel at 8192 x 8192 bf16 (``tilestack bench``'s case) over launch configs
-beyond the tuner's space, against this GPU's copy bandwidth measured in the same process.
+beyond the tuner's space (the persistent form, PROGRAMS > 0, included), against this GPU's copy bandwidth measured
+in the same process.
 
     PYTHONPATH=src python3 scripts/gpu/probe_layer_norm.py
 """
@@ -16,6 +17,10 @@ from tilestack.perf.timing import time_fn
 ROWS = COLS = 8192
 CONFIGS = [dict(BM=bm, BN=COLS, ONE_TILE=True, num_warps=nw, num_stages=1)
            for bm, nw in ((1, 4), (1, 8), (1, 16), (1, 32), (2, 8), (2, 16), (2, 32), (4, 16), (4, 32))]
+# persistent: PROGRAMS programs walking the row blocks, the next block's rows loaded (cp.async, num_stages=2)
+# while this one is normalised; weight and bias loaded once per program
+CONFIGS += [dict(BM=bm, BN=COLS, ONE_TILE=True, PROGRAMS=p * 132, num_warps=nw, num_stages=2)
+            for bm, nw, p in ((1, 4, 4), (1, 8, 2), (1, 8, 3), (1, 16, 1), (2, 8, 2), (2, 16, 1))]
 
 
 def main() -> None:

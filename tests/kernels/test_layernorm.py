@@ -62,6 +62,27 @@ def test_layer_norm_matches_float64_and_reference(backend, dtype, shape, BM, BN,
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,BM,programs", [((37, 100), 1, 3), ((13, 128), 2, 64), ((64, 7), 4, 5)], ids=str)
+def test_persistent_layer_norm(backend, shape, BM, programs, rng, poison_empty):
+    """PROGRAMS > 0: fewer programs than row blocks (each walks several, the next one's rows prefetched) and
+    more (the grid is clipped to the row blocks); the same results as float64."""
+    x = randn(rng, shape, torch.float32, loc=3.0)
+    w, b = randn(rng, shape[1:], torch.float32), randn(rng, shape[1:], torch.float32)
+    y64, mean64, rstd64 = f64_layer_norm(x, w, b, 1e-5)
+    y, mean, rstd = layer_norm(x, w, b, backend=backend, BM=BM, BN=128, ONE_TILE=True, PROGRAMS=programs,
+                               num_warps=4, num_stages=2)
+    assert rel(y, y64) <= 1e-5 and rel(rstd, rstd64) <= STATS_TOL
+    assert float((mean.double() - mean64).abs().max()) <= STATS_TOL
+
+
+def test_persistent_layer_norm_needs_one_tile():
+    x = torch.randn(4, 300)
+    with pytest.raises(LaunchError, match="PROGRAMS=8 needs ONE_TILE=True"):
+        layer_norm(x, torch.ones(300), torch.zeros(300), backend="reference", BM=1, BN=128, ONE_TILE=False,
+                   PROGRAMS=8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_layer_norm_far_from_zero(backend, rng, poison_empty):
     """Rows centred at 1000 with unit spread: a one-pass E[x^2] - E[x]^2 variance would lose every digit in f32."""
     x = randn(rng, (6, 200), torch.float32, loc=1000.0)

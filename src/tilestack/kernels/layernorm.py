@@ -16,12 +16,31 @@ from tilestack.kernels._plan import planned
 from tilestack.kernels.softmax import resolve_row_config
 
 
-@ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),), options=dict(num_warps=4, num_stages=1))
+def _grid(X, BM, PROGRAMS):
+    blocks = ts.cdiv(X.shape[0], BM)
+    return (ts.smin(blocks, PROGRAMS) if PROGRAMS else blocks,)
+
+
+@ts.kernel(grid=_grid, options=dict(num_warps=4, num_stages=1))
 def layer_norm_kernel(X, W, B, Y, Mean, Rstd, eps: float, *,
                       BM: int = ts.tunable(4, (1, 2, 4, 8, 16)),
                       BN: int = ts.tunable(1024, (128, 256, 512, 1024, 2048, 4096, 8192, 16384)),
-                      ONE_TILE: bool = False):
-    # ONE_TILE needs BN >= the row width (checked by layer_norm(), as for softmax)
+                      ONE_TILE: bool = False, PROGRAMS: int = 0):
+    # ONE_TILE needs BN >= the row width (checked by layer_norm(), as for softmax). PROGRAMS > 0 (ONE_TILE only):
+    # min(row blocks, PROGRAMS) programs each walk row blocks program, program + PROGRAMS, ..., the loop pipelined
+    # (num_stages >= 2: the next block's rows are loaded while this block is normalised and stored), the weight
+    # and bias loaded once per program
+    if PROGRAMS:
+        if not ONE_TILE:
+            raise LaunchError(f"layer_norm_kernel: PROGRAMS={PROGRAMS} needs ONE_TILE=True (a row in one tile); got "
+                              "ONE_TILE=False")
+        w = ts.RegVec[ts.f32, BN]()
+        b = ts.RegVec[ts.f32, BN]()
+        ts.load(w, W, at=(0,))
+        ts.load(b, B, at=(0,))
+        for i in ts.range(ts.block_id(0), ts.cdiv(X.shape[0], BM), ts.num_blocks(0), stages=2):
+            _one_tile_rows(i, X, Y, Mean, Rstd, eps, w, b, BM, BN)
+        return
     i = ts.block_id(0)
     N = X.shape[1]
     x = ts.RegTile[ts.f32, BM, BN]()
@@ -78,6 +97,34 @@ def layer_norm_kernel(X, W, B, Y, Mean, Rstd, eps: float, *,
         ts.add_col(x, x, b)
         ts.copy(y, x)
         ts.store(Y, y, at=(i, j))
+    ts.store(Mean, mean, at=(i,))
+    ts.store(Rstd, rstd, at=(i,))
+
+
+def _one_tile_rows(i, X, Y, Mean, Rstd, eps, w, b, BM: int, BN: int) -> None:
+    """Rows [i*BM, (i+1)*BM) of a persistent program, each in one tile (w, b: loaded by the program)."""
+    N = X.shape[1]
+    x = ts.RegTile[ts.f32, BM, BN]()
+    sq = ts.RegTile[ts.f32, BM, BN]()
+    mean = ts.RegVec[ts.f32, BM]()
+    var = ts.RegVec[ts.f32, BM]()
+    rstd = ts.RegVec[ts.f32, BM]()
+    y = ts.RegTile[Y.dtype, BM, BN]()
+    ts.load(x, X, at=(i, 0))
+    ts.row_sum(mean, x)
+    ts.div(mean, mean, N * 1.0)
+    ts.sub_row(x, x, mean)
+    ts.right_fill(x, x, N, 0.0)
+    ts.mul(sq, x, x)
+    ts.row_sum(var, sq)
+    ts.div(var, var, N * 1.0)
+    ts.add(rstd, var, eps)
+    ts.rsqrt(rstd, rstd)
+    ts.mul_row(x, x, rstd)
+    ts.mul_col(x, x, w)
+    ts.add_col(x, x, b)
+    ts.copy(y, x)
+    ts.store(Y, y, at=(i, 0))
     ts.store(Mean, mean, at=(i,))
     ts.store(Rstd, rstd, at=(i,))
 
