@@ -4,9 +4,11 @@ then compiled for Hopper (sm_90a) on this CPU by the Triton backend and, where i
 
 Each kernel is short and self-contained: fused bias + GELU + residual, row L2 normalisation over rows wider than a
 tile, column sums by atomic_add over row blocks, batched GEMMs with each transposed form and a ragged K, a two-pass
-softmax over a wide dimension, a row max/argmax, a transpose, row and column broadcasts, an int8/f16/f32 mix with
-casts, a grid-stride loop, a 4-D tensor addressed at (b, h, i, 0), empty tensors, and sizes past 2**31 (traced
-and costed on meta tensors only).
+softmax over a wide dimension, a row max/argmax, row and column broadcasts, an int8/f16/f32 mix with casts, a
+grid-stride loop, a 4-D tensor addressed at (b, h, i, 0), empty tensors, integer tiles past 2**24, a transpose,
+matmul sugar, a row cumsum by a triangular matmul, a row sum used twice after its loop, a hand-pipelined GEMM,
+conversions to bf16 and fp8, sizes past 2**31 (traced and costed on meta tensors only), and misuse that must be
+refused with a message naming the argument.
 """
 
 import math
@@ -17,10 +19,11 @@ import torch
 
 import tilestack.lang as ts
 from tilestack import config
-from tilestack.errors import TileDTypeError, TileShapeError
+from tilestack.errors import TileDTypeError, TileShapeError, TraceError
 
 BACKENDS = ("reference", "triton")
 FLOATS = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+BF = torch.bfloat16
 GELU_C = math.sqrt(2.0 / math.pi)     # tanh-GELU: 0.5 x (1 + tanh(c (x + 0.044715 x^3)))
 GELU_A = 0.044715
 
@@ -688,12 +691,72 @@ def test_a_kernel_with_nothing_to_store_runs(backend):
     assert torch.equal(y, torch.full((16, 16), 3.0))
 
 
-# ---- 20. every kernel above compiled for Hopper (sm_90a) on this CPU -------------------------------------------------
+# ---- 20. a hand-pipelined GEMM (explicit stages, async loads and mmas), rows of K not 16-byte aligned ------------
+@ts.kernel(grid=lambda C, BM, BN: (ts.cdiv(C.shape[0], BM), ts.cdiv(C.shape[1], BN)))
+def staged_gemm(A, B, C, *, BM: int = 64, BN: int = 64, BK: int = 32, STAGES: int = 3):
+    """C = A @ B.T, A (M, K), B (N, K), through rings of STAGES shared tiles."""
+    i, j = ts.block_id(0), ts.block_id(1)
+    a_ring = ts.SharedStages[A.dtype, STAGES, BM, BK]()
+    b_ring = ts.SharedStages[B.dtype, STAGES, BN, BK]()
+    a = ts.SharedTile[A.dtype, BM, BK]()
+    b = ts.SharedTile[B.dtype, BN, BK]()
+    acc = ts.RegTile[ts.f32, BM, BN]()
+    ts.zero(acc)
+    for k in ts.range(ts.cdiv(A.shape[1], BK)):
+        s = k % STAGES
+        ts.async_load(a_ring, s, A, at=(i, k))
+        ts.async_load(b_ring, s, B, at=(j, k))
+        ts.wait_load(a, a_ring, s)
+        ts.wait_load(b, b_ring, s)
+        ts.mma_ABt_async(acc, a, b, acc)
+        ts.mma_wait(acc)
+    ts.store(C, acc, at=(i, j))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("K", [100, 128])       # 100 bf16 = 200-byte rows: no copy engine, loads through pointers
+def test_staged_gemm(backend, K, rng):
+    M, N = 70, 80
+    a, b = randn(rng, M, K, dtype=BF), randn(rng, N, K, dtype=BF)
+    c = torch.full((M, N), math.nan)
+    launch(staged_gemm, backend, a, b, c)
+    torch.testing.assert_close(c.double(), a.double() @ b.double().T, rtol=1e-4, atol=1e-4)
+
+
+# ---- 21. conversions to f8e4m3 (from floats and integers) round to nearest even and saturate, on every backend -------
+@ts.kernel(grid=lambda: (1,))
+def to_f8(X, N, Y, Z, *, R: int = 16, C: int = 64):
+    x = ts.RegTile[ts.f32, R, C]()
+    n = ts.RegTile[N.dtype, R, C]()
+    y = ts.RegTile[ts.f8e4m3, R, C]()
+    z = ts.RegTile[ts.f8e4m3, R, C]()
+    ts.load(x, X, at=(0, 0))
+    ts.load(n, N, at=(0, 0))
+    ts.copy(y, x)
+    ts.copy(z, n)                                # integers into fp8 (through f32)
+    ts.store(Y, y, at=(0, 0))
+    ts.store(Z, z, at=(0, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ndt", [torch.int32, torch.int8])
+def test_conversions_to_f8e4m3_round_and_saturate(backend, ndt, rng):
+    R, C = 16, 64
+    mag = np.exp2(rng.uniform(-12, 10, (R, C)))             # subnormals (below 2**-6) to past 448
+    x = torch.from_numpy((mag * rng.choice([-1, 1], (R, C))).astype(np.float32))
+    x[0, :8] = torch.tensor([1.96, 1.9375, 0.4873, 7.9, 460.0, 470.0, 2.0**-10, 3 * 2.0**-10])   # carries and ties
+    n = torch.from_numpy(rng.integers(-128, 128, (R, C))).to(ndt)
+    y, z = torch.zeros(R, C, dtype=torch.float8_e4m3fn), torch.zeros(R, C, dtype=torch.float8_e4m3fn)
+    launch(to_f8, backend, x, n, y, z)
+    assert torch.equal(y.float(), x.to(torch.float8_e4m3fn).float())
+    assert torch.equal(z.float(), n.float().to(torch.float8_e4m3fn).float())
+
+
+# ---- 22. every kernel above compiled for Hopper (sm_90a) on this CPU -------------------------------------------------
 def _meta(*shape, dtype=torch.float32) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-BF = torch.bfloat16
 AOT_CASES = {   # name -> (kernel, meta args, constants)
     "bias_gelu_residual": (bias_gelu_residual, (_meta(256, 256, dtype=BF), _meta(256, dtype=BF),
                                                 _meta(256, 256, dtype=BF), _meta(256, 256, dtype=BF)), {}),
@@ -720,6 +783,10 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
     "transpose_shared": (transpose_k, (_meta(256, 512, dtype=BF), _meta(512, 256)), dict(SHARED=True)),
     "row_sums_twice": (row_sums_twice, (_meta(256, 1024), _meta(256), _meta(256)), dict(BM=64, BN=64)),
     "all_dead": (all_dead, (_meta(64, 64), _meta(64, 64)), {}),
+    "to_f8": (to_f8, (_meta(16, 64), _meta(16, 64, dtype=torch.int32), _meta(16, 64, dtype=torch.float8_e4m3fn),
+                      _meta(16, 64, dtype=torch.float8_e4m3fn)), {}),
+    "staged_gemm": (staged_gemm, (_meta(512, 512, dtype=BF), _meta(512, 512, dtype=BF), _meta(512, 512)),
+                    dict(BM=128, BN=128, BK=64)),
 }
 # f32 products: the Gluon backend refuses them (wgmma would round f32 to tf32), Triton multiplies them exactly
 F32_MMA_CASES = {"row_cumsum": (row_cumsum, (_meta(256, 1024), _meta(256, 1024)), dict(BM=64, BN=32))}
@@ -750,7 +817,7 @@ def test_compiles_for_sm90a_with_gluon(name):
     compiled = be.aot(kernel.trace(*args, **consts), be.Options())
     res = gaot.resources(compiled)
     assert res["spill_stores"] == res["spill_loads"] == 0, res["report"]
-    if kernel is batched_gemm:
+    if kernel in (batched_gemm, staged_gemm):
         assert "HGMMA.64x128x16.F32" in gaot.sass(compiled)
 
 
@@ -762,3 +829,25 @@ def test_gluon_refuses_f32_products_naming_the_op_and_dtype(name):
     be = get_backend("gluon")
     with pytest.raises((BackendError, TraceError), match=r"mma has f32 operands"):
         be.aot(kernel.trace(*args, **consts), be.Options())
+
+
+def test_gluon_says_which_accumulator_rows_or_warps_a_wgmma_takes():
+    from tilestack.backends import get_backend
+    from tilestack.errors import BackendError
+    be = get_backend("gluon")
+    spec = ts.ArgSpec(ts.bf16, 3)
+    traced = batched_gemm.trace(spec, spec, ts.ArgSpec(ts.f32, 3), TA=False, TB=False, BM=64, BN=128, BK=64)
+    with pytest.raises(BackendError, match=r"accumulates 64 rows \(need a multiple of 128, >= 64: .* or num_warps=4\)"):
+        be.source(traced)
+    assert "warpgroup_mma" in be.source(traced, be.Options(num_warps=4))
+
+
+def test_fill_with_a_runtime_scalar_says_how():
+    @ts.kernel(grid=lambda: (1,))
+    def fill_runtime(Out, s: float):
+        t = ts.RegVec[ts.f32, 16]()
+        ts.fill(t, s)
+        ts.store(Out, t, at=(0,))
+
+    with pytest.raises(TraceError, match=r"fill: value must be a Python number .* got Scalar.*zero\(dst\) then add"):
+        fill_runtime.trace(ts.ArgSpec(ts.f32, 1), "float")

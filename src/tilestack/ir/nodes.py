@@ -109,12 +109,14 @@ class KernelIR:
         return {args[ins.srcs[0]] for ins in self.walk() if ins.op in (Op.STORE, Op.ATOMIC_ADD)}
 
     def tile_params(self) -> set[int]:
-        """Indices of the global params some load or store moves whole 2-D tiles of."""
+        """Indices of the global params some load, asynchronous load or store moves whole 2-D tiles of."""
         args = {ins.result: ins.attrs.index for ins in self.walk() if ins.op is Op.ARG}
         out = set()
         for ins in self.walk():
             if ins.op is Op.LOAD and len(ins.result.type.shape) == 2:
                 out.add(args[ins.srcs[0]])
+            elif ins.op is Op.ASYNC_LOAD and len(ins.result.type.shape) == 2:   # into a stage of a ring
+                out.add(args[ins.srcs[2]])
             elif ins.op is Op.STORE and len(ins.srcs[1].type.shape) == 2:
                 out.add(args[ins.srcs[0]])
         return out

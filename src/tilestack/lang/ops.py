@@ -71,8 +71,10 @@ def _element_value(opname: str, t: Tile, value) -> int | float:
     """``value`` as an element of tile ``t``: a float for a float tile, an int for an integer tile (which has no
     infinities or fractions) or a bool_ mask (0 or 1)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TraceError(f"{opname}: value must be a Python number, got {type(value).__name__} {value!r}",
-                         user_line())
+        hint = ("; for a value known only at run time, zero(dst) then add(dst, dst, value)"
+                if opname == "fill" and t.dtype.is_float else "")
+        raise TraceError(f"{opname}: value must be a Python number (a compile-time constant), got "
+                         f"{type(value).__name__} {value!r}{hint}", user_line())
     if t.dtype.is_float:
         return float(value)
     want = (0, 1) if t.dtype is bool_ else None

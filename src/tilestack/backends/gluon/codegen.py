@@ -153,7 +153,12 @@ class _Emitter:
         return expr if v.type.dtype.name in ("f32", "f64") else f"{expr}.to(gl.float32)"
 
     def cast(self, expr: str, src_dtype, dst_dtype) -> str:
-        return expr if src_dtype is dst_dtype else f"{expr}.to({GL_DTYPES[dst_dtype.name]})"
+        if src_dtype is dst_dtype:
+            return expr
+        if "f8e4m3" in (src_dtype.name, dst_dtype.name) and \
+                not {src_dtype.name, dst_dtype.name} <= {"f8e4m3", "f32", "f16", "bf16"}:
+            expr = f"{expr}.to(gl.float32)"   # Triton converts fp8 only from and to 16- and 32-bit floats
+        return f"{expr}.to({GL_DTYPES[dst_dtype.name]})"
 
     def set_lay(self, v: Value, key: tuple) -> None:
         self.lay[v] = key

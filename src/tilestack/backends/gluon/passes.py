@@ -90,9 +90,10 @@ def _check_mma(ins: Instr, warps: int) -> None:
     m, n = acc.type.shape
     k = a.type.shape[0] if ins.attrs.trans_a else a.type.shape[1]
     if m % (WARP_ROWS * warps) or m < WARPGROUP_ROWS:
+        fewer = f", or num_warps={m // WARP_ROWS}" if m >= WARPGROUP_ROWS and m // WARP_ROWS % 4 == 0 else ""
         _fail(ins, f"gives each of the {warps} warps of a wgmma {WARP_ROWS}-row slices of the accumulator; "
                    f"{ins.op.value} accumulates {m} rows (need a multiple of {WARP_ROWS * warps}, >= "
-                   f"{WARPGROUP_ROWS})")
+                   f"{WARPGROUP_ROWS}: a (BM, BN) accumulator with BM a multiple of {WARP_ROWS * warps}{fewer})")
     if n % 8 or n > 256 or k % WGMMA_K[a.type.dtype.name]:
         _fail(ins, f"needs wgmma's n a multiple of 8 up to 256 and k a multiple of {WGMMA_K[a.type.dtype.name]}; "
                    f"{ins.op.value} has n={n}, k={k}")

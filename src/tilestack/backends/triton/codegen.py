@@ -27,7 +27,7 @@ from tilestack.backends.triton.passes import TMA_MAX_BOX, pipeline  # noqa: F401
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
 from tilestack.ir.ops import EMITTERS, Op, register_emitter
 from tilestack.ir.scalars import nonnegative
-from tilestack.ir.types import GlobalType, TileType, bf16, f32, f64
+from tilestack.ir.types import F8E4M3_MAX, GlobalType, TileType, bf16, f8e4m3, f16, f32, f64
 
 INT32_MAX = 2**31 - 1
 TL_DTYPES = {"f64": "tl.float64", "f32": "tl.float32", "f16": "tl.float16", "bf16": "tl.bfloat16",
@@ -61,6 +61,22 @@ def _to_bf16(x):
     bits = x.to(tl.uint32, bitcast=True)
     bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
     return tl.where(x != x, x, bits.to(tl.float32, bitcast=True)).to(tl.bfloat16)
+'''
+# The interpreter's f32 -> fp8 (e4m3) conversion drops the carry of a mantissa that rounds up (1.96 -> 1.0) and
+# does not saturate (700 -> 352); the GPU converts with cvt.rn.satfinite, as torch and the reference do. An
+# interpreted conversion to f8e4m3 rounds here first (to nearest even, 3 mantissa bits, subnormals below 2**-6 in
+# steps of 2**-9, +-448 at most), so the interpreter's own conversion only meets values it can hold exactly.
+_F8E4M3_HELPER = f'''
+
+@triton.jit
+def _to_f8e4m3(x):
+    """f32 values as f8e4m3, rounded to nearest even and saturated to +-448 (NaN stays NaN)."""
+    a = tl.abs(x)
+    bits = a.to(tl.uint32, bitcast=True)
+    normal = (((bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20) << 20).to(tl.float32, bitcast=True)
+    tiny = (a + 16384.0) - 16384.0      # below 2**-6: f32's own rounding to a multiple of 2**-9
+    r = tl.minimum(tl.where(a < 0.015625, tiny, normal), {F8E4M3_MAX!r})
+    return tl.where(x != x, x, tl.where(x < 0, -r, r)).to(tl.float8e4nv)
 '''
 _REDUCE = {"max": "tl.max", "min": "tl.min", "sum": "tl.sum"}
 _COMBINE = {"max": "tl.maximum({}, {})", "min": "tl.minimum({}, {})", "sum": "({} + {})"}
@@ -110,6 +126,7 @@ class _Emitter:
         self.floor_helpers = False              # whether the source needs _floordiv / _floormod
         self.tf32_helper = False                # whether it needs _round_tf32 (interpreted tf32 products)
         self.bf16_helper = False                # whether it needs _to_bf16 (interpreted conversions to bf16)
+        self.f8_helper = False                  # whether it needs _to_f8e4m3 (interpreted conversions to f8)
         self.indent = 1
         self.shielded = _thread_locality_hazards(kernel)   # REDUCE instrs whose loaded operand gets `+ 0.0`
 
@@ -147,9 +164,15 @@ class _Emitter:
             return expr
         if self.interpret and bf16 in (v_from_dtype, dst.dtype) and f32 not in (v_from_dtype, dst.dtype):
             expr = f"{expr}.to(tl.float32)"   # the interpreter casts bf16 only from and to f32 right (f64, int8)
+        elif f8e4m3 in (v_from_dtype, dst.dtype) and not {v_from_dtype, dst.dtype} <= {f8e4m3, f32, f16, bf16}:
+            expr = f"{expr}.to(tl.float32)"   # Triton converts fp8 only from and to 16- and 32-bit floats
+            v_from_dtype = f32
         if self.interpret and dst.dtype is bf16:
             self.bf16_helper = True
             return f"_to_bf16({expr})"
+        if self.interpret and dst.dtype is f8e4m3:
+            self.f8_helper = True
+            return f"_to_f8e4m3({expr if v_from_dtype is f32 else f'{expr}.to(tl.float32)'})"
         return f"{expr}.to({TL_DTYPES[dst.dtype.name]})"
 
     # ---- memory --------------------------------------------------------------------------------------------
@@ -523,6 +546,7 @@ def emit(low: KernelIR, interpret: bool = False, index64: bool | Collection[int]
         *([_FLOOR_HELPERS] if e.floor_helpers else []),
         *([_TF32_HELPER] if e.tf32_helper else []),
         *([_BF16_HELPER] if e.bf16_helper else []),
+        *([_F8E4M3_HELPER] if e.f8_helper else []),
         "",
         "",
         "@triton.jit",
