@@ -226,6 +226,18 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _f32_truth(case: str, model: nn.Module, args) -> torch.Tensor:
+    """The model's output with the same weights and inputs in float32 (a copy: the model keeps its dtype and its
+    KV cache), the reference both eager bf16 and the compiled variants are measured against."""
+    ref = copy.deepcopy(model).float()
+    ref_args = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+    out = ref(*ref_args).float()
+    if case == "gpt2-decode":          # as for eager: the second step, over the cache the first one wrote
+        out = ref(*ref_args).float()
+    del ref
+    return out
+
+
 def run_model_case(case: str, variant: str, quick: bool, passes=None, policy=None) -> dict:
     from tilestack.perf.timing import time_fn
 
@@ -233,6 +245,7 @@ def run_model_case(case: str, variant: str, quick: bool, passes=None, policy=Non
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, args, units, unit = build(case, quick, device, dtype)
     with torch.no_grad():
+        truth = _f32_truth(case, model, args) if dtype != torch.float32 else None
         want = model(*args).float()
         if case == "gpt2-decode":      # the step wrote the cache: run it again so both see the same cache
             want = model(*args).float()
@@ -243,6 +256,9 @@ def run_model_case(case: str, variant: str, quick: bool, passes=None, policy=Non
         compile_s = time.perf_counter() - t0
         got = fn(*args).float()
         err, norm_err = output_errors(got, want)
+        # the distance from the true answer (the same weights in f32): this variant's and eager bf16's own
+        f32_err = output_errors(got, truth)[1] if truth is not None else None
+        eager_f32_err = output_errors(want, truth)[1] if truth is not None else None
         timing = time_fn(fn, args_sets=[args], budget_s=2.0 if quick else 10.0)
         peak = None
         if device == "cuda":
@@ -259,7 +275,8 @@ def run_model_case(case: str, variant: str, quick: bool, passes=None, policy=Non
     lat = timing.median_s
     return dict(case=case, variant=variant, device=device, dtype=str(dtype).removeprefix("torch."),
                 compile_s=compile_s, latency_ms=lat * 1e3, throughput=units / lat, unit=f"{unit}/s",
-                peak_gib=peak, max_rel_err=err, norm_rel_err=norm_err, swaps=swaps, note=note, rel_ci=timing.rel_ci)
+                peak_gib=peak, max_rel_err=err, norm_rel_err=norm_err, f32_norm_rel_err=f32_err,
+                eager_f32_norm_rel_err=eager_f32_err, swaps=swaps, note=note, rel_ci=timing.rel_ci)
 
 
 # ---- the GEMMs ----------------------------------------------------------------------------------------------------
@@ -525,6 +542,11 @@ def check_bars(rows: list[dict]) -> list[str]:
             verdict = "no norm error recorded" if err is None else f"{'ok' if err <= OUT_TOL else 'MISSED'}"
             lines.append(f"{case}: {variant} output vs eager ||d||/||eager|| {_fmt(err, '.1e')} ({verdict}, bar "
                          f"{OUT_TOL}); max|d|/max|eager| {worst:.1e} (Inductor's {_fmt(ind, '.1e')}; no bar)")
+            f32, eager_f32 = got[variant].get("f32_norm_rel_err"), got[variant].get("eager_f32_norm_rel_err")
+            if f32 is not None:
+                ind32 = got.get("inductor", {}).get("f32_norm_rel_err")
+                lines.append(f"{case}: {variant} output vs the f32 model {f32:.1e}, eager bf16's own {eager_f32:.1e}, "
+                             f"Inductor's {_fmt(ind32, '.1e')} (no bar: how far each is from the true answer)")
     for shape in dict.fromkeys(r["shape"] for r in rows if r["case"] == "epilogue" and "error" not in r):
         got = {r["variant"]: r["latency_ms"] for r in rows if r["case"] == "epilogue" and r.get("shape") == shape}
         if "tilestack-fused" in got and "inductor" in got:
