@@ -445,7 +445,7 @@ def test_fill_value_must_fit_the_tile():
         ts.store(Out, t, at=(0,))
 
     out = ts.ArgSpec(ts.i32, 1)
-    for value, dt in ((-math.inf, "i32"), (2.5, "i32"), (2.0, "bool_")):
+    for value, dt in ((-math.inf, "i32"), (2.5, "i32"), (2.0, "bool_"), (2**31, "i32"), (-129, "i8")):
         with pytest.raises(TileDTypeError, match=rf"fill: .*value {value!r} does not fit"):
             bad.trace(out, VALUE=value, DT=dt)
     bad.trace(out, VALUE=3.0, DT="i32")
@@ -752,7 +752,36 @@ def test_conversions_to_f8e4m3_round_and_saturate(backend, ndt, rng):
     assert torch.equal(z.float(), n.float().to(torch.float8_e4m3fn).float())
 
 
-# ---- 22. every kernel above compiled for Hopper (sm_90a) on this CPU -------------------------------------------------
+# ---- 22. a triangular matmul: a loop bound by the block index, a masked diagonal tile, a register a operand -------
+@ts.kernel(grid=lambda C, BM, BN: (ts.cdiv(C.shape[0], BM), ts.cdiv(C.shape[1], BN)))
+def trmm(A, B, C, *, BM: int = 16, BN: int = 16):
+    """C = tril(A) @ B for a square A: block row i reads only the tiles of A at or left of its diagonal."""
+    i, j = ts.block_id(0), ts.block_id(1)
+    acc = ts.RegTile[ts.f32, BM, BN]()
+    a = ts.RegTile[A.dtype, BM, BM]()
+    b = ts.SharedTile[B.dtype, BM, BN]()
+    ts.zero(acc)
+    for k in ts.range(i):                       # the tiles left of the diagonal
+        ts.load(a, A, at=(i, k))
+        ts.load(b, B, at=(k, j))
+        ts.mma_AB(acc, a, b, acc)
+    ts.load(a, A, at=(i, i))
+    ts.tril(a, a)                               # the diagonal tile, its upper triangle zeroed
+    ts.load(b, B, at=(i, j))
+    ts.mma_AB(acc, a, b, acc)
+    ts.store(C, acc, at=(i, j))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("M", "N"), [(16, 16), (45, 20)])
+def test_trmm(backend, M, N, rng):
+    a, b = randn(rng, M, M, dtype=torch.float16), randn(rng, M, N, dtype=torch.float16)
+    c = torch.full((M, N), math.nan)
+    launch(trmm, backend, a, b, c)
+    torch.testing.assert_close(c.double(), torch.tril(a.double()) @ b.double(), rtol=1e-4, atol=1e-4)
+
+
+# ---- 23. every kernel above compiled for Hopper (sm_90a) on this CPU -------------------------------------------------
 def _meta(*shape, dtype=torch.float32) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype, device="meta")
 
@@ -785,6 +814,7 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
     "all_dead": (all_dead, (_meta(64, 64), _meta(64, 64)), {}),
     "to_f8": (to_f8, (_meta(16, 64), _meta(16, 64, dtype=torch.int32), _meta(16, 64, dtype=torch.float8_e4m3fn),
                       _meta(16, 64, dtype=torch.float8_e4m3fn)), {}),
+    "trmm": (trmm, (_meta(512, 512, dtype=BF), _meta(512, 256, dtype=BF), _meta(512, 256)), dict(BM=128, BN=128)),
     "staged_gemm": (staged_gemm, (_meta(512, 512, dtype=BF), _meta(512, 512, dtype=BF), _meta(512, 512)),
                     dict(BM=128, BN=128, BK=64)),
 }
@@ -851,3 +881,14 @@ def test_fill_with_a_runtime_scalar_says_how():
 
     with pytest.raises(TraceError, match=r"fill: value must be a Python number .* got Scalar.*zero\(dst\) then add"):
         fill_runtime.trace(ts.ArgSpec(ts.f32, 1), "float")
+
+
+def test_a_float_grid_is_refused_naming_the_axis():
+    @ts.kernel(grid=lambda X: (X.shape[0] / 16,))
+    def float_grid(X):
+        x = ts.RegTile[ts.f32, 16, 16]()
+        ts.load(x, X, at=(ts.block_id(0), 0))
+        ts.store(X, x, at=(ts.block_id(0), 0))
+
+    with pytest.raises(TraceError, match=r"float_grid: grid axis 0 is a float Scalar; expected .* ts.cdiv"):
+        float_grid.trace(ts.ArgSpec(ts.f32, 2))

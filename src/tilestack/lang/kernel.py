@@ -240,6 +240,12 @@ class Kernel:
             grid = grid if isinstance(grid, tuple) else (grid,)
             if not 1 <= len(grid) <= 3:
                 raise TraceError(f"{self.name}: grid must have 1 to 3 axes, got {grid!r}", self.where)
+            for k, g in enumerate(grid):
+                if isinstance(g, bool) or not isinstance(g, int | Scalar) or \
+                        (isinstance(g, Scalar) and g.type != INDEX):
+                    what = "a float Scalar" if isinstance(g, Scalar) else f"{type(g).__name__} {g!r}"
+                    raise TraceError(f"{self.name}: grid axis {k} is {what}; expected a number of programs, an int "
+                                     "or index Scalar (sizes divide with // or ts.cdiv; `/` makes a float)", self.where)
             grid_values = tuple(as_scalar(g).v for g in grid)
             self.fn(*handles, **consts)
             if tr.loops:
