@@ -781,7 +781,38 @@ def test_trmm(backend, M, N, rng):
     torch.testing.assert_close(c.double(), torch.tril(a.double()) @ b.double(), rtol=1e-4, atol=1e-4)
 
 
-# ---- 23. every kernel above compiled for Hopper (sm_90a) on this CPU -------------------------------------------------
+# ---- 23. NaN: max, min, relu and the row/column max and min propagate it, as torch does ------------------------------
+@ts.kernel(grid=lambda: (1,))
+def nan_max_min(X, Relu, RowMax, ColMin, Max):
+    x = ts.RegTile[ts.f32, 16, 16]()
+    y = ts.RegTile[ts.f32, 16, 16]()
+    r = ts.RegVec[ts.f32, 16]()
+    c = ts.RegVec[ts.f32, 16]()
+    ts.load(x, X, at=(0, 0))
+    ts.relu(y, x)
+    ts.store(Relu, y, at=(0, 0))
+    ts.row_max(r, x)
+    ts.store(RowMax, r, at=(0,))
+    ts.col_min(c, x)
+    ts.store(ColMin, c, at=(0,))
+    ts.max(y, x, 0.5)
+    ts.store(Max, y, at=(0, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_propagates_through_max_min_relu(backend, rng):
+    x = randn(rng, 16, 16)
+    x[2, 5] = x[7, 1] = math.nan
+    relu, mx = torch.zeros(16, 16), torch.zeros(16, 16)
+    rmax, cmin = torch.zeros(16), torch.zeros(16)
+    launch(nan_max_min, backend, x, relu, rmax, cmin, mx)
+    torch.testing.assert_close(relu, torch.relu(x), equal_nan=True)
+    torch.testing.assert_close(rmax, x.max(1).values, equal_nan=True)
+    torch.testing.assert_close(cmin, x.min(0).values, equal_nan=True)
+    torch.testing.assert_close(mx, torch.maximum(x, torch.tensor(0.5)), equal_nan=True)
+
+
+# ---- 24. every kernel above compiled for Hopper (sm_90a) on this CPU -------------------------------------------------
 def _meta(*shape, dtype=torch.float32) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype, device="meta")
 
@@ -815,6 +846,7 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
     "to_f8": (to_f8, (_meta(16, 64), _meta(16, 64, dtype=torch.int32), _meta(16, 64, dtype=torch.float8_e4m3fn),
                       _meta(16, 64, dtype=torch.float8_e4m3fn)), {}),
     "trmm": (trmm, (_meta(512, 512, dtype=BF), _meta(512, 256, dtype=BF), _meta(512, 256)), dict(BM=128, BN=128)),
+    "nan_max_min": (nan_max_min, (_meta(16, 16), _meta(16, 16), _meta(16), _meta(16), _meta(16, 16)), {}),
     "staged_gemm": (staged_gemm, (_meta(512, 512, dtype=BF), _meta(512, 512, dtype=BF), _meta(512, 512)),
                     dict(BM=128, BN=128, BK=64)),
 }

@@ -33,10 +33,13 @@ INT32_MAX = 2**31 - 1
 TL_DTYPES = {"f64": "tl.float64", "f32": "tl.float32", "f16": "tl.float16", "bf16": "tl.bfloat16",
              "i32": "tl.int32", "i64": "tl.int64", "bool": "tl.int1", "i8": "tl.int8", "f8e4m3": "tl.float8e4nv"}
 _UNARY = {"exp": "tl.exp({})", "exp2": "tl.math.exp2({})", "log": "tl.log({})", "log2": "tl.log2({})",
-          "abs": "tl.abs({})", "neg": "(-{})", "relu": "tl.maximum({}, 0.0)", "sqrt": "tl.sqrt({})",
-          "rsqrt": "tl.rsqrt({})", "sigmoid": "tl.sigmoid({})", "sin": "tl.sin({})", "cos": "tl.cos({})"}
+          "abs": "tl.abs({})", "neg": "(-{})", "relu": "tl.maximum({}, 0.0, propagate_nan=tl.PropagateNan.ALL)",
+          "sqrt": "tl.sqrt({})", "rsqrt": "tl.rsqrt({})", "sigmoid": "tl.sigmoid({})", "sin": "tl.sin({})",
+          "cos": "tl.cos({})"}
+# max and min propagate NaN, as NumPy's (the reference), torch's and CUDA's max.NaN do (Triton's default ignores it)
 _BINARY = {"add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "div": "({} / {})",
-           "max": "tl.maximum({}, {})", "min": "tl.minimum({}, {})"}
+           "max": "tl.maximum({}, {}, propagate_nan=tl.PropagateNan.ALL)",
+           "min": "tl.minimum({}, {}, propagate_nan=tl.PropagateNan.ALL)"}
 _SCALAR = scalar_templates("tl")
 # Python's floor division and remainder for operands that may be negative (backends/python_dsl.py)
 _FLOOR_HELPERS = floor_helpers("triton.jit", "tl", "Triton")
@@ -78,8 +81,20 @@ def _to_f8e4m3(x):
     r = tl.minimum(tl.where(a < 0.015625, tiny, normal), {F8E4M3_MAX!r})
     return tl.where(x != x, x, tl.where(x < 0, -r, r)).to(tl.float8e4nv)
 '''
-_REDUCE = {"max": "tl.max", "min": "tl.min", "sum": "tl.sum"}
-_COMBINE = {"max": "tl.maximum({}, {})", "min": "tl.minimum({}, {})", "sum": "({} + {})"}
+# row/column max and min reduce with NaN-propagating combines (tl.max and tl.min ignore NaN)
+_NAN_REDUCE_HELPERS = '''
+
+@triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _min_nan(a, b):
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+'''
+_REDUCE = {"max": "tl.reduce({}, {}, _max_nan)", "min": "tl.reduce({}, {}, _min_nan)", "sum": "tl.sum({}, axis={})"}
+_COMBINE = {"max": _BINARY["max"], "min": _BINARY["min"], "sum": "({} + {})"}
 _COMPARE = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
 _LOGIC = {"and": "({} & {})", "or": "({} | {})", "not": "(~{})"}
 
@@ -127,6 +142,7 @@ class _Emitter:
         self.tf32_helper = False                # whether it needs _round_tf32 (interpreted tf32 products)
         self.bf16_helper = False                # whether it needs _to_bf16 (interpreted conversions to bf16)
         self.f8_helper = False                  # whether it needs _to_f8e4m3 (interpreted conversions to f8)
+        self.nan_helpers = False                # whether it needs _max_nan / _min_nan (max and min reductions)
         self.indent = 1
         self.shielded = _thread_locality_hazards(kernel)   # REDUCE instrs whose loaded operand gets `+ 0.0`
 
@@ -323,7 +339,8 @@ def _e_reduce(e: _Emitter, ins: Instr) -> None:
     xs = e.as_dtype(x, dt)
     if ins in e.shielded and not e.interpret:
         xs = f"({xs} + 0.0)"
-    expr = f"{_REDUCE[fn]}({xs}, axis={axis})"
+    expr = _REDUCE[fn].format(xs, axis)
+    e.nan_helpers |= fn != "sum"
     if len(ins.srcs) > 1:
         expr = _COMBINE[fn].format(e.as_dtype(ins.srcs[1], dt), expr)
     e.assign(ins.result, e.cast_to(expr, dt, ins.result.type))
@@ -547,6 +564,7 @@ def emit(low: KernelIR, interpret: bool = False, index64: bool | Collection[int]
         *([_TF32_HELPER] if e.tf32_helper else []),
         *([_BF16_HELPER] if e.bf16_helper else []),
         *([_F8E4M3_HELPER] if e.f8_helper else []),
+        *([_NAN_REDUCE_HELPERS] if e.nan_helpers else []),
         "",
         "",
         "@triton.jit",
