@@ -453,13 +453,16 @@ def test_fill_value_must_fit_the_tile():
 
 # ---- 13. matrix transpose, from registers or from a shared tile, with a dtype change -------------------------------
 @ts.kernel(grid=lambda X, BM, BN: (ts.cdiv(X.shape[0], BM), ts.cdiv(X.shape[1], BN)))
-def transpose_k(X, Y, *, SHARED: bool, BM: int = 16, BN: int = 32):
-    """Y = X.T (Y in its own dtype): tile (i, j) of X is tile (j, i) of Y."""
+def transpose_k(X, Y, *, SHARED: bool, NAMED: bool = False, BM: int = 16, BN: int = 32):
+    """Y = X.T (Y in its own dtype): tile (i, j) of X is tile (j, i) of Y; ``NAMED``: spelled ts.transpose."""
     i, j = ts.block_id(0), ts.block_id(1)
     x = ts.SharedTile[X.dtype, BM, BN]() if SHARED else ts.RegTile[X.dtype, BM, BN]()
     y = ts.RegTile[Y.dtype, BN, BM]()
     ts.load(x, X, at=(i, j))
-    ts.copy(y, x.T)
+    if NAMED:
+        ts.transpose(y, x)
+    else:
+        ts.copy(y, x.T)
     ts.store(Y, y, at=(j, i))
 
 
@@ -467,10 +470,11 @@ def transpose_k(X, Y, *, SHARED: bool, BM: int = 16, BN: int = 32):
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize(("xdt", "ydt"), [("f32", "f32"), ("bf16", "f32"), ("f32", "f16")])
 @pytest.mark.parametrize(("M", "N"), [(16, 32), (37, 45)])
-def test_transpose(backend, shared, xdt, ydt, M, N, rng):
+@pytest.mark.parametrize("named", [False, True])
+def test_transpose(backend, shared, xdt, ydt, M, N, named, rng):
     x = randn(rng, M, N, dtype=FLOATS[xdt])
     y = torch.full((N, M), math.nan, dtype=FLOATS[ydt])
-    launch(transpose_k, backend, x, y, SHARED=shared)
+    launch(transpose_k, backend, x, y, SHARED=shared, NAMED=named)
     close(y, x.double().T)
 
 

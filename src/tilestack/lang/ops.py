@@ -145,6 +145,13 @@ def copy(dst: Tile, src) -> None:
     _write(dst, Op.CAST, (src.value("copy"),), src.shape, "copy")
 
 
+def transpose(dst: Tile, src: Tile) -> None:
+    """``dst = src^T``: a (R, C) register or shared tile into the (C, R) register tile ``dst`` (ThunderKittens'
+    ``transpose_sep``); the same op as ``copy(dst, src.T)``."""
+    _need_tile("transpose", "src", src)
+    _transpose(dst, src)
+
+
 def _transpose(dst: Tile, src) -> None:
     _need_tile("copy", "src of src.T", src)
     _need_reg("copy", "dst (of a transpose)", dst)
@@ -562,7 +569,7 @@ def atomic_add(dst, src: Tile, at=None) -> None:
 
 __all__ = [
     "fill", "zero", "one", "neg_infty", "pos_infty",
-    "exp", "exp2", "log", "log2", "abs", "neg", "relu", "sqrt", "rsqrt", "sigmoid", "sin", "cos", "copy",
+    "exp", "exp2", "log", "log2", "abs", "neg", "relu", "sqrt", "rsqrt", "sigmoid", "sin", "cos", "copy", "transpose",
     "add", "sub", "mul", "div", "max", "min",
     "add_row", "sub_row", "mul_row", "div_row", "add_col", "sub_col", "mul_col", "div_col",
     "max_row", "min_row", "max_col", "min_col",
