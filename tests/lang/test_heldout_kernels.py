@@ -928,3 +928,23 @@ def test_a_float_grid_is_refused_naming_the_axis():
 
     with pytest.raises(TraceError, match=r"float_grid: grid axis 0 is a float Scalar; expected .* ts.cdiv"):
         float_grid.trace(ts.ArgSpec(ts.f32, 2))
+
+
+def test_where_refuses_a_number_an_integer_dst_cannot_hold():
+    @ts.kernel(grid=lambda: (1,))
+    def pick(X, Out, *, VALUE: float):
+        x = ts.RegVec[ts.i32, 16]()
+        m = ts.RegVec[ts.bool_, 16]()
+        ts.load(x, X, at=(0,))
+        ts.gt(m, x, 0)
+        ts.where(x, m, x, VALUE)
+        ts.store(Out, x, at=(0,))
+
+    spec = ts.ArgSpec(ts.i32, 1)
+    with pytest.raises(TileDTypeError, match=r"where: `x` is i32; value 2.5 does not fit"):
+        pick.trace(spec, spec, VALUE=2.5)
+    x = torch.tensor([3, -1, 0, 7] * 4, dtype=torch.int32)
+    out = torch.zeros_like(x)
+    for backend in BACKENDS:
+        launch(pick, backend, x, out, VALUE=-4.0)
+        assert out.tolist() == torch.where(x > 0, x, -4).tolist()

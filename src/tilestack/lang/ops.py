@@ -398,6 +398,9 @@ def where(dst: Tile, mask, a, b) -> None:
     """``dst = a`` where ``mask`` holds, else ``b`` (each a tile of dst's shape, per_row/per_col of a vector,
     or, for a and b, a number or Scalar)."""
     _need_dst("where", dst)
+    # a number chosen into an integer or bool_ dst must be one of its values (2.5 into i32 is refused, not cut to 2)
+    a, b = (_element_value("where", dst, v) if isinstance(v, int | float) and not isinstance(v, bool)
+            and not dst.dtype.is_float else v for v in (a, b))
     ops = [_operand("where", "mask", mask, dst, "mask"), _operand("where", "a", a, dst, "value"),
            _operand("where", "b", b, dst, "value")]
     _write(dst, Op.SELECT, tuple(v for v, _ in ops), dst.shape, "where", axes=tuple(a for _, a in ops))
