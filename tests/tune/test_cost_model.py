@@ -173,6 +173,9 @@ def test_an_untuned_default_goes_first_only_where_the_model_ranks_nothing_clearl
     assert first_seeds(X, [5], best, model) == [5, best]            # the model's own pick: it goes first
     assert first_seeds(X, [], worst, model, trust=math.inf) == [worst]
     assert first_seeds(X, [], worst, None) == [worst]              # no model: nothing to rank it against
+    # another size's winner (a prior) is gated like the default; this size's (a seed) is not
+    assert first_seeds(X, [], None, model, priors=[worst, best]) == [best]
+    assert first_seeds(X, [worst], None, model, priors=[best]) == [worst, best]
     # in the search: the model's pick replaces the clearly slower default as the first measurement
     y = X[:, 0]
     steps = active_search(X, lambda i: float(y[i]), budget=3, prior=prior, default=worst, n_trees=40)
@@ -180,6 +183,15 @@ def test_an_untuned_default_goes_first_only_where_the_model_ranks_nothing_clearl
     steps = active_search(X, lambda i: float(y[i]), budget=3, prior=prior, default=worst, trust=math.inf,
                           n_trees=40)
     assert steps[0].index == worst
+
+
+def test_the_offset_trusts_the_residuals_the_forest_is_sure_of():
+    from tilestack.tune.cost_model import _offset
+
+    # the target runs 1.0 slower than predicted where the trees agree (spread 0.1) and 0.0 where they do not (1.0)
+    off = _offset(np.array([1.0, 0.0]), np.zeros(2), np.array([0.1, 1.0]))
+    assert 0.95 < off < 1.0                                     # the plain mean would say 0.5
+    assert _offset(np.array([1.0, 0.0]), np.zeros(2), np.array([0.5, 0.5])) == pytest.approx(0.5)
 
 
 def test_dataset_load(tmp_path):

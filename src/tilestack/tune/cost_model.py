@@ -15,7 +15,7 @@ spread of the trees is the uncertainty that expected improvement trades against 
 each measurement is added to the training set, weighted so that the target's own points count as much as all the
 pre-training data together once there are a few of them, and the forest is refitted (a few hundred ms). Pre-training
 targets are centred per problem (the model learns how the configs of one problem compare); the target's
-measurements set its offset.
+measurements set its offset, each weighted by how sure the pre-trained forest was of that config (``_offset``).
 
 The dataset is JSON lines, written by ``scripts/tune/collect_ground_truth.py`` as it measures (a run cut short
 keeps every line written):
@@ -43,6 +43,10 @@ N_TREES = 100
 MIN_LEAF = 2
 MAX_FEATURES = 0.5          # of the features tried at each split: decorrelates the trees (the uncertainty)
 TARGET_WEIGHT = 1.0         # the target's points together weigh this much relative to the pre-training data
+# The timing noise of one measurement, log2 units (~2%: the H200 tables' entries re-timed in another session
+# differ from the ground truth by a median 0.6%, 23 of 28 within 2%): the floor of a residual's variance in
+# ``_offset``, so that a config the trees agree on exactly does not outweigh every other measurement.
+NOISE = 0.03
 XI = 0.01                   # expected improvement's margin, in log2 units (~0.7%)
 # The kernel's untuned default goes first unless the pre-trained model predicts a candidate this much faster
 # (log2 units: 0.1 = 7%). A kernel's default is written by hand to be good on every shape (the 22 held-out
@@ -136,39 +140,52 @@ class Step:
 
 
 def first_seeds(X: np.ndarray, seeds: Sequence[int], default: int | None, base: CostModel | None,
-                trust: float = TRUST) -> list[int]:
-    """What to measure before the model's own order: ``seeds`` (tuned configs: the config in use where a table
-    gave it, another GPU's winner), then ``default`` (the kernel's declared default, untuned) unless ``base``
-    predicts some candidate more than ``trust`` (log2 units) faster than it; then it is a candidate like any."""
+                trust: float = TRUST, priors: Sequence[int] = ()) -> list[int]:
+    """What to measure before the model's own order: ``seeds`` (tuned for this problem's size: the config in use,
+    another GPU's winner for this size), then each of ``priors`` (winners of other sizes) and ``default`` (the
+    kernel's declared default, untuned) that the model does not rank clearly behind its own pick
+    (``clearly_slower``); one that it does is a candidate like any other.
+
+    A winner for another size is a prior, not a measurement of anything like this problem: the H100's GEMM winner
+    for 4096^3 (BM=128, BN=256), the nearest entry its table has for 1024^3, launches 32 programs on 132 SMs
+    there and reaches 0.54 of the H200's best. A winner for this size from another GPU of the same architecture
+    is measured first: where the model knows the kernel least (none of its problems in the pre-training) it is
+    the better guess (gating it too: the held-out-kernel model put its own picks before the H100's winners on
+    attention D=64 causal, and found 0.958 and 0.930 of the best in 4 measurements instead of 1.000 and 0.968)."""
     first = list(seeds)
-    if default is not None and default not in first:
-        mean = base.predict(X)[0] if base is not None else None
-        if mean is None or mean[default] - mean.min() <= trust:
-            first.append(default)
+    for i in [*priors, default]:
+        if i is not None and i not in first and not (base is not None and clearly_slower(base, X, i, trust)):
+            first.append(i)
     return first
 
 
+def clearly_slower(base: CostModel, X: np.ndarray, i: int, trust: float = TRUST) -> bool:
+    """Whether the model predicts its own pick more than ``trust`` (log2) faster than candidate ``i``."""
+    mean = base.predict(X)[0]
+    return bool(mean[i] - mean.min() > trust)
+
+
 def active_order(X: Sequence, *, base: CostModel | None = None, seeds: Sequence[int] = (),
-                 default: int | None = None, trust: float = TRUST, n_trees: int = N_TREES,
+                 priors: Sequence[int] = (), default: int | None = None, trust: float = TRUST, n_trees: int = N_TREES,
                  seed: int = 0) -> Generator[int, float | None, None]:
     """The order in which to measure the candidates ``X`` (feature vectors), as a generator: it yields the index
     of the next candidate and is sent that candidate's measured target (``target``; None if it failed, which
-    counts as worse than any measured). ``seeds`` (indices: the config in use, another GPU's winner) come first,
-    then ``default`` (the kernel's untuned default) where the model does not rank another clearly faster
-    (``first_seeds``); then each next candidate is the one of largest expected improvement under ``base`` (a
-    forest pre-trained on other problems, its data the prior; None: none, a random start) refitted with every
-    measurement.
+    counts as worse than any measured). ``seeds`` (indices: the config in use, another GPU's winner for this
+    size) come first, then ``priors`` (winners of other sizes) and ``default`` (the kernel's untuned default)
+    where the model does not rank its own pick clearly faster (``first_seeds``); then each next candidate is the
+    one of largest expected improvement under ``base`` (a forest pre-trained on other problems, its data the
+    prior; None: none, a random start) refitted with every measurement.
 
     The prior knows how configs of a problem compare, not how fast the target problem is: the target's
-    measurements set that offset (their mean gap to the prior's prediction), and enter the refitted forest
-    shifted by it."""
+    measurements set that offset (their gap to the prior's prediction, weighted by its certainty: ``_offset``),
+    and enter the refitted forest shifted by it."""
     X = np.asarray(X, dtype=np.float64)
     n = len(X)
     prior = base.data if base is not None else None
     steps: list[Step] = []
     tried: set[int] = set()
     rng = np.random.default_rng(seed)
-    for i in first_seeds(X, seeds, default, base, trust):
+    for i in first_seeds(X, seeds, default, base, trust, priors):
         if i not in tried and 0 <= i < n:
             tried.add(i)
             steps.append(Step(i, (yield i)))
@@ -190,14 +207,14 @@ def active_order(X: Sequence, *, base: CostModel | None = None, seeds: Sequence[
 
 def active_search(X: Sequence, measure: Callable[[int], float | None], *, budget: int,
                   prior: tuple[Sequence, Sequence] | None = None, seeds: Sequence[int] = (),
-                  default: int | None = None, trust: float = TRUST, n_trees: int = N_TREES,
+                  priors: Sequence[int] = (), default: int | None = None, trust: float = TRUST, n_trees: int = N_TREES,
                   seed: int = 0) -> list[Step]:
-    """Measure ``budget`` of the candidates ``X`` in ``active_order`` (``seeds``, ``default``, ``trust`` as
-    there), with a forest pre-trained on ``prior`` (X, y: targets centred per problem, as ``Dataset.training``
-    gives them); ``measure(i)`` returns the target of candidate i, or None if it failed."""
+    """Measure ``budget`` of the candidates ``X`` in ``active_order`` (``seeds``, ``priors``, ``default``,
+    ``trust`` as there), with a forest pre-trained on ``prior`` (X, y: targets centred per problem, as
+    ``Dataset.training`` gives them); ``measure(i)`` returns the target of candidate i, or None if it failed."""
     base = CostModel(n_trees, seed).fit(*prior) if prior is not None and len(prior[0]) > 0 else None
-    order = active_order(X, base=base, seeds=seeds, default=default, trust=trust, n_trees=n_trees,
-                         seed=seed)
+    order = active_order(X, base=base, seeds=seeds, priors=priors, default=default, trust=trust,
+                         n_trees=n_trees, seed=seed)
     steps: list[Step] = []
     budget = min(budget, len(X))
     if budget <= 0:
@@ -223,12 +240,26 @@ def _refit(X: np.ndarray, steps: list[Step], prior, base: CostModel | None, n_tr
         return (CostModel(n_trees, seed).fit(tx, ty), 0.0) if tx else None
     if not tx:
         return base, 0.0
-    offset = float(np.mean(ty - base.predict(np.asarray(tx))[0]))
+    offset = _offset(ty, *base.predict(np.asarray(tx)))
     px, py = list(prior[0]), list(prior[1])
     # the target's points weigh TARGET_WEIGHT x the prior's total once there are a few; never less than one each
     w_target = max(1.0, TARGET_WEIGHT * len(px) / len(tx) * min(1.0, len(tx) / 4))
     weight = [1.0] * len(px) + [w_target] * len(tx)
     return CostModel(n_trees, seed).fit(px + tx, py + list(ty - offset), weight), offset
+
+
+def _offset(y: np.ndarray, mean: np.ndarray, std: np.ndarray) -> float:
+    """The target problem's level: how far its measured targets ``y`` lie from the pre-trained ``mean`` at those
+    configs, each residual weighted by its inverse variance (the trees' spread ``std`` there, plus ``NOISE``).
+
+    Every residual is the one unknown offset plus the model's error at that config, and the spread of the trees
+    says how large that error may be: the inverse-variance weighted mean is the standard estimate of a common
+    offset from measurements of unequal error, where the plain mean let a config the forest extrapolates to (a
+    launch unlike any it trained on) move the level of every prediction as much as one it knows well. On the
+    H200 ground truth the spreads at the measured configs are often alike (GEMM 1024^3: 0.33 at the H100's
+    entry, 0.30 at the model's pick), so the change there is small (0.05 log2 after two measurements)."""
+    w = 1.0 / (np.square(std) + NOISE ** 2)
+    return float(np.sum(w * (y - mean)) / np.sum(w))
 
 
 # ---- the dataset ------------------------------------------------------------------------------------------------

@@ -15,6 +15,11 @@ its default is the best). Then ``top_k`` more, in the cost model's active order 
 improvement under the pre-trained model, refitted with each measurement), each checked against the reference
 before it is timed. Spaces of other backends than Triton's (whose lowering the constraints model) are searched
 as the plain session does.
+
+Every seed the session gives (the config in use, winners of other sizes) is measured first: the session does not
+say which table or size a seed came from. ``cost_model.active_order`` can tell them apart (``seeds`` first,
+``priors``, such as another GPU's entry for the nearest other size, only where the model does not rank its own
+pick clearly faster), and the offline evaluation (``scripts/tune/evaluate_cost_model.py``) applies that rule.
 """
 
 from __future__ import annotations
