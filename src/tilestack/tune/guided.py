@@ -16,10 +16,12 @@ improvement under the pre-trained model, refitted with each measurement), each c
 before it is timed. Spaces of other backends than Triton's (whose lowering the constraints model) are searched
 as the plain session does.
 
-Every seed the session gives (the config in use, winners of other sizes) is measured first: the session does not
-say which table or size a seed came from. ``cost_model.active_order`` can tell them apart (``seeds`` first,
-``priors``, such as another GPU's entry for the nearest other size, only where the model does not rank its own
-pick clearly faster), and the offline evaluation (``scripts/tune/evaluate_cost_model.py``) applies that rule.
+The config in use (a table's entry, whatever its device or size) is always measured first, outside the ``top_k``
+budget, so a written entry is never slower than what the launch path did. Winners of other sizes found earlier in
+the same session are priors (``cost_model.active_order``'s ``priors``): measured first only where the model does
+not rank its own pick clearly faster, as the offline evaluation (``scripts/tune/evaluate_cost_model.py``) treats
+another GPU's entry for another size; the evaluation counts that entry inside its budget, the CLI times it in
+addition.
 """
 
 from __future__ import annotations
@@ -89,13 +91,14 @@ class ModelSession(Session):
             return super()._candidates(space, args)
         return self._space(space, args)[1]
 
-    def _strategy(self, space, args, untuned: dict | None = None):
+    def _strategy(self, space, args, untuned: dict | None = None, priors: list[dict] = ()):
         if getattr(space, "backend", "triton") != "triton":
-            return super()._strategy(space, args, untuned)
+            return super()._strategy(space, args, untuned, priors)
         cs, _ = self._space(space, args)
-        return lambda candidates, seeds: self._active(cs, candidates, seeds, untuned)
+        return lambda candidates, seeds: self._active(cs, candidates, seeds, untuned, priors)
 
-    def _active(self, cs, candidates: list[dict], seeds: list[dict], untuned: dict | None = None):
+    def _active(self, cs, candidates: list[dict], seeds: list[dict], untuned: dict | None = None,
+                priors: list[dict] = ()):
         """``tune.search`` strategy: yields configs, is sent each Trial; the first (the config in use, or the
         model's pick where that is the ``untuned`` default and the model ranks a candidate clearly faster) and
         ``top_k`` more: the other seeds among the candidates (winners elsewhere), then the cost model's active
@@ -103,10 +106,12 @@ class ModelSession(Session):
         from tilestack.tune.cost_model import active_order, target
 
         features = [self._features(cs, c) for c in candidates]
-        first = list(dict.fromkeys(candidates.index(s) for s in seeds if s in candidates and s != untuned))
+        first = list(dict.fromkeys(candidates.index(s) for s in seeds
+                                   if s in candidates and s != untuned and s not in priors))
+        later = [candidates.index(s) for s in priors if s in candidates and s != untuned]
         default = candidates.index(untuned) if untuned in candidates else None
         order = active_order([vector(f, aot=False) for f in features], base=self.model, seeds=first,
-                             default=default)
+                             priors=later, default=default)
         i, picked = next(order), -1           # the first (the config in use, or what the model puts before it)
         while True:
             trial = yield candidates[i]

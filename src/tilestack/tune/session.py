@@ -307,8 +307,10 @@ class Session:
         must = _unique([before, full(p.default)] if current is not None else [full(p.default)])
         given = [full({**p.default, **c}) for c in self.seeds.get((p.kernel, backend), ())
                  if c.keys() <= declared.keys()]
-        # seeds given for this backend first (measured good elsewhere), then the launch path's configs
-        seeds = _unique([*given, *must, *(full(c) for c in self._related(p, backend))])
+        # seeds given for this backend first (measured good elsewhere), then the launch path's configs; the winners
+        # of other sizes are priors to a strategy that can weigh them (the model-guided one), seeds to the others
+        related = [c for c in _unique(full(c) for c in self._related(p, backend)) if c not in given and c not in must]
+        seeds = _unique([*given, *must, *related])
         candidates = _unique([*must, *candidates])
         untuned = None if current else full(p.default)     # the config in use, where no table gave one
         timed = {}
@@ -319,7 +321,7 @@ class Session:
 
         try:
             result = tune(f"{p.name} [{backend}]", candidates, time=time_cfg, check=work.check, tol=TOL,
-                          strategy=self._strategy(space, work.args, untuned), seeds=seeds, deadline=deadline,
+                          strategy=self._strategy(space, work.args, untuned, related), seeds=seeds, deadline=deadline,
                           min_trials=len(must), clock=self.clock,
                           log=self.log)
         except RuntimeError as e:
@@ -337,10 +339,10 @@ class Session:
         return _Found(best, confirm[_frozen(best)], space, before, confirm.get(_frozen(before)) if in_use else None,
                       len(result.trials), sum(t.seconds is None for t in result.trials), result.complete)
 
-    def _strategy(self, space: SearchSpace, args, untuned: dict | None = None):
+    def _strategy(self, space: SearchSpace, args, untuned: dict | None = None, priors: list[dict] = ()):
         """How the search orders the candidates (``tune.search.tune``'s strategy): seeds, then nearest the best.
-        ``untuned``: the kernel's default where no table gave a config (None: the config in use is tuned); the
-        local search measures it first either way."""
+        ``untuned``: the kernel's default where no table gave a config (None: the config in use is tuned);
+        ``priors``: the seeds that are winners of other sizes. The local search measures every seed first."""
         return "local"
 
     def _candidates(self, space: SearchSpace, args) -> list[dict]:
