@@ -39,7 +39,10 @@ def layer_norm_kernel(X, W, B, Y, Mean, Rstd, eps: float, *,
         ts.load(w, W, at=(0,))
         ts.load(b, B, at=(0,))
         for i in ts.range(ts.block_id(0), ts.cdiv(X.shape[0], BM), ts.num_blocks(0), stages=2):
-            _one_tile_rows(i, X, Y, Mean, Rstd, eps, w, b, BM, BN)
+            _one_tile_rows(i, X, Y, Mean, Rstd, eps, BM, BN, w=w, b=b)
+        return
+    if ONE_TILE:                                 # the whole row in registers: one read of x, one write of y
+        _one_tile_rows(ts.block_id(0), X, Y, Mean, Rstd, eps, BM, BN, W=W, B=B)
         return
     i = ts.block_id(0)
     N = X.shape[1]
@@ -50,28 +53,6 @@ def layer_norm_kernel(X, W, B, Y, Mean, Rstd, eps: float, *,
     w = ts.RegVec[ts.f32, BN]()
     b = ts.RegVec[ts.f32, BN]()
     y = ts.RegTile[Y.dtype, BM, BN]()
-    if ONE_TILE:                                 # the whole row in registers: one read of x, one write of y
-        sq = ts.RegTile[ts.f32, BM, BN]()
-        ts.load(x, X, at=(i, 0))                 # (BM, BN); past N reads zero
-        ts.row_sum(mean, x)
-        ts.div(mean, mean, N * 1.0)
-        ts.sub_row(x, x, mean)
-        ts.right_fill(x, x, N, 0.0)              # the padding must not count in the variance
-        ts.mul(sq, x, x)
-        ts.row_sum(var, sq)
-        ts.div(var, var, N * 1.0)
-        ts.add(rstd, var, eps)
-        ts.rsqrt(rstd, rstd)
-        ts.load(w, W, at=(0,))
-        ts.load(b, B, at=(0,))
-        ts.mul_row(x, x, rstd)
-        ts.mul_col(x, x, w)
-        ts.add_col(x, x, b)
-        ts.copy(y, x)
-        ts.store(Y, y, at=(i, 0))
-        ts.store(Mean, mean, at=(i,))
-        ts.store(Rstd, rstd, at=(i,))
-        return
     ts.zero(mean)
     ts.zero(var)
     for j in ts.range(ts.cdiv(N, BN)):          # pass 1: mean (edges load as zero)
@@ -101,8 +82,10 @@ def layer_norm_kernel(X, W, B, Y, Mean, Rstd, eps: float, *,
     ts.store(Rstd, rstd, at=(i,))
 
 
-def _one_tile_rows(i, X, Y, Mean, Rstd, eps, w, b, BM: int, BN: int) -> None:
-    """Rows [i*BM, (i+1)*BM) of a persistent program, each in one tile (w, b: loaded by the program)."""
+def _one_tile_rows(i, X, Y, Mean, Rstd, eps, BM: int, BN: int, *, w=None, b=None, W=None, B=None) -> None:
+    """Rows [i*BM, (i+1)*BM), each whole in one tile: one read of x, one write of y. The weight and bias are
+    ``w``, ``b`` where the program loaded them already (persistent), else loaded from ``W``, ``B`` once the
+    statistics are done (fewer registers live during the reductions)."""
     N = X.shape[1]
     x = ts.RegTile[ts.f32, BM, BN]()
     sq = ts.RegTile[ts.f32, BM, BN]()
@@ -110,16 +93,20 @@ def _one_tile_rows(i, X, Y, Mean, Rstd, eps, w, b, BM: int, BN: int) -> None:
     var = ts.RegVec[ts.f32, BM]()
     rstd = ts.RegVec[ts.f32, BM]()
     y = ts.RegTile[Y.dtype, BM, BN]()
-    ts.load(x, X, at=(i, 0))
+    ts.load(x, X, at=(i, 0))                     # (BM, BN); past N reads zero
     ts.row_sum(mean, x)
     ts.div(mean, mean, N * 1.0)
     ts.sub_row(x, x, mean)
-    ts.right_fill(x, x, N, 0.0)
+    ts.right_fill(x, x, N, 0.0)                  # the padding must not count in the variance
     ts.mul(sq, x, x)
     ts.row_sum(var, sq)
     ts.div(var, var, N * 1.0)
     ts.add(rstd, var, eps)
     ts.rsqrt(rstd, rstd)
+    if w is None:
+        w, b = ts.RegVec[ts.f32, BN](), ts.RegVec[ts.f32, BN]()
+        ts.load(w, W, at=(0,))
+        ts.load(b, B, at=(0,))
     ts.mul_row(x, x, rstd)
     ts.mul_col(x, x, w)
     ts.add_col(x, x, b)

@@ -83,24 +83,31 @@ def qgemm_kernel(X, W, S, Bias, R, Y, x_scale: float, *,
     # the loop; ``qgemm_wonly_kernel`` is the transposed alternative); W: (N, K) int8 or fp8; S: (N,) f32; Bias: (N,),
     # read only with HAS_BIAS; R: (M, N), read only with HAS_RESIDUAL; Y: (M, N).
     # Y = activation(x_scale * (X @ W^T) * S[None, :] + Bias) + R: kernels.gemm's epilogue after the scales
-    M, K = X.shape
-    N = W.shape[0]
-    i, j = grouped_tile(M, N, BM, BN, GROUP_M)
+    i, j = grouped_tile(X.shape[0], W.shape[0], BM, BN, GROUP_M)
+    _output_tile(X, W, S, Bias if HAS_BIAS else None, R if HAS_RESIDUAL else None, Y, x_scale, i, j,
+                 _tiles(X, W, BM, BN, BK), activation=activation, BM=BM, BN=BN, BK=BK)
 
-    acc = ts.RegTile[ts.f32, BM, BN]()
-    a = ts.SharedTile[X.dtype, BM, BK]()
+
+def _tiles(X, W, BM: int, BN: int, BK: int):
+    """(acc, a, w, wx) of qgemm_kernel's body: wx is W's tile widened to X's dtype (weight-only), else w."""
     w = ts.SharedTile[W.dtype, BN, BK]()
     widen = X.dtype != W.dtype                       # weight-only: W widened to X's dtype before the mma
-    wx = ts.RegTile[X.dtype, BN, BK]() if widen else w
+    return (ts.RegTile[ts.f32, BM, BN](), ts.SharedTile[X.dtype, BM, BK](), w,
+            ts.RegTile[X.dtype, BN, BK]() if widen else w)
+
+
+def _output_tile(X, W, S, Bias, R, Y, x_scale, i, j, tiles, *, activation, BM: int, BN: int, BK: int) -> None:
+    """Output tile (i, j) of qgemm_kernel: the K loop of X @ W^T into the f32 accumulator, then the scales and
+    the epilogue (``Bias``, ``R``: None when absent)."""
+    acc, a, w, wx = tiles
     ts.zero(acc)
-    for k in ts.range(ts.smax(ts.cdiv(K, BK), 1)):  # >= 1 trip: ptxas serializes the wgmmas otherwise
+    for k in ts.range(ts.smax(ts.cdiv(X.shape[1], BK), 1)):  # >= 1 trip: ptxas serializes the wgmmas otherwise
         ts.load(a, X, at=(i, k))                     # (BM, BK)
         ts.load(w, W, at=(j, k))                     # (BN, BK): W's rows are K-major, as fp8 mma wants B
-        if widen:
+        if wx is not w:
             ts.copy(wx, w)
         ts.mma_ABt(acc, a, wx, acc)
-    _scale_and_store(acc, S, Bias if HAS_BIAS else None, R if HAS_RESIDUAL else None, Y, x_scale, i, j,
-                     activation=activation, BM=BM, BN=BN)
+    _scale_and_store(acc, S, Bias, R, Y, x_scale, i, j, activation=activation, BM=BM, BN=BN)
 
 
 def _grid_persistent(X, W, BM, BN, PROGRAMS):
@@ -120,25 +127,12 @@ def qgemm_persistent_kernel(X, W, S, Bias, R, Y, x_scale: float, *,
     # short K (GPT-2's K = 768 is 12 k-steps of 64) a tile's prologue loads and epilogue weigh as much as its
     # mainloop; the tile loop is flattened with the K loop (``flatten``), so Triton's pipeliner issues the next
     # tile's first loads while this tile's epilogue runs, instead of draining and refilling per tile.
-    M, K = X.shape
-    N = W.shape[0]
-    tiles = ts.cdiv(M, BM) * ts.cdiv(N, BN)
-    acc = ts.RegTile[ts.f32, BM, BN]()
-    a = ts.SharedTile[X.dtype, BM, BK]()
-    w = ts.SharedTile[W.dtype, BN, BK]()
-    widen = X.dtype != W.dtype
-    wx = ts.RegTile[X.dtype, BN, BK]() if widen else w
-    for t in ts.range(ts.block_id(0), tiles, ts.num_blocks(0), flatten=True):
+    M, N = X.shape[0], W.shape[0]
+    tiles = _tiles(X, W, BM, BN, BK)
+    for t in ts.range(ts.block_id(0), ts.cdiv(M, BM) * ts.cdiv(N, BN), ts.num_blocks(0), flatten=True):
         i, j = grouped_tile(M, N, BM, BN, GROUP_M, tile=t)
-        ts.zero(acc)
-        for k in ts.range(ts.smax(ts.cdiv(K, BK), 1)):  # >= 1 trip: ptxas serializes the wgmmas otherwise
-            ts.load(a, X, at=(i, k))
-            ts.load(w, W, at=(j, k))
-            if widen:
-                ts.copy(wx, w)
-            ts.mma_ABt(acc, a, wx, acc)
-        _scale_and_store(acc, S, Bias if HAS_BIAS else None, R if HAS_RESIDUAL else None, Y, x_scale, i, j,
-                         activation=activation, BM=BM, BN=BN)
+        _output_tile(X, W, S, Bias if HAS_BIAS else None, R if HAS_RESIDUAL else None, Y, x_scale, i, j, tiles,
+                     activation=activation, BM=BM, BN=BN, BK=BK)
 
 
 @ts.kernel(grid=_grid, options=dict(num_warps=8, num_stages=4))
