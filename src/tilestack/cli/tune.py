@@ -20,6 +20,10 @@ import typer
 
 from tilestack.cli import app
 
+# the H200 ground truth the cost model is pre-trained on: the repository's, wherever the command runs from (an
+# editable install, as scripts/setup.sh makes; elsewhere --model-data names a copy)
+GROUND_TRUTH = Path(__file__).resolve().parents[3] / "docs" / "results" / "tune_ground_truth_h200.jsonl"
+
 
 @app.command()
 def tune(
@@ -85,7 +89,7 @@ def tune(
         if top_k < 1:
             raise typer.BadParameter(f"--top-k must be >= 1, got {top_k}")
         try:
-            guided = (pretrained_model(model_data or [Path("docs/results/tune_ground_truth_h200.jsonl")]), top_k)
+            guided = (pretrained_model(model_data or [GROUND_TRUTH]), top_k)
         except TilestackError as e:
             raise typer.BadParameter(str(e)) from e
     chosen = None
