@@ -97,7 +97,8 @@ def test_goodput_controller_probes_chooses_and_scales_the_learning_rate():
 
 @pytest.mark.parametrize("kw,match", [(dict(candidates=[]), "candidates"), (dict(candidates=[1, 8]), "candidates"),
                                       (dict(step_s={8: 0.1}), "step_s"), (dict(every=0), "every"),
-                                      (dict(lr_rule="cubic"), "lr_rule"), (dict(base_lr=0.0), "base_lr")])
+                                      (dict(lr_rule="cubic"), "lr_rule"), (dict(base_lr=0.0), "base_lr"),
+                                      (dict(base_batch=0), "base_batch")])
 def test_goodput_controller_bad_arguments(kw, match):
     args = dict(candidates=[8, 16], step_s={8: 0.1, 16: 0.12}, base_batch=8, base_lr=1e-3) | kw
     with pytest.raises(PlanError, match=match):

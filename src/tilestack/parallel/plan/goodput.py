@@ -151,6 +151,9 @@ class GoodputController:
         if not self.candidates or any(int(m) != m or m < 2 for m in self.candidates):
             raise PlanError(f"GoodputController: candidates={list(self.candidates)}; expected batch sizes >= 2 "
                             "(a probe step splits the batch in two)")
+        if isinstance(self.base_batch, bool) or not isinstance(self.base_batch, int) or self.base_batch < 1:
+            raise PlanError(f"GoodputController: base_batch={self.base_batch!r}; expected the base batch size M0, an "
+                            "int >= 1")
         missing = [m for m in self.candidates if m not in self.step_s or not self.step_s[m] > 0]
         if missing:
             raise PlanError(f"GoodputController: step_s has no positive time for batch sizes {missing}; expected "
