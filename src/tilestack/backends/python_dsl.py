@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from tilestack.ir.ops import Op, register_emitter
-from tilestack.ir.types import DType, f32, f64, i32, i64
+from tilestack.ir.types import compute_dtype  # noqa: F401  (re-exported: the backends' element-wise dtype)
 
 # Python's floor division and remainder, where an operand may be negative; index values provably >= 0
 # (ir.scalars.nonnegative) keep the plain operators of ``scalar_templates``.
@@ -48,17 +48,6 @@ def literal(x) -> str:
     if isinstance(x, float) and math.isinf(x):
         return 'float("inf")' if x > 0 else 'float("-inf")'
     return repr(x)
-
-
-def compute_dtype(*dtypes: DType) -> DType:
-    """The dtype element-wise work and reductions over operands of ``dtypes`` run in: f64 if any is f64, else f32
-    if any is a float (Triton's math takes 32- or 64-bit floats), else i64 if any is i64, else i32. Integer tiles
-    stay integers, so a sum, max or min of indices is exact (f32 holds integers only up to 2**24)."""
-    if f64 in dtypes:
-        return f64
-    if any(d.is_float for d in dtypes):
-        return f32
-    return i64 if i64 in dtypes else i32
 
 
 def register_scalar_emitters(backend: str, ns: str, templates: dict[str, str]) -> None:

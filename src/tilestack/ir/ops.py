@@ -407,11 +407,50 @@ define(OpDef(
     lambda ins, s, m: np.full(ins.result.type.shape, ins.attrs.value), _free,
     doc="Every element = ``value``."))
 
+# ---- integer work ---------------------------------------------------------------------------------------------------
+# Integer tiles hold their dtype's values exactly (the reference keeps them in int64). Element-wise integer work and
+# integer reductions run in ``work_dtype``: i64 if an operand or an integer result is i64, else i32; add, sub, mul,
+# neg, abs, sums and shifts left wrap at that width (two's complement), as C's and Triton's do. A scalar operand
+# (a constant or an index) is first converted to the work dtype. div and rem truncate toward zero (C's / and %,
+# Triton's // and % on integers: -7 div 2 is -3, -7 rem 2 is -1); a division by zero is undefined (the GPU's and
+# C's are). shr shifts signed values arithmetically (the sign fills in, as Python's >>); a shift by a count outside
+# [0, bits of the work dtype) is undefined.
+def work_dtype(ins: Instr):
+    """The dtype element-wise op or reduction ``ins`` computes in: ``compute_dtype`` of its tile operands' dtypes
+    and, when it is an integer, its result's (an i32 sum into an i64 vector adds in i64)."""
+    t = _types()
+    dts = [s.type.dtype for s in ins.srcs if isinstance(s.type, t.TileType)]
+    r = ins.result.type.dtype
+    if not r.is_float and r is not t.bool_:
+        dts.append(r)
+    return t.compute_dtype(*dts)
+
+
+def _int_operand(x, wd):
+    """An operand of integer work: a tile as is (int64), a scalar converted to the work dtype ``wd`` (wrapping, as
+    a C cast: the backends convert an index scalar to the work dtype before they use it)."""
+    if isinstance(x, np.ndarray):
+        return x
+    return np.int64(_types().to_int(np.int64((int(x) + 2**63) % 2**64 - 2**63), wd))
+
+
+def _in_work_dtype(ins: Instr, x):
+    """A result computed in int64 (or float64), wrapped to the op's integer work dtype if it has one."""
+    wd = work_dtype(ins)
+    return x if wd.is_float else _types().to_int(x, wd)
+
+
+def _int_args(ins: Instr, s: list) -> list:
+    wd = work_dtype(ins)
+    return s if wd.is_float else [_int_operand(x, wd) for x in s]
+
+
 UNARY_FNS: dict[str, Callable] = {
     "exp": np.exp, "exp2": np.exp2, "log": np.log, "log2": np.log2, "abs": np.abs, "neg": np.negative,
-    "relu": lambda x: np.maximum(x, 0.0), "sqrt": np.sqrt, "rsqrt": lambda x: 1.0 / np.sqrt(x),
+    "relu": lambda x: np.maximum(x, 0), "sqrt": np.sqrt, "rsqrt": lambda x: 1.0 / np.sqrt(x),
     "sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)), "sin": np.sin, "cos": np.cos,
 }
+INT_UNARY = ("abs", "neg", "relu")      # the unary functions of integer tiles (the others are float math)
 
 
 def _unary_rule(ins: Instr) -> None:
@@ -419,17 +458,46 @@ def _unary_rule(ins: Instr) -> None:
     _fn(ins)
     _arity(ins, 1)
     _same_shape(ins, ins.srcs[0], "x")
-    if not ins.srcs[0].type.dtype.is_float:
-        _fail(ins, f"x is {ins.srcs[0].type.dtype}; expected a float dtype")
+    dt = ins.srcs[0].type.dtype
+    if dt.name == "bool" or (not dt.is_float and ins.attrs.fn not in INT_UNARY):
+        _fail(ins, f"x is {dt}; expected a float dtype" + ("" if dt.name == "bool" else f" ({ins.attrs.fn} of "
+              f"integers is not defined; {', '.join(INT_UNARY)} are)"))
 
 
 define(OpDef(
     Op.UNARY, "(x) -> tile", "tile", FnAttrs, _unary_rule,
-    lambda ins, s, m: UNARY_FNS[ins.attrs.fn](s[0]), _per_result_element, fns=UNARY_FNS,
-    doc="Element-wise ``fn(x)``, computed in float and rounded to the result's dtype."))
+    lambda ins, s, m: _in_work_dtype(ins, UNARY_FNS[ins.attrs.fn](*_int_args(ins, s))), _per_result_element,
+    fns=UNARY_FNS,
+    doc="Element-wise ``fn(x)``, computed in float and rounded to the result's dtype (abs, neg and relu of an "
+        "integer tile in its integer work dtype, wrapping)."))
 
-BINARY_FNS: dict[str, Callable] = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide,
-                                   "max": np.maximum, "min": np.minimum}
+def _is_int(a, b) -> bool:
+    return np.result_type(a, b).kind in "iu"
+
+
+def _div(a, b):
+    """True division of floats; of integers, the quotient truncated toward zero (exact in int64: a - rem(a, b)
+    is a multiple of b)."""
+    if _is_int(a, b):
+        return (a - np.fmod(a, b)) // np.where(b == 0, 1, b) * (b != 0)
+    return np.divide(a, b)
+
+
+def _int_only(fn: Callable) -> Callable:
+    def ref(a, b):
+        if not _is_int(a, b):
+            raise TypeError(f"{fn.__name__} takes integers")
+        return fn(a, b)
+    return ref
+
+
+BINARY_FNS: dict[str, Callable] = {
+    "add": np.add, "sub": np.subtract, "mul": np.multiply, "div": _div, "max": np.maximum, "min": np.minimum,
+    "rem": np.fmod,          # the remainder of div: the sign of a (C's %, fmod, Triton's %)
+    "bit_and": _int_only(np.bitwise_and), "bit_or": _int_only(np.bitwise_or), "bit_xor": _int_only(np.bitwise_xor),
+    "shl": _int_only(np.left_shift), "shr": _int_only(np.right_shift),
+}
+INT_ONLY_FNS = ("bit_and", "bit_or", "bit_xor", "shl", "shr")    # binary functions of integer tiles only
 
 
 def _binary_rule(ins: Instr) -> None:
@@ -442,12 +510,21 @@ def _binary_rule(ins: Instr) -> None:
         _same_shape(ins, ins.srcs[1], "b")
     elif not isinstance(b, _types().ScalarType):
         _fail(ins, f"b must be a tile or a scalar, got {b}")
+    a = ins.srcs[0].type.dtype
+    if a.name == "bool":
+        _fail(ins, "a is a bool mask; expected numbers")
+    if ins.attrs.fn in INT_ONLY_FNS and a.is_float:
+        _fail(ins, f"{ins.attrs.fn} takes integer tiles; a is {a}")
+    if not a.is_float and (b == _types().FLOAT or (isinstance(b, _types().TileType) and b.dtype.is_float)):
+        _fail(ins, f"a is {a} but b is {getattr(b, 'dtype', b)}: integer work takes integer operands")
 
 
 define(OpDef(
     Op.BINARY, "(a, b) -> tile  (b a tile, or a scalar broadcast)", "tile", FnAttrs, _binary_rule,
-    lambda ins, s, m: BINARY_FNS[ins.attrs.fn](s[0], s[1]), _per_result_element, fns=BINARY_FNS,
-    doc="Element-wise ``fn(a, b)``."))
+    lambda ins, s, m: _in_work_dtype(ins, BINARY_FNS[ins.attrs.fn](*_int_args(ins, s))), _per_result_element,
+    fns=BINARY_FNS,
+    doc="Element-wise ``fn(a, b)``: floats in float, integers in their work dtype (wrapping; div and rem "
+        "truncate toward zero)."))
 
 BROADCAST_FNS = {k: BINARY_FNS[k] for k in ("add", "sub", "mul", "div", "max", "min")}
 
@@ -466,7 +543,7 @@ def _broadcast_rule(ins: Instr) -> None:
 
 def _broadcast_ref(ins: Instr, s: list, m) -> np.ndarray:
     vec = s[1][:, None] if ins.attrs.axis == "row" else s[1][None, :]
-    return BROADCAST_FNS[ins.attrs.fn](s[0], vec)
+    return _in_work_dtype(ins, BROADCAST_FNS[ins.attrs.fn](s[0], vec))
 
 
 define(OpDef(
@@ -517,8 +594,10 @@ def _reduce_rule(ins: Instr) -> None:
 
 def _reduce_ref(ins: Instr, s: list, m) -> np.ndarray:
     red, comb = REDUCE_FNS[ins.attrs.fn]
-    r = red(s[0], axis=1 if ins.attrs.axis == "row" else 0)
-    return comb(r, s[1]) if len(s) > 1 else r
+    wd = work_dtype(ins)
+    x = s[0] if wd.is_float else np.asarray(s[0], dtype=np.int64)   # (an integer sum wraps, a float's stays exact)
+    r = red(x, axis=1 if ins.attrs.axis == "row" else 0)
+    return _in_work_dtype(ins, comb(r, s[1]) if len(s) > 1 else r)
 
 
 define(OpDef(
@@ -872,7 +951,8 @@ def _stages_rule(ins: Instr) -> None:
 
 define(OpDef(
     Op.STAGES, "() -> stages", "tile", NoAttrs, _stages_rule,
-    lambda ins, s, m: np.full((ins.result.type.stages, *ins.result.type.shape), np.nan), _free,
+    lambda ins, s, m: np.full((ins.result.type.stages, *ins.result.type.shape),
+                              np.nan if ins.result.type.dtype.is_float else 0), _free,
     doc="A multi-stage shared buffer, its stages unwritten (NaN in the reference: a read before a load shows)."))
 
 

@@ -63,10 +63,13 @@ def dtype_of_torch(torch_dtype) -> DType | None:
 
 
 def round_to(x: np.ndarray, dtype: DType) -> np.ndarray:
-    """Round float64 values to what ``dtype`` can hold, returned as float64 (the reference's storage).
+    """Values as ``dtype`` holds them, in the reference's storage: float64 for float dtypes, int64 for integer
+    ones (exact to 64 bits), bool for masks.
 
     bf16 keeps float32's exponent and 8 bits of mantissa: round-to-nearest-even on the low 16 bits of the
-    float32 pattern (NaN stays NaN, infinities stay infinite).
+    float32 pattern (NaN stays NaN, infinities stay infinite). Integers into an integer dtype wrap (two's
+    complement, as a C cast); floats into one are truncated toward zero and saturated, NaN becoming 0 (as the
+    GPU's ``cvt.rzi.sat``).
     """
     if dtype is f64:
         return np.asarray(x, dtype=np.float64)
@@ -85,10 +88,44 @@ def round_to(x: np.ndarray, dtype: DType) -> np.ndarray:
     if dtype is f8e4m3:
         return _round_f8e4m3(np.asarray(x, dtype=np.float64))
     if dtype is bool_:
-        return (np.asarray(x, dtype=np.float64) != 0).astype(np.float64)
+        return np.asarray(x) != 0
     if not dtype.is_float:
-        return np.trunc(np.asarray(x, dtype=np.float64))
+        return to_int(x, dtype)
     raise TypeError(f"round_to: no rounding rule for {dtype}")
+
+
+def int_range(dtype: DType) -> tuple[int, int]:
+    """The smallest and largest value of the (signed) integer ``dtype``."""
+    bits = 8 * dtype.itemsize
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def to_int(x, dtype: DType) -> np.ndarray:
+    """``x`` as values of the integer ``dtype``, held in int64: integers wrapped to its width (two's
+    complement), floats truncated toward zero, saturated to its range, NaN as 0."""
+    a = np.asarray(x)
+    np_dtype = np.dtype(f"int{8 * dtype.itemsize}")
+    if a.dtype.kind == "f":
+        lo, hi = int_range(dtype)
+        with np.errstate(invalid="ignore"):
+            t = np.trunc(np.where(np.isnan(a), 0.0, a))
+            over, under = t > hi, t < lo         # compared in float: 2**63 - 1 rounds up, so > catches 2**63 too
+            inside = np.where(over | under, 0.0, t).astype(np.int64)
+        return np.where(over, hi, np.where(under, lo, inside)).astype(np.int64)
+    return a.astype(np.int64).astype(np_dtype).astype(np.int64)
+
+
+def compute_dtype(*dtypes: DType) -> DType:
+    """The dtype element-wise work and reductions over operands of ``dtypes`` run in: f64 if any is f64, else f32
+    if any is a float (Triton's math takes 32- or 64-bit floats), else i64 if any is i64, else i32. Integer tiles
+    stay integers, so a sum, max or min of indices is exact (f32 holds integers only up to 2**24), and integer
+    arithmetic wraps at that width (an integer op passes its integer result dtype too: ``i32 + i32 -> i64``
+    computes in i64)."""
+    if f64 in dtypes:
+        return f64
+    if any(d.is_float for d in dtypes):
+        return f32
+    return i64 if i64 in dtypes else i32
 
 
 def _round_f8e4m3(x: np.ndarray) -> np.ndarray:

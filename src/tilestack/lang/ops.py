@@ -12,9 +12,9 @@ import dataclasses
 import math
 
 from tilestack.errors import MemorySpaceError, TileDTypeError, TileShapeError, TraceError
-from tilestack.ir.ops import MMA_INPUTS, Op
-from tilestack.ir.types import DTYPES, Space, TileType, bool_, f16, f32, f64, i32, i64
-from tilestack.lang.tiles import GlobalTensor, Tile, _Transposed, as_index, as_scalar
+from tilestack.ir.ops import INT_ONLY_FNS, INT_UNARY, MMA_INPUTS, Op
+from tilestack.ir.types import DTYPES, FLOAT, Space, TileType, bool_, compute_dtype, f16, f32, f64, i32, i64, int_range
+from tilestack.lang.tiles import GlobalTensor, Scalar, Tile, _Transposed, as_index, as_scalar
 from tilestack.lang.trace import current, user_line, user_name
 
 _MMA_INPUTS = tuple(DTYPES[n] for n in MMA_INPUTS)   # the mma op's rule (ir.ops), as tile dtypes
@@ -109,7 +109,8 @@ def _unary(fn: str, dst: Tile, src: Tile) -> None:
     _need_tile(fn, "src", src)
     _need_reg(fn, "src", src)
     _need_reg(fn, "dst", dst)
-    _need_float(fn, "src", src)
+    if fn not in INT_UNARY or src.dtype is bool_:
+        _need_float(fn, "src", src)
     if src.shape != dst.shape:
         raise TileShapeError(f"{fn}: src `{_name(src)}` is {src.shape} but dst `{_name(dst)}` is {dst.shape}",
                              user_line())
@@ -165,16 +166,31 @@ def _transpose(dst: Tile, src) -> None:
 
 
 # ---- element-wise binary ops ------------------------------------------------------------------------------
+# On float tiles the math runs in f32 (f64 for f64 tiles). On integer tiles it runs in integers (``ir.ops``'s
+# integer work: i64 if a, b or dst is i64, else i32), wrapping as C's and the GPU's do; div and rem truncate toward
+# zero (C's / and %); bit_and, bit_or, bit_xor, shl and shr (arithmetic) take integer tiles only. A number with
+# an integer tile must be a whole number that fits the work dtype, signed or unsigned (0x9E3779B9 with an i32 tile
+# is the i32 of the same bits, -1640531527); a shift count a constant in [0, bits).
 def _binary(fn: str, dst: Tile, a: Tile, b) -> None:
     """``dst = fn(a, b)`` with b a tile of a's shape, a number or Scalar, or (a 2-D a) a vector marked
     per_row(v) / per_col(v), which is the same op as ``{fn}_row`` / ``{fn}_col``."""
     if isinstance(b, _PerAxis):
+        if fn in INT_ONLY_FNS or fn == "rem":
+            raise TraceError(f"{fn}: b is per_{b.axis}(...); {fn} takes a tile of a's shape or a scalar "
+                             "(broadcast the vector into a tile first, e.g. with where or add_row on a zero tile)",
+                             user_line())
         _broadcast(fn, b.axis, dst, a, b.vec)
         return
     for arg, t in (("dst", dst), ("a", a)):
         _need_tile(fn, arg, t)
         _need_reg(fn, arg, t)
-    _need_float(fn, "a", a)
+    if dst.dtype is bool_:
+        raise TileDTypeError(f"{fn}: dst `{_name(dst)}` is a bool_ mask; expected a tile of numbers", user_line())
+    if a.dtype is bool_ or (fn in INT_ONLY_FNS and a.dtype.is_float):
+        want = "an integer dtype" if fn in INT_ONLY_FNS else "numbers (copy a mask into a number tile first)"
+        raise TileDTypeError(f"{fn}: a `{_name(a)}` is {a.dtype}; expected {want}", user_line())
+    if not a.dtype.is_float and not isinstance(b, Tile):
+        b = _int_scalar(fn, dst, a, b)
     if isinstance(b, Tile):
         _need_reg(fn, "b", b)
         if a.shape != b.shape:
@@ -187,17 +203,70 @@ def _binary(fn: str, dst: Tile, a: Tile, b) -> None:
                                  "copy one into a tile of the other's dtype first", user_line())
         bv = b.value(fn)
     else:
-        s = as_scalar(float(b) if isinstance(b, int | float) else b)
+        s = as_scalar(float(b) if isinstance(b, int | float) and a.dtype.is_float else b)
         bv = s.v
     _write(dst, Op.BINARY, (a.value(fn), bv), a.shape, fn, fn=fn)
+
+
+def _int_scalar(fn: str, dst: Tile, a: Tile, b):
+    """Scalar ``b`` of integer work on tile ``a``: an index Scalar, or a whole number that fits the work dtype
+    (signed or unsigned; returned as the signed value of the same bits). A float is refused."""
+    work = compute_dtype(a.dtype, *(() if dst.dtype.is_float else (dst.dtype,)))
+    if isinstance(b, Scalar):
+        if b.type == FLOAT:
+            raise TileDTypeError(f"{fn}: a `{_name(a)}` is {a.dtype} and b is a float Scalar; integer tiles take "
+                                 "integer operands (copy a into a float tile for float math)", user_line())
+        return b
+    if isinstance(b, bool) or not isinstance(b, int | float):
+        raise TraceError(f"{fn}: b must be a tile, a number or a Scalar, got {type(b).__name__} {b!r}", user_line())
+    lo, hi = int_range(work)
+    bits = 8 * work.itemsize
+    if isinstance(b, float) and not (math.isfinite(b) and b == int(b)):
+        raise TileDTypeError(f"{fn}: a `{_name(a)}` is {a.dtype}; b = {b!r} is not a whole number (integer tiles "
+                             "take integer operands; copy a into a float tile for float math)", user_line())
+    b = int(b)
+    if fn in ("shl", "shr") and not 0 <= b < bits:
+        raise TraceError(f"{fn}: shift count {b} for {work} work; expected 0 <= count < {bits}", user_line())
+    if not lo <= b <= 2 * hi + 1:
+        raise TileDTypeError(f"{fn}: b = {b} does not fit {work} (the work dtype of `{_name(a)}` {a.dtype}); "
+                             f"expected a whole number in [{lo}, {2 * hi + 1}]", user_line())
+    return b - 2 ** bits if b > hi else b
 
 
 def add(dst, a, b): _binary("add", dst, a, b)
 def sub(dst, a, b): _binary("sub", dst, a, b)
 def mul(dst, a, b): _binary("mul", dst, a, b)
-def div(dst, a, b): _binary("div", dst, a, b)
+
+
+def div(dst, a, b):
+    """``dst = a / b``: true division of floats; of integers, the quotient truncated toward zero (C's /)."""
+    _binary("div", dst, a, b)
+
+
 def max(dst, a, b): _binary("max", dst, a, b)  # noqa: A001
 def min(dst, a, b): _binary("min", dst, a, b)  # noqa: A001
+
+
+def rem(dst, a, b):
+    """``dst = a - b * trunc(a / b)``: the remainder of ``div``, with the sign of a (C's % and fmod, Triton's %;
+    not Python's %, which takes the sign of b): rem(-7, 2) is -1."""
+    _binary("rem", dst, a, b)
+
+
+def bit_and(dst, a, b): _binary("bit_and", dst, a, b)
+def bit_or(dst, a, b): _binary("bit_or", dst, a, b)
+def bit_xor(dst, a, b): _binary("bit_xor", dst, a, b)
+
+
+def shl(dst, a, b):
+    """``dst = a << b`` on integer tiles, wrapping at the work dtype's width (bits shifted out are lost)."""
+    _binary("shl", dst, a, b)
+
+
+def shr(dst, a, b):
+    """``dst = a >> b`` on integer tiles, arithmetic: the sign bit fills in (as Python's >> and Triton's on signed
+    integers). A logical shift of an i32 by s: ``shr(d, a, s); bit_and(d, d, (1 << (32 - s)) - 1)``."""
+    _binary("shr", dst, a, b)
 
 
 # ---- row / column broadcasts --------------------------------------------------------------------------------
@@ -573,7 +642,7 @@ def atomic_add(dst, src: Tile, at=None) -> None:
 __all__ = [
     "fill", "zero", "one", "neg_infty", "pos_infty",
     "exp", "exp2", "log", "log2", "abs", "neg", "relu", "sqrt", "rsqrt", "sigmoid", "sin", "cos", "copy", "transpose",
-    "add", "sub", "mul", "div", "max", "min",
+    "add", "sub", "mul", "div", "max", "min", "rem", "bit_and", "bit_or", "bit_xor", "shl", "shr",
     "add_row", "sub_row", "mul_row", "div_row", "add_col", "sub_col", "mul_col", "div_col",
     "max_row", "min_row", "max_col", "min_col",
     "row_max", "row_min", "row_sum", "col_max", "col_min", "col_sum",

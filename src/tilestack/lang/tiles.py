@@ -114,6 +114,34 @@ class Tile:
     def __truediv__(self, o): return self._binary(o, "div")
     def __rtruediv__(self, o): return self._binary(o, "div", swap=True)
 
+    def __and__(self, o): return self._binary(o, "bit_and")
+    def __rand__(self, o): return self._binary(o, "bit_and", swap=True)
+    def __or__(self, o): return self._binary(o, "bit_or")
+    def __ror__(self, o): return self._binary(o, "bit_or", swap=True)
+    def __xor__(self, o): return self._binary(o, "bit_xor")
+    def __rxor__(self, o): return self._binary(o, "bit_xor", swap=True)
+    def __lshift__(self, o): return self._binary(o, "shl")
+    def __rshift__(self, o): return self._binary(o, "shr")
+
+    def _no_sugar(self, sym: str, hint: str):
+        raise TraceError(f"`{sym}` on a tile: {hint}", user_line())
+
+    def __floordiv__(self, o):
+        self._no_sugar("//", "Python's // floors; tiles divide with ts.div(dst, a, b) (integers truncate toward "
+                             "zero, as C and Triton)")
+
+    def __mod__(self, o):
+        self._no_sugar("%", "Python's % takes the sign of the divisor; tiles take remainders with ts.rem(dst, a, b) "
+                            "(the sign of a, as C's % and Triton's)")
+
+    __rfloordiv__, __rmod__ = __floordiv__, __mod__
+
+    def __rlshift__(self, o):
+        self._no_sugar("<<", "a number shifted by a tile: fill a tile with the number, then ts.shl(dst, t, counts)")
+
+    def __rrshift__(self, o):
+        self._no_sugar(">>", "a number shifted by a tile: fill a tile with the number, then ts.shr(dst, t, counts)")
+
     def __neg__(self) -> Tile:
         from tilestack.lang import ops
         out = Tile(dataclasses.replace(self.type, space=Space.REG))

@@ -2,8 +2,10 @@
 
 Each op's meaning is its reference semantics in ``tilestack.ir.ops``; this module is the machine they run on
 (arguments, block ids, global memory, loops). Semantics, which every backend must match:
-- A tile holds values its dtype can represent: every op computes in float64 and rounds the result to the
-  destination's dtype (so a bf16 tile rounds like bf16, an f32 accumulator like f32).
+- A tile holds values its dtype can represent: every float op computes in float64 and rounds the result to the
+  destination's dtype (so a bf16 tile rounds like bf16, an f32 accumulator like f32). Integer tiles and globals
+  are held exactly (int64 arrays), and integer work wraps at its work dtype's width, as on the GPU
+  (``ir.ops.work_dtype``: C-style wrapping, truncating division and remainder).
 - Loads read zeros where the tile hangs past the edge of the global; stores drop what hangs past it.
 - mma accumulates in f32: dst = round_f32(acc + a @ b) with the product in float64 (a and b rounded to tf32
   first, to nearest even, when the mma asks for tf32 input precision).
@@ -32,7 +34,7 @@ def run(traced, args):
     scalars: dict[int, float] = {}
     for i, (p, a) in enumerate(zip(ir.params, args, strict=True)):
         if isinstance(p.type, GlobalType):
-            arrays[i] = _float64(a)
+            arrays[i] = _numpy(a)
         else:
             scalars[i] = a
     grid = traced.grid(*args)
@@ -45,16 +47,18 @@ def run(traced, args):
     return None
 
 
-def _float64(a) -> np.ndarray:
-    """A tensor's values as a float64 array. An expanded axis (stride 0) is converted once and broadcast back
-    (read-only: an output never has one), so a huge expanded input costs no more than its storage."""
+def _numpy(a) -> np.ndarray:
+    """A tensor's values as a float64 array (int64 for an integer tensor: exact to 64 bits). An expanded axis
+    (stride 0) is converted once and broadcast back (read-only: an output never has one), so a huge expanded
+    input costs no more than its storage."""
     import torch
 
     a = a.detach()
+    held = torch.float64 if a.dtype.is_floating_point else torch.int64
     if not any(s == 0 and d > 1 for d, s in zip(a.shape, a.stride(), strict=True)):
-        return a.to("cpu", torch.float64).numpy().copy()
+        return a.to("cpu", held).numpy().copy()
     base = a[tuple(slice(0, 1) if s == 0 else slice(None) for s in a.stride())]
-    return np.broadcast_to(base.to("cpu", torch.float64).numpy(), tuple(a.shape))
+    return np.broadcast_to(base.to("cpu", held).numpy(), tuple(a.shape))
 
 
 class _Program:
@@ -115,7 +119,7 @@ class _Program:
     def read(self, gv: Value, coords: list, shape: tuple[int, ...]) -> np.ndarray:
         """The tile of ``shape`` of global ``gv`` at tile coordinates ``coords``; zeros past the edges."""
         g = self.arrays[self.arg_index[gv]]
-        out = np.zeros(shape)
+        out = np.zeros(shape, dtype=g.dtype)
         region = self._region(g, coords, shape)
         if region is not None:
             out[region[1]] = g[region[0]]

@@ -17,7 +17,6 @@ import dataclasses
 from collections.abc import Collection, Sequence
 
 from tilestack.backends.python_dsl import (
-    compute_dtype,
     floor_helpers,
     literal,
     register_scalar_emitters,
@@ -25,7 +24,7 @@ from tilestack.backends.python_dsl import (
 )
 from tilestack.backends.triton.passes import TMA_MAX_BOX, pipeline  # noqa: F401  (TMA_MAX_BOX: re-exported)
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
-from tilestack.ir.ops import EMITTERS, Op, register_emitter
+from tilestack.ir.ops import EMITTERS, Op, register_emitter, work_dtype
 from tilestack.ir.scalars import nonnegative
 from tilestack.ir.types import F8E4M3_MAX, GlobalType, TileType, bf16, f8e4m3, f16, f32, f64
 
@@ -39,7 +38,12 @@ _UNARY = {"exp": "tl.exp({})", "exp2": "tl.math.exp2({})", "log": "tl.log({})", 
 # max and min propagate NaN, as NumPy's (the reference), torch's and CUDA's max.NaN do (Triton's default ignores it)
 _BINARY = {"add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "div": "({} / {})",
            "max": "tl.maximum({}, {}, propagate_nan=tl.PropagateNan.ALL)",
-           "min": "tl.minimum({}, {}, propagate_nan=tl.PropagateNan.ALL)"}
+           "min": "tl.minimum({}, {}, propagate_nan=tl.PropagateNan.ALL)", "rem": "({} % {})"}
+# integer work (ir.ops.work_dtype): Triton's // and % on signed integers truncate toward zero, >> is arithmetic
+_INT_BINARY = {"add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "div": "({} // {})", "rem": "({} % {})",
+               "max": "tl.maximum({}, {})", "min": "tl.minimum({}, {})", "bit_and": "({} & {})",
+               "bit_or": "({} | {})", "bit_xor": "({} ^ {})", "shl": "({} << {})", "shr": "({} >> {})"}
+_INT_UNARY = {"abs": "tl.abs({})", "neg": "(-{})", "relu": "tl.maximum({}, 0)"}
 _SCALAR = scalar_templates("tl")
 # Python's floor division and remainder for operands that may be negative (backends/python_dsl.py)
 _FLOOR_HELPERS = floor_helpers("triton.jit", "tl", "Triton")
@@ -259,6 +263,10 @@ def _e_fill(e: _Emitter, ins: Instr) -> None:
 @register_emitter("triton", Op.UNARY, fns=_UNARY)
 def _e_unary(e: _Emitter, ins: Instr) -> None:
     (x,) = ins.srcs
+    wd = work_dtype(ins)
+    if not wd.is_float:
+        e.assign(ins.result, e.cast_to(_INT_UNARY[ins.attrs.fn].format(e.as_dtype(x, wd)), wd, ins.result.type))
+        return
     expr = _UNARY[ins.attrs.fn].format(e.f32(x))
     e.assign(ins.result, e.cast_to(expr, f32 if x.type.dtype is not f64 else f64, ins.result.type))
 
@@ -267,9 +275,22 @@ def _operand(e: _Emitter, v: Value) -> str:
     return e.f32(v) if isinstance(v.type, TileType) else e.name(v)
 
 
-@register_emitter("triton", Op.BINARY, fns=_BINARY)
+def _int_operand(e: _Emitter, v: Value, wd) -> str:
+    """An operand of integer work in the work dtype: a tile converted, an index converted (a literal stays one: it
+    fits the work dtype, the language checked)."""
+    if isinstance(v.type, TileType):
+        return e.as_dtype(v, wd)
+    return e.name(v) if v in e.consts else f"tl.cast({e.name(v)}, {TL_DTYPES[wd.name]})"
+
+
+@register_emitter("triton", Op.BINARY, fns=_BINARY.keys() | _INT_BINARY.keys())
 def _e_binary(e: _Emitter, ins: Instr) -> None:
     a, b = ins.srcs
+    wd = work_dtype(ins)
+    if not wd.is_float:
+        expr = _INT_BINARY[ins.attrs.fn].format(_int_operand(e, a, wd), _int_operand(e, b, wd))
+        e.assign(ins.result, e.cast_to(expr, wd, ins.result.type))
+        return
     expr = _BINARY[ins.attrs.fn].format(_operand(e, a), _operand(e, b))
     e.assign(ins.result, e.cast_to(expr, f32 if a.type.dtype is not f64 else f64, ins.result.type))
 
@@ -277,9 +298,9 @@ def _e_binary(e: _Emitter, ins: Instr) -> None:
 @register_emitter("triton", Op.BROADCAST, fns=_BINARY)
 def _e_broadcast(e: _Emitter, ins: Instr) -> None:
     x, v = ins.srcs
-    dt = compute_dtype(x.type.dtype, v.type.dtype)
+    dt = work_dtype(ins)
     vec = f"{e.as_dtype(v, dt)}[:, None]" if ins.attrs.axis == "row" else f"{e.as_dtype(v, dt)}[None, :]"
-    expr = _BINARY[ins.attrs.fn].format(e.as_dtype(x, dt), vec)
+    expr = (_BINARY if dt.is_float else _INT_BINARY)[ins.attrs.fn].format(e.as_dtype(x, dt), vec)
     e.assign(ins.result, e.cast_to(expr, dt, ins.result.type))
 
 
@@ -335,7 +356,7 @@ def _thread_locality_hazards(kernel: KernelIR) -> frozenset[Instr]:
 def _e_reduce(e: _Emitter, ins: Instr) -> None:
     fn, axis = ins.attrs.fn, 1 if ins.attrs.axis == "row" else 0
     x = ins.srcs[0]
-    dt = compute_dtype(*(s.type.dtype for s in ins.srcs))
+    dt = work_dtype(ins)
     xs = e.as_dtype(x, dt)
     if ins in e.shielded and not e.interpret:
         xs = f"({xs} + 0.0)"
