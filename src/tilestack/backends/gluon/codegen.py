@@ -31,7 +31,6 @@ from tilestack.backends.gluon.layouts import blocked_key, materialize, plan_layo
 from tilestack.backends.gluon.passes import deferrable, pipeline, pipelined_loads, scalar_slice
 from tilestack.backends.python_dsl import (
     FLOOR_SCALAR,
-    compute_dtype,
     floor_helpers,
     literal,
     register_scalar_emitters,
@@ -39,7 +38,7 @@ from tilestack.backends.python_dsl import (
 )
 from tilestack.errors import BackendError
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
-from tilestack.ir.ops import EMITTERS, Op, register_emitter
+from tilestack.ir.ops import EMITTERS, Op, register_emitter, work_dtype
 from tilestack.ir.scalars import nonnegative
 from tilestack.ir.types import GlobalType, ScalarType, Space, StagesType, TileType, f32
 
@@ -47,17 +46,37 @@ GL_DTYPES = {"f64": "gl.float64", "f32": "gl.float32", "f16": "gl.float16", "bf1
              "i32": "gl.int32", "i64": "gl.int64", "bool": "gl.int1", "i8": "gl.int8", "f8e4m3": "gl.float8e4nv"}
 SIG_DTYPES = {"f64": "fp64", "f32": "fp32", "f16": "fp16", "bf16": "bf16", "i32": "i32", "i64": "i64",
               "bool": "i1", "i8": "i8", "f8e4m3": "fp8e4nv"}
+# max, min and relu propagate NaN, as NumPy's (the reference), torch's, the Triton backend's and CUDA's max.NaN do
+# (gl.maximum's default, and gl.max's, ignore it); the generated module imports triton.language as tl for the flag
+_NAN = "propagate_nan=tl.PropagateNan.ALL"
 _UNARY = {"exp": "gl.exp({})", "exp2": "gl.exp2({})", "log": "gl.log({})", "log2": "gl.log2({})",
-          "abs": "gl.abs({})", "neg": "(-{})", "relu": "gl.maximum({}, 0.0)", "sqrt": "gl.sqrt({})",
+          "abs": "gl.abs({})", "neg": "(-{})", "relu": f"gl.maximum({{}}, 0.0, {_NAN})", "sqrt": "gl.sqrt({})",
           "rsqrt": "gl.rsqrt({})", "sigmoid": "(1.0 / (1.0 + gl.exp(-{})))", "sin": "gl.sin({})",
           "cos": "gl.cos({})"}
 _BINARY = {"add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "div": "({} / {})",
-           "max": "gl.maximum({}, {})", "min": "gl.minimum({}, {})"}
+           "max": f"gl.maximum({{}}, {{}}, {_NAN})", "min": f"gl.minimum({{}}, {{}}, {_NAN})", "rem": "({} % {})"}
+# integer work (ir.ops.work_dtype): // and % on signed integers truncate toward zero, >> is arithmetic
+_INT_BINARY = {"add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "div": "({} // {})", "rem": "({} % {})",
+               "max": "gl.maximum({}, {})", "min": "gl.minimum({}, {})", "bit_and": "({} & {})",
+               "bit_or": "({} | {})", "bit_xor": "({} ^ {})", "shl": "({} << {})", "shr": "({} >> {})"}
+_INT_UNARY = {"abs": "gl.abs({})", "neg": "(-{})", "relu": "gl.maximum({}, 0)"}
 _SCALAR = scalar_templates("gl")
 # Python's floor division and remainder for operands that may be negative (backends/python_dsl.py)
 _FLOOR_HELPERS = floor_helpers("gluon.jit", "gl", "Gluon")
-_REDUCE = {"max": "gl.max", "min": "gl.min", "sum": "gl.sum"}
-_COMBINE = {"max": "gl.maximum({}, {})", "min": "gl.minimum({}, {})", "sum": "({} + {})"}
+# row/column max and min reduce with NaN-propagating combines
+_NAN_REDUCE_HELPERS = f'''
+
+@gluon.jit
+def _max_nan(a, b):
+    return gl.maximum(a, b, {_NAN})
+
+
+@gluon.jit
+def _min_nan(a, b):
+    return gl.minimum(a, b, {_NAN})
+'''
+_REDUCE = {"max": "gl.reduce({}, {}, _max_nan)", "min": "gl.reduce({}, {}, _min_nan)", "sum": "gl.sum({}, axis={})"}
+_COMBINE = {"max": _BINARY["max"], "min": _BINARY["min"], "sum": "({} + {})"}
 _COMPARE = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
 _LOGIC = {"and": "({} & {})", "or": "({} | {})", "not": "(~{})"}
 _SHARED_LAYOUT = "gl.NVMMASharedLayout.get_default_for({}, {})"
@@ -100,6 +119,7 @@ class _Emitter:
         self.consts: set[Value] = set()
         self.nonneg = nonnegative(kernel.body)
         self.floor_helpers = False
+        self.nan_helpers = False                     # whether the source needs _max_nan / _min_nan
         self.indent = 1
         self.plan = plan_layouts(kernel)
         self.hints = buffer_hints(kernel)             # a tile's name, from whichever version the user named
@@ -359,15 +379,31 @@ def _e_fill(e: _Emitter, ins: Instr) -> None:
 @register_emitter("gluon", Op.UNARY, fns=_UNARY)
 def _e_unary(e: _Emitter, ins: Instr) -> None:
     (x,) = ins.srcs
-    expr = _UNARY[ins.attrs.fn].format(e.f32(e.name(x), x))
-    e.assign(ins.result, e.cast(expr, x.type.dtype if x.type.dtype.name == "f64" else f32, ins.result.type.dtype))
+    wd = work_dtype(ins)
+    if not wd.is_float:
+        expr = _INT_UNARY[ins.attrs.fn].format(e.cast(e.name(x), x.type.dtype, wd))
+        e.assign(ins.result, e.cast(expr, wd, ins.result.type.dtype))
+    else:
+        expr = _UNARY[ins.attrs.fn].format(e.f32(e.name(x), x))
+        e.assign(ins.result, e.cast(expr, x.type.dtype if x.type.dtype.name == "f64" else f32,
+                                    ins.result.type.dtype))
     e.set_lay(ins.result, e.lay[x])
 
 
-@register_emitter("gluon", Op.BINARY, fns=_BINARY)
+@register_emitter("gluon", Op.BINARY, fns=_BINARY.keys() | _INT_BINARY.keys())
 def _e_binary(e: _Emitter, ins: Instr) -> None:
     a, b = ins.srcs
     key = e.lay[a]
+    wd = work_dtype(ins)
+    if not wd.is_float:    # integer work: operands in the work dtype (a literal fits it: the language checked)
+        if isinstance(b.type, TileType):
+            bx = e.cast(e.as_layout(b, key), b.type.dtype, wd)
+        else:
+            bx = e.name(b) if b in e.consts else f"gl.cast({e.name(b)}, {GL_DTYPES[wd.name]})"
+        expr = _INT_BINARY[ins.attrs.fn].format(e.cast(e.name(a), a.type.dtype, wd), bx)
+        e.assign(ins.result, e.cast(expr, wd, ins.result.type.dtype))
+        e.set_lay(ins.result, key)
+        return
     bx = e.f32(e.as_layout(b, key), b) if isinstance(b.type, TileType) else e.name(b)
     expr = _BINARY[ins.attrs.fn].format(e.f32(e.name(a), a), bx)
     e.assign(ins.result, e.cast(expr, f32, ins.result.type.dtype))
@@ -379,9 +415,9 @@ def _e_broadcast(e: _Emitter, ins: Instr) -> None:
     x, v = ins.srcs
     key = e.lay[x]
     dim = 1 if ins.attrs.axis == "row" else 0
-    dt = compute_dtype(x.type.dtype, v.type.dtype)
+    dt = work_dtype(ins)
     vec = e.cast(e.as_layout(v, ("slice", dim, key)), v.type.dtype, dt) + ("[:, None]" if dim == 1 else "[None, :]")
-    expr = _BINARY[ins.attrs.fn].format(e.cast(e.name(x), x.type.dtype, dt), vec)
+    expr = (_BINARY if dt.is_float else _INT_BINARY)[ins.attrs.fn].format(e.cast(e.name(x), x.type.dtype, dt), vec)
     e.assign(ins.result, e.cast(expr, dt, ins.result.type.dtype))
     e.set_lay(ins.result, key)
 
@@ -425,8 +461,9 @@ def _e_reduce(e: _Emitter, ins: Instr) -> None:
     fn, x = ins.attrs.fn, ins.srcs[0]
     dim = 1 if ins.attrs.axis == "row" else 0
     key = ("slice", dim, e.lay[x])
-    dt = compute_dtype(*(s.type.dtype for s in ins.srcs))
-    expr = f"{_REDUCE[fn]}({e.cast(e.name(x), x.type.dtype, dt)}, axis={dim})"
+    dt = work_dtype(ins)
+    expr = _REDUCE[fn].format(e.cast(e.name(x), x.type.dtype, dt), dim)
+    e.nan_helpers |= fn != "sum"
     if len(ins.srcs) > 1:
         acc = ins.srcs[1]
         expr = _COMBINE[fn].format(e.cast(e.as_layout(acc, key), acc.type.dtype, dt), expr)
@@ -932,14 +969,14 @@ def emit(low: KernelIR, warps: int) -> Lowered:
     fn = f"{low.name}_kernel"
     consts = ", ".join(f"{k}={v!r}" for k, v in low.constants.items())
     funcs: list[list[str]] = []
-    floor = False
+    floor = nan = False
     roles: tuple = ()
     if not low.roles:
         e = _Emitter(low, warps, rings)
         e.block(low.body)
         params = _params(low, e)
         funcs.append(_function(fn, params, e))
-        floor = e.floor_helpers
+        floor, nan = e.floor_helpers, e.nan_helpers
         num_warps = warps
     else:
         order = sorted(low.roles.items(), key=lambda kv: -kv[1].registers)   # stable: the first largest leads
@@ -957,7 +994,7 @@ def emit(low: KernelIR, warps: int) -> Lowered:
             e.close_block()
             e.free_inflight()
             funcs.append(_function(f"{low.name}_{role}", params, e, ring_args))
-            floor = floor or e.floor_helpers
+            floor, nan = floor or e.floor_helpers, nan or e.nan_helpers
         k = _Emitter(low, order[0][1].warps, rings)
         for ins in low.body.instrs:        # what the kernel itself runs: arguments (names) and the rings
             if ins.op is Op.ARG:
@@ -977,7 +1014,9 @@ def emit(low: KernelIR, warps: int) -> Lowered:
         "from triton.experimental.gluon import language as gl",
         "from triton.experimental.gluon.language.nvidia import hopper",
         "from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma",
+        "import triton.language as tl",
         *([_FLOOR_HELPERS] if floor else []),
+        *([_NAN_REDUCE_HELPERS] if nan else []),
     ]
     text = "\n".join(head)
     for f in funcs:
