@@ -54,6 +54,7 @@ _TORCH_NAMES: dict[str, str] = {
 }
 
 FLOPS_PER_MAC = 2
+MATMUL_BWD_OVER_FWD = 2  # the input gradient and the weight gradient, each a matmul as large as the forward's
 ATTENTION_MATMULS_FWD = 2  # S = Q K^T and O = P V
 ATTENTION_BWD_OVER_FWD = 2.5  # dV, dP, dQ, dK (+ recompute of S): five matmuls for the forward's two
 CAUSAL_FRACTION = 0.5  # a causal mask keeps (about) half of the N x N scores
@@ -61,6 +62,9 @@ LSE_BYTES = 4  # the forward also writes one fp32 log-sum-exp per query row, rea
 LAYERNORM_FLOPS_PER_ELEMENT = 8  # mean (1), variance (3), normalise (2), affine (2)
 RMSNORM_FLOPS_PER_ELEMENT = 4  # square-accumulate (2), scale (1), weight (1)
 SOFTMAX_FLOPS_PER_ELEMENT = 5  # max (1), subtract + exp (2), sum (1), divide (1)
+SOFTMAX_BWD_FLOPS_PER_ELEMENT = 4  # dx = y * (dy - sum(dy * y)): multiply, sum, subtract, multiply
+BATCHNORM_TRAIN_FLOPS_PER_ELEMENT = LAYERNORM_FLOPS_PER_ELEMENT  # batch statistics, normalise, affine
+BATCHNORM_EVAL_FLOPS_PER_ELEMENT = 4  # normalise by the running statistics (2), affine (2)
 
 
 def dtype_name(dtype: Any) -> str:

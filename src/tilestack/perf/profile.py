@@ -33,7 +33,7 @@ import importlib.util
 import math
 import statistics
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +55,19 @@ ROW_OP_FLOPS_PER_ELEMENT = {
     "aten._softmax": formulas.SOFTMAX_FLOPS_PER_ELEMENT,
     "aten._safe_softmax": formulas.SOFTMAX_FLOPS_PER_ELEMENT,
     "aten._log_softmax": formulas.SOFTMAX_FLOPS_PER_ELEMENT,
+    "aten._softmax_backward_data": formulas.SOFTMAX_BWD_FLOPS_PER_ELEMENT,
+    "aten._log_softmax_backward_data": formulas.SOFTMAX_BWD_FLOPS_PER_ELEMENT,
+    "aten.native_batch_norm": formulas.BATCHNORM_TRAIN_FLOPS_PER_ELEMENT,
+    "aten._native_batch_norm_legit": formulas.BATCHNORM_TRAIN_FLOPS_PER_ELEMENT,
+    "aten._native_batch_norm_legit_no_training": formulas.BATCHNORM_EVAL_FLOPS_PER_ELEMENT,
 }
 HOT_SPOTS = 5  # ops listed, with tips, before the table
 NOISY_STEP_REL_CI = 0.1  # a step time known worse than +-10% gets a note under the profile's heading
 OTHER = "(other)"
+UNKNOWN_FLOPS = "?"  # the FLOPs column of an op with no FLOP formula
 DEFAULT_BUILDER = "build"
+INPUTS_SHOWN = 4  # arguments shown when an error describes the inputs
+REPR_CHARS = 60  # longer reprs are shown as their type
 ALLOCATING_PREFIXES = ("empty", "new_empty", "zeros_like", "ones_like", "full_like", "resize_")
 
 
@@ -88,6 +96,7 @@ class OpStat:
     m: Measurement
     counted: bool  # False: the op moved no counted bytes nor FLOPs (views, bookkeeping, uncounted time)
     shapes: Shapes = ()
+    flops_known: bool = True  # False: an op that computes but has no FLOP formula (its FLOPs show as 0)
 
     @property
     def label(self) -> str:
@@ -109,6 +118,19 @@ class OpStat:
         return roofline.uncounted_tip(self.m.device_kind)
 
 
+@dataclasses.dataclass(frozen=True)
+class Untimed:
+    """A counted op the profiler timed under no row of its own (under another name, or in few steps): its
+    work per step still counts towards the profile's totals; its time is in another row or ``(other)``."""
+
+    op: str
+    shapes: Shapes
+    calls: int
+    flops: float  # per step
+    bytes: float  # per step
+    flops_known: bool = True
+
+
 @dataclasses.dataclass
 class ModelProfile:
     """A model's per-op profile for one step (forward, or forward and backward with ``train``)."""
@@ -122,10 +144,18 @@ class ModelProfile:
     wall_s: float  # wall-clock per step, host included
     ops: list[OpStat]
     step_times_s: tuple[float, ...] = ()  # op time of each profiled step
+    untimed: tuple[Untimed, ...] = ()  # counted ops with no time of their own (see Untimed)
+    unsupported: tuple[str, ...] = ()  # ops that compute but have no FLOP formula: their FLOPs are not in flops
 
     @property
     def flops(self) -> float:
-        return math.fsum(o.m.flops * o.calls for o in self.ops)
+        """FLOPs per step: every row's and every untimed op's, as the counting pass counted them."""
+        return math.fsum([o.m.flops * o.calls for o in self.ops] + [u.flops for u in self.untimed])
+
+    @property
+    def bytes(self) -> float:
+        """Bytes moved per step, summed like :attr:`flops`."""
+        return math.fsum([o.m.bytes * o.calls for o in self.ops] + [u.bytes for u in self.untimed])
 
     @property
     def step_rel_ci(self) -> float | None:
@@ -144,6 +174,7 @@ class _Count:
     bytes_read: float = 0.0
     bytes_written: float = 0.0
     dtype: str = ""
+    unsupported: bool = False  # no FLOP formula for an op that computes: its FLOPs are unknown, not 0
 
 
 def _tensors(obj: Any) -> list[Any]:
@@ -159,7 +190,17 @@ def _tensors(obj: Any) -> list[Any]:
             stack.extend(x)
         elif isinstance(x, Mapping):
             stack.extend(x.values())
+        elif dataclasses.is_dataclass(x) and not isinstance(x, type):  # a model's output record
+            stack.extend(getattr(x, f.name) for f in dataclasses.fields(x))
     return out
+
+
+def _distinct_numel(t: Any) -> int:
+    """Elements ``t`` holds in memory: an expanded (stride-0) dimension holds one, however long it looks."""
+    n = 1
+    for size, stride in zip(t.shape, t.stride(), strict=True):
+        n *= size if stride != 0 or size == 0 else 1
+    return n
 
 
 def _nbytes(ts: Sequence[Any]) -> float:
@@ -168,7 +209,7 @@ def _nbytes(ts: Sequence[Any]) -> float:
         key = (t.data_ptr(), t.numel(), t.dtype) if t.device.type != "meta" else id(t)
         if key not in seen:
             seen.add(key)
-            total += t.numel() * t.element_size()
+            total += _distinct_numel(t) * t.element_size()
     return float(total)
 
 
@@ -198,9 +239,44 @@ def _flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     per_element = ROW_OP_FLOPS_PER_ELEMENT.get(str(packet))
     if per_element is not None and args and isinstance(args[0], torch.Tensor):
         return float(per_element * args[0].numel())
-    if torch.Tag.pointwise in getattr(func, "tags", ()):
+    tags = getattr(func, "tags", ())
+    if torch.Tag.pointwise in tags:
         return float(sum(t.numel() for t in _tensors(out)))  # 1 FLOP per output element, as torch's profiler
+    if torch.Tag.reduction in tags and args and isinstance(args[0], torch.Tensor):
+        return float(args[0].numel())  # one add (or compare) per element folded in
     return 0.0
+
+
+def has_flop_formula(func: Any) -> bool:
+    """Whether :func:`_flops` counts ``func`` by a formula (a count of 0 from one is a true 0, e.g. batch 0)."""
+    import torch
+    from torch.utils.flop_counter import flop_registry
+
+    packet = func._overloadpacket
+    name = str(packet)
+    tags = getattr(func, "tags", ())
+    return (
+        name in OWN_FLOPS
+        or packet in flop_registry
+        or name in ROW_OP_FLOPS_PER_ELEMENT
+        or name.startswith("aten._scaled_dot_product_flash_attention_for_cpu")
+        or torch.Tag.pointwise in tags
+        or torch.Tag.reduction in tags
+    )
+
+
+def does_no_arithmetic(func: Any) -> bool:
+    """Views, allocations, copies, gathers, random draws: ops whose 0 FLOPs is the count, not a gap in it."""
+    import torch
+
+    name = str(func._overloadpacket).removeprefix("aten.")
+    return (
+        getattr(func, "is_view", False)
+        or name.startswith(ALLOCATING_PREFIXES)
+        or name.rstrip("_") in NO_ARITHMETIC
+        or torch.Tag.nondeterministic_seeded in getattr(func, "tags", ())
+        or torch.Tag.view_copy in getattr(func, "tags", ())
+    )
 
 
 def _conv_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
@@ -233,12 +309,80 @@ def _conv_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> floa
     )
 
 
-# Ops tilestack counts itself, ahead of torch's registry (whose convolution backward ignores groups).
+def _rnn_layer_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """aten.mkldnn_rnn_layer (CPU LSTM): one direction of one layer over the whole sequence.
+
+    Each step multiplies the input by ``weight0`` (G*H, I) and the hidden state by ``weight1`` (G*H, H), G the
+    gates (4 for an LSTM): ``2 * steps * batch * (numel(weight0) + numel(weight1))``, the matmuls that the
+    unfused (packed) path runs as ``addmm``/``mm``; the gates' element-wise work is left out, as there.
+    """
+    arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+    x, w_ih, w_hh = arg("input"), arg("weight0"), arg("weight1")
+    rows = x.numel() // x.shape[-1]  # steps x batch
+    return float(formulas.FLOPS_PER_MAC * rows * (w_ih.numel() + w_hh.numel()))
+
+
+def _rnn_layer_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """aten.mkldnn_rnn_layer_backward: the input and the weight gradients, each the forward's matmuls."""
+    arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+    x, w_ih, w_hh = arg("input"), arg("weight1"), arg("weight2")
+    rows = x.numel() // x.shape[-1]
+    return float(formulas.MATMUL_BWD_OVER_FWD * formulas.FLOPS_PER_MAC * rows * (w_ih.numel() + w_hh.numel()))
+
+
+def _accumulate_flops(source: str) -> Callable[[Any, tuple, dict, Any], float]:
+    """index_add / scatter_add / embedding's weight gradient: one add per element of ``source``."""
+
+    def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        t = _argument(func, args, kwargs, source)
+        return float(t.numel()) if t is not None else 0.0
+
+    return count
+
+
+def _embedding_bag_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """aten._embedding_bag: each looked-up row (indices x dim) is added (or compared, mode max) into its bag."""
+    arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+    return float(arg("indices").numel() * arg("weight").shape[-1])
+
+
+# Ops tilestack counts itself, ahead of torch's registry (whose convolution backward ignores groups) or where
+# torch counts nothing.
 OWN_FLOPS: dict[str, Callable[[Any, tuple, dict, Any], float]] = {
     "aten.convolution": _conv_flops,
     "aten._convolution": _conv_flops,
     "aten.convolution_backward": _conv_backward_flops,
+    "aten.mkldnn_rnn_layer": _rnn_layer_flops,
+    "aten.mkldnn_rnn_layer_backward": _rnn_layer_backward_flops,
+    "aten.index_add": _accumulate_flops("source"),
+    "aten.index_add_": _accumulate_flops("source"),
+    "aten.scatter_add": _accumulate_flops("src"),
+    "aten.scatter_add_": _accumulate_flops("src"),
+    "aten.embedding_dense_backward": _accumulate_flops("grad_output"),
+    "aten._embedding_bag": _embedding_bag_flops,
+    "aten._embedding_bag_forward_only": _embedding_bag_flops,
+    "aten.cumsum": _accumulate_flops("self"),
 }
+# Ops whose 0 FLOPs is the count (data movement, bookkeeping); any other op with no formula is reported as
+# uncounted (``ModelProfile.unsupported``), not shown as free. Names without ``aten.`` and a trailing ``_``.
+NO_ARITHMETIC = frozenset(
+    {
+        "copy", "clone", "_to_copy", "contiguous", "cat", "stack", "index", "_unsafe_index", "index_select",
+        "index_put", "_index_put_impl", "gather", "scatter", "embedding", "masked_scatter", "masked_select",
+        "nonzero", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "replication_pad2d", "repeat",
+        "repeat_interleave", "flip", "roll", "tril", "triu", "slice_scatter", "select_scatter", "as_strided_scatter",
+        "diagonal_scatter", "fill", "zero", "lift_fresh", "lift_fresh_copy", "detach", "_local_scalar_dense",
+        "item", "is_nonzero", "equal", "topk", "sort", "argsort", "unique", "_unique2", "arange", "full",
+        "scalar_tensor", "zeros", "ones", "eye", "_pack_padded_sequence", "_pad_packed_sequence", "set",
+        "_unsafe_view", "split_with_sizes_copy", "unbind_copy", "resize", "new_zeros", "new_ones", "new_full",
+        "_assert_async", "_assert_tensor_metadata", "sym_constrain_range_for_size", "_efficientzerotensor",
+        "max_pool2d_with_indices_backward", "_to_dense", "record_stream", "alias", "unfold", "im2col",
+        "col2im", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle",
+        "_reshape_alias", "expand_copy", "permute_copy", "split", "unsafe_split", "chunk", "narrow_copy",
+        "_pin_memory", "bucketize", "masked_fill", "transpose", "select_backward",
+        "slice_backward", "index_backward", "expand_backward", "searchsorted", "histc", "one_hot",
+    }
+)
 
 
 def _argument(func: Any, args: tuple, kwargs: dict, name: str) -> Any:
@@ -313,6 +457,13 @@ def count_ops(step: Callable[[], Any]) -> dict[OpKey, _Count]:
             self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
         ) -> Any:
             kwargs = kwargs or {}
+            if not has_flop_formula(func):
+                # A composite op reaches the mode whole where autograd is off (inference_mode tensors):
+                # count the ops it is made of, as it runs them and as torch's FlopCounterMode counts them.
+                with self:
+                    decomposed = func.decompose(*args, **kwargs)
+                if decomposed is not NotImplemented:
+                    return decomposed
             out = func(*args, **kwargs)
             name = _profiler_name(func)
             c = counts[name, _arg_shapes(func, args, kwargs)]
@@ -322,6 +473,7 @@ def count_ops(step: Callable[[], Any]) -> dict[OpKey, _Count]:
                 c.bytes_read += _nbytes(ins)
                 c.bytes_written += _nbytes(outs)
             c.flops += _flops(func, args, kwargs, out)
+            c.unsupported = c.unsupported or not (has_flop_formula(func) or does_no_arithmetic(func))
             c.dtype = c.dtype or _dtype(ins + outs)
             return out
 
@@ -364,6 +516,81 @@ def _without_fastpath(step: Callable[[], Any]) -> Callable[[], Any]:
             mha.set_fastpath_enabled(before)
 
     return inner
+
+
+def describe(value: Any) -> str:
+    """A short account of an argument: ``(tensor 2x8 float32, 3)``, ``{'x': tensor 4 int64}``."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        shape = shapes_text((tuple(value.shape),)) if value.dim() else "scalar"
+        return f"tensor {shape} {str(value.dtype).removeprefix('torch.')}"
+    if isinstance(value, tuple | list):
+        inner = ", ".join(describe(v) for v in value[:INPUTS_SHOWN]) + (", ..." if len(value) > INPUTS_SHOWN else "")
+        if isinstance(value, list):
+            return f"[{inner}]"
+        return f"({inner},)" if len(value) == 1 else f"({inner})"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k!r}: {describe(v)}" for k, v in list(value.items())[:INPUTS_SHOWN]) + "}"
+    text = repr(value)
+    return text if len(text) <= REPR_CHARS else f"{type(value).__name__} object"
+
+
+def _check_arguments(
+    model: Any, inputs: Any, *, steps: Any, warmup: Any, train: Any, name: Any, device: Any, ceilings: Any,
+    fastpath: Any, budget_s: Any,
+) -> None:
+    """Refuse, before any work, arguments :func:`profile_model` cannot use; each message names the argument,
+    what it was given and what it expects."""
+    import inspect
+
+    import torch
+
+    from tilestack.perf import device as device_mod
+
+    def refuse(arg: str, value: Any, expected: str) -> None:
+        raise ProfileError(f"{arg}={describe(value)} ({type(value).__name__}); expected {expected}")
+
+    if not callable(model):
+        refuse("model", model, "a torch.nn.Module or a callable taking the inputs")
+    if isinstance(inputs, str | bytes | int | float | complex | bool) or inputs is None:
+        refuse("inputs", inputs, "a tensor, a tuple or list of positional arguments, or a dict of keyword arguments")
+    if type(inputs).__module__ == "numpy":
+        refuse("inputs", inputs, "torch tensors (torch.from_numpy turns an array into one)")
+    if isinstance(inputs, Mapping) and not all(isinstance(k, str) for k in inputs):
+        refuse("inputs", inputs, "a dict whose keys are the names of forward's keyword arguments (str)")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        refuse("steps", steps, "an int >= 1 (profiled steps), or None to profile until the step time is known")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        refuse("warmup", warmup, "an int >= 0 (steps run before counting and profiling)")
+    for arg, value in (("train", train), ("fastpath", fastpath)):
+        if not isinstance(value, bool):
+            refuse(arg, value, "True or False")
+    if name is not None and not isinstance(name, str):
+        refuse("name", name, "a str, or None for the model's class name")
+    if isinstance(budget_s, bool) or not isinstance(budget_s, int | float) or not 0 < budget_s < math.inf:
+        refuse("budget_s", budget_s, "a positive, finite time budget in seconds")
+    if not (ceilings is None or ceilings is False or isinstance(ceilings, device_mod.Ceilings)):
+        refuse("ceilings", ceilings, "a perf.Ceilings, None (the cached ones) or False (none)")
+    if not (device is None or isinstance(device, str | int | torch.device | device_mod.Device)) or isinstance(
+        device, bool
+    ):
+        refuse("device", device, "'cpu', 'cuda', 'cuda:N', a torch.device, a perf.Device or None")
+    # The inputs must fit the signature of forward (or of the callable): caught here, not deep in a trace.
+    is_module = isinstance(model, torch.nn.Module)
+    try:
+        sig = inspect.signature(model.forward if is_module else model)
+    except (TypeError, ValueError):
+        return  # a builtin or C callable: no signature to check against
+    args, kwargs = _as_call(inputs)
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as e:
+        called = f"{type(model).__name__}.forward" if is_module else getattr(model, "__name__", "model")
+        raise ProfileError(
+            f"inputs={describe(inputs)} do not fit {called}{sig}: {e}; expected a tuple of its positional "
+            "arguments, a dict of its keyword arguments, or one tensor"
+        ) from None
 
 
 def make_step(model: Callable[..., Any], inputs: Any, *, train: bool = False) -> Callable[[], Any]:
@@ -420,10 +647,10 @@ def profile_model(
 
     from tilestack.perf import device as device_mod
 
-    if steps is not None and steps < 1:
-        raise ProfileError(f"steps={steps!r}; expected at least 1 profiled step, or None to profile until known")
-    if not budget_s > 0:
-        raise ProfileError(f"budget_s={budget_s!r}; expected a positive time budget in seconds")
+    _check_arguments(
+        model, inputs, steps=steps, warmup=warmup, train=train, name=name, device=device, ceilings=ceilings,
+        fastpath=fastpath, budget_s=budget_s,
+    )
     name = name or type(model).__name__
     dev = (
         device
@@ -443,7 +670,9 @@ def profile_model(
         except ProfileError:
             raise
         except Exception as e:
-            raise ProfileError(f"model {name!r} raised {type(e).__name__} during the {phase}: {e}") from e
+            raise ProfileError(
+                f"model {name!r} raised {type(e).__name__} during the {phase}: {e} (inputs={describe(inputs)})"
+            ) from e
 
     def warm() -> None:
         for _ in range(warmup):
@@ -481,7 +710,7 @@ def profile_model(
         n = steps if steps is not None else max(ROUND_STEPS, done)
         r0 = time.perf_counter()
         prof, w = guarded("profiled steps", lambda n=n: timed(n))
-        rounds.append(attribute(prof.events(), {op for op, _ in counted}, cuda))
+        rounds.append(attribute(prof.events(), counted, cuda))
         wall += w
         now = time.perf_counter()
         step_s = [x for r in rounds for x in r[1]]
@@ -515,16 +744,44 @@ class _Timed:
             self.per_step[k] += v
 
 
-def attribute(events: Sequence[Any], counted: set[str], cuda: bool) -> tuple[dict[OpKey, _Timed], list[float], float]:
+def resolve(key: OpKey, counted: Collection[OpKey], names: Mapping[str, Sequence[OpKey]]) -> OpKey | None:
+    """The counted row a profiled ``(op, shapes)`` belongs to, or None.
+
+    The key itself; else its in-place or out-of-place twin at the same shapes (with a dispatch mode on, a
+    composite op may run ``add`` where plain eager runs ``add_``: composite compliance); else the one counted
+    row of that name, when there is only one (a shape the profiler records differently, e.g. a tensor list).
+    """
+    if key in counted:
+        return key
+    name, shapes = key
+    twin = (name[:-1] if name.endswith("_") else name + "_", shapes)
+    if twin in counted:
+        return twin
+    same_name = names.get(name, ())
+    return same_name[0] if len(same_name) == 1 else None
+
+
+def _by_name(keys: Collection[OpKey]) -> dict[str, list[OpKey]]:
+    names: dict[str, list[OpKey]] = collections.defaultdict(list)
+    for key in keys:
+        names[key[0]].append(key)
+    return names
+
+
+def attribute(
+    events: Sequence[Any], counted: Collection[OpKey], cuda: bool
+) -> tuple[dict[OpKey, _Timed], list[float], float]:
     """Seconds and calls per (op name, input shapes) over the profiler's event tree, as the counting pass saw them.
 
     The dispatch mode counts the outermost ATen op of each call chain below autograd (``clone``, not the
     ``copy_`` inside it); so a counted op takes the time of its whole subtree, while an op it never saw
     (``linear``, which decomposes before dispatch) keeps only its own time and its children are visited.
     Returns ``{(op, shapes): _Timed}``, the time of each ``ProfilerStep`` (GPU kernel time, or CPU self time),
-    and the time outside any step.
+    and the time outside any step. Each counted event is keyed by the counted row it resolves to (:func:`resolve`).
     """
     from torch.autograd import DeviceType
+
+    names = _by_name(counted)
 
     per: dict[OpKey, _Timed] = collections.defaultdict(_Timed)
     cpu = [e for e in events if e.device_type == DeviceType.CPU]
@@ -545,14 +802,16 @@ def attribute(events: Sequence[Any], counted: set[str], cuda: bool) -> tuple[dic
     stack: list[tuple[Any, int | None]] = [(e, step_of.get(id(e))) for e in roots]
     while stack:
         e, step = stack.pop()
-        whole = e.name in counted  # a counted op: its subtree is its time, and nothing below is visited
+        key = (e.name, _event_shapes(e)) if e.name.startswith("aten::") else None
+        row = resolve(key, counted, names) if key is not None else None
+        whole = row is not None  # a counted op: its subtree is its time, and nothing below is visited
         s = subtree_s(e) if whole else 0.0 if e.name.startswith("ProfilerStep") else _self_s(e, cuda)
         if step is None:
             outside += s
         else:
             step_s[step] += s
-        if e.name.startswith("aten::"):
-            t = per[e.name, _event_shapes(e)]
+        if key is not None:
+            t = per[row or key]
             t.calls += 1
             t.seconds += s
             if step is not None:
@@ -572,20 +831,19 @@ def _join(
     wall: float,
     train: bool,
 ) -> ModelProfile:
-    """Rows from the profiled rounds: each op's per-step time is its median over all steps, the step the sum."""
-    # A profiled op whose shapes the counting pass did not see under its name (a shape the profiler records
-    # differently) joins the counted row of that name when there is only one.
-    by_name: dict[str, list[OpKey]] = collections.defaultdict(list)
-    for key in counts:
-        by_name[key[0]].append(key)
+    """Rows from the profiled rounds: each op's per-step time is its median over all steps, the step the sum.
+
+    A counted row's calls, FLOPs and bytes per step are the counting pass's (one step, exact); the profiler
+    gives only its time. So the rows' FLOPs and bytes add up to what was counted: a counted row that got no
+    time of its own (the profiler ran it under another name, or in fewer than half of the steps) is kept in
+    ``ModelProfile.untimed`` with its counts.
+    """
     rows: dict[OpKey, _Timed] = collections.defaultdict(_Timed)
     step_s: list[float] = []
     outside = 0.0
     for timed, r_step_s, r_outside in rounds:
         offset = len(step_s)  # the round's steps are numbered after the earlier rounds' steps
         for key, t in timed.items():
-            if key not in counts and len(by_name.get(key[0], ())) == 1:
-                key = by_name[key[0]][0]
             if key not in counted:
                 key = (key[0], ())  # no bound nor tip to tell apart: one row per op name (views, bookkeeping)
             rows[key].add(_Timed(t.calls, t.seconds, {i + offset: v for i, v in t.per_step.items()}))
@@ -609,21 +867,22 @@ def _join(
     ops: list[OpStat] = []
     for key, t in rows.items():
         op, shapes = key
-        calls, s = t.calls / steps, median_s[key]
-        c = counts.get(key, _Count())
-        n = c.calls or max(calls, 1)  # per-step calls as counted; the profiler's if the op was not seen
-        dtype = c.dtype or "fp32"
-        per_call = max(calls, 1)
-        # Per-call time in each step: how much the op's time varies from step to step.
-        spread = timing.Timing(tuple(x / per_call for x in per_step(t)), "torch-profiler", PROFILER_WARMUP_STEPS, 1)
+        s = median_s[key]
         if s <= 0:
             continue  # an op in fewer than half of the steps: no time in the median step
+        c = counts.get(key) if key in counted else None
+        calls = c.calls if c is not None else t.calls / steps  # counted calls are exact; else the profiler's
+        per_call = max(calls, 1)
+        c = c or _Count()
+        dtype = c.dtype or "fp32"
+        # Per-call time in each step: how much the op's time varies from step to step.
+        spread = timing.Timing(tuple(x / per_call for x in per_step(t)), "torch-profiler", PROFILER_WARMUP_STEPS, 1)
         m = compute_metrics(
             name=op,
             latency_s=s / per_call,
-            flops=c.flops / n,
-            bytes_read=c.bytes_read / n,
-            bytes_written=c.bytes_written / n,
+            flops=c.flops / per_call,
+            bytes_read=c.bytes_read / per_call,
+            bytes_written=c.bytes_written / per_call,
             roofs=roofs_for(dev, ceil, dtype),
             device=dev.name,
             device_kind=kind,
@@ -631,9 +890,18 @@ def _join(
             config={"model": name, "step": mode, "shapes": shapes_text(shapes), "calls/step": round(calls, 2)},
             timing=spread,
         )
-        ops.append(OpStat(op, calls, s, s / total if total else 0.0, m, key in counted, shapes))
+        ops.append(OpStat(op, calls, s, s / total if total else 0.0, m, key in counted, shapes, not c.unsupported))
     ops.sort(key=lambda o: o.total_s, reverse=True)
-    return ModelProfile(name, dev, ceil, steps, train, total, wall / steps, ops, tuple(step_s))
+    timed_keys = {(o.op, o.shapes) for o in ops}
+    untimed = tuple(
+        Untimed(op, shapes, c.calls, c.flops, c.bytes_read + c.bytes_written, not c.unsupported)
+        for (op, shapes), c in counts.items()
+        if (op, shapes) in counted and (op, shapes) not in timed_keys
+    )
+    unsupported = tuple(sorted({op for (op, _), c in counts.items() if c.unsupported}))
+    return ModelProfile(
+        name, dev, ceil, steps, train, total, wall / steps, ops, tuple(step_s), untimed, unsupported
+    )
 
 
 # --- loading a target ---------------------------------------------------------------------------------------
@@ -721,7 +989,7 @@ def profile_rows(p: ModelProfile) -> list[list[str]]:
                 seconds(o.total_s),
                 spread(o.m.latency_rel_ci),
                 pct(o.share),
-                si(o.m.flops * o.calls, "FLOP"),
+                si(o.m.flops * o.calls, "FLOP") if o.flops_known else UNKNOWN_FLOPS,
                 si(o.m.bytes * o.calls, "B"),
                 f"{o.m.intensity:.3g}" if o.counted else "-",
                 o.bound,
@@ -729,6 +997,28 @@ def profile_rows(p: ModelProfile) -> list[list[str]]:
                 si(o.m.flops_per_s, "FLOP/s") if o.m.flops else "-",
             ]
         )
+    return out
+
+
+def notes(p: ModelProfile) -> list[str]:
+    """What the totals leave out or where a row's time is not its own: uncounted FLOPs, untimed ops, no ops."""
+    from tilestack.perf.report import si
+
+    out = []
+    if p.unsupported:
+        out.append(
+            f"no FLOP formula for {', '.join(p.unsupported)}: their FLOPs are not in the totals (shown as "
+            f"{UNKNOWN_FLOPS}); their bytes are"
+        )
+    if p.untimed:
+        ops = ", ".join(sorted({u.op for u in p.untimed}))
+        out.append(
+            f"{len(p.untimed)} counted op(s) got no time of their own from the profiler ({ops}: "
+            f"{si(math.fsum(u.flops for u in p.untimed), 'FLOP')}/step in the totals); their time is in another "
+            f"row or {OTHER}"
+        )
+    if not p.ops:
+        out.append("the step ran no ATen op: nothing to time")
     return out
 
 
@@ -763,6 +1053,8 @@ def print_profile(p: ModelProfile, con: Any = None, top: int | None = None) -> N
             "quieter machine[/yellow]"
         )
     con.print(escape(ceilings_line(p.ceilings)))
+    for line in notes(p):
+        con.print(f"[yellow]note: {escape(line)}[/yellow]")
     con.print("[bold]hot spots[/bold]")
     for line in hot_spot_lines(p):
         con.print("  " + escape(line))
@@ -783,7 +1075,7 @@ def profile_html(p: ModelProfile, path: str | Path, png_path: str | Path | None 
         counted, png_path, device=p.device, ceilings=p.ceilings, title=f"{p.name}: ops on {p.device.name}"
     )
     sections = [
-        report.Section("hot spots", notes=hot_spot_lines(p)),
+        report.Section("hot spots", notes=notes(p) + hot_spot_lines(p)),
         report.Section(
             "roofline of the ops",
             png=png,
