@@ -490,10 +490,6 @@ def _broadcasting(e: _Emitter, ins: Instr, as_float: bool) -> tuple[list[str], t
     """The operands of a compare, logic or select in the result's layout, vectors expanded along their axes."""
     key = next((e.lay[s] for s, ax in zip(ins.srcs, ins.attrs.axes, strict=True)
                 if ax is None and isinstance(s.type, TileType)), e.plan[ins.result])
-    if not any(ax is None and isinstance(s.type, TileType) for s, ax in zip(ins.srcs, ins.attrs.axes, strict=True)) \
-            and len({ax for ax in ins.attrs.axes if ax is not None}) < 2:
-        raise BackendError(f"{ins.where}: the gluon backend broadcasts {ins.op.value}'s operands to a tile from a "
-                           "tile, or from a row and a column vector")
     out = []
     for s, ax in zip(ins.srcs, ins.attrs.axes, strict=True):
         if not isinstance(s.type, TileType):
@@ -508,17 +504,27 @@ def _broadcasting(e: _Emitter, ins: Instr, as_float: bool) -> tuple[list[str], t
     return out, key
 
 
+def _to_result_shape(e: _Emitter, ins: Instr, expr: str, key: tuple) -> str:
+    """``expr`` broadcast to the result's shape where no operand has it (one vector axis and scalars: a (1, C) or
+    (R, 1) value, or a vector result from scalars), against a tile of that shape in layout ``key``."""
+    if any(isinstance(s.type, TileType) and ax is None for s, ax in zip(ins.srcs, ins.attrs.axes, strict=True)) or \
+            len({ax for ax in ins.attrs.axes if ax is not None}) == 2:
+        return expr
+    shape = list(ins.result.type.shape)
+    return f"gl.broadcast({expr}, gl.full({shape}, 0, gl.int1, layout={e.layout(key)}))[0]"
+
+
 @register_emitter("gluon", Op.COMPARE, fns=_COMPARE)
 def _e_compare(e: _Emitter, ins: Instr) -> None:
     (a, b), key = _broadcasting(e, ins, True)
-    e.assign(ins.result, f"({a} {_COMPARE[ins.attrs.fn]} {b})")
+    e.assign(ins.result, _to_result_shape(e, ins, f"({a} {_COMPARE[ins.attrs.fn]} {b})", key))
     e.set_lay(ins.result, key)
 
 
 @register_emitter("gluon", Op.LOGIC, fns=_LOGIC)
 def _e_logic(e: _Emitter, ins: Instr) -> None:
     xs, key = _broadcasting(e, ins, False)
-    e.assign(ins.result, _LOGIC[ins.attrs.fn].format(*xs))
+    e.assign(ins.result, _to_result_shape(e, ins, _LOGIC[ins.attrs.fn].format(*xs), key))
     e.set_lay(ins.result, key)
 
 
@@ -526,7 +532,8 @@ def _e_logic(e: _Emitter, ins: Instr) -> None:
 def _e_select(e: _Emitter, ins: Instr) -> None:
     t = ins.result.type
     (m, a, b), key = _broadcasting(e, ins, t.dtype.is_float)
-    e.assign(ins.result, e.cast(f"gl.where({m}, {a}, {b})", f32 if t.dtype.is_float else t.dtype, t.dtype))
+    expr = _to_result_shape(e, ins, f"gl.where({m}, {a}, {b})", key)
+    e.assign(ins.result, e.cast(expr, f32 if t.dtype.is_float else t.dtype, t.dtype))
     e.set_lay(ins.result, key)
 
 
