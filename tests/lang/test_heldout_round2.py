@@ -553,13 +553,15 @@ def wrap32(x: int) -> int:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("a", "n", "trips"), [(0.5, 0, 0), (-1.5, 1, 1), (1e30, -7, 3), (math.inf, 2**31 + 3, 2),
-                                               (2.0, -(2**40) - 1, 1)])
+                                               (2.0, -(2**40) - 1, 1), (3, 5, 2),
+                                               (np.float32(-1.5), np.int64(-7), np.int32(3))])   # NumPy's too
 def test_scalar_arguments_of_each_kind(backend, a, n, trips, rng):
     N = 37
     x = randn(rng, N)
     i = ints(rng, -2**31, 2**31, N, torch.int32)
     y, j = torch.full((N,), math.nan), torch.full((N,), POISON, dtype=torch.int32)
     launch(scalar_kinds, backend, x, i, y, j, a, n, trips)
+    a, n, trips = float(a), int(n), int(trips)
     want = (x.double() * a).float().double() + n + trips      # x * a rounded to f32, then the ints added
     torch.testing.assert_close(y.double(), want.float().double(), rtol=1e-6, atol=1e-6)
     n32 = wrap32(n)                                             # i32 work converts n to i32 first
@@ -575,6 +577,10 @@ def test_scalar_arguments_are_checked_when_launched():
         scalar_kinds(x, i, y, j, True, 2, 1, backend="reference")
     with pytest.raises(LaunchError, match=r"argument trips is a runtime int; got Tensor"):
         scalar_kinds(x, i, y, j, 1.0, 2, torch.tensor(1), backend="reference")
+    with pytest.raises(LaunchError, match=r"argument n is a runtime int; got float 2.0"):
+        scalar_kinds(x, i, y, j, 1.0, np.float64(2.0), 1, backend="reference")
+    with pytest.raises(LaunchError, match=r"argument n is a runtime int; got bool True"):
+        scalar_kinds(x, i, y, j, 1.0, np.bool_(True), 1, backend="reference")
 
 
 # ---- 14. what the language cannot express is refused when traced, naming the op, the tile and what it takes --------

@@ -30,6 +30,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from tilestack.config import knobs
@@ -55,6 +56,16 @@ def launch_key(args: Sequence) -> tuple:
 
 
 _I32 = 2**31
+
+
+def plain_numbers(args: Sequence) -> tuple:
+    """``args`` with NumPy scalars (np.float32(0.5), np.int64(3)) as the Python numbers they hold: a runtime scalar
+    may be given either way, and is launched (and specialized) as the Python number."""
+    return tuple(a.item() if isinstance(a, np.generic) else a for a in args)
+
+
+def _has_numpy_scalar(args: Sequence) -> bool:
+    return any(isinstance(a, np.generic) for a in args)
 
 
 def remember(cache: dict, key, value):
@@ -204,6 +215,8 @@ class Kernel:
         except TypeError:   # an unhashable constant or an argument no launch accepts: the checked way
             key, launcher = None, None
         if launcher is None:
+            if _has_numpy_scalar(args):   # launched as Python numbers, under their key (off the hot path)
+                return lambda a: self.launcher_for(plain_numbers(a), backend, **consts)(plain_numbers(a))
             consts, options = self._launch_options(consts)
             launcher = self.trace(*args, **consts).launcher(args, backend, options)
             if key is not None:
@@ -389,6 +402,8 @@ class TracedKernel:
         except TypeError:
             key, launcher = None, None
         if launcher is None:
+            if _has_numpy_scalar(args):
+                return self.run(*plain_numbers(args), backend=backend)
             launcher = self.launcher(args, backend)
             if key is not None:
                 remember(cache, key, launcher)
