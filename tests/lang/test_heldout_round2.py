@@ -175,6 +175,33 @@ def test_int_div_rem_truncate_toward_zero(backend, dt, divisor, rng):
     assert torch.equal(q.long() * bl + r.long(), al)               # the pair is a division
 
 
+# ---- 3b. integer operator sugar (C's precedence is Python's here), a number divided by a tile, adds into globals ---
+@ts.kernel(grid=lambda X: (1,))
+def int_sugar(X, Y, Acc, *, N: int = 16):
+    x = ts.RegVec[X.dtype, N]()
+    ts.load(x, X, at=(0,))
+    y = (x * 3 + 7 - x) ^ (x >> 2) & 0xFF | (x << 1)
+    ts.store(Y, y + (1000 / x) - (2 - x), at=(0,))
+    f = ts.RegVec[ts.f32, N]()
+    ts.copy(f, x)
+    ts.mul(f, f, -0.75)
+    ts.atomic_add(Acc, f, at=(0,))        # f32 into an integer global: truncated first, then added
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dt", [torch.int32, torch.int64])
+def test_int_operator_sugar_and_adds_into_integer_globals(backend, dt, rng):
+    x = ints(rng, -1000, 1000, 16, dt)
+    x[x == 0] = 9
+    y = torch.full((16,), POISON, dtype=dt)
+    acc = torch.full((16,), 5, dtype=dt)
+    launch(int_sugar, backend, x, y, acc)
+    xl = x.long()
+    want = ((xl * 3 + 7 - xl) ^ ((xl >> 2) & 0xFF)) | (xl << 1)
+    assert torch.equal(y.long(), want + torch.div(1000, xl, rounding_mode="trunc") - (2 - xl))
+    assert torch.equal(acc.long(), 5 + (x.float() * -0.75).trunc().long())
+
+
 # ---- 4. a dropout mask from the hash of each element's position, fused with a scale --------------------------------
 @ts.kernel(grid=lambda X, BM, BN: (ts.cdiv(X.shape[0], BM), ts.cdiv(X.shape[1], BN)))
 def hash_dropout(X, Y, seed: int, keep_below: int, scale: float, *, BM: int = 16, BN: int = 16):
@@ -656,6 +683,7 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
     "int64_math": (int64_math, (*(_meta(4, 16, dtype=I64) for _ in range(3)), _meta(4, dtype=I64),
                                 _meta(4, 16, dtype=I64)), {}),
     "int_divmod": (int_divmod, tuple(_meta(64, dtype=I32) for _ in range(6)), dict(DIVISOR=-3)),
+    "int_sugar": (int_sugar, (_meta(16, dtype=I64), _meta(16, dtype=I64), _meta(16, dtype=I32)), {}),
     "hash_dropout": (hash_dropout, (_meta(256, 256), _meta(256, 256), 1, 40000, 1.25), dict(BM=64, BN=64)),
     "row_topk": (row_topk, (_meta(256, 32), _meta(256, 4), _meta(256, 4, dtype=I64)), dict(K=4)),
     "histogram": (histogram, (_meta(1000, dtype=I32), _meta(16, dtype=I32)), dict(BM=128)),

@@ -75,7 +75,7 @@ class _Program:
         d = OPS[ins.op]
         self.env = env      # the environment the op runs in (loops read it)
         value = d.reference(ins, [env.get(s) for s in ins.srcs], self)
-        if d.kind == "tile":     # every tile op computes in float64 and rounds to its result's dtype
+        if d.kind == "tile":     # rounded to (or, integers, wrapped into) the result's dtype
             env[ins.result] = round_to(value, ins.result.type.dtype)
         elif d.kind in ("scalar", "arg"):
             env[ins.result] = value
@@ -132,13 +132,14 @@ class _Program:
         return int(stage)
 
     def store(self, ins: Instr, srcs: list, add: bool = False) -> None:
-        """A store, or with ``add`` an atomic add: programs run one at a time, so each add is atomic."""
+        """A store, or with ``add`` an atomic add: programs run one at a time, so each add is atomic. The tile is
+        converted to the global's dtype first (an f32 tile added into an i32 global adds its truncated values)."""
         gv, tv = ins.srcs[:2]
         g = self.arrays[self.arg_index[gv]]
         region = self._region(g, srcs[2:], tv.type.shape)
         if region is not None:
-            x = srcs[1][region[1]]
-            g[region[0]] = round_to(g[region[0]] + x if add else x, gv.type.dtype)
+            x = round_to(srcs[1][region[1]], gv.type.dtype)
+            g[region[0]] = round_to(g[region[0]] + x, gv.type.dtype) if add else x
 
     def loop(self, ins: Instr, srcs: list) -> None:
         env = self.env
