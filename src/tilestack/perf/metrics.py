@@ -104,8 +104,11 @@ class Measurement:
 
     @property
     def intensity(self) -> float:
-        """FLOPs per byte of global-memory traffic (inf for a kernel that moves nothing)."""
-        return self.flops / self.bytes if self.bytes else math.inf
+        """FLOPs per byte of global-memory traffic (inf for a kernel that computes but moves nothing, 0 for one
+        that does neither: an op at batch size 0)."""
+        if not self.bytes:
+            return math.inf if self.flops else 0.0
+        return self.flops / self.bytes
 
     @property
     def flops_per_s(self) -> float:

@@ -57,8 +57,6 @@ ROW_OP_FLOPS_PER_ELEMENT = {
     "aten._log_softmax": formulas.SOFTMAX_FLOPS_PER_ELEMENT,
     "aten._softmax_backward_data": formulas.SOFTMAX_BWD_FLOPS_PER_ELEMENT,
     "aten._log_softmax_backward_data": formulas.SOFTMAX_BWD_FLOPS_PER_ELEMENT,
-    "aten.native_batch_norm": formulas.BATCHNORM_TRAIN_FLOPS_PER_ELEMENT,
-    "aten._native_batch_norm_legit": formulas.BATCHNORM_TRAIN_FLOPS_PER_ELEMENT,
     "aten._native_batch_norm_legit_no_training": formulas.BATCHNORM_EVAL_FLOPS_PER_ELEMENT,
 }
 HOT_SPOTS = 5  # ops listed, with tips, before the table
@@ -330,6 +328,13 @@ def _rnn_layer_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any) ->
     return float(formulas.MATMUL_BWD_OVER_FWD * formulas.FLOPS_PER_MAC * rows * (w_ih.numel() + w_hh.numel()))
 
 
+def _batch_norm_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """aten.native_batch_norm / aten._native_batch_norm_legit: with ``training`` the batch statistics too."""
+    training = bool(_argument(func, args, kwargs, "training"))
+    per_element = formulas.BATCHNORM_TRAIN_FLOPS_PER_ELEMENT if training else formulas.BATCHNORM_EVAL_FLOPS_PER_ELEMENT
+    return float(per_element * _argument(func, args, kwargs, "input").numel())
+
+
 def _accumulate_flops(source: str) -> Callable[[Any, tuple, dict, Any], float]:
     """index_add / scatter_add / embedding's weight gradient: one add per element of ``source``."""
 
@@ -352,6 +357,8 @@ OWN_FLOPS: dict[str, Callable[[Any, tuple, dict, Any], float]] = {
     "aten.convolution": _conv_flops,
     "aten._convolution": _conv_flops,
     "aten.convolution_backward": _conv_backward_flops,
+    "aten.native_batch_norm": _batch_norm_flops,
+    "aten._native_batch_norm_legit": _batch_norm_flops,
     "aten.mkldnn_rnn_layer": _rnn_layer_flops,
     "aten.mkldnn_rnn_layer_backward": _rnn_layer_backward_flops,
     "aten.index_add": _accumulate_flops("source"),
@@ -418,8 +425,42 @@ def _moves_no_data(func: Any, name: str, ins: Sequence[Any], outs: Sequence[Any]
     """Views and aliases (their outputs share the inputs' storage) and allocations move no bytes."""
     if getattr(func, "is_view", False) or name.removeprefix("aten::").startswith(ALLOCATING_PREFIXES):
         return True
-    in_place = name.endswith("_")
-    return not in_place and bool(outs) and {_storage(t) for t in outs} <= {_storage(t) for t in ins}
+    # In-place ops and out= variants write into an argument: that argument is their output, and moves.
+    writes = name.endswith("_") or any(
+        a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments
+    )
+    return not writes and bool(outs) and {_storage(t) for t in outs} <= {_storage(t) for t in ins}
+
+
+def _out_arguments(func: Any, kwargs: dict) -> list[Any]:
+    """The tensors an ``out=`` variant writes its result into (keyword-only, written)."""
+    return _tensors(
+        [kwargs.get(a.name) for a in func._schema.arguments if a.kwarg_only and a.alias_info and a.alias_info.is_write]
+    )
+
+
+# Lookups that read only the rows they gather: (table argument, index argument, rows' leading dims).
+# A huge embedding table read for a few tokens moves those tokens' rows, not the table.
+GATHERS: dict[str, tuple[str, str]] = {
+    "aten.embedding": ("weight", "indices"),
+    "aten._embedding_bag": ("weight", "indices"),
+    "aten._embedding_bag_forward_only": ("weight", "indices"),
+    "aten.index_select": ("self", "index"),
+}
+
+
+def _gathered_bytes(func: Any, args: tuple, kwargs: dict, table_arg: str, index_arg: str) -> float:
+    """Bytes a lookup reads: its index, and one row of the table per index (at most the whole table), plus
+    every other tensor argument (offsets, per-sample weights)."""
+    table, index = _argument(func, args, kwargs, table_arg), _argument(func, args, kwargs, index_arg)
+    others = [t for t in _tensors((args, kwargs)) if t is not table and t is not index]
+    if table_arg == "self":  # index_select: whole slices along dim
+        dim = int(_argument(func, args, kwargs, "dim")) % max(table.dim(), 1)
+        row = table.numel() // max(table.shape[dim], 1) if table.dim() else 1
+    else:
+        row = table.shape[-1] if table.dim() else 1
+    rows = min(index.numel() * row, table.numel())
+    return rows * table.element_size() + _nbytes([index]) + _nbytes(others)
 
 
 def _arg_shapes(func: Any, args: tuple, kwargs: dict) -> Shapes:
@@ -470,16 +511,30 @@ def count_ops(step: Callable[[], Any]) -> dict[OpKey, _Count]:
             c.calls += 1
             ins, outs = _tensors((args, kwargs)), _tensors(out)
             if not _moves_no_data(func, name, ins, outs):
-                c.bytes_read += _nbytes(ins)
+                ins = [t for t in ins if not any(t is o for o in _out_arguments(func, kwargs))]  # written, not read
+                gathered = GATHERS.get(str(func._overloadpacket))
+                c.bytes_read += _nbytes(ins) if gathered is None else _gathered_bytes(func, args, kwargs, *gathered)
                 c.bytes_written += _nbytes(outs)
             c.flops += _flops(func, args, kwargs, out)
             c.unsupported = c.unsupported or not (has_flop_formula(func) or does_no_arithmetic(func))
             c.dtype = c.dtype or _dtype(ins + outs)
             return out
 
-    with Counter():
+    with _eager(), Counter():
         step()
     return dict(counts)
+
+
+def _eager() -> Any:
+    """Run torch.compile'd code eagerly while counting: compiled graphs hide their ops from a dispatch mode, and
+    dynamo, meeting one, would otherwise fall back to eager for good (the timed steps too, and the caller's
+    later calls). The timed steps run the compiled code; ops it fuses get no time of their own (``untimed``)."""
+    import contextlib
+
+    import torch
+
+    set_stance = getattr(getattr(torch, "compiler", None), "set_stance", None)  # torch >= 2.6
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 # --- the model step -----------------------------------------------------------------------------------------
@@ -576,6 +631,15 @@ def _check_arguments(
         device, bool
     ):
         refuse("device", device, "'cpu', 'cuda', 'cuda:N', a torch.device, a perf.Device or None")
+    if train and isinstance(model, torch.nn.Module):
+        trainable = any(p.requires_grad for p in model.parameters()) or any(
+            t.requires_grad for t in _tensors(inputs)
+        )
+        if not trainable:
+            raise ProfileError(
+                f"train=True, but model {type(model).__name__} has no parameter that requires grad and no input "
+                "does: there is no backward to profile; expected train=False"
+            )
     # The inputs must fit the signature of forward (or of the callable): caught here, not deep in a trace.
     is_module = isinstance(model, torch.nn.Module)
     try:
@@ -607,7 +671,8 @@ def make_step(model: Callable[..., Any], inputs: Any, *, train: bool = False) ->
         loss = sum(t.float().sum() for t in _tensors(out) if t.requires_grad)
         if not isinstance(loss, torch.Tensor):
             raise ProfileError(
-                "train=True but no output of the model requires grad; expected a trainable model"
+                "train=True but no output of the model requires grad: there is no backward to profile; "
+                "expected a model whose outputs depend on its parameters, or train=False"
             )
         loss.backward()
         return out
@@ -920,10 +985,13 @@ def load_target(target: str) -> tuple[Any, Any]:
         if mod_spec is None or mod_spec.loader is None:
             raise ProfileError(f"target={target!r}: cannot import {path} as a Python module")
         module = importlib.util.module_from_spec(mod_spec)
+        # Registered while it runs, as an import would: dataclasses and pickling look their module up there.
+        sys.modules[mod_spec.name] = module
         sys.path.insert(0, str(path.parent.resolve()))
         try:
             mod_spec.loader.exec_module(module)
         except Exception as e:
+            sys.modules.pop(mod_spec.name, None)
             raise ProfileError(f"target={target!r} raised {type(e).__name__} while loading: {e}") from e
         finally:
             sys.path.remove(str(path.parent.resolve()))

@@ -148,7 +148,7 @@ def place(*, flops: float, bytes_moved: float, seconds: float, roof: Roof, kind:
 
     ``kind`` (``"cuda"`` or ``"cpu"``) is the device kind it ran on: it picks the words of the tip.
     """
-    intensity = flops / bytes_moved if bytes_moved > 0 else math.inf
+    intensity = flops / bytes_moved if bytes_moved > 0 else math.inf if flops > 0 else 0.0  # 0/0: no work
     fps, bps = flops / seconds, bytes_moved / seconds
     ridge = roof.ridge
     if ridge is not None:

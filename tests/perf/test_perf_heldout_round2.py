@@ -1,0 +1,296 @@
+"""Second held-out round for the model profiler (tests/perf/perf_models_round2.py): recurrent nets, masked
+transformers, 1-d/3-d/transposed/grouped/dilated convolutions, EmbeddingBag, top-k mixture of experts, in-place
+and out= ops, batch norm, structured outputs, int/bool/keyword inputs, SDPA masks, einsum and friends, no_grad
+and inference_mode inside forward, torch.compile, empty forwards, huge-but-cheap shapes, batch size 0.
+
+FLOPs are compared with torch.utils.flop_counter.FlopCounterMode op by op, exactly: for an op torch counts,
+both apply the same registered formula to the same ATen call, so any difference means the profiler saw the op
+at another level (a composite it did not decompose) or not at all. The documented exceptions are checked
+against hand formulas instead: a convolution's bias (one add per output element, which torch leaves out), a
+grouped convolution's backward (torch counts its weight gradient as if groups were 1) and CPU attention and
+LSTM kernels (torch counts nothing for them).
+"""
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
+from typer.testing import CliRunner
+
+from tilestack.perf import device, formulas, profile
+from tilestack.perf.profile import ProfileError
+
+sys.path.insert(0, str(Path(__file__).parent))
+import perf_models_round2 as pm  # noqa: E402
+
+CEIL = device.Ceilings("cpu", 2e10, {"fp32": 2e11, "bf16": 2e11}, "now")  # ridge at 10 FLOP/B
+REL = 1e-9  # sums of per-call counts: float rounding only
+TORCH_COUNTED = {str(k).replace(".", "::", 1) for k in flop_registry}  # "aten::mm", ...
+# Ops where tilestack's count differs from torch's on purpose, per model (checked by hand formulas below).
+DEVIATIONS = {
+    "convs": {"aten::convolution_backward"},  # grouped: torch ignores groups in the weight gradient
+    "convs_bias": {"aten::convolution", "aten::convolution_backward"},  # + the bias's adds, + groups
+}
+CASES = [(name, train) for name, (_, trainable) in pm.MODELS.items() for train in (False, True)[: 1 + trainable]]
+
+
+def _by_op(counts):
+    out = {}
+    for (op, _), c in counts.items():
+        out[op] = out.get(op, 0.0) + c.flops
+    return out
+
+
+def _torch_by_op(step):
+    with FlopCounterMode(display=False) as fc:
+        step()
+    return {str(k).replace(".", "::", 1): v for k, v in fc.get_flop_counts().get("Global", {}).items()}
+
+
+_cache = {}
+
+
+def profiled(name, train):
+    """(profile, our counts of one more step, torch's counts of one more step), once per case."""
+    if (name, train) not in _cache:
+        model, inputs = pm.MODELS[name][0]()
+        p = profile.profile_model(model, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu", train=train, name=name)
+        # The profile counted a steady-state step (after warm-up): so are these (gradients already allocated).
+        step = profile._without_fastpath(profile.make_step(model, inputs, train=train))
+        _cache[name, train] = (p, profile.count_ops(step), _torch_by_op(step))
+    return _cache[name, train]
+
+
+@pytest.mark.parametrize("name,train", CASES, ids=[f"{n}-{'train' if t else 'fwd'}" for n, t in CASES])
+def test_profile_rows_add_up_agree_with_torch_and_stay_finite(name, train):
+    p, counts, theirs = profiled(name, train)
+    ours = _by_op(counts)
+    # Rows (and counted ops that got no time of their own) add up to what the counting pass counted.
+    counted_flops = math.fsum(c.flops for c in counts.values())
+    counted_bytes = math.fsum(c.bytes_read + c.bytes_written for c in counts.values())
+    rows_flops = math.fsum([o.m.flops * o.calls for o in p.ops] + [u.flops for u in p.untimed])
+    assert rows_flops == pytest.approx(counted_flops, rel=REL, abs=1e-6) and p.flops == pytest.approx(rows_flops)
+    assert p.bytes == pytest.approx(counted_bytes, rel=REL, abs=1e-6)
+    # Every op torch counts, tilestack counts the same (never 0 where torch has a number).
+    for op, n in theirs.items():
+        if op not in DEVIATIONS.get(name, ()):
+            assert ours.get(op, 0.0) == n, (op, ours.get(op), n)
+    for op in set(ours) & TORCH_COUNTED - DEVIATIONS.get(name, set()):
+        assert ours[op] == theirs.get(op, 0), op
+    # Finite, non-negative numbers in every row; a bound for every counted row.
+    for o in p.ops:
+        m = o.m
+        for v in (m.flops, m.bytes_read, m.bytes_written, m.intensity, m.flops_per_s, m.bytes_per_s):
+            assert math.isfinite(v) and v >= 0, (o.label, v)
+        assert math.isfinite(m.latency_s) and m.latency_s > 0 and o.calls >= 0
+        if o.counted:
+            assert o.bound in ("memory", "compute") and o.tip
+            assert o.roof_fraction is not None and math.isfinite(o.roof_fraction) and o.roof_fraction >= 0
+    if p.ops:
+        assert math.fsum(o.share for o in p.ops) == pytest.approx(1.0)
+    profile.profile_rows(p)  # renders
+    assert set(p.unsupported) == {op for (op, _), c in counts.items() if c.unsupported}
+
+
+def test_cpu_lstm_is_counted_as_its_matmuls():
+    """torch counts nothing for the fused CPU LSTM (mkldnn_rnn_layer); tilestack counts its matmuls, which is
+    what torch counts for the same LSTM run unfused (oneDNN off)."""
+    p, counts, theirs = profiled("lstm", False)
+    assert "aten::mkldnn_rnn_layer" in _by_op(counts) and not theirs  # torch: 0 FLOPs
+    model, (x,) = pm.lstm()
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):  # the unfused path: addmm and mm
+        unfused = sum(_torch_by_op(lambda: model(x)).values())
+    fused = _by_op(counts)["aten::mkldnn_rnn_layer"]
+    assert fused == unfused > 0
+    # By hand: per layer and direction, 2 * B * T * (4H * I_layer + 4H * H); layer 1 reads both directions.
+    b, t, i, h, g = pm.BATCH, pm.SEQ, pm.FEAT, pm.HIDDEN, pm.LSTM_GATES
+    assert fused == 2 * sum(2 * b * t * (g * h * width + g * h * h) for width in (i, 2 * h))
+    _, train_counts, _ = profiled("lstm", True)
+    backward = _by_op(train_counts)["aten::mkldnn_rnn_layer_backward"]
+    assert backward == formulas.MATMUL_BWD_OVER_FWD * fused
+
+
+@pytest.mark.parametrize("name", ["sdpa_causal", "sdpa_bool_mask", "sdpa_float_mask"])
+def test_attention_with_masks_is_counted_as_the_math_path_counts_it(name):
+    """The CPU flash kernel is not in torch's registry; torch's math path (bmm) is: the same FLOPs, halved by
+    is_causal (tilestack's convention); an explicit mask, even a triangular one, costs the full product."""
+    p, counts, _ = profiled(name, False)
+    ours = _by_op(counts).get("aten::_scaled_dot_product_flash_attention_for_cpu", 0.0)
+    model, (x,) = pm.MODELS[name][0]()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        math_path = _torch_by_op(lambda: model(x))
+    attention = math_path.get("aten::bmm", 0)
+    assert attention == 4 * pm.BATCH * pm.HEADS * 6 * 6 * (pm.DIM // pm.HEADS)
+    assert ours == attention * (formulas.CAUSAL_FRACTION if name == "sdpa_causal" else 1)
+    _, train_counts, _ = profiled(name, True)
+    bwd = _by_op(train_counts)["aten::_scaled_dot_product_flash_attention_for_cpu_backward"]
+    assert bwd == formulas.ATTENTION_BWD_OVER_FWD * ours
+
+
+def test_convolutions_by_hand():
+    model, inputs = pm.convs_bias()
+    _, counts, theirs = profiled("convs_bias", False)
+    a, b, c = inputs
+    bias_adds = sum(conv(x).numel() for conv, x in ((model.c1, a), (model.c3, b), (model.ct, c), (model.dw, c)))
+    assert _by_op(counts)["aten::convolution"] == theirs["aten::convolution"] + bias_adds
+    # No input needs a gradient: each backward is the weight gradient alone, as many FLOPs as its forward
+    # (torch's own count of the grouped ones is larger: it ignores groups).
+    _, train_counts, train_theirs = profiled("convs", True)
+    ours = _by_op(train_counts)
+    assert ours["aten::convolution_backward"] == ours["aten::convolution"] == train_theirs["aten::convolution"]
+    assert train_theirs["aten::convolution_backward"] > ours["aten::convolution_backward"]
+
+
+def test_gathers_and_scatters_count_their_work_and_bytes():
+    _, counts, _ = profiled("moe", False)
+    index_add = [(k, c) for k, c in counts.items() if k[0] == "aten::index_add_"]
+    assert math.fsum(c.flops for _, c in index_add) == pm.TOKENS * pm.TOP_K * pm.DIM  # one add per routed value
+    _, counts, _ = profiled("bag", False)
+    (bag,) = [c for (op, _), c in counts.items() if op == "aten::_embedding_bag"]
+    assert bag.flops == 10 * pm.BAG_DIM  # every looked-up row added into its bag
+    # A 64 MiB table looked up for 8 tokens reads 8 rows, not the table; an expanded view reads what it holds.
+    p, counts, _ = profiled("huge_but_cheap", False)
+    (emb,) = [c for (op, _), c in counts.items() if op == "aten::embedding"]
+    tokens = pm.BATCH * 4
+    assert emb.bytes_read == tokens * pm.BAG_DIM * 4 + tokens * 8
+    (mul,) = [c for (op, _), c in counts.items() if op == "aten::mul"]
+    assert mul.bytes_read == pm.BAG_DIM * 4  # one held row of the 2**30-row view (2.0 is a Python scalar)
+    assert p.bytes < 1e5
+
+
+def test_batch_norm_counts_statistics_only_in_training():
+    elements = pm.BATCH * 8 * 6 * 6
+    for name, step, per_element in (
+        ("batchnorm_train", False, formulas.BATCHNORM_TRAIN_FLOPS_PER_ELEMENT),  # native_batch_norm (no_grad)
+        ("batchnorm_train", True, formulas.BATCHNORM_TRAIN_FLOPS_PER_ELEMENT),  # _native_batch_norm_legit
+        ("batchnorm_eval", False, formulas.BATCHNORM_EVAL_FLOPS_PER_ELEMENT),  # native_batch_norm(training=False)
+        ("batchnorm_eval", True, formulas.BATCHNORM_EVAL_FLOPS_PER_ELEMENT),  # _native_batch_norm_legit_no_training
+    ):
+        _, counts, _ = profiled(name, step)
+        norm = [c for (op, _), c in counts.items() if "batch_norm" in op and "backward" not in op]
+        assert len(norm) == 1 and norm[0].flops == per_element * elements, (name, step)
+
+
+def test_ops_without_a_formula_are_reported_not_shown_as_free():
+    p, counts, theirs = profiled("unsupported", False)
+    assert "aten::_fft_r2c" in p.unsupported and "aten::_fft_r2c" not in theirs  # torch has no number either
+    row = next(o for o in p.ops if o.op == "aten::_fft_r2c")
+    assert not row.flops_known and row.m.bytes > 0
+    table = {r[0]: r for r in profile.profile_rows(p)}
+    assert table["aten::_fft_r2c"][profile.PROFILE_COLUMNS.index("FLOPs/step")] == profile.UNKNOWN_FLOPS
+    assert any("no FLOP formula for aten::_fft_r2c" in line for line in profile.notes(p))
+    # Known ops with zero FLOPs are not reported: views, copies, the sum's reduction is counted.
+    clean, _, _ = profiled("products", True)
+    assert clean.unsupported == ()
+
+
+def test_no_grad_and_inference_mode_inside_forward_count_like_torch():
+    """Under inference_mode a linear reaches the dispatch mode whole: it is counted as the matmul it runs."""
+    p, counts, theirs = profiled("no_grad_inside", False)
+    ours = _by_op(counts)
+    assert ours.get("aten::linear", 0.0) == 0 and ("aten::linear", ()) not in counts
+    assert sum(v for op, v in ours.items() if op in TORCH_COUNTED) == sum(theirs.values())
+    assert sum(theirs.values()) == 3 * formulas.matmul(3, pm.FEAT, pm.FEAT).flops  # three linears of 3 rows
+
+
+def test_empty_forwards_and_batch_zero():
+    for name in ("identity", "nothing"):
+        p, _, _ = profiled(name, False)
+        assert p.flops == 0 and p.bytes == 0
+        assert all(math.isfinite(o.m.intensity) for o in p.ops)
+        if not p.ops:
+            assert "ran no ATen op" in " ".join(profile.notes(p))
+    for train in (False, True):
+        p, _, _ = profiled("batch_zero", train)
+        matmuls = [o for o in p.ops if o.op in ("aten::addmm", "aten::mm", "aten::convolution")]
+        assert all(o.m.flops == 0 for o in matmuls)
+        assert all(o.m.intensity == 0 for o in p.ops if o.m.bytes == 0)
+
+
+class Counting(nn.Module):
+    """Counts its forward calls: a refused argument must be refused before any."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.calls = nn.Linear(pm.FEAT, pm.FEAT), 0
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        self.calls += 1
+        return self.lin(x)
+
+
+X = torch.randn(2, pm.FEAT)
+BAD_ARGUMENTS = [
+    ({"model": "resnet"}, r"model='resnet' \(str\); expected a torch.nn.Module or a callable"),
+    ({"model": None}, r"model=None \(NoneType\); expected"),
+    ({"inputs": 5}, r"inputs=5 \(int\); expected a tensor, a tuple or list"),
+    ({"inputs": None}, r"inputs=None \(NoneType\); expected a tensor"),
+    ({"inputs": np.zeros((2, pm.FEAT))}, r"inputs=.* \(ndarray\); expected torch tensors \(torch.from_numpy"),
+    ({"inputs": {0: X}}, r"inputs=\{0: tensor 2x8 float32\} \(dict\); expected a dict whose keys are the names"),
+    ({"inputs": (X, X, X)}, r"inputs=\(tensor 2x8 float32, .*\) do not fit Counting.forward\(x.*too many"),
+    ({"inputs": {"z": X}}, r"inputs=\{'z': tensor 2x8 float32\} do not fit Counting.forward.*'x'"),
+    ({"inputs": ()}, r"inputs=\(\) do not fit Counting.forward.*missing a required argument: 'x'"),
+    ({"steps": 2.5}, r"steps=2.5 \(float\); expected an int >= 1"),
+    ({"steps": True}, r"steps=True \(bool\); expected an int >= 1"),
+    ({"steps": 0}, r"steps=0 \(int\); expected an int >= 1"),
+    ({"warmup": -1}, r"warmup=-1 \(int\); expected an int >= 0"),
+    ({"warmup": "2"}, r"warmup='2' \(str\); expected an int >= 0"),
+    ({"train": "yes"}, r"train='yes' \(str\); expected True or False"),
+    ({"budget_s": 0}, r"budget_s=0 \(int\); expected a positive, finite time budget"),
+    ({"budget_s": float("nan")}, r"budget_s=nan \(float\); expected a positive"),
+    ({"ceilings": "fast"}, r"ceilings='fast' \(str\); expected a perf.Ceilings"),
+    ({"device": 1.5}, r"device=1.5 \(float\); expected 'cpu', 'cuda'"),
+    ({"name": 7}, r"name=7 \(int\); expected a str"),
+]
+
+
+BAD_IDS = [",".join(f"{k}-{type(v).__name__}-{i}" for k, v in kw.items()) for i, (kw, _) in enumerate(BAD_ARGUMENTS)]
+
+
+@pytest.mark.parametrize("kwargs,message", BAD_ARGUMENTS, ids=BAD_IDS)
+def test_bad_arguments_are_refused_before_any_work(kwargs, message):
+    model = Counting()
+    args = {"model": model, "inputs": (X,), "steps": 1, "warmup": 1, "ceilings": CEIL, "device": "cpu", **kwargs}
+    with pytest.raises(ProfileError, match=message):
+        profile.profile_model(args.pop("model"), args.pop("inputs"), **args)
+    assert model.calls == 0
+
+
+def test_train_without_anything_to_differentiate_and_mismatched_shapes():
+    ident = pm.Identity()
+    with pytest.raises(ProfileError, match="train=True, but model Identity has no parameter that requires grad"):
+        profile.profile_model(ident, (X,), train=True, ceilings=CEIL, device="cpu")
+    model = Counting()
+    with pytest.raises(ProfileError, match=r"raised RuntimeError during the warm-up: .*inputs=\(tensor 2x5 float32,\)"):
+        profile.profile_model(model, (torch.randn(2, 5),), ceilings=CEIL, device="cpu")
+
+
+def test_a_compiled_module_stays_compiled_and_counts_as_its_eager_self():
+    model, (x,) = pm.products()
+    compiled = torch.compile(model, backend="aot_eager")
+    p = profile.profile_model(compiled, (x,), steps=1, warmup=1, ceilings=CEIL, device="cpu")
+    eager, _, _ = profiled("products", False)
+    assert p.flops == eager.flops > 0
+    with torch.profiler.profile() as prof, torch.no_grad():
+        compiled(x)
+    assert any(e.name.startswith("Torch-Compiled Region") for e in prof.events())  # profiling did not undo it
+
+
+def test_profile_command_reports_what_it_cannot_count(tmp_path):
+    from tilestack.cli import _register, app
+
+    _register()
+    runner = CliRunner()
+    target = f"{Path(pm.__file__)}:unsupported"
+    r = runner.invoke(app, ["profile", target, "--steps", "1", "--warmup", "1", "--device", "cpu", "--no-store"])
+    assert r.exit_code == 0, r.output
+    assert "no FLOP formula for aten::_fft_r2c" in r.output
+    r = runner.invoke(app, ["profile", f"{Path(pm.__file__)}:identity", "--train", "--steps", "1", "--device", "cpu"])
+    assert r.exit_code == 1 and "train=True, but model Identity" in r.output
