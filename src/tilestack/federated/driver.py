@@ -44,6 +44,7 @@ from flwr.serverapp.strategy import Strategy
 
 from tilestack.errors import FederatedError
 from tilestack.federated import codec
+from tilestack.federated.checks import check_strategy, require_int, require_timeout
 from tilestack.federated.evaluation import Evaluator
 from tilestack.federated.grid import ManagedGrid
 from tilestack.federated.metrics import History, RoundMetrics, fairness
@@ -106,8 +107,10 @@ def _short(v, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def skip_reason(strategy: Strategy, num_replies: int) -> str:
-    """Why ``strategy`` returned no model from ``num_replies`` replies."""
+def skip_reason(strategy: Strategy, num_replies: int, num_sent: int | None = None) -> str:
+    """Why ``strategy`` returned no model from ``num_replies`` replies (to ``num_sent`` messages, if known)."""
+    if num_sent == 0:
+        return "no clients were sampled for training"
     if num_replies == 0:
         return "no replies to aggregate"
     f = getattr(strategy, "num_malicious_nodes", None)
@@ -140,8 +143,45 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f)
+    """The state ``save_checkpoint`` wrote; a file that is not one (cut short, another format) is refused."""
+    try:
+        with open(path, "rb") as f:
+            state = pickle.load(f)
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, ValueError) as ex:
+        raise FederatedError(
+            f"checkpoint={str(path)!r} cannot be read ({type(ex).__name__}: {ex}); expected a checkpoint written "
+            "by run_rounds (delete the file to start afresh)"
+        ) from ex
+    if not isinstance(state, dict) or not {"round", "arrays", "strategy", "history"} <= set(state):
+        raise FederatedError(
+            f"checkpoint={str(path)!r} holds a {type(state).__name__}; expected a run_rounds checkpoint"
+        )
+    return state
+
+
+def check_run_arguments(where: str, *, rounds_name: str, rounds, seed, timeout, stop_after) -> None:
+    """The loop's own arguments, checked before any work (``where`` and ``rounds_name`` as the caller calls them)."""
+    require_int(where, rounds_name, rounds, low=0)
+    require_int(where, "seed", seed, low=0)
+    require_timeout(where, timeout)
+    if stop_after is not None:
+        require_int(where, "stop_after", stop_after, low=0)
+
+
+def _checkpoint_path(checkpoint: str | Path | None) -> Path | None:
+    """``checkpoint`` as a Path whose folder exists (made if missing), so the first save cannot fail on it."""
+    if checkpoint is None:
+        return None
+    path = Path(checkpoint)
+    if path.is_dir():
+        raise FederatedError(f"checkpoint={str(path)!r} is a folder; expected a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as ex:
+        raise FederatedError(
+            f"checkpoint={str(path)!r}: its folder cannot be made ({ex}); expected a writable path"
+        ) from ex
+    return path
 
 
 def run_rounds(
@@ -164,13 +204,16 @@ def run_rounds(
 
     ``stop_after`` ends the call after that many rounds of this call (to test resuming).
     """
-    if num_rounds < 0:
-        raise ValueError(f"run_rounds: num_rounds={num_rounds!r}; expected >= 0")
+    check_run_arguments("run_rounds", rounds_name="num_rounds", rounds=num_rounds, seed=seed, timeout=timeout,
+                        stop_after=stop_after)  # fmt: skip
     if not isinstance(grid, ManagedGrid):
         raise TypeError(f"run_rounds: grid is a {type(grid).__name__}; expected a ManagedGrid")
-    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if not isinstance(initial_arrays, ArrayRecord):
+        raise TypeError(f"run_rounds: initial_arrays is a {type(initial_arrays).__name__}; expected an ArrayRecord")
+    check_strategy(strategy, len(list(grid.get_node_ids())))  # also the roll call, before any seeding: it
+    # may draw random numbers on some engines
+    ckpt = _checkpoint_path(checkpoint)
     arrays, history, first = initial_arrays, History(), 1
-    grid.get_node_ids()  # the roll call, before any seeding: it may draw random numbers on some engines
     signature = run_signature(strategy, grid, initial_arrays, seed)
     if ckpt is not None and ckpt.exists():
         state = load_checkpoint(ckpt)
@@ -189,7 +232,7 @@ def run_rounds(
         t0 = time.perf_counter()
         grid.server_round = r
         _seed_global_rngs(seed, r, 0)
-        messages = strategy.configure_train(r, arrays, ConfigRecord(dict(train_config or {})), grid)
+        messages = list(strategy.configure_train(r, arrays, ConfigRecord(dict(train_config or {})), grid))
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         # DP noise is drawn here, after the clients ran (in this process or not)
         _seed_global_rngs(seed, r, AGGREGATE_PHASE)
@@ -197,7 +240,7 @@ def run_rounds(
         try:
             new_arrays, _ = strategy.aggregate_train(r, replies)
             if new_arrays is None:
-                skipped = skip_reason(strategy, len(replies))
+                skipped = skip_reason(strategy, len(replies), len(messages))
         except InconsistentMessageReplies as ex:
             new_arrays, skipped = None, f"inconsistent replies: {ex}"
         if new_arrays is not None and not _finite(new_arrays):

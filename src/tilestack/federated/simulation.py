@@ -23,11 +23,12 @@ from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
 from tilestack.federated import client
+from tilestack.federated.checks import check_strategy, require_int
 from tilestack.federated.client import TASK_KEY
-from tilestack.federated.driver import RunResult, run_rounds
+from tilestack.federated.driver import RunResult, check_run_arguments, run_rounds
 from tilestack.federated.engine import InProcessGrid
 from tilestack.federated.evaluation import Evaluator
-from tilestack.federated.grid import ManagedGrid
+from tilestack.federated.grid import STRAGGLER_POLICIES, ManagedGrid
 from tilestack.federated.metrics import RoundMetrics
 from tilestack.federated.system import SystemModel
 from tilestack.federated.task import Task
@@ -61,10 +62,9 @@ def simulate(
     workers: int = 1,
 ) -> RunResult:
     """Run ``rounds`` rounds of ``strategy`` on ``task``; see the module doc for the engines."""
-    if engine not in ENGINES:
-        raise ValueError(f"simulate: engine={engine!r}; expected one of {ENGINES}")
-    if rounds < 0:
-        raise ValueError(f"simulate: rounds={rounds!r}; expected >= 0")
+    _check_arguments(strategy, task, rounds=rounds, engine=engine, system=system, stragglers=stragglers, seed=seed,
+                     eval_clients=eval_clients, timeout=timeout, stop_after=stop_after, initial=initial,
+                     workers=workers)  # fmt: skip
     config = {TASK_KEY: task.to_json()}
     evaluator = Evaluator(task, eval_clients) if evaluate else None
     arrays = initial if initial is not None else initial_arrays(task)
@@ -84,6 +84,30 @@ def simulate(
         finally:
             grid.close()
     return _run_on_flower(drive, task.num_clients, flower_backend)
+
+
+def _check_arguments(strategy: Strategy, task: Task, *, rounds, engine, system, stragglers, seed, eval_clients,
+                     timeout, stop_after, initial, workers) -> None:  # fmt: skip
+    """Every argument of ``simulate``, before any data is built or any engine starts."""
+    if not isinstance(task, Task):
+        raise TypeError(f"simulate: task is a {type(task).__name__}; expected a tilestack.federated.Task")
+    if engine not in ENGINES:
+        raise ValueError(f"simulate: engine={engine!r}; expected one of {ENGINES}")
+    if stragglers not in STRAGGLER_POLICIES:
+        raise ValueError(f"simulate: stragglers={stragglers!r}; expected one of {STRAGGLER_POLICIES}")
+    check_run_arguments("simulate", rounds_name="rounds", rounds=rounds, seed=seed, timeout=timeout,
+                        stop_after=stop_after)  # fmt: skip
+    require_int("simulate", "eval_clients", eval_clients, low=1)
+    require_int("simulate", "workers", workers, low=1)
+    if system is not None and not isinstance(system, SystemModel):
+        raise TypeError(f"simulate: system is a {type(system).__name__}; expected a SystemModel or None")
+    if system is not None and system.num_clients != task.num_clients:
+        raise ValueError(
+            f"simulate: system.num_clients={system.num_clients}; expected task.num_clients={task.num_clients}"
+        )
+    if initial is not None and not isinstance(initial, ArrayRecord):
+        raise TypeError(f"simulate: initial is a {type(initial).__name__}; expected an ArrayRecord or None")
+    check_strategy(strategy, task.num_clients)
 
 
 def _run_on_flower(drive: Callable, num_nodes: int, backend: dict | None) -> RunResult:
