@@ -11,13 +11,18 @@ engine would run, with the same per-node ``Context`` (``partition-id``, ``num-pa
 ``state``), and returns the replies. What it leaves out is Flower's machinery around that call: no Ray
 actors, no LinkState, no polling every 0.1 s of every registered node, so a round costs the clients' work.
 A client that raises becomes an error reply, as in Flower; one that answers after ``timeout`` seconds is
-dropped, as Flower's ``send_and_receive`` would drop it. Node ids are seeded, not random.
+dropped, as Flower's ``send_and_receive`` would drop it. Under a ``timeout`` each client runs on a daemon
+thread with a private copy of its ``Context.state``: the server stops waiting for it after ``timeout``
+seconds (a client that never returns cannot hang the round), and only a client that answered in time has
+its state kept. Node ids are seeded, not random.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import multiprocessing as mp
+import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -59,9 +64,31 @@ def _run_one(client_app: ClientApp, msg: Message, context: Context) -> tuple[Mes
     return reply, time.perf_counter() - t0, context.state
 
 
-def _run_chunk(jobs: list[tuple[Message, Context]]) -> list[tuple[Message, float, RecordDict]]:
+Result = tuple[Message, float, RecordDict]
+
+
+def _run_with_deadline(client_app: ClientApp, msg: Message, context: Context, timeout: float) -> Result | None:
+    """``_run_one`` on a daemon thread with a private copy of the node's state; None when it is not back within
+    ``timeout`` seconds (the thread is left to finish on its own, and what it does is dropped)."""
+    private = Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
+                      state=_private_copy(context.state), run_config=context.run_config)  # fmt: skip
+    box: list[Result] = []
+    worker = threading.Thread(target=lambda: box.append(_run_one(client_app, msg, private)), daemon=True,
+                              name=f"tilestack-client-{context.node_id}")  # fmt: skip
+    worker.start()
+    worker.join(timeout)
+    return box[0] if box else None
+
+
+def _run_jobs(client_app: ClientApp, jobs: list[tuple[Message, Context]], timeout: float | None) -> list[Result | None]:
+    if timeout is None:
+        return [_run_one(client_app, msg, ctx) for msg, ctx in jobs]
+    return [_run_with_deadline(client_app, msg, ctx, timeout) for msg, ctx in jobs]
+
+
+def _run_chunk(jobs: list[tuple[Message, Context]], timeout: float | None = None) -> list[Result | None]:
     assert _WORKER_APP is not None
-    return [_run_one(_WORKER_APP, msg, ctx) for msg, ctx in jobs]
+    return _run_jobs(_WORKER_APP, jobs, timeout)
 
 
 class InProcessGrid(Grid):
@@ -100,6 +127,7 @@ class InProcessGrid(Grid):
         self._replies: dict[str, Message] = {}
         self._elapsed: dict[str, float] = {}
         self._counter = itertools.count(1)
+        self._timeout: float | None = None  # of the send_and_receive under way
 
     # ---- Grid interface -----------------------------------------------------------------------------
     def set_run(self, run: Run) -> None:
@@ -135,18 +163,22 @@ class InProcessGrid(Grid):
             chunks = [
                 [j for j in jobs if self.partitions[j[1].node_id] % self.workers == i] for i in range(self.workers)
             ]
-            results = [r for part in self._pool.map(_run_chunk, chunks) for r in part]
+            run = functools.partial(_run_chunk, timeout=self._timeout)
+            results = [r for part in self._pool.map(run, chunks) for r in part]
             jobs = [j for c in chunks for j in c]  # in the order of the results
-            for (msg, _), (_, _, state) in zip(jobs, results, strict=True):
-                self.contexts[msg.metadata.dst_node_id].state = state  # the node's state as the client left it
         else:
-            results = [_run_one(self.client_app, msg, ctx) for msg, ctx in jobs]
+            results = _run_jobs(self.client_app, jobs, self._timeout)
         ids = []
-        for (msg, _), (reply, elapsed, _) in zip(jobs, results, strict=True):
+        for (msg, ctx), result in zip(jobs, results, strict=True):
             mid = msg.metadata.message_id
+            ids.append(mid)
+            if result is None:  # still running at the deadline: no reply, the node's state as it was
+                self._elapsed[mid] = float("inf")
+                continue
+            reply, elapsed, state = result
+            self.contexts[ctx.node_id].state = state  # the node's state as the client left it
             self._elapsed[mid] = elapsed
             self._replies[mid] = reply
-            ids.append(mid)
         return ids
 
     def close(self) -> None:
@@ -159,11 +191,16 @@ class InProcessGrid(Grid):
         return [self._replies.pop(m) for m in message_ids if m in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        ids = list(self.push_messages(messages))
+        self._timeout = timeout
+        try:
+            ids = list(self.push_messages(messages))
+        finally:
+            self._timeout = None
         late = {m for m in ids if timeout is not None and self._elapsed.get(m, 0.0) > timeout}
         replies = self.pull_messages([m for m in ids if m not in late])
         for m in ids:
             self._elapsed.pop(m, None)
+            self._replies.pop(m, None)  # a late reply is dropped, not kept for a later pull
         return replies
 
     # ---- checkpointing ------------------------------------------------------------------------------
