@@ -94,7 +94,8 @@ def expected_train_keys(sent: RecordDict) -> set[str]:
 
 def check_reply(sent: RecordDict, reply: Message) -> str:
     """Why ``reply`` must be left out ('' when it is fine): an error; no (or more than one) MetricRecord;
-    for TRAIN, not exactly one ArrayRecord or missing or extra arrays; a wrong shape; a non-finite value."""
+    for TRAIN, not exactly one ArrayRecord or missing or extra arrays; no examples (``num-examples`` 0);
+    a wrong shape; a non-finite value."""
     if reply.has_error():
         return f"error: {error_reason(reply.error.reason)}"
     content, kind = reply.content, reply.metadata.message_type
@@ -112,6 +113,11 @@ def check_reply(sent: RecordDict, reply: Message) -> str:
         metrics = next(iter(content.metric_records.values()))
         if "num-examples" not in metrics:
             return "metrics: no 'num-examples'"
+    if kind in (MessageType.TRAIN, MessageType.EVALUATE):
+        n = next(iter(content.metric_records.values())).get("num-examples")
+        if isinstance(n, (int, float)) and n <= 0:  # weight 0: nothing to average with (NaN: caught below)
+            what = "training" if kind == MessageType.TRAIN else "test"
+            return f"empty: num-examples={n}; the client has no {what} examples"
     shapes = {_canonical(k): a.shape for rec in sent.array_records.values() for k, a in rec.items()}
     for rec in content.array_records.values():
         for k, a in rec.items():

@@ -159,10 +159,12 @@ def local_sgd(
 
     Minibatches walk a fresh permutation of the data (epochs), so ``steps = epochs * ceil(n / batch)``.
     ``prox_mu`` adds FedProx's (mu / 2) ||w - w_start||^2; ``correction`` is added to every gradient
-    (SCAFFOLD's c - c_i).
+    (SCAFFOLD's c - c_i). With no examples there is nothing to step on: ``params`` come back after 0 steps.
     """
     if steps < 0 or batch_size < 1 or not lr > 0:
         raise ValueError(f"local_sgd: steps={steps}, batch_size={batch_size}, lr={lr}; expected >= 0, >= 1, > 0")
+    if len(y) == 0:
+        return {k: np.array(v, np.float32) for k, v in params.items()}, 0, float("nan")
     if hasattr(model, "local_sgd"):  # a PyTorch model (torch_models.TorchModel) trains itself
         return model.local_sgd(params, x, y, steps=steps, batch_size=batch_size, lr=lr, rng=rng, prox_mu=prox_mu,
                                correction=correction)  # fmt: skip
@@ -191,7 +193,9 @@ def local_sgd(
 
 
 def evaluate(model: Model, params: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of ``params`` on ``(x, y)``."""
+    """(mean cross-entropy, accuracy) of ``params`` on ``(x, y)``; both NaN on no examples."""
+    if len(y) == 0:
+        return float("nan"), float("nan")
     z = model.logits(params, x, train=False)
     acc = float((z.argmax(axis=1) == y).mean())
     loss, _ = _softmax_xent(z, y)

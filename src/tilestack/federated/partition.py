@@ -7,7 +7,8 @@
     x_client, y_client = x[parts[7]], labels[parts[7]]
 
 Every partitioner gives each sample to exactly one client and every client at least ``min_size``
-samples (it raises a ``ValueError`` naming the argument when that cannot be done).
+samples (it raises a ``ValueError`` naming the argument when that cannot be done: fewer than
+``num_clients * min_size`` samples).
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ def dirichlet(
     """Label skew: for each class, its samples are split over clients by proportions ~ Dir(alpha).
 
     Small alpha (0.1) gives clients few classes; large alpha (100) is close to IID. Draws again (up to
-    ``max_tries``) until every client holds ``min_size`` samples.
+    ``max_tries``) until every client holds ``min_size`` samples; where no draw does (alpha 0.01 puts each
+    class on about one client), the last draw is topped up: each short client takes the samples it lacks
+    from the client that holds the most, so the skew stays and every client can train.
     """
     labels = _labels(labels)
     if not alpha > 0:
@@ -48,21 +51,40 @@ def dirichlet(
     _check_common(len(labels), num_clients, min_size)
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
+    if max_tries < 1:
+        raise ValueError(f"dirichlet: max_tries={max_tries!r}; expected >= 1")
     for _ in range(max_tries):
         parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
         for c in classes:
             idx = rng.permutation(np.flatnonzero(labels == c))
-            props = rng.dirichlet(np.full(num_clients, alpha))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                props = rng.dirichlet(np.full(num_clients, alpha))
+            if not np.all(np.isfinite(props)):  # a tiny alpha can underflow every gamma draw to 0 (0 / 0)
+                props = np.eye(num_clients)[rng.integers(num_clients)]  # the limit: the class on one client
             cuts = (np.cumsum(props)[:-1] * len(idx)).astype(int)
             for client, chunk in enumerate(np.split(idx, cuts)):
                 parts[client].append(chunk)
         out = [np.sort(np.concatenate(p)) for p in parts]
         if min(len(p) for p in out) >= min_size:
             return out
-    raise ValueError(
-        f"dirichlet: no draw in max_tries={max_tries} gave every client min_size={min_size} samples "
-        f"(alpha={alpha}, num_clients={num_clients}); expected a larger alpha or a smaller min_size"
-    )
+    return _top_up(out, min_size, rng)
+
+
+def _top_up(parts: list[np.ndarray], min_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Move samples from the largest client to each client short of ``min_size`` (enough exist: checked)."""
+    parts = list(parts)
+    for i in range(len(parts)):
+        need = min_size - len(parts[i])
+        while need > 0:
+            donor = int(np.argmax([len(p) for p in parts]))
+            give = min(need, len(parts[donor]) - min_size)
+            if give <= 0:  # cannot happen after _check_common; never loop on it
+                raise ValueError(f"min_size={min_size}: too few samples for {len(parts)} clients")
+            moved = rng.choice(len(parts[donor]), size=give, replace=False)
+            parts[i] = np.sort(np.concatenate([parts[i], parts[donor][moved]]))
+            parts[donor] = np.delete(parts[donor], moved)
+            need -= give
+    return parts
 
 
 def shards(labels: np.ndarray, num_clients: int, classes_per_client: int = 2, *, seed: int = 0) -> list[np.ndarray]:

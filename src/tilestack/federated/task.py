@@ -27,13 +27,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
+import numbers
 from pathlib import Path
 
 import numpy as np
 
 from tilestack.federated import partition
 from tilestack.federated.models import MLP, Model, Params, SoftmaxRegression
-from tilestack.federated.synthetic import Synthetic
+from tilestack.federated.synthetic import SIZE_MIN, Synthetic
 
 DATASETS = ("synthetic", "blobs", "clustered", "digits", "file")
 DIGITS_MAX = 16.0  # scikit-learn's digits are 8x8 images of 0..16
@@ -42,6 +44,7 @@ MODELS = ("logreg", "mlp", "cnn", "transformer")  # the last two are PyTorch mod
 ATTACKS = ("signflip", "noise")
 FAULTS = ("crash", "nan", "shape", "slow", "missing", "extra", "nometrics")
 TEST_FRACTION = 0.2
+MIN_CLIENT_SAMPLES = 2  # a client's smallest share of a pooled dataset: one to train on, one to test
 BLOB_SEPARATION = 1.5  # std of the class means, in units of the within-class std
 
 
@@ -94,6 +97,18 @@ class Task:
         def bad(name: str, expected: str) -> ValueError:
             return ValueError(f"Task: {name}={getattr(self, name)!r}; expected {expected}")
 
+        for field in dataclasses.fields(self):  # numbers first: the range checks below compare them
+            value, kind = getattr(self, field.name), str(field.type)
+            if kind.startswith("int") and not (value is None and "None" in kind):
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                    raise bad(field.name, "an integer" + (" or None" if "None" in kind else ""))
+                object.__setattr__(self, field.name, int(value))  # numpy integers as plain ones (JSON)
+            if kind == "float":
+                if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                    raise bad(field.name, "a finite number")
+                object.__setattr__(self, field.name, float(value))
+        if self.seed < 0:
+            raise bad("seed", ">= 0")
         if self.dataset not in DATASETS:
             raise bad("dataset", f"one of {DATASETS}")
         if self.partitioner not in PARTITIONERS:
@@ -116,13 +131,48 @@ class Task:
             raise bad("local_steps", ">= 1 or None")
         if not self.separation > 0:
             raise bad("separation", "> 0")
+        if self.num_features < 1:
+            raise bad("num_features", ">= 1")
+        if self.num_classes < 2:
+            raise bad("num_classes", ">= 2")
+        if self.hidden < 1:
+            raise bad("hidden", ">= 1")
+        if not self.partition_alpha > 0:
+            raise bad("partition_alpha", "> 0 (the Dirichlet concentration)")
+        if self.classes_per_client < 1:
+            raise bad("classes_per_client", ">= 1")
+        if self.feature_shift < 0:
+            raise bad("feature_shift", ">= 0")
+        if self.attack_scale < 0:
+            raise bad("attack_scale", ">= 0")
+        if self.slow_seconds < 0:
+            raise bad("slow_seconds", ">= 0")
+        if self.max_samples is not None and self.max_samples < SIZE_MIN:
+            raise bad("max_samples", f">= {SIZE_MIN} (Synthetic's smallest device) or None")
+        if self.samples_per_client < MIN_CLIENT_SAMPLES:
+            raise bad("samples_per_client", f">= {MIN_CLIENT_SAMPLES} (one to train on, one to test)")
+        if self.dataset == "blobs" and self.num_samples < MIN_CLIENT_SAMPLES * self.num_clients:
+            raise ValueError(
+                f"Task: num_samples={self.num_samples} for num_clients={self.num_clients}; expected num_samples >= "
+                f"{MIN_CLIENT_SAMPLES * self.num_clients} ({MIN_CLIENT_SAMPLES} per client: one to train on, one "
+                "to test)"
+            )
         readable = Path(self.data_path).is_file() and self.data_path.endswith((".npz", ".csv"))
         if self.dataset == "file" and not readable:
             raise ValueError(f"Task: data_path={self.data_path!r} is not a file; expected an .npz (x, y) or a .csv")
         if self.dataset == "clustered" and not 1 <= self.groups <= self.num_clients:
             raise bad("groups", f"in [1, num_clients={self.num_clients}]")
+        if self.dataset in ("digits", "file") and len(_pooled(self)[1]) < MIN_CLIENT_SAMPLES * self.num_clients:
+            raise ValueError(
+                f"Task: num_clients={self.num_clients} for the {len(_pooled(self)[1])} examples of "
+                f"dataset={self.dataset!r}; expected at most {len(_pooled(self)[1]) // MIN_CLIENT_SAMPLES} "
+                f"({MIN_CLIENT_SAMPLES} examples per client: one to train on, one to test)"
+            )
+        if not isinstance(self.faults, tuple) or not all(isinstance(f, tuple) and len(f) == 2 for f in self.faults):
+            raise bad("faults", "a tuple of (partition id, kind) pairs")
         for pid, kind in self.faults:
-            if kind not in FAULTS or not 0 <= pid < self.num_clients:
+            bad_id = isinstance(pid, bool) or not isinstance(pid, numbers.Integral)
+            if bad_id or kind not in FAULTS or not 0 <= pid < self.num_clients:
                 raise ValueError(
                     f"Task: faults entry {(pid, kind)!r}; expected (partition id in [0, {self.num_clients}), "
                     f"kind in {FAULTS})"
@@ -213,7 +263,9 @@ def _malicious_set(task: Task) -> frozenset[int]:
 
 
 def _split(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    n_test = max(1, int(round(TEST_FRACTION * len(y))))
+    """The first ``TEST_FRACTION`` (at least one example) to test, the rest to train; a client with a single
+    example trains on it and has no test split."""
+    n_test = max(1, int(round(TEST_FRACTION * len(y)))) if len(y) >= MIN_CLIENT_SAMPLES else 0
     return x[n_test:], y[n_test:], x[:n_test], y[:n_test]
 
 
