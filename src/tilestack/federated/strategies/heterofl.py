@@ -3,14 +3,17 @@
     from tilestack.federated.strategies import HeteroFL
     strategy = HeteroFL(width_of=lambda pid: (1.0, 0.5, 0.25)[pid % 3], hidden=64, fraction_train=0.3)
 
-Client ``pid`` receives the first ``round(width * hidden)`` hidden units of every layer (every axis of
-length ``hidden`` is cut), trains that narrower MLP, and returns it. The server averages each element of
-the global model over the clients whose sub-model holds it (weighted by examples); elements no client
-held this round keep their value. Needs a grid that knows partitions (``ManagedGrid``).
+Client ``pid`` receives the first ``round(width * hidden)`` (at least one) hidden units of every layer,
+trains that narrower MLP, and returns it. The hidden axes are known by name for tilestack's MLP
+(``HIDDEN_AXES``: the input and output sizes are never cut, even where they equal ``hidden``); for other
+arrays every axis of length ``hidden`` is cut. The server averages each element of the global model over
+the clients whose sub-model holds it (weighted by examples); elements no client held this round keep
+their value. Needs a grid that knows partitions (``ManagedGrid``).
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -21,11 +24,30 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from tilestack.federated.strategies._util import metric, ok_replies, pid_of, to_numpy, to_record, with_content
 
+# tilestack's models: the axes of each array that run over hidden units (MLP: fc1.weight is (D, H), fc2.weight
+# (H, C), fc2.bias (C,) has none; softmax regression has no hidden layer)
+HIDDEN_AXES = {
+    "fc1.weight": (1,), "fc1.bias": (0,), "fc2.weight": (0,), "fc2.bias": (), "bn.weight": (0,), "bn.bias": (0,),
+    "bn.running_mean": (0,), "bn.running_var": (0,), "fc.weight": (), "fc.bias": (),
+}  # fmt: skip
+
+
+def _hidden_axes(key: str, shape: tuple[int, ...], hidden: int) -> tuple[int, ...]:
+    if key in HIDDEN_AXES:
+        return tuple(a for a in HIDDEN_AXES[key] if a < len(shape) and shape[a] == hidden)
+    return tuple(a for a, n in enumerate(shape) if n == hidden)
+
 
 def sub_model(params: dict[str, np.ndarray], hidden: int, width: float) -> dict[str, np.ndarray]:
-    """The first ``round(width * hidden)`` units along every axis of length ``hidden``."""
+    """The first ``round(width * hidden)`` (at least one) units along the hidden axes (see module doc)."""
+    if not 0.0 < width <= 1.0:
+        raise ValueError(f"sub_model: width={width!r}; expected in (0, 1]")
     keep = max(1, int(round(width * hidden)))
-    return {k: v[tuple(slice(0, keep) if n == hidden else slice(None) for n in v.shape)] for k, v in params.items()}
+    out = {}
+    for k, v in params.items():
+        cut = _hidden_axes(k, v.shape, hidden)
+        out[k] = v[tuple(slice(0, keep) if a in cut else slice(None) for a in range(v.ndim))]
+    return out
 
 
 class HeteroFL(FedAvg):
@@ -42,11 +64,18 @@ class HeteroFL(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._x = to_numpy(arrays)
+        if "fc1.weight" in self._x and self._x["fc1.weight"].shape[1] != self.hidden:
+            raise ValueError(
+                f"HeteroFL: hidden={self.hidden}; expected the global model's hidden width "
+                f"{self._x['fc1.weight'].shape[1]} (fc1.weight is {self._x['fc1.weight'].shape})"
+            )
         out = []
         for m in super().configure_train(server_round, arrays, config, grid):
-            width = float(self.width_of(pid_of(grid, m.metadata.dst_node_id)))
-            if not 0.0 < width <= 1.0:
-                raise ValueError(f"HeteroFL: width_of(...) = {width!r}; expected in (0, 1]")
+            pid = pid_of(grid, m.metadata.dst_node_id)
+            width = self.width_of(pid)
+            if isinstance(width, bool) or not isinstance(width, numbers.Real) or not 0.0 < width <= 1.0:
+                raise ValueError(f"HeteroFL: width_of({pid}) = {width!r}; expected a number in (0, 1]")
+            width = float(width)
             sub = to_record(sub_model(self._x, self.hidden, width))
             out.append(with_content(m, RecordDict({**m.content, self.arrayrecord_key: sub})))
         return out
