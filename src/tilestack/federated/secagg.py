@@ -11,9 +11,16 @@ updates pairwise; the server unmasks only the sum, and survives dropouts up to t
 threshold. It runs over tilestack's in-process grid or Flower's simulation engine. Quantisation clips
 parameters to ``clipping_range`` and maps them onto ``quantization_range`` integers, so the secure
 average differs from the plain one by about clipping_range / quantization_range per parameter.
+
+Dropouts are the task's ``crash`` and ``slow`` faults (a slow client misses ``timeout``); the server
+only ever sees the masked sum, so faults that corrupt an update (``nan``, ``shape``, ...) cannot be left
+out and are refused up front.
 """
 
 from __future__ import annotations
+
+import logging
+import time
 
 import numpy as np
 from flwr.app import Context, RecordDict
@@ -26,11 +33,14 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
+from tilestack.errors import FederatedError
+from tilestack.federated.checks import require_int, require_timeout
 from tilestack.federated.client import TASK_KEY
 from tilestack.federated.engine import InProcessGrid
 from tilestack.federated.models import local_sgd
 from tilestack.federated.task import Task
 
+log = logging.getLogger("tilestack.federated")
 PARAMS_RECORD = "parameters"  # where Flower's DefaultWorkflow keeps the global model in the context state
 
 
@@ -40,6 +50,11 @@ class _TaskClient(NumPyClient):
 
     def fit(self, parameters, config):
         task = Task.from_json(str(config[TASK_KEY]))
+        fault = task.fault(self.pid)
+        if fault == "crash":
+            raise RuntimeError("simulated client crash (task.faults)")
+        if fault == "slow":
+            time.sleep(task.slow_seconds)
         keys = list(task.initial_params())
         start = dict(zip(keys, parameters, strict=True))
         x, y, _, _ = task.client_data(self.pid)
@@ -57,6 +72,21 @@ secure_client_app = ClientApp(client_fn=_client_fn, mods=[secaggplus_mod])
 plain_client_app = ClientApp(client_fn=_client_fn)  # the same client without the SecAgg+ mod
 
 
+DROPOUT_FAULTS = ("crash", "slow")
+
+
+class _CountedSecAggPlus(SecAggPlusWorkflow):
+    """Flower's SecAgg+ fit workflow, counting the rounds that reached the unmasked sum: a round with fewer
+    survivors than the reconstruction threshold halts, and the model stays as it was."""
+
+    completed = 0
+
+    def unmask_stage(self, grid: Grid, context: Context, state) -> bool:
+        done = super().unmask_stage(grid, context, state)
+        self.completed += int(bool(done))
+        return done
+
+
 def _strategy(task: Task, per_round: int) -> LegacyFedAvg:
     init = task.initial_params()
     return LegacyFedAvg(
@@ -69,12 +99,10 @@ def _strategy(task: Task, per_round: int) -> LegacyFedAvg:
     )
 
 
-def _secure_main(task: Task, rounds: int, per_round: int, num_shares: float, threshold: float, box: dict):
+def _secure_main(task: Task, rounds: int, per_round: int, secagg: SecAggPlusWorkflow, box: dict):
     def main(grid: Grid, context: Context) -> None:
         legacy = LegacyContext(context, config=ServerConfig(num_rounds=rounds), strategy=_strategy(task, per_round))
-        workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(num_shares=num_shares,
-                                                                   reconstruction_threshold=threshold))  # fmt: skip
-        workflow(grid, legacy)
+        DefaultWorkflow(fit_workflow=secagg)(grid, legacy)
         params = legacy.state.array_records[PARAMS_RECORD]
         box["arrays"] = dict(zip(task.initial_params(), (a.numpy() for a in params.values()), strict=True))
 
@@ -89,12 +117,35 @@ def run_secure(
     num_shares: float = 1.0,
     reconstruction_threshold: float = 0.6,
     engine: str = "tilestack",
+    timeout: float | None = None,
 ) -> dict[str, np.ndarray]:
-    """FedAvg with SecAgg+ for ``rounds`` rounds; returns the final global model (name -> array)."""
-    if not 2 <= per_round <= task.num_clients:
-        raise ValueError(f"run_secure: per_round={per_round!r}; expected in [2, num_clients={task.num_clients}]")
+    """FedAvg with SecAgg+ for ``rounds`` rounds; returns the final global model (name -> array).
+
+    ``timeout``: seconds each SecAgg+ stage waits for the clients (None: as long as it takes)."""
+    if not isinstance(task, Task):
+        raise TypeError(f"run_secure: task is a {type(task).__name__}; expected a tilestack.federated.Task")
+    require_int("run_secure", "rounds", rounds, low=0)
+    require_int("run_secure", "per_round", per_round, low=2, high=task.num_clients)
+    require_timeout("run_secure", timeout)
+    if engine not in ("tilestack", "flower"):
+        raise ValueError(f"run_secure: engine={engine!r}; expected 'tilestack' or 'flower'")
+    corrupting = [f for f in task.faults if f[1] not in DROPOUT_FAULTS]
+    if corrupting:
+        raise ValueError(
+            f"run_secure: task.faults has {corrupting[:3]}; expected only dropouts {DROPOUT_FAULTS} (the server "
+            "sees only the masked sum, so it cannot leave out a corrupted update)"
+        )
+    # the clients scale their update by num_examples / max_weight before quantising: keep the ratio <= 1
+    max_weight = max(1.0, *(float(task.num_train(p)) for p in range(task.num_clients)))
+    try:
+        secagg = _CountedSecAggPlus(num_shares=num_shares, reconstruction_threshold=reconstruction_threshold,
+                                    max_weight=max_weight, timeout=timeout)  # fmt: skip
+    except (TypeError, ValueError) as ex:
+        raise ValueError(
+            f"run_secure: num_shares={num_shares!r}, reconstruction_threshold={reconstruction_threshold!r}: {ex}"
+        ) from ex
     box: dict = {}
-    main = _secure_main(task, rounds, per_round, num_shares, reconstruction_threshold, box)
+    main = _secure_main(task, rounds, per_round, secagg, box)
     if engine == "tilestack":
         grid = InProcessGrid(secure_client_app, task.num_clients, seed=task.seed)
         main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
@@ -105,15 +156,24 @@ def run_secure(
         server_app.main()(main)
         run_simulation(server_app=server_app, client_app=secure_client_app, num_supernodes=task.num_clients,
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})  # fmt: skip
-    else:
-        raise ValueError(f"run_secure: engine={engine!r}; expected 'tilestack' or 'flower'")
     if "arrays" not in box:
         raise RuntimeError("run_secure: the SecAgg+ workflow ended without a model (see Flower's log)")
+    if rounds and not secagg.completed:
+        raise FederatedError(
+            f"run_secure: none of the {rounds} rounds reached the unmasked sum: fewer clients than "
+            f"reconstruction_threshold={reconstruction_threshold!r} of per_round={per_round} survived each round; "
+            "expected enough survivors (a smaller threshold or fewer dropouts)"
+        )
+    if secagg.completed < rounds:
+        log.warning("run_secure: %d of %d rounds halted (too few survivors); the model skipped them",
+                    rounds - secagg.completed, rounds)  # fmt: skip
     return box["arrays"]
 
 
 def run_plain(task: Task, *, rounds: int, per_round: int) -> dict[str, np.ndarray]:
     """The same rounds without secure aggregation (Flower's DefaultWorkflow), to compare against."""
+    require_int("run_plain", "rounds", rounds, low=0)
+    require_int("run_plain", "per_round", per_round, low=1, high=task.num_clients)
     box: dict = {}
 
     def main(grid: Grid, context: Context) -> None:
