@@ -45,6 +45,83 @@ def as_i32(u: np.ndarray) -> np.ndarray:
     return (np.asarray(u, dtype=np.uint64) & M32).astype(np.uint32).view(np.int32)
 
 
+# ---- 0. every integer op swept: each dtype, a tile or a constant operand, against exact Python integers -------------
+INT_FNS = ("add", "sub", "mul", "div", "rem", "max", "min", "bit_and", "bit_or", "bit_xor", "shl", "shr")
+INT_DTYPES = {"i8": (torch.int8, ts.i8), "i32": (torch.int32, ts.i32), "i64": (torch.int64, ts.i64)}
+
+
+@ts.kernel(grid=lambda X: (1,))
+def int_binary(X, Y, Out, *, FN: str, CONST: int | None, R: int = 4, C: int = 16):
+    x = ts.RegTile[X.dtype, R, C]()
+    y = ts.RegTile[Y.dtype, R, C]()
+    ts.load(x, X, at=(0, 0))
+    ts.load(y, Y, at=(0, 0))
+    getattr(ts, FN)(x, x, y if CONST is None else CONST)
+    ts.store(Out, x, at=(0, 0))
+
+
+@ts.kernel(grid=lambda X: (1,))
+def int_unary(X, Out, *, FN: str, N: int = 64):
+    x = ts.RegVec[X.dtype, N]()
+    ts.load(x, X, at=(0,))
+    getattr(ts, FN)(x, x)
+    ts.store(Out, x, at=(0,))
+
+
+def _wrap(v: int, bits: int) -> int:
+    return (v + 2 ** (bits - 1)) % 2**bits - 2 ** (bits - 1)
+
+
+def _c_int(fn: str, a: int, b: int) -> int:
+    """fn(a, b) on exact integers, C's way (division truncates; shr is arithmetic)."""
+    if fn in ("div", "rem"):
+        q = abs(a) // abs(b) * (1 if (a < 0) == (b < 0) else -1)
+        return q if fn == "div" else a - q * b
+    ops = {"add": lambda: a + b, "sub": lambda: a - b, "mul": lambda: a * b, "max": lambda: max(a, b),
+           "min": lambda: min(a, b), "bit_and": lambda: a & b, "bit_or": lambda: a | b, "bit_xor": lambda: a ^ b,
+           "shl": lambda: a << b, "shr": lambda: a >> b}
+    return ops[fn]()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dt", INT_DTYPES)
+@pytest.mark.parametrize("fn", INT_FNS)
+@pytest.mark.parametrize("const", [False, True])
+def test_integer_ops_swept(backend, dt, fn, const, rng):
+    tdt, tsdt = INT_DTYPES[dt]
+    bits, work = 8 * tdt.itemsize, 64 if tdt is torch.int64 else 32      # i8 works in i32, as C promotes it
+    info = torch.iinfo(tdt)
+    x = ints(rng, info.min + 1, info.max + 1, (4, 16), tdt)
+    if fn in ("shl", "shr"):
+        y = ints(rng, 0, work, (4, 16), tdt)                             # counts within the work dtype's width
+    elif fn in ("div", "rem"):
+        y = ints(rng, 1, min(info.max, 2**20), (4, 16), tdt) * torch.from_numpy(rng.choice([-1, 1], (4, 16))).to(tdt)
+    else:
+        y = ints(rng, info.min, info.max + 1, (4, 16), tdt)
+    k = int(y[0, 0]) if const else None
+    out = torch.full((4, 16), 7, dtype=tdt)
+    launch(int_binary, backend, x, y, out, FN=fn, CONST=k)
+    ys = [[k] * 16] * 4 if const else y.tolist()
+    want = [[_wrap(_wrap(_c_int(fn, a, b), work), bits) for a, b in zip(ra, rb, strict=True)]
+            for ra, rb in zip(x.tolist(), ys, strict=True)]
+    assert out.tolist() == want
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dt", INT_DTYPES)
+@pytest.mark.parametrize("fn", ["abs", "neg", "relu"])
+def test_integer_unary_ops_swept(backend, dt, fn, rng):
+    tdt, _ = INT_DTYPES[dt]
+    info = torch.iinfo(tdt)
+    x = ints(rng, info.min, info.max + 1, 64, tdt)
+    x[:3] = torch.tensor([info.min, -1, 0], dtype=tdt)          # abs and neg of the minimum wrap to it
+    out = torch.full((64,), 7, dtype=tdt)
+    launch(int_unary, backend, x, out, FN=fn)
+    bits = 8 * tdt.itemsize
+    f = {"abs": abs, "neg": lambda v: -v, "relu": lambda v: max(v, 0)}[fn]
+    assert out.tolist() == [_wrap(f(v), bits) for v in x.tolist()]
+
+
 # ---- 1. a 32-bit integer hash (murmur3's finalizer) on i32 tiles: products wrap, logical shifts by masking ---------
 FMIX1, FMIX2 = 0x85EBCA6B, 0xC2B2AE35     # constants past 2**31: the i32 of the same bits
 
@@ -726,6 +803,8 @@ def test_compiles_for_sm90a_with_gluon(name):
     compiled = be.aot(kernel.trace(*args, **consts), be.Options())
     res = gaot.resources(compiled)
     assert res["spill_stores"] == res["spill_loads"] == 0, res["report"]
+    if kernel is int_divmod:          # signed division, which PTX rounds toward zero (as the reference's div)
+        assert "div.s32" in compiled.asm["ptx"]
 
 
 def test_gluon_max_min_and_relu_propagate_nan_in_the_ptx():
