@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 from tilestack.ir.ops import Op, register_emitter
-from tilestack.ir.types import compute_dtype  # noqa: F401  (re-exported: the backends' element-wise dtype)
 
 # Python's floor division and remainder, where an operand may be negative; index values provably >= 0
 # (ir.scalars.nonnegative) keep the plain operators of ``scalar_templates``.

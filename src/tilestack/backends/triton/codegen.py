@@ -176,7 +176,7 @@ class _Emitter:
         return n if v.type.dtype in (f32, f64) else f"{n}.to(tl.float32)"
 
     def as_dtype(self, v: Value, dtype) -> str:
-        """Tile ``v`` converted to ``dtype`` (a ``compute_dtype``) for arithmetic."""
+        """Tile ``v`` converted to ``dtype`` (a ``compute_dtype``, or an op's ``work_dtype``) for arithmetic."""
         return self.cast_to(self.name(v), v.type.dtype, TileType(v.type.space, dtype, v.type.shape))
 
     def cast_to(self, expr: str, v_from_dtype, dst: TileType | GlobalType) -> str:
