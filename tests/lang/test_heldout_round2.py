@@ -687,6 +687,29 @@ def test_scalar_arguments_are_checked_when_launched():
         scalar_kinds(x, i, y, j, 1.0, np.bool_(True), 1, backend="reference")
 
 
+# ---- 13b. shared tiles and vectors stored straight to global memory (no register copy written by the user) -------
+@ts.kernel(grid=lambda X, BM, BN: (ts.cdiv(X.shape[0], BM), ts.cdiv(X.shape[1], BN)))
+def store_shared(X, Y, V, *, BM: int = 64, BN: int = 64):
+    """Y = X (in Y's dtype), tile by tile through shared memory; V[i] = the first row of each row block."""
+    i, j = ts.block_id(0), ts.block_id(1)
+    s = ts.SharedTile[X.dtype, BM, BN]()
+    v = ts.SharedVec[X.dtype, BN]()
+    ts.load(s, X, at=(i, j))
+    ts.store(Y, s, at=(i, j))
+    ts.load(v, X, at=(i * BM, j))
+    ts.store(V, v, at=(i, j))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("xdt", "ydt"), [(BF, torch.float32), (torch.float32, torch.float32)])
+def test_shared_tiles_stored_to_global(backend, xdt, ydt, rng):
+    M, N = 70, 100
+    x = randn(rng, M, N, dtype=xdt)
+    y, v = torch.full((M, N), math.nan, dtype=ydt), torch.full((2, N), math.nan, dtype=ydt)
+    launch(store_shared, backend, x, y, v)
+    assert torch.equal(y, x.to(ydt)) and torch.equal(v, x[::64].to(ydt))
+
+
 # ---- 14. what the language cannot express is refused when traced, naming the op, the tile and what it takes --------
 def _int_kernel(body):
     @ts.kernel(grid=lambda X: (1,))
@@ -772,6 +795,7 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
                                         _meta(256), _meta(256, 256, dtype=BF)), dict(BM=128, BN=128, BK=64)),
     "masked_softmax": (masked_softmax, (_meta(256, 128), _meta(256, dtype=I32), _meta(256, 128), _meta(256),
                                         _meta(256)), dict(BM=32, BN=128)),
+    "store_shared": (store_shared, (_meta(256, 256, dtype=BF), _meta(256, 256), _meta(4, 256)), {}),
     "scalar_kinds": (scalar_kinds, (_meta(256), _meta(256, dtype=I32), _meta(256), _meta(256, dtype=I32), 0.5, 3, 2),
                      {}),
 }

@@ -644,7 +644,10 @@ def _e_load(e: _Emitter, ins: Instr) -> None:
 def _e_store(e: _Emitter, ins: Instr) -> None:
     g, x, *coords = ins.srcs
     t = x.type
-    val = e.cast(e.name(x), t.dtype, g.type.dtype)
+    key = blocked_key(t)
+    # a shared tile is read into registers first (in the layout its pointer store uses)
+    reg = f"{e.name(x)}.load({e.layout(key)})" if t.space is Space.SHARED else None
+    val = e.cast(reg or e.name(x), t.dtype, g.type.dtype)
     if ins.attrs.via == "tma":                 # registers -> shared -> the copy engine; waited before reuse
         desc, block = e.descriptor(g, t.shape), _block(g, t.shape)
         buf = e.fresh(f"{x.hint or 'tile'}_smem")
@@ -654,9 +657,8 @@ def _e_store(e: _Emitter, ins: Instr) -> None:
         e.emit(f"tma.async_copy_shared_to_global({desc}, {e.tma_coords(coords, t.shape)}, {buf})")
         e.emit("tma.store_wait(0)")
         return
-    key = blocked_key(t)
     ptr, mask = e.address(g, coords, t.shape, key)
-    e.emit(f"gl.store({ptr}, {e.cast(e.as_layout(x, key), t.dtype, g.type.dtype)}, mask={mask})")
+    e.emit(f"gl.store({ptr}, {e.cast(reg or e.as_layout(x, key), t.dtype, g.type.dtype)}, mask={mask})")
 
 
 @register_emitter("gluon", Op.ATOMIC_ADD)
