@@ -74,7 +74,7 @@ def run(
                                         "each client's test split for the client accuracy distribution)"),
     faults: str = typer.Option("", help="faulty clients, e.g. 1:crash,2:nan (crash, nan, shape, slow, missing, "
                                "extra, nometrics)"),
-    timeout: float = typer.Option(0.0, help="seconds to wait for a round's replies (0: no limit)"),
+    timeout: float = typer.Option(0.0, min=0.0, help="seconds to wait for a round's replies (0: no limit)"),
     workers: int = typer.Option(1, min=1, help="worker processes of the tilestack engine"),
     seed: int = typer.Option(0),
     checkpoint: Path = typer.Option(None, help="checkpoint file; an existing one is resumed"),
@@ -93,6 +93,8 @@ def run(
     from rich.table import Table
 
     from tilestack.federated import SystemModel, Task, simulate
+    from tilestack.federated.grid import STRAGGLER_POLICIES
+    from tilestack.federated.simulation import ENGINES, check_arguments
     from tilestack.federated.strategies import OortSelector, RandomSelector, Selected, make_strategy
 
     # Flower's own notices (its deprecations, a faulty client's raw Ray traceback) would break the progress
@@ -101,6 +103,11 @@ def run(
     warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
     if selection not in SELECTIONS:
         raise typer.BadParameter(f"selection={selection!r}; expected one of {SELECTIONS}", param_hint="--selection")
+    if engine not in ENGINES:
+        raise typer.BadParameter(f"engine={engine!r}; expected one of {ENGINES}", param_hint="--engine")
+    if straggler_policy not in STRAGGLER_POLICIES:
+        raise typer.BadParameter(f"straggler_policy={straggler_policy!r}; expected one of {STRAGGLER_POLICIES}",
+                                 param_hint="--straggler-policy")  # fmt: skip
     if per_round > clients:
         raise typer.BadParameter(f"per_round={per_round} > clients={clients}", param_hint="--per-round")
     if data is not None:
@@ -143,13 +150,16 @@ def run(
 
             method, ratio = parse(compress)
             strat = Compressed(strat, method, ratio)
-    except ValueError as ex:
+        if selection == "random":
+            strat = Selected(strat, RandomSelector(seed), per_round)
+        elif selection == "oort":
+            steps = [task.steps_for(p) for p in range(clients)]
+            strat = Selected(strat, OortSelector(system, full_steps=steps, seed=seed), per_round)
+        # everything simulate checks, before the progress bar and any round
+        check_arguments(strat, task, rounds=rounds, engine=engine, system=system, stragglers=straggler_policy,
+                        seed=seed, timeout=timeout or None, workers=workers, checkpoint=checkpoint)  # fmt: skip
+    except ValueError as ex:  # FederatedError too: a bad strategy setting or checkpoint path
         raise typer.BadParameter(str(ex)) from ex
-    if selection == "random":
-        strat = Selected(strat, RandomSelector(seed), per_round)
-    elif selection == "oort":
-        steps = [task.steps_for(p) for p in range(clients)]
-        strat = Selected(strat, OortSelector(system, full_steps=steps, seed=seed), per_round)
     initial = strat.initial_arrays(task) if hasattr(strat, "initial_arrays") else None
 
     def extra(s, arrays, r):

@@ -168,7 +168,7 @@ def check_run_arguments(where: str, *, rounds_name: str, rounds, seed, timeout, 
         require_int(where, "stop_after", stop_after, low=0)
 
 
-def _checkpoint_path(checkpoint: str | Path | None) -> Path | None:
+def checkpoint_path(checkpoint: str | Path | None) -> Path | None:
     """``checkpoint`` as a Path whose folder exists (made if missing), so the first save cannot fail on it."""
     if checkpoint is None:
         return None
@@ -212,7 +212,7 @@ def run_rounds(
         raise TypeError(f"run_rounds: initial_arrays is a {type(initial_arrays).__name__}; expected an ArrayRecord")
     check_strategy(strategy, len(list(grid.get_node_ids())))  # also the roll call, before any seeding: it
     # may draw random numbers on some engines
-    ckpt = _checkpoint_path(checkpoint)
+    ckpt = checkpoint_path(checkpoint)
     arrays, history, first = initial_arrays, History(), 1
     signature = run_signature(strategy, grid, initial_arrays, seed)
     if ckpt is not None and ckpt.exists():

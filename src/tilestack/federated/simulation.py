@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import Strategy
 from tilestack.federated import client
 from tilestack.federated.checks import check_strategy, require_int
 from tilestack.federated.client import TASK_KEY
-from tilestack.federated.driver import RunResult, check_run_arguments, run_rounds
+from tilestack.federated.driver import RunResult, check_run_arguments, checkpoint_path, run_rounds
 from tilestack.federated.engine import InProcessGrid
 from tilestack.federated.evaluation import Evaluator
 from tilestack.federated.grid import STRAGGLER_POLICIES, ManagedGrid
@@ -62,9 +62,9 @@ def simulate(
     workers: int = 1,
 ) -> RunResult:
     """Run ``rounds`` rounds of ``strategy`` on ``task``; see the module doc for the engines."""
-    _check_arguments(strategy, task, rounds=rounds, engine=engine, system=system, stragglers=stragglers, seed=seed,
-                     eval_clients=eval_clients, timeout=timeout, stop_after=stop_after, initial=initial,
-                     workers=workers)  # fmt: skip
+    check_arguments(strategy, task, rounds=rounds, engine=engine, system=system, stragglers=stragglers, seed=seed,
+                    eval_clients=eval_clients, timeout=timeout, stop_after=stop_after, initial=initial,
+                    workers=workers, checkpoint=checkpoint)  # fmt: skip
     config = {TASK_KEY: task.to_json()}
     evaluator = Evaluator(task, eval_clients) if evaluate else None
     arrays = initial if initial is not None else initial_arrays(task)
@@ -86,9 +86,10 @@ def simulate(
     return _run_on_flower(drive, task.num_clients, flower_backend)
 
 
-def _check_arguments(strategy: Strategy, task: Task, *, rounds, engine, system, stragglers, seed, eval_clients,
-                     timeout, stop_after, initial, workers) -> None:  # fmt: skip
-    """Every argument of ``simulate``, before any data is built or any engine starts."""
+def check_arguments(strategy: Strategy, task: Task, *, rounds, engine="tilestack", system=None, stragglers="partial",
+                    seed=0, eval_clients=200, timeout=None, stop_after=None, initial=None, workers=1,
+                    checkpoint=None) -> None:  # fmt: skip
+    """Every argument of ``simulate`` (same names and defaults), before any data is built or any engine starts."""
     if not isinstance(task, Task):
         raise TypeError(f"simulate: task is a {type(task).__name__}; expected a tilestack.federated.Task")
     if engine not in ENGINES:
@@ -108,6 +109,7 @@ def _check_arguments(strategy: Strategy, task: Task, *, rounds, engine, system, 
     if initial is not None and not isinstance(initial, ArrayRecord):
         raise TypeError(f"simulate: initial is a {type(initial).__name__}; expected an ArrayRecord or None")
     check_strategy(strategy, task.num_clients)
+    checkpoint_path(checkpoint)
 
 
 def _run_on_flower(drive: Callable, num_nodes: int, backend: dict | None) -> RunResult:

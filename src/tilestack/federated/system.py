@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
+import numbers
 from pathlib import Path
 
 import numpy as np
@@ -54,20 +56,29 @@ class SystemModel:
     bandwidths: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        checks = {
-            "num_clients": self.num_clients >= 1,
-            "speed": self.speed > 0,
-            "bandwidth": self.bandwidth > 0,
-            "speed_sigma": self.speed_sigma >= 0,
-            "bandwidth_sigma": self.bandwidth_sigma >= 0,
-            "dropout": 0.0 <= self.dropout < 1.0,
-            "straggler_fraction": 0.0 <= self.straggler_fraction <= 1.0,
-            "straggler_epochs": self.straggler_epochs >= 2,
-            "deadline": self.deadline is None or self.deadline > 0,
+        def number(v) -> bool:
+            return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+        def integer(v) -> bool:
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        checks = {  # name: (ok, expected)
+            "num_clients": (integer(self.num_clients) and self.num_clients >= 1, "an integer >= 1"),
+            "speed": (number(self.speed) and self.speed > 0, "a number > 0 (steps per second)"),
+            "bandwidth": (number(self.bandwidth) and self.bandwidth > 0, "a number > 0 (bytes per second)"),
+            "speed_sigma": (number(self.speed_sigma) and self.speed_sigma >= 0, "a number >= 0"),
+            "bandwidth_sigma": (number(self.bandwidth_sigma) and self.bandwidth_sigma >= 0, "a number >= 0"),
+            "dropout": (number(self.dropout) and 0.0 <= self.dropout < 1.0, "a probability in [0, 1)"),
+            "straggler_fraction": (number(self.straggler_fraction) and 0.0 <= self.straggler_fraction <= 1.0,
+                                   "a share in [0, 1]"),  # fmt: skip
+            "straggler_epochs": (integer(self.straggler_epochs) and self.straggler_epochs >= 2, "an integer >= 2"),
+            "deadline": (self.deadline is None or (number(self.deadline) and self.deadline > 0),
+                         "None or a number of seconds > 0"),  # fmt: skip
+            "seed": (integer(self.seed) and self.seed >= 0, "an integer >= 0"),
         }
-        for name, ok in checks.items():
+        for name, (ok, expected) in checks.items():
             if not ok:
-                raise ValueError(f"SystemModel: {name}={getattr(self, name)!r} is out of range")
+                raise ValueError(f"SystemModel: {name}={getattr(self, name)!r}; expected {expected}")
         rng = np.random.default_rng([self.seed, 19])
         if self.speeds is None:
             self.speeds = self.speed * rng.lognormal(0.0, self.speed_sigma, self.num_clients)
@@ -75,20 +86,40 @@ class SystemModel:
             self.bandwidths = self.bandwidth * rng.lognormal(0.0, self.bandwidth_sigma, self.num_clients)
         for name in ("speeds", "bandwidths"):
             arr = np.asarray(getattr(self, name), np.float64)
-            if arr.shape != (self.num_clients,) or not np.all(arr > 0):
-                raise ValueError(f"SystemModel: {name} has shape {arr.shape}; expected ({self.num_clients},) of > 0")
+            if arr.shape != (self.num_clients,) or not np.all(np.isfinite(arr) & (arr > 0)):
+                raise ValueError(
+                    f"SystemModel: {name} has shape {arr.shape}; expected ({self.num_clients},) finite numbers > 0"
+                )
             setattr(self, name, arr)
 
     @classmethod
     def from_trace(cls, path: str | Path, **kwargs) -> SystemModel:
         """Speeds and bandwidths from a CSV trace with columns ``client,speed,bandwidth`` (one row per client)."""
-        rows = list(csv.DictReader(Path(path).open()))
+        try:
+            with Path(path).open(newline="") as f:
+                rows = list(csv.DictReader(f))
+        except (OSError, UnicodeDecodeError) as ex:
+            raise ValueError(
+                f"SystemModel.from_trace: path={str(path)!r} cannot be read ({ex}); expected a CSV file with "
+                "columns client,speed,bandwidth"
+            ) from ex
         missing = {"client", "speed", "bandwidth"} - set(rows[0] if rows else {})
         if missing:
             raise ValueError(f"SystemModel.from_trace: path={str(path)!r} lacks columns {sorted(missing)}")
-        rows.sort(key=lambda r: int(r["client"]))
-        speeds = np.array([float(r["speed"]) for r in rows])
-        bandwidths = np.array([float(r["bandwidth"]) for r in rows])
+        try:
+            rows.sort(key=lambda r: int(r["client"]))
+            speeds = np.array([float(r["speed"]) for r in rows])
+            bandwidths = np.array([float(r["bandwidth"]) for r in rows])
+        except (TypeError, ValueError) as ex:
+            raise ValueError(
+                f"SystemModel.from_trace: path={str(path)!r} has a row that is not numbers ({ex}); expected "
+                "an integer client and numeric speed and bandwidth"
+            ) from ex
+        if [int(r["client"]) for r in rows] != list(range(len(rows))):
+            raise ValueError(
+                f"SystemModel.from_trace: path={str(path)!r} lists clients {[r['client'] for r in rows][:5]}...; "
+                f"expected each of 0..{len(rows) - 1} once"
+            )
         return cls(num_clients=len(rows), speeds=speeds, bandwidths=bandwidths, **kwargs)
 
     def duration(self, pid: int, *, steps: int, bytes_down: int, bytes_up: int) -> float:

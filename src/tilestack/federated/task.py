@@ -44,6 +44,7 @@ MODELS = ("logreg", "mlp", "cnn", "transformer")  # the last two are PyTorch mod
 ATTACKS = ("signflip", "noise")
 FAULTS = ("crash", "nan", "shape", "slow", "missing", "extra", "nometrics")
 TEST_FRACTION = 0.2
+TRANSFORMER_TOKENS = 8  # TorchModel's default tokens: the transformer cuts the features into that many
 MIN_CLIENT_SAMPLES = 2  # a client's smallest share of a pooled dataset: one to train on, one to test
 BLOB_SEPARATION = 1.5  # std of the class means, in units of the within-class std
 
@@ -162,14 +163,27 @@ class Task:
             raise ValueError(f"Task: data_path={self.data_path!r} is not a file; expected an .npz (x, y) or a .csv")
         if self.dataset == "clustered" and not 1 <= self.groups <= self.num_clients:
             raise bad("groups", f"in [1, num_clients={self.num_clients}]")
+        if self.model == "cnn" and (math.isqrt(self.features) ** 2 != self.features or math.isqrt(self.features) % 2):
+            raise ValueError(
+                f"Task: model='cnn' on {self.features} features (dataset={self.dataset!r}); expected images of an "
+                "even square side**2 features, e.g. dataset='digits' (8x8)"
+            )  # the rule TorchModel checks, here without importing torch
+        if self.model == "transformer" and self.features % TRANSFORMER_TOKENS:
+            raise ValueError(
+                f"Task: model='transformer' on {self.features} features (dataset={self.dataset!r}); expected a "
+                f"multiple of its {TRANSFORMER_TOKENS} tokens"
+            )
         if self.dataset in ("digits", "file") and len(_pooled(self)[1]) < MIN_CLIENT_SAMPLES * self.num_clients:
             raise ValueError(
                 f"Task: num_clients={self.num_clients} for the {len(_pooled(self)[1])} examples of "
                 f"dataset={self.dataset!r}; expected at most {len(_pooled(self)[1]) // MIN_CLIENT_SAMPLES} "
                 f"({MIN_CLIENT_SAMPLES} examples per client: one to train on, one to test)"
             )
-        if not isinstance(self.faults, tuple) or not all(isinstance(f, tuple) and len(f) == 2 for f in self.faults):
+        if not isinstance(self.faults, (tuple, list)) or not all(
+            isinstance(f, (tuple, list)) and len(f) == 2 for f in self.faults
+        ):
             raise bad("faults", "a tuple of (partition id, kind) pairs")
+        object.__setattr__(self, "faults", tuple(tuple(f) for f in self.faults))  # hashable, as from_json makes it
         for pid, kind in self.faults:
             bad_id = isinstance(pid, bool) or not isinstance(pid, numbers.Integral)
             if bad_id or kind not in FAULTS or not 0 <= pid < self.num_clients:

@@ -11,8 +11,12 @@ tilestack's SCAFFOLD, FedNova, FedBN, IFCA, CFL, by name, sampling
 
 from __future__ import annotations
 
+import math
+import numbers
+
 from flwr.serverapp import strategy as fl
 
+from tilestack.federated.checks import require_int
 from tilestack.federated.client import UNIT_WEIGHT
 from tilestack.federated.strategies.cfl import CFL
 from tilestack.federated.strategies.fedbn import FedBN
@@ -49,10 +53,22 @@ def make_strategy(
     """A strategy by name (see ``NAMES``); a ``ValueError`` names the argument when it does not fit."""
     if name not in NAMES:
         raise ValueError(f"make_strategy: name={name!r}; expected one of {NAMES}")
-    if not 1 <= clients_per_round <= num_clients:
-        raise ValueError(
-            f"make_strategy: clients_per_round={clients_per_round!r}; expected in [1, num_clients={num_clients}]"
-        )
+    require_int("make_strategy", "num_clients", num_clients, low=1)
+    require_int("make_strategy", "clients_per_round", clients_per_round, low=1, high=num_clients)
+    require_int("make_strategy", "num_malicious", num_malicious, low=0)
+    require_int("make_strategy", "num_clusters", num_clusters, low=1)
+    for arg, value, ok, expected in (
+        ("eval_fraction", eval_fraction, lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+        ("proximal_mu", proximal_mu, lambda v: v >= 0.0, ">= 0"),
+        ("server_lr", server_lr, lambda v: v > 0.0, "> 0"),
+        ("noise_multiplier", noise_multiplier, lambda v: v >= 0.0, ">= 0"),
+        ("clipping_norm", clipping_norm, lambda v: v > 0.0, "> 0"),
+        ("q", q, lambda v: v >= 0.0, ">= 0"),
+        ("client_lr", client_lr, lambda v: v > 0.0, "> 0"),
+    ):
+        number = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or not ok(value):
+            raise ValueError(f"make_strategy: {arg}={value!r}; expected a number {expected}")
     common = dict(
         fraction_train=clients_per_round / num_clients,
         fraction_evaluate=eval_fraction,
