@@ -54,11 +54,12 @@ def _set_worker_app(client_app: ClientApp) -> None:
 
 
 def _run_one(client_app: ClientApp, msg: Message, context: Context) -> tuple[Message, float, RecordDict]:
-    """Run one message; a client's exception becomes its error reply, as in Flower."""
+    """Run one message; a client's exception (``sys.exit`` too) becomes its error reply, as in Flower. Only
+    KeyboardInterrupt stops the run: it is the user's."""
     t0 = time.perf_counter()
     try:
         reply = client_app(msg, context)
-    except Exception as ex:  # noqa: BLE001 - a client's failure becomes its error reply, as in Flower
+    except (Exception, SystemExit) as ex:  # noqa: BLE001 - a client's failure becomes its error reply, as in Flower
         reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(ex).__name__}: {ex}"),
                         reply_to=msg)  # fmt: skip
     return reply, time.perf_counter() - t0, context.state
