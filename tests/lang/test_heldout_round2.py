@@ -763,6 +763,19 @@ def test_what_the_language_cannot_express_is_refused_when_traced(name):
         _int_kernel(body).trace(ts.ArgSpec(dt, 1), ts.ArgSpec(dt, 1), "float")
 
 
+def test_a_tile_first_written_in_a_loop_is_refused_after_it_naming_it():
+    @ts.kernel(grid=lambda X: (1,))
+    def last_block(X, Y, *, N: int = 16):
+        x = ts.RegVec[ts.f32, N]()              # declared before the loop, but first written in it
+        for k in ts.range(ts.cdiv(X.shape[0], N)):
+            ts.load(x, X, at=(k,))
+        ts.store(Y, x, at=(0,))
+
+    with pytest.raises(TraceError, match=r"store: `x` was made inside the loop at .* the loop does not carry it: "
+                                         r"a tile carried out of a loop needs a value before the loop too"):
+        last_block.trace(ts.ArgSpec(ts.f32, 1), ts.ArgSpec(ts.f32, 1))
+
+
 def test_integer_constants_past_31_bits_are_the_same_bits():
     # 0x85EBCA6B (past 2**31) in i32 work is the i32 of the same bits; in i64 work it is itself
     from tilestack.ir.ops import Op

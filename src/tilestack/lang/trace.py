@@ -81,10 +81,13 @@ class Tracer:
              **attrs) -> Instr:
         for s in srcs:
             if s.id in self.closed:
+                h = next((h for h in self.handles if h._value is s), None)
+                name = f"`{user_name(h)}`" if h is not None and user_name(h) else repr(s)
                 raise TraceError(
-                    f"{op.value}: {s!r} was made inside the loop at {self.defined_in[s.id]} and is used "
-                    "after the loop ended; to carry a tile across iterations, declare it before the loop "
-                    "and write into it (e.g. mma_AB(acc, a, b, acc))", where)
+                    f"{op.value}: {name} was made inside the loop at {self.defined_in[s.id]} and is used "
+                    "after the loop ended, but the loop does not carry it: a tile carried out of a loop needs a "
+                    "value before the loop too (declare it before the loop and write it there, e.g. zero(acc) or "
+                    "a load, then write into it in the loop, e.g. mma_AB(acc, a, b, acc))", where)
         results = tuple(Value(t, attrs.pop("hint", "") if i == 0 else "") for i, t in enumerate(result_types))
         ins = Instr(op, results, tuple(srcs), attrs, None, where, self.role)
         self.block.instrs.append(ins)
