@@ -471,6 +471,7 @@ define(OpDef(
     doc="Element-wise ``fn(x)``, computed in float and rounded to the result's dtype (abs, neg and relu of an "
         "integer tile in its integer work dtype, wrapping)."))
 
+
 def _is_int(a, b) -> bool:
     return np.result_type(a, b).kind in "iu"
 
