@@ -22,6 +22,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 from typer.testing import CliRunner
 
+from tilestack import perf
+from tilestack.errors import LaunchError
 from tilestack.perf import device, formulas, profile
 from tilestack.perf.profile import ProfileError
 
@@ -294,3 +296,77 @@ def test_profile_command_reports_what_it_cannot_count(tmp_path):
     assert "no FLOP formula for aten::_fft_r2c" in r.output
     r = runner.invoke(app, ["profile", f"{Path(pm.__file__)}:identity", "--train", "--steps", "1", "--device", "cpu"])
     assert r.exit_code == 1 and "train=True, but model Identity" in r.output
+
+
+BAD_NUMBERS = [
+    (
+        lambda: perf.compute_metrics(name="mm", latency_s=1e-3, flops="2e9", bytes_read=0, bytes_written=0),
+        perf.MetricsError,
+        r"flops='2e9' \(str\) for 'mm'; expected a finite count >= 0",
+    ),
+    (
+        lambda: perf.compute_metrics(name="mm", latency_s=1e-3, flops=torch.tensor(2.0), bytes_read=0, bytes_written=0),
+        perf.MetricsError,
+        r"flops=tensor\(2\.\) \(Tensor\) for 'mm'",
+    ),
+    (
+        lambda: perf.compute_metrics(name="mm", latency_s="1ms", flops=1, bytes_read=0, bytes_written=0),
+        perf.MetricsError,
+        r"latency_s='1ms' \(str\) for 'mm'; expected a positive time in seconds",
+    ),
+    (
+        lambda: perf.compute_metrics(name=3, latency_s=1e-3, flops=1, bytes_read=0, bytes_written=0),
+        perf.MetricsError,
+        r"name=3 \(int\); expected the kernel's name as a str",
+    ),
+    (
+        lambda: perf.compute_metrics(name="mm", latency_s=1e-3, flops=1, bytes_read=0, bytes_written=0, roofs="h100"),
+        perf.MetricsError,
+        r"roofs='h100' \(str\); expected perf.roofs_for",
+    ),
+    (
+        lambda: perf.measure(None, args_sets=None, flops=1, bytes_read=0, bytes_written=0, name="f", device="cpu"),
+        perf.MetricsError,
+        r"fn=None \(NoneType\); expected the callable to time",
+    ),
+    (
+        lambda: perf.measure(print, args_sets="ab", flops=1, bytes_read=0, bytes_written=0, name="f", device="cpu"),
+        perf.MetricsError,
+        r"args_sets='ab' \(str\); expected a list of argument tuples",
+    ),
+    (
+        lambda: perf.measure(print, args_sets=None, flops=-1, bytes_read=0, bytes_written=0, name="f", device="cpu"),
+        perf.MetricsError,
+        r"flops=-1 \(int\) for 'f'; expected a finite count >= 0",
+    ),
+    (
+        lambda: perf.place(flops=1, bytes_moved=1, seconds=0, roof=perf.Roof(1e12, 1e11)),
+        perf.RooflineError,
+        r"seconds=0 \(int\); expected a positive, finite time",
+    ),
+    (
+        lambda: perf.place(flops=-5, bytes_moved=1, seconds=1, roof=perf.Roof(1e12, 1e11)),
+        perf.RooflineError,
+        r"flops=-5 \(int\); expected a finite count >= 0",
+    ),
+    (
+        lambda: perf.place(flops=1, bytes_moved=1, seconds=1, roof=None),
+        perf.RooflineError,
+        r"roof=None \(NoneType\); expected a roofline.Roof",
+    ),
+    (lambda: formulas.matmul("64", 64, 64), LaunchError, r"m='64' \(str\); expected a positive whole size"),
+    (lambda: formulas.matmul(64, 2.5, 64), LaunchError, r"n=2.5 \(float\); expected a positive whole size"),
+    (lambda: formulas.attention(1, 2, 0, 4, 8), LaunchError, r"n_q=0 \(int\); expected a positive whole size"),
+    (
+        lambda: formulas.convolution("2x3x8x8", (4, 3, 3, 3), (2, 4, 6, 6)),
+        LaunchError,
+        r"x_shape='2x3x8x8'.*expected sequences of ints",
+    ),
+]
+
+
+@pytest.mark.parametrize("call,error,message", BAD_NUMBERS, ids=[str(i) for i in range(len(BAD_NUMBERS))])
+def test_the_rest_of_the_public_api_refuses_bad_arguments_by_name(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+    assert formulas.matmul(64.0, 64, 64) == formulas.matmul(64, 64, 64)  # a whole float is a size

@@ -27,7 +27,7 @@ from tilestack.perf.metrics import Measurement, MetricsError, Roofs, compute_met
 from tilestack.perf.ncu import NcuError, NcuPermissionError
 from tilestack.perf.nvtx import range_name
 from tilestack.perf.profile import ModelProfile, ProfileError, profile_model
-from tilestack.perf.roofline import Placement, Roof, place
+from tilestack.perf.roofline import Placement, Roof, RooflineError, place
 from tilestack.perf.store import Store, StoreError
 from tilestack.perf.timing import Timing, TimingError, rotating_sets, time_fn
 
@@ -46,6 +46,7 @@ __all__ = [
     "Placement",
     "ProfileError",
     "Roof",
+    "RooflineError",
     "Roofs",
     "Store",
     "StoreError",

@@ -21,6 +21,7 @@ Conventions (those of the field, so numbers compare with published ones):
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 from tilestack.errors import LaunchError
@@ -91,8 +92,9 @@ def dtype_bytes(dtype: Any) -> int:
 
 def _positive(**sizes: float) -> None:
     for name, value in sizes.items():
-        if value is None or value < 1:
-            raise LaunchError(f"{name}={value!r}; expected a positive size")
+        whole = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not whole or value < 1:
+            raise LaunchError(f"{name}={value!r} ({type(value).__name__}); expected a positive whole size")
 
 
 def matmul(
@@ -215,7 +217,13 @@ def _prod(xs: Any) -> int:
 
 def _conv_shapes(x_shape: Any, w_shape: Any, y_shape: Any, groups: int, transposed: bool) -> tuple:
     """Check one convolution's shapes against each other; ``(batch, channels_in, channels_out)``."""
-    x, w, y = (tuple(int(d) for d in s) for s in (x_shape, w_shape, y_shape))
+    try:
+        x, w, y = (tuple(int(d) for d in s) for s in (x_shape, w_shape, y_shape))
+    except (TypeError, ValueError):
+        raise LaunchError(
+            f"x_shape={x_shape!r}, w_shape={w_shape!r}, y_shape={y_shape!r}; expected sequences of ints "
+            "(tensor.shape)"
+        ) from None
     if not (len(x) == len(w) == len(y) >= 3):
         raise LaunchError(
             f"x_shape={x}, w_shape={w}, y_shape={y}; expected (N, C, *spatial) tensors and a "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -55,6 +56,11 @@ def roofs_for(device: Any, ceilings: Any, dtype: str) -> Roofs:
     )
     published = Roof(spec.peak(dtype) if spec else None, spec.bandwidth if spec else None, "published")
     return Roofs(measured, published, dtype)
+
+
+def is_number(value: Any) -> bool:
+    """A real number (int, float, NumPy scalar), not a bool, a string or a tensor: what counts and times are."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -258,16 +264,21 @@ def compute_metrics(
 
     ``device_kind`` (``"cuda"``, ``"cpu"``) picks the tips; empty reads it off the device's name.
     """
+    if not isinstance(name, str):
+        raise MetricsError(f"name={name!r} ({type(name).__name__}); expected the kernel's name as a str")
     for arg, value in (("flops", flops), ("bytes_read", bytes_read), ("bytes_written", bytes_written)):
-        if value is None or not value >= 0 or not math.isfinite(value):
-            raise MetricsError(f"{arg}={value!r} for {name!r}; expected a finite count >= 0")
-    if not (latency_s is not None and latency_s > 0 and math.isfinite(latency_s)):
+        if not is_number(value) or not value >= 0 or not math.isfinite(value):
+            raise MetricsError(f"{arg}={value!r} ({type(value).__name__}) for {name!r}; expected a finite count >= 0")
+    if not (is_number(latency_s) and latency_s > 0 and math.isfinite(latency_s)):
         raise MetricsError(
-            f"latency_s={latency_s!r} for {name!r}; expected a positive time. A zero-length "
-            "window means the timer could not resolve the call: time more work per call"
+            f"latency_s={latency_s!r} ({type(latency_s).__name__}) for {name!r}; expected a positive time in "
+            "seconds. A zero-length window means the timer could not resolve the call: time more work per call"
         )
-    if items is not None and not items >= 0:
-        raise MetricsError(f"items={items!r} for {name!r}; expected a count >= 0 or None")
+    if items is not None and not (is_number(items) and items >= 0):
+        raise MetricsError(f"items={items!r} ({type(items).__name__}) for {name!r}; expected a count >= 0 or None")
+    if roofs is not None and not isinstance(roofs, Roofs):
+        raise MetricsError(f"roofs={roofs!r} ({type(roofs).__name__}); expected perf.roofs_for(device, ceilings, "
+                           "dtype) or None")
     e_ok = energy is not None and energy.valid
     return Measurement(
         name=name,
@@ -368,6 +379,18 @@ def measure(
     from tilestack.perf import energy as energy_mod
     from tilestack.perf import nvtx as nvtx_mod
 
+    if not callable(fn):
+        raise MetricsError(f"fn={fn!r} ({type(fn).__name__}); expected the callable to time")
+    if args_sets is not None and (
+        isinstance(args_sets, str | bytes) or not all(isinstance(a, tuple | list) for a in args_sets)
+    ):
+        raise MetricsError(
+            f"args_sets={args_sets!r:.80} ({type(args_sets).__name__}); expected a list of argument tuples "
+            "(one per call in rotation), or None for no arguments"
+        )
+    for arg, value in (("flops", flops), ("bytes_read", bytes_read), ("bytes_written", bytes_written)):
+        if not is_number(value) or not value >= 0 or not math.isfinite(value):
+            raise MetricsError(f"{arg}={value!r} ({type(value).__name__}) for {name!r}; expected a finite count >= 0")
     dev = device if isinstance(device, device_mod.Device) else device_mod.detect(device)
     ceil = None if ceilings is False else (ceilings or device_mod.ceilings(dev))
     dtype = formulas.dtype_name(dtype) if dtype else infer_dtype(args_sets)

@@ -9,8 +9,13 @@
 Two passes over the same step, so counting never distorts timing:
 1. counting: one step under a ``TorchDispatchMode`` that sees every ATen op, counts its FLOPs with the
    formulas of ``torch.utils.flop_counter`` (matmuls, attention; causal attention halved as tilestack counts
-   it) or tilestack's own (convolutions forward and backward with their groups: ``formulas.convolution``),
-   and its bytes as the sizes of its distinct input and output tensors (views move none);
+   it) or tilestack's own (convolutions forward and backward with their groups: ``formulas.convolution``;
+   the CPU LSTM kernel, norms, softmax, reductions, scatters and 1 FLOP per element of a pointwise op), and
+   its bytes as the sizes of its distinct input and output tensors (views move none, an expanded input is
+   read as held, a lookup reads only its rows). A composite op that reaches the mode whole (under
+   ``inference_mode``) is counted as the ops it runs, as ``FlopCounterMode`` does; an op that computes but has
+   no formula is listed in ``ModelProfile.unsupported`` (its FLOPs shown as ``?``, not 0). torch.compile'd
+   code is counted eagerly (``force_eager``) and timed compiled;
 2. timing: ``steps`` steps under ``torch.profiler`` with ``record_shapes`` (CUDA kernel time on a GPU, CPU
    self time on a CPU), after one discarded profiler step, or with ``steps=None`` rounds of steps until the
    median step time is known to +-5% or a time budget is spent; each op's time per step is its median over
@@ -18,7 +23,10 @@ Two passes over the same step, so counting never distorts timing:
    profiler's event tree when the counting pass saw it (``clone`` takes the ``copy_`` inside it), its own time
    otherwise (``linear``, which decomposes before dispatch, leaves its ``addmm`` to be counted on its own).
 The two are joined by op name and input shapes, per step: a stem, a depthwise and a pointwise convolution are
-three rows, each with its own bound and tip. Every row becomes a :class:`Measurement` (per call) so it gets
+three rows, each with its own bound and tip. A row's calls, FLOPs and bytes are the counting pass's, so the
+rows (and ``ModelProfile.untimed``, counted ops the profiler timed under no row of their own) add up to what
+was counted. ``profile_model`` checks its arguments, and that the inputs fit ``forward``, before any work.
+Every row becomes a :class:`Measurement` (per call) so it gets
 the same roofline placement and tip as a kernel, and the spread of its time over the steps; time no ATen op
 accounts for is one ``(other)`` row. The rows' config names the model, the step (forward, or forward and
 backward) and the shapes, so ``tilestack compare`` pairs only the same op of the same model at the same shapes.
@@ -62,6 +70,7 @@ ROW_OP_FLOPS_PER_ELEMENT = {
 HOT_SPOTS = 5  # ops listed, with tips, before the table
 NOISY_STEP_REL_CI = 0.1  # a step time known worse than +-10% gets a note under the profile's heading
 OTHER = "(other)"
+DEFAULT_DTYPE = "fp32"  # of a step that moved no floating-point data
 UNKNOWN_FLOPS = "?"  # the FLOPs column of an op with no FLOP formula
 DEFAULT_BUILDER = "build"
 INPUTS_SHOWN = 4  # arguments shown when an error describes the inputs
@@ -929,6 +938,12 @@ def _join(
     total = math.fsum(median_s.values())
     mode = "forward+backward" if train else "forward"
     kind = dev.kind
+    # Rows with no dtype of their own (views, (other)) take the dtype that moves the most bytes in the step.
+    moved: dict[str, float] = collections.Counter()
+    for c in counts.values():
+        if c.dtype:
+            moved[c.dtype] += c.bytes_read + c.bytes_written
+    step_dtype = max(moved, key=moved.__getitem__) if moved else DEFAULT_DTYPE
     ops: list[OpStat] = []
     for key, t in rows.items():
         op, shapes = key
@@ -939,7 +954,7 @@ def _join(
         calls = c.calls if c is not None else t.calls / steps  # counted calls are exact; else the profiler's
         per_call = max(calls, 1)
         c = c or _Count()
-        dtype = c.dtype or "fp32"
+        dtype = c.dtype or step_dtype
         # Per-call time in each step: how much the op's time varies from step to step.
         spread = timing.Timing(tuple(x / per_call for x in per_step(t)), "torch-profiler", PROFILER_WARMUP_STEPS, 1)
         m = compute_metrics(

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+
+from tilestack.errors import TilestackError
 
 LAUNCH_BOUND_S = 10e-6  # below this a kernel's time is mostly launch and tail latency, not throughput
 # Below this an eager CPU op far from its roof is mostly framework overhead (Python, dispatch, allocation,
@@ -133,6 +136,14 @@ COMMON_TIPS = {
 NEAR_RIDGE_NOTE = "; near the ridge, so fewer bytes soon make it compute-bound"
 
 
+class RooflineError(TilestackError, ValueError):
+    """Counts, a time or a roof that no placement can be computed from."""
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def tips_for(kind: str) -> dict[str, str]:
     """The tip table of a device kind (``"cuda"``, ``"cpu"``; any other kind gets the GPU's)."""
     return {**TIPS.get(kind, TIPS["cuda"]), **COMMON_TIPS}
@@ -148,6 +159,13 @@ def place(*, flops: float, bytes_moved: float, seconds: float, roof: Roof, kind:
 
     ``kind`` (``"cuda"`` or ``"cpu"``) is the device kind it ran on: it picks the words of the tip.
     """
+    for arg, value in (("flops", flops), ("bytes_moved", bytes_moved)):
+        if not _is_number(value) or not 0 <= value < math.inf:
+            raise RooflineError(f"{arg}={value!r} ({type(value).__name__}); expected a finite count >= 0")
+    if not _is_number(seconds) or not 0 < seconds < math.inf:
+        raise RooflineError(f"seconds={seconds!r} ({type(seconds).__name__}); expected a positive, finite time")
+    if not isinstance(roof, Roof):
+        raise RooflineError(f"roof={roof!r} ({type(roof).__name__}); expected a roofline.Roof")
     intensity = flops / bytes_moved if bytes_moved > 0 else math.inf if flops > 0 else 0.0  # 0/0: no work
     fps, bps = flops / seconds, bytes_moved / seconds
     ridge = roof.ridge
