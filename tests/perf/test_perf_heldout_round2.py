@@ -90,9 +90,11 @@ def test_profile_rows_add_up_agree_with_torch_and_stay_finite(name, train):
         for v in (m.flops, m.bytes_read, m.bytes_written, m.intensity, m.flops_per_s, m.bytes_per_s):
             assert math.isfinite(v) and v >= 0, (o.label, v)
         assert math.isfinite(m.latency_s) and m.latency_s > 0 and o.calls >= 0
-        if o.counted:
+        if o.counted and o.flops_known:
             assert o.bound in ("memory", "compute") and o.tip
             assert o.roof_fraction is not None and math.isfinite(o.roof_fraction) and o.roof_fraction >= 0
+        elif not o.flops_known:  # bytes alone would call it memory-bound: the bound is not claimed
+            assert o.bound == "unknown" and o.roof_fraction is None and o.op in p.unsupported
     if p.ops:
         assert math.fsum(o.share for o in p.ops) == pytest.approx(1.0)
     profile.profile_rows(p)  # renders
@@ -185,6 +187,8 @@ def test_ops_without_a_formula_are_reported_not_shown_as_free():
     assert "aten::_fft_r2c" in p.unsupported and "aten::_fft_r2c" not in theirs  # torch has no number either
     row = next(o for o in p.ops if o.op == "aten::_fft_r2c")
     assert not row.flops_known and row.m.bytes > 0
+    assert row.bound == "unknown" and row.roof_fraction is None and row.tip == profile.NO_FORMULA_TIP
+    assert row.m.config["flops"] == "no formula"  # what the store keeps: its 0 FLOPs are not a count
     table = {r[0]: r for r in profile.profile_rows(p)}
     assert table["aten::_fft_r2c"][profile.PROFILE_COLUMNS.index("FLOPs/step")] == profile.UNKNOWN_FLOPS
     assert any("no FLOP formula for aten::_fft_r2c" in line for line in profile.notes(p))
@@ -209,6 +213,10 @@ def test_empty_forwards_and_batch_zero():
         assert all(math.isfinite(o.m.intensity) for o in p.ops)
         if not p.ops:
             assert "ran no ATen op" in " ".join(profile.notes(p))
+        # Profiled until known: a step of no ops is known at once (0 s), not profiled until the budget is spent.
+        model, inputs = pm.MODELS[name][0]()
+        until = profile.profile_model(model, inputs, warmup=0, ceilings=CEIL, device="cpu", budget_s=30)
+        assert until.steps == profile.ROUND_STEPS and until.step_rel_ci is None
     for train in (False, True):
         p, _, _ = profiled("batch_zero", train)
         matmuls = [o for o in p.ops if o.op in ("aten::addmm", "aten::mm", "aten::convolution")]

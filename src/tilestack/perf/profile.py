@@ -71,7 +71,11 @@ HOT_SPOTS = 5  # ops listed, with tips, before the table
 NOISY_STEP_REL_CI = 0.1  # a step time known worse than +-10% gets a note under the profile's heading
 OTHER = "(other)"
 DEFAULT_DTYPE = "fp32"  # of a step that moved no floating-point data
-UNKNOWN_FLOPS = "?"  # the FLOPs column of an op with no FLOP formula
+UNKNOWN_FLOPS = "?"
+NO_FORMULA_TIP = (
+    "no FLOP formula for this op: its FLOPs, bound and distance from the roof are unknown (its bytes are "
+    "counted); compare its time with its neighbours'"
+)  # the FLOPs column of an op with no FLOP formula
 DEFAULT_BUILDER = "build"
 INPUTS_SHOWN = 4  # arguments shown when an error describes the inputs
 REPR_CHARS = 60  # longer reprs are shown as their type
@@ -112,14 +116,18 @@ class OpStat:
 
     @property
     def bound(self) -> str:
+        if not self.flops_known:
+            return "unknown"  # bytes alone would place it on the memory side, whatever its math
         return self.m.bound if self.counted else "-"
 
     @property
     def roof_fraction(self) -> float | None:
-        return self.m.roof_fraction if self.counted else None
+        return self.m.roof_fraction if self.counted and self.flops_known else None
 
     @property
     def tip(self) -> str:
+        if not self.flops_known:
+            return NO_FORMULA_TIP
         if self.counted:
             return self.m.tip
         return roofline.uncounted_tip(self.m.device_kind)
@@ -167,7 +175,7 @@ class ModelProfile:
     @property
     def step_rel_ci(self) -> float | None:
         """How well the step time is known: the half-width of its median's 95% interval over the median."""
-        return timing.rel_ci(self.step_times_s) if self.step_times_s else None
+        return timing.rel_ci(self.step_times_s) if any(self.step_times_s) else None  # all 0: nothing ran
 
     def hot_spots(self, n: int = HOT_SPOTS) -> list[OpStat]:
         return [o for o in self.ops if o.op != OTHER][:n]
@@ -788,7 +796,7 @@ def profile_model(
         wall += w
         now = time.perf_counter()
         step_s = [x for r in rounds for x in r[1]]
-        if steps is not None or not step_s or timing.rel_ci(step_s) <= PROFILE_TARGET_REL_CI:
+        if steps is not None or not any(step_s) or timing.rel_ci(step_s) <= PROFILE_TARGET_REL_CI:
             break
         # The next round has as many steps as all before; it costs what this one did per step (profiler included).
         if now - t_start + (now - r0) * (done + n) / n > budget_s:
@@ -967,7 +975,13 @@ def _join(
             device=dev.name,
             device_kind=kind,
             dtype=dtype,
-            config={"model": name, "step": mode, "shapes": shapes_text(shapes), "calls/step": round(calls, 2)},
+            config={
+                "model": name,
+                "step": mode,
+                "shapes": shapes_text(shapes),
+                "calls/step": round(calls, 2),
+                **({} if not c.unsupported else {"flops": "no formula"}),  # stored: 0 FLOPs here means unknown
+            },
             timing=spread,
         )
         ops.append(OpStat(op, calls, s, s / total if total else 0.0, m, key in counted, shapes, not c.unsupported))
@@ -1074,7 +1088,7 @@ def profile_rows(p: ModelProfile) -> list[list[str]]:
                 pct(o.share),
                 si(o.m.flops * o.calls, "FLOP") if o.flops_known else UNKNOWN_FLOPS,
                 si(o.m.bytes * o.calls, "B"),
-                f"{o.m.intensity:.3g}" if o.counted else "-",
+                f"{o.m.intensity:.3g}" if o.counted and o.flops_known else "-" if o.flops_known else UNKNOWN_FLOPS,
                 o.bound,
                 pct(o.roof_fraction),
                 si(o.m.flops_per_s, "FLOP/s") if o.m.flops else "-",
