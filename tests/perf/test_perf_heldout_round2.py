@@ -304,6 +304,9 @@ def test_profile_command_reports_what_it_cannot_count(tmp_path):
     assert "no FLOP formula for aten::_fft_r2c" in r.output
     r = runner.invoke(app, ["profile", f"{Path(pm.__file__)}:identity", "--train", "--steps", "1", "--device", "cpu"])
     assert r.exit_code == 1 and "train=True, but model Identity" in r.output
+    r = runner.invoke(app, ["profile", f"{Path(pm.__file__)}:lstm", "--device", "tpu", "--steps", "1", "--no-store"])
+    assert r.exit_code == 1 and "device='tpu'; expected 'cpu', 'cuda'" in r.output and r.exception is not None
+    assert isinstance(r.exception, SystemExit)  # a clean exit, not torch's RuntimeError
 
 
 BAD_NUMBERS = [

@@ -191,7 +191,12 @@ def _model_name(target: str) -> str:
 
 
 def _to_device(model: object, inputs: object, device: str) -> tuple[object, object]:
+    """The model and its inputs on ``device``; a device torch cannot use is refused naming --device."""
     import torch
+
+    from tilestack.perf import device as device_mod
+
+    device_mod.detect(device)  # DeviceError: "device='tpu'; expected 'cpu', 'cuda', 'cuda:N' or a GPU index"
 
     def move(x: object) -> object:
         if isinstance(x, torch.Tensor):
