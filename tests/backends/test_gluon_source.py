@@ -320,7 +320,7 @@ def test_explicit_attention_splits_into_ping_pong_consumers_and_a_producer():
     assert src.count("count=2)   # one arrival per role") == 2      # K and V stages freed by both consumers
     for role in ("consumer0", "consumer1"):
         body = src.split(f"def attention_hs_{role}(")[1].split("@gluon.jit")[0]
-        assert body.count("hopper.warpgroup_mma(") == 2 and "gl.max(" in body and "gl.exp2(" in body
+        assert body.count("hopper.warpgroup_mma(") == 2 and "_max_nan)" in body and "gl.exp2(" in body
         assert "gl.DotOperandLayout(0, L1, 2)" in body           # P (and Q) as wgmma's register operand
         assert ".permute((1, 0))" in body                          # K^T straight from its stage
 
@@ -344,7 +344,7 @@ def test_fa3_scheduled_attention_issues_the_next_scores_before_the_softmax():
     compile(src, "<gluon fa3>", "exec")
     body = src.split("def attention_fa3_consumer1(")[1].split("@gluon.jit")[0]
     loop = body.split("for j_")[1]
-    issue, softmax = loop.index("is_async=True"), loop.index("gl.max(")
+    issue, softmax = loop.index("is_async=True"), loop.index("_max_nan)")
     assert issue < softmax                                         # S_{j+1} in flight while the softmax runs
     assert "hopper.warpgroup_mma_wait(1, deps=[" in loop           # ... kept so: no wait for it before the max
     # the keys' stage is freed when a wgmma wait retires the scores that read it, carried into the loop
