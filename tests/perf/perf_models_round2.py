@@ -246,6 +246,17 @@ class HugeButCheap(nn.Module):
         return self.emb(tokens).sum(1) + wide[: tokens.shape[0]] * 2.0
 
 
+class SparseMatmul(nn.Module):
+    """torch.sparse.mm of a sparse COO input by a dense weight (no FLOP formula: reported)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(FEAT, 4))
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:  # a: (6, FEAT) sparse
+        return torch.sparse.mm(a, self.w)  # (6, 4) dense
+
+
 class LinearAndConv(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -405,6 +416,18 @@ def batch_zero():
     return LinearAndConv(), (torch.randn(0, FEAT), torch.randn(0, 3, 6, 6))
 
 
+@_seeded
+def sparse_matmul():
+    return SparseMatmul(), (torch.randn(6, FEAT).relu().to_sparse(),)
+
+
+@_seeded
+def encoder_nested():
+    """An eval-mode encoder with a padding mask: on its fast path (fastpath=True) it runs on nested tensors."""
+    model, (x, pad) = encoder()
+    return model.enc.eval(), {"src": x, "src_key_padding_mask": pad}
+
+
 # name -> (builder, whether a backward step makes sense)
 MODELS = {
     f.__name__: (f, trainable)
@@ -436,6 +459,7 @@ MODELS = {
         (unsupported, True),
         (huge_but_cheap, True),
         (batch_zero, True),
+        (sparse_matmul, True),
     )
 }
 build = lstm

@@ -197,6 +197,21 @@ def test_ops_without_a_formula_are_reported_not_shown_as_free():
     assert clean.unsupported == ()
 
 
+def test_sparse_and_nested_tensors_are_profiled_and_their_kernels_reported():
+    p, counts, _ = profiled("sparse_matmul", False)
+    assert "aten::_sparse_addmm" in p.unsupported
+    (sparse,) = [c for (op, _), c in counts.items() if op == "aten::_sparse_addmm"]
+    model, (a,) = pm.sparse_matmul()
+    held = a._indices().numel() * 8 + a._values().numel() * 4  # a COO tensor holds its indices and values
+    assert sparse.bytes_read >= held and math.isfinite(sparse.bytes_read)
+    # The encoder's fast path runs fused kernels on nested tensors: profiled, each named as uncounted.
+    model, inputs = pm.encoder_nested()
+    p = profile.profile_model(model, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu", fastpath=True)
+    assert "aten::_transformer_encoder_layer_fwd" in p.unsupported
+    assert all(math.isfinite(o.m.bytes) and math.isfinite(o.m.intensity) for o in p.ops)
+    assert any("no FLOP formula for" in line and "_transformer_encoder_layer_fwd" in line for line in profile.notes(p))
+
+
 def test_no_grad_and_inference_mode_inside_forward_count_like_torch():
     """Under inference_mode a linear reaches the dispatch mode whole: it is counted as the matmul it runs."""
     p, counts, theirs = profiled("no_grad_inside", False)

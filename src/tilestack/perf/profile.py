@@ -210,6 +210,13 @@ def _tensors(obj: Any) -> list[Any]:
     return out
 
 
+def _dense(t: Any) -> bool:
+    """A plain strided tensor (not sparse, not nested): its shape and strides say what it holds."""
+    import torch
+
+    return t.layout == torch.strided and not t.is_nested
+
+
 def _distinct_numel(t: Any) -> int:
     """Elements ``t`` holds in memory: an expanded (stride-0) dimension holds one, however long it looks."""
     n = 1
@@ -218,13 +225,43 @@ def _distinct_numel(t: Any) -> int:
     return n
 
 
+def _held_bytes(t: Any) -> int:
+    """Bytes ``t`` holds: a dense tensor's distinct elements; a sparse one's indices and values; a nested one's
+    buffer; 0 for a tensor whose memory cannot be read (a subclass without storage)."""
+    if _dense(t):
+        return _distinct_numel(t) * t.element_size()
+    if t.is_sparse:  # COO
+        return _held_bytes(t._indices()) + _held_bytes(t._values())
+    parts = [getattr(t, name, None) for name in ("crow_indices", "ccol_indices", "row_indices", "col_indices")]
+    parts = [p() for p in parts if p is not None and not t.is_nested]
+    try:
+        if parts:  # compressed sparse (CSR, CSC, BSR, BSC)
+            return sum(_held_bytes(p) for p in parts) + _held_bytes(t.values())
+        return t.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):
+        return 0
+
+
+def _numel(t: Any) -> int:
+    """Elements of ``t`` as its ops compute over them (a nested or sparse tensor's stored values)."""
+    if _dense(t):
+        return t.numel()
+    try:
+        return t.values().numel() if not t.is_sparse else t._values().numel()
+    except (RuntimeError, NotImplementedError):
+        return 0
+
+
 def _nbytes(ts: Sequence[Any]) -> float:
     seen, total = set(), 0
     for t in ts:
-        key = (t.data_ptr(), t.numel(), t.dtype) if t.device.type != "meta" else id(t)
+        try:
+            key = (t.data_ptr(), t.numel(), t.dtype) if _dense(t) and t.device.type != "meta" else id(t)
+        except RuntimeError:  # no data pointer (a storage-less subclass)
+            key = id(t)
         if key not in seen:
             seen.add(key)
-            total += _distinct_numel(t) * t.element_size()
+            total += _held_bytes(t)
     return float(total)
 
 
@@ -253,12 +290,12 @@ def _flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
         return flops * formulas.CAUSAL_FRACTION if is_causal else flops
     per_element = ROW_OP_FLOPS_PER_ELEMENT.get(str(packet))
     if per_element is not None and args and isinstance(args[0], torch.Tensor):
-        return float(per_element * args[0].numel())
+        return float(per_element * _numel(args[0]))
     tags = getattr(func, "tags", ())
     if torch.Tag.pointwise in tags:
-        return float(sum(t.numel() for t in _tensors(out)))  # 1 FLOP per output element, as torch's profiler
+        return float(sum(_numel(t) for t in _tensors(out)))  # 1 FLOP per output element, as torch's profiler
     if torch.Tag.reduction in tags and args and isinstance(args[0], torch.Tensor):
-        return float(args[0].numel())  # one add (or compare) per element folded in
+        return float(_numel(args[0]))  # one add (or compare) per element folded in
     return 0.0
 
 
@@ -291,6 +328,7 @@ def does_no_arithmetic(func: Any) -> bool:
         or name.rstrip("_") in NO_ARITHMETIC
         or torch.Tag.nondeterministic_seeded in getattr(func, "tags", ())
         or torch.Tag.view_copy in getattr(func, "tags", ())
+        or torch.Tag.inplace_view in getattr(func, "tags", ())
     )
 
 
@@ -357,7 +395,7 @@ def _accumulate_flops(source: str) -> Callable[[Any, tuple, dict, Any], float]:
 
     def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
         t = _argument(func, args, kwargs, source)
-        return float(t.numel()) if t is not None else 0.0
+        return float(_numel(t)) if t is not None else 0.0
 
     return count
 
@@ -382,6 +420,10 @@ OWN_FLOPS: dict[str, Callable[[Any, tuple, dict, Any], float]] = {
     "aten.index_add_": _accumulate_flops("source"),
     "aten.scatter_add": _accumulate_flops("src"),
     "aten.scatter_add_": _accumulate_flops("src"),
+    "aten.scatter_reduce": _accumulate_flops("src"),
+    "aten.scatter_reduce_": _accumulate_flops("src"),
+    "aten.index_reduce": _accumulate_flops("source"),
+    "aten.index_reduce_": _accumulate_flops("source"),
     "aten.embedding_dense_backward": _accumulate_flops("grad_output"),
     "aten._embedding_bag": _embedding_bag_flops,
     "aten._embedding_bag_forward_only": _embedding_bag_flops,
@@ -404,7 +446,8 @@ NO_ARITHMETIC = frozenset(
         "col2im", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle",
         "_reshape_alias", "expand_copy", "permute_copy", "split", "unsafe_split", "chunk", "narrow_copy",
         "_pin_memory", "bucketize", "masked_fill", "transpose", "select_backward",
-        "slice_backward", "index_backward", "expand_backward", "searchsorted", "histc", "one_hot",
+        "slice_backward", "index_backward", "expand_backward", "_linalg_check_errors", "searchsorted", "histc",
+        "one_hot",
     }
 )
 
@@ -491,7 +534,10 @@ def _arg_shapes(func: Any, args: tuple, kwargs: dict) -> Shapes:
     for i, a in enumerate(func._schema.arguments):
         v = kwargs[a.name] if a.name in kwargs else args[i] if i < len(args) else None
         if isinstance(v, torch.Tensor) and v.dim() > 0:
-            out.append(tuple(int(d) for d in v.shape))
+            try:
+                out.append(tuple(int(d) for d in v.shape))
+            except (RuntimeError, TypeError):  # a nested tensor's ragged dims have no single size
+                out.append(())
     return tuple(out)
 
 
@@ -595,8 +641,12 @@ def describe(value: Any) -> str:
     import torch
 
     if isinstance(value, torch.Tensor):
-        shape = shapes_text((tuple(value.shape),)) if value.dim() else "scalar"
-        return f"tensor {shape} {str(value.dtype).removeprefix('torch.')}"
+        try:
+            shape = shapes_text((tuple(value.shape),)) if value.dim() else "scalar"
+        except (RuntimeError, TypeError):
+            shape = "nested"
+        layout = "" if value.layout == torch.strided else f" {str(value.layout).removeprefix('torch.')}"
+        return f"tensor {shape} {str(value.dtype).removeprefix('torch.')}{layout}"
     if isinstance(value, tuple | list):
         inner = ", ".join(describe(v) for v in value[:INPUTS_SHOWN]) + (", ..." if len(value) > INPUTS_SHOWN else "")
         if isinstance(value, list):
