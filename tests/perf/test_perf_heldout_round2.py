@@ -293,8 +293,15 @@ def test_train_without_anything_to_differentiate_and_mismatched_shapes():
     with pytest.raises(ProfileError, match="train=True, but model Identity has no parameter that requires grad"):
         profile.profile_model(ident, (X,), train=True, ceilings=CEIL, device="cpu")
     model = Counting()
+    with torch.no_grad(), pytest.raises(ProfileError, match="train=True, but gradients are off"):
+        profile.profile_model(model, (X,), train=True, ceilings=CEIL, device="cpu")
+    with torch.inference_mode():  # a forward profile inside inference_mode counts its linears as torch does
+        p = profile.profile_model(model, (X,), steps=1, warmup=0, ceilings=CEIL, device="cpu")
+    assert p.flops >= formulas.matmul(2, pm.FEAT, pm.FEAT).flops and model.calls > 0
+    model.calls = 0
     with pytest.raises(ProfileError, match=r"raised RuntimeError during the warm-up: .*inputs=\(tensor 2x5 float32,\)"):
         profile.profile_model(model, (torch.randn(2, 5),), ceilings=CEIL, device="cpu")
+    assert model.calls == 1  # the first forward, in the warm-up, raised
 
 
 def test_a_compiled_module_stays_compiled_and_counts_as_its_eager_self():

@@ -698,6 +698,11 @@ def _check_arguments(
         device, bool
     ):
         refuse("device", device, "'cpu', 'cuda', 'cuda:N', a torch.device, a perf.Device or None")
+    if train and not torch.is_grad_enabled():
+        raise ProfileError(
+            "train=True, but gradients are off where profile_model was called (inside torch.no_grad or "
+            "torch.inference_mode): there is no backward to profile; expected train=False, or a call outside them"
+        )
     if train and isinstance(model, torch.nn.Module):
         trainable = any(p.requires_grad for p in model.parameters()) or any(
             t.requires_grad for t in _tensors(inputs)
