@@ -182,6 +182,25 @@ def test_batch_norm_counts_statistics_only_in_training():
         assert len(norm) == 1 and norm[0].flops == per_element * elements, (name, step)
 
 
+def test_norm_backwards_count_each_gradient_they_compute():
+    f = formulas
+    full = (
+        f.NORM_BWD_RECOMPUTE_FLOPS_PER_ELEMENT + f.NORM_BWD_INPUT_FLOPS_PER_ELEMENT
+        + f.NORM_BWD_WEIGHT_FLOPS_PER_ELEMENT + f.NORM_BWD_BIAS_FLOPS_PER_ELEMENT
+    )
+    frozen = full - f.NORM_BWD_INPUT_FLOPS_PER_ELEMENT + f.NORM_BWD_FROZEN_INPUT_FLOPS_PER_ELEMENT
+    elements = pm.BATCH * 8 * 6 * 6
+    for name, per_element in (("batchnorm_train", full), ("batchnorm_eval", frozen)):
+        p, counts, _ = profiled(name, True)
+        (bwd,) = [c for (op, _), c in counts.items() if op == "aten::native_batch_norm_backward"]
+        assert bwd.flops == per_element * elements and not p.unsupported, name
+    # Two layers, each with two layer norms over (B, N, D) with x, weight and bias all trainable.
+    p, counts, _ = profiled("encoder", True)
+    layer_norms = [c for (op, _), c in counts.items() if op == "aten::native_layer_norm_backward"]
+    assert math.fsum(c.flops for c in layer_norms) == 2 * 2 * full * pm.BATCH * 6 * pm.DIM
+    assert p.unsupported == ()
+
+
 def test_ops_without_a_formula_are_reported_not_shown_as_free():
     p, counts, theirs = profiled("unsupported", False)
     assert "aten::_fft_r2c" in p.unsupported and "aten::_fft_r2c" not in theirs  # torch has no number either

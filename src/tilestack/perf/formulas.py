@@ -66,6 +66,12 @@ SOFTMAX_FLOPS_PER_ELEMENT = 5  # max (1), subtract + exp (2), sum (1), divide (1
 SOFTMAX_BWD_FLOPS_PER_ELEMENT = 4  # dx = y * (dy - sum(dy * y)): multiply, sum, subtract, multiply
 BATCHNORM_TRAIN_FLOPS_PER_ELEMENT = LAYERNORM_FLOPS_PER_ELEMENT  # batch statistics, normalise, affine
 BATCHNORM_EVAL_FLOPS_PER_ELEMENT = 4  # normalise by the running statistics (2), affine (2)
+# Backward of a norm (layer, batch, group, RMS), per element of dy, by the gradients asked for:
+NORM_BWD_RECOMPUTE_FLOPS_PER_ELEMENT = 2  # x_hat = (x - mean) * rstd, again (any gradient but the bias's)
+NORM_BWD_INPUT_FLOPS_PER_ELEMENT = 8  # g = dy * w, sum(g), sum(g * x_hat) (2), rstd * (g - mean - x_hat * mean) (4)
+NORM_BWD_FROZEN_INPUT_FLOPS_PER_ELEMENT = 2  # statistics not from the batch (eval batch norm): dy * w * rstd
+NORM_BWD_WEIGHT_FLOPS_PER_ELEMENT = 2  # dw += dy * x_hat
+NORM_BWD_BIAS_FLOPS_PER_ELEMENT = 1  # db += dy
 
 
 def dtype_name(dtype: Any) -> str:

@@ -66,6 +66,7 @@ ROW_OP_FLOPS_PER_ELEMENT = {
     "aten._softmax_backward_data": formulas.SOFTMAX_BWD_FLOPS_PER_ELEMENT,
     "aten._log_softmax_backward_data": formulas.SOFTMAX_BWD_FLOPS_PER_ELEMENT,
     "aten._native_batch_norm_legit_no_training": formulas.BATCHNORM_EVAL_FLOPS_PER_ELEMENT,
+    "aten.native_group_norm": formulas.LAYERNORM_FLOPS_PER_ELEMENT,  # statistics per group, normalise, affine
 }
 HOT_SPOTS = 5  # ops listed, with tips, before the table
 NOISY_STEP_REL_CI = 0.1  # a step time known worse than +-10% gets a note under the profile's heading
@@ -390,6 +391,26 @@ def _batch_norm_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     return float(per_element * _argument(func, args, kwargs, "input").numel())
 
 
+def _norm_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """The backward of a layer, batch, group or RMS norm: per element of dy, the FLOPs of each gradient asked
+    for in ``output_mask`` (input, weight, bias), as ``formulas.NORM_BWD_*`` break them down."""
+    arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+    mask = list(arg("output_mask")) + [False] * 3
+    input_grad, weight_grad, bias_grad = (bool(m) for m in mask[:3])
+    frozen = arg("train") is False  # an eval-mode batch norm: its statistics are constants
+    per_element = (
+        (formulas.NORM_BWD_RECOMPUTE_FLOPS_PER_ELEMENT if input_grad or weight_grad else 0)
+        + (
+            (formulas.NORM_BWD_FROZEN_INPUT_FLOPS_PER_ELEMENT if frozen else formulas.NORM_BWD_INPUT_FLOPS_PER_ELEMENT)
+            if input_grad
+            else 0
+        )
+        + (formulas.NORM_BWD_WEIGHT_FLOPS_PER_ELEMENT if weight_grad else 0)
+        + (formulas.NORM_BWD_BIAS_FLOPS_PER_ELEMENT if bias_grad else 0)
+    )
+    return float(per_element * _numel(arg("grad_out")))
+
+
 def _accumulate_flops(source: str) -> Callable[[Any, tuple, dict, Any], float]:
     """index_add / scatter_add / embedding's weight gradient: one add per element of ``source``."""
 
@@ -414,6 +435,10 @@ OWN_FLOPS: dict[str, Callable[[Any, tuple, dict, Any], float]] = {
     "aten.convolution_backward": _conv_backward_flops,
     "aten.native_batch_norm": _batch_norm_flops,
     "aten._native_batch_norm_legit": _batch_norm_flops,
+    "aten.native_layer_norm_backward": _norm_backward_flops,
+    "aten.native_batch_norm_backward": _norm_backward_flops,
+    "aten.native_group_norm_backward": _norm_backward_flops,
+    "aten._fused_rms_norm_backward": _norm_backward_flops,
     "aten.mkldnn_rnn_layer": _rnn_layer_flops,
     "aten.mkldnn_rnn_layer_backward": _rnn_layer_backward_flops,
     "aten.index_add": _accumulate_flops("source"),
