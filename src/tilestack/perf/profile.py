@@ -898,12 +898,14 @@ class _Timed:
     calls: int = 0
     seconds: float = 0.0
     per_step: dict[int, float] = dataclasses.field(default_factory=lambda: collections.defaultdict(float))
+    inside: OpKey | None = None  # the counted row whose subtree the profiler ran this counted op in
 
     def add(self, other: _Timed) -> None:
         self.calls += other.calls
         self.seconds += other.seconds
         for k, v in other.per_step.items():
             self.per_step[k] += v
+        self.inside = self.inside or other.inside
 
 
 def resolve(key: OpKey, counted: Collection[OpKey], names: Mapping[str, Sequence[OpKey]]) -> OpKey | None:
@@ -953,12 +955,17 @@ def attribute(
     step_s = [0.0] * len(step_roots)
     outside = 0.0
 
-    def subtree_s(e: Any) -> float:
+    def subtree_s(e: Any, row: OpKey) -> float:
+        """The subtree's time; counted ops inside it (autograd's clone inside mul_) are marked as in ``row``."""
         acc, stack = 0.0, [e]
         while stack:
             x = stack.pop()
             acc += _self_s(x, cuda)
             stack.extend(x.cpu_children)
+            if x is not e and x.name.startswith("aten::"):
+                inner = resolve((x.name, _event_shapes(x)), counted, names)
+                if inner is not None and inner != row and per[inner].inside is None:
+                    per[inner].inside = row
         return acc
 
     stack: list[tuple[Any, int | None]] = [(e, step_of.get(id(e))) for e in roots]
@@ -967,7 +974,7 @@ def attribute(
         key = (e.name, _event_shapes(e)) if e.name.startswith("aten::") else None
         row = resolve(key, counted, names) if key is not None else None
         whole = row is not None  # a counted op: its subtree is its time, and nothing below is visited
-        s = subtree_s(e) if whole else 0.0 if e.name.startswith("ProfilerStep") else _self_s(e, cuda)
+        s = subtree_s(e, row) if row is not None else 0.0 if e.name.startswith("ProfilerStep") else _self_s(e, cuda)
         if step is None:
             outside += s
         else:
@@ -981,6 +988,33 @@ def attribute(
         if not whole:
             stack.extend((c, step) for c in e.cpu_children)
     return dict(per), step_s, outside
+
+
+def _fold_untimed(
+    counts: dict[OpKey, _Count], counted: set[OpKey], timed: set[OpKey], inside: Mapping[OpKey, OpKey]
+) -> dict[OpKey, _Count]:
+    """Counts with each counted op that got no time of its own folded into the row that has its time: the row
+    whose subtree the profiler ran it in (autograd's ``clone`` inside ``mul_``), else its in-place or out-of-place
+    twin at the same shapes (``add`` counted, ``add_`` timed: composite compliance). Calls stay the row's own.
+    Ops with neither stay apart (``ModelProfile.untimed``)."""
+    out = {k: dataclasses.replace(c) for k, c in counts.items()}
+    for key in counted - timed:
+        name, shapes = key
+        target, seen = inside.get(key), {key}
+        while target is not None and target not in timed and target not in seen:  # a chain of nested rows
+            seen.add(target)
+            target = inside.get(target)
+        if target is None or target not in timed:
+            twin = (name[:-1] if name.endswith("_") else name + "_", shapes)
+            target = twin if twin in timed and twin in counted else None
+        if target is None:
+            continue
+        c, into = out.pop(key), out[target]
+        into.flops += c.flops
+        into.bytes_read += c.bytes_read
+        into.bytes_written += c.bytes_written
+        into.unsupported = into.unsupported or c.unsupported
+    return out
 
 
 def _join(
@@ -1008,11 +1042,14 @@ def _join(
         for key, t in timed.items():
             if key not in counted:
                 key = (key[0], ())  # no bound nor tip to tell apart: one row per op name (views, bookkeeping)
-            rows[key].add(_Timed(t.calls, t.seconds, {i + offset: v for i, v in t.per_step.items()}))
+            rows[key].add(_Timed(t.calls, t.seconds, {i + offset: v for i, v in t.per_step.items()}, t.inside))
         step_s += r_step_s
         outside += r_outside
     steps = len(step_s) or 1
+    inside = {k: t.inside for k, t in rows.items() if t.inside is not None}
     rows = {k: t for k, t in rows.items() if t.seconds > 0}
+    unsupported = tuple(sorted({op for (op, _), c in counts.items() if c.unsupported}))
+    counts = _fold_untimed(counts, counted, set(rows), inside)
 
     def per_step(t: _Timed) -> tuple[float, ...]:
         return tuple(t.per_step.get(i, 0.0) for i in range(steps))
@@ -1072,7 +1109,6 @@ def _join(
         for (op, shapes), c in counts.items()
         if (op, shapes) in counted and (op, shapes) not in timed_keys
     )
-    unsupported = tuple(sorted({op for (op, _), c in counts.items() if c.unsupported}))
     return ModelProfile(
         name, dev, ceil, steps, train, total, wall / steps, ops, tuple(step_s), untimed, unsupported
     )
