@@ -5,7 +5,8 @@
 # Parts: replay (fuzz problems listed in REPLAY), bench, host, gpt2, llama, compile-steps, fa3, gluon, dropout,
 #        inference, fuzz (FUZZ_S seconds from FUZZ_START), tune-truth (TUNE_S seconds), launch-options,
 #        tune-backends, act-mem (issue 12), mfu-1p3b (issue 12), scaling-1gpu, plan (issue 13), norm-bwd, lm-head,
-#        fp8-gemm, fp8-sweep, fp8-probe (issue 14), ln-probe (issue 8).
+#        fp8-gemm, fp8-sweep, fp8-probe (issue 14), ln-probe (issue 8),
+#        bwd-probe (issues 8, 11: attention backward variants).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
 # Compile caches inside the repository's ignored out/: the device keeps ignored paths between calls while it is
@@ -42,6 +43,7 @@ for p in $PARTS; do
     fp8-sweep) part 330 fp8-sweep python3 scripts/bench_inference.py --cases gemm --gemm-variants bf16-torch,fp8-act \
                  --gemm-sweep --json "$F/fp8_sweep.json" ;;
     ln-probe) part 120 ln-probe python3 scripts/gpu/probe_layer_norm.py ;;
+    bwd-probe) part 300 bwd-probe python3 scripts/gpu/probe_attention_bwd.py --json "$F/attention_bwd_probe.json" ;;
     fp8-probe) part 300 fp8-probe python3 scripts/gpu/probe_fp8_gemm.py --json "$F/fp8_probe.json" ;;
     norm-bwd) part 120 norm-bwd python3 scripts/gpu/check_norm_backward.py --json "$F/norm_backward.json" ;;
     dropout) part 130 dropout python3 scripts/gpu/check_dropout.py --json "$F/dropout.json" ;;

@@ -12,8 +12,9 @@
 
 The plan is keyed by ``plan_key``: per tensor its dtype, shape, strides, device, address alignment (what a
 kernel launch is specialized for) and whether it requires grad (what an ``out=`` check depends on), per other
-argument its value. A repeated call costs the key, one dictionary
-lookup and what ``run`` does. Arguments the key cannot hold (unhashable ones) take the planned way every time.
+argument its value; and torch's grad and deterministic modes (a plan may choose by them). A repeated call costs
+the key, one dictionary lookup and what ``run`` does. Arguments the key cannot hold (unhashable ones) take the
+planned way every time.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def plan_key(args: tuple, kwargs: dict) -> tuple:
                   if isinstance(a, torch.Tensor) else a for a in args),
             tuple((k, (v.dtype, v.shape, v.stride(), v.device, v.data_ptr() % 16 == 0, v.requires_grad)
                    if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()),
-            knobs.backend, knobs.triton_interpret, torch.is_grad_enabled())
+            knobs.backend, knobs.triton_interpret, torch.is_grad_enabled(),
+            torch.are_deterministic_algorithms_enabled())
 
 
 def planned(plan: Callable) -> Callable:

@@ -137,16 +137,19 @@ def key_block_queries(j, Nq, BM: int, BN: int, causal: bool, shift):
 
 def _dkdv_block(i, h, *, b, q, do, lse, delta, k, v, s, dp, p, ds, dk, dv, Q, dO, LSE, Delta, qk_scale,
                 masked: bool, diagonal: bool, shift, empty_rows: bool, Bias, bias, j, BM: int, BN: int,
-                precision: str, dropout: Dropout | None, Nk):
+                precision: str, dropout: Dropout | None, Nk, DQ=None, dq=None, scale=None):
     """Query block i of query head h against this program's key block j; ``masked``: rows past Nq, and the
     causal diagonal if ``diagonal``. With ``dropout``: dV from the dropped P (scaled once, at the end), dS from the
-    dropped dP."""
+    dropped dP. With ``DQ`` (an f32 (B, H, Nq, D) sum): this pair's share of dQ, dS K * scale, added to it
+    atomically (``dq``: its (BM, D) f32 scratch)."""
     ts.load(q, Q, at=(b, h, i, 0))               # (BM, D)
     ts.load(do, dO, at=(b, h, i, 0))             # (BM, DV)
     ts.load(lse, LSE, at=(b, h, i))              # (BM,) natural log
     ts.load(delta, Delta, at=(b, h, i))          # (BM,)
     _lse_log2(lse, empty_rows)
+    # with DQ, keys past Nk are masked too: their P (exp2(0 - lse), which can overflow) would reach dQ = dS K
     _probabilities(s, q, k, lse, qk_scale, rows_left=Q.shape[2] - i * BM if masked else None,
+                   keys_left=Nk - j * BN if DQ is not None else None,
                    diagonal=causal_diagonal(i, j, BM, BN, shift) if diagonal else None,
                    Bias=Bias, bias=bias, at=(b, h, i, j), precision=precision)
     if dropout is None:
@@ -158,15 +161,59 @@ def _dkdv_block(i, h, *, b, q, do, lse, delta, k, v, s, dp, p, ds, dk, dv, Q, dO
     ts.mma_AtB(dv, p, do, dv, input_precision=precision)   # (BN, DV) += P^T dO
     _score_grad(ds, dp, s, do, v, delta, precision, dropout)
     ts.mma_AtB(dk, ds, q, dk, input_precision=precision)   # (BN, D) += dS^T Q
+    if DQ is not None:                           # FlashAttention-2's dQ: dS is here, no second kernel rebuilds it
+        ts.zero(dq)
+        ts.mma_AB(dq, ds, k, dq, input_precision=precision)  # (BM, D) = dS @ K
+        ts.mul(dq, dq, scale)
+        ts.atomic_add(DQ, dq, at=(b, h, i, 0))
+
+
+def _dkdv_block_t(i, h, *, b, q, do, lse, delta, k, v, s, dp, p, ds, dk, dv, Q, dO, LSE, Delta, qk_scale,
+                  masked: bool, diagonal: bool, shift, empty_rows: bool, j, BM: int, BN: int, precision: str, Nk,
+                  DQ=None, dq=None, scale=None, **_):
+    """``_dkdv_block`` in the key-major orientation, as FlashAttention-2's backward works: S^T = K Q^T (BN, BM), so
+    P^T and dS^T, the left operands of dV += P^T dO and dK += dS^T Q, are made in registers in the layout the
+    matrix unit takes them from (no transpose through shared memory); lse and delta are per column. ``s``, ``dp``
+    are (BN, BM) f32 and ``p``, ``ds`` (BN, BM) in the input dtype here; no bias, no dropout."""
+    ts.load(q, Q, at=(b, h, i, 0))               # (BM, D)
+    ts.load(do, dO, at=(b, h, i, 0))             # (BM, DV)
+    ts.load(lse, LSE, at=(b, h, i))              # (BM,) natural log
+    ts.load(delta, Delta, at=(b, h, i))          # (BM,)
+    _lse_log2(lse, empty_rows)
+    ts.zero(s)
+    ts.mma_ABt(s, k, q, s, input_precision=precision)     # (BN, BM) = K @ Q^T
+    ts.mul(s, s, qk_scale)
+    if masked:                                   # queries past Nq are columns here
+        ts.right_fill(s, s, Q.shape[2] - i * BM, -math.inf)
+    if DQ is not None:                           # keys past Nk: their P would reach dQ (see _dkdv_block)
+        ts.lower_fill(s, s, Nk - j * BN, -math.inf)
+    if diagonal:                                 # keep key <= query + shift: row - col <= d, i.e. col - row >= -d
+        ts.triu(s, s, -causal_diagonal(i, j, BM, BN, shift), -math.inf)
+    ts.sub_col(s, s, lse)
+    ts.exp2(s, s)                                # P^T
+    ts.copy(p, s)
+    ts.mma_AB(dv, p, do, dv, input_precision=precision)    # (BN, DV) += P^T dO
+    ts.zero(dp)
+    ts.mma_ABt(dp, v, do, dp, input_precision=precision)   # (BN, BM) = V @ dO^T = dP^T
+    ts.sub_col(dp, dp, delta)
+    ts.mul(dp, dp, s)
+    ts.copy(ds, dp)                              # dS^T
+    ts.mma_AB(dk, ds, q, dk, input_precision=precision)    # (BN, D) += dS^T Q
+    if DQ is not None:
+        ts.zero(dq)
+        ts.mma_AtB(dq, ds, k, dq, input_precision=precision)  # (BM, D) = dS @ K
+        ts.mul(dq, dq, scale)
+        ts.atomic_add(DQ, dq, at=(b, h, i, 0))
 
 
 def _dkdv(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale, *, D: int, DV: int | None, causal: bool,
           causal_align: str, BM: int, BN: int, precision: str = "ieee", dropout: tuple | None = None,
-          per_query_head: bool = False):
+          per_query_head: bool = False, DQ=None, key_major: bool = False):
     """The body of every dK/dV kernel (``Bias`` is None for the unbiased ones; ``dropout`` is the forward's
     (seed, offset, p, scale) for the dropout ones). ``per_query_head``: a program per (key block, batch * query
     head), whose dK, dV (B, H, Nk, *) are that head's share, summed over the group afterwards; else a program per
-    (key block, batch * K/V head) that sums its group's heads itself."""
+    (key block, batch * K/V head) that sums its group's heads itself. ``DQ``: an f32 (B, H, Nq, D) tensor of
+    zeros that dQ is added into (``_dkdv_block``)."""
     DV = D if DV is None else DV
     j, bh = ts.block_id(0), ts.block_id(1)
     Hkv = K.shape[1]
@@ -185,10 +232,12 @@ def _dkdv(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale, *, D: int, DV: int | Non
     do = ts.SharedTile[dO.dtype, BM, DV]()
     lse = ts.RegVec[ts.f32, BM]()
     delta = ts.RegVec[ts.f32, BM]()
-    s = ts.RegTile[ts.f32, BM, BN]()
-    dp = ts.RegTile[ts.f32, BM, BN]()
-    p = ts.RegTile[Q.dtype, BM, BN]()
-    ds = ts.RegTile[Q.dtype, BM, BN]()
+    key_major = key_major and Bias is None and dropout is None
+    score = (BN, BM) if key_major else (BM, BN)  # S^T in the key-major orientation (_dkdv_block_t)
+    s = ts.RegTile[ts.f32, score[0], score[1]]()
+    dp = ts.RegTile[ts.f32, score[0], score[1]]()
+    p = ts.RegTile[Q.dtype, score[0], score[1]]()
+    ds = ts.RegTile[Q.dtype, score[0], score[1]]()
     dk = ts.RegTile[ts.f32, BN, D]()
     dv = ts.RegTile[ts.f32, BN, DV]()
     bias = ts.RegTile[ts.f32, BM, BN]() if Bias is not None else None
@@ -202,15 +251,18 @@ def _dkdv(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale, *, D: int, DV: int | Non
                  dO=dO, LSE=LSE, Delta=Delta, qk_scale=scale * LOG2E, shift=shift,
                  empty_rows=Bias is not None or shift is not None, Bias=Bias, bias=bias, j=j, BM=BM, BN=BN,
                  precision=precision, dropout=drop, Nk=K.shape[2])
+    if DQ is not None:
+        tiles.update(DQ=DQ, dq=ts.RegTile[ts.f32, BM, D](), scale=scale)
+    block = _dkdv_block_t if key_major else _dkdv_block
     for g in ts.range(heads):
         h = first_h + g
         if causal:                               # the diagonal (and maybe the ragged last query block)
             for i in ts.range(first, full):
-                _dkdv_block(i, h, masked=True, diagonal=True, **tiles)
+                block(i, h, masked=True, diagonal=True, **tiles)
         for i in ts.range(full, tail):
-            _dkdv_block(i, h, masked=False, diagonal=False, **tiles)
+            block(i, h, masked=False, diagonal=False, **tiles)
         for i in ts.range(tail, n_q_blocks):     # the ragged last query block, past the diagonal
-            _dkdv_block(i, h, masked=True, diagonal=False, **tiles)
+            block(i, h, masked=True, diagonal=False, **tiles)
     ts.mul(dk, dk, scale)
     if drop is not None:                         # dV summed the kept entries of P unscaled
         ts.mul(dv, dv, drop.scale)
@@ -230,17 +282,19 @@ def _grid_kv(K, dK, BN):
 _BWD_OPTIONS = dict(num_warps=8, num_stages=2)
 _KV_BM = ts.tunable(64, (16, 32, 64, 128))
 _KV_BN = ts.tunable(128, (16, 32, 64, 128))
+_KEY_MAJOR = ts.tunable(False, (False, True))
 
 
 @ts.kernel(grid=_grid_kv, options=_BWD_OPTIONS)
 def attention_bwd_dkdv_kernel(Q, K, V, dO, LSE, Delta, dK, dV, scale: float, *,
                               D: int, DV: int | None = None, causal: bool = False, causal_align: str = "top_left",
                               BM: int = _KV_BM, BN: int = _KV_BN, precision: str = "ieee",
-                              PER_Q_HEAD: bool = False):
+                              PER_Q_HEAD: bool = False, KEY_MAJOR: bool = _KEY_MAJOR):
     """dK (like K) and dV (like V); D and DV are the tile widths of the q/k and v head dims. ``PER_Q_HEAD``: dK,
-    dV are (B, H, Nk, *), each query head's share (GQA: summed over each group by the caller)."""
+    dV are (B, H, Nk, *), each query head's share (GQA: summed over each group by the caller). ``KEY_MAJOR``:
+    the scores as S^T = K Q^T (``_dkdv_block_t``)."""
     _dkdv(Q, K, V, None, dO, LSE, Delta, dK, dV, scale, D=D, DV=DV, causal=causal, causal_align=causal_align,
-          BM=BM, BN=BN, precision=precision, per_query_head=PER_Q_HEAD)
+          BM=BM, BN=BN, precision=precision, per_query_head=PER_Q_HEAD, key_major=KEY_MAJOR)
 
 
 @ts.kernel(grid=_grid_kv, options=_BWD_OPTIONS)
@@ -272,6 +326,19 @@ def attention_bwd_dkdv_bias_dropout_kernel(Q, K, V, Bias, dO, LSE, Delta, dK, dV
     """``attention_bwd_dkdv_bias_kernel`` for a forward with dropout."""
     _dkdv(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale, D=D, DV=DV, causal=causal, causal_align=causal_align,
           BM=BM, BN=BN, precision=precision, dropout=(seed, offset, dropout_p, dropout_scale))
+
+
+@ts.kernel(grid=_grid_kv, options=_BWD_OPTIONS)
+def attention_bwd_dkdvdq_kernel(Q, K, V, dO, LSE, Delta, DQ, dK, dV, scale: float, *,
+                                D: int, DV: int | None = None, causal: bool = False, causal_align: str = "top_left",
+                                BM: int = _KV_BM, BN: int = _KV_BN, precision: str = "ieee",
+                                PER_Q_HEAD: bool = False, KEY_MAJOR: bool = _KEY_MAJOR):
+    """``attention_bwd_dkdv_kernel`` that also adds dQ into ``DQ`` (f32 (B, H, Nq, D), zeros before the launch):
+    5 matrix products per (query block, key block) pair where the dK/dV and dQ kernels take 7, for f32 atomic
+    adds of (BM, D) tiles (FlashAttention-2's backward). The adds' order varies between runs on a GPU, so dQ is
+    not bitwise reproducible (attention_backward keeps the two kernels under torch's deterministic mode)."""
+    _dkdv(Q, K, V, None, dO, LSE, Delta, dK, dV, scale, D=D, DV=DV, causal=causal, causal_align=causal_align,
+          BM=BM, BN=BN, precision=precision, per_query_head=PER_Q_HEAD, DQ=DQ, key_major=KEY_MAJOR)
 
 
 def _dq_block(j, *, b, h, hk, q, do, lse, delta, k, v, s, dp, ds, dq, K, V, qk_scale, masked: bool, causal: bool,
@@ -455,9 +522,10 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
     B, H, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
     _check_saved(q, v, o, lse, do)
-    unknown = set(config or {}) - {"delta", "dkdv", "dq"}
+    unknown = set(config or {}) - {"delta", "dkdv", "dq", "dkdvdq"}
     if unknown:
-        raise LaunchError(f"attention_backward: config has {sorted(unknown)}; its kernels are delta, dkdv and dq")
+        raise LaunchError(f"attention_backward: config has {sorted(unknown)}; its kernels are delta, dkdv, dq and "
+                          f"dkdvdq (dK, dV and dQ in one kernel)")
     if 0 in (B, H, Nq, Nk):       # nothing to launch: no query reaches a key, every gradient is zero (or empty)
         return lambda q, k, v, *_, **__: (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -466,8 +534,16 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
     defaults = default_config(max(DT, DVT), causal, q.device.type, q.dtype)
     cfg = {part: launch_config(f"attention_bwd_{part}", sig, q.device, Nq, c, backend)
            for part, c in defaults.items()}
+    # dQ inside the dK/dV kernel (atomic adds) where a tuning table or the caller asks for it: not under torch's
+    # deterministic mode (the adds' order varies), nor with a mask or dropout (their kernels are the split ones)
+    fused_cfg = launch_config("attention_bwd_dkdvdq", sig, q.device, Nq, {}, backend)
+    fused = (bool(fused_cfg) or "dkdvdq" in (config or {})) and attn_mask is None and not dropout_p \
+        and not torch.are_deterministic_algorithms_enabled()
+    if fused:
+        cfg["dkdvdq"] = cfg["dkdv"] | fused_cfg
     for name, c in (config or {}).items():
-        cfg[name] = cfg[name] | c
+        if name in cfg:
+            cfg[name] = cfg[name] | c
     # each kernel on the backend named, else on the one its own table entry chose (each is tuned on its own)
     backends = {part: (take_backend(c, backend), backend) for part, c in cfg.items()}   # (to launch on, named)
     consts = dict(D=DT, causal=bool(causal))
@@ -492,14 +568,22 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
         return _dropout_run(q, k, v, bias, do, lse, delta, dq, dk, dv, scale, rng, float(dropout_p), buffers,
                             launch_delta, backends, consts, cfg, (B, H, Nq, Nk))
     group = H // k.shape[1]
-    split = not with_bias and split_group(B, H, k.shape[1], Nk, cfg["dkdv"].get("BN", _KV_BN.default), q.device,
+    kv_part = "dkdvdq" if fused else "dkdv"
+    split = not with_bias and split_group(B, H, k.shape[1], Nk, cfg[kv_part].get("BN", _KV_BN.default), q.device,
                                           D, Dv)
 
     def shares(q, k, v):    # split: each query head's share of dK, dV (B, H, Nk, *) in k's and v's dtypes
         return (torch.empty((B, H, Nk, D), dtype=k.dtype, device=q.device),
                 torch.empty((B, H, Nk, Dv), dtype=v.dtype, device=q.device))
 
-    if not with_bias:
+    dq_sum = (lambda q: torch.zeros((B, H, Nq, D), dtype=torch.float32, device=q.device)) if fused else None
+    if fused:
+        dk_out, dv_out = shares(q, k, v) if split else (dk, dv)
+        launch_dkdv = tuned_launcher(attention_bwd_dkdvdq_kernel,
+                                     (q, k, v, do, lse, delta, dq_sum(q), dk_out, dv_out, scale),
+                                     *backends["dkdvdq"], **consts, **cfg["dkdvdq"], PER_Q_HEAD=split)
+        launch_dq = None
+    elif not with_bias:
         dk_out, dv_out = shares(q, k, v) if split else (dk, dv)
         launch_dkdv = tuned_launcher(attention_bwd_dkdv_kernel, (q, k, v, do, lse, delta, dk_out, dv_out, scale),
                                      *backends["dkdv"], **consts, **cfg["dkdv"], PER_Q_HEAD=split)
@@ -519,16 +603,19 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
             bias = mask_as_bias(attn_mask, (B, H, Nq, Nk))
             launch_dkdv((q, k, v, bias, do, lse, delta, dk, dv, scale))
             launch_dq((q, k, v, bias, do, lse, delta, dq, scale))
-        elif split:
-            dkx, dvx = shares(q, k, v)
+        elif fused:                 # dQ summed in f32 by the dK/dV kernel, then cast (a copy when q is f32)
+            dq32 = dq_sum(q)
+            dkx, dvx = shares(q, k, v) if split else (dk, dv)
+            launch_dkdv((q, k, v, do, lse, delta, dq32, dkx, dvx, scale))
+            dq = dq32 if q.dtype == torch.float32 else dq.copy_(dq32)
+        else:
+            dkx, dvx = (shares(q, k, v) if split else (dk, dv))
             launch_dkdv((q, k, v, do, lse, delta, dkx, dvx, scale))
             launch_dq((q, k, v, do, lse, delta, dq, scale))
+        if split and not with_bias:
             Hkv = k.shape[1]        # the shares (each in k's dtype, as FlashAttention-2's) summed in f32
             dk.copy_(dkx.view(B, Hkv, group, Nk, D).sum(2, dtype=torch.float32))
             dv.copy_(dvx.view(B, Hkv, group, Nk, Dv).sum(2, dtype=torch.float32))
-        else:
-            launch_dkdv((q, k, v, do, lse, delta, dk, dv, scale))
-            launch_dq((q, k, v, do, lse, delta, dq, scale))
         return dq, dk, dv
     return run
 
