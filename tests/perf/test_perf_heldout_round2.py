@@ -214,6 +214,10 @@ def test_ops_without_a_formula_are_reported_not_shown_as_free():
     table = {r[0]: r for r in profile.profile_rows(p)}
     assert table["aten::_fft_r2c"][profile.PROFILE_COLUMNS.index("FLOPs/step")] == profile.UNKNOWN_FLOPS
     assert any("no FLOP formula for aten::_fft_r2c" in line for line in profile.notes(p))
+    # A copy is no arithmetic, though torch tags clone pointwise.
+    _, gru_counts, _ = profiled("gru", True)
+    clones = [c for (op, _), c in gru_counts.items() if op == "aten::clone"]
+    assert clones and all(c.flops == 0 and c.bytes_written > 0 for c in clones)
     # Known ops with zero FLOPs are not reported: views, copies, the sum's reduction is counted.
     clean, _, _ = profiled("products", True)
     assert clean.unsupported == ()

@@ -293,6 +293,8 @@ def _flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     if per_element is not None and args and isinstance(args[0], torch.Tensor):
         return float(per_element * _numel(args[0]))
     tags = getattr(func, "tags", ())
+    if str(packet).removeprefix("aten.").rstrip("_") in NO_ARITHMETIC:
+        return 0.0  # a copy or a select, though torch tags some pointwise (clone, masked_fill)
     if torch.Tag.pointwise in tags:
         return float(sum(_numel(t) for t in _tensors(out)))  # 1 FLOP per output element, as torch's profiler
     if torch.Tag.reduction in tags and args and isinstance(args[0], torch.Tensor):
