@@ -424,6 +424,12 @@ BAD_NUMBERS = [
 ]
 
 
+BAD_NUMBERS += [
+    (lambda: profile.load_target(42), ProfileError, r"target=42 \(int\); expected 'path/to/script.py\[:fn\]'"),
+    (lambda: profile.count_ops("model"), ProfileError, r"step='model' \(str\); expected a callable"),
+]
+
+
 @pytest.mark.parametrize("call,error,message", BAD_NUMBERS, ids=[str(i) for i in range(len(BAD_NUMBERS))])
 def test_the_rest_of_the_public_api_refuses_bad_arguments_by_name(call, error, message):
     with pytest.raises(error, match=message):

@@ -579,6 +579,8 @@ def _event_shapes(e: Any) -> Shapes:
 
 def count_ops(step: Callable[[], Any]) -> dict[OpKey, _Count]:
     """Run ``step`` once under a dispatch mode; FLOPs and bytes of every ATen op, by profiler name and shapes."""
+    if not callable(step):
+        raise ProfileError(f"step={step!r} ({type(step).__name__}); expected a callable taking no arguments")
     from torch.utils._python_dispatch import TorchDispatchMode
 
     counts: dict[OpKey, _Count] = collections.defaultdict(_Count)
@@ -1123,7 +1125,11 @@ def load_target(target: str) -> tuple[Any, Any]:
     ``fn`` (default ``build``) is called with no arguments and returns ``(model, inputs)``; without such a
     function the module's top-level ``model`` and ``inputs`` are used.
     """
-    spec, _, fn_name = target.partition(":")
+    if not isinstance(target, str | Path) or not str(target):
+        raise ProfileError(
+            f"target={target!r} ({type(target).__name__}); expected 'path/to/script.py[:fn]' or 'package.module[:fn]'"
+        )
+    spec, _, fn_name = str(target).partition(":")
     if spec.endswith(".py") or Path(spec).is_file():
         path = Path(spec)
         if not path.is_file():
