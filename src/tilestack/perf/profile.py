@@ -590,7 +590,7 @@ def count_ops(step: Callable[[], Any]) -> dict[OpKey, _Count]:
             self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
         ) -> Any:
             kwargs = kwargs or {}
-            if not has_flop_formula(func):
+            if getattr(func, "_can_decompose", lambda: True)() and not has_flop_formula(func):
                 # A composite op reaches the mode whole where autograd is off (inference_mode tensors):
                 # count the ops it is made of, as it runs them and as torch's FlopCounterMode counts them.
                 with self:
