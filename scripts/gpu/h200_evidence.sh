@@ -43,7 +43,7 @@ for p in $PARTS; do
     fp8-sweep) part 330 fp8-sweep python3 scripts/bench_inference.py --cases gemm --gemm-variants bf16-torch,fp8-act \
                  --gemm-sweep --json "$F/fp8_sweep.json" ;;
     ln-probe) part 120 ln-probe python3 scripts/gpu/probe_layer_norm.py ;;
-    bwd-probe) part 300 bwd-probe python3 scripts/gpu/probe_attention_bwd.py --json "$F/attention_bwd_probe.json" ;;
+    bwd-probe) part 420 bwd-probe python3 scripts/gpu/probe_attention_bwd.py --json "$F/attention_bwd_probe.json" ;;
     fp8-probe) part 300 fp8-probe python3 scripts/gpu/probe_fp8_gemm.py --json "$F/fp8_probe.json" ;;
     norm-bwd) part 120 norm-bwd python3 scripts/gpu/check_norm_backward.py --json "$F/norm_backward.json" ;;
     dropout) part 130 dropout python3 scripts/gpu/check_dropout.py --json "$F/dropout.json" ;;
