@@ -399,3 +399,21 @@ def test_compressed_training_with_a_single_client():
         res = simulate(s, task, rounds=2)
         assert all(r.num_aggregated == 1 for r in res.history.rounds)
         assert not _same(res.arrays, initial_arrays(task))
+
+
+def test_initial_arrays_that_do_not_fit_the_task_are_refused_before_any_work():
+    task = Task(**TINY)
+    other = initial_arrays(Task(**{**TINY, "model": "mlp", "hidden": 4}))
+    with pytest.raises(ValueError, match=r"simulate: initial has .*fc1.weight: \(60, 4\).*expected the task's model"):
+        simulate(_fedavg(), task, rounds=1, initial=other)
+
+
+def test_a_dp_round_short_of_its_accounted_sample_says_so():
+    from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    config = PrivacyConfig(1e-3, 4, NeighboringRelation.ADD_OR_REMOVE_ONE, SamplingMethod.NO_AMPLIFICATION)
+    s = make_strategy("dp-fedavg", clients_per_round=4, num_clients=4, accountant=RdpAccountant(config))
+    res = simulate(s, Task(**{**TINY, "num_clients": 4}, faults=((0, "crash"),)), rounds=1)
+    assert res.history.rounds[0].skipped.endswith("with a privacy accountant needs all 4 sampled replies "
+                                                  "(the accounted sample size), got 3")  # fmt: skip

@@ -9,7 +9,8 @@
 Layers: data (``synthetic``, ``partition``, ``task``), models and local training (``models``), the
 ClientApp (``client``), strategies (``strategies``: Flower's own and tilestack's Flower subclasses),
 system heterogeneity (``system``), transport (``engine`` in-process, Flower's simulation, or a
-deployment, all under ``grid.ManagedGrid``), the round loop (``driver``), ``metrics`` and ``plots``.
+deployment, all under ``grid.ManagedGrid``), the round loop (``driver``), the argument checks every entry
+point runs before any work (``checks``), ``metrics`` and ``plots``.
 See docs/federated.md.
 """
 

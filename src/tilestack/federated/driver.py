@@ -12,6 +12,9 @@ configure_evaluate, send, aggregate_evaluate, then server-side evaluation), and 
   NumPy's global ``np.random``, and neither takes a seed; the loop seeds both from (seed, round, phase)
   just before each configure and aggregate call, so a run (DP included) is reproducible, resumes bit for
   bit, and engines can be compared.
+- Checks: the loop's arguments, and the strategy's sampling settings against the nodes that answered the
+  roll call (``checks.check_strategy``: Flower's ``sample_nodes`` would otherwise wait forever for nodes
+  that never come), are checked before the first round.
 - Accounting: a round whose strategy returned no model (Bulyan with fewer than 4f + 3 replies, every
   reply left out) reports ``num_aggregated=0`` and why in ``RoundMetrics.skipped``.
 - Safety: an aggregate with a non-finite value is rejected (the global model stays as it was, the reason
@@ -20,8 +23,9 @@ configure_evaluate, send, aggregate_evaluate, then server-side evaluation), and 
   its own state such as server-optimiser moments or SCAFFOLD's c, metrics, and the in-process engine's
   per-client state) is written to ``checkpoint`` atomically (temporary file, fsync, rename); a later call
   with the same checkpoint starts after the last completed round. The checkpoint records what run it
-  belongs to (strategy, task, seed, node count, array names and shapes); resuming another run is refused
-  with a :class:`~tilestack.errors.FederatedError` naming what differs.
+  belongs to (strategy, task, seed, node count, array names and shapes); resuming another run, or a file
+  that is not a whole checkpoint, is refused with a :class:`~tilestack.errors.FederatedError` naming what
+  differs. A run interrupted mid-round (Ctrl-C, a crash) leaves the last completed round's checkpoint.
 """
 
 from __future__ import annotations
@@ -113,6 +117,10 @@ def skip_reason(strategy: Strategy, num_replies: int, num_sent: int | None = Non
         return "no clients were sampled for training"
     if num_replies == 0:
         return "no replies to aggregate"
+    sampled = getattr(strategy, "num_sampled_clients", None)
+    if getattr(strategy, "accountant", None) is not None and sampled is not None and num_replies != sampled:
+        return (f"{strategy_name(strategy)} with a privacy accountant needs all {sampled} sampled replies "
+                f"(the accounted sample size), got {num_replies}")  # fmt: skip
     f = getattr(strategy, "num_malicious_nodes", None)
     if type(strategy).__name__ == "Bulyan" and f is not None and num_replies < 4 * f + 3:
         return f"Bulyan needs >= 4f+3 = {4 * f + 3} replies (f={f}), got {num_replies}"

@@ -109,7 +109,29 @@ def check_arguments(strategy: Strategy, task: Task, *, rounds, engine="tilestack
     if initial is not None and not isinstance(initial, ArrayRecord):
         raise TypeError(f"simulate: initial is a {type(initial).__name__}; expected an ArrayRecord or None")
     check_strategy(strategy, task.num_clients)
+    if initial is not None:
+        _check_initial(strategy, task, initial)
     checkpoint_path(checkpoint)
+
+
+def _shapes(arrays: ArrayRecord) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(a.shape) for k, a in arrays.items()}
+
+
+def _check_initial(strategy: Strategy, task: Task, initial: ArrayRecord) -> None:
+    """``initial`` must be the task's model, or what the strategy builds from it (IFCA's and CFL's clusters):
+    other arrays would make every client fail on them, round after round."""
+    want = [_shapes(initial_arrays(task))]
+    if hasattr(strategy, "initial_arrays"):
+        want.append(_shapes(strategy.initial_arrays(task)))
+    got = _shapes(initial)
+    if got not in want:
+        diff = sorted(k for k in got.keys() | want[0].keys() if got.get(k) != want[0].get(k))
+        raise ValueError(
+            f"simulate: initial has {', '.join(f'{k}: {got.get(k)}' for k in diff[:4])}; expected the task's model "
+            f"({', '.join(f'{k}: {want[0].get(k)}' for k in diff[:4])})"
+            + (" or the strategy's initial_arrays(task)" if len(want) > 1 else "")
+        )
 
 
 def _run_on_flower(drive: Callable, num_nodes: int, backend: dict | None) -> RunResult:
