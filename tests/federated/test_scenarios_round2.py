@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg, FedProx
 from typer.testing import CliRunner
@@ -225,7 +225,8 @@ def test_local_training_and_evaluation_on_no_examples():
 
 
 def _misbehaving_app(behaviour: dict[int, str]) -> ClientApp:
-    """tilestack's real ClientApp, whose replies some partitions change: 'empty' (num-examples 0), 'inf'."""
+    """tilestack's real ClientApp, whose replies some partitions change: 'empty' (num-examples 0), 'inf', or
+    the first array's bytes made malformed ('int8-short', 'topk-odd', 'npy-cut', 'stype')."""
     app = ClientApp()
 
     @app.train()
@@ -240,7 +241,18 @@ def _misbehaving_app(behaviour: dict[int, str]) -> ClientApp:
             metrics["num-examples"] = 0
         if kind == "inf":
             arrays = {k: np.full_like(v, np.inf) for k, v in arrays.items()}
-        content = RecordDict({"arrays": codec.to_record(arrays), "metrics": MetricRecord(metrics)})
+        record = codec.to_record(arrays)
+        first = next(iter(record))
+        a = record[first]
+        malformed = {
+            "int8-short": dict(stype=codec.INT8_STYPE, data=b"\x00\x01"),
+            "topk-odd": dict(stype=codec.TOPK_STYPE, data=b"\x00" * 7),
+            "npy-cut": dict(stype=a.stype, data=a.data[:-8]),
+            "stype": dict(stype="no-such-serialisation", data=a.data),
+        }
+        if kind in malformed:
+            record[first] = Array(dtype=a.dtype, shape=tuple(a.shape), **malformed[kind])
+        content = RecordDict({"arrays": record, "metrics": MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)
 
     return app
@@ -255,10 +267,20 @@ def test_clients_without_examples_or_with_inf_weights_are_left_out(behaviour, ke
     for r in res.history.rounds:
         assert r.num_aggregated == kept
         for pid, kind in behaviour.items():
-            want = "empty: num-examples=0" if kind == "empty" else "non-finite"
+            want = "empty: num-examples=0, expected > 0" if kind == "empty" else "non-finite"
             assert r.excluded[str(pid)].startswith(want)
     assert all(np.all(np.isfinite(v)) for v in _np(res.arrays).values())
     assert _same(res.arrays, initial_arrays(task)) == (kept == 0)
+
+
+@pytest.mark.parametrize("kind", ["int8-short", "topk-odd", "npy-cut", "stype"])
+def test_a_reply_whose_bytes_do_not_decode_costs_that_client_not_the_run(kind):
+    task = Task(**TINY)
+    grid = ManagedGrid(InProcessGrid(_misbehaving_app({2: kind}), 6), task)
+    config = {TASK_KEY: task.to_json()}
+    res = run_rounds(_fedavg(), grid, initial_arrays(task), num_rounds=2, train_config=config)
+    for r in res.history.rounds:
+        assert r.num_aggregated == 5 and r.excluded["2"].startswith("malformed: fc.weight")
 
 
 # ---- HeteroFL with odd widths and hidden == input or output size --------------------------------------

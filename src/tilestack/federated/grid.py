@@ -16,8 +16,9 @@ SuperLink grid) and stays a ``Grid``, so the same strategy objects run over it:
   ``stragglers="drop"`` leaves out clients that cannot finish (FedAvg in the FedProx paper),
   ``"partial"`` keeps their partial work.
 - Faults: a reply that is an error (crash), arrives late (timeout), lacks its MetricRecord, misses an
-  array or carries an extra one, carries a non-finite value or an array of the wrong shape is left out
-  with its reason logged; the round goes on with the rest (which Flower's strategies would refuse whole).
+  array or carries an extra one, has no examples, carries a non-finite value, an array of the wrong shape
+  or bytes that do not decode is left out with its reason logged; the round goes on with the rest (which
+  Flower's strategies would refuse whole).
 - Accounting: bytes each way (array payloads), simulated round time (slowest kept client, or deadline).
 """
 
@@ -117,14 +118,22 @@ def check_reply(sent: RecordDict, reply: Message) -> str:
         n = next(iter(content.metric_records.values())).get("num-examples")
         if isinstance(n, (int, float)) and n <= 0:  # weight 0: nothing to average with (NaN: caught below)
             what = "training" if kind == MessageType.TRAIN else "test"
-            return f"empty: num-examples={n}; the client has no {what} examples"
+            return f"empty: num-examples={n}, expected > 0 (the client has no {what} examples)"
     shapes = {_canonical(k): a.shape for rec in sent.array_records.values() for k, a in rec.items()}
     for rec in content.array_records.values():
         for k, a in rec.items():
             want_shape = shapes.get(_canonical(k))
             if want_shape is not None and tuple(a.shape) != tuple(want_shape):
                 return f"shape: {k} is {tuple(a.shape)}, expected {tuple(want_shape)}"
-            if not np.all(np.isfinite(codec.decode(a))):
+            try:  # a client's bytes: a malformed array must cost that client its reply, not the server its run
+                value = codec.decode(a)
+            except Exception as ex:  # noqa: BLE001 - numpy and Flower raise several kinds on bad bytes
+                return f"malformed: {k} cannot be decoded ({type(ex).__name__}: {str(ex)[:REASON_CHARS]})"
+            if tuple(value.shape) != tuple(a.shape):
+                return f"malformed: {k} decodes to shape {tuple(value.shape)}, declared {tuple(a.shape)}"
+            if not np.issubdtype(value.dtype, np.number) or np.issubdtype(value.dtype, np.complexfloating):
+                return f"malformed: {k} has dtype {value.dtype}, expected real numbers"
+            if not np.all(np.isfinite(value)):
                 return f"non-finite: {k}"
     for rec in content.metric_records.values():
         for k, v in rec.items():
