@@ -69,11 +69,15 @@ class SystemModel:
             "speed_sigma": (number(self.speed_sigma) and self.speed_sigma >= 0, "a number >= 0"),
             "bandwidth_sigma": (number(self.bandwidth_sigma) and self.bandwidth_sigma >= 0, "a number >= 0"),
             "dropout": (number(self.dropout) and 0.0 <= self.dropout < 1.0, "a probability in [0, 1)"),
-            "straggler_fraction": (number(self.straggler_fraction) and 0.0 <= self.straggler_fraction <= 1.0,
-                                   "a share in [0, 1]"),  # fmt: skip
+            "straggler_fraction": (
+                number(self.straggler_fraction) and 0.0 <= self.straggler_fraction <= 1.0,
+                "a share in [0, 1]",
+            ),
             "straggler_epochs": (integer(self.straggler_epochs) and self.straggler_epochs >= 2, "an integer >= 2"),
-            "deadline": (self.deadline is None or (number(self.deadline) and self.deadline > 0),
-                         "None or a number of seconds > 0"),  # fmt: skip
+            "deadline": (
+                self.deadline is None or (number(self.deadline) and self.deadline > 0),
+                "None or a number of seconds > 0",
+            ),
             "seed": (integer(self.seed) and self.seed >= 0, "an integer >= 0"),
         }
         for name, (ok, expected) in checks.items():

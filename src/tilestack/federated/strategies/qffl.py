@@ -27,6 +27,7 @@ from tilestack.federated.strategies._util import metric, to_numpy, to_record
 
 LOSS_EPS = 1e-10  # as Flower's QFedAvg: F_k^(q-1) stays finite at zero loss
 
+
 class QFFL(QFedAvg):
     """Flower's QFedAvg fed with each client's loss at the global model (see module doc)."""
 
