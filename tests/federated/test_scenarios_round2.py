@@ -439,3 +439,10 @@ def test_a_dp_round_short_of_its_accounted_sample_says_so():
     res = simulate(s, Task(**{**TINY, "num_clients": 4}, faults=((0, "crash"),)), rounds=1)
     assert res.history.rounds[0].skipped.endswith("with a privacy accountant needs all 4 sampled replies "
                                                   "(the accounted sample size), got 3")  # fmt: skip
+
+
+def test_run_rounds_without_a_config_sends_the_grids_task():
+    task = Task(**TINY)
+    grid = ManagedGrid(InProcessGrid(tsclient.app, 6), task)
+    res = run_rounds(FedAvg(fraction_train=0.5, fraction_evaluate=1.0), grid, initial_arrays(task), num_rounds=2)
+    assert all(r.num_aggregated == 3 and not r.excluded and r.client_acc["mean"] > 0 for r in res.history.rounds)

@@ -49,6 +49,7 @@ from flwr.serverapp.strategy import Strategy
 from tilestack.errors import FederatedError
 from tilestack.federated import codec
 from tilestack.federated.checks import check_strategy, require_int, require_timeout
+from tilestack.federated.client import TASK_KEY
 from tilestack.federated.evaluation import Evaluator
 from tilestack.federated.grid import ManagedGrid
 from tilestack.federated.metrics import History, RoundMetrics, fairness
@@ -221,6 +222,9 @@ def run_rounds(
     check_strategy(strategy, len(list(grid.get_node_ids())))  # also the roll call, before any seeding: it
     # may draw random numbers on some engines
     ckpt = checkpoint_path(checkpoint)
+    # tilestack's ClientApp rebuilds the task from the config: the grid's task unless the caller names one
+    train_config = {TASK_KEY: grid.task.to_json(), **(train_config or {})}
+    evaluate_config = {TASK_KEY: grid.task.to_json(), **(evaluate_config or {})}
     arrays, history, first = initial_arrays, History(), 1
     signature = run_signature(strategy, grid, initial_arrays, seed)
     if ckpt is not None and ckpt.exists():
@@ -240,7 +244,7 @@ def run_rounds(
         t0 = time.perf_counter()
         grid.server_round = r
         _seed_global_rngs(seed, r, 0)
-        messages = list(strategy.configure_train(r, arrays, ConfigRecord(dict(train_config or {})), grid))
+        messages = list(strategy.configure_train(r, arrays, ConfigRecord(dict(train_config)), grid))
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         # DP noise is drawn here, after the clients ran (in this process or not)
         _seed_global_rngs(seed, r, AGGREGATE_PHASE)
@@ -258,7 +262,7 @@ def run_rounds(
         if new_arrays is not None:
             arrays = new_arrays
         _seed_global_rngs(seed, r, 1)
-        eval_messages = strategy.configure_evaluate(r, arrays, ConfigRecord(dict(evaluate_config or {})), grid)
+        eval_messages = strategy.configure_evaluate(r, arrays, ConfigRecord(dict(evaluate_config)), grid)
         eval_replies = grid.send_and_receive(eval_messages, timeout=timeout)
         strategy.aggregate_evaluate(r, eval_replies)
         rlog = grid.take_round_log()
