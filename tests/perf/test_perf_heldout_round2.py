@@ -11,6 +11,7 @@ grouped convolution's backward (torch counts its weight gradient as if groups we
 LSTM kernels (torch counts nothing for them).
 """
 
+import io
 import math
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 from typer.testing import CliRunner
@@ -100,7 +102,11 @@ def test_profile_rows_add_up_agree_with_torch_and_stay_finite(name, train):
             assert o.bound == "unknown" and o.roof_fraction is None and o.op in p.unsupported
     if p.ops:
         assert math.fsum(o.share for o in p.ops) == pytest.approx(1.0)
-    profile.profile_rows(p)  # renders
+    out = io.StringIO()
+    profile.print_profile(p, con=Console(file=out, width=1000))  # renders: notes, hot spots, the table
+    assert p.name in out.getvalue()
+    if p.unsupported:
+        assert f"no FLOP formula for {', '.join(p.unsupported)}" in out.getvalue()
     assert set(p.unsupported) == {op for (op, _), c in counts.items() if c.unsupported}
 
 
