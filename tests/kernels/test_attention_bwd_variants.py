@@ -12,6 +12,7 @@ import torch
 from test_attention import TOL, TRUNCATION, check_against_float64, inputs, rel
 from test_attention_edges import negative_scores
 
+from tilestack.errors import LaunchError
 from tilestack.kernels.attention_bwd import attention_backward
 from tilestack.kernels.attention_fwd import attention_forward
 
@@ -117,8 +118,11 @@ def test_deterministic_mode_and_masks_keep_the_split_kernels(rng, monkeypatch):
     assert "attention_bwd_dkdvdq_kernel" not in launched, launched
 
 
-def test_unknown_config_part_is_refused(rng):
+@pytest.mark.parametrize("config,match", [({"fused": {}}, "dkdvdq"), ({"dkdvdq": 3}, r"config\['dkdvdq'\] is 3"),
+                                          ([("dkdv", {})], "config is list")], ids=str)
+def test_bad_config_is_refused_by_name(config, match, rng, no_launch):
+    no_launch(BWD, *(name for name in dir(BWD) if name.endswith("_kernel")))
     q, k, v, do, scale = inputs(rng, (1, 2, 1, 8, 8, 16, None), torch.bfloat16)
-    o, lse = attention_forward(q, k, v, False, scale, backend="reference")
-    with pytest.raises(Exception, match="dkdvdq"):
-        attention_backward(q, k, v, o, lse, do, False, scale, backend="reference", config={"fused": {}})
+    o, lse = torch.zeros_like(do), torch.zeros(1, 2, 8)
+    with pytest.raises(LaunchError, match=match):
+        attention_backward(q, k, v, o, lse, do, False, scale, backend="reference", config=config)

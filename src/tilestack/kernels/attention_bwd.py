@@ -522,10 +522,17 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
     B, H, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
     _check_saved(q, v, o, lse, do)
+    if config is not None and not isinstance(config, dict):
+        raise LaunchError(f"attention_backward: config is {type(config).__name__}; expected a dict of kernel name "
+                          f"-> that kernel's config (delta, dkdv, dq, dkdvdq)")
     unknown = set(config or {}) - {"delta", "dkdv", "dq", "dkdvdq"}
     if unknown:
         raise LaunchError(f"attention_backward: config has {sorted(unknown)}; its kernels are delta, dkdv, dq and "
                           f"dkdvdq (dK, dV and dQ in one kernel)")
+    for part, c in (config or {}).items():
+        if not isinstance(c, dict):
+            raise LaunchError(f"attention_backward: config[{part!r}] is {c!r}; expected a dict of that kernel's "
+                              f"tunables and launch options (e.g. dict(BM=64, BN=64, num_warps=4))")
     if 0 in (B, H, Nq, Nk):       # nothing to launch: no query reaches a key, every gradient is zero (or empty)
         return lambda q, k, v, *_, **__: (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
