@@ -320,6 +320,16 @@ def test_bad_arguments_are_refused_before_any_work(kwargs, message):
     assert model.calls == 0
 
 
+def test_tensors_off_the_profiled_device_are_refused_before_any_work():
+    model = Counting()
+    with pytest.raises(ProfileError, match=r"inputs on meta; expected the model and its inputs on the profiled"):
+        profile.profile_model(model, (torch.empty(2, pm.FEAT, device="meta"),), ceilings=CEIL, device="cpu")
+    with pytest.raises(ProfileError, match=r"model parameters on meta; expected .* \(cpu\)"):
+        profile.profile_model(Counting().to("meta"), (X,), ceilings=CEIL, device="cpu")
+    assert model.calls == 0
+    profile.profile_model(model, (X, torch.tensor(1.0)), steps=1, warmup=0, ceilings=CEIL)  # 0-dim: fine
+
+
 def test_train_without_anything_to_differentiate_and_mismatched_shapes():
     ident = pm.Identity()
     with pytest.raises(ProfileError, match="train=True, but model Identity has no parameter that requires grad"):

@@ -758,6 +758,26 @@ def _check_arguments(
         ) from None
 
 
+def _check_placement(model: Any, inputs: Any, kind: str) -> None:
+    """Inputs (all but 0-dim ones, which torch moves itself) and parameters must be on the profiled device kind:
+    a meta or another device's tensor would be timed as nothing, or fail deep in the first step."""
+    import torch
+
+    where = {f"inputs on {t.device.type}" for t in _tensors(inputs) if t.dim() > 0 and t.device.type != kind}
+    if isinstance(model, torch.nn.Module):
+        where |= {
+            f"model {kind_of}s on {t.device.type}"
+            for kind_of, ts in (("parameter", model.parameters()), ("buffer", model.buffers()))
+            for t in ts
+            if t.device.type != kind
+        }
+    if where:
+        raise ProfileError(
+            f"{', '.join(sorted(where))}; expected the model and its inputs on the profiled device ({kind}): "
+            "move them (model.to(device), tensor.to(device)) or pass device= to match"
+        )
+
+
 def make_step(model: Callable[..., Any], inputs: Any, *, train: bool = False) -> Callable[[], Any]:
     """One forward (``train`` False, under no_grad), or forward + backward of the sum of the outputs."""
     import torch
@@ -823,6 +843,7 @@ def profile_model(
         if isinstance(device, device_mod.Device)
         else device_mod.detect(device or _model_device(model, inputs))
     )
+    _check_placement(model, inputs, dev.kind)
     ceil = None if ceilings is False else (ceilings or device_mod.ceilings(dev))
     cuda = dev.kind == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
