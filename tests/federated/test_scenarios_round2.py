@@ -446,3 +446,15 @@ def test_run_rounds_without_a_config_sends_the_grids_task():
     grid = ManagedGrid(InProcessGrid(tsclient.app, 6), task)
     res = run_rounds(FedAvg(fraction_train=0.5, fraction_evaluate=1.0), grid, initial_arrays(task), num_rounds=2)
     assert all(r.num_aggregated == 3 and not r.excluded and r.client_acc["mean"] > 0 for r in res.history.rounds)
+
+
+@pytest.mark.parametrize("spec", ["topk:0.5", "int8"])
+def test_one_non_finite_update_does_not_poison_the_error_feedback(spec):
+    from flwr.app import Context
+
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    start = {"w": np.zeros(4, np.float32)}
+    bad = codec.decode(compress_update(spec, start, {"w": np.array([np.nan, 1, 2, np.inf], np.float32)}, ctx)["w"])
+    assert not np.all(np.isfinite(bad))  # sent as it is: the server leaves it out
+    good = codec.decode(compress_update(spec, start, {"w": np.array([0.5, 0.5, 0.5, 0.5], np.float32)}, ctx)["w"])
+    assert np.all(np.isfinite(good))

@@ -62,7 +62,11 @@ def compress_update(
             delta += residual[k]  # what earlier rounds did not send
         a = codec.encode_topk(delta, int(np.ceil(ratio * delta.size))) if method == "topk" else codec.encode_int8(delta)
         out[k] = a
-        left[k] = delta - codec.decode(a)
+        with np.errstate(invalid="ignore"):
+            rest = delta - codec.decode(a)
+        # a non-finite update is sent (the server leaves it out) but not carried: one bad round must not
+        # poison every later update of this client through the residual
+        left[k] = np.where(np.isfinite(rest), rest, np.float32(0.0)).astype(np.float32)
     context.state[RESIDUAL_STATE] = codec.to_record(left)
     return out
 
