@@ -246,6 +246,15 @@ class HugeButCheap(nn.Module):
         return self.emb(tokens).sum(1) + wide[: tokens.shape[0]] * 2.0
 
 
+class Pools(nn.Module):
+    """Max and average pools (1-d, 2-d, 3-d) and adaptive ones, as a CNN's stem and head have them."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        # a: (B, C, L), b: (B, C, H, W), c: (B, C, D, H, W)
+        y = F.max_pool1d(a, 3, stride=2).sum() + F.avg_pool2d(b, 2).sum() + F.max_pool3d(c, (1, 2, 2)).sum()
+        return y + F.adaptive_avg_pool2d(F.max_pool2d(b, 3, stride=1, padding=1), 2).sum()
+
+
 class SparseMatmul(nn.Module):
     """torch.sparse.mm of a sparse COO input by a dense weight (no FLOP formula: reported)."""
 
@@ -417,6 +426,11 @@ def batch_zero():
 
 
 @_seeded
+def pools():
+    return Pools(), (torch.randn(BATCH, 4, 9), torch.randn(BATCH, 4, 6, 6), torch.randn(1, 2, 3, 4, 4))
+
+
+@_seeded
 def sparse_matmul():
     return SparseMatmul(), (torch.randn(6, FEAT).relu().to_sparse(),)
 
@@ -460,6 +474,7 @@ MODELS = {
         (huge_but_cheap, True),
         (batch_zero, True),
         (sparse_matmul, True),
+        (pools, False),
     )
 }
 build = lstm

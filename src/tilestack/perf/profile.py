@@ -413,6 +413,17 @@ def _norm_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> floa
     return float(per_element * _numel(arg("grad_out")))
 
 
+def _window_flops(dims: int) -> Callable[[Any, tuple, dict, Any], float]:
+    """A ``dims``-d max or average pool: one compare or add per tap of its window at each output element."""
+
+    def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        kernel = [int(k) for k in _argument(func, args, kwargs, "kernel_size")]
+        taps = math.prod(kernel) if len(kernel) == dims else kernel[0] ** dims  # an int given for every dim
+        return float(taps * _numel(_tensors(out)[0]))
+
+    return count
+
+
 def _accumulate_flops(source: str) -> Callable[[Any, tuple, dict, Any], float]:
     """index_add / scatter_add / embedding's weight gradient: one add per element of ``source``."""
 
@@ -455,6 +466,13 @@ OWN_FLOPS: dict[str, Callable[[Any, tuple, dict, Any], float]] = {
     "aten._embedding_bag": _embedding_bag_flops,
     "aten._embedding_bag_forward_only": _embedding_bag_flops,
     "aten.cumsum": _accumulate_flops("self"),
+    **{f"aten.{op}{d}d{tail}": _window_flops(d) for op in ("max_pool", "avg_pool") for d in (1, 2, 3)
+       for tail in (("", "_with_indices") if op == "max_pool" else ("",))},
+    # Adaptive pools fold every input element into one output (compare or add).
+    **{f"aten.{op}": _accumulate_flops("self") for op in (
+        "_adaptive_avg_pool2d", "_adaptive_avg_pool3d", "adaptive_avg_pool1d", "adaptive_max_pool1d",
+        "adaptive_max_pool2d", "adaptive_max_pool3d",
+    )},
 }
 # Ops whose 0 FLOPs is the count (data movement, bookkeeping); any other op with no formula is reported as
 # uncounted (``ModelProfile.unsupported``), not shown as free. Names without ``aten.`` and a trailing ``_``.
