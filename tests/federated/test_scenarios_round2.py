@@ -458,3 +458,18 @@ def test_one_non_finite_update_does_not_poison_the_error_feedback(spec):
     assert not np.all(np.isfinite(bad))  # sent as it is: the server leaves it out
     good = codec.decode(compress_update(spec, start, {"w": np.array([0.5, 0.5, 0.5, 0.5], np.float32)}, ctx)["w"])
     assert np.all(np.isfinite(good))
+
+
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda: RandomSelector(seed=-1), "RandomSelector: seed=-1; expected an integer >= 0"),
+        (lambda: Selected(_fedavg(), RandomSelector(0), per_round=0), "Selected: per_round=0; expected an integer"),
+        (lambda: make_strategy("fedavg", clients_per_round=2, num_clients=4, server_lr=0.0), "server_lr=0.0"),
+        (lambda: make_strategy("fedprox", clients_per_round=2.5, num_clients=4), "clients_per_round=2.5"),
+        (lambda: make_strategy("fedsgd", clients_per_round=2, num_clients=4), "name='fedsgd'; expected one of"),
+    ],
+)
+def test_strategy_building_blocks_name_bad_arguments(make, needle):
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
+        make()

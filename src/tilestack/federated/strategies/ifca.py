@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggregate_metricrecords
 
+from tilestack.federated.checks import require_int
 from tilestack.federated.client import CLUSTER_SEP, IFCA_KEY, PARTITION_METRIC, cluster_key
 from tilestack.federated.strategies._util import metric, ok_replies, to_numpy, to_record
 from tilestack.federated.task import Task
@@ -53,6 +54,7 @@ class IFCA(FedAvg):
         super().__init__(**fedavg_kwargs)
         if num_clusters < 1:
             raise ValueError(f"IFCA: num_clusters={num_clusters!r}; expected >= 1")
+        require_int("IFCA", "seed", seed, low=0)
         if reseed_after < 0:
             raise ValueError(f"IFCA: reseed_after={reseed_after!r}; expected >= 0 (0: never re-seed)")
         self.num_clusters, self.reseed_after, self.seed = num_clusters, reseed_after, seed

@@ -23,6 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from tilestack.federated.checks import require_int
 from tilestack.federated.client import PARTITION_METRIC
 from tilestack.federated.strategies._util import metric, ok_replies
 from tilestack.federated.system import SystemModel
@@ -69,6 +70,7 @@ class RandomSelector:
     """Uniform sampling without replacement, seeded by (seed, round)."""
 
     def __init__(self, seed: int = 0):
+        require_int("RandomSelector", "seed", seed, low=0)
         self.seed = seed
 
     def select(self, server_round: int, node_ids: list[int], k: int, grid: Grid) -> list[int]:
@@ -90,6 +92,12 @@ class OortSelector:
             raise ValueError(f"OortSelector: epsilon={epsilon!r}; expected in [0, 1]")
         if alpha < 0:
             raise ValueError(f"OortSelector: alpha={alpha!r}; expected >= 0")
+        require_int("OortSelector", "seed", seed, low=0)
+        if full_steps is not None and len(full_steps) != system.num_clients:
+            raise ValueError(
+                f"OortSelector: full_steps has {len(full_steps)} entries; expected one per client "
+                f"(system.num_clients={system.num_clients})"
+            )
         self.system, self.alpha, self.epsilon, self.seed = system, alpha, epsilon, seed
         steps = np.asarray(full_steps if full_steps is not None else [1] * system.num_clients, np.float64)
         assert system.speeds is not None
@@ -138,8 +146,7 @@ class Selected(Strategy):
     """``inner`` strategy, trained on the ``per_round`` clients ``selector`` picks each round."""
 
     def __init__(self, inner: Strategy, selector: RandomSelector | OortSelector, per_round: int):
-        if per_round < 1:
-            raise ValueError(f"Selected: per_round={per_round!r}; expected >= 1")
+        require_int("Selected", "per_round", per_round, low=1)
         if getattr(inner, "fraction_train", 1.0) != 1.0:
             raise ValueError(
                 f"Selected: inner.fraction_train={inner.fraction_train!r}; expected 1.0 (the selector picks the nodes)"
