@@ -45,7 +45,7 @@ def require_timeout(where: str, value, name: str = "timeout") -> None:
 
 def _sampling_strategy(strategy: Strategy, num_nodes: int) -> tuple[Strategy, int, str]:
     """The innermost strategy (the one that samples), how many nodes it is shown, and why that many."""
-    s, nodes, why = strategy, num_nodes, f"the run's {num_nodes} nodes"
+    s, nodes, why = strategy, num_nodes, f"the {num_nodes} node{'s' if num_nodes != 1 else ''} of the run"
     while True:
         own = vars(s)  # not getattr: the wrappers forward unknown attributes to the strategy they wrap
         per_round = own.get("per_round")
