@@ -473,3 +473,11 @@ def test_one_non_finite_update_does_not_poison_the_error_feedback(spec):
 def test_strategy_building_blocks_name_bad_arguments(make, needle):
     with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
         make()
+
+
+@pytest.mark.parametrize("nodes", [2, 7])
+def test_a_grid_whose_nodes_do_not_match_the_task_is_refused_before_any_round(nodes):
+    task = Task(**TINY)
+    grid = ManagedGrid(InProcessGrid(tsclient.app, nodes), task)
+    with pytest.raises(ValueError, match=f"grid's {nodes} nodes hold partition ids .*; expected each of 0..5 once"):
+        run_rounds(_fedavg(min_train_nodes=1, min_available_nodes=1), grid, initial_arrays(task), num_rounds=1)

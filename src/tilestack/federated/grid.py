@@ -189,6 +189,13 @@ class ManagedGrid(Grid):
                     self.partition_of[reply.metadata.src_node_id] = int(reply.content["metrics"][PARTITION_METRIC])
             if len(self.partition_of) != len(ids):
                 raise RuntimeError(f"ManagedGrid: {len(self.partition_of)} of {len(ids)} nodes answered the roll call")
+        pids = sorted(self.partition_of.values())
+        if pids != list(range(self.task.num_clients)):
+            shown = f"{pids[:8]}{'...' if len(pids) > 8 else ''}"
+            raise ValueError(
+                f"ManagedGrid: the grid's {len(pids)} nodes hold partition ids {shown}; expected each of "
+                f"0..{self.task.num_clients - 1} once (task.num_clients={self.task.num_clients})"
+            )
         self._order = sorted(self.partition_of, key=self.partition_of.__getitem__)
 
     def get_node_ids(self) -> Iterable[int]:
