@@ -35,6 +35,7 @@ backward) and the shapes, so ``tilestack compare`` pairs only the same op of the
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -191,6 +192,7 @@ class _Count:
     bytes_written: float = 0.0
     dtype: str = ""
     unsupported: bool = False  # no FLOP formula for an op that computes: its FLOPs are unknown, not 0
+    parents: tuple[OpKey, ...] = ()  # the ATen ops it ran inside, nearest first (composites above the mode)
 
 
 def _tensors(obj: Any) -> list[Any]:
@@ -630,9 +632,47 @@ def count_ops(step: Callable[[], Any]) -> dict[OpKey, _Count]:
             c.dtype = c.dtype or _dtype(ins + outs)
             return out
 
-    with _eager(), Counter():
+    with _eager(), _call_tree() as tree, Counter():
         step()
+    _note_parents(counts, tree)
     return dict(counts)
+
+
+@contextlib.contextmanager
+def _call_tree() -> Any:
+    """The profiler's event tree of the counted step, or None where a profiler is already running: it tells
+    which composite op (``max_pool1d``) each counted op ran inside, for ops that plain eager runs differently."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if torch._C._autograd._profiler_enabled():  # the caller is profiling: a second session would end theirs
+        yield None
+        return
+    prof = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
+    prof.__enter__()
+    holder: list[Any] = [None]
+    try:
+        yield holder
+    finally:
+        prof.__exit__(None, None, None)
+    holder[0] = prof.events()
+
+
+def _note_parents(counts: dict[OpKey, _Count], tree: Any) -> None:
+    """Each counted op's enclosing ATen ops, nearest first, as the counting pass's profiler saw them."""
+    if not tree or tree[0] is None:
+        return
+    for e in tree[0]:
+        key = (e.name, _event_shapes(e))
+        c = counts.get(key)
+        if c is None or c.parents:
+            continue
+        parents, x = [], e.cpu_parent
+        while x is not None:
+            if x.name.startswith("aten::") and x.name != e.name:
+                parents.append((x.name, _event_shapes(x)))
+            x = x.cpu_parent
+        c.parents = tuple(parents)
 
 
 def _eager() -> Any:
@@ -1033,8 +1073,10 @@ def _fold_untimed(
 ) -> dict[OpKey, _Count]:
     """Counts with each counted op that got no time of its own folded into the row that has its time: the row
     whose subtree the profiler ran it in (autograd's ``clone`` inside ``mul_``), else its in-place or out-of-place
-    twin at the same shapes (``add`` counted, ``add_`` timed: composite compliance). Calls stay the row's own.
-    Ops with neither stay apart (``ModelProfile.untimed``)."""
+    twin at the same shapes (``add`` counted, ``add_`` timed: composite compliance), else the nearest composite
+    it ran inside that has a row (``max_pool1d``, whose own CPU kernel plain eager runs instead of the
+    ``max_pool2d_with_indices`` the counting pass saw). Calls stay the row's own. Ops with none of these stay
+    apart (``ModelProfile.untimed``)."""
     out = {k: dataclasses.replace(c) for k, c in counts.items()}
     for key in counted - timed:
         name, shapes = key
@@ -1045,9 +1087,14 @@ def _fold_untimed(
         if target is None or target not in timed:
             twin = (name[:-1] if name.endswith("_") else name + "_", shapes)
             target = twin if twin in timed and twin in counted else None
+        if target is None:  # the composite it ran inside, where eager runs that one's own kernel instead
+            target = next(
+                (k for parent in counts[key].parents for k in (parent, (parent[0], ())) if k in timed), None
+            )
         if target is None:
             continue
-        c, into = out.pop(key), out[target]
+        c = out.pop(key)
+        into = out.setdefault(target, _Count(dtype=c.dtype))  # calls 0: an uncounted row keeps the profiler's
         into.flops += c.flops
         into.bytes_read += c.bytes_read
         into.bytes_written += c.bytes_written
@@ -1088,6 +1135,7 @@ def _join(
     rows = {k: t for k, t in rows.items() if t.seconds > 0}
     unsupported = tuple(sorted({op for (op, _), c in counts.items() if c.unsupported}))
     counts = _fold_untimed(counts, counted, set(rows), inside)
+    counted = counted | {k for k, c in counts.items() if c.flops > 0 or c.bytes_read + c.bytes_written > 0}
 
     def per_step(t: _Timed) -> tuple[float, ...]:
         return tuple(t.per_step.get(i, 0.0) for i in range(steps))
@@ -1114,7 +1162,7 @@ def _join(
         if s <= 0:
             continue  # an op in fewer than half of the steps: no time in the median step
         c = counts.get(key) if key in counted else None
-        calls = c.calls if c is not None else t.calls / steps  # counted calls are exact; else the profiler's
+        calls = c.calls if c is not None and c.calls else t.calls / steps  # counted calls are exact; else profiler's
         per_call = max(calls, 1)
         c = c or _Count()
         dtype = c.dtype or step_dtype
