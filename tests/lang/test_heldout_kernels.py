@@ -16,6 +16,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from sm90a_compile import check_triton_sm90a, compile_gluon_sm90a
 
 import tilestack.lang as ts
 from tilestack import config
@@ -860,30 +861,15 @@ F32_MMA_CASES = {"row_cumsum": (row_cumsum, (_meta(256, 1024), _meta(256, 1024))
 
 @pytest.mark.parametrize("name", [*AOT_CASES, *F32_MMA_CASES])
 def test_compiles_for_sm90a_with_triton(name):
-    from tilestack.tune import aot
-    reason = aot.missing_tools()
-    if reason:
-        pytest.skip(reason)
-    kernel, args, consts = {**AOT_CASES, **F32_MMA_CASES}[name]
-    r = aot.resources(kernel, args, consts, {}, cache=False, timeout_s=None)
-    assert r.ok, r.error
-    assert r.spills == 0 and r.registers <= 255, r
+    check_triton_sm90a(*{**AOT_CASES, **F32_MMA_CASES}[name])
 
 
 @pytest.mark.parametrize("name", AOT_CASES)
 def test_compiles_for_sm90a_with_gluon(name):
-    from tilestack.backends import get_backend
-    from tilestack.backends.gluon import aot as gaot
-    try:
-        gaot.tool("ptxas")
-    except gaot.ToolMissing as e:
-        pytest.skip(str(e))
-    kernel, args, consts = AOT_CASES[name]
-    be = get_backend("gluon")
-    compiled = be.aot(kernel.trace(*args, **consts), be.Options())
-    res = gaot.resources(compiled)
-    assert res["spill_stores"] == res["spill_loads"] == 0, res["report"]
+    kernel = AOT_CASES[name][0]
+    compiled = compile_gluon_sm90a(*AOT_CASES[name])
     if kernel in (batched_gemm, staged_gemm):
+        from tilestack.backends.gluon import aot as gaot
         assert "HGMMA.64x128x16.F32" in gaot.sass(compiled)
 
 
