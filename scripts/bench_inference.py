@@ -21,9 +21,11 @@ Cases:
 - ``gemm``: the GPT-2 linear layers at M = 8 x 1024 rows: torch bf16 (cuBLAS), tilestack's bf16 GEMM, int8
   weight-only (``int8-w``: quantized_linear, qgemm_kernel with W widened in the loop; ``int8-w-transposed``:
   qgemm_wonly_kernel, Y^T = W X^T), fp8
-  weight-only, fp8 weights and activations (``fp8-act``: quantized_linear, the activations quantized inside the
-  GEMM by qgemm_act_kernel; ``fp8-act-two-pass``: a quantizing pass, then the fp8 x fp8 GEMM, the form before;
-  ``fp8-act-gemm-only``: that GEMM alone on activations already in fp8); on a GPU also ``fp8-act-gluon`` and
+  weight-only, fp8 weights and activations (``fp8-act``: quantized_linear on bf16 x as the device's default
+  quantizes it, on a GPU a quantizing pass then the fp8 x fp8 GEMM; ``fp8-act-in-gemm``: the activations
+  quantized inside the GEMM by qgemm_act_kernel; ``fp8-in``: quantized_linear on x already in fp8, as its
+  producer would hand it over; ``fp8-act-gemm-only``: qgemm_kernel called directly on that fp8 x, no
+  host-side plan); on a GPU also ``fp8-act-gluon`` and
   ``fp8-act-gluon-ws``, the in-GEMM quantizing kernel on the Gluon backend, persistent or with warp roles.
   ``--gemm-variants`` picks some (bf16-torch, the baseline, always runs).
 - ``epilogue``: GPT-2 small's MLP layers at M = 8 x 1024 rows, c_fc + bias + GELU (tanh) and c_proj + bias +
@@ -68,11 +70,11 @@ VARIANTS = ("eager", "inductor", "inductor-max-autotune", "tilestack", "tilestac
             "tilestack-reduce-overhead", "tilestack-int8", "tilestack-fp8-act")
 QUICK_VARIANTS = ("eager", "inductor", "tilestack", "tilestack-int8")
 QUANT_VARIANTS = {"tilestack-int8": "int8", "tilestack-fp8-act": "fp8-act"}
-GEMM_VARIANTS = ("bf16-torch", "bf16-tilestack", "int8-w", "int8-w-transposed", "fp8-w", "fp8-act", "fp8-act-two-pass",
-                 "fp8-act-gemm-only")
+GEMM_VARIANTS = ("bf16-torch", "bf16-tilestack", "int8-w", "int8-w-transposed", "fp8-w", "fp8-act", "fp8-act-in-gemm",
+                 "fp8-in", "fp8-act-gemm-only")
 GLUON_GEMM_VARIANTS = {"fp8-act-gluon": dict(persistent=True),          # the same kernel on the Gluon backend (a
                        "fp8-act-gluon-ws": dict(warp_specialize=True)}  # Hopper GPU only): persistent / warp roles
-FP8_BAR_VARIANTS = ("fp8-act", "fp8-act-gluon", "fp8-act-gluon-ws", "fp8-gemm-best")
+FP8_BAR_VARIANTS = ("fp8-act", "fp8-act-in-gemm", "fp8-in", "fp8-act-gluon", "fp8-act-gluon-ws", "fp8-gemm-best")
 EPILOGUE_VARIANTS = ("torch-eager", "inductor", "tilestack-unfused", "tilestack-fused", "tilestack-backend")
 OUT_TOL = 1e-2            # bf16 outputs against eager: ||out - eager|| / ||eager|| (norm-relative; docs/inference.md)
 SPEEDUP_EAGER = 1.3
@@ -308,17 +310,6 @@ def _weight_only_transposed(x, q, s):
     return y
 
 
-def _fp8_two_pass(x, q, s, x_scale):
-    """fp8 weights and activations as before qgemm_act_kernel: a pass quantizing x, then the fp8 x fp8 GEMM."""
-    from tilestack.quant.gemm import inverse_scale, qgemm_kernel, quantize_fp8_kernel
-
-    xq = torch.empty(x.shape, device=x.device, dtype=torch.float8_e4m3fn)
-    quantize_fp8_kernel(x, xq, inverse_scale(x_scale))
-    y = torch.empty(x.shape[0], q.shape[0], device=x.device, dtype=x.dtype)
-    qgemm_kernel(xq, q, s, s, s, y, x_scale)
-    return y
-
-
 def run_gemm_case(quick: bool, sweep: bool = False, variants=None) -> list[dict]:
     """Per GPT-2 linear shape, each variant's time (``variants``: names from GEMM_VARIANTS and, on a GPU,
     GLUON_GEMM_VARIANTS; None: all; bf16-torch, the baseline, always runs); with ``sweep`` also the best config of
@@ -357,12 +348,13 @@ def run_gemm_case(quick: bool, sweep: bool = False, variants=None) -> list[dict]
             "int8-w": P(quantized_linear, x, q8, s8),                  # qgemm_kernel, W widened in the loop
             "int8-w-transposed": P(_weight_only_transposed, x, q8, s8),
             "fp8-w": P(quantized_linear, x, qf, sf),
-            "fp8-act": P(quantized_linear, x, qf, sf, x_scale=xs),     # qgemm_act_kernel: x quantized in the loop
-            "fp8-act-two-pass": P(_fp8_two_pass, x, qf, sf, xs),
+            "fp8-act": P(quantized_linear, x, qf, sf, x_scale=xs),     # the device's default (GPU: a pass, then fp8)
+            "fp8-act-in-gemm": P(quantized_linear, x, qf, sf, x_scale=xs, act_quant="gemm"),   # qgemm_act_kernel
+            "fp8-in": P(quantized_linear, xq, qf, sf, x_scale=xs),     # x in fp8 already (its producer quantized it)
             "fp8-act-gemm-only": P(qgemm_kernel, xq, qf, sf, sf, sf, yq, xs),   # writes yq, returns None
         }
         if device == "cuda":
-            fns |= {v: P(quantized_linear, x, qf, sf, x_scale=xs, backend="gluon", **opts)
+            fns |= {v: P(quantized_linear, x, qf, sf, x_scale=xs, act_quant="gemm", backend="gluon", **opts)
                     for v, opts in GLUON_GEMM_VARIANTS.items()}
         fns = {v: f for v, f in fns.items() if variants is None or v in variants or v == "bf16-torch"}
         base = None

@@ -39,7 +39,7 @@ for p in $PARTS; do
     gluon) part 200 gluon python3 scripts/gpu/check_gluon.py --json "$F/gluon.json" ;;
     lm-head) part 120 lm-head python3 scripts/gpu/check_lm_head.py --json "$F/lm_head.json" ;;
     fp8-gemm) part 200 fp8-gemm python3 scripts/bench_inference.py --cases gemm --json "$F/fp8_gemm.json" \
-                --gemm-variants bf16-torch,bf16-tilestack,fp8-act,fp8-act-two-pass,fp8-act-gemm-only,fp8-act-gluon,fp8-act-gluon-ws ;;
+                --gemm-variants bf16-torch,bf16-tilestack,fp8-act,fp8-act-in-gemm,fp8-in,fp8-act-gemm-only ;;
     fp8-sweep) part 330 fp8-sweep python3 scripts/bench_inference.py --cases gemm --gemm-variants bf16-torch,fp8-act \
                  --gemm-sweep --json "$F/fp8_sweep.json" ;;
     ln-probe) part 120 ln-probe python3 scripts/gpu/probe_layer_norm.py ;;

@@ -31,7 +31,9 @@ import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.ir.types import F8E4M3_MAX
 from tilestack.kernels._checks import check_same_device, check_tensor, nothing_to_launch
+from tilestack.kernels._plan import planned
 from tilestack.kernels.gemm import ACTIVATIONS, epilogue, grouped_tile, torch_activation
+from tilestack.tune.lookup import DEFAULT_BACKEND, launch_config, take_backend, tuned_launcher
 
 INT8_MAX = 127                                       # symmetric int8: [-127, 127], zero exactly representable
 MODES = ("int8", "fp8")
@@ -287,20 +289,43 @@ def reference(x, q, scale, bias=None, x_scale=None, *, activation: str | None = 
 # ---- the public function ----------------------------------------------------------------------------------------
 # weight-only on a GPU: BK 64 in 3 stages (the first H200 run's config, 0.56-0.89x bf16 cuBLAS on GPT-2's layers)
 WEIGHT_ONLY_CUDA_CONFIG = dict(BK=64, num_stages=3)
+# fp8 x fp8 on a GPU without a tuned entry (tune/tables/qgemm_*): the H200's best single config over GPT-2's four
+# linear layers (scripts/gpu/probe_fp8_gemm.py, 2026-12-03: 1.44-1.57x bf16 cuBLAS, kernel time), one warpgroup
+# with a 128 x 128 accumulator (2 blocks per SM)
+FP8_CUDA_CONFIG = dict(BM=128, BN=128, BK=128, GROUP_M=8, num_warps=4, num_stages=3)
+# How fp8 weights-and-activations quantize a float x, by device type: "gemm" in the GEMM's loop (qgemm_act_kernel:
+# no pass of its own, but each x tile is quantized once per column block and goes through shared memory on the
+# critical path), "pass" a quantizing pass then the fp8 x fp8 GEMM (qgemm_kernel); docs/inference.md
+ACT_QUANT = {"cuda": "pass"}
+ACT_QUANT_MODES = ("gemm", "pass")
 
 
 def quantized_linear(x, q, scale, bias=None, *, x_scale: float | None = None, activation: str | None = None,
-                     residual=None, backend: str | None = None, **config):
-    """y = activation(x @ (q * scale[:, None])^T + bias) + residual for x (M, K) f32/bf16/f16, q (N, K) int8 or
+                     residual=None, out_dtype=None, act_quant: str | None = None, backend: str | None = None,
+                     **config):
+    """y = activation(x @ (q * scale[:, None])^T + bias) + residual for x (M, K), q (N, K) int8 or
     float8_e4m3fn, scale (N,) f32, bias (N,) float or None, activation None or one of
-    ``tilestack.kernels.gemm.ACTIVATIONS``, residual (M, N) float or None; y in x's dtype. With ``x_scale`` (fp8
-    q only) x is quantized to fp8 first (x / x_scale) and the product runs in fp8 (module docstring). The
-    epilogue is ``tilestack.kernels.gemm``'s, on the f32 accumulator. Meta tensors give a meta result."""
+    ``tilestack.kernels.gemm.ACTIVATIONS``, residual (M, N) float or None.
+
+    x f32/bf16/f16: weight-only without ``x_scale``; with it (fp8 q only) x is quantized to fp8 (x / x_scale,
+    saturated) and the product runs in fp8, the quantizing done as ``act_quant`` says ("gemm": in the GEMM's
+    loop, "pass": a pass of its own first; None: ``ACT_QUANT`` by device, "gemm" off a GPU). y in x's dtype.
+    x float8_e4m3fn: activations quantized already (by their producer, as TensorRT's fp8 graphs carry them),
+    ``x_scale`` required (x's values times x_scale are the activations); y in ``out_dtype`` (default bf16).
+    The epilogue is ``tilestack.kernels.gemm``'s, on the f32 accumulator. Meta tensors give a meta result.
+    Checks, config and launcher are planned once per launch signature (``kernels._plan``)."""
+    return _planned_linear(x, q, scale, bias, x_scale=x_scale, activation=activation, residual=residual,
+                           out_dtype=out_dtype, act_quant=act_quant, backend=backend, **config)
+
+
+def _check_linear(x, q, scale, bias, x_scale, activation, residual, out_dtype, act_quant) -> None:
+    """Every check of quantized_linear's arguments, before any work (once per signature)."""
     import math
 
     import torch
 
-    check_tensor("quantized_linear", "x", x, rank=2, dtypes=(torch.float32, torch.bfloat16, torch.float16))
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    check_tensor("quantized_linear", "x", x, rank=2, dtypes=(*floats, torch.float8_e4m3fn))
     check_tensor("quantized_linear", "q", q, rank=2, dtypes=(torch.int8, torch.float8_e4m3fn))
     check_tensor("quantized_linear", "scale", scale, rank=1, dtypes=(torch.float32,))
     if q.shape[1] != x.shape[1]:
@@ -310,38 +335,108 @@ def quantized_linear(x, q, scale, bias=None, *, x_scale: float | None = None, ac
         raise LaunchError(f"quantized_linear: scale has {scale.shape[0]} elements; expected q.shape[0] = "
                           f"{q.shape[0]} (one per output channel)")
     if bias is not None:
-        check_tensor("quantized_linear", "bias", bias, rank=1,
-                     dtypes=(torch.float32, torch.bfloat16, torch.float16))
+        check_tensor("quantized_linear", "bias", bias, rank=1, dtypes=floats)
         if bias.shape[0] != q.shape[0]:
             raise LaunchError(f"quantized_linear: bias has {bias.shape[0]} elements; expected q.shape[0] = "
                               f"{q.shape[0]}")
     if activation is not None and activation not in ACTIVATIONS:
         raise LaunchError(f"quantized_linear: activation={activation!r}; expected None or one of {ACTIVATIONS}")
     if residual is not None:
-        check_tensor("quantized_linear", "residual", residual, rank=2,
-                     dtypes=(torch.float32, torch.bfloat16, torch.float16))
+        check_tensor("quantized_linear", "residual", residual, rank=2, dtypes=floats)
         if tuple(residual.shape) != (x.shape[0], q.shape[0]):
             raise LaunchError(f"quantized_linear: residual is {tuple(residual.shape)}; expected the output's shape "
                               f"(x.shape[0], q.shape[0]) = {(x.shape[0], q.shape[0])}")
+    fp8_x = x.dtype == torch.float8_e4m3fn
+    if fp8_x and x_scale is None:
+        raise LaunchError("quantized_linear: x is float8_e4m3fn (activations quantized already) and needs "
+                          "x_scale=<the scale they were quantized with>")
     if x_scale is not None:
         if q.dtype != torch.float8_e4m3fn:
             raise LaunchError(f"quantized_linear: x_scale is for fp8 weights and activations; q is {q.dtype}")
         if isinstance(x_scale, bool) or not isinstance(x_scale, int | float) or not (
                 math.isfinite(x_scale) and x_scale > 0):
             raise LaunchError(f"quantized_linear: x_scale must be a finite number > 0, got {x_scale!r}")
+    if out_dtype is not None and (not fp8_x or out_dtype not in floats):
+        raise LaunchError(f"quantized_linear: out_dtype={out_dtype!r} is for a float8_e4m3fn x (the output of a "
+                          "float x is in x's dtype); expected None or one of torch.float32, torch.bfloat16, "
+                          "torch.float16")
+    if act_quant is not None and (act_quant not in ACT_QUANT_MODES or x_scale is None or fp8_x):
+        raise LaunchError(f"quantized_linear: act_quant={act_quant!r}; expected None, or one of {ACT_QUANT_MODES} "
+                          "with a float x and x_scale (how the activations are quantized)")
     check_same_device("quantized_linear", x=x, q=q, scale=scale, bias=bias, residual=residual)
-    y = torch.empty(x.shape[0], q.shape[0], dtype=x.dtype, device=x.device)
-    if nothing_to_launch(y):
-        return y
+
+
+def fp8_config(m: int, n: int, k: int, device, backend: str | None = DEFAULT_BACKEND) -> dict:
+    """The fp8 x fp8 GEMM's config for this size: tune's tables ("qgemm", by the largest dimension), else
+    ``FP8_CUDA_CONFIG`` on a GPU, else the kernel's defaults."""
+    default = FP8_CUDA_CONFIG if getattr(device, "type", device) == "cuda" else {}
+    return launch_config("qgemm", "float8_e4m3fn", device, max(m, n, k), dict(default), backend)
+
+
+@planned
+def _planned_linear(x, q, scale, bias=None, *, x_scale=None, activation=None, residual=None, out_dtype=None,
+                    act_quant=None, backend=None, **config):
+    import torch
+
+    _check_linear(x, q, scale, bias, x_scale, activation, residual, out_dtype, act_quant)
+    fp8_x = x.dtype == torch.float8_e4m3fn
+    dtype = (out_dtype or torch.bfloat16) if fp8_x else x.dtype
+    shape = (x.shape[0], q.shape[0])
+
+    def output(x):
+        return torch.empty(shape, dtype=dtype, device=x.device)
+
+    if nothing_to_launch(output(x)):
+        return lambda x, *_, **__: output(x)
     # an absent bias or residual: scale stands in for it, never read (HAS_BIAS / HAS_RESIDUAL are False)
-    bias_arg = scale if bias is None else bias
     flags = dict(HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, activation=activation)
-    if x_scale is not None:       # fp8 x fp8, x quantized inside the GEMM (K = 0: nothing to quantize)
-        qgemm_act_kernel(x, q, scale, bias_arg, scale if residual is None else residual, y, float(x_scale),
-                         inverse_scale(x_scale), backend=backend, **flags, **config)
-    else:   # weight-only: the direct form (the transposed qgemm_wonly_kernel measured slower on the H200:
-            # 0.49-0.70x bf16 cuBLAS against 0.56-0.89x, docs/inference.md), with its H200-measured tiles
+
+    def tail(bias, residual):
+        return (scale if bias is None else bias), (scale if residual is None else residual)
+
+    b0, r0 = tail(bias, residual)
+    if x_scale is None:   # weight-only: the direct form (the transposed qgemm_wonly_kernel measured slower on the
+        # H200: 0.49-0.70x bf16 cuBLAS against 0.56-0.89x, docs/inference.md), with its H200-measured tiles
         tiles = WEIGHT_ONLY_CUDA_CONFIG if x.device.type == "cuda" else {}
-        qgemm_kernel(x, q, scale, bias_arg, scale if residual is None else residual, y, 1.0, backend=backend,
-                     **flags, **(tiles | config))
-    return y
+        launch = qgemm_kernel.launcher_for((x, q, scale, b0, r0, output(x), 1.0), backend, **flags,
+                                           **(tiles | config))
+
+        def run_weight_only(x, q, scale, bias=None, *, residual=None, **_):
+            y = output(x)
+            launch((x, q, scale, *tail(bias, residual), y, 1.0))
+            return y
+        return run_weight_only
+    xs = float(x_scale)
+    how = act_quant or ACT_QUANT.get(x.device.type, "gemm")
+    if not fp8_x and how == "gemm":   # x quantized in the GEMM's loop (K = 0: nothing to quantize)
+        inv = inverse_scale(xs)
+        launch = qgemm_act_kernel.launcher_for((x, q, scale, b0, r0, output(x), xs, inv), backend, **flags,
+                                               **config)
+
+        def run_in_gemm(x, q, scale, bias=None, *, residual=None, **_):
+            y = output(x)
+            launch((x, q, scale, *tail(bias, residual), y, xs, inv))
+            return y
+        return run_in_gemm
+    # fp8 x (quantized by its producer), or a quantizing pass first: the fp8 x fp8 GEMM on both tiles from
+    # shared memory at its tuned config
+    cfg = fp8_config(x.shape[0], q.shape[0], x.shape[1], x.device, backend) | config
+    asked, chosen = backend, take_backend(cfg, backend)
+    xq0 = x if fp8_x else torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    launch = tuned_launcher(qgemm_kernel, (xq0, q, scale, b0, r0, output(x), xs), chosen, asked, **flags, **cfg)
+    if fp8_x:
+        def run_fp8(x, q, scale, bias=None, *, residual=None, **_):
+            y = output(x)
+            launch((x, q, scale, *tail(bias, residual), y, xs))
+            return y
+        return run_fp8
+    inv = inverse_scale(xs)
+    # K = 0: nothing to quantize (the GEMM gives the epilogue of zeros)
+    quantize = quantize_fp8_kernel.launcher_for((x, xq0, inv), backend) if x.shape[1] else (lambda args: None)
+
+    def run_two_pass(x, q, scale, bias=None, *, residual=None, **_):
+        xq, y = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device), output(x)
+        quantize((x, xq, inv))
+        launch((xq, q, scale, *tail(bias, residual), y, xs))
+        return y
+    return run_two_pass

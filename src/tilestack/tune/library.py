@@ -18,6 +18,7 @@ library did without it (as measured).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -263,6 +264,38 @@ def gemm_problems(dtype: str, small: bool = False) -> list[Problem]:
                            _default({}, small), make,     # the launch path's default: the declared one
                            priority=(0 if big else 4) + (0 if dtype == "bfloat16" else 2),
                            weight=(3.0 if big else 1.0) * (1.0 if dtype == "bfloat16" else 0.5)))
+    return out
+
+
+# ---- the fp8 GEMM (quant.gemm.qgemm_kernel on fp8 activations and weights) ------------------------------------------
+# (M, K, N) per bucket of the largest dim: GPT-2 small's qkv projection at 8 x 1024 tokens, a square 4096
+FP8_GEMM_SHAPES = ((8192, 768, 2304), (4096, 4096, 4096))
+FP8_GEMM = dict(BM=(64, 128, 256), BN=(64, 128, 256), BK=(64, 128), GROUP_M=(8,), num_warps=(4, 8),
+                num_stages=(2, 3, 4))
+
+
+def qgemm_problems(dtype: str, small: bool = False) -> list[Problem]:
+    """The fp8 x fp8 GEMM of quantized_linear (signature "float8_e4m3fn", whatever the model's float dtype: its
+    problems come with the bfloat16 ones only)."""
+    if dtype != "bfloat16":
+        return []
+    qg = importlib.import_module("tilestack.quant.gemm")
+    out = []
+    for i, (M, K, N) in enumerate(((48, 40, 80),) if small else FP8_GEMM_SHAPES):
+        def make(device, M=M, K=K, N=N):
+            import torch
+            x = _randn((M, K), torch.bfloat16, device, 0)
+            w = _randn((N, K), torch.float32, device, 1) * K**-0.5
+            q, s = qg.quantize_weight(w, "fp8")
+            x_scale = qg.activation_scale(float(x.abs().max()))
+            xq = qg.quantize_activation(x, x_scale)
+            y = torch.empty(M, N, dtype=torch.bfloat16, device=device)
+            want = (xq.float() @ q.float().T) * (x_scale * s)[None, :]
+            return direct(qg.qgemm_kernel, (xq, q, s, s, s, y, x_scale), {}, (5,), (want,))
+
+        out.append(Problem("qgemm", "float8_e4m3fn", max(M, K, N), f"{M}x{K}x{N} fp8", qg.qgemm_kernel, {},
+                           _restrict(FP8_GEMM, small, BM=(16, 32), BN=(16, 32), BK=(16, 32)),
+                           _default(dict(qg.FP8_CUDA_CONFIG), small), make, priority=5 + i, weight=1.0))
     return out
 
 
@@ -568,6 +601,7 @@ TUNERS: dict[str, Callable[..., list[Problem]]] = {
     "attention_fwd": attention_fwd_problems,
     "attention_bwd": attention_bwd_problems,
     "gemm": gemm_problems,
+    "qgemm": qgemm_problems,
     "softmax": softmax_problems,
     "layer_norm": layer_norm_problems,
     "rms_norm": rms_norm_problems,
