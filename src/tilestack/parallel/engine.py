@@ -40,6 +40,17 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def adamw_foreach(params: list[torch.Tensor]) -> bool | None:
+    """AdamW's ``foreach`` for these parameters: torch's own choice (None: the multi-tensor kernels on a GPU, a
+    loop on a CPU) where the list is all plain tensors or all DTensors, else False: the foreach kernels reject
+    lists that mix them (tensor parallelism without sequence parallelism leaves the norms plain). On the H200 a
+    loop over a 124M-parameter GPT's 148 tensors took about 20 ms of a 38 ms step (one launch per op)."""
+    from torch.distributed.tensor import DTensor
+
+    kinds = {isinstance(p, DTensor) for p in params}
+    return None if len(kinds) <= 1 else False
+
+
 class Trainer:
     def __init__(self, model: GPT, pc: ParallelConfig, mesh, *, lr: float = 1e-3, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), zero_bucket_numel: int = 1 << 22, gns=None):
@@ -57,8 +68,8 @@ class Trainer:
         self.params = [p for part in self.parts for p in part.parameters()]
 
         def make(params: list[torch.Tensor]) -> torch.optim.Optimizer:
-            # foreach kernels reject lists that mix DTensors and plain tensors (TP without SP: plain norms)
-            return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, foreach=False)
+            return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay,
+                                     foreach=adamw_foreach(params))
 
         # ZeRO-2 reduce-scatters during backward unless a pipeline runs several backwards per step
         self.zero = ZeroOptimizer(self.params, mesh["dp"].get_group(), stage=pc.zero, make_optimizer=make,

@@ -317,13 +317,16 @@ def time_extra(plain: Any, other: Any, make_input: Callable[[], Any], loss: Call
 
 @_single_thread
 def time_adamw(params: int, tensors: int, device: str = "cpu", dtype: Any = None) -> float:
-    """One foreach=False AdamW step (as the Trainer's) over ``tensors`` tensors of ``params`` elements in all."""
+    """One AdamW step over ``tensors`` tensors of ``params`` elements in all, with the Trainer's choice of
+    ``foreach`` for plain tensors (``engine.adamw_foreach``: torch's, the multi-tensor kernels on a GPU)."""
     import torch
+
+    from tilestack.parallel.engine import adamw_foreach
     each = max(params // max(tensors, 1), 1)
     ps = [torch.nn.Parameter(torch.zeros(each, device=device, dtype=dtype)) for _ in range(tensors)]
     for p in ps:
         p.grad = torch.ones_like(p)
-    opt = torch.optim.AdamW(ps, lr=1e-3, foreach=False)
+    opt = torch.optim.AdamW(ps, lr=1e-3, foreach=adamw_foreach(ps))
     return _best_s(opt.step, device)
 
 
