@@ -1,0 +1,152 @@
+"""Host (Python) cost per call of the training-step ops of ``tilestack.torch.ops``, on a CPU, with the kernel
+launch stubbed: what a call costs on the host before the GPU sees it, beside torch's own op at a tiny size.
+
+    PYTHONPATH=src .venv/bin/python scripts/host_overhead_cpu.py [--n 3000] [--profile layer_norm:fwd]
+
+Everything of a call runs for real (the plan lookups, the checks, autograd, the allocations, the launcher's
+argument list) through the Triton backend's direct launch path (``launch._DirectLaunch``, what a GPU launch
+takes after its first); only the compiled kernel's C launcher, the CUDA stream query and the NVTX range are
+no-ops. The shapes are tiny, so torch's numbers are its call overhead (its arithmetic is a few hundred
+elements). These are CPU host-path numbers, not GPU times: a GPU launch adds the same few microseconds
+(cuLaunchKernel) to both columns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+import types
+
+import torch
+import torch.nn.functional as F
+
+import tilestack.backends.triton.launch as launch
+from tilestack import config, kernels
+from tilestack.torch import ops
+
+
+def _noop(*args, **kwargs) -> None:
+    return None
+
+
+def stub_launches() -> None:
+    """Every Triton launcher takes the direct path with a no-op C launcher: Python cost only."""
+    launcher = _noop
+
+    def expand_descriptors(*args):   # Triton's wrapper of its C launcher, which _DirectLaunch looks inside
+        return launcher(*args)
+
+    real_call = launch.Launcher.__call__
+
+    def call(self, args):
+        if self.fast is None:    # as _first_launch leaves it, minus the GPU
+            compiled = types.SimpleNamespace(
+                run=types.SimpleNamespace(global_scratch_size=0, profile_scratch_size=0, launch=expand_descriptors,
+                                          launch_cooperative_grid=False, launch_pdl=False),
+                function=0, packed_metadata=None,
+                metadata=types.SimpleNamespace(tensordesc_meta=[{}] * len(self.descriptors)))
+            fast = launch._DirectLaunch(self, compiled, 0)
+            fast.stream = lambda device_index: 0
+            fast.encode = lambda descriptor, meta: [0]     # encoded once per address: not the per-call path
+            fast.nvtx = (_noop, _noop, "stub")
+            self.fast = fast
+        return real_call(self, args)
+
+    launch.Launcher.__call__ = call
+    launch._hooks = lambda: False
+
+
+def per_call_us(fn, n: int) -> float:
+    """Fastest of 7 rounds of the mean wall time per call over ``n`` calls (a shared machine: the minimum is
+    the least disturbed round)."""
+    for _ in range(max(20, n // 20)):
+        fn()
+    best = float("inf")
+    for _ in range(7):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / n * 1e6)
+    return best
+
+
+def _forward(f):
+    def call():
+        with torch.no_grad():
+            f()
+    return call
+
+
+def _forward_backward(f):
+    def call():
+        out = f()
+        outs = out if isinstance(out, tuple) else (out,)
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    return call
+
+
+def cases() -> dict:
+    """Each op of a training step beside what a PyTorch model calls for it, at (B, N) = (2, 4), bf16."""
+    bf = torch.bfloat16
+
+    def leaf(*shape, dtype=bf):
+        return torch.randn(*shape, dtype=dtype).requires_grad_()
+
+    d = 64
+    h, r, w, b = leaf(2, 4, d), leaf(2, 4, d), leaf(d), leaf(d)
+    gu = leaf(2, 4, 2 * d)
+    q, k = leaf(2, 4, 4, 16), leaf(2, 4, 2, 16)
+    cos, sin = kernels.rotary_tables(4, 16)
+
+    def torch_rotary(q, k):
+        def rot(x):
+            x1, x2 = x.chunk(2, dim=-1)
+            c = torch.cat((cos, cos), -1)[None, :, None, :].to(x.dtype)
+            s = torch.cat((sin, sin), -1)[None, :, None, :].to(x.dtype)
+            return x * c + torch.cat((-x2, x1), -1) * s
+        return rot(q), rot(k)
+
+    return {
+        "layer_norm": (lambda: ops.layer_norm(h, w, b), lambda: F.layer_norm(h, (d,), w, b)),
+        "add_layer_norm": (lambda: ops.add_layer_norm(h, r, w, b), lambda: (F.layer_norm(h + r, (d,), w, b), h + r)),
+        "rms_norm": (lambda: ops.rms_norm(h, w), lambda: F.rms_norm(h, (d,), w)),
+        "add_rms_norm": (lambda: ops.add_rms_norm(h, r, w), lambda: (F.rms_norm(h + r, (d,), w), h + r)),
+        "swiglu": (lambda: ops.swiglu(gu), lambda: F.silu(gu[..., :d]) * gu[..., d:]),
+        "rotary": (lambda: ops.rotary(q, k, cos, sin), lambda: torch_rotary(q, k)),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=3000, help="calls per round (forward+backward: a fifth of it)")
+    ap.add_argument("--only", help="comma-separated ops to measure")
+    ap.add_argument("--profile", help="OP:MODE (MODE fwd or fwd+bwd): cProfile's table of that case, by own time")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    stub_launches()
+    with config.override(backend="triton"):
+        all_cases = cases()
+        if args.profile:
+            name, mode = args.profile.split(":")
+            f = (_forward if mode == "fwd" else _forward_backward)(all_cases[name][0])
+            per_call_us(f, 50)
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(args.n):
+                f()
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+            return
+        names = args.only.split(",") if args.only else list(all_cases)
+        print(f"{'op':<16}{'mode':<9}{'tilestack us':>13}{'torch us':>10}{'ratio':>7}")
+        for name in names:
+            ours, theirs = all_cases[name]
+            for mode, wrap, n in (("fwd", _forward, args.n), ("fwd+bwd", _forward_backward, max(1, args.n // 5))):
+                t_ours, t_torch = per_call_us(wrap(ours), n), per_call_us(wrap(theirs), n)
+                print(f"{name:<16}{mode:<9}{t_ours:13.1f}{t_torch:10.1f}{t_ours / t_torch:7.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
