@@ -62,3 +62,33 @@ def test_act_gemm_quantizes_as_torch_casts_cuda(dtype):
     qgemm_act_kernel(x, eye, ones, ones, ones, y, x_scale, inverse_scale(x_scale))
     want = quantize_activation(x, x_scale).float() * x_scale
     torch.testing.assert_close(y, want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("M,K,N", [(8192, 768, 2304), (77, 300, 129)])
+def test_fp8_chain_layers_cuda(M, K, N):
+    """The fp8 producers on the GPU: a norm writing fp8 (quant.producers.norm_fp8), the fp8 x fp8 GEMM at its
+    tuned config reading it, and the GEMM writing the next layer's fp8 (out_scale), each against the reference
+    executor on the same inputs."""
+    if not _fp8_capable():
+        pytest.skip("fp8 needs compute capability 8.9+")
+    from tilestack.quant.producers import norm_fp8
+
+    torch.manual_seed(2)
+    x, r = (torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    w, b = torch.randn(K, device="cuda", dtype=torch.bfloat16), torch.randn(K, device="cuda", dtype=torch.bfloat16)
+    q, s = quantize_weight(torch.randn(N, K, device="cuda") * K**-0.5, "fp8")
+    xs, ys = 4.0 / 448, 2.0 / 448
+    y8, h = norm_fp8(x, w, b, 1e-5, xs, residual=r)
+    y8_ref, h_ref = norm_fp8(x.cpu(), w.cpu(), b.cpu(), 1e-5, xs, residual=r.cpu(), backend="reference")
+    assert y8.dtype == torch.float8_e4m3fn
+    torch.testing.assert_close(h.cpu(), h_ref)
+    # the same fp8 value, or one step apart where f32 rounding differs at a boundary
+    assert float((y8.cpu().float() != y8_ref.float()).float().mean()) < 1e-3
+    out = quantized_linear(y8, q, s, b[:0].new_zeros(N), x_scale=xs)
+    want = reference(y8.float() * xs, q, s, None, None).float()     # (y8 x_scale) @ (q s)^T: exact fp8 products
+    torch.testing.assert_close(out.float(), want.to(out.device), rtol=2e-2, atol=2e-2)
+    z8 = quantized_linear(y8, q, s, x_scale=xs, activation="gelu_tanh", out_scale=ys)
+    z = quantized_linear(y8, q, s, x_scale=xs, activation="gelu_tanh", out_dtype=torch.float32)
+    want8 = (z / ys).clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert z8.dtype == torch.float8_e4m3fn
+    assert float((z8.float() != want8.float()).float().mean()) < 1e-2

@@ -16,6 +16,7 @@ import torch
 from tilestack.kernels.gemm import gemm as _gemm
 from tilestack.kernels.softmax import softmax as _softmax_kernel
 from tilestack.quant.gemm import quantized_linear as _quantized_linear
+from tilestack.quant.producers import norm_fp8 as _norm_fp8
 from tilestack.torch.attention import attention_fwd_op
 from tilestack.torch.ops import (
     add_layer_norm_fwd_op,
@@ -82,6 +83,47 @@ def _(x, q, scale, bias, residual, x_scale, activation):
     return x.new_empty((x.shape[0], q.shape[0]))
 
 
+@torch.library.custom_op("tilestack::norm_fp8", mutates_args=())
+def norm_fp8_op(x: torch.Tensor, r: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+                eps: float, x_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y8, h): the norm (layer norm with a bias, RMS norm without) of x [+ r] over its last dim, written as the
+    next layer's fp8 activations, y8 (M, N) float8_e4m3fn = fp8(norm / x_scale); h = x + r shaped as x (empty
+    without r). ``tilestack.quant.producers.norm_fp8``."""
+    n = x.shape[-1]
+    rows = x.reshape(-1, n)
+    y8, h = _norm_fp8(rows, weight, bias, eps, x_scale, residual=None if r is None else r.reshape(-1, n))
+    return y8, (x.new_empty(0) if h is None else h.view(x.shape))
+
+
+@norm_fp8_op.register_fake
+def _(x, r, weight, bias, eps, x_scale):
+    n = x.shape[-1]
+    return (x.new_empty((x.numel() // max(n, 1), n), dtype=torch.float8_e4m3fn),
+            x.new_empty(0) if r is None else torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+@torch.library.custom_op("tilestack::quant_linear_fp8", mutates_args=())
+def quant_linear_fp8_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                        residual: torch.Tensor | None, x_scale: float, activation: str | None, out_scale: float,
+                        out_dtype: torch.dtype) -> torch.Tensor:
+    """An fp8 linear layer of a chain: x (M, K) in fp8 (its producer quantized it with x_scale) or float
+    (quantized here); (M, N) in float8_e4m3fn quantized with ``out_scale`` (> 0: the next layer's x_scale),
+    else in ``out_dtype``. The epilogue (bias, activation, residual ((M, N) in any shape)) on the accumulator."""
+    res = None if residual is None else residual.reshape(x.shape[0], q.shape[0])
+    fp8_x = x.dtype == torch.float8_e4m3fn
+    if out_scale > 0:
+        return _quantized_linear(x, q, scale, bias, x_scale=x_scale, activation=activation, residual=res,
+                                 out_scale=out_scale)
+    y = _quantized_linear(x, q, scale, bias, x_scale=x_scale, activation=activation, residual=res,
+                          out_dtype=out_dtype if fp8_x else None)
+    return y if y.dtype == out_dtype else y.to(out_dtype)
+
+
+@quant_linear_fp8_op.register_fake
+def _(x, q, scale, bias, residual, x_scale, activation, out_scale, out_dtype):
+    return x.new_empty((x.shape[0], q.shape[0]), dtype=torch.float8_e4m3fn if out_scale > 0 else out_dtype)
+
+
 def _viewed(y, shape):
     return y if shape is None else y.view(shape)
 
@@ -131,3 +173,25 @@ def ts_softmax(x):
 def ts_linear_cross_entropy(x, weight, labels, ignore_index: int):
     """Mean cross-entropy of x @ weight^T against labels: x (T, d), weight (V, d), labels (T,)."""
     return fused_linear_cross_entropy_op(x, weight, labels, ignore_index)[0]
+
+
+def ts_fp8_chain(*args):
+    """A chain of fp8 linear layers, each writing the next one's fp8 activations, after the norm that feeds the
+    first (or none): ``args`` = (x, r, weight, bias) of the norm (r, weight, bias None where absent; x the first
+    layer's input rows without a norm), then (q, scale, bias, residual) per layer, then ``spec`` = (norm: "layer",
+    "rms" or None, eps, ((x_scale, activation), ...) per layer, the output dtype, the output's static view or
+    None). Returns the last layer's output, and first h = x + r where the norm adds a residual."""
+    *tensors, spec = args
+    norm, eps, layers, out_dtype, shape = spec
+    x, r, weight, bias = tensors[:4]
+    h = None
+    if norm is not None:
+        y, h = norm_fp8_op(x, r, weight, bias if norm == "layer" else None, eps, layers[0][0])
+    else:
+        y = x
+    for i, (x_scale, activation) in enumerate(layers):
+        q, scale, lbias, residual = tensors[4 + 4 * i: 8 + 4 * i]
+        out_scale = layers[i + 1][0] if i + 1 < len(layers) else 0.0
+        y = quant_linear_fp8_op(y, q, scale, lbias, residual, x_scale, activation, out_scale, out_dtype)
+    y = _viewed(y, shape)
+    return (h, y) if r is not None and norm is not None else y

@@ -15,6 +15,8 @@ Passes, in the order they run:
 - ``norm``: the remaining LayerNorm (with weight and bias) and RMSNorm (with weight).
 - ``linear_epilogue``: ``act(F.linear(x, w, b)) [+ r]`` (or ``x @ W + b``, aten's addmm / mm; act relu, gelu,
   silu) in inference graphs -> one GEMM with the bias, activation and residual add fused into its epilogue.
+- ``fp8_chain``: ``tilestack.quantize(..., "fp8-act")`` layers that read the norm or the layer before them ->
+  the producer writes their fp8 activations (no quantizing pass of their own).
 - ``softmax``: the remaining softmax over the last dim.
 - ``linear_cross_entropy``: ``F.cross_entropy(F.linear(x, w), labels)`` in training graphs.
 """
@@ -47,6 +49,8 @@ class Match:
     outputs: list[Node]              # the nodes whose values fn returns, in order
     nodes: list[Node]                # every node the rewrite replaces (outputs included), in graph order
     what: str                        # one line for the report
+    l2_tolerance: float | None = None   # set: the check bounds ||new - old|| / ||old|| by it instead of the
+                                        # elementwise error by the dtype's rewrite.TOLERANCE
 
 
 # ---- recognising torch-level ops --------------------------------------------------------------------------------
@@ -571,6 +575,143 @@ def linear_epilogue(gm: fx.GraphModule):
     return matches, declined
 
 
+# ---- fp8 activations written by their producers -------------------------------------------------------------------
+_VIEW_METHODS = ("view", "reshape")
+
+
+def _fp8_gemm(node: Node):
+    """(x, q, scale, bias, residual, x_scale, activation, shape) of a ``tilestack.quantize(..., "fp8-act")``
+    layer (``tilestack::quant_linear`` with x_scale > 0, or the linear_epilogue pass's fused form of it), else
+    None."""
+    if kind(node) == "quant_linear" and len(node.args) == 5 and not node.kwargs:
+        x, q, scale, bias, x_scale = node.args
+        residual, activation, shape = None, None, None
+    elif node.op == "call_function" and node.target is ops.ts_quant_linear_epilogue and len(node.args) == 8:
+        x, q, scale, bias, residual, x_scale, activation, shape = node.args
+    else:
+        return None
+    qv = value(q)
+    if not isinstance(x_scale, float) or x_scale <= 0 or not isinstance(qv, torch.Tensor) or \
+            qv.dtype != torch.float8_e4m3fn:
+        return None
+    return x, q, scale, bias, residual, x_scale, activation, shape
+
+
+def _unview(x):
+    """(the node x views, the view nodes between, in graph order): x through reshape/view nodes that each have
+    one user."""
+    views = []
+    while isinstance(x, Node) and len(x.users) == 1 and (
+            (x.op == "call_method" and x.target in _VIEW_METHODS) or
+            (x.op == "call_function" and x.target in _ATEN_VIEWS)):
+        views.append(x)
+        x = x.args[0]
+    return x, views[::-1]
+
+
+_NORM_OPS = {ops.ts_layer_norm: ("layer", False), ops.ts_rms_norm: ("rms", False),
+             ops.ts_add_layer_norm: ("layer", True), ops.ts_add_rms_norm: ("rms", True)}
+
+
+def _norm_source(src: Node):
+    """(kind, adds, call node, the nodes it replaces, h node or None, (x, r, weight, bias), eps) when src is a
+    norm's output (the norm and add_norm passes' calls) read by nothing else, else None."""
+    if not isinstance(src, Node) or len(src.users) != 1:
+        return None
+    if src.op == "call_function" and src.target in _NORM_OPS and src.target in (ops.ts_layer_norm, ops.ts_rms_norm):
+        k, _ = _NORM_OPS[src.target]
+        x, w, *rest = src.args
+        bias, eps = (rest[0], rest[1]) if k == "layer" else (None, rest[0])
+        return k, False, src, [src], None, (x, None, w, bias), eps
+    if src.op == "call_function" and src.target is operator.getitem and src.args[1] == 1:
+        call = src.args[0]
+        if not (isinstance(call, Node) and call.op == "call_function" and
+                call.target in (ops.ts_add_layer_norm, ops.ts_add_rms_norm)):
+            return None
+        k, _ = _NORM_OPS[call.target]
+        x, r, w, *rest = call.args
+        bias, eps = (rest[0], rest[1]) if k == "layer" else (None, rest[0])
+        hs = [u for u in call.users if u.target is operator.getitem and u.args[1] == 0]
+        if len(call.users) != len(hs) + 1 or len(hs) > 1:
+            return None
+        h = hs[0] if hs else None
+        return k, True, call, [call, src] + hs, h, (x, r, w, bias), eps
+    return None
+
+
+# The chain quantizes each layer's f32 result once; the layers it replaces rounded it to bf16 first and then
+# to fp8, so an element within a bf16 step of an fp8 rounding boundary lands one fp8 step (2^-3 relative) apart:
+# about 1 in 32. An output element that sums few inputs (the check's tiny models: K = 32) can then move by a
+# large share of itself, so the check bounds the relative L2 error (1-4% measured on GPT-2 tiny's chains).
+FP8_CHAIN_TOLERANCE = 0.08
+
+
+def fp8_chain(gm: fx.GraphModule):
+    """Chains of ``tilestack.quantize(..., "fp8-act")`` layers, each reading only the one before it (through
+    views), and the norm before the first -> ``ops.ts_fp8_chain``: the norm writes the first layer's fp8
+    activations (``quant.producers``) and each layer's epilogue the next one's (``qgemm_fp8_out_kernel``), so no
+    layer makes a quantizing pass over its input and the activations between them cross memory in 8 bits. GPT-2's
+    MLP (ln_2 -> c_fc + GELU -> c_proj) is one chain, its qkv projection (ln_1 -> c_attn) another."""
+    matches, declined = [], []
+    gemms = {n: g for n in gm.graph.nodes if (g := _fp8_gemm(n)) is not None}
+    after: dict[Node, tuple[Node, list[Node]]] = {}      # a layer -> (the layer it reads, the views between)
+    for node, g in gemms.items():
+        src, views = _unview(g[0])
+        if src in gemms and len(src.users) == 1 and src is not node:
+            after[node] = (src, views)
+    nxt = {prev: (node, views) for node, (prev, views) in after.items()}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for head, g in gemms.items():
+        if head in after:
+            continue                                  # not the first layer of its chain
+        layers, nodes = [head], [head]
+        while layers[-1] in nxt:
+            node, views = nxt[layers[-1]]
+            layers.append(node)
+            nodes += views + [node]
+        src, views = _unview(g[0])
+        norm = _norm_source(src)
+        if norm is None and len(layers) == 1:
+            continue                                   # a lone layer with a float input: quant_linear as it is
+        out = value(layers[-1])
+        if not isinstance(out, torch.Tensor) or out.requires_grad:
+            continue
+        if norm is not None:
+            k, adds, call, norm_nodes, h, (x, r, w, bias), eps = norm
+            nodes = norm_nodes + views + nodes
+            head_inputs = [x, r, w, bias]
+        else:
+            k, adds, h, eps = None, False, None, 0.0
+            head_inputs = [g[0], None, None, None]
+        inputs, specs = list(head_inputs), []
+        for layer in layers:
+            _, q, scale, lbias, residual, x_scale, activation, _ = gemms[layer]
+            inputs += [q, scale, lbias, residual]
+            specs.append((x_scale, activation))
+        shape = gemms[layers[-1]][7]
+        outputs = ([h] if adds and h is not None else []) + [layers[-1]]
+        if adds and h is None:
+            declined.append((layers[-1], "fp8 chain: the fused add + norm's residual output is unused"))
+            continue
+        first = min(outputs, key=order.__getitem__)
+        late = [n for n in inputs if isinstance(n, Node) and n not in nodes and order[n] > order[first]]
+        if late:
+            declined.append((layers[-1], "fp8 chain: an input computed after the chain's first output"))
+            continue
+        xv = value(head_inputs[0])
+        if isinstance(xv, torch.Tensor) and (why := runs_here(xv)) is not None:
+            declined.append((layers[-1], f"fp8 chain: {why}"))
+            continue
+        spec = (k, float(eps), tuple(specs), out.dtype, shape)
+        what = " -> ".join(([f"{'add + ' if adds else ''}{k}_norm"] if k else []) +
+                           [f"fp8 linear{'+' + a if a else ''}" for _, a in specs])
+        matches.append(Match("fp8_chain", ops.ts_fp8_chain, inputs, (spec,), outputs,
+                             sorted(set(nodes), key=order.__getitem__),
+                             f"{what} -> tilestack::norm_fp8 / quant_linear_fp8 (fp8 activations between)",
+                             l2_tolerance=FP8_CHAIN_TOLERANCE))
+    return matches, declined
+
+
 # ---- softmax ----------------------------------------------------------------------------------------------------
 def softmax(gm: fx.GraphModule):
     matches, declined = [], []
@@ -603,6 +744,7 @@ PASSES: dict[str, Callable] = {
     "add_norm": add_norm,
     "norm": norm,
     "linear_epilogue": linear_epilogue,
+    "fp8_chain": fp8_chain,
     "softmax": softmax,
     "linear_cross_entropy": linear_cross_entropy,
 }

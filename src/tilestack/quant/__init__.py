@@ -10,6 +10,7 @@ scales, and fp8 weights and activations with activation scales calibrated on sam
 from tilestack.quant.accuracy import accuracy_cost
 from tilestack.quant.gemm import (
     qgemm_act_kernel,
+    qgemm_fp8_out_kernel,
     qgemm_kernel,
     qgemm_wonly_kernel,
     quantize_fp8_kernel,
@@ -18,5 +19,5 @@ from tilestack.quant.gemm import (
 )
 from tilestack.quant.linear import QuantLinear, calibrate, quantize
 
-__all__ = ["QuantLinear", "accuracy_cost", "calibrate", "qgemm_act_kernel", "qgemm_kernel", "qgemm_wonly_kernel",
-           "quantize", "quantize_fp8_kernel", "quantize_weight", "quantized_linear"]
+__all__ = ["QuantLinear", "accuracy_cost", "calibrate", "qgemm_act_kernel", "qgemm_fp8_out_kernel", "qgemm_kernel",
+           "qgemm_wonly_kernel", "quantize", "quantize_fp8_kernel", "quantize_weight", "quantized_linear"]

@@ -62,13 +62,17 @@ def quantize_tile_fp8(q, x, inv_scale, BM: int, BN: int) -> None:
     ts.copy(q, xf)
 
 
-def _scale_and_store(acc, S, Bias, R, Y, x_scale, i, j, *, activation, BM: int, BN: int) -> None:
-    """acc (BM, BN) f32 of tile (i, j) of X @ W^T -> Y: times x_scale * S[n], then kernels.gemm's epilogue."""
+def _scale_and_store(acc, S, Bias, R, Y, x_scale, i, j, *, activation, BM: int, BN: int,
+                     y_inv_scale=None) -> None:
+    """acc (BM, BN) f32 of tile (i, j) of X @ W^T -> Y: times x_scale * S[n], then kernels.gemm's epilogue;
+    with ``y_inv_scale`` (an fp8 Y: the next layer's activations) times that, saturated to +-448 by the cast."""
     s = ts.RegVec[ts.f32, BN]()
     ts.load(s, S, at=(j,))                           # (BN,) per output channel
     ts.mul(s, s, x_scale)                            # x_scale * S[n] once per column: one multiply per acc element
     ts.mul_col(acc, acc, s)
     epilogue(acc, Bias, R, i, j, activation=activation, BM=BM, BN=BN)
+    if y_inv_scale is not None:
+        ts.mul(acc, acc, y_inv_scale)
     c = ts.RegTile[Y.dtype, BM, BN]()
     ts.copy(c, acc)
     ts.store(Y, c, at=(i, j))
@@ -98,9 +102,10 @@ def _tiles(X, W, BM: int, BN: int, BK: int):
             ts.RegTile[X.dtype, BN, BK]() if widen else w)
 
 
-def _output_tile(X, W, S, Bias, R, Y, x_scale, i, j, tiles, *, activation, BM: int, BN: int, BK: int) -> None:
+def _output_tile(X, W, S, Bias, R, Y, x_scale, i, j, tiles, *, activation, BM: int, BN: int, BK: int,
+                 y_inv_scale=None) -> None:
     """Output tile (i, j) of qgemm_kernel: the K loop of X @ W^T into the f32 accumulator, then the scales and
-    the epilogue (``Bias``, ``R``: None when absent)."""
+    the epilogue (``Bias``, ``R``: None when absent; ``y_inv_scale``: an fp8 Y's quantizing factor)."""
     acc, a, w, wx = tiles
     ts.zero(acc)
     for k in ts.range(ts.smax(ts.cdiv(X.shape[1], BK), 1)):  # >= 1 trip: ptxas serializes the wgmmas otherwise
@@ -109,7 +114,25 @@ def _output_tile(X, W, S, Bias, R, Y, x_scale, i, j, tiles, *, activation, BM: i
         if wx is not w:
             ts.copy(wx, w)
         ts.mma_ABt(acc, a, wx, acc)
-    _scale_and_store(acc, S, Bias, R, Y, x_scale, i, j, activation=activation, BM=BM, BN=BN)
+    _scale_and_store(acc, S, Bias, R, Y, x_scale, i, j, activation=activation, BM=BM, BN=BN,
+                     y_inv_scale=y_inv_scale)
+
+
+@ts.kernel(grid=_grid, options=dict(num_warps=4, num_stages=3))
+def qgemm_fp8_out_kernel(X, W, S, Bias, R, Y, x_scale: float, y_inv_scale: float, *,
+                         BM: int = ts.tunable(128, (16, 32, 64, 128, 256)),
+                         BN: int = ts.tunable(128, (16, 32, 64, 128, 256)),
+                         BK: int = ts.tunable(128, (16, 32, 64, 128)),
+                         GROUP_M: int = ts.tunable(8, (1, 4, 8, 16)),
+                         HAS_BIAS: bool = False, HAS_RESIDUAL: bool = False, activation: str | None = None):
+    # qgemm_kernel writing the next layer's fp8 activations: Y (M, N) float8_e4m3fn =
+    # fp8((activation(x_scale * (X @ W^T) * S[None, :] + Bias) + R) * y_inv_scale), y_inv_scale = 1 / the next
+    # layer's calibrated x_scale; the cast rounds to nearest even and saturates to +-448 (NaN stays NaN). The
+    # producer side of a chain of fp8 linear layers (GPT-2's c_fc + GELU feeding c_proj), as TensorRT fuses the
+    # quantize into the op before it. X fp8 (or float, weight-only), W fp8; tiles as qgemm_kernel's.
+    i, j = grouped_tile(X.shape[0], W.shape[0], BM, BN, GROUP_M)
+    _output_tile(X, W, S, Bias if HAS_BIAS else None, R if HAS_RESIDUAL else None, Y, x_scale, i, j,
+                 _tiles(X, W, BM, BN, BK), activation=activation, BM=BM, BN=BN, BK=BK, y_inv_scale=y_inv_scale)
 
 
 def _grid_persistent(X, W, BM, BN, PROGRAMS):
@@ -301,8 +324,8 @@ ACT_QUANT_MODES = ("gemm", "pass")
 
 
 def quantized_linear(x, q, scale, bias=None, *, x_scale: float | None = None, activation: str | None = None,
-                     residual=None, out_dtype=None, act_quant: str | None = None, backend: str | None = None,
-                     **config):
+                     residual=None, out_dtype=None, out_scale: float | None = None, act_quant: str | None = None,
+                     backend: str | None = None, **config):
     """y = activation(x @ (q * scale[:, None])^T + bias) + residual for x (M, K), q (N, K) int8 or
     float8_e4m3fn, scale (N,) f32, bias (N,) float or None, activation None or one of
     ``tilestack.kernels.gemm.ACTIVATIONS``, residual (M, N) float or None.
@@ -312,16 +335,23 @@ def quantized_linear(x, q, scale, bias=None, *, x_scale: float | None = None, ac
     loop, "pass": a pass of its own first; None: ``ACT_QUANT`` by device, "gemm" off a GPU). y in x's dtype.
     x float8_e4m3fn: activations quantized already (by their producer, as TensorRT's fp8 graphs carry them),
     ``x_scale`` required (x's values times x_scale are the activations); y in ``out_dtype`` (default bf16).
+    ``out_scale`` (fp8 q and x_scale only): y itself quantized, float8_e4m3fn y / out_scale saturated to +-448,
+    the next fp8 layer's activations (``qgemm_fp8_out_kernel``; a float x takes a quantizing pass first).
     The epilogue is ``tilestack.kernels.gemm``'s, on the f32 accumulator. Meta tensors give a meta result.
     Checks, config and launcher are planned once per launch signature (``kernels._plan``)."""
     return _planned_linear(x, q, scale, bias, x_scale=x_scale, activation=activation, residual=residual,
-                           out_dtype=out_dtype, act_quant=act_quant, backend=backend, **config)
+                           out_dtype=out_dtype, out_scale=out_scale, act_quant=act_quant, backend=backend, **config)
 
 
-def _check_linear(x, q, scale, bias, x_scale, activation, residual, out_dtype, act_quant) -> None:
-    """Every check of quantized_linear's arguments, before any work (once per signature)."""
+def _check_scale(name: str, value) -> None:
     import math
 
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
+        raise LaunchError(f"quantized_linear: {name} must be a finite number > 0, got {value!r}")
+
+
+def _check_linear(x, q, scale, bias, x_scale, activation, residual, out_dtype, act_quant, out_scale=None) -> None:
+    """Every check of quantized_linear's arguments, before any work (once per signature)."""
     import torch
 
     floats = (torch.float32, torch.bfloat16, torch.float16)
@@ -353,16 +383,24 @@ def _check_linear(x, q, scale, bias, x_scale, activation, residual, out_dtype, a
     if x_scale is not None:
         if q.dtype != torch.float8_e4m3fn:
             raise LaunchError(f"quantized_linear: x_scale is for fp8 weights and activations; q is {q.dtype}")
-        if isinstance(x_scale, bool) or not isinstance(x_scale, int | float) or not (
-                math.isfinite(x_scale) and x_scale > 0):
-            raise LaunchError(f"quantized_linear: x_scale must be a finite number > 0, got {x_scale!r}")
+        _check_scale("x_scale", x_scale)
+    if out_scale is not None:
+        if x_scale is None:
+            raise LaunchError("quantized_linear: out_scale (an fp8 output) is for fp8 weights and activations; "
+                              "give x_scale too")
+        _check_scale("out_scale", out_scale)
+        if out_dtype is not None:
+            raise LaunchError(f"quantized_linear: out_dtype={out_dtype!r} and out_scale: the output of out_scale "
+                              "is float8_e4m3fn; give one of them")
     if out_dtype is not None and (not fp8_x or out_dtype not in floats):
         raise LaunchError(f"quantized_linear: out_dtype={out_dtype!r} is for a float8_e4m3fn x (the output of a "
                           "float x is in x's dtype); expected None or one of torch.float32, torch.bfloat16, "
                           "torch.float16")
-    if act_quant is not None and (act_quant not in ACT_QUANT_MODES or x_scale is None or fp8_x):
+    if act_quant is not None and (act_quant not in ACT_QUANT_MODES or x_scale is None or fp8_x or (
+            out_scale is not None and act_quant != "pass")):
         raise LaunchError(f"quantized_linear: act_quant={act_quant!r}; expected None, or one of {ACT_QUANT_MODES} "
-                          "with a float x and x_scale (how the activations are quantized)")
+                          "with a float x and x_scale (how the activations are quantized; with out_scale only "
+                          "'pass')")
     check_same_device("quantized_linear", x=x, q=q, scale=scale, bias=bias, residual=residual)
 
 
@@ -375,12 +413,12 @@ def fp8_config(m: int, n: int, k: int, device, backend: str | None = DEFAULT_BAC
 
 @planned
 def _planned_linear(x, q, scale, bias=None, *, x_scale=None, activation=None, residual=None, out_dtype=None,
-                    act_quant=None, backend=None, **config):
+                    out_scale=None, act_quant=None, backend=None, **config):
     import torch
 
-    _check_linear(x, q, scale, bias, x_scale, activation, residual, out_dtype, act_quant)
+    _check_linear(x, q, scale, bias, x_scale, activation, residual, out_dtype, act_quant, out_scale)
     fp8_x = x.dtype == torch.float8_e4m3fn
-    dtype = (out_dtype or torch.bfloat16) if fp8_x else x.dtype
+    dtype = torch.float8_e4m3fn if out_scale is not None else (out_dtype or torch.bfloat16) if fp8_x else x.dtype
     shape = (x.shape[0], q.shape[0])
 
     def output(x):
@@ -408,7 +446,7 @@ def _planned_linear(x, q, scale, bias=None, *, x_scale=None, activation=None, re
         return run_weight_only
     xs = float(x_scale)
     how = act_quant or ACT_QUANT.get(x.device.type, "gemm")
-    if not fp8_x and how == "gemm":   # x quantized in the GEMM's loop (K = 0: nothing to quantize)
+    if not fp8_x and how == "gemm" and out_scale is None:   # x quantized in the GEMM's loop (K = 0: nothing to do)
         inv = inverse_scale(xs)
         launch = qgemm_act_kernel.launcher_for((x, q, scale, b0, r0, output(x), xs, inv), backend, **flags,
                                                **config)
@@ -423,11 +461,15 @@ def _planned_linear(x, q, scale, bias=None, *, x_scale=None, activation=None, re
     cfg = fp8_config(x.shape[0], q.shape[0], x.shape[1], x.device, backend) | config
     asked, chosen = backend, take_backend(cfg, backend)
     xq0 = x if fp8_x else torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    launch = tuned_launcher(qgemm_kernel, (xq0, q, scale, b0, r0, output(x), xs), chosen, asked, **flags, **cfg)
+    if out_scale is None:
+        kernel, extra = qgemm_kernel, (xs,)
+    else:             # the next layer's fp8 activations: times 1 / out_scale in the epilogue, cast saturating
+        kernel, extra = qgemm_fp8_out_kernel, (xs, inverse_scale(out_scale))
+    launch = tuned_launcher(kernel, (xq0, q, scale, b0, r0, output(x), *extra), chosen, asked, **flags, **cfg)
     if fp8_x:
         def run_fp8(x, q, scale, bias=None, *, residual=None, **_):
             y = output(x)
-            launch((x, q, scale, *tail(bias, residual), y, xs))
+            launch((x, q, scale, *tail(bias, residual), y, *extra))
             return y
         return run_fp8
     inv = inverse_scale(xs)
@@ -437,6 +479,6 @@ def _planned_linear(x, q, scale, bias=None, *, x_scale=None, activation=None, re
     def run_two_pass(x, q, scale, bias=None, *, residual=None, **_):
         xq, y = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device), output(x)
         quantize((x, xq, inv))
-        launch((xq, q, scale, *tail(bias, residual), y, xs))
+        launch((xq, q, scale, *tail(bias, residual), y, *extra))
         return y
     return run_two_pass
