@@ -5,7 +5,7 @@
 # Parts: replay (fuzz problems listed in REPLAY), bench, host, gpt2, llama, compile-steps, fa3, gluon, dropout,
 #        inference, fuzz (FUZZ_S seconds from FUZZ_START), tune-truth (TUNE_S seconds), launch-options,
 #        tune-backends, act-mem (issue 12), mfu-1p3b (issue 12), scaling-1gpu, plan (issue 13), norm-bwd, lm-head,
-#        fp8-gemm, fp8-sweep, fp8-probe (issue 14), ln-probe (issue 8),
+#        fp8-gemm, fp8-sweep, fp8-probe, fp8-model, quant-tests (issue 14), ln-probe (issue 8),
 #        bwd-probe (issues 8, 11: attention backward variants).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
@@ -40,6 +40,10 @@ for p in $PARTS; do
     lm-head) part 120 lm-head python3 scripts/gpu/check_lm_head.py --json "$F/lm_head.json" ;;
     fp8-gemm) part 200 fp8-gemm python3 scripts/bench_inference.py --cases gemm --json "$F/fp8_gemm.json" \
                 --gemm-variants bf16-torch,bf16-tilestack,fp8-act,fp8-act-in-gemm,fp8-in,fp8-act-gemm-only ;;
+    fp8-model) part 240 fp8-model python3 scripts/bench_inference.py --cases gpt2-prefill \
+                 --variants eager,inductor,tilestack,tilestack-fp8-act --time-limit 220 --json "$F/fp8_model.json" ;;
+    quant-tests) part 120 quant-tests python3 -m pytest -q -p no:cacheprovider tests/quant/test_quant_gpu.py \
+                   tests/quant/test_quant_fp8_input.py tests/compile/test_fp8_chain.py ;;
     fp8-sweep) part 330 fp8-sweep python3 scripts/bench_inference.py --cases gemm --gemm-variants bf16-torch,fp8-act \
                  --gemm-sweep --json "$F/fp8_sweep.json" ;;
     ln-probe) part 120 ln-probe python3 scripts/gpu/probe_layer_norm.py ;;
