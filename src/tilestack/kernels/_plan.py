@@ -29,13 +29,18 @@ from tilestack.lang.kernel import remember
 
 
 def plan_key(args: tuple, kwargs: dict) -> tuple:
-    """What a plan depends on (module docstring); a TypeError for an argument that cannot be a key."""
-    return (tuple((a.dtype, a.shape, a.stride(), a.device, a.data_ptr() % 16 == 0, a.requires_grad)
-                  if isinstance(a, torch.Tensor) else a for a in args),
-            tuple((k, (v.dtype, v.shape, v.stride(), v.device, v.data_ptr() % 16 == 0, v.requires_grad)
-                   if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()),
-            knobs.backend, knobs.triton_interpret, torch.is_grad_enabled(),
-            torch.are_deterministic_algorithms_enabled())
+    """What a plan depends on (module docstring); a TypeError for an argument that cannot be a key. Written for
+    the hot path (every planned call computes it): list comprehensions over the arguments (no generator frames),
+    no pass over kwargs when there are none."""
+    tensor = torch.Tensor
+    return (tuple([(a.dtype, a.shape, a.stride(), a.device, a.data_ptr() % 16 == 0, a.requires_grad)
+                   if isinstance(a, tensor) else a for a in args]),
+            tuple([(k, (v.dtype, v.shape, v.stride(), v.device, v.data_ptr() % 16 == 0, v.requires_grad)
+                    if isinstance(v, tensor) else v) for k, v in kwargs.items()]) if kwargs else (),
+            knobs.backend, knobs.triton_interpret, _grad_enabled(), _deterministic())
+
+
+_grad_enabled, _deterministic = torch.is_grad_enabled, torch.are_deterministic_algorithms_enabled
 
 
 def planned(plan: Callable) -> Callable:

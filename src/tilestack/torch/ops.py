@@ -204,28 +204,36 @@ class _NormPlan:
     """The eager path of one norm signature (x, r, weight, bias, eps; layer norm when a bias is given, the
     residual add when r is): checked once, the forward's launcher planned once, the backward's planned on its
     first use per gradient layout and then found by a key of the gradients' strides, dtype and alignment only
-    (the saved tensors' layouts follow from this signature). What an eager call costs on the host is this."""
+    (the saved tensors' layouts follow from this signature). What an eager call costs on the host is this.
+
+    The signature fixes x's shape, so the (rows, N) view and the view back are taken with plain ints
+    (``view(*shape)``: a ``torch.Size`` argument takes torch's slower parse) and eps is kept as a float."""
 
     def __init__(self, fn: str, x, r, weight, bias, eps):
         _check_norm(fn, x, weight, eps, bias=bias, r=r)
         self.centered, self.residual = bias is not None, r is not None
+        self.eps = float(eps)
         rows = _rows(x)
+        self.shape, self.rows = tuple(x.shape), tuple(rows.shape)     # (..., N), (M, N)
         if self.centered and not self.residual:     # layer norm alone: its own kernel, (y, mean, rstd)
             self._forward = _layer_norm.plan_for(rows, weight, bias, eps)
         else:
             self._forward = _planned_forward.plan_for(rows, weight, bias, _rows_or_none(r), eps, None, ())
         self._backward: dict = {}
 
-    def forward(self, x, r, weight, bias, eps):
-        """(y, h or None, mean or None, rstd) over the rows of x."""
+    def forward(self, x, r, weight, bias):
+        """(y, h or None, mean or None, rstd) over the rows of x; y and h as (M, N)."""
+        rows = self.rows
         if self.centered and not self.residual:
-            y, mean, rstd = self._forward(_rows(x), weight, bias, eps)
+            y, mean, rstd = self._forward(x.reshape(*rows), weight, bias, self.eps)
             return y, None, mean, rstd
-        return self._forward(_rows(x), weight, bias, _rows_or_none(r), eps)
+        return self._forward(x.reshape(*rows), weight, bias, None if r is None else r.reshape(*rows), self.eps)
 
     def backward(self, dy, dh, h, weight, mean, rstd):
         """(dx rows, sums) for the gradients dy [, dh] of the forward's outputs."""
-        dy, dh, h = _rows(dy), _rows_or_none(dh), _rows(h)
+        rows = self.rows
+        dy, h = dy.reshape(*rows), h.reshape(*rows)
+        dh = None if dh is None else dh.reshape(*rows)
         key = (dy.dtype, dy.stride(), dy.data_ptr() % 16,
                None if dh is None else (dh.dtype, dh.stride(), dh.data_ptr() % 16))
         run = self._backward.get(key)
@@ -248,18 +256,18 @@ def _norm_plan(fn: str, x, r, weight, bias, eps) -> _NormPlan:
 
 
 class _Norm(torch.autograd.Function):
-    """The eager path of all four norms: (y, h) = norm(x [+ r]) by ``plan`` (a ``_NormPlan``)."""
+    """The eager path of all four norms: (y, h) = norm(x [+ r]) by ``plan`` (a ``_NormPlan``, which holds eps)."""
 
     @staticmethod
-    def forward(ctx, x, r, weight, bias, eps, plan):
-        y, h, mean, rstd = plan.forward(x, r, weight, bias, eps)
-        h = x if h is None else h.view(x.shape)
+    def forward(ctx, x, r, weight, bias, plan):
+        y, h, mean, rstd = plan.forward(x, r, weight, bias)
+        h = x if h is None else h.view(*plan.shape)
         ctx.save_for_backward(h, weight, mean, rstd)
         ctx.plan = plan
         ctx.set_materialize_grads(False)     # an unused h (the last norm's) gives dh None: no zeros made and read
         if r is None:
-            return y.view(x.shape)
-        return y.view(x.shape), h
+            return y.view(*plan.shape)
+        return y.view(*plan.shape), h
 
     @staticmethod
     def backward(ctx, dy, dh=None):
@@ -268,8 +276,8 @@ class _Norm(torch.autograd.Function):
         if dy is None:                       # y unused (rare): its gradient is zero
             dy = torch.zeros_like(h)
         dx, sums = plan.backward(dy, dh, h, weight, mean, rstd)
-        dx = dx.view(h.shape)
-        return dx, (dx if plan.residual else None), sums[0], (sums[1] if plan.centered else None), None, None
+        dx = dx.view(*plan.shape)
+        return dx, (dx if plan.residual else None), sums[0], (sums[1] if plan.centered else None), None
 
 
 def _check_norm(fn: str, x, weight, eps, bias=None, r=None) -> None:
@@ -295,10 +303,12 @@ def _norm(fn: str, x, r, weight, bias, eps):
             add_rms_norm_fwd_op(x, r, weight, eps)
         return out[0], out[1]
     plan = _norm_plan(fn, x, r, weight, bias, eps)
-    if _needs_grad(x, weight) or (r is not None and r.requires_grad) or (bias is not None and bias.requires_grad):
-        return _Norm.apply(x, r, weight, bias, float(eps), plan)
-    y, h, _, _ = plan.forward(x, r, weight, bias, float(eps))
-    return y.view(x.shape) if r is None else (y.view(x.shape), h.view(x.shape))
+    # autograd only where a gradient is asked for: under no_grad a bias or r that requires grad takes the plain way
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (r is not None and r.requires_grad)
+                                    or (bias is not None and bias.requires_grad)):
+        return _Norm.apply(x, r, weight, bias, plan)
+    y, h, _, _ = plan.forward(x, r, weight, bias)
+    return y.view(*plan.shape) if r is None else (y.view(*plan.shape), h.view(*plan.shape))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
