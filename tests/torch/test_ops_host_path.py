@@ -72,3 +72,34 @@ def test_plan_keeps_eps():
     torch.testing.assert_close(small, torch.nn.functional.layer_norm(x, (8,), w, b, eps=1e-12), rtol=1e-4,
                                atol=1e-4)
     torch.testing.assert_close(large, torch.nn.functional.layer_norm(x, (8,), w, b, eps=1.0), rtol=1e-4, atol=1e-4)
+
+
+def _swiglu64(x):
+    a, b = x.double().chunk(2, dim=-1)
+    return torch.nn.functional.silu(a) * b
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 16), (5, 8), (8,)])
+def test_swiglu_plan_gradient_layouts(shape):
+    """One SwiGLU signature, backward with a contiguous and then a strided upstream gradient (two backward plans
+    of one forward plan): both gradients match float64 torch; no_grad gives the forward's values."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*shape, generator=g).requires_grad_()
+    want = _swiglu64(x.detach())
+    with config.override(backend="reference"):
+        for strided in (False, True, False):
+            dy = torch.randn(*shape[:-1], shape[-1] // 2, generator=g)
+            if strided and dy.dim() >= 2:
+                dy = torch.randn(*dy.shape[:-2], dy.shape[-1], dy.shape[-2], generator=g).transpose(-1, -2)
+            x.grad = None
+            y = ops.swiglu(x)
+            torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-6)
+            y.backward(dy)
+            x64 = x.detach().double().requires_grad_()
+            _swiglu64(x64).backward(dy.double())
+            assert x.grad.shape == x.shape and x.grad.is_contiguous()
+            torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            plain = ops.swiglu(x)
+    assert not plain.requires_grad
+    torch.testing.assert_close(plain, y.detach(), rtol=0, atol=0)

@@ -444,16 +444,57 @@ def _swiglu_bwd(ctx, dy):
 swiglu_fwd_op.register_autograd(_swiglu_bwd, setup_context=_swiglu_setup)
 
 
+class _SwiGLUPlan:
+    """The eager path of one SwiGLU signature (x): the forward's run planned once, the backward's planned on its
+    first use per gradient layout and found by a key of dy's layout, the grad mode and whether dy or x require
+    grad (what the backward's ``da=``/``db=`` check depends on; x's layout follows from this signature). x's
+    shapes are kept as plain ints, as ``_NormPlan`` keeps them."""
+
+    def __init__(self, x):
+        rows = _rows(x)
+        m, f = rows.shape[0], x.shape[-1] // 2
+        self.f, self.shape, self.rows = f, tuple(x.shape), (m, 2 * f)       # (..., 2F), (M, 2F)
+        self.out_shape, self.out_rows = (*x.shape[:-1], f), (m, f)         # (..., F), (M, F)
+        self._forward = _swiglu.plan_for(rows[:, :f], rows[:, f:])
+        self._backward: dict = {}
+
+    def halves(self, x):
+        rows, f = x.reshape(*self.rows), self.f
+        return rows[:, :f], rows[:, f:]
+
+    def forward(self, x):
+        return self._forward(*self.halves(x)).view(*self.out_shape)
+
+    def backward(self, dy, x):
+        a, b = self.halves(x)
+        dy = dy.reshape(*self.out_rows)
+        dx = x.new_empty(self.rows)                                        # (M, 2F): [da | db]
+        da, db = dx[:, :self.f], dx[:, self.f:]
+        key = (dy.dtype, dy.stride(), dy.data_ptr() % 16, dx.data_ptr() % 16, dy.requires_grad, x.requires_grad,
+               torch.is_grad_enabled())
+        run = self._backward.get(key)
+        if run is None:
+            run = remember(self._backward, key, _swiglu_backward.plan_for(dy, a, b, da=da, db=db))
+        run(dy, a, b, da=da, db=db)
+        return dx.view(*self.shape)
+
+
+@planned
+def _swiglu_plans(x):
+    return _SwiGLUPlan(x)
+
+
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, plan):
         ctx.save_for_backward(x)
-        return _swiglu_forward(x)
+        ctx.plan = plan
+        return plan.forward(x)
 
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        return _swiglu_grad(dy, x)
+        return ctx.plan.backward(dy, x), None
 
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:
@@ -466,9 +507,10 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
         raise LaunchError(f"swiglu: x has dtype {x.dtype}; expected one of float32, bfloat16, float16")
     if not _eager(x):
         return swiglu_fwd_op(x)
+    plan = _swiglu_plans.plan_for(x)
     if _needs_grad(x):
-        return _SwiGLU.apply(x)
-    return _swiglu_forward(x)
+        return _SwiGLU.apply(x, plan)
+    return plan.forward(x)
 
 
 # ---- fused linear + cross-entropy ------------------------------------------------------------------------------
