@@ -61,7 +61,7 @@ def test_chain_runs_no_quantizing_pass(monkeypatch):
                                                                                                "fp8")
     b1, b2 = torch.randn(hidden).bfloat16(), torch.randn(d).bfloat16()
     xs1, xs2 = 0.02, 0.01
-    spec = ("layer", 1e-5, ((xs1, "gelu_tanh"), (xs2, None)), torch.bfloat16, None)
+    spec = ("layer", 1e-5, (((xs1, "gelu_tanh"), (xs2, None)),), (torch.bfloat16,), (None,))   # one chain
     want_y8, want_h = norm_fp8(x, w, b, 1e-5, xs1, residual=r)
     mid = quantized_linear(want_y8, q1, s1, b1, x_scale=xs1, activation="gelu_tanh", out_scale=xs2)
     want = quantized_linear(mid, q2, s2, b2, x_scale=xs2)
@@ -91,3 +91,35 @@ def test_fp8_out_saturates_and_keeps_nan():
     assert y.dtype == torch.float8_e4m3fn
     assert y[1, 3].float().isnan()
     assert float(y.float().nan_to_num().abs().max()) == 448.0
+
+
+class _SharedNorm(torch.nn.Module):
+    """One norm read by three projections (as Llama's separate q, k and v), and a lone layer after them."""
+
+    def __init__(self, d: int = 32):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(d)
+        self.q, self.k, self.v = (torch.nn.Linear(d, d) for _ in range(3))
+        self.out = torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        y = self.norm(x)
+        return self.out(self.q(y) * torch.sigmoid(self.k(y)) * self.v(y))
+
+
+def test_a_norm_read_by_several_layers_writes_one_fp8_tensor():
+    torch.manual_seed(3)
+    x = torch.randn(4, 24, 32, dtype=torch.bfloat16)
+    model = _SharedNorm().to(torch.bfloat16).eval()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+    qmodel = tilestack.quantize(model, "fp8-act", calibration=[x])
+    scales = {qmodel.q.x_scale, qmodel.k.x_scale, qmodel.v.x_scale}
+    assert len(scales) == 1                         # the same input calibrates the same scale
+    with torch.no_grad():
+        want = qmodel(x)
+        got = tilestack.optimize(qmodel, check=True, inner="aot_eager")(x)
+    made = [w for w in _made(tc.last_report()) if "fp8 activations between" in w]
+    assert made == ["layer_norm -> (fp8 linear | fp8 linear | fp8 linear) -> tilestack::norm_fp8 / "
+                    "quant_linear_fp8 (fp8 activations between)"], str(tc.last_report())
+    assert float((got.float() - want.float()).norm() / want.float().norm()) < 3e-2

@@ -176,22 +176,30 @@ def ts_linear_cross_entropy(x, weight, labels, ignore_index: int):
 
 
 def ts_fp8_chain(*args):
-    """A chain of fp8 linear layers, each writing the next one's fp8 activations, after the norm that feeds the
-    first (or none): ``args`` = (x, r, weight, bias) of the norm (r, weight, bias None where absent; x the first
-    layer's input rows without a norm), then (q, scale, bias, residual) per layer, then ``spec`` = (norm: "layer",
-    "rms" or None, eps, ((x_scale, activation), ...) per layer, the output dtype, the output's static view or
-    None). Returns the last layer's output, and first h = x + r where the norm adds a residual."""
+    """Chains of fp8 linear layers, each layer writing the next one's fp8 activations, after the norm that feeds
+    their first layers (or none): ``args`` = (x, r, weight, bias) of the norm (r, weight, bias None where absent;
+    x the first layer's input rows without a norm), then (q, scale, bias, residual) per layer, chain after chain,
+    then ``spec`` = (norm: "layer", "rms" or None, eps, per chain ((x_scale, activation), ...), per chain the
+    output dtype, per chain the output's static view or None). Every chain's first layer reads the one fp8
+    tensor the norm writes (their x_scales are equal). Returns h = x + r first where the norm adds a residual,
+    then each chain's last output."""
     *tensors, spec = args
-    norm, eps, layers, out_dtype, shape = spec
+    norm, eps, chains, out_dtypes, shapes = spec
     x, r, weight, bias = tensors[:4]
     h = None
     if norm is not None:
-        y, h = norm_fp8_op(x, r, weight, bias if norm == "layer" else None, eps, layers[0][0])
+        y8, h = norm_fp8_op(x, r, weight, bias if norm == "layer" else None, eps, chains[0][0][0])
     else:
-        y = x
-    for i, (x_scale, activation) in enumerate(layers):
-        q, scale, lbias, residual = tensors[4 + 4 * i: 8 + 4 * i]
-        out_scale = layers[i + 1][0] if i + 1 < len(layers) else 0.0
-        y = quant_linear_fp8_op(y, q, scale, lbias, residual, x_scale, activation, out_scale, out_dtype)
-    y = _viewed(y, shape)
-    return (h, y) if r is not None and norm is not None else y
+        y8 = x
+    outs, at = [], 4
+    for layers, out_dtype, shape in zip(chains, out_dtypes, shapes, strict=True):
+        y = y8
+        for i, (x_scale, activation) in enumerate(layers):
+            q, scale, lbias, residual = tensors[at: at + 4]
+            at += 4
+            out_scale = layers[i + 1][0] if i + 1 < len(layers) else 0.0
+            y = quant_linear_fp8_op(y, q, scale, lbias, residual, x_scale, activation, out_scale, out_dtype)
+        outs.append(_viewed(y, shape))
+    if norm is not None and r is not None:
+        outs.insert(0, h)
+    return tuple(outs) if len(outs) > 1 else outs[0]

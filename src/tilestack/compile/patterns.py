@@ -614,16 +614,16 @@ _NORM_OPS = {ops.ts_layer_norm: ("layer", False), ops.ts_rms_norm: ("rms", False
 
 
 def _norm_source(src: Node):
-    """(kind, adds, call node, the nodes it replaces, h node or None, (x, r, weight, bias), eps) when src is a
-    norm's output (the norm and add_norm passes' calls) read by nothing else, else None."""
-    if not isinstance(src, Node) or len(src.users) != 1:
+    """(kind, adds, the nodes it replaces, h node or None, (x, r, weight, bias), eps) when src is a norm's output
+    (the norm and add_norm passes' calls), else None. Who reads src is the caller's to check."""
+    if not isinstance(src, Node) or src.op != "call_function":
         return None
-    if src.op == "call_function" and src.target in _NORM_OPS and src.target in (ops.ts_layer_norm, ops.ts_rms_norm):
+    if src.target in (ops.ts_layer_norm, ops.ts_rms_norm):
         k, _ = _NORM_OPS[src.target]
         x, w, *rest = src.args
         bias, eps = (rest[0], rest[1]) if k == "layer" else (None, rest[0])
-        return k, False, src, [src], None, (x, None, w, bias), eps
-    if src.op == "call_function" and src.target is operator.getitem and src.args[1] == 1:
+        return k, False, [src], None, (x, None, w, bias), eps
+    if src.target is operator.getitem and src.args[1] == 1:
         call = src.args[0]
         if not (isinstance(call, Node) and call.op == "call_function" and
                 call.target in (ops.ts_add_layer_norm, ops.ts_add_rms_norm)):
@@ -635,8 +635,14 @@ def _norm_source(src: Node):
         if len(call.users) != len(hs) + 1 or len(hs) > 1:
             return None
         h = hs[0] if hs else None
-        return k, True, call, [call, src] + hs, h, (x, r, w, bias), eps
+        return k, True, [call, src] + hs, h, (x, r, w, bias), eps
     return None
+
+
+def _what(norm: tuple | None, chains: list[list[tuple]]) -> str:
+    head = [f"{'add + ' if norm[1] else ''}{norm[0]}_norm"] if norm else []
+    body = [" -> ".join(f"fp8 linear{'+' + a if a else ''}" for _, a in chain) for chain in chains]
+    return " -> ".join(head + ([body[0]] if len(body) == 1 else [f"({' | '.join(body)})"]))
 
 
 # The chain quantizes each layer's f32 result once; the layers it replaces rounded it to bf16 first and then
@@ -650,8 +656,10 @@ def fp8_chain(gm: fx.GraphModule):
     """Chains of ``tilestack.quantize(..., "fp8-act")`` layers, each reading only the one before it (through
     views), and the norm before the first -> ``ops.ts_fp8_chain``: the norm writes the first layer's fp8
     activations (``quant.producers``) and each layer's epilogue the next one's (``qgemm_fp8_out_kernel``), so no
-    layer makes a quantizing pass over its input and the activations between them cross memory in 8 bits. GPT-2's
-    MLP (ln_2 -> c_fc + GELU -> c_proj) is one chain, its qkv projection (ln_1 -> c_attn) another."""
+    layer makes a quantizing pass over its input and the activations between them cross memory in 8 bits. A norm
+    read by several chains with one calibrated scale (Llama's q, k and v projections, its gate and up: the same
+    input, so the same scale) writes one fp8 tensor for all. GPT-2's MLP (ln_2 -> c_fc + GELU -> c_proj) is one
+    chain, its qkv projection (ln_1 -> c_attn) another."""
     matches, declined = [], []
     gemms = {n: g for n in gm.graph.nodes if (g := _fp8_gemm(n)) is not None}
     after: dict[Node, tuple[Node, list[Node]]] = {}      # a layer -> (the layer it reads, the views between)
@@ -661,54 +669,68 @@ def fp8_chain(gm: fx.GraphModule):
             after[node] = (src, views)
     nxt = {prev: (node, views) for node, (prev, views) in after.items()}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    for head, g in gemms.items():
-        if head in after:
-            continue                                  # not the first layer of its chain
+
+    def chain_from(head: Node) -> tuple[list[Node], list[Node]]:
         layers, nodes = [head], [head]
         while layers[-1] in nxt:
             node, views = nxt[layers[-1]]
             layers.append(node)
             nodes += views + [node]
-        src, views = _unview(g[0])
+        return layers, nodes
+
+    groups: dict[Node, list[tuple[Node, list[Node]]]] = {}   # a layer's source -> [(head, views)] in graph order
+    for head, g in gemms.items():
+        if head not in after:
+            src, views = _unview(g[0])
+            groups.setdefault(src, []).append((head, views))
+    for src, heads in groups.items():
         norm = _norm_source(src)
-        if norm is None and len(layers) == 1:
-            continue                                   # a lone layer with a float input: quant_linear as it is
-        out = value(layers[-1])
-        if not isinstance(out, torch.Tensor) or out.requires_grad:
-            continue
-        if norm is not None:
-            k, adds, call, norm_nodes, h, (x, r, w, bias), eps = norm
-            nodes = norm_nodes + views + nodes
-            head_inputs = [x, r, w, bias]
-        else:
-            k, adds, h, eps = None, False, None, 0.0
-            head_inputs = [g[0], None, None, None]
-        inputs, specs = list(head_inputs), []
-        for layer in layers:
-            _, q, scale, lbias, residual, x_scale, activation, _ = gemms[layer]
-            inputs += [q, scale, lbias, residual]
-            specs.append((x_scale, activation))
-        shape = gemms[layers[-1]][7]
-        outputs = ([h] if adds and h is not None else []) + [layers[-1]]
-        if adds and h is None:
-            declined.append((layers[-1], "fp8 chain: the fused add + norm's residual output is unused"))
-            continue
-        first = min(outputs, key=order.__getitem__)
-        late = [n for n in inputs if isinstance(n, Node) and n not in nodes and order[n] > order[first]]
-        if late:
-            declined.append((layers[-1], "fp8 chain: an input computed after the chain's first output"))
-            continue
-        xv = value(head_inputs[0])
-        if isinstance(xv, torch.Tensor) and (why := runs_here(xv)) is not None:
-            declined.append((layers[-1], f"fp8 chain: {why}"))
-            continue
-        spec = (k, float(eps), tuple(specs), out.dtype, shape)
-        what = " -> ".join(([f"{'add + ' if adds else ''}{k}_norm"] if k else []) +
-                           [f"fp8 linear{'+' + a if a else ''}" for _, a in specs])
-        matches.append(Match("fp8_chain", ops.ts_fp8_chain, inputs, (spec,), outputs,
-                             sorted(set(nodes), key=order.__getitem__),
-                             f"{what} -> tilestack::norm_fp8 / quant_linear_fp8 (fp8 activations between)",
-                             l2_tolerance=FP8_CHAIN_TOLERANCE))
+        readers = {u for _, views in heads for u in (views[:1] or [])} | {h for h, views in heads if not views}
+        if norm is not None and (set(src.users) != readers or len({gemms[h][5] for h, _ in heads}) != 1):
+            norm = None                   # read by something else too, or by layers of different scales
+        units = [[h] for h, _ in heads] if norm is None else [[h for h, _ in heads]]
+        for unit in units:
+            chains = [chain_from(h) for h in unit]
+            if norm is None and len(chains[0][0]) == 1:
+                continue                  # a lone layer with a float input: quant_linear as it is
+            lasts = [layers[-1] for layers, _ in chains]
+            outs = [value(n) for n in lasts]
+            if not all(isinstance(o, torch.Tensor) and not o.requires_grad for o in outs):
+                continue
+            nodes = [n for _, chain_nodes in chains for n in chain_nodes]
+            if norm is not None:
+                k, adds, norm_nodes, h, head_inputs, eps = norm
+                nodes += norm_nodes + [v for _, views in heads for v in views]
+            else:
+                k, adds, h, eps = None, False, None, 0.0
+                head_inputs = (gemms[unit[0]][0], None, None, None)     # the first layer's float input
+            if adds and h is None:
+                declined.append((lasts[-1], "fp8 chain: the fused add + norm's residual output is unused"))
+                continue
+            inputs, specs = list(head_inputs), []
+            for layers, _ in chains:
+                spec_chain = []
+                for layer in layers:
+                    _, q, scale, lbias, residual, x_scale, activation, _ = gemms[layer]
+                    inputs += [q, scale, lbias, residual]
+                    spec_chain.append((x_scale, activation))
+                specs.append(tuple(spec_chain))
+            outputs = ([h] if adds else []) + lasts
+            first = min(outputs, key=order.__getitem__)
+            late = [n for n in inputs if isinstance(n, Node) and n not in nodes and order[n] > order[first]]
+            if late:
+                declined.append((lasts[-1], "fp8 chain: an input computed after the chain's first output"))
+                continue
+            xv = value(head_inputs[0])
+            if isinstance(xv, torch.Tensor) and (why := runs_here(xv)) is not None:
+                declined.append((lasts[-1], f"fp8 chain: {why}"))
+                continue
+            spec = (k, float(eps), tuple(specs), tuple(o.dtype for o in outs),
+                    tuple(gemms[n][7] for n in lasts))
+            matches.append(Match("fp8_chain", ops.ts_fp8_chain, inputs, (spec,), outputs,
+                                 sorted(set(nodes), key=order.__getitem__),
+                                 f"{_what(norm, specs)} -> tilestack::norm_fp8 / quant_linear_fp8 (fp8 activations "
+                                 "between)", l2_tolerance=FP8_CHAIN_TOLERANCE))
     return matches, declined
 
 
