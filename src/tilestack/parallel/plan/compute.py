@@ -38,6 +38,7 @@ OPS_PER_BLOCK_FWD = 25                   # ATen calls of one GPT block's forward
 BACKWARD_PER_FORWARD = 2.0               # backward: input and weight gradients, two products per forward one
 ADAM_BYTES_PER_ELEMENT = 7 * FP32_BYTES  # AdamW reads param, grad, m, v and writes param, m, v
 ADAM_OPS_PER_TENSOR = 12                 # foreach=False AdamW: about a dozen ATen calls per tensor
+ADAM_FIT_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 20}   # optimizer_s's large step: memory-bound on each device
 TIMING_BUDGET_S = 0.5
 PAIRED_ROUNDS = 3                        # time_extra: rounds of the two modules timed back to back
 TIMING_REL_CI = 0.05
@@ -347,7 +348,7 @@ class MeasuredCompute(ComputeModel):
         self.source = f"measured on {device}" if gpu else "measured on this CPU (one thread per rank)"
         self.cores = None if gpu else (cores or os.cpu_count() or 1)
         self._cache: dict[tuple[str, int, int], tuple[float, float]] = {}
-        self._adam: tuple[float, float] | None = None
+        self._adam: tuple[float, float, float] | None = None
         self._overheads: dict[str, float] | None = overheads if isinstance(overheads, dict) else None
         self._measure_overheads = overheads is True
 
@@ -390,18 +391,24 @@ class MeasuredCompute(ComputeModel):
         return self._recompute[ckey]
 
     def optimizer_s(self, params: float, tensors: int) -> float:
-        """A linear fit, per element and per tensor, of two measured AdamW steps."""
+        """A fixed cost, one per tensor and one per element, fitted to three measured AdamW steps (the Trainer's
+        kind): one tiny tensor, 64 tiny tensors, 64 tensors of ``ADAM_FIT_ELEMENTS``. On a GPU the multi-tensor
+        step is a few launches whatever the count, so the fixed term carries them, and the per-element slope is
+        taken where the step is bound by memory, not by its launches (a one-tensor step of 1M elements on the
+        H200 is launches: fitting on it made a 124M-parameter GPT's step 27 ms, measured about 2 ms)."""
         if self._adam is None:
-            big, many = 1 << 20, 64
-            dtype = {2: "bfloat16", 4: "float32"}[self.desc.dtype_bytes]
             import torch
-            t_big = time_adamw(big, 1, self.device, getattr(torch, dtype))
-            t_many = time_adamw(many * 16, many, self.device, getattr(torch, dtype))
-            per_tensor = max((t_many - 16 * many * (t_big / big)) / many, 0.0)
-            per_elem = max((t_big - per_tensor) / big, 0.0)
-            self._adam = (per_elem, per_tensor)
-        per_elem, per_tensor = self._adam
-        return params * per_elem + tensors * per_tensor
+            dtype = getattr(torch, {2: "bfloat16", 4: "float32"}[self.desc.dtype_bytes])
+            many, small = 64, 16
+            big = ADAM_FIT_ELEMENTS.get(torch.device(self.device).type, ADAM_FIT_ELEMENTS["cpu"])
+            t_one = time_adamw(small, 1, self.device, dtype)
+            t_many = time_adamw(many * small, many, self.device, dtype)
+            t_big = time_adamw(big, many, self.device, dtype)
+            per_tensor = max((t_many - t_one) / (many - 1), 0.0)
+            per_elem = max((t_big - t_many) / (big - many * small), 0.0)
+            self._adam = (max(t_one - per_tensor, 0.0), per_tensor, per_elem)
+        fixed, per_tensor, per_elem = self._adam
+        return fixed + tensors * per_tensor + params * per_elem
 
     @classmethod
     def for_gpt(cls, desc: ModelDesc, *, cores: int | None = None, overheads: bool | dict[str, float] = True,
