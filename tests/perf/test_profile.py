@@ -34,7 +34,10 @@ def test_profile_of_a_small_transformer():
     assert sdpa.m.flops == pytest.approx(4 * BATCH * HEADS * SEQ * SEQ * (D // HEADS))
     assert math.fsum(o.share for o in p.ops) == pytest.approx(1.0)
     assert [o.total_s for o in p.ops] == sorted((o.total_s for o in p.ops), reverse=True)
-    assert p.hot_spots(3)[0].counted and p.hot_spots(3)[0].tip
+    # Which row is hottest is the machine's timing (linear's own Python time can top a tiny model on a busy CPU):
+    # every hot spot gets a tip, counted or not, and an uncounted row shows no bound.
+    assert all(o.tip for o in p.hot_spots(3))
+    assert all(o.bound == "-" for o in p.ops if not o.counted)
     assert ops["aten::addmm"].bound in ("compute", "memory") and ops["aten::addmm"].roof_fraction > 0
     assert ops.get("aten::view") is None or not ops["aten::view"].counted  # views move no bytes
 
