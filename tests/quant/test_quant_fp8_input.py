@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from tilestack.errors import LaunchError
-from tilestack.quant import quantize_weight, quantized_linear
 from tilestack.quant import gemm as qg
+from tilestack.quant import quantize_weight, quantized_linear
 from tilestack.quant.gemm import quantize_activation
 
 SMALL = dict(BM=16, BN=16, BK=16)

@@ -64,6 +64,31 @@ def test_autograd_only_when_asked(name, grad, shape, strided, monkeypatch):
         torch.testing.assert_close(p, o.detach(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("name", list(NORMS))
+def test_no_grad_statistics_go_to_the_plans_sink(name, backend):
+    """Under no_grad a norm allocates only its outputs: the mean and 1/std go to one (M,) f32 tensor per plan that
+    no output shares; two calls give two fresh outputs, each what the autograd path gives."""
+    t = _inputs((2, 3, 16), False, "w")
+    op = NORMS[name]
+    with config.override(backend=backend):
+        with torch.enable_grad():
+            want = [o.detach() for o in _outputs(op(t["x"], t["r"], t["w"], t["b"]))]
+        with torch.no_grad():     # the plan of this signature (grad mode is part of its key), its sink poisoned
+            plan = ops._norm_plan(name, t["x"], t["r"] if name.startswith("add_") else None, t["w"],
+                                  t["b"] if "layer" in name else None, 1e-5 if "layer" in name else 1e-6)
+            sink = plan._sink.fill_(float("nan"))
+            first = _outputs(op(t["x"], t["r"], t["w"], t["b"]))
+            second = _outputs(op(t["x"], t["r"], t["w"], t["b"]))
+    assert sink.shape == (6,) and sink.dtype == torch.float32
+    outs = [*first, *second]
+    assert len({o.data_ptr() for o in outs} | {sink.data_ptr()}) == len(outs) + 1
+    for a, b, w in zip(first, second, want, strict=True):
+        torch.testing.assert_close(a, w, rtol=0, atol=0)
+        torch.testing.assert_close(b, w, rtol=0, atol=0)
+    assert bool(sink.isfinite().all())           # the calls wrote their statistics there (1/std last)
+
+
 def test_plan_keeps_eps():
     """The plan holds eps (the key includes it): two eps on one signature give two plans and two results."""
     x, w, b = torch.randn(4, 8) * 1e-3, torch.ones(8), torch.zeros(8)

@@ -179,23 +179,23 @@ def _planned_forward(x, weight, bias, residual, eps, backend: str | None, config
     centered = bias is not None
     m, n = x.shape
     if x.numel() == 0:   # nothing to launch: no rows, or rows of width 0 (mean 0, rstd NaN, as torch's norms)
-        def empty(x, weight, bias, residual, *_):
+        def empty(x, weight, bias, residual, *_, **__):
             y = torch.empty_like(x)
             rstd = torch.full((m,), math.nan, dtype=torch.float32, device=x.device)
             h = None if residual is None else x + residual
             return y, h, (torch.zeros_like(rstd) if centered else None), rstd
         return empty
 
-    def stats(x):
+    def new_stats(x):
         return x.new_empty(m, dtype=torch.float32)          # half torch.empty's host cost
 
     if residual is None:
         cfg = resolve_row_config("rms_norm", n, x.device.type, dict(config), x=x)
-        y, rstd = torch.empty_like(x), stats(x)
+        y, rstd = torch.empty_like(x), new_stats(x)
         launch = rms_norm_kernel.launcher_for((x, weight, y, rstd, float(eps)), backend, **cfg)
 
-        def run_rms(x, weight, bias, residual, eps, *_):
-            y, rstd = torch.empty_like(x), stats(x)
+        def run_rms(x, weight, bias, residual, eps, *_, stats=None):
+            y, rstd = torch.empty_like(x), (new_stats(x) if stats is None else stats)
             launch((x, weight, y, rstd, float(eps)))
             return y, None, None, rstd
         return run_rms
@@ -203,17 +203,21 @@ def _planned_forward(x, weight, bias, residual, eps, backend: str | None, config
     fn = "add_layer_norm" if centered else "add_rms_norm"
     cfg = resolve_row_config(fn, n, x.device.type, dict(config), x=x)
 
-    def args(x, weight, bias, residual, eps):
-        y, h, rstd = torch.empty_like(x), torch.empty_like(x), stats(x)
-        mean = stats(x) if centered else None
+    def args(x, weight, bias, residual, eps, stats=None):
+        y, h = torch.empty_like(x), torch.empty_like(x)
+        if stats is None:
+            rstd = new_stats(x)
+            mean = new_stats(x) if centered else None
+        else:       # a sink the caller will not read: the mean, then 1/std, written to it
+            rstd, mean = stats, (stats if centered else None)
         # RMS norm's kernel reads no bias and writes no mean: any tensor of the right kind stands in for them
         return (x, residual, weight, bias if centered else weight, y, h, mean if centered else rstd, rstd,
                 float(eps)), (y, h, mean, rstd)
 
     launch = norm_fwd_kernel.launcher_for(args(x, weight, bias, residual, eps)[0], backend, CENTERED=centered, **cfg)
 
-    def run_add(x, weight, bias, residual, eps, *_):
-        kargs, outs = args(x, weight, bias, residual, eps)
+    def run_add(x, weight, bias, residual, eps, *_, stats=None):
+        kargs, outs = args(x, weight, bias, residual, eps, stats)
         launch(kargs)
         return outs
     return run_add

@@ -220,6 +220,18 @@ class _NormPlan:
         else:
             self._forward = _planned_forward.plan_for(rows, weight, bias, _rows_or_none(r), eps, None, ())
         self._backward: dict = {}
+        # where a no-grad call's statistics go (nobody reads them): one (M,) f32 tensor per plan, so that call
+        # allocates only its outputs; concurrent calls overwrite it with values no one reads
+        self._sink = x.new_empty(self.rows[0], dtype=torch.float32)
+
+    def infer(self, x, r, weight, bias):
+        """y, or (y, h) with r, shaped as x: the forward without its statistics (no gradient will be asked)."""
+        rows, shape = self.rows, self.shape
+        if self.centered and not self.residual:
+            return self._forward(x.reshape(*rows), weight, bias, self.eps, stats=self._sink)[0].view(*shape)
+        y, h, _, _ = self._forward(x.reshape(*rows), weight, bias, None if r is None else r.reshape(*rows), self.eps,
+                                   stats=self._sink)
+        return y.view(*shape) if r is None else (y.view(*shape), h.view(*shape))
 
     def forward(self, x, r, weight, bias):
         """(y, h or None, mean or None, rstd) over the rows of x; y and h as (M, N)."""
@@ -307,8 +319,7 @@ def _norm(fn: str, x, r, weight, bias, eps):
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (r is not None and r.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
         return _Norm.apply(x, r, weight, bias, plan)
-    y, h, _, _ = plan.forward(x, r, weight, bias)
-    return y.view(*plan.shape) if r is None else (y.view(*plan.shape), h.view(*plan.shape))
+    return plan.infer(x, r, weight, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
