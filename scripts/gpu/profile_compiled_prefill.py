@@ -17,6 +17,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--backends", default="tilestack,inductor")
+    ap.add_argument("--bisect", default="sdpa;add_norm,norm;linear_epilogue",
+                    help="after the profiles: the tilestack backend with only these passes (';' between runs), "
+                         "wall time per step each ('' to skip)")
     a = ap.parse_args()
     import tilestack
     from tilestack.bench.models import GPT, GPT2_SMALL, GPT2_TINY, make_batch
@@ -50,6 +53,21 @@ def main() -> None:
         key = "cuda_time_total" if dev == "cuda" else "cpu_time_total"
         print(p.key_averages().table(sort_by=key, row_limit=22, max_name_column_width=70))
         print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=70))
+    # which swaps cost the time: each group of passes alone, against the same model and batch
+    for group in filter(None, a.bisect.split(";")):
+        passes = group.split(",")
+        torch._dynamo.reset()
+        f = tilestack.optimize(model, passes=passes)
+        with torch.no_grad():
+            for _ in range(3):
+                f(idx)
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(10):
+                f(idx)
+            sync()
+        swapped = dict(tilestack.compile.last_report().swapped)
+        print(f"#### tilestack, passes={passes}: {(time.perf_counter() - t0) / 10 * 1e3:.2f} ms per step; {swapped}")
 
 
 if __name__ == "__main__":
