@@ -276,14 +276,15 @@ def _single_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
 def time_forward_backward(module: Any, make_input: Callable[[], Any], loss: Callable[[Any], Any] | None = None,
                           device: str = "cpu") -> tuple[float, float]:
     """(forward s, backward s) of ``module`` on ``make_input()`` (one CPU thread): forward timed alone, backward
-    as forward-and-backward minus forward. ``loss`` turns the output into a scalar (default: its sum)."""
-    import torch
+    as forward-and-backward minus forward. ``loss`` turns the output into a scalar (default: its sum). The forward
+    is timed as a training step runs it, recording the autograd graph (its output then dropped): that is also
+    what full recompute runs again in the backward; under no_grad it missed the recording (on this CPU, a
+    gpt 4x64 / 4x128 block at 4 samples: 1.13 / 2.23 ms against 1.02 / 1.99 ms under no_grad)."""
     x = make_input()
     reduce = loss or (lambda y: y.float().sum())
 
     def fwd():
-        with torch.no_grad():
-            module(x)
+        module(x)
 
     def fwd_bwd():
         reduce(module(x)).backward()
