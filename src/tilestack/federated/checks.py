@@ -8,7 +8,11 @@ Every message names where, the argument, the value given and what was expected. 
 the settings under which Flower's node sampling would wait forever (``sample_nodes`` polls once a second
 until ``min_available_nodes`` nodes connect, and a fraction above 1 asks for more nodes than there are):
 under :class:`~tilestack.federated.grid.ManagedGrid` every node has answered the roll call before the first
-round, so no more will come.
+round, so no more will come. It also checks the hyperparameters of Flower's strategies at every level of a
+wrapped strategy (``HYPERPARAMETERS``), which Flower takes as given: ``FedAvgM(server_momentum=-0.5)`` or
+``nan`` ran as plain FedAvg (its update tests ``momentum > 0``), ``FedProx(proximal_mu=nan)`` made every
+client's model NaN, ``FedAdam(beta_1=1.0)`` divided by zero, each round after round, without a word. A
+strategy that fits only some tasks says so through a ``check_task(task)`` method (HeteroFL: the MLP only).
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from __future__ import annotations
 import math
 import numbers
 
+from flwr.serverapp import strategy as fl
 from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.fedopt import FedOpt
 
 from tilestack.errors import FederatedError
 
@@ -24,6 +30,51 @@ FRACTIONS = ("fraction_train", "fraction_evaluate")
 # each minimum matters only when the fraction beside it samples anyone
 MINIMA = {"min_train_nodes": ("fraction_train",), "min_evaluate_nodes": ("fraction_evaluate",),
           "min_available_nodes": FRACTIONS}  # fmt: skip
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _non_negative(v) -> bool:
+    return v >= 0
+
+
+def _decay(v) -> bool:  # a moving average's factor: 1 would never move
+    return 0 <= v < 1
+
+
+def _unit(v) -> bool:
+    return 0 <= v <= 1
+
+
+# Flower strategy class -> {attribute: (test on a finite real, what was expected)}; every level of a wrapped
+# strategy is checked. Flower itself checks FedTrimmedAvg's beta and (except NaN) the DP wrappers' numbers.
+HYPERPARAMETERS: dict[type, dict[str, tuple]] = {
+    fl.FedProx: {"proximal_mu": (_non_negative, "a number >= 0 (0: FedAvg)")},
+    fl.FedAvgM: {"server_learning_rate": (_positive, "a number > 0"),
+                 "server_momentum": (_decay, "a number in [0, 1)")},
+    FedOpt: {"eta": (_positive, "a number > 0"), "eta_l": (_positive, "a number > 0"),  # FedAdam, FedYogi, FedAdagrad
+             "beta_1": (_decay, "a number in [0, 1)"), "beta_2": (_decay, "a number in [0, 1)"),
+             "tau": (_positive, "a number > 0 (it keeps eta / (sqrt(v) + tau) finite)")},
+    fl.QFedAvg: {"q": (_non_negative, "a number >= 0"), "client_learning_rate": (_positive, "a number > 0")},
+    fl.FedTrimmedAvg: {"beta": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)")},
+    fl.Krum: {"num_malicious_nodes": (_non_negative, "an integer >= 0")},
+    fl.MultiKrum: {"num_malicious_nodes": (_non_negative, "an integer >= 0"),
+                   "num_nodes_to_select": (_positive, "an integer >= 1")},
+    fl.Bulyan: {"num_malicious_nodes": (_non_negative, "an integer >= 0")},
+    fl.DifferentialPrivacyServerSideFixedClipping: {"noise_multiplier": (_non_negative, "a number >= 0"),
+                                                    "clipping_norm": (_positive, "a number > 0")},
+    fl.DifferentialPrivacyClientSideFixedClipping: {"noise_multiplier": (_non_negative, "a number >= 0"),
+                                                    "clipping_norm": (_positive, "a number > 0")},
+    fl.DifferentialPrivacyServerSideAdaptiveClipping: {
+        "noise_multiplier": (_non_negative, "a number >= 0"), "clipping_norm": (_positive, "a number > 0"),
+        "target_clipped_quantile": (_unit, "a number in [0, 1]"), "clip_norm_lr": (_positive, "a number > 0")},
+    fl.DifferentialPrivacyClientSideAdaptiveClipping: {
+        "noise_multiplier": (_non_negative, "a number >= 0"), "clipping_norm": (_positive, "a number > 0"),
+        "target_clipped_quantile": (_unit, "a number in [0, 1]"), "clip_norm_lr": (_positive, "a number > 0")},
+}  # fmt: skip
+INTEGER_HYPERPARAMETERS = ("num_malicious_nodes", "num_nodes_to_select")
 
 
 def require_int(where: str, name: str, value, *, low: int, high: int | None = None) -> None:
@@ -43,6 +94,31 @@ def require_timeout(where: str, value, name: str = "timeout") -> None:
         raise ValueError(f"{where}: {name}={value!r}; expected None (no limit) or a finite number of seconds > 0")
 
 
+def _levels(strategy: Strategy) -> list[Strategy]:
+    """``strategy`` and the strategies it wraps (``inner`` of tilestack's wrappers, ``strategy`` of Flower's DP
+    wrappers), outermost first."""
+    out = [strategy]
+    while isinstance(inner := vars(out[-1]).get("inner", vars(out[-1]).get("strategy")), Strategy):
+        out.append(inner)
+    return out
+
+
+def check_hyperparameters(strategy: Strategy) -> None:
+    """Refuse a Flower strategy's hyperparameter outside its meaningful range (see ``HYPERPARAMETERS``)."""
+    for s in _levels(strategy):
+        for cls, rules in HYPERPARAMETERS.items():
+            if not isinstance(s, cls):
+                continue
+            for attr, (ok, expected) in rules.items():
+                if attr not in vars(s):
+                    continue
+                v = vars(s)[attr]
+                kind = numbers.Integral if attr in INTEGER_HYPERPARAMETERS else numbers.Real
+                number = isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v)
+                if not number or not ok(v):
+                    raise FederatedError(f"{type(s).__name__}: {attr}={v!r}; expected {expected}")
+
+
 def _sampling_strategy(strategy: Strategy, num_nodes: int) -> tuple[Strategy, int, str]:
     """The innermost strategy (the one that samples), how many nodes it is shown, and why that many."""
     s, nodes, why = strategy, num_nodes, f"the {num_nodes} node{'s' if num_nodes != 1 else ''} of the run"
@@ -57,10 +133,16 @@ def _sampling_strategy(strategy: Strategy, num_nodes: int) -> tuple[Strategy, in
         s = inner
 
 
-def check_strategy(strategy: Strategy, num_nodes: int) -> None:
-    """Refuse sampling settings that cannot be met by ``num_nodes`` nodes (see module doc)."""
+def check_strategy(strategy: Strategy, num_nodes: int, task=None) -> None:
+    """Refuse sampling settings that cannot be met by ``num_nodes`` nodes, hyperparameters out of range, and a
+    ``task`` that a strategy in the chain cannot run (see module doc)."""
     if not isinstance(strategy, Strategy):
         raise TypeError(f"strategy is a {type(strategy).__name__}; expected a flwr.serverapp.strategy.Strategy")
+    check_hyperparameters(strategy)
+    if task is not None:
+        for s in _levels(strategy):
+            if callable(check_task := getattr(type(s), "check_task", None)):
+                check_task(s, task)
     s, nodes, why = _sampling_strategy(strategy, num_nodes)
     name = type(s).__name__
     fractions = {}

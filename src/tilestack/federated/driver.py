@@ -18,20 +18,26 @@ configure_evaluate, send, aggregate_evaluate, then server-side evaluation), and 
 - Accounting: a round whose strategy returned no model (Bulyan with fewer than 4f + 3 replies, every
   reply left out) reports ``num_aggregated=0`` and why in ``RoundMetrics.skipped``.
 - Safety: an aggregate with a non-finite value is rejected (the global model stays as it was, the reason
-  is logged) - the server never adopts a NaN.
+  is logged) - the server never adopts a NaN - and the strategy's own state goes back to what it was before
+  that aggregation (FedAvgM's momentum and model, FedAdam's moments), so one overflow cannot make every
+  later round NaN. An aggregate keeps the global model's dtypes (Flower's FedAdam returns float64 from a
+  float32 model, which doubled every later round's download).
 - Resume: after every completed round the server state (round, global arrays, the strategy object with
   its own state such as server-optimiser moments or SCAFFOLD's c, metrics, and the in-process engine's
   per-client state) is written to ``checkpoint`` atomically (temporary file, fsync, rename); a later call
   with the same checkpoint starts after the last completed round. The checkpoint records what run it
   belongs to (strategy, task, seed, node count, array names and shapes); resuming another run, or a file
   that is not a whole checkpoint, is refused with a :class:`~tilestack.errors.FederatedError` naming what
-  differs. A run interrupted mid-round (Ctrl-C, a crash) leaves the last completed round's checkpoint.
+  differs, and so is a checkpoint that already holds more rounds than asked for (its model is not the
+  asked run's). A run interrupted mid-round (Ctrl-C, a crash) leaves the last completed round's checkpoint.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
+import io
 import logging
 import os
 import pickle
@@ -132,6 +138,32 @@ def _finite(arrays: ArrayRecord) -> bool:
     return all(np.all(np.isfinite(codec.decode(a))) for a in arrays.values())
 
 
+def _with_dtypes(new: ArrayRecord, old: ArrayRecord) -> ArrayRecord:
+    """``new`` with each array in the dtype of ``old``'s array of the same name (where it has one)."""
+    want = {k: np.dtype(a.dtype) for k, a in old.items()}
+    if all(k not in want or np.dtype(a.dtype) == want[k] for k, a in new.items()):
+        return new
+    with np.errstate(over="ignore"):  # a value beyond the dtype's range becomes inf: rejected as non-finite
+        return ArrayRecord(
+            {k: codec.encode(codec.decode(a).astype(want[k])) if k in want else a for k, a in new.items()}
+        )
+
+
+def _snapshot(strategy: Strategy) -> dict | None:
+    """A copy of the strategy's state, to go back to when its aggregate is rejected (None if it cannot be copied)."""
+    try:
+        return copy.deepcopy(vars(strategy))
+    except Exception:  # noqa: BLE001 - modules (Flower's accountant) do not deep-copy, but they pickle by name
+        pass
+    try:
+        buf = io.BytesIO()
+        _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(vars(strategy))
+        return pickle.loads(buf.getvalue())
+    except Exception:  # noqa: BLE001 - a strategy holding something neither copies nor pickles: no roll-back
+        log.debug("the state of %s cannot be copied; it is not rolled back after a rejected aggregate", strategy)
+        return None
+
+
 class _Pickler(pickle.Pickler):
     """Pickles a module by its name (Flower's RDP accountant keeps the modules it computes with)."""
 
@@ -219,7 +251,7 @@ def run_rounds(
         raise TypeError(f"run_rounds: grid is a {type(grid).__name__}; expected a ManagedGrid")
     if not isinstance(initial_arrays, ArrayRecord):
         raise TypeError(f"run_rounds: initial_arrays is a {type(initial_arrays).__name__}; expected an ArrayRecord")
-    check_strategy(strategy, len(list(grid.get_node_ids())))  # also the roll call, before any seeding: it
+    check_strategy(strategy, len(list(grid.get_node_ids())), grid.task)  # also the roll call, before any seeding: it
     # may draw random numbers on some engines
     ckpt = checkpoint_path(checkpoint)
     # tilestack's ClientApp rebuilds the task from the config: the grid's task unless the caller names one
@@ -235,6 +267,11 @@ def run_rounds(
         history = History.from_dict(state["history"])
         if state.get("grid_state") is not None and hasattr(grid.inner, "load_state_dict"):
             grid.inner.load_state_dict(state["grid_state"])
+        if state["round"] > num_rounds:
+            raise FederatedError(
+                f"checkpoint={str(ckpt)!r} holds {state['round']} completed rounds; num_rounds={num_rounds} asks for "
+                "fewer (its model is not that run's); expected num_rounds >= its rounds, or another checkpoint"
+            )
         first = state["round"] + 1
         log.info("resuming after round %d from %s", state["round"], ckpt)
     done_now = 0
@@ -249,14 +286,19 @@ def run_rounds(
         # DP noise is drawn here, after the clients ran (in this process or not)
         _seed_global_rngs(seed, r, AGGREGATE_PHASE)
         skipped = ""
+        before = _snapshot(strategy)
         try:
             new_arrays, _ = strategy.aggregate_train(r, replies)
             if new_arrays is None:
                 skipped = skip_reason(strategy, len(replies), len(messages))
         except InconsistentMessageReplies as ex:
             new_arrays, skipped = None, f"inconsistent replies: {ex}"
+        if new_arrays is not None:
+            new_arrays = _with_dtypes(new_arrays, arrays)
         if new_arrays is not None and not _finite(new_arrays):
             new_arrays, skipped = None, "the aggregate has non-finite values; the global model is kept"
+            if before is not None:  # and the strategy's state as it was before this aggregation
+                strategy.__dict__.update(before)
         if skipped:
             log.warning("round %d: aggregation skipped: %s", r, skipped)
         if new_arrays is not None:

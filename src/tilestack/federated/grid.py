@@ -16,9 +16,11 @@ SuperLink grid) and stays a ``Grid``, so the same strategy objects run over it:
   ``stragglers="drop"`` leaves out clients that cannot finish (FedAvg in the FedProx paper),
   ``"partial"`` keeps their partial work.
 - Faults: a reply that is an error (crash), arrives late (timeout), lacks its MetricRecord, misses an
-  array or carries an extra one, has no examples, carries a non-finite value, an array of the wrong shape
-  or bytes that do not decode is left out with its reason logged; the round goes on with the rest (which
-  Flower's strategies would refuse whole).
+  array or carries an extra one, has no examples, carries a non-finite value, an array of the wrong shape,
+  integers where the server sent floating point, or bytes that do not decode is left out with its reason
+  logged; the round goes on with the rest (which Flower's strategies would refuse whole). A kept reply's
+  floating-point arrays are cast to the dtypes the server sent: Flower's weighted average takes the dtype
+  of the first reply, so one float16 reply would have rounded every client's contribution to float16.
 - Accounting: bytes each way (array payloads), simulated round time (slowest kept client, or deadline).
 """
 
@@ -31,7 +33,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
@@ -120,6 +122,7 @@ def check_reply(sent: RecordDict, reply: Message) -> str:
             what = "training" if kind == MessageType.TRAIN else "test"
             return f"empty: num-examples={n}, expected > 0 (the client has no {what} examples)"
     shapes = {_canonical(k): a.shape for rec in sent.array_records.values() for k, a in rec.items()}
+    dtypes = _sent_dtypes(sent)
     for rec in content.array_records.values():
         for k, a in rec.items():
             want_shape = shapes.get(_canonical(k))
@@ -133,6 +136,12 @@ def check_reply(sent: RecordDict, reply: Message) -> str:
                 return f"malformed: {k} decodes to shape {tuple(value.shape)}, declared {tuple(a.shape)}"
             if not np.issubdtype(value.dtype, np.number) or np.issubdtype(value.dtype, np.complexfloating):
                 return f"malformed: {k} has dtype {value.dtype}, expected real numbers"
+            want_dtype = dtypes.get(_canonical(k))
+            if want_dtype is not None and want_dtype.kind == "f" and value.dtype.kind != "f":
+                return f"dtype: {k} is {value.dtype}, expected floating point (the server sent {want_dtype})"
+            if want_dtype is not None and want_dtype.kind == "f" and a.stype == codec.NUMPY_STYPE:
+                with np.errstate(over="ignore"):  # as the server will read it (as_sent_dtypes): 1e39 is inf in f32
+                    value = value.astype(want_dtype)
             if not np.all(np.isfinite(value)):
                 return f"non-finite: {k}"
     for rec in content.metric_records.values():
@@ -140,6 +149,30 @@ def check_reply(sent: RecordDict, reply: Message) -> str:
             if not np.all(np.isfinite(np.asarray(v, np.float64))):
                 return f"non-finite metric: {k}"
     return ""
+
+
+def _sent_dtypes(sent: RecordDict) -> dict[str, np.dtype]:
+    return {_canonical(k): np.dtype(a.dtype) for rec in sent.array_records.values() for k, a in rec.items()}
+
+
+def as_sent_dtypes(sent: RecordDict, reply: Message) -> Message:
+    """``reply`` with each plain floating-point array in the dtype of the array the server sent under its name
+    (compressed arrays are updates the strategy's wrapper expands, left as they are)."""
+    dtypes = _sent_dtypes(sent)
+
+    def differs(k: str, a) -> bool:
+        want = dtypes.get(_canonical(k))
+        return a.stype == codec.NUMPY_STYPE and want is not None and want.kind == "f" and np.dtype(a.dtype) != want
+
+    if not any(differs(k, a) for rec in reply.content.array_records.values() for k, a in rec.items()):
+        return reply
+    content = RecordDict()
+    for name, rec in reply.content.items():
+        if isinstance(rec, ArrayRecord):
+            rec = ArrayRecord({k: codec.encode(codec.decode(a).astype(dtypes[_canonical(k)])) if differs(k, a)
+                               else a for k, a in rec.items()})  # fmt: skip
+        content[name] = rec
+    return Message(content=content, metadata=reply.metadata)
 
 
 def _metric_keys(reply: Message) -> frozenset[str]:
@@ -299,6 +332,7 @@ class ManagedGrid(Grid):
                 continue
             if reply.metadata.message_type == MessageType.TRAIN:
                 steps = int(next(iter(reply.content.metric_records.values())).get("num-steps", steps))
+                reply = as_sent_dtypes(content, reply)
             up = payload_bytes(reply.content)
             self._log["bytes_up"] += up
             if is_train:

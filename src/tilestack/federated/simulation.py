@@ -108,7 +108,7 @@ def check_arguments(strategy: Strategy, task: Task, *, rounds, engine="tilestack
         )
     if initial is not None and not isinstance(initial, ArrayRecord):
         raise TypeError(f"simulate: initial is a {type(initial).__name__}; expected an ArrayRecord or None")
-    check_strategy(strategy, task.num_clients)
+    check_strategy(strategy, task.num_clients, task)
     if initial is not None:
         _check_initial(strategy, task, initial)
     checkpoint_path(checkpoint)

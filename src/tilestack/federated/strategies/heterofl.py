@@ -8,7 +8,10 @@ trains that narrower MLP, and returns it. The hidden axes are known by name for 
 (``HIDDEN_AXES``: the input and output sizes are never cut, even where they equal ``hidden``); for other
 arrays every axis of length ``hidden`` is cut. The server averages each element of the global model over
 the clients whose sub-model holds it (weighted by examples); elements no client held this round keep
-their value. Needs a grid that knows partitions (``ManagedGrid``).
+their value. Needs a grid that knows partitions (``ManagedGrid``), and a task whose model is tilestack's MLP
+(``check_task``, run by ``simulate`` and ``run_rounds`` before any work): the ClientApp builds narrower models
+of the MLP only, and another model would have run as plain FedAvg (nothing of logistic regression or of the
+transformer is ``hidden`` wide) or failed on every narrower client (the CNN).
 """
 
 from __future__ import annotations
@@ -59,6 +62,18 @@ class HeteroFL(FedAvg):
             raise ValueError(f"HeteroFL: hidden={hidden!r}; expected >= 1")
         self.width_of, self.hidden = width_of, hidden
         self._x: dict[str, np.ndarray] = {}
+
+    def check_task(self, task) -> None:
+        """Refuse a task whose model HeteroFL cannot cut into narrower sub-models (see module doc)."""
+        if task.model != "mlp":
+            raise ValueError(
+                f"HeteroFL: task.model={task.model!r}; expected 'mlp' (tilestack's clients train narrower "
+                "sub-models of the MLP only)"
+            )
+        if task.hidden != self.hidden:
+            raise ValueError(
+                f"HeteroFL: hidden={self.hidden}; expected the global model's hidden width {task.hidden} (task.hidden)"
+            )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
