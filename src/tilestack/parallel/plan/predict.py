@@ -361,11 +361,18 @@ def _peak(mem: dict[str, float]) -> float:
     - its first backward begins: the activations of every micro-batch in flight, the loss's gradient (the last
       stage), the transient buffers, FSDP's gathered root;
     - a later forward (1F1B's steady state): the micro-batches in flight again, now beside the gradients;
-    - after backward: the gradients and what comes after them (ZeRO's gradient slice and f32 master gradient)."""
+    - after backward: the gradients and what comes after them (ZeRO's gradient slice and f32 master gradient);
+    - under full recompute, a block's forward replayed in the backward: the activations in flight less one
+      micro-batch's head (its backward ran first), the block's rebuilt activations, and the gradients (an upper
+      bound: those of the layers after it)."""
     start = mem["activations"] + mem["loss gradient"] + mem["transient"] + mem["fsdp at first backward"]
     steady = mem["activations after a backward"] + mem["gradients"] + mem["transient"] + mem["fsdp buffers"]
     after = mem["gradients"] + mem["after backward"]
-    return mem["parameters"] + mem["optimizer"] + max(start, steady, after)
+    replay = 0.0
+    if mem.get("replayed block", 0.0) > 0:
+        replay = (mem["activations"] - mem["head's saved"] + mem["replayed block"] + mem["gradients"]
+                  + mem["transient"] + mem["fsdp buffers"])
+    return mem["parameters"] + mem["optimizer"] + max(start, steady, after, replay)
 
 
 def _local_params(layer: Any, tp: int) -> float:
@@ -409,10 +416,15 @@ def _memory(plan: Plan, desc: ModelDesc, stages: list[range], my_stages: list[in
         # ZeRO-2 one copy goes to the reduce-scatter; then the slice and the master's f32 gradient
         after += ZERO_FLAT_COPIES[plan.zero] * bucket * e + owned * e + owned * FP32_BYTES
     blocks = [i for s in my_stages for i in stages[s] if desc.layers[i].kind == "block"]
+    replayed = head_saved = 0.0
     if plan.recompute == "full" and blocks:
-        layer = desc.layers[blocks[0]]
+        # a checkpointed block's forward replayed in the backward: its activations rebuilt, one micro-batch's.
+        # By then the head's backward has run (its saved tensors and the loss's gradient are freed), and the
+        # gradients of the layers after the block exist: that moment is _peak's "replay", not the start of backward
         rebuilt = dataclasses.replace(plan, recompute="none")
-        transient += _act_bytes(layer, rebuilt) * plan.micro_batch
+        replayed = _act_bytes(desc.layers[blocks[0]], rebuilt) * plan.micro_batch
+        head_saved = sum(_act_bytes(desc.layers[i], plan) for s in my_stages for i in stages[s]
+                         if desc.layers[i].kind == "head") * plan.micro_batch
     fsdp_start = fsdp_buffers = 0.0
     if plan.dp_shard > 1:
         mine = [desc.layers[i] for s in my_stages for i in stages[s]]
@@ -443,4 +455,4 @@ def _memory(plan: Plan, desc: ModelDesc, stages: list[range], my_stages: list[in
     return {"parameters": local * e, "gradients": grads, "optimizer": optimizer, "activations": inflight,
             "transient": transient, "after backward": after, "loss gradient": loss_grad,
             "activations after a backward": steady_inflight, "fsdp at first backward": fsdp_start,
-            "fsdp buffers": fsdp_buffers}
+            "fsdp buffers": fsdp_buffers, "replayed block": replayed, "head's saved": head_saved}
