@@ -5,8 +5,9 @@ every ATen op, its FLOPs and bytes by op name and input shapes.
 
 FLOPs come from the formulas of ``torch.utils.flop_counter`` (matmuls, attention; causal attention halved as
 tilestack counts it) or tilestack's own (convolutions forward and backward with their groups:
-``formulas.convolution``; the CPU LSTM kernel, norms, softmax, reductions, scatters and 1 FLOP per element of a
-pointwise op); bytes are the sizes of an op's distinct input and output tensors (views move none, an expanded
+``formulas.convolution``; the CPU LSTM kernel, norms, softmax, reductions, scatters and accumulating index puts,
+scans, interpolation, losses, nn.Bilinear, weight norm, and 1 FLOP per element of a pointwise op, tagged or not:
+hardswish, GLU, activations' backwards); bytes are the sizes of an op's distinct input and output tensors (views move none, an expanded
 input is read as held, a lookup reads only its rows). A composite op that reaches the mode whole (under
 ``inference_mode``) is counted as the ops it runs, as ``FlopCounterMode`` does; an op that computes but has no
 formula is marked ``unsupported`` (its FLOPs unknown, not 0). torch.compile'd code is counted eagerly
@@ -300,9 +301,106 @@ def _accumulate_flops(source: str) -> Callable[[Any, tuple, dict, Any], float]:
 
 
 def _embedding_bag_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
-    """aten._embedding_bag: each looked-up row (indices x dim) is added (or compared, mode max) into its bag."""
+    """aten._embedding_bag: each looked-up row (indices x dim) is added (or compared, mode max) into its bag,
+    after a multiply by its per-sample weight where one is given."""
     arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
-    return float(arg("indices").numel() * arg("weight").shape[-1])
+    per_row = 1 + (arg("per_sample_weights") is not None)
+    return float(per_row * arg("indices").numel() * arg("weight").shape[-1])
+
+
+EMBEDDING_BAG_MEAN = 1  # the ``mode`` argument of aten._embedding_bag: 0 sum, 1 mean, 2 max
+
+
+def _embedding_bag_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """The backward of an EmbeddingBag: each bag's gradient row added into the row of each of its indices, after
+    a multiply by the per-sample weight or by 1/bag size (mode mean). The per-sample weights' own gradient is a
+    dot product of the bag's gradient row with each looked-up row: a multiply-add per element."""
+    arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+    indices, grad = arg("indices"), arg("grad")
+    scaled = "weights_backward" in str(func._overloadpacket) or arg("per_sample_weights") is not None or (
+        arg("mode") == EMBEDDING_BAG_MEAN
+    )
+    return float((1 + scaled) * indices.numel() * grad.shape[-1])
+
+
+def _per_element(name: str, flops_per_element: float) -> Callable[[Any, tuple, dict, Any], float]:
+    """``flops_per_element`` for each element of argument ``name`` (a loss's input, whatever its reduction)."""
+
+    def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        t = _argument(func, args, kwargs, name)
+        return float(flops_per_element * _numel(t)) if t is not None else 0.0
+
+    return count
+
+
+def _elementwise_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """An element-wise op torch does not tag pointwise (hardswish, an activation's backward, GLU, PReLU):
+    1 FLOP per element of its first output, as a tagged one is counted. Not of every output: a second output
+    (log_sigmoid's buffer) holds intermediate values, not more results."""
+    outs = _tensors(out)
+    return float(_numel(outs[0])) if outs else 0.0
+
+
+def _interpolation_flops(taps: int, *, backward: bool) -> Callable[[Any, tuple, dict, Any], float]:
+    """Linear, bilinear, bicubic, trilinear upsampling: a multiply-add per tap at each element of the upsampled
+    side (the output forward, dy backward)."""
+
+    def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        side = args[0] if backward else _tensors(out)[0]
+        return float(formulas.FLOPS_PER_MAC * taps * _numel(side))
+
+    return count
+
+
+def _no_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """Nearest-neighbour upsampling: a gather of input elements, no arithmetic (counted whole, not as the index
+    computation its decomposition would show)."""
+    return 0.0
+
+
+def _trilinear_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """aten._trilinear (nn.Bilinear and its backward): sum over ``sumdim`` of i1 * i2 * i3, each input
+    unsqueezed at its ``expand`` dims; a multiply-add per element of the full broadcast product."""
+    arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+    full: list[int] = []
+    for i in (1, 2, 3):
+        shape = list(arg(f"i{i}").shape)
+        for d in sorted(int(e) for e in arg(f"expand{i}")):
+            shape.insert(d, 1)
+        full = [max(a, b) for a, b in zip(full, shape, strict=True)] if full else shape
+    return float(formulas.FLOPS_PER_MAC * math.prod(full))
+
+
+def _index_put_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """index_put / index_put_: with ``accumulate`` one add per value put (an index backward, a histogram);
+    without, a copy."""
+    accumulate = bool(_argument(func, args, kwargs, "accumulate"))
+    return float(_numel(_argument(func, args, kwargs, "values"))) if accumulate else 0.0
+
+
+def _scatter_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """scatter / scatter_: with ``reduce`` ("add", "multiply") one operation per index; without, a copy."""
+    if _argument(func, args, kwargs, "reduce") is None:
+        return 0.0
+    return float(_numel(_argument(func, args, kwargs, "index")))
+
+
+def _cdist_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """_cdist_forward / _cdist_backward: x1 (B, P, M), x2 (B, R, M): each of the B*P*R pairs over M features."""
+    x1, x2 = _argument(func, args, kwargs, "x1"), _argument(func, args, kwargs, "x2")
+    pairs = _numel(x1) // max(x1.shape[-1], 1) * x2.shape[-2]
+    return float(formulas.CDIST_FLOPS_PER_TERM * pairs * x1.shape[-1])
+
+
+def _avg_pool_backward_flops(dims: int) -> Callable[[Any, tuple, dict, Any], float]:
+    """avg_poolNd_backward: each element of dy spread over its window's taps (one multiply-add per tap)."""
+
+    def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        kernel = [int(k) for k in _argument(func, args, kwargs, "kernel_size")]
+        taps = math.prod(kernel) if len(kernel) == dims else kernel[0] ** dims
+        return float(taps * _numel(_argument(func, args, kwargs, "grad_output")))
+
+    return count
 
 
 # Ops tilestack counts itself, ahead of torch's registry (whose convolution backward ignores groups) or where
@@ -330,21 +428,69 @@ OWN_FLOPS: dict[str, Callable[[Any, tuple, dict, Any], float]] = {
     "aten.embedding_dense_backward": _accumulate_flops("grad_output"),
     "aten._embedding_bag": _embedding_bag_flops,
     "aten._embedding_bag_forward_only": _embedding_bag_flops,
-    "aten.cumsum": _accumulate_flops("self"),
+    "aten._embedding_bag_backward": _embedding_bag_backward_flops,
+    "aten._embedding_bag_dense_backward": _embedding_bag_backward_flops,
+    "aten._embedding_bag_per_sample_weights_backward": _embedding_bag_backward_flops,
+    "aten.index_put": _index_put_flops,
+    "aten.index_put_": _index_put_flops,
+    "aten._index_put_impl": _index_put_flops,
+    "aten._index_put_impl_": _index_put_flops,
+    "aten.scatter": _scatter_flops,
+    "aten.scatter_": _scatter_flops,
+    "aten.col2im": _accumulate_flops("self"),  # F.fold: every column element added into its pixel
+    "aten.unfold_backward": _accumulate_flops("grad_in"),  # overlapping windows' gradients added
+    "aten.bincount": _accumulate_flops("self"),
+    "aten._trilinear": _trilinear_flops,
+    "aten._cdist_forward": _cdist_flops,
+    "aten._cdist_backward": _cdist_flops,
+    "aten._weight_norm_interface": _per_element("v", formulas.WEIGHT_NORM_FLOPS_PER_ELEMENT),
+    "aten._weight_norm_interface_backward": _per_element("saved_v", formulas.WEIGHT_NORM_BWD_FLOPS_PER_ELEMENT),
+    "aten.mse_loss": _per_element("self", formulas.MSE_FLOPS_PER_ELEMENT),
+    "aten.mse_loss_backward": _per_element("self", formulas.MSE_BWD_FLOPS_PER_ELEMENT),
+    **{f"aten.{loss}": _per_element("self", formulas.SMOOTH_L1_FLOPS_PER_ELEMENT)
+       for loss in ("smooth_l1_loss", "huber_loss")},
+    **{f"aten.{loss}_backward": _per_element("self", formulas.SMOOTH_L1_BWD_FLOPS_PER_ELEMENT)
+       for loss in ("smooth_l1_loss", "huber_loss")},
+    "aten.binary_cross_entropy": _per_element("self", formulas.BCE_FLOPS_PER_ELEMENT),
+    "aten.binary_cross_entropy_backward": _per_element("self", formulas.BCE_BWD_FLOPS_PER_ELEMENT),
+    "aten.binary_cross_entropy_with_logits": _per_element("self", formulas.BCE_LOGITS_FLOPS_PER_ELEMENT),
+    **{f"aten.{nll}": _per_element("target", formulas.NLL_FLOPS_PER_TARGET) for nll in (
+        "nll_loss_forward", "nll_loss_backward", "nll_loss2d_forward", "nll_loss2d_backward",
+    )},
+    **{f"aten.upsample_{mode}": _interpolation_flops(taps, backward=False)
+       for mode, taps in formulas.INTERPOLATION_TAPS.items()},
+    **{f"aten.upsample_{mode}_backward": _interpolation_flops(taps, backward=True)
+       for mode, taps in formulas.INTERPOLATION_TAPS.items()},
+    **{f"aten.{prefix}upsample_nearest{tail}{d}d{bwd}": _no_flops
+       for prefix, tail in (("", ""), ("_", "_exact")) for d in (1, 2, 3) for bwd in ("", "_backward")},
+    # Element-wise ops torch leaves untagged: 1 FLOP per output element, as the tagged ones.
+    **{f"aten.{op}": _elementwise_flops for op in (
+        "hardswish", "hardswish_", "hardswish_backward", "hardsigmoid_backward", "hardtanh_backward",
+        "leaky_relu_backward", "elu_backward", "softplus_backward", "softshrink_backward", "hardshrink_backward",
+        "log_sigmoid_forward", "log_sigmoid_backward", "rrelu_with_noise_backward", "_prelu_kernel",
+        "_prelu_kernel_backward", "glu", "glu_backward", "floor_divide", "floor_divide_",
+    )},
+    # Scans: one combine (add, multiply, compare, log-add-exp) per element.
+    **{f"aten.{op}": _accumulate_flops("self") for op in ("cumsum", "cumprod", "cummax", "cummin", "logcumsumexp")},
     **{f"aten.{op}{d}d{tail}": _window_flops(d) for op in ("max_pool", "avg_pool") for d in (1, 2, 3)
        for tail in (("", "_with_indices") if op == "max_pool" else ("",))},
-    # Adaptive pools fold every input element into one output (compare or add).
+    **{f"aten.avg_pool{d}d_backward": _avg_pool_backward_flops(d) for d in (2, 3)},
+    # Adaptive pools fold every input element into one output (compare or add); an average pool's backward
+    # spreads each output's gradient back over those elements.
     **{f"aten.{op}": _accumulate_flops("self") for op in (
         "_adaptive_avg_pool2d", "_adaptive_avg_pool3d", "adaptive_avg_pool1d", "adaptive_max_pool1d",
-        "adaptive_max_pool2d", "adaptive_max_pool3d",
+        "adaptive_max_pool2d", "adaptive_max_pool3d", "_adaptive_avg_pool2d_backward", "_adaptive_avg_pool3d_backward",
     )},
+    # Padding's backward adds the gradients of the copied border back into the elements they came from.
+    **{f"aten.{kind}_pad{d}d_backward": _accumulate_flops("grad_output")
+       for kind in ("reflection", "replication") for d in (1, 2, 3)},
 }
 # Ops whose 0 FLOPs is the count (data movement, bookkeeping); any other op with no formula is reported as
 # uncounted (``ModelProfile.unsupported``), not shown as free. Names without ``aten.`` and a trailing ``_``.
 NO_ARITHMETIC = frozenset(
     {
         "copy", "clone", "_to_copy", "contiguous", "cat", "stack", "index", "_unsafe_index", "index_select",
-        "index_put", "_index_put_impl", "gather", "scatter", "embedding", "masked_scatter", "masked_select",
+        "gather", "embedding", "masked_scatter", "masked_select",
         "nonzero", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "replication_pad2d", "repeat",
         "repeat_interleave", "flip", "roll", "tril", "triu", "slice_scatter", "select_scatter", "as_strided_scatter",
         "diagonal_scatter", "fill", "zero", "lift_fresh", "lift_fresh_copy", "detach", "_local_scalar_dense",
@@ -353,11 +499,12 @@ NO_ARITHMETIC = frozenset(
         "_unsafe_view", "split_with_sizes_copy", "unbind_copy", "resize", "new_zeros", "new_ones", "new_full",
         "_assert_async", "_assert_tensor_metadata", "sym_constrain_range_for_size", "_efficientzerotensor",
         "max_pool2d_with_indices_backward", "_to_dense", "record_stream", "alias", "unfold", "im2col",
-        "col2im", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle",
+        "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle",
         "_reshape_alias", "expand_copy", "permute_copy", "split", "unsafe_split", "chunk", "narrow_copy",
         "_pin_memory", "bucketize", "masked_fill", "transpose", "select_backward",
         "slice_backward", "index_backward", "expand_backward", "_linalg_check_errors", "searchsorted", "histc",
-        "one_hot",
+        "one_hot", "tril_indices", "triu_indices", "linspace", "masked_scatter_backward",
+        "max_pool3d_with_indices_backward", "adaptive_max_pool2d_backward", "adaptive_max_pool3d_backward",
     }
 )
 

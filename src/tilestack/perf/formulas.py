@@ -72,6 +72,23 @@ NORM_BWD_INPUT_FLOPS_PER_ELEMENT = 8  # g = dy * w, sum(g), sum(g * x_hat) (2), 
 NORM_BWD_FROZEN_INPUT_FLOPS_PER_ELEMENT = 2  # statistics not from the batch (eval batch norm): dy * w * rstd
 NORM_BWD_WEIGHT_FLOPS_PER_ELEMENT = 2  # dw += dy * x_hat
 NORM_BWD_BIAS_FLOPS_PER_ELEMENT = 1  # db += dy
+# Interpolation: each output element is a weighted sum of its taps, a multiply-add per tap (the backward
+# spreads each element of dy over the same taps).
+INTERPOLATION_TAPS = {"linear1d": 2, "bilinear2d": 4, "trilinear3d": 8, "bicubic2d": 16}
+# Losses, per element of the input, as their element-wise formula counts them:
+MSE_FLOPS_PER_ELEMENT = 3  # subtract, square, sum
+MSE_BWD_FLOPS_PER_ELEMENT = 3  # 2 * (x - y) * dy / n: subtract, two multiplies
+SMOOTH_L1_FLOPS_PER_ELEMENT = 5  # subtract, abs, compare, square or shift, sum (Huber alike)
+SMOOTH_L1_BWD_FLOPS_PER_ELEMENT = 4  # subtract, compare, clamp or scale, multiply by dy
+BCE_FLOPS_PER_ELEMENT = 8  # -(y log x + (1 - y) log(1 - x)): two logs, two subtracts, two multiplies, add, sum
+BCE_BWD_FLOPS_PER_ELEMENT = 5  # dy * (x - y) / (x * (1 - x)): two subtracts, two multiplies, a divide
+BCE_LOGITS_FLOPS_PER_ELEMENT = 7  # (1 - y) x + log(1 + exp(-x)): subtract, multiply, exp, add, log, add, sum
+NLL_FLOPS_PER_TARGET = 1  # the picked log-probability added into the sum (the backward writes one per target)
+# Weight norm w = g * v / ||v|| per element of v: square-accumulate (2), scale (1); its backward
+# dv = g / ||v|| * (dw - w_hat * sum(dw * w_hat)): multiply-accumulate (2), multiply, subtract, multiply.
+WEIGHT_NORM_FLOPS_PER_ELEMENT = 3
+WEIGHT_NORM_BWD_FLOPS_PER_ELEMENT = 5
+CDIST_FLOPS_PER_TERM = 3  # ||x_i - y_j||_p: subtract, power (abs), accumulate per feature of each pair
 
 
 def dtype_name(dtype: Any) -> str:

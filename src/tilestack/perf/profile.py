@@ -68,6 +68,7 @@ PROFILER_WARMUP_STEPS = 1
 HOT_SPOTS = 5  # ops listed, with tips, before the table
 NOISY_STEP_REL_CI = 0.1  # a step time known worse than +-10% gets a note under the profile's heading
 OTHER = "(other)"
+IMPL_SUFFIX = "_impl"  # aten::_index_put_impl_ implements aten::index_put_
 DEFAULT_DTYPE = "fp32"  # of a step that moved no floating-point data
 UNKNOWN_FLOPS = "?"
 NO_FORMULA_TIP = (
@@ -477,17 +478,31 @@ def resolve(key: OpKey, counted: Collection[OpKey], names: Mapping[str, Sequence
     """The counted row a profiled ``(op, shapes)`` belongs to, or None.
 
     The key itself; else its in-place or out-of-place twin at the same shapes (with a dispatch mode on, a
-    composite op may run ``add`` where plain eager runs ``add_``: composite compliance); else the one counted
-    row of that name, when there is only one (a shape the profiler records differently, e.g. a tensor list).
+    composite op may run ``add`` where plain eager runs ``add_``: composite compliance), or the public op of an
+    implementation op (autograd's index backward calls ``_index_put_impl_`` where the dispatch mode sees
+    ``index_put``); else the one counted row of that name, when there is only one (a shape the profiler records
+    differently, e.g. a tensor list).
     """
     if key in counted:
         return key
     name, shapes = key
-    twin = (name[:-1] if name.endswith("_") else name + "_", shapes)
-    if twin in counted:
-        return twin
+    for twin_name in _twin_names(name):
+        if (twin_name, shapes) in counted:
+            return twin_name, shapes
     same_name = names.get(name, ())
     return same_name[0] if len(same_name) == 1 else None
+
+
+def _twin_names(name: str) -> list[str]:
+    """Names an op may be counted under where the profiler times it as ``name``: its in-place or out-of-place
+    twin, and for an implementation op (``aten::_index_put_impl_``) its public op, both forms."""
+    names = [name[:-1] if name.endswith("_") else name + "_"]
+    ns, _, op = name.partition("::")
+    base = op.rstrip("_")
+    if base.startswith("_") and base.endswith(IMPL_SUFFIX):
+        public = f"{ns}::{base[1:-len(IMPL_SUFFIX)]}"
+        names += [public, public + "_"]
+    return names
 
 
 def _by_name(keys: Collection[OpKey]) -> dict[str, list[OpKey]]:

@@ -1,0 +1,339 @@
+"""Third held-out round for the model profiler (tests/perf/perf_models_round3.py): an LSTM language model with a
+projection and its loss, recurrent cells in a Python loop, a ConvTranspose1d/GLU/weight-norm audio net, a
+GroupNorm/SiLU/Hardswish mobile block, a U-Net with nearest and bilinear upsampling, scatter-based expert routing,
+an EmbeddingBag recommender, a ViT (also under inference_mode), bilinear attention (three-operand einsum,
+nn.Bilinear), FNet's FFT mixing, in-place updates through views, bf16 and float64 models.
+
+Every matmul and convolution is checked against its analytic count written from the layer shapes (2*M*N*K; a
+convolution 2 * output positions * C_out * C_in/groups * kernel taps, plus one add per output for a bias), never
+against the profiler's own numbers. An op that does arithmetic is either counted or reported unsupported: a
+zero count is allowed only for the data-movement ops named here. Timings are only checked to be finite.
+"""
+
+import io
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+from tilestack.perf import device, formulas, profile
+
+sys.path.insert(0, str(Path(__file__).parent))
+import perf_models_round3 as pm  # noqa: E402
+
+CEIL = device.Ceilings("cpu", 2e10, {"fp32": 2e11, "bf16": 2e11}, "now")  # ridge at 10 FLOP/B
+REL = 1e-9
+TORCH_COUNTED = {str(k).replace(".", "::", 1) for k in flop_registry}
+# torch counts a convolution without its bias and a grouped one's weight gradient as if ungrouped: checked by
+# hand below instead.
+NOT_AS_TORCH = {"aten::convolution", "aten::convolution_backward"}
+# Ops whose count of 0 FLOPs is right: copies, layout, gathers, index bookkeeping, sorting, allocation.
+DATA_MOVEMENT = {
+    "aten::cat", "aten::stack", "aten::clone", "aten::copy_", "aten::_to_copy", "aten::embedding", "aten::zeros",
+    "aten::new_zeros", "aten::select_backward", "aten::reflection_pad1d", "aten::upsample_nearest2d",
+    "aten::upsample_nearest2d_backward", "aten::max_pool2d_with_indices_backward", "aten::gather", "aten::index",
+    "aten::index_select", "aten::scatter", "aten::sort", "aten::topk", "aten::tril_indices", "aten::im2col",
+    "aten::repeat", "aten::masked_fill", "aten::masked_fill_", "aten::scalar_tensor",
+}
+FFT = {"aten::_fft_c2c", "aten::_fft_r2c", "aten::_fft_c2r"}  # no FLOP formula (torch has none either)
+MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+CASES = [(name, train) for name, (_, trainable) in pm.MODELS.items() for train in (False, True)[: 1 + trainable]]
+IDS = [f"{n}-{'train' if t else 'fwd'}" for n, t in CASES]
+
+_cache = {}
+
+
+def profiled(name, train):
+    """(profile, our counts of one more step, torch's counts of that step), once per case."""
+    if (name, train) not in _cache:
+        model, inputs = pm.MODELS[name][0]()
+        p = profile.profile_model(model, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu", train=train, name=name)
+        step = profile.make_step(model, inputs, train=train)
+        counts = profile.count_ops(step)
+        with FlopCounterMode(display=False) as fc:
+            step()
+        theirs = {str(k).replace(".", "::", 1): v for k, v in fc.get_flop_counts().get("Global", {}).items()}
+        _cache[name, train] = (p, counts, theirs)
+    return _cache[name, train]
+
+
+def by_op(counts):
+    out = {}
+    for (op, _), c in counts.items():
+        out[op] = out.get(op, 0.0) + c.flops
+    return out
+
+
+def flops_of(counts, ops):
+    return math.fsum(c.flops for (op, _), c in counts.items() if op in ops)
+
+
+def conv(batch, c_in, c_out, out_positions, taps, *, groups=1, bias=True):
+    """2 * N * positions * C_out * C_in/groups * taps, + one add per output element for a bias."""
+    return 2 * batch * out_positions * c_out * (c_in // groups) * taps + (batch * c_out * out_positions if bias else 0)
+
+
+@pytest.mark.parametrize("name,train", CASES, ids=IDS)
+def test_profile_adds_up_counts_every_op_and_renders(name, train):
+    p, counts, theirs = profiled(name, train)
+    counted_flops = math.fsum(c.flops for c in counts.values())
+    counted_bytes = math.fsum(c.bytes_read + c.bytes_written for c in counts.values())
+    rows_flops = math.fsum(o.m.flops * o.calls for o in p.ops)
+    assert rows_flops == pytest.approx(counted_flops, rel=REL), p.untimed  # every counted FLOP has a timed row
+    assert math.fsum(u.flops for u in p.untimed) == 0
+    assert p.flops == pytest.approx(counted_flops, rel=REL) and p.bytes == pytest.approx(counted_bytes, rel=REL)
+    assert p.flops > 0 and p.ops
+    assert math.fsum(o.share for o in p.ops) == pytest.approx(1.0)
+    # An op that computes is counted or named unsupported, never a silent 0.
+    ours = by_op(counts)
+    silent = {op for (op, _), c in counts.items() if c.flops == 0 and not c.unsupported
+              and c.bytes_read + c.bytes_written > 0} - DATA_MOVEMENT
+    assert not silent, silent
+    assert set(p.unsupported) <= FFT and (set(p.unsupported) == FFT) == (name == "fnet"), p.unsupported
+    # Where torch has a formula, the same number (convolutions are checked by hand below).
+    for op, n in theirs.items():
+        if op not in NOT_AS_TORCH:
+            assert ours.get(op, 0.0) == n, (op, ours.get(op), n)
+    for op in (set(ours) & TORCH_COUNTED) - NOT_AS_TORCH:
+        assert ours[op] == theirs.get(op, 0), op
+    for o in p.ops:
+        m = o.m
+        for v in (m.flops, m.bytes_read, m.bytes_written, m.intensity, m.flops_per_s, m.bytes_per_s, m.latency_s):
+            assert math.isfinite(v) and v >= 0, (o.label, v)
+        if o.counted and o.flops_known and o.m.flops > 0:
+            assert o.bound in ("memory", "compute") and o.tip, o.label
+    out = io.StringIO()
+    profile.print_profile(p, con=Console(file=out, width=1000))
+    text = out.getvalue()
+    assert name in text and "hot spots" in text
+    assert ("no FLOP formula for" in text) == bool(p.unsupported)
+
+
+@pytest.mark.parametrize("name,train", CASES, ids=IDS)
+def test_matmuls_and_convolutions_move_at_least_their_operands(name, train):
+    """A matmul reads its operands (and a bias) and writes its product; a convolution reads input and weight.
+
+    An operand is read as held: the loss's gradient expanded from one element, a weight expanded over a batch
+    (linear on a 3-d input under inference_mode), one tensor on both sides (x @ x^T) read once. So the least a
+    matmul reads is its smaller operand; the exact bytes of chosen ops are checked in the tests per model."""
+    _, counts, _ = profiled(name, train)
+    for (op, shapes), c in counts.items():
+        e = formulas.dtype_bytes(c.dtype or "fp32")
+        per_call_read, per_call_written = c.bytes_read / c.calls, c.bytes_written / c.calls
+        if op in MATMULS:
+            m, n = shapes[-2][-2], shapes[-1][-1]
+            batch = math.prod(shapes[-1][:-2])
+            operands = [math.prod(s) for s in shapes[-2:]]
+            assert per_call_read >= e * min(operands), (op, shapes, per_call_read)
+            assert per_call_written >= e * batch * m * n, (op, shapes)
+        elif op == "aten::convolution":
+            assert per_call_read >= e * sum(math.prod(s) for s in shapes[:2]) and per_call_written > 0, (op, shapes)
+
+
+def test_lstm_lm_counts_the_unfused_projection_lstm_and_its_loss():
+    _, counts, _ = profiled("lstm_lm", False)
+    b, t, e, h, r, v, g = pm.BATCH, pm.SEQ, pm.EMB, pm.HIDDEN, pm.PROJ, pm.VOCAB, 4
+    rows = b * t
+    # Per layer: the inputs of every step in one matmul, then per step h (B, P) @ W_hh^T and the projection.
+    expected = sum(2 * rows * g * h * width + t * (2 * b * g * h * r + 2 * b * h * r) for width in (e, r))
+    expected += 2 * rows * r * v  # the vocabulary head
+    assert flops_of(counts, MATMULS) == expected
+    assert by_op(counts)["aten::_log_softmax"] == formulas.SOFTMAX_FLOPS_PER_ELEMENT * rows * v
+    assert by_op(counts)["aten::nll_loss_forward"] == rows  # one picked log-probability added per target
+    _, train_counts, _ = profiled("lstm_lm", True)
+    assert by_op(train_counts)["aten::nll_loss_backward"] == rows
+
+
+def test_recurrent_cells_stepped_in_python():
+    _, counts, _ = profiled("cells", False)
+    t, b, i, h = pm.CELL_STEPS, pm.BATCH, pm.CELL_IN, pm.CELL_HIDDEN
+    lstm_cell = 2 * b * 4 * h * (i + h)  # x @ W_ih^T and h @ W_hh^T, 4 gates
+    gru_cell = 2 * b * 3 * h * (i + h)  # 3 gates
+    rnn = 2 * t * b * h * i + t * 2 * b * h * h  # inputs of all steps at once, then one h @ W_hh^T per step
+    assert flops_of(counts, MATMULS) == t * (lstm_cell + gru_cell) + rnn
+
+
+def test_audio_net_convolutions_glu_and_weight_norm():
+    _, counts, _ = profiled("audio", False)
+    b, c, n = pm.BATCH, pm.AUDIO_CH, pm.AUDIO_LEN
+    dilated = conv(b, c, 2 * c, n, 3, groups=2)  # reflection-padded by 2: length kept at dilation 2
+    gated = conv(b, 2 * c, 2 * c, n, 1)
+    up = 2 * b * n * c * c * 4 + b * c * 2 * n  # transposed: each input sample meets every weight; bias on 2L
+    assert by_op(counts)["aten::convolution"] == dilated + gated + up
+    assert by_op(counts)["aten::glu"] == b * c * n  # 1 FLOP per output element, as a pointwise op
+    assert by_op(counts)["aten::_prelu_kernel"] == b * c * 2 * n
+    assert by_op(counts)["aten::_weight_norm_interface"] == formulas.WEIGHT_NORM_FLOPS_PER_ELEMENT * 2 * c * 2 * c
+    _, train_counts, _ = profiled("audio", True)
+    ours = by_op(train_counts)
+    # The input needs no gradient: each backward is the weight gradient alone (+ the bias's sum over dy), and
+    # the later layers' input gradients.
+    assert ours["aten::convolution_backward"] == (
+        (2 * b * n * 2 * c * (c // 2) * 3 + b * 2 * c * n)  # dilated: dw, db
+        + 2 * (2 * b * n * 2 * c * 2 * c) + b * 2 * c * n  # gated: dx, dw, db
+        + 2 * (2 * b * n * c * c * 4) + b * c * 2 * n  # up: dx, dw, db
+    )
+    assert ours["aten::glu_backward"] == b * 2 * c * n and ours["aten::_weight_norm_interface_backward"] > 0
+
+
+def test_mobile_block_depthwise_group_norm_and_activations():
+    _, counts, _ = profiled("mobile", False)
+    b, c, s = pm.BATCH, pm.IMG_CH, pm.IMG * pm.IMG
+    expected = (
+        conv(b, 3, c, s, 9, bias=False)  # stem, stride 2: 16x16 -> 8x8
+        + conv(b, c, c, s, 9, groups=c, bias=False)  # depthwise
+        + conv(b, c, 2, 1, 1) + conv(b, 2, c, 1, 1)  # squeeze-excite on the pooled (B, C, 1, 1)
+        + conv(b, c, 2 * c, s, 1, bias=False)  # pointwise
+    )
+    ours = by_op(counts)
+    assert ours["aten::convolution"] == expected
+    assert ours["aten::native_group_norm"] == formulas.LAYERNORM_FLOPS_PER_ELEMENT * b * c * s
+    assert ours["aten::hardswish"] == b * 2 * c * s and ours["aten::hardtanh"] == b * c * s  # relu6 is hardtanh
+    _, train_counts, _ = profiled("mobile", True)
+    assert by_op(train_counts)["aten::hardswish_backward"] == b * 2 * c * s
+
+
+def test_unet_upsampling_and_skip_concatenations():
+    p, counts, _ = profiled("unet", False)
+    b, c, h = pm.BATCH, pm.IMG_CH, pm.IMG
+    full, half, quarter = h * h, (h // 2) ** 2, (h // 4) ** 2
+    expected = (
+        conv(b, 3, c, full, 9) + conv(b, c, 2 * c, half, 9)
+        + 2 * b * quarter * 2 * c * 2 * c * 9 + b * 2 * c * quarter  # transposed 3x3, stride 1, padding 1
+        + conv(b, 4 * c, c, half, 9) + conv(b, 2 * c, 1, full, 1)
+    )
+    ours = by_op(counts)
+    assert ours["aten::convolution"] == expected
+    taps = formulas.INTERPOLATION_TAPS["bilinear2d"]
+    assert ours["aten::upsample_bilinear2d"] == formulas.FLOPS_PER_MAC * taps * b * c * full
+    # Nearest upsampling is a gather: counted whole (0 FLOPs, its bytes), not as its index arithmetic.
+    (nearest,) = [c_ for (op, _), c_ in counts.items() if op == "aten::upsample_nearest2d"]
+    assert nearest.flops == 0 and nearest.bytes_written == 4 * b * 2 * c * half
+    assert not any(op in ("aten::arange", "aten::_unsafe_index") for op, _ in counts)
+    row = next(o for o in p.ops if o.op == "aten::upsample_nearest2d")
+    assert row.counted and row.calls == 1
+    _, train_counts, _ = profiled("unet", True)
+    assert by_op(train_counts)["aten::upsample_bilinear2d_backward"] == ours["aten::upsample_bilinear2d"]
+
+
+def test_scatter_routing_counts_each_routed_row():
+    _, counts, _ = profiled("scatter_moe", False)
+    t, k, d, e = pm.TOKENS, pm.TOP_K, pm.DIM, pm.EXPERTS
+    routed = t * k
+    assert flops_of(counts, MATMULS) == 2 * t * d * e + routed * (2 * d * 2 * d + 2 * 2 * d * d)  # router, experts
+    ours = by_op(counts)
+    assert ours["aten::scatter_add"] == routed * d  # one add per routed value
+    assert ours["aten::index_put_"] == routed  # accumulate=True: one add per value put
+    assert ours["aten::bincount"] == routed
+
+
+def test_recommender_bags_interaction_and_loss():
+    p, counts, _ = profiled("recommender", False)
+    b, f, n = pm.BATCH, pm.BAG_DIM, pm.TABLES + 1
+    ours = by_op(counts)
+    assert ours["aten::bmm"] == 2 * b * n * n * f
+    (bmm,) = [c for (op, _), c in counts.items() if op == "aten::bmm"]
+    assert bmm.bytes_read == 4 * b * n * f and bmm.bytes_written == 4 * b * n * n  # feats read once for both sides
+    # A per-sample weight multiplies each looked-up row before it is added into its bag.
+    assert ours["aten::_embedding_bag"] == pm.TABLES * 2 * b * pm.BAG_LEN * f
+    assert ours["aten::binary_cross_entropy_with_logits"] == formulas.BCE_LOGITS_FLOPS_PER_ELEMENT * b
+    # The lower triangle taken by advanced indexing: its backward accumulates with index_put, which autograd
+    # runs as _index_put_impl_; that row carries the count (nothing left untimed).
+    p, counts, _ = profiled("recommender", True)
+    assert by_op(counts)["aten::index_put"] == b * (n * (n - 1) // 2)
+    assert not p.untimed and any(o.op == "aten::index_put" and o.counted and o.m.flops > 0 for o in p.ops)
+
+
+def _vit_matmul_flops():
+    b, d, c, h = pm.BATCH, pm.DIM, pm.CLASSES, pm.HEADS
+    n = (pm.VIT_IMAGE // pm.PATCH) ** 2 + 1  # patches and the class token
+    return (
+        2 * b * n * d * 3 * d  # q, k, v projections
+        + 2 * 2 * b * h * n * n * (d // h)  # scores and weighted values
+        + 2 * b * n * d * d  # output projection
+        + 2 * 2 * b * n * d * 2 * d  # MLP
+        + 2 * b * d * c  # the head, on the class token only
+    )
+
+
+def test_vit_patch_embedding_attention_and_inference_mode():
+    _, counts, _ = profiled("vit", False)
+    b, d, n_patch = pm.BATCH, pm.DIM, (pm.VIT_IMAGE // pm.PATCH) ** 2
+    assert by_op(counts)["aten::convolution"] == conv(b, 3, d, n_patch, pm.PATCH**2)
+    assert flops_of(counts, MATMULS) == _vit_matmul_flops()
+    (head,) = [c for (op, s), c in counts.items() if op == "aten::addmm" and s[-1] == (d, pm.CLASSES)]
+    assert head.bytes_read == 4 * (pm.CLASSES + b * d + d * pm.CLASSES) and head.bytes_written == 4 * b * pm.CLASSES
+    p_inf, counts_inf, _ = profiled("vit_inference_mode", False)
+    # Under inference_mode linear, layer_norm and attention reach the dispatch mode whole: counted as the ops
+    # they run, the same FLOPs as the no_grad step.
+    assert flops_of(counts_inf, MATMULS) == _vit_matmul_flops()
+    assert math.fsum(c.flops for c in counts_inf.values()) == math.fsum(c.flops for c in counts.values())
+    assert not any(op == "aten::linear" for op, _ in counts_inf)
+
+
+def test_bilinear_attention_einsum_and_nn_bilinear():
+    _, counts, _ = profiled("bilinear_attention", False)
+    b, n, m, d, c = pm.BATCH, 5, 7, pm.DIM, pm.CLASSES
+    # "bnd,de,bme->bnm" contracted left to right (the cheaper order here), then "bnm,bmd->bnd".
+    assert flops_of(counts, MATMULS) == 2 * b * n * d * d + 2 * b * n * m * d + 2 * b * n * m * d
+    assert by_op(counts)["aten::_trilinear"] == 2 * b * c * d * d  # x1 W x2 per output feature
+    _, train_counts, _ = profiled("bilinear_attention", True)
+    assert by_op(train_counts)["aten::_trilinear"] > by_op(counts)["aten::_trilinear"]  # + the gradients
+
+
+def test_fnet_counts_its_mlp_and_names_the_ffts():
+    p, counts, _ = profiled("fnet", False)
+    b, n, d = pm.BATCH, pm.FNET_TOKENS, pm.DIM
+    assert flops_of(counts, MATMULS) == 2 * 2 * b * n * d * 2 * d
+    assert set(p.unsupported) == FFT
+    for o in p.ops:
+        if o.op in FFT:
+            assert not o.flops_known and o.bound == "unknown" and o.m.bytes > 0
+    table = {r[0]: r for r in profile.profile_rows(p)}
+    assert table["aten::_fft_c2c"][profile.PROFILE_COLUMNS.index("FLOPs/step")] == profile.UNKNOWN_FLOPS
+    # The spectral filter multiplies complex by real: counted as an element-wise op (the complex tensor's
+    # bytes: 8 per complex64 element).
+    (mul,) = [c for (op, s), c in counts.items() if op == "aten::mul" and s[0] == (b, n // 2 + 1, d)]
+    assert mul.flops == b * (n // 2 + 1) * d and mul.bytes_written == 8 * b * (n // 2 + 1) * d
+
+
+def test_in_place_updates_through_views_and_fold():
+    _, counts, _ = profiled("views_in_place", False)
+    b, n, d, c = pm.BATCH, 6, pm.DIM, pm.IMG_CH
+    hw = 16
+    assert flops_of(counts, MATMULS) == 2 * b * n * d * d + 2 * b * c * 9 * c * hw  # linear, then w @ im2col
+    ours = by_op(counts)
+    assert ours["aten::add_"] == b * n * d // 2  # only the narrowed half
+    assert ours["aten::clamp_"] == b * n * d and ours["aten::addcmul_"] == b * n * d
+    assert ours["aten::col2im"] == b * 9 * c * hw  # F.fold adds each column element into its pixel
+    (narrow_add,) = [c_ for (op, _), c_ in counts.items() if op == "aten::add_"]
+    assert narrow_add.bytes_written == 4 * b * n * d // 2  # the view's elements, not the whole tensor
+    _, train_counts, _ = profiled("views_in_place", True)
+    assert by_op(train_counts)["aten::unfold_backward"] == b * (n - 2) * d * 3  # overlapping windows summed
+
+
+@pytest.mark.parametrize("name,dtype,size", [("mlp_bf16", "bf16", 2), ("mlp_fp64", "fp64", 8)])
+def test_bf16_and_float64_models(name, dtype, size):
+    p, counts, _ = profiled(name, False)
+    b, c, s = pm.BATCH, pm.IMG_CH, pm.IMG * pm.IMG
+    assert by_op(counts)["aten::convolution"] == conv(b, 3, c, s, 9)
+    assert flops_of(counts, MATMULS) == 2 * b * s * c * pm.DIM + 2 * b * s * pm.DIM * pm.CLASSES
+    for o in p.ops:
+        if o.counted:
+            assert o.m.dtype == dtype, o.label
+    (conv_row,) = [c_ for (op, _), c_ in counts.items() if op == "aten::convolution"]
+    assert conv_row.bytes_read == size * (b * 3 * s + c * 3 * 9 + c) and conv_row.bytes_written == size * b * c * s
+    p32, _, _ = profiled("mlp_bf16", False)
+    assert p.flops == p32.flops  # the same work whatever the dtype
+
+
+def test_profile_html_renders(tmp_path):
+    for name in ("unet", "fnet"):
+        p, _, _ = profiled(name, False)
+        path = profile.profile_html(p, tmp_path / f"{name}.html")
+        html = path.read_text()
+        assert name in html and "aten::convolution" in html or "aten::addmm" in html
+        if p.unsupported:
+            assert "no FLOP formula for" in html
