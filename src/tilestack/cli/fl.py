@@ -92,6 +92,7 @@ def run(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
+    from tilestack.errors import FederatedError
     from tilestack.federated import SystemModel, Task, simulate
     from tilestack.federated.grid import STRAGGLER_POLICIES
     from tilestack.federated.simulation import ENGINES, check_arguments
@@ -183,11 +184,14 @@ def run(
         def on_round(m) -> None:
             progress.update(bar, completed=m.round, acc=m.test_acc, loss=m.train_loss)
 
-        result = simulate(
-            strat, task, rounds=rounds, engine=engine, system=system, stragglers=straggler_policy, seed=seed,
-            checkpoint=checkpoint, on_round=on_round, extra_metrics=extra, initial=initial,
-            timeout=timeout or None, workers=workers, flower_backend=FLOWER_BACKEND,
-        )  # fmt: skip
+        try:
+            result = simulate(
+                strat, task, rounds=rounds, engine=engine, system=system, stragglers=straggler_policy, seed=seed,
+                checkpoint=checkpoint, on_round=on_round, extra_metrics=extra, initial=initial,
+                timeout=timeout or None, workers=workers, flower_backend=FLOWER_BACKEND,
+            )  # fmt: skip
+        except FederatedError as ex:  # a checkpoint of another or a longer run, found once the nodes are known
+            raise typer.BadParameter(str(ex), param_hint="--checkpoint") from ex
     wall = time.perf_counter() - t_start
 
     h = result.history
