@@ -735,10 +735,17 @@ def _along(ins: Instr, s: list) -> list:
             for x, ax in zip(s, ins.attrs.axes, strict=True)]
 
 
+def _compare_ref(ins: Instr, s: list, m) -> np.ndarray:
+    wd = work_dtype(ins)
+    if wd.is_float:   # an integer tile compared with a float one is converted to the float work dtype first
+        s = [_types().round_to(x, wd) if isinstance(x, np.ndarray) and x.dtype.kind in "iu" else x for x in s]
+    return np.broadcast_to(COMPARE_FNS[ins.attrs.fn](*_along(ins, s)), ins.result.type.shape)
+
+
 define(OpDef(
-    Op.COMPARE, "(a, b) -> bool tile", "tile", BroadcastingAttrs, _broadcasting_rule,
-    lambda ins, s, m: np.broadcast_to(COMPARE_FNS[ins.attrs.fn](*_along(ins, s)), ins.result.type.shape),
-    _free, fns=COMPARE_FNS, doc="A mask: ``a fn b`` element-wise, operands broadcast by their axes."))
+    Op.COMPARE, "(a, b) -> bool tile", "tile", BroadcastingAttrs, _broadcasting_rule, _compare_ref,
+    _free, fns=COMPARE_FNS, doc="A mask: ``a fn b`` element-wise, operands broadcast by their axes, compared in "
+                                "their work dtype (an i32 tile against an f32 one in f32, as the GPU compares)."))
 define(OpDef(
     Op.LOGIC, "(a[, b]) -> bool tile", "tile", BroadcastingAttrs, _broadcasting_rule,
     lambda ins, s, m: np.broadcast_to(LOGIC_FNS[ins.attrs.fn](*(np.asarray(x) != 0 for x in _along(ins, s))),
@@ -747,13 +754,17 @@ define(OpDef(
 
 
 def _select_ref(ins: Instr, s: list, m) -> np.ndarray:
+    dt = ins.result.type.dtype
+    if not dt.is_float:   # into an integer result, each value is converted to it first (no float detour past 2**53)
+        s = [s[0]] + [_types().to_int(x, dt) for x in s[1:]]
     mask, a, b = _along(ins, s)
     return np.broadcast_to(np.where(np.asarray(mask) != 0, a, b), ins.result.type.shape)
 
 
 define(OpDef(
     Op.SELECT, "(mask, a, b) -> tile", "tile", BroadcastingAttrs, _broadcasting_rule, _select_ref, _free,
-    doc="a where mask else b, operands broadcast by their axes."))
+    doc="a where mask else b, operands broadcast by their axes; into an integer result, a and b are each "
+        "converted to its dtype first (floats truncated and saturated), so integers past 2**24 stay exact."))
 
 
 def _arange_rule(ins: Instr) -> None:

@@ -109,7 +109,9 @@ def to_int(x, dtype: DType) -> np.ndarray:
         lo, hi = int_range(dtype)
         with np.errstate(invalid="ignore"):
             t = np.trunc(np.where(np.isnan(a), 0.0, a))
-            over, under = t > hi, t < lo         # compared in float: 2**63 - 1 rounds up, so > catches 2**63 too
+            # compared with -lo = 2**(bits - 1), which a float holds exactly (hi = 2**63 - 1 does not: as a float it
+            # is 2**63, so `t > hi` would let 2**63 through to wrap to lo)
+            over, under = t >= -float(lo), t < lo
             inside = np.where(over | under, 0.0, t).astype(np.int64)
         return np.where(over, hi, np.where(under, lo, inside)).astype(np.int64)
     return a.astype(np.int64).astype(np_dtype).astype(np.int64)

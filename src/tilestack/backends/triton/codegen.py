@@ -26,7 +26,7 @@ from tilestack.backends.triton.passes import TMA_MAX_BOX, pipeline  # noqa: F401
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
 from tilestack.ir.ops import EMITTERS, Op, register_emitter, work_dtype
 from tilestack.ir.scalars import nonnegative
-from tilestack.ir.types import F8E4M3_MAX, GlobalType, TileType, bf16, f8e4m3, f16, f32, f64
+from tilestack.ir.types import F8E4M3_MAX, GlobalType, TileType, bf16, bool_, f8e4m3, f16, f32, f64, int_range
 
 INT32_MAX = 2**31 - 1
 TL_DTYPES = {"f64": "tl.float64", "f32": "tl.float32", "f16": "tl.float16", "bf16": "tl.bfloat16",
@@ -84,6 +84,20 @@ def _to_f8e4m3(x):
     tiny = (a + 16384.0) - 16384.0      # below 2**-6: f32's own rounding to a multiple of 2**-9
     r = tl.minimum(tl.where(a < 0.015625, tiny, normal), {F8E4M3_MAX!r})
     return tl.where(x != x, x, tl.where(x < 0, -r, r)).to(tl.float8e4nv)
+'''
+# The interpreter converts floats to integers with NumPy's cast, which wraps past the integer's range (300.0 -> 44 in
+# i8) and makes NaN the minimum; the GPU's cvt.rzi saturates and makes NaN 0, as the reference does (ir.types.to_int).
+# An interpreted float -> integer conversion saturates here first. LO_F and HI_F are -2**(bits-1) and 2**(bits-1) as
+# floats (the integer's maximum is not one: 2**63 - 1 rounds to 2**63).
+_INT_SAT_HELPER = '''
+
+@triton.jit
+def _to_int_sat(x, LO_F: tl.constexpr, HI_F: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, DT: tl.constexpr):
+    """Floats as integers of DT: truncated toward zero, saturated to [LO, HI], NaN as 0."""
+    over = x >= HI_F
+    under = x < LO_F
+    inside = tl.where((x != x) | over | under, 0.0, x).to(DT)
+    return tl.where(over, HI, tl.where(under, LO, inside)).to(DT)
 '''
 # row/column max and min reduce with NaN-propagating combines (tl.max and tl.min ignore NaN)
 _NAN_REDUCE_HELPERS = '''
@@ -146,6 +160,7 @@ class _Emitter:
         self.tf32_helper = False                # whether it needs _round_tf32 (interpreted tf32 products)
         self.bf16_helper = False                # whether it needs _to_bf16 (interpreted conversions to bf16)
         self.f8_helper = False                  # whether it needs _to_f8e4m3 (interpreted conversions to f8)
+        self.int_sat_helper = False             # whether it needs _to_int_sat (interpreted float -> int conversions)
         self.nan_helpers = False                # whether it needs _max_nan / _min_nan (max and min reductions)
         self.indent = 1
         self.shielded = _thread_locality_hazards(kernel)   # REDUCE instrs whose loaded operand gets `+ 0.0`
@@ -193,6 +208,11 @@ class _Emitter:
         if self.interpret and dst.dtype is f8e4m3:
             self.f8_helper = True
             return f"_to_f8e4m3({expr if v_from_dtype is f32 else f'{expr}.to(tl.float32)'})"
+        if self.interpret and v_from_dtype.is_float and not dst.dtype.is_float and dst.dtype is not bool_:
+            self.int_sat_helper = True
+            lo, hi = int_range(dst.dtype)
+            x = expr if v_from_dtype in (f32, f64) else f"{expr}.to(tl.float32)"
+            return f"_to_int_sat({x}, {float(lo)!r}, {float(-lo)!r}, {lo}, {hi}, {TL_DTYPES[dst.dtype.name]})"
         return f"{expr}.to({TL_DTYPES[dst.dtype.name]})"
 
     # ---- memory --------------------------------------------------------------------------------------------
@@ -475,10 +495,21 @@ def _e_logic(e: _Emitter, ins: Instr) -> None:
     e.assign(ins.result, _to_result_shape(ins, _LOGIC[ins.attrs.fn].format(*xs)))
 
 
+def _select_value(e: _Emitter, v: Value, axis: str | None, dst: TileType) -> str:
+    """A value operand of a select: into an integer dst, a tile of another dtype converted to dst's first (tl.where
+    of an i32 and an f32 would compute in f32, rounding integers past 2**24)."""
+    if dst.dtype.is_float or not isinstance(v.type, TileType) or v.type.dtype is dst.dtype:
+        return _along(e, v, axis, dst.dtype.is_float)
+    x = e.cast_to(e.name(v), v.type.dtype, TileType(v.type.space, dst.dtype, v.type.shape))
+    return x if axis is None else (f"{x}[:, None]" if axis == "row" else f"{x}[None, :]")
+
+
 @register_emitter("triton", Op.SELECT)
 def _e_select(e: _Emitter, ins: Instr) -> None:
     t = ins.result.type
-    m, a, b = (_along(e, s, ax, t.dtype.is_float) for s, ax in zip(ins.srcs, ins.attrs.axes, strict=True))
+    (ms, a_s, b_s), (max_, ax, bx) = ins.srcs, ins.attrs.axes
+    m = _along(e, ms, max_, t.dtype.is_float)
+    a, b = _select_value(e, a_s, ax, t), _select_value(e, b_s, bx, t)
     wide = f64 if any(isinstance(s.type, TileType) and s.type.dtype is f64 for s in ins.srcs) else f32
     expr = _to_result_shape(ins, f"tl.where({m}, {a}, {b})")
     e.assign(ins.result, e.cast_to(expr, wide if t.dtype.is_float else t.dtype, t))
@@ -585,6 +616,7 @@ def emit(low: KernelIR, interpret: bool = False, index64: bool | Collection[int]
         *([_TF32_HELPER] if e.tf32_helper else []),
         *([_BF16_HELPER] if e.bf16_helper else []),
         *([_F8E4M3_HELPER] if e.f8_helper else []),
+        *([_INT_SAT_HELPER] if e.int_sat_helper else []),
         *([_NAN_REDUCE_HELPERS] if e.nan_helpers else []),
         "",
         "",
