@@ -347,8 +347,11 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
         sends = 2 * sum(p2p[s] for s in mine) * m
         terms["p2p"] = min(sends, terms["bubble"])
         terms["bubble"] -= terms["p2p"]
+    # torch's AdamW takes its multi-tensor path on a GPU (engine.adamw_foreach), except on lists that mix DTensors
+    # and plain tensors (tensor parallelism without sequence parallelism); on a CPU it loops
+    multi_tensor = compute.cores is None and not (tp > 1 and not plan.sp)
     memory = [_memory(plan, desc, stages, rank_stages[r], rank_params[r], sim.peak_inflight[r],
-                      sim.steady_inflight[r], recv_buffers) for r in ranks]
+                      sim.steady_inflight[r], recv_buffers, multi_tensor) for r in ranks]
     peaks = [_peak(mem) for mem in memory]
     flops = desc.flops_per_sample * plan.batch
     return Prediction(plan=plan, step_s=step, terms=terms, memory=memory, sim=sim, stage_fwd=fwd, stage_bwd=bwd,
@@ -398,12 +401,17 @@ def _act_bytes(layer: Any, plan: Plan) -> float:
 
 
 def _memory(plan: Plan, desc: ModelDesc, stages: list[range], my_stages: list[int], params: float,
-            inflight: float, steady_inflight: float, recv_buffers: bool = True) -> dict[str, float]:
+            inflight: float, steady_inflight: float, recv_buffers: bool = True,
+            multi_tensor: bool = False) -> dict[str, float]:
+    """The rank's bytes by component (``_peak`` adds them up per moment). ``multi_tensor``: AdamW's step takes
+    torch's multi-tensor path, which makes sqrt(v) for every parameter at once, a copy of the second moments,
+    beside the gradients (the loop makes it and a quotient one tensor at a time: not charged)."""
     e = desc.dtype_bytes
     local = params / plan.dp_shard
     grads = local * e
     optimizer = ADAM_MOMENTS * local * e
-    transient = after = 0.0
+    transient = 0.0
+    after = local * e if multi_tensor else 0.0
     if plan.zero:
         # ZeroOptimizer: an f32 master copy of this rank's 1/dp slice and AdamW's two f32 moments of it; the
         # reduced gradient slice beside the full gradients (ZeRO-1), or in their place once a bucket is reduced
@@ -414,7 +422,8 @@ def _memory(plan: Plan, desc: ModelDesc, stages: list[range], my_stages: list[in
         grads = (local if plan.zero == 1 else bucket) * e
         # reducing a bucket: its gradients flattened (a copy), padded (another) for ZeRO-1's all-reduce; for
         # ZeRO-2 one copy goes to the reduce-scatter; then the slice and the master's f32 gradient
-        after += ZERO_FLAT_COPIES[plan.zero] * bucket * e + owned * e + owned * FP32_BYTES
+        after = ZERO_FLAT_COPIES[plan.zero] * bucket * e + owned * e + owned * FP32_BYTES
+        after += owned * FP32_BYTES if multi_tensor else 0.0     # sqrt(v) of the f32 master slice
     blocks = [i for s in my_stages for i in stages[s] if desc.layers[i].kind == "block"]
     replayed = head_saved = 0.0
     if plan.recompute == "full" and blocks:
