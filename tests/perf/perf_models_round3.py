@@ -7,8 +7,8 @@ projection and a loss in forward, recurrent cells stepped in Python, a ConvTrans
 net, GroupNorm/SiLU/Hardswish/squeeze-excite, nearest and bilinear upsampling with skip concatenations,
 scatter-based expert routing, an EmbeddingBag recommender with per-sample weights, a ViT (patch convolution, a
 class token, nn.MultiheadAttention returning its weights), nn.Bilinear and a three-operand einsum, 2-d FFT
-mixing, in-place updates through views, and bf16 / float64 models. Sizes are tiny: what is checked is the
-counting, not the speed.
+mixing, in-place updates through views, bf16 / float64 models and a torch.library custom op. Sizes are tiny:
+what is checked is the counting, not the speed.
 """
 
 from __future__ import annotations
@@ -273,6 +273,26 @@ class InferenceModeViT(ViT):
         return super().forward(img)
 
 
+CUSTOM_NAMESPACE = "perf_round3"
+if not hasattr(getattr(torch.ops, CUSTOM_NAMESPACE), "soft_clip"):  # once, however often this file is loaded
+
+    @torch.library.custom_op(f"{CUSTOM_NAMESPACE}::soft_clip", mutates_args=())
+    def soft_clip(x: torch.Tensor) -> torch.Tensor:
+        """A custom op outside ATen (as a fused kernel would be registered): 3 tanh(x / 3)."""
+        return torch.tanh(x / 3.0) * 3.0
+
+
+class CustomOp(nn.Module):
+    """Two linears around a ``torch.library`` custom op: an op of another namespace than aten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(DIM, DIM), nn.Linear(DIM, DIM)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (T, D)
+        return self.b(getattr(torch.ops, CUSTOM_NAMESPACE).soft_clip(self.a(x)))
+
+
 def _seeded(fn):  # each builder is deterministic
     def build():
         torch.manual_seed(0)
@@ -356,6 +376,11 @@ def mlp_fp64():
     return DtypeMLP().to(torch.float64), (torch.randn(BATCH, 3, IMG, IMG, dtype=torch.float64),)
 
 
+@_seeded
+def custom_op():
+    return CustomOp(), (torch.randn(TOKENS, DIM),)
+
+
 # name -> (builder, whether a backward step makes sense)
 MODELS = {
     f.__name__: (f, trainable)
@@ -374,6 +399,7 @@ MODELS = {
         (views_in_place, True),
         (mlp_bf16, True),
         (mlp_fp64, True),
+        (custom_op, False),  # no autograd registered for the custom op
     )
 }
 build = unet

@@ -7,11 +7,12 @@ FLOPs come from the formulas of ``torch.utils.flop_counter`` (matmuls, attention
 tilestack counts it) or tilestack's own (convolutions forward and backward with their groups:
 ``formulas.convolution``; the CPU LSTM kernel, norms, softmax, reductions, scatters and accumulating index puts,
 scans, interpolation, losses, nn.Bilinear, weight norm, and 1 FLOP per element of a pointwise op, tagged or not:
-hardswish, GLU, activations' backwards); bytes are the sizes of an op's distinct input and output tensors (views move none, an expanded
-input is read as held, a lookup reads only its rows). A composite op that reaches the mode whole (under
-``inference_mode``) is counted as the ops it runs, as ``FlopCounterMode`` does; an op that computes but has no
-formula is marked ``unsupported`` (its FLOPs unknown, not 0). torch.compile'd code is counted eagerly
-(``force_eager``). The profile joins these counts with the timed pass (``profile.profile_model``).
+hardswish, GLU, activations' backwards); bytes are the sizes of an op's distinct input and output tensors (views
+move none, an expanded input is read as held, a lookup reads only its rows). A composite op that reaches the
+mode whole (under ``inference_mode``) is counted as the ops it runs, as ``FlopCounterMode`` does; an op that
+computes but has no formula is marked ``unsupported`` (its FLOPs unknown, not 0), in any namespace (a
+``torch.library`` custom op is counted whole). torch.compile'd code is counted eagerly (``force_eager``). The
+profile joins these counts with the timed pass (``profile.profile_model``).
 """
 
 from __future__ import annotations

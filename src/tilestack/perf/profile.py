@@ -512,6 +512,12 @@ def _by_name(keys: Collection[OpKey]) -> dict[str, list[OpKey]]:
     return names
 
 
+def _is_op(name: str, counted_names: Collection[str]) -> bool:
+    """An event of an op: any ATen op, and an op of another namespace the counting pass saw (``quantized::``,
+    ``torchvision::``, a ``torch.library`` custom op), not a ``record_function`` range or an autograd node."""
+    return name.startswith("aten::") or name in counted_names
+
+
 def attribute(
     events: Sequence[Any], counted: Collection[OpKey], cuda: bool
 ) -> tuple[dict[OpKey, _Timed], list[float], float]:
@@ -542,7 +548,7 @@ def attribute(
             x = stack.pop()
             acc += _self_s(x, cuda)
             stack.extend(x.cpu_children)
-            if x is not e and x.name.startswith("aten::"):
+            if x is not e and _is_op(x.name, names):
                 inner = resolve((x.name, _event_shapes(x)), counted, names)
                 if inner is not None and inner != row and per[inner].inside is None:
                     per[inner].inside = row
@@ -551,7 +557,7 @@ def attribute(
     stack: list[tuple[Any, int | None]] = [(e, step_of.get(id(e))) for e in roots]
     while stack:
         e, step = stack.pop()
-        key = (e.name, _event_shapes(e)) if e.name.startswith("aten::") else None
+        key = (e.name, _event_shapes(e)) if _is_op(e.name, names) else None
         row = resolve(key, counted, names) if key is not None else None
         whole = row is not None  # a counted op: its subtree is its time, and nothing below is visited
         s = subtree_s(e, row) if row is not None else 0.0 if e.name.startswith("ProfilerStep") else _self_s(e, cuda)

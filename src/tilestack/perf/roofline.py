@@ -127,7 +127,8 @@ TIPS: dict[str, dict[str, str]] = {
 }
 # Situations worded alike on every device.
 COMMON_TIPS = {
-    "unknown": "no roof known for this device and dtype: run `tilestack device --remeasure` to measure one",
+    "unknown": "no roof known for this device and dtype (no FLOP/s peak measured or published for it): its bound "
+    "is unknown; `tilestack device --remeasure` measures the common matmul dtypes (fp32, bf16...)",
     "compute-above": "compute-bound at {pct} of peak, above the roof: the FLOP count overstates the work "
     "(masked blocks counted?) or the ceiling was measured low (`tilestack device --remeasure`)",
     "memory-roof": "memory-bound at {pct} of bandwidth, on the roof: only fewer bytes help (fuse, keep data "
@@ -172,7 +173,9 @@ def place(*, flops: float, bytes_moved: float, seconds: float, roof: Roof, kind:
     if ridge is not None:
         bound = "memory" if intensity < ridge else "compute"
     elif roof.bandwidth and not roof.peak_flops_per_s:
-        bound = "memory"
+        # No compute peak for this dtype (float64 on a CPU whose ceilings measure fp32 and bf16): only an op
+        # with no math is surely memory-bound; one with FLOPs could sit on either side of the unknown ridge.
+        bound = "memory" if flops == 0 else "unknown"
     elif roof.peak_flops_per_s and not roof.bandwidth:
         bound = "compute"
     else:
