@@ -499,3 +499,33 @@ def test_every_named_strategy_is_reproducible_under_dirichlet_001(name):
     assert all(np.all(np.isfinite(v)) for v in _np(a.arrays).values())
     assert all(np.dtype(v.dtype) == np.float32 for v in a.arrays.values())
     assert any(r.num_aggregated > 0 for r in a.history.rounds)
+
+
+# ---- a weighting key the clients do not report --------------------------------------------------------------------
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "key, fraction_evaluate, expected",
+    [
+        ("num_examples", 0.0, "one of ['num-examples', 'unit-weight', 'train-loss'"),  # the underscore slip
+        ("train-loss", 0.5, "in every reply: one of ['num-examples', 'unit-weight', 'tilestack.partition']"),
+    ],
+)
+def test_a_weighting_key_the_clients_do_not_report_is_refused_before_any_work(monkeypatch, key, fraction_evaluate,
+                                                                               expected):  # fmt: skip
+    monkeypatch.setattr("tilestack.federated.simulation.InProcessGrid", lambda *a, **k: pytest.fail("work started"))
+    s = FedAvg(fraction_train=0.5, fraction_evaluate=fraction_evaluate, weighted_by_key=key)
+    with pytest.raises(FederatedError, match=re.escape(f"FedAvg: weighted_by_key={key!r}; expected") + ".*"
+                       + re.escape(expected)):  # fmt: skip
+        simulate(Compressed(s, "int8"), Task(**TINY), rounds=1)
+
+
+@pytest.mark.timeout(60)
+def test_evaluation_replies_without_the_weighting_key_do_not_stop_the_run():
+    """Through run_rounds (any ClientApp): training replies carry ``train-loss``, evaluation replies do not; the
+    evaluation is not aggregated (Flower raised out of the run after round 1) and the rounds go on."""
+    task = Task(**TINY)
+    grid = ManagedGrid(InProcessGrid(tsclient.app, 6), task)
+    s = FedAvg(fraction_train=1.0, fraction_evaluate=1.0, weighted_by_key="train-loss")
+    res = run_rounds(s, grid, initial_arrays(task), num_rounds=2)
+    assert [(r.num_aggregated, r.skipped) for r in res.history.rounds] == [(6, ""), (6, "")]
+    assert all(r.client_acc["mean"] > 0 for r in res.history.rounds)  # from the replies, as they came

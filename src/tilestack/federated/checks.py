@@ -94,7 +94,7 @@ def require_timeout(where: str, value, name: str = "timeout") -> None:
         raise ValueError(f"{where}: {name}={value!r}; expected None (no limit) or a finite number of seconds > 0")
 
 
-def _levels(strategy: Strategy) -> list[Strategy]:
+def strategy_levels(strategy: Strategy) -> list[Strategy]:
     """``strategy`` and the strategies it wraps (``inner`` of tilestack's wrappers, ``strategy`` of Flower's DP
     wrappers), outermost first."""
     out = [strategy]
@@ -105,7 +105,7 @@ def _levels(strategy: Strategy) -> list[Strategy]:
 
 def check_hyperparameters(strategy: Strategy) -> None:
     """Refuse a Flower strategy's hyperparameter outside its meaningful range (see ``HYPERPARAMETERS``)."""
-    for s in _levels(strategy):
+    for s in strategy_levels(strategy):
         for cls, rules in HYPERPARAMETERS.items():
             if not isinstance(s, cls):
                 continue
@@ -140,7 +140,7 @@ def check_strategy(strategy: Strategy, num_nodes: int, task=None) -> None:
         raise TypeError(f"strategy is a {type(strategy).__name__}; expected a flwr.serverapp.strategy.Strategy")
     check_hyperparameters(strategy)
     if task is not None:
-        for s in _levels(strategy):
+        for s in strategy_levels(strategy):
             if callable(check_task := getattr(type(s), "check_task", None)):
                 check_task(s, task)
     s, nodes, why = _sampling_strategy(strategy, num_nodes)

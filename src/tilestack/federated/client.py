@@ -39,6 +39,9 @@ CLUSTER_SEP = "/"
 START_LOSS_KEY = "tilestack.start-loss"  # config: also report the loss at the received model (q-FFL's F_k)
 START_LOSS_METRIC = "start-loss"
 UNIT_WEIGHT = "unit-weight"  # weighting key for equal client weights (DP accounting requires them)
+# the metrics of every TRAIN and EVALUATE reply (a strategy's weighted_by_key must be one of both)
+TRAIN_METRICS = ("num-examples", UNIT_WEIGHT, "train-loss", "num-steps", "full-steps", PARTITION_METRIC)
+EVALUATE_METRICS = ("num-examples", UNIT_WEIGHT, "eval-loss", "eval-acc", PARTITION_METRIC)
 
 
 def cluster_key(j: int, key: str) -> str:

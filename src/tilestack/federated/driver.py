@@ -306,7 +306,10 @@ def run_rounds(
         _seed_global_rngs(seed, r, 1)
         eval_messages = strategy.configure_evaluate(r, arrays, ConfigRecord(dict(evaluate_config)), grid)
         eval_replies = grid.send_and_receive(eval_messages, timeout=timeout)
-        strategy.aggregate_evaluate(r, eval_replies)
+        try:
+            strategy.aggregate_evaluate(r, eval_replies)
+        except InconsistentMessageReplies as ex:  # as in training: say so and go on, the model is not at stake
+            log.warning("round %d: evaluation not aggregated: inconsistent replies: %s", r, ex)
         rlog = grid.take_round_log()
         client_accs = [float(c["eval-acc"]) for c in rlog["client_metrics"] if "eval-acc" in c]
         if not client_accs and evaluator is not None:  # no federated evaluation: the server scores each client

@@ -22,8 +22,9 @@ from pathlib import Path
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
+from tilestack.errors import FederatedError
 from tilestack.federated import client
-from tilestack.federated.checks import check_strategy, require_int
+from tilestack.federated.checks import check_strategy, require_int, strategy_levels
 from tilestack.federated.client import TASK_KEY
 from tilestack.federated.driver import RunResult, check_run_arguments, checkpoint_path, run_rounds
 from tilestack.federated.engine import InProcessGrid
@@ -109,9 +110,27 @@ def check_arguments(strategy: Strategy, task: Task, *, rounds, engine="tilestack
     if initial is not None and not isinstance(initial, ArrayRecord):
         raise TypeError(f"simulate: initial is a {type(initial).__name__}; expected an ArrayRecord or None")
     check_strategy(strategy, task.num_clients, task)
+    _check_weighting(strategy)
     if initial is not None:
         _check_initial(strategy, task, initial)
     checkpoint_path(checkpoint)
+
+
+def _check_weighting(strategy: Strategy) -> None:
+    """A ``weighted_by_key`` that tilestack's clients do not report made every round's aggregation fail in
+    Flower (and, with federated evaluation, stopped the run after the first round)."""
+    for s in strategy_levels(strategy):
+        key = vars(s).get("weighted_by_key")
+        if key is None:
+            continue
+        evaluates = getattr(s, "fraction_evaluate", 0.0) > 0
+        both = [k for k in client.TRAIN_METRICS if k in client.EVALUATE_METRICS]
+        if key not in client.TRAIN_METRICS or (evaluates and key not in client.EVALUATE_METRICS):
+            expected = both if evaluates else list(client.TRAIN_METRICS)
+            raise FederatedError(
+                f"{type(s).__name__}: weighted_by_key={key!r}; expected a metric tilestack's clients report in every "
+                f"{'reply' if evaluates else 'training reply'}: one of {expected}"
+            )
 
 
 def _shapes(arrays: ArrayRecord) -> dict[str, tuple[int, ...]]:
