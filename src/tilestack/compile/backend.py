@@ -11,7 +11,7 @@ Options (``options=``): ``check`` (bool: test every rewrite on random inputs fir
 where the test fails), ``inner`` ("inductor", "aot_eager" or "eager"), ``passes`` (names, a subset of
 ``PASSES``, run in PASSES' order whatever the order given), ``min_rows`` and ``min_query_rows`` (the size
 thresholds below which a swap does not pay: ``tilestack.compile.policy``); any other key is an Inductor config
-patch.
+patch (a name of ``torch._inductor.config``, with ``inner="inductor"`` only: ``check_options`` refuses the rest).
 ``mode`` is Inductor's ("reduce-overhead" captures the result in CUDA graphs; "max-autotune").
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from collections.abc import Iterable
 
 import torch
 from torch import fx
@@ -93,17 +94,56 @@ def run_passes(gm: fx.GraphModule, *, passes=None, check: bool = False, inner: s
     return report
 
 
+def check_options(fn: str, *, mode=None, check=False, inner="inductor", passes=None, inductor_options=None):
+    """Every option of a compile checked before Dynamo runs (a mistake found inside it comes back wrapped in
+    Dynamo's BackendCompilerFailed, after a trace): ``passes`` returned as a tuple of names (a str is one name),
+    or None for all. ``inductor_options`` must be names of ``torch._inductor.config`` (an unknown one, or any
+    with an ``inner`` other than "inductor", would be ignored without a word) with a bool where it takes one."""
+    if not isinstance(inner, str) or inner not in INNER:
+        raise LaunchError(f"{fn}: inner={inner!r}; expected one of {INNER}")
+    if not isinstance(check, bool):
+        raise LaunchError(f"{fn}: check={check!r}; expected a bool (test every rewrite on random inputs first)")
+    if mode is not None:
+        from torch._inductor import list_mode_options
+        modes = tuple(list_mode_options())
+        if not isinstance(mode, str) or mode not in modes:
+            raise LaunchError(f"{fn}: mode={mode!r}; expected None or one of Inductor's modes {modes}")
+    if passes is not None:
+        given = passes
+        passes = (passes,) if isinstance(passes, str) else tuple(passes) if isinstance(passes, Iterable) else None
+        if passes is None or not all(isinstance(n, str) for n in passes):
+            raise LaunchError(f"{fn}: passes={given!r}; expected a pass name or an iterable of names from "
+                              f"{list(PASSES)}")
+        unknown = [n for n in passes if n not in PASSES]
+        if unknown:
+            raise LaunchError(f"{fn}: passes {unknown} unknown; expected names from {list(PASSES)}")
+    if inductor_options:
+        from torch._inductor import config as inductor_config
+        known = inductor_config.get_config_copy()
+        unknown = sorted(k for k in inductor_options if k not in known)
+        if unknown:
+            raise LaunchError(f"{fn}: options {unknown} unknown; expected tilestack's (check, inner, passes, mode, "
+                              "min_rows, min_query_rows) or names of torch._inductor.config")
+        if inner != "inductor":
+            raise LaunchError(f"{fn}: Inductor options {sorted(inductor_options)} with inner={inner!r}; they "
+                              "apply only with inner='inductor'")
+        for k, v in inductor_options.items():
+            if isinstance(known[k], bool) and not isinstance(v, bool):
+                raise LaunchError(f"{fn}: Inductor option {k}={v!r}; expected a bool")
+    return passes
+
+
 def tilestack_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = None, options: dict | None = None):
     """The backend function ``torch.compile`` calls with each captured graph (see the module docstring)."""
     options = dict(options or {})
     mode = options.pop("mode", None) or mode     # optimize() passes it here: torch.compile takes mode or options
-    check = bool(options.pop("check", False))
+    check = options.pop("check", False)
     inner = options.pop("inner", "inductor")
     passes = options.pop("passes", None)
     thresholds = {k: options.pop(k) for k in ("min_rows", "min_query_rows") if k in options}
     rule = dataclasses.replace(policy.current(), **thresholds)
-    if inner not in INNER:
-        raise LaunchError(f"tilestack backend: options['inner']={inner!r}; expected one of {INNER}")
+    passes = check_options("tilestack backend", mode=mode, check=check, inner=inner, passes=passes,
+                           inductor_options=options)
     _reports.append(run_passes(gm, passes=passes, check=check, inner=inner, rule=rule))
     if inner == "eager":
         return gm.forward
@@ -125,11 +165,14 @@ def optimize(model, *, mode: str | None = None, check: bool = False, inner: str 
     ``tilestack.compile.policy`` for this compile (default: ``policy.current()``)."""
     if not (isinstance(model, torch.nn.Module) or callable(model)):
         raise LaunchError(f"optimize: model must be a torch.nn.Module or a function, got {type(model).__name__}")
-    if inner not in INNER:
-        raise LaunchError(f"optimize: inner={inner!r}; expected one of {INNER}")
+    passes = check_options("optimize", mode=mode, check=check, inner=inner, passes=passes,
+                           inductor_options=inductor_options)
+    for name, value, kinds in (("dynamic", dynamic, (bool, type(None))), ("fullgraph", fullgraph, (bool,))):
+        if not isinstance(value, kinds):
+            raise LaunchError(f"optimize: {name}={value!r}; expected a bool{' or None' if len(kinds) > 1 else ''}")
     options = dict(inductor_options, check=check, inner=inner)
     if passes is not None:
-        options["passes"] = tuple(passes)
+        options["passes"] = passes
     thresholds = {k: v for k, v in (("min_rows", min_rows), ("min_query_rows", min_query_rows)) if v is not None}
     dataclasses.replace(policy.current(), **thresholds)      # a bad threshold is refused here, not inside Dynamo
     options |= thresholds

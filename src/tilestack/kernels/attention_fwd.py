@@ -26,8 +26,9 @@ The meaning is torch's ``F.scaled_dot_product_attention`` (its math backend, in 
 - Causal alignment: ``causal_align="top_left"`` (the default, as torch SDPA's ``is_causal``): query r sees keys
   c <= r. ``"bottom_right"`` (FlashAttention-2 >= 2.1, decoding against a KV cache): query r sees keys
   c <= r + Nk - Nq, so the last query sees every key. The two agree when Nq == Nk.
-- ``attn_mask``: an additive float bias or a boolean mask (True = attend), broadcastable to (B, H, Nq, Nk) (H
-  counts query heads). A boolean mask becomes a 0 / -inf bias; with ``causal`` both apply.
+- ``attn_mask``: an additive float bias or a boolean mask (True = attend) of rank 2 to 4, broadcastable to
+  (B, H, Nq, Nk) (H counts query heads); bool, float32 or q's dtype, the masks torch's SDPA takes. A boolean
+  mask becomes a 0 / -inf bias; with ``causal`` both apply.
 - A query row that sees no key (every key masked, bottom-right causal with Nq > Nk, or Nk = 0) gives o = 0
   and lse = -inf, as torch's math backend. An additive bias at or below about -2.4e38 (e.g.
   ``torch.finfo(torch.float32).min``) overflows to -inf in the kernel's log2 domain, so a row masked that way
@@ -61,6 +62,7 @@ from tilestack.tune.lookup import launch_config, take_backend, tuned_launcher
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 LOWEST_F32 = -3.4028234663852886e38   # the lowest finite f32: the running max of a row that has seen no key
+MAX_SCALE = -LOWEST_F32 / LOG2E       # the largest scale whose product with log2(e) (qk_scale, f32) is finite
 EMPTY_ROW_SUM = 1e-30                 # divides an empty row's zero output (a row that saw a key has l >= 1)
 MAX_HEAD_DIM = 256
 MIN_TILE = 16                         # the matrix units' smallest tile side
@@ -400,21 +402,22 @@ def check_attention_args(fn: str, q, k, v, scale, *, causal=False, attn_mask=Non
         if not 1 <= d <= MAX_HEAD_DIM:
             raise LaunchError(f"{fn}: head dim {name}={d} is not supported; expected 1..{MAX_HEAD_DIM}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
-                              or not math.isfinite(scale) or scale <= 0):
-        raise LaunchError(f"{fn}: scale must be a positive number or None, got {scale!r} (finite, not a bool)")
+                              or not math.isfinite(scale) or not 0 < scale <= MAX_SCALE):
+        raise LaunchError(f"{fn}: scale must be a positive number or None, got {scale!r} (finite, not a bool, at "
+                          f"most {MAX_SCALE:.4g}: the kernels' f32 scale times log2(e) must not overflow)")
     if not isinstance(causal, bool) and type(causal).__name__ != "bool_":    # Python's or numpy's bool
         raise LaunchError(f"{fn}: causal must be a bool, got {causal!r} ({type(causal).__name__})")
     if causal_align not in CAUSAL_ALIGNS:
         raise LaunchError(f"{fn}: causal_align must be one of {CAUSAL_ALIGNS}, got {causal_align!r}")
     if attn_mask is not None:
-        check_tensor(fn, "attn_mask", attn_mask, dtypes=(torch.bool, torch.bfloat16, torch.float16, torch.float32,
-                                                        torch.float64))
+        # torch's SDPA takes a bool mask, or a float one in float32 or in q's dtype, of rank 2 to 4
+        check_tensor(fn, "attn_mask", attn_mask, dtypes=dict.fromkeys((torch.bool, torch.float32, q.dtype)))
         check_same_device(fn, q=q, attn_mask=attn_mask)
         want = (B, H, q.shape[2], k.shape[2])
-        tail = want[4 - attn_mask.dim():] if attn_mask.dim() <= 4 else None
+        tail = want[4 - attn_mask.dim():] if 2 <= attn_mask.dim() <= 4 else None
         if tail is None or any(m not in (1, w) for m, w in zip(attn_mask.shape, tail, strict=True)):
-            raise LaunchError(f"{fn}: attn_mask is {tuple(attn_mask.shape)}; expected a shape broadcastable to "
-                              f"(B, H, Nq, Nk) = {want}")
+            raise LaunchError(f"{fn}: attn_mask is {tuple(attn_mask.shape)}; expected rank 2 to 4 and a shape "
+                              f"broadcastable to (B, H, Nq, Nk) = {want}")
     if (isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p <= 1.0):
         raise LaunchError(f"{fn}: dropout_p must be a number in [0, 1], got {dropout_p!r}")
     if dropout_p > 0:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
@@ -35,6 +36,7 @@ LOG2E = math.log2(math.e)
 FLT_MAX = 3.4028234663852886e38
 IGNORE_INDEX = -100
 MAX_EXACT_VOCAB = 1 << 24      # column numbers and labels are exact in f32 below this
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 @ts.kernel(grid=lambda L, BM: (ts.cdiv(L.shape[0], BM),), options=dict(num_warps=8, num_stages=1))
@@ -136,10 +138,33 @@ def check_ce_args(fn: str, x, weight, labels, ignore_index) -> None:
     if not 0 < weight.shape[0] < MAX_EXACT_VOCAB:
         raise LaunchError(f"{fn}: the vocabulary weight.shape[0] = {weight.shape[0]}; expected 1 .. "
                           f"{MAX_EXACT_VOCAB - 1}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or 0 <= ignore_index < weight.shape[0]:
-        raise LaunchError(f"{fn}: ignore_index must be an int outside 0..V-1 = 0..{weight.shape[0] - 1} (a label "
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral) or \
+            0 <= ignore_index < weight.shape[0] or not INT64_MIN <= ignore_index <= INT64_MAX:
+        raise LaunchError(f"{fn}: ignore_index must be an int64 outside 0..V-1 = 0..{weight.shape[0] - 1} (a label "
                           f"that is never a class), got {ignore_index!r}")
     check_same_device(fn, x=x, weight=weight, labels=labels)
+
+
+def check_labels(fn: str, labels, v: int, ignore_index: int) -> None:
+    """Every label a class in 0..v-1 or ``ignore_index`` (torch's cross_entropy raises for any other; the
+    kernel's one-hot would match no column and give a wrong loss without a word). The values are data, so this
+    runs every call: on the CPU one min/max pass, and a second only to name a bad label; on a GPU an
+    asynchronous device assert (no host sync, as torch's own check), on meta nothing."""
+    import torch
+
+    if labels.numel() == 0 or labels.device.type == "meta":
+        return
+    if labels.device.type != "cpu":
+        ok = ((labels >= 0) & (labels < v)) | (labels == ignore_index)
+        torch._assert_async(ok.all(), f"{fn}: a label outside 0..{v - 1} that is not ignore_index={ignore_index}")
+        return
+    lo, hi = torch.aminmax(labels)
+    if lo >= 0 and hi < v:
+        return
+    bad = labels[((labels < 0) | (labels >= v)) & (labels != ignore_index)]
+    if bad.numel():
+        raise LaunchError(f"{fn}: labels holds {int(bad[0])} (at index {int(torch.nonzero(labels == bad[0])[0])}); "
+                          f"expected classes 0..V-1 = 0..{v - 1} or ignore_index={ignore_index}")
 
 
 ROW_ALIGN = 64             # logits rows padded to a multiple of this many elements (GPT-2's 50257 is odd)
@@ -176,6 +201,7 @@ def fused_linear_cross_entropy(x, weight, labels, *, ignore_index: int = IGNORE_
     import torch
 
     check_ce_args("fused_linear_cross_entropy", x, weight, labels, ignore_index)
+    check_labels("fused_linear_cross_entropy", labels, weight.shape[0], ignore_index)
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise LaunchError(f"fused_linear_cross_entropy: chunk must be a positive int, got {chunk!r}")
     t, v = x.shape[0], weight.shape[0]

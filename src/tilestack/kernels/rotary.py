@@ -80,8 +80,9 @@ def rotary_tables(n: int, d: int, theta: float = 10000.0, device=None):
 
 
 @checked_once
-def check_rotary_args(fn: str, q, k, cos, sin) -> None:
-    """Every check on rotary's inputs, before any work (once per signature)."""
+def check_rotary_args(fn: str, q, k, cos, sin, *, differentiable: bool = False) -> None:
+    """Every check on rotary's inputs, before any work (once per signature). ``differentiable``: for the op with
+    autograd, which gives q and k a gradient and the tables none (a table that requires one is refused)."""
     import torch
 
     floats = (torch.float32, torch.bfloat16, torch.float16)
@@ -98,6 +99,9 @@ def check_rotary_args(fn: str, q, k, cos, sin) -> None:
     for name, t in (("cos", cos), ("sin", sin)):
         if tuple(t.shape) != (N, D // 2):
             raise LaunchError(f"{fn}: {name} is {tuple(t.shape)}; expected (N, D/2) = {(N, D // 2)}")
+        if differentiable and t.requires_grad and torch.is_grad_enabled():
+            raise LaunchError(f"{fn}: {name} requires grad, and the op gives the cos/sin tables no gradient (only q "
+                              "and k); detach it, or call it under torch.no_grad()")
     check_same_device(fn, q=q, k=k, cos=cos, sin=sin)
 
 

@@ -27,6 +27,8 @@ Programs walk the output in groups of GROUP_M block-rows, as ``tilestack.kernels
 
 from __future__ import annotations
 
+import torch
+
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.ir.types import F8E4M3_MAX
@@ -36,6 +38,8 @@ from tilestack.kernels.gemm import ACTIVATIONS, epilogue, grouped_tile, torch_ac
 from tilestack.tune.lookup import DEFAULT_BACKEND, launch_config, take_backend, tuned_launcher
 
 INT8_MAX = 127                                       # symmetric int8: [-127, 127], zero exactly representable
+# an activation or output scale's range: an f32 normal whose inverse (what the kernels multiply by) is finite in f32
+MIN_SCALE, MAX_SCALE = 2.0 ** -126, 3.4028234663852886e38
 MODES = ("int8", "fp8")
 
 
@@ -260,7 +264,7 @@ def quantize_weight(w, mode: str):
         raise LaunchError(f"quantize_weight: mode={mode!r}; expected one of {MODES}")
     top = INT8_MAX if mode == "int8" else F8E4M3_MAX
     wf = w.detach().float()
-    if not bool(torch.isfinite(wf).all()):
+    if not w.is_meta and not bool(torch.isfinite(wf).all()):      # (meta: shapes only, no values to check)
         raise LaunchError(f"quantize_weight: w {tuple(w.shape)} holds NaN or infinite values; expected finite "
                           "weights (a scale made from them would poison every output of the channel)")
     amax = wf.abs().amax(dim=1) if w.shape[1] else wf.new_zeros(w.shape[0])   # (N,)
@@ -275,7 +279,7 @@ def quantize_weight(w, mode: str):
 
 def activation_scale(amax: float) -> float:
     """The per-tensor fp8 scale for activations whose calibrated largest magnitude is ``amax``."""
-    return float(amax) / F8E4M3_MAX if amax > 0 else 1.0
+    return max(float(amax) / F8E4M3_MAX, MIN_SCALE) if amax > 0 else 1.0
 
 
 def inverse_scale(x_scale: float) -> float:
@@ -346,8 +350,10 @@ def quantized_linear(x, q, scale, bias=None, *, x_scale: float | None = None, ac
 def _check_scale(name: str, value) -> None:
     import math
 
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
-        raise LaunchError(f"quantized_linear: {name} must be a finite number > 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            math.isfinite(value) and MIN_SCALE <= value <= MAX_SCALE):
+        raise LaunchError(f"quantized_linear: {name} must be a finite number > 0, got {value!r} (at least "
+                          f"{MIN_SCALE:.4g} and at most {MAX_SCALE:.4g}: it and its inverse are f32 in the kernels)")
 
 
 def _check_linear(x, q, scale, bias, x_scale, activation, residual, out_dtype, act_quant, out_scale=None) -> None:
@@ -417,6 +423,37 @@ def _planned_linear(x, q, scale, bias=None, *, x_scale=None, activation=None, re
     import torch
 
     _check_linear(x, q, scale, bias, x_scale, activation, residual, out_dtype, act_quant, out_scale)
+    run = _linear_run(x, q, scale, bias, x_scale=x_scale, activation=activation, residual=residual,
+                      out_dtype=out_dtype, out_scale=out_scale, act_quant=act_quant, backend=backend, **config)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, residual))):
+        return run
+    # a gradient may be asked for: y joins the graph through a node whose backward refuses (inference only),
+    # so a backward through it is an error, not a gradient silently dropped
+
+    def run_recorded(x, q, scale, bias=None, *, residual=None, **kwargs):
+        return _InferenceOnly.apply(run, (x, q, scale, bias), dict(kwargs, residual=residual), x, bias, residual)
+    return run_recorded
+
+
+class _InferenceOnly(torch.autograd.Function):
+    """y = run(*args, **kwargs) recorded against the tensors that may need a gradient; its backward refuses."""
+
+    @staticmethod
+    def forward(ctx, run, args, kwargs, *tensors):
+        return run(*args, **kwargs)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise LaunchError("quantized_linear: a backward through a quantized linear layer; it runs inference only "
+                          "(no gradient for x, the bias or the residual): keep it out of training, or call it under "
+                          "torch.no_grad() / torch.inference_mode()")
+
+
+def _linear_run(x, q, scale, bias=None, *, x_scale=None, activation=None, residual=None, out_dtype=None,
+                out_scale=None, act_quant=None, backend=None, **config):
+    """``run`` of one checked signature: the config and the launcher chosen; ``run`` allocates and launches."""
+    import torch
+
     fp8_x = x.dtype == torch.float8_e4m3fn
     dtype = torch.float8_e4m3fn if out_scale is not None else (out_dtype or torch.bfloat16) if fp8_x else x.dtype
     shape = (x.shape[0], q.shape[0])

@@ -10,13 +10,15 @@ quantized GEMMs of ``tilestack.quant.gemm``.
 weights, records the largest |input| of every linear layer, and fixes each layer's activation scale at that
 over 448 (static per-tensor scales, as TensorRT's int8 calibration fixes its ranges before deployment).
 
-The model is changed in place (its linear layers become ``QuantLinear``) and returned. ``QuantLinear`` runs
-inference only (no gradients); under ``torch.compile`` it is the ``tilestack::quant_linear`` custom op.
+The model is changed in place (its linear layers become ``QuantLinear``) and returned (a bare ``nn.Linear``
+model: its ``QuantLinear``). ``QuantLinear`` runs inference only (a backward through it is refused); under
+``torch.compile`` it is the ``tilestack::quant_linear`` custom op.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -55,7 +57,11 @@ class QuantLinear(nn.Module):
         self.x_scale = float(x_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)                              # (M, K)
+        k = self.in_features
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != k:   # before a reshape hides it
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise LaunchError(f"QuantLinear: x is {got}; expected a tensor (..., in_features={k})")
+        rows = x.reshape(-1, k) if k else x.reshape(math.prod(x.shape[:-1]), 0)   # (M, K)
         if torch.compiler.is_compiling():
             y = quant_linear_op(rows, self.qweight, self.scale, self.bias, self.x_scale)
         else:
@@ -85,11 +91,22 @@ def calibrate(model: nn.Module, names: list[str], batches) -> dict[str, float]:
         def record(_mod, args, name=name):
             amax[name] = max(amax[name], float(args[0].detach().abs().max()))
         hooks.append(modules[name].register_forward_pre_hook(record))
+    if isinstance(batches, torch.Tensor) or not isinstance(batches, Iterable):
+        raise LaunchError(f"quantize: calibration must be an iterable of sample batches (e.g. [x1, x2], each a "
+                          f"tensor, a tuple of arguments or a dict of keyword arguments), got "
+                          f"{type(batches).__name__}")
     seen = 0
     try:
         with torch.no_grad():
             for batch in batches:
-                _run(model, batch)
+                try:
+                    _run(model, batch)
+                except Exception as e:   # the model's own error, said as which batch and how it was called
+                    how = "model(batch)" if isinstance(batch, torch.Tensor) else "model(**batch)" if isinstance(
+                        batch, dict) else "model(*batch)"
+                    got = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
+                    raise LaunchError(f"quantize: calibration batch {seen} ({got}) failed in {how}: "
+                                      f"{type(e).__name__}: {e}") from e
                 seen += 1
     finally:
         for h in hooks:
@@ -109,18 +126,24 @@ def quantize(model: nn.Module, mode: str = "int8", *, calibration=None, skip=())
     ``.<name in skip>``) by ``QuantLinear`` in ``mode`` ("int8", "fp8" or "fp8-act"); returns the model."""
     if not isinstance(model, nn.Module):
         raise LaunchError(f"quantize: model must be a torch.nn.Module, got {type(model).__name__}")
-    if mode not in MODES:
+    if not isinstance(mode, str) or mode not in MODES:
         raise LaunchError(f"quantize: mode={mode!r}; expected one of {tuple(MODES)}")
     if mode == "fp8-act" and calibration is None:
         raise LaunchError("quantize: mode='fp8-act' needs calibration=<an iterable of sample batches>")
     if mode != "fp8-act" and calibration is not None:
         raise LaunchError(f"quantize: calibration is for mode='fp8-act'; mode={mode!r} quantizes weights only")
-    skip = tuple(skip)
+    given = skip
+    skip = (skip,) if isinstance(skip, str) else () if skip is None else skip   # one name, or none
+    skip = tuple(skip) if isinstance(skip, Iterable) else None
+    if skip is None or not all(isinstance(s, str) for s in skip):
+        raise LaunchError(f"quantize: skip must be layer names (a str or an iterable of str), got {given!r}")
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear and
              not any(n == s or n.endswith("." + s) for s in skip)]
     scales = {}
     if mode == "fp8-act":
         scales = {n: activation_scale(a) for n, a in calibrate(model, names, calibration).items()}
+    if "" in names:      # the model is itself a Linear: no parent to change in place, its replacement is returned
+        return QuantLinear(model, mode, scales.get("", 0.0))
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -18,7 +18,7 @@ from tilestack.kernels._plan import planned
 from tilestack.kernels.layernorm import layer_norm_kernel
 from tilestack.kernels.rmsnorm import check_norm_args, norm_fwd_kernel, rms_norm_kernel
 from tilestack.kernels.softmax import resolve_row_config
-from tilestack.quant.gemm import inverse_scale
+from tilestack.quant.gemm import MAX_SCALE, MIN_SCALE, inverse_scale
 
 _scaled: dict = {}     # (id of the weight, its version, inverse scale) -> (weight, the f32 weight / x_scale)
 
@@ -42,8 +42,8 @@ def _over_scale(t, inv: float):
 def norm_fp8(x, weight, bias, eps: float, x_scale: float, *, residual=None, backend: str | None = None, **config):
     """(y8, h): y8 = fp8(norm(x + residual) / x_scale) and h = x + residual in x's dtype (None without a
     residual); layer norm with ``bias``, RMS norm without (module docstring)."""
-    return _planned_norm_fp8(x, weight, bias, float(eps) if not isinstance(eps, bool) else eps, x_scale,
-                             residual=residual, backend=backend, **config)
+    eps = float(eps) if isinstance(eps, int | float) and not isinstance(eps, bool) else eps   # others: refused
+    return _planned_norm_fp8(x, weight, bias, eps, x_scale, residual=residual, backend=backend, **config)
 
 
 @planned
@@ -55,8 +55,9 @@ def _planned_norm_fp8(x, weight, bias, eps, x_scale, *, residual=None, backend=N
     fn = ("add_" if residual is not None else "") + ("layer_norm" if bias is not None else "rms_norm") + "_fp8"
     check_norm_args(fn, x, weight, eps, bias=bias, residual=residual)
     if isinstance(x_scale, bool) or not isinstance(x_scale, int | float) or not (
-            math.isfinite(x_scale) and x_scale > 0):
-        raise LaunchError(f"{fn}: x_scale must be a finite number > 0, got {x_scale!r}")
+            math.isfinite(x_scale) and MIN_SCALE <= x_scale <= MAX_SCALE):
+        raise LaunchError(f"{fn}: x_scale must be a finite number > 0, got {x_scale!r} (at least {MIN_SCALE:.4g} and "
+                          f"at most {MAX_SCALE:.4g}: its inverse, f32 in the kernels, must be finite)")
     check_tensor(fn, "x", x, rank=2)
     inv = inverse_scale(x_scale)
     m, n = x.shape

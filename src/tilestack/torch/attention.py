@@ -127,8 +127,10 @@ class _Attention(torch.autograd.Function):
         try:
             plan = _attention_plans.plan_for(q, k, v, attn_mask, causal, scale, causal_align, dropout_p, rng,
                                              precision)
-        except TypeError:      # an argument no key holds: the kernels' own checks refuse it
-            plan = _AttentionPlan(q, k, v, attn_mask, causal, scale, causal_align, dropout_p, rng, precision)
+        except TypeError:      # an argument no key holds (a list for v, ...): the kernels' own checks refuse it
+            check_attention_args("attention", q, k, v, scale, causal=causal, attn_mask=attn_mask,
+                                 causal_align=causal_align, dropout_p=dropout_p, rng=rng, precision=precision)
+            raise
         o, lse = plan.forward(q, k, v, causal, scale, attn_mask, rng)
         ctx.save_for_backward(q, k, v, o, lse, attn_mask)
         ctx.plan, ctx.causal, ctx.scale, ctx.rng = plan, causal, scale, rng   # rng: a CPU tensor, not saved state
@@ -173,11 +175,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     if causal is not True and causal is not False:           # a truthy string or a tensor is a mistake, not True
         check_attention_args("attention", q, k, v, scale, causal=causal)
         causal = bool(causal)                                # numpy's bool_
-    if attn_mask is not None and attn_mask.requires_grad:
+    try:
+        mask_grad = attn_mask is not None and attn_mask.requires_grad
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    except AttributeError:   # k, v or the mask not a tensor (free on the way that does not raise)
+        check_attention_args("attention", q, k, v, scale, causal=causal, attn_mask=attn_mask)
+        raise
+    if mask_grad:
         from tilestack.errors import LaunchError
         raise LaunchError("attention: attn_mask requires grad, and the kernels give the mask no gradient; detach "
                           "it, or call tilestack.scaled_dot_product_attention, which hands such calls to torch")
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if needs_grad:
         return _Attention.apply(q, k, v, attn_mask, causal, scale, causal_align, dropout_p, rng, precision)
     return attention_forward(q, k, v, causal, scale, attn_mask=attn_mask, causal_align=causal_align,
                              dropout_p=dropout_p, rng=rng, precision=precision)[0]

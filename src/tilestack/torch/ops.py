@@ -18,6 +18,8 @@ Both paths call the same kernel-level functions (``tilestack.kernels``), so an o
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from tilestack.errors import LaunchError
@@ -46,8 +48,9 @@ def _needs_grad(*tensors) -> bool:
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x as (rows, last dim): a view where the layout allows it."""
-    return x.reshape(-1, x.shape[-1])
+    """x as (rows, last dim): a view where the layout allows it (rows counted, not -1: a width of 0 leaves -1
+    undetermined)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 # ---- norms: RMS norm and layer norm, each also with the residual add before it ------------------------------------
@@ -322,6 +325,10 @@ def _norm(fn: str, x, r, weight, bias, eps):
     return plan.infer(x, r, weight, bias)
 
 
+_NO_BIAS = ("{fn}: bias must be a torch.Tensor of shape (N,), got None; the kernels take a bias (for a layer norm "
+            "without one, pass torch.zeros_like(weight))")
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMS norm over the last dim of ``x`` (any leading dims) times ``weight``; differentiable in both."""
     return _norm("rms_norm", x, None, weight, None, eps)
@@ -336,12 +343,16 @@ def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: fl
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Layer norm over the last dim of ``x`` (any leading dims) with ``weight`` and ``bias``; differentiable.
     weight and bias share a dtype."""
+    if bias is None:     # not RMS norm (what a norm without a bias is below): refused, not silently changed
+        raise LaunchError(_NO_BIAS.format(fn="layer_norm"))
     return _norm("layer_norm", x, None, weight, bias, eps)
 
 
 def add_layer_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5):
     """(y, h): h = x + r (the residual stream, in x's dtype) and y = layer_norm(h, weight, bias), in one pass;
     differentiable in x, r, weight and bias."""
+    if bias is None:
+        raise LaunchError(_NO_BIAS.format(fn="add_layer_norm"))
     return _norm("add_layer_norm", x, r, weight, bias, eps)
 
 
@@ -395,7 +406,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     """(q, k) rotated (rotate-half RoPE); q: (B, N, H, D), k: (B, N, Hkv, D), cos/sin: (N, D/2) f32 (see
     ``tilestack.kernels.rotary_tables``). The results are contiguous tensors of q's and k's shapes (the inputs may
     be strided views, e.g. of a fused qkv projection). Differentiable in q and k."""
-    check_rotary_args("rotary", q, k, cos, sin)
+    check_rotary_args("rotary", q, k, cos, sin, differentiable=True)
     if not _eager(q):
         return rotary_op(q, k, cos, sin, False)
     if _needs_grad(q, k):

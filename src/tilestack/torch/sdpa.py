@@ -16,10 +16,10 @@ than torch's on the H200 (``config.knobs.sdpa_dropout``, ``TILESTACK_SDPA_DROPOU
 fp32 inputs go through the tf32 matrix units exactly when torch's fp32 matmuls do
 (``torch.backends.cuda.matmul.allow_tf32``; torch's default "highest" precision keeps IEEE f32): about 1e-3
 relative error against float64 with tf32 (up to 1.9e-3 measured on an H200), about 5e-7 without. Anything else (a
-mask that needs a gradient, other ranks, batch broadcasting, mixed dtypes, head dims past 256, a dropout_p
-outside [0, 1], dropout while a CUDA graph is captured, CPU tensors unless a tilestack backend is forced) is
-handed to torch's own function, with a one-time notice saying why; torch then answers or raises exactly as it
-would.
+mask that needs a gradient or has rank < 2, other ranks, batch broadcasting, mixed dtypes, head dims past 256, a
+dropout_p outside [0, 1], an enable_gqa that is not a bool, dropout while a CUDA graph is captured, CPU tensors
+unless a tilestack backend is forced) is handed to torch's own function, with a one-time notice saying why; torch
+then answers or raises exactly as it would.
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ def unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) 
         return f"dtypes {query.dtype}, {key.dtype}, {value.dtype} (the kernels take one of bf16, fp16, fp32)"
     if not (query.shape[0] == key.shape[0] == value.shape[0]) or key.shape[:3] != value.shape[:3]:
         return f"batch or key/value shapes {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+    if enable_gqa is not False and enable_gqa is not True:      # torch takes a bool only: "no" is not True
+        return f"enable_gqa={enable_gqa!r} (not a bool)"
     if query.shape[1] != key.shape[1] and not (enable_gqa and key.shape[1] and query.shape[1] % key.shape[1] == 0):
         return f"{query.shape[1]} query heads and {key.shape[1]} key/value heads without enable_gqa"
     if query.shape[3] != key.shape[3] or max(query.shape[3], value.shape[3]) > MAX_HEAD_DIM:
@@ -69,6 +71,8 @@ def unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) 
             return "an attn_mask that needs a gradient (the kernels give the mask none)"
         if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
             return f"an attn_mask of dtype {attn_mask.dtype} with {query.dtype} inputs"
+        if attn_mask.dim() < 2:
+            return f"an attn_mask of rank {attn_mask.dim()} (torch's takes rank 2 to 4)"
         try:
             torch.broadcast_shapes(attn_mask.shape, (query.shape[0], query.shape[1], query.shape[2], key.shape[2]))
         except RuntimeError:
