@@ -6,7 +6,8 @@
 #        inference, fuzz (FUZZ_S seconds from FUZZ_START), tune-truth (TUNE_S seconds), launch-options,
 #        tune-backends, act-mem (issue 12), mfu-1p3b (issue 12), scaling-1gpu, plan (issue 13), norm-bwd, lm-head,
 #        fp8-gemm, fp8-sweep, fp8-probe, fp8-model, quant-tests (issue 14), ln-probe (issue 8),
-#        bwd-probe (issues 8, 11: attention backward variants).
+#        bwd-probe (issues 8, 11: attention backward variants), block-timing (issue 13: host vs device per block,
+#        with recompute), prefill-profile (issue 14: the compiled prefill's regression, passes bisected).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
 # Compile caches inside the repository's ignored out/: the device keeps ignored paths between calls while it is
@@ -67,6 +68,8 @@ for p in $PARTS; do
                     --attention tilestack --only ddp,fsdp-selective --per-gpu-batch 4 --steps 8 --warmup 3 \
                     --json "$F/scaling_1gpu.json" ;;
     plan) part 200 plan python3 scripts/parallel/plan_validate.py --time-limit 170 --out "$F/plan_validate.json" ;;
+    block-timing) part 150 block-timing python3 scripts/gpu/probe_block_timing.py --json "$F/block_timing.json" ;;
+    prefill-profile) part 300 prefill-profile python3 scripts/gpu/profile_compiled_prefill.py ;;
     *) echo "unknown part $p" | tee -a "$log" ;;
   esac
 done
