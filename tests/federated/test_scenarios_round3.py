@@ -529,3 +529,30 @@ def test_evaluation_replies_without_the_weighting_key_do_not_stop_the_run():
     res = run_rounds(s, grid, initial_arrays(task), num_rounds=2)
     assert [(r.num_aggregated, r.skipped) for r in res.history.rounds] == [(6, ""), (6, "")]
     assert all(r.client_acc["mean"] > 0 for r in res.history.rounds)  # from the replies, as they came
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (dict(strategy=lambda: FedProx(fraction_train=0.5, fraction_evaluate=0.0, proximal_mu=1.0)),
+         "settings: checkpoint has {'FedProx.proximal_mu': '0.1'}, this run has {'FedProx.proximal_mu': '1.0'}"),
+        (dict(strategy=lambda: Compressed(FedProx(fraction_train=0.5, fraction_evaluate=0.0, proximal_mu=0.1), "int8")),
+         "strategy: checkpoint has 'FedProx', this run has 'Compressed(FedProx)'"),
+        (dict(system=SystemModel(6, dropout=0.3, seed=1)), "system: checkpoint has {"),
+        (dict(system=None), "this run has None"),
+    ],
+)  # fmt: skip
+def test_resuming_with_changed_settings_is_refused_naming_them(tmp_path, change, needle):
+    """The checkpoint's strategy object replaces the new one's state on resume, settings included: a changed
+    proximal_mu (or dropout rate) was silently replaced by the checkpoint's."""
+    ckpt = tmp_path / "run.ckpt"
+    run = dict(strategy=lambda: FedProx(fraction_train=0.5, fraction_evaluate=0.0, proximal_mu=0.1),
+               system=SystemModel(6, dropout=0.1, seed=1))  # fmt: skip
+    simulate(run["strategy"](), Task(**TINY), rounds=2, system=run["system"], checkpoint=ckpt)
+    same = simulate(run["strategy"](), Task(**TINY), rounds=3, system=SystemModel(6, dropout=0.1, seed=1),
+                    checkpoint=ckpt)  # fmt: skip
+    assert [r.round for r in same.history.rounds] == [1, 2, 3]  # an equal system built anew resumes
+    run |= change
+    with pytest.raises(FederatedError, match="belongs to another run .*" + re.escape(needle)):
+        simulate(run["strategy"](), Task(**TINY), rounds=4, system=run["system"], checkpoint=ckpt)

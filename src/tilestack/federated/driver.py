@@ -26,7 +26,8 @@ configure_evaluate, send, aggregate_evaluate, then server-side evaluation), and 
   its own state such as server-optimiser moments or SCAFFOLD's c, metrics, and the in-process engine's
   per-client state) is written to ``checkpoint`` atomically (temporary file, fsync, rename); a later call
   with the same checkpoint starts after the last completed round. The checkpoint records what run it
-  belongs to (strategy, task, seed, node count, array names and shapes); resuming another run, or a file
+  belongs to (strategy and its settings, task, system model, seed, node count, array names and shapes);
+  resuming another run (a changed ``proximal_mu`` or dropout rate too), or a file
   that is not a whole checkpoint, is refused with a :class:`~tilestack.errors.FederatedError` naming what
   differs, and so is a checkpoint that already holds more rounds than asked for (its model is not the
   asked run's). A run interrupted mid-round (Ctrl-C, a crash) leaves the last completed round's checkpoint.
@@ -36,9 +37,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import importlib
 import io
 import logging
+import numbers
 import os
 import pickle
 import random
@@ -54,7 +57,7 @@ from flwr.serverapp.strategy import Strategy
 
 from tilestack.errors import FederatedError
 from tilestack.federated import codec
-from tilestack.federated.checks import check_strategy, require_int, require_timeout
+from tilestack.federated.checks import check_strategy, require_int, require_timeout, strategy_levels
 from tilestack.federated.client import TASK_KEY
 from tilestack.federated.evaluation import Evaluator
 from tilestack.federated.grid import ManagedGrid
@@ -93,6 +96,31 @@ def strategy_name(strategy: Strategy) -> str:
     return f"{name}({strategy_name(inner)})" if isinstance(inner, Strategy) else name
 
 
+def _settings(strategy: Strategy) -> dict[str, str]:
+    """The plain settings (numbers, strings, None) of the strategy and of the strategies it wraps, as text (NaN
+    equals NaN). Taken before any round: the resumed strategy's state comes from the checkpoint, settings
+    included, so a changed ``proximal_mu`` would have been replaced by the checkpoint's without a word."""
+    return {
+        f"{type(s).__name__}.{k}": repr(v)
+        for s in strategy_levels(strategy)
+        for k, v in vars(s).items()
+        if not k.startswith("_") and (v is None or isinstance(v, (numbers.Number, str)))
+    }
+
+
+def _system(grid: ManagedGrid) -> dict[str, str] | None:
+    """The system model and straggler policy (what each client is asked to do and who drops out)."""
+    system = grid.system
+    if system is None:
+        return None
+    out = {f.name: repr(getattr(system, f.name)) for f in dataclasses.fields(system) if f.name not in ARRAY_FIELDS}
+    digest = hashlib.sha256(b"".join(np.asarray(getattr(system, f), np.float64).tobytes() for f in ARRAY_FIELDS))
+    return out | {"stragglers": grid.stragglers, "speeds and bandwidths (sha256)": digest.hexdigest()[:16]}
+
+
+ARRAY_FIELDS = ("speeds", "bandwidths")
+
+
 def run_signature(strategy: Strategy, grid: ManagedGrid, arrays: ArrayRecord, seed: int) -> dict:
     """What a checkpoint must agree on with the run that resumes it."""
     return {
@@ -101,13 +129,20 @@ def run_signature(strategy: Strategy, grid: ManagedGrid, arrays: ArrayRecord, se
         "seed": seed,
         "nodes": len(list(grid.get_node_ids())),
         "arrays": {k: list(v.shape) for k, v in arrays.items()},
+        "settings": _settings(strategy),
+        "system": _system(grid),
     }
 
 
 def check_signature(saved: dict | None, now: dict, path: Path) -> None:
     if saved is None:
         raise FederatedError(f"checkpoint={str(path)!r} records no run signature; expected one written by this version")
-    diff = [k for k in now if saved.get(k) != now[k]]
+    diff = [k for k in now if k in saved and saved[k] != now[k]]  # (older checkpoints lack settings and system)
+    if "settings" in diff:  # name the settings that differ, not the whole list
+        a, b = saved["settings"], now["settings"]
+        keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+        saved = {**saved, "settings": {k: a.get(k) for k in keys}}
+        now = {**now, "settings": {k: b.get(k) for k in keys}}
     if diff:
         lines = "; ".join(f"{k}: checkpoint has {_short(saved.get(k))}, this run has {_short(now[k])}" for k in diff)
         raise FederatedError(f"checkpoint={str(path)!r} belongs to another run ({lines}); expected the same run")
