@@ -7,7 +7,8 @@ projection and a loss in forward, recurrent cells stepped in Python, a ConvTrans
 net, GroupNorm/SiLU/Hardswish/squeeze-excite, nearest and bilinear upsampling with skip concatenations,
 scatter-based expert routing, an EmbeddingBag recommender with per-sample weights, a ViT (patch convolution, a
 class token, nn.MultiheadAttention returning its weights), nn.Bilinear and a three-operand einsum, 2-d FFT
-mixing, in-place updates through views, bf16 / float64 models and a torch.library custom op. Sizes are tiny:
+mixing, in-place updates through views, bf16 / float64 models, a spatial transformer (affine_grid,
+grid_sample) and a torch.library custom op. Sizes are tiny:
 what is checked is the counting, not the speed.
 """
 
@@ -273,6 +274,24 @@ class InferenceModeViT(ViT):
         return super().forward(img)
 
 
+class SpatialTransformer(nn.Module):
+    """A spatial transformer: a localisation net predicts an affine map per image, affine_grid turns it into a
+    sampling grid, grid_sample resamples the image bilinearly, a classifier follows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loc = nn.Sequential(nn.Conv2d(3, IMG_CH, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.theta = nn.Linear(IMG_CH, 6)
+        self.conv = nn.Conv2d(3, IMG_CH, 3, padding=1)
+        self.head = nn.Linear(IMG_CH, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 3, H, W)
+        theta = self.theta(self.loc(x)).view(-1, 2, 3)  # (B, 2, 3)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
+        warped = F.grid_sample(x, grid, mode="bilinear", align_corners=False)  # (B, 3, H, W)
+        return self.head(F.relu(self.conv(warped)).mean((2, 3)))
+
+
 CUSTOM_NAMESPACE = "perf_round3"
 if not hasattr(getattr(torch.ops, CUSTOM_NAMESPACE), "soft_clip"):  # once, however often this file is loaded
 
@@ -377,6 +396,11 @@ def mlp_fp64():
 
 
 @_seeded
+def spatial_transformer():
+    return SpatialTransformer(), (torch.randn(BATCH, 3, IMG, IMG),)
+
+
+@_seeded
 def custom_op():
     return CustomOp(), (torch.randn(TOKENS, DIM),)
 
@@ -399,6 +423,7 @@ MODELS = {
         (views_in_place, True),
         (mlp_bf16, True),
         (mlp_fp64, True),
+        (spatial_transformer, True),
         (custom_op, False),  # no autograd registered for the custom op
     )
 }

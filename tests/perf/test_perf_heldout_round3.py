@@ -34,9 +34,10 @@ NOT_AS_TORCH = {"aten::convolution", "aten::convolution_backward"}
 DATA_MOVEMENT = {
     "aten::cat", "aten::stack", "aten::clone", "aten::copy_", "aten::_to_copy", "aten::embedding", "aten::zeros",
     "aten::new_zeros", "aten::select_backward", "aten::reflection_pad1d", "aten::upsample_nearest2d",
-    "aten::upsample_nearest2d_backward", "aten::max_pool2d_with_indices_backward", "aten::gather", "aten::index",
+    "aten::gather", "aten::index",
     "aten::index_select", "aten::scatter", "aten::sort", "aten::topk", "aten::tril_indices", "aten::im2col",
     "aten::repeat", "aten::masked_fill", "aten::masked_fill_", "aten::scalar_tensor",
+    "aten::linspace", "aten::fill_", "aten::unsqueeze_",  # affine_grid's base grid, where autograd decomposes it
 }
 FFT = {"aten::_fft_c2c", "aten::_fft_r2c", "aten::_fft_c2r"}  # no FLOP formula (torch has none either)
 SOFT_CLIP = f"{pm.CUSTOM_NAMESPACE}::soft_clip"
@@ -220,7 +221,24 @@ def test_unet_upsampling_and_skip_concatenations():
     row = next(o for o in p.ops if o.op == "aten::upsample_nearest2d")
     assert row.counted and row.calls == 1
     _, train_counts, _ = profiled("unet", True)
-    assert by_op(train_counts)["aten::upsample_bilinear2d_backward"] == ours["aten::upsample_bilinear2d"]
+    train = by_op(train_counts)
+    assert train["aten::upsample_bilinear2d_backward"] == ours["aten::upsample_bilinear2d"]
+    # Gradient scatters add each element of dy into the element it came from: not free copies.
+    assert train["aten::upsample_nearest2d_backward"] == b * 2 * c * half  # dy of the upsampled (B, 2C, H/2, W/2)
+    assert train["aten::max_pool2d_with_indices_backward"] == b * c * half + b * 2 * c * quarter
+
+
+def test_spatial_transformer_grid_and_sampling():
+    _, counts, _ = profiled("spatial_transformer", False)
+    b, h = pm.BATCH, pm.IMG
+    ours = by_op(counts)
+    assert ours["aten::affine_grid_generator"] == 2 * b * h * h * 2 * 3  # (H*W, 3) base points times theta^T
+    taps = formulas.GRID_SAMPLE_TAPS[2, 0]
+    assert ours["aten::grid_sampler_2d"] == 2 * taps * b * 3 * h * h
+    assert ours["aten::convolution"] == 2 * conv(b, 3, pm.IMG_CH, h * h, 9)
+    _, train_counts, _ = profiled("spatial_transformer", True)
+    # The input needs no gradient: only the grid's (through theta to the localisation net).
+    assert by_op(train_counts)["aten::grid_sampler_2d_backward"] == ours["aten::grid_sampler_2d"]
 
 
 def test_scatter_routing_counts_each_routed_row():

@@ -359,6 +359,27 @@ def _no_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     return 0.0
 
 
+def _grid_sample_flops(dims: int, *, backward: bool) -> Callable[[Any, tuple, dict, Any], float]:
+    """grid_sampler_{2,3}d: a multiply-add per tap (``formulas.GRID_SAMPLE_TAPS``) at each output element; the
+    backward does that once for the input's gradient and once for the grid's, each where ``output_mask`` asks."""
+
+    def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+        taps = formulas.GRID_SAMPLE_TAPS.get((dims, int(arg("interpolation_mode"))), 0)
+        if not backward:
+            return float(formulas.FLOPS_PER_MAC * taps * _numel(_tensors(out)[0]))
+        gradients = sum(bool(m) for m in arg("output_mask"))
+        return float(gradients * formulas.FLOPS_PER_MAC * taps * _numel(arg("grad_output")))
+
+    return count
+
+
+def _affine_grid_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """affine_grid_generator: each output point (N, *S, d) is theta (d, d + 1) times its homogeneous base point."""
+    grid = _tensors(out)[0]
+    return float(formulas.FLOPS_PER_MAC * _numel(grid) * (grid.shape[-1] + 1))
+
+
 def _trilinear_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     """aten._trilinear (nn.Bilinear and its backward): sum over ``sumdim`` of i1 * i2 * i3, each input
     unsqueezed at its ``expand`` dims; a multiply-add per element of the full broadcast product."""
@@ -462,8 +483,21 @@ OWN_FLOPS: dict[str, Callable[[Any, tuple, dict, Any], float]] = {
        for mode, taps in formulas.INTERPOLATION_TAPS.items()},
     **{f"aten.upsample_{mode}_backward": _interpolation_flops(taps, backward=True)
        for mode, taps in formulas.INTERPOLATION_TAPS.items()},
-    **{f"aten.{prefix}upsample_nearest{tail}{d}d{bwd}": _no_flops
-       for prefix, tail in (("", ""), ("_", "_exact")) for d in (1, 2, 3) for bwd in ("", "_backward")},
+    **{f"aten.{prefix}upsample_nearest{tail}{d}d": _no_flops for prefix, tail in (("", ""), ("_", "_exact"))
+       for d in (1, 2, 3)},
+    # Gradient scatters: each element of dy added into the input element it came from (windows and copies
+    # overlap, so these are adds, not a copy).
+    **{f"aten.{prefix}upsample_nearest{tail}{d}d_backward": _accumulate_flops("grad_output")
+       for prefix, tail in (("", ""), ("_", "_exact")) for d in (1, 2, 3)},
+    **{f"aten.{op}": _accumulate_flops("grad_output") for op in (
+        "max_pool2d_with_indices_backward", "max_pool3d_with_indices_backward", "adaptive_max_pool2d_backward",
+        "adaptive_max_pool3d_backward",
+    )},
+    "aten.grid_sampler_2d": _grid_sample_flops(2, backward=False),
+    "aten.grid_sampler_3d": _grid_sample_flops(3, backward=False),
+    "aten.grid_sampler_2d_backward": _grid_sample_flops(2, backward=True),
+    "aten.grid_sampler_3d_backward": _grid_sample_flops(3, backward=True),
+    "aten.affine_grid_generator": _affine_grid_flops,
     # Element-wise ops torch leaves untagged: 1 FLOP per output element, as the tagged ones.
     **{f"aten.{op}": _elementwise_flops for op in (
         "hardswish", "hardswish_", "hardswish_backward", "hardsigmoid_backward", "hardtanh_backward",
@@ -499,13 +533,12 @@ NO_ARITHMETIC = frozenset(
         "scalar_tensor", "zeros", "ones", "eye", "_pack_padded_sequence", "_pad_packed_sequence", "set",
         "_unsafe_view", "split_with_sizes_copy", "unbind_copy", "resize", "new_zeros", "new_ones", "new_full",
         "_assert_async", "_assert_tensor_metadata", "sym_constrain_range_for_size", "_efficientzerotensor",
-        "max_pool2d_with_indices_backward", "_to_dense", "record_stream", "alias", "unfold", "im2col",
+        "_to_dense", "record_stream", "alias", "unfold", "im2col",
         "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle",
         "_reshape_alias", "expand_copy", "permute_copy", "split", "unsafe_split", "chunk", "narrow_copy",
         "_pin_memory", "bucketize", "masked_fill", "transpose", "select_backward",
         "slice_backward", "index_backward", "expand_backward", "_linalg_check_errors", "searchsorted", "histc",
         "one_hot", "tril_indices", "triu_indices", "linspace", "masked_scatter_backward",
-        "max_pool3d_with_indices_backward", "adaptive_max_pool2d_backward", "adaptive_max_pool3d_backward",
     }
 )
 

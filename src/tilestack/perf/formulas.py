@@ -75,6 +75,8 @@ NORM_BWD_BIAS_FLOPS_PER_ELEMENT = 1  # db += dy
 # Interpolation: each output element is a weighted sum of its taps, a multiply-add per tap (the backward
 # spreads each element of dy over the same taps).
 INTERPOLATION_TAPS = {"linear1d": 2, "bilinear2d": 4, "trilinear3d": 8, "bicubic2d": 16}
+# grid_sample's taps by (spatial dims, interpolation_mode: 0 bilinear, 1 nearest, 2 bicubic); nearest is a gather.
+GRID_SAMPLE_TAPS = {(2, 0): 4, (2, 1): 0, (2, 2): 16, (3, 0): 8, (3, 1): 0}
 # Losses, per element of the input, as their element-wise formula counts them:
 MSE_FLOPS_PER_ELEMENT = 3  # subtract, square, sum
 MSE_BWD_FLOPS_PER_ELEMENT = 3  # 2 * (x - y) * dy / n: subtract, two multiplies
