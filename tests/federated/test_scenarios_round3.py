@@ -556,3 +556,58 @@ def test_resuming_with_changed_settings_is_refused_naming_them(tmp_path, change,
     run |= change
     with pytest.raises(FederatedError, match="belongs to another run .*" + re.escape(needle)):
         simulate(run["strategy"](), Task(**TINY), rounds=4, system=run["system"], checkpoint=ckpt)
+
+
+# ---- a client of another architecture: refused by FedAvg, taken by HeteroFL -------------------------------------
+@pytest.mark.timeout(60)
+def test_a_narrower_client_is_left_out_by_fedavg_and_taken_by_heterofl():
+    from tilestack.federated.strategies import sub_model
+
+    task = Task(**{**SMALL, "num_clients": 3}, model="mlp", hidden=4)
+
+    def script(pid, rnd, start):  # client 2 can only hold half the hidden units, whatever it is sent
+        model = sub_model(start, 4, 0.5) if pid == 2 else start
+        return {k: v + 1.0 for k, v in model.items()}, 1
+
+    def run(strategy):
+        grid = ManagedGrid(InProcessGrid(_scripted_app(script), 3), task)
+        return run_rounds(strategy, grid, initial_arrays(task), num_rounds=1).history.rounds[0]
+
+    plain = run(FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=3))
+    assert plain.num_aggregated == 2 and plain.excluded == {"2": "shape: fc1.weight is (3, 2), expected (3, 4)"}
+    hetero = run(HeteroFL(width_of=lambda p: (1.0, 1.0, 0.5)[p], hidden=4, fraction_train=1.0, fraction_evaluate=0.0,
+                          min_available_nodes=3))  # fmt: skip
+    assert hetero.num_aggregated == 3 and not hetero.excluded
+
+
+@pytest.mark.timeout(60)
+def test_fedprox_mu_pulls_local_models_toward_the_global_one():
+    """One round from the same global model: the larger mu, the closer the clients' (and so the aggregate's)
+    model stays to it; mu = 0 is FedAvg's step."""
+    task = Task(**TINY)
+    start = _np(initial_arrays(task))
+    moved = []
+    for mu in (0.0, 1.0, 10.0):
+        res = simulate(FedProx(fraction_train=1.0, fraction_evaluate=0.0, proximal_mu=mu), task, rounds=1, seed=1)
+        moved.append(math.sqrt(sum(float(((v - start[k]) ** 2).sum()) for k, v in _np(res.arrays).items())))
+    assert moved[0] > moved[1] > moved[2] > 0
+
+
+@pytest.mark.timeout(60)
+def test_a_float64_reply_beyond_float32s_range_is_left_out_as_non_finite():
+    """Finite in float64, inf once read as the float32 the server sent: left out, not averaged in as inf."""
+
+    def script(pid, rnd, start):
+        model = {k: start[k] + v for k, v in _step(pid).items()}
+        if pid == 1:
+            model = {k: np.full(v.shape, 1e39) for k, v in model.items()}
+        return model, 1
+
+    task = Task(**SMALL)
+    grid = ManagedGrid(InProcessGrid(_scripted_app(script), 6), task)
+    res = run_rounds(_fedavg(), grid, initial_arrays(task), num_rounds=1)
+    r = res.history.rounds[0]
+    assert r.excluded == {"1": "non-finite: fc.weight"} and r.num_aggregated == 5 and not r.skipped
+    want = _weighted_mean({p: _step(p) for p in (0, 2, 3, 4, 5)}, dict.fromkeys(range(6), 1))
+    for k, v in _np(res.arrays).items():
+        np.testing.assert_allclose(v, want[k], atol=1e-6)

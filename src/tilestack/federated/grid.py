@@ -139,7 +139,7 @@ def check_reply(sent: RecordDict, reply: Message) -> str:
             want_dtype = dtypes.get(_canonical(k))
             if want_dtype is not None and want_dtype.kind == "f" and value.dtype.kind != "f":
                 return f"dtype: {k} is {value.dtype}, expected floating point (the server sent {want_dtype})"
-            if want_dtype is not None and want_dtype.kind == "f" and a.stype == codec.NUMPY_STYPE:
+            if want_dtype is not None and want_dtype.kind == "f" and value.dtype != want_dtype:
                 with np.errstate(over="ignore"):  # as the server will read it (as_sent_dtypes): 1e39 is inf in f32
                     value = value.astype(want_dtype)
             if not np.all(np.isfinite(value)):
