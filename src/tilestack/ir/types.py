@@ -100,6 +100,12 @@ def int_range(dtype: DType) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
+def narrow_int(dtype: DType) -> bool:
+    """Whether ``dtype`` is an integer narrower than 32 bits (i8): the GPU has no float conversion that saturates to
+    it (it converts through 16 bits), so backends clamp a float converted to one first."""
+    return not dtype.is_float and dtype is not bool_ and dtype.itemsize < 4
+
+
 def to_int(x, dtype: DType) -> np.ndarray:
     """``x`` as values of the integer ``dtype``, held in int64: integers wrapped to its width (two's
     complement), floats truncated toward zero, saturated to its range, NaN as 0."""

@@ -40,7 +40,7 @@ from tilestack.errors import BackendError
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
 from tilestack.ir.ops import EMITTERS, Op, register_emitter, work_dtype
 from tilestack.ir.scalars import nonnegative
-from tilestack.ir.types import GlobalType, ScalarType, Space, StagesType, TileType, f32
+from tilestack.ir.types import GlobalType, ScalarType, Space, StagesType, TileType, f32, int_range, narrow_int
 
 GL_DTYPES = {"f64": "gl.float64", "f32": "gl.float32", "f16": "gl.float16", "bf16": "gl.bfloat16",
              "i32": "gl.int32", "i64": "gl.int64", "bool": "gl.int1", "i8": "gl.int8", "f8e4m3": "gl.float8e4nv"}
@@ -178,6 +178,11 @@ class _Emitter:
         if "f8e4m3" in (src_dtype.name, dst_dtype.name) and \
                 not {src_dtype.name, dst_dtype.name} <= {"f8e4m3", "f32", "f16", "bf16"}:
             expr = f"{expr}.to(gl.float32)"   # Triton converts fp8 only from and to 16- and 32-bit floats
+        if src_dtype.is_float and narrow_int(dst_dtype):
+            # the GPU converts a float to i8 through cvt.rzi.s16 (saturating to i16, then keeping the low byte:
+            # 300.0 -> 44); clamped first (NaN kept, for the cvt to make 0), it saturates as the reference does
+            lo, hi = int_range(dst_dtype)
+            expr = f"gl.minimum(gl.maximum({expr}, {float(lo)!r}, {_NAN}), {float(hi)!r}, {_NAN})"
         return f"{expr}.to({GL_DTYPES[dst_dtype.name]})"
 
     def set_lay(self, v: Value, key: tuple) -> None:
@@ -486,8 +491,10 @@ def _e_mask(e: _Emitter, ins: Instr) -> None:
     e.set_lay(ins.result, e.lay[x])
 
 
-def _broadcasting(e: _Emitter, ins: Instr, as_float: bool) -> tuple[list[str], tuple]:
-    """The operands of a compare, logic or select in the result's layout, vectors expanded along their axes."""
+def _broadcasting(e: _Emitter, ins: Instr, as_float: bool, to=None) -> tuple[list[str], tuple]:
+    """The operands of a compare, logic or select in the result's layout, vectors expanded along their axes; with
+    ``to`` (a select into an integer tile), number tiles of another dtype converted to ``to`` (gl.where of an i32 and
+    an f32 would compute in f32, and its result must be the select's dtype)."""
     key = next((e.lay[s] for s, ax in zip(ins.srcs, ins.attrs.axes, strict=True)
                 if ax is None and isinstance(s.type, TileType)), e.plan[ins.result])
     out = []
@@ -500,6 +507,8 @@ def _broadcasting(e: _Emitter, ins: Instr, as_float: bool) -> tuple[list[str], t
         else:
             dim = 1 if ax == "row" else 0
             x = e.as_layout(s, ("slice", dim, key)) + ("[:, None]" if dim == 1 else "[None, :]")
+        if to is not None and s.type.dtype is not to and s.type.dtype.name != "bool":
+            x = e.cast(x, s.type.dtype, to)
         out.append(e.f32(x, s) if as_float and s.type.dtype.is_float else x)
     return out, key
 
@@ -531,7 +540,7 @@ def _e_logic(e: _Emitter, ins: Instr) -> None:
 @register_emitter("gluon", Op.SELECT)
 def _e_select(e: _Emitter, ins: Instr) -> None:
     t = ins.result.type
-    (m, a, b), key = _broadcasting(e, ins, t.dtype.is_float)
+    (m, a, b), key = _broadcasting(e, ins, t.dtype.is_float, None if t.dtype.is_float else t.dtype)
     expr = _to_result_shape(e, ins, f"gl.where({m}, {a}, {b})", key)
     e.assign(ins.result, e.cast(expr, f32 if t.dtype.is_float else t.dtype, t.dtype))
     e.set_lay(ins.result, key)

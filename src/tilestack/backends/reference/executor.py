@@ -10,6 +10,9 @@ Each op's meaning is its reference semantics in ``tilestack.ir.ops``; this modul
 - mma accumulates in f32: dst = round_f32(acc + a @ b) with the product in float64 (a and b rounded to tf32
   first, to nearest even, when the mma asks for tf32 input precision).
 - A loop's carried tiles take the body's yields from one iteration to the next.
+- A float scalar (an argument, a constant, scalar arithmetic) taken by tile work that is not f64 is rounded to f32
+  first, as Triton converts it to the tensor's f32: ``x * 0.1`` multiplies by the f32 nearest 0.1, and ``x > 0.1`` is
+  false at x = f32(0.1). f64 work takes it as it is.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 from tilestack.errors import BackendError
 from tilestack.ir.nodes import Block, Instr, Value
 from tilestack.ir.ops import OPS, Op
-from tilestack.ir.types import GlobalType, round_to
+from tilestack.ir.types import FLOAT, GlobalType, TileType, f64, round_to
 
 
 def source(traced) -> str:
@@ -45,6 +48,18 @@ def run(traced, args):
     for i in ir.written_params():
         args[i].copy_(torch.from_numpy(arrays[i]).to(args[i].dtype))
     return None
+
+
+def _f32(x) -> float:
+    """A float scalar as the f32 nearest it."""
+    return float(np.float32(x))
+
+
+def _f32_scalars(ins: Instr, kind: str) -> bool:
+    """Whether ``ins`` is tile work that is not f64 with a float scalar operand (which it takes as an f32)."""
+    if kind != "tile" or not any(s.type == FLOAT for s in ins.srcs):
+        return False
+    return f64 not in (v.type.dtype for v in (*ins.srcs, *ins.results) if isinstance(v.type, TileType))
 
 
 def _numpy(a) -> np.ndarray:
@@ -74,7 +89,10 @@ class _Program:
     def step(self, ins: Instr, env: dict) -> None:
         d = OPS[ins.op]
         self.env = env      # the environment the op runs in (loops read it)
-        value = d.reference(ins, [env.get(s) for s in ins.srcs], self)
+        srcs = [env.get(s) for s in ins.srcs]
+        if _f32_scalars(ins, d.kind):
+            srcs = [_f32(v) if s.type == FLOAT else v for s, v in zip(ins.srcs, srcs, strict=True)]
+        value = d.reference(ins, srcs, self)
         if d.kind == "tile":     # rounded to (or, integers, wrapped into) the result's dtype
             env[ins.result] = round_to(value, ins.result.type.dtype)
         elif d.kind in ("scalar", "arg"):

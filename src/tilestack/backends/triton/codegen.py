@@ -26,7 +26,19 @@ from tilestack.backends.triton.passes import TMA_MAX_BOX, pipeline  # noqa: F401
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
 from tilestack.ir.ops import EMITTERS, Op, register_emitter, work_dtype
 from tilestack.ir.scalars import nonnegative
-from tilestack.ir.types import F8E4M3_MAX, GlobalType, TileType, bf16, bool_, f8e4m3, f16, f32, f64, int_range
+from tilestack.ir.types import (
+    F8E4M3_MAX,
+    GlobalType,
+    TileType,
+    bf16,
+    bool_,
+    f8e4m3,
+    f16,
+    f32,
+    f64,
+    int_range,
+    narrow_int,
+)
 
 INT32_MAX = 2**31 - 1
 TL_DTYPES = {"f64": "tl.float64", "f32": "tl.float32", "f16": "tl.float16", "bf16": "tl.bfloat16",
@@ -85,9 +97,10 @@ def _to_f8e4m3(x):
     r = tl.minimum(tl.where(a < 0.015625, tiny, normal), {F8E4M3_MAX!r})
     return tl.where(x != x, x, tl.where(x < 0, -r, r)).to(tl.float8e4nv)
 '''
-# The interpreter converts floats to integers with NumPy's cast, which wraps past the integer's range (300.0 -> 44 in
-# i8) and makes NaN the minimum; the GPU's cvt.rzi saturates and makes NaN 0, as the reference does (ir.types.to_int).
-# An interpreted float -> integer conversion saturates here first. LO_F and HI_F are -2**(bits-1) and 2**(bits-1) as
+# The interpreter converts floats to integers with NumPy's cast, which wraps past the integer's range (1e10 -> INT_MIN
+# in i32) and makes NaN the minimum; the GPU's cvt.rzi.s32/s64 saturates and makes NaN 0, as the reference does
+# (ir.types.to_int), but converts to i8 through s16 (300.0 -> 44). An interpreted float -> integer conversion, and any
+# into i8, saturates here first. LO_F and HI_F are -2**(bits-1) and 2**(bits-1) as
 # floats (the integer's maximum is not one: 2**63 - 1 rounds to 2**63).
 _INT_SAT_HELPER = '''
 
@@ -208,7 +221,9 @@ class _Emitter:
         if self.interpret and dst.dtype is f8e4m3:
             self.f8_helper = True
             return f"_to_f8e4m3({expr if v_from_dtype is f32 else f'{expr}.to(tl.float32)'})"
-        if self.interpret and v_from_dtype.is_float and not dst.dtype.is_float and dst.dtype is not bool_:
+        # on the GPU too into i8, which it converts to through cvt.rzi.s16 (300.0 -> 300 -> its low byte, 44)
+        if v_from_dtype.is_float and (narrow_int(dst.dtype) or self.interpret and not dst.dtype.is_float
+                                      and dst.dtype is not bool_):
             self.int_sat_helper = True
             lo, hi = int_range(dst.dtype)
             x = expr if v_from_dtype in (f32, f64) else f"{expr}.to(tl.float32)"
