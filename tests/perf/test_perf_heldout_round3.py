@@ -90,6 +90,8 @@ def test_profile_adds_up_counts_every_op_and_renders(name, train):
     assert p.flops == pytest.approx(counted_flops, rel=REL) and p.bytes == pytest.approx(counted_bytes, rel=REL)
     assert p.flops > 0 and p.ops
     assert math.fsum(o.share for o in p.ops) == pytest.approx(1.0)
+    # An (other) row is time no op accounts for, not the float rounding of summing the rows (1e-18 s rows).
+    assert all(o.total_s > 1e-9 * p.step_s for o in p.ops if o.op == profile.OTHER)
     # An op that computes is counted or named unsupported, never a silent 0.
     ours = by_op(counts)
     silent = {op for (op, _), c in counts.items() if c.flops == 0 and not c.unsupported

@@ -347,7 +347,7 @@ def _interpolation_flops(taps: int, *, backward: bool) -> Callable[[Any, tuple, 
     side (the output forward, dy backward)."""
 
     def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
-        side = args[0] if backward else _tensors(out)[0]
+        side = _argument(func, args, kwargs, "grad_output") if backward else _tensors(out)[0]
         return float(formulas.FLOPS_PER_MAC * taps * _numel(side))
 
     return count

@@ -68,6 +68,7 @@ PROFILER_WARMUP_STEPS = 1
 HOT_SPOTS = 5  # ops listed, with tips, before the table
 NOISY_STEP_REL_CI = 0.1  # a step time known worse than +-10% gets a note under the profile's heading
 OTHER = "(other)"
+SUM_ROUNDING_REL = 1e-9  # a step's time less its rows' by this little is the sums' rounding, not an (other) row
 IMPL_SUFFIX = "_impl"  # aten::_index_put_impl_ implements aten::index_put_
 DEFAULT_DTYPE = "fp32"  # of a step that moved no floating-point data
 UNKNOWN_FLOPS = "?"
@@ -650,7 +651,9 @@ def _join(
 
     # Time no ATen op accounts for (autograd bookkeeping, custom kernels), step by step.
     attributed = [math.fsum(t.per_step.get(i, 0.0) for t in rows.values()) for i in range(len(step_s))]
-    residual = [max(0.0, total - a) for total, a in zip(step_s, attributed, strict=True)]
+    residual = [
+        total - a if total - a > SUM_ROUNDING_REL * total else 0.0 for total, a in zip(step_s, attributed, strict=True)
+    ]
     if outside > 0 or any(residual):
         rows[OTHER, ()] = _Timed(0, math.fsum(residual) + outside, dict(enumerate(residual)))
     median_s = {k: statistics.median(per_step(t)) for k, t in rows.items()}
