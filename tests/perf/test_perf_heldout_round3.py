@@ -35,7 +35,7 @@ DATA_MOVEMENT = {
     "aten::cat", "aten::stack", "aten::clone", "aten::copy_", "aten::_to_copy", "aten::embedding", "aten::zeros",
     "aten::new_zeros", "aten::select_backward", "aten::reflection_pad1d", "aten::upsample_nearest2d",
     "aten::gather", "aten::index",
-    "aten::index_select", "aten::scatter", "aten::sort", "aten::topk", "aten::tril_indices", "aten::im2col",
+    "aten::index_select", "aten::scatter", "aten::tril_indices", "aten::im2col",
     "aten::repeat", "aten::masked_fill", "aten::masked_fill_", "aten::scalar_tensor",
     "aten::linspace", "aten::fill_", "aten::unsqueeze_",  # affine_grid's base grid, where autograd decomposes it
 }
@@ -252,6 +252,10 @@ def test_scatter_routing_counts_each_routed_row():
     assert ours["aten::scatter_add"] == routed * d  # one add per routed value
     assert ours["aten::index_put_"] == routed  # accumulate=True: one add per value put
     assert ours["aten::bincount"] == routed
+    # Selections count their compares, as a max reduction does: top-k one per routing score, argsort's sort
+    # n * ceil(log2 n) over the routed slots.
+    assert ours["aten::topk"] == t * e
+    assert ours["aten::sort"] == routed * math.ceil(math.log2(routed))
 
 
 def test_recommender_bags_interaction_and_loss():

@@ -6,13 +6,13 @@ every ATen op, its FLOPs and bytes by op name and input shapes.
 FLOPs come from the formulas of ``torch.utils.flop_counter`` (matmuls, attention; causal attention halved as
 tilestack counts it) or tilestack's own (convolutions forward and backward with their groups:
 ``formulas.convolution``; the CPU LSTM kernel, norms, softmax, reductions, scatters and accumulating index puts,
-scans, interpolation, losses, nn.Bilinear, weight norm, and 1 FLOP per element of a pointwise op, tagged or not:
-hardswish, GLU, activations' backwards); bytes are the sizes of an op's distinct input and output tensors (views
-move none, an expanded input is read as held, a lookup reads only its rows). A composite op that reaches the
-mode whole (under ``inference_mode``) is counted as the ops it runs, as ``FlopCounterMode`` does; an op that
-computes but has no formula is marked ``unsupported`` (its FLOPs unknown, not 0), in any namespace (a
-``torch.library`` custom op is counted whole). torch.compile'd code is counted eagerly (``force_eager``). The
-profile joins these counts with the timed pass (``profile.profile_model``).
+scans, selections and sorts (as compares), interpolation, losses, nn.Bilinear, weight norm, and 1 FLOP per element
+of a pointwise op, tagged or not: hardswish, GLU, activations' backwards); bytes are the sizes of an op's distinct
+input and output tensors (views move none, an expanded input is read as held, a lookup reads only its rows). A
+composite op that reaches the mode whole (under ``inference_mode``) is counted as the ops it runs, as
+``FlopCounterMode`` does; an op that computes but has no formula is marked ``unsupported`` (its FLOPs unknown, not
+0), in any namespace (a ``torch.library`` custom op is counted whole). torch.compile'd code is counted eagerly
+(``force_eager``). The profile joins these counts with the timed pass (``profile.profile_model``).
 """
 
 from __future__ import annotations
@@ -374,6 +374,16 @@ def _grid_sample_flops(dims: int, *, backward: bool) -> Callable[[Any, tuple, di
     return count
 
 
+def _sort_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """sort (argsort and msort run it): a comparison sort of n elements along ``dim`` makes n * ceil(log2 n)
+    compares, as a max reduction's compares are counted."""
+    x = _argument(func, args, kwargs, "self")
+    if x.dim() == 0:
+        return 0.0
+    n = x.shape[int(_argument(func, args, kwargs, "dim")) % x.dim()]
+    return float(_numel(x) * math.ceil(math.log2(n))) if n > 1 else 0.0
+
+
 def _affine_grid_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     """affine_grid_generator: each output point (N, *S, d) is theta (d, d + 1) times its homogeneous base point."""
     grid = _tensors(out)[0]
@@ -505,6 +515,9 @@ OWN_FLOPS: dict[str, Callable[[Any, tuple, dict, Any], float]] = {
         "log_sigmoid_forward", "log_sigmoid_backward", "rrelu_with_noise_backward", "_prelu_kernel",
         "_prelu_kernel_backward", "glu", "glu_backward", "floor_divide", "floor_divide_",
     )},
+    # Selections: one compare per element (as a max reduction's); a sort n log2 n per row.
+    **{f"aten.{op}": _accumulate_flops("self") for op in ("topk", "kthvalue", "median", "nanmedian", "mode")},
+    "aten.sort": _sort_flops,
     # Scans: one combine (add, multiply, compare, log-add-exp) per element.
     **{f"aten.{op}": _accumulate_flops("self") for op in ("cumsum", "cumprod", "cummax", "cummin", "logcumsumexp")},
     **{f"aten.{op}{d}d{tail}": _window_flops(d) for op in ("max_pool", "avg_pool") for d in (1, 2, 3)
@@ -529,7 +542,7 @@ NO_ARITHMETIC = frozenset(
         "nonzero", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "replication_pad2d", "repeat",
         "repeat_interleave", "flip", "roll", "tril", "triu", "slice_scatter", "select_scatter", "as_strided_scatter",
         "diagonal_scatter", "fill", "zero", "lift_fresh", "lift_fresh_copy", "detach", "_local_scalar_dense",
-        "item", "is_nonzero", "equal", "topk", "sort", "argsort", "unique", "_unique2", "arange", "full",
+        "item", "is_nonzero", "equal", "unique", "_unique2", "arange", "full",
         "scalar_tensor", "zeros", "ones", "eye", "_pack_padded_sequence", "_pad_packed_sequence", "set",
         "_unsafe_view", "split_with_sizes_copy", "unbind_copy", "resize", "new_zeros", "new_ones", "new_full",
         "_assert_async", "_assert_tensor_metadata", "sym_constrain_range_for_size", "_efficientzerotensor",
