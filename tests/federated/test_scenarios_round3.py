@@ -611,3 +611,39 @@ def test_a_float64_reply_beyond_float32s_range_is_left_out_as_non_finite():
     want = _weighted_mean({p: _step(p) for p in (0, 2, 3, 4, 5)}, dict.fromkeys(range(6), 1))
     for k, v in _np(res.arrays).items():
         np.testing.assert_allclose(v, want[k], atol=1e-6)
+
+
+# ---- a straggler late on one round only --------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_a_client_late_on_one_round_is_left_out_of_that_round_only():
+    """Client 2 sleeps past the round timeout in round 2 only: round 2 is the hand-computed mean of the others,
+    and its late reply does not turn up in round 3."""
+    import time
+
+    def script(pid, rnd, start):
+        if rnd == 2 and pid == 2:
+            time.sleep(1.5)
+        return {k: start[k] + v for k, v in _step(pid).items()}, 1
+
+    seen = []
+
+    class Recording(FedAvg):
+        def aggregate_train(self, server_round, replies):
+            replies = list(replies)
+            seen.append(len(replies))
+            return super().aggregate_train(server_round, replies)
+
+    task = Task(**SMALL)
+    grid = ManagedGrid(InProcessGrid(_scripted_app(script), 6), task)
+    t0 = time.perf_counter()
+    res = run_rounds(Recording(fraction_train=1.0, fraction_evaluate=0.0), grid, initial_arrays(task), num_rounds=3,
+                     timeout=0.5)  # fmt: skip
+    assert time.perf_counter() - t0 < 10
+    assert [r.excluded for r in res.history.rounds] == [{}, {"2": "timeout: no reply within 0.5 s"}, {}]
+    assert seen == [6, 5, 6]
+    ones = dict.fromkeys(range(6), 1)
+    x = {"fc.weight": np.zeros((3, 2)), "fc.bias": np.zeros(2)}
+    for kept in (range(6), (0, 1, 3, 4, 5), range(6)):
+        x = _weighted_mean({p: {k: x[k] + v for k, v in _step(p).items()} for p in kept}, ones)
+    for k, v in _np(res.arrays).items():
+        np.testing.assert_allclose(v, x[k], atol=1e-6)

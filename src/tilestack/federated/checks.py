@@ -11,7 +11,7 @@ under :class:`~tilestack.federated.grid.ManagedGrid` every node has answered the
 round, so no more will come. It also checks the hyperparameters of Flower's strategies at every level of a
 wrapped strategy (``HYPERPARAMETERS``), which Flower takes as given: ``FedAvgM(server_momentum=-0.5)`` or
 ``nan`` ran as plain FedAvg (its update tests ``momentum > 0``), ``FedProx(proximal_mu=nan)`` made every
-client's model NaN, ``FedAdam(beta_1=1.0)`` divided by zero, each round after round, without a word. A
+client's model NaN, ``FedAdam(beta_1=1.0)`` divided by zero, round after round, without a word. A
 strategy that fits only some tasks says so through a ``check_task(task)`` method (HeteroFL: the MLP only).
 """
 
@@ -59,8 +59,7 @@ HYPERPARAMETERS: dict[type, dict[str, tuple]] = {
              "tau": (_positive, "a number > 0 (it keeps eta / (sqrt(v) + tau) finite)")},
     fl.QFedAvg: {"q": (_non_negative, "a number >= 0"), "client_learning_rate": (_positive, "a number > 0")},
     fl.FedTrimmedAvg: {"beta": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)")},
-    fl.Krum: {"num_malicious_nodes": (_non_negative, "an integer >= 0")},
-    fl.MultiKrum: {"num_malicious_nodes": (_non_negative, "an integer >= 0"),
+    fl.MultiKrum: {"num_malicious_nodes": (_non_negative, "an integer >= 0"),  # Krum too
                    "num_nodes_to_select": (_positive, "an integer >= 1")},
     fl.Bulyan: {"num_malicious_nodes": (_non_negative, "an integer >= 0")},
     fl.DifferentialPrivacyServerSideFixedClipping: {"noise_multiplier": (_non_negative, "a number >= 0"),

@@ -108,17 +108,17 @@ def _settings(strategy: Strategy) -> dict[str, str]:
     }
 
 
+SYSTEM_ARRAYS = ("speeds", "bandwidths")  # SystemModel fields recorded by digest, not value
+
+
 def _system(grid: ManagedGrid) -> dict[str, str] | None:
     """The system model and straggler policy (what each client is asked to do and who drops out)."""
     system = grid.system
     if system is None:
         return None
-    out = {f.name: repr(getattr(system, f.name)) for f in dataclasses.fields(system) if f.name not in ARRAY_FIELDS}
-    digest = hashlib.sha256(b"".join(np.asarray(getattr(system, f), np.float64).tobytes() for f in ARRAY_FIELDS))
+    out = {f.name: repr(getattr(system, f.name)) for f in dataclasses.fields(system) if f.name not in SYSTEM_ARRAYS}
+    digest = hashlib.sha256(b"".join(np.asarray(getattr(system, f), np.float64).tobytes() for f in SYSTEM_ARRAYS))
     return out | {"stragglers": grid.stragglers, "speeds and bandwidths (sha256)": digest.hexdigest()[:16]}
-
-
-ARRAY_FIELDS = ("speeds", "bandwidths")
 
 
 def run_signature(strategy: Strategy, grid: ManagedGrid, arrays: ArrayRecord, seed: int) -> dict:
