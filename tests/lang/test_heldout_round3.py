@@ -91,7 +91,7 @@ def test_swiglu_linear(backend, dt, M, N, K, rng):
     launch(swiglu_linear, backend, x, wg, wu, bg, bu, y)
     g = x.double() @ wg.double() + bg.double()
     want = F.silu(g) * (x.double() @ wu.double() + bu.double())
-    close(y, want, scale=300.0 if dtype is not torch.float32 else 1.0)
+    close(y, want, scale=300.0)        # columns 0 and 1 scale u's rounding (of a sum that may cancel) by up to 300
     assert not torch.isnan(y).any()
 
 
