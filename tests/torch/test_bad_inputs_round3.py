@@ -2,10 +2,11 @@
 ``tilestack.torch.ops``, ``tilestack.quantize`` / ``quant.quantized_linear`` / ``norm_fp8`` and
 ``tilestack.optimize``), as an outside user calls it, on the reference backend.
 
-Two tables. ``REFUSED``: a mistake that must raise the named error with a fragment naming the argument (what
-was given, what was expected) before any work; each row here failed before its fix (a silent answer where torch
-raises, an AttributeError or a RuntimeError from deep inside, an error only after the GEMM ran, an option ignored
-without a word). ``SAME_AS_TORCH``: an edge that must give torch's answer (it crashed or answered differently).
+``REFUSED``, one row per mistake: it must raise the named error with a fragment naming the argument (what was
+given, what was expected) before any work; each row failed before its fix (a silent answer where torch raises, an
+AttributeError or a RuntimeError from deep inside, an error only after the GEMM ran, an option ignored without a
+word, a sparse tensor's missing strides). The tests after it: edges that must give torch's answer (they crashed
+or answered differently).
 """
 
 from __future__ import annotations
@@ -120,7 +121,10 @@ def _op_rows() -> dict[str, Row]:
         "fused_linear_cross_entropy: int32 label = V": Row(lambda: ce(labels.int().where(labels != 1, 10)),
                                                            LaunchError, "labels holds 10"),
         "fused_linear_cross_entropy: ignore_index past int64": Row(lambda: ce(labels, 2**70), LaunchError,
-                                                                   "ignore_index must be an int64"),
+                                                                   "ignore_index must be an int outside 0..V-1"),
+        # 2**32 + 3 compared with int32 labels wrapped to 3: label 3 silently ignored
+        "fused_linear_cross_entropy: ignore_index past int32 labels": Row(
+            lambda: ce(labels.int(), 2**32 + 3), LaunchError, "within the labels' torch.int32 range, got 4294967299"),
     }
 
 
@@ -187,7 +191,57 @@ def _optimize_rows() -> dict[str, Row]:
     }
 
 
-REFUSED: dict[str, Row] = {**_attention_rows(), **_op_rows(), **_quant_rows(), **_optimize_rows()}
+def _layout_rows() -> dict[str, Row]:
+    """Sparse and mkldnn tensors: the plan key read their strides or data pointer (a RuntimeError from inside)."""
+    x, w, b = randn(3, 4, 8), randn(8, seed=5), randn(8, seed=6)
+    q, k, v = qkv()
+    rq, rk = randn(2, 5, 3, 16), randn(2, 5, 1, 16, seed=7)
+    cos, sin = rotary_tables(5, 16)
+    h, lm, labels = randn(6, 8), randn(10, 8, seed=8), torch.tensor([0, 1, 2, 3, 4, 5])
+    q8, s8 = quantize_weight(randn(16, 8), "int8")
+    sparse = "has layout torch.sparse_coo; expected a dense tensor"
+    return {
+        "rms_norm: x sparse": Row(lambda: ops.rms_norm(x.to_sparse(), w), LaunchError, f"rms_norm: x {sparse}"),
+        "rms_norm: weight sparse": Row(lambda: ops.rms_norm(x, w.to_sparse()), LaunchError, f"weight {sparse}"),
+        "layer_norm: x mkldnn": Row(lambda: ops.layer_norm(x.to_mkldnn(), w, b), LaunchError,
+                                    "x has layout torch._mkldnn"),
+        "add_rms_norm: r sparse": Row(lambda: ops.add_rms_norm(x, x.to_sparse(), w), LaunchError, f"r {sparse}"),
+        "swiglu: x sparse": Row(lambda: ops.swiglu(x.to_sparse()), LaunchError, f"swiglu: x {sparse}"),
+        "rotary: q sparse": Row(lambda: ops.rotary(rq.to_sparse(), rk, cos, sin), LaunchError, f"q {sparse}"),
+        "attention: q sparse": Row(lambda: tilestack.attention(q.to_sparse(), k, v), LaunchError, f"q {sparse}"),
+        "attention: q sparse, requiring grad": Row(
+            lambda: tilestack.attention(q.to_sparse().requires_grad_(), k, v), LaunchError, f"q {sparse}"),
+        "attention: attn_mask sparse": Row(
+            lambda: tilestack.attention(q, k, v, attn_mask=torch.ones(5, 7, dtype=torch.bool).to_sparse()),
+            LaunchError, f"attn_mask {sparse}"),
+        "fused_linear_cross_entropy: labels sparse": Row(
+            lambda: ops.fused_linear_cross_entropy(h, lm, labels.to_sparse()), LaunchError, f"labels {sparse}"),
+        "quantized_linear: x sparse": Row(lambda: quantized_linear(h.to_sparse(), q8, s8), LaunchError,
+                                          f"x {sparse}"),
+    }
+
+
+def _overflow_rows() -> dict[str, Row]:
+    """An int past float's range as a scalar: math.isfinite / float() raised OverflowError from inside."""
+    x, w, b = randn(4, 8), randn(8, seed=5), randn(8, seed=6)
+    q, k, v = qkv()
+    qf, sf = quantize_weight(randn(16, 8), "fp8")
+    huge = 10**400
+    return {
+        "rms_norm: eps an int past float": Row(lambda: ops.rms_norm(x, w, huge), LaunchError, "eps must be a number"),
+        "kernels.layer_norm: eps an int past float": Row(lambda: tilestack.kernels.layer_norm(x, w, b, huge),
+                                                         LaunchError, "eps must be a finite number"),
+        "attention: scale an int past float": Row(lambda: tilestack.attention(q, k, v, scale=huge), LaunchError,
+                                                  "scale must be a positive number"),
+        "quantized_linear: x_scale an int past float": Row(lambda: quantized_linear(x, qf, sf, x_scale=huge),
+                                                           LaunchError, "x_scale must be a finite number"),
+        "norm_fp8: eps an int past float": Row(lambda: norm_fp8(x, w, None, huge, 0.1), LaunchError,
+                                               "eps must be a number"),
+    }
+
+
+REFUSED: dict[str, Row] = {**_attention_rows(), **_op_rows(), **_quant_rows(), **_optimize_rows(), **_layout_rows(),
+                           **_overflow_rows()}
 
 
 @pytest.mark.filterwarnings("ignore:tilestack.scaled_dot_product_attention")   # the drop-in's notice

@@ -13,6 +13,9 @@ def check_tensor(fn: str, name: str, x, *, rank: int | None = None, dtypes: Iter
 
     if not isinstance(x, torch.Tensor):
         raise LaunchError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise LaunchError(f"{fn}: {name} has layout {x.layout}; expected a dense tensor (torch.strided: call "
+                          f".to_dense() first)")
     if rank is not None and x.dim() != rank:
         raise LaunchError(f"{fn}: {name} must have rank {rank}, got shape {tuple(x.shape)}")
     if dtypes is not None:
@@ -55,13 +58,21 @@ def nothing_to_launch(*tensors) -> bool:
     return any(t.device.type == "meta" or t.numel() == 0 for t in tensors)
 
 
-def check_real(fn: str, name: str, value, *, minimum: float | None = None) -> float:
-    """A finite real number (not a bool), at least ``minimum`` if given; returned as a float."""
+def finite_real(value) -> bool:
+    """A real number (not a bool) that is finite as a float: an int past float's range is not (math.isfinite
+    would raise OverflowError for it)."""
     import math
     import numbers
 
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or (
-            minimum is not None and value < minimum):
+    try:
+        return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def check_real(fn: str, name: str, value, *, minimum: float | None = None) -> float:
+    """A finite real number (not a bool), at least ``minimum`` if given; returned as a float."""
+    if not finite_real(value) or (minimum is not None and value < minimum):
         bound = f" >= {minimum}" if minimum is not None else ""
         raise LaunchError(f"{fn}: {name} must be a finite number{bound}, got {value!r}")
     return float(value)

@@ -41,6 +41,10 @@ def plan_key(args: tuple, kwargs: dict) -> tuple:
 
 
 _grad_enabled, _deterministic = torch.is_grad_enabled, torch.are_deterministic_algorithms_enabled
+# what plan_key raises for an argument no key holds: unhashable (TypeError), or a tensor without strides or
+# storage, sparse or mkldnn (RuntimeError, NotImplementedError); such calls are planned every time, so the plan's
+# checks refuse them by name
+_NO_KEY = (TypeError, RuntimeError, NotImplementedError)
 
 
 def planned(plan: Callable) -> Callable:
@@ -53,7 +57,7 @@ def planned(plan: Callable) -> Callable:
         try:
             key = plan_key(args, kwargs)
             run = cache.get(key)
-        except TypeError:   # an unhashable argument
+        except _NO_KEY:     # an unhashable argument, a tensor without strides or storage: the plan's checks say
             return plan(*args, **kwargs)(*args, **kwargs)
         if run is None:
             run = remember(cache, key, plan(*args, **kwargs))
@@ -62,7 +66,10 @@ def planned(plan: Callable) -> Callable:
     def plan_for(*args, **kwargs):
         """The ``run`` of these arguments' signature, planned if new, without running it (a TypeError for an
         argument the key cannot hold). For a caller that keeps a run and calls it again itself."""
-        key = plan_key(args, kwargs)
+        try:
+            key = plan_key(args, kwargs)
+        except _NO_KEY as e:
+            raise TypeError(f"no plan key: {e}") from e
         run = cache.get(key)
         if run is None:
             run = remember(cache, key, plan(*args, **kwargs))
@@ -87,7 +94,7 @@ def checked_once(check: Callable) -> Callable:
             key = plan_key(args, kwargs)
             if key in passed:
                 return
-        except (TypeError, RuntimeError, NotImplementedError):   # unhashable; a tensor without storage: every time
+        except _NO_KEY:   # unhashable; a tensor without storage: every time
             key = None
         check(*args, **kwargs)
         if key is not None:

@@ -381,7 +381,7 @@ def check_attention_args(fn: str, q, k, v, scale, *, causal=False, attn_mask=Non
     import torch
 
     from tilestack.errors import LaunchError
-    from tilestack.kernels._checks import check_same_device, check_tensor
+    from tilestack.kernels._checks import check_same_device, check_tensor, finite_real
 
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(fn, name, t, rank=4, dtypes=(torch.bfloat16, torch.float16, torch.float32))
@@ -401,8 +401,7 @@ def check_attention_args(fn: str, q, k, v, scale, *, causal=False, attn_mask=Non
     for name, d in (("D", D), ("Dv", v.shape[3])):
         if not 1 <= d <= MAX_HEAD_DIM:
             raise LaunchError(f"{fn}: head dim {name}={d} is not supported; expected 1..{MAX_HEAD_DIM}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
-                              or not math.isfinite(scale) or not 0 < scale <= MAX_SCALE):
+    if scale is not None and (not finite_real(scale) or not 0 < scale <= MAX_SCALE):
         raise LaunchError(f"{fn}: scale must be a positive number or None, got {scale!r} (finite, not a bool, at "
                           f"most {MAX_SCALE:.4g}: the kernels' f32 scale times log2(e) must not overflow)")
     if not isinstance(causal, bool) and type(causal).__name__ != "bool_":    # Python's or numpy's bool

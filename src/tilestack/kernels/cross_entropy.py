@@ -36,7 +36,6 @@ LOG2E = math.log2(math.e)
 FLT_MAX = 3.4028234663852886e38
 IGNORE_INDEX = -100
 MAX_EXACT_VOCAB = 1 << 24      # column numbers and labels are exact in f32 below this
-INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 @ts.kernel(grid=lambda L, BM: (ts.cdiv(L.shape[0], BM),), options=dict(num_warps=8, num_stages=1))
@@ -138,10 +137,12 @@ def check_ce_args(fn: str, x, weight, labels, ignore_index) -> None:
     if not 0 < weight.shape[0] < MAX_EXACT_VOCAB:
         raise LaunchError(f"{fn}: the vocabulary weight.shape[0] = {weight.shape[0]}; expected 1 .. "
                           f"{MAX_EXACT_VOCAB - 1}")
+    bits = torch.iinfo(labels.dtype)       # an ignore_index past the labels' range wraps in their comparison
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral) or \
-            0 <= ignore_index < weight.shape[0] or not INT64_MIN <= ignore_index <= INT64_MAX:
-        raise LaunchError(f"{fn}: ignore_index must be an int64 outside 0..V-1 = 0..{weight.shape[0] - 1} (a label "
-                          f"that is never a class), got {ignore_index!r}")
+            0 <= ignore_index < weight.shape[0] or not bits.min <= ignore_index <= bits.max:
+        raise LaunchError(f"{fn}: ignore_index must be an int outside 0..V-1 = 0..{weight.shape[0] - 1} (a label "
+                          f"that is never a class) and within the labels' {labels.dtype} range, got "
+                          f"{ignore_index!r}")
     check_same_device(fn, x=x, weight=weight, labels=labels)
 
 
@@ -159,7 +160,7 @@ def check_labels(fn: str, labels, v: int, ignore_index: int) -> None:
         torch._assert_async(ok.all(), f"{fn}: a label outside 0..{v - 1} that is not ignore_index={ignore_index}")
         return
     lo, hi = torch.aminmax(labels)
-    if lo >= 0 and hi < v:
+    if lo.item() >= 0 and hi.item() < v:      # (.item(): a third of a 0-d comparison's host cost)
         return
     bad = labels[((labels < 0) | (labels >= v)) & (labels != ignore_index)]
     if bad.numel():

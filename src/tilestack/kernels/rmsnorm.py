@@ -160,7 +160,11 @@ def check_norm_args(fn: str, x, weight, eps, *, bias=None, residual=None) -> Non
         check_tensor(fn, "r", residual, rank=2, dtypes=(x.dtype,))
         if tuple(residual.shape) != tuple(x.shape):
             raise LaunchError(f"{fn}: r is {tuple(residual.shape)}; expected x's shape {tuple(x.shape)}")
-    if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps >= 0:
+    try:       # (an int past float's range overflows in float())
+        ok = not isinstance(eps, bool) and isinstance(eps, int | float) and float(eps) >= 0
+    except OverflowError:
+        ok = False
+    if not ok:
         raise LaunchError(f"{fn}: eps must be a number >= 0, got {eps!r}")
     check_same_device(fn, x=x, weight=weight, bias=bias, r=residual)
 

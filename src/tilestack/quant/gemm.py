@@ -32,7 +32,7 @@ import torch
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.ir.types import F8E4M3_MAX
-from tilestack.kernels._checks import check_same_device, check_tensor, nothing_to_launch
+from tilestack.kernels._checks import check_same_device, check_tensor, finite_real, nothing_to_launch
 from tilestack.kernels._plan import planned
 from tilestack.kernels.gemm import ACTIVATIONS, epilogue, grouped_tile, torch_activation
 from tilestack.tune.lookup import DEFAULT_BACKEND, launch_config, take_backend, tuned_launcher
@@ -348,10 +348,7 @@ def quantized_linear(x, q, scale, bias=None, *, x_scale: float | None = None, ac
 
 
 def _check_scale(name: str, value) -> None:
-    import math
-
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (
-            math.isfinite(value) and MIN_SCALE <= value <= MAX_SCALE):
+    if not isinstance(value, int | float) or not finite_real(value) or not MIN_SCALE <= value <= MAX_SCALE:
         raise LaunchError(f"quantized_linear: {name} must be a finite number > 0, got {value!r} (at least "
                           f"{MIN_SCALE:.4g} and at most {MAX_SCALE:.4g}: it and its inverse are f32 in the kernels)")
 

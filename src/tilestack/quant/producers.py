@@ -13,7 +13,7 @@ float8_e4m3fn Y makes their store the saturating cast. x is (M, N) rows of f32/b
 from __future__ import annotations
 
 from tilestack.errors import LaunchError
-from tilestack.kernels._checks import check_tensor, nothing_to_launch
+from tilestack.kernels._checks import check_tensor, finite_real, nothing_to_launch
 from tilestack.kernels._plan import planned
 from tilestack.kernels.layernorm import layer_norm_kernel
 from tilestack.kernels.rmsnorm import check_norm_args, norm_fwd_kernel, rms_norm_kernel
@@ -42,20 +42,17 @@ def _over_scale(t, inv: float):
 def norm_fp8(x, weight, bias, eps: float, x_scale: float, *, residual=None, backend: str | None = None, **config):
     """(y8, h): y8 = fp8(norm(x + residual) / x_scale) and h = x + residual in x's dtype (None without a
     residual); layer norm with ``bias``, RMS norm without (module docstring)."""
-    eps = float(eps) if isinstance(eps, int | float) and not isinstance(eps, bool) else eps   # others: refused
+    eps = float(eps) if isinstance(eps, int | float) and finite_real(eps) else eps   # others: refused below
     return _planned_norm_fp8(x, weight, bias, eps, x_scale, residual=residual, backend=backend, **config)
 
 
 @planned
 def _planned_norm_fp8(x, weight, bias, eps, x_scale, *, residual=None, backend=None, **config):
-    import math
-
     import torch
 
     fn = ("add_" if residual is not None else "") + ("layer_norm" if bias is not None else "rms_norm") + "_fp8"
     check_norm_args(fn, x, weight, eps, bias=bias, residual=residual)
-    if isinstance(x_scale, bool) or not isinstance(x_scale, int | float) or not (
-            math.isfinite(x_scale) and MIN_SCALE <= x_scale <= MAX_SCALE):
+    if not isinstance(x_scale, int | float) or not finite_real(x_scale) or not MIN_SCALE <= x_scale <= MAX_SCALE:
         raise LaunchError(f"{fn}: x_scale must be a finite number > 0, got {x_scale!r} (at least {MIN_SCALE:.4g} and "
                           f"at most {MAX_SCALE:.4g}: its inverse, f32 in the kernels, must be finite)")
     check_tensor(fn, "x", x, rank=2)

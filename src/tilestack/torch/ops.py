@@ -23,6 +23,7 @@ import math
 import torch
 
 from tilestack.errors import LaunchError
+from tilestack.kernels._checks import check_tensor
 from tilestack.kernels._plan import planned
 from tilestack.kernels.cross_entropy import IGNORE_INDEX, check_ce_args
 from tilestack.kernels.cross_entropy import fused_linear_cross_entropy as _flce
@@ -297,6 +298,9 @@ class _Norm(torch.autograd.Function):
 
 def _check_norm(fn: str, x, weight, eps, bias=None, r=None) -> None:
     """Every check of a norm's arguments (x of any rank); run once per signature by _NormPlan, and when traced."""
+    for name, t in (("x", x), ("r", r)):
+        if isinstance(t, torch.Tensor):      # a dense tensor before the (rows, N) view of it
+            check_tensor(fn, name, t)
     if isinstance(x, torch.Tensor) and x.dim() == 0:
         raise LaunchError(f"{fn}: x must have at least one dim, got a 0-d tensor")
     rows = _rows(x) if isinstance(x, torch.Tensor) else x
@@ -529,7 +533,11 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
         raise LaunchError(f"swiglu: x has dtype {x.dtype}; expected one of float32, bfloat16, float16")
     if not _eager(x):
         return swiglu_fwd_op(x)
-    plan = _swiglu_plans.plan_for(x)
+    try:
+        plan = _swiglu_plans.plan_for(x)
+    except TypeError:        # no key for x (a sparse tensor): refused by name
+        check_tensor("swiglu", "x", x)
+        raise
     if _needs_grad(x):
         return _SwiGLU.apply(x, plan)
     return plan.forward(x)
