@@ -647,3 +647,25 @@ def test_a_client_late_on_one_round_is_left_out_of_that_round_only():
         x = _weighted_mean({p: {k: x[k] + v for k, v in _step(p).items()} for p in kept}, ones)
     for k, v in _np(res.arrays).items():
         np.testing.assert_allclose(v, x[k], atol=1e-6)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", NAMES)
+def test_resuming_with_the_same_strategy_object_that_ran_before(tmp_path, name):
+    """A notebook keeps its strategy object: the first call stops after 2 rounds (its state now holds moments,
+    control variates, clusters), the second resumes from the checkpoint with that same object."""
+    blobs = dict(dataset="blobs", num_samples=160, num_features=5, num_classes=4, num_clients=8, local_steps=3, lr=0.1)
+    if name == "fedbn":
+        blobs |= dict(model="mlp", hidden=4, norm=True)
+    task = Task(**blobs)
+
+    def make():
+        return make_strategy(name, clients_per_round=7 if name == "bulyan" else 4, num_clients=8, eval_fraction=0.5)
+
+    initial = make().initial_arrays(task) if hasattr(make(), "initial_arrays") else None
+    full = simulate(make(), task, rounds=4, seed=3, initial=initial)
+    s, ckpt = make(), tmp_path / "run.ckpt"
+    simulate(s, task, rounds=4, seed=3, initial=initial, checkpoint=ckpt, stop_after=2)
+    resumed = simulate(s, task, rounds=4, seed=3, initial=initial, checkpoint=ckpt)
+    assert [r.round for r in resumed.history.rounds] == [1, 2, 3, 4]
+    assert _same(full.arrays, resumed.arrays)

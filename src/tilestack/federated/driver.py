@@ -97,14 +97,15 @@ def strategy_name(strategy: Strategy) -> str:
 
 
 def _settings(strategy: Strategy) -> dict[str, str]:
-    """The plain settings (numbers, strings, None) of the strategy and of the strategies it wraps, as text (NaN
-    equals NaN). Taken before any round: the resumed strategy's state comes from the checkpoint, settings
-    included, so a changed ``proximal_mu`` would have been replaced by the checkpoint's without a word."""
+    """The plain settings (numbers, strings) of the strategy and of the strategies it wraps, as text (NaN equals
+    NaN). Taken before any round: the resumed strategy's state comes from the checkpoint, settings included, so a
+    changed ``proximal_mu`` would have been replaced by the checkpoint's without a word. None is left out: it
+    marks state not made yet (FedAdam's moments), which a strategy object run before no longer holds."""
     return {
         f"{type(s).__name__}.{k}": repr(v)
         for s in strategy_levels(strategy)
         for k, v in vars(s).items()
-        if not k.startswith("_") and (v is None or isinstance(v, (numbers.Number, str)))
+        if not k.startswith("_") and isinstance(v, (numbers.Number, str))
     }
 
 
