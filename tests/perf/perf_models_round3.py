@@ -8,7 +8,7 @@ net, GroupNorm/SiLU/Hardswish/squeeze-excite, nearest and bilinear upsampling wi
 scatter-based expert routing, an EmbeddingBag recommender with per-sample weights, a ViT (patch convolution, a
 class token, nn.MultiheadAttention returning its weights), nn.Bilinear and a three-operand einsum, 2-d FFT
 mixing, in-place updates through views, bf16 / float64 models, a spatial transformer (affine_grid,
-grid_sample) and a torch.library custom op. Sizes are tiny:
+grid_sample), unbatched vector algebra (mv, dot, addr, trace) and a torch.library custom op. Sizes are tiny:
 what is checked is the counting, not the speed.
 """
 
@@ -292,6 +292,21 @@ class SpatialTransformer(nn.Module):
         return self.head(F.relu(self.conv(warped)).mean((2, 3)))
 
 
+class VectorOps(nn.Module):
+    """Unbatched vector algebra, as a single-sample scorer or a Hebbian update writes it: a matrix-vector product
+    (mv), a dot product, a rank-1 update (addr), a trace, an RReLU with random slopes and a histogram."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(DIM, DIM) / DIM)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (D,)
+        y = F.rrelu(torch.mv(self.w, x), training=True)  # (D,)
+        updated = torch.addr(self.w, y, x, alpha=0.1)  # (D, D): w + 0.1 y x^T
+        counts = torch.histc(y.detach(), bins=4)  # (4,)
+        return torch.dot(y, x) + torch.trace(updated) + counts.sum()
+
+
 CUSTOM_NAMESPACE = "perf_round3"
 if not hasattr(getattr(torch.ops, CUSTOM_NAMESPACE), "soft_clip"):  # once, however often this file is loaded
 
@@ -401,6 +416,11 @@ def spatial_transformer():
 
 
 @_seeded
+def vector_ops():
+    return VectorOps(), (torch.randn(DIM),)
+
+
+@_seeded
 def custom_op():
     return CustomOp(), (torch.randn(TOKENS, DIM),)
 
@@ -424,6 +444,7 @@ MODELS = {
         (mlp_bf16, True),
         (mlp_fp64, True),
         (spatial_transformer, True),
+        (vector_ops, True),
         (custom_op, False),  # no autograd registered for the custom op
     )
 }

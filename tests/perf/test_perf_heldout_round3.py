@@ -38,6 +38,7 @@ DATA_MOVEMENT = {
     "aten::index_select", "aten::scatter", "aten::tril_indices", "aten::im2col",
     "aten::repeat", "aten::masked_fill", "aten::masked_fill_", "aten::scalar_tensor",
     "aten::linspace", "aten::fill_", "aten::unsqueeze_",  # affine_grid's base grid, where autograd decomposes it
+    "aten::arange", "aten::index_fill",  # trace's backward writes dy onto the diagonal
 }
 FFT = {"aten::_fft_c2c", "aten::_fft_r2c", "aten::_fft_c2r"}  # no FLOP formula (torch has none either)
 SOFT_CLIP = f"{pm.CUSTOM_NAMESPACE}::soft_clip"
@@ -381,3 +382,17 @@ def test_a_custom_op_of_another_namespace_gets_its_own_time():
     assert row.m.bytes == 2 * 4 * pm.TOKENS * pm.DIM  # reads x, writes the result
     assert not any(o.op in ("aten::tanh", "aten::div", "aten::mul") for o in p.ops)  # inside its row
     assert flops_of(counts, MATMULS) == 2 * 2 * pm.TOKENS * pm.DIM * pm.DIM
+
+
+def test_unbatched_vector_algebra():
+    """mv, dot and addr are matmuls of one vector (torch's flop counter has no formula for them): a multiply-add
+    per element of the matrix; trace adds the diagonal; RReLU's random slopes multiply; a histogram adds."""
+    p, counts, _ = profiled("vector_ops", False)
+    d = pm.DIM
+    ours = by_op(counts)
+    assert ours["aten::mv"] == 2 * d * d and ours["aten::addr"] == 2 * d * d and ours["aten::dot"] == 2 * d
+    assert ours["aten::trace"] == d and ours["aten::rrelu_with_noise"] == d and ours["aten::histc"] == d
+    assert not p.unsupported
+    _, train_counts, _ = profiled("vector_ops", True)
+    train = by_op(train_counts)
+    assert train["aten::mv"] > ours["aten::mv"]  # the backward's matrix-vector products too

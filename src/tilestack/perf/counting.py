@@ -403,11 +403,31 @@ def _trilinear_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     return float(formulas.FLOPS_PER_MAC * math.prod(full))
 
 
+def _matrix_vector_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """mv / addmv (M, N) @ (N,), dot / vdot (N,) . (N,), addr (M,) x (N,): a multiply-add per element of the
+    matrix (the outer product's), as torch counts mm and addmm (a bias's add left out)."""
+    matrix = max((t for t in _tensors((args, kwargs)) if t.dim() == 2), key=_numel, default=None)
+    if matrix is not None:
+        return float(formulas.FLOPS_PER_MAC * _numel(matrix))
+    if str(func._overloadpacket) == "aten.addr":  # no matrix given? the product is vec1 x vec2
+        v1, v2 = _argument(func, args, kwargs, "vec1"), _argument(func, args, kwargs, "vec2")
+        return float(formulas.FLOPS_PER_MAC * _numel(v1) * _numel(v2))
+    return float(formulas.FLOPS_PER_MAC * _numel(_tensors(args)[0]))  # dot: a multiply-add per element
+
+
+def _trace_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """trace: the diagonal's elements added."""
+    return float(min(_argument(func, args, kwargs, "self").shape, default=0))
+
+
 def _index_put_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     """index_put / index_put_: with ``accumulate`` one add per value put (an index backward, a histogram);
     without, a copy."""
     accumulate = bool(_argument(func, args, kwargs, "accumulate"))
-    return float(_numel(_argument(func, args, kwargs, "values"))) if accumulate else 0.0
+    values = _argument(func, args, kwargs, "values")
+    if values is None:  # put / put_: the values are ``source``
+        values = _argument(func, args, kwargs, "source")
+    return float(_numel(values)) if accumulate else 0.0
 
 
 def _scatter_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
@@ -463,6 +483,15 @@ OWN_FLOPS: dict[str, Callable[[Any, tuple, dict, Any], float]] = {
     "aten._embedding_bag_backward": _embedding_bag_backward_flops,
     "aten._embedding_bag_dense_backward": _embedding_bag_backward_flops,
     "aten._embedding_bag_per_sample_weights_backward": _embedding_bag_backward_flops,
+    **{f"aten.{op}": _matrix_vector_flops for op in ("mv", "addmv", "addmv_", "dot", "vdot", "addr", "addr_")},
+    "aten.trace": _trace_flops,
+    "aten.linalg_cross": _per_element("self", formulas.CROSS_FLOPS_PER_ELEMENT),
+    "aten.renorm": _per_element("self", formulas.RENORM_FLOPS_PER_ELEMENT),
+    "aten.renorm_": _per_element("self", formulas.RENORM_FLOPS_PER_ELEMENT),
+    "aten.histc": _accumulate_flops("self"),  # each element binned: a count added
+    "aten.segment_reduce": _accumulate_flops("data"),
+    "aten.put": _index_put_flops,
+    "aten.put_": _index_put_flops,
     "aten.index_put": _index_put_flops,
     "aten.index_put_": _index_put_flops,
     "aten._index_put_impl": _index_put_flops,
@@ -513,7 +542,8 @@ OWN_FLOPS: dict[str, Callable[[Any, tuple, dict, Any], float]] = {
         "hardswish", "hardswish_", "hardswish_backward", "hardsigmoid_backward", "hardtanh_backward",
         "leaky_relu_backward", "elu_backward", "softplus_backward", "softshrink_backward", "hardshrink_backward",
         "log_sigmoid_forward", "log_sigmoid_backward", "rrelu_with_noise_backward", "_prelu_kernel",
-        "_prelu_kernel_backward", "glu", "glu_backward", "floor_divide", "floor_divide_",
+        "_prelu_kernel_backward", "glu", "glu_backward", "floor_divide", "floor_divide_", "rrelu_with_noise",
+        "rrelu_with_noise_",
     )},
     # Selections: one compare per element (as a max reduction's); a sort n log2 n per row.
     **{f"aten.{op}": _accumulate_flops("self") for op in ("topk", "kthvalue", "median", "nanmedian", "mode")},
@@ -550,7 +580,8 @@ NO_ARITHMETIC = frozenset(
         "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle",
         "_reshape_alias", "expand_copy", "permute_copy", "split", "unsafe_split", "chunk", "narrow_copy",
         "_pin_memory", "bucketize", "masked_fill", "transpose", "select_backward",
-        "slice_backward", "index_backward", "expand_backward", "_linalg_check_errors", "searchsorted", "histc",
+        "slice_backward", "index_backward", "expand_backward", "_linalg_check_errors", "searchsorted",
+        "index_fill", "index_copy", "take", "rot90",
         "one_hot", "tril_indices", "triu_indices", "linspace", "masked_scatter_backward",
     }
 )

@@ -90,6 +90,8 @@ NLL_FLOPS_PER_TARGET = 1  # the picked log-probability added into the sum (the b
 # dv = g / ||v|| * (dw - w_hat * sum(dw * w_hat)): multiply-accumulate (2), multiply, subtract, multiply.
 WEIGHT_NORM_FLOPS_PER_ELEMENT = 3
 WEIGHT_NORM_BWD_FLOPS_PER_ELEMENT = 5
+CROSS_FLOPS_PER_ELEMENT = 3  # each component of a x b: two multiplies and a subtract
+RENORM_FLOPS_PER_ELEMENT = 3  # the slice's norm (square-accumulate: 2) and the rescale (1)
 CDIST_FLOPS_PER_TERM = 3  # ||x_i - y_j||_p: subtract, power (abs), accumulate per feature of each pair
 
 
