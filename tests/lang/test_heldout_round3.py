@@ -638,6 +638,7 @@ def test_row_stats_mixed_dtype_accumulators(backend, dt, M, N, rng):
         x[0, :3] = torch.tensor([big, big, -big])        # f64 sum: big (an f32 or f16 sum overflows)
         x[1, N // 2] = math.nan                          # NaN: sum and max NaN, not counted as positive
         x[2] = -math.inf
+        x[3, :2] = torch.tensor([1e-40, -3e-39])         # bf16/f32 subnormals summed exactly in f64
     x = x.to(dtype)
     total, mx = torch.full((M,), math.nan, dtype=torch.float64), torch.full((M,), 7.0, dtype=dtype)
     count = torch.full((M,), POISON, dtype=torch.int64)
@@ -795,8 +796,7 @@ def exp_edges(X, Softplus, LogSig, Exp, Log, *, BN: int = 32):
 EDGES = {   # values around where exp overflows or underflows each format
     torch.float32: [88.7, 88.8, -87.3, -103.0, -104.0, 1e4, -1e4, 1e-45, 1e-38, 3e38],
     torch.float16: [11.08, 11.1, -9.7, -16.6, -17.4, 6e4, -6e4, 6e-8, 6.1e-5, 65504.0],
-    # bf16 subnormals (exp below -87.3, inputs below 1.2e-38) left out: Triton 3.6's interpreter flushes them
-    torch.bfloat16: [88.5, 89.0, -87.0, -104.0, -110.0, 1e4, -1e4, 1.2e-38, 3e-38, 3e38],
+    torch.bfloat16: [88.5, 89.0, -87.3, -92.0, -93.0, 1e4, -1e4, 1e-38, 1e-40, 3e38],   # subnormal in and out
 }
 
 

@@ -71,15 +71,22 @@ def _round_tf32(x):
     return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
 '''
 # Triton 3.6's interpreter converts f32 to bf16 by truncating the low 16 bits (the GPU rounds to nearest even, as
-# torch and the reference executor do): an interpreted conversion to bf16 rounds here first, so the CPU backends agree.
+# torch and the reference executor do), and converts subnormal bf16 values (below 2**-126) wrongly both ways (1e-39 ->
+# 4.4e-39): an interpreted conversion to or from bf16 goes through the bits here, so the CPU backends agree.
 _BF16_HELPER = '''
 
 @triton.jit
 def _to_bf16(x):
     """f32 values as bf16, rounded to nearest even (NaN stays NaN)."""
     bits = x.to(tl.uint32, bitcast=True)
-    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True)).to(tl.bfloat16)
+    bits = tl.where(x != x, 0x7FC00000, (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16)
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _from_bf16(x):
+    """bf16 values as f32, exactly (subnormals too)."""
+    return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
 '''
 # The interpreter's f32 -> fp8 (e4m3) conversion drops the carry of a mantissa that rounds up (1.96 -> 1.0) and
 # does not saturate (700 -> 352); the GPU converts with cvt.rn.satfinite, as torch and the reference do. An
@@ -201,7 +208,14 @@ class _Emitter:
     def f32(self, v: Value) -> str:
         """The value as f32 (or f64) for arithmetic: Triton's math functions take 32- or 64-bit floats."""
         n = self.name(v)
-        return n if v.type.dtype in (f32, f64) else f"{n}.to(tl.float32)"
+        return n if v.type.dtype in (f32, f64) else self.up(n, v.type.dtype)
+
+    def up(self, expr: str, dtype) -> str:
+        """``expr`` of ``dtype`` (a 16- or 8-bit float) as f32: through its bits under the interpreter if bf16."""
+        if self.interpret and dtype is bf16:
+            self.bf16_helper = True
+            return f"_from_bf16({expr})"
+        return f"{expr}.to(tl.float32)"
 
     def as_dtype(self, v: Value, dtype) -> str:
         """Tile ``v`` converted to ``dtype`` (a ``compute_dtype``, or an op's ``work_dtype``) for arithmetic."""
@@ -210,7 +224,11 @@ class _Emitter:
     def cast_to(self, expr: str, v_from_dtype, dst: TileType | GlobalType) -> str:
         if v_from_dtype is dst.dtype:
             return expr
-        if self.interpret and bf16 in (v_from_dtype, dst.dtype) and f32 not in (v_from_dtype, dst.dtype):
+        if self.interpret and v_from_dtype is bf16:
+            expr, v_from_dtype = self.up(expr, bf16), f32
+            if dst.dtype is f32:
+                return expr
+        if self.interpret and dst.dtype is bf16 and v_from_dtype is not f32:
             expr = f"{expr}.to(tl.float32)"   # the interpreter casts bf16 only from and to f32 right (f64, int8)
         elif f8e4m3 in (v_from_dtype, dst.dtype) and not {v_from_dtype, dst.dtype} <= {f8e4m3, f32, f16, bf16}:
             expr = f"{expr}.to(tl.float32)"   # Triton converts fp8 only from and to 16- and 32-bit floats
@@ -226,7 +244,7 @@ class _Emitter:
                                       and dst.dtype is not bool_):
             self.int_sat_helper = True
             lo, hi = int_range(dst.dtype)
-            x = expr if v_from_dtype in (f32, f64) else f"{expr}.to(tl.float32)"
+            x = expr if v_from_dtype in (f32, f64) else self.up(expr, v_from_dtype)
             return f"_to_int_sat({x}, {float(lo)!r}, {float(-lo)!r}, {lo}, {hi}, {TL_DTYPES[dst.dtype.name]})"
         return f"{expr}.to({TL_DTYPES[dst.dtype.name]})"
 
@@ -412,7 +430,7 @@ def _e_mask(e: _Emitter, ins: Instr) -> None:
             "right_fill": f"{cols} < {kn}", "lower_fill": f"{rows} < {kn}"}[ins.attrs.kind]
     fill = literal(ins.attrs.value)
     if e.interpret and x.type.dtype is bf16:
-        expr = e.cast_to(f"tl.where({cond}, {e.name(x)}.to(tl.float32), {fill})", f32, x.type)
+        expr = e.cast_to(f"tl.where({cond}, {e.up(e.name(x), bf16)}, {fill})", f32, x.type)
     else:
         expr = f"tl.where({cond}, {e.name(x)}, {fill})"
     e.assign(ins.result, e.cast_to(expr, x.type.dtype, ins.result.type))
@@ -432,7 +450,7 @@ def _e_mma(e: _Emitter, ins: Instr) -> None:
     if e.interpret and a.type.dtype.name in ("bf16", "f8e4m3"):
         # Triton 3.6's interpreter multiplies bf16 dot operands wrongly (NumPy has no bf16); upcasting is
         # exact (a bf16 product fits in f32), so the interpreted kernel computes what the GPU does.
-        an, bn, precision = f"{an}.to(tl.float32)", f"{bn}.to(tl.float32)", ', input_precision="ieee"'
+        an, bn, precision = e.up(an, a.type.dtype), e.up(bn, b.type.dtype), ', input_precision="ieee"'
     e.assign(ins.result, f"tl.dot({an}, {bn}, {e.name(acc)}{precision})")
 
 
