@@ -741,6 +741,28 @@ def test_where_and_compare_with_mixed_dtypes(backend, adt, bdt, ydt, rng):
                                       _as(c.double()[None, :].expand(M, N), ydt)))
 
 
+# ---- 13b. a runtime float chosen into an integer tile: truncated and saturated (NaN as 0), as a float tile is ----
+@ts.kernel(grid=lambda X: (1,))
+def where_float_into_int(X, Y, a: float, *, N: int = 16):
+    x = ts.RegVec[X.dtype, N]()
+    pos = ts.RegVec[ts.bool_, N]()
+    ts.load(x, X, at=(0,))
+    ts.gt(pos, x, 0)
+    ts.where(x, pos, a, x)
+    ts.store(Y, x, at=(0,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dt", [torch.int8, torch.int32, torch.int64])
+@pytest.mark.parametrize("a", [2.7, -2.7, 1e10, -1e10, math.nan, math.inf])
+def test_where_float_scalar_into_integer_tile(backend, dt, a, rng):
+    x = torch.from_numpy(rng.integers(-100, 100, 16)).to(dt)
+    y = torch.full((16,), POISON, dtype=dt)
+    launch(where_float_into_int, backend, x, y, a)
+    a32 = torch.tensor([a], dtype=torch.float32).double()            # the scalar meets the work as an f32
+    assert torch.equal(y, torch.where(x > 0, _as(a32, dt).expand(16), x))
+
+
 # ---- 14. float -> integer conversions saturate (NaN -> 0), as the GPU's cvt.rzi.sat: f32/bf16/f16 into i8/i32/i64 ---
 @ts.kernel(grid=lambda X: (1,))
 def to_int(X, Y, *, N: int = 32):
@@ -890,6 +912,7 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
                                   _meta(256, 256, dtype=BF)), dict(BM=128, BN=128, BK=64)),
     "select_mixed": (select_mixed, (_meta(8, 16, dtype=BF), _meta(8, 16, dtype=I32), _meta(8), _meta(16, dtype=I32),
                                     _meta(8, 16, dtype=I32), _meta(8, 16, dtype=F16)), {}),
+    "where_float_into_int": (where_float_into_int, (_meta(16, dtype=I8), _meta(16, dtype=I8), 0.5), {}),
     "to_int_i8": (to_int, (_meta(32), _meta(32, dtype=I8)), {}),
     "to_int_i64": (to_int, (_meta(32, dtype=BF), _meta(32, dtype=I64)), {}),
     "float_scalars": (float_scalars, (_meta(4096), _meta(4096), _meta(4096), _meta(4096, dtype=torch.float64), 0.7),

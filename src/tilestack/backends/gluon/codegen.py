@@ -40,7 +40,17 @@ from tilestack.errors import BackendError
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
 from tilestack.ir.ops import EMITTERS, Op, register_emitter, work_dtype
 from tilestack.ir.scalars import nonnegative
-from tilestack.ir.types import GlobalType, ScalarType, Space, StagesType, TileType, f32, int_range, narrow_int
+from tilestack.ir.types import (
+    FLOAT,
+    GlobalType,
+    ScalarType,
+    Space,
+    StagesType,
+    TileType,
+    f32,
+    int_range,
+    narrow_int,
+)
 
 GL_DTYPES = {"f64": "gl.float64", "f32": "gl.float32", "f16": "gl.float16", "bf16": "gl.bfloat16",
              "i32": "gl.int32", "i64": "gl.int64", "bool": "gl.int1", "i8": "gl.int8", "f8e4m3": "gl.float8e4nv"}
@@ -493,14 +503,15 @@ def _e_mask(e: _Emitter, ins: Instr) -> None:
 
 def _broadcasting(e: _Emitter, ins: Instr, as_float: bool, to=None) -> tuple[list[str], tuple]:
     """The operands of a compare, logic or select in the result's layout, vectors expanded along their axes; with
-    ``to`` (a select into an integer tile), number tiles of another dtype converted to ``to`` (gl.where of an i32 and
-    an f32 would compute in f32, and its result must be the select's dtype)."""
+    ``to`` (a select into an integer tile), number tiles of another dtype and float scalars converted to ``to``
+    (gl.where of an i32 and an f32 would compute in f32, and its result must be the select's dtype)."""
     key = next((e.lay[s] for s, ax in zip(ins.srcs, ins.attrs.axes, strict=True)
                 if ax is None and isinstance(s.type, TileType)), e.plan[ins.result])
     out = []
     for s, ax in zip(ins.srcs, ins.attrs.axes, strict=True):
         if not isinstance(s.type, TileType):
-            out.append(e.name(s))
+            float_into_int = to is not None and s.type == FLOAT
+            out.append(e.cast(e.name(s), f32, to) if float_into_int else e.name(s))
             continue
         if ax is None:
             x = e.as_layout(s, key)

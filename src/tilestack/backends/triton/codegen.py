@@ -28,6 +28,7 @@ from tilestack.ir.ops import EMITTERS, Op, register_emitter, work_dtype
 from tilestack.ir.scalars import nonnegative
 from tilestack.ir.types import (
     F8E4M3_MAX,
+    FLOAT,
     GlobalType,
     TileType,
     bf16,
@@ -529,8 +530,11 @@ def _e_logic(e: _Emitter, ins: Instr) -> None:
 
 
 def _select_value(e: _Emitter, v: Value, axis: str | None, dst: TileType) -> str:
-    """A value operand of a select: into an integer dst, a tile of another dtype converted to dst's first (tl.where
-    of an i32 and an f32 would compute in f32, rounding integers past 2**24)."""
+    """A value operand of a select: into an integer dst, a tile of another dtype or a float scalar converted to dst's
+    first (tl.where of an i32 and an f32 would compute in f32, rounding integers past 2**24, and leave the f32 result
+    to a conversion that does not saturate)."""
+    if not dst.dtype.is_float and v.type == FLOAT:    # a float scalar: truncated and saturated as a tile would be
+        return e.cast_to(f"tl.cast({e.name(v)}, tl.float32)", f32, dst)
     if dst.dtype.is_float or not isinstance(v.type, TileType) or v.type.dtype is dst.dtype:
         return _along(e, v, axis, dst.dtype.is_float)
     x = e.cast_to(e.name(v), v.type.dtype, TileType(v.type.space, dst.dtype, v.type.shape))
