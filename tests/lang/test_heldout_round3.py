@@ -841,6 +841,26 @@ def test_exp_and_log_at_the_edges_of_each_format(backend, dt, rng):
     close(lg, xd.abs().log())
 
 
+# ---- 15a. negation flips the sign of zero (Triton's unary minus, 0 - x, does not): 1 / neg(+-0) is -+inf ---------
+@ts.kernel(grid=lambda X: (1,))
+def neg_recip(X, Y, *, N: int = 8):
+    x = ts.RegVec[X.dtype, N]()
+    ts.load(x, X, at=(0,))
+    ts.neg(x, x)
+    ts.store(Y, 1.0 / x, at=(0,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dt", FLOATS)
+def test_neg_flips_the_sign_of_zero(backend, dt):
+    x = torch.tensor([0.0, -0.0, 2.0, -4.0, math.inf, -math.inf, math.nan, 1.0], dtype=FLOATS[dt])
+    y = torch.full((8,), 3.0, dtype=FLOATS[dt])
+    launch(neg_recip, backend, x, y)
+    want = 1.0 / -x.double()
+    torch.testing.assert_close(y.double(), want.to(FLOATS[dt]).double(), rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(torch.signbit(y[:6]), torch.signbit(want[:6]))
+
+
 # ---- 15b. a float scalar (an argument or a constant) meets f32 work as an f32, as Triton converts it: the reference --
 # and Triton agree bit for bit on x * a + 0.1 and on x > 0.1 at x = f32(0.1); f64 work takes both as they are
 @ts.kernel(grid=lambda X, BN: (ts.cdiv(X.shape[0], BN),))
@@ -913,6 +933,7 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
     "select_mixed": (select_mixed, (_meta(8, 16, dtype=BF), _meta(8, 16, dtype=I32), _meta(8), _meta(16, dtype=I32),
                                     _meta(8, 16, dtype=I32), _meta(8, 16, dtype=F16)), {}),
     "where_float_into_int": (where_float_into_int, (_meta(16, dtype=I8), _meta(16, dtype=I8), 0.5), {}),
+    "neg_recip": (neg_recip, (_meta(8, dtype=F16), _meta(8, dtype=F16)), {}),
     "to_int_i8": (to_int, (_meta(32), _meta(32, dtype=I8)), {}),
     "to_int_i64": (to_int, (_meta(32, dtype=BF), _meta(32, dtype=I64)), {}),
     "float_scalars": (float_scalars, (_meta(4096), _meta(4096), _meta(4096), _meta(4096, dtype=torch.float64), 0.7),

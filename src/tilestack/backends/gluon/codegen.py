@@ -60,7 +60,7 @@ SIG_DTYPES = {"f64": "fp64", "f32": "fp32", "f16": "fp16", "bf16": "bf16", "i32"
 # (gl.maximum's default, and gl.max's, ignore it); the generated module imports triton.language as tl for the flag
 _NAN = "propagate_nan=tl.PropagateNan.ALL"
 _UNARY = {"exp": "gl.exp({})", "exp2": "gl.exp2({})", "log": "gl.log({})", "log2": "gl.log2({})",
-          "abs": "gl.abs({})", "neg": "(-{})", "relu": f"gl.maximum({{}}, 0.0, {_NAN})", "sqrt": "gl.sqrt({})",
+          "abs": "gl.abs({})", "neg": "({} * -1.0)", "relu": f"gl.maximum({{}}, 0.0, {_NAN})", "sqrt": "gl.sqrt({})",
           "rsqrt": "gl.rsqrt({})", "sigmoid": "(1.0 / (1.0 + gl.exp(-{})))", "sin": "gl.sin({})",
           "cos": "gl.cos({})"}
 _BINARY = {"add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "div": "({} / {})",

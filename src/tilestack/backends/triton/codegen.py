@@ -44,8 +44,10 @@ from tilestack.ir.types import (
 INT32_MAX = 2**31 - 1
 TL_DTYPES = {"f64": "tl.float64", "f32": "tl.float32", "f16": "tl.float16", "bf16": "tl.bfloat16",
              "i32": "tl.int32", "i64": "tl.int64", "bool": "tl.int1", "i8": "tl.int8", "f8e4m3": "tl.float8e4nv"}
+# neg multiplies by -1 (exact, and the sign of a zero flips, as NumPy's and torch's negative): Triton's unary minus is
+# 0 - x, which makes -(+0.0) +0.0 (so 1 / neg(0.0) would be +inf)
 _UNARY = {"exp": "tl.exp({})", "exp2": "tl.math.exp2({})", "log": "tl.log({})", "log2": "tl.log2({})",
-          "abs": "tl.abs({})", "neg": "(-{})", "relu": "tl.maximum({}, 0.0, propagate_nan=tl.PropagateNan.ALL)",
+          "abs": "tl.abs({})", "neg": "({} * -1.0)", "relu": "tl.maximum({}, 0.0, propagate_nan=tl.PropagateNan.ALL)",
           "sqrt": "tl.sqrt({})", "rsqrt": "tl.rsqrt({})", "sigmoid": "tl.sigmoid({})", "sin": "tl.sin({})",
           "cos": "tl.cos({})"}
 # max and min propagate NaN, as NumPy's (the reference), torch's and CUDA's max.NaN do (Triton's default ignores it)
