@@ -9,8 +9,15 @@ conv) on a 3-D grid reading rows before the sequence start, a 3x3 box blur whose
 coordinates, a top-1 MoE router with a one-hot gather and per-expert counts, masked mean pooling over NaN-padded
 sequences, int8 per-row dynamic quantization (round half to even, clamp) and its dequantization, row statistics
 carried in f64, i32 and the input's own dtype at once, a GEMM with per-row and per-column scales, where/compare
-over operands of mixed dtypes, float -> integer conversions past the integer's range, and exp/log at the edges of
-each float format.
+over operands of mixed dtypes (a runtime float chosen into an integer tile too), float -> integer conversions past the
+integer's range, exp/log at the edges of each float format (bf16 subnormals in and out), the sign of a negated zero,
+and float scalars meeting f32 work as f32s.
+
+Bugs these found, fixed in the compiler, each kept here as its regression test: float -> int conversions that wrapped
+in the Triton interpreter and (into i8) on the GPU, and 2**63 wrapping in the reference; where into integer tiles
+computing in f32 (and Gluon storing that f32 into an integer buffer); integer-vs-float compares exact in the reference
+but f32 in Triton; float scalars used in float64 by the reference; bf16 subnormals garbled by Triton's interpreter;
+neg(+0.0) = +0.0 on Triton and Gluon.
 """
 
 import math
