@@ -2,14 +2,14 @@
 
     PYTHONPATH=src python -m tilestack.cli profile tests/perf/perf_models_round3.py:unet --device cpu --train
 
-Each builder returns ``(model, inputs)``. The op kinds are those rounds 1 and 2 leave out: an LSTM with a
-projection and a loss in forward, recurrent cells stepped in Python, a ConvTranspose1d/GLU/weight-norm audio
-net, GroupNorm/SiLU/Hardswish/squeeze-excite, nearest and bilinear upsampling with skip concatenations,
-scatter-based expert routing, an EmbeddingBag recommender with per-sample weights, a ViT (patch convolution, a
-class token, nn.MultiheadAttention returning its weights), nn.Bilinear and a three-operand einsum, 2-d FFT
-mixing, in-place updates through views, bf16 / float64 models, a spatial transformer (affine_grid,
-grid_sample), unbatched vector algebra (mv, dot, addr, trace) and a torch.library custom op. Sizes are tiny:
-what is checked is the counting, not the speed.
+Each builder returns ``(model, inputs)``. The op kinds are those rounds 1 and 2 leave out: an LSTM with a projection
+and a loss in forward, recurrent cells stepped in Python, a ConvTranspose1d/GLU/weight-norm audio net,
+GroupNorm/SiLU/Hardswish/squeeze-excite, nearest and bilinear upsampling with skip concatenations, scatter-based
+expert routing (also noisy: shapes that change every step), an EmbeddingBag recommender with per-sample weights, a
+ViT (patch convolution, a class token, nn.MultiheadAttention returning its weights), nn.Bilinear and a three-operand
+einsum, 2-d FFT mixing, in-place updates through views, bf16 / float64 models, a spatial transformer (affine_grid,
+grid_sample), unbatched vector algebra (mv, dot, addr, trace) and a torch.library custom op. Sizes are tiny: what is
+checked is the counting, not the speed.
 """
 
 from __future__ import annotations
@@ -126,14 +126,18 @@ class ScatterMoE(nn.Module):
     expert's rows run, results weighted and scattered back with scatter_add; a load-balancing count kept by an
     accumulating index_put_."""
 
-    def __init__(self) -> None:
+    def __init__(self, noisy: bool = False) -> None:
         super().__init__()
+        self.noisy = noisy  # noisy top-k gating: routing, and so each expert's row count, changes every step
         self.router = nn.Linear(DIM, EXPERTS, bias=False)
         self.w1 = nn.Parameter(torch.randn(EXPERTS, DIM, 2 * DIM) / DIM**0.5)
         self.w2 = nn.Parameter(torch.randn(EXPERTS, 2 * DIM, DIM) / DIM**0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (T, D)
-        probs = self.router(x).softmax(-1)  # (T, E)
+        logits = self.router(x)  # (T, E)
+        if self.noisy:
+            logits = logits + torch.randn_like(logits)
+        probs = logits.softmax(-1)
         weight, expert = probs.topk(TOP_K, dim=-1)  # (T, K) each
         flat = expert.reshape(-1)  # (T*K,)
         order = flat.argsort()
@@ -368,6 +372,11 @@ def scatter_moe():
 
 
 @_seeded
+def noisy_moe():
+    return ScatterMoE(noisy=True), (torch.randn(TOKENS, DIM),)
+
+
+@_seeded
 def recommender():
     idx = torch.randint(0, ROWS, (TABLES, BATCH * BAG_LEN))
     offsets = torch.arange(0, BATCH * BAG_LEN, BAG_LEN).repeat(TABLES, 1)  # (T, B): BAG_LEN ids per bag
@@ -435,6 +444,7 @@ MODELS = {
         (mobile, True),
         (unet, True),
         (scatter_moe, True),
+        (noisy_moe, True),
         (recommender, True),
         (vit, True),
         (vit_inference_mode, False),

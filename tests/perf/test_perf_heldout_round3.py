@@ -39,6 +39,7 @@ DATA_MOVEMENT = {
     "aten::repeat", "aten::masked_fill", "aten::masked_fill_", "aten::scalar_tensor",
     "aten::linspace", "aten::fill_", "aten::unsqueeze_",  # affine_grid's base grid, where autograd decomposes it
     "aten::arange", "aten::index_fill",  # trace's backward writes dy onto the diagonal
+    "aten::randn_like",  # noisy gating's draw
 }
 FFT = {"aten::_fft_c2c", "aten::_fft_r2c", "aten::_fft_c2r"}  # no FLOP formula (torch has none either)
 SOFT_CLIP = f"{pm.CUSTOM_NAMESPACE}::soft_clip"
@@ -396,3 +397,16 @@ def test_unbatched_vector_algebra():
     _, train_counts, _ = profiled("vector_ops", True)
     train = by_op(train_counts)
     assert train["aten::mv"] > ours["aten::mv"]  # the backward's matrix-vector products too
+
+
+def test_shapes_that_change_every_step_keep_their_counts_in_the_op_rows():
+    """Noisy top-k routing gives each expert another number of tokens every step: the timed steps run matmuls at
+    shapes the counting step did not. Their work is still in the rows that carry the matmuls' time (the op's row
+    at the unseen shapes), none left untimed, and it adds up to the routed rows' work."""
+    model, inputs = pm.noisy_moe()
+    p = profile.profile_model(model, inputs, steps=4, warmup=1, ceilings=CEIL, device="cpu")
+    assert not p.untimed
+    t, k, d, e = pm.TOKENS, pm.TOP_K, pm.DIM, pm.EXPERTS
+    mm = math.fsum(o.m.flops * o.calls for o in p.ops if o.op in MATMULS)
+    assert mm == 2 * t * d * e + t * k * (2 * d * 2 * d + 2 * 2 * d * d)
+    assert all(o.counted for o in p.ops if o.op in MATMULS)

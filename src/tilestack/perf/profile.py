@@ -584,8 +584,9 @@ def _fold_untimed(
     whose subtree the profiler ran it in (autograd's ``clone`` inside ``mul_``), else its in-place or out-of-place
     twin at the same shapes (``add`` counted, ``add_`` timed: composite compliance), else the nearest composite
     it ran inside that has a row (``max_pool1d``, whose own CPU kernel plain eager runs instead of the
-    ``max_pool2d_with_indices`` the counting pass saw). Calls stay the row's own. Ops with none of these stay
-    apart (``ModelProfile.untimed``)."""
+    ``max_pool2d_with_indices`` the counting pass saw), else the op's own row at shapes the counting step did not
+    see (data-dependent shapes). Calls stay the row's own. Ops with none of these stay apart
+    (``ModelProfile.untimed``)."""
     out = {k: dataclasses.replace(c) for k, c in counts.items()}
     for key in counted - timed:
         name, shapes = key
@@ -596,6 +597,10 @@ def _fold_untimed(
         if target is None or target not in timed:
             twin = (name[:-1] if name.endswith("_") else name + "_", shapes)
             target = twin if twin in timed and twin in counted else None
+        if target is None and (name, ()) in timed:
+            # The same op, timed only at shapes the counting step did not run: shapes that depend on the data
+            # (an expert's share of tokens under noisy routing) differ from step to step.
+            target = (name, ())
         if target is None:  # the composite it ran inside, where eager runs that one's own kernel instead
             target = next(
                 (k for parent in counts[key].parents for k in (parent, (parent[0], ())) if k in timed), None
@@ -643,7 +648,10 @@ def _join(
     inside = {k: t.inside for k, t in rows.items() if t.inside is not None}
     rows = {k: t for k, t in rows.items() if t.seconds > 0}
     unsupported = tuple(sorted({op for (op, _), c in counts.items() if c.unsupported}))
-    counts = _fold_untimed(counts, counted, set(rows), inside)
+    # Rows with time in the median step: a counted op timed in fewer than half of the steps (data-dependent
+    # shapes) has none, and its counts go to a row that has.
+    timed = {k for k, t in rows.items() if statistics.median([t.per_step.get(i, 0.0) for i in range(steps)]) > 0}
+    counts = _fold_untimed(counts, counted, timed, inside)
     counted = counted | {k for k, c in counts.items() if c.flops > 0 or c.bytes_read + c.bytes_written > 0}
 
     def per_step(t: _Timed) -> tuple[float, ...]:
