@@ -28,7 +28,7 @@ from tilestack import config
 from tilestack.errors import LaunchError
 from tilestack.kernels import attention_forward, rotary_tables
 from tilestack.kernels.rotary import reference as rotary_reference
-from tilestack.quant import QuantLinear, quantize_weight, quantized_linear
+from tilestack.quant import QuantLinear, accuracy_cost, quantize_weight, quantized_linear
 from tilestack.quant.producers import norm_fp8
 from tilestack.torch import ops
 
@@ -140,7 +140,19 @@ def _quant_rows() -> dict[str, Row]:
         y = tilestack.quantize(mlp(), "int8")(x.clone().requires_grad_())
         y.sum().backward()
 
+    def cost(batches, model=None):
+        return accuracy_cost(model or mlp(), tilestack.quantize(mlp(), "int8"), batches)
+
     return {
+        # no batch gave {"max_rel_err": 0.0, ...}: no error measured read as none
+        "accuracy_cost: no batches": Row(lambda: cost([]), LaunchError, "batches gave no non-empty batch"),
+        "accuracy_cost: only empty batches": Row(lambda: cost([x[:0]]), LaunchError, "no non-empty batch"),
+        "accuracy_cost: batches an int": Row(lambda: cost(3), LaunchError, "batches must be an iterable"),
+        "accuracy_cost: batches one tensor": Row(lambda: cost(x), LaunchError, "got Tensor"),
+        "accuracy_cost: batch of the wrong shape": Row(lambda: cost([x, randn(5, 7)]), LaunchError,
+                                                       "batch 1 ((5, 7)) failed in the model"),
+        "accuracy_cost: model None": Row(lambda: accuracy_cost(None, mlp(), [x]), LaunchError,
+                                         "model must be a torch.nn.Module, got NoneType"),
         "quantize: mode a list": Row(lambda: tilestack.quantize(mlp(), ["int8"]), LaunchError, "mode=['int8']"),
         "quantize: calibration batch of the wrong shape": Row(lambda: calibrate([randn(5, 7)]), LaunchError,
                                                               "calibration batch 0 ((5, 7)) failed in model(batch)"),
@@ -420,3 +432,23 @@ def test_quantize_weight_meta_and_scales_bound():
     assert activation_scale(1e-44) == MIN_SCALE
     assert activation_scale(0.0) == 1.0
     assert math.isclose(activation_scale(448.0), 1.0)
+
+
+def test_calibration_refused_or_failed_leaves_no_hooks():
+    """A refused calibration (not an iterable) or a batch failing in the model leaves the model as it was: no
+    forward hook behind (the check ran after the hooks were added, and left them), no layer replaced."""
+    for calibration in (3, [randn(5, 7)]):
+        model = mlp()
+        with pytest.raises(LaunchError, match="calibration"):
+            tilestack.quantize(model, "fp8-act", calibration=calibration)
+        assert all(not m._forward_pre_hooks for m in model.modules())
+        assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def test_calibration_with_an_empty_batch():
+    """An empty batch adds nothing to the activation range (its max() raised inside the hook)."""
+    x = randn(5, 8)
+    with_empty = tilestack.quantize(mlp(), "fp8-act", calibration=[x[:0], x])
+    without = tilestack.quantize(mlp(), "fp8-act", calibration=[x])
+    assert [m.x_scale for m in with_empty.modules() if isinstance(m, QuantLinear)] == \
+        [m.x_scale for m in without.modules() if isinstance(m, QuantLinear)]

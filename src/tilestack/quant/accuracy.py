@@ -9,8 +9,12 @@ accuracy of a classifier trained here on a small real dataset (scikit-learn's 8x
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
+
+from tilestack.errors import LaunchError
 
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_PIXEL_MAX = 16.0            # the digits set's pixels are 0..16
@@ -27,13 +31,31 @@ def accuracy_cost(model: nn.Module, qmodel: nn.Module, batches) -> dict[str, flo
     """The quantized model's outputs against the float model's over ``batches`` (inputs as for ``model``):
     the largest and the mean of |yq - y| / max|y| per batch, and the fraction of rows whose argmax over the
     last dim agrees (top-1 for logits)."""
+    for name, m in (("model", model), ("qmodel", qmodel)):
+        if not isinstance(m, nn.Module):
+            raise LaunchError(f"accuracy_cost: {name} must be a torch.nn.Module, got {type(m).__name__}")
+    if isinstance(batches, torch.Tensor) or not isinstance(batches, Iterable):
+        raise LaunchError(f"accuracy_cost: batches must be an iterable of sample batches (e.g. [x1, x2]), got "
+                          f"{type(batches).__name__}")
     worst, total, agree, rows, n = 0.0, 0.0, 0, 0, 0
-    for batch in batches:
-        y, yq = _outputs(model, batch), _outputs(qmodel, batch)
+    for i, batch in enumerate(batches):
+        try:
+            y, yq = _outputs(model, batch), _outputs(qmodel, batch)
+        except Exception as e:   # the model's own error, said as which batch
+            got = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
+            raise LaunchError(f"accuracy_cost: batch {i} ({got}) failed in the model: {type(e).__name__}: {e}") from e
+        if y.shape != yq.shape or y.dim() == 0:
+            raise LaunchError(f"accuracy_cost: batch {i} gave outputs {tuple(y.shape)} (model) and "
+                              f"{tuple(yq.shape)} (qmodel); expected one shape with a last dim to compare over")
+        if y.numel() == 0:       # nothing to compare in an empty batch
+            continue
         rel = float((yq - y).abs().max() / y.abs().max().clamp_min(1e-30))
         worst, total, n = max(worst, rel), total + rel, n + 1
         agree += int((yq.argmax(-1) == y.argmax(-1)).sum())
         rows += y.numel() // y.shape[-1]
+    if n == 0:
+        raise LaunchError("accuracy_cost: batches gave no non-empty batch; expected sample inputs to compare the "
+                          "models on (an error of 0 from none would say nothing)")
     return {"max_rel_err": worst, "mean_rel_err": total / max(n, 1), "top1_agree": agree / max(rows, 1)}
 
 

@@ -84,17 +84,18 @@ def _run(model: nn.Module, batch) -> None:
 
 def calibrate(model: nn.Module, names: list[str], batches) -> dict[str, float]:
     """The largest |input| of each named linear layer over ``batches`` (float weights, no gradients)."""
+    if isinstance(batches, torch.Tensor) or not isinstance(batches, Iterable):
+        raise LaunchError(f"quantize: calibration must be an iterable of sample batches (e.g. [x1, x2], each a "
+                          f"tensor, a tuple of arguments or a dict of keyword arguments), got "
+                          f"{type(batches).__name__}")
     amax = dict.fromkeys(names, 0.0)
     hooks = []
     modules = dict(model.named_modules())
     for name in names:
         def record(_mod, args, name=name):
-            amax[name] = max(amax[name], float(args[0].detach().abs().max()))
+            if args[0].numel():          # an empty input has no largest value
+                amax[name] = max(amax[name], float(args[0].detach().abs().max()))
         hooks.append(modules[name].register_forward_pre_hook(record))
-    if isinstance(batches, torch.Tensor) or not isinstance(batches, Iterable):
-        raise LaunchError(f"quantize: calibration must be an iterable of sample batches (e.g. [x1, x2], each a "
-                          f"tensor, a tuple of arguments or a dict of keyword arguments), got "
-                          f"{type(batches).__name__}")
     seen = 0
     try:
         with torch.no_grad():
