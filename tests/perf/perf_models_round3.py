@@ -8,7 +8,8 @@ GroupNorm/SiLU/Hardswish/squeeze-excite, nearest and bilinear upsampling with sk
 expert routing (also noisy: shapes that change every step), an EmbeddingBag recommender with per-sample weights, a
 ViT (patch convolution, a class token, nn.MultiheadAttention returning its weights), nn.Bilinear and a three-operand
 einsum, 2-d FFT mixing, in-place updates through views, bf16 / float64 models, a spatial transformer (affine_grid,
-grid_sample), unbatched vector algebra (mv, dot, addr, trace) and a torch.library custom op. Sizes are tiny: what is
+grid_sample), unbatched vector algebra (mv, dot, addr, trace), a Gaussian process (cholesky, cholesky_solve,
+slogdet) and a torch.library custom op. Sizes are tiny: what is
 checked is the counting, not the speed.
 """
 
@@ -29,6 +30,7 @@ TABLES, ROWS, BAG_DIM, BAG_LEN, DENSE = 3, 50, 8, 4, 5  # recommender
 PATCH, CLASSES, HEADS = 4, 10, 2  # vision transformer: 16x16 image -> 16 patches of 4x4
 VIT_IMAGE = 16
 FNET_TOKENS = 8
+GP_POINTS, GP_FEATURES, GP_NOISE = 6, 3, 0.1  # Gaussian process: points per batch entry, features, jitter
 
 
 class LstmLM(nn.Module):
@@ -311,6 +313,21 @@ class VectorOps(nn.Module):
         return torch.dot(y, x) + torch.trace(updated) + counts.sum()
 
 
+class GaussianProcess(nn.Module):
+    """A Gaussian-process marginal likelihood: an RBF kernel from pairwise distances (cdist), a Cholesky
+    factorisation, a solve with the factor (cholesky_solve) and the log-determinant (slogdet)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # x: (B, N, F), y: (B, N, 1)
+        d = torch.cdist(x, x) / self.log_scale.exp()  # (B, N, N)
+        k = torch.exp(-0.5 * d * d) + GP_NOISE * torch.eye(x.shape[1])
+        alpha = torch.cholesky_solve(y, torch.linalg.cholesky(k))  # (B, N, 1)
+        return 0.5 * (y * alpha).sum() + 0.5 * torch.linalg.slogdet(k)[1].sum()
+
+
 CUSTOM_NAMESPACE = "perf_round3"
 if not hasattr(getattr(torch.ops, CUSTOM_NAMESPACE), "soft_clip"):  # once, however often this file is loaded
 
@@ -430,6 +447,11 @@ def vector_ops():
 
 
 @_seeded
+def gaussian_process():
+    return GaussianProcess(), (torch.randn(BATCH, GP_POINTS, GP_FEATURES), torch.randn(BATCH, GP_POINTS, 1))
+
+
+@_seeded
 def custom_op():
     return CustomOp(), (torch.randn(TOKENS, DIM),)
 
@@ -455,6 +477,7 @@ MODELS = {
         (mlp_fp64, True),
         (spatial_transformer, True),
         (vector_ops, True),
+        (gaussian_process, True),
         (custom_op, False),  # no autograd registered for the custom op
     )
 }

@@ -19,6 +19,7 @@ import pytest
 from rich.console import Console
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+from tilestack.errors import LaunchError
 from tilestack.perf import device, formulas, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -40,6 +41,8 @@ DATA_MOVEMENT = {
     "aten::linspace", "aten::fill_", "aten::unsqueeze_",  # affine_grid's base grid, where autograd decomposes it
     "aten::arange", "aten::index_fill",  # trace's backward writes dy onto the diagonal
     "aten::randn_like",  # noisy gating's draw
+    "aten::eye", "aten::tril", "aten::_linalg_check_errors",  # the Gaussian process's jitter, factor, info check
+    "aten::diag_embed",  # slogdet's backward
 }
 FFT = {"aten::_fft_c2c", "aten::_fft_r2c", "aten::_fft_c2r"}  # no FLOP formula (torch has none either)
 SOFT_CLIP = f"{pm.CUSTOM_NAMESPACE}::soft_clip"
@@ -410,3 +413,20 @@ def test_shapes_that_change_every_step_keep_their_counts_in_the_op_rows():
     mm = math.fsum(o.m.flops * o.calls for o in p.ops if o.op in MATMULS)
     assert mm == 2 * t * d * e + t * k * (2 * d * 2 * d + 2 * 2 * d * d)
     assert all(o.counted for o in p.ops if o.op in MATMULS)
+
+
+def test_gaussian_process_factorisations_count_as_lapack_does():
+    """cholesky n^3/3, a solve with the factor 2 n^2 k, slogdet's LU 2n^3/3 per matrix (LAPACK's leading terms);
+    the RBF kernel's distances 3 FLOPs per pair and feature."""
+    p, counts, _ = profiled("gaussian_process", False)
+    b, n, f = pm.BATCH, pm.GP_POINTS, pm.GP_FEATURES
+    ours = by_op(counts)
+    assert ours["aten::linalg_cholesky_ex"] == pytest.approx(b * n**3 / 3)
+    assert ours["aten::cholesky_solve"] == b * 2 * n**2 * 1
+    assert ours["aten::_linalg_slogdet"] == pytest.approx(b * 2 * n**3 / 3)
+    assert ours["aten::_cdist_forward"] == formulas.CDIST_FLOPS_PER_TERM * b * n * n * f
+    assert not p.unsupported
+    assert formulas.factorization_flops("svd", 4, 6, vectors=False) == formulas.factorization_flops("svd", 6, 4,
+                                                                                                    vectors=False)
+    with pytest.raises(LaunchError, match="kind='lq'; expected one of cholesky"):
+        formulas.factorization_flops("lq", 4, 4)

@@ -420,6 +420,30 @@ def _trace_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     return float(min(_argument(func, args, kwargs, "self").shape, default=0))
 
 
+def _factorization(kind: str, matrix: str, rhs: str | None = None) -> Callable[[Any, tuple, dict, Any], float]:
+    """A dense linear-algebra routine on each matrix of the batch ``matrix`` (..., m, n), with the right-hand sides
+    ``rhs`` (..., n, k) or (..., n) where it solves: ``formulas.factorization_flops``."""
+
+    def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+        a = arg(matrix)
+        if a is None or a.dim() < 2:
+            return 0.0
+        m, n = a.shape[-2:]
+        batch = _numel(a) // max(m * n, 1)
+        k = 0
+        if rhs is not None:
+            b = arg(rhs)
+            k = _numel(b) // max(batch * n, 1) if b is not None else 0  # columns per system (1 for a vector)
+        mode = arg("mode")  # linalg_qr: "r" forms no Q
+        vectors = bool(arg("compute_v") if arg("compute_v") is not None else arg("compute_uv")
+                       if arg("compute_uv") is not None else mode != "r")
+        full = bool(arg("full_matrices")) or mode == "complete"
+        return float(batch * formulas.factorization_flops(kind, m, n, k, vectors=vectors, full=full))
+
+    return count
+
+
 def _index_put_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     """index_put / index_put_: with ``accumulate`` one add per value put (an index backward, a histogram);
     without, a copy."""
@@ -485,6 +509,18 @@ OWN_FLOPS: dict[str, Callable[[Any, tuple, dict, Any], float]] = {
     "aten._embedding_bag_per_sample_weights_backward": _embedding_bag_backward_flops,
     **{f"aten.{op}": _matrix_vector_flops for op in ("mv", "addmv", "addmv_", "dot", "vdot", "addr", "addr_")},
     "aten.trace": _trace_flops,
+    "aten.linalg_cholesky_ex": _factorization("cholesky", "self"),
+    "aten.linalg_lu_factor_ex": _factorization("lu", "A"),
+    "aten._linalg_slogdet": _factorization("lu", "A"),
+    "aten._linalg_det": _factorization("lu", "A"),
+    "aten.linalg_inv_ex": _factorization("inverse", "A"),
+    "aten._linalg_solve_ex": _factorization("solve", "A", "B"),
+    "aten.linalg_solve_triangular": _factorization("triangular_solve", "self", "B"),
+    "aten.cholesky_solve": _factorization("factored_solve", "input2", "self"),
+    "aten.linalg_lu_solve": _factorization("factored_solve", "LU", "B"),
+    "aten.linalg_qr": _factorization("qr", "A"),
+    "aten._linalg_eigh": _factorization("eigh", "A"),
+    "aten._linalg_svd": _factorization("svd", "A"),
     "aten.linalg_cross": _per_element("self", formulas.CROSS_FLOPS_PER_ELEMENT),
     "aten.renorm": _per_element("self", formulas.RENORM_FLOPS_PER_ELEMENT),
     "aten.renorm_": _per_element("self", formulas.RENORM_FLOPS_PER_ELEMENT),
@@ -581,7 +617,7 @@ NO_ARITHMETIC = frozenset(
         "_reshape_alias", "expand_copy", "permute_copy", "split", "unsafe_split", "chunk", "narrow_copy",
         "_pin_memory", "bucketize", "masked_fill", "transpose", "select_backward",
         "slice_backward", "index_backward", "expand_backward", "_linalg_check_errors", "searchsorted",
-        "index_fill", "index_copy", "take", "rot90",
+        "index_fill", "index_copy", "take", "rot90", "diag_embed",
         "one_hot", "tril_indices", "triu_indices", "linspace", "masked_scatter_backward",
     }
 )

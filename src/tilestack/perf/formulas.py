@@ -322,3 +322,40 @@ def convolution_backward(
     read = _prod(dy) + (_prod(w) if input_grad else 0) + (_prod(x) if weight_grad else 0)
     written = (_prod(x) if input_grad else 0) + (_prod(w) if weight_grad else 0) + (dy[1] if bias_grad else 0)
     return Cost(flops, read * e, written * e)
+
+
+def factorization_flops(kind: str, m: int, n: int, k: int = 0, *, vectors: bool = True, full: bool = False) -> float:
+    """FLOPs of one dense linear-algebra routine on an (m, n) matrix (k right-hand sides for a solve): the leading
+    terms LAPACK counts them by (LAPACK Working Note 41; Golub & Van Loan for the eigen- and singular-value
+    drivers), as the field quotes them.
+
+    kinds: "cholesky" n^3/3; "lu" 2n^3/3; "inverse" 2n^3; "solve" LU then both triangles, 2n^3/3 + 2n^2 k;
+    "triangular_solve" n^2 k; "factored_solve" (LU or Cholesky factors given) 2n^2 k; "qr" 2mn^2 - 2n^3/3 for R
+    and as much again to form Q (``vectors``); "eigh" 4n^3/3 for the values, 9n^3 with the vectors; "svd"
+    4mn^2 - 4n^3/3 for the values, 14mn^2 + 8n^3 with thin U and V (4m^2 n + 8mn^2 + 9n^3 with ``full``), m >= n.
+    """
+    m, n = max(m, n), min(m, n)  # a wide matrix is factored as its transpose
+    if kind == "cholesky":
+        return n**3 / 3
+    if kind == "lu":
+        return 2 * n**3 / 3
+    if kind == "inverse":
+        return 2 * n**3
+    if kind == "solve":
+        return 2 * n**3 / 3 + 2 * n**2 * k
+    if kind == "triangular_solve":
+        return n**2 * k
+    if kind == "factored_solve":
+        return 2 * n**2 * k
+    if kind == "qr":
+        r = 2 * m * n**2 - 2 * n**3 / 3
+        return 2 * r if vectors else r
+    if kind == "eigh":
+        return 9 * n**3 if vectors else 4 * n**3 / 3
+    if kind == "svd":
+        if not vectors:
+            return 4 * m * n**2 - 4 * n**3 / 3
+        return 4 * m**2 * n + 8 * m * n**2 + 9 * n**3 if full else 14 * m * n**2 + 8 * n**3
+    raise LaunchError(
+        f"kind={kind!r}; expected one of cholesky, lu, inverse, solve, triangular_solve, factored_solve, qr, eigh, svd"
+    )
