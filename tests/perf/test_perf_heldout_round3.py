@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from rich.console import Console
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
@@ -327,9 +328,18 @@ def test_fnet_counts_its_mlp_and_names_the_ffts():
             assert not o.flops_known and o.bound == "unknown" and o.m.bytes > 0
     table = {r[0]: r for r in profile.profile_rows(p)}
     assert table["aten::_fft_c2c"][profile.PROFILE_COLUMNS.index("FLOPs/step")] == profile.UNKNOWN_FLOPS
-    # The spectral filter multiplies complex by real: it writes 8 bytes per complex64 element.
+    # The spectral filter multiplies complex by real: both parts of each complex64 element (8 bytes) scaled.
     (mul,) = [c for (op, s), c in counts.items() if op == "aten::mul" and s[0] == (b, n // 2 + 1, d)]
-    assert mul.flops > 0 and mul.bytes_written == 8 * b * (n // 2 + 1) * d
+    assert mul.flops == 2 * b * (n // 2 + 1) * d and mul.bytes_written == 8 * b * (n // 2 + 1) * d
+
+
+def test_complex_matmuls_count_real_operations():
+    """A complex multiply-add is 4 real multiplies and 4 adds: 8 M N K for a complex (M, K) @ (K, N)."""
+    lin = torch.nn.Linear(4, 3, bias=False, dtype=torch.complex64)
+    x = torch.randn(5, 4, dtype=torch.complex64)
+    with torch.no_grad():
+        counts = profile.count_ops(lambda: lin(x))
+    assert flops_of(counts, MATMULS) == 8 * 5 * 3 * 4
 
 
 def test_in_place_updates_through_views_and_fold():

@@ -145,6 +145,8 @@ def _flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     is_causal = _argument(func, args, kwargs, "is_causal")
     if packet in flop_registry:
         flops = float(flop_registry[packet](*args, **kwargs, out_val=out))
+        if any(t.is_complex() for t in _tensors(args)):  # torch counts a complex multiply-add as a real one
+            flops *= formulas.COMPLEX_MAC_OVER_REAL
         return flops * formulas.CAUSAL_FRACTION if is_causal else flops
     if str(packet) == "aten._scaled_dot_product_flash_attention_for_cpu":
         q, k, v = args[:3]
@@ -163,7 +165,9 @@ def _flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     if str(packet).removeprefix("aten.").rstrip("_") in NO_ARITHMETIC:
         return 0.0  # a copy or a select, though torch tags some pointwise (clone, masked_fill)
     if torch.Tag.pointwise in tags:
-        return float(sum(_numel(t) for t in _tensors(out)))  # 1 FLOP per output element, as torch's profiler
+        # 1 FLOP per output element, as torch's profiler; per real part of a complex one.
+        return float(sum(_numel(t) * (formulas.COMPLEX_ELEMENT_OVER_REAL if t.is_complex() else 1)
+                         for t in _tensors(out)))
     if torch.Tag.reduction in tags and args and isinstance(args[0], torch.Tensor):
         return float(_numel(args[0]))  # one add (or compare) per element folded in
     return 0.0

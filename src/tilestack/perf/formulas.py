@@ -55,6 +55,10 @@ _TORCH_NAMES: dict[str, str] = {
 }
 
 FLOPS_PER_MAC = 2
+# FLOPs are real operations: a complex multiply-add is 4 real multiplies and 4 adds (zgemm's count), and an
+# element-wise op on complex values works on both parts.
+COMPLEX_MAC_OVER_REAL = 4
+COMPLEX_ELEMENT_OVER_REAL = 2
 MATMUL_BWD_OVER_FWD = 2  # the input gradient and the weight gradient, each a matmul as large as the forward's
 ATTENTION_MATMULS_FWD = 2  # S = Q K^T and O = P V
 ATTENTION_BWD_OVER_FWD = 2.5  # dV, dP, dQ, dK (+ recompute of S): five matmuls for the forward's two
