@@ -10,7 +10,8 @@ Two passes over the same step, so counting never distorts timing:
 1. counting (``tilestack.perf.counting``): one step under a ``TorchDispatchMode`` that sees every ATen op, counts its
    FLOPs with the formulas of ``torch.utils.flop_counter`` (matmuls, attention; causal attention halved as tilestack
    counts it) or tilestack's own (convolutions forward and backward with their groups: ``formulas.convolution``; the
-   CPU LSTM kernel, norms, softmax, reductions, scatters and 1 FLOP per element of a pointwise op), and its bytes as
+   CPU LSTM kernel, norms, softmax, reductions, scatters, selections, interpolation, losses, dense linear algebra,
+   matrix-vector products and 1 FLOP per element of a pointwise op; complex values as real FLOPs), and its bytes as
    the sizes of its distinct input and output tensors (views move none, an expanded input is read as held, a lookup
    reads only its rows). A composite op that reaches the mode whole (under ``inference_mode``) is counted as the ops
    it runs, as ``FlopCounterMode`` does; an op that computes but has no formula is listed in
@@ -22,14 +23,16 @@ Two passes over the same step, so counting never distorts timing:
    the steps (a step the machine descheduled does not set it), and is that of its whole subtree of the
    profiler's event tree when the counting pass saw it (``clone`` takes the ``copy_`` inside it), its own time
    otherwise (``linear``, which decomposes before dispatch, leaves its ``addmm`` to be counted on its own).
-The two are joined by op name and input shapes, per step: a stem, a depthwise and a pointwise convolution are
-three rows, each with its own bound and tip. A row's calls, FLOPs and bytes are the counting pass's, so the
-rows (and ``ModelProfile.untimed``, counted ops the profiler timed under no row of their own) add up to what
-was counted. ``profile_model`` checks its arguments, and that the inputs fit ``forward``, before any work.
-Every row becomes a :class:`Measurement` (per call) so it gets
-the same roofline placement and tip as a kernel, and the spread of its time over the steps; time no ATen op
-accounts for is one ``(other)`` row. The rows' config names the model, the step (forward, or forward and
-backward) and the shapes, so ``tilestack compare`` pairs only the same op of the same model at the same shapes.
+The two are joined by op name and input shapes, per step: a stem, a depthwise and a pointwise convolution are three
+rows, each with its own bound and tip. Ops of any namespace the counting pass saw (``quantized::``, a
+``torch.library`` custom op) are joined like ATen's; an op whose shapes change from step to step (data-dependent
+routing) carries its counts in its row at the shapes the counting step did not see. A row's calls, FLOPs and bytes
+are the counting pass's, so the rows (and ``ModelProfile.untimed``, counted ops the profiler timed under no row of
+their own) add up to what was counted. ``profile_model`` checks its arguments, and that the inputs fit ``forward``,
+before any work. Every row becomes a :class:`Measurement` (per call) so it gets the same roofline placement and tip
+as a kernel, and the spread of its time over the steps; time no ATen op accounts for is one ``(other)`` row. The
+rows' config names the model, the step (forward, or forward and backward) and the shapes, so ``tilestack compare``
+pairs only the same op of the same model at the same shapes.
 """
 
 from __future__ import annotations
