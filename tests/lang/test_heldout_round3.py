@@ -748,6 +748,35 @@ def test_where_and_compare_with_mixed_dtypes(backend, adt, bdt, ydt, rng):
                                       _as(c.double()[None, :].expand(M, N), ydt)))
 
 
+# ---- 13a. integer vectors and index scalars in f32 work are converted to f32 first, as the GPU converts them ---------
+@ts.kernel(grid=lambda X: (1,))
+def ints_into_f32_work(X, V, W, Y, *, R: int = 4, C: int = 16):
+    """Y = (X + V[r]) * W[c] + (rows * 4194305 + 1), all in f32: V (R,) i32 and W (C,) i64 past 2**24."""
+    x = ts.RegTile[ts.f32, R, C]()
+    v = ts.RegVec[V.dtype, R]()
+    w = ts.RegVec[W.dtype, C]()
+    ts.load(x, X, at=(0, 0))
+    ts.load(v, V, at=(0,))
+    ts.load(w, W, at=(0,))
+    ts.add_row(x, x, v)
+    ts.mul_col(x, x, w)
+    ts.add(x, x, X.shape[0] * 4194305 + 1)           # an index scalar: 16777221, not an f32
+    ts.store(Y, x, at=(0, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_integer_operands_of_f32_work_are_f32(backend, rng):
+    R, C = 4, 16
+    x = torch.from_numpy(rng.random((R, C))).float() + 0.5
+    v = torch.tensor([2**24 + 1, -(2**24) - 3, 2**31 - 1, 7], dtype=torch.int32)
+    w = torch.from_numpy(rng.integers(-3, 4, C)).long()
+    w[:3] = torch.tensor([2**40 + 1, 1, -(2**25) - 1])
+    y = torch.full((R, C), math.nan)
+    launch(ints_into_f32_work, backend, x, v, w, y)
+    n32 = torch.tensor(R * 4194305 + 1, dtype=torch.float32)
+    assert torch.equal(y, (x + v.float()[:, None]) * w.float()[None, :] + n32)      # each step rounded to f32
+
+
 # ---- 13b. a runtime float chosen into an integer tile: truncated and saturated (NaN as 0), as a float tile is ----
 @ts.kernel(grid=lambda X: (1,))
 def where_float_into_int(X, Y, a: float, *, N: int = 16):
@@ -939,6 +968,8 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
                                   _meta(256, 256, dtype=BF)), dict(BM=128, BN=128, BK=64)),
     "select_mixed": (select_mixed, (_meta(8, 16, dtype=BF), _meta(8, 16, dtype=I32), _meta(8), _meta(16, dtype=I32),
                                     _meta(8, 16, dtype=I32), _meta(8, 16, dtype=F16)), {}),
+    "ints_into_f32_work": (ints_into_f32_work, (_meta(4, 16), _meta(4, dtype=I32), _meta(16, dtype=I64),
+                                                _meta(4, 16)), {}),
     "where_float_into_int": (where_float_into_int, (_meta(16, dtype=I8), _meta(16, dtype=I8), 0.5), {}),
     "neg_recip": (neg_recip, (_meta(8, dtype=F16), _meta(8, dtype=F16)), {}),
     "to_int_i8": (to_int, (_meta(32), _meta(32, dtype=I8)), {}),

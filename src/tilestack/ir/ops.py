@@ -441,8 +441,18 @@ def _in_work_dtype(ins: Instr, x):
 
 
 def _int_args(ins: Instr, s: list) -> list:
+    """Operands as the op's work dtype takes them: integer work converts scalars to it (wrapping); float work rounds
+    integer operands (an i32 vector added to an f32 tile, an index scalar) to it, as the backends convert them."""
     wd = work_dtype(ins)
-    return s if wd.is_float else [_int_operand(x, wd) for x in s]
+    return _float_args(s, wd) if wd.is_float else [_int_operand(x, wd) for x in s]
+
+
+def _float_args(s: list, wd) -> list:
+    """Integer operands (tiles, index scalars) of float work rounded to its dtype ``wd``; the rest as they are."""
+    def is_int(x) -> bool:
+        return (x.dtype.kind in "iu") if isinstance(x, np.ndarray) else \
+            isinstance(x, int | np.integer) and not isinstance(x, bool)
+    return [_types().round_to(x, wd) if is_int(x) else x for x in s]
 
 
 UNARY_FNS: dict[str, Callable] = {
@@ -543,6 +553,7 @@ def _broadcast_rule(ins: Instr) -> None:
 
 
 def _broadcast_ref(ins: Instr, s: list, m) -> np.ndarray:
+    s = _int_args(ins, s)
     vec = s[1][:, None] if ins.attrs.axis == "row" else s[1][None, :]
     return _in_work_dtype(ins, BROADCAST_FNS[ins.attrs.fn](s[0], vec))
 
@@ -738,7 +749,7 @@ def _along(ins: Instr, s: list) -> list:
 def _compare_ref(ins: Instr, s: list, m) -> np.ndarray:
     wd = work_dtype(ins)
     if wd.is_float:   # an integer tile compared with a float one is converted to the float work dtype first
-        s = [_types().round_to(x, wd) if isinstance(x, np.ndarray) and x.dtype.kind in "iu" else x for x in s]
+        s = _float_args(s, wd)
     return np.broadcast_to(COMPARE_FNS[ins.attrs.fn](*_along(ins, s)), ins.result.type.shape)
 
 
