@@ -9,7 +9,7 @@ expert routing (also noisy: shapes that change every step), an EmbeddingBag reco
 ViT (patch convolution, a class token, nn.MultiheadAttention returning its weights), nn.Bilinear and a three-operand
 einsum, 2-d FFT mixing, in-place updates through views, bf16 / float64 models, a spatial transformer (affine_grid,
 grid_sample), unbatched vector algebra (mv, dot, addr, trace), a Gaussian process (cholesky, cholesky_solve,
-slogdet) and a torch.library custom op. Sizes are tiny: what is
+slogdet), a dynamically quantized MLP and a torch.library custom op. Sizes are tiny: what is
 checked is the counting, not the speed.
 """
 
@@ -452,6 +452,13 @@ def gaussian_process():
 
 
 @_seeded
+def quantized_mlp():
+    """An MLP after dynamic int8 quantization (CPU inference): its linears run as quantized::linear_dynamic."""
+    mlp = nn.Sequential(nn.Linear(DIM, 2 * DIM), nn.ReLU(), nn.Linear(2 * DIM, DIM))
+    return torch.ao.quantization.quantize_dynamic(mlp, {nn.Linear}, dtype=torch.qint8), (torch.randn(TOKENS, DIM),)
+
+
+@_seeded
 def custom_op():
     return CustomOp(), (torch.randn(TOKENS, DIM),)
 
@@ -479,6 +486,7 @@ MODELS = {
         (vector_ops, True),
         (gaussian_process, True),
         (custom_op, False),  # no autograd registered for the custom op
+        (quantized_mlp, False),  # int8 weights: inference only
     )
 }
 build = unet

@@ -439,3 +439,20 @@ def test_gaussian_process_factorisations_count_as_lapack_does():
                                                                                                     vectors=False)
     with pytest.raises(LaunchError, match="kind='lq'; expected one of cholesky"):
         formulas.factorization_flops("lq", 4, 4)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+def test_quantized_linears_and_embedding_max_norm():
+    """quantized::linear_dynamic multiplies by a packed int8 weight (no tensor argument to read its shape from):
+    counted from the unpacked weight. An embedding with max_norm renormalises each looked-up row in place."""
+    p, counts, _ = profiled("quantized_mlp", False)
+    t, d = pm.TOKENS, pm.DIM
+    assert by_op(counts)["quantized::linear_dynamic"] == 2 * t * d * 2 * d + 2 * t * 2 * d * d
+    assert not p.unsupported and not p.untimed
+    assert all(o.counted for o in p.ops if o.op == "quantized::linear_dynamic")
+    emb = torch.nn.Embedding(pm.VOCAB, pm.EMB, max_norm=1.0)
+    tokens = torch.randint(0, pm.VOCAB, (pm.BATCH, pm.SEQ))
+    with torch.no_grad():
+        counts = profile.count_ops(lambda: emb(tokens))
+    rows = pm.BATCH * pm.SEQ
+    assert by_op(counts)["aten::embedding_renorm_"] == formulas.RENORM_FLOPS_PER_ELEMENT * rows * pm.EMB

@@ -448,6 +448,23 @@ def _factorization(kind: str, matrix: str, rhs: str | None = None) -> Callable[[
     return count
 
 
+def _packed_linear_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """quantized::linear* (dynamic or static int8, fp16): X (..., K) times the packed weight (N, K), 2*rows*N*K."""
+    x, packed = _argument(func, args, kwargs, "X"), _argument(func, args, kwargs, "W_prepack")
+    try:
+        weight = packed.unpack()[0]
+    except (AttributeError, RuntimeError):  # a packing this torch cannot unpack: the FLOPs are unknown
+        return 0.0
+    rows = _numel(x) // max(x.shape[-1], 1) if x.dim() else 0
+    return float(formulas.FLOPS_PER_MAC * rows * weight.numel())
+
+
+def _embedding_renorm_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """embedding_renorm_ (nn.Embedding's max_norm): each looked-up row's norm, and its rescale."""
+    table, indices = _argument(func, args, kwargs, "self"), _argument(func, args, kwargs, "indices")
+    return float(formulas.RENORM_FLOPS_PER_ELEMENT * _numel(indices) * (table.shape[-1] if table.dim() else 1))
+
+
 def _index_put_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     """index_put / index_put_: with ``accumulate`` one add per value put (an index backward, a histogram);
     without, a copy."""
@@ -513,6 +530,10 @@ OWN_FLOPS: dict[str, Callable[[Any, tuple, dict, Any], float]] = {
     "aten._embedding_bag_per_sample_weights_backward": _embedding_bag_backward_flops,
     **{f"aten.{op}": _matrix_vector_flops for op in ("mv", "addmv", "addmv_", "dot", "vdot", "addr", "addr_")},
     "aten.trace": _trace_flops,
+    "aten.embedding_renorm_": _embedding_renorm_flops,
+    **{f"quantized.{op}": _packed_linear_flops for op in (
+        "linear", "linear_relu", "linear_dynamic", "linear_relu_dynamic", "linear_dynamic_fp16",
+    )},
     "aten.linalg_cholesky_ex": _factorization("cholesky", "self"),
     "aten.linalg_lu_factor_ex": _factorization("lu", "A"),
     "aten._linalg_slogdet": _factorization("lu", "A"),
