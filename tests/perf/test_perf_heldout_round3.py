@@ -450,6 +450,9 @@ def test_quantized_linears_and_embedding_max_norm():
     assert by_op(counts)["quantized::linear_dynamic"] == 2 * t * d * 2 * d + 2 * t * 2 * d * d
     assert not p.unsupported and not p.untimed
     assert all(o.counted for o in p.ops if o.op == "quantized::linear_dynamic")
+    # Each reads its int8 weight (1 byte an element) and f32 bias from the packed parameters, and x.
+    (first,) = [c for (op, s), c in counts.items() if op == "quantized::linear_dynamic" and s == ((t, d),)]
+    assert first.bytes_read >= 2 * d * d + 4 * 2 * d + 4 * t * d
     emb = torch.nn.Embedding(pm.VOCAB, pm.EMB, max_norm=1.0)
     tokens = torch.randint(0, pm.VOCAB, (pm.BATCH, pm.SEQ))
     with torch.no_grad():

@@ -719,6 +719,26 @@ def _gathered_bytes(func: Any, args: tuple, kwargs: dict, table_arg: str, index_
     return rows * table.element_size() + _nbytes([index]) + _nbytes(others)
 
 
+def _packed_bytes(obj: Any) -> float:
+    """Bytes of the packed weights among an op's arguments (quantized::linear's LinearPackedParamsBase: a script
+    object, no tensor, whose weight and bias are read all the same)."""
+    import torch
+
+    total, stack = 0.0, [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, list | tuple):
+            stack.extend(x)
+        elif isinstance(x, Mapping):
+            stack.extend(x.values())
+        elif isinstance(x, torch.ScriptObject) and hasattr(x, "unpack"):
+            try:
+                total += _nbytes([t for t in _tensors(x.unpack()) if t.layout == torch.strided])
+            except (RuntimeError, AttributeError):  # a packing this torch cannot unpack: its bytes are unknown
+                continue
+    return total
+
+
 def _arg_shapes(func: Any, args: tuple, kwargs: dict) -> Shapes:
     """Shapes of the op's tensor arguments in schema order, as ``torch.profiler``'s ``record_shapes`` gives them.
 
@@ -775,6 +795,7 @@ def count_ops(step: Callable[[], Any]) -> dict[OpKey, _Count]:
                 ins = [t for t in ins if not any(t is o for o in _out_arguments(func, kwargs))]  # written, not read
                 gathered = GATHERS.get(str(func._overloadpacket))
                 c.bytes_read += _nbytes(ins) if gathered is None else _gathered_bytes(func, args, kwargs, *gathered)
+                c.bytes_read += _packed_bytes((args, kwargs))
                 c.bytes_written += _nbytes(outs)
             c.flops += _flops(func, args, kwargs, out)
             c.unsupported = c.unsupported or not (has_flop_formula(func) or does_no_arithmetic(func))
