@@ -12,7 +12,8 @@ Each op's meaning is its reference semantics in ``tilestack.ir.ops``; this modul
 - A loop's carried tiles take the body's yields from one iteration to the next.
 - A float scalar (an argument, a constant, scalar arithmetic) taken by tile work that is not f64 is rounded to f32
   first, as Triton converts it to the tensor's f32: ``x * 0.1`` multiplies by the f32 nearest 0.1, and ``x > 0.1`` is
-  false at x = f32(0.1). f64 work takes it as it is.
+  false at x = f32(0.1). f64 work takes it as it is. Integer operands of float work (an i32 vector added to an f32
+  tile, an index scalar) are converted to the work dtype first too (``ir.ops``).
 """
 
 from __future__ import annotations
