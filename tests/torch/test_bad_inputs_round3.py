@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -76,9 +77,9 @@ def _attention_rows() -> dict[str, Row]:
                 lambda fn=fn: fn(q, k, v, attn_mask=torch.zeros(5, 7, dtype=torch.float16)), LaunchError,
                 "attn_mask has dtype float16"),
             f"{name}: attn_mask rank 1": Row(lambda fn=fn: fn(q, k, v, attn_mask=torch.ones(7, dtype=torch.bool)),
-                                             LaunchError, "attn_mask is (7,); expected rank 2 to 4"),
+                                             LaunchError, "attn_mask is (7,); expected a shape broadcastable"),
             f"{name}: attn_mask rank 0": Row(lambda fn=fn: fn(q, k, v, attn_mask=torch.tensor(True)), LaunchError,
-                                             "attn_mask is (); expected rank 2 to 4"),
+                                             "attn_mask is (); expected a shape broadcastable"),
         }
     qg = q.clone().requires_grad_()
     rows["attention: v a list, q requiring grad"] = Row(lambda: tilestack.attention(qg, k, v.tolist()), LaunchError,
@@ -211,12 +212,12 @@ def _layout_rows() -> dict[str, Row]:
     cos, sin = rotary_tables(5, 16)
     h, lm, labels = randn(6, 8), randn(10, 8, seed=8), torch.tensor([0, 1, 2, 3, 4, 5])
     q8, s8 = quantize_weight(randn(16, 8), "int8")
-    sparse = "has layout torch.sparse_coo; expected a dense tensor"
+    sparse = "is layout torch.sparse_coo; expected a dense tensor"
     return {
         "rms_norm: x sparse": Row(lambda: ops.rms_norm(x.to_sparse(), w), LaunchError, f"rms_norm: x {sparse}"),
         "rms_norm: weight sparse": Row(lambda: ops.rms_norm(x, w.to_sparse()), LaunchError, f"weight {sparse}"),
         "layer_norm: x mkldnn": Row(lambda: ops.layer_norm(x.to_mkldnn(), w, b), LaunchError,
-                                    "x has layout torch._mkldnn"),
+                                    "x is layout torch._mkldnn"),
         "add_rms_norm: r sparse": Row(lambda: ops.add_rms_norm(x, x.to_sparse(), w), LaunchError, f"r {sparse}"),
         "swiglu: x sparse": Row(lambda: ops.swiglu(x.to_sparse()), LaunchError, f"swiglu: x {sparse}"),
         "rotary: q sparse": Row(lambda: ops.rotary(rq.to_sparse(), rk, cos, sin), LaunchError, f"q {sparse}"),
@@ -228,6 +229,11 @@ def _layout_rows() -> dict[str, Row]:
             LaunchError, f"attn_mask {sparse}"),
         "fused_linear_cross_entropy: labels sparse": Row(
             lambda: ops.fused_linear_cross_entropy(h, lm, labels.to_sparse()), LaunchError, f"labels {sparse}"),
+        "rms_norm: x nested": Row(lambda: ops.rms_norm(torch.nested.nested_tensor([x[0], x[1, :3]]), w),
+                                  LaunchError, "x is a nested tensor (layout torch.strided); expected a dense tensor"),
+        "swiglu: x nested, jagged": Row(
+            lambda: ops.swiglu(torch.nested.nested_tensor([x[0], x[1, :3]], layout=torch.jagged)), LaunchError,
+            "swiglu: x is a nested tensor (layout torch.jagged)"),
         "quantized_linear: x sparse": Row(lambda: quantized_linear(h.to_sparse(), q8, s8), LaunchError,
                                           f"x {sparse}"),
     }
@@ -452,3 +458,39 @@ def test_calibration_with_an_empty_batch():
     without = tilestack.quantize(mlp(), "fp8-act", calibration=[x])
     assert [m.x_scale for m in with_empty.modules() if isinstance(m, QuantLinear)] == \
         [m.x_scale for m in without.modules() if isinstance(m, QuantLinear)]
+
+
+@pytest.mark.filterwarnings("ignore:tilestack.scaled_dot_product_attention")
+@pytest.mark.parametrize("kw", [dict(scale=-0.5), dict(scale=0.0), dict(scale=1e300), dict(is_causal=np.bool_(True)),
+                                dict(is_causal=1), dict(enable_gqa="no")], ids=str)
+def test_sdpa_drop_in_answers_or_raises_as_torch(kw):
+    """What the kernels do not take (a scale outside (0, f32 max / log2 e], a non-bool is_causal or enable_gqa)
+    goes to torch: its answer, or its error, never tilestack's LaunchError (a negative scale) nor an answer
+    where torch raises (numpy's True for is_causal)."""
+    q, k, v = qkv()
+    try:
+        want = F.scaled_dot_product_attention(q, k, v, **kw)
+    except Exception as e:
+        with pytest.raises(type(e)):
+            tilestack.scaled_dot_product_attention(q, k, v, **kw)
+        return
+    torch.testing.assert_close(tilestack.scaled_dot_product_attention(q, k, v, **kw), want, equal_nan=True)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_sdpa_drop_in_hands_nested_tensors_to_torch():
+    """A nested (B, H, [N], D) query went into shape checks that nested tensors refuse ("NestedTensorImpl doesn't
+    support sizes"); the drop-in hands it to torch, which answers or raises as it does."""
+    def nested():
+        return torch.nested.nested_tensor([randn(2, 5, 16, seed=1), randn(2, 4, 16, seed=2)]).transpose(1, 2)
+
+    q, k, v = nested(), nested(), nested()
+    try:
+        want = F.scaled_dot_product_attention(q, k, v)
+    except Exception as e:          # torch's own error, word for word
+        with pytest.raises(type(e), match=re.escape(str(e).splitlines()[0])):
+            tilestack.scaled_dot_product_attention(q, k, v)
+        return
+    got = tilestack.scaled_dot_product_attention(q, k, v)
+    for a, b in zip(got.unbind(), want.unbind(), strict=True):
+        torch.testing.assert_close(a, b)

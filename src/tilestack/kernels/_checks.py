@@ -13,9 +13,10 @@ def check_tensor(fn: str, name: str, x, *, rank: int | None = None, dtypes: Iter
 
     if not isinstance(x, torch.Tensor):
         raise LaunchError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.layout != torch.strided:
-        raise LaunchError(f"{fn}: {name} has layout {x.layout}; expected a dense tensor (torch.strided: call "
-                          f".to_dense() first)")
+    if x.layout != torch.strided or x.is_nested:
+        kind = f"a nested tensor (layout {x.layout})" if x.is_nested else f"layout {x.layout}"
+        raise LaunchError(f"{fn}: {name} is {kind}; expected a dense tensor (torch.strided: call .to_dense() or "
+                          f".to_padded_tensor() first)")
     if rank is not None and x.dim() != rank:
         raise LaunchError(f"{fn}: {name} must have rank {rank}, got shape {tuple(x.shape)}")
     if dtypes is not None:

@@ -410,13 +410,13 @@ def check_attention_args(fn: str, q, k, v, scale, *, causal=False, attn_mask=Non
         raise LaunchError(f"{fn}: causal_align must be one of {CAUSAL_ALIGNS}, got {causal_align!r}")
     if attn_mask is not None:
         # torch's SDPA takes a bool mask, or a float one in float32 or in q's dtype, of rank 2 to 4
-        check_tensor(fn, "attn_mask", attn_mask, dtypes=dict.fromkeys((torch.bool, torch.float32, q.dtype)))
+        check_tensor(fn, "attn_mask", attn_mask, dtypes=dict.fromkeys((torch.bool, q.dtype, torch.float32)))
         check_same_device(fn, q=q, attn_mask=attn_mask)
         want = (B, H, q.shape[2], k.shape[2])
         tail = want[4 - attn_mask.dim():] if 2 <= attn_mask.dim() <= 4 else None
         if tail is None or any(m not in (1, w) for m, w in zip(attn_mask.shape, tail, strict=True)):
-            raise LaunchError(f"{fn}: attn_mask is {tuple(attn_mask.shape)}; expected rank 2 to 4 and a shape "
-                              f"broadcastable to (B, H, Nq, Nk) = {want}")
+            raise LaunchError(f"{fn}: attn_mask is {tuple(attn_mask.shape)}; expected a shape broadcastable to "
+                              f"(B, H, Nq, Nk) = {want}, of rank 2 to 4")
     if (isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p <= 1.0):
         raise LaunchError(f"{fn}: dropout_p must be a number in [0, 1], got {dropout_p!r}")
     if dropout_p > 0:

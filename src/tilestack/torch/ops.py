@@ -532,6 +532,7 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise LaunchError(f"swiglu: x has dtype {x.dtype}; expected one of float32, bfloat16, float16")
     if not _eager(x):
+        check_tensor("swiglu", "x", x)       # (a nested tensor is a subclass: here, not on the eager path)
         return swiglu_fwd_op(x)
     try:
         plan = _swiglu_plans.plan_for(x)

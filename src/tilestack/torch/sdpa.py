@@ -16,10 +16,10 @@ than torch's on the H200 (``config.knobs.sdpa_dropout``, ``TILESTACK_SDPA_DROPOU
 fp32 inputs go through the tf32 matrix units exactly when torch's fp32 matmuls do
 (``torch.backends.cuda.matmul.allow_tf32``; torch's default "highest" precision keeps IEEE f32): about 1e-3
 relative error against float64 with tf32 (up to 1.9e-3 measured on an H200), about 5e-7 without. Anything else (a
-mask that needs a gradient or has rank < 2, other ranks, batch broadcasting, mixed dtypes, head dims past 256, a
-dropout_p outside [0, 1], an enable_gqa that is not a bool, dropout while a CUDA graph is captured, CPU tensors
-unless a tilestack backend is forced) is handed to torch's own function, with a one-time notice saying why; torch
-then answers or raises exactly as it would.
+mask that needs a gradient or has rank < 2, other ranks, nested tensors, batch broadcasting, mixed dtypes, head
+dims past 256, a dropout_p outside [0, 1], a scale <= 0 or past f32, an is_causal or enable_gqa that is not a
+bool, dropout while a CUDA graph is captured, CPU tensors unless a tilestack backend is forced) is handed to
+torch's own function, with a one-time notice saying why; torch then answers or raises exactly as it would.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from tilestack.config import knobs
+from tilestack.kernels._checks import finite_real
+from tilestack.kernels.attention_fwd import MAX_SCALE
 from tilestack.torch.attention import attention
 
 torch_sdpa = F.scaled_dot_product_attention   # torch's own, kept before any patch
@@ -39,10 +41,14 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _noticed: set[str] = set()
 
 
-def unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> str | None:
+def unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, scale=None) -> str | None:
     """Why the kernels cannot take this call (None when they can)."""
     if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
         return "query, key and value are not all tensors"
+    if scale is not None and not ((type(scale) is float or finite_real(scale)) and 0 < scale <= MAX_SCALE):
+        return f"scale={scale!r} (the kernels take a number in (0, {MAX_SCALE:.4g}])"
+    if is_causal is not False and is_causal is not True:        # torch decides what 1 or "yes" means
+        return f"is_causal={is_causal!r} (not a bool)"
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, int | float) or not 0.0 <= dropout_p <= 1.0:
         return f"dropout_p={dropout_p!r} (a probability is a number in [0, 1])"
     if dropout_p and query.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -56,6 +62,8 @@ def unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) 
         return f"tensors on {query.device.type} (tilestack's kernels run on CUDA GPUs)"
     if not (query.dtype == key.dtype == value.dtype) or query.dtype not in _DTYPES:
         return f"dtypes {query.dtype}, {key.dtype}, {value.dtype} (the kernels take one of bf16, fp16, fp32)"
+    if query.is_nested or key.is_nested or value.is_nested:
+        return "nested tensors (the kernels take dense (B, H, N, D) tensors)"
     if not (query.shape[0] == key.shape[0] == value.shape[0]) or key.shape[:3] != value.shape[:3]:
         return f"batch or key/value shapes {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
     if enable_gqa is not False and enable_gqa is not True:      # torch takes a bool only: "no" is not True
@@ -83,7 +91,7 @@ def unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False):
     """``F.scaled_dot_product_attention`` through tilestack's kernels where they apply (module docstring)."""
-    why = unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    why = unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, scale)
     if why is not None:
         if why not in _noticed:
             _noticed.add(why)
