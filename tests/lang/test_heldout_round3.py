@@ -777,6 +777,34 @@ def test_integer_operands_of_f32_work_are_f32(backend, rng):
     assert torch.equal(y, (x + v.float()[:, None]) * w.float()[None, :] + n32)      # each step rounded to f32
 
 
+# ---- 13a'. f32 work into an i32 or f16 tile: the f32 result is converted (rounded twice, as on the GPU) -------------
+@ts.kernel(grid=lambda X: (1,))
+def f32_work_into_narrow(X, V, Y, Z, *, R: int = 4, C: int = 16):
+    x = ts.RegTile[X.dtype, R, C]()
+    v = ts.RegVec[V.dtype, R]()
+    y = ts.RegTile[Y.dtype, R, C]()
+    z = ts.RegTile[Z.dtype, R, C]()
+    ts.load(x, X, at=(0, 0))
+    ts.load(v, V, at=(0,))
+    ts.add_row(y, x, v)                              # f32 sum, then truncated into Y's integers
+    ts.div_row(z, x, v)                              # f32 quotient, then rounded into Z's f16
+    ts.store(Y, y, at=(0, 0))
+    ts.store(Z, z, at=(0, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("xdt", [BF, torch.float16, torch.float32])
+def test_f32_work_then_converted_into_narrower_tiles(backend, xdt, rng):
+    R, C = 4, 16
+    x = torch.from_numpy(rng.standard_normal((R, C)) * 100).to(xdt)
+    x[0, :2] = torch.tensor([2.0**24 if xdt is not torch.float16 else 2.0**14, 0.0999755859375])
+    v = torch.tensor([1.5, 0.1, -3.0, 7.0])
+    y, z = torch.full((R, C), POISON, dtype=torch.int32), torch.full((R, C), math.nan, dtype=torch.float16)
+    launch(f32_work_into_narrow, backend, x, v, y, z)
+    assert torch.equal(y, (x.float() + v[:, None]).trunc().to(torch.int32))   # 2**24 + 1.5 is 16777218 in f32
+    assert torch.equal(z, (x.float() / v[:, None]).to(torch.float16))
+
+
 # ---- 13b. a runtime float chosen into an integer tile: truncated and saturated (NaN as 0), as a float tile is ----
 @ts.kernel(grid=lambda X: (1,))
 def where_float_into_int(X, Y, a: float, *, N: int = 16):

@@ -435,9 +435,11 @@ def _int_operand(x, wd):
 
 
 def _in_work_dtype(ins: Instr, x):
-    """A result computed in int64 (or float64), wrapped to the op's integer work dtype if it has one."""
+    """A result computed in int64 (or float64), wrapped to the op's integer work dtype, or rounded to its float work
+    dtype (an f32 result then converted to an f16 or integer dst rounds twice, as on the GPU: f32 work, then the
+    conversion)."""
     wd = work_dtype(ins)
-    return x if wd.is_float else _types().to_int(x, wd)
+    return _types().round_to(x, wd) if wd.is_float else _types().to_int(x, wd)
 
 
 def _int_args(ins: Instr, s: list) -> list:
