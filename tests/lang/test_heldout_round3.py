@@ -715,6 +715,10 @@ def select_mixed(A, Bi, R, C, Y, Z, *, M: int = 8, N: int = 16):
     ts.store(Z, z, at=(0, 0))
 
 
+def ints(rng, lo, hi, shape, dtype) -> torch.Tensor:
+    return torch.from_numpy(rng.integers(lo, hi, shape)).to(dtype)
+
+
 def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """float64 or int64 values as ``dtype`` holds them: floats into integers truncated and saturated, NaN as 0."""
     if dtype.is_floating_point:
@@ -726,13 +730,14 @@ def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(("adt", "bdt"), [(BF, torch.int32), (torch.float32, torch.int32), (torch.float16, BF)])
-@pytest.mark.parametrize("ydt", [torch.float32, torch.int32, torch.float16])
+@pytest.mark.parametrize(("adt", "bdt"), [(BF, torch.int32), (torch.float32, torch.int32), (torch.float16, BF),
+                                         (torch.int32, torch.int8)])
+@pytest.mark.parametrize("ydt", [torch.float32, torch.int32, torch.float16, BF])
 def test_where_and_compare_with_mixed_dtypes(backend, adt, bdt, ydt, rng):
     M, N = 8, 16
-    a = (randn(rng, M, N) * 1e3).to(adt)
-    bi = torch.from_numpy(rng.integers(-3000, 3000, (M, N))).to(bdt)
-    if not bdt.is_floating_point:
+    a = (randn(rng, M, N) * 1e3).to(adt) if adt.is_floating_point else ints(rng, -128, 128, (M, N), adt)
+    bi = ints(rng, -3000, 3000, (M, N), bdt) if bdt is not torch.int8 else ints(rng, -128, 128, (M, N), bdt)
+    if bdt is torch.int32:
         bi[0, :4] = torch.tensor([2**24 + 1, -(2**24) - 3, 2**31 - 1, -(2**31)], dtype=bdt)
         if adt is torch.float32:
             a[0, 0] = 2.0**24                            # equal to 2**24 + 1 once that is an f32: not less
@@ -743,7 +748,8 @@ def test_where_and_compare_with_mixed_dtypes(backend, adt, bdt, ydt, rng):
     ad, bd = a.double(), bi.double() if bdt.is_floating_point else bi.long()
     m = r.double()[:, None] > c.double()[None, :]
     assert torch.equal(y, torch.where(m, _as(ad, ydt), _as(bd, ydt)))
-    lt = ad < bd.float().double()                       # compared in f32, their work dtype
+    both_int = not (adt.is_floating_point or bdt.is_floating_point)
+    lt = ad < bd if both_int else ad < bd.float().double()          # compared in f32, their work dtype, if not ints
     assert torch.equal(z, torch.where(lt, _as(r.double()[:, None].expand(M, N), ydt),
                                       _as(c.double()[None, :].expand(M, N), ydt)))
 

@@ -2,10 +2,11 @@
 
 Each op's meaning is its reference semantics in ``tilestack.ir.ops``; this module is the machine they run on
 (arguments, block ids, global memory, loops). Semantics, which every backend must match:
-- A tile holds values its dtype can represent: every float op computes in float64 and rounds the result to the
-  destination's dtype (so a bf16 tile rounds like bf16, an f32 accumulator like f32). Integer tiles and globals
-  are held exactly (int64 arrays), and integer work wraps at its work dtype's width, as on the GPU
-  (``ir.ops.work_dtype``: C-style wrapping, truncating division and remainder).
+- A tile holds values its dtype can represent: every float op computes in float64, rounds the result to its work
+  dtype (f32, or f64: ``ir.ops.work_dtype``) as the GPU computes it, then to the destination's dtype (so a bf16
+  tile rounds like bf16, an f32 accumulator like f32). Integer tiles and globals are held exactly (int64 arrays),
+  and integer work wraps at its work dtype's width, as on the GPU (``ir.ops.work_dtype``: C-style wrapping,
+  truncating division and remainder).
 - Loads read zeros where the tile hangs past the edge of the global; stores drop what hangs past it.
 - mma accumulates in f32: dst = round_f32(acc + a @ b) with the product in float64 (a and b rounded to tf32
   first, to nearest even, when the mma asks for tf32 input precision).

@@ -537,9 +537,11 @@ def _select_value(e: _Emitter, v: Value, axis: str | None, dst: TileType) -> str
     to a conversion that does not saturate)."""
     if not dst.dtype.is_float and v.type == FLOAT:    # a float scalar: truncated and saturated as a tile would be
         return e.cast_to(f"tl.cast({e.name(v)}, tl.float32)", f32, dst)
-    if dst.dtype.is_float or not isinstance(v.type, TileType) or v.type.dtype is dst.dtype:
+    if not isinstance(v.type, TileType) or v.type.dtype is dst.dtype or (dst.dtype.is_float and v.type.dtype.is_float):
         return _along(e, v, axis, dst.dtype.is_float)
-    x = e.cast_to(e.name(v), v.type.dtype, TileType(v.type.space, dst.dtype, v.type.shape))
+    # an integer tile into a float dst goes to the f32 the select computes in (the result is converted from f32)
+    work = dst.dtype if not dst.dtype.is_float else f64 if dst.dtype is f64 else f32
+    x = e.cast_to(e.name(v), v.type.dtype, TileType(v.type.space, work, v.type.shape))
     return x if axis is None else (f"{x}[:, None]" if axis == "row" else f"{x}[None, :]")
 
 
