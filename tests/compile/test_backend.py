@@ -268,3 +268,15 @@ def test_optimize_takes_an_inductor_mode():
     torch._dynamo.reset()
     got = tilestack.optimize(f, mode="reduce-overhead")(x)
     torch.testing.assert_close(got, f(x))
+
+
+def test_sdpa_with_a_scale_the_kernels_do_not_take_is_left_to_torch():
+    """scale <= 0 (torch answers) is declined by the pass with the reason, and the graph gives torch's result."""
+    def f(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=-0.5)
+
+    q = torch.randn(1, 2, 64, 16)
+    y = tilestack.optimize(f, inner="eager")(q, q, q)
+    report = tc.last_report()
+    assert not report.swapped and any("scale=-0.5" in why for _, _, why in report.declined)
+    torch.testing.assert_close(y, f(q, q, q), equal_nan=True)

@@ -157,7 +157,7 @@ def sdpa(gm: fx.GraphModule):
             declined.append((node, f"{', '.join(consts)} computed in the graph (the kernels take constants)"))
             continue
         q, k, v, mask = (value(a[n]) for n in ("query", "key", "value", "attn_mask"))
-        why = unsupported(q, k, v, mask, a["dropout_p"], a["is_causal"], a["enable_gqa"])
+        why = unsupported(q, k, v, mask, a["dropout_p"], a["is_causal"], a["enable_gqa"], a["scale"])
         if why is None and a["dropout_p"]:    # the rewrite's op call carries no dropout stream
             why = f"dropout_p={a['dropout_p']} (tilestack.scaled_dot_product_attention fuses it; the rewrite does not)"
         if why is None and isinstance(q, torch.Tensor):
