@@ -13,6 +13,19 @@ import time
 import torch
 
 
+def wall_ms(f, idx, sync, steps: int = 10) -> float:
+    """Wall milliseconds per step of ``f(idx)`` under no_grad, after 3 warm-up steps (the first compiles)."""
+    with torch.no_grad():
+        for _ in range(3):
+            f(idx)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            f(idx)
+        sync()
+    return (time.perf_counter() - t0) / steps * 1e3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -33,15 +46,8 @@ def main() -> None:
     for name in a.backends.split(","):
         torch._dynamo.reset()
         f = tilestack.optimize(model) if name == "tilestack" else torch.compile(model)
+        print(f"\n#### {name}: {wall_ms(f, idx, sync):.2f} ms per step (wall, 10 steps)")
         with torch.no_grad():
-            for _ in range(3):
-                f(idx)
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(10):
-                f(idx)
-            sync()
-            print(f"\n#### {name}: {(time.perf_counter() - t0) / 10 * 1e3:.2f} ms per step (wall, 10 steps)")
             if name == "tilestack":
                 print(tilestack.compile.last_report())
             acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
@@ -58,16 +64,8 @@ def main() -> None:
         passes = group.split(",")
         torch._dynamo.reset()
         f = tilestack.optimize(model, passes=passes)
-        with torch.no_grad():
-            for _ in range(3):
-                f(idx)
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(10):
-                f(idx)
-            sync()
-        swapped = dict(tilestack.compile.last_report().swapped)
-        print(f"#### tilestack, passes={passes}: {(time.perf_counter() - t0) / 10 * 1e3:.2f} ms per step; {swapped}")
+        ms = wall_ms(f, idx, sync)
+        print(f"#### tilestack, passes={passes}: {ms:.2f} ms per step; {dict(tilestack.compile.last_report().swapped)}")
 
 
 if __name__ == "__main__":
