@@ -13,6 +13,10 @@ wrapped strategy (``HYPERPARAMETERS``), which Flower takes as given: ``FedAvgM(s
 ``nan`` ran as plain FedAvg (its update tests ``momentum > 0``), ``FedProx(proximal_mu=nan)`` made every
 client's model NaN, ``FedAdam(beta_1=1.0)`` divided by zero, round after round, without a word. A
 strategy that fits only some tasks says so through a ``check_task(task)`` method (HeteroFL: the MLP only).
+Flower's DP wrappers are checked against what they wrap (``check_privacy``): ``num_sampled_clients`` must be
+the number the wrapped strategy samples (the noise is ``noise_multiplier * clipping_norm / num_sampled_clients``,
+so a larger number under-noises every round), and compressed updates go through ``Compressed`` outside a
+server-side DP wrapper, never with client-side clipping (error feedback sends more than was clipped).
 """
 
 from __future__ import annotations
@@ -74,6 +78,9 @@ HYPERPARAMETERS: dict[type, dict[str, tuple]] = {
         "target_clipped_quantile": (_unit, "a number in [0, 1]"), "clip_norm_lr": (_positive, "a number > 0")},
 }  # fmt: skip
 INTEGER_HYPERPARAMETERS = ("num_malicious_nodes", "num_nodes_to_select")
+DP_WRAPPERS = (fl.DifferentialPrivacyServerSideFixedClipping, fl.DifferentialPrivacyClientSideFixedClipping,
+               fl.DifferentialPrivacyServerSideAdaptiveClipping, fl.DifferentialPrivacyClientSideAdaptiveClipping)
+CLIENT_SIDE_DP = (fl.DifferentialPrivacyClientSideFixedClipping, fl.DifferentialPrivacyClientSideAdaptiveClipping)
 
 
 def require_int(where: str, name: str, value, *, low: int, high: int | None = None) -> None:
@@ -162,4 +169,37 @@ def check_strategy(strategy: Strategy, num_nodes: int, task=None) -> None:
             raise FederatedError(
                 f"{name}: {attr}={m}; expected <= {nodes}, {why} (Flower's sampling would wait for nodes "
                 "that never come)"
+            )
+    check_privacy(strategy, num_nodes)
+
+
+def check_privacy(strategy: Strategy, num_nodes: int) -> None:
+    """Refuse a Flower DP wrapper whose noise or clipping would not hold (see module doc)."""
+    levels = strategy_levels(strategy)
+    compressed = [i for i, s in enumerate(levels) if type(s).__name__ == "Compressed"]
+    for i, s in enumerate(levels):
+        if not isinstance(s, DP_WRAPPERS):
+            continue
+        name = type(s).__name__
+        if compressed and isinstance(s, CLIENT_SIDE_DP):
+            raise FederatedError(
+                f"{name} with Compressed: client-side clipping bounds each round's update, but Compressed's error "
+                "feedback sends what earlier rounds left out on top of it, past clipping_norm; expected "
+                "Compressed(DifferentialPrivacyServerSideFixedClipping(...)) (the server clips the rebuilt models)"
+            )
+        if any(j > i for j in compressed):
+            raise FederatedError(
+                f"{name} wraps Compressed: it would clip the compressed arrays, which it cannot read; expected "
+                f"Compressed({name}(...)), so that the server rebuilds the models before they are clipped"
+            )
+        sampler, nodes, why = _sampling_strategy(strategy, num_nodes)
+        fraction, least = vars(sampler).get("fraction_train"), vars(sampler).get("min_train_nodes", 0)
+        if not isinstance(fraction, numbers.Real) or not fraction > 0 or not isinstance(least, numbers.Integral):
+            continue  # nothing sampled (or not a FedAvg-like sampler): nothing to compare against
+        sampled = max(int(nodes * fraction), int(least))
+        if s.num_sampled_clients != sampled:
+            raise FederatedError(
+                f"{name}: num_sampled_clients={s.num_sampled_clients!r}; expected {sampled}, the nodes "
+                f"{type(sampler).__name__} samples each round (fraction_train={fraction} of {why}, min_train_nodes="
+                f"{least}): the noise's std is noise_multiplier * clipping_norm / num_sampled_clients"
             )

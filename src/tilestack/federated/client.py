@@ -5,9 +5,10 @@
 
 A client learns everything from the message: the task (``tilestack.task``, a :class:`Task` as JSON), its
 share of the round's work (``tilestack.work``, set by the system simulator), FedProx's ``proximal-mu``,
-``tilestack.compress`` (send compressed updates, see ``compression``), and the records that select a
-method: ``scaffold-c`` (SCAFFOLD), ``tilestack.ifca-k`` (IFCA cluster
-models), ``tilestack.local-prefix`` (FedBN). Its partition is ``partition-id`` from the node config.
+``tilestack.compress`` (send compressed updates, see ``compression``), Flower's ``clipping_norm`` (client-side
+DP: the update is clipped as ``fixedclipping_mod`` / ``adaptiveclipping_mod`` would, and ``norm_bit`` says
+whether it was), and the records that select a method: ``scaffold-c`` (SCAFFOLD), ``tilestack.ifca-k`` (IFCA
+cluster models), ``tilestack.local-prefix`` (FedBN). Its partition is ``partition-id`` from the node config.
 Clients flagged by the task as malicious or faulty misbehave on purpose, so that the server's defences
 can be tested against a real ClientApp.
 """
@@ -20,6 +21,7 @@ import time
 import numpy as np
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 from tilestack.federated import codec
 from tilestack.federated.compression import COMPRESS_KEY, compress_update
@@ -91,6 +93,17 @@ def _poison(task: Task, start: Params, trained: Params, rng: np.random.Generator
     return {k: (v + rng.normal(0, task.attack_scale, v.shape)).astype(np.float32) for k, v in trained.items()}
 
 
+def clip_update(start: Params, model: Params, clipping_norm: float) -> tuple[Params, bool]:
+    """``model`` moved back towards ``start`` so that the update ``model - start`` (all arrays as one vector) has
+    L2 norm at most ``clipping_norm`` (Flower's FlatClip: scaled by min(1, C / norm)); and whether it was scaled."""
+    norm = math.sqrt(sum(float(np.sum((model[k].astype(np.float64) - start[k]) ** 2)) for k in model))
+    if not norm > clipping_norm:  # within the bound (or non-finite: left for the server to refuse)
+        return model, False
+    scale = clipping_norm / norm
+    return {k: (start[k] + scale * (model[k].astype(np.float64) - start[k])).astype(model[k].dtype)
+            for k in model}, True  # fmt: skip
+
+
 def _apply_fault(kind: str | None, task: Task, params: Params) -> Params:
     if kind == "crash":
         raise RuntimeError("simulated client crash (task.faults)")
@@ -160,6 +173,11 @@ def train(msg: Message, context: Context) -> Message:
     if prefix:  # FedBN: the local layers stay here and are not uploaded
         context.state["fedbn-local"] = _to_record({k: v for k, v in trained.items() if k.startswith(prefix)})
         reply = {k: v for k, v in reply.items() if not k.startswith(prefix)}
+    if KEY_CLIPPING_NORM in config:  # client-side DP: an honest client clips the model update it uploads
+        model = {k: v for k, v in reply.items() if k in start}
+        clipped, was_clipped = clip_update(start, model, float(config[KEY_CLIPPING_NORM]))
+        reply |= clipped
+        metrics[KEY_NORM_BIT] = int(was_clipped)  # adaptive clipping moves its norm by the share clipped
     if task.is_malicious(pid):  # poison what is uploaded (FedBN's local layers stay local)
         reply |= _poison(task, start, {k: v for k, v in trained.items() if k in reply}, rng)
     reply = _apply_fault(task.fault(pid), task, reply)

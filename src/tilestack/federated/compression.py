@@ -103,8 +103,9 @@ class Compressed(Strategy):
         content = RecordDict()
         for name, rec in msg.content.items():
             if isinstance(rec, ArrayRecord):
-                rec = codec.to_record({k: self._base(k) + codec.decode(a) if a.stype in COMPRESSED_STYPES
-                                       else codec.decode(a) for k, a in rec.items()})  # fmt: skip
+                # in float64, as the grid hands plain replies to strategies (grid.for_aggregation)
+                rec = codec.to_record({k: self._base(k) + codec.decode(a).astype(np.float64)
+                                       if a.stype in COMPRESSED_STYPES else codec.decode(a) for k, a in rec.items()})
             content[name] = rec
         return Message(content=content, metadata=msg.metadata)
 

@@ -14,7 +14,9 @@ A client that raises becomes an error reply, as in Flower; one that answers afte
 dropped, as Flower's ``send_and_receive`` would drop it. Under a ``timeout`` each client runs on a daemon
 thread with a private copy of its ``Context.state``: the server stops waiting for it after ``timeout``
 seconds (a client that never returns cannot hang the round), and only a client that answered in time has
-its state kept. Node ids are seeded, not random.
+its state kept. A client that raises leaves its node's state as it was before the call, as Flower's engine
+keeps a node's ``Context`` only from a ClientApp that returned (SCAFFOLD's c_i or an error-feedback residual
+changed just before a crash must not carry into the next round). Node ids are seeded, not random.
 """
 
 from __future__ import annotations
@@ -54,27 +56,29 @@ def _set_worker_app(client_app: ClientApp) -> None:
 
 
 def _run_one(client_app: ClientApp, msg: Message, context: Context) -> tuple[Message, float, RecordDict]:
-    """Run one message; a client's exception (``sys.exit`` too) becomes its error reply, as in Flower. Only
-    KeyboardInterrupt stops the run: it is the user's."""
+    """Run one message on a private copy of the node's state; returns (reply, seconds, the node's new state).
+    A client's exception (``sys.exit`` too) becomes its error reply and the node keeps the state it had, as in
+    Flower. Only KeyboardInterrupt stops the run: it is the user's."""
+    private = Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
+                      state=_private_copy(context.state), run_config=context.run_config)  # fmt: skip
     t0 = time.perf_counter()
     try:
-        reply = client_app(msg, context)
+        reply = client_app(msg, private)
     except (Exception, SystemExit) as ex:  # noqa: BLE001 - a client's failure becomes its error reply, as in Flower
         reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(ex).__name__}: {ex}"),
                         reply_to=msg)  # fmt: skip
-    return reply, time.perf_counter() - t0, context.state
+        return reply, time.perf_counter() - t0, context.state
+    return reply, time.perf_counter() - t0, private.state
 
 
 Result = tuple[Message, float, RecordDict]
 
 
 def _run_with_deadline(client_app: ClientApp, msg: Message, context: Context, timeout: float) -> Result | None:
-    """``_run_one`` on a daemon thread with a private copy of the node's state; None when it is not back within
-    ``timeout`` seconds (the thread is left to finish on its own, and what it does is dropped)."""
-    private = Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
-                      state=_private_copy(context.state), run_config=context.run_config)  # fmt: skip
+    """``_run_one`` (which works on a private copy of the node's state) on a daemon thread; None when it is not
+    back within ``timeout`` seconds (the thread is left to finish on its own, and what it does is dropped)."""
     box: list[Result] = []
-    worker = threading.Thread(target=lambda: box.append(_run_one(client_app, msg, private)), daemon=True,
+    worker = threading.Thread(target=lambda: box.append(_run_one(client_app, msg, context)), daemon=True,
                               name=f"tilestack-client-{context.node_id}")  # fmt: skip
     worker.start()
     worker.join(timeout)

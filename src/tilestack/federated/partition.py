@@ -46,8 +46,8 @@ def dirichlet(
     from the client that holds the most, so the skew stays and every client can train.
     """
     labels = _labels(labels)
-    if not alpha > 0:
-        raise ValueError(f"dirichlet: alpha={alpha!r}; expected > 0")
+    if not 0 < alpha < np.inf:  # inf made every draw NaN, and the fallback put each class on one client
+        raise ValueError(f"dirichlet: alpha={alpha!r}; expected a finite number > 0 (large: close to IID)")
     _check_common(len(labels), num_clients, min_size)
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
@@ -109,8 +109,8 @@ def quantity_skew(
     num_samples: int, num_clients: int, sigma: float = 1.0, *, seed: int = 0, min_size: int = 1
 ) -> list[np.ndarray]:
     """Quantity skew: IID samples, client sizes proportional to lognormal(0, sigma) draws (sigma=0: equal)."""
-    if sigma < 0:
-        raise ValueError(f"quantity_skew: sigma={sigma!r}; expected >= 0")
+    if not 0 <= sigma < np.inf:  # NaN or inf made the sizes garbage (clients below min_size, samples lost)
+        raise ValueError(f"quantity_skew: sigma={sigma!r}; expected a finite number >= 0")
     _check_common(num_samples, num_clients, min_size)
     rng = np.random.default_rng(seed)
     weights = rng.lognormal(0.0, sigma, num_clients)

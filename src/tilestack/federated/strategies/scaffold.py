@@ -12,6 +12,7 @@ c by ``|S| / N`` times the mean of the ``c_i`` changes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -28,8 +29,8 @@ class Scaffold(FedAvg):
 
     def __init__(self, *, global_lr: float = 1.0, **fedavg_kwargs):
         super().__init__(**fedavg_kwargs)
-        if not global_lr > 0:
-            raise ValueError(f"Scaffold: global_lr={global_lr!r}; expected > 0")
+        if isinstance(global_lr, bool) or not isinstance(global_lr, (int, float)) or not 0 < global_lr < math.inf:
+            raise ValueError(f"Scaffold: global_lr={global_lr!r}; expected a finite number > 0")
         self.global_lr = global_lr
         self.c: dict[str, np.ndarray] | None = None
         self._x: dict[str, np.ndarray] = {}
@@ -67,5 +68,7 @@ class Scaffold(FedAvg):
         x_new = {k: self._x[k] + self.global_lr * (mean[k] - self._x[k]) for k in self._x}
         if deltas and self.c is not None and all(deltas):
             share = len(deltas) / self._population
-            self.c = {k: self.c[k] + share * np.mean([d[k] for d in deltas], axis=0) for k in self.c}
+            # c keeps the model's dtype: the replies reach the strategy in float64 (grid.for_aggregation)
+            self.c = {k: (self.c[k] + share * np.mean([d[k] for d in deltas], axis=0)).astype(self.c[k].dtype)
+                      for k in self.c}  # fmt: skip
         return to_record(x_new), metrics

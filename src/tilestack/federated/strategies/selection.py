@@ -16,6 +16,7 @@ is drawn from the top utilities with probability proportional to utility.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -90,8 +91,10 @@ class OortSelector:
     ):  # fmt: skip
         if not 0.0 <= epsilon <= 1.0:
             raise ValueError(f"OortSelector: epsilon={epsilon!r}; expected in [0, 1]")
-        if alpha < 0:
-            raise ValueError(f"OortSelector: alpha={alpha!r}; expected >= 0")
+        if not 0 <= alpha < math.inf:  # NaN too: every slow client's utility became NaN
+            raise ValueError(f"OortSelector: alpha={alpha!r}; expected a finite number >= 0")
+        if not 0 <= preferred_percentile <= 100:
+            raise ValueError(f"OortSelector: preferred_percentile={preferred_percentile!r}; expected in [0, 100]")
         require_int("OortSelector", "seed", seed, low=0)
         if full_steps is not None and len(full_steps) != system.num_clients:
             raise ValueError(
