@@ -97,6 +97,31 @@ WEIGHT_NORM_BWD_FLOPS_PER_ELEMENT = 5
 CROSS_FLOPS_PER_ELEMENT = 3  # each component of a x b: two multiplies and a subtract
 RENORM_FLOPS_PER_ELEMENT = 3  # the slice's norm (square-accumulate: 2) and the rescale (1)
 CDIST_FLOPS_PER_TERM = 3  # ||x_i - y_j||_p: subtract, power (abs), accumulate per feature of each pair
+# Statistics per element folded in: a variance is the mean (1) and the squared deviations (3), as layer norm's;
+# a log-sum-exp a softmax without its divide (max, subtract + exp, sum); a vector norm a square (abs for 1, inf
+# and 0) and an accumulate, with a power too for any other order.
+VARIANCE_FLOPS_PER_ELEMENT = 4
+LOGSUMEXP_FLOPS_PER_ELEMENT = 4
+NORM_FLOPS_PER_ELEMENT = 2
+NORM_POWER_FLOPS_PER_ELEMENT = 3  # |x|^p for an order p other than 0, 1, 2, inf: abs, power, accumulate
+NORM_CHEAP_ORDERS = (0, 1, 2, float("inf"), float("-inf"))
+POLAR_FLOPS_PER_ELEMENT = 4  # r cos(theta) + i r sin(theta): a cosine, a sine, two multiplies
+# Margin losses, per element of the input (N, C): margin - x[y] + x[i] (2), the hinge (1), the sum (1); the
+# backward compares, scales dy and adds into x[y]'s gradient. A multi-label margin loss does that per pair of a
+# target and a non-target class of each row.
+MARGIN_FLOPS_PER_TERM = 4
+MARGIN_BWD_FLOPS_PER_TERM = 3
+SOFT_MARGIN_FLOPS_PER_ELEMENT = 5  # log(1 + exp(-y x)): multiply, exp, add, log, sum
+SOFT_MARGIN_BWD_FLOPS_PER_ELEMENT = 5  # -y sigmoid(-y x) dy / n: multiply, exp, add, divide, multiply
+# CTC: each state (time step, position in the blank-extended target) of the alpha recursion is a log-sum-exp of
+# up to three predecessors plus the emission (2 compares, 3 subtracts, 3 exps, 2 adds, a log, 2 adds); the
+# backward runs the beta recursion alike, combines alpha and beta into each state's class (5: an add and a
+# log-add-exp), and turns each log-probability into its gradient (exp, exp, subtract, multiply by dy).
+CTC_FLOPS_PER_STATE = 13
+CTC_BWD_FLOPS_PER_STATE = CTC_FLOPS_PER_STATE + 5
+CTC_BWD_FLOPS_PER_LOG_PROB = 4
+# Recurrent gates per cell kind: the rows of its input and hidden weights (gates x hidden size).
+RNN_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 
 def dtype_name(dtype: Any) -> str:

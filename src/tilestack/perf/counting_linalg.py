@@ -1,0 +1,188 @@
+"""The FLOP rules of the counting pass (``tilestack.perf.counting``) for products and linear algebra: matmuls torch's
+flop counter leaves out (in-place and summed batch products, matrix-vector products, the int8 matmul), packed
+quantized linears and recurrent layers, nn.Bilinear, pairwise distances, dense factorisations and solves, and
+complex numbers built from polar form; the table ``LINALG_FLOPS`` names the ATen ops each counts.
+
+    rule = LINALG_FLOPS["aten.addbmm"]
+    rule(func, args, kwargs, out)          # FLOPs of one call, from its arguments and result
+
+A multiply-add is 2 FLOPs (8 for complex operands, ``formulas.COMPLEX_MAC_OVER_REAL``); factorisations count
+LAPACK's leading terms (``formulas.factorization_flops``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from tilestack.perf import formulas
+from tilestack.perf.counting_rules import Rule, _argument, _numel, _tensors
+
+
+def _trilinear_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """aten._trilinear (nn.Bilinear and its backward): sum over ``sumdim`` of i1 * i2 * i3, each input
+    unsqueezed at its ``expand`` dims; a multiply-add per element of the full broadcast product."""
+    arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+    full: list[int] = []
+    for i in (1, 2, 3):
+        shape = list(arg(f"i{i}").shape)
+        for d in sorted(int(e) for e in arg(f"expand{i}")):
+            shape.insert(d, 1)
+        full = [max(a, b) for a, b in zip(full, shape, strict=True)] if full else shape
+    return float(formulas.FLOPS_PER_MAC * math.prod(full))
+
+
+def _matrix_vector_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """mv / addmv (M, N) @ (N,), dot / vdot (N,) . (N,), addr (M,) x (N,): a multiply-add per element of the
+    matrix (the outer product's), as torch counts mm and addmm (a bias's add left out)."""
+    matrix = max((t for t in _tensors((args, kwargs)) if t.dim() == 2), key=_numel, default=None)
+    if matrix is not None:
+        return float(formulas.FLOPS_PER_MAC * _numel(matrix))
+    if str(func._overloadpacket) == "aten.addr":  # no matrix given? the product is vec1 x vec2
+        v1, v2 = _argument(func, args, kwargs, "vec1"), _argument(func, args, kwargs, "vec2")
+        return float(formulas.FLOPS_PER_MAC * _numel(v1) * _numel(v2))
+    return float(formulas.FLOPS_PER_MAC * _numel(_tensors(args)[0]))  # dot: a multiply-add per element
+
+
+def _trace_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """trace: the diagonal's elements added."""
+    return float(min(_argument(func, args, kwargs, "self").shape, default=0))
+
+
+def _factorization(kind: str, matrix: str, rhs: str | None = None) -> Rule:
+    """A dense linear-algebra routine on each matrix of the batch ``matrix`` (..., m, n), with the right-hand sides
+    ``rhs`` (..., n, k) or (..., n) where it solves: ``formulas.factorization_flops``."""
+
+    def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+        a = arg(matrix)
+        if a is None or a.dim() < 2:
+            return 0.0
+        m, n = a.shape[-2:]
+        batch = _numel(a) // max(m * n, 1)
+        k = 0
+        if rhs is not None:
+            b = arg(rhs)
+            k = _numel(b) // max(batch * n, 1) if b is not None else 0  # columns per system (1 for a vector)
+        mode = arg("mode")  # linalg_qr: "r" forms no Q
+        vectors = bool(arg("compute_v") if arg("compute_v") is not None else arg("compute_uv")
+                       if arg("compute_uv") is not None else mode != "r")
+        full = bool(arg("full_matrices")) or mode == "complete"
+        return float(batch * formulas.factorization_flops(kind, m, n, k, vectors=vectors, full=full))
+
+    return count
+
+
+def _packed_linear_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """quantized::linear* (dynamic or static int8, fp16): X (..., K) times the packed weight (N, K), 2*rows*N*K."""
+    x, packed = _argument(func, args, kwargs, "X"), _argument(func, args, kwargs, "W_prepack")
+    try:
+        weight = packed.unpack()[0]
+    except (AttributeError, RuntimeError):  # a packing this torch cannot unpack: the FLOPs are unknown
+        return 0.0
+    rows = _numel(x) // max(x.shape[-1], 1) if x.dim() else 0
+    return float(formulas.FLOPS_PER_MAC * rows * weight.numel())
+
+
+def _cdist_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """_cdist_forward / _cdist_backward: x1 (B, P, M), x2 (B, R, M): each of the B*P*R pairs over M features."""
+    x1, x2 = _argument(func, args, kwargs, "x1"), _argument(func, args, kwargs, "x2")
+    pairs = _numel(x1) // max(x1.shape[-1], 1) * x2.shape[-2]
+    return float(formulas.CDIST_FLOPS_PER_TERM * pairs * x1.shape[-1])
+
+
+def _product_flops(left: str, right: str, *, right_rows: bool = False) -> Rule:
+    """A matmul torch's counter has no formula for: ``left`` (..., M, K) times ``right`` (..., K, N) (or (N, K) with
+    ``right_rows``), batches included: addbmm's summed batch, in-place addmm_ and baddbmm_, _int_mm,
+    _addmm_activation, _weight_int8pack_mm. 2 * numel(left) * N, times 4 for complex operands."""
+
+    def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        a, b = _argument(func, args, kwargs, left), _argument(func, args, kwargs, right)
+        if a is None or b is None or b.dim() == 0:
+            return 0.0
+        n = b.shape[0] if right_rows else b.shape[-1]
+        complex_factor = formulas.COMPLEX_MAC_OVER_REAL if a.is_complex() or b.is_complex() else 1
+        return float(formulas.FLOPS_PER_MAC * _numel(a) * n * complex_factor)
+
+    return count
+
+
+def _recurrent_weights_flops(kind: str) -> Rule:
+    """aten.quantized_lstm / quantized_gru (dynamically quantized nn.LSTM, nn.GRU: packed weights, no tensor
+    argument): per layer and direction, each step multiplies the layer's input by W_ih (G*H, I_l) and the hidden
+    state by W_hh (G*H, H): 2 * rows * G * H * (I_l + H), I_l the input's width for the first layer and H times
+    the directions after it. The gates' element-wise work is left out, as for the CPU LSTM kernel."""
+    gates = formulas.RNN_GATES[kind]
+
+    def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+        x = arg("input") if arg("input") is not None else arg("data")
+        hidden = _tensors(arg("hx"))[0]  # (layers * directions, B, H)
+        directions = 2 if arg("bidirectional") else 1
+        h, width = hidden.shape[-1], x.shape[-1]
+        rows = _numel(x) // max(width, 1)  # steps x batch (a packed sequence's total length)
+        per_direction = sum(width if layer == 0 else h * directions for layer in range(int(arg("num_layers"))))
+        total_inputs = per_direction + int(arg("num_layers")) * h  # sum over layers of I_l + H
+        return float(formulas.FLOPS_PER_MAC * rows * directions * gates * h * total_inputs)
+
+    return count
+
+
+def _packed_cell_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """quantized::quantized_{lstm,gru,rnn_tanh,rnn_relu}_cell_dynamic: one step, x @ W_ih^T + h @ W_hh^T with the
+    packed weights unpacked for their sizes: 2 * rows * (numel(W_ih) + numel(W_hh))."""
+    x = _argument(func, args, kwargs, "input")
+    try:
+        weights = [_argument(func, args, kwargs, name).unpack()[0] for name in ("w_ih", "w_hh")]
+    except (AttributeError, RuntimeError):  # a packing this torch cannot unpack: the FLOPs are unknown
+        return 0.0
+    rows = _numel(x) // max(x.shape[-1], 1) if x.dim() else 1
+    return float(formulas.FLOPS_PER_MAC * rows * sum(w.numel() for w in weights))
+
+
+def _pdist_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """_pdist_forward / _pdist_backward: x (N, M), each of the N (N - 1) / 2 pairs over M features."""
+    x = _argument(func, args, kwargs, "self")
+    n = x.shape[0] if x.dim() else 0
+    return float(formulas.CDIST_FLOPS_PER_TERM * n * (n - 1) // 2 * (x.shape[-1] if x.dim() else 0))
+
+
+def _polar_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """polar(abs, angle): a cosine, a sine and two multiplies per complex element."""
+    return float(formulas.POLAR_FLOPS_PER_ELEMENT * sum(_numel(t) for t in _tensors(out)))
+
+
+# Ops counted here: products torch's flop counter has no formula for, and linear algebra it leaves out.
+LINALG_FLOPS: dict[str, Rule] = {
+    **{f"aten.{op}": _matrix_vector_flops for op in ("mv", "addmv", "addmv_", "dot", "vdot", "addr", "addr_")},
+    "aten.trace": _trace_flops,
+    **{f"quantized.{op}": _packed_linear_flops for op in (
+        "linear", "linear_relu", "linear_dynamic", "linear_relu_dynamic", "linear_dynamic_fp16",
+    )},
+    "aten.linalg_cholesky_ex": _factorization("cholesky", "self"),
+    "aten.linalg_lu_factor_ex": _factorization("lu", "A"),
+    "aten._linalg_slogdet": _factorization("lu", "A"),
+    "aten._linalg_det": _factorization("lu", "A"),
+    "aten.linalg_inv_ex": _factorization("inverse", "A"),
+    "aten._linalg_solve_ex": _factorization("solve", "A", "B"),
+    "aten.linalg_solve_triangular": _factorization("triangular_solve", "self", "B"),
+    "aten.cholesky_solve": _factorization("factored_solve", "input2", "self"),
+    "aten.linalg_lu_solve": _factorization("factored_solve", "LU", "B"),
+    "aten.linalg_qr": _factorization("qr", "A"),
+    "aten._linalg_eigh": _factorization("eigh", "A"),
+    "aten._linalg_svd": _factorization("svd", "A"),
+    "aten._trilinear": _trilinear_flops,
+    "aten._cdist_forward": _cdist_flops,
+    "aten._cdist_backward": _cdist_flops,
+    **{f"aten.{op}": _product_flops("mat1", "mat2") for op in ("addmm_", "_addmm_activation")},
+    **{f"aten.{op}": _product_flops("batch1", "batch2") for op in ("baddbmm_", "addbmm", "addbmm_")},
+    "aten._int_mm": _product_flops("self", "mat2"),
+    "aten._weight_int8pack_mm": _product_flops("self", "mat2", right_rows=True),
+    "aten.quantized_lstm": _recurrent_weights_flops("lstm"),
+    "aten.quantized_gru": _recurrent_weights_flops("gru"),
+    **{f"quantized.quantized_{cell}_cell_dynamic": _packed_cell_flops for cell in ("lstm", "gru", "rnn_tanh",
+                                                                                  "rnn_relu")},
+    "aten._pdist_forward": _pdist_flops,
+    "aten._pdist_backward": _pdist_flops,
+    "aten.polar": _polar_flops,
+}

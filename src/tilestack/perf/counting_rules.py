@@ -1,0 +1,504 @@
+"""The FLOP rules of the counting pass (``tilestack.perf.counting``) for neural-network layers: one function per
+op family, and the table ``LAYER_FLOPS`` naming the ATen ops each counts.
+
+    rule = LAYER_FLOPS["aten.convolution"]
+    rule(func, args, kwargs, out)          # FLOPs of one call, from its arguments and result
+
+Families: convolutions (with their groups, forward and backward), the CPU LSTM kernel, batch, layer, group and RMS
+norms' backwards, pools (windowed, adaptive with their overlapping windows, fractional), interpolation and grid
+sampling, embeddings and bags, scatters and accumulating index puts, selections and sorts (as compares), scans,
+statistics (variance, log-sum-exp, vector norms), losses (regression, cross-entropy, margin, CTC) and the
+element-wise ops torch leaves untagged. Matmul-like and linear-algebra ops are ``counting_linalg``'s. Conventions
+are ``formulas``': a multiply-add is 2 FLOPs, a transcendental 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from tilestack.perf import formulas
+
+Rule = Callable[[Any, tuple, dict, Any], float]  # (func, args, kwargs, out) -> FLOPs of one call
+
+
+def _tensors(obj: Any) -> list[Any]:
+    """The tensors in ``obj`` (nested lists, tuples, dicts, dataclasses), in order: an op's outputs as it returns
+    them (``max_pool2d_with_indices``' values before its indices)."""
+    import torch
+
+    out: list[Any] = []
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            out.append(x)
+        elif isinstance(x, list | tuple):
+            stack.extend(reversed(x))
+        elif isinstance(x, Mapping):
+            stack.extend(reversed(list(x.values())))
+        elif dataclasses.is_dataclass(x) and not isinstance(x, type):  # a model's output record
+            stack.extend(reversed([getattr(x, f.name) for f in dataclasses.fields(x)]))
+    return out
+
+
+def _dense(t: Any) -> bool:
+    """A plain strided tensor (not sparse, not nested): its shape and strides say what it holds."""
+    import torch
+
+    return t.layout == torch.strided and not t.is_nested
+
+
+def _numel(t: Any) -> int:
+    """Elements of ``t`` as its ops compute over them (a nested or sparse tensor's stored values)."""
+    if _dense(t):
+        return t.numel()
+    try:
+        return t.values().numel() if not t.is_sparse else t._values().numel()
+    except (RuntimeError, NotImplementedError):
+        return 0
+
+
+def _argument(func: Any, args: tuple, kwargs: dict, name: str) -> Any:
+    for i, a in enumerate(func._schema.arguments):
+        if a.name == name:
+            return kwargs.get(name, args[i] if i < len(args) else a.default_value)
+    return None
+
+
+
+def _conv_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """aten.convolution / aten._convolution: x (N, C_in, *S), w, bias -> y, counted by formulas.convolution."""
+    arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+    x, w, b = arg("input"), arg("weight"), arg("bias")
+    groups, transposed = int(arg("groups")), bool(arg("transposed"))
+    cost = formulas.convolution(x.shape, w.shape, out.shape, groups=groups, transposed=transposed, bias=b is not None)
+    return float(cost.flops)
+
+
+def _conv_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """aten.convolution_backward: (dy, x, w, ..., output_mask) -> (dx, dw, db), by formulas.convolution_backward.
+
+    torch's own formula counts the weight gradient as if groups were 1 (groups times too many FLOPs).
+    """
+    arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+    dx, dw, db = arg("output_mask")
+    return float(
+        formulas.convolution_backward(
+            arg("grad_output").shape,
+            arg("input").shape,
+            arg("weight").shape,
+            groups=int(arg("groups")),
+            transposed=bool(arg("transposed")),
+            input_grad=bool(dx),
+            weight_grad=bool(dw),
+            bias_grad=bool(db),
+        ).flops
+    )
+
+
+def _rnn_layer_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """aten.mkldnn_rnn_layer (CPU LSTM): one direction of one layer over the whole sequence.
+
+    Each step multiplies the input by ``weight0`` (G*H, I) and the hidden state by ``weight1`` (G*H, H), G the
+    gates (4 for an LSTM): ``2 * steps * batch * (numel(weight0) + numel(weight1))``, the matmuls that the
+    unfused (packed) path runs as ``addmm``/``mm``; the gates' element-wise work is left out, as there.
+    """
+    arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+    x, w_ih, w_hh = arg("input"), arg("weight0"), arg("weight1")
+    rows = x.numel() // x.shape[-1]  # steps x batch
+    return float(formulas.FLOPS_PER_MAC * rows * (w_ih.numel() + w_hh.numel()))
+
+
+def _rnn_layer_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """aten.mkldnn_rnn_layer_backward: the input and the weight gradients, each the forward's matmuls."""
+    arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+    x, w_ih, w_hh = arg("input"), arg("weight1"), arg("weight2")
+    rows = x.numel() // x.shape[-1]
+    return float(formulas.MATMUL_BWD_OVER_FWD * formulas.FLOPS_PER_MAC * rows * (w_ih.numel() + w_hh.numel()))
+
+
+def _batch_norm_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """aten.native_batch_norm / aten._native_batch_norm_legit: with ``training`` the batch statistics too."""
+    training = bool(_argument(func, args, kwargs, "training"))
+    per_element = formulas.BATCHNORM_TRAIN_FLOPS_PER_ELEMENT if training else formulas.BATCHNORM_EVAL_FLOPS_PER_ELEMENT
+    return float(per_element * _argument(func, args, kwargs, "input").numel())
+
+
+def _norm_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """The backward of a layer, batch, group or RMS norm: per element of dy, the FLOPs of each gradient asked
+    for in ``output_mask`` (input, weight, bias), as ``formulas.NORM_BWD_*`` break them down."""
+    arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+    mask = list(arg("output_mask")) + [False] * 3
+    input_grad, weight_grad, bias_grad = (bool(m) for m in mask[:3])
+    frozen = arg("train") is False  # an eval-mode batch norm: its statistics are constants
+    per_element = (
+        (formulas.NORM_BWD_RECOMPUTE_FLOPS_PER_ELEMENT if input_grad or weight_grad else 0)
+        + (
+            (formulas.NORM_BWD_FROZEN_INPUT_FLOPS_PER_ELEMENT if frozen else formulas.NORM_BWD_INPUT_FLOPS_PER_ELEMENT)
+            if input_grad
+            else 0
+        )
+        + (formulas.NORM_BWD_WEIGHT_FLOPS_PER_ELEMENT if weight_grad else 0)
+        + (formulas.NORM_BWD_BIAS_FLOPS_PER_ELEMENT if bias_grad else 0)
+    )
+    return float(per_element * _numel(arg("grad_out")))
+
+
+def _window_flops(dims: int) -> Rule:
+    """A ``dims``-d max or average pool: one compare or add per tap of its window at each output element."""
+
+    def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        kernel = [int(k) for k in _argument(func, args, kwargs, "kernel_size")]
+        taps = math.prod(kernel) if len(kernel) == dims else kernel[0] ** dims  # an int given for every dim
+        return float(taps * _numel(_tensors(out)[0]))
+
+    return count
+
+
+def _accumulate_flops(source: str) -> Rule:
+    """index_add / scatter_add / embedding's weight gradient: one add per element of ``source``."""
+
+    def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        t = _argument(func, args, kwargs, source)
+        return float(_numel(t)) if t is not None else 0.0
+
+    return count
+
+
+def _embedding_bag_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """aten._embedding_bag: each looked-up row (indices x dim) is added (or compared, mode max) into its bag,
+    after a multiply by its per-sample weight where one is given."""
+    arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+    per_row = 1 + (arg("per_sample_weights") is not None)
+    return float(per_row * arg("indices").numel() * arg("weight").shape[-1])
+
+
+EMBEDDING_BAG_MEAN = 1  # the ``mode`` argument of aten._embedding_bag: 0 sum, 1 mean, 2 max
+
+
+def _embedding_bag_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """The backward of an EmbeddingBag: each bag's gradient row added into the row of each of its indices, after
+    a multiply by the per-sample weight or by 1/bag size (mode mean). The per-sample weights' own gradient is a
+    dot product of the bag's gradient row with each looked-up row: a multiply-add per element."""
+    arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+    indices, grad = arg("indices"), arg("grad")
+    scaled = "weights_backward" in str(func._overloadpacket) or arg("per_sample_weights") is not None or (
+        arg("mode") == EMBEDDING_BAG_MEAN
+    )
+    return float((1 + scaled) * indices.numel() * grad.shape[-1])
+
+
+def _per_element(name: str, flops_per_element: float) -> Rule:
+    """``flops_per_element`` for each element of argument ``name`` (a loss's input, whatever its reduction)."""
+
+    def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        t = _argument(func, args, kwargs, name)
+        return float(flops_per_element * _numel(t)) if t is not None else 0.0
+
+    return count
+
+
+def _elementwise_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """An element-wise op torch does not tag pointwise (hardswish, an activation's backward, GLU, PReLU):
+    1 FLOP per element of its first output, as a tagged one is counted. Not of every output: a second output
+    (log_sigmoid's buffer) holds intermediate values, not more results."""
+    outs = _tensors(out)
+    return float(_numel(outs[0])) if outs else 0.0
+
+
+def _interpolation_flops(taps: int, *, backward: bool) -> Rule:
+    """Linear, bilinear, bicubic, trilinear upsampling: a multiply-add per tap at each element of the upsampled
+    side (the output forward, dy backward)."""
+
+    def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        side = _argument(func, args, kwargs, "grad_output") if backward else _tensors(out)[0]
+        return float(formulas.FLOPS_PER_MAC * taps * _numel(side))
+
+    return count
+
+
+def _no_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """Nearest-neighbour upsampling: a gather of input elements, no arithmetic (counted whole, not as the index
+    computation its decomposition would show)."""
+    return 0.0
+
+
+def _grid_sample_flops(dims: int, *, backward: bool) -> Rule:
+    """grid_sampler_{2,3}d: a multiply-add per tap (``formulas.GRID_SAMPLE_TAPS``) at each output element; the
+    backward does that once for the input's gradient and once for the grid's, each where ``output_mask`` asks."""
+
+    def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+        taps = formulas.GRID_SAMPLE_TAPS.get((dims, int(arg("interpolation_mode"))), 0)
+        if not backward:
+            return float(formulas.FLOPS_PER_MAC * taps * _numel(_tensors(out)[0]))
+        gradients = sum(bool(m) for m in arg("output_mask"))
+        return float(gradients * formulas.FLOPS_PER_MAC * taps * _numel(arg("grad_output")))
+
+    return count
+
+
+def _sort_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """sort (argsort and msort run it): a comparison sort of n elements along ``dim`` makes n * ceil(log2 n)
+    compares, as a max reduction's compares are counted."""
+    x = _argument(func, args, kwargs, "self")
+    if x.dim() == 0:
+        return 0.0
+    n = x.shape[int(_argument(func, args, kwargs, "dim")) % x.dim()]
+    return float(_numel(x) * math.ceil(math.log2(n))) if n > 1 else 0.0
+
+
+def _affine_grid_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """affine_grid_generator: each output point (N, *S, d) is theta (d, d + 1) times its homogeneous base point."""
+    grid = _tensors(out)[0]
+    return float(formulas.FLOPS_PER_MAC * _numel(grid) * (grid.shape[-1] + 1))
+
+
+def _embedding_renorm_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """embedding_renorm_ (nn.Embedding's max_norm): each looked-up row's norm, and its rescale."""
+    table, indices = _argument(func, args, kwargs, "self"), _argument(func, args, kwargs, "indices")
+    return float(formulas.RENORM_FLOPS_PER_ELEMENT * _numel(indices) * (table.shape[-1] if table.dim() else 1))
+
+
+def _index_put_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """index_put / index_put_: with ``accumulate`` one add per value put (an index backward, a histogram);
+    without, a copy."""
+    accumulate = bool(_argument(func, args, kwargs, "accumulate"))
+    values = _argument(func, args, kwargs, "values")
+    if values is None:  # put / put_: the values are ``source``
+        values = _argument(func, args, kwargs, "source")
+    return float(_numel(values)) if accumulate else 0.0
+
+
+def _scatter_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """scatter / scatter_: with ``reduce`` ("add", "multiply") one operation per index; without, a copy."""
+    if _argument(func, args, kwargs, "reduce") is None:
+        return 0.0
+    return float(_numel(_argument(func, args, kwargs, "index")))
+
+
+def _avg_pool_backward_flops(dims: int) -> Rule:
+    """avg_poolNd_backward: each element of dy spread over its window's taps (one multiply-add per tap)."""
+
+    def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        kernel = [int(k) for k in _argument(func, args, kwargs, "kernel_size")]
+        taps = math.prod(kernel) if len(kernel) == dims else kernel[0] ** dims
+        return float(taps * _numel(_argument(func, args, kwargs, "grad_output")))
+
+    return count
+
+
+# Ops tilestack counts itself, ahead of torch's registry (whose convolution backward ignores groups) or where
+# torch counts nothing.
+
+
+def _adaptive_taps(size_in: int, size_out: int) -> int:
+    """Elements in all windows of an adaptive pool along one dim: window o is [floor(o I / O), ceil((o+1) I / O))."""
+    return sum(-(-(o + 1) * size_in // size_out) - o * size_in // size_out for o in range(size_out))
+
+
+def _adaptive_pool_flops(dims: int, *, backward: bool = False) -> Rule:
+    """An adaptive ``dims``-d average or max pool: one add or compare per element of each output's window (its
+    backward one multiply-add per element of each window, spreading the output's gradient)."""
+
+    def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        x = _argument(func, args, kwargs, "self")
+        y = _argument(func, args, kwargs, "grad_output") if backward else _tensors(out)[0]
+        if x.dim() < dims or y.dim() < dims:
+            return 0.0
+        planes = _numel(x) // max(math.prod(x.shape[-dims:]), 1)
+        windows = math.prod(_adaptive_taps(i, o) for i, o in zip(x.shape[-dims:], y.shape[-dims:], strict=True))
+        return float(planes * windows)
+
+    return count
+
+
+def _vector_norm_flops(order: str, *, subtract: bool = False) -> Rule:
+    """linalg_vector_norm, norm, dist: per element, a square or abs and an accumulate (and a power for an order
+    other than 0, 1, 2 or inf); dist subtracts its two inputs first."""
+
+    def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        p = _argument(func, args, kwargs, order)
+        p = 2 if p is None else float(p)
+        per_element = (formulas.NORM_FLOPS_PER_ELEMENT if p in formulas.NORM_CHEAP_ORDERS
+                       else formulas.NORM_POWER_FLOPS_PER_ELEMENT) + subtract
+        return float(per_element * max(_numel(t) for t in _tensors(args)))
+
+    return count
+
+
+def _multi_margin_flops(per_term: int) -> Rule:
+    """multi_margin_loss and its backward: a hinge per element of x (N, C); a square per term for p=2, a multiply
+    for a class weight."""
+
+    def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        extra = (_argument(func, args, kwargs, "p") == 2) + (_argument(func, args, kwargs, "weight") is not None)
+        return float((per_term + extra) * _numel(_argument(func, args, kwargs, "self")))
+
+    return count
+
+
+def _multilabel_margin_flops(per_term: int) -> Rule:
+    """multilabel_margin_loss: a hinge for each pair of a target class and a non-target class of each row (the
+    row's targets are ``is_target``'s ones: k (C - k) pairs for k targets)."""
+
+    def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        is_target = _argument(func, args, kwargs, "is_target")
+        if is_target is None:  # the forward returns it, after the loss
+            is_target = _tensors(out)[1]
+        if _numel(is_target) == 0:
+            return 0.0
+        k = is_target.reshape(-1, is_target.shape[-1]).sum(-1)  # targets per row
+        return float(per_term * (k * (is_target.shape[-1] - k)).sum())
+
+    return count
+
+
+def _ctc_flops(*, backward: bool) -> Rule:
+    """_ctc_loss: the alpha recursion over each sample's T_b time steps and 2 S_b + 1 states of its blank-extended
+    target; the backward the beta recursion and the gradient of each log-probability (``formulas.CTC_*``)."""
+
+    def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+        steps, lengths = (v.tolist() if hasattr(v, "tolist") else list(v) for v in (arg("input_lengths"),
+                                                                                  arg("target_lengths")))
+        states = sum(int(t) * (2 * int(s) + 1) for t, s in zip(steps, lengths, strict=True))
+        if not backward:
+            return float(formulas.CTC_FLOPS_PER_STATE * states)
+        return float(formulas.CTC_BWD_FLOPS_PER_STATE * states
+                     + formulas.CTC_BWD_FLOPS_PER_LOG_PROB * _numel(arg("log_probs")))
+
+    return count
+
+
+def _conv_tbc_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """conv_tbc: x (T, B, C_in) * w (K, C_in, C_out) -> y (T', B, C_out): a multiply-add per weight element per
+    output position and batch entry, plus the bias's add per output element."""
+    w, y = _argument(func, args, kwargs, "weight"), _tensors(out)[0]
+    positions = _numel(y) // max(y.shape[-1], 1)  # T' x B
+    return float(formulas.FLOPS_PER_MAC * positions * _numel(w) + _numel(y))
+
+# Ops counted here, ahead of torch's registry (whose convolution backward ignores groups) or where torch counts
+# nothing.
+LAYER_FLOPS: dict[str, Rule] = {
+    "aten.convolution": _conv_flops,
+    "aten._convolution": _conv_flops,
+    "aten.convolution_backward": _conv_backward_flops,
+    "aten.native_batch_norm": _batch_norm_flops,
+    "aten._native_batch_norm_legit": _batch_norm_flops,
+    "aten.native_layer_norm_backward": _norm_backward_flops,
+    "aten.native_batch_norm_backward": _norm_backward_flops,
+    "aten.native_group_norm_backward": _norm_backward_flops,
+    "aten._fused_rms_norm_backward": _norm_backward_flops,
+    "aten.mkldnn_rnn_layer": _rnn_layer_flops,
+    "aten.mkldnn_rnn_layer_backward": _rnn_layer_backward_flops,
+    "aten.index_add": _accumulate_flops("source"),
+    "aten.index_add_": _accumulate_flops("source"),
+    "aten.scatter_add": _accumulate_flops("src"),
+    "aten.scatter_add_": _accumulate_flops("src"),
+    "aten.scatter_reduce": _accumulate_flops("src"),
+    "aten.scatter_reduce_": _accumulate_flops("src"),
+    "aten.index_reduce": _accumulate_flops("source"),
+    "aten.index_reduce_": _accumulate_flops("source"),
+    "aten.embedding_dense_backward": _accumulate_flops("grad_output"),
+    "aten._embedding_bag": _embedding_bag_flops,
+    "aten._embedding_bag_forward_only": _embedding_bag_flops,
+    "aten._embedding_bag_backward": _embedding_bag_backward_flops,
+    "aten._embedding_bag_dense_backward": _embedding_bag_backward_flops,
+    "aten._embedding_bag_per_sample_weights_backward": _embedding_bag_backward_flops,
+    "aten.embedding_renorm_": _embedding_renorm_flops,
+    "aten.linalg_cross": _per_element("self", formulas.CROSS_FLOPS_PER_ELEMENT),
+    "aten.renorm": _per_element("self", formulas.RENORM_FLOPS_PER_ELEMENT),
+    "aten.renorm_": _per_element("self", formulas.RENORM_FLOPS_PER_ELEMENT),
+    "aten.histc": _accumulate_flops("self"),  # each element binned: a count added
+    "aten.segment_reduce": _accumulate_flops("data"),
+    "aten.put": _index_put_flops,
+    "aten.put_": _index_put_flops,
+    "aten.index_put": _index_put_flops,
+    "aten.index_put_": _index_put_flops,
+    "aten._index_put_impl": _index_put_flops,
+    "aten._index_put_impl_": _index_put_flops,
+    "aten.scatter": _scatter_flops,
+    "aten.scatter_": _scatter_flops,
+    "aten.col2im": _accumulate_flops("self"),  # F.fold: every column element added into its pixel
+    "aten.unfold_backward": _accumulate_flops("grad_in"),  # overlapping windows' gradients added
+    "aten.bincount": _accumulate_flops("self"),
+    "aten._weight_norm_interface": _per_element("v", formulas.WEIGHT_NORM_FLOPS_PER_ELEMENT),
+    "aten._weight_norm_interface_backward": _per_element("saved_v", formulas.WEIGHT_NORM_BWD_FLOPS_PER_ELEMENT),
+    "aten.mse_loss": _per_element("self", formulas.MSE_FLOPS_PER_ELEMENT),
+    "aten.mse_loss_backward": _per_element("self", formulas.MSE_BWD_FLOPS_PER_ELEMENT),
+    **{f"aten.{loss}": _per_element("self", formulas.SMOOTH_L1_FLOPS_PER_ELEMENT)
+       for loss in ("smooth_l1_loss", "huber_loss")},
+    **{f"aten.{loss}_backward": _per_element("self", formulas.SMOOTH_L1_BWD_FLOPS_PER_ELEMENT)
+       for loss in ("smooth_l1_loss", "huber_loss")},
+    "aten.binary_cross_entropy": _per_element("self", formulas.BCE_FLOPS_PER_ELEMENT),
+    "aten.binary_cross_entropy_backward": _per_element("self", formulas.BCE_BWD_FLOPS_PER_ELEMENT),
+    "aten.binary_cross_entropy_with_logits": _per_element("self", formulas.BCE_LOGITS_FLOPS_PER_ELEMENT),
+    **{f"aten.{nll}": _per_element("target", formulas.NLL_FLOPS_PER_TARGET) for nll in (
+        "nll_loss_forward", "nll_loss_backward", "nll_loss2d_forward", "nll_loss2d_backward",
+    )},
+    **{f"aten.upsample_{mode}": _interpolation_flops(taps, backward=False)
+       for mode, taps in formulas.INTERPOLATION_TAPS.items()},
+    **{f"aten.upsample_{mode}_backward": _interpolation_flops(taps, backward=True)
+       for mode, taps in formulas.INTERPOLATION_TAPS.items()},
+    **{f"aten.{prefix}upsample_nearest{tail}{d}d": _no_flops for prefix, tail in (("", ""), ("_", "_exact"))
+       for d in (1, 2, 3)},
+    # Gradient scatters: each element of dy added into the input element it came from (windows and copies
+    # overlap, so these are adds, not a copy).
+    **{f"aten.{prefix}upsample_nearest{tail}{d}d_backward": _accumulate_flops("grad_output")
+       for prefix, tail in (("", ""), ("_", "_exact")) for d in (1, 2, 3)},
+    **{f"aten.{op}": _accumulate_flops("grad_output") for op in (
+        "max_pool2d_with_indices_backward", "max_pool3d_with_indices_backward", "adaptive_max_pool2d_backward",
+        "adaptive_max_pool3d_backward", "fractional_max_pool2d_backward", "fractional_max_pool3d_backward",
+    )},
+    "aten.grid_sampler_2d": _grid_sample_flops(2, backward=False),
+    "aten.grid_sampler_3d": _grid_sample_flops(3, backward=False),
+    "aten.grid_sampler_2d_backward": _grid_sample_flops(2, backward=True),
+    "aten.grid_sampler_3d_backward": _grid_sample_flops(3, backward=True),
+    "aten.affine_grid_generator": _affine_grid_flops,
+    # Element-wise ops torch leaves untagged: 1 FLOP per output element, as the tagged ones.
+    **{f"aten.{op}": _elementwise_flops for op in (
+        "hardswish", "hardswish_", "hardswish_backward", "hardsigmoid_backward", "hardtanh_backward",
+        "leaky_relu_backward", "elu_backward", "softplus_backward", "softshrink_backward", "hardshrink_backward",
+        "log_sigmoid_forward", "log_sigmoid_backward", "rrelu_with_noise_backward", "_prelu_kernel",
+        "_prelu_kernel_backward", "glu", "glu_backward", "floor_divide", "floor_divide_", "rrelu_with_noise",
+        "rrelu_with_noise_",
+    )},
+    # Selections: one compare per element (as a max reduction's); a sort n log2 n per row.
+    **{f"aten.{op}": _accumulate_flops("self") for op in ("topk", "kthvalue", "median", "nanmedian", "mode")},
+    "aten.sort": _sort_flops,
+    # Scans: one combine (add, multiply, compare, log-add-exp) per element.
+    **{f"aten.{op}": _accumulate_flops("self") for op in ("cumsum", "cumprod", "cummax", "cummin", "logcumsumexp")},
+    **{f"aten.{op}{d}d{tail}": _window_flops(d) for op in ("max_pool", "avg_pool") for d in (1, 2, 3)
+       for tail in (("", "_with_indices") if op == "max_pool" else ("",))},
+    **{f"aten.avg_pool{d}d_backward": _avg_pool_backward_flops(d) for d in (2, 3)},
+    # Adaptive pools fold each window into its output (compare or add); windows overlap where the input's size is
+    # no multiple of the output's. An average pool's backward spreads each output's gradient back over its window.
+    **{f"aten.{op}{d}d": _adaptive_pool_flops(d) for op in ("adaptive_avg_pool", "_adaptive_avg_pool",
+                                                           "adaptive_max_pool") for d in (1, 2, 3)},
+    **{f"aten._adaptive_avg_pool{d}d_backward": _adaptive_pool_flops(d, backward=True) for d in (2, 3)},
+    **{f"aten.fractional_max_pool{d}d": _window_flops(d) for d in (2, 3)},
+    # Padding's backward adds the gradients of the copied border back into the elements they came from.
+    **{f"aten.{kind}_pad{d}d_backward": _accumulate_flops("grad_output")
+       for kind in ("reflection", "replication") for d in (1, 2, 3)},
+    # Statistics: per element folded in (formulas.VARIANCE_FLOPS_PER_ELEMENT and kin), not one add apiece.
+    **{f"aten.{op}": _per_element("self", formulas.VARIANCE_FLOPS_PER_ELEMENT)
+       for op in ("var", "std", "var_mean", "std_mean")},
+    "aten.logsumexp": _per_element("self", formulas.LOGSUMEXP_FLOPS_PER_ELEMENT),
+    "aten.linalg_vector_norm": _vector_norm_flops("ord"),
+    "aten.norm": _vector_norm_flops("p"),
+    "aten.dist": _vector_norm_flops("p", subtract=True),
+    # Losses with a formula per element, per margin term or per CTC state.
+    "aten.soft_margin_loss": _per_element("self", formulas.SOFT_MARGIN_FLOPS_PER_ELEMENT),
+    "aten.soft_margin_loss_backward": _per_element("self", formulas.SOFT_MARGIN_BWD_FLOPS_PER_ELEMENT),
+    "aten.multi_margin_loss": _multi_margin_flops(formulas.MARGIN_FLOPS_PER_TERM),
+    "aten.multi_margin_loss_backward": _multi_margin_flops(formulas.MARGIN_BWD_FLOPS_PER_TERM),
+    "aten.multilabel_margin_loss_forward": _multilabel_margin_flops(formulas.MARGIN_FLOPS_PER_TERM),
+    "aten.multilabel_margin_loss_backward": _multilabel_margin_flops(formulas.MARGIN_BWD_FLOPS_PER_TERM),
+    "aten._ctc_loss": _ctc_flops(backward=False),
+    "aten._ctc_loss_backward": _ctc_flops(backward=True),
+    "aten.conv_tbc": _conv_tbc_flops,
+}
