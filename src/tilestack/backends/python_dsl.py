@@ -16,6 +16,17 @@ from tilestack.ir.ops import Op, register_emitter
 FLOOR_SCALAR = {"floordiv": "_floordiv({}, {})", "cdiv": "(-_floordiv(-{}, {}))", "mod": "_floormod({}, {})"}
 
 
+def wide_product(fn: str, a: str, b: str, runtime: bool, ns: str) -> str | None:
+    """The SCALAR op ``fn(a, b)`` in 64 bits where it must be, else None. The reference's index arithmetic is exact;
+    the DSLs take sizes, block ids and int arguments as i32 (when they fit) and multiply them in i32, so a product of
+    two such runtime values wraps past 2**31 (``X.shape[0] * X.shape[1]``, the numel of an expanded tensor, or a flat
+    offset ``row * N``). Such a product (``runtime``: neither operand a compile-time constant) multiplies in int64; a
+    product with a constant (``i * BM``, tile coordinates into elements) stays 32-bit, as the address math wants."""
+    if fn != "mul" or not runtime:
+        return None
+    return f"({ns}.cast({a}, {ns}.int64) * {b})"
+
+
 def scalar_templates(ns: str) -> dict[str, str]:
     """Format strings of the SCALAR op's functions for the DSL module ``ns`` ("tl" or "gl")."""
     return {"add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "floordiv": "({} // {})",
@@ -74,6 +85,10 @@ def register_scalar_emitters(backend: str, ns: str, templates: dict[str, str]) -
     def _e_scalar(e, ins) -> None:
         a, b = (e.name(s) for s in ins.srcs)
         fn = ins.attrs.fn
+        wide = wide_product(fn, a, b, not any(s in e.consts for s in ins.srcs), ns)
+        if wide is not None:
+            e.assign(ins.result, wide)
+            return
         if fn in FLOOR_SCALAR and not all(s in e.nonneg for s in ins.srcs):
             e.floor_helpers = True
             e.assign(ins.result, FLOOR_SCALAR[fn].format(a, b))

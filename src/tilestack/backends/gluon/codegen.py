@@ -35,6 +35,7 @@ from tilestack.backends.python_dsl import (
     literal,
     register_scalar_emitters,
     scalar_templates,
+    wide_product,
 )
 from tilestack.errors import BackendError
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
@@ -47,6 +48,7 @@ from tilestack.ir.types import (
     Space,
     StagesType,
     TileType,
+    bool_,
     f32,
     int_range,
     narrow_int,
@@ -364,6 +366,10 @@ class _Emitter:
             return literal(ins.attrs.value)
         a, b = (self.scalar_expr(s, env, made) for s in ins.srcs)
         fn = ins.attrs.fn
+        consts = [s in self.consts or (s in made and made[s].op is Op.CONST) for s in ins.srcs]
+        wide = wide_product(fn, a, b, not any(consts), "gl")
+        if wide is not None:
+            return wide
         if fn in FLOOR_SCALAR:
             self.floor_helpers = True
             return FLOOR_SCALAR[fn].format(a, b)
@@ -496,7 +502,9 @@ def _e_mask(e: _Emitter, ins: Instr) -> None:
     kn = e.name(k)
     cond = {"tril": f"({cols} - {rows}) <= {kn}", "triu": f"({cols} - {rows}) >= {kn}",
             "right_fill": f"{cols} < {kn}", "lower_fill": f"{rows} < {kn}"}[ins.attrs.kind]
-    expr = f"gl.where({cond}, {e.name(x)}, {literal(ins.attrs.value)})"
+    # a bool_ mask's fill is a Python bool (an int 0 would promote the mask to i32, which ~ does not negate)
+    fill = repr(bool(ins.attrs.value)) if x.type.dtype is bool_ else literal(ins.attrs.value)
+    expr = f"gl.where({cond}, {e.name(x)}, {fill})"
     e.assign(ins.result, e.cast(expr, x.type.dtype, ins.result.type.dtype))
     e.set_lay(ins.result, e.lay[x])
 

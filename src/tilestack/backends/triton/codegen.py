@@ -431,7 +431,9 @@ def _e_mask(e: _Emitter, ins: Instr) -> None:
     kn = e.name(k)
     cond = {"tril": f"({cols} - {rows}) <= {kn}", "triu": f"({cols} - {rows}) >= {kn}",
             "right_fill": f"{cols} < {kn}", "lower_fill": f"{rows} < {kn}"}[ins.attrs.kind]
-    fill = literal(ins.attrs.value)
+    # a bool_ mask's fill is a Python bool: tl.where(cond, int1, 0) would promote to i32, and ~ of that i32 (a later
+    # logical_not) is -1 or -2, both true
+    fill = repr(bool(ins.attrs.value)) if x.type.dtype is bool_ else literal(ins.attrs.value)
     if e.interpret and x.type.dtype is bf16:
         expr = e.cast_to(f"tl.where({cond}, {e.up(e.name(x), bf16)}, {fill})", f32, x.type)
     else:
