@@ -385,10 +385,22 @@ def _scalar_rule(ins: Instr) -> None:
     _arity(ins, 2)
 
 
+def _scalar_ref(ins: Instr, s: list, m):
+    """Index arithmetic exactly; float arithmetic in f32, each operand converted to f32 first, as the backends
+    compute it: a runtime float is an f32 argument, an index meeting a float is converted to f32, and Triton's (and
+    Gluon's) scalar float math runs in f32, so ``(a + 3.0) + 3.0`` at a = 1e8 is 1e8, and ``N * 3.0`` at
+    N = 2**24 + 1 is 50331648 (float64 would give 100000006 and 50331651, each rounding to another f32)."""
+    if ins.result.type != _types().FLOAT:
+        return SCALAR_FNS[ins.attrs.fn](s[0], s[1])
+    with np.errstate(all="ignore"):
+        a, b = (np.float32(x) for x in s)
+        return float(np.float32(SCALAR_FNS[ins.attrs.fn](a, b)))
+
+
 define(OpDef(
-    Op.SCALAR, "(a, b) -> scalar", "scalar", FnAttrs, _scalar_rule,
-    lambda ins, s, m: SCALAR_FNS[ins.attrs.fn](s[0], s[1]), _free, fns=SCALAR_FNS,
-    doc="Index arithmetic (floor division and remainder as Python's); f* on runtime floats."))
+    Op.SCALAR, "(a, b) -> scalar", "scalar", FnAttrs, _scalar_rule, _scalar_ref, _free, fns=SCALAR_FNS,
+    doc="Index arithmetic (floor division and remainder as Python's); float arithmetic (f*, and sub with a float) "
+        "in f32."))
 
 
 # ---- tiles and vectors ----------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ Each op's meaning is its reference semantics in ``tilestack.ir.ops``; this modul
   first, as Triton converts it to the tensor's f32: ``x * 0.1`` multiplies by the f32 nearest 0.1, and ``x > 0.1`` is
   false at x = f32(0.1). f64 work takes it as it is. Integer operands of float work (an i32 vector added to an f32
   tile, an index scalar) are converted to the work dtype first too (``ir.ops``).
+- Arithmetic on float scalars (``a + 3.0``, ``X.shape[0] * 0.5``) runs in f32, as Triton's and Gluon's does
+  (``ir.ops``' SCALAR); index arithmetic is exact.
 """
 
 from __future__ import annotations
