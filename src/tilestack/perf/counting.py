@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -138,9 +139,12 @@ def _flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     if str(packet).removeprefix("aten.").rstrip("_") in NO_ARITHMETIC:
         return 0.0  # a copy or a select, though torch tags some pointwise (clone, masked_fill)
     if torch.Tag.pointwise in tags:
-        # 1 FLOP per output element, as torch's profiler; per real part of a complex one.
-        return float(sum(_numel(t) * (formulas.COMPLEX_ELEMENT_OVER_REAL if t.is_complex() else 1)
-                         for t in _tensors(out)))
+        # 1 FLOP per output element, as torch's profiler; per real part of a complex one, and a complex product or
+        # quotient of two complex operands as the real operations it takes.
+        per_complex = formulas.COMPLEX_ELEMENT_OVER_REAL
+        if str(packet).rstrip("_") in COMPLEX_PRODUCTS and sum(t.is_complex() for t in _tensors(args)) >= 2:
+            per_complex = COMPLEX_PRODUCTS[str(packet).rstrip("_")]
+        return float(sum(_numel(t) * (per_complex if t.is_complex() else 1) for t in _tensors(out)))
     if torch.Tag.reduction in tags and args and isinstance(args[0], torch.Tensor):
         return float(_numel(args[0]))  # one add (or compare) per element folded in
     return 0.0
@@ -245,6 +249,20 @@ def _moves_no_data(func: Any, name: str, ins: Sequence[Any], outs: Sequence[Any]
     return not writes and bool(outs) and {_storage(t) for t in outs} <= {_storage(t) for t in ins}
 
 
+COMPLEX_PRODUCTS = {"aten.mul": formulas.COMPLEX_MUL_FLOPS, "aten.div": formulas.COMPLEX_DIV_FLOPS}
+OVERWRITING_OPS = ("aten.fill_", "aten.zero_", "aten.copy_")
+
+
+def _overwrites(func: Any) -> bool:
+    """An in-place op that replaces its destination's values without reading them."""
+    import torch
+
+    name = str(func._overloadpacket)
+    return name in OVERWRITING_OPS or (
+        name.endswith("_") and torch.Tag.nondeterministic_seeded in getattr(func, "tags", ())
+    )
+
+
 def _out_arguments(func: Any, kwargs: dict) -> list[Any]:
     """The tensors an ``out=`` variant writes its result into (keyword-only, written)."""
     return _tensors(
@@ -274,6 +292,63 @@ def _gathered_bytes(func: Any, args: tuple, kwargs: dict, table_arg: str, index_
         row = table.shape[-1] if table.dim() else 1
     rows = min(index.numel() * row, table.numel())
     return rows * table.element_size() + _nbytes([index]) + _nbytes(others)
+
+
+# In-place scatters into part of a tensor (a KV cache written one token at a time, a histogram): they write, and
+# where they accumulate read, only the elements they touch, not the whole destination. By how the touched
+# elements are found: "slices" along ``dim`` (one per index), "index" (one per index element), "indices" (an
+# advanced index's positions, index_put_).
+SCATTERS_IN_PLACE: dict[str, str] = {
+    **{f"aten.{op}": "slices" for op in ("index_copy_", "index_add_", "index_fill_", "index_reduce_")},
+    **{f"aten.{op}": "index" for op in ("scatter_", "scatter_add_", "scatter_reduce_", "put_")},
+    **{f"aten.{op}": "indices" for op in ("index_put_", "_index_put_impl_")},
+}
+ACCUMULATING_SCATTERS = ("aten.index_add_", "aten.index_reduce_", "aten.scatter_add_", "aten.scatter_reduce_")
+
+
+def _touched(func: Any, args: tuple, kwargs: dict, how: str) -> int:
+    """Elements of ``self`` an in-place scatter writes (``SCATTERS_IN_PLACE``)."""
+    import torch
+
+    arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+    dest = arg("self")
+    if how == "slices":
+        dim = int(arg("dim")) % max(dest.dim(), 1)
+        return dest.numel() // max(dest.shape[dim], 1) * _numel(arg("index")) if dest.dim() else 1
+    if how == "index":
+        return _numel(arg("index"))
+    # index_put_: the broadcast positions of the tensor indices (a boolean mask stands for its true elements, over
+    # as many dims as it has) times the dims left unindexed.
+    count, dims, positions = 1, 0, []
+    for index in arg("indices"):
+        if index is None:  # a full slice of that dim
+            count *= dest.shape[dims]
+            dims += 1
+        elif index.dtype in (torch.bool, torch.uint8):
+            positions.append((int(index.sum()),))
+            dims += index.dim()
+        else:
+            positions.append(tuple(index.shape))
+            dims += 1
+    broadcast = torch.broadcast_shapes(*positions) if positions else ()
+    return count * math.prod(broadcast) * math.prod(dest.shape[dims:])
+
+
+def _scattered_bytes(func: Any, args: tuple, kwargs: dict, how: str) -> tuple[float, float]:
+    """(read, written) of an in-place scatter: its indices, its source up to the touched elements (a larger src
+    is read only that far), the touched elements written, and read too where they accumulate."""
+    arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+    dest = arg("self")
+    touched = _touched(func, args, kwargs, how) * dest.element_size()
+    source = next((s for s in (arg("source"), arg("src"), arg("values")) if s is not None and hasattr(s, "dim")),
+                  None)
+    name = str(func._overloadpacket)
+    accumulate = name in ACCUMULATING_SCATTERS or bool(arg("accumulate")) or (
+        name == "aten.scatter_" and arg("reduce") is not None
+    )
+    indices = [t for t in _tensors((args, kwargs)) if t is not dest and t is not source]
+    read = _nbytes(indices) + (min(_nbytes([source]), touched) if source is not None else 0)
+    return read + (touched if accumulate else 0), touched
 
 
 def _packed_bytes(obj: Any) -> float:
@@ -355,10 +430,18 @@ def count_ops(step: Callable[[], Any]) -> dict[OpKey, _Count]:
             ins, outs = _tensors((args, kwargs)), _tensors(out)
             if not _moves_no_data(func, name, ins, outs):
                 ins = [t for t in ins if not any(t is o for o in _out_arguments(func, kwargs))]  # written, not read
+                if _overwrites(func):  # fill_, copy_, a random draw in place: the destination is written, not read
+                    ins = [t for t in ins if t is not _argument(func, args, kwargs, "self")]
                 gathered = GATHERS.get(str(func._overloadpacket))
-                c.bytes_read += _nbytes(ins) if gathered is None else _gathered_bytes(func, args, kwargs, *gathered)
+                scattered = SCATTERS_IN_PLACE.get(str(func._overloadpacket))
+                if scattered is not None:
+                    read, written = _scattered_bytes(func, args, kwargs, scattered)
+                    c.bytes_read += read
+                    c.bytes_written += written
+                else:
+                    c.bytes_read += _nbytes(ins) if gathered is None else _gathered_bytes(func, args, kwargs, *gathered)
+                    c.bytes_written += _nbytes(outs)
                 c.bytes_read += _packed_bytes((args, kwargs))
-                c.bytes_written += _nbytes(outs)
             c.flops += _flops(func, args, kwargs, out)
             c.unsupported = c.unsupported or not (has_flop_formula(func) or does_no_arithmetic(func))
             c.dtype = c.dtype or _dtype(ins + outs)
