@@ -12,6 +12,11 @@ threshold. It runs over tilestack's in-process grid or Flower's simulation engin
 parameters to ``clipping_range`` and maps them onto ``quantization_range`` integers, so the secure
 average differs from the plain one by about clipping_range / quantization_range per parameter.
 
+Client sampling (``per_round`` of the task's clients) is seeded per round from the task's seed, as are the
+SecAgg+ neighbour shuffle and the clients' stochastic rounding in this process, so a run repeats bit for bit on
+tilestack's engine and the secure run trains the clients the plain run trains (on Flower's engine the clients'
+rounding is drawn in Ray's processes: repeats agree to the quantisation step).
+
 Dropouts are the task's ``crash`` and ``slow`` faults (a slow client misses ``timeout``); the server
 only ever sees the masked sum, so faults that corrupt an update (``nan``, ``shape``, ...) cannot be left
 out and are refused up front.
@@ -20,6 +25,7 @@ out and are refused up front.
 from __future__ import annotations
 
 import logging
+import random
 import time
 
 import numpy as np
@@ -87,9 +93,29 @@ class _CountedSecAggPlus(SecAggPlusWorkflow):
         return done
 
 
+class _SeededFedAvg(LegacyFedAvg):
+    """Flower's legacy FedAvg that seeds Python's ``random`` (its client sampling, SecAgg+'s neighbour shuffle)
+    and ``np.random`` (SecAgg+'s stochastic rounding) from (seed, round) before each round: unseeded, two runs of
+    the same task sampled different clients."""
+
+    def __init__(self, *, seed: int, **kwargs):
+        super().__init__(**kwargs)
+        self.seed = seed
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        x = int(np.random.SeedSequence([self.seed, server_round, SAMPLING_STREAM]).generate_state(1)[0])
+        random.seed(x)
+        np.random.seed(x)
+        return super().configure_fit(server_round, parameters, client_manager)
+
+
+SAMPLING_STREAM = 43  # keeps these seeds apart from the clients' minibatch streams
+
+
 def _strategy(task: Task, per_round: int) -> LegacyFedAvg:
     init = task.initial_params()
-    return LegacyFedAvg(
+    return _SeededFedAvg(
+        seed=task.seed,
         fraction_fit=per_round / task.num_clients,
         fraction_evaluate=0.0,
         min_fit_clients=per_round,
