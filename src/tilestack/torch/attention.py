@@ -38,6 +38,7 @@ from tilestack.kernels._plan import planned
 from tilestack.kernels.attention_bwd import attention_backward
 from tilestack.kernels.attention_fwd import attention_forward, check_attention_args, dropout_rng
 from tilestack.lang.kernel import remember
+from tilestack.torch._autograd import once_differentiable, refuse_double_backward
 
 
 @torch.library.custom_op("tilestack::attention_fwd", mutates_args=())
@@ -86,6 +87,7 @@ def _backward(ctx, do, _dlse):
 
 
 attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(attention_bwd_op, "attention")
 
 
 class _AttentionPlan:
@@ -137,6 +139,7 @@ class _Attention(torch.autograd.Function):
         return o
 
     @staticmethod
+    @once_differentiable("attention")
     def backward(ctx, do):
         q, k, v, o, lse, attn_mask = ctx.saved_tensors
         dq, dk, dv = ctx.plan.backward(q, k, v, o, lse, do, ctx.causal, ctx.scale, attn_mask, ctx.rng)

@@ -35,6 +35,7 @@ from tilestack.kernels.rotary import rotary as _rotary
 from tilestack.kernels.swiglu import swiglu as _swiglu
 from tilestack.kernels.swiglu import swiglu_backward as _swiglu_backward
 from tilestack.lang.kernel import remember
+from tilestack.torch._autograd import once_differentiable, refuse_double_backward
 
 _is_compiling = torch.compiler.is_compiling
 
@@ -110,6 +111,7 @@ def _rms_backward(ctx, dy, _drstd):
 
 
 rms_norm_fwd_op.register_autograd(_rms_backward, setup_context=_rms_setup)
+refuse_double_backward(rms_norm_bwd_op, "rms_norm")
 
 
 def _add_rms_setup(ctx, inputs, output):
@@ -178,6 +180,7 @@ def _ln_backward(ctx, dy, _dmean, _drstd):
 
 
 layer_norm_fwd_op.register_autograd(_ln_backward, setup_context=_ln_setup)
+refuse_double_backward(layer_norm_bwd_op, "layer_norm")
 
 
 def _add_ln_setup(ctx, inputs, output):
@@ -215,6 +218,7 @@ class _NormPlan:
 
     def __init__(self, fn: str, x, r, weight, bias, eps):
         _check_norm(fn, x, weight, eps, bias=bias, r=r)
+        self.fn = fn
         self.centered, self.residual = bias is not None, r is not None
         self.eps = float(eps)
         rows = _rows(x)
@@ -286,6 +290,7 @@ class _Norm(torch.autograd.Function):
         return y.view(*plan.shape), h
 
     @staticmethod
+    @once_differentiable(lambda ctx: ctx.plan.fn)
     def backward(ctx, dy, dh=None):
         h, weight, mean, rstd = ctx.saved_tensors
         plan = ctx.plan
@@ -394,16 +399,23 @@ rotary_op.register_autograd(_rotary_backward, setup_context=_rotary_setup)
 
 
 class _Rotary(torch.autograd.Function):
+    """The rotation (by minus the angle with ``inverse``); its backward is the opposite rotation, itself this
+    Function under ``create_graph`` (the op is linear in q and k), so gradients of gradients are exact."""
+
     @staticmethod
-    def forward(ctx, q, k, cos, sin):
+    def forward(ctx, q, k, cos, sin, inverse):
         ctx.save_for_backward(cos, sin)
-        return _rotate(q, k, cos, sin, False)
+        ctx.inverse = inverse
+        return _rotate(q, k, cos, sin, inverse)
 
     @staticmethod
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
-        dq, dk = _rotate(dq, dk, cos, sin, True)
-        return dq, dk, None, None
+        if torch.is_grad_enabled():          # create_graph: the backward recorded, for a double backward
+            dq, dk = _Rotary.apply(dq, dk, cos, sin, not ctx.inverse)
+        else:
+            dq, dk = _rotate(dq, dk, cos, sin, not ctx.inverse)
+        return dq, dk, None, None, None
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -414,7 +426,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     if not _eager(q):
         return rotary_op(q, k, cos, sin, False)
     if _needs_grad(q, k):
-        return _Rotary.apply(q, k, cos, sin)
+        return _Rotary.apply(q, k, cos, sin, False)
     return _rotate(q, k, cos, sin, False)
 
 
@@ -468,6 +480,7 @@ def _swiglu_bwd(ctx, dy):
 
 
 swiglu_fwd_op.register_autograd(_swiglu_bwd, setup_context=_swiglu_setup)
+refuse_double_backward(swiglu_bwd_op, "swiglu")
 
 
 class _SwiGLUPlan:
@@ -518,6 +531,7 @@ class _SwiGLU(torch.autograd.Function):
         return plan.forward(x)
 
     @staticmethod
+    @once_differentiable("swiglu")
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
         return ctx.plan.backward(dy, x), None
@@ -562,6 +576,7 @@ def _ce_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(dx, dw)
 
 
+@once_differentiable("fused_linear_cross_entropy")     # (its gradients are the forward's, scaled: no graph)
 def _ce_backward(ctx, dloss, _ddx, _ddw):
     dx, dw = ctx.saved_tensors          # made by the forward, for a loss gradient of 1
     return dx * dloss.to(dx.dtype), dw * dloss.to(dw.dtype), None, None
@@ -578,6 +593,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable("fused_linear_cross_entropy")
     def backward(ctx, dloss):
         dx, dw = ctx.saved_tensors
         return dx * dloss.to(dx.dtype), dw * dloss.to(dw.dtype), None, None

@@ -1,0 +1,63 @@
+"""Double backward, refused by name: the kernels' backward passes are not themselves differentiable.
+
+    class _Norm(torch.autograd.Function):
+        @staticmethod
+        @once_differentiable("rms_norm")
+        def backward(ctx, dy): ...
+
+    refuse_double_backward(rms_norm_bwd_op, "rms_norm")    # the custom-op path (torch.compile, subclasses)
+
+A gradient taken with ``create_graph=True`` (a gradient penalty, a Hessian-vector product) and then
+differentiated again would otherwise miss the kernels' second-order terms without a word: their backward writes
+its results outside autograd, so a penalty on them read as a constant. Here the first gradient is made as usual
+and carries a node that raises a LaunchError naming the op if anything differentiates it again (torch's own
+``once_differentiable`` does the same with an anonymous message, and only when an incoming gradient requires grad,
+which a linear loss's does not).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+from tilestack.errors import LaunchError
+
+
+def _message(op: str) -> str:
+    return (f"{op}: double backward is not supported (a gradient made with create_graph=True was differentiated "
+            f"again); tilestack's {op} backward is not itself differentiable: compute this part with torch's op")
+
+
+def once_differentiable(op: str | Callable):
+    """Decorator for an ``autograd.Function.backward``: run it without recording, and under ``create_graph``
+    (grad mode on in the backward) give its gradients a node that raises, naming ``op`` (a name, or a function
+    of ctx giving it), when differentiated."""
+    def wrap(backward):
+        @functools.wraps(backward)
+        def call(ctx, *grads):
+            with torch.no_grad():
+                outs = backward(ctx, *grads)
+            if not torch.is_grad_enabled():       # the usual backward (no create_graph)
+                return outs
+            # the gradients depend on the forward's inputs (the op is not linear in them) and on the incoming ones
+            if not (any(ctx.needs_input_grad) or any(isinstance(g, torch.Tensor) and g.requires_grad for g in grads)):
+                return outs
+            single = not isinstance(outs, tuple)
+            outs = (outs,) if single else outs
+            err = torch._C._functions.DelayedError(_message(op(ctx) if callable(op) else op), len(outs))
+            marked = err(*[None if o is None else o.detach().requires_grad_() for o in outs])
+            marked = marked if isinstance(marked, tuple) else (marked,)
+            return marked[0] if single else marked
+        return call
+    return wrap
+
+
+def refuse_double_backward(bwd_op, op: str) -> None:
+    """Register an autograd formula on a backward custom op that raises, naming ``op``: reached only when a
+    gradient it made is differentiated again (without one, torch's message asks for ``register_autograd``)."""
+    def backward(ctx, *grads):
+        raise LaunchError(_message(op))
+
+    bwd_op.register_autograd(backward)

