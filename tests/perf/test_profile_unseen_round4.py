@@ -463,3 +463,29 @@ def test_profile_html_renders_round4(tmp_path):
         p, _, _ = profiled(name, False)
         html = profile.profile_html(p, tmp_path / f"{name}.html").read_text()
         assert name in html and hot_op in html and "no FLOP formula" not in html
+
+
+def test_antialiased_resampling_padding_modes_and_histograms():
+    """Found: antialiased bilinear/bicubic resampling had no formula; replication padding in 1-d and 3-d, reflection
+    padding in 3-d, block_diag and unique_consecutive (copies) were reported uncounted; torch.histogram had none."""
+    img = torch.randn(2, 3, 8, 8, requires_grad=True)
+    vol = torch.randn(1, 2, 4, 4, 4, requires_grad=True)
+    counts = counting.count_ops(lambda: (
+        F.interpolate(img, size=(4, 4), mode="bilinear", antialias=True).sum()
+        + F.interpolate(img, size=(16, 16), mode="bicubic", antialias=True).sum()
+        + F.pad(vol, (1,) * 6, mode="replicate").sum() + F.pad(vol, (1,) * 6, mode="reflect").sum()
+        + F.pad(img[:, 0], (2, 2), mode="replicate").sum()
+    ).backward())
+    ours = by_op(counts)
+    # Downsampling 8 -> 4 widens the bilinear filter to 2 * 2 = 4 input pixels a side; upsampling keeps bicubic's 4.
+    assert ours["aten::_upsample_bilinear2d_aa"] == 2 * 4 * 4 * 2 * 3 * 4 * 4
+    assert ours["aten::_upsample_bicubic2d_aa"] == 2 * 4 * 4 * 2 * 3 * 16 * 16
+    assert ours["aten::_upsample_bilinear2d_aa_backward"] == ours["aten::_upsample_bilinear2d_aa"]
+    assert ours["aten::replication_pad3d"] == ours["aten::reflection_pad3d"] == ours["aten::replication_pad1d"] == 0
+    assert ours["aten::replication_pad3d_backward"] == 2 * 6 * 6 * 6  # dy folded back into the input
+    assert not any(c.unsupported for c in counts.values())
+    y = torch.randn(100)
+    with torch.no_grad():
+        other = counting.count_ops(lambda: (torch.histogram(y, bins=4), torch.block_diag(y[:4, None], y[:6, None]),
+                                            torch.unique_consecutive(y.round())))
+    assert by_op(other)["aten::histogram"] == 100 and not any(c.unsupported for c in other.values())

@@ -374,6 +374,25 @@ def _ctc_flops(*, backward: bool) -> Rule:
     return count
 
 
+def _antialiased_flops(taps_per_dim: int, *, backward: bool) -> Rule:
+    """_upsample_{bilinear,bicubic}2d_aa: as its plain twin, a multiply-add per tap at each element of the output
+    side, but a downsampling filter's support widens by the scale: ``taps_per_dim * max(in / out, 1)`` input
+    elements per dim (rounded up), so upsampling costs what the plain mode does."""
+
+    def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+        if backward:
+            side, size_in = arg("grad_output"), list(arg("input_size"))[-2:]
+        else:
+            side = _tensors(out)[0]
+            size_in = list((arg("self") if arg("self") is not None else arg("input")).shape[-2:])
+        taps = math.prod(math.ceil(taps_per_dim * max(i / max(o, 1), 1.0))
+                         for i, o in zip(size_in, side.shape[-2:], strict=True))
+        return float(formulas.FLOPS_PER_MAC * taps * _numel(side))
+
+    return count
+
+
 def _conv_tbc_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     """conv_tbc: x (T, B, C_in) * w (K, C_in, C_out) -> y (T', B, C_out): a multiply-add per weight element per
     output position and batch entry, plus the bias's add per output element."""
@@ -501,4 +520,9 @@ LAYER_FLOPS: dict[str, Rule] = {
     "aten._ctc_loss": _ctc_flops(backward=False),
     "aten._ctc_loss_backward": _ctc_flops(backward=True),
     "aten.conv_tbc": _conv_tbc_flops,
+    **{f"aten._upsample_{mode}2d_aa{tail}": _antialiased_flops(taps, backward=bool(tail))
+       for mode, taps in (("bilinear", 2), ("bicubic", 4)) for tail in ("", "_backward")},
+    "aten.histogram": _accumulate_flops("self"),  # each element binned, as histc
+    # Window functions: a cosine (and its scaling) per element, as an element-wise op.
+    **{f"aten.{w}_window": _elementwise_flops for w in ("hann", "hamming", "blackman", "bartlett", "kaiser")},
 }
