@@ -27,12 +27,15 @@ import pytest
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import (
+    Bulyan,
     DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
     FedAdagrad,
     FedAvg,
     FedYogi,
+    Krum,
+    MultiKrum,
 )
 
 from tilestack.errors import FederatedError
@@ -552,6 +555,50 @@ def test_zero_rounds_returns_the_initial_model():
     assert res.history.rounds == [] and _same(res.arrays, initial_arrays(task))
 
 
+# ---- Byzantine-robust rules that cannot have the replies they need ---------------------------------------------
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda: Krum(fraction_train=1.0, fraction_evaluate=0.0, num_malicious_nodes=2),
+         "Krum: num_malicious_nodes=2; expected at most 1 for the 6 nodes it samples each round"),
+        (lambda: Krum(fraction_train=0.5, fraction_evaluate=0.0, num_malicious_nodes=1),
+         "expected at most 0 for the 3 nodes it samples each round (fraction_train=0.5"),
+        (lambda: MultiKrum(fraction_train=1.0, fraction_evaluate=0.0, num_malicious_nodes=1, num_nodes_to_select=9),
+         "MultiKrum: num_nodes_to_select=9; expected at most the 6 nodes"),
+        (lambda: Bulyan(fraction_train=1.0, fraction_evaluate=0.0, num_malicious_nodes=1),
+         "Bulyan: num_malicious_nodes=1; expected at most 0 for the 6 nodes it samples each round"),
+    ],
+)  # fmt: skip
+def test_robust_rules_without_enough_sampled_replies_are_refused_before_any_work(monkeypatch, make, needle):
+    """Flower ran them anyway: Krum with f = 2 of 6 scored each update by its single nearest neighbour, and Bulyan
+    returned no model in every round."""
+    _no_work(monkeypatch)
+    with pytest.raises(FederatedError, match=re.escape(needle)):
+        simulate(make(), Task(**TINY), rounds=1)
+
+
+@pytest.mark.timeout(60)
+def test_krum_at_its_bound_picks_the_update_closest_to_its_neighbours():
+    """Krum with f = 1 of 5 replies (2f + 3): four honest updates near 1 and one at 100; the global model is the
+    honest update with the smallest sum of squared distances to its n - f - 2 = 2 nearest others."""
+    task = _blobs(5)
+    shift = {0: 1.0, 1: 1.2, 2: 0.9, 3: 1.5, 4: 100.0}
+
+    def script(pid, rnd, start):
+        return {k: start[k] + shift[pid] for k in start}, 1
+
+    grid = ManagedGrid(InProcessGrid(_scripted_app(script), 5), task)
+    res = run_rounds(Krum(fraction_train=1.0, fraction_evaluate=0.0, num_malicious_nodes=1, min_available_nodes=5),
+                     grid, initial_arrays(task), num_rounds=1)  # fmt: skip
+    size = sum(v.size for v in _np(initial_arrays(task)).values())
+    score = {p: sum(sorted(size * (shift[p] - shift[q]) ** 2 for q in shift if q != p)[:2]) for p in shift}
+    best = min(score, key=score.get)
+    assert best == 0
+    for v in _np(res.arrays).values():
+        np.testing.assert_allclose(v, shift[best], rtol=0, atol=1e-6)
+
+
 # ---- bad values a user may pass to the building blocks ---------------------------------------------------------
 @pytest.mark.parametrize(
     "make, needle",
@@ -567,6 +614,22 @@ def test_zero_rounds_returns_the_initial_model():
 def test_building_blocks_name_non_finite_settings(make, needle):
     with pytest.raises(ValueError, match=re.escape(needle)):
         make()
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.5, 5.0])
+def test_dirichlet_label_shares_have_the_dirichlet_mean_and_variance(alpha):
+    """Label skew as the Dirichlet prescribes: over 200 classes split across 10 clients, the share of a class on a
+    client has mean 1/K and variance (1/K)(1 - 1/K) / (K alpha + 1) (within 15%); at alpha = 0.05 most classes sit
+    almost wholly on one client."""
+    k, classes, per_class = 10, 200, 300
+    y = np.repeat(np.arange(classes), per_class)
+    parts = P.dirichlet(y, k, alpha, seed=3)
+    shares = np.stack([np.bincount(y[p], minlength=classes) for p in parts], axis=1) / per_class  # (classes, K)
+    np.testing.assert_allclose(shares.sum(axis=1), 1.0)
+    want = (1 / k) * (1 - 1 / k) / (k * alpha + 1)
+    assert abs(shares.var() / want - 1) < 0.15, (shares.var(), want)
+    if alpha == 0.05:
+        assert np.median(shares.max(axis=1)) > 0.8
 
 
 def test_a_very_large_dirichlet_alpha_is_close_to_iid():

@@ -16,7 +16,10 @@ strategy that fits only some tasks says so through a ``check_task(task)`` method
 Flower's DP wrappers are checked against what they wrap (``check_privacy``): ``num_sampled_clients`` must be
 the number the wrapped strategy samples (the noise is ``noise_multiplier * clipping_norm / num_sampled_clients``,
 so a larger number under-noises every round), and compressed updates go through ``Compressed`` outside a
-server-side DP wrapper, never with client-side clipping (error feedback sends more than was clipped).
+server-side DP wrapper, never with client-side clipping (error feedback sends more than was clipped). Flower's
+Byzantine-robust rules are checked against the nodes they sample (``check_robust``): Krum and MultiKrum with
+f > 0 need 2f + 3 of them, Bulyan 4f + 3, MultiKrum cannot keep more than it samples (Flower ran them anyway:
+Krum with f = 5 of 6 nodes scored each update by its one nearest neighbour, and Bulyan skipped every round).
 """
 
 from __future__ import annotations
@@ -171,6 +174,40 @@ def check_strategy(strategy: Strategy, num_nodes: int, task=None) -> None:
                 "that never come)"
             )
     check_privacy(strategy, num_nodes)
+    check_robust(strategy, num_nodes)
+
+
+def _sampled(strategy: Strategy, num_nodes: int) -> tuple[Strategy, int, str] | None:
+    """The sampling strategy, how many nodes it samples each round and from what; None if it samples none."""
+    sampler, nodes, why = _sampling_strategy(strategy, num_nodes)
+    fraction, least = vars(sampler).get("fraction_train"), vars(sampler).get("min_train_nodes", 0)
+    if not isinstance(fraction, numbers.Real) or not fraction > 0 or not isinstance(least, numbers.Integral):
+        return None  # nothing sampled (or not a FedAvg-like sampler): nothing to compare against
+    sampled = max(int(nodes * fraction), int(least))
+    return sampler, sampled, f"fraction_train={fraction} of {why}, min_train_nodes={least}"
+
+
+def check_robust(strategy: Strategy, num_nodes: int) -> None:
+    """Refuse a Krum, MultiKrum or Bulyan that cannot have the replies its rule needs (see module doc)."""
+    for s in strategy_levels(strategy):
+        if not isinstance(s, (fl.MultiKrum, fl.Bulyan)) or (found := _sampled(strategy, num_nodes)) is None:
+            continue
+        _, sampled, how = found
+        name, f = type(s).__name__, s.num_malicious_nodes
+        need = 4 * f + 3 if isinstance(s, fl.Bulyan) else 2 * f + 3 if f > 0 else 1
+        if sampled < need:
+            most = (sampled - 3) // (4 if isinstance(s, fl.Bulyan) else 2)
+            raise FederatedError(
+                f"{name}: num_malicious_nodes={f}; expected at most {max(most, 0)} for the {sampled} nodes it samples "
+                f"each round ({how}): {name} needs {'4f' if isinstance(s, fl.Bulyan) else '2f'} + 3 = {need} replies"
+                + ("" if most >= 0 else "; sample more nodes")
+            )
+        keep = vars(s).get("num_nodes_to_select")
+        if type(s) is fl.MultiKrum and isinstance(keep, numbers.Integral) and keep > sampled:
+            raise FederatedError(
+                f"{name}: num_nodes_to_select={keep}; expected at most the {sampled} nodes it samples each round "
+                f"({how})"
+            )
 
 
 def check_privacy(strategy: Strategy, num_nodes: int) -> None:
@@ -192,14 +229,12 @@ def check_privacy(strategy: Strategy, num_nodes: int) -> None:
                 f"{name} wraps Compressed: it would clip the compressed arrays, which it cannot read; expected "
                 f"Compressed({name}(...)), so that the server rebuilds the models before they are clipped"
             )
-        sampler, nodes, why = _sampling_strategy(strategy, num_nodes)
-        fraction, least = vars(sampler).get("fraction_train"), vars(sampler).get("min_train_nodes", 0)
-        if not isinstance(fraction, numbers.Real) or not fraction > 0 or not isinstance(least, numbers.Integral):
-            continue  # nothing sampled (or not a FedAvg-like sampler): nothing to compare against
-        sampled = max(int(nodes * fraction), int(least))
+        if (found := _sampled(strategy, num_nodes)) is None:
+            continue
+        sampler, sampled, how = found
         if s.num_sampled_clients != sampled:
             raise FederatedError(
                 f"{name}: num_sampled_clients={s.num_sampled_clients!r}; expected {sampled}, the nodes "
-                f"{type(sampler).__name__} samples each round (fraction_train={fraction} of {why}, min_train_nodes="
-                f"{least}): the noise's std is noise_multiplier * clipping_norm / num_sampled_clients"
+                f"{type(sampler).__name__} samples each round ({how}): the noise's std is noise_multiplier * "
+                "clipping_norm / num_sampled_clients"
             )
