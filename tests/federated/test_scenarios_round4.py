@@ -599,6 +599,62 @@ def test_krum_at_its_bound_picks_the_update_closest_to_its_neighbours():
         np.testing.assert_allclose(v, shift[best], rtol=0, atol=1e-6)
 
 
+# ---- the deployment ServerApp, driven by its run config ---------------------------------------------------------
+def _deploy(grid, run_config: dict) -> None:
+    from flwr.app import Context
+
+    from tilestack.federated import deploy
+
+    deploy.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+
+
+@pytest.mark.timeout(60)
+def test_the_deployment_server_app_gives_the_simulated_model(tmp_path):
+    """tilestack's deployment ServerApp (the one ``flwr run`` starts) over the in-process grid: its JSON result
+    is the model ``simulate`` gives for the same strategy name, seed and timeout."""
+    import json
+
+    from tilestack.federated.strategies import make_strategy
+
+    task = Task(**TINY)
+    out = tmp_path / "result.json"
+    _deploy(InProcessGrid(tsclient.app, 6), {"task": task.to_json(), "strategy": "fedprox", "num-rounds": 2,
+                                             "clients-per-round": 3, "proximal-mu": 0.1, "seed": 4,
+                                             "result-path": str(out)})  # fmt: skip
+    got = json.loads(out.read_text())
+    ref = simulate(make_strategy("fedprox", clients_per_round=3, num_clients=6, eval_fraction=1.0, proximal_mu=0.1),
+                   task, rounds=2, seed=4, timeout=120.0)  # fmt: skip
+    assert [r["round"] for r in got["rounds"]] == [1, 2]
+    for k, v in _np(ref.arrays).items():
+        np.testing.assert_array_equal(np.asarray(got["arrays"][k], np.float32), v)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"num_rounds": 5}, "unknown key(s) ['num_rounds']; expected keys among"),
+        ({"num-rounds": 2.5}, "num-rounds=2.5; expected an int"),
+        ({"clients-per-round": "3"}, "clients-per-round='3'; expected an int"),
+        ({"proximal-mu": True}, "proximal-mu=True; expected a float"),
+        ({"task": ""}, "task is not a Task as JSON"),
+        ({"result-path": ""}, "result-path=''; expected a file path in an existing folder"),
+        ({"clients-per-round": 0}, "clients_per_round=0; expected an integer in [1, 6]"),
+    ],
+)
+def test_the_deployment_run_config_is_checked_before_the_roll_call(tmp_path, change, needle):
+    """A typo'd key was ignored (the default ran), a float number of rounds truncated, an empty result path failed
+    after the last round, and clients-per-round=0 meant every client."""
+
+    class Untouchable:
+        def __getattr__(self, name):
+            raise AssertionError(f"the grid was used ({name}) before the run config was checked")
+
+    cfg = {"task": Task(**TINY).to_json(), "result-path": str(tmp_path / "r.json"), "num-rounds": 1} | change
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        _deploy(Untouchable(), cfg)
+
+
 # ---- bad values a user may pass to the building blocks ---------------------------------------------------------
 @pytest.mark.parametrize(
     "make, needle",

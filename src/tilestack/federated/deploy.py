@@ -10,8 +10,10 @@
 The same round loop, ``ManagedGrid`` and ClientApp as in simulation, over Flower's deployment grid: the
 roll call really asks every SuperNode for its ``partition-id`` (set with ``--node-config``). Run-config
 keys: ``task`` (a :class:`Task` as JSON), ``strategy`` (a name from ``strategies.NAMES``),
-``num-rounds``, ``clients-per-round``, ``seed``, ``proximal-mu``, ``timeout``, and ``result-path``
-where the history and final model are written as JSON.
+``num-rounds``, ``clients-per-round``, ``seed``, ``proximal-mu``, ``eval-fraction``, ``timeout``, and
+``result-path`` where the history and final model are written as JSON. They are checked before the roll call
+(``read_run_config``): an unknown key (``num_rounds`` for ``num-rounds``) or a value of the wrong kind
+(``num-rounds=2.5``) is a ``ValueError`` naming it, where it used to be ignored or truncated.
 """
 
 from __future__ import annotations
@@ -32,29 +34,65 @@ from tilestack.federated.task import Task
 
 server_app = ServerApp()
 
+# run-config key -> (kind, default; None: required)
+RUN_CONFIG: dict[str, tuple[type, object]] = {
+    "task": (str, None), "result-path": (str, None), "strategy": (str, "fedavg"), "num-rounds": (int, 3),
+    "clients-per-round": (int, None), "seed": (int, 0), "proximal-mu": (float, 0.0), "eval-fraction": (float, 1.0),
+    "timeout": (float, 120.0),
+}  # fmt: skip
+OPTIONAL = ("clients-per-round",)  # defaults to every client
+
+
+def read_run_config(cfg) -> dict:
+    """The run config with defaults filled in; a missing, unknown or mistyped key is a ValueError naming it."""
+    unknown = sorted(set(cfg) - set(RUN_CONFIG))
+    if unknown:
+        raise ValueError(f"run config: unknown key(s) {unknown}; expected keys among {sorted(RUN_CONFIG)}")
+    out = {}
+    for key, (kind, default) in RUN_CONFIG.items():
+        if key not in cfg:
+            if default is None and key not in OPTIONAL:
+                raise ValueError(f"run config: {key!r} is missing; expected a {kind.__name__}")
+            out[key] = default
+            continue
+        value = cfg[key]
+        ok = isinstance(value, str) if kind is str else not isinstance(value, bool) and (
+            isinstance(value, int) if kind is int else isinstance(value, (int, float)))  # fmt: skip
+        if not ok:
+            raise ValueError(f"run config: {key}={value!r}; expected a{'n' if kind is int else ''} {kind.__name__}")
+        out[key] = kind(value)
+    folder = Path(out["result-path"]).parent
+    if not out["result-path"] or not folder.is_dir():  # found now, not after the last round
+        raise ValueError(f"run config: result-path={out['result-path']!r}; expected a file path in an existing folder")
+    try:
+        out["task"] = Task.from_json(out["task"])
+    except (ValueError, TypeError) as ex:  # JSON errors are ValueErrors; unknown Task fields TypeErrors
+        raise ValueError(f"run config: task is not a Task as JSON ({ex})") from ex
+    return out
+
 
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = context.run_config
-    task = Task.from_json(str(cfg["task"]))
+    cfg = read_run_config(context.run_config)
+    task = cfg["task"]
     strategy = make_strategy(
-        str(cfg.get("strategy", "fedavg")),
-        clients_per_round=int(cfg.get("clients-per-round", task.num_clients)),
+        cfg["strategy"],
+        clients_per_round=task.num_clients if cfg["clients-per-round"] is None else cfg["clients-per-round"],
         num_clients=task.num_clients,
-        eval_fraction=float(cfg.get("eval-fraction", 1.0)),
-        proximal_mu=float(cfg.get("proximal-mu", 0.0)),
+        eval_fraction=cfg["eval-fraction"],
+        proximal_mu=cfg["proximal-mu"],
     )
     config = {TASK_KEY: task.to_json()}
     result = run_rounds(
         strategy,
         ManagedGrid(grid, task),
         initial_arrays(task),
-        num_rounds=int(cfg.get("num-rounds", 3)),
+        num_rounds=cfg["num-rounds"],
         train_config=config,
         evaluate_config=config,
         evaluator=Evaluator(task),
-        seed=int(cfg.get("seed", 0)),
-        timeout=float(cfg.get("timeout", 120.0)),
+        seed=cfg["seed"],
+        timeout=cfg["timeout"],
     )
     out = result.history.to_dict() | {"arrays": {k: v.numpy().tolist() for k, v in result.arrays.items()}}
-    Path(str(cfg["result-path"])).write_text(json.dumps(out))
+    Path(cfg["result-path"]).write_text(json.dumps(out))
