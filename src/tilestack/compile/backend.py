@@ -10,8 +10,10 @@ ops carry their own backward, so training graphs work too).
 Options (``options=``): ``check`` (bool: test every rewrite on random inputs first, and keep the original
 where the test fails), ``inner`` ("inductor", "aot_eager" or "eager"), ``passes`` (names, a subset of
 ``PASSES``, run in PASSES' order whatever the order given), ``min_rows`` and ``min_query_rows`` (the size
-thresholds below which a swap does not pay: ``tilestack.compile.policy``); any other key is an Inductor config
-patch (a name of ``torch._inductor.config``, with ``inner="inductor"`` only: ``check_options`` refuses the rest).
+thresholds below which a swap does not pay: ``tilestack.compile.policy``), ``measure`` (bool, default True: on a
+GPU a fused GEMM is swapped only where it was measured faster, ``tilestack.compile.measure``); any other key is
+an Inductor config patch (a name of ``torch._inductor.config``, with ``inner="inductor"`` only: ``check_options``
+refuses the rest).
 ``mode`` is Inductor's ("reduce-overhead" captures the result in CUDA graphs; "max-autotune").
 """
 
@@ -123,7 +125,7 @@ def check_options(fn: str, *, mode=None, check=False, inner="inductor", passes=N
         unknown = sorted(k for k in inductor_options if k not in known)
         if unknown:
             raise LaunchError(f"{fn}: options {unknown} unknown; expected tilestack's (check, inner, passes, mode, "
-                              "min_rows, min_query_rows) or names of torch._inductor.config")
+                              "min_rows, min_query_rows, measure) or names of torch._inductor.config")
         if inner != "inductor":
             raise LaunchError(f"{fn}: Inductor options {sorted(inductor_options)} with inner={inner!r}; they "
                               "apply only with inner='inductor'")
@@ -140,7 +142,7 @@ def tilestack_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = 
     check = options.pop("check", False)
     inner = options.pop("inner", "inductor")
     passes = options.pop("passes", None)
-    thresholds = {k: options.pop(k) for k in ("min_rows", "min_query_rows") if k in options}
+    thresholds = {k: options.pop(k) for k in ("min_rows", "min_query_rows", "measure") if k in options}
     rule = dataclasses.replace(policy.current(), **thresholds)
     passes = check_options("tilestack backend", mode=mode, check=check, inner=inner, passes=passes,
                            inductor_options=options)
@@ -158,11 +160,12 @@ def tilestack_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = 
 
 def optimize(model, *, mode: str | None = None, check: bool = False, inner: str = "inductor",
              passes=None, dynamic: bool | None = None, fullgraph: bool = False, min_rows: int | None = None,
-             min_query_rows: int | None = None, **inductor_options):
+             min_query_rows: int | None = None, measure: bool | None = None, **inductor_options):
     """``torch.compile(model, backend="tilestack", ...)``: the module (or function) compiled with the pattern
     passes, the rest by ``inner``. ``tilestack.compile.last_report()`` says what was swapped, after the first call
     (Dynamo captures on the first call). ``min_rows`` / ``min_query_rows``: the thresholds of
-    ``tilestack.compile.policy`` for this compile (default: ``policy.current()``)."""
+    ``tilestack.compile.policy`` for this compile (default: ``policy.current()``); ``measure``: whether a GPU's
+    fused GEMMs are swapped only where measured faster (default True, ``tilestack.compile.measure``)."""
     if not (isinstance(model, torch.nn.Module) or callable(model)):
         raise LaunchError(f"optimize: model must be a torch.nn.Module or a function, got {type(model).__name__}")
     passes = check_options("optimize", mode=mode, check=check, inner=inner, passes=passes,
@@ -173,7 +176,8 @@ def optimize(model, *, mode: str | None = None, check: bool = False, inner: str 
     options = dict(inductor_options, check=check, inner=inner)
     if passes is not None:
         options["passes"] = passes
-    thresholds = {k: v for k, v in (("min_rows", min_rows), ("min_query_rows", min_query_rows)) if v is not None}
+    thresholds = {k: v for k, v in (("min_rows", min_rows), ("min_query_rows", min_query_rows),
+                                    ("measure", measure)) if v is not None}
     dataclasses.replace(policy.current(), **thresholds)      # a bad threshold is refused here, not inside Dynamo
     options |= thresholds
     if mode is not None:    # torch.compile refuses both mode= and options=: the backend reads it from options

@@ -19,7 +19,11 @@ and Inductor's few fused kernels win (issue 14's first H200 run: GPT-2 decode 5.
 - an attention (``sdpa``, ``explicit_attention``) only with at least ``MIN_QUERY_ROWS`` query rows per head
   (the tilestack kernel's smallest query tile: with one query row per head, decode, it would compute one row of
   a 64-row tile);
-- ``linear_cross_entropy`` at any size (it saves memory: the logits are never whole).
+- ``linear_cross_entropy`` at any size (it saves memory: the logits are never whole);
+- a bf16/f16 ``linear_epilogue`` on a GPU, past the row rule, only where its fused GEMM was measured faster than
+  cuBLAS's GEMM and one elementwise pass at the graph's shapes (``tilestack.compile.measure``: on the H200 it
+  lost at GPT-2 small's prefill shapes). ``measure=False`` skips the measurement (the row rule alone); the
+  quantized GEMMs are swapped unmeasured (their point is their precision).
 
 A size the graph keeps symbolic (``dynamic=True``) is not judged: one compiled graph serves every size, and the
 swap is made. Declined swaps are in the report with the reason, as the passes' own refusals are.
@@ -45,12 +49,15 @@ ATTENTION = ("sdpa", "explicit_attention")
 class Policy:
     min_rows: int = MIN_ROWS
     min_query_rows: int = MIN_QUERY_ROWS
+    measure: bool = True     # time a GPU's fused GEMM against cuBLAS before swapping it (compile.measure)
 
     def __post_init__(self):
         for name in ("min_rows", "min_query_rows"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise LaunchError(f"tilestack backend: {name}={v!r}; expected an int >= 0")
+        if not isinstance(self.measure, bool):
+            raise LaunchError(f"tilestack backend: measure={self.measure!r}; expected True or False")
 
 
 _current = Policy()
@@ -101,4 +108,23 @@ def unpaid(match, policy: Policy | None = None) -> str | None:
         if r is not None and r < policy.min_rows:
             return (f"{r} rows < min_rows={policy.min_rows} (a custom-op call costs more than the kernel saves at "
                     "this size, and Inductor fuses the op with its neighbours)")
+        if match.pattern == "linear_epilogue" and policy.measure:
+            return _measured_loss(match)
     return None
+
+
+def _measured_loss(match) -> str | None:
+    """Why a bf16/f16 fused GEMM on a GPU is slower than cuBLAS and Inductor's pass at these shapes, or None."""
+    from tilestack.compile import measure, ops
+    from tilestack.compile.patterns import value
+
+    if match.fn is not ops.ts_linear_epilogue:
+        return None                                       # quantized: swapped for the precision
+    x, w, bias, residual = [None if n is None else value(n) for n in match.inputs]
+    if not all(isinstance(t, torch.Tensor) for t in (x, w)) or x.device.type != "cuda":
+        return None
+    if any(_static(d) is None for t in (x, w) for d in t.shape):
+        return None                                       # symbolic sizes: one graph for all, not measured
+    activation, w_is_kn = match.consts[0], match.consts[1]
+    decision = measure.linear_epilogue(x, w, bias, residual, activation, w_is_kn)
+    return None if decision.pays else decision.reason()

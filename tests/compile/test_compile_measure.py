@@ -1,0 +1,108 @@
+"""tilestack.compile.measure (a fused GEMM timed against cuBLAS and Inductor's pass before it is swapped) and its
+use by tilestack.compile.policy. The timings are real on the CPU here (tiny shapes through the CPU backend); the
+policy's GPU branch is driven by fake CUDA tensors, as Dynamo's graphs carry them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import tilestack
+from tilestack import config
+from tilestack.compile import measure, ops, policy
+from tilestack.compile.patterns import Match
+from tilestack.errors import LaunchError
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """An empty user cache and a process that has read nothing yet."""
+    monkeypatch.setattr(measure, "_memory", {})
+    monkeypatch.setattr(measure, "_loaded", False)
+    with config.override(cache_dir=tmp_path):
+        yield tmp_path / measure.FILE
+
+
+def _tiny(dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 16, generator=g, dtype=dtype)          # (..., K): M = 10 rows, ragged
+    w = torch.randn(24, 16, generator=g, dtype=dtype)            # (N, K), a Linear's weight
+    b = torch.randn(24, generator=g, dtype=dtype)
+    r = torch.randn(2, 5, 24, generator=g, dtype=dtype)
+    return x, w, b, r
+
+
+def test_a_measurement_is_written_once_and_read_back_by_a_new_process(fresh_cache, monkeypatch):
+    x, w, b, r = _tiny()
+    d = measure.linear_epilogue(x, w, b, r, "gelu", False)
+    assert d.fused_s > 0 and d.unfused_s > 0 and d.pays == (d.fused_s <= measure.MARGIN * d.unfused_s)
+    assert "M10 K16 N24" in d.what and "act=gelu" in d.what and "residual=True" in d.what
+    on_disk = json.loads(fresh_cache.read_text())
+    assert on_disk[d.what]["fused_s"] == d.fused_s and on_disk[d.what]["unfused_s"] == d.unfused_s
+    # a new process (nothing in memory) takes the file's numbers and times nothing
+    monkeypatch.setattr(measure, "_memory", {})
+    monkeypatch.setattr(measure, "_loaded", False)
+    monkeypatch.setattr(measure, "_time", lambda *a: pytest.fail("a cached shape was timed again"))
+    again = measure.linear_epilogue(x, w, b, r, "gelu", False)
+    assert (again.fused_s, again.unfused_s) == (d.fused_s, d.unfused_s)
+    # another shape or epilogue is another entry, measured (here: refused, as _time fails)
+    with pytest.raises(pytest.fail.Exception):
+        measure.linear_epilogue(x, w, b, None, "gelu", False)
+
+
+def test_a_corrupt_cache_file_is_measured_again_with_a_warning(fresh_cache):
+    fresh_cache.parent.mkdir(parents=True, exist_ok=True)
+    fresh_cache.write_text('{"half a fi')
+    x, w, b, r = _tiny()
+    with pytest.warns(UserWarning, match="ignoring"):
+        d = measure.linear_epilogue(x, w, None, None, "relu", False)
+    assert json.loads(fresh_cache.read_text())[d.what]["fused_s"] == d.fused_s      # the file is whole again
+
+
+def _fake_match(fn=ops.ts_linear_epilogue, device="cuda", act="gelu"):
+    with FakeTensorMode():
+        x = torch.empty(8, 1024, 768, device=device, dtype=torch.bfloat16)
+        w = torch.empty(3072, 768, device=device, dtype=torch.bfloat16)
+        b = torch.empty(3072, device=device, dtype=torch.bfloat16)
+    return Match("linear_epilogue", fn, [x, w, b, None], (act, False, None), [], [], "test")
+
+
+def _decision(fused_s, unfused_s):
+    return measure.Decision("k", fused_s, unfused_s, "a GPU")
+
+
+def test_the_policy_declines_a_fused_gemm_measured_slower_and_keeps_a_faster_one(monkeypatch):
+    seen = []
+
+    def fake(x, w, bias, residual, activation, w_is_kn):
+        seen.append((tuple(x.shape), tuple(w.shape), activation, w_is_kn))
+        return answer
+
+    monkeypatch.setattr(measure, "linear_epilogue", fake)
+    answer = _decision(100e-6, 83e-6)
+    why = policy.unpaid(_fake_match())
+    assert why is not None and "measured on a GPU" in why and "100.0 us" in why and "83.0 us" in why
+    assert seen == [((8, 1024, 768), (3072, 768), "gelu", False)]
+    answer = _decision(70e-6, 83e-6)
+    assert policy.unpaid(_fake_match()) is None
+    answer = _decision(82e-6, 83e-6)                     # within the margin: a tie stays with Inductor
+    assert policy.unpaid(_fake_match()) is not None
+    # not measured: measure=False, a quantized GEMM, a CPU graph
+    n = len(seen)
+    assert policy.unpaid(_fake_match(), policy.Policy(measure=False)) is None
+    assert policy.unpaid(_fake_match(fn=ops.ts_quant_linear_epilogue)) is None
+    assert policy.unpaid(_fake_match(device="cpu")) is None
+    assert len(seen) == n
+    with policy.override(measure=False):
+        assert policy.unpaid(_fake_match()) is None
+    assert len(seen) == n
+
+
+def test_measure_must_be_a_bool():
+    with pytest.raises(LaunchError, match=r"measure=1.*True or False"):
+        policy.Policy(measure=1)
+    with pytest.raises(LaunchError, match="measure="):
+        tilestack.optimize(torch.nn.Linear(4, 4), measure="yes")
