@@ -39,13 +39,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import importlib
-import importlib.util
 import math
 import statistics
-import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from tilestack.perf import roofline, timing
@@ -59,6 +55,20 @@ from tilestack.perf.counting import (  # noqa: F401 - ProfileError, OpKey, Shape
     count_ops,
 )
 from tilestack.perf.metrics import Measurement, compute_metrics, roofs_for
+from tilestack.perf.profile_render import (  # noqa: F401 - the rendering and target loading: public here too
+    HOT_SPOTS,
+    OTHER,
+    PROFILE_COLUMNS,
+    UNKNOWN_FLOPS,
+    describe,
+    hot_spot_lines,
+    load_target,
+    notes,
+    print_profile,
+    profile_html,
+    profile_rows,
+    shapes_text,
+)
 
 US_TO_S = 1e-6
 DEFAULT_WARMUP = 2
@@ -67,30 +77,13 @@ ROUND_STEPS = 6  # the first round: the fewest steps whose (min, max) is a 95% i
 PROFILE_TARGET_REL_CI = 0.05
 PROFILE_BUDGET_S = 10.0
 PROFILER_WARMUP_STEPS = 1
-# Row-wise ops torch's flop counter leaves out, counted per input element as tilestack.perf.formulas does.
-HOT_SPOTS = 5  # ops listed, with tips, before the table
-NOISY_STEP_REL_CI = 0.1  # a step time known worse than +-10% gets a note under the profile's heading
-OTHER = "(other)"
 SUM_ROUNDING_REL = 1e-9  # a step's time less its rows' by this little is the sums' rounding, not an (other) row
 IMPL_SUFFIX = "_impl"  # aten::_index_put_impl_ implements aten::index_put_
 DEFAULT_DTYPE = "fp32"  # of a step that moved no floating-point data
-UNKNOWN_FLOPS = "?"
 NO_FORMULA_TIP = (
     "no FLOP formula for this op: its FLOPs, bound and distance from the roof are unknown (its bytes are "
     "counted); compare its time with its neighbours'"
 )  # the FLOPs column of an op with no FLOP formula
-DEFAULT_BUILDER = "build"
-INPUTS_SHOWN = 4  # arguments shown when an error describes the inputs
-REPR_CHARS = 60  # longer reprs are shown as their type
-
-
-
-
-
-
-def shapes_text(shapes: Shapes) -> str:
-    """``((2, 16, 8, 8), (16, 1, 3, 3))`` -> ``"2x16x8x8, 16x1x3x3"``; ``"-"`` for none."""
-    return ", ".join("x".join(str(d) for d in s) for s in shapes) or "-"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,28 +206,6 @@ def _without_fastpath(step: Callable[[], Any]) -> Callable[[], Any]:
             mha.set_fastpath_enabled(before)
 
     return inner
-
-
-def describe(value: Any) -> str:
-    """A short account of an argument: ``(tensor 2x8 float32, 3)``, ``{'x': tensor 4 int64}``."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        try:
-            shape = shapes_text((tuple(value.shape),)) if value.dim() else "scalar"
-        except (RuntimeError, TypeError):
-            shape = "nested"
-        layout = "" if value.layout == torch.strided else f" {str(value.layout).removeprefix('torch.')}"
-        return f"tensor {shape} {str(value.dtype).removeprefix('torch.')}{layout}"
-    if isinstance(value, tuple | list):
-        inner = ", ".join(describe(v) for v in value[:INPUTS_SHOWN]) + (", ..." if len(value) > INPUTS_SHOWN else "")
-        if isinstance(value, list):
-            return f"[{inner}]"
-        return f"({inner},)" if len(value) == 1 else f"({inner})"
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{k!r}: {describe(v)}" for k, v in list(value.items())[:INPUTS_SHOWN]) + "}"
-    text = repr(value)
-    return text if len(text) <= REPR_CHARS else f"{type(value).__name__} object"
 
 
 def _check_arguments(
@@ -720,193 +691,3 @@ def _join(
     return ModelProfile(
         name, dev, ceil, steps, train, total, wall / steps, ops, tuple(step_s), untimed, unsupported
     )
-
-
-# --- loading a target ---------------------------------------------------------------------------------------
-def load_target(target: str) -> tuple[Any, Any]:
-    """``(model, inputs)`` from ``path/to/script.py[:fn]`` or ``package.module[:fn]``.
-
-    ``fn`` (default ``build``) is called with no arguments and returns ``(model, inputs)``; without such a
-    function the module's top-level ``model`` and ``inputs`` are used.
-    """
-    if not isinstance(target, str | Path) or not str(target):
-        raise ProfileError(
-            f"target={target!r} ({type(target).__name__}); expected 'path/to/script.py[:fn]' or 'package.module[:fn]'"
-        )
-    spec, _, fn_name = str(target).partition(":")
-    if spec.endswith(".py") or Path(spec).is_file():
-        path = Path(spec)
-        if not path.is_file():
-            raise ProfileError(f"target={target!r}: no file {path}; expected a .py script or a module path")
-        mod_spec = importlib.util.spec_from_file_location(f"_tilestack_target_{path.stem}", path)
-        if mod_spec is None or mod_spec.loader is None:
-            raise ProfileError(f"target={target!r}: cannot import {path} as a Python module")
-        module = importlib.util.module_from_spec(mod_spec)
-        # Registered while it runs, as an import would: dataclasses and pickling look their module up there.
-        sys.modules[mod_spec.name] = module
-        sys.path.insert(0, str(path.parent.resolve()))
-        try:
-            mod_spec.loader.exec_module(module)
-        except Exception as e:
-            sys.modules.pop(mod_spec.name, None)
-            raise ProfileError(f"target={target!r} raised {type(e).__name__} while loading: {e}") from e
-        finally:
-            sys.path.remove(str(path.parent.resolve()))
-    else:
-        try:
-            module = importlib.import_module(spec)
-        except ImportError as e:
-            raise ProfileError(
-                f"target={target!r}: cannot import module {spec!r} ({e}); expected a .py path "
-                "or an importable module"
-            ) from e
-    fn = getattr(module, fn_name or DEFAULT_BUILDER, None)
-    if fn is not None:
-        try:
-            built = fn()
-        except Exception as e:
-            raise ProfileError(
-                f"target={target!r}: {fn_name or DEFAULT_BUILDER}() raised {type(e).__name__}: {e}"
-            ) from e
-        if not (isinstance(built, tuple) and len(built) == 2):
-            raise ProfileError(
-                f"target={target!r}: {fn_name or DEFAULT_BUILDER}() returned {type(built).__name__}; "
-                "expected a (model, inputs) pair"
-            )
-        return built
-    if fn_name:
-        raise ProfileError(f"target={target!r}: the module has no function {fn_name!r}")
-    if hasattr(module, "model") and hasattr(module, "inputs"):
-        return module.model, module.inputs
-    raise ProfileError(
-        f"target={target!r}: expected a function {DEFAULT_BUILDER}() returning (model, inputs), "
-        "or top-level variables `model` and `inputs`"
-    )
-
-
-# --- rendering ----------------------------------------------------------------------------------------------
-PROFILE_COLUMNS = (
-    "op",
-    "input shapes",
-    "calls/step",
-    "time/step",
-    "+-",
-    "share",
-    "FLOPs/step",
-    "bytes/step",
-    "FLOP/B",
-    "bound",
-    "% of roof",
-    "FLOP/s",
-)
-
-
-def profile_rows(p: ModelProfile) -> list[list[str]]:
-    from tilestack.perf.report import pct, seconds, si, spread
-
-    out = []
-    for o in p.ops:
-        out.append(
-            [
-                o.op,
-                shapes_text(o.shapes),
-                f"{o.calls:g}",
-                seconds(o.total_s),
-                spread(o.m.latency_rel_ci),
-                pct(o.share),
-                si(o.m.flops * o.calls, "FLOP") if o.flops_known else UNKNOWN_FLOPS,
-                si(o.m.bytes * o.calls, "B"),
-                f"{o.m.intensity:.3g}" if o.counted and o.flops_known else "-" if o.flops_known else UNKNOWN_FLOPS,
-                o.bound,
-                pct(o.roof_fraction),
-                si(o.m.flops_per_s, "FLOP/s") if o.m.flops else "-",
-            ]
-        )
-    return out
-
-
-def notes(p: ModelProfile) -> list[str]:
-    """What the totals leave out or where a row's time is not its own: uncounted FLOPs, untimed ops, no ops."""
-    from tilestack.perf.report import si
-
-    out = []
-    if p.unsupported:
-        out.append(
-            f"no FLOP formula for {', '.join(p.unsupported)}: their FLOPs are not in the totals (shown as "
-            f"{UNKNOWN_FLOPS}); their bytes are"
-        )
-    if p.untimed:
-        ops = ", ".join(sorted({u.op for u in p.untimed}))
-        out.append(
-            f"{len(p.untimed)} counted op(s) got no time of their own from the profiler ({ops}: "
-            f"{si(math.fsum(u.flops for u in p.untimed), 'FLOP')}/step in the totals); their time is in another "
-            f"row or {OTHER}"
-        )
-    if not p.ops:
-        out.append("the step ran no ATen op: nothing to time")
-    return out
-
-
-def hot_spot_lines(p: ModelProfile, n: int = HOT_SPOTS) -> list[str]:
-    from tilestack.perf.report import pct, seconds
-
-    return [
-        f"{i + 1}. {o.label}: {pct(o.share)} of the step ({seconds(o.total_s)}), {o.tip}"
-        for i, o in enumerate(p.hot_spots(n))
-    ]
-
-
-def print_profile(p: ModelProfile, con: Any = None, top: int | None = None) -> None:
-    """Hot spots with tips first, then the per-op table (the ``top`` ops, all by default)."""
-    from rich.table import Table
-
-    from tilestack.perf.report import ceilings_line, console, escape, seconds, si
-    from tilestack.perf.report import spread as show_spread
-
-    con = console(con)
-    mode = "forward + backward" if p.train else "forward"
-    spread = p.step_rel_ci
-    con.print(
-        f"[bold]{escape(p.name)}[/bold] on {escape(p.device.name)}: {mode}, {seconds(p.step_s)} of op time in the "
-        f"median step ({escape(show_spread(spread))} over {p.steps} steps; {seconds(p.wall_s)} wall), "
-        f"{si(p.flops, 'FLOP')} per step"
-    )
-    if spread is not None and spread > NOISY_STEP_REL_CI:
-        con.print(
-            f"[yellow]note: the step time is known only to {escape(show_spread(spread))} (95% interval of the median "
-            f"over {p.steps} steps): every op's time is as uncertain; give it more --steps or --budget, or a "
-            "quieter machine[/yellow]"
-        )
-    con.print(escape(ceilings_line(p.ceilings)))
-    for line in notes(p):
-        con.print(f"[yellow]note: {escape(line)}[/yellow]")
-    con.print("[bold]hot spots[/bold]")
-    for line in hot_spot_lines(p):
-        con.print("  " + escape(line))
-    t = Table(header_style="bold")
-    for c in PROFILE_COLUMNS:
-        t.add_column(c, overflow="fold")
-    for r in profile_rows(p)[:top]:
-        t.add_row(*(escape(c) for c in r))
-    con.print(t)
-
-
-def profile_html(p: ModelProfile, path: str | Path, png_path: str | Path | None = None) -> Path:
-    """The profile as one self-contained HTML file, with a roofline of the counted ops."""
-    from tilestack.perf import report
-
-    counted = [o.m for o in p.ops if o.counted and o.m.flops > 0]
-    png = report.roofline_png(
-        counted, png_path, device=p.device, ceilings=p.ceilings, title=f"{p.name}: ops on {p.device.name}"
-    )
-    sections = [
-        report.Section("hot spots", notes=notes(p) + hot_spot_lines(p)),
-        report.Section(
-            "roofline of the ops",
-            png=png,
-            notes=["each point is one ATen op, per call; solid: measured, dashed: published"],
-        ),
-        report.Section("ops", PROFILE_COLUMNS, profile_rows(p)),
-        report.device_section(p.device, p.ceilings),
-    ]
-    return report.write_html(path, f"profile of {p.name}", sections)
