@@ -52,3 +52,26 @@ def nonnegative(block) -> set:
             if lo in out and step in out:
                 out.add(ins.body.args[0])
     return out
+
+
+def addressing(block) -> set:
+    """The index values of ``block`` (and its loops) that reach a loop's bounds or a tile coordinate of a load, store
+    or atomic add, through scalar arithmetic: the address math, which backends keep in 32 bits where the tensors allow
+    it (their copy engines take only 32-bit coordinates). Index values that are data (an arange's start, a scalar
+    operand of tile work) are not among them."""
+    from tilestack.ir.ops import access_of
+    made = {ins.result: ins for ins in block.walk() if ins.op is Op.SCALAR}
+    todo = []
+    for ins in block.walk():
+        if ins.op is Op.RANGE:
+            todo += ins.srcs[:3]
+        elif ins.op in (Op.LOAD, Op.STORE, Op.ATOMIC_ADD, Op.ASYNC_LOAD):
+            todo += access_of(ins)[2]
+    out: set = set()
+    while todo:
+        v = todo.pop()
+        if v not in out:
+            out.add(v)
+            if v in made:
+                todo += made[v].srcs
+    return out

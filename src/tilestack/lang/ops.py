@@ -420,7 +420,10 @@ def _operand(opname: str, arg: str, x, dst: Tile, kind: str):
             raise TileDTypeError(f"{opname}: {arg} `{_name(x)}` is {x.dtype}; expected {want}", user_line())
         return x.value(opname), axis
     if kind == "mask":
-        raise TraceError(f"{opname}: {arg} must be a bool_ mask tile, got {type(x).__name__} {x!r}", user_line())
+        hint = ("; Python's == and != on tiles compare the handles, not their values: make the mask with ts.eq or "
+                "ts.ne" if isinstance(x, bool) else "")
+        raise TraceError(f"{opname}: {arg} must be a bool_ mask tile, got {type(x).__name__} {x!r}{hint}",
+                         user_line())
     return as_scalar(x).v, None
 
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from tilestack.errors import LaunchError, TileShapeError, TraceError
+import numpy as np
+
+from tilestack.errors import LaunchError, TileDTypeError, TileShapeError, TraceError
 from tilestack.ir.nodes import Value
 from tilestack.ir.ops import Op
-from tilestack.ir.types import FLOAT, INDEX, DType, GlobalType, ScalarType, Space, TileType
+from tilestack.ir.types import FLOAT, INDEX, DType, GlobalType, ScalarType, Space, TileType, bool_
 from tilestack.lang.trace import current, user_line, user_name, user_source
 
 
@@ -45,6 +47,8 @@ class _TileFamily:
             raise TraceError(f"{self.name}[...] takes a dtype and {self.rank} size(s), like "
                              f"{self.name}[f32, {dims}]; got {key!r}", user_line())
         dtype, *shape = key
+        # a NumPy integer (a size computed with NumPy) is a compile-time int too
+        shape = [int(s) if isinstance(s, np.integer) else s for s in shape]
         for s in shape:
             if not isinstance(s, int) or isinstance(s, bool) or s <= 0:
                 raise TileShapeError(f"{self.name} sizes are positive compile-time ints (use a tunable or "
@@ -61,6 +65,10 @@ SharedTile = _TileFamily("SharedTile", Space.SHARED, 2)
 SharedVec = _TileFamily("SharedVec", Space.SHARED, 1)
 
 _handle_ids = iter(range(1, 1 << 62))
+
+
+_SUGAR = {"add": "`+`", "sub": "`-`", "mul": "`*`", "div": "`/`", "bit_and": "`&`", "bit_or": "`|`",
+          "bit_xor": "`^`", "shl": "`<<`", "shr": "`>>`"}
 
 
 class Tile:
@@ -89,6 +97,10 @@ class Tile:
     # ---- operator sugar: each makes a new register tile ------------------------------------------------
     def _binary(self, other, fn: str, swap: bool = False) -> Tile:
         from tilestack.lang import ops
+        if self.dtype is bool_:   # (the result would be a mask too: name the operand, not that unnamed result)
+            raise TileDTypeError(f"{_SUGAR[fn]} on `{user_name(self) or self.type}`, a bool_ mask: masks combine with "
+                                 "& | ~; for arithmetic, copy the mask into a tile of numbers first (0 and 1)",
+                                 user_line())
         out = Tile(dataclasses.replace(self.type, space=Space.REG))
         a, b = (other, self) if swap else (self, other)
         if swap and not isinstance(other, Tile):   # scalar on the left: 2 - t == (-t) + 2 etc.
@@ -114,14 +126,52 @@ class Tile:
     def __truediv__(self, o): return self._binary(o, "div")
     def __rtruediv__(self, o): return self._binary(o, "div", swap=True)
 
-    def __and__(self, o): return self._binary(o, "bit_and")
-    def __rand__(self, o): return self._binary(o, "bit_and", swap=True)
-    def __or__(self, o): return self._binary(o, "bit_or")
-    def __ror__(self, o): return self._binary(o, "bit_or", swap=True)
+    def __and__(self, o): return self._and_or(o, "and")
+    def __rand__(self, o): return self._and_or(o, "and", swap=True)
+    def __or__(self, o): return self._and_or(o, "or")
+    def __ror__(self, o): return self._and_or(o, "or", swap=True)
     def __xor__(self, o): return self._binary(o, "bit_xor")
     def __rxor__(self, o): return self._binary(o, "bit_xor", swap=True)
     def __lshift__(self, o): return self._binary(o, "shl")
     def __rshift__(self, o): return self._binary(o, "shr")
+
+    def _and_or(self, other, fn: str, swap: bool = False) -> Tile:
+        """``m & n`` / ``m | n``: logical_and / logical_or of bool_ masks into a new mask; of integer tiles, the
+        bitwise ops."""
+        from tilestack.lang import ops
+        if self.dtype is not bool_:
+            return self._binary(other, f"bit_{fn}", swap)
+        out = Tile(dataclasses.replace(self.type, space=Space.REG))
+        (ops.logical_and if fn == "and" else ops.logical_or)(out, self, other)
+        return out
+
+    def __invert__(self) -> Tile:
+        """``~m``: logical_not of a bool_ mask; ``~x``: the bitwise not of an integer tile (x ^ -1)."""
+        from tilestack.lang import ops
+        if self.dtype.is_float:
+            self._no_sugar("~", f"`{user_name(self) or self.type}` is {self.dtype}; ~ is the logical not of a bool_ "
+                                "mask or the bitwise not of an integer tile")
+        out = Tile(dataclasses.replace(self.type, space=Space.REG))
+        if self.dtype is bool_:
+            ops.logical_not(out, self)
+        else:
+            ops.bit_xor(out, self, -1)
+        return out
+
+    # Python's comparisons and truth value cannot record a mask: each would be a bool the trace never sees
+    # (`if x:` is always taken, `x > 0` raises a bare TypeError). Masks are made with ts.lt/ts.gt/... into a bool_ tile.
+    def _compare(self, sym: str, fn: str):
+        self._no_sugar(sym, f"compare tiles into a bool_ mask with ts.{fn}(mask, a, b) (mask = "
+                            f"RegTile[ts.bool_, ...]() or RegVec[ts.bool_, n]()), then select with ts.where")
+
+    def __lt__(self, o): self._compare("<", "lt")
+    def __le__(self, o): self._compare("<=", "le")
+    def __gt__(self, o): self._compare(">", "gt")
+    def __ge__(self, o): self._compare(">=", "ge")
+
+    def __bool__(self):
+        self._no_sugar("bool()", "a tile's values are known only when the kernel runs, so Python `if`/`while`/"
+                                 "`and`/`or` cannot branch on it; select with masks (ts.where) instead")
 
     def _no_sugar(self, sym: str, hint: str):
         raise TraceError(f"`{sym}` on a tile: {hint}", user_line())

@@ -40,7 +40,7 @@ from tilestack.backends.python_dsl import (
 from tilestack.errors import BackendError
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
 from tilestack.ir.ops import EMITTERS, Op, register_emitter, work_dtype
-from tilestack.ir.scalars import nonnegative
+from tilestack.ir.scalars import addressing, nonnegative
 from tilestack.ir.types import (
     FLOAT,
     GlobalType,
@@ -130,6 +130,7 @@ class _Emitter:
         self.global_index: dict[Value, int] = {}
         self.consts: set[Value] = set()
         self.nonneg = nonnegative(kernel.body)
+        self.addressing = addressing(kernel.body)   # index values of address math: kept 32-bit
         self.floor_helpers = False
         self.nan_helpers = False                     # whether the source needs _max_nan / _min_nan
         self.indent = 1
@@ -367,7 +368,7 @@ class _Emitter:
         a, b = (self.scalar_expr(s, env, made) for s in ins.srcs)
         fn = ins.attrs.fn
         consts = [s in self.consts or (s in made and made[s].op is Op.CONST) for s in ins.srcs]
-        wide = wide_product(fn, a, b, not any(consts), "gl")
+        wide = wide_product(fn, a, b, not any(consts) and v not in self.addressing, "gl")
         if wide is not None:
             return wide
         if fn in FLOOR_SCALAR:

@@ -25,7 +25,7 @@ from tilestack.backends.python_dsl import (
 from tilestack.backends.triton.passes import TMA_MAX_BOX, pipeline  # noqa: F401  (TMA_MAX_BOX: re-exported)
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
 from tilestack.ir.ops import EMITTERS, Op, register_emitter, work_dtype
-from tilestack.ir.scalars import nonnegative
+from tilestack.ir.scalars import addressing, nonnegative
 from tilestack.ir.types import (
     F8E4M3_MAX,
     FLOAT,
@@ -179,6 +179,7 @@ class _Emitter:
         self.consts: set[Value] = set()       # values that are Python literals in the source
         self.addresses = 0
         self.nonneg = nonnegative(kernel.body)  # index values >= 0: plain // and % floor them
+        self.addressing = addressing(kernel.body)   # index values of address math: kept 32-bit
         self.floor_helpers = False              # whether the source needs _floordiv / _floormod
         self.tf32_helper = False                # whether it needs _round_tf32 (interpreted tf32 products)
         self.bf16_helper = False                # whether it needs _to_bf16 (interpreted conversions to bf16)
