@@ -17,7 +17,7 @@ fp32 inputs go through the tf32 matrix units exactly when torch's fp32 matmuls d
 (``torch.backends.cuda.matmul.allow_tf32``; torch's default "highest" precision keeps IEEE f32): about 1e-3
 relative error against float64 with tf32 (up to 1.9e-3 measured on an H200), about 5e-7 without. Anything else (a
 mask that needs a gradient or has rank < 2, other ranks, nested tensors, batch broadcasting, mixed dtypes, head
-dims past 256, a dropout_p outside [0, 1], a scale <= 0 or past f32, an is_causal or enable_gqa that is not a
+dims of 0 or past 256, a dropout_p outside [0, 1], a scale <= 0 or past f32, an is_causal or enable_gqa that is not a
 bool, dropout while a CUDA graph is captured, CPU tensors unless a tilestack backend is forced) is handed to
 torch's own function, with a one-time notice saying why; torch then answers or raises exactly as it would.
 """
@@ -70,8 +70,8 @@ def unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, 
         return f"enable_gqa={enable_gqa!r} (not a bool)"
     if query.shape[1] != key.shape[1] and not (enable_gqa and key.shape[1] and query.shape[1] % key.shape[1] == 0):
         return f"{query.shape[1]} query heads and {key.shape[1]} key/value heads without enable_gqa"
-    if query.shape[3] != key.shape[3] or max(query.shape[3], value.shape[3]) > MAX_HEAD_DIM:
-        return f"head dims {query.shape[3]} and {value.shape[3]} (the kernels take up to {MAX_HEAD_DIM})"
+    if query.shape[3] != key.shape[3] or not all(1 <= d <= MAX_HEAD_DIM for d in (query.shape[3], value.shape[3])):
+        return f"head dims {query.shape[3]} and {value.shape[3]} (the kernels take 1 to {MAX_HEAD_DIM})"
     if attn_mask is not None:
         if is_causal:
             return "both attn_mask and is_causal (torch decides what that means)"
