@@ -16,6 +16,9 @@ What rounds 1-3 did not reach, and what it found:
 
 from __future__ import annotations
 
+import re
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -177,3 +180,91 @@ def test_a_refused_value_stays_refused_after_an_equal_one_passed(case):
     good()
     with pytest.raises(LaunchError, match=fragment):
         bad()
+
+
+# ---- NumPy numbers, subnormal weights, head dim 0 in the drop-in ---------------------------------------------------
+def test_numpy_scalars_are_numbers():
+    """eps and x_scale as NumPy numbers (np.float32(1e-5) from a config array) were refused as "must be a number
+    >= 0, got np.float32(1e-05)" by the norms and the quantized GEMM (np.float64, a float subclass, passed); they
+    give what the Python float gives."""
+    from tilestack.quant import quantize_weight, quantized_linear
+    from tilestack.quant.producers import norm_fp8
+
+    x, w, b = randn(4, 8), randn(8, seed=1), randn(8, seed=2)
+    for eps in (np.float32(1e-5), np.int64(0)):
+        torch.testing.assert_close(ops.rms_norm(x, w, eps), ops.rms_norm(x, w, float(eps)), atol=0, rtol=0)
+        torch.testing.assert_close(ops.layer_norm(x, w, b, eps), _ln(x, w, b, float(eps)), atol=1e-5, rtol=1e-5)
+    q, s = quantize_weight(randn(6, 8, seed=3), "fp8")
+    got = quantized_linear(x, q, s, x_scale=np.float32(0.01))
+    torch.testing.assert_close(got, quantized_linear(x, q, s, x_scale=float(np.float32(0.01))), atol=0, rtol=0)
+    y8, _ = norm_fp8(x, w, b, np.float32(1e-5), np.float32(0.01))
+    torch.testing.assert_close(y8.float(), norm_fp8(x, w, b, 1e-5, float(np.float32(0.01)))[0].float(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_quantize_weight_of_subnormal_rows(mode):
+    """A row whose largest |w| is below 448 (or 127) times f32's smallest normal had scale amax / top = 0: fp8
+    quantized 0 / 0 to NaN and every output of the channel was NaN. The scale is now at least f32's smallest
+    normal: such rows quantize to (near) zero, as their products are."""
+    from tilestack.quant import quantize_weight, quantized_linear
+
+    w = randn(6, 8, seed=4) * 1e-44
+    w[0, 1] = 0.0
+    q, s = quantize_weight(w, mode)
+    assert bool((s > 0).all()) and not q.float().isnan().any()
+    x = randn(5, 8)
+    y = quantized_linear(x, q, s)
+    assert y.isfinite().all()
+    torch.testing.assert_close(y.double(), x.double() @ w.double().T, atol=1e-40, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:tilestack.scaled_dot_product_attention")
+@pytest.mark.parametrize("dims", [(0, 8), (16, 0), (0, 0)], ids=["D0", "Dv0", "both0"])
+def test_sdpa_drop_in_head_dim_zero_as_torch(dims):
+    """Head dims of 0, which torch answers (zeros, or the mean of v), went to the kernels, which refuse them; the
+    drop-in hands them to torch."""
+    d, dv = dims
+    q, k, v = randn(1, 2, 5, d), randn(1, 2, 7, d, seed=1), randn(1, 2, 7, dv, seed=2)
+    want = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(tilestack.scaled_dot_product_attention(q, k, v), want)
+
+
+# ---- torch.compile(fullgraph=True) over the ops ----------------------------------------------------------------------
+def _compiled_cases():
+    x, w, b = randn(4, 8), randn(8, seed=1), randn(8, seed=2)
+    q, k, v = randn(1, 2, 5, 16), randn(1, 2, 7, 16, seed=1), randn(1, 2, 7, 16, seed=2)
+    h, lm, labels = randn(6, 8), randn(10, 8, seed=1), torch.tensor([0, 1, 2, 3, 9, -100])
+    mask = torch.ones(5, 7, dtype=torch.bool).tril()
+    return {
+        "rms_norm": (lambda x, w: ops.rms_norm(x, w), lambda x, w: _rn(x, w), (x, w)),
+        "layer_norm": (lambda x, w, b: ops.layer_norm(x, w, b), _ln, (x, w, b)),
+        "add_rms_norm": (lambda x, w: ops.add_rms_norm(x, 2 * x, w), lambda x, w: (_rn(3 * x, w), 3 * x), (x, w)),
+        "swiglu": (ops.swiglu, _swiglu, (x,)),
+        "attention masked": (lambda q, k, v: tilestack.attention(q, k, v, attn_mask=mask),
+                             lambda q, k, v: _sdpa64(q, k, v, attn_mask=mask), (q, k, v)),
+        "attention causal": (lambda q, k, v: tilestack.attention(q, k, v, True),
+                             lambda q, k, v: _sdpa64(q, k, v, is_causal=True), (q, k, v)),
+        "fused_linear_cross_entropy": (lambda h, lm: ops.fused_linear_cross_entropy(h, lm, labels),
+                                       lambda h, lm: _ce64(h, lm, labels), (h, lm)),
+    }
+
+
+COMPILED = _compiled_cases()
+
+
+@pytest.mark.parametrize("op", list(COMPILED))
+def test_compiled_fullgraph_as_torch(op):
+    """torch.compile(fullgraph=True) keeps each op in one graph, forward and backward, with torch's answer."""
+    ours, theirs, tensors = COMPILED[op]
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    _assert_as_torch(compiled, theirs, tensors, list(range(len(tensors))), 1e-4)
+
+
+def test_compiled_fullgraph_bad_input_names_the_argument():
+    """A bad argument inside a fullgraph compile: Dynamo cannot put a raise in a graph, so it reports an
+    Unsupported error, whose text carries tilestack's message (the argument, what was given and expected)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, w: ops.rms_norm(x, w), fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match=re.escape("rms_norm: weight has 7 elements; expected x.shape[1] = 8")):
+        compiled(randn(4, 8), randn(7))

@@ -17,6 +17,7 @@ which also adds the residual stream's gradient into dx.
 from __future__ import annotations
 
 import math
+import numbers
 
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
@@ -161,7 +162,7 @@ def check_norm_args(fn: str, x, weight, eps, *, bias=None, residual=None) -> Non
         if tuple(residual.shape) != tuple(x.shape):
             raise LaunchError(f"{fn}: r is {tuple(residual.shape)}; expected x's shape {tuple(x.shape)}")
     try:       # (an int past float's range overflows in float())
-        ok = not isinstance(eps, bool) and isinstance(eps, int | float) and float(eps) >= 0
+        ok = not isinstance(eps, bool) and isinstance(eps, numbers.Real) and float(eps) >= 0   # NumPy's too
     except OverflowError:
         ok = False
     if not ok:

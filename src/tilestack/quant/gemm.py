@@ -256,7 +256,8 @@ def quantize_fp8_kernel(X, Q, inv_scale: float, *,
 # ---- plain PyTorch references -----------------------------------------------------------------------------------
 def quantize_weight(w, mode: str):
     """(q, scale): w (N, K) float quantized per output channel (row) to int8 (symmetric, [-127, 127]) or fp8
-    E4M3, with w ~= q * scale[:, None]. A row of zeros gets scale 1."""
+    E4M3, with w ~= q * scale[:, None]. A row of zeros gets scale 1; a scale is at least f32's smallest normal
+    (a row of subnormal weights gave amax / top = 0 in f32: int8 zeros, and fp8 NaN from 0 / 0)."""
     import torch
 
     check_tensor("quantize_weight", "w", w, rank=2, dtypes=(torch.float32, torch.bfloat16, torch.float16))
@@ -268,7 +269,7 @@ def quantize_weight(w, mode: str):
         raise LaunchError(f"quantize_weight: w {tuple(w.shape)} holds NaN or infinite values; expected finite "
                           "weights (a scale made from them would poison every output of the channel)")
     amax = wf.abs().amax(dim=1) if w.shape[1] else wf.new_zeros(w.shape[0])   # (N,)
-    scale = torch.where(amax > 0, amax / top, torch.ones_like(amax))
+    scale = torch.where(amax > 0, (amax / top).clamp(min=MIN_SCALE), torch.ones_like(amax))
     ratio = wf / scale[:, None]
     if mode == "int8":
         q = ratio.round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
@@ -343,12 +344,15 @@ def quantized_linear(x, q, scale, bias=None, *, x_scale: float | None = None, ac
     the next fp8 layer's activations (``qgemm_fp8_out_kernel``; a float x takes a quantizing pass first).
     The epilogue is ``tilestack.kernels.gemm``'s, on the f32 accumulator. Meta tensors give a meta result.
     Checks, config and launcher are planned once per launch signature (``kernels._plan``)."""
+    # NumPy's numbers as Python floats (the kernels' scalar arguments); anything else is refused by the checks
+    x_scale = float(x_scale) if finite_real(x_scale) else x_scale
+    out_scale = float(out_scale) if finite_real(out_scale) else out_scale
     return _planned_linear(x, q, scale, bias, x_scale=x_scale, activation=activation, residual=residual,
                            out_dtype=out_dtype, out_scale=out_scale, act_quant=act_quant, backend=backend, **config)
 
 
 def _check_scale(name: str, value) -> None:
-    if not isinstance(value, int | float) or not finite_real(value) or not MIN_SCALE <= value <= MAX_SCALE:
+    if not finite_real(value) or not MIN_SCALE <= value <= MAX_SCALE:
         raise LaunchError(f"quantized_linear: {name} must be a finite number > 0, got {value!r} (at least "
                           f"{MIN_SCALE:.4g} and at most {MAX_SCALE:.4g}: it and its inverse are f32 in the kernels)")
 

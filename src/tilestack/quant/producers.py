@@ -42,7 +42,8 @@ def _over_scale(t, inv: float):
 def norm_fp8(x, weight, bias, eps: float, x_scale: float, *, residual=None, backend: str | None = None, **config):
     """(y8, h): y8 = fp8(norm(x + residual) / x_scale) and h = x + residual in x's dtype (None without a
     residual); layer norm with ``bias``, RMS norm without (module docstring)."""
-    eps = float(eps) if isinstance(eps, int | float) and finite_real(eps) else eps   # others: refused below
+    eps = float(eps) if finite_real(eps) else eps            # NumPy's numbers too; others: refused below
+    x_scale = float(x_scale) if finite_real(x_scale) else x_scale
     return _planned_norm_fp8(x, weight, bias, eps, x_scale, residual=residual, backend=backend, **config)
 
 
@@ -52,7 +53,7 @@ def _planned_norm_fp8(x, weight, bias, eps, x_scale, *, residual=None, backend=N
 
     fn = ("add_" if residual is not None else "") + ("layer_norm" if bias is not None else "rms_norm") + "_fp8"
     check_norm_args(fn, x, weight, eps, bias=bias, residual=residual)
-    if not isinstance(x_scale, int | float) or not finite_real(x_scale) or not MIN_SCALE <= x_scale <= MAX_SCALE:
+    if not finite_real(x_scale) or not MIN_SCALE <= x_scale <= MAX_SCALE:
         raise LaunchError(f"{fn}: x_scale must be a finite number > 0, got {x_scale!r} (at least {MIN_SCALE:.4g} and "
                           f"at most {MAX_SCALE:.4g}: its inverse, f32 in the kernels, must be finite)")
     check_tensor(fn, "x", x, rank=2)
