@@ -489,3 +489,55 @@ def test_antialiased_resampling_padding_modes_and_histograms():
         other = counting.count_ops(lambda: (torch.histogram(y, bins=4), torch.block_diag(y[:4, None], y[:6, None]),
                                             torch.unique_consecutive(y.round())))
     assert by_op(other)["aten::histogram"] == 100 and not any(c.unsupported for c in other.values())
+
+
+class _CsrGraphConv(torch.nn.Module):
+    """A GCN layer with its normalised adjacency held as a sparse CSR matrix: A (V, V) @ (X W)."""
+
+    def __init__(self, adjacency: torch.Tensor) -> None:
+        super().__init__()
+        self.adjacency = adjacency.to_sparse_csr()
+        self.lin = torch.nn.Linear(pm.G_FEAT, pm.G_FEAT, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (V, F)
+        return torch.relu(self.adjacency @ self.lin(x))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_sparse_csr_adjacency_counts_its_stored_elements():
+    """Found: a sparse CSR operand crashed the counting pass (its byte count asked a CSR tensor for CSC indices),
+    and a CSR matmul was counted as the dense product (2 V^2 F, not 2 nnz F)."""
+    torch.manual_seed(0)
+    v, f = pm.G_NODES, pm.G_FEAT
+    adjacency = (torch.rand(v, v) < 0.3).float() + torch.eye(v)
+    nnz = int((adjacency != 0).sum())
+    model = _CsrGraphConv(adjacency)
+    x = torch.randn(v, f)
+    p = profile.profile_model(model, (x,), steps=1, warmup=1, ceilings=CEIL, device="cpu", name="csr_gcn")
+    with torch.no_grad():
+        counts = profile.count_ops(lambda: model(x))
+    (sparse_mm,) = [c for (op, s), c in counts.items() if op == "aten::mm" and s[0] == (v, v)]
+    assert sparse_mm.flops == 2 * nnz * f and nnz < v * v
+    # reads the CSR arrays (row pointers, column indices, values) and the dense operand, writes the product
+    assert sparse_mm.bytes_read == 8 * (v + 1) + 8 * nnz + 4 * nnz + 4 * v * f
+    assert p.flops == pytest.approx(2 * v * f * f + 2 * nnz * f + v * f) and not p.unsupported
+
+
+@pytest.mark.parametrize("wrap", ["script", "trace", "fx", "checkpoint"])
+def test_scripted_traced_and_checkpointed_models_count_as_eager(wrap):
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    x = torch.randn(5, 8)
+    wrapped = {
+        "script": lambda: torch.jit.script(mlp), "trace": lambda: torch.jit.trace(mlp, x),
+        "fx": lambda: torch.fx.symbolic_trace(mlp),
+        "checkpoint": lambda: (lambda t: torch.utils.checkpoint.checkpoint(mlp, t, use_reentrant=False)),
+    }[wrap]()
+    p = profile.profile_model(wrapped, (x,), steps=1, warmup=1, ceilings=CEIL, device="cpu", train=True, name=wrap)
+    forward = 2 * 5 * (8 * 16 + 16 * 4)
+    addmm = math.fsum(o.m.flops * o.calls for o in p.ops if o.op == "aten::addmm")
+    # activation checkpointing runs the forward again inside the backward, up to the last tensor the backward
+    # needs (the ReLU's output): the first linear again, not the second
+    assert addmm == forward + (2 * 5 * 8 * 16 if wrap == "checkpoint" else 0) and not p.unsupported
+    mm = math.fsum(o.m.flops * o.calls for o in p.ops if o.op == "aten::mm")  # the gradients
+    assert mm == 2 * 5 * 16 * 4 + 2 * 5 * 16 * 4 + 2 * 5 * 8 * 16  # dW2, dh, dW1 (x needs no gradient)

@@ -77,6 +77,12 @@ def _distinct_numel(t: Any) -> int:
     return n
 
 
+COMPRESSED_INDICES = {
+    "sparse_csr": ("crow_indices", "col_indices"), "sparse_bsr": ("crow_indices", "col_indices"),
+    "sparse_csc": ("ccol_indices", "row_indices"), "sparse_bsc": ("ccol_indices", "row_indices"),
+}
+
+
 def _held_bytes(t: Any) -> int:
     """Bytes ``t`` holds: a dense tensor's distinct elements; a sparse one's indices and values; a nested one's
     buffer; 0 for a tensor whose memory cannot be read (a subclass without storage)."""
@@ -84,11 +90,10 @@ def _held_bytes(t: Any) -> int:
         return _distinct_numel(t) * t.element_size()
     if t.is_sparse:  # COO
         return _held_bytes(t._indices()) + _held_bytes(t._values())
-    parts = [getattr(t, name, None) for name in ("crow_indices", "ccol_indices", "row_indices", "col_indices")]
-    parts = [p() for p in parts if p is not None and not t.is_nested]
     try:
-        if parts:  # compressed sparse (CSR, CSC, BSR, BSC)
-            return sum(_held_bytes(p) for p in parts) + _held_bytes(t.values())
+        indices = COMPRESSED_INDICES.get(str(t.layout).removeprefix("torch."))
+        if indices is not None:  # compressed sparse: its two index arrays (which, by layout) and its values
+            return sum(_held_bytes(getattr(t, name)()) for name in indices) + _held_bytes(t.values())
         return t.untyped_storage().nbytes()
     except (RuntimeError, NotImplementedError):
         return 0
@@ -117,6 +122,8 @@ def _flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     if own is not None:
         return own(func, args, kwargs, out)
     is_causal = _argument(func, args, kwargs, "is_causal")
+    if str(packet) in MATMUL_NAMES and any(not _dense(t) for t in _tensors(args)):
+        return _sparse_product_flops(func, args, kwargs)
     if packet in flop_registry:
         flops = float(flop_registry[packet](*args, **kwargs, out_val=out))
         if any(t.is_complex() for t in _tensors(args)):  # torch counts a complex multiply-add as a real one
@@ -148,6 +155,23 @@ def _flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     if torch.Tag.reduction in tags and args and isinstance(args[0], torch.Tensor):
         return float(_numel(args[0]))  # one add (or compare) per element folded in
     return 0.0
+
+
+MATMUL_NAMES = ("aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm")
+MATMUL_OPERANDS = (("mat1", "mat2"), ("self", "mat2"), ("batch1", "batch2"))
+
+
+def _sparse_product_flops(func: Any, args: tuple, kwargs: dict) -> float:
+    """A matmul with a sparse (CSR, BSR, ...) operand: a multiply-add per stored element of the sparse one and
+    column (row) of the dense one, 2 * nnz * numel(dense) / K, not the dense product's count."""
+    for left, right in MATMUL_OPERANDS:
+        a, b = _argument(func, args, kwargs, left), _argument(func, args, kwargs, right)
+        if a is not None and b is not None and a is not b:
+            break
+    k = a.shape[-1]
+    sparse, other = (a, b) if not _dense(a) else (b, a)
+    dense_lines = _numel(other) // max(k, 1) if _dense(other) else _numel(other)
+    return float(formulas.FLOPS_PER_MAC * _numel(sparse) * dense_lines)
 
 
 def has_flop_formula(func: Any) -> bool:
