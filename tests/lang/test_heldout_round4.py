@@ -585,6 +585,32 @@ def test_integer_sums_wrap_in_their_work_dtype(backend, M, N, rng):
     assert torch.equal(mx, x.long().max(0).values)
 
 
+# ---- 12a. an int argument chosen into integer tiles of each width: wrapped to the tile's dtype, as a C cast ----------
+@ts.kernel(grid=lambda L, BN: (ts.cdiv(L.shape[0], BN),))
+def relabel(L, Y, fill: int, *, BN: int = 16):
+    """Y = ((L < 0 ? fill : L) >> 1) + 1 in L's dtype (the chosen value wrapped to it before the shift)."""
+    i = ts.block_id(0)
+    lab = ts.RegVec[L.dtype, BN]()
+    neg = ts.RegVec[ts.bool_, BN]()
+    ts.load(lab, L, at=(i,))
+    ts.lt(neg, lab, 0)
+    ts.where(lab, neg, fill, lab)
+    ts.store(Y, (lab >> 1) + 1, at=(i,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dt", [I8, I32, I64])
+@pytest.mark.parametrize("fill", [-100, 300, 2**31, -(2**33) - 7, 2**40 + 5])
+def test_where_of_an_int_argument_wraps_to_the_tile(backend, dt, fill, rng):
+    lab = ints(rng, -3, 100, (37,), dt)
+    lab[:4] = torch.tensor([-1, 0, -3, 99])
+    y = torch.full((37,), POISON, dtype=dt)
+    launch(relabel, backend, lab, y, fill)
+    bits = 8 * lab.element_size()
+    want = [_signed((_signed(fill, bits) if v < 0 else v) >> 1, bits) + 1 for v in lab.tolist()]
+    assert y.tolist() == [_signed(v, bits) for v in want]
+
+
 # ---- 13. Python's operators misused on tiles: refused when traced, naming the tile and the op to use ---------------
 def _x(X):
     x = ts.RegVec[ts.f32, 16]()
@@ -691,6 +717,7 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
     "int_sums": (int_sums, (_meta(8, 16, dtype=I32), _meta(8, dtype=I32), _meta(8, dtype=I64), _meta(16, dtype=I8),
                             _meta(16, dtype=I64)), {}),
     "mask_operators": (mask_operators, (_meta(16), _meta(16, dtype=I32)), {}),
+    "relabel_i8": (relabel, (_meta(4096, dtype=I8), _meta(4096, dtype=I8), 300), dict(BN=256)),
 }
 TRITON_ONLY = {   # 1x1 tiles: Gluon's layouts take tiles of at least a warp's 32 elements
     "per_element": (per_element, (_meta(64, 64, dtype=F16), _meta(64, 64, dtype=F16), _meta(64, dtype=F16),

@@ -43,6 +43,7 @@ from tilestack.ir.ops import EMITTERS, Op, register_emitter, work_dtype
 from tilestack.ir.scalars import addressing, nonnegative
 from tilestack.ir.types import (
     FLOAT,
+    INDEX,
     GlobalType,
     ScalarType,
     Space,
@@ -513,14 +514,18 @@ def _e_mask(e: _Emitter, ins: Instr) -> None:
 def _broadcasting(e: _Emitter, ins: Instr, as_float: bool, to=None) -> tuple[list[str], tuple]:
     """The operands of a compare, logic or select in the result's layout, vectors expanded along their axes; with
     ``to`` (a select into an integer tile), number tiles of another dtype and float scalars converted to ``to``
-    (gl.where of an i32 and an f32 would compute in f32, and its result must be the select's dtype)."""
+    (gl.where of an i32 and an f32 would compute in f32, and its result must be the select's dtype), and index
+    scalars too."""
     key = next((e.lay[s] for s, ax in zip(ins.srcs, ins.attrs.axes, strict=True)
                 if ax is None and isinstance(s.type, TileType)), e.plan[ins.result])
     out = []
     for s, ax in zip(ins.srcs, ins.attrs.axes, strict=True):
         if not isinstance(s.type, TileType):
             float_into_int = to is not None and s.type == FLOAT
-            out.append(e.cast(e.name(s), f32, to) if float_into_int else e.name(s))
+            # an index (an int argument, a size) into an integer tile is wrapped to its dtype, as the reference does
+            index_into_int = to is not None and s.type == INDEX and s not in e.consts
+            out.append(e.cast(e.name(s), f32, to) if float_into_int else
+                       f"gl.cast({e.name(s)}, {GL_DTYPES[to.name]})" if index_into_int else e.name(s))
             continue
         if ax is None:
             x = e.as_layout(s, key)

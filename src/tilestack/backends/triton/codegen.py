@@ -29,6 +29,7 @@ from tilestack.ir.scalars import addressing, nonnegative
 from tilestack.ir.types import (
     F8E4M3_MAX,
     FLOAT,
+    INDEX,
     GlobalType,
     TileType,
     bf16,
@@ -540,6 +541,10 @@ def _select_value(e: _Emitter, v: Value, axis: str | None, dst: TileType) -> str
     to a conversion that does not saturate)."""
     if not dst.dtype.is_float and v.type == FLOAT:    # a float scalar: truncated and saturated as a tile would be
         return e.cast_to(f"tl.cast({e.name(v)}, tl.float32)", f32, dst)
+    if not dst.dtype.is_float and v.type == INDEX and v not in e.consts:
+        # an index (an int argument, a size) wrapped to dst's dtype, as the reference converts it: tl.where of an i32
+        # index and an i8 tile is an i32 tile, which the ops after it would take unwrapped (300 >> 1 is 150, not 22)
+        return f"tl.cast({e.name(v)}, {TL_DTYPES[dst.dtype.name]})"
     if not isinstance(v.type, TileType) or v.type.dtype is dst.dtype or (dst.dtype.is_float and v.type.dtype.is_float):
         return _along(e, v, axis, dst.dtype.is_float)
     # an integer tile into a float dst goes to the f32 the select computes in (the result is converted from f32)
