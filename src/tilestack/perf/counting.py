@@ -122,7 +122,8 @@ def _flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     if own is not None:
         return own(func, args, kwargs, out)
     is_causal = _argument(func, args, kwargs, "is_causal")
-    if str(packet) in MATMUL_NAMES and any(not _dense(t) for t in _tensors(args)):
+    if str(packet) in MATMUL_NAMES and any(str(t.layout).removeprefix("torch.") in COMPRESSED_INDICES
+                                            for t in _tensors(args)):
         return _sparse_product_flops(func, args, kwargs)
     if packet in flop_registry:
         flops = float(flop_registry[packet](*args, **kwargs, out_val=out))
@@ -162,8 +163,9 @@ MATMUL_OPERANDS = (("mat1", "mat2"), ("self", "mat2"), ("batch1", "batch2"))
 
 
 def _sparse_product_flops(func: Any, args: tuple, kwargs: dict) -> float:
-    """A matmul with a sparse (CSR, BSR, ...) operand: a multiply-add per stored element of the sparse one and
-    column (row) of the dense one, 2 * nnz * numel(dense) / K, not the dense product's count."""
+    """A matmul with a sparse compressed (CSR, CSC, BSR, BSC) operand: a multiply-add per stored element of the
+    sparse one and column (row) of the dense one, 2 * nnz * numel(dense) / K, not the dense product's count. (A COO
+    operand keeps torch's formula, the dense count, as torch's FlopCounterMode gives it.)"""
     for left, right in MATMUL_OPERANDS:
         a, b = _argument(func, args, kwargs, left), _argument(func, args, kwargs, right)
         if a is not None and b is not None and a is not b:
