@@ -229,8 +229,11 @@ class _NormPlan:
             self._forward = _planned_forward.plan_for(rows, weight, bias, _rows_or_none(r), eps, None, ())
         self._backward: dict = {}
         # where a no-grad call's statistics go (nobody reads them): one (M,) f32 tensor per plan, so that call
-        # allocates only its outputs; concurrent calls overwrite it with values no one reads
-        self._sink = x.new_empty(self.rows[0], dtype=torch.float32)
+        # allocates only its outputs; concurrent calls overwrite it with values no one reads. Made outside inference
+        # mode: a plan made under torch.inference_mode serves later no_grad calls, which may not write an inference
+        # tensor ("Inplace update to inference tensor outside InferenceMode")
+        with torch.inference_mode(False):
+            self._sink = x.new_empty(self.rows[0], dtype=torch.float32)
 
     def infer(self, x, r, weight, bias):
         """y, or (y, h) with r, shaped as x: the forward without its statistics (no gradient will be asked)."""
