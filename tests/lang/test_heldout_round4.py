@@ -611,6 +611,38 @@ def test_where_of_an_int_argument_wraps_to_the_tile(backend, dt, fill, rng):
     assert y.tolist() == [_signed(v, bits) for v in want]
 
 
+# ---- 12b. integers chosen into float tiles (a size, an int argument, int constants), then float math on them -------
+@ts.kernel(grid=lambda X, BN: (ts.cdiv(X.shape[0], BN),))
+def int_choices_as_floats(X, Y, Z, n: int, *, BN: int = 16):
+    """Y = log(x > 0 ? n : len(X)) in Y's float dtype; Z = sqrt(x > 0 ? 3 : -2) (NaN where negative)."""
+    i = ts.block_id(0)
+    x = ts.RegVec[ts.f32, BN]()
+    pos = ts.RegVec[ts.bool_, BN]()
+    y = ts.RegVec[Y.dtype, BN]()
+    z = ts.RegVec[Z.dtype, BN]()
+    ts.load(x, X, at=(i,))
+    ts.gt(pos, x, 0.0)
+    ts.where(y, pos, n, X.shape[0])
+    ts.log(y, y)
+    ts.store(Y, y, at=(i,))
+    ts.where(z, pos, 3, -2)
+    ts.sqrt(z, z)
+    ts.store(Z, z, at=(i,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dt", [torch.float32, BF, F16, torch.float64])
+@pytest.mark.parametrize("n", [1000, 2**24 + 3])
+def test_ints_chosen_into_float_tiles(backend, dt, n, rng):
+    x = randn(rng, 37)
+    y, z = torch.full((37,), 7.0, dtype=dt), torch.full((37,), 7.0, dtype=dt)
+    launch(int_choices_as_floats, backend, x, y, z, n)
+    nf = torch.tensor(float(n), dtype=torch.float64 if dt is torch.float64 else torch.float32).double()
+    want = torch.where(x > 0, nf, 37.0).to(dt).double().log().to(dt)      # (2**24 + 3 in an f16 tile: inf)
+    torch.testing.assert_close(y, want, rtol=1e-6 if dt in (torch.float32, torch.float64) else 1e-2, atol=0)
+    assert torch.equal(z.isnan(), x <= 0) and torch.equal(z[x > 0], torch.full_like(z[x > 0], 3.0).sqrt())
+
+
 # ---- 13. Python's operators misused on tiles: refused when traced, naming the tile and the op to use ---------------
 def _x(X):
     x = ts.RegVec[ts.f32, 16]()
@@ -718,6 +750,8 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
                             _meta(16, dtype=I64)), {}),
     "mask_operators": (mask_operators, (_meta(16), _meta(16, dtype=I32)), {}),
     "relabel_i8": (relabel, (_meta(4096, dtype=I8), _meta(4096, dtype=I8), 300), dict(BN=256)),
+    "int_choices_as_floats": (int_choices_as_floats, (_meta(4096), _meta(4096, dtype=BF), _meta(4096, dtype=F16), 7),
+                              dict(BN=256)),
 }
 TRITON_ONLY = {   # 1x1 tiles: Gluon's layouts take tiles of at least a warp's 32 elements
     "per_element": (per_element, (_meta(64, 64, dtype=F16), _meta(64, 64, dtype=F16), _meta(64, dtype=F16),

@@ -566,6 +566,9 @@ def _e_logic(e: _Emitter, ins: Instr) -> None:
 def _e_select(e: _Emitter, ins: Instr) -> None:
     t = ins.result.type
     (m, a, b), key = _broadcasting(e, ins, t.dtype.is_float, None if t.dtype.is_float else t.dtype)
+    if t.dtype.is_float:   # an index (an int constant, a size) into a float tile as a float: gl.where of two is an int
+        work = GL_DTYPES["f64" if t.dtype.name == "f64" else "f32"]
+        a, b = (f"gl.cast({x}, {work})" if s.type == INDEX else x for x, s in zip((a, b), ins.srcs[1:], strict=True))
     expr = _to_result_shape(e, ins, f"gl.where({m}, {a}, {b})", key)
     e.assign(ins.result, e.cast(expr, f32 if t.dtype.is_float else t.dtype, t.dtype))
     e.set_lay(ins.result, key)

@@ -541,6 +541,10 @@ def _select_value(e: _Emitter, v: Value, axis: str | None, dst: TileType) -> str
     to a conversion that does not saturate)."""
     if not dst.dtype.is_float and v.type == FLOAT:    # a float scalar: truncated and saturated as a tile would be
         return e.cast_to(f"tl.cast({e.name(v)}, tl.float32)", f32, dst)
+    if dst.dtype.is_float and v.type == INDEX:
+        # an index (an int constant, a size) into a float tile as the float the select computes in: tl.where of two
+        # indices is an int tile, which float ops after it refuse (exp) or misread (the interpreter's bf16 conversion)
+        return f"tl.cast({e.name(v)}, {'tl.float64' if dst.dtype is f64 else 'tl.float32'})"
     if not dst.dtype.is_float and v.type == INDEX and v not in e.consts:
         # an index (an int argument, a size) wrapped to dst's dtype, as the reference converts it: tl.where of an i32
         # index and an i8 tile is an i32 tile, which the ops after it would take unwrapped (300 >> 1 is 150, not 22)
