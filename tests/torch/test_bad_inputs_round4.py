@@ -394,3 +394,37 @@ def test_cross_entropy_gradients_follow_the_incoming_gradient():
         out += [hs.grad.double(), ls.grad.double()]
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _half_cases():
+    cases = {}
+    mask = randn(5, 7, seed=7)                                           # a float32 bias with half inputs
+    labels = torch.tensor([0, 3, -100, 9, 2, 5])
+    for dtype in (torch.bfloat16, torch.float16):
+        name = str(dtype).removeprefix("torch.")
+        x, r = randn(3, 4, 8, dtype=dtype), randn(3, 4, 8, dtype=dtype, seed=3)
+        w32, b32 = randn(8, seed=1), randn(8, seed=2)
+        cases[f"rms_norm {name} x, f32 weight"] = (lambda x, w: ops.rms_norm(x, w), _rn, (x, w32))
+        cases[f"layer_norm {name}"] = (lambda x, w, b: ops.layer_norm(x, w, b), _ln,
+                                       (x, w32.to(dtype), b32.to(dtype)))
+        cases[f"add_rms_norm {name}"] = (lambda x, r, w: ops.add_rms_norm(x, r, w),
+                                         lambda x, r, w: (_rn(x + r, w), x + r), (x, r, w32.to(dtype)))
+        cases[f"swiglu {name}"] = (ops.swiglu, _swiglu, (x,))
+        q, k, v = (randn(1, 2, n, 16, dtype=dtype, seed=s) for n, s in ((5, 4), (7, 5), (7, 6)))
+        cases[f"attention {name}, f32 mask"] = (lambda q, k, v: tilestack.attention(q, k, v, attn_mask=mask),
+                                                lambda q, k, v: _sdpa64(q, k, v, attn_mask=mask), (q, k, v))
+        h, lm = randn(6, 8, dtype=dtype), randn(10, 8, dtype=dtype, seed=8)
+        cases[f"fused_linear_cross_entropy {name}"] = (
+            lambda h, lm: ops.fused_linear_cross_entropy(h, lm, labels), lambda h, lm: _ce64(h, lm, labels), (h, lm))
+    return cases
+
+
+HALF = _half_cases()
+
+
+@pytest.mark.parametrize("case", list(HALF))
+def test_half_dtypes_as_torch(case):
+    """bf16 and fp16 inputs (a norm's weight in f32 with half x, as torch's mixed-precision norms take it; a float32
+    attention bias with half q, k, v): outputs and gradients as float64 torch's to the dtype's rounding."""
+    ours, theirs, tensors = HALF[case]
+    _assert_as_torch(ours, theirs, tensors, list(range(len(tensors))), 3e-2)
