@@ -643,6 +643,41 @@ def test_ints_chosen_into_float_tiles(backend, dt, n, rng):
     assert torch.equal(z.isnan(), x <= 0) and torch.equal(z[x > 0], torch.full_like(z[x > 0], 3.0).sqrt())
 
 
+# ---- 12c. fp8 (e4m3) tiles made without a conversion: fills, masks and aranges saturate to +-448 --------------------
+@ts.kernel(grid=lambda X: (1,))
+def f8_tiles(X, Causal, Big, Pos, Sel, *, R: int = 8, C: int = 16):
+    """Causal = tril(x, 0, -inf), Big = 1000 everywhere, Pos[r, c] = x[r, c] + (c - 8), Sel = x > 0.5 ? x : -1000,
+    all f8e4m3 tiles (no infinities: -inf and +-1000 become -448 and 448)."""
+    x = ts.RegTile[ts.f8e4m3, R, C]()
+    y = ts.RegTile[ts.f8e4m3, R, C]()
+    pos = ts.RegVec[ts.f8e4m3, C]()
+    m = ts.RegTile[ts.bool_, R, C]()
+    ts.load(x, X, at=(0, 0))
+    ts.tril(y, x, 0, -math.inf)
+    ts.store(Causal, y, at=(0, 0))
+    ts.fill(y, 1000.0)
+    ts.store(Big, y, at=(0, 0))
+    ts.arange(pos, -8)
+    ts.add_col(y, x, pos)
+    ts.store(Pos, y, at=(0, 0))
+    ts.gt(m, x, 0.5)
+    ts.where(y, m, x, -1000.0)
+    ts.store(Sel, y, at=(0, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_f8_tiles_made_without_a_conversion_saturate(backend, rng):
+    F8 = torch.float8_e4m3fn
+    x = (randn(rng, 8, 16) * 20).to(F8)
+    outs = [torch.full((8, 16), 7.0).to(F8) for _ in range(4)]
+    launch(f8_tiles, backend, x, *outs)
+    xf = x.float()
+    causal = torch.where(torch.ones(8, 16, dtype=torch.bool).tril(), xf, -math.inf)
+    want = [causal, torch.full((8, 16), 1000.0), xf + (torch.arange(16) - 8.0), torch.where(xf > 0.5, xf, -1000.0)]
+    for got, w in zip(outs, want, strict=True):
+        assert torch.equal(got.float(), w.to(F8).float())
+
+
 # ---- 13. Python's operators misused on tiles: refused when traced, naming the tile and the op to use ---------------
 def _x(X):
     x = ts.RegVec[ts.f32, 16]()
@@ -750,6 +785,7 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
                             _meta(16, dtype=I64)), {}),
     "mask_operators": (mask_operators, (_meta(16), _meta(16, dtype=I32)), {}),
     "relabel_i8": (relabel, (_meta(4096, dtype=I8), _meta(4096, dtype=I8), 300), dict(BN=256)),
+    "f8_tiles": (f8_tiles, (_meta(8, 16, dtype=torch.float8_e4m3fn),) * 5, {}),
     "int_choices_as_floats": (int_choices_as_floats, (_meta(4096), _meta(4096, dtype=BF), _meta(4096, dtype=F16), 7),
                               dict(BN=256)),
 }

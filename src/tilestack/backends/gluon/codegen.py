@@ -394,8 +394,11 @@ register_scalar_emitters("gluon", "gl", _SCALAR)
 @register_emitter("gluon", Op.FILL)
 def _e_fill(e: _Emitter, ins: Instr) -> None:
     t, key = ins.result.type, e.plan[ins.result]
-    e.assign(ins.result, f"gl.full({list(t.shape)}, {literal(ins.attrs.value)}, {GL_DTYPES[t.dtype.name]}, "
-                         f"layout={e.layout(key)})")
+    # an f8e4m3 fill in f32, then converted: a constant past +-448 (or infinite) has no f8 value; the conversion
+    # saturates it, as the reference does
+    dt = "f32" if t.dtype.name == "f8e4m3" else t.dtype.name
+    expr = f"gl.full({list(t.shape)}, {literal(ins.attrs.value)}, {GL_DTYPES[dt]}, layout={e.layout(key)})"
+    e.assign(ins.result, e.cast(expr, f32, t.dtype) if dt != t.dtype.name else expr)
     e.set_lay(ins.result, key)
 
 
@@ -506,8 +509,12 @@ def _e_mask(e: _Emitter, ins: Instr) -> None:
             "right_fill": f"{cols} < {kn}", "lower_fill": f"{rows} < {kn}"}[ins.attrs.kind]
     # a bool_ mask's fill is a Python bool (an int 0 would promote the mask to i32, which ~ does not negate)
     fill = repr(bool(ins.attrs.value)) if x.type.dtype is bool_ else literal(ins.attrs.value)
-    expr = f"gl.where({cond}, {e.name(x)}, {fill})"
-    e.assign(ins.result, e.cast(expr, x.type.dtype, ins.result.type.dtype))
+    if x.type.dtype.name == "f8e4m3":   # in f32 (see _e_fill)
+        expr = f"gl.where({cond}, {e.cast(e.name(x), x.type.dtype, f32)}, {fill})"
+        e.assign(ins.result, e.cast(expr, f32, ins.result.type.dtype))
+    else:
+        expr = f"gl.where({cond}, {e.name(x)}, {fill})"
+        e.assign(ins.result, e.cast(expr, x.type.dtype, ins.result.type.dtype))
     e.set_lay(ins.result, e.lay[x])
 
 
@@ -577,8 +584,10 @@ def _e_select(e: _Emitter, ins: Instr) -> None:
 @register_emitter("gluon", Op.ARANGE)
 def _e_arange(e: _Emitter, ins: Instr) -> None:
     t, key = ins.result.type, e.plan[ins.result]
-    e.assign(ins.result, f"({e.name(ins.srcs[0])} + gl.arange(0, {t.shape[0]}, layout={e.layout(key)}))"
-                         f".to({GL_DTYPES[t.dtype.name]})")
+    expr = f"({e.name(ins.srcs[0])} + gl.arange(0, {t.shape[0]}, layout={e.layout(key)}))"
+    if t.dtype.name == "f8e4m3":
+        expr = f"{expr}.to(gl.float32)"                   # Triton converts ints to fp8 only through a float
+    e.assign(ins.result, f"{expr}.to({GL_DTYPES[t.dtype.name]})")
     e.set_lay(ins.result, key)
 
 

@@ -312,7 +312,9 @@ register_scalar_emitters("triton", "tl", _SCALAR)
 @register_emitter("triton", Op.FILL)
 def _e_fill(e: _Emitter, ins: Instr) -> None:
     t = ins.result.type
-    if e.interpret and t.dtype is bf16:
+    # f8e4m3 through f32 too: its constants past +-448 (or infinite) have no f8 value (the conversion saturates them,
+    # as the reference does), and Triton's interpreter has no f8 constants at all
+    if e.interpret and t.dtype is bf16 or t.dtype is f8e4m3:
         e.assign(ins.result, e.cast_to(f"tl.full({t.shape}, {literal(ins.attrs.value)}, tl.float32)", f32, t))
         return
     e.assign(ins.result, f"tl.full({t.shape}, {literal(ins.attrs.value)}, {TL_DTYPES[t.dtype.name]})")
@@ -436,8 +438,8 @@ def _e_mask(e: _Emitter, ins: Instr) -> None:
     # a bool_ mask's fill is a Python bool: tl.where(cond, int1, 0) would promote to i32, and ~ of that i32 (a later
     # logical_not) is -1 or -2, both true
     fill = repr(bool(ins.attrs.value)) if x.type.dtype is bool_ else literal(ins.attrs.value)
-    if e.interpret and x.type.dtype is bf16:
-        expr = e.cast_to(f"tl.where({cond}, {e.up(e.name(x), bf16)}, {fill})", f32, x.type)
+    if e.interpret and x.type.dtype is bf16 or x.type.dtype is f8e4m3:   # (in f32: see _e_fill)
+        expr = e.cast_to(f"tl.where({cond}, {e.up(e.name(x), x.type.dtype)}, {fill})", f32, x.type)
     else:
         expr = f"tl.where({cond}, {e.name(x)}, {fill})"
     e.assign(ins.result, e.cast_to(expr, x.type.dtype, ins.result.type))
@@ -572,7 +574,7 @@ def _e_select(e: _Emitter, ins: Instr) -> None:
 def _e_arange(e: _Emitter, ins: Instr) -> None:
     t = ins.result.type
     expr = f"({e.name(ins.srcs[0])} + tl.arange(0, {t.shape[0]}))"
-    if t.dtype is bf16:                               # the interpreter converts ints to bf16 through f32
+    if t.dtype in (bf16, f8e4m3):     # the interpreter converts ints to bf16 through f32; Triton ints to f8 not at all
         e.assign(ins.result, e.cast_to(f"{expr}.to(tl.float32)", f32, t))
         return
     e.assign(ins.result, f"{expr}.to({TL_DTYPES[t.dtype.name]})")
