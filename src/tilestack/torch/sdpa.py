@@ -19,7 +19,8 @@ relative error against float64 with tf32 (up to 1.9e-3 measured on an H200), abo
 mask that needs a gradient or has rank < 2, other ranks, nested tensors, batch broadcasting, mixed dtypes, head
 dims of 0 or past 256, a dropout_p outside [0, 1], a scale <= 0 or past f32, an is_causal or enable_gqa that is not a
 bool, dropout while a CUDA graph is captured, CPU tensors unless a tilestack backend is forced) is handed to
-torch's own function, with a one-time notice saying why; torch then answers or raises exactly as it would.
+torch's own function, with a one-time notice saying why (in eager mode; none inside a compiled graph); torch
+then answers or raises exactly as it would.
 """
 
 from __future__ import annotations
@@ -93,7 +94,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """``F.scaled_dot_product_attention`` through tilestack's kernels where they apply (module docstring)."""
     why = unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, scale)
     if why is not None:
-        if why not in _noticed:
+        # the notice in eager mode only: Dynamo cannot trace warnings.warn, so under torch.compile(fullgraph=True)
+        # a call handed to torch failed to compile where torch's own function compiles
+        if why not in _noticed and not torch.compiler.is_compiling():
             _noticed.add(why)
             warnings.warn(f"tilestack.scaled_dot_product_attention: handing {why} to torch's own function "
                           "(said once per reason)", stacklevel=2)
