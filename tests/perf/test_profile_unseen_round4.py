@@ -541,3 +541,13 @@ def test_scripted_traced_and_checkpointed_models_count_as_eager(wrap):
     assert addmm == forward + (2 * 5 * 8 * 16 if wrap == "checkpoint" else 0) and not p.unsupported
     mm = math.fsum(o.m.flops * o.calls for o in p.ops if o.op == "aten::mm")  # the gradients
     assert mm == 2 * 5 * 16 * 4 + 2 * 5 * 16 * 4 + 2 * 5 * 8 * 16  # dW2, dh, dW1 (x needs no gradient)
+
+
+def test_binary_searches_count_their_compares():
+    """Found: bucketize and searchsorted were named data movement (0 FLOPs); a binary search over n boundaries
+    makes ceil(log2(n + 1)) compares per value, as a sort's compares are counted."""
+    boundaries, x = torch.linspace(-1, 1, 7), torch.randn(4, 5)
+    with torch.no_grad():
+        counts = counting.count_ops(lambda: (torch.bucketize(x, boundaries), torch.searchsorted(boundaries, x[0])))
+    ours = by_op(counts)
+    assert ours["aten::bucketize"] == 20 * 3 and ours["aten::searchsorted"] == 5 * 3

@@ -4,11 +4,14 @@ every ATen op, its FLOPs and bytes by op name and input shapes.
     counts = counting.count_ops(step)        # {(profiler name, input shapes): calls, FLOPs, bytes, dtype, ...}
 
 FLOPs come from the formulas of ``torch.utils.flop_counter`` (matmuls, attention; causal attention halved as
-tilestack counts it) or tilestack's own (convolutions forward and backward with their groups:
-``formulas.convolution``; the CPU LSTM kernel, norms, softmax, reductions, scatters and accumulating index puts,
-scans, selections and sorts (as compares), interpolation, losses, nn.Bilinear, weight norm, and 1 FLOP per element
-of a pointwise op, tagged or not: hardswish, GLU, activations' backwards); bytes are the sizes of an op's distinct
-input and output tensors (views move none, an expanded input is read as held, a lookup reads only its rows). A
+tilestack counts it) or tilestack's own rules: ``counting_rules`` for layers (convolutions forward and backward with
+their groups, the CPU LSTM kernel, norms, pools, interpolation, scatters and accumulating index puts, scans,
+selections and sorts (as compares), statistics, losses, weight norm, element-wise ops torch leaves untagged) and
+``counting_linalg`` for products and linear algebra (in-place and summed batch matmuls, matrix-vector products,
+quantized linears and recurrent layers, nn.Bilinear, factorisations); 1 FLOP per element of a pointwise op (a
+complex product 6); a matmul with a sparse compressed operand by its stored elements. Bytes are the sizes of an op's
+distinct input and output tensors (views move none, an expanded input is read as held, a lookup reads only its
+rows, an in-place scatter only the elements it touches, an overwrite does not read its destination). A
 composite op that reaches the mode whole (under ``inference_mode``) is counted as the ops it runs, as
 ``FlopCounterMode`` does; an op that computes but has no formula is marked ``unsupported`` (its FLOPs unknown, not
 0), in any namespace (a ``torch.library`` custom op is counted whole). torch.compile'd code is counted eagerly
@@ -228,8 +231,8 @@ NO_ARITHMETIC = frozenset(
         "_to_dense", "record_stream", "alias", "unfold", "im2col",
         "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle",
         "_reshape_alias", "expand_copy", "permute_copy", "split", "unsafe_split", "chunk", "narrow_copy",
-        "_pin_memory", "bucketize", "masked_fill", "transpose", "select_backward",
-        "slice_backward", "index_backward", "expand_backward", "_linalg_check_errors", "searchsorted",
+        "_pin_memory", "masked_fill", "transpose", "select_backward",
+        "slice_backward", "index_backward", "expand_backward", "_linalg_check_errors",
         "index_fill", "index_copy", "take", "rot90", "diag_embed",
         "one_hot", "tril_indices", "triu_indices", "linspace", "masked_scatter_backward",
         "max_unpool2d", "max_unpool3d", "complex", "diagonal_backward", "_sparse_coo_tensor_with_dims_and_tensors",

@@ -393,6 +393,18 @@ def _antialiased_flops(taps_per_dim: int, *, backward: bool) -> Rule:
     return count
 
 
+def _search_flops(sequence: str, values: str) -> Rule:
+    """searchsorted / bucketize: a binary search of each value in its sorted sequence of n boundaries, ceil(log2(n +
+    1)) compares, as a sort's compares are counted."""
+
+    def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        boundaries, x = _argument(func, args, kwargs, sequence), _argument(func, args, kwargs, values)
+        n = boundaries.shape[-1] if boundaries.dim() else 1
+        return float((_numel(x) if hasattr(x, "dim") else 1) * math.ceil(math.log2(n + 1)))
+
+    return count
+
+
 def _conv_tbc_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     """conv_tbc: x (T, B, C_in) * w (K, C_in, C_out) -> y (T', B, C_out): a multiply-add per weight element per
     output position and batch entry, plus the bias's add per output element."""
@@ -523,6 +535,8 @@ LAYER_FLOPS: dict[str, Rule] = {
     **{f"aten._upsample_{mode}2d_aa{tail}": _antialiased_flops(taps, backward=bool(tail))
        for mode, taps in (("bilinear", 2), ("bicubic", 4)) for tail in ("", "_backward")},
     "aten.histogram": _accumulate_flops("self"),  # each element binned, as histc
+    "aten.searchsorted": _search_flops("sorted_sequence", "self"),
+    "aten.bucketize": _search_flops("boundaries", "self"),
     # Window functions: a cosine (and its scaling) per element, as an element-wise op.
     **{f"aten.{w}_window": _elementwise_flops for w in ("hann", "hamming", "blackman", "bartlett", "kaiser")},
 }
