@@ -27,7 +27,7 @@ from sm90a_compile import check_triton_sm90a, compile_gluon_sm90a
 
 import tilestack.lang as ts
 from tilestack import config
-from tilestack.errors import TileDTypeError, TileShapeError, TraceError
+from tilestack.errors import LaunchError, TileDTypeError, TileShapeError, TraceError
 
 BACKENDS = ("reference", "triton")
 FLOATS = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -754,6 +754,40 @@ def test_mask_and_integer_operators(backend, rng):
     pos, big = x > 0, x > 1
     y1 = torch.where(pos ^ big, ~k, k)
     assert torch.equal(y, torch.where(~pos | big, y1, (y1 << 4) | 3))
+
+
+# ---- 13a. grids that cannot be launched: a negative program count (any backend), CUDA's 65535 on axes 1 and 2 -------
+def _windows_grid(X, BN, CLAMP):
+    n = (X.shape[0] - 20) // BN + 1                   # negative for fewer than 12 elements
+    return (ts.smax(0, n) if CLAMP else n,)
+
+
+@ts.kernel(grid=_windows_grid)
+def windows_past_20(X, Y, *, BN: int = 8, CLAMP: bool = False):
+    """Copies X's windows of BN from window 2 on, one program per window for (len(X) - 20) // BN + 1 of them."""
+    i = ts.block_id(0)
+    x = ts.RegVec[ts.f32, BN]()
+    ts.load(x, X, at=(i + 20 // BN,))
+    ts.store(Y, x, at=(i + 20 // BN,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_negative_grid_is_refused_naming_it_and_smax_clamps_it(backend):
+    x, y = torch.arange(4.0), torch.full((4,), 7.0)
+    with pytest.raises(LaunchError, match=r"windows_past_20: the grid is \(-1,\) .* none may be negative .* ts.smax"):
+        launch(windows_past_20, backend, x, y)
+    launch(windows_past_20, backend, x, y, CLAMP=True)
+    assert torch.equal(y, torch.full((4,), 7.0))
+    x, y = torch.arange(40.0), torch.zeros(40)
+    launch(windows_past_20, backend, x, y, CLAMP=True)
+    assert torch.equal(y[16:], x[16:]) and not y[:16].any()
+
+
+def test_cuda_grid_limits_are_named():
+    from tilestack.backends.base import check_cuda_grid
+    check_cuda_grid("k", (2**31 - 1, 65535, 65535))
+    with pytest.raises(LaunchError, match=r"k: grid axis 1 has 65536 programs; .* at most 65535 on axis 1 .* axis 0"):
+        check_cuda_grid("k", (4, 65536, 1))
 
 
 # ---- 14. every kernel above compiled for Hopper (sm_90a) on this CPU, by Triton and (where it lowers them) Gluon ----

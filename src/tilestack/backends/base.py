@@ -18,6 +18,20 @@ import weakref
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from tilestack.errors import LaunchError
+
+CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)   # programs a CUDA launch takes on grid axes 0 (x), 1 (y) and 2 (z)
+
+
+def check_cuda_grid(name: str, grid: Sequence[int]) -> None:
+    """LaunchError, naming the axis, for a grid a CUDA launch cannot take (the driver says only "invalid argument"):
+    axes 1 and 2 take at most 65535 programs, e.g. a (batch * heads) axis past it. Its work fits on axis 0."""
+    for axis, (g, top) in enumerate(zip(grid, CUDA_GRID_LIMITS, strict=False)):
+        if g > top:
+            raise LaunchError(f"{name}: grid axis {axis} has {g} programs; a CUDA launch takes at most {top} on axis "
+                              f"{axis} (grid {tuple(grid)}): put the largest count on axis 0, or loop over it in the "
+                              "kernel")
+
 
 class Artifact(Protocol):
     def launch(self, args: Sequence) -> None:

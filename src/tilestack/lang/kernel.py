@@ -349,7 +349,11 @@ class TracedKernel:
         """The number of programs on each grid axis for these arguments."""
         dims = {i: tuple(args[i].shape) for i in self._grid_globals}
         scalars = {i: args[i] for i in self._grid_scalars}
-        return grid_of(self.ir, dims, scalars, self._grid_plan)
+        grid = grid_of(self.ir, dims, scalars, self._grid_plan)
+        if any(g < 0 for g in grid):   # (NumPy's ndindex, the interpreter and CUDA would each say something else)
+            raise LaunchError(f"{self.name}: the grid is {grid} for these arguments; a grid axis counts programs, "
+                              f"so none may be negative (clamp it with ts.smax(0, ...)) (grid at {self.kernel.where})")
+        return grid
 
     def check_args(self, args: Sequence) -> None:
         """Every launch-time check, before any work: count, kinds, dtypes, ranks, devices, layouts."""

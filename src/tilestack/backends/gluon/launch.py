@@ -15,6 +15,7 @@ GPU time at GPT-2's sizes (docs/inference.md, "fp8 GEMM: what the SASS shows").
 
 from __future__ import annotations
 
+from tilestack.backends.base import check_cuda_grid
 from tilestack.backends.triton.launch import TMA_ALIGN, _descriptor_factory, _DirectLaunch, _hooks, tma_ok
 from tilestack.backends.triton.launch import compile_source as _compile_module
 from tilestack.errors import LaunchError
@@ -110,7 +111,7 @@ class Launcher:
         art = BACKEND.compile(traced, options, tma)
         self.fn, low = art.fn, art.lowered
         self.num_warps = low.num_warps
-        self.grid = None if traced._grid_scalars else _grid3(traced.grid(*args))
+        self.grid = None if traced._grid_scalars else self._grid(args)
         self.binding = Binding(traced, args, low)
         # a persistent kernel loops over its tiles: at most one program per SM
         self.programs = torch.cuda.get_device_properties(args[0].device).multi_processor_count \
@@ -119,8 +120,13 @@ class Launcher:
         self.fast = None         # a _DirectLaunch after the first launch (None where it does not apply)
         self.device = next(a.device for a in args if isinstance(a, torch.Tensor))
 
+    def _grid(self, args) -> tuple[int, int, int]:
+        grid = _grid3(self.traced.grid(*args))
+        check_cuda_grid(self.traced.name, grid)
+        return grid
+
     def __call__(self, args) -> None:
-        grid = self.grid or _grid3(self.traced.grid(*args))
+        grid = self.grid or self._grid(args)
         if 0 in grid:
             return
         if self.programs is not None:

@@ -23,6 +23,7 @@ import os
 import tempfile
 import warnings
 
+from tilestack.backends.base import check_cuda_grid
 from tilestack.backends.triton.codegen import wide_globals
 from tilestack.config import knobs
 from tilestack.errors import BackendError, LaunchError
@@ -143,7 +144,7 @@ class Launcher:
         from tilestack.backends.triton import BACKEND
         self.options = BACKEND.options(traced.constants, options).launch_kwargs()
         # the grid, unless it reads a runtime scalar (then it is evaluated per call)
-        self.grid = None if traced._grid_scalars else _grid3(traced.grid(*args))
+        self.grid = None if traced._grid_scalars else self._grid(args)
         # the flat argument list: sizes and strides are fixed by the signature, pointers and descriptors are not
         self.template: list = []
         self.pointers: list[tuple[int, int]] = []          # (position in template, argument index)
@@ -172,6 +173,12 @@ class Launcher:
                 TensorDescriptor(args[i], shape, strides, block)
         self.label = None
 
+    def _grid(self, args) -> tuple[int, int, int]:
+        grid = _grid3(self.traced.grid(*args))
+        if not self.interpret:
+            check_cuda_grid(self.traced.name, grid)
+        return grid
+
     def flat(self, args) -> list:
         out = self.template.copy()
         for pos, i in self.pointers:
@@ -181,7 +188,7 @@ class Launcher:
         return out
 
     def __call__(self, args) -> None:
-        grid = self.grid or _grid3(self.traced.grid(*args))
+        grid = self.grid or self._grid(args)
         if 0 in grid:
             return
         fast = self.fast
