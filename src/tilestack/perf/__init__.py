@@ -15,8 +15,9 @@
 
 Modules, one job each: ``device`` (spec sheet and measured ceilings), ``timing`` (events, rotation,
 graphs), ``energy`` (NVML), ``metrics`` (the numbers), ``roofline`` (bound and tip), ``nvtx``, ``ncu``
-(Nsight Compute), ``profile`` (PyTorch models), ``store`` (SQLite), ``report`` (tables, PNG, HTML),
-``formulas`` (baselines' costs).
+(Nsight Compute), ``profile`` (PyTorch models: its counting pass ``counting``, whose FLOP rules are
+``counting_rules`` and ``counting_linalg``, and its tables and HTML ``profile_render``), ``store`` (SQLite),
+``report`` (tables, PNG, HTML), ``formulas`` (baselines' costs).
 Importing this package imports neither torch nor matplotlib.
 """
 
