@@ -448,3 +448,28 @@ def test_sdpa_drop_in_hands_to_torch_inside_a_fullgraph_compile(case):
     compiled = torch.compile(lambda q, k, v: tilestack.scaled_dot_product_attention(q, k, v, **kw), fullgraph=True,
                              backend="aot_eager")
     torch.testing.assert_close(compiled(q, k, v), F.scaled_dot_product_attention(q, k, v, **kw))
+
+
+@pytest.mark.parametrize("needs_grad", ["x", "bias"])
+def test_compiled_quantized_model_answers_and_refuses_its_backward(needs_grad):
+    """A quantized model compiled with an input (or a bias) that requires grad: the compile failed with torch's
+    "no autograd formula was registered" for tilestack::quant_linear, where eager mode answers and refuses only a
+    backward. Compiled, the forward answers as eager mode does and a backward raises the same LaunchError."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    qmodel = tilestack.quantize(model, "int8")
+    x = randn(3, 5, 8)
+    with torch.no_grad():
+        want = qmodel(x)
+    if needs_grad == "bias":
+        qmodel[0].bias.requires_grad_()
+    else:
+        x = x.clone().requires_grad_()
+    torch._dynamo.reset()
+    compiled = torch.compile(qmodel, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    torch.testing.assert_close(y.detach(), want)
+    with pytest.raises(LaunchError, match="a backward through a quantized linear layer; it runs inference only"):
+        y.sum().backward()

@@ -41,6 +41,36 @@ def _(x, q, scale, bias, x_scale):
     return x.new_empty((x.shape[0], q.shape[0]))
 
 
+@torch.library.custom_op("tilestack::quant_linear_no_backward", mutates_args=())
+def quant_linear_no_backward_op(dy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``tilestack::quant_linear``'s input t (x or the bias) in a compiled graph: refused when it
+    runs, as in eager mode (its fake lets AOT autograd trace a graph whose input requires grad, so the forward
+    still answers)."""
+    raise LaunchError("quantized_linear: a backward through a quantized linear layer; it runs inference only (no "
+                      "gradient for x, the bias or the residual): keep it out of training, or call it under "
+                      "torch.no_grad() / torch.inference_mode()")
+
+
+@quant_linear_no_backward_op.register_fake
+def _(dy, t):
+    return torch.empty_like(t)
+
+
+def _quant_linear_setup(ctx, inputs, output):
+    x, _, _, bias, _ = inputs
+    ctx.save_for_backward(x, bias)
+
+
+def _quant_linear_backward(ctx, dy):
+    x, bias = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    return (quant_linear_no_backward_op(dy, x) if need[0] else None, None, None,
+            quant_linear_no_backward_op(dy, bias) if need[3] else None, None)
+
+
+quant_linear_op.register_autograd(_quant_linear_backward, setup_context=_quant_linear_setup)
+
+
 class QuantLinear(nn.Module):
     """An ``nn.Linear`` with its weight in int8 or fp8 E4M3 and one f32 scale per output channel (buffers
     ``qweight`` (out, in) and ``scale`` (out,)); ``x_scale`` > 0: the input is quantized to fp8 too."""
