@@ -11,11 +11,14 @@ amax and index_add_), a zoo of losses (KL, cosine, triplet, margin, Poisson, CTC
 pooling variants (lp, fractional, unpool, indices, ceil mode), a grouped-query decoder with rotary embeddings,
 RMSNorm, SwiGLU and a KV cache at batch size 1, a matmul zoo (addbmm, multi_dot, tensordot, kron, matrix_power,
 einsum diagonals), fp16 and int8/fp16 dynamically quantized recurrent nets, a Glow-like flow, a capsule layer
-with dynamic routing and spectral norm, per-sample dynamic convolution, and empty batches. Sizes are tiny: what
-is checked is the counting, not the speed.
+with dynamic routing and spectral norm, per-sample dynamic convolution, empty batches, a diffusion U-Net block
+(timestep embedding, GroupNorm, pixel self-attention) and NeRF's sampling and rendering (searchsorted, sort,
+cumprod). Sizes are tiny: what is checked is the counting, not the speed.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -43,6 +46,8 @@ CAP_IN, CAP_IN_DIM, CAP_OUT, CAP_OUT_DIM, CAP_ITERS = 6, 4, 3, 8, 3
 POOL_CH, POOL_HW = 3, 8
 FLOW_CH, FLOW_HW = 4, 4
 DYN_CH, DYN_HW, DYN_K = 4, 6, 3
+DIFF_CH, DIFF_HW, DIFF_T = 8, 8, 16  # diffusion block: channels, pixels per side, timestep embedding width
+NERF_RAYS, NERF_COARSE, NERF_FINE, NERF_FREQS, NERF_WIDTH = 3, 6, 8, 4, 16
 
 
 class SelectiveScan(nn.Module):
@@ -427,6 +432,60 @@ class DynamicConv(nn.Module):
         return y.view(b, c, h, w)
 
 
+class DiffusionBlock(nn.Module):
+    """A diffusion U-Net block: a sinusoidal timestep embedding (exp, sin, cos) through a SiLU MLP added to the
+    feature map, GroupNorm-SiLU-Conv twice with a residual, self-attention over the pixels by SDPA (1x1 conv qkv), a
+    strided conv down and nearest upsampling back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        c = DIFF_CH
+        self.t_mlp = nn.Sequential(nn.Linear(DIFF_T, c), nn.SiLU())
+        self.n1, self.n2 = nn.GroupNorm(2, c), nn.GroupNorm(2, c)
+        self.c1, self.c2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.down = nn.Conv2d(c, c, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W), t: (B,)
+        half = DIFF_T // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half) / half)  # (T/2,)
+        emb = torch.cat([torch.sin(t[:, None] * freqs), torch.cos(t[:, None] * freqs)], -1)  # (B, T)
+        h = self.c1(F.silu(self.n1(x))) + self.t_mlp(emb)[:, :, None, None]
+        h = x + self.c2(F.silu(self.n2(h)))
+        b, c, hh, ww = h.shape
+        q, k, v = self.qkv(h).flatten(2).transpose(1, 2).chunk(3, -1)  # (B, HW, C) each
+        a = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]  # one head
+        h = h + a.transpose(1, 2).reshape(b, c, hh, ww)
+        return F.interpolate(self.down(h), scale_factor=2, mode="nearest")  # (B, C, H, W)
+
+
+class NeRF(nn.Module):
+    """NeRF's hierarchical sampling and volume rendering: a CDF of the coarse weights (cumsum), inverse-transform
+    sampling by searchsorted, the samples merged by sort, a sin/cos positional encoding into an MLP, densities and
+    colours composited by a cumulative product of transmittances."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(3 + 6 * NERF_FREQS, NERF_WIDTH), nn.ReLU(), nn.Linear(NERF_WIDTH, 4))
+
+    def forward(self, origins, dirs, t_coarse, weights):  # (R, 3), (R, 3), (R, S) sorted, (R, S) positive
+        pdf = weights / weights.sum(-1, keepdim=True)
+        cdf = torch.cat([torch.zeros_like(pdf[..., :1]), pdf.cumsum(-1)], -1)  # (R, S+1)
+        u = torch.linspace(0, 1, NERF_FINE).expand(*cdf.shape[:-1], NERF_FINE).contiguous()
+        idx = torch.searchsorted(cdf, u, right=True).clamp(1, cdf.shape[-1] - 1)  # (R, F)
+        t = torch.sort(torch.cat([t_coarse, torch.gather(t_coarse, -1, idx - 1)], -1), -1)[0]  # (R, S+F)
+        pts = origins[:, None] + dirs[:, None] * t[..., None]  # (R, S+F, 3)
+        freq = 2.0 ** torch.arange(NERF_FREQS)
+        angles = pts[..., None] * freq  # (R, S+F, 3, L)
+        enc = torch.cat([pts, torch.sin(angles).flatten(-2), torch.cos(angles).flatten(-2)], -1)  # (R, S+F, 3+6L)
+        out = self.mlp(enc)  # (R, S+F, 4)
+        sigma, rgb = F.relu(out[..., 0]), torch.sigmoid(out[..., 1:])
+        delta = torch.diff(t, dim=-1, append=t[..., -1:] + 1e10)
+        alpha = 1 - torch.exp(-sigma * delta)
+        trans = torch.cumprod(torch.cat([torch.ones_like(alpha[..., :1]), 1 - alpha + 1e-10], -1), -1)[..., :-1]
+        return ((alpha * trans)[..., None] * rgb).sum(-2)  # (R, 3)
+
+
 def _seeded(fn):  # each builder is deterministic
     def build():
         torch.manual_seed(0)
@@ -548,6 +607,18 @@ def empty_graph():
     return GraphAttention(), (torch.randn(G_NODES, G_FEAT), torch.zeros(2, 0, dtype=torch.long))
 
 
+@_seeded
+def diffusion():
+    return DiffusionBlock(), (torch.randn(BATCH, DIFF_CH, DIFF_HW, DIFF_HW), torch.tensor([3.0, 50.0]))
+
+
+@_seeded
+def nerf():
+    t_coarse = torch.sort(torch.rand(NERF_RAYS, NERF_COARSE), -1)[0]
+    return NeRF(), (torch.randn(NERF_RAYS, 3), torch.randn(NERF_RAYS, 3), t_coarse,
+                    torch.rand(NERF_RAYS, NERF_COARSE) + 0.1)
+
+
 # name -> (builder, whether a backward step makes sense)
 MODELS = {
     f.__name__: (f, trainable)
@@ -571,6 +642,8 @@ MODELS = {
         (dynamic_conv, True),
         (empty_video, False),
         (empty_graph, True),
+        (diffusion, True),
+        (nerf, True),
     )
 }
 build = mamba

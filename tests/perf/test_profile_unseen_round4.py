@@ -51,6 +51,7 @@ DATA_MOVEMENT = {
     "aten::pixel_unshuffle", "aten::max_unpool2d", "aten::flip", "aten::fill_", "aten::masked_fill_",
     "aten::scalar_tensor", "aten::_local_scalar_dense", "aten::index_copy_", "aten::tril", "aten::triu",
     "aten::diag_embed", "aten::diagonal_backward", "aten::scatter_", "aten::transpose_",
+    "aten::upsample_nearest2d", "aten::linspace", "aten::masked_fill",
 }
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::addmm_", "aten::mv"}
 CASES = [(name, train) for name, (_, trainable) in pm.MODELS.items() for train in (False, True)[: 1 + trainable]]
@@ -563,3 +564,36 @@ def test_binary_searches_count_their_compares():
         counts = counting.count_ops(lambda: (torch.bucketize(x, boundaries), torch.searchsorted(boundaries, x[0])))
     ours = by_op(counts)
     assert ours["aten::bucketize"] == 20 * 3 and ours["aten::searchsorted"] == 5 * 3
+
+
+def test_diffusion_block_timestep_embedding_group_norm_and_pixel_attention():
+    _, counts, _ = profiled("diffusion", False)
+    b, c, hw, t_dim = pm.BATCH, pm.DIFF_CH, pm.DIFF_HW, pm.DIFF_T
+    s = hw * hw
+    ours = by_op(counts)
+    assert ours["aten::convolution"] == (2 * conv(b, c, c, s, 9) + conv(b, c, 3 * c, s, 1)
+                                         + conv(b, c, c, (hw // 2) ** 2, 9))  # the last one strided by 2
+    # the timestep MLP, and attention over the pixels (SDPA's math path on these strided views: two bmm)
+    assert flops_of(counts, MATMULS) == 2 * b * t_dim * c + 4 * b * s * s * c
+    assert ours["aten::_safe_softmax"] == formulas.SOFTMAX_FLOPS_PER_ELEMENT * b * s * s
+    assert ours["aten::native_group_norm"] == 2 * formulas.LAYERNORM_FLOPS_PER_ELEMENT * b * c * s
+    assert ours["aten::sin"] == ours["aten::cos"] == b * t_dim // 2
+    assert ours["aten::upsample_nearest2d"] == 0
+    _, train_counts, _ = profiled("diffusion", True)
+    train = by_op(train_counts)
+    # every conv's input needs a gradient (the norms' affine parameters come before them): dx, dw and db
+    assert train["aten::convolution_backward"] == 2 * ours["aten::convolution"] - (
+        2 * b * c * s + b * 3 * c * s + b * c * (hw // 2) ** 2)
+    assert flops_of(train_counts, MATMULS) == 3 * flops_of(counts, MATMULS) - 2 * b * t_dim * c  # no dx for emb
+
+
+def test_nerf_sampling_and_compositing():
+    _, counts, _ = profiled("nerf", False)
+    r, coarse, fine, freqs, width = pm.NERF_RAYS, pm.NERF_COARSE, pm.NERF_FINE, pm.NERF_FREQS, pm.NERF_WIDTH
+    samples = coarse + fine
+    ours = by_op(counts)
+    assert flops_of(counts, MATMULS) == 2 * r * samples * ((3 + 6 * freqs) * width + width * 4)
+    assert ours["aten::searchsorted"] == r * fine * math.ceil(math.log2(coarse + 2))  # a CDF of S+1 boundaries
+    assert ours["aten::sort"] == r * samples * math.ceil(math.log2(samples))
+    assert ours["aten::cumsum"] == r * coarse and ours["aten::cumprod"] == r * (samples + 1)
+    assert ours["aten::sin"] == ours["aten::cos"] == r * samples * 3 * freqs
