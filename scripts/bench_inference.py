@@ -564,7 +564,8 @@ def _policy(a) -> dict:
     checks the kernels, not the policy) unless given."""
     default = 0 if a.quick else None
     got = {"min_rows": a.min_rows if a.min_rows is not None else default,
-           "min_query_rows": a.min_query_rows if a.min_query_rows is not None else default}
+           "min_query_rows": a.min_query_rows if a.min_query_rows is not None else default,
+           "measure": False if a.no_measure else None}
     return {k: v for k, v in got.items() if v is not None}
 
 
@@ -584,6 +585,8 @@ def main(argv=None) -> int:
                     "MIN_ROWS by default; 0 under --quick): row-wise ops with fewer rows stay with Inductor")
     ap.add_argument("--min-query-rows", type=int, default=None, help="the backend's query-rows-per-head threshold "
                     "for attention (policy.MIN_QUERY_ROWS by default; 0 under --quick)")
+    ap.add_argument("--no-measure", action="store_true", help="the backend swaps fused GEMMs unmeasured "
+                    "(tilestack.compile.measure: by default a GPU's fused GEMM is swapped only where measured faster)")
     ap.add_argument("--gemm-variants", default=None, help="the gemm case's variants, comma-separated (default: all "
                     f"of {GEMM_VARIANTS + tuple(GLUON_GEMM_VARIANTS)}; bf16-torch always runs, as the baseline)")
     ap.add_argument("--worker", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
@@ -616,7 +619,8 @@ def main(argv=None) -> int:
         cmd = [sys.executable, __file__, "--worker", case, variant] + (["--quick"] if a.quick else []) + (
             ["--passes", a.passes] if a.passes else []) + (["--gemm-sweep"] if a.gemm_sweep else []) + [
             f"--{k.replace('_', '-')}={v}" for k, v in (("min_rows", a.min_rows), ("min_query_rows", a.min_query_rows))
-            if v is not None] + (["--gemm-variants", a.gemm_variants] if a.gemm_variants else [])
+            if v is not None] + (["--gemm-variants", a.gemm_variants] if a.gemm_variants else []) + (
+            ["--no-measure"] if a.no_measure else [])
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
         except subprocess.TimeoutExpired:

@@ -106,3 +106,56 @@ def test_measure_must_be_a_bool():
         policy.Policy(measure=1)
     with pytest.raises(LaunchError, match="measure="):
         tilestack.optimize(torch.nn.Linear(4, 4), measure="yes")
+
+
+def _grab(f, *args):
+    """The FX graph Dynamo captures of f (as the backend receives it)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    torch._dynamo.reset()
+    torch.compile(f, backend=backend, fullgraph=True)(*args)
+    torch._dynamo.reset()
+    return graphs[0]
+
+
+def test_a_swap_is_timed_against_the_ops_it_replaces_and_cached(fresh_cache, monkeypatch):
+    from tilestack.compile.patterns import PASSES
+
+    x, w, b = torch.randn(6, 40), torch.randn(40), torch.randn(40)
+    gm = _grab(lambda x, w, b: torch.nn.functional.layer_norm(x, (40,), w, b), x, w, b)
+    with config.override(backend="reference"):     # a CPU graph is rewritten only with a backend forced
+        matches, declined = PASSES["norm"](gm)
+        assert len(matches) == 1, declined
+        d = measure.swap(gm, matches[0])
+    assert d is not None and d.fused_s > 0 and d.unfused_s > 0 and d.baseline == "the original ops"
+    assert "|norm|ts_layer_norm|float32[6, 40];float32[40];float32[40]|" in d.what
+    assert json.loads(fresh_cache.read_text())[d.what]["unfused_s"] == d.unfused_s
+    monkeypatch.setattr(measure, "_time", lambda *a: pytest.fail("a cached swap was timed again"))
+    with config.override(backend="reference"):
+        assert measure.swap(gm, matches[0]).fused_s == d.fused_s
+
+
+def test_the_policy_measures_inference_swaps_on_a_gpu_only(monkeypatch):
+    calls = []
+
+    def fake_swap(gm, match):
+        calls.append(match.pattern)
+        return measure.Decision("k", 30e-6, 20e-6, "a GPU", "the original ops")
+
+    monkeypatch.setattr(measure, "swap", fake_swap)
+    with FakeTensorMode():
+        x = torch.empty(8192, 768, device="cuda", dtype=torch.bfloat16)
+        w = torch.empty(768, device="cuda", dtype=torch.bfloat16)
+        trained = torch.empty(8192, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        on_cpu = torch.empty(8192, 768, dtype=torch.bfloat16)
+    m = Match("norm", ops.ts_rms_norm, [x, w], (1e-6,), [x], [], "rms_norm")
+    why = policy.unpaid(m, gm=object())
+    assert why is not None and "against the original ops 20.0 us" in why and calls == ["norm"]
+    assert policy.unpaid(m) is None                                   # no graph given: not measured
+    assert policy.unpaid(m, policy.Policy(measure=False), gm=object()) is None
+    for out in (trained, on_cpu):                                     # a training graph, a CPU graph
+        assert policy.unpaid(Match("norm", ops.ts_rms_norm, [x, w], (1e-6,), [out], [], "rms"), gm=object()) is None
+    assert calls == ["norm"]

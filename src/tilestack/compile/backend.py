@@ -70,7 +70,7 @@ def run_passes(gm: fx.GraphModule, *, passes=None, check: bool = False, inner: s
         replaced: dict[fx.Node, fx.Node] = {}
         for m in matches:
             m = follow(m, replaced)
-            why = policy.unpaid(m, rule)
+            why = policy.unpaid(m, rule, gm)
             if why is not None:
                 report.declined.append((name, m.outputs[-1].name, f"does not pay: {why}"))
                 declined_nodes.update(dict.fromkeys(m.nodes, f"does not pay: {why}"))

@@ -47,14 +47,15 @@ class Decision:
     fused_s: float         # seconds per call of the fused tilestack op
     unfused_s: float       # seconds per call of what Inductor runs instead
     device: str
+    baseline: str = "cuBLAS and a separate epilogue"
 
     @property
     def pays(self) -> bool:
         return self.fused_s <= MARGIN * self.unfused_s
 
     def reason(self) -> str:
-        return (f"measured on {self.device}: the fused op {self.fused_s * 1e6:.1f} us against cuBLAS and a separate "
-                f"epilogue {self.unfused_s * 1e6:.1f} us ({self.fused_s / self.unfused_s:.2f}x; a swap needs <= "
+        return (f"measured on {self.device}: the fused op {self.fused_s * 1e6:.1f} us against {self.baseline} "
+                f"{self.unfused_s * 1e6:.1f} us ({self.fused_s / self.unfused_s:.2f}x; a swap needs <= "
                 f"{MARGIN:.2f}x)")
 
 
@@ -174,3 +175,39 @@ def _measure_linear_epilogue(x, w, bias, residual, activation, w_is_kn, m, k, n,
     unfused_s = t_gemm + t_pass                            # Inductor: the GEMM, then one fused pass
     fused_s = _time(fused, device)
     return fused_s, unfused_s, t_gemm
+
+
+def swap(gm, match) -> Decision | None:
+    """A swap of an inference graph (attention, a norm, softmax) timed per call, host included (a compiled graph
+    that launches faster than the GPU runs hides the host's time; one that does not pays it): the replacement
+    (``match.fn``) against the nodes it replaces run as they are, on random inputs of the graph's shapes on its
+    device. None when an input is not a tensor of static shape (not measured: the swap is made). The replaced
+    nodes run eagerly: one kernel per op where Inductor may fuse several (add + norm), so a fused op that loses
+    to them would lose to Inductor too."""
+    from tilestack.compile.patterns import value
+    from tilestack.compile.rewrite import _fn_args, external_inputs, original_module, random_like
+    from tilestack.perf.device import detect
+
+    inputs = external_inputs(match)
+    fakes = [value(n) for n in inputs]
+    if not fakes or not all(isinstance(f, torch.Tensor) for f in fakes) or \
+            any(type(d) is not int for f in fakes for d in f.shape):
+        return None
+    device = fakes[0].device
+    name = detect(str(device)).name
+    shapes = ";".join(f"{str(f.dtype).removeprefix('torch.')}{list(f.shape)}" for f in fakes)
+    key = f"{name}|{match.pattern}|{getattr(match.fn, '__name__', match.fn)}|{shapes}|{match.consts!r}"
+    with _lock:
+        _load()
+        hit = _memory.get(key)
+        if hit is not None:
+            return Decision(key, hit["fused_s"], hit["unfused_s"], name, "the original ops")
+        with unset_fake_temporarily(), torch.no_grad():
+            gen = torch.Generator().manual_seed(0)
+            real = [random_like(f, gen) for f in fakes]
+            original = original_module(gm, match, inputs)
+            args = _fn_args(match, dict(zip(inputs, real, strict=True)))
+            unfused_s = _time(lambda: original(*real), device)
+            fused_s = _time(lambda: match.fn(*args), device)
+        _store(key, {"fused_s": fused_s, "unfused_s": unfused_s, "device": name, "torch": torch.__version__})
+        return Decision(key, fused_s, unfused_s, name, "the original ops")

@@ -20,6 +20,11 @@ and Inductor's few fused kernels win (issue 14's first H200 run: GPT-2 decode 5.
   (the tilestack kernel's smallest query tile: with one query row per head, decode, it would compute one row of
   a 64-row tile);
 - ``linear_cross_entropy`` at any size (it saves memory: the logits are never whole);
+- in an inference graph on a GPU, an attention, a norm (with its add) or a softmax only where it was measured
+  faster per call, host time included, than the ops it replaces run as they are (``tilestack.compile.measure``:
+  on the H200 the GPT-2 small prefill's swaps gained nothing on the GPU against cuDNN and Inductor's fused norms,
+  and their custom-op calls, 70-100 us of host each, left the compiled forward host-bound: 4.6-8.0 ms between
+  processes against Inductor's steady 4.5-4.6);
 - a bf16/f16 ``linear_epilogue`` on a GPU, past the row rule, only where its fused GEMM was measured faster than
   cuBLAS's GEMM and one elementwise pass at the graph's shapes (``tilestack.compile.measure``: on the H200 it
   lost at GPT-2 small's prefill shapes). ``measure=False`` skips the measurement (the row rule alone); the
@@ -43,6 +48,7 @@ MIN_ROWS = 1024          # rows below which a row-wise swap costs more (a custom
 MIN_QUERY_ROWS = 64      # query rows per head below which an attention swap does not pay (one query tile)
 ROW_WISE = ("norm", "add_norm", "softmax", "linear_epilogue")
 ATTENTION = ("sdpa", "explicit_attention")
+MEASURED = ("sdpa", "explicit_attention", "norm", "add_norm", "softmax")   # timed against the ops they replace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +98,9 @@ def rows(t) -> int | None:
     return None if any(d is None for d in dims) else math.prod(dims)
 
 
-def unpaid(match, policy: Policy | None = None) -> str | None:
-    """Why ``match`` (a ``patterns.Match``) would cost more than it saves at its static shapes, or None."""
+def unpaid(match, policy: Policy | None = None, gm=None) -> str | None:
+    """Why ``match`` (a ``patterns.Match``) would cost more than it saves at its static shapes, or None. ``gm``:
+    the graph it was found in, for the measured decisions of an inference graph on a GPU (``MEASURED``)."""
     from tilestack.compile.patterns import value
 
     policy = policy or _current
@@ -110,7 +117,22 @@ def unpaid(match, policy: Policy | None = None) -> str | None:
                     "this size, and Inductor fuses the op with its neighbours)")
         if match.pattern == "linear_epilogue" and policy.measure:
             return _measured_loss(match)
+    if policy.measure and gm is not None and match.pattern in MEASURED:
+        return _measured_swap(gm, match)
     return None
+
+
+def _measured_swap(gm, match) -> str | None:
+    """Why a swap in an inference graph on a GPU was measured slower than the ops it replaces, or None (faster,
+    not measured: a training graph, a CPU, symbolic sizes)."""
+    from tilestack.compile import measure
+    from tilestack.compile.patterns import value
+
+    out = value(match.outputs[-1]) if match.outputs else None
+    if not isinstance(out, torch.Tensor) or out.device.type != "cuda" or out.requires_grad:
+        return None
+    decision = measure.swap(gm, match)
+    return None if decision is None or decision.pays else decision.reason()
 
 
 def _measured_loss(match) -> str | None:
