@@ -10,12 +10,22 @@ Python's floor division and modulo built from C's truncating div and rem with pe
 scaling and double centering (reductions along both axes broadcast back, padding masked out), a temporal difference
 on a 3-D grid whose leading coordinate reaches -1 on a transposed view, 1x1 tiles with atomic adds at coordinates past
 the edges, nested loops whose inner bound is the outer counter, nan_to_num with runtime replacements, conversions
-between 16-bit floats, bools and wide integers, integer sums that wrap, and misuse of Python's operators on tiles.
+between 16-bit floats, bools and wide integers, integer sums that wrap, int arguments and int constants chosen into
+integer and float tiles, fp8 tiles made by fill/tril/arange, the work dtype of ops with f64 results, grids that
+cannot launch, and misuse of Python's operators on tiles.
 
-Bugs these found, fixed in the compiler, each kept here as its regression test: an index product of two runtime
-values (X.shape[0] * X.shape[1]) wrapped at 2**31 on Triton and Gluon; tril/triu/right_fill/lower_fill of a bool_
-mask turned it into an i32 tile on Triton and Gluon, so a later logical_not (~) left every element true; float
-scalar arithmetic ran in float64 in the reference but in f32 on the backends; `if tile:` was silently true.
+Bugs these found, fixed in the compiler, each kept here as its regression test:
+- Triton/Gluon: an index product of two runtime values (X.shape[0] * X.shape[1]) wrapped at 2**31;
+- Triton/Gluon: tril/triu/right_fill/lower_fill of a bool_ mask made it an i32 tile, so ~ (logical_not) of it was true;
+- Triton/Gluon: where of an int argument into a narrower integer tile left it unwrapped for the ops after it;
+- Triton/Gluon: where of two indices (sizes, int constants) into a float tile left an int tile (exp of it failed);
+- Triton/Gluon: fill/tril/arange of fp8 tiles failed in the interpreter (no f8 constants) and did not saturate;
+- Triton/Gluon: where into an f64 tile chose in f32 (0.1 became f32(0.1)) unless an operand was f64;
+- reference: float scalar arithmetic ran in float64 (the backends' is f32); integer operands of a float reduction
+  were summed exactly (the backends convert each to f32 first); a float scalar was kept f64 by an f64 result whose
+  work was f32;
+- language: `if tile:` was silently true, `x > 0` a bare TypeError; a negative grid a NumPy error (reference) or
+  nothing (interpreter).
 """
 
 import math
@@ -678,6 +688,51 @@ def test_f8_tiles_made_without_a_conversion_saturate(backend, rng):
         assert torch.equal(got.float(), w.to(F8).float())
 
 
+# ---- 12d. the work dtype of ops with an f64 result or integer operands: f64 only where an f64 tile is --------------
+@ts.kernel(grid=lambda X: (1,))
+def work_dtypes(X, H, I, Sel, Add, Sum, a: float, *, N: int = 8):
+    """Sel = [x > 0 ? 0.1 : 0.2, x > 0 ? h : a] into f64 (f64 work: 0.1 and a as they are, h exact); Add = x + a
+    computed in f32 (x is f32) into f64; Sum = the row sums of an i64 tile with an f32 accumulator (each integer an
+    f32 first, as float work takes integer operands)."""
+    x = ts.RegVec[ts.f32, N]()
+    h = ts.RegVec[ts.f16, N]()
+    y = ts.RegVec[ts.f64, N]()
+    pos = ts.RegVec[ts.bool_, N]()
+    ts.load(x, X, at=(0,))
+    ts.load(h, H, at=(0,))
+    ts.gt(pos, x, 0.0)
+    ts.where(y, pos, 0.1, 0.2)
+    ts.store(Sel, y, at=(0,))
+    ts.where(y, pos, h, a)
+    ts.store(Sel, y, at=(1,))
+    ts.add(y, x, a)
+    ts.store(Add, y, at=(0,))
+    big = ts.RegTile[ts.i64, 2, N]()
+    acc = ts.RegVec[ts.f32, 2]()
+    s = ts.RegVec[ts.f32, 2]()
+    ts.load(big, I, at=(0, 0))
+    ts.zero(acc)
+    ts.row_sum(s, big, acc)
+    ts.store(Sum, s, at=(0,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_work_dtypes_of_f64_results_and_integer_operands(backend):
+    x = torch.tensor([1.0, -1.0, 2.0**24, -3.0, 0.5, -0.5, 2.0**24, 7.0])
+    h = torch.tensor([0.1, 2.0, 3.0, 4.0, 1e-4, 6.0, 7.0, 8.0], dtype=F16)
+    a = 1.0000000001                                    # f32(a) is 1.0: 2**24 + a is 2**24 + 2 in f64, 2**24 in f32
+    big = torch.zeros(2, 8, dtype=I64)
+    big[0, :2] = torch.tensor([2**40 + 2**16, -(2**40)])           # 65536 exactly; 0 once each is an f32
+    big[1, :3] = torch.tensor([2, 2**24 + 1, -(2**24)])             # 3 exactly; 2 in f32, in any order
+    sel, add = torch.full((16,), math.nan, dtype=torch.float64), torch.full((8,), math.nan, dtype=torch.float64)
+    total = torch.full((2,), math.nan)
+    launch(work_dtypes, backend, x, h, big, sel, add, total, a)
+    assert sel[:8].tolist() == [0.1 if v > 0 else 0.2 for v in x.tolist()]
+    assert torch.equal(sel[8:], torch.where(x > 0, h.double(), a))
+    assert torch.equal(add, (x + torch.tensor(a, dtype=torch.float32)).double())
+    assert total.tolist() == [0.0, 2.0]
+
+
 # ---- 13. Python's operators misused on tiles: refused when traced, naming the tile and the op to use ---------------
 def _x(X):
     x = ts.RegVec[ts.f32, 16]()
@@ -820,6 +875,8 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
     "mask_operators": (mask_operators, (_meta(16), _meta(16, dtype=I32)), {}),
     "relabel_i8": (relabel, (_meta(4096, dtype=I8), _meta(4096, dtype=I8), 300), dict(BN=256)),
     "f8_tiles": (f8_tiles, (_meta(8, 16, dtype=torch.float8_e4m3fn),) * 5, {}),
+    "work_dtypes": (work_dtypes, (_meta(8), _meta(8, dtype=F16), _meta(2, 8, dtype=I64), _meta(16, dtype=torch.float64),
+                                  _meta(8, dtype=torch.float64), _meta(2), 0.5), {}),
     "int_choices_as_floats": (int_choices_as_floats, (_meta(4096), _meta(4096, dtype=BF), _meta(4096, dtype=F16), 7),
                               dict(BN=256)),
 }

@@ -429,10 +429,13 @@ define(OpDef(
 # [0, bits of the work dtype) is undefined.
 def work_dtype(ins: Instr):
     """The dtype element-wise op or reduction ``ins`` computes in: ``compute_dtype`` of its tile operands' dtypes
-    and, when it is an integer, its result's (an i32 sum into an i64 vector adds in i64)."""
+    and, when it is an integer, its result's (an i32 sum into an i64 vector adds in i64). A select (where) chooses in
+    its result's integer dtype, or in f64 if its result or a tile operand is f64, else in f32."""
     t = _types()
     dts = [s.type.dtype for s in ins.srcs if isinstance(s.type, t.TileType)]
     r = ins.result.type.dtype
+    if ins.op is Op.SELECT:   # chooses into its result: an integer result's own dtype, a float one in f32 or f64
+        return r if not r.is_float else t.f64 if t.f64 in (r, *dts) else t.f32
     if not r.is_float and r is not t.bool_:
         dts.append(r)
     return t.compute_dtype(*dts)
@@ -621,6 +624,8 @@ def _reduce_rule(ins: Instr) -> None:
 def _reduce_ref(ins: Instr, s: list, m) -> np.ndarray:
     red, comb = REDUCE_FNS[ins.attrs.fn]
     wd = work_dtype(ins)
+    if wd.is_float:   # integer operands of float work (an i64 tile summed with an f32 acc) in its dtype first
+        s = _float_args(s, wd)
     x = s[0] if wd.is_float else np.asarray(s[0], dtype=np.int64)   # (an integer sum wraps, a float's stays exact)
     r = red(x, axis=1 if ins.attrs.axis == "row" else 0)
     return _in_work_dtype(ins, comb(r, s[1]) if len(s) > 1 else r)

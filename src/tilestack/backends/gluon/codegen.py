@@ -520,19 +520,22 @@ def _e_mask(e: _Emitter, ins: Instr) -> None:
 
 def _broadcasting(e: _Emitter, ins: Instr, as_float: bool, to=None) -> tuple[list[str], tuple]:
     """The operands of a compare, logic or select in the result's layout, vectors expanded along their axes; with
-    ``to`` (a select into an integer tile), number tiles of another dtype and float scalars converted to ``to``
-    (gl.where of an i32 and an f32 would compute in f32, and its result must be the select's dtype), and index
-    scalars too."""
+    ``to`` (a select's work dtype), number tiles of another dtype, index scalars and (into an integer) float scalars
+    converted to ``to`` (gl.where of an i32 and an f32 would compute in f32, and its result must be the select's
+    dtype)."""
     key = next((e.lay[s] for s, ax in zip(ins.srcs, ins.attrs.axes, strict=True)
                 if ax is None and isinstance(s.type, TileType)), e.plan[ins.result])
     out = []
     for s, ax in zip(ins.srcs, ins.attrs.axes, strict=True):
         if not isinstance(s.type, TileType):
-            float_into_int = to is not None and s.type == FLOAT
-            # an index (an int argument, a size) into an integer tile is wrapped to its dtype, as the reference does
-            index_into_int = to is not None and s.type == INDEX and s not in e.consts
-            out.append(e.cast(e.name(s), f32, to) if float_into_int else
-                       f"gl.cast({e.name(s)}, {GL_DTYPES[to.name]})" if index_into_int else e.name(s))
+            x = e.name(s)
+            if to is not None and s.type == FLOAT and not to.is_float:   # truncated and saturated as a tile would be
+                x = e.cast(x, f32, to)
+            elif to is not None and s.type == INDEX and (to.is_float or s not in e.consts):
+                # an index (an int argument, a size) wrapped into an integer result, as the reference does; into a
+                # float one, the float work's (gl.where of two indices would be an int)
+                x = f"gl.cast({x}, {GL_DTYPES[to.name]})"
+            out.append(x)
             continue
         if ax is None:
             x = e.as_layout(s, key)
@@ -572,12 +575,10 @@ def _e_logic(e: _Emitter, ins: Instr) -> None:
 @register_emitter("gluon", Op.SELECT)
 def _e_select(e: _Emitter, ins: Instr) -> None:
     t = ins.result.type
-    (m, a, b), key = _broadcasting(e, ins, t.dtype.is_float, None if t.dtype.is_float else t.dtype)
-    if t.dtype.is_float:   # an index (an int constant, a size) into a float tile as a float: gl.where of two is an int
-        work = GL_DTYPES["f64" if t.dtype.name == "f64" else "f32"]
-        a, b = (f"gl.cast({x}, {work})" if s.type == INDEX else x for x, s in zip((a, b), ins.srcs[1:], strict=True))
+    work = work_dtype(ins)       # dst's integer dtype, or f32 / f64 (f64 when dst or an operand is)
+    (m, a, b), key = _broadcasting(e, ins, False, work)
     expr = _to_result_shape(e, ins, f"gl.where({m}, {a}, {b})", key)
-    e.assign(ins.result, e.cast(expr, f32 if t.dtype.is_float else t.dtype, t.dtype))
+    e.assign(ins.result, e.cast(expr, work, t.dtype))
     e.set_lay(ins.result, key)
 
 

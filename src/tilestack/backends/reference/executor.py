@@ -25,8 +25,8 @@ import numpy as np
 
 from tilestack.errors import BackendError
 from tilestack.ir.nodes import Block, Instr, Value
-from tilestack.ir.ops import OPS, Op
-from tilestack.ir.types import FLOAT, GlobalType, TileType, f64, round_to
+from tilestack.ir.ops import OPS, Op, work_dtype
+from tilestack.ir.types import FLOAT, GlobalType, f64, round_to
 
 
 def source(traced) -> str:
@@ -60,10 +60,12 @@ def _f32(x) -> float:
 
 
 def _f32_scalars(ins: Instr, kind: str) -> bool:
-    """Whether ``ins`` is tile work that is not f64 with a float scalar operand (which it takes as an f32)."""
+    """Whether ``ins`` is tile work that is not f64 with a float scalar operand (which it takes as an f32). The work
+    dtype decides, not the result's: an f32 tile plus a float into an f64 tile adds in f32 (``ir.ops.work_dtype``),
+    as Triton does, so the float is an f32 there too."""
     if kind != "tile" or not any(s.type == FLOAT for s in ins.srcs):
         return False
-    return f64 not in (v.type.dtype for v in (*ins.srcs, *ins.results) if isinstance(v.type, TileType))
+    return work_dtype(ins) is not f64
 
 
 def _numpy(a) -> np.ndarray:

@@ -537,37 +537,36 @@ def _e_logic(e: _Emitter, ins: Instr) -> None:
     e.assign(ins.result, _to_result_shape(ins, _LOGIC[ins.attrs.fn].format(*xs)))
 
 
-def _select_value(e: _Emitter, v: Value, axis: str | None, dst: TileType) -> str:
-    """A value operand of a select: into an integer dst, a tile of another dtype or a float scalar converted to dst's
-    first (tl.where of an i32 and an f32 would compute in f32, rounding integers past 2**24, and leave the f32 result
-    to a conversion that does not saturate)."""
-    if not dst.dtype.is_float and v.type == FLOAT:    # a float scalar: truncated and saturated as a tile would be
-        return e.cast_to(f"tl.cast({e.name(v)}, tl.float32)", f32, dst)
-    if dst.dtype.is_float and v.type == INDEX:
-        # an index (an int constant, a size) into a float tile as the float the select computes in: tl.where of two
-        # indices is an int tile, which float ops after it refuse (exp) or misread (the interpreter's bf16 conversion)
-        return f"tl.cast({e.name(v)}, {'tl.float64' if dst.dtype is f64 else 'tl.float32'})"
-    if not dst.dtype.is_float and v.type == INDEX and v not in e.consts:
+def _select_value(e: _Emitter, v: Value, axis: str | None, dst: TileType, work) -> str:
+    """A value operand of a select, in the select's ``work`` dtype (``ir.ops.work_dtype``): dst's integer dtype, or
+    f32 or f64 for a float dst. tl.where of an i32 and an f32 would compute in f32, rounding integers past 2**24 and
+    leaving the f32 result to a conversion that does not saturate; of two indices, in an integer; of an f16 tile and a
+    float, in f32 even into an f64 dst."""
+    x = e.name(v)
+    if isinstance(v.type, TileType):
+        x = e.cast_to(x, v.type.dtype, TileType(v.type.space, work, v.type.shape))
+        return x if axis is None else (f"{x}[:, None]" if axis == "row" else f"{x}[None, :]")
+    if not work.is_float:
+        if v.type == FLOAT:                          # a float scalar: truncated and saturated as a tile would be
+            return e.cast_to(f"tl.cast({x}, tl.float32)", f32, dst)
         # an index (an int argument, a size) wrapped to dst's dtype, as the reference converts it: tl.where of an i32
         # index and an i8 tile is an i32 tile, which the ops after it would take unwrapped (300 >> 1 is 150, not 22)
-        return f"tl.cast({e.name(v)}, {TL_DTYPES[dst.dtype.name]})"
-    if not isinstance(v.type, TileType) or v.type.dtype is dst.dtype or (dst.dtype.is_float and v.type.dtype.is_float):
-        return _along(e, v, axis, dst.dtype.is_float)
-    # an integer tile into a float dst goes to the f32 the select computes in (the result is converted from f32)
-    work = dst.dtype if not dst.dtype.is_float else f64 if dst.dtype is f64 else f32
-    x = e.cast_to(e.name(v), v.type.dtype, TileType(v.type.space, work, v.type.shape))
-    return x if axis is None else (f"{x}[:, None]" if axis == "row" else f"{x}[None, :]")
+        return x if v in e.consts else f"tl.cast({x}, {TL_DTYPES[work.name]})"
+    if v.type == INDEX:                              # an int constant, a size: the float work's
+        return f"tl.cast({x}, {TL_DTYPES[work.name]})"
+    # a float scalar: as it is in f64 work (a Python float would otherwise be an f32 constant), else weakly typed
+    return f"tl.full((), {x}, tl.float64)" if work is f64 else x
 
 
 @register_emitter("triton", Op.SELECT)
 def _e_select(e: _Emitter, ins: Instr) -> None:
     t = ins.result.type
     (ms, a_s, b_s), (max_, ax, bx) = ins.srcs, ins.attrs.axes
-    m = _along(e, ms, max_, t.dtype.is_float)
-    a, b = _select_value(e, a_s, ax, t), _select_value(e, b_s, bx, t)
-    wide = f64 if any(isinstance(s.type, TileType) and s.type.dtype is f64 for s in ins.srcs) else f32
+    work = work_dtype(ins)
+    m = _along(e, ms, max_, False)
+    a, b = _select_value(e, a_s, ax, t, work), _select_value(e, b_s, bx, t, work)
     expr = _to_result_shape(ins, f"tl.where({m}, {a}, {b})")
-    e.assign(ins.result, e.cast_to(expr, wide if t.dtype.is_float else t.dtype, t))
+    e.assign(ins.result, e.cast_to(expr, work, t))
 
 
 @register_emitter("triton", Op.ARANGE)
