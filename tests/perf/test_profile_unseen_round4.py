@@ -14,8 +14,8 @@ What the round found (each pinned by the test whose docstring says so):
   torch.dist, antialiased resampling, histogram; data movement reported uncounted: max_unpool, complex,
   diagonal_backward, replication pad 1d/3d, reflection pad 3d, block_diag, unique_consecutive;
 - wrong counts: adaptive pools with overlapping windows (each input element counted once), variance / log-sum-exp /
-  vector norms (1 FLOP per element), complex x complex products (2 per element, not 6), a sparse CSR matmul
-  (the dense product's count), bucketize / searchsorted (0 compares);
+  vector norms (1 FLOP per element), complex x complex products (2 per element, not 6) and moduli (1, not 4), a
+  sparse CSR matmul (the dense product's count), bucketize / searchsorted (0 compares);
 - wrong bytes: an in-place scatter (a KV cache's index_copy_) moved its whole destination every step, copy_ and
   fill_ read what they overwrite, an in-place view (transpose_) moved its tensor, a quantized LSTM's packed weights
   were left out;
@@ -463,10 +463,12 @@ def test_complex_products_and_constructors():
     r = torch.randn(5)
     with torch.no_grad():
         flops = [sum(c.flops for c in counting.count_ops(f).values()) for f in (lambda: a * z, lambda: a * r,
-                                                                              lambda: a / z, lambda: a + z)]
+                                                                              lambda: a / z, lambda: a + z,
+                                                                              lambda: a.abs())]
         counts = counting.count_ops(lambda: torch.complex(r, r))
-    # complex x complex: 4 multiplies, 2 adds; complex x real: 2 multiplies; a quotient 11; a sum 2
-    assert flops == [formulas.COMPLEX_MUL_FLOPS * 5, 2 * 5, formulas.COMPLEX_DIV_FLOPS * 5, 2 * 5]
+    # complex x complex: 4 multiplies, 2 adds; complex x real: 2 multiplies; a quotient 11; a sum 2; a modulus 4
+    assert flops == [formulas.COMPLEX_MUL_FLOPS * 5, 2 * 5, formulas.COMPLEX_DIV_FLOPS * 5, 2 * 5,
+                     formulas.COMPLEX_ABS_FLOPS * 5]
     (ctor,) = rows_of(counts, "aten::complex")
     assert ctor.flops == 0 and not ctor.unsupported
 

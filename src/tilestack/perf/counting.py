@@ -155,6 +155,8 @@ def _flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
         per_complex = formulas.COMPLEX_ELEMENT_OVER_REAL
         if str(packet).rstrip("_") in COMPLEX_PRODUCTS and sum(t.is_complex() for t in _tensors(args)) >= 2:
             per_complex = COMPLEX_PRODUCTS[str(packet).rstrip("_")]
+        if str(packet) == "aten.abs" and any(t.is_complex() for t in _tensors(args)):  # a real modulus per element
+            return float(formulas.COMPLEX_ABS_FLOPS * sum(_numel(t) for t in _tensors(out)))
         return float(sum(_numel(t) * (per_complex if t.is_complex() else 1) for t in _tensors(out)))
     if torch.Tag.reduction in tags and args and isinstance(args[0], torch.Tensor):
         return float(_numel(args[0]))  # one add (or compare) per element folded in

@@ -61,6 +61,7 @@ COMPLEX_MAC_OVER_REAL = 4
 COMPLEX_ELEMENT_OVER_REAL = 2
 COMPLEX_MUL_FLOPS = 6  # (a + bi)(c + di): four multiplies, two adds
 COMPLEX_DIV_FLOPS = 11  # c^2 + d^2 (3), the numerator's product (6), two divides
+COMPLEX_ABS_FLOPS = 4  # sqrt(a^2 + b^2): two multiplies, an add, a square root
 MATMUL_BWD_OVER_FWD = 2  # the input gradient and the weight gradient, each a matmul as large as the forward's
 ATTENTION_MATMULS_FWD = 2  # S = Q K^T and O = P V
 ATTENTION_BWD_OVER_FWD = 2.5  # dV, dP, dQ, dK (+ recompute of S): five matmuls for the forward's two
