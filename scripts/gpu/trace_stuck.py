@@ -22,10 +22,13 @@ ap.add_argument("args", nargs=argparse.REMAINDER)
 a = ap.parse_args()
 if a.cheap_lowering_errors:
     import torch._inductor.exc as inductor_exc
+    import torch._inductor.graph as inductor_graph
 
     def _operator_str(target, args, kwargs):
         return f"{target}({', '.join(type(x).__name__ for x in args)}; {sorted(kwargs)})"
     inductor_exc.operator_str = _operator_str
+    if hasattr(inductor_graph, "operator_str"):     # graph.py's own name for it (the H200 run: graph.py:1319)
+        inductor_graph.operator_str = _operator_str
 faulthandler.dump_traceback_later(a.every, repeat=True, file=sys.stderr)
 sys.argv = [a.script, *a.args]
 runpy.run_path(a.script, run_name="__main__")

@@ -155,7 +155,28 @@ def tilestack_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = 
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
     patches = (list_mode_options(mode) if mode else {}) | options
+    explicit_fallbacks()
     return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def explicit_fallbacks() -> None:
+    """Every tilestack custom op made an Inductor fallback up front, with the layout constraint Inductor's implicit
+    path would give it. On the implicit path torch 2.11 formats the op's arguments' IR for a log line whatever the
+    log level; for the fp8 chain's op, whose arguments are a 12-layer graph's nested views, that string took
+    minutes (the H200, session 11: the fp8-act GPT-2 prefill never finished compiling, its stack in
+    ``exc.operator_str``). Ops registered later are taken on the next call."""
+    from torch._inductor.lowering import lowerings, make_fallback, tag_to_layout_constraint
+    from torch._library.utils import get_layout_constraint_tag
+
+    for name in torch._C._dispatch_get_all_op_names():
+        if not name.startswith("tilestack::"):
+            continue
+        packet = getattr(torch.ops.tilestack, name.split("::", 1)[1])
+        for overload in packet.overloads():
+            op = getattr(packet, overload)
+            if op not in lowerings:
+                make_fallback(op, layout_constraint=tag_to_layout_constraint(
+                    get_layout_constraint_tag(op, with_default=True)), warn=False)
 
 
 def optimize(model, *, mode: str | None = None, check: bool = False, inner: str = "inductor",
