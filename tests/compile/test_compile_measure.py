@@ -159,3 +159,18 @@ def test_the_policy_measures_inference_swaps_on_a_gpu_only(monkeypatch):
     for out in (trained, on_cpu):                                     # a training graph, a CPU graph
         assert policy.unpaid(Match("norm", ops.ts_rms_norm, [x, w], (1e-6,), [out], [], "rms"), gm=object()) is None
     assert calls == ["norm"]
+
+
+def test_a_measurement_that_fails_leaves_the_size_rule_with_a_warning(monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(measure, "swap", broken)
+    monkeypatch.setattr(measure, "linear_epilogue", broken)
+    with FakeTensorMode():
+        x = torch.empty(8192, 768, device="cuda", dtype=torch.bfloat16)
+        w = torch.empty(768, device="cuda", dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match="could not time the norm swap.*out of memory"):
+        assert policy.unpaid(Match("norm", ops.ts_rms_norm, [x, w], (1e-6,), [x], [], "rms"), gm=object()) is None
+    with pytest.warns(UserWarning, match="could not time the linear_epilogue swap"):
+        assert policy.unpaid(_fake_match()) is None

@@ -131,7 +131,11 @@ def _measured_swap(gm, match) -> str | None:
     out = value(match.outputs[-1]) if match.outputs else None
     if not isinstance(out, torch.Tensor) or out.device.type != "cuda" or out.requires_grad:
         return None
-    decision = measure.swap(gm, match)
+    try:
+        decision = measure.swap(gm, match)
+    except Exception as e:  # noqa: BLE001 - a measurement that fails leaves the size rule's answer, said once
+        _unmeasured(match, e)
+        return None
     return None if decision is None or decision.pays else decision.reason()
 
 
@@ -148,5 +152,15 @@ def _measured_loss(match) -> str | None:
     if any(_static(d) is None for t in (x, w) for d in t.shape):
         return None                                       # symbolic sizes: one graph for all, not measured
     activation, w_is_kn = match.consts[0], match.consts[1]
-    decision = measure.linear_epilogue(x, w, bias, residual, activation, w_is_kn)
+    try:
+        decision = measure.linear_epilogue(x, w, bias, residual, activation, w_is_kn)
+    except Exception as e:  # noqa: BLE001 - as in _measured_swap
+        _unmeasured(match, e)
+        return None
     return None if decision.pays else decision.reason()
+
+
+def _unmeasured(match, e: Exception) -> None:
+    import warnings
+    warnings.warn(f"tilestack backend: could not time the {match.pattern} swap ({match.what}) against the ops it "
+                  f"replaces ({type(e).__name__}: {str(e)[:200]}); swapped by the size rule alone", stacklevel=3)
