@@ -2,16 +2,23 @@
 of ``tilestack.torch.ops``, the kernels they call, ``tilestack.quantize`` and ``tilestack.optimize``), as an outside
 user calls it, on the reference backend, each behaviour against torch's own answer (in float64 where it computes).
 
-What rounds 1-3 did not reach, and what it found:
+What rounds 1-3 did not reach, and what it found (each test below failed before its fix, except the sweeps and
+guards that pin answers already right):
 - double backward: a gradient made with ``create_graph=True`` and differentiated again (a gradient penalty) read
   the kernels' gradients as constants, so the second-order terms were silently missing; now a LaunchError names
   the op when that gradient is differentiated (rotary, linear in q and k, gets an exact double backward);
 - the plan caches keyed scalars by value alone (True == 1 == 1.0): ``eps=True``, ``causal=1``, ``scale=True`` or
   ``ignore_index=-100.0`` were refused on a first call and answered once an equal value of another type had
-  passed; whether a bad argument was refused depended on the calls before it;
+  passed;
+- NumPy numbers (``np.float32`` eps or x_scale) refused as not numbers; subnormal weight rows quantized with scale
+  0 (fp8: NaN weights); the SDPA drop-in refused head dims of 0 and failed to compile under fullgraph=True when it
+  handed a call to torch; a norm planned under inference_mode crashed the next no_grad call; a compiled quantized
+  model with an input requiring grad failed to compile; attention refused a mask requiring grad under no_grad and,
+  compiled, gave it no gradient without a word;
 - what must give torch's answer (it did, and now a test says so): non-contiguous, transposed, expanded (stride 0),
-  offset and channels-last inputs, requires_grad in every combination of the inputs, all-masked and -inf rows,
-  broadcast masks, empty tensors, gradients scaled by the loss's incoming gradient.
+  offset and channels-last inputs, requires_grad in every combination of the inputs, bf16/fp16 with f32 weights or
+  masks, all-masked and -inf rows, broadcast masks, gradients scaled by the loss's incoming gradient, and
+  torch.compile(fullgraph=True) over every op.
 """
 
 from __future__ import annotations
@@ -473,3 +480,23 @@ def test_compiled_quantized_model_answers_and_refuses_its_backward(needs_grad):
     torch.testing.assert_close(y.detach(), want)
     with pytest.raises(LaunchError, match="a backward through a quantized linear layer; it runs inference only"):
         y.sum().backward()
+
+
+def test_attention_mask_requiring_grad():
+    """A mask that requires grad: refused in grad mode, eager and compiled (compiled, the custom op's backward gave
+    the mask no gradient without a word: m.grad stayed None after a backward); answered under no_grad and
+    inference_mode, where no gradient can be asked (it was refused there too), with torch's answer."""
+    q, k, v = randn(1, 2, 5, 16), randn(1, 2, 7, 16, seed=1), randn(1, 2, 7, 16, seed=2)
+    mask = randn(5, 7, seed=3).requires_grad_()
+    want = _sdpa64(q, k, v, attn_mask=mask.detach())
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            torch.testing.assert_close(tilestack.attention(q, k, v, attn_mask=mask).double(), want, atol=1e-5,
+                                       rtol=1e-5)
+    fragment = "attn_mask requires grad, and the kernels give the mask no gradient"
+    with pytest.raises(LaunchError, match=fragment):
+        tilestack.attention(q.clone().requires_grad_(), k, v, attn_mask=mask)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v, m: tilestack.attention(q, k, v, attn_mask=m), backend="aot_eager")
+    with pytest.raises(LaunchError, match=fragment):          # (a graph break, then the eager call refuses)
+        compiled(q.clone().requires_grad_(), k, v, mask).sum().backward()

@@ -157,6 +157,13 @@ def fp32_precision(q: torch.Tensor) -> str:
     return "tf32" if getattr(q, "dtype", None) is torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
+def _refuse_mask_grad():
+    from tilestack.errors import LaunchError
+    raise LaunchError("attention: attn_mask requires grad, and the kernels give the mask no gradient; detach it "
+                      "(or call under torch.no_grad()), or call tilestack.scaled_dot_product_attention, which hands "
+                      "such calls to torch")
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
               scale: float | None = None, *, attn_mask: torch.Tensor | None = None,
               causal_align: str = "top_left", dropout_p: float = 0.0) -> torch.Tensor:
@@ -169,6 +176,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     if _is_compiling() or type(q) is not torch.Tensor or q.is_meta:   # graphs, fake and meta tensors, subclasses
         check_attention_args("attention", q, k, v, scale, causal=causal, attn_mask=attn_mask,
                              causal_align=causal_align, dropout_p=dropout_p, rng=rng)
+        if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
+            _refuse_mask_grad()           # the custom op's backward gives the mask None: no gradient, no word
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
         return attention_fwd_op(q, k, v, attn_mask, bool(causal), scale, causal_align, float(dropout_p), rng,
                                 precision)[0]
@@ -179,15 +188,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         check_attention_args("attention", q, k, v, scale, causal=causal)
         causal = bool(causal)                                # numpy's bool_
     try:
-        mask_grad = attn_mask is not None and attn_mask.requires_grad
-        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        grad_mode = torch.is_grad_enabled()    # a mask that requires grad is harmless under no_grad
+        mask_grad = grad_mode and attn_mask is not None and attn_mask.requires_grad
+        needs_grad = grad_mode and (q.requires_grad or k.requires_grad or v.requires_grad)
     except AttributeError:   # k, v or the mask not a tensor (free on the way that does not raise)
         check_attention_args("attention", q, k, v, scale, causal=causal, attn_mask=attn_mask)
         raise
     if mask_grad:
-        from tilestack.errors import LaunchError
-        raise LaunchError("attention: attn_mask requires grad, and the kernels give the mask no gradient; detach "
-                          "it, or call tilestack.scaled_dot_product_attention, which hands such calls to torch")
+        _refuse_mask_grad()
     if needs_grad:
         return _Attention.apply(q, k, v, attn_mask, causal, scale, causal_align, dropout_p, rng, precision)
     return attention_forward(q, k, v, causal, scale, attn_mask=attn_mask, causal_align=causal_align,
