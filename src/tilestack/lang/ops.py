@@ -14,7 +14,7 @@ import math
 from tilestack.errors import MemorySpaceError, TileDTypeError, TileShapeError, TraceError
 from tilestack.ir.ops import INT_ONLY_FNS, INT_UNARY, MMA_INPUTS, Op
 from tilestack.ir.types import DTYPES, FLOAT, Space, TileType, bool_, compute_dtype, f16, f32, f64, i32, i64, int_range
-from tilestack.lang.tiles import GlobalTensor, Scalar, Tile, _Transposed, as_index, as_scalar
+from tilestack.lang.tiles import GlobalTensor, Scalar, Tile, TileSpec, _Transposed, as_index, as_scalar
 from tilestack.lang.trace import current, user_line, user_name
 
 _MMA_INPUTS = tuple(DTYPES[n] for n in MMA_INPUTS)   # the mma op's rule (ir.ops), as tile dtypes
@@ -26,7 +26,8 @@ def _name(t) -> str:
 
 def _need_tile(opname: str, arg: str, t) -> Tile:
     if not isinstance(t, Tile):
-        raise TraceError(f"{opname}: {arg} must be a tile or vector, got {type(t).__name__} {t!r}", user_line())
+        hint = f" (a tile type: declare the tile by calling it, {t!r}())" if isinstance(t, TileSpec) else ""
+        raise TraceError(f"{opname}: {arg} must be a tile or vector, got {type(t).__name__} {t!r}{hint}", user_line())
     return t
 
 

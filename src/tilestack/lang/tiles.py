@@ -173,6 +173,14 @@ class Tile:
         self._no_sugar("bool()", "a tile's values are known only when the kernel runs, so Python `if`/`while`/"
                                  "`and`/`or` cannot branch on it; select with masks (ts.where) instead")
 
+    def __eq__(self, o):   # (Python would compare the handles: `x == 0.0` would be False, silently)
+        self._compare("==", "eq")
+
+    def __ne__(self, o):
+        self._compare("!=", "ne")
+
+    __hash__ = object.__hash__   # handles stay hashable, by identity
+
     def _no_sugar(self, sym: str, hint: str):
         raise TraceError(f"`{sym}` on a tile: {hint}", user_line())
 
@@ -287,6 +295,10 @@ class Scalar:
     def __le__(self, o): return self._compare(o, "<=")
     def __gt__(self, o): return self._compare(o, ">")
     def __ge__(self, o): return self._compare(o, ">=")
+    # `X.shape[1] == 64` would compare the handles (always False, silently): refused as the orderings are
+    def __eq__(self, o): return self._compare(o, "==")
+    def __ne__(self, o): return self._compare(o, "!=")
+    __hash__ = object.__hash__
 
     def __bool__(self):
         code = user_source()
