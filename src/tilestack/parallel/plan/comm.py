@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -35,6 +36,13 @@ H200_NCCL_BUSBW = {
     2: {1: 37, 8: 180, 64: 270, 256: 302, 1024: 330},
     4: {1: 12, 8: 213, 64: 316, 256: 342, 1024: 355},
 }
+
+
+def _check_group(n: Any, nbytes: Any) -> None:
+    if not isinstance(n, int | np.integer) or isinstance(n, bool) or n < 1:
+        raise PlanError(f"CommModel.time: n={n!r}; expected a positive int (ranks in the group)")
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int | float | np.number) or not math.isfinite(nbytes):
+        raise PlanError(f"CommModel.time: nbytes={nbytes!r}; expected a finite number of bytes")
 
 
 def _ring_steps(kind: str, n: int) -> float:
@@ -60,6 +68,7 @@ class CommModel:
         outermost first); one machine's model ignores it, :class:`ClusterComm` uses it to tell the links apart."""
         if kind not in COLLECTIVES:
             raise PlanError(f"CommModel.time: kind={kind!r}; expected one of {COLLECTIVES}")
+        _check_group(n, nbytes)
         if n <= 1 or nbytes <= 0:
             return 0.0
         fits = self.fits.get(kind) or self.fits.get("all_reduce")
@@ -84,6 +93,21 @@ class CommModel:
                 "fits": {k: {str(n): list(v) for n, v in f.items()} for k, f in self.fits.items()},
                 "points": {k: {str(n): v for n, v in f.items()} for k, f in self.points.items()}}
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.fits, dict) or not self.fits:
+            raise PlanError(f"CommModel: fits={self.fits!r}; expected {{collective: {{group size: (a, b)}}}} for some "
+                            f"of {COLLECTIVES}")
+        for kind, per_n in self.fits.items():
+            if kind not in COLLECTIVES or not isinstance(per_n, dict) or not per_n:
+                raise PlanError(f"CommModel: fits[{kind!r}]={per_n!r}; expected a collective of {COLLECTIVES} with "
+                                "lines by group size")
+            for n, line in per_n.items():
+                ok = isinstance(n, int) and n >= 1 and isinstance(line, tuple | list) and len(line) == 2 and all(
+                    isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in line)
+                if not ok:
+                    raise PlanError(f"CommModel: fits[{kind!r}][{n!r}]={line!r}; expected (a seconds, b seconds per "
+                                    "byte), finite and >= 0, for an int group size")
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CommModel:
         return cls(fits={k: {int(n): tuple(v) for n, v in f.items()} for k, f in data["fits"].items()},
@@ -95,7 +119,15 @@ class CommModel:
 def fit_line(sizes: Sequence[float], times: Sequence[float]) -> tuple[float, float]:
     """(a, b) of t = a + b S by least squares weighted by 1 / t (relative errors: small and large sizes count
     alike); a and b kept non-negative."""
-    s, t = np.asarray(sizes, dtype=np.float64), np.asarray(times, dtype=np.float64)
+    try:
+        s, t = np.asarray(sizes, dtype=np.float64), np.asarray(times, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise PlanError(f"fit_line: sizes={sizes!r}, times={times!r}; expected two sequences of numbers") from None
+    if s.ndim != 1 or s.shape != t.shape:
+        raise PlanError(f"fit_line: {s.size} sizes and {t.size} times; expected one time per size")
+    if not (np.isfinite(s).all() and np.isfinite(t).all() and (s >= 0).all() and (t > 0).all()):
+        raise PlanError(f"fit_line: sizes={s.tolist()}, times={t.tolist()}; expected finite sizes >= 0 and "
+                        "positive, finite times")
     if len(set(s.tolist())) < 2:
         raise PlanError(f"fit_line: sizes={list(sizes)}; expected two distinct sizes or more")
     w = 1.0 / t
@@ -113,10 +145,16 @@ def comm_path(name: str) -> Path:
 
 def load_comm(name: str = "gloo-cpu") -> CommModel | None:
     """The stored fit called ``name``, or None."""
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name:
+        raise PlanError(f"load_comm: name={name!r}; expected the name of a stored fit, such as 'gloo-cpu'")
     path = comm_path(name)
     if not path.exists():
         return None
-    return CommModel.from_json(json.loads(path.read_text()))
+    try:
+        return CommModel.from_json(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise PlanError(f"load_comm: the stored fit {str(path)!r} is not readable ({type(e).__name__}: {e}); "
+                        "expected a file written by measure_gloo (delete it to measure again)") from None
 
 
 def _collective(kind: str, full, part, rank: int) -> None:
@@ -164,9 +202,12 @@ def measure_gloo(world_sizes: Sequence[int] = (2, 4), sizes: Sequence[int] = DEF
     """Time all-reduce, all-gather, reduce-scatter and a send/recv on gloo groups of each size on this machine
     (tilestack.parallel.launch.run_local), fit a line per collective and size, and store it as ``name``."""
     from tilestack.parallel.launch import run_local
-    for n in world_sizes:
-        if not isinstance(n, int) or n < 2:
-            raise PlanError(f"measure_gloo: world_sizes={list(world_sizes)}; expected ints >= 2")
+    if not world_sizes or any(not isinstance(n, int) or isinstance(n, bool) or n < 2 for n in world_sizes):
+        raise PlanError(f"measure_gloo: world_sizes={list(world_sizes)}; expected ints >= 2")
+    if len(set(sizes)) < 2 or any(not isinstance(v, int) or isinstance(v, bool) or v < 4 for v in sizes):
+        raise PlanError(f"measure_gloo: sizes={list(sizes)}; expected two or more distinct int byte counts >= 4")
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise PlanError(f"measure_gloo: repeats={repeats!r}; expected a positive int")
     fits: dict[str, dict[int, tuple[float, float]]] = {k: {} for k in COLLECTIVES}
     points: dict[str, dict[int, list[tuple[float, float]]]] = {k: {} for k in COLLECTIVES}
     for n in world_sizes:
@@ -214,7 +255,25 @@ class ClusterComm(CommModel):
     inter_alpha: float = 10e-6
     inter_bytes_per_s: float = 25e9
 
+    def __post_init__(self) -> None:
+        if self.fits:
+            super().__post_init__()
+        if not isinstance(self.intra, CommModel):
+            raise PlanError(f"ClusterComm: intra={self.intra!r}; expected the CommModel of a node's own links")
+        for arg in ("gpus_per_node",):
+            v = getattr(self, arg)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise PlanError(f"ClusterComm: {arg}={v!r}; expected a positive int")
+        for arg in ("inter_alpha", "inter_bytes_per_s"):
+            v = getattr(self, arg)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0 or (
+                    arg == "inter_bytes_per_s" and v == 0):
+                raise PlanError(f"ClusterComm: {arg}={v!r}; expected a finite number >= 0 (bandwidth > 0)")
+
     def time(self, kind: str, nbytes: float, n: int, *, stride: int = 1) -> float:
+        if kind not in COLLECTIVES:
+            raise PlanError(f"ClusterComm.time: kind={kind!r}; expected one of {COLLECTIVES}")
+        _check_group(n, nbytes)
         if n <= 1 or nbytes <= 0:
             return 0.0
         if (n - 1) * stride < self.gpus_per_node and self.gpus_per_node % (n * stride) == 0:

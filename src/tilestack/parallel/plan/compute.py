@@ -422,6 +422,9 @@ class MeasuredCompute(ComputeModel):
         import torch
 
         from tilestack.parallel.model import GPT, Block, ModelConfig, lm_loss
+        if desc.dtype_bytes not in (2, 4):
+            raise PlanError(f"MeasuredCompute.for_gpt: dtype_bytes={desc.dtype_bytes}; expected 2 (bfloat16) or 4 "
+                            "(float32), the dtypes the GPT trains in")
         cfg = ModelConfig(**desc.config)
         dtype = {2: torch.bfloat16, 4: torch.float32}[desc.dtype_bytes]
         s, h, V = desc.seq, cfg.d, cfg.vocab
@@ -458,36 +461,68 @@ class MeasuredCompute(ComputeModel):
     def for_module(cls, desc: ModelDesc, module: Any, example_input: Any, *, cores: int | None = None
                    ) -> MeasuredCompute:
         """The layers of a torch module described by ``describe_module(module, example_input)``: each is timed
-        on the tensor it receives, one sample repeated to the micro-batch size (tp must be 1)."""
-        import torch
+        on the arguments it received in the example's forward, its first sample repeated to the micro-batch size
+        (tensors whose first dim is the example's batch; others, a mask or a rotary table, as they were); tp must
+        be 1."""
+        from torch import nn
 
-        from tilestack.parallel.plan.describe import _children_in_order
-        chain = dict(_children_in_order(module))
-        missing = [layer.name for layer in desc.layers if layer.name not in chain]
+        from tilestack.parallel.plan.describe import (
+            _check_module,
+            _children_in_order,
+            _example_args,
+            _leaves,
+            _loss_of,
+            _map_tensors,
+            _trace,
+        )
+        where = "MeasuredCompute.for_module"
+        _check_module(module, None, where)
+        args = _example_args(example_input, where)
+        batch = args[0].shape[0]
+        chain = _children_in_order(module) or [(type(module).__name__, module)]
+        calls: dict[str, Any] = {}
+        for call in _trace(module, args, chain):
+            k = sum(1 for n in calls if n == call.name or n.startswith(f"{call.name}#"))
+            calls[call.name if k == 0 else f"{call.name}#{k + 1}"] = call
+        missing = [layer.name for layer in desc.layers if layer.name not in calls]
         if missing:
-            raise PlanError(f"MeasuredCompute.for_module: layers {missing} of {desc.name!r} are not children of "
-                            f"module {type(module).__name__}; expected the module that was described")
-        inputs: dict[str, torch.Tensor] = {}
-        x = example_input[:1]
-        with torch.no_grad():
-            for layer in desc.layers:
-                inputs[layer.name] = x
-                x = chain[layer.name](x)
+            raise PlanError(f"{where}: layers {missing} of {desc.name!r} are not layers of module "
+                            f"{type(module).__name__}; expected the module that was described")
+
+        class Bound(nn.Module):
+            """A layer with its call's arguments, called on them as one input (time_forward_backward's x)."""
+
+            def __init__(self, layer: Any):
+                super().__init__()
+                self.layer = layer
+
+            def forward(self, packed: tuple[tuple, dict]) -> Any:
+                a, kw = packed
+                return self.layer(*_map_tensors(a, _nonleaf), **_map_tensors(kw, _nonleaf))
 
         def builder(name: str):
+            call = calls[name]
+
             def build(b: int, tp: int):
                 if tp != 1:
                     raise PlanError(f"layer {name!r} has no tensor-parallel layout; expected tp=1, got tp={tp}")
-                x0 = inputs[name]
-                rep = (b,) + (1,) * (x0.dim() - 1)
+
+                def resize(t):
+                    if t.dim() >= 1 and t.shape[0] == batch:          # (batch, ...): one sample, b times
+                        return t[:1].repeat(b, *(1,) * (t.dim() - 1))
+                    return t
 
                 def make():
-                    xb = x0.repeat(*rep)
-                    return xb.requires_grad_(True) if xb.is_floating_point() else xb
-                return chain[name], make, None
+                    return _leaves((_map_tensors(call.args, resize), _map_tensors(call.kwargs, resize)))
+                return Bound(call.module), make, _loss_of
             return build
 
         return cls(desc, {layer.name: builder(layer.name) for layer in desc.layers}, cores=cores)
+
+
+def _nonleaf(t: Any) -> Any:
+    """A copy a layer may change in place (ReLU(inplace=True)) where the timed input is a leaf needing grad."""
+    return t.clone() if t.requires_grad else t
 
 
 # ---- roofline -----------------------------------------------------------------------------------------------------
@@ -506,12 +541,28 @@ class RooflineCompute(ComputeModel):
     def __post_init__(self) -> None:
         from tilestack.errors import DeviceError
         from tilestack.perf.device import lookup_peaks
+        if not isinstance(self.desc, ModelDesc) or not self.desc.layers:
+            raise PlanError(f"RooflineCompute: desc={type(self.desc).__name__}; expected a ModelDesc with layers")
+        if not isinstance(self.device, str) or not self.device.strip():
+            raise PlanError(f"RooflineCompute: device={self.device!r}; expected a device-table key or name such as "
+                            "'h200', 'h100-sxm', 'a100-sxm-80gb'")
+        for arg in ("matmul_efficiency", "attention_efficiency", "copy_efficiency"):
+            v = getattr(self, arg)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 1:
+                raise PlanError(f"RooflineCompute: {arg}={v!r}; expected a fraction of the peak in (0, 1]")
+        if isinstance(self.host_s_per_op, bool) or not isinstance(self.host_s_per_op, int | float) or not (
+                0 <= self.host_s_per_op < float("inf")):
+            raise PlanError(f"RooflineCompute: host_s_per_op={self.host_s_per_op!r}; expected finite seconds >= 0")
         try:
             self.spec = lookup_peaks(self.device)
         except DeviceError as e:
             raise PlanError(f"RooflineCompute: device={self.device!r} is not in tilestack.perf.device's table; "
                             f"expected a key or name such as 'h200', 'h100-sxm', 'a100-sxm-80gb' ({e})") from None
-        self.peak = self.spec.peak(self.dtype)
+        try:
+            self.peak = self.spec.peak(self.dtype)
+        except Exception as e:          # the table's own error for a dtype it does not know
+            raise PlanError(f"RooflineCompute: dtype={self.dtype!r} for {self.spec.label} ({e}); expected one the "
+                            "device table lists, such as 'bf16', 'tf32', 'fp32'") from None
         if not self.peak or not self.spec.bandwidth:
             raise PlanError(f"RooflineCompute: device={self.device!r} has no published {self.dtype} peak or "
                             "bandwidth; expected a GPU of the device table")

@@ -51,7 +51,9 @@ class LayerDesc:
                     without sequence parallelism (with it, all of them are divided)
     out_bytes       bytes of the layer's output (what a pipeline stage sends to the next)
     tp_comm_bytes   bytes all-reduced over the tp group per forward collective (each of TP_ALLREDUCES_FWD)
-    selective_flops forward FLOPs recomputed under selective recompute (attention scores, softmax, times V)
+selective_flops forward FLOPs recomputed under selective recompute (attention scores, softmax, times V)
+    buffer_bytes    bytes of the layer's buffers (BatchNorm's running statistics, a rotary table): every rank that
+                    holds the layer keeps them whole
     kind            "embed", "block", "head" or "layer" (a measured module's child)
     """
 
@@ -67,6 +69,7 @@ class LayerDesc:
     act_tp_bytes: dict[str, float] = dataclasses.field(default_factory=dict)
     tp_comm_bytes: float = 0.0
     selective_flops: float = 0.0
+    buffer_bytes: float = 0.0
 
     @property
     def tp_able(self) -> bool:
@@ -147,6 +150,9 @@ def describe_transformer(*, n_layer: int, d: int, n_head: int, vocab: int, seq: 
             raise PlanError(f"describe_transformer: {arg}={v!r}; expected a positive int")
     if d % n_head:
         raise PlanError(f"describe_transformer: d={d} is not divisible by n_head={n_head}; expected whole heads")
+    if max_seq is not None and (not isinstance(max_seq, int) or isinstance(max_seq, bool) or max_seq < seq):
+        raise PlanError(f"describe_transformer: max_seq={max_seq!r} with seq={seq}; expected an int >= seq (the "
+                        "position table's rows)")
     max_seq = max_seq or seq
     s, h, e = seq, d, dtype_bytes
     # embeddings: token + position lookups; backward keeps the int64 ids (and the position ids)
@@ -170,6 +176,12 @@ def describe_transformer(*, n_layer: int, d: int, n_head: int, vocab: int, seq: 
 
 def describe_gpt(cfg: Any, seq: int, *, dtype_bytes: int = FP32_BYTES, name: str | None = None) -> ModelDesc:
     """tilestack.parallel's GPT of ``cfg`` (a ModelConfig) at ``seq`` tokens: runnable by ``tilestack train``."""
+    from tilestack.parallel.model import ModelConfig
+    if not isinstance(cfg, ModelConfig):
+        raise PlanError(f"describe_gpt: cfg={type(cfg).__name__}; expected a tilestack.parallel.model.ModelConfig "
+                        "(describe_transformer or describe_module for other models)")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+        raise PlanError(f"describe_gpt: seq={seq!r}; expected a positive int (tokens per sequence)")
     if seq > cfg.max_seq:
         raise PlanError(f"describe_gpt: seq={seq} is longer than the model's max_seq={cfg.max_seq}")
     return describe_transformer(n_layer=cfg.n_layer, d=cfg.d, n_head=cfg.n_head, vocab=cfg.vocab, seq=seq,
@@ -177,68 +189,256 @@ def describe_gpt(cfg: Any, seq: int, *, dtype_bytes: int = FP32_BYTES, name: str
                                 name=name or f"gpt-L{cfg.n_layer}-d{cfg.d}", flash=cfg.attention != "math")
 
 
-def _children_in_order(module: Any) -> list[tuple[str, Any]]:
-    """A module's top-level children, or those of its one ModuleList / Sequential / ModuleDict, in call order."""
+def _is_container(module: Any) -> bool:
     from torch import nn
-    kids = list(module.named_children())
-    if len(kids) == 1 and isinstance(kids[0][1], nn.ModuleList | nn.Sequential | nn.ModuleDict):
-        prefix, inner = kids[0]
-        return [(f"{prefix}.{n}", m) for n, m in inner.named_children()]
-    return kids
+    return isinstance(module, nn.ModuleList | nn.Sequential | nn.ModuleDict)
+
+
+def _children_in_order(module: Any) -> list[tuple[str, Any]]:
+    """The candidate layers of a module, in registration order: its children, each container child (ModuleList,
+    Sequential, ModuleDict) replaced by its elements, recursively. ``_trace`` puts them in call order."""
+    out: list[tuple[str, Any]] = []
+
+    def walk(prefix: str, parent: Any) -> None:
+        for n, m in parent.named_children():
+            name = f"{prefix}{n}"
+            if _is_container(m) and len(m):
+                walk(f"{name}.", m)
+            else:
+                out.append((name, m))
+
+    walk("", module)
+    return out
+
+
+@dataclasses.dataclass
+class _Call:
+    """One call of a layer during the example's forward: the arguments it received (cloned as they were then) and
+    the bytes of what it returned."""
+
+    name: str
+    module: Any
+    args: tuple
+    kwargs: dict
+    out_bytes: int
+
+
+def _tensors_of(obj: Any) -> list[Any]:
+    """Every tensor inside ``obj`` (nested tuples, lists, dicts, dataclass-like outputs with ``values()``)."""
+    import torch
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors_of(v)]
+    if isinstance(obj, list | tuple):
+        return [t for v in obj for t in _tensors_of(v)]
+    return []
+
+
+def _map_tensors(obj: Any, fn: Any) -> Any:
+    import torch
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(_map_tensors(v, fn) for v in obj)
+    if isinstance(obj, list):
+        return [_map_tensors(v, fn) for v in obj]
+    return obj
+
+
+def _example_args(example_input: Any, where: str) -> tuple:
+    """The module's positional arguments: the example tensor, or a tuple of them, each with the batch first."""
+    import torch
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    bad = [type(a).__name__ for a in args if not isinstance(a, torch.Tensor) or a.dim() < 1 or a.shape[0] < 1]
+    if not args or bad:
+        raise PlanError(f"{where}: example_input={type(example_input).__name__}"
+                        f"{' of ' + ', '.join(bad) if isinstance(example_input, tuple) else ''}; expected a tensor "
+                        "whose first dim is a batch of at least one sample (or a tuple of such tensors, the "
+                        "module's positional arguments)")
+    if len({a.shape[0] for a in args}) > 1:
+        raise PlanError(f"{where}: example_input has batch sizes {[a.shape[0] for a in args]}; expected one batch "
+                        "size (the first dim of every tensor)")
+    for a in args:
+        if a.is_floating_point() and not bool(torch.isfinite(a).all()):
+            raise PlanError(f"{where}: example_input holds NaN or inf; expected finite values")
+    return args
+
+
+def _check_module(module: Any, layers: Any, where: str) -> list[tuple[str, Any]] | None:
+    from torch import nn
+    if not isinstance(module, nn.Module):
+        raise PlanError(f"{where}: module={type(module).__name__}; expected a torch.nn.Module")
+    if layers is None:
+        return None
+    try:
+        chain = [(n, m) for n, m in layers]
+    except (TypeError, ValueError):
+        raise PlanError(f"{where}: layers={type(layers).__name__}; expected a sequence of (name, module) pairs"
+                        ) from None
+    bad = [n for n, m in chain if not isinstance(n, str) or not isinstance(m, nn.Module)]
+    names = [n for n, _ in chain]
+    if not chain or bad or len(set(names)) != len(names):
+        raise PlanError(f"{where}: layers={names}; expected a non-empty sequence of (name, module) pairs with "
+                        "distinct string names")
+    return chain
+
+
+def _detached(t: Any) -> Any:
+    return t.detach().clone()
+
+
+def _trace(module: Any, args: tuple, chain: list[tuple[str, Any]]) -> list[_Call]:
+    """Run ``module(*args)`` once (no grad; its buffers, e.g. BatchNorm's running statistics, and the random
+    state restored after) and record the calls of the ``chain`` layers in the order they ran; a layer called
+    from inside another recorded layer belongs to that one."""
+    import torch
+    calls: list[_Call] = []
+    active: list[str] = []
+    handles = []
+    for name, layer in chain:
+        def pre(mod, a, kw, name=name):
+            if not active:
+                calls.append(_Call(name, mod, _map_tensors(a, _detached), _map_tensors(kw, _detached), 0))
+            active.append(name)
+
+        def post(mod, a, kw, out, name=name):
+            active.pop()
+            if not active and calls and calls[-1].name == name:
+                calls[-1].out_bytes = sum(t.numel() * t.element_size() for t in _tensors_of(out))
+
+        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(layer.register_forward_hook(post, with_kwargs=True))
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            module(*args)
+    except PlanError:
+        raise
+    except Exception as e:
+        raise PlanError(f"describe_module: {type(module).__name__}(example_input) failed ({type(e).__name__}: "
+                        f"{e}); expected a module that runs on the example input") from e
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+    return calls
+
+
+def _loss_of(out: Any) -> Any:
+    """A scalar whose backward reaches every floating output: their sum."""
+    import torch
+    floats = [t for t in _tensors_of(out) if t.is_floating_point() or t.is_complex()]
+    grads = [t.float().sum() for t in floats if t.requires_grad]
+    if not grads:
+        return torch.zeros((), requires_grad=True)           # nothing to differentiate: a backward that does nothing
+    return torch.stack(grads).sum()
+
+
+def _leaves(obj: Any) -> Any:
+    """The call's tensors as fresh leaves (floating ones requiring grad, as activations do in training)."""
+    return _map_tensors(obj, lambda t: t.detach().clone().requires_grad_(t.is_floating_point()))
+
+
+def _fresh(obj: Any) -> Any:
+    """Non-leaf copies of the leaves (a layer may work in place on its input, as ReLU(inplace=True) does)."""
+    return _map_tensors(obj, lambda t: t.clone() if t.requires_grad else t)
 
 
 def describe_module(module: Any, example_input: Any, *, layers: Sequence[tuple[str, Any]] | None = None,
                     name: str | None = None) -> ModelDesc:
-    """Measure a torch module whose ``layers`` (default: its children) run one after another, each on the
-    previous one's output. ``example_input``: a tensor whose first dim is the batch. Per layer: parameters,
-    forward FLOPs (tilestack.perf.profile.count_ops), bytes saved for backward with and without recompute
-    (tilestack.parallel.memory.saved_activation_bytes; "full" keeps the layer's input) and the output bytes,
-    all divided by the example's batch."""
+    """Measure a torch module as a sequence of layers. ``example_input``: a tensor whose first dim is the batch
+    (token ids are fine), or a tuple of them (the module's positional arguments). ``layers`` (default: the
+    module's children, container children by their elements) are put in the order they run on the example,
+    however they were registered; each is measured on the arguments it really received: parameters, forward FLOPs
+    (tilestack.perf.profile.count_ops), bytes saved for backward with and without recompute
+    (tilestack.parallel.memory.saved_activation_bytes; "full" keeps the layer's inputs), the output bytes, all
+    divided by the example's batch. A layer called twice is two layers, its parameters counted once; parameters
+    shared by several layers (tied weights) count once, at their first use; parameters and buffers of no layer
+    (the root's own, unused children's) go to the first layer, so that the description's parameters are
+    ``sum(p.numel() for p in module.parameters())``. A module with no child layers is one layer."""
     import torch
     from torch.utils.checkpoint import checkpoint
 
     from tilestack.parallel.memory import saved_activation_bytes
     from tilestack.perf.profile import count_ops
-    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 1 or example_input.shape[0] < 1:
-        raise PlanError(f"describe_module: example_input={type(example_input).__name__}; expected a tensor whose "
-                        "first dim is a batch of at least one sample")
-    chain = list(layers) if layers is not None else _children_in_order(module)
-    if not chain:
-        raise PlanError(f"describe_module: module {type(module).__name__} has no child layers; expected the layers "
-                        "to cut between (pass layers=[(name, module), ...])")
-    batch = example_input.shape[0]
-    seq = example_input.shape[1] if example_input.dim() > 1 else 1
-    x = example_input
+    chain = _check_module(module, layers, "describe_module")
+    args = _example_args(example_input, "describe_module")
+    if chain is None:
+        chain = _children_in_order(module) or [(type(module).__name__, module)]
+    calls = _trace(module, args, chain)
+    if not calls:
+        raise PlanError(f"describe_module: none of the layers {[n for n, _ in chain]} ran on the example input; "
+                        "expected layers of the module (pass layers=[(name, submodule), ...])")
+    batch = args[0].shape[0]
+    seq = args[0].shape[1] if args[0].dim() > 1 else 1
+    floats = [p for p in module.parameters() if p.is_floating_point()]
+    dtype_bytes = floats[0].element_size() if floats else \
+        args[0].element_size() if args[0].is_floating_point() else FP32_BYTES
+    counted: set[int] = set()
     out: list[LayerDesc] = []
-    dtype_bytes = FP32_BYTES
-    for lname, layer in chain:
-        params = list(layer.parameters())
-        if params:
-            dtype_bytes = params[0].element_size()
-        xin = x.detach().requires_grad_(x.is_floating_point())
+    seen_names: dict[str, int] = {}
+    per = 1.0 / batch
+    for call in calls:
+        layer = call.module
+        params = [p for p in layer.parameters() if id(p) not in counted]
+        counted.update(id(p) for p in params)
+        bufs = [b for b in layer.buffers() if id(b) not in counted]
+        counted.update(id(b) for b in bufs)
+        leaf_args, leaf_kwargs = _leaves(call.args), _leaves(call.kwargs)
 
-        def run(layer=layer, xin=xin):
-            return layer(xin)
+        def run(layer=layer, a=leaf_args, kw=leaf_kwargs):
+            return layer(*_fresh(a), **_fresh(kw))
 
-        counts = count_ops(lambda run=run: run().detach())
-        flops = sum(c.flops for c in counts.values())
-        matmul = sum(c.flops for (op, _), c in counts.items() if "mm" in op or "linear" in op or "conv" in op)
+        def step(run=run) -> None:
+            run()
 
-        def loss(run=run):
-            return run().float().sum()
+        def run_full(layer=layer, a=leaf_args, kw=leaf_kwargs):
+            fa, fkw = _fresh(a), _fresh(kw)
+            keys = list(fkw)
+            return checkpoint(lambda *xs: layer(*xs[:len(fa)], **dict(zip(keys, xs[len(fa):], strict=True))),
+                              *fa, *fkw.values(), use_reentrant=False)
 
-        def loss_full(layer=layer, xin=xin):
-            return checkpoint(layer, xin, use_reentrant=False).float().sum()
-
-        saved = saved_activation_bytes(loss, params) if any(p.requires_grad for p in params) or xin.requires_grad \
-            else 0
-        saved_full = saved_activation_bytes(loss_full, params) if saved else 0
-        with torch.no_grad():
-            y = layer(x)
-        per = 1.0 / batch
-        out.append(LayerDesc(name=lname, params=sum(p.numel() for p in params), tensors=len(params),
+        buffers = [(b, b.detach().clone()) for b in layer.buffers()]
+        try:
+            with torch.random.fork_rng(devices=[]):
+                with torch.no_grad():
+                    counts = count_ops(step)
+                flops = sum(c.flops for c in counts.values())
+                matmul = sum(c.flops for (op, _), c in counts.items()
+                             if "mm" in op or "linear" in op or "conv" in op)
+                grads = any(p.requires_grad for p in layer.parameters()) or any(
+                    t.requires_grad for t in _tensors_of((leaf_args, leaf_kwargs)))
+                own = list(layer.parameters())
+                saved = saved_activation_bytes(lambda run=run: _loss_of(run()), own) if grads else 0
+                saved_full = saved_activation_bytes(lambda f=run_full: _loss_of(f()), own) if saved else 0
+        except Exception as e:
+            raise PlanError(f"describe_module: layer {call.name!r} ({type(layer).__name__}) failed when measured "
+                            f"on the arguments it received ({type(e).__name__}: {e})") from e
+        finally:
+            with torch.no_grad():
+                for b, s in buffers:
+                    b.copy_(s)
+            layer.zero_grad(set_to_none=True)
+        k = seen_names.get(call.name, 0)
+        seen_names[call.name] = k + 1
+        out.append(LayerDesc(name=call.name if k == 0 else f"{call.name}#{k + 1}",
+                             params=sum(p.numel() for p in params), tensors=len(params),
                              flops_fwd=flops * per, matmul_flops=matmul * per,
                              act_bytes={"none": saved * per, "selective": saved * per, "full": saved_full * per},
-                             out_bytes=y.numel() * y.element_size() * per))
-        x = y
+                             out_bytes=call.out_bytes * per,
+                             buffer_bytes=float(sum(b.numel() * b.element_size() for b in bufs))))
+    # what no recorded layer holds (the root's own parameters, children that did not run, buffers outside the
+    # layers) is kept by the first stage
+    rest = [p for p in module.parameters() if id(p) not in counted]
+    rest_buffers = sum(b.numel() * b.element_size() for b in module.buffers() if id(b) not in counted)
+    if rest or rest_buffers:
+        first = out[0]
+        out[0] = dataclasses.replace(first, params=first.params + sum(p.numel() for p in rest),
+                                     tensors=first.tensors + len(rest),
+                                     buffer_bytes=first.buffer_bytes + rest_buffers)
     return ModelDesc(name=name or type(module).__name__, layers=tuple(out), seq=seq, dtype_bytes=dtype_bytes)

@@ -33,12 +33,24 @@ from tilestack.parallel.plan.describe import PlanError
 DEFAULT_EMA = 0.9
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _finite_nonneg(where: str, **values: Any) -> None:
+    """PlanError naming the first of ``values`` that is not a finite number >= 0."""
+    for arg, v in values.items():
+        if not _number(v) or not math.isfinite(v) or v < 0:
+            raise PlanError(f"{where}: {arg}={v!r}; expected a finite number >= 0 (a squared gradient norm)")
+
+
 def efficiency(batch: float, phi: float, base_batch: float) -> float:
     """Pollux's statistical efficiency E(M) = (phi + M0) / (phi + M): 1 at M = M0, falling as M outgrows phi."""
-    if batch <= 0 or base_batch <= 0:
-        raise PlanError(f"efficiency: batch={batch}, base_batch={base_batch}; expected positive batch sizes")
-    if phi < 0 or math.isnan(phi):
-        raise PlanError(f"efficiency: phi={phi}; expected a non-negative gradient noise scale")
+    for arg, v in (("batch", batch), ("base_batch", base_batch)):
+        if not _number(v) or not math.isfinite(v) or v <= 0:
+            raise PlanError(f"efficiency: {arg}={v!r}; expected a positive, finite batch size")
+    if not _number(phi) or phi < 0 or math.isnan(phi):
+        raise PlanError(f"efficiency: phi={phi!r}; expected a non-negative gradient noise scale")
     if math.isinf(phi):          # all noise: every sample counts fully at any batch (the limit, not inf / inf)
         return 1.0
     return (phi + base_batch) / (phi + batch)
@@ -59,11 +71,18 @@ class GradientNoiseScale:
     history: list[tuple[int, float]] = dataclasses.field(default_factory=list)   # (samples seen, phi)
     samples: int = 0
 
+    def __post_init__(self) -> None:
+        if not _number(self.ema) or not 0 <= self.ema < 1:
+            raise PlanError(f"GradientNoiseScale: ema={self.ema!r}; expected a smoothing factor in [0, 1)")
+
     def update(self, small_sq: float, big_sq: float, small: int, big: int) -> float:
         """One observation: mean squared norm ``small_sq`` of gradients over ``small`` samples, ``big_sq`` of their
         mean over ``big`` samples. Returns the current phi."""
-        if not 0 < small < big:
-            raise PlanError(f"GradientNoiseScale.update: small={small}, big={big}; expected 0 < small < big")
+        if not (_number(small) and _number(big) and 0 < small < big and math.isfinite(big)):
+            raise PlanError(f"GradientNoiseScale.update: small={small!r}, big={big!r}; expected sample counts with "
+                            "0 < small < big")
+        # a NaN or inf would stay in the moving averages for good: refused before it gets there
+        _finite_nonneg("GradientNoiseScale.update", small_sq=small_sq, big_sq=big_sq)
         g2 = (big * big_sq - small * small_sq) / (big - small)
         tr = (small_sq - big_sq) / (1.0 / small - 1.0 / big)
         a = self.ema
@@ -76,9 +95,22 @@ class GradientNoiseScale:
     def observe(self, micro_grads: Sequence, micro_batch: int) -> float:
         """``micro_grads``: k >= 2 flat gradients (torch tensors), each the mean over ``micro_batch`` samples."""
         import torch
+        where = "GradientNoiseScale.observe"
+        if isinstance(micro_grads, torch.Tensor) or not isinstance(micro_grads, Sequence):
+            raise PlanError(f"{where}: micro_grads={type(micro_grads).__name__}; expected a list of k >= 2 flat "
+                            "gradient tensors")
         k = len(micro_grads)
         if k < 2:
-            raise PlanError(f"GradientNoiseScale.observe: {k} micro-batch gradients; expected at least 2")
+            raise PlanError(f"{where}: {k} micro-batch gradients; expected at least 2")
+        if not isinstance(micro_batch, int) or isinstance(micro_batch, bool) or micro_batch < 1:
+            raise PlanError(f"{where}: micro_batch={micro_batch!r}; expected a positive int (samples per gradient)")
+        shapes = {tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__ for g in micro_grads}
+        if len(shapes) != 1 or not all(isinstance(g, torch.Tensor) and g.numel() > 0 for g in micro_grads):
+            raise PlanError(f"{where}: micro_grads of {sorted(map(str, shapes))}; expected non-empty tensors of one "
+                            "shape")
+        if not all(bool(torch.isfinite(g).all()) for g in micro_grads):
+            raise PlanError(f"{where}: a micro-batch gradient holds NaN or inf; expected finite gradients (skip the "
+                            "step, as a loss scaler does)")
         small_sq = float(sum(g.double().pow(2).sum() for g in micro_grads) / k)
         big_sq = float(torch.stack([g.double() for g in micro_grads]).mean(0).pow(2).sum())
         return self.update(small_sq, big_sq, micro_batch, micro_batch * k)
@@ -102,13 +134,20 @@ class AdaptiveBatch:
     base_batch: int
 
     def choose(self, phi: float) -> int:
-        if not self.candidates:
-            raise PlanError("AdaptiveBatch: candidates=[]; expected batch sizes to choose from")
+        if not self.candidates or any(not isinstance(m, int) or isinstance(m, bool) or m < 1
+                                      for m in self.candidates):
+            raise PlanError(f"AdaptiveBatch: candidates={list(self.candidates)}; expected positive int batch sizes")
+        if not _number(phi) or phi < 0:
+            raise PlanError(f"AdaptiveBatch.choose: phi={phi!r}; expected a non-negative noise scale (nan: none yet)")
         if math.isnan(phi):
             return self.base_batch
         if math.isinf(phi):
             return max(self.candidates)
-        return max(self.candidates, key=lambda m: self.samples_per_s(m) * efficiency(m, phi, self.base_batch))
+        rates = {m: self.samples_per_s(m) for m in self.candidates}
+        bad = {m: r for m, r in rates.items() if not _number(r) or not math.isfinite(r) or r <= 0}
+        if bad:
+            raise PlanError(f"AdaptiveBatch: samples_per_s gave {bad}; expected positive, finite samples per second")
+        return max(self.candidates, key=lambda m: rates[m] * efficiency(m, phi, self.base_batch))
 
 
 LR_RULES = ("sqrt", "linear")     # how the learning rate follows AdaScale's gain: Adam-family, SGD
@@ -148,13 +187,18 @@ class GoodputController:
     history: list[tuple[int, int, float, int]] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if not self.candidates or any(int(m) != m or m < 2 for m in self.candidates):
+        if not isinstance(self.candidates, Sequence) or not self.candidates or any(
+                not isinstance(m, int) or isinstance(m, bool) or m < 2 for m in self.candidates):
             raise PlanError(f"GoodputController: candidates={list(self.candidates)}; expected batch sizes >= 2 "
                             "(a probe step splits the batch in two)")
         if isinstance(self.base_batch, bool) or not isinstance(self.base_batch, int) or self.base_batch < 1:
             raise PlanError(f"GoodputController: base_batch={self.base_batch!r}; expected the base batch size M0, an "
                             "int >= 1")
-        missing = [m for m in self.candidates if m not in self.step_s or not self.step_s[m] > 0]
+        if not isinstance(self.step_s, dict):
+            raise PlanError(f"GoodputController: step_s={type(self.step_s).__name__}; expected a dict of seconds "
+                            "per step by batch size")
+        missing = [m for m in self.candidates if m not in self.step_s or not _number(self.step_s[m])
+                   or not 0 < self.step_s[m] < math.inf]
         if missing:
             raise PlanError(f"GoodputController: step_s has no positive time for batch sizes {missing}; expected "
                             "seconds per step for every candidate")
@@ -163,7 +207,10 @@ class GoodputController:
                 raise PlanError(f"GoodputController: {name}={getattr(self, name)!r}; expected an int >= 1")
         if self.lr_rule not in LR_RULES:
             raise PlanError(f"GoodputController: lr_rule={self.lr_rule!r}; expected one of {LR_RULES}")
-        if not self.base_lr > 0:
+        bad_probe = {m: t for m, t in (self.probe_s or {}).items() if not _number(t) or not 0 < t < math.inf}
+        if bad_probe:
+            raise PlanError(f"GoodputController: probe_s={bad_probe}; expected positive, finite seconds per step")
+        if not _number(self.base_lr) or not 0 < self.base_lr < math.inf:
             raise PlanError(f"GoodputController: base_lr={self.base_lr!r}; expected a positive learning rate")
         self.batch = self.batch or self.base_batch
         self._chooser = AdaptiveBatch(list(self.candidates), self.samples_per_s, self.base_batch)
@@ -223,8 +270,9 @@ def accumulate_and_observe(model, loss_fn: Callable, inputs, targets, *, micro_b
     update the optimizer actually takes; coordinates with small second moments weigh more than in the raw
     gradient's noise scale, which underestimates the batch Adam can use."""
     import torch
-    n = inputs.shape[0]
-    if micro_batches < 1 or n % micro_batches:
+    n = inputs.shape[0] if hasattr(inputs, "shape") and len(inputs.shape) else 0
+    if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) or micro_batches < 1 or not n \
+            or n % micro_batches:
         raise PlanError(f"accumulate_and_observe: micro_batches={micro_batches} with a batch of {n}; expected a "
                         "divisor of the batch")
     params = [p for p in model.parameters() if p.requires_grad]

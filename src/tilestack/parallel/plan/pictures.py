@@ -16,7 +16,7 @@ from tilestack.parallel.plan.predict import MEMORY_COMPONENTS, Prediction
 MIB = 1 << 20
 BAND = 0.15                 # the bar for step time, drawn around the diagonal
 COLORS = {"F": "#4C72B0", "B": "#DD8452"}
-MEMORY_COLORS = ("#4C72B0", "#55A868", "#C44E52", "#8172B2", "#CCB974", "#64B5CD")
+MEMORY_COLORS = ("#4C72B0", "#937860", "#55A868", "#C44E52", "#8172B2", "#CCB974", "#64B5CD")
 
 
 def _plt():

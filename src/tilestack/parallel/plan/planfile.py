@@ -12,6 +12,7 @@ Trainer splits evenly), and ``predicted`` (step seconds, peak bytes per rank, th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from tilestack.parallel.plan.describe import ModelDesc, PlanError
 from tilestack.parallel.plan.predict import Prediction
 
 PLAN_FORMAT = "tilestack-plan/1"
+DTYPES = {2: "bfloat16", 4: "float32"}      # bytes per element: the dtypes tilestack train runs
 REQUIRED = ("nproc", "parallel", "model", "batch", "seq", "dtype")
 
 
@@ -34,7 +36,7 @@ def plan_dict(pred: Prediction, desc: ModelDesc, *, device: str, peak_flops: flo
         "model_name": desc.name,
         "batch": plan.batch,
         "seq": desc.seq,
-        "dtype": {2: "bfloat16", 4: "float32"}.get(desc.dtype_bytes, "float32"),
+        "dtype": DTYPES.get(desc.dtype_bytes, f"{desc.dtype_bytes}-byte"),
         "bounds": list(plan.stage_bounds(desc)),
         "device": device,
         "runnable": pred.runnable,
@@ -45,6 +47,12 @@ def plan_dict(pred: Prediction, desc: ModelDesc, *, device: str, peak_flops: flo
 
 def write_plan(pred: Prediction, desc: ModelDesc, path: str | Path, *, device: str = "cpu",
                peak_flops: float | None = None) -> Path:
+    if not isinstance(pred, Prediction) or not isinstance(desc, ModelDesc):
+        raise PlanError(f"write_plan: pred={type(pred).__name__}, desc={type(desc).__name__}; expected a Prediction "
+                        "(search's ranked[i].prediction) and the ModelDesc it predicts")
+    pred.plan.check(desc)                     # the description the prediction was made for
+    if not isinstance(path, str | Path) or not str(path) or Path(path).is_dir():
+        raise PlanError(f"write_plan: path={path!r}; expected a file path (not a directory)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(plan_dict(pred, desc, device=device, peak_flops=peak_flops), indent=1))
@@ -53,12 +61,14 @@ def write_plan(pred: Prediction, desc: ModelDesc, path: str | Path, *, device: s
 
 def read_plan(path: str | Path) -> dict[str, Any]:
     """The plan file's object, checked: PlanError naming the file and the missing or wrong field."""
+    if not isinstance(path, str | Path) or not str(path):
+        raise PlanError(f"read_plan: path={path!r}; expected the path of a file written by `tilestack plan --out`")
     path = Path(path)
     if not path.is_file():
         raise PlanError(f"plan file {str(path)!r} does not exist; expected a file written by `tilestack plan --out`")
     try:
         spec = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PlanError(f"plan file {str(path)!r} is not JSON ({e}); expected a file written by `tilestack plan`"
                         ) from None
     if not isinstance(spec, dict) or spec.get("format") != PLAN_FORMAT:
@@ -70,4 +80,44 @@ def read_plan(path: str | Path) -> dict[str, Any]:
     if spec["model"] is None:
         raise PlanError(f"plan file {str(path)!r} plans model {spec.get('model_name')!r}, which is not tilestack's "
                         "parallel GPT; `tilestack train` can only run plans of that model (model=null in the file)")
+    _check_fields(spec, f"plan file {str(path)!r}")
     return spec
+
+
+def _check_fields(spec: dict[str, Any], where: str) -> None:
+    """Every field ``tilestack train`` reads, checked as it will be used: PlanError naming the field, what the file
+    holds and what was expected (a file edited by hand, or truncated, fails here, not in nproc spawned ranks)."""
+    from tilestack.parallel.config import ParallelConfig, ParallelConfigError
+    from tilestack.parallel.model import ATTENTIONS, ModelConfig
+
+    def positive_int(field: str, v: Any) -> None:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise PlanError(f"{where}: {field}={v!r}; expected a positive int")
+
+    for field in ("nproc", "batch", "seq"):
+        positive_int(field, spec[field])
+    if spec["dtype"] not in DTYPES.values():
+        raise PlanError(f"{where}: dtype={spec['dtype']!r}; expected one of {sorted(DTYPES.values())}")
+    model, parallel = spec["model"], spec["parallel"]
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    if not isinstance(model, dict) or set(model) - set(fields):
+        got = sorted(set(model) - set(fields)) if isinstance(model, dict) else type(model).__name__
+        raise PlanError(f"{where}: model has {got}; expected ModelConfig's fields {sorted(fields)}")
+    for field in ("n_layer", "d", "n_head", "vocab", "max_seq"):
+        if field in model:
+            positive_int(f"model.{field}", model[field])
+    cfg = ModelConfig(**model)
+    if cfg.d % cfg.n_head:
+        raise PlanError(f"{where}: model.d={cfg.d} with model.n_head={cfg.n_head}; expected whole heads")
+    if cfg.attention not in ATTENTIONS:
+        raise PlanError(f"{where}: model.attention={cfg.attention!r}; expected one of {ATTENTIONS}")
+    if isinstance(cfg.eps, bool) or not isinstance(cfg.eps, int | float) or not 0 < cfg.eps < 1:
+        raise PlanError(f"{where}: model.eps={cfg.eps!r}; expected a small positive float")
+    known = {f.name for f in dataclasses.fields(ParallelConfig)}
+    if not isinstance(parallel, dict) or set(parallel) - known:
+        got = sorted(set(parallel) - known) if isinstance(parallel, dict) else type(parallel).__name__
+        raise PlanError(f"{where}: parallel has {got}; expected ParallelConfig's fields {sorted(known)}")
+    try:
+        ParallelConfig(**parallel).validate(spec["nproc"], model=cfg, batch=spec["batch"], seq=spec["seq"])
+    except ParallelConfigError as e:
+        raise PlanError(f"{where}: {e}") from None

@@ -40,9 +40,10 @@ after a backward (1F1B's steady state, beside the gradients), after backward.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
-from tilestack.parallel.config import RECOMPUTE
+from tilestack.parallel.config import RECOMPUTE, ZERO_STAGES
 from tilestack.parallel.parallelize import uses_ddp
 from tilestack.parallel.plan.comm import CommModel
 from tilestack.parallel.plan.compute import ComputeModel
@@ -57,7 +58,7 @@ ZERO_FLAT_COPIES = {1: 2, 2: 1}  # copies of a bucket's gradients while ZeroOpti
 FSDP_UNIT_COPIES = 4             # gathered block + prefetched neighbour + unsharded grads + reduce-scatter input
 FSDP_ROOT_COPIES = 3             # gathered root + its unsharded grads + reduce-scatter input
 FSDP_ROOT_START_COPIES = 2       # when backward begins: the gathered root + the head's gradients being made
-MEMORY_COMPONENTS = ("parameters", "gradients", "optimizer", "activations", "transient", "after backward")
+MEMORY_COMPONENTS = ("parameters", "buffers", "gradients", "optimizer", "activations", "transient", "after backward")
 TERMS = ("compute", "bubble", "tp comm", "fsdp comm", "p2p", "dp comm", "optimizer")
 
 
@@ -126,11 +127,33 @@ class Plan:
             raise PlanError(f"Plan: schedule={self.schedule!r}; expected one of {SCHEDULES}")
         if self.recompute not in RECOMPUTE:
             raise PlanError(f"Plan: recompute={self.recompute!r}; expected one of {RECOMPUTE}")
+        if not isinstance(self.sp, bool):
+            raise PlanError(f"Plan: sp={self.sp!r}; expected True or False")
+        if self.zero not in ZERO_STAGES or isinstance(self.zero, bool):
+            raise PlanError(f"Plan: zero={self.zero!r}; expected one of {ZERO_STAGES} (ZeRO-3 is dp_shard > 1)")
+        if self.zero and (self.dp == 1 or self.dp_shard > 1):
+            raise PlanError(f"Plan: zero={self.zero} with dp={self.dp}, dp_shard={self.dp_shard}; expected dp > 1 "
+                            "and dp_shard=1 (ZeRO shards over the replicated data-parallel group)")
+        interleaved = self.schedule == "interleaved-1f1b"
+        if self.stages_per_rank > 1 and not (self.pp > 1 and interleaved):
+            raise PlanError(f"Plan: stages_per_rank={self.stages_per_rank} with pp={self.pp}, schedule="
+                            f"{self.schedule!r}; expected pp > 1 and schedule='interleaved-1f1b' for virtual stages")
+        if self.pp > 1 and interleaved and self.stages_per_rank < 2:
+            raise PlanError(f"Plan: schedule='interleaved-1f1b' with stages_per_rank={self.stages_per_rank}; "
+                            "expected stages_per_rank >= 2")
+        if self.pp == 1 and self.microbatches > 1:
+            raise PlanError(f"Plan: microbatches={self.microbatches} without a pipeline (pp=1); expected "
+                            "microbatches=1")
         if self.batch % (self.dp * self.dp_shard * self.microbatches):
             raise PlanError(f"Plan: batch={self.batch} is not divisible by dp*dp_shard*microbatches="
                             f"{self.dp * self.dp_shard * self.microbatches}; expected whole micro-batches")
         if not desc.tp_divides(self.tp):
             raise PlanError(f"Plan: tp={self.tp} does not split model {desc.name!r} (heads, width, vocabulary)")
+        if not desc.layers:
+            raise PlanError(f"Plan: model {desc.name!r} has no layers; expected a description with at least one")
+        if self.bounds is not None and (not isinstance(self.bounds, tuple | list) or any(
+                not isinstance(b, int) or isinstance(b, bool) for b in self.bounds)):
+            raise PlanError(f"Plan: bounds={self.bounds!r}; expected a tuple of int layer indices")
         bounds = self.stage_bounds(desc)
         if len(bounds) != self.n_stages + 1 or bounds[0] != 0 or bounds[-1] != len(desc.layers) or any(
                 b >= c for b, c in zip(bounds, bounds[1:], strict=False)):
@@ -220,6 +243,7 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
     of the data-parallel gradient reduction hidden behind backward (0: none; DDP on a GPU hides most of it).
     ``recv_buffers``: a pipeline stage keeps a receive buffer per micro-batch (torch's PipelineStage, which
     tilestack.parallel uses; Megatron-LM's schedules do not)."""
+    _check_inputs(plan, desc, compute, comm, overlap_dp)
     plan.check(desc)
     e = desc.dtype_bytes
     b = plan.micro_batch
@@ -354,12 +378,35 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
                       sim.steady_inflight[r], recv_buffers, multi_tensor) for r in ranks]
     peaks = [_peak(mem) for mem in memory]
     flops = desc.flops_per_sample * plan.batch
+    bad = {k: v for k, v in (("step_s", step), *terms.items(), *(
+        (f"memory[{r}][{c!r}]", v) for r, mem in enumerate(memory) for c, v in mem.items())) if not math.isfinite(v)
+        or v < 0}
+    if bad or not step > 0:
+        raise PlanError(f"predict: plan {plan.label()} of {desc.name!r} came out as {bad or {'step_s': step}}; "
+                        f"expected finite, non-negative seconds and bytes (a positive step): check the compute "
+                        f"model ({compute.source}) and the communication model ({comm.source})")
     return Prediction(plan=plan, step_s=step, terms=terms, memory=memory, sim=sim, stage_fwd=fwd, stage_bwd=bwd,
                       flops_per_step=flops, runnable=runnable(plan, desc), peaks=peaks)
 
 
+def _check_inputs(plan: Any, desc: Any, compute: Any, comm: Any, overlap_dp: Any) -> None:
+    """PlanError naming the argument of ``predict`` that is not what it expects."""
+    for arg, v, cls in (("plan", plan, Plan), ("desc", desc, ModelDesc), ("compute", compute, ComputeModel),
+                        ("comm", comm, CommModel)):
+        if not isinstance(v, cls):
+            raise PlanError(f"predict: {arg}={type(v).__name__}; expected a {cls.__name__}")
+    if isinstance(overlap_dp, bool) or not isinstance(overlap_dp, int | float) or not 0 <= overlap_dp <= 1:
+        raise PlanError(f"predict: overlap_dp={overlap_dp!r}; expected a fraction between 0 and 1")
+    # the compute model must be the description's (or, for a stage of Alpa's DP, a window of it)
+    offset = getattr(compute, "offset", 0)
+    mine = getattr(compute, "desc", None)
+    if mine is not desc and (mine is None or tuple(mine.layers[offset:offset + len(desc.layers)]) != desc.layers):
+        raise PlanError(f"predict: compute was built for model {getattr(mine, 'name', None)!r}, not "
+                        f"{desc.name!r}; expected a compute model of the same description")
+
+
 def _peak(mem: dict[str, float]) -> float:
-    """The rank's peak: parameters and optimizer state always, and the largest of three moments (the previous
+    """The rank's peak: parameters, buffers and optimizer state always, and the largest of three moments (the previous
     step's gradients were freed, so none are alive before the first backward):
     - its first backward begins: the activations of every micro-batch in flight, the loss's gradient (the last
       stage), the transient buffers, FSDP's gathered root;
@@ -375,7 +422,7 @@ def _peak(mem: dict[str, float]) -> float:
     if mem.get("replayed block", 0.0) > 0:
         replay = (mem["activations"] - mem["head's saved"] + mem["replayed block"] + mem["gradients"]
                   + mem["transient"] + mem["fsdp buffers"])
-    return mem["parameters"] + mem["optimizer"] + max(start, steady, after, replay)
+    return mem["parameters"] + mem["buffers"] + mem["optimizer"] + max(start, steady, after, replay)
 
 
 def _local_params(layer: Any, tp: int) -> float:
@@ -461,7 +508,9 @@ def _memory(plan: Plan, desc: ModelDesc, stages: list[range], my_stages: list[in
         # as the first backward begins, cross-entropy's gradients: with respect to the log-probabilities, then to
         # the f32 logits, (b, s, vocab) each and both alive in log-softmax's backward
         loss_grad = LOSS_GRAD_COPIES * plan.micro_batch * desc.seq * desc.vocab * FP32_BYTES
-    return {"parameters": local * e, "gradients": grads, "optimizer": optimizer, "activations": inflight,
-            "transient": transient, "after backward": after, "loss gradient": loss_grad,
+    # buffers (BatchNorm's statistics, rotary tables): whole on every rank that holds their layer
+    buffers = sum(desc.layers[i].buffer_bytes for s in my_stages for i in stages[s])
+    return {"parameters": local * e, "buffers": buffers, "gradients": grads, "optimizer": optimizer,
+            "activations": inflight, "transient": transient, "after backward": after, "loss gradient": loss_grad,
             "activations after a backward": steady_inflight, "fsdp at first backward": fsdp_start,
             "fsdp buffers": fsdp_buffers, "replayed block": replayed, "head's saved": head_saved}

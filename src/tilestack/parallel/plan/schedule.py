@@ -24,6 +24,7 @@ asynchronous in torch's schedules).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 from tilestack.parallel.config import PP_SCHEDULES as SCHEDULES
@@ -96,12 +97,18 @@ def simulate(schedule: str, *, pp: int, stages_per_rank: int, microbatches: int,
     activations of stage s weigh (bytes; default 1, so peak_inflight counts micro-batches)."""
     if schedule not in SCHEDULES:
         raise PlanError(f"simulate: schedule={schedule!r}; expected one of {SCHEDULES}")
+    for arg, v in (("pp", pp), ("stages_per_rank", stages_per_rank), ("microbatches", microbatches)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise PlanError(f"simulate: {arg}={v!r}; expected a positive int")
     S = pp * stages_per_rank
     if len(fwd) != S or len(bwd) != S:
         raise PlanError(f"simulate: {len(fwd)} forward and {len(bwd)} backward times; expected pp * "
                         f"stages_per_rank = {S} of each")
     p2p = list(p2p) if p2p is not None else [0.0] * S
     weight = list(act_weight) if act_weight is not None else [1.0] * S
+    for arg, vals in (("fwd", fwd), ("bwd", bwd), ("p2p", p2p), ("act_weight", weight)):
+        if len(vals) != S or not all(isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in vals):
+            raise PlanError(f"simulate: {arg}={list(vals)}; expected {S} finite numbers >= 0 (one per stage)")
     orders = [rank_order(schedule, pp, stages_per_rank, microbatches, r) for r in range(pp)]
     pos = [0] * pp
     free = [0.0] * pp

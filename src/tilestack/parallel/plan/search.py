@@ -28,13 +28,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from tilestack.parallel.config import RECOMPUTE
 from tilestack.parallel.plan.comm import CommModel
 from tilestack.parallel.plan.compute import ComputeModel
 from tilestack.parallel.plan.describe import ModelDesc, PlanError
 from tilestack.parallel.plan.predict import Plan, Prediction, even_bounds, predict
+from tilestack.parallel.plan.schedule import SCHEDULES
 
 INTERLEAVED_CHUNKS = 2
 RANK_BY = ("time", "goodput")
@@ -57,17 +60,52 @@ def check_world(world_size: Any) -> int:
     return world_size
 
 
+def _positive_int(where: str, arg: str, v: Any, what: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise PlanError(f"{where}: {arg}={v!r}; expected a positive int ({what})")
+    return v
+
+
+def _check_desc(where: str, desc: Any) -> None:
+    if not isinstance(desc, ModelDesc):
+        raise PlanError(f"{where}: desc={type(desc).__name__}; expected a ModelDesc (describe_gpt, "
+                        "describe_transformer or describe_module)")
+    if not desc.layers:
+        raise PlanError(f"{where}: model {desc.name!r} has no layers; expected at least one")
+
+
+def _batches(where: str, batch: Any) -> list[int]:
+    """``batch``, a positive int or a non-empty sequence of them, as a list."""
+    if isinstance(batch, int) and not isinstance(batch, bool):
+        batches = [batch]
+    elif isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch):
+        batches = list(batch)
+    else:
+        raise PlanError(f"{where}: batch={batch!r}; expected a positive int (samples per step) or a non-empty "
+                        "sequence of them")
+    for b in batches:
+        _positive_int(where, "batch", b, "samples per step")
+    return batches
+
+
 def enumerate_plans(desc: ModelDesc, world_size: int, batch: int, *, schedules: Sequence[str] | None = None,
                     recompute: Sequence[str] = ("none", "selective", "full"), zero: bool = True,
                     max_microbatches: int = 16) -> list[Plan]:
     """Every plan of ``world_size`` ranks for a global ``batch`` that the model and batch allow (see the module
     docstring); PlanError if there is none (e.g. a batch smaller than any data-parallel degree would need)."""
+    where = "enumerate_plans"
+    _check_desc(where, desc)
     check_world(world_size)
-    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-        raise PlanError(f"batch={batch!r}; expected a positive int (samples per step)")
-    schedules = tuple(schedules or ("gpipe", "1f1b", "interleaved-1f1b"))
+    _positive_int(where, "batch", batch, "samples per step")
+    _positive_int(where, "max_microbatches", max_microbatches, "the most micro-batches to try")
+    schedules = tuple(SCHEDULES if schedules is None else schedules)
+    policies = tuple(recompute) if not isinstance(recompute, str) else (recompute,)
+    for arg, given, known in (("schedules", schedules, SCHEDULES), ("recompute", policies, RECOMPUTE)):
+        unknown = [x for x in given if x not in known]
+        if not given or unknown:
+            raise PlanError(f"{where}: {arg}={list(given)}; expected a non-empty selection of {tuple(known)}")
     has_blocks = any(layer.kind == "block" for layer in desc.layers)
-    policies = tuple(recompute) if has_blocks else ("none",)
+    policies = policies if has_blocks else ("none",)
     out: list[Plan] = []
     for pp, dp, shard, tp in factorizations(world_size, 4):
         if not desc.tp_divides(tp) or batch % (dp * shard):
@@ -116,14 +154,27 @@ def search(desc: ModelDesc, compute: ComputeModel, comm: CommModel, *, world_siz
     """Predict every enumerated plan (for each batch size given) and rank those that fit ``memory_limit`` bytes
     per rank: by step time (runnable plans first among equals), or by goodput = samples/s x ``efficiency(batch)``
     (``rank_by="goodput"``, tilestack.parallel.plan.goodput). PlanError naming the limit if none fits."""
+    _check_desc("search", desc)
     check_world(world_size)
+    if not isinstance(compute, ComputeModel) or not isinstance(comm, CommModel):
+        raise PlanError(f"search: compute={type(compute).__name__}, comm={type(comm).__name__}; expected a "
+                        "ComputeModel and a CommModel")
     if rank_by not in RANK_BY:
         raise PlanError(f"search: rank_by={rank_by!r}; expected one of {RANK_BY}")
-    if rank_by == "goodput" and efficiency is None:
-        raise PlanError("search: rank_by='goodput' needs efficiency=E(batch) (e.g. GradientNoiseScale.efficiency)")
-    if memory_limit is not None and not memory_limit > 0:
+    if rank_by == "goodput" and not callable(efficiency):
+        raise PlanError(f"search: rank_by='goodput' with efficiency={efficiency!r}; expected a callable E(batch) "
+                        "(e.g. GradientNoiseScale's phi through goodput.efficiency)")
+    if memory_limit is not None and (isinstance(memory_limit, bool) or not isinstance(memory_limit, int | float)
+                                     or not memory_limit > 0):
         raise PlanError(f"search: memory_limit={memory_limit!r}; expected a positive number of bytes per rank")
-    batches = [batch] if isinstance(batch, int) else list(batch)
+    batches = _batches("search", batch)
+    effs = {}
+    if rank_by == "goodput":
+        for b in batches:
+            e = efficiency(b)
+            if isinstance(e, bool) or not isinstance(e, int | float) or not math.isfinite(e) or e <= 0:
+                raise PlanError(f"search: efficiency({b})={e!r}; expected a positive finite statistical efficiency")
+            effs[b] = e
     plans = [p for b in batches for p in enumerate_plans(desc, world_size, b, **enumerate_kw)]
     preds = [predict(p, desc, compute, comm) for p in plans]
     fits = [p for p in preds if memory_limit is None or p.memory_bytes <= memory_limit]
@@ -135,7 +186,7 @@ def search(desc: ModelDesc, compute: ComputeModel, comm: CommModel, *, world_siz
     out = []
     for p in fits:
         if rank_by == "goodput":
-            g = p.samples_per_s() * efficiency(p.plan.batch)
+            g = p.samples_per_s() * effs[p.plan.batch]
             out.append(Ranked(p, -g, g))
         else:
             out.append(Ranked(p, p.step_s))
@@ -145,6 +196,9 @@ def search(desc: ModelDesc, compute: ComputeModel, comm: CommModel, *, world_siz
 
 def choose(ranked: Sequence[Ranked]) -> Ranked:
     """The best plan ``tilestack train`` can run (the best of all when none is runnable)."""
+    if isinstance(ranked, str | bytes) or not isinstance(ranked, Sequence) or not ranked or not all(
+            isinstance(r, Ranked) for r in ranked):
+        raise PlanError(f"choose: ranked={ranked!r:.80}; expected the non-empty list of Ranked that search returns")
     for r in ranked:
         if r.prediction.runnable:
             return r
@@ -191,6 +245,25 @@ class StageSplit:
     t_max: float
 
 
+def _check_stage_args(where: str, n_layers: Any, n_devices: Any, submeshes: Any, microbatches: Any,
+                      stage_cost: Any, max_stages: Any) -> None:
+    _positive_int(where, "n_layers", n_layers, "layers to cut into stages")
+    _positive_int(where, "n_devices", n_devices, "devices")
+    _positive_int(where, "microbatches", microbatches, "micro-batches per step")
+    if max_stages is not None:
+        _positive_int(where, "max_stages", max_stages, "the most stages")
+    if not callable(stage_cost):
+        raise PlanError(f"{where}: stage_cost={stage_cost!r}; expected a callable (k, i, d, stages_after) -> "
+                        "(seconds, choice) or None")
+    try:
+        sizes = list(submeshes)
+    except TypeError:
+        raise PlanError(f"{where}: submeshes={submeshes!r}; expected a sequence of device counts") from None
+    if any(not isinstance(d, int) or isinstance(d, bool) for d in sizes) or not any(
+            1 <= d <= n_devices for d in sizes):
+        raise PlanError(f"{where}: submeshes={sizes}; expected int sizes, some between 1 and {n_devices}")
+
+
 def pipeline_latency(times: Sequence[float], microbatches: int) -> float:
     return sum(times) + (microbatches - 1) * max(times)
 
@@ -199,8 +272,7 @@ def alpa_stages(n_layers: int, *, n_devices: int, submeshes: Sequence[int], micr
                 stage_cost: StageCost, max_stages: int | None = None) -> StageSplit:
     """Alpa's DP (module docstring). ``submeshes``: the device counts a stage may take (Alpa: 1, 2, 4, ..., a
     node, then whole nodes). PlanError when no split fits."""
-    if n_layers < 1 or n_devices < 1:
-        raise PlanError(f"alpa_stages: n_layers={n_layers}, n_devices={n_devices}; expected both positive")
+    _check_stage_args("alpa_stages", n_layers, n_devices, submeshes, microbatches, stage_cost, max_stages)
     sizes = sorted({d for d in submeshes if 1 <= d <= n_devices})
     if not sizes:
         raise PlanError(f"alpa_stages: submeshes={list(submeshes)}; expected sizes between 1 and {n_devices}")
@@ -272,6 +344,7 @@ def compositions(n: int) -> Iterator[tuple[int, ...]]:
 def brute_force_stages(n_layers: int, *, n_devices: int, submeshes: Sequence[int], microbatches: int,
                        stage_cost: StageCost, max_stages: int | None = None) -> StageSplit:
     """The same optimum as :func:`alpa_stages`, by enumerating every cut and every device split (small cases)."""
+    _check_stage_args("brute_force_stages", n_layers, n_devices, submeshes, microbatches, stage_cost, max_stages)
     sizes = sorted({d for d in submeshes if 1 <= d <= n_devices})
     max_stages = max_stages or min(n_layers, n_devices)
     best: StageSplit | None = None
@@ -334,8 +407,12 @@ class _Offset(ComputeModel):
     """A compute model seen from layer ``k`` on (a sub-model's layer j is the model's k + j)."""
 
     def __init__(self, inner: ComputeModel, k: int):
-        self.inner, self.k = inner, k
+        self.inner, self.k, self.offset = inner, k, k
         self.desc, self.source, self.cores = inner.desc, inner.source, inner.cores
+        self.background, self.collective_s, self.p2p_delay = inner.background, inner.collective_s, inner.p2p_delay
+
+    def overhead(self, name: str) -> float:
+        return self.inner.overhead(name)
 
     def layer_times(self, index: int, micro_batch: int, tp: int = 1) -> tuple[float, float]:
         return self.inner.layer_times(self.k + index, micro_batch, tp)
