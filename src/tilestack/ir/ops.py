@@ -392,9 +392,10 @@ def _scalar_ref(ins: Instr, s: list, m):
     N = 2**24 + 1 is 50331648 (float64 would give 100000006 and 50331651, each rounding to another f32)."""
     if ins.result.type != _types().FLOAT:
         return SCALAR_FNS[ins.attrs.fn](s[0], s[1])
-    with np.errstate(all="ignore"):
-        a, b = (np.float32(x) for x in s)
-        return float(np.float32(SCALAR_FNS[ins.attrs.fn](a, b)))
+    with np.errstate(all="ignore"):   # (the cost analysis passes arrays: every program's value at once)
+        a, b = (np.asarray(x, dtype=np.float32) for x in s)
+        r = np.asarray(SCALAR_FNS[ins.attrs.fn](a, b), dtype=np.float32).astype(np.float64)
+    return float(r) if r.ndim == 0 else r
 
 
 define(OpDef(
