@@ -11,9 +11,12 @@ The file holds the device, the versions that change what a time means, and every
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +52,20 @@ class Record:
                 "source": self.source, "results": [m.to_row() for m in self.measurements]}
 
     def write(self, path: str | Path) -> Path:
+        """Write the record to ``path`` whole or not at all (a temporary file of this writer's own, renamed over
+        it): an interrupted write leaves the previous file and no temporary."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1, default=str) + "\n")
-        tmp.replace(path)                       # a reader never sees half a file
+        text = json.dumps(self.to_json(), indent=1, default=str) + "\n"
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)               # a reader never sees half a file
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         return path
 
     @classmethod
@@ -68,8 +80,11 @@ class Record:
                               f"(kind={data.get('kind') if isinstance(data, dict) else None!r})")
         try:
             ms = [Measurement.from_row(r) for r in data["results"]]
-        except (KeyError, TypeError) as e:
-            raise RecordError(f"record={str(path)!r}: a result row is malformed ({e})") from None
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise RecordError(f"record={str(path)!r}: a result row is malformed ({type(e).__name__}: {e})") from None
+        if not isinstance(data.get("device"), str):
+            raise RecordError(f"record={str(path)!r}: no device name (device={data.get('device')!r}); expected a "
+                              f"file written by `{BENCH_COMMAND} --out`")
         return cls(data["device"], ms, data.get("versions") or {}, data.get("device_info"),
                    data.get("started_at") or "", data.get("command") or BENCH_COMMAND,
                    data.get("source") or str(path))
@@ -77,6 +92,22 @@ class Record:
 
 def now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def open_store(db: str | Path | None = None):
+    """The result store (``tilestack.perf.Store``) at ``db`` (default its own); a store that cannot be opened (a
+    file that is not a SQLite database, a read-only folder) is a RecordError that names it and says what to do."""
+    import sqlite3
+
+    from tilestack.perf.store import Store, default_path
+
+    try:
+        return Store(db)
+    except sqlite3.DatabaseError as e:
+        raise RecordError(f"result store {str(db or default_path())!r} cannot be opened ({type(e).__name__}: {e}): "
+                          "a file that is not a SQLite database (garbage, a truncated copy) is to be moved aside (a "
+                          "new store is started there); a read-only folder wants another --db or TILESTACK_CACHE_DIR"
+                          ) from None
 
 
 def record_of_run(store, ref: str) -> Record:
@@ -107,9 +138,9 @@ def load_side(ref: str, db: str | Path | None = None, *, latest_bench: bool = Tr
         if not Path(ref).is_file():
             raise RecordError(f"record={ref!r}: no such file")
         return Record.read(ref)
-    from tilestack.perf.store import Store, StoreError
+    from tilestack.perf.store import StoreError
 
-    with Store(db) as st:
+    with open_store(db) as st:
         if latest_bench and (ref == "latest" or ref.startswith("latest~")):
             back = ref.partition("~")[2] or "0"
             runs = [r for r in st.runs() if r.command == BENCH_COMMAND]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,15 @@ def comparison_table(rows: list[BenchRow], device_label: str):
     return t
 
 
+def _open_store():
+    """The result store, or None with a warning where it cannot be opened: the run is still measured and reported."""
+    try:
+        return record.open_store()
+    except record.RecordError as e:
+        warnings.warn(f"{e}; this run's results are not stored", stacklevel=3)
+        return None
+
+
 def run_suite(*, full: bool = True, only: list[str] | None = None, store: bool = True, models: bool = True,
               out_dir: Path | None = None, console=None) -> list[BenchRow]:
     """Every case (``only``: those names) on this machine's device; results appended to the result store as one
@@ -142,7 +152,7 @@ def run_suite(*, full: bool = True, only: list[str] | None = None, store: bool =
     rows: list[BenchRow] = []
     versions = perf.versions()
     started = record.now()
-    st = perf.Store() if store else None
+    st = _open_store() if store else None
     run_id = None
     try:
         if st is not None:

@@ -7,15 +7,27 @@ new layout's shards need).
 
 Saved: the model parameters and the optimizer state (AdamW's step and moments), as seen through
 torch.distributed.checkpoint.state_dict (which drops DDP's ``module.`` and gathers nothing: DTensor shards are
-written as shards). Not supported: ZeRO-1/2 (its optimizer holds a flat slice, not per-parameter state) and more
+written as shards). ``load`` returns the optimizer steps the checkpoint holds (where a resumed run goes on).
+
+A save is whole or not there: the shards go to the sibling folder ``.<name>.partial``, which replaces ``path``
+(renamed, by rank 0) only once every rank has written; a process killed at any point leaves the previous
+checkpoint at ``path`` (a kill between the two renames of the swap is settled by the next save or load). ``load``
+refuses, naming the folder, a folder that is no whole checkpoint (no ``.metadata``), a checkpoint of another model
+(parameters missing, extra or of other shapes: nothing is loaded then) and one whose files cannot be read.
+
+Not supported: ZeRO-1/2 (its optimizer holds a flat slice, not per-parameter state) and more
 than one pipeline stage per rank (stages would share one optimizer).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 from tilestack.parallel.config import ParallelConfigError
+
+_SHOWN = 3            # differing parameter names quoted in an error
 
 
 def _check(trainer, what: str) -> None:
@@ -27,25 +39,144 @@ def _check(trainer, what: str) -> None:
                                   "(one model part per rank)")
 
 
+def _dist():
+    """torch.distributed where a process group is up, else None (one process: nothing to wait for)."""
+    import torch.distributed as dist
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _barrier() -> None:
+    if (dist := _dist()) is not None:
+        dist.barrier()
+
+
+def _rank0() -> bool:
+    return (dist := _dist()) is None or dist.get_rank() == 0
+
+
+def _siblings(path: Path) -> tuple[Path, Path]:
+    """(where a save writes before the swap, where the previous checkpoint waits during it)."""
+    return path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.old")
+
+
+def _whole(folder: Path) -> bool:
+    return (folder / ".metadata").is_file()     # torch.distributed.checkpoint writes it last, once all ranks have
+
+
+def _settle(path: Path) -> None:
+    """(Rank 0.) Finish a swap that a kill cut between its two renames: the new checkpoint where whole, else the
+    previous one back at ``path``; then drop the previous one."""
+    partial, old = _siblings(path)
+    if not path.exists() and old.exists():
+        os.replace(partial if _whole(partial) else old, path)
+    if old.exists() and path.exists():
+        shutil.rmtree(old)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make renames in ``folder`` durable (a power cut after a save keeps its swap)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save(trainer, path: str | os.PathLike) -> None:
-    """Write the trainer's parameters and optimizer state to the directory ``path`` (collective: every rank)."""
+    """Write the trainer's parameters and optimizer state to the directory ``path`` (collective: every rank), whole
+    or not at all: a checkpoint already at ``path`` is replaced only once the new one is complete."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     _check(trainer, "save")
+    path = Path(path)
+    partial, old = _siblings(path)
+    if _rank0():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _settle(path)
+        shutil.rmtree(partial, ignore_errors=True)      # what a save killed before its swap left
+    _barrier()
     model_sd, optim_sd = get_state_dict(trainer.parts[0], trainer.optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.fspath(path))
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.fspath(partial))
+    _barrier()
+    if _rank0():
+        if path.exists():
+            os.replace(path, old)
+        os.replace(partial, path)
+        shutil.rmtree(old, ignore_errors=True)
+        _sync_folder(path.parent)
+    _barrier()
 
 
-def load(trainer, path: str | os.PathLike) -> None:
-    """Read a checkpoint written by ``save`` under any layout into ``trainer`` (collective: every rank)."""
+def load(trainer, path: str | os.PathLike) -> int:
+    """Read a checkpoint written by ``save`` under any layout into ``trainer`` (collective: every rank); the
+    number of optimizer steps it holds (the step a resumed run continues from)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     _check(trainer, "load")
-    if not os.path.isdir(path):
+    path = Path(path)
+    if _rank0():
+        _settle(path)
+    _barrier()
+    if not path.is_dir():
         raise ParallelConfigError(f"checkpoint.load: path={os.fspath(path)!r} is not a directory; expected a "
                                   "checkpoint written by tilestack.parallel.checkpoint.save")
+    saved = _saved_shapes(path)
     model_sd, optim_sd = get_state_dict(trainer.parts[0], trainer.optimizer)
+    _check_same_model(path, saved, model_sd)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=os.fspath(path))
+    try:
+        dcp.load(state, checkpoint_id=os.fspath(path))
+    except (Exception, CheckpointException) as e:   # (CheckpointException is a BaseException)
+        why = next((ln for ln in reversed(str(e).splitlines()) if ln.strip()), type(e).__name__)
+        raise ParallelConfigError(f"checkpoint.load: {os.fspath(path)!r} cannot be read ({why.strip()[:300]}); its "
+                                  "files are damaged or incomplete: load an earlier checkpoint, or delete it and "
+                                  "train from the start") from e
     set_state_dict(trainer.parts[0], trainer.optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
+    return _steps(trainer.optimizer)
+
+
+def _saved_shapes(path: Path) -> dict[str, tuple[int, ...] | None]:
+    """Every entry of the checkpoint's ``.metadata``: its global shape (None for a non-tensor entry)."""
+    import torch.distributed.checkpoint as dcp
+    if not _whole(path):
+        raise ParallelConfigError(f"checkpoint.load: {os.fspath(path)!r} has no .metadata: not a whole checkpoint "
+                                  "(a save cut short, or another folder); expected one written by "
+                                  "tilestack.parallel.checkpoint.save")
+    try:
+        meta = dcp.FileSystemReader(os.fspath(path)).read_metadata()
+        return {k: (tuple(m.size) if hasattr(m, "size") else None) for k, m in meta.state_dict_metadata.items()}
+    except Exception as e:  # noqa: BLE001 - a damaged .metadata fails in pickle, in any of its ways
+        raise ParallelConfigError(f"checkpoint.load: {os.fspath(path / '.metadata')!r} cannot be read "
+                                  f"({type(e).__name__}: {e}); the checkpoint is damaged: load an earlier one, or "
+                                  "delete it and train from the start") from e
+
+
+def _check_same_model(path: Path, saved: dict, model_sd: dict) -> None:
+    """Refuse a checkpoint of another model (DCP would load a smaller model from a bigger one's without a word),
+    comparing every rank's parameters (a pipeline stage holds only its own) with the saved global shapes."""
+    ours = {f"model.{k}": tuple(v.shape) for k, v in model_sd.items() if hasattr(v, "shape")}
+    if (dist := _dist()) is not None:
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, ours)
+        ours = {k: v for d in every for k, v in d.items()}
+    theirs = {k: v for k, v in saved.items() if k.startswith("model.")}
+    missing = sorted(set(ours) - set(theirs))
+    extra = sorted(set(theirs) - set(ours))
+    shapes = [f"{k[6:]} saved {list(theirs[k])}, here {list(ours[k])}" for k in sorted(set(ours) & set(theirs))
+              if theirs[k] != ours[k]]
+    if missing or extra or shapes:
+        what = [f"{len(missing)} parameters it lacks ({', '.join(k[6:] for k in missing[:_SHOWN])})" * bool(missing),
+                f"{len(extra)} this model lacks ({', '.join(k[6:] for k in extra[:_SHOWN])})" * bool(extra),
+                f"{len(shapes)} of another shape ({'; '.join(shapes[:_SHOWN])})" * bool(shapes)]
+        raise ParallelConfigError(f"checkpoint.load: {os.fspath(path)!r} holds another model: "
+                                  f"{', '.join(w for w in what if w)}; expected a checkpoint of this model (the same "
+                                  "ModelConfig): nothing was loaded")
+
+
+def _steps(optimizer) -> int:
+    """AdamW's step count (the same for every parameter it has stepped)."""
+    steps = [s["step"] for s in optimizer.state.values() if "step" in s]
+    steps = [s.full_tensor() if hasattr(s, "full_tensor") else s for s in steps]
+    return int(max((float(s) for s in steps), default=0))

@@ -22,6 +22,7 @@ each ceiling keeps the better-known of its measurements, up to ``MAX_REMEASURES`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -435,12 +436,29 @@ def machine_fingerprint(dev: Device) -> dict[str, Any]:
     }
 
 
+_CEILINGS_TYPES = {"device": str, "copy_bytes_per_s": (int, float), "matmul": dict, "measured_at": str,
+                   "versions": dict, "sizes": dict, "format": int, "spread": dict, "machine": dict,
+                   "measurements": int}
+
+
 def _load(path: Path, dev: Device) -> Ceilings | None:
+    """The ceilings cached in ``path`` for ``dev``; None where there are none, or none usable: another device's,
+    an older layout, or a file that is not ceilings (truncated, garbage, another shape), this last with a warning."""
     try:
         data = json.loads(path.read_text())
         c = Ceilings(**data)
-    except (OSError, ValueError, TypeError):
-        return None  # absent, half-written or of an older layout: measure again
+        wrong = [k for k, t in _CEILINGS_TYPES.items() if not isinstance(getattr(c, k), t)]
+        if not wrong:
+            wrong = [f"spread[{k!r}]" for k, v in c.spread.items() if not isinstance(v, dict)]
+            wrong += [f"matmul[{k!r}]" for k, v in c.matmul.items() if not isinstance(v, int | float)]
+        if wrong:
+            raise TypeError(f"{', '.join(wrong)} of the wrong type")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError) as e:
+        warnings.warn(f"ceilings cached in {path} cannot be read ({type(e).__name__}: {e}); measuring again",
+                      stacklevel=3)
+        return None
     return c if c.format == CEILINGS_FORMAT and c.device == dev.name else None
 
 
@@ -534,12 +552,14 @@ def ceilings(
             "(a busy machine?): utilisations against it are that uncertain",
             stacklevel=2,
         )
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: two writers never share a temp file
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: two writers never share a temp file
         tmp.write_text(json.dumps(c.to_json(), indent=2))
         tmp.replace(path)  # atomic: a reader never sees half a file
     except OSError as e:  # a read-only cache dir costs a re-measure next time, not this run
+        with contextlib.suppress(OSError):  # a full disk: no half-written temporary left behind
+            tmp.unlink()
         warnings.warn(f"ceilings not cached: cannot write {path} ({e}); set TILESTACK_CACHE_DIR", stacklevel=2)
     return c
 

@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -168,8 +169,10 @@ def resources(kernel, args: Sequence, fixed: dict[str, Any], config: dict[str, A
     if cache and path.exists():
         try:
             r = Resources(**json.loads(path.read_text()), cached=True)
-        except (ValueError, TypeError):
-            r = None                     # a report from another format: compile again
+        except (OSError, ValueError, TypeError) as e:     # truncated, garbage or another shape: compile again
+            warnings.warn(f"aot.resources: ignoring the cached report {path} ({type(e).__name__}: {e}); "
+                          "compiling again", stacklevel=2)
+            r = None
         timed_out = r is not None and (r.error or "").startswith(TIMED_OUT)
         if r is not None and not (timed_out and (timeout_s is None or timeout_s > r.compile_s)):
             return r                     # (a compile cut short is tried again with a longer limit)
@@ -179,7 +182,11 @@ def resources(kernel, args: Sequence, fixed: dict[str, Any], config: dict[str, A
         r = _compile_in_child(low, sig, attrs, constants, opts, target, shared_limit, timeout_s)
     if cache:
         from tilestack.tune.cache import write_json_atomic
-        write_json_atomic(path, r.to_json())
+        try:
+            write_json_atomic(path, r.to_json())
+        except OSError as e:             # a read-only cache costs a compile next time, not this report
+            warnings.warn(f"aot.resources: report not cached: cannot write {path} ({e}); set TILESTACK_CACHE_DIR "
+                          "to a writable folder", stacklevel=2)
     return r
 
 

@@ -25,9 +25,12 @@ table of its key: the user's first, then those tuned on a GPU of the same name, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,18 +74,36 @@ def launch_kwargs(entry: dict) -> dict[str, Any]:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` whole or not at all: a temporary file in the same folder, then renamed
-    over ``path``. A failure (data JSON cannot hold, an interrupt) leaves the old file and no temporary."""
+    """Write ``data`` as JSON to ``path`` whole or not at all: a temporary file in the same folder, flushed to
+    disk, then renamed over ``path``. A failure (data JSON cannot hold, an interrupt, a full disk) leaves the old
+    file and no temporary; a killed process leaves the old file (and at most a ``.*.tmp`` beside it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, sort_keys=True)
             f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())       # the rename must not reach the disk before the data (a power cut)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def locked(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (``fcntl.flock`` of the folder itself: no lock file left behind) for a
+    read-modify-write of a file in it: two processes update it in turn, neither losing the other's change."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)                   # closing releases the lock
 
 
 class Table:
@@ -95,20 +116,33 @@ class Table:
 
     @classmethod
     def read(cls, path: Path) -> Table | None:
-        """The table in ``path``; None if there is no such file. A file that is not a table is an error."""
+        """The table in ``path``; None if there is no such file. A file that is not a table (garbage bytes, a
+        truncated file, JSON of another shape) is a ValueError that names it and says what to do."""
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             return None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"tuned-config table {path} is not valid JSON ({e}); delete it to start over") from e
+        except (OSError, ValueError) as e:       # ValueError: not JSON, or not UTF-8 text
+            raise ValueError(f"tuned-config table {path} is not valid JSON ({type(e).__name__}: {e}); delete it "
+                             "to start over") from e
         if not isinstance(data, dict) or data.get("format", FORMAT) not in READS or \
                 not isinstance(data.get("entries"), dict) or "device" not in data:
             raise ValueError(f"tuned-config table {path}: expected {{'format': {FORMAT}, 'device': {{...}}, "
                              f"'entries': {{...}}}}; got keys {sorted(data) if isinstance(data, dict) else data!r}"
                              " (a table from before device keys: delete it, or re-run `tilestack tune`)")
+        bad = [k for k, e in data["entries"].items()
+               if not (isinstance(e, dict) and isinstance(e.get("config"), dict)
+                       and isinstance(e.get("options", {}), dict) and k.count("|") == 2)]
+        if bad:
+            raise ValueError(f"tuned-config table {path}: entry {bad[0]!r} is not 'kernel|signature|bucket': "
+                             "{'config': {...}, 'options': {...}}; delete the file, or re-run `tilestack tune`")
+        try:
+            device = DeviceKey.from_meta(data["device"])
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"tuned-config table {path}: its 'device' is not a device key ({type(e).__name__}: "
+                             f"{e}); delete the file, or re-run `tilestack tune`") from e
         entries = {k: upgrade_entry(e) for k, e in data["entries"].items()}     # format 2's flat configs split
-        return cls(DeviceKey.from_meta(data.get("device")), entries, path)
+        return cls(device, entries, path)
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "device": self.device.meta(), "entries": self.entries}
@@ -175,11 +209,32 @@ class ConfigCache:
         ``config`` and launch ``options`` apart (``options=None``: taken out of ``config`` by name)."""
         config, found = split_options(config) if options is None else (dict(config), dict(options))
         path = self.user_path(device)
-        table = Table.read(path) or Table(device, path=path)   # another process may have written since
-        table.device = device                                    # the name of the GPU that tuned it last
-        table.entries[key(kernel, signature, bucket)] = {"config": config, "options": found, **evidence}
-        table.write(path)
+        entry = {"config": config, "options": found, **evidence}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with locked(path.parent):          # read, add, write in turn with any other process tuning this device
+                table = self._user_table_on_disk(path, device)
+                table.device = device                            # the name of the GPU that tuned it last
+                table.entries[key(kernel, signature, bucket)] = entry
+                table.write(path)
+        except OSError as e:            # a read-only cache: the winner is kept for this process only
+            warnings.warn(f"tuned config not saved: cannot write {path} ({e}); it is used by this process only "
+                          "(set TILESTACK_CACHE_DIR to a writable folder to keep it)", stacklevel=2)
+            table = self.user.get(str(device)) or Table(device, path=path)
+            table.entries[key(kernel, signature, bucket)] = entry
         self.user[str(device)] = table
+
+    @staticmethod
+    def _user_table_on_disk(path: Path, device: DeviceKey) -> Table:
+        """The user's table as on disk now (another process may have written since); a file that is not a
+        table is moved aside to ``<name>.corrupt``, with a warning, and a new table started."""
+        try:
+            return Table.read(path) or Table(device, path=path)
+        except ValueError as e:
+            aside = path.with_name(path.name + ".corrupt")
+            os.replace(path, aside)
+            warnings.warn(f"{e}: moved to {aside}; a new table is started", stacklevel=3)
+            return Table(device, path=path)
 
     def entries(self, device: DeviceKey | None = None) -> dict[str, dict]:
         """Every entry as "kernel|signature|device key|bucket" (or only ``device``'s view, keyed as in tables)."""

@@ -17,11 +17,13 @@ it like any other kernel and a person can open it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
 import tempfile
 import warnings
+from pathlib import Path
 
 from tilestack.backends.base import check_cuda_grid
 from tilestack.backends.triton.codegen import wide_globals
@@ -75,14 +77,7 @@ def compile_source(src: str, fn_name: str, interpret: bool):
     """Import ``src`` as a module and return its @triton.jit function (interpreted if asked)."""
     triton = _triton(interpret)
     digest = hashlib.sha256(src.encode()).hexdigest()[:16]
-    folder = knobs.cache_dir / "triton"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{fn_name}_{digest}.py"
-    if not path.exists():   # written whole, then renamed: an interrupted run never leaves half a file
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".py.tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(src)
-        os.replace(tmp, path)
+    path = _source_file(src, f"{fn_name}_{digest}.py")
     old = triton.knobs.runtime.interpret
     triton.knobs.runtime.interpret = interpret
     try:
@@ -92,6 +87,56 @@ def compile_source(src: str, fn_name: str, interpret: bool):
     finally:
         triton.knobs.runtime.interpret = old
     return getattr(module, fn_name)
+
+
+def _source_file(src: str, name: str) -> Path:
+    """``<cache_dir>/triton/<name>`` holding exactly ``src``. A file there that differs (cut short by a crash
+    outside this writer, damaged, edited) is written again; a cache folder that cannot be written (read-only)
+    falls back, with one warning, to a private temporary folder of this process."""
+    path = knobs.cache_dir / "triton" / name
+    if _holds(path, src):
+        return path
+    try:
+        _write_whole(path, src)
+        return path
+    except OSError as e:
+        fallback = _private_dir(f"{path.parent} cannot be written ({e})") / name
+        if not _holds(fallback, src):
+            _write_whole(fallback, src)
+        return fallback
+
+
+def _holds(path: Path, src: str) -> bool:
+    try:
+        return path.read_text() == src
+    except (OSError, ValueError):      # absent, unreadable, not UTF-8
+        return False
+
+
+def _write_whole(path: Path, src: str) -> None:
+    """Written whole, then renamed: an interrupted run never leaves half a file (at most a ``*.py.tmp``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".py.tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(src)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+_private: Path | None = None      # this process's folder for generated kernels where the cache is read-only
+
+
+def _private_dir(why: str) -> Path:
+    global _private
+    if _private is None:
+        _private = Path(tempfile.mkdtemp(prefix="tilestack-triton-"))
+        warnings.warn(f"triton backend: {why}; generated kernels go to {_private} for this process (set "
+                      "TILESTACK_CACHE_DIR to a writable folder)", stacklevel=4)
+    return _private
 
 
 TMA_ALIGN = 16   # bytes: the copy engine needs 16-byte aligned base addresses and leading strides
