@@ -137,13 +137,23 @@ def ts_quant_linear_epilogue(x, q, scale, bias, residual, x_scale: float, activa
     return _viewed(quant_linear_epilogue_op(x, q, scale, bias, residual, x_scale, activation), shape)
 
 
-def ts_attention(q, k, v, mask, mask_is_fill: bool, causal: bool, scale: float):
+def ts_attention(q, k, v, mask, mask_is_fill: bool, causal: bool, scale: float, finite_fill: bool = False):
     """softmax(q @ k^T * scale + mask) @ v on (B, H, N, D) tensors. ``mask``: None, an additive or boolean
-    (True = attend) mask, or, with ``mask_is_fill``, the condition of ``masked_fill(cond, -inf)`` (True =
-    masked), which is inverted here."""
+    (True = attend) mask, or, with ``mask_is_fill``, the condition of ``masked_fill(cond, low)`` (True =
+    masked), which is inverted here. ``finite_fill``: the graph set masked scores to a finite lowest value
+    (``finfo.min``, Hugging Face's form) rather than -inf. A row with every key masked is then a softmax over equal
+    values: uniform, the mean of v, with no gradient to q or k (the fill replaced the scores) and 1/N of dO to
+    each v. The kernel gives such a row 0, as for a row that sees no key, so those rows are set to the mean of v
+    here, which has exactly those gradients. (With a -inf fill the graph gives NaN there and the kernel 0, as
+    torch's SDPA does.)"""
+    keep = mask
     if mask is not None and mask_is_fill:
-        mask = torch.logical_not(mask)
-    return attention_fwd_op(q, k, v, mask, causal, scale, "top_left")[0]
+        keep = torch.logical_not(mask)
+    out = attention_fwd_op(q, k, v, keep, causal, scale, "top_left")[0]
+    if keep is not None and finite_fill and keep.dtype == torch.bool:
+        sees_none = torch.logical_not(keep.any(-1, keepdim=True))           # (.., Nq, 1), broadcast over D
+        out = torch.where(sees_none, v.mean(-2, keepdim=True).to(out.dtype), out)
+    return out
 
 
 def ts_layer_norm(x, weight, bias, eps: float):

@@ -236,7 +236,7 @@ def explicit_attention(gm: fx.GraphModule):
                 _softmax_dtype(p) is not None:
             continue
         chain: list[Node] = []
-        mask, fill = None, False
+        mask, fill, finite = None, False, False     # finite: the masked scores were set to a finite lowest value
         found = _scores(x, chain)
         if found is None and kind(x) == "add":
             a, b = _arg(x, 0, "input"), _arg(x, 1, "other")
@@ -253,14 +253,14 @@ def explicit_attention(gm: fx.GraphModule):
             if low is not None and isinstance(qv, torch.Tensor) and qv.dtype.is_floating_point and \
                     (low == -math.inf or low <= torch.finfo(qv.dtype).min) and isinstance(cond, Node):
                 found = _scores(s, chain)
-                mask, fill = cond, True
+                mask, fill, finite = cond, True, low != -math.inf
         elif found is None and kind(x) == "where" and x.op == "call_function":
             cond, s, low = _arg(x, 0, "condition"), _arg(x, 1, "input"), _number(_arg(x, 2, "other"))
             qv = value(s)
             if low is not None and isinstance(qv, torch.Tensor) and qv.dtype.is_floating_point and \
                     (low == -math.inf or low <= torch.finfo(qv.dtype).min) and isinstance(cond, Node):
                 found = _scores(s, chain)           # Hugging Face's eager GPT-2: where(causal, scores, min)
-                mask = cond
+                mask, finite = cond, low != -math.inf
         if found is None:
             continue
         q, k = found[0], found[1]
@@ -284,7 +284,7 @@ def explicit_attention(gm: fx.GraphModule):
         chain = sorted(set(chain), key=order.__getitem__)
         how = "" if mask is None else (" with masked_fill(cond, -inf)" if fill else " with a boolean mask"
                                        if kind(x) == "where" else " with an additive mask")
-        matches.append(Match("explicit_attention", ops.ts_attention, [q, k, v, mask], (fill, False, scale),
+        matches.append(Match("explicit_attention", ops.ts_attention, [q, k, v, mask], (fill, False, scale, finite),
                              [node], chain, f"softmax(q @ k^T * {scale:.4g}){how} @ v -> tilestack::attention_fwd"))
     return matches, declined
 
