@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 from pathlib import Path
 
@@ -108,6 +110,37 @@ def test_two_tuning_processes_keep_each_others_entries(cache_dir):
         assert w.returncode == 0 and len(out.split()) == n
     entries = Table.read(cache_dir / "tuned" / f"{H200}.json").entries
     assert {key("gemm", f"{t}-{i}", 1024) for t in "ab" for i in range(n)} == set(entries)
+
+
+def test_tilestack_tune_killed_after_a_winner_keeps_it_and_the_next_run_knows(tmp_path):
+    """The command, SIGKILLed in its second problem: the user's table and the --report file are whole and hold the
+    first winner; the next run's --missing plan reads the table and leaves that problem out."""
+    cache, report = tmp_path / "cache", tmp_path / "report.json"
+    tune = [sys.executable, "-m", "tilestack.cli", "tune", "--small", "--as-device", "sm89-128sm-99kb", "-k", "gemm",
+            "--dtype", "bfloat16"]
+    env = _env(TILESTACK_CACHE_DIR=str(cache), COLUMNS="200")
+    p = subprocess.Popen([*tune, "--budget-s", "10", "--report", str(report)], stdout=subprocess.PIPE, text=True,
+                         env=env)
+    try:
+        for line in p.stdout:
+            if " tried" in line:                         # "  gemm bfloat16 @64 (48x48x48): ... [8 tried, ...]"
+                break
+        else:
+            pytest.fail("tilestack tune ended before a winner")
+        deadline = time.monotonic() + 60                 # the report follows the line: kill in the next problem
+        while not report.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    tuned = Table.read(cache / "tuned" / "sm89-128sm-99kb.json").entries
+    assert tuned and all(e["seconds"] > 0 for e in tuned.values())
+    rows = json.loads(report.read_text())["problems"]
+    assert {f"gemm|bfloat16|{r['bucket']}" for r in rows if r["config"]} <= set(tuned)
+    plan = subprocess.run([*tune, "--dry-run", "--missing"], capture_output=True, text=True, env=env, timeout=120)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    left = {int(b) for b in re.findall(r"gemm\s+.\s+bfloat16\s+.\s+(\d+)", plan.stdout)}
+    assert left and not left & {int(k.split("|")[2]) for k in tuned}, plan.stdout
 
 
 BAD_TABLES = {
