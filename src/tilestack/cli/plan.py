@@ -13,7 +13,9 @@ best runnable plans on gloo processes here and prints predicted against measured
 
 from __future__ import annotations
 
+import math
 import re
+from pathlib import Path
 
 import typer
 
@@ -96,9 +98,19 @@ def plan_command(
         raise PlanError(f"--rank-by {rank_by!r}; expected one of {RANK_BY}")
     batches = parse_batches(batch)
     limit = parse_bytes(memory_limit)
-    if rank_by == "goodput" and noise_scale <= 0:
-        raise PlanError(f"--noise-scale {noise_scale}; --rank-by goodput expects the gradient noise scale phi > 0 "
-                        "(tilestack.parallel.plan.goodput measures it during training)")
+    if rank_by == "goodput" and not 0 < noise_scale < math.inf:
+        raise PlanError(f"--noise-scale {noise_scale}; --rank-by goodput expects a finite gradient noise scale "
+                        "phi > 0 (tilestack.parallel.plan.goodput measures it during training)")
+    if base_batch < 0:
+        raise PlanError(f"--base-batch {base_batch}; expected a positive batch size M0 (0: the smallest --batch)")
+    if out and Path(out).is_dir():
+        raise PlanError(f"--out {out!r} is a directory; expected the plan file's path")
+    if figures and Path(figures).exists() and not Path(figures).is_dir():
+        raise PlanError(f"--figures {figures!r} is a file; expected a directory for timeline.png and memory.png")
+    if comm and device == "cpu":
+        from tilestack.parallel.plan import load_comm
+        if load_comm(comm) is None:
+            raise PlanError(f"--comm {comm!r}: no stored fit of that name; expected one written by measure_gloo")
     desc, build = _describe(model, layers, d, heads, vocab, target, seq, dtype)
     if not (device == "cpu" or device.startswith("cuda")):
         from tilestack.parallel.plan import RooflineCompute
@@ -136,8 +148,6 @@ def plan_command(
         how = f"tilestack train --plan {path}" if chosen.prediction.runnable else "not runnable by tilestack train"
         con.print(f"plan written to {path}  ({how})")
     if figures:
-        from pathlib import Path
-
         from tilestack.parallel.plan.pictures import memory_png, timeline_png
         fig_dir = Path(figures)
         fig_dir.mkdir(parents=True, exist_ok=True)

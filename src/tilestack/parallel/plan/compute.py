@@ -21,6 +21,7 @@ host launches (``HOST_S_PER_OP`` per ATen call). Backward is twice the forward.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import os
@@ -514,7 +515,8 @@ class MeasuredCompute(ComputeModel):
 
                 def make():
                     return _leaves((_map_tensors(call.args, resize), _map_tensors(call.kwargs, resize)))
-                return Bound(call.module), make, _loss_of
+                # a copy: timing runs it many times in training mode, which moves BatchNorm's statistics
+                return Bound(copy.deepcopy(call.module)), make, _loss_of
             return build
 
         return cls(desc, {layer.name: builder(layer.name) for layer in desc.layers}, cores=cores)

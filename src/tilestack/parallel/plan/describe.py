@@ -329,6 +329,51 @@ def _trace(module: Any, args: tuple, chain: list[tuple[str, Any]]) -> list[_Call
     return calls
 
 
+def _saved_per_call(module: Any, args: tuple, chain: list[tuple[str, Any]], n_calls: int) -> list[int]:
+    """Bytes autograd saves for backward in a training forward of the whole module, by the recorded call that saved
+    each storage first (what runs between calls, in the module's own forward, goes to the call before it, or the
+    first). Counted over the whole model, a tensor one layer saves as its output and the next as its input (ReLU
+    then Linear) is one storage, counted once; parameters and buffers are not activations."""
+    import torch
+    skip = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
+    owner: dict[int, tuple[int, int]] = {}
+    state = {"call": 0, "depth": 0}
+
+    def pack(t: Any) -> Any:
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr not in skip and ptr != 0:
+            call, size = owner.get(ptr, (max(state["call"] - 1, 0), 0))
+            owner[ptr] = (call, max(size, st.nbytes()))
+        return t
+
+    def pre(*_: Any) -> None:
+        if state["depth"] == 0:
+            state["call"] += 1
+        state["depth"] += 1
+
+    def post(*_: Any) -> None:
+        state["depth"] -= 1
+
+    handles = [h for _, layer in chain for h in (layer.register_forward_pre_hook(pre),
+                                                 layer.register_forward_hook(post))]
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = module(*args)
+        del out
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+    per_call = [0] * n_calls
+    for call, size in owner.values():
+        per_call[min(call, n_calls - 1)] += size
+    return per_call
+
+
 def _loss_of(out: Any) -> Any:
     """A scalar whose backward reaches every floating output: their sum."""
     import torch
@@ -383,7 +428,8 @@ def describe_module(module: Any, example_input: Any, *, layers: Sequence[tuple[s
     out: list[LayerDesc] = []
     seen_names: dict[str, int] = {}
     per = 1.0 / batch
-    for call in calls:
+    saved_in_model = _saved_per_call(module, args, chain, len(calls))
+    for index, call in enumerate(calls):
         layer = call.module
         params = [p for p in layer.parameters() if id(p) not in counted]
         counted.update(id(p) for p in params)
@@ -414,8 +460,9 @@ def describe_module(module: Any, example_input: Any, *, layers: Sequence[tuple[s
                 grads = any(p.requires_grad for p in layer.parameters()) or any(
                     t.requires_grad for t in _tensors_of((leaf_args, leaf_kwargs)))
                 own = list(layer.parameters())
-                saved = saved_activation_bytes(lambda run=run: _loss_of(run()), own) if grads else 0
-                saved_full = saved_activation_bytes(lambda f=run_full: _loss_of(f()), own) if saved else 0
+                saved = saved_in_model[index]
+                alone = saved_activation_bytes(lambda run=run: _loss_of(run()), own) if grads else 0
+                saved_full = saved_activation_bytes(lambda f=run_full: _loss_of(f()), own) if alone else 0
         except Exception as e:
             raise PlanError(f"describe_module: layer {call.name!r} ({type(layer).__name__}) failed when measured "
                             f"on the arguments it received ({type(e).__name__}: {e})") from e

@@ -129,7 +129,7 @@ class Plan:
             raise PlanError(f"Plan: recompute={self.recompute!r}; expected one of {RECOMPUTE}")
         if not isinstance(self.sp, bool):
             raise PlanError(f"Plan: sp={self.sp!r}; expected True or False")
-        if self.zero not in ZERO_STAGES or isinstance(self.zero, bool):
+        if not isinstance(self.zero, int) or isinstance(self.zero, bool) or self.zero not in ZERO_STAGES:
             raise PlanError(f"Plan: zero={self.zero!r}; expected one of {ZERO_STAGES} (ZeRO-3 is dp_shard > 1)")
         if self.zero and (self.dp == 1 or self.dp_shard > 1):
             raise PlanError(f"Plan: zero={self.zero} with dp={self.dp}, dp_shard={self.dp_shard}; expected dp > 1 "
@@ -274,6 +274,10 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
             for i in layers:
                 layer = desc.layers[i]
                 lf, lb = compute.layer_times(i, b, tp)
+                if not (math.isfinite(lf) and math.isfinite(lb) and lf >= 0 and lb >= 0):
+                    raise PlanError(f"predict: the compute model ({compute.source}) gave layer {layer.name!r} "
+                                    f"forward {lf!r} s, backward {lb!r} s at micro-batch {b}, tp={tp}; expected "
+                                    "finite, non-negative seconds")
                 f += lf * slow
                 g += (lb + compute.recompute_s(i, b, tp, plan.recompute)) * slow
                 if tp > 1 and layer.kind == "block":
