@@ -65,7 +65,7 @@ def resume_and_faults(rank: int, world_size: int, path: str, scratch: str) -> di
     and damaged ones (copies of ``path`` in ``scratch``). Losses and whole parameters of both runs, the errors."""
     import torch.distributed as dist
 
-    from tilestack.parallel import checkpoint
+    from tilestack.parallel import ParallelConfigError, checkpoint
     data = _batches()
     resumed = _trainer(seed=1)                     # another initial model: everything must come from the file
     start = checkpoint.load(resumed, path)
@@ -91,6 +91,18 @@ def resume_and_faults(rank: int, world_size: int, path: str, scratch: str) -> di
         dist.barrier()
         out[name] = checkpoint.load(_trainer(seed=4), swap / "ckpt")
         out[name + "_left"] = sorted(os.listdir(swap))
+    mine = Path(scratch) / "mine"                 # a folder of the user's: a save must not swap it away
+    if rank == 0:
+        mine.mkdir()
+        (mine / "notes.txt").write_text("keep")
+    dist.barrier()
+    for name, target in (("foreign_folder", mine), ("a_file", mine / "notes.txt")):
+        try:
+            checkpoint.save(resumed, target)
+            out[name] = "saved"
+        except ParallelConfigError as e:
+            out[name] = str(e)
+    out["mine_left"] = sorted(os.listdir(mine))
     out["fewer_layers"] = _load_error(path, n_layer=1)
     out["wider"] = _load_error(path, d=64)
     out["more_layers"] = _load_error(path, n_layer=3)

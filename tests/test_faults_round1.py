@@ -408,6 +408,8 @@ def test_training_killed_in_a_checkpoint_save_resumes_to_the_uninterrupted_state
     assert r["again_start"] == W.STEPS and r["left"] == ["ckpt"]       # the killed save's files gone
     assert r["swap_cut_after_old"] == W.STEPS and r["swap_cut_after_old_left"] == ["ckpt"]
     assert r["swap_cut_in_save"] == 2                              # the previous checkpoint back in place
+    assert "holds files that are not a checkpoint's (notes.txt)" in r["foreign_folder"]
+    assert "is a file; expected a folder" in r["a_file"] and r["mine_left"] == ["notes.txt"]
     assert "this model lacks (layers.1." in r["fewer_layers"] and "nothing was loaded" in r["fewer_layers"]
     assert "of another shape (" in r["wider"] and "saved [32], here [64]" in r["wider"]
     assert "holds another model: 16 parameters it lacks (layers.2." in r["more_layers"]      # 16 per block

@@ -13,7 +13,8 @@ A save is whole or not there: the shards go to the sibling folder ``.<name>.part
 (renamed, by rank 0) only once every rank has written; a process killed at any point leaves the previous
 checkpoint at ``path`` (a kill between the two renames of the swap is settled by the next save or load). ``load``
 refuses, naming the folder, a folder that is no whole checkpoint (no ``.metadata``), a checkpoint of another model
-(parameters missing, extra or of other shapes: nothing is loaded then) and one whose files cannot be read.
+(parameters missing, extra or of other shapes: nothing is loaded then) and one whose files cannot be read. A
+save replaces only a checkpoint or an empty folder (a file, or a folder of other files, is refused).
 
 Not supported: ZeRO-1/2 (its optimizer holds a flat slice, not per-parameter state) and more
 than one pipeline stage per rank (stages would share one optimizer).
@@ -22,12 +23,14 @@ than one pipeline stage per rank (stages would share one optimizer).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
 from tilestack.parallel.config import ParallelConfigError
 
 _SHOWN = 3            # differing parameter names quoted in an error
+_CHECKPOINT_FILE = re.compile(r"\.metadata|__\d+(_\d+\.distcp|\.metadata)")   # what torch.distributed.checkpoint writes
 
 
 def _check(trainer, what: str) -> None:
@@ -82,6 +85,20 @@ def _sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def _check_replaceable(path: Path) -> None:
+    """Refuse to replace anything at ``path`` but a checkpoint or an empty folder (a save swaps the whole folder)."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ParallelConfigError(f"checkpoint.save: path={os.fspath(path)!r} is a file; expected a folder for the "
+                                  "checkpoint (absent, empty, or a checkpoint to replace)")
+    foreign = sorted(f.name for f in path.iterdir() if not _CHECKPOINT_FILE.fullmatch(f.name))
+    if foreign:
+        raise ParallelConfigError(f"checkpoint.save: path={os.fspath(path)!r} holds files that are not a "
+                                  f"checkpoint's ({', '.join(foreign[:_SHOWN])}); a save replaces the whole folder: "
+                                  "expected a folder of its own (absent, empty, or a checkpoint to replace)")
+
+
 def save(trainer, path: str | os.PathLike) -> None:
     """Write the trainer's parameters and optimizer state to the directory ``path`` (collective: every rank), whole
     or not at all: a checkpoint already at ``path`` is replaced only once the new one is complete."""
@@ -89,6 +106,7 @@ def save(trainer, path: str | os.PathLike) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict
     _check(trainer, "save")
     path = Path(path)
+    _check_replaceable(path)
     partial, old = _siblings(path)
     if _rank0():
         path.parent.mkdir(parents=True, exist_ok=True)
