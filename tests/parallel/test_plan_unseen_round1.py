@@ -311,6 +311,18 @@ def test_parameter_and_optimizer_bytes_by_hand(described, kw, shard, zero_dp):
         assert mem["gradients"] == n * FP32 / shard
 
 
+def test_frozen_parameters_have_no_gradients_or_optimizer_state():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8).requires_grad_(False), nn.GELU(), nn.Linear(8, 2))
+    desc = describe_module(model, torch.randn(2, 4))
+    trained = 8 * 2 + 2
+    assert desc.params == 4 * 8 + 8 + trained and desc.layers[0].frozen == 4 * 8 + 8
+    for kw, opt in ((dict(), 2 * FP32 * trained), (dict(dp=2, zero=1), 3 * FP32 * trained / 2)):
+        mem = predict(Plan(batch=2, **kw), desc, Unit(desc), FREE).memory[0]
+        assert mem["parameters"] == desc.params * FP32
+        assert mem["gradients"] == trained * FP32 and mem["optimizer"] == opt
+
+
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 @pytest.mark.parametrize("p, m", [(2, 2), (4, 4), (4, 8), (5, 5)])
 def test_bubble_of_an_unseen_deep_model(described, schedule, p, m):
@@ -354,14 +366,14 @@ def test_batch_one_and_one_rank(described):
 
 def test_plans_that_cannot_divide_are_refused_with_reasons(described):
     gpt = describe_transformer(n_layer=4, d=24, n_head=6, vocab=48, seq=8)
-    with pytest.raises(PlanError, match="tp=4 does not split"):
+    with pytest.raises(PlanError, match="tp=4 does not split model 'gpt-L4-d24' \\(n_head=6, d=24, vocab=48\\)"):
         predict(Plan(batch=4, tp=4), gpt, Unit(gpt), FREE)
     with pytest.raises(PlanError, match="8 pipeline stages do not divide the model's 4 blocks"):
         predict(Plan(batch=8, pp=8, microbatches=8), gpt, Unit(gpt), FREE)
     one = described["one layer"]
     with pytest.raises(PlanError, match="2 pipeline stages for 1 layers"):
         predict(Plan(batch=2, pp=2, microbatches=2), one, Unit(one), FREE)
-    with pytest.raises(PlanError, match="tp=2 does not split"):
+    with pytest.raises(PlanError, match="tp=2 does not split .* no tensor-parallel layout"):
         predict(Plan(batch=2, tp=2), described["llama"], Unit(described["llama"]), FREE)
     assert all(p.pp == 1 for p in enumerate_plans(one, 2, 4))
 

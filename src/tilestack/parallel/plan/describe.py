@@ -52,6 +52,7 @@ class LayerDesc:
     out_bytes       bytes of the layer's output (what a pipeline stage sends to the next)
     tp_comm_bytes   bytes all-reduced over the tp group per forward collective (each of TP_ALLREDUCES_FWD)
 selective_flops forward FLOPs recomputed under selective recompute (attention scores, softmax, times V)
+    frozen          of ``params``, those that do not require grad (no gradient, no optimizer state)
     buffer_bytes    bytes of the layer's buffers (BatchNorm's running statistics, a rotary table): every rank that
                     holds the layer keeps them whole
     kind            "embed", "block", "head" or "layer" (a measured module's child)
@@ -70,6 +71,7 @@ selective_flops forward FLOPs recomputed under selective recompute (attention sc
     tp_comm_bytes: float = 0.0
     selective_flops: float = 0.0
     buffer_bytes: float = 0.0
+    frozen: int = 0
 
     @property
     def tp_able(self) -> bool:
@@ -475,6 +477,7 @@ def describe_module(module: Any, example_input: Any, *, layers: Sequence[tuple[s
         seen_names[call.name] = k + 1
         out.append(LayerDesc(name=call.name if k == 0 else f"{call.name}#{k + 1}",
                              params=sum(p.numel() for p in params), tensors=len(params),
+                             frozen=sum(p.numel() for p in params if not p.requires_grad),
                              flops_fwd=flops * per, matmul_flops=matmul * per,
                              act_bytes={"none": saved * per, "selective": saved * per, "full": saved_full * per},
                              out_bytes=call.out_bytes * per,
@@ -486,6 +489,7 @@ def describe_module(module: Any, example_input: Any, *, layers: Sequence[tuple[s
     if rest or rest_buffers:
         first = out[0]
         out[0] = dataclasses.replace(first, params=first.params + sum(p.numel() for p in rest),
+                                     frozen=first.frozen + sum(p.numel() for p in rest if not p.requires_grad),
                                      tensors=first.tensors + len(rest),
                                      buffer_bytes=first.buffer_bytes + rest_buffers)
     return ModelDesc(name=name or type(module).__name__, layers=tuple(out), seq=seq, dtype_bytes=dtype_bytes)

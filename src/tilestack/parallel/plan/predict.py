@@ -148,7 +148,10 @@ class Plan:
             raise PlanError(f"Plan: batch={self.batch} is not divisible by dp*dp_shard*microbatches="
                             f"{self.dp * self.dp_shard * self.microbatches}; expected whole micro-batches")
         if not desc.tp_divides(self.tp):
-            raise PlanError(f"Plan: tp={self.tp} does not split model {desc.name!r} (heads, width, vocabulary)")
+            why = (f"n_head={desc.n_head}, d={desc.d}, vocab={desc.vocab}" if desc.tp_able else
+                   "its layers have no tensor-parallel layout (expected tp=1)")
+            raise PlanError(f"Plan: tp={self.tp} does not split model {desc.name!r} ({why}); expected a tp that "
+                            "divides the heads, the width and the vocabulary")
         if not desc.layers:
             raise PlanError(f"Plan: model {desc.name!r} has no layers; expected a description with at least one")
         if self.bounds is not None and (not isinstance(self.bounds, tuple | list) or any(
@@ -331,11 +334,13 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
     ranks = range(plan.pp)
     rank_stages = [[s for s in range(plan.n_stages) if s % plan.pp == r] for r in ranks]
     rank_params = [sum(_local_params(desc.layers[i], tp) for s in rs for i in stages[s]) for rs in rank_stages]
+    rank_trained = [rank_params[r] - sum(desc.layers[i].frozen for s in rs for i in stages[s])
+                    for r, rs in enumerate(rank_stages)]
     rank_tensors = [sum(desc.layers[i].tensors for s in rs for i in stages[s]) for rs in rank_stages]
     # data-parallel gradient reduction (slowest rank), then ZeRO's all-gather of the parameters
     dp_s = []
     for r in ranks:
-        grad_bytes = rank_params[r] / shard * e
+        grad_bytes = rank_trained[r] / shard * e
         t = 0.0
         if plan.dp > 1:
             if plan.zero == 2:
@@ -343,14 +348,14 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
             else:
                 t = sync("all_reduce", grad_bytes, plan.dp, tp * shard)
             if plan.zero:
-                t += sync("all_gather", rank_params[r] * e, plan.dp, tp * shard)
+                t += sync("all_gather", rank_trained[r] * e, plan.dp, tp * shard)
         dp_s.append(t)
     dp_exposed = max(dp_s) * (1 - overlap_dp)
     owner = plan.dp if plan.zero else 1
     every = compute.contention(plan.world_size)          # every rank steps its optimizer at once
     # DTensor parameters (tp, FSDP2) cost their AdamW ops' dispatch on top, per tensor (overhead.py)
     dtensor = compute.overhead("fsdp optimizer") if shard > 1 else compute.overhead("tp optimizer") if tp > 1 else 0.0
-    opt_s = max(compute.optimizer_s(rank_params[r] / shard / owner, rank_tensors[r]) + rank_tensors[r] * dtensor
+    opt_s = max(compute.optimizer_s(rank_trained[r] / shard / owner, rank_tensors[r]) + rank_tensors[r] * dtensor
                 for r in ranks) * every
     if plan.zero:
         opt_s += compute.overhead("zero") * every
@@ -459,18 +464,21 @@ def _memory(plan: Plan, desc: ModelDesc, stages: list[range], my_stages: list[in
     beside the gradients (the loop makes it and a quotient one tensor at a time: not charged)."""
     e = desc.dtype_bytes
     local = params / plan.dp_shard
-    grads = local * e
-    optimizer = ADAM_MOMENTS * local * e
+    # frozen parameters (requires_grad=False) have no gradient and no optimizer state
+    frozen = sum(desc.layers[i].frozen for s in my_stages for i in stages[s]) / plan.dp_shard
+    trained = local - frozen
+    grads = trained * e
+    optimizer = ADAM_MOMENTS * trained * e
     transient = 0.0
-    after = local * e if multi_tensor else 0.0
+    after = trained * e if multi_tensor else 0.0
     if plan.zero:
         # ZeroOptimizer: an f32 master copy of this rank's 1/dp slice and AdamW's two f32 moments of it; the
         # reduced gradient slice beside the full gradients (ZeRO-1), or in their place once a bucket is reduced
         # (ZeRO-2: at most one bucket of full gradients alive); the master's f32 gradient during the step
-        owned = local / plan.dp
+        owned = trained / plan.dp
         optimizer = owned * FP32_BYTES * (1 + ADAM_MOMENTS)
-        bucket = min(local, ZERO_BUCKET_NUMEL)
-        grads = (local if plan.zero == 1 else bucket) * e
+        bucket = min(trained, ZERO_BUCKET_NUMEL)
+        grads = (trained if plan.zero == 1 else bucket) * e
         # reducing a bucket: its gradients flattened (a copy), padded (another) for ZeRO-1's all-reduce; for
         # ZeRO-2 one copy goes to the reduce-scatter; then the slice and the master's f32 gradient
         after = ZERO_FLAT_COPIES[plan.zero] * bucket * e + owned * e + owned * FP32_BYTES

@@ -48,10 +48,16 @@ def factorizations(n: int, parts: int) -> Iterator[tuple[int, ...]]:
     if parts == 1:
         yield (n,)
         return
-    for f in range(1, n + 1):
-        if n % f == 0:
-            for rest in factorizations(n // f, parts - 1):
-                yield (f, *rest)
+    for f in _divisors(n):
+        for rest in factorizations(n // f, parts - 1):
+            yield (f, *rest)
+
+
+@functools.cache
+def _divisors(n: int) -> tuple[int, ...]:
+    """The divisors of ``n``, ascending (trial division up to sqrt(n): a world of a million ranks is instant)."""
+    small = [f for f in range(1, math.isqrt(n) + 1) if n % f == 0]
+    return tuple(small + [n // f for f in reversed(small) if f * f != n])
 
 
 def check_world(world_size: Any) -> int:
@@ -375,11 +381,20 @@ def plan_stage_cost(desc: ModelDesc, compute: ComputeModel, comm: CommModel, *, 
     one-stage plan of the best intra-operator layout (dp x dp_shard x tp = d, sp, recompute), per micro-batch of
     batch / microbatches samples (forward + backward + its collectives + its share of the gradient reduction and
     optimizer step), with ``stages_after`` more micro-batches' activations in flight (1F1B), under the limit."""
+    _check_desc("plan_stage_cost", desc)
+    _positive_int("plan_stage_cost", "batch", batch, "samples per step")
+    _positive_int("plan_stage_cost", "microbatches", microbatches, "micro-batches per step")
     micro = batch // microbatches
+    if not micro:
+        raise PlanError(f"plan_stage_cost: batch={batch} in microbatches={microbatches}; expected at least one "
+                        "sample per micro-batch")
 
-    def cost(k: int, i: int, d: int, after: int):
+    @functools.cache
+    def layouts(k: int, i: int, d: int) -> tuple[tuple[float, str, float, float], ...]:
+        """(seconds per micro-batch, label, peak bytes, activation bytes) of every layout of layers [k, i) on d
+        devices: predicted once, whatever the number of stages after it (that only changes the memory test)."""
         sub = dataclasses.replace(desc, layers=desc.layers[k:i])
-        best = None
+        out = []
         for dp, shard, tp in factorizations(d, 3):
             if micro % (dp * shard) or not sub.tp_divides(tp):
                 continue
@@ -390,14 +405,19 @@ def plan_stage_cost(desc: ModelDesc, compute: ComputeModel, comm: CommModel, *, 
                         p = predict(plan, sub, _Offset(compute, k), comm)
                     except PlanError:
                         continue
-                    total = p.memory_bytes + p.memory[0]["activations"] * after
-                    if memory_limit is not None and total > memory_limit:
-                        continue
                     # gradient sync and optimizer once per step: a 1/microbatches share per micro-batch
                     t = (p.step_s - p.terms["optimizer"] - p.terms["dp comm"]) + \
                         (p.terms["optimizer"] + p.terms["dp comm"]) / microbatches
-                    if best is None or t < best[0]:
-                        best = (t, plan.label())
+                    out.append((t, plan.label(), p.memory_bytes, p.memory[0]["activations"]))
+        return tuple(out)
+
+    def cost(k: int, i: int, d: int, after: int):
+        best = None
+        for t, label, peak, act in layouts(k, i, d):
+            if memory_limit is not None and peak + act * after > memory_limit:
+                continue
+            if best is None or t < best[0]:
+                best = (t, label)
         return best
 
     return cost
