@@ -671,6 +671,7 @@ def test_cli_plans_an_unseen_module(tmp_path, device):
     ([*GPT_ARGS, "--rank-by", "goodput", "--noise-scale", "inf"], "--noise-scale inf"),
     ([*GPT_ARGS, "--rank-by", "goodput", "--noise-scale", "4", "--base-batch", "-2"], "--base-batch -2"),
     ([*GPT_ARGS, "--comm", "nosuch"], "--comm 'nosuch'"),
+    ([*GPT_ARGS, "--device", "h100-sxm", "--measure", "2"], "--measure 2 with --device h100-sxm"),
     ([*GPT_ARGS, "--memory-limit", "nan"], "--memory-limit 'nan'"),
     ([*GPT_ARGS, "--batch", ""], "--batch ''"),
     ([*GPT_ARGS, "--batch", "0,4"], "--batch '0,4'"),

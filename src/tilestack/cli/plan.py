@@ -107,6 +107,10 @@ def plan_command(
         raise PlanError(f"--out {out!r} is a directory; expected the plan file's path")
     if figures and Path(figures).exists() and not Path(figures).is_dir():
         raise PlanError(f"--figures {figures!r} is a file; expected a directory for timeline.png and memory.png")
+    if measure and (target or device != "cpu"):
+        raise PlanError(f"--measure {measure} with {'--target ' + repr(target) if target else '--device ' + device}; "
+                        "expected --device cpu and tilestack's GPT (--model or --layers): the measured runs are "
+                        "tilestack train's gloo processes here")
     if comm and device == "cpu":
         from tilestack.parallel.plan import load_comm
         if load_comm(comm) is None:
