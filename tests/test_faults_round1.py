@@ -313,8 +313,6 @@ def test_a_result_store_that_is_no_database_is_named_by_bench(tmp_path, content,
     assert db.read_bytes() == content                # nothing overwritten
 
 
-@pytest.mark.xfail(strict=True, reason="perf/store.py (not this round's file): Store() lets sqlite3.DatabaseError "
-                                       "out for a file that is not a database; `tilestack compare` then crashes")
 def test_the_perf_store_names_a_file_that_is_no_database(tmp_path):
     from tilestack.perf.store import Store
 

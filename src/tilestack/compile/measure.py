@@ -94,8 +94,11 @@ def _store(key: str, entry: dict) -> None:
             pass
         merged.update(_memory)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(merged, indent=1, sort_keys=True))
-        tmp.replace(path)                      # atomic: a reader never sees half a file
+        try:
+            tmp.write_text(json.dumps(merged, indent=1, sort_keys=True))
+            tmp.replace(path)                  # atomic: a reader never sees half a file
+        finally:
+            tmp.unlink(missing_ok=True)        # a failed write leaves no temp file behind
     except OSError as e:                       # a read-only cache costs a measurement next run, not this one
         warnings.warn(f"tilestack.compile.measure: cannot write {path} ({e})", stacklevel=3)
 

@@ -158,11 +158,16 @@ class Store:
         # isolation_level=None: autocommit, transactions opened explicitly with BEGIN IMMEDIATE.
         self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
         self._db.row_factory = sqlite3.Row
-        self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against process kills
-        self._db.executescript(_SCHEMA)
-        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        try:
+            self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against process kills
+            self._db.executescript(_SCHEMA)
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        except sqlite3.DatabaseError as e:   # a file that is not a SQLite database (or a damaged one): said, not raw
+            self._db.close()
+            raise StoreError(f"result store {self.path} is not a readable SQLite database ({e}); move it aside "
+                             "(its results are lost to tilestack) or pass another path") from e
 
     # --- plumbing -------------------------------------------------------------------------------------------
     @contextlib.contextmanager
