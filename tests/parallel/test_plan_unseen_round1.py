@@ -345,7 +345,9 @@ def test_search_on_a_device_not_here(name, described, device):
         p = r.prediction
         assert math.isfinite(p.step_s) and p.step_s > 0
         assert sum(p.terms.values()) == pytest.approx(p.step_s)
-        for mem, peak in zip(p.memory, p.peaks, strict=True):
+        for rank, (mem, peak) in enumerate(zip(p.memory, p.peaks, strict=True)):
+            _, parts = p.at_peak(rank)
+            assert sum(parts.values()) == pytest.approx(peak) and min(parts.values()) >= 0
             assert all(math.isfinite(mem[c]) and mem[c] >= 0 for c in MEMORY_COMPONENTS)
             always = mem["parameters"] + mem["buffers"] + mem["optimizer"]
             assert peak >= always + max(mem["activations"], mem["gradients"]) - 1e-6
@@ -386,6 +388,13 @@ def test_plan_file_round_trips(tmp_path, described):
     assert spec["nproc"] == 2 and spec["parallel"] == best.plan.parallel_kwargs() and spec["model"] == desc.config
     assert spec["predicted"]["step_s"] == pytest.approx(best.step_s)
     assert spec["predicted"]["memory_bytes"] == pytest.approx(best.prediction.memory_bytes)
+    assert sum(spec["predicted"]["memory_at_peak"].values()) == pytest.approx(best.prediction.memory_bytes)
+    for r in ranked:                                     # a GPT's components at its peak add up too, every rank
+        for rank, peak in enumerate(r.prediction.peaks):
+            moment, parts = r.prediction.at_peak(rank)
+            assert sum(parts.values()) == pytest.approx(peak), (r.plan.label(), moment)
+    with pytest.raises(PlanError, match="rank=5"):
+        best.prediction.at_peak(5)
     # a module's plan is written, but tilestack train refuses it by name
     llama = described["llama"]
     path = write_plan(choose(search(llama, Unit(llama), FREE, world_size=2, batch=2)).prediction, llama,

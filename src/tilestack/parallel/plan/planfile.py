@@ -41,7 +41,8 @@ def plan_dict(pred: Prediction, desc: ModelDesc, *, device: str, peak_flops: flo
         "device": device,
         "runnable": pred.runnable,
         "predicted": {"step_s": pred.step_s, "memory_bytes": pred.memory_bytes, "terms": pred.terms,
-                      "bound": pred.bound, "memory_per_rank": pred.memory, "mfu": pred.mfu(peak_flops)},
+                      "bound": pred.bound, "memory_per_rank": pred.memory, "mfu": pred.mfu(peak_flops),
+                      "peak_moment": pred.at_peak()[0], "memory_at_peak": pred.at_peak()[1]},
     }
 
 

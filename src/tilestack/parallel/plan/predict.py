@@ -32,7 +32,7 @@ micro-batch's backward: the last stage's logits), times the micro-batch, times t
 keeps in flight on that rank (the simulator's count); transient buffers: one block rebuilt under full
 recompute, FSDP2's gathered units and gradient copies, a pipeline stage's receive buffers (one per micro-batch in
 torch's PipelineStage). The Trainer runs the schedule with return_outputs=False, so no logits are kept past a
-micro-batch's backward. The peak (``_peak``) is parameters + optimizer + the largest of three moments: the first
+micro-batch's backward. The peak (``peak_parts``) is parameters + optimizer + the largest of three moments: the first
 backward begins (activations in flight and cross-entropy's gradients, no parameter gradient yet), a forward
 after a backward (1F1B's steady state, beside the gradients), after backward.
 """
@@ -219,6 +219,15 @@ class Prediction:
     def bound(self) -> str:
         """The largest term of the step."""
         return max(self.terms, key=lambda k: self.terms[k])
+
+    def at_peak(self, rank: int | None = None) -> tuple[str, dict[str, float]]:
+        """The moment of pipeline rank ``rank``'s peak (default: the largest rank's) and the bytes alive then by
+        component, which add up to its peak."""
+        if rank is None:
+            rank = max(range(len(self.peaks)), key=lambda r: self.peaks[r])
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < len(self.memory):
+            raise PlanError(f"Prediction.at_peak: rank={rank!r}; expected a pipeline rank in [0, {len(self.memory)})")
+        return peak_parts(self.memory[rank])
 
     @property
     def memory_bytes(self) -> float:
@@ -415,23 +424,35 @@ def _check_inputs(plan: Any, desc: Any, compute: Any, comm: Any, overlap_dp: Any
 
 
 def _peak(mem: dict[str, float]) -> float:
-    """The rank's peak: parameters, buffers and optimizer state always, and the largest of three moments (the previous
-    step's gradients were freed, so none are alive before the first backward):
-    - its first backward begins: the activations of every micro-batch in flight, the loss's gradient (the last
-      stage), the transient buffers, FSDP's gathered root;
-    - a later forward (1F1B's steady state): the micro-batches in flight again, now beside the gradients;
-    - after backward: the gradients and what comes after them (ZeRO's gradient slice and f32 master gradient);
-    - under full recompute, a block's forward replayed in the backward: the activations in flight less one
-      micro-batch's head (its backward ran first), the block's rebuilt activations, and the gradients (an upper
-      bound: those of the layers after it)."""
-    start = mem["activations"] + mem["loss gradient"] + mem["transient"] + mem["fsdp at first backward"]
-    steady = mem["activations after a backward"] + mem["gradients"] + mem["transient"] + mem["fsdp buffers"]
-    after = mem["gradients"] + mem["after backward"]
-    replay = 0.0
+    """The rank's peak: the bytes alive at its largest moment (``peak_parts``)."""
+    return sum(peak_parts(mem)[1].values())
+
+
+def peak_parts(mem: dict[str, float]) -> tuple[str, dict[str, float]]:
+    """The rank's largest moment and what is alive then, by component (they add up to the peak): parameters,
+    buffers and optimizer state always, and the largest of these moments (the previous step's gradients were
+    freed, so none are alive before the first backward):
+    - "first backward": the activations of every micro-batch in flight, the loss's gradient (the last stage), the
+      transient buffers, FSDP's gathered root;
+    - "steady forward" (1F1B's steady state): the micro-batches in flight again, now beside the gradients;
+    - "after backward": the gradients and what comes after them (ZeRO's gradient slice and f32 master gradient);
+    - "replayed block" (full recompute): a block's forward replayed in the backward: the activations in flight
+      less one micro-batch's head (its backward ran first), the block's rebuilt activations, and the gradients (an
+      upper bound: those of the layers after it)."""
+    always = {"parameters": mem["parameters"], "buffers": mem["buffers"], "optimizer": mem["optimizer"]}
+    moments = {
+        "first backward": {"activations": mem["activations"], "loss gradient": mem["loss gradient"],
+                           "transient": mem["transient"] + mem["fsdp at first backward"]},
+        "steady forward": {"activations": mem["activations after a backward"], "gradients": mem["gradients"],
+                           "transient": mem["transient"] + mem["fsdp buffers"]},
+        "after backward": {"gradients": mem["gradients"], "after backward": mem["after backward"]},
+    }
     if mem.get("replayed block", 0.0) > 0:
-        replay = (mem["activations"] - mem["head's saved"] + mem["replayed block"] + mem["gradients"]
-                  + mem["transient"] + mem["fsdp buffers"])
-    return mem["parameters"] + mem["buffers"] + mem["optimizer"] + max(start, steady, after, replay)
+        moments["replayed block"] = {
+            "activations": mem["activations"] - mem["head's saved"] + mem["replayed block"],
+            "gradients": mem["gradients"], "transient": mem["transient"] + mem["fsdp buffers"]}
+    moment = max(moments, key=lambda k: sum(moments[k].values()))
+    return moment, always | moments[moment]
 
 
 def _local_params(layer: Any, tp: int) -> float:
