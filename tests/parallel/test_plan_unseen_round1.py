@@ -395,6 +395,13 @@ def test_plan_file_round_trips(tmp_path, described):
             assert sum(parts.values()) == pytest.approx(peak), (r.plan.label(), moment)
     with pytest.raises(PlanError, match="rank=5"):
         best.prediction.at_peak(5)
+    for kw, match in ((dict(peak_flops=math.nan), "peak_flops=nan"), (dict(device=None), "device=None")):
+        with pytest.raises(PlanError, match=match):
+            write_plan(best.prediction, desc, tmp_path / "bad.json", **kw)
+    with pytest.raises(PlanError, match="path="):
+        write_plan(best.prediction, desc, tmp_path)
+    with pytest.raises(PlanError, match="pred=Ranked"):
+        write_plan(best, desc, tmp_path / "p.json")
     # a module's plan is written, but tilestack train refuses it by name
     llama = described["llama"]
     path = write_plan(choose(search(llama, Unit(llama), FREE, world_size=2, batch=2)).prediction, llama,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,11 @@ def write_plan(pred: Prediction, desc: ModelDesc, path: str | Path, *, device: s
         raise PlanError(f"write_plan: pred={type(pred).__name__}, desc={type(desc).__name__}; expected a Prediction "
                         "(search's ranked[i].prediction) and the ModelDesc it predicts")
     pred.plan.check(desc)                     # the description the prediction was made for
+    if not isinstance(device, str) or not device:
+        raise PlanError(f"write_plan: device={device!r}; expected the device name the plan was made for")
+    if peak_flops is not None and (isinstance(peak_flops, bool) or not isinstance(peak_flops, int | float)
+                                   or not 0 < peak_flops < math.inf):
+        raise PlanError(f"write_plan: peak_flops={peak_flops!r}; expected None or a positive, finite FLOP/s")
     if not isinstance(path, str | Path) or not str(path) or Path(path).is_dir():
         raise PlanError(f"write_plan: path={path!r}; expected a file path (not a directory)")
     path = Path(path)
