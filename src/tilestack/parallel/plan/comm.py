@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -223,7 +224,12 @@ def measure_gloo(world_sizes: Sequence[int] = (2, 4), sizes: Sequence[int] = DEF
     if store:
         path = comm_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(model.to_json(), indent=1))
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")       # atomic: a kill mid-write keeps the previous fit
+        try:
+            tmp.write_text(json.dumps(model.to_json(), indent=1))
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return model
 
 
