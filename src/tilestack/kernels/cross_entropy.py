@@ -137,12 +137,13 @@ def check_ce_args(fn: str, x, weight, labels, ignore_index) -> None:
     if not 0 < weight.shape[0] < MAX_EXACT_VOCAB:
         raise LaunchError(f"{fn}: the vocabulary weight.shape[0] = {weight.shape[0]}; expected 1 .. "
                           f"{MAX_EXACT_VOCAB - 1}")
-    bits = torch.iinfo(labels.dtype)       # an ignore_index past the labels' range wraps in their comparison
+    # Any int the labels can hold, a class among them (as torch: rows of that label are left out of the mean,
+    # a scale of 0 in the kernel); one past the labels' range would wrap in their comparison
+    bits = torch.iinfo(labels.dtype)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral) or \
-            0 <= ignore_index < weight.shape[0] or not bits.min <= ignore_index <= bits.max:
-        raise LaunchError(f"{fn}: ignore_index must be an int outside 0..V-1 = 0..{weight.shape[0] - 1} (a label "
-                          f"that is never a class) and within the labels' {labels.dtype} range, got "
-                          f"{ignore_index!r}")
+            not bits.min <= ignore_index <= bits.max:
+        raise LaunchError(f"{fn}: ignore_index must be an int within the labels' {labels.dtype} range, got "
+                          f"{ignore_index!r} (expected {bits.min}..{bits.max})")
     check_same_device(fn, x=x, weight=weight, labels=labels)
 
 
