@@ -99,11 +99,11 @@ def open_store(db: str | Path | None = None):
     file that is not a SQLite database, a read-only folder) is a RecordError that names it and says what to do."""
     import sqlite3
 
-    from tilestack.perf.store import Store, default_path
+    from tilestack.perf.store import Store, StoreError, default_path
 
     try:
         return Store(db)
-    except sqlite3.DatabaseError as e:
+    except (sqlite3.DatabaseError, StoreError) as e:     # Store names a file that is not a database itself
         raise RecordError(f"result store {str(db or default_path())!r} cannot be opened ({type(e).__name__}: {e}): "
                           "a file that is not a SQLite database (garbage, a truncated copy) is to be moved aside (a "
                           "new store is started there); a read-only folder wants another --db or TILESTACK_CACHE_DIR"
