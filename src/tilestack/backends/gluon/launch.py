@@ -50,6 +50,7 @@ class Binding:
         self.template: list = []
         self.fill: list[tuple[int, int, list | None, object]] = []   # (position, argument, box, layout)
         self.pointers: list[tuple[int, int]] = []
+        self.tensor_slots: set[int] = set()     # positions among the pointers that take a tensor (not a scalar)
         self.descriptors: list[tuple[int, int, list, list, list]] = []
         for how in low.binding:
             kind, i = how[0], how[1]
@@ -57,6 +58,8 @@ class Binding:
             if kind in ("ptr", "scalar"):
                 self.fill.append((pos, i, None, None))
                 self.pointers.append((pos, i))
+                if kind == "ptr":
+                    self.tensor_slots.add(pos)
                 self.template.append(None)
             elif kind == "dim":
                 self.template.append(int(args[i].shape[how[2]]))

@@ -193,12 +193,15 @@ class Launcher:
         # the flat argument list: sizes and strides are fixed by the signature, pointers and descriptors are not
         self.template: list = []
         self.pointers: list[tuple[int, int]] = []          # (position in template, argument index)
+        self.tensor_slots: set[int] = set()                 # positions among them that take a tensor's address
         self.descriptors: list[tuple[int, int, list, list, list]] = []   # (+ shape, strides, block)
         for how in low.binding:
             kind, i = how[0], how[1]
             pos = len(self.template)
             if kind in ("ptr", "scalar"):
                 self.pointers.append((pos, i))
+                if kind == "ptr":
+                    self.tensor_slots.add(pos)
                 self.template.append(None)
             elif kind == "dim":
                 self.template.append(int(args[i].shape[how[2]]))
@@ -328,8 +331,11 @@ class _DirectLaunch:
         self.device_index = device_index
         self.nvtx = (torch.cuda.nvtx.range_push, torch.cuda.nvtx.range_pop, launcher.label)
         meta = list(getattr(compiled.metadata, "tensordesc_meta", None) or [None] * len(launcher.descriptors))
-        # the expanded argument list: fixed values, and slots filled per call
-        self.template, self.pointers, self.tma = [], [], []
+        # the expanded argument list: fixed values, and slots filled per call. A tensor goes in as its address (an
+        # int): Triton's C launcher then takes it as is, where for a tensor it calls data_ptr() and asks the driver
+        # (cuPointerGetAttribute) whether the address is a device one, about a microsecond per pointer per launch;
+        # the signature already fixed every tensor's device, checked when it was planned
+        self.template, self.pointers, self.addresses, self.tma = [], [], [], []
         by_pos = {pos: d for d, (pos, *_rest) in enumerate(launcher.descriptors)}
         for pos, value in enumerate(launcher.template):
             if pos in by_pos:
@@ -340,7 +346,8 @@ class _DirectLaunch:
                 self.tma.append((len(self.template), i, shape, strides, block, m, {}))
                 self.template.extend([None, *shape, *strides])
             elif value is None:
-                self.pointers.append((len(self.template), next(i for p, i in launcher.pointers if p == pos)))
+                slot = (len(self.template), next(i for p, i in launcher.pointers if p == pos))
+                (self.addresses if pos in launcher.tensor_slots else self.pointers).append(slot)
                 self.template.append(None)
             else:
                 self.template.append(value)
@@ -350,6 +357,8 @@ class _DirectLaunch:
 
     def __call__(self, grid, args) -> None:
         out = self.template.copy()
+        for pos, i in self.addresses:
+            out[pos] = args[i].data_ptr()
         for pos, i in self.pointers:
             out[pos] = args[i]
         for pos, i, shape, strides, block, meta, cache in self.tma:
