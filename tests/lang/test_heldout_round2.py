@@ -16,29 +16,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from heldout_support import BACKENDS, BF, I32, I64, ints, launch, meta, randn, wrap
 from sm90a_compile import check_triton_sm90a, compile_gluon_sm90a
 
 import tilestack.lang as ts
-from tilestack import config
 from tilestack.errors import LaunchError, TileDTypeError, TraceError
 
-BACKENDS = ("reference", "triton")
-BF = torch.bfloat16
 POISON = -12345          # no integer result below can be this
 M32 = 0xFFFFFFFF
-
-
-def launch(kernel, backend, *args, **consts) -> None:
-    with config.override(triton_interpret=True):
-        kernel(*args, backend=backend, **consts)
-
-
-def randn(rng, *shape, dtype=torch.float32) -> torch.Tensor:
-    return torch.from_numpy(rng.standard_normal(shape)).to(dtype)
-
-
-def ints(rng, lo, hi, shape, dtype) -> torch.Tensor:
-    return torch.from_numpy(rng.integers(lo, hi, shape, dtype=np.int64)).to(dtype)
 
 
 def as_i32(u: np.ndarray) -> np.ndarray:
@@ -67,10 +52,6 @@ def int_unary(X, Out, *, FN: str, N: int = 64):
     ts.load(x, X, at=(0,))
     getattr(ts, FN)(x, x)
     ts.store(Out, x, at=(0,))
-
-
-def _wrap(v: int, bits: int) -> int:
-    return (v + 2 ** (bits - 1)) % 2**bits - 2 ** (bits - 1)
 
 
 def _c_int(fn: str, a: int, b: int) -> int:
@@ -103,7 +84,7 @@ def test_integer_ops_swept(backend, dt, fn, const, rng):
     out = torch.full((4, 16), 7, dtype=tdt)
     launch(int_binary, backend, x, y, out, FN=fn, CONST=k)
     ys = [[k] * 16] * 4 if const else y.tolist()
-    want = [[_wrap(_wrap(_c_int(fn, a, b), work), bits) for a, b in zip(ra, rb, strict=True)]
+    want = [[wrap(wrap(_c_int(fn, a, b), work), bits) for a, b in zip(ra, rb, strict=True)]
             for ra, rb in zip(x.tolist(), ys, strict=True)]
     assert out.tolist() == want
 
@@ -120,7 +101,7 @@ def test_integer_unary_ops_swept(backend, dt, fn, rng):
     launch(int_unary, backend, x, out, FN=fn)
     bits = 8 * tdt.itemsize
     f = {"abs": abs, "neg": lambda v: -v, "relu": lambda v: max(v, 0)}[fn]
-    assert out.tolist() == [_wrap(f(v), bits) for v in x.tolist()]
+    assert out.tolist() == [wrap(f(v), bits) for v in x.tolist()]
 
 
 # ---- 1. a 32-bit integer hash (murmur3's finalizer) on i32 tiles: products wrap, logical shifts by masking ---------
@@ -192,10 +173,6 @@ def int64_math(A, B, Prod, RowSum, Mixed, *, R: int = 4, C: int = 16):
     ts.store(Mixed, m, at=(0, 0))
 
 
-def wrap64(x: int) -> int:
-    return (x + 2**63) % 2**64 - 2**63
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_int64_products_wrap_exactly(backend, rng):
     R, C = 4, 16
@@ -206,10 +183,10 @@ def test_int64_products_wrap_exactly(backend, rng):
     rsum = torch.full((R,), POISON, dtype=torch.int64)
     launch(int64_math, backend, a, b, prod, rsum, mixed)
     A, B = a.tolist(), b.tolist()
-    want_p = [[wrap64(x * y) for x, y in zip(ra, rb, strict=True)] for ra, rb in zip(A, B, strict=True)]
+    want_p = [[wrap(x * y, 64) for x, y in zip(ra, rb, strict=True)] for ra, rb in zip(A, B, strict=True)]
     assert prod.tolist() == want_p
-    assert rsum.tolist() == [wrap64(sum(r)) for r in want_p]
-    want_m = [[wrap64((wrap64(x << 3) ^ (y >> 5) | (x & 0xFF)) - 2**62) for x, y in zip(ra, rb, strict=True)]
+    assert rsum.tolist() == [wrap(sum(r), 64) for r in want_p]
+    want_m = [[wrap((wrap(x << 3, 64) ^ (y >> 5) | (x & 0xFF)) - 2**62, 64) for x, y in zip(ra, rb, strict=True)]
               for ra, rb in zip(A, B, strict=True)]
     assert mixed.tolist() == want_m
 
@@ -652,10 +629,6 @@ def scalar_kinds(X, I, Y, J, a: float, n: int, trips: int, *, BN: int = 16):
     ts.store(J, acc, at=(k,))
 
 
-def wrap32(x: int) -> int:
-    return (x + 2**31) % 2**32 - 2**31
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("a", "n", "trips"), [(0.5, 0, 0), (-1.5, 1, 1), (1e30, -7, 3), (math.inf, 2**31 + 3, 2),
                                                (2.0, -(2**40) - 1, 1), (3, 5, 2),
@@ -669,8 +642,8 @@ def test_scalar_arguments_of_each_kind(backend, a, n, trips, rng):
     a, n, trips = float(a), int(n), int(trips)
     want = (x.double() * a).float().double() + n + trips      # x * a rounded to f32, then the ints added
     torch.testing.assert_close(y.double(), want.float().double(), rtol=1e-6, atol=1e-6)
-    n32 = wrap32(n)                                             # i32 work converts n to i32 first
-    assert j.tolist() == [wrap32(wrap32(v * n32) * trips + trips) for v in i.tolist()]
+    n32 = wrap(n, 32)                                             # i32 work converts n to i32 first
+    assert j.tolist() == [wrap(wrap(v * n32, 32) * trips + trips, 32) for v in i.tolist()]
 
 
 def test_scalar_arguments_are_checked_when_launched():
@@ -787,33 +760,28 @@ def test_integer_constants_past_31_bits_are_the_same_bits():
 
 
 # ---- 15. every kernel above compiled for Hopper (sm_90a) on this CPU, by Triton and by Gluon -----------------------
-def _meta(*shape, dtype=torch.float32) -> torch.Tensor:
-    return torch.empty(*shape, dtype=dtype, device="meta")
-
-
-I32, I64 = torch.int32, torch.int64
 AOT_CASES = {   # name -> (kernel, meta args, constants)
-    "hash_i32": (hash_i32, (_meta(256, 256, dtype=I32), _meta(256, 256, dtype=I32), 7), {}),
-    "int64_math": (int64_math, (*(_meta(4, 16, dtype=I64) for _ in range(3)), _meta(4, dtype=I64),
-                                _meta(4, 16, dtype=I64)), {}),
-    "int_divmod": (int_divmod, tuple(_meta(64, dtype=I32) for _ in range(6)), dict(DIVISOR=-3)),
-    "int_sugar": (int_sugar, (_meta(16, dtype=I64), _meta(16, dtype=I64), _meta(16, dtype=I32)), {}),
-    "hash_dropout": (hash_dropout, (_meta(256, 256), _meta(256, 256), 1, 40000, 1.25), dict(BM=64, BN=64)),
-    "row_topk": (row_topk, (_meta(256, 32), _meta(256, 4), _meta(256, 4, dtype=I64)), dict(K=4)),
-    "histogram": (histogram, (_meta(1000, dtype=I32), _meta(16, dtype=I32)), dict(BM=128)),
-    "axpy": (axpy, (_meta(256, 256), _meta(256, 256), _meta(256, 256), 0.5), {}),
-    "batched_scale_rowsum": (batched_scale_rowsum, (_meta(4, 128, 256), _meta(4, 128), _meta(4, 128, 256),
-                                                    _meta(4, 128)), dict(BM=64, BN=64)),
-    "tile_and_rowmax": (tile_and_rowmax, (_meta(256, 256), _meta(256, 256), _meta(32, 256)), {}),
-    "gemm_bias_bf16": (gemm_bias_bf16, (_meta(256, 256, dtype=torch.float16), _meta(256, 256, dtype=torch.float16),
-                                        _meta(256), _meta(256, 256, dtype=BF)), dict(BM=128, BN=128, BK=64)),
-    "masked_softmax": (masked_softmax, (_meta(256, 128), _meta(256, dtype=I32), _meta(256, 128), _meta(256),
-                                        _meta(256)), dict(BM=32, BN=128)),
-    "store_shared": (store_shared, (_meta(256, 256, dtype=BF), _meta(256, 256), _meta(4, 256)), {}),
-    "scalar_kinds": (scalar_kinds, (_meta(256), _meta(256, dtype=I32), _meta(256), _meta(256, dtype=I32), 0.5, 3, 2),
+    "hash_i32": (hash_i32, (meta(256, 256, dtype=I32), meta(256, 256, dtype=I32), 7), {}),
+    "int64_math": (int64_math, (*(meta(4, 16, dtype=I64) for _ in range(3)), meta(4, dtype=I64),
+                                meta(4, 16, dtype=I64)), {}),
+    "int_divmod": (int_divmod, tuple(meta(64, dtype=I32) for _ in range(6)), dict(DIVISOR=-3)),
+    "int_sugar": (int_sugar, (meta(16, dtype=I64), meta(16, dtype=I64), meta(16, dtype=I32)), {}),
+    "hash_dropout": (hash_dropout, (meta(256, 256), meta(256, 256), 1, 40000, 1.25), dict(BM=64, BN=64)),
+    "row_topk": (row_topk, (meta(256, 32), meta(256, 4), meta(256, 4, dtype=I64)), dict(K=4)),
+    "histogram": (histogram, (meta(1000, dtype=I32), meta(16, dtype=I32)), dict(BM=128)),
+    "axpy": (axpy, (meta(256, 256), meta(256, 256), meta(256, 256), 0.5), {}),
+    "batched_scale_rowsum": (batched_scale_rowsum, (meta(4, 128, 256), meta(4, 128), meta(4, 128, 256),
+                                                    meta(4, 128)), dict(BM=64, BN=64)),
+    "tile_and_rowmax": (tile_and_rowmax, (meta(256, 256), meta(256, 256), meta(32, 256)), {}),
+    "gemm_bias_bf16": (gemm_bias_bf16, (meta(256, 256, dtype=torch.float16), meta(256, 256, dtype=torch.float16),
+                                        meta(256), meta(256, 256, dtype=BF)), dict(BM=128, BN=128, BK=64)),
+    "masked_softmax": (masked_softmax, (meta(256, 128), meta(256, dtype=I32), meta(256, 128), meta(256),
+                                        meta(256)), dict(BM=32, BN=128)),
+    "store_shared": (store_shared, (meta(256, 256, dtype=BF), meta(256, 256), meta(4, 256)), {}),
+    "scalar_kinds": (scalar_kinds, (meta(256), meta(256, dtype=I32), meta(256), meta(256, dtype=I32), 0.5, 3, 2),
                      {}),
 }
-F32_MMA_CASES = {"col_cumsum": (col_cumsum, (_meta(256, 256), _meta(256, 256)), dict(BM=32, BN=32))}
+F32_MMA_CASES = {"col_cumsum": (col_cumsum, (meta(256, 256), meta(256, 256)), dict(BM=32, BN=32))}
 
 
 @pytest.mark.parametrize("name", [*AOT_CASES, *F32_MMA_CASES])

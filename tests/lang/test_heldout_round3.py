@@ -26,36 +26,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from heldout_support import BACKENDS, BF, F16, FLOATS, I8, I32, I64, close, ints, launch, meta, randn
 from sm90a_compile import check_triton_sm90a, compile_gluon_sm90a
 
 import tilestack.lang as ts
-from tilestack import config
 
-BACKENDS = ("reference", "triton")
-FLOATS = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-BF = torch.bfloat16
 POISON = -99                      # no integer result below can be this
 ROUND_MAGIC = 1.5 * 2.0**23       # x + MAGIC - MAGIC rounds an f32 |x| < 2**22 to an integer, half to even
 INT8_MAX = 127
-
-
-def launch(kernel, backend, *args, **consts) -> None:
-    with config.override(triton_interpret=True):
-        kernel(*args, backend=backend, **consts)
-
-
-def tol(dtype: torch.dtype) -> dict:
-    return {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
-            torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2), torch.float64: dict(rtol=1e-9, atol=1e-9)}[dtype]
-
-
-def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype | None = None, scale: float = 1.0) -> None:
-    t = tol(dtype or got.dtype)
-    torch.testing.assert_close(got.double(), want.double(), rtol=t["rtol"], atol=t["atol"] * scale, equal_nan=True)
-
-
-def randn(rng, *shape, dtype=torch.float32) -> torch.Tensor:
-    return torch.from_numpy(rng.standard_normal(shape)).to(dtype)
 
 
 # ---- 1. SwiGLU projection: silu(X @ Wg + bg) * (X @ Wu + bu), two accumulators fed by one K loop -------------------
@@ -715,10 +693,6 @@ def select_mixed(A, Bi, R, C, Y, Z, *, M: int = 8, N: int = 16):
     ts.store(Z, z, at=(0, 0))
 
 
-def ints(rng, lo, hi, shape, dtype) -> torch.Tensor:
-    return torch.from_numpy(rng.integers(lo, hi, shape)).to(dtype)
-
-
 def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """float64 or int64 values as ``dtype`` holds them: floats into integers truncated and saturated, NaN as 0."""
     if dtype.is_floating_point:
@@ -971,53 +945,48 @@ def test_float_scalars_are_f32_on_every_backend(a, rng):
 
 
 # ---- 16. every kernel above compiled for Hopper (sm_90a) on this CPU, by Triton and (where it lowers them) Gluon ----
-def _meta(*shape, dtype=torch.float32) -> torch.Tensor:
-    return torch.empty(*shape, dtype=dtype, device="meta")
-
-
-I8, I32, I64, F16 = torch.int8, torch.int32, torch.int64, torch.float16
 AOT_CASES = {   # name -> (kernel, meta args, constants)
-    "swiglu_linear": (swiglu_linear, (_meta(256, 256, dtype=BF), _meta(256, 256, dtype=BF), _meta(256, 256, dtype=BF),
-                                      _meta(256), _meta(256, dtype=BF), _meta(256, 256, dtype=BF)),
+    "swiglu_linear": (swiglu_linear, (meta(256, 256, dtype=BF), meta(256, 256, dtype=BF), meta(256, 256, dtype=BF),
+                                      meta(256), meta(256, dtype=BF), meta(256, 256, dtype=BF)),
                       dict(BM=128, BN=64, BK=64)),
-    "group_norm": (group_norm, (_meta(4, 8, 16, 1024, dtype=BF), _meta(8, 16), _meta(8, 16),
-                                _meta(4, 8, 16, 1024, dtype=BF), 1e-5), dict(BC=16, BL=128)),
-    "layernorm_dwdb": (layernorm_dwdb, (_meta(512, 256, dtype=BF), _meta(512, 256, dtype=BF), _meta(512), _meta(512),
-                                        _meta(256), _meta(256)), dict(BM=64, BN=64)),
-    "log_softmax_t": (log_softmax_t, (_meta(256, 4096, dtype=BF), _meta(256, 4096, dtype=BF), 0.7),
+    "group_norm": (group_norm, (meta(4, 8, 16, 1024, dtype=BF), meta(8, 16), meta(8, 16),
+                                meta(4, 8, 16, 1024, dtype=BF), 1e-5), dict(BC=16, BL=128)),
+    "layernorm_dwdb": (layernorm_dwdb, (meta(512, 256, dtype=BF), meta(512, 256, dtype=BF), meta(512), meta(512),
+                                        meta(256), meta(256)), dict(BM=64, BN=64)),
+    "log_softmax_t": (log_softmax_t, (meta(256, 4096, dtype=BF), meta(256, 4096, dtype=BF), 0.7),
                       dict(BM=16, BN=128)),
-    "cross_entropy_ls": (cross_entropy_ls, (_meta(256, 32000, dtype=BF), _meta(256, dtype=I64), _meta(256), -100,
+    "cross_entropy_ls": (cross_entropy_ls, (meta(256, 32000, dtype=BF), meta(256, dtype=I64), meta(256), -100,
                                             0.1), dict(BM=16, BN=128)),
-    "causal_conv1d": (causal_conv1d, (_meta(2, 1024, 256, dtype=BF), _meta(4, 256), _meta(256),
-                                      _meta(2, 1024, 256, dtype=BF)), dict(BT=16, BD=128)),
-    "masked_mean": (masked_mean, (_meta(8, 512, 256, dtype=BF), _meta(8, 512, dtype=I8), _meta(8, 256)),
+    "causal_conv1d": (causal_conv1d, (meta(2, 1024, 256, dtype=BF), meta(4, 256), meta(256),
+                                      meta(2, 1024, 256, dtype=BF)), dict(BT=16, BD=128)),
+    "masked_mean": (masked_mean, (meta(8, 512, 256, dtype=BF), meta(8, 512, dtype=I8), meta(8, 256)),
                     dict(BL=32, BD=128)),
-    "quantize_rows": (quantize_rows, (_meta(256, 1024, dtype=BF), _meta(256, 1024, dtype=I8), _meta(256)),
+    "quantize_rows": (quantize_rows, (meta(256, 1024, dtype=BF), meta(256, 1024, dtype=I8), meta(256)),
                       dict(BM=16, BN=128)),
-    "dequantize_rows": (dequantize_rows, (_meta(256, 1024, dtype=I8), _meta(256), _meta(256, 1024, dtype=BF)),
+    "dequantize_rows": (dequantize_rows, (meta(256, 1024, dtype=I8), meta(256), meta(256, 1024, dtype=BF)),
                         dict(BM=32, BN=128)),
-    "row_stats": (row_stats, (_meta(256, 1024, dtype=BF), _meta(256, dtype=torch.float64), _meta(256, dtype=I64),
-                              _meta(256, dtype=BF)), dict(BM=16, BN=128)),
-    "scaled_gemm": (scaled_gemm, (_meta(256, 256, dtype=F16), _meta(256, 256, dtype=F16), _meta(256), _meta(256),
-                                  _meta(256, 256, dtype=BF)), dict(BM=128, BN=128, BK=64)),
-    "select_mixed": (select_mixed, (_meta(8, 16, dtype=BF), _meta(8, 16, dtype=I32), _meta(8), _meta(16, dtype=I32),
-                                    _meta(8, 16, dtype=I32), _meta(8, 16, dtype=F16)), {}),
-    "ints_into_f32_work": (ints_into_f32_work, (_meta(4, 16), _meta(4, dtype=I32), _meta(16, dtype=I64),
-                                                _meta(4, 16)), {}),
-    "where_float_into_int": (where_float_into_int, (_meta(16, dtype=I8), _meta(16, dtype=I8), 0.5), {}),
-    "neg_recip": (neg_recip, (_meta(8, dtype=F16), _meta(8, dtype=F16)), {}),
-    "to_int_i8": (to_int, (_meta(32), _meta(32, dtype=I8)), {}),
-    "to_int_i64": (to_int, (_meta(32, dtype=BF), _meta(32, dtype=I64)), {}),
-    "float_scalars": (float_scalars, (_meta(4096), _meta(4096), _meta(4096), _meta(4096, dtype=torch.float64), 0.7),
+    "row_stats": (row_stats, (meta(256, 1024, dtype=BF), meta(256, dtype=torch.float64), meta(256, dtype=I64),
+                              meta(256, dtype=BF)), dict(BM=16, BN=128)),
+    "scaled_gemm": (scaled_gemm, (meta(256, 256, dtype=F16), meta(256, 256, dtype=F16), meta(256), meta(256),
+                                  meta(256, 256, dtype=BF)), dict(BM=128, BN=128, BK=64)),
+    "select_mixed": (select_mixed, (meta(8, 16, dtype=BF), meta(8, 16, dtype=I32), meta(8), meta(16, dtype=I32),
+                                    meta(8, 16, dtype=I32), meta(8, 16, dtype=F16)), {}),
+    "ints_into_f32_work": (ints_into_f32_work, (meta(4, 16), meta(4, dtype=I32), meta(16, dtype=I64),
+                                                meta(4, 16)), {}),
+    "where_float_into_int": (where_float_into_int, (meta(16, dtype=I8), meta(16, dtype=I8), 0.5), {}),
+    "neg_recip": (neg_recip, (meta(8, dtype=F16), meta(8, dtype=F16)), {}),
+    "to_int_i8": (to_int, (meta(32), meta(32, dtype=I8)), {}),
+    "to_int_i64": (to_int, (meta(32, dtype=BF), meta(32, dtype=I64)), {}),
+    "float_scalars": (float_scalars, (meta(4096), meta(4096), meta(4096), meta(4096, dtype=torch.float64), 0.7),
                       dict(BN=256)),
-    "exp_edges": (exp_edges, (_meta(4096, dtype=F16), _meta(4096, dtype=F16), _meta(4096, dtype=F16),
-                              _meta(4096, dtype=F16), _meta(4096, dtype=F16)), dict(BN=256)),
+    "exp_edges": (exp_edges, (meta(4096, dtype=F16), meta(4096, dtype=F16), meta(4096, dtype=F16),
+                              meta(4096, dtype=F16), meta(4096, dtype=F16)), dict(BN=256)),
 }
 F32_MMA_CASES = {   # products of f32 tiles: Triton only (Gluon's wgmma takes 16-bit operands)
-    "box_blur3_f32": (box_blur3, (_meta(512, 512), _meta(512, 512)), dict(B=16)),
-    "box_blur3_bf16": (box_blur3, (_meta(512, 512, dtype=BF), _meta(512, 512)), dict(B=32)),
-    "moe_top1": (moe_top1, (_meta(512, 8), _meta(8, 256), _meta(512, 256, dtype=BF), _meta(512, dtype=I32),
-                            _meta(512), _meta(512, 256, dtype=BF), _meta(8, dtype=I32)), dict(BM=64, BE=16, BD=64)),
+    "box_blur3_f32": (box_blur3, (meta(512, 512), meta(512, 512)), dict(B=16)),
+    "box_blur3_bf16": (box_blur3, (meta(512, 512, dtype=BF), meta(512, 512)), dict(B=32)),
+    "moe_top1": (moe_top1, (meta(512, 8), meta(8, 256), meta(512, 256, dtype=BF), meta(512, dtype=I32),
+                            meta(512), meta(512, 256, dtype=BF), meta(8, dtype=I32)), dict(BM=64, BE=16, BD=64)),
 }
 
 

@@ -33,30 +33,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from heldout_support import BACKENDS, BF, F16, I8, I32, I64, ints, launch, meta, randn, wrap
 from sm90a_compile import check_triton_sm90a, compile_gluon_sm90a
 
 import tilestack.lang as ts
-from tilestack import config
 from tilestack.errors import LaunchError, TileDTypeError, TileShapeError, TraceError
 
-BACKENDS = ("reference", "triton")
-FLOATS = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-BF, I8, I32, I64, F16 = torch.bfloat16, torch.int8, torch.int32, torch.int64, torch.float16
 POISON = -77                       # no integer result below can be this
 U64 = 2**64 - 1
-
-
-def launch(kernel, backend, *args, **consts) -> None:
-    with config.override(triton_interpret=True):
-        kernel(*args, backend=backend, **consts)
-
-
-def randn(rng, *shape, dtype=torch.float32) -> torch.Tensor:
-    return torch.from_numpy(rng.standard_normal(shape)).to(dtype)
-
-
-def ints(rng, lo, hi, shape, dtype) -> torch.Tensor:
-    return torch.from_numpy(rng.integers(lo, hi, shape, dtype=np.int64)).to(dtype)
 
 
 # ---- 1. index arithmetic past 2**31: the numel and flat positions of an expanded (65536, 65537) tensor --------------
@@ -111,7 +95,7 @@ def tiles_in_order(X, Y, *, BM: int = 16, BN: int = 16):
 def test_index_products_of_address_math_stay_32_bit():
     traced = tiles_in_order.trace(ts.ArgSpec(ts.bf16, 2), ts.ArgSpec(ts.bf16, 2))
     assert "int64" not in traced.source("triton")
-    check_triton_sm90a(tiles_in_order, (_meta(4096, 4096, dtype=BF), _meta(4096, 4096, dtype=BF)), {})
+    check_triton_sm90a(tiles_in_order, (meta(4096, 4096, dtype=BF), meta(4096, 4096, dtype=BF)), {})
 
 
 # ---- 2. band masks on bool_ masks: tril/triu of a mask, & | ~ operators, a mask and a count carried by a loop --------
@@ -240,11 +224,6 @@ def _xorshift64(x: int, steps: int) -> tuple[int, int]:
     return x, low
 
 
-def _signed(u: int, bits: int) -> int:
-    u &= (1 << bits) - 1
-    return u - (1 << bits) if u >> (bits - 1) else u
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("n", "steps"), [(16, 1), (37, 5), (0, 3)])
 def test_xorshift64_state_carried_by_a_loop(backend, n, steps, rng):
@@ -255,8 +234,8 @@ def test_xorshift64_state_carried_by_a_loop(backend, n, steps, rng):
     out, low = torch.full((n,), POISON, dtype=I64), torch.full((n,), POISON, dtype=I32)
     launch(xorshift64, backend, s, out, low, STEPS=steps)
     want = [_xorshift64(v & U64, steps) for v in seeds]
-    assert out.tolist() == [_signed(~x, 64) for x, _ in want]
-    assert low.tolist() == [_signed(lo, 32) for _, lo in want]
+    assert out.tolist() == [wrap(~x, 64) for x, _ in want]
+    assert low.tolist() == [wrap(lo, 32) for _, lo in want]
 
 
 # ---- 5. Python's // and % from C's truncating div and rem: per-column divisors, masks, where ----------------------
@@ -303,8 +282,8 @@ def test_floor_divmod_from_truncating_div_and_rem(backend, dt, M, N, rng):
     q, r = torch.full((M, N), POISON, dtype=dt), torch.full((M, N), POISON, dtype=dt)
     launch(floor_divmod, backend, a, b, q, r)
     bits = 8 * a.element_size()
-    want_q = [[_signed(x // y, bits) for x, y in zip(row, b.tolist(), strict=True)] for row in a.tolist()]
-    want_r = [[_signed(x % y, bits) for x, y in zip(row, b.tolist(), strict=True)] for row in a.tolist()]
+    want_q = [[wrap(x // y, bits) for x, y in zip(row, b.tolist(), strict=True)] for row in a.tolist()]
+    want_r = [[wrap(x % y, bits) for x, y in zip(row, b.tolist(), strict=True)] for row in a.tolist()]
     assert q.tolist() == want_q and r.tolist() == want_r
 
 
@@ -590,8 +569,8 @@ def test_integer_sums_wrap_in_their_work_dtype(backend, M, N, rng):
     launch(int_sums, backend, x, r32, r64, c8, mx)
     exact = x.long().sum(1)
     assert r64.tolist() == exact.tolist()
-    assert r32.tolist() == [_signed(v, 32) for v in exact.tolist()]
-    assert c8.tolist() == [_signed(v, 8) for v in x.long().to(I8).long().sum(0).tolist()]
+    assert r32.tolist() == [wrap(v, 32) for v in exact.tolist()]
+    assert c8.tolist() == [wrap(v, 8) for v in x.long().to(I8).long().sum(0).tolist()]
     assert torch.equal(mx, x.long().max(0).values)
 
 
@@ -617,8 +596,8 @@ def test_where_of_an_int_argument_wraps_to_the_tile(backend, dt, fill, rng):
     y = torch.full((37,), POISON, dtype=dt)
     launch(relabel, backend, lab, y, fill)
     bits = 8 * lab.element_size()
-    want = [_signed((_signed(fill, bits) if v < 0 else v) >> 1, bits) + 1 for v in lab.tolist()]
-    assert y.tolist() == [_signed(v, bits) for v in want]
+    want = [wrap((wrap(fill, bits) if v < 0 else v) >> 1, bits) + 1 for v in lab.tolist()]
+    assert y.tolist() == [wrap(v, bits) for v in want]
 
 
 # ---- 12b. integers chosen into float tiles (a size, an int argument, int constants), then float math on them -------
@@ -850,43 +829,39 @@ def test_cuda_grid_limits_are_named():
 
 
 # ---- 14. every kernel above compiled for Hopper (sm_90a) on this CPU, by Triton and (where it lowers them) Gluon ----
-def _meta(*shape, dtype=torch.float32) -> torch.Tensor:
-    return torch.empty(*shape, dtype=dtype, device="meta")
-
-
 AOT_CASES = {   # name -> (kernel, meta args, constants)
-    "flat_positions": (flat_positions, (_meta(65536, 65537), _meta(2, 16, dtype=I64), _meta(16), 65535), {}),
-    "band_mask": (band_mask, (_meta(4096, 4096), _meta(4096, dtype=I32), _meta(4096, dtype=I8),
-                              _meta(4096, 4096, dtype=BF), -3, 5), dict(BM=64, BN=64)),
-    "scalar_chain": (scalar_chain, (_meta(64), _meta(48), 0.5), {}),
-    "xorshift64": (xorshift64, (_meta(4096, dtype=I64), _meta(4096, dtype=I64), _meta(4096, dtype=I32)),
+    "flat_positions": (flat_positions, (meta(65536, 65537), meta(2, 16, dtype=I64), meta(16), 65535), {}),
+    "band_mask": (band_mask, (meta(4096, 4096), meta(4096, dtype=I32), meta(4096, dtype=I8),
+                              meta(4096, 4096, dtype=BF), -3, 5), dict(BM=64, BN=64)),
+    "scalar_chain": (scalar_chain, (meta(64), meta(48), 0.5), {}),
+    "xorshift64": (xorshift64, (meta(4096, dtype=I64), meta(4096, dtype=I64), meta(4096, dtype=I32)),
                    dict(STEPS=8, BN=256)),
-    "floor_divmod_i32": (floor_divmod, (_meta(1024, 64, dtype=I32), _meta(64, dtype=I32), _meta(1024, 64, dtype=I32),
-                                        _meta(1024, 64, dtype=I32)), dict(BM=32, BN=64)),
-    "floor_divmod_i8": (floor_divmod, (_meta(1024, 64, dtype=I8), _meta(64, dtype=I8), _meta(1024, 64, dtype=I8),
-                                       _meta(1024, 64, dtype=I8)), dict(BM=32, BN=64)),
-    "scale_and_center": (scale_and_center, (_meta(100, 60, dtype=BF), _meta(100, 60, dtype=BF),
-                                            _meta(100, 60, dtype=BF)), dict(BM=128, BN=64)),
-    "time_diff": (time_diff, (_meta(8, 512, 512), _meta(8, 512, 512, dtype=BF), 0.9), dict(BH=32, BW=64)),
-    "block_prefix": (block_prefix, (_meta(1024, 1024, dtype=BF), _meta(1024, 1024, dtype=BF), _meta(1024),
-                                    _meta(1024, dtype=I64)), dict(BM=32, BN=64)),
-    "nan_to_num": (nan_to_num, (_meta(4096, dtype=BF), _meta(4096, dtype=F16), 0.0, 65504.0, -65504.0),
+    "floor_divmod_i32": (floor_divmod, (meta(1024, 64, dtype=I32), meta(64, dtype=I32), meta(1024, 64, dtype=I32),
+                                        meta(1024, 64, dtype=I32)), dict(BM=32, BN=64)),
+    "floor_divmod_i8": (floor_divmod, (meta(1024, 64, dtype=I8), meta(64, dtype=I8), meta(1024, 64, dtype=I8),
+                                       meta(1024, 64, dtype=I8)), dict(BM=32, BN=64)),
+    "scale_and_center": (scale_and_center, (meta(100, 60, dtype=BF), meta(100, 60, dtype=BF),
+                                            meta(100, 60, dtype=BF)), dict(BM=128, BN=64)),
+    "time_diff": (time_diff, (meta(8, 512, 512), meta(8, 512, 512, dtype=BF), 0.9), dict(BH=32, BW=64)),
+    "block_prefix": (block_prefix, (meta(1024, 1024, dtype=BF), meta(1024, 1024, dtype=BF), meta(1024),
+                                    meta(1024, dtype=I64)), dict(BM=32, BN=64)),
+    "nan_to_num": (nan_to_num, (meta(4096, dtype=BF), meta(4096, dtype=F16), 0.0, 65504.0, -65504.0),
                    dict(BN=256)),
-    "convert_chain": (convert_chain, (_meta(32, dtype=BF), _meta(32, dtype=I64), _meta(32, dtype=F16),
-                                      _meta(32, dtype=BF), _meta(32, dtype=F16), _meta(32, dtype=I8)), {}),
-    "int_sums": (int_sums, (_meta(8, 16, dtype=I32), _meta(8, dtype=I32), _meta(8, dtype=I64), _meta(16, dtype=I8),
-                            _meta(16, dtype=I64)), {}),
-    "mask_operators": (mask_operators, (_meta(16), _meta(16, dtype=I32)), {}),
-    "relabel_i8": (relabel, (_meta(4096, dtype=I8), _meta(4096, dtype=I8), 300), dict(BN=256)),
-    "f8_tiles": (f8_tiles, (_meta(8, 16, dtype=torch.float8_e4m3fn),) * 5, {}),
-    "work_dtypes": (work_dtypes, (_meta(8), _meta(8, dtype=F16), _meta(2, 8, dtype=I64), _meta(16, dtype=torch.float64),
-                                  _meta(8, dtype=torch.float64), _meta(2), 0.5), {}),
-    "int_choices_as_floats": (int_choices_as_floats, (_meta(4096), _meta(4096, dtype=BF), _meta(4096, dtype=F16), 7),
+    "convert_chain": (convert_chain, (meta(32, dtype=BF), meta(32, dtype=I64), meta(32, dtype=F16),
+                                      meta(32, dtype=BF), meta(32, dtype=F16), meta(32, dtype=I8)), {}),
+    "int_sums": (int_sums, (meta(8, 16, dtype=I32), meta(8, dtype=I32), meta(8, dtype=I64), meta(16, dtype=I8),
+                            meta(16, dtype=I64)), {}),
+    "mask_operators": (mask_operators, (meta(16), meta(16, dtype=I32)), {}),
+    "relabel_i8": (relabel, (meta(4096, dtype=I8), meta(4096, dtype=I8), 300), dict(BN=256)),
+    "f8_tiles": (f8_tiles, (meta(8, 16, dtype=torch.float8_e4m3fn),) * 5, {}),
+    "work_dtypes": (work_dtypes, (meta(8), meta(8, dtype=F16), meta(2, 8, dtype=I64), meta(16, dtype=torch.float64),
+                                  meta(8, dtype=torch.float64), meta(2), 0.5), {}),
+    "int_choices_as_floats": (int_choices_as_floats, (meta(4096), meta(4096, dtype=BF), meta(4096, dtype=F16), 7),
                               dict(BN=256)),
 }
 TRITON_ONLY = {   # 1x1 tiles: Gluon's layouts take tiles of at least a warp's 32 elements
-    "per_element": (per_element, (_meta(64, 64, dtype=F16), _meta(64, 64, dtype=F16), _meta(64, dtype=F16),
-                                  _meta(64, dtype=I64)), {}),
+    "per_element": (per_element, (meta(64, 64, dtype=F16), meta(64, 64, dtype=F16), meta(64, dtype=F16),
+                                  meta(64, dtype=I64)), {}),
 }
 
 
