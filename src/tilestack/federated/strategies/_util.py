@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, RecordDict
 
 from tilestack.federated import codec
+from tilestack.federated.client import CLUSTER_SEP
 
 Params = dict[str, np.ndarray]
 
@@ -16,8 +17,19 @@ def to_numpy(record: ArrayRecord) -> Params:
     return codec.to_numpy(record)
 
 
-def to_record(params: Params) -> ArrayRecord:
-    return codec.to_record({k: np.asarray(v, np.float32) for k, v in params.items()})
+def to_record(params: Params, like: Mapping[str, np.ndarray] | None = None) -> ArrayRecord:
+    """``params`` as an ArrayRecord, each array in its own dtype; with ``like`` (the global model), a floating
+    array in the dtype of ``like``'s array of the same name (IFCA's and CFL's ``cluster{j}/name`` by ``name``).
+    Strategies compute in float64 and round once here to the model's dtype: a float64 model stays float64, and
+    float64 replies are not cut to float32 before they are averaged."""
+    out = {}
+    for k, v in params.items():
+        v = np.asarray(v)
+        ref = None if like is None else like.get(k, like.get(k.rpartition(CLUSTER_SEP)[2]))
+        if ref is not None and v.dtype.kind == "f" and v.dtype != ref.dtype:
+            v = v.astype(ref.dtype)
+        out[k] = v
+    return codec.to_record(out)
 
 
 def ok_replies(replies: Iterable[Message]) -> list[Message]:

@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from tilestack.federated.models import Model, is_statistic
@@ -44,6 +45,13 @@ class FedDF(FedAvg):
         self.model, self.unlabeled = model, np.asarray(unlabeled, np.float32)
         self.steps, self.lr, self.batch_size, self.temperature = steps, lr, batch_size, temperature
         self.rng = np.random.default_rng(seed)
+        self._x: dict[str, np.ndarray] = {}  # this round's global model: the dtypes the student is rounded to
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._x = to_numpy(arrays)
+        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -61,5 +69,5 @@ class FedDF(FedAvg):
             _, grads = self.model.loss_and_grads(student, x[idx], probs[idx])
             for k, g in grads.items():
                 if not is_statistic(k):
-                    student[k] = (student[k] - self.lr * g).astype(np.float32)
-        return to_record(student), metrics
+                    student[k] = student[k] - self.lr * g  # in the aggregate's float64
+        return to_record(student, like=self._x or None), metrics

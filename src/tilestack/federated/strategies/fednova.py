@@ -50,6 +50,6 @@ class FedNova(FedAvg):
             y = to_numpy(next(iter(m.content.array_records.values())))
             for k in step:
                 step[k] += pi * (self._x[k] - y[k]) / ti
-        x_new = {k: (self._x[k] - tau_eff * step[k]).astype(np.float32) for k in self._x}
+        x_new = {k: self._x[k] - tau_eff * step[k] for k in self._x}  # float64, rounded once to the model's dtype
         metrics = aggregate_metricrecords([m.content for m in replies], self.weighted_by_key)
-        return to_record(x_new), metrics
+        return to_record(x_new, like=self._x), metrics

@@ -68,7 +68,7 @@ class IFCA(FedAvg):
         for j in range(self.num_clusters):
             rng = np.random.default_rng([task.seed, 31, j])
             for k, v in base.items():
-                packed[cluster_key(j, k)] = (v + rng.normal(0, INIT_STD, v.shape)).astype(np.float32)
+                packed[cluster_key(j, k)] = (v + rng.normal(0, INIT_STD, v.shape)).astype(v.dtype)
         return to_record(packed)
 
     def _unpack(self, arrays: ArrayRecord) -> list[dict[str, np.ndarray]]:
@@ -111,7 +111,7 @@ class IFCA(FedAvg):
         packed = {cluster_key(j, k): v for j, model in enumerate(models) for k, v in model.items()}
         for m in replies:
             self.assignments[int(metric(m, PARTITION_METRIC))] = int(metric(m, "cluster-id"))
-        return to_record(packed), aggregate_metricrecords([m.content for m in replies], self.weighted_by_key)
+        return to_record(packed, like=self._clusters[0]), aggregate_metricrecords([m.content for m in replies], self.weighted_by_key)
 
     def _reseed(self, server_round: int, models: list[dict[str, np.ndarray]], sizes: list[int]) -> None:
         """A cluster nobody chose for ``reseed_after`` rounds restarts next to the most chosen one (as k-means
@@ -122,7 +122,7 @@ class IFCA(FedAvg):
         for j in range(self.num_clusters):
             if self._idle[j] >= self.reseed_after and sizes[biggest] >= 2:
                 rng = np.random.default_rng([self.seed, server_round, j, 43])
-                models[j] = {k: (v + rng.normal(0, INIT_STD, v.shape)).astype(np.float32)
+                models[j] = {k: (v + rng.normal(0, INIT_STD, v.shape)).astype(self._clusters[0][k].dtype)
                              for k, v in models[biggest].items()}  # fmt: skip
                 self._idle[j] = 0
 

@@ -51,7 +51,8 @@ class QFFL(QFedAvg):
         if not valid or self.current_arrays is None:
             return None, None
         lipschitz = 1.0 / self.client_learning_rate
-        w = {k: v.astype(np.float64) for k, v in to_numpy(self.current_arrays).items()}
+        model = to_numpy(self.current_arrays)
+        w = {k: v.astype(np.float64) for k, v in model.items()}
         num = {k: np.zeros_like(v) for k, v in w.items()}
         den = 0.0
         for m in valid:
@@ -62,5 +63,5 @@ class QFFL(QFedAvg):
             for k in w:
                 num[k] += f**self.q * grad[k]
             den += self.q * f ** (self.q - 1) * sq + lipschitz * f**self.q
-        new = {k: (w[k] - num[k] / den).astype(np.float32) for k in w}
-        return to_record(new), self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+        new = {k: w[k] - num[k] / den for k in w}  # float64, rounded once to the model's dtype
+        return to_record(new, like=model), self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)

@@ -68,7 +68,8 @@ class Scaffold(FedAvg):
         x_new = {k: self._x[k] + self.global_lr * (mean[k] - self._x[k]) for k in self._x}
         if deltas and self.c is not None and all(deltas):
             share = len(deltas) / self._population
-            # c keeps the model's dtype: the replies reach the strategy in float64 (grid.for_aggregation)
+            # c keeps the model's dtype: the replies reach the strategy in float64 (grid.for_aggregation), and
+            # stay float64 through the inner FedAvg (to_record keeps dtypes), so the mean is exact to float64
             self.c = {k: (self.c[k] + share * np.mean([d[k] for d in deltas], axis=0)).astype(self.c[k].dtype)
                       for k in self.c}  # fmt: skip
-        return to_record(x_new), metrics
+        return to_record(x_new, like=self._x), metrics  # computed in float64, rounded once
