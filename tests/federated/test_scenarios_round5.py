@@ -137,7 +137,7 @@ def test_scaffold_server_follows_its_rule_exactly(dtype):
     assert any(r.excluded for r in res.history.rounds)
     for rnd, r in enumerate(res.history.rounds, start=1):
         stayed = [p for p in range(6) if str(p) not in r.excluded]
-        for rr, pid, got_c in seen_c:
+        for rr, _, got_c in seen_c:
             if rr == rnd:
                 for k in c:
                     assert got_c[k].dtype == dtype
@@ -195,7 +195,8 @@ def test_heterofl_averages_each_element_over_the_clients_that_hold_it(dtype):
     def script(pid, rnd, got, context, config):
         x = got["arrays"]
         received[pid] = {k: (v.dtype, v.shape) for k, v in x.items()}
-        return {k: (v + _update(pid, rnd, v.shape, dtype)).astype(dtype) for k, v in x.items()}, {"num-examples": n[pid]}
+        y = {k: (v + _update(pid, rnd, v.shape, dtype)).astype(dtype) for k, v in x.items()}
+        return y, {"num-examples": n[pid]}
 
     s = HeteroFL(width_of=width.get, hidden=8, fraction_train=1.0, fraction_evaluate=0.0)
     res = run_rounds(s, _grid(_scripted(script), task), _as(initial_arrays(task), dtype), num_rounds=2)
@@ -212,3 +213,56 @@ def test_heterofl_averages_each_element_over_the_clients_that_hold_it(dtype):
     assert received[2]["fc1.weight"] == (np.dtype(dtype), (3, 2))
     assert all(d == np.dtype(dtype) for d, _ in received[1].values())
     _check_model(res.arrays, {k: v.astype(np.float64) for k, v in x.items()}, dtype)
+
+
+# ---- tilestack's ClientApp on float64 and float16 models ---------------------------------------------------------
+def _logreg_sgd_f64(task: Task, pid: int, rnd: int, w: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Softmax regression's local SGD written out in float64: minibatches walk the client's seeded permutation."""
+    x, y, _, _ = task.client_data(pid)
+    rng = np.random.default_rng([task.seed, pid, rnd, 13])
+    order, pos = rng.permutation(len(y)), 0
+    w = {k: v.astype(np.float64) for k, v in w.items()}
+    for _ in range(task.local_steps):
+        if pos >= len(y):
+            order, pos = rng.permutation(len(y)), 0
+        idx = order[pos : pos + task.batch_size]
+        pos += task.batch_size
+        xb = x[idx].astype(np.float64)
+        z = xb @ w["fc.weight"] + w["fc.bias"]  # (B, C)
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        p[np.arange(len(idx)), y[idx]] -= 1.0
+        p /= len(idx)
+        w = {"fc.weight": w["fc.weight"] - task.lr * (xb.T @ p), "fc.bias": w["fc.bias"] - task.lr * p.sum(axis=0)}
+    return w
+
+
+@pytest.mark.timeout(60)
+def test_a_float64_model_is_trained_and_averaged_in_float64():
+    """tilestack's ClientApp given a float64 model trains it in float64 and replies in float64: two rounds of FedAvg
+    are the float64 weighted mean of local SGD written out here, to 1e-13 (clients trained in float32 and
+    replied float32: 1e-8 off, and the model's low bits were lost every round)."""
+    task = _blobs(4, features=5, classes=3, num_samples=200, partitioner="quantity", local_steps=3, lr=0.3)
+    x0 = {k: v.astype(np.float64) + 1 / 3 for k, v in _np(initial_arrays(task)).items()}
+    res = run_rounds(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), _grid(tsclient.app, task),
+                     codec.to_record(x0), num_rounds=2)  # fmt: skip
+    x = x0
+    for rnd in (1, 2):
+        x = _wmean({p: _logreg_sgd_f64(task, p, rnd, x) for p in range(4)}, {p: task.num_train(p) for p in range(4)})
+    for k, v in _np(res.arrays).items():
+        assert v.dtype == np.float64
+        np.testing.assert_allclose(v, x[k], rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.timeout(60)
+def test_a_float16_model_travels_as_float16_both_ways():
+    """A float16 model: the clients' replies are float16 too (they were float32: twice the bytes up), and the
+    model stays float16."""
+    task = _blobs(4, features=5, classes=3, local_steps=3, lr=0.3)
+    start = _as(initial_arrays(task), np.float16)
+    res = run_rounds(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), _grid(tsclient.app, task), start,
+                     num_rounds=2)  # fmt: skip
+    r = res.history.rounds[-1]
+    assert r.bytes_up == r.bytes_down == 4 * payload_bytes(RecordDict({"arrays": start}))
+    assert all(v.dtype == np.float16 for v in _np(res.arrays).values())
+    assert not _same(res.arrays, start)

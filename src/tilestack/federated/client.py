@@ -55,8 +55,10 @@ def _to_numpy(record: ArrayRecord) -> Params:
     return codec.to_numpy(record)
 
 
-def _to_record(params: Params) -> ArrayRecord:
-    return codec.to_record({k: np.asarray(v, np.float32) for k, v in params.items()})
+def _to_record(params: Params, dtypes: dict[str, np.dtype] | None = None) -> ArrayRecord:
+    """``params`` as float32 arrays, or those named in ``dtypes`` in that dtype (what the server sent them in)."""
+    dtypes = dtypes or {}
+    return codec.to_record({k: np.asarray(v, dtypes.get(k, np.float32)) for k, v in params.items()})
 
 
 def _model_for(task: Task, params: Params) -> Model:
@@ -90,7 +92,7 @@ def _with_local(params: Params, context: Context, prefix: str) -> Params:
 def _poison(task: Task, start: Params, trained: Params, rng: np.random.Generator) -> Params:
     if task.attack == "signflip":  # send the update reversed and scaled up
         return {k: start[k] - task.attack_scale * (trained[k] - start[k]) for k in trained}
-    return {k: (v + rng.normal(0, task.attack_scale, v.shape)).astype(np.float32) for k, v in trained.items()}
+    return {k: (v + rng.normal(0, task.attack_scale, v.shape)).astype(v.dtype) for k, v in trained.items()}
 
 
 def clip_update(start: Params, model: Params, clipping_norm: float) -> tuple[Params, bool]:
@@ -146,7 +148,7 @@ def train(msg: Message, context: Context) -> Message:
     prefix = str(config.get(LOCAL_PREFIX_KEY, ""))
     start = _with_local(arrays, context, prefix)
 
-    correction = None
+    correction, c = None, None
     if SCAFFOLD_C in msg.content:
         c = _to_numpy(msg.content[SCAFFOLD_C])
         ci = _to_numpy(context.state[SCAFFOLD_C]) if SCAFFOLD_C in context.state else None
@@ -168,10 +170,11 @@ def train(msg: Message, context: Context) -> Message:
     if correction is not None and steps > 0:
         # SCAFFOLD option II: c_i+ = c_i - c + (x - y) / (K lr); the server receives c_i+ - c_i.
         ci_new = {k: ci[k] - c[k] + (start[k] - trained[k]) / (steps * task.lr) for k in c}
-        context.state[SCAFFOLD_C] = _to_record(ci_new)
-        reply |= {SCAFFOLD_DC_PREFIX + k: (ci_new[k] - ci[k]).astype(np.float32) for k in c}
+        context.state[SCAFFOLD_C] = _to_record(ci_new, {k: v.dtype for k, v in c.items()})
+        reply |= {SCAFFOLD_DC_PREFIX + k: (ci_new[k] - ci[k]).astype(c[k].dtype) for k in c}
     if prefix:  # FedBN: the local layers stay here and are not uploaded
-        context.state["fedbn-local"] = _to_record({k: v for k, v in trained.items() if k.startswith(prefix)})
+        local = {k: v for k, v in trained.items() if k.startswith(prefix)}
+        context.state["fedbn-local"] = _to_record(local, {k: start[k].dtype for k in local})
         reply = {k: v for k, v in reply.items() if not k.startswith(prefix)}
     if KEY_CLIPPING_NORM in config:  # client-side DP: an honest client clips the model update it uploads
         model = {k: v for k, v in reply.items() if k in start}
@@ -190,7 +193,9 @@ def train(msg: Message, context: Context) -> Message:
         "full-steps": full_steps,
         PARTITION_METRIC: pid,
     }
-    record = _to_record(reply)
+    # in the dtypes the server sent (a float16 model's replies are float16, a float64 model's float64)
+    sent = {k: v.dtype for k, v in start.items()} | {SCAFFOLD_DC_PREFIX + k: v.dtype for k, v in (c or {}).items()}
+    record = _to_record(reply, sent)
     if COMPRESS_KEY in config:  # send model updates compressed, with error feedback (compression.py)
         # model arrays as updates from the start; SCAFFOLD's control-variate changes are updates from zero
         base = start | {k: np.zeros_like(v) for k, v in reply.items() if k.startswith(SCAFFOLD_DC_PREFIX)}

@@ -6,7 +6,8 @@
     params, steps, loss = local_sgd(model, params, x, y, steps=20, batch_size=10, lr=0.05, rng=rng)
     loss, acc = evaluate(model, params, x_test, y_test)
 
-Parameters are a ``dict[str, np.ndarray]`` (float32), the same names a Flower ``ArrayRecord`` carries.
+Parameters are a ``dict[str, np.ndarray]`` (float32; a float64 model trains in float64, see ``train_dtype``),
+the same names a Flower ``ArrayRecord`` carries.
 Numpy, not torch: the federated models are tiny, so per-step framework overhead would dominate, and the
 clients of a 10,000-client simulation must cost microseconds. Keys starting with ``bn.`` belong to the
 normalisation layer (FedBN keeps them local); ``bn.running_*`` are statistics, not trained.
@@ -125,16 +126,20 @@ class MLP:
             grads["bn.running_mean"] = np.zeros_like(params["bn.running_mean"])
             grads["bn.running_var"] = np.zeros_like(params["bn.running_var"])
             m = BN_MOMENTUM  # running statistics are updated in place of a gradient step
-            params["bn.running_mean"] = ((1 - m) * params["bn.running_mean"] + m * cache["batch_mean"]).astype(
-                np.float32
-            )
-            params["bn.running_var"] = ((1 - m) * params["bn.running_var"] + m * cache["batch_var"]).astype(np.float32)
+            for stat, batch in (("bn.running_mean", cache["batch_mean"]), ("bn.running_var", cache["batch_var"])):
+                params[stat] = ((1 - m) * params[stat] + m * batch).astype(params[stat].dtype)
         grads["fc1.weight"] = cache["x"].T @ dh
         grads["fc1.bias"] = dh.sum(axis=0)
         return loss, grads
 
 
 Model = SoftmaxRegression | MLP
+
+
+def train_dtype(array: np.ndarray) -> np.dtype:
+    """The dtype local SGD runs in for a parameter of ``array``'s dtype: float64 for float64 (a float64 model must
+    not lose its low bits in every client), float32 otherwise (float16 steps would round most updates away)."""
+    return np.dtype(np.float64) if np.asarray(array).dtype == np.float64 else np.dtype(np.float32)
 
 
 def is_statistic(key: str) -> bool:
@@ -164,11 +169,11 @@ def local_sgd(
     if steps < 0 or batch_size < 1 or not lr > 0:
         raise ValueError(f"local_sgd: steps={steps}, batch_size={batch_size}, lr={lr}; expected >= 0, >= 1, > 0")
     if len(y) == 0:
-        return {k: np.array(v, np.float32) for k, v in params.items()}, 0, float("nan")
+        return {k: np.array(v, train_dtype(v)) for k, v in params.items()}, 0, float("nan")
     if hasattr(model, "local_sgd"):  # a PyTorch model (torch_models.TorchModel) trains itself
         return model.local_sgd(params, x, y, steps=steps, batch_size=batch_size, lr=lr, rng=rng, prox_mu=prox_mu,
                                correction=correction)  # fmt: skip
-    start = {k: np.asarray(v, np.float32) for k, v in params.items()}
+    start = {k: np.asarray(v, train_dtype(v)) for k, v in params.items()}
     w = {k: v.copy() for k, v in start.items()}
     trained = [k for k in w if not is_statistic(k)]
     n = len(y)
@@ -188,7 +193,7 @@ def local_sgd(
             if correction is not None:
                 gk += correction[k]
             gk *= lr
-            w[k] -= gk  # in place: w[k] stays float32
+            w[k] -= gk  # in place: w[k] keeps its dtype
     return w, steps, total / steps if steps else float("nan")
 
 

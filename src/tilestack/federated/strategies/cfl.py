@@ -118,7 +118,8 @@ class CFL(FedAvg):
             if server_round > self.warmup and len(members) >= 2 * self.min_size and len(models) < self.max_clusters:
                 self._maybe_split(server_round, j, start, members, models)
         packed = {cluster_key(j, k): v for j, model in enumerate(models) for k, v in model.items()}
-        return to_record(packed, like=self._clusters[0]), aggregate_metricrecords([m.content for m in replies], self.weighted_by_key)
+        metrics = aggregate_metricrecords([m.content for m in replies], self.weighted_by_key)
+        return to_record(packed, like=self._clusters[0]), metrics
 
     def _maybe_split(self, server_round: int, j: int, start: dict, members: list[Message], models: list) -> None:
         keys = sorted(start)

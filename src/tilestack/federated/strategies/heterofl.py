@@ -113,4 +113,5 @@ class HeteroFL(FedAvg):
             k: np.where(weight[k] > 0, total[k] / np.maximum(weight[k], 1e-30), self._x[k])  # float64
             for k in self._x
         }
-        return to_record(x_new, like=self._x), aggregate_metricrecords([m.content for m in replies], self.weighted_by_key)
+        metrics = aggregate_metricrecords([m.content for m in replies], self.weighted_by_key)
+        return to_record(x_new, like=self._x), metrics

@@ -111,7 +111,8 @@ class IFCA(FedAvg):
         packed = {cluster_key(j, k): v for j, model in enumerate(models) for k, v in model.items()}
         for m in replies:
             self.assignments[int(metric(m, PARTITION_METRIC))] = int(metric(m, "cluster-id"))
-        return to_record(packed, like=self._clusters[0]), aggregate_metricrecords([m.content for m in replies], self.weighted_by_key)
+        metrics = aggregate_metricrecords([m.content for m in replies], self.weighted_by_key)
+        return to_record(packed, like=self._clusters[0]), metrics
 
     def _reseed(self, server_round: int, models: list[dict[str, np.ndarray]], sizes: list[int]) -> None:
         """A cluster nobody chose for ``reseed_after`` rounds restarts next to the most chosen one (as k-means
