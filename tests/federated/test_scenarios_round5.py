@@ -62,9 +62,9 @@ def _reply(msg: Message, arrays: dict[str, np.ndarray], metrics: dict) -> Messag
                    reply_to=msg)  # fmt: skip
 
 
-def _scripted(script, evaluate=None) -> ClientApp:
+def _scripted(script, evaluate_fn=None) -> ClientApp:
     """A ClientApp whose TRAIN reply is ``script(pid, round, content as numpy, context) -> (arrays, metrics)``;
-    ``evaluate(pid, round) -> metrics`` answers EVALUATE messages."""
+    ``evaluate_fn(pid, round) -> metrics`` answers EVALUATE messages."""
     app = ClientApp()
 
     @app.train()
@@ -77,7 +77,7 @@ def _scripted(script, evaluate=None) -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context) -> Message:
         pid, rnd = int(context.node_config["partition-id"]), int(msg.content["config"]["server-round"])
-        return Message(RecordDict({"metrics": MetricRecord(evaluate(pid, rnd))}), reply_to=msg)
+        return Message(RecordDict({"metrics": MetricRecord(evaluate_fn(pid, rnd))}), reply_to=msg)
 
     return app
 
@@ -266,3 +266,91 @@ def test_a_float16_model_travels_as_float16_both_ways():
     assert r.bytes_up == r.bytes_down == 4 * payload_bytes(RecordDict({"arrays": start}))
     assert all(v.dtype == np.float16 for v in _np(res.arrays).values())
     assert not _same(res.arrays, start)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", ["scaffold", "fednova", "fedbn", "ifca", "cfl", "qfedavg", "heterofl", "feddf"])
+def test_every_tilestack_strategy_keeps_a_float64_model_float64(name):
+    """Two rounds of each of tilestack's strategies with tilestack's clients, from a float64 model: the model stays
+    float64 and moves by amounts float32 cannot hold (every one of them rounded it to float32 each round)."""
+    kw = dict(features=4, classes=3, num_samples=160, local_steps=3, lr=0.2)
+    if name in ("fedbn", "heterofl"):
+        kw |= dict(model="mlp", hidden=4, norm=name == "fedbn")
+    task = _blobs(6, **kw)
+    common = dict(fraction_train=1.0, fraction_evaluate=0.0)
+    if name == "heterofl":
+        s = HeteroFL(width_of=lambda p: (1.0, 0.5)[p % 2], hidden=4, **common)
+    elif name == "feddf":
+        s = FedDF(model=task.build_model(), unlabeled=task.client_data(0)[2], steps=3, **common)
+    else:
+        from tilestack.federated.strategies import make_strategy
+
+        s = make_strategy(name, clients_per_round=6, num_clients=6)
+    start = s.initial_arrays(task) if hasattr(s, "initial_arrays") else initial_arrays(task)
+    start = codec.to_record({k: v.astype(np.float64) + 1 / 3 for k, v in _np(start).items()})
+    res = simulate(s, task, rounds=2, seed=1, evaluate=False, initial=start)
+    assert all(r.num_aggregated == 6 for r in res.history.rounds)
+    moved = 0
+    for k, v in _np(res.arrays).items():
+        assert v.dtype == np.float64, k
+        if not k.startswith("bn."):  # FedBN's server copy of the local layers stays as sent
+            moved += int(np.sum(v.astype(np.float32).astype(np.float64) != v))
+    assert moved > 0
+
+
+# ---- federated metrics, weighted by examples ---------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_federated_evaluation_and_training_metrics_are_weighted_by_examples():
+    """FedAvg with federated evaluation over clients 30x apart in size: each round's ``eval_metrics`` are the test
+    loss and accuracy of the new global model on each client's test split, weighted by its test examples, and
+    ``train_metrics`` the training loss weighted by training examples (Flower aggregated both; the loop threw them
+    away)."""
+    from tilestack.federated.models import evaluate
+
+    task = _blobs(8, features=4, classes=3, num_samples=1600, partitioner="quantity", local_steps=3, lr=0.2)
+    sizes = [len(task.client_data(p)[3]) for p in range(8)]
+    assert max(sizes) > 5 * min(sizes)
+    losses = []
+
+    class Seen(FedAvg):
+        def aggregate_train(self, server_round, replies):
+            replies = list(replies)
+            losses.append({int(m.content["metrics"][tsclient.PARTITION_METRIC]): m.content["metrics"]["train-loss"]
+                           for m in replies})  # fmt: skip
+            return super().aggregate_train(server_round, replies)
+
+    res = simulate(Seen(fraction_train=1.0, fraction_evaluate=1.0), task, rounds=2, seed=3, evaluate=False)
+    last = res.history.rounds[-1]
+    params = _np(res.arrays)
+    per_client = [evaluate(task.build_model(), params, *task.client_data(p)[2:]) for p in range(8)]
+    n_test = np.array(sizes, np.float64)
+    assert last.eval_metrics["eval-loss"] == pytest.approx(sum(n_test * [c[0] for c in per_client]) / n_test.sum(),
+                                                           rel=1e-6)  # fmt: skip
+    assert last.eval_metrics["eval-acc"] == pytest.approx(sum(n_test * [c[1] for c in per_client]) / n_test.sum(),
+                                                          rel=1e-9)  # fmt: skip
+    n_train = {p: task.num_train(p) for p in range(8)}
+    want = sum(n_train[p] * losses[-1][p] for p in range(8)) / sum(n_train.values())
+    assert last.train_metrics["train-loss"] == pytest.approx(want, rel=1e-12)
+    assert "num-examples" not in last.eval_metrics  # the weight itself is not averaged
+
+
+@pytest.mark.timeout(60)
+def test_evaluation_replies_without_examples_or_with_nan_are_left_out_of_the_weighted_metrics():
+    """Scripted evaluation: a client with no test examples and one reporting a NaN loss are left out (with their
+    reasons); the aggregated accuracy is the weighted mean over the other four."""
+    task = _blobs(6)
+    evals = {0: (10, 0.5), 1: (0, 0.9), 2: (1000, 0.25), 3: (1, 1.0), 4: (30, float("nan")), 5: (7, 0.0)}
+
+    def ev(pid, rnd):
+        n, acc = evals[pid]
+        return {"num-examples": n, "eval-acc": acc, "eval-loss": 1.0 if pid != 4 else float("nan")}
+
+    app = _scripted(lambda pid, rnd, got, ctx, cfg: (got["arrays"], {"num-examples": 1}), evaluate_fn=ev)
+    res = run_rounds(FedAvg(fraction_train=1.0, fraction_evaluate=1.0), _grid(app, task), initial_arrays(task),
+                     num_rounds=1)  # fmt: skip
+    r = res.history.rounds[0]
+    assert r.excluded["1"].startswith("empty: num-examples=0") and r.excluded["4"].startswith("non-finite metric")
+    kept = [0, 2, 3, 5]
+    want = sum(evals[p][0] * evals[p][1] for p in kept) / sum(evals[p][0] for p in kept)
+    assert r.eval_metrics["eval-acc"] == pytest.approx(want, rel=1e-12)
+    assert r.client_acc["mean"] == pytest.approx(np.mean([evals[p][1] for p in kept]))

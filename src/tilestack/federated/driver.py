@@ -17,6 +17,8 @@ configure_evaluate, send, aggregate_evaluate, then server-side evaluation), and 
   that never come), are checked before the first round.
 - Accounting: a round whose strategy returned no model (Bulyan with fewer than 4f + 3 replies, every
   reply left out) reports ``num_aggregated=0`` and why in ``RoundMetrics.skipped``.
+  The metrics the strategy aggregates (Flower's: weighted by each client's examples) are kept per round in
+  ``RoundMetrics.train_metrics`` and ``eval_metrics``.
 - Safety: an aggregate with a non-finite value is rejected (the global model stays as it was, the reason
   is logged) - the server never adopts a NaN - and the strategy's own state goes back to what it was before
   that aggregation (FedAvgM's momentum and model, FedAdam's moments), so one overflow cannot make every
@@ -58,7 +60,7 @@ from flwr.serverapp.strategy import Strategy
 from tilestack.errors import FederatedError
 from tilestack.federated import codec
 from tilestack.federated.checks import check_strategy, require_int, require_timeout, strategy_levels
-from tilestack.federated.client import TASK_KEY
+from tilestack.federated.client import PARTITION_METRIC, TASK_KEY
 from tilestack.federated.evaluation import Evaluator
 from tilestack.federated.grid import ManagedGrid
 from tilestack.federated.metrics import History, RoundMetrics, fairness
@@ -168,6 +170,18 @@ def skip_reason(strategy: Strategy, num_replies: int, num_sent: int | None = Non
     if type(strategy).__name__ == "Bulyan" and f is not None and num_replies < 4 * f + 3:
         return f"Bulyan needs >= 4f+3 = {4 * f + 3} replies (f={f}), got {num_replies}"
     return f"{strategy_name(strategy)}.aggregate_train returned no model from {num_replies} replies"
+
+
+def _plain_metrics(record) -> dict:
+    """A strategy's aggregated MetricRecord as plain numbers (JSON, checkpoints), less the clients' partition ids
+    (their weighted mean means nothing)."""
+    if record is None:
+        return {}
+    out = {}
+    for k, v in record.items():
+        if k != PARTITION_METRIC:
+            out[k] = [float(x) for x in v] if isinstance(v, list) else float(v)
+    return out
 
 
 def _finite(arrays: ArrayRecord) -> bool:
@@ -324,11 +338,11 @@ def run_rounds(
         skipped = ""
         before = _snapshot(strategy)
         try:
-            new_arrays, _ = strategy.aggregate_train(r, replies)
+            new_arrays, train_metrics = strategy.aggregate_train(r, replies)
             if new_arrays is None:
                 skipped = skip_reason(strategy, len(replies), len(messages))
         except InconsistentMessageReplies as ex:
-            new_arrays, skipped = None, f"inconsistent replies: {ex}"
+            new_arrays, train_metrics, skipped = None, None, f"inconsistent replies: {ex}"
         if new_arrays is not None:
             new_arrays = _with_dtypes(new_arrays, arrays)
         if new_arrays is not None and not _finite(new_arrays):
@@ -342,8 +356,9 @@ def run_rounds(
         _seed_global_rngs(seed, r, 1)
         eval_messages = strategy.configure_evaluate(r, arrays, ConfigRecord(dict(evaluate_config)), grid)
         eval_replies = grid.send_and_receive(eval_messages, timeout=timeout)
+        eval_metrics = None
         try:
-            strategy.aggregate_evaluate(r, eval_replies)
+            eval_metrics = strategy.aggregate_evaluate(r, eval_replies)
         except InconsistentMessageReplies as ex:  # as in training: say so and go on, the model is not at stake
             log.warning("round %d: evaluation not aggregated: inconsistent replies: %s", r, ex)
         rlog = grid.take_round_log()
@@ -362,6 +377,8 @@ def run_rounds(
             bytes_up=rlog["bytes_up"],
             sim_time=rlog["sim_time"],
             excluded=rlog["excluded"],
+            train_metrics=_plain_metrics(train_metrics),
+            eval_metrics=_plain_metrics(eval_metrics),
         )
         if evaluator is not None:
             m.test_loss, m.test_acc, m.train_loss = evaluator(arrays)

@@ -7,8 +7,8 @@
 
 One ``RoundMetrics`` per completed round: the global model's loss and accuracy (server-side, on the
 pooled test data and on the pooled training data), the distribution of client accuracies from federated
-evaluation (fairness), bytes sent each way, simulated and real wall time, and which clients were left out
-of the round and why.
+evaluation (fairness), the training and evaluation metrics the strategy aggregated (weighted by examples),
+bytes sent each way, simulated and real wall time, and which clients were left out of the round and why.
 """
 
 from __future__ import annotations
@@ -65,6 +65,12 @@ class RoundMetrics:
     """Why the round aggregated nothing and kept the global model ('' when it aggregated)."""
     extra: dict[str, float] = dataclasses.field(default_factory=dict)
     """Strategy-specific numbers (epsilon of DP, cluster purity, ...)."""
+    train_metrics: dict[str, float | list[float]] = dataclasses.field(default_factory=dict)
+    """The clients' training metrics as the strategy aggregated them (Flower's: each weighted by the client's
+    ``weighted_by_key``, training examples by default): ``train-loss``, ``num-steps``, ..."""
+    eval_metrics: dict[str, float | list[float]] = dataclasses.field(default_factory=dict)
+    """Federated evaluation's metrics as the strategy aggregated them (Flower's: weighted by the clients' test
+    examples): ``eval-loss``, ``eval-acc``; empty without federated evaluation."""
 
 
 @dataclasses.dataclass
