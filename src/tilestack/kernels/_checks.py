@@ -53,6 +53,65 @@ def check_out_memory(fn: str, out, **inputs) -> None:
     check_not_aliased(fn, "out", out, **inputs)
 
 
+def check_no_grad_asked(fn: str, **tensors) -> None:
+    """For a kernel function without a backward: LaunchError when grad mode is on and an input (None ones skipped)
+    requires grad. Its result would carry no gradient, so a loss through it would drop that input's share without
+    a word. Run at plan time (grad mode and requires_grad are in a plan's key)."""
+    import torch
+
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if t is not None and t.requires_grad:
+            raise LaunchError(f"{fn}: {name} requires grad, and {fn} has no backward (its result would carry no "
+                              f"gradient for {name}); call it under torch.no_grad() or pass {name}.detach(), or use "
+                              "torch's own op where a gradient is needed")
+
+
+def _translate_reaches(delta: int, dims: list[tuple[int, int]]) -> bool:
+    """Whether ``delta`` (elements) = sum of k_i * stride_i with |k_i| < size_i over ``dims`` ((stride, size),
+    strides descending, all > 0): whether a tensor and its copy shifted by delta share an element. Few candidates
+    per dim when each stride spans the dims below it (any slice of a dense tensor); past a handful, True."""
+    if not dims:
+        return delta == 0
+    (stride, size), rest = dims[0], dims[1:]
+    below = sum((n - 1) * s for s, n in rest)      # the farthest the dims below reach
+    lo, hi = -(-(delta - below) // stride), (delta + below) // stride
+    if hi - lo > 8:
+        return True                                 # not a nested layout: assume the worst
+    return any(abs(k) < size and _translate_reaches(delta - k * stride, rest) for k in range(lo, hi + 1))
+
+
+def overlap(a, b) -> bool:
+    """Whether tensors ``a`` and ``b`` may share an element: their byte ranges intersect and, for two views of one
+    shape, dtype and strides (the halves of one gradient, interleaved row by row), one shifted onto the other hits
+    an element of it. Otherwise intersecting ranges count as sharing (conservative)."""
+    from tilestack.lang.layout import shares_memory
+
+    if not shares_memory(a, b):
+        return False
+    if a.dtype != b.dtype or a.shape != b.shape or a.stride() != b.stride():
+        return True
+    delta, size = a.data_ptr() - b.data_ptr(), a.element_size()
+    if delta % size:
+        return True
+    dims = sorted(((st, n) for st, n in zip(a.stride(), a.shape, strict=True) if n > 1), reverse=True)
+    if any(st <= 0 for st, _ in dims):
+        return True
+    return _translate_reaches(abs(delta // size), dims)
+
+
+def check_outputs_apart(fn: str, **outs) -> None:
+    """LaunchError when two outputs a kernel writes (None ones skipped) share an element: each store would
+    overwrite the other's, and which one lands is a race. Per call (the addresses are not in a plan's key)."""
+    named = [(name, t) for name, t in outs.items() if t is not None]
+    for i, (name, t) in enumerate(named):
+        for other, u in named[i + 1:]:
+            if overlap(t, u):
+                raise LaunchError(f"{fn}: {name} and {other} share memory; each would overwrite the other's "
+                                  f"results: pass separate {name} and {other} tensors")
+
+
 def nothing_to_launch(*tensors) -> bool:
     """True when a kernel has no work: a tensor on the meta device (shapes only, no data) or one with no
     elements. The caller returns its allocated outputs (on meta, or empty) as they are."""

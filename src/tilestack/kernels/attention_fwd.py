@@ -54,6 +54,8 @@ import math
 import numbers
 from typing import Any
 
+import numpy as np
+
 import tilestack.lang as ts
 from tilestack.kernels._checks import next_pow2
 from tilestack.kernels._plan import planned
@@ -404,7 +406,7 @@ def check_attention_args(fn: str, q, k, v, scale, *, causal=False, attn_mask=Non
     if scale is not None and (not finite_real(scale) or not 0 < scale <= MAX_SCALE):
         raise LaunchError(f"{fn}: scale must be a positive number or None, got {scale!r} (finite, not a bool, at "
                           f"most {MAX_SCALE:.4g}: the kernels' f32 scale times log2(e) must not overflow)")
-    if not isinstance(causal, bool) and type(causal).__name__ != "bool_":    # Python's or numpy's bool
+    if not isinstance(causal, bool | np.bool_):                  # Python's or NumPy's bool (np.True_)
         raise LaunchError(f"{fn}: causal must be a bool, got {causal!r} ({type(causal).__name__})")
     if causal_align not in CAUSAL_ALIGNS:
         raise LaunchError(f"{fn}: causal_align must be one of {CAUSAL_ALIGNS}, got {causal_align!r}")

@@ -246,6 +246,7 @@ def fused_linear_cross_entropy(x, weight, labels, *, ignore_index: int = IGNORE_
                 torch.mm(logits[:, a:b].T, xc, out=dw[a:b])              # (V, d) = (V, c) @ (c, d)
             else:
                 dw[a:b].addmm_(logits[:, a:b].T, xc)
-    loss = row_loss.sum()
+    # an ignored row's loss is left out, not added as 0 * its loss: a NaN or inf there (padding) would make it NaN
+    loss = torch.where(valid, row_loss, 0.0).sum()
     loss = torch.where(count > 0, loss, torch.full_like(loss, math.nan))
     return loss, dx, dw

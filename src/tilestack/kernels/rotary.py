@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
-from tilestack.kernels._checks import check_same_device, check_tensor, next_pow2
+from tilestack.kernels._checks import check_outputs_apart, check_same_device, check_tensor, finite_real, next_pow2
 from tilestack.kernels._plan import checked_once, planned
 from tilestack.tune.lookup import launch_config
 
@@ -71,9 +71,23 @@ def reference(x, cos, sin):
 
 
 def rotary_tables(n: int, d: int, theta: float = 10000.0, device=None):
-    """(cos, sin), each (n, d/2) f32: the angle of position p and frequency i is p * theta**(-2i/d)."""
+    """(cos, sin), each (n, d/2) f32: the angle of position p and frequency i is p * theta**(-2i/d). n an int
+    >= 0, d an even int >= 2 (a head dim: its halves rotate together), theta a finite number > 0 (0 or NaN made
+    inf and NaN tables, and NaN rotations after them)."""
+    import numbers
+
     import torch
 
+    def whole(value) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    if not whole(n) or n < 0:
+        raise LaunchError(f"rotary_tables: n must be an int >= 0 (a number of positions), got {n!r}")
+    if not whole(d) or d < 2 or d % 2:
+        raise LaunchError(f"rotary_tables: d must be an even int >= 2 (a head dim), got {d!r}")
+    if not finite_real(theta) or theta <= 0:
+        raise LaunchError(f"rotary_tables: theta must be a finite number > 0, got {theta!r}")
+    n, d, theta = int(n), int(d), float(theta)
     inv_freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)   # (d/2,)
     angles = torch.arange(n, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]   # (n, d/2)
     return angles.cos().float(), angles.sin().float()
@@ -124,6 +138,8 @@ def rotary(q, k, cos, sin, *, inverse: bool = False, q_out=None, k_out=None, bac
     cfg = launch_config("rotary", f"{str(q.dtype).removeprefix('torch.')}-D{q.shape[3]}", q.device, rows, cfg)
 
     def outputs(q, k, q_out, k_out):
+        if q_out is not None and k_out is not None:
+            check_outputs_apart("rotary", q_out=q_out, k_out=k_out)
         return (torch.empty(q.shape, dtype=q.dtype, device=q.device) if q_out is None else q_out,
                 torch.empty(k.shape, dtype=k.dtype, device=k.device) if k_out is None else k_out)
 

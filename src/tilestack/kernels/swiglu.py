@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
-from tilestack.kernels._checks import check_same_device, check_tensor
+from tilestack.kernels._checks import check_outputs_apart, check_same_device, check_tensor
 from tilestack.kernels._plan import planned
 from tilestack.tune.lookup import launch_config
 
@@ -130,6 +130,8 @@ def swiglu_backward(dy, a, b, *, da=None, db=None, backend: str | None = None, *
                         default_config(a.device.type)) | config
 
     def outputs(a, da, db):
+        if da is not None and db is not None:
+            check_outputs_apart("swiglu_backward", da=da, db=db)
         return (torch.empty(a.shape, dtype=a.dtype, device=a.device) if da is None else da,
                 torch.empty(a.shape, dtype=a.dtype, device=a.device) if db is None else db)
 
