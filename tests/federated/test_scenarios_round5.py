@@ -24,16 +24,14 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg
 
-from tilestack.errors import FederatedError
 from tilestack.federated import ManagedGrid, SystemModel, Task, codec, run_rounds, simulate
 from tilestack.federated import client as tsclient
-from tilestack.federated.compression import RESIDUAL_STATE, Compressed, compress_update
 from tilestack.federated.engine import InProcessGrid
 from tilestack.federated.grid import payload_bytes
 from tilestack.federated.simulation import initial_arrays
-from tilestack.federated.strategies import CFL, IFCA, QFFL, FedBN, FedDF, FedNova, HeteroFL, Scaffold, sub_model
+from tilestack.federated.strategies import FedDF, FedNova, HeteroFL, Scaffold, sub_model
 
 SC, DC = tsclient.SCAFFOLD_C, tsclient.SCAFFOLD_DC_PREFIX
 
@@ -354,3 +352,135 @@ def test_evaluation_replies_without_examples_or_with_nan_are_left_out_of_the_wei
     want = sum(evals[p][0] * evals[p][1] for p in kept) / sum(evals[p][0] for p in kept)
     assert r.eval_metrics["eval-acc"] == pytest.approx(want, rel=1e-12)
     assert r.client_acc["mean"] == pytest.approx(np.mean([evals[p][1] for p in kept]))
+
+
+# ---- Flower's server optimiser and plain averaging on float64 and float16 models --------------------------------
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_fedavg_and_fedadam_keep_the_models_dtype_and_round_once(dtype):
+    """Scripted clients, sizes 1 to 10**9: FedAvg's model is the float64 weighted mean rounded once to float16 (bit
+    for bit) or kept in float64; FedAdam's three steps follow its rule written out in float64."""
+    task = _blobs(5)
+    n = {p: 10 ** (2 * p) for p in range(5)}
+
+    def script(pid, rnd, got, context, config):
+        x = got["arrays"]
+        return {k: (v + _update(pid, rnd, v.shape, dtype)).astype(dtype) for k, v in x.items()}, {"num-examples": n[pid]}
+
+    x0 = {k: v.astype(dtype) for k, v in _np(initial_arrays(task)).items()}
+    avg = run_rounds(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), _grid(_scripted(script), task),
+                     codec.to_record(x0), num_rounds=1)  # fmt: skip
+    want = _wmean({p: {k: (v + _update(p, 1, v.shape, dtype)).astype(dtype) for k, v in x0.items()} for p in n}, n)
+    _check_model(avg.arrays, want, dtype)
+
+    eta, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
+    adam = run_rounds(FedAdam(fraction_train=1.0, fraction_evaluate=0.0, eta=eta, beta_1=b1, beta_2=b2, tau=tau),
+                      _grid(_scripted(script), task), codec.to_record(x0), num_rounds=3)  # fmt: skip
+    x = dict(x0)
+    m = {k: np.zeros(v.shape) for k, v in x.items()}
+    v2 = {k: np.zeros(v.shape) for k, v in x.items()}
+    for rnd in (1, 2, 3):
+        mean = _wmean({p: {k: (v + _update(p, rnd, v.shape, dtype)).astype(dtype) for k, v in x.items()} for p in n}, n)
+        d = {k: mean[k] - x[k] for k in x}
+        m = {k: b1 * m[k] + (1 - b1) * d[k] for k in x}
+        v2 = {k: b2 * v2[k] + (1 - b2) * d[k] ** 2 for k in x}
+        eta_t = eta * math.sqrt(1 - b2 ** (rnd + 1)) / (1 - b1 ** (rnd + 1))  # Flower's bias correction
+        x = {k: (x[k] + eta_t * m[k] / (np.sqrt(v2[k]) + tau)).astype(dtype) for k in x}
+    for k, got in _np(adam.arrays).items():
+        assert got.dtype == dtype
+        if dtype == np.float64:
+            np.testing.assert_allclose(got, x[k], rtol=1e-12, atol=1e-14)
+        else:
+            np.testing.assert_array_equal(got, x[k])
+
+
+# ---- non-finite and misshapen replies in SCAFFOLD, HeteroFL -----------------------------------------------------
+@pytest.mark.timeout(60)
+def test_non_finite_replies_anywhere_are_left_out_naming_the_client():
+    """SCAFFOLD with six scripted clients: NaN in a model array, +inf in a control-variate change, an infinite
+    weight, a NaN training loss; each is left out naming why, and the model and c are the rule over the other two
+    (none of the non-finite values reaches x or c)."""
+    task = _blobs(6)
+    bad = {1: "nan-model", 2: "inf-dc", 3: "inf-weight", 4: "nan-loss"}
+
+    def script(pid, rnd, got, context, config):
+        x = got["arrays"]
+        y = {k: v + _update(pid, rnd, v.shape, np.float32) for k, v in x.items()}
+        dc = {DC + k: _update(pid + 10, rnd, v.shape, np.float32) for k, v in x.items()}
+        metrics = {"num-examples": pid + 1}
+        if bad.get(pid) == "nan-model":
+            y["fc.bias"][1] = np.nan
+        if bad.get(pid) == "inf-dc":
+            dc[DC + "fc.weight"][0, 0] = np.inf
+        if bad.get(pid) == "inf-weight":
+            metrics["num-examples"] = float("inf")
+        if bad.get(pid) == "nan-loss":
+            metrics["train-loss"] = float("nan")
+        return y | dc, metrics
+
+    res = run_rounds(Scaffold(fraction_train=1.0, fraction_evaluate=0.0), _grid(_scripted(script), task),
+                     initial_arrays(task), num_rounds=1)  # fmt: skip
+    r = res.history.rounds[0]
+    assert r.excluded == {"1": "non-finite: fc.bias", "2": "non-finite: scaffold.dc.fc.weight",
+                          "3": "non-finite metric: num-examples", "4": "non-finite metric: train-loss"}  # fmt: skip
+    assert r.num_aggregated == 2
+    x0 = _np(initial_arrays(task))
+    want = _wmean({p: {k: (v + _update(p, 1, v.shape, np.float32)).astype(np.float32) for k, v in x0.items()}
+                   for p in (0, 5)}, {0: 1, 5: 6})  # fmt: skip
+    _check_model(res.arrays, want, np.float32)
+    for k, v in res.strategy.c.items():
+        dcs = [_update(p + 10, 1, v.shape, np.float32).astype(np.float64) for p in (0, 5)]
+        np.testing.assert_array_equal(v, (2 / 6 * np.mean(dcs, axis=0)).astype(np.float32))
+
+
+@pytest.mark.timeout(60)
+def test_misshapen_replies_are_left_out_naming_the_client_and_the_array():
+    """HeteroFL: client 1 (width 1/2) sends back a full-width model, client 2 a transposed fc2.weight; each is left
+    out naming the array, its shape and the one sent; a round where every reply is misshapen keeps the model and
+    says so."""
+    task = _blobs(4, features=3, classes=2, model="mlp", hidden=4)
+
+    def script(pid, rnd, got, context, config):
+        x = got["arrays"]
+        if pid == 1:
+            x = {k: np.zeros(v.shape, v.dtype) for k, v in _np(initial_arrays(task)).items()}
+        if pid == 2:
+            x = {**x, "fc2.weight": np.ascontiguousarray(x["fc2.weight"].T)}
+        if rnd == 2:
+            x = {**x, "fc2.bias": np.zeros(3, np.float32)}
+        return x, {}
+
+    s = HeteroFL(width_of=lambda p: (1.0, 0.5)[p % 2], hidden=4, fraction_train=1.0, fraction_evaluate=0.0)
+    res = run_rounds(s, _grid(_scripted(script), task), initial_arrays(task), num_rounds=2)
+    r1, r2 = res.history.rounds
+    assert r1.excluded == {"1": "shape: fc1.weight is (3, 4), expected (3, 2)",
+                           "2": "shape: fc2.weight is (2, 4), expected (4, 2)"}  # fmt: skip
+    assert r1.num_aggregated == 2
+    assert set(r2.excluded) == {"0", "1", "2", "3"} and r2.num_aggregated == 0
+    assert r2.skipped == "no replies to aggregate"
+
+
+@pytest.mark.timeout(60)
+def test_a_reply_in_a_dtype_numpy_cannot_read_is_left_out_as_malformed():
+    """A client that sends its float32 model as bfloat16 bytes (a torch user's ``.view(np.uint16)``; numpy has no
+    bfloat16): left out as malformed, naming the array; the others are averaged."""
+    task = _blobs(3)
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        pid = int(context.node_config["partition-id"])
+        x = codec.to_numpy(msg.content["arrays"])
+        rec = codec.to_record({k: v + 1 for k, v in x.items()})
+        if pid == 1:
+            w = (x["fc.weight"].view(np.uint32) >> 16).astype(np.uint16)  # bfloat16 bits
+            rec["fc.weight"] = Array(dtype="bfloat16", shape=w.shape, stype="numpy.ndarray", data=w.tobytes())
+        metrics = MetricRecord({"num-examples": 1, tsclient.PARTITION_METRIC: pid})
+        return Message(RecordDict({"arrays": rec, "metrics": metrics}), reply_to=msg)
+
+    res = run_rounds(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), _grid(app, task), initial_arrays(task),
+                     num_rounds=1)  # fmt: skip
+    r = res.history.rounds[0]
+    assert list(r.excluded) == ["1"] and r.excluded["1"].startswith("malformed: fc.weight cannot be decoded")
+    assert r.num_aggregated == 2
+    _check_model(res.arrays, {k: v + 1 for k, v in _np(initial_arrays(task)).items()}, np.float32)

@@ -16,17 +16,19 @@ from tilestack.ir.ops import Op, register_emitter
 FLOOR_SCALAR = {"floordiv": "_floordiv({}, {})", "cdiv": "(-_floordiv(-{}, {}))", "mod": "_floormod({}, {})"}
 
 
-def wide_product(fn: str, a: str, b: str, wide: bool, ns: str) -> str | None:
-    """The SCALAR op ``fn(a, b)`` in 64 bits where it must be, else None. The reference's index arithmetic is exact;
-    the DSLs take sizes, block ids and int arguments as i32 (when they fit) and multiply them in i32, so a product of
-    two such runtime values wraps past 2**31 (``X.shape[0] * X.shape[1]``, the numel of an expanded tensor, or a flat
-    position ``row * N`` given to arange). Such a product that is data (``wide``: neither operand a compile-time
-    constant, and not address math, ``ir.scalars.addressing``) multiplies in int64. Address math stays 32-bit: the
+def wide_index_op(fn: str, a: str, b: str, wide: bool, ns: str) -> str | None:
+    """The SCALAR op ``fn(a, b)`` in 64 bits where it must be (``wide``: its result is in ``ir.scalars.wide_index``),
+    else None. The DSLs take sizes, block ids and int arguments as i32 (when they fit) and add, subtract and multiply
+    them in i32, so a sum or product of such values that is data wraps past 2**31 (``X.shape[0] * X.shape[1]``, the
+    numel of an expanded tensor; ``off + X.shape[0]``, a position given to arange). Address math stays 32-bit: the
     copy engine takes 32-bit coordinates only, a 64-bit loop counter would make every offset of the loop 64-bit, and
     offsets that need 64 bits get them per tensor (``index64``)."""
-    if fn != "mul" or not wide:
+    if not wide:
         return None
-    return f"({ns}.cast({a}, {ns}.int64) * {b})"
+    return f"({ns}.cast({a}, {ns}.int64) {WIDE_SYMBOLS[fn]} {b})"
+
+
+WIDE_SYMBOLS = {"add": "+", "sub": "-", "mul": "*"}
 
 
 def scalar_templates(ns: str) -> dict[str, str]:
@@ -64,7 +66,7 @@ def literal(x) -> str:
 
 def register_scalar_emitters(backend: str, ns: str, templates: dict[str, str]) -> None:
     """Register ``backend``'s emitters of CONST, DIM, BLOCK_ID, NUM_BLOCKS and SCALAR. Its emitter object has
-    ``names``, ``consts``, ``globals``, ``nonneg``, ``addressing`` (``ir.scalars``), ``floor_helpers``, ``name()`` and
+    ``names``, ``consts``, ``globals``, ``nonneg``, ``wide_index`` (``ir.scalars``), ``floor_helpers``, ``name()`` and
     ``assign()``."""
 
     @register_emitter(backend, Op.CONST)
@@ -88,8 +90,7 @@ def register_scalar_emitters(backend: str, ns: str, templates: dict[str, str]) -
     def _e_scalar(e, ins) -> None:
         a, b = (e.name(s) for s in ins.srcs)
         fn = ins.attrs.fn
-        runtime = not any(s in e.consts for s in ins.srcs)
-        wide = wide_product(fn, a, b, runtime and ins.result not in e.addressing, ns)
+        wide = wide_index_op(fn, a, b, ins.result in e.wide_index, ns)
         if wide is not None:
             e.assign(ins.result, wide)
             return

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tilestack.ir.ops import Op
+from tilestack.ir.ops import OPS, Op, work_dtype
+from tilestack.ir.types import FLOAT, INDEX, f64
 
 
 def valid_extent(dims, coords, tile_shape):
@@ -74,4 +75,46 @@ def addressing(block) -> set:
             out.add(v)
             if v in made:
                 todo += made[v].srcs
+    return out
+
+
+def f64_float_args(kernel) -> frozenset:
+    """The runtime float arguments that f64 tile work takes (``ir.ops.work_dtype``: an f64 tile plus a float, a float
+    chosen into an f64 tile). The reference takes a float argument as it is (a float64) there and as the f32 nearest
+    it everywhere else (f32 work, scalar arithmetic). Triton and Gluon pass a Python float as an f32, which would
+    round it for f64 work too: backends pass these as f64 and convert them to f32 for their other uses."""
+    floats = {ins.result for ins in kernel.walk() if ins.op is Op.ARG and ins.result.type == FLOAT}
+    out: set = set()
+    for ins in kernel.walk():
+        used = floats.intersection(ins.srcs)
+        if used and OPS[ins.op].kind == "tile" and work_dtype(ins) is f64:
+            out |= used
+    return frozenset(out)
+
+
+WIDE_FNS = ("add", "sub", "mul")   # the index functions that can pass 2**31 from operands inside it
+
+
+def wide_index(block) -> set:
+    """The results of ``block``'s index arithmetic (and its loops') that backends computing indices in 32 bits must
+    compute in 64: the reference's index arithmetic is exact, and Triton and Gluon take sizes and int arguments as
+    i32 (where they fit), so a sum, difference or product of them can wrap past 2**31 (``off + X.shape[0]``,
+    ``X.shape[0] * X.shape[1]``, ``n * 3``). Those are the add, sub and mul results that are data (not address math,
+    ``addressing``: kept 32-bit, offsets get 64 bits per tensor) and that take a size, an int argument or a value
+    made from them, or multiply two runtime values. Block ids, loop counters and constants alone stay 32-bit (a
+    tile's first row ``i * BM``, a causal diagonal ``i * BM - j * BN``)."""
+    address = addressing(block)
+    consts = {ins.result for ins in block.walk() if ins.op is Op.CONST}
+    big: set = set()      # sizes, int arguments and the index values made from them
+    out: set = set()
+    for ins in block.walk():
+        if ins.op is Op.DIM or (ins.op is Op.ARG and ins.result.type == INDEX):
+            big.add(ins.result)
+        elif ins.op is Op.SCALAR and ins.result.type == INDEX:
+            if any(s in big for s in ins.srcs):
+                big.add(ins.result)
+            runtime = not any(s in consts for s in ins.srcs)
+            if ins.attrs.fn in WIDE_FNS and ins.result not in address and (
+                    ins.result in big or (ins.attrs.fn == "mul" and runtime)):
+                out.add(ins.result)
     return out

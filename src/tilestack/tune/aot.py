@@ -111,7 +111,8 @@ def _signature(low, ir, args: Sequence, arg_names: Sequence[str]) -> tuple[dict,
         elif kind == "desc":
             sig[name] = f"tensordesc<{SIG_DTYPES[param.type.dtype.name]}{list(how[2])}>"
         elif kind == "scalar":
-            sig[name] = "i32" if param.type.kind == "index" else "fp32"
+            # (a float argument of f64 work is an f64 parameter: triton.codegen.Lowered.f64_scalars)
+            sig[name] = "i32" if param.type.kind == "index" else "fp64" if i in low.f64_scalars else "fp32"
         else:    # a size or a stride
             value = _int_of(args[i], kind, how[2])
             if value == 1:
@@ -193,7 +194,7 @@ def resources(kernel, args: Sequence, fixed: dict[str, Any], config: dict[str, A
 @functools.lru_cache(maxsize=256)
 def _arg_names(source: str, fn_name: str) -> tuple[str, ...]:
     m = re.search(rf"def {re.escape(fn_name)}\(([^)]*)\)", source)
-    return tuple(a.strip() for a in m.group(1).split(",") if a.strip()) if m else ()
+    return tuple(a.split(":")[0].strip() for a in m.group(1).split(",") if a.strip()) if m else ()   # (`a: tl.float64`)
 
 
 @functools.lru_cache(maxsize=256)

@@ -35,12 +35,12 @@ from tilestack.backends.python_dsl import (
     literal,
     register_scalar_emitters,
     scalar_templates,
-    wide_product,
+    wide_index_op,
 )
 from tilestack.errors import BackendError
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
 from tilestack.ir.ops import EMITTERS, Op, register_emitter, work_dtype
-from tilestack.ir.scalars import addressing, nonnegative
+from tilestack.ir.scalars import f64_float_args, nonnegative, wide_index
 from tilestack.ir.types import (
     FLOAT,
     INDEX,
@@ -51,6 +51,7 @@ from tilestack.ir.types import (
     TileType,
     bool_,
     f32,
+    f64,
     int_range,
     narrow_int,
 )
@@ -131,7 +132,9 @@ class _Emitter:
         self.global_index: dict[Value, int] = {}
         self.consts: set[Value] = set()
         self.nonneg = nonnegative(kernel.body)
-        self.addressing = addressing(kernel.body)   # index values of address math: kept 32-bit
+        self.wide_index = wide_index(kernel.body)   # index values computed in 64 bits (data past 2**31)
+        # float arguments f64 work takes as they are: f64 parameters (value -> parameter name), f32 everywhere else
+        self.f64_floats: dict[Value, str] = dict.fromkeys(f64_float_args(kernel), "")
         self.floor_helpers = False
         self.nan_helpers = False                     # whether the source needs _max_nan / _min_nan
         self.indent = 1
@@ -182,6 +185,11 @@ class _Emitter:
         """``v`` in layout ``key`` (converted if it has another)."""
         n = self.name(v)
         return n if self.lay.get(v) == key else f"gl.convert_layout({n}, {self.layout(key)})"
+
+    def float_scalar(self, v: Value, work) -> str:
+        """Float scalar ``v`` as ``work`` (a float work dtype) takes it: an f64 argument as it is in f64 work, else
+        its name (an f32 there, as the reference takes it)."""
+        return self.f64_floats.get(v) or self.name(v) if work is f64 else self.name(v)
 
     def f32(self, expr: str, v: Value) -> str:
         return expr if v.type.dtype.name in ("f32", "f64") else f"{expr}.to(gl.float32)"
@@ -368,8 +376,7 @@ class _Emitter:
             return literal(ins.attrs.value)
         a, b = (self.scalar_expr(s, env, made) for s in ins.srcs)
         fn = ins.attrs.fn
-        consts = [s in self.consts or (s in made and made[s].op is Op.CONST) for s in ins.srcs]
-        wide = wide_product(fn, a, b, not any(consts) and v not in self.addressing, "gl")
+        wide = wide_index_op(fn, a, b, v in self.wide_index, "gl")
         if wide is not None:
             return wide
         if fn in FLOOR_SCALAR:
@@ -385,6 +392,9 @@ def _e_arg(e: _Emitter, ins: Instr) -> None:
         e.globals[ins.result] = ins.attrs.name
         e.global_index[ins.result] = ins.attrs.index
     e.names[ins.result] = ins.attrs.name
+    if ins.result in e.f64_floats:     # passed as f64 (see _Emitter.f64_floats): an f32 wherever else it is used
+        e.f64_floats[ins.result] = ins.attrs.name
+        e.names[ins.result] = f"gl.cast({ins.attrs.name}, gl.float32)"
 
 
 register_scalar_emitters("gluon", "gl", _SCALAR)
@@ -430,7 +440,7 @@ def _e_binary(e: _Emitter, ins: Instr) -> None:
         e.assign(ins.result, e.cast(expr, wd, ins.result.type.dtype))
         e.set_lay(ins.result, key)
         return
-    bx = e.f32(e.as_layout(b, key), b) if isinstance(b.type, TileType) else e.name(b)
+    bx = e.f32(e.as_layout(b, key), b) if isinstance(b.type, TileType) else e.float_scalar(b, wd)
     expr = _BINARY[ins.attrs.fn].format(e.f32(e.name(a), a), bx)
     e.assign(ins.result, e.cast(expr, f32, ins.result.type.dtype))
     e.set_lay(ins.result, key)
@@ -505,6 +515,9 @@ def _e_mask(e: _Emitter, ins: Instr) -> None:
     rows = f"gl.arange(0, {r}, layout=gl.SliceLayout(1, {lname}))[:, None]"
     cols = f"gl.arange(0, {c}, layout=gl.SliceLayout(0, {lname}))[None, :]"
     kn = e.name(k)
+    if k in e.wide_index:   # a 64-bit bound, clamped past the tile's edges into 32 bits: the compares stay 32-bit
+        edge = max(r, c)
+        kn = f"gl.minimum(gl.maximum({kn}, {-edge}), {edge}).to(gl.int32)"
     cond = {"tril": f"({cols} - {rows}) <= {kn}", "triu": f"({cols} - {rows}) >= {kn}",
             "right_fill": f"{cols} < {kn}", "lower_fill": f"{rows} < {kn}"}[ins.attrs.kind]
     # a bool_ mask's fill is a Python bool (an int 0 would promote the mask to i32, which ~ does not negate)
@@ -526,9 +539,10 @@ def _broadcasting(e: _Emitter, ins: Instr, as_float: bool, to=None) -> tuple[lis
     key = next((e.lay[s] for s, ax in zip(ins.srcs, ins.attrs.axes, strict=True)
                 if ax is None and isinstance(s.type, TileType)), e.plan[ins.result])
     out = []
+    work = work_dtype(ins)
     for s, ax in zip(ins.srcs, ins.attrs.axes, strict=True):
         if not isinstance(s.type, TileType):
-            x = e.name(s)
+            x = e.float_scalar(s, work) if s.type == FLOAT else e.name(s)
             if to is not None and s.type == FLOAT and not to.is_float:   # truncated and saturated as a tile would be
                 x = e.cast(x, f32, to)
             elif to is not None and s.type == INDEX and (to.is_float or s not in e.consts):
@@ -971,7 +985,7 @@ def signature(low: KernelIR, names: list[str]) -> dict[str, str]:
         elif how[0] in ("dim", "stride"):
             sig[name] = "i32"
         elif how[0] == "scalar":
-            sig[name] = "fp32" if p.type == ScalarType("float") else "i32"
+            sig[name] = ("fp64" if name in _f64_params(low) else "fp32") if p.type == ScalarType("float") else "i32"
         else:
             dt = getattr(gl, GL_DTYPES[p.type.dtype.name].removeprefix("gl."))
             layout = gl.NVMMASharedLayout.get_default_for(list(how[2]), dt)
@@ -1012,8 +1026,16 @@ def role_slice(kernel: KernelIR, role: str) -> tuple[set[Instr], set[Value]]:
     return keep, live
 
 
+def _f64_params(low: KernelIR) -> set[str]:
+    """The names of the float parameters passed as f64 (``_Emitter.f64_floats``; Gluon passes a float as an f32)."""
+    wide = f64_float_args(low)
+    return {ins.attrs.name for ins in low.body.instrs if ins.op is Op.ARG and ins.result in wide}
+
+
 def _function(name: str, params: list[str], e: _Emitter, extra: list[str] = ()) -> list[str]:
-    head = ["@gluon.jit", f"def {name}({', '.join(params + list(extra))}):"]
+    f64 = _f64_params(e.kernel)
+    typed = [f"{p}: gl.float64" if p in f64 else p for p in params]
+    head = ["@gluon.jit", f"def {name}({', '.join(typed + list(extra))}):"]
     decls = ["    " + d for d in e.layout_decls]
     return head + decls + (e.lines or ["    pass"])   # a kernel with no effect is an empty function
 

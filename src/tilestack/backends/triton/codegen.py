@@ -25,7 +25,7 @@ from tilestack.backends.python_dsl import (
 from tilestack.backends.triton.passes import TMA_MAX_BOX, pipeline  # noqa: F401  (TMA_MAX_BOX: re-exported)
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
 from tilestack.ir.ops import EMITTERS, Op, register_emitter, work_dtype
-from tilestack.ir.scalars import addressing, nonnegative
+from tilestack.ir.scalars import f64_float_args, nonnegative, wide_index
 from tilestack.ir.types import (
     F8E4M3_MAX,
     FLOAT,
@@ -180,7 +180,9 @@ class _Emitter:
         self.consts: set[Value] = set()       # values that are Python literals in the source
         self.addresses = 0
         self.nonneg = nonnegative(kernel.body)  # index values >= 0: plain // and % floor them
-        self.addressing = addressing(kernel.body)   # index values of address math: kept 32-bit
+        self.wide_index = wide_index(kernel.body)   # index values computed in 64 bits (data past 2**31)
+        # float arguments f64 work takes as they are: f64 parameters (value -> parameter name), f32 everywhere else
+        self.f64_floats: dict[Value, str] = dict.fromkeys(f64_float_args(kernel), "")
         self.floor_helpers = False              # whether the source needs _floordiv / _floormod
         self.tf32_helper = False                # whether it needs _round_tf32 (interpreted tf32 products)
         self.bf16_helper = False                # whether it needs _to_bf16 (interpreted conversions to bf16)
@@ -214,6 +216,15 @@ class _Emitter:
         """The value as f32 (or f64) for arithmetic: Triton's math functions take 32- or 64-bit floats."""
         n = self.name(v)
         return n if v.type.dtype in (f32, f64) else self.up(n, v.type.dtype)
+
+    def float_scalar(self, v: Value, work) -> str:
+        """Float scalar ``v`` as ``work`` (a float work dtype) takes it: in f64 work an f64 of its value (an f64
+        argument as it is, a constant exactly: Triton makes a Python float an f32 first, and the interpreter a
+        weakly typed scalar that tl.maximum takes as an f32), else its name (an f32 there, as the reference takes
+        it)."""
+        if work is not f64:
+            return self.name(v)
+        return f"tl.full((), {self.f64_floats.get(v) or self.name(v)}, tl.float64)"
 
     def up(self, expr: str, dtype) -> str:
         """``expr`` of ``dtype`` (a 16- or 8-bit float) as f32: through its bits under the interpreter if bf16."""
@@ -304,6 +315,9 @@ def _e_arg(e: _Emitter, ins: Instr) -> None:
         e.globals[ins.result] = name
         e.global_index[ins.result] = ins.attrs.index
     e.names[ins.result] = name
+    if ins.result in e.f64_floats:     # passed as f64 (see _Emitter.f64_floats): an f32 wherever else it is used
+        e.f64_floats[ins.result] = name
+        e.names[ins.result] = f"tl.cast({name}, tl.float32)"
 
 
 register_scalar_emitters("triton", "tl", _SCALAR)
@@ -331,8 +345,8 @@ def _e_unary(e: _Emitter, ins: Instr) -> None:
     e.assign(ins.result, e.cast_to(expr, f32 if x.type.dtype is not f64 else f64, ins.result.type))
 
 
-def _operand(e: _Emitter, v: Value) -> str:
-    return e.f32(v) if isinstance(v.type, TileType) else e.name(v)
+def _operand(e: _Emitter, v: Value, work) -> str:
+    return e.f32(v) if isinstance(v.type, TileType) else e.float_scalar(v, work)
 
 
 def _int_operand(e: _Emitter, v: Value, wd) -> str:
@@ -351,7 +365,7 @@ def _e_binary(e: _Emitter, ins: Instr) -> None:
         expr = _INT_BINARY[ins.attrs.fn].format(_int_operand(e, a, wd), _int_operand(e, b, wd))
         e.assign(ins.result, e.cast_to(expr, wd, ins.result.type))
         return
-    expr = _BINARY[ins.attrs.fn].format(_operand(e, a), _operand(e, b))
+    expr = _BINARY[ins.attrs.fn].format(_operand(e, a, wd), _operand(e, b, wd))
     e.assign(ins.result, e.cast_to(expr, f32 if a.type.dtype is not f64 else f64, ins.result.type))
 
 
@@ -433,6 +447,9 @@ def _e_mask(e: _Emitter, ins: Instr) -> None:
     r, c = ins.result.type.shape
     rows, cols = f"tl.arange(0, {r})[:, None]", f"tl.arange(0, {c})[None, :]"
     kn = e.name(k)
+    if k in e.wide_index:   # a 64-bit bound, clamped past the tile's edges into 32 bits: the compares stay 32-bit
+        edge = max(r, c)
+        kn = f"tl.minimum(tl.maximum({kn}, {-edge}), {edge}).to(tl.int32)"
     cond = {"tril": f"({cols} - {rows}) <= {kn}", "triu": f"({cols} - {rows}) >= {kn}",
             "right_fill": f"{cols} < {kn}", "lower_fill": f"{rows} < {kn}"}[ins.attrs.kind]
     # a bool_ mask's fill is a Python bool: tl.where(cond, int1, 0) would promote to i32, and ~ of that i32 (a later
@@ -511,10 +528,11 @@ def _e_range(e: _Emitter, ins: Instr) -> None:
         e.names[r] = e.name(arg)
 
 
-def _along(e: _Emitter, v: Value, axis: str | None, as_float: bool) -> str:
-    """Operand ``v`` of a broadcasting op: float tiles in f32 (or f64) if ``as_float``, vectors along an axis."""
+def _along(e: _Emitter, v: Value, axis: str | None, as_float: bool, work=None) -> str:
+    """Operand ``v`` of a broadcasting op: float tiles in f32 (or f64) if ``as_float``, vectors along an axis, a
+    float scalar as ``work`` takes it."""
     is_float_tile = isinstance(v.type, TileType) and v.type.dtype.is_float
-    x = e.f32(v) if as_float and is_float_tile else e.name(v)
+    x = e.f32(v) if as_float and is_float_tile else e.float_scalar(v, work) if v.type == FLOAT else e.name(v)
     return x if axis is None else (f"{x}[:, None]" if axis == "row" else f"{x}[None, :]")
 
 
@@ -527,7 +545,8 @@ def _to_result_shape(ins: Instr, expr: str) -> str:
 
 @register_emitter("triton", Op.COMPARE, fns=_COMPARE)
 def _e_compare(e: _Emitter, ins: Instr) -> None:
-    a, b = (_along(e, s, ax, True) for s, ax in zip(ins.srcs, ins.attrs.axes, strict=True))
+    wd = work_dtype(ins)
+    a, b = (_along(e, s, ax, True, wd) for s, ax in zip(ins.srcs, ins.attrs.axes, strict=True))
     e.assign(ins.result, _to_result_shape(ins, f"({a} {_COMPARE[ins.attrs.fn]} {b})"))
 
 
@@ -555,7 +574,7 @@ def _select_value(e: _Emitter, v: Value, axis: str | None, dst: TileType, work) 
     if v.type == INDEX:                              # an int constant, a size: the float work's
         return f"tl.cast({x}, {TL_DTYPES[work.name]})"
     # a float scalar: as it is in f64 work (a Python float would otherwise be an f32 constant), else weakly typed
-    return f"tl.full((), {x}, tl.float64)" if work is f64 else x
+    return e.float_scalar(v, work)
 
 
 @register_emitter("triton", Op.SELECT)
@@ -633,6 +652,7 @@ class Lowered:
     # what to pass, in order: ("ptr", i) the tensor, ("dim", i, axis), ("stride", i, axis), ("scalar", i),
     # ("desc", i, block); only what the body reads (with TMA, most sizes and strides travel in descriptors)
     binding: tuple[tuple, ...]
+    f64_scalars: frozenset[int] = frozenset()   # param indices of the float arguments passed as f64 (f64 work's)
 
 
 def lower(kernel: KernelIR, tma: bool = False, print_after=()) -> tuple[KernelIR, list]:
@@ -656,9 +676,11 @@ def emit(low: KernelIR, interpret: bool = False, index64: bool | Collection[int]
     e = _Emitter(low, interpret, index64)
     e.block(low.body)
     params = []
+    f64_params = set(e.f64_floats.values())
     for how in low.reads:
         name = low.params[how[1]].name
-        params.append({"ptr": name, "scalar": name, "dim": f"{name}_d{how[-1]}", "stride": f"{name}_s{how[-1]}",
+        scalar = f"{name}: tl.float64" if name in f64_params else name    # (Triton passes a float as an f32)
+        params.append({"ptr": name, "scalar": scalar, "dim": f"{name}_d{how[-1]}", "stride": f"{name}_s{how[-1]}",
                        "desc": e.descriptors.get((how[1], how[-1]))}[how[0]])
     fn = f"{low.name}_kernel"
     consts = ", ".join(f"{k}={v!r}" for k, v in low.constants.items())
@@ -679,7 +701,8 @@ def emit(low: KernelIR, interpret: bool = False, index64: bool | Collection[int]
     ]
     descriptors = tuple((low.params[i].name, block) for (i, block) in e.descriptors)
     body = e.lines or ["    pass"]   # a kernel with no effect (every store pruned) is an empty function
-    return Lowered("\n".join(head + body) + "\n", fn, descriptors, low.reads)
+    f64_scalars = frozenset(i for i, p in enumerate(low.params) if p.name in f64_params)
+    return Lowered("\n".join(head + body) + "\n", fn, descriptors, low.reads, f64_scalars)
 
 
 def source(traced, tma: bool = True, index64: bool | Collection[int] = False) -> str:
