@@ -380,10 +380,17 @@ class MeasuredCompute(ComputeModel):
         more of the time than of the FLOPs, and checkpoint's own work adds to it: on this CPU, gpt 8x64 at 4
         samples a rank, 2.0 ms a block against the FLOP share's 0.2, and a dp2 step predicted -10% against dp2's own
         -10% where the FLOP share gave -28%. Full recompute stays the forward time (ComputeModel): measured the
-        same way it came out at 4 ms a block, and the step +23% over (the FLOP share: -12%)."""
+        same way it came out at 4 ms a block, and the step +23% over (the FLOP share: -12%).
+
+        On a GPU full recompute is measured too: there the replay is bound by the host, not by the forward's
+        kernels. torch's non-reentrant checkpoint runs a Python hook per saved tensor, so on the H200 (2026-12-03,
+        scripts/gpu/probe_block_timing.py) a GPT-2-small block at batch 8 took 1.68 ms forward and backward, and
+        3.13 ms with full recompute: 1.44 ms more, where its forward's kernels are 0.33 ms; the 12-block step
+        measured 15.6 ms over the plain one, 4.5 ms predicted from the forward time (+39%)."""
         layer = self.desc.layers[index]
         key = self._key(layer)
-        if policy != "selective" or layer.kind != "block" or key not in self.recompute_builders:
+        measured = ("selective", "full") if self.device.startswith("cuda") else ("selective",)
+        if policy not in measured or layer.kind != "block" or key not in self.recompute_builders:
             return super().recompute_s(index, micro_batch, tp, policy)
         ckey = (key, micro_batch, tp, policy)
         if ckey not in self._recompute:
