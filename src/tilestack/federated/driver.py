@@ -33,6 +33,8 @@ configure_evaluate, send, aggregate_evaluate, then server-side evaluation), and 
   that is not a whole checkpoint, is refused with a :class:`~tilestack.errors.FederatedError` naming what
   differs, and so is a checkpoint that already holds more rounds than asked for (its model is not the
   asked run's). A run interrupted mid-round (Ctrl-C, a crash) leaves the last completed round's checkpoint.
+  A strategy setting that does not pickle (a lambda as HeteroFL's ``width_of``) is left out of the checkpoint
+  and taken from the resuming call's strategy.
 """
 
 from __future__ import annotations
@@ -223,6 +225,41 @@ class _Pickler(pickle.Pickler):
         return NotImplemented
 
 
+def _picklable(value) -> bool:
+    try:
+        _Pickler(io.BytesIO(), protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    except Exception:  # noqa: BLE001 - pickle raises PicklingError, AttributeError or TypeError on local objects
+        return False
+    return True
+
+
+def _strategy_state(strategy: Strategy) -> Strategy:
+    """What a checkpoint keeps of ``strategy`` when it does not pickle whole: a copy without the attributes that do
+    not pickle (a lambda or local function given as a setting, HeteroFL's ``width_of``), at every level of wrapping.
+    They are the caller's settings, which the resuming call passes again; the state (moments, control variates,
+    clusters, selector statistics) is kept. Before, the run failed after its first round's work."""
+    copy_ = object.__new__(type(strategy))
+    for k, v in vars(strategy).items():
+        if isinstance(v, Strategy):
+            copy_.__dict__[k] = _strategy_state(v)
+        elif _picklable(v):
+            copy_.__dict__[k] = v
+        else:
+            log.info("checkpoint: %s.%s (%s) is not saved; a resumed run uses its own", type(strategy).__name__, k,
+                     type(v).__name__)  # fmt: skip
+    return copy_
+
+
+def _restore_strategy(strategy: Strategy, saved: Strategy) -> None:
+    """Put the checkpoint's state into ``strategy`` (wrapped strategies level by level), keeping what it lacks."""
+    for k, v in vars(saved).items():
+        mine = vars(strategy).get(k)
+        if isinstance(v, Strategy) and type(mine) is type(v):
+            _restore_strategy(mine, v)
+        else:
+            strategy.__dict__[k] = v
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write ``state`` so that ``path`` always holds a complete checkpoint (temporary file, fsync, rename)."""
     tmp = path.with_name(path.name + ".tmp")
@@ -313,7 +350,7 @@ def run_rounds(
         state = load_checkpoint(ckpt)
         check_signature(state.get("signature"), signature, ckpt)
         arrays = ArrayRecord(state["arrays"])
-        strategy.__dict__.update(state["strategy"].__dict__)
+        _restore_strategy(strategy, state["strategy"])
         history = History.from_dict(state["history"])
         if state.get("grid_state") is not None and hasattr(grid.inner, "load_state_dict"):
             grid.inner.load_state_dict(state["grid_state"])
@@ -389,17 +426,12 @@ def run_rounds(
         done_now += 1
         if ckpt is not None:
             grid_state = grid.inner.state_dict() if hasattr(grid.inner, "state_dict") else None
-            save_checkpoint(
-                ckpt,
-                {
-                    "round": r,
-                    "arrays": {k: v for k, v in arrays.items()},
-                    "strategy": strategy,
-                    "history": history.to_dict(),
-                    "grid_state": grid_state,
-                    "signature": signature,
-                },
-            )
+            state = {"round": r, "arrays": {k: v for k, v in arrays.items()}, "strategy": strategy,
+                     "history": history.to_dict(), "grid_state": grid_state, "signature": signature}  # fmt: skip
+            try:
+                save_checkpoint(ckpt, state)
+            except (pickle.PicklingError, AttributeError, TypeError):  # a lambda among the strategy's settings
+                save_checkpoint(ckpt, state | {"strategy": _strategy_state(strategy)})
         if on_round is not None:
             on_round(m)
     return RunResult(arrays, history, strategy)
