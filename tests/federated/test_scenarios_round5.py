@@ -752,3 +752,19 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_model(tmp_path, name):
     assert [r.round for r in resumed.history.rounds] == [1, 2, 3, 4]
     assert _same(full.arrays, resumed.arrays)
     assert [r.eval_metrics for r in resumed.history.rounds] == [r.eval_metrics for r in full.history.rounds]
+
+
+@pytest.mark.timeout(60)
+def test_resuming_a_float32_run_with_a_float64_model_is_refused_naming_the_dtypes(tmp_path):
+    """A checkpoint holds a float32 run; a call that passes a float64 initial model is another run (it returned the
+    checkpoint's float32 model without a word)."""
+    task = _blobs(4)
+    ckpt = tmp_path / "run.ckpt"
+    simulate(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), task, rounds=2, evaluate=False, checkpoint=ckpt,
+             stop_after=1)  # fmt: skip
+    with pytest.raises(FederatedError, match=r"belongs to another run \(dtypes: checkpoint has .*float32.*, this run "
+                                             r"has .*float64"):  # fmt: skip
+        simulate(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), task, rounds=2, evaluate=False, checkpoint=ckpt,
+                 initial=_as(initial_arrays(task), np.float64))  # fmt: skip
+    res = simulate(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), task, rounds=2, evaluate=False, checkpoint=ckpt)
+    assert [r.round for r in res.history.rounds] == [1, 2]

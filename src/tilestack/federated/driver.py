@@ -28,10 +28,10 @@ configure_evaluate, send, aggregate_evaluate, then server-side evaluation), and 
   its own state such as server-optimiser moments or SCAFFOLD's c, metrics, and the in-process engine's
   per-client state) is written to ``checkpoint`` atomically (temporary file, fsync, rename); a later call
   with the same checkpoint starts after the last completed round. The checkpoint records what run it
-  belongs to (strategy and its settings, task, system model, seed, node count, array names and shapes);
-  resuming another run (a changed ``proximal_mu`` or dropout rate too), or a file
-  that is not a whole checkpoint, is refused with a :class:`~tilestack.errors.FederatedError` naming what
-  differs, and so is a checkpoint that already holds more rounds than asked for (its model is not the
+  belongs to (strategy and its settings, task, system model, seed, node count, array names, shapes and
+  dtypes); resuming another run (a changed ``proximal_mu`` or dropout rate too, a float64 model for a float32
+  one), or a file that is not a whole checkpoint, is refused with a :class:`~tilestack.errors.FederatedError`
+  naming what differs, and so is a checkpoint that already holds more rounds than asked for (its model is not the
   asked run's). A run interrupted mid-round (Ctrl-C, a crash) leaves the last completed round's checkpoint.
   A strategy setting that does not pickle (a lambda as HeteroFL's ``width_of``) is left out of the checkpoint
   and taken from the resuming call's strategy.
@@ -134,6 +134,7 @@ def run_signature(strategy: Strategy, grid: ManagedGrid, arrays: ArrayRecord, se
         "seed": seed,
         "nodes": len(list(grid.get_node_ids())),
         "arrays": {k: list(v.shape) for k, v in arrays.items()},
+        "dtypes": {k: str(v.dtype) for k, v in arrays.items()},  # a float64 model is another run than float32
         "settings": _settings(strategy),
         "system": _system(grid),
     }
