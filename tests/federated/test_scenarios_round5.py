@@ -11,8 +11,8 @@ the rule says it must not matter. What the round found, each now fixed:
   clients float32 sub-models of a float64 model. Strategies now keep each array's dtype, accumulate in float64
   and round once to the global model's dtype.
 - tilestack's ClientApp trained and replied in float32 whatever the server sent: a float64 model lost its low
-  bits in every client, and a float16 model's replies were twice its size. Clients now train a float64 model in
-  float64 and reply in the dtype they were sent.
+  bits in every client. Clients now train a float64 model in float64 and reply in float64 (float16 and float32
+  models still train and reply in float32, so the server rounds the float64 mean to float16 once).
 - The federated metrics Flower's strategies aggregate (evaluation loss and accuracy weighted by each client's test
   examples, the training loss weighted by its training examples) were computed and thrown away by the round loop:
   ``RoundMetrics.train_metrics`` / ``eval_metrics`` now hold them.
@@ -260,16 +260,26 @@ def test_a_float64_model_is_trained_and_averaged_in_float64():
 
 
 @pytest.mark.timeout(60)
-def test_a_float16_model_travels_as_float16_both_ways():
-    """A float16 model: the clients' replies are float16 too (they were float32: twice the bytes up), and the
-    model stays float16."""
+def test_a_float16_model_is_averaged_from_float32_replies_and_rounded_once():
+    """A float16 model: the clients train in float32 and reply in float32, and the new model is the float64 weighted
+    mean of those replies rounded once to float16 (a float16 reply would round each client's model first)."""
     task = _blobs(4, features=5, classes=3, local_steps=3, lr=0.3)
     start = _as(initial_arrays(task), np.float16)
-    res = run_rounds(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), _grid(tsclient.app, task), start,
+    replies = []
+
+    class Seen(FedAvg):
+        def aggregate_train(self, server_round, rs):
+            rs = list(rs)
+            replies.append({int(m.content["metrics"][tsclient.PARTITION_METRIC]): codec.to_numpy(m.content["arrays"])
+                            for m in rs})  # fmt: skip
+            return super().aggregate_train(server_round, rs)
+
+    res = run_rounds(Seen(fraction_train=1.0, fraction_evaluate=0.0), _grid(tsclient.app, task), start,
                      num_rounds=2)  # fmt: skip
     r = res.history.rounds[-1]
-    assert r.bytes_up == r.bytes_down == 4 * payload_bytes(RecordDict({"arrays": start}))
-    assert all(v.dtype == np.float16 for v in _np(res.arrays).values())
+    assert r.bytes_up == 4 * payload_bytes(RecordDict({"arrays": initial_arrays(task)}))  # float32 replies
+    assert r.bytes_down == 4 * payload_bytes(RecordDict({"arrays": start}))  # the float16 model
+    _check_model(res.arrays, _wmean(replies[-1], {p: task.num_train(p) for p in range(4)}), np.float16)
     assert not _same(res.arrays, start)
 
 

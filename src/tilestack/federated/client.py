@@ -25,7 +25,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 from tilestack.federated import codec
 from tilestack.federated.compression import COMPRESS_KEY, compress_update
-from tilestack.federated.models import MLP, Model, Params, evaluate, local_sgd
+from tilestack.federated.models import MLP, Model, Params, evaluate, local_sgd, train_dtype
 from tilestack.federated.task import Task
 
 app = ClientApp()
@@ -170,11 +170,11 @@ def train(msg: Message, context: Context) -> Message:
     if correction is not None and steps > 0:
         # SCAFFOLD option II: c_i+ = c_i - c + (x - y) / (K lr); the server receives c_i+ - c_i.
         ci_new = {k: ci[k] - c[k] + (start[k] - trained[k]) / (steps * task.lr) for k in c}
-        context.state[SCAFFOLD_C] = _to_record(ci_new, {k: v.dtype for k, v in c.items()})
-        reply |= {SCAFFOLD_DC_PREFIX + k: (ci_new[k] - ci[k]).astype(c[k].dtype) for k in c}
+        context.state[SCAFFOLD_C] = _to_record(ci_new, {k: train_dtype(v) for k, v in c.items()})
+        reply |= {SCAFFOLD_DC_PREFIX + k: (ci_new[k] - ci[k]).astype(train_dtype(c[k])) for k in c}
     if prefix:  # FedBN: the local layers stay here and are not uploaded
         local = {k: v for k, v in trained.items() if k.startswith(prefix)}
-        context.state["fedbn-local"] = _to_record(local, {k: start[k].dtype for k in local})
+        context.state["fedbn-local"] = _to_record(local, {k: train_dtype(start[k]) for k in local})
         reply = {k: v for k, v in reply.items() if not k.startswith(prefix)}
     if KEY_CLIPPING_NORM in config:  # client-side DP: an honest client clips the model update it uploads
         model = {k: v for k, v in reply.items() if k in start}
@@ -193,9 +193,10 @@ def train(msg: Message, context: Context) -> Message:
         "full-steps": full_steps,
         PARTITION_METRIC: pid,
     }
-    # in the dtypes the server sent (a float16 model's replies are float16, a float64 model's float64)
-    sent = {k: v.dtype for k, v in start.items()} | {SCAFFOLD_DC_PREFIX + k: v.dtype for k, v in (c or {}).items()}
-    record = _to_record(reply, sent)
+    # in the precision it trained in (train_dtype: float64 for a float64 model, else float32), so that the server's
+    # float64 mean is rounded to the model's dtype once (a float16 reply would round every client's model first)
+    sent = {k: v for k, v in start.items()} | {SCAFFOLD_DC_PREFIX + k: v for k, v in (c or {}).items()}
+    record = _to_record(reply, {k: train_dtype(v) for k, v in sent.items()})
     if COMPRESS_KEY in config:  # send model updates compressed, with error feedback (compression.py)
         # model arrays as updates from the start; SCAFFOLD's control-variate changes are updates from zero
         base = start | {k: np.zeros_like(v) for k, v in reply.items() if k.startswith(SCAFFOLD_DC_PREFIX)}
