@@ -22,6 +22,7 @@ from typing import Any
 
 from tilestack.errors import TilestackError
 from tilestack.perf.metrics import Measurement
+from tilestack.tune.cache import sweep_dead_temporaries
 
 FORMAT = 1
 KIND = "tilestack bench record"
@@ -57,7 +58,8 @@ class Record:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.to_json(), indent=1, default=str) + "\n"
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        sweep_dead_temporaries(path.parent, f".{path.name}.")     # what writers killed mid-write left
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(text)

@@ -46,6 +46,12 @@ def train(
                              "seq and dtype replace those options)"),
     noise_scale: bool = typer.Option(False, help="measure the gradient noise scale from the per-rank gradients "
                                      "(plain data parallelism, --dp > 1) and print it with the goodput at this batch"),
+    out: str = typer.Option("", help="an output folder: the model and optimizer state are checkpointed to "
+                            "<out>/checkpoint (every --save-every steps and after the last) with the run's settings"),
+    save_every: int = typer.Option(0, min=0, help="steps between checkpoints with --out (0: after the last only)"),
+    resume: bool = typer.Option(False, help="go on from the checkpoint in --out (the steps it holds are skipped; "
+                                "the same seed and settings end where an uninterrupted run would)"),
+    seed: int = typer.Option(0, min=0, help="the initial model's seed"),
 ) -> None:
     """Train the parallel GPT for --steps steps under the given degrees."""
     from tilestack.parallel import GPT_1P3B, TINY, ParallelConfig, run_local
@@ -78,10 +84,21 @@ def train(
                                      f"dp={dp}, dp_shard={dp_shard}, tp={tp}, pp={pp}, zero={zero}; expected --dp > 1 "
                                      "and no other degree")
     spec = dict(parallel=parallel, model=cfg.__dict__, batch=batch, seq=seq, steps=steps, lr=lr, dtype=dtype,
-                device=device, progress=True, noise_scale=noise_scale)
+                device=device, progress=True, noise_scale=noise_scale, seed=seed)
+    if resume and not out:
+        raise typer.BadParameter("--resume goes on from the checkpoint in --out; give --out <the run's folder>")
+    if out:
+        from tilestack.cli.train_state import prepare_output
+        spec.update(checkpoint=prepare_output(out, spec, pc, resume), save_every=save_every, resume=resume)
     results = run_local(run_training, nproc, (spec,), device=device)
     r0 = results[0]
-    typer.echo(f"{nproc} ranks, {r0['n_params'] / 1e6:.2f} M parameters, final loss {r0['losses'][-1]:.4f}")
+    if not r0["losses"]:
+        typer.echo(f"the checkpoint in {out} is at step {r0['start']}; --steps {steps} leaves nothing to train")
+        return
+    resumed = f" (resumed at step {r0['start']})" if r0["start"] else ""
+    typer.echo(f"{nproc} ranks, {r0['n_params'] / 1e6:.2f} M parameters, final loss {r0['losses'][-1]:.4f}{resumed}")
+    if r0["tokens_per_s"] is None:
+        return                                   # (no step timed: nothing to report or store)
     typer.echo(f"tokens/s {r0['tokens_per_s']:,.0f}")
     if r0.get("noise_scale"):
         from tilestack.parallel.plan.goodput import efficiency

@@ -93,6 +93,8 @@ def _store(key: str, entry: dict) -> None:
         except (OSError, ValueError):
             pass
         merged.update(_memory)
+        from tilestack.tune.cache import sweep_dead_temporaries
+        sweep_dead_temporaries(path.parent, f"{path.stem}.")    # what writers killed mid-write left
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         try:
             tmp.write_text(json.dumps(merged, indent=1, sort_keys=True))

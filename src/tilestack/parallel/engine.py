@@ -190,12 +190,36 @@ class Trainer:
         return {name: _full(p.grad).cpu().clone() for name, p in named if p.grad is not None}
 
 
+def _resume(trainer: Trainer, path: str, rank: int, progress: bool) -> int:
+    """Load the checkpoint at ``path`` into ``trainer`` (every rank); the optimizer steps it holds. No whole
+    checkpoint there (none saved yet, or the first save was cut short): step 0, with a warning."""
+    import warnings
+    from pathlib import Path
+
+    from tilestack.parallel import checkpoint
+    folder = Path(path)
+    old = folder.with_name(f".{folder.name}.old")       # where a save cut between its renames left the last one
+    if not any((f / ".metadata").is_file() for f in (folder, old)):
+        if rank == 0:
+            warnings.warn(f"tilestack train --resume: no whole checkpoint in {folder}; training from step 0",
+                          stacklevel=2)
+        return 0
+    start = checkpoint.load(trainer, path)
+    if progress and rank == 0:
+        print(f"resumed from {path} at step {start}", flush=True)
+    return start
+
+
 def run_training(rank: int, world_size: int, spec: dict) -> dict:
     """One rank of a timed training run (what ``tilestack train`` and scripts/parallel/bench_scaling.py start on
     every rank). ``spec``: ``parallel`` (ParallelConfig keywords), ``model`` (ModelConfig keywords), ``batch``,
     ``seq``, ``steps``, ``warmup``, ``lr``, ``dtype`` ("float32" or "bfloat16"), ``device`` ("cpu" or "cuda"),
     ``progress`` (print a line per step on rank 0), ``noise_scale`` (measure the gradient noise scale from the
-    per-rank gradients: plain data parallelism). Returns per-step losses and seconds, tokens/s after warm-up,
+    per-rank gradients: plain data parallelism), ``checkpoint`` (a folder: the model and AdamW state saved there
+    every ``save_every`` steps and after the last, by ``tilestack.parallel.checkpoint``), ``resume`` (start from
+    the checkpoint in that folder where there is one: the steps it holds are skipped, and the run ends where an
+    uninterrupted one would, batch ``s`` being ``make_batch(seed=s)`` either way). Returns ``start`` (the first
+    step run), per-step losses and seconds of the steps run, tokens/s after warm-up (None if no step was timed),
     model FLOPs per token, the peak memory of this rank (bytes, CUDA only) and the noise scale after each step
     (``noise_scale``: None unless asked)."""
     import time
@@ -214,11 +238,13 @@ def run_training(rank: int, world_size: int, spec: dict) -> dict:
         from tilestack.parallel.plan.goodput import GradientNoiseScale
         gns = GradientNoiseScale()
     trainer = Trainer(model, pc, pc.build_mesh(device.type), lr=spec.get("lr", 1e-3), gns=gns)
+    ckpt, save_every = spec.get("checkpoint"), spec.get("save_every") or 0
+    start = _resume(trainer, ckpt, rank, spec.get("progress")) if ckpt and spec.get("resume") else 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     losses, seconds = [], []
     tokens = batch * seq
-    for step in range(steps):
+    for step in range(start, steps):
         idx, targets = make_batch(cfg, batch, seq, seed=step)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -227,8 +253,12 @@ def run_training(rank: int, world_size: int, spec: dict) -> dict:
         seconds.append(time.perf_counter() - t0)
         if spec.get("progress") and rank == 0:
             print(f"step {step + 1}/{steps}  loss {losses[-1]:.4f}  {tokens / seconds[-1]:,.0f} tokens/s", flush=True)
-    timed = seconds[warmup:]
-    return dict(losses=losses, seconds=seconds, tokens_per_s=tokens * len(timed) / sum(timed),
+        if ckpt and ((save_every and (step + 1) % save_every == 0) or step + 1 == steps):
+            from tilestack.parallel import checkpoint
+            checkpoint.save(trainer, ckpt)                  # whole or not at all: a kill keeps the previous one
+    timed = seconds[min(warmup, max(0, len(seconds) - 1)):]
+    return dict(start=start, losses=losses, seconds=seconds,
+                tokens_per_s=tokens * len(timed) / sum(timed) if timed else None,
                 flops_per_token=cfg.flops_per_token(seq), n_params=sum(p.numel() for p in model.parameters()),
                 peak_bytes=torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
                 noise_scale=[phi for _, phi in gns.history] if gns is not None else None)

@@ -1,0 +1,86 @@
+"""The output folder of ``tilestack train --out DIR``: what a resumed run needs to go on where it stopped.
+
+    DIR/checkpoint/    the model and AdamW state (tilestack.parallel.checkpoint: whole or not at all)
+    DIR/train.json     the settings that decide the losses (model, batch, seq, lr, dtype, seed)
+
+A run with ``--resume`` loads DIR/checkpoint and skips the steps it holds; batch ``s`` is the same whichever run
+makes it, so the losses after the checkpoint are the uninterrupted run's. ``train.json`` is compared first: a
+resume under other settings (another lr, batch or seed) would mix two runs without a word, so it is refused,
+naming what differs. The layout (dp, tp, pp, ...) may change: checkpoints load under any layout. Without
+``--resume`` a folder that holds a checkpoint is refused (the run would replace it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import typer
+
+SETTINGS = "train.json"
+CHECKPOINT = "checkpoint"
+_DECIDING = ("model", "batch", "seq", "lr", "dtype", "seed")    # what the losses depend on besides the layout
+
+
+def _settings(spec: dict) -> dict:
+    return {k: spec.get(k) for k in _DECIDING}
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)                   # a reader sees the old file or the new one, never half of one
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_settings(path: Path) -> dict | None:
+    """The saved settings; None where the file is missing or cut short (a kill before its rename cannot cut it,
+    but a copy can), said by the caller."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise typer.BadParameter(f"--out: {path} cannot be read ({e}); it records the run's settings: restore it, "
+                                 "or delete the folder and train from the start") from e
+    if not isinstance(data, dict):
+        raise typer.BadParameter(f"--out: {path} holds a {type(data).__name__}; expected the run's settings")
+    return data
+
+
+def prepare_output(out: str, spec: dict, pc, resume: bool) -> str:
+    """Check and make the folder ``out`` for a run of ``spec`` (under ParallelConfig ``pc``); the checkpoint's
+    path for ``run_training``. Refused before any rank starts: a file at ``out``, a layout whose optimizer
+    state cannot be checkpointed, a folder of another run's checkpoint (on resume: its settings differ; without
+    resume: it is there at all)."""
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise typer.BadParameter(f"--out {out!r} is a file; expected a folder for the run's checkpoint")
+    if pc.zero:
+        raise typer.BadParameter(f"--out with --zero {pc.zero}: ZeRO-1/2's flat optimizer slices cannot be "
+                                 "checkpointed; expected --zero 0 (use --dp-shard for sharded state)")
+    if pc.stages_per_rank != 1:
+        raise typer.BadParameter(f"--out with --stages-per-rank {pc.stages_per_rank}: expected 1 (one model part "
+                                 "per rank) to checkpoint")
+    ckpt = folder / CHECKPOINT
+    has_checkpoint = any((f / ".metadata").is_file() for f in (ckpt, folder / f".{CHECKPOINT}.old"))
+    saved = _read_settings(folder / SETTINGS)
+    now = json.loads(json.dumps(_settings(spec)))         # as JSON gives it back (tuples as lists)
+    if has_checkpoint and not resume:
+        raise typer.BadParameter(f"--out {out!r} holds a checkpoint of an earlier run; pass --resume to go on from "
+                                 "it, or another --out for a new run")
+    if resume and saved is not None:
+        differ = [f"{k}: the checkpoint's run has {saved.get(k)!r}, this one {now[k]!r}" for k in _DECIDING
+                  if saved.get(k) != now[k]]
+        if differ:
+            raise typer.BadParameter(f"--resume from {out!r} under other settings ({'; '.join(differ)}); expected "
+                                     "the same settings as the run that made the checkpoint (the layout may change)")
+    if resume and has_checkpoint and saved is None:
+        raise typer.BadParameter(f"--resume: {folder / SETTINGS} is missing, so the checkpoint's settings are "
+                                 "unknown; expected a folder made by tilestack train --out")
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_atomically(folder / SETTINGS, json.dumps(now, indent=1, sort_keys=True))
+    return os.fspath(ckpt)
