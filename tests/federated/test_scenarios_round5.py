@@ -840,3 +840,30 @@ def test_flowers_simulation_engine_gives_the_same_float64_scaffold_run():
     assert _same(ray.arrays, ours.arrays)
     assert [r.eval_metrics for r in ray.history.rounds] == [r.eval_metrics for r in ours.history.rounds]
     assert all(r.eval_metrics["eval-acc"] > 0 for r in ours.history.rounds)
+
+
+@pytest.mark.timeout(120)
+def test_a_client_whose_training_diverges_drops_out_of_secure_aggregation(monkeypatch):
+    """Client 2's local SGD diverges to NaN. The server sees only the masked sum, so it cannot leave the update out:
+    the client must. Before, its NaN was quantised to arbitrary integers and the secure model was finite garbage
+    (entries of 1630 with a clipping range of 8). Now the client drops out, and the secure model equals the plain
+    run's in which client 2 crashed."""
+    from tilestack.federated import secagg
+
+    real = secagg.local_sgd
+
+    def diverging(model, params, x, y, **kw):
+        trained, steps, loss = real(model, params, x, y, **kw)
+        if diverge[0] and np.array_equal(x, Task(**base).client_data(2)[0]):  # client 2, known by its data
+            trained = {k: np.full_like(v, np.nan) for k, v in trained.items()}
+        return trained, steps, loss
+
+    base = dict(dataset="synthetic", num_clients=5, max_samples=60, local_steps=2, lr=0.05)
+    diverge = [True]
+    monkeypatch.setattr(secagg, "local_sgd", diverging)
+    secure = secagg.run_secure(Task(**base), rounds=2, per_round=5)
+    diverge[0] = False
+    crashed = secagg.run_plain(Task(**base, faults=((2, "crash"),)), rounds=2, per_round=5)
+    for k in secure:
+        assert np.all(np.isfinite(secure[k]))
+        np.testing.assert_allclose(secure[k], crashed[k], rtol=0, atol=1e-4)

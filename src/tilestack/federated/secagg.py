@@ -19,7 +19,8 @@ rounding is drawn in Ray's processes: repeats agree to the quantisation step).
 
 Dropouts are the task's ``crash`` and ``slow`` faults (a slow client misses ``timeout``); the server
 only ever sees the masked sum, so faults that corrupt an update (``nan``, ``shape``, ...) cannot be left
-out and are refused up front.
+out and are refused up front. A client whose own training diverged (a non-finite update) drops out of the
+round instead of sending it: quantised, NaN became arbitrary integers that the secure sum averaged in.
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ class _TaskClient(NumPyClient):
         rng = np.random.default_rng([task.seed, self.pid, int(config.get("server-round", 0)), 41])
         trained, _, loss = local_sgd(task.build_model(), start, x, y, steps=task.steps_for(self.pid),
                                      batch_size=task.batch_size, lr=task.lr, rng=rng)  # fmt: skip
+        bad = [k for k in keys if not np.all(np.isfinite(trained[k]))]
+        if bad:  # the server sees only the masked sum and cannot leave this update out: the client drops out
+            raise FederatedError(
+                f"client {self.pid}: its update has non-finite values in {bad[:3]}; it drops out of the round "
+                "(quantised, they would have become arbitrary integers inside the secure sum)"
+            )
         return [trained[k] for k in keys], len(y), {"train-loss": loss}
 
 
