@@ -224,14 +224,16 @@ class Nothing(nn.Module):
 
 
 class Unsupported(nn.Module):
-    """An FFT (no FLOP formula in torch nor tilestack) between two linears."""
+    """A matrix exponential (no FLOP formula in torch nor tilestack: its Pade degree and squarings depend on the
+    matrix's norm) of each row's outer product, between two linears. (An FFT stood here until round 5 counted it.)"""
 
     def __init__(self) -> None:
         super().__init__()
         self.a, self.b = nn.Linear(FEAT, FEAT), nn.Linear(FEAT, FEAT)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(torch.fft.rfft(self.a(x), n=2 * FEAT - 2).abs())
+        h = self.a(x)  # (B, F)
+        return self.b(torch.linalg.matrix_exp(h[..., :, None] * h[..., None, :] / FEAT).sum(-1))
 
 
 class HugeButCheap(nn.Module):

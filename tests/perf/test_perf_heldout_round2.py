@@ -233,14 +233,15 @@ def test_norm_backwards_count_each_gradient_they_compute():
 
 def test_ops_without_a_formula_are_reported_not_shown_as_free():
     p, counts, theirs = profiled("unsupported", False)
-    assert "aten::_fft_r2c" in p.unsupported and "aten::_fft_r2c" not in theirs  # torch has no number either
-    row = next(o for o in p.ops if o.op == "aten::_fft_r2c")
+    uncounted = "aten::linalg_matrix_exp"
+    assert uncounted in p.unsupported and uncounted not in theirs  # torch has no number either
+    row = next(o for o in p.ops if o.op == "aten::linalg_matrix_exp")
     assert not row.flops_known and row.m.bytes > 0
     assert row.bound == "unknown" and row.roof_fraction is None and row.tip == profile.NO_FORMULA_TIP
     assert row.m.config["flops"] == "no formula"  # what the store keeps: its 0 FLOPs are not a count
     table = {r[0]: r for r in profile.profile_rows(p)}
-    assert table["aten::_fft_r2c"][profile.PROFILE_COLUMNS.index("FLOPs/step")] == profile.UNKNOWN_FLOPS
-    assert any("no FLOP formula for aten::_fft_r2c" in line for line in profile.notes(p))
+    assert table["aten::linalg_matrix_exp"][profile.PROFILE_COLUMNS.index("FLOPs/step")] == profile.UNKNOWN_FLOPS
+    assert any("no FLOP formula for aten::linalg_matrix_exp" in line for line in profile.notes(p))
     # A copy is no arithmetic, though torch tags clone pointwise.
     _, gru_counts, _ = profiled("gru", True)
     clones = [c for (op, _), c in gru_counts.items() if op == "aten::clone"]
@@ -386,7 +387,7 @@ def test_profile_command_reports_what_it_cannot_count(tmp_path):
     target = f"{Path(pm.__file__)}:unsupported"
     r = runner.invoke(app, ["profile", target, "--steps", "1", "--warmup", "1", "--device", "cpu", "--no-store"])
     assert r.exit_code == 0, r.output
-    assert "no FLOP formula for aten::_fft_r2c" in r.output
+    assert "no FLOP formula for aten::linalg_matrix_exp" in r.output
     r = runner.invoke(app, ["profile", f"{Path(pm.__file__)}:identity", "--train", "--steps", "1", "--device", "cpu"])
     assert r.exit_code == 1 and "train=True, but model Identity" in r.output
     r = runner.invoke(app, ["profile", f"{Path(pm.__file__)}:lstm", "--device", "tpu", "--steps", "1", "--no-store"])

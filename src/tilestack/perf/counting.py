@@ -31,12 +31,15 @@ from tilestack.errors import TilestackError
 from tilestack.perf import formulas
 from tilestack.perf.counting_linalg import LINALG_FLOPS
 from tilestack.perf.counting_rules import (  # noqa: F401 - _tensors, _numel, _argument: used here and by profile
+    FOREACH_NO_ARITHMETIC,
+    FOREACH_PREFIX,
     LAYER_FLOPS,
     Rule,
     _argument,
     _dense,
     _numel,
     _tensors,
+    foreach_flops,
 )
 
 ROW_OP_FLOPS_PER_ELEMENT = {
@@ -124,6 +127,8 @@ def _flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     own = OWN_FLOPS.get(str(packet))
     if own is not None:
         return own(func, args, kwargs, out)
+    if str(packet).startswith(FOREACH_PREFIX):
+        return foreach_flops(func, args, kwargs, out)
     is_causal = _argument(func, args, kwargs, "is_causal")
     if str(packet) in MATMUL_NAMES and any(str(t.layout).removeprefix("torch.") in COMPRESSED_INDICES
                                             for t in _tensors(args)):
@@ -191,6 +196,7 @@ def has_flop_formula(func: Any) -> bool:
     tags = getattr(func, "tags", ())
     return (
         name in OWN_FLOPS
+        or (name.startswith(FOREACH_PREFIX) and _foreach_base(name) not in FOREACH_NO_ARITHMETIC)
         or packet in flop_registry
         or name in ROW_OP_FLOPS_PER_ELEMENT
         or name.startswith("aten._scaled_dot_product_flash_attention_for_cpu")
@@ -199,13 +205,22 @@ def has_flop_formula(func: Any) -> bool:
     )
 
 
+def _foreach_base(name: str) -> str:
+    """``aten._foreach_add_`` -> ``add``: the single-tensor op a foreach op applies to each tensor of its list."""
+    return name.removeprefix(FOREACH_PREFIX).rstrip("_")
+
+
 def does_no_arithmetic(func: Any) -> bool:
-    """Views, allocations, copies, gathers, random draws: ops whose 0 FLOPs is the count, not a gap in it."""
+    """Views, allocations, copies, gathers, random draws, the profiler's own ranges (``record_function``): ops whose
+    0 FLOPs is the count, not a gap in it."""
     import torch
 
-    name = str(func._overloadpacket).removeprefix("aten.")
+    packet = str(func._overloadpacket)
+    name = packet.removeprefix("aten.")
     return (
-        getattr(func, "is_view", False)
+        packet.startswith(PROFILER_PREFIX)
+        or (packet.startswith(FOREACH_PREFIX) and _foreach_base(packet) in FOREACH_NO_ARITHMETIC)
+        or getattr(func, "is_view", False)
         or name.startswith(ALLOCATING_PREFIXES)
         or name.rstrip("_") in NO_ARITHMETIC
         or torch.Tag.nondeterministic_seeded in getattr(func, "tags", ())
@@ -214,6 +229,7 @@ def does_no_arithmetic(func: Any) -> bool:
     )
 
 
+PROFILER_PREFIX = "profiler."  # record_function's enter and exit: bookkeeping of the profiler's ranges
 # Ops tilestack counts itself, ahead of torch's registry (whose convolution backward ignores groups) or where
 # torch counts nothing: neural-network layers (``counting_rules``), products and linear algebra (``counting_linalg``).
 OWN_FLOPS: dict[str, Rule] = {**LAYER_FLOPS, **LINALG_FLOPS}
@@ -283,7 +299,7 @@ def _moves_no_data(func: Any, name: str, ins: Sequence[Any], outs: Sequence[Any]
 
 
 COMPLEX_PRODUCTS = {"aten.mul": formulas.COMPLEX_MUL_FLOPS, "aten.div": formulas.COMPLEX_DIV_FLOPS}
-OVERWRITING_OPS = ("aten.fill_", "aten.zero_", "aten.copy_")
+OVERWRITING_OPS = ("aten.fill_", "aten.zero_", "aten.copy_", "aten._foreach_zero_", "aten._foreach_copy_")
 
 
 def _overwrites(func: Any) -> bool:
@@ -294,6 +310,13 @@ def _overwrites(func: Any) -> bool:
     return name in OVERWRITING_OPS or (
         name.endswith("_") and torch.Tag.nondeterministic_seeded in getattr(func, "tags", ())
     )
+
+
+def _written_arguments(func: Any, args: tuple, kwargs: dict) -> list[Any]:
+    """The tensors an op's schema marks as written (``Tensor(a!)``): what an in-place op that returns nothing
+    (``_foreach_add_``, whose result is ``()``) writes."""
+    return _tensors([_argument(func, args, kwargs, a.name) for a in func._schema.arguments
+                     if a.alias_info is not None and a.alias_info.is_write])
 
 
 def _out_arguments(func: Any, kwargs: dict) -> list[Any]:
@@ -460,11 +483,13 @@ def count_ops(step: Callable[[], Any]) -> dict[OpKey, _Count]:
             name = _profiler_name(func)
             c = counts[name, _arg_shapes(func, args, kwargs)]
             c.calls += 1
-            ins, outs = _tensors((args, kwargs)), _tensors(out)
+            ins = _tensors((args, kwargs))
+            outs = _tensors(out) or _written_arguments(func, args, kwargs)  # an in-place op returning nothing
             if not _moves_no_data(func, name, ins, outs):
                 ins = [t for t in ins if not any(t is o for o in _out_arguments(func, kwargs))]  # written, not read
                 if _overwrites(func):  # fill_, copy_, a random draw in place: the destination is written, not read
-                    ins = [t for t in ins if t is not _argument(func, args, kwargs, "self")]
+                    dest = _tensors(_argument(func, args, kwargs, "self"))  # a list for a foreach op
+                    ins = [t for t in ins if not any(t is d for d in dest)]
                 gathered = GATHERS.get(str(func._overloadpacket))
                 scattered = SCATTERS_IN_PLACE.get(str(func._overloadpacket))
                 if scattered is not None:

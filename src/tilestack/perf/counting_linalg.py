@@ -1,13 +1,14 @@
 """The FLOP rules of the counting pass (``tilestack.perf.counting``) for products and linear algebra: matmuls torch's
 flop counter leaves out (in-place and summed batch products, matrix-vector products, the int8 matmul), packed
-quantized linears and recurrent layers, nn.Bilinear, pairwise distances, dense factorisations and solves, and
+quantized linears and recurrent layers, nn.Bilinear, pairwise distances, dense factorisations and solves, FFTs, and
 complex numbers built from polar form; the table ``LINALG_FLOPS`` names the ATen ops each counts.
 
     rule = LINALG_FLOPS["aten.addbmm"]
     rule(func, args, kwargs, out)          # FLOPs of one call, from its arguments and result
 
 A multiply-add is 2 FLOPs (8 for complex operands, ``formulas.COMPLEX_MAC_OVER_REAL``); factorisations count
-LAPACK's leading terms (``formulas.factorization_flops``).
+LAPACK's leading terms (``formulas.factorization_flops``); an FFT 5 N log2 N per complex transform of N points, half
+that for a real one (``formulas.fft_flops``).
 """
 
 from __future__ import annotations
@@ -49,9 +50,11 @@ def _trace_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     return float(min(_argument(func, args, kwargs, "self").shape, default=0))
 
 
-def _factorization(kind: str, matrix: str, rhs: str | None = None) -> Rule:
+def _factorization(kind: str, matrix: str, rhs: str | None = None, *, rhs_rows: str = "n",
+                   vectors: bool | None = None) -> Rule:
     """A dense linear-algebra routine on each matrix of the batch ``matrix`` (..., m, n), with the right-hand sides
-    ``rhs`` (..., n, k) or (..., n) where it solves: ``formulas.factorization_flops``."""
+    ``rhs`` (..., n, k) or (..., n) where it solves ((..., m, k) with ``rhs_rows`` "m": least squares):
+    ``formulas.factorization_flops``. ``vectors`` None reads whether it forms vectors (Q, U and V) off the call."""
 
     def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
         arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
@@ -63,12 +66,52 @@ def _factorization(kind: str, matrix: str, rhs: str | None = None) -> Rule:
         k = 0
         if rhs is not None:
             b = arg(rhs)
-            k = _numel(b) // max(batch * n, 1) if b is not None else 0  # columns per system (1 for a vector)
+            rows = m if rhs_rows == "m" else n
+            k = _numel(b) // max(batch * rows, 1) if b is not None else 0  # columns per system (1 for a vector)
         mode = arg("mode")  # linalg_qr: "r" forms no Q
-        vectors = bool(arg("compute_v") if arg("compute_v") is not None else arg("compute_uv")
-                       if arg("compute_uv") is not None else mode != "r")
+        forms_vectors = vectors if vectors is not None else bool(
+            arg("compute_v") if arg("compute_v") is not None else arg("compute_uv")
+            if arg("compute_uv") is not None else mode != "r")
         full = bool(arg("full_matrices")) or mode == "complete"
-        return float(batch * formulas.factorization_flops(kind, m, n, k, vectors=vectors, full=full))
+        return float(batch * formulas.factorization_flops(kind, m, n, k, vectors=forms_vectors, full=full))
+
+    return count
+
+
+def _pinv_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """linalg_pinv: by the thin SVD (by eigh where ``hermitian``), then V S^+ U^T: ``formulas.factorization_flops``
+    "pinv" / "pinv_hermitian", per matrix of the batch."""
+    hermitian = bool(_argument(func, args, kwargs, "hermitian"))
+    return _factorization("pinv_hermitian" if hermitian else "pinv", "self")(func, args, kwargs, out)
+
+
+def _householder_product_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """linalg_householder_product (orgqr): Q (..., m, n) formed from the k reflectors of ``tau`` (..., k)."""
+    a, tau = _argument(func, args, kwargs, "input"), _argument(func, args, kwargs, "tau")
+    if a is None or a.dim() < 2 or tau is None:
+        return 0.0
+    m, n = a.shape[-2:]
+    batch = _numel(a) // max(m * n, 1)
+    k = tau.shape[-1] if tau.dim() else 0
+    return float(batch * formulas.factorization_flops("householder_product", m, n, k))
+
+
+def _fft_flops(kind: str) -> Rule:
+    """_fft_c2c, _fft_r2c, _fft_c2r: ``formulas.fft_flops`` of the N points its ``dim`` span (the complex side's
+    for c2c, the real side's for r2c and c2r: the input's and the output's), once per transform (the elements of
+    the real side over N), and a multiply per real output value where ``normalization`` is not 0 (none)."""
+
+    def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        x = _argument(func, args, kwargs, "self")
+        y = _tensors(out)[0]
+        side = y if kind == "c2r" else x  # where the whole length lies (r2c's output is one-sided)
+        dims = [int(d) % max(side.dim(), 1) for d in _argument(func, args, kwargs, "dim")]
+        points = math.prod(side.shape[d] for d in dims)
+        transforms = _numel(side) // max(points, 1)
+        flops = transforms * formulas.fft_flops(points, real=kind != "c2c")
+        if int(_argument(func, args, kwargs, "normalization") or 0):
+            flops += _numel(y) * (formulas.COMPLEX_ELEMENT_OVER_REAL if y.is_complex() else 1)
+        return float(flops)
 
     return count
 
@@ -171,6 +214,14 @@ LINALG_FLOPS: dict[str, Rule] = {
     "aten.linalg_qr": _factorization("qr", "A"),
     "aten._linalg_eigh": _factorization("eigh", "A"),
     "aten._linalg_svd": _factorization("svd", "A"),
+    "aten.linalg_eig": _factorization("eig", "self"),
+    "aten.linalg_pinv": _pinv_flops,
+    "aten.linalg_lstsq": _factorization("lstsq", "self", "b", rhs_rows="m"),
+    "aten.geqrf": _factorization("qr", "self", vectors=False),
+    "aten.linalg_householder_product": _householder_product_flops,
+    "aten.linalg_lu": _factorization("lu", "A"),
+    "aten.linalg_ldl_factor_ex": _factorization("ldl", "self"),
+    **{f"aten._fft_{kind}": _fft_flops(kind) for kind in ("c2c", "r2c", "c2r")},
     "aten._trilinear": _trilinear_flops,
     "aten._cdist_forward": _cdist_flops,
     "aten._cdist_backward": _cdist_flops,

@@ -7,8 +7,9 @@ op family, and the table ``LAYER_FLOPS`` naming the ATen ops each counts.
 Families: convolutions (with their groups, forward and backward), the CPU LSTM kernel, batch, layer, group and RMS
 norms' backwards, pools (windowed, adaptive with their overlapping windows, fractional), interpolation and grid
 sampling, embeddings and bags, scatters and accumulating index puts, selections and sorts (as compares), scans,
-statistics (variance, log-sum-exp, vector norms), losses (regression, cross-entropy, margin, CTC) and the
-element-wise ops torch leaves untagged. Matmul-like and linear-algebra ops are ``counting_linalg``'s. Conventions
+statistics (variance, log-sum-exp, vector norms), losses (regression, cross-entropy, margin, CTC), statically
+quantized convolutions, foreach ops (``foreach_flops``, matched by prefix) and the element-wise ops torch leaves
+untagged. Matmul-like and linear-algebra ops are ``counting_linalg``'s. Conventions
 are ``formulas``': a multiply-add is 2 FLOPs, a transcendental 1.
 """
 
@@ -412,6 +413,50 @@ def _conv_tbc_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     positions = _numel(y) // max(y.shape[-1], 1)  # T' x B
     return float(formulas.FLOPS_PER_MAC * positions * _numel(w) + _numel(y))
 
+def _packed_conv_flops(*, fused_relu: bool) -> Rule:
+    """quantized::conv{1,2,3}d(_relu), conv_transpose{1,2,3}d (static int8): the packed weight (a script object)
+    unpacked for its shape and bias, groups and transposition read off it, counted by formulas.convolution; a fused
+    ReLU adds one FLOP per output element, as a separate one would count. (Requantising the output is left out,
+    as a float convolution's dtype is.)"""
+
+    def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        x = _argument(func, args, kwargs, "qx")
+        packed = _argument(func, args, kwargs, "weight")
+        if packed is None:
+            packed = _argument(func, args, kwargs, "packed_weight")
+        try:
+            weight, bias = packed.unpack()
+            groups, transposed = int(packed.groups()), bool(packed.transpose())
+        except (AttributeError, RuntimeError):  # a packing this torch cannot open: the FLOPs are unknown
+            return 0.0
+        y = _tensors(out)[0]
+        cost = formulas.convolution(x.shape, weight.shape, y.shape, groups=groups, transposed=transposed,
+                                    bias=bias is not None)
+        return float(cost.flops + (_numel(y) if fused_relu else 0))
+
+    return count
+
+
+FOREACH_PREFIX = "aten._foreach_"
+FOREACH_NO_ARITHMETIC = ("copy", "zero")  # names after the prefix, without a trailing ``_``
+
+
+def foreach_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """A foreach op (``_foreach_add_``, ``_foreach_norm``: an optimizer's or a meta-learner's update over a list of
+    tensors): its single-tensor twin over each tensor of ``self``, 1 FLOP per element (2 per complex one) as a
+    pointwise op is counted; a norm a vector norm's FLOPs per element; a copy or zero none."""
+    base = str(func._overloadpacket).removeprefix(FOREACH_PREFIX).rstrip("_")
+    if base in FOREACH_NO_ARITHMETIC:
+        return 0.0
+    tensors = _tensors(_argument(func, args, kwargs, "self")) or _tensors(out)  # pow's self may be a scalar
+    if base == "norm":
+        p = _argument(func, args, kwargs, "ord")
+        per_element = (formulas.NORM_FLOPS_PER_ELEMENT if (2 if p is None else float(p)) in formulas.NORM_CHEAP_ORDERS
+                       else formulas.NORM_POWER_FLOPS_PER_ELEMENT)
+        return float(per_element * sum(_numel(t) for t in tensors))
+    return float(sum(_numel(t) * (formulas.COMPLEX_ELEMENT_OVER_REAL if t.is_complex() else 1) for t in tensors))
+
+
 # Ops counted here, ahead of torch's registry (whose convolution backward ignores groups) or where torch counts
 # nothing.
 LAYER_FLOPS: dict[str, Rule] = {
@@ -537,6 +582,15 @@ LAYER_FLOPS: dict[str, Rule] = {
     "aten.histogram": _accumulate_flops("self"),  # each element binned, as histc
     "aten.searchsorted": _search_flops("sorted_sequence", "self"),
     "aten.bucketize": _search_flops("boundaries", "self"),
+    # Statically quantized convolutions (packed weights), and quantizing / dequantizing: a scale and a round (or
+    # a shift and a scale) per element, counted as one element-wise op.
+    **{f"quantized.{op}{d}d{tail}": _packed_conv_flops(fused_relu=bool(tail))
+       for op in ("conv", "conv_transpose") for d in (1, 2, 3) for tail in ("", "_relu") if op == "conv" or not tail},
+    **{f"aten.{op}": _elementwise_flops for op in (
+        "quantize_per_tensor", "quantize_per_tensor_dynamic", "quantize_per_channel", "dequantize",
+    )},
+    # All / any of a tensor (torch.distributions' argument checks): one compare per element, as a reduction.
+    **{f"aten.{op}": _accumulate_flops("self") for op in ("_is_all_true", "_is_any_true")},
     # Window functions: a cosine (and its scaling) per element, as an element-wise op.
     **{f"aten.{w}_window": _elementwise_flops for w in ("hann", "hamming", "blackman", "bartlett", "kaiser")},
 }

@@ -21,6 +21,7 @@ Conventions (those of the field, so numbers compare with published ones):
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -125,6 +126,11 @@ CTC_BWD_FLOPS_PER_STATE = CTC_FLOPS_PER_STATE + 5
 CTC_BWD_FLOPS_PER_LOG_PROB = 4
 # Recurrent gates per cell kind: the rows of its input and hidden weights (gates x hidden size).
 RNN_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+# FFTs: 5 N log2 N real FLOPs per complex transform of N points (the radix-2 Cooley-Tukey count, the convention FFTW
+# and the field quote for every N, power of two or not), half that for a transform of real input or output (r2c,
+# c2r); a multi-dimensional transform over N = n1 * n2 * ... points is that of N. A normalised transform (an
+# inverse's 1/N, "ortho"'s 1/sqrt(N)) adds a multiply per real value of its output.
+FFT_FLOPS_PER_POINT_LOG2 = 5
 
 
 def dtype_name(dtype: Any) -> str:
@@ -356,6 +362,15 @@ def convolution_backward(
     return Cost(flops, read * e, written * e)
 
 
+def fft_flops(points: int, *, real: bool = False) -> float:
+    """FLOPs of one FFT of ``points`` points: ``FFT_FLOPS_PER_POINT_LOG2 * N log2 N``, halved for a transform of
+    real input or output (``real``); 0 for one point or none."""
+    if points <= 1:
+        return 0.0
+    flops = FFT_FLOPS_PER_POINT_LOG2 * points * math.log2(points)
+    return flops / 2 if real else flops
+
+
 def factorization_flops(kind: str, m: int, n: int, k: int = 0, *, vectors: bool = True, full: bool = False) -> float:
     """FLOPs of one dense linear-algebra routine on an (m, n) matrix (k right-hand sides for a solve): the leading
     terms LAPACK counts them by (LAPACK Working Note 41; Golub & Van Loan for the eigen- and singular-value
@@ -364,7 +379,12 @@ def factorization_flops(kind: str, m: int, n: int, k: int = 0, *, vectors: bool 
     kinds: "cholesky" n^3/3; "lu" 2n^3/3; "inverse" 2n^3; "solve" LU then both triangles, 2n^3/3 + 2n^2 k;
     "triangular_solve" n^2 k; "factored_solve" (LU or Cholesky factors given) 2n^2 k; "qr" 2mn^2 - 2n^3/3 for R
     and as much again to form Q (``vectors``); "eigh" 4n^3/3 for the values, 9n^3 with the vectors; "svd"
-    4mn^2 - 4n^3/3 for the values, 14mn^2 + 8n^3 with thin U and V (4m^2 n + 8mn^2 + 9n^3 with ``full``), m >= n.
+    4mn^2 - 4n^3/3 for the values, 14mn^2 + 8n^3 with thin U and V (4m^2 n + 8mn^2 + 9n^3 with ``full``), m >= n;
+    "eig" (a general matrix: Hessenberg reduction and the shifted QR algorithm) 10n^3 for the values, 25n^3 with
+    the vectors; "pinv" the thin SVD with vectors and V S^+ U^T, 14mn^2 + 8n^3 + 2mn^2 ("pinv_hermitian": eigh with
+    vectors and the same product, 9n^3 + 2n^3); "lstsq" QR's R, Q^T applied to the k right-hand sides
+    (4mnk - 2n^2 k) and the triangular solve (n^2 k); "householder_product" Q of m x n from k reflectors,
+    4mnk - 2(m + n)k^2 + 4k^3/3 (k = n: as much as R again, as "qr" counts it); "ldl" n^3/3, as Cholesky.
     """
     m, n = max(m, n), min(m, n)  # a wide matrix is factored as its transpose
     if kind == "cholesky":
@@ -388,6 +408,19 @@ def factorization_flops(kind: str, m: int, n: int, k: int = 0, *, vectors: bool 
         if not vectors:
             return 4 * m * n**2 - 4 * n**3 / 3
         return 4 * m**2 * n + 8 * m * n**2 + 9 * n**3 if full else 14 * m * n**2 + 8 * n**3
+    if kind == "eig":
+        return 25 * n**3 if vectors else 10 * n**3
+    if kind == "pinv":
+        return 14 * m * n**2 + 8 * n**3 + 2 * m * n**2
+    if kind == "pinv_hermitian":
+        return 9 * n**3 + 2 * n**3
+    if kind == "lstsq":
+        return 2 * m * n**2 - 2 * n**3 / 3 + 4 * m * n * k - 2 * n**2 * k + n**2 * k
+    if kind == "householder_product":  # k reflectors (k <= n), passed as k
+        return 4 * m * n * k - 2 * (m + n) * k**2 + 4 * k**3 / 3
+    if kind == "ldl":
+        return n**3 / 3
     raise LaunchError(
-        f"kind={kind!r}; expected one of cholesky, lu, inverse, solve, triangular_solve, factored_solve, qr, eigh, svd"
+        f"kind={kind!r}; expected one of cholesky, lu, inverse, solve, triangular_solve, factored_solve, qr, eigh, "
+        "svd, eig, pinv, pinv_hermitian, lstsq, householder_product, ldl"
     )
