@@ -204,7 +204,8 @@ def test_clamp_nan_inf_and_in_place(backend, dt, lo, hi, rng):
 # ---- 5. an f64 kernel's float arguments are f64 (not the f32 Triton passes a float as); f32 work takes f32s ----------
 @ts.kernel(grid=lambda X, BN: (ts.cdiv(X.shape[0], BN),))
 def axpby64(X, Y, Out, Low, a: float, b: float, *, BN: int = 16):
-    """Out = a x + b y in f64; Low = x + a in f32 work (a as an f32) and (a + 1.0) in scalar arithmetic (f32)."""
+    """Out = min(a x + b y, a) + 0.1 in f64; Low = x + a in f32 work (a as an f32) and (a + 1.0) in scalar
+    arithmetic (f32)."""
     i = ts.block_id(0)
     x = ts.RegVec[ts.f64, BN]()
     y = ts.RegVec[ts.f64, BN]()
@@ -217,6 +218,7 @@ def axpby64(X, Y, Out, Low, a: float, b: float, *, BN: int = 16):
     ts.add(x, x, y)
     ts.gt(big, x, a)                               # compared in f64
     ts.where(x, big, a, x)                         # chosen in f64
+    ts.add(x, x, 0.1)                              # an f64 constant: 0.1 exactly, not an f32's 0.10000000149
     ts.store(Out, x, at=(i,))
     ts.load(x32, X, at=(i,))
     ts.add(x32, x32, a + 1.0)
@@ -230,7 +232,7 @@ def test_f64_kernels_take_float_arguments_as_f64(backend, a, b, rng):
     out, low = torch.full((37,), math.nan, dtype=F64), torch.full((37,), math.nan)
     launch(axpby64, backend, x, y, out, low, a, b)
     ax = x * a + y * b
-    assert torch.equal(out, torch.where(ax > a, a, ax))
+    assert torch.equal(out, torch.where(ax > a, a, ax) + 0.1)
     assert torch.equal(low, x.float() + (np.float32(a) + np.float32(1.0)))
 
 
@@ -593,7 +595,283 @@ def test_transposing_cast_between_strided_views(backend, M, N, xdt, ydt, rng):
     assert buf[frame].isnan().all()
 
 
-# ---- 14. misuse: refused with a message naming the argument, before any backend runs -----------------------------
+# ---- 14. roll and flip along the columns by a runtime shift: x @ P, P a permutation made of compares ---------------
+@ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))
+def roll_flip(X, Roll, Flip, shift: int, *, BM: int = 16, BN: int = 32):
+    """Roll = torch.roll(X, shift, 1), Flip = X.flip(1), for rows of 0 < N <= BN columns."""
+    i = ts.block_id(0)
+    n = X.shape[1]
+    x = ts.RegTile[ts.f32, BM, BN]()
+    k = ts.RegVec[ts.i32, BN]()
+    dest = ts.RegVec[ts.i32, BN]()
+    neg = ts.RegVec[ts.bool_, BN]()
+    hit = ts.RegTile[ts.bool_, BN, BN]()
+    p = ts.RegTile[ts.f32, BN, BN]()
+    y = ts.RegTile[ts.f32, BM, BN]()
+    ts.load(x, X, at=(i, 0))
+    ts.arange(k, 0)
+    ts.add(dest, k, shift)
+    ts.rem(dest, dest, n)                          # C's remainder: the sign of k + shift
+    ts.lt(neg, dest, 0)
+    ts.where(dest, neg, dest + n, dest)            # column k goes to (k + shift) mod n
+    for out, d in ((Roll, dest), (Flip, (k * -1) + (n - 1))):   # flip: column k goes to n - 1 - k
+        ts.eq(hit, ts.per_row(d), ts.per_col(k))
+        ts.where(p, hit, 1.0, 0.0)                 # (padding columns of x are 0: where they land adds nothing)
+        ts.zero(y)
+        ts.mma_AB(y, x, p, y)
+        ts.store(out, y, at=(i, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("M", "N"), [(16, 32), (21, 19), (2, 1)])
+@pytest.mark.parametrize("shift", [3, -5, 0, 1007, -(2**31) + 1])
+def test_roll_and_flip_by_a_permutation(backend, M, N, shift, rng):
+    x = randn(rng, M, N)
+    roll, flip = torch.full((M, N), math.nan), torch.full((M, N), math.nan)
+    launch(roll_flip, backend, x, roll, flip, shift)
+    assert torch.equal(roll, torch.roll(x, shift % N, 1)) and torch.equal(flip, x.flip(1))
+
+
+# ---- 15. Kahan-compensated sums across column tiles (each lane), against the naive f32 sum ---------------------------
+@ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))
+def kahan_row_sum(X, Naive, Kahan, *, BM: int = 8, BN: int = 32):
+    i = ts.block_id(0)
+    x = ts.RegTile[ts.f32, BM, BN]()
+    s = ts.RegTile[ts.f32, BM, BN]()
+    c = ts.RegTile[ts.f32, BM, BN]()
+    y = ts.RegTile[ts.f32, BM, BN]()
+    t = ts.RegTile[ts.f32, BM, BN]()
+    naive = ts.RegTile[ts.f32, BM, BN]()
+    out = ts.RegVec[ts.f32, BM]()
+    ts.zero(s)
+    ts.zero(c)
+    ts.zero(naive)
+    for j in ts.range(ts.cdiv(X.shape[1], BN)):
+        ts.load(x, X, at=(i, j))
+        ts.add(naive, naive, x)
+        ts.sub(y, x, c)
+        ts.add(t, s, y)
+        ts.sub(c, t, s)
+        ts.sub(c, c, y)                            # what t lost of y (the compiler must not simplify it to 0)
+        ts.copy(s, t)
+    ts.row_sum(out, naive)
+    ts.store(Naive, out, at=(i,))
+    ts.row_sum(out, s)
+    ts.store(Kahan, out, at=(i,))
+
+
+@pytest.mark.parametrize("N", [4096, 100])
+def test_kahan_sums_keep_what_naive_sums_lose(N, rng):
+    x = torch.ones(4, N)
+    x[:, 0] = 1e8                                  # every later 1.0 in lane 0 is lost to a naive f32 sum
+    x[1] = torch.from_numpy(rng.random(N)).float()
+    x[2] = torch.from_numpy(rng.standard_normal(N) * 100).float()
+    outs = []
+    for backend in BACKENDS:
+        naive, kahan = torch.full((4,), math.nan), torch.full((4,), math.nan)
+        launch(kahan_row_sum, backend, x, naive, kahan)
+        outs.append((naive, kahan))
+    for a, b in zip(*outs, strict=True):          # the same f32 operations per lane (the row sums' order may differ)
+        close(a, b, dtype=torch.float32, scale=10)
+    exact = x.double().sum(1)
+    naive, kahan = outs[0]
+    assert (kahan.double() - exact).abs()[0] <= 8 and (naive.double() - exact).abs()[0] >= (N // 32 - 1) * 0.99
+    close(kahan[1:], exact[1:], dtype=torch.float32, scale=10)
+
+
+# ---- 16. Welford's mean and variance merged across column tiles: a large offset, constant rows ---------------------
+@ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))
+def welford_rows(X, Mean, Var, *, BM: int = 8, BN: int = 32):
+    """Mean and population variance of each row, merging each tile's (count, mean, M2) into the running ones."""
+    i = ts.block_id(0)
+    n = X.shape[1]
+    x = ts.RegTile[ts.f32, BM, BN]()
+    mean = ts.RegVec[ts.f32, BM]()
+    m2 = ts.RegVec[ts.f32, BM]()
+    tm = ts.RegVec[ts.f32, BM]()
+    tm2 = ts.RegVec[ts.f32, BM]()
+    delta = ts.RegVec[ts.f32, BM]()
+    ts.zero(mean)
+    ts.zero(m2)
+    for j in ts.range(ts.cdiv(n, BN)):
+        seen = j * BN
+        count = ts.smin(BN, n - seen)             # this tile's real columns
+        ts.load(x, X, at=(i, j))
+        ts.row_sum(tm, x)
+        ts.div(tm, tm, count)
+        ts.sub(x, x, ts.per_row(tm))
+        ts.right_fill(x, x, count, 0.0)          # padding columns are not part of the tile's M2
+        ts.mul(x, x, x)
+        ts.row_sum(tm2, x)
+        ts.sub(delta, tm, mean)
+        ts.mul(tm, delta, count / (seen + count))     # the mean moves by delta * n_b / (n_a + n_b)
+        ts.add(mean, mean, tm)
+        ts.mul(delta, delta, delta)
+        ts.mul(delta, delta, seen * (count / (seen + count)))
+        ts.add(m2, m2, tm2)
+        ts.add(m2, m2, delta)
+    ts.div(m2, m2, n)
+    ts.store(Mean, mean, at=(i,))
+    ts.store(Var, m2, at=(i,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("M", "N"), [(8, 1000), (5, 33), (3, 1)])
+def test_welford_mean_and_variance(backend, M, N, rng):
+    x = randn(rng, M, N) * 0.01 + 1e4                # E[x^2] - E[x]^2 in f32 would be noise
+    x[0] = 3.25
+    mean, var = torch.full((M,), math.nan), torch.full((M,), math.nan)
+    launch(welford_rows, backend, x, mean, var)
+    xd = x.double()
+    close(mean, xd.mean(1), dtype=torch.float32)
+    torch.testing.assert_close(var.double(), xd.var(1, unbiased=False), rtol=2e-2, atol=1e-6)
+    assert var[0] == 0.0
+
+
+# ---- 17. C = alpha A B + beta C in place (A a transposed view), BLAS's beta = 0: C's NaNs are not read ---------------
+@ts.kernel(grid=lambda C, BM, BN: (ts.cdiv(C.shape[0], BM), ts.cdiv(C.shape[1], BN)))
+def gemm_alpha_beta(A, B, C, alpha: float, beta: float, *, BM: int = 16, BN: int = 16, BK: int = 16):
+    i, j = ts.block_id(0), ts.block_id(1)
+    a = ts.SharedTile[A.dtype, BM, BK]()
+    b = ts.SharedTile[B.dtype, BK, BN]()
+    acc = ts.RegTile[ts.f32, BM, BN]()
+    c = ts.RegTile[ts.f32, BM, BN]()
+    ignore = ts.RegTile[ts.bool_, BM, BN]()
+    ts.zero(acc)
+    for k in ts.range(ts.cdiv(A.shape[1], BK)):
+        ts.load(a, A, at=(i, k))
+        ts.load(b, B, at=(k, j))
+        ts.mma_AB(acc, a, b, acc)
+    ts.load(c, C, at=(i, j))
+    beta_t = ts.RegTile[ts.f32, BM, BN]()
+    ts.zero(beta_t)
+    ts.add(beta_t, beta_t, beta)
+    ts.eq(ignore, beta_t, 0.0)                     # beta == 0, as a mask (two scalars cannot be compared)
+    ts.mul(c, c, beta)
+    ts.where(c, ignore, 0.0, c)
+    ts.mul(acc, acc, alpha)
+    ts.add(acc, acc, c)
+    ts.store(C, acc, at=(i, j))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("M", "N", "K"), [(32, 48, 40), (17, 5, 0), (1, 1, 1)])
+@pytest.mark.parametrize(("alpha", "beta"), [(0.5, 2.0), (1.0, 0.0), (-1.5, 1.0)])
+def test_gemm_alpha_beta_in_place(backend, M, N, K, alpha, beta, rng):
+    a = randn(rng, K, M, dtype=BF).T                  # (M, K), transposed
+    b = randn(rng, K, N, dtype=BF)
+    c0 = randn(rng, M, N)
+    c0[0, 0] = math.nan                               # ignored when beta = 0 (torch.addmm's rule)
+    c = c0.clone()
+    launch(gemm_alpha_beta, backend, a, b, c, alpha, beta)
+    want = torch.addmm(c0.double(), a.double(), b.double(), beta=beta, alpha=alpha)
+    close(c, want, scale=4)
+
+
+# ---- 18. an fp8 (e4m3) GEMM with per-tensor scales given at run time, f32 accumulate, bf16 out --------------------
+@ts.kernel(grid=lambda C, BM, BN: (ts.cdiv(C.shape[0], BM), ts.cdiv(C.shape[1], BN)))
+def gemm_f8_scaled(A, B, C, scale_a: float, scale_b: float, *, BM: int = 16, BN: int = 16, BK: int = 32):
+    """C = (A @ B) * scale_a * scale_b for f8e4m3 A (M, K) and B given as (N, K) (K-major, as the matrix units want)."""
+    i, j = ts.block_id(0), ts.block_id(1)
+    a = ts.SharedTile[ts.f8e4m3, BM, BK]()
+    b = ts.SharedTile[ts.f8e4m3, BN, BK]()
+    acc = ts.RegTile[ts.f32, BM, BN]()
+    c = ts.RegTile[C.dtype, BM, BN]()
+    ts.zero(acc)
+    for k in ts.range(ts.cdiv(A.shape[1], BK)):
+        ts.load(a, A, at=(i, k))
+        ts.load(b, B, at=(j, k))
+        ts.mma_ABt(acc, a, b, acc)
+    ts.mul(acc, acc, scale_a * scale_b)            # one f32 scale (scalar arithmetic is f32)
+    ts.copy(c, acc)
+    ts.store(C, c, at=(i, j))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("M", "N", "K"), [(32, 16, 64), (19, 7, 45), (4, 4, 0)])
+def test_f8_gemm_with_runtime_scales(backend, M, N, K, rng):
+    F8 = torch.float8_e4m3fn
+    a, b = (randn(rng, M, K) * 4).to(F8), (randn(rng, N, K) * 4).to(F8)
+    sa, sb = 0.037, 1.9
+    c = torch.full((M, N), math.nan, dtype=BF)
+    launch(gemm_f8_scaled, backend, a, b, c, sa, sb)
+    scale = float(np.float32(np.float32(sa) * np.float32(sb)))
+    close(c, (a.double() @ b.double().T) * scale, dtype=BF, scale=4)
+
+
+# ---- 19. a vertical window sum by 1-row tiles: a loop of 2 radius + 1 trips (none for a negative radius) ----------
+@ts.kernel(grid=lambda X, BN: (X.shape[0], ts.cdiv(X.shape[1], BN)))
+def row_window_sum(X, Y, radius: int, *, BN: int = 32):
+    """Y[r] = X[r - radius] + ... + X[r + radius], rows past either end reading zeros."""
+    r, j = ts.block_id(0), ts.block_id(1)
+    x = ts.RegTile[ts.f32, 1, BN]()
+    acc = ts.RegTile[ts.f32, 1, BN]()
+    ts.zero(acc)
+    for d in ts.range(-radius, radius + 1):
+        ts.load(x, X, at=(r + d, j))                # 1-row tiles: the row coordinate is the row
+        ts.add(acc, acc, x)
+    ts.store(Y, acc, at=(r, j))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("M", "N"), [(9, 40), (1, 3), (0, 4)])
+@pytest.mark.parametrize("radius", [0, 2, 20, -1])
+def test_row_window_sum_with_a_runtime_radius(backend, M, N, radius, rng):
+    x = ints(rng, -5, 6, (M, N), torch.float32)
+    y = torch.full((M, N), math.nan)
+    launch(row_window_sum, backend, x, y, radius)
+    pad = torch.cat([torch.zeros(max(radius, 0), N), x, torch.zeros(max(radius, 0), N)])
+    want = torch.stack([pad[r:r + 2 * radius + 1].sum(0) for r in range(M)]) if radius >= 0 and M else \
+        torch.zeros(M, N)
+    assert torch.equal(y, want)
+
+
+# ---- 20. an activation chosen by a constexpr string, on a 3-D grid over a (B, M, N) tensor ---------------------------
+@ts.kernel(grid=lambda X, BM, BN: (ts.cdiv(X.shape[2], BN), ts.cdiv(X.shape[1], BM), X.shape[0]))
+def activation(X, Y, *, ACT: str, BM: int = 8, BN: int = 32):
+    j, i, b = ts.block_id(0), ts.block_id(1), ts.block_id(2)
+    x = ts.RegTile[ts.f32, BM, BN]()
+    y = ts.RegTile[ts.f32, BM, BN]()
+    t = ts.RegTile[ts.f32, BM, BN]()
+    ts.load(x, X, at=(b, i, j))
+    if ACT == "silu":
+        ts.sigmoid(y, x)
+        ts.mul(y, y, x)
+    elif ACT == "gelu_tanh":                       # 0.5 x (1 + tanh(u)), tanh(u) = 2 sigmoid(2u) - 1
+        ts.mul(t, x, x)
+        ts.mul(t, t, 0.044715)
+        ts.add(t, t, 1.0)
+        ts.mul(t, t, x)
+        ts.mul(t, t, 2.0 * math.sqrt(2.0 / math.pi))
+        ts.sigmoid(t, t)
+        ts.mul(y, x, t)
+    else:                                          # softplus, stable: relu(x) + log(1 + exp(-|x|))
+        ts.abs(t, x)
+        ts.neg(t, t)
+        ts.exp(t, t)
+        ts.add(t, t, 1.0)
+        ts.log(t, t)
+        ts.relu(y, x)
+        ts.add(y, y, t)
+    out = ts.RegTile[Y.dtype, BM, BN]()
+    ts.copy(out, y)
+    ts.store(Y, out, at=(b, i, j))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh", "softplus"])
+@pytest.mark.parametrize(("B", "M", "N"), [(2, 9, 40), (1, 1, 1)])
+@pytest.mark.parametrize("ydt", [torch.float32, BF])
+def test_activation_chosen_by_a_constexpr_string(backend, act, B, M, N, ydt, rng):
+    x = randn(rng, B, M, N) * 5
+    x.view(-1)[:3] = torch.tensor([100.0, -100.0, 0.0])[:x.numel()]
+    y = torch.full((B, M, N), math.nan, dtype=ydt)
+    launch(activation, backend, x, y, ACT=act)
+    fn = {"silu": F.silu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"), "softplus": F.softplus}[act]
+    close(y, fn(x.double()), dtype=ydt, scale=2)
+
+
+# ---- 21. misuse: refused with a message naming the argument, before any backend runs -----------------------------
 @ts.kernel(grid=lambda X: (1,))
 def copy16(X, Y, *, N: int = 16):
     x = ts.RegVec[ts.f32, N]()
@@ -655,7 +933,7 @@ def test_misuse_is_refused_when_traced(name):
         k.trace(ts.ArgSpec(ts.bf16, 1))
 
 
-# ---- 15. every kernel above compiled for Hopper (sm_90a) on this CPU, by Triton and (where it lowers them) Gluon ----
+# ---- 22. every kernel above compiled for Hopper (sm_90a) on this CPU, by Triton and (where it lowers them) Gluon ----
 AOT_CASES = {   # name -> (kernel, meta args, constants)
     "row_argmax_first": (row_argmax_first, (meta(1024, 4096), meta(1024, dtype=I64), meta(1024)), dict(BM=32, BN=128)),
     "row_logsumexp": (row_logsumexp, (meta(1024, 4096, dtype=BF), meta(1024)), dict(BM=32, BN=128)),
@@ -675,9 +953,20 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
                       dict(BM=32, BN=128)),
     "transpose_cast": (transpose_cast, (meta(1024, 2048, dtype=F16)[:, ::2], meta(1024, 1024, dtype=BF).T),
                        dict(BM=64, BN=64)),
+    "kahan_row_sum": (kahan_row_sum, (meta(1024, 4096), meta(1024), meta(1024)), dict(BM=32, BN=128)),
+    "welford_rows": (welford_rows, (meta(1024, 4096), meta(1024), meta(1024)), dict(BM=32, BN=128)),
+    "gemm_alpha_beta": (gemm_alpha_beta, (meta(512, 1024, dtype=BF).T, meta(512, 256, dtype=BF), meta(1024, 256),
+                                          0.5, 1.0), dict(BM=128, BN=64, BK=64)),
+    "gemm_f8_scaled": (gemm_f8_scaled, (meta(1024, 512, dtype=torch.float8_e4m3fn),
+                                        meta(256, 512, dtype=torch.float8_e4m3fn), meta(1024, 256, dtype=BF), 0.5,
+                                        2.0), dict(BM=128, BN=64, BK=64)),
+    "row_window_sum": (row_window_sum, (meta(1024, 1024), meta(1024, 1024), 3), dict(BN=256)),
+    "activation_gelu": (activation, (meta(4, 512, 1024), meta(4, 512, 1024, dtype=BF)), dict(ACT="gelu_tanh", BM=32,
+                                                                                            BN=128)),
 }
 TRITON_ONLY = {   # f32 operands of the matrix units: Gluon takes bf16, f16 and f8 products only
     "segmented_cumsum": (segmented_cumsum, (meta(1024, 64), meta(64, dtype=I64), meta(1024, 64)), dict(BN=64)),
+    "roll_flip": (roll_flip, (meta(1024, 32), meta(1024, 32), meta(1024, 32), 3), dict(BM=64, BN=32)),
     "window_attention": (window_attention, (meta(2048, 32),) * 4 + (256, 0.125), dict(BM=32, BN=32, D=32)),
 }
 
