@@ -594,3 +594,21 @@ def test_outputs_overlapping_their_inputs():
     with pytest.raises(LaunchError, match=r"gemm: out has shape \(4, 6\) and strides \(0, 1\)"):
         gemm(randn(4, 8, dtype=torch.bfloat16), randn(8, 6, dtype=torch.bfloat16),
              out=torch.empty(1, 6, dtype=torch.bfloat16).expand(4, 6))
+
+
+# ---- found in tilestack.quant, outside this round's files (reported; expected to fail until fixed there) ----------
+@pytest.mark.xfail(strict=True, reason="quant/linear.py calibrate: max(amax, nan) keeps amax (nan > x is False), so "
+                                       "NaN calibration inputs give x_scale 1 without a word (inf is refused)")
+def test_quantize_refuses_nan_calibration_inputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6))
+    with pytest.raises(LaunchError, match=r"calibration inputs of \['0'\] hold NaN or infinite values"):
+        tilestack.quantize(model, "fp8-act", calibration=[torch.full((2, 8), math.nan)])
+
+
+@pytest.mark.xfail(strict=True, reason="quant/linear.py quantize: a skip name that matches no layer (a typo) is "
+                                       "ignored, so the layer meant to stay in float is quantized without a word")
+def test_quantize_refuses_a_skip_name_that_matches_no_layer():
+    model = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 6))
+    with pytest.raises(LaunchError, match=r"skip"):
+        tilestack.quantize(model, "int8", skip=["1 "])
