@@ -13,18 +13,14 @@ from torch import nn
 from typer.testing import CliRunner
 
 from tilestack.errors import LaunchError
-from tilestack.perf import device, formulas, profile, roofline
+from tilestack.perf import formulas, profile, roofline
 from tilestack.perf.store import Store
 
 sys.path.insert(0, str(Path(__file__).parent))
 import heldout_models as hm  # noqa: E402
+from profile_support import CEIL, flops_of  # noqa: E402
 
-CEIL = device.Ceilings("cpu", 2e10, {"fp32": 2e11, "bf16": 2e11}, "now")  # ridge at 10 FLOP/B
 GPU_WORDS = re.compile(r"\b(CUDA|128-bit|occupancy|mma|warps?|launch(es)?)\b")  # what a GPU's tips speak of
-
-
-def _flops(counts, op):
-    return math.fsum(c.flops for (name, _), c in counts.items() if name == op)
 
 
 @pytest.mark.parametrize("groups,transposed", [(8, False), (4, False), (8, True), (2, True)])
@@ -43,8 +39,8 @@ def test_grouped_convolution_costs_what_its_groups_cost_apart(groups, transposed
     with torch.utils.flop_counter.FlopCounterMode(display=False) as torch_split:  # right where groups == 1
         sum(p(xi).sum() for p, xi in zip(parts, xs, strict=True)).backward()
     for op in ("aten::convolution", "aten::convolution_backward"):
-        assert _flops(ours_grouped, op) == _flops(ours_split, op) > 0, op
-    assert _flops(ours_split, "aten::convolution") + _flops(ours_split, "aten::convolution_backward") == (
+        assert flops_of(ours_grouped, op) == flops_of(ours_split, op) > 0, op
+    assert flops_of(ours_split, "aten::convolution") + flops_of(ours_split, "aten::convolution_backward") == (
         torch_split.get_total_flops()
     )
 
@@ -72,7 +68,7 @@ def test_depthwise_convnet_backward_is_counted_with_its_groups():
     stem, dw, pw = (tuple(m.weight.shape) for m in (model.stem, model.depthwise, model.pointwise))
     # The stem's input needs no gradient: only its weight gradient is computed.
     expected = fwd[stem] + 2 * fwd[dw] + 2 * fwd[pw]
-    assert _flops(counts, "aten::convolution_backward") == expected
+    assert flops_of(counts, "aten::convolution_backward") == expected
     x = (hm.BATCH, hm.STEM, hm.IMAGE, hm.IMAGE)
     assert fwd[dw] == formulas.convolution(x, dw, x, groups=hm.STEM).flops
 

@@ -21,59 +21,30 @@ import pytest
 import torch
 from rich.console import Console
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, flop_registry
 from typer.testing import CliRunner
 
 from tilestack import perf
 from tilestack.errors import LaunchError
-from tilestack.perf import device, formulas, profile
+from tilestack.perf import formulas, profile
 from tilestack.perf.profile import ProfileError
 
 sys.path.insert(0, str(Path(__file__).parent))
 import perf_models_round2 as pm  # noqa: E402
+from profile_support import CEIL, REL, TORCH_COUNTED, Profiles, by_op, cases, torch_by_op  # noqa: E402
 
-CEIL = device.Ceilings("cpu", 2e10, {"fp32": 2e11, "bf16": 2e11}, "now")  # ridge at 10 FLOP/B
-REL = 1e-9  # sums of per-call counts: float rounding only
-TORCH_COUNTED = {str(k).replace(".", "::", 1) for k in flop_registry}  # "aten::mm", ...
 # Ops where tilestack's count differs from torch's on purpose, per model (checked by hand formulas below).
 DEVIATIONS = {
     "convs": {"aten::convolution_backward"},  # grouped: torch ignores groups in the weight gradient
     "convs_bias": {"aten::convolution", "aten::convolution_backward"},  # + the bias's adds, + groups
 }
-CASES = [(name, train) for name, (_, trainable) in pm.MODELS.items() for train in (False, True)[: 1 + trainable]]
+CASES, IDS = cases(pm.MODELS)
+profiled = Profiles(pm.MODELS)
 
 
-def _by_op(counts):
-    out = {}
-    for (op, _), c in counts.items():
-        out[op] = out.get(op, 0.0) + c.flops
-    return out
-
-
-def _torch_by_op(step):
-    with FlopCounterMode(display=False) as fc:
-        step()
-    return {str(k).replace(".", "::", 1): v for k, v in fc.get_flop_counts().get("Global", {}).items()}
-
-
-_cache = {}
-
-
-def profiled(name, train):
-    """(profile, our counts of one more step, torch's counts of one more step), once per case."""
-    if (name, train) not in _cache:
-        model, inputs = pm.MODELS[name][0]()
-        p = profile.profile_model(model, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu", train=train, name=name)
-        # The profile counted a steady-state step (after warm-up): so are these (gradients already allocated).
-        step = profile._without_fastpath(profile.make_step(model, inputs, train=train))
-        _cache[name, train] = (p, profile.count_ops(step), _torch_by_op(step))
-    return _cache[name, train]
-
-
-@pytest.mark.parametrize("name,train", CASES, ids=[f"{n}-{'train' if t else 'fwd'}" for n, t in CASES])
+@pytest.mark.parametrize("name,train", CASES, ids=IDS)
 def test_profile_rows_add_up_agree_with_torch_and_stay_finite(name, train):
     p, counts, theirs = profiled(name, train)
-    ours = _by_op(counts)
+    ours = by_op(counts)
     # Rows (and counted ops that got no time of their own) add up to what the counting pass counted.
     counted_flops = math.fsum(c.flops for c in counts.values())
     counted_bytes = math.fsum(c.bytes_read + c.bytes_written for c in counts.values())
@@ -119,17 +90,17 @@ def test_cpu_lstm_is_counted_as_its_matmuls():
     """torch counts nothing for the fused CPU LSTM (mkldnn_rnn_layer); tilestack counts its matmuls, which is
     what torch counts for the same LSTM run unfused (oneDNN off)."""
     p, counts, theirs = profiled("lstm", False)
-    assert "aten::mkldnn_rnn_layer" in _by_op(counts) and not theirs  # torch: 0 FLOPs
+    assert "aten::mkldnn_rnn_layer" in by_op(counts) and not theirs  # torch: 0 FLOPs
     model, (x,) = pm.lstm()
     with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):  # the unfused path: addmm and mm
-        unfused = sum(_torch_by_op(lambda: model(x)).values())
-    fused = _by_op(counts)["aten::mkldnn_rnn_layer"]
+        unfused = sum(torch_by_op(lambda: model(x)).values())
+    fused = by_op(counts)["aten::mkldnn_rnn_layer"]
     assert fused == unfused > 0
     # By hand: per layer and direction, 2 * B * T * (4H * I_layer + 4H * H); layer 1 reads both directions.
     b, t, i, h, g = pm.BATCH, pm.SEQ, pm.FEAT, pm.HIDDEN, pm.LSTM_GATES
     assert fused == 2 * sum(2 * b * t * (g * h * width + g * h * h) for width in (i, 2 * h))
     _, train_counts, _ = profiled("lstm", True)
-    backward = _by_op(train_counts)["aten::mkldnn_rnn_layer_backward"]
+    backward = by_op(train_counts)["aten::mkldnn_rnn_layer_backward"]
     assert backward == formulas.MATMUL_BWD_OVER_FWD * fused
 
 
@@ -138,17 +109,17 @@ def test_attention_with_masks_is_counted_as_the_math_path_counts_it(name):
     """The CPU flash kernel is not in torch's registry; torch's math path (bmm) is: the same FLOPs, halved by
     is_causal (tilestack's convention); an explicit mask, even a triangular one, costs the full product."""
     p, counts, _ = profiled(name, False)
-    ours = _by_op(counts).get("aten::_scaled_dot_product_flash_attention_for_cpu", 0.0)
+    ours = by_op(counts).get("aten::_scaled_dot_product_flash_attention_for_cpu", 0.0)
     model, (x,) = pm.MODELS[name][0]()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.MATH), torch.no_grad():
-        math_path = _torch_by_op(lambda: model(x))
+        math_path = torch_by_op(lambda: model(x))
     attention = math_path.get("aten::bmm", 0)
     assert attention == 4 * pm.BATCH * pm.HEADS * 6 * 6 * (pm.DIM // pm.HEADS)
     assert ours == attention * (formulas.CAUSAL_FRACTION if name == "sdpa_causal" else 1)
     _, train_counts, _ = profiled(name, True)
-    bwd = _by_op(train_counts)["aten::_scaled_dot_product_flash_attention_for_cpu_backward"]
+    bwd = by_op(train_counts)["aten::_scaled_dot_product_flash_attention_for_cpu_backward"]
     assert bwd == formulas.ATTENTION_BWD_OVER_FWD * ours
 
 
@@ -157,11 +128,11 @@ def test_convolutions_by_hand():
     _, counts, theirs = profiled("convs_bias", False)
     a, b, c = inputs
     bias_adds = sum(conv(x).numel() for conv, x in ((model.c1, a), (model.c3, b), (model.ct, c), (model.dw, c)))
-    assert _by_op(counts)["aten::convolution"] == theirs["aten::convolution"] + bias_adds
+    assert by_op(counts)["aten::convolution"] == theirs["aten::convolution"] + bias_adds
     # No input needs a gradient: each backward is the weight gradient alone, as many FLOPs as its forward
     # (torch's own count of the grouped ones is larger: it ignores groups).
     _, train_counts, train_theirs = profiled("convs", True)
-    ours = _by_op(train_counts)
+    ours = by_op(train_counts)
     assert ours["aten::convolution_backward"] == ours["aten::convolution"] == train_theirs["aten::convolution"]
     assert train_theirs["aten::convolution_backward"] > ours["aten::convolution_backward"]
 
@@ -198,17 +169,17 @@ def test_batch_norm_counts_statistics_only_in_training():
 
 def test_pools_count_one_operation_per_tap():
     p, counts, _ = profiled("pools", False)
-    by_op = _by_op(counts)
+    ops = by_op(counts)
     b = pm.BATCH
     pooled_1d = [c.flops for (op, shapes), c in counts.items() if op.startswith("aten::max_pool") and shapes == (
         (b, 4, 1, 9),)]  # max_pool1d, as the counting pass sees it: a 2-d pool over (B, C, 1, L)
     assert pooled_1d == [3 * b * 4 * 4]  # L 9 -> 4, 3 taps each
     (row,) = [o for o in p.ops if o.op == "aten::max_pool1d"]  # eager ran max_pool1d's own kernel: its row
     assert row.counted and row.m.flops * row.calls == 3 * b * 4 * 4 and not p.untimed
-    assert by_op["aten::avg_pool2d"] == 2 * 2 * b * 4 * 3 * 3
-    assert by_op["aten::max_pool3d_with_indices"] == 1 * 2 * 2 * 1 * 2 * 3 * 2 * 2
+    assert ops["aten::avg_pool2d"] == 2 * 2 * b * 4 * 3 * 3
+    assert ops["aten::max_pool3d_with_indices"] == 1 * 2 * 2 * 1 * 2 * 3 * 2 * 2
     assert counts["aten::max_pool2d_with_indices", ((b, 4, 6, 6),)].flops == 3 * 3 * b * 4 * 6 * 6
-    assert by_op["aten::_adaptive_avg_pool2d"] == b * 4 * 6 * 6  # each input element added once
+    assert ops["aten::_adaptive_avg_pool2d"] == b * 4 * 6 * 6  # each input element added once
     assert p.unsupported == ()
 
 
@@ -269,7 +240,7 @@ def test_sparse_and_nested_tensors_are_profiled_and_their_kernels_reported():
 def test_no_grad_and_inference_mode_inside_forward_count_like_torch():
     """Under inference_mode a linear reaches the dispatch mode whole: it is counted as the matmul it runs."""
     p, counts, theirs = profiled("no_grad_inside", False)
-    ours = _by_op(counts)
+    ours = by_op(counts)
     assert ours.get("aten::linear", 0.0) == 0 and ("aten::linear", ()) not in counts
     assert sum(v for op, v in ours.items() if op in TORCH_COUNTED) == sum(theirs.values())
     assert sum(theirs.values()) == 3 * formulas.matmul(3, pm.FEAT, pm.FEAT).flops  # three linears of 3 rows

@@ -18,20 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
-from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from tilestack.errors import LaunchError
-from tilestack.perf import device, formulas, profile
+from tilestack.perf import formulas, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 import perf_models_round3 as pm  # noqa: E402
+from profile_support import CEIL, NOT_AS_TORCH, REL, TORCH_COUNTED, Profiles, by_op, cases, conv, flops_of  # noqa: E402
 
-CEIL = device.Ceilings("cpu", 2e10, {"fp32": 2e11, "bf16": 2e11}, "now")  # ridge at 10 FLOP/B
-REL = 1e-9
-TORCH_COUNTED = {str(k).replace(".", "::", 1) for k in flop_registry}
-# torch counts a convolution without its bias and a grouped one's weight gradient as if ungrouped: checked by
-# hand below instead.
-NOT_AS_TORCH = {"aten::convolution", "aten::convolution_backward"}
 # Ops whose count of 0 FLOPs is right: copies, layout, gathers, index bookkeeping, sorting, allocation.
 DATA_MOVEMENT = {
     "aten::cat", "aten::stack", "aten::clone", "aten::copy_", "aten::_to_copy", "aten::embedding", "aten::zeros",
@@ -49,40 +43,8 @@ FFT = {"aten::_fft_c2c", "aten::_fft_r2c", "aten::_fft_c2r"}  # torch has no for
 SOFT_CLIP = f"{pm.CUSTOM_NAMESPACE}::soft_clip"
 UNSUPPORTED = {"custom_op": {SOFT_CLIP}}  # what each model runs that has no FLOP formula
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
-CASES = [(name, train) for name, (_, trainable) in pm.MODELS.items() for train in (False, True)[: 1 + trainable]]
-IDS = [f"{n}-{'train' if t else 'fwd'}" for n, t in CASES]
-
-_cache = {}
-
-
-def profiled(name, train):
-    """(profile, our counts of one more step, torch's counts of that step), once per case."""
-    if (name, train) not in _cache:
-        model, inputs = pm.MODELS[name][0]()
-        p = profile.profile_model(model, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu", train=train, name=name)
-        step = profile.make_step(model, inputs, train=train)
-        counts = profile.count_ops(step)
-        with FlopCounterMode(display=False) as fc:
-            step()
-        theirs = {str(k).replace(".", "::", 1): v for k, v in fc.get_flop_counts().get("Global", {}).items()}
-        _cache[name, train] = (p, counts, theirs)
-    return _cache[name, train]
-
-
-def by_op(counts):
-    out = {}
-    for (op, _), c in counts.items():
-        out[op] = out.get(op, 0.0) + c.flops
-    return out
-
-
-def flops_of(counts, ops):
-    return math.fsum(c.flops for (op, _), c in counts.items() if op in ops)
-
-
-def conv(batch, c_in, c_out, out_positions, taps, *, groups=1, bias=True):
-    """2 * N * positions * C_out * C_in/groups * taps, + one add per output element for a bias."""
-    return 2 * batch * out_positions * c_out * (c_in // groups) * taps + (batch * c_out * out_positions if bias else 0)
+CASES, IDS = cases(pm.MODELS)
+profiled = Profiles(pm.MODELS)
 
 
 @pytest.mark.parametrize("name,train", CASES, ids=IDS)

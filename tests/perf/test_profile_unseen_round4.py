@@ -22,26 +22,32 @@ What the round found (each pinned by the test whose docstring says so):
 - a crash: a sparse CSR operand in the counting pass.
 """
 
-import io
 import math
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from rich.console import Console
 from torch.nn import functional as F
-from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from tilestack.perf import counting, device, formulas, profile
+from tilestack.perf import counting, formulas, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 import perf_models_round4 as pm  # noqa: E402
+from profile_support import (  # noqa: E402
+    CEIL,
+    Profiles,
+    assert_as_torch_counts,
+    assert_rows_add_up,
+    assert_rows_finite,
+    by_op,
+    cases,
+    conv,
+    flops_of,
+    rendered,
+    rows_of,
+)
 
-CEIL = device.Ceilings("cpu", 2e10, {"fp32": 2e11, "bf16": 2e11, "fp16": 2e11}, "now")  # ridge at 10 FLOP/B
-REL = 1e-9
-TORCH_COUNTED = {str(k).replace(".", "::", 1) for k in flop_registry}
-NOT_AS_TORCH = {"aten::convolution", "aten::convolution_backward"}  # bias adds; groups in the weight gradient
 # Ops whose count of 0 FLOPs is right: copies, layout, gathers, index bookkeeping, allocation.
 DATA_MOVEMENT = {
     "aten::cat", "aten::stack", "aten::clone", "aten::copy_", "aten::_to_copy", "aten::embedding", "aten::zeros",
@@ -54,77 +60,24 @@ DATA_MOVEMENT = {
     "aten::upsample_nearest2d", "aten::linspace", "aten::masked_fill",
 }
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::addmm_", "aten::mv"}
-CASES = [(name, train) for name, (_, trainable) in pm.MODELS.items() for train in (False, True)[: 1 + trainable]]
-IDS = [f"{n}-{'train' if t else 'fwd'}" for n, t in CASES]
-
-_cache = {}
-
-
-def profiled(name, train):
-    """(profile, our counts of one more step, torch's counts of that step), once per case."""
-    if (name, train) not in _cache:
-        model, inputs = pm.MODELS[name][0]()
-        p = profile.profile_model(model, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu", train=train, name=name)
-        step = profile.make_step(model, inputs, train=train)
-        counts = profile.count_ops(step)
-        with FlopCounterMode(display=False) as fc:
-            step()
-        theirs = {str(k).replace(".", "::", 1): v for k, v in fc.get_flop_counts().get("Global", {}).items()}
-        _cache[name, train] = (p, counts, theirs)
-    return _cache[name, train]
-
-
-def by_op(counts):
-    out = {}
-    for (op, _), c in counts.items():
-        out[op] = out.get(op, 0.0) + c.flops
-    return out
-
-
-def flops_of(counts, ops):
-    return math.fsum(c.flops for (op, _), c in counts.items() if op in ops)
-
-
-def rows_of(counts, op):
-    return [c for (name, _), c in counts.items() if name == op]
-
-
-def conv(batch, c_in, c_out, out_positions, taps, *, groups=1, bias=True):
-    """2 * N * positions * C_out * C_in/groups * taps, + one add per output element for a bias."""
-    return 2 * batch * out_positions * c_out * (c_in // groups) * taps + (batch * c_out * out_positions if bias else 0)
+CASES, IDS = cases(pm.MODELS)
+profiled = Profiles(pm.MODELS)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 @pytest.mark.parametrize("name,train", CASES, ids=IDS)
 def test_every_row_is_finite_counted_or_named_and_adds_up(name, train):
     p, counts, theirs = profiled(name, train)
-    counted_flops = math.fsum(c.flops for c in counts.values())
-    assert math.fsum(o.m.flops * o.calls for o in p.ops) + math.fsum(u.flops for u in p.untimed) == pytest.approx(
-        counted_flops, rel=REL)
-    assert p.flops == pytest.approx(counted_flops, rel=REL)
+    assert_rows_add_up(p, counts)
     assert p.ops and all(o.calls > 0 for o in p.ops if o.op != profile.OTHER)
     # Nothing in this round lacks a formula: every op that computes is counted.
     assert not p.unsupported, p.unsupported
     moving = {op for (op, _), c in counts.items() if c.flops == 0 and c.bytes_read + c.bytes_written > 0}
     silent = moving - DATA_MOVEMENT
     assert not silent or name.startswith("empty"), silent  # an empty batch's ops compute nothing
-    ours = by_op(counts)
-    for op, n in theirs.items():  # where torch has a formula, the same number
-        if op not in NOT_AS_TORCH:
-            assert ours.get(op, 0.0) == n, (op, ours.get(op), n)
-    for op in (set(ours) & TORCH_COUNTED) - NOT_AS_TORCH:
-        assert ours[op] == theirs.get(op, 0), op
-    for o in p.ops:
-        m = o.m
-        for v in (m.flops, m.bytes_read, m.bytes_written, m.intensity, m.flops_per_s, m.bytes_per_s, m.latency_s):
-            assert math.isfinite(v) and v >= 0, (o.label, v)
-        assert o.tip, o.label
-        if o.counted and o.m.flops > 0:
-            assert o.bound in ("memory", "compute"), (o.label, o.bound)
-            assert o.roof_fraction is not None and o.roof_fraction > 0, o.label
-    out = io.StringIO()
-    profile.print_profile(p, con=Console(file=out, width=1000))
-    assert name in out.getvalue() and "nan" not in out.getvalue().lower().split()
+    assert_as_torch_counts(counts, theirs)  # where torch has a formula, the same number
+    assert_rows_finite(p)
+    rendered(p)
 
 
 def test_mamba_selective_scan():
