@@ -56,7 +56,7 @@ def _to_numpy(record: ArrayRecord) -> Params:
 
 
 def _to_record(params: Params, dtypes: dict[str, np.dtype] | None = None) -> ArrayRecord:
-    """``params`` as float32 arrays, or those named in ``dtypes`` in that dtype (what the server sent them in)."""
+    """``params`` as float32 arrays, or those named in ``dtypes`` in that dtype (the client's training precision)."""
     dtypes = dtypes or {}
     return codec.to_record({k: np.asarray(v, dtypes.get(k, np.float32)) for k, v in params.items()})
 
@@ -195,7 +195,7 @@ def train(msg: Message, context: Context) -> Message:
     }
     # in the precision it trained in (train_dtype: float64 for a float64 model, else float32), so that the server's
     # float64 mean is rounded to the model's dtype once (a float16 reply would round every client's model first)
-    sent = {k: v for k, v in start.items()} | {SCAFFOLD_DC_PREFIX + k: v for k, v in (c or {}).items()}
+    sent = dict(start) | {SCAFFOLD_DC_PREFIX + k: v for k, v in (c or {}).items()}
     record = _to_record(reply, {k: train_dtype(v) for k, v in sent.items()})
     if COMPRESS_KEY in config:  # send model updates compressed, with error feedback (compression.py)
         # model arrays as updates from the start; SCAFFOLD's control-variate changes are updates from zero
