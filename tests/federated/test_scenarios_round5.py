@@ -227,12 +227,13 @@ def test_heterofl_averages_each_element_over_the_clients_that_hold_it(dtype):
 
 
 # ---- tilestack's ClientApp on float64 and float16 models ---------------------------------------------------------
-def _logreg_sgd_f64(task: Task, pid: int, rnd: int, w: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Softmax regression's local SGD written out in float64: minibatches walk the client's seeded permutation."""
+def _logreg_sgd_f64(task: Task, pid: int, rnd: int, w: dict[str, np.ndarray], mu: float = 0.0) -> dict:
+    """Softmax regression's local SGD written out in float64: minibatches walk the client's seeded permutation;
+    ``mu`` adds FedProx's proximal gradient mu (w - w_start)."""
     x, y, _, _ = task.client_data(pid)
     rng = np.random.default_rng([task.seed, pid, rnd, 13])
     order, pos = rng.permutation(len(y)), 0
-    w = {k: v.astype(np.float64) for k, v in w.items()}
+    w = w0 = {k: v.astype(np.float64) for k, v in w.items()}
     for _ in range(task.local_steps):
         if pos >= len(y):
             order, pos = rng.permutation(len(y)), 0
@@ -244,22 +245,25 @@ def _logreg_sgd_f64(task: Task, pid: int, rnd: int, w: dict[str, np.ndarray]) ->
         p /= p.sum(axis=1, keepdims=True)
         p[np.arange(len(idx)), y[idx]] -= 1.0
         p /= len(idx)
-        w = {"fc.weight": w["fc.weight"] - task.lr * (xb.T @ p), "fc.bias": w["fc.bias"] - task.lr * p.sum(axis=0)}
+        grad = {"fc.weight": xb.T @ p, "fc.bias": p.sum(axis=0)}
+        w = {k: w[k] - task.lr * (grad[k] + mu * (w[k] - w0[k])) for k in w}
     return w
 
 
 @pytest.mark.timeout(60)
-def test_a_float64_model_is_trained_and_averaged_in_float64():
+@pytest.mark.parametrize("mu", [0.0, 0.5])
+def test_a_float64_model_is_trained_and_averaged_in_float64(mu):
     """tilestack's ClientApp given a float64 model trains it in float64 and replies in float64: two rounds of FedAvg
-    are the float64 weighted mean of local SGD written out here, to 1e-13 (clients trained in float32 and
-    replied float32: 1e-8 off, and the model's low bits were lost every round)."""
+    are the float64 weighted mean of local SGD written out here (with FedProx's proximal term for mu > 0), to
+    1e-13 (clients trained in float32 and replied float32: 1e-8 off, and the model's low bits were lost)."""
     task = _blobs(4, features=5, classes=3, num_samples=200, partitioner="quantity", local_steps=3, lr=0.3)
     x0 = {k: v.astype(np.float64) + 1 / 3 for k, v in _np(initial_arrays(task)).items()}
-    res = run_rounds(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), _grid(tsclient.app, task),
+    res = run_rounds(FedProx(fraction_train=1.0, fraction_evaluate=0.0, proximal_mu=mu), _grid(tsclient.app, task),
                      codec.to_record(x0), num_rounds=2)  # fmt: skip
     x = x0
     for rnd in (1, 2):
-        x = _wmean({p: _logreg_sgd_f64(task, p, rnd, x) for p in range(4)}, {p: task.num_train(p) for p in range(4)})
+        n = {p: task.num_train(p) for p in range(4)}
+        x = _wmean({p: _logreg_sgd_f64(task, p, rnd, x, mu) for p in range(4)}, n)
     for k, v in _np(res.arrays).items():
         assert v.dtype == np.float64
         np.testing.assert_allclose(v, x[k], rtol=1e-13, atol=1e-15)
