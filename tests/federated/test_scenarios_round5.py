@@ -227,9 +227,10 @@ def test_heterofl_averages_each_element_over_the_clients_that_hold_it(dtype):
 
 
 # ---- tilestack's ClientApp on float64 and float16 models ---------------------------------------------------------
-def _logreg_sgd_f64(task: Task, pid: int, rnd: int, w: dict[str, np.ndarray], mu: float = 0.0) -> dict:
+def _logreg_sgd_f64(task: Task, pid: int, rnd: int, w: dict[str, np.ndarray], mu: float = 0.0,
+                    correction: dict | None = None) -> dict:  # fmt: skip
     """Softmax regression's local SGD written out in float64: minibatches walk the client's seeded permutation;
-    ``mu`` adds FedProx's proximal gradient mu (w - w_start)."""
+    ``mu`` adds FedProx's proximal gradient mu (w - w_start), ``correction`` SCAFFOLD's c - c_i."""
     x, y, _, _ = task.client_data(pid)
     rng = np.random.default_rng([task.seed, pid, rnd, 13])
     order, pos = rng.permutation(len(y)), 0
@@ -246,7 +247,8 @@ def _logreg_sgd_f64(task: Task, pid: int, rnd: int, w: dict[str, np.ndarray], mu
         p[np.arange(len(idx)), y[idx]] -= 1.0
         p /= len(idx)
         grad = {"fc.weight": xb.T @ p, "fc.bias": p.sum(axis=0)}
-        w = {k: w[k] - task.lr * (grad[k] + mu * (w[k] - w0[k])) for k in w}
+        w = {k: w[k] - task.lr * (grad[k] + mu * (w[k] - w0[k]) + (0 if correction is None else correction[k]))
+             for k in w}  # fmt: skip
     return w
 
 
@@ -267,6 +269,33 @@ def test_a_float64_model_is_trained_and_averaged_in_float64(mu):
     for k, v in _np(res.arrays).items():
         assert v.dtype == np.float64
         np.testing.assert_allclose(v, x[k], rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.timeout(60)
+def test_scaffold_clients_and_server_on_a_float64_model_follow_the_rule_written_out():
+    """SCAFFOLD end to end on a float64 model with tilestack's clients: each client corrects its gradients by
+    c - c_i, sets c_i+ = c_i - c + (x - y_i) / (K lr) and sends c_i+ - c_i; the server averages the models and
+    moves c by the mean change. Three rounds, to 1e-12 of the float64 computation written out here."""
+    task = _blobs(4, features=5, classes=3, num_samples=200, partitioner="quantity", local_steps=3, lr=0.3)
+    x = {k: v.astype(np.float64) + 1 / 3 for k, v in _np(initial_arrays(task)).items()}
+    res = run_rounds(Scaffold(fraction_train=1.0, fraction_evaluate=0.0), _grid(tsclient.app, task),
+                     codec.to_record(x), num_rounds=3)  # fmt: skip
+    n = {p: task.num_train(p) for p in range(4)}
+    c = {k: np.zeros_like(v) for k, v in x.items()}
+    ci = {p: {k: np.zeros_like(v) for k, v in x.items()} for p in range(4)}
+    for rnd in (1, 2, 3):
+        ys, dcs = {}, []
+        for p in range(4):
+            ys[p] = _logreg_sgd_f64(task, p, rnd, x, correction={k: c[k] - ci[p][k] for k in x})
+            new = {k: ci[p][k] - c[k] + (x[k] - ys[p][k]) / (task.local_steps * task.lr) for k in x}
+            dcs.append({k: new[k] - ci[p][k] for k in x})
+            ci[p] = new
+        x = _wmean(ys, n)
+        c = {k: c[k] + np.mean([d[k] for d in dcs], axis=0) for k in c}
+    for k, v in _np(res.arrays).items():
+        assert v.dtype == np.float64 and res.strategy.c[k].dtype == np.float64
+        np.testing.assert_allclose(v, x[k], rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(res.strategy.c[k], c[k], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.timeout(60)
