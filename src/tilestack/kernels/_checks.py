@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from tilestack.errors import LaunchError
+from tilestack.lang.kernel import remember
 
 
 def check_tensor(fn: str, name: str, x, *, rank: int | None = None, dtypes: Iterable | None = None) -> None:
@@ -101,15 +102,25 @@ def overlap(a, b) -> bool:
     return _translate_reaches(abs(delta // size), dims)
 
 
-def check_outputs_apart(fn: str, **outs) -> None:
-    """LaunchError when two outputs a kernel writes (None ones skipped) share an element: each store would
-    overwrite the other's, and which one lands is a race. Per call (the addresses are not in a plan's key)."""
-    named = [(name, t) for name, t in outs.items() if t is not None]
-    for i, (name, t) in enumerate(named):
-        for other, u in named[i + 1:]:
-            if overlap(t, u):
-                raise LaunchError(f"{fn}: {name} and {other} share memory; each would overwrite the other's "
-                                  f"results: pass separate {name} and {other} tensors")
+def outputs_apart_check(fn: str, first: str, second: str):
+    """For a plan whose two outputs' shapes, strides and dtypes its key fixes: ``check(t, u)``, a LaunchError when
+    the outputs ``t`` (named ``first``) and ``u`` (``second``) share an element (each store would overwrite the
+    other's, and which one lands is a race); None ones are skipped. Per call, since addresses are not in a plan's
+    key; with the layouts fixed, only the offset between two views of one storage decides, so an offset found
+    apart is remembered: a backward writing the halves of one gradient pays a subtraction and a lookup."""
+    apart: dict = {}
+
+    def check(t, u) -> None:
+        if t is None or u is None or t.untyped_storage().data_ptr() != u.untyped_storage().data_ptr():
+            return
+        offset = t.data_ptr() - u.data_ptr()
+        if offset in apart:
+            return
+        if overlap(t, u):
+            raise LaunchError(f"{fn}: {first} and {second} share memory; each would overwrite the other's "
+                              f"results: pass separate {first} and {second} tensors")
+        remember(apart, offset, True)
+    return check
 
 
 def nothing_to_launch(*tensors) -> bool:

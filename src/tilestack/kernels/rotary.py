@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
-from tilestack.kernels._checks import check_outputs_apart, check_same_device, check_tensor, finite_real, next_pow2
+from tilestack.kernels._checks import check_same_device, check_tensor, finite_real, next_pow2, outputs_apart_check
 from tilestack.kernels._plan import checked_once, planned
 from tilestack.tune.lookup import launch_config
 
@@ -137,9 +137,10 @@ def rotary(q, k, cos, sin, *, inverse: bool = False, q_out=None, k_out=None, bac
     cfg = {"num_warps": 4 if rows <= 4096 else 8} if q.device.type == "cuda" else {}
     cfg = launch_config("rotary", f"{str(q.dtype).removeprefix('torch.')}-D{q.shape[3]}", q.device, rows, cfg)
 
+    apart = outputs_apart_check("rotary", "q_out", "k_out")
+
     def outputs(q, k, q_out, k_out):
-        if q_out is not None and k_out is not None:
-            check_outputs_apart("rotary", q_out=q_out, k_out=k_out)
+        apart(q_out, k_out)
         return (torch.empty(q.shape, dtype=q.dtype, device=q.device) if q_out is None else q_out,
                 torch.empty(k.shape, dtype=k.dtype, device=k.device) if k_out is None else k_out)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
-from tilestack.kernels._checks import check_outputs_apart, check_same_device, check_tensor
+from tilestack.kernels._checks import check_same_device, check_tensor, outputs_apart_check
 from tilestack.kernels._plan import planned
 from tilestack.tune.lookup import launch_config
 
@@ -129,9 +129,10 @@ def swiglu_backward(dy, a, b, *, da=None, db=None, backend: str | None = None, *
     cfg = launch_config("swiglu_bwd", str(a.dtype).removeprefix("torch."), a.device, a.shape[1],
                         default_config(a.device.type)) | config
 
+    apart = outputs_apart_check("swiglu_backward", "da", "db")
+
     def outputs(a, da, db):
-        if da is not None and db is not None:
-            check_outputs_apart("swiglu_backward", da=da, db=db)
+        apart(da, db)
         return (torch.empty(a.shape, dtype=a.dtype, device=a.device) if da is None else da,
                 torch.empty(a.shape, dtype=a.dtype, device=a.device) if db is None else db)
 
