@@ -12,7 +12,8 @@ numbers. Timings are only checked to be finite.
 
 What the round found (each pinned by the test whose docstring says so):
 - no formula (reported uncounted): FFTs (c2c, r2c, c2r), linalg eig, pinv, lstsq, geqrf, householder_product,
-  lu, ldl_factor; statically quantized convolutions and the quantize / dequantize ops; foreach ops (a MAML
+  lu, ldl_factor, triangular_solve, cholesky_inverse, ormqr, cdist's matmul path (_euclidean_dist); lu_unpack
+  (a copy) was reported uncounted too; statically quantized convolutions and the quantize / dequantize ops; foreach ops (a MAML
   update, an optimizer's step); _is_all_true (torch.distributions' argument checks); the profiler's own
   record_function ranges were reported as ops with no formula;
 - wrong bytes: an in-place foreach op (which returns nothing) wrote 0 bytes.
@@ -389,3 +390,31 @@ def test_profile_html_renders_round5(tmp_path):
         p, _, _ = profiled(name, False)
         html = profile.profile_html(p, tmp_path / f"{name}.html").read_text()
         assert name in html and "<table" in html
+
+
+def _factored():
+    torch.manual_seed(0)
+    a, b = torch.randn(5, 5), torch.randn(5, 2)
+    spd = a @ a.T + 5 * torch.eye(5)
+    reflectors, tau = torch.geqrf(a)
+    return {"a": a, "b": b, "upper": torch.triu(a), "chol": torch.linalg.cholesky(spd), "reflectors": reflectors,
+            "tau": tau, "lu": torch.linalg.lu_factor(a), "x1": torch.randn(30, 4), "x2": torch.randn(40, 4)}
+
+
+@pytest.mark.parametrize("fn,op,expected", [
+    (lambda f: torch.triangular_solve(f["b"], f["upper"]), "aten::triangular_solve", 5**2 * 2),
+    (lambda f: torch.cholesky_inverse(f["chol"]), "aten::cholesky_inverse", 2 * 5**3 / 3),
+    (lambda f: torch.ormqr(f["reflectors"], f["tau"], f["b"]), "aten::ormqr", 4 * 5 * 2 * 5 - 2 * 2 * 5**2),
+    (lambda f: torch.ormqr(f["reflectors"], f["tau"], f["b"].T, left=False), "aten::ormqr",
+     4 * 2 * 5 * 5 - 2 * 2 * 5**2),
+    (lambda f: torch.lu_unpack(*f["lu"]), "aten::lu_unpack", 0),  # copies L and U out, P from the pivots
+    # cdist of more than 25 rows a side: ||x||^2 + ||y||^2 - 2 x y^T by a matmul, clamped, square-rooted
+    (lambda f: torch.cdist(f["x1"], f["x2"]), "aten::_euclidean_dist", 2 * 30 * 40 * 4 + 2 * 70 * 4 + 3 * 30 * 40),
+])
+def test_linalg_helpers_without_a_formula_until_round5(fn, op, expected):
+    """triangular_solve, cholesky_inverse, ormqr and the matmul path of cdist (_euclidean_dist) had no formula;
+    lu_unpack, which only copies, was reported uncounted too."""
+    f = _factored()
+    counts = counting.count_ops(lambda: fn(f))
+    assert flops_of(counts, op) == pytest.approx(expected, rel=1e-12)
+    assert not any(c.unsupported for c in counts.values()), [k for k, c in counts.items() if c.unsupported]

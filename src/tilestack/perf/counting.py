@@ -255,7 +255,7 @@ NO_ARITHMETIC = frozenset(
         "one_hot", "tril_indices", "triu_indices", "linspace", "masked_scatter_backward",
         "max_unpool2d", "max_unpool3d", "complex", "diagonal_backward", "_sparse_coo_tensor_with_dims_and_tensors",
         "replication_pad1d", "replication_pad3d", "reflection_pad3d", "block_diag", "unique_consecutive",
-        "unique_dim", "unique_dim_consecutive",
+        "unique_dim", "unique_dim_consecutive", "lu_unpack",
     }
 )
 

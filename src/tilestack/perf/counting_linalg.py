@@ -96,6 +96,31 @@ def _householder_product_flops(func: Any, args: tuple, kwargs: dict, out: Any) -
     return float(batch * formulas.factorization_flops("householder_product", m, n, k))
 
 
+def _ormqr_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """ormqr(reflectors, tau (..., k), C (..., m, n), left): Q from k reflectors applied to C from the left (they
+    act along C's rows, m) or the right (along its columns, n): ``formulas.householder_apply_flops``."""
+    arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+    tau, c = arg("input2"), arg("input3")
+    if c is None or c.dim() < 2 or tau is None:
+        return 0.0
+    m, n = c.shape[-2:]
+    batch = _numel(c) // max(m * n, 1)
+    k = tau.shape[-1] if tau.dim() else 0
+    left = arg("left") is not False
+    return float(batch * formulas.householder_apply_flops(m if left else n, n if left else m, k))
+
+
+def _euclidean_dist_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """_euclidean_dist (cdist's matmul path, p=2 with more than 25 rows a side): x1 (..., P, M), x2 (..., R, M);
+    ||x||^2 and ||y||^2 (a multiply-add per element), -2 x y^T (2 P R M), then per pair the two norms added, a
+    clamp at 0 and a square root (3)."""
+    x1, x2 = _argument(func, args, kwargs, "x1"), _argument(func, args, kwargs, "x2")
+    width = x1.shape[-1] if x1.dim() else 0
+    rows1, rows2 = _numel(x1) // max(width, 1), _numel(x2) // max(width, 1)  # batch x P, batch x R
+    pairs = rows1 * (x2.shape[-2] if x2.dim() > 1 else 1)
+    return float(formulas.FLOPS_PER_MAC * (pairs * width + (rows1 + rows2) * width) + 3 * pairs)
+
+
 def _fft_flops(kind: str) -> Rule:
     """_fft_c2c, _fft_r2c, _fft_c2r: ``formulas.fft_flops`` of the N points its ``dim`` span (the complex side's
     for c2c, the real side's for r2c and c2r: the input's and the output's), once per transform (the elements of
@@ -221,6 +246,10 @@ LINALG_FLOPS: dict[str, Rule] = {
     "aten.linalg_householder_product": _householder_product_flops,
     "aten.linalg_lu": _factorization("lu", "A"),
     "aten.linalg_ldl_factor_ex": _factorization("ldl", "self"),
+    "aten.triangular_solve": _factorization("triangular_solve", "A", "self"),
+    "aten.cholesky_inverse": _factorization("cholesky_inverse", "self"),
+    "aten.ormqr": _ormqr_flops,
+    "aten._euclidean_dist": _euclidean_dist_flops,
     **{f"aten._fft_{kind}": _fft_flops(kind) for kind in ("c2c", "r2c", "c2r")},
     "aten._trilinear": _trilinear_flops,
     "aten._cdist_forward": _cdist_flops,

@@ -362,6 +362,12 @@ def convolution_backward(
     return Cost(flops, read * e, written * e)
 
 
+def householder_apply_flops(rows: int, cols: int, k: int) -> float:
+    """Q (or Q^T), given as k Householder reflectors of length ``rows``, applied to a (rows, cols) matrix (ormqr):
+    4 rows cols k - 2 cols k^2 (LAPACK Working Note 41's count for dormqr)."""
+    return 4 * rows * cols * k - 2 * cols * k**2
+
+
 def fft_flops(points: int, *, real: bool = False) -> float:
     """FLOPs of one FFT of ``points`` points: ``FFT_FLOPS_PER_POINT_LOG2 * N log2 N``, halved for a transform of
     real input or output (``real``); 0 for one point or none."""
@@ -384,7 +390,8 @@ def factorization_flops(kind: str, m: int, n: int, k: int = 0, *, vectors: bool 
     the vectors; "pinv" the thin SVD with vectors and V S^+ U^T, 14mn^2 + 8n^3 + 2mn^2 ("pinv_hermitian": eigh with
     vectors and the same product, 9n^3 + 2n^3); "lstsq" QR's R, Q^T applied to the k right-hand sides
     (4mnk - 2n^2 k) and the triangular solve (n^2 k); "householder_product" Q of m x n from k reflectors,
-    4mnk - 2(m + n)k^2 + 4k^3/3 (k = n: as much as R again, as "qr" counts it); "ldl" n^3/3, as Cholesky.
+    4mnk - 2(m + n)k^2 + 4k^3/3 (k = n: as much as R again, as "qr" counts it); "ldl" n^3/3, as Cholesky;
+    "cholesky_inverse" (the factor given) the triangle's inverse and its product with its transpose, 2n^3/3.
     """
     m, n = max(m, n), min(m, n)  # a wide matrix is factored as its transpose
     if kind == "cholesky":
@@ -420,7 +427,9 @@ def factorization_flops(kind: str, m: int, n: int, k: int = 0, *, vectors: bool 
         return 4 * m * n * k - 2 * (m + n) * k**2 + 4 * k**3 / 3
     if kind == "ldl":
         return n**3 / 3
+    if kind == "cholesky_inverse":
+        return 2 * n**3 / 3
     raise LaunchError(
         f"kind={kind!r}; expected one of cholesky, lu, inverse, solve, triangular_solve, factored_solve, qr, eigh, "
-        "svd, eig, pinv, pinv_hermitian, lstsq, householder_product, ldl"
+        "svd, eig, pinv, pinv_hermitian, lstsq, householder_product, ldl, cholesky_inverse"
     )
