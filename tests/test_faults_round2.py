@@ -252,6 +252,7 @@ def test_train_resume_guards(tmp_path):
     assert "--resume goes on from the checkpoint in --out" in refused("--resume")
     (tmp_path / "a_file").write_text("x")
     assert "is a file; expected a folder" in refused("--out", str(tmp_path / "a_file"))
+    assert "cannot be made" in refused("--out", str(tmp_path / "a_file" / "run"))
     assert "ZeRO-1/2" in refused("--out", str(out), "--nproc", "2", "--dp", "2", "--zero", "1")
     fresh = subprocess.run([*TRAIN, "--steps", "2", "--out", str(out), "--resume"], capture_output=True, text=True,
                            env=_env(), timeout=300)
@@ -265,3 +266,19 @@ def test_train_resume_guards(tmp_path):
                           env=_env(), timeout=300)
     assert done.returncode == 0 and "is at step 2; --steps 2 leaves nothing to train" in done.stdout, done.stdout
     assert json.loads((out / "train.json").read_text())["lr"] == 0.001
+
+
+def test_checkpoint_save_under_a_file_is_refused_by_name(tmp_path):
+    """A checkpoint path below a file (``run.txt/ckpt``): rank 0's mkdir raised a bare FileExistsError while the
+    other ranks waited at the next barrier for good. Every rank now refuses it first, naming the path."""
+    from types import SimpleNamespace
+
+    from tilestack.parallel import ParallelConfigError, checkpoint
+
+    (tmp_path / "run.txt").write_text("notes")
+    trainer = SimpleNamespace(zero=None, parts=[torch.nn.Linear(2, 2)], pc=None)
+    target = tmp_path / "run.txt" / "a" / "ckpt"
+    said = f"checkpoint.save: path={str(target)!r} is below the file {str(tmp_path / 'run.txt')!r}"
+    with pytest.raises(ParallelConfigError, match=re.escape(said)):
+        checkpoint.save(trainer, target)
+    assert (tmp_path / "run.txt").read_text() == "notes"

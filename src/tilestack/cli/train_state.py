@@ -59,6 +59,9 @@ def prepare_output(out: str, spec: dict, pc, resume: bool) -> str:
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise typer.BadParameter(f"--out {out!r} is a file; expected a folder for the run's checkpoint")
+    above = next((p for p in folder.parents if p.exists()), None)
+    if not folder.exists() and above is not None and not above.is_dir():
+        raise typer.BadParameter(f"--out {out!r} cannot be made: it is below the file {os.fspath(above)!r}")
     if pc.zero:
         raise typer.BadParameter(f"--out with --zero {pc.zero}: ZeRO-1/2's flat optimizer slices cannot be "
                                  "checkpointed; expected --zero 0 (use --dp-shard for sharded state)")
@@ -81,6 +84,10 @@ def prepare_output(out: str, spec: dict, pc, resume: bool) -> str:
     if resume and has_checkpoint and saved is None:
         raise typer.BadParameter(f"--resume: {folder / SETTINGS} is missing, so the checkpoint's settings are "
                                  "unknown; expected a folder made by tilestack train --out")
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:                                     # below a file, read-only, ...: before any rank starts
+        raise typer.BadParameter(f"--out {out!r} cannot be made ({e}); expected a folder path this user can "
+                                 "write") from e
     _write_atomically(folder / SETTINGS, json.dumps(now, indent=1, sort_keys=True))
     return os.fspath(ckpt)

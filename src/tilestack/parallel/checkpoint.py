@@ -86,8 +86,14 @@ def _sync_folder(folder: Path) -> None:
 
 
 def _check_replaceable(path: Path) -> None:
-    """Refuse to replace anything at ``path`` but a checkpoint or an empty folder (a save swaps the whole folder)."""
+    """Refuse to replace anything at ``path`` but a checkpoint or an empty folder (a save swaps the whole folder),
+    and a path below a file (rank 0's mkdir would fail while the other ranks wait at the barrier). Every rank runs
+    it, so every rank refuses alike."""
     if not path.exists():
+        above = next((p for p in path.parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise ParallelConfigError(f"checkpoint.save: path={os.fspath(path)!r} is below the file "
+                                      f"{os.fspath(above)!r}; expected a folder path (a file cannot hold folders)")
         return
     if not path.is_dir():
         raise ParallelConfigError(f"checkpoint.save: path={os.fspath(path)!r} is a file; expected a folder for the "
