@@ -15,6 +15,9 @@ Bugs these found, fixed in the compiler, each kept here as its regression test:
 - Triton/Gluon: a float argument of an f64 kernel was an f32 on the GPU (Triton passes a Python float as fp32):
   `x64 + a` at a = 1 + 2**-40 added 1.0. Such arguments are now f64 parameters, converted to f32 for f32 work and
   scalar arithmetic, as the reference takes them (ir.scalars.f64_float_args);
+- Triton/Gluon: cdiv of a size within the divisor of 2**31 ((n + BN - 1) // BN) wrapped negative, so a loop to
+  cdiv(len(X), BN) over a tensor of 2**31 - 5 elements ran no trips; cdiv of an int argument of -2**31 negated it
+  (-(-a // b)) and wrapped: now a // b plus one where a remainder is left (python_dsl);
 - Triton/Gluon: sums and differences of sizes and int arguments (`off + X.shape[0]`, `X.shape[0] - off`) and their
   products with a constant (`off * 3`) were i32 and wrapped past 2**31; they are i64 now where they are data
   (ir.scalars.wide_index), a mask bound made of them clamped back to i32 (its compares stay 32-bit).
@@ -284,6 +287,34 @@ def test_wide_index_data_is_64_bit_and_its_mask_bound_32_bit():
     assert "(tl.cast(off, tl.int64) + X_d0)" in src and "(tl.cast(X_d0, tl.int64) - off)" in src
     assert "(tl.cast(off, tl.int64) * 3)" in src
     assert ".to(tl.int32)" in src                                  # the right_fill bound, clamped into 32 bits
+
+
+@ts.kernel(grid=lambda X: (1,))
+def last_tiles(X, Y, T, a: int, b: int, *, BN: int = 16):
+    """Y = X's last tile, loaded by a loop over the last two tiles up to cdiv(len(X), BN); T = [cdiv(len(X), BN),
+    a // b, a % b, cdiv(a, b)] as Python's (floor, ceil)."""
+    nt = ts.cdiv(X.shape[0], BN)
+    v = ts.RegVec[ts.f32, BN]()
+    t = ts.RegVec[ts.i64, BN]()
+    ts.zero(v)
+    for k in ts.range(ts.smax(nt - 2, 0), nt):
+        ts.load(v, X, at=(k,))
+    ts.store(Y, v, at=(0,))
+    for row, e in enumerate((nt, a // b, a % b, ts.cdiv(a, b))):
+        ts.arange(t, e)
+        ts.store(T, t, at=(row, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("n", "a", "b"), [(2**31 - 5, -(2**31), 7), (2**31 - 16, 2**31 - 1, -3), (37, -7, 2),
+                                           (0, -(2**40) - 3, -5), (16, 7, 2)])
+def test_tile_counts_and_floor_division_at_the_int32_edges(backend, n, a, b):
+    x = (torch.arange(16.0) + 1)[n % 16:n % 16 + 1].expand(n)   # no memory: one value repeated
+    y, t = torch.full((16,), math.nan), torch.full((4, 16), POISON, dtype=I64)
+    launch(last_tiles, backend, x, y, t, a, b)
+    nt, last = -(-n // 16), n - (-(-n // 16) - 1) * 16
+    assert torch.equal(y, torch.cat([x[:last], torch.zeros(16 - last)]) if n else torch.zeros(16))
+    assert t[:, 0].tolist() == [nt, a // b, a % b, -(-a // b)]
 
 
 # ---- 7. layer norm's input gradient by hand: dx = rstd (g - mean(g) - xhat mean(g xhat)), g = dy w -----------------

@@ -13,7 +13,8 @@ from tilestack.ir.ops import Op, register_emitter
 
 # Python's floor division and remainder, where an operand may be negative; index values provably >= 0
 # (ir.scalars.nonnegative) keep the plain operators of ``scalar_templates``.
-FLOOR_SCALAR = {"floordiv": "_floordiv({}, {})", "cdiv": "(-_floordiv(-{}, {}))", "mod": "_floormod({}, {})"}
+# (cdiv is not -floordiv(-a, b): -a wraps at a = -2**31)
+FLOOR_SCALAR = {"floordiv": "_floordiv({}, {})", "cdiv": "_ceildiv({}, {})", "mod": "_floormod({}, {})"}
 
 
 def wide_index_op(fn: str, a: str, b: str, wide: bool, ns: str) -> str | None:
@@ -32,14 +33,16 @@ WIDE_SYMBOLS = {"add": "+", "sub": "-", "mul": "*"}
 
 
 def scalar_templates(ns: str) -> dict[str, str]:
-    """Format strings of the SCALAR op's functions for the DSL module ``ns`` ("tl" or "gl")."""
+    """Format strings of the SCALAR op's functions for the DSL module ``ns`` ("tl" or "gl"). cdiv of operands >= 0
+    adds 1 where the division leaves a remainder ((a + b - 1) // b wraps for a size within b of 2**31)."""
     return {"add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "floordiv": "({} // {})",
-            "cdiv": "(({0} + {1} - 1) // {1})", "mod": "({} % {})", "min": f"{ns}.minimum({{}}, {{}})",
+            "cdiv": "({0} // {1} + ({0} % {1} != 0))", "mod": "({} % {})", "min": f"{ns}.minimum({{}}, {{}})",
             "max": f"{ns}.maximum({{}}, {{}})", "fadd": "({} + {})", "fmul": "({} * {})", "fdiv": "({} / {})"}
 
 
 def floor_helpers(jit: str, ns: str, dsl: str) -> str:
-    """Source of ``_floordiv`` and ``_floormod`` for a kernel module (``jit``: the decorator, e.g. "triton.jit")."""
+    """Source of ``_floordiv``, ``_ceildiv`` and ``_floormod`` for a kernel module (``jit``: the decorator, e.g.
+    "triton.jit")."""
     return f'''
 
 @{jit}
@@ -48,6 +51,14 @@ def _floordiv(a, b):
     q = a // b
     r = a - q * b
     return {ns}.where((r != 0) & ((r < 0) != (b < 0)), q - 1, q)
+
+
+@{jit}
+def _ceildiv(a, b):
+    """a / b rounded toward +inf (ceil), as -(-a // b) in Python."""
+    q = a // b
+    r = a - q * b
+    return {ns}.where((r != 0) & ((r < 0) == (b < 0)), q + 1, q)
 
 
 @{jit}
