@@ -20,6 +20,8 @@ the rule says it must not matter. What the round found, each now fixed:
   error after its first round; such settings are now left out of the checkpoint and taken from the resuming
   strategy. Resuming a float32 run's checkpoint with a float64 initial model returned the float32 model; the
   checkpoint now records dtypes and refuses it.
+- A reply weighted (``weighted_by_key``) by a negative number was averaged in, and weights summing to zero ended the
+  run inside Flower; such replies are now left out naming the weight.
 - Under SecAgg+ a client whose local SGD diverged sent NaN, quantised to arbitrary integers inside the masked sum:
   the secure model was finite garbage. The client now drops out of the round.
 """
@@ -906,3 +908,40 @@ def test_a_client_whose_training_diverges_drops_out_of_secure_aggregation(monkey
     for k in secure:
         assert np.all(np.isfinite(secure[k]))
         np.testing.assert_allclose(secure[k], crashed[k], rtol=0, atol=1e-4)
+
+
+# ---- weights that are not weights ------------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_replies_whose_weight_is_not_positive_are_left_out_and_never_end_the_run():
+    """FedAvg(weighted_by_key='unit-weight') with scripted clients reporting weights 1, -0.5, 0, -2 and 1, and one
+    without the key: the four odd ones are left out naming the weight, and the model is the mean of the two valid
+    replies. Before: -0.5 was used (the 'average' extrapolated past the replies), 0 counted as aggregated, and
+    weights summing to 0 ended the run with a ZeroDivisionError inside Flower."""
+    task = _blobs(6)
+    weights = {0: 1.0, 1: -0.5, 2: 0.0, 3: -2.0, 4: 1.0, 5: None}
+
+    def script(pid, rnd, got, context, config):
+        metrics = {"num-examples": 5, tsclient.UNIT_WEIGHT: weights[pid]} if weights[pid] is not None else {}
+        return {k: v + pid for k, v in got["arrays"].items()}, metrics
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        pid = int(context.node_config["partition-id"])
+        arrays, metrics = script(pid, 1, {"arrays": codec.to_numpy(msg.content["arrays"])}, context, None)
+        metrics = {"num-examples": 5, tsclient.PARTITION_METRIC: pid} | metrics
+        return Message(RecordDict({"arrays": codec.to_record(arrays), "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    s = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, weighted_by_key=tsclient.UNIT_WEIGHT)
+    res = run_rounds(s, _grid(app, task), initial_arrays(task), num_rounds=1)
+    r = res.history.rounds[0]
+    assert r.excluded == {
+        "1": "weight: unit-weight=-0.5, expected > 0 (the strategy's weighted_by_key)",
+        "2": "weight: unit-weight=0.0, expected > 0 (the strategy's weighted_by_key)",
+        "3": "weight: unit-weight=-2.0, expected > 0 (the strategy's weighted_by_key)",
+        "5": "metrics: no 'unit-weight' (the strategy's weighted_by_key)",
+    }
+    assert r.num_aggregated == 2 and not r.skipped
+    x0 = _np(initial_arrays(task))
+    _check_model(res.arrays, {k: v + 2.0 for k, v in x0.items()}, np.float32)  # mean of +0 and +4

@@ -342,6 +342,10 @@ def run_rounds(
     check_strategy(strategy, len(list(grid.get_node_ids())), grid.task)  # also the roll call, before any seeding: it
     # may draw random numbers on some engines
     ckpt = checkpoint_path(checkpoint)
+    # replies whose weight is missing or not > 0 are left out by the grid, with the reason
+    grid.weight_keys = frozenset(
+        key for s in strategy_levels(strategy) if isinstance(key := vars(s).get("weighted_by_key"), str)
+    )
     # tilestack's ClientApp rebuilds the task from the config: the grid's task unless the caller names one
     train_config = {TASK_KEY: grid.task.to_json(), **(train_config or {})}
     evaluate_config = {TASK_KEY: grid.task.to_json(), **(evaluate_config or {})}

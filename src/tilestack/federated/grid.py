@@ -16,7 +16,8 @@ SuperLink grid) and stays a ``Grid``, so the same strategy objects run over it:
   ``stragglers="drop"`` leaves out clients that cannot finish (FedAvg in the FedProx paper),
   ``"partial"`` keeps their partial work.
 - Faults: a reply that is an error (crash), arrives late (timeout), lacks its MetricRecord, misses an
-  array or carries an extra one, has no examples, carries a non-finite value, an array of the wrong shape,
+  array or carries an extra one, has no examples or a weight not > 0 (the strategy's ``weighted_by_key``, which
+  ``run_rounds`` tells the grid), carries a non-finite value, an array of the wrong shape,
   integers where the server sent floating point, or bytes that do not decode is left out with its reason
   logged; the round goes on with the rest (which Flower's strategies would refuse whole). A kept reply's
   floating-point arrays reach the strategy in float64 (``for_aggregation``): Flower's weighted average sums
@@ -97,10 +98,12 @@ def expected_train_keys(sent: RecordDict) -> set[str]:
     return keys
 
 
-def check_reply(sent: RecordDict, reply: Message) -> str:
+def check_reply(sent: RecordDict, reply: Message, weight_keys: Iterable[str] = ()) -> str:
     """Why ``reply`` must be left out ('' when it is fine): an error; no (or more than one) MetricRecord;
     for TRAIN, not exactly one ArrayRecord or missing or extra arrays; no examples (``num-examples`` 0);
-    a wrong shape; a non-finite value."""
+    a weight (``weight_keys``: the strategy's ``weighted_by_key``) not > 0, or missing from TRAIN (Flower averaged
+    with a negative weight, and weights summing to 0 raised ZeroDivisionError in the server); a wrong shape; a
+    non-finite value."""
     if reply.has_error():
         return f"error: {error_reason(reply.error.reason)}"
     content, kind = reply.content, reply.metadata.message_type
@@ -123,6 +126,13 @@ def check_reply(sent: RecordDict, reply: Message) -> str:
         if isinstance(n, (int, float)) and n <= 0:  # weight 0: nothing to average with (NaN: caught below)
             what = "training" if kind == MessageType.TRAIN else "test"
             return f"empty: num-examples={n}, expected > 0 (the client has no {what} examples)"
+        metrics = next(iter(content.metric_records.values()))
+        for key in weight_keys:
+            w = metrics.get(key)
+            if w is None and kind == MessageType.TRAIN:  # (an evaluation is only not aggregated: the driver says so)
+                return f"metrics: no {key!r} (the strategy's weighted_by_key)"
+            if isinstance(w, (int, float)) and w <= 0:
+                return f"weight: {key}={w}, expected > 0 (the strategy's weighted_by_key)"
     shapes = {_canonical(k): a.shape for rec in sent.array_records.values() for k, a in rec.items()}
     dtypes = _sent_dtypes(sent)
     for rec in content.array_records.values():
@@ -205,6 +215,7 @@ class ManagedGrid(Grid):
             )
         self.inner, self.task, self.system, self.stragglers = inner, task, system, stragglers
         self.server_round = 0
+        self.weight_keys: frozenset[str] = frozenset()  # the strategy's weighted_by_key (run_rounds sets it)
         self._order: list[int] | None = None
         self.partition_of: dict[int, int] = {}
         self._log = self._empty_log()
@@ -325,7 +336,7 @@ class ManagedGrid(Grid):
             nid = reply.metadata.src_node_id
             pid = self.partition_of[nid]
             content, steps = sent[nid]
-            if why := check_reply(content, reply):
+            if why := check_reply(content, reply, self.weight_keys):
                 self._exclude(pid, why)
             else:
                 checked.append((reply, pid, content, steps))
