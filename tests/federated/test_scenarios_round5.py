@@ -913,12 +913,12 @@ def test_a_client_whose_training_diverges_drops_out_of_secure_aggregation(monkey
 # ---- weights that are not weights ------------------------------------------------------------------------------
 @pytest.mark.timeout(60)
 def test_replies_whose_weight_is_not_positive_are_left_out_and_never_end_the_run():
-    """FedAvg(weighted_by_key='unit-weight') with scripted clients reporting weights 1, -0.5, 0, -2 and 1, and one
+    """FedAvg(weighted_by_key='unit-weight') with scripted clients reporting weights 1, -0.5, 0, -1.5 and 1, and one
     without the key: the four odd ones are left out naming the weight, and the model is the mean of the two valid
     replies. Before: -0.5 was used (the 'average' extrapolated past the replies), 0 counted as aggregated, and
     weights summing to 0 ended the run with a ZeroDivisionError inside Flower."""
     task = _blobs(6)
-    weights = {0: 1.0, 1: -0.5, 2: 0.0, 3: -2.0, 4: 1.0, 5: None}
+    weights = {0: 1.0, 1: -0.5, 2: 0.0, 3: -1.5, 4: 1.0, 5: None}  # summing to 0
 
     def script(pid, rnd, got, context, config):
         metrics = {"num-examples": 5, tsclient.UNIT_WEIGHT: weights[pid]} if weights[pid] is not None else {}
@@ -939,7 +939,7 @@ def test_replies_whose_weight_is_not_positive_are_left_out_and_never_end_the_run
     assert r.excluded == {
         "1": "weight: unit-weight=-0.5, expected > 0 (the strategy's weighted_by_key)",
         "2": "weight: unit-weight=0.0, expected > 0 (the strategy's weighted_by_key)",
-        "3": "weight: unit-weight=-2.0, expected > 0 (the strategy's weighted_by_key)",
+        "3": "weight: unit-weight=-1.5, expected > 0 (the strategy's weighted_by_key)",
         "5": "metrics: no 'unit-weight' (the strategy's weighted_by_key)",
     }
     assert r.num_aggregated == 2 and not r.skipped
