@@ -37,10 +37,10 @@ def once_differentiable(op: str | Callable):
     def wrap(backward):
         @functools.wraps(backward)
         def call(ctx, *grads):
+            if not torch.is_grad_enabled():       # the usual backward (no create_graph): autograd runs it so
+                return backward(ctx, *grads)
             with torch.no_grad():
                 outs = backward(ctx, *grads)
-            if not torch.is_grad_enabled():       # the usual backward (no create_graph)
-                return outs
             # the gradients depend on the forward's inputs (the op is not linear in them) and on the incoming ones
             if not (any(ctx.needs_input_grad) or any(isinstance(g, torch.Tensor) and g.requires_grad for g in grads)):
                 return outs
@@ -61,3 +61,21 @@ def refuse_double_backward(bwd_op, op: str) -> None:
         raise LaunchError(_message(op))
 
     bwd_op.register_autograd(backward)
+
+
+def direct_apply(function: type[torch.autograd.Function]) -> Callable:
+    """``function.apply`` for the eager hot path: straight to autograd's C entry where no functorch transform
+    (vmap, grad, ...) is active, else through torch's Python ``apply``, which handles them. What the C entry
+    skips is the Python wrapper's per-call bookkeeping (a setup_context check, a pass over the arguments for
+    functorch wrappers that outlived their transform), about a dozen Python calls per op call. For Functions
+    whose ``forward`` takes ``ctx`` (no ``setup_context``), as all of tilestack's do."""
+    if getattr(function, "setup_context", None) is not torch.autograd.Function.setup_context:
+        raise TypeError(f"direct_apply: {function.__name__} defines setup_context; use its apply")
+    c_apply = super(torch.autograd.Function, function).apply
+    python_apply = function.apply
+    transforms_active = torch._C._are_functorch_transforms_active
+
+    def apply(*args):
+        return python_apply(*args) if transforms_active() else c_apply(*args)
+
+    return apply

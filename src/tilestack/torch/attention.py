@@ -38,7 +38,7 @@ from tilestack.kernels._plan import planned
 from tilestack.kernels.attention_bwd import attention_backward
 from tilestack.kernels.attention_fwd import attention_forward, check_attention_args, dropout_rng
 from tilestack.lang.kernel import remember
-from tilestack.torch._autograd import once_differentiable, refuse_double_backward
+from tilestack.torch._autograd import direct_apply, once_differentiable, refuse_double_backward
 
 
 @torch.library.custom_op("tilestack::attention_fwd", mutates_args=())
@@ -146,7 +146,11 @@ class _Attention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
+_apply_attention = direct_apply(_Attention)   # .apply minus its Python wrapper
+
+
 _is_compiling = torch.compiler.is_compiling
+_transforms_active = torch._C._are_functorch_transforms_active
 
 
 def fp32_precision(q: torch.Tensor) -> str:
@@ -173,7 +177,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     kernels' own checks, once per launch signature)."""
     rng = dropout_rng() if dropout_p else None   # checked with the rest: a bad dropout_p is refused below
     precision = fp32_precision(q)
-    if _is_compiling() or type(q) is not torch.Tensor or q.is_meta:   # graphs, fake and meta tensors, subclasses
+    if _is_compiling() or type(q) is not torch.Tensor or q.is_meta or _transforms_active():
+        # graphs, fake and meta tensors, subclasses, torch.func's transforms (vmap: tensors without storage)
         check_attention_args("attention", q, k, v, scale, causal=causal, attn_mask=attn_mask,
                              causal_align=causal_align, dropout_p=dropout_p, rng=rng)
         if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
@@ -197,6 +202,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     if mask_grad:
         _refuse_mask_grad()
     if needs_grad:
-        return _Attention.apply(q, k, v, attn_mask, causal, scale, causal_align, dropout_p, rng, precision)
+        return _apply_attention(q, k, v, attn_mask, causal, scale, causal_align, dropout_p, rng, precision)
     return attention_forward(q, k, v, causal, scale, attn_mask=attn_mask, causal_align=causal_align,
                              dropout_p=dropout_p, rng=rng, precision=precision)[0]

@@ -35,14 +35,19 @@ from tilestack.kernels.rotary import rotary as _rotary
 from tilestack.kernels.swiglu import swiglu as _swiglu
 from tilestack.kernels.swiglu import swiglu_backward as _swiglu_backward
 from tilestack.lang.kernel import remember
-from tilestack.torch._autograd import once_differentiable, refuse_double_backward
+from tilestack.torch._autograd import direct_apply, once_differentiable, refuse_double_backward
 
 _is_compiling = torch.compiler.is_compiling
 
 
+_transforms_active = torch._C._are_functorch_transforms_active
+
+
 def _eager(x: torch.Tensor) -> bool:
-    """Whether the thin eager path applies: a plain tensor outside a graph being traced."""
-    return not _is_compiling() and type(x) is torch.Tensor and not x.is_meta
+    """Whether the thin eager path applies: a plain tensor outside a graph being traced and outside torch.func's
+    transforms (grad, vmap, jacrev: their wrapped tensors have no storage for a plan key; the custom ops take
+    them)."""
+    return not _is_compiling() and type(x) is torch.Tensor and not x.is_meta and not _transforms_active()
 
 
 def _needs_grad(*tensors) -> bool:
@@ -304,6 +309,9 @@ class _Norm(torch.autograd.Function):
         return dx, (dx if plan.residual else None), sums[0], (sums[1] if plan.centered else None), None
 
 
+_apply_norm = direct_apply(_Norm)   # .apply minus its Python wrapper
+
+
 def _check_norm(fn: str, x, weight, eps, bias=None, r=None) -> None:
     """Every check of a norm's arguments (x of any rank); run once per signature by _NormPlan, and when traced."""
     for name, t in (("x", x), ("r", r)):
@@ -333,7 +341,7 @@ def _norm(fn: str, x, r, weight, bias, eps):
     # autograd only where a gradient is asked for: under no_grad a bias or r that requires grad takes the plain way
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (r is not None and r.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
-        return _Norm.apply(x, r, weight, bias, plan)
+        return _apply_norm(x, r, weight, bias, plan)
     return plan.infer(x, r, weight, bias)
 
 
@@ -421,6 +429,9 @@ class _Rotary(torch.autograd.Function):
         return dq, dk, None, None, None
 
 
+_apply_rotary = direct_apply(_Rotary)   # .apply minus its Python wrapper
+
+
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """(q, k) rotated (rotate-half RoPE); q: (B, N, H, D), k: (B, N, Hkv, D), cos/sin: (N, D/2) f32 (see
     ``tilestack.kernels.rotary_tables``). The results are contiguous tensors of q's and k's shapes (the inputs may
@@ -429,7 +440,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     if not _eager(q):
         return rotary_op(q, k, cos, sin, False)
     if _needs_grad(q, k):
-        return _Rotary.apply(q, k, cos, sin, False)
+        return _apply_rotary(q, k, cos, sin, False)
     return _rotate(q, k, cos, sin, False)
 
 
@@ -540,6 +551,9 @@ class _SwiGLU(torch.autograd.Function):
         return ctx.plan.backward(dy, x), None
 
 
+_apply_swiglu = direct_apply(_SwiGLU)   # .apply minus its Python wrapper
+
+
 def swiglu(x: torch.Tensor) -> torch.Tensor:
     """silu(a) * b with a, b the two halves of x's last dim (a gate and an up projection made by one GEMM):
     (..., 2F) -> (..., F); differentiable, the gradient landing in one (..., 2F) tensor."""
@@ -557,7 +571,7 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
         check_tensor("swiglu", "x", x)
         raise
     if _needs_grad(x):
-        return _SwiGLU.apply(x, plan)
+        return _apply_swiglu(x, plan)
     return plan.forward(x)
 
 
@@ -602,6 +616,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return dx * dloss.to(dx.dtype), dw * dloss.to(dw.dtype), None, None
 
 
+_apply_fused_linear_cross_entropy = direct_apply(_FusedLinearCrossEntropy)   # .apply minus its Python wrapper
+
+
 def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Mean cross-entropy of ``x @ weight.T`` (x: (T, d), weight: (V, d)) against ``labels`` (T,), skipping
@@ -611,7 +628,7 @@ def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: to
     if not _eager(x):
         return fused_linear_cross_entropy_op(x, weight, labels, int(ignore_index))[0]
     if _needs_grad(x, weight):
-        return _FusedLinearCrossEntropy.apply(x, weight, labels, int(ignore_index))
+        return _apply_fused_linear_cross_entropy(x, weight, labels, int(ignore_index))
     return _flce(x, weight, labels, ignore_index=ignore_index)[0]
 
 
