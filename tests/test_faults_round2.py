@@ -282,3 +282,21 @@ def test_checkpoint_save_under_a_file_is_refused_by_name(tmp_path):
     with pytest.raises(ParallelConfigError, match=re.escape(said)):
         checkpoint.save(trainer, target)
     assert (tmp_path / "run.txt").read_text() == "notes"
+
+
+def test_compile_measure_cache_drops_entries_it_cannot_use(tmp_path):
+    """Whole JSON whose entries hold times that are not positive numbers (a string, null, NaN as JSON's NaN, a
+    bool): they were kept, and the Decision made of them raised a TypeError inside torch.compile (``"abc" <=
+    0.97 * x``) or decided on NaN. Such entries are dropped with a warning naming the file; the others kept."""
+    from tilestack.compile import measure
+
+    good = {"fused_s": 1e-6, "unfused_s": 2e-6, "device": "test"}
+    bad = {f"k{i}": {"fused_s": v, "unfused_s": 2e-6} for i, v in enumerate(["abc", None, float("nan"), True, -1.0])}
+    (tmp_path / measure.FILE).write_text(json.dumps({"good": good, **bad}))
+    try:
+        entries, said = _measure_state(tmp_path)
+        assert set(entries) == {"good"}
+        assert any(str(tmp_path / measure.FILE) in s and "5 entries" in s for s in said), said
+    finally:
+        measure._memory.clear()
+        measure._loaded = False

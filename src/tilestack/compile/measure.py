@@ -64,6 +64,16 @@ def _path() -> Path:
     return Path(knobs.cache_dir) / FILE
 
 
+def _usable(entry) -> bool:
+    """An entry a Decision can be made of: fused_s and unfused_s finite numbers > 0 (not bools)."""
+    import math
+
+    def seconds(v) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+    return isinstance(entry, dict) and seconds(entry.get("fused_s")) and seconds(entry.get("unfused_s"))
+
+
 def _load() -> None:
     global _loaded
     if _loaded:
@@ -74,7 +84,12 @@ def _load() -> None:
         data = json.loads(path.read_text())
         if not isinstance(data, dict):
             raise ValueError(f"expected an object, got {type(data).__name__}")
-        _memory.update({k: v for k, v in data.items() if isinstance(v, dict) and {"fused_s", "unfused_s"} <= set(v)})
+        usable = {k: v for k, v in data.items() if _usable(v)}
+        _memory.update(usable)
+        if len(usable) < len(data):            # a hand-edited or foreign file: those swaps are measured again
+            warnings.warn(f"tilestack.compile.measure: ignoring {len(data) - len(usable)} entries of {path} whose "
+                          "fused_s and unfused_s are not positive numbers; those swaps are measured again",
+                          stacklevel=3)
     except FileNotFoundError:
         pass
     except (OSError, ValueError) as e:        # a truncated or foreign file: measure again, say so
@@ -89,7 +104,7 @@ def _store(key: str, entry: dict) -> None:
         merged = {}
         try:                                   # another process may have added entries since this one read
             on_disk = json.loads(path.read_text())
-            merged.update(on_disk if isinstance(on_disk, dict) else {})
+            merged.update({k: v for k, v in on_disk.items() if _usable(v)} if isinstance(on_disk, dict) else {})
         except (OSError, ValueError):
             pass
         merged.update(_memory)
