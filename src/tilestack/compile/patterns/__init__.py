@@ -1,0 +1,57 @@
+"""The named pattern passes: each scans a Dynamo-captured FX graph (torch-level ops, modules inlined) and
+returns the rewrites it can make and, for what it recognised but cannot take, why.
+
+    matches, declined = PASSES["sdpa"](gm)      # list[Match], list[(node, reason)]
+
+A ``Match`` names the original nodes a rewrite replaces (``outputs``, in order) and removes (``nodes``), and
+the function of ``tilestack.compile.ops`` that computes the outputs from ``inputs`` and constants. Applying
+and checking matches is ``tilestack.compile.rewrite``'s job, so every pass is only a matcher.
+
+Passes, in the order they run (a module each, named after its pass family):
+- ``sdpa``: ``F.scaled_dot_product_attention`` calls -> ``tilestack::attention_fwd``.
+- ``explicit_attention``: ``softmax(q @ k.transpose(-2, -1) * s [+ mask | .masked_fill(cond, -inf) |
+  torch.where(keep, ., -inf)]) @ v``.
+- ``add_norm``: ``h = a + b`` followed by LayerNorm / RMSNorm of h -> one fused add + norm kernel.
+- ``norm``: the remaining LayerNorm (with weight and bias) and RMSNorm (with weight).
+- ``linear_epilogue``: ``act(F.linear(x, w, b)) [+ r]`` (or ``x @ W + b``, aten's addmm / mm; act relu, gelu,
+  silu) in inference graphs -> one GEMM with the bias, activation and residual add fused into its epilogue.
+- ``fp8_chain``: ``tilestack.quantize(..., "fp8-act")`` layers that read the norm or the layer before them ->
+  the producer writes their fp8 activations (no quantizing pass of their own).
+- ``softmax``: the remaining softmax over the last dim.
+- ``linear_cross_entropy``: ``F.cross_entropy(F.linear(x, w), labels)`` in training graphs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import tilestack.quant.linear  # noqa: F401 - registers tilestack::quant_linear, a head of linear_epilogue
+from tilestack.compile.patterns.attention import explicit_attention, sdpa
+from tilestack.compile.patterns.cross_entropy import linear_cross_entropy
+from tilestack.compile.patterns.epilogue import linear_epilogue
+from tilestack.compile.patterns.fp8_chain import FP8_CHAIN_TOLERANCE, fp8_chain
+from tilestack.compile.patterns.match import Match, Node, kind, op_name, runs_here, value
+from tilestack.compile.patterns.norms import add_norm, norm
+from tilestack.compile.patterns.softmax import softmax
+
+__all__ = ["FP8_CHAIN_TOLERANCE", "LEFT_REASONS", "PASSES", "Match", "Node", "add_norm", "explicit_attention",
+           "fp8_chain", "kind", "linear_cross_entropy", "linear_epilogue", "norm", "op_name", "runs_here", "sdpa",
+           "softmax", "value"]
+
+PASSES: dict[str, Callable] = {
+    "sdpa": sdpa,
+    "explicit_attention": explicit_attention,
+    "add_norm": add_norm,
+    "norm": norm,
+    "linear_epilogue": linear_epilogue,
+    "fp8_chain": fp8_chain,
+    "softmax": softmax,
+    "linear_cross_entropy": linear_cross_entropy,
+}
+
+# Why the ops no pass takes stay with Inductor, by op family (the report's "left" section)
+LEFT_REASONS = {
+    "linear": "no activation or residual add after it to fuse (a lone Linear is cuBLAS's addmm, its bias fused "
+              "already), or one the linear_epilogue pass declined (listed above): left to Inductor",
+    "matmul": "a plain matrix product: left to Inductor (cuBLAS or its templates)",
+}

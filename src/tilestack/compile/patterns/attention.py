@@ -1,0 +1,171 @@
+"""The attention passes: ``sdpa`` (``F.scaled_dot_product_attention`` calls) and ``explicit_attention``
+(``softmax(q @ k^T * s [+ mask]) @ v`` written out), both to ``tilestack::attention_fwd``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import fx
+
+from tilestack.compile import ops
+from tilestack.compile.patterns.match import (
+    Match,
+    Node,
+    _arg,
+    _last_dim,
+    _number,
+    _softmax_dtype,
+    kind,
+    runs_here,
+    value,
+)
+from tilestack.errors import LaunchError
+
+_SDPA_ARGS = (("query", None), ("key", None), ("value", None), ("attn_mask", None), ("dropout_p", 0.0),
+              ("is_causal", False), ("scale", None), ("enable_gqa", False))
+
+
+def sdpa(gm: fx.GraphModule):
+    from tilestack.kernels.attention_fwd import check_attention_args
+    from tilestack.torch.sdpa import unsupported
+
+    matches, declined = [], []
+    for node in gm.graph.nodes:
+        if kind(node) != "sdpa":
+            continue
+        a = {name: _arg(node, i, name, d) for i, (name, d) in enumerate(_SDPA_ARGS)}
+        consts = [name for name in ("dropout_p", "is_causal", "scale", "enable_gqa") if isinstance(a[name], Node)]
+        if consts:
+            declined.append((node, f"{', '.join(consts)} computed in the graph (the kernels take constants)"))
+            continue
+        q, k, v, mask = (value(a[n]) for n in ("query", "key", "value", "attn_mask"))
+        why = unsupported(q, k, v, mask, a["dropout_p"], a["is_causal"], a["enable_gqa"], a["scale"])
+        if why is None and a["dropout_p"]:    # the rewrite's op call carries no dropout stream
+            why = f"dropout_p={a['dropout_p']} (tilestack.scaled_dot_product_attention fuses it; the rewrite does not)"
+        if why is None and isinstance(q, torch.Tensor):
+            why = runs_here(q)
+        if why is None:
+            try:
+                check_attention_args("attention", q, k, v, a["scale"], attn_mask=mask)
+            except LaunchError as e:
+                why = str(e)
+        if why is None and a["scale"] is None and not isinstance(q.shape[-1], int):
+            why = "a symbolic head dim with scale=None (the kernel's scale is a constant; pass scale=)"
+        if why is not None:
+            declined.append((node, why))
+            continue
+        scale = q.shape[-1] ** -0.5 if a["scale"] is None else float(a["scale"])
+        matches.append(Match("sdpa", ops.ts_attention, [a["query"], a["key"], a["value"], a["attn_mask"]],
+                             (False, bool(a["is_causal"]), scale), [node], [node],
+                             f"scaled_dot_product_attention{' causal' if a['is_causal'] else ''}"
+                             f"{' masked' if a['attn_mask'] is not None else ''} -> tilestack::attention_fwd"))
+    return matches, declined
+
+
+def _scores(x: Node, chain: list[Node]):
+    """(q, k, scale) if x is ``q @ k.transpose(-2, -1)`` times numbers, with its nodes added to chain."""
+    nodes: list[Node] = []
+    scale = 1.0
+    while kind(x) in ("mul", "div"):
+        a, b = _arg(x, 0, "input"), _arg(x, 1, "other")
+        if kind(x) == "mul":
+            c, inner = (_number(b), a) if isinstance(a, Node) else (_number(a), b)
+        else:
+            c, inner = (None if _number(b) in (None, 0.0) else 1.0 / _number(b)), a
+            if x.kwargs.get("rounding_mode") is not None:
+                c = None
+        if c is None or not isinstance(inner, Node):
+            return None
+        nodes.append(x)
+        scale, x = scale * c, inner
+    if kind(x) != "matmul":
+        return None
+    q, kt = _arg(x, 0, "input"), _arg(x, 1, "other")
+    if kind(kt) != "transpose" or not isinstance(q, Node):
+        return None
+    k, d0, d1 = _arg(kt, 0, "input"), _arg(kt, 1, "dim0"), _arg(kt, 2, "dim1")
+    kv = value(k)
+    if not isinstance(kv, torch.Tensor) or kv.dim() != 4 or not (isinstance(d0, int) and isinstance(d1, int)) or \
+            {d0 % 4, d1 % 4} != {2, 3}:
+        return None
+    chain.extend([kt, x, *reversed(nodes)])
+    return q, k, scale
+
+
+def explicit_attention(gm: fx.GraphModule):
+    from tilestack.kernels.attention_fwd import check_attention_args
+    from tilestack.torch.sdpa import unsupported
+
+    matches, declined = [], []
+    for node in gm.graph.nodes:
+        if kind(node) != "matmul":
+            continue
+        p, v = _arg(node, 0, "input"), _arg(node, 1, "other")
+        drop = None
+        if kind(p) == "dropout":           # nanoGPT's attn_dropout: a no-op in eval mode or with p = 0
+            if kind(_arg(p, 0, "input")) == "softmax" and (
+                    _arg(p, 2, "training", True) is not False and _arg(p, 1, "p", 0.5) != 0):
+                declined.append((node, "explicit attention: dropout on the probabilities (training; the kernels "
+                                       "fuse no dropout)"))
+                continue
+            drop, p = p, _arg(p, 0, "input")
+        if kind(p) != "softmax":
+            continue
+        x = _arg(p, 0, "input")
+        pv = value(p)
+        if not isinstance(pv, torch.Tensor) or not _last_dim(_arg(p, 1, "dim"), pv.dim()) or \
+                _softmax_dtype(p) is not None:
+            continue
+        chain: list[Node] = []
+        mask, fill, finite = None, False, False     # finite: the masked scores were set to a finite lowest value
+        found = _scores(x, chain)
+        if found is None and kind(x) == "add":
+            a, b = _arg(x, 0, "input"), _arg(x, 1, "other")
+            for s, m in ((a, b), (b, a)):
+                if isinstance(s, Node) and isinstance(m, Node) and "alpha" not in x.kwargs:
+                    found = _scores(s, chain)
+                    if found is not None:
+                        mask = m
+                        break
+        elif found is None and kind(x) == "masked_fill":
+            s, cond, fillv = _arg(x, 0, "input"), _arg(x, 1, "mask"), _arg(x, 2, "value")
+            qv = value(s)
+            low = _number(fillv)
+            if low is not None and isinstance(qv, torch.Tensor) and qv.dtype.is_floating_point and \
+                    (low == -math.inf or low <= torch.finfo(qv.dtype).min) and isinstance(cond, Node):
+                found = _scores(s, chain)
+                mask, fill, finite = cond, True, low != -math.inf
+        elif found is None and kind(x) == "where" and x.op == "call_function":
+            cond, s, low = _arg(x, 0, "condition"), _arg(x, 1, "input"), _number(_arg(x, 2, "other"))
+            qv = value(s)
+            if low is not None and isinstance(qv, torch.Tensor) and qv.dtype.is_floating_point and \
+                    (low == -math.inf or low <= torch.finfo(qv.dtype).min) and isinstance(cond, Node):
+                found = _scores(s, chain)           # Hugging Face's eager GPT-2: where(causal, scores, min)
+                mask, finite = cond, low != -math.inf
+        if found is None:
+            continue
+        q, k = found[0], found[1]
+        scale = found[2]
+        if mask is not None:
+            chain.append(x)
+        chain.extend([p, node] + ([drop] if drop is not None else []))
+        qv, kv_, vv, mv = value(q), value(k), value(v), value(mask)
+        why = unsupported(qv, kv_, vv, mv, 0.0, False, False)
+        if why is None:
+            why = runs_here(qv)
+        if why is None:
+            try:
+                check_attention_args("attention", qv, kv_, vv, scale, attn_mask=mv)
+            except LaunchError as e:
+                why = str(e)
+        if why is not None:
+            declined.append((node, f"explicit attention: {why}"))
+            continue
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        chain = sorted(set(chain), key=order.__getitem__)
+        how = "" if mask is None else (" with masked_fill(cond, -inf)" if fill else " with a boolean mask"
+                                       if kind(x) == "where" else " with an additive mask")
+        matches.append(Match("explicit_attention", ops.ts_attention, [q, k, v, mask], (fill, False, scale, finite),
+                             [node], chain, f"softmax(q @ k^T * {scale:.4g}){how} @ v -> tilestack::attention_fwd"))
+    return matches, declined

@@ -1,0 +1,113 @@
+"""A rewrite found by a pass (``Match``) and what every pass uses to recognise torch-level ops in a Dynamo graph:
+the op family of a node (``kind``), its arguments by position or name, its constant values, where it runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from tilestack.config import knobs
+
+Node = fx.Node
+
+
+@dataclasses.dataclass
+class Match:
+    pattern: str                     # the pass that found it
+    fn: Callable                     # a function of tilestack.compile.ops
+    inputs: list[Node | None]        # fn's tensor arguments (None: an absent optional tensor)
+    consts: tuple                    # fn's constant arguments, after the tensors
+    outputs: list[Node]              # the nodes whose values fn returns, in order
+    nodes: list[Node]                # every node the rewrite replaces (outputs included), in graph order
+    what: str                        # one line for the report
+    l2_tolerance: float | None = None   # set: the check bounds ||new - old|| / ||old|| by it instead of the
+                                        # elementwise error by the dtype's rewrite.TOLERANCE
+
+
+# Dynamo records module calls inlined, as functions (F.layer_norm, torch._C._nn.linear) or tensor methods
+_FUNCTIONS = {
+    F.scaled_dot_product_attention: "sdpa", torch._C._nn.scaled_dot_product_attention: "sdpa",
+    F.layer_norm: "layer_norm", torch.layer_norm: "layer_norm",
+    F.rms_norm: "rms_norm", torch.rms_norm: "rms_norm",
+    F.softmax: "softmax", torch.softmax: "softmax", torch.special.softmax: "softmax",
+    operator.matmul: "matmul", torch.matmul: "matmul",
+    operator.add: "add", torch.add: "add",
+    operator.mul: "mul", torch.mul: "mul",
+    operator.truediv: "div", torch.div: "div",
+    torch.transpose: "transpose", torch.masked_fill: "masked_fill",
+    F.linear: "linear", torch._C._nn.linear: "linear",
+    F.cross_entropy: "cross_entropy",
+    F.dropout: "dropout",
+    torch.ops.tilestack.quant_linear.default: "quant_linear",
+    torch._C._nn.gelu: "gelu", F.silu: "silu", F.relu: "relu", torch.relu: "relu", torch.relu_: "relu",
+    torch.ops.aten.addmm.default: "addmm", torch.ops.aten.mm.default: "mm", torch.ops.aten.add.Tensor: "add",
+    torch.ops.aten.gelu.default: "gelu", torch.ops.aten.relu.default: "relu", torch.ops.aten.silu.default: "silu",
+    torch.where: "where",
+}
+_METHODS = {"softmax": "softmax", "matmul": "matmul", "add": "add", "mul": "mul", "div": "div",
+            "transpose": "transpose", "masked_fill": "masked_fill", "where": "where", "relu": "relu"}
+
+
+def kind(node) -> str | None:
+    """The op family of a node ("sdpa", "softmax", "matmul", ...), None if it is none of them."""
+    if not isinstance(node, Node):
+        return None
+    if node.op == "call_function":
+        try:
+            return _FUNCTIONS.get(node.target)
+        except TypeError:           # an unhashable target
+            return None
+    if node.op == "call_method":
+        return _METHODS.get(node.target)
+    return None
+
+
+def op_name(node: Node) -> str:
+    """A short name for a node's op, for the report."""
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return node.op
+
+
+def value(node) -> object:
+    """The example value Dynamo recorded for a node (a fake tensor), or the constant itself."""
+    if isinstance(node, Node):
+        return node.meta.get("example_value", node.meta.get("val"))
+    return node
+
+
+def _arg(node: Node, i: int, name: str, default=None):
+    """Argument ``i`` (positional) or ``name`` (keyword) of a call, for functions and methods alike (a method's
+    self is args[0], so its positions match the function's)."""
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def runs_here(t: torch.Tensor) -> str | None:
+    """Why tilestack's kernels cannot run on t's device (None when they can)."""
+    if t.device.type != "cuda" and knobs.backend == "auto":
+        return (f"tensors on {t.device.type} (tilestack's kernels run on CUDA GPUs; config.override(backend="
+                "'reference') runs them on the CPU)")
+    return None
+
+
+def _number(x) -> float | None:
+    return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else None
+
+
+def _softmax_dtype(node: Node):
+    """The dtype= of a softmax call: F.softmax(input, dim, _stacklevel, dtype), torch.softmax(input, dim, dtype),
+    Tensor.softmax(dim, dtype)."""
+    return _arg(node, 3 if node.target is F.softmax else 2, "dtype")
+
+
+def _last_dim(dim, ndim: int) -> bool:
+    return isinstance(dim, int) and dim in (-1, ndim - 1)
