@@ -16,8 +16,9 @@ tensor-parallel; the planner keeps tp = 1 for a model with other layers unless t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from tilestack.errors import TilestackError
@@ -55,6 +56,10 @@ selective_flops forward FLOPs recomputed under selective recompute (attention sc
     frozen          of ``params``, those that do not require grad (no gradient, no optimizer state)
     buffer_bytes    bytes of the layer's buffers (BatchNorm's running statistics, a rotary table): every rank that
                     holds the layer keeps them whole
+    param_bytes     bytes of ``params`` when they are not all of the model's dtype_bytes (a module with parameters of
+                    several dtypes); 0: params x dtype_bytes
+    shared          parameters the layer uses that an earlier layer counts (a head tied to the embedding, a block
+                    called again): a pipeline stage that runs the layer without its owner holds them too
     kind            "embed", "block", "head" or "layer" (a measured module's child)
     """
 
@@ -72,10 +77,25 @@ selective_flops forward FLOPs recomputed under selective recompute (attention sc
     selective_flops: float = 0.0
     buffer_bytes: float = 0.0
     frozen: int = 0
+    param_bytes: float = 0.0
+    shared: tuple[SharedParam, ...] = ()
 
     @property
     def tp_able(self) -> bool:
         return self.kind in ("embed", "block", "head")
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedParam:
+    """A parameter tensor a layer uses but an earlier layer counts: ``ordinal``, its place in the module's
+    ``parameters()`` (one tensor, however many layers use it); ``owner``, the index of the layer that counts it;
+    its elements, bytes, and whether it is trained (requires grad)."""
+
+    ordinal: int
+    owner: int
+    numel: int
+    nbytes: int
+    trained: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,6 +312,22 @@ def _detached(t: Any) -> Any:
     return t.detach().clone()
 
 
+@contextlib.contextmanager
+def _restored(module: Any, handles: Sequence[Any] = ()) -> Iterator[None]:
+    """Within the block, ``module`` may run (and move BatchNorm's running statistics): on leaving it, however it is
+    left, the hooks ``handles`` are removed and the module's buffers hold again what they held on entering."""
+    import torch
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+
+
 def _trace(module: Any, args: tuple, chain: list[tuple[str, Any]]) -> list[_Call]:
     """Run ``module(*args)`` once (no grad; its buffers, e.g. BatchNorm's running statistics, and the random
     state restored after) and record the calls of the ``chain`` layers in the order they ran; a layer called
@@ -313,21 +349,14 @@ def _trace(module: Any, args: tuple, chain: list[tuple[str, Any]]) -> list[_Call
 
         handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(layer.register_forward_hook(post, with_kwargs=True))
-    buffers = [(b, b.detach().clone()) for b in module.buffers()]
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with _restored(module, handles), torch.no_grad(), torch.random.fork_rng(devices=[]):
             module(*args)
     except PlanError:
         raise
     except Exception as e:
         raise PlanError(f"describe_module: {type(module).__name__}(example_input) failed ({type(e).__name__}: "
                         f"{e}); expected a module that runs on the example input") from e
-    finally:
-        for h in handles:
-            h.remove()
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
     return calls
 
 
@@ -359,17 +388,10 @@ def _saved_per_call(module: Any, args: tuple, chain: list[tuple[str, Any]], n_ca
 
     handles = [h for _, layer in chain for h in (layer.register_forward_pre_hook(pre),
                                                  layer.register_forward_hook(post))]
-    buffers = [(b, b.detach().clone()) for b in module.buffers()]
-    try:
-        with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = module(*args)
+    with _restored(module, handles), torch.random.fork_rng(devices=[]), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = module(*args)
         del out
-    finally:
-        for h in handles:
-            h.remove()
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
     per_call = [0] * n_calls
     for call, size in owner.values():
         per_call[min(call, n_calls - 1)] += size
@@ -427,6 +449,8 @@ def describe_module(module: Any, example_input: Any, *, layers: Sequence[tuple[s
     dtype_bytes = floats[0].element_size() if floats else \
         args[0].element_size() if args[0].is_floating_point() else FP32_BYTES
     counted: set[int] = set()
+    ordinal = {id(p): n for n, p in enumerate(module.parameters())}
+    owner: dict[int, int] = {}                   # a parameter's id: the index of the layer that counts it
     out: list[LayerDesc] = []
     seen_names: dict[str, int] = {}
     per = 1.0 / batch
@@ -434,7 +458,10 @@ def describe_module(module: Any, example_input: Any, *, layers: Sequence[tuple[s
     for index, call in enumerate(calls):
         layer = call.module
         params = [p for p in layer.parameters() if id(p) not in counted]
+        shared = tuple(SharedParam(ordinal[id(p)], owner[id(p)], p.numel(), p.numel() * p.element_size(),
+                                   p.requires_grad) for p in layer.parameters() if id(p) in owner)
         counted.update(id(p) for p in params)
+        owner.update((id(p), index) for p in params)
         bufs = [b for b in layer.buffers() if id(b) not in counted]
         counted.update(id(b) for b in bufs)
         leaf_args, leaf_kwargs = _leaves(call.args), _leaves(call.kwargs)
@@ -451,9 +478,8 @@ def describe_module(module: Any, example_input: Any, *, layers: Sequence[tuple[s
             return checkpoint(lambda *xs: layer(*xs[:len(fa)], **dict(zip(keys, xs[len(fa):], strict=True))),
                               *fa, *fkw.values(), use_reentrant=False)
 
-        buffers = [(b, b.detach().clone()) for b in layer.buffers()]
         try:
-            with torch.random.fork_rng(devices=[]):
+            with _restored(layer), torch.random.fork_rng(devices=[]):
                 with torch.no_grad():
                     counts = count_ops(step)
                 flops = sum(c.flops for c in counts.values())
@@ -469,9 +495,6 @@ def describe_module(module: Any, example_input: Any, *, layers: Sequence[tuple[s
             raise PlanError(f"describe_module: layer {call.name!r} ({type(layer).__name__}) failed when measured "
                             f"on the arguments it received ({type(e).__name__}: {e})") from e
         finally:
-            with torch.no_grad():
-                for b, s in buffers:
-                    b.copy_(s)
             layer.zero_grad(set_to_none=True)
         k = seen_names.get(call.name, 0)
         seen_names[call.name] = k + 1
@@ -481,7 +504,8 @@ def describe_module(module: Any, example_input: Any, *, layers: Sequence[tuple[s
                              flops_fwd=flops * per, matmul_flops=matmul * per,
                              act_bytes={"none": saved * per, "selective": saved * per, "full": saved_full * per},
                              out_bytes=call.out_bytes * per,
-                             buffer_bytes=float(sum(b.numel() * b.element_size() for b in bufs))))
+                             buffer_bytes=float(sum(b.numel() * b.element_size() for b in bufs)),
+                             param_bytes=float(sum(p.numel() * p.element_size() for p in params)), shared=shared))
     # what no recorded layer holds (the root's own parameters, children that did not run, buffers outside the
     # layers) is kept by the first stage
     rest = [p for p in module.parameters() if id(p) not in counted]
@@ -491,5 +515,6 @@ def describe_module(module: Any, example_input: Any, *, layers: Sequence[tuple[s
         out[0] = dataclasses.replace(first, params=first.params + sum(p.numel() for p in rest),
                                      frozen=first.frozen + sum(p.numel() for p in rest if not p.requires_grad),
                                      tensors=first.tensors + len(rest),
+                                     param_bytes=first.param_bytes + sum(p.numel() * p.element_size() for p in rest),
                                      buffer_bytes=first.buffer_bytes + rest_buffers)
     return ModelDesc(name=name or type(module).__name__, layers=tuple(out), seq=seq, dtype_bytes=dtype_bytes)

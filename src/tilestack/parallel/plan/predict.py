@@ -147,6 +147,9 @@ class Plan:
         if self.batch % (self.dp * self.dp_shard * self.microbatches):
             raise PlanError(f"Plan: batch={self.batch} is not divisible by dp*dp_shard*microbatches="
                             f"{self.dp * self.dp_shard * self.microbatches}; expected whole micro-batches")
+        if self.sp and self.tp > 1 and desc.seq % self.tp:
+            raise PlanError(f"Plan: sp=True with tp={self.tp}: seq={desc.seq} is not divisible by it; expected a "
+                            "sequence that the sequence-parallel degree splits into whole tokens (or sp=False)")
         if not desc.tp_divides(self.tp):
             why = (f"n_head={desc.n_head}, d={desc.d}, vocab={desc.vocab}" if desc.tp_able else
                    "its layers have no tensor-parallel layout (expected tp=1)")
@@ -257,7 +260,6 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
     tilestack.parallel uses; Megatron-LM's schedules do not)."""
     _check_inputs(plan, desc, compute, comm, overlap_dp)
     plan.check(desc)
-    e = desc.dtype_bytes
     b = plan.micro_batch
     tp, m = plan.tp, plan.microbatches
     shard = plan.dp_shard
@@ -299,7 +301,7 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
                 if shard > 1:
                     # FSDP2: gathered before forward (and again before backward without a pipeline, which keeps
                     # them gathered), gradients reduce-scattered after backward
-                    nbytes = _local_params(layer, tp) * e
+                    nbytes = _local_params(layer, tp) * _param_size(layer, desc)
                     gathers = 2 if plan.pp == 1 else 1
                     c_fsdp += gathers * sync("all_gather", nbytes, shard, tp) + \
                         sync("reduce_scatter", nbytes, shard, tp)
@@ -342,14 +344,11 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
     # per pipeline rank: its stages' parameters, tensors
     ranks = range(plan.pp)
     rank_stages = [[s for s in range(plan.n_stages) if s % plan.pp == r] for r in ranks]
-    rank_params = [sum(_local_params(desc.layers[i], tp) for s in rs for i in stages[s]) for rs in rank_stages]
-    rank_trained = [rank_params[r] - sum(desc.layers[i].frozen for s in rs for i in stages[s])
-                    for r, rs in enumerate(rank_stages)]
-    rank_tensors = [sum(desc.layers[i].tensors for s in rs for i in stages[s]) for rs in rank_stages]
+    held = [_held(desc, [i for s in rs for i in stages[s]], tp) for rs in rank_stages]
     # data-parallel gradient reduction (slowest rank), then ZeRO's all-gather of the parameters
     dp_s = []
     for r in ranks:
-        grad_bytes = rank_trained[r] / shard * e
+        grad_bytes = held[r].trained_bytes / shard
         t = 0.0
         if plan.dp > 1:
             if plan.zero == 2:
@@ -357,14 +356,14 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
             else:
                 t = sync("all_reduce", grad_bytes, plan.dp, tp * shard)
             if plan.zero:
-                t += sync("all_gather", rank_trained[r] * e, plan.dp, tp * shard)
+                t += sync("all_gather", held[r].trained_bytes, plan.dp, tp * shard)
         dp_s.append(t)
     dp_exposed = max(dp_s) * (1 - overlap_dp)
     owner = plan.dp if plan.zero else 1
     every = compute.contention(plan.world_size)          # every rank steps its optimizer at once
     # DTensor parameters (tp, FSDP2) cost their AdamW ops' dispatch on top, per tensor (overhead.py)
     dtensor = compute.overhead("fsdp optimizer") if shard > 1 else compute.overhead("tp optimizer") if tp > 1 else 0.0
-    opt_s = max(compute.optimizer_s(rank_trained[r] / shard / owner, rank_tensors[r]) + rank_tensors[r] * dtensor
+    opt_s = max(compute.optimizer_s(held[r].trained / shard / owner, held[r].tensors) + held[r].tensors * dtensor
                 for r in ranks) * every
     if plan.zero:
         opt_s += compute.overhead("zero") * every
@@ -392,7 +391,7 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
     # torch's AdamW takes its multi-tensor path on a GPU (engine.adamw_foreach), except on lists that mix DTensors
     # and plain tensors (tensor parallelism without sequence parallelism); on a CPU it loops
     multi_tensor = compute.cores is None and not (tp > 1 and not plan.sp)
-    memory = [_memory(plan, desc, stages, rank_stages[r], rank_params[r], sim.peak_inflight[r],
+    memory = [_memory(plan, desc, stages, rank_stages[r], held[r], sim.peak_inflight[r],
                       sim.steady_inflight[r], recv_buffers, multi_tensor) for r in ranks]
     peaks = [_peak(mem) for mem in memory]
     flops = desc.flops_per_sample * plan.batch
@@ -462,6 +461,48 @@ def _local_params(layer: Any, tp: int) -> float:
     return layer.tp_params / tp + (layer.params - layer.tp_params)
 
 
+def _param_size(layer: Any, desc: ModelDesc) -> float:
+    """Bytes per parameter element of ``layer``: its own where describe_module counted them (parameters of
+    several dtypes), else the model's dtype_bytes."""
+    return layer.param_bytes / layer.params if layer.param_bytes and layer.params else float(desc.dtype_bytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Held:
+    """The parameters one pipeline rank holds, its tensor-parallel share before FSDP splits them: elements, of
+    them trained (requiring grad), the bytes of each, and tensors."""
+
+    elements: float
+    trained: float
+    nbytes: float
+    trained_bytes: float
+    tensors: int
+
+
+def _held(desc: ModelDesc, layer_ids: list[int], tp: int) -> _Held:
+    """What the rank running ``layer_ids`` holds: each layer's own parameters, and once each the shared ones
+    (LayerDesc.shared: a tied head, a block called again) whose owning layer runs on another rank."""
+    elements = trained = nbytes = trained_bytes = 0.0
+    tensors = 0
+    for i in layer_ids:
+        layer = desc.layers[i]
+        n, size = _local_params(layer, tp), _param_size(layer, desc)
+        elements += n
+        trained += n - layer.frozen
+        nbytes += n * size
+        trained_bytes += (n - layer.frozen) * size
+        tensors += layer.tensors
+    mine = set(layer_ids)
+    elsewhere = {p.ordinal: p for i in layer_ids for p in desc.layers[i].shared if p.owner not in mine}
+    for p in elsewhere.values():
+        elements += p.numel
+        nbytes += p.nbytes
+        trained += p.numel if p.trained else 0
+        trained_bytes += p.nbytes if p.trained else 0
+        tensors += 1
+    return _Held(elements, trained, nbytes, trained_bytes, tensors)
+
+
 def _act_bytes(layer: Any, plan: Plan) -> float:
     """Bytes one sample leaves saved in ``layer`` under the plan's recompute policy and tensor parallelism."""
     policy = plan.recompute if layer.kind == "block" else "none"
@@ -477,21 +518,24 @@ def _act_bytes(layer: Any, plan: Plan) -> float:
     return full - split + split / plan.tp
 
 
-def _memory(plan: Plan, desc: ModelDesc, stages: list[range], my_stages: list[int], params: float,
+def _memory(plan: Plan, desc: ModelDesc, stages: list[range], my_stages: list[int], held: _Held,
             inflight: float, steady_inflight: float, recv_buffers: bool = True,
             multi_tensor: bool = False) -> dict[str, float]:
     """The rank's bytes by component (``_peak`` adds them up per moment). ``multi_tensor``: AdamW's step takes
     torch's multi-tensor path, which makes sqrt(v) for every parameter at once, a copy of the second moments,
-    beside the gradients (the loop makes it and a quotient one tensor at a time: not charged)."""
-    e = desc.dtype_bytes
+    beside the gradients (the loop makes it and a quotient one tensor at a time: not charged). Parameters,
+    gradients and moments are of the parameters' own bytes per element (``held``); activations of dtype_bytes."""
+    params = held.elements
     local = params / plan.dp_shard
     # frozen parameters (requires_grad=False) have no gradient and no optimizer state
-    frozen = sum(desc.layers[i].frozen for s in my_stages for i in stages[s]) / plan.dp_shard
-    trained = local - frozen
-    grads = trained * e
-    optimizer = ADAM_MOMENTS * trained * e
+    trained = held.trained / plan.dp_shard
+    # bytes per element: of the parameters, and of the trained ones (gradients and AdamW's moments are their dtype)
+    e = held.nbytes / params if params else float(desc.dtype_bytes)
+    e_trained = held.trained_bytes / held.trained if held.trained else e
+    grads = held.trained_bytes / plan.dp_shard
+    optimizer = ADAM_MOMENTS * grads
     transient = 0.0
-    after = trained * e if multi_tensor else 0.0
+    after = grads if multi_tensor else 0.0
     if plan.zero:
         # ZeroOptimizer: an f32 master copy of this rank's 1/dp slice and AdamW's two f32 moments of it; the
         # reduced gradient slice beside the full gradients (ZeRO-1), or in their place once a bucket is reduced
@@ -499,10 +543,10 @@ def _memory(plan: Plan, desc: ModelDesc, stages: list[range], my_stages: list[in
         owned = trained / plan.dp
         optimizer = owned * FP32_BYTES * (1 + ADAM_MOMENTS)
         bucket = min(trained, ZERO_BUCKET_NUMEL)
-        grads = (trained if plan.zero == 1 else bucket) * e
+        grads = (trained if plan.zero == 1 else bucket) * e_trained
         # reducing a bucket: its gradients flattened (a copy), padded (another) for ZeRO-1's all-reduce; for
         # ZeRO-2 one copy goes to the reduce-scatter; then the slice and the master's f32 gradient
-        after = ZERO_FLAT_COPIES[plan.zero] * bucket * e + owned * e + owned * FP32_BYTES
+        after = ZERO_FLAT_COPIES[plan.zero] * bucket * e_trained + owned * e_trained + owned * FP32_BYTES
         after += owned * FP32_BYTES if multi_tensor else 0.0     # sqrt(v) of the f32 master slice
     blocks = [i for s in my_stages for i in stages[s] if desc.layers[i].kind == "block"]
     replayed = head_saved = 0.0
@@ -543,7 +587,7 @@ def _memory(plan: Plan, desc: ModelDesc, stages: list[range], my_stages: list[in
         loss_grad = LOSS_GRAD_COPIES * plan.micro_batch * desc.seq * desc.vocab * FP32_BYTES
     # buffers (BatchNorm's statistics, rotary tables): whole on every rank that holds their layer
     buffers = sum(desc.layers[i].buffer_bytes for s in my_stages for i in stages[s])
-    return {"parameters": local * e, "buffers": buffers, "gradients": grads, "optimizer": optimizer,
+    return {"parameters": held.nbytes / plan.dp_shard, "buffers": buffers, "gradients": grads, "optimizer": optimizer,
             "activations": inflight, "transient": transient, "after backward": after, "loss gradient": loss_grad,
             "activations after a backward": steady_inflight, "fsdp at first backward": fsdp_start,
             "fsdp buffers": fsdp_buffers, "replayed block": replayed, "head's saved": head_saved}

@@ -32,6 +32,8 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
+
 from tilestack.parallel.config import RECOMPUTE
 from tilestack.parallel.plan.comm import CommModel
 from tilestack.parallel.plan.compute import ComputeModel
@@ -40,6 +42,7 @@ from tilestack.parallel.plan.predict import Plan, Prediction, even_bounds, predi
 from tilestack.parallel.plan.schedule import SCHEDULES
 
 INTERLEAVED_CHUNKS = 2
+SIGNATURE_RUNS = 8           # plan_stage_cost: a range of more runs of equal layers is keyed by its bounds
 RANK_BY = ("time", "goodput")
 
 
@@ -128,7 +131,7 @@ def enumerate_plans(desc: ModelDesc, world_size: int, batch: int, *, schedules: 
                     continue
                 if sched == "interleaved-1f1b" and m % pp:
                     continue
-                for sp in ((False, True) if tp > 1 else (False,)):
+                for sp in ((False, True) if tp > 1 and desc.seq % tp == 0 else (False,)):
                     for rc in policies:
                         for z in ((0, 1, 2) if zero and dp > 1 and shard == 1 else (0,)):
                             out.append(Plan(batch=batch, pp=pp, dp=dp, dp_shard=shard, tp=tp, sp=sp, schedule=sched,
@@ -277,60 +280,123 @@ def pipeline_latency(times: Sequence[float], microbatches: int) -> float:
 def alpa_stages(n_layers: int, *, n_devices: int, submeshes: Sequence[int], microbatches: int,
                 stage_cost: StageCost, max_stages: int | None = None) -> StageSplit:
     """Alpa's DP (module docstring). ``submeshes``: the device counts a stage may take (Alpa: 1, 2, 4, ..., a
-    node, then whole nodes). PlanError when no split fits."""
+    node, then whole nodes). PlanError when no split fits.
+
+    The stage costs are asked once each (``_cost_table``), and the DP for one t_max runs over whole arrays
+    (``_least_sums``). The DP is not run for every candidate t_max: G_s(t_max), the least sum of s stage times
+    each at most t_max, can only fall as t_max grows, so where G is the same at two candidates it is the same at
+    every one between them, whose latencies are then no better than the lower one's; and an interval whose
+    candidates cannot beat the best latency so far (G at its top + (B - 1) x its least candidate) is dropped. The
+    candidates left are bisected: a 200-layer model on 8 devices runs a few dozen DPs, not thousands."""
     _check_stage_args("alpa_stages", n_layers, n_devices, submeshes, microbatches, stage_cost, max_stages)
     sizes = sorted({d for d in submeshes if 1 <= d <= n_devices})
     if not sizes:
         raise PlanError(f"alpa_stages: submeshes={list(submeshes)}; expected sizes between 1 and {n_devices}")
     max_stages = max_stages or min(n_layers, n_devices)
+    times, choices = _cost_table(n_layers, n_devices, sizes, max_stages, stage_cost)
+    cands = np.unique(times[np.isfinite(times)])
+    none = PlanError(f"alpa_stages: no split of {n_layers} layers over {n_devices} devices fits (every stage cost "
+                     "is None: memory); expected a larger memory limit or more devices")
+    if not len(cands):
+        raise none
+    best: list[StageSplit] = []
+    sums: dict[int, np.ndarray] = {}
 
-    @functools.cache
-    def cost(k: int, i: int, d: int, after: int):
-        return stage_cost(k, i, d, after)
+    def evaluate(c: int) -> np.ndarray:
+        """G_s at candidate c for every stage count s, keeping the best split its DP gives."""
+        if c not in sums:
+            least, paths = _least_sums(times, sizes, n_devices, max_stages, float(cands[c]))
+            sums[c] = least
+            for path in paths:
+                stage_times = [float(times[k, i, j, len(path) - 1 - n]) for n, (k, i, j) in enumerate(path)]
+                lat = pipeline_latency(stage_times, microbatches)
+                if not best or lat < best[0].latency:
+                    split = tuple((k, i, sizes[j], choices[k, i, j, len(path) - 1 - n])
+                                  for n, (k, i, j) in enumerate(path))
+                    best[:] = [StageSplit(split, lat, max(stage_times))]
+        return sums[c]
 
-    # every stage time the cost can give: the candidates for t_max
-    cands = sorted({c[0] for k in range(n_layers) for i in range(k + 1, n_layers + 1) for d in sizes
-                    for after in range(max_stages) if (c := cost(k, i, d, after)) is not None})
-    best: StageSplit | None = None
-    for t_max in cands:
-        if best is not None and (microbatches - 1) * t_max >= best.latency:
-            break
+    top = len(cands) - 1
+    if not np.isfinite(evaluate(top)).any():
+        raise none
+    lo, hi = 0, top                                   # the least feasible candidate (feasibility grows with t_max)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if np.isfinite(evaluate(mid)).any() else (mid + 1, hi)
+    intervals = [(lo, top)]
+    while intervals:
+        a, b = intervals.pop()
+        if b - a <= 1 or np.array_equal(sums[a], sums[b]):
+            continue
+        if float(sums[b].min()) + (microbatches - 1) * float(cands[a + 1]) >= best[0].latency:
+            continue
+        mid = (a + b) // 2
+        evaluate(mid)
+        intervals += [(a, mid), (mid, b)]
+    return best[0]
 
-        @functools.cache
-        def F(k: int, d: int, s_left: int, t_max=t_max):
-            """Least sum of stage times for layers [k, n) on exactly d devices in exactly s_left stages."""
-            if k == n_layers:
-                return (0.0, ()) if d == 0 and s_left == 0 else None
-            if s_left == 0 or d == 0:
-                return None
-            out = None
-            for i in range(k + 1, n_layers + 1):
-                for dj in sizes:
-                    if dj > d:
-                        break
-                    c = cost(k, i, dj, s_left - 1)
-                    if c is None or c[0] > t_max:
-                        continue
-                    rest = F(i, d - dj, s_left - 1)
-                    if rest is None:
-                        continue
-                    total = c[0] + rest[0]
-                    if out is None or total < out[0]:
-                        out = (total, ((k, i, dj, c[1]), *rest[1]))
-            return out
 
-        for s in range(1, max_stages + 1):
-            r = F(0, n_devices, s)
-            if r is None:
+def _cost_table(n_layers: int, n_devices: int, sizes: list[int], max_stages: int, stage_cost: StageCost
+                ) -> tuple[np.ndarray, dict[tuple[int, int, int, int], Any]]:
+    """Every stage cost a split can use: times[k, i, j, after] (inf where the cost is None or the stage cannot
+    be in a split: fewer layers or devices left than the ``after`` stages behind it need) and the choices."""
+    times = np.full((n_layers + 1, n_layers + 1, len(sizes), max_stages), np.inf)
+    choices: dict[tuple[int, int, int, int], Any] = {}
+    for after in range(max_stages):
+        for j, d in enumerate(sizes):
+            if d + after * sizes[0] > n_devices:
                 continue
-            times = [cost(k, i, d, s - 1 - j)[0] for j, (k, i, d, _) in enumerate(r[1])]
-            lat = pipeline_latency(times, microbatches)
-            if best is None or lat < best.latency:
-                best = StageSplit(r[1], lat, max(times))
-    if best is None:
-        raise PlanError(f"alpa_stages: no split of {n_layers} layers over {n_devices} devices fits (every stage "
-                        "cost is None: memory); expected a larger memory limit or more devices")
-    return best
+            for k in range(n_layers - after):
+                for i in range(k + 1, n_layers - after + 1):
+                    c = stage_cost(k, i, d, after)
+                    if c is not None:
+                        times[k, i, j, after] = c[0]
+                        choices[k, i, j, after] = c[1]
+    return times, choices
+
+
+def _least_sums(times: np.ndarray, sizes: list[int], n_devices: int, max_stages: int, t_max: float
+                ) -> tuple[np.ndarray, list[tuple[tuple[int, int, int], ...]]]:
+    """Alpa's DP at one t_max over whole arrays: F_s[k, d], the least sum of s stage times (each <= t_max) for
+    layers [k, n) on exactly d devices, from F_{s-1} by the first stage [k, i) on sizes[j] devices. Returns
+    G_s = F_s[0, n_devices] for s = 1..max_stages (inf where none) and, for each finite one, its stages
+    as (k, i, j)."""
+    n = times.shape[0] - 1
+    allowed = np.where(times <= t_max, times, np.inf)
+    prev = np.full((n + 1, n_devices + 1), np.inf)             # F_0: nothing left, no devices left
+    prev[n, 0] = 0.0
+    steps = []
+    least = np.full(max_stages, np.inf)
+    for s in range(1, max_stages + 1):
+        cur = np.full_like(prev, np.inf)
+        first_end = np.zeros(cur.shape, dtype=np.int64)
+        first_size = np.zeros(cur.shape, dtype=np.int64)
+        for j, size in enumerate(sizes):
+            if size > n_devices:
+                break
+            # (k, i, d - size): the first stage's time plus the rest's least sum, minimised over i
+            total = allowed[:, :, j, s - 1][:, :, None] + prev[None, :, :n_devices + 1 - size]
+            ends = total.argmin(axis=1)
+            value = np.take_along_axis(total, ends[:, None, :], axis=1)[:, 0, :]
+            better = value < cur[:, size:]
+            cur[:, size:][better] = value[better]
+            first_end[:, size:][better] = ends[better]
+            first_size[:, size:][better] = j
+        steps.append((first_end, first_size))
+        least[s - 1] = cur[0, n_devices]
+        prev = cur
+    paths = []
+    for s in range(1, max_stages + 1):
+        if not np.isfinite(least[s - 1]):
+            continue
+        k, d, path = 0, n_devices, []
+        for left in range(s, 0, -1):
+            ends, js = steps[left - 1]
+            i, j = int(ends[k, d]), int(js[k, d])
+            path.append((k, i, j))
+            k, d = i, d - sizes[j]
+        paths.append(tuple(path))
+    return least, paths
 
 
 def compositions(n: int) -> Iterator[tuple[int, ...]]:
@@ -390,55 +456,105 @@ def plan_stage_cost(desc: ModelDesc, compute: ComputeModel, comm: CommModel, *, 
                         "sample per micro-batch")
 
     @functools.cache
+    def classes(d: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Per layer, a class id equal for layers that no layout of d devices can tell apart (the same
+        description but for the name, the same times and recompute times at every micro-batch and tp it would
+        use), and the end of the run of equal classes each layer is in."""
+        ids: dict[str, int] = {}
+        cls = []
+        for j, layer in enumerate(desc.layers):
+            alone = dataclasses.replace(desc, layers=(layer,))
+            seen = []
+            for dp, shard, tp in factorizations(d, 3):
+                if micro % (dp * shard) or not alone.tp_divides(tp):
+                    continue
+                b = micro // (dp * shard)
+                seen.append((b, tp, compute.layer_times(j, b, tp),
+                             tuple(compute.recompute_s(j, b, tp, rc) for rc in recompute)))
+            cls.append(ids.setdefault(repr((dataclasses.replace(layer, name=""), seen)), len(ids)))
+        ends = list(range(1, len(cls) + 1))
+        for j in range(len(cls) - 2, -1, -1):
+            if cls[j] == cls[j + 1]:
+                ends[j] = ends[j + 1]
+        return tuple(cls), tuple(ends)
+
+    @functools.cache
+    def signature(k: int, i: int, d: int) -> tuple:
+        """Layers [k, i) as runs of (class, count): ranges with one signature cost the same (a deep model of
+        equal blocks has a few signatures per length, not one per range); a range of many runs is its own."""
+        cls, ends = classes(d)
+        runs, j = [], k
+        while j < i:
+            if len(runs) == SIGNATURE_RUNS:
+                return ("layers", k, i)
+            end = min(ends[j], i)
+            runs.append((cls[j], end - j))
+            j = end
+        return tuple(runs)
+
+    layouts_of: dict[tuple, tuple[tuple[float, str, float, float], ...]] = {}
+    times: dict[tuple, Any] = {}                 # the compute model's answers, by layer (_Offset)
+
     def layouts(k: int, i: int, d: int) -> tuple[tuple[float, str, float, float], ...]:
         """(seconds per micro-batch, label, peak bytes, activation bytes) of every layout of layers [k, i) on d
-        devices: predicted once, whatever the number of stages after it (that only changes the memory test)."""
+        devices, fastest first: predicted once per signature, whatever the number of stages after it (that only
+        changes the memory test)."""
+        key = (signature(k, i, d), d)
+        if key in layouts_of:
+            return layouts_of[key]
         sub = dataclasses.replace(desc, layers=desc.layers[k:i])
         out = []
         for dp, shard, tp in factorizations(d, 3):
             if micro % (dp * shard) or not sub.tp_divides(tp):
                 continue
-            for sp in ((False, True) if tp > 1 else (False,)):
+            for sp in ((False, True) if tp > 1 and desc.seq % tp == 0 else (False,)):
                 for rc in recompute:
                     plan = Plan(batch=micro, dp=dp, dp_shard=shard, tp=tp, sp=sp, recompute=rc)
                     try:
-                        p = predict(plan, sub, _Offset(compute, k), comm)
+                        p = predict(plan, sub, _Offset(compute, k, times), comm)
                     except PlanError:
                         continue
                     # gradient sync and optimizer once per step: a 1/microbatches share per micro-batch
                     t = (p.step_s - p.terms["optimizer"] - p.terms["dp comm"]) + \
                         (p.terms["optimizer"] + p.terms["dp comm"]) / microbatches
                     out.append((t, plan.label(), p.memory_bytes, p.memory[0]["activations"]))
-        return tuple(out)
+        layouts_of[key] = tuple(sorted(out, key=lambda x: x[0]))
+        return layouts_of[key]
 
     def cost(k: int, i: int, d: int, after: int):
-        best = None
-        for t, label, peak, act in layouts(k, i, d):
-            if memory_limit is not None and peak + act * after > memory_limit:
-                continue
-            if best is None or t < best[0]:
-                best = (t, label)
-        return best
+        for t, label, peak, act in layouts(k, i, d):           # the fastest that fits
+            if memory_limit is None or peak + act * after <= memory_limit:
+                return t, label
+        return None
 
     return cost
 
 
 class _Offset(ComputeModel):
-    """A compute model seen from layer ``k`` on (a sub-model's layer j is the model's k + j)."""
+    """A compute model seen from layer ``k`` on (a sub-model's layer j is the model's k + j). ``memo``: the
+    model's layer times by (layer, micro-batch, tp[, policy]), shared by the windows of one stage cost, which
+    ask for each layer once per layer range that holds it."""
 
-    def __init__(self, inner: ComputeModel, k: int):
+    def __init__(self, inner: ComputeModel, k: int, memo: dict | None = None):
         self.inner, self.k, self.offset = inner, k, k
         self.desc, self.source, self.cores = inner.desc, inner.source, inner.cores
         self.background, self.collective_s, self.p2p_delay = inner.background, inner.collective_s, inner.p2p_delay
+        self.memo = {} if memo is None else memo
 
     def overhead(self, name: str) -> float:
         return self.inner.overhead(name)
 
     def layer_times(self, index: int, micro_batch: int, tp: int = 1) -> tuple[float, float]:
-        return self.inner.layer_times(self.k + index, micro_batch, tp)
+        key = (self.k + index, micro_batch, tp)
+        if key not in self.memo:
+            self.memo[key] = self.inner.layer_times(*key)
+        return self.memo[key]
 
     def recompute_s(self, index: int, micro_batch: int, tp: int, policy: str) -> float:
-        return self.inner.recompute_s(self.k + index, micro_batch, tp, policy)
+        key = (self.k + index, micro_batch, tp, policy)
+        if key not in self.memo:
+            self.memo[key] = self.inner.recompute_s(*key)
+        return self.memo[key]
 
     def optimizer_s(self, params: float, tensors: int) -> float:
         return self.inner.optimizer_s(params, tensors)
