@@ -11,7 +11,8 @@ epilogue and K = 0 (a loop of no trips), sliding-window attention with a runtime
 unpacking of i32, wrapping and saturating i8 arithmetic, f16 rows summed into an f64 accumulator, a transposing cast
 between strided views with ragged edges, and misuse refused with a message naming the argument.
 
-Bugs these found, fixed in the compiler, each kept here as its regression test:
+Bugs these found, fixed in the compiler, each kept here as its regression test (scripts/gpu/check_heldout_round5.py
+runs the GPU-only ones on the GPU):
 - Triton/Gluon: a float argument of an f64 kernel was an f32 on the GPU (Triton passes a Python float as fp32):
   `x64 + a` at a = 1 + 2**-40 added 1.0. Such arguments are now f64 parameters, converted to f32 for f32 work and
   scalar arithmetic, as the reference takes them (ir.scalars.f64_float_args);
@@ -20,7 +21,12 @@ Bugs these found, fixed in the compiler, each kept here as its regression test:
   (-(-a // b)) and wrapped: now a // b plus one where a remainder is left (python_dsl);
 - Triton/Gluon: sums and differences of sizes and int arguments (`off + X.shape[0]`, `X.shape[0] - off`) and their
   products with a constant (`off * 3`) were i32 and wrapped past 2**31; they are i64 now where they are data
-  (ir.scalars.wide_index), a mask bound made of them clamped back to i32 (its compares stay 32-bit).
+  (ir.scalars.wide_index), a mask bound made of them clamped back to i32 (its compares stay 32-bit);
+- Triton's interpreter took a float (argument or constant) of f64 max/min as an f32 (0.1 -> 0.10000000149): f64 work
+  takes float scalars as tl.full((), x, tl.float64);
+- language: an int argument past 64 bits was a bare OverflowError from NumPy or Triton's specialization, and an index
+  divided by a constant 0 (a constexpr of 0) a ZeroDivisionError in the reference and nothing on Triton: both are
+  refused naming the argument or the op.
 """
 
 import math
@@ -927,6 +933,21 @@ def test_a_tile_size_triton_cannot_take_is_named():
     assert torch.equal(y[:12], x[:12]) and not y[12:].any()
     with pytest.raises(BackendError, match=r"power-of-two tile sizes; load uses a RegVec\[f32, 12\]"):
         launch(copy16, "triton", x, y, N=12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("off", [2**64, -(2**63) - 1, 2**63])
+def test_an_int_argument_past_64_bits_is_named(backend, off):
+    with pytest.raises(LaunchError, match=rf"positions_past_2_31: argument off is a runtime int, at most 64 bits; "
+                                          rf"got {off}"):
+        launch(positions_past_2_31, backend, torch.zeros(10), torch.zeros(3, 16, dtype=I64), torch.zeros(4, 16), off)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_constant_divisor_of_0_is_named_when_traced(backend):
+    a, b = torch.zeros(32, 16, dtype=BF), torch.zeros(1, 16, 16, dtype=BF)
+    with pytest.raises(TraceError, match=r"`//` of an index by the constant 0 .* check the kernel's constants"):
+        launch(grouped_gemm_relu, backend, a, b, torch.zeros(1, 16), torch.zeros(32, 16, dtype=BF), MG=0)
 
 
 def _vec(X):

@@ -16,6 +16,8 @@ from tilestack.errors import LaunchError
 from tilestack.ir.types import TORCH_NAMES
 from tilestack.lang.layout import check_writable
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
 
 def _plan(traced) -> list[tuple]:
     """(index, name, torch dtype or None for a scalar, tile dtype, rank, written) per parameter."""
@@ -43,6 +45,9 @@ def check_args(traced, args: Sequence) -> None:
         if tdt is None:
             if isinstance(a, bool) or not isinstance(a, int | float) or (dt == "int" and not isinstance(a, int)):
                 raise LaunchError(f"{name}: argument {pname} is a runtime {dt}; got {type(a).__name__} {a!r}")
+            if dt == "int" and not INT64_MIN <= a <= INT64_MAX:     # (the backends pass it as an i32 or i64)
+                raise LaunchError(f"{name}: argument {pname} is a runtime int, at most 64 bits; got {a!r} (expected "
+                                  "-2**63 <= value < 2**63)")
             continue
         if not isinstance(a, torch.Tensor):
             raise LaunchError(f"{name}: argument {pname} must be a torch.Tensor, got {type(a).__name__}")
