@@ -22,12 +22,15 @@ the rule says it must not matter. What the round found, each now fixed:
   checkpoint now records dtypes and refuses it.
 - A reply weighted (``weighted_by_key``) by a negative number was averaged in, and weights summing to zero ended the
   run inside Flower; such replies are now left out naming the weight.
+- A bfloat16 model (numpy has no bfloat16) made every client fail and the server's evaluation raise after the first
+  round; ``simulate`` and ``run_rounds`` now refuse it before any work, naming the array.
 - Under SecAgg+ a client whose local SGD diverged sent NaN, quantised to arbitrary integers inside the masked sum:
   the secure model was finite garbage. The client now drops out of the round.
 """
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -945,3 +948,35 @@ def test_replies_whose_weight_is_not_positive_are_left_out_and_never_end_the_run
     assert r.num_aggregated == 2 and not r.skipped
     x0 = _np(initial_arrays(task))
     _check_model(res.arrays, {k: v + 2.0 for k, v in x0.items()}, np.float32)  # mean of +0 and +4
+
+
+# ---- bfloat16 -----------------------------------------------------------------------------------------------------
+def _bf16(arrays) -> ArrayRecord:
+    """``arrays`` as bfloat16 bytes (the upper half of each float32), as a torch user would put them on the wire."""
+    out = {}
+    for k, v in _np(arrays).items():
+        bits = (np.ascontiguousarray(v, np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        out[k] = Array(dtype="bfloat16", shape=tuple(v.shape), stype="numpy.ndarray", data=bits.tobytes())
+    return ArrayRecord(out)
+
+
+@pytest.mark.timeout(60)
+def test_a_bfloat16_model_is_refused_before_any_work_naming_the_array(monkeypatch):
+    """numpy has no bfloat16 (without ml_dtypes, not installed), so neither has Flower's Array: every client failed
+    on such a model, and after the first round the server's evaluation raised TypeError. simulate and run_rounds
+    now refuse it up front, naming the array and what to send instead."""
+    task = _blobs(3)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    needle = "initial['fc.weight'] has dtype 'bfloat16', which numpy cannot hold; expected real numbers"
+    with monkeypatch.context() as m:
+        m.setattr("tilestack.federated.simulation.Evaluator", fail)
+        m.setattr("tilestack.federated.simulation.InProcessGrid", fail)
+        with pytest.raises(ValueError, match=re.escape("simulate: " + needle)):
+            simulate(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), task, rounds=1,
+                     initial=_bf16(initial_arrays(task)))  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape("run_rounds: " + needle)):
+        run_rounds(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), _grid(tsclient.app, task),
+                   _bf16(initial_arrays(task)), num_rounds=1)  # fmt: skip

@@ -27,11 +27,13 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
 from flwr.serverapp import strategy as fl
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from tilestack.errors import FederatedError
+from tilestack.federated import codec
 
 FRACTIONS = ("fraction_train", "fraction_evaluate")
 # each minimum matters only when the fraction beside it samples anyone
@@ -92,6 +94,26 @@ def require_int(where: str, name: str, value, *, low: int, high: int | None = No
     if not ok or value < low or (high is not None and value > high):
         span = f"in [{low}, {high}]" if high is not None else f">= {low}"
         raise ValueError(f"{where}: {name}={value!r}; expected an integer {span}")
+
+
+def require_real_arrays(where: str, name: str, arrays) -> None:
+    """Every array of the ArrayRecord ``arrays`` holds real numbers numpy can read. A dtype it cannot hold (bfloat16
+    from torch: numpy has none without ml_dtypes) made every client fail on the model, round after round, and the
+    server's evaluation raise TypeError after the first."""
+    for k, a in arrays.items():
+        try:
+            np.dtype(a.dtype)
+        except TypeError:
+            raise ValueError(
+                f"{where}: {name}[{k!r}] has dtype {a.dtype!r}, which numpy cannot hold; expected real numbers "
+                "(float16, float32 or float64: send a torch bfloat16 tensor as tensor.float())"
+            ) from None
+        try:
+            value = codec.decode(a)
+        except Exception as ex:  # noqa: BLE001 - numpy and Flower raise several kinds on bad bytes
+            raise ValueError(f"{where}: {name}[{k!r}] cannot be decoded ({type(ex).__name__}: {ex})") from ex
+        if not np.issubdtype(value.dtype, np.number) or np.issubdtype(value.dtype, np.complexfloating):
+            raise ValueError(f"{where}: {name}[{k!r}] has dtype {value.dtype}; expected real numbers")
 
 
 def require_timeout(where: str, value, name: str = "timeout") -> None:

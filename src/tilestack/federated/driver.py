@@ -12,9 +12,10 @@ configure_evaluate, send, aggregate_evaluate, then server-side evaluation), and 
   NumPy's global ``np.random``, and neither takes a seed; the loop seeds both from (seed, round, phase)
   just before each configure and aggregate call, so a run (DP included) is reproducible, resumes bit for
   bit, and engines can be compared.
-- Checks: the loop's arguments, and the strategy's sampling settings against the nodes that answered the
-  roll call (``checks.check_strategy``: Flower's ``sample_nodes`` would otherwise wait forever for nodes
-  that never come), are checked before the first round.
+- Checks: the loop's arguments, the initial arrays (real numbers numpy can hold: not bfloat16), and the
+  strategy's sampling settings against the nodes that answered the roll call (``checks.check_strategy``:
+  Flower's ``sample_nodes`` would otherwise wait forever for nodes that never come), are checked before the
+  first round.
 - Accounting: a round whose strategy returned no model (Bulyan with fewer than 4f + 3 replies, every
   reply left out) reports ``num_aggregated=0`` and why in ``RoundMetrics.skipped``.
   The metrics the strategy aggregates (Flower's: weighted by each client's examples) are kept per round in
@@ -61,7 +62,13 @@ from flwr.serverapp.strategy import Strategy
 
 from tilestack.errors import FederatedError
 from tilestack.federated import codec
-from tilestack.federated.checks import check_strategy, require_int, require_timeout, strategy_levels
+from tilestack.federated.checks import (
+    check_strategy,
+    require_int,
+    require_real_arrays,
+    require_timeout,
+    strategy_levels,
+)
 from tilestack.federated.client import PARTITION_METRIC, TASK_KEY
 from tilestack.federated.evaluation import Evaluator
 from tilestack.federated.grid import ManagedGrid
@@ -339,6 +346,7 @@ def run_rounds(
         raise TypeError(f"run_rounds: grid is a {type(grid).__name__}; expected a ManagedGrid")
     if not isinstance(initial_arrays, ArrayRecord):
         raise TypeError(f"run_rounds: initial_arrays is a {type(initial_arrays).__name__}; expected an ArrayRecord")
+    require_real_arrays("run_rounds", "initial", initial_arrays)
     check_strategy(strategy, len(list(grid.get_node_ids())), grid.task)  # also the roll call, before any seeding: it
     # may draw random numbers on some engines
     ckpt = checkpoint_path(checkpoint)
