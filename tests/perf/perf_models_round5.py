@@ -11,7 +11,8 @@ denoiser (sinusoidal timestep, FiLM, self- and masked cross-attention by SDPA), 
 (scatter_reduce mean and amax), projected bidirectional LSTMs with GRU and ReLU RNNs, an einsum of many layouts, a
 statically int8-quantized convnet, a physics-informed net (autograd.grad with create_graph inside forward), a
 MAML inner step (foreach updates under record_function, functional_call), a vmapped ensemble (torch.func), a bf16
-autocast model, a VAE with torch.distributions, and a linear-algebra head (eig, pinv, lstsq, QR, LU, Householder).
+autocast model, a VAE with torch.distributions, a linear-algebra head (eig, pinv, lstsq, QR, LU, Householder) and
+self-attention over a jagged nested tensor.
 Sizes are tiny: what is checked is the counting, not the speed.
 """
 
@@ -58,6 +59,8 @@ AC_ROWS, AC_DIM, AC_CH, AC_SIDE = 4, 16, 3, 8
 VAE_IN, VAE_LATENT, VAE_CATS = 12, 4, 5
 # Linear algebra: matrix side, tall rows, right-hand sides
 LA_N, LA_M, LA_K = 6, 9, 2
+# Jagged attention: sequence lengths, width, heads
+J_LENGTHS, J_DIM, J_HEADS = (3, 5, 2), 16, 2
 
 
 class FNOLayer(nn.Module):
@@ -436,6 +439,22 @@ class LinalgHead(nn.Module):
                 + upper.sum() + p.sum())
 
 
+class JaggedAttention(nn.Module):
+    """Self-attention over a ragged batch held as a jagged nested tensor (torch.nested, layout=torch.jagged): q, k,
+    v projections of every token, SDPA within each sequence (on a CPU, the math path over a strided nested tensor),
+    an out-projection; the tokens returned packed, (total tokens, D)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(J_DIM, J_DIM) for _ in range(3))
+        self.out = nn.Linear(J_DIM, J_DIM)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, j, D) jagged
+        q, k, v = (proj(x).unflatten(-1, (J_HEADS, -1)).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(-2)  # (B, j, D)
+        return self.out(attended).values()  # (total tokens, D)
+
+
 def _seeded(fn):  # each builder is deterministic
     def build():
         torch.manual_seed(0)
@@ -560,6 +579,12 @@ def linalg_head():
     return LinalgHead(), (torch.randn(LA_M, LA_N), torch.randn(LA_M, LA_K))
 
 
+@_seeded
+def jagged_attention():
+    tokens = [torch.randn(n, J_DIM) for n in J_LENGTHS]
+    return JaggedAttention(), (torch.nested.nested_tensor(tokens, layout=torch.jagged),)
+
+
 # name -> (builder, whether a backward step makes sense)
 MODELS = {
     f.__name__: (f, trainable)
@@ -582,6 +607,7 @@ MODELS = {
         (autocast_bf16, True),
         (vae, True),
         (linalg_head, False),  # eig's backward is complex-valued; a forward is what is profiled
+        (jagged_attention, True),
     )
 }
 build = fno

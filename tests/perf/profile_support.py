@@ -79,8 +79,8 @@ class Profiles:
             step = profile._without_fastpath(profile.make_step(model, inputs, train=train))
             try:
                 theirs = torch_by_op(step)
-            except RuntimeError:  # torch's counter cannot follow autograd.grad inside forward (its module hooks)
-                theirs = None
+            except (RuntimeError, TypeError):  # torch's counter cannot follow autograd.grad inside forward (its
+                theirs = None  # module hooks) nor a jagged nested tensor (it defers every op to the subclass)
             self._cache[name, train] = (p, profile.count_ops(step), theirs)
         return self._cache[name, train]
 

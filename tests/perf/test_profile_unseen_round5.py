@@ -13,10 +13,11 @@ numbers. Timings are only checked to be finite.
 What the round found (each pinned by the test whose docstring says so):
 - no formula (reported uncounted): FFTs (c2c, r2c, c2r), linalg eig, pinv, lstsq, geqrf, householder_product,
   lu, ldl_factor, triangular_solve, cholesky_inverse, ormqr, cdist's matmul path (_euclidean_dist); lu_unpack
-  (a copy) was reported uncounted too; statically quantized convolutions and the quantize / dequantize ops; foreach ops (a MAML
-  update, an optimizer's step); _is_all_true (torch.distributions' argument checks); the profiler's own
-  record_function ranges were reported as ops with no formula;
-- wrong bytes: an in-place foreach op (which returns nothing) wrote 0 bytes.
+  (a copy) was reported uncounted too; statically quantized convolutions and the quantize / dequantize ops;
+  foreach ops (a MAML update, an optimizer's step); _is_all_true (torch.distributions' argument checks); the
+  profiler's own record_function ranges were reported as ops with no formula;
+- wrong bytes: an in-place foreach op (which returns nothing) wrote 0 bytes;
+- a crash: a jagged nested tensor (RecursionError in the counting pass, then a failed matmul decomposition).
 """
 
 import math
@@ -53,7 +54,7 @@ DATA_MOVEMENT = {
     "aten::new_zeros", "aten::arange", "aten::index", "aten::index_select", "aten::gather", "aten::scatter",
     "aten::select_backward", "aten::slice_backward", "aten::constant_pad_nd", "aten::reflection_pad1d",
     "aten::complex", "aten::triu", "aten::masked_fill_", "aten::scalar_tensor", "aten::_local_scalar_dense",
-    "aten::normal_",
+    "aten::normal_", "aten::_nested_tensor_from_tensor_list",
 }
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mv", "aten::dot"}
 FFTS = {"aten::_fft_r2c", "aten::_fft_c2r", "aten::_fft_c2c"}
@@ -83,6 +84,7 @@ def model_bytes(name):
 def test_every_row_is_finite_counted_or_named_and_adds_up(name, train):
     p, counts, theirs = profiled(name, train)
     assert_rows_add_up(p, counts)
+    assert not any(u.flops for u in p.untimed), p.untimed  # every counted FLOP has a timed row
     assert p.ops and p.flops > 0
     assert all(o.calls > 0 for o in p.ops if o.op != profile.OTHER)
     assert not p.unsupported, p.unsupported  # nothing in this round lacks a formula
@@ -301,6 +303,22 @@ def test_autocast_runs_bf16_matmuls_and_convolutions():
             assert cnt.dtype == "bf16", op
     lin = rows_of(counts, "aten::addmm")[0]
     assert lin.bytes_read == 2 * (r * d + d * d + d) and lin.bytes_written == 2 * r * d
+
+
+def test_jagged_nested_attention():
+    """A jagged nested tensor crashed the counting pass: a composite reaching the mode with the subclass came back
+    to it whole, forever (RecursionError); the attention's math path then ran matmul on a strided nested tensor,
+    which the Python decomposition cannot split (RuntimeError). Now the subclass runs its ops and the counted ones
+    are those on its plain values, a nested matmul counts each sequence's product, metadata moves nothing."""
+    _, counts, _ = profiled("jagged_attention", False)
+    d, total = pm.J_DIM, sum(pm.J_LENGTHS)
+    assert flops_of(counts, MATMULS) == 4 * 2 * total * d * d  # q, k, v, out over every token
+    per_sequence = sum(2 * 2 * n * n * d for n in pm.J_LENGTHS)  # QK^T and PV, all heads: 2 * n^2 * d each
+    assert by_op(counts)["aten::matmul"] == per_sequence
+    for op in ("aten::_nested_tensor_size", "aten::is_same_size"):
+        assert all(c.bytes_read == c.bytes_written == 0 for c in rows_of(counts, op)), op
+    _, train_counts, _ = profiled("jagged_attention", True)
+    assert by_op(train_counts)["aten::matmul_backward"] == 2 * per_sequence  # both operands' gradients
 
 
 def test_vae_distributions_checks_are_counted():

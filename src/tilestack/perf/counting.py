@@ -129,6 +129,9 @@ def _flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
         return own(func, args, kwargs, out)
     if str(packet).startswith(FOREACH_PREFIX):
         return foreach_flops(func, args, kwargs, out)
+    undecomposed = UNDECOMPOSED_FLOPS.get(str(packet))
+    if undecomposed is not None:
+        return undecomposed(func, args, kwargs, out)
     is_causal = _argument(func, args, kwargs, "is_causal")
     if str(packet) in MATMUL_NAMES and any(str(t.layout).removeprefix("torch.") in COMPRESSED_INDICES
                                             for t in _tensors(args)):
@@ -229,6 +232,31 @@ def does_no_arithmetic(func: Any) -> bool:
     )
 
 
+def _nested_matmul_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """aten.matmul of nested tensors (..., m_i, k) @ (..., k, n_i): each component's product, 2 * numel(a_i) * n_i."""
+    a, b = _argument(func, args, kwargs, "self"), _argument(func, args, kwargs, "other")
+    left = a.unbind() if a.is_nested else [a] * (b.size(0) if b.is_nested else 1)
+    right = b.unbind() if b.is_nested else [b] * len(left)
+    return float(sum(formulas.FLOPS_PER_MAC * x.numel() * y.shape[-1] for x, y in zip(left, right, strict=True)))
+
+
+def _nested_matmul_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """aten.matmul_backward (nested operands): each gradient ``mask`` asks for is a product as large as the
+    forward's."""
+    mask = [bool(m) for m in _argument(func, args, kwargs, "mask")]
+    return sum(mask) * _nested_matmul_flops(func, args, kwargs, out)
+
+
+# Ops of nested operands counted whole: matmul, which Python decompositions cannot split over ragged dims
+# (decomposed everywhere else), and its nested-only backward.
+UNDECOMPOSED_FLOPS: dict[str, Rule] = {
+    "aten.matmul": _nested_matmul_flops, "aten.matmul_backward": _nested_matmul_backward_flops,
+}
+# A nested tensor's bookkeeping: its sizes, strides and offsets (metadata, no element read), size checks.
+METADATA_OPS = frozenset({
+    "aten::_nested_tensor_size", "aten::_nested_tensor_strides", "aten::_nested_tensor_storage_offsets",
+    "aten::is_same_size", "aten::_nested_get_offsets", "aten::_nested_get_lengths",
+})
 PROFILER_PREFIX = "profiler."  # record_function's enter and exit: bookkeeping of the profiler's ranges
 # Ops tilestack counts itself, ahead of torch's registry (whose convolution backward ignores groups) or where
 # torch counts nothing: neural-network layers (``counting_rules``), products and linear algebra (``counting_linalg``).
@@ -255,7 +283,8 @@ NO_ARITHMETIC = frozenset(
         "one_hot", "tril_indices", "triu_indices", "linspace", "masked_scatter_backward",
         "max_unpool2d", "max_unpool3d", "complex", "diagonal_backward", "_sparse_coo_tensor_with_dims_and_tensors",
         "replication_pad1d", "replication_pad3d", "reflection_pad3d", "block_diag", "unique_consecutive",
-        "unique_dim", "unique_dim_consecutive", "lu_unpack",
+        "unique_dim", "unique_dim_consecutive", "lu_unpack", "_nested_tensor_from_tensor_list",
+        "_nested_tensor_size", "_nested_tensor_strides", "_nested_tensor_storage_offsets", "is_same_size",
     }
 )
 
@@ -288,6 +317,8 @@ def _moves_no_data(func: Any, name: str, ins: Sequence[Any], outs: Sequence[Any]
     import torch
 
     if getattr(func, "is_view", False) or name.removeprefix("aten::").startswith(ALLOCATING_PREFIXES):
+        return True
+    if name in METADATA_OPS:
         return True
     if torch.Tag.inplace_view in getattr(func, "tags", ()):
         return True
@@ -459,6 +490,15 @@ def _event_shapes(e: Any) -> Shapes:
     )
 
 
+def _is_python_subclass(cls: Any) -> bool:
+    """A tensor type with a ``__torch_dispatch__`` of its own (torch.Tensor's and nn.Parameter's are disabled)."""
+    import torch
+
+    return getattr(cls, "__torch_dispatch__", torch._C._disabled_torch_dispatch_impl) is not (
+        torch._C._disabled_torch_dispatch_impl
+    )
+
+
 def count_ops(step: Callable[[], Any]) -> dict[OpKey, _Count]:
     """Run ``step`` once under a dispatch mode; FLOPs and bytes of every ATen op, by profiler name and shapes."""
     if not callable(step):
@@ -472,11 +512,23 @@ def count_ops(step: Callable[[], Any]) -> dict[OpKey, _Count]:
             self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
         ) -> Any:
             kwargs = kwargs or {}
+            if any(_is_python_subclass(t) for t in types):
+                # A tensor subclass with its own dispatch (a jagged nested tensor, a wrapper): let it run the op,
+                # and count the ops it runs on its plain tensors (they reach this mode). Handled here, the op would
+                # recurse: a composite decomposed for the subclass comes back to the mode whole.
+                return NotImplemented
             if getattr(func, "_can_decompose", lambda: True)() and not has_flop_formula(func):
                 # A composite op reaches the mode whole where autograd is off (inference_mode tensors):
                 # count the ops it is made of, as it runs them and as torch's FlopCounterMode counts them.
-                with self:
-                    decomposed = func.decompose(*args, **kwargs)
+                try:
+                    with self:
+                        decomposed = func.decompose(*args, **kwargs)
+                except RuntimeError:
+                    # Python decompositions know no ragged dims: a strided nested tensor's matmul (a jagged
+                    # tensor's attention falls back to one) runs whole, counted by UNDECOMPOSED_FLOPS.
+                    if not any(t.is_nested for t in _tensors((args, kwargs))):
+                        raise
+                    decomposed = NotImplemented
                 if decomposed is not NotImplemented:
                     return decomposed
             out = func(*args, **kwargs)
@@ -501,7 +553,9 @@ def count_ops(step: Callable[[], Any]) -> dict[OpKey, _Count]:
                     c.bytes_written += _nbytes(outs)
                 c.bytes_read += _packed_bytes((args, kwargs))
             c.flops += _flops(func, args, kwargs, out)
-            c.unsupported = c.unsupported or not (has_flop_formula(func) or does_no_arithmetic(func))
+            c.unsupported = c.unsupported or not (
+                has_flop_formula(func) or str(func._overloadpacket) in UNDECOMPOSED_FLOPS or does_no_arithmetic(func)
+            )
             c.dtype = c.dtype or _dtype(ins + outs)
             return out
 
