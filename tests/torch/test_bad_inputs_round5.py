@@ -34,6 +34,7 @@ from tilestack import config
 from tilestack.errors import LaunchError
 from tilestack.kernels import gemm, rotary_tables, softmax, swiglu_backward
 from tilestack.kernels import rotary as kernel_rotary
+from tilestack.kernels import swiglu as kernel_swiglu
 from tilestack.quant import quantize_weight, quantized_linear
 from tilestack.torch import ops
 
@@ -128,8 +129,9 @@ def test_cross_entropy_leaves_an_ignored_row_out_whatever_it_holds(bad, path):
 
 def test_rotary_outputs_that_share_memory_are_refused():
     """kernels.rotary into q_out and k_out that are one tensor, or overlapping views of one buffer: each rotation
-    overwrote the other's (k_out held k's rotation, and so did q_out). Refused, naming both; an output that is
-    its own input (an in-place rotation) is still taken and right."""
+    overwrote the other's (k_out held k's rotation, and so did q_out); q_out over k (or k_out over q): the Triton
+    backend read k after storing q's rotation there. Refused, naming both; an output that is its own input (an
+    in-place rotation) is still taken and right."""
     q, k = randn(2, 5, 3, 16), randn(2, 5, 3, 16, seed=1)
     one = torch.empty_like(q)
     with pytest.raises(LaunchError, match=r"rotary: q_out and k_out share memory"):
@@ -137,9 +139,29 @@ def test_rotary_outputs_that_share_memory_are_refused():
     buf = torch.empty(2 * q.numel() - 16)
     with pytest.raises(LaunchError, match=r"rotary: q_out and k_out share memory"):
         kernel_rotary(q, k, COS, SIN, q_out=buf[:q.numel()].view(q.shape), k_out=buf[-q.numel():].view(q.shape))
+    kc = k.clone()                       # q_out over k: the Triton backend read k after q's rotation (k_out wrong)
+    with pytest.raises(LaunchError, match=r"rotary: q_out shares memory with k; the kernel would read k after"):
+        kernel_rotary(q, kc, COS, SIN, q_out=kc)
+    with pytest.raises(LaunchError, match=r"rotary: k_out shares memory with q"):
+        kernel_rotary(kc, k, COS, SIN, k_out=kc[:, :, :, :].view(kc.shape))
     qc, kc = q.clone(), k.clone()
     qo, ko = kernel_rotary(qc, kc, COS, SIN, q_out=qc, k_out=kc)
     _assert_same((qo, ko), (_rotate(q, COS, SIN), _rotate(k, COS, SIN)), tol=1e-5)
+
+
+def test_swiglu_out_over_a_shifted_view_of_its_input_is_refused():
+    """kernels.swiglu(a, b, out=) with out a shifted view of a's buffer (columns 3.. of it): its stores land on
+    elements other programs read (taken before); out that is a or b itself is taken (element-wise, in place)."""
+    buf, b = randn(4, 70), randn(4, 64, seed=1)
+    a = buf[:, :64]
+    with pytest.raises(LaunchError, match=r"swiglu: out shares memory with a; the kernel would read a after"):
+        kernel_swiglu(a, b, out=buf[:, 3:67])
+    want = F.silu(a.double()) * b.double()
+    for target in ("a", "b"):
+        a2, b2 = a.clone(), b.clone()
+        y = kernel_swiglu(a2, b2, out=a2 if target == "a" else b2)
+        assert y.data_ptr() == (a2 if target == "a" else b2).data_ptr()
+        _assert_same(y, want, tol=1e-5)
 
 
 def test_swiglu_backward_outputs_that_share_memory_are_refused():

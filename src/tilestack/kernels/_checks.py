@@ -102,13 +102,21 @@ def overlap(a, b) -> bool:
     return _translate_reaches(abs(delta // size), dims)
 
 
-def outputs_apart_check(fn: str, first: str, second: str):
+def outputs_apart_check(fn: str, first: str, second: str, *, second_is_input: bool = False,
+                        allow_same: bool = False):
     """For a plan whose two outputs' shapes, strides and dtypes its key fixes: ``check(t, u)``, a LaunchError when
     the outputs ``t`` (named ``first``) and ``u`` (``second``) share an element (each store would overwrite the
-    other's, and which one lands is a race); None ones are skipped. Per call, since addresses are not in a plan's
+    other's, and which one lands is a race), or with ``second_is_input`` the output ``t`` and an input ``u`` of
+    another role (read after the write); None ones are skipped. ``allow_same``: the output may be that input
+    itself, the same elements (an element-wise kernel reads each before its own store), only not a shifted
+    view of it. Per call, since addresses are not in a plan's
     key; with the layouts fixed, only the offset between two views of one storage decides, so an offset found
     apart is remembered: a backward writing the halves of one gradient pays a subtraction and a lookup."""
     apart: dict = {}
+    why = (f"{first} shares memory with {second}; the kernel would read {second} after writing {first} over it: "
+           f"pass a separate {first} tensor" if second_is_input else
+           f"{first} and {second} share memory; each would overwrite the other's results: pass separate {first} "
+           f"and {second} tensors")
 
     def check(t, u) -> None:
         if t is None or u is None or t.untyped_storage().data_ptr() != u.untyped_storage().data_ptr():
@@ -116,9 +124,11 @@ def outputs_apart_check(fn: str, first: str, second: str):
         offset = t.data_ptr() - u.data_ptr()
         if offset in apart:
             return
+        if allow_same and offset == 0 and t.shape == u.shape and t.stride() == u.stride():
+            remember(apart, offset, True)
+            return
         if overlap(t, u):
-            raise LaunchError(f"{fn}: {first} and {second} share memory; each would overwrite the other's "
-                              f"results: pass separate {first} and {second} tensors")
+            raise LaunchError(f"{fn}: {why}")
         remember(apart, offset, True)
     return check
 

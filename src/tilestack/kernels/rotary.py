@@ -137,10 +137,16 @@ def rotary(q, k, cos, sin, *, inverse: bool = False, q_out=None, k_out=None, bac
     cfg = {"num_warps": 4 if rows <= 4096 else 8} if q.device.type == "cuda" else {}
     cfg = launch_config("rotary", f"{str(q.dtype).removeprefix('torch.')}-D{q.shape[3]}", q.device, rows, cfg)
 
+    # q_out may be q itself (an in-place rotation: each element is read before its own store), but not k, whose
+    # rows a program may read after storing q's rotation over them (the Triton backend does); nor k_out
     apart = outputs_apart_check("rotary", "q_out", "k_out")
+    q_out_apart_from_k = outputs_apart_check("rotary", "q_out", "k", second_is_input=True)
+    k_out_apart_from_q = outputs_apart_check("rotary", "k_out", "q", second_is_input=True)
 
     def outputs(q, k, q_out, k_out):
         apart(q_out, k_out)
+        q_out_apart_from_k(q_out, k)
+        k_out_apart_from_q(k_out, q)
         return (torch.empty(q.shape, dtype=q.dtype, device=q.device) if q_out is None else q_out,
                 torch.empty(k.shape, dtype=k.dtype, device=k.device) if k_out is None else k_out)
 

@@ -108,11 +108,22 @@ def swiglu(a, b, *, out=None, backend: str | None = None, **config):
     _check("swiglu", a=a, b=b, **({} if out is None else {"out": out}))
     cfg = launch_config("swiglu", str(a.dtype).removeprefix("torch."), a.device, a.shape[1],
                         default_config(a.device.type)) | config
-    y = torch.empty(a.shape, dtype=a.dtype, device=a.device) if out is None else out
+    # out may be a or b itself (element-wise: each element is read before its own store), not a shifted view
+    out_apart_from_a = outputs_apart_check("swiglu", "out", "a", second_is_input=True, allow_same=True)
+    out_apart_from_b = outputs_apart_check("swiglu", "out", "b", second_is_input=True, allow_same=True)
+
+    def output(a, b, out):
+        if out is None:
+            return torch.empty(a.shape, dtype=a.dtype, device=a.device)
+        out_apart_from_a(out, a)
+        out_apart_from_b(out, b)
+        return out
+
+    y = output(a, b, out)
     launch = swiglu_fwd_kernel.launcher_for((a, b, y), backend, **cfg)
 
     def run(a, b, *, out=None, **_):
-        out = torch.empty(a.shape, dtype=a.dtype, device=a.device) if out is None else out
+        out = output(a, b, out)
         launch((a, b, out))
         return out
     return run
