@@ -3,6 +3,8 @@
     tilestack train --nproc 4 --dp 2 --tp 2 --sp --steps 20                   # DP x TP with sequence parallelism
     tilestack train --nproc 2 --pp 2 --schedule interleaved-1f1b --stages-per-rank 2 --microbatches 4
     tilestack train --nproc 8 --device cuda --dp-shard 8 --model 1.3b --seq 2048 --batch 8 --dtype bfloat16
+    tilestack train --steps 100 --out run1 --save-every 10      # checkpoints in run1/ (cli/train_state.py)
+    tilestack train --steps 100 --out run1 --resume             # after a kill: the uninterrupted run's end
 
 Prints a line per step (loss, tokens/s), then tokens/s after warm-up, MFU (model FLOPs per token from
 ModelConfig.flops_per_token over the device table's dense peak; none on a CPU) and peak memory per rank.
