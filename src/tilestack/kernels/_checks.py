@@ -54,21 +54,6 @@ def check_out_memory(fn: str, out, **inputs) -> None:
     check_not_aliased(fn, "out", out, **inputs)
 
 
-def check_no_grad_asked(fn: str, **tensors) -> None:
-    """For a kernel function without a backward: LaunchError when grad mode is on and an input (None ones skipped)
-    requires grad. Its result would carry no gradient, so a loss through it would drop that input's share without
-    a word. Run at plan time (grad mode and requires_grad are in a plan's key)."""
-    import torch
-
-    if not torch.is_grad_enabled():
-        return
-    for name, t in tensors.items():
-        if t is not None and t.requires_grad:
-            raise LaunchError(f"{fn}: {name} requires grad, and {fn} has no backward (its result would carry no "
-                              f"gradient for {name}); call it under torch.no_grad() or pass {name}.detach(), or use "
-                              "torch's own op where a gradient is needed")
-
-
 def _translate_reaches(delta: int, dims: list[tuple[int, int]]) -> bool:
     """Whether ``delta`` (elements) = sum of k_i * stride_i with |k_i| < size_i over ``dims`` ((stride, size),
     strides descending, all > 0): whether a tensor and its copy shifted by delta share an element. Few candidates

@@ -103,3 +103,42 @@ def checked_once(check: Callable) -> Callable:
 
     call.passed = passed
     return call
+
+
+class _ForwardOnly(torch.autograd.Function):
+    """``run(*args, **kwargs)`` recorded against the tensors of the call; its backward raises, naming the op."""
+
+    @staticmethod
+    def forward(ctx, fn, run, args, kwargs, *tensors):
+        ctx.fn = fn
+        return run(*args, **kwargs)
+
+    @staticmethod
+    def backward(ctx, *_):
+        from tilestack.errors import LaunchError
+        raise LaunchError(f"{ctx.fn}: a backward through tilestack.kernels.{ctx.fn}, which has no backward (no "
+                          f"gradient for its inputs); call it under torch.no_grad() or on detached inputs, or use "
+                          "torch's own op where a gradient is needed")
+
+
+def forward_only(fn: str) -> Callable:
+    """Decorator for the plan of a kernel function without a backward (under ``@planned``): where grad mode is on
+    and an input requires grad (both in the plan's key), the result joins autograd through a node whose backward
+    raises, naming ``fn``, so a loss through it cannot lose that input's gradient without a word (the result had
+    no grad_fn). The forward answers as ever; an ``out=`` call is left alone (its own check refuses autograd)."""
+    def wrap(plan: Callable) -> Callable:
+        @functools.wraps(plan)
+        def plan_recorded(*args, **kwargs):
+            run = plan(*args, **kwargs)
+            if kwargs.get("out") is not None or not torch.is_grad_enabled():
+                return run
+            if not any(isinstance(v, torch.Tensor) and v.requires_grad for v in (*args, *kwargs.values())):
+                return run
+
+            def run_recorded(*args, **kwargs):
+                tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+                return _ForwardOnly.apply(fn, run, args, kwargs, *tensors)
+            return run_recorded
+        return plan_recorded
+    return wrap
+

@@ -18,13 +18,12 @@ import math
 import tilestack.lang as ts
 from tilestack.errors import LaunchError, TraceError
 from tilestack.kernels._checks import (
-    check_no_grad_asked,
     check_out_memory,
     check_same_device,
     check_tensor,
     nothing_to_launch,
 )
-from tilestack.kernels._plan import planned
+from tilestack.kernels._plan import forward_only, planned
 from tilestack.tune.lookup import DEFAULT_BACKEND, launch_config, take_backend, tuned_launcher
 
 
@@ -224,6 +223,7 @@ def reference(a, b, *, bias=None, activation: str | None = None, residual=None, 
 
 
 @planned
+@forward_only("gemm")     # no backward: a backward through it raises, naming it
 def gemm(a, b, *, bias=None, activation: str | None = None, residual=None, out=None, out_dtype=None,
          backend: str | None = None, **config):
     """C = activation(A @ B + bias) + residual for 2-D bf16/f16 tensors of any size, accumulated in f32, the
@@ -266,8 +266,6 @@ def gemm(a, b, *, bias=None, activation: str | None = None, residual=None, out=N
         if tuple(out.shape) != shape:
             raise LaunchError(f"gemm: out is {tuple(out.shape)}; expected (a.shape[0], b.shape[1]) = {shape}")
     check_same_device("gemm", a=a, b=b, bias=bias, residual=residual, out=out)
-    if out is None:           # (with out=, check_out_memory refuses an input requiring grad, as torch's out=)
-        check_no_grad_asked("gemm", a=a, b=b, bias=bias, residual=residual)
 
     def output(a, b, out, bias=None, residual=None):
         if out is None:

@@ -11,14 +11,13 @@ import math
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.kernels._checks import (
-    check_no_grad_asked,
     check_out_memory,
     check_same_device,
     check_tensor,
     next_pow2,
     nothing_to_launch,
 )
-from tilestack.kernels._plan import planned
+from tilestack.kernels._plan import forward_only, planned
 from tilestack.tune.lookup import launch_config
 
 LOG2E = math.log2(math.e)
@@ -88,6 +87,7 @@ def reference(x):
 
 
 @planned
+@forward_only("softmax")     # no backward: a backward through it raises, naming it
 def softmax(x, *, out=None, backend: str | None = None, **config):
     """Softmax over the last dim of a 2-D f32/bf16/f16 tensor.
 
@@ -101,8 +101,6 @@ def softmax(x, *, out=None, backend: str | None = None, **config):
         if out.shape != x.shape:
             raise LaunchError(f"softmax: out is {tuple(out.shape)}; expected x's shape {tuple(x.shape)}")
     check_same_device("softmax", x=x, out=out)
-    if out is None:           # (with out=, check_out_memory refuses an input requiring grad, as torch's out=)
-        check_no_grad_asked("softmax", x=x)
 
     def output(x, out):
         if out is None:
