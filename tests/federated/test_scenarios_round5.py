@@ -307,6 +307,9 @@ def test_federated_evaluation_and_training_metrics_are_weighted_by_examples():
     want = sum(n_train[p] * losses[-1][p] for p in range(8)) / sum(n_train.values())
     assert last.train_metrics["train-loss"] == pytest.approx(want, rel=1e-12)
     assert "num-examples" not in last.eval_metrics  # the weight itself is not averaged
+    from tilestack.federated.plots import _values  # what plot_rounds draws for "eval_metrics.eval-acc"
+
+    assert _values(res.history, "eval_metrics.eval-acc") == [r.eval_metrics["eval-acc"] for r in res.history.rounds]
 
 
 @pytest.mark.timeout(60)

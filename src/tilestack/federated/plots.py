@@ -5,7 +5,9 @@
     plot_grid({"0%": {...}, "50%": {...}}, ["train_loss", "test_acc"], "docs/federated/stragglers.png")
 
 Metric names are ``RoundMetrics`` fields (``test_acc``, ``train_loss``, ``sim_time``, ``bytes_up``...)
-or ``client_acc.<stat>`` for the fairness summary (``client_acc.p10``).
+or ``client_acc.<stat>`` for the fairness summary (``client_acc.p10``), ``extra.<key>``, and the metrics the
+strategy aggregated: ``eval_metrics.eval-acc`` (federated evaluation, weighted by examples),
+``train_metrics.train-loss``.
 """
 
 from __future__ import annotations
@@ -24,16 +26,19 @@ LABELS = {
     "extra.ari": "adjusted Rand index vs planted groups",
     "client_acc.worst10": "accuracy of the worst 10% of clients",
     "extra.epsilon": "epsilon (client-level DP)",
+    "eval_metrics.eval-acc": "federated evaluation accuracy (weighted by examples)",
+    "eval_metrics.eval-loss": "federated evaluation loss (weighted by examples)",
+    "train_metrics.train-loss": "clients' training loss (weighted by examples)",
 }
 
 
+DICT_FIELDS = ("client_acc", "extra", "train_metrics", "eval_metrics")  # RoundMetrics fields plotted as <field>.<key>
+
+
 def _values(history: History, metric: str) -> list[float]:
-    if metric.startswith("client_acc."):
-        key = metric.split(".", 1)[1]
-        return [r.client_acc.get(key, float("nan")) for r in history.rounds]
-    if metric.startswith("extra."):
-        key = metric.split(".", 1)[1]
-        return [r.extra.get(key, float("nan")) for r in history.rounds]
+    field, _, key = metric.partition(".")
+    if key and field in DICT_FIELDS:
+        return [getattr(r, field).get(key, float("nan")) for r in history.rounds]
     return history.column(metric)
 
 
