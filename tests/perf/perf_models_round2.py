@@ -258,7 +258,7 @@ class Pools(nn.Module):
 
 
 class SparseMatmul(nn.Module):
-    """torch.sparse.mm of a sparse COO input by a dense weight (no FLOP formula: reported)."""
+    """torch.sparse.mm of a sparse COO input by a dense weight (no FLOP formula until round 5: reported)."""
 
     def __init__(self) -> None:
         super().__init__()

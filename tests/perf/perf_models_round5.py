@@ -12,7 +12,7 @@ denoiser (sinusoidal timestep, FiLM, self- and masked cross-attention by SDPA), 
 statically int8-quantized convnet, a physics-informed net (autograd.grad with create_graph inside forward), a
 MAML inner step (foreach updates under record_function, functional_call), a vmapped ensemble (torch.func), a bf16
 autocast model, a VAE with torch.distributions, a linear-algebra head (eig, pinv, lstsq, QR, LU, Householder) and
-self-attention over a jagged nested tensor.
+self-attention over a jagged nested tensor, and a graph convolution on a sparse COO adjacency.
 Sizes are tiny: what is checked is the counting, not the speed.
 """
 
@@ -61,6 +61,8 @@ VAE_IN, VAE_LATENT, VAE_CATS = 12, 4, 5
 LA_N, LA_M, LA_K = 6, 9, 2
 # Jagged attention: sequence lengths, width, heads
 J_LENGTHS, J_DIM, J_HEADS = (3, 5, 2), 16, 2
+# Sparse GCN: nodes, edges (stored elements of the adjacency), features in and out
+SG_NODES, SG_EDGES, SG_IN, SG_OUT = 8, 20, 6, 4
 
 
 class FNOLayer(nn.Module):
@@ -455,6 +457,20 @@ class JaggedAttention(nn.Module):
         return self.out(attended).values()  # (total tokens, D)
 
 
+class SparseGCN(nn.Module):
+    """A graph convolution on a sparse COO adjacency: degrees by torch.sparse.sum, edge weights normalised by
+    torch.sparse.softmax over each row, aggregation by torch.sparse.mm of the projected features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(SG_IN, SG_OUT)
+
+    def forward(self, x: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:  # (N, F), (N, N) sparse COO
+        degree = torch.sparse.sum(adj, 1).to_dense()  # (N,)
+        weights = torch.sparse.softmax(adj, 1)  # (N, N) sparse, the same pattern
+        return torch.sparse.mm(weights, self.lin(x)) * degree[:, None]  # (N, F_out)
+
+
 def _seeded(fn):  # each builder is deterministic
     def build():
         torch.manual_seed(0)
@@ -585,6 +601,14 @@ def jagged_attention():
     return JaggedAttention(), (torch.nested.nested_tensor(tokens, layout=torch.jagged),)
 
 
+@_seeded
+def sparse_gcn():
+    cells = torch.randperm(SG_NODES * SG_NODES)[:SG_EDGES]
+    indices = torch.stack([cells // SG_NODES, cells % SG_NODES])
+    adj = torch.sparse_coo_tensor(indices, torch.rand(SG_EDGES), (SG_NODES, SG_NODES)).coalesce()
+    return SparseGCN(), (torch.randn(SG_NODES, SG_IN), adj)
+
+
 # name -> (builder, whether a backward step makes sense)
 MODELS = {
     f.__name__: (f, trainable)
@@ -608,6 +632,7 @@ MODELS = {
         (vae, True),
         (linalg_head, False),  # eig's backward is complex-valued; a forward is what is profiled
         (jagged_attention, True),
+        (sparse_gcn, True),
     )
 }
 build = fno

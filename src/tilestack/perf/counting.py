@@ -133,7 +133,7 @@ def _flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     if undecomposed is not None:
         return undecomposed(func, args, kwargs, out)
     is_causal = _argument(func, args, kwargs, "is_causal")
-    if str(packet) in MATMUL_NAMES and any(str(t.layout).removeprefix("torch.") in COMPRESSED_INDICES
+    if str(packet) in MATMUL_NAMES and any(t.is_sparse or str(t.layout).removeprefix("torch.") in COMPRESSED_INDICES
                                             for t in _tensors(args)):
         return _sparse_product_flops(func, args, kwargs)
     if packet in flop_registry:
@@ -176,9 +176,10 @@ MATMUL_OPERANDS = (("mat1", "mat2"), ("self", "mat2"), ("batch1", "batch2"))
 
 
 def _sparse_product_flops(func: Any, args: tuple, kwargs: dict) -> float:
-    """A matmul with a sparse compressed (CSR, CSC, BSR, BSC) operand: a multiply-add per stored element of the
-    sparse one and column (row) of the dense one, 2 * nnz * numel(dense) / K, not the dense product's count. (A COO
-    operand keeps torch's formula, the dense count, as torch's FlopCounterMode gives it.)"""
+    """A matmul with a sparse operand (COO, or compressed: CSR, CSC, BSR, BSC): a multiply-add per stored element of
+    the sparse one and column (row) of the dense one, 2 * nnz * numel(dense) / K, not the dense product's count
+    (torch's FlopCounterMode counts a COO operand of aten.mm as dense; torch.sparse.mm's aten._sparse_addmm, which
+    it does not count, is counted here too, so a sparse product's forward and backward read alike)."""
     for left, right in MATMUL_OPERANDS:
         a, b = _argument(func, args, kwargs, left), _argument(func, args, kwargs, right)
         if a is not None and b is not None and a is not b:
@@ -260,7 +261,12 @@ METADATA_OPS = frozenset({
 PROFILER_PREFIX = "profiler."  # record_function's enter and exit: bookkeeping of the profiler's ranges
 # Ops tilestack counts itself, ahead of torch's registry (whose convolution backward ignores groups) or where
 # torch counts nothing: neural-network layers (``counting_rules``), products and linear algebra (``counting_linalg``).
-OWN_FLOPS: dict[str, Rule] = {**LAYER_FLOPS, **LINALG_FLOPS}
+OWN_FLOPS: dict[str, Rule] = {
+    **LAYER_FLOPS,
+    **LINALG_FLOPS,
+    # torch.sparse.mm / addmm of a sparse COO operand: by its stored elements, as a compressed one's matmul
+    "aten._sparse_addmm": lambda func, args, kwargs, out: _sparse_product_flops(func, args, kwargs),
+}
 # Ops whose 0 FLOPs is the count (data movement, bookkeeping); any other op with no formula is reported as
 # uncounted (``ModelProfile.unsupported``), not shown as free. Names without ``aten.`` and a trailing ``_``.
 NO_ARITHMETIC = frozenset(
@@ -285,6 +291,7 @@ NO_ARITHMETIC = frozenset(
         "replication_pad1d", "replication_pad3d", "reflection_pad3d", "block_diag", "unique_consecutive",
         "unique_dim", "unique_dim_consecutive", "lu_unpack", "_nested_tensor_from_tensor_list",
         "_nested_tensor_size", "_nested_tensor_strides", "_nested_tensor_storage_offsets", "is_same_size",
+        "_sparse_sum_backward",
     }
 )
 

@@ -589,6 +589,12 @@ LAYER_FLOPS: dict[str, Rule] = {
     **{f"aten.{op}": _elementwise_flops for op in (
         "quantize_per_tensor", "quantize_per_tensor_dynamic", "quantize_per_channel", "dequantize",
     )},
+    # Sparse COO softmax and sum: per stored element, as their dense twins per element.
+    **{f"aten.{op}": _per_element("self", formulas.SOFTMAX_FLOPS_PER_ELEMENT)
+       for op in ("_sparse_softmax", "_sparse_log_softmax")},
+    **{f"aten.{op}": _per_element("output", formulas.SOFTMAX_BWD_FLOPS_PER_ELEMENT)
+       for op in ("_sparse_softmax_backward_data", "_sparse_log_softmax_backward_data")},
+    "aten._sparse_sum": _accumulate_flops("self"),
     # All / any of a tensor (torch.distributions' argument checks): one compare per element, as a reduction.
     **{f"aten.{op}": _accumulate_flops("self") for op in ("_is_all_true", "_is_any_true")},
     # Window functions: a cosine (and its scaling) per element, as an element-wise op.
