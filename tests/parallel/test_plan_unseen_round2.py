@@ -20,7 +20,11 @@ Found and fixed (each test below failed first):
 - a module whose parameters are of several dtypes had all its bytes counted at the first parameter's size
   (LayerDesc.param_bytes);
 - Alpa's DP re-predicted every layer range and ran a DP per candidate stage time (plan_stage_cost keys ranges by
-  their runs of equal layers; alpa_stages bisects the candidates and runs each DP over arrays).
+  their runs of equal layers; alpa_stages bisects the candidates and runs each DP over arrays);
+- plan_stage_cost dropped the samples of a batch that its micro-batch count does not divide, and took a negative
+  memory limit (every stage then "did not fit").
+Added: search's memory_limit may be one limit per GPU (GPUs of different memories), checked against brute force
+over every placement of the pipeline ranks.
 """
 
 import math
@@ -634,6 +638,21 @@ def test_alpa_plans_a_hundred_block_gpt_in_seconds():
     assert split.stages[0][0] == 0 and split.stages[-1][1] == 102
 
 
+def test_a_very_wide_model_is_sharded_under_a_limit_and_refused_below_any_plan():
+    """d = 8192, 64 heads, a 128k vocabulary, bf16 (about 4.3 billion parameters): 20 GB per GPU on 8 GPUs needs
+    tensor parallelism, FSDP, ZeRO or a pipeline; 1 GB fits nothing, and the error says how much the smallest
+    plan needs."""
+    desc = describe_transformer(n_layer=4, d=8192, n_head=64, vocab=128000, seq=2048, dtype_bytes=2, flash=True)
+    compute = RooflineCompute(desc, "h100-sxm", dtype="bf16")
+    one = predict(Plan(batch=8, dp=8), desc, compute, h200_nccl())
+    assert one.memory[0]["parameters"] == desc.params * BF16 and desc.params > 4e9
+    ranked = search(desc, compute, h200_nccl(), world_size=8, batch=8, memory_limit=20e9, recompute=("none", "full"))
+    assert all(r.prediction.memory_bytes <= 20e9 for r in ranked)
+    assert all(r.plan.tp > 1 or r.plan.dp_shard > 1 or r.plan.zero or r.plan.pp > 1 for r in ranked)
+    with pytest.raises(PlanError, match="memory_limit=1e\\+09 bytes per rank; no plan of .* needs"):
+        search(desc, compute, h200_nccl(), world_size=8, batch=8, memory_limit=1e9, recompute=("full",))
+
+
 def test_search_on_a_two_hundred_block_gpt_over_64_gpus_in_seconds():
     desc = describe_transformer(n_layer=200, d=64, n_head=4, vocab=128, seq=32)
     t0 = time.perf_counter()
@@ -667,6 +686,10 @@ def test_search_on_a_two_hundred_block_gpt_over_64_gpus_in_seconds():
     (lambda: plan_stage_cost(GPT8, Unit(GPT8), FREE, batch=-4, microbatches=2, memory_limit=None), "batch=-4"),
     (lambda: plan_stage_cost(GPT8, Unit(GPT8), FREE, batch=2, microbatches=4, memory_limit=None),
      "batch=2 in microbatches=4"),
+    (lambda: plan_stage_cost(GPT8, Unit(GPT8), FREE, batch=10, microbatches=4, memory_limit=None),
+     "batch=10 in microbatches=4"),
+    (lambda: plan_stage_cost(GPT8, Unit(GPT8), FREE, batch=8, microbatches=4, memory_limit=-1.0),
+     "memory_limit=-1.0"),
     (lambda: describe_transformer(n_layer=2, d=48, n_head=0, vocab=96, seq=8), "n_head=0"),
     (lambda: describe_transformer(n_layer=2, d=50, n_head=6, vocab=96, seq=8), "d=50 is not divisible by n_head=6"),
     (lambda: describe_module(nn.Linear(4, 4), torch.randn(0, 4)), "example_input=Tensor"),
@@ -695,3 +718,50 @@ def test_a_failing_forward_leaves_no_hooks_and_the_statistics_as_they_were():
         describe_module(model, torch.randn(5, 4) * 3 + 1)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+# ---- GPUs of different memories --------------------------------------------------------------------------------------
+def _fits_some_placement(pred, limits):
+    """Brute force: some assignment of the GPUs to the pipeline ranks (world / pp each) holds every rank's peak."""
+    import itertools
+    group = len(limits) // pred.plan.pp
+    for order in itertools.permutations(range(len(limits))):
+        if all(pred.peaks[r] <= min(limits[g] for g in order[r * group:(r + 1) * group]) for r in range(pred.plan.pp)):
+            return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def uneven():
+    """A model whose last layer is far heavier than the rest: pipeline ranks of very different peaks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 512))
+    return describe_module(model, torch.randn(4, 8))
+
+
+@pytest.mark.parametrize("shares", [(1.0, 1.0, 1.0, 1.0), (1.0, 0.5, 0.5, 0.2), (0.9, 0.3, 0.3, 0.3),
+                                    (1.0, 1.0, 0.1, 0.1)])
+def test_gpus_of_different_memories(uneven, shares):
+    """Per-GPU limits: a plan is ranked exactly when some placement of its pipeline ranks fits (brute force over
+    every assignment of the GPUs), a limit the same for every GPU is the scalar limit, and big GPUs beside small
+    ones fit every plan that the small ones alone would."""
+    compute = Unit(uneven)
+    preds = [predict(p, uneven, compute, FREE) for p in enumerate_plans(uneven, 4, 8)]
+    top = max(p.memory_bytes for p in preds)
+    limits = [s * top for s in shares]
+    ranked = search(uneven, compute, FREE, world_size=4, batch=8, memory_limit=limits)
+    assert {r.plan for r in ranked} == {p.plan for p in preds if _fits_some_placement(p, limits)}
+    smallest = [r.plan for r in search(uneven, compute, FREE, world_size=4, batch=8, memory_limit=min(limits))] \
+        if any(p.memory_bytes <= min(limits) for p in preds) else []
+    assert set(smallest) <= {r.plan for r in ranked}
+    if len(set(shares)) == 1:
+        assert [r.plan for r in ranked] == smallest
+    assert len(ranked) < len(preds) or shares[-1] == 1.0
+
+
+@pytest.mark.parametrize("limits, match", [([1e9] * 3, "expected 4 positive numbers"),
+                                           ([1e9, math.nan, 1e9, 1e9], "nan"), ([1e9, -1, 1e9, 1e9], "-1"),
+                                           (["1GB"] * 4, "'1GB'"), ([1.0] * 4, "bytes per GPU; no plan of")])
+def test_bad_per_gpu_limits_are_refused_by_name(uneven, limits, match):
+    with pytest.raises(PlanError, match=f"memory_limit=.*{match}"):
+        search(uneven, Unit(uneven), FREE, world_size=4, batch=8, memory_limit=limits)

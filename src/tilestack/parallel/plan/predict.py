@@ -266,12 +266,20 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
     stages = _stage_layers(plan, desc)
     tp_fwd_share = TP_ALLREDUCES_FWD / (TP_ALLREDUCES_FWD + TP_ALLREDUCES_BWD)
 
+    synced: dict[tuple, float] = {}              # sync's answers: equal blocks ask the same question
+
     def sync(kind: str, nbytes: float, n: int, stride: int = 1) -> float:
         """One collective (or a pipeline stage's send) over ``n`` ranks: its transfer, and on a shared CPU what the
         load adds to it (compute.collective_s beyond the idle scalar all-reduce of n ranks, compute.p2p_delay: a
         rank may have lost its core, or waits for one to come back to)."""
         if n <= 1:
             return 0.0
+        key = (kind, nbytes, n, stride)
+        if key not in synced:
+            synced[key] = transfer(kind, nbytes, n, stride)
+        return synced[key]
+
+    def transfer(kind: str, nbytes: float, n: int, stride: int) -> float:
         if kind == "p2p":
             delay = compute.p2p_delay
         else:

@@ -9,18 +9,19 @@ boundaries and sub-mesh sizes.
 ``search`` enumerates pp x dp x dp_shard x tp = world_size (each a factor), sequence parallelism with tp > 1,
 the three schedules (interleaved with 2 virtual stages per rank), the micro-batch counts that divide the per-rank
 batch, the three recompute policies, ZeRO-1/2 for replicated data parallelism; each plan is predicted with
-``predict`` (the pipeline simulated) and kept if its largest rank fits ``memory_limit``.
+``predict`` (the pipeline simulated) and kept if its ranks fit ``memory_limit`` (one for every GPU, or one per
+GPU).
 
 ``alpa_stages`` is the inter-operator pass of Alpa (Zheng et al., OSDI 2022, section 5.2): cut K layers into
 stages, give stage j a sub-mesh of d_j devices (sum d_j = n_devices), minimising the pipeline latency
     T = sum_j t_j + (B - 1) max_j t_j
-(t_j: stage j's time per micro-batch under its best intra-operator layout, B micro-batches). For each candidate
-t_max (every stage time the cost gives, ascending) a DP over (layers left, devices left) finds the least sum of
-t_j with every t_j <= t_max; the answer is the least sum + (B - 1) t_max over the candidates (stopping once
-(B - 1) t_max alone is no better). ``stage_cost(k, i, d, stages_after)`` gives (t, choice) of layers [k, i)
-on d devices, ``stages_after`` stages following it (1F1B keeps that many more micro-batches in flight on it, so
-memory limits it), or None when nothing fits. ``brute_force_stages`` enumerates every cut and device split with
-the same cost: the tests check the DP against it.
+(t_j: stage j's time per micro-batch under its best intra-operator layout, B micro-batches). For a candidate
+t_max (a stage time the cost gives) a DP over (first layer, devices left, stages left) finds the least sum of
+t_j with every t_j <= t_max; the answer is the best latency of those splits over the candidates, which are
+bisected rather than all tried (``alpa_stages``). ``stage_cost(k, i, d, stages_after)`` gives (t, choice) of
+layers [k, i) on d devices, ``stages_after`` stages following it (1F1B keeps that many more micro-batches in
+flight on it, so memory limits it), or None when nothing fits. ``brute_force_stages`` enumerates every cut and
+device split with the same cost: the tests check the DP against it.
 """
 
 from __future__ import annotations
@@ -158,11 +159,14 @@ class Ranked:
 
 
 def search(desc: ModelDesc, compute: ComputeModel, comm: CommModel, *, world_size: int, batch: int | Sequence[int],
-           memory_limit: float | None = None, rank_by: str = "time", efficiency: Callable[[int], float] | None = None,
+           memory_limit: float | Sequence[float] | None = None, rank_by: str = "time",
+           efficiency: Callable[[int], float] | None = None,
            **enumerate_kw: Any) -> list[Ranked]:
     """Predict every enumerated plan (for each batch size given) and rank those that fit ``memory_limit`` bytes
-    per rank: by step time (runnable plans first among equals), or by goodput = samples/s x ``efficiency(batch)``
-    (``rank_by="goodput"``, tilestack.parallel.plan.goodput). PlanError naming the limit if none fits."""
+    per rank (one number), or per GPU (a sequence of world_size numbers, GPUs of different memories: a plan fits
+    when its pipeline ranks can be placed on GPUs that hold them, ``placeable``): by step time (runnable plans
+    first among equals), or by goodput = samples/s x ``efficiency(batch)`` (``rank_by="goodput"``,
+    tilestack.parallel.plan.goodput). PlanError naming the limit if none fits."""
     _check_desc("search", desc)
     check_world(world_size)
     if not isinstance(compute, ComputeModel) or not isinstance(comm, CommModel):
@@ -173,9 +177,7 @@ def search(desc: ModelDesc, compute: ComputeModel, comm: CommModel, *, world_siz
     if rank_by == "goodput" and not callable(efficiency):
         raise PlanError(f"search: rank_by='goodput' with efficiency={efficiency!r}; expected a callable E(batch) "
                         "(e.g. GradientNoiseScale's phi through goodput.efficiency)")
-    if memory_limit is not None and (isinstance(memory_limit, bool) or not isinstance(memory_limit, int | float)
-                                     or not memory_limit > 0):
-        raise PlanError(f"search: memory_limit={memory_limit!r}; expected a positive number of bytes per rank")
+    limits = gpu_limits("search", memory_limit, world_size)
     batches = _batches("search", batch)
     effs = {}
     if rank_by == "goodput":
@@ -186,10 +188,12 @@ def search(desc: ModelDesc, compute: ComputeModel, comm: CommModel, *, world_siz
             effs[b] = e
     plans = [p for b in batches for p in enumerate_plans(desc, world_size, b, **enumerate_kw)]
     preds = [predict(p, desc, compute, comm) for p in plans]
-    fits = [p for p in preds if memory_limit is None or p.memory_bytes <= memory_limit]
+    fits = [p for p in preds if limits is None or placeable(p, limits)]
     if not fits:
         least = min(preds, key=lambda p: p.memory_bytes)
-        raise PlanError(f"search: memory_limit={memory_limit:.4g} bytes per rank; no plan of {len(preds)} fits "
+        given = f"{memory_limit:.4g} bytes per rank" if isinstance(memory_limit, int | float) else \
+            f"{[float(f'{v:.4g}') for v in memory_limit]} bytes per GPU"
+        raise PlanError(f"search: memory_limit={given}; no plan of {len(preds)} fits "
                         f"(the smallest, {least.plan.label()}, needs {least.memory_bytes:.4g}); expected a limit of "
                         "at least that, more ranks or a smaller batch")
     out = []
@@ -201,6 +205,35 @@ def search(desc: ModelDesc, compute: ComputeModel, comm: CommModel, *, world_siz
             out.append(Ranked(p, p.step_s))
     out.sort(key=lambda r: (r.score, not r.prediction.runnable))
     return out
+
+
+def _bytes_limit(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int | float) and v > 0          # NaN is not > 0
+
+
+def gpu_limits(where: str, memory_limit: Any, world_size: int) -> tuple[float, ...] | None:
+    """``memory_limit`` as bytes per GPU, largest first (None: no limit): one number for every GPU, or one per
+    GPU when their memories differ."""
+    if memory_limit is None:
+        return None
+    if isinstance(memory_limit, Sequence) and not isinstance(memory_limit, str | bytes):
+        limits = list(memory_limit)
+        if len(limits) != world_size or not all(_bytes_limit(v) for v in limits):
+            raise PlanError(f"{where}: memory_limit={limits!r:.200}; expected {world_size} positive numbers of "
+                            "bytes, one per GPU (or one number for every GPU)")
+        return tuple(sorted((float(v) for v in limits), reverse=True))
+    if not _bytes_limit(memory_limit):
+        raise PlanError(f"{where}: memory_limit={memory_limit!r}; expected a positive number of bytes per rank")
+    return (float(memory_limit),) * world_size
+
+
+def placeable(pred: Prediction, limits: Sequence[float]) -> bool:
+    """Whether the plan's pipeline ranks, each a group of world_size / pp GPUs of one peak, can be put on GPUs of
+    these ``limits`` (largest first): the largest peak on the largest GPUs, the next on the next, is a placement
+    that fits whenever any does (the group with the largest peak gets the largest least limit a group can have,
+    and so on down)."""
+    group = len(limits) // pred.plan.pp
+    return all(peak <= limits[(j + 1) * group - 1] for j, peak in enumerate(sorted(pred.peaks, reverse=True)))
 
 
 def choose(ranked: Sequence[Ranked]) -> Ranked:
@@ -451,9 +484,12 @@ def plan_stage_cost(desc: ModelDesc, compute: ComputeModel, comm: CommModel, *, 
     _positive_int("plan_stage_cost", "batch", batch, "samples per step")
     _positive_int("plan_stage_cost", "microbatches", microbatches, "micro-batches per step")
     micro = batch // microbatches
-    if not micro:
-        raise PlanError(f"plan_stage_cost: batch={batch} in microbatches={microbatches}; expected at least one "
-                        "sample per micro-batch")
+    if not micro or batch % microbatches:
+        raise PlanError(f"plan_stage_cost: batch={batch} in microbatches={microbatches}; expected a batch of whole "
+                        "micro-batches of at least one sample (microbatches divides batch)")
+    if memory_limit is not None and not _bytes_limit(memory_limit):
+        raise PlanError(f"plan_stage_cost: memory_limit={memory_limit!r}; expected a positive number of bytes per "
+                        "device (or None)")
 
     @functools.cache
     def classes(d: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
