@@ -24,6 +24,9 @@ runs the GPU-only ones on the GPU):
   (ir.scalars.wide_index), a mask bound made of them clamped back to i32 (its compares stay 32-bit);
 - Triton's interpreter took a float (argument or constant) of f64 max/min as an f32 (0.1 -> 0.10000000149): f64 work
   takes float scalars as tl.full((), x, tl.float64);
+- Triton/Gluon on the GPU: a float converted to i64 made NaN -2**63 (the H200's cvt.rzi.s64; the reference and
+  s32's make 0): NaN is 0 and the range saturated before the conversion (found by scripts/gpu/run_heldout_on_gpu.py
+  running round 3's float -> int test on the GPU);
 - language: an int argument past 64 bits was a bare OverflowError from NumPy or Triton's specialization, and an index
   divided by a constant 0 (a constexpr of 0) a ZeroDivisionError in the reference and nothing on Triton: both are
   refused naming the argument or the op.
@@ -321,6 +324,33 @@ def test_tile_counts_and_floor_division_at_the_int32_edges(backend, n, a, b):
     nt, last = -(-n // 16), n - (-(-n // 16) - 1) * 16
     assert torch.equal(y, torch.cat([x[:last], torch.zeros(16 - last)]) if n else torch.zeros(16))
     assert t[:, 0].tolist() == [nt, a // b, a % b, -(-a // b)]
+
+
+@ts.kernel(grid=lambda X: (1,))
+def to_i64(X, Y, *, N: int = 128):
+    x = ts.RegVec[X.dtype, N]()
+    y = ts.RegVec[ts.i64, N]()
+    ts.load(x, X, at=(0,))
+    ts.copy(y, x)
+    ts.store(Y, y, at=(0,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("xdt", [torch.float32, F64, BF])
+def test_float_to_i64_makes_nan_0_and_saturates(backend, xdt):
+    vals = [math.nan, -math.nan, math.inf, -math.inf, 9.3e18, -9.3e18, 2.0**63, -(2.0**63), -2.5, 2.5, 1e10, 0.0]
+    x = torch.tensor(vals + [0.0] * (128 - len(vals)), dtype=F64).to(xdt)
+    y = torch.full((128,), POISON, dtype=I64)
+    launch(to_i64, backend, x, y)
+    hi, lo = 2**63 - 1, -(2**63)
+    want = [0 if math.isnan(v) else hi if v >= 2.0**63 else lo if v < -(2.0**63) else int(v) for v in x.tolist()]
+    assert y.tolist() == want
+
+
+def test_float_to_i64_on_the_gpu_goes_through_the_saturating_conversion():
+    traced = to_i64.trace(ts.ArgSpec(ts.f32, 1), ts.ArgSpec(ts.i64, 1))
+    assert "_to_int_sat(" in traced.source("triton")              # (the H200's cvt.rzi.s64 makes NaN -2**63)
+    assert "!= x_" in traced.source("gluon")
 
 
 # ---- 7. layer norm's input gradient by hand: dx = rstd (g - mean(g) - xhat mean(g xhat)), g = dy w -----------------
@@ -1000,6 +1030,7 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
                                               meta(1024, 256, dtype=BF)), dict(MG=128, BM=128, BN=64, BK=64)),
     "popcount_bytes": (popcount_bytes, (meta(4096, dtype=I32), meta(4096, dtype=I32), meta(4, 4096, dtype=I8),
                                         meta(4096, dtype=I32)), dict(BN=256)),
+    "to_i64": (to_i64, (meta(128), meta(128, dtype=I64)), {}),
     "int8_wrap_saturate": (int8_wrap_saturate, (meta(64, dtype=I8),) * 5, {}),
     "wide_row_sums": (wide_row_sums, (meta(1024, 4096, dtype=F16), meta(1024, dtype=F64), meta(1024)),
                       dict(BM=32, BN=128)),

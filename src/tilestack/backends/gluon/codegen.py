@@ -205,6 +205,12 @@ class _Emitter:
             # 300.0 -> 44); clamped first (NaN kept, for the cvt to make 0), it saturates as the reference does
             lo, hi = int_range(dst_dtype)
             expr = f"gl.minimum(gl.maximum({expr}, {float(lo)!r}, {_NAN}), {float(hi)!r}, {_NAN})"
+        elif src_dtype.is_float and dst_dtype.name == "i64":
+            # the H200's cvt.rzi.s64 makes NaN -2**63 (s32's makes 0, as the reference does): NaN as 0 first, and
+            # the saturation spelled out (2**63 is the first float past the range)
+            lo, hi = int_range(dst_dtype)
+            return (f"gl.where({expr} >= {float(-lo)!r}, {hi}, gl.where({expr} < {float(lo)!r}, {lo}, "
+                    f"gl.where({expr} != {expr}, 0.0, {expr}).to(gl.int64)))")
         return f"{expr}.to({GL_DTYPES[dst_dtype.name]})"
 
     def set_lay(self, v: Value, key: tuple) -> None:

@@ -38,6 +38,7 @@ from tilestack.ir.types import (
     f16,
     f32,
     f64,
+    i64,
     int_range,
     narrow_int,
 )
@@ -255,9 +256,10 @@ class _Emitter:
         if self.interpret and dst.dtype is f8e4m3:
             self.f8_helper = True
             return f"_to_f8e4m3({expr if v_from_dtype is f32 else f'{expr}.to(tl.float32)'})"
-        # on the GPU too into i8, which it converts to through cvt.rzi.s16 (300.0 -> 300 -> its low byte, 44)
-        if v_from_dtype.is_float and (narrow_int(dst.dtype) or self.interpret and not dst.dtype.is_float
-                                      and dst.dtype is not bool_):
+        # on the GPU too into i8, which it converts to through cvt.rzi.s16 (300.0 -> 300 -> its low byte, 44), and into
+        # i64, whose conversion makes NaN -2**63 (the H200's cvt.rzi.s64; s32's makes 0)
+        if v_from_dtype.is_float and (narrow_int(dst.dtype) or dst.dtype is i64 or self.interpret and
+                                      not dst.dtype.is_float and dst.dtype is not bool_):
             self.int_sat_helper = True
             lo, hi = int_range(dst.dtype)
             x = expr if v_from_dtype in (f32, f64) else self.up(expr, v_from_dtype)
