@@ -12,7 +12,7 @@ denoiser (sinusoidal timestep, FiLM, self- and masked cross-attention by SDPA), 
 statically int8-quantized convnet, a physics-informed net (autograd.grad with create_graph inside forward), a
 MAML inner step (foreach updates under record_function, functional_call), a vmapped ensemble (torch.func), a bf16
 autocast model, a VAE with torch.distributions, a linear-algebra head (eig, pinv, lstsq, QR, LU, Householder) and
-self-attention over a jagged nested tensor, and a graph convolution on a sparse COO adjacency.
+self-attention over a jagged nested tensor, a graph convolution on a sparse COO adjacency, and FlexAttention.
 Sizes are tiny: what is checked is the counting, not the speed.
 """
 
@@ -63,6 +63,8 @@ LA_N, LA_M, LA_K = 6, 9, 2
 J_LENGTHS, J_DIM, J_HEADS = (3, 5, 2), 16, 2
 # Sparse GCN: nodes, edges (stored elements of the adjacency), features in and out
 SG_NODES, SG_EDGES, SG_IN, SG_OUT = 8, 20, 6, 4
+# FlexAttention: tokens, width, heads
+FX_TOKENS, FX_DIM, FX_HEADS = 8, 16, 2
 
 
 class FNOLayer(nn.Module):
@@ -471,6 +473,28 @@ class SparseGCN(nn.Module):
         return torch.sparse.mm(weights, self.lin(x)) * degree[:, None]  # (N, F_out)
 
 
+class FlexAttention(nn.Module):
+    """Attention through torch.nn.attention.flex_attention (a higher-order op; eager on a CPU: its math over the
+    full score matrix) with an ALiBi-like score_mod, a slope per head times the query-key distance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(FX_DIM, 3 * FX_DIM)
+        self.out = nn.Linear(FX_DIM, FX_DIM)
+        self.register_buffer("slopes", 2.0 ** -torch.arange(1, FX_HEADS + 1, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D)
+        from torch.nn.attention.flex_attention import flex_attention
+
+        q, k, v = (z.unflatten(-1, (FX_HEADS, -1)).transpose(1, 2) for z in self.qkv(x).chunk(3, -1))
+        slopes = self.slopes
+
+        def alibi(score, b, h, q_idx, kv_idx):
+            return score - slopes[h] * (q_idx - kv_idx).abs()
+
+        return self.out(flex_attention(q, k, v, score_mod=alibi).transpose(1, 2).flatten(2))
+
+
 def _seeded(fn):  # each builder is deterministic
     def build():
         torch.manual_seed(0)
@@ -609,6 +633,11 @@ def sparse_gcn():
     return SparseGCN(), (torch.randn(SG_NODES, SG_IN), adj)
 
 
+@_seeded
+def flex():
+    return FlexAttention(), (torch.randn(BATCH, FX_TOKENS, FX_DIM),)
+
+
 # name -> (builder, whether a backward step makes sense)
 MODELS = {
     f.__name__: (f, trainable)
@@ -633,6 +662,7 @@ MODELS = {
         (linalg_head, False),  # eig's backward is complex-valued; a forward is what is profiled
         (jagged_attention, True),
         (sparse_gcn, True),
+        (flex, False),  # FlexAttention has no backward on a CPU
     )
 }
 build = fno

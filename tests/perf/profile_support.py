@@ -67,8 +67,9 @@ class Profiles:
     once per case. The counted steps run as the profile runs them: after warm-up (gradients already allocated),
     with the attention fast path off."""
 
-    def __init__(self, models) -> None:
+    def __init__(self, models, *, without_torch=()) -> None:
         self.models = models
+        self.without_torch = set(without_torch)  # models torch's counter breaks (torch's counts: None)
         self._cache: dict[tuple[str, bool], tuple] = {}
 
     def __call__(self, name: str, train: bool) -> tuple:
@@ -78,7 +79,7 @@ class Profiles:
                                       name=name)
             step = profile._without_fastpath(profile.make_step(model, inputs, train=train))
             try:
-                theirs = torch_by_op(step)
+                theirs = None if name in self.without_torch else torch_by_op(step)
             except (RuntimeError, TypeError):  # torch's counter cannot follow autograd.grad inside forward (its
                 theirs = None  # module hooks) nor a jagged nested tensor (it defers every op to the subclass)
             self._cache[name, train] = (p, profile.count_ops(step), theirs)

@@ -338,6 +338,7 @@ def _moves_no_data(func: Any, name: str, ins: Sequence[Any], outs: Sequence[Any]
 
 COMPLEX_PRODUCTS = {"aten.mul": formulas.COMPLEX_MUL_FLOPS, "aten.div": formulas.COMPLEX_DIV_FLOPS}
 OVERWRITING_OPS = ("aten.fill_", "aten.zero_", "aten.copy_", "aten._foreach_zero_", "aten._foreach_copy_")
+LIKE_OPS = ("aten.new_zeros", "aten.new_ones", "aten.new_full")  # a new tensor like ``self``: none of its elements read
 
 
 def _overwrites(func: Any) -> bool:
@@ -497,6 +498,43 @@ def _event_shapes(e: Any) -> Shapes:
     )
 
 
+def _run_higher_order(mode: Any, func: Any, args: tuple, kwargs: dict, counts: dict[OpKey, _Count]) -> Any:
+    """A higher-order op (torch.cond, torch.while_loop, flex_attention) reaches the mode whole, the mode popped: run
+    it eagerly as torch does, with the mode on, so that the ATen ops it runs are counted. cond runs the branch its
+    predicate picks, while_loop its body while its condition holds, any other its eager kernel (flex_attention's
+    math over the full score matrix). One whose eager kernel refuses a mode runs unwatched, as a row of its own
+    (``higher_order::<name>``) marked uncounted, its bytes those of its tensor arguments and results."""
+    from torch._C import DispatchKey
+
+    name = func.name()
+    if name == "cond":
+        pred, true_fn, false_fn, operands = args
+        with mode:
+            return (true_fn if bool(pred) else false_fn)(*operands)
+    if name == "while_loop":
+        cond_fn, body_fn, carried, additional = args
+        with mode:
+            while bool(cond_fn(*carried, *additional)):
+                carried = tuple(body_fn(*carried, *additional))
+        return carried
+    kernel = func.py_kernels.get(DispatchKey.CompositeExplicitAutograd)
+    if name not in HOPS_RUN_UNWATCHED and kernel is not None:
+        with mode:
+            return kernel(*args, **kwargs)
+    out = func(*args, **kwargs)
+    c = counts[f"higher_order::{name}", ()]
+    c.calls += 1
+    c.unsupported = True
+    c.bytes_read += _nbytes(_tensors((args, kwargs)))
+    c.bytes_written += _nbytes(_tensors(out))
+    return out
+
+
+# Higher-order ops whose eager kernel asserts that no dispatch mode is on (they run their own subgraphs): counted as
+# uncounted rows of their own rather than failing the counting pass.
+HOPS_RUN_UNWATCHED = frozenset({"scan", "map_impl", "associative_scan", "invoke_subgraph"})
+
+
 def _is_python_subclass(cls: Any) -> bool:
     """A tensor type with a ``__torch_dispatch__`` of its own (torch.Tensor's and nn.Parameter's are disabled)."""
     import torch
@@ -510,15 +548,20 @@ def count_ops(step: Callable[[], Any]) -> dict[OpKey, _Count]:
     """Run ``step`` once under a dispatch mode; FLOPs and bytes of every ATen op, by profiler name and shapes."""
     if not callable(step):
         raise ProfileError(f"step={step!r} ({type(step).__name__}); expected a callable taking no arguments")
+    from torch._ops import HigherOrderOperator
     from torch.utils._python_dispatch import TorchDispatchMode
 
     counts: dict[OpKey, _Count] = collections.defaultdict(_Count)
 
     class Counter(TorchDispatchMode):
+        supports_higher_order_operators = True  # torch.cond, while_loop, flex_attention: _run_higher_order
+
         def __torch_dispatch__(
             self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
         ) -> Any:
             kwargs = kwargs or {}
+            if isinstance(func, HigherOrderOperator):
+                return _run_higher_order(self, func, args, kwargs, counts)
             if any(_is_python_subclass(t) for t in types):
                 # A tensor subclass with its own dispatch (a jagged nested tensor, a wrapper): let it run the op,
                 # and count the ops it runs on its plain tensors (they reach this mode). Handled here, the op would
@@ -546,7 +589,9 @@ def count_ops(step: Callable[[], Any]) -> dict[OpKey, _Count]:
             outs = _tensors(out) or _written_arguments(func, args, kwargs)  # an in-place op returning nothing
             if not _moves_no_data(func, name, ins, outs):
                 ins = [t for t in ins if not any(t is o for o in _out_arguments(func, kwargs))]  # written, not read
-                if _overwrites(func):  # fill_, copy_, a random draw in place: the destination is written, not read
+                if _overwrites(func) or str(func._overloadpacket) in LIKE_OPS:
+                    # fill_, copy_, a random draw in place: the destination is written, not read; new_zeros reads
+                    # its argument's dtype and device, not its elements
                     dest = _tensors(_argument(func, args, kwargs, "self"))  # a list for a foreach op
                     ins = [t for t in ins if not any(t is d for d in dest)]
                 gathered = GATHERS.get(str(func._overloadpacket))
