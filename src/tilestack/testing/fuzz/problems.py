@@ -139,10 +139,11 @@ def _norm_input(rng, m, n, dtype, device):
     return style, x
 
 
-def layer_norm_problem(rng, device: str, backend: str, prof: Profile) -> Problem:
+def _norm_draw(rng, device: str, prof: Profile):
+    """(m, n, dtype, pdtype, style, x, w) of a norm problem (forward or backward): sizes, x's dtype, the weight's
+    (x's or f32), the value style, x (maybe strided) and the weight, drawn in this order (a seed's problems
+    replay the same)."""
     import torch
-
-    from tilestack.kernels import layer_norm
 
     m, n = size(rng, prof.rows), size(rng, prof.cols)
     dtype = [torch.float32, torch.bfloat16, torch.float16][int(rng.integers(3))]
@@ -150,6 +151,15 @@ def layer_norm_problem(rng, device: str, backend: str, prof: Profile) -> Problem
     style, x = _norm_input(rng, m, n, dtype, device)
     x = strided(rng, x)
     w = tensor(rng, (n,), pdtype, device, scale=float(rng.choice((1.0, 10.0))), loc=1.0)
+    return m, n, dtype, pdtype, style, x, w
+
+
+def layer_norm_problem(rng, device: str, backend: str, prof: Profile) -> Problem:
+    import torch
+
+    from tilestack.kernels import layer_norm
+
+    m, n, dtype, pdtype, style, x, w = _norm_draw(rng, device, prof)
     b = tensor(rng, (n,), pdtype, device, scale=float(rng.choice((0.0, 1.0, 10.0))))
     eps = float(rng.choice((1e-5, 1e-6, 1e-2)))
     cfg = _row_config(rng, n, device)
@@ -189,16 +199,10 @@ def _layer_norm_tol(x64, w64, b64, want, eps, dtype):
 
 
 def rms_norm_problem(rng, device: str, backend: str, prof: Profile) -> Problem:
-    import torch
 
     from tilestack.kernels.rmsnorm import rms_norm
 
-    m, n = size(rng, prof.rows), size(rng, prof.cols)
-    dtype = [torch.float32, torch.bfloat16, torch.float16][int(rng.integers(3))]
-    pdtype = dtype if rng.random() < 0.7 else torch.float32
-    style, x = _norm_input(rng, m, n, dtype, device)
-    x = strided(rng, x)
-    w = tensor(rng, (n,), pdtype, device, scale=float(rng.choice((1.0, 10.0))), loc=1.0)
+    m, n, dtype, pdtype, style, x, w = _norm_draw(rng, device, prof)
     eps = float(rng.choice((1e-6, 1e-5, 1e-2)))
     cfg = _row_config(rng, n, device)
     desc = f"rms_norm M={m} N={n} {str(dtype)[6:]} w {str(pdtype)[6:]} {style} eps={eps} x{tuple(x.stride())} " \
@@ -232,12 +236,7 @@ def norm_backward_problem(rng, device: str, backend: str, prof: Profile, *, cent
 
     from tilestack.kernels import layer_norm_backward, rms_norm_backward
 
-    m, n = size(rng, prof.rows), size(rng, prof.cols)
-    dtype = [torch.float32, torch.bfloat16, torch.float16][int(rng.integers(3))]
-    pdtype = dtype if rng.random() < 0.7 else torch.float32
-    style, x = _norm_input(rng, m, n, dtype, device)
-    x = strided(rng, x)
-    w = tensor(rng, (n,), pdtype, device, scale=float(rng.choice((1.0, 10.0))), loc=1.0)
+    m, n, dtype, pdtype, style, x, w = _norm_draw(rng, device, prof)
     dy = tensor(rng, (m, n), dtype, device, scale=log_uniform(rng, 1e-3, 1e2 if dtype == torch.float16 else 1e4))
     dh = tensor(rng, (m, n), dtype, device) if rng.random() < 0.3 else None
     eps = float(rng.choice((1e-6, 1e-5, 1e-2)))
