@@ -19,7 +19,8 @@ def __getattr__(name: str):
     if name in ("attention", "scaled_dot_product_attention", "patch"):
         import tilestack.torch
         return getattr(tilestack.torch, name)
-    if name in ("rms_norm", "layer_norm", "rotary", "swiglu", "fused_linear_cross_entropy"):
+    if name in ("rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm", "rotary", "swiglu",
+                "fused_linear_cross_entropy"):
         import tilestack.torch.ops
         return getattr(tilestack.torch.ops, name)
     if name == "optimize":
@@ -28,11 +29,13 @@ def __getattr__(name: str):
     if name == "quantize":
         import tilestack.quant
         return tilestack.quant.quantize
-    if name in ("kernels", "lang", "perf", "bench", "ir", "backends", "compile", "quant"):
+    if name in ("kernels", "lang", "perf", "bench", "ir", "backends", "compile", "quant", "tune", "parallel",
+                "federated", "testing"):
         import importlib
         return importlib.import_module(f"tilestack.{name}")
     raise AttributeError(f"module 'tilestack' has no attribute {name!r}")
 
 
-__all__ = ["attention", "errors", "fused_linear_cross_entropy", "knobs", "layer_norm", "patch", "rms_norm", "rotary",
-           "scaled_dot_product_attention", "swiglu"]
+__all__ = ["add_layer_norm", "add_rms_norm", "attention", "errors", "fused_linear_cross_entropy", "knobs",
+           "layer_norm", "optimize", "patch", "quantize", "rms_norm", "rotary", "scaled_dot_product_attention",
+           "swiglu"]
