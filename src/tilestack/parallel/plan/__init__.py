@@ -23,6 +23,7 @@ from tilestack.parallel.plan.describe import (
     LayerDesc,
     ModelDesc,
     PlanError,
+    SharedParam,
     describe_gpt,
     describe_module,
     describe_transformer,
@@ -41,7 +42,7 @@ from tilestack.parallel.plan.search import alpa_stages, brute_force_stages, choo
 
 __all__ = [
     "AdaptiveBatch", "ClusterComm", "CommModel", "ComputeModel", "GoodputController", "GradientNoiseScale",
-    "LayerDesc", "MeasuredCompute", "ModelDesc", "Plan", "PlanError", "Prediction", "RooflineCompute",
+    "LayerDesc", "MeasuredCompute", "ModelDesc", "Plan", "PlanError", "Prediction", "RooflineCompute", "SharedParam",
     "accumulate_and_observe", "alpa_stages", "brute_force_stages", "choose", "describe_gpt", "describe_module",
     "describe_transformer", "efficiency", "enumerate_plans", "h200_nccl", "load_comm", "measure_gloo", "predict",
     "read_plan", "search", "simulate", "write_plan",

@@ -43,7 +43,6 @@ from tilestack.parallel.plan.predict import Plan, Prediction, even_bounds, predi
 from tilestack.parallel.plan.schedule import SCHEDULES
 
 INTERLEAVED_CHUNKS = 2
-SIGNATURE_RUNS = 8           # plan_stage_cost: a range of more runs of equal layers is keyed by its bounds
 RANK_BY = ("time", "goodput")
 
 
@@ -326,7 +325,7 @@ def alpa_stages(n_layers: int, *, n_devices: int, submeshes: Sequence[int], micr
     if not sizes:
         raise PlanError(f"alpa_stages: submeshes={list(submeshes)}; expected sizes between 1 and {n_devices}")
     max_stages = max_stages or min(n_layers, n_devices)
-    times, choices = _cost_table(n_layers, n_devices, sizes, max_stages, stage_cost)
+    times, choice = _cost_table(n_layers, n_devices, sizes, max_stages, stage_cost)
     cands = np.unique(times[np.isfinite(times)])
     none = PlanError(f"alpa_stages: no split of {n_layers} layers over {n_devices} devices fits (every stage cost "
                      "is None: memory); expected a larger memory limit or more devices")
@@ -344,7 +343,7 @@ def alpa_stages(n_layers: int, *, n_devices: int, submeshes: Sequence[int], micr
                 stage_times = [float(times[k, i, j, len(path) - 1 - n]) for n, (k, i, j) in enumerate(path)]
                 lat = pipeline_latency(stage_times, microbatches)
                 if not best or lat < best[0].latency:
-                    split = tuple((k, i, sizes[j], choices[k, i, j, len(path) - 1 - n])
+                    split = tuple((k, i, sizes[j], choice(k, i, j, len(path) - 1 - n))
                                   for n, (k, i, j) in enumerate(path))
                     best[:] = [StageSplit(split, lat, max(stage_times))]
         return sums[c]
@@ -370,22 +369,37 @@ def alpa_stages(n_layers: int, *, n_devices: int, submeshes: Sequence[int], micr
 
 
 def _cost_table(n_layers: int, n_devices: int, sizes: list[int], max_stages: int, stage_cost: StageCost
-                ) -> tuple[np.ndarray, dict[tuple[int, int, int, int], Any]]:
+                ) -> tuple[np.ndarray, Callable[[int, int, int, int], Any]]:
     """Every stage cost a split can use: times[k, i, j, after] (inf where the cost is None or the stage cannot
-    be in a split: fewer layers or devices left than the ``after`` stages behind it need) and the choices."""
+    be in a split: fewer layers or devices left than the ``after`` stages behind it need), and the choice of
+    (k, i, j, after). A cost whose ``depends_on_after`` is False (plan_stage_cost without a memory limit) is
+    asked once per (k, i, d), not once per stages after it too."""
     times = np.full((n_layers + 1, n_layers + 1, len(sizes), max_stages), np.inf)
     choices: dict[tuple[int, int, int, int], Any] = {}
-    for after in range(max_stages):
+    once = getattr(stage_cost, "depends_on_after", True) is False
+    for after in range(1 if once else max_stages):
         for j, d in enumerate(sizes):
             if d + after * sizes[0] > n_devices:
                 continue
             for k in range(n_layers - after):
                 for i in range(k + 1, n_layers - after + 1):
                     c = stage_cost(k, i, d, after)
-                    if c is not None:
-                        times[k, i, j, after] = c[0]
-                        choices[k, i, j, after] = c[1]
-    return times, choices
+                    if c is None:
+                        continue
+                    if not isinstance(c, tuple | list) or len(c) != 2 or isinstance(c[0], bool) or not isinstance(
+                            c[0], int | float) or not 0 <= c[0] < math.inf:
+                        raise PlanError(f"alpa_stages: stage_cost({k}, {i}, {d}, {after}) gave {c!r:.80}; expected "
+                                        "(seconds, choice) with finite seconds >= 0, or None")
+                    times[k, i, j, after] = c[0]
+                    choices[k, i, j, after] = c[1]
+    if once:
+        for after in range(1, max_stages):
+            for j, d in enumerate(sizes):
+                if d + after * sizes[0] <= n_devices:
+                    times[:n_layers - after, :n_layers - after + 1, j, after] = \
+                        times[:n_layers - after, :n_layers - after + 1, j, 0]
+        return times, lambda k, i, j, after: choices[k, i, j, 0]
+    return times, lambda k, i, j, after: choices[k, i, j, after]
 
 
 def _least_sums(times: np.ndarray, sizes: list[int], n_devices: int, max_stages: int, t_max: float
@@ -492,10 +506,13 @@ def plan_stage_cost(desc: ModelDesc, compute: ComputeModel, comm: CommModel, *, 
                         "device (or None)")
 
     @functools.cache
-    def classes(d: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Per layer, a class id equal for layers that no layout of d devices can tell apart (the same
-        description but for the name, the same times and recompute times at every micro-batch and tp it would
-        use), and the end of the run of equal classes each layer is in."""
+    def classes(d: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per layer a class, equal for layers that no layout of d devices can tell apart (the same description
+        but for the name, the same times and recompute times at every micro-batch and tp it would use; a layer
+        that shares parameters, or owns shared ones, is a class of its own). Returns the running count of each
+        class, counts[j, c] = layers of class c among the first j, and the index of the first block at or after
+        each layer (len(layers) where none)."""
+        owners = {p.owner for layer in desc.layers for p in layer.shared}
         ids: dict[str, int] = {}
         cls = []
         for j, layer in enumerate(desc.layers):
@@ -507,30 +524,32 @@ def plan_stage_cost(desc: ModelDesc, compute: ComputeModel, comm: CommModel, *, 
                 b = micro // (dp * shard)
                 seen.append((b, tp, compute.layer_times(j, b, tp),
                              tuple(compute.recompute_s(j, b, tp, rc) for rc in recompute)))
-            cls.append(ids.setdefault(repr((dataclasses.replace(layer, name=""), seen)), len(ids)))
-        ends = list(range(1, len(cls) + 1))
-        for j in range(len(cls) - 2, -1, -1):
-            if cls[j] == cls[j + 1]:
-                ends[j] = ends[j + 1]
-        return tuple(cls), tuple(ends)
+            alone_key = j if layer.shared or j in owners else None
+            cls.append(ids.setdefault(repr((dataclasses.replace(layer, name=""), seen, alone_key)), len(ids)))
+        counts = np.zeros((len(cls) + 1, len(ids)), dtype=np.int64)
+        counts[np.arange(1, len(cls) + 1), cls] = 1
+        first_block = np.full(len(cls) + 1, len(cls))
+        for j in range(len(cls) - 1, -1, -1):
+            first_block[j] = j if desc.layers[j].kind == "block" else first_block[j + 1]
+        return counts.cumsum(axis=0), first_block
 
     @functools.cache
     def signature(k: int, i: int, d: int) -> tuple:
-        """Layers [k, i) as runs of (class, count): ranges with one signature cost the same (a deep model of
-        equal blocks has a few signatures per length, not one per range); a range of many runs is its own."""
-        cls, ends = classes(d)
-        runs, j = [], k
-        while j < i:
-            if len(runs) == SIGNATURE_RUNS:
-                return ("layers", k, i)
-            end = min(ends[j], i)
-            runs.append((cls[j], end - j))
-            j = end
-        return tuple(runs)
+        """What a one-stage plan of layers [k, i) depends on: how many layers of each class, and the class of its
+        first block (full recompute replays it). Ranges of one signature cost the same, in whatever order their
+        layers come (a one-stage plan adds its layers' times and bytes), so a deep model of equal blocks, or of
+        Linear and ReLU in turn, has a few signatures per length, not one per range."""
+        counts, first_block = classes(d)
+        held = counts[i] - counts[k]
+        present = np.flatnonzero(held)
+        block = int(first_block[k])
+        first = int(np.argmax(counts[block + 1] - counts[block])) if block < i else -1
+        return first, present.tobytes(), held[present].tobytes()
 
     layouts_of: dict[tuple, tuple[tuple[float, str, float, float], ...]] = {}
     times: dict[tuple, Any] = {}                 # the compute model's answers, by layer (_Offset)
 
+    @functools.cache
     def layouts(k: int, i: int, d: int) -> tuple[tuple[float, str, float, float], ...]:
         """(seconds per micro-batch, label, peak bytes, activation bytes) of every layout of layers [k, i) on d
         devices, fastest first: predicted once per signature, whatever the number of stages after it (that only
@@ -562,6 +581,8 @@ def plan_stage_cost(desc: ModelDesc, compute: ComputeModel, comm: CommModel, *, 
             if memory_limit is None or peak + act * after <= memory_limit:
                 return t, label
         return None
+
+    cost.depends_on_after = memory_limit is not None      # only the memory test looks at the stages after
 
     return cost
 
