@@ -41,7 +41,7 @@ def plan_key(args: tuple, kwargs: dict) -> tuple:
             knobs.backend, knobs.triton_interpret, _grad_enabled(), _deterministic())
 
 
-_grad_enabled, _deterministic = torch.is_grad_enabled, torch.are_deterministic_algorithms_enabled
+_grad_enabled, _deterministic = torch.is_grad_enabled, torch._C._get_deterministic_algorithms   # C, no wrapper
 # what plan_key raises for an argument no key holds: unhashable (TypeError), or a tensor without strides or
 # storage, sparse or mkldnn (RuntimeError, NotImplementedError); such calls are planned every time, so the plan's
 # checks refuse them by name
