@@ -11,8 +11,9 @@ denoiser (sinusoidal timestep, FiLM, self- and masked cross-attention by SDPA), 
 (scatter_reduce mean and amax), projected bidirectional LSTMs with GRU and ReLU RNNs, an einsum of many layouts, a
 statically int8-quantized convnet, a physics-informed net (autograd.grad with create_graph inside forward), a
 MAML inner step (foreach updates under record_function, functional_call), a vmapped ensemble (torch.func), a bf16
-autocast model, a VAE with torch.distributions, a linear-algebra head (eig, pinv, lstsq, QR, LU, Householder) and
-self-attention over a jagged nested tensor, a graph convolution on a sparse COO adjacency, and FlexAttention.
+autocast model, a VAE with torch.distributions, a linear-algebra head (eig, pinv, lstsq, QR, LU, Householder),
+self-attention over a jagged nested tensor, a graph convolution on a sparse COO adjacency, FlexAttention, and a
+Jacobian-vector product by forward-mode AD.
 Sizes are tiny: what is checked is the counting, not the speed.
 """
 
@@ -65,6 +66,8 @@ J_LENGTHS, J_DIM, J_HEADS = (3, 5, 2), 16, 2
 SG_NODES, SG_EDGES, SG_IN, SG_OUT = 8, 20, 6, 4
 # FlexAttention: tokens, width, heads
 FX_TOKENS, FX_DIM, FX_HEADS = 8, 16, 2
+# Forward-mode AD: rows, width in, hidden, out
+JVP_ROWS, JVP_IN, JVP_HIDDEN, JVP_OUT = 3, 4, 8, 2
 
 
 class FNOLayer(nn.Module):
@@ -495,6 +498,19 @@ class FlexAttention(nn.Module):
         return self.out(flex_attention(q, k, v, score_mod=alibi).transpose(1, 2).flatten(2))
 
 
+class ForwardModeAD(nn.Module):
+    """A Jacobian-vector product of an MLP by forward-mode AD (torch.func.jvp): the output and its directional
+    derivative along ``direction``, in one pass of dual tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(JVP_IN, JVP_HIDDEN), nn.Tanh(), nn.Linear(JVP_HIDDEN, JVP_OUT))
+
+    def forward(self, x: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+        out, tangent = torch.func.jvp(self.net, (x,), (direction,))
+        return out + tangent
+
+
 def _seeded(fn):  # each builder is deterministic
     def build():
         torch.manual_seed(0)
@@ -638,6 +654,11 @@ def flex():
     return FlexAttention(), (torch.randn(BATCH, FX_TOKENS, FX_DIM),)
 
 
+@_seeded
+def forward_mode_ad():
+    return ForwardModeAD(), (torch.randn(JVP_ROWS, JVP_IN), torch.randn(JVP_ROWS, JVP_IN))
+
+
 # name -> (builder, whether a backward step makes sense)
 MODELS = {
     f.__name__: (f, trainable)
@@ -663,6 +684,7 @@ MODELS = {
         (jagged_attention, True),
         (sparse_gcn, True),
         (flex, False),  # FlexAttention has no backward on a CPU
+        (forward_mode_ad, True),
     )
 }
 build = fno

@@ -15,9 +15,11 @@ What the round found (each pinned by the test whose docstring says so):
   lu, ldl_factor, triangular_solve, cholesky_inverse, ormqr, cdist's matmul path (_euclidean_dist), a sparse COO
   matmul, softmax and sum; lu_unpack
   (a copy) was reported uncounted too; statically quantized convolutions and the quantize / dequantize ops;
-  foreach ops (a MAML update, an optimizer's step); _is_all_true (torch.distributions' argument checks); the
-  profiler's own record_function ranges were reported as ops with no formula;
-- wrong bytes: an in-place foreach op (which returns nothing) wrote 0 bytes;
+  foreach ops (a MAML update, an optimizer's step); _is_all_true (torch.distributions' argument checks); prims
+  (forward-mode AD's tangent adds); the profiler's own record_function ranges and _has_same_storage_numel checks
+  were reported as ops with no formula;
+- wrong bytes: an in-place foreach op (which returns nothing) wrote 0 bytes; new_zeros read its argument; an
+  efficient zero tensor (forward-mode AD's zero tangent) was charged the memory it does not have;
 - crashes: a jagged nested tensor (RecursionError in the counting pass, then a failed matmul decomposition);
   higher-order ops (flex_attention, torch.cond, torch.while_loop: NotImplementedError, no rule for the mode).
 """
@@ -366,6 +368,19 @@ def test_cond_while_loop_and_scan_are_run_and_counted_or_named():
     counts = counting.count_ops(lambda: torch._higher_order_ops.scan(lambda c, xs: (c + xs, c * 2), torch.zeros(4), x))
     (scan,) = rows_of(counts, "higher_order::scan")
     assert scan.unsupported and scan.bytes_read >= x.numel() * 4
+
+
+def test_forward_mode_jvp():
+    """Forward-mode AD runs prims (prims::add on the tangents) and _has_same_storage_numel checks, both reported as
+    ops without a formula: a prim counts as its ATen twin (pointwise: 1 per element), the check is bookkeeping."""
+    _, counts, _ = profiled("forward_mode_ad", False)
+    r, i, h, o = pm.JVP_ROWS, pm.JVP_IN, pm.JVP_HIDDEN, pm.JVP_OUT
+    # per linear: the primal (addmm) and the tangent x_t W + x W_t (two mm; W_t a zero tensor, multiplied all the same)
+    assert flops_of(counts, MATMULS) == 3 * 2 * r * (i * h + h * o)
+    assert by_op(counts)["prims::add"] == r * (h + o)  # the bias's (zero) tangent added to each output's
+    assert all(c.bytes_read == c.bytes_written == 0 for c in rows_of(counts, "aten::_has_same_storage_numel"))
+    # a zero tangent (_efficientzerotensor) holds no memory: it wrote numel * 4 bytes
+    assert all(c.bytes_written == 0 for c in rows_of(counts, "aten::_efficientzerotensor"))
 
 
 def test_vae_distributions_checks_are_counted():

@@ -91,7 +91,10 @@ COMPRESSED_INDICES = {
 
 def _held_bytes(t: Any) -> int:
     """Bytes ``t`` holds: a dense tensor's distinct elements; a sparse one's indices and values; a nested one's
-    buffer; 0 for a tensor whose memory cannot be read (a subclass without storage)."""
+    buffer; 0 for a tensor whose memory cannot be read (a subclass without storage) and for an efficient zero
+    tensor (forward-mode AD's zero tangents: no memory behind them)."""
+    if getattr(t, "_is_zerotensor", lambda: False)():
+        return 0
     if _dense(t):
         return _distinct_numel(t) * t.element_size()
     if t.is_sparse:  # COO
@@ -154,7 +157,7 @@ def _flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     per_element = ROW_OP_FLOPS_PER_ELEMENT.get(str(packet))
     if per_element is not None and args and isinstance(args[0], torch.Tensor):
         return float(per_element * _numel(args[0]))
-    tags = getattr(func, "tags", ())
+    tags = _tags(func)
     if str(packet).removeprefix("aten.").rstrip("_") in NO_ARITHMETIC:
         return 0.0  # a copy or a select, though torch tags some pointwise (clone, masked_fill)
     if torch.Tag.pointwise in tags:
@@ -190,6 +193,20 @@ def _sparse_product_flops(func: Any, args: tuple, kwargs: dict) -> float:
     return float(formulas.FLOPS_PER_MAC * _numel(sparse) * dense_lines)
 
 
+def _tags(func: Any) -> tuple:
+    """An op's tags; a prim's (``prims.add``, which forward-mode AD and decompositions run) those of its ATen twin
+    (``aten.add``: pointwise), prims being untagged."""
+    import torch
+
+    tags = tuple(getattr(func, "tags", ()))
+    ns, _, name = str(func._overloadpacket).partition(".")
+    if ns == "prims":
+        twin = getattr(torch.ops.aten, name, None)
+        for overload in twin.overloads() if twin is not None else ():  # aten.add has no default: Tensor, Scalar
+            tags += tuple(getattr(getattr(twin, overload), "tags", ()))
+    return tags
+
+
 def has_flop_formula(func: Any) -> bool:
     """Whether :func:`_flops` counts ``func`` by a formula (a count of 0 from one is a true 0, e.g. batch 0)."""
     import torch
@@ -197,7 +214,7 @@ def has_flop_formula(func: Any) -> bool:
 
     packet = func._overloadpacket
     name = str(packet)
-    tags = getattr(func, "tags", ())
+    tags = _tags(func)
     return (
         name in OWN_FLOPS
         or (name.startswith(FOREACH_PREFIX) and _foreach_base(name) not in FOREACH_NO_ARITHMETIC)
@@ -256,7 +273,7 @@ UNDECOMPOSED_FLOPS: dict[str, Rule] = {
 # A nested tensor's bookkeeping: its sizes, strides and offsets (metadata, no element read), size checks.
 METADATA_OPS = frozenset({
     "aten::_nested_tensor_size", "aten::_nested_tensor_strides", "aten::_nested_tensor_storage_offsets",
-    "aten::is_same_size", "aten::_nested_get_offsets", "aten::_nested_get_lengths",
+    "aten::is_same_size", "aten::_nested_get_offsets", "aten::_nested_get_lengths", "aten::_has_same_storage_numel",
 })
 PROFILER_PREFIX = "profiler."  # record_function's enter and exit: bookkeeping of the profiler's ranges
 # Ops tilestack counts itself, ahead of torch's registry (whose convolution backward ignores groups) or where
@@ -291,7 +308,7 @@ NO_ARITHMETIC = frozenset(
         "replication_pad1d", "replication_pad3d", "reflection_pad3d", "block_diag", "unique_consecutive",
         "unique_dim", "unique_dim_consecutive", "lu_unpack", "_nested_tensor_from_tensor_list",
         "_nested_tensor_size", "_nested_tensor_strides", "_nested_tensor_storage_offsets", "is_same_size",
-        "_sparse_sum_backward",
+        "_sparse_sum_backward", "_has_same_storage_numel",
     }
 )
 
