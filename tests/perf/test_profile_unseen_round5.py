@@ -18,6 +18,7 @@ What the round found (each pinned by the test whose docstring says so):
   foreach ops (a MAML update, an optimizer's step); _is_all_true (torch.distributions' argument checks); prims
   (forward-mode AD's tangent adds); the profiler's own record_function ranges and _has_same_storage_numel checks
   were reported as ops with no formula;
+- wrong counts: svdvals, eigvalsh and eigvals counted the vectors torch forms only under a dispatch mode;
 - wrong bytes: an in-place foreach op (which returns nothing) wrote 0 bytes; new_zeros read its argument; an
   efficient zero tensor (forward-mode AD's zero tangent) was charged the memory it does not have;
 - crashes: a jagged nested tensor (RecursionError in the counting pass, then a failed matmul decomposition);
@@ -498,3 +499,25 @@ def test_linalg_helpers_without_a_formula_until_round5(fn, op, expected):
     counts = counting.count_ops(lambda: fn(f))
     assert flops_of(counts, op) == pytest.approx(expected, rel=1e-12)
     assert not any(c.unsupported for c in counts.values()), [k for k, c in counts.items() if c.unsupported]
+
+
+def test_values_only_decompositions_count_no_vectors():
+    """svdvals, eigvalsh and eigvals were counted with their vectors: under any dispatch mode torch asks for them
+    (it takes the mode for a tensor subclass that may need gradients), while the eager run that is timed asks for
+    values only. Counted as eager runs them: values only, unless a gradient needs the vectors."""
+    torch.manual_seed(0)
+    a = torch.randn(6, 6)
+    sym = a @ a.T
+    n = 6
+    cases = [
+        (lambda: torch.linalg.svdvals(a), "aten::_linalg_svd", 4 * n**3 - 4 * n**3 / 3),
+        (lambda: torch.linalg.eigvalsh(sym), "aten::_linalg_eigh", 4 * n**3 / 3),
+        (lambda: torch.linalg.eigvals(a), "aten::linalg_eig", 10 * n**3),
+        (lambda: torch.linalg.svd(a), "aten::_linalg_svd", 4 * n**3 + 8 * n**3 + 9 * n**3),  # full U, V asked for
+        (lambda: torch.linalg.matrix_norm(a, "nuc"), "aten::_linalg_svd", 4 * n**3 - 4 * n**3 / 3),  # by svdvals
+    ]
+    for fn, op, expected in cases:
+        assert flops_of(counting.count_ops(fn), op) == pytest.approx(expected, rel=1e-12), op
+    leaf = a.clone().requires_grad_()
+    counts = counting.count_ops(lambda: torch.linalg.svdvals(leaf).sum().backward())  # the gradient needs U, V
+    assert flops_of(counts, "aten::_linalg_svd") == pytest.approx(14 * n**3 + 8 * n**3, rel=1e-12)

@@ -30,6 +30,7 @@ from typing import Any
 from tilestack.errors import TilestackError
 from tilestack.perf import formulas
 from tilestack.perf.counting_linalg import LINALG_FLOPS
+from tilestack.perf.counting_linalg import _factorization as _factorization_rule
 from tilestack.perf.counting_rules import (  # noqa: F401 - _tensors, _numel, _argument: used here and by profile
     FOREACH_NO_ARITHMETIC,
     FOREACH_PREFIX,
@@ -73,6 +74,9 @@ class _Count:
     dtype: str = ""
     unsupported: bool = False  # no FLOP formula for an op that computes: its FLOPs are unknown, not 0
     parents: tuple[OpKey, ...] = ()  # the ATen ops it ran inside, nearest first (composites above the mode)
+    # per call of an eigen- or singular-value routine: FLOPs of vectors it formed only because the mode was on
+    # (see VALUES_ONLY_CALLERS), taken off where the call came from a values-only function
+    mode_vector_flops: list[float] = dataclasses.field(default_factory=list)
 
 
 def _distinct_numel(t: Any) -> int:
@@ -622,6 +626,8 @@ def count_ops(step: Callable[[], Any]) -> dict[OpKey, _Count]:
                     c.bytes_written += _nbytes(outs)
                 c.bytes_read += _packed_bytes((args, kwargs))
             c.flops += _flops(func, args, kwargs, out)
+            if str(func._overloadpacket) in VALUES_ONLY_CALLERS:
+                c.mode_vector_flops.append(_vectors_for_the_mode(func, args, kwargs, out))
             c.unsupported = c.unsupported or not (
                 has_flop_formula(func) or str(func._overloadpacket) in UNDECOMPOSED_FLOPS or does_no_arithmetic(func)
             )
@@ -654,14 +660,50 @@ def _call_tree() -> Any:
     holder[0] = prof.events()
 
 
+# Eigen- and singular-value routines that a values-only function calls (svdvals, eigvalsh, eigvals, and through
+# them matrix norms, ranks, conditions): it asks for vectors only where a gradient may need them, and torch takes
+# any dispatch mode for such a case, so under the counting pass they are formed, in the timed eager run not.
+# Routine -> (the function that wants values only, the FLOPs rule with and without vectors).
+VALUES_ONLY_CALLERS: dict[str, tuple[str, Rule, Rule]] = {
+    "aten._linalg_svd": ("aten::linalg_svdvals", _factorization_rule("svd", "A"),
+                         _factorization_rule("svd", "A", vectors=False)),
+    "aten._linalg_eigh": ("aten::linalg_eigvalsh", _factorization_rule("eigh", "A"),
+                          _factorization_rule("eigh", "A", vectors=False)),
+    "aten.linalg_eig": ("aten::linalg_eigvals", _factorization_rule("eig", "self"),
+                        _factorization_rule("eig", "self", vectors=False)),
+}
+
+
+def _vectors_for_the_mode(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """FLOPs of the vectors a VALUES_ONLY_CALLERS routine forms that an eager call from its values-only function
+    would not: all of them, unless a gradient may need them (grad mode on and an input that requires grad)."""
+    import torch
+
+    if torch.is_grad_enabled() and any(t.requires_grad for t in _tensors((args, kwargs))):
+        return 0.0
+    _, with_vectors, values_only = VALUES_ONLY_CALLERS[str(func._overloadpacket)]
+    return max(with_vectors(func, args, kwargs, out) - values_only(func, args, kwargs, out), 0.0)
+
+
 def _note_parents(counts: dict[OpKey, _Count], tree: Any) -> None:
-    """Each counted op's enclosing ATen ops, nearest first, as the counting pass's profiler saw them."""
+    """Each counted op's enclosing ATen ops, nearest first, as the counting pass's profiler saw them; a
+    VALUES_ONLY_CALLERS routine called from its values-only function loses the vectors eager does not form."""
     if not tree or tree[0] is None:
         return
-    for e in tree[0]:
+    calls_seen: dict[OpKey, int] = collections.defaultdict(int)
+    for e in sorted(tree[0], key=lambda e: e.time_range.start):
         key = (e.name, _event_shapes(e))
         c = counts.get(key)
-        if c is None or c.parents:
+        if c is None:
+            continue
+        parent = e.cpu_parent
+        if c.mode_vector_flops and (parent is None or parent.name != e.name):  # the call, not its redispatch
+            i = calls_seen[key]
+            calls_seen[key] += 1
+            caller = VALUES_ONLY_CALLERS["aten." + e.name.removeprefix("aten::")][0]
+            if i < len(c.mode_vector_flops) and parent is not None and parent.name == caller:
+                c.flops -= c.mode_vector_flops[i]
+        if c.parents:
             continue
         parents, x = [], e.cpu_parent
         while x is not None:
