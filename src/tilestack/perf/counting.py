@@ -29,8 +29,7 @@ from typing import Any
 
 from tilestack.errors import TilestackError
 from tilestack.perf import formulas
-from tilestack.perf.counting_linalg import LINALG_FLOPS
-from tilestack.perf.counting_linalg import _factorization as _factorization_rule
+from tilestack.perf.counting_linalg import LINALG_FLOPS, UNDECOMPOSED_FLOPS, VALUES_ONLY_CALLERS, vectors_for_the_mode
 from tilestack.perf.counting_rules import (  # noqa: F401 - _tensors, _numel, _argument: used here and by profile
     FOREACH_NO_ARITHMETIC,
     FOREACH_PREFIX,
@@ -254,26 +253,6 @@ def does_no_arithmetic(func: Any) -> bool:
     )
 
 
-def _nested_matmul_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
-    """aten.matmul of nested tensors (..., m_i, k) @ (..., k, n_i): each component's product, 2 * numel(a_i) * n_i."""
-    a, b = _argument(func, args, kwargs, "self"), _argument(func, args, kwargs, "other")
-    left = a.unbind() if a.is_nested else [a] * (b.size(0) if b.is_nested else 1)
-    right = b.unbind() if b.is_nested else [b] * len(left)
-    return float(sum(formulas.FLOPS_PER_MAC * x.numel() * y.shape[-1] for x, y in zip(left, right, strict=True)))
-
-
-def _nested_matmul_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
-    """aten.matmul_backward (nested operands): each gradient ``mask`` asks for is a product as large as the
-    forward's."""
-    mask = [bool(m) for m in _argument(func, args, kwargs, "mask")]
-    return sum(mask) * _nested_matmul_flops(func, args, kwargs, out)
-
-
-# Ops of nested operands counted whole: matmul, which Python decompositions cannot split over ragged dims
-# (decomposed everywhere else), and its nested-only backward.
-UNDECOMPOSED_FLOPS: dict[str, Rule] = {
-    "aten.matmul": _nested_matmul_flops, "aten.matmul_backward": _nested_matmul_backward_flops,
-}
 # A nested tensor's bookkeeping: its sizes, strides and offsets (metadata, no element read), size checks.
 METADATA_OPS = frozenset({
     "aten::_nested_tensor_size", "aten::_nested_tensor_strides", "aten::_nested_tensor_storage_offsets",
@@ -627,7 +606,7 @@ def count_ops(step: Callable[[], Any]) -> dict[OpKey, _Count]:
                 c.bytes_read += _packed_bytes((args, kwargs))
             c.flops += _flops(func, args, kwargs, out)
             if str(func._overloadpacket) in VALUES_ONLY_CALLERS:
-                c.mode_vector_flops.append(_vectors_for_the_mode(func, args, kwargs, out))
+                c.mode_vector_flops.append(vectors_for_the_mode(func, args, kwargs, out))
             c.unsupported = c.unsupported or not (
                 has_flop_formula(func) or str(func._overloadpacket) in UNDECOMPOSED_FLOPS or does_no_arithmetic(func)
             )
@@ -658,31 +637,6 @@ def _call_tree() -> Any:
     finally:
         prof.__exit__(None, None, None)
     holder[0] = prof.events()
-
-
-# Eigen- and singular-value routines that a values-only function calls (svdvals, eigvalsh, eigvals, and through
-# them matrix norms, ranks, conditions): it asks for vectors only where a gradient may need them, and torch takes
-# any dispatch mode for such a case, so under the counting pass they are formed, in the timed eager run not.
-# Routine -> (the function that wants values only, the FLOPs rule with and without vectors).
-VALUES_ONLY_CALLERS: dict[str, tuple[str, Rule, Rule]] = {
-    "aten._linalg_svd": ("aten::linalg_svdvals", _factorization_rule("svd", "A"),
-                         _factorization_rule("svd", "A", vectors=False)),
-    "aten._linalg_eigh": ("aten::linalg_eigvalsh", _factorization_rule("eigh", "A"),
-                          _factorization_rule("eigh", "A", vectors=False)),
-    "aten.linalg_eig": ("aten::linalg_eigvals", _factorization_rule("eig", "self"),
-                        _factorization_rule("eig", "self", vectors=False)),
-}
-
-
-def _vectors_for_the_mode(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
-    """FLOPs of the vectors a VALUES_ONLY_CALLERS routine forms that an eager call from its values-only function
-    would not: all of them, unless a gradient may need them (grad mode on and an input that requires grad)."""
-    import torch
-
-    if torch.is_grad_enabled() and any(t.requires_grad for t in _tensors((args, kwargs))):
-        return 0.0
-    _, with_vectors, values_only = VALUES_ONLY_CALLERS[str(func._overloadpacket)]
-    return max(with_vectors(func, args, kwargs, out) - values_only(func, args, kwargs, out), 0.0)
 
 
 def _note_parents(counts: dict[OpKey, _Count], tree: Any) -> None:

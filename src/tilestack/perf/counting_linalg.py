@@ -1,7 +1,9 @@
 """The FLOP rules of the counting pass (``tilestack.perf.counting``) for products and linear algebra: matmuls torch's
 flop counter leaves out (in-place and summed batch products, matrix-vector products, the int8 matmul), packed
 quantized linears and recurrent layers, nn.Bilinear, pairwise distances, dense factorisations and solves, FFTs, and
-complex numbers built from polar form; the table ``LINALG_FLOPS`` names the ATen ops each counts.
+complex numbers built from polar form; the table ``LINALG_FLOPS`` names the ATen ops each counts. Also the matmul of
+nested tensors (``UNDECOMPOSED_FLOPS``) and the vectors a dispatch mode makes eigen- and singular-value routines
+form (``VALUES_ONLY_CALLERS``).
 
     rule = LINALG_FLOPS["aten.addbmm"]
     rule(func, args, kwargs, out)          # FLOPs of one call, from its arguments and result
@@ -266,3 +268,50 @@ LINALG_FLOPS: dict[str, Rule] = {
     "aten._pdist_backward": _pdist_flops,
     "aten.polar": _polar_flops,
 }
+
+
+def _nested_matmul_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """aten.matmul of nested tensors (..., m_i, k) @ (..., k, n_i): each component's product, 2 * numel(a_i) * n_i."""
+    a, b = _argument(func, args, kwargs, "self"), _argument(func, args, kwargs, "other")
+    left = a.unbind() if a.is_nested else [a] * (b.size(0) if b.is_nested else 1)
+    right = b.unbind() if b.is_nested else [b] * len(left)
+    return float(sum(formulas.FLOPS_PER_MAC * x.numel() * y.shape[-1] for x, y in zip(left, right, strict=True)))
+
+
+def _nested_matmul_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """aten.matmul_backward (nested operands): each gradient ``mask`` asks for is a product as large as the
+    forward's."""
+    mask = [bool(m) for m in _argument(func, args, kwargs, "mask")]
+    return sum(mask) * _nested_matmul_flops(func, args, kwargs, out)
+
+
+# Ops of nested operands counted whole: matmul, which Python decompositions cannot split over ragged dims
+# (decomposed everywhere else), and its nested-only backward.
+UNDECOMPOSED_FLOPS: dict[str, Rule] = {
+    "aten.matmul": _nested_matmul_flops, "aten.matmul_backward": _nested_matmul_backward_flops,
+}
+
+
+# Eigen- and singular-value routines that a values-only function calls (svdvals, eigvalsh, eigvals, and through
+# them matrix norms, ranks, conditions): it asks for vectors only where a gradient may need them, and torch takes
+# any dispatch mode for such a case, so under the counting pass they are formed, in the timed eager run not.
+# Routine -> (the function that wants values only, the FLOPs rule with and without vectors).
+VALUES_ONLY_CALLERS: dict[str, tuple[str, Rule, Rule]] = {
+    "aten._linalg_svd": ("aten::linalg_svdvals", _factorization("svd", "A"),
+                         _factorization("svd", "A", vectors=False)),
+    "aten._linalg_eigh": ("aten::linalg_eigvalsh", _factorization("eigh", "A"),
+                          _factorization("eigh", "A", vectors=False)),
+    "aten.linalg_eig": ("aten::linalg_eigvals", _factorization("eig", "self"),
+                        _factorization("eig", "self", vectors=False)),
+}
+
+
+def vectors_for_the_mode(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """FLOPs of the vectors a VALUES_ONLY_CALLERS routine forms that an eager call from its values-only function
+    would not: all of them, unless a gradient may need them (grad mode on and an input that requires grad)."""
+    import torch
+
+    if torch.is_grad_enabled() and any(t.requires_grad for t in _tensors((args, kwargs))):
+        return 0.0
+    _, with_vectors, values_only = VALUES_ONLY_CALLERS[str(func._overloadpacket)]
+    return max(with_vectors(func, args, kwargs, out) - values_only(func, args, kwargs, out), 0.0)
