@@ -15,7 +15,8 @@ enumerated plan, the search is deterministic. Alpa's DP: 100-200 layers plan in 
 
 Found and fixed (each test below failed first):
 - a weight used by two layers (tied embedding and head, a block applied twice) was counted on the first layer's
-  pipeline stage only: a later stage that runs it held no copy (LayerDesc.shared, predict);
+  pipeline stage only: a later stage that runs it held no copy (LayerDesc.shared, predict), nor all-reduced its
+  gradients with the owner's stage; a window of layers (Alpa's stage cost) counts the copies its layers use;
 - sequence parallelism was planned on sequences its degree does not divide (Plan.check, enumerate_plans);
 - a module whose parameters are of several dtypes had all its bytes counted at the first parameter's size
   (LayerDesc.param_bytes);
@@ -413,6 +414,41 @@ def test_a_weight_used_on_two_stages_is_held_by_both(name, described, pp):
         nbytes = sum(p.numel() * p.element_size() for p in used.values())
         assert pred.memory[s]["parameters"] == nbytes, s
         assert pred.memory[s]["gradients"] == nbytes and pred.memory[s]["optimizer"] == 2 * nbytes
+
+
+@pytest.mark.parametrize("name", ["tied", "albert", "t5"])
+def test_a_window_of_layers_holds_the_weights_its_layers_use(name, described):
+    """Alpa's stage cost predicts a window [k, i) of the model's layers (its compute model offset by k): a window
+    holds the weights its layers use, whether their owner is inside it or not."""
+    from tilestack.parallel.plan.search import _Offset
+    module, _ = MODELS[name]
+    desc = described[name]
+    by_name = dict(module.named_modules())
+    for k in range(len(desc.layers)):
+        for i in range(k + 1, len(desc.layers) + 1):
+            sub = type(desc)(**{**desc.__dict__, "layers": desc.layers[k:i]})
+            mem = predict(Plan(batch=2), sub, _Offset(Unit(desc), k), FREE).memory[0]
+            used = {id(p): p for layer in sub.layers for p in by_name[layer.name.split("#")[0]].parameters()}
+            if k == 0:
+                used |= {id(p): p for p in module.parameters(recurse=False)}
+            assert mem["parameters"] == sum(p.numel() * p.element_size() for p in used.values()), (k, i)
+
+
+def test_a_tied_weight_on_two_stages_has_its_gradients_all_reduced_between_them(described):
+    """Megatron's embedding group: the stage that holds the tied copy and the owner's stage all-reduce its
+    gradients once a step (one all-reduce over 2 ranks of the weight's bytes); without a pipeline there is no
+    copy and nothing to reduce."""
+    import dataclasses
+    desc = described["tied"]
+    untied = dataclasses.replace(desc, layers=tuple(dataclasses.replace(layer, shared=()) for layer in desc.layers))
+    weight = 64 * 16 * FP32
+    for kw, extra in ((dict(pp=2, microbatches=2), FIT.time("all_reduce", weight, 2, stride=1)), (dict(), 0.0)):
+        tied = predict(Plan(batch=4, **kw), desc, Unit(desc), FIT).terms["dp comm"]
+        plain = predict(Plan(batch=4, **kw), untied, Unit(untied), FIT).terms["dp comm"]
+        assert tied - plain == pytest.approx(extra, rel=1e-9, abs=1e-15), kw
+    wide = Plan(batch=4, pp=2, dp=2, microbatches=2)           # the copy's gradients also go round dp
+    assert predict(wide, desc, Unit(desc), FIT).terms["dp comm"] > \
+        predict(wide, untied, Unit(untied), FIT).terms["dp comm"] + FIT.time("all_reduce", weight, 2, stride=2)
 
 
 def test_mixed_dtype_parameters_are_counted_at_their_own_size(described):

@@ -14,8 +14,9 @@ layer's parameters before its forward and again before its backward, and a reduc
 after. Backward = backward + recompute (the whole forward again, or attention's share of it for selective).
 Stages pass b s d elements to their neighbours (point to point). After the pipeline: an all-reduce of the
 gradients over dp (DDP, or the Trainer's flat one), or for ZeRO-1 an all-reduce and ZeRO-2 a reduce-scatter,
-then an all-gather of the parameters; the optimizer runs on the rank's own elements. On a shared CPU every
-collective also costs what the probe's scalar all-reduce (``compute.collective_s``) takes beyond the
+then an all-gather of the parameters (and, for a weight two pipeline ranks hold, a tied head or a block called
+on two stages, an all-reduce of its gradients between them); the optimizer runs on the rank's own elements. On
+a shared CPU every collective also costs what the probe's scalar all-reduce (``compute.collective_s``) takes beyond the
 idle one of its group size, and every pipeline send ``compute.p2p_delay`` (the ranks that
 meet there wait for one that lost its core, or for a core to come back to; the lockstep probe measures both), so
 a plan pays them as often as its ranks meet: per block and micro-batch under tp, per micro-batch and stage edge
@@ -352,17 +353,32 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
     # per pipeline rank: its stages' parameters, tensors
     ranks = range(plan.pp)
     rank_stages = [[s for s in range(plan.n_stages) if s % plan.pp == r] for r in ranks]
-    held = [_held(desc, [i for s in rs for i in stages[s]], tp) for rs in rank_stages]
+    # LayerDesc.shared names owners by their index in the whole model: a window of it (a stage of Alpa's DP)
+    # starts at its compute model's offset
+    base = getattr(compute, "offset", 0)
+    held = [_held(desc, [i for s in rs for i in stages[s]], tp, base) for rs in rank_stages]
     # data-parallel gradient reduction (slowest rank), then ZeRO's all-gather of the parameters
+    # a weight held on two ranks (a tied head, a block called again on another stage): its gradients are
+    # all-reduced between the copy's rank and the owner's once a step (Megatron's embedding group)
+    # (an owner outside the window is on another stage, outside this prediction)
+    rank_of = {base + i: r for r, rs in enumerate(rank_stages) for s in rs for i in stages[s]}
+    tied_s = [0.0] * plan.pp
+    for r in ranks:
+        for p in held[r].copies:
+            if p.trained:
+                t = sync("all_reduce", p.nbytes / shard, 2, plan.world_size // plan.pp)
+                tied_s[r] += t
+                if p.owner in rank_of:
+                    tied_s[rank_of[p.owner]] += t
     dp_s = []
     for r in ranks:
         grad_bytes = held[r].trained_bytes / shard
-        t = 0.0
+        t = tied_s[r]
         if plan.dp > 1:
             if plan.zero == 2:
-                t = sync("reduce_scatter", grad_bytes, plan.dp, tp * shard)
+                t += sync("reduce_scatter", grad_bytes, plan.dp, tp * shard)
             else:
-                t = sync("all_reduce", grad_bytes, plan.dp, tp * shard)
+                t += sync("all_reduce", grad_bytes, plan.dp, tp * shard)
             if plan.zero:
                 t += sync("all_gather", held[r].trained_bytes, plan.dp, tp * shard)
         dp_s.append(t)
@@ -485,11 +501,13 @@ class _Held:
     nbytes: float
     trained_bytes: float
     tensors: int
+    copies: tuple[Any, ...] = ()          # the SharedParams it holds a copy of (their owner runs elsewhere)
 
 
-def _held(desc: ModelDesc, layer_ids: list[int], tp: int) -> _Held:
+def _held(desc: ModelDesc, layer_ids: list[int], tp: int, base: int = 0) -> _Held:
     """What the rank running ``layer_ids`` holds: each layer's own parameters, and once each the shared ones
-    (LayerDesc.shared: a tied head, a block called again) whose owning layer runs on another rank."""
+    (LayerDesc.shared: a tied head, a block called again) whose owning layer runs on another rank. ``base``: the
+    index of ``desc``'s first layer in the model that LayerDesc.shared's owners index (a window of it)."""
     elements = trained = nbytes = trained_bytes = 0.0
     tensors = 0
     for i in layer_ids:
@@ -500,7 +518,7 @@ def _held(desc: ModelDesc, layer_ids: list[int], tp: int) -> _Held:
         nbytes += n * size
         trained_bytes += (n - layer.frozen) * size
         tensors += layer.tensors
-    mine = set(layer_ids)
+    mine = {base + i for i in layer_ids}
     elsewhere = {p.ordinal: p for i in layer_ids for p in desc.layers[i].shared if p.owner not in mine}
     for p in elsewhere.values():
         elements += p.numel
@@ -508,7 +526,7 @@ def _held(desc: ModelDesc, layer_ids: list[int], tp: int) -> _Held:
         trained += p.numel if p.trained else 0
         trained_bytes += p.nbytes if p.trained else 0
         tensors += 1
-    return _Held(elements, trained, nbytes, trained_bytes, tensors)
+    return _Held(elements, trained, nbytes, trained_bytes, tensors, tuple(elsewhere.values()))
 
 
 def _act_bytes(layer: Any, plan: Plan) -> float:
