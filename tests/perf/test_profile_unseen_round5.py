@@ -18,7 +18,8 @@ What the round found (each pinned by the test whose docstring says so):
   foreach ops (a MAML update, an optimizer's step); _is_all_true (torch.distributions' argument checks); prims
   (forward-mode AD's tangent adds); the profiler's own record_function ranges and _has_same_storage_numel checks
   were reported as ops with no formula;
-- wrong counts: svdvals, eigvalsh and eigvals counted the vectors torch forms only under a dispatch mode;
+- wrong counts: svdvals, eigvalsh and eigvals counted the vectors torch forms only under a dispatch mode; an op
+  on complex values only had no dtype (placed under the step's, fp32 for a complex128 model too);
 - wrong bytes: an in-place foreach op (which returns nothing) wrote 0 bytes; new_zeros read its argument; an
   efficient zero tensor (forward-mode AD's zero tangent) was charged the memory it does not have;
 - crashes: a jagged nested tensor (RecursionError in the counting pass, then a failed matmul decomposition);
@@ -521,3 +522,13 @@ def test_values_only_decompositions_count_no_vectors():
     leaf = a.clone().requires_grad_()
     counts = counting.count_ops(lambda: torch.linalg.svdvals(leaf).sum().backward())  # the gradient needs U, V
     assert flops_of(counts, "aten::_linalg_svd") == pytest.approx(14 * n**3 + 8 * n**3, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype,name", [(torch.complex64, "fp32"), (torch.complex128, "fp64")])
+def test_complex_ops_carry_the_dtype_of_their_parts(dtype, name):
+    """An op on complex values only (a c2c FFT, a complex product) had no dtype (the profile then placed it under
+    the step's, fp32 by default, a complex128 one too): a complex dtype is that of its real and imaginary parts."""
+    x = torch.randn(4, 16, dtype=dtype)
+    counts = counting.count_ops(lambda: torch.fft.fft(x) * x)
+    for op in ("aten::_fft_c2c", "aten::mul"):
+        assert rows_of(counts, op)[0].dtype == name, op

@@ -297,10 +297,13 @@ NO_ARITHMETIC = frozenset(
 
 
 def _dtype(ts: Sequence[Any]) -> str:
+    """The first floating-point dtype among ``ts``, by tilestack's name; a complex one's parts' (complex64: fp32)."""
+
     for t in ts:
-        if t.is_floating_point():
+        dtype = t.dtype.to_real() if t.is_complex() else t.dtype
+        if dtype.is_floating_point:
             try:
-                return formulas.dtype_name(t.dtype)
+                return formulas.dtype_name(dtype)
             except Exception:
                 continue
     return ""
