@@ -53,10 +53,20 @@ def original_module(gm: fx.GraphModule, match: Match, inputs: list[fx.Node]) -> 
     return fx.GraphModule(gm, g)
 
 
+def size_hint(n) -> int:
+    """A size of a fake tensor as a number: the example's size for a symbolic one, read without the guard that
+    ``int(n)`` puts on it (``int`` specializes the graph to that size, so with ``check`` a ``dynamic=True``
+    compile recompiled for every new batch or sequence length). Raises for a size with no example (unbacked)."""
+    if type(n) is int:
+        return n
+    from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
+    return int(guarding_hint_or_throw(n))
+
+
 def random_like(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """A real tensor of t's shape, dtype and device. Booleans (masks) get, in every row, a True in column 0 and
     a False in column 1, so that a row is never fully masked whichever way the mask is read."""
-    shape = tuple(int(s) for s in t.shape)
+    shape = tuple(size_hint(s) for s in t.shape)
     if t.dtype == torch.bool:
         out = torch.rand(shape, generator=gen) > 0.5
         if out.dim() and shape[-1] > 0:

@@ -16,8 +16,10 @@ from tilestack.compile.patterns.match import (
     _last_dim,
     _number,
     _softmax_dtype,
+    cast_input,
     kind,
     runs_here,
+    scalar,
     value,
 )
 from tilestack.errors import LaunchError
@@ -63,22 +65,56 @@ def sdpa(gm: fx.GraphModule):
     return matches, declined
 
 
+def _widening_cast(x) -> Node | None:
+    """The input of x when x is a dtype cast that loses nothing (to the same dtype, or up to f32 / f64: the
+    kernel's softmax runs in f32 whatever the inputs), else None."""
+    inner = cast_input(x)
+    if inner is None:
+        return None
+    src, dst = value(inner).dtype, value(x).dtype
+    return inner if dst == src or (dst in (torch.float32, torch.float64) and src.is_floating_point and
+                                   src.itemsize <= dst.itemsize) else None
+
+
+def _through_widening_casts(x, chain: list[Node]):
+    while (inner := _widening_cast(x)) is not None:
+        chain.append(x)
+        x = inner
+    return x
+
+
+def _scale_factor(x: Node):
+    """(c, inner) when x is ``inner * c``, ``c * inner`` or ``inner / c`` for a constant c (a number or a 0-d
+    constant tensor), else None."""
+    a, b = _arg(x, 0, "input"), _arg(x, 1, "other")
+    if kind(x) == "mul":
+        for c, inner in ((scalar(b), a), (scalar(a), b)):
+            if c is not None and isinstance(inner, Node) and scalar(inner) is None:
+                return c, inner
+        return None
+    c = scalar(b)
+    if c in (None, 0.0) or x.kwargs.get("rounding_mode") is not None or not isinstance(a, Node):
+        return None
+    return 1.0 / c, a
+
+
 def _scores(x: Node, chain: list[Node]):
-    """(q, k, scale) if x is ``q @ k.transpose(-2, -1)`` times numbers, with its nodes added to chain."""
+    """(q, k, scale) if x is ``q @ k.transpose(-2, -1)`` times constants (through casts that lose nothing), with
+    its nodes added to chain."""
     nodes: list[Node] = []
     scale = 1.0
+    x = _through_widening_casts(x, nodes)
     while kind(x) in ("mul", "div"):
-        a, b = _arg(x, 0, "input"), _arg(x, 1, "other")
-        if kind(x) == "mul":
-            c, inner = (_number(b), a) if isinstance(a, Node) else (_number(a), b)
-        else:
-            c, inner = (None if _number(b) in (None, 0.0) else 1.0 / _number(b)), a
-            if x.kwargs.get("rounding_mode") is not None:
-                c = None
-        if c is None or not isinstance(inner, Node):
+        found = _scale_factor(x)
+        if found is None:
             return None
+        c, inner = found
         nodes.append(x)
-        scale, x = scale * c, inner
+        for a in x.args:                 # a 0-d constant tensor the rewrite no longer reads
+            if isinstance(a, Node) and a is not inner and len(a.users) == 1:
+                nodes.append(a)
+        scale = scale * c
+        x = _through_widening_casts(inner, nodes)
     if kind(x) != "matmul":
         return None
     q, kt = _arg(x, 0, "input"), _arg(x, 1, "other")
@@ -102,22 +138,28 @@ def explicit_attention(gm: fx.GraphModule):
         if kind(node) != "matmul":
             continue
         p, v = _arg(node, 0, "input"), _arg(node, 1, "other")
-        drop = None
-        if kind(p) == "dropout":           # nanoGPT's attn_dropout: a no-op in eval mode or with p = 0
-            if kind(_arg(p, 0, "input")) == "softmax" and (
-                    _arg(p, 2, "training", True) is not False and _arg(p, 1, "p", 0.5) != 0):
-                declined.append((node, "explicit attention: dropout on the probabilities (training; the kernels "
-                                       "fuse no dropout)"))
-                continue
-            drop, p = p, _arg(p, 0, "input")
+        # between the softmax and the product: dropouts (nanoGPT's attn_dropout: a no-op in eval mode or with
+        # p = 0) and casts (Hugging Face's softmax in f32, then .to(q.dtype); the kernel's softmax runs in f32)
+        chain: list[Node] = []
+        active_dropout = False
+        while True:
+            if kind(p) == "dropout":
+                active_dropout |= _arg(p, 2, "training", True) is not False and _arg(p, 1, "p", 0.5) != 0
+            elif cast_input(p) is None:
+                break
+            chain.append(p)
+            p = _arg(p, 0, "input")
         if kind(p) != "softmax":
             continue
-        x = _arg(p, 0, "input")
+        if active_dropout:
+            declined.append((node, "explicit attention: dropout on the probabilities (training; the kernels "
+                                   "fuse no dropout)"))
+            continue
         pv = value(p)
         if not isinstance(pv, torch.Tensor) or not _last_dim(_arg(p, 1, "dim"), pv.dim()) or \
-                _softmax_dtype(p) is not None:
+                _softmax_dtype(p) not in (None, torch.float32):
             continue
-        chain: list[Node] = []
+        x = _through_widening_casts(_arg(p, 0, "input"), chain)       # softmax(s.float()): the f32 it runs in
         mask, fill, finite = None, False, False     # finite: the masked scores were set to a finite lowest value
         found = _scores(x, chain)
         if found is None and kind(x) == "add":
@@ -149,7 +191,7 @@ def explicit_attention(gm: fx.GraphModule):
         scale = found[2]
         if mask is not None:
             chain.append(x)
-        chain.extend([p, node] + ([drop] if drop is not None else []))
+        chain.extend([p, node])
         qv, kv_, vv, mv = value(q), value(k), value(v), value(mask)
         why = unsupported(qv, kv_, vv, mv, 0.0, False, False)
         if why is None:

@@ -111,3 +111,46 @@ def _softmax_dtype(node: Node):
 
 def _last_dim(dim, ndim: int) -> bool:
     return isinstance(dim, int) and dim in (-1, ndim - 1)
+
+
+_CASTS = ("to", "type", "float", "half", "bfloat16", "double", "type_as")
+
+
+def cast_input(node) -> Node | None:
+    """x when node is a dtype cast of the tensor x (``x.to(dtype)``, ``x.type(dtype)``, ``x.float()``,
+    ``x.type_as(y)``, ...) that keeps its shape and device, else None. Whether the cast loses precision is the
+    caller's to judge (``value(node).dtype`` against ``value(x).dtype``)."""
+    if not isinstance(node, Node) or node.op != "call_method" or node.target not in _CASTS or not node.args:
+        return None
+    x, rest = node.args[0], node.args[1:]
+    if node.target == "type_as":
+        ok = len(rest) == 1 and isinstance(rest[0], Node) and not node.kwargs
+    elif node.target in ("to", "type"):
+        dtypes = [*rest, *(v for k, v in node.kwargs.items() if k == "dtype")]
+        ok = len(dtypes) == 1 and isinstance(dtypes[0], torch.dtype) and set(node.kwargs) <= {"dtype"}
+    else:
+        ok = not rest and not node.kwargs
+    xv, yv = value(x), value(node)
+    if not ok or not (isinstance(xv, torch.Tensor) and isinstance(yv, torch.Tensor)) or xv.shape != yv.shape or \
+            xv.device != yv.device:
+        return None
+    return x
+
+
+def scalar(x) -> float | None:
+    """The number x stands for: a Python number, or a graph node making a 0-d tensor of a constant number
+    (``torch.full([], c)``, ``torch.tensor(c)``: Hugging Face's GPT-2 divides its scores by one), else None."""
+    if not isinstance(x, Node):
+        return _number(x)
+    if x.op != "call_function" or set(x.kwargs) - {"dtype", "device", "requires_grad"}:
+        return None
+    if x.target is torch.full and len(x.args) == 2 and isinstance(x.args[0], list | tuple) and not x.args[0]:
+        c = _number(x.args[1])
+    elif x.target is torch.tensor and len(x.args) == 1:
+        c = _number(x.args[0])
+    else:
+        return None
+    dtype = x.kwargs.get("dtype")
+    if c is None or not (dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        return None
+    return c if dtype is None else float(torch.tensor(c, dtype=dtype))     # the number as the tensor holds it
