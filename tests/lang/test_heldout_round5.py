@@ -22,8 +22,9 @@ runs the GPU-only ones on the GPU):
 - Triton/Gluon: sums and differences of sizes and int arguments (`off + X.shape[0]`, `X.shape[0] - off`) and their
   products with a constant (`off * 3`) were i32 and wrapped past 2**31; they are i64 now where they are data
   (ir.scalars.wide_index), a mask bound made of them clamped back to i32 (its compares stay 32-bit);
-- Triton's interpreter took a float (argument or constant) of f64 max/min as an f32 (0.1 -> 0.10000000149): f64 work
-  takes float scalars as tl.full((), x, tl.float64);
+- Triton's interpreter took a float (argument or constant) of f64 max/min as an f32 (0.1 -> 0.10000000149), and Gluon
+  on the GPU a float constant of f64 work (where(m, 0.1, 0.2) into f64: round 4's work_dtypes, found on the GPU): f64
+  work takes float scalars as f64 values (tl.full((), x, tl.float64); gl.full(shape, x, gl.float64, layout=...));
 - Triton/Gluon on the GPU: a float converted to i64 made NaN -2**63 (the H200's cvt.rzi.s64; the reference and
   s32's make 0): NaN is 0 and the range saturated before the conversion (found by scripts/gpu/run_heldout_on_gpu.py
   running round 3's float -> int test on the GPU);
@@ -255,6 +256,9 @@ def test_f64_float_arguments_are_f64_parameters_on_the_gpu():
         src = traced.source(backend)
         assert f"a: {ns}.float64" in src and f"b: {ns}.float64" in src, src
         assert f"{ns}.cast(a, {ns}.float32) + 1.0" in src          # scalar arithmetic stays f32
+    # an f64 constant in f64 work: an f64 (a Python float is an f32 to both DSLs: 0.1 would be 0.10000000149)
+    assert "tl.full((), 0.1, tl.float64)" in traced.source("triton")
+    assert "gl.full([16], 0.1, gl.float64, layout=" in traced.source("gluon")
     plain = clamp_relu6.trace(ts.ArgSpec(ts.f32, 1), ts.ArgSpec(ts.f32, 1), ts.ArgSpec(ts.f32, 1), 0.5, 0.5)
     assert "float64" not in plain.source("triton")                # f32 kernels keep f32 parameters
     from tilestack.backends.gluon.codegen import generate

@@ -186,10 +186,15 @@ class _Emitter:
         n = self.name(v)
         return n if self.lay.get(v) == key else f"gl.convert_layout({n}, {self.layout(key)})"
 
-    def float_scalar(self, v: Value, work) -> str:
-        """Float scalar ``v`` as ``work`` (a float work dtype) takes it: an f64 argument as it is in f64 work, else
-        its name (an f32 there, as the reference takes it)."""
-        return self.f64_floats.get(v) or self.name(v) if work is f64 else self.name(v)
+    def float_scalar(self, v: Value, work, shape: tuple[int, ...] | None = None, key: tuple | None = None) -> str:
+        """Float scalar ``v`` as ``work`` (a float work dtype) takes it: in f64 work an f64 argument as it is and a
+        constant as an f64 tile of ``shape`` in layout ``key`` (a Python float is an f32 to Gluon: 0.1 would be
+        0.10000000149), else its name (an f32 there, as the reference takes it)."""
+        if work is not f64:
+            return self.name(v)
+        if v in self.consts and shape is not None:
+            return f"gl.full({list(shape)}, {self.name(v)}, gl.float64, layout={self.layout(key)})"
+        return self.f64_floats.get(v) or self.name(v)
 
     def f32(self, expr: str, v: Value) -> str:
         return expr if v.type.dtype.name in ("f32", "f64") else f"{expr}.to(gl.float32)"
@@ -446,7 +451,7 @@ def _e_binary(e: _Emitter, ins: Instr) -> None:
         e.assign(ins.result, e.cast(expr, wd, ins.result.type.dtype))
         e.set_lay(ins.result, key)
         return
-    bx = e.f32(e.as_layout(b, key), b) if isinstance(b.type, TileType) else e.float_scalar(b, wd)
+    bx = e.f32(e.as_layout(b, key), b) if isinstance(b.type, TileType) else e.float_scalar(b, wd, a.type.shape, key)
     expr = _BINARY[ins.attrs.fn].format(e.f32(e.name(a), a), bx)
     e.assign(ins.result, e.cast(expr, f32, ins.result.type.dtype))
     e.set_lay(ins.result, key)
@@ -548,7 +553,7 @@ def _broadcasting(e: _Emitter, ins: Instr, as_float: bool, to=None) -> tuple[lis
     work = work_dtype(ins)
     for s, ax in zip(ins.srcs, ins.attrs.axes, strict=True):
         if not isinstance(s.type, TileType):
-            x = e.float_scalar(s, work) if s.type == FLOAT else e.name(s)
+            x = e.float_scalar(s, work, ins.result.type.shape, key) if s.type == FLOAT else e.name(s)
             if to is not None and s.type == FLOAT and not to.is_float:   # truncated and saturated as a tile would be
                 x = e.cast(x, f32, to)
             elif to is not None and s.type == INDEX and (to.is_float or s not in e.consts):
