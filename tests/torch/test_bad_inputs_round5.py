@@ -625,8 +625,6 @@ def test_outputs_overlapping_their_inputs():
 
 
 # ---- found in tilestack.quant, outside this round's files (reported; expected to fail until fixed there) ----------
-@pytest.mark.xfail(strict=True, reason="quant/linear.py calibrate: max(amax, nan) keeps amax (nan > x is False), so "
-                                       "NaN calibration inputs give x_scale 1 without a word (inf is refused)")
 def test_quantize_refuses_nan_calibration_inputs():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 6))
@@ -634,9 +632,7 @@ def test_quantize_refuses_nan_calibration_inputs():
         tilestack.quantize(model, "fp8-act", calibration=[torch.full((2, 8), math.nan)])
 
 
-@pytest.mark.xfail(strict=True, reason="quant/linear.py quantize: a skip name that matches no layer (a typo) is "
-                                       "ignored, so the layer meant to stay in float is quantized without a word")
-def test_quantize_refuses_a_skip_name_that_matches_no_layer():
+def test_quantize_warns_of_a_skip_name_that_matches_no_layer():
     model = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 6))
-    with pytest.raises(LaunchError, match=r"skip"):
+    with pytest.warns(UserWarning, match=r"skip names \['1 '\] match no nn.Linear"):
         tilestack.quantize(model, "int8", skip=["1 "])

@@ -18,6 +18,7 @@ model: its ``QuantLinear``). ``QuantLinear`` runs inference only (a backward thr
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -124,7 +125,9 @@ def calibrate(model: nn.Module, names: list[str], batches) -> dict[str, float]:
     for name in names:
         def record(_mod, args, name=name):
             if args[0].numel():          # an empty input has no largest value
-                amax[name] = max(amax[name], float(args[0].detach().abs().max()))
+                top = float(args[0].detach().abs().max())
+                # NaN kept (max(a, nan) would keep a, and the check below would pass it by)
+                amax[name] = top if math.isnan(top) else max(amax[name], top)
         hooks.append(modules[name].register_forward_pre_hook(record))
     seen = 0
     try:
@@ -168,8 +171,13 @@ def quantize(model: nn.Module, mode: str = "int8", *, calibration=None, skip=())
     skip = tuple(skip) if isinstance(skip, Iterable) else None
     if skip is None or not all(isinstance(s, str) for s in skip):
         raise LaunchError(f"quantize: skip must be layer names (a str or an iterable of str), got {given!r}")
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and
-             not any(n == s or n.endswith("." + s) for s in skip)]
+    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    unmatched = [s for s in skip if not any(n == s or n.endswith("." + s) for n in linears)]
+    if unmatched:     # a typo would quantize the layer meant to stay in float without a word; a generic name
+        # (skip=("lm_head",) where the head is a tied embedding, not a Linear) is common, so a warning, not an error
+        warnings.warn(f"quantize: skip names {unmatched} match no nn.Linear of the model (its Linear layers: "
+                      f"{linears[:20]}{' ...' if len(linears) > 20 else ''})", UserWarning, stacklevel=2)
+    names = [n for n in linears if not any(n == s or n.endswith("." + s) for s in skip)]
     scales = {}
     if mode == "fp8-act":
         scales = {n: activation_scale(a) for n, a in calibrate(model, names, calibration).items()}
