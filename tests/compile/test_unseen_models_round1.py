@@ -507,7 +507,15 @@ def test_norm_variants(dtype):
     x, r = torch.randn(3, 5, 24, dtype=dtype), torch.randn(3, 5, 24, dtype=dtype)
     with torch.no_grad():
         _, swaps = _run(model, x, r, dtype=dtype)
-    assert swaps.get("add_norm") == 1, swaps
+    # without affine parameters (ones and zeros to the kernels) and the RMSNorm written out, all five taken
+    assert swaps == {"add_norm": 2, "norm": 3}, swaps
+
+
+def test_norm_variants_backward():
+    model = _model(Norms, torch.float32).train()
+    x, r = torch.randn(3, 5, 24, requires_grad=True), torch.randn(3, 5, 24, requires_grad=True)
+    _, swaps = _run(model, x, r, grad_of=[x, r, model.no_bias.weight, model.rms_w.weight, model.w])
+    assert swaps == {"add_norm": 2, "norm": 3}, swaps
 
 
 class MLPs(nn.Module):

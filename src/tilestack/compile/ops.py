@@ -156,23 +156,34 @@ def ts_attention(q, k, v, mask, mask_is_fill: bool, causal: bool, scale: float, 
     return out
 
 
+def _affine(x, weight, bias=None, layer: bool = False):
+    """A norm's (weight, bias) for the kernels, which take both (a layer norm) or the weight: ones and zeros of
+    x's last dim where the model has none (``elementwise_affine=False``, ``bias=False``, an RMSNorm written out
+    without a weight)."""
+    if weight is None:
+        weight = torch.ones(x.shape[-1], dtype=x.dtype if bias is None else bias.dtype, device=x.device)
+    if layer and bias is None:
+        bias = torch.zeros(x.shape[-1], dtype=weight.dtype, device=x.device)
+    return weight, bias
+
+
 def ts_layer_norm(x, weight, bias, eps: float):
-    return layer_norm_fwd_op(x, weight, bias, eps)[0]
+    return layer_norm_fwd_op(x, *_affine(x, weight, bias, layer=True), eps)[0]
 
 
 def ts_rms_norm(x, weight, eps: float):
-    return rms_norm_fwd_op(x, weight, eps)[0]
+    return rms_norm_fwd_op(x, _affine(x, weight)[0], eps)[0]
 
 
 def ts_add_layer_norm(x, r, weight, bias, eps: float):
     """(h, y): h = x + r, y = layer_norm(h), in that order (the order of the nodes they replace)."""
-    y, h, _, _ = add_layer_norm_fwd_op(x, r, weight, bias, eps)
+    y, h, _, _ = add_layer_norm_fwd_op(x, r, *_affine(x, weight, bias, layer=True), eps)
     return h, y
 
 
 def ts_add_rms_norm(x, r, weight, eps: float):
     """(h, y): h = x + r, y = rms_norm(h)."""
-    y, h, _ = add_rms_norm_fwd_op(x, r, weight, eps)
+    y, h, _ = add_rms_norm_fwd_op(x, r, _affine(x, weight)[0], eps)
     return h, y
 
 

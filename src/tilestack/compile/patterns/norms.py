@@ -26,17 +26,22 @@ def _norm_args(node: Node):
     shape = tuple(shape) if isinstance(shape, list | tuple) else (shape,)
     if shape != (xv.shape[-1],):
         return x, weight, bias, eps, f"normalized_shape {shape} is not the last dim alone ({xv.shape[-1]},)"
-    if not isinstance(weight, Node) or (k == "layer_norm" and not isinstance(bias, Node)):
-        need = "a weight and a bias" if k == "layer_norm" else "a weight"
-        return x, weight, bias, eps, f"no affine parameters (the kernel takes {need})"
+    if not all(p is None or isinstance(p, Node) for p in (weight, bias)):
+        return x, weight, bias, eps, "affine parameters that are not tensors"
     if isinstance(eps, Node):
         return x, weight, bias, eps, "eps computed in the graph"
     why = runs_here(xv)
+    if why is None and (weight is None or (k == "layer_norm" and bias is None)) and type(xv.shape[-1]) is not int:
+        why = "no affine parameters and a symbolic last dim (the kernel's ones / zeros are made at its size)"
     if why is None:
         from tilestack.kernels.rmsnorm import check_norm_args
+        # elementwise_affine=False, bias=False: the ops give the kernel ones and zeros (ops._affine)
+        dtype = xv.dtype if weight is None else value(weight).dtype
+        absent = torch.empty(xv.shape[-1], dtype=dtype, device=xv.device) if weight is None or (
+            k == "layer_norm" and bias is None) else None
         try:
-            check_norm_args(k, xv.reshape(-1, xv.shape[-1]), value(weight), float(eps),
-                            bias=value(bias) if bias is not None else None)
+            check_norm_args(k, xv.reshape(-1, xv.shape[-1]), absent if weight is None else value(weight), float(eps),
+                            bias=None if k != "layer_norm" else absent if bias is None else value(bias))
         except LaunchError as e:
             why = str(e)
     return x, weight, bias, float(eps), why
@@ -74,7 +79,10 @@ def add_norm(gm: fx.GraphModule):
 
 
 def norm(gm: fx.GraphModule):
-    matches, declined = [], []
+    """The remaining LayerNorm / RMSNorm calls, and RMSNorms written out (``hand_norms``)."""
+    from tilestack.compile.patterns.hand_norms import hand_rms_norms
+
+    matches, declined = hand_rms_norms(gm)
     for node in gm.graph.nodes:
         if kind(node) not in ("layer_norm", "rms_norm"):
             continue
