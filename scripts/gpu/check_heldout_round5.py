@@ -5,7 +5,7 @@
 The CPU tests run Triton's interpreter, which keeps a Python float as it is until its first operation; on the GPU
 a float argument is a typed parameter (it was fp32 even for f64 work) and sizes and int arguments are i32. This runs
 the f64-argument, index-past-2**31, fp8 and alpha-beta GEMM, Welford and sliding-window kernels of
-tests/lang/test_heldout_round5.py with CUDA tensors on both GPU backends (the attention on Triton: f32 products),
+tests/lang/test_heldout_round5*.py with CUDA tensors on both GPU backends (the attention on Triton: f32 products),
 and the same inputs on the CPU with the reference backend; prints each case and exits non-zero on a mismatch.
 """
 
@@ -20,6 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "tests" / "lang")]
 
 import test_heldout_round5 as r5  # noqa: E402
+import test_heldout_round5_more as r5b  # noqa: E402
 
 
 def compare(name: str, backend: str, kernel, args, rtol: float = 0.0, **consts) -> bool:
@@ -62,17 +63,17 @@ def main() -> int:
             ok &= compare(f"positions off={off}", backend, r5.positions_past_2_31, args, BN=32)
         a8 = (torch.randn(300, 96) * 4).to(torch.float8_e4m3fn)
         b8 = (torch.randn(80, 96) * 4).to(torch.float8_e4m3fn)
-        ok &= compare("gemm_f8_scaled", backend, r5.gemm_f8_scaled,
+        ok &= compare("gemm_f8_scaled", backend, r5b.gemm_f8_scaled,
                       [a8, b8, torch.zeros(300, 80, dtype=torch.bfloat16), 0.037, 1.9], rtol=1e-2,
                       BM=128, BN=64, BK=64)
         at, b = torch.randn(96, 300, dtype=torch.bfloat16).T, torch.randn(96, 80, dtype=torch.bfloat16)
         for beta in (0.0, 2.0):
             c = torch.randn(300, 80)
             c[0, 0] = float("nan")
-            ok &= compare(f"gemm_alpha_beta beta={beta}", backend, r5.gemm_alpha_beta, [at, b, c, 0.5, beta],
+            ok &= compare(f"gemm_alpha_beta beta={beta}", backend, r5b.gemm_alpha_beta, [at, b, c, 0.5, beta],
                           rtol=1e-4, BM=128, BN=64, BK=64)
         w = torch.randn(64, 1000) * 0.01 + 1e4
-        ok &= compare("welford_rows", backend, r5.welford_rows, [w, torch.zeros(64), torch.zeros(64)], rtol=1e-3,
+        ok &= compare("welford_rows", backend, r5b.welford_rows, [w, torch.zeros(64), torch.zeros(64)], rtol=1e-3,
                       BM=32, BN=128)
     for window in (5, 100):
         q, k, v = (torch.randn(300, 32) for _ in range(3))
