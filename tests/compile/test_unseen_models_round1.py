@@ -615,6 +615,23 @@ def test_dynamic_llama_with_sdpa_gqa():
     _consistent(tc.last_report())
 
 
+def test_dynamic_llama_block_keeps_its_hand_written_norms_consistent():
+    """dynamic=True makes the RMSNorms' eps (a module float) a graph input: the written-out norm is then left, with
+    the reason in the report; outputs as eager's for two batch and sequence sizes."""
+    model = _model(LlamaBlock, torch.float32)
+    compiled = tilestack.optimize(model, check=True, inner="aot_eager", dynamic=True)
+    since = len(tc.reports())
+    with torch.no_grad():
+        for b, n in ((2, 6), (3, 9)):
+            x = torch.randn(b, n, 32)
+            _close(compiled(x), model(x), torch.float32, f"batch {b}, seq {n}")
+    swaps = _swapped(since)
+    declined = [why for r in tc.reports()[since:] for p, _, why in r.declined if p == "norm"]
+    assert swaps.get("explicit_attention") == 1, swaps
+    assert swaps.get("norm") == 2 or (len(declined) == 2 and all("eps computed in the graph" in w for w in declined)), \
+        (swaps, declined)
+
+
 class Outer(nn.Module):
     """Nested modules (a ModuleList of blocks inside a wrapper) returning a dict and a tuple."""
 

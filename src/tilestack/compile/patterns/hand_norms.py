@@ -89,7 +89,9 @@ def _inv_rms(node, inverse: bool):
     a, b = _arg(s, 0, "input"), _arg(s, 1, "other")
     for m, e in ((a, b), (b, a)):
         eps = scalar(e)
-        if eps is not None and eps >= 0 and isinstance(m, Node) and (sq := _last_dim_mean(m)) is not None and \
+        if eps is None and isinstance(e, Node) and not (isinstance(value(e), torch.Tensor) and value(e).dim()):
+            eps = e                                      # a number computed in the graph
+        if eps is not None and isinstance(m, Node) and (sq := _last_dim_mean(m)) is not None and \
                 (t := _square_of(sq)) is not None:
             return _root(t), eps, [node, s, m, sq]
     return None
@@ -142,7 +144,12 @@ def hand_rms_norms(gm):
             continue
         d = xv.shape[-1]
         wv = value(weight)
-        if ov.shape != xv.shape or ov.dtype != xv.dtype:
+        if isinstance(eps, Node):
+            why = ("eps computed in the graph (dynamic=True makes a module's float attribute a graph input; the "
+                   "kernel takes a constant)")
+        elif eps < 0:
+            why = f"eps={eps} < 0"
+        elif ov.shape != xv.shape or ov.dtype != xv.dtype:
             why = f"a result of {ov.dtype} {tuple(ov.shape)} from x of {xv.dtype} (the kernel keeps x's dtype)"
         elif type(d) is not int:
             why = "a symbolic last dim"
