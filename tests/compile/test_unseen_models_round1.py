@@ -369,6 +369,15 @@ def _attn_einsum(q, k, v):
     return torch.einsum("bhqk,bhkd->bhqd", s.softmax(-1), v)
 
 
+def _attn_einsum_masked(q, k, v):
+    """Other letters, a list of operands, a boolean padding mask through masked_fill(finfo.min)."""
+    pad = torch.zeros(q.shape[0], 1, 1, k.shape[-2], dtype=torch.bool)
+    pad[-1, ..., -2:] = True
+    s = torch.einsum("zncd, znkd -> znck", q, k) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(pad, torch.finfo(s.dtype).min)
+    return torch.einsum("znck,znkd->zncd", [torch.softmax(s, dim=-1), v])
+
+
 def _attn_baddbmm(q, k, v):
     b, h, n, d = q.shape
     q3, k3, v3 = q.reshape(b * h, n, d), k.reshape(b * h, -1, d), v.reshape(b * h, -1, d)
@@ -423,7 +432,8 @@ def _attn_sdpa_causal_scale(q, k, v):
 
 
 ATTENTIONS = {          # the form -> the pass that takes it
-    "einsum": (_attn_einsum, "softmax"), "baddbmm": (_attn_baddbmm, "softmax"),   # not seen as attention yet
+    "einsum": (_attn_einsum, "explicit_attention"), "einsum_masked": (_attn_einsum_masked, "explicit_attention"),
+    "baddbmm": (_attn_baddbmm, "softmax"),      # (B * H, N, D) products: not seen as attention (the kernel is 4-D)
     "sqrt_div": (_attn_sqrt_div, "explicit_attention"), "bool_mask_neg_inf": (_attn_bool_mask_neg_inf,
                                                                               "explicit_attention"),
     "finfo_min": (_attn_finfo_min, "explicit_attention"), "additive_triu": (_attn_additive_triu,
@@ -441,6 +451,16 @@ def test_attention_forms(form, dtype):
     q, k, v = (torch.randn(2, 3, 9, 16, dtype=dtype) for _ in range(3))
     fn, taken_by = ATTENTIONS[form]
     _, swaps = _run(fn, q, k, v, dtype=dtype)
+    assert swaps == {taken_by: 1}, swaps
+
+
+@pytest.mark.parametrize("form", ["einsum", "einsum_masked", "finfo_min", "additive_triu", "softmax_f32"])
+def test_attention_forms_backward(form):
+    """The rewritten attention in a training graph: q, k and v's gradients as eager's."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 16, requires_grad=True) for _ in range(3))
+    fn, taken_by = ATTENTIONS[form]
+    _, swaps = _run(fn, q, k, v, grad_of=[q, k, v])
     assert swaps == {taken_by: 1}, swaps
 
 

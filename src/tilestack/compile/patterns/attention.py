@@ -98,6 +98,31 @@ def _scale_factor(x: Node):
     return 1.0 / c, a
 
 
+def _einsum(node, form: str):
+    """(a, b) when node is ``torch.einsum(eq, a, b)`` of two 4-D tensors and eq is attention's scores
+    (form "scores": "bhid,bhjd->bhij", q k^T) or its product with v (form "pv": "bhij,bhjd->bhid"), in any
+    letters; else None."""
+    if not isinstance(node, Node) or node.op != "call_function" or node.target is not torch.einsum or node.kwargs \
+            or not node.args or not isinstance(node.args[0], str):
+        return None
+    operands = node.args[1:]
+    if len(operands) == 1 and isinstance(operands[0], list | tuple):
+        operands = tuple(operands[0])
+    eq = node.args[0].replace(" ", "")
+    if len(operands) != 2 or not all(isinstance(o, Node) for o in operands) or eq.count("->") != 1 or "." in eq:
+        return None
+    ins, out = eq.split("->")
+    terms = ins.split(",")
+    if len(terms) != 2 or not all(len(t) == 4 for t in (*terms, out)) or len(set(terms[0] + terms[1] + out)) != 5:
+        return None
+    (b, h, i, x), (b2, h2, y, z) = terms
+    if form == "scores":       # bhid,bhjd->bhij
+        ok = (b2, h2, z) == (b, h, x) and out == b + h + i + y
+    else:                      # bhij,bhjd->bhid
+        ok = (b2, h2, y) == (b, h, x) and out == b + h + i + z
+    return tuple(operands) if ok else None
+
+
 def _scores(x: Node, chain: list[Node]):
     """(q, k, scale) if x is ``q @ k.transpose(-2, -1)`` times constants (through casts that lose nothing), with
     its nodes added to chain."""
@@ -115,6 +140,9 @@ def _scores(x: Node, chain: list[Node]):
                 nodes.append(a)
         scale = scale * c
         x = _through_widening_casts(inner, nodes)
+    if (qk := _einsum(x, "scores")) is not None:
+        chain.extend([x, *reversed(nodes)])
+        return qk[0], qk[1], scale
     if kind(x) != "matmul":
         return None
     q, kt = _arg(x, 0, "input"), _arg(x, 1, "other")
@@ -135,9 +163,12 @@ def explicit_attention(gm: fx.GraphModule):
 
     matches, declined = [], []
     for node in gm.graph.nodes:
-        if kind(node) != "matmul":
+        if (pv := _einsum(node, "pv")) is not None:
+            p, v = pv
+        elif kind(node) == "matmul":
+            p, v = _arg(node, 0, "input"), _arg(node, 1, "other")
+        else:
             continue
-        p, v = _arg(node, 0, "input"), _arg(node, 1, "other")
         # between the softmax and the product: dropouts (nanoGPT's attn_dropout: a no-op in eval mode or with
         # p = 0) and casts (Hugging Face's softmax in f32, then .to(q.dtype); the kernel's softmax runs in f32)
         chain: list[Node] = []
