@@ -464,6 +464,64 @@ def test_attention_forms_backward(form):
     assert swaps == {taken_by: 1}, swaps
 
 
+def _written_masked_fill_(q, k, v, future):
+    s = (q @ k.transpose(-2, -1)) * 0.25
+    s.masked_fill_(future, float("-inf"))              # in place, its result unused: softmax reads s
+    return torch.softmax(s, -1) @ v
+
+
+def _written_add_(q, k, v, future):
+    s = torch.matmul(q, k.transpose(-1, -2)) * 0.25
+    s.add_(torch.zeros_like(s).masked_fill(future, float("-inf")))
+    return torch.softmax(s, -1) @ v
+
+
+def _written_setitem(q, k, v, future):
+    s = (q @ k.transpose(-2, -1)) * 0.25
+    s[..., 0] = -1e4                                   # the first key hidden from every query
+    return torch.softmax(s, -1) @ v
+
+
+def _written_view(q, k, v, future):
+    s = (q @ k.transpose(-2, -1)) * 0.25
+    s.view(-1)[::3] = 0.0                              # through a view
+    return torch.softmax(s, -1) @ v
+
+
+def _written_dunder(q, k, v, future):
+    s = (q @ k.transpose(-2, -1)) * 0.25
+    s.__iadd__(torch.zeros_like(s).masked_fill(future, float("-inf")))
+    return torch.softmax(s, -1) @ v
+
+
+def _written_norm_input(x, r, w, b):
+    h = x + r
+    h.clamp_(min=0.0)                                  # the residual sum written in place before the norm
+    return F.layer_norm(h, (x.shape[-1],), w, b), h
+
+
+@pytest.mark.parametrize("fn", [_written_masked_fill_, _written_add_, _written_setitem, _written_view,
+                                _written_dunder], ids=lambda f: f.__name__[len("_written_"):])
+def test_scores_written_in_place_are_not_taken_for_plain_attention(fn):
+    """An in-place write to the scores between the product and the softmax: FX keeps the scores' node as what the
+    softmax reads, so softmax(q @ k^T) @ v is what the graph looks like, not what runs. The rewrite is declined
+    (it was made, and gave the unmasked attention)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 16) for _ in range(3))
+    future = torch.ones(9, 9, dtype=torch.bool).triu(1)
+    _, swaps = _run(fn, q, k, v, future)
+    assert "explicit_attention" not in swaps, swaps
+    declined = [why for p, _, why in tc.last_report().declined if p == "explicit_attention"]
+    assert declined and "in place" in declined[0], str(tc.last_report())
+
+
+def test_norm_input_written_in_place_is_not_fused_with_the_add():
+    torch.manual_seed(0)
+    x, r, w, b = torch.randn(4, 16), torch.randn(4, 16), torch.randn(16), torch.randn(16)
+    _, swaps = _run(_written_norm_input, x, r, w, b)
+    assert "add_norm" not in swaps, swaps
+
+
 def test_mqa_and_gqa_by_expand_and_sdpa_enable_gqa():
     """One key/value head expanded to all query heads (MQA), two repeated by expand + reshape (GQA), and SDPA's
     enable_gqa."""

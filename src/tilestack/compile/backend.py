@@ -29,7 +29,7 @@ from torch import fx
 from tilestack.compile import ops, policy
 from tilestack.compile.patterns import LEFT_REASONS, PASSES, kind, op_name
 from tilestack.compile.report import Report, Swap
-from tilestack.compile.rewrite import apply_match, check_match, follow
+from tilestack.compile.rewrite import apply_match, check_match, follow, written_in_place
 from tilestack.errors import LaunchError
 
 INNER = ("inductor", "aot_eager", "eager")
@@ -70,6 +70,11 @@ def run_passes(gm: fx.GraphModule, *, passes=None, check: bool = False, inner: s
         replaced: dict[fx.Node, fx.Node] = {}
         for m in matches:
             m = follow(m, replaced)
+            written = written_in_place(gm, m)
+            if written is not None:
+                report.declined.append((name, m.outputs[-1].name, f"not the pattern it looks like: {written}"))
+                declined_nodes.update(dict.fromkeys(m.nodes, written))
+                continue
             why = policy.unpaid(m, rule, gm)
             if why is not None:
                 report.declined.append((name, m.outputs[-1].name, f"does not pay: {why}"))

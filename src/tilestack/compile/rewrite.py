@@ -146,6 +146,73 @@ def apply_match(gm: fx.GraphModule, match: Match) -> dict[fx.Node, fx.Node]:
     return dict(zip(match.outputs, news, strict=True))
 
 
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor,
+                      operator.ilshift, operator.irshift, operator.setitem}
+_INPLACE_DUNDERS = {f"__{op.__name__}__" for op in _INPLACE_OPERATORS}          # x.__iadd__(t), x.__setitem__
+_NOT_WRITES = {"requires_grad_", "share_memory_", "retain_grad_"}
+# ops whose result may share its memory with their first argument: writing to it writes the argument
+_VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "t", "expand", "expand_as",
+                 "unsqueeze", "squeeze", "narrow", "select", "as_strided", "flatten", "unflatten", "unfold",
+                 "swapaxes", "swapdims", "movedim", "diagonal", "split", "chunk", "unbind", "detach", "mT", "T"}
+_VIEW_FUNCTIONS = {operator.getitem, torch.transpose, torch.permute, torch.reshape, torch.flatten, torch.squeeze,
+                   torch.unsqueeze, torch.narrow, torch.select, torch.split, torch.chunk, torch.unbind, torch.detach,
+                   torch.swapaxes, torch.movedim, torch.diagonal}
+
+
+def _writes(user: fx.Node, node: fx.Node) -> bool:
+    """user writes to node's memory in place (``node += t``, ``node.masked_fill_(...)``, ``node[i] = t``,
+    ``torch.relu_(node)``, ``out=node``, an aten op whose schema writes that argument)."""
+    if user.kwargs.get("out") is node:
+        return True
+    first = user.args[0] if user.args else None
+    if user.op == "call_method":
+        return first is node and (user.target in _INPLACE_DUNDERS or (
+            user.target.endswith("_") and not user.target.startswith("_") and user.target not in _NOT_WRITES))
+    if user.op != "call_function":
+        return False
+    if user.target in _INPLACE_OPERATORS:
+        return first is node
+    schema = getattr(user.target, "_schema", None)
+    if schema is not None:
+        return any(a.alias_info is not None and a.alias_info.is_write and i < len(user.args) and user.args[i] is node
+                   for i, a in enumerate(schema.arguments))
+    name = getattr(user.target, "__name__", "")
+    return first is node and name.endswith("_") and not name.startswith("_") and name not in _NOT_WRITES
+
+
+def _aliases(node: fx.Node) -> list[fx.Node]:
+    """node and every view of it in the graph (views of views too)."""
+    seen, todo = [node], [node]
+    while todo:
+        for u in todo.pop().users:
+            view = (u.op == "call_method" and u.target in _VIEW_METHODS) or \
+                (u.op == "call_function" and u.target in _VIEW_FUNCTIONS)
+            if view and u.args and u.args[0] in seen and u not in seen:
+                seen.append(u)
+                todo.append(u)
+    return seen
+
+
+def written_in_place(gm: fx.GraphModule, match: Match) -> str | None:
+    """Why the rewrite would read other values than the nodes it replaces, or None: an in-place op (outside the
+    match) writes to one of its nodes or inputs (or a view of one) between the match's first node and its last.
+    FX keeps the written tensor's node as the one later nodes read (``s.masked_fill_(m, -inf); softmax(s)``: the
+    softmax's argument is the node of ``s`` before the write), so the pattern there is not what runs; and the
+    replacement computes every output at the first one's place, before a write among the nodes it replaces."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    inside = set(match.nodes)
+    first = min(order[n] for n in match.nodes)
+    last = max(order[n] for n in match.nodes)       # the replacement computes every output at the first one's place
+    for n in [*match.nodes, *(i for i in match.inputs if isinstance(i, fx.Node))]:
+        for alias in _aliases(n):
+            for u in alias.users:
+                if u not in inside and first < order[u] < last and _writes(u, alias):
+                    op = u.target if u.op == "call_method" else getattr(u.target, "__name__", u.target)
+                    return f"{u.name} ({op}) writes {n.name} in place between the pattern's nodes"
+    return None
+
+
 def follow(match: Match, replaced: dict[fx.Node, fx.Node]) -> Match:
     """match with inputs that an earlier rewrite replaced read from their replacements (a norm's input may be
     the previous fused add + norm's residual output)."""
