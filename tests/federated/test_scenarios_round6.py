@@ -20,6 +20,7 @@ import pytest
 from _fl_round5 import blobs, check_model, make_grid, np_, scripted, update, wmean
 from flwr.serverapp.strategy import (
     Bulyan,
+    DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
@@ -261,13 +262,13 @@ def test_tilestacks_malicious_clients_pull_fedavg_away_but_not_the_median_or_kru
 
 
 # ---- differential privacy ------------------------------------------------------------------------------------------
-def _dp_run(noise: float, clip: float, n: int, seed: int, attack: str | None = None, features: int = 50):
+def _dp_run(noise: float, clip: float, n: int, seed: int, attack: str | None = None, features: int = 50,
+            wrapper=DifferentialPrivacyServerSideFixedClipping):
     task = blobs(n, features=features, classes=10)
     script, _ = _byzantine_client(attack)
     inner = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, weighted_by_key=UNIT, min_available_nodes=n,
                    min_train_nodes=n)  # fmt: skip
-    s = DifferentialPrivacyServerSideFixedClipping(inner, noise_multiplier=noise, clipping_norm=clip,
-                                                   num_sampled_clients=n)  # fmt: skip
+    s = wrapper(inner, noise_multiplier=noise, clipping_norm=clip, num_sampled_clients=n)
     res = run_rounds(s, make_grid(scripted(script), task), initial_arrays(task), num_rounds=1, seed=seed)
     return task, res
 
@@ -285,14 +286,17 @@ def test_server_side_clipping_bounds_a_scaled_attacker_to_its_share_of_the_norm(
 
 
 @pytest.mark.timeout(90)
-def test_server_side_noise_std_is_sigma_clip_over_n_and_a_seed_reproduces_it():
-    """Noise multiplier 1.5, C = 0.2, 8 clients: the model less the clipped mean has std 1.5 * 0.2 / 8 (to 8% over
-    510 parameters) and mean 0; the same seed gives the same model bit for bit, another seed another."""
-    sigma, clip, n = 1.5, 0.2, 8
-    task, plain = _dp_run(0.0, clip, n, seed=3)
-    _, noisy = _dp_run(sigma, clip, n, seed=3)
-    _, again = _dp_run(sigma, clip, n, seed=3)
-    _, other = _dp_run(sigma, clip, n, seed=4)
+@pytest.mark.parametrize("wrapper, clip", [(DifferentialPrivacyServerSideFixedClipping, 0.2),
+                                           (DifferentialPrivacyClientSideFixedClipping, 50.0)])  # fmt: skip
+def test_dp_noise_std_is_sigma_clip_over_n_and_a_seed_reproduces_it(wrapper, clip):
+    """Noise multiplier 1.5, 8 clients: the model less the noise-free run's has std 1.5 * C / 8 (to 8% over 510
+    parameters) and mean 0; the same seed gives the same model bit for bit, another seed another. (Client-side: the
+    scripted updates are within C = 50, so the clients need not clip.)"""
+    sigma, n = 1.5, 8
+    task, plain = _dp_run(0.0, clip, n, seed=3, wrapper=wrapper)
+    _, noisy = _dp_run(sigma, clip, n, seed=3, wrapper=wrapper)
+    _, again = _dp_run(sigma, clip, n, seed=3, wrapper=wrapper)
+    _, other = _dp_run(sigma, clip, n, seed=4, wrapper=wrapper)
     residual = _flat(np_(noisy.arrays)) - _flat(np_(plain.arrays))
     want = sigma * clip / n
     assert abs(residual.std() / want - 1) < 0.08
@@ -305,8 +309,6 @@ def test_server_side_noise_std_is_sigma_clip_over_n_and_a_seed_reproduces_it():
 def test_client_side_fixed_clipping_with_tilestack_clients_keeps_every_update_within_the_norm():
     """Flower's client-side fixed clipping over tilestack's real clients (lr 5, so unclipped updates are large):
     without noise the model moves by at most C; the run's seed reproduces the noisy model."""
-    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
-
     task = Task(dataset="blobs", num_samples=120, num_features=4, num_classes=2, num_clients=4, local_steps=3, lr=5.0)
     x0 = np_(initial_arrays(task))
 
@@ -459,3 +461,20 @@ def test_a_round_where_every_client_fails_keeps_the_model_and_state_and_the_run_
     else:
         got, want = np_(res.arrays), np_(ref.arrays)
         assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.timeout(60)
+def test_dp_over_a_fraction_that_samples_no_client_is_refused_saying_so():
+    """A DP wrapper over FedAvg(fraction_train=0.05) of 10 nodes with no minimum samples nobody. Before, the refusal
+    said 'expected 0' sampled clients, a value Flower's wrapper itself refuses: a dead end. Now it says the strategy
+    samples no node and what to change."""
+    task = blobs(10)
+    script, sent = _plain_client(_sizes(10))
+    inner = FedAvg(fraction_train=0.05, fraction_evaluate=0.0, min_train_nodes=0, min_available_nodes=0)
+    s = DifferentialPrivacyServerSideFixedClipping(inner, noise_multiplier=1.0, clipping_norm=1.0,
+                                                   num_sampled_clients=1)  # fmt: skip
+    with pytest.raises(FederatedError, match=r"FedAvg samples no node each round \(fraction_train=0.05 of the 10 "
+                                             r"nodes of the run, min_train_nodes=0\); expected a fraction_train or "
+                                             r"min_train_nodes that samples at least one"):  # fmt: skip
+        run_rounds(s, make_grid(scripted(script), task), initial_arrays(task), num_rounds=1)
+    assert not sent

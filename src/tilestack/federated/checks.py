@@ -254,6 +254,11 @@ def check_privacy(strategy: Strategy, num_nodes: int) -> None:
         if (found := _sampled(strategy, num_nodes)) is None:
             continue
         sampler, sampled, how = found
+        if sampled == 0:  # Flower's wrappers refuse num_sampled_clients=0: no value would be right
+            raise FederatedError(
+                f"{name}: {type(sampler).__name__} samples no node each round ({how}); expected a fraction_train or "
+                "min_train_nodes that samples at least one (the noise's std divides by num_sampled_clients)"
+            )
         if s.num_sampled_clients != sampled:
             raise FederatedError(
                 f"{name}: num_sampled_clients={s.num_sampled_clients!r}; expected {sampled}, the nodes "
