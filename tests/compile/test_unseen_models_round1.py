@@ -422,6 +422,18 @@ def _attn_softmax_f32(q, k, v):
     return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
 
 
+def _attn_key_mT(q, k, v):
+    return torch.softmax(q @ k.mT * 0.25, -1) @ v
+
+
+def _attn_key_swapaxes(q, k, v):
+    return torch.softmax(torch.matmul(q, torch.swapaxes(k, 3, 2)) / 4.0, -1) @ v
+
+
+def _attn_key_permute(q, k, v):
+    return F.softmax(q.matmul(k.permute(0, 1, 3, 2)) * 0.25, dim=3).matmul(v)
+
+
 def _attn_sdpa_bool(q, k, v):
     keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
@@ -440,6 +452,8 @@ ATTENTIONS = {          # the form -> the pass that takes it
                                                                             "explicit_attention"),
     "mask_first": (_attn_mask_first, "explicit_attention"), "softmax_f32": (_attn_softmax_f32,
                                                                             "explicit_attention"),
+    "key_mT": (_attn_key_mT, "explicit_attention"), "key_swapaxes": (_attn_key_swapaxes, "explicit_attention"),
+    "key_permute": (_attn_key_permute, "explicit_attention"),
     "sdpa_bool": (_attn_sdpa_bool, "sdpa"), "sdpa_causal_scale": (_attn_sdpa_causal_scale, "sdpa"),
 }
 

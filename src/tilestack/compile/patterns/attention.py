@@ -146,15 +146,35 @@ def _scores(x: Node, chain: list[Node]):
     if kind(x) != "matmul":
         return None
     q, kt = _arg(x, 0, "input"), _arg(x, 1, "other")
-    if kind(kt) != "transpose" or not isinstance(q, Node):
-        return None
-    k, d0, d1 = _arg(kt, 0, "input"), _arg(kt, 1, "dim0"), _arg(kt, 2, "dim1")
-    kv = value(k)
-    if not isinstance(kv, torch.Tensor) or kv.dim() != 4 or not (isinstance(d0, int) and isinstance(d1, int)) or \
-            {d0 % 4, d1 % 4} != {2, 3}:
+    k = _key_transposed(kt)
+    if k is None or not isinstance(q, Node):
         return None
     chain.extend([kt, x, *reversed(nodes)])
     return q, k, scale
+
+
+def _key_transposed(kt) -> Node | None:
+    """k when kt is a 4-D k with its last two dims swapped: ``k.transpose(-2, -1)`` (or (2, 3), (3, 2), ...),
+    ``torch.transpose``, ``k.swapaxes`` / ``swapdims`` (method or function), ``k.permute(0, 1, 3, 2)``, ``k.mT``;
+    else None."""
+    if not isinstance(kt, Node):
+        return None
+    if kind(kt) == "transpose" or (kt.op in ("call_method", "call_function") and kt.target in (
+            "swapaxes", "swapdims", torch.swapaxes, torch.swapdims)):
+        k, dims = kt.args[0] if kt.args else None, tuple(kt.args[1:3])
+        if kind(kt) == "transpose":
+            k, dims = _arg(kt, 0, "input"), (_arg(kt, 1, "dim0"), _arg(kt, 2, "dim1"))
+        swapped = len(dims) == 2 and all(type(d) is int for d in dims) and {d % 4 for d in dims} == {2, 3}
+    elif kt.op == "call_method" and kt.target == "permute" and not kt.kwargs:
+        k = kt.args[0]
+        dims = tuple(kt.args[1]) if len(kt.args) == 2 and isinstance(kt.args[1], list | tuple) else kt.args[1:]
+        swapped = all(type(d) is int for d in dims) and tuple(d % 4 for d in dims) == (0, 1, 3, 2)
+    elif kt.op == "call_function" and kt.target is getattr and kt.args[1:] == ("mT",):
+        k, swapped = kt.args[0], True
+    else:
+        return None
+    kv = value(k)
+    return k if swapped and isinstance(k, Node) and isinstance(kv, torch.Tensor) and kv.dim() == 4 else None
 
 
 def explicit_attention(gm: fx.GraphModule):
