@@ -14,6 +14,7 @@ checked against the rule written out in float64 from the float32 replies the str
 """
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -478,3 +479,30 @@ def test_dp_over_a_fraction_that_samples_no_client_is_refused_saying_so():
                                              r"min_train_nodes that samples at least one"):  # fmt: skip
         run_rounds(s, make_grid(scripted(script), task), initial_arrays(task), num_rounds=1)
     assert not sent
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("wrapper", [DifferentialPrivacyServerSideFixedClipping,
+                                     DifferentialPrivacyClientSideFixedClipping])  # fmt: skip
+def test_an_accounted_dp_run_over_example_weights_is_refused_before_any_work(wrapper):
+    """Flower's accountant needs equal client weights. Before, DP with an accountant over FedAvg weighted by
+    num-examples let every client train, then ended the run inside Flower's aggregation with a bare ValueError
+    ('Accounted aggregation requires equal client weights'). Now it is refused before the first round, naming the
+    weight to use; over the unit weight the run goes through."""
+    from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    def accounted(weight_key):
+        acc = RdpAccountant(PrivacyConfig(1e-3, 4, NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                          SamplingMethod.NO_AMPLIFICATION))  # fmt: skip
+        inner = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, weighted_by_key=weight_key)
+        return wrapper(inner, noise_multiplier=1.0, clipping_norm=1.0, num_sampled_clients=4, accountant=acc)
+
+    task = blobs(4)
+    script, sent = _plain_client(_sizes(4))
+    needle = f"{wrapper.__name__} with a privacy accountant: FedAvg weights the replies by 'num-examples'; expected"
+    with pytest.raises(FederatedError, match=re.escape(f"{needle} weighted_by_key='{UNIT}'")):
+        run_rounds(accounted("num-examples"), make_grid(scripted(script), task), initial_arrays(task), num_rounds=1)
+    assert not sent
+    res = run_rounds(accounted(UNIT), make_grid(scripted(script), task), initial_arrays(task), num_rounds=1)
+    assert res.history.rounds[0].num_aggregated == 4

@@ -15,7 +15,8 @@ client's model NaN, ``FedAdam(beta_1=1.0)`` divided by zero, round after round, 
 strategy that fits only some tasks says so through a ``check_task(task)`` method (HeteroFL: the MLP only).
 Flower's DP wrappers are checked against what they wrap (``check_privacy``): ``num_sampled_clients`` must be
 the number the wrapped strategy samples (the noise is ``noise_multiplier * clipping_norm / num_sampled_clients``,
-so a larger number under-noises every round), and compressed updates go through ``Compressed`` outside a
+so a larger number under-noises every round; with an accountant the replies must be weighted equally, by
+``UNIT_WEIGHT``), and compressed updates go through ``Compressed`` outside a
 server-side DP wrapper, never with client-side clipping (error feedback sends more than was clipped). Flower's
 Byzantine-robust rules are checked against the nodes they sample (``check_robust``): Krum and MultiKrum with
 f > 0 need 2f + 3 of them, Bulyan 4f + 3, MultiKrum cannot keep more than it samples (Flower ran them anyway:
@@ -34,6 +35,7 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 
 from tilestack.errors import FederatedError
 from tilestack.federated import codec
+from tilestack.federated.client import UNIT_WEIGHT
 
 FRACTIONS = ("fraction_train", "fraction_evaluate")
 # each minimum matters only when the fraction beside it samples anyone
@@ -245,6 +247,13 @@ def check_privacy(strategy: Strategy, num_nodes: int) -> None:
                 f"{name} with Compressed: client-side clipping bounds each round's update, but Compressed's error "
                 "feedback sends what earlier rounds left out on top of it, past clipping_norm; expected "
                 "Compressed(DifferentialPrivacyServerSideFixedClipping(...)) (the server clips the rebuilt models)"
+            )
+        weight_key = getattr(s.strategy, "weighted_by_key", None)  # the key Flower's accounted check reads
+        if getattr(s, "accountant", None) is not None and weight_key not in (None, UNIT_WEIGHT):
+            raise FederatedError(
+                f"{name} with a privacy accountant: {type(s.strategy).__name__} weights the replies by "
+                f"{weight_key!r}; expected weighted_by_key={UNIT_WEIGHT!r}, the equal weight tilestack's clients "
+                "report (Flower's accounted aggregation stops the run at the first round whose weights differ)"
             )
         if any(j > i for j in compressed):
             raise FederatedError(
