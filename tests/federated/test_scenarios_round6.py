@@ -506,3 +506,19 @@ def test_an_accounted_dp_run_over_example_weights_is_refused_before_any_work(wra
     assert not sent
     res = run_rounds(accounted(UNIT), make_grid(scripted(script), task), initial_arrays(task), num_rounds=1)
     assert res.history.rounds[0].num_aggregated == 4
+
+
+@pytest.mark.timeout(60)
+def test_flowers_qfedavg_with_a_loss_key_tilestacks_clients_do_not_report_is_refused_before_any_work():
+    """Flower's QFedAvg reads each client's loss under train_loss_key ('train_loss' by default); tilestack's clients
+    report 'train-loss'. Before, simulate trained round 1's clients and then stopped with Flower's AggregationError;
+    now it is refused before any work naming the key to use, and with that key the run goes through."""
+    from flwr.serverapp.strategy import QFedAvg
+
+    task = Task(dataset="blobs", num_samples=140, num_features=3, num_classes=2, num_clients=4, local_steps=2, lr=0.1)
+    needle = "QFedAvg: train_loss_key='train_loss'; expected a metric tilestack's clients report in every training"
+    with pytest.raises(FederatedError, match=re.escape(f"{needle} reply: train-loss")):
+        simulate(QFedAvg(client_learning_rate=0.1, fraction_evaluate=0.0), task, rounds=1, evaluate=False)
+    s = QFedAvg(client_learning_rate=0.1, train_loss_key="train-loss", fraction_evaluate=0.0)
+    res = simulate(s, task, rounds=1, evaluate=False)
+    assert res.history.rounds[0].num_aggregated == 4 and not res.history.rounds[0].skipped

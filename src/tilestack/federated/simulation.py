@@ -31,6 +31,7 @@ from tilestack.federated.engine import InProcessGrid
 from tilestack.federated.evaluation import Evaluator
 from tilestack.federated.grid import STRAGGLER_POLICIES, ManagedGrid
 from tilestack.federated.metrics import RoundMetrics
+from tilestack.federated.strategies.qffl import QFFL
 from tilestack.federated.system import SystemModel
 from tilestack.federated.task import Task
 
@@ -120,8 +121,17 @@ def check_arguments(strategy: Strategy, task: Task, *, rounds, engine="tilestack
 
 def _check_weighting(strategy: Strategy) -> None:
     """A ``weighted_by_key`` that tilestack's clients do not report made every round's aggregation fail in
-    Flower (and, with federated evaluation, stopped the run after the first round)."""
+    Flower (and, with federated evaluation, stopped the run after the first round); a ``train_loss_key`` they do
+    not report (Flower's QFedAvg reads 'train_loss') stopped the run with an AggregationError after round 1's
+    clients trained."""
     for s in strategy_levels(strategy):
+        loss_key = vars(s).get("train_loss_key")
+        reported = client.TRAIN_METRICS + ((client.START_LOSS_METRIC,) if isinstance(s, QFFL) else ())  # QFFL asks
+        if isinstance(loss_key, str) and loss_key not in reported:
+            raise FederatedError(
+                f"{type(s).__name__}: train_loss_key={loss_key!r}; expected a metric tilestack's clients report in "
+                f"every training reply: {'start-loss' if isinstance(s, QFFL) else 'train-loss'}"
+            )
         key = vars(s).get("weighted_by_key")
         if key is None:
             continue
