@@ -422,6 +422,16 @@ def _attn_softmax_f32(q, k, v):
     return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
 
 
+def _attn_iadd_bias(q, k, v):
+    """Hugging Face's T5: scores += position_bias (masked), no scale."""
+    n = q.shape[-2]
+    bias = torch.zeros(1, q.shape[1], n, n, dtype=q.dtype).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1),
+                                                                        torch.finfo(q.dtype).min)
+    scores = torch.matmul(q, k.transpose(3, 2))
+    scores += bias
+    return torch.matmul(F.softmax(scores.float(), dim=-1).type_as(scores), v)
+
+
 def _attn_key_mT(q, k, v):
     return torch.softmax(q @ k.mT * 0.25, -1) @ v
 
@@ -452,6 +462,7 @@ ATTENTIONS = {          # the form -> the pass that takes it
                                                                             "explicit_attention"),
     "mask_first": (_attn_mask_first, "explicit_attention"), "softmax_f32": (_attn_softmax_f32,
                                                                             "explicit_attention"),
+    "iadd_bias": (_attn_iadd_bias, "explicit_attention"),
     "key_mT": (_attn_key_mT, "explicit_attention"), "key_swapaxes": (_attn_key_swapaxes, "explicit_attention"),
     "key_permute": (_attn_key_permute, "explicit_attention"),
     "sdpa_bool": (_attn_sdpa_bool, "sdpa"), "sdpa_causal_scale": (_attn_sdpa_causal_scale, "sdpa"),
@@ -527,6 +538,21 @@ def test_scores_written_in_place_are_not_taken_for_plain_attention(fn):
     assert "explicit_attention" not in swaps, swaps
     declined = [why for p, _, why in tc.last_report().declined if p == "explicit_attention"]
     assert declined and "in place" in declined[0], str(tc.last_report())
+
+
+def test_scores_added_in_place_while_a_view_of_them_is_read():
+    """scores += bias where a view of the scores, taken before, is returned too: the view sees the add, so the
+    iadd is left as it is (the rewrite would replace it) and the view is eager's."""
+    def f(q, k, v, bias):
+        scores = q @ k.transpose(-1, -2)
+        first_row = scores[..., 0, :]
+        scores += bias
+        return torch.softmax(scores, -1) @ v, first_row
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 16) for _ in range(3))
+    _, swaps = _run(f, q, k, v, torch.randn(9, 9))
+    assert "explicit_attention" not in swaps, swaps
 
 
 def test_norm_input_written_in_place_is_not_fused_with_the_add():

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch import fx
@@ -123,6 +124,16 @@ def _einsum(node, form: str):
     return tuple(operands) if ok else None
 
 
+def _sole_iadd(x) -> bool:
+    """x is ``scores += mask`` (Hugging Face's T5: ``scores += position_bias``) and nothing else reads the scores
+    (FX gives later reads of them x's node; a view or another reader of the node before the write would see the
+    write, which the rewrite, replacing both, does not make)."""
+    if not (isinstance(x, Node) and x.op == "call_function" and x.target is operator.iadd and len(x.args) == 2):
+        return False
+    s = x.args[0]
+    return isinstance(s, Node) and list(s.users) == [x]
+
+
 def _scores(x: Node, chain: list[Node]):
     """(q, k, scale) if x is ``q @ k.transpose(-2, -1)`` times constants (through casts that lose nothing), with
     its nodes added to chain."""
@@ -213,9 +224,9 @@ def explicit_attention(gm: fx.GraphModule):
         x = _through_widening_casts(_arg(p, 0, "input"), chain)       # softmax(s.float()): the f32 it runs in
         mask, fill, finite = None, False, False     # finite: the masked scores were set to a finite lowest value
         found = _scores(x, chain)
-        if found is None and kind(x) == "add":
+        if found is None and (kind(x) == "add" or _sole_iadd(x)):
             a, b = _arg(x, 0, "input"), _arg(x, 1, "other")
-            for s, m in ((a, b), (b, a)):
+            for s, m in ((a, b), (b, a) if kind(x) == "add" else ()):
                 if isinstance(s, Node) and isinstance(m, Node) and "alpha" not in x.kwargs:
                     found = _scores(s, chain)
                     if found is not None:
