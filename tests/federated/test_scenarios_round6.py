@@ -522,3 +522,25 @@ def test_flowers_qfedavg_with_a_loss_key_tilestacks_clients_do_not_report_is_ref
     s = QFedAvg(client_learning_rate=0.1, train_loss_key="train-loss", fraction_evaluate=0.0)
     res = simulate(s, task, rounds=1, evaluate=False)
     assert res.history.rounds[0].num_aggregated == 4 and not res.history.rounds[0].skipped
+
+
+@pytest.mark.timeout(60)
+def test_a_reply_without_the_loss_qfedavg_reads_is_left_out_naming_the_key():
+    """Flower's QFedAvg(train_loss_key='loss') over scripted clients, client 2 reporting no 'loss'. Before, Flower's
+    AggregationError ended the whole run; now that reply is left out naming the key, as a missing weight is, and
+    the others are aggregated; a round where no reply has it keeps the model."""
+    from flwr.serverapp.strategy import QFedAvg
+
+    task = blobs(4)
+    script, sent = _plain_client(_sizes(4))
+
+    def with_loss(pid, rnd, got, context, config):
+        arrays, metrics = script(pid, rnd, got, context, config)
+        return arrays, metrics | ({} if pid == 2 or rnd == 2 else {"loss": 0.5 + pid})
+
+    s = QFedAvg(client_learning_rate=0.1, train_loss_key="loss", fraction_train=1.0, fraction_evaluate=0.0)
+    res = run_rounds(s, make_grid(scripted(with_loss), task), initial_arrays(task), num_rounds=2)
+    r1, r2 = res.history.rounds
+    assert r1.excluded == {"2": "metrics: no 'loss' (the strategy's train_loss_key)"} and r1.num_aggregated == 3
+    assert len(r2.excluded) == 4 and r2.num_aggregated == 0 and r2.skipped == "no replies to aggregate"
+    assert not np.array_equal(_flat(np_(res.arrays)), _flat(np_(initial_arrays(task))))

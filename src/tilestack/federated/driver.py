@@ -354,6 +354,10 @@ def run_rounds(
     grid.weight_keys = frozenset(
         key for s in strategy_levels(strategy) if isinstance(key := vars(s).get("weighted_by_key"), str)
     )
+    # and so are training replies without the loss the strategy reads (QFedAvg's train_loss_key)
+    grid.loss_keys = frozenset(
+        key for s in strategy_levels(strategy) if isinstance(key := vars(s).get("train_loss_key"), str)
+    )
     # tilestack's ClientApp rebuilds the task from the config: the grid's task unless the caller names one
     train_config = {TASK_KEY: grid.task.to_json(), **(train_config or {})}
     evaluate_config = {TASK_KEY: grid.task.to_json(), **(evaluate_config or {})}

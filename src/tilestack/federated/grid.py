@@ -98,12 +98,15 @@ def expected_train_keys(sent: RecordDict) -> set[str]:
     return keys
 
 
-def check_reply(sent: RecordDict, reply: Message, weight_keys: Iterable[str] = ()) -> str:
+def check_reply(
+    sent: RecordDict, reply: Message, weight_keys: Iterable[str] = (), loss_keys: Iterable[str] = ()
+) -> str:
     """Why ``reply`` must be left out ('' when it is fine): an error; no (or more than one) MetricRecord;
     for TRAIN, not exactly one ArrayRecord or missing or extra arrays; no examples (``num-examples`` 0);
     a weight (``weight_keys``: the strategy's ``weighted_by_key``) not > 0, or missing from TRAIN (Flower averaged
-    with a negative weight, and weights summing to 0 raised ZeroDivisionError in the server); a wrong shape; a
-    non-finite value."""
+    with a negative weight, and weights summing to 0 raised ZeroDivisionError in the server); a TRAIN reply without
+    the loss the strategy reads (``loss_keys``: QFedAvg's ``train_loss_key``; Flower's AggregationError ended the
+    run); a wrong shape; a non-finite value."""
     if reply.has_error():
         return f"error: {error_reason(reply.error.reason)}"
     content, kind = reply.content, reply.metadata.message_type
@@ -133,6 +136,10 @@ def check_reply(sent: RecordDict, reply: Message, weight_keys: Iterable[str] = (
                 return f"metrics: no {key!r} (the strategy's weighted_by_key)"
             if isinstance(w, (int, float)) and w <= 0:
                 return f"weight: {key}={w}, expected > 0 (the strategy's weighted_by_key)"
+        for key in loss_keys:
+            loss = metrics.get(key)
+            if kind == MessageType.TRAIN and (isinstance(loss, bool) or not isinstance(loss, (int, float))):
+                return f"metrics: no {key!r} (the strategy's train_loss_key)"
     shapes = {_canonical(k): a.shape for rec in sent.array_records.values() for k, a in rec.items()}
     dtypes = _sent_dtypes(sent)
     for rec in content.array_records.values():
@@ -216,6 +223,7 @@ class ManagedGrid(Grid):
         self.inner, self.task, self.system, self.stragglers = inner, task, system, stragglers
         self.server_round = 0
         self.weight_keys: frozenset[str] = frozenset()  # the strategy's weighted_by_key (run_rounds sets it)
+        self.loss_keys: frozenset[str] = frozenset()  # the loss the strategy reads (QFedAvg's; run_rounds sets it)
         self._order: list[int] | None = None
         self.partition_of: dict[int, int] = {}
         self._log = self._empty_log()
@@ -336,7 +344,7 @@ class ManagedGrid(Grid):
             nid = reply.metadata.src_node_id
             pid = self.partition_of[nid]
             content, steps = sent[nid]
-            if why := check_reply(content, reply, self.weight_keys):
+            if why := check_reply(content, reply, self.weight_keys, self.loss_keys):
                 self._exclude(pid, why)
             else:
                 checked.append((reply, pid, content, steps))
