@@ -11,6 +11,17 @@ checked against the rule written out in float64 from the float32 replies the str
   standard deviation sigma * C / n, and a seed reproduces it;
 - sampling fractions that round to no client or ask for more than there are, an evaluation-only round, clients
   of different local work, and a round in which every client fails.
+
+What this round found, each fixed:
+
+- A DP wrapper over a fraction that samples no node was refused with "expected num_sampled_clients=0", a value
+  Flower's wrapper itself refuses; it now says the strategy samples no node (checks.check_privacy).
+- DP with a privacy accountant over replies weighted by examples let round 1's clients train, then ended the run
+  with Flower's bare ValueError ("requires equal client weights"); refused before any work (checks.check_privacy).
+- Flower's QFedAvg with its default train_loss_key='train_loss' (tilestack's clients report 'train-loss') ended a
+  simulate run with an AggregationError after round 1; refused before any work (simulation._check_weighting).
+- Under run_rounds, one reply without QFedAvg's loss key ended the whole run with Flower's AggregationError; the
+  grid now leaves that reply out naming the key, as it does a missing weight (grid.check_reply, loss_keys).
 """
 
 import math
@@ -544,3 +555,23 @@ def test_a_reply_without_the_loss_qfedavg_reads_is_left_out_naming_the_key():
     assert r1.excluded == {"2": "metrics: no 'loss' (the strategy's train_loss_key)"} and r1.num_aggregated == 3
     assert len(r2.excluded) == 4 and r2.num_aggregated == 0 and r2.skipped == "no replies to aggregate"
     assert not np.array_equal(_flat(np_(res.arrays)), _flat(np_(initial_arrays(task))))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("wrapper", [DifferentialPrivacyServerSideFixedClipping,
+                                     DifferentialPrivacyClientSideFixedClipping])  # fmt: skip
+def test_a_noisy_dp_run_resumed_or_on_two_workers_is_the_same_run_bit_for_bit(wrapper, tmp_path):
+    """Noise 1.0 with C = 0.5 over tilestack's clients, 4 rounds with seed 3: stopped after 2 and resumed from the
+    checkpoint, or run on two worker processes, it ends with the same noisy model as the run in one go."""
+    task = Task(dataset="blobs", num_samples=140, num_features=3, num_classes=2, num_clients=4, local_steps=2, lr=0.1)
+
+    def run(**kw):
+        inner = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, weighted_by_key=UNIT)
+        s = wrapper(inner, noise_multiplier=1.0, clipping_norm=0.5, num_sampled_clients=4)
+        return _flat(np_(simulate(s, task, rounds=4, seed=3, evaluate=False, **kw).arrays))
+
+    whole = run()
+    assert np.abs(whole - _flat(np_(initial_arrays(task)))).max() > 0.01  # it moved (noise std 0.125 per round)
+    run(checkpoint=tmp_path / "dp.ckpt", stop_after=2)
+    assert np.array_equal(run(checkpoint=tmp_path / "dp.ckpt"), whole)
+    assert np.array_equal(run(workers=2), whole)
