@@ -389,9 +389,14 @@ def _scalar_ref(ins: Instr, s: list, m):
     """Index arithmetic exactly; float arithmetic in f32, each operand converted to f32 first, as the backends
     compute it: a runtime float is an f32 argument, an index meeting a float is converted to f32, and Triton's (and
     Gluon's) scalar float math runs in f32, so ``(a + 3.0) + 3.0`` at a = 1e8 is 1e8, and ``N * 3.0`` at
-    N = 2**24 + 1 is 50331648 (float64 would give 100000006 and 50331651, each rounding to another f32)."""
+    N = 2**24 + 1 is 50331648 (float64 would give 100000006 and 50331651, each rounding to another f32).
+    An index past 64 bits (``a * b`` of two int arguments near 2**40) wraps to i64 as the backends' 64-bit index
+    arithmetic does, rather than growing into a Python int no tile or NumPy array can take."""
     if ins.result.type != _types().FLOAT:
-        return SCALAR_FNS[ins.attrs.fn](s[0], s[1])
+        r = SCALAR_FNS[ins.attrs.fn](s[0], s[1])
+        if isinstance(r, int) and not -2**63 <= r < 2**63:
+            r = (r + 2**63) % 2**64 - 2**63
+        return r
     with np.errstate(all="ignore"):   # (the cost analysis passes arrays: every program's value at once)
         a, b = (np.asarray(x, dtype=np.float32) for x in s)
         r = np.asarray(SCALAR_FNS[ins.attrs.fn](a, b), dtype=np.float32).astype(np.float64)

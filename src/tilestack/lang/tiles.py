@@ -324,6 +324,9 @@ def as_scalar(x) -> Scalar:
         return x
     if isinstance(x, bool) or not isinstance(x, int | float):
         raise TraceError(f"expected an index Scalar or a number, got {x!r}", user_line())
+    if isinstance(x, int) and not -2**63 <= x < 2**63:   # (no backend's index arithmetic holds it; Triton fails)
+        raise TraceError(f"the index constant {x} does not fit 64 bits (expected -2**63 <= value < 2**63); check "
+                         "the kernel's constants", user_line())
     t = INDEX if isinstance(x, int) else FLOAT
     return Scalar(current("constant").emit(Op.CONST, (), (t,), user_line(), value=x).result)
 
