@@ -827,3 +827,35 @@ def test_compiling_twice_reuses_the_caches():
     torch.testing.assert_close(second, first)
     torch.testing.assert_close(third, first, rtol=1e-4, atol=1e-5)
     _consistent(tc.last_report())
+
+
+@pytest.mark.parametrize("norm", ["layer_no_affine", "layer_no_bias", "rms_written_out"])
+def test_fp8_act_layers_after_norms_without_affine_parameters(norm):
+    """tilestack.quantize(..., "fp8-act") layers after a norm the norm pass now takes without a weight or a bias:
+    the fp8 chain is not fused with that norm (its producer takes a weight, and a bias for a layer norm: a layer
+    norm without one would have run as an RMS norm), and the output is the quantized model's."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln = {"layer_no_affine": nn.LayerNorm(32, elementwise_affine=False),
+                       "layer_no_bias": nn.LayerNorm(32, bias=False)}.get(norm)
+            self.fc, self.proj = nn.Linear(32, 64), nn.Linear(64, 32)
+
+        def forward(self, x):
+            h = self.ln(x) if self.ln is not None else x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+            return x + self.proj(F.gelu(self.fc(h)))
+
+    torch.manual_seed(0)
+    model = Block().to(torch.bfloat16).eval()
+    x = torch.randn(2, 16, 32, dtype=torch.bfloat16)
+    qmodel = tilestack.quantize(model, "fp8-act", calibration=[x])
+    with torch.no_grad():
+        want = qmodel(x)
+        got = tilestack.optimize(qmodel, check=True, inner="aot_eager")(x)
+    report = tc.last_report()
+    _consistent(report)
+    assert report.swapped.get("norm") == 1, str(report)
+    assert not any(s.pattern == "fp8_chain" and s.what.startswith(("layer_norm", "rms_norm", "add + "))
+                   for s in report.swaps), str(report)
+    err = float((got.float() - want.float()).norm() / want.float().norm())
+    assert err < 2e-2, err

@@ -58,6 +58,8 @@ def _norm_source(src: Node):
         k, _ = _NORM_OPS[src.target]
         x, w, *rest = src.args
         bias, eps = (rest[0], rest[1]) if k == "layer" else (None, rest[0])
+        if w is None or (k == "layer" and bias is None):
+            return None          # a norm without affine parameters: the fp8 producer takes them (bias: layer norm)
         return k, False, [src], None, (x, None, w, bias), eps
     if src.target is operator.getitem and src.args[1] == 1:
         call = src.args[0]
@@ -67,6 +69,8 @@ def _norm_source(src: Node):
         k, _ = _NORM_OPS[call.target]
         x, r, w, *rest = call.args
         bias, eps = (rest[0], rest[1]) if k == "layer" else (None, rest[0])
+        if w is None or (k == "layer" and bias is None):
+            return None
         hs = [u for u in call.users if u.target is operator.getitem and u.args[1] == 0]
         if len(call.users) != len(hs) + 1 or len(hs) > 1:
             return None
