@@ -575,3 +575,32 @@ def test_a_noisy_dp_run_resumed_or_on_two_workers_is_the_same_run_bit_for_bit(wr
     run(checkpoint=tmp_path / "dp.ckpt", stop_after=2)
     assert np.array_equal(run(checkpoint=tmp_path / "dp.ckpt"), whole)
     assert np.array_equal(run(workers=2), whole)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("wrapper", ["DifferentialPrivacyServerSideAdaptiveClipping",
+                                     "DifferentialPrivacyClientSideAdaptiveClipping"])  # fmt: skip
+def test_a_round_where_every_client_fails_under_adaptive_clipping_dp_is_skipped_and_the_run_goes_on(wrapper):
+    """Every client raises in round 2 of 3 under Flower's adaptive-clipping DP. Before, the run ended with a
+    ZeroDivisionError inside Flower (the clipped share of no replies); now the round reports that it had no
+    replies, the model and the clipping norm stay those of round 1, and round 3 aggregates all four."""
+    from flwr.serverapp import strategy as fl
+    from flwr.supercore.differential_privacy import KEY_NORM_BIT
+
+    task = blobs(4)
+
+    def script(pid, rnd, got, context, config):
+        if rnd == 2:
+            raise RuntimeError("boom")
+        return {k: (v + update(pid, rnd, v.shape, np.float32)).astype(np.float32)
+                for k, v in got["arrays"].items()}, {KEY_NORM_BIT: 1}  # fmt: skip
+
+    inner = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, weighted_by_key=UNIT)
+    s = getattr(fl, wrapper)(inner, noise_multiplier=0.1, num_sampled_clients=4)
+    norms = []
+    res = run_rounds(s, make_grid(scripted(script), task), initial_arrays(task), num_rounds=3,
+                     on_round=lambda m: norms.append(s.clipping_norm))  # fmt: skip
+    r1, r2, r3 = res.history.rounds
+    assert r2.num_aggregated == 0 and r2.skipped == "no replies to aggregate" and len(r2.excluded) == 4
+    assert r1.num_aggregated == 4 and r3.num_aggregated == 4
+    assert norms[1] == norms[0] != norms[2]

@@ -17,7 +17,9 @@ configure_evaluate, send, aggregate_evaluate, then server-side evaluation), and 
   Flower's ``sample_nodes`` would otherwise wait forever for nodes that never come), are checked before the
   first round.
 - Accounting: a round whose strategy returned no model (Bulyan with fewer than 4f + 3 replies, every
-  reply left out) reports ``num_aggregated=0`` and why in ``RoundMetrics.skipped``.
+  reply left out) reports ``num_aggregated=0`` and why in ``RoundMetrics.skipped``. A round with no replies at
+  all (nobody sampled, every client failed) does not call ``aggregate_train``: there is nothing to aggregate, and
+  Flower's adaptive-clipping DP wrappers ended the run dividing their clipped share by zero replies.
   The metrics the strategy aggregates (Flower's: weighted by each client's examples) are kept per round in
   ``RoundMetrics.train_metrics`` and ``eval_metrics``.
 - Safety: an aggregate with a non-finite value is rejected (the global model stays as it was, the reason
@@ -392,7 +394,10 @@ def run_rounds(
         skipped = ""
         before = _snapshot(strategy)
         try:
-            new_arrays, train_metrics = strategy.aggregate_train(r, replies)
+            if replies:
+                new_arrays, train_metrics = strategy.aggregate_train(r, replies)
+            else:  # nothing to aggregate: the strategy is not asked (Flower's adaptive clipping divided by zero)
+                new_arrays, train_metrics = None, None
             if new_arrays is None:
                 skipped = skip_reason(strategy, len(replies), len(messages))
         except InconsistentMessageReplies as ex:
