@@ -7,12 +7,17 @@ A ``Match`` names the original nodes a rewrite replaces (``outputs``, in order) 
 the function of ``tilestack.compile.ops`` that computes the outputs from ``inputs`` and constants. Applying
 and checking matches is ``tilestack.compile.rewrite``'s job, so every pass is only a matcher.
 
+A match that an in-place op would change (``s.masked_fill_(m, -inf)`` between the scores and their softmax) is
+declined by the backend (``rewrite.written_in_place``).
+
 Passes, in the order they run (a module each, named after its pass family):
 - ``sdpa``: ``F.scaled_dot_product_attention`` calls -> ``tilestack::attention_fwd``.
 - ``explicit_attention``: ``softmax(q @ k.transpose(-2, -1) * s [+ mask | .masked_fill(cond, -inf) |
-  torch.where(keep, ., -inf)]) @ v``.
+  torch.where(keep, ., -inf)]) @ v``; also through casts (the softmax in f32, then back), with a constant 0-d
+  tensor as the scale, the key as ``k.mT`` / ``swapaxes`` / ``permute``, ``scores += mask``, and in ``torch.einsum``.
 - ``add_norm``: ``h = a + b`` followed by LayerNorm / RMSNorm of h -> one fused add + norm kernel.
-- ``norm``: the remaining LayerNorm (with weight and bias) and RMSNorm (with weight).
+- ``norm``: the remaining LayerNorm and RMSNorm (without affine parameters too), and RMSNorm written out
+  (``x * rsqrt(mean(x^2) + eps) * w``: ``hand_norms``).
 - ``linear_epilogue``: ``act(F.linear(x, w, b)) [+ r]`` (or ``x @ W + b``, aten's addmm / mm; act relu, gelu,
   silu) in inference graphs -> one GEMM with the bias, activation and residual add fused into its epilogue.
 - ``fp8_chain``: ``tilestack.quantize(..., "fp8-act")`` layers that read the norm or the layer before them ->
