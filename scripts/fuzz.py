@@ -28,8 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--backends", default=None, help="comma-separated (default: reference,triton on cpu; "
                                                      "triton on cuda)")
-    ap.add_argument("--kinds", default=None, help="comma-separated subset of gemm,softmax,layer_norm,rms_norm,"
-                                                  "attention")
+    ap.add_argument("--kinds", default=None, help="comma-separated kinds (gemm,softmax,layer_norm,rms_norm,"
+                    "layer_norm_bwd,rms_norm_bwd,attention; the public ops' sdpa_op,norm_op,rotary_op,swiglu_op,"
+                    "cross_entropy_op), or 'public' (those five) or 'all'; default: the kernels' kinds")
     ap.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
     ap.add_argument("--json", default=None, help="write the full report here")
     ap.add_argument("--workers", type=int, default=1, help="processes sharing the budget (compile-bound GPU runs)")
@@ -50,9 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA GPU here")
 
-    from tilestack.testing.fuzz import KINDS, fuzz
+    from tilestack.testing.fuzz import ALL_KINDS, KINDS, PUBLIC_KINDS, fuzz
 
-    kinds = tuple(args.kinds.split(",")) if args.kinds else KINDS
+    groups = {"all": ALL_KINDS, "public": PUBLIC_KINDS, "kernels": KINDS}
+    kinds = tuple(k for part in args.kinds.split(",") for k in groups.get(part, (part,))) if args.kinds else KINDS
     backends = tuple(args.backends.split(",")) if args.backends else None
     done = [0]
 

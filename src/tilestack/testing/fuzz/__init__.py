@@ -7,6 +7,11 @@
     PYTHONPATH=src python scripts/fuzz.py --budget 2000 --device cpu
     PYTHONPATH=src python scripts/fuzz.py --budget 10000 --device cuda
 
+The public ops (``tilestack.scaled_dot_product_attention``, the norms, rotary, swiglu, the fused cross-entropy,
+forward and backward through autograd) are the kinds in ``PUBLIC_KINDS`` (module ``public_ops``), run only when
+asked for: ``fuzz(..., kinds=PUBLIC_KINDS)`` or ``kinds=ALL_KINDS``, ``scripts/fuzz.py --kinds public`` or ``all``;
+the default kinds, and so every seed's problems, are unchanged by them.
+
 Problem ``i`` of seed ``s`` is drawn from its own generator (``numpy.random.default_rng([s, i])``), so any one
 problem is replayed alone with ``--seed s --start i --budget 1``. Each problem picks a kernel (GEMM, softmax,
 layer norm, RMS norm, attention forward and backward), ragged or empty shapes, a dtype, a value style
@@ -56,10 +61,13 @@ from tilestack.testing.fuzz.problems import (
     rms_norm_problem,
     softmax_problem,
 )
+from tilestack.testing.fuzz.public_ops import PUBLIC_KINDS, public_problem
 
-__all__ = ["EXP2_APPROX", "KINDS", "PROFILES", "STATUSES", "TENSOR_CORE_K", "TINY32", "U32", "Mismatch", "Outcome",
-           "Report", "accumulation_error", "attention_capabilities", "check", "default_backends", "draw", "fuzz",
-           "poisoned_allocations"]
+ALL_KINDS = KINDS + PUBLIC_KINDS   # the kernels' kinds (the default) and the public ops' (asked for by name)
+
+__all__ = ["ALL_KINDS", "EXP2_APPROX", "KINDS", "PROFILES", "PUBLIC_KINDS", "STATUSES", "TENSOR_CORE_K", "TINY32",
+           "U32", "Mismatch", "Outcome", "Report", "accumulation_error", "attention_capabilities", "check",
+           "default_backends", "draw", "fuzz", "poisoned_allocations"]
 
 
 def default_backends(device: str) -> tuple[str, ...]:
@@ -78,6 +86,8 @@ def draw(index: int, seed: int, device: str, backends: Sequence[str], caps: dict
     prof = PROFILES["cuda" if device == "cuda" else "cpu"]
     if kind == "attention":
         return kind, backend, attention_problem(rng, device, backend, prof, caps)
+    if kind in PUBLIC_KINDS:
+        return kind, backend, public_problem(kind, rng, device, backend, prof)
     maker = {"gemm": gemm_problem, "softmax": softmax_problem, "layer_norm": layer_norm_problem,
              "rms_norm": rms_norm_problem,
              "layer_norm_bwd": functools.partial(norm_backward_problem, centered=True),
@@ -93,9 +103,9 @@ def fuzz(budget: int, seed: int = 0, device: str = "cpu", backends: Sequence[str
     import torch
 
     backends = tuple(backends or default_backends(device))
-    unknown = set(kinds) - set(KINDS)
+    unknown = set(kinds) - set(ALL_KINDS)
     if unknown:
-        raise ValueError(f"fuzz: unknown kinds {sorted(unknown)}; expected some of {KINDS}")
+        raise ValueError(f"fuzz: unknown kinds {sorted(unknown)}; expected some of {ALL_KINDS}")
     caps = attention_capabilities() if "attention" in kinds else {}
     report = Report(seed, device, backends, capabilities=caps)
     t0 = time.perf_counter()

@@ -173,50 +173,63 @@ def attention_problem(rng, device: str, backend: str, prof: Profile, caps: dict)
         return (o, lse, *attention_backward(q, k, v, o, lse, do, causal, scale, **kw))
 
     def expect(outs):
-        o, lse, dq, dk, dv = outs
-        mask64 = None if mask is None else mask.expand(B, H, Nq, Nk)
-        o64, lse64, dq64, dk64, dv64, p, dpd, s = attention64(q, k, v, do, causal=causal, align=align,
-                                                                scale=eff_scale, mask=mask64)
-        eps_in = _eps(dtype) if dtype != torch.float32 else 2.0 ** -10   # fp32 products may run as tf32
-        u_s = U32 if dtype != torch.float32 else 2.0 ** -11
-        seen = s.isfinite()
-        # a score's rounding error grows with sum |q_d k_d| (tf32 products, f32 sums), not with |s|, plus the bias
-        smax = 0.0
-        if s.numel():
-            q_abs, kk_abs = q.double().abs(), k.double().abs().repeat_interleave(H // Hkv, 1)
-            magnitude = eff_scale * (q_abs @ kk_abs.transpose(-1, -2)) + (s - eff_scale * (
-                q.double() @ k.double().repeat_interleave(H // Hkv, 1).transpose(-1, -2))).abs()
-            smax = float(torch.where(seen, magnitude, 0.0).amax())
-        lse_mag = float(torch.where(lse64.isfinite(), lse64.abs(), 0.0).amax()) if lse64.numel() else 0.0
-        k_err = accumulation_error(D, smax)
-        rel_p = 4 * (eps_in + u_s * 4 * (smax + lse_mag) + k_err + EXP2_APPROX)   # rounding of P (and dS) per element
-        out_eps = 2 * _eps(dtype)
-        atol = _atol(dtype)
-
-        # P and dS are rounded to the input dtype: relative error rel_p, and near zero an absolute error of the
-        # dtype's subnormal step (fp16: 6e-8) or f32's smallest normal (flushed on GPUs), on every visible score
-        sub = _atol(dtype)
-        vis = seen.double()
-        group = H // Hkv if Hkv else 1
-        v_abs = v.double().abs().repeat_interleave(group, 1)
-        check("o", o, o64, (rel_p * p + sub * vis) @ v_abs + out_eps * o64.abs() + atol)
-        if lse is not None:
-            check("lse", lse, lse64, 8 * u_s * (smax + lse_mag) + k_err + 4 * U32 * lse64.abs().nan_to_num(0, 0, 0)
-                  + 1e-6)
-        if dq is None:
-            return
-        k_abs = k.double().abs().repeat_interleave(group, 1)
-        # dS = P (dP - delta): P carries rel_p, and delta = rowsum(dO O) is taken from the forward's O rounded
-        # to the input dtype, off by up to eps_in * rowsum(|dO| |O|) whatever P is
-        d_delta = 2 * eps_in * (do.double().abs() * o64.abs()).sum(-1, keepdim=True)
-        ds_err = p * (rel_p * dpd.abs() + 4 * d_delta) + 2 * sub * vis * (dpd.abs() + 1)
-        for name, got, want, bound in (
-                ("dq", dq, dq64, eff_scale * ds_err @ k_abs),
-                ("dk", dk, dk64, _fold(eff_scale * ds_err.transpose(-1, -2) @ q.double().abs(), Hkv, group)),
-                ("dv", dv, dv64, _fold((rel_p * p + sub * vis).transpose(-1, -2) @ do.double().abs(), Hkv, group))):
-            check(name, got, want, bound + out_eps * want.abs() + atol)
+        check_attention(outs, q, k, v, do, causal=causal, align=align, scale=eff_scale, mask=mask)
 
     return desc, run, expect
+
+
+def check_attention(outs, q, k, v, do, *, causal: bool, align: str, scale: float, mask) -> None:
+    """(o, lse or None, dq, dk, dv or None) of one attention call against float64 (``attention64``): the bounds of
+    the kernels' arithmetic (P and dS rounded to the input dtype, f32 scores and sums). ``scale`` is the effective
+    one; ``mask`` None, bool or additive, broadcastable to (B, H, Nq, Nk)."""
+    import torch
+
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    dtype = q.dtype
+    eff_scale = scale
+    o, lse, dq, dk, dv = outs
+    mask64 = None if mask is None else mask.expand(B, H, Nq, Nk)
+    o64, lse64, dq64, dk64, dv64, p, dpd, s = attention64(q, k, v, do, causal=causal, align=align,
+                                                            scale=eff_scale, mask=mask64)
+    eps_in = _eps(dtype) if dtype != torch.float32 else 2.0 ** -10   # fp32 products may run as tf32
+    u_s = U32 if dtype != torch.float32 else 2.0 ** -11
+    seen = s.isfinite()
+    # a score's rounding error grows with sum |q_d k_d| (tf32 products, f32 sums), not with |s|, plus the bias
+    smax = 0.0
+    if s.numel():
+        q_abs, kk_abs = q.double().abs(), k.double().abs().repeat_interleave(H // Hkv, 1)
+        magnitude = eff_scale * (q_abs @ kk_abs.transpose(-1, -2)) + (s - eff_scale * (
+            q.double() @ k.double().repeat_interleave(H // Hkv, 1).transpose(-1, -2))).abs()
+        smax = float(torch.where(seen, magnitude, 0.0).amax())
+    lse_mag = float(torch.where(lse64.isfinite(), lse64.abs(), 0.0).amax()) if lse64.numel() else 0.0
+    k_err = accumulation_error(D, smax)
+    rel_p = 4 * (eps_in + u_s * 4 * (smax + lse_mag) + k_err + EXP2_APPROX)   # rounding of P (and dS) per element
+    out_eps = 2 * _eps(dtype)
+    atol = _atol(dtype)
+
+    # P and dS are rounded to the input dtype: relative error rel_p, and near zero an absolute error of the
+    # dtype's subnormal step (fp16: 6e-8) or f32's smallest normal (flushed on GPUs), on every visible score
+    sub = _atol(dtype)
+    vis = seen.double()
+    group = H // Hkv if Hkv else 1
+    v_abs = v.double().abs().repeat_interleave(group, 1)
+    check("o", o, o64, (rel_p * p + sub * vis) @ v_abs + out_eps * o64.abs() + atol)
+    if lse is not None:
+        check("lse", lse, lse64, 8 * u_s * (smax + lse_mag) + k_err + 4 * U32 * lse64.abs().nan_to_num(0, 0, 0)
+              + 1e-6)
+    if dq is None:
+        return
+    k_abs = k.double().abs().repeat_interleave(group, 1)
+    # dS = P (dP - delta): P carries rel_p, and delta = rowsum(dO O) is taken from the forward's O rounded
+    # to the input dtype, off by up to eps_in * rowsum(|dO| |O|) whatever P is
+    d_delta = 2 * eps_in * (do.double().abs() * o64.abs()).sum(-1, keepdim=True)
+    ds_err = p * (rel_p * dpd.abs() + 4 * d_delta) + 2 * sub * vis * (dpd.abs() + 1)
+    for name, got, want, bound in (
+            ("dq", dq, dq64, eff_scale * ds_err @ k_abs),
+            ("dk", dk, dk64, _fold(eff_scale * ds_err.transpose(-1, -2) @ q.double().abs(), Hkv, group)),
+            ("dv", dv, dv64, _fold((rel_p * p + sub * vis).transpose(-1, -2) @ do.double().abs(), Hkv, group))):
+        check(name, got, want, bound + out_eps * want.abs() + atol)
 
 
 def _fold(t, Hkv: int, group: int):
