@@ -519,6 +519,12 @@ def _written_dunder(q, k, v, future):
     return torch.softmax(s, -1) @ v
 
 
+def _written_inplace_kwarg(q, k, v, future):
+    s = (q @ k.transpose(-2, -1)) * 0.25
+    F.relu(s, inplace=True)                            # the scores clamped at 0 in place
+    return torch.softmax(s, -1) @ v
+
+
 def _written_norm_input(x, r, w, b):
     h = x + r
     h.clamp_(min=0.0)                                  # the residual sum written in place before the norm
@@ -526,7 +532,7 @@ def _written_norm_input(x, r, w, b):
 
 
 @pytest.mark.parametrize("fn", [_written_masked_fill_, _written_add_, _written_setitem, _written_view,
-                                _written_dunder], ids=lambda f: f.__name__[len("_written_"):])
+                                _written_dunder, _written_inplace_kwarg], ids=lambda f: f.__name__[len("_written_"):])
 def test_scores_written_in_place_are_not_taken_for_plain_attention(fn):
     """An in-place write to the scores between the product and the softmax: FX keeps the scores' node as what the
     softmax reads, so softmax(q @ k^T) @ v is what the graph looks like, not what runs. The rewrite is declined

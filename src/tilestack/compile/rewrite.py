@@ -162,10 +162,12 @@ _VIEW_FUNCTIONS = {operator.getitem, torch.transpose, torch.permute, torch.resha
 
 def _writes(user: fx.Node, node: fx.Node) -> bool:
     """user writes to node's memory in place (``node += t``, ``node.masked_fill_(...)``, ``node[i] = t``,
-    ``torch.relu_(node)``, ``out=node``, an aten op whose schema writes that argument)."""
+    ``torch.relu_(node)``, ``inplace=True``, ``out=node``, an aten op whose schema writes that argument)."""
     if user.kwargs.get("out") is node:
         return True
     first = user.args[0] if user.args else None
+    if user.kwargs.get("inplace") is True and first is node:           # F.relu(x, inplace=True), F.dropout(...)
+        return True
     if user.op == "call_method":
         return first is node and (user.target in _INPLACE_DUNDERS or (
             user.target.endswith("_") and not user.target.startswith("_") and user.target not in _NOT_WRITES))
