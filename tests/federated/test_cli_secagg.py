@@ -32,7 +32,7 @@ def test_fl_run_resumes_from_checkpoint(tmp_path):
 
 @pytest.mark.parametrize(
     "extra, needle",
-    [(["--strategy", "nope"], "name='nope'"), (["--per-round", "50"], "per_round=50"),
+    [(["--strategy", "nope"], "--strategy 'nope'"), (["--per-round", "50"], "per_round=50"),
      (["--selection", "best"], "selection='best'"), (["--dataset", "mnist"], "dataset='mnist'")],
 )  # fmt: skip
 def test_fl_run_bad_arguments_are_named(extra, needle):

@@ -2,13 +2,13 @@
 running that file on gloo; and its refusals of bad input, before any measurement."""
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
 
 from tilestack import config
 from tilestack.cli import _register, app
-from tilestack.parallel.plan import PlanError
 from tilestack.parallel.plan.comm import CommModel, comm_path
 
 _register()
@@ -22,6 +22,13 @@ def _store_fit(tmp_path):
     path = comm_path("gloo-cpu")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(FIT.to_json()))
+
+
+def _said(res, text: str) -> bool:
+    """``text`` is in the command's error output, however rich's box wrapped it (box characters and white space
+    removed from both)."""
+    flat = "".join(re.sub("[\u2500-\u257f]", "", res.output).split())
+    return res.exit_code == 2 and "".join(text.split()) in flat
 
 
 def test_plan_then_train_the_plan(tmp_path):
@@ -43,7 +50,7 @@ def test_plan_then_train_the_plan(tmp_path):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--nproc", "0", *MODEL], "world_size=0"),
+    (["--nproc", "0", *MODEL], "'--nproc': 0 is not in the range"),
     (["--nproc", "3", *MODEL, "--batch", "4"], "no plan of world_size=3"),
     (["--nproc", "2", *MODEL, "--memory-limit", "1KB"], "--memory-limit 1000 bytes per rank: no plan fits"),
     (["--nproc", "2", *MODEL, "--memory-limit", "lots"], "--memory-limit 'lots'"),
@@ -56,8 +63,7 @@ def test_bad_input_is_refused_before_any_measurement(tmp_path, args, match):
     with config.override(cache_dir=tmp_path):            # no stored fit: measuring it would leave a file here
         res = CliRunner().invoke(app, ["plan", *args])
         assert res.exit_code != 0
-        assert isinstance(res.exception, PlanError), res.output
-        assert match in str(res.exception)
+        assert _said(res, match), res.output
         assert not comm_path("gloo-cpu").exists()
 
 
@@ -66,7 +72,7 @@ def test_train_refuses_a_bad_plan_file(tmp_path):
     bad.write_text(json.dumps({"format": "something-else"}))
     for path, match in ((tmp_path / "none.json", "does not exist"), (bad, "format='something-else'")):
         res = CliRunner().invoke(app, ["train", "--plan", str(path)])
-        assert isinstance(res.exception, PlanError) and match in str(res.exception)
+        assert _said(res, match), res.output
 
 
 TARGET = '''
@@ -95,4 +101,4 @@ def test_plan_a_module_it_has_never_seen(tmp_path):
         spec = json.loads(out.read_text())
         assert spec["model"] is None and spec["bounds"][0] == 0 and spec["bounds"][-1] == 5
         run = CliRunner().invoke(app, ["train", "--plan", str(out)])
-        assert isinstance(run.exception, PlanError) and "not tilestack's parallel GPT" in str(run.exception)
+        assert _said(run, "not tilestack's parallel GPT"), run.output

@@ -9,11 +9,34 @@ from __future__ import annotations
 
 import importlib
 
+import click
 import typer
+from typer.core import TyperGroup
+
+
+class UserError(click.ClickException):
+    """A library error about the command's arguments (a TilestackError: it names the argument, what was given and
+    what was expected), shown as one ``Error:`` message with exit code 2 instead of a traceback."""
+
+    exit_code = 2
+
+
+class _CommandGroup(TyperGroup):
+    """The root group: every command runs inside its ``invoke``, so a TilestackError raised by the library while
+    checking a command's input (PlanError, ParallelConfigError, DeviceError, ...) becomes a UserError here, in one
+    place, whichever command raised it. Other exceptions are bugs and keep their traceback."""
+
+    def invoke(self, ctx: click.Context):
+        from tilestack.errors import TilestackError
+
+        try:
+            return super().invoke(ctx)
+        except TilestackError as e:
+            raise UserError(str(e)) from e
+
 
 app = typer.Typer(help="tilestack: tile kernels, measured.", no_args_is_help=True, add_completion=False,
-                  pretty_exceptions_show_locals=False)
-
+                  pretty_exceptions_show_locals=False, cls=_CommandGroup)
 
 
 @app.callback()

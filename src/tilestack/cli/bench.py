@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from tilestack.cli import app
+from tilestack.cli.args import check_output
 
 bench_app = typer.Typer(help="Benchmark suite: run it (no subcommand), or compare two runs.", no_args_is_help=False,
                         add_completion=False, pretty_exceptions_show_locals=False)
@@ -35,6 +36,14 @@ def bench(
         return
     from tilestack.bench import run_suite
 
+    check_output("--out", out, folder=True)
+    if kernel:
+        from tilestack.bench.cases import cases
+        names = sorted({c.name for c in cases("cpu", full=False, models=models)})
+        unknown = [k for k in kernel if k not in names]
+        if unknown:
+            raise typer.BadParameter(f"--kernel {', '.join(unknown)}: no such case{'' if models else ' (--no-models)'};"
+                                     f" expected some of {names}", param_hint="--kernel")
     baseline = _side(against) if against else None       # read first: a wrong name fails before the run
     rows = run_suite(full=not small, only=kernel or None, store=store, models=models, out_dir=out)
     if baseline is not None and rows:
@@ -44,9 +53,6 @@ def bench(
 
         ms = [m for r in rows for m in (r.ours, r.baseline)]
         print_comparison(compare_runs(baseline, Record(ms[0].device, ms, source="this run")))
-    if kernel and not rows:
-        typer.echo(f"no case named {', '.join(kernel)}; see --help for the names", err=True)
-        raise typer.Exit(2)
     failed = [r.case.name for r in rows if not r.passed]
     if failed:
         typer.echo(f"correctness check failed: {', '.join(failed)}", err=True)
@@ -58,7 +64,8 @@ def compare(
     a: str = typer.Argument(..., help="the baseline side: a record file (*.json), a run (id, prefix, label, latest, "
                                       "latest~N) or a device name (its newest bench run)"),
     b: str = typer.Argument(..., help="the side compared against A, the same kinds"),
-    db: Path = typer.Option(None, help="the result store (default: <cache_dir>/perf/results.sqlite)"),
+    db: Path = typer.Option(None, callback=lambda db: check_output("--db", db) or db,
+                            help="the result store (default: <cache_dir>/perf/results.sqlite)"),
 ) -> None:
     """Two bench runs case by case (matched by case name and shape): tilestack's time on each, B's speed-up over A
     for tilestack and for the baseline, each side's speed-up over its own baseline, and notices where the runs

@@ -109,6 +109,19 @@ def run(
     if straggler_policy not in STRAGGLER_POLICIES:
         raise typer.BadParameter(f"straggler_policy={straggler_policy!r}; expected one of {STRAGGLER_POLICIES}",
                                  param_hint="--straggler-policy")  # fmt: skip
+    from tilestack.cli.args import check_input, check_output, check_share
+    from tilestack.federated.strategies import NAMES as STRATEGIES
+    if strategy not in STRATEGIES:
+        raise typer.BadParameter(f"--strategy {strategy!r}; expected one of {STRATEGIES}", param_hint="--strategy")
+    check_share("--stragglers", stragglers)
+    check_share("--dropout", dropout, one=False)
+    check_share("--malicious", malicious, one=False)
+    check_share("--eval-fraction", eval_fraction)
+    check_input("--data", data)
+    check_input("--trace", trace)
+    check_output("--out", out)
+    check_output("--plot", plot)
+    check_output("--checkpoint", checkpoint)
     if per_round > clients:
         raise typer.BadParameter(f"per_round={per_round} > clients={clients}", param_hint="--per-round")
     if data is not None:
@@ -149,7 +162,10 @@ def run(
         if compress:
             from tilestack.federated.compression import Compressed, parse
 
-            method, ratio = parse(compress)
+            try:
+                method, ratio = parse(compress)
+            except ValueError as ex:
+                raise typer.BadParameter(str(ex), param_hint="--compress") from ex
             strat = Compressed(strat, method, ratio)
         if selection == "random":
             strat = Selected(strat, RandomSelector(seed), per_round)

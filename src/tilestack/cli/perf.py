@@ -21,7 +21,17 @@ import typer
 
 from tilestack.cli import app
 
-DbOption = Annotated[Path | None, typer.Option("--db", help="Result store (default <cache_dir>/perf/results.sqlite).")]
+
+def _db_path(db: Path | None) -> Path | None:
+    """--db is the store's file: a folder, or a path below a file, is refused here rather than by SQLite."""
+    from tilestack.cli.args import check_output
+
+    check_output("--db", db)
+    return db
+
+
+DbOption = Annotated[Path | None, typer.Option("--db", callback=_db_path,
+                                               help="Result store (default <cache_dir>/perf/results.sqlite).")]
 
 
 def _fail(message: str) -> None:
@@ -124,12 +134,12 @@ def profile(
     device: Annotated[str | None, typer.Option(help="Move model and inputs to this device (cpu, cuda).")] = None,
     steps: Annotated[
         int | None,
-        typer.Option(help="Profiled steps (default: rounds of steps until the step time is known to +-5%)."),
+        typer.Option(min=1, help="Profiled steps (default: rounds of steps until the step time is known to +-5%)."),
     ] = None,
     budget: Annotated[float, typer.Option(help="Seconds of profiling after which rounds stop, known or not.")] = 10.0,
-    warmup: Annotated[int, typer.Option(help="Warm-up steps before counting and profiling.")] = 2,
+    warmup: Annotated[int, typer.Option(min=0, help="Warm-up steps before counting and profiling.")] = 2,
     train: Annotated[bool, typer.Option(help="Profile forward and backward, not just forward.")] = False,
-    top: Annotated[int | None, typer.Option(help="Show only the slowest N ops.")] = 25,
+    top: Annotated[int | None, typer.Option(min=1, help="Show only the slowest N ops.")] = 25,
     fastpath: Annotated[
         bool,
         typer.Option(help="Keep nn.MultiheadAttention's fused fast path (its inner matmuls then go uncounted)."),
@@ -139,10 +149,14 @@ def profile(
     db: DbOption = None,
 ) -> None:
     """Profile a PyTorch model: per-op time, share, FLOPs, bytes, intensity, bound and % of roof."""
+    from tilestack.cli.args import check_output
     from tilestack.errors import TilestackError
     from tilestack.perf import profile as profile_mod
     from tilestack.perf import report
 
+    if not budget > 0:
+        raise typer.BadParameter(f"--budget {budget}; expected seconds > 0", param_hint="--budget")
+    check_output("--out", out, folder=True)
     try:
         model, inputs = profile_mod.load_target(target)
         if device is not None:
@@ -212,7 +226,7 @@ def _to_device(model: object, inputs: object, device: str) -> tuple[object, obje
 
 
 @app.command()
-def runs(db: DbOption = None, limit: Annotated[int, typer.Option(help="Newest N runs.")] = 20) -> None:
+def runs(db: DbOption = None, limit: Annotated[int, typer.Option(min=1, help="Newest N runs.")] = 20) -> None:
     """List the runs in the result store, newest first."""
     from rich.table import Table
 
@@ -246,9 +260,11 @@ def report(
     db: DbOption = None,
 ) -> None:
     """Show a stored run as a table; with --out, also the roofline PNG, the HTML report and markdown."""
+    from tilestack.cli.args import check_output
     from tilestack.perf import report as report_mod
     from tilestack.perf.store import Store, StoreError
 
+    check_output("--out", out, folder=True)
     try:
         with Store(db) as st:
             r = st.run(run)
@@ -323,8 +339,8 @@ def ncu(
     ] = None,
     kernel: Annotated[str | None, typer.Option(help="Regex on kernel names (ncu --kernel-name regex:...).")] = None,
     nvtx: Annotated[str | None, typer.Option(help="NVTX range filter, e.g. 'tilestack:rmsnorm[BM=64]/'.")] = None,
-    skip: Annotated[int, typer.Option(help="Matching launches to skip first (warm-up).")] = 0,
-    count: Annotated[int, typer.Option(help="Matching launches to profile.")] = 1,
+    skip: Annotated[int, typer.Option(min=0, help="Matching launches to skip first (warm-up).")] = 0,
+    count: Annotated[int, typer.Option(min=1, help="Matching launches to profile.")] = 1,
     fold: Annotated[
         str | None,
         typer.Option(help="Fold the figures into the newest stored result of this kernel name (appended to its run)."),

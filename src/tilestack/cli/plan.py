@@ -55,7 +55,7 @@ def parse_batches(text: str) -> list[int]:
 
 @app.command("plan")
 def plan_command(
-    nproc: int = typer.Option(..., help="ranks (world size) to plan for"),
+    nproc: int = typer.Option(..., min=1, help="ranks (world size) to plan for"),
     model: str = typer.Option("", help="tiny or 1.3b (tilestack.parallel's GPT); or give --layers/--d/... or --target"),
     layers: int = typer.Option(0, help="a GPT of this many blocks (with --d, --heads, --vocab)"),
     d: int = typer.Option(0, help="model width"),
@@ -107,6 +107,9 @@ def plan_command(
         raise PlanError(f"--out {out!r} is a directory; expected the plan file's path")
     if figures and Path(figures).exists() and not Path(figures).is_dir():
         raise PlanError(f"--figures {figures!r} is a file; expected a directory for timeline.png and memory.png")
+    from tilestack.cli.args import check_output
+    check_output("--out", out)
+    check_output("--figures", figures, folder=True)
     if measure and (target or device != "cpu"):
         raise PlanError(f"--measure {measure} with {'--target ' + repr(target) if target else '--device ' + device}; "
                         "expected --device cpu and tilestack's GPT (--model or --layers): the measured runs are "

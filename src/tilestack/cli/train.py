@@ -63,6 +63,11 @@ def train(
         raise typer.BadParameter(f"--model {model!r}; expected one of {MODELS}")
     if dtype not in ("float32", "bfloat16"):
         raise typer.BadParameter(f"--dtype {dtype!r}; expected float32 or bfloat16")
+    from tilestack.parallel.config import DP_COMMS, PP_SCHEDULES, RECOMPUTE, ZERO_STAGES
+    for option, given, allowed in (("--schedule", schedule, PP_SCHEDULES), ("--recompute", recompute, RECOMPUTE),
+                                   ("--dp-comm", dp_comm, DP_COMMS), ("--zero", zero, ZERO_STAGES)):
+        if given not in allowed:
+            raise typer.BadParameter(f"{option} {given!r}; expected one of {tuple(allowed)}", param_hint=option)
     parallel = dict(dp=dp, dp_shard=dp_shard, tp=tp, sp=tp if sp else 1, pp=pp, pp_schedule=schedule,
                     stages_per_rank=stages_per_rank, microbatches=microbatches, recompute=recompute, zero=zero,
                     dp_comm=dp_comm)

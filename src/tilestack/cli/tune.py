@@ -30,9 +30,9 @@ def tune(
     kernel: list[str] = typer.Option(None, "--kernel", "-k", help="only these kernels (repeatable); default all"),
     dtype: list[str] = typer.Option(None, "--dtype", help="bfloat16 and/or float16 (repeatable); default both"),
     budget_s: float = typer.Option(600.0, "--budget-s", help="seconds for the whole run (set-up included)"),
-    size: list[int] = typer.Option(None, "--size", help="only these sizes: sequence length, GEMM size, row width "
-                                                        "(repeatable)"),
-    head_dim: list[int] = typer.Option(None, "--head-dim", help="attention: only these head dims (repeatable)"),
+    size: list[int] = typer.Option(None, "--size", min=1, help="only these sizes: sequence length, GEMM size, "
+                                                               "row width (repeatable)"),
+    head_dim: list[int] = typer.Option(None, "--head-dim", min=1, help="attention: only these head dims (repeatable)"),
     ship: bool = typer.Option(False, help="also write tables for src/tilestack/tune/tables/ (one per kernel)"),
     out: Path = typer.Option(None, help="folder for --ship's tables; default the package's tables folder"),
     report: Path = typer.Option(None, help="write every problem's outcome here as JSON"),
@@ -45,7 +45,7 @@ def tune(
                                                       "(tune.guided; pre-trained on --model-data)"),
     model_data: list[Path] = typer.Option(None, "--model-data", help="ground-truth JSON lines for --model "
                                           "(default docs/results/tune_ground_truth_h200.jsonl)"),
-    top_k: int = typer.Option(8, "--top-k", help="--model: configs timed per problem (plus the one in use)"),
+    top_k: int = typer.Option(8, "--top-k", min=1, help="--model: configs timed per problem (plus the one in use)"),
     backends: str = typer.Option(None, "--backends", help="backends to search, comma-separated (e.g. "
                                  "triton,gluon); default: every GPU backend that can launch on this device"),
     as_device: str = typer.Option(None, help="tune for this device key instead of the GPU's own; with --dry-run, "
@@ -53,9 +53,22 @@ def tune(
 ) -> None:
     """Time each kernel's candidate configs on this GPU (checked against a reference first) and keep the
     fastest per kernel, signature and size, most valuable problems first, within --budget-s seconds."""
+    from tilestack.cli.args import check_output
     from tilestack.errors import TilestackError
     from tilestack.tune.library import DTYPES, library_problems
 
+    check_output("--out", out, folder=True)
+    check_output("--report", report)
+    if budget_s <= 0:
+        raise typer.BadParameter(f"--budget-s must be > 0, got {budget_s}", param_hint="--budget-s")
+    chosen = None
+    if backends is not None:
+        from tilestack.backends import NAMES
+        chosen = tuple(b.strip() for b in backends.split(",") if b.strip())
+        unknown = [b for b in chosen if b not in NAMES]
+        if unknown or not chosen:
+            raise typer.BadParameter(f"--backends {backends!r}: expected a comma-separated list of {NAMES}",
+                                     param_hint="--backends")
     try:
         problems = library_problems(kernel or None, tuple(dtype or DTYPES), small=small)
     except TilestackError as e:
@@ -64,8 +77,6 @@ def tune(
                 (not head_dim or p.fixed.get("D") is None or p.fixed["D"] in head_dim)]
     if not problems:
         raise typer.BadParameter("no problem matches --kernel/--dtype/--size/--head-dim")
-    if budget_s <= 0:
-        raise typer.BadParameter(f"--budget-s must be > 0, got {budget_s}")
     if dry_run and not missing:
         _print_plan(problems, budget_s)
         return
@@ -92,13 +103,6 @@ def tune(
             guided = (pretrained_model(model_data or [GROUND_TRUTH]), top_k)
         except TilestackError as e:
             raise typer.BadParameter(str(e)) from e
-    chosen = None
-    if backends:
-        from tilestack.backends import NAMES
-        chosen = tuple(b.strip() for b in backends.split(",") if b.strip())
-        unknown = [b for b in chosen if b not in NAMES]
-        if unknown or not chosen:
-            raise typer.BadParameter(f"--backends {backends!r}: expected a comma-separated list of {NAMES}")
     _run(problems, key, device_str, budget_s, ship, out, report, guided, chosen)
 
 

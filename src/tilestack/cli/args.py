@@ -1,0 +1,43 @@
+"""Argument checks shared by the commands: each raises ``typer.BadParameter`` naming the option, what was given and
+what was expected, before the command does any work (a run that ends in an unwritable output path wastes it)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+
+def check_output(option: str, path: str | os.PathLike | None, *, folder: bool = False) -> None:
+    """``path`` can be written as a file (``folder=False``) or made as a folder: it is not an existing thing of the
+    other kind, and no existing folder above it is a file (``out/x.json`` below the file ``out``). None or "": not
+    given, nothing to check."""
+    if path is None or os.fspath(path) == "":
+        return
+    p = Path(path)
+    expected = "a folder path" if folder else "a file path"
+    if folder and p.exists() and not p.is_dir():
+        raise typer.BadParameter(f"{option} {os.fspath(p)!r} is a file; expected {expected}", param_hint=option)
+    if not folder and p.is_dir():
+        raise typer.BadParameter(f"{option} {os.fspath(p)!r} is a folder; expected {expected}", param_hint=option)
+    above = next((q for q in p.parents if q.exists()), None)
+    if above is not None and not above.is_dir():
+        raise typer.BadParameter(f"{option} {os.fspath(p)!r} cannot be made: it is below the file "
+                                 f"{os.fspath(above)!r}; expected {expected}", param_hint=option)
+
+
+def check_input(option: str, path: str | os.PathLike | None) -> None:
+    """``path`` is an existing file (None or "": not given)."""
+    if path is None or os.fspath(path) == "":
+        return
+    p = Path(path)
+    if not p.is_file():
+        what = "a folder" if p.is_dir() else "not there"
+        raise typer.BadParameter(f"{option} {os.fspath(p)!r} is {what}; expected an existing file", param_hint=option)
+
+
+def check_share(option: str, value: float, *, one: bool = True) -> None:
+    """``value`` is a share in [0, 1] (``one=False``: [0, 1), where a share of 1 leaves nothing to run)."""
+    if not (0.0 <= value <= 1.0) or (value == 1.0 and not one):
+        raise typer.BadParameter(f"{option} {value}; expected a share in [0, 1{']' if one else ')'}", param_hint=option)
