@@ -604,3 +604,31 @@ def test_a_round_where_every_client_fails_under_adaptive_clipping_dp_is_skipped_
     assert r2.num_aggregated == 0 and r2.skipped == "no replies to aggregate" and len(r2.excluded) == 4
     assert r1.num_aggregated == 4 and r3.num_aggregated == 4
     assert norms[1] == norms[0] != norms[2]
+
+
+@pytest.mark.timeout(90)
+def test_a_strategy_giving_each_client_its_own_local_work_is_accounted_by_that_work():
+    """A FedAvg that sends each client a task with its own local_steps (1, 4, 7, 10 by node). Before, the grid
+    planned every client's full work from its own task (2 steps): steps_full was 8 while the clients did 22. Now the
+    full work of each client is that of the task its message carries: steps_done == steps_full == 22."""
+    import dataclasses
+
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    task = Task(dataset="blobs", num_samples=140, num_features=3, num_classes=2, num_clients=4, local_steps=2, lr=0.1)
+    planned = []
+
+    class OwnWork(FedAvg):
+        def configure_train(self, server_round, arrays, config, grid):
+            out = []
+            for i, m in enumerate(super().configure_train(server_round, arrays, config, grid)):
+                sent = Task.from_json(str(m.content["config"][tsclient.TASK_KEY]))
+                own = dataclasses.replace(sent, local_steps=1 + 3 * i)
+                planned.append(own.local_steps)
+                cfg = ConfigRecord(dict(m.content["config"]) | {tsclient.TASK_KEY: own.to_json()})
+                out.append(Message(RecordDict({**m.content, "config": cfg}), m.metadata.dst_node_id,
+                                   m.metadata.message_type, group_id=m.metadata.group_id))  # fmt: skip
+            return out
+
+    r = simulate(OwnWork(fraction_train=1.0, fraction_evaluate=0.0), task, rounds=1, evaluate=False).history.rounds[0]
+    assert sum(planned) == 22 and r.steps_done == r.steps_full == 22

@@ -47,6 +47,7 @@ from tilestack.federated.client import (
     PARTITION_METRIC,
     SCAFFOLD_C,
     SCAFFOLD_DC_PREFIX,
+    TASK_KEY,
     WORK_KEY,
 )  # fmt: skip
 from tilestack.federated.system import SystemModel
@@ -225,6 +226,7 @@ class ManagedGrid(Grid):
         self.weight_keys: frozenset[str] = frozenset()  # the strategy's weighted_by_key (run_rounds sets it)
         self.loss_keys: frozenset[str] = frozenset()  # the loss the strategy reads (QFedAvg's; run_rounds sets it)
         self._order: list[int] | None = None
+        self._sent_tasks: dict[str, Task] = {}  # task JSON a message carried -> the task (parsed once)
         self.partition_of: dict[int, int] = {}
         self._log = self._empty_log()
 
@@ -299,6 +301,22 @@ class ManagedGrid(Grid):
         self._log["excluded"][str(pid)] = reason
         log.info("round %d: client %d left out: %s", self.server_round, pid, reason)
 
+    def _task_sent(self, content: RecordDict) -> Task:
+        """The task a TRAIN message carries, which the client trains by (a strategy may give each client its own
+        local work), or the grid's task when it carries none: a client's full work is planned from it."""
+        config = content.config_records.get("config")
+        text = config.get(TASK_KEY) if config is not None else None
+        if not isinstance(text, str):
+            return self.task
+        if text not in self._sent_tasks:
+            try:
+                sent = Task.from_json(text)
+            except (ValueError, TypeError, KeyError):  # not a task the client could read either: it will fail
+                sent = self.task
+            # another population's task (other client count) is not this grid's to plan by
+            self._sent_tasks[text] = sent if sent.num_clients == self.task.num_clients else self.task
+        return self._sent_tasks[text]
+
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         if self._order is None:
             self._roll_call()
@@ -314,7 +332,7 @@ class ManagedGrid(Grid):
             if msg.metadata.message_type == MessageType.TRAIN:
                 is_train = True
                 self._log["selected"] += 1
-                full = self.task.steps_for(pid)
+                full = self._task_sent(msg.content).steps_for(pid)
                 self._log["steps_full"] += full
                 if self.system is not None:
                     plan = self.system.plan(self.server_round, pid, full, down)
