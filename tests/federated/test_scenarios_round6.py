@@ -22,6 +22,10 @@ What this round found, each fixed:
   simulate run with an AggregationError after round 1; refused before any work (simulation._check_weighting).
 - Under run_rounds, one reply without QFedAvg's loss key ended the whole run with Flower's AggregationError; the
   grid now leaves that reply out naming the key, as it does a missing weight (grid.check_reply, loss_keys).
+- A round where every client failed under Flower's adaptive-clipping DP wrappers ended the run with a
+  ZeroDivisionError (the clipped share of no replies); the driver no longer asks a strategy to aggregate nothing.
+- A strategy giving each client its own local work (a task per message) was accounted by the grid's task:
+  steps_full 8 while the clients did 22; the grid now plans by the task the message carries.
 """
 
 import math
