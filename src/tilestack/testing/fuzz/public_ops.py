@@ -62,6 +62,19 @@ def _maybe_strided(rng, t):
     return t.transpose(0, 1).contiguous().transpose(0, 1)
 
 
+def _grad_layout(rng, t):
+    """An output's gradient as autograd may hand it over: contiguous, expanded from one value (``y.sum()``'s,
+    every stride 0), or with its last two dims swapped in memory (a transpose after the op)."""
+    import torch
+
+    r = rng.random()
+    if r < 0.7 or t.dim() < 2 or t.numel() == 0:
+        return t
+    if r < 0.85:
+        return torch.full((), float(t.reshape(-1)[0]), dtype=t.dtype, device=t.device).expand(t.shape)
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
 def _leaves(*ts, grad):
     """Fresh leaves of ``ts`` (None stays None); ``grad`` a bool for all, or one per tensor."""
     grads = grad if isinstance(grad, list | tuple) else [grad] * len(ts)
@@ -104,7 +117,7 @@ def sdpa_problem(rng, device: str, backend: str, prof: Profile) -> Problem:
     q = tensor(rng, (B, H, Nq, D), dtype, device, scale=float(rng.choice((1.0, 1.0, 4.0))))
     k = tensor(rng, (B, Hkv, Nk, D), dtype, device)
     v = tensor(rng, (B, Hkv, Nk, Dv), dtype, device)
-    do = tensor(rng, (B, H, Nq, Dv), dtype, device)
+    do = _grad_layout(rng, tensor(rng, (B, H, Nq, Dv), dtype, device))
     mask = None
     mask_kind = "none"
     if not causal and rng.random() < 0.4:
@@ -123,7 +136,7 @@ def sdpa_problem(rng, device: str, backend: str, prof: Profile) -> Problem:
     backward = bool(rng.random() < 0.6)
     desc = (f"{via} B={B} H={H} Hkv={Hkv} Nq={Nq} Nk={Nk} D={D} Dv={Dv} {str(dtype)[6:]} causal={causal} "
             f"scale={scale} mask={mask_kind}{tuple(mask.shape) if mask is not None else ''} "
-            f"q{tuple(q.stride())} {'fwd+bwd' if backward else 'fwd'}")
+            f"q{tuple(q.stride())} do{tuple(do.stride())} {'fwd+bwd' if backward else 'fwd'}")
 
     def run():
         leaves = _leaves(q, k, v, grad=backward)
@@ -166,14 +179,14 @@ def norm_problem(rng, device: str, backend: str, prof: Profile) -> Problem:
     w = tensor(rng, (n,), pdtype, device, scale=float(rng.choice((1.0, 10.0))), loc=1.0)
     b = tensor(rng, (n,), pdtype, device, scale=float(rng.choice((0.0, 1.0)))) if centered else None
     eps = float(rng.choice((1e-5, 1e-6, 1e-2)))
-    dy = tensor(rng, (*lead, n), dtype, device, scale=log_uniform(rng, 1e-2, 1e2))
-    dh = tensor(rng, (*lead, n), dtype, device) if residual and rng.random() < 0.6 else None
+    dy = _grad_layout(rng, tensor(rng, (*lead, n), dtype, device, scale=log_uniform(rng, 1e-2, 1e2)))
+    dh = _grad_layout(rng, tensor(rng, (*lead, n), dtype, device)) if residual and rng.random() < 0.6 else None
     backward = bool(rng.random() < 0.6)
     # which inputs want a gradient: all, or x (and r) alone (a frozen norm), or the weights alone
     wants = str(rng.choice(["all", "all", "all", "inputs", "params"]))
     want_x, want_p = wants != "params", wants != "inputs"
     desc = (f"{name} x{lead + (n,)} {str(dtype)[6:]} w {str(pdtype)[6:]} {style} eps={eps} x{tuple(x.stride())} "
-            f"dh={dh is not None} {'fwd+bwd grad=' + wants if backward else 'fwd'}")
+            f"dy{tuple(dy.stride())} dh={dh is not None} {'fwd+bwd grad=' + wants if backward else 'fwd'}")
 
     def run():
         xl, rl, wl, bl = _leaves(x, r, w, b, grad=[backward and want_x] * 2 + [backward and want_p] * 2)
@@ -281,11 +294,11 @@ def rotary_problem(rng, device: str, backend: str, prof: Profile) -> Problem:
     cos, sin = rotary_tables(N, D, theta, device=device)
     q = _maybe_strided(rng, tensor(rng, (B, N, H, D), dtype, device))
     k = _maybe_strided(rng, tensor(rng, (B, N, Hkv, D), dtype, device, scale=float(rng.choice((1.0, 100.0)))))
-    dq = tensor(rng, (B, N, H, D), dtype, device)
-    dk = tensor(rng, (B, N, Hkv, D), dtype, device)
+    dq = _grad_layout(rng, tensor(rng, (B, N, H, D), dtype, device))
+    dk = _grad_layout(rng, tensor(rng, (B, N, Hkv, D), dtype, device))
     backward = bool(rng.random() < 0.6)
     desc = (f"rotary q{(B, N, H, D)} k{(B, N, Hkv, D)} {str(dtype)[6:]} theta={theta} q{tuple(q.stride())} "
-            f"{'fwd+bwd' if backward else 'fwd'}")
+            f"dq{tuple(dq.stride())} {'fwd+bwd' if backward else 'fwd'}")
 
     def run():
         ql, kl = _leaves(q, k, grad=backward)
@@ -322,9 +335,9 @@ def swiglu_problem(rng, device: str, backend: str, prof: Profile) -> Problem:
     dtype = _dtype(rng)
     spread = float(rng.choice((1.0, 1.0, 8.0, 40.0)))
     x = _maybe_strided(rng, tensor(rng, (*lead, 2 * f), dtype, device, scale=spread))
-    dy = tensor(rng, (*lead, f), dtype, device, scale=log_uniform(rng, 1e-2, 1e2))
+    dy = _grad_layout(rng, tensor(rng, (*lead, f), dtype, device, scale=log_uniform(rng, 1e-2, 1e2)))
     backward = bool(rng.random() < 0.6)
-    desc = (f"swiglu x{lead + (2 * f,)} {str(dtype)[6:]} scale={spread} x{tuple(x.stride())} "
+    desc = (f"swiglu x{lead + (2 * f,)} {str(dtype)[6:]} scale={spread} x{tuple(x.stride())} dy{tuple(dy.stride())} "
             f"{'fwd+bwd' if backward else 'fwd'}")
 
     def run():
