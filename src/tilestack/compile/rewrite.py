@@ -183,14 +183,18 @@ def _writes(user: fx.Node, node: fx.Node) -> bool:
     return first is node and name.endswith("_") and not name.startswith("_") and name not in _NOT_WRITES
 
 
+def is_view(node: fx.Node) -> bool:
+    """node's result may be a view of its first argument (``transpose``, ``view``, ``x[i]``, ``x.mT``, ...)."""
+    return (node.op == "call_method" and node.target in _VIEW_METHODS) or (node.op == "call_function" and (
+        node.target in _VIEW_FUNCTIONS or (node.target is getattr and node.args[1:] in (("mT",), ("T",)))))
+
+
 def _aliases(node: fx.Node) -> list[fx.Node]:
     """node and every view of it in the graph (views of views too)."""
     seen, todo = [node], [node]
     while todo:
         for u in todo.pop().users:
-            view = (u.op == "call_method" and u.target in _VIEW_METHODS) or \
-                (u.op == "call_function" and u.target in _VIEW_FUNCTIONS)
-            if view and u.args and u.args[0] in seen and u not in seen:
+            if is_view(u) and u.args and u.args[0] in seen and u not in seen:
                 seen.append(u)
                 todo.append(u)
     return seen

@@ -134,6 +134,22 @@ def _sole_iadd(x) -> bool:
     return isinstance(s, Node) and list(s.users) == [x]
 
 
+def _scores_read_elsewhere(chain: list[Node], out: Node) -> list[str]:
+    """The chain's scores and probabilities (its nodes but the output, the key's transpose and constants) that a
+    node outside the chain reads (BERT's output_attentions returns them). Views and writes in place are not such
+    reads here (a write is the backend's to decline: ``rewrite.written_in_place``)."""
+    from tilestack.compile.rewrite import _writes, is_view
+
+    inside, names = set(chain), []
+    for n in chain:
+        nv = value(n)
+        if n is out or is_view(n) or not isinstance(nv, torch.Tensor) or nv.dim() < 2:
+            continue
+        if any(u not in inside and not is_view(u) and not _writes(u, n) for u in n.users):
+            names.append(n.name)
+    return names
+
+
 def _scores(x: Node, chain: list[Node]):
     """(q, k, scale) if x is ``q @ k.transpose(-2, -1)`` times constants (through casts that lose nothing), with
     its nodes added to chain."""
@@ -258,6 +274,9 @@ def explicit_attention(gm: fx.GraphModule):
         why = unsupported(qv, kv_, vv, mv, 0.0, False, False)
         if why is None:
             why = runs_here(qv)
+        if why is None and (read_elsewhere := _scores_read_elsewhere(chain, node)):
+            why = (f"{' and '.join(read_elsewhere)} read elsewhere too (the probabilities or scores are kept for "
+                   "those readers: the rewrite would compute the attention twice)")
         if why is None:
             try:
                 check_attention_args("attention", qv, kv_, vv, scale, attn_mask=mv)
