@@ -75,11 +75,11 @@ def test_a_wrong_public_norm_is_caught(monkeypatch):
 
 
 def test_a_wrong_public_gradient_is_caught(monkeypatch):
-    """swiglu's gradient scaled by 1.01: only the backward is wrong, and only the fwd+bwd problems fail."""
+    """swiglu's gradient scaled by 1.05 (6 ulp of bf16): only the backward is wrong, only fwd+bwd problems fail."""
     real = tilestack.torch.ops._SwiGLUPlan.backward
 
     def off(self, dy, x):
-        return real(self, dy, x) * 1.01
+        return real(self, dy, x) * 1.05
 
     monkeypatch.setattr(tilestack.torch.ops._SwiGLUPlan, "backward", off)
     report = fuzz.fuzz(30, seed=4, device="cpu", backends=("reference",), kinds=("swiglu_op",))
