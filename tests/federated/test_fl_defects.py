@@ -147,4 +147,4 @@ def test_fl_run_takes_a_users_file_faults_timeout_workers_and_reports_client_acc
     assert bad.exit_code != 0 and "'1-crash'" in bad.output
     bad = CliRunner().invoke(app, ["fl", "run", "--data", str(tmp_path / "none.npz"), "--rounds", "1"],
                              env={"COLUMNS": "200"})  # fmt: skip
-    assert bad.exit_code != 0 and "is not a file" in bad.output
+    assert bad.exit_code != 0 and "--data" in bad.output and "is not there" in bad.output
