@@ -418,12 +418,14 @@ class VAE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, I) in [0, 1]
         mu, log_sigma = self.enc(x).chunk(2, -1)
-        posterior = torch.distributions.Normal(mu, log_sigma.exp())
+        # validate_args=True: the argument checks (aten::_is_all_true) run whatever the process-wide default is
+        # (Distribution.set_default_validate_args: a library imported earlier in a test session may turn it off)
+        posterior = torch.distributions.Normal(mu, log_sigma.exp(), validate_args=True)
         z = posterior.rsample()
-        prior = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
+        prior = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu), validate_args=True)
         kl = torch.distributions.kl_divergence(posterior, prior).sum(-1)
-        likelihood = torch.distributions.Bernoulli(logits=self.dec(z)).log_prob(x).sum(-1)
-        clusters = torch.distributions.Categorical(logits=self.cluster(z))
+        likelihood = torch.distributions.Bernoulli(logits=self.dec(z), validate_args=True).log_prob(x).sum(-1)
+        clusters = torch.distributions.Categorical(logits=self.cluster(z), validate_args=True)
         return (kl - likelihood + posterior.log_prob(z).sum(-1) - clusters.entropy()).mean()
 
 
