@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from profile_support import seeded
 from torch import nn
 from torch.nn import functional as F
 
@@ -277,167 +278,160 @@ class LinearAndConv(nn.Module):
         return self.lin(x), self.conv(image)
 
 
-def _seeded(fn):  # each builder is deterministic
-    def build():
-        torch.manual_seed(0)
-        return fn()
-
-    build.__name__ = fn.__name__
-    return build
 
 
 LENGTHS = torch.tensor([SEQ, SEQ - 2])  # a ragged packed batch, longest first
 
 
-@_seeded
+@seeded
 def lstm():
     return Recurrent(nn.LSTM), (torch.randn(BATCH, SEQ, FEAT),)
 
 
-@_seeded
+@seeded
 def lstm_packed():
     return Recurrent(nn.LSTM, packed=True), (torch.randn(BATCH, SEQ, FEAT), LENGTHS)
 
 
-@_seeded
+@seeded
 def gru():
     return Recurrent(nn.GRU), (torch.randn(BATCH, SEQ, FEAT),)
 
 
-@_seeded
+@seeded
 def gru_packed():
     return Recurrent(nn.GRU, packed=True), (torch.randn(BATCH, SEQ, FEAT), LENGTHS)
 
 
-@_seeded
+@seeded
 def encoder():
     pad = torch.zeros(BATCH, 6, dtype=torch.bool)
     pad[0, -2:] = True  # the first sequence is 2 tokens shorter
     return Encoder(), (torch.randn(BATCH, 6, DIM), pad)
 
 
-@_seeded
+@seeded
 def decoder():
     return Decoder(), (torch.randn(BATCH, 6, DIM), torch.randn(BATCH, 7, DIM))
 
 
-@_seeded
+@seeded
 def convs():
     return Convs(), (torch.randn(BATCH, 4, 20), torch.randn(1, 4, 3, 4, 5), torch.randn(BATCH, 4, 5, 5))
 
 
-@_seeded
+@seeded
 def convs_bias():
     return Convs(bias=True), (torch.randn(BATCH, 4, 20), torch.randn(1, 4, 3, 4, 5), torch.randn(BATCH, 4, 5, 5))
 
 
-@_seeded
+@seeded
 def bag():
     return Bag(), (torch.randint(0, VOCAB, (10,)), torch.tensor([0, 4, 7]))
 
 
-@_seeded
+@seeded
 def moe():
     return MoE(), (torch.randn(TOKENS, DIM),)
 
 
-@_seeded
+@seeded
 def in_place():
     return InPlace(), (torch.randn(4, DIM),)
 
 
-@_seeded
+@seeded
 def batchnorm_train():
     return ConvBN().train(), (torch.randn(BATCH, 3, 8, 8),)
 
 
-@_seeded
+@seeded
 def batchnorm_eval():
     return ConvBN().eval(), (torch.randn(BATCH, 3, 8, 8),)
 
 
-@_seeded
+@seeded
 def outputs_tuple():
     return Outputs("tuple"), (torch.randn(3, FEAT),)
 
 
-@_seeded
+@seeded
 def outputs_dict():
     return Outputs("dict"), (torch.randn(3, FEAT),)
 
 
-@_seeded
+@seeded
 def outputs_dataclass():
     return Outputs("dataclass"), (torch.randn(3, FEAT),)
 
 
-@_seeded
+@seeded
 def tokens_and_mask():
     inputs = {"tokens": torch.randint(0, VOCAB, (BATCH, 5)), "mask": torch.rand(BATCH, 5) > 0.5, "scale": 0.5}
     return TokensAndMask(), inputs
 
 
-@_seeded
+@seeded
 def sdpa_causal():
     return Attention(causal=True), (torch.randn(BATCH, 6, DIM),)
 
 
-@_seeded
+@seeded
 def sdpa_bool_mask():
     return Attention(mask="bool"), (torch.randn(BATCH, 6, DIM),)
 
 
-@_seeded
+@seeded
 def sdpa_float_mask():
     return Attention(mask="float"), (torch.randn(BATCH, 6, DIM),)
 
 
-@_seeded
+@seeded
 def products():
     return Products(), (torch.randn(3, 4, FEAT),)
 
 
-@_seeded
+@seeded
 def no_grad_inside():
     return NoGrad(), (torch.randn(3, FEAT),)
 
 
-@_seeded
+@seeded
 def identity():
     return Identity(), (torch.randn(3, FEAT),)
 
 
-@_seeded
+@seeded
 def nothing():
     return Nothing(), (torch.randn(3, FEAT),)
 
 
-@_seeded
+@seeded
 def unsupported():
     return Unsupported(), (torch.randn(3, FEAT),)
 
 
-@_seeded
+@seeded
 def huge_but_cheap():
     return HugeButCheap(), (torch.randint(0, HUGE_VOCAB, (BATCH, 4)), torch.randn(1, BAG_DIM))
 
 
-@_seeded
+@seeded
 def batch_zero():
     return LinearAndConv(), (torch.randn(0, FEAT), torch.randn(0, 3, 6, 6))
 
 
-@_seeded
+@seeded
 def pools():
     return Pools(), (torch.randn(BATCH, 4, 9), torch.randn(BATCH, 4, 6, 6), torch.randn(1, 2, 3, 4, 4))
 
 
-@_seeded
+@seeded
 def sparse_matmul():
     return SparseMatmul(), (torch.randn(6, FEAT).relu().to_sparse(),)
 
 
-@_seeded
+@seeded
 def encoder_nested():
     """An eval-mode encoder with a padding mask: on its fast path (fastpath=True) it runs on nested tensors."""
     model, (x, pad) = encoder()

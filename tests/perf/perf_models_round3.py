@@ -16,6 +16,7 @@ checked is the counting, not the speed.
 from __future__ import annotations
 
 import torch
+from profile_support import seeded
 from torch import nn
 from torch.nn import functional as F
 
@@ -348,52 +349,44 @@ class CustomOp(nn.Module):
         return self.b(getattr(torch.ops, CUSTOM_NAMESPACE).soft_clip(self.a(x)))
 
 
-def _seeded(fn):  # each builder is deterministic
-    def build():
-        torch.manual_seed(0)
-        return fn()
-
-    build.__name__ = fn.__name__
-    build.__doc__ = fn.__doc__
-    return build
 
 
-@_seeded
+@seeded
 def lstm_lm():
     return LstmLM(), (torch.randint(0, VOCAB, (BATCH, SEQ)), torch.randint(0, VOCAB, (BATCH, SEQ)))
 
 
-@_seeded
+@seeded
 def cells():
     return Cells(), (torch.randn(CELL_STEPS, BATCH, CELL_IN),)
 
 
-@_seeded
+@seeded
 def audio():
     return AudioNet(), (torch.randn(BATCH, AUDIO_CH, AUDIO_LEN),)
 
 
-@_seeded
+@seeded
 def mobile():
     return MobileBlock(), (torch.randn(BATCH, 3, 2 * IMG, 2 * IMG),)
 
 
-@_seeded
+@seeded
 def unet():
     return UNet(), (torch.randn(BATCH, 3, IMG, IMG),)
 
 
-@_seeded
+@seeded
 def scatter_moe():
     return ScatterMoE(), (torch.randn(TOKENS, DIM),)
 
 
-@_seeded
+@seeded
 def noisy_moe():
     return ScatterMoE(noisy=True), (torch.randn(TOKENS, DIM),)
 
 
-@_seeded
+@seeded
 def recommender():
     idx = torch.randint(0, ROWS, (TABLES, BATCH * BAG_LEN))
     offsets = torch.arange(0, BATCH * BAG_LEN, BAG_LEN).repeat(TABLES, 1)  # (T, B): BAG_LEN ids per bag
@@ -401,64 +394,64 @@ def recommender():
     return Recommender(), (torch.randn(BATCH, DENSE), idx, offsets, weights, torch.rand(BATCH))
 
 
-@_seeded
+@seeded
 def vit():
     return ViT(), (torch.randn(BATCH, 3, VIT_IMAGE, VIT_IMAGE),)
 
 
-@_seeded
+@seeded
 def vit_inference_mode():
     return InferenceModeViT(), (torch.randn(BATCH, 3, VIT_IMAGE, VIT_IMAGE),)
 
 
-@_seeded
+@seeded
 def bilinear_attention():
     return BilinearAttention(), (torch.randn(BATCH, 5, DIM), torch.randn(BATCH, 7, DIM))
 
 
-@_seeded
+@seeded
 def fnet():
     return FNet(), (torch.randn(BATCH, FNET_TOKENS, DIM),)
 
 
-@_seeded
+@seeded
 def views_in_place():
     return ViewsInPlace(), (torch.randn(BATCH, 6, DIM), torch.randn(BATCH, IMG_CH, 4, 4))
 
 
-@_seeded
+@seeded
 def mlp_bf16():
     return DtypeMLP().to(torch.bfloat16), (torch.randn(BATCH, 3, IMG, IMG, dtype=torch.bfloat16),)
 
 
-@_seeded
+@seeded
 def mlp_fp64():
     return DtypeMLP().to(torch.float64), (torch.randn(BATCH, 3, IMG, IMG, dtype=torch.float64),)
 
 
-@_seeded
+@seeded
 def spatial_transformer():
     return SpatialTransformer(), (torch.randn(BATCH, 3, IMG, IMG),)
 
 
-@_seeded
+@seeded
 def vector_ops():
     return VectorOps(), (torch.randn(DIM),)
 
 
-@_seeded
+@seeded
 def gaussian_process():
     return GaussianProcess(), (torch.randn(BATCH, GP_POINTS, GP_FEATURES), torch.randn(BATCH, GP_POINTS, 1))
 
 
-@_seeded
+@seeded
 def quantized_mlp():
     """An MLP after dynamic int8 quantization (CPU inference): its linears run as quantized::linear_dynamic."""
     mlp = nn.Sequential(nn.Linear(DIM, 2 * DIM), nn.ReLU(), nn.Linear(2 * DIM, DIM))
     return torch.ao.quantization.quantize_dynamic(mlp, {nn.Linear}, dtype=torch.qint8), (torch.randn(TOKENS, DIM),)
 
 
-@_seeded
+@seeded
 def custom_op():
     return CustomOp(), (torch.randn(TOKENS, DIM),)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+from profile_support import seeded
 from torch import nn
 from torch.nn import functional as F
 
@@ -486,32 +487,24 @@ class NeRF(nn.Module):
         return ((alpha * trans)[..., None] * rgb).sum(-2)  # (R, 3)
 
 
-def _seeded(fn):  # each builder is deterministic
-    def build():
-        torch.manual_seed(0)
-        return fn()
-
-    build.__name__ = fn.__name__
-    build.__doc__ = fn.__doc__
-    return build
 
 
-@_seeded
+@seeded
 def mamba():
     return SelectiveScan(), (torch.randn(BATCH, M_SEQ, M_DIM),)
 
 
-@_seeded
+@seeded
 def swin():
     return SwinBlock(), (torch.randn(BATCH, SW_SIDE, SW_SIDE, SW_DIM),)
 
 
-@_seeded
+@seeded
 def video():
     return VideoNet(), (torch.randn(BATCH, 3, V_T, V_HW, V_HW),)
 
 
-@_seeded
+@seeded
 def super_resolution():
     return SuperResolution(), (torch.randn(BATCH, 3, SR_HW, SR_HW),)
 
@@ -521,12 +514,12 @@ def _graph():
     return torch.cat([edges, torch.arange(G_NODES).repeat(2, 1)], 1)  # with self loops: every node has an edge in
 
 
-@_seeded
+@seeded
 def graph_attention():
     return GraphAttention(), (torch.randn(G_NODES, G_FEAT), _graph())
 
 
-@_seeded
+@seeded
 def losses():
     multi = torch.full((L_ROWS, L_CLASSES), -1, dtype=torch.long)
     multi[:, 0], multi[:, 1] = 1, 3  # two target classes per row, then -1 ends the list
@@ -536,83 +529,83 @@ def losses():
     )
 
 
-@_seeded
+@seeded
 def contrastive():
     return ContrastiveHead(), (torch.randn(C_PAIRS, C_IMG), torch.randn(C_PAIRS, C_TXT))
 
 
-@_seeded
+@seeded
 def pools():
     return PoolZoo(), (torch.randn(BATCH, POOL_CH, POOL_HW, POOL_HW, requires_grad=True),)
 
 
-@_seeded
+@seeded
 def gqa_decoder():
     return GQADecoder(), (torch.randint(0, D_VOCAB, (1, D_PROMPT)),)
 
 
-@_seeded
+@seeded
 def matmul_zoo():
     return MatmulZoo(), (torch.randn(BATCH, 6, 6, requires_grad=True), torch.randn(6, 4, 5))
 
 
-@_seeded
+@seeded
 def half_convnet():
     return HalfConvNet().half().eval(), (torch.randn(BATCH, 3, POOL_HW, POOL_HW, dtype=torch.float16),)
 
 
-@_seeded
+@seeded
 def recurrents():
     return Recurrents(), (torch.randn(BATCH, M_SEQ, M_DIM),)
 
 
-@_seeded
+@seeded
 def quantized_recurrents():
     """The recurrent net with int8 weights (dynamic quantization): quantized LSTM and GRU kernels, an int8 linear."""
     model = torch.ao.quantization.quantize_dynamic(Recurrents(), {nn.LSTM, nn.GRU, nn.Linear}, dtype=torch.qint8)
     return model, (torch.randn(BATCH, M_SEQ, M_DIM),)
 
 
-@_seeded
+@seeded
 def fp16_quantized_recurrents():
     """The recurrent net with fp16 weights (dynamic quantization, dtype=torch.float16)."""
     model = torch.ao.quantization.quantize_dynamic(Recurrents(), {nn.LSTM, nn.GRU, nn.Linear}, dtype=torch.float16)
     return model, (torch.randn(BATCH, M_SEQ, M_DIM),)
 
 
-@_seeded
+@seeded
 def flow():
     return Flow(), (torch.randn(BATCH, FLOW_CH, FLOW_HW, FLOW_HW),)
 
 
-@_seeded
+@seeded
 def capsules():
     return Capsules(), (torch.randn(BATCH, CAP_IN, CAP_IN_DIM),)
 
 
-@_seeded
+@seeded
 def dynamic_conv():
     return DynamicConv(), (torch.randn(BATCH, DYN_CH, DYN_HW, DYN_HW),)
 
 
-@_seeded
+@seeded
 def empty_video():
     """The video net on a batch of 0 clips (eval: batch norm's running statistics need no batch)."""
     return VideoNet().eval(), (torch.randn(0, 3, V_T, V_HW, V_HW),)
 
 
-@_seeded
+@seeded
 def empty_graph():
     """The graph attention layer on a graph with nodes but no edges (besides none): every segment empty."""
     return GraphAttention(), (torch.randn(G_NODES, G_FEAT), torch.zeros(2, 0, dtype=torch.long))
 
 
-@_seeded
+@seeded
 def diffusion():
     return DiffusionBlock(), (torch.randn(BATCH, DIFF_CH, DIFF_HW, DIFF_HW), torch.tensor([3.0, 50.0]))
 
 
-@_seeded
+@seeded
 def nerf():
     t_coarse = torch.sort(torch.rand(NERF_RAYS, NERF_COARSE), -1)[0]
     return NeRF(), (torch.randn(NERF_RAYS, 3), torch.randn(NERF_RAYS, 3), t_coarse,

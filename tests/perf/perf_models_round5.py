@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
+from profile_support import seeded
 from torch import nn
 from torch.nn import functional as F
 
@@ -513,32 +514,24 @@ class ForwardModeAD(nn.Module):
         return out + tangent
 
 
-def _seeded(fn):  # each builder is deterministic
-    def build():
-        torch.manual_seed(0)
-        return fn()
-
-    build.__name__ = fn.__name__
-    build.__doc__ = fn.__doc__
-    return build
 
 
-@_seeded
+@seeded
 def fno():
     return FNOLayer(), (torch.randn(BATCH, FNO_SIDE, FNO_SIDE, FNO_IN),)
 
 
-@_seeded
+@seeded
 def s4d():
     return S4DConv(), (torch.randn(BATCH, S4_H, S4_L),)
 
 
-@_seeded
+@seeded
 def spectrogram():
     return Spectrogram(), (torch.randn(BATCH, SPEC_SAMPLES),)
 
 
-@_seeded
+@seeded
 def masked_mha():
     padding = torch.zeros(BATCH, MHA_Q, dtype=torch.bool)
     padding[1, -2:] = True  # the second sequence is two tokens shorter
@@ -546,24 +539,24 @@ def masked_mha():
                          torch.randn(BATCH, MHA_KV, MHA_VDIM), padding)
 
 
-@_seeded
+@seeded
 def expert_choice():
     return ExpertChoice(), (torch.randn(EC_TOKENS, EC_DIM),)
 
 
-@_seeded
+@seeded
 def convnext():
     model = ConvNeXtBlock().to(memory_format=torch.channels_last)
     return model, (torch.randn(BATCH, 3, CN_SIDE, CN_SIDE).to(memory_format=torch.channels_last),)
 
 
-@_seeded
+@seeded
 def transposed_unet():
     model = TransposedUNet().to(memory_format=torch.channels_last)
     return model, (torch.randn(BATCH, 3, UN_SIDE, UN_SIDE).to(memory_format=torch.channels_last),)
 
 
-@_seeded
+@seeded
 def denoiser():
     ctx_mask = torch.ones(BATCH, DN_CTX, dtype=torch.bool)
     ctx_mask[0, -2:] = False  # the first prompt is two tokens shorter
@@ -578,22 +571,22 @@ def graph_edges() -> torch.Tensor:
     return torch.cat([ring, extra], 1)
 
 
-@_seeded
+@seeded
 def graph_sage():
     return GraphSage(), (torch.randn(GS_NODES, GS_FEAT), graph_edges())
 
 
-@_seeded
+@seeded
 def projected_recurrents():
     return ProjectedRecurrents(), (torch.randn(BATCH, R_SEQ, R_IN),)
 
 
-@_seeded
+@seeded
 def einsum_layouts():
     return EinsumLayouts(), (torch.randn(BATCH, 2, 4, 3), torch.randn(BATCH, 4, 2, 3), torch.randn(BATCH, 2, 4, 8))
 
 
-@_seeded
+@seeded
 def quantized_convnet():
     """QuantConvNet statically quantized to int8 (x86 engine): observed on one batch, converted."""
     torch.backends.quantized.engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
@@ -606,44 +599,44 @@ def quantized_convnet():
     return model, (torch.randn(BATCH, 3, Q_SIDE, Q_SIDE),)
 
 
-@_seeded
+@seeded
 def pinn():
     return Pinn(), (torch.rand(PINN_POINTS, 2),)
 
 
-@_seeded
+@seeded
 def maml():
     return Maml(), (torch.randn(MAML_SUPPORT, MAML_IN), torch.randn(MAML_SUPPORT, 1), torch.randn(MAML_QUERY, MAML_IN),
                     torch.randn(MAML_QUERY, 1))
 
 
-@_seeded
+@seeded
 def ensemble():
     return Ensemble(), (torch.randn(ENS_BATCH, ENS_IN),)
 
 
-@_seeded
+@seeded
 def autocast_bf16():
     return Autocast(), (torch.randn(AC_ROWS, AC_DIM), torch.randn(BATCH, AC_CH, AC_SIDE, AC_SIDE))
 
 
-@_seeded
+@seeded
 def vae():
     return VAE(), (torch.rand(BATCH, VAE_IN).round(),)
 
 
-@_seeded
+@seeded
 def linalg_head():
     return LinalgHead(), (torch.randn(LA_M, LA_N), torch.randn(LA_M, LA_K))
 
 
-@_seeded
+@seeded
 def jagged_attention():
     tokens = [torch.randn(n, J_DIM) for n in J_LENGTHS]
     return JaggedAttention(), (torch.nested.nested_tensor(tokens, layout=torch.jagged),)
 
 
-@_seeded
+@seeded
 def sparse_gcn():
     cells = torch.randperm(SG_NODES * SG_NODES)[:SG_EDGES]
     indices = torch.stack([cells // SG_NODES, cells % SG_NODES])
@@ -651,12 +644,12 @@ def sparse_gcn():
     return SparseGCN(), (torch.randn(SG_NODES, SG_IN), adj)
 
 
-@_seeded
+@seeded
 def flex():
     return FlexAttention(), (torch.randn(BATCH, FX_TOKENS, FX_DIM),)
 
 
-@_seeded
+@seeded
 def forward_mode_ad():
     return ForwardModeAD(), (torch.randn(JVP_ROWS, JVP_IN), torch.randn(JVP_ROWS, JVP_IN))
 

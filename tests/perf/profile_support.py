@@ -12,6 +12,7 @@ import io
 import math
 
 import pytest
+import torch
 from rich.console import Console
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
@@ -142,3 +143,14 @@ def silent_zeros(counts, data_movement) -> set[str]:
     return {op for (op, _), c in counts.items() if c.flops == 0 and not c.unsupported
             and c.bytes_read + c.bytes_written > 0} - set(data_movement)
 
+
+def seeded(fn):
+    """Decorator for a model builder of the perf rounds: the model and inputs it builds are the same on every
+    call (torch seeded with 0 first); the builder keeps its name and docstring."""
+    def build():
+        torch.manual_seed(0)
+        return fn()
+
+    build.__name__ = fn.__name__
+    build.__doc__ = fn.__doc__
+    return build
