@@ -11,7 +11,12 @@ Options (``options=``): ``check`` (bool: test every rewrite on random inputs fir
 where the test fails), ``inner`` ("inductor", "aot_eager" or "eager"), ``passes`` (names, a subset of
 ``PASSES``, run in PASSES' order whatever the order given), ``min_rows`` and ``min_query_rows`` (the size
 thresholds below which a swap does not pay: ``tilestack.compile.policy``), ``measure`` (bool, default True: on a
-GPU a fused GEMM is swapped only where it was measured faster, ``tilestack.compile.measure``); any other key is
+GPU a fused GEMM is swapped only where it was measured faster, ``tilestack.compile.measure``), ``numerics``
+("eager", the default: Inductor's fused kernels round every intermediate to the model's dtype where eager's ops
+would, so a bf16 model's outputs stay within bf16's own rounding of eager's (Inductor's
+``emulate_precision_casts``; without it a GPT-2 small's logits differ from eager's by 1.2e-2 relative, as far as two
+bf16 rounding orders lie apart); "fused": intermediates stay f32 inside a fused kernel, nearer the f32 model and
+further from eager; the speed is the same within noise, see docs/inference.md); any other key is
 an Inductor config patch (a name of ``torch._inductor.config``, with ``inner="inductor"`` only: ``check_options``
 refuses the rest).
 ``mode`` is Inductor's ("reduce-overhead" captures the result in CUDA graphs; "max-autotune").
@@ -33,6 +38,7 @@ from tilestack.compile.rewrite import apply_match, check_match, follow, written_
 from tilestack.errors import LaunchError
 
 INNER = ("inductor", "aot_eager", "eager")
+NUMERICS = ("eager", "fused")   # where a fused kernel rounds its intermediates: as eager's ops would, or not at all
 _OPS_FUNCTIONS = {getattr(ops, n) for n in dir(ops) if n.startswith("ts_")}
 _NOT_OPS = ("placeholder", "output", "get_attr")
 _reports: list[Report] = []
@@ -101,7 +107,8 @@ def run_passes(gm: fx.GraphModule, *, passes=None, check: bool = False, inner: s
     return report
 
 
-def check_options(fn: str, *, mode=None, check=False, inner="inductor", passes=None, inductor_options=None):
+def check_options(fn: str, *, mode=None, check=False, inner="inductor", passes=None, inductor_options=None,
+                  numerics="eager"):
     """Every option of a compile checked before Dynamo runs (a mistake found inside it comes back wrapped in
     Dynamo's BackendCompilerFailed, after a trace): ``passes`` returned as a tuple of names (a str is one name),
     or None for all. ``inductor_options`` must be names of ``torch._inductor.config`` (an unknown one, or any
@@ -110,6 +117,9 @@ def check_options(fn: str, *, mode=None, check=False, inner="inductor", passes=N
         raise LaunchError(f"{fn}: inner={inner!r}; expected one of {INNER}")
     if not isinstance(check, bool):
         raise LaunchError(f"{fn}: check={check!r}; expected a bool (test every rewrite on random inputs first)")
+    if not isinstance(numerics, str) or numerics not in NUMERICS:
+        raise LaunchError(f"{fn}: numerics={numerics!r}; expected one of {NUMERICS} (round intermediates as eager "
+                          "does, or keep them f32 inside fused kernels)")
     if mode is not None:
         from torch._inductor import list_mode_options
         modes = tuple(list_mode_options())
@@ -130,7 +140,7 @@ def check_options(fn: str, *, mode=None, check=False, inner="inductor", passes=N
         unknown = sorted(k for k in inductor_options if k not in known)
         if unknown:
             raise LaunchError(f"{fn}: options {unknown} unknown; expected tilestack's (check, inner, passes, mode, "
-                              "min_rows, min_query_rows, measure) or names of torch._inductor.config")
+                              "numerics, min_rows, min_query_rows, measure) or names of torch._inductor.config")
         if inner != "inductor":
             raise LaunchError(f"{fn}: Inductor options {sorted(inductor_options)} with inner={inner!r}; they "
                               "apply only with inner='inductor'")
@@ -147,10 +157,11 @@ def tilestack_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = 
     check = options.pop("check", False)
     inner = options.pop("inner", "inductor")
     passes = options.pop("passes", None)
+    numerics = options.pop("numerics", "eager")
     thresholds = {k: options.pop(k) for k in ("min_rows", "min_query_rows", "measure") if k in options}
     rule = dataclasses.replace(policy.current(), **thresholds)
     passes = check_options("tilestack backend", mode=mode, check=check, inner=inner, passes=passes,
-                           inductor_options=options)
+                           inductor_options=options, numerics=numerics)
     _reports.append(run_passes(gm, passes=passes, check=check, inner=inner, rule=rule))
     if inner == "eager":
         return gm.forward
@@ -159,9 +170,18 @@ def tilestack_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = 
         return lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
-    patches = (list_mode_options(mode) if mode else {}) | options
+    patches = numerics_patches(numerics) | (list_mode_options(mode) if mode else {}) | options
     explicit_fallbacks()
     return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def numerics_patches(numerics: str) -> dict:
+    """The Inductor config patch for ``numerics`` (see the module docstring); empty on a torch whose Inductor has
+    no such switch."""
+    from torch._inductor import config as inductor_config
+    if not hasattr(inductor_config, "emulate_precision_casts"):
+        return {}
+    return {"emulate_precision_casts": numerics == "eager"}
 
 
 def explicit_fallbacks() -> None:
@@ -186,20 +206,22 @@ def explicit_fallbacks() -> None:
 
 def optimize(model, *, mode: str | None = None, check: bool = False, inner: str = "inductor",
              passes=None, dynamic: bool | None = None, fullgraph: bool = False, min_rows: int | None = None,
-             min_query_rows: int | None = None, measure: bool | None = None, **inductor_options):
+             min_query_rows: int | None = None, measure: bool | None = None, numerics: str = "eager",
+             **inductor_options):
     """``torch.compile(model, backend="tilestack", ...)``: the module (or function) compiled with the pattern
     passes, the rest by ``inner``. ``tilestack.compile.last_report()`` says what was swapped, after the first call
     (Dynamo captures on the first call). ``min_rows`` / ``min_query_rows``: the thresholds of
     ``tilestack.compile.policy`` for this compile (default: ``policy.current()``); ``measure``: whether a GPU's
-    fused GEMMs are swapped only where measured faster (default True, ``tilestack.compile.measure``)."""
+    fused GEMMs are swapped only where measured faster (default True, ``tilestack.compile.measure``); ``numerics``:
+    "eager" (default) or "fused", as the backend's option (module docstring)."""
     if not (isinstance(model, torch.nn.Module) or callable(model)):
         raise LaunchError(f"optimize: model must be a torch.nn.Module or a function, got {type(model).__name__}")
     passes = check_options("optimize", mode=mode, check=check, inner=inner, passes=passes,
-                           inductor_options=inductor_options)
+                           inductor_options=inductor_options, numerics=numerics)
     for name, value, kinds in (("dynamic", dynamic, (bool, type(None))), ("fullgraph", fullgraph, (bool,))):
         if not isinstance(value, kinds):
             raise LaunchError(f"optimize: {name}={value!r}; expected a bool{' or None' if len(kinds) > 1 else ''}")
-    options = dict(inductor_options, check=check, inner=inner)
+    options = dict(inductor_options, check=check, inner=inner, numerics=numerics)
     if passes is not None:
         options["passes"] = passes
     thresholds = {k: v for k, v in (("min_rows", min_rows), ("min_query_rows", min_query_rows),
