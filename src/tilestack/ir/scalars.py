@@ -56,10 +56,11 @@ def nonnegative(block) -> set:
 
 
 def addressing(block) -> set:
-    """The index values of ``block`` (and its loops) that reach a loop's bounds or a tile coordinate of a load, store
-    or atomic add, through scalar arithmetic: the address math, which backends keep in 32 bits where the tensors allow
-    it (their copy engines take only 32-bit coordinates). Index values that are data (an arange's start, a scalar
-    operand of tile work) are not among them."""
+    """The index values of ``block`` (and its loops) that reach a loop's bounds, a tile coordinate of a load, store
+    or atomic add, or the stage of a staged buffer, through scalar arithmetic: the address math, which backends keep
+    in 32 bits where the tensors allow it (their copy engines take only 32-bit coordinates; Gluon indexes a buffer's
+    stages with an i32). Index values that are data (an arange's start, a scalar operand of tile work) are not among
+    them."""
     from tilestack.ir.ops import access_of
     made = {ins.result: ins for ins in block.walk() if ins.op is Op.SCALAR}
     todo = []
@@ -68,6 +69,8 @@ def addressing(block) -> set:
             todo += ins.srcs[:3]
         elif ins.op in (Op.LOAD, Op.STORE, Op.ATOMIC_ADD, Op.ASYNC_LOAD):
             todo += access_of(ins)[2]
+        if ins.op in (Op.ASYNC_LOAD, Op.WAIT_LOAD):
+            todo.append(ins.srcs[1])              # the stage (`(n + j) % STAGES` is in [0, STAGES))
     out: set = set()
     while todo:
         v = todo.pop()

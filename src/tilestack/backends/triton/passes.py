@@ -34,24 +34,37 @@ def erase_async(ir: KernelIR) -> KernelIR:
     ``mma_async`` becomes an ``mma`` and its ``mma_wait`` goes (its uses read the mma); warp roles are dropped.
     A loop that async-loads into a buffer of S > 1 stages and asks no depth itself gets ``stages=S`` (Triton's
     pipeliner then keeps S loads in flight). A wait whose load is elsewhere (another iteration) has no plain
-    equivalent here: BackendError naming its line."""
+    equivalent here: BackendError naming its line. The stage values may be two computations of one index
+    (``j % STAGES`` written at the load and again at the wait)."""
     out = clone(ir, roles={})
     writer: dict[Value, Instr] = {ins.result: ins for ins in out.walk() if ins.op is Op.ASYNC_LOAD}
     alias: dict[Value, Value] = {}
-    _erase(out.body, writer, alias, None)
+    _erase(out.body, writer, alias, None, {r: ins for ins in out.walk() for r in ins.results})
     if alias:
         _rename(out.body, alias)
     return out
 
 
-def _erase(block: Block, writer: dict, alias: dict, loop: Instr | None) -> None:
+def _same_index(a: Value, b: Value, made: dict[Value, Instr]) -> bool:
+    """Whether index values ``a`` and ``b`` are one value or computed alike: equal constants, or one size, or one
+    scalar function of operands computed alike."""
+    if a is b:
+        return True
+    x, y = made.get(a), made.get(b)
+    if x is None or y is None or x.op is not y.op or x.op not in (Op.CONST, Op.DIM, Op.SCALAR) or \
+            a.type != b.type or x.attrs != y.attrs or len(x.srcs) != len(y.srcs):
+        return False
+    return all(_same_index(s, t, made) for s, t in zip(x.srcs, y.srcs, strict=True))
+
+
+def _erase(block: Block, writer: dict, alias: dict, loop: Instr | None, made: dict) -> None:
     kept = []
     for ins in block.instrs:
         ins.role = ""
         if ins.op is Op.WAIT_LOAD:
             buf, stage = ins.srcs
             load = writer.get(buf)
-            if load is None or load.srcs[1] is not stage:
+            if load is None or not _same_index(load.srcs[1], stage, made):
                 raise BackendError(f"{ins.where}: the Triton backend erases staged loads only where a wait_load "
                                    "reads the stage its async_load has just written (in the same iteration); "
                                    "this wait's load is elsewhere")
@@ -66,7 +79,7 @@ def _erase(block: Block, writer: dict, alias: dict, loop: Instr | None) -> None:
             if n > 1:
                 loop.attrs = dataclasses.replace(loop.attrs, stages=n)
         if ins.body is not None:
-            _erase(ins.body, writer, alias, ins if ins.op is Op.RANGE else loop)
+            _erase(ins.body, writer, alias, ins if ins.op is Op.RANGE else loop, made)
         kept.append(ins)
     block.instrs = kept
 
