@@ -21,6 +21,9 @@ server-side DP wrapper, never with client-side clipping (error feedback sends mo
 Byzantine-robust rules are checked against the nodes they sample (``check_robust``): Krum and MultiKrum with
 f > 0 need 2f + 3 of them, Bulyan 4f + 3, MultiKrum cannot keep more than it samples (Flower ran them anyway:
 Krum with f = 5 of 6 nodes scored each update by its one nearest neighbour, and Bulyan skipped every round).
+FedProx is checked against the task's learning rate (``check_proximal``): a local step moves the weights by
+lr * mu times their distance from the global model, so lr * mu >= 2 overshoots it by more than that distance
+every step and every client's training diverges (mu = 1000 with lr 0.1 ran to accuracy 0.0, every reply finite).
 """
 
 from __future__ import annotations
@@ -85,6 +88,9 @@ HYPERPARAMETERS: dict[type, dict[str, tuple]] = {
         "target_clipped_quantile": (_unit, "a number in [0, 1]"), "clip_norm_lr": (_positive, "a number > 0")},
 }  # fmt: skip
 INTEGER_HYPERPARAMETERS = ("num_malicious_nodes", "num_nodes_to_select")
+# lr * mu at which the explicit step on FedProx's (mu / 2) ||w - w_t||^2 stops contracting: w - w_t is multiplied
+# by 1 - lr * mu each step, which is <= -1 from here on
+PROXIMAL_STEP_LIMIT = 2.0
 DP_WRAPPERS = (fl.DifferentialPrivacyServerSideFixedClipping, fl.DifferentialPrivacyClientSideFixedClipping,
                fl.DifferentialPrivacyServerSideAdaptiveClipping, fl.DifferentialPrivacyClientSideAdaptiveClipping)
 CLIENT_SIDE_DP = (fl.DifferentialPrivacyClientSideFixedClipping, fl.DifferentialPrivacyClientSideAdaptiveClipping)
@@ -176,6 +182,7 @@ def check_strategy(strategy: Strategy, num_nodes: int, task=None) -> None:
         for s in strategy_levels(strategy):
             if callable(check_task := getattr(type(s), "check_task", None)):
                 check_task(s, task)
+        check_proximal(strategy, task)
     s, nodes, why = _sampling_strategy(strategy, num_nodes)
     name = type(s).__name__
     fractions = {}
@@ -199,6 +206,21 @@ def check_strategy(strategy: Strategy, num_nodes: int, task=None) -> None:
             )
     check_privacy(strategy, num_nodes)
     check_robust(strategy, num_nodes)
+
+
+def check_proximal(strategy: Strategy, task) -> None:
+    """Refuse a FedProx whose proximal step diverges at the task's learning rate (see module doc)."""
+    lr = getattr(task, "lr", None)
+    for s in strategy_levels(strategy):
+        mu = vars(s).get("proximal_mu")
+        if not isinstance(s, fl.FedProx) or not isinstance(mu, numbers.Real) or not isinstance(lr, numbers.Real):
+            continue
+        if lr * mu >= PROXIMAL_STEP_LIMIT:
+            raise FederatedError(
+                f"{type(s).__name__}: proximal_mu={mu} with the task's lr={lr}: lr * proximal_mu = {lr * mu:g} >= "
+                f"{PROXIMAL_STEP_LIMIT:g} makes every local step overshoot the global model (local training "
+                f"diverges); expected proximal_mu < {PROXIMAL_STEP_LIMIT:g} / lr = {PROXIMAL_STEP_LIMIT / lr:g}"
+            )
 
 
 def _sampled(strategy: Strategy, num_nodes: int) -> tuple[Strategy, int, str] | None:

@@ -63,13 +63,14 @@ def simulate(
     flower_backend: dict | None = None,
     workers: int = 1,
 ) -> RunResult:
-    """Run ``rounds`` rounds of ``strategy`` on ``task``; see the module doc for the engines."""
+    """Run ``rounds`` rounds of ``strategy`` on ``task``; see the module doc for the engines. The run starts from
+    ``initial``, or else the strategy's own ``initial_arrays(task)`` where it has one (IFCA, CFL), or the task's."""
     check_arguments(strategy, task, rounds=rounds, engine=engine, system=system, stragglers=stragglers, seed=seed,
                     eval_clients=eval_clients, timeout=timeout, stop_after=stop_after, initial=initial,
                     workers=workers, checkpoint=checkpoint)  # fmt: skip
     config = {TASK_KEY: task.to_json()}
     evaluator = Evaluator(task, eval_clients) if evaluate else None
-    arrays = initial if initial is not None else initial_arrays(task)
+    arrays = initial if initial is not None else _own_initial(strategy, task)
 
     def drive(inner) -> RunResult:
         grid = ManagedGrid(inner, task, system=system, stragglers=stragglers)
@@ -86,6 +87,16 @@ def simulate(
         finally:
             grid.close()
     return _run_on_flower(drive, task.num_clients, flower_backend)
+
+
+def _own_initial(strategy: Strategy, task: Task) -> ArrayRecord:
+    """The initial model of the first strategy in the chain that builds its own from the task (IFCA's K cluster
+    models, CFL's one cluster), else the task's: IFCA started from the task's single model ended the run in round 1
+    reading cluster numbers out of its array names."""
+    for s in strategy_levels(strategy):
+        if callable(getattr(type(s), "initial_arrays", None)):
+            return s.initial_arrays(task)
+    return initial_arrays(task)
 
 
 def check_arguments(strategy: Strategy, task: Task, *, rounds, engine="tilestack", system=None, stragglers="partial",

@@ -15,7 +15,7 @@ Datasets (all generated locally, no downloads):
   (``iid``, ``dirichlet`` with ``partition_alpha``, ``shards`` with ``classes_per_client``, ``quantity``);
   ``feature_shift`` > 0 gives every client its own affine distortion of the features (FedBN's setting).
 - ``digits``: scikit-learn's 8x8 handwritten digits (1,797 images, shipped with the package), split by
-  ``partitioner`` as ``blobs`` is.
+  ``partitioner`` (and distorted by ``feature_shift``) as ``blobs`` is.
 - ``file``: a user's own data, ``data_path`` to an ``.npz`` (``x``, ``y``) or a ``.csv`` (label last),
   split by ``partitioner``.
 - ``clustered``: ``groups`` planted groups; clients of group g label x ~ N(0, I) by their own teacher W_g,
@@ -358,9 +358,10 @@ def _blobs_client(task: Task, pid: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     idx = np.random.default_rng([task.seed, 5, pid]).permutation(parts[pid])
     xc, yc = x[idx], y[idx]
     if task.feature_shift > 0:  # a client-specific affine distortion of the inputs (scanner, camera)
+        d = x.shape[1]  # the dataset's features: digits' 64 and a file's own, not the num_features of blobs
         rng = np.random.default_rng([task.seed, 6, pid])
-        scale = np.exp(rng.normal(0, task.feature_shift, task.num_features)).astype(np.float32)
-        shift = rng.normal(0, 3 * task.feature_shift, task.num_features).astype(np.float32)
+        scale = np.exp(rng.normal(0, task.feature_shift, d)).astype(np.float32)
+        shift = rng.normal(0, 3 * task.feature_shift, d).astype(np.float32)
         xc = xc * scale + shift
     return _split(xc, yc)
 

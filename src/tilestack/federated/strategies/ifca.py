@@ -74,8 +74,15 @@ class IFCA(FedAvg):
     def _unpack(self, arrays: ArrayRecord) -> list[dict[str, np.ndarray]]:
         out: list[dict[str, np.ndarray]] = [{} for _ in range(self.num_clusters)]
         for name, v in to_numpy(arrays).items():
-            head, _, key = name.partition(CLUSTER_SEP)
-            out[int(head.removeprefix("cluster"))][key] = v
+            head, sep, key = name.partition(CLUSTER_SEP)
+            j = head.removeprefix("cluster")
+            if not sep or not j.isdigit() or int(j) >= self.num_clusters:
+                raise ValueError(
+                    f"IFCA: the model's array {name!r} belongs to none of its {self.num_clusters} cluster models "
+                    f"('cluster{{j}}{CLUSTER_SEP}<name>', j < {self.num_clusters}); expected the arrays of "
+                    "IFCA.initial_arrays(task)"
+                )
+            out[int(j)][key] = v
         return out
 
     def configure_train(
