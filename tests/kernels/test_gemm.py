@@ -208,3 +208,22 @@ def test_gemm_empty_problems_launch_nothing(backend, mnk, no_launch, poison_empt
     assert c.shape == (m, n) and c.dtype == torch.bfloat16
     assert torch.equal(c, a @ b)
 
+
+
+@pytest.mark.parametrize("m,n,k,first", [
+    (8192, 3072, 768, "bfloat16-shortk"),      # GPT-2's c_fc at 8 x 1024 tokens: K at most half the larger side
+    (8192, 768, 3072, "bfloat16-shortk"),      # its c_proj
+    (4096, 4096, 4096, "bfloat16"),            # square: the plain signature only
+    (1024, 512, 768, "bfloat16"),              # K past half the larger side
+])
+def test_gemm_config_asks_the_short_k_signature_first(monkeypatch, m, n, k, first):
+    gm = importlib.import_module("tilestack.kernels.gemm")
+    asked = []
+
+    def lookup(kernel, signature, device, size, default, backend):
+        asked.append((signature, size))
+        return {}                               # nothing tuned: the next signature is asked
+    monkeypatch.setattr(gm, "launch_config", lookup)
+    assert gm.gemm_config(m, n, k, torch.bfloat16, "cuda") == {}
+    assert asked[0] == (first, max(m, n, k))
+    assert asked[-1] == ("bfloat16", max(m, n, k))

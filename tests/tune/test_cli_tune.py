@@ -20,7 +20,7 @@ def test_dry_run_lists_the_problems_most_valuable_first():
                               "--budget-s", "60"])
     assert res.exit_code == 0, res.output
     lines = [ln for ln in res.output.splitlines() if "│" in ln]
-    assert "11 problems, 60 s" in res.output
+    assert "12 problems, 60 s" in res.output               # 4 square GEMMs, 1 short-K GEMM, 7 softmax
     assert "gemm" in lines[0] and "4096" in lines[0] and "gemm" in lines[1] and "8192" in lines[1]
     assert sum("softmax" in ln for ln in lines) == 7
 

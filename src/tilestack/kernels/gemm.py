@@ -308,6 +308,18 @@ def gemm(a, b, *, bias=None, activation: str | None = None, residual=None, out=N
 
 def gemm_config(m: int, n: int, k: int, dtype, device, backend: str | None = DEFAULT_BACKEND) -> dict:
     """The tuned config for this size (tilestack.tune's tables, by the largest dimension), else the default;
-    ``backend`` as ``tune.lookup.launch_config`` takes it (None: the tables' choice, carried as "backend")."""
+    ``backend`` as ``tune.lookup.launch_config`` takes it (None: the tables' choice, carried as "backend").
+
+    A short-K GEMM (K at most half the larger output side: a transformer's projections at many tokens, K = d or
+    4d) looks up its own signature first, "<dtype>-shortk": its main loop is a few steps (12 of BK = 64 at
+    K = 768), so each tile's prologue and epilogue weigh as much as its loads, and a tile half the size that fits
+    two blocks per SM (one block's epilogue under the other's mma) wins, where the square sizes of the same bucket
+    want the widest tile (on the H200: 128 x 128 x 64 at 4 warps is 1.15x the 128 x 256 of the 8192 bucket at
+    8192 x 768 x 3072 with GELU; docs/inference.md). Without such an entry, the plain signature's."""
     sig = str(dtype).removeprefix("torch.")
-    return launch_config("gemm", sig, device, max(m, n, k), {}, backend)
+    size = max(m, n, k)
+    if 2 * k <= max(m, n):
+        tuned = launch_config("gemm", f"{sig}-shortk", device, size, {}, backend)
+        if tuned:
+            return tuned
+    return launch_config("gemm", sig, device, size, {}, backend)

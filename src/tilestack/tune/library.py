@@ -29,6 +29,9 @@ SEQS = (4096, 512, 1024, 2048, 8192, 16384)   # the first is each family's ancho
 HEAD_DIMS = (128, 64, 256)
 SEQS_D256 = (4096,)                           # head dim 256: rarer, and slow to compile
 GEMM_SIZES = (4096, 8192, 2048, 1024)
+# short-K GEMMs (kernels.gemm.gemm_config's "<dtype>-shortk" signature), (M, K, N) per bucket of the largest dim:
+# GPT-2 small's mlp.c_fc at 8 x 1024 tokens
+SHORTK_GEMM_SHAPES = ((8192, 768, 3072),)
 ROW_ELEMENTS = 1 << 26                        # row kernels: rows x width = 64M elements (128 MiB in bf16)
 NORM_WIDTHS = (8192, 1024, 2048, 4096, 16384)
 SOFTMAX_WIDTHS = (*NORM_WIDTHS, 32768, 65536)
@@ -264,6 +267,17 @@ def gemm_problems(dtype: str, small: bool = False) -> list[Problem]:
                            _default({}, small), make,     # the launch path's default: the declared one
                            priority=(0 if big else 4) + (0 if dtype == "bfloat16" else 2),
                            weight=(3.0 if big else 1.0) * (1.0 if dtype == "bfloat16" else 0.5)))
+    for M, K, N in ((48, 16, 80),) if small else SHORTK_GEMM_SHAPES:
+        def make_short(device, M=M, K=K, N=N):
+            import torch
+            a, b = _randn((M, K), _torch_dtype(dtype), device, 0), _randn((K, N), _torch_dtype(dtype), device, 1)
+            c = torch.empty(M, N, dtype=a.dtype, device=device)
+            return direct(gm.gemm_kernel, (a, b, c), {}, (2,), (a.float() @ b.float(),))
+
+        out.append(Problem("gemm", f"{dtype}-shortk", max(M, K, N), f"{M}x{K}x{N}", gm.gemm_kernel, {},
+                           _restrict(GEMM, small, BM=(16, 32), BN=(16, 32), BK=(16, 32)),
+                           _default({}, small), make_short, priority=3 + (0 if dtype == "bfloat16" else 2),
+                           weight=1.0 if dtype == "bfloat16" else 0.5))
     return out
 
 
