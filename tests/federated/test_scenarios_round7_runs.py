@@ -3,7 +3,8 @@
 - A process killed (SIGKILL, no clean-up) while a round aggregates, and a ``tilestack fl run`` killed while a round
   waits for a late client: resumed from the checkpoint, each ends at the model and history of a run never killed.
 - ``tilestack fl run`` with flags at their edges: one client, batches larger than the data, fractions of a client,
-  every client dropping out or crashing, top-k ratio 1 with SCAFFOLD, selection with DP, FedProx's bound.
+  every client dropping out or crashing, top-k ratio 1 with SCAFFOLD, selection with DP, FedProx's bound; the
+  deployment ServerApp with the clustered strategies.
 - 500 one-step clients of Dirichlet(0.01) label skew within a time bound, the aggregate written out by hand.
 - Label, feature and quantity skew on digits: above chance; a NaN client is left out exactly as a crashed one.
 
@@ -12,6 +13,9 @@ What this round found, fixed:
 - ``Task(dataset="digits", feature_shift=...)`` (and a user's file) failed on the first client with a numpy
   broadcasting error: the per-client distortion was drawn for ``num_features`` (blobs' 60), not the dataset's 64
   features (task._blobs_client).
+- The deployment ServerApp started IFCA from the task's single model: the run ended in round 1 (ValueError: invalid
+  literal for int() with base 10: 'fc.weight'); it now starts every strategy from its own initial_arrays(task)
+  where it has one (simulation.initial_arrays_for, which simulate uses too).
 """
 
 import json
@@ -187,6 +191,35 @@ def test_fl_run_refuses_a_fedprox_mu_beyond_its_learning_rates_bound():
     assert res.exit_code == 2 and "expected proximal_mu < 2 / lr = 20" in res.output, res.output
     assert "test accuracy" not in res.output
     assert CliRunner().invoke(cli_app, [*args, "--mu", "19"], env={"COLUMNS": "400"}).exit_code == 0
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("name", ["ifca", "cfl"])
+def test_the_deployment_server_app_runs_the_clustered_strategies_from_their_own_models(tmp_path, name):
+    """The deployment ServerApp (what ``flwr run`` starts) with strategy ifca or cfl, over the in-process grid. Before,
+    it started every strategy from the task's single model and IFCA ended the run in round 1 reading cluster numbers
+    out of 'fc.weight'; now it starts from the strategy's own initial_arrays(task), and its result is the model
+    simulate gives for the same name, seed and timeout."""
+    from flwr.app import Context, RecordDict
+
+    from tilestack.federated import client as tsclient
+    from tilestack.federated import deploy
+    from tilestack.federated.engine import InProcessGrid
+
+    task = Task(dataset="clustered", groups=2, num_features=4, num_classes=3, num_clients=6, samples_per_client=30,
+                local_steps=3, lr=0.1)  # fmt: skip
+    out = tmp_path / "result.json"
+    cfg = {"task": task.to_json(), "strategy": name, "num-rounds": 2, "clients-per-round": 4, "seed": 2,
+           "eval-fraction": 0.5, "result-path": str(out)}  # fmt: skip
+    deploy.main(InProcessGrid(tsclient.app, 6), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                                       run_config=cfg))  # fmt: skip
+    got = json.loads(out.read_text())
+    ref = simulate(make_strategy(name, clients_per_round=4, num_clients=6, eval_fraction=0.5), task, rounds=2, seed=2,
+                   timeout=120.0)  # fmt: skip
+    assert [r["round"] for r in got["rounds"]] == [1, 2] and all(r["num_aggregated"] == 4 for r in got["rounds"])
+    assert got["arrays"].keys() == dict(ref.arrays.items()).keys() and all("/" in k for k in got["arrays"])
+    for k, v in np_(ref.arrays).items():
+        np.testing.assert_array_equal(np.asarray(got["arrays"][k], np.float32), v)
 
 
 # ---- very many clients --------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from tilestack.federated.client import TASK_KEY
 from tilestack.federated.driver import run_rounds
 from tilestack.federated.evaluation import Evaluator
 from tilestack.federated.grid import ManagedGrid
-from tilestack.federated.simulation import initial_arrays
+from tilestack.federated.simulation import initial_arrays_for
 from tilestack.federated.strategies import make_strategy
 from tilestack.federated.task import Task
 
@@ -86,7 +86,7 @@ def main(grid: Grid, context: Context) -> None:
     result = run_rounds(
         strategy,
         ManagedGrid(grid, task),
-        initial_arrays(task),
+        initial_arrays_for(strategy, task),  # IFCA's and CFL's cluster models, else the task's
         num_rounds=cfg["num-rounds"],
         train_config=config,
         evaluate_config=config,

@@ -70,7 +70,7 @@ def simulate(
                     workers=workers, checkpoint=checkpoint)  # fmt: skip
     config = {TASK_KEY: task.to_json()}
     evaluator = Evaluator(task, eval_clients) if evaluate else None
-    arrays = initial if initial is not None else _own_initial(strategy, task)
+    arrays = initial if initial is not None else initial_arrays_for(strategy, task)
 
     def drive(inner) -> RunResult:
         grid = ManagedGrid(inner, task, system=system, stragglers=stragglers)
@@ -89,7 +89,7 @@ def simulate(
     return _run_on_flower(drive, task.num_clients, flower_backend)
 
 
-def _own_initial(strategy: Strategy, task: Task) -> ArrayRecord:
+def initial_arrays_for(strategy: Strategy, task: Task) -> ArrayRecord:
     """The initial model of the first strategy in the chain that builds its own from the task (IFCA's K cluster
     models, CFL's one cluster), else the task's: IFCA started from the task's single model ended the run in round 1
     reading cluster numbers out of its array names."""
