@@ -90,7 +90,8 @@ def main() -> None:
 
     names = ["eager-f32"] + [n for c in compilers for n in (c, c + "-f32")]
     where = "GPT-2 tiny, CPU" if a.quick else "GPT-2 small, " + torch.cuda.get_device_name()
-    print(f"\nnorm-relative differences ({where}, B={B}, N={N}, bf16): <compiler> against eager on eager's input, <compiler>-f32 against the f32 model")
+    print(f"\nnorm-relative differences ({where}, B={B}, N={N}, bf16): <compiler> against "
+          "eager on eager's input, <compiler>-f32 against the f32 model")
     print(f"{'where':<16}" + "".join(f"{n:>20}" for n in names))
     for r in rows:
         print(f"{r['where']:<16}" + "".join(f"{r[n]:20.2e}" for n in names))
