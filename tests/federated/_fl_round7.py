@@ -1,5 +1,5 @@
 """Helpers of the round 7 federated scenario tests: tilestack's client training replayed by hand, and the child
-process a kill test runs (``python _fl_round7.py CHECKPOINT HANG_FILE``)."""
+processes the kill tests run (``python _fl_round7.py CHECKPOINT``, ``python _fl_round7.py --workers``)."""
 
 import math
 import os
@@ -64,10 +64,24 @@ def kill_strategy() -> Compressed:
 
 
 KILL_ROUNDS, KILL_SEED = 5, 4
+WORKERS = "--workers"
+
+
+def print_workers_then_hang(metrics) -> None:
+    """``on_round`` of the ``--workers`` child: print the pids of its worker processes, then hang (to be killed)."""
+    import multiprocessing
+
+    print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+    time.sleep(600)
+
 
 if __name__ == "__main__":  # the child: the run a test kills while round HANG_ROUND aggregates
     from _fl_round7 import kill_strategy as by_module_name  # pickled as _fl_round7.HangingFedAdam, not __main__'s
 
     from tilestack.federated import simulate
 
-    simulate(by_module_name(), kill_task(), rounds=KILL_ROUNDS, seed=KILL_SEED, checkpoint=sys.argv[1])
+    if sys.argv[1] == WORKERS:  # a round on two worker processes, then hang
+        simulate(FedAdam(fraction_train=1.0, fraction_evaluate=0.0), kill_task(), rounds=2, workers=2,
+                 on_round=print_workers_then_hang, evaluate=False)  # fmt: skip
+    else:
+        simulate(by_module_name(), kill_task(), rounds=KILL_ROUNDS, seed=KILL_SEED, checkpoint=sys.argv[1])

@@ -1,7 +1,8 @@
 """Federated scenarios, round 7 (2 of 2): whole runs - killed processes, the CLI's unusual flags, 500 clients, skew.
 
 - A process killed (SIGKILL, no clean-up) while a round aggregates, and a ``tilestack fl run`` killed while a round
-  waits for a late client: resumed from the checkpoint, each ends at the model and history of a run never killed.
+  waits for a late client: resumed from the checkpoint, each ends at the model and history of a run never killed;
+  the worker processes of a killed simulation end with it.
 - ``tilestack fl run`` with flags at their edges: one client, batches larger than the data, fractions of a client,
   every client dropping out or crashing, top-k ratio 1 with SCAFFOLD, selection with DP, FedProx's bound; the
   deployment ServerApp with the clustered strategies.
@@ -13,6 +14,9 @@ What this round found, fixed:
 - ``Task(dataset="digits", feature_shift=...)`` (and a user's file) failed on the first client with a numpy
   broadcasting error: the per-client distortion was drawn for ``num_features`` (blobs' 60), not the dataset's 64
   features (task._blobs_client).
+- The worker processes of a simulation killed with SIGKILL (``workers=2``, ``fl run --workers``) lived on as
+  orphans waiting for jobs, each holding its copy of the data; each now ends once its parent is gone
+  (engine._exit_with).
 - The deployment ServerApp started IFCA from the task's single model: the run ended in round 1 (ValueError: invalid
   literal for int() with base 10: 'fc.weight'); it now starts every strategy from its own initial_arrays(task)
   where it has one (simulation.initial_arrays_for, which simulate uses too).
@@ -30,7 +34,16 @@ import _fl_round7
 import numpy as np
 import pytest
 from _fl_round5 import np_, same
-from _fl_round7 import HANG_FILE, HANG_ROUND, KILL_ROUNDS, KILL_SEED, client_model, kill_strategy, kill_task
+from _fl_round7 import (
+    HANG_FILE,
+    HANG_ROUND,
+    KILL_ROUNDS,
+    KILL_SEED,
+    WORKERS,
+    client_model,
+    kill_strategy,
+    kill_task,
+)
 from _fl_round7 import weighted_mean as wmean
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi
 from typer.testing import CliRunner
@@ -85,6 +98,38 @@ def test_a_process_killed_while_a_round_aggregates_resumes_to_the_run_never_kill
     assert same(resumed.arrays, whole.arrays)
     assert _rounds_as_run(resumed.history.to_dict()["rounds"]) == _rounds_as_run(whole.history.to_dict()["rounds"])
     assert [r.round for r in resumed.history.rounds] == list(range(1, KILL_ROUNDS + 1))
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie nobody reaped does not)."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads process states from /proc")
+def test_the_worker_processes_of_a_killed_simulation_end_with_it(tmp_path):
+    """A simulation on two worker processes is SIGKILLed after its first round. Before, its workers (which hold the
+    pool's queue open themselves) waited for jobs forever, orphans; now each ends within seconds of its parent."""
+    out, err = tmp_path / "child.out", tmp_path / "child.err"
+    with open(out, "w") as o, open(err, "w") as e:
+        child = subprocess.Popen([sys.executable, _fl_round7.__file__, WORKERS], stdout=o, stderr=e)
+        try:
+            _wait_for(lambda: out.read_text().endswith("\n"), child, err)
+        finally:
+            _kill(child)
+    workers = [int(p) for p in out.read_text().split()]
+    assert len(workers) == 2 and all(_alive(p) for p in workers)
+    try:
+        deadline = time.monotonic() + 10.0
+        while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in workers), "the workers outlived their killed parent"
+    finally:
+        for p in filter(_alive, workers):  # never leave an orphan behind, whatever the outcome
+            os.kill(p, signal.SIGKILL)
 
 
 CLI_RUN = ["fl", "run", "--clients", "6", "--per-round", "6", "--rounds", "4", "--dataset", "blobs", "--local-steps",

@@ -16,7 +16,8 @@ thread with a private copy of its ``Context.state``: the server stops waiting fo
 seconds (a client that never returns cannot hang the round), and only a client that answered in time has
 its state kept. A client that raises leaves its node's state as it was before the call, as Flower's engine
 keeps a node's ``Context`` only from a ClientApp that returned (SCAFFOLD's c_i or an error-feedback residual
-changed just before a crash must not carry into the next round). Node ids are seeded, not random.
+changed just before a crash must not carry into the next round). Node ids are seeded, not random. A worker
+process ends once the process that started it is gone (a simulation killed with SIGKILL leaves no orphans).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import functools
 import itertools
 import multiprocessing as mp
+import os
 import threading
 import time
 from collections.abc import Iterable
@@ -48,11 +50,22 @@ def _private_copy(content: RecordDict) -> RecordDict:
 
 
 _WORKER_APP: ClientApp | None = None
+PARENT_POLL_S = 1.0  # how often a worker process looks whether the process that started it is still there
 
 
-def _set_worker_app(client_app: ClientApp) -> None:
+def _set_worker_app(client_app: ClientApp, parent: int) -> None:
     global _WORKER_APP
     _WORKER_APP = client_app
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="tilestack-parent-watch").start()
+
+
+def _exit_with(parent: int) -> None:
+    """End this worker process once ``parent`` (the simulation that started it) is gone. A simulation killed with
+    SIGKILL (or by the OOM killer) never shuts its pool down, and its workers, which hold the pool's queue open
+    themselves, waited for jobs forever: orphans, each with its copy of the clients' data."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os._exit(0)
 
 
 def _run_one(client_app: ClientApp, msg: Message, context: Context) -> tuple[Message, float, RecordDict]:
@@ -163,7 +176,8 @@ class InProcessGrid(Grid):
         if self.workers > 1 and len(jobs) >= 2 * self.workers:
             if self._pool is None:
                 self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("fork"),
-                                                 initializer=_set_worker_app, initargs=(self.client_app,))  # fmt: skip
+                                                 initializer=_set_worker_app,
+                                                 initargs=(self.client_app, os.getpid()))  # fmt: skip
             # A node always goes to the same worker, so each worker's caches (the client's data) stay warm.
             chunks = [
                 [j for j in jobs if self.partitions[j[1].node_id] % self.workers == i] for i in range(self.workers)
