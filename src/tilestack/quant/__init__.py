@@ -17,7 +17,8 @@ from tilestack.quant.gemm import (
     quantize_weight,
     quantized_linear,
 )
-from tilestack.quant.linear import QuantLinear, calibrate, quantize
+from tilestack.quant.linear import InputStats, QuantLinear, calibrate, quantize
 
-__all__ = ["QuantLinear", "accuracy_cost", "calibrate", "qgemm_act_kernel", "qgemm_fp8_out_kernel", "qgemm_kernel",
-           "qgemm_wonly_kernel", "quantize", "quantize_fp8_kernel", "quantize_weight", "quantized_linear"]
+__all__ = ["InputStats", "QuantLinear", "accuracy_cost", "calibrate", "qgemm_act_kernel", "qgemm_fp8_out_kernel",
+           "qgemm_kernel", "qgemm_wonly_kernel", "quantize", "quantize_fp8_kernel", "quantize_weight",
+           "quantized_linear"]

@@ -27,6 +27,8 @@ Programs walk the output in groups of GROUP_M block-rows, as ``tilestack.kernels
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 import tilestack.lang as ts
@@ -279,8 +281,22 @@ def quantize_weight(w, mode: str):
 
 
 def activation_scale(amax: float) -> float:
-    """The per-tensor fp8 scale for activations whose calibrated largest magnitude is ``amax``."""
-    return max(float(amax) / F8E4M3_MAX, MIN_SCALE) if amax > 0 else 1.0
+    """The per-tensor fp8 scale for activations whose calibrated largest magnitude is ``amax``: the smallest power
+    of two with amax / scale <= 448 (amax lands in (224, 448]; 1 for amax 0, at least ``MIN_SCALE``).
+
+    A power of two because E4M3 is a floating-point format: dividing by 2^e only shifts exponents, so x / scale
+    rounds exactly as x itself would (same relative error, whatever amax is), and values already on the E4M3 grid
+    stay exact: the digits' pixels k / 16 (k = 0..16) quantize without error, where amax / 448 maps them to 28 k,
+    off the grid from k = 3 on (docs/inference.md, "Accuracy"). Its inverse is exact in f32 too, so the kernels'
+    f32(1 / x_scale) and the fp8_chain pass's norm weights times 1 / x_scale round nothing. The cost: at most one
+    of E4M3's 18 binades left unused at the top."""
+    if not amax > 0:
+        return 1.0
+    amax = float(amax)
+    scale = math.ldexp(1.0, math.frexp(amax / F8E4M3_MAX)[1])     # 2^e > amax / 448 (frexp's mantissa is < 1)
+    if amax <= F8E4M3_MAX * (scale / 2):                           # amax / 448 a power of two itself
+        scale /= 2
+    return max(scale, MIN_SCALE)
 
 
 def inverse_scale(x_scale: float) -> float:

@@ -7,8 +7,12 @@ quantized GEMMs of ``tilestack.quant.gemm``.
     qmodel = tilestack.quantize(model, "int8", skip=("lm_head",))       # leave layers by name
 
 "fp8-act" runs ``model(*batch)`` (or ``model(batch)`` for a tensor) on each calibration batch with the float
-weights, records the largest |input| of every linear layer, and fixes each layer's activation scale at that
-over 448 (static per-tensor scales, as TensorRT's int8 calibration fixes its ranges before deployment).
+weights and records, for every linear layer, the largest |input| and the mean of each input feature. The largest
+fixes the layer's activation scale: the smallest power of two that maps it within +-448 (static per-tensor
+scales, as TensorRT's int8 calibration fixes its ranges before deployment; ``gemm.activation_scale`` says why a
+power of two). The mean corrects the bias for the weights' rounding (bias correction, Nagel et al. 2019): the
+quantized weight Wq misses (W - Wq) E[x] of the output's mean, so that is added to the bias (a layer without a
+bias gets one).
 
 The model is changed in place (its linear layers become ``QuantLinear``) and returned (a bare ``nn.Linear``
 model: its ``QuantLinear``). ``QuantLinear`` runs inference only (a backward through it is refused); under
@@ -20,6 +24,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -74,17 +79,30 @@ quant_linear_op.register_autograd(_quant_linear_backward, setup_context=_quant_l
 
 class QuantLinear(nn.Module):
     """An ``nn.Linear`` with its weight in int8 or fp8 E4M3 and one f32 scale per output channel (buffers
-    ``qweight`` (out, in) and ``scale`` (out,)); ``x_scale`` > 0: the input is quantized to fp8 too."""
+    ``qweight`` (out, in) and ``scale`` (out,)); ``x_scale`` > 0: the input is quantized to fp8 too.
+    ``input_mean`` (in,): the mean of the layer's input over calibration data; the bias then absorbs the mean
+    output the weights' rounding misses, (W - qweight * scale) @ input_mean (a layer without a bias gets one)."""
 
-    def __init__(self, linear: nn.Linear, mode: str, x_scale: float = 0.0):
+    def __init__(self, linear: nn.Linear, mode: str, x_scale: float = 0.0, input_mean: torch.Tensor | None = None):
         super().__init__()
         if mode not in MODES:
             raise LaunchError(f"QuantLinear: mode={mode!r}; expected one of {tuple(MODES)}")
         self.in_features, self.out_features, self.mode = linear.in_features, linear.out_features, mode
-        q, s = quantize_weight(linear.weight.detach(), MODES[mode])
+        w = linear.weight.detach()
+        q, s = quantize_weight(w, MODES[mode])
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        if input_mean is not None:
+            if not isinstance(input_mean, torch.Tensor) or tuple(input_mean.shape) != (self.in_features,):
+                got = tuple(input_mean.shape) if isinstance(input_mean, torch.Tensor) else type(input_mean).__name__
+                raise LaunchError(f"QuantLinear: input_mean is {got}; expected a tensor (in_features="
+                                  f"{self.in_features},)")
+            missed = w.double() - q.double() * s.double()[:, None]                  # (out, in)
+            shift = missed @ input_mean.to(device=w.device, dtype=torch.float64)   # (out,)
+            dtype = w.dtype if bias is None else bias.dtype
+            bias = (shift if bias is None else bias.double() + shift).to(dtype)
         self.register_buffer("qweight", q)
         self.register_buffer("scale", s)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.register_buffer("bias", bias)
         self.x_scale = float(x_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,21 +131,35 @@ def _run(model: nn.Module, batch) -> None:
         model(*batch)
 
 
-def calibrate(model: nn.Module, names: list[str], batches) -> dict[str, float]:
-    """The largest |input| of each named linear layer over ``batches`` (float weights, no gradients)."""
+@dataclass(frozen=True)
+class InputStats:
+    """What calibration saw at one linear layer's input: ``amax`` the largest |x| (0 when no batch reached
+    it), ``mean`` the mean of each input feature over all rows, (in_features,) float64 (None when no row did)."""
+    amax: float
+    mean: torch.Tensor | None
+
+
+def calibrate(model: nn.Module, names: list[str], batches) -> dict[str, InputStats]:
+    """The ``InputStats`` of each named linear layer's input over ``batches`` (float weights, no gradients)."""
     if isinstance(batches, torch.Tensor) or not isinstance(batches, Iterable):
         raise LaunchError(f"quantize: calibration must be an iterable of sample batches (e.g. [x1, x2], each a "
                           f"tensor, a tuple of arguments or a dict of keyword arguments), got "
                           f"{type(batches).__name__}")
     amax = dict.fromkeys(names, 0.0)
+    sums: dict[str, torch.Tensor] = {}           # name -> (in_features,) f64 sum over the rows seen
+    rows = dict.fromkeys(names, 0)
     hooks = []
     modules = dict(model.named_modules())
     for name in names:
         def record(_mod, args, name=name):
-            if args[0].numel():          # an empty input has no largest value
-                top = float(args[0].detach().abs().max())
+            x = args[0].detach()
+            if x.numel():                # an empty input has no largest value
+                top = float(x.abs().max())
                 # NaN kept (max(a, nan) would keep a, and the check below would pass it by)
                 amax[name] = top if math.isnan(top) else max(amax[name], top)
+                total = x.reshape(-1, x.shape[-1]).sum(0, dtype=torch.float64)
+                sums[name] = total if name not in sums else sums[name] + total
+                rows[name] += x.numel() // x.shape[-1]
         hooks.append(modules[name].register_forward_pre_hook(record))
     seen = 0
     try:
@@ -152,7 +184,7 @@ def calibrate(model: nn.Module, names: list[str], batches) -> dict[str, float]:
     if seen == 0:
         raise LaunchError("quantize: calibration gave no batches; fp8-act needs sample inputs to fix its "
                           "activation scales")
-    return amax
+    return {n: InputStats(a, sums[n] / rows[n] if n in sums else None) for n, a in amax.items()}
 
 
 def quantize(model: nn.Module, mode: str = "int8", *, calibration=None, skip=()) -> nn.Module:
@@ -178,13 +210,17 @@ def quantize(model: nn.Module, mode: str = "int8", *, calibration=None, skip=())
         warnings.warn(f"quantize: skip names {unmatched} match no nn.Linear of the model (its Linear layers: "
                       f"{linears[:20]}{' ...' if len(linears) > 20 else ''})", UserWarning, stacklevel=2)
     names = [n for n in linears if not any(n == s or n.endswith("." + s) for s in skip)]
-    scales = {}
-    if mode == "fp8-act":
-        scales = {n: activation_scale(a) for n, a in calibrate(model, names, calibration).items()}
+    stats = calibrate(model, names, calibration) if mode == "fp8-act" else {}
+
+    def replaced(name: str, linear: nn.Linear) -> QuantLinear:
+        if name not in stats:
+            return QuantLinear(linear, mode)
+        return QuantLinear(linear, mode, activation_scale(stats[name].amax), stats[name].mean)
+
     if "" in names:      # the model is itself a Linear: no parent to change in place, its replacement is returned
-        return QuantLinear(model, mode, scales.get("", 0.0))
+        return replaced("", model)
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, QuantLinear(getattr(parent, attr), mode, scales.get(name, 0.0)))
+        setattr(parent, attr, replaced(name, getattr(parent, attr)))
     return model
