@@ -31,7 +31,15 @@ import pytest
 from _fl_round5 import blobs, make_grid, np_, scripted, update
 from _fl_round7 import client_model, weighted_mean
 from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, FedProx
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedYogi,
+    Krum,
+)
 
 from tilestack.errors import FederatedError
 from tilestack.federated import SystemModel, Task, codec, run_rounds, simulate
@@ -150,6 +158,46 @@ def test_clients_with_their_own_lr_batch_and_epochs_each_run_their_own_sgd():
         _near(models[rnd - 1], weighted_mean({p: client_model(own[p], p, rnd, x)[0] for p in range(4)}, n))
         x = models[rnd - 1]
     assert all(r.steps_done == r.steps_full == sum(steps.values()) for r in res.history.rounds)
+
+
+# ---- non-finite updates ------------------------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("bad", ["inf", "-inf", "nan", "1e39"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: FedAvgM(fraction_train=1.0, fraction_evaluate=0.0, server_momentum=0.9),
+     lambda: FedYogi(fraction_train=1.0, fraction_evaluate=0.0, eta=0.1),
+     lambda: FedMedian(fraction_train=1.0, fraction_evaluate=0.0),
+     lambda: Krum(fraction_train=1.0, fraction_evaluate=0.0, num_malicious_nodes=1)],
+    ids=["fedavgm", "fedyogi", "fedmedian", "krum"],
+)  # fmt: skip
+def test_one_client_sending_a_non_finite_value_counts_as_one_that_crashed(make, bad):
+    """Six scripted clients, client 3 putting +-inf, NaN or 1e39 (inf once read as the float32 sent) into one
+    element of its model in rounds 1 and 3 of 3: that reply is left out naming the array, and the server's model
+    (momentum, Yogi's moments, the median, Krum's pick) ends exactly where it ends when client 3 crashes in those
+    rounds instead."""
+    task = blobs(6, features=3)
+
+    def client(kind: str):
+        def script(pid, rnd, got, context, config):
+            y = {k: (v + update(pid, rnd, v.shape, np.float32)).astype(np.float32) for k, v in got["arrays"].items()}
+            if pid == 3 and rnd != 2:
+                if kind == "crash":
+                    raise ConnectionError("gone")
+                y = {k: v.astype(np.float64) for k, v in y.items()}  # 1e39 is finite in float64
+                y["fc.weight"][1, 0] = float(kind)
+            return y, {"num-examples": 1 + pid}
+
+        return scripted(script)
+
+    runs = {kind: run_rounds(make(), make_grid(client(kind), task), initial_arrays(task), num_rounds=3)
+            for kind in (bad, "crash")}  # fmt: skip
+    left = [r.excluded for r in runs[bad].history.rounds]
+    assert left == [{"3": "non-finite: fc.weight"}, {}, {"3": "non-finite: fc.weight"}]
+    assert [r.excluded for r in runs["crash"].history.rounds] == [{"3": "error: ConnectionError: gone"}, {},
+                                                                  {"3": "error: ConnectionError: gone"}]  # fmt: skip
+    a, b = np_(runs[bad].arrays), np_(runs["crash"].arrays)
+    assert all(np.array_equal(a[k], b[k]) and a[k].dtype == np.float32 for k in b)
 
 
 # ---- heterogeneous widths ------------------------------------------------------------------------------------------
