@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -551,6 +552,13 @@ def count_ops(step: Callable[[], Any]) -> dict[OpKey, _Count]:
     """Run ``step`` once under a dispatch mode; FLOPs and bytes of every ATen op, by profiler name and shapes."""
     if not callable(step):
         raise ProfileError(f"step={step!r} ({type(step).__name__}); expected a callable taking no arguments")
+    try:  # a module's __call__ takes anything: its forward says what it needs
+        inspect.signature(getattr(step, "forward", step)).bind()
+    except ValueError:  # a builtin without a signature: called as it is
+        pass
+    except TypeError as e:
+        raise ProfileError(f"step={getattr(step, '__qualname__', step)!r} needs arguments ({e}); expected a callable "
+                           "taking no arguments (bind them: lambda: model(x))") from None
     from torch._ops import HigherOrderOperator
     from torch.utils._python_dispatch import TorchDispatchMode
 

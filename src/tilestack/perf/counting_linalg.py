@@ -1,9 +1,9 @@
 """The FLOP rules of the counting pass (``tilestack.perf.counting``) for products and linear algebra: matmuls torch's
-flop counter leaves out (in-place and summed batch products, matrix-vector products, the int8 matmul), packed
-quantized linears and recurrent layers, nn.Bilinear, pairwise distances, dense factorisations and solves, FFTs, and
-complex numbers built from polar form; the table ``LINALG_FLOPS`` names the ATen ops each counts. Also the matmul of
-nested tensors (``UNDECOMPOSED_FLOPS``) and the vectors a dispatch mode makes eigen- and singular-value routines
-form (``VALUES_ONLY_CALLERS``).
+flop counter leaves out (in-place and summed batch products, matrix-vector products, the int8 matmul, grouped
+GEMMs), packed quantized linears and recurrent layers, nn.Bilinear, pairwise distances, dense factorisations and
+solves, FFTs, and complex numbers built from polar form; the table ``LINALG_FLOPS`` names the ATen ops each counts.
+Also the matmul of nested tensors (``UNDECOMPOSED_FLOPS``) and the vectors a dispatch mode makes eigen- and
+singular-value routines form (``VALUES_ONLY_CALLERS``).
 
     rule = LINALG_FLOPS["aten.addbmm"]
     rule(func, args, kwargs, out)          # FLOPs of one call, from its arguments and result
@@ -177,6 +177,28 @@ def _product_flops(left: str, right: str, *, right_rows: bool = False) -> Rule:
     return count
 
 
+def _grouped_mm_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """_grouped_mm / _scaled_grouped_mm (F.grouped_mm: a mixture of experts' GEMMs, one per group): 2 * M * K * N
+    summed over the groups, plus one add per output element for a bias. Both operands 3-d: the groups are the
+    batch. Otherwise ``offs`` (the int32 ends of the groups) cuts the 2-d operand's jagged dim, and only its
+    first offs[-1] elements are multiplied: rows (2-d @ 3-d, the forward), columns (3-d @ 2-d) or the summed dim
+    (2-d @ 2-d, a weight gradient, one (M, N) product per group)."""
+    a, b = _argument(func, args, kwargs, "self"), _argument(func, args, kwargs, "mat2")
+    offs = _argument(func, args, kwargs, "offs")
+    jagged = int(offs[-1]) if offs is not None and _numel(offs) else 0
+    groups = _numel(offs) if offs is not None else 0
+    if a.dim() == 3 and b.dim() == 3:
+        macs, outputs = _numel(a) * b.shape[-1], a.shape[0] * a.shape[1] * b.shape[-1]
+    elif a.dim() == 2 and b.dim() == 3:
+        macs, outputs = jagged * a.shape[-1] * b.shape[-1], jagged * b.shape[-1]
+    elif a.dim() == 3 and b.dim() == 2:
+        macs, outputs = a.shape[-2] * a.shape[-1] * jagged, a.shape[-2] * jagged
+    else:
+        macs, outputs = a.shape[0] * b.shape[-1] * jagged, groups * a.shape[0] * b.shape[-1]
+    bias = _argument(func, args, kwargs, "bias")
+    return float(formulas.FLOPS_PER_MAC * macs + (outputs if bias is not None else 0))
+
+
 def _recurrent_weights_flops(kind: str) -> Rule:
     """aten.quantized_lstm / quantized_gru (dynamically quantized nn.LSTM, nn.GRU: packed weights, no tensor
     argument): per layer and direction, each step multiplies the layer's input by W_ih (G*H, I_l) and the hidden
@@ -259,6 +281,7 @@ LINALG_FLOPS: dict[str, Rule] = {
     **{f"aten.{op}": _product_flops("mat1", "mat2") for op in ("addmm_", "_addmm_activation")},
     **{f"aten.{op}": _product_flops("batch1", "batch2") for op in ("baddbmm_", "addbmm", "addbmm_")},
     "aten._int_mm": _product_flops("self", "mat2"),
+    **{f"aten.{op}": _grouped_mm_flops for op in ("_grouped_mm", "_scaled_grouped_mm")},
     "aten._weight_int8pack_mm": _product_flops("self", "mat2", right_rows=True),
     "aten.quantized_lstm": _recurrent_weights_flops("lstm"),
     "aten.quantized_gru": _recurrent_weights_flops("gru"),

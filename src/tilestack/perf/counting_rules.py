@@ -8,9 +8,9 @@ Families: convolutions (with their groups, forward and backward), the CPU LSTM k
 norms' backwards, pools (windowed, adaptive with their overlapping windows, fractional), interpolation and grid
 sampling, embeddings and bags, scatters and accumulating index puts, selections and sorts (as compares), scans,
 statistics (variance, log-sum-exp, vector norms), losses (regression, cross-entropy, margin, CTC), statically
-quantized convolutions, foreach ops (``foreach_flops``, matched by prefix) and the element-wise ops torch leaves
-untagged. Matmul-like and linear-algebra ops are ``counting_linalg``'s. Conventions
-are ``formulas``': a multiply-add is 2 FLOPs, a transcendental 1.
+quantized convolutions, fake quantization (quantization-aware training's observers and quantizers), foreach ops
+(``foreach_flops``, matched by prefix) and the element-wise ops torch leaves untagged. Matmul-like and linear-algebra
+ops are ``counting_linalg``'s. Conventions are ``formulas``': a multiply-add is 2 FLOPs, a transcendental 1.
 """
 
 from __future__ import annotations
@@ -413,6 +413,16 @@ def _conv_tbc_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     positions = _numel(y) // max(y.shape[-1], 1)  # T' x B
     return float(formulas.FLOPS_PER_MAC * positions * _numel(w) + _numel(y))
 
+def _fused_observer_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """_fused_moving_avg_obs_fq_helper (QAT's FusedMovingAvgObsFakeQuantize): where ``observer_on`` holds, a min-max
+    pass over the input (per tensor or per channel); where ``fake_quant_on`` holds, its fake quantization. (The
+    moving averages and the scale and zero point, a few values per channel, are left out.)"""
+    arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+    per_element = (formulas.OBSERVER_FLOPS_PER_ELEMENT if bool(arg("observer_on").any()) else 0) + (
+        formulas.FAKE_QUANT_FLOPS_PER_ELEMENT if bool(arg("fake_quant_on").any()) else 0)
+    return float(per_element * _numel(arg("self")))
+
+
 def _packed_conv_flops(*, fused_relu: bool) -> Rule:
     """quantized::conv{1,2,3}d(_relu), conv_transpose{1,2,3}d (static int8): the packed weight (a script object)
     unpacked for its shape and bias, groups and transposition read off it, counted by formulas.convolution; a fused
@@ -597,6 +607,17 @@ LAYER_FLOPS: dict[str, Rule] = {
     "aten._sparse_sum": _accumulate_flops("self"),
     # All / any of a tensor (torch.distributions' argument checks): one compare per element, as a reduction.
     **{f"aten.{op}": _accumulate_flops("self") for op in ("_is_all_true", "_is_any_true")},
+    # Fake quantization (quantization-aware training): a quantize and a dequantize per element; the fused observer
+    # a min-max pass too; a learnable quantizer's backward the gradients of the input, scale and zero point.
+    **{f"aten.{op}": _per_element("self", formulas.FAKE_QUANT_FLOPS_PER_ELEMENT) for op in (
+        "fake_quantize_per_tensor_affine", "fake_quantize_per_tensor_affine_cachemask",
+        "_fake_quantize_per_tensor_affine_cachemask_tensor_qparams", "fake_quantize_per_channel_affine",
+        "fake_quantize_per_channel_affine_cachemask", "_fake_quantize_learnable_per_tensor_affine",
+        "_fake_quantize_learnable_per_channel_affine",
+    )},
+    **{f"aten._fake_quantize_learnable_per_{kind}_affine_backward": _per_element(
+        "self", formulas.FAKE_QUANT_LEARNABLE_BWD_FLOPS_PER_ELEMENT) for kind in ("tensor", "channel")},
+    "aten._fused_moving_avg_obs_fq_helper": _fused_observer_flops,
     # Window functions: a cosine (and its scaling) per element, as an element-wise op.
     **{f"aten.{w}_window": _elementwise_flops for w in ("hann", "hamming", "blackman", "bartlett", "kaiser")},
 }

@@ -41,7 +41,7 @@ import collections
 import dataclasses
 import math
 import statistics
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 from tilestack.perf import roofline, timing
@@ -225,8 +225,13 @@ def _check_arguments(
 
     if not callable(model):
         refuse("model", model, "a torch.nn.Module or a callable taking the inputs")
+    if isinstance(model, type):  # nn.Linear, not nn.Linear(8, 8): calling it would build a module, not run one
+        refuse("model", model, f"a model instance, not its class (build one first: {model.__name__}(...))")
     if isinstance(inputs, str | bytes | int | float | complex | bool) or inputs is None:
         refuse("inputs", inputs, "a tensor, a tuple or list of positional arguments, or a dict of keyword arguments")
+    if isinstance(inputs, set | frozenset | Iterator):  # no order to bind by, or used up by the first step
+        refuse("inputs", inputs, "a tuple or list of positional arguments (a set has no order, an iterator is "
+               "used up by the first step)")
     if type(inputs).__module__ == "numpy":
         refuse("inputs", inputs, "torch tensors (torch.from_numpy turns an array into one)")
     if isinstance(inputs, Mapping) and not all(isinstance(k, str) for k in inputs):
@@ -295,15 +300,24 @@ def _check_placement(model: Any, inputs: Any, kind: str) -> None:
 
 
 def make_step(model: Callable[..., Any], inputs: Any, *, train: bool = False) -> Callable[[], Any]:
-    """One forward (``train`` False, under no_grad), or forward + backward of the sum of the outputs."""
+    """One forward (``train`` False, under no_grad), or forward + backward of the sum of the outputs.
+
+    Dense gradients accumulate from step to step (each step adds into them: the same work every step). A sparse
+    one (nn.Embedding(sparse=True)) is dropped before each step: accumulated, it would grow by its rows every
+    step (sparse adds concatenate), so no two steps, the counted one and the timed ones, would do the same work.
+    """
     import torch
 
     args, kwargs = _as_call(inputs)
+    params = list(model.parameters()) if train and isinstance(model, torch.nn.Module) else []
 
     def step() -> Any:
         if not train:
             with torch.no_grad():
                 return model(*args, **kwargs)
+        for p in params:
+            if p.grad is not None and p.grad.layout != torch.strided:
+                p.grad = None
         out = model(*args, **kwargs)
         loss = sum(t.float().sum() for t in _tensors(out) if t.requires_grad)
         if not isinstance(loss, torch.Tensor):
@@ -357,7 +371,7 @@ def profile_model(
     dev = (
         device
         if isinstance(device, device_mod.Device)
-        else device_mod.detect(device or _model_device(model, inputs))
+        else device_mod.detect(_model_device(model, inputs) if device is None else device)  # 0: GPU 0
     )
     _check_placement(model, inputs, dev.kind)
     ceil = None if ceilings is False else (ceilings or device_mod.ceilings(dev))
