@@ -4,8 +4,8 @@
   waits for a late client: resumed from the checkpoint, each ends at the model and history of a run never killed;
   the worker processes of a killed simulation end with it.
 - ``tilestack fl run`` with flags at their edges: one client, batches larger than the data, fractions of a client,
-  every client dropping out or crashing, top-k ratio 1 with SCAFFOLD, selection with DP, FedProx's bound; the
-  deployment ServerApp with the clustered strategies.
+  every client dropping out or crashing, top-k ratio 1 with SCAFFOLD, selection with DP, FedProx's bound, a
+  hand-written device trace; the deployment ServerApp with the clustered strategies.
 - 500 one-step clients of Dirichlet(0.01) label skew within a time bound, the aggregate written out by hand.
 - Label, feature and quantity skew on digits: above chance; a NaN client is left out exactly as a crashed one.
 
@@ -17,6 +17,8 @@ What this round found, fixed:
 - The worker processes of a simulation killed with SIGKILL (``workers=2``, ``fl run --workers``) lived on as
   orphans waiting for jobs, each holding its copy of the data; each now ends once its parent is gone
   (engine._exit_with).
+- A device trace written by hand (``client, speed, bandwidth``: a space after each comma) was refused as lacking
+  its columns; names are now read without case or spaces, values without the spaces (SystemModel.from_trace).
 - The deployment ServerApp started IFCA from the task's single model: the run ended in round 1 (ValueError: invalid
   literal for int() with base 10: 'fc.weight'); it now starts every strategy from its own initial_arrays(task)
   where it has one (simulation.initial_arrays_for, which simulate uses too).
@@ -50,7 +52,7 @@ from typer.testing import CliRunner
 
 import tilestack.cli.fl  # noqa: F401  (registers `tilestack fl`)
 from tilestack.cli import app as cli_app
-from tilestack.federated import Task, simulate
+from tilestack.federated import SystemModel, Task, simulate
 from tilestack.federated.compression import Compressed
 from tilestack.federated.driver import load_checkpoint
 from tilestack.federated.simulation import initial_arrays
@@ -224,6 +226,32 @@ def test_fl_run_where_no_round_aggregates_exits_1_saying_why_and_still_writes_th
     assert "no round aggregated a model" in output
     assert [r["num_aggregated"] for r in rounds] == [0, 0]
     assert all(r["excluded"] and all(v.startswith(reason) for v in r["excluded"].values()) for r in rounds)
+
+
+@pytest.mark.timeout(60)
+def test_fl_run_reads_a_hand_written_device_trace_as_the_plain_one(tmp_path):
+    """A device trace as people write one: capitalised names, a space after each comma, rows out of order, a blank
+    line, an extra column, CRLF line ends. Before, it was refused ("lacks columns ['bandwidth', 'speed']", though
+    they are there); now its speeds and bandwidths are the plain trace's, and so is the run under a deadline that
+    cuts the slow clients' work."""
+    hand, plain = tmp_path / "hand.csv", tmp_path / "plain.csv"
+    hand.write_text("Client, Speed, Bandwidth, region\r\n2, 5, 1e5, eu\r\n0, 100, 1e6, us\r\n\r\n3, 50, 1e7, eu\r\n"
+                    "1, 10, 1e6, us\r\n")  # fmt: skip
+    plain.write_text("client,speed,bandwidth\n0,100,1e6\n1,10,1e6\n2,5,1e5\n3,50,1e7\n")
+    a, b = SystemModel.from_trace(hand), SystemModel.from_trace(plain)
+    assert a.speeds.tolist() == b.speeds.tolist() == [100.0, 10.0, 5.0, 50.0]
+    assert a.bandwidths.tolist() == b.bandwidths.tolist() == [1e6, 1e6, 1e5, 1e7]
+    runs = []
+    for trace in (hand, plain):
+        code, output, rounds = _cli(tmp_path, "--clients", "4", "--per-round", "4", "--dataset", "blobs",
+                                    "--local-steps", "20", "--trace", str(trace), "--deadline", "0.5")  # fmt: skip
+        assert code == 0, output
+        runs.append(_rounds_as_run(rounds))
+    assert runs[0] == runs[1]
+    assert all(r["steps_done"] < r["steps_full"] == 80 for r in runs[0])  # clients 1 and 2 cut by the deadline
+    with pytest.raises(ValueError, match="has no rows; expected one per client"):
+        (tmp_path / "header.csv").write_text("client,speed,bandwidth\n")
+        SystemModel.from_trace(tmp_path / "header.csv")
 
 
 @pytest.mark.timeout(60)

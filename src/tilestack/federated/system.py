@@ -98,18 +98,24 @@ class SystemModel:
 
     @classmethod
     def from_trace(cls, path: str | Path, **kwargs) -> SystemModel:
-        """Speeds and bandwidths from a CSV trace with columns ``client,speed,bandwidth`` (one row per client)."""
+        """Speeds and bandwidths from a CSV trace with columns ``client,speed,bandwidth`` (one row per client, in any
+        order; other columns are ignored). Column names are read without case or surrounding spaces, and values
+        without the spaces a hand-written ``client, speed, bandwidth`` puts after each comma."""
         try:
             with Path(path).open(newline="") as f:
-                rows = list(csv.DictReader(f))
+                reader = csv.DictReader(f, skipinitialspace=True)
+                header = [name.strip().lower() for name in reader.fieldnames or []]
+                rows = [dict(zip(header, row.values(), strict=False)) for row in reader]
         except (OSError, UnicodeDecodeError) as ex:
             raise ValueError(
                 f"SystemModel.from_trace: path={str(path)!r} cannot be read ({ex}); expected a CSV file with "
                 "columns client,speed,bandwidth"
             ) from ex
-        missing = {"client", "speed", "bandwidth"} - set(rows[0] if rows else {})
+        missing = {"client", "speed", "bandwidth"} - set(header)
         if missing:
             raise ValueError(f"SystemModel.from_trace: path={str(path)!r} lacks columns {sorted(missing)}")
+        if not rows:
+            raise ValueError(f"SystemModel.from_trace: path={str(path)!r} has no rows; expected one per client")
         try:
             rows.sort(key=lambda r: int(r["client"]))
             speeds = np.array([float(r["speed"]) for r in rows])
