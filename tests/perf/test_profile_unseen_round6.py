@@ -11,8 +11,9 @@ profiler's own numbers. Timings are only checked to be finite.
 
 What the round found (each pinned by the test whose docstring says so):
 - no formula (reported uncounted): torch's grouped GEMM (aten::_grouped_mm, F.grouped_mm: a MoE's experts,
-  forward and backward) and the fake quantization of quantization-aware training (the fused moving-average observer
-  aten::_fused_moving_avg_obs_fq_helper, fake_quantize_per_{tensor,channel}_affine and their learnable forms);
+  forward and backward), the fake quantization of quantization-aware training (the fused moving-average observer
+  aten::_fused_moving_avg_obs_fq_helper, fake_quantize_per_{tensor,channel}_affine and their learnable forms) and
+  torch.histogramdd's bin edges and binning;
 - profile_model profiled on the CPU, silently, when asked for device=0 (GPU 0: a falsy index fell back to the
   model's device); a model class passed for an instance failed as "inputs do not fit Linear(in_features, ...)";
   a set or an iterator of inputs failed deep in the counting pass; count_ops given a step that needs arguments
@@ -178,6 +179,21 @@ def test_fake_quantize_ops_forward_and_backward(make, forward_ops, backward_ops)
     assert not any(c.unsupported for c in counts.values())
     for op, per_element in backward_ops.items():
         assert by_op(counts)[op] == per_element * numel, op
+
+
+@pytest.mark.parametrize("make,expected", [
+    (lambda x: torch.histogramdd(x, bins=3), 2 * 10 * 2),  # edges by a min-max pass, then each coordinate binned
+    (lambda x: torch.histogramdd(x, bins=[3, 4], range=[0.0, 1.0, 0.0, 1.0]), 10 * 2),  # edges given: binning only
+    (lambda x: torch.histogramdd(x, bins=[torch.linspace(0, 1, 4), torch.linspace(0, 1, 8)]),
+     10 * math.ceil(math.log2(4 + 1)) + 10 * math.ceil(math.log2(8 + 1))),  # a binary search per coordinate
+])
+def test_histogramdd_counts_its_binning(make, expected):
+    """torch.histogramdd (a joint histogram of D features, e.g. a colour histogram) had no formula: its bin edges
+    and its binning were reported uncounted; now as histc's, aminmax's and searchsorted's are counted."""
+    x = torch.rand(10, 2)
+    counts = counting.count_ops(lambda: make(x))
+    assert not any(c.unsupported for c in counts.values())
+    assert math.fsum(c.flops for (op, _), c in counts.items() if op.startswith("aten::_histogramdd")) == expected
 
 
 def test_t5_relative_bias_attention_in_float64():

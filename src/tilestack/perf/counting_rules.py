@@ -406,6 +406,20 @@ def _search_flops(sequence: str, values: str) -> Rule:
     return count
 
 
+def _histogramdd_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """torch.histogramdd's steps over points (N, D): the bin edges (a min-max pass, one compare per element, as
+    aminmax; none where ``range`` is given), each coordinate binned into counted bins (one per element, as histc)
+    or searched for in its edge tensor (ceil(log2(edges + 1)) compares, as searchsorted)."""
+    arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+    x, name = arg("self"), str(func._overloadpacket)
+    if name == "aten._histogramdd_bin_edges":
+        return float(_numel(x)) if arg("range") is None else 0.0
+    if name == "aten._histogramdd_from_bin_tensors":
+        points = _numel(x) // max(x.shape[-1], 1) if x.dim() else 0
+        return float(sum(points * math.ceil(math.log2(_numel(edges) + 1)) for edges in arg("bins")))
+    return float(_numel(x))
+
+
 def _conv_tbc_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     """conv_tbc: x (T, B, C_in) * w (K, C_in, C_out) -> y (T', B, C_out): a multiply-add per weight element per
     output position and batch entry, plus the bias's add per output element."""
@@ -590,6 +604,7 @@ LAYER_FLOPS: dict[str, Rule] = {
     **{f"aten._upsample_{mode}2d_aa{tail}": _antialiased_flops(taps, backward=bool(tail))
        for mode, taps in (("bilinear", 2), ("bicubic", 4)) for tail in ("", "_backward")},
     "aten.histogram": _accumulate_flops("self"),  # each element binned, as histc
+    **{f"aten._histogramdd_{step}": _histogramdd_flops for step in ("bin_edges", "from_bin_cts", "from_bin_tensors")},
     "aten.searchsorted": _search_flops("sorted_sequence", "self"),
     "aten.bucketize": _search_flops("boundaries", "self"),
     # Statically quantized convolutions (packed weights), and quantizing / dequantizing: a scale and a round (or
