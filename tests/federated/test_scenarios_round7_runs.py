@@ -5,7 +5,7 @@
   the worker processes of a killed simulation end with it.
 - ``tilestack fl run`` with flags at their edges: one client, batches larger than the data, fractions of a client,
   every client dropping out or crashing, top-k ratio 1 with SCAFFOLD, selection with DP, FedProx's bound, a
-  hand-written device trace; the deployment ServerApp with the clustered strategies.
+  hand-written device trace, a CSV labelled by names; the deployment ServerApp with the clustered strategies.
 - 500 one-step clients of Dirichlet(0.01) label skew within a time bound, the aggregate written out by hand.
 - Label, feature and quantity skew on digits: above chance; a NaN client is left out exactly as a crashed one.
 
@@ -19,6 +19,8 @@ What this round found, fixed:
   (engine._exit_with).
 - A device trace written by hand (``client, speed, bandwidth``: a space after each comma) was refused as lacking
   its columns; names are now read without case or spaces, values without the spaces (SystemModel.from_trace).
+- A user's CSV whose labels are names ('setosa') stopped ``fl run --data`` in numpy's parser, though the same labels
+  in an .npz were read; CSV labels may now be names (task._read_csv).
 - The deployment ServerApp started IFCA from the task's single model: the run ended in round 1 (ValueError: invalid
   literal for int() with base 10: 'fc.weight'); it now starts every strategy from its own initial_arrays(task)
   where it has one (simulation.initial_arrays_for, which simulate uses too).
@@ -252,6 +254,33 @@ def test_fl_run_reads_a_hand_written_device_trace_as_the_plain_one(tmp_path):
     with pytest.raises(ValueError, match="has no rows; expected one per client"):
         (tmp_path / "header.csv").write_text("client,speed,bandwidth\n")
         SystemModel.from_trace(tmp_path / "header.csv")
+
+
+@pytest.mark.timeout(60)
+def test_fl_run_trains_on_a_users_csv_whose_labels_are_names(tmp_path):
+    """An iris-like CSV: a header, a space after each comma, CRLF, a blank line, and species names as labels. Before,
+    numpy's parser stopped the run ("could not convert string 'setosa' to float64"), though the same labels in an
+    .npz were read; now the CSV gives the .npz's data (labels 0..2 in the names' sorted order), and ``fl run
+    --data`` learns it well above chance."""
+    rng = np.random.default_rng(5)
+    names = np.array(["versicolor", "setosa", "virginica"])
+    y = rng.integers(0, 3, 300)
+    x = rng.normal(0, 1, (300, 4)) + 3.0 * np.eye(3, 4)[y]
+    rows = [", ".join([*(f"{v:.6f}" for v in r), names[c]]) for r, c in zip(x, y, strict=True)]
+    csv_path, npz_path = tmp_path / "iris.csv", tmp_path / "iris.npz"
+    csv_path.write_text("sepal length, sepal width, petal length, petal width, species\r\n" + "\r\n".join(rows[:150])
+                        + "\r\n\r\n" + "\r\n".join(rows[150:]) + "\r\n")  # fmt: skip
+    np.savez(npz_path, x=np.round(x, 6), y=names[y])
+    from tilestack.federated.task import load_file
+
+    xc, yc = load_file(str(csv_path))
+    xn, yn = load_file(str(npz_path))
+    assert np.array_equal(xc, xn) and np.array_equal(yc, yn)
+    assert np.array_equal(yc, np.searchsorted(np.sort(names), names[y]))  # setosa 0, versicolor 1, virginica 2
+    code, output, rounds = _cli(tmp_path, "--data", str(csv_path), "--clients", "6", "--per-round", "6",
+                                "--local-steps", "10", "--lr", "0.1", "--rounds", "3")  # fmt: skip
+    assert code == 0, output
+    assert rounds[-1]["test_acc"] > 0.8
 
 
 @pytest.mark.timeout(60)

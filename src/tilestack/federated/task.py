@@ -24,6 +24,7 @@ Datasets (all generated locally, no downloads):
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import functools
 import json
@@ -323,8 +324,9 @@ def _blobs(task: Task) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
 
 @functools.lru_cache(maxsize=8)
 def load_file(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """A user's dataset: ``.npz`` with arrays ``x`` (N, D) and ``y`` (N,), or ``.csv`` of numbers whose last
-    column is the label (a first line that is not numeric is a header). Labels become 0..C-1."""
+    """A user's dataset: ``.npz`` with arrays ``x`` (N, D) and ``y`` (N,), or ``.csv`` whose last column is the
+    label, numbers or names ('setosa'), and the others numbers (a first row whose features are not numbers is a
+    header). Labels become 0..C-1, in sorted order."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"Task: data_path={path!r} is not a file; expected an .npz (x, y) or a .csv")
@@ -334,14 +336,7 @@ def load_file(path: str) -> tuple[np.ndarray, np.ndarray]:
                 raise ValueError(f"Task: data_path={path!r} holds {sorted(f.files)}; expected arrays 'x' and 'y'")
             x, y = np.asarray(f["x"]), np.asarray(f["y"])
     elif p.suffix == ".csv":
-        first = p.read_text().split("\n", 1)[0]
-        try:
-            [float(v) for v in first.split(",")]
-            skip = 0
-        except ValueError:
-            skip = 1
-        table = np.loadtxt(p, delimiter=",", skiprows=skip, ndmin=2)
-        x, y = table[:, :-1], table[:, -1]
+        x, y = _read_csv(p)
     else:
         raise ValueError(f"Task: data_path={path!r}; expected a .npz or .csv file")
     x = x.reshape(len(x), -1).astype(np.float32)
@@ -351,6 +346,38 @@ def load_file(path: str) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"Task: data_path={path!r} has non-finite features; expected finite numbers")
     _, y = np.unique(y, return_inverse=True)
     return x, y.astype(np.int64)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_csv(p: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` (N, D) float64 and ``y`` (N,) labels (numbers where every label is one, else names) of a CSV file,
+    its label last. Blank lines and spaces around values are ignored. Labels that are names ('cat') stopped the
+    run in numpy's parser, though the same labels in an .npz were read."""
+    with p.open(newline="") as f:
+        rows = [[v.strip() for v in row] for row in csv.reader(f) if any(v.strip() for v in row)]
+    if rows and not all(_is_number(v) for v in rows[0][:-1]):
+        rows = rows[1:]  # a header: its feature names are not numbers
+    if not rows:
+        raise ValueError(f"Task: data_path={str(p)!r} has no rows of data; expected features and a label per row")
+    widths = sorted({len(r) for r in rows})
+    if len(widths) > 1:
+        raise ValueError(f"Task: data_path={str(p)!r} has rows of {widths} values; expected the same number in each")
+    try:
+        x = np.array([r[:-1] for r in rows], np.float64).reshape(len(rows), -1)
+    except ValueError as ex:
+        raise ValueError(
+            f"Task: data_path={str(p)!r} has a feature that is not a number ({ex}); expected numbers, the label last"
+        ) from ex
+    labels = [r[-1] for r in rows]
+    y = np.array([float(v) for v in labels]) if all(_is_number(v) for v in labels) else np.array(labels)
+    return x, y
 
 
 def _blobs_client(task: Task, pid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
