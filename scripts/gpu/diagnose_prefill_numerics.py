@@ -33,7 +33,7 @@ def main() -> None:
     model = GPT(cfg, impl="torch").to(device=dev, dtype=torch.bfloat16).eval()
     f32 = GPT(cfg, impl="torch").to(device=dev).eval()
     f32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
-    idx = torch.randint(0, cfg.vocab, (B, N), device=dev, generator=torch.Generator().manual_seed(0)).to(dev)
+    idx = torch.randint(0, cfg.vocab, (B, N), generator=torch.Generator().manual_seed(0)).to(dev)
 
     compilers = {"inductor": lambda m: torch.compile(m),
                  "tilestack": lambda m: tilestack.optimize(m),
