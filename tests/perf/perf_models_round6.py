@@ -340,13 +340,14 @@ class CustomFunctions(nn.Module):
 
 
 class Block(nn.Module):
-    """LayerNorm, then an MLP (Linear, GELU, Linear): the MLP compiled or not."""
+    """LayerNorm, then an MLP (Linear, GELU, Linear): the MLP compiled by torch.compile's ``backend``, or eager
+    (None)."""
 
-    def __init__(self, compiled: bool) -> None:
+    def __init__(self, backend: str | None) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(CB_DIM)
         mlp = nn.Sequential(nn.Linear(CB_DIM, CB_HIDDEN), nn.GELU(), nn.Linear(CB_HIDDEN, CB_DIM))
-        self.mlp = torch.compile(mlp, backend="aot_eager") if compiled else mlp
+        self.mlp = torch.compile(mlp, backend=backend) if backend else mlp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.mlp(self.norm(x))
@@ -462,13 +463,19 @@ def custom_functions():
 
 @seeded
 def compiled_block():
-    return Block(compiled=True), (torch.randn(CB_ROWS, CB_DIM),)
+    return Block("aot_eager"), (torch.randn(CB_ROWS, CB_DIM),)
+
+
+@seeded
+def inductor_block():
+    """compiled_block by Inductor: GELU fused into generated code (forward and backward)."""
+    return Block("inductor"), (torch.randn(CB_ROWS, CB_DIM),)
 
 
 @seeded
 def eager_block():
     """compiled_block's model uncompiled, with the same weights: its counts are what the compiled one must count."""
-    return Block(compiled=False), (torch.randn(CB_ROWS, CB_DIM),)
+    return Block(None), (torch.randn(CB_ROWS, CB_DIM),)
 
 
 @seeded

@@ -1,8 +1,8 @@
 """Sixth held-out round for the model profiler (tests/perf/perf_models_round6.py): a dropless MoE on grouped GEMMs
 in bf16, a quantization-aware-trained convnet, T5 relative-bias attention in float64, nn.Transformer as an
 encoder-decoder with masks, WaveNet, DLRM, GIN, Mamba-2's SSD, a CRF, nn.AdaptiveLogSoftmaxWithLoss, orthogonal
-parametrizations, custom autograd Functions, a torch.compile'd submodule, a nucleus sampler and per-sample
-gradients by vmap of grad.
+parametrizations, custom autograd Functions, a torch.compile'd submodule (aot_eager, and Inductor, whose fused ops
+keep their work as untimed), a nucleus sampler and per-sample gradients by vmap of grad.
 
 Every matmul, convolution, attention and layer is checked against its analytic count written from the layer shapes
 here (2*M*N*K; a convolution 2 * output positions * C_out * C_in/groups * taps, plus one add per output for a
@@ -25,6 +25,7 @@ matrix's norm (the Pade degree and the squarings), not its shape.
 """
 
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -366,16 +367,41 @@ def test_custom_functions_count_their_own_backward():
     assert by_op(train_counts)["aten::relu"] == 2 * r * o
 
 
+def _eager_counts(train):
+    model, inputs = pm.eager_block()
+    step = profile._without_fastpath(profile.make_step(model, inputs, train=train))
+    step()  # the profile's warm-up: gradients already allocated
+    return profile.count_ops(step)
+
+
 @pytest.mark.parametrize("train", [False, True])
 def test_compiled_submodule_counts_as_its_eager_twin(train):
     """A torch.compile'd submodule (aot_eager, backward compiled too) counts what its eager twin with the same
     weights counts, op by op, forward and backward; the profile gives every counted FLOP a timed row."""
     p, counts, _ = profiled("compiled_block", train)
-    model, inputs = pm.eager_block()
-    step = profile._without_fastpath(profile.make_step(model, inputs, train=train))
-    step()  # the profile's warm-up: gradients already allocated
-    assert by_op(counts) == by_op(profile.count_ops(step))
+    assert by_op(counts) == by_op(_eager_counts(train))
     assert not any(u.flops for u in p.untimed), p.untimed
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="Inductor's CPU code needs C++")
+def test_inductor_fused_ops_keep_their_work_as_untimed():
+    """Inductor fuses GELU (and, backward, its gradient and the bias gradient's sum) into generated kernels that
+    no ATen row times: their FLOPs stay in the totals as untimed work, the rest in rows; every count is the eager
+    twin's."""
+    torch._dynamo.reset()  # dynamo caches by code object, not backend: compiled_block's aot_eager code would run
+    try:
+        for train in (False, True):
+            model, inputs = pm.inductor_block()
+            p = profile.profile_model(model, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu", train=train)
+            eager = _eager_counts(train)
+            assert p.flops == pytest.approx(math.fsum(c.flops for c in eager.values()), rel=1e-12)
+            untimed = {u.op for u in p.untimed if u.flops}
+            assert "aten::gelu" in untimed and ("aten::gelu_backward" in untimed) == train
+            assert "aten::addmm" not in untimed  # the GEMMs stay extern ATen calls, timed as such
+            assert all(u.flops == eager[u.op, u.shapes].flops for u in p.untimed)  # per step, as counted eagerly
+            rendered(p)
+    finally:
+        torch._dynamo.reset()  # nor would a later aot_eager block get its own code
 
 
 def test_nucleus_sampler_sort_scan_and_draw():
