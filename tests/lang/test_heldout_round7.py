@@ -5,9 +5,10 @@ A fused AdamW step over flat buffers (f32 master weights and moments updated in 
 out, AMSGrad as a constexpr) checked step by step against torch.optim.AdamW; gradient clipping by the global norm in
 two launches (squares summed atomically into one element, then read back as a per-row broadcast); scans along rows
 that no matmul can do (cummax / cummin with torch's indices, logcumsumexp), carried across column tiles by a loop
-unrolled over a tile's columns; bucketize against a runtime number of boundaries (NaN past the last, as torch).
-More kernels of this round are in test_heldout_round7_more.py. Each kernel here is also compiled for sm_90a on this
-CPU (the last section).
+unrolled over a tile's columns; bucketize against a runtime number of boundaries (NaN past the last, as torch);
+segment sums, maxima and means by data ids in any order. More kernels of this round, and the bugs the round found,
+are in test_heldout_round7_more.py. Each kernel here is also compiled for sm_90a on this CPU (the last section).
+(No kernel of this file found a bug.)
 """
 
 import math
@@ -334,7 +335,86 @@ def test_bucketize(backend, right, dt, N, nb, rng):
     assert torch.equal(out, torch.bucketize(x, bounds, right=right).to(out.dtype))
 
 
-# ---- 6. the kernels above compiled for Hopper (sm_90a) on this CPU, by Triton and (where it lowers them) Gluon ------
+# ---- 6. segment reductions by data ids (sum, amax, mean), ids in any order, those outside [0, S) in no segment -------
+@ts.kernel(grid=lambda Out, BS, BN: (ts.cdiv(Out.shape[0], BS), ts.cdiv(Out.shape[1], BN)))
+def segment_reduce(X, Ids, Out, Count, *, REDUCE: str = "sum", BS: int = 8, BM: int = 16, BN: int = 16):
+    """Out[s] = REDUCE ("sum", "amax" or "mean") of the rows r of X with Ids[r] == s, 0 for a segment with none
+    (torch's scatter_reduce into zeros, include_self=False); Count[s] = their number. Program (sb, j) owns segments
+    sb * BS .. + BS and column block j, and reads every row block; segment s of its block is one unrolled step."""
+    sb, j = ts.block_id(0), ts.block_id(1)
+    m = X.shape[0]
+    x = ts.RegTile[ts.f32, BM, BN]()
+    t = ts.RegTile[ts.f32, BM, BN]()
+    ids = ts.RegVec[Ids.dtype, BM]()
+    rows = ts.RegVec[ts.i32, BM]()
+    real = ts.RegVec[ts.bool_, BM]()
+    mine = ts.RegTile[ts.bool_, BM, BN]()
+    ones = ts.RegTile[ts.i32, BM, BN]()
+    seg = ts.RegVec[ts.i32, BS]()
+    at_s = ts.RegTile[ts.bool_, BS, BN]()
+    part = ts.RegVec[ts.f32, BN]()
+    npart = ts.RegVec[ts.i32, BN]()
+    out = ts.RegTile[ts.f32, BS, BN]()
+    merged = ts.RegTile[ts.f32, BS, BN]()
+    cnt = ts.RegTile[ts.i32, BS, BN]()
+    counted = ts.RegTile[ts.i32, BS, BN]()
+    cnt_f = ts.RegTile[ts.f32, BS, BN]()
+    empty = ts.RegTile[ts.bool_, BS, BN]()
+    per_seg = ts.RegVec[ts.i32, BS]()
+    y = ts.RegTile[Out.dtype, BS, BN]()
+    idle = -math.inf if REDUCE == "amax" else 0.0
+    ts.fill(out, idle)
+    ts.zero(cnt)
+    ts.arange(seg)
+    for rb in ts.range(ts.cdiv(m, BM)):
+        ts.load(x, X, at=(rb, j))
+        ts.load(ids, Ids, at=(rb,))
+        ts.arange(rows, rb * BM)
+        ts.lt(real, rows, m)
+        ts.where(ids, real, ids, -1)                 # rows past the end read id 0: no segment's
+        for s in range(BS):
+            ts.eq(mine, ts.per_row(ids), sb * BS + s)
+            ts.where(t, mine, x, idle)
+            (ts.col_max if REDUCE == "amax" else ts.col_sum)(part, t)
+            ts.where(ones, mine, 1, 0)
+            ts.col_sum(npart, ones)
+            ts.eq(at_s, ts.per_row(seg), s)          # row s of this program's (BS, BN) result
+            ts.where(merged, at_s, ts.per_col(part), idle)
+            (ts.max if REDUCE == "amax" else ts.add)(out, out, merged)
+            ts.where(counted, at_s, ts.per_col(npart), 0)
+            ts.add(cnt, cnt, counted)
+    ts.eq(empty, cnt, 0)
+    ts.where(out, empty, 0.0, out)
+    if REDUCE == "mean":
+        ts.copy(cnt_f, cnt)
+        ts.max(cnt_f, cnt_f, 1.0)
+        ts.div(out, out, cnt_f)
+    ts.copy(y, out)
+    ts.store(Out, y, at=(sb, j))
+    ts.row_max(per_seg, cnt)                         # (every column counts the same rows)
+    ts.store(Count, per_seg, at=(sb,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduce", ["sum", "amax", "mean"])
+@pytest.mark.parametrize(("xdt", "idt"), [(torch.float32, I64), (BF, I32)])
+@pytest.mark.parametrize(("M", "N", "S"), [(50, 20, 11), (16, 16, 8), (1, 1, 3), (0, 4, 5)])
+def test_segment_reduce(backend, reduce, xdt, idt, M, N, S, rng):
+    x = randn(rng, M, N, dtype=xdt) * 4
+    ids = ints(rng, -1, S + 1, (M,), idt)                  # -1 and S: in no segment
+    if M >= 3:
+        x[0, 0], x[1, 1], x[2, :] = math.nan, math.inf, -math.inf
+        ids[:3] = torch.tensor([0, 0, S - 1])
+    out, count = poisoned(S, N, dtype=xdt), torch.full((S,), -5, dtype=I32)
+    launch(segment_reduce, backend, x, ids, out, count, REDUCE=reduce)
+    keep = (ids >= 0) & (ids < S)
+    idx = ids[keep].long()[:, None].expand(-1, N)
+    want = torch.zeros(S, N, dtype=F64).scatter_reduce(0, idx, x[keep].double(), reduce, include_self=False)
+    close(out, want.to(xdt), scale=10)
+    assert torch.equal(count, torch.bincount(ids[keep].long(), minlength=S).to(I32))
+
+
+# ---- 7. the kernels above compiled for Hopper (sm_90a) on this CPU, by Triton and (where it lowers them) Gluon ------
 AOT_CASES = {   # name -> (kernel, meta args, constants)
     "adamw_step": (adamw_step, (meta(1 << 20), meta(1 << 20, dtype=BF), meta(1 << 20), meta(1 << 20), meta(1 << 20),
                                 meta(1 << 20, dtype=BF), 1e-3, 0.9, 0.999, 1e-8, 0.01, 0.1, 0.05),
@@ -347,6 +427,8 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
     "row_logcumsumexp": (row_logcumsumexp, (meta(4096, 4096), meta(4096, 4096)), dict(BM=32, BN=16)),
     "bucketize": (bucketize, (meta(1 << 20, dtype=F16), meta(1000, dtype=F16), meta(1 << 20, dtype=I64)),
                   dict(RIGHT=True, BN=128, BK=32)),
+    "segment_reduce": (segment_reduce, (meta(8192, 1024, dtype=BF), meta(8192, dtype=I64), meta(512, 1024, dtype=BF),
+                                        meta(512, dtype=I32)), dict(REDUCE="amax", BS=8, BM=32, BN=64)),
 }
 
 

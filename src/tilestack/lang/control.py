@@ -13,8 +13,8 @@ from tilestack.errors import TraceError
 from tilestack.ir.nodes import Value
 from tilestack.ir.ops import Op
 from tilestack.ir.types import INDEX
-from tilestack.lang.tiles import Scalar, as_index, as_scalar
-from tilestack.lang.trace import current, user_line, user_name
+from tilestack.lang.tiles import Scalar, Tile, as_index, as_scalar
+from tilestack.lang.trace import current, user_line, user_locals, user_name
 
 
 def block_id(axis: int = 0) -> Scalar:
@@ -88,6 +88,55 @@ def range(start, stop=None, step=1, *, stages: int | None = None,  # noqa: A001
     induction = Value(INDEX, "it")
     loop = tr.begin_loop(ins, induction)
     index = Scalar(induction)
+    bound = _bound_handles()
     yield index
     induction.hint = user_name(index) or induction.hint   # the user's loop variable, now bound: `for k in ...`
+    _refuse_rebinding(loop, bound)
     tr.end_loop(loop)
+
+
+def _bound_handles() -> dict[str, Tile | Scalar]:
+    """The kernel author's local names bound to tiles and scalars right now."""
+    return {k: v for k, v in user_locals().items() if isinstance(v, Tile | Scalar)}
+
+
+def _refuse_rebinding(loop, before: dict[str, Tile | Scalar]) -> None:
+    """A name bound before the loop to a tile or scalar, bound in the body to a new one made from it (``acc = acc +
+    x``, ``off = off + j``): in Python the next iteration would see the new one, but the body is traced once and a
+    loop carries only what is written into tiles. Refused, naming it (``acc += x`` writes acc, and is carried)."""
+    after = _bound_handles()
+    made = {r: ins for ins in loop.instr.body.walk() for r in ins.results}
+    for name, old in before.items():
+        new = after.get(name)
+        if new is None or new is old:
+            continue
+        old_v = loop.args.get(id(old)) if isinstance(old, Tile) else old.v
+        new_v = new._value if isinstance(new, Tile) else new.v
+        if old_v is None or new_v is None or not _made_from(new_v, old_v, made):
+            continue
+        if isinstance(old, Tile):
+            hint = (f"write into the tile instead, so the loop carries it: `{name} += ...` or an op with {name} as "
+                    f"its destination (ts.add({name}, {name}, x))")
+        else:
+            hint = "compute it from the loop counter instead (`off = off0 + j * step`)"
+        raise TraceError(f"`{name}` is bound in this loop's body to a new value made from its value before: the "
+                         "body is traced once, so the next iteration would not see the new value (a loop carries "
+                         f"what is written into tiles, not Python names); {hint}", loop.where)
+
+
+def _made_from(v: Value, src: Value, made: dict) -> bool:
+    """Whether ``v`` is ``src`` or computed from it by the instructions in ``made`` (a nested loop's results from
+    its operands and its body's yields)."""
+    todo, seen = [v], set()
+    while todo:
+        x = todo.pop()
+        if x is src:
+            return True
+        ins = made.get(x)
+        if ins is None or x in seen:
+            continue
+        seen.add(x)
+        todo += ins.srcs
+        if ins.body is not None:
+            todo += ins.body.yields
+    return False

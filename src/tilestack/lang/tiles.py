@@ -7,7 +7,8 @@
 
 Tiles are mutable handles, as in ThunderKittens: ``exp(s, s)`` writes ``s``. Each write makes a new SSA
 value in the IR, so a traced loop knows which tiles it carries. Operator sugar (``a + b``, ``a * 0.5``,
-``a @ b``, ``a @ b.T``) makes a new register tile.
+``a @ b``, ``a @ b.T``) makes a new register tile; an augmented assignment (``acc += x``, ``m |= n``) writes its
+tile in place, as NumPy's and torch's do, so a loop carries it.
 """
 
 from __future__ import annotations
@@ -134,6 +135,28 @@ class Tile:
     def __rxor__(self, o): return self._binary(o, "bit_xor", swap=True)
     def __lshift__(self, o): return self._binary(o, "shl")
     def __rshift__(self, o): return self._binary(o, "shr")
+
+    # ``acc += x`` writes acc (the same handle, so a ts.range loop carries it), where ``acc = acc + x`` would bind
+    # the name to a new tile that the loop's next iteration does not see (lang.control.range refuses that).
+    def _inplace(self, other, fn: str) -> Tile:
+        from tilestack.lang import ops
+        if fn in ("and", "or"):
+            if self.dtype is bool_:
+                (ops.logical_and if fn == "and" else ops.logical_or)(self, self, other)
+                return self
+            fn = f"bit_{fn}"
+        getattr(ops, fn)(self, self, other)
+        return self
+
+    def __iadd__(self, o): return self._inplace(o, "add")
+    def __isub__(self, o): return self._inplace(o, "sub")
+    def __imul__(self, o): return self._inplace(o, "mul")
+    def __itruediv__(self, o): return self._inplace(o, "div")
+    def __iand__(self, o): return self._inplace(o, "and")
+    def __ior__(self, o): return self._inplace(o, "or")
+    def __ixor__(self, o): return self._inplace(o, "bit_xor")
+    def __ilshift__(self, o): return self._inplace(o, "shl")
+    def __irshift__(self, o): return self._inplace(o, "shr")
 
     def _and_or(self, other, fn: str, swap: bool = False) -> Tile:
         """``m & n`` / ``m | n``: logical_and / logical_or of bool_ masks into a new mask; of integer tiles, the

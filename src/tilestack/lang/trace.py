@@ -42,6 +42,12 @@ def user_source() -> str:
     return "" if f is None else linecache.getline(f.f_code.co_filename, f.f_lineno).strip()
 
 
+def user_locals() -> dict[str, Any]:
+    """The kernel author's local variables right now (name -> object), or {}."""
+    f = _user_frame()
+    return {} if f is None else dict(f.f_locals)
+
+
 def user_name(obj: Any) -> str:
     """The user's local variable name bound to ``obj`` right now, or ''."""
     f = _user_frame()
