@@ -20,6 +20,9 @@ What the round found (each pinned by the test whose docstring says so):
   failed with a bare TypeError;
 - a sparse gradient (nn.Embedding(sparse=True)) accumulated across the profile's steps, growing by its rows each
   step: no two steps did the same work, the counted one not the timed ones.
+- print_profile, profile_rows, notes and profile_html given something else than a profile failed deep inside
+  (AttributeError); print_profile(top=-1) cut the last row silently; a directory for the HTML file failed after
+  the roofline was drawn; make_step(train="no") ran a backward.
 Left uncounted on purpose: matrix_exp (an orthogonal parametrization's default map), whose work depends on the
 matrix's norm (the Pade degree and the squarings), not its shape.
 """
@@ -473,3 +476,29 @@ def test_count_ops_refuses_a_step_that_needs_arguments():
         profile.count_ops(lambda x: LINEAR(x))
     assert by_op(profile.count_ops(lambda: LINEAR(X)))["aten::addmm"] == 2 * 2 * 4 * 4
     assert profile.count_ops(print) == {}  # a builtin: no signature to check, called as it is
+
+
+def _profile_of_a_linear():
+    return profile.profile_model(LINEAR, (X,), steps=1, warmup=0, ceilings=CEIL, device="cpu")
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda p, d: profile.print_profile(None), r"print_profile: p=None \(NoneType\); expected a ModelProfile"),
+    (lambda p, d: profile.profile_rows({"ops": []}), r"profile_rows: p=\{'ops': \[\]\} \(dict\); expected a"),
+    (lambda p, d: profile.notes("p"), r"notes: p='p' \(str\); expected a ModelProfile"),
+    (lambda p, d: profile.print_profile(p, top=-1), r"print_profile: top=-1 \(int\); expected an int >= 0 .*None"),
+    (lambda p, d: profile.print_profile(p, top="5"), r"print_profile: top='5' \(str\); expected an int >= 0"),
+    (lambda p, d: profile.hot_spot_lines(p, n=2.5), r"hot_spot_lines: n=2.5 \(float\); expected an int >= 0"),
+    (lambda p, d: profile.profile_html(None, d / "p.html"), r"profile_html: p=None \(NoneType\); expected a"),
+    (lambda p, d: profile.profile_html(p, d), r"profile_html: path=.* \(a directory\); expected a file path"),
+    (lambda p, d: profile.profile_html(p, 5), r"profile_html: path=5 \(int\); expected a file path"),
+    (lambda p, d: profile.make_step(LINEAR, (X,), train="no"), r"train='no' \(str\); expected True or False"),
+])
+def test_rendering_a_profile_refuses_what_is_not_one(call, message, tmp_path):
+    """print_profile, profile_rows, notes and profile_html given None (a profile not kept) failed deep inside with
+    an AttributeError; a negative ``top`` cut rows off the end of the table without a word; a directory for the
+    HTML file failed as IsADirectoryError after the roofline was drawn; make_step(train="no") ran a backward."""
+    p = _profile_of_a_linear()
+    with pytest.raises(profile.ProfileError, match=message):
+        call(p, tmp_path)
+    assert profile.hot_spot_lines(p, n=0) == [] and len(profile.profile_rows(p)) == len(p.ops)

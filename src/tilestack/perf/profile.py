@@ -308,6 +308,8 @@ def make_step(model: Callable[..., Any], inputs: Any, *, train: bool = False) ->
     """
     import torch
 
+    if not isinstance(train, bool):  # "no" would be truthy: a backward nobody asked for
+        raise ProfileError(f"train={describe(train)} ({type(train).__name__}); expected True or False")
     args, kwargs = _as_call(inputs)
     params = list(model.parameters()) if train and isinstance(model, torch.nn.Module) else []
 

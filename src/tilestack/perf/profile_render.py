@@ -138,9 +138,24 @@ PROFILE_COLUMNS = (
 )
 
 
+def _check_profile(fn: str, p: Any, **counts: Any) -> None:
+    """Refuse, by name, anything but a ModelProfile (a None where a profile was not kept failed deep inside with an
+    AttributeError) and row counts that are not whole numbers >= 0 (a negative ``top`` cut rows off the end)."""
+    from tilestack.perf.profile import ModelProfile
+
+    if not isinstance(p, ModelProfile):
+        raise ProfileError(f"{fn}: p={describe(p)} ({type(p).__name__}); expected a ModelProfile (what "
+                           "profile_model returns)")
+    for name, value in counts.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ProfileError(f"{fn}: {name}={value!r} ({type(value).__name__}); expected an int >= 0 (rows shown)"
+                               + (" or None (all)" if name == "top" else ""))
+
+
 def profile_rows(p: ModelProfile) -> list[list[str]]:
     from tilestack.perf.report import pct, seconds, si, spread
 
+    _check_profile("profile_rows", p)
     out = []
     for o in p.ops:
         out.append(
@@ -166,6 +181,7 @@ def notes(p: ModelProfile) -> list[str]:
     """What the totals leave out or where a row's time is not its own: uncounted FLOPs, untimed ops, no ops."""
     from tilestack.perf.report import si
 
+    _check_profile("notes", p)
     out = []
     if p.unsupported:
         out.append(
@@ -187,6 +203,7 @@ def notes(p: ModelProfile) -> list[str]:
 def hot_spot_lines(p: ModelProfile, n: int = HOT_SPOTS) -> list[str]:
     from tilestack.perf.report import pct, seconds
 
+    _check_profile("hot_spot_lines", p, n=n)
     return [
         f"{i + 1}. {o.label}: {pct(o.share)} of the step ({seconds(o.total_s)}), {o.tip}"
         for i, o in enumerate(p.hot_spots(n))
@@ -200,6 +217,7 @@ def print_profile(p: ModelProfile, con: Any = None, top: int | None = None) -> N
     from tilestack.perf.report import ceilings_line, console, escape, seconds, si
     from tilestack.perf.report import spread as show_spread
 
+    _check_profile("print_profile", p, top=top)
     con = console(con)
     mode = "forward + backward" if p.train else "forward"
     spread = p.step_rel_ci
@@ -232,6 +250,13 @@ def profile_html(p: ModelProfile, path: str | Path, png_path: str | Path | None 
     """The profile as one self-contained HTML file, with a roofline of the counted ops."""
     from tilestack.perf import report
 
+    _check_profile("profile_html", p)
+    for name, value in (("path", path), ("png_path", png_path)):
+        if value is None and name == "png_path":
+            continue
+        if not isinstance(value, str | Path) or Path(value).is_dir():
+            kind = "a directory" if isinstance(value, str | Path) else type(value).__name__
+            raise ProfileError(f"profile_html: {name}={value!r} ({kind}); expected a file path (str or Path)")
     counted = [o.m for o in p.ops if o.counted and o.m.flops > 0]
     png = report.roofline_png(
         counted, png_path, device=p.device, ceilings=p.ceilings, title=f"{p.name}: ops on {p.device.name}"
