@@ -10,7 +10,7 @@ tilestack's own ClientApp over tilestack's in-process Flower ``Grid``; each clie
 - 1-example clients, and a class with a single example in the whole dataset;
 - partial participation at fractions that sample one client of 200;
 - int8 and top-k updates under server-side DP with noise: the clipped mean of the rebuilt models plus the noise
-  of the seeded stream, over two rounds of error feedback;
+  of the seeded stream, over two rounds of error feedback; SecAgg+ over a model beyond its clipping range;
 - FedProx with a large mu; IFCA with faulty clients.
 
 What this round found, fixed:
@@ -18,6 +18,10 @@ What this round found, fixed:
 - FedProx with lr * proximal_mu >= 2 diverged on every client (each local step overshot the global model by more
   than the distance it corrected: FedProx(proximal_mu=1000) with lr 0.1 ended at test accuracy 0.0, every reply
   finite and averaged in); refused before any work, naming the bound (checks.check_proximal).
+- SecAgg+ quantises what the clients send within a clipping range (8 by default), and clients sent their models:
+  weights beyond 8 were cut to 8 inside the secure sum without a word (the secure model 2.4 off the plain one).
+  Clients now send their updates, which the server adds to the global model (kept in its dtype: it came back
+  float64), and a client whose weighted update passes the range drops out saying so (secagg).
 - simulate(IFCA(...), task) without an initial model ended the run in round 1 with "invalid literal for int() with
   base 10: 'fc.weight'": it started from the task's single model, in which IFCA looked for cluster numbers. simulate
   now starts from the strategy's own initial_arrays(task) where it has one, and IFCA given another model says what
@@ -382,6 +386,34 @@ def test_compressed_updates_under_noisy_server_side_dp_are_the_clipped_mean_plus
         _near(models[rnd - 1], {k: v + stream.normal(0, noise * clip / 4, v.shape) for k, v in mean.items()})
         x = models[rnd - 1]
     assert clipped_any
+
+
+# ---- secure aggregation of large models -------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_secure_aggregation_of_a_model_beyond_secaggs_clipping_range_is_the_plain_average(tmp_path):
+    """Features of scale 0.1 and lr 5: the logistic regression's weights grow past 10 over six rounds, beyond SecAgg+'s
+    clipping range of 8, while each round's update stays inside it. Before, clients sent their models and SecAgg+ cut
+    every weight to 8 without a word (the secure model 2.4 off the plain one); now they send updates, and the secure
+    model is the plain one to the quantisation step, in the model's float32 (it came back float64). With a range
+    smaller than the updates every client drops out and run_secure says which range to widen."""
+    from tilestack.errors import FederatedError
+    from tilestack.federated.secagg import run_plain, run_secure
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    x = 0.1 * (rng.normal(0, 1, (300, 4)) + 3.0 * np.eye(3, 4)[y])
+    np.savez(tmp_path / "small.npz", x=x, y=y)
+    task = Task(dataset="file", data_path=str(tmp_path / "small.npz"), num_clients=6, local_steps=30, lr=5.0)
+    secure, plain = run_secure(task, rounds=6, per_round=6), run_plain(task, rounds=6, per_round=6)
+    assert np.abs(plain["fc.weight"]).max() > 10.0
+    for k in plain:
+        assert secure[k].dtype == plain[k].dtype == np.float32
+        np.testing.assert_allclose(secure[k], plain[k], rtol=0, atol=1e-4, err_msg=k)
+    needle = r"none of the 1 rounds reached the unmasked sum.*beyond clipping_range=0.01\); expected .* a larger"
+    with pytest.raises(FederatedError, match=needle):
+        run_secure(task, rounds=1, per_round=6, clipping_range=0.01)
+    with pytest.raises(ValueError, match=r"run_secure: clipping_range=0; expected a finite number > 0"):
+        run_secure(task, rounds=1, per_round=6, clipping_range=0)
 
 
 # ---- FedProx with a large mu ---------------------------------------------------------------------------------------

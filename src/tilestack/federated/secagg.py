@@ -8,9 +8,13 @@ Flower implements SecAgg+ as a server workflow (``SecAggPlusWorkflow``) and a cl
 (:data:`secure_client_app`, the same local SGD as :mod:`client`) and drives Flower's ``DefaultWorkflow``
 with the SecAgg+ fit workflow and Flower's legacy ``FedAvg``. Clients mask their quantised weighted
 updates pairwise; the server unmasks only the sum, and survives dropouts up to the reconstruction
-threshold. It runs over tilestack's in-process grid or Flower's simulation engine. Quantisation clips
-parameters to ``clipping_range`` and maps them onto ``quantization_range`` integers, so the secure
-average differs from the plain one by about clipping_range / quantization_range per parameter.
+threshold. It runs over tilestack's in-process grid or Flower's simulation engine. Clients send their update
+(trained - received model), which the server adds to the global model; quantisation clips each weighted value
+to ``clipping_range`` and maps it onto ``quantization_range`` integers, so the secure average differs from the
+plain one by about clipping_range / quantization_range per parameter. A client whose weighted update reaches
+past ``clipping_range`` drops out of the round rather than be clipped inside the sum: before, clients sent their
+model, and a model with weights beyond 8 (Flower's default range) was cut to 8 without a word (the secure model
+2.5 off the plain one).
 
 Client sampling (``per_round`` of the task's clients) is seeded per round from the task's seed, as are the
 SecAgg+ neighbour shuffle and the clients' stochastic rounding in this process, so a run repeats bit for bit on
@@ -34,7 +38,7 @@ from flwr.app import Context, RecordDict
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.common import ndarrays_to_parameters
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
@@ -49,6 +53,9 @@ from tilestack.federated.task import Task
 
 log = logging.getLogger("tilestack.federated")
 PARAMS_RECORD = "parameters"  # where Flower's DefaultWorkflow keeps the global model in the context state
+CLIP_KEY = "tilestack.secagg-clip"  # fit config: SecAgg+'s clipping range (absent: no secure aggregation)
+MAX_WEIGHT_KEY = "tilestack.secagg-max-weight"  # fit config: SecAgg+'s max_weight (it scales by n / max_weight)
+CLIPPING_RANGE = 8.0  # Flower's SecAggPlusWorkflow default
 
 
 class _TaskClient(NumPyClient):
@@ -68,13 +75,23 @@ class _TaskClient(NumPyClient):
         rng = np.random.default_rng([task.seed, self.pid, int(config.get("server-round", 0)), 41])
         trained, _, loss = local_sgd(task.build_model(), start, x, y, steps=task.steps_for(self.pid),
                                      batch_size=task.batch_size, lr=task.lr, rng=rng)  # fmt: skip
-        bad = [k for k in keys if not np.all(np.isfinite(trained[k]))]
+        update = {k: (trained[k] - start[k]).astype(start[k].dtype) for k in keys}
+        bad = [k for k in keys if not np.all(np.isfinite(update[k]))]
         if bad:  # the server sees only the masked sum and cannot leave this update out: the client drops out
             raise FederatedError(
                 f"client {self.pid}: its update has non-finite values in {bad[:3]}; it drops out of the round "
                 "(quantised, they would have become arbitrary integers inside the secure sum)"
             )
-        return [trained[k] for k in keys], len(y), {"train-loss": loss}
+        if CLIP_KEY in config:  # SecAgg+ clips each value times n / max_weight to the range, silently
+            clip, weight = float(config[CLIP_KEY]), len(y) / float(config[MAX_WEIGHT_KEY])
+            top = max(float(np.abs(u).max(initial=0.0)) for u in update.values())
+            if top * weight > clip:
+                raise FederatedError(
+                    f"client {self.pid}: its update reaches {top:.4g} (x {weight:.3g}, its weight), beyond "
+                    f"clipping_range={clip:g}; it drops out of the round (SecAgg+ would have clipped it inside the "
+                    "secure sum); expected a larger clipping_range"
+                )
+        return [update[k] for k in keys], len(y), {"train-loss": loss}
 
 
 def _client_fn(context: Context):
@@ -108,18 +125,30 @@ class _SeededFedAvg(LegacyFedAvg):
     def __init__(self, *, seed: int, **kwargs):
         super().__init__(**kwargs)
         self.seed = seed
+        self._global: list[np.ndarray] = []
 
     def configure_fit(self, server_round, parameters, client_manager):
+        self._global = parameters_to_ndarrays(parameters)
         x = int(np.random.SeedSequence([self.seed, server_round, SAMPLING_STREAM]).generate_state(1)[0])
         random.seed(x)
         np.random.seed(x)
         return super().configure_fit(server_round, parameters, client_manager)
 
+    def aggregate_fit(self, server_round, results, failures):
+        """The clients sent updates: the new model is the global one plus their (weighted) mean, in its dtype."""
+        mean, metrics = super().aggregate_fit(server_round, results, failures)
+        if mean is None:
+            return None, metrics
+        new = [(g + u).astype(g.dtype) for g, u in zip(self._global, parameters_to_ndarrays(mean), strict=True)]
+        return ndarrays_to_parameters(new), metrics
+
 
 SAMPLING_STREAM = 43  # keeps these seeds apart from the clients' minibatch streams
 
 
-def _strategy(task: Task, per_round: int) -> LegacyFedAvg:
+def _strategy(task: Task, per_round: int, secure: dict | None = None) -> LegacyFedAvg:
+    """Flower's legacy FedAvg over ``per_round`` clients; ``secure``: the SecAgg+ settings the clients check their
+    update against (CLIP_KEY, MAX_WEIGHT_KEY)."""
     init = task.initial_params()
     return _SeededFedAvg(
         seed=task.seed,
@@ -128,13 +157,16 @@ def _strategy(task: Task, per_round: int) -> LegacyFedAvg:
         min_fit_clients=per_round,
         min_available_clients=task.num_clients,
         initial_parameters=ndarrays_to_parameters(list(init.values())),
-        on_fit_config_fn=lambda rnd: {TASK_KEY: task.to_json(), "server-round": rnd},
+        on_fit_config_fn=lambda rnd: {TASK_KEY: task.to_json(), "server-round": rnd, **(secure or {})},
     )
 
 
 def _secure_main(task: Task, rounds: int, per_round: int, secagg: SecAggPlusWorkflow, box: dict):
+    secure = {CLIP_KEY: float(secagg.clipping_range), MAX_WEIGHT_KEY: float(secagg.max_weight)}
+
     def main(grid: Grid, context: Context) -> None:
-        legacy = LegacyContext(context, config=ServerConfig(num_rounds=rounds), strategy=_strategy(task, per_round))
+        strategy = _strategy(task, per_round, secure)
+        legacy = LegacyContext(context, config=ServerConfig(num_rounds=rounds), strategy=strategy)
         DefaultWorkflow(fit_workflow=secagg)(grid, legacy)
         params = legacy.state.array_records[PARAMS_RECORD]
         box["arrays"] = dict(zip(task.initial_params(), (a.numpy() for a in params.values()), strict=True))
@@ -151,15 +183,20 @@ def run_secure(
     reconstruction_threshold: float = 0.6,
     engine: str = "tilestack",
     timeout: float | None = None,
+    clipping_range: float = CLIPPING_RANGE,
 ) -> dict[str, np.ndarray]:
     """FedAvg with SecAgg+ for ``rounds`` rounds; returns the final global model (name -> array).
 
-    ``timeout``: seconds each SecAgg+ stage waits for the clients (None: as long as it takes)."""
+    ``timeout``: seconds each SecAgg+ stage waits for the clients (None: as long as it takes);
+    ``clipping_range``: the largest weighted update value SecAgg+ quantises (a client past it drops out)."""
     if not isinstance(task, Task):
         raise TypeError(f"run_secure: task is a {type(task).__name__}; expected a tilestack.federated.Task")
     require_int("run_secure", "rounds", rounds, low=0)
     require_int("run_secure", "per_round", per_round, low=2, high=task.num_clients)
     require_timeout("run_secure", timeout)
+    ok = isinstance(clipping_range, (int, float)) and not isinstance(clipping_range, bool)
+    if not ok or not 0 < clipping_range < float("inf"):
+        raise ValueError(f"run_secure: clipping_range={clipping_range!r}; expected a finite number > 0")
     if engine not in ("tilestack", "flower"):
         raise ValueError(f"run_secure: engine={engine!r}; expected 'tilestack' or 'flower'")
     corrupting = [f for f in task.faults if f[1] not in DROPOUT_FAULTS]
@@ -172,7 +209,8 @@ def run_secure(
     max_weight = max(1.0, *(float(task.num_train(p)) for p in range(task.num_clients)))
     try:
         secagg = _CountedSecAggPlus(num_shares=num_shares, reconstruction_threshold=reconstruction_threshold,
-                                    max_weight=max_weight, timeout=timeout)  # fmt: skip
+                                    max_weight=max_weight, timeout=timeout,
+                                    clipping_range=float(clipping_range))  # fmt: skip
     except (TypeError, ValueError) as ex:
         raise ValueError(
             f"run_secure: num_shares={num_shares!r}, reconstruction_threshold={reconstruction_threshold!r}: {ex}"
@@ -194,8 +232,9 @@ def run_secure(
     if rounds and not secagg.completed:
         raise FederatedError(
             f"run_secure: none of the {rounds} rounds reached the unmasked sum: fewer clients than "
-            f"reconstruction_threshold={reconstruction_threshold!r} of per_round={per_round} survived each round; "
-            "expected enough survivors (a smaller threshold or fewer dropouts)"
+            f"reconstruction_threshold={reconstruction_threshold!r} of per_round={per_round} survived each round "
+            f"(crashed, late, or dropped out: an update not finite or beyond clipping_range={clipping_range:g}); "
+            "expected enough survivors (a smaller threshold, fewer dropouts or a larger clipping_range)"
         )
     if secagg.completed < rounds:
         log.warning("run_secure: %d of %d rounds halted (too few survivors); the model skipped them",
