@@ -112,7 +112,9 @@ def test_grouped_moe_counts_every_expert_gemm():
     assert by_op(counts)["aten::topk"] == t * e and by_op(counts)["aten::bincount"] == pairs
     assert by_op(counts)["aten::sort"] == pairs * math.ceil(math.log2(pairs))
     assert by_op(counts)["aten::index_add_"] == pairs * d
-    assert all(c.dtype == "bf16" for c in rows_of(counts, "aten::_grouped_mm"))
+    first = next(c for (op, s), c in counts.items() if op == "aten::_grouped_mm" and s[1] == (e, d, h))
+    assert first.dtype == "bf16" and first.bytes_written == 2 * pairs * h  # bf16 in, bf16 out
+    assert first.bytes_read == 2 * (pairs * d + e * d * h) + 4 * e  # the rows, every expert's weight, int32 offsets
     _, train_counts, _ = profiled("grouped_moe", True)
     # backward: the second GEMM's input and weight gradients, the first's weight gradient (x needs none; the
     # weight gradient is the 2-d @ 2-d form, one (D, H) product per expert summed over its rows)
@@ -151,6 +153,13 @@ def test_qat_convnet_observers_and_fake_quantizers():
     assert flops_of(counts, MATMULS) == 2 * b * fc_w
     _, train_counts, _ = profiled("qat_convnet", True)
     assert by_op(train_counts)["aten::mul"] == conv_w + conv_out + fc_w + fc_out  # the image needs no gradient
+    model, inputs = pm.qat_convnet()  # observers off (calibrated), then fake quantization off too: by the flags
+    everything = image + conv_w + conv_out + fc_w + fc_out
+    for switch_off, per_element in ((torch.ao.quantization.disable_observer, formulas.FAKE_QUANT_FLOPS_PER_ELEMENT),
+                                    (torch.ao.quantization.disable_fake_quant, 0)):
+        model.apply(switch_off)
+        counts = counting.count_ops(lambda: model(*inputs))
+        assert flops_of(counts, "aten::_fused_moving_avg_obs_fq_helper") == per_element * everything
 
 
 @pytest.mark.parametrize("make,forward_ops,backward_ops", [
