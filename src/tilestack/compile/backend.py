@@ -34,7 +34,7 @@ from torch import fx
 from tilestack.compile import ops, policy
 from tilestack.compile.patterns import LEFT_REASONS, PASSES, kind, op_name
 from tilestack.compile.report import Report, Swap
-from tilestack.compile.rewrite import apply_match, check_match, follow, written_in_place
+from tilestack.compile.rewrite import apply_match, check_match, follow, result_differs, written_in_place
 from tilestack.errors import LaunchError
 
 INNER = ("inductor", "aot_eager", "eager")
@@ -74,12 +74,24 @@ def run_passes(gm: fx.GraphModule, *, passes=None, check: bool = False, inner: s
             report.declined.append((name, node.name, why))
             declined_nodes[node] = why
         replaced: dict[fx.Node, fx.Node] = {}
+        taken: dict[fx.Node, str] = {}       # node -> the output of the rewrite of this pass that replaced it
         for m in matches:
             m = follow(m, replaced)
+            shared = [n for n in m.nodes if n in taken]
+            if shared:      # head(a) + head_dist(b): each Linear takes the add as its residual; the first one has it
+                why = f"shares {shared[0].name} with the rewrite of {taken[shared[0]]} made before it"
+                report.declined.append((name, m.outputs[-1].name, why))
+                declined_nodes.update(dict.fromkeys(m.nodes, why))
+                continue
             written = written_in_place(gm, m)
             if written is not None:
                 report.declined.append((name, m.outputs[-1].name, f"not the pattern it looks like: {written}"))
                 declined_nodes.update(dict.fromkeys(m.nodes, written))
+                continue
+            differs = result_differs(m)
+            if differs is not None:
+                report.declined.append((name, m.outputs[-1].name, differs))
+                declined_nodes.update(dict.fromkeys(m.nodes, differs))
                 continue
             why = policy.unpaid(m, rule, gm)
             if why is not None:
@@ -91,6 +103,7 @@ def run_passes(gm: fx.GraphModule, *, passes=None, check: bool = False, inner: s
             report.swaps.append(Swap(name, m.outputs[-1].name, m.what, "not run" if verdict is None else
                                      str(verdict), made))
             if made:
+                taken.update(dict.fromkeys(m.nodes, m.outputs[-1].name))
                 replaced.update(apply_match(gm, m))
     gm.graph.lint()
     gm.recompile()

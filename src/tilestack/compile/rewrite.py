@@ -123,6 +123,39 @@ def check_match(gm: fx.GraphModule, match: Match, seed: int = 0) -> Check:
     return Check(ok, worst)
 
 
+def result_differs(match: Match) -> str | None:
+    """Why the replacement would not give the dtypes and shapes of the nodes it replaces, or None: match.fn run on
+    the graph's fake inputs. Under autocast (a ``torch.autocast`` region of the graph, or one around the compiled
+    call) the replaced ops ran in autocast's dtypes (a matmul of f32 inputs gives bf16, a CUDA layer norm of bf16
+    gives f32), and tilestack's ops keep their inputs' dtypes. None also where it cannot be told (an input with
+    no fake value, a replacement that cannot run on fakes)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    fakes = {n: value(n) for n in match.inputs if n is not None}
+    modes = {id(f.fake_mode): f.fake_mode for f in fakes.values() if isinstance(f, FakeTensor)}
+    if len(modes) != 1 or not all(isinstance(f, FakeTensor) for f in fakes.values()):
+        return None
+    (mode,) = modes.values()
+    try:
+        with mode:
+            got = match.fn(*_fn_args(match, fakes))
+    except Exception:  # noqa: BLE001 - a replacement the fakes cannot run is judged by its check, not here
+        return None
+    got = got if isinstance(got, tuple) else (got,)
+    if len(got) != len(match.outputs):
+        return f"the replacement gives {len(got)} results for the {len(match.outputs)} nodes it replaces"
+    for old, new in zip(match.outputs, got, strict=True):
+        want = value(old)
+        if not isinstance(want, torch.Tensor) or not isinstance(new, torch.Tensor):
+            continue
+        static = all(type(d) is int for d in (*want.shape, *new.shape))
+        if want.dtype != new.dtype or (static and tuple(want.shape) != tuple(new.shape)):
+            return (f"the replacement gives {new.dtype} {tuple(new.shape)} where {old.name} is {want.dtype} "
+                    f"{tuple(want.shape)} (under autocast the replaced ops run in autocast's dtypes; tilestack's "
+                    "keep their inputs')")
+    return None
+
+
 def apply_match(gm: fx.GraphModule, match: Match) -> dict[fx.Node, fx.Node]:
     """Insert a call of match.fn before the first of match.outputs, send the outputs' users to it, and erase the
     matched nodes nothing reads any more. Returns {replaced output: its new node}, for the pass's later matches

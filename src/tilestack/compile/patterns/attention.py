@@ -180,6 +180,23 @@ def _scores(x: Node, chain: list[Node]):
     return q, k, scale
 
 
+def _symbolic_scale(x) -> bool:
+    """x (the softmax's input, under casts and a mask) is scores multiplied or divided by a number the graph
+    computes (a SymFloat: ``dynamic=True`` makes ``self.scaling`` a graph input) rather than a constant."""
+    seen: list[Node] = []
+    while isinstance(x, Node) and x not in seen:
+        seen.append(x)
+        if kind(x) in ("mul", "div"):
+            if any(isinstance(value(a), torch.SymFloat | torch.SymInt) for a in x.args[:2]):
+                return True
+            x = next((a for a in x.args[:2] if isinstance(value(a), torch.Tensor)), None)
+        elif kind(x) in ("add", "masked_fill", "where") or cast_input(x) is not None or _sole_iadd(x):
+            x = _arg(x, 1, "input") if kind(x) == "where" else x.args[0]
+        else:
+            return False
+    return False
+
+
 def _key_transposed(kt) -> Node | None:
     """k when kt is a 4-D k with its last two dims swapped: ``k.transpose(-2, -1)`` (or (2, 3), (3, 2), ...),
     ``torch.transpose``, ``k.swapaxes`` / ``swapdims`` (method or function), ``k.permute(0, 1, 3, 2)``, ``k.mT``;
@@ -264,6 +281,9 @@ def explicit_attention(gm: fx.GraphModule):
                 found = _scores(s, chain)           # Hugging Face's eager GPT-2: where(causal, scores, min)
                 mask, finite = cond, low != -math.inf
         if found is None:
+            if _symbolic_scale(x):
+                declined.append((node, "explicit attention: a scale computed in the graph (dynamic=True makes a "
+                                       "module's float attribute a graph input; the kernel takes a constant)"))
             continue
         q, k = found[0], found[1]
         scale = found[2]
@@ -272,6 +292,9 @@ def explicit_attention(gm: fx.GraphModule):
         chain.extend([p, node])
         qv, kv_, vv, mv = value(q), value(k), value(v), value(mask)
         why = unsupported(qv, kv_, vv, mv, 0.0, False, False)
+        if why is None and mask is not None and not fill and kind(x) != "where" and mv.dtype == torch.bool:
+            why = ("a boolean tensor added to the scores (it adds 1 where True; the kernels read a boolean mask as "
+                   "the keys to attend)")
         if why is None:
             why = runs_here(qv)
         if why is None and (read_elsewhere := _scores_read_elsewhere(chain, node)):

@@ -43,6 +43,9 @@ def linear_cross_entropy(gm: fx.GraphModule):
             continue
         why = None if out.requires_grad else \
             "an inference graph (the fused op makes gradients in its forward; the plain GEMM is cheaper)"
+        if why is None and not value(logits).dtype == xv.dtype == wv.dtype:
+            why = (f"logits in {value(logits).dtype} from x in {xv.dtype} and a weight in {wv.dtype} (autocast runs "
+                   "the Linear in its dtype; the fused op computes them in x's)")
         why = why or runs_here(xv)
         if why is None:
             try:
