@@ -22,6 +22,10 @@ What this round found, fixed:
   weights beyond 8 were cut to 8 inside the secure sum without a word (the secure model 2.4 off the plain one).
   Clients now send their updates, which the server adds to the global model (kept in its dtype: it came back
   float64), and a client whose weighted update passes the range drops out saying so (secagg).
+- Flower's server-side DP wrappers over HeteroFL, IFCA, CFL, FedBN or SCAFFOLD let round 1's clients train, then
+  ended the run with a numpy broadcasting or zip() error: server-side clipping takes each reply array by array
+  against the global model, and these strategies' replies hold other arrays. Refused before any work, naming
+  client-side clipping (checks.check_privacy, each strategy's REPLIES_HOLD).
 - simulate(IFCA(...), task) without an initial model ended the run in round 1 with "invalid literal for int() with
   base 10: 'fc.weight'": it started from the task's single model, in which IFCA looked for cluster numbers. simulate
   now starts from the strategy's own initial_arrays(task) where it has one, and IFCA given another model says what
@@ -29,6 +33,7 @@ What this round found, fixed:
 """
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -386,6 +391,47 @@ def test_compressed_updates_under_noisy_server_side_dp_are_the_clipped_mean_plus
         _near(models[rnd - 1], {k: v + stream.normal(0, noise * clip / 4, v.shape) for k, v in mean.items()})
         x = models[rnd - 1]
     assert clipped_any
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("wrapper", ["DifferentialPrivacyServerSideFixedClipping",
+                                     "DifferentialPrivacyServerSideAdaptiveClipping"])  # fmt: skip
+@pytest.mark.parametrize("inner", ["HeteroFL", "IFCA", "CFL", "FedBN", "Scaffold"])
+def test_server_side_dp_over_a_strategy_whose_replies_are_not_the_model_is_refused_before_any_work(wrapper, inner):
+    """Server-side clipping takes each reply array by array against the global model. HeteroFL's replies are narrower
+    sub-models, IFCA's and CFL's a single cluster of the packed record, FedBN's lack the local layers, SCAFFOLD's
+    carry control-variate changes: before, round 1's clients trained and the run ended with a numpy broadcasting or
+    zip() error. Now it is refused before any client trains, naming client-side clipping, which runs."""
+    from flwr.serverapp import strategy as fl
+
+    from tilestack.federated.strategies import CFL, FedBN, Scaffold
+
+    task = blobs(6, features=3, classes=3, model="mlp", hidden=4, norm=True)
+    kw = dict(fraction_train=1.0, fraction_evaluate=0.0, weighted_by_key=UNIT)
+    make = {"HeteroFL": lambda: HeteroFL(width_of=lambda p: (1.0, 0.5)[p % 2], hidden=4, **kw),
+            "IFCA": lambda: IFCA(num_clusters=2, **kw), "CFL": lambda: CFL(**kw), "FedBN": lambda: FedBN(**kw),
+            "Scaffold": lambda: Scaffold(**kw)}[inner]  # fmt: skip
+    trained = []
+
+    def script(pid, rnd, got, context, config):
+        trained.append(pid)
+        return got["arrays"], {}
+
+    def dp(name: str, strategy):
+        fixed = {"clipping_norm": 1.0} if "Fixed" in name else {}
+        return getattr(fl, name)(strategy, noise_multiplier=0.1, num_sampled_clients=6, **fixed)
+
+    s = dp(wrapper, make())
+    needle = (f"{wrapper} over {inner}: server-side clipping takes each reply array by array against the global "
+              f"model's, and {inner}'s replies hold ")  # fmt: skip
+    with pytest.raises(FederatedError, match=re.escape(needle) + ".*" + re.escape(wrapper.replace("Server", "Client"))):
+        run_rounds(s, make_grid(scripted(script), task), initial_arrays(task), num_rounds=1)
+    assert not trained
+    with pytest.raises(FederatedError, match=re.escape(needle)):
+        simulate(Compressed(dp(wrapper, make()), "int8") if inner == "Scaffold" else dp(wrapper, make()), task,
+                 rounds=1)  # fmt: skip
+    res = simulate(dp(wrapper.replace("Server", "Client"), make()), task, rounds=2, evaluate=False)
+    assert all(r.num_aggregated == 6 and not r.skipped for r in res.history.rounds)
 
 
 # ---- secure aggregation of large models -------------------------------------------------------------------------

@@ -17,9 +17,13 @@ Flower's DP wrappers are checked against what they wrap (``check_privacy``): ``n
 the number the wrapped strategy samples (the noise is ``noise_multiplier * clipping_norm / num_sampled_clients``,
 so a larger number under-noises every round; with an accountant the replies must be weighted equally, by
 ``UNIT_WEIGHT``), and compressed updates go through ``Compressed`` outside a
-server-side DP wrapper, never with client-side clipping (error feedback sends more than was clipped). Flower's
-Byzantine-robust rules are checked against the nodes they sample (``check_robust``): Krum and MultiKrum with
-f > 0 need 2f + 3 of them, Bulyan 4f + 3, MultiKrum cannot keep more than it samples (Flower ran them anyway:
+server-side DP wrapper, never with client-side clipping (error feedback sends more than was clipped). A
+server-side DP wrapper clips each reply array by array against the global model, so it is refused over a
+strategy whose replies hold other arrays (``REPLIES_HOLD``: HeteroFL's sub-models, IFCA's and CFL's single
+cluster, FedBN without its local layers, SCAFFOLD's control-variate changes), which ended the run after round 1's
+training with a numpy broadcasting or ``zip()`` error. Flower's Byzantine-robust rules are checked against the
+nodes they sample (``check_robust``): Krum and MultiKrum with f > 0 need 2f + 3 of them, Bulyan 4f + 3, MultiKrum
+cannot keep more than it samples (Flower ran them anyway:
 Krum with f = 5 of 6 nodes scored each update by its one nearest neighbour, and Bulyan skipped every round).
 FedProx is checked against the task's learning rate (``check_proximal``): a local step moves the weights by
 lr * mu times their distance from the global model, so lr * mu >= 2 overshoots it by more than that distance
@@ -277,6 +281,14 @@ def check_privacy(strategy: Strategy, num_nodes: int) -> None:
                 f"{weight_key!r}; expected weighted_by_key={UNIT_WEIGHT!r}, the equal weight tilestack's clients "
                 "report (Flower's accounted aggregation stops the run at the first round whose weights differ)"
             )
+        if not isinstance(s, CLIENT_SIDE_DP):
+            for inner in levels[i + 1 :]:
+                if held := getattr(type(inner), "REPLIES_HOLD", ""):
+                    raise FederatedError(
+                        f"{name} over {type(inner).__name__}: server-side clipping takes each reply array by array "
+                        f"against the global model's, and {type(inner).__name__}'s replies hold {held}; expected "
+                        f"{name.replace('ServerSide', 'ClientSide')} (each client clips its own update)"
+                    )
         if any(j > i for j in compressed):
             raise FederatedError(
                 f"{name} wraps Compressed: it would clip the compressed arrays, which it cannot read; expected "

@@ -55,6 +55,9 @@ def bipartition(similarity: np.ndarray) -> tuple[list[int], list[int]]:
 class CFL(FedAvg):
     """Clustered federated learning by recursive bipartitioning (see module doc)."""
 
+    # what a training reply holds where it is not the global model's arrays (checks.check_privacy reads it)
+    REPLIES_HOLD = "one cluster model each, not the cluster models the global record packs"
+
     def __init__(self, *, eps1: float = 0.4, max_cross_similarity: float = 0.0, warmup: int = 5,
                  max_clusters: int = 8, min_cluster_size: int = 2, **fedavg_kwargs):  # fmt: skip
         super().__init__(**fedavg_kwargs)

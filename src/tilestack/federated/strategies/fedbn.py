@@ -24,6 +24,9 @@ from tilestack.federated.models import NORM_PREFIX
 class FedBN(FedAvg):
     """FedAvg that leaves the normalisation layers (``local_prefix``) on the clients."""
 
+    # what a training reply holds where it is not the global model's arrays (checks.check_privacy reads it)
+    REPLIES_HOLD = "the global model's arrays less the local normalisation layers"
+
     def __init__(self, *, local_prefix: str = NORM_PREFIX, **fedavg_kwargs):
         super().__init__(**fedavg_kwargs)
         if not local_prefix:

@@ -56,6 +56,9 @@ def sub_model(params: dict[str, np.ndarray], hidden: int, width: float) -> dict[
 class HeteroFL(FedAvg):
     """Width-heterogeneous clients aggregated into one global MLP (see module doc)."""
 
+    # what a training reply holds where it is not the global model's arrays (checks.check_privacy reads it)
+    REPLIES_HOLD = "sub-models narrower than the global model"
+
     def __init__(self, *, width_of: Callable[[int], float], hidden: int, **fedavg_kwargs):
         super().__init__(**fedavg_kwargs)
         if hidden < 1:

@@ -50,6 +50,9 @@ def adjusted_rand_index(a: list[int], b: list[int]) -> float:
 class IFCA(FedAvg):
     """Iterative Federated Clustering over Flower's FedAvg sampling and averaging."""
 
+    # what a training reply holds where it is not the global model's arrays (checks.check_privacy reads it)
+    REPLIES_HOLD = "one cluster model each, not the cluster models the global record packs"
+
     def __init__(self, *, num_clusters: int, reseed_after: int = 3, seed: int = 0, **fedavg_kwargs):
         super().__init__(**fedavg_kwargs)
         if num_clusters < 1:

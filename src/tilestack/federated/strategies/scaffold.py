@@ -27,6 +27,9 @@ from tilestack.federated.strategies._util import ok_replies, to_numpy, to_record
 class Scaffold(FedAvg):
     """SCAFFOLD on top of Flower's FedAvg (sampling, message construction, weighted averaging)."""
 
+    # what a training reply holds where it is not the global model's arrays (checks.check_privacy reads it)
+    REPLIES_HOLD = "the model and the client's control-variate change (scaffold.dc.*)"
+
     def __init__(self, *, global_lr: float = 1.0, **fedavg_kwargs):
         super().__init__(**fedavg_kwargs)
         if isinstance(global_lr, bool) or not isinstance(global_lr, (int, float)) or not 0 < global_lr < math.inf:
