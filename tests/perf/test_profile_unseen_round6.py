@@ -19,7 +19,7 @@ What the round found (each pinned by the test whose docstring says so):
   a set or an iterator of inputs failed deep in the counting pass; count_ops given a step that needs arguments
   failed with a bare TypeError;
 - a sparse gradient (nn.Embedding(sparse=True)) accumulated across the profile's steps, growing by its rows each
-  step: no two steps did the same work, the counted one not the timed ones.
+  step: no two steps did the same work, the counted one not the timed ones;
 - print_profile, profile_rows, notes and profile_html given something else than a profile failed deep inside
   (AttributeError); print_profile(top=-1) cut the last row silently; a directory for the HTML file failed after
   the roofline was drawn; make_step(train="no") ran a backward.
@@ -74,7 +74,6 @@ DATA_MOVEMENT = {
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
 SDPA = "aten::_scaled_dot_product_flash_attention_for_cpu"
 UNCOUNTED = {"orthogonal": {"aten::linalg_matrix_exp"}}  # value-dependent work: reported, not guessed
-# torch's own counter has no formula for these, so no comparison is made; where it has one (mm, bmm, SDPA) it agrees
 
 
 def model_bytes(name):
