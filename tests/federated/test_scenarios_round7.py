@@ -26,6 +26,9 @@ What this round found, fixed:
   ended the run with a numpy broadcasting or zip() error: server-side clipping takes each reply array by array
   against the global model, and these strategies' replies hold other arrays. Refused before any work, naming
   client-side clipping (checks.check_privacy, each strategy's REPLIES_HOLD).
+- Compressed(CFL(...)) trained round 1's clients and ended with KeyError: 'fc1.weight' (CFL sends each client its
+  cluster's model; Compressed refused IFCA, HeteroFL and FedDF only, and only unwrapped): refused on construction,
+  at any depth of wrapping (compression.NOT_ONE_MODEL).
 - simulate(IFCA(...), task) without an initial model ended the run in round 1 with "invalid literal for int() with
   base 10: 'fc.weight'": it started from the task's single model, in which IFCA looked for cluster numbers. simulate
   now starts from the strategy's own initial_arrays(task) where it has one, and IFCA given another model says what
@@ -432,6 +435,28 @@ def test_server_side_dp_over_a_strategy_whose_replies_are_not_the_model_is_refus
                  rounds=1)  # fmt: skip
     res = simulate(dp(wrapper.replace("Server", "Client"), make()), task, rounds=2, evaluate=False)
     assert all(r.num_aggregated == 6 and not r.skipped for r in res.history.rounds)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("inner", ["CFL", "Selected(CFL)", "Selected(IFCA)", "Selected(HeteroFL)"])
+def test_compressing_updates_of_strategies_that_send_several_models_is_refused_at_any_depth(inner):
+    """Compressed rebuilds each reply as the global model + its update, which needs one model sent to every client.
+    CFL sends each client its cluster's model: before, a compressed CFL run trained round 1's clients and ended with
+    KeyError: 'fc1.weight'; and IFCA or HeteroFL inside a Selected wrapper passed the check, which looked at the
+    wrapped strategy only. Each is refused on construction; Compressed(Selected(FedAvg)) runs."""
+    from tilestack.federated.strategies import CFL, RandomSelector, Selected
+
+    kw = dict(fraction_train=1.0, fraction_evaluate=0.0)
+    make = {"CFL": lambda: CFL(**kw), "IFCA": lambda: IFCA(num_clusters=2, **kw),
+            "HeteroFL": lambda: HeteroFL(width_of=lambda p: 0.5, hidden=4, **kw)}  # fmt: skip
+    name = inner.removeprefix("Selected(").removesuffix(")")
+    strategy = make[name]() if inner == name else Selected(make[name](), RandomSelector(0), per_round=4)
+    needle = f"Compressed: inner={name}; expected a strategy that sends every client the same single model"
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        Compressed(strategy, "int8")
+    task = blobs(6, features=3, classes=3)
+    res = simulate(Compressed(Selected(FedAvg(**kw), RandomSelector(0), per_round=4), "int8"), task, rounds=2)
+    assert all(r.num_aggregated == 4 for r in res.history.rounds)
 
 
 # ---- secure aggregation of large models -------------------------------------------------------------------------

@@ -31,6 +31,9 @@ COMPRESS_KEY = "tilestack.compress"
 RESIDUAL_STATE = "tilestack.ef-residual"
 METHODS = ("topk", "int8")
 COMPRESSED_STYPES = (codec.TOPK_STYPE, codec.INT8_STYPE)
+# strategies that send clients other arrays than the one global model (cluster models, sub-models) or rebuild it
+# themselves: CFL's replies ended a compressed run after round 1's training with a KeyError
+NOT_ONE_MODEL = ("IFCA", "CFL", "HeteroFL", "FedDF")
 
 
 def parse(spec: str) -> tuple[str, float]:
@@ -77,11 +80,14 @@ class Compressed(Strategy):
     def __init__(self, inner: Strategy, method: str = "topk", ratio: float = 0.01):
         self.spec = f"{method}:{ratio}" if method == "topk" else method
         parse(self.spec)  # checks method and ratio
-        if type(inner).__name__ in ("IFCA", "HeteroFL", "FedDF"):
-            raise ValueError(
-                f"Compressed: inner={type(inner).__name__}; expected a strategy that sends every client the "
-                "same single model (the server rebuilds models as global + update)"
-            )
+        level = inner
+        while isinstance(level, Strategy):  # the strategy and those it wraps (Selected's inner, a DP wrapper's)
+            if type(level).__name__ in NOT_ONE_MODEL:
+                raise ValueError(
+                    f"Compressed: inner={type(level).__name__}; expected a strategy that sends every client the "
+                    "same single model (the server rebuilds models as global + update)"
+                )
+            level = vars(level).get("inner", vars(level).get("strategy"))
         self.inner = inner
         self._global: dict[str, np.ndarray] = {}
 
