@@ -25,7 +25,9 @@ What this round found, fixed:
 - Flower's server-side DP wrappers over HeteroFL, IFCA, CFL, FedBN or SCAFFOLD let round 1's clients train, then
   ended the run with a numpy broadcasting or zip() error: server-side clipping takes each reply array by array
   against the global model, and these strategies' replies hold other arrays. Refused before any work, naming
-  client-side clipping (checks.check_privacy, each strategy's REPLIES_HOLD).
+  client-side clipping (checks.check_privacy, each strategy's REPLIES_HOLD). Client-side DP over SCAFFOLD ran
+  under a guarantee that did not hold (the control-variate changes carry each client's unclipped update to
+  everyone); refused too (Scaffold.UNCLIPPED).
 - Compressed(CFL(...)) trained round 1's clients and ended with KeyError: 'fc1.weight' (CFL sends each client its
   cluster's model; Compressed refused IFCA, HeteroFL and FedDF only, and only unwrapped): refused on construction,
   at any depth of wrapping (compression.NOT_ONE_MODEL).
@@ -425,16 +427,48 @@ def test_server_side_dp_over_a_strategy_whose_replies_are_not_the_model_is_refus
         return getattr(fl, name)(strategy, noise_multiplier=0.1, num_sampled_clients=6, **fixed)
 
     s = dp(wrapper, make())
+    client_side = wrapper.replace("Server", "Client")
     needle = (f"{wrapper} over {inner}: server-side clipping takes each reply array by array against the global "
               f"model's, and {inner}'s replies hold ")  # fmt: skip
-    with pytest.raises(FederatedError, match=re.escape(needle) + ".*" + re.escape(wrapper.replace("Server", "Client"))):
+    instead = "a strategy whose replies are the model alone" if inner == "Scaffold" else client_side
+    with pytest.raises(FederatedError, match=re.escape(needle) + ".*expected " + re.escape(instead)):
         run_rounds(s, make_grid(scripted(script), task), initial_arrays(task), num_rounds=1)
     assert not trained
     with pytest.raises(FederatedError, match=re.escape(needle)):
         simulate(Compressed(dp(wrapper, make()), "int8") if inner == "Scaffold" else dp(wrapper, make()), task,
                  rounds=1)  # fmt: skip
-    res = simulate(dp(wrapper.replace("Server", "Client"), make()), task, rounds=2, evaluate=False)
+    if inner == "Scaffold":  # client-side clipping is refused too: see the next test
+        return
+    res = simulate(dp(client_side, make()), task, rounds=2, evaluate=False)
     assert all(r.num_aggregated == 6 and not r.skipped for r in res.history.rounds)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("wrapper", ["DifferentialPrivacyClientSideFixedClipping",
+                                     "DifferentialPrivacyClientSideAdaptiveClipping"])  # fmt: skip
+def test_client_side_dp_over_scaffold_is_refused_for_its_unclipped_control_variates(wrapper):
+    """tilestack's SCAFFOLD clients clip the model update they upload, but also send c_i+ - c_i = (x - y_i) / (K lr)
+    - c, their update unclipped, which the server averages into c and sends to every client with no noise. Before,
+    the run went ahead under a guarantee that did not hold; now it is refused before any client trains."""
+    from flwr.serverapp import strategy as fl
+
+    from tilestack.federated.strategies import Scaffold
+
+    fixed = {"clipping_norm": 1.0} if "Fixed" in wrapper else {}
+    s = getattr(fl, wrapper)(Scaffold(fraction_train=1.0, fraction_evaluate=0.0, weighted_by_key=UNIT),
+                             noise_multiplier=0.1, num_sampled_clients=4, **fixed)  # fmt: skip
+    needle = (f"{wrapper} over Scaffold: the clients clip their model update, but Scaffold also uploads its "
+              "control-variate changes c_i+ - c_i = (x - y_i) / (K lr) - c: each client's unclipped")  # fmt: skip
+    trained = []
+
+    def script(pid, rnd, got, context, config):
+        trained.append(pid)
+        return got["arrays"], {}
+
+    task = blobs(4)
+    with pytest.raises(FederatedError, match=re.escape(needle) + ".*privacy guarantee would not hold"):
+        run_rounds(s, make_grid(scripted(script), task), initial_arrays(task), num_rounds=1)
+    assert not trained
 
 
 @pytest.mark.timeout(60)

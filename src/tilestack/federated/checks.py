@@ -21,10 +21,11 @@ server-side DP wrapper, never with client-side clipping (error feedback sends mo
 server-side DP wrapper clips each reply array by array against the global model, so it is refused over a
 strategy whose replies hold other arrays (``REPLIES_HOLD``: HeteroFL's sub-models, IFCA's and CFL's single
 cluster, FedBN without its local layers, SCAFFOLD's control-variate changes), which ended the run after round 1's
-training with a numpy broadcasting or ``zip()`` error. Flower's Byzantine-robust rules are checked against the
-nodes they sample (``check_robust``): Krum and MultiKrum with f > 0 need 2f + 3 of them, Bulyan 4f + 3, MultiKrum
-cannot keep more than it samples (Flower ran them anyway:
-Krum with f = 5 of 6 nodes scored each update by its one nearest neighbour, and Bulyan skipped every round).
+training with a numpy broadcasting or ``zip()`` error; a client-side one over SCAFFOLD (``UNCLIPPED``), whose
+control-variate changes carry each client's unclipped update back to everyone. Flower's Byzantine-robust rules
+are checked against the nodes they sample (``check_robust``): Krum and MultiKrum with f > 0 need 2f + 3 of them,
+Bulyan 4f + 3, MultiKrum cannot keep more than it samples (Flower ran them anyway: Krum with f = 5 of 6 nodes
+scored each update by its one nearest neighbour, and Bulyan skipped every round).
 FedProx is checked against the task's learning rate (``check_proximal``): a local step moves the weights by
 lr * mu times their distance from the global model, so lr * mu >= 2 overshoots it by more than that distance
 every step and every client's training diverges (mu = 1000 with lr 0.1 ran to accuracy 0.0, every reply finite).
@@ -281,13 +282,25 @@ def check_privacy(strategy: Strategy, num_nodes: int) -> None:
                 f"{weight_key!r}; expected weighted_by_key={UNIT_WEIGHT!r}, the equal weight tilestack's clients "
                 "report (Flower's accounted aggregation stops the run at the first round whose weights differ)"
             )
-        if not isinstance(s, CLIENT_SIDE_DP):
+        if isinstance(s, CLIENT_SIDE_DP):
+            for inner in levels[i + 1 :]:
+                if unclipped := getattr(type(inner), "UNCLIPPED", ""):
+                    raise FederatedError(
+                        f"{name} over {type(inner).__name__}: the clients clip their model update, but "
+                        f"{type(inner).__name__} also uploads its {unclipped}, so the privacy guarantee would not "
+                        "hold; expected a strategy whose replies are the model alone"
+                    )
+        else:
             for inner in levels[i + 1 :]:
                 if held := getattr(type(inner), "REPLIES_HOLD", ""):
+                    unclipped = getattr(type(inner), "UNCLIPPED", "")
+                    instead = (f"{name.replace('ServerSide', 'ClientSide')} (each client clips its own update)"
+                               if not unclipped else "a strategy whose replies are the model alone (client-side "
+                               f"clipping would leave its {unclipped} unprotected)")  # fmt: skip
                     raise FederatedError(
                         f"{name} over {type(inner).__name__}: server-side clipping takes each reply array by array "
                         f"against the global model's, and {type(inner).__name__}'s replies hold {held}; expected "
-                        f"{name.replace('ServerSide', 'ClientSide')} (each client clips its own update)"
+                        f"{instead}"
                     )
         if any(j > i for j in compressed):
             raise FederatedError(

@@ -29,6 +29,9 @@ class Scaffold(FedAvg):
 
     # what a training reply holds where it is not the global model's arrays (checks.check_privacy reads it)
     REPLIES_HOLD = "the model and the client's control-variate change (scaffold.dc.*)"
+    # what client-side DP clipping leaves unprotected (checks.check_privacy reads it)
+    UNCLIPPED = ("control-variate changes c_i+ - c_i = (x - y_i) / (K lr) - c: each client's unclipped update, "
+                 "averaged into c and sent to every client without noise")  # fmt: skip
 
     def __init__(self, *, global_lr: float = 1.0, **fedavg_kwargs):
         super().__init__(**fedavg_kwargs)
