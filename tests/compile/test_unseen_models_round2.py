@@ -22,6 +22,7 @@ from unseen_blocks_round2 import (
     DeiT,
     HFLlamaModel,
     T5EncoderLayer,
+    padding_causal_mask,
     seeded,
 )
 
@@ -321,7 +322,8 @@ def test_multihead_attention_module(call, train):
     with torch.set_grad_enabled(train):
         _, swaps = _run(f, x, mem, grad_of=[x, *mha.parameters()] if train else None)
     assert swaps == {}, swaps
-    assert "multi_head_attention_forward" in tc.last_report().left, str(tc.last_report())
+    report = tc.last_report()
+    assert "not traced into" in report.left_why.get("multi_head_attention_forward", ""), str(report)
 
 
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
@@ -332,19 +334,32 @@ def test_transformer_encoder_layer(norm_first):
     with torch.no_grad():
         _, swaps = _run(lambda x: layer(x, src_mask=causal), x)
     assert swaps == {}, swaps          # eval + no_grad: torch's fused encoder-layer op, left whole
+    assert "fused inference path" in tc.last_report().left_why.get("_transformer_encoder_layer_fwd", ""), \
+        str(tc.last_report())
 
 
-def test_functional_sdpa_through_mha_projection_gqa_enable():
-    """Hugging Face's SDPA Llama with a 4-D mask sliced to the keys and enable_gqa instead of repeat_kv."""
+def test_sdpa_gqa_with_a_left_padding_mask_forward_and_backward():
+    """Hugging Face's SDPA Llama with enable_gqa instead of repeat_kv, Dv != D, and the finfo.min mask of a left-padded
+    batch: outputs and gradients as the maths written out (k and v repeated per group), the padded rows' included."""
     def f(q, k, v, mask):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, :, :, : k.shape[-2]], enable_gqa=True,
-                                              scale=0.25)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, scale=0.25)
+
+    def maths(q, k, v, mask):
+        k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        return torch.softmax(q @ k.transpose(-1, -2) * 0.25 + mask, dim=-1) @ v
 
     torch.manual_seed(0)
-    q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
-    from unseen_blocks_round2 import padding_causal_mask
+    q, k, v = (torch.randn(2, 4, 9, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 8))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
     ids_mask = torch.ones(2, 9, dtype=torch.long)
     ids_mask[1, :4] = 0
     mask = padding_causal_mask(ids_mask, 9, torch.float32)
-    _, swaps = _run(f, q, k, v, mask, check=False)
-    assert swaps == {"sdpa": 1}, swaps
+    want = maths(q, k, v, mask)
+    dout = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, (q, k, v), dout)
+    got = tilestack.optimize(f, check=True, inner="aot_eager")(q, k, v, mask)
+    got_grads = torch.autograd.grad(got, (q, k, v), dout)
+    _close(got, want, torch.float32, "output")
+    for i, (g, w) in enumerate(zip(got_grads, want_grads, strict=True)):
+        _close(g, w, torch.float32, f"grad {i}")
+    assert tc.last_report().swapped == {"sdpa": 1}, str(tc.last_report())

@@ -114,7 +114,7 @@ def run_passes(gm: fx.GraphModule, *, passes=None, check: bool = False, inner: s
         op = op_name(node)
         left[op] += 1
         if op not in report.left_why:
-            report.left_why[op] = LEFT_REASONS.get(kind(node) or "", declined_nodes.get(
+            report.left_why[op] = LEFT_REASONS.get(kind(node) or op, declined_nodes.get(
                 node, "no tilestack kernel for it"))
     report.left = left
     return report

@@ -59,4 +59,11 @@ LEFT_REASONS = {
     "linear": "no activation or residual add after it to fuse (a lone Linear is cuBLAS's addmm, its bias fused "
               "already), or one the linear_epilogue pass declined (listed above): left to Inductor",
     "matmul": "a plain matrix product: left to Inductor (cuBLAS or its templates)",
+    # torch's own attention modules, which Dynamo records as one call without tracing into them
+    "multi_head_attention_forward": "nn.MultiheadAttention's forward, which Dynamo keeps whole (not traced into): "
+                                    "its attention is not seen by the passes",
+    "_native_multi_head_attention": "nn.MultiheadAttention's fused inference path, one torch op: not seen by the "
+                                    "passes",
+    "_transformer_encoder_layer_fwd": "nn.TransformerEncoderLayer's fused inference path (eval, no grad), one torch "
+                                      "op: its attention and norms are not seen by the passes",
 }
