@@ -132,8 +132,9 @@ def _time(fn, device) -> float:
 
     def run() -> None:
         try:
-            if torch.device(device).type == "cuda":
-                torch.cuda.set_device(torch.device(device))
+            dev = torch.device(device)
+            if dev.type == "cuda" and dev.index is not None:   # a new thread starts on device 0
+                torch.cuda.set_device(dev.index)
             with torch.no_grad():
                 out["s"] = time_fn(fn, args_sets=[()], device=device, budget_s=BUDGET_S, warmup_s=0.02).median_s
         except BaseException as e:  # noqa: BLE001 - raised again on the compiling thread, where it belongs
