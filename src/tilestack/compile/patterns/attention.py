@@ -281,9 +281,11 @@ def explicit_attention(gm: fx.GraphModule):
                 found = _scores(s, chain)           # Hugging Face's eager GPT-2: where(causal, scores, min)
                 mask, finite = cond, low != -math.inf
         if found is None:
-            if _symbolic_scale(x):
-                declined.append((node, "explicit attention: a scale computed in the graph (dynamic=True makes a "
-                                       "module's float attribute a graph input; the kernel takes a constant)"))
+            why = ("a scale computed in the graph (dynamic=True makes a module's float attribute a graph input; the "
+                   "kernel takes a constant)" if _symbolic_scale(x) else
+                   "softmax(s) @ v where s is not a 4-D q @ k^T times constants with one mask at most (additive, "
+                   "masked_fill or where; ALiBi's bias then a causal fill is two)")
+            declined.append((node, f"explicit attention: {why}"))
             continue
         q, k = found[0], found[1]
         scale = found[2]
