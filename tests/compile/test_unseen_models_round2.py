@@ -175,6 +175,53 @@ def test_hf_llama_batch_or_sequence_of_one(impl, b, n):
     assert swaps.get(impl if impl == "sdpa" else "explicit_attention") == 2, swaps
 
 
+# ---- masks built with triu / tril / where ---------------------------------------------------------------------
+def _prefix_lm(q, k, v):
+    """The first 4 positions (the prefix) see each other both ways, the rest causally."""
+    n = q.shape[-2]
+    keep = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    keep[:, :4] = True
+    return torch.softmax(_scaled(q, k).masked_fill(~keep, float("-inf")), dim=-1) @ v
+
+
+def _sliding_tril(q, k, v):
+    """A window of 3 keys: tril minus tril(-3), as an additive -inf mask through SDPA."""
+    n = q.shape[-2]
+    ones = torch.ones(n, n, dtype=torch.bool)
+    keep = torch.tril(ones) & ~torch.tril(ones, diagonal=-3)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(n, n).masked_fill(~keep, float("-inf")))
+
+
+def _sliding_where(q, k, v):
+    i = torch.arange(q.shape[-2])
+    keep = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < 3)
+    return torch.softmax(torch.where(keep, _scaled(q, k), torch.finfo(q.dtype).min), dim=-1) @ v
+
+
+def _causal_triu_bias(q, k, v):
+    n = q.shape[-2]
+    bias = torch.triu(torch.full((n, n), float("-inf")), diagonal=1)
+    return torch.softmax(_scaled(q, k) + bias, dim=-1) @ v
+
+
+def _scaled(q, k):
+    return torch.matmul(q, k.transpose(-2, -1)) * 0.25
+
+
+MASKS = {"prefix_lm": (_prefix_lm, "explicit_attention"), "sliding_tril": (_sliding_tril, "sdpa"),
+         "sliding_where": (_sliding_where, "explicit_attention"), "causal_triu": (_causal_triu_bias,
+                                                                                  "explicit_attention")}
+
+
+@pytest.mark.parametrize("form", MASKS)
+def test_masks_built_with_triu_tril_where_forward_and_backward(form):
+    fn, taken_by = MASKS[form]
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 16, requires_grad=True) for _ in range(3))
+    _, swaps = _run(fn, q, k, v, grad_of=[q, k, v])
+    assert swaps == {taken_by: 1}, swaps
+
+
 # ---- ALiBi, T5 buckets -----------------------------------------------------------------------------------------
 @DTYPES
 def test_alibi_block(dtype):
