@@ -2,7 +2,7 @@
 
 - A process killed (SIGKILL, no clean-up) while a round aggregates, and a ``tilestack fl run`` killed while a round
   waits for a late client: resumed from the checkpoint, each ends at the model and history of a run never killed;
-  the worker processes of a killed simulation end with it.
+  the worker processes of a killed simulation end with it, and a client whose worker process dies is left out.
 - ``tilestack fl run`` with flags at their edges: one client, batches larger than the data, fractions of a client,
   every client dropping out or crashing, top-k ratio 1 with SCAFFOLD, selection with DP, FedProx's bound, a
   hand-written device trace, a CSV labelled by names; the deployment ServerApp with the clustered strategies.
@@ -21,6 +21,9 @@ What this round found, fixed:
   its columns; names are now read without case or spaces, values without the spaces (SystemModel.from_trace).
 - A user's CSV whose labels are names ('setosa') stopped ``fl run --data`` in numpy's parser, though the same labels
   in an .npz were read; CSV labels may now be names (task._read_csv).
+- A client whose worker process died (``workers=2``: a segfault, the OOM killer, ``os._exit``) ended the whole run
+  with BrokenProcessPool; the jobs of the lost worker now run again each in a process of its own, so that client
+  gets an error reply and every other client its own result (engine._run_isolated).
 - The deployment ServerApp started IFCA from the task's single model: the run ended in round 1 (ValueError: invalid
   literal for int() with base 10: 'fc.weight'); it now starts every strategy from its own initial_arrays(task)
   where it has one (simulation.initial_arrays_for, which simulate uses too).
@@ -134,6 +137,54 @@ def test_the_worker_processes_of_a_killed_simulation_end_with_it(tmp_path):
     finally:
         for p in filter(_alive, workers):  # never leave an orphan behind, whatever the outcome
             os.kill(p, signal.SIGKILL)
+
+
+def _dying_app(how: str):
+    """tilestack's ClientApp, whose client 1 in round 2 ends its own process (``exit``: as a segfault or the OOM
+    killer would) or raises (``raise``)."""
+    from flwr.clientapp import ClientApp
+
+    from tilestack.federated import client as tsclient
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        if int(context.node_config["partition-id"]) == 1 and int(msg.content["config"]["server-round"]) == 2:
+            if how == "exit":
+                os._exit(3)
+            raise RuntimeError("died")
+        return tsclient.train(msg, context)
+
+    app.evaluate()(tsclient.evaluate_local)
+    return app
+
+
+@pytest.mark.timeout(120)
+def test_a_client_whose_worker_process_dies_is_left_out_and_the_run_goes_on():
+    """SCAFFOLD over six clients on two worker processes; in round 2 client 1 ends its own process. Before, the
+    broken pool ended the whole run (BrokenProcessPool). Now that client gets an error reply naming what happened,
+    the other clients' work is what it would have been (the run ends at the model of a run in which client 1 raised
+    instead, bit for bit), and round 3 runs on a fresh pool."""
+    from tilestack.federated import ManagedGrid, run_rounds
+    from tilestack.federated.engine import InProcessGrid
+    from tilestack.federated.strategies import Scaffold
+
+    task = kill_task()
+
+    def run(how: str):
+        grid = InProcessGrid(_dying_app(how), task.num_clients, workers=2)
+        try:
+            return run_rounds(Scaffold(fraction_train=1.0, fraction_evaluate=0.0), ManagedGrid(grid, task),
+                              initial_arrays(task), num_rounds=3)  # fmt: skip
+        finally:
+            grid.close()
+
+    died, raised = run("exit"), run("raise")
+    reason = "error: ProcessDied: the client's process ended abruptly (a crash, the OOM killer or os._exit)"
+    assert [r.excluded for r in died.history.rounds] == [{}, {"1": reason}, {}]
+    assert [r.num_aggregated for r in died.history.rounds] == [6, 5, 6]
+    assert same(died.arrays, raised.arrays)
 
 
 CLI_RUN = ["fl", "run", "--clients", "6", "--per-round", "6", "--rounds", "4", "--dataset", "blobs", "--local-steps",

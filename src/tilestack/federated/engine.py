@@ -17,7 +17,10 @@ seconds (a client that never returns cannot hang the round), and only a client t
 its state kept. A client that raises leaves its node's state as it was before the call, as Flower's engine
 keeps a node's ``Context`` only from a ClientApp that returned (SCAFFOLD's c_i or an error-feedback residual
 changed just before a crash must not carry into the next round). Node ids are seeded, not random. A worker
-process ends once the process that started it is gone (a simulation killed with SIGKILL leaves no orphans).
+process ends once the process that started it is gone (a simulation killed with SIGKILL leaves no orphans), and
+a client whose worker process dies (a segfault, the OOM killer) gets an error reply: the jobs that process had
+are run again, each in a process of its own, and the round goes on (with ``workers=1`` the client runs in this
+very process, which its death ends).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 from flwr.app import Context, Error, Message, RecordDict
@@ -85,6 +89,7 @@ def _run_one(client_app: ClientApp, msg: Message, context: Context) -> tuple[Mes
 
 
 Result = tuple[Message, float, RecordDict]
+Job = tuple[Message, Context]
 
 
 def _run_with_deadline(client_app: ClientApp, msg: Message, context: Context, timeout: float) -> Result | None:
@@ -107,6 +112,28 @@ def _run_jobs(client_app: ClientApp, jobs: list[tuple[Message, Context]], timeou
 def _run_chunk(jobs: list[tuple[Message, Context]], timeout: float | None = None) -> list[Result | None]:
     assert _WORKER_APP is not None
     return _run_jobs(_WORKER_APP, jobs, timeout)
+
+
+def _worker_pool(client_app: ClientApp, workers: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_set_worker_app,
+                               initargs=(client_app, os.getpid()))  # fmt: skip
+
+
+def _run_isolated(client_app: ClientApp, jobs: list[Job], timeout: float | None) -> list[Result | None]:
+    """Each job in a fresh process of its own: after a worker process died, the jobs it had are run again this way,
+    so that the client that kills its process (a segfault, the OOM killer, ``os._exit``) gets an error reply and
+    every other client its own result, as if nothing had happened (a job's result depends only on its message and
+    its node's state, neither of which the dead process changed)."""
+    out: list[Result | None] = []
+    for msg, ctx in jobs:
+        with _worker_pool(client_app, 1) as pool:
+            try:
+                out.append(pool.submit(_run_chunk, [(msg, ctx)], timeout).result()[0])
+            except BrokenProcessPool:
+                reason = "ProcessDied: the client's process ended abruptly (a crash, the OOM killer or os._exit)"
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+                out.append((reply, 0.0, ctx.state))
+    return out
 
 
 class InProcessGrid(Grid):
@@ -175,15 +202,22 @@ class InProcessGrid(Grid):
             jobs.append((private, self.contexts[msg.metadata.dst_node_id]))
         if self.workers > 1 and len(jobs) >= 2 * self.workers:
             if self._pool is None:
-                self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("fork"),
-                                                 initializer=_set_worker_app,
-                                                 initargs=(self.client_app, os.getpid()))  # fmt: skip
+                self._pool = _worker_pool(self.client_app, self.workers)
             # A node always goes to the same worker, so each worker's caches (the client's data) stay warm.
             chunks = [
                 [j for j in jobs if self.partitions[j[1].node_id] % self.workers == i] for i in range(self.workers)
             ]
             run = functools.partial(_run_chunk, timeout=self._timeout)
-            results = [r for part in self._pool.map(run, chunks) for r in part]
+            futures = [self._pool.submit(run, chunk) for chunk in chunks]
+            results = []
+            for chunk, future in zip(chunks, futures, strict=True):
+                try:
+                    results += future.result()
+                except BrokenProcessPool:  # a worker died: the pool is lost, and so are its unfinished chunks
+                    results += _run_isolated(self.client_app, chunk, self._timeout)
+            if any(f.exception() is not None for f in futures):
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None  # a fresh pool next time
             jobs = [j for c in chunks for j in c]  # in the order of the results
         else:
             results = _run_jobs(self.client_app, jobs, self._timeout)
