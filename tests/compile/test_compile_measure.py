@@ -86,9 +86,9 @@ def test_the_policy_declines_a_fused_gemm_measured_slower_and_keeps_a_faster_one
     why = policy.unpaid(_fake_match())
     assert why is not None and "measured on a GPU" in why and "100.0 us" in why and "83.0 us" in why
     assert seen == [((8, 1024, 768), (3072, 768), "gelu", False)]
-    answer = _decision(70e-6, 83e-6)
+    answer = _decision(60e-6, 83e-6)
     assert policy.unpaid(_fake_match()) is None
-    answer = _decision(82e-6, 83e-6)                     # within the margin: a tie stays with Inductor
+    answer = _decision(72e-6, 83e-6)                     # within the margin (0.87x): stays with Inductor
     assert policy.unpaid(_fake_match()) is not None
     # not measured: measure=False, a quantized GEMM, a CPU graph
     n = len(seen)

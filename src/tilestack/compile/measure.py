@@ -32,7 +32,12 @@ from pathlib import Path
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-MARGIN = 0.97            # the fused op must take <= 97% of the unfused ops' time: a tie stays with Inductor
+# The fused op must take <= 80% of the unfused ops' time. A per-op measurement misses what a swap costs the graph
+# around it (a custom op's host path, the fusions Inductor loses at its boundary): on the H200 (2026-12-04) the
+# fused c_fc + GELU GEMM measured 0.86x cuBLAS + Inductor's GELU per call, and 1.15x faster as a kernel, yet its 12
+# swaps made GPT-2 small's compiled prefill 4% slower than Inductor's, timed in alternating rounds in one process
+# (scripts/gpu/ab_prefill.py). Below 0.8 the kernel's own gain covers that.
+MARGIN = 0.8
 BUDGET_S = 0.15          # per side and shape: enough for a few hundred calls of a prefill-sized GEMM
 FILE = "compile_measure.json"
 
@@ -121,31 +126,8 @@ def _store(key: str, entry: dict) -> None:
 
 
 def _time(fn, device) -> float:
-    """Seconds per call of ``fn`` on ``device``, timed on a thread of its own. The backend measures while Dynamo
-    compiles, and the compiling thread's state (its dispatch modes, the Python dispatcher Dynamo turns on) makes
-    every op dispatch slower on the host: on the H200 a fused GEMM whose kernel takes 56 us measured 109 us per
-    call there, host-bound, so the measurement said no to every swap. A new thread starts with none of that
-    thread-local state, as the compiled graph runs later."""
     from tilestack.perf.timing import time_fn
-
-    out: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            dev = torch.device(device)
-            if dev.type == "cuda" and dev.index is not None:   # a new thread starts on device 0
-                torch.cuda.set_device(dev.index)
-            with torch.no_grad():
-                out["s"] = time_fn(fn, args_sets=[()], device=device, budget_s=BUDGET_S, warmup_s=0.02).median_s
-        except BaseException as e:  # noqa: BLE001 - raised again on the compiling thread, where it belongs
-            out["error"] = e
-
-    worker = threading.Thread(target=run, name="tilestack-compile-measure")
-    worker.start()
-    worker.join()
-    if "error" in out:
-        raise out["error"]
-    return out["s"]
+    return time_fn(fn, args_sets=[()], device=device, budget_s=BUDGET_S, warmup_s=0.02).median_s
 
 
 def _real(shape, dtype, device, gen: torch.Generator) -> torch.Tensor:
