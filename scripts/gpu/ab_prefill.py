@@ -5,7 +5,8 @@ runs them, moved Inductor's own time by up to 15% between runs on the H200). Pri
 time, its ratio to Inductor's and its output error against eager (norm-relative).
 
     PYTHONPATH=src python3 scripts/gpu/ab_prefill.py [--model gpt2-prefill] [--rounds 7] [--variants ...]
-Variants: inductor; tilestack (all passes); tilestack-fused (numerics="fused"); tilestack-<pass> (that pass alone);
+Variants: inductor; tilestack (all passes); tilestack-fused (numerics="fused"); tilestack-reduce-overhead;
+tilestack-<pass> (that pass alone);
 tilestack-no-<pass> (every pass but it).
 """
 
@@ -47,6 +48,8 @@ def main() -> None:
             return torch.compile(model)
         if name == "tilestack":
             return tilestack.optimize(model)
+        if name == "tilestack-reduce-overhead":
+            return tilestack.optimize(model, mode="reduce-overhead")
         if name == "tilestack-fused":
             return tilestack.optimize(model, numerics="fused")
         if name.startswith("tilestack-no-"):
