@@ -105,6 +105,23 @@ def test_hf_llama_sdpa_left_padding_training_gradients_are_the_maths():
     assert _swapped(since).get("sdpa") == 2
 
 
+@pytest.mark.parametrize("low", [-1e9, -1e20, -2.5e38, torch.finfo(torch.float32).min], ids=lambda x: f"{x:.0e}")
+def test_rows_masked_whole_by_a_large_finite_bias_forward_and_backward(low):
+    """(1 - mask) * low added to the scores, a row of it masking every key: eager's scores there round to the bias
+    and its softmax is uniform. The kernel gave 0 below -2.4e38 (its log2-domain bias overflows) and, above, a
+    log-sum-exp without log(Nk) whose backward was garbage (gradients 7 off)."""
+    def f(q, k, v, mask):
+        return torch.softmax(q @ k.transpose(-1, -2) * 0.25 + (1.0 - mask) * low, dim=-1) @ v
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 16, requires_grad=True) for _ in range(3))
+    mask = torch.ones(2, 1, 9, 9)
+    mask[1, :, :3] = 0                              # three query rows of the second sequence see no key
+    mask[0, ..., 6:] = 0                            # the first sequence's last keys are padding
+    _, swaps = _run(f, q, k, v, mask, grad_of=[q, k, v], check=False)
+    assert swaps == {"explicit_attention": 1}, swaps
+
+
 @IMPLS
 def test_mistral_sliding_window_with_left_padding(impl):
     model = seeded(HFLlamaModel, impl=impl, window=4)

@@ -148,33 +148,43 @@ def ts_attention(q, k, v, mask, mask_is_fill: bool, causal: bool, scale: float, 
     each v. The kernel gives such a row 0, as for a row that sees no key, so those rows are set to the mean of v
     here, which has exactly those gradients. (With a -inf fill the graph gives NaN there and the kernel 0, as
     torch's SDPA does.) An additive mask of finfo.min over a whole row (Hugging Face's, left padding) is the same
-    uniform softmax in eager, with gradients to q and k too: ``_rows_of_lowest_bias``."""
+    uniform softmax in eager, with gradients to q and k too: ``_absorbed_rows``, ``_uniform_attention``."""
     keep = mask
     if mask is not None and mask_is_fill:
         keep = torch.logical_not(mask)
+    absorbed = None
+    if keep is not None and keep.dtype != torch.bool and not causal:
+        absorbed = _absorbed_rows(keep)
+        keep = keep.masked_fill(absorbed, -math.inf)        # the kernel sees no key there (0, no gradient)
     out = attention_fwd_op(q, k, v, keep, causal, scale, "top_left")[0]
     if keep is not None and finite_fill and keep.dtype == torch.bool:
         sees_none = torch.logical_not(keep.any(-1, keepdim=True))           # (.., Nq, 1), broadcast over D
         out = torch.where(sees_none, v.mean(-2, keepdim=True).to(out.dtype), out)
-    elif keep is not None and keep.dtype != torch.bool and not causal:
-        out = _rows_of_lowest_bias(q, k, v, keep, scale, out)
+    elif absorbed is not None:
+        out = torch.where(absorbed, _uniform_attention(q, k, v, scale).to(out.dtype), out)
     return out
 
 
-# The kernels add a bias to the scores in the log2 domain (bias * log2 e): one below this overflows there to -inf
-LOWEST_BIAS = -torch.finfo(torch.float32).max / math.log2(math.e)
+# A bias at or below this swallows a score: s + bias rounds to the bias in f32 for |s| < 32 (half its ulp), the
+# scale of attention's scores (a larger one in a row masked whole would leave eager's rounding, not a softmax, to say)
+ABSORBING_BIAS = -1e9
 
 
-def _rows_of_lowest_bias(q, k, v, bias, scale: float, out):
-    """out with eager's answer in the rows whose every key has one bias below ``LOWEST_BIAS`` (finfo.min: Hugging
-    Face's additive masks, in a left-padded query row). Eager's scores there all round to the bias, so its softmax
-    is uniform: the mean of v, with 1/Nk of dO to each v and to q and k the softmax's gradient at uniform
-    probabilities, dS_ij = dO_i . (v_j - mean v) / Nk. The kernel sees no key there (0, no gradient). The q and k
-    gradients come from terms that are exactly 0 in value, (q - q.detach()) @ K^T (V - mean V) and its k twin:
-    products of rank D, with no (Nq, Nk) matrix. A row of -inf biases stays the kernel's 0 (eager's is NaN), and one
-    of unequal lowest biases too (eager's averages its highest keys)."""
-    top = bias.amax(-1, keepdim=True)                                            # (.., Nq, 1)
-    rows = (top < LOWEST_BIAS) & (top > -math.inf) & (top == bias.amin(-1, keepdim=True))
+def _absorbed_rows(bias):
+    """(.., Nq, 1): the query rows whose every key has one bias at or below ``ABSORBING_BIAS`` (finfo.min: Hugging
+    Face's additive masks, in a left-padded query row; the -1e9 of others). Eager's scores there all round to the
+    bias, so its softmax is uniform. The kernel would fold the bias into its log2-domain scores, where finfo.min
+    overflows to -inf (a row that sees no key: 0) and a finite one leaves a log-sum-exp that has lost log(Nk) (a
+    backward of garbage). A row of -inf biases is not one (the kernel's 0; eager's NaN), nor one of unequal lowest
+    biases (eager's averages its highest keys)."""
+    top = bias.amax(-1, keepdim=True)
+    return (top <= ABSORBING_BIAS) & (top > -math.inf) & (top == bias.amin(-1, keepdim=True))
+
+
+def _uniform_attention(q, k, v, scale: float):
+    """(B, H, 1 or Nq, Dv): eager's attention at uniform probabilities, the mean of v, with its gradients: 1/Nk of dO to
+    each v, and to q and k the softmax's, dS_ij = dO_i . (v_j - mean v) / Nk. Those come from terms exactly 0 in
+    value, (q - q.detach()) @ K^T (V - mean V) and its k twin: products of rank D, no (Nq, Nk) matrix."""
     group = q.shape[1] // k.shape[1]                                             # query heads per key/value head
     v_mean = v.mean(-2, keepdim=True)                                            # (B, Hkv, 1, Dv)
     uniform = v_mean.repeat_interleave(group, dim=1)                             # (B, H, 1, Dv)
@@ -185,7 +195,7 @@ def _rows_of_lowest_bias(q, k, v, bias, scale: float, out):
         kv_k = ((k - k_const).transpose(-2, -1) @ centred).repeat_interleave(group, dim=1)  # 0, k's gradient
         zero = ((q - q.detach()) @ kv_q + q.detach() @ kv_k) * (scale / k.shape[-2])       # (B, H, Nq, Dv)
         uniform = uniform + zero
-    return torch.where(rows, uniform.to(out.dtype), out)
+    return uniform
 
 
 def _affine(x, weight, bias=None, layer: bool = False):
