@@ -6,7 +6,7 @@ with several lengths, batch and sequence length 1. The models are in unseen_bloc
 eager (outputs, gradients, the report's consistency, a second call compiling nothing) is round 1's ``_run``. On the
 CPU: the kernels through the reference executor at tiny sizes (the size policy off), the rest through aot_eager.
 
-Every model here compiles to one graph (``torch._dynamo.explain``: no graph break)."""
+Each model class is checked to compile to one graph (``torch._dynamo.explain``: no graph break)."""
 
 from __future__ import annotations
 
