@@ -6,16 +6,16 @@ out, AMSGrad as a constexpr) checked step by step against torch.optim.AdamW; gra
 two launches (squares summed atomically into one element, then read back as a per-row broadcast); scans along rows
 that no matmul can do (cummax / cummin with torch's indices, logcumsumexp), carried across column tiles by a loop
 unrolled over a tile's columns; bucketize against a runtime number of boundaries (NaN past the last, as torch);
-segment sums, maxima and means by data ids in any order. More kernels of this round, and the bugs the round found,
-are in test_heldout_round7_more.py. Each kernel here is also compiled for sm_90a on this CPU (the last section).
-(No kernel of this file found a bug.)
+segment sums, maxima and means by data ids in any order; bits reversed and Gray codes of i8 / i32 / i64 by operator
+sugar. More kernels of this round, and the bugs the round found, are in test_heldout_round7_more.py. Each kernel here
+is also compiled for sm_90a on this CPU (the last section). (No kernel of this file found a bug.)
 """
 
 import math
 
 import pytest
 import torch
-from heldout_support import BACKENDS, BF, F16, F64, I32, I64, close, ints, launch, meta, randn
+from heldout_support import BACKENDS, BF, F16, F64, I8, I32, I64, close, ints, launch, meta, randn, wrap
 from sm90a_compile import check_triton_sm90a, compile_gluon_sm90a
 
 import tilestack.lang as ts
@@ -414,7 +414,62 @@ def test_segment_reduce(backend, reduce, xdt, idt, M, N, S, rng):
     assert torch.equal(count, torch.bincount(ids[keep].long(), minlength=S).to(I32))
 
 
-# ---- 7. the kernels above compiled for Hopper (sm_90a) on this CPU, by Triton and (where it lowers them) Gluon ------
+# ---- 7. bits reversed and Gray codes on i8 / i32 / i64, logical shifts made by masking arithmetic ones, by sugar -----
+@ts.kernel(grid=lambda X, BN: (ts.cdiv(X.shape[0], BN),))
+def bit_tricks(X, Rev, Gray, Back, *, BN: int = 32):
+    """Rev = X's bits reversed (as a word of X's width), Gray = X ^ (X >>> 1), Back = Gray decoded (X again) by
+    b ^= b >>> s for s = 1, 2, 4, ...; >>> (logical) is >> (arithmetic) masked to the bits that stay."""
+    i = ts.block_id(0)
+    bits = 8 * X.dtype.itemsize
+    x = ts.RegVec[X.dtype, BN]()
+    r = ts.RegVec[X.dtype, BN]()
+    b = ts.RegVec[X.dtype, BN]()
+    ts.load(x, X, at=(i,))
+    ts.copy(r, x)
+    s = 1
+    while s < bits:                                  # swap neighbouring groups of s bits (a Python loop: unrolled)
+        groups = sum(((1 << s) - 1) << (2 * s * k) for k in range(bits // (2 * s)))
+        high = (r >> s) & groups
+        r &= groups
+        r <<= s
+        r |= high
+        s *= 2
+    ts.store(Rev, r, at=(i,))
+    g = x ^ ((x >> 1) & (2 ** (bits - 1) - 1))
+    ts.store(Gray, g, at=(i,))
+    ts.copy(b, g)
+    s = 1
+    while s < bits:
+        b ^= (b >> s) & ((1 << (bits - s)) - 1)
+        s *= 2
+    ts.store(Back, b, at=(i,))
+
+
+def bit_tricks_want(x: torch.Tensor) -> list[torch.Tensor]:
+    bits = 8 * x.element_size()
+    u = [v % 2**bits for v in x.tolist()]
+    rev = [int(format(v, f"0{bits}b")[::-1], 2) for v in u]
+    gray = [v ^ (v >> 1) for v in u]
+    return [torch.tensor([wrap(v, bits) for v in vs], dtype=torch.int64).to(x.dtype) for vs in (rev, gray)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dt", [I8, I32, I64])
+@pytest.mark.parametrize("N", [100, 32, 1, 0])
+def test_bit_reverse_and_gray_codes(backend, dt, N, rng):
+    bits = 8 * torch.empty(0, dtype=dt).element_size()
+    x = ints(rng, -2 ** (bits - 1), 2 ** (bits - 1), (N,), dt)
+    if N >= 4:
+        x[:4] = torch.tensor([-1, -(2 ** (bits - 1)), 1, 0])
+    rev, gray, back = (torch.full((N,), -5, dtype=dt) for _ in range(3))
+    launch(bit_tricks, backend, x, rev, gray, back)
+    want_rev, want_gray = bit_tricks_want(x)
+    assert torch.equal(rev, want_rev)
+    assert torch.equal(gray, want_gray)
+    assert torch.equal(back, x)
+
+
+# ---- 8. the kernels above compiled for Hopper (sm_90a) on this CPU, by Triton and (where it lowers them) Gluon ------
 AOT_CASES = {   # name -> (kernel, meta args, constants)
     "adamw_step": (adamw_step, (meta(1 << 20), meta(1 << 20, dtype=BF), meta(1 << 20), meta(1 << 20), meta(1 << 20),
                                 meta(1 << 20, dtype=BF), 1e-3, 0.9, 0.999, 1e-8, 0.01, 0.1, 0.05),
@@ -427,6 +482,8 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
     "row_logcumsumexp": (row_logcumsumexp, (meta(4096, 4096), meta(4096, 4096)), dict(BM=32, BN=16)),
     "bucketize": (bucketize, (meta(1 << 20, dtype=F16), meta(1000, dtype=F16), meta(1 << 20, dtype=I64)),
                   dict(RIGHT=True, BN=128, BK=32)),
+    "bit_tricks_i64": (bit_tricks, (meta(1 << 20, dtype=I64),) * 4, dict(BN=256)),
+    "bit_tricks_i8": (bit_tricks, (meta(1 << 20, dtype=I8),) * 4, dict(BN=1024)),
     "segment_reduce": (segment_reduce, (meta(8192, 1024, dtype=BF), meta(8192, dtype=I64), meta(512, 1024, dtype=BF),
                                         meta(512, dtype=I32)), dict(REDUCE="amax", BS=8, BM=32, BN=64)),
 }

@@ -2,8 +2,10 @@
 stride, dilation and padding by one-row tiles, checked through conv1d; a split-K GEMM whose programs add partial
 products atomically (a grid axis from an int argument, a grid-stride K loop); a row RMSNorm fed by a ring of
 asynchronous loads, with and without warp roles, and more rings outside a GEMM (1-D stages, a 4-D global, two
-consumer roles, a ring filled ahead); running sums, products, hashes and masks by augmented assignments in a loop;
-and misuse named at launch. Each kernel here is also compiled for sm_90a on this CPU (the last section).
+consumer roles, a ring filled ahead) and in one (two products in flight on one A stage); running sums, products,
+hashes and masks by augmented assignments in a loop; instance norm over a strided channels-last view, its
+statistics stored as vectors into (N, C) outputs; and misuse named at launch (meta tensors, constants of another kind
+than declared). Each kernel here is also compiled for sm_90a on this CPU (the last section).
 
 Bugs these found, fixed in the compiler, each kept here as its regression test:
 - Triton: a wait_load whose stage was written out again (`j % STAGES` at the async_load and at the wait, two IR
@@ -17,7 +19,12 @@ Bugs these found, fixed in the compiler, each kept here as its regression test:
   now, as NumPy's and torch's (lang.tiles.Tile._inplace): test_augmented_assignments_are_carried_by_loops;
 - language: `acc = acc + x` (or `off = off + 1` of an index Scalar) in a loop body ran the same wrong way, silently;
   the loop refuses a name bound in its body to a value made from that name's old value, naming it and saying what to
-  write (lang.control._refuse_rebinding): test_rebinding_a_name_from_itself_in_a_loop_is_refused.
+  write (lang.control._refuse_rebinding): test_rebinding_a_name_from_itself_in_a_loop_is_refused;
+- reference: a meta tensor failed inside torch ("Cannot copy out of meta tensor; no data!"); refused naming the
+  argument (backends.reference prepare): test_a_meta_tensor_is_named;
+- launch: a constant of another kind than its annotation (BN="8", HOW=1 for a str, NEG="yes" for a bool) failed deep
+  in the trace naming no constant, or traced silently; refused naming it (lang.kernel.Kernel.resolve):
+  test_a_constant_of_another_kind_than_declared_is_named.
 Still open: `off = 0` (a Python int) and `off = off + 1` in a loop is not caught (the IR cannot tell the constant 0
 from the name), and the Triton backend has no plain form of a ring filled ahead (test_a_ring_filled_ahead).
 """
@@ -25,6 +32,7 @@ from the name), and the Triton backend has no plain form of a ring filled ahead 
 import contextlib
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -171,6 +179,16 @@ def test_staged_rmsnorm(backend, roles, dt, M, N, stages, rng):
     close(y, (xd * torch.rsqrt(ms + 1e-6) * w.double()).to(dt), scale=4)
 
 
+def test_stage_indices_stay_32_bit_in_gluon_source():
+    """The second pass's stage (cdiv(n, BN) + j) % STAGES is made from a size; Gluon indexes a ring with an i32 only,
+    so no stage may be widened to i64 as data is (this failed to compile for sm_90a; checked here without ptxas)."""
+    traced = staged_rmsnorm.trace(meta(4096, 4096, dtype=BF), meta(4096, dtype=BF), meta(4096, 4096, dtype=BF), 1e-6,
+                                  BM=64, BN=128, STAGES=3)
+    src = traced.source("gluon")
+    assert src.count("ring.index(") == 4
+    assert [line for line in src.splitlines() if "gl.cast(" in line and "gl.int64" in line] == []
+
+
 # ---- 4. rings outside a GEMM: 1-D stages (a staged axpy), a 4-D global whose stage is stored as it landed, one ring
 # ---- read by two consumer roles, and a ring filled one tile ahead (Triton refuses that, naming the wait) -------------
 @ts.kernel(grid=lambda X, BN, PER: (ts.cdiv(X.shape[0], BN * PER),))
@@ -305,6 +323,50 @@ def test_a_ring_filled_ahead(M, N, stages, rng):
         launch(prefetched_row_sum, "triton", x, s, STAGES=stages)
 
 
+@ts.kernel(grid=lambda Y, BM, BN: (ts.cdiv(Y.shape[0], BM), ts.cdiv(Y.shape[1], BN)))
+def staged_swiglu(X, Wg, Wu, Y, *, BM: int = 16, BN: int = 16, BK: int = 16, STAGES: int = 2):
+    """Y = silu(X @ Wg) * (X @ Wu): three rings, two asynchronous products in flight on one A stage, then waited."""
+    i, j = ts.block_id(0), ts.block_id(1)
+    xr = ts.SharedStages[X.dtype, STAGES, BM, BK]()
+    gr = ts.SharedStages[Wg.dtype, STAGES, BK, BN]()
+    ur = ts.SharedStages[Wu.dtype, STAGES, BK, BN]()
+    xs = ts.SharedTile[X.dtype, BM, BK]()
+    gs = ts.SharedTile[Wg.dtype, BK, BN]()
+    us = ts.SharedTile[Wu.dtype, BK, BN]()
+    g = ts.RegTile[ts.f32, BM, BN]()
+    u = ts.RegTile[ts.f32, BM, BN]()
+    gate = ts.RegTile[ts.f32, BM, BN]()
+    y = ts.RegTile[Y.dtype, BM, BN]()
+    ts.zero(g)
+    ts.zero(u)
+    for k in ts.range(ts.cdiv(X.shape[1], BK)):
+        ts.async_load(xr, k % STAGES, X, at=(i, k))
+        ts.async_load(gr, k % STAGES, Wg, at=(k, j))
+        ts.async_load(ur, k % STAGES, Wu, at=(k, j))
+        ts.wait_load(xs, xr, k % STAGES)
+        ts.wait_load(gs, gr, k % STAGES)
+        ts.wait_load(us, ur, k % STAGES)
+        ts.mma_AB_async(g, xs, gs, g)
+        ts.mma_AB_async(u, xs, us, u)
+        ts.mma_wait(g)
+        ts.mma_wait(u)
+    ts.sigmoid(gate, g)
+    g *= gate
+    g *= u
+    ts.copy(y, g)
+    ts.store(Y, y, at=(i, j))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("M", "N", "K"), [(40, 48, 100), (16, 16, 16), (3, 5, 7), (4, 4, 0)])
+def test_staged_swiglu_two_products_in_flight(backend, M, N, K, rng):
+    x, wg, wu = randn(rng, M, K, dtype=BF), randn(rng, K, N, dtype=BF) / 4, randn(rng, K, N, dtype=BF) / 4
+    y = poisoned(M, N, dtype=BF)
+    launch(staged_swiglu, backend, x, wg, wu, y)
+    g, u = x.double() @ wg.double(), x.double() @ wu.double()
+    close(y, (F.silu(g) * u).to(BF), scale=4)
+
+
 # ---- 5. augmented assignments write their tile, so a loop carries them; `acc = acc + x` in a loop is refused ---------
 @ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))
 def running_sugar(X, I, S, P, H, A, *, BM: int = 8, BN: int = 8):
@@ -434,6 +496,69 @@ def test_rebound_names_that_carry_nothing_are_traced():
     ts.kernel(_rebound_names_that_carry_nothing, grid=lambda X: (1,)).trace(ts.ArgSpec(ts.f32, 1))
 
 
+# ---- 5b. instance norm over a channels-last view: column statistics per (image, channel block), vectors stored into
+# ---- 2-D (N, C) outputs at (image, channel block) ---------------------------------------------------------------
+@ts.kernel(grid=lambda X, BC: (X.shape[0], ts.cdiv(X.shape[2], BC)))
+def instance_norm_cl(X, W, B, Y, Mean, Rstd, eps: float, *, BM: int = 16, BC: int = 16):
+    """Y[n, :, c] = (X[n, :, c] - mean) * rstd * W[c] + B[c] over the HW positions of X (N, HW, C); Mean and Rstd
+    (N, C) f32 for a backward pass. Two passes: the mean, then the centred squares (rows past HW masked to 0)."""
+    n, cb = ts.block_id(0), ts.block_id(1)
+    hw = X.shape[1]
+    x = ts.RegTile[ts.f32, BM, BC]()
+    mean = ts.RegVec[ts.f32, BC]()
+    var = ts.RegVec[ts.f32, BC]()
+    w = ts.RegVec[ts.f32, BC]()
+    b = ts.RegVec[ts.f32, BC]()
+    y = ts.RegTile[Y.dtype, BM, BC]()
+    ts.zero(mean)
+    ts.zero(var)
+    for hb in ts.range(ts.cdiv(hw, BM)):
+        ts.load(x, X, at=(n, hb, cb))
+        ts.col_sum(mean, x, mean)
+    ts.div(mean, mean, hw)
+    for hb in ts.range(ts.cdiv(hw, BM)):
+        ts.load(x, X, at=(n, hb, cb))
+        ts.sub(x, x, ts.per_col(mean))
+        ts.lower_fill(x, x, hw - hb * BM, 0.0)       # rows past HW read 0, which is not 0 once centred
+        x *= x
+        ts.col_sum(var, x, var)
+    ts.div(var, var, hw)
+    ts.add(var, var, eps)
+    ts.rsqrt(var, var)
+    ts.store(Mean, mean, at=(n, cb))
+    ts.store(Rstd, var, at=(n, cb))
+    ts.load(w, W, at=(cb,))
+    ts.load(b, B, at=(cb,))
+    ts.mul(w, w, var)                                # per-channel scale rstd * W
+    for hb in ts.range(ts.cdiv(hw, BM)):
+        ts.load(x, X, at=(n, hb, cb))
+        ts.sub(x, x, ts.per_col(mean))
+        ts.mul(x, x, ts.per_col(w))
+        ts.add(x, x, ts.per_col(b))
+        ts.copy(y, x)
+        ts.store(Y, y, at=(n, hb, cb))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dt", [BF, torch.float32])
+@pytest.mark.parametrize(("N", "C", "H", "W"), [(2, 19, 5, 7), (1, 16, 4, 4), (3, 1, 1, 1), (0, 4, 2, 2)])
+def test_instance_norm_channels_last(backend, dt, N, C, H, W, rng):
+    x = randn(rng, N, C, H, W, dtype=dt) * 3 + 5                      # an offset: a one-pass variance would lose it
+    w, b = randn(rng, C), randn(rng, C)
+    x_cl = x.reshape(N, C, H * W).transpose(1, 2)                     # (N, HW, C): a strided view, channels apart
+    y_cl = poisoned(N, H * W, C, dtype=dt)
+    mean, rstd = poisoned(N, C), poisoned(N, C)
+    launch(instance_norm_cl, backend, x_cl, w, b, y_cl, mean, rstd, 1e-5)
+    xd = x.double()
+    mu, r = xd.mean((2, 3)), torch.rsqrt(xd.var((2, 3), unbiased=False) + 1e-5)
+    if H * W > 1:                                                     # (torch's refuses a single position)
+        torch.testing.assert_close(F.instance_norm(xd, eps=1e-5), (xd - mu[..., None, None]) * r[..., None, None])
+    want = (xd - mu[..., None, None]) * r[..., None, None] * w.double()[:, None, None] + b.double()[:, None, None]
+    close(y_cl.reshape(N, H, W, C).permute(0, 3, 1, 2), want.to(dt), scale=10)
+    close(mean, mu.float(), scale=10)
+    close(rstd, r.float(), scale=10)
+
+
 # ---- 6. misuse at launch: refused with a message naming the argument, before anything is written -----------------
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_bf16_atomic_destination_is_named_when_traced(backend):
@@ -453,6 +578,48 @@ def test_a_tensor_for_an_int_argument_is_named(backend):
     assert torch.equal(out, poisoned(1, 8, 1, 4))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_meta_tensor_is_named(backend):
+    """(The reference executor failed with torch's bare "Cannot copy out of meta tensor; no data!".)"""
+    with pytest.raises(LaunchError, match=r"argument X is a meta tensor|got tensors on \{'meta'\}"):
+        launch(staged_rmsnorm, backend, meta(4, 8), meta(8), meta(4, 8), 1e-6)
+
+
+@ts.kernel(grid=lambda X: (1,))
+def scaled_copy(X, Y, *, HOW: str = "copy", BN: int = 8, NEG: bool = False, SCALE: float = 1.0):
+    x = ts.RegVec[ts.f32, BN]()
+    ts.load(x, X, at=(0,))
+    if HOW == "scale":
+        ts.mul(x, x, -SCALE if NEG else SCALE)
+    ts.store(Y, x, at=(0,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("consts", "message"), [
+    (dict(BN="8"), r"constant BN is declared int; got str '8'"),
+    (dict(BN=8.0), r"constant BN is declared int; got float 8.0"),
+    (dict(BN=True), r"constant BN is declared int; got bool True"),
+    (dict(NEG="yes"), r"constant NEG is declared bool; got str 'yes'"),
+    (dict(NEG=2), r"constant NEG is declared bool; got int 2"),
+    (dict(HOW=1), r"constant HOW is declared str; got int 1"),
+    (dict(SCALE="2"), r"constant SCALE is declared float; got str '2'"),
+])
+def test_a_constant_of_another_kind_than_declared_is_named(backend, consts, message):
+    """(Before, BN="8" failed inside the trace as "RegVec sizes are positive compile-time ints" or at a cdiv, naming
+    no constant; HOW=1 and NEG="yes" traced silently as the default branch and as True.)"""
+    y = poisoned(8)
+    with pytest.raises(LaunchError, match=rf"scaled_copy: {message}"):
+        launch(scaled_copy, backend, torch.ones(8), y, **consts)
+    assert torch.equal(y, poisoned(8))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_constants_of_their_declared_kinds_are_taken(backend):
+    y = poisoned(8)
+    launch(scaled_copy, backend, torch.ones(8), y, HOW="scale", BN=np.int64(8), NEG=1, SCALE=3)
+    assert torch.equal(y, torch.full((8,), -3.0))
+
+
 # ---- 7. the kernels above compiled for Hopper (sm_90a) on this CPU, by Triton and (where it lowers them) Gluon ------
 AOT_CASES = {   # name -> (kernel, meta args, constants)
     "unfold1d": (unfold1d, (meta(8, 4096, 512, dtype=BF), meta(8, 2048, 3, 512, dtype=BF), 2, 1, 1), dict(BC=128)),
@@ -466,6 +633,10 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
     "running_sugar": (running_sugar, (meta(4096, 4096), meta(4096, 4096, dtype=I32), meta(4096, 4096),
                                       meta(4096, 4096), meta(4096, 4096, dtype=I32), meta(4096, 4096, dtype=I8)),
                       dict(BM=32, BN=64)),
+    "instance_norm_cl": (instance_norm_cl, (meta(32, 4096, 512, dtype=BF), meta(512), meta(512),
+                                            meta(32, 4096, 512, dtype=BF), meta(32, 512), meta(32, 512), 1e-5),
+                         dict(BM=64, BC=64)),
+    "staged_swiglu": (staged_swiglu, (meta(4096, 4096, dtype=BF),) * 4, dict(BM=128, BN=64, BK=64, STAGES=3)),
     "staged_axpy": (staged_axpy, (meta(1 << 20, dtype=I8), meta(1 << 20, dtype=F16), 0.5), dict(BN=256, STAGES=3)),
     "staged_copy4d": (staged_copy4d, (meta(2, 8, 1024, 128, dtype=BF), meta(2, 8, 1024, 128, dtype=BF)),
                       dict(BM=64, D=64)),

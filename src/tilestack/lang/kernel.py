@@ -68,6 +68,24 @@ def _has_numpy_scalar(args: Sequence) -> bool:
     return any(isinstance(a, np.generic) for a in args)
 
 
+_CONSTANT_KINDS = {int: "int", float: "float", bool: "bool", str: "str", "int": "int", "float": "float",
+                   "bool": "bool", "str": "str"}
+
+
+def _fits_kind(kind: str, value) -> bool:
+    """Whether ``value`` can be a constant annotated ``kind``: an int (NumPy's too) for int, any real number for
+    float, a bool (or 0 / 1) for bool, a str for str."""
+    if isinstance(value, bool | np.bool_):
+        return kind == "bool"
+    if kind == "int":
+        return isinstance(value, int | np.integer)
+    if kind == "float":
+        return isinstance(value, int | float | np.integer | np.floating)
+    if kind == "bool":
+        return isinstance(value, int | np.integer) and value in (0, 1)
+    return isinstance(value, str)
+
+
 def remember(cache: dict, key, value):
     """``cache[key] = value``, emptying the cache first when it is full; returns ``value``."""
     if len(cache) >= MAX_LAUNCHERS:   # shapes that never repeat must not grow it forever
@@ -121,12 +139,16 @@ class Kernel:
         self.where = f"{os.path.basename(fn.__code__.co_filename)}:{fn.__code__.co_firstlineno}"
         self.params: list[_ParamDecl] = []
         self.constants: dict[str, Any] = {}
+        self.constant_kinds: dict[str, str] = {}   # constant -> "int" | "float" | "bool" | "str", as annotated
         for p in inspect.signature(fn).parameters.values():
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
                 kind = {float: "float", int: "int", "float": "float", "int": "int"}.get(p.annotation, "global")
                 self.params.append(_ParamDecl(p.name, kind))
             elif p.kind is p.KEYWORD_ONLY:
                 self.constants[p.name] = _REQUIRED if p.default is p.empty else p.default
+                kind = _CONSTANT_KINDS.get(p.annotation)
+                if kind is not None and p.default is not None:     # (`X: int = None`: None is its value too)
+                    self.constant_kinds[p.name] = kind
             else:
                 raise TraceError(f"kernel {self.name}: *args/**kwargs are not kernel parameters", self.where)
         # default launch options (backend options such as num_warps), under those given at launch
@@ -160,6 +182,10 @@ class Kernel:
             value = consts.get(name, decl.default if isinstance(decl, Tunable) else decl)
             if value is _REQUIRED:
                 raise LaunchError(f"{self.name}: constant {name}= is required")
+            kind = self.constant_kinds.get(name)
+            if kind is not None and not _fits_kind(kind, value):
+                raise LaunchError(f"{self.name}: constant {name} is declared {kind}; got {type(value).__name__} "
+                                  f"{value!r}")
             if isinstance(decl, Tunable) and value not in decl.domain:
                 raise TunableError(f"{self.name}: tunable {name}={value!r} is outside its domain "
                                    f"{decl.domain!r} (declared at {self.where})", user_line())

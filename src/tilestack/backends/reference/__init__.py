@@ -12,6 +12,7 @@ import functools
 from tilestack.backends.base import Backend
 from tilestack.backends.reference.executor import run as _run
 from tilestack.backends.reference.executor import source as _source
+from tilestack.errors import LaunchError
 from tilestack.ir.passes import DCE, Pipeline
 
 
@@ -41,7 +42,13 @@ class ReferenceBackend(Backend):
         return ReferenceArtifact(traced)
 
     def prepare(self, traced, args, options=None):
-        """The launcher for ``traced``: the executor reads sizes from the arguments on every run."""
+        """The launcher for ``traced``: the executor reads sizes from the arguments on every run. It reads values
+        from any device, but a meta tensor holds none: refused, naming the argument."""
+        for p, a in zip(traced.ir.params, args, strict=True):
+            if getattr(a, "is_meta", False):
+                raise LaunchError(f"reference backend: {traced.name}'s argument {p.name} is a meta tensor, which "
+                                  "holds no values to run on (meta tensors are for tracing and compiling: "
+                                  "kernel.trace(...), tune.aot)")
         return functools.partial(_run, traced)
 
     def source(self, traced) -> str:
