@@ -36,7 +36,9 @@ def test_gpt2_small_bf16_matches_eager(mode):
     idx, _ = make_batch(GPT2_SMALL, 2, 256, device="cuda")
     with torch.no_grad():
         want = model(idx)
-        compiled = tilestack.optimize(model, check=True, mode=mode)
+        # measure=False: the swaps made by the size rule alone, so that the kernels are what is tested (measured on
+        # the H200 at this small size, each custom op's host cost makes every swap lose, and none is made)
+        compiled = tilestack.optimize(model, check=True, mode=mode, measure=False)
         for _ in range(3):                   # reduce-overhead records its CUDA graph after warm-up calls
             got = compiled(idx)
     report = tc.last_report()
