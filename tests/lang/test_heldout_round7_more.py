@@ -22,6 +22,9 @@ Bugs these found, fixed in the compiler, each kept here as its regression test:
   write (lang.control._refuse_rebinding): test_rebinding_a_name_from_itself_in_a_loop_is_refused;
 - reference: a meta tensor failed inside torch ("Cannot copy out of meta tensor; no data!"); refused naming the
   argument (backends.reference prepare): test_a_meta_tensor_is_named;
+- launch: a NumPy integer constant (BN=np.int64(32)) made tiles but was refused by index arithmetic (the grid's
+  cdiv); constants are normalized to Python numbers (lang.kernel.Kernel.resolve):
+  test_numpy_constants_reach_index_arithmetic_as_python_numbers;
 - launch: a constant of another kind than its annotation (BN="8", HOW=1 for a str, NEG="yes" for a bool) failed deep
   in the trace naming no constant, or traced silently; refused naming it (lang.kernel.Kernel.resolve):
   test_a_constant_of_another_kind_than_declared_is_named.
@@ -618,6 +621,19 @@ def test_constants_of_their_declared_kinds_are_taken(backend):
     y = poisoned(8)
     launch(scaled_copy, backend, torch.ones(8), y, HOW="scale", BN=np.int64(8), NEG=1, SCALE=3)
     assert torch.equal(y, torch.full((8,), -3.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_numpy_constants_reach_index_arithmetic_as_python_numbers(backend, rng):
+    """(BN=np.int64(32) made the tiles but the grid's cdiv refused it: "cdiv: an operand must be an index (int or
+    index Scalar), got int64"; constants are Python numbers in the trace now.)"""
+    x = randn(rng, 300)
+    y0 = randn(rng, 300)
+    y = y0.clone()
+    launch(staged_axpy, backend, x, y, 2.0, BN=np.int64(32), PER=np.int32(3), STAGES=np.int64(2))
+    close(y, 2.0 * x + y0)
+    assert {k: type(v) for k, v in staged_axpy.trace(x, y, 2.0, BN=np.int64(32)).constants.items()} == \
+        {"BN": int, "PER": int, "STAGES": int}
 
 
 # ---- 7. the kernels above compiled for Hopper (sm_90a) on this CPU, by Triton and (where it lowers them) Gluon ------

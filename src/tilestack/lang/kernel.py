@@ -73,16 +73,16 @@ _CONSTANT_KINDS = {int: "int", float: "float", bool: "bool", str: "str", "int": 
 
 
 def _fits_kind(kind: str, value) -> bool:
-    """Whether ``value`` can be a constant annotated ``kind``: an int (NumPy's too) for int, any real number for
-    float, a bool (or 0 / 1) for bool, a str for str."""
-    if isinstance(value, bool | np.bool_):
+    """Whether ``value`` can be a constant annotated ``kind``: an int for int, any real number for float, a bool
+    (or 0 / 1) for bool, a str for str."""
+    if isinstance(value, bool):
         return kind == "bool"
     if kind == "int":
-        return isinstance(value, int | np.integer)
+        return isinstance(value, int)
     if kind == "float":
-        return isinstance(value, int | float | np.integer | np.floating)
+        return isinstance(value, int | float)
     if kind == "bool":
-        return isinstance(value, int | np.integer) and value in (0, 1)
+        return isinstance(value, int) and value in (0, 1)
     return isinstance(value, str)
 
 
@@ -172,7 +172,8 @@ class Kernel:
                 for vals in itertools.product(*(self.tunables[n].domain for n in names))]
 
     def resolve(self, consts: dict[str, Any]) -> dict[str, Any]:
-        """Constants with defaults filled in, each tunable checked against its domain."""
+        """Constants with defaults filled in, NumPy scalars as the Python numbers they hold (np.int64(32) is 32 to
+        the tile sizes and index arithmetic alike), each checked against its annotation and a tunable's domain."""
         unknown = set(consts) - set(self.constants)
         if unknown:
             raise LaunchError(f"{self.name}: unknown constant(s) {sorted(unknown)}; its constants are "
@@ -180,6 +181,8 @@ class Kernel:
         out = {}
         for name, decl in self.constants.items():
             value = consts.get(name, decl.default if isinstance(decl, Tunable) else decl)
+            if isinstance(value, np.generic):
+                value = value.item()
             if value is _REQUIRED:
                 raise LaunchError(f"{self.name}: constant {name}= is required")
             kind = self.constant_kinds.get(name)
