@@ -49,6 +49,31 @@ def launch_option_names() -> frozenset[str]:
     return frozenset(f.name for name in NAMES for f in dataclasses.fields(get_backend(name).Options))
 
 
+def check_launch_options(where: str, options: dict) -> None:
+    """Each launch option some backend takes (num_warps=5, num_stages=0) must be one that some backend taking it
+    accepts: else LaunchError, whatever backend runs (the reference ignores them, so a value no GPU backend
+    accepts passed on the CPU and failed on the GPU)."""
+    import dataclasses
+
+    from tilestack.errors import BackendError, LaunchError
+    for key, value in options.items():
+        refusals = []
+        for name in NAMES:
+            Options = get_backend(name).Options
+            if key not in {f.name for f in dataclasses.fields(Options)}:
+                continue
+            try:
+                Options(**{key: value})
+            except BackendError as e:
+                refusals.append(str(e))
+            else:
+                break
+        else:
+            if refusals:
+                raise LaunchError(f"{where}: launch option {key}={value!r} is refused by every backend that takes "
+                                  f"it ({'; '.join(refusals)})")
+
+
 def pick_backend(args: Sequence) -> str:
     """The backend a launch uses when none is named: the knob, else Triton for CUDA tensors, else reference."""
     from tilestack.config import knobs

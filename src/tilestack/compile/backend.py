@@ -133,11 +133,17 @@ def check_options(fn: str, *, mode=None, check=False, inner="inductor", passes=N
     if not isinstance(numerics, str) or numerics not in NUMERICS:
         raise LaunchError(f"{fn}: numerics={numerics!r}; expected one of {NUMERICS} (round intermediates as eager "
                           "does, or keep them f32 inside fused kernels)")
+    if numerics != "eager" and inner != "inductor":    # eager numerics are all the other inners have
+        raise LaunchError(f"{fn}: numerics={numerics!r} with inner={inner!r}; it applies only with "
+                          "inner='inductor' (the other inners fuse nothing)")
     if mode is not None:
         from torch._inductor import list_mode_options
         modes = tuple(list_mode_options())
         if not isinstance(mode, str) or mode not in modes:
             raise LaunchError(f"{fn}: mode={mode!r}; expected None or one of Inductor's modes {modes}")
+        if inner != "inductor" and mode != "default":   # it would be ignored without a word
+            raise LaunchError(f"{fn}: mode={mode!r} with inner={inner!r}; Inductor's modes apply only with "
+                              "inner='inductor'")
     if passes is not None:
         given = passes
         passes = (passes,) if isinstance(passes, str) else tuple(passes) if isinstance(passes, Iterable) else None
@@ -160,6 +166,10 @@ def check_options(fn: str, *, mode=None, check=False, inner="inductor", passes=N
         for k, v in inductor_options.items():
             if isinstance(known[k], bool) and not isinstance(v, bool):
                 raise LaunchError(f"{fn}: Inductor option {k}={v!r}; expected a bool")
+        casts = inductor_options.get("emulate_precision_casts", numerics == "eager")
+        if casts != (numerics == "eager"):    # the option would override numerics without a word
+            raise LaunchError(f"{fn}: Inductor option emulate_precision_casts={casts!r} contradicts "
+                              f"numerics={numerics!r}; give numerics='eager' (casts emulated) or 'fused' alone")
     return passes
 
 

@@ -109,6 +109,13 @@ def require_int(where: str, name: str, value, *, low: int, high: int | None = No
         raise ValueError(f"{where}: {name}={value!r}; expected an integer {span}")
 
 
+def require_real(where: str, name: str, value, ok, expected: str) -> None:
+    """``value`` is a finite real number (not a bool) for which ``ok`` holds; ``expected`` says which."""
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+    if not number or not ok(value):
+        raise ValueError(f"{where}: {name}={value!r}; expected {expected}")
+
+
 def require_real_arrays(where: str, name: str, arrays) -> None:
     """Every array of the ArrayRecord ``arrays`` holds real numbers numpy can read. A dtype it cannot hold (bfloat16
     from torch: numpy has none without ml_dtypes) made every client fail on the model, round after round, and the

@@ -121,6 +121,9 @@ class Task:
             raise bad("attack", f"one of {ATTACKS}")
         if self.num_clients < 1:
             raise bad("num_clients", ">= 1")
+        for name in ("alpha", "beta"):     # Synthetic(alpha, beta)'s variances: refused there only once a client ran
+            if getattr(self, name) < 0:
+                raise bad(name, ">= 0 (a variance of Synthetic(alpha, beta))")
         if not 0.0 <= self.malicious_fraction < 1.0:
             raise bad("malicious_fraction", "in [0, 1)")
         if not self.lr > 0:

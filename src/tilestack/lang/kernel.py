@@ -260,6 +260,8 @@ class Kernel:
             return consts, {}
         names = _launch_option_names()
         options = {k: consts[k] for k in extra if k in names}
+        from tilestack.backends import check_launch_options
+        check_launch_options(self.name, options)
         return {k: v for k, v in consts.items() if k not in options}, options
 
     def _trace(self, sig: tuple, consts: dict[str, Any]) -> KernelIR:

@@ -52,6 +52,7 @@ GPU_MATMUL_N = (4096, 8192)  # cuBLAS peaks at different sizes per dtype and GPU
 CPU_MATMUL_N = (1024,)
 GPU_MATMUL_DTYPES = ("fp32", "tf32", "bf16", "fp16")
 CPU_MATMUL_DTYPES = ("fp32", "bf16")
+MEASURABLE_DTYPES = ("fp64", "fp32", "tf32", "bf16", "fp16")   # those measure_ceilings times
 MIG_MARKER = " mig "
 CEILINGS_FORMAT = 2  # bumped when the cached file's layout changes; older files are measured again
 CEILING_TARGET_REL_CI = 0.02  # time each ceiling until its median is known to +-2% ...
@@ -221,6 +222,8 @@ def lookup_peaks(name: str, *, strict: bool = True) -> PeakSpec | None:
     A key of the table (``"h100-sxm"``) is accepted too. Unknown names raise :class:`DeviceError`
     (or return None with ``strict=False``: an unknown GPU still gets measured ceilings).
     """
+    if not isinstance(name, str):
+        raise DeviceError(f"lookup_peaks: name={name!r} ({type(name).__name__}); expected a device name (str)")
     text = name.strip().lower()
     for spec in PEAKS:
         if text == spec.key or any(re.search(p, text) for p in spec.patterns):
@@ -504,6 +507,27 @@ def _merge(old: Ceilings, new: Ceilings) -> Ceilings:
     )
 
 
+def _check_ceiling_args(dev, copy_bytes, matmul_n, dtypes, budget_s) -> None:
+    """ceilings' arguments, before the cache is read or anything measured."""
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    if dev is not None and not isinstance(dev, Device):
+        raise DeviceError(f"ceilings: dev={dev!r} ({type(dev).__name__}); expected a perf.Device (perf.detect(...)) "
+                          "or None")
+    if copy_bytes is not None and not count(copy_bytes):
+        raise DeviceError(f"ceilings: copy_bytes={copy_bytes!r}; expected None or an int > 0")
+    sizes = [matmul_n] if isinstance(matmul_n, int) else list(matmul_n) if isinstance(matmul_n, Sequence) else []
+    if matmul_n is not None and (isinstance(matmul_n, str) or not sizes or not all(count(n) for n in sizes)):
+        raise DeviceError(f"ceilings: matmul_n={matmul_n!r}; expected None, an int > 0 or a sequence of them")
+    if dtypes is not None and (isinstance(dtypes, str) or not isinstance(dtypes, Iterable)
+                               or not set(dtypes) <= set(MEASURABLE_DTYPES)):
+        raise DeviceError(f"ceilings: dtypes={dtypes!r}; expected None or some of {MEASURABLE_DTYPES}")
+    if budget_s is not None and (isinstance(budget_s, bool) or not isinstance(budget_s, int | float)
+                                 or not 0 < budget_s < math.inf):
+        raise DeviceError(f"ceilings: budget_s={budget_s!r}; expected None or a finite number of seconds > 0")
+
+
 def ceilings(
     dev: Device | None = None,
     *,
@@ -520,6 +544,7 @@ def ceilings(
     ``GPU_CEILING_BUDGET_S`` / ``CPU_CEILING_BUDGET_S``). A cached file from another machine, or whose spread
     is too large (:func:`stale_reason`), is measured again, with a warning that says why.
     """
+    _check_ceiling_args(dev, copy_bytes, matmul_n, dtypes, budget_s)
     dev = dev or detect()
     path = ceilings_path(dev)
     cached = None if remeasure else _load(path, dev)

@@ -167,6 +167,11 @@ def place(*, flops: float, bytes_moved: float, seconds: float, roof: Roof, kind:
         raise RooflineError(f"seconds={seconds!r} ({type(seconds).__name__}); expected a positive, finite time")
     if not isinstance(roof, Roof):
         raise RooflineError(f"roof={roof!r} ({type(roof).__name__}); expected a roofline.Roof")
+    for arg, value in (("peak_flops_per_s", roof.peak_flops_per_s), ("bandwidth", roof.bandwidth)):
+        # a negative or NaN roof placed every kernel as compute-bound at a negative or NaN fraction of it
+        if value is not None and (not _is_number(value) or not 0 <= value < math.inf):
+            raise RooflineError(f"roof.{arg}={value!r} ({type(value).__name__}); expected None (unknown) or a "
+                                "finite rate >= 0")
     intensity = flops / bytes_moved if bytes_moved > 0 else math.inf if flops > 0 else 0.0  # 0/0: no work
     fps, bps = flops / seconds, bytes_moved / seconds
     ridge = roof.ridge

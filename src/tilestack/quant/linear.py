@@ -22,6 +22,7 @@ model: its ``QuantLinear``). ``QuantLinear`` runs inference only (a backward thr
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,7 +31,8 @@ import torch
 from torch import nn
 
 from tilestack.errors import LaunchError
-from tilestack.quant.gemm import activation_scale, quantize_weight, quantized_linear
+from tilestack.kernels._checks import finite_real
+from tilestack.quant.gemm import MAX_SCALE, MIN_SCALE, activation_scale, quantize_weight, quantized_linear
 
 MODES = {"int8": "int8", "fp8": "fp8", "fp8-act": "fp8"}     # mode -> the weights' format
 
@@ -85,8 +87,11 @@ class QuantLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, mode: str, x_scale: float = 0.0, input_mean: torch.Tensor | None = None):
         super().__init__()
-        if mode not in MODES:
+        if not isinstance(linear, nn.Linear):
+            raise LaunchError(f"QuantLinear: linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        if not isinstance(mode, str) or mode not in MODES:
             raise LaunchError(f"QuantLinear: mode={mode!r}; expected one of {tuple(MODES)}")
+        _check_x_scale(mode, x_scale)
         self.in_features, self.out_features, self.mode = linear.in_features, linear.out_features, mode
         w = linear.weight.detach()
         q, s = quantize_weight(w, MODES[mode])
@@ -96,6 +101,15 @@ class QuantLinear(nn.Module):
                 got = tuple(input_mean.shape) if isinstance(input_mean, torch.Tensor) else type(input_mean).__name__
                 raise LaunchError(f"QuantLinear: input_mean is {got}; expected a tensor (in_features="
                                   f"{self.in_features},)")
+            if not input_mean.is_floating_point():
+                raise LaunchError(f"QuantLinear: input_mean has dtype {str(input_mean.dtype).removeprefix('torch.')}"
+                                  "; expected a float tensor (the mean of each input feature)")
+            if input_mean.is_meta and not w.is_meta:
+                raise LaunchError("QuantLinear: input_mean is a meta tensor, which holds no values to correct the "
+                                  "bias with; expected it on the weight's device")
+            if not input_mean.is_meta and not bool(torch.isfinite(input_mean).all()):
+                raise LaunchError(f"QuantLinear: input_mean {tuple(input_mean.shape)} holds NaN or infinite values; "
+                                  "expected finite means (the corrected bias would poison every output)")
             missed = w.double() - q.double() * s.double()[:, None]                  # (out, in)
             shift = missed @ input_mean.to(device=w.device, dtype=torch.float64)   # (out,)
             dtype = w.dtype if bias is None else bias.dtype
@@ -122,6 +136,22 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}{act}"
 
 
+def _check_x_scale(mode: str, x_scale) -> None:
+    """``x_scale``: 0 (weights only) or the activations' fp8 scale, a finite number in quantized_linear's range;
+    int8 weights take no activation scale, and "fp8-act" needs one (0 would leave it weight-only under its name)."""
+    zero = isinstance(x_scale, numbers.Real) and not isinstance(x_scale, bool) and x_scale == 0
+    if zero and mode != "fp8-act":
+        return
+    if mode == "int8":
+        raise LaunchError(f"QuantLinear: x_scale={x_scale!r} with mode='int8'; an activation scale is for fp8 "
+                          "weights (expected 0: weights only)")
+    if not finite_real(x_scale) or not MIN_SCALE <= x_scale <= MAX_SCALE:
+        raise LaunchError(f"QuantLinear: x_scale={x_scale!r} with mode={mode!r}; expected "
+                          f"{'' if mode == 'fp8-act' else '0 (weights only) or '}a finite number in "
+                          f"[{MIN_SCALE:.4g}, {MAX_SCALE:.4g}] (the activations' fp8 scale, e.g. "
+                          "gemm.activation_scale(amax))")
+
+
 def _run(model: nn.Module, batch) -> None:
     if isinstance(batch, torch.Tensor):
         model(batch)
@@ -138,18 +168,37 @@ class InputStats:
     amax: float
     mean: torch.Tensor | None
 
+    def __post_init__(self):
+        if not finite_real(self.amax) or self.amax < 0:
+            raise LaunchError(f"InputStats: amax={self.amax!r}; expected a finite number >= 0 (the largest |x|)")
+        if self.mean is not None and not (isinstance(self.mean, torch.Tensor) and self.mean.dim() == 1
+                                          and self.mean.is_floating_point()):
+            got = (f"{tuple(self.mean.shape)} {str(self.mean.dtype).removeprefix('torch.')}"
+                   if isinstance(self.mean, torch.Tensor) else type(self.mean).__name__)
+            raise LaunchError(f"InputStats: mean is {got}; expected None or a float tensor (in_features,)")
+
 
 def calibrate(model: nn.Module, names: list[str], batches) -> dict[str, InputStats]:
     """The ``InputStats`` of each named linear layer's input over ``batches`` (float weights, no gradients)."""
-    if isinstance(batches, torch.Tensor) or not isinstance(batches, Iterable):
+    # a tensor, a str or a dict iterates too, but as rows, characters or keys: one batch given for a list of them
+    if isinstance(batches, (torch.Tensor, str, bytes, dict)) or not isinstance(batches, Iterable):
         raise LaunchError(f"quantize: calibration must be an iterable of sample batches (e.g. [x1, x2], each a "
                           f"tensor, a tuple of arguments or a dict of keyword arguments), got "
                           f"{type(batches).__name__}")
+    if not isinstance(model, nn.Module):
+        raise LaunchError(f"calibrate: model must be a torch.nn.Module, got {type(model).__name__}")
+    modules = dict(model.named_modules())
+    if isinstance(names, str) or not isinstance(names, Iterable):
+        raise LaunchError(f"calibrate: names must be a list of the model's module names, got {names!r}")
+    names = list(names)
+    missing = [n for n in names if not isinstance(n, str) or n not in modules]
+    if missing:
+        raise LaunchError(f"calibrate: names {missing} are not modules of the model; expected names of "
+                          f"model.named_modules(), e.g. {[n for n in modules if n][:8]}")
     amax = dict.fromkeys(names, 0.0)
     sums: dict[str, torch.Tensor] = {}           # name -> (in_features,) f64 sum over the rows seen
     rows = dict.fromkeys(names, 0)
     hooks = []
-    modules = dict(model.named_modules())
     for name in names:
         def record(_mod, args, name=name):
             x = args[0].detach()
@@ -211,6 +260,9 @@ def quantize(model: nn.Module, mode: str = "int8", *, calibration=None, skip=())
                       f"{linears[:20]}{' ...' if len(linears) > 20 else ''})", UserWarning, stacklevel=2)
     names = [n for n in linears if not any(n == s or n.endswith("." + s) for s in skip)]
     stats = calibrate(model, names, calibration) if mode == "fp8-act" else {}
+    if stats and all(st.mean is None for st in stats.values()):   # only empty batches: no scale to fix
+        raise LaunchError(f"quantize: calibration batches brought no row to any linear layer ({names[:8]}); "
+                          "expected sample inputs with rows to fix the fp8 activation scales from")
 
     def replaced(name: str, linear: nn.Linear) -> QuantLinear:
         if name not in stats:

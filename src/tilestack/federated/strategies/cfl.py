@@ -27,6 +27,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggregate_metricrecords
 
+from tilestack.federated.checks import require_int, require_real
 from tilestack.federated.client import PARTITION_METRIC, _split_clusters, cluster_key
 from tilestack.federated.strategies._util import metric, ok_replies, pid_of, to_numpy, to_record, with_content
 from tilestack.federated.strategies.ifca import adjusted_rand_index
@@ -61,13 +62,13 @@ class CFL(FedAvg):
     def __init__(self, *, eps1: float = 0.4, max_cross_similarity: float = 0.0, warmup: int = 5,
                  max_clusters: int = 8, min_cluster_size: int = 2, **fedavg_kwargs):  # fmt: skip
         super().__init__(**fedavg_kwargs)
-        if not 0 < eps1 < 1:
-            raise ValueError(f"CFL: eps1={eps1!r}; expected in (0, 1)")
-        if max_clusters < 1 or min_cluster_size < 1 or warmup < 0:
-            raise ValueError(
-                f"CFL: max_clusters={max_clusters}, min_cluster_size={min_cluster_size}, warmup={warmup}; "
-                "expected >= 1, >= 1, >= 0"
-            )
+        require_real("CFL", "eps1", eps1, lambda v: 0 < v < 1, "a number in (0, 1)")
+        # a cosine similarity: NaN (every comparison False) would never split, a bound past 1 always would
+        require_real("CFL", "max_cross_similarity", max_cross_similarity, lambda v: -1 <= v <= 1,
+                     "a number in [-1, 1] (a cosine similarity)")
+        require_int("CFL", "max_clusters", max_clusters, low=1)
+        require_int("CFL", "min_cluster_size", min_cluster_size, low=1)
+        require_int("CFL", "warmup", warmup, low=0)
         self.eps1, self.max_cross, self.warmup = eps1, max_cross_similarity, warmup
         self.max_clusters, self.min_size = max_clusters, min_cluster_size
         self.assignments: dict[int, int] = {}

@@ -55,11 +55,9 @@ class IFCA(FedAvg):
 
     def __init__(self, *, num_clusters: int, reseed_after: int = 3, seed: int = 0, **fedavg_kwargs):
         super().__init__(**fedavg_kwargs)
-        if num_clusters < 1:
-            raise ValueError(f"IFCA: num_clusters={num_clusters!r}; expected >= 1")
+        require_int("IFCA", "num_clusters", num_clusters, low=1)
         require_int("IFCA", "seed", seed, low=0)
-        if reseed_after < 0:
-            raise ValueError(f"IFCA: reseed_after={reseed_after!r}; expected >= 0 (0: never re-seed)")
+        require_int("IFCA", "reseed_after", reseed_after, low=0)   # 0: never re-seed
         self.num_clusters, self.reseed_after, self.seed = num_clusters, reseed_after, seed
         self._idle = [0] * num_clusters
         self.assignments: dict[int, int] = {}

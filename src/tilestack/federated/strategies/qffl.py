@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import QFedAvg
 
+from tilestack.federated.checks import require_real
 from tilestack.federated.client import START_LOSS_KEY, START_LOSS_METRIC
 from tilestack.federated.strategies._util import metric, to_numpy, to_record
 
@@ -32,10 +33,8 @@ class QFFL(QFedAvg):
     """Flower's QFedAvg fed with each client's loss at the global model (see module doc)."""
 
     def __init__(self, *, q: float = 1.0, client_learning_rate: float, **kwargs):
-        if q < 0:
-            raise ValueError(f"QFFL: q={q!r}; expected >= 0")
-        if not client_learning_rate > 0:
-            raise ValueError(f"QFFL: client_learning_rate={client_learning_rate!r}; expected > 0")
+        require_real("QFFL", "q", q, lambda v: v >= 0, "a finite number >= 0")
+        require_real("QFFL", "client_learning_rate", client_learning_rate, lambda v: v > 0, "a finite number > 0")
         super().__init__(client_learning_rate=client_learning_rate, q=q, train_loss_key=START_LOSS_METRIC, **kwargs)
 
     def configure_train(
