@@ -4,8 +4,9 @@ error the module already uses, naming the argument and what was given, before an
 Reached here: ``tilestack.optimize`` / ``torch.compile(backend="tilestack", options=...)`` (the new ``numerics``
 option, mode and inner together), ``QuantLinear``'s constructor, ``InputStats``, ``quant.calibrate``,
 ``tilestack.quantize``'s calibration, launch options of any kernel (``kernels.gemm(num_warps=5)``),
-``perf.place``'s roof, ``perf.ceilings`` and ``perf.lookup_peaks``, the federated ``Task``, ``CFL``, ``IFCA`` and
-``QFFL``. What it found (each row or test failed before its fix):
+``kernels.add_layer_norm``, ``perf.place``'s roof, ``perf.ceilings`` and ``perf.lookup_peaks``, the federated
+``Task``, ``CFL``, ``IFCA``, ``QFFL``, ``FedDF`` and ``HeteroFL``.
+What it found (each row or test failed before its fix):
 - QuantLinear took any module (AttributeError), a NaN, negative, str or None x_scale (refused only by the GEMM at
   the first forward, or a bare ValueError/TypeError), an x_scale with int8 weights, mode "fp8-act" without an
   x_scale (a weight-only layer under fp8-act's name), and a NaN, int, complex or meta input_mean (a NaN bias, or
@@ -18,12 +19,15 @@ option, mode and inner together), ``QuantLinear``'s constructor, ``InputStats``,
   emulate_precision_casts override numerics without a word;
 - kernel launch options no backend takes (num_warps=5 or 0, num_stages=0, num_warps="4") ran on the reference
   backend and failed only on the GPU;
+- kernels.add_layer_norm with bias None took the RMS-norm path and failed unpacking its result (AttributeError);
 - perf.place under a roof of negative, NaN or infinite rates placed every kernel compute-bound at a negative or
   NaN fraction; perf.ceilings took a str device and non-positive sizes or budgets (AttributeError, or work
   started); lookup_peaks(None) was an AttributeError;
 - federated: Task took a negative Synthetic alpha/beta (refused only once a client ran); CFL took a NaN or
   out-of-range max_cross_similarity (never or always splitting) and non-integer counts; IFCA a float or NaN
-  num_clusters (TypeError deep in its constructor) and reseed_after; QFFL a NaN or inf q and learning rate.
+  num_clusters (TypeError deep in its constructor) and reseed_after; QFFL a NaN or inf q and learning rate;
+  FedDF float counts, an infinite lr, a negative seed (numpy's error) and NaN unlabeled inputs; HeteroFL a str
+  or float hidden width and a width_of that is not a function.
 torch.compile's own options reach the backend only at the first call, inside Dynamo, which wraps any error in its
 BackendCompilerFailed: the tilestack error is its inner exception (checked below), raised before any pass runs.
 """
@@ -43,7 +47,7 @@ import tilestack
 import tilestack.compile
 from tilestack import config, perf
 from tilestack.errors import DeviceError, LaunchError
-from tilestack.kernels import gemm, softmax
+from tilestack.kernels import add_layer_norm, gemm, softmax
 from tilestack.perf.roofline import Roof, RooflineError, place
 from tilestack.quant import InputStats, QuantLinear, calibrate
 
@@ -201,7 +205,7 @@ def test_quantize_with_some_empty_calibration_batches_still_calibrates():
     assert all(m.x_scale > 0 for m in qmodel.modules() if isinstance(m, QuantLinear))
 
 
-# ---- kernel launch options ---------------------------------------------------------------------------------------
+# ---- kernels: launch options, a missing bias -------------------------------------------------------------------------
 def _launch_option_rows() -> dict[str, Row]:
     a, b = randn(8, 8).bfloat16(), randn(8, 6).bfloat16()
     return {
@@ -211,6 +215,8 @@ def _launch_option_rows() -> dict[str, Row]:
         "gemm: num_warps a float": Row(lambda: gemm(a, b, num_warps=4.0), LaunchError, "num_warps=4.0"),
         "gemm: num_stages 0": Row(lambda: gemm(a, b, num_stages=0), LaunchError, "num_stages=0"),
         "gemm: num_stages negative": Row(lambda: gemm(a, b, num_stages=-1), LaunchError, "num_stages=-1"),
+        "add_layer_norm: bias None": Row(lambda: add_layer_norm(randn(4, 8), randn(4, 8), torch.ones(8), None),
+                                         LaunchError, "add_layer_norm: bias must be a torch.Tensor, got NoneType"),
         "softmax: num_warps 3": Row(lambda: softmax(randn(3, 8), num_warps=3), LaunchError, "num_warps=3"),
         "gemm: warp_specialize a str": Row(lambda: gemm(a, b, warp_specialize="yes"), LaunchError,
                                            "warp_specialize='yes'"),
@@ -270,11 +276,32 @@ def test_place_under_a_partly_unknown_roof_still_places():
 # ---- federated ---------------------------------------------------------------------------------------------------
 def _federated_rows() -> dict[str, Row]:
     from tilestack.federated.strategies.cfl import CFL
+    from tilestack.federated.strategies.feddf import FedDF
+    from tilestack.federated.strategies.heterofl import HeteroFL
     from tilestack.federated.strategies.ifca import IFCA
     from tilestack.federated.strategies.qffl import QFFL
     from tilestack.federated.task import Task
 
+    task = Task(dataset="blobs", num_clients=2, num_samples=40, num_features=4, model="mlp", hidden=4)
+    unlabeled = np.zeros((6, 4), np.float32)
+
+    def feddf(**kw):
+        return lambda: FedDF(model=task.build_model(), **({"unlabeled": unlabeled} | kw))
+
     return {
+        "FedDF: steps a float": Row(feddf(steps=1.5), ValueError, "FedDF: steps=1.5"),
+        "FedDF: lr inf": Row(feddf(lr=math.inf), ValueError, "FedDF: lr=inf"),
+        "FedDF: temperature nan": Row(feddf(temperature=math.nan), ValueError, "FedDF: temperature=nan"),
+        "FedDF: batch_size a float": Row(feddf(batch_size=2.5), ValueError, "FedDF: batch_size=2.5"),
+        "FedDF: seed negative": Row(feddf(seed=-1), ValueError, "FedDF: seed=-1"),
+        "FedDF: unlabeled with NaN": Row(feddf(unlabeled=np.full((6, 4), np.nan, np.float32)), ValueError,
+                                         "FedDF: unlabeled holds NaN"),
+        "HeteroFL: hidden a str": Row(lambda: HeteroFL(width_of=lambda p: 0.5, hidden="4"), ValueError,
+                                      "HeteroFL: hidden='4'"),
+        "HeteroFL: hidden a float": Row(lambda: HeteroFL(width_of=lambda p: 0.5, hidden=4.5), ValueError,
+                                        "HeteroFL: hidden=4.5"),
+        "HeteroFL: width_of a number": Row(lambda: HeteroFL(width_of=0.5, hidden=4), ValueError,
+                                           "HeteroFL: width_of=0.5"),
         "Task: alpha negative": Row(lambda: Task(alpha=-1.0), ValueError, "Task: alpha=-1.0; expected >= 0"),
         "Task: beta negative": Row(lambda: Task(beta=-0.5), ValueError, "Task: beta=-0.5"),
         "CFL: max_cross_similarity nan": Row(lambda: CFL(max_cross_similarity=math.nan), ValueError,

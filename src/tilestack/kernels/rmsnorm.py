@@ -247,6 +247,9 @@ def add_rms_norm(x, r, weight, eps: float = 1e-6, *, backend: str | None = None,
 def add_layer_norm(x, r, weight, bias, eps: float = 1e-5, *, backend: str | None = None, **config):
     """(y, h, mean, rstd): h = x + r in x's dtype, y = layer norm of h (the backward: layer_norm_backward with
     ``dh``)."""
+    if bias is None:     # norm_forward takes no bias for RMS norm: a layer norm's is required, as layer_norm's is
+        raise LaunchError("add_layer_norm: bias must be a torch.Tensor, got NoneType (a layer norm without a bias: "
+                          "pass torch.zeros_like(weight))")
     check_norm_args("add_layer_norm", x, weight, eps, bias=bias, residual=r)
     return norm_forward(x, weight, bias, r, eps, backend=backend, config=config)
 

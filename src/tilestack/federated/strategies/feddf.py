@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from tilestack.federated.checks import require_int, require_real
 from tilestack.federated.models import Model, is_statistic
 from tilestack.federated.strategies._util import ok_replies, to_numpy, to_record
 
@@ -35,13 +36,15 @@ class FedDF(FedAvg):
         temperature: float = 1.0, seed: int = 0, **fedavg_kwargs,
     ):  # fmt: skip
         super().__init__(**fedavg_kwargs)
-        if steps < 0 or not lr > 0 or not temperature > 0 or batch_size < 1:
-            raise ValueError(
-                f"FedDF: steps={steps}, lr={lr}, temperature={temperature}, batch_size={batch_size}; "
-                "expected steps >= 0, lr > 0, temperature > 0, batch_size >= 1"
-            )
+        require_int("FedDF", "steps", steps, low=0)
+        require_int("FedDF", "batch_size", batch_size, low=1)
+        require_int("FedDF", "seed", seed, low=0)
+        require_real("FedDF", "lr", lr, lambda v: v > 0, "a finite number > 0")
+        require_real("FedDF", "temperature", temperature, lambda v: v > 0, "a finite number > 0")
         if np.asarray(unlabeled).ndim != 2 or len(unlabeled) == 0:
             raise ValueError(f"FedDF: unlabeled has shape {np.shape(unlabeled)}; expected (N, features), N > 0")
+        if not np.isfinite(np.asarray(unlabeled, np.float32)).all():   # NaN logits would poison the distilled model
+            raise ValueError("FedDF: unlabeled holds NaN or infinite values; expected finite inputs to distill on")
         self.model, self.unlabeled = model, np.asarray(unlabeled, np.float32)
         self.steps, self.lr, self.batch_size, self.temperature = steps, lr, batch_size, temperature
         self.rng = np.random.default_rng(seed)

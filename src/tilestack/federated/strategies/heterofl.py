@@ -25,6 +25,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from tilestack.federated.checks import require_int
 from tilestack.federated.strategies._util import metric, ok_replies, pid_of, to_numpy, to_record, with_content
 
 # tilestack's models: the axes of each array that run over hidden units (MLP: fc1.weight is (D, H), fc2.weight
@@ -61,8 +62,10 @@ class HeteroFL(FedAvg):
 
     def __init__(self, *, width_of: Callable[[int], float], hidden: int, **fedavg_kwargs):
         super().__init__(**fedavg_kwargs)
-        if hidden < 1:
-            raise ValueError(f"HeteroFL: hidden={hidden!r}; expected >= 1")
+        require_int("HeteroFL", "hidden", hidden, low=1)
+        if not callable(width_of):
+            raise ValueError(f"HeteroFL: width_of={width_of!r}; expected a function of the partition id giving a "
+                             "width in (0, 1]")
         self.width_of, self.hidden = width_of, hidden
         self._x: dict[str, np.ndarray] = {}
 
