@@ -2,10 +2,10 @@
 error the module already uses, naming the argument and what was given, before any work.
 
 Reached here: ``tilestack.optimize`` / ``torch.compile(backend="tilestack", options=...)`` (the new ``numerics``
-option, mode and inner together), ``QuantLinear``'s constructor, ``InputStats``, ``quant.calibrate``,
-``tilestack.quantize``'s calibration, launch options of any kernel (``kernels.gemm(num_warps=5)``),
-``kernels.add_layer_norm``, ``perf.place``'s roof, ``perf.ceilings`` and ``perf.lookup_peaks``, the federated
-``Task``, ``CFL``, ``IFCA``, ``QFFL``, ``FedDF`` and ``HeteroFL``.
+option, mode and inner together), ``tilestack.compile.run_passes``, ``QuantLinear``'s constructor,
+``InputStats``, ``quant.calibrate``, ``tilestack.quantize``'s calibration, launch options of any kernel
+(``kernels.gemm(num_warps=5)``), ``kernels.add_layer_norm``, ``perf.place``'s roof, ``perf.ceilings`` and
+``perf.lookup_peaks``, the federated ``Task``, ``CFL``, ``IFCA``, ``QFFL``, ``FedDF`` and ``HeteroFL``.
 What it found (each row or test failed before its fix):
 - QuantLinear took any module (AttributeError), a NaN, negative, str or None x_scale (refused only by the GEMM at
   the first forward, or a bare ValueError/TypeError), an x_scale with int8 weights, mode "fp8-act" without an
@@ -17,6 +17,7 @@ What it found (each row or test failed before its fix):
   took a str or dict as the batches (iterated by character or key);
 - optimize / the backend ignored mode= and numerics="fused" with inner="eager"/"aot_eager", and let an explicit
   emulate_precision_casts override numerics without a word;
+- run_passes took passes=3, an int (TypeError), any gm and a rule of another type;
 - kernel launch options no backend takes (num_warps=5 or 0, num_stages=0, num_warps="4") ran on the reference
   backend and failed only on the GPU;
 - kernels.add_layer_norm with bias None took the RMS-norm path and failed unpacking its result (AttributeError);
@@ -79,7 +80,19 @@ def _compile_rows() -> dict[str, Row]:
     def opt(**kw):
         return tilestack.optimize(mlp(), **kw)
 
+    from tilestack.compile import run_passes
+
+    def passes(**kw):
+        return lambda: run_passes(torch.fx.symbolic_trace(mlp()), **kw)
+
     return {
+        "run_passes: gm a module": Row(lambda: run_passes(mlp()), LaunchError,
+                                       "gm must be a torch.fx.GraphModule, got Sequential"),
+        "run_passes: passes an int": Row(passes(passes=3), LaunchError, "passes=3"),
+        "run_passes: passes unknown": Row(passes(passes=["nrom"]), LaunchError, "passes ['nrom'] unknown"),
+        "run_passes: check a str": Row(passes(check="yes"), LaunchError, "check='yes'"),
+        "run_passes: inner unknown": Row(passes(inner="cuda"), LaunchError, "inner='cuda'"),
+        "run_passes: rule a dict": Row(passes(rule={"min_rows": 0}), LaunchError, "rule={'min_rows': 0}"),
         "optimize: numerics None": Row(lambda: opt(numerics=None), LaunchError, "numerics=None"),
         "optimize: numerics upper case": Row(lambda: opt(numerics="EAGER"), LaunchError, "numerics='EAGER'"),
         "optimize: numerics fused with inner eager": Row(lambda: opt(numerics="fused", inner="eager"), LaunchError,
@@ -131,6 +144,8 @@ def test_compile_options_that_fit_still_compile():
                dict(inner="aot_eager", passes=[])):
         torch._dynamo.reset()
         torch.testing.assert_close(tilestack.optimize(model, **kw)(x), want)
+    report = tilestack.compile.run_passes(torch.fx.symbolic_trace(model), passes="norm", inner="eager")
+    assert not report.swaps
 
 
 # ---- quant -------------------------------------------------------------------------------------------------------

@@ -60,11 +60,13 @@ def run_passes(gm: fx.GraphModule, *, passes=None, check: bool = False, inner: s
     """Rewrite ``gm`` in place with the named passes (all of ``PASSES`` by default) and say what happened. Each
     match is made only where it pays at the graph's static shapes (``rule``, default ``policy.current()``; see
     ``tilestack.compile.policy``)."""
+    if not isinstance(gm, fx.GraphModule):
+        raise LaunchError(f"run_passes: gm must be a torch.fx.GraphModule, got {type(gm).__name__}")
+    if rule is not None and not isinstance(rule, policy.Policy):
+        raise LaunchError(f"run_passes: rule={rule!r}; expected None or a tilestack.compile.policy.Policy")
+    passes = check_options("run_passes", check=check, inner=inner, passes=passes)
     rule = rule or policy.current()
-    chosen = list(PASSES) if passes is None else [passes] if isinstance(passes, str) else list(passes)
-    unknown = [n for n in chosen if n not in PASSES]
-    if unknown:
-        raise LaunchError(f"tilestack backend: passes {unknown} unknown; expected names from {list(PASSES)}")
+    chosen = list(PASSES) if passes is None else list(passes)
     names = [n for n in PASSES if n in chosen]        # PASSES' order: add_norm must see the adds before norm runs
     report = Report(graph=f"#{len(_reports)}", inner=inner)
     declined_nodes: dict[fx.Node, str] = {}
