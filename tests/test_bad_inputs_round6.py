@@ -5,7 +5,8 @@ Reached here: ``tilestack.optimize`` / ``torch.compile(backend="tilestack", opti
 option, mode and inner together), ``tilestack.compile.run_passes``, ``QuantLinear``'s constructor,
 ``InputStats``, ``quant.calibrate``, ``tilestack.quantize``'s calibration, launch options of any kernel
 (``kernels.gemm(num_warps=5)``), ``kernels.add_layer_norm``, ``perf.place``'s roof, ``perf.ceilings`` and
-``perf.lookup_peaks``, the federated ``Task``, ``CFL``, ``IFCA``, ``QFFL``, ``FedDF`` and ``HeteroFL``.
+``perf.lookup_peaks``, ``perf.time_fn`` and ``rotating_sets``, the federated ``Task``, ``CFL``, ``IFCA``,
+``QFFL``, ``FedDF`` and ``HeteroFL``.
 What it found (each row or test failed before its fix):
 - QuantLinear took any module (AttributeError), a NaN, negative, str or None x_scale (refused only by the GEMM at
   the first forward, or a bare ValueError/TypeError), an x_scale with int8 weights, mode "fp8-act" without an
@@ -23,7 +24,9 @@ What it found (each row or test failed before its fix):
 - kernels.add_layer_norm with bias None took the RMS-norm path and failed unpacking its result (AttributeError);
 - perf.place under a roof of negative, NaN or infinite rates placed every kernel compute-bound at a negative or
   NaN fraction; perf.ceilings took a str device and non-positive sizes or budgets (AttributeError, or work
-  started); lookup_peaks(None) was an AttributeError;
+  started); lookup_peaks(None) was an AttributeError; time_fn called fn with a tensor's rows for an args set
+  that was a tensor, timed an unknown device ('tpu') on the CPU's clock, took a negative warm-up, and a float
+  repeats was a TypeError; rotating_sets took a NaN set size and max_sets 0;
 - federated: Task took a negative Synthetic alpha/beta (refused only once a client ran); CFL took a NaN or
   out-of-range max_cross_similarity (never or always splitting) and non-integer counts; IFCA a float or NaN
   num_clusters (TypeError deep in its constructor) and reseed_after; QFFL a NaN or inf q and learning rate;
@@ -50,6 +53,7 @@ from tilestack import config, perf
 from tilestack.errors import DeviceError, LaunchError
 from tilestack.kernels import add_layer_norm, gemm, softmax
 from tilestack.perf.roofline import Roof, RooflineError, place
+from tilestack.perf.timing import TimingError, rotating_sets, time_fn
 from tilestack.quant import InputStats, QuantLinear, calibrate
 
 
@@ -248,6 +252,10 @@ def test_launch_options_some_backend_takes_still_run():
 
 
 # ---- perf --------------------------------------------------------------------------------------------------------
+def noop():
+    return None
+
+
 def _perf_rows() -> dict[str, Row]:
     def at(roof):
         return lambda: place(flops=1e6, bytes_moved=1e6, seconds=1e-3, roof=roof)
@@ -268,6 +276,16 @@ def _perf_rows() -> dict[str, Row]:
         "ceilings: dtypes unknown": Row(lambda: perf.ceilings(cpu, dtypes=["fp7"]), DeviceError, "dtypes=['fp7']"),
         "ceilings: budget_s nan": Row(lambda: perf.ceilings(cpu, budget_s=math.nan), DeviceError, "budget_s=nan"),
         "ceilings: budget_s negative": Row(lambda: perf.ceilings(cpu, budget_s=-1.0), DeviceError, "budget_s=-1.0"),
+        "time_fn: repeats a float": Row(lambda: time_fn(noop, device="cpu", repeats=1.5), TimingError, "repeats=1.5"),
+        "time_fn: warmup_s negative": Row(lambda: time_fn(noop, device="cpu", warmup_s=-1.0, repeats=3), TimingError,
+                                          "warmup_s=-1.0"),
+        "time_fn: an args set a tensor": Row(lambda: time_fn(torch.sum, device="cpu", args_sets=[torch.ones(1, 4)],
+                                                             repeats=3), TimingError, "args_sets[0] is a Tensor"),
+        "time_fn: device unknown": Row(lambda: time_fn(noop, device="tpu", repeats=3), TimingError, "device='tpu'"),
+        "rotating_sets: bytes_per_set nan": Row(lambda: rotating_sets(tuple, bytes_per_set=math.nan, device="cpu"),
+                                                TimingError, "bytes_per_set=nan"),
+        "rotating_sets: max_sets 0": Row(lambda: rotating_sets(tuple, bytes_per_set=64, device="cpu", max_sets=0),
+                                         TimingError, "max_sets=0"),
         "lookup_peaks: name None": Row(lambda: perf.lookup_peaks(None), DeviceError, "name=None"),
         "detect: a float index": Row(lambda: perf.detect(1.5), DeviceError, "device=1.5"),
     }
@@ -280,6 +298,14 @@ def test_ceilings_refused_before_any_measurement(tmp_path):
             with pytest.raises(DeviceError):
                 perf.ceilings(perf.detect("cpu"), remeasure=True, **kw)
     assert not any(tmp_path.rglob("*")), list(tmp_path.rglob("*"))
+
+
+def test_time_fn_arguments_that_fit_still_time():
+    x = torch.ones(1, 4)
+    for kw in (dict(args_sets=[(x,)]), dict(args_sets=[[x]], device=torch.device("cpu")), dict(device="cpu"),
+               dict(warmup_s=0)):
+        fn = noop if "args_sets" not in kw else torch.sum
+        assert time_fn(fn, repeats=3, **kw).median_s >= 0
 
 
 def test_place_under_a_partly_unknown_roof_still_places():

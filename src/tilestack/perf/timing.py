@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import re
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from tilestack.errors import TilestackError
@@ -151,6 +153,19 @@ def _percentile(xs: Sequence[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_device(device: Any) -> None:
+    """None, a perf Device (anything with a ``kind``), or "cpu" / "cuda" / "cuda:N" (a str or torch.device):
+    any other name would be timed on the CPU's clock without a word."""
+    if device is None or getattr(device, "kind", None) in ("cuda", "cpu"):
+        return
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
+        raise TimingError(f"device={device!r}; expected None, a perf.Device, 'cpu', 'cuda' or 'cuda:N'")
+
+
 def _is_cuda(device: Any) -> bool:
     if device is None:
         return False
@@ -178,8 +193,11 @@ def rotating_sets(
 
     On a CPU one set is returned: its caches are not flushed this way, and CPU timings want warm inputs.
     """
-    if bytes_per_set <= 0:
+    if not _is_real(bytes_per_set) or not 0 < bytes_per_set < math.inf:     # NaN too
         raise TimingError(f"bytes_per_set={bytes_per_set!r}; expected the positive size of one input set")
+    if isinstance(max_sets, bool) or not isinstance(max_sets, int) or max_sets < 1:
+        raise TimingError(f"max_sets={max_sets!r}; expected an int >= 1")
+    _check_device(device)
     if device is not None and not _is_cuda(device):
         return [make_args()]
     l2 = l2_bytes or getattr(device, "l2_bytes", None) or DEFAULT_L2_BYTES
@@ -197,11 +215,19 @@ def _check(
 ) -> list[tuple]:
     if not callable(fn):
         raise TimingError(f"fn={fn!r}; expected a callable")
-    sets = [()] if args_sets is None else [tuple(a) for a in args_sets]
+    if isinstance(args_sets, str | bytes) or not (args_sets is None or isinstance(args_sets, Iterable)):
+        raise TimingError(f"args_sets={args_sets!r:.80}; expected a list of tuples of arguments, or None")
+    sets = [()] if args_sets is None else list(args_sets)
+    for i, a in enumerate(sets):
+        # fn(*a) of a tensor would call fn with its rows: another call than meant, timed without a word
+        if not isinstance(a, tuple | list):
+            raise TimingError(f"args_sets[{i}] is a {type(a).__name__}; expected a tuple of fn's arguments "
+                              "(one argument x: (x,))")
+    sets = [tuple(a) for a in sets]
     if not sets:
         raise TimingError("args_sets=[]; expected at least one tuple of arguments (or None for no arguments)")
-    if repeats is not None and repeats < 1:
-        raise TimingError(f"repeats={repeats!r}; expected at least 1 timed repeat")
+    if repeats is not None and (isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1):
+        raise TimingError(f"repeats={repeats!r}; expected at least 1 timed repeat (an int)")
     if not window_s > 0:
         raise TimingError(f"window_s={window_s!r}; expected a positive timing window in seconds")
     if not budget_s > 0:
@@ -269,6 +295,9 @@ def time_fn(
     (None: do not) or ``budget_s`` seconds have gone (see the module docstring).
     """
     sets = _check(fn, args_sets, repeats, window_s, budget_s, target_rel_ci)
+    if not _is_real(warmup_s) or not 0 <= warmup_s < math.inf:
+        raise TimingError(f"warmup_s={warmup_s!r}; expected a finite warm-up time in seconds >= 0")
+    _check_device(device)
     plan = (repeats, window_s, budget_s, target_rel_ci)
     cuda = _is_cuda(device) if device is not None else _infer_cuda(sets)
     if graph and not cuda:
