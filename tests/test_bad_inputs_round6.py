@@ -15,7 +15,8 @@ What it found (each row or test failed before its fix):
 - InputStats took a negative or NaN amax and a list mean; calibrate took names that are no module (KeyError), a
   str of names (iterated by character) and a model that is none (AttributeError);
 - quantize with calibration batches that all had no row fixed every activation scale at 1 without a word, and
-  took a str or dict as the batches (iterated by character or key);
+  took a str or dict as the batches (iterated by character or key); accuracy_cost compared a model quantized in
+  place with itself (error 0) and read a NaN output as the other batches' error;
 - optimize / the backend ignored mode= and numerics="fused" with inner="eager"/"aot_eager", and let an explicit
   emulate_precision_casts override numerics without a word;
 - run_passes took passes=3, an int (TypeError), any gm and a rule of another type;
@@ -54,7 +55,7 @@ from tilestack.errors import DeviceError, LaunchError
 from tilestack.kernels import add_layer_norm, gemm, softmax
 from tilestack.perf.roofline import Roof, RooflineError, place
 from tilestack.perf.timing import TimingError, rotating_sets, time_fn
-from tilestack.quant import InputStats, QuantLinear, calibrate
+from tilestack.quant import InputStats, QuantLinear, accuracy_cost, calibrate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +206,9 @@ def _quant_rows() -> dict[str, Row]:
         "quantize: calibration batches without rows": Row(lambda: fp8_act([x[:0], x[:0]]), LaunchError,
                                                           "calibration batches brought no row"),
         "quantize: calibration a str": Row(lambda: fp8_act("batches"), LaunchError, "got str"),
+        "accuracy_cost: qmodel is model": Row(lambda: accuracy_cost(*[tilestack.quantize(mlp(), "int8")] * 2, [x]),
+                                              LaunchError, "model and qmodel are the same module"),
+        "accuracy_cost: batches a str": Row(lambda: accuracy_cost(mlp(), mlp(), "x"), LaunchError, "got str"),
         "quantize: calibration a dict": Row(lambda: fp8_act({"x": x}), LaunchError, "got dict"),
     }
 
@@ -222,6 +226,24 @@ def test_quantize_with_some_empty_calibration_batches_still_calibrates():
     x = randn(6, 8)
     qmodel = tilestack.quantize(mlp(), "fp8-act", calibration=[x[:0], x])
     assert all(m.x_scale > 0 for m in qmodel.modules() if isinstance(m, QuantLinear))
+
+
+def test_accuracy_cost_reports_a_nan_output_as_nan():
+    """A quantized model giving NaN on one batch: max(worst, nan) kept the worst of the others, so the NaN read as
+    a small error."""
+    x = randn(4, 8)
+    model = mlp()
+
+    def poisoned(t):
+        return model(t) if t.shape[0] != 1 else torch.full((1, 4), math.nan)
+
+    class Poisoned(nn.Module):
+        def forward(self, t):
+            return poisoned(t)
+
+    cost = accuracy_cost(model, Poisoned(), [x, x[:1]])
+    assert math.isnan(cost["max_rel_err"]) and math.isnan(cost["mean_rel_err"]), cost
+    assert accuracy_cost(model, Poisoned(), [x])["max_rel_err"] == 0.0
 
 
 # ---- kernels: launch options, a missing bias -------------------------------------------------------------------------

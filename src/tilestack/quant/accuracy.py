@@ -9,6 +9,7 @@ accuracy of a classifier trained here on a small real dataset (scikit-learn's 8x
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -34,7 +35,11 @@ def accuracy_cost(model: nn.Module, qmodel: nn.Module, batches) -> dict[str, flo
     for name, m in (("model", model), ("qmodel", qmodel)):
         if not isinstance(m, nn.Module):
             raise LaunchError(f"accuracy_cost: {name} must be a torch.nn.Module, got {type(m).__name__}")
-    if isinstance(batches, torch.Tensor) or not isinstance(batches, Iterable):
+    if model is qmodel:     # quantize changes its model in place: the float model is gone, and the error would be 0
+        raise LaunchError("accuracy_cost: model and qmodel are the same module (tilestack.quantize changes the model "
+                          "in place and returns it); expected the float model and its quantized copy: "
+                          "qmodel = tilestack.quantize(copy.deepcopy(model), ...)")
+    if isinstance(batches, (torch.Tensor, str, bytes, dict)) or not isinstance(batches, Iterable):
         raise LaunchError(f"accuracy_cost: batches must be an iterable of sample batches (e.g. [x1, x2]), got "
                           f"{type(batches).__name__}")
     worst, total, agree, rows, n = 0.0, 0.0, 0, 0, 0
@@ -50,7 +55,8 @@ def accuracy_cost(model: nn.Module, qmodel: nn.Module, batches) -> dict[str, flo
         if y.numel() == 0:       # nothing to compare in an empty batch
             continue
         rel = float((yq - y).abs().max() / y.abs().max().clamp_min(1e-30))
-        worst, total, n = max(worst, rel), total + rel, n + 1
+        # NaN kept (max(worst, nan) would keep worst: a NaN output would read as no error)
+        worst, total, n = rel if math.isnan(rel) else max(worst, rel), total + rel, n + 1
         agree += int((yq.argmax(-1) == y.argmax(-1)).sum())
         rows += y.numel() // y.shape[-1]
     if n == 0:
