@@ -15,7 +15,8 @@ What it found (each row or test failed before its fix):
 - InputStats took a negative or NaN amax and a list mean; calibrate took names that are no module (KeyError), a
   str of names (iterated by character) and a model that is none (AttributeError);
 - quantize with calibration batches that all had no row fixed every activation scale at 1 without a word, and
-  took a str or dict as the batches (iterated by character or key); accuracy_cost compared a model quantized in
+  took a str or dict as the batches (iterated by character or key), and calibrated a model in training mode as
+  such (dropout's scaled inputs, BatchNorm statistics moved); accuracy_cost compared a model quantized in
   place with itself (error 0) and read a NaN output as the other batches' error;
 - optimize / the backend ignored mode= and numerics="fused" with inner="eager"/"aot_eager", and let an explicit
   emulate_precision_casts override numerics without a word;
@@ -226,6 +227,26 @@ def test_quantize_with_some_empty_calibration_batches_still_calibrates():
     x = randn(6, 8)
     qmodel = tilestack.quantize(mlp(), "fp8-act", calibration=[x[:0], x])
     assert all(m.x_scale > 0 for m in qmodel.modules() if isinstance(m, QuantLinear))
+
+
+def test_calibration_of_a_model_in_training_mode_runs_it_as_inference():
+    """A model left in training mode: its dropout scaled the recorded inputs (x_scale and the bias correction from
+    dropped, rescaled activations) and its BatchNorm statistics moved with the calibration batches. Calibration
+    now runs every module in eval mode and restores each module's mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Dropout(0.5), nn.Linear(16, 4)).train()
+    model[0].eval()                                          # a mix of modes, restored as it was
+    stats_before = model[1].running_mean.clone()
+    x = randn(32, 8) * 3 + 1
+    with torch.no_grad():
+        model.eval()
+        want = float(model[2](model[1](model[0](x))).abs().max())   # the last layer's largest input at inference
+        model.train()
+        model[0].eval()
+    stats = calibrate(model, ["3"], [x])
+    assert stats["3"].amax == want
+    assert torch.equal(model[1].running_mean, stats_before)
+    assert [m.training for m in model.modules()] == [True, False, True, True, True]
 
 
 def test_accuracy_cost_reports_a_nan_output_as_nan():

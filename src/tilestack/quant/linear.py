@@ -179,7 +179,8 @@ class InputStats:
 
 
 def calibrate(model: nn.Module, names: list[str], batches) -> dict[str, InputStats]:
-    """The ``InputStats`` of each named linear layer's input over ``batches`` (float weights, no gradients)."""
+    """The ``InputStats`` of each named linear layer's input over ``batches`` (float weights, no gradients, every
+    module in eval mode)."""
     # a tensor, a str or a dict iterates too, but as rows, characters or keys: one batch given for a list of them
     if isinstance(batches, (torch.Tensor, str, bytes, dict)) or not isinstance(batches, Iterable):
         raise LaunchError(f"quantize: calibration must be an iterable of sample batches (e.g. [x1, x2], each a "
@@ -211,6 +212,10 @@ def calibrate(model: nn.Module, names: list[str], batches) -> dict[str, InputSta
                 rows[name] += x.numel() // x.shape[-1]
         hooks.append(modules[name].register_forward_pre_hook(record))
     seen = 0
+    # as inference sees it: a model left in training mode had its dropout scale the recorded inputs and its
+    # BatchNorm statistics moved by the calibration batches; each module's mode is restored after
+    training = {m: m.training for m in model.modules()}
+    model.eval()
     try:
         with torch.no_grad():
             for batch in batches:
@@ -226,6 +231,8 @@ def calibrate(model: nn.Module, names: list[str], batches) -> dict[str, InputSta
     finally:
         for h in hooks:
             h.remove()
+        for m, mode in training.items():
+            m.training = mode
     bad = [n for n, a in amax.items() if not math.isfinite(a)]
     if bad:
         raise LaunchError(f"quantize: calibration inputs of {bad} hold NaN or infinite values; expected finite "
