@@ -16,8 +16,9 @@ What it found (each row or test failed before its fix):
   str of names (iterated by character) and a model that is none (AttributeError);
 - quantize with calibration batches that all had no row fixed every activation scale at 1 without a word, and
   took a str or dict as the batches (iterated by character or key), and calibrated a model in training mode as
-  such (dropout's scaled inputs, BatchNorm statistics moved); accuracy_cost compared a model quantized in
-  place with itself (error 0) and read a NaN output as the other batches' error;
+  such (dropout's scaled inputs, BatchNorm statistics moved); accuracy_cost compared models in training mode
+  through dropout's random masks, compared a model quantized in place with itself (error 0) and read a NaN
+  output as the other batches' error;
 - optimize / the backend ignored mode= and numerics="fused" with inner="eager"/"aot_eager", and let an explicit
   emulate_precision_casts override numerics without a word;
 - run_passes took passes=3, an int (TypeError), any gm and a rule of another type;
@@ -247,6 +248,21 @@ def test_calibration_of_a_model_in_training_mode_runs_it_as_inference():
     assert stats["3"].amax == want
     assert torch.equal(model[1].running_mean, stats_before)
     assert [m.training for m in model.modules()] == [True, False, True, True, True]
+
+
+def test_accuracy_cost_of_models_in_training_mode_compares_inference():
+    """Float and quantized models in training mode: dropout made the comparison measure random masks (a relative
+    error near 1), not the quantization. Both now run in eval mode, their modes restored; dict batches are keyword
+    arguments, as calibration's."""
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5), nn.Linear(16, 4)).train()
+    qmodel = tilestack.quantize(copy.deepcopy(model), "int8").train()
+    x = randn(16, 8)
+    cost = accuracy_cost(model, qmodel, [x, {"input": x}])
+    assert cost["max_rel_err"] < 0.02 and cost["top1_agree"] > 0.9, cost
+    assert model.training and model[1].training and qmodel[1].training
 
 
 def test_accuracy_cost_reports_a_nan_output_as_nan():

@@ -16,16 +16,19 @@ import torch
 from torch import nn
 
 from tilestack.errors import LaunchError
+from tilestack.quant.linear import evaluating
 
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_PIXEL_MAX = 16.0            # the digits set's pixels are 0..16
 
 
 def _outputs(model: nn.Module, batch) -> torch.Tensor:
-    with torch.no_grad():
+    """model's output on ``batch`` (a tensor, a tuple of arguments or a dict of keyword arguments), as at
+    inference: no gradients, every module in eval mode."""
+    with evaluating(model), torch.no_grad():
         if isinstance(batch, torch.Tensor):
             return model(batch).float()
-        return model(*batch).float()
+        return model(**batch).float() if isinstance(batch, dict) else model(*batch).float()
 
 
 def accuracy_cost(model: nn.Module, qmodel: nn.Module, batches) -> dict[str, float]:

@@ -21,6 +21,7 @@ model: its ``QuantLinear``). ``QuantLinear`` runs inference only (a backward thr
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -152,6 +153,20 @@ def _check_x_scale(mode: str, x_scale) -> None:
                           "gemm.activation_scale(amax))")
 
 
+@contextlib.contextmanager
+def evaluating(*models: nn.Module):
+    """Every module of ``models`` in eval mode within the block, each module's own mode restored after (a model
+    left in training mode would run dropout and move its BatchNorm statistics)."""
+    training = {m: m.training for model in models for m in model.modules()}
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in training.items():
+            m.training = mode
+
+
 def _run(model: nn.Module, batch) -> None:
     if isinstance(batch, torch.Tensor):
         model(batch)
@@ -214,10 +229,8 @@ def calibrate(model: nn.Module, names: list[str], batches) -> dict[str, InputSta
     seen = 0
     # as inference sees it: a model left in training mode had its dropout scale the recorded inputs and its
     # BatchNorm statistics moved by the calibration batches; each module's mode is restored after
-    training = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             for batch in batches:
                 try:
                     _run(model, batch)
@@ -231,8 +244,6 @@ def calibrate(model: nn.Module, names: list[str], batches) -> dict[str, InputSta
     finally:
         for h in hooks:
             h.remove()
-        for m, mode in training.items():
-            m.training = mode
     bad = [n for n, a in amax.items() if not math.isfinite(a)]
     if bad:
         raise LaunchError(f"quantize: calibration inputs of {bad} hold NaN or infinite values; expected finite "
