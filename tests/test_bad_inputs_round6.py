@@ -5,8 +5,8 @@ Reached here: ``tilestack.optimize`` / ``torch.compile(backend="tilestack", opti
 option, mode and inner together), ``tilestack.compile.run_passes``, ``QuantLinear``'s constructor,
 ``InputStats``, ``quant.calibrate``, ``tilestack.quantize``'s calibration, launch options of any kernel
 (``kernels.gemm(num_warps=5)``), ``kernels.add_layer_norm``, ``perf.place``'s roof, ``perf.ceilings`` and
-``perf.lookup_peaks``, ``perf.time_fn`` and ``rotating_sets``, the federated ``Task``, ``CFL``, ``IFCA``,
-``QFFL``, ``FedDF`` and ``HeteroFL``.
+``perf.lookup_peaks``, ``perf.time_fn``, ``rotating_sets`` and ``formulas.attention``, the federated ``Task``,
+``CFL``, ``IFCA``, ``QFFL``, ``FedDF`` and ``HeteroFL``.
 What it found (each row or test failed before its fix):
 - QuantLinear took any module (AttributeError), a NaN, negative, str or None x_scale (refused only by the GEMM at
   the first forward, or a bare ValueError/TypeError), an x_scale with int8 weights, mode "fp8-act" without an
@@ -29,7 +29,8 @@ What it found (each row or test failed before its fix):
   NaN fraction; perf.ceilings took a str device and non-positive sizes or budgets (AttributeError, or work
   started); lookup_peaks(None) was an AttributeError; time_fn called fn with a tensor's rows for an args set
   that was a tensor, timed an unknown device ('tpu') on the CPU's clock, took a negative warm-up, and a float
-  repeats was a TypeError; rotating_sets took a NaN set size and max_sets 0;
+  repeats was a TypeError; rotating_sets took a NaN set size and max_sets 0; formulas.attention took
+  causal="no" as causal (half the FLOPs);
 - federated: Task took a negative Synthetic alpha/beta (refused only once a client ran); CFL took a NaN or
   out-of-range max_cross_similarity (never or always splitting) and non-integer counts; IFCA a float or NaN
   num_clusters (TypeError deep in its constructor) and reseed_after; QFFL a NaN or inf q and learning rate;
@@ -345,6 +346,10 @@ def _perf_rows() -> dict[str, Row]:
                                                 TimingError, "bytes_per_set=nan"),
         "rotating_sets: max_sets 0": Row(lambda: rotating_sets(tuple, bytes_per_set=64, device="cpu", max_sets=0),
                                          TimingError, "max_sets=0"),
+        "formulas.attention: causal a str": Row(lambda: perf.formulas.attention(1, 2, 64, 64, 16, causal="no"),
+                                                LaunchError, "causal='no' (str); expected True or False"),
+        "formulas.attention: backward an int": Row(lambda: perf.formulas.attention(1, 2, 64, 64, 16, backward=1),
+                                                   LaunchError, "backward=1"),
         "lookup_peaks: name None": Row(lambda: perf.lookup_peaks(None), DeviceError, "name=None"),
         "detect: a float index": Row(lambda: perf.detect(1.5), DeviceError, "device=1.5"),
     }

@@ -208,6 +208,9 @@ def attention(
     )
     if heads % kv_heads:
         raise LaunchError(f"kv_heads={kv_heads}; expected a divisor of heads={heads}")
+    for name, flag in (("causal", causal), ("backward", backward)):   # causal="no" would halve the FLOPs
+        if not isinstance(flag, bool):
+            raise LaunchError(f"{name}={flag!r} ({type(flag).__name__}); expected True or False")
     e = dtype_bytes(dtype)
     flops = FLOPS_PER_MAC * batch * heads * n_q * n_kv * (head_dim + dv)
     if causal:
