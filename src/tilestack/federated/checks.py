@@ -110,10 +110,14 @@ def require_int(where: str, name: str, value, *, low: int, high: int | None = No
 
 
 def require_real(where: str, name: str, value, ok, expected: str) -> None:
-    """``value`` is a finite real number (not a bool) for which ``ok`` holds; ``expected`` says which."""
-    number = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+    """``value`` is a finite real number (not a bool) for which ``ok`` holds; ``expected`` says which. A
+    FederatedError (a ValueError), as ``check_hyperparameters`` raises for the numbers it checks at the run."""
+    try:     # (an int past float's range overflows in float())
+        number = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+    except OverflowError:
+        number = False
     if not number or not ok(value):
-        raise ValueError(f"{where}: {name}={value!r}; expected {expected}")
+        raise FederatedError(f"{where}: {name}={value!r}; expected {expected}")
 
 
 def require_real_arrays(where: str, name: str, arrays) -> None:
