@@ -28,8 +28,10 @@ Bugs these found, fixed in the compiler, each kept here as its regression test:
 - launch: a constant of another kind than its annotation (BN="8", HOW=1 for a str, NEG="yes" for a bool) failed deep
   in the trace naming no constant, or traced silently; refused naming it (lang.kernel.Kernel.resolve):
   test_a_constant_of_another_kind_than_declared_is_named.
-Still open: `off = 0` (a Python int) and `off = off + 1` in a loop is not caught (the IR cannot tell the constant 0
-from the name), and the Triton backend has no plain form of a ring filled ahead (test_a_ring_filled_ahead).
+- language: a Python number updated from itself in a loop body (`off = 0` before, `off += 1` in it: Triton's pointer
+  increment) changed once, when the body was traced, silently; refused naming it, from the loop body's source
+  (lang.control._refuse_python_counters): test_a_python_number_updated_from_itself_in_a_loop_is_refused.
+Still open: the Triton backend has no plain form of a ring filled ahead (test_a_ring_filled_ahead).
 """
 
 import contextlib
@@ -469,6 +471,39 @@ def _rebind_in_an_inner_loop(X):
         ts.store(X, acc, at=(0,))
 
 
+def _python_counter(X):
+    x = ts.RegVec[ts.f32, 8]()
+    off = 0
+    for _ in ts.range(X.shape[0]):
+        ts.load(x, X, at=(off,))
+        ts.store(X, x, at=(off + 1,))
+        off += 1                                      # (Triton's pointer increment, as a tile coordinate)
+
+
+def _python_pair(X):
+    x = ts.RegVec[ts.f32, 8]()
+    ts.zero(x)
+    a, b = 0, 1
+    for _ in ts.range(X.shape[0]):
+        a, b = b, a + b
+        ts.store(X, x, at=(a,))
+
+
+def _python_numbers_the_body_binds_afresh(X):
+    """Python numbers bound in the body each trip (a counter reset, an unrolled loop's variable): traced as written."""
+    x = ts.RegVec[ts.f32, 8]()
+    k, c, s = 5, 7, 1
+    for j in ts.range(X.shape[0]):
+        k = 0
+        for c in range(2):
+            k += c
+        s = 1
+        while s < 4:
+            s *= 2
+        ts.load(x, X, at=(j + k + s,))
+        ts.store(X, x, at=(j,))
+
+
 def _rebound_names_that_carry_nothing(X):
     """Names bound again in a loop to values that do not come from their old ones: traced as written."""
     acc = ts.RegVec[ts.f32, 8]()
@@ -495,8 +530,18 @@ def test_rebinding_a_name_from_itself_in_a_loop_is_refused(body, name):
         k.trace(ts.ArgSpec(ts.f32, 1))
 
 
-def test_rebound_names_that_carry_nothing_are_traced():
-    ts.kernel(_rebound_names_that_carry_nothing, grid=lambda X: (1,)).trace(ts.ArgSpec(ts.f32, 1))
+@pytest.mark.parametrize(("body", "name", "value"), [(_python_counter, "off", 0), (_python_pair, "a", 0)])
+def test_a_python_number_updated_from_itself_in_a_loop_is_refused(body, name, value):
+    """(Before, `off += 1` changed off once, when the body was traced: every trip read and wrote the same tiles.)"""
+    k = ts.kernel(body, grid=lambda X: (1,))
+    with pytest.raises(TraceError, match=rf"test_heldout_round7_more.py:\d+: `{name}` is a Python number \({value}\) "
+                                         r"that this loop's body updates from itself"):
+        k.trace(ts.ArgSpec(ts.f32, 1))
+
+
+@pytest.mark.parametrize("body", [_rebound_names_that_carry_nothing, _python_numbers_the_body_binds_afresh])
+def test_names_bound_afresh_in_a_loop_are_traced(body):
+    ts.kernel(body, grid=lambda X: (1,)).trace(ts.ArgSpec(ts.f32, 1))
 
 
 # ---- 5b. instance norm over a channels-last view: column statistics per (image, channel block), vectors stored into

@@ -7,6 +7,10 @@
 
 from __future__ import annotations
 
+import ast
+import functools
+import inspect
+import textwrap
 from collections.abc import Iterator
 
 from tilestack.errors import TraceError
@@ -14,7 +18,7 @@ from tilestack.ir.nodes import Value
 from tilestack.ir.ops import Op
 from tilestack.ir.types import INDEX
 from tilestack.lang.tiles import Scalar, Tile, as_index, as_scalar
-from tilestack.lang.trace import current, user_line, user_locals, user_name
+from tilestack.lang.trace import current, user_frame, user_line, user_locals, user_name
 
 
 def block_id(axis: int = 0) -> Scalar:
@@ -83,6 +87,7 @@ def range(start, stop=None, step=1, *, stages: int | None = None,  # noqa: A001
         raise TraceError(f"range: stages must be a positive int, got {stages!r}", where)
     if not isinstance(flatten, bool):
         raise TraceError(f"range: flatten must be a bool, got {flatten!r}", where)
+    _refuse_python_counters(where)
     tr = current("range")
     ins = tr.emit(Op.RANGE, (lo_s.v, hi_s.v, step_s.v), (), where, stages=stages, flatten=flatten)
     induction = Value(INDEX, "it")
@@ -93,6 +98,48 @@ def range(start, stop=None, step=1, *, stages: int | None = None,  # noqa: A001
     induction.hint = user_name(index) or induction.hint   # the user's loop variable, now bound: `for k in ...`
     _refuse_rebinding(loop, bound)
     tr.end_loop(loop)
+
+
+def _refuse_python_counters(where: str) -> None:
+    """A Python number the loop's body updates from itself (``off += 1``, ``n = n + 1``; Triton's pointer
+    increments): the body is traced once, so it would change once, not once per trip. Refused, naming it."""
+    f = user_frame()
+    if f is None:
+        return
+    for name in sorted(_self_updates(f.f_code, f.f_lineno)):
+        v = f.f_locals.get(name)
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            raise TraceError(f"`{name}` is a Python number ({v!r}) that this loop's body updates from itself "
+                             f"(`{name} += ...`): the body is traced once, so {name} would change once, not once "
+                             f"per trip; compute it from the loop counter instead (`{name}0 + j * step`)", where)
+
+
+@functools.cache
+def _self_updates(code, line: int) -> frozenset[str]:
+    """The names the body of the ``for`` statement at ``line`` of ``code``'s function updates from themselves
+    (``n += 1``, ``n = n + 1``), less those a plain assignment or a nested Python loop in the body binds afresh
+    (a counter reset at the top of each trip). Empty where the source cannot be read."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(code)))
+    except (OSError, TypeError, SyntaxError):
+        return frozenset()
+    loop = next((n for n in ast.walk(tree) if isinstance(n, ast.For) and n.lineno + code.co_firstlineno - 1 == line),
+                None)
+    if loop is None:
+        return frozenset()
+    updated, fresh = set(), set()
+    for node in (n for stmt in loop.body for n in ast.walk(stmt)):
+        if isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
+            updated.add(node.target.id)
+        elif isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None:
+            read = {n.id for n in ast.walk(node.value) if isinstance(n, ast.Name)}
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                for n in ast.walk(target):
+                    if isinstance(n, ast.Name):
+                        (updated if n.id in read else fresh).add(n.id)
+        elif isinstance(node, ast.For | ast.comprehension):
+            fresh.update(n.id for n in ast.walk(node.target) if isinstance(n, ast.Name))
+    return frozenset(updated - fresh)
 
 
 def _bound_handles() -> dict[str, Tile | Scalar]:

@@ -42,6 +42,11 @@ def user_source() -> str:
     return "" if f is None else linecache.getline(f.f_code.co_filename, f.f_lineno).strip()
 
 
+def user_frame():
+    """The kernel author's frame that is running now (None if there is none)."""
+    return _user_frame()
+
+
 def user_locals() -> dict[str, Any]:
     """The kernel author's local variables right now (name -> object), or {}."""
     f = _user_frame()
