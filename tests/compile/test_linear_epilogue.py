@@ -224,3 +224,20 @@ def test_quantized_mlp(mode):
         "quant_linear + bias + gelu_tanh -> tilestack::quant_linear_epilogue",
         "quant_linear + bias + residual add -> tilestack::quant_linear_epilogue"] + chain, str(tc.last_report())
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_the_fused_gemm_op_is_a_plain_library_op_with_its_fake():
+    """tilestack::linear_epilogue is registered through torch.library.Library (no custom_op wrapper on its call
+    path: compile/ops.py says why): its schema and fake implementation pass torch's own checks, and its result is
+    the kernel's."""
+    from tilestack.compile import ops
+
+    x, w = torch.randn(3, 5, 16, dtype=torch.bfloat16), torch.randn(24, 16, dtype=torch.bfloat16)
+    b, r = torch.randn(24, dtype=torch.bfloat16), torch.randn(3, 5, 24, dtype=torch.bfloat16)
+    args = (x, w, b, r, "gelu_tanh", False)
+    assert isinstance(ops.linear_epilogue_op, torch._ops.OpOverload)
+    with config.override(backend="reference"):
+        torch.library.opcheck(ops.linear_epilogue_op, args, test_utils=("test_schema", "test_faketensor"))
+        got = ops.linear_epilogue_op(*args)
+    want = F.gelu(F.linear(x.float(), w.float(), b.float()), approximate="tanh") + r.float()
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
