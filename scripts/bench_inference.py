@@ -35,8 +35,7 @@ Cases:
 
 Variants (model cases): ``eager``; ``inductor`` and ``inductor-max-autotune`` (torch.compile); ``tilestack``
 (torch.compile(backend="tilestack"), the rest by Inductor default), ``tilestack-fused-numerics`` (the same with
-``numerics="fused"``: intermediates kept f32 in fused kernels, not rounded as eager's), ``tilestack-frozen``
-(Inductor's ``freezing``: weights folded in as constants, batch norm into the convolution), ``tilestack-max-autotune``,
+``numerics="fused"``: intermediates kept f32 in fused kernels, not rounded as eager's), ``tilestack-max-autotune``,
 ``tilestack-reduce-overhead`` (the result captured in CUDA graphs); ``tilestack-int8``, ``tilestack-fp8-act``
 (GPT-2 only: tilestack.quantize then the tilestack backend). Per variant: compile time (the first call), median
 latency (CUDA events), throughput, peak memory of a steady-state call, the output's error against eager (two
@@ -70,7 +69,7 @@ MODEL_CASES = ("gpt2-prefill", "gpt2-decode", "resnet50-b1", "resnet50-b64")
 KERNEL_CASES = ("gemm", "epilogue")                  # no model variants: one process runs all of a case
 CASES = MODEL_CASES + KERNEL_CASES
 VARIANTS = ("eager", "inductor", "inductor-max-autotune", "tilestack", "tilestack-fused-numerics",
-            "tilestack-frozen", "tilestack-max-autotune", "tilestack-reduce-overhead", "tilestack-int8",
+            "tilestack-max-autotune", "tilestack-reduce-overhead", "tilestack-int8",
             "tilestack-fp8-act")
 QUICK_VARIANTS = ("eager", "inductor", "tilestack", "tilestack-int8")
 QUANT_VARIANTS = {"tilestack-int8": "int8", "tilestack-fp8-act": "fp8-act"}
@@ -223,8 +222,6 @@ def prepare(variant: str, model: nn.Module, args, passes=None, policy=None):
         calib = [args] if mode == "fp8-act" else None      # calibrated on the benchmark batch itself
         model = tilestack.quantize(copy.deepcopy(model), mode, calibration=calib)
         return tilestack.optimize(model, passes=passes, **(policy or {})), f"quantized {mode}"
-    if variant == "tilestack-frozen":     # Inductor's freezing: the weights folded in as constants (conv + BN)
-        return tilestack.optimize(model, passes=passes, freezing=True, **(policy or {})), "freezing"
     if variant == "tilestack-fused-numerics":       # intermediates kept f32 inside fused kernels (not eager's)
         return tilestack.optimize(model, passes=passes, numerics="fused", **(policy or {})), "numerics=fused"
     mode = {"tilestack": None, "tilestack-max-autotune": "max-autotune",

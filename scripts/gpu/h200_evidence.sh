@@ -52,9 +52,9 @@ for p in $PARTS; do
     bwd-probe) part 420 bwd-probe python3 scripts/gpu/probe_attention_bwd.py --json "$F/attention_bwd_probe.json" ;;
     bf16-probe) part 260 bf16-probe python3 scripts/gpu/probe_bf16_epilogue_gemm.py --json "$F/bf16_probe.json" ;;
     numerics) part 220 numerics python3 scripts/bench_inference.py --cases gpt2-prefill --time-limit 210 \
-                --variants eager,inductor,tilestack,tilestack-fused-numerics,tilestack-frozen --json "$F/numerics.json" ;;
+                --variants eager,inductor,tilestack,tilestack-fused-numerics --json "$F/numerics.json" ;;
     resnet) part 260 resnet python3 scripts/bench_inference.py --cases resnet50-b1,resnet50-b64 --time-limit 250 \
-              --variants eager,inductor,tilestack,tilestack-frozen,tilestack-reduce-overhead --json "$F/resnet.json" ;;
+              --variants eager,inductor,tilestack,tilestack-reduce-overhead --json "$F/resnet.json" ;;
     prefill-numerics) part 200 prefill-numerics python3 scripts/gpu/diagnose_prefill_numerics.py ;;
     fp8-probe) part 300 fp8-probe python3 scripts/gpu/probe_fp8_gemm.py --json "$F/fp8_probe.json" ;;
     norm-bwd) part 120 norm-bwd python3 scripts/gpu/check_norm_backward.py --json "$F/norm_backward.json" ;;
