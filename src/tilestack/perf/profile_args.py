@@ -1,0 +1,111 @@
+"""What ``tilestack.perf.profile.profile_model`` checks before it runs anything: each argument by name (what was
+given and what was expected), and that the model and its inputs sit on the device being profiled."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from tilestack.perf.counting import ProfileError, _tensors
+from tilestack.perf.profile_render import describe
+
+
+def as_call(inputs: Any) -> tuple[tuple, dict]:
+    """inputs as (args, kwargs): a dict gives keyword arguments, a tuple or list positional ones, else one."""
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    if isinstance(inputs, tuple | list):
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
+def check_arguments(
+    model: Any, inputs: Any, *, steps: Any, warmup: Any, train: Any, name: Any, device: Any, ceilings: Any,
+    fastpath: Any, budget_s: Any,
+) -> None:
+    """Refuse, before any work, arguments :func:`profile_model` cannot use; each message names the argument,
+    what it was given and what it expects."""
+    import inspect
+
+    import torch
+
+    from tilestack.perf import device as device_mod
+
+    def refuse(arg: str, value: Any, expected: str) -> None:
+        raise ProfileError(f"{arg}={describe(value)} ({type(value).__name__}); expected {expected}")
+
+    if not callable(model):
+        refuse("model", model, "a torch.nn.Module or a callable taking the inputs")
+    if isinstance(model, type):  # nn.Linear, not nn.Linear(8, 8): calling it would build a module, not run one
+        refuse("model", model, f"a model instance, not its class (build one first: {model.__name__}(...))")
+    if isinstance(inputs, str | bytes | int | float | complex | bool) or inputs is None:
+        refuse("inputs", inputs, "a tensor, a tuple or list of positional arguments, or a dict of keyword arguments")
+    if isinstance(inputs, set | frozenset | Iterator):  # no order to bind by, or used up by the first step
+        refuse("inputs", inputs, "a tuple or list of positional arguments (a set has no order, an iterator is "
+               "used up by the first step)")
+    if type(inputs).__module__ == "numpy":
+        refuse("inputs", inputs, "torch tensors (torch.from_numpy turns an array into one)")
+    if isinstance(inputs, Mapping) and not all(isinstance(k, str) for k in inputs):
+        refuse("inputs", inputs, "a dict whose keys are the names of forward's keyword arguments (str)")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        refuse("steps", steps, "an int >= 1 (profiled steps), or None to profile until the step time is known")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        refuse("warmup", warmup, "an int >= 0 (steps run before counting and profiling)")
+    for arg, value in (("train", train), ("fastpath", fastpath)):
+        if not isinstance(value, bool):
+            refuse(arg, value, "True or False")
+    if name is not None and not isinstance(name, str):
+        refuse("name", name, "a str, or None for the model's class name")
+    if isinstance(budget_s, bool) or not isinstance(budget_s, int | float) or not 0 < budget_s < math.inf:
+        refuse("budget_s", budget_s, "a positive, finite time budget in seconds")
+    if not (ceilings is None or ceilings is False or isinstance(ceilings, device_mod.Ceilings)):
+        refuse("ceilings", ceilings, "a perf.Ceilings, None (the cached ones) or False (none)")
+    if not (device is None or isinstance(device, str | int | torch.device | device_mod.Device)) or isinstance(
+        device, bool
+    ):
+        refuse("device", device, "'cpu', 'cuda', 'cuda:N', a torch.device, a perf.Device or None")
+    if train and not torch.is_grad_enabled():
+        raise ProfileError(
+            "train=True, but gradients are off where profile_model was called (inside torch.no_grad or "
+            "torch.inference_mode): there is no backward to profile; expected train=False, or a call outside them"
+        )
+    if train and isinstance(model, torch.nn.Module):
+        trainable = any(p.requires_grad for p in model.parameters()) or any(
+            t.requires_grad for t in _tensors(inputs)
+        )
+        if not trainable:
+            raise ProfileError(
+                f"train=True, but model {type(model).__name__} has no parameter that requires grad and no input "
+                "does: there is no backward to profile; expected train=False"
+            )
+    # The inputs must fit the signature of forward (or of the callable): caught here, not deep in a trace.
+    is_module = isinstance(model, torch.nn.Module)
+    try:
+        sig = inspect.signature(model.forward if is_module else model)
+    except (TypeError, ValueError):
+        return  # a builtin or C callable: no signature to check against
+    args, kwargs = as_call(inputs)
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as e:
+        called = f"{type(model).__name__}.forward" if is_module else getattr(model, "__name__", "model")
+        raise ProfileError(
+            f"inputs={describe(inputs)} do not fit {called}{sig}: {e}; expected a tuple of its positional "
+            "arguments, a dict of its keyword arguments, or one tensor"
+        ) from None
+
+
+def check_placement(model: Any, inputs: Any, kind: str) -> None:
+    """Inputs (but 0-dim ones, which torch moves itself) and parameters must be on the profiled device kind:
+    a meta or another device's tensor would be timed as nothing, or fail deep in the first step."""
+    import torch
+
+    where = {f"inputs on {t.device.type}" for t in _tensors(inputs) if t.dim() > 0 and t.device.type != kind}
+    if isinstance(model, torch.nn.Module):  # buffers may stay elsewhere on purpose (moved in forward)
+        where |= {f"model parameters on {t.device.type}" for t in model.parameters() if t.device.type != kind}
+    if where:
+        raise ProfileError(
+            f"{', '.join(sorted(where))}; expected the model and its inputs on the profiled device ({kind}): "
+            "move them (model.to(device), tensor.to(device)) or pass device= to match"
+        )
