@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +44,7 @@ ADAM_FIT_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 20}   # optimizer_s's large st
 TIMING_BUDGET_S = 0.5
 PAIRED_ROUNDS = 3                        # time_extra: rounds of the two modules timed back to back
 TIMING_REL_CI = 0.05
+OPTIMIZER_CONTEXT_BATCH = 2              # micro-batch of the forward and backward before optimizer_context's step
 
 
 class ComputeModel:
@@ -319,6 +321,34 @@ def time_extra(plain: Any, other: Any, make_input: Callable[[], Any], loss: Call
 
 
 @_single_thread
+def time_step_after_backward(module: Any, make_input: Callable[[], Any], loss: Callable[[Any], Any] | None = None,
+                             device: str = "cpu", rounds: int = PAIRED_ROUNDS) -> float:
+    """Seconds of an AdamW step (the Trainer's kind) right after ``module``'s forward and backward: the step
+    (forward, backward, AdamW, zero_grad) minus the forward and backward, median over ``rounds`` (one thread)."""
+    import statistics
+
+    import torch
+
+    from tilestack.parallel.engine import adamw_foreach
+    x = make_input()
+    reduce = loss or (lambda y: y.float().sum())
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, foreach=adamw_foreach(params))
+
+    def fwd_bwd():
+        reduce(module(x)).backward()
+
+    def step():
+        fwd_bwd()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    step()                                      # AdamW's state exists from here on, as after a training step's first
+    diffs = [_best_s(step, device) - _best_s(fwd_bwd, device) for _ in range(rounds)]
+    module.zero_grad(set_to_none=True)
+    return max(statistics.median(diffs), 0.0)
+
+
+@_single_thread
 def time_adamw(params: int, tensors: int, device: str = "cpu", dtype: Any = None) -> float:
     """One AdamW step over ``tensors`` tensors of ``params`` elements in all, with the Trainer's choice of
     ``foreach`` for plain tensors (``engine.adamw_foreach``: torch's, the multi-tensor kernels on a GPU)."""
@@ -335,13 +365,27 @@ def time_adamw(params: int, tensors: int, device: str = "cpu", dtype: Any = None
 
 class MeasuredCompute(ComputeModel):
     """Times measured on this machine's CPU (one thread per rank). Build with :meth:`for_gpt` or
-    :meth:`for_module`."""
+    :meth:`for_module`.
+
+    In context. A layer timed alone, called again and again on the same input, keeps its weights, activations and
+    the interpreter's paths warm; in a step the rest of the model evicts them in between. So with ``whole`` (a
+    builder of the whole model, as the layers' builders are) the layer times at a micro-batch are scaled by
+    ``context(micro_batch)``: the whole model's forward and backward, timed the same way, over the sum of its
+    layers' times at tp 1. The optimizer's fit is scaled the same way by ``optimizer_context()``: AdamW's step
+    after a forward and backward (a step minus its forward and backward) over the fit at the model's parameters.
+    On this CPU (2026-12-04, gpt 4x64 at 4 samples, one thread): the layers sum to 8.2 ms and the whole model
+    takes 8.7; AdamW's fit gives 1.7 ms, the same step alone 1.8 and after the backward 2.45; a dp2 step
+    predicted 15.2 ms was measured 20.3 (scripts/parallel/plan_compute_gap.py shows the parts)."""
 
     def __init__(self, desc: ModelDesc, builders: dict[str, Callable[..., tuple[Any, Callable, Callable | None]]],
                  *, cores: int | None = None, overheads: bool | dict[str, float] = False, device: str = "cpu",
-                 recompute_builders: frozenset[str] = frozenset()):
+                 recompute_builders: frozenset[str] = frozenset(),
+                 whole: Callable[[int], tuple[Any, Callable, Callable | None]] | None = None):
         self.desc = desc
         self.builders = builders
+        self.whole = whole
+        self._context: dict[int, float] = {}
+        self._optimizer_context: float | None = None
         # the layer kinds whose builder takes ``recompute=`` (a policy): their recompute cost is measured
         self.recompute_builders = frozenset(recompute_builders)
         self._recompute: dict[tuple[str, int, int, str], float] = {}
@@ -367,20 +411,55 @@ class MeasuredCompute(ComputeModel):
     def _key(self, layer: LayerDesc) -> str:
         return layer.kind if layer.kind in ("embed", "block", "head") else layer.name
 
-    def _times(self, layer: LayerDesc, index: int, micro_batch: int, tp: int) -> tuple[float, float]:
+    def _alone(self, layer: LayerDesc, micro_batch: int, tp: int) -> tuple[float, float]:
+        """(forward s, backward s) of the layer timed alone (cached per layer kind, micro-batch and tp)."""
         key = (self._key(layer), micro_batch, tp)
         if key not in self._cache:
             module, make_input, loss = self.builders[key[0]](micro_batch, tp)
             self._cache[key] = time_forward_backward(module, make_input, loss, self.device)
         return self._cache[key]
 
+    def _times(self, layer: LayerDesc, index: int, micro_batch: int, tp: int) -> tuple[float, float]:
+        f, b = self._alone(layer, micro_batch, tp)
+        k = self.context(micro_batch)
+        return f * k, b * k
+
+    def context(self, micro_batch: int) -> float:
+        """The whole model's forward and backward at ``micro_batch`` over the sum of its layers' timed alone (1
+        without a ``whole`` builder); class docstring."""
+        if self.whole is None:
+            return 1.0
+        if micro_batch not in self._context:
+            alone = sum(sum(self._alone(layer, micro_batch, 1)) for layer in self.desc.layers)
+            module, make_input, loss = self.whole(micro_batch)
+            whole = sum(time_forward_backward(module, make_input, loss, self.device))
+            if not (alone > 0 and math.isfinite(whole) and whole > 0):
+                raise PlanError(f"MeasuredCompute.context: model {self.desc.name!r} at micro_batch={micro_batch} "
+                                f"timed {whole} s whole against {alone} s for its layers; expected positive times")
+            self._context[micro_batch] = whole / alone
+        return self._context[micro_batch]
+
+    def optimizer_context(self) -> float:
+        """AdamW's step after the whole model's forward and backward over the fit's time for the model's
+        parameters (1 without a ``whole`` builder); class docstring."""
+        if self.whole is None:
+            return 1.0
+        if self._optimizer_context is None:
+            layers = self.desc.layers
+            fit = self._adam_fit(sum(la.params - la.frozen for la in layers), sum(la.tensors for la in layers))
+            module, make_input, loss = self.whole(OPTIMIZER_CONTEXT_BATCH)
+            after = time_step_after_backward(module, make_input, loss, self.device)
+            self._optimizer_context = after / fit if fit > 0 else 1.0
+        return self._optimizer_context
+
     def recompute_s(self, index: int, micro_batch: int, tp: int, policy: str) -> float:
         """Selective recompute measured where the layer's builder can apply it: the block's forward and backward
         under the policy minus without it (``time_extra``). Its region (scores, softmax, the product with v) costs
         more of the time than of the FLOPs, and checkpoint's own work adds to it: on this CPU, gpt 8x64 at 4
         samples a rank, 2.0 ms a block against the FLOP share's 0.2, and a dp2 step predicted -10% against dp2's own
-        -10% where the FLOP share gave -28%. Full recompute stays the forward time (ComputeModel): measured the
-        same way it came out at 4 ms a block, and the step +23% over (the FLOP share: -12%).
+        -10% where the FLOP share gave -28%. Full recompute is measured the same way: runs 1-5 took the forward
+        time for it, and the steps of the 6 full-recompute plans came out 18-54% over their predictions (run 6,
+        2026-12-04), the most of any plans; the replay runs checkpoint's hooks as well as the forward.
 
         On a GPU full recompute is measured too: there the replay is bound by the host, not by the forward's
         kernels. torch's non-reentrant checkpoint runs a Python hook per saved tensor, so on the H200 (2026-12-03,
@@ -389,17 +468,21 @@ class MeasuredCompute(ComputeModel):
         measured 15.6 ms over the plain one, 4.5 ms predicted from the forward time (+39%)."""
         layer = self.desc.layers[index]
         key = self._key(layer)
-        measured = ("selective", "full") if self.device.startswith("cuda") else ("selective",)
-        if policy not in measured or layer.kind != "block" or key not in self.recompute_builders:
+        if policy not in ("selective", "full") or layer.kind != "block" or key not in self.recompute_builders:
             return super().recompute_s(index, micro_batch, tp, policy)
         ckey = (key, micro_batch, tp, policy)
         if ckey not in self._recompute:
             plain, make_input, loss = self.builders[key](micro_batch, tp)
             module = self.builders[key](micro_batch, tp, recompute=policy)[0]
             self._recompute[ckey] = time_extra(plain, module, make_input, loss, self.device)
-        return self._recompute[ckey]
+        return self._recompute[ckey] * self.context(micro_batch)
 
     def optimizer_s(self, params: float, tensors: int) -> float:
+        """AdamW's step over ``params`` elements in ``tensors`` tensors: the fit (``_adam_fit``) in context
+        (``optimizer_context``)."""
+        return self._adam_fit(params, tensors) * self.optimizer_context()
+
+    def _adam_fit(self, params: float, tensors: int) -> float:
         """A fixed cost, one per tensor and one per element, fitted to three measured AdamW steps (the Trainer's
         kind): one tiny tensor, 64 tiny tensors, 64 tensors of ``ADAM_FIT_ELEMENTS``. On a GPU the multi-tensor
         step is a few launches whatever the count, so the fixed term carries them, and the per-element slope is
@@ -462,8 +545,13 @@ class MeasuredCompute(ComputeModel):
             return part, lambda: torch.randn(b, s, h, dtype=dtype, device=device, requires_grad=True), \
                 lambda y: lm_loss(y, targets)
 
+        def whole(b: int):
+            model = GPT(cfg, seed=0).to(device=device, dtype=dtype)
+            targets = torch.randint(0, V, (b, s), device=device)
+            return model, lambda: torch.randint(0, V, (b, s), device=device), lambda y: lm_loss(y, targets)
+
         return cls(desc, {"embed": embed, "block": block, "head": head}, cores=cores, overheads=overheads,
-                   device=device, recompute_builders=frozenset({"block"}))
+                   device=device, recompute_builders=frozenset({"block"}), whole=whole)
 
     @classmethod
     def for_module(cls, desc: ModelDesc, module: Any, example_input: Any, *, cores: int | None = None
@@ -526,7 +614,13 @@ class MeasuredCompute(ComputeModel):
                 return Bound(copy.deepcopy(call.module)), make, _loss_of
             return build
 
-        return cls(desc, {layer.name: builder(layer.name) for layer in desc.layers}, cores=cores)
+        def whole(b: int):
+            def resize(t):
+                return t[:1].repeat(b, *(1,) * (t.dim() - 1))
+
+            return Bound(copy.deepcopy(module)), lambda: _leaves((_map_tensors(args, resize), {})), _loss_of
+
+        return cls(desc, {layer.name: builder(layer.name) for layer in desc.layers}, cores=cores, whole=whole)
 
 
 def _nonleaf(t: Any) -> Any:

@@ -7,7 +7,8 @@ Each plan runs in a fresh process group of ``plan.world_size`` ranks, training t
 Trainer that ``tilestack train`` uses, on ``make_batch`` batches. Step time: the least, over the steps after
 ``warmup``, of the slowest rank's wall time (a step ends when its last rank does; the least is the step other
 work on a shared machine disturbed least, as the planner's own timings are; the median is kept too).
-Memory, without CUDA: one more step runs under ``torch.profiler`` with ``profile_memory``; the peak of the
+With a probe (``probe_s``) each timed step after the first follows an untimed step, not the probe, so it starts
+as a training step does: warm. Memory, without CUDA: one more step runs under ``torch.profiler`` with ``profile_memory``; the peak of the
 running sum of its CPU allocations and frees, plus the bytes alive when it began (parameters and optimizer
 state, counted tensor by tensor; gradients were freed by the previous step), is the rank's peak. The bytes of
 parameters, gradients (after the gradient reduction) and optimizer state are also counted tensor by tensor.
@@ -76,6 +77,11 @@ def measure_rank(rank: int, world_size: int, spec: dict) -> dict:
     seconds, losses, probes = [], [], []
     for step in range(spec["steps"]):
         idx, targets = make_batch(cfg, spec["batch"], spec["seq"], seed=step)
+        if spec["probe"] is not None and step > 0:
+            # the probe's tens of ms of other work leave caches and the interpreter's paths cold: the step timed
+            # right after it took 25% longer (gpt 4x64, dp2, 2026-12-04: 20.9 against 16.4 ms median). In training
+            # a step follows a step, so one runs untimed in between (module docstring)
+            trainer.step(idx, targets)
         torch.distributed.barrier()
         t0 = time.perf_counter()
         losses.append(trainer.step(idx, targets))

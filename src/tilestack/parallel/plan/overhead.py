@@ -12,8 +12,13 @@ and runs its actions, ZeRO flattens gradients and slices. Each is timed on the r
 Times are the median over rounds that alternate between the variants, each divided by the slowdown that a
 lockstep probe right after it shows (compute.LockstepProbe: this machine is shared with other work).
 
-- ddp, pipeline, zero: in one process whose group has one rank (their collectives move nothing), against the
+- pipeline, zero: in one process whose group has one rank (their collectives move nothing), against the
   same model unwrapped; the difference is the wrapper's own cost.
+- ddp: on a group of ``degree`` ranks (2), whole training steps against the bare model's and one plain
+  all-reduce of all the gradients (what the planner counts): DDP's bucketed all-reduces run on gloo's threads while the backward computes, on
+  the same cores, and its last bucket waits for the slower rank. A one-rank group (runs 1-5) saw only its hooks
+  and copies: on this CPU (2026-12-04, gpt 4x64, 4 samples a rank) 1.1 ms, where a dp2 step took 4.0 ms more than
+  two bare ranks side by side and the all-reduce alone 1.6 ms (gpt 4x128: 8.5 and 2.8 ms).
 - tp, sp, fsdp: on a group of ``degree`` ranks (2), because there the wrapper's cost is mostly in its
   collectives and a one-rank group skips them: DTensor issues more collectives than Megatron's 2 + 2 per block
   (each column-parallel input's gradient, the embeddings, the head), each through the functional collectives'
@@ -48,12 +53,11 @@ def _overhead_rank(rank: int, world_size: int, cfg_kw: dict, batch: int, seq: in
     from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
     from tilestack.parallel import GPT, ModelConfig, lm_loss, make_batch
-    from tilestack.parallel.parallelize import apply_ddp
     from tilestack.parallel.zero import ZeroOptimizer
     cfg = ModelConfig(**cfg_kw)
     mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("x",))
     idx, targets = make_batch(cfg, batch, seq)
-    models: dict[str, Any] = {"plain": GPT(cfg, seed=0), "ddp": apply_ddp(GPT(cfg, seed=0), mesh.get_group())}
+    models: dict[str, Any] = {"plain": GPT(cfg, seed=0)}
     steps = {name: (lambda m=m: lm_loss(m(idx), targets).backward()) for name, m in models.items()}
     # pipeline: one stage running ``microbatches`` micro-batches, against the plain model on one micro-batch each
     stage = PipelineStage(GPT(cfg, seed=0), 0, 1, torch.device("cpu"), group=mesh.get_group())
@@ -87,7 +91,6 @@ def _overhead_rank(rank: int, world_size: int, cfg_kw: dict, batch: int, seq: in
     for m in models.values():
         m.zero_grad(set_to_none=True)
     return {
-        "ddp": max(typical["ddp"] - typical["plain"], 0.0),
         "pipeline": max(typical["pipeline"] - typical["plain_mb"], 0.0) / microbatches,
         "zero": max(typical["zero"] - typical["adam"], 0.0),
     }
@@ -106,6 +109,11 @@ def _median_of_rounds(steps: dict[str, Any], rounds: int, probe: LockstepProbe) 
     times: dict[str, list[float]] = {k: [] for k in steps}
     for r in range(rounds + 1):
         for k, fn in steps.items():
+            # the probe before leaves caches and the interpreter's paths cold: the call timed follows an untimed
+            # one, as in training a step follows a step (measure.py: a dp2 step right after the probe took 25%
+            # longer)
+            dist.barrier()
+            fn()
             dist.barrier()
             t0 = time.perf_counter()
             fn()
@@ -127,12 +135,29 @@ def _group_rank(rank: int, world_size: int, cfg_kw: dict, batch: int, seq: int, 
     from torch.distributed.tensor import DTensor
 
     from tilestack.parallel import GPT, ModelConfig, lm_loss, make_batch
-    from tilestack.parallel.parallelize import apply_fsdp, apply_tp
+    from tilestack.parallel.parallelize import apply_ddp, apply_fsdp, apply_tp
     cfg = ModelConfig(**cfg_kw)
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("x",))
     idx, targets = make_batch(cfg, batch, seq)
     steps: dict[str, Any] = {}
     tensors: dict[str, int] = {}
+    # DDP against the bare model on each rank and one all-reduce of all the gradients' bytes (what the planner
+    # counts): its buckets' all-reduces run on gloo's threads beside the backward, and wait for the slower rank
+    # whole training steps (AdamW, foreach=False as the Trainer's, and zero_grad included): DDP's reducer then
+    # meets fresh gradients each step as in training
+    plain, ddp = GPT(cfg, seed=0), apply_ddp(GPT(cfg, seed=0), mesh.get_group())
+
+    def train_step(m):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3, foreach=False)
+
+        def run():
+            lm_loss(m(idx), targets).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return run
+    steps["plain"], steps["ddp"] = train_step(plain), train_step(ddp)
+    grads = torch.zeros(sum(p.numel() for p in plain.parameters()), dtype=next(plain.parameters()).dtype)
+    steps["dp_comm"] = lambda: dist.all_reduce(grads)
     for name in ("tp", "sp", "fsdp"):
         m = GPT(cfg, seed=0)
         if name == "fsdp":
@@ -195,4 +220,5 @@ def measure_overheads(desc: ModelDesc, compute: ComputeModel, *, micro_batch: in
         out[name] = max(typical[name] - typical[comm] - layers_s(tp), 0.0) / len(blocks)
     for name in ("tp optimizer", "fsdp optimizer"):
         out[name] = typical[name]
+    out["ddp"] = max(typical["ddp"] - typical["plain"] - typical["dp_comm"], 0.0)
     return out
