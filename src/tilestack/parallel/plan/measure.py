@@ -7,11 +7,11 @@ Each plan runs in a fresh process group of ``plan.world_size`` ranks, training t
 Trainer that ``tilestack train`` uses, on ``make_batch`` batches. Step time: the least, over the steps after
 ``warmup``, of the slowest rank's wall time (a step ends when its last rank does; the least is the step other
 work on a shared machine disturbed least, as the planner's own timings are; the median is kept too).
-With a probe (``probe_s``) each timed step after the first follows an untimed step, not the probe, so it starts
-as a training step does: warm. Memory, without CUDA: one more step runs under ``torch.profiler`` with ``profile_memory``; the peak of the
-running sum of its CPU allocations and frees, plus the bytes alive when it began (parameters and optimizer
-state, counted tensor by tensor; gradients were freed by the previous step), is the rank's peak. The bytes of
-parameters, gradients (after the gradient reduction) and optimizer state are also counted tensor by tensor.
+With a probe (``probe_s``) each timed step after the first follows an untimed step, not the probe, so it starts as a
+training step does: warm. Memory, without CUDA: one more step runs under ``torch.profiler`` with ``profile_memory``;
+the peak of the running sum of its CPU allocations and frees, plus the bytes alive when it began (parameters and
+optimizer state, counted tensor by tensor; gradients were freed by the previous step), is the rank's peak. The bytes
+of parameters, gradients (after the gradient reduction) and optimizer state are also counted tensor by tensor.
 """
 
 from __future__ import annotations

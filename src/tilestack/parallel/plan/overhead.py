@@ -14,11 +14,11 @@ lockstep probe right after it shows (compute.LockstepProbe: this machine is shar
 
 - pipeline, zero: in one process whose group has one rank (their collectives move nothing), against the
   same model unwrapped; the difference is the wrapper's own cost.
-- ddp: on a group of ``degree`` ranks (2), whole training steps against the bare model's and one plain
-  all-reduce of all the gradients (what the planner counts): DDP's bucketed all-reduces run on gloo's threads while the backward computes, on
-  the same cores, and its last bucket waits for the slower rank. A one-rank group (runs 1-5) saw only its hooks
-  and copies: on this CPU (2026-12-04, gpt 4x64, 4 samples a rank) 1.1 ms, where a dp2 step took 4.0 ms more than
-  two bare ranks side by side and the all-reduce alone 1.6 ms (gpt 4x128: 8.5 and 2.8 ms).
+- ddp: on a group of ``degree`` ranks (2), whole training steps against the bare model's and one plain all-reduce of
+  all the gradients (what the planner counts): DDP's bucketed all-reduces run on gloo's threads while the backward
+  computes, on the same cores, and its last bucket waits for the slower rank. A one-rank group (runs 1-5) saw only
+  its hooks and copies: on this CPU (2026-12-04, gpt 4x64, 4 samples a rank) 1.1 ms, where a dp2 step took 4.0 ms
+  more than two bare ranks side by side and the all-reduce alone 1.6 ms (gpt 4x128: 8.5 and 2.8 ms).
 - tp, sp, fsdp: on a group of ``degree`` ranks (2), because there the wrapper's cost is mostly in its
   collectives and a one-rank group skips them: DTensor issues more collectives than Megatron's 2 + 2 per block
   (each column-parallel input's gradient, the embeddings, the head), each through the functional collectives'
