@@ -2,7 +2,8 @@
 
     oh = measure_overheads(desc, compute)           # seconds: {"tp": per block, "sp": per block, "fsdp": per block,
                                                     #           "ddp": per step, "pipeline": per stage and micro-batch,
-                                                    #           "zero": per step, "tp optimizer": per tensor,
+                                                    #           "zero": per step, "reduce": per step,
+                                                    #           "tp optimizer": per tensor,
                                                     #           "fsdp optimizer": per tensor}
 
 On a GPU these are hidden behind kernels; on a CPU they are not: a DTensor op dispatches through sharding
@@ -12,8 +13,11 @@ and runs its actions, ZeRO flattens gradients and slices. Each is timed on the r
 Times are the median over rounds that alternate between the variants, each divided by the slowdown that a
 lockstep probe right after it shows (compute.LockstepProbe: this machine is shared with other work).
 
-- pipeline, zero: in one process whose group has one rank (their collectives move nothing), against the
-  same model unwrapped; the difference is the wrapper's own cost.
+- pipeline, zero, reduce: in one process whose group has one rank (their collectives move nothing), against the
+  same model unwrapped; the difference is the wrapper's own cost. ZeRO's against AdamW over one flat tensor of all
+  the parameters, which is what its own optimizer steps (runs 1-6 compared it with AdamW over every tensor and
+  then charged AdamW per tensor as well); reduce is the Trainer's flat-buffer gradient reduction (pipelines, tp
+  with dp), against setting the gradients alone. predict scales both by the share of the parameters a rank holds.
 - ddp: on a group of ``degree`` ranks (2), whole training steps against the bare model's and one plain all-reduce of
   all the gradients (what the planner counts): DDP's bucketed all-reduces run on gloo's threads while the backward
   computes, on the same cores, and its last bucket waits for the slower rank. A one-rank group (runs 1-5) saw only
@@ -42,7 +46,7 @@ from tilestack.parallel.plan.compute import ComputeModel, LockstepProbe
 from tilestack.parallel.plan.describe import TP_ALLREDUCES_BWD, TP_ALLREDUCES_FWD, ModelDesc, PlanError
 
 ROUNDS = 7
-OVERHEADS = ("tp", "sp", "fsdp", "ddp", "pipeline", "zero", "tp optimizer", "fsdp optimizer")
+OVERHEADS = ("tp", "sp", "fsdp", "ddp", "pipeline", "zero", "reduce", "tp optimizer", "fsdp optimizer")
 GROUP_DEGREE = 2          # the group the collective-bound wrappers (tp, sp, fsdp) are timed on
 
 
@@ -53,6 +57,7 @@ def _overhead_rank(rank: int, world_size: int, cfg_kw: dict, batch: int, seq: in
     from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
     from tilestack.parallel import GPT, ModelConfig, lm_loss, make_batch
+    from tilestack.parallel.parallelize import all_reduce_gradients
     from tilestack.parallel.zero import ZeroOptimizer
     cfg = ModelConfig(**cfg_kw)
     mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("x",))
@@ -66,14 +71,16 @@ def _overhead_rank(rank: int, world_size: int, cfg_kw: dict, batch: int, seq: in
     mb = batch // microbatches
     plain_mb = models["plain"]
     steps["plain_mb"] = lambda: [lm_loss(plain_mb(idx[:mb]), targets[:mb]).backward() for _ in range(microbatches)]
-    # ZeRO on a one-rank group against AdamW, both foreach=False as the Trainer's
+    # ZeRO on a one-rank group against AdamW over one flat tensor, both foreach=False as the Trainer's
     params = [torch.nn.Parameter(p.detach().clone()) for p in GPT(cfg, seed=0).parameters()]
-    for p in params:
-        p.grad = torch.ones_like(p)
-    adam = torch.optim.AdamW(params, lr=1e-3, foreach=False)
     zparams = [torch.nn.Parameter(p.detach().clone()) for p in params]
     zero = ZeroOptimizer(zparams, mesh.get_group(), stage=1,
                          make_optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False))
+
+    # ZeRO's own AdamW steps one flat tensor (its master slice): the overhead is what it does beyond that step
+    flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]).float())
+    flat.grad = torch.ones_like(flat)
+    adam_flat = torch.optim.AdamW([flat], lr=1e-3, foreach=False)
 
     def zero_step():
         for p in zparams:
@@ -84,15 +91,29 @@ def _overhead_rank(rank: int, world_size: int, cfg_kw: dict, batch: int, seq: in
     def adam_step():
         for p in params:
             p.grad = torch.ones_like(p)
-        adam.step()
+        adam_flat.step()
 
-    steps["zero"], steps["adam"] = zero_step, adam_step
+    # the Trainer's own gradient reduction (pipelines, tp + dp): a flat buffer, the all-reduce (nothing to move
+    # on one rank), the division and the copies back
+    rparams = [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+    def reduce_step():
+        for p in rparams:
+            p.grad = torch.ones_like(p)
+        all_reduce_gradients(rparams, mesh.get_group())
+
+    def grads_only():
+        for p in rparams:
+            p.grad = torch.ones_like(p)
+
+    steps["zero"], steps["adam"], steps["reduce"], steps["grads"] = zero_step, adam_step, reduce_step, grads_only
     typical = _median_of_rounds(steps, rounds, probe)
     for m in models.values():
         m.zero_grad(set_to_none=True)
     return {
         "pipeline": max(typical["pipeline"] - typical["plain_mb"], 0.0) / microbatches,
         "zero": max(typical["zero"] - typical["adam"], 0.0),
+        "reduce": max(typical["reduce"] - typical["grads"], 0.0),
     }
 
 

@@ -45,7 +45,7 @@ import math
 from typing import Any
 
 from tilestack.parallel.config import RECOMPUTE, ZERO_STAGES
-from tilestack.parallel.parallelize import uses_ddp
+from tilestack.parallel.parallelize import trainer_reduces_gradients, uses_ddp
 from tilestack.parallel.plan.comm import CommModel
 from tilestack.parallel.plan.compute import ComputeModel
 from tilestack.parallel.plan.describe import FP32_BYTES, TP_ALLREDUCES_BWD, TP_ALLREDUCES_FWD, ModelDesc, PlanError
@@ -387,12 +387,19 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
     every = compute.contention(plan.world_size)          # every rank steps its optimizer at once
     # DTensor parameters (tp, FSDP2) cost their AdamW ops' dispatch on top, per tensor (overhead.py)
     dtensor = compute.overhead("fsdp optimizer") if shard > 1 else compute.overhead("tp optimizer") if tp > 1 else 0.0
-    opt_s = max(compute.optimizer_s(held[r].trained / shard / owner, held[r].tensors) + held[r].tensors * dtensor
-                for r in ranks) * every
+    # ZeRO's AdamW steps one flat f32 tensor, this rank's slice of all its parameters (zero.py)
+    opt_s = max(compute.optimizer_s(held[r].trained / shard / owner, 1 if plan.zero else held[r].tensors)
+                + held[r].tensors * dtensor for r in ranks) * every
+    # ZeRO's and the Trainer's flat-buffer copies (overhead.py: measured for the whole model) scale with the
+    # gradients a rank holds
+    total = sum(layer.params - layer.frozen for layer in desc.layers)
+    share = max(held[r].trained for r in ranks) / total if total > 0 else 1.0
     if plan.zero:
-        opt_s += compute.overhead("zero") * every
+        opt_s += compute.overhead("zero") * share * every
     elif uses_ddp(plan):
         dp_exposed += compute.overhead("ddp") * every
+    elif trainer_reduces_gradients(plan):
+        dp_exposed += compute.overhead("reduce") * share * every
     losses = sum(sync("all_reduce", LOSS_BYTES, n) for n in (plan.pp, plan.dp, plan.dp_shard))
     busiest = max(range(plan.pp), key=lambda r: sim.busy[r])
     mine = rank_stages[busiest]
