@@ -13,7 +13,7 @@ GPU, and then judged by two kinds of rule:
 
 hard (the config cannot work: it does not compile, does not launch, or the copy engine rejects it)
   - the backend's own rules: ``num_warps`` a power of two up to the block's thread limit; the legalizer's (tile
-    sizes powers of two, mma tiles at least 16), reported with its message
+    sizes powers of two), reported with its message
   - shared memory: the shared tiles one program declares, with ``num_stages`` copies of those a loop loads
     (Triton's pipeliner keeps that many in flight), over the device's shared memory per block
   - TMA boxes: a tile the copy engine moves has each box dimension <= 256 elements and an inner dimension whose

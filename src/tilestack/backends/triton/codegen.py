@@ -22,12 +22,12 @@ from tilestack.backends.python_dsl import (
     register_scalar_emitters,
     scalar_templates,
 )
+from tilestack.backends.triton.interp_helpers import BF16_HELPER, F8E4M3_HELPER, INT_SAT_HELPER, TF32_HELPER
 from tilestack.backends.triton.passes import TMA_MAX_BOX, pipeline  # noqa: F401  (TMA_MAX_BOX: re-exported)
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
 from tilestack.ir.ops import EMITTERS, Op, register_emitter, work_dtype
 from tilestack.ir.scalars import f64_float_args, nonnegative, wide_index
 from tilestack.ir.types import (
-    F8E4M3_MAX,
     FLOAT,
     INDEX,
     GlobalType,
@@ -64,66 +64,6 @@ _INT_UNARY = {"abs": "tl.abs({})", "neg": "(-{})", "relu": "tl.maximum({}, 0)"}
 _SCALAR = scalar_templates("tl")
 # Python's floor division and remainder for operands that may be negative (backends/python_dsl.py)
 _FLOOR_HELPERS = floor_helpers("triton.jit", "tl", "Triton")
-# Triton's interpreter ignores tl.dot's input_precision (it multiplies in f32): an interpreted tf32 product
-# rounds its operands here, as the reference executor does (ir.ops.round_tf32), so the CPU backends agree.
-_TF32_HELPER = '''
-
-@triton.jit
-def _round_tf32(x):
-    """f32 values rounded to tf32 (10 mantissa bits), to nearest even; NaN stays NaN."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = ((bits + 0xFFF + ((bits >> 13) & 1)) >> 13) << 13
-    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
-'''
-# Triton 3.6's interpreter converts f32 to bf16 by truncating the low 16 bits (the GPU rounds to nearest even, as
-# torch and the reference executor do), and converts subnormal bf16 values (below 2**-126) wrongly both ways (1e-39 ->
-# 4.4e-39): an interpreted conversion to or from bf16 goes through the bits here, so the CPU backends agree.
-_BF16_HELPER = '''
-
-@triton.jit
-def _to_bf16(x):
-    """f32 values as bf16, rounded to nearest even (NaN stays NaN)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = tl.where(x != x, 0x7FC00000, (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16)
-    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
-def _from_bf16(x):
-    """bf16 values as f32, exactly (subnormals too)."""
-    return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-'''
-# The interpreter's f32 -> fp8 (e4m3) conversion drops the carry of a mantissa that rounds up (1.96 -> 1.0) and
-# does not saturate (700 -> 352); the GPU converts with cvt.rn.satfinite, as torch and the reference do. An
-# interpreted conversion to f8e4m3 rounds here first (to nearest even, 3 mantissa bits, subnormals below 2**-6 in
-# steps of 2**-9, +-448 at most), so the interpreter's own conversion only meets values it can hold exactly.
-_F8E4M3_HELPER = f'''
-
-@triton.jit
-def _to_f8e4m3(x):
-    """f32 values as f8e4m3, rounded to nearest even and saturated to +-448 (NaN stays NaN)."""
-    a = tl.abs(x)
-    bits = a.to(tl.uint32, bitcast=True)
-    normal = (((bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20) << 20).to(tl.float32, bitcast=True)
-    tiny = (a + 16384.0) - 16384.0      # below 2**-6: f32's own rounding to a multiple of 2**-9
-    r = tl.minimum(tl.where(a < 0.015625, tiny, normal), {F8E4M3_MAX!r})
-    return tl.where(x != x, x, tl.where(x < 0, -r, r)).to(tl.float8e4nv)
-'''
-# The interpreter converts floats to integers with NumPy's cast, which wraps past the integer's range (1e10 -> INT_MIN
-# in i32) and makes NaN the minimum; the GPU's cvt.rzi.s32/s64 saturates and makes NaN 0, as the reference does
-# (ir.types.to_int), but converts to i8 through s16 (300.0 -> 44). An interpreted float -> integer conversion, and any
-# into i8, saturates here first. LO_F and HI_F are -2**(bits-1) and 2**(bits-1) as
-# floats (the integer's maximum is not one: 2**63 - 1 rounds to 2**63).
-_INT_SAT_HELPER = '''
-
-@triton.jit
-def _to_int_sat(x, LO_F: tl.constexpr, HI_F: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, DT: tl.constexpr):
-    """Floats as integers of DT: truncated toward zero, saturated to [LO, HI], NaN as 0."""
-    over = x >= HI_F
-    under = x < LO_F
-    inside = tl.where((x != x) | over | under, 0.0, x).to(DT)
-    return tl.where(over, HI, tl.where(under, LO, inside)).to(DT)
-'''
 # row/column max and min reduce with NaN-propagating combines (tl.max and tl.min ignore NaN)
 _NAN_REDUCE_HELPERS = '''
 
@@ -464,6 +404,9 @@ def _e_mask(e: _Emitter, ins: Instr) -> None:
     e.assign(ins.result, e.cast_to(expr, x.type.dtype, ins.result.type))
 
 
+DOT_MIN_DIM = 16    # tl.dot's smallest tile dimension
+
+
 @register_emitter("triton", Op.MMA)
 def _e_mma(e: _Emitter, ins: Instr) -> None:
     acc, a, b = ins.srcs
@@ -475,10 +418,20 @@ def _e_mma(e: _Emitter, ins: Instr) -> None:
         if e.interpret and ins.attrs.input_precision == "tf32":
             e.tf32_helper = True
             an, bn, precision = f"_round_tf32({an})", f"_round_tf32({bn})", ', input_precision="ieee"'
-    if e.interpret and a.type.dtype.name in ("bf16", "f8e4m3"):
+    small = min(ins.result.type.shape + a.type.shape + b.type.shape) < DOT_MIN_DIM
+    if small or e.interpret and a.type.dtype.name in ("bf16", "f8e4m3"):
         # Triton 3.6's interpreter multiplies bf16 dot operands wrongly (NumPy has no bf16); upcasting is
         # exact (a bf16 product fits in f32), so the interpreted kernel computes what the GPU does.
-        an, bn, precision = e.up(an, a.type.dtype), e.up(bn, b.type.dtype), ', input_precision="ieee"'
+        if a.type.dtype is not f32:
+            an, bn, precision = e.up(an, a.type.dtype), e.up(bn, b.type.dtype), ', input_precision="ieee"'
+    if small:
+        # tl.dot takes no dimension below 16: a smaller product (an 8-wide head, a (D/2, D) widening matrix) is
+        # summed from its f32 products, a (M, K, N) broadcast: exact products, as the f32 dot's, of any operands
+        if a.type.dtype is f32 and ins.attrs.input_precision == "tf32" and not e.interpret:   # (else rounded above)
+            e.tf32_helper = True
+            an, bn = f"_round_tf32({an})", f"_round_tf32({bn})"
+        e.assign(ins.result, f"({e.name(acc)} + tl.sum({an}[:, :, None] * {bn}[None, :, :], axis=1))")
+        return
     e.assign(ins.result, f"tl.dot({an}, {bn}, {e.name(acc)}{precision})")
 
 
@@ -691,10 +644,10 @@ def emit(low: KernelIR, interpret: bool = False, index64: bool | Collection[int]
         "import triton",
         "import triton.language as tl",
         *([_FLOOR_HELPERS] if e.floor_helpers else []),
-        *([_TF32_HELPER] if e.tf32_helper else []),
-        *([_BF16_HELPER] if e.bf16_helper else []),
-        *([_F8E4M3_HELPER] if e.f8_helper else []),
-        *([_INT_SAT_HELPER] if e.int_sat_helper else []),
+        *([TF32_HELPER] if e.tf32_helper else []),
+        *([BF16_HELPER] if e.bf16_helper else []),
+        *([F8E4M3_HELPER] if e.f8_helper else []),
+        *([INT_SAT_HELPER] if e.int_sat_helper else []),
         *([_NAN_REDUCE_HELPERS] if e.nan_helpers else []),
         "",
         "",

@@ -4,7 +4,7 @@ moves, and what the kernel function takes.
     erase_async    staged async loads become the loads their waits wait for, async mmas plain ones, roles go;
                    a loop's staged buffers become its pipelining depth (``tl.range(num_stages=...)``)
     dce.erased     what erasure left unread (the staged buffers)
-    legalize       power-of-two tiles, mma tiles >= 16, an emitter for every op (else the op and the user's line)
+    legalize       power-of-two tiles, an emitter for every op (else the op and the user's line)
     choose_access  each load/store through the copy engine (TMA descriptors) or through pointers
     prune_params   the parameters the device code reads (``KernelIR.reads``), from the IR
 
@@ -22,7 +22,6 @@ from tilestack.ir.passes import DCE, SPLIT_HOST, Pass, Pipeline, clone, dead_cod
 from tilestack.ir.types import Space, StagesType, TileType
 
 TMA_MAX_BOX = 256   # elements per dimension of one copy-engine transfer (a wider tile goes through pointers)
-MMA_MIN_DIM = 16    # tl.dot's smallest tile dimension
 
 
 ERASED = frozenset({Op.STAGES, Op.ASYNC_LOAD, Op.WAIT_LOAD, Op.MMA_ASYNC, Op.MMA_WAIT})   # no emitter: erased
@@ -104,11 +103,6 @@ def legalize(ir: KernelIR) -> KernelIR:
                     if n & (n - 1):
                         raise BackendError(f"{ins.where}: the Triton backend needs power-of-two tile sizes; "
                                            f"{ins.op.value} uses a {v.type} (pad the tile and mask the edge)")
-        if ins.op is Op.MMA:
-            for v in (ins.result, ins.srcs[1], ins.srcs[2]):
-                if min(v.type.shape) < MMA_MIN_DIM:
-                    raise BackendError(f"{ins.where}: the Triton backend's mma needs every tile dimension "
-                                       f">= {MMA_MIN_DIM}; got {v.type}")
     return ir
 
 
