@@ -42,6 +42,7 @@ configure_evaluate, send, aggregate_evaluate, then server-side evaluation), and 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -65,6 +66,7 @@ from flwr.serverapp.strategy import Strategy
 from tilestack.errors import FederatedError
 from tilestack.federated import codec
 from tilestack.federated.checks import (
+    DP_WRAPPERS,
     check_strategy,
     require_int,
     require_real_arrays,
@@ -182,6 +184,30 @@ def skip_reason(strategy: Strategy, num_replies: int, num_sent: int | None = Non
     if type(strategy).__name__ == "Bulyan" and f is not None and num_replies < 4 * f + 3:
         return f"Bulyan needs >= 4f+3 = {4 * f + 3} replies (f={f}), got {num_replies}"
     return f"{strategy_name(strategy)}.aggregate_train returned no model from {num_replies} replies"
+
+
+@contextlib.contextmanager
+def _noise_for(strategy: Strategy, num_replies: int, server_round: int):
+    """Flower's DP wrappers without an accountant draw noise of std noise_multiplier * C / num_sampled_clients and
+    add it to the mean of the replies that came, whatever their number: with clients dropped out, crashed or left
+    out, the mean of n < num_sampled_clients clipped updates moves by up to C / n per client, and the run was
+    noised for fewer clients than it averaged (noise multiplier sigma * n / num_sampled_clients, without a word).
+    While the round aggregates, each such wrapper is told the n replies it averages, so its noise keeps the
+    configured multiplier. With an accountant a short round is skipped instead (Flower's strict check)."""
+    changed = []
+    for s in strategy_levels(strategy):
+        sampled = vars(s).get("num_sampled_clients")
+        if (isinstance(s, DP_WRAPPERS) and getattr(s, "accountant", None) is None and isinstance(sampled, int)
+                and 0 < num_replies < sampled):  # fmt: skip
+            log.info("round %d: %s noised for the %d replies it averages (num_sampled_clients=%d)", server_round,
+                     type(s).__name__, num_replies, sampled)  # fmt: skip
+            changed.append((s, sampled))
+            s.num_sampled_clients = num_replies
+    try:
+        yield
+    finally:
+        for s, sampled in changed:
+            s.num_sampled_clients = sampled
 
 
 def _plain_metrics(record) -> dict:
@@ -395,7 +421,8 @@ def run_rounds(
         before = _snapshot(strategy)
         try:
             if replies:
-                new_arrays, train_metrics = strategy.aggregate_train(r, replies)
+                with _noise_for(strategy, len(replies), r):
+                    new_arrays, train_metrics = strategy.aggregate_train(r, replies)
             else:  # nothing to aggregate: the strategy is not asked (Flower's adaptive clipping divided by zero)
                 new_arrays, train_metrics = None, None
             if new_arrays is None:
@@ -436,6 +463,7 @@ def run_rounds(
             bytes_up=rlog["bytes_up"],
             sim_time=rlog["sim_time"],
             excluded=rlog["excluded"],
+            eval_excluded=rlog["eval_excluded"],
             train_metrics=_plain_metrics(train_metrics),
             eval_metrics=_plain_metrics(eval_metrics),
         )

@@ -289,7 +289,7 @@ class ManagedGrid(Grid):
     def _empty_log() -> dict:
         return {
             "selected": 0, "aggregated": 0, "steps_done": 0, "steps_full": 0, "bytes_down": 0, "bytes_up": 0,
-            "sim_time": 0.0, "excluded": {}, "client_metrics": [],
+            "sim_time": 0.0, "excluded": {}, "eval_excluded": {}, "client_metrics": [],
         }  # fmt: skip
 
     def take_round_log(self) -> dict:
@@ -297,9 +297,21 @@ class ManagedGrid(Grid):
         out, self._log = self._log, self._empty_log()
         return out
 
-    def _exclude(self, pid: int, reason: str) -> None:
-        self._log["excluded"][str(pid)] = reason
-        log.info("round %d: client %d left out: %s", self.server_round, pid, reason)
+    def _exclude(self, pid: int, reason: str, *, evaluating: bool = False) -> None:
+        """Record why client ``pid`` was left out. An evaluation reply left out is also kept in ``eval_excluded``;
+        where the client's training reply was left out this round too, that reason stays first in ``excluded`` (the
+        evaluation's is appended): before, it was overwritten, and the record of a lost update read as an
+        evaluation failure."""
+        key = str(pid)
+        if evaluating:
+            self._log["eval_excluded"][key] = reason
+            if key in self._log["excluded"]:
+                self._log["excluded"][key] += f"; in evaluation: {reason}"
+            else:
+                self._log["excluded"][key] = reason
+        else:
+            self._log["excluded"][key] = reason
+        log.info("round %d: client %d left out%s: %s", self.server_round, pid, " of evaluation" * evaluating, reason)
 
     def _task_sent(self, content: RecordDict) -> Task:
         """The task a TRAIN message carries, which the client trains by (a strategy may give each client its own
@@ -356,14 +368,14 @@ class ManagedGrid(Grid):
         answered = {r.metadata.src_node_id for r in replies}
         for nid in sent:
             if nid not in answered:
-                self._exclude(self.partition_of[nid], f"timeout: no reply within {timeout} s")
+                self._exclude(self.partition_of[nid], f"timeout: no reply within {timeout} s", evaluating=not is_train)
         checked = []  # (reply, partition id, content sent, steps) of replies that passed check_reply
         for reply in replies:
             nid = reply.metadata.src_node_id
             pid = self.partition_of[nid]
             content, steps = sent[nid]
             if why := check_reply(content, reply, self.weight_keys, self.loss_keys):
-                self._exclude(pid, why)
+                self._exclude(pid, why, evaluating=not is_train)
             else:
                 checked.append((reply, pid, content, steps))
         # Flower aggregates only when every reply's MetricRecord has the same keys: the odd ones out go.
@@ -372,7 +384,7 @@ class ManagedGrid(Grid):
         for reply, pid, content, steps in checked:
             if _metric_keys(reply) != common[0][0]:
                 diff = sorted(_metric_keys(reply) ^ common[0][0])
-                self._exclude(pid, f"metrics: keys {diff[:5]} differ from the other replies'")
+                self._exclude(pid, f"metrics: keys {diff[:5]} differ from the other replies'", evaluating=not is_train)
                 continue
             up = payload_bytes(reply.content)  # as the client sent it
             if reply.metadata.message_type == MessageType.TRAIN:

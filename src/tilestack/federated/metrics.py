@@ -60,7 +60,10 @@ class RoundMetrics:
     wall_time: float = 0.0
     excluded: dict[str, str] = dataclasses.field(default_factory=dict)
     """partition id -> reason the client was left out (dropout, timeout, crash, nan, shape, keys, metrics,
-    straggler)."""
+    straggler), in training or, for a client whose training reply was kept, in evaluation; a client left out of
+    both has its training reason first, then ``; in evaluation: ...``."""
+    eval_excluded: dict[str, str] = dataclasses.field(default_factory=dict)
+    """partition id -> reason the client's evaluation reply was left out (its update may still be aggregated)."""
     skipped: str = ""
     """Why the round aggregated nothing and kept the global model ('' when it aggregated)."""
     extra: dict[str, float] = dataclasses.field(default_factory=dict)

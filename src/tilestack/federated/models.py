@@ -97,8 +97,9 @@ class MLP:
             if train:
                 mean, var = h.mean(axis=0), h.var(axis=0)
                 cache["batch_mean"], cache["batch_var"] = mean, var
-            else:
-                mean, var = params["bn.running_mean"], params["bn.running_var"]
+            else:  # a running variance below 0 is no variance: DP noise on the aggregate (or a lossy update) made
+                # it so, and its square root made every logit NaN; it is read as 0 (BN_EPS keeps the scale finite)
+                mean, var = params["bn.running_mean"], np.maximum(params["bn.running_var"], 0)
             inv = 1.0 / np.sqrt(var + BN_EPS)
             hn = (h - mean) * inv  # (B, H)
             cache["hn"], cache["inv"] = hn, inv

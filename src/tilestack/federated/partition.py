@@ -115,7 +115,11 @@ def quantity_skew(
     rng = np.random.default_rng(seed)
     weights = rng.lognormal(0.0, sigma, num_clients)
     spare = num_samples - num_clients * min_size
-    sizes = min_size + np.floor(weights / weights.sum() * spare).astype(int)
-    sizes[np.argmax(weights)] += num_samples - sizes.sum()  # the rounding remainder
+    exact = weights / weights.sum() * spare  # (num_clients,) each client's share of the spare samples
+    sizes = min_size + np.floor(exact).astype(int)
+    # the rounding remainder (< num_clients samples), one each to the clients with the largest fractions left: it
+    # all went to the largest client, so that "IID" 220 samples over 50 clients gave one client 24 and the rest 4
+    extra = np.argsort(-(exact - np.floor(exact)), kind="stable")[: max(0, num_samples - int(sizes.sum()))]
+    sizes[extra] += 1
     idx = rng.permutation(num_samples)
     return [np.sort(chunk) for chunk in np.split(idx, np.cumsum(sizes)[:-1])]
