@@ -14,7 +14,8 @@ import math
 
 import pytest
 import torch
-from heldout_support import BACKENDS, BF, F16, I8, I32, close, launch, randn
+from heldout_support import BACKENDS, BF, F16, I8, I32, close, launch, meta, randn
+from sm90a_compile import check_triton_sm90a, compile_gluon_sm90a
 
 import tilestack.lang as ts
 
@@ -430,7 +431,7 @@ def col_softmax(X, LEN, Y, inv_temp: float, *, BM: int = 8, BN: int = 16):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("temp", [1.0, 0.25, 40.0])
+@pytest.mark.parametrize("temp", [1.0, 0.25, 40.0, math.inf])     # (inf: 0 x, uniform; 0 times +-inf is NaN)
 @pytest.mark.parametrize(("M", "N"), [(29, 21), (8, 16), (1, 3), (0, 4)])
 def test_column_softmax_with_lengths(backend, dtype, temp, M, N, rng):
     x = randn(rng, M, N, dtype=dtype) * 5
@@ -446,3 +447,35 @@ def test_column_softmax_with_lengths(backend, dtype, temp, M, N, rng):
     want = xs.softmax(0).masked_fill(~keep, 0.0)     # live rows all -inf (or +inf among them): NaN, as torch
     close(y, want.to(dtype), scale=2)
     assert not y[keep & want.isfinite()].isnan().any()
+
+
+# ---- 7. the kernels above compiled for Hopper (sm_90a) on this CPU, by Triton and (where it lowers them) Gluon ------
+AOT_CASES = {   # name -> (kernel, meta args, constants)
+    "rmsnorm_bwd": (rmsnorm_bwd, (meta(4096, 4096, dtype=BF), meta(4096, dtype=BF), meta(4096, 4096, dtype=BF),
+                                  meta(4096, 4096, dtype=BF), meta(4096), 1e-5), dict(BM=16, BN=128)),
+    "linear_attention": (linear_attention, (meta(64, 4096, 64, dtype=BF),) * 4, dict(BT=64, D=64, E=64)),
+    "linear_scan": (linear_scan, (meta(4096, 4096, dtype=BF),) * 2 + (meta(1, 4096), meta(4096, 4096, dtype=BF),
+                                                                       meta(1, 4096)), dict(REVERSE=True, BC=256)),
+    "rope_pairs": (rope_pairs, (meta(32, 4096, 64, dtype=BF),) * 2 + (meta(4096, 64),) * 2
+                   + (meta(32, 4096, 64, dtype=BF),) * 2, dict(BS=32, D2=64)),
+    "rope_swap": (rope_swap, (meta(32, 4096, 64, dtype=BF), meta(4096, 32), meta(4096, 32),
+                              meta(32, 4096, 64, dtype=BF)), dict(BS=32, D=64)),
+    "int4_gemm": (int4_gemm, (meta(4096, 2048, dtype=BF),) * 2 + (meta(2048, 4096, dtype=I8), meta(32, 4096),
+                                                                   meta(4096, 4096, dtype=BF)),
+                  dict(G=128, BM=64, BN=64, BK=16)),
+    "col_softmax": (col_softmax, (meta(4096, 4096, dtype=BF), meta(4096, dtype=I32), meta(4096, 4096, dtype=BF), 0.5),
+                    dict(BM=64, BN=64)),
+}
+# Gluon multiplies 16-bit operands from shared memory only (wgmma): the f32 and register-operand products are refused
+# by name there (linear_attention, rope_swap, int4_gemm)
+GLUON_CASES = ("rmsnorm_bwd", "linear_scan", "rope_pairs", "col_softmax")
+
+
+@pytest.mark.parametrize("name", AOT_CASES)
+def test_compiles_for_sm90a_with_triton(name):
+    check_triton_sm90a(*AOT_CASES[name])
+
+
+@pytest.mark.parametrize("name", GLUON_CASES)
+def test_compiles_for_sm90a_with_gluon(name):
+    compile_gluon_sm90a(*AOT_CASES[name])

@@ -10,7 +10,10 @@ Bugs these found, fixed in the compiler, each kept here as its regression test:
 - Triton: an mma with a dimension under 16 (an 8-row block, a (D/2, D) widening matrix, a rank-4 factor) was
   refused ("the Triton backend's mma needs every tile dimension >= 16") though the reference ran it; such products
   are now summed from their f32 products, a (M, K, N) broadcast (backends.triton.codegen._e_mma):
-  test_small_products_on_triton and test_rope_interleaved_by_pair_swap (test_heldout_round8.py).
+  test_small_products_on_triton and test_rope_interleaved_by_pair_swap (test_heldout_round8.py);
+- language: a Python bool as a bool_ mask's value (fill(m, True), tril(m, m, d, False)) was refused ("value must be
+  a Python number"); it is the mask's value now, and still refused for a tile of numbers (lang.ops._element_value):
+  test_masks_filled_with_python_bools, test_a_bool_into_a_number_tile_is_refused.
 """
 
 import math
@@ -19,9 +22,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from heldout_support import BACKENDS, BF, F16, F64, I32, I64, close, launch, meta, randn
-from sm90a_compile import check_triton_sm90a
+from sm90a_compile import check_triton_sm90a, compile_gluon_sm90a
 
 import tilestack.lang as ts
+from tilestack.errors import TraceError
 
 FLOAT_DTYPES = [torch.float32, F16, BF]
 POISON = -77.0
@@ -558,7 +562,48 @@ def test_small_tf32_product_rounds_its_operands(backend):
     assert torch.equal(c, torch.full((4, 2), 8 * (1 + 2**-12)))
 
 
-# ---- 8. the kernels above compiled for Hopper (sm_90a) on this CPU by Triton -------------------------------------
+# ---- 7b. masks filled with Python bools: fill(m, True), tril / right_fill with value=False ---------------------------
+@ts.kernel(grid=lambda Y, BM: (ts.cdiv(Y.shape[0], BM),))
+def visible_keys(Y, n_keys: int, *, BM: int = 8, BN: int = 16):
+    """Y[q] = the number of keys k < n_keys with k <= q, counted over key tiles of a mask made from True by
+    tril(..., value=False) and right_fill(..., False)."""
+    i = ts.block_id(0)
+    m = ts.RegTile[ts.bool_, BM, BN]()
+    c = ts.RegTile[ts.i32, BM, BN]()
+    cnt = ts.RegVec[ts.i32, BM]()
+    ts.zero(cnt)
+    for j in ts.range(ts.cdiv(n_keys, BN)):
+        ts.fill(m, True)
+        ts.tril(m, m, i * BM - j * BN, False)
+        ts.right_fill(m, m, n_keys - j * BN, value=False)
+        ts.where(c, m, 1, 0)
+        ts.row_sum(cnt, c, cnt)
+    ts.store(Y, cnt, at=(i,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("Q", "n_keys"), [(37, 21), (5, 40), (16, 0)])
+def test_masks_filled_with_python_bools(backend, Q, n_keys):
+    """A Python bool is a bool_ mask's value (it was refused: "value must be a Python number ..., got bool True")."""
+    y = torch.full((Q,), -5, dtype=I32)
+    launch(visible_keys, backend, y, n_keys)
+    assert torch.equal(y, (torch.arange(Q) + 1).clamp(max=n_keys).to(I32))
+
+
+def test_a_bool_into_a_number_tile_is_refused():
+    @ts.kernel(grid=lambda Y: (1,))
+    def fill_true(Y):
+        y = ts.RegVec[ts.f32, 16]()
+        ts.fill(y, True)
+        ts.store(Y, y, at=(0,))
+
+    y = poisoned(16)
+    with pytest.raises(TraceError, match=r"fill: value must be a Python number .*got bool True"):
+        launch(fill_true, "reference", y)
+    assert (y == POISON).all()
+
+
+# ---- 8. the kernels above compiled for Hopper (sm_90a) on this CPU, by Triton and (where it lowers them) Gluon ------
 AOT_CASES = {   # name -> (kernel, meta args, constants)
     "nearest_centroid": (nearest_centroid, (meta(1 << 16, 16, dtype=BF), meta(1024, 16, dtype=BF), meta(1 << 16,
                                             dtype=I64), meta(1 << 16)), dict(BM=64, BK=32)),
@@ -582,3 +627,11 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
 @pytest.mark.parametrize("name", AOT_CASES)
 def test_compiles_for_sm90a_with_triton(name):
     check_triton_sm90a(*AOT_CASES[name])
+
+
+GLUON_CASES = ("xent_backward", "histogram", "sort_rows", "add_rmsnorm")   # (the others' products: f32 or registers)
+
+
+@pytest.mark.parametrize("name", GLUON_CASES)
+def test_compiles_for_sm90a_with_gluon(name):
+    compile_gluon_sm90a(*AOT_CASES[name])

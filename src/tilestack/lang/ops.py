@@ -63,14 +63,17 @@ def _write(dst: Tile, op: Op, srcs: tuple, result_shape: tuple[int, ...], opname
 
 # ---- fills ------------------------------------------------------------------------------------------------
 def fill(dst: Tile, value: float) -> None:
-    """Every element of ``dst`` = ``value`` (a whole number for an integer tile, 0 or 1 for a bool_ mask)."""
+    """Every element of ``dst`` = ``value`` (a whole number for an integer tile, False / True (or 0 / 1) for a bool_
+    mask)."""
     _need_tile("fill", "dst", dst)
     _write(dst, Op.FILL, (), dst.shape, "fill", value=_element_value("fill", dst, value))
 
 
 def _element_value(opname: str, t: Tile, value) -> int | float:
     """``value`` as an element of tile ``t``: a float for a float tile, an int for an integer tile (which has no
-    infinities or fractions) or a bool_ mask (0 or 1)."""
+    infinities or fractions) or a bool_ mask (0 or 1, or False or True)."""
+    if isinstance(value, bool) and t.dtype is bool_:
+        return int(value)
     if isinstance(value, bool) or not isinstance(value, int | float):
         hint = ("; for a value known only at run time, zero(dst) then add(dst, dst, value)"
                 if opname == "fill" and t.dtype.is_float else "")
