@@ -13,7 +13,9 @@ Bugs these found, fixed in the compiler, each kept here as its regression test:
   test_small_products_on_triton and test_rope_interleaved_by_pair_swap (test_heldout_round8.py);
 - language: a Python bool as a bool_ mask's value (fill(m, True), tril(m, m, d, False)) was refused ("value must be
   a Python number"); it is the mask's value now, and still refused for a tile of numbers (lang.ops._element_value):
-  test_masks_filled_with_python_bools, test_a_bool_into_a_number_tile_is_refused.
+  test_masks_filled_with_python_bools, test_a_bool_into_a_number_tile_is_refused;
+- language: an integer div / rem of a tile by the constant 0 made 0 on the reference (undefined on a GPU); refused
+  naming the op and the tile (lang.ops._int_scalar): test_an_integer_division_by_a_constant_zero_is_refused.
 """
 
 import math
@@ -602,6 +604,26 @@ def test_a_bool_into_a_number_tile_is_refused():
         launch(fill_true, "reference", y)
     assert (y == POISON).all()
 
+
+@pytest.mark.parametrize("how", ["div", "rem", "sugar"])
+@pytest.mark.parametrize("dtype", [ts.i32, ts.i64, ts.i8])
+def test_an_integer_division_by_a_constant_zero_is_refused(how, dtype):
+    """Undefined (the reference made 0 and a GPU's quotient is not 0): refused when traced, naming the op and tile."""
+    @ts.kernel(grid=lambda Y: (1,))
+    def div0(Y):
+        x = ts.RegVec[dtype, 16]()
+        ts.arange(x)
+        if how == "sugar":
+            x = x / 0
+        else:
+            getattr(ts, how)(x, x, 0)
+        ts.store(Y, x, at=(0,))
+
+    y = torch.full((16,), -5, dtype=I64)
+    op = "rem" if how == "rem" else "div"
+    with pytest.raises(TraceError, match=rf"{op}: b is the constant 0: an integer {op} of `x` \({dtype}\) by zero"):
+        launch(div0, "reference", y)
+    assert (y == -5).all()
 
 # ---- 8. the kernels above compiled for Hopper (sm_90a) on this CPU, by Triton and (where it lowers them) Gluon ------
 AOT_CASES = {   # name -> (kernel, meta args, constants)

@@ -231,6 +231,9 @@ def _int_scalar(fn: str, dst: Tile, a: Tile, b):
     b = int(b)
     if fn in ("shl", "shr") and not 0 <= b < bits:
         raise TraceError(f"{fn}: shift count {b} for {work} work; expected 0 <= count < {bits}", user_line())
+    if fn in ("div", "rem") and b == 0:   # (undefined: the reference made 0, a GPU's quotient is not)
+        raise TraceError(f"{fn}: b is the constant 0: an integer {fn} of `{_name(a)}` ({a.dtype}) by zero is "
+                         "undefined; expected a nonzero divisor", user_line())
     if not lo <= b <= 2 * hi + 1:
         raise TileDTypeError(f"{fn}: b = {b} does not fit {work} (the work dtype of `{_name(a)}` {a.dtype}); "
                              f"expected a whole number in [{lo}, {2 * hi + 1}]", user_line())
