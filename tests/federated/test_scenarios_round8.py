@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 
 import numpy as np
@@ -497,3 +498,88 @@ def test_secure_aggregation_over_very_unequal_clients_with_a_dropout_is_the_plai
             np.testing.assert_allclose(secure[k], plain[k], atol=1e-4, err_msg=k)
     with pytest.raises(ValueError, match=r"run_secure: task.faults has \[\(3, 'nan'\)\]; expected only dropouts"):
         run_secure(Task(**base, faults=((3, "nan"),)), rounds=1, per_round=6)
+
+
+# ---- DP over strategies that are not one plain mean ---------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_client_side_dp_over_heterofl_noises_each_unit_for_the_clients_that_hold_it():
+    """Client-side DP (noise 0.7, C = 1) over HeteroFL, four scripted clients at widths 1 and 1/2 of 4 hidden units,
+    equal weights, two rounds. Units 0-1 are the mean of all four replies, units 2-3 of the two full-width clients
+    only, where one client moves the mean by C / 2, not C / 4. Before, every element got the wrapper's noise of std
+    0.7 C / 4 (units 2-3 released at half the noise multiplier asked for); now HeteroFL first adds noise of std
+    0.7 C sqrt(1/2^2 - 1/4^2) where a unit has two holders, so that each element's noise is 0.7 C / (its holders).
+    Checked against NumPy's seeded stream: HeteroFL's draw for every array, then Flower's, in float32."""
+    from tilestack.federated.strategies import HeteroFL
+
+    task = blobs(4, features=3, classes=3, model="mlp", hidden=4)
+    noise, clip, seed = 0.7, 1.0, 5
+
+    def script(pid, rnd, got, context, config):
+        return {k: v + 0.01 * update(pid, rnd, v.shape, np.float32) for k, v in got["arrays"].items()}, {}
+
+    inner = HeteroFL(width_of=lambda p: (1.0, 0.5)[p % 2], hidden=4, fraction_train=1.0, fraction_evaluate=0.0,
+                     weighted_by_key=UNIT)  # fmt: skip
+    s = DifferentialPrivacyClientSideFixedClipping(inner, noise_multiplier=noise, clipping_norm=clip,
+                                                   num_sampled_clients=4)  # fmt: skip
+    models: list[dict[str, np.ndarray]] = []
+    run_rounds(s, make_grid(scripted(script), task), initial_arrays(task), num_rounds=2, seed=seed,
+               extra_metrics=_keep(models))  # fmt: skip
+    x = np_(initial_arrays(task))
+    hidden_axis = {"fc1.weight": 1, "fc1.bias": 0, "fc2.weight": 0}
+    for rnd in (1, 2):
+        state = int(np.random.SeedSequence([seed, rnd, AGGREGATE_PHASE]).generate_state(1)[0])
+        stream = np.random.RandomState(state % 2**32)
+        holders, mean = {}, {}
+        for k, v in x.items():
+            held = np.full(v.shape, 4.0)
+            if k in hidden_axis:
+                held[(slice(None),) * hidden_axis[k] + (slice(2, 4),)] = 2.0  # units 2-3: clients 0 and 2
+            holders[k] = held
+            subs = {p: v[(slice(None),) * hidden_axis[k] + (slice(0, 4 if p % 2 == 0 else 2),)] if k in hidden_axis
+                    else v for p in range(4)}  # fmt: skip
+            total = np.zeros(v.shape)
+            for p in range(4):
+                u = subs[p].astype(np.float64) + 0.01 * update(p, rnd, subs[p].shape, np.float32).astype(np.float64)
+                total[tuple(slice(0, n) for n in u.shape)] += u
+            mean[k] = total / held
+        topped = {k: mean[k] + stream.normal(0.0, 1.0, v.shape) * noise * clip * np.sqrt(1 / holders[k] ** 2 - 1 / 16)
+                  for k, v in x.items()}  # fmt: skip
+        want = {}
+        for k, v in topped.items():
+            a = v.astype(np.float32)
+            a += stream.normal(0, noise * clip / 4, a.shape).astype(np.float32)
+            want[k] = a
+        got = models[rnd - 1]
+        for k in x:
+            np.testing.assert_allclose(got[k], want[k], rtol=2**-22, atol=1e-6, err_msg=k)
+        x = got
+    assert inner._dp_noise is None  # told only while a round aggregates
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("wrapper", [DifferentialPrivacyServerSideFixedClipping,
+                                     DifferentialPrivacyClientSideFixedClipping])  # fmt: skip
+def test_dp_over_feddf_is_refused_before_any_client_trains(wrapper):
+    """FedDF distils the ensemble of the individual client models into the average: its change from one client is
+    not the C / n a DP wrapper's noise is sized for. Before, DP-FedDF ran under a guarantee that did not hold; now it
+    is refused before any client trains, naming why."""
+    from tilestack.errors import FederatedError
+    from tilestack.federated.strategies import FedDF
+
+    task = blobs(4)
+    trained = []
+
+    def script(pid, rnd, got, context, config):
+        trained.append(pid)
+        return got["arrays"], {}
+
+    unlabeled = np.random.default_rng(0).normal(0, 1, (20, task.features))
+    inner = FedDF(model=task.build_model(), unlabeled=unlabeled, steps=5, fraction_train=1.0, fraction_evaluate=0.0,
+                  weighted_by_key=UNIT)  # fmt: skip
+    s = wrapper(inner, noise_multiplier=0.5, clipping_norm=1.0, num_sampled_clients=4)
+    needle = f"{wrapper.__name__} over FedDF: the noise is sized for one client's share of a mean of clipped updates"
+    with pytest.raises(FederatedError, match=re.escape(needle) + ".*privacy guarantee would not hold"):
+        run_rounds(s, make_grid(scripted(script), task), initial_arrays(task), num_rounds=1)
+    with pytest.raises(FederatedError, match=re.escape(needle)):
+        simulate(wrapper(inner, noise_multiplier=0.5, clipping_norm=1.0, num_sampled_clients=4), task, rounds=1)
+    assert not trained

@@ -293,6 +293,13 @@ def check_privacy(strategy: Strategy, num_nodes: int) -> None:
                 f"{weight_key!r}; expected weighted_by_key={UNIT_WEIGHT!r}, the equal weight tilestack's clients "
                 "report (Flower's accounted aggregation stops the run at the first round whose weights differ)"
             )
+        for inner in levels[i + 1 :]:
+            if not_a_mean := getattr(type(inner), "NOT_A_MEAN", ""):
+                raise FederatedError(
+                    f"{name} over {type(inner).__name__}: the noise is sized for one client's share of a mean of "
+                    f"clipped updates, but {type(inner).__name__} {not_a_mean}, so the privacy guarantee would not "
+                    "hold; expected a strategy that averages the replies (FedAvg, FedProx, HeteroFL)"
+                )
         if isinstance(s, CLIENT_SIDE_DP):
             for inner in levels[i + 1 :]:
                 if unclipped := getattr(type(inner), "UNCLIPPED", ""):

@@ -193,21 +193,31 @@ def _noise_for(strategy: Strategy, num_replies: int, server_round: int):
     out, the mean of n < num_sampled_clients clipped updates moves by up to C / n per client, and the run was
     noised for fewer clients than it averaged (noise multiplier sigma * n / num_sampled_clients, without a word).
     While the round aggregates, each such wrapper is told the n replies it averages, so its noise keeps the
-    configured multiplier. With an accountant a short round is skipped instead (Flower's strict check)."""
-    changed = []
-    for s in strategy_levels(strategy):
+    configured multiplier. With an accountant a short round is skipped instead (Flower's strict check). A strategy
+    under the wrapper whose means are over fewer replies (HeteroFL: units only wider clients hold) is told the noise,
+    and adds what its elements lack (``_dp_noise``)."""
+    changed, told = [], []
+    levels = strategy_levels(strategy)
+    for i, s in enumerate(levels):
+        if not isinstance(s, DP_WRAPPERS):
+            continue
         sampled = vars(s).get("num_sampled_clients")
-        if (isinstance(s, DP_WRAPPERS) and getattr(s, "accountant", None) is None and isinstance(sampled, int)
-                and 0 < num_replies < sampled):  # fmt: skip
+        if getattr(s, "accountant", None) is None and isinstance(sampled, int) and 0 < num_replies < sampled:
             log.info("round %d: %s noised for the %d replies it averages (num_sampled_clients=%d)", server_round,
                      type(s).__name__, num_replies, sampled)  # fmt: skip
             changed.append((s, sampled))
             s.num_sampled_clients = num_replies
+        for inner in levels[i + 1 :]:  # a strategy whose means are over fewer replies tops the noise up (HeteroFL)
+            if "_dp_noise" in vars(inner):
+                inner._dp_noise = (float(s.noise_multiplier) * float(s.clipping_norm), int(s.num_sampled_clients))
+                told.append(inner)
     try:
         yield
     finally:
         for s, sampled in changed:
             s.num_sampled_clients = sampled
+        for inner in told:
+            inner._dp_noise = None
 
 
 def _plain_metrics(record) -> dict:

@@ -31,6 +31,11 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 class FedDF(FedAvg):
     """FedAvg followed by server-side distillation of the client ensemble (see module doc)."""
 
+    # why a DP wrapper's noise (sized for one client's share of a mean) does not cover this aggregate
+    # (checks.check_privacy reads it)
+    NOT_A_MEAN = ("distils the ensemble of the individual client models into the average, steps of SGD whose change "
+                  "from one client is not bounded by clipping_norm / num_sampled_clients")  # fmt: skip
+
     def __init__(
         self, *, model: Model, unlabeled: np.ndarray, steps: int = 100, lr: float = 0.05, batch_size: int = 50,
         temperature: float = 1.0, seed: int = 0, **fedavg_kwargs,

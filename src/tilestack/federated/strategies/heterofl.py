@@ -68,6 +68,9 @@ class HeteroFL(FedAvg):
                              "width in (0, 1]")
         self.width_of, self.hidden = width_of, hidden
         self._x: dict[str, np.ndarray] = {}
+        # (noise_multiplier x clipping_norm, num_sampled_clients) of a client-side DP wrapper around this strategy,
+        # set by run_rounds while a round aggregates (see _dp_top_up)
+        self._dp_noise: tuple[float, int] | None = None
 
     def check_task(self, task) -> None:
         """Refuse a task whose model HeteroFL cannot cut into narrower sub-models (see module doc)."""
@@ -109,15 +112,35 @@ class HeteroFL(FedAvg):
             return None, None
         total = {k: np.zeros_like(v, dtype=np.float64) for k, v in self._x.items()}
         weight = {k: np.zeros_like(v, dtype=np.float64) for k, v in self._x.items()}
+        top = {k: np.zeros_like(v, dtype=np.float64) for k, v in self._x.items()}  # the largest weight of a holder
         for m in replies:
             w = metric(m, self.weighted_by_key)
             for k, v in to_numpy(next(iter(m.content.array_records.values()))).items():
                 region = tuple(slice(0, n) for n in v.shape)
                 total[k][region] += w * v
                 weight[k][region] += w
+                top[k][region] = np.maximum(top[k][region], w)
         x_new = {
             k: np.where(weight[k] > 0, total[k] / np.maximum(weight[k], 1e-30), self._x[k])  # float64
             for k in self._x
         }
+        if self._dp_noise is not None:
+            x_new = self._dp_top_up(x_new, weight, top)
         metrics = aggregate_metricrecords([m.content for m in replies], self.weighted_by_key)
         return to_record(x_new, like=self._x), metrics
+
+    def _dp_top_up(self, x_new: dict[str, np.ndarray], weight: dict[str, np.ndarray],
+                   top: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # fmt: skip
+        """Under a client-side DP wrapper, the noise the wrapper adds (std sigma C / m for every element, m the
+        replies) covers a client's share 1 / m of each mean; an element only wider clients hold is the mean of fewer
+        replies, where one client's (clipped) update moves it by up to its weight share top / weight > 1 / m. Before,
+        those units were released under-noised (a third of the clients at full width: a noise multiplier sigma / 3
+        for them). The noise that makes each element's std sigma C x share is added here, drawn from NumPy's
+        stream (seeded per round by run_rounds) before the wrapper's."""
+        sigma_c, m = self._dp_noise
+        out = {}
+        for k, v in x_new.items():
+            share = np.divide(top[k], weight[k], out=np.zeros_like(top[k]), where=weight[k] > 0)
+            extra = sigma_c * np.sqrt(np.maximum(share**2 - 1.0 / m**2, 0.0))  # (shape of k,) std of what is missing
+            out[k] = v + np.random.normal(0.0, 1.0, v.shape) * extra
+        return out
