@@ -44,6 +44,9 @@ ADAM_FIT_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 20}   # optimizer_s's large st
 TIMING_BUDGET_S = 0.5
 PAIRED_ROUNDS = 3                        # time_extra: rounds of the two modules timed back to back
 TIMING_REL_CI = 0.05
+CONTEXT_ROUNDS = 3                       # MeasuredCompute.context: rounds of the whole against its parts
+CONTEXT_BUDGET_S = 0.1                   # ... seconds of timing for each side in a round
+CONTEXT_MAX_KINDS = 12                   # ... past this many kinds of layer, their cached times alone, once
 OPTIMIZER_CONTEXT_BATCH = 2              # micro-batch of the forward and backward before optimizer_context's step
 
 
@@ -255,11 +258,11 @@ def background_of(slowdown: float, world_size: int, cores: int | None = None) ->
 
 
 # ---- measured -----------------------------------------------------------------------------------------------------
-def _best_s(fn: Callable[[], Any], device: str = "cpu") -> float:
+def _best_s(fn: Callable[[], Any], device: str = "cpu", budget_s: float = TIMING_BUDGET_S) -> float:
     """The least time of repeated calls (tilestack.perf.timing): on a shared machine the least disturbed one."""
     from tilestack.perf.timing import time_fn
     return time_fn(fn, args_sets=[()], device="cuda" if device.startswith("cuda") else "cpu",
-                   budget_s=TIMING_BUDGET_S, target_rel_ci=TIMING_REL_CI, warmup_s=0.05).min_s
+                   budget_s=budget_s, target_rel_ci=TIMING_REL_CI, warmup_s=0.05).min_s
 
 
 def _single_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -273,6 +276,31 @@ def _single_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
         finally:
             torch.set_num_threads(old)
     return inner
+
+
+@_single_thread
+def context_ratio(whole: tuple[Any, Callable, Callable | None], parts: list[tuple[int, tuple[Any, Callable,
+                  Callable | None]]], device: str = "cpu", rounds: int = CONTEXT_ROUNDS) -> float:
+    """The whole model's forward and backward over the sum of its parts' (count x a part built as the builders
+    build it), each timed alone: the median over ``rounds`` of the ratio within a round, so other work on the
+    machine that slows one round slows both sides of its ratio (one thread)."""
+    import statistics
+
+    def fwd_bwd(built):
+        module, make_input, loss = built
+        x = make_input()
+        reduce = loss or (lambda y: y.float().sum())
+        return module, lambda: reduce(module(x)).backward()
+    w_module, w_fn = fwd_bwd(whole)
+    fns = [(count, *fwd_bwd(built)) for count, built in parts]
+    ratios = []
+    for _ in range(rounds):
+        w = _best_s(w_fn, device, CONTEXT_BUDGET_S)
+        alone = sum(count * _best_s(fn, device, CONTEXT_BUDGET_S) for count, _, fn in fns)
+        ratios.append(w / alone if alone > 0 else math.nan)
+    for module in [w_module, *(m for _, m, _ in fns)]:
+        module.zero_grad(set_to_none=True)
+    return statistics.median(ratios)
 
 
 @_single_thread
@@ -430,13 +458,22 @@ class MeasuredCompute(ComputeModel):
         if self.whole is None:
             return 1.0
         if micro_batch not in self._context:
-            alone = sum(sum(self._alone(layer, micro_batch, 1)) for layer in self.desc.layers)
-            module, make_input, loss = self.whole(micro_batch)
-            whole = sum(time_forward_backward(module, make_input, loss, self.device))
-            if not (alone > 0 and math.isfinite(whole) and whole > 0):
+            counts: dict[str, int] = {}
+            for layer in self.desc.layers:
+                counts[self._key(layer)] = counts.get(self._key(layer), 0) + 1
+            if len(counts) <= CONTEXT_MAX_KINDS:
+                # the whole and its parts timed in alternating rounds (context_ratio)
+                parts = [(n, self.builders[key](micro_batch, 1)) for key, n in counts.items()]
+                k = context_ratio(self.whole(micro_batch), parts, self.device)
+            else:
+                # many kinds of layer (a module's every layer its own): their times alone, once, as cached
+                alone = sum(sum(self._alone(layer, micro_batch, 1)) for layer in self.desc.layers)
+                module, make_input, loss = self.whole(micro_batch)
+                k = sum(time_forward_backward(module, make_input, loss, self.device)) / alone if alone > 0 else math.nan
+            if not (math.isfinite(k) and k > 0):
                 raise PlanError(f"MeasuredCompute.context: model {self.desc.name!r} at micro_batch={micro_batch} "
-                                f"timed {whole} s whole against {alone} s for its layers; expected positive times")
-            self._context[micro_batch] = whole / alone
+                                f"timed {k} times its layers' time whole; expected a positive ratio")
+            self._context[micro_batch] = k
         return self._context[micro_batch]
 
     def optimizer_context(self) -> float:

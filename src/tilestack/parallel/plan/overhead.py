@@ -117,13 +117,16 @@ def _overhead_rank(rank: int, world_size: int, cfg_kw: dict, batch: int, seq: in
     }
 
 
-def _median_of_rounds(steps: dict[str, Any], rounds: int, probe: LockstepProbe) -> dict[str, float]:
+def _median_of_rounds(steps: dict[str, Any], rounds: int, probe: LockstepProbe,
+                      paired: dict[str, tuple[str, ...]] | None = None) -> dict[str, float]:
     """The median time of each step over ``rounds`` rounds that alternate between them (round 0 warms up), each
     time divided by the slowdown that a LockstepProbe right after it shows: this machine is shared, and what the
     wrappers cost is wanted on idle cores, as the layers' times are. The median, not the least: on gloo a
     functional collective's wait takes either about 0.4 or about 3 ms, and the least of a few rounds catches the
     fast ones that a step of tens of collectives does not. A barrier lines the ranks up before each call, so a
-    step's time is its own, not a wait for another rank."""
+    step's time is its own, not a wait for another rank. ``paired``: name -> (a, b, c, ...), also the median over
+    rounds of a - b - c - ... within each round (a burst of other work slows all of a round's calls: the difference
+    of medians of two 12 ms steps moved DDP's 2-rank overhead between 0.2 and 4.8 ms from one call to the next)."""
     import statistics
 
     import torch.distributed as dist
@@ -142,7 +145,10 @@ def _median_of_rounds(steps: dict[str, Any], rounds: int, probe: LockstepProbe) 
             slow = probe.slowdown(probe.work_s())
             if r:
                 times[k].append(dt / slow)
-    return {k: statistics.median(v) for k, v in times.items()}
+    out = {k: statistics.median(v) for k, v in times.items()}
+    for name, (a, *rest) in (paired or {}).items():
+        out[name] = statistics.median(times[a][i] - sum(times[b][i] for b in rest) for i in range(rounds))
+    return out
 
 
 def _group_rank(rank: int, world_size: int, cfg_kw: dict, batch: int, seq: int, tp_bytes: float,
@@ -210,7 +216,7 @@ def _group_rank(rank: int, world_size: int, cfg_kw: dict, batch: int, seq: int, 
             dist.reduce_scatter_tensor(shard, full)
 
     steps["fsdp_comm"] = fsdp_comm
-    typical = _median_of_rounds(steps, rounds, probe)
+    typical = _median_of_rounds(steps, rounds, probe, paired={"ddp extra": ("ddp", "plain", "dp_comm")})
     for name, n in tensors.items():
         typical[f"{name} optimizer"] = max(typical[f"{name}_adamw"] - typical[f"{name}_adamw_plain"], 0.0) / n
     return typical
@@ -241,5 +247,5 @@ def measure_overheads(desc: ModelDesc, compute: ComputeModel, *, micro_batch: in
         out[name] = max(typical[name] - typical[comm] - layers_s(tp), 0.0) / len(blocks)
     for name in ("tp optimizer", "fsdp optimizer"):
         out[name] = typical[name]
-    out["ddp"] = max(typical["ddp"] - typical["plain"] - typical["dp_comm"], 0.0)
+    out["ddp"] = max(typical["ddp extra"], 0.0)
     return out
