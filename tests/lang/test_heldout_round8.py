@@ -6,8 +6,10 @@ causal linear attention (a (D, E) state carried across time chunks, fed by mma_A
 h_t = a_t h_{t-1} + x_t along time by one-row tiles, forward or reversed, with an initial and a final state;
 rotary embedding on interleaved pairs, two ways (even / odd strided views of a (S, H, D) tensor, and a pair-swap
 matmul built from compares); an int4 GEMM whose weights are packed two nibbles to an int8 (sign-extended by shifts)
-with per-group scales; and a softmax down the columns (dim 0), online over row blocks, with a runtime temperature
-and per-column lengths. More kernels of this round are in test_heldout_round8_more.py.
+with per-group scales; a softmax down the columns (dim 0), online over row blocks, with a runtime temperature and
+per-column lengths; Floyd-Warshall in one tile (column and row k picked out by compares with the loop counter); and a
+transitive closure by repeated squaring (one register tile as both operands of the product, carried by the loop).
+More kernels of this round are in test_heldout_round8_more.py.
 """
 
 import math
@@ -449,6 +451,93 @@ def test_column_softmax_with_lengths(backend, dtype, temp, M, N, rng):
     assert not y[keep & want.isfinite()].isnan().any()
 
 
+# ---- 6b. graphs in one tile: Floyd-Warshall (row and column k picked out by the loop counter), transitive closure --
+@ts.kernel(grid=lambda D: (1,))
+def floyd_warshall(D, OUT, *, N: int = 32):
+    """OUT = all-pairs shortest path lengths of the (n, n) weights D (inf: no edge; n <= N): for k in range(n),
+    d = min(d, d[:, k] + d[k, :]), column and row k picked out of the carried tile by compares with the counter."""
+    n = D.shape[0]
+    d = ts.RegTile[ts.f32, N, N]()
+    t = ts.RegTile[ts.f32, N, N]()
+    hit = ts.RegTile[ts.bool_, N, N]()
+    idx = ts.RegVec[ts.i32, N]()
+    ck = ts.RegVec[ts.f32, N]()
+    rk = ts.RegVec[ts.f32, N]()
+    out = ts.RegTile[OUT.dtype, N, N]()
+    ts.load(d, D, at=(0, 0))
+    ts.arange(idx)
+    for k in ts.range(n):
+        ts.eq(hit, ts.per_col(idx), k)
+        ts.where(t, hit, d, math.inf)
+        ts.row_min(ck, t)                            # d[:, k]
+        ts.eq(hit, ts.per_row(idx), k)
+        ts.where(t, hit, d, math.inf)
+        ts.col_min(rk, t)                            # d[k, :]
+        ts.zero(t)
+        ts.add(t, t, ts.per_row(ck))
+        ts.add(t, t, ts.per_col(rk))
+        ts.min(d, d, t)
+    ts.copy(out, d)
+    ts.store(OUT, out, at=(0, 0))
+
+
+@ts.kernel(grid=lambda A: (1,))
+def transitive_closure(A, R, rounds: int, *, N: int = 32):
+    """R = reachability (0/1) of the adjacency A (n, n), self-loops included: r = min(1, r + r @ r), ``rounds``
+    times (ceil(log2 n) suffice); the product's two operands are one register tile, in A's dtype (0/1 exact)."""
+    r = ts.RegTile[ts.f32, N, N]()
+    rr = ts.RegTile[A.dtype, N, N]()
+    p = ts.RegTile[ts.f32, N, N]()
+    eye = ts.RegTile[ts.bool_, N, N]()
+    idx = ts.RegVec[ts.i32, N]()
+    out = ts.RegTile[R.dtype, N, N]()
+    ts.load(r, A, at=(0, 0))
+    ts.arange(idx)
+    ts.eq(eye, ts.per_row(idx), ts.per_col(idx))
+    ts.where(r, eye, 1.0, r)
+    for _ in ts.range(rounds):
+        ts.copy(rr, r)
+        ts.zero(p)
+        ts.mma_AB(p, rr, rr, p)                      # paths of two hops (counts up to N: exact)
+        ts.add(r, r, p)
+        ts.min(r, r, 1.0)
+    ts.copy(out, r)
+    ts.store(R, out, at=(0, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize(("n", "N"), [(29, 32), (32, 32), (7, 8), (1, 8)])
+def test_floyd_warshall(backend, dtype, n, N, rng):
+    """Integer weights (sums exact); about half the pairs have no edge (inf), so some nodes are unreachable."""
+    w = torch.from_numpy(rng.integers(0, 10, (n, n))).double()
+    w[torch.from_numpy(rng.uniform(size=(n, n)) < 0.6)] = math.inf
+    w.fill_diagonal_(0.0)
+    out = poisoned(n, n, dtype=dtype)
+    launch(floyd_warshall, backend, w.to(dtype), out, N=N)
+    d = w.to(dtype).double()
+    for k in range(n):
+        d = torch.minimum(d, d[:, k:k + 1] + d[k:k + 1, :])
+    assert torch.equal(out, d.to(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize(("n", "N"), [(29, 32), (8, 8), (5, 8), (0, 8)])
+def test_transitive_closure(backend, dtype, n, N, rng):
+    """A sparse random graph and a path 0 -> 1 -> ... (reachable only through many hops); N = 8: products under 16."""
+    a = torch.from_numpy(rng.uniform(size=(n, n)) < 1.5 / max(n, 1)).double()
+    if n > 3:
+        a[torch.arange(n - 1), torch.arange(1, n)] = 1.0
+    rounds = max(math.ceil(math.log2(max(n, 1))), 1)
+    r = poisoned(n, n, dtype=dtype)
+    launch(transitive_closure, backend, a.to(dtype), r, rounds, N=N)
+    reach = (a + torch.eye(n, dtype=torch.float64)).clamp(max=1)
+    for _ in range(n):
+        reach = (reach + reach @ reach).clamp(max=1)
+    assert torch.equal(r, reach.to(dtype))
+
+
 # ---- 7. the kernels above compiled for Hopper (sm_90a) on this CPU, by Triton and (where it lowers them) Gluon ------
 AOT_CASES = {   # name -> (kernel, meta args, constants)
     "rmsnorm_bwd": (rmsnorm_bwd, (meta(4096, 4096, dtype=BF), meta(4096, dtype=BF), meta(4096, 4096, dtype=BF),
@@ -465,10 +554,12 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
                   dict(G=128, BM=64, BN=64, BK=16)),
     "col_softmax": (col_softmax, (meta(4096, 4096, dtype=BF), meta(4096, dtype=I32), meta(4096, 4096, dtype=BF), 0.5),
                     dict(BM=64, BN=64)),
+    "floyd_warshall": (floyd_warshall, (meta(64, 64), meta(64, 64)), dict(N=64)),
+    "transitive_closure": (transitive_closure, (meta(64, 64, dtype=BF), meta(64, 64, dtype=BF), 6), dict(N=64)),
 }
 # Gluon multiplies 16-bit operands from shared memory only (wgmma): the f32 and register-operand products are refused
-# by name there (linear_attention, rope_swap, int4_gemm)
-GLUON_CASES = ("rmsnorm_bwd", "linear_scan", "rope_pairs", "col_softmax")
+# by name there (linear_attention, rope_swap, int4_gemm, transitive_closure)
+GLUON_CASES = ("rmsnorm_bwd", "linear_scan", "rope_pairs", "col_softmax", "floyd_warshall")
 
 
 @pytest.mark.parametrize("name", AOT_CASES)
