@@ -537,7 +537,7 @@ def small_product(A, B, C, *, TA: bool = False, TB: bool = False, M: int = 8, N:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("dtype", [*FLOAT_DTYPES, torch.float8_e4m3fn])
 @pytest.mark.parametrize(("TA", "TB"), [(False, False), (False, True), (True, False), (True, True)])
 @pytest.mark.parametrize(("M", "N", "K"), [(8, 4, 2), (1, 1, 1), (16, 2, 32), (2, 16, 16), (4, 8, 64)])
 def test_small_products_on_triton(backend, dtype, TA, TB, M, N, K, rng):
