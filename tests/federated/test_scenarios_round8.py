@@ -583,3 +583,46 @@ def test_dp_over_feddf_is_refused_before_any_client_trains(wrapper):
     with pytest.raises(FederatedError, match=re.escape(needle)):
         simulate(wrapper(inner, noise_multiplier=0.5, clipping_norm=1.0, num_sampled_clients=4), task, rounds=1)
     assert not trained
+
+
+@pytest.mark.timeout(60)
+def test_client_side_dp_over_ifca_noises_each_cluster_for_its_members():
+    """Client-side DP (noise 0.6, C = 1) over IFCA with two clusters, four scripted clients choosing clusters 0, 0, 0
+    and 1: cluster 0 is the mean of three replies, cluster 1 a single client's model, which the wrapper's noise of std
+    0.6 C / 4 left at a quarter of the noise multiplier. Now IFCA tops each cluster up to std 0.6 C / (its members)
+    before the wrapper's noise; both draws come from NumPy's seeded stream (cluster 0's, cluster 1's, then Flower's
+    over the packed record), checked over two rounds."""
+    from tilestack.federated.strategies import IFCA
+
+    task = blobs(4, features=3)
+    noise, clip, seed = 0.6, 1.0, 9
+    choice = {0: 0, 1: 0, 2: 0, 3: 1}
+
+    def script(pid, rnd, got, context, config):
+        j = choice[pid]
+        mine = {k.partition("/")[2]: v for k, v in got["arrays"].items() if k.startswith(f"cluster{j}/")}
+        return ({k: v + 0.01 * update(pid, rnd, v.shape, np.float32) for k, v in mine.items()},
+                {"cluster-id": j})  # fmt: skip
+
+    inner = IFCA(num_clusters=2, reseed_after=0, fraction_train=1.0, fraction_evaluate=0.0, weighted_by_key=UNIT)
+    s = DifferentialPrivacyClientSideFixedClipping(inner, noise_multiplier=noise, clipping_norm=clip,
+                                                   num_sampled_clients=4)  # fmt: skip
+    models: list[dict[str, np.ndarray]] = []
+    start = inner.initial_arrays(task)
+    run_rounds(s, make_grid(scripted(script), task), start, num_rounds=2, seed=seed, extra_metrics=_keep(models))
+    x = np_(start)
+    for rnd in (1, 2):
+        state = int(np.random.SeedSequence([seed, rnd, AGGREGATE_PHASE]).generate_state(1)[0])
+        stream = np.random.RandomState(state % 2**32)
+        want = {}
+        for j, members in ((0, (0, 1, 2)), (1, (3,))):
+            own = {k.partition("/")[2]: v for k, v in x.items() if k.startswith(f"cluster{j}/")}
+            mean = {k: sum(v.astype(np.float64) + 0.01 * update(p, rnd, v.shape, np.float32).astype(np.float64)
+                           for p in members) / len(members) for k, v in own.items()}  # fmt: skip
+            extra = noise * clip * math.sqrt(1 / len(members) ** 2 - 1 / 16)
+            want |= {f"cluster{j}/{k}": v + stream.normal(0.0, extra, v.shape) for k, v in mean.items()}
+        for k in want:
+            a = want[k].astype(np.float32)
+            a += stream.normal(0, noise * clip / 4, a.shape).astype(np.float32)
+            np.testing.assert_allclose(models[rnd - 1][k], a, rtol=2**-22, atol=1e-6, err_msg=k)
+        x = models[rnd - 1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -55,3 +56,20 @@ def pid_of(grid, node_id: int) -> int:
             f"grid={type(grid).__name__} cannot tell the partition of node {node_id}; expected a ManagedGrid"
         )
     return mapping[node_id]
+
+
+def dp_top_up(model: Params, members: list[Message], weight_key: str, dp_noise: tuple[float, int] | None) -> Params:
+    """``model``, the weighted mean of ``members``' replies, plus the DP noise it lacks under a client-side DP wrapper
+    (``dp_noise``: noise_multiplier x clipping_norm and the replies m the wrapper averages, set by run_rounds). The
+    wrapper adds noise of std sigma C / m, sized for a client's share 1 / m of one mean over all replies; in a mean over
+    fewer (a cluster's members) one client's clipped update moves it by up to its weight share, so the noise is
+    topped up to std sigma C x share (drawn from NumPy's stream, which run_rounds seeds per round)."""
+    if dp_noise is None or not members:
+        return model
+    sigma_c, m = dp_noise
+    weights = [metric(msg, weight_key) for msg in members]
+    share = max(weights) / sum(weights)
+    extra = sigma_c * math.sqrt(max(share**2 - 1.0 / m**2, 0.0))
+    if extra == 0.0:
+        return model
+    return {k: v + np.random.normal(0.0, extra, np.shape(v)) for k, v in model.items()}

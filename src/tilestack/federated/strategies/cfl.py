@@ -29,7 +29,15 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggre
 
 from tilestack.federated.checks import require_int, require_real
 from tilestack.federated.client import PARTITION_METRIC, _split_clusters, cluster_key
-from tilestack.federated.strategies._util import metric, ok_replies, pid_of, to_numpy, to_record, with_content
+from tilestack.federated.strategies._util import (
+    dp_top_up,
+    metric,
+    ok_replies,
+    pid_of,
+    to_numpy,
+    to_record,
+    with_content,
+)
 from tilestack.federated.strategies.ifca import adjusted_rand_index
 from tilestack.federated.task import Task
 
@@ -75,6 +83,7 @@ class CFL(FedAvg):
         self.splits: list[tuple[int, int, int]] = []  # (round, parent cluster, new cluster)
         self._clusters: list[dict[str, np.ndarray]] = []
         self._pid_of_node: dict[int, int] = {}
+        self._dp_noise: tuple[float, int] | None = None  # a client-side DP wrapper's noise (run_rounds; dp_top_up)
 
     def initial_arrays(self, task: Task) -> ArrayRecord:
         return to_record({cluster_key(0, k): v for k, v in task.initial_params().items()})
@@ -121,6 +130,9 @@ class CFL(FedAvg):
             models[j] = to_numpy(aggregate_arrayrecords([m.content for m in members], self.weighted_by_key))
             if server_round > self.warmup and len(members) >= 2 * self.min_size and len(models) < self.max_clusters:
                 self._maybe_split(server_round, j, start, members, models)
+        for j, model in enumerate(models):  # each cluster's mean is over its members only: under DP topped up
+            members = [m for m in replies if self.assignments.get(int(metric(m, PARTITION_METRIC)), 0) == j]
+            models[j] = dp_top_up(model, members, self.weighted_by_key, self._dp_noise)
         packed = {cluster_key(j, k): v for j, model in enumerate(models) for k, v in model.items()}
         metrics = aggregate_metricrecords([m.content for m in replies], self.weighted_by_key)
         return to_record(packed, like=self._clusters[0]), metrics

@@ -24,7 +24,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggre
 
 from tilestack.federated.checks import require_int
 from tilestack.federated.client import CLUSTER_SEP, IFCA_KEY, PARTITION_METRIC, cluster_key
-from tilestack.federated.strategies._util import metric, ok_replies, to_numpy, to_record
+from tilestack.federated.strategies._util import dp_top_up, metric, ok_replies, to_numpy, to_record
 from tilestack.federated.task import Task
 
 INIT_STD = 0.1  # spread of the random initial cluster models (zero init would make them identical)
@@ -62,6 +62,7 @@ class IFCA(FedAvg):
         self._idle = [0] * num_clusters
         self.assignments: dict[int, int] = {}
         self._clusters: list[dict[str, np.ndarray]] = []
+        self._dp_noise: tuple[float, int] | None = None  # a client-side DP wrapper's noise (run_rounds; dp_top_up)
 
     def initial_arrays(self, task: Task) -> ArrayRecord:
         base = task.initial_params()
@@ -110,11 +111,12 @@ class IFCA(FedAvg):
             members = [m for m in replies if int(metric(m, "cluster-id", -1)) == j]
             sizes.append(len(members))
             self._idle[j] = 0 if members else self._idle[j] + 1
-            models.append(
-                to_numpy(aggregate_arrayrecords([m.content for m in members], self.weighted_by_key))
+            models.append(  # a cluster's mean is over its members only: under DP its noise is topped up
+                dp_top_up(to_numpy(aggregate_arrayrecords([m.content for m in members], self.weighted_by_key)),
+                          members, self.weighted_by_key, self._dp_noise)
                 if members
                 else self._clusters[j]
-            )
+            )  # fmt: skip
         self._reseed(server_round, models, sizes)
         packed = {cluster_key(j, k): v for j, model in enumerate(models) for k, v in model.items()}
         for m in replies:
