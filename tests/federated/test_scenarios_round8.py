@@ -12,6 +12,7 @@ out by hand (``_fl_round8``) or tilestack's clients replayed (``_fl_round7.clien
 - NaN and misshapen replies from real clients: left out each round naming them, the run still learns;
 - interrupted runs resumed from their checkpoint equal the run never interrupted, bit for bit;
 - server-side DP with dropouts (noise for the replies averaged) and with batch norm (a noisy running variance);
+  client-side DP over HeteroFL and IFCA; DP over FedDF refused; SecAgg+ over clients of 1 to 119 examples;
 - 50 tiny clients, quickly and exactly.
 
 What this round found, fixed:
@@ -27,6 +28,13 @@ What this round found, fixed:
 - DP noise on an MLP with batch norm made running variances negative: every evaluation (server-side and federated)
   was NaN, each client's evaluation reply was left out, and the reported accuracy was that of NaN logits. A running
   variance below 0 is read as 0 (models.MLP._forward).
+- Client-side DP over HeteroFL, IFCA or CFL: a unit only wider clients hold, or a cluster's model, is the mean of fewer
+  replies than the wrapper's noise is sized for (a one-member IFCA cluster at a quarter of the noise multiplier).
+  Each now adds the noise it lacks, std sigma C / its holders (HeteroFL._dp_top_up, strategies._util.dp_top_up, told
+  by driver._noise_for). DP over FedDF, whose distillation is no mean the noise covers, is refused (check_privacy).
+- partition.quantity_skew (and so every 'iid' split) gave the whole rounding remainder to the largest client: 220
+  samples over 50 "IID" clients gave one client 24 and the other 49 four each. The remainder is now spread one sample
+  per client.
 """
 
 from __future__ import annotations
