@@ -426,7 +426,8 @@ def _e_mma(e: _Emitter, ins: Instr) -> None:
             an, bn, precision = e.up(an, a.type.dtype), e.up(bn, b.type.dtype), ', input_precision="ieee"'
     if small:
         # tl.dot takes no dimension below 16: a smaller product (an 8-wide head, a (D/2, D) widening matrix) is
-        # summed from its f32 products, a (M, K, N) broadcast: exact products, as the f32 dot's, of any operands
+        # summed from its f32 products, a (M, K, N) broadcast: exact products, as the f32 dot's, of any operands.
+        # It holds M K N values at once (an (8, 64) @ (64, 64) spills on sm_90a): meant for small products
         if a.type.dtype is f32 and ins.attrs.input_precision == "tf32" and not e.interpret:   # (else rounded above)
             e.tf32_helper = True
             an, bn = f"_round_tf32({an})", f"_round_tf32({bn})"
