@@ -3,22 +3,21 @@
     PYTHONPATH=src python3 scripts/parallel/plan_cpu_validate.py --nproc 2,4 --out docs/results/plan_cpu.json \\
         --figure docs/img/plan_pred_vs_meas.png --time-limit 900
 
-For each model (--models: small GPTs given as LxD, e.g. 4x64) and world size: the compute model is measured
-(per-layer times, the wrappers' overheads), the collectives' fit is loaded (or measured: gloo-cpu), a lockstep
-probe on that many ranks reads the machine's state (compute.lockstep_load: how much slower ranks in lockstep
-compute, and the delay each synchronisation adds), every plan is predicted and ranked with it, and --plans of
-them are trained for real (tilestack.parallel.plan.measure), each with the probe after every step on the plan's
-ranks: this machine is shared, and the probe says how much the other work slowed ranks in lockstep and delayed
-their synchronisations while the plan ran. Each plan is then predicted again with that background and delay
-(ComputeModel.set_load: the background cores for ComputeModel.contention, the delays per collective and per
-pipeline send, counted as often as the plan's ranks meet), which uses nothing of the plan's own measured
-times: the median of its timed steps against the medians of its probes (the rows' time_err), and the least step
-against the least probe (time_err_least). The plans: the planner's choice, then a spread of layouts (one of each
-of dp, fsdp, tp, tp+sp, pp 1f1b, pp gpipe, interleaved, zero, recompute, where they fit), then the next-ranked.
-Prints one table row per plan (predicted and measured step time and peak memory, the errors), then a summary: the
-share of plans within 15% (time) and 10% (memory), and for each model and world size how far the planner's choice
-is from the fastest plan measured. Stops starting new
-runs after --time-limit seconds.
+For each model (--models: small GPTs given as LxD, e.g. 4x64) and world size: the compute model is measured (per-
+layer times, the wrappers' overheads), the collectives' fit is loaded (or measured: gloo-cpu), a lockstep probe on
+that many ranks reads the machine's state (compute.lockstep_load: how much slower ranks in lockstep compute, and the
+delay each synchronisation adds), every plan is predicted and ranked with it, and --plans of them are trained for
+real (tilestack.parallel.plan.measure), each with the probe before and after its steps on the plan's ranks: this
+machine is shared, and the probe says how much the other work slowed ranks in lockstep and delayed their
+synchronisations while the plan ran. Each plan is then predicted again with that background and delay
+(ComputeModel.set_load: the background cores for ComputeModel.contention, the delays per collective and per pipeline
+send, counted as often as the plan's ranks meet), which uses nothing of the plan's own measured times: the median of
+its timed steps against the medians of its probes (the rows' time_err), and the least step against the least probe
+(time_err_least). The plans: the planner's choice, then a spread of layouts (one of each of dp, fsdp, tp, tp+sp, pp
+1f1b, pp gpipe, interleaved, zero, recompute, where they fit), then the next-ranked. Prints one table row per plan
+(predicted and measured step time and peak memory, the errors), then a summary: the share of plans within 15% (time)
+and 10% (memory), and for each model and world size how far the planner's choice is from the fastest plan measured.
+Stops starting new runs after --time-limit seconds.
 """
 
 from __future__ import annotations
@@ -74,7 +73,7 @@ def main() -> int:
                 if time.monotonic() - t0 > args.time_limit:
                     print(f"time limit {args.time_limit:.0f} s reached: stopping", file=sys.stderr)
                     break
-                # what else ran here meanwhile: a lockstep probe after each step says how much it slowed the
+                # what else ran here meanwhile: lockstep probes before and after the steps say how much it slowed the
                 # ranks; the plan is predicted again with that background (ComputeModel.contention)
                 busy = busy_cores()
                 (m,) = measure_plans(desc, [r.plan], steps=args.steps, probe_s=PROBE_CHUNK_S)

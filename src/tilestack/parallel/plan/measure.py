@@ -7,8 +7,8 @@ Each plan runs in a fresh process group of ``plan.world_size`` ranks, training t
 Trainer that ``tilestack train`` uses, on ``make_batch`` batches. Step time: the least, over the steps after
 ``warmup``, of the slowest rank's wall time (a step ends when its last rank does; the least is the step other
 work on a shared machine disturbed least, as the planner's own timings are; the median is kept too).
-With a probe (``probe_s``) each timed step after the first follows an untimed step, not the probe, so it starts as a
-training step does: warm. Memory, without CUDA: one more step runs under ``torch.profiler`` with ``profile_memory``;
+With a probe (``probe_s``) its readings come before and after the steps, not between them (a step right after the
+probe starts cold). Memory, without CUDA: one more step runs under ``torch.profiler`` with ``profile_memory``;
 the peak of the running sum of its CPU allocations and frees, plus the bytes alive when it began (parameters and
 optimizer state, counted tensor by tensor; gradients were freed by the previous step), is the rank's peak. The bytes
 of parameters, gradients (after the gradient reduction) and optimizer state are also counted tensor by tensor.
@@ -23,6 +23,8 @@ from typing import Any
 
 from tilestack.parallel.plan.describe import ModelDesc, PlanError
 from tilestack.parallel.plan.predict import Plan, runnable
+
+PROBE_READINGS = 3          # probe readings before the steps, and as many after
 
 
 def _tensor_bytes(ts) -> int:
@@ -75,19 +77,18 @@ def measure_rank(rank: int, world_size: int, spec: dict) -> dict:
     model = GPT(cfg, seed=0).to(dtype)
     trainer = Trainer(model, pc, pc.build_mesh("cpu"))
     seconds, losses, probes = [], [], []
+    # the probe's readings bracket the steps rather than fall between them: its tens of ms of other work leave
+    # caches and the interpreter's paths cold, and a step timed right after it took 25% longer (gpt 4x64, dp2,
+    # 2026-12-04: 20.9 against 16.4 ms median). In training a step follows a step.
+    readings = PROBE_READINGS if spec["probe"] is not None else 0
+    probes += [spec["probe"].reading() for _ in range(readings)]
     for step in range(spec["steps"]):
         idx, targets = make_batch(cfg, spec["batch"], spec["seq"], seed=step)
-        if spec["probe"] is not None and step > 0:
-            # the probe's tens of ms of other work leave caches and the interpreter's paths cold: the step timed
-            # right after it took 25% longer (gpt 4x64, dp2, 2026-12-04: 20.9 against 16.4 ms median). In training
-            # a step follows a step, so one runs untimed in between (module docstring)
-            trainer.step(idx, targets)
         torch.distributed.barrier()
         t0 = time.perf_counter()
         losses.append(trainer.step(idx, targets))
         seconds.append(time.perf_counter() - t0)
-        if spec["probe"] is not None:
-            probes.append(spec["probe"].reading())
+    probes += [spec["probe"].reading() for _ in range(readings)]
     params = _tensor_bytes(trainer.params)
     before = params + _optimizer_bytes(trainer)
     idx, targets = make_batch(cfg, spec["batch"], spec["seq"], seed=spec["steps"])
@@ -102,14 +103,15 @@ def measure_rank(rank: int, world_size: int, spec: dict) -> dict:
                 components=dict(parameters=params, gradients=grads, optimizer=_optimizer_bytes(trainer)))
 
 
-def _slowdowns(res: list[dict], probe: Any, timed: range) -> dict[str, float | None]:
-    """The least and the median (``_median``), over the ``timed`` steps, of the slowdown and the seconds of one
-    synchronisation (collective, p2p) that the probe after the step shows (LockstepProbe.reading; per step the
-    slowest rank's of each); None without a probe."""
+def _slowdowns(res: list[dict], probe: Any) -> dict[str, float | None]:
+    """The least and the median (``_median``), over the probe's readings before and after the steps, of the
+    slowdown and the seconds of one synchronisation (collective, p2p) they show (LockstepProbe.reading; per
+    reading the slowest rank's of each); None without a probe."""
     keys = ("slowdown", "collective_s", "p2p_s")
     if probe is None:
         return {k + tail: None for k in keys for tail in ("", "_median")}
-    work, collective, p2p = ([max(r["probes"][i][k] for r in res) for i in timed] for k in range(3))
+    n = len(res[0]["probes"])
+    work, collective, p2p = ([max(r["probes"][i][k] for r in res) for i in range(n)] for k in range(3))
     return dict(slowdown=probe.slowdown(min(work), min(collective)), collective_s=min(collective), p2p_s=min(p2p),
                 slowdown_median=probe.slowdown(statistics.median(work), statistics.median(collective)),
                 collective_s_median=statistics.median(collective), p2p_s_median=statistics.median(p2p),
@@ -119,10 +121,11 @@ def _slowdowns(res: list[dict], probe: Any, timed: range) -> dict[str, float | N
 def measure_plans(desc: ModelDesc, plans: Sequence[Plan], *, steps: int = 6, warmup: int = 2,
                   dtype: str = "float32", timeout_s: float = 600.0, probe_s: float = 0.0) -> list[dict[str, Any]]:
     """Each plan trained for ``steps`` steps on ``plan.world_size`` gloo processes; a row per plan (module doc).
-    ``probe_s`` > 0: after each step the ranks also run a lockstep probe of that many idle seconds of fixed work
-    (compute.LockstepProbe.reading); the row's ``slowdown``, ``collective_s`` and ``p2p_s`` are the least over the
-    timed steps of the slowest rank's (``_median``: the medians): how much this machine's other work slowed ranks
-    in lockstep while the plan ran, and how long a synchronisation took (compute.sync_delays)."""
+    ``probe_s`` > 0: before and after the steps the ranks also run ``PROBE_READINGS`` lockstep probes each, of that
+    many idle seconds of fixed work (compute.LockstepProbe.reading); the row's ``slowdown``, ``collective_s`` and
+    ``p2p_s`` are the least over the readings of the slowest rank's (``_median``: the medians): how much this
+    machine's other work slowed ranks in lockstep while the plan ran, and how long a synchronisation took
+    (compute.sync_delays)."""
     from tilestack.parallel.launch import run_local
     from tilestack.parallel.plan.compute import LockstepProbe
     probe = LockstepProbe.calibrated(probe_s) if probe_s > 0 else None
@@ -142,5 +145,5 @@ def measure_plans(desc: ModelDesc, plans: Sequence[Plan], *, steps: int = 6, war
                          step_s_median=statistics.median(per_step), step_s_all=per_step, peak_bytes=worst["peak_bytes"],
                          peak_bytes_per_rank=[r["peak_bytes"] for r in res], components=worst["components"],
                          loss=res[0]["losses"][-1],
-                         **_slowdowns(res, probe, range(warmup, steps))))
+                         **_slowdowns(res, probe)))
     return rows
