@@ -12,7 +12,8 @@ out by hand (``_fl_round8``) or tilestack's clients replayed (``_fl_round7.clien
 - NaN and misshapen replies from real clients: left out each round naming them, the run still learns;
 - interrupted runs resumed from their checkpoint equal the run never interrupted, bit for bit;
 - server-side DP with dropouts (noise for the replies averaged) and with batch norm (a noisy running variance);
-  client-side DP over HeteroFL and IFCA; DP over FedDF refused; SecAgg+ over clients of 1 to 119 examples;
+  client-side DP over HeteroFL and IFCA; DP over FedDF and the robust rules refused; SecAgg+ over clients of 1
+  to 119 examples;
 - 50 tiny clients, quickly and exactly.
 
 What this round found, fixed:
@@ -31,7 +32,8 @@ What this round found, fixed:
 - Client-side DP over HeteroFL, IFCA or CFL: a unit only wider clients hold, or a cluster's model, is the mean of fewer
   replies than the wrapper's noise is sized for (a one-member IFCA cluster at a quarter of the noise multiplier).
   Each now adds the noise it lacks, std sigma C / its holders (HeteroFL._dp_top_up, strategies._util.dp_top_up, told
-  by driver._noise_for). DP over FedDF, whose distillation is no mean the noise covers, is refused (check_privacy).
+  by driver._noise_for). DP over FedDF (a distillation) or Flower's robust rules (Krum, MultiKrum, Bulyan, FedMedian,
+  FedTrimmedAvg), whose aggregate one client moves by more than C / n, is refused (checks.check_privacy).
 - partition.quantity_skew (and so every 'iid' split) gave the whole rounding remainder to the largest client: 220
   samples over 50 "IID" clients gave one client 24 and the other 49 four each. The remainder is now spread one sample
   per client.
@@ -567,10 +569,15 @@ def test_client_side_dp_over_heterofl_noises_each_unit_for_the_clients_that_hold
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("wrapper", [DifferentialPrivacyServerSideFixedClipping,
                                      DifferentialPrivacyClientSideFixedClipping])  # fmt: skip
-def test_dp_over_feddf_is_refused_before_any_client_trains(wrapper):
-    """FedDF distils the ensemble of the individual client models into the average: its change from one client is
-    not the C / n a DP wrapper's noise is sized for. Before, DP-FedDF ran under a guarantee that did not hold; now it
-    is refused before any client trains, naming why."""
+@pytest.mark.parametrize("inner", ["FedDF", "Krum", "MultiKrum", "FedMedian", "FedTrimmedAvg", "Bulyan"])
+def test_dp_over_an_aggregate_that_is_no_mean_of_the_replies_is_refused_before_any_client_trains(wrapper, inner):
+    """A DP wrapper's noise is sized for one client's share (C / n) of a mean of n clipped updates. FedDF distils the
+    ensemble of the individual client models; Krum releases one client's update, MultiKrum and Bulyan a mean of the
+    replies they pick, FedMedian a coordinate-wise median, FedTrimmedAvg a mean of whatever trimming leaves: one
+    client moves each by more than C / n. Before, DP over them ran under a guarantee that did not hold; now it is
+    refused before any client trains, naming why."""
+    from flwr.serverapp import strategy as fl
+
     from tilestack.errors import FederatedError
     from tilestack.federated.strategies import FedDF
 
@@ -581,15 +588,18 @@ def test_dp_over_feddf_is_refused_before_any_client_trains(wrapper):
         trained.append(pid)
         return got["arrays"], {}
 
+    kw = dict(fraction_train=1.0, fraction_evaluate=0.0, weighted_by_key=UNIT)
     unlabeled = np.random.default_rng(0).normal(0, 1, (20, task.features))
-    inner = FedDF(model=task.build_model(), unlabeled=unlabeled, steps=5, fraction_train=1.0, fraction_evaluate=0.0,
-                  weighted_by_key=UNIT)  # fmt: skip
-    s = wrapper(inner, noise_multiplier=0.5, clipping_norm=1.0, num_sampled_clients=4)
-    needle = f"{wrapper.__name__} over FedDF: the noise is sized for one client's share of a mean of clipped updates"
+    make = {"FedDF": lambda: FedDF(model=task.build_model(), unlabeled=unlabeled, steps=5, **kw),
+            "Krum": lambda: fl.Krum(num_malicious_nodes=0, **kw),
+            "MultiKrum": lambda: fl.MultiKrum(num_malicious_nodes=0, num_nodes_to_select=2, **kw),
+            "FedMedian": lambda: fl.FedMedian(**kw), "FedTrimmedAvg": lambda: fl.FedTrimmedAvg(beta=0.25, **kw),
+            "Bulyan": lambda: fl.Bulyan(num_malicious_nodes=0, **kw)}[inner]  # fmt: skip
+    needle = f"{wrapper.__name__} over {inner}: the noise is sized for one client's share of a mean of clipped updates"
     with pytest.raises(FederatedError, match=re.escape(needle) + ".*privacy guarantee would not hold"):
-        run_rounds(s, make_grid(scripted(script), task), initial_arrays(task), num_rounds=1)
+        run_rounds(wrapper(make(), 0.5, 1.0, 4), make_grid(scripted(script), task), initial_arrays(task), num_rounds=1)
     with pytest.raises(FederatedError, match=re.escape(needle)):
-        simulate(wrapper(inner, noise_multiplier=0.5, clipping_norm=1.0, num_sampled_clients=4), task, rounds=1)
+        simulate(wrapper(make(), noise_multiplier=0.5, clipping_norm=1.0, num_sampled_clients=4), task, rounds=1)
     assert not trained
 
 

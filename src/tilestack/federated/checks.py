@@ -99,6 +99,15 @@ PROXIMAL_STEP_LIMIT = 2.0
 DP_WRAPPERS = (fl.DifferentialPrivacyServerSideFixedClipping, fl.DifferentialPrivacyClientSideFixedClipping,
                fl.DifferentialPrivacyServerSideAdaptiveClipping, fl.DifferentialPrivacyClientSideAdaptiveClipping)
 CLIENT_SIDE_DP = (fl.DifferentialPrivacyClientSideFixedClipping, fl.DifferentialPrivacyClientSideAdaptiveClipping)
+# Flower's robust rules, whose aggregate is no mean of all replies: a DP wrapper's noise, sized for one client's share
+# 1 / m of such a mean, does not cover what one client can change in them (tilestack's own say so by NOT_A_MEAN)
+ROBUST_NOT_A_MEAN = {
+    fl.MultiKrum: "keeps the updates nearest their neighbours and averages those alone (Krum: one client's update, "
+                  "which moves by up to clipping_norm)",
+    fl.Bulyan: "averages the replies nearest the coordinate-wise median of a Krum-selected subset",
+    fl.FedMedian: "takes the coordinate-wise median, which one client can move by up to clipping_norm",
+    fl.FedTrimmedAvg: "averages what is left after trimming, and which replies are left depends on each client",
+}  # fmt: skip
 
 
 def require_int(where: str, name: str, value, *, low: int, high: int | None = None) -> None:
@@ -294,7 +303,8 @@ def check_privacy(strategy: Strategy, num_nodes: int) -> None:
                 "report (Flower's accounted aggregation stops the run at the first round whose weights differ)"
             )
         for inner in levels[i + 1 :]:
-            if not_a_mean := getattr(type(inner), "NOT_A_MEAN", ""):
+            robust = next((why for cls, why in ROBUST_NOT_A_MEAN.items() if isinstance(inner, cls)), "")
+            if not_a_mean := getattr(type(inner), "NOT_A_MEAN", "") or robust:
                 raise FederatedError(
                     f"{name} over {type(inner).__name__}: the noise is sized for one client's share of a mean of "
                     f"clipped updates, but {type(inner).__name__} {not_a_mean}, so the privacy guarantee would not "
