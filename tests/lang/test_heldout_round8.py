@@ -188,9 +188,11 @@ def scan_ref(a, x, h0, reverse):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize(("T", "C"), [(37, 21), (1, 16), (0, 5), (9, 1)])
-def test_linear_scan(backend, dtype, reverse, T, C, rng):
+@pytest.mark.parametrize("transposed", [False, True])
+def test_linear_scan(backend, dtype, reverse, T, C, transposed, rng):
     """Gates in [0, 1] (0 resets the state, 1 carries it whole); in wide cases a gate-1 column accumulates 1e30s and
-    an inf in one step and a NaN in another reach every later step of their columns."""
+    an inf in one step and a NaN in another reach every later step of their columns. ``transposed``: X and H are
+    views of (C, T) buffers (strides (1, T)), each row a column of the buffer."""
     a = torch.from_numpy(rng.uniform(0, 1, (T, C))).to(dtype)
     x = randn(rng, T, C, dtype=dtype)
     h0 = randn(rng, 1, C)
@@ -199,6 +201,8 @@ def test_linear_scan(backend, dtype, reverse, T, C, rng):
         x[:, 2] = 1e30 if dtype != F16 else 6e4
         x[2, 3], x[T - 3, 3] = math.inf, math.nan
     h, ht = poisoned(T, C, dtype=dtype), poisoned(1, C)
+    if transposed:
+        x, h = x.T.contiguous().T, poisoned(C, T, dtype=dtype).T
     launch(linear_scan, backend, a, x, h0, h, ht, REVERSE=reverse)
     want, last = scan_ref(a, x, h0, reverse)
     close(h, want.to(dtype), scale=8)
