@@ -32,8 +32,9 @@ What this round found, fixed:
 - Client-side DP over HeteroFL, IFCA or CFL: a unit only wider clients hold, or a cluster's model, is the mean of fewer
   replies than the wrapper's noise is sized for (a one-member IFCA cluster at a quarter of the noise multiplier).
   Each now adds the noise it lacks, std sigma C / its holders (HeteroFL._dp_top_up, strategies._util.dp_top_up, told
-  by driver._noise_for). DP over FedDF (a distillation) or Flower's robust rules (Krum, MultiKrum, Bulyan, FedMedian,
-  FedTrimmedAvg), whose aggregate one client moves by more than C / n, is refused (checks.check_privacy).
+  by driver._noise_for). DP over FedDF (a distillation), FedNova (a straggler's update scaled up), Flower's robust
+  rules, server optimisers (FedAdam, FedYogi, FedAdagrad, FedAvgM with momentum: Flower noises after their step) or
+  q-FedAvg, whose aggregate one client moves by more than C / n, is refused (checks.check_privacy).
 - partition.quantity_skew (and so every 'iid' split) gave the whole rounding remainder to the largest client: 220
   samples over 50 "IID" clients gave one client 24 and the other 49 four each. The remainder is now spread one sample
   per client.
@@ -569,17 +570,20 @@ def test_client_side_dp_over_heterofl_noises_each_unit_for_the_clients_that_hold
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("wrapper", [DifferentialPrivacyServerSideFixedClipping,
                                      DifferentialPrivacyClientSideFixedClipping])  # fmt: skip
-@pytest.mark.parametrize("inner", ["FedDF", "Krum", "MultiKrum", "FedMedian", "FedTrimmedAvg", "Bulyan"])
+@pytest.mark.parametrize("inner", ["FedDF", "Krum", "MultiKrum", "FedMedian", "FedTrimmedAvg", "Bulyan", "FedNova",
+                                   "FedAdam", "FedYogi", "FedAvgM", "QFFL"])  # fmt: skip
 def test_dp_over_an_aggregate_that_is_no_mean_of_the_replies_is_refused_before_any_client_trains(wrapper, inner):
-    """A DP wrapper's noise is sized for one client's share (C / n) of a mean of n clipped updates. FedDF distils the
-    ensemble of the individual client models; Krum releases one client's update, MultiKrum and Bulyan a mean of the
-    replies they pick, FedMedian a coordinate-wise median, FedTrimmedAvg a mean of whatever trimming leaves: one
-    client moves each by more than C / n. Before, DP over them ran under a guarantee that did not hold; now it is
-    refused before any client trains, naming why."""
+    """A DP wrapper's noise is sized for one client's share (C / n) of a mean of n clipped updates, and Flower adds it
+    after the inner strategy's step. FedDF distils the individual client models; Krum releases one client's update,
+    MultiKrum and Bulyan a mean of the replies they pick, FedMedian a median, FedTrimmedAvg a mean of what trimming
+    leaves; FedNova scales a straggler's update by tau_eff / its steps; FedAdam and FedYogi divide by the root of
+    unnoised moments, FedAvgM (momentum 0.9) carries unnoised means into later rounds; q-FedAvg weights by losses. One
+    client moves each past C / n. Before, DP over them ran under a guarantee that did not hold; now it is refused
+    before any client trains, naming why (FedAvgM with no momentum and lr 1, plain FedAvg, runs)."""
     from flwr.serverapp import strategy as fl
 
     from tilestack.errors import FederatedError
-    from tilestack.federated.strategies import FedDF
+    from tilestack.federated.strategies import QFFL, FedDF, FedNova
 
     task = blobs(4)
     trained = []
@@ -594,13 +598,21 @@ def test_dp_over_an_aggregate_that_is_no_mean_of_the_replies_is_refused_before_a
             "Krum": lambda: fl.Krum(num_malicious_nodes=0, **kw),
             "MultiKrum": lambda: fl.MultiKrum(num_malicious_nodes=0, num_nodes_to_select=2, **kw),
             "FedMedian": lambda: fl.FedMedian(**kw), "FedTrimmedAvg": lambda: fl.FedTrimmedAvg(beta=0.25, **kw),
-            "Bulyan": lambda: fl.Bulyan(num_malicious_nodes=0, **kw)}[inner]  # fmt: skip
+            "Bulyan": lambda: fl.Bulyan(num_malicious_nodes=0, **kw), "FedNova": lambda: FedNova(**kw),
+            "FedAdam": lambda: fl.FedAdam(**kw), "FedYogi": lambda: fl.FedYogi(**kw),
+            "FedAvgM": lambda: fl.FedAvgM(server_momentum=0.9, **kw),
+            "QFFL": lambda: QFFL(q=1.0, client_learning_rate=0.1, **kw)}[inner]  # fmt: skip
     needle = f"{wrapper.__name__} over {inner}: the noise is sized for one client's share of a mean of clipped updates"
     with pytest.raises(FederatedError, match=re.escape(needle) + ".*privacy guarantee would not hold"):
         run_rounds(wrapper(make(), 0.5, 1.0, 4), make_grid(scripted(script), task), initial_arrays(task), num_rounds=1)
     with pytest.raises(FederatedError, match=re.escape(needle)):
         simulate(wrapper(make(), noise_multiplier=0.5, clipping_norm=1.0, num_sampled_clients=4), task, rounds=1)
     assert not trained
+    if inner == "FedAvgM":  # with no momentum and lr 1 it is the mean, which the noise covers
+        plain = fl.FedAvgM(server_momentum=0.0, server_learning_rate=1.0, **kw)
+        res = run_rounds(wrapper(plain, 0.5, 1.0, 4), make_grid(scripted(script), task), initial_arrays(task),
+                         num_rounds=1)  # fmt: skip
+        assert res.history.rounds[0].num_aggregated == 4
 
 
 @pytest.mark.timeout(60)

@@ -99,15 +99,31 @@ PROXIMAL_STEP_LIMIT = 2.0
 DP_WRAPPERS = (fl.DifferentialPrivacyServerSideFixedClipping, fl.DifferentialPrivacyClientSideFixedClipping,
                fl.DifferentialPrivacyServerSideAdaptiveClipping, fl.DifferentialPrivacyClientSideAdaptiveClipping)
 CLIENT_SIDE_DP = (fl.DifferentialPrivacyClientSideFixedClipping, fl.DifferentialPrivacyClientSideAdaptiveClipping)
-# Flower's robust rules, whose aggregate is no mean of all replies: a DP wrapper's noise, sized for one client's share
-# 1 / m of such a mean, does not cover what one client can change in them (tilestack's own say so by NOT_A_MEAN)
+# Flower's strategies whose aggregate is no mean of all replies (robust rules, server optimisers, q-FedAvg): a DP
+# wrapper's noise, sized for one client's share 1 / m of such a mean, does not cover what one client can change in them
+# (tilestack's own say so by NOT_A_MEAN)
 ROBUST_NOT_A_MEAN = {
     fl.MultiKrum: "keeps the updates nearest their neighbours and averages those alone (Krum: one client's update, "
                   "which moves by up to clipping_norm)",
     fl.Bulyan: "averages the replies nearest the coordinate-wise median of a Krum-selected subset",
     fl.FedMedian: "takes the coordinate-wise median, which one client can move by up to clipping_norm",
     fl.FedTrimmedAvg: "averages what is left after trimming, and which replies are left depends on each client",
+    # Flower's wrapper adds its noise after the inner strategy's step: a server optimiser's step is then no
+    # post-processing of a noised mean
+    FedOpt: "steps by eta m / (sqrt(v) + tau), moments of the unnoised means, before the noise is added (one client "
+            "moves it by up to eta / tau x C / n)",
+    fl.QFedAvg: "weights each update by the client's loss to the power q over a sum of every update's norm",
 }  # fmt: skip
+
+
+def _not_a_mean(strategy: Strategy) -> str:
+    """Why a DP wrapper's noise does not cover ``strategy``'s aggregate ('' when it is a plain mean of the replies)."""
+    if why := getattr(type(strategy), "NOT_A_MEAN", ""):
+        return why
+    if isinstance(strategy, fl.FedAvgM) and (strategy.server_momentum > 0 or strategy.server_learning_rate > 1):
+        return ("steps by its server learning rate along a momentum of the unnoised means of earlier rounds, before "
+                "the noise is added (with server_momentum=0 and server_learning_rate <= 1 it is the mean)")
+    return next((why for cls, why in ROBUST_NOT_A_MEAN.items() if isinstance(strategy, cls)), "")
 
 
 def require_int(where: str, name: str, value, *, low: int, high: int | None = None) -> None:
@@ -303,8 +319,7 @@ def check_privacy(strategy: Strategy, num_nodes: int) -> None:
                 "report (Flower's accounted aggregation stops the run at the first round whose weights differ)"
             )
         for inner in levels[i + 1 :]:
-            robust = next((why for cls, why in ROBUST_NOT_A_MEAN.items() if isinstance(inner, cls)), "")
-            if not_a_mean := getattr(type(inner), "NOT_A_MEAN", "") or robust:
+            if not_a_mean := _not_a_mean(inner):
                 raise FederatedError(
                     f"{name} over {type(inner).__name__}: the noise is sized for one client's share of a mean of "
                     f"clipped updates, but {type(inner).__name__} {not_a_mean}, so the privacy guarantee would not "

@@ -195,7 +195,15 @@ def _noise_for(strategy: Strategy, num_replies: int, server_round: int):
     While the round aggregates, each such wrapper is told the n replies it averages, so its noise keeps the
     configured multiplier. With an accountant a short round is skipped instead (Flower's strict check). A strategy
     under the wrapper whose means are over fewer replies (HeteroFL: units only wider clients hold) is told the noise,
-    and adds what its elements lack (``_dp_noise``)."""
+    and adds what its elements lack (``_dp_noise``). Flower's server-side clipping is made safe for an update of norm 0
+    meanwhile (``_clip_scale``)."""
+    from flwr.serverapp.strategy import dp_adaptive_clipping, dp_fixed_clipping
+
+    patched = [(dp_fixed_clipping, "compute_clip_model_update", _clip_model_update),
+               (dp_adaptive_clipping, "adaptive_clip_inputs_inplace", _adaptive_clip_inplace)]  # fmt: skip
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patched]
+    for module, name, safe in patched:
+        setattr(module, name, safe)
     changed, told = [], []
     levels = strategy_levels(strategy)
     for i, s in enumerate(levels):
@@ -218,6 +226,36 @@ def _noise_for(strategy: Strategy, num_replies: int, server_round: int):
             s.num_sampled_clients = sampled
         for inner in told:
             inner._dp_noise = None
+        for module, name, original in saved:
+            setattr(module, name, original)
+
+
+def _clip_scale(update: list[np.ndarray], clipping_norm: float) -> float:
+    """Flower's FlatClip factor min(1, C / ||update||), 1 for an update of norm 0: Flower divided by the norm, so one
+    client that sent the global model back unchanged (a free rider, a client with nothing to learn) ended a server-side
+    DP run with ZeroDivisionError inside the wrapper's clipping."""
+    from flwr.supercore.differential_privacy import get_norm
+
+    norm = get_norm(update)
+    return 1.0 if norm == 0 else min(1, clipping_norm / norm)
+
+
+def _clip_model_update(param1: list[np.ndarray], param2: list[np.ndarray], clipping_norm: float) -> None:
+    """Flower's ``compute_clip_model_update`` (param1 becomes param2 plus the clipped update), safe for a 0 update."""
+    update = [np.subtract(x, y) for x, y in zip(param1, param2, strict=True)]
+    scale = _clip_scale(update, clipping_norm)
+    for array in update:
+        array *= scale
+    for i, _ in enumerate(param2):
+        param1[i] = param2[i] + update[i]
+
+
+def _adaptive_clip_inplace(input_arrays: list[np.ndarray], clipping_norm: float) -> bool:
+    """Flower's ``adaptive_clip_inputs_inplace`` (clip in place; whether it scaled), safe for a zero update."""
+    scale = _clip_scale(input_arrays, clipping_norm)
+    for array in input_arrays:
+        array *= scale
+    return scale < 1
 
 
 def _plain_metrics(record) -> dict:

@@ -25,6 +25,11 @@ from tilestack.federated.strategies._util import metric, ok_replies, to_numpy, t
 class FedNova(FedAvg):
     """FedNova over Flower's FedAvg sampling and messaging (vanilla local SGD: a_i = tau_i)."""
 
+    # why a DP wrapper's noise (sized for one client's share of a mean) does not cover this aggregate
+    # (checks.check_privacy reads it)
+    NOT_A_MEAN = ("scales each client's update by tau_eff / its own steps, so a client that ran fewer steps than the "
+                  "average (a straggler) moves the aggregate by more than clipping_norm / n")  # fmt: skip
+
     def __init__(self, **fedavg_kwargs):
         super().__init__(**fedavg_kwargs)
         self._x: dict[str, np.ndarray] = {}
