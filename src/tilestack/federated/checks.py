@@ -26,6 +26,9 @@ control-variate changes carry each client's unclipped update back to everyone. F
 are checked against the nodes they sample (``check_robust``): Krum and MultiKrum with f > 0 need 2f + 3 of them,
 Bulyan 4f + 3, MultiKrum cannot keep more than it samples (Flower ran them anyway: Krum with f = 5 of 6 nodes
 scored each update by its one nearest neighbour, and Bulyan skipped every round).
+A DP wrapper is also refused over a strategy whose aggregate is no mean of the replies (``_not_a_mean``: FedDF,
+FedNova, Flower's robust rules, server optimisers, q-FedAvg): its noise, sized for one client's share C / n of a mean
+and added after the inner strategy's step, does not cover what one client can change in them.
 FedProx is checked against the task's learning rate (``check_proximal``): a local step moves the weights by
 lr * mu times their distance from the global model, so lr * mu >= 2 overshoots it by more than that distance
 every step and every client's training diverges (mu = 1000 with lr 0.1 ran to accuracy 0.0, every reply finite).

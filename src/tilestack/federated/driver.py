@@ -202,24 +202,24 @@ def _noise_for(strategy: Strategy, num_replies: int, server_round: int):
     patched = [(dp_fixed_clipping, "compute_clip_model_update", _clip_model_update),
                (dp_adaptive_clipping, "adaptive_clip_inputs_inplace", _adaptive_clip_inplace)]  # fmt: skip
     saved = [(module, name, getattr(module, name)) for module, name, _ in patched]
-    for module, name, safe in patched:
-        setattr(module, name, safe)
     changed, told = [], []
-    levels = strategy_levels(strategy)
-    for i, s in enumerate(levels):
-        if not isinstance(s, DP_WRAPPERS):
-            continue
-        sampled = vars(s).get("num_sampled_clients")
-        if getattr(s, "accountant", None) is None and isinstance(sampled, int) and 0 < num_replies < sampled:
-            log.info("round %d: %s noised for the %d replies it averages (num_sampled_clients=%d)", server_round,
-                     type(s).__name__, num_replies, sampled)  # fmt: skip
-            changed.append((s, sampled))
-            s.num_sampled_clients = num_replies
-        for inner in levels[i + 1 :]:  # a strategy whose means are over fewer replies tops the noise up (HeteroFL)
-            if "_dp_noise" in vars(inner):
-                inner._dp_noise = (float(s.noise_multiplier) * float(s.clipping_norm), int(s.num_sampled_clients))
-                told.append(inner)
     try:
+        for module, name, safe in patched:
+            setattr(module, name, safe)
+        levels = strategy_levels(strategy)
+        for i, s in enumerate(levels):
+            if not isinstance(s, DP_WRAPPERS):
+                continue
+            sampled = vars(s).get("num_sampled_clients")
+            if getattr(s, "accountant", None) is None and isinstance(sampled, int) and 0 < num_replies < sampled:
+                log.info("round %d: %s noised for the %d replies it averages (num_sampled_clients=%d)", server_round,
+                         type(s).__name__, num_replies, sampled)  # fmt: skip
+                changed.append((s, sampled))
+                s.num_sampled_clients = num_replies
+            for inner in levels[i + 1 :]:  # a strategy whose means are over fewer replies tops it up (HeteroFL)
+                if "_dp_noise" in vars(inner):
+                    inner._dp_noise = (float(s.noise_multiplier) * float(s.clipping_norm), int(s.num_sampled_clients))
+                    told.append(inner)
         yield
     finally:
         for s, sampled in changed:
