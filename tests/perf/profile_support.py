@@ -79,6 +79,7 @@ class Profiles:
             p = profile.profile_model(model, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu", train=train,
                                       name=name)
             step = profile._without_fastpath(profile.make_step(model, inputs, train=train))
+            step()  # the profile's warm-up: it puts the model back as it was (no gradients), so warm it again
             try:
                 theirs = None if name in self.without_torch else torch_by_op(step)
             except (RuntimeError, TypeError):  # torch's counter cannot follow autograd.grad inside forward (its

@@ -298,16 +298,20 @@ NO_ARITHMETIC = frozenset(
 
 
 def _dtype(ts: Sequence[Any]) -> str:
-    """The first floating-point dtype among ``ts``, by tilestack's name; a complex one's parts' (complex64: fp32)."""
-
+    """The first floating-point dtype among ``ts``, by tilestack's name; a complex one's parts' (complex64: fp32).
+    An op on integers and bools only (an int8 _int_mm, a bitwise or logical op) has the first of theirs that has a
+    name (int8, uint8 as int8, int32, int64, bool): not the step's float dtype, whose roof is not its roof."""
+    whole = ""
     for t in ts:
         dtype = t.dtype.to_real() if t.is_complex() else t.dtype
+        try:
+            name = formulas.dtype_name(dtype)
+        except Exception:  # a dtype tilestack has no roof for (int16, float8 variants it does not name)
+            continue
         if dtype.is_floating_point:
-            try:
-                return formulas.dtype_name(dtype)
-            except Exception:
-                continue
-    return ""
+            return name
+        whole = whole or name
+    return whole
 
 
 def _profiler_name(func: Any) -> str:
@@ -316,8 +320,10 @@ def _profiler_name(func: Any) -> str:
 
 
 def _storage(t: Any) -> int:
+    """Which storage ``t`` is a view of: its data pointer, or on meta (every pointer 0) the storage itself."""
     try:
-        return t.untyped_storage().data_ptr()
+        storage = t.untyped_storage()
+        return storage._cdata if t.device.type == "meta" else storage.data_ptr()
     except Exception:  # tensors without storage (sparse, some subclasses)
         return id(t)
 

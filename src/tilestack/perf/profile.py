@@ -29,10 +29,14 @@ rows, each with its own bound and tip. Ops of any namespace the counting pass sa
 routing) carries its counts in its row at the shapes the counting step did not see. A row's calls, FLOPs and bytes
 are the counting pass's, so the rows (and ``ModelProfile.untimed``, counted ops the profiler timed under no row of
 their own) add up to what was counted. ``profile_model`` checks its arguments, and that the inputs fit ``forward``,
-before any work. Every row becomes a :class:`Measurement` (per call) so it gets the same roofline placement and tip
-as a kernel, and the spread of its time over the steps; time no ATen op accounts for is one ``(other)`` row. The
-rows' config names the model, the step (forward, or forward and backward) and the shapes, so ``tilestack compare``
-pairs only the same op of the same model at the same shapes.
+before any work, and leaves the model as it found it (``profile_state.preserved``: parameters, buffers such as
+BatchNorm's running statistics, gradients, training modes, the inputs and the RNG states are put back, so the
+profile's many steps change nothing the caller sees). Every row becomes a :class:`Measurement` (per call) so it
+gets the same roofline placement and tip as a kernel, and the spread of its time over the steps; time no ATen op
+accounts for is one ``(other)`` row. An op on integers and bools only keeps its dtype (int8, int64, bool) and, where
+the device has no roof for it, is placed under the step's float roof. The rows' config names the model, the step
+(forward, or forward and backward) and the shapes, so ``tilestack compare`` pairs only the same op of the same
+model at the same shapes.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ from tilestack.perf.counting import (  # noqa: F401 - ProfileError, OpKey, Shape
     count_ops,
 )
 from tilestack.perf.metrics import Measurement, compute_metrics, roofs_for
-from tilestack.perf.profile_args import as_call, check_arguments, check_placement
+from tilestack.perf.profile_args import as_call, check_arguments, check_ceilings, check_placement
 from tilestack.perf.profile_render import (  # noqa: F401 - the rendering and target loading: public here too
     HOT_SPOTS,
     OTHER,
@@ -70,6 +74,7 @@ from tilestack.perf.profile_render import (  # noqa: F401 - the rendering and ta
     profile_rows,
     shapes_text,
 )
+from tilestack.perf.profile_state import preserved
 
 US_TO_S = 1e-6
 DEFAULT_WARMUP = 2
@@ -81,6 +86,7 @@ PROFILER_WARMUP_STEPS = 1
 SUM_ROUNDING_REL = 1e-9  # a step's time less its rows' by this little is the sums' rounding, not an (other) row
 IMPL_SUFFIX = "_impl"  # aten::_index_put_impl_ implements aten::index_put_
 DEFAULT_DTYPE = "fp32"  # of a step that moved no floating-point data
+WHOLE_DTYPES = frozenset({"int8", "int32", "int64", "bool"})  # the dtypes of ops on integers and bools only
 NO_FORMULA_TIP = (
     "no FLOP formula for this op: its FLOPs, bound and distance from the roof are unknown (its bytes are "
     "counted); compare its time with its neighbours'"
@@ -278,6 +284,7 @@ def profile_model(
         else device_mod.detect(_model_device(model, inputs) if device is None else device)  # 0: GPU 0
     )
     check_placement(model, inputs, dev.kind)
+    check_ceilings(ceilings, dev)
     ceil = None if ceilings is False else (ceilings or device_mod.ceilings(dev))
     cuda = dev.kind == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -300,47 +307,49 @@ def profile_model(
             step()
         sync()
 
-    # Warm-up first, so the counted step is a steady-state one (gradients already allocated, caches built).
-    guarded("warm-up", warm)
-    counts = guarded("counting pass", lambda: count_ops(step))
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    # The model as it was before (buffers, parameters, gradients, modes, RNG) once done, even if it raises.
+    with preserved(model, inputs):
+        # Warm-up first, so the counted step is a steady-state one (gradients already allocated, caches built).
+        guarded("warm-up", warm)
+        counts = guarded("counting pass", lambda: count_ops(step))
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
 
-    counted = {key for key, c in counts.items() if c.flops > 0 or c.bytes_read + c.bytes_written > 0}
+        counted = {key for key, c in counts.items() if c.flops > 0 or c.bytes_read + c.bytes_written > 0}
 
-    def timed(n: int) -> tuple[Any, float]:
-        # One profiled-but-discarded step first: the profiler may drop kernel events as it starts up.
-        plan = schedule(wait=0, warmup=PROFILER_WARMUP_STEPS, active=n, repeat=1)
-        with profile(activities=activities, schedule=plan, record_shapes=True) as prof:
-            for _ in range(PROFILER_WARMUP_STEPS):
-                step()
-                prof.step()
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(n):
-                step()
-                sync()  # inside the step, so its kernels belong to it
-                prof.step()
-            wall = time.perf_counter() - t0
-        return prof, wall
+        def timed(n: int) -> tuple[Any, float]:
+            # One profiled-but-discarded step first: the profiler may drop kernel events as it starts up.
+            plan = schedule(wait=0, warmup=PROFILER_WARMUP_STEPS, active=n, repeat=1)
+            with profile(activities=activities, schedule=plan, record_shapes=True) as prof:
+                for _ in range(PROFILER_WARMUP_STEPS):
+                    step()
+                    prof.step()
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    step()
+                    sync()  # inside the step, so its kernels belong to it
+                    prof.step()
+                wall = time.perf_counter() - t0
+            return prof, wall
 
-    t_start = time.perf_counter()
-    rounds: list[tuple[dict[OpKey, _Timed], list[float], float]] = []
-    wall = 0.0
-    while True:
-        done = sum(len(r[1]) for r in rounds)
-        n = steps if steps is not None else max(ROUND_STEPS, done)
-        r0 = time.perf_counter()
-        prof, w = guarded("profiled steps", lambda n=n: timed(n))
-        rounds.append(attribute(prof.events(), counted, cuda))
-        wall += w
-        now = time.perf_counter()
-        step_s = [x for r in rounds for x in r[1]]
-        if steps is not None or not any(step_s) or timing.rel_ci(step_s) <= PROFILE_TARGET_REL_CI:
-            break
-        # The next round has as many steps as all before; it costs what this one did per step (profiler included).
-        if now - t_start + (now - r0) * (done + n) / n > budget_s:
-            break
-    return _join(name, dev, ceil, counts, counted, rounds, wall, train)
+        t_start = time.perf_counter()
+        rounds: list[tuple[dict[OpKey, _Timed], list[float], float]] = []
+        wall = 0.0
+        while True:
+            done = sum(len(r[1]) for r in rounds)
+            n = steps if steps is not None else max(ROUND_STEPS, done)
+            r0 = time.perf_counter()
+            prof, w = guarded("profiled steps", lambda n=n: timed(n))
+            rounds.append(attribute(prof.events(), counted, cuda))
+            wall += w
+            now = time.perf_counter()
+            step_s = [x for r in rounds for x in r[1]]
+            if steps is not None or not any(step_s) or timing.rel_ci(step_s) <= PROFILE_TARGET_REL_CI:
+                break
+            # The next round has as many steps as all before, each costing what this one's did (profiler included).
+            if now - t_start + (now - r0) * (done + n) / n > budget_s:
+                break
+        return _join(name, dev, ceil, counts, counted, rounds, wall, train)
 
 
 def _self_s(e: Any, cuda: bool) -> float:
@@ -563,7 +572,7 @@ def _join(
     # Rows with no dtype of their own (views, (other)) take the dtype that moves the most bytes in the step.
     moved: dict[str, float] = collections.Counter()
     for c in counts.values():
-        if c.dtype:
+        if c.dtype and c.dtype not in WHOLE_DTYPES:
             moved[c.dtype] += c.bytes_read + c.bytes_written
     step_dtype = max(moved, key=moved.__getitem__) if moved else DEFAULT_DTYPE
     ops: list[OpStat] = []
@@ -579,13 +588,18 @@ def _join(
         dtype = c.dtype or step_dtype
         # Per-call time in each step: how much the op's time varies from step to step.
         spread = timing.Timing(tuple(x / per_call for x in per_step(t)), "torch-profiler", PROFILER_WARMUP_STEPS, 1)
+        roofs = roofs_for(dev, ceil, dtype)
+        if dtype in WHOLE_DTYPES and not (roofs.measured.peak_flops_per_s or roofs.published.peak_flops_per_s):
+            # No roof for integer math here (int8 has one on most GPUs' sheets): integer ALU work runs on the float
+            # lanes at about their rate, so the step's float roof places it; the row keeps its own dtype.
+            roofs = roofs_for(dev, ceil, step_dtype)
         m = compute_metrics(
             name=op,
             latency_s=s / per_call,
             flops=c.flops / per_call,
             bytes_read=c.bytes_read / per_call,
             bytes_written=c.bytes_written / per_call,
-            roofs=roofs_for(dev, ceil, dtype),
+            roofs=roofs,
             device=dev.name,
             device_kind=kind,
             dtype=dtype,

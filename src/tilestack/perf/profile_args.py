@@ -65,6 +65,18 @@ def check_arguments(
         device, bool
     ):
         refuse("device", device, "'cpu', 'cuda', 'cuda:N', a torch.device, a perf.Device or None")
+    # Meta tensors hold no data and run no kernels: nothing to time (detect would refuse device='meta', an argument
+    # the caller may not have passed). count_ops needs no data: it counts a meta model's FLOPs and bytes.
+    meta = {"inputs on meta" for t in _tensors(inputs) if t.device.type == "meta"}
+    if isinstance(model, torch.nn.Module):
+        meta |= {"model parameters on meta" for t in model.parameters() if t.device.type == "meta"}
+    if (meta and device is None) or str(device) == "meta":  # a device given: check_placement names it
+        raise ProfileError(
+            f"{', '.join(sorted(meta)) or 'device=' + repr(str(device))}: meta tensors hold no data and run no "
+            "kernels, so there is no time to profile; expected the model and its inputs on a real device "
+            "(model.to_empty(device=...) and initialise it), or tilestack.perf.counting.count_ops(lambda: model(...)) "
+            "to count FLOPs and bytes without running anything"
+        )
     if train and not torch.is_grad_enabled():
         raise ProfileError(
             "train=True, but gradients are off where profile_model was called (inside torch.no_grad or "
@@ -108,4 +120,22 @@ def check_placement(model: Any, inputs: Any, kind: str) -> None:
         raise ProfileError(
             f"{', '.join(sorted(where))}; expected the model and its inputs on the profiled device ({kind}): "
             "move them (model.to(device), tensor.to(device)) or pass device= to match"
+            + ("; meta tensors hold no data (tilestack.perf.counting.count_ops counts a meta model without running "
+               "it)" if any(w.endswith(" on meta") for w in where) else "")
+        )
+
+
+def check_ceilings(ceilings: Any, dev: Any) -> None:
+    """Ceilings measured on another device would place every row under that device's roofs (an H100's on a CPU:
+    every op a few percent of its roof): refused, naming both devices, where both names are ones the spec table
+    knows and they differ (synthetic ceilings under a name it does not know are taken as given)."""
+    from tilestack.perf import device as device_mod
+
+    if not isinstance(ceilings, device_mod.Ceilings) or ceilings.device in (dev.name, dev.kind):
+        return
+    theirs, ours = device_mod.lookup_peaks(ceilings.device, strict=False), getattr(dev, "spec", None)
+    if theirs is not None and ours is not None and theirs.key != ours.key:
+        raise ProfileError(
+            f"ceilings measured on {ceilings.device!r}, but the profile runs on {dev.name!r}; expected that "
+            "device's ceilings (perf.ceilings(perf.detect(...))), None for the cached ones, or False for none"
         )

@@ -1,0 +1,122 @@
+"""What ``tilestack.perf.profile.profile_model`` puts back after profiling: the model as it found it.
+
+A profile runs the model's step many times (warm-up, the counting pass, the profiled rounds). Each step may change
+the model: BatchNorm's running statistics and num_batches_tracked move, a forward that updates its own state (a
+MoCo queue and its pointer, a momentum encoder's parameters, a step counter buffer) does so once per step, a training
+step sums its gradients into every parameter's ``.grad``, and random ops advance the RNG. ``preserved`` keeps what
+each of those was and puts it back, even when the model raises, so that the model's next output is the one it would
+have given unprofiled.
+
+    with preserved(model, inputs):
+        ...run the steps...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from tilestack.perf.counting import _tensors
+
+
+class _Saved:
+    """One tensor's values, kept off the profiled device (the snapshot takes none of its memory). Put back only
+    where they differ: copying back an unchanged tensor would move its version counter and break the caller's
+    autograd graphs that saved it. Compared by value, not by version counter: BatchNorm's kernel updates its running
+    statistics in place without moving theirs, and an inference tensor keeps none."""
+
+    def __init__(self, t: Any) -> None:
+        import torch
+
+        self.tensor = t
+        with torch.no_grad():
+            self.values = t.detach().to("cpu", copy=True)
+
+    def restore(self) -> None:
+        import torch
+
+        t = self.tensor
+        values = self.values.to(t.device)
+        if t.shape != values.shape:
+            # resized in place (an observer's min/max, empty until its first forward): the tensor's old size back
+            t.data = values
+            return
+        if torch.equal(t.detach(), values):
+            return
+        # an inference tensor can only be written inside inference_mode; any other under no_grad (a leaf parameter)
+        with torch.inference_mode() if t.is_inference() else torch.no_grad():
+            t.copy_(values)
+
+
+def _saveable(t: Any) -> bool:
+    """A plain tensor with data: a meta tensor or a lazy module's uninitialised parameter holds none, a sparse or
+    nested one cannot be copied back in place."""
+    import torch
+
+    return (isinstance(t, torch.Tensor) and not is_lazy(t) and t.layout == torch.strided and not t.is_nested
+            and t.device.type != "meta")
+
+
+def is_lazy(t: Any) -> bool:
+    """An uninitialised parameter or buffer of a lazy module (nn.LazyLinear before its first forward)."""
+    from torch.nn.parameter import is_lazy as lazy
+
+    return t is not None and lazy(t)
+
+
+@contextlib.contextmanager
+def preserved(model: Any, inputs: Any) -> Iterator[None]:
+    """Keep, and put back on exit: each module's parameters and buffers (which tensors they are, and their values),
+    each parameter's (and each leaf input's) ``.grad`` tensor (set aside, so the profile's gradients are neither
+    added into the caller's nor left behind), each module's training mode, the input tensors' values, and the RNG
+    states of torch (CPU and every initialised GPU), Python's ``random`` and NumPy's."""
+    import torch
+
+    owner = model if isinstance(model, torch.nn.Module) else getattr(model, "__self__", None)  # net.forward's net
+    modules = list(owner.modules()) if isinstance(owner, torch.nn.Module) else []
+    # which tensors each module holds: rebinding (self.buf = self.buf + 1) is undone too; a ScriptModule's
+    # containers are wrappers of C++ state that Python cannot rebind
+    slots = [(m, dict(m._parameters), dict(m._buffers)) for m in modules
+             if isinstance(m._parameters, dict) and isinstance(m._buffers, dict)]
+    values = [t for m in modules for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))]
+    modes = [(m, m.training) for m in modules]
+    held: dict[int, Any] = {}
+    for t in (*values, *_tensors(inputs)):
+        if _saveable(t):
+            held.setdefault(id(t), t)
+    saved = [_Saved(t) for t in held.values()]
+    with_grad = [t for t in held.values() if t.requires_grad and t.is_leaf]
+    grads = [(t, t.grad) for t in with_grad]
+    for t in with_grad:
+        t.grad = None
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    rng = (
+        torch.get_rng_state(),
+        torch.cuda.get_rng_state_all() if cuda else None,
+        random.getstate(),
+        sys.modules["numpy"].random.get_state() if "numpy" in sys.modules else None,
+    )
+    try:
+        yield
+    finally:
+        for m, params, buffers in slots:
+            for now, before in ((m._parameters, params), (m._buffers, buffers)):
+                for k in [k for k in now if k not in before]:
+                    del now[k]
+                # a lazy module's parameters, materialised by its first forward, stay: that happens once anyway
+                now.update((k, t) for k, t in before.items() if not is_lazy(t))
+        for s in saved:
+            s.restore()
+        for t, grad in grads:
+            t.grad = grad
+        for m, mode in modes:
+            m.training = mode
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state_all(rng[1])
+        random.setstate(rng[2])
+        if rng[3] is not None:
+            sys.modules["numpy"].random.set_state(rng[3])
