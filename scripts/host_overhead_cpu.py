@@ -1,7 +1,9 @@
-"""Host (Python) cost per call of the training-step ops of ``tilestack.torch.ops``, on a CPU, with the kernel
-launch stubbed: what a call costs on the host before the GPU sees it, beside torch's own op at a tiny size.
+"""Host (Python) cost per call of the training-step ops of ``tilestack.torch.ops``, and of the ``tilestack::*``
+ops a compiled graph calls (the ``*_op`` cases), on a CPU, with the kernel launch stubbed: what a call costs on
+the host before the GPU sees it, beside torch's own op at a tiny size.
 
-    PYTHONPATH=src .venv/bin/python scripts/host_overhead_cpu.py [--n 3000] [--profile layer_norm:fwd]
+    PYTHONPATH=src .venv/bin/python scripts/host_overhead_cpu.py [--n 3000] [--only attention_fwd_op,layer_norm]
+                                                                 [--profile attention_fwd_op:fwd]
 
 Everything of a call runs for real (the plan lookups, the checks, autograd, the allocations, the launcher's
 argument list) through the Triton backend's direct launch path (``launch._DirectLaunch``, what a GPU launch
@@ -22,11 +24,13 @@ import types
 import torch
 import torch.nn.functional as F
 
+import tilestack
 import tilestack.backends.triton.launch as launch
 from tilestack import config, kernels
 from tilestack.torch import ops
 
-FORWARD_ONLY = ("linear_epilogue", "gemm")     # inference ops: no backward
+# inference ops, and the backward ops as a compiled backward graph calls them (no autograd): timed forward only
+FORWARD_ONLY = ("linear_epilogue", "gemm", "attention_bwd_op", "layer_norm_bwd_op", "rms_norm_bwd_op")
 
 
 def _noop(*args, **kwargs) -> None:
@@ -112,7 +116,7 @@ def cases() -> dict:
     import tilestack.compile.ops  # noqa: F401 - registers the backend's tilestack:: ops
     x2, wl, bl = torch.randn(8, d, dtype=bf), torch.randn(2 * d, d, dtype=bf), torch.randn(2 * d, dtype=bf)
     return {
-        # the backend's fused GEMM as a compiled graph calls it (a custom op), and the library's GEMM under it
+        # the backend's fused GEMM as a compiled graph calls it (a tilestack:: op), and the library's GEMM under it
         "linear_epilogue": (lambda: torch.ops.tilestack.linear_epilogue(x2, wl, bl, None, "gelu_tanh", False),
                             lambda: F.gelu(F.linear(x2, wl, bl), approximate="tanh")),
         "gemm": (lambda: kernels.gemm(x2, wl.t(), bias=bl, activation="gelu_tanh"),
@@ -123,6 +127,40 @@ def cases() -> dict:
         "add_rms_norm": (lambda: ops.add_rms_norm(h, r, w), lambda: (F.rms_norm(h + r, (d,), w), h + r)),
         "swiglu": (lambda: ops.swiglu(gu), lambda: F.silu(gu[..., :d]) * gu[..., d:]),
         "rotary": (lambda: ops.rotary(q, k, cos, sin), lambda: torch_rotary(q, k)),
+    } | op_cases(leaf, h, w, b, d)
+
+
+def op_cases(leaf, h, w, b, d) -> dict:
+    """The ``tilestack::*`` ops a compiled graph calls (``*_op``): a compiled forward graph calls the forward op
+    without autograd (mode fwd), its backward graph the backward op (the ``*_bwd_op`` rows); fwd+bwd is the op
+    with autograd, as a tensor subclass's eager call takes it. Beside them the public ``tilestack.attention``,
+    whose eager path skips the dispatcher, and torch's own op at the same size."""
+    t = torch.ops.tilestack
+    q, k, v = leaf(1, 2, 8, 16), leaf(1, 2, 8, 16), leaf(1, 2, 8, 16)        # (B, H, N, D)
+    qd, kd, vd, hd = q.detach(), k.detach(), v.detach(), h.detach()
+    with torch.no_grad():
+        o, lse = t.attention_fwd(qd, kd, vd, None, True, 0.25, "top_left")
+        o_cpu, lse_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qd, kd, vd, 0.0, True)[:2]
+        _, mean, rstd = t.layer_norm_fwd(hd, w.detach(), b.detach(), 1e-5)
+        _, mean_t, rstd_t = torch.ops.aten.native_layer_norm(hd, (d,), w.detach(), b.detach(), 1e-5)
+    dy, do = torch.randn_like(hd), torch.randn_like(o)
+    sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.25)       # noqa: E731
+    ln = lambda: F.layer_norm(h, (d,), w, b)                                                  # noqa: E731
+    ln_bwd = lambda: torch.ops.aten.native_layer_norm_backward(                              # noqa: E731
+        dy, hd, (d,), mean_t, rstd_t, w.detach(), b.detach(), [True, True, True])
+    return {
+        "attention": (lambda: tilestack.attention(q, k, v, causal=True, scale=0.25), sdpa),
+        "attention_fwd_op": (lambda: t.attention_fwd(q, k, v, None, True, 0.25, "top_left")[0], sdpa),
+        "attention_bwd_op": (lambda: t.attention_bwd(qd, kd, vd, o, lse, do, None, True, 0.25, "top_left"),
+                             lambda: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                                 do, qd, kd, vd, o_cpu, lse_cpu, 0.0, True)),
+        "layer_norm_fwd_op": (lambda: t.layer_norm_fwd(h, w, b, 1e-5)[0], ln),
+        "layer_norm_bwd_op": (lambda: t.layer_norm_bwd(dy, hd, w.detach(), mean, rstd, None), ln_bwd),
+        "rms_norm_fwd_op": (lambda: t.rms_norm_fwd(h, w, 1e-6)[0], lambda: F.rms_norm(h, (d,), w, 1e-6)),
+        "rms_norm_bwd_op": (lambda: t.rms_norm_bwd(dy, hd, w.detach(), rstd, None), ln_bwd),
+        "add_layer_norm_fwd_op": (lambda: t.add_layer_norm_fwd(h, h, w, b, 1e-5)[0],
+                                  lambda: F.layer_norm(h + h, (d,), w, b)),
+        "softmax_op": (lambda: t.softmax(h), lambda: torch.softmax(h, -1)),
     }
 
 
@@ -148,13 +186,13 @@ def main() -> None:
             pstats.Stats(prof).sort_stats("tottime").print_stats(30)
             return
         names = args.only.split(",") if args.only else list(all_cases)
-        print(f"{'op':<16}{'mode':<9}{'tilestack us':>13}{'torch us':>10}{'ratio':>7}")
+        print(f"{'op':<22}{'mode':<9}{'tilestack us':>13}{'torch us':>10}{'ratio':>7}")
         for name in names:
             ours, theirs = all_cases[name]
             modes = (("fwd", _forward, args.n), ("fwd+bwd", _forward_backward, max(1, args.n // 5)))
             for mode, wrap, n in modes[:1] if name in FORWARD_ONLY else modes:
                 t_ours, t_torch = per_call_us(wrap(ours), n), per_call_us(wrap(theirs), n)
-                print(f"{name:<16}{mode:<9}{t_ours:13.1f}{t_torch:10.1f}{t_ours / t_torch:7.2f}", flush=True)
+                print(f"{name:<22}{mode:<9}{t_ours:13.1f}{t_torch:10.1f}{t_ours / t_torch:7.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
-"""The functions the rewritten graphs call: each takes tensors and constants, calls tilestack's custom ops
+"""The functions the rewritten graphs call: each takes tensors and constants, calls tilestack's ops
 (``tilestack::*``, with fake implementations and autograd, so AOT autograd traces forward and backward
-through them), and returns what the nodes it replaced returned. Module-level functions, so a printed graph
+through them), and returns what the nodes it replaced returned. The differentiable ops are registered by
+``tilestack.torch._library.autograd_op``, the inference-only ones by ``_inference_op`` below: both through
+``torch.library.Library``, not ``torch.library.custom_op``, whose Python layers cost a compiled graph
+microseconds per call (``docs/inference.md``, sessions 13 and 14). Module-level functions, so a printed graph
 names them and FX code generation can refer to them.
 
 Softmax has no op in ``tilestack.torch`` yet; ``tilestack::softmax`` here wraps ``tilestack.kernels.softmax``
@@ -19,6 +22,7 @@ from tilestack.kernels.gemm import gemm as _gemm
 from tilestack.kernels.softmax import softmax as _softmax_kernel
 from tilestack.quant.gemm import quantized_linear as _quantized_linear
 from tilestack.quant.producers import norm_fp8 as _norm_fp8
+from tilestack.torch._library import autograd_op
 from tilestack.torch.attention import attention_fwd_op
 from tilestack.torch.ops import (
     add_layer_norm_fwd_op,
@@ -51,18 +55,6 @@ def _inference_op(name: str, schema: str):
     return register
 
 
-@torch.library.custom_op("tilestack::softmax", mutates_args=())
-def softmax_op(x: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim of x (any leading dims), in x's dtype, f32 arithmetic."""
-    rows = x.reshape(-1, x.shape[-1])                        # (M, N)
-    return _softmax_kernel(rows.contiguous()).view(x.shape)
-
-
-@softmax_op.register_fake
-def _(x):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
 def _softmax_setup(ctx, inputs, output):
     ctx.save_for_backward(output)
 
@@ -73,7 +65,12 @@ def _softmax_backward(ctx, dy):
     return (yf * (dyf - (dyf * yf).sum(-1, keepdim=True))).to(y.dtype)
 
 
-softmax_op.register_autograd(_softmax_backward, setup_context=_softmax_setup)
+@autograd_op("softmax", fake=lambda x: torch.empty_like(x, memory_format=torch.contiguous_format),
+             setup_context=_softmax_setup, backward=_softmax_backward)
+def softmax_op(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim of x (any leading dims), in x's dtype, f32 arithmetic."""
+    rows = x.reshape(-1, x.shape[-1])                        # (M, N)
+    return _softmax_kernel(rows.contiguous()).view(x.shape)
 
 
 @_inference_op("linear_epilogue", "(Tensor x, Tensor w, Tensor? bias, Tensor? residual, str? activation, "

@@ -5,7 +5,8 @@
         @once_differentiable("rms_norm")
         def backward(ctx, dy): ...
 
-    refuse_double_backward(rms_norm_bwd_op, "rms_norm")    # the custom-op path (torch.compile, subclasses)
+    @autograd_op("rms_norm_bwd", fake=..., refuse_double="rms_norm")   # the op path (torch.compile, subclasses):
+    def rms_norm_bwd_op(...): ...                                        # tilestack.torch._library
 
 A gradient taken with ``create_graph=True`` (a gradient penalty, a Hessian-vector product) and then
 differentiated again would otherwise miss the kernels' second-order terms without a word: their backward writes
@@ -22,10 +23,8 @@ from collections.abc import Callable
 
 import torch
 
-from tilestack.errors import LaunchError
 
-
-def _message(op: str) -> str:
+def double_backward_message(op: str) -> str:
     return (f"{op}: double backward is not supported (a gradient made with create_graph=True was differentiated "
             f"again); tilestack's {op} backward is not itself differentiable: compute this part with torch's op")
 
@@ -46,21 +45,12 @@ def once_differentiable(op: str | Callable):
                 return outs
             single = not isinstance(outs, tuple)
             outs = (outs,) if single else outs
-            err = torch._C._functions.DelayedError(_message(op(ctx) if callable(op) else op), len(outs))
+            err = torch._C._functions.DelayedError(double_backward_message(op(ctx) if callable(op) else op), len(outs))
             marked = err(*[None if o is None else o.detach().requires_grad_() for o in outs])
             marked = marked if isinstance(marked, tuple) else (marked,)
             return marked[0] if single else marked
         return call
     return wrap
-
-
-def refuse_double_backward(bwd_op, op: str) -> None:
-    """Register an autograd formula on a backward custom op that raises, naming ``op``: reached only when a
-    gradient it made is differentiated again (without one, torch's message asks for ``register_autograd``)."""
-    def backward(ctx, *grads):
-        raise LaunchError(_message(op))
-
-    bwd_op.register_autograd(backward)
 
 
 def direct_apply(function: type[torch.autograd.Function]) -> Callable:

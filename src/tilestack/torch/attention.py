@@ -23,11 +23,13 @@ sees keys c <= r + Nk - Nq, as FlashAttention-2 >= 2.1 and decoding against a KV
 gradient (``tilestack.scaled_dot_product_attention`` hands a mask that needs one to torch).
 
 Two paths to the same kernels:
-- under ``torch.compile`` (and for ``torch.library.opcheck``): the ``tilestack::attention_fwd`` and
-  ``tilestack::attention_bwd`` custom ops, each with a fake (meta) implementation, tied together with
-  ``register_autograd``, so Dynamo keeps them in the graph without a graph break;
-- in eager mode: a ``torch.autograd.Function`` calling the same kernels directly, because a custom op's
-  dispatch costs tens of microseconds of Python per call, which a training step at small sizes feels.
+- under ``torch.compile`` (and for ``torch.library.opcheck``, tensor subclasses, torch.func's transforms): the
+  ``tilestack::attention_fwd`` and ``tilestack::attention_bwd`` ops, each with a fake (meta) implementation, the
+  first's backward calling the second (``_library.autograd_op``: registered through ``torch.library.Library``,
+  which costs less per call than ``custom_op``), so Dynamo keeps them in the graph without a graph break;
+- in eager mode: a ``torch.autograd.Function`` calling the same kernels directly, because the op's
+  dispatch (the dispatcher and its Python kernels) costs microseconds of Python per call, which a training step at
+  small sizes feels.
 """
 
 from __future__ import annotations
@@ -38,36 +40,27 @@ from tilestack.kernels._plan import planned
 from tilestack.kernels.attention_bwd import attention_backward
 from tilestack.kernels.attention_fwd import attention_forward, check_attention_args, dropout_rng
 from tilestack.lang.kernel import remember
-from tilestack.torch._autograd import direct_apply, once_differentiable, refuse_double_backward
+from tilestack.torch._autograd import direct_apply, once_differentiable
+from tilestack.torch._library import autograd_op
 
 
-@torch.library.custom_op("tilestack::attention_fwd", mutates_args=())
-def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-                     causal: bool, scale: float, causal_align: str, dropout_p: float = 0.0,
-                     rng: torch.Tensor | None = None, precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_forward(q, k, v, causal, scale, attn_mask=attn_mask, causal_align=causal_align,
-                             dropout_p=dropout_p, rng=rng, precision=precision)
-
-
-@attention_fwd_op.register_fake
-def _(q, k, v, attn_mask, causal, scale, causal_align, dropout_p=0.0, rng=None, precision="ieee"):
+def _fwd_fake(q, k, v, attn_mask, causal, scale, causal_align, dropout_p=0.0, rng=None, precision="ieee"):
     B, H, Nq, D = q.shape   # o as attention_forward makes it: q's layout when Dv == D
     o = torch.empty_like(q) if v.shape[3] == D else q.new_empty((B, H, Nq, v.shape[3]))
     return o, q.new_empty((B, H, Nq), dtype=torch.float32)
 
 
-@torch.library.custom_op("tilestack::attention_bwd", mutates_args=())
+def _bwd_fake(q, k, v, o, lse, do, attn_mask, causal, scale, causal_align, dropout_p=0.0, rng=None, precision="ieee"):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@autograd_op("attention_bwd", fake=_bwd_fake, refuse_double="attention")
 def attention_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                      do: torch.Tensor, attn_mask: torch.Tensor | None, causal: bool, scale: float,
                      causal_align: str, dropout_p: float = 0.0, rng: torch.Tensor | None = None,
                      precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_backward(q, k, v, o, lse, do, causal, scale, attn_mask=attn_mask, causal_align=causal_align,
                               dropout_p=dropout_p, rng=rng, precision=precision)
-
-
-@attention_bwd_op.register_fake
-def _(q, k, v, o, lse, do, attn_mask, causal, scale, causal_align, dropout_p=0.0, rng=None, precision="ieee"):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
@@ -86,8 +79,12 @@ def _backward(ctx, do, _dlse):
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
-attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-refuse_double_backward(attention_bwd_op, "attention")
+@autograd_op("attention_fwd", fake=_fwd_fake, setup_context=_setup_context, backward=_backward)
+def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                     causal: bool, scale: float, causal_align: str, dropout_p: float = 0.0,
+                     rng: torch.Tensor | None = None, precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, causal, scale, attn_mask=attn_mask, causal_align=causal_align,
+                             dropout_p=dropout_p, rng=rng, precision=precision)
 
 
 class _AttentionPlan:
@@ -182,7 +179,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         check_attention_args("attention", q, k, v, scale, causal=causal, attn_mask=attn_mask,
                              causal_align=causal_align, dropout_p=dropout_p, rng=rng)
         if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
-            _refuse_mask_grad()           # the custom op's backward gives the mask None: no gradient, no word
+            _refuse_mask_grad()           # the op's backward gives the mask None: no gradient, no word
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
         return attention_fwd_op(q, k, v, attn_mask, bool(causal), scale, causal_align, float(dropout_p), rng,
                                 precision)[0]

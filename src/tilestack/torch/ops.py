@@ -9,8 +9,9 @@
     loss = tilestack.torch.ops.fused_linear_cross_entropy(x, weight, labels, ignore_index=-100)
 
 Two paths to the same kernels, as for ``tilestack.attention``:
-- under ``torch.compile`` (and for ``torch.library.opcheck``): ``tilestack::*`` custom ops, each with a fake
-  implementation and ``register_autograd``, so Dynamo keeps them in the graph;
+- under ``torch.compile`` (and for ``torch.library.opcheck``, tensor subclasses, torch.func's transforms):
+  ``tilestack::*`` ops, each with a fake implementation and autograd (``_library.autograd_op``: registered through
+  ``torch.library.Library``, which costs less per call than ``custom_op``), so Dynamo keeps them in the graph;
 - in eager mode: a ``torch.autograd.Function`` per op calling the kernels directly, without the custom-op
   dispatcher's per-call Python.
 Both paths call the same kernel-level functions (``tilestack.kernels``), so an op's arithmetic lives once.
@@ -35,7 +36,8 @@ from tilestack.kernels.rotary import rotary as _rotary
 from tilestack.kernels.swiglu import swiglu as _swiglu
 from tilestack.kernels.swiglu import swiglu_backward as _swiglu_backward
 from tilestack.lang.kernel import remember
-from tilestack.torch._autograd import direct_apply, once_differentiable, refuse_double_backward
+from tilestack.torch._autograd import direct_apply, once_differentiable
+from tilestack.torch._library import autograd_op
 
 _is_compiling = torch.compiler.is_compiling
 
@@ -45,7 +47,7 @@ _transforms_active = torch._C._are_functorch_transforms_active
 
 def _eager(x: torch.Tensor) -> bool:
     """Whether the thin eager path applies: a plain tensor outside a graph being traced and outside torch.func's
-    transforms (grad, vmap, jacrev: their wrapped tensors have no storage for a plan key; the custom ops take
+    transforms (grad, vmap, jacrev: their wrapped tensors have no storage for a plan key; the tilestack:: ops take
     them)."""
     return not _is_compiling() and type(x) is torch.Tensor and not x.is_meta and not _transforms_active()
 
@@ -62,45 +64,28 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 # ---- norms: RMS norm and layer norm, each also with the residual add before it ------------------------------------
 # One forward op per kind; one backward op per kind, taking the residual stream's gradient dh (None without the
-# add). The forward saves the normalised input (h for the fused add) and its statistics.
+# add). The forward saves the normalised input (h for the fused add) and its statistics. Each op's fake (meta)
+# implementation comes first: ``autograd_op`` takes it, with the autograd functions, when it registers the op.
 def _rows_or_none(t):
     return None if t is None else _rows(t)
 
 
-@torch.library.custom_op("tilestack::rms_norm_fwd", mutates_args=())
-def rms_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    y, _, _, rstd = norm_forward(_rows(x), weight, None, None, eps, backend=None, config={})
-    return y.view(x.shape), rstd
+def _like(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@rms_norm_fwd_op.register_fake
-def _(x, weight, eps):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), _stat(x)
+def _stat(x: torch.Tensor) -> torch.Tensor:
+    """An empty (rows,) f32 tensor: one statistic per row of x's last dim."""
+    return x.new_empty(x.numel() // max(1, x.shape[-1]), dtype=torch.float32)
 
 
-@torch.library.custom_op("tilestack::add_rms_norm_fwd", mutates_args=())
-def add_rms_norm_fwd_op(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
-                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, h, _, rstd = norm_forward(_rows(x), weight, None, _rows(r), eps, backend=None, config={})
-    return y.view(x.shape), h.view(x.shape), rstd
-
-
-@add_rms_norm_fwd_op.register_fake
-def _(x, r, weight, eps):
-    return _like(x), _like(x), _stat(x)
-
-
-@torch.library.custom_op("tilestack::rms_norm_bwd", mutates_args=())
+@autograd_op("rms_norm_bwd", fake=lambda dy, x, weight, rstd, dh: (_like(x), torch.empty_like(weight)),
+             refuse_double="rms_norm")
 def rms_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                     dh: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     dx, sums = norm_backward(_rows(dy), _rows(x), weight, None, rstd, dh=_rows_or_none(dh), centered=False,
                              backend=None, config={})
     return dx.view(x.shape), sums[0]
-
-
-@rms_norm_bwd_op.register_fake
-def _(dy, x, weight, rstd, dh):
-    return _like(x), torch.empty_like(weight)
 
 
 def _rms_setup(ctx, inputs, output):
@@ -115,8 +100,11 @@ def _rms_backward(ctx, dy, _drstd):
     return dx, dw, None
 
 
-rms_norm_fwd_op.register_autograd(_rms_backward, setup_context=_rms_setup)
-refuse_double_backward(rms_norm_bwd_op, "rms_norm")
+@autograd_op("rms_norm_fwd", fake=lambda x, weight, eps: (_like(x), _stat(x)), setup_context=_rms_setup,
+             backward=_rms_backward)
+def rms_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    y, _, _, rstd = norm_forward(_rows(x), weight, None, None, eps, backend=None, config={})
+    return y.view(x.shape), rstd
 
 
 def _add_rms_setup(ctx, inputs, output):
@@ -131,45 +119,25 @@ def _add_rms_backward(ctx, dy, dh, _drstd):
     return dx, dx, dw, None                                   # h = x + r: x and r get the same gradient
 
 
-add_rms_norm_fwd_op.register_autograd(_add_rms_backward, setup_context=_add_rms_setup)
+@autograd_op("add_rms_norm_fwd", fake=lambda x, r, weight, eps: (_like(x), _like(x), _stat(x)),
+             setup_context=_add_rms_setup, backward=_add_rms_backward)
+def add_rms_norm_fwd_op(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, h, _, rstd = norm_forward(_rows(x), weight, None, _rows(r), eps, backend=None, config={})
+    return y.view(x.shape), h.view(x.shape), rstd
 
 
-@torch.library.custom_op("tilestack::layer_norm_fwd", mutates_args=())
-def layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, mean, rstd = _layer_norm(_rows(x), weight, bias, eps)
-    return y.view(x.shape), mean, rstd
+def _ln_bwd_fake(dy, x, weight, mean, rstd, dh):
+    return _like(x), weight.new_empty((2, weight.shape[0]))
 
 
-@layer_norm_fwd_op.register_fake
-def _(x, weight, bias, eps):
-    return _like(x), _stat(x), _stat(x)
-
-
-@torch.library.custom_op("tilestack::add_layer_norm_fwd", mutates_args=())
-def add_layer_norm_fwd_op(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                          eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, h, mean, rstd = norm_forward(_rows(x), weight, bias, _rows(r), eps, backend=None, config={})
-    return y.view(x.shape), h.view(x.shape), mean, rstd
-
-
-@add_layer_norm_fwd_op.register_fake
-def _(x, r, weight, bias, eps):
-    return _like(x), _like(x), _stat(x), _stat(x)
-
-
-@torch.library.custom_op("tilestack::layer_norm_bwd", mutates_args=())
+@autograd_op("layer_norm_bwd", fake=_ln_bwd_fake, refuse_double="layer_norm")
 def layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
                       rstd: torch.Tensor, dh: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx, [dw; db]): dw and db as the two rows of one (2, N) tensor (a custom op's outputs may not alias)."""
+    """(dx, [dw; db]): dw and db as the two rows of one (2, N) tensor (an op's outputs may not alias)."""
     dx, sums = norm_backward(_rows(dy), _rows(x), weight, mean, rstd, dh=_rows_or_none(dh), centered=True,
                              backend=None, config={})
     return dx.view(x.shape), sums
-
-
-@layer_norm_bwd_op.register_fake
-def _(dy, x, weight, mean, rstd, dh):
-    return _like(x), weight.new_empty((2, weight.shape[0]))
 
 
 def _ln_setup(ctx, inputs, output):
@@ -184,8 +152,12 @@ def _ln_backward(ctx, dy, _dmean, _drstd):
     return dx, sums[0], sums[1], None
 
 
-layer_norm_fwd_op.register_autograd(_ln_backward, setup_context=_ln_setup)
-refuse_double_backward(layer_norm_bwd_op, "layer_norm")
+@autograd_op("layer_norm_fwd", fake=lambda x, weight, bias, eps: (_like(x), _stat(x), _stat(x)),
+             setup_context=_ln_setup, backward=_ln_backward)
+def layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, mean, rstd = _layer_norm(_rows(x), weight, bias, eps)
+    return y.view(x.shape), mean, rstd
 
 
 def _add_ln_setup(ctx, inputs, output):
@@ -200,16 +172,12 @@ def _add_ln_backward(ctx, dy, dh, _dmean, _drstd):
     return dx, dx, sums[0], sums[1], None
 
 
-add_layer_norm_fwd_op.register_autograd(_add_ln_backward, setup_context=_add_ln_setup)
-
-
-def _like(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _stat(x: torch.Tensor) -> torch.Tensor:
-    """An empty (rows,) f32 tensor: one statistic per row of x's last dim."""
-    return x.new_empty(x.numel() // max(1, x.shape[-1]), dtype=torch.float32)
+@autograd_op("add_layer_norm_fwd", fake=lambda x, r, weight, bias, eps: (_like(x), _like(x), _stat(x), _stat(x)),
+             setup_context=_add_ln_setup, backward=_add_ln_backward)
+def add_layer_norm_fwd_op(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, h, mean, rstd = norm_forward(_rows(x), weight, bias, _rows(r), eps, backend=None, config={})
+    return y.view(x.shape), h.view(x.shape), mean, rstd
 
 
 class _NormPlan:
@@ -383,17 +351,6 @@ def _rotate(q, k, cos, sin, inverse: bool):
     return _rotary(q, k, cos, sin, inverse=inverse)
 
 
-@torch.library.custom_op("tilestack::rotary", mutates_args=())
-def rotary_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-              inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _rotate(q, k, cos, sin, inverse)
-
-
-@rotary_op.register_fake
-def _(q, k, cos, sin, inverse):
-    return _like(q), _like(k)
-
-
 def _rotary_setup(ctx, inputs, output):
     _, _, cos, sin, inverse = inputs
     ctx.save_for_backward(cos, sin)
@@ -406,7 +363,11 @@ def _rotary_backward(ctx, dq, dk):
     return dq, dk, None, None, None
 
 
-rotary_op.register_autograd(_rotary_backward, setup_context=_rotary_setup)
+@autograd_op("rotary", fake=lambda q, k, cos, sin, inverse: (_like(q), _like(k)), setup_context=_rotary_setup,
+             backward=_rotary_backward)
+def rotary_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rotate(q, k, cos, sin, inverse)
 
 
 class _Rotary(torch.autograd.Function):
@@ -464,24 +425,9 @@ def _swiglu_grad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return dx.view(x.shape)
 
 
-@torch.library.custom_op("tilestack::swiglu_fwd", mutates_args=())
-def swiglu_fwd_op(x: torch.Tensor) -> torch.Tensor:
-    return _swiglu_forward(x)
-
-
-@swiglu_fwd_op.register_fake
-def _(x):
-    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
-
-
-@torch.library.custom_op("tilestack::swiglu_bwd", mutates_args=())
+@autograd_op("swiglu_bwd", fake=lambda dy, x: _like(x), refuse_double="swiglu")
 def swiglu_bwd_op(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return _swiglu_grad(dy, x)
-
-
-@swiglu_bwd_op.register_fake
-def _(dy, x):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _swiglu_setup(ctx, inputs, output):
@@ -493,8 +439,10 @@ def _swiglu_bwd(ctx, dy):
     return swiglu_bwd_op(dy, x)
 
 
-swiglu_fwd_op.register_autograd(_swiglu_bwd, setup_context=_swiglu_setup)
-refuse_double_backward(swiglu_bwd_op, "swiglu")
+@autograd_op("swiglu_fwd", fake=lambda x: x.new_empty((*x.shape[:-1], x.shape[-1] // 2)),
+             setup_context=_swiglu_setup, backward=_swiglu_bwd)
+def swiglu_fwd_op(x: torch.Tensor) -> torch.Tensor:
+    return _swiglu_forward(x)
 
 
 class _SwiGLUPlan:
@@ -576,17 +524,6 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---- fused linear + cross-entropy ------------------------------------------------------------------------------
-@torch.library.custom_op("tilestack::fused_linear_cross_entropy", mutates_args=())
-def fused_linear_cross_entropy_op(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                                  ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _flce(x, weight, labels, ignore_index=ignore_index)
-
-
-@fused_linear_cross_entropy_op.register_fake
-def _(x, weight, labels, ignore_index):
-    return x.new_empty((), dtype=torch.float32), torch.empty_like(x), torch.empty_like(weight)
-
-
 def _ce_setup(ctx, inputs, output):
     _, dx, dw = output
     ctx.save_for_backward(dx, dw)
@@ -599,7 +536,14 @@ def _ce_backward(ctx, dloss, _ddx, _ddw):
     return dx * dloss.to(dx.dtype), dw * dloss.to(dw.dtype), None, None
 
 
-fused_linear_cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup)
+def _ce_fake(x, weight, labels, ignore_index):
+    return x.new_empty((), dtype=torch.float32), torch.empty_like(x), torch.empty_like(weight)
+
+
+@autograd_op("fused_linear_cross_entropy", fake=_ce_fake, setup_context=_ce_setup, backward=_ce_backward)
+def fused_linear_cross_entropy_op(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                                  ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _flce(x, weight, labels, ignore_index=ignore_index)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
