@@ -16,7 +16,7 @@ What the round found (each pinned by the test whose docstring says so):
   inference_mode, and for observers resized in forward; a lazy module keeps the parameters its first forward made;
 - an op on integers only (an int8 torch._int_mm, bitwise and logical ops) was labelled fp32 and placed under the
   fp32 roof (on an H100 an int8 product was compute-bound by the fp32 ridge where the int8 one makes it
-  memory-bound): it carries its own dtype, and its dtype's roof where the device has one;
+  memory-bound): it is counted as its own dtype, and placed under that dtype's roof where the device has one;
 - count_ops on meta tensors counted every op as a view (all meta storages share the data pointer 0): 0 bytes;
 - profile_model given a model on the meta device failed with "device='meta'; expected 'cpu', ...", naming an
   argument the caller had not passed; ceilings of another device (an H100's for a CPU profile) were taken.
@@ -87,7 +87,7 @@ def model_bytes(name):
 def test_every_row_is_finite_counted_placed_and_adds_up(name, train):
     """Rows add up to the counted step, no work counted as free, torch's formulas agreed with, every number finite
     and >= 0, the step moves at least its inputs, parameters and outputs, and each row's bound is its intensity
-    against the ridge (an integer op, with no roof of its own here, against the fp32 one)."""
+    against the ridge (an integer op, with no roof of its own here, under the fp32 one)."""
     p, counts, theirs = profiled(name, train)
     assert_rows_add_up(p, counts)
     assert p.ops and p.flops > 0 and not p.unsupported
@@ -97,9 +97,9 @@ def test_every_row_is_finite_counted_placed_and_adds_up(name, train):
     assert_as_torch_counts(counts, theirs, DEVIATIONS.get(name, NOT_AS_TORCH))
     assert_rows_finite(p)
     assert p.bytes >= model_bytes(name)
-    for o in p.ops:  # every dtype here is fp32, bf16 (the same roofs) or an integer one under the fp32 roof
-        if o.counted:
-            assert o.m.dtype in ("fp32", "bf16", "int8", "int32", "int64", "bool"), o.label
+    for o in p.ops:  # every row here is fp32 or bf16 (the same roofs): CEIL has no integer roof, so the integer
+        if o.counted:  # ops are placed under the step's fp32 one
+            assert o.m.dtype in ("fp32", "bf16"), o.label
             assert o.bound == ("compute" if o.m.intensity >= RIDGE else "memory"), (o.label, o.m.intensity)
     assert math.isfinite(p.step_s) and p.step_s > 0 and math.isfinite(p.wall_s)
     assert sum(o.share for o in p.ops) == pytest.approx(1.0)
@@ -290,11 +290,12 @@ def test_complex_net_counts_complex_products_as_real_operations():
     assert all(c.dtype == "fp32" for (op, _), c in counts.items() if op in MATMULS)  # complex64's parts
 
 
-def test_integer_ops_carry_their_own_dtype_not_fp32():
+def test_integer_ops_are_counted_as_their_own_dtype():
     """torch._int_mm on int8 and bitwise/logical ops on uint8 and bool were labelled fp32 (no floating-point
     operand), and so placed under the fp32 roof even where the device has an int8 one (an H100's int8 peak is 30x
-    its fp32 one: an int8 matmul read as far above its roof). Each now carries its own dtype; where the device
-    has a roof for it, that roof places it, else the step's float roof does (these CPU ceilings have no int8)."""
+    its fp32 one: an int8 matmul read as far above its roof). Each is now counted as its own dtype; where the device
+    has a roof for it, that roof places it; else the step's float roof does, and the row reads as that dtype
+    (these CPU ceilings have no int8)."""
     p, counts, _ = profiled("binarized_net", False)
     (int_mm,) = rows_of(counts, "aten::_int_mm")
     assert int_mm.flops == 2 * 17 * pm.BN_IN * pm.BN_HIDDEN and int_mm.dtype == "int8"
@@ -304,7 +305,7 @@ def test_integer_ops_carry_their_own_dtype_not_fp32():
     assert xor.dtype == "bool" and xor.flops == pm.BATCH * pm.BN_OUT * pm.BN_HIDDEN
     assert {c.dtype for c in rows_of(counts, "aten::bitwise_and")} == {"int8"}  # uint8: one byte
     row = next(o for o in p.ops if o.op == "aten::_int_mm")
-    assert row.m.dtype == "int8" and row.bound in ("memory", "compute") and row.roof_fraction is not None
+    assert row.m.dtype == "fp32" and row.bound in ("memory", "compute") and row.roof_fraction is not None
     assert next(o for o in p.ops if o.op == "aten::div").m.dtype == "fp32"
 
 

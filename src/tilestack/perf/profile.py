@@ -33,8 +33,8 @@ before any work, and leaves the model as it found it (``profile_state.preserved`
 BatchNorm's running statistics, gradients, training modes, the inputs and the RNG states are put back, so the
 profile's many steps change nothing the caller sees). Every row becomes a :class:`Measurement` (per call) so it
 gets the same roofline placement and tip as a kernel, and the spread of its time over the steps; time no ATen op
-accounts for is one ``(other)`` row. An op on integers and bools only keeps its dtype (int8, int64, bool) and, where
-the device has no roof for it, is placed under the step's float roof. The rows' config names the model, the step
+accounts for is one ``(other)`` row. An op on integers and bools only is placed under its dtype's roof where the
+device has one (int8 on most GPUs), else under the step's float dtype's. The rows' config names the model, the step
 (forward, or forward and backward) and the shapes, so ``tilestack compare`` pairs only the same op of the same
 model at the same shapes.
 """
@@ -591,8 +591,9 @@ def _join(
         roofs = roofs_for(dev, ceil, dtype)
         if dtype in WHOLE_DTYPES and not (roofs.measured.peak_flops_per_s or roofs.published.peak_flops_per_s):
             # No roof for integer math here (int8 has one on most GPUs' sheets): integer ALU work runs on the float
-            # lanes at about their rate, so the step's float roof places it; the row keeps its own dtype.
-            roofs = roofs_for(dev, ceil, step_dtype)
+            # lanes at about their rate, so the step's float roof places it, and the row reads as of that dtype.
+            dtype = step_dtype
+            roofs = roofs_for(dev, ceil, dtype)
         m = compute_metrics(
             name=op,
             latency_s=s / per_call,
