@@ -500,3 +500,23 @@ def test_an_int8_matmul_is_placed_under_the_int8_roof_of_a_gpu():
     assert row.m.dtype == "int8" and row.m.flops == 2 * 256**3
     assert row.m.intensity == pytest.approx(2 * 256**3 / (3 * 256 * 256 + 2 * 256 * 256))
     assert row.bound == "memory"
+
+
+def test_inputs_written_in_place_and_input_gradients_are_put_back():
+    """A forward that doubles its input in place ran once per step on the caller's tensor (2**steps times its
+    value after the profile); a leaf input that requires grad was left with the profile's summed gradient."""
+
+    class Doubler(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.lin(x.mul_(2) if not x.requires_grad else x * 2)
+
+    x = torch.ones(4, 3)
+    profile.profile_model(Doubler(), (x,), steps=2, warmup=1, ceilings=CEIL, device="cpu")
+    assert torch.equal(x, torch.ones(4, 3))
+    leaf = torch.ones(4, 3, requires_grad=True)
+    profile.profile_model(Doubler(), (leaf,), steps=2, warmup=1, ceilings=CEIL, device="cpu", train=True)
+    assert leaf.grad is None
