@@ -157,6 +157,26 @@ def test_profiling_leaves_the_model_as_it_found_it(name, train):
     assert all(torch.equal(x, y) for x, y in zip(expected, got, strict=True))
 
 
+def test_parameters_written_through_data_are_put_back():
+    """EMA updates written through .data (p.data.mul_, p.data = ...) move no version counter: the parameters are
+    compared by value, so those are put back too."""
+
+    class Ema(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.shadow = nn.Linear(3, 2), nn.Linear(3, 2)
+
+        def forward(self, x):
+            self.shadow.weight.data.mul_(0.5)
+            self.shadow.bias.data = self.shadow.bias.data + 1
+            return self.lin(x) + self.shadow(x)
+
+    model = Ema()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    profile.profile_model(model, (torch.randn(4, 3),), steps=1, warmup=1, ceilings=CEIL, device="cpu")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_gradients_the_caller_had_are_kept_not_added_into():
     """A caller's accumulated gradients (between two optimizer steps) were summed into by every profiled step."""
     model, inputs = pm.dit_block()

@@ -26,7 +26,8 @@ class _Saved:
     """One tensor's values, kept off the profiled device (the snapshot takes none of its memory). Put back only
     where they differ: copying back an unchanged tensor would move its version counter and break the caller's
     autograd graphs that saved it. Compared by value, not by version counter: BatchNorm's kernel updates its running
-    statistics in place without moving theirs, and an inference tensor keeps none."""
+    statistics in place without moving theirs, writes through ``.data`` (an EMA's ``p.data.mul_``) move none, and
+    an inference tensor keeps none."""
 
     def __init__(self, t: Any) -> None:
         import torch
