@@ -22,7 +22,9 @@ lockstep probe right after it shows (compute.LockstepProbe: this machine is shar
   all the gradients (what the planner counts): DDP's bucketed all-reduces run on gloo's threads while the backward
   computes, on the same cores, and its last bucket waits for the slower rank. A one-rank group (runs 1-5) saw only
   its hooks and copies: on this CPU (2026-12-04, gpt 4x64, 4 samples a rank) 1.1 ms, where a dp2 step took 4.0 ms
-  more than two bare ranks side by side and the all-reduce alone 1.6 ms (gpt 4x128: 8.5 and 2.8 ms).
+  more than two bare ranks side by side and the all-reduce alone 1.6 ms (gpt 4x128: 8.5 and 2.8 ms). Timed in
+  blocks of steps in a row, as training runs them (``_median_of_blocks``): DDP's steps are bimodal on gloo, and
+  interleaved with other calls they took the fast mode more often.
 - tp, sp, fsdp: on a group of ``degree`` ranks (2), because there the wrapper's cost is mostly in its
   collectives and a one-rank group skips them: DTensor issues more collectives than Megatron's 2 + 2 per block
   (each column-parallel input's gradient, the embeddings, the head), each through the functional collectives'
@@ -47,6 +49,7 @@ from tilestack.parallel.plan.describe import TP_ALLREDUCES_BWD, TP_ALLREDUCES_FW
 
 ROUNDS = 7
 OVERHEADS = ("tp", "sp", "fsdp", "ddp", "pipeline", "zero", "reduce", "tp optimizer", "fsdp optimizer")
+DDP_BLOCKS, DDP_BLOCK_STEPS = 3, 6    # DDP's overhead: blocks of training steps in a row (_median_of_blocks)
 GROUP_DEGREE = 2          # the group the collective-bound wrappers (tp, sp, fsdp) are timed on
 
 
@@ -117,38 +120,60 @@ def _overhead_rank(rank: int, world_size: int, cfg_kw: dict, batch: int, seq: in
     }
 
 
-def _median_of_rounds(steps: dict[str, Any], rounds: int, probe: LockstepProbe,
-                      paired: dict[str, tuple[str, ...]] | None = None) -> dict[str, float]:
+def _median_of_rounds(steps: dict[str, Any], rounds: int, probe: LockstepProbe) -> dict[str, float]:
     """The median time of each step over ``rounds`` rounds that alternate between them (round 0 warms up), each
-    time divided by the slowdown that a LockstepProbe right after it shows: this machine is shared, and what the
-    wrappers cost is wanted on idle cores, as the layers' times are. The median, not the least: on gloo a
-    functional collective's wait takes either about 0.4 or about 3 ms, and the least of a few rounds catches the
+    round's times divided by the slowdown that a LockstepProbe right after the round shows: this machine is shared,
+    and what the wrappers cost is wanted on idle cores, as the layers' times are. The median, not the least: on gloo
+    a functional collective's wait takes either about 0.4 or about 3 ms, and the least of a few rounds catches the
     fast ones that a step of tens of collectives does not. A barrier lines the ranks up before each call, so a
-    step's time is its own, not a wait for another rank. ``paired``: name -> (a, b, c, ...), also the median over
-    rounds of a - b - c - ... within each round (a burst of other work slows all of a round's calls: the difference
-    of medians of two 12 ms steps moved DDP's 2-rank overhead between 0.2 and 4.8 ms from one call to the next)."""
+    step's time is its own, not a wait for another rank."""
     import statistics
 
     import torch.distributed as dist
     times: dict[str, list[float]] = {k: [] for k in steps}
     for r in range(rounds + 1):
+        raw = {}
         for k, fn in steps.items():
-            # the probe before leaves caches and the interpreter's paths cold: the call timed follows an untimed
-            # one, as in training a step follows a step (measure.py: a dp2 step right after the probe took 25%
-            # longer)
+            # each call timed follows an untimed one, as in training a step follows a step (the probe, or another
+            # step's different work, leaves caches and the interpreter's paths cold: measure.py)
             dist.barrier()
             fn()
             dist.barrier()
             t0 = time.perf_counter()
             fn()
-            dt = time.perf_counter() - t0
-            slow = probe.slowdown(probe.work_s())
-            if r:
+            raw[k] = time.perf_counter() - t0
+        # one reading for the whole round: every call of a round divided by the same slowdown, so a difference of
+        # two of them is not the difference of two readings' noise
+        slow = probe.slowdown(probe.work_s())
+        if r:
+            for k, dt in raw.items():
                 times[k].append(dt / slow)
-    out = {k: statistics.median(v) for k, v in times.items()}
-    for name, (a, *rest) in (paired or {}).items():
-        out[name] = statistics.median(times[a][i] - sum(times[b][i] for b in rest) for i in range(rounds))
-    return out
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _median_of_blocks(steps: dict[str, Any], blocks: int, per_block: int, probe: LockstepProbe,
+                      diff: tuple[str, ...]) -> float:
+    """The median over ``blocks`` of diff[0] - diff[1] - ... , each the median of ``per_block`` calls in a row
+    (the first two not timed), a block's times divided by the slowdown a LockstepProbe right after it shows. In a
+    row, as training runs them: DDP's steps on gloo are bimodal (on this CPU, gpt 4x64 at 4 samples a rank, 12-13 ms
+    or 16-22 ms against the bare model's 11-12), and interleaved with other calls they took the fast mode more
+    often than consecutive steps do (median overhead 0.3-0.5 ms interleaved, 2-4 ms in a row)."""
+    import statistics
+
+    import torch.distributed as dist
+    per: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(blocks):
+        for k, fn in steps.items():
+            ts = []
+            for i in range(per_block + 2):
+                dist.barrier()
+                t0 = time.perf_counter()
+                fn()
+                if i >= 2:
+                    ts.append(time.perf_counter() - t0)
+            per[k].append(statistics.median(ts) / probe.slowdown(probe.work_s()))
+    a, *rest = diff
+    return statistics.median(per[a][i] - sum(per[b][i] for b in rest) for i in range(blocks))
 
 
 def _group_rank(rank: int, world_size: int, cfg_kw: dict, batch: int, seq: int, tp_bytes: float,
@@ -182,9 +207,9 @@ def _group_rank(rank: int, world_size: int, cfg_kw: dict, batch: int, seq: int, 
             opt.step()
             opt.zero_grad(set_to_none=True)
         return run
-    steps["plain"], steps["ddp"] = train_step(plain), train_step(ddp)
     grads = torch.zeros(sum(p.numel() for p in plain.parameters()), dtype=next(plain.parameters()).dtype)
-    steps["dp_comm"] = lambda: dist.all_reduce(grads)
+    ddp_steps = {"plain": train_step(plain), "ddp": train_step(ddp), "dp_comm": lambda: dist.all_reduce(grads)}
+    ddp_extra = _median_of_blocks(ddp_steps, DDP_BLOCKS, DDP_BLOCK_STEPS, probe, ("ddp", "plain", "dp_comm"))
     for name in ("tp", "sp", "fsdp"):
         m = GPT(cfg, seed=0)
         if name == "fsdp":
@@ -216,7 +241,8 @@ def _group_rank(rank: int, world_size: int, cfg_kw: dict, batch: int, seq: int, 
             dist.reduce_scatter_tensor(shard, full)
 
     steps["fsdp_comm"] = fsdp_comm
-    typical = _median_of_rounds(steps, rounds, probe, paired={"ddp extra": ("ddp", "plain", "dp_comm")})
+    typical = _median_of_rounds(steps, rounds, probe)
+    typical["ddp extra"] = ddp_extra
     for name, n in tensors.items():
         typical[f"{name} optimizer"] = max(typical[f"{name}_adamw"] - typical[f"{name}_adamw_plain"], 0.0) / n
     return typical
