@@ -54,6 +54,21 @@ class Simulation:
         """The idle fraction of the busiest rank: 1 - its work / the makespan."""
         return 1.0 - max(self.busy) / self.makespan if self.makespan > 0 else 0.0
 
+    def concurrency(self) -> float:
+        """How many ranks work at once, as the work sees it: the mean, over every second of forward and backward
+        work, of the ranks busy in that second (sum of n^2 dt over sum of n dt, n the ranks busy in a stretch dt).
+        Not the time average (sum of n dt over the makespan): where ranks overlap in half the step and idle in the
+        other half, all the work is done at the overlap's n. 0 without work."""
+        # a sweep over the events' starts (+1) and ends (-1): n is constant between two marks
+        marks = sorted([(e.start, 1) for e in self.events] + [(e.end, -1) for e in self.events])
+        work = squared = 0.0
+        n, before = 0, 0.0
+        for t, step in marks:
+            work += n * (t - before)
+            squared += n * n * (t - before)
+            n, before = n + step, t
+        return squared / work if work > 0 else 0.0
+
 
 def rank_order(schedule: str, pp: int, v: int, m: int, rank: int) -> list[tuple[str, int, int]]:
     """The (kind, micro-batch, stage) ops of ``rank`` in the order it runs them."""
