@@ -78,8 +78,8 @@ def measure_rank(rank: int, world_size: int, spec: dict) -> dict:
     trainer = Trainer(model, pc, pc.build_mesh("cpu"))
     seconds, losses, probes = [], [], []
     # the probe's readings bracket the steps rather than fall between them: its tens of ms of other work leave
-    # caches and the interpreter's paths cold, and a step timed right after it took 25% longer (gpt 4x64, dp2,
-    # 2026-12-04: 20.9 against 16.4 ms median). In training a step follows a step.
+    # caches and the interpreter's paths cold, and a step timed right after it took 4-11% longer (gpt 4x64, dp2;
+    # scripts/parallel/plan_step_parts.py probe). In training a step follows a step.
     readings = PROBE_READINGS if spec["probe"] is not None else 0
     probes += [spec["probe"].reading() for _ in range(readings)]
     for step in range(spec["steps"]):

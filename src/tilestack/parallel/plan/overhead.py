@@ -157,7 +157,8 @@ def _median_of_blocks(steps: dict[str, Any], blocks: int, per_block: int, probe:
     (the first two not timed), a block's times divided by the slowdown a LockstepProbe right after it shows. In a
     row, as training runs them: DDP's steps on gloo are bimodal (on this CPU, gpt 4x64 at 4 samples a rank, 12-13 ms
     or 16-22 ms against the bare model's 11-12), and interleaved with other calls they took the fast mode more
-    often than consecutive steps do (median overhead 0.3-0.5 ms interleaved, 2-4 ms in a row)."""
+    often than consecutive steps do (median overhead 0.3-0.5 ms interleaved, 2-4 ms in a row:
+    scripts/parallel/plan_step_parts.py ddp)."""
     import statistics
 
     import torch.distributed as dist

@@ -350,7 +350,7 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
         # processes), so simulate again at that contention, twice (the timeline moves with it). Runs 1-7 took the
         # ranks busy on average (world x the utilisation): 1F1B with 2 micro-batches on 4 processes and 2 cores
         # overlaps its stages' work in stretches and idles in others, and its schedule took 20% longer than
-        # simulated (gpt 8x64, 2026-12-04: 35 ms against 29.4)
+        # simulated (gpt 8x64, 2026-12-04: 35 ms against 29.4; scripts/parallel/plan_step_parts.py pipeline)
         for _ in range(2):
             slow = compute.contention(plan.world_size / plan.pp * sim.concurrency())
             fwd, bwd, p2p, comp, tp_c, fsdp_c, sim = pipeline(slow)
