@@ -114,6 +114,8 @@ def cases() -> dict:
         return rot(q), rot(k)
 
     import tilestack.compile.ops  # noqa: F401 - registers the backend's tilestack:: ops
+    xe, we = leaf(8, d), leaf(100, d)
+    labels = torch.randint(0, 100, (8,))
     x2, wl, bl = torch.randn(8, d, dtype=bf), torch.randn(2 * d, d, dtype=bf), torch.randn(2 * d, dtype=bf)
     return {
         # the backend's fused GEMM as a compiled graph calls it (a tilestack:: op), and the library's GEMM under it
@@ -127,6 +129,8 @@ def cases() -> dict:
         "add_rms_norm": (lambda: ops.add_rms_norm(h, r, w), lambda: (F.rms_norm(h + r, (d,), w), h + r)),
         "swiglu": (lambda: ops.swiglu(gu), lambda: F.silu(gu[..., :d]) * gu[..., d:]),
         "rotary": (lambda: ops.rotary(q, k, cos, sin), lambda: torch_rotary(q, k)),
+        "linear_cross_entropy": (lambda: ops.fused_linear_cross_entropy(xe, we, labels),
+                                 lambda: F.cross_entropy(F.linear(xe, we).float(), labels)),
     } | op_cases(leaf, h, w, b, d)
 
 

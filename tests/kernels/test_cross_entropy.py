@@ -127,6 +127,61 @@ def test_an_ignore_index_that_is_a_class_leaves_its_rows_out_as_torch_does(backe
     assert torch.equal(dx[[1, 4, 5]], torch.zeros_like(dx[[1, 4, 5]]))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_loss_only_matches_float64_and_makes_no_gradient(backend, dtype, rng):
+    """grad=False (what a no_grad call takes): the same loss as float64, ragged T, V and chunks, ignored rows,
+    and no gradient made (None, and one GEMM per chunk part instead of three)."""
+    x, w, labels = data(rng, 13, 16, 37, dtype, ignored=(2, 9), std=0.5)
+    loss64 = f64(x, w, labels)[0]
+    calls = []
+    real_mm = torch.mm
+
+    def counting_mm(*args, **kwargs):
+        calls.append(1)
+        return real_mm(*args, **kwargs)
+
+    torch.mm = counting_mm
+    try:
+        loss, dx, dw = fused_linear_cross_entropy(x, w, labels, chunk=5, grad=False, backend=backend, BM=2, BN=16)
+    finally:
+        torch.mm = real_mm
+    assert dx is None and dw is None
+    assert len(calls) == 3                      # one logits GEMM for each of the 3 chunks of 5, 5, 3 rows
+    assert abs(float(loss) - float(loss64)) <= TOL[dtype] * float(loss64)
+    with_grad = fused_linear_cross_entropy(x, w, labels, chunk=5, backend=backend, BM=2, BN=16)[0]
+    assert float(loss) == float(with_grad)       # the same kernel arithmetic, the gradient's store aside
+
+
+def test_public_op_under_no_grad_gives_the_training_loss(rng):
+    """tilestack.torch.ops.fused_linear_cross_entropy under no_grad (an evaluation loop) takes the loss-only
+    path and gives the loss the training call gives."""
+    from tilestack.torch.ops import fused_linear_cross_entropy as op
+
+    x, w, labels = data(rng, 11, 16, 29, torch.float32, ignored=(3,))
+    x.requires_grad_()
+    want = op(x, w, labels)
+    with torch.no_grad():
+        got = op(x, w, labels)
+    assert float(got) == float(want.detach()) and not got.requires_grad
+
+
+@pytest.mark.parametrize("grad", (True, False))
+def test_an_ignored_row_of_inf_hidden_state_stays_out_of_the_loss(grad, rng):
+    """A padding row (ignored) whose hidden state overflowed: its loss is left out, not 0 times inf (NaN)."""
+    x, w, labels = data(rng, 6, 16, 20, torch.float32, ignored=(4,))
+    want = f64(x, w, labels)[0]
+    x[4] = math.inf
+    loss = fused_linear_cross_entropy(x, w, labels, grad=grad, backend="triton", BM=1, BN=16)[0]
+    assert abs(float(loss) - float(want)) <= 1e-5 * float(want)
+
+
+def test_grad_must_be_a_bool(rng):
+    x, w, labels = data(rng, 3, 16, 20, torch.float32)
+    with pytest.raises(LaunchError, match="grad must be a bool, got 1"):
+        fused_linear_cross_entropy(x, w, labels, grad=1)
+
+
 def test_chunk_rows_keeps_chunks_within_the_budget():
     assert mod.chunk_rows(8192, 50257, 2) == 2048
     assert mod.chunk_rows(8192, 32000, 2) == 4096

@@ -14,10 +14,12 @@ full-size passes of a log_softmax, its f32 copy and their backward.
 The kernel, per block of BM rows, visits the vocabulary in BN-wide tiles twice:
   pass 1: running max m and sum l of exp(x - m) over a row's logits x (as exp2);
   pass 2: p = exp(x - m) / l, g = (p - onehot(label)) * scale, written over the logits, and the label's
-          logit picked out with the same one-hot; then loss = (m + log l - x[label]) * scale.
-scale is 1/(number of labelled rows) for a labelled row and 0 for an ignored one. The one-hot is built from
-column numbers without a gather: relu(1 - |col - label|) is 1 at the label's column and 0 elsewhere (exact:
-both are integers below 2^24), and an ignored label (-100) matches no column.
+          logit picked out with the same one-hot; then loss = m + log l - x[label] on a labelled row, 0 on an
+          ignored one (the host divides their sum by the count: 0/0, NaN, where no row is labelled, as torch).
+scale is 1/(number of labelled rows) for a labelled row and 0 for an ignored one. Without a gradient
+(GRAD=False: no_grad, an evaluation loop) pass 2 only picks out the label's logit, and the two GEMMs after it are
+skipped. The one-hot is built from column numbers without a gather: relu(1 - |col - label|) is 1 at the label's
+column and 0 elsewhere (exact: both are integers below 2^24), and an ignored label (-100) matches no column.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import numbers
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.kernels._checks import check_same_device, check_tensor
-from tilestack.kernels._plan import checked_once
+from tilestack.kernels._plan import checked_once, planned
 from tilestack.tune.lookup import launch_config
 
 LOG2E = math.log2(math.e)
@@ -41,9 +43,11 @@ MAX_EXACT_VOCAB = 1 << 24      # column numbers and labels are exact in f32 belo
 @ts.kernel(grid=lambda L, BM: (ts.cdiv(L.shape[0], BM),), options=dict(num_warps=8, num_stages=1))
 def ce_grad_kernel(L, Labels, Scale, Cols, Loss, *,
                    BM: int = ts.tunable(1, (1, 2, 4, 8, 16)),
-                   BN: int = ts.tunable(4096, (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192))):
-    # L: (C, V) logits, overwritten with d loss / d logits; Labels: (C,) int; Scale: (C,) f32;
-    # Cols: (BN,) f32 = 0, 1, ..., BN-1; Loss: (C,) f32, each row's loss times its scale
+                   BN: int = ts.tunable(4096, (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)),
+                   GRAD: bool = True):
+    # L: (C, V) logits, overwritten with d loss / d logits (GRAD; left as they are without); Labels: (C,) int;
+    # Scale: (C,) f32, > 0 on a labelled row; Cols: (BN,) f32 = 0, 1, ..., BN-1; Loss: (C,) f32, each labelled
+    # row's loss, unscaled, and 0 on an ignored row (not 0 times its loss: a NaN or inf there stays out)
     i = ts.block_id(0)
     V = L.shape[1]
     x = ts.RegTile[ts.f32, BM, BN]()
@@ -62,6 +66,7 @@ def ce_grad_kernel(L, Labels, Scale, Cols, Loss, *,
     coef = ts.RegVec[ts.f32, BM]()
     target = ts.RegVec[ts.f32, BM]()
     loss = ts.RegVec[ts.f32, BM]()
+    labelled = ts.RegVec[ts.bool_, BM]()
     ts.fill(m, -FLT_MAX)                         # finite: a tile of -inf logits leaves m - m_new = 0, not NaN
     ts.zero(l)
     for j in ts.range(ts.cdiv(V, BN)):          # pass 1: online max and sum
@@ -95,18 +100,20 @@ def ce_grad_kernel(L, Labels, Scale, Cols, Loss, *,
         ts.max(z, x, -FLT_MAX)                   # a -inf logit times a 0 of the one-hot must not be NaN
         ts.mul(z, z, hot)
         ts.row_sum(target, z, target)
-        ts.sub_row(z, x, m)
-        ts.mul(z, z, LOG2E)
-        ts.exp2(z, z)
-        ts.mul_row(z, z, coef)                   # p * scale
-        ts.mul_row(hot, hot, scale)
-        ts.sub(z, z, hot)
-        ts.copy(g, z)
-        ts.store(L, g, at=(i, j))                # columns past V are dropped
+        if GRAD:
+            ts.sub_row(z, x, m)
+            ts.mul(z, z, LOG2E)
+            ts.exp2(z, z)
+            ts.mul_row(z, z, coef)               # p * scale
+            ts.mul_row(hot, hot, scale)
+            ts.sub(z, z, hot)
+            ts.copy(g, z)
+            ts.store(L, g, at=(i, j))            # columns past V are dropped
     ts.log(loss, l)
     ts.add(loss, loss, m)                        # logsumexp
     ts.sub(loss, loss, target)
-    ts.mul(loss, loss, scale)
+    ts.gt(labelled, scale, 0.0)
+    ts.where(loss, labelled, loss, 0.0)
     ts.store(Loss, loss, at=(i,))
 
 
@@ -196,27 +203,29 @@ def _cols(bn: int, device) -> object:
 
 
 def fused_linear_cross_entropy(x, weight, labels, *, ignore_index: int = IGNORE_INDEX, chunk: int | None = None,
-                               backend: str | None = None, **config):
+                               grad: bool = True, backend: str | None = None, **config):
     """(loss, dx, dw): mean cross-entropy of ``x @ weight.T`` against ``labels`` over the rows whose label is
     not ``ignore_index`` (nan if none, as torch; the gradients are then zero), and its gradients in x's and
-    weight's dtypes. ``chunk`` rows at a time (default: the logits of a chunk within 256 MiB)."""
+    weight's dtypes; ``grad=False`` gives (loss, None, None), with a third of the GEMM work. ``chunk`` rows at a
+    time (default: the logits of a chunk within 256 MiB). Planned once per signature (``kernels._plan``): the
+    checks, the config, the chunking and the kernel's launchers; a call checks the labels (data) and runs."""
+    return _flce_plan(x, weight, labels, ignore_index=ignore_index, chunk=chunk, grad=grad, backend=backend,
+                      **config)
+
+
+@planned
+def _flce_plan(x, weight, labels, *, ignore_index: int = IGNORE_INDEX, chunk: int | None = None, grad: bool = True,
+               backend: str | None = None, **config):
     import torch
 
     check_ce_args("fused_linear_cross_entropy", x, weight, labels, ignore_index)
-    check_labels("fused_linear_cross_entropy", labels, weight.shape[0], ignore_index)
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise LaunchError(f"fused_linear_cross_entropy: chunk must be a positive int, got {chunk!r}")
+    if not isinstance(grad, bool):
+        raise LaunchError(f"fused_linear_cross_entropy: grad must be a bool, got {grad!r}")
     t, v = x.shape[0], weight.shape[0]
     cfg = launch_config("cross_entropy", str(x.dtype).removeprefix("torch."), x.device, v,
                         default_config(v, x.device.type)) | config
-    bn = cfg.get("BN", ce_grad_kernel.constants["BN"].default)
-    cols = _cols(bn, x.device)
-    valid = labels != ignore_index
-    count = valid.sum()
-    scale = valid.float() / count.clamp(min=1)       # (T,): 1/n on labelled rows, 0 on ignored ones
-    row_loss = torch.empty(t, dtype=torch.float32, device=x.device)
-    dx = torch.empty_like(x)
-    dw = torch.zeros_like(weight) if t == 0 else torch.empty_like(weight)
     step = chunk or chunk_rows(t, v, x.element_size())
     padded = -(-v // ROW_ALIGN) * ROW_ALIGN          # rows start 16-byte aligned: vector loads, aligned GEMMs
     # Large chunks' GEMMs run over the first `va` vocabulary entries, a multiple of ROW_ALIGN, and the last few
@@ -224,29 +233,50 @@ def fused_linear_cross_entropy(x, weight, labels, *, ignore_index: int = IGNORE_
     # slower on the H200 (docs/performance.md). Small ones are host-bound: three GEMM calls, not six.
     va = v - v % ROW_ALIGN if min(step, t) * v >= SPLIT_MIN_LOGITS else v
     parts = [(0, va), (va, v)] if 0 < va < v else [(0, v)]
-    for lo in range(0, t, step):
-        hi = min(t, lo + step)
-        xc = x[lo:hi]                                # (c, d)
-        rows = torch.empty(hi - lo, padded, dtype=x.dtype, device=x.device)
-        logits = rows[:, :v]                         # (c, V), row stride padded
-        if padded > v:
-            # The kernel runs over the padded rows (whole 64-wide tiles: 2x the bytes/s of a ragged V on the
-            # H200), the padding as -inf logits, which it turns into zero gradients; the GEMMs after it read
-            # zeros there (torch 2.13's CPU bf16 mm reads a strided row past K).
-            rows[:, v:].fill_(-math.inf)
-        for a, b in parts:
-            torch.mm(xc, weight[a:b].T, out=logits[:, a:b])      # x's dtype, f32 accumulation
-        ce_grad_kernel(rows, labels[lo:hi], scale[lo:hi], cols, row_loss[lo:hi], backend=backend, **cfg)
-        for n, (a, b) in enumerate(parts):
-            if n == 0:
-                torch.mm(logits[:, a:b], weight[a:b], out=dx[lo:hi])     # (c, d) = (c, V) @ (V, d)
-            else:
-                dx[lo:hi].addmm_(logits[:, a:b], weight[a:b])
-            if lo == 0:
-                torch.mm(logits[:, a:b].T, xc, out=dw[a:b])              # (V, d) = (V, c) @ (c, d)
-            else:
-                dw[a:b].addmm_(logits[:, a:b].T, xc)
-    # an ignored row's loss is left out, not added as 0 * its loss: a NaN or inf there (padding) would make it NaN
-    loss = torch.where(valid, row_loss, 0.0).sum()
-    loss = torch.where(count > 0, loss, torch.full_like(loss, math.nan))
-    return loss, dx, dw
+    chunks = [(lo, min(t, lo + step)) for lo in range(0, t, step)]
+    launchers: dict = {}        # rows of a chunk -> (the kernel's launcher, its column numbers); two sizes at most
+
+    def launcher(rows, labels_c, scale_c, loss_c):
+        found = launchers.get(rows.shape[0])
+        if found is None:       # made on first use: a plan refusing its arguments has touched no kernel
+            cols = _cols(cfg.get("BN", ce_grad_kernel.constants["BN"].default), rows.device)
+            found = launchers[rows.shape[0]] = (ce_grad_kernel.launcher_for(
+                (rows, labels_c, scale_c, cols, loss_c), backend, GRAD=grad, **cfg), cols)
+        found[0]((rows, labels_c, scale_c, found[1], loss_c))
+
+    def run(x, weight, labels, **_):
+        check_labels("fused_linear_cross_entropy", labels, v, ignore_index)
+        valid = labels != ignore_index
+        count = valid.sum()
+        scale = valid / count.clamp(min=1)           # (T,) f32: 1/n on labelled rows, 0 on ignored ones
+        row_loss = x.new_empty(t, dtype=torch.float32)
+        dx = dw = None
+        if grad:
+            dx = torch.empty_like(x)
+            dw = torch.zeros_like(weight) if t == 0 else torch.empty_like(weight)
+        for lo, hi in chunks:
+            xc = x[lo:hi]                            # (c, d)
+            rows = x.new_empty(hi - lo, padded)
+            logits = rows[:, :v]                     # (c, V), row stride padded
+            if padded > v:
+                # The kernel runs over the padded rows (whole 64-wide tiles: 2x the bytes/s of a ragged V on the
+                # H200), the padding as -inf logits, which it turns into zero gradients; the GEMMs after it read
+                # zeros there (torch 2.13's CPU bf16 mm reads a strided row past K).
+                rows[:, v:].fill_(-math.inf)
+            for a, b in parts:
+                torch.mm(xc, weight[a:b].T, out=logits[:, a:b])      # x's dtype, f32 accumulation
+            launcher(rows, labels[lo:hi], scale[lo:hi], row_loss[lo:hi])
+            if not grad:
+                continue
+            for n, (a, b) in enumerate(parts):
+                if n == 0:
+                    torch.mm(logits[:, a:b], weight[a:b], out=dx[lo:hi])     # (c, d) = (c, V) @ (V, d)
+                else:
+                    dx[lo:hi].addmm_(logits[:, a:b], weight[a:b])
+                if lo == 0:
+                    torch.mm(logits[:, a:b].T, xc, out=dw[a:b])              # (V, d) = (V, c) @ (c, d)
+                else:
+                    dw[a:b].addmm_(logits[:, a:b].T, xc)
+        # an ignored row's loss is 0 (the kernel leaves its value out), so no labelled row gives 0 / 0 = NaN
+        return row_loss.sum() / count, dx, dw
+    return run

@@ -573,7 +573,7 @@ def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: to
         return fused_linear_cross_entropy_op(x, weight, labels, int(ignore_index))[0]
     if _needs_grad(x, weight):
         return _apply_fused_linear_cross_entropy(x, weight, labels, int(ignore_index))
-    return _flce(x, weight, labels, ignore_index=ignore_index)[0]
+    return _flce(x, weight, labels, ignore_index=ignore_index, grad=False)[0]     # no gradient made: 1 GEMM of 3
 
 
 __all__ = ["add_layer_norm", "add_rms_norm", "fused_linear_cross_entropy", "layer_norm", "rms_norm", "rotary",
