@@ -82,6 +82,10 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30)) if bool(a.isfinite().all()) else float("inf")
 
 
+def _torch_eval(x, w, labels):
+    return F.cross_entropy(F.linear(x, w).float(), labels)
+
+
 def step_rows(device: str, quick: bool) -> list[dict]:
     out = []
     for name, t, d, v in QUICK if quick else CASES:
@@ -107,6 +111,13 @@ def step_rows(device: str, quick: bool) -> list[dict]:
                 row[f"{impl}_peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 1e9
             row[f"{impl}_ms"] = time_fn(fn, args_sets=[()], device=device, budget_s=2.0).median_s * 1e3
         row["ratio"] = row["tilestack_ms"] / row["torch_ms"]
+        # evaluation (no_grad): the loss only, ours on its loss-only path against torch's logits + CE
+        with torch.no_grad():
+            for impl, fn in (("tilestack", functools.partial(ops.fused_linear_cross_entropy, x, w, labels)),
+                             ("torch", functools.partial(_torch_eval, x, w, labels))):
+                row[f"{impl}_eval_ms"] = time_fn(fn, args_sets=[()], device=device, budget_s=1.0).median_s * 1e3
+            want_eval = float(_torch_eval(x, w, labels))
+            row["eval_loss_rel"] = abs(float(ops.fused_linear_cross_entropy(x, w, labels)) - want_eval) / want_eval
         # errors against float64 on the first rows (the whole (T, V) logits in float64 would take 3.3 GB)
         n = min(t, 1024)
         loss, dx, dw = fused_linear_cross_entropy(x[:n].detach(), w.detach(), labels[:n])
@@ -175,6 +186,11 @@ def main() -> None:
         peak = f"{r.get('tilestack_peak_gb', float('nan')):.2f}/{r.get('torch_peak_gb', float('nan')):.2f}"
         print(f"{r['model'] + str((r['T'], r['d'], r['V'])):28} {r['tilestack_ms']:9.3f} {r['torch_ms']:9.3f} "
               f"{r['ratio']:8.3f} {peak:>18} {r['loss_rel']:.1e}/{r['dx_rel']:.1e}/{r['dw_rel']:.1e}")
+    print(f"{'LM head + CE, no_grad (eval)':28} {'tilestack':>9} {'torch':>9} {'ratio':>8} {'loss vs torch':>14}")
+    for r in steps:
+        ts_ms, torch_ms = r["tilestack_eval_ms"], r["torch_eval_ms"]
+        print(f"{r['model'] + str((r['T'], r['d'], r['V'])):28} {ts_ms:9.3f} {torch_ms:9.3f} {ts_ms / torch_ms:8.3f} "
+              f"{r['eval_loss_rel']:14.1e}")
 
 
 if __name__ == "__main__":
