@@ -25,7 +25,9 @@ training with a numpy broadcasting or ``zip()`` error; a client-side one over SC
 control-variate changes carry each client's unclipped update back to everyone. Flower's Byzantine-robust rules
 are checked against the nodes they sample (``check_robust``): Krum and MultiKrum with f > 0 need 2f + 3 of them,
 Bulyan 4f + 3, MultiKrum cannot keep more than it samples (Flower ran them anyway: Krum with f = 5 of 6 nodes
-scored each update by its one nearest neighbour, and Bulyan skipped every round).
+scored each update by its one nearest neighbour, and Bulyan skipped every round); FedTrimmedAvg must trim at least
+one reply from each end (int(beta x sampled) >= 1: beta=0.1 over 5 nodes trimmed none, and ran as the plain mean
+that one attacker drove to accuracy 0).
 A DP wrapper is also refused over a strategy whose aggregate is no mean of the replies (``_not_a_mean``: FedDF,
 FedNova, Flower's robust rules, server optimisers, q-FedAvg): its noise, sized for one client's share C / n of a mean
 and added after the inner strategy's step, does not cover what one client can change in them.
@@ -252,6 +254,25 @@ def check_strategy(strategy: Strategy, num_nodes: int, task=None) -> None:
     check_robust(strategy, num_nodes)
 
 
+def nodes_short(strategy: Strategy, online: int, population: int, phase: str) -> str:
+    """Why ``strategy`` cannot sample its ``phase`` ('train' or 'evaluate') from the ``online`` nodes of this round
+    ('' when it can). Flower's ``sample_nodes`` polls once a second until max(min_available_nodes, the sample size)
+    nodes are connected; with clients offline by the system's availability no more come during the round, and the
+    run hung (a round with no client online, or one online under FedAvg's default minimum of 2)."""
+    sampler, nodes, _ = _sampling_strategy(strategy, online)
+    own = vars(sampler)
+    fraction, least = own.get(f"fraction_{phase}"), own.get(f"min_{phase}_nodes", 0)
+    if not isinstance(fraction, numbers.Real) or not fraction > 0 or not isinstance(least, numbers.Integral):
+        return ""  # samples nobody (or not a FedAvg-like sampler)
+    available = own.get("min_available_nodes", 0)
+    need = max(int(nodes * fraction), int(least), int(available) if isinstance(available, numbers.Integral) else 0)
+    if nodes >= need:
+        return ""
+    return (f"{online} of {population} clients online (the system's availability); {type(sampler).__name__} samples "
+            f"its {phase} nodes from at least {need} (min_available_nodes={available}, min_{phase}_nodes={least}), "
+            "and Flower's sampling would wait for nodes that do not come this round")  # fmt: skip
+
+
 def check_proximal(strategy: Strategy, task) -> None:
     """Refuse a FedProx whose proximal step diverges at the task's learning rate (see module doc)."""
     lr = getattr(task, "lr", None)
@@ -278,8 +299,19 @@ def _sampled(strategy: Strategy, num_nodes: int) -> tuple[Strategy, int, str] | 
 
 
 def check_robust(strategy: Strategy, num_nodes: int) -> None:
-    """Refuse a Krum, MultiKrum or Bulyan that cannot have the replies its rule needs (see module doc)."""
+    """Refuse a Krum, MultiKrum or Bulyan that cannot have the replies its rule needs, and a FedTrimmedAvg that trims
+    nothing (see module doc)."""
     for s in strategy_levels(strategy):
+        if isinstance(s, fl.FedTrimmedAvg) and (found := _sampled(strategy, num_nodes)) is not None:
+            _, sampled, how = found
+            beta = vars(s).get("beta")
+            if isinstance(beta, numbers.Real) and beta > 0 and int(beta * sampled) == 0:
+                raise FederatedError(
+                    f"FedTrimmedAvg: beta={beta} trims int(beta x {sampled}) = 0 replies from each end of the "
+                    f"{sampled} nodes it samples each round ({how}): it would be the plain mean, which one Byzantine "
+                    f"client moves as far as it likes; expected beta >= 1/{sampled} = {1 / sampled:.4g} (trim at "
+                    "least one) or beta=0 (the plain mean, asked for)"
+                )
         if not isinstance(s, (fl.MultiKrum, fl.Bulyan)) or (found := _sampled(strategy, num_nodes)) is None:
             continue
         _, sampled, how = found

@@ -21,7 +21,10 @@ configure_evaluate, send, aggregate_evaluate, then server-side evaluation), and 
   all (nobody sampled, every client failed) does not call ``aggregate_train``: there is nothing to aggregate, and
   Flower's adaptive-clipping DP wrappers ended the run dividing their clipped share by zero replies.
   The metrics the strategy aggregates (Flower's: weighted by each client's examples) are kept per round in
-  ``RoundMetrics.train_metrics`` and ``eval_metrics``.
+  ``RoundMetrics.train_metrics`` and ``eval_metrics``, each client's own in ``client_train`` and ``client_eval``.
+- Availability: with clients offline by the system model's availability, a round whose strategy needs more nodes
+  than are online (``min_available_nodes``, ``min_train_nodes``) is not configured: it is skipped saying so
+  (``checks.nodes_short``), where Flower's sampling would poll for them forever; so is its federated evaluation.
 - Safety: an aggregate with a non-finite value is rejected (the global model stays as it was, the reason
   is logged) - the server never adopts a NaN - and the strategy's own state goes back to what it was before
   that aggregation (FedAvgM's momentum and model, FedAdam's moments), so one overflow cannot make every
@@ -68,6 +71,7 @@ from tilestack.federated import codec
 from tilestack.federated.checks import (
     DP_WRAPPERS,
     check_strategy,
+    nodes_short,
     require_int,
     require_real_arrays,
     require_timeout,
@@ -132,9 +136,15 @@ def _system(grid: ManagedGrid) -> dict[str, str] | None:
     system = grid.system
     if system is None:
         return None
-    out = {f.name: repr(getattr(system, f.name)) for f in dataclasses.fields(system) if f.name not in SYSTEM_ARRAYS}
+    arrays = (*SYSTEM_ARRAYS, "availability")
+    out = {f.name: repr(getattr(system, f.name)) for f in dataclasses.fields(system) if f.name not in arrays}
     digest = hashlib.sha256(b"".join(np.asarray(getattr(system, f), np.float64).tobytes() for f in SYSTEM_ARRAYS))
-    return out | {"stragglers": grid.stragglers, "speeds and bandwidths (sha256)": digest.hexdigest()[:16]}
+    out |= {"stragglers": grid.stragglers, "speeds and bandwidths (sha256)": digest.hexdigest()[:16]}
+    if system.availability is not None:  # (a checkpoint of a run without it has no such entry)
+        pattern = np.asarray(system.availability, np.float64)
+        digest = hashlib.sha256(repr(pattern.shape).encode() + pattern.tobytes())
+        out["availability (sha256)"] = digest.hexdigest()[:16]
+    return out
 
 
 def run_signature(strategy: Strategy, grid: ManagedGrid, arrays: ArrayRecord, seed: int) -> dict:
@@ -155,11 +165,12 @@ def check_signature(saved: dict | None, now: dict, path: Path) -> None:
     if saved is None:
         raise FederatedError(f"checkpoint={str(path)!r} records no run signature; expected one written by this version")
     diff = [k for k in now if k in saved and saved[k] != now[k]]  # (older checkpoints lack settings and system)
-    if "settings" in diff:  # name the settings that differ, not the whole list
-        a, b = saved["settings"], now["settings"]
-        keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-        saved = {**saved, "settings": {k: a.get(k) for k in keys}}
-        now = {**now, "settings": {k: b.get(k) for k in keys}}
+    for part in diff:  # name the entries that differ (settings, the system model's fields), not the whole list
+        a, b = saved[part], now[part]
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+            saved = {**saved, part: {k: a.get(k) for k in keys}}
+            now = {**now, part: {k: b.get(k) for k in keys}}
     if diff:
         lines = "; ".join(f"{k}: checkpoint has {_short(saved.get(k))}, this run has {_short(now[k])}" for k in diff)
         raise FederatedError(f"checkpoint={str(path)!r} belongs to another run ({lines}); expected the same run")
@@ -461,7 +472,9 @@ def run_rounds(
         t0 = time.perf_counter()
         grid.server_round = r
         _seed_global_rngs(seed, r, 0)
-        messages = list(strategy.configure_train(r, arrays, ConfigRecord(dict(train_config)), grid))
+        online = len(list(grid.get_node_ids()))  # all nodes, unless the system model takes some offline
+        short = nodes_short(strategy, online, grid.population, "train")  # Flower's sampling would wait forever
+        messages = [] if short else list(strategy.configure_train(r, arrays, ConfigRecord(dict(train_config)), grid))
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         # DP noise is drawn here, after the clients ran (in this process or not)
         _seed_global_rngs(seed, r, AGGREGATE_PHASE)
@@ -474,7 +487,7 @@ def run_rounds(
             else:  # nothing to aggregate: the strategy is not asked (Flower's adaptive clipping divided by zero)
                 new_arrays, train_metrics = None, None
             if new_arrays is None:
-                skipped = skip_reason(strategy, len(replies), len(messages))
+                skipped = short or skip_reason(strategy, len(replies), len(messages))
         except InconsistentMessageReplies as ex:
             new_arrays, train_metrics, skipped = None, None, f"inconsistent replies: {ex}"
         if new_arrays is not None:
@@ -488,7 +501,11 @@ def run_rounds(
         if new_arrays is not None:
             arrays = new_arrays
         _seed_global_rngs(seed, r, 1)
-        eval_messages = strategy.configure_evaluate(r, arrays, ConfigRecord(dict(evaluate_config)), grid)
+        if eval_short := nodes_short(strategy, online, grid.population, "evaluate"):
+            log.warning("round %d: federated evaluation skipped: %s", r, eval_short)
+            eval_messages = []
+        else:
+            eval_messages = strategy.configure_evaluate(r, arrays, ConfigRecord(dict(evaluate_config)), grid)
         eval_replies = grid.send_and_receive(eval_messages, timeout=timeout)
         eval_metrics = None
         try:
@@ -502,6 +519,7 @@ def run_rounds(
         m = RoundMetrics(
             round=r,
             client_acc=fairness(client_accs),
+            num_online=online,
             num_selected=rlog["selected"],
             num_aggregated=0 if skipped else rlog["aggregated"],
             skipped=skipped,
@@ -512,6 +530,8 @@ def run_rounds(
             sim_time=rlog["sim_time"],
             excluded=rlog["excluded"],
             eval_excluded=rlog["eval_excluded"],
+            client_train=rlog["client_train"],
+            client_eval=rlog["client_eval"],
             train_metrics=_plain_metrics(train_metrics),
             eval_metrics=_plain_metrics(eval_metrics),
         )

@@ -24,7 +24,8 @@ SuperLink grid) and stays a ``Grid``, so the same strategy objects run over it:
   ``value * weight`` in the dtype of the first reply, so float32 replies drifted from the exact weighted mean
   (12 float32 ulps over 100 clients of unequal sizes) and one float16 reply rounded every contribution to
   float16; the driver stores the aggregate in the global model's dtype, rounded once.
-- Accounting: bytes each way (array payloads), simulated round time (slowest kept client, or deadline).
+- Accounting: bytes each way (array payloads), simulated round time (slowest kept client, or deadline), and
+  each kept reply's own metrics by partition id (``RoundMetrics.client_train`` / ``client_eval``).
 """
 
 from __future__ import annotations
@@ -200,6 +201,13 @@ def for_aggregation(sent: RecordDict, reply: Message) -> Message:
     return Message(content=content, metadata=reply.metadata)
 
 
+def _plain_metric(value) -> int | float | list:
+    """A client's metric as JSON holds it: an int stays one, a float or a list of numbers becomes float."""
+    if isinstance(value, list):
+        return [float(v) for v in value]
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else float(value)
+
+
 def _metric_keys(reply: Message) -> frozenset[str]:
     return frozenset(next(iter(reply.content.metric_records.values())).keys())
 
@@ -260,10 +268,23 @@ class ManagedGrid(Grid):
         self._order = sorted(self.partition_of, key=self.partition_of.__getitem__)
 
     def get_node_ids(self) -> Iterable[int]:
+        """The nodes online in the current round, in partition order: all of them, unless the system model has an
+        availability pattern (before round 1, at the roll call and the run's checks, every node)."""
         if self._order is None:
             self._roll_call()
         assert self._order is not None
-        return list(self._order)
+        if self.system is None or self.system.availability is None:
+            return list(self._order)
+        online = self.system.online(self.server_round)
+        return [nid for nid in self._order if online[self.partition_of[nid]]]
+
+    @property
+    def population(self) -> int:
+        """Every node of the run, online or not (SCAFFOLD's N)."""
+        if self._order is None:
+            self._roll_call()
+        assert self._order is not None
+        return len(self._order)
 
     # ---- pass-through -------------------------------------------------------------------------------
     def set_run(self, run: Run) -> None:
@@ -289,7 +310,8 @@ class ManagedGrid(Grid):
     def _empty_log() -> dict:
         return {
             "selected": 0, "aggregated": 0, "steps_done": 0, "steps_full": 0, "bytes_down": 0, "bytes_up": 0,
-            "sim_time": 0.0, "excluded": {}, "eval_excluded": {}, "client_metrics": [],
+            "sim_time": 0.0, "excluded": {}, "eval_excluded": {}, "client_metrics": [], "client_train": {},
+            "client_eval": {},
         }  # fmt: skip
 
     def take_round_log(self) -> dict:
@@ -336,9 +358,17 @@ class ManagedGrid(Grid):
         sent: dict[int, tuple[RecordDict, int]] = {}  # node id -> (content, steps planned)
         durations: list[float] = []
         is_train = False
+        online = self.system.online(self.server_round) if self.system is not None else None
         for msg in messages:
             nid = msg.metadata.dst_node_id
             pid = self.partition_of[nid]
+            if online is not None and not online[pid]:  # a strategy that messaged a node it did not sample from
+                training = msg.metadata.message_type == MessageType.TRAIN
+                is_train |= training
+                self._log["selected"] += int(training)
+                self._exclude(pid, f"offline: not online in round {self.server_round} (the system's availability)",
+                              evaluating=not training)  # fmt: skip
+                continue
             down = payload_bytes(msg.content)
             steps = 0
             if msg.metadata.message_type == MessageType.TRAIN:
@@ -404,8 +434,12 @@ class ManagedGrid(Grid):
                 t = min(t, self.system.deadline)
             self._log["sim_time"] += float(t)
         kept.sort(key=lambda r: self.partition_of[r.metadata.src_node_id])
-        if not is_train:
-            for reply in kept:
-                metrics = next(iter(reply.content.metric_records.values()))
-                self._log["client_metrics"].append({k: metrics[k] for k in metrics})
+        for reply in kept:  # each kept reply's own metrics, by partition id (the strategy sees only their mean)
+            metrics = next(iter(reply.content.metric_records.values()))
+            plain = {k: metrics[k] for k in metrics}
+            pid = str(self.partition_of[reply.metadata.src_node_id])
+            own = {k: _plain_metric(v) for k, v in plain.items() if k != PARTITION_METRIC}
+            self._log["client_train" if is_train else "client_eval"][pid] = own
+            if not is_train:
+                self._log["client_metrics"].append(plain)
         return kept

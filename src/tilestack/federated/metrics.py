@@ -50,6 +50,9 @@ class RoundMetrics:
     train_loss: float = float("nan")
     client_acc: dict[str, float] = dataclasses.field(default_factory=dict)
     """fairness() of the per-client accuracies from federated evaluation."""
+    num_online: int = 0
+    """Clients online when the round began, which the strategy sampled from (all of them unless the system model's
+    ``availability`` takes some offline)."""
     num_selected: int = 0
     num_aggregated: int = 0
     steps_done: int = 0
@@ -64,6 +67,12 @@ class RoundMetrics:
     both has its training reason first, then ``; in evaluation: ...``."""
     eval_excluded: dict[str, str] = dataclasses.field(default_factory=dict)
     """partition id -> reason the client's evaluation reply was left out (its update may still be aggregated)."""
+    client_train: dict[str, dict[str, float | list[float]]] = dataclasses.field(default_factory=dict)
+    """partition id -> the metrics of that client's training reply as it sent them (``train-loss``, ``num-steps``,
+    ``num-examples``, ...), for every reply the grid passed on to the strategy."""
+    client_eval: dict[str, dict[str, float | list[float]]] = dataclasses.field(default_factory=dict)
+    """partition id -> the metrics of that client's evaluation reply (``eval-acc``, ``eval-loss``, ``num-examples``):
+    each client's own score, of which ``eval_metrics`` is the weighted mean and ``client_acc`` the distribution."""
     skipped: str = ""
     """Why the round aggregated nothing and kept the global model ('' when it aggregated)."""
     extra: dict[str, float] = dataclasses.field(default_factory=dict)

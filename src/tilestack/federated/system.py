@@ -13,6 +13,16 @@ Each round a client either drops out (``dropout`` probability), or is given the 
 work it can finish before the ``deadline`` (partial work, counted honestly in steps), or, in the FedProx
 paper's setting, ``straggler_fraction`` of the selected clients do a random k/E of their work, k in 1..E-1.
 All draws are seeded by (seed, round, client), so a resumed run sees the same system.
+
+Availability: ``availability`` (P, num_clients) holds each client's chance of being online in each round of a
+pattern of P rounds that repeats (row (round - 1) % P: a diurnal cycle, clients joining from round k and leaving
+after round l with 0s and 1s). A client offline in a round is not among the nodes the strategy samples from, as
+a SuperNode that is not connected is not (``ManagedGrid.get_node_ids``); a round whose strategy needs more nodes
+than are online (Flower's ``min_available_nodes``, ``min_train_nodes``) is skipped saying so, where Flower's
+sampling would wait for them forever.
+
+    system = SystemModel(6, availability=[[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 1, 1]])   # odd and even rounds
+    system.online(server_round=2)                          # (6,) bool: clients 0, 1, 4, 5
 """
 
 from __future__ import annotations
@@ -54,6 +64,8 @@ class SystemModel:
     seed: int = 0
     speeds: np.ndarray | None = None
     bandwidths: np.ndarray | None = None
+    availability: np.ndarray | None = None
+    """(P, num_clients): each client's chance of being online in round r, row (r - 1) % P; None: always online."""
 
     def __post_init__(self) -> None:
         def number(v) -> bool:
@@ -95,6 +107,42 @@ class SystemModel:
                     f"SystemModel: {name} has shape {arr.shape}; expected ({self.num_clients},) finite numbers > 0"
                 )
             setattr(self, name, arr)
+        if self.availability is not None:
+            self._check_availability()
+
+    def _check_availability(self) -> None:
+        try:
+            arr = np.array(self.availability, np.float64)
+        except (TypeError, ValueError) as ex:
+            raise ValueError(
+                f"SystemModel: availability is not an array of numbers ({ex}); expected (rounds of the pattern, "
+                f"num_clients={self.num_clients}) chances in [0, 1]"
+            ) from None
+        if arr.ndim == 1 and arr.shape == (self.num_clients,):
+            arr = arr[None, :]  # one row: the same every round
+        if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] != self.num_clients:
+            raise ValueError(
+                f"SystemModel: availability has shape {arr.shape}; expected (rounds of the pattern >= 1, "
+                f"num_clients={self.num_clients}), row (round - 1) % rounds used in each round"
+            )
+        bad = np.argwhere(~((arr >= 0) & (arr <= 1)))  # NaN too
+        if bad.size:
+            row, pid = (int(i) for i in bad[0])
+            raise ValueError(
+                f"SystemModel: availability holds {float(arr[row, pid])!r} (row {row}, client {pid}); expected each "
+                "client's chance of being online in [0, 1]"
+            )
+        self.availability = arr
+
+    def online(self, server_round: int) -> np.ndarray:
+        """(num_clients,) bool: which clients are online in ``server_round`` (every one without ``availability``;
+        a chance strictly between 0 and 1 is drawn, seeded by (seed, round, client))."""
+        if self.availability is None or server_round < 1:
+            return np.ones(self.num_clients, bool)
+        chance = self.availability[(server_round - 1) % len(self.availability)]  # (num_clients,)
+        draws = np.array([np.random.default_rng([self.seed, server_round, pid, 31]).random()
+                          for pid in range(self.num_clients)])  # fmt: skip
+        return draws < chance
 
     @classmethod
     def from_trace(cls, path: str | Path, **kwargs) -> SystemModel:

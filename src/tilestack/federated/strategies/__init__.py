@@ -11,6 +11,7 @@ tilestack's SCAFFOLD, FedNova, FedBN, IFCA, CFL, by name, sampling
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 
@@ -32,6 +33,15 @@ NAMES = (
     "fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "trimmedmean", "krum", "multikrum", "bulyan",
     "dp-fedavg", "scaffold", "fednova", "fedbn", "ifca", "qfedavg", "cfl",
 )  # fmt: skip
+
+
+def _trim_beta(clients_per_round: int, num_malicious: int) -> float:
+    return min(0.49, max(0.1, num_malicious / clients_per_round + 0.05))
+
+
+def _trimmed(clients_per_round: int, num_malicious: int) -> int:
+    """Replies Flower's trimmed mean cuts from each end: int(beta x n)."""
+    return int(_trim_beta(clients_per_round, num_malicious) * clients_per_round)
 
 
 def make_strategy(
@@ -87,7 +97,16 @@ def make_strategy(
     if name == "fedmedian":
         return fl.FedMedian(**common)
     if name == "trimmedmean":
-        return fl.FedTrimmedAvg(**common, beta=min(0.49, max(0.1, num_malicious / clients_per_round + 0.05)))
+        trimmed = _trimmed(clients_per_round, num_malicious)
+        if trimmed < num_malicious:
+            least = next(n for n in itertools.count(clients_per_round) if _trimmed(n, num_malicious) >= num_malicious)
+            raise ValueError(
+                f"make_strategy: clients_per_round={clients_per_round} with num_malicious={num_malicious}; the trimmed "
+                f"mean cuts {trimmed} replies from each end, fewer than the attackers; expected clients_per_round >= "
+                f"{least}"
+            )
+        # beta 0 where too few clients are sampled to trim one (and none is malicious): the plain mean it was anyway
+        return fl.FedTrimmedAvg(**common, beta=_trim_beta(clients_per_round, num_malicious) if trimmed else 0.0)
     if name == "krum":
         return fl.Krum(**common, num_malicious_nodes=num_malicious)
     if name == "multikrum":

@@ -7,6 +7,8 @@ Clients keep every array whose name starts with ``local_prefix`` (``bn.``: scale
 statistics) in their ``Context.state`` and do not upload it; the server averages the rest with Flower's
 FedAvg and keeps its own copy of the normalisation arrays only so the global record stays complete.
 Judge FedBN by federated evaluation (each client with its own normalisation), not by the server's model.
+Any prefix works the same way: ``local_prefix='fc2.'`` keeps the MLP's head on each client (FedPer's
+personalisation: a shared body, a head per client), scored per client in ``RoundMetrics.client_eval``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,25 @@ class FedBN(FedAvg):
             raise ValueError("FedBN: local_prefix=''; expected the name prefix of the local layers, e.g. 'bn.'")
         self.local_prefix = local_prefix
         self._local: dict = {}
+
+    def check_task(self, task) -> None:
+        """Refuse a ``local_prefix`` that names none of the task's model arrays, or all of them (run by ``simulate``
+        and ``run_rounds`` before any work). Before, a prefix naming none (``'head.'`` for the MLP's ``fc2.``, the
+        default ``'bn.'`` on a model without batch norm) ran as plain FedAvg, and one naming all (``'fc'``) kept
+        every array on the clients: replies of no arrays, "aggregated", and nothing was ever federated."""
+        names = sorted(task.initial_params())
+        local = [k for k in names if k.startswith(self.local_prefix)]
+        if not local:
+            raise ValueError(
+                f"FedBN: local_prefix={self.local_prefix!r} names none of the model's arrays {names} "
+                f"(task.model={task.model!r}, norm={task.norm}); expected the prefix of the layers to keep on each "
+                "client, e.g. 'bn.' (an MLP with norm=True) or 'fc2.' (the MLP's head, FedPer-style)"
+            )
+        if len(local) == len(names):
+            raise ValueError(
+                f"FedBN: local_prefix={self.local_prefix!r} names every array of the model {names}; expected a "
+                "prefix that leaves some arrays to average (else each client trains alone)"
+            )
 
     def _with_prefix(self, config: ConfigRecord) -> ConfigRecord:
         config[LOCAL_PREFIX_KEY] = self.local_prefix

@@ -45,7 +45,7 @@ class SubsetGrid(Grid):
     @property
     def population(self) -> int:
         """How many nodes the wrapped grid holds (SCAFFOLD's N), not how many this view lists."""
-        return len(list(self._grid.get_node_ids()))
+        return getattr(self._grid, "population", None) or len(list(self._grid.get_node_ids()))
 
     def set_run(self, run) -> None:
         self._grid.set_run(run)
