@@ -3,19 +3,20 @@ every ATen op, its FLOPs and bytes by op name and input shapes.
 
     counts = counting.count_ops(step)        # {(profiler name, input shapes): calls, FLOPs, bytes, dtype, ...}
 
-FLOPs come from the formulas of ``torch.utils.flop_counter`` (matmuls, attention; causal attention halved as
-tilestack counts it) or tilestack's own rules: ``counting_rules`` for layers (convolutions forward and backward with
-their groups, the CPU LSTM kernel, norms, pools, interpolation, scatters and accumulating index puts, scans,
-selections and sorts (as compares), statistics, losses, weight norm, element-wise ops torch leaves untagged) and
-``counting_linalg`` for products and linear algebra (in-place and summed batch matmuls, matrix-vector products,
-quantized linears and recurrent layers, nn.Bilinear, factorisations); 1 FLOP per element of a pointwise op (a
-complex product 6); a matmul with a sparse compressed operand by its stored elements. Bytes are the sizes of an op's
-distinct input and output tensors (views move none, an expanded input is read as held, a lookup reads only its
-rows, an in-place scatter only the elements it touches, an overwrite does not read its destination). A
-composite op that reaches the mode whole (under ``inference_mode``) is counted as the ops it runs, as
-``FlopCounterMode`` does; an op that computes but has no formula is marked ``unsupported`` (its FLOPs unknown, not
-0), in any namespace (a ``torch.library`` custom op is counted whole). torch.compile'd code is counted eagerly
-(``force_eager``). The profile joins these counts with the timed pass (``profile.profile_model``).
+FLOPs come from the formulas of ``torch.utils.flop_counter`` (matmuls, attention; causal attention by the share of
+scores its mask keeps, ``counting_linalg.causal_fraction``: half when square) or tilestack's own rules:
+``counting_rules`` for layers (convolutions forward and backward with their groups, the CPU LSTM kernel, norms,
+pools, interpolation, scatters and accumulating index puts, scans, selections and sorts (as compares), statistics,
+losses, weight norm, element-wise ops torch leaves untagged) and ``counting_linalg`` for products and linear algebra
+(in-place and summed batch matmuls, matrix-vector products, quantized linears and recurrent layers, nn.Bilinear,
+factorisations); 1 FLOP per element of a pointwise op (a complex product 6); a matmul with a sparse compressed
+operand by its stored elements. Bytes are the sizes of an op's distinct input and output tensors (views move none,
+an expanded input is read as held, a lookup reads only its rows, an in-place scatter only the elements it touches,
+an overwrite does not read its destination). A composite op that reaches the mode whole (under ``inference_mode``)
+is counted as the ops it runs, as ``FlopCounterMode`` does; an op that computes but has no formula is marked
+``unsupported`` (its FLOPs unknown, not 0), in any namespace (a ``torch.library`` custom op is counted whole).
+torch.compile'd code is counted eagerly (``force_eager``). The profile joins these counts with the timed pass
+(``profile.profile_model``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from tilestack.errors import TilestackError
-from tilestack.perf import formulas
+from tilestack.perf import counting_linalg, formulas
 from tilestack.perf.counting_linalg import LINALG_FLOPS, UNDECOMPOSED_FLOPS, VALUES_ONLY_CALLERS, vectors_for_the_mode
 from tilestack.perf.counting_rules import (  # noqa: F401 - _tensors, _numel, _argument: used here and by profile
     FOREACH_NO_ARITHMETIC,
@@ -80,11 +81,14 @@ class _Count:
 
 
 def _distinct_numel(t: Any) -> int:
-    """Elements ``t`` holds in memory: an expanded (stride-0) dimension holds one, however long it looks."""
-    n = 1
+    """Elements ``t`` holds in memory: an expanded (stride-0) dimension holds one, however long it looks, and
+    overlapping windows (``as_strided``, ``Tensor.unfold`` with a step below the window) no more than the span of
+    memory they cover (a signal's length, not windows x window)."""
+    n, span = 1, 1
     for size, stride in zip(t.shape, t.stride(), strict=True):
         n *= size if stride != 0 or size == 0 else 1
-    return n
+        span += (size - 1) * stride
+    return min(n, span) if n else 0
 
 
 COMPRESSED_INDICES = {
@@ -139,7 +143,6 @@ def _flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     undecomposed = UNDECOMPOSED_FLOPS.get(str(packet))
     if undecomposed is not None:
         return undecomposed(func, args, kwargs, out)
-    is_causal = _argument(func, args, kwargs, "is_causal")
     if str(packet) in MATMUL_NAMES and any(t.is_sparse or str(t.layout).removeprefix("torch.") in COMPRESSED_INDICES
                                             for t in _tensors(args)):
         return _sparse_product_flops(func, args, kwargs)
@@ -147,17 +150,17 @@ def _flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
         flops = float(flop_registry[packet](*args, **kwargs, out_val=out))
         if any(t.is_complex() for t in _tensors(args)):  # torch counts a complex multiply-add as a real one
             flops *= formulas.COMPLEX_MAC_OVER_REAL
-        return flops * formulas.CAUSAL_FRACTION if is_causal else flops
+        return flops * counting_linalg.causal_fraction(func, args, kwargs)
     if str(packet) == "aten._scaled_dot_product_flash_attention_for_cpu":
         q, k, v = args[:3]
-        return float(formulas.sdpa(q, k, v, causal=bool(is_causal)).flops)
+        return float(formulas.sdpa(q, k, v, causal=bool(_argument(func, args, kwargs, "is_causal"))).flops)
     if str(packet) == "aten._scaled_dot_product_flash_attention_for_cpu_backward":
         # torch's own count for its GPU flash backward (four matmuls), so a profile reads alike on both devices
         from torch.utils.flop_counter import sdpa_backward_flop_count
 
         d_out, q, k, v = args[:4]
         flops = float(sdpa_backward_flop_count(d_out.shape, q.shape, k.shape, v.shape))
-        return flops * formulas.CAUSAL_FRACTION if is_causal else flops
+        return flops * counting_linalg.causal_fraction(func, args, kwargs)
     per_element = ROW_OP_FLOPS_PER_ELEMENT.get(str(packet))
     if per_element is not None and args and isinstance(args[0], torch.Tensor):
         return float(per_element * _numel(args[0]))

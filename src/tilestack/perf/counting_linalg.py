@@ -35,6 +35,66 @@ def _trilinear_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     return float(formulas.FLOPS_PER_MAC * math.prod(full))
 
 
+# Attention ops whose is_causal means the lower-right alignment (flash attention's kernels: the last query sees
+# every key), and those laid out (B, N, H, D) rather than (B, H, N, D).
+LOWER_RIGHT_CAUSAL = frozenset({
+    "aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_flash_attention_backward",
+    "aten._flash_attention_forward", "aten._flash_attention_backward",
+})
+SEQUENCE_FIRST_ATTENTION = frozenset({
+    "aten._flash_attention_forward", "aten._flash_attention_backward", "aten._efficient_attention_forward",
+    "aten._efficient_attention_backward",
+})
+CUSTOM_MASK_LOWER_RIGHT = 2  # _efficient_attention_*'s custom_mask_type: 0 none, 1 causal top-left, 2 lower-right
+
+
+def causal_fraction(func: Any, args: tuple, kwargs: dict) -> float:
+    """The share of an attention op's scores its causal mask keeps (1 when it has none): ``is_causal``, or an
+    efficient-attention ``custom_mask_type`` of 1 or 2, scaled by ``formulas.causal_fraction`` of its query and key
+    lengths, so the first queries of a sequence against all its keys, or new queries against a cache, are not
+    counted as half of their scores. Packed variable-length inputs (3 dims) keep the square case's half."""
+    mask_type = _argument(func, args, kwargs, "custom_mask_type")
+    if not (_argument(func, args, kwargs, "is_causal") or mask_type in (1, CUSTOM_MASK_LOWER_RIGHT)):
+        return 1.0
+    name = str(func._overloadpacket)
+    q, k = _argument(func, args, kwargs, "query"), _argument(func, args, kwargs, "key")
+    if getattr(q, "ndim", None) != 4 or getattr(k, "ndim", None) != 4:
+        return formulas.CAUSAL_FRACTION
+    seq = 1 if name in SEQUENCE_FIRST_ATTENTION else 2
+    if not q.shape[seq] or not k.shape[seq]:
+        return formulas.CAUSAL_FRACTION  # no scores to keep: the count is 0 whatever the share
+    lower_right = name in LOWER_RIGHT_CAUSAL or mask_type == CUSTOM_MASK_LOWER_RIGHT
+    return formulas.causal_fraction(q.shape[seq], k.shape[seq], lower_right=lower_right)
+
+
+def _raw_attention_flops(*, backward: bool) -> Rule:
+    """_flash_attention_* / _efficient_attention_* (the kernels SDPA's GPU backends run, and that
+    ``causal_lower_right`` calls directly): their dense inputs are laid out (B, N, H, D), which torch's flop counter
+    reads as (B, H, N, D), taking the sequence lengths for the heads (wrong wherever they differ, and an error where
+    the query length is no multiple of the key length). Counted as torch counts (B, H, N, D) attention on the
+    transposed shapes, times the share of scores a causal mask keeps; packed variable-length inputs (cumulative
+    sequence lengths given) by torch's formula, which unpacks them."""
+
+    def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+
+        arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+        q, k, v = arg("query"), arg("key"), arg("value")
+        packed = arg("cum_seq_q") if arg("cum_seq_q") is not None else arg("cu_seqlens_q")
+        if q.ndim != 4 or (packed is not None and _numel(packed) > 0):
+            flops = flop_registry[func._overloadpacket](*args, **kwargs, out_val=out)
+        else:
+            heads_first = lambda t: (t.shape[0], t.shape[2], t.shape[1], t.shape[3])  # noqa: E731
+            if backward:
+                dy = arg("grad_out") if arg("grad_out") is not None else arg("grad_out_")
+                flops = sdpa_backward_flop_count(heads_first(dy), heads_first(q), heads_first(k), heads_first(v))
+            else:
+                flops = sdpa_flop_count(heads_first(q), heads_first(k), heads_first(v))
+        return float(flops) * causal_fraction(func, args, kwargs)
+
+    return count
+
+
 def _matrix_vector_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     """mv / addmv (M, N) @ (N,), dot / vdot (N,) . (N,), addr (M,) x (N,): a multiply-add per element of the
     matrix (the outer product's), as torch counts mm and addmm (a bias's add left out)."""
@@ -248,6 +308,8 @@ def _polar_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
 LINALG_FLOPS: dict[str, Rule] = {
     **{f"aten.{op}": _matrix_vector_flops for op in ("mv", "addmv", "addmv_", "dot", "vdot", "addr", "addr_")},
     "aten.trace": _trace_flops,
+    **{f"aten._{kernel}_attention_forward": _raw_attention_flops(backward=False) for kernel in ("flash", "efficient")},
+    **{f"aten._{kernel}_attention_backward": _raw_attention_flops(backward=True) for kernel in ("flash", "efficient")},
     **{f"quantized.{op}": _packed_linear_flops for op in (
         "linear", "linear_relu", "linear_dynamic", "linear_relu_dynamic", "linear_dynamic_fp16",
     )},

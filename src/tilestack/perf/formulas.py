@@ -66,7 +66,7 @@ COMPLEX_ABS_FLOPS = 4  # sqrt(a^2 + b^2): two multiplies, an add, a square root
 MATMUL_BWD_OVER_FWD = 2  # the input gradient and the weight gradient, each a matmul as large as the forward's
 ATTENTION_MATMULS_FWD = 2  # S = Q K^T and O = P V
 ATTENTION_BWD_OVER_FWD = 2.5  # dV, dP, dQ, dK (+ recompute of S): five matmuls for the forward's two
-CAUSAL_FRACTION = 0.5  # a causal mask keeps (about) half of the N x N scores
+CAUSAL_FRACTION = 0.5  # a causal mask keeps (about) half of the N x N scores (causal_fraction: Nq != Nkv)
 LSE_BYTES = 4  # the forward also writes one fp32 log-sum-exp per query row, read again by the backward
 LAYERNORM_FLOPS_PER_ELEMENT = 8  # mean (1), variance (3), normalise (2), affine (2)
 RMSNORM_FLOPS_PER_ELEMENT = 4  # square-accumulate (2), scale (1), weight (1)
@@ -196,7 +196,8 @@ def attention(
 ) -> Cost:
     """Attention, Q (B, H, Nq, D), K (B, Hkv, Nkv, D), V (B, Hkv, Nkv, Dv) -> O (B, H, Nq, Dv).
 
-    Forward FLOPs 2*B*H*Nq*Nkv*(D + Dv) (= 4*B*H*Nq*Nkv*D), halved when causal; backward 2.5x that.
+    Forward FLOPs 2*B*H*Nq*Nkv*(D + Dv) (= 4*B*H*Nq*Nkv*D), times :func:`causal_fraction` when causal (a half
+    when Nq == Nkv; torch's is_causal alignment, top-left, otherwise); backward 2.5x that.
     Bytes: the forward reads Q, K, V once and writes O and the fp32 log-sum-exp; the backward reads
     Q, K, V, O, dO and the log-sum-exp and writes dQ, dK, dV. The N x N scores never touch global memory
     (flash attention); the unfused baselines move more, so their achieved bytes/s is a lower bound.
@@ -214,7 +215,7 @@ def attention(
     e = dtype_bytes(dtype)
     flops = FLOPS_PER_MAC * batch * heads * n_q * n_kv * (head_dim + dv)
     if causal:
-        flops *= CAUSAL_FRACTION
+        flops *= causal_fraction(n_q, n_kv)
     q = batch * heads * n_q * head_dim * e
     k = batch * kv_heads * n_kv * head_dim * e
     v = batch * kv_heads * n_kv * dv * e
@@ -223,6 +224,23 @@ def attention(
     if not backward:
         return Cost(flops, q + k + v, o + lse)
     return Cost(flops * ATTENTION_BWD_OVER_FWD, q + k + v + o + o + lse, q + k + v)
+
+
+def causal_fraction(n_q: int, n_kv: int, *, lower_right: bool = False) -> float:
+    """The share of the n_q x n_kv attention scores a causal mask keeps, as the area under its diagonal (so a half,
+    ``CAUSAL_FRACTION``, when n_q == n_kv, as tilestack counts square causal attention).
+
+    Top-left aligned (torch's ``is_causal``: query i sees keys 0..i) keeps n_q / (2 n_kv) of them when
+    n_q <= n_kv (the first queries of a longer sequence), else 1 - n_kv / (2 n_q) (queries past the last key see
+    every key). Lower-right aligned (flash attention's kernels, ``torch.nn.attention.bias.causal_lower_right``: the
+    last query sees every key) keeps 1 - n_q / (2 n_kv) (new queries against a cache), else n_kv / (2 n_q).
+    """
+    _positive(n_q=n_q, n_kv=n_kv)
+    if not isinstance(lower_right, bool):  # "yes" would pick an alignment nobody asked for
+        raise LaunchError(f"lower_right={lower_right!r} ({type(lower_right).__name__}); expected True or False")
+    short, long = min(n_q, n_kv), max(n_q, n_kv)
+    triangle = short / (2 * long)  # the kept share where the mask cuts a triangle off the long side
+    return triangle if (n_q <= n_kv) != lower_right else 1 - triangle
 
 
 def layernorm(rows: int, cols: int, dtype: Any = "bf16", *, affine: bool = True) -> Cost:

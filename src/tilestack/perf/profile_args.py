@@ -48,6 +48,12 @@ def check_arguments(
         refuse("inputs", inputs, "torch tensors (torch.from_numpy turns an array into one)")
     if isinstance(inputs, Mapping) and not all(isinstance(k, str) for k in inputs):
         refuse("inputs", inputs, "a dict whose keys are the names of forward's keyword arguments (str)")
+    args, kwargs = as_call(inputs)
+    for where, value in [*((f"inputs[{i}]", a) for i, a in enumerate(args)), *(
+            (f"inputs[{k!r}]", v) for k, v in kwargs.items())]:
+        if type(value).__module__ == "numpy" and type(value).__name__ == "ndarray":  # a model's layers take tensors
+            raise ProfileError(f"{where}=a numpy array of shape {tuple(value.shape)} ({value.dtype}); expected a "
+                               "torch tensor (torch.from_numpy(array) makes one)")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         refuse("steps", steps, "an int >= 1 (profiled steps), or None to profile until the step time is known")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:

@@ -5,7 +5,9 @@ the model: BatchNorm's running statistics and num_batches_tracked move, a forwar
 MoCo queue and its pointer, a momentum encoder's parameters, a step counter buffer) does so once per step, a training
 step sums its gradients into every parameter's ``.grad``, and random ops advance the RNG. ``preserved`` keeps what
 each of those was and puts it back, even when the model raises, so that the model's next output is the one it would
-have given unprofiled.
+have given unprofiled. State a module keeps in plain attributes is put back too: a recurrent state carried from call
+to call (truncated BPTT), a Python flag (ActNorm's "initialised from the first batch") or counter, a list a hook
+appends to, a ``torch.Generator`` of the model's own.
 
     with preserved(model, inputs):
         ...run the steps...
@@ -68,12 +70,53 @@ def is_lazy(t: Any) -> bool:
     return t is not None and lazy(t)
 
 
+def _module_internals() -> frozenset[str]:
+    """The attributes every nn.Module has (its parameter, buffer, submodule and hook tables, ``training``): kept
+    by the other means of :func:`preserved`, or not state at all."""
+    import torch
+
+    return frozenset(vars(torch.nn.Module()))
+
+
+class _Attributes:
+    """A module's plain attributes (``vars(m)`` less the nn.Module internals) and what each held: rebound on
+    restore where the forward rebound one (``self.state = (h, c)``, ``self.initialized = True``), a list, dict or
+    set emptied and refilled where it was changed in place, a generator's state put back. Tensors they hold are
+    put back by value with the parameters (see ``preserved``)."""
+
+    def __init__(self, m: Any, internals: frozenset[str]) -> None:
+        import torch
+
+        self.module, self.internals = m, internals
+        self.values = {k: v for k, v in vars(m).items() if k not in internals}
+        self.contents = {k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else set(v))
+                         for k, v in self.values.items() if isinstance(v, list | dict | set)}
+        self.generators = {k: v.get_state() for k, v in self.values.items() if isinstance(v, torch.Generator)}
+
+    def restore(self) -> None:
+        now = vars(self.module)
+        for k in [k for k in now if k not in self.values and k not in self.internals]:
+            del now[k]  # set by the profiled steps
+        for k, v in self.values.items():
+            if k not in now or now[k] is not v:
+                now[k] = v
+        for k, held in self.contents.items():
+            v = self.values[k]
+            if isinstance(v, list):
+                v[:] = held
+            else:
+                v.clear()
+                v.update(held)
+        for k, state in self.generators.items():
+            self.values[k].set_state(state)
+
+
 @contextlib.contextmanager
 def preserved(model: Any, inputs: Any) -> Iterator[None]:
-    """Keep, and put back on exit: each module's parameters and buffers (which tensors they are, and their values),
-    each parameter's (and each leaf input's) ``.grad`` tensor (set aside, so the profile's gradients are neither
-    added into the caller's nor left behind), each module's training mode, the input tensors' values, and the RNG
-    states of torch (CPU and every initialised GPU), Python's ``random`` and NumPy's."""
+    """Keep, and put back on exit: each module's parameters, buffers and plain attributes (which tensors and objects
+    they are, and the tensors' values), each parameter's (and each leaf input's) ``.grad`` tensor (set aside, so the
+    profile's gradients are neither added into the caller's nor left behind), each module's training mode, the input
+    tensors' values, and the RNG states of torch (CPU and every initialised GPU), Python's ``random`` and NumPy's."""
     import torch
 
     owner = model if isinstance(model, torch.nn.Module) else getattr(model, "__self__", None)  # net.forward's net
@@ -82,7 +125,12 @@ def preserved(model: Any, inputs: Any) -> Iterator[None]:
     # containers are wrappers of C++ state that Python cannot rebind
     slots = [(m, dict(m._parameters), dict(m._buffers)) for m in modules
              if isinstance(m._parameters, dict) and isinstance(m._buffers, dict)]
+    # a lazy module's first forward rewrites its attributes (in_features, its class): those changes stay
+    internals = _module_internals()
+    lazy = torch.nn.modules.lazy.LazyModuleMixin
+    attributes = [_Attributes(m, internals) for m in modules if not isinstance(m, lazy)]
     values = [t for m in modules for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))]
+    values += _tensors([a.values for a in attributes])
     modes = [(m, m.training) for m in modules]
     held: dict[int, Any] = {}
     for t in (*values, *_tensors(inputs)):
@@ -109,6 +157,8 @@ def preserved(model: Any, inputs: Any) -> Iterator[None]:
                     del now[k]
                 # a lazy module's parameters, materialised by its first forward, stay: that happens once anyway
                 now.update((k, t) for k, t in before.items() if not is_lazy(t))
+        for a in attributes:
+            a.restore()
         for s in saved:
             s.restore()
         for t, grad in grads:
