@@ -71,12 +71,13 @@ def _f32_scalars(ins: Instr, kind: str) -> bool:
 def _numpy(a) -> np.ndarray:
     """A tensor's values as a float64 array (int64 for an integer tensor: exact to 64 bits). An expanded axis
     (stride 0) is converted once and broadcast back (read-only: an output never has one), so a huge expanded
-    input costs no more than its storage."""
+    input costs no more than its storage. An empty tensor is copied whatever its strides (torch.from_numpy of an
+    empty array has strides of 0, and an empty output is written back: a read-only view made torch warn)."""
     import torch
 
     a = a.detach()
     held = torch.float64 if a.dtype.is_floating_point else torch.int64
-    if not any(s == 0 and d > 1 for d, s in zip(a.shape, a.stride(), strict=True)):
+    if a.numel() == 0 or not any(s == 0 and d > 1 for d, s in zip(a.shape, a.stride(), strict=True)):
         return a.to("cpu", held).numpy().copy()
     base = a[tuple(slice(0, 1) if s == 0 else slice(None) for s in a.stride())]
     return np.broadcast_to(base.to("cpu", held).numpy(), tuple(a.shape))

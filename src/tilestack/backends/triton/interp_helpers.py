@@ -32,9 +32,9 @@ def _from_bf16(x):
     """bf16 values as f32, exactly (subnormals too)."""
     return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
 '''
-# The interpreter's f32 -> fp8 (e4m3) conversion drops the carry of a mantissa that rounds up (1.96 -> 1.0) and
-# does not saturate (700 -> 352); the GPU converts with cvt.rn.satfinite, as torch and the reference do. An
-# interpreted conversion to f8e4m3 rounds here first (to nearest even, 3 mantissa bits, subnormals below 2**-6 in
+# The interpreter's f32 -> fp8 (e4m3) conversion drops the carry of a mantissa that rounds up (1.96 -> 1.0), does
+# not saturate (700 -> 352) and makes NaN 384.0; the GPU converts with cvt.rn.satfinite, as torch and the reference
+# do. An interpreted conversion to f8e4m3 rounds here first (to nearest even, 3 mantissa bits, subnormals below 2**-6 in
 # steps of 2**-9, +-448 at most), so the interpreter's own conversion only meets values it can hold exactly.
 F8E4M3_HELPER = f'''
 
@@ -46,7 +46,13 @@ def _to_f8e4m3(x):
     normal = (((bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20) << 20).to(tl.float32, bitcast=True)
     tiny = (a + 16384.0) - 16384.0      # below 2**-6: f32's own rounding to a multiple of 2**-9
     r = tl.minimum(tl.where(a < 0.015625, tiny, normal), {F8E4M3_MAX!r})
-    return tl.where(x != x, x, tl.where(x < 0, -r, r)).to(tl.float8e4nv)
+    # x's sign bit onto r: -0.0 (and a negative that rounds to 0) stays -0.0; `x < 0` is false for -0.0, and Triton's
+    # -r is 0 - r, +0.0 for r = 0
+    sign = x.to(tl.uint32, bitcast=True) & 0x80000000
+    r = (r.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    # NaN as E4M3's NaN, 0x7F (the GPU's): the interpreter's own conversion makes NaN 0x7C, 384.0
+    q = tl.where(x != x, 0x7F, r.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32))
+    return q.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
 '''
 # The interpreter converts floats to integers with NumPy's cast, which wraps past the integer's range (1e10 -> INT_MIN
 # in i32) and makes NaN the minimum; the GPU's cvt.rzi.s32/s64 saturates and makes NaN 0, as the reference does
