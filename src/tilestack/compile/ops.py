@@ -162,7 +162,8 @@ def ts_quant_linear_epilogue(x, q, scale, bias, residual, x_scale: float, activa
     return _viewed(quant_linear_epilogue_op(x, q, scale, bias, residual, x_scale, activation), shape)
 
 
-def ts_attention(q, k, v, mask, mask_is_fill: bool, causal: bool, scale: float, finite_fill: bool = False):
+def ts_attention(q, k, v, mask, mask_is_fill: bool, causal: bool, scale: float, finite_fill: bool = False,
+                 added_in: torch.dtype = torch.float32):
     """softmax(q @ k^T * scale + mask) @ v on (B, H, N, D) tensors. ``mask``: None, an additive or boolean
     (True = attend) mask, or, with ``mask_is_fill``, the condition of ``masked_fill(cond, low)`` (True =
     masked), which is inverted here. ``finite_fill``: the graph set masked scores to a finite lowest value
@@ -171,13 +172,15 @@ def ts_attention(q, k, v, mask, mask_is_fill: bool, causal: bool, scale: float, 
     each v. The kernel gives such a row 0, as for a row that sees no key, so those rows are set to the mean of v
     here, which has exactly those gradients. (With a -inf fill the graph gives NaN there and the kernel 0, as
     torch's SDPA does.) An additive mask of finfo.min over a whole row (Hugging Face's, left padding) is the same
-    uniform softmax in eager, with gradients to q and k too: ``_absorbed_rows``, ``_uniform_attention``."""
+    uniform softmax in eager, with gradients to q and k too: ``_absorbed_rows``, ``_uniform_attention``. ``added_in``:
+    the dtype the graph adds an additive mask to the scores in (f32 for torch's SDPA, which adds in f32 whatever its
+    inputs; the scores' dtype for an add written out), which says how large a bias swallows the scores."""
     keep = mask
     if mask is not None and mask_is_fill:
         keep = torch.logical_not(mask)
     absorbed = None
     if keep is not None and keep.dtype != torch.bool and not causal:
-        absorbed = _absorbed_rows(keep)
+        absorbed = _absorbed_rows(keep, added_in)
         keep = keep.masked_fill(absorbed, -math.inf)        # the kernel sees no key there (0, no gradient)
     out = attention_fwd_op(q, k, v, keep, causal, scale, "top_left")[0]
     if keep is not None and finite_fill and keep.dtype == torch.bool:
@@ -188,20 +191,28 @@ def ts_attention(q, k, v, mask, mask_is_fill: bool, causal: bool, scale: float, 
     return out
 
 
-# A bias at or below this swallows a score: s + bias rounds to the bias in f32 for |s| < 32 (half its ulp), the
-# scale of attention's scores (a larger one in a row masked whole would leave eager's rounding, not a softmax, to say)
-ABSORBING_BIAS = -1e9
+# Attention's scores are of order 1-10: a bias that swallows every score below this in magnitude swallows a row's
+ABSORBED_SCORE = 16.0
 
 
-def _absorbed_rows(bias):
-    """(.., Nq, 1): the query rows whose every key has one bias at or below ``ABSORBING_BIAS`` (finfo.min: Hugging
-    Face's additive masks, in a left-padded query row; the -1e9 of others). Eager's scores there all round to the
-    bias, so its softmax is uniform. The kernel would fold the bias into its log2-domain scores, where finfo.min
-    overflows to -inf (a row that sees no key: 0) and a finite one leaves a log-sum-exp that has lost log(Nk) (a
-    backward of garbage). A row of -inf biases is not one (the kernel's 0; eager's NaN), nor one of unequal lowest
-    biases (eager's averages its highest keys)."""
+def absorbing_bias(dtype: torch.dtype) -> float:
+    """The bias at or below which s + bias, added in ``dtype``, rounds to the bias for every |s| < ``ABSORBED_SCORE``
+    (half the bias's ulp there): -2^28 (-2.7e8) in f32, -4096 in bf16, -32768 in f16 (whose finfo.min, -65504, is
+    Hugging Face's fp16 mask value: its left-padded rows were left to the kernel, which adds in f32 and gave their
+    softmax(s) where eager's f16 add gives a uniform softmax, 0.98 off)."""
+    return -2.0 * ABSORBED_SCORE / torch.finfo(dtype).eps          # eps = 2^-(mantissa bits): the ulp of 1
+
+
+def _absorbed_rows(bias, added_in: torch.dtype):
+    """(.., Nq, 1): the query rows whose every key has one bias at or below ``absorbing_bias(added_in)`` (finfo.min:
+    Hugging Face's additive masks, in a left-padded query row; the -1e9 of others, the -1e4 of older code in bf16).
+    Eager's scores there all round to the bias, so its softmax is uniform. The kernel would fold the bias into its
+    log2-domain f32 scores, where finfo.min overflows to -inf (a row that sees no key: 0), a finite one in f32
+    leaves a log-sum-exp that has lost log(Nk) (a backward of garbage), and one from a 16-bit add is not absorbed
+    at all (the row's softmax(s)). A row of -inf biases is not one (the kernel's 0; eager's NaN), nor one of unequal
+    lowest biases (eager's averages its highest keys)."""
     top = bias.amax(-1, keepdim=True)
-    return (top <= ABSORBING_BIAS) & (top > -math.inf) & (top == bias.amin(-1, keepdim=True))
+    return (top <= absorbing_bias(added_in)) & (top > -math.inf) & (top == bias.amin(-1, keepdim=True))
 
 
 def _uniform_attention(q, k, v, scale: float):

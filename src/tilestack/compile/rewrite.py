@@ -153,6 +153,33 @@ def result_differs(match: Match) -> str | None:
             return (f"the replacement gives {new.dtype} {tuple(new.shape)} where {old.name} is {want.dtype} "
                     f"{tuple(want.shape)} (under autocast the replaced ops run in autocast's dtypes; tilestack's "
                     "keep their inputs')")
+        strides = (*want.stride(), *new.stride())
+        if all(type(d) is int for d in strides) and want.stride() != new.stride() and \
+                (reader := _strided_view_reader(old)) is not None:
+            return (f"the replacement lays {old.name} out with strides {tuple(new.stride())} where eager's are "
+                    f"{tuple(want.stride())}, and node {reader.name}, a .view of it, needs eager's layout (an "
+                    "elementwise op keeps a permuted input's layout; tilestack's kernels write contiguous rows)")
+    return None
+
+
+_STRIDED_VIEWS = {"view", "view_as"}
+
+
+def _strided_view_reader(node: fx.Node) -> fx.Node | None:
+    """A ``.view`` / ``view_as`` of node, or of a view of it (``y.transpose(1, 2).view(b, n, -1)``), or None:
+    the readers whose success depends on node's strides (reshape copies where it must; view raises)."""
+    todo, seen = [node], {node}
+    while todo:
+        x = todo.pop()
+        for u in x.users:
+            if u.args[:1] != (x,):
+                continue
+            if (u.op == "call_method" and u.target in _STRIDED_VIEWS) or \
+                    (u.op == "call_function" and u.target is torch.ops.aten.view.default):
+                return u
+            if is_view(u) and u not in seen:
+                seen.add(u)
+                todo.append(u)
     return None
 
 
@@ -222,8 +249,19 @@ def is_view(node: fx.Node) -> bool:
         node.target in _VIEW_FUNCTIONS or (node.target is getattr and node.args[1:] in (("mT",), ("T",)))))
 
 
+def _base(node: fx.Node) -> fx.Node:
+    """The tensor node's memory belongs to: node with the views under it removed (``cache[:, :, :n].mT`` ->
+    ``cache``)."""
+    while is_view(node) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
 def _aliases(node: fx.Node) -> list[fx.Node]:
-    """node and every view of it in the graph (views of views too)."""
+    """Every node that may share node's memory: the tensor it is a view of (``_base``) and every view of that in the
+    graph (views of views too), node's siblings included: a write to ``cache`` or to ``cache[:, :, -1]`` changes
+    ``cache[:, :, :n]``."""
+    node = _base(node)
     seen, todo = [node], [node]
     while todo:
         for u in todo.pop().users:

@@ -14,7 +14,8 @@ Passes, in the order they run (a module each, named after its pass family):
 - ``sdpa``: ``F.scaled_dot_product_attention`` calls -> ``tilestack::attention_fwd``.
 - ``explicit_attention``: ``softmax(q @ k.transpose(-2, -1) * s [+ mask | .masked_fill(cond, -inf) |
   torch.where(keep, ., -inf)]) @ v``; also through casts (the softmax in f32, then back), with a constant 0-d
-  tensor as the scale, the key as ``k.mT`` / ``swapaxes`` / ``permute``, ``scores += mask``, and in ``torch.einsum``.
+  tensor as the scale (or the fill: ``torch.tensor(finfo.min)``), the scores scaled in place (``s /= c``), the key
+  as ``k.mT`` / ``swapaxes`` / ``permute``, ``scores += mask``, and in ``torch.einsum``.
 - ``add_norm``: ``h = a + b`` followed by LayerNorm / RMSNorm of h -> one fused add + norm kernel.
 - ``norm``: the remaining LayerNorm and RMSNorm (without affine parameters too), and RMSNorm written out
   (``x * rsqrt(mean(x^2) + eps) * w``: ``hand_norms``).
@@ -22,7 +23,7 @@ Passes, in the order they run (a module each, named after its pass family):
   silu) in inference graphs -> one GEMM with the bias, activation and residual add fused into its epilogue.
 - ``fp8_chain``: ``tilestack.quantize(..., "fp8-act")`` layers that read the norm or the layer before them ->
   the producer writes their fp8 activations (no quantizing pass of their own).
-- ``softmax``: the remaining softmax over the last dim.
+- ``softmax``: the remaining softmax over the last dim (with no dtype=, or the input's own).
 - ``linear_cross_entropy``: ``F.cross_entropy(F.linear(x, w), labels)`` in training graphs.
 """
 

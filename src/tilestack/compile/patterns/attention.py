@@ -15,7 +15,6 @@ from tilestack.compile.patterns.match import (
     Node,
     _arg,
     _last_dim,
-    _number,
     _softmax_dtype,
     cast_input,
     kind,
@@ -84,11 +83,26 @@ def _through_widening_casts(x, chain: list[Node]):
     return x
 
 
+_IN_PLACE_SCALES = {operator.imul: "mul", operator.itruediv: "div"}
+
+
+def _scaling(x) -> str | None:
+    """"mul" or "div" when x multiplies or divides: ``s * c``, ``s / c``, or in place, ``s *= c`` / ``s /= c``
+    (Falcon's ``attention_scores /= math.sqrt(head_dim)``) where nothing else reads s (FX gives later reads of s
+    x's node; another reader of s's node would see the write, which the rewrite, replacing both, does not make)."""
+    if isinstance(x, Node) and x.op == "call_function" and x.target in _IN_PLACE_SCALES and len(x.args) == 2 and \
+            not x.kwargs:
+        s = x.args[0]
+        return _IN_PLACE_SCALES[x.target] if isinstance(s, Node) and list(s.users) == [x] else None
+    k = kind(x)
+    return k if k in ("mul", "div") else None
+
+
 def _scale_factor(x: Node):
-    """(c, inner) when x is ``inner * c``, ``c * inner`` or ``inner / c`` for a constant c (a number or a 0-d
-    constant tensor), else None."""
+    """(c, inner) when x is ``inner * c``, ``c * inner`` or ``inner / c`` (or in place: ``_scaling``) for a
+    constant c (a number or a 0-d constant tensor), else None."""
     a, b = _arg(x, 0, "input"), _arg(x, 1, "other")
-    if kind(x) == "mul":
+    if _scaling(x) == "mul":
         for c, inner in ((scalar(b), a), (scalar(a), b)):
             if c is not None and isinstance(inner, Node) and scalar(inner) is None:
                 return c, inner
@@ -156,7 +170,7 @@ def _scores(x: Node, chain: list[Node]):
     nodes: list[Node] = []
     scale = 1.0
     x = _through_widening_casts(x, nodes)
-    while kind(x) in ("mul", "div"):
+    while _scaling(x) is not None:
         found = _scale_factor(x)
         if found is None:
             return None
@@ -186,7 +200,7 @@ def _symbolic_scale(x) -> bool:
     seen: list[Node] = []
     while isinstance(x, Node) and x not in seen:
         seen.append(x)
-        if kind(x) in ("mul", "div"):
+        if _scaling(x) is not None:
             if any(isinstance(value(a), torch.SymFloat | torch.SymInt) for a in x.args[:2]):
                 return True
             x = next((a for a in x.args[:2] if isinstance(value(a), torch.Tensor)), None)
@@ -221,6 +235,23 @@ def _key_transposed(kt) -> Node | None:
     return k if swapped and isinstance(k, Node) and isinstance(kv, torch.Tensor) and kv.dim() == 4 else None
 
 
+def _lowest_fill(fill, scores) -> bool | None:
+    """Whether ``fill`` (a number, or a 0-d constant tensor: ``torch.tensor(finfo.min)``, ``torch.full([], min)``)
+    stored in the scores' dtype is finite (True: finfo.min), when it is the lowest value there (-inf or finfo.min),
+    else None. A number below finfo.min rounds to -inf there (``torch.where(keep, s, -1e30)`` on f16 scores)."""
+    low = scalar(fill)
+    if low is None or not isinstance(scores, torch.Tensor) or not scores.dtype.is_floating_point or \
+            not (low == -math.inf or low <= torch.finfo(scores.dtype).min):
+        return None
+    return bool(torch.tensor(low, dtype=torch.float64).to(scores.dtype).isfinite())
+
+
+def _erased_with(x, chain: list[Node]) -> None:
+    """A 0-d constant the rewrite no longer reads, added to the chain it replaces (nothing else reads it)."""
+    if isinstance(x, Node) and len(x.users) == 1:
+        chain.append(x)
+
+
 def explicit_attention(gm: fx.GraphModule):
     from tilestack.kernels.attention_fwd import check_attention_args
     from tilestack.torch.sdpa import unsupported
@@ -252,7 +283,7 @@ def explicit_attention(gm: fx.GraphModule):
             continue
         pv = value(p)
         if not isinstance(pv, torch.Tensor) or not _last_dim(_arg(p, 1, "dim"), pv.dim()) or \
-                _softmax_dtype(p) not in (None, torch.float32):
+                _softmax_dtype(p) not in (None, torch.float32, value(_arg(p, 0, "input")).dtype):
             continue
         x = _through_widening_casts(_arg(p, 0, "input"), chain)       # softmax(s.float()): the f32 it runs in
         mask, fill, finite = None, False, False     # finite: the masked scores were set to a finite lowest value
@@ -267,19 +298,18 @@ def explicit_attention(gm: fx.GraphModule):
                         break
         elif found is None and kind(x) == "masked_fill":
             s, cond, fillv = _arg(x, 0, "input"), _arg(x, 1, "mask"), _arg(x, 2, "value")
-            qv = value(s)
-            low = _number(fillv)
-            if low is not None and isinstance(qv, torch.Tensor) and qv.dtype.is_floating_point and \
-                    (low == -math.inf or low <= torch.finfo(qv.dtype).min) and isinstance(cond, Node):
-                found = _scores(s, chain)
-                mask, fill, finite = cond, True, low != -math.inf
+            lowest = _lowest_fill(fillv, value(s))
+            if lowest is not None and isinstance(cond, Node):
+                found = _scores(s, chain)           # DistilBERT fills torch.tensor(finfo.min), a 0-d constant
+                mask, fill, finite = cond, True, lowest
+                _erased_with(fillv, chain)
         elif found is None and kind(x) == "where" and x.op == "call_function":
-            cond, s, low = _arg(x, 0, "condition"), _arg(x, 1, "input"), _number(_arg(x, 2, "other"))
-            qv = value(s)
-            if low is not None and isinstance(qv, torch.Tensor) and qv.dtype.is_floating_point and \
-                    (low == -math.inf or low <= torch.finfo(qv.dtype).min) and isinstance(cond, Node):
+            cond, s, fillv = _arg(x, 0, "condition"), _arg(x, 1, "input"), _arg(x, 2, "other")
+            lowest = _lowest_fill(fillv, value(s))
+            if lowest is not None and isinstance(cond, Node):
                 found = _scores(s, chain)           # Hugging Face's eager GPT-2: where(causal, scores, min)
-                mask, finite = cond, low != -math.inf
+                mask, finite = cond, lowest
+                _erased_with(fillv, chain)
         if found is None:
             why = ("a scale computed in the graph (dynamic=True makes a module's float attribute a graph input; the "
                    "kernel takes a constant)" if _symbolic_scale(x) else
@@ -314,6 +344,9 @@ def explicit_attention(gm: fx.GraphModule):
         chain = sorted(set(chain), key=order.__getitem__)
         how = "" if mask is None else (" with masked_fill(cond, -inf)" if fill else " with a boolean mask"
                                        if kind(x) == "where" else " with an additive mask")
-        matches.append(Match("explicit_attention", ops.ts_attention, [q, k, v, mask], (fill, False, scale, finite),
+        additive = mask is not None and not fill and kind(x) != "where"
+        added_in = value(x).dtype if additive else torch.float32      # how large a bias swallows the scores
+        matches.append(Match("explicit_attention", ops.ts_attention, [q, k, v, mask],
+                             (fill, False, scale, finite, added_in),
                              [node], chain, f"softmax(q @ k^T * {scale:.4g}){how} @ v -> tilestack::attention_fwd"))
     return matches, declined

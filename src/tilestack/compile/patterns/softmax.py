@@ -22,8 +22,8 @@ def softmax(gm: fx.GraphModule):
         if not _last_dim(_arg(node, 1, "dim"), xv.dim()):
             declined.append((node, f"softmax over dim {_arg(node, 1, 'dim')!r}, not the last (the kernel takes "
                                    "rows)"))
-        elif dtype is not None:
-            declined.append((node, f"softmax with dtype={dtype} (the kernel keeps the input's dtype)"))
+        elif dtype not in (None, xv.dtype):         # softmax(x, dtype=x.dtype) (Falcon's) is softmax(x)
+            declined.append((node, f"softmax of {xv.dtype} with dtype={dtype} (the kernel keeps the input's dtype)"))
         elif xv.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             declined.append((node, f"softmax of {xv.dtype} (the kernel takes f32, bf16, f16)"))
         elif (why := runs_here(xv)) is not None:
