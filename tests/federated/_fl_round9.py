@@ -62,3 +62,39 @@ def trimmed_mean(models: dict[int, dict[str, np.ndarray]], cut: int) -> dict[str
         stack = np.sort(np.stack([models[p][k].astype(np.float64) for p in sorted(models)]), axis=0)
         out[k] = stack[cut : len(models) - cut].mean(axis=0)
     return out
+
+
+
+def replay_stale(task, x0: dict[str, np.ndarray], models: list[dict[str, np.ndarray]], late_by: dict[int, int],
+                 exponent: float, out_of_time: frozenset[int] = frozenset()) -> list[dict]:  # fmt: skip
+    """Each round of FedAvg over every idle client under ``stragglers='stale'``, written out from the run's own models
+    (``models[r - 1]`` after round r, ``x0`` before round 1): client p in ``late_by`` trains in full from the model of
+    the round it starts in, r0, and its update y - x0 joins round r0 + late_by[p] as x + (y - x0) on the model x that
+    round starts from, weighted by its examples x (1 + late_by[p]) ** -exponent; it is busy (not sampled) in rounds
+    r0 + 1 .. r0 + late_by[p]. Clients in ``out_of_time`` train but are never averaged. Per round: the float64
+    aggregate ('model'), the late updates it took in ('joined') and the clients it sampled ('idle')."""
+    from _fl_round7 import client_model
+
+    flight, out = {}, []
+    for rnd in range(1, len(models) + 1):
+        x = x0 if rnd == 1 else models[rnd - 2]
+        busy = {p for p, (started, due, _, _) in flight.items() if started < rnd <= due}
+        idle = [p for p in range(task.num_clients) if p not in busy]
+        replies, weights = {}, {}
+        for p in idle:
+            if p in out_of_time:
+                continue
+            y = client_model(task, p, rnd, x)[0]
+            if p in late_by:
+                flight[p] = (rnd, rnd + late_by[p], y, x)
+            else:
+                replies[p], weights[p] = y, task.num_train(p)
+        joined = sorted(p for p, (_, due, _, _) in flight.items() if due == rnd)
+        for p in joined:
+            started, due, y, xs = flight.pop(p)
+            replies[p] = {k: x[k].astype(np.float64) + (y[k].astype(np.float64) - xs[k].astype(np.float64)) for k in y}
+            weights[p] = task.num_train(p) * (1.0 + due - started) ** -exponent
+        total = sum(weights.values())
+        model = {k: sum(weights[p] * replies[p][k].astype(np.float64) for p in replies) / total for k in x0}
+        out.append({"model": model, "joined": joined, "idle": idle})
+    return out

@@ -58,9 +58,10 @@ def _grid(task: Task, system: SystemModel) -> ManagedGrid:
 
 
 def _short(online: int, need: int, phase: str, *, avail: int = 2, least: int = 2, total: int = 6) -> str:
-    return (f"{online} of {total} clients online (the system's availability); FedAvg samples its {phase} nodes from at "
-            f"least {need} (min_available_nodes={avail}, min_{phase}_nodes={least}), and Flower's sampling would wait "
-            "for nodes that do not come this round")  # fmt: skip
+    return (f"{online} of {total} clients available (the others offline by the system's availability or busy with "
+            f"late work); FedAvg samples its {phase} nodes from at least {need} (min_available_nodes={avail}, "
+            f"min_{phase}_nodes={least}), and Flower's sampling would wait for nodes that do not come this "
+            "round")  # fmt: skip
 
 
 # ---- an availability schedule: joining late, leaving and coming back ------------------------------------------------

@@ -60,7 +60,9 @@ def run(
     server_lr: float = typer.Option(0.1, help="server learning rate (fedadam, fedyogi)"),
     clusters: int = typer.Option(2, help="IFCA cluster models"),
     stragglers: float = typer.Option(0.0, help="share of selected clients doing partial work"),
-    straggler_policy: str = typer.Option("partial", help="partial (keep partial work) or drop"),
+    straggler_policy: str = typer.Option(
+        "partial", help="partial (keep partial work), drop, or stale (the whole work joins a later round, weighted)"
+    ),
     dropout: float = typer.Option(0.0, help="per-round dropout probability"),
     deadline: float = typer.Option(0.0, help="round deadline in simulated seconds (0: none)"),
     speed_sigma: float = typer.Option(0.0, help="log-std of client speeds"),

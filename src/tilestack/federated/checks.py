@@ -257,8 +257,8 @@ def check_strategy(strategy: Strategy, num_nodes: int, task=None) -> None:
 def nodes_short(strategy: Strategy, online: int, population: int, phase: str) -> str:
     """Why ``strategy`` cannot sample its ``phase`` ('train' or 'evaluate') from the ``online`` nodes of this round
     ('' when it can). Flower's ``sample_nodes`` polls once a second until max(min_available_nodes, the sample size)
-    nodes are connected; with clients offline by the system's availability no more come during the round, and the
-    run hung (a round with no client online, or one online under FedAvg's default minimum of 2)."""
+    nodes are connected; with clients offline by the system's availability (or busy with late work) no more come
+    during the round, and the run hung (a round with no client online, or one under FedAvg's default minimum of 2)."""
     sampler, nodes, _ = _sampling_strategy(strategy, online)
     own = vars(sampler)
     fraction, least = own.get(f"fraction_{phase}"), own.get(f"min_{phase}_nodes", 0)
@@ -268,9 +268,27 @@ def nodes_short(strategy: Strategy, online: int, population: int, phase: str) ->
     need = max(int(nodes * fraction), int(least), int(available) if isinstance(available, numbers.Integral) else 0)
     if nodes >= need:
         return ""
-    return (f"{online} of {population} clients online (the system's availability); {type(sampler).__name__} samples "
-            f"its {phase} nodes from at least {need} (min_available_nodes={available}, min_{phase}_nodes={least}), "
-            "and Flower's sampling would wait for nodes that do not come this round")  # fmt: skip
+    return (f"{online} of {population} clients available (the others offline by the system's availability or busy "
+            f"with late work); {type(sampler).__name__} samples its {phase} nodes from at least {need} "
+            f"(min_available_nodes={available}, min_{phase}_nodes={least}), and Flower's sampling would wait for nodes "
+            "that do not come this round")  # fmt: skip
+
+
+def check_stale(strategy: Strategy) -> None:
+    """Refuse late updates (``stragglers='stale'``) under a strategy whose replies are not the global model's arrays,
+    or under a DP wrapper (see ``staleness``)."""
+    for s in strategy_levels(strategy):
+        name = type(s).__name__
+        if held := getattr(type(s), "REPLIES_HOLD", ""):
+            raise FederatedError(
+                f"stragglers='stale' with {name}: a late update is moved onto the current global model array by "
+                f"array, and {name}'s replies hold {held}; expected stragglers='partial' or 'drop' with {name}"
+            )
+        if isinstance(s, DP_WRAPPERS):
+            raise FederatedError(
+                f"stragglers='stale' with {name}: late updates are weighted by staleness, so an on-time client's share "
+                "of the mean passes the 1/n the noise is sized for; expected stragglers='partial' or 'drop' under DP"
+            )
 
 
 def check_proximal(strategy: Strategy, task) -> None:

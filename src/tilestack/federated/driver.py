@@ -70,6 +70,7 @@ from tilestack.errors import FederatedError
 from tilestack.federated import codec
 from tilestack.federated.checks import (
     DP_WRAPPERS,
+    check_stale,
     check_strategy,
     nodes_short,
     require_int,
@@ -140,6 +141,8 @@ def _system(grid: ManagedGrid) -> dict[str, str] | None:
     out = {f.name: repr(getattr(system, f.name)) for f in dataclasses.fields(system) if f.name not in arrays}
     digest = hashlib.sha256(b"".join(np.asarray(getattr(system, f), np.float64).tobytes() for f in SYSTEM_ARRAYS))
     out |= {"stragglers": grid.stragglers, "speeds and bandwidths (sha256)": digest.hexdigest()[:16]}
+    if grid.stragglers == "stale":
+        out |= {"staleness_exponent": repr(grid.staleness_exponent), "max_staleness": repr(grid.max_staleness)}
     if system.availability is not None:  # (a checkpoint of a run without it has no such entry)
         pattern = np.asarray(system.availability, np.float64)
         digest = hashlib.sha256(repr(pattern.shape).encode() + pattern.tobytes())
@@ -436,6 +439,8 @@ def run_rounds(
     require_real_arrays("run_rounds", "initial", initial_arrays)
     check_strategy(strategy, len(list(grid.get_node_ids())), grid.task)  # also the roll call, before any seeding: it
     # may draw random numbers on some engines
+    if grid.stragglers == "stale":
+        check_stale(strategy)
     ckpt = checkpoint_path(checkpoint)
     # replies whose weight is missing or not > 0 are left out by the grid, with the reason
     grid.weight_keys = frozenset(
@@ -458,6 +463,7 @@ def run_rounds(
         history = History.from_dict(state["history"])
         if state.get("grid_state") is not None and hasattr(grid.inner, "load_state_dict"):
             grid.inner.load_state_dict(state["grid_state"])
+        grid.load_state_dict(state.get("managed_grid", {}))  # late updates in flight
         if state["round"] > num_rounds:
             raise FederatedError(
                 f"checkpoint={str(ckpt)!r} holds {state['round']} completed rounds; num_rounds={num_rounds} asks for "
@@ -472,10 +478,11 @@ def run_rounds(
         t0 = time.perf_counter()
         grid.server_round = r
         _seed_global_rngs(seed, r, 0)
-        online = len(list(grid.get_node_ids()))  # all nodes, unless the system model takes some offline
+        num_online = online = len(list(grid.get_node_ids()))  # all nodes, less those offline or busy
         short = nodes_short(strategy, online, grid.population, "train")  # Flower's sampling would wait forever
         messages = [] if short else list(strategy.configure_train(r, arrays, ConfigRecord(dict(train_config)), grid))
         replies = list(grid.send_and_receive(messages, timeout=timeout))
+        replies += grid.take_late_replies(arrays)  # updates of earlier rounds due now (stragglers="stale")
         # DP noise is drawn here, after the clients ran (in this process or not)
         _seed_global_rngs(seed, r, AGGREGATE_PHASE)
         skipped = ""
@@ -501,6 +508,7 @@ def run_rounds(
         if new_arrays is not None:
             arrays = new_arrays
         _seed_global_rngs(seed, r, 1)
+        online = len(list(grid.get_node_ids()))  # less the clients whose late work started this round
         if eval_short := nodes_short(strategy, online, grid.population, "evaluate"):
             log.warning("round %d: federated evaluation skipped: %s", r, eval_short)
             eval_messages = []
@@ -519,7 +527,7 @@ def run_rounds(
         m = RoundMetrics(
             round=r,
             client_acc=fairness(client_accs),
-            num_online=online,
+            num_online=num_online,
             num_selected=rlog["selected"],
             num_aggregated=0 if skipped else rlog["aggregated"],
             skipped=skipped,
@@ -532,6 +540,7 @@ def run_rounds(
             eval_excluded=rlog["eval_excluded"],
             client_train=rlog["client_train"],
             client_eval=rlog["client_eval"],
+            stale=rlog["stale"],
             train_metrics=_plain_metrics(train_metrics),
             eval_metrics=_plain_metrics(eval_metrics),
         )
@@ -545,11 +554,14 @@ def run_rounds(
         if ckpt is not None:
             grid_state = grid.inner.state_dict() if hasattr(grid.inner, "state_dict") else None
             state = {"round": r, "arrays": {k: v for k, v in arrays.items()}, "strategy": strategy,
-                     "history": history.to_dict(), "grid_state": grid_state, "signature": signature}  # fmt: skip
+                     "history": history.to_dict(), "grid_state": grid_state, "signature": signature,
+                     "managed_grid": grid.state_dict()}  # fmt: skip
             try:
                 save_checkpoint(ckpt, state)
             except (pickle.PicklingError, AttributeError, TypeError):  # a lambda among the strategy's settings
                 save_checkpoint(ckpt, state | {"strategy": _strategy_state(strategy)})
         if on_round is not None:
             on_round(m)
+    if grid.late and (stop_after is None or done_now < stop_after):
+        log.info("the run ended with late updates of clients %s still in flight", sorted(grid.late))
     return RunResult(arrays, history, strategy)

@@ -14,7 +14,10 @@ SuperLink grid) and stays a ``Grid``, so the same strategy objects run over it:
 - System: each TRAIN message gets the share of local work its client finishes under the
   :class:`SystemModel` (``tilestack.work``); dropped-out or timed-out clients are not asked;
   ``stragglers="drop"`` leaves out clients that cannot finish (FedAvg in the FedProx paper),
-  ``"partial"`` keeps their partial work.
+  ``"partial"`` keeps their partial work, ``"stale"`` has a client the deadline cuts do its whole work and holds
+  its update back until the round that work ends in (``staleness``: moved onto that round's model, weighted down
+  by how late it is; the client busy until then). Clients offline by the system's ``availability`` (or busy) are
+  not listed by ``get_node_ids``, so the strategy samples from the others.
 - Faults: a reply that is an error (crash), arrives late (timeout), lacks its MetricRecord, misses an
   array or carries an extra one, has no examples or a weight not > 0 (the strategy's ``weighted_by_key``, which
   ``run_rounds`` tells the grid), carries a non-finite value, an array of the wrong shape,
@@ -31,6 +34,8 @@ SuperLink grid) and stays a ``Grid``, so the same strategy objects run over it:
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import re
 import time
 from collections import Counter
@@ -42,6 +47,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from tilestack.federated import codec
+from tilestack.federated.checks import require_int
 from tilestack.federated.client import (
     CLUSTER_SEP,
     LOCAL_PREFIX_KEY,
@@ -51,11 +57,12 @@ from tilestack.federated.client import (
     TASK_KEY,
     WORK_KEY,
 )  # fmt: skip
-from tilestack.federated.system import SystemModel
+from tilestack.federated.staleness import LateReply, rebased, rounds_late
+from tilestack.federated.system import ClientPlan, SystemModel
 from tilestack.federated.task import Task
 
 log = logging.getLogger("tilestack.federated")
-STRAGGLER_POLICIES = ("drop", "partial")
+STRAGGLER_POLICIES = ("drop", "partial", "stale")
 ROLL_CALL_TIMEOUT = 600.0
 NODE_POLL_INTERVAL = 0.2
 
@@ -212,6 +219,29 @@ def _metric_keys(reply: Message) -> frozenset[str]:
     return frozenset(next(iter(reply.content.metric_records.values())).keys())
 
 
+def check_straggler_policy(where: str, system: SystemModel | None, task: Task, stragglers, staleness_exponent,
+                           max_staleness) -> None:  # fmt: skip
+    """The grid's system arguments, named as ``where`` calls them, before any work."""
+    if stragglers not in STRAGGLER_POLICIES:
+        raise ValueError(f"{where}: stragglers={stragglers!r}; expected one of {STRAGGLER_POLICIES}")
+    if system is not None and system.num_clients != task.num_clients:
+        raise ValueError(
+            f"{where}: system.num_clients={system.num_clients}; expected task.num_clients={task.num_clients}"
+        )
+    ok = isinstance(staleness_exponent, numbers.Real) and not isinstance(staleness_exponent, bool)
+    if not ok or not 0 <= staleness_exponent < math.inf:
+        raise ValueError(
+            f"{where}: staleness_exponent={staleness_exponent!r}; expected a finite number >= 0 (a late update's "
+            "weight is multiplied by (1 + rounds late) ** -staleness_exponent)"
+        )
+    require_int(where, "max_staleness", max_staleness, low=1)
+    if stragglers == "stale" and (system is None or system.deadline is None):
+        raise ValueError(
+            f"{where}: stragglers='stale' with system={'None' if system is None else 'a SystemModel without deadline'}"
+            "; expected a SystemModel with a deadline (a late update is one that misses it)"
+        )
+
+
 class ManagedGrid(Grid):
     """Wrap ``inner`` with ordering, a system model, fault checks and accounting (see module doc)."""
 
@@ -222,14 +252,13 @@ class ManagedGrid(Grid):
         *,
         system: SystemModel | None = None,
         stragglers: str = "partial",
+        staleness_exponent: float = 0.5,
+        max_staleness: int = 4,
     ):
-        if stragglers not in STRAGGLER_POLICIES:
-            raise ValueError(f"ManagedGrid: stragglers={stragglers!r}; expected one of {STRAGGLER_POLICIES}")
-        if system is not None and system.num_clients != task.num_clients:
-            raise ValueError(
-                f"ManagedGrid: system.num_clients={system.num_clients}; expected task.num_clients={task.num_clients}"
-            )
+        check_straggler_policy("ManagedGrid", system, task, stragglers, staleness_exponent, max_staleness)
         self.inner, self.task, self.system, self.stragglers = inner, task, system, stragglers
+        self.staleness_exponent, self.max_staleness = float(staleness_exponent), max_staleness
+        self.late: dict[int, LateReply] = {}  # partition id -> its reply in flight (stragglers="stale")
         self.server_round = 0
         self.weight_keys: frozenset[str] = frozenset()  # the strategy's weighted_by_key (run_rounds sets it)
         self.loss_keys: frozenset[str] = frozenset()  # the loss the strategy reads (QFedAvg's; run_rounds sets it)
@@ -273,10 +302,13 @@ class ManagedGrid(Grid):
         if self._order is None:
             self._roll_call()
         assert self._order is not None
-        if self.system is None or self.system.availability is None:
+        # a client is busy from the round its late work starts in (its evaluation there too) until its update is in
+        busy = {p for p, late in self.late.items() if late.started <= self.server_round <= late.due}
+        if (self.system is None or self.system.availability is None) and not busy:
             return list(self._order)
-        online = self.system.online(self.server_round)
-        return [nid for nid in self._order if online[self.partition_of[nid]]]
+        online = self.system.online(self.server_round) if self.system is not None else None
+        pids = [(nid, self.partition_of[nid]) for nid in self._order]
+        return [nid for nid, pid in pids if pid not in busy and (online is None or online[pid])]
 
     @property
     def population(self) -> int:
@@ -311,8 +343,37 @@ class ManagedGrid(Grid):
         return {
             "selected": 0, "aggregated": 0, "steps_done": 0, "steps_full": 0, "bytes_down": 0, "bytes_up": 0,
             "sim_time": 0.0, "excluded": {}, "eval_excluded": {}, "client_metrics": [], "client_train": {},
-            "client_eval": {},
+            "client_eval": {}, "stale": {},
         }  # fmt: skip
+
+    def take_late_replies(self, arrays: ArrayRecord) -> list[Message]:
+        """The late updates due in this round (``stragglers="stale"``), moved onto the global model ``arrays`` and
+        weighted down by their staleness (``staleness.rebased``), in partition order; accounted as replies of
+        this round (``RoundMetrics.stale`` says how late each was)."""
+        ready = sorted(p for p, late in self.late.items() if late.due <= self.server_round)
+        if not ready:
+            return []
+        current = codec.to_numpy(arrays)
+        out = []
+        for pid in ready:
+            late = self.late.pop(pid)
+            reply = rebased(late, current, self.weight_keys, self.staleness_exponent)
+            self._log["aggregated"] += 1
+            self._log["steps_done"] += late.steps
+            self._log["bytes_up"] += late.bytes_up
+            self._log["stale"][str(pid)] = late.staleness
+            metrics = next(iter(late.reply.content.metric_records.values()))
+            self._log["client_train"][str(pid)] = {k: _plain_metric(v) for k, v in metrics.items()
+                                                   if k != PARTITION_METRIC}  # fmt: skip
+            out.append(reply)
+        return out
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of this grid: the late updates in flight."""
+        return {"late": dict(self.late)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.late = dict(state.get("late", {}))
 
     def take_round_log(self) -> dict:
         """What happened since the last call (the driver calls it once per round)."""
@@ -358,6 +419,7 @@ class ManagedGrid(Grid):
         sent: dict[int, tuple[RecordDict, int]] = {}  # node id -> (content, steps planned)
         durations: list[float] = []
         is_train = False
+        due: dict[int, int] = {}  # node id -> the round its late update joins (stragglers="stale")
         online = self.system.online(self.server_round) if self.system is not None else None
         for msg in messages:
             nid = msg.metadata.dst_node_id
@@ -378,6 +440,18 @@ class ManagedGrid(Grid):
                 self._log["steps_full"] += full
                 if self.system is not None:
                     plan = self.system.plan(self.server_round, pid, full, down)
+                    if self.stragglers == "stale" and plan.reason in ("deadline", "timeout"):
+                        # its whole work, due in the round it ends in (or left out past max_staleness)
+                        assert self.system.deadline is not None
+                        tau = rounds_late(self.system.duration(pid, steps=full, bytes_down=down, bytes_up=down),
+                                          self.system.deadline)  # fmt: skip
+                        durations.append(self.system.deadline)  # the round ends at the deadline without it
+                        if tau > self.max_staleness:
+                            self._exclude(pid, f"deadline: its update would arrive {tau} rounds late, past "
+                                               f"max_staleness={self.max_staleness}")  # fmt: skip
+                            continue
+                        due[nid] = self.server_round + tau
+                        plan = ClientPlan(pid, 1.0, full)
                     if plan.work == 0.0 or (plan.reason and self.stragglers == "drop"):
                         self._exclude(pid, plan.reason)
                         if plan.reason in ("straggler", "deadline") and self.system.deadline is not None:
@@ -420,6 +494,14 @@ class ManagedGrid(Grid):
             if reply.metadata.message_type == MessageType.TRAIN:
                 steps = int(next(iter(reply.content.metric_records.values())).get("num-steps", steps))
                 reply = for_aggregation(content, reply)
+                nid = reply.metadata.src_node_id
+                if nid in due:  # held back until the round its work ends in
+                    sent_model = {k: codec.decode(a).astype(np.float64) for rec in content.array_records.values()
+                                  for k, a in rec.items()}  # fmt: skip
+                    self.late[pid] = LateReply(pid, self.server_round, due[nid], reply, sent_model, steps, up)
+                    self._exclude(pid, f"late: its update arrives in round {due[nid]} "
+                                       f"(staleness {due[nid] - self.server_round})")  # fmt: skip
+                    continue
             self._log["bytes_up"] += up
             if is_train:
                 self._log["aggregated"] += 1

@@ -51,8 +51,8 @@ class RoundMetrics:
     client_acc: dict[str, float] = dataclasses.field(default_factory=dict)
     """fairness() of the per-client accuracies from federated evaluation."""
     num_online: int = 0
-    """Clients online when the round began, which the strategy sampled from (all of them unless the system model's
-    ``availability`` takes some offline)."""
+    """Clients online and idle when the round began, which the strategy sampled from (all of them unless the system
+    model's ``availability`` takes some offline, or late work under ``stragglers='stale'`` keeps some busy)."""
     num_selected: int = 0
     num_aggregated: int = 0
     steps_done: int = 0
@@ -73,6 +73,8 @@ class RoundMetrics:
     client_eval: dict[str, dict[str, float | list[float]]] = dataclasses.field(default_factory=dict)
     """partition id -> the metrics of that client's evaluation reply (``eval-acc``, ``eval-loss``, ``num-examples``):
     each client's own score, of which ``eval_metrics`` is the weighted mean and ``client_acc`` the distribution."""
+    stale: dict[str, int] = dataclasses.field(default_factory=dict)
+    """partition id -> rounds late, of the late updates that joined this round (``stragglers="stale"``)."""
     skipped: str = ""
     """Why the round aggregated nothing and kept the global model ('' when it aggregated)."""
     extra: dict[str, float] = dataclasses.field(default_factory=dict)

@@ -24,12 +24,12 @@ from flwr.serverapp.strategy import Strategy
 
 from tilestack.errors import FederatedError
 from tilestack.federated import client
-from tilestack.federated.checks import check_strategy, require_int, require_real_arrays, strategy_levels
+from tilestack.federated.checks import check_stale, check_strategy, require_int, require_real_arrays, strategy_levels
 from tilestack.federated.client import TASK_KEY
 from tilestack.federated.driver import RunResult, check_run_arguments, checkpoint_path, run_rounds
 from tilestack.federated.engine import InProcessGrid
 from tilestack.federated.evaluation import Evaluator
-from tilestack.federated.grid import STRAGGLER_POLICIES, ManagedGrid
+from tilestack.federated.grid import ManagedGrid, check_straggler_policy
 from tilestack.federated.metrics import RoundMetrics
 from tilestack.federated.strategies.qffl import QFFL
 from tilestack.federated.system import SystemModel
@@ -51,6 +51,8 @@ def simulate(
     engine: str = "tilestack",
     system: SystemModel | None = None,
     stragglers: str = "partial",
+    staleness_exponent: float = 0.5,
+    max_staleness: int = 4,
     seed: int = 0,
     eval_clients: int = 200,
     evaluate: bool = True,
@@ -64,16 +66,21 @@ def simulate(
     workers: int = 1,
 ) -> RunResult:
     """Run ``rounds`` rounds of ``strategy`` on ``task``; see the module doc for the engines. The run starts from
-    ``initial``, or else the strategy's own ``initial_arrays(task)`` where it has one (IFCA, CFL), or the task's."""
+    ``initial``, or else the strategy's own ``initial_arrays(task)`` where it has one (IFCA, CFL), or the task's.
+    ``stragglers`` says what becomes of a client the system's deadline cuts: 'partial' (its partial work), 'drop'
+    (left out) or 'stale' (its whole work joins a later round, weighted by ``(1 + rounds late) **
+    -staleness_exponent``, at most ``max_staleness`` rounds late: see ``staleness``)."""
     check_arguments(strategy, task, rounds=rounds, engine=engine, system=system, stragglers=stragglers, seed=seed,
                     eval_clients=eval_clients, timeout=timeout, stop_after=stop_after, initial=initial,
-                    workers=workers, checkpoint=checkpoint)  # fmt: skip
+                    workers=workers, checkpoint=checkpoint, staleness_exponent=staleness_exponent,
+                    max_staleness=max_staleness)  # fmt: skip
     config = {TASK_KEY: task.to_json()}
     evaluator = Evaluator(task, eval_clients) if evaluate else None
     arrays = initial if initial is not None else initial_arrays_for(strategy, task)
 
     def drive(inner) -> RunResult:
-        grid = ManagedGrid(inner, task, system=system, stragglers=stragglers)
+        grid = ManagedGrid(inner, task, system=system, stragglers=stragglers, staleness_exponent=staleness_exponent,
+                           max_staleness=max_staleness)  # fmt: skip
         return run_rounds(
             strategy, grid, arrays, num_rounds=rounds, train_config=config, evaluate_config=config,
             evaluator=evaluator, checkpoint=checkpoint, seed=seed, timeout=timeout, on_round=on_round,
@@ -101,29 +108,26 @@ def initial_arrays_for(strategy: Strategy, task: Task) -> ArrayRecord:
 
 def check_arguments(strategy: Strategy, task: Task, *, rounds, engine="tilestack", system=None, stragglers="partial",
                     seed=0, eval_clients=200, timeout=None, stop_after=None, initial=None, workers=1,
-                    checkpoint=None) -> None:  # fmt: skip
+                    checkpoint=None, staleness_exponent=0.5, max_staleness=4) -> None:  # fmt: skip
     """Every argument of ``simulate`` (same names and defaults), before any data is built or any engine starts."""
     if not isinstance(task, Task):
         raise TypeError(f"simulate: task is a {type(task).__name__}; expected a tilestack.federated.Task")
     if engine not in ENGINES:
         raise ValueError(f"simulate: engine={engine!r}; expected one of {ENGINES}")
-    if stragglers not in STRAGGLER_POLICIES:
-        raise ValueError(f"simulate: stragglers={stragglers!r}; expected one of {STRAGGLER_POLICIES}")
     check_run_arguments("simulate", rounds_name="rounds", rounds=rounds, seed=seed, timeout=timeout,
                         stop_after=stop_after)  # fmt: skip
     require_int("simulate", "eval_clients", eval_clients, low=1)
     require_int("simulate", "workers", workers, low=1)
     if system is not None and not isinstance(system, SystemModel):
         raise TypeError(f"simulate: system is a {type(system).__name__}; expected a SystemModel or None")
-    if system is not None and system.num_clients != task.num_clients:
-        raise ValueError(
-            f"simulate: system.num_clients={system.num_clients}; expected task.num_clients={task.num_clients}"
-        )
+    check_straggler_policy("simulate", system, task, stragglers, staleness_exponent, max_staleness)
     if initial is not None and not isinstance(initial, ArrayRecord):
         raise TypeError(f"simulate: initial is a {type(initial).__name__}; expected an ArrayRecord or None")
     if initial is not None:
         require_real_arrays("simulate", "initial", initial)
     check_strategy(strategy, task.num_clients, task)
+    if stragglers == "stale":
+        check_stale(strategy)
     _check_weighting(strategy)
     if initial is not None:
         _check_initial(strategy, task, initial)
