@@ -42,6 +42,7 @@ model at the same shapes.
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import math
 import statistics
@@ -207,8 +208,26 @@ def _without_fastpath(step: Callable[[], Any]) -> Callable[[], Any]:
     return inner
 
 
+def _fresh(obj: Any) -> Any:
+    """``obj`` with new lists, dicts and tuples around the same tensors and values: each step gets containers of
+    its own, so a forward that consumes its inputs (pops a key off a target dict, rebinds its boxes) does it to its
+    step's copy, not to the next step's nor to the caller's."""
+    if isinstance(obj, list):
+        return [_fresh(x) for x in obj]
+    if isinstance(obj, tuple):
+        items = [_fresh(x) for x in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)  # a namedtuple by position
+    if isinstance(obj, dict):
+        fresh = copy.copy(obj)  # of its own type: an OrderedDict, a defaultdict with its factory
+        for k, v in obj.items():
+            fresh[k] = _fresh(v)
+        return fresh
+    return obj
+
+
 def make_step(model: Callable[..., Any], inputs: Any, *, train: bool = False) -> Callable[[], Any]:
-    """One forward (``train`` False, under no_grad), or forward + backward of the sum of the outputs.
+    """One forward (``train`` False, under no_grad), or forward + backward of the sum of the outputs. Each step
+    calls the model with fresh containers around the inputs (:func:`_fresh`): every step sees the same inputs.
 
     Dense gradients accumulate from step to step (each step adds into them: the same work every step). A sparse
     one (nn.Embedding(sparse=True)) is dropped before each step: accumulated, it would grow by its rows every
@@ -222,13 +241,14 @@ def make_step(model: Callable[..., Any], inputs: Any, *, train: bool = False) ->
     params = list(model.parameters()) if train and isinstance(model, torch.nn.Module) else []
 
     def step() -> Any:
+        a, kw = _fresh(args), _fresh(kwargs)
         if not train:
             with torch.no_grad():
-                return model(*args, **kwargs)
+                return model(*a, **kw)
         for p in params:
             if p.grad is not None and p.grad.layout != torch.strided:
                 p.grad = None
-        out = model(*args, **kwargs)
+        out = model(*a, **kw)
         loss = sum(t.float().sum() for t in _tensors(out) if t.requires_grad)
         if not isinstance(loss, torch.Tensor):
             raise ProfileError(
