@@ -138,12 +138,19 @@ class Kernel:
         self.grid_fn = grid
         self.where = f"{os.path.basename(fn.__code__.co_filename)}:{fn.__code__.co_firstlineno}"
         self.params: list[_ParamDecl] = []
+        self.param_defaults: dict[str, Any] = {}   # runtime scalar -> its default (`eps: float = 1e-5`)
         self.constants: dict[str, Any] = {}
         self.constant_kinds: dict[str, str] = {}   # constant -> "int" | "float" | "bool" | "str", as annotated
         for p in inspect.signature(fn).parameters.values():
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
                 kind = {float: "float", int: "int", "float": "float", "int": "int"}.get(p.annotation, "global")
                 self.params.append(_ParamDecl(p.name, kind))
+                if p.default is not p.empty:
+                    if kind == "global":
+                        raise TraceError(f"kernel {self.name}: tensor parameter {p.name} has a default "
+                                         f"({p.default!r}); a tensor argument is always given (a runtime float or "
+                                         "int parameter, annotated so, may have a default)", self.where)
+                    self.param_defaults[p.name] = p.default
             elif p.kind is p.KEYWORD_ONLY:
                 self.constants[p.name] = _REQUIRED if p.default is p.empty else p.default
                 kind = _CONSTANT_KINDS.get(p.annotation)
@@ -151,6 +158,7 @@ class Kernel:
                     self.constant_kinds[p.name] = kind
             else:
                 raise TraceError(f"kernel {self.name}: *args/**kwargs are not kernel parameters", self.where)
+        self._param_names = frozenset(p.name for p in self.params)
         # default launch options (backend options such as num_warps), under those given at launch
         self.options: dict[str, Any] = dict(options or {})
         clash = sorted(set(self.options) & set(self.constants))
@@ -174,6 +182,7 @@ class Kernel:
     def resolve(self, consts: dict[str, Any]) -> dict[str, Any]:
         """Constants with defaults filled in, NumPy scalars as the Python numbers they hold (np.int64(32) is 32 to
         the tile sizes and index arithmetic alike), each checked against its annotation and a tunable's domain."""
+        self._refuse_arguments_as_constants(consts)
         unknown = set(consts) - set(self.constants)
         if unknown:
             raise LaunchError(f"{self.name}: unknown constant(s) {sorted(unknown)}; its constants are "
@@ -194,6 +203,43 @@ class Kernel:
                                    f"{decl.domain!r} (declared at {self.where})", user_line())
             out[name] = value
         return out
+
+    def _refuse_arguments_as_constants(self, consts: dict[str, Any]) -> None:
+        """LaunchError where ``consts`` (of a path that takes the runtime arguments as one tuple) names some."""
+        named = sorted(self._param_names.intersection(consts))
+        if named:
+            raise LaunchError(f"{self.name}: {named} name runtime arguments, not constants; give them in the "
+                              f"argument tuple, in the order {self._arg_names()} (a call of the kernel itself "
+                              "takes them by keyword too)")
+
+    def _arg_names(self) -> str:
+        return "(" + ", ".join(p.name for p in self.params) + ")"
+
+    def bind(self, args: Sequence, consts: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        """(args, consts) with the runtime arguments given by keyword (``eps=1e-5``, ``X=x``) or left to their
+        defaults (``eps: float = 1e-5``) put in their places, as Python binds a call; the rest of ``consts`` are
+        constants and launch options. Arguments given both ways, or missing, are named."""
+        if len(args) == len(self.params) and self._param_names.isdisjoint(consts):
+            return tuple(args), consts
+        if len(args) > len(self.params):
+            raise LaunchError(f"{self.name} takes {len(self.params)} arguments {self._arg_names()}; got {len(args)}")
+        twice = [p.name for p in self.params[:len(args)] if p.name in consts]
+        if twice:
+            raise LaunchError(f"{self.name}: argument(s) {twice} given both by position and by keyword")
+        consts, bound = dict(consts), list(args)
+        for p in self.params[len(args):]:
+            if p.name in consts:
+                bound.append(consts.pop(p.name))
+            elif p.name in self.param_defaults:
+                bound.append(self.param_defaults[p.name])
+            else:
+                missing = [q.name for q in self.params[len(bound):] if q.name not in consts
+                           and q.name not in self.param_defaults]
+                more = len(bound) - len(args)
+                also = f" (and {more} by keyword or default)" if more else ""
+                raise LaunchError(f"{self.name} takes {len(self.params)} arguments {self._arg_names()}; got "
+                                  f"{len(args)}{also}, missing {missing}")
+        return tuple(bound), consts
 
     def signature(self, args: Sequence) -> tuple:
         if len(args) != len(self.params):
@@ -220,6 +266,7 @@ class Kernel:
     def trace(self, *args, **consts) -> TracedKernel:
         """The kernel traced for the dtypes and ranks of ``args`` and these constants (cached). Launch options
         among ``consts`` (num_warps, ...) are left out: they do not change the trace (give them at launch)."""
+        args, consts = self.bind(args, consts)
         if any(k not in self.constants for k in consts):
             consts = self._launch_options(consts)[0]
         resolved = self.resolve(consts)
@@ -232,7 +279,10 @@ class Kernel:
     def __call__(self, *args, backend: str | None = None, **consts):
         """Launch on ``backend`` (default: ``tilestack.backends.pick_backend``). The hot path is one key and one
         dictionary lookup: a launch signature seen before goes straight to its prebuilt launcher, skipping the
-        trace, the constant and argument checks, and the backend's preparation (all done on the first call)."""
+        trace, the constant and argument checks, and the backend's preparation (all done on the first call).
+        Runtime arguments may be given by keyword or left to their defaults, as in a Python call (``bind``)."""
+        if len(args) != len(self.params) or consts and not self._param_names.isdisjoint(consts):
+            args, consts = self.bind(args, consts)
         return self.launcher_for(args, backend, **consts)(args)
 
     def launcher_for(self, args: Sequence, backend: str | None = None, **consts) -> Callable:
@@ -246,6 +296,7 @@ class Kernel:
         if launcher is None:
             if _has_numpy_scalar(args):   # launched as Python numbers, under their key (off the hot path)
                 return lambda a: self.launcher_for(plain_numbers(a), backend, **consts)(plain_numbers(a))
+            self._refuse_arguments_as_constants(consts)
             consts, options = self._launch_options(consts)
             launcher = self.trace(*args, **consts).launcher(args, backend, options)
             if key is not None:
