@@ -13,7 +13,10 @@ What the round found (each pinned by the test whose docstring says so):
   element: a signal of 40 doubles cut into 8 windows of 6 read as 96, where the copy reads the 40 it spans;
 - a numpy array inside the inputs (a tuple's element, a dict's value) failed in the first step with "linear():
   argument 'input' must be Tensor, not numpy.ndarray", naming no argument and nothing expected;
-- formulas.causal_fraction (new) refuses lengths that are not positive whole numbers and a non-bool alignment.
+- formulas.causal_fraction (new) refuses lengths that are not positive whole numbers and a non-bool alignment;
+  fft_flops, factorization_flops, householder_apply_flops, elementwise, transformer_train_flops_per_token,
+  layernorm and matmul returned numbers (negative, fractional, or a flag's truthiness taken) for arguments that
+  mean nothing: each is refused by name.
 """
 
 import random
@@ -213,6 +216,37 @@ def test_a_numpy_scalar_argument_is_still_taken():
 def test_causal_fraction_refuses_bad_arguments_by_name(kwargs, message):
     with pytest.raises(LaunchError, match=message):
         formulas.causal_fraction(**kwargs)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: formulas.fft_flops(-3), r"points=-3 \(int\); expected a whole count >= 0"),
+    (lambda: formulas.fft_flops(2.5), r"points=2.5 \(float\); expected a whole count >= 0"),
+    (lambda: formulas.fft_flops(8, real="yes"), r"real='yes' \(str\); expected True or False"),
+    (lambda: formulas.factorization_flops("lu", -3, 3), r"m=-3 \(int\); expected a whole count >= 0"),
+    (lambda: formulas.factorization_flops("qr", 4, 3, vectors="no"), r"vectors='no' \(str\); expected True"),
+    (lambda: formulas.householder_apply_flops(-1, 2, 3), r"rows=-1 \(int\); expected a whole count >= 0"),
+    (lambda: formulas.elementwise(10, flops_per_element=-1), r"flops_per_element=-1 \(int\); expected a finite"),
+    (lambda: formulas.elementwise(10, inputs=1.5), r"inputs=1.5 \(float\); expected a whole count >= 0"),
+    (lambda: formulas.transformer_train_flops_per_token(matmul_params=-1, n_layer=2, seq=4, attention_width=8),
+     r"matmul_params=-1 \(int\); expected a whole count >= 0"),
+    (lambda: formulas.layernorm(2, 3, affine="no"), r"affine='no' \(str\); expected True or False"),
+    (lambda: formulas.matmul(2, 3, 4, bias="no"), r"bias='no' \(str\); expected True or False"),
+])
+def test_cost_formulas_refuse_bad_arguments_by_name(call, message):
+    """These returned numbers for arguments that mean nothing: fft_flops(-3) 0 and fft_flops(2.5) 16.5 FLOPs,
+    real="yes" halved the count (truthy), factorization_flops("lu", -3, 3) -18 FLOPs, householder_apply_flops
+    and the per-token training FLOPs negative counts, elementwise(flops_per_element=-1) negative FLOPs,
+    layernorm(affine="no") and matmul(bias="no") the affine's and the bias's bytes. Each is refused by name."""
+    with pytest.raises(LaunchError, match=message):
+        call()
+
+
+def test_cost_formulas_still_take_empty_sizes():
+    """0 points, an empty matrix and no right-hand sides are counts, not errors: 0 FLOPs (the counting pass meets
+    them in empty batches)."""
+    assert formulas.fft_flops(0) == formulas.fft_flops(1) == 0
+    assert formulas.factorization_flops("solve", 0, 0, 0) == 0
+    assert formulas.householder_apply_flops(5, 0, 2) == 0
 
 
 def test_an_empty_causal_attention_counts_nothing():

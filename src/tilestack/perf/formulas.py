@@ -170,11 +170,27 @@ def _positive(**sizes: float) -> None:
             raise LaunchError(f"{name}={value!r} ({type(value).__name__}); expected a positive whole size")
 
 
+def _whole(**sizes: float) -> None:
+    """Counts that may be 0 (no points, an empty matrix, no right-hand sides), but not negative nor fractional."""
+    for name, value in sizes.items():
+        whole = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not whole or value < 0:
+            raise LaunchError(f"{name}={value!r} ({type(value).__name__}); expected a whole count >= 0")
+
+
+def _flags(**flags: Any) -> None:
+    """Switches must be bools: "no" is truthy, and would halve a count or add a bias nobody asked for."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise LaunchError(f"{name}={value!r} ({type(value).__name__}); expected True or False")
+
+
 def matmul(
     m: int, n: int, k: int, dtype: Any = "bf16", *, batch: int = 1, out_dtype: Any = None, bias: bool = False
 ) -> Cost:
     """(batch, M, K) @ (batch, K, N) -> (batch, M, N): 2*M*N*K FLOPs per batch entry (+ M*N for a bias)."""
     _positive(m=m, n=n, k=k, batch=batch)
+    _flags(bias=bias)
     e, eo = dtype_bytes(dtype), dtype_bytes(out_dtype or dtype)
     flops = batch * (FLOPS_PER_MAC * m * n * k + (m * n if bias else 0))
     read = batch * (m * k + k * n) * e + (n * e if bias else 0)
@@ -236,8 +252,7 @@ def causal_fraction(n_q: int, n_kv: int, *, lower_right: bool = False) -> float:
     last query sees every key) keeps 1 - n_q / (2 n_kv) (new queries against a cache), else n_kv / (2 n_q).
     """
     _positive(n_q=n_q, n_kv=n_kv)
-    if not isinstance(lower_right, bool):  # "yes" would pick an alignment nobody asked for
-        raise LaunchError(f"lower_right={lower_right!r} ({type(lower_right).__name__}); expected True or False")
+    _flags(lower_right=lower_right)
     short, long = min(n_q, n_kv), max(n_q, n_kv)
     triangle = short / (2 * long)  # the kept share where the mask cuts a triangle off the long side
     return triangle if (n_q <= n_kv) != lower_right else 1 - triangle
@@ -246,6 +261,7 @@ def causal_fraction(n_q: int, n_kv: int, *, lower_right: bool = False) -> float:
 def layernorm(rows: int, cols: int, dtype: Any = "bf16", *, affine: bool = True) -> Cost:
     """LayerNorm over the last dim of a (rows, cols) input: read x (+ weight, bias), write y."""
     _positive(rows=rows, cols=cols)
+    _flags(affine=affine)
     e = dtype_bytes(dtype)
     return Cost(
         LAYERNORM_FLOPS_PER_ELEMENT * rows * cols,
@@ -276,6 +292,11 @@ def elementwise(
     ``elementwise(n, "fp32", inputs=1, outputs=1, flops_per_element=0)`` is a copy.
     """
     _positive(numel=numel)
+    _whole(inputs=inputs, outputs=outputs)
+    if isinstance(flops_per_element, bool) or not isinstance(flops_per_element, numbers.Real) or not (
+            0 <= flops_per_element < math.inf):
+        raise LaunchError(f"flops_per_element={flops_per_element!r} ({type(flops_per_element).__name__}); expected a "
+                          "finite number >= 0 (0 for a copy)")
     e = dtype_bytes(dtype)
     return Cost(flops_per_element * numel, inputs * numel * e, outputs * numel * e)
 
@@ -299,6 +320,7 @@ def transformer_train_flops_per_token(*, matmul_params: int, n_layer: int, seq: 
     quoted in): 6 x the parameters that multiply activations (the blocks' matrices and the LM head, not the
     embedding lookups) plus the attention matmuls 12 x layers x seq x (heads x head dim), causal counted in
     full."""
+    _whole(matmul_params=matmul_params, n_layer=n_layer, seq=seq, attention_width=attention_width)
     return 6 * matmul_params + 12 * n_layer * seq * attention_width
 
 
@@ -394,12 +416,15 @@ def convolution_backward(
 def householder_apply_flops(rows: int, cols: int, k: int) -> float:
     """Q (or Q^T), given as k Householder reflectors of length ``rows``, applied to a (rows, cols) matrix (ormqr):
     4 rows cols k - 2 cols k^2 (LAPACK Working Note 41's count for dormqr)."""
+    _whole(rows=rows, cols=cols, k=k)
     return 4 * rows * cols * k - 2 * cols * k**2
 
 
 def fft_flops(points: int, *, real: bool = False) -> float:
     """FLOPs of one FFT of ``points`` points: ``FFT_FLOPS_PER_POINT_LOG2 * N log2 N``, halved for a transform of
     real input or output (``real``); 0 for one point or none."""
+    _whole(points=points)
+    _flags(real=real)
     if points <= 1:
         return 0.0
     flops = FFT_FLOPS_PER_POINT_LOG2 * points * math.log2(points)
@@ -422,6 +447,8 @@ def factorization_flops(kind: str, m: int, n: int, k: int = 0, *, vectors: bool 
     4mnk - 2(m + n)k^2 + 4k^3/3 (k = n: as much as R again, as "qr" counts it); "ldl" n^3/3, as Cholesky;
     "cholesky_inverse" (the factor given) the triangle's inverse and its product with its transpose, 2n^3/3.
     """
+    _whole(m=m, n=n, k=k)
+    _flags(vectors=vectors, full=full)
     m, n = max(m, n), min(m, n)  # a wide matrix is factored as its transpose
     if kind == "cholesky":
         return n**3 / 3
