@@ -9,7 +9,7 @@ tilestack's ClientApp on real data (scikit-learn's digits) and blobs, replayed h
   hand-computed score of the shared body with its own head, well above FedAvg's;
 - Krum at its limit n = 2f + 3 with f real sign-flipping clients: the model is exactly the honest model Krum's
   score picks; FedTrimmedAvg trimming exactly the one attacker: the coordinate-wise trimmed mean of the replies;
-  both learn where FedAvg collapses.
+  both learn where FedAvg collapses; a round that a client offline leaves short of the rule's tolerance is skipped.
 
 What this round found, fixed:
 
@@ -22,6 +22,10 @@ What this round found, fixed:
   sampled is refused, naming the smallest beta that trims one (checks.check_robust); ``make_strategy('trimmedmean')``
   no longer builds such a beta (0 when no client is malicious and too few are sampled to trim one), and refuses
   more attackers than its trimming removes (it trimmed 1 of 4 with num_malicious=2).
+- A round that dropouts, faults or clients offline left short of a robust rule's tolerance ran it anyway: Krum and
+  MultiKrum with f = 1 over 4 replies (2f + 3 = 5 needed) scored each update by one neighbour where the rule assumes
+  two, FedTrimmedAvg(beta=0.2) over 4 trimmed nothing (the plain mean, which the attacker drives). Such a round is
+  now skipped, the model kept, naming the need (checks.robust_short), as Flower's own Bulyan skips.
 - A checkpoint refused as another run's named only the first 160 characters of the system model's fields, not the
   field that differed; every part of the signature that is a table (settings, system) now names just the entries
   that differ (driver.check_signature).
@@ -36,7 +40,7 @@ import pytest
 from _fl_round5 import blobs, make_grid, scripted
 from _fl_round7 import client_model, weighted_mean
 from _fl_round9 import keep, krum_pick, mlp_logits, near, trimmed_mean
-from flwr.serverapp.strategy import FedAvg, FedTrimmedAvg, Krum
+from flwr.serverapp.strategy import FedAvg, FedTrimmedAvg, Krum, MultiKrum
 
 from tilestack.errors import FederatedError
 from tilestack.federated import SystemModel, Task, run_rounds, simulate
@@ -220,3 +224,32 @@ def test_a_trimmed_mean_that_trims_nothing_is_refused_before_any_client_trains()
             "make_strategy: clients_per_round=4 with num_malicious=2; the trimmed mean cuts 1 replies from each end, "
             "fewer than the attackers; expected clients_per_round >= 5")):  # fmt: skip
         make_strategy("trimmedmean", clients_per_round=4, num_clients=8, num_malicious=2)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("rule", ["Krum", "MultiKrum", "FedTrimmedAvg"])
+def test_a_round_left_short_of_a_robust_rules_tolerance_is_skipped_and_the_model_kept(rule):
+    """Five clients, one sign-flipping; Krum and MultiKrum with f = 1 need 2f + 3 = 5 replies, FedTrimmedAvg(0.2)
+    five to trim one from each end. In round 2 an honest client is offline: four replies. Before, Flower ran the
+    rule anyway (Krum scoring each update by one neighbour where it assumes two; the trimmed mean trimming nothing:
+    the plain mean, which the attacker drives). The round is now skipped naming the rule's need, the model stays
+    round 1's, and round 3 (all five back) aggregates again."""
+    task = _attacked(5, 1)
+    honest = next(p for p in range(5) if not task.is_malicious(p))
+    pattern = np.ones((3, 5))
+    pattern[1, honest] = 0
+    kw = dict(fraction_train=1.0, fraction_evaluate=0.0)
+    make = {"Krum": lambda: Krum(num_malicious_nodes=1, **kw),
+            "MultiKrum": lambda: MultiKrum(num_malicious_nodes=1, num_nodes_to_select=3, **kw),
+            "FedTrimmedAvg": lambda: FedTrimmedAvg(beta=0.2, **kw)}[rule]  # fmt: skip
+    models: list[dict[str, np.ndarray]] = []
+    res = simulate(make(), task, rounds=3, system=SystemModel(5, availability=pattern), extra_metrics=keep(models))
+    r1, r2, r3 = res.history.rounds
+    want = ("FedTrimmedAvg with beta=0.2 trims int(beta x 4) = 0 of 4 replies (it would be the plain mean); the global "
+            "model is kept") if rule == "FedTrimmedAvg" else (
+            f"{rule} needs 2f + 3 = 5 replies (num_malicious_nodes=1) to tolerate f attackers, got 4; the global model "
+            "is kept")  # fmt: skip
+    assert r2.skipped == want and r2.num_aggregated == 0 and r2.num_selected == 4
+    assert all(np.array_equal(models[1][k], models[0][k]) for k in models[0])
+    assert not r1.skipped and not r3.skipped and r3.num_aggregated == 5
+    assert r3.test_acc > 0.8

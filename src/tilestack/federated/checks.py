@@ -350,6 +350,24 @@ def check_robust(strategy: Strategy, num_nodes: int) -> None:
             )
 
 
+def robust_short(strategy: Strategy, num_replies: int) -> str:
+    """Why a Byzantine-robust rule in ``strategy`` cannot keep its tolerance over ``num_replies`` replies ('' when
+    it can): Krum and MultiKrum with f > 0 need 2f + 3 (with fewer, Flower scored each update by fewer neighbours
+    than the rule assumes, and ran), FedTrimmedAvg must trim at least one reply from each end (int(beta x n) >= 1:
+    with fewer replies it ran as the plain mean). The round start checks the sample; dropouts, faults and clients
+    offline make rounds with fewer replies, which are skipped, the model kept, as Flower's own Bulyan skips."""
+    for s in strategy_levels(strategy):
+        name = type(s).__name__
+        if isinstance(s, fl.MultiKrum) and (f := vars(s).get("num_malicious_nodes", 0)) > 0:
+            if num_replies < 2 * f + 3:
+                return (f"{name} needs 2f + 3 = {2 * f + 3} replies (num_malicious_nodes={f}) to tolerate f attackers, "
+                        f"got {num_replies}; the global model is kept")  # fmt: skip
+        if isinstance(s, fl.FedTrimmedAvg) and (beta := vars(s).get("beta", 0)) > 0 and int(beta * num_replies) == 0:
+            return (f"FedTrimmedAvg with beta={beta} trims int(beta x {num_replies}) = 0 of {num_replies} replies (it "
+                    "would be the plain mean); the global model is kept")  # fmt: skip
+    return ""
+
+
 def check_privacy(strategy: Strategy, num_nodes: int) -> None:
     """Refuse a Flower DP wrapper whose noise or clipping would not hold (see module doc)."""
     levels = strategy_levels(strategy)

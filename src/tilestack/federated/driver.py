@@ -17,7 +17,9 @@ configure_evaluate, send, aggregate_evaluate, then server-side evaluation), and 
   Flower's ``sample_nodes`` would otherwise wait forever for nodes that never come), are checked before the
   first round.
 - Accounting: a round whose strategy returned no model (Bulyan with fewer than 4f + 3 replies, every
-  reply left out) reports ``num_aggregated=0`` and why in ``RoundMetrics.skipped``. A round with no replies at
+  reply left out) reports ``num_aggregated=0`` and why in ``RoundMetrics.skipped``; so does one where dropouts or
+  faults leave a Krum / MultiKrum fewer than 2f + 3 replies or a FedTrimmedAvg too few to trim one
+  (``checks.robust_short``: their tolerance would not hold, and Flower ran them anyway). A round with no replies at
   all (nobody sampled, every client failed) does not call ``aggregate_train``: there is nothing to aggregate, and
   Flower's adaptive-clipping DP wrappers ended the run dividing their clipped share by zero replies.
   The metrics the strategy aggregates (Flower's: weighted by each client's examples) are kept per round in
@@ -76,6 +78,7 @@ from tilestack.federated.checks import (
     require_int,
     require_real_arrays,
     require_timeout,
+    robust_short,
     strategy_levels,
 )
 from tilestack.federated.client import PARTITION_METRIC, TASK_KEY
@@ -488,12 +491,14 @@ def run_rounds(
         skipped = ""
         before = _snapshot(strategy)
         try:
-            if replies:
+            if replies and (too_few := robust_short(strategy, len(replies))):
+                new_arrays, train_metrics, skipped = None, None, too_few  # the rule's tolerance would not hold
+            elif replies:
                 with _noise_for(strategy, len(replies), r):
                     new_arrays, train_metrics = strategy.aggregate_train(r, replies)
             else:  # nothing to aggregate: the strategy is not asked (Flower's adaptive clipping divided by zero)
                 new_arrays, train_metrics = None, None
-            if new_arrays is None:
+            if new_arrays is None and not skipped:
                 skipped = short or skip_reason(strategy, len(replies), len(messages))
         except InconsistentMessageReplies as ex:
             new_arrays, train_metrics, skipped = None, None, f"inconsistent replies: {ex}"
