@@ -192,6 +192,27 @@ def test_lm_head_loss_with_every_label_ignored():
     assert tc.last_report().swapped.get("linear_cross_entropy") == 1, str(tc.last_report())
 
 
+class Classifier(nn.Module):
+    """Mean-pooled token embeddings, a LayerNorm and a 3-class head without a bias, trained with cross-entropy."""
+
+    def __init__(self, vocab: int = 40, d: int = 16, classes: int = 3):
+        super().__init__()
+        self.embed, self.norm, self.head = nn.Embedding(vocab, d), nn.LayerNorm(d), nn.Linear(d, classes, bias=False)
+
+    def forward(self, ids, labels):
+        return F.cross_entropy(self.head(self.norm(self.embed(ids).mean(1))), labels)
+
+
+def test_classifier_with_fewer_classes_than_the_check_draws():
+    """check=True drew the labels of the loss in 0..7: with 3 classes the replaced cross-entropy raised inside the
+    check ("Target 4 is out of bounds") and the compile failed. Integers the nodes cannot index with are drawn again
+    as 0."""
+    model = seeded(Classifier, train=True)
+    ids, labels = torch.randint(0, 40, (6, 5)), torch.tensor([0, 2, 1, 1, 0, 2])
+    _, swaps = _run(model, ids, labels, grad_of=list(model.parameters()))
+    assert swaps == {"linear_cross_entropy": 1, "norm": 1}, swaps
+
+
 # ---- a router and attention pooling --------------------------------------------------------------------------------
 class RouterAndPool(nn.Module):
     """Mixtral's router (softmax in f32 over the experts, top-2, renormalised in place, experts summed by weight)
@@ -339,4 +360,17 @@ def test_outputs_reshaped_are_relaid():
 
     torch.manual_seed(0)
     _, swaps = _run(f, torch.randn(2, 8, 3, 5), torch.randn(8))
+    assert swaps == {"norm": 1}, swaps
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_rms_norm_default_eps_on_small_activations(dtype):
+    """nn.RMSNorm(d) with eps=None: torch adds the epsilon of the dtype it computes in, f32's (1.2e-7) for a 16-bit
+    input; the rewrite took the input's own (bf16's 7.8e-3, f16's 9.8e-4), which on activations of 0.01 (mean
+    square 1e-4) dominates the statistic: 2.95 off in bf16."""
+    model = seeded(nn.RMSNorm, 64, dtype=dtype)
+    torch.manual_seed(1)
+    x = (0.01 * torch.randn(4, 8, 64)).to(dtype)
+    with torch.no_grad():
+        _, swaps = _run(model, x, dtype=dtype)
     assert swaps == {"norm": 1}, swaps

@@ -21,8 +21,8 @@ def _norm_args(node: Node):
     xv = value(x)
     if not isinstance(xv, torch.Tensor):
         return None
-    if eps is None:                                  # F.rms_norm's default
-        eps = torch.finfo(xv.dtype).eps
+    if eps is None:        # F.rms_norm's default: the epsilon of the dtype it computes in (f32 for 16-bit x)
+        eps = torch.finfo(torch.float32 if xv.dtype in (torch.bfloat16, torch.float16) else xv.dtype).eps
     shape = tuple(shape) if isinstance(shape, list | tuple) else (shape,)
     if shape != (xv.shape[-1],):
         return x, weight, bias, eps, f"normalized_shape {shape} is not the last dim alone ({xv.shape[-1]},)"
