@@ -329,3 +329,36 @@ def test_tied_autoencoder_in_float64():
     _, train_counts, _ = profiled("tied_autoencoder", True)
     assert flops_of(train_counts, "aten::mm") == 5 * 2 * b * nw * w * h
     assert {o.m.dtype for o in p.ops if o.counted} == {"fp64"}
+
+
+def test_conformer_under_bf16_autocast_and_inference_mode():
+    """Under a bf16 autocast the convolutions and linears are bf16 rows with the fp32 FLOPs; under inference_mode
+    the forward counts what no_grad counts (composite ops reach the mode whole and are counted as their parts)."""
+    _, counts, _ = profiled("conformer_conv", True)
+    model, inputs = pm.conformer_conv()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        p = profile.profile_model(model, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu", train=True)
+    heavy = [o for o in p.ops if o.counted and o.op in ("aten::convolution", "aten::addmm", "aten::mm")]
+    assert heavy and {o.m.dtype for o in heavy} == {"bf16"}
+    for op in ("aten::convolution", "aten::addmm", "aten::mm", "aten::convolution_backward"):
+        assert math.fsum(o.m.flops * o.calls for o in p.ops if o.op == op) + math.fsum(
+            u.flops for u in p.untimed if u.op == op) == flops_of(counts, op), op
+    plain, _, _ = profiled("conformer_conv", False)
+    with torch.inference_mode():
+        p = profile.profile_model(model, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu")
+    assert p.flops == pytest.approx(plain.flops)
+
+
+def test_glow_step_counted_on_the_meta_device_as_on_the_cpu():
+    """count_ops needs no data: the Glow step moved to the meta device (model and inputs) counts the FLOPs and
+    bytes the CPU step does, forward and backward (each a first call: ActNorm's statistics of its first batch
+    included)."""
+    for train in (False, True):
+        model, (x,) = pm.glow_step()
+        cpu = counting.count_ops(profile.make_step(model, (x,), train=train))
+        model, (x,) = pm.glow_step()
+        meta = counting.count_ops(profile.make_step(model.to("meta"), (x.to("meta"),), train=train))
+        assert "aten::std" in by_op(meta)
+        assert math.fsum(c.flops for c in meta.values()) == pytest.approx(math.fsum(c.flops for c in cpu.values()))
+        assert math.fsum(c.bytes_read + c.bytes_written for c in meta.values()) == math.fsum(
+            c.bytes_read + c.bytes_written for c in cpu.values())

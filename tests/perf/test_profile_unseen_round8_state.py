@@ -33,6 +33,7 @@ from tilestack.perf.formulas import LaunchError
 
 sys.path.insert(0, str(Path(__file__).parent))
 import perf_models_round8 as pm  # noqa: E402
+import perf_models_round8b as pmb  # noqa: E402
 from profile_support import CEIL, rows_of  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
@@ -94,6 +95,25 @@ def test_profiling_leaves_the_model_as_it_found_it(name, train):
     got = [counting._tensors(model(*args, **kwargs)) for _ in range(2)]
     for want, have in zip(expected, got, strict=True):
         assert all(torch.equal(x, y) for x, y in zip(want, have, strict=True))
+
+
+ALL_MODELS = {**pm.MODELS, **pmb.MODELS}
+
+
+@pytest.mark.parametrize("name", sorted(ALL_MODELS))
+def test_every_model_of_the_round_is_left_as_it_was(name):
+    """Every model of the round, profiled with its backward: its state (snapshot) and its next output are those of
+    the model unprofiled."""
+    build = ALL_MODELS[name][0]
+    expected = outputs_of(build, 1)
+    model, inputs = build()
+    before = snapshot(model, inputs)
+    profile.profile_model(model, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu", train=True)
+    assert_same(before, snapshot(model, inputs))
+    args, kwargs = profile.as_call(inputs)
+    torch.manual_seed(1)
+    got = counting._tensors(model(*args, **kwargs))
+    assert all(torch.equal(x, y) for x, y in zip(expected[0], got, strict=True))
 
 
 def test_plain_attributes_are_rebound_refilled_and_removed():
