@@ -5,7 +5,7 @@ the offsets; dropout + residual + LayerNorm fused over rows wider than a tile (P
 p = 1, the new residual written out); a prefix sum across blocks in three launches (block totals, their exclusive
 scan by one program, the blocks rescanned with their offsets), in i32 (wrapping), i64 and f32; 2:4 structured
 sparsity (the two largest magnitudes of each group of four, NaN as the largest, ties to the lower index) written as
-a dense pruned copy, a bool mask and the compressed values with their positions; MX-style fp8 (e4m3) quantization
+a dense pruned copy, a torch.bool mask and the compressed values with their positions; MX-style fp8 (e4m3) quantization
 with one power-of-two scale per 32 elements; and a MoE grouped GEMM whose rows pick their expert from an offsets
 vector.
 """
@@ -415,7 +415,7 @@ def test_three_launch_prefix_sum(backend, dtype, n, rng):
 @ts.kernel(grid=lambda XG, BM, BG: (ts.cdiv(XG.shape[1], BM), ts.cdiv(XG.shape[2], BG)))
 def prune_2_4(XG, PG, KG, VG, IG, *, BM: int = 16, BG: int = 16):
     """XG (4, M, N/4): the four members of each group of X (M, N) as strided views; PG the pruned copy (the two kept,
-    zeros), KG (4, M, N/4) int8 the mask (0 / 1), VG (2, M, N/4) the kept values in order (X (M, N/2)'s pairs),
+    zeros), KG (4, M, N/4) torch.bool the mask, VG (2, M, N/4) the kept values in order (X (M, N/2)'s pairs),
     IG (2, M, N/4) int8 their positions in the group. Magnitude ranks with NaN largest, ties to the lower position."""
     i, j = ts.block_id(0), ts.block_id(1)
     xs = [ts.RegTile[XG.dtype, BM, BG]() for _ in range(4)]
@@ -444,8 +444,7 @@ def prune_2_4(XG, PG, KG, VG, IG, *, BM: int = 16, BG: int = 16):
                 ts.gt(beat, key[m], key[k])
             ts.where(rank, beat, rank + 1, rank)
         ts.lt(keep[k], rank, 2)
-        ts.copy(pos, keep[k])                        # (a bool_ mask is stored as 0 / 1 int8: no bool globals)
-        ts.store(KG, pos, at=(k, i, j))
+        ts.store(KG, keep[k], at=(k, i, j))          # a mask into a torch.bool tensor
         ts.where(val, keep[k], xs[k], zero)
         ts.store(PG, val, at=(k, i, j))
     for slot, order in ((0, (3, 2, 1, 0)), (1, (0, 1, 2, 3))):   # the lowest kept, then the highest kept
@@ -477,7 +476,8 @@ def test_prune_2_4(backend, dtype, M, N, rng):
         x[2, :4] = torch.tensor([1.0, math.nan, -math.inf, math.nan])
         x[2, 4:8] = torch.tensor([math.inf, 2.0, -math.inf, 1e4])
     pruned = poisoned(M, N, dtype=dtype, value=9.0)
-    mask = torch.full((M, N), 5, dtype=I8)
+    mask = torch.zeros(M, N, dtype=torch.bool)
+    mask.fill_(True)
     vals = poisoned(M, N // 2, dtype=dtype, value=9.0)
     pos = torch.full((M, N // 2), -1, dtype=I8)
     launch(prune_2_4, backend, groups_view(x, 4), groups_view(pruned, 4), groups_view(mask, 4), groups_view(vals, 2),
@@ -485,7 +485,7 @@ def test_prune_2_4(backend, dtype, M, N, rng):
     key = torch.where(x.isnan(), math.inf, x.double().abs()).reshape(M, N // 4, 4)
     top = key.sort(dim=-1, descending=True, stable=True).indices[..., :2].sort(dim=-1).values   # (M, N/4, 2)
     want_mask = torch.zeros(M, N // 4, 4, dtype=torch.bool).scatter_(-1, top, True).reshape(M, N)
-    assert torch.equal(mask, want_mask.to(I8))
+    assert torch.equal(mask, want_mask)
     assert torch.equal(pruned.double().nan_to_num(nan=123.0),
                        torch.where(want_mask, x.double(), 0.0).nan_to_num(nan=123.0))
     assert torch.equal(pos, top.reshape(M, N // 2).to(I8))

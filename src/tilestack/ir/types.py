@@ -33,7 +33,8 @@ f16 = DType("f16", 2, True, "fp16")
 bf16 = DType("bf16", 2, True, "bf16")
 i32 = DType("i32", 4, False, "int32")
 i64 = DType("i64", 8, False, "int64")
-bool_ = DType("bool", 1, False, "bool")   # masks: what comparisons make and where() selects by (register tiles only)
+bool_ = DType("bool", 1, False, "bool")   # masks: what comparisons make and where() selects by (register tiles,
+#                                           and torch.bool globals: loaded as masks or as 0 / 1, stored as x != 0)
 i8 = DType("i8", 1, False, "int8")        # quantized weights (tilestack.quant), widened to a float tile before an mma
 f8e4m3 = DType("f8e4m3", 1, True, "fp8")   # OCP fp8 E4M3 "fn" (torch.float8_e4m3fn): no infinities, max 448
 DTYPES = {d.name: d for d in (f64, f32, f16, bf16, i32, i64, bool_, i8, f8e4m3)}
@@ -50,7 +51,7 @@ def dtype_named(name: str) -> DType:
 
 # The torch dtype each tile dtype corresponds to, by name (torch is imported only where tensors are).
 TORCH_NAMES = {"f64": "float64", "f32": "float32", "f16": "float16", "bf16": "bfloat16",
-               "i32": "int32", "i64": "int64", "i8": "int8", "f8e4m3": "float8_e4m3fn"}
+               "i32": "int32", "i64": "int64", "i8": "int8", "f8e4m3": "float8_e4m3fn", "bool": "bool"}
 
 
 def dtype_of_torch(torch_dtype) -> DType | None:

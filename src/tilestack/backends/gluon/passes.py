@@ -30,7 +30,7 @@ from tilestack.errors import BackendError
 from tilestack.ir.nodes import Block, Instr, KernelIR, Role, Value
 from tilestack.ir.ops import OPS, AccessAttrs, ConstAttrs, FnAttrs, NoAttrs, Op, RangeAttrs, check_lowerable
 from tilestack.ir.passes import DCE, SPLIT_HOST, Pass, Pipeline, clone
-from tilestack.ir.types import INDEX, GlobalType, Space, StagesType, TileType
+from tilestack.ir.types import INDEX, GlobalType, Space, StagesType, TileType, bool_
 
 TMA_MAX_BOX = 256          # elements per dimension of one copy-engine transfer
 TMA_MIN_ROW_BYTES = 16     # the innermost box dimension moves at least 16 bytes
@@ -140,15 +140,20 @@ def choose_access(tma: bool):
 def _choose_access(ir: KernelIR, tma: bool) -> KernelIR:
     out = clone(ir)
     for ins in out.walk():
+        # a bool global (torch.bool, i1 to Triton) through pointers: the copy engine has no 1-bit element
+        engine = tma and ins.op in (Op.LOAD, Op.STORE) and ins.srcs[0].type.dtype is not bool_
         if ins.op is Op.LOAD:
-            via = "tma" if tma and ins.result.type.space is Space.SHARED else "pointer"
+            via = "tma" if engine and ins.result.type.space is Space.SHARED else "pointer"
         elif ins.op is Op.STORE:
             t = ins.srcs[1].type
-            via = "tma" if tma and len(t.shape) == 2 and tma_box_ok(t.shape, ins.srcs[0].type.dtype.itemsize) \
+            via = "tma" if engine and len(t.shape) == 2 and tma_box_ok(t.shape, ins.srcs[0].type.dtype.itemsize) \
                 else "pointer"
         elif ins.op is Op.ATOMIC_ADD:
             via = "pointer"
         elif ins.op is Op.ASYNC_LOAD:
+            if ins.srcs[2].type.dtype is bool_:
+                _fail(ins, "loads asynchronous stages with the copy engine, which has no 1-bit element; "
+                           f"this one reads a {ins.srcs[2].type} (a torch.bool tensor: load it with ts.load)")
             via = "tma"
         else:
             continue

@@ -19,7 +19,7 @@ from tilestack.errors import BackendError
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
 from tilestack.ir.ops import AccessAttrs, Op, check_lowerable
 from tilestack.ir.passes import DCE, SPLIT_HOST, Pass, Pipeline, clone, dead_code
-from tilestack.ir.types import Space, StagesType, TileType
+from tilestack.ir.types import Space, StagesType, TileType, bool_
 
 TMA_MAX_BOX = 256   # elements per dimension of one copy-engine transfer (a wider tile goes through pointers)
 
@@ -116,11 +116,14 @@ def choose_access(tma: bool):
     def run(ir: KernelIR) -> KernelIR:
         out = clone(ir)
         for ins in out.walk():
+            # (a bool global through pointers: Triton types it i1, and a copy-engine box of i1 has 0 bytes a row)
+            copy_engine = tma and ins.op in (Op.LOAD, Op.STORE) and ins.srcs[0].type.dtype is not bool_
             if ins.op is Op.LOAD:
                 t = ins.result.type
-                via = "tma" if tma and uses_tma(ins.srcs[0].type.rank, t.shape, t.space) else "pointer"
+                via = "tma" if copy_engine and uses_tma(ins.srcs[0].type.rank, t.shape, t.space) else "pointer"
             elif ins.op is Op.STORE:
-                via = "tma" if tma and uses_tma(ins.srcs[0].type.rank, ins.srcs[1].type.shape, None) else "pointer"
+                via = "tma" if copy_engine and uses_tma(ins.srcs[0].type.rank, ins.srcs[1].type.shape, None) \
+                    else "pointer"
             elif ins.op is Op.ATOMIC_ADD:
                 via = "pointer"
             else:
