@@ -11,6 +11,8 @@ What the round found (each pinned by the test whose docstring says so):
   were left changed. All are put back now (rebound, refilled, their generator states and tensor values restored);
 - overlapping windows (as_strided, Tensor.unfold with a step below the window) were counted as read once per window
   element: a signal of 40 doubles cut into 8 windows of 6 read as 96, where the copy reads the 40 it spans;
+- a float64 model profiled with the cached ceilings (ceilings=None) had no fp64 roof on a CPU: every row read
+  "bound unknown"; the profile now measures the roofs its step's dtypes lack (profile._with_roofs_for);
 - a numpy array inside the inputs (a tuple's element, a dict's value) failed in the first step with "linear():
   argument 'input' must be Tensor, not numpy.ndarray", naming no argument and nothing expected;
 - formulas.causal_fraction (new) refuses lengths that are not positive whole numbers and a non-bool alignment;
@@ -28,7 +30,7 @@ import pytest
 import torch
 from torch import nn
 
-from tilestack.perf import counting, formulas, profile
+from tilestack.perf import counting, device, formulas, profile
 from tilestack.perf.formulas import LaunchError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -168,6 +170,22 @@ def test_state_attributes_are_put_back_when_the_model_raises():
     with pytest.raises(profile.ProfileError, match="raised ValueError"):
         profile.profile_model(model, (torch.randn(3, 2),), steps=1, warmup=2, ceilings=CEIL, device="cpu")
     assert model.calls == 0 and model.state is None
+
+
+def test_a_float64_model_profiled_with_the_cached_ceilings_gets_an_fp64_roof():
+    """With ceilings=None a CPU's cached ceilings hold fp32 and bf16 roofs only: every row of the float64
+    autoencoder read "bound unknown", its tip pointing to a remeasure that measures fp32 and bf16 again. The
+    profile now measures the roof of the dtype its step computes in (and caches it); given ceilings stay as given."""
+    cpu = device.detect("cpu")
+    assert device.ceilings(cpu).peak("fp64") is None  # the cache as a first profile or `tilestack device` leaves it
+    model, inputs = pm.tied_autoencoder()
+    p = profile.profile_model(model, inputs, steps=1, warmup=1, device="cpu")
+    assert p.ceilings.peak("fp64") > 0
+    rows = [o for o in p.ops if o.counted and o.m.flops > 0]
+    assert rows and all(o.m.dtype == "fp64" and o.bound in ("memory", "compute") for o in rows)
+    assert device.ceilings(cpu).peak("fp64") == p.ceilings.peak("fp64")  # cached for the next profile
+    given = profile.profile_model(model, inputs, steps=1, warmup=1, device="cpu", ceilings=CEIL)
+    assert given.ceilings is CEIL and all(o.bound == "unknown" for o in given.ops if o.counted and o.m.flops > 0)
 
 
 def test_a_lazy_module_still_keeps_what_its_first_forward_made():

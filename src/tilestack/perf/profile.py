@@ -46,6 +46,7 @@ import copy
 import dataclasses
 import math
 import statistics
+import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
@@ -282,9 +283,10 @@ def profile_model(
     machine descheduled), with its spread.
 
     ``device`` None reads it off the inputs or parameters; ``ceilings`` None uses the cached (or freshly
-    measured) ceilings of that device, ``False`` none. ``fastpath`` False turns off the inference fast path
-    of ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer``: its fused native kernels call matmuls that
-    no dispatch mode sees, so with it on their time is shown but not their FLOPs.
+    measured) ceilings of that device, measured again with the dtypes the step computes in that have no roof there
+    (fp64 on a CPU), ``False`` none; given ceilings are taken as they are. ``fastpath`` False turns off the
+    inference fast path of ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer``: its fused native kernels
+    call matmuls that no dispatch mode sees, so with it on their time is shown but not their FLOPs.
     """
     import time
 
@@ -332,6 +334,8 @@ def profile_model(
         # Warm-up first, so the counted step is a steady-state one (gradients already allocated, caches built).
         guarded("warm-up", warm)
         counts = guarded("counting pass", lambda: count_ops(step))
+        if ceilings is None and ceil is not None:
+            ceil = _with_roofs_for(ceil, dev, counts)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
 
         counted = {key for key, c in counts.items() if c.flops > 0 or c.bytes_read + c.bytes_written > 0}
@@ -370,6 +374,29 @@ def profile_model(
             if now - t_start + (now - r0) * (done + n) / n > budget_s:
                 break
         return _join(name, dev, ceil, counts, counted, rounds, wall, train)
+
+
+def _with_roofs_for(ceil: Any, dev: Any, counts: Mapping[OpKey, _Count]) -> Any:
+    """The cached ceilings, measured again with the dtypes the step computes in that have no roof here (neither
+    measured nor published: a float64 model on a CPU, whose cached ceilings hold fp32 and bf16), where the device
+    can measure them; else as they are. Without this every row of such a model reads "bound unknown"."""
+    from tilestack.perf import device as device_mod
+
+    spec = getattr(dev, "spec", None)
+    missing = {
+        c.dtype for c in counts.values()
+        if c.flops > 0 and c.dtype in device_mod.MEASURABLE_DTYPES and ceil.peak(c.dtype) is None
+        and (spec is None or spec.peak(c.dtype) is None)
+    }
+    if not missing:
+        return ceil
+    dtypes = sorted(({*ceil.matmul} & set(device_mod.MEASURABLE_DTYPES)) | missing)
+    try:
+        return device_mod.ceilings(dev, dtypes=dtypes)
+    except (device_mod.DeviceError, RuntimeError) as e:  # a dtype this machine cannot multiply in: as before
+        warnings.warn(f"no roof measured for {', '.join(sorted(missing))} on {dev.name} ({e}): the rows of those "
+                      "dtypes have no bound", stacklevel=3)
+        return ceil
 
 
 def _self_s(e: Any, cuda: bool) -> float:
