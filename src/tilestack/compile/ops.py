@@ -276,10 +276,11 @@ def ts_fp8_chain(*args):
     """Chains of fp8 linear layers, each layer writing the next one's fp8 activations, after the norm that feeds
     their first layers (or none): ``args`` = (x, r, weight, bias) of the norm (r, weight, bias None where absent;
     x the first layer's input rows without a norm), then (q, scale, bias, residual) per layer, chain after chain,
-    then ``spec`` = (norm: "layer", "rms" or None, eps, per chain ((x_scale, activation), ...), per chain the
-    output dtype, per chain the output's static view or None). Every chain's first layer reads the one fp8
-    tensor the norm writes (their x_scales are equal). Returns h = x + r first where the norm adds a residual,
-    then each chain's last output."""
+    then ``spec`` = (norm: "layer", "rms" or None, eps, per chain ((x_scale, activation[, from_h]), ...), per
+    chain the output dtype, per chain the output's static view or None); ``from_h``: the layer's residual is h = x + r,
+    the norm's own sum (a pre-norm block's MLP with no norm after it: out = h + mlp(norm(h))), its residual
+    tensor None. Every chain's first layer reads the one fp8 tensor the norm writes (their x_scales are equal).
+    Returns h = x + r first where the norm adds a residual, then each chain's last output."""
     *tensors, spec = args
     norm, eps, chains, out_dtypes, shapes = spec
     x, r, weight, bias = tensors[:4]
@@ -291,8 +292,9 @@ def ts_fp8_chain(*args):
     outs, at = [], 4
     for layers, out_dtype, shape in zip(chains, out_dtypes, shapes, strict=True):
         y = y8
-        for i, (x_scale, activation) in enumerate(layers):
+        for i, (x_scale, activation, *from_h) in enumerate(layers):        # from_h may be left out: False
             q, scale, lbias, residual = tensors[at: at + 4]
+            residual = h if from_h and from_h[0] else residual
             at += 4
             out_scale = layers[i + 1][0] if i + 1 < len(layers) else 0.0
             y = quant_linear_fp8_op(y, q, scale, lbias, residual, x_scale, activation, out_scale, out_dtype)

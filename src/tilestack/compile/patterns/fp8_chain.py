@@ -81,7 +81,8 @@ def _norm_source(src: Node):
 
 def _what(norm: tuple | None, chains: list[list[tuple]]) -> str:
     head = [f"{'add + ' if norm[1] else ''}{norm[0]}_norm"] if norm else []
-    body = [" -> ".join(f"fp8 linear{'+' + a if a else ''}" for _, a in chain) for chain in chains]
+    body = [" -> ".join(f"fp8 linear{'+' + a if a else ''}{' + h' if from_h else ''}" for _, a, from_h in chain)
+            for chain in chains]
     return " -> ".join(head + ([body[0]] if len(body) == 1 else [f"({' | '.join(body)})"]))
 
 
@@ -152,11 +153,16 @@ def fp8_chain(gm: fx.GraphModule):
                 spec_chain = []
                 for layer in layers:
                     _, q, scale, lbias, residual, x_scale, activation, _ = gemms[layer]
-                    inputs += [q, scale, lbias, residual]
-                    spec_chain.append((x_scale, activation))
+                    from_h = h is not None and residual is h     # the block's last layer adds the norm's own sum
+                    inputs += [q, scale, lbias, None if from_h else residual]
+                    spec_chain.append((x_scale, activation, from_h))
                 specs.append(tuple(spec_chain))
             outputs = ([h] if adds else []) + lasts
             first = min(outputs, key=order.__getitem__)
+            inside = set(nodes)
+            if any(isinstance(n, Node) and n in inside for n in inputs):
+                declined.append((lasts[-1], "fp8 chain: a layer reads a value the chain itself replaces"))
+                continue
             late = [n for n in inputs if isinstance(n, Node) and n not in nodes and order[n] > order[first]]
             if late:
                 declined.append((lasts[-1], "fp8 chain: an input computed after the chain's first output"))
