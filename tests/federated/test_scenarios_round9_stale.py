@@ -8,15 +8,21 @@ round deadline, with ``stragglers='stale'``; each round written out from the run
   onto that round's model and weighted by (1 + rounds late) ** -a; busy until then, so not sampled; a client past
   ``max_staleness`` is left out saying so;
 - the same with compressed updates (top-k): the late update arrives as sent;
+- a late client offline when its work is done: it uploads once back (staleness grows), or is lost past the bound;
 - a run stopped with late updates in flight and resumed from its checkpoint: nothing lost;
 - on digits, slow clients holding classes nobody else has: late work keeps those classes, dropping it loses them;
-- settings under which late updates cannot be right are refused before any client trains.
+- settings under which late updates cannot be right are refused before any client trains;
+- on Flower's Simulation Engine (Ray): the same model and the same record as in-process (marked slow).
 
 What this round found, fixed: a client cut by the deadline could only do partial work or be dropped; semi-
 asynchronous training (FedBuff, FedAsync's staleness weights), which a user with slow devices expects, was missing.
 ``stragglers='stale'`` (grid.ManagedGrid, staleness.rebased, with ``staleness_exponent`` and ``max_staleness`` on
 ``simulate`` and ``ManagedGrid``) adds it; ``RoundMetrics.stale`` says which late updates joined each round, and
 the late updates in flight are part of the checkpoint (driver.run_rounds).
+
+Also fixed: on Flower's engine a round's record (the order of ``excluded`` and of the late updates held back) came
+in the order Flower's workers finished, so two runs of the same seed saved different histories now and then; the
+grid now takes replies in partition order (grid.ManagedGrid.send_and_receive).
 """
 
 from __future__ import annotations
@@ -94,6 +100,33 @@ def test_late_compressed_updates_arrive_as_sent_onto_the_current_model():
     want = replay_stale(task, np_(initial_arrays(task)), models, LATE_BY, 0.5, out_of_time=frozenset({5}))
     for rnd in range(1, 5):
         near(models[rnd - 1], want[rnd - 1]["model"], ulps=4)
+
+
+@pytest.mark.timeout(60)
+def test_a_late_client_offline_when_its_work_is_done_uploads_once_back_or_is_lost_past_max_staleness():
+    """Client 3's work (1 round late) ends in round 2, when it is offline. With max_staleness=4 it uploads in round 4,
+    its first round back, at staleness 3 (weighted (1 + 3) ** -0.5), moved onto round 4's model; with max_staleness=2
+    it is lost in round 3, saying so. Rounds written out by hand from the run's models."""
+    task = _task()
+    pattern = np.ones((4, 6))
+    pattern[1:3, 3] = 0  # client 3 offline in rounds 2 and 3
+    speeds = SPEEDS.copy()
+    speeds[4:] = 1000.0  # only client 3 is slow here
+    system = SystemModel(6, speeds=speeds, bandwidths=np.full(6, 1e12), deadline=DEADLINE, availability=pattern)
+    for most, joins in ((4, 4), (2, None)):
+        models: list[dict[str, np.ndarray]] = []
+        res = simulate(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), task, rounds=4, system=system,
+                       stragglers="stale", max_staleness=most, extra_metrics=keep(models))  # fmt: skip
+        stale = [r.stale for r in res.history.rounds]
+        if joins:
+            assert stale == [{}, {}, {}, {"3": 3}]
+            want = replay_stale(task, np_(initial_arrays(task)), models, {3: 3}, 0.5)  # 3 rounds late, as it came
+            near(models[3], want[3]["model"])
+        else:
+            assert stale == [{}, {}, {}, {}]
+            lost = "late: its update from round 1 is lost, offline until past max_staleness=2"
+            assert res.history.rounds[2].excluded == {"3": lost}
+            assert res.history.rounds[3].excluded["3"].startswith("late: its update arrives in round 5")  # again
 
 
 @pytest.mark.timeout(60)
@@ -198,3 +231,38 @@ def test_late_updates_where_they_cannot_be_right_are_refused_before_any_client_t
         grid = ManagedGrid(InProcessGrid(scripted(script), 6), task, system=system, stragglers="stale", **extra)
         run_rounds(strategy, grid, initial_arrays(task), num_rounds=1)
     assert not trained
+
+
+# ---- on Flower's own Simulation Engine ------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_schedule_and_late_updates_run_the_same_on_flowers_simulation_engine():
+    """Flower's Simulation Engine (Ray) under a schedule that takes four of six clients offline in round 2 and two
+    slow clients whose updates are due 1 and 2 rounds late (client 3's in round 2, when it is offline: it uploads in
+    round 3, once back): the model is bit for bit the in-process engine's, and so
+    is the whole record, per-client metrics, the late updates and who was left out included, in the same order (the
+    grid takes replies in partition order: Flower's came as its workers finished, and the record's order with
+    them)."""
+    task = _task(num_samples=300, local_steps=STEPS)
+    pattern = np.ones((3, 6))
+    pattern[1, :4] = 0
+    system = SystemModel(6, speeds=SPEEDS, bandwidths=np.full(6, 1e12), deadline=DEADLINE, availability=pattern)
+
+    def run(engine):
+        return simulate(FedAvg(fraction_train=1.0, fraction_evaluate=0.5), task, rounds=4, engine=engine,
+                        system=system, stragglers="stale")  # fmt: skip
+
+    ours, flower = run("tilestack"), run("flower")
+    x, y = np_(ours.arrays), np_(flower.arrays)
+    assert all(np.array_equal(x[k], y[k]) for k in x)
+
+    def record(res):
+        return json.dumps([{k: v for k, v in r.items() if k != "wall_time"} for r in res.history.to_dict()["rounds"]])
+
+    assert record(ours) == record(flower)
+    r1, r2, r3, _ = flower.history.rounds
+    assert "late" in r1.excluded["3"] and "late" in r1.excluded["4"]
+    # round 2: client 5 alone online and idle (3 is offline when its work is done, 4 still working): skipped
+    assert r2.num_online == 1 and r2.skipped.startswith("1 of 6 clients available") and not r2.stale
+    assert r3.stale == {"3": 2, "4": 2}  # client 3 uploads once back online, a round later than its work ended
+    assert any(r.client_eval for r in flower.history.rounds)

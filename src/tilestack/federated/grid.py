@@ -353,10 +353,20 @@ class ManagedGrid(Grid):
         ready = sorted(p for p, late in self.late.items() if late.due <= self.server_round)
         if not ready:
             return []
+        online = self.system.online(self.server_round) if self.system is not None else None
         current = codec.to_numpy(arrays)
         out = []
         for pid in ready:
-            late = self.late.pop(pid)
+            late = self.late[pid]
+            if online is not None and not online[pid]:  # offline when its work is done: it uploads once back
+                if late.staleness + 1 > self.max_staleness:
+                    del self.late[pid]
+                    self._exclude(pid, f"late: its update from round {late.started} is lost, offline until past "
+                                       f"max_staleness={self.max_staleness}")  # fmt: skip
+                else:
+                    late.due += 1
+                continue
+            del self.late[pid]
             reply = rebased(late, current, self.weight_keys, self.staleness_exponent)
             self._log["aggregated"] += 1
             self._log["steps_done"] += late.steps
@@ -469,6 +479,9 @@ class ManagedGrid(Grid):
             sent[nid] = (msg.content, steps)
             out.append(msg)
         replies = list(self.inner.send_and_receive(out, timeout=timeout))
+        # in partition order, whatever order they came in (Flower's engine: as its workers finish), so that what the
+        # round records (who was left out or held back, and in which order) is the same on every engine
+        replies.sort(key=lambda r: self.partition_of.get(r.metadata.src_node_id, -1))
         answered = {r.metadata.src_node_id for r in replies}
         for nid in sent:
             if nid not in answered:

@@ -12,7 +12,9 @@ rounds later, in round r0 + tau. There it joins the round's aggregation as ``x +
 applied to the current global model ``x`` (the model it trained from is tau rounds old), and its weight (the
 strategy's ``weighted_by_key``: examples by default) is multiplied by ``(1 + tau) ** -staleness_exponent``. A
 client is busy, not among the nodes the strategy samples from, until its update is in; one that would be more than
-``max_staleness`` rounds late is left out as under ``"drop"``. Updates still in flight are part of the checkpoint.
+``max_staleness`` rounds late is left out as under ``"drop"``. A client offline (the system's ``availability``) in
+the round its work ends in uploads in the first round it is back, one round later each time (lost past
+``max_staleness``). Updates still in flight are part of the checkpoint.
 
 It needs replies that are the global model's own arrays (an update can be moved onto the current model): strategies
 whose replies hold other arrays (HeteroFL, IFCA, CFL, FedBN, SCAFFOLD) and DP wrappers (a weight share above one
