@@ -11,6 +11,9 @@ What the round found (each pinned by the test whose docstring says so):
   were left changed. All are put back now (rebound, refilled, their generator states and tensor values restored);
 - overlapping windows (as_strided, Tensor.unfold with a step below the window) were counted as read once per window
   element: a signal of 40 doubles cut into 8 windows of 6 read as 96, where the copy reads the 40 it spans;
+- a functools.partial of a model (or of its forward) was profiled with nothing put back: BatchNorm statistics
+  moved and gradients were left in .grad; the partial is unwrapped to its module, and nets and tensors it binds
+  are kept;
 - a float64 model profiled with the cached ceilings (ceilings=None) had no fp64 roof on a CPU: every row read
   "bound unknown"; the profile now measures the roofs its step's dtypes lack (profile._with_roofs_for);
 - a numpy array inside the inputs (a tuple's element, a dict's value) failed in the first step with "linear():
@@ -186,6 +189,31 @@ def test_a_float64_model_profiled_with_the_cached_ceilings_gets_an_fp64_roof():
     assert device.ceilings(cpu).peak("fp64") == p.ceilings.peak("fp64")  # cached for the next profile
     given = profile.profile_model(model, inputs, steps=1, warmup=1, device="cpu", ceilings=CEIL)
     assert given.ceilings is CEIL and all(o.bound == "unknown" for o in given.ops if o.counted and o.m.flops > 0)
+
+
+def test_a_partial_of_a_model_is_left_as_it_was():
+    """functools.partial(net, mask=...) or of net.forward: nothing was put back (the partial is neither a module
+    nor a bound method), so the Conformer's BatchNorm statistics moved with every profiled step and the training
+    profile left its gradients in .grad. The partial is unwrapped to its module; a net or a tensor it binds as an
+    argument is kept too."""
+    import functools
+
+    for wrap in (lambda m: m, lambda m: m.forward):
+        model, (x,) = pm.conformer_conv()
+        before = snapshot(model, (x,))
+        scale = torch.ones(1)
+
+        def scaled(x, *, net, scale):
+            scale.mul_(2)  # a bound tensor written in place
+            return net(x) * scale
+
+        call = functools.partial(functools.partial(scaled, net=wrap(model)), scale=scale)
+        profile.profile_model(functools.partial(wrap(model)), (x,), steps=1, warmup=1, ceilings=CEIL, device="cpu",
+                              train=True)
+        assert_same(before, snapshot(model, (x,)))
+        profile.profile_model(call, (x,), steps=1, warmup=1, ceilings=CEIL, device="cpu", train=True)
+        assert torch.equal(scale, torch.ones(1))
+        assert_same(before, snapshot(model, (x,)))  # the net the partial binds: kept too
 
 
 def test_a_lazy_module_still_keeps_what_its_first_forward_made():

@@ -16,6 +16,7 @@ appends to, a ``torch.Generator`` of the model's own.
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import sys
 from collections.abc import Iterator
@@ -113,14 +114,20 @@ class _Attributes:
 
 @contextlib.contextmanager
 def preserved(model: Any, inputs: Any) -> Iterator[None]:
-    """Keep, and put back on exit: each module's parameters, buffers and plain attributes (which tensors and objects
-    they are, and the tensors' values), each parameter's (and each leaf input's) ``.grad`` tensor (set aside, so the
-    profile's gradients are neither added into the caller's nor left behind), each module's training mode, the input
-    tensors' values, and the RNG states of torch (CPU and every initialised GPU), Python's ``random`` and NumPy's."""
+    """Keep, and put back on exit, for a module, a bound method of one (``net.forward``) or a ``functools.partial`` of
+    either: each module's parameters, buffers and plain attributes (which tensors and objects they are, and the
+    tensors' values), each parameter's (and each leaf input's) ``.grad`` tensor (set aside, so the profile's
+    gradients are neither added into the caller's nor left behind), each module's training mode, the input tensors'
+    values, and the RNG states of torch (CPU and every initialised GPU), Python's ``random`` and NumPy's."""
     import torch
 
-    owner = model if isinstance(model, torch.nn.Module) else getattr(model, "__self__", None)  # net.forward's net
-    modules = list(owner.modules()) if isinstance(owner, torch.nn.Module) else []
+    bound: list[Any] = []  # what functools.partial(net, mask=m) binds: its tensors are kept as the inputs are
+    while isinstance(model, functools.partial):
+        bound += [*model.args, *model.keywords.values()]
+        model = model.func
+    # the modules whose state a call may change: the model, net.forward's net, a net a partial binds
+    owners = [o if isinstance(o, torch.nn.Module) else getattr(o, "__self__", None) for o in (model, *bound)]
+    modules = list(dict.fromkeys(m for o in owners if isinstance(o, torch.nn.Module) for m in o.modules()))
     # which tensors each module holds: rebinding (self.buf = self.buf + 1) is undone too; a ScriptModule's
     # containers are wrappers of C++ state that Python cannot rebind
     slots = [(m, dict(m._parameters), dict(m._buffers)) for m in modules
@@ -133,7 +140,7 @@ def preserved(model: Any, inputs: Any) -> Iterator[None]:
     values += _tensors([a.values for a in attributes])
     modes = [(m, m.training) for m in modules]
     held: dict[int, Any] = {}
-    for t in (*values, *_tensors(inputs)):
+    for t in (*values, *_tensors(inputs), *_tensors(bound)):
         if _saveable(t):
             held.setdefault(id(t), t)
     saved = [_Saved(t) for t in held.values()]
