@@ -7,7 +7,9 @@ What the set found (pinned by the test whose docstring says so):
 - a forward that consumes its inputs (pops a key off each target dict and rebinds its boxes, as detection losses
   do) failed under profile_model with "raised KeyError during the counting pass: 'ignore'": every step was called
   with the same containers, which the first step had emptied; and the caller's targets were left changed (keys
-  gone, boxes scaled by each step). Each step now gets containers of its own (``profile._fresh``).
+  gone, boxes scaled by each step). Each step now gets containers of its own (``profile._fresh``);
+- the training step's loss took .float() of each output: a complex output lost its imaginary part, with torch's
+  "Casting complex values to real discards the imaginary part" warning on every step.
 """
 
 import math
@@ -176,3 +178,27 @@ def test_causal_decoder_self_attention_is_halved_and_cross_attention_is_not():
     projections = 2 * b * t * d * 3 * d + 2 * b * t * d * d + 2 * b * t * d * d + 2 * b * m * d * 2 * d \
         + 2 * b * t * d * d
     assert flops_of(counts, MATMULS) == projections + 2 * (2 * b * t * d * f)
+
+
+def test_a_complex_output_is_differentiated_in_both_parts_without_a_warning():
+    """The training step summed each output's .float(): for a complex output that dropped the imaginary part, with
+    torch's "Casting complex values to real discards the imaginary part" warning on every step. Both parts are
+    summed now (view_as_real): 2 adds per complex element, and no warning."""
+    import warnings
+
+    class ComplexOut(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.cfloat))
+
+        def forward(self, z):
+            return z @ self.w  # (2, 3) complex
+
+    model, z = ComplexOut(), torch.randn(2, 4, dtype=torch.cfloat)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        profile.profile_model(model, (z,), steps=1, warmup=1, ceilings=CEIL, device="cpu", train=True)
+        counts = counting.count_ops(profile.make_step(model, (z,), train=True))
+    (loss_sum,) = [c for (op, shapes), c in counts.items() if op == "aten::sum"]
+    assert loss_sum.flops == 2 * 2 * 3
+    assert flops_of(counts, "aten::mm") == 2 * 4 * (2 * 2 * 4 * 3)  # forward, and the weight's gradient: complex

@@ -227,8 +227,9 @@ def _fresh(obj: Any) -> Any:
 
 
 def make_step(model: Callable[..., Any], inputs: Any, *, train: bool = False) -> Callable[[], Any]:
-    """One forward (``train`` False, under no_grad), or forward + backward of the sum of the outputs. Each step
-    calls the model with fresh containers around the inputs (:func:`_fresh`): every step sees the same inputs.
+    """One forward (``train`` False, under no_grad), or forward + backward of the sum of the outputs (of both parts
+    of a complex one). Each step calls the model with fresh containers around the inputs (:func:`_fresh`): every
+    step sees the same inputs.
 
     Dense gradients accumulate from step to step (each step adds into them: the same work every step). A sparse
     one (nn.Embedding(sparse=True)) is dropped before each step: accumulated, it would grow by its rows every
@@ -250,7 +251,9 @@ def make_step(model: Callable[..., Any], inputs: Any, *, train: bool = False) ->
             if p.grad is not None and p.grad.layout != torch.strided:
                 p.grad = None
         out = model(*a, **kw)
-        loss = sum(t.float().sum() for t in _tensors(out) if t.requires_grad)
+        # a complex output's real and imaginary parts both (its .float() would drop the imaginary one, warning)
+        loss = sum((torch.view_as_real(t) if t.is_complex() else t).float().sum()
+                   for t in _tensors(out) if t.requires_grad)
         if not isinstance(loss, torch.Tensor):
             raise ProfileError(
                 "train=True but no output of the model requires grad: there is no backward to profile; "
