@@ -3,10 +3,12 @@
     x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w                   # in x's dtype
     h = x.to(torch.float32); w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)   # Llama
     x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)                          # no weight
+    h = x.float(); (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + w.float())).type_as(x)  # Gemma
 
 -> ``tilestack::rms_norm_fwd`` (the kernel computes in f32 whatever x's dtype, and rounds once at the end). The
 square may be ``pow(2)``, ``** 2``, ``square()`` or ``h * h``; the statistic may be upcast to f32 or f64; the
-weight (a 1-D tensor of the last dim's size) may multiply on either side, or be absent."""
+weight (a 1-D tensor of the last dim's size) may multiply on either side (the product cast back to x's dtype once,
+as Gemma's), or be absent."""
 
 from __future__ import annotations
 
@@ -123,15 +125,18 @@ def hand_rms_norms(gm):
         found = _normalized(node)
         weight, out, extra = None, node, []
         if found is None:                          # w * cast(x * rsqrt(...)) or cast(...) * w
-            if kind(node) != "mul":
+            mul, back = node, []
+            if kind(node) != "mul" and kind(cast_input(node)) == "mul":
+                mul, back = cast_input(node), [node]     # Gemma: cast(normalized * (1 + w)) back to x's dtype
+            if kind(mul) != "mul":
                 continue
-            a, b = _arg(node, 0, "input"), _arg(node, 1, "other")
+            a, b = _arg(mul, 0, "input"), _arg(mul, 1, "other")
             for n, w in ((a, b), (b, a)):
                 wv = value(w)
                 inner = cast_input(n) if isinstance(n, Node) else None
                 if isinstance(wv, torch.Tensor) and wv.dim() == 1 and isinstance(n, Node) and \
                         (found := _normalized(n if inner is None else inner)) is not None:
-                    weight, extra = w, [n, node] if inner is not None else [node]
+                    weight, extra = w, ([n, mul] if inner is not None else [mul]) + back
                     break
             if found is None:
                 continue
