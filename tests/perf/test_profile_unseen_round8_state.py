@@ -24,6 +24,7 @@ What the round found (each pinned by the test whose docstring says so):
   mean nothing: each is refused by name.
 """
 
+import collections
 import random
 import sys
 from pathlib import Path
@@ -122,8 +123,9 @@ def test_every_model_of_the_round_is_left_as_it_was(name):
 
 
 def test_plain_attributes_are_rebound_refilled_and_removed():
-    """A counter, a list a forward hook appends to, a dict and a set filled in forward, a tensor attribute written
-    in place, one rebound, an attribute the forward adds, and a generator: each as it was after the profile."""
+    """A counter, a list a forward hook appends to, a dict, a set and a deque (a frame stack) filled in forward, a
+    tensor attribute written in place, one rebound, an attribute the forward adds, and a generator: each as it was
+    after the profile."""
 
     class Keeper(nn.Module):
         def __init__(self):
@@ -131,6 +133,7 @@ def test_plain_attributes_are_rebound_refilled_and_removed():
             self.lin = nn.Linear(3, 3)
             self.calls, self.seen, self.shapes = 0, {}, set()
             self.features: list = []
+            self.frames = collections.deque([torch.zeros(3)], maxlen=2)  # the last inputs, a frame stack
             self.total = torch.zeros(3)  # written in place
             self.last = torch.zeros(3)  # rebound
             self.gen = torch.Generator().manual_seed(5)
@@ -140,6 +143,7 @@ def test_plain_attributes_are_rebound_refilled_and_removed():
             self.calls += 1
             self.seen[self.calls] = x.shape[0]
             self.shapes.add(tuple(x.shape))
+            self.frames.append(x[0])
             self.total.add_(x.sum(0))
             self.last = x.mean(0)
             self.cache = x * 2  # added by the forward
@@ -149,6 +153,7 @@ def test_plain_attributes_are_rebound_refilled_and_removed():
     last, gen_state = model.last, model.gen.get_state()
     profile.profile_model(model, (x,), steps=2, warmup=1, ceilings=CEIL, device="cpu", train=True)
     assert model.calls == 0 and model.seen == {} and model.shapes == set() and model.features == []
+    assert len(model.frames) == 1 and model.frames.maxlen == 2 and torch.equal(model.frames[0], torch.zeros(3))
     assert torch.equal(model.total, torch.zeros(3)) and model.last is last and not hasattr(model, "cache")
     assert torch.equal(model.gen.get_state(), gen_state)
     assert len(model.lin._forward_hooks) == 1  # the hook (an nn.Module internal) is untouched

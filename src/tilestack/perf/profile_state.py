@@ -15,6 +15,7 @@ appends to, a ``torch.Generator`` of the model's own.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import random
@@ -81,17 +82,18 @@ def _module_internals() -> frozenset[str]:
 
 class _Attributes:
     """A module's plain attributes (``vars(m)`` less the nn.Module internals) and what each held: rebound on
-    restore where the forward rebound one (``self.state = (h, c)``, ``self.initialized = True``), a list, dict or
-    set emptied and refilled where it was changed in place, a generator's state put back. Tensors they hold are
-    put back by value with the parameters (see ``preserved``)."""
+    restore where the forward rebound one (``self.state = (h, c)``, ``self.initialized = True``), a list, dict,
+    set or deque emptied and refilled (it may have been changed in place), a generator's state put back. Tensors
+    they hold are put back by value with the parameters (see ``preserved``)."""
 
     def __init__(self, m: Any, internals: frozenset[str]) -> None:
         import torch
 
         self.module, self.internals = m, internals
         self.values = {k: v for k, v in vars(m).items() if k not in internals}
-        self.contents = {k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else set(v))
-                         for k, v in self.values.items() if isinstance(v, list | dict | set)}
+        # containers changed in place: their items (a deque of the last frames keeps its maxlen, refilled)
+        self.contents = {k: (dict(v) if isinstance(v, dict) else list(v)) for k, v in self.values.items()
+                         if isinstance(v, list | dict | set | collections.deque)}
         self.generators = {k: v.get_state() for k, v in self.values.items() if isinstance(v, torch.Generator)}
 
     def restore(self) -> None:
@@ -103,11 +105,11 @@ class _Attributes:
                 now[k] = v
         for k, held in self.contents.items():
             v = self.values[k]
-            if isinstance(v, list):
-                v[:] = held
-            else:
-                v.clear()
+            v.clear()
+            if isinstance(v, dict | set):
                 v.update(held)
+            else:
+                v.extend(held)
         for k, state in self.generators.items():
             self.values[k].set_state(state)
 
