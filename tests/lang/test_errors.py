@@ -565,8 +565,8 @@ def test_rank_other_than_traced(backend, traced):
 
 
 def test_dtype_tiles_cannot_hold():
-    with pytest.raises(LaunchError, match="argument A has dtype torch.uint8, which tiles cannot hold"):
-        scale.trace(torch.ones(20, 20, dtype=torch.uint8), nan_tensor(20, 20), 2.0)
+    with pytest.raises(LaunchError, match="argument A has dtype torch.int16, which tiles cannot hold"):
+        scale.trace(torch.ones(20, 20, dtype=torch.int16), nan_tensor(20, 20), 2.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

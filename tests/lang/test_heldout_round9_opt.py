@@ -357,9 +357,9 @@ def test_misuse_of_this_rounds_kernels_is_named():
         launch(top_p, "reference", x, y, torch.tensor(1.0), 0.5)
     with pytest.raises(LaunchError, match=r"top_p takes 4 arguments \(X, Y, inv_temp, p_top\); got 3"):
         launch(top_p, "reference", x, y, 1.0)
-    with pytest.raises(LaunchError, match=r"argument KG has dtype torch.uint8, which tiles cannot hold"):
+    with pytest.raises(LaunchError, match=r"argument KG has dtype torch.int16, which tiles cannot hold"):
         g = torch.randn(4, 3, 4)
-        launch(prune_2_4, "reference", g, g.clone(), torch.zeros(4, 3, 4, dtype=torch.uint8), torch.zeros(2, 3, 4),
+        launch(prune_2_4, "reference", g, g.clone(), torch.zeros(4, 3, 4, dtype=torch.int16), torch.zeros(2, 3, 4),
                torch.zeros(2, 3, 4, dtype=I8))
     q = torch.randn(1, 2, 5, 16, dtype=BF)
     with pytest.raises(TraceError, match=r"mma_AB: a `p` is bf16 and b `v` is f16"):

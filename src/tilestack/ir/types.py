@@ -37,7 +37,9 @@ bool_ = DType("bool", 1, False, "bool")   # masks: what comparisons make and whe
 #                                           and torch.bool globals: loaded as masks or as 0 / 1, stored as x != 0)
 i8 = DType("i8", 1, False, "int8")        # quantized weights (tilestack.quant), widened to a float tile before an mma
 f8e4m3 = DType("f8e4m3", 1, True, "fp8")   # OCP fp8 E4M3 "fn" (torch.float8_e4m3fn): no infinities, max 448
-DTYPES = {d.name: d for d in (f64, f32, f16, bf16, i32, i64, bool_, i8, f8e4m3)}
+# bytes (image pixels, packed 4-bit codes): unsigned, 0 .. 255, work in i32; int8's spec (its cost and device rates)
+u8 = DType("u8", 1, False, "int8")
+DTYPES = {d.name: d for d in (f64, f32, f16, bf16, i32, i64, bool_, i8, f8e4m3, u8)}
 F8E4M3_MAX = 448.0
 
 
@@ -51,7 +53,7 @@ def dtype_named(name: str) -> DType:
 
 # The torch dtype each tile dtype corresponds to, by name (torch is imported only where tensors are).
 TORCH_NAMES = {"f64": "float64", "f32": "float32", "f16": "float16", "bf16": "bfloat16",
-               "i32": "int32", "i64": "int64", "i8": "int8", "f8e4m3": "float8_e4m3fn", "bool": "bool"}
+               "i32": "int32", "i64": "int64", "i8": "int8", "f8e4m3": "float8_e4m3fn", "bool": "bool", "u8": "uint8"}
 
 
 def dtype_of_torch(torch_dtype) -> DType | None:
@@ -96,29 +98,31 @@ def round_to(x: np.ndarray, dtype: DType) -> np.ndarray:
 
 
 def int_range(dtype: DType) -> tuple[int, int]:
-    """The smallest and largest value of the (signed) integer ``dtype``."""
+    """The smallest and largest value of the integer ``dtype`` (signed, but u8's 0 .. 255)."""
     bits = 8 * dtype.itemsize
+    if dtype is u8:
+        return 0, 2**bits - 1
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
 def narrow_int(dtype: DType) -> bool:
-    """Whether ``dtype`` is an integer narrower than 32 bits (i8): the GPU has no float conversion that saturates to
-    it (it converts through 16 bits), so backends clamp a float converted to one first."""
+    """Whether ``dtype`` is an integer narrower than 32 bits (i8, u8): the GPU has no float conversion that saturates
+    to it (it converts through 16 bits), so backends clamp a float converted to one first."""
     return not dtype.is_float and dtype is not bool_ and dtype.itemsize < 4
 
 
 def to_int(x, dtype: DType) -> np.ndarray:
     """``x`` as values of the integer ``dtype``, held in int64: integers wrapped to its width (two's
-    complement), floats truncated toward zero, saturated to its range, NaN as 0."""
+    complement; u8 modulo 256), floats truncated toward zero, saturated to its range, NaN as 0."""
     a = np.asarray(x)
-    np_dtype = np.dtype(f"int{8 * dtype.itemsize}")
+    np_dtype = np.dtype(f"{'uint' if dtype is u8 else 'int'}{8 * dtype.itemsize}")
     if a.dtype.kind == "f":
         lo, hi = int_range(dtype)
         with np.errstate(invalid="ignore"):
             t = np.trunc(np.where(np.isnan(a), 0.0, a))
-            # compared with -lo = 2**(bits - 1), which a float holds exactly (hi = 2**63 - 1 does not: as a float it
-            # is 2**63, so `t > hi` would let 2**63 through to wrap to lo)
-            over, under = t >= -float(lo), t < lo
+            # compared with hi + 1 (2**(bits - 1), or 256), which a float holds exactly (hi = 2**63 - 1 does not: as
+            # a float it is 2**63, so `t > hi` would let 2**63 through to wrap to lo)
+            over, under = t >= float(hi + 1), t < lo
             inside = np.where(over | under, 0.0, t).astype(np.int64)
         return np.where(over, hi, np.where(under, lo, inside)).astype(np.int64)
     return a.astype(np.int64).astype(np_dtype).astype(np.int64)

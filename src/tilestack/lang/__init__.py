@@ -15,7 +15,7 @@
         ts.store(C, acc, at=(i, j))
 """
 
-from tilestack.ir.types import bf16, bool_, f8e4m3, f16, f32, f64, i8, i32, i64
+from tilestack.ir.types import bf16, bool_, f8e4m3, f16, f32, f64, i8, i32, i64, u8
 from tilestack.lang.control import block_id, cdiv, num_blocks, range, smax, smin
 from tilestack.lang.explicit import (
                                      SharedStages,
@@ -33,7 +33,7 @@ from tilestack.lang.ops import __all__ as _ops_all
 from tilestack.lang.tiles import GlobalTensor, RegTile, RegVec, Scalar, SharedTile, SharedVec, Tile
 
 __all__ = [
-    "bf16", "bool_", "f8e4m3", "f16", "f32", "f64", "i8", "i32", "i64",
+    "bf16", "bool_", "f8e4m3", "f16", "f32", "f64", "i8", "i32", "i64", "u8",
     "block_id", "cdiv", "num_blocks", "range", "smax", "smin",
     "ArgSpec", "Global", "Kernel", "TracedKernel", "Tunable", "kernel", "tunable",
     "SharedStages", "Stages", "async_load", "wait_load", "mma_AB_async", "mma_ABt_async", "mma_wait", "partition",

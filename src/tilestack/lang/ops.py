@@ -82,10 +82,10 @@ def _element_value(opname: str, t: Tile, value) -> int | float:
     if t.dtype.is_float:
         return float(value)
     want = (0, 1) if t.dtype is bool_ else None
-    bits = 8 * t.dtype.itemsize
+    lo, hi = int_range(t.dtype)
     if not math.isfinite(value) or value != int(value) or (want is not None and value not in want) or \
-            not -(2 ** (bits - 1)) <= value < 2 ** (bits - 1):
-        expected = "0 or 1" if want else f"a whole number in [-2**{bits - 1}, 2**{bits - 1})"
+            not lo <= value <= hi:
+        expected = "0 or 1" if want else f"a whole number in [{lo}, {hi}]"
         raise TileDTypeError(f"{opname}: `{_name(t)}` is {t.dtype}; value {value!r} does not fit, expected "
                              f"{expected}", user_line())
     return int(value)

@@ -42,7 +42,7 @@ DIVISIBILITY = 16                      # Triton's JIT marks pointers and ints di
 INT32_MAX = 2**31 - 1
 # Triton's names for the IR's dtypes, as a kernel signature spells them
 SIG_DTYPES = {"f64": "fp64", "f32": "fp32", "f16": "fp16", "bf16": "bf16", "i32": "i32", "i64": "i64", "i8": "i8",
-              "bool": "i1", "f8e4m3": "fp8e4nv"}
+              "bool": "i1", "f8e4m3": "fp8e4nv", "u8": "u8"}
 TIMED_OUT = "compile: no result within"
 COMPILE_TIMEOUT_S = 60.0               # a compile that takes longer is not worth having (see ``resources``)
 _RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")

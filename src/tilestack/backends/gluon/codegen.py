@@ -57,9 +57,10 @@ from tilestack.ir.types import (
 )
 
 GL_DTYPES = {"f64": "gl.float64", "f32": "gl.float32", "f16": "gl.float16", "bf16": "gl.bfloat16",
-             "i32": "gl.int32", "i64": "gl.int64", "bool": "gl.int1", "i8": "gl.int8", "f8e4m3": "gl.float8e4nv"}
+             "i32": "gl.int32", "i64": "gl.int64", "bool": "gl.int1", "i8": "gl.int8", "f8e4m3": "gl.float8e4nv",
+             "u8": "gl.uint8"}
 SIG_DTYPES = {"f64": "fp64", "f32": "fp32", "f16": "fp16", "bf16": "bf16", "i32": "i32", "i64": "i64",
-              "bool": "i1", "i8": "i8", "f8e4m3": "fp8e4nv"}
+              "bool": "i1", "i8": "i8", "f8e4m3": "fp8e4nv", "u8": "u8"}
 # max, min and relu propagate NaN, as NumPy's (the reference), torch's, the Triton backend's and CUDA's max.NaN do
 # (gl.maximum's default, and gl.max's, ignore it); the generated module imports triton.language as tl for the flag
 _NAN = "propagate_nan=tl.PropagateNan.ALL"

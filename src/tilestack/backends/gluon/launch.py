@@ -32,7 +32,7 @@ def compile_source(low):
 def _gl_dtype(torch_dtype):
     from triton.experimental.gluon import language as gl
     name = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "float64": "float64",
-            "float8_e4m3fn": "float8e4nv", "int32": "int32", "int64": "int64", "int8": "int8"}
+            "float8_e4m3fn": "float8e4nv", "int32": "int32", "int64": "int64", "int8": "int8", "uint8": "uint8"}
     return getattr(gl, name[str(torch_dtype).removeprefix("torch.")])
 
 

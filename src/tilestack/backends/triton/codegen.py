@@ -45,7 +45,8 @@ from tilestack.ir.types import (
 
 INT32_MAX = 2**31 - 1
 TL_DTYPES = {"f64": "tl.float64", "f32": "tl.float32", "f16": "tl.float16", "bf16": "tl.bfloat16",
-             "i32": "tl.int32", "i64": "tl.int64", "bool": "tl.int1", "i8": "tl.int8", "f8e4m3": "tl.float8e4nv"}
+             "i32": "tl.int32", "i64": "tl.int64", "bool": "tl.int1", "i8": "tl.int8", "f8e4m3": "tl.float8e4nv",
+             "u8": "tl.uint8"}
 # neg multiplies by -1 (exact, and the sign of a zero flips, as NumPy's and torch's negative): Triton's unary minus is
 # 0 - x, which makes -(+0.0) +0.0 (so 1 / neg(0.0) would be +inf)
 _UNARY = {"exp": "tl.exp({})", "exp2": "tl.math.exp2({})", "log": "tl.log({})", "log2": "tl.log2({})",
@@ -203,7 +204,7 @@ class _Emitter:
             self.int_sat_helper = True
             lo, hi = int_range(dst.dtype)
             x = expr if v_from_dtype in (f32, f64) else self.up(expr, v_from_dtype)
-            return f"_to_int_sat({x}, {float(lo)!r}, {float(-lo)!r}, {lo}, {hi}, {TL_DTYPES[dst.dtype.name]})"
+            return f"_to_int_sat({x}, {float(lo)!r}, {float(hi + 1)!r}, {lo}, {hi}, {TL_DTYPES[dst.dtype.name]})"
         return f"{expr}.to({TL_DTYPES[dst.dtype.name]})"
 
     # ---- memory --------------------------------------------------------------------------------------------
