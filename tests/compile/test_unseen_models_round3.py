@@ -152,6 +152,16 @@ def test_distilbert_layer(dtype):
     assert swaps.get("explicit_attention") == 1 and swaps.get("add_norm") == 2, swaps
 
 
+def test_distilbert_layer_training_gradients():
+    model = seeded(DistilBertLayer, train=True)
+    model.dropout.p = 0.0                                  # train mode, deterministic
+    x = _inputs(torch.float32, requires_grad=True)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 7:] = 0
+    _, swaps = _run(model, x, mask, grad_of=[x, *model.parameters()])
+    assert swaps.get("explicit_attention") == 1 and swaps.get("add_norm") == 2, swaps
+
+
 def test_hf_gpt2_where_with_a_0d_mask_value_forward_and_backward():
     """Hugging Face's GPT-2 of 2023: ``mask_value = torch.full([], finfo.min, dtype=...)``, ``torch.where(causal, w,
     mask_value)``, the scores divided by a 0-d ``torch.full`` too."""
@@ -265,6 +275,17 @@ def test_latent_cross_attention(dtype, all_padding):
     assert swaps.get("explicit_attention") == 1 and swaps.get("sdpa") == 1 and swaps.get("norm") == 2, swaps
 
 
+def test_latent_cross_attention_training_gradients_with_an_input_all_padding():
+    """The latents' rows masked whole by finfo.min: eager's uniform softmax, whose gradients reach q and k too."""
+    model = seeded(LatentCrossAttention, train=True)
+    x = torch.randn(2, 13, 32, requires_grad=True)
+    mask = torch.ones(2, 13)
+    mask[0, 9:] = 0
+    mask[1] = 0
+    _, swaps = _run(model, x, mask, grad_of=[x, *model.parameters()])
+    assert swaps.get("explicit_attention") == 1 and swaps.get("sdpa") == 1, swaps
+
+
 @pytest.mark.parametrize("dtype,low", [(torch.float16, -65504.0), (torch.float16, -40000.0),
                                        (torch.bfloat16, -1e4), (torch.bfloat16, -3.3e38)],
                          ids=["f16_min", "f16_-4e4", "bf16_-1e4", "bf16_min"])
@@ -320,6 +341,21 @@ def test_cached_decoder_prefill_then_decode(dtype):
     _swapped(since)                  # every report consistent
     graphs = tc.reports()[since:]    # the start, then the lengths, made symbolic by automatic dynamic shapes
     assert all(r.swapped.get("explicit_attention") == 1 for r in graphs), [str(r) for r in graphs]
+
+
+def test_cached_decoder_through_inductor():
+    """The same prefill and decode steps with Inductor as the inner compiler (the custom ops as its fallbacks, the
+    buffers written by its functionalized graph)."""
+    eager, model = seeded(CachedDecoder, dtype=torch.bfloat16), seeded(CachedDecoder, dtype=torch.bfloat16)
+    compiled = torch.compile(model, backend="tilestack", options={"check": True})
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for start, n in ((0, 6), (6, 1)):
+            x = torch.randn(2, n, 32, dtype=torch.bfloat16)
+            _close(compiled(x, start), eager(x, start), torch.bfloat16, f"step at {start}")
+            for name, buf in eager.named_buffers():
+                _close(dict(model.named_buffers())[name], buf, torch.bfloat16, f"{name} after the step at {start}")
+    assert tc.last_report().swapped.get("explicit_attention") == 1, str(tc.last_report())
 
 
 def test_memory_written_between_the_scores_and_the_values():
