@@ -9,7 +9,8 @@ ClientApps, over tilestack's in-process Flower ``Grid`` under ``ManagedGrid``; t
 - fractional sampling over a random half of the clients online each round, with ``min_available_nodes`` met in some
   rounds and not in others; a selector wrapper over the clients online;
 - SCAFFOLD's N with clients offline; a run with a schedule resumed from its checkpoint; bad schedules refused;
-- per-client training and evaluation metrics, by partition id, in every round's record.
+- per-client training and evaluation metrics, by partition id, in every round's record;
+- one client of 1 example beside one of 10,503, weighted by examples or equally.
 
 What this round found, fixed:
 
@@ -20,6 +21,8 @@ What this round found, fixed:
   ``ManagedGrid.get_node_ids`` lists the clients online in the round, and ``run_rounds`` skips a round (and its
   federated evaluation) whose strategy needs more nodes than are online, naming the numbers (checks.nodes_short).
   SCAFFOLD's N (``ManagedGrid.population``) stays every node.
+- The quantity partitioner's spread was fixed (lognormal sigma 1): a split of 1 example beside 10,000 could not be
+  asked for. ``Task.quantity_sigma`` sets it (task._blobs).
 - Each client's own metrics (its training loss and steps, its evaluation accuracy on its own test split) were
   computed and thrown away: ``RoundMetrics`` kept only the strategy's weighted means and the distribution of
   accuracies, not who scored what. They are now in ``RoundMetrics.client_train`` and ``client_eval``, by partition
@@ -226,12 +229,13 @@ def test_scaffold_divides_by_every_client_not_by_those_online():
 def test_a_scheduled_run_resumed_from_its_checkpoint_equals_the_run_never_stopped(tmp_path):
     """A Dirichlet(0.3) run with a random availability pattern (chances 0.2 to 1), a crashing client, FedAvg with
     min_available_nodes=3, six rounds: stopped after round 2 and resumed, it ends at the uninterrupted run's model
-    and rounds (skips, online counts and per-client records included). Resuming it under another schedule is
-    refused naming the availability."""
+    and rounds (skips, online counts and per-client records included). Resuming it under another schedule, or
+    with another local_steps, is refused naming just what differs (before, the first 160 characters of the system
+    model's fields or of the task's JSON, where the difference was not)."""
     task = _task(partitioner="dirichlet", partition_alpha=0.3, faults=((2, "crash"),), local_steps=3)
     pattern = np.random.default_rng(0).uniform(0.2, 1.0, (3, 6))
 
-    def run(ckpt=None, stop_after=None, pattern=pattern):
+    def run(ckpt=None, stop_after=None, pattern=pattern, task=task):
         s = FedAvg(fraction_train=0.8, fraction_evaluate=0.5, min_available_nodes=3)
         return simulate(s, task, rounds=6, system=SystemModel(6, availability=pattern, seed=1), checkpoint=ckpt,
                         stop_after=stop_after)  # fmt: skip
@@ -250,6 +254,38 @@ def test_a_scheduled_run_resumed_from_its_checkpoint_equals_the_run_never_stoppe
     assert json.dumps(plain(resumed.history)) == json.dumps(plain(full.history))
     with pytest.raises(FederatedError, match=r"belongs to another run \(system: .*'availability \(sha256\)'"):
         run(ckpt, pattern=pattern[::-1])
+    # the task's field that differs is named, not the first 160 characters of its JSON
+    with pytest.raises(FederatedError, match=r"\(task: checkpoint has \{'local_steps': 3\}, this run has "
+                                             r"\{'local_steps': 4\}\)"):  # fmt: skip
+        run(ckpt, task=_task(partitioner="dirichlet", partition_alpha=0.3, faults=((2, "crash"),), local_steps=4))
+
+
+# ---- one example beside ten thousand -------------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("weighted_by", ["num-examples", UNIT])
+def test_one_example_beside_ten_thousand_is_weighted_exactly_and_reported_per_client(weighted_by):
+    """Eight clients of quantity skew with quantity_sigma=6: 1 training example beside 10,503. Three rounds of FedAvg,
+    weighted by examples (the big client dominates) or equally (the 1-example client counts as much): each model is
+    the replayed mean under those weights; every client's own metrics, the 1-example one's too, are on record;
+    the test accuracy passes 0.8. Before, the quantity partitioner's spread was fixed (lognormal sigma 1: eight
+    clients within about 6x of each other) and no such split could be asked for (Task.quantity_sigma)."""
+    task = _task(num_samples=15000, num_features=5, num_clients=8, quantity_sigma=6.0, local_steps=5, batch_size=16)
+    n = {p: task.num_train(p) for p in range(8)}
+    assert min(n.values()) == 1 and max(n.values()) > 10_000
+    weights = n if weighted_by == "num-examples" else dict.fromkeys(range(8), 1)
+    models: list[dict[str, np.ndarray]] = []
+    res = simulate(FedAvg(fraction_train=1.0, fraction_evaluate=1.0, weighted_by_key=weighted_by), task, rounds=3,
+                   extra_metrics=keep(models))  # fmt: skip
+    x = np_(initial_arrays(task))
+    for rnd, r in enumerate(res.history.rounds, start=1):
+        near(models[rnd - 1], weighted_mean({p: client_model(task, p, rnd, x)[0] for p in range(8)}, weights))
+        x = models[rnd - 1]
+        assert {int(p): c["num-examples"] for p, c in r.client_train.items()} == n
+        tiny = min(n, key=n.get)
+        assert r.client_eval[str(tiny)]["num-examples"] == 1 and r.client_eval[str(tiny)]["eval-acc"] in (0.0, 1.0)
+    assert res.history.rounds[-1].test_acc > 0.8
+    with pytest.raises(ValueError, match=r"Task: quantity_sigma=-1.0; expected >= 0"):
+        _task(quantity_sigma=-1.0)
 
 
 # ---- schedules that cannot be right ----------------------------------------------------------------------------------

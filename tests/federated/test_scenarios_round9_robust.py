@@ -26,9 +26,9 @@ What this round found, fixed:
   MultiKrum with f = 1 over 4 replies (2f + 3 = 5 needed) scored each update by one neighbour where the rule assumes
   two, FedTrimmedAvg(beta=0.2) over 4 trimmed nothing (the plain mean, which the attacker drives). Such a round is
   now skipped, the model kept, naming the need (checks.robust_short), as Flower's own Bulyan skips.
-- A checkpoint refused as another run's named only the first 160 characters of the system model's fields, not the
-  field that differed; every part of the signature that is a table (settings, system) now names just the entries
-  that differ (driver.check_signature).
+- A checkpoint refused as another run's named only the first 160 characters of the system model's fields (or of
+  the task's JSON), not the field that differed; the settings, the task and the system model now name just the
+  entries that differ (driver.check_signature; tested in test_scenarios_round9.py).
 """
 
 from __future__ import annotations

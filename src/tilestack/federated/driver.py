@@ -53,6 +53,7 @@ import dataclasses
 import hashlib
 import importlib
 import io
+import json
 import logging
 import numbers
 import os
@@ -171,8 +172,11 @@ def check_signature(saved: dict | None, now: dict, path: Path) -> None:
     if saved is None:
         raise FederatedError(f"checkpoint={str(path)!r} records no run signature; expected one written by this version")
     diff = [k for k in now if k in saved and saved[k] != now[k]]  # (older checkpoints lack settings and system)
-    for part in diff:  # name the entries that differ (settings, the system model's fields), not the whole list
+    for part in diff:  # name the entries that differ (settings, the task's and system model's fields), not all
         a, b = saved[part], now[part]
+        if part == "task" and isinstance(a, str) and isinstance(b, str):  # a Task as JSON
+            with contextlib.suppress(ValueError):
+                a, b = json.loads(a), json.loads(b)
         if isinstance(a, dict) and isinstance(b, dict):
             keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
             saved = {**saved, part: {k: a.get(k) for k in keys}}

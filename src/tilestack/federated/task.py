@@ -12,7 +12,8 @@ Datasets (all generated locally, no downloads):
 
 - ``synthetic``: Synthetic(alpha, beta) of the FedProx paper, one device per client.
 - ``blobs``: a Gaussian-mixture classification set of ``num_samples`` points split by ``partitioner``
-  (``iid``, ``dirichlet`` with ``partition_alpha``, ``shards`` with ``classes_per_client``, ``quantity``);
+  (``iid``, ``dirichlet`` with ``partition_alpha``, ``shards`` with ``classes_per_client``, ``quantity`` with
+  ``quantity_sigma``);
   ``feature_shift`` > 0 gives every client its own affine distortion of the features (FedBN's setting).
 - ``digits``: scikit-learn's 8x8 handwritten digits (1,797 images, shipped with the package), split by
   ``partitioner`` (and distorted by ``feature_shift``) as ``blobs`` is.
@@ -68,6 +69,9 @@ class Task:
     partitioner: str = "iid"
     partition_alpha: float = 0.5
     classes_per_client: int = 2
+    quantity_sigma: float = 1.0
+    """``quantity``: client sizes proportional to lognormal(0, quantity_sigma) draws (0: equal; 5: a few examples
+    beside thousands)."""
     feature_shift: float = 0.0
     separation: float = BLOB_SEPARATION
     """Std of the class means in units of the within-class std (smaller: harder)."""
@@ -146,6 +150,8 @@ class Task:
             raise bad("partition_alpha", "> 0 (the Dirichlet concentration)")
         if self.classes_per_client < 1:
             raise bad("classes_per_client", ">= 1")
+        if self.quantity_sigma < 0:
+            raise bad("quantity_sigma", ">= 0 (the log-std of the quantity partitioner's client sizes)")
         if self.feature_shift < 0:
             raise bad("feature_shift", ">= 0")
         if self.attack_scale < 0:
@@ -319,7 +325,7 @@ def _blobs(task: Task) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     elif task.partitioner == "shards":
         parts = partition.shards(y, task.num_clients, task.classes_per_client, seed=task.seed)
     elif task.partitioner == "quantity":
-        parts = partition.quantity_skew(n, task.num_clients, seed=task.seed, min_size=2)
+        parts = partition.quantity_skew(n, task.num_clients, task.quantity_sigma, seed=task.seed, min_size=2)
     else:
         parts = partition.quantity_skew(n, task.num_clients, sigma=0.0, seed=task.seed, min_size=2)
     return x, y, parts
