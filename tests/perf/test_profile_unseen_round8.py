@@ -210,6 +210,11 @@ def test_gpu_attention_kernels_are_counted_on_their_layout_and_alignment():
     bwd_args = (q, q, k, k, None, q, None, None, nq, nkv, torch.empty(0), 0.0, None, None, 1, False)
     assert rules["aten._efficient_attention_backward"](backward, bwd_args, {}, None) == pytest.approx(
         formulas.ATTENTION_BWD_OVER_FWD * full * 3 / 14)
+    flash_bwd = torch.ops.aten._flash_attention_backward.default
+    none = torch.empty(0)
+    flash_bwd_args = (q, q, k, k, q, none, none, none, nq, nkv, 0.0, True, none, none)  # dy, q, k, v, out, lse, ...
+    assert rules["aten._flash_attention_backward"](flash_bwd, flash_bwd_args, {}, None) == pytest.approx(
+        formulas.ATTENTION_BWD_OVER_FWD * full * 11 / 14)
     rule = counting.counting_linalg.causal_fraction
     sdpa_flash = torch.ops.aten._scaled_dot_product_flash_attention.default
     assert rule(sdpa_flash, (q.transpose(1, 2), k.transpose(1, 2), k.transpose(1, 2)), {"is_causal": True}) \
