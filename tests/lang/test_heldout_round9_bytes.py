@@ -205,6 +205,52 @@ def test_a_u8_fill_takes_0_to_255():
             launch(fill_u8, "reference", y, V=bad)
 
 
+@ts.kernel(grid=lambda X: (1,))
+def byte_op(X, Y, Z, R, *, FN: str = "add", CONST: int = -1, R_DTYPE: str = "u8"):
+    """Z = FN(X, Y) (or FN(X, CONST) when CONST >= 0) on (4, 16) u8 tiles; R = the row sums, maxima and minima of X
+    as vectors of R_DTYPE ("u8" wraps the sum, "i32" does not), three rows of R."""
+    x = ts.RegTile[ts.u8, 4, 16]()
+    y = ts.RegTile[ts.u8, 4, 16]()
+    z = ts.RegTile[ts.u8, 4, 16]()
+    rdt = ts.u8 if R_DTYPE == "u8" else ts.i32
+    r = ts.RegVec[rdt, 4]()
+    ts.load(x, X, at=(0, 0))
+    ts.load(y, Y, at=(0, 0))
+    getattr(ts, FN)(z, x, y if CONST < 0 else CONST)
+    ts.store(Z, z, at=(0, 0))
+    for k, red in enumerate((ts.row_sum, ts.row_max, ts.row_min)):
+        red(r, x)
+        ts.store(R, r, at=(k, 0))
+
+
+BYTE_FNS = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
+            "div": lambda a, b: int(a / b), "rem": lambda a, b: a - b * int(a / b), "max": max, "min": min,
+            "bit_and": lambda a, b: a & b, "bit_or": lambda a, b: a | b, "bit_xor": lambda a, b: a ^ b,
+            "shl": lambda a, b: a << b, "shr": lambda a, b: a >> b}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fn", BYTE_FNS)
+@pytest.mark.parametrize("const", [-1, 7])
+@pytest.mark.parametrize("rdt", ["u8", "i32"])
+def test_byte_ops_swept(backend, fn, const, rdt, rng):
+    """Each op on bytes as i32 work wrapped modulo 256 (division of non-negative values; divisors and shift
+    counts drawn in range); reductions of bytes into u8 (wrapping) and i32 vectors."""
+    x = torch.from_numpy(rng.integers(0, 256, (4, 16))).to(U8)
+    x[0, :4] = torch.tensor([0, 255, 128, 127], dtype=U8)
+    lo, hi = (1, 256) if fn in ("div", "rem") else (0, 8) if fn in ("shl", "shr") else (0, 256)
+    y = torch.from_numpy(rng.integers(lo, hi, (4, 16))).to(U8)
+    z, r = torch.full((4, 16), 9, dtype=U8), torch.full((3, 4), 9, dtype=U8 if rdt == "u8" else torch.int32)
+    launch(byte_op, backend, x, y, z, r, FN=fn, CONST=const, R_DTYPE=rdt)
+    f = BYTE_FNS[fn]
+    want = [[f(int(a), const if const >= 0 else int(b)) % 256 for a, b in zip(ra, rb, strict=True)]
+            for ra, rb in zip(x.tolist(), y.tolist(), strict=True)]
+    assert z.tolist() == want
+    xs = x.long()
+    sums = xs.sum(1) % 256 if rdt == "u8" else xs.sum(1)
+    assert r.tolist() == [sums.tolist(), xs.amax(1).tolist(), xs.amin(1).tolist()]
+
+
 # ---- 4. compiled for sm_90a ------------------------------------------------------------------------------------------
 AOT_CASES = {
     "normalize_images": (normalize_images, (meta(64, 4, 224 * 224, dtype=U8), meta(4), meta(4),
