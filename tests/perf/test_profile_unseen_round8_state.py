@@ -257,6 +257,7 @@ def profile_counts(build):
     ((np.ones((2, 4), dtype=np.float32),), r"inputs\[0\]=a numpy array of shape \(2, 4\) \(float32\); expected a "
                                            r"torch tensor \(torch.from_numpy"),
     ({"input": np.ones((2, 4))}, r"inputs\['input'\]=a numpy array of shape \(2, 4\) \(float64\); expected a torch"),
+    (([torch.ones(2, 4), {"mask": np.ones(3)}],), r"inputs\[0\]\[1\]\['mask'\]=a numpy array of shape \(3,\)"),
 ])
 def test_a_numpy_array_inside_the_inputs_is_refused_by_position(inputs, where):
     """An array inside the inputs failed in the model's first step ("linear(): argument 'input' must be Tensor,

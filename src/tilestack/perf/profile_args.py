@@ -48,12 +48,11 @@ def check_arguments(
         refuse("inputs", inputs, "torch tensors (torch.from_numpy turns an array into one)")
     if isinstance(inputs, Mapping) and not all(isinstance(k, str) for k in inputs):
         refuse("inputs", inputs, "a dict whose keys are the names of forward's keyword arguments (str)")
-    args, kwargs = as_call(inputs)
-    for where, value in [*((f"inputs[{i}]", a) for i, a in enumerate(args)), *(
-            (f"inputs[{k!r}]", v) for k, v in kwargs.items())]:
-        if type(value).__module__ == "numpy" and type(value).__name__ == "ndarray":  # a model's layers take tensors
-            raise ProfileError(f"{where}=a numpy array of shape {tuple(value.shape)} ({value.dtype}); expected a "
-                               "torch tensor (torch.from_numpy(array) makes one)")
+    array = _numpy_array(inputs if isinstance(inputs, tuple | list | Mapping) else (inputs,), "inputs")
+    if array is not None:  # a model's layers take tensors: it would fail in its first step, naming no argument
+        where, value = array
+        raise ProfileError(f"{where}=a numpy array of shape {tuple(value.shape)} ({value.dtype}); expected a torch "
+                           "tensor (torch.from_numpy(array) makes one)")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         refuse("steps", steps, "an int >= 1 (profiled steps), or None to profile until the step time is known")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
@@ -112,6 +111,23 @@ def check_arguments(
             f"inputs={describe(inputs)} do not fit {called}{sig}: {e}; expected a tuple of its positional "
             "arguments, a dict of its keyword arguments, or one tensor"
         ) from None
+
+
+def _numpy_array(obj: Any, where: str, depth: int = 0) -> tuple[str, Any] | None:
+    """The first numpy array inside the inputs' lists, tuples and dicts, with where it is (``inputs[0][1]``)."""
+    if type(obj).__module__ == "numpy" and type(obj).__name__ == "ndarray":
+        return where, obj
+    if depth > INPUT_DEPTH:
+        return None
+    items = obj.items() if isinstance(obj, Mapping) else enumerate(obj) if isinstance(obj, tuple | list) else ()
+    for key, value in items:
+        found = _numpy_array(value, f"{where}[{key!r}]", depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+INPUT_DEPTH = 8  # nesting of the inputs searched for numpy arrays
 
 
 def check_placement(model: Any, inputs: Any, kind: str) -> None:
