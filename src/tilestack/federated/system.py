@@ -139,10 +139,15 @@ class SystemModel:
         a chance strictly between 0 and 1 is drawn, seeded by (seed, round, client))."""
         if self.availability is None or server_round < 1:
             return np.ones(self.num_clients, bool)
+        cached = self.__dict__.get("_online")  # (round, mask): the grid asks several times a round
+        if cached is not None and cached[0] == server_round:
+            return cached[1].copy()
         chance = self.availability[(server_round - 1) % len(self.availability)]  # (num_clients,)
-        draws = np.array([np.random.default_rng([self.seed, server_round, pid, 31]).random()
-                          for pid in range(self.num_clients)])  # fmt: skip
-        return draws < chance
+        mask = chance >= 1.0
+        for pid in np.flatnonzero((chance > 0.0) & (chance < 1.0)):  # a draw only where it is a chance
+            mask[pid] = np.random.default_rng([self.seed, server_round, int(pid), 31]).random() < chance[pid]
+        self.__dict__["_online"] = (server_round, mask)
+        return mask.copy()
 
     @classmethod
     def from_trace(cls, path: str | Path, **kwargs) -> SystemModel:
