@@ -175,7 +175,7 @@ def _launch_rows() -> dict[str, Row]:
         "launch: a list for a tensor": Row(lambda: k(a.tolist(), c, 2.0, 1), LaunchError, "argument A must be"),
         "launch: a tensor for a scalar": Row(lambda: k(a, c, torch.tensor(2.0), 1), LaunchError, "argument s"),
         "launch: a float for an int": Row(lambda: k(a, c, 2.0, 1.5), LaunchError, "argument n"),
-        "launch: uint8 tensor": Row(lambda: k(a.to(torch.uint8), c, 2.0, 1), LaunchError, "argument A has dtype"),
+        "launch: int16 tensor": Row(lambda: k(a.to(torch.int16), c, 2.0, 1), LaunchError, "argument A has dtype"),
         "launch: unknown constant": Row(lambda: k(a, c, 2.0, 1, BX=3), LaunchError, "BX"),
         "launch: tunable outside its domain": Row(lambda: k(a, c, 2.0, 1, B=24), TunableError, "B=24"),
         "launch: devices differ": Row(lambda: k(a, c.to("meta"), 2.0, 1), LaunchError, "C on meta"),

@@ -145,3 +145,29 @@ def test_a_tensor_parameter_with_a_default_is_refused_naming_it():
         @ts.kernel(grid=lambda X: (1,))
         def bias_add(X, Y, B=None, *, BN: int = 16):
             pass
+
+
+@ts.kernel(grid=lambda X, reps: (reps,))
+def repeat_row(X, Y, reps: int = 3, *, BN: int = 16):
+    """Y[r] = X for r < reps: the grid from a runtime int with a default."""
+    x = ts.RegVec[ts.f32, BN]()
+    ts.load(x, X, at=(0,))
+    ts.store(Y, x, at=(ts.block_id(0),))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_grid_from_a_defaulted_argument_and_a_traced_kernels_run_and_cost(backend):
+    """The default reaches the grid; a TracedKernel's run and cost bind as the kernel's call does, and name a
+    constant given to them (fixed at trace time)."""
+    x = torch.ones(16)
+    for kw, n in (({}, 3), (dict(reps=2), 2)):
+        y = torch.zeros(64)
+        launch(repeat_row, backend, x, y, **kw)
+        assert y.view(4, 16)[:, 0].tolist() == [1.0] * n + [0.0] * (4 - n)
+    t = repeat_row.trace(x, torch.zeros(64))
+    y = torch.zeros(64)
+    t.run(x, y, reps=1, backend=backend)
+    assert y.view(4, 16)[:, 0].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert t.cost(x, y).programs == 3 and t.cost(x, y, reps=4).programs == 4
+    with pytest.raises(LaunchError, match=r"repeat_row: \['BN'\] are not runtime arguments of this trace"):
+        t.run(x, y, BN=32, backend=backend)

@@ -422,8 +422,18 @@ class TracedKernel:
                 scalars[i] = a
         return dims, scalars
 
-    def cost(self, *args) -> Cost:
+    def _bound(self, args: Sequence, kwargs: dict[str, Any]) -> tuple:
+        """``args`` with runtime arguments given by keyword or left to their defaults put in place (Kernel.bind)."""
+        args, rest = self.kernel.bind(args, kwargs)
+        if rest:
+            raise LaunchError(f"{self.name}: {sorted(rest)} are not runtime arguments of this trace (its constants "
+                              f"were fixed when it was traced: {self.constants})")
+        return args
+
+    def cost(self, *args, **kwargs) -> Cost:
         """FLOPs, global bytes and footprints for these sizes (tensors, or shapes for the globals)."""
+        if kwargs or len(args) != len(self.signature):
+            args = self._bound(args, kwargs)
         dims, scalars = self._split_args(args)
         return kernel_cost(self.ir, dims, scalars)
 
@@ -478,9 +488,12 @@ class TracedKernel:
         name = backend or pick_backend(args)
         return get_backend(name).prepare(self, args, options)
 
-    def run(self, *args, backend: str | None = None):
+    def run(self, *args, backend: str | None = None, **kwargs):
         """Launch this trace. Launchers live in the kernel's cache, under the key ``launcher_for`` gives these
-        arguments and constants; a miss checks the arguments against this trace (its dtypes and ranks)."""
+        arguments and constants; a miss checks the arguments against this trace (its dtypes and ranks). Runtime
+        arguments may be given by keyword or left to their defaults, as in the kernel's own call."""
+        if kwargs or len(args) != len(self.signature):
+            args = self._bound(args, kwargs)
         cache = self.kernel._launchers
         try:
             key = (launch_key(args), tuple(self.constants.items()), backend, knobs.backend, knobs.triton_interpret)
