@@ -392,3 +392,23 @@ def test_memory_written_before_the_scores_is_read_as_written():
         _close(tilestack.optimize(model, check=True, inner="aot_eager")(x), eager(x), torch.float32, "output")
     _close(model.memory, eager.memory, torch.float32, "memory")
     assert _swapped(since) == {"explicit_attention": 1}, _swapped(since)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_complex_rotary_decoder_prefill_then_decode(dtype):
+    """Complex rotary phases, caches reassigned with .to(q) and written by slices, an hstack-ed -inf mask for a
+    chunk and none for one token: outputs and caches as eager's, one attention and three RMSNorms each call."""
+    from unseen_blocks_round3 import ComplexRotaryDecoder
+
+    eager, model = seeded(ComplexRotaryDecoder, dtype=dtype), seeded(ComplexRotaryDecoder, dtype=dtype)
+    compiled = tilestack.optimize(model, check=True, inner="aot_eager")
+    since = len(tc.reports())
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for start, n in ((0, 6), (6, 1), (7, 3)):
+            ids = torch.randint(0, 64, (2, n))
+            _close(compiled(ids, start), eager(ids, start), dtype, f"step at {start}")
+            _close(model.cache_k, eager.cache_k, dtype, f"cache_k after the step at {start}")
+    _swapped(since)
+    assert all(r.swapped.get("explicit_attention") == 1 and r.swapped.get("norm") == 3
+               for r in tc.reports()[since:]), [str(r) for r in tc.reports()[since:]]

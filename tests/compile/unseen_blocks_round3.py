@@ -339,3 +339,69 @@ class MemoryAttention(nn.Module):
         new = self.kv(x).view(b, n, 2, self.h, self.hd).permute(2, 0, 3, 1, 4).mean(3, keepdim=True)
         self.memory.lerp_(new.expand_as(self.memory), 0.5)
         return torch.softmax(s, dim=-1) @ values
+
+
+# ---- a decoder with complex rotary embeddings and a KV cache reassigned to the input's dtype ------------------------
+def rotary_phases(head_dim: int, positions: int, base: float = 10000.0):
+    """(positions, head_dim / 2) unit complex numbers e^(i p f)."""
+    freqs = base ** (-torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = torch.outer(torch.arange(positions).float(), freqs)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def rotate_complex(t, phases):
+    """t (B, N, H, hd) rotated pairwise: viewed as hd / 2 complex numbers, multiplied by phases (N, hd / 2)."""
+    pairs = torch.view_as_complex(t.float().reshape(*t.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * phases[None, :, None, :]).flatten(3).type_as(t)
+
+
+class ComplexRotaryDecoder(nn.Module):
+    """Rotary embeddings through complex numbers (view_as_complex, polar phases), the KV caches (B, T, Hkv, hd)
+    reassigned with ``.to(q)`` then written by slices, GQA by expand + reshape on (B, T, Hkv, hd), an additive
+    mask of -inf (triu, then zeros for the cached positions by hstack; none for one token), softmax in f32 then
+    type_as, an RMSNorm that casts back before its weight."""
+
+    def __init__(self, vocab: int = 64, d: int = 32, heads: int = 4, kv_heads: int = 2, batch: int = 2,
+                 max_len: int = 16):
+        super().__init__()
+        self.h, self.kv, self.hd = heads, kv_heads, d // heads
+        self.embed = nn.Embedding(vocab, d)
+        self.wq, self.wo = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+        self.wk, self.wv = nn.Linear(d, kv_heads * self.hd, bias=False), nn.Linear(d, kv_heads * self.hd, bias=False)
+        self.w1, self.w3, self.w2 = nn.Linear(d, 2 * d, bias=False), nn.Linear(d, 2 * d, bias=False), \
+            nn.Linear(2 * d, d, bias=False)
+        self.norm_w = nn.ParameterList(nn.Parameter(1 + 0.1 * torch.randn(d)) for _ in range(3))
+        self.register_buffer("cache_k", torch.zeros(batch, max_len, kv_heads, self.hd), persistent=False)
+        self.register_buffer("cache_v", torch.zeros(batch, max_len, kv_heads, self.hd), persistent=False)
+        self.register_buffer("phases", rotary_phases(self.hd, 2 * max_len), persistent=False)
+
+    def _norm(self, x, i: int):
+        h = x.float()
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).type_as(x) * self.norm_w[i]
+
+    def _expand(self, t):                                            # (B, T, Hkv, hd) -> (B, T, H, hd)
+        b, n, _, _ = t.shape
+        return t[:, :, :, None].expand(b, n, self.kv, self.h // self.kv, self.hd).reshape(b, n, self.h, self.hd)
+
+    def forward(self, ids, start: int):
+        b, n = ids.shape
+        h = self.embed(ids)
+        x = self._norm(h, 0)
+        phases = self.phases[start:start + n]
+        q = rotate_complex(self.wq(x).view(b, n, self.h, self.hd), phases)
+        k = rotate_complex(self.wk(x).view(b, n, self.kv, self.hd), phases)
+        self.cache_k = self.cache_k.to(q)
+        self.cache_v = self.cache_v.to(q)
+        self.cache_k[:b, start:start + n] = k
+        self.cache_v[:b, start:start + n] = self.wv(x).view(b, n, self.kv, self.hd)
+        keys = self._expand(self.cache_k[:b, :start + n]).transpose(1, 2)                   # (B, H, T, hd)
+        values = self._expand(self.cache_v[:b, :start + n]).transpose(1, 2)
+        scores = torch.matmul(q.transpose(1, 2), keys.transpose(2, 3)) / math.sqrt(self.hd)
+        if n > 1:
+            future = torch.triu(torch.full((n, n), float("-inf")), diagonal=1)
+            scores = scores + torch.hstack([torch.zeros(n, start), future]).type_as(h)
+        probs = F.softmax(scores.float(), dim=-1).type_as(q)
+        h = h + self.wo(torch.matmul(probs, values).transpose(1, 2).contiguous().view(b, n, -1))
+        x = self._norm(h, 1)
+        h = h + self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self._norm(h, 2).float()

@@ -138,8 +138,8 @@ def hand_rms_norms(gm):
                         (found := _normalized(n if inner is None else inner)) is not None:
                     weight, extra = w, ([n, mul] if inner is not None else [mul]) + back
                     break
-            if found is None:
-                continue
+            if found is None or (back and value(node).dtype != value(found[0]).dtype):
+                continue        # not a cast back to x's dtype (a model's final .float()): the product is the norm
         x, eps, nodes = found
         chain = nodes + extra
         xv, ov = value(x), value(out)
