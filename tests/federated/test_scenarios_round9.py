@@ -8,7 +8,8 @@ ClientApps, over tilestack's in-process Flower ``Grid`` under ``ManagedGrid``; t
 - rounds with no client online, or fewer than the strategy's minimum: skipped saying so, promptly, the model kept;
 - fractional sampling over a random half of the clients online each round, with ``min_available_nodes`` met in some
   rounds and not in others; a selector wrapper over the clients online;
-- SCAFFOLD's N with clients offline; a run with a schedule resumed from its checkpoint; bad schedules refused;
+- IFCA with a planted group offline for longer than ``reseed_after``; SCAFFOLD's N with clients offline; a run
+  with a schedule resumed from its checkpoint; bad schedules refused;
 - per-client training and evaluation metrics, by partition id, in every round's record;
 - one client of 1 example beside one of 10,503, weighted by examples or equally.
 
@@ -21,6 +22,10 @@ What this round found, fixed:
   ``ManagedGrid.get_node_ids`` lists the clients online in the round, and ``run_rounds`` skips a round (and its
   federated evaluation) whose strategy needs more nodes than are online, naming the numbers (checks.nodes_short).
   SCAFFOLD's N (``ManagedGrid.population``) stays every node.
+- IFCA counted a cluster as empty when no reply of the round chose it, and re-seeded it after ``reseed_after`` such
+  rounds: a group offline (or not sampled) that long came back to a cluster re-seeded next to another group's, and
+  scored 0.1-0.35 where it had scored 0.85-1. Only a cluster that no client holds as its last choice is empty now
+  (strategies.ifca.IFCA.aggregate_train).
 - The quantity partitioner's spread was fixed (lognormal sigma 1): a split of 1 example beside 10,000 could not be
   asked for. ``Task.quantity_sigma`` sets it (task._blobs).
 - Each client's own metrics (its training loss and steps, its evaluation accuracy on its own test split) were
@@ -196,6 +201,35 @@ def test_a_selector_wrapper_picks_among_the_online_clients_and_skips_when_too_fe
     r1, r2, r3 = res.history.rounds
     assert r1.num_aggregated == 3 and r2.skipped == _short(2, 3, "train", avail=3, least=3, total=8)
     assert r3.num_aggregated == 3 and {int(p) for p in r3.client_train} <= {3, 4, 5, 6, 7}
+
+
+# ---- a clustered population whose one group goes offline ------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_ifca_keeps_the_cluster_of_a_group_that_is_offline_for_longer_than_reseed_after():
+    """Two planted groups (even and odd clients), IFCA with two clusters and reseed_after=3; the odd group is offline
+    in rounds 4-8. Before, a cluster nobody chose in the round's replies counted as empty: in round 6 the odd group's
+    cluster was re-seeded next to the even group's, and back in round 9 the odd clients scored 0.1-0.35 (from 0.85-1).
+    A cluster that clients still hold (their last choice) is not empty: its model stays exactly as the odd group left
+    it while they are away, and they come back to it."""
+    from tilestack.federated.strategies import IFCA
+
+    task = Task(dataset="clustered", num_clients=8, groups=2, num_features=10, num_classes=3, local_steps=10, lr=0.1,
+                samples_per_client=100)  # fmt: skip
+    pattern = np.ones((10, 8))
+    pattern[3:8, 1::2] = 0
+    s = IFCA(num_clusters=2, reseed_after=3, fraction_train=1.0, fraction_evaluate=1.0)
+    models: list[dict[str, np.ndarray]] = []
+    res = simulate(s, task, rounds=10, system=SystemModel(8, availability=pattern), extra_metrics=keep(models))
+    odd = s.assignments[1]
+    assert {s.assignments[p] for p in range(1, 8, 2)} == {odd}
+    assert {s.assignments[p] for p in range(0, 8, 2)} == {1 - odd}
+    for rnd in range(4, 9):  # rounds 4-8: the odd group's cluster as round 3 left it
+        for k, v in models[2].items():
+            if k.startswith(f"cluster{odd}/"):
+                assert np.array_equal(models[rnd - 1][k], v), (rnd, k)
+    back = res.history.rounds[8]
+    assert min(back.client_eval[str(p)]["eval-acc"] for p in range(1, 8, 2)) >= 0.8
+    assert s.agreement(task) == 1.0
 
 
 # ---- SCAFFOLD's N, and resuming --------------------------------------------------------------------------------------

@@ -106,11 +106,16 @@ class IFCA(FedAvg):
         replies = ok_replies(replies)
         if not replies:
             return None, None
+        for m in replies:
+            self.assignments[int(metric(m, PARTITION_METRIC))] = int(metric(m, "cluster-id"))
+        held = set(self.assignments.values())  # clusters some client chose last: this round's or an absent one's
         models, sizes = [], []
         for j in range(self.num_clusters):
             members = [m for m in replies if int(metric(m, "cluster-id", -1)) == j]
             sizes.append(len(members))
-            self._idle[j] = 0 if members else self._idle[j] + 1
+            # idle (re-seeded after reseed_after rounds) only while no client holds it: a cluster whose clients were
+            # not sampled or were offline is not empty, and re-seeding it lost its model before they came back
+            self._idle[j] = 0 if members or j in held else self._idle[j] + 1
             models.append(  # a cluster's mean is over its members only: under DP its noise is topped up
                 dp_top_up(to_numpy(aggregate_arrayrecords([m.content for m in members], self.weighted_by_key)),
                           members, self.weighted_by_key, self._dp_noise)
@@ -119,14 +124,12 @@ class IFCA(FedAvg):
             )  # fmt: skip
         self._reseed(server_round, models, sizes)
         packed = {cluster_key(j, k): v for j, model in enumerate(models) for k, v in model.items()}
-        for m in replies:
-            self.assignments[int(metric(m, PARTITION_METRIC))] = int(metric(m, "cluster-id"))
         metrics = aggregate_metricrecords([m.content for m in replies], self.weighted_by_key)
         return to_record(packed, like=self._clusters[0]), metrics
 
     def _reseed(self, server_round: int, models: list[dict[str, np.ndarray]], sizes: list[int]) -> None:
-        """A cluster nobody chose for ``reseed_after`` rounds restarts next to the most chosen one (as k-means
-        implementations re-seed empty clusters), so that two groups stuck in one cluster can split."""
+        """A cluster no client has chosen (last) for ``reseed_after`` rounds restarts next to the most chosen one (as
+        k-means implementations re-seed empty clusters), so that two groups stuck in one cluster can split."""
         if not self.reseed_after:
             return
         biggest = int(np.argmax(sizes))
