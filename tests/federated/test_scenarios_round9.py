@@ -22,6 +22,9 @@ What this round found, fixed:
   ``ManagedGrid.get_node_ids`` lists the clients online in the round, and ``run_rounds`` skips a round (and its
   federated evaluation) whose strategy needs more nodes than are online, naming the numbers (checks.nodes_short).
   SCAFFOLD's N (``ManagedGrid.population``) stays every node.
+- ``run_rounds`` called again with the same ``ManagedGrid`` (a notebook's resume) found it at its last round, listing
+  only the clients online then: the checkpoint was refused as another run's. Each call now starts before round 1,
+  with no late update of an earlier run in flight (driver.run_rounds).
 - IFCA counted a cluster as empty when no reply of the round chose it, and re-seeded it after ``reseed_after`` such
   rounds: a group offline (or not sampled) that long came back to a cluster re-seeded next to another group's, and
   scored 0.1-0.35 where it had scored 0.85-1. Only a cluster that no client holds as its last choice is empty now
@@ -320,6 +323,31 @@ def test_one_example_beside_ten_thousand_is_weighted_exactly_and_reported_per_cl
     assert res.history.rounds[-1].test_acc > 0.8
     with pytest.raises(ValueError, match=r"Task: quantity_sigma=-1.0; expected >= 0"):
         _task(quantity_sigma=-1.0)
+
+
+@pytest.mark.timeout(60)
+def test_the_same_grid_object_stopped_and_resumed_under_a_schedule_equals_the_run_never_stopped(tmp_path):
+    """A notebook keeps its ManagedGrid: run_rounds stops after round 2 (a round with half the clients offline) and is
+    called again with the same grid and checkpoint. Before, the grid was still at round 2, listing only its online
+    clients: the resume was refused as another run ("nodes: checkpoint has 6, this run has 3"). Now every call starts
+    from all nodes before round 1, and the resumed run equals one never stopped."""
+    task = _task(local_steps=3)
+    pattern = np.ones((4, 6))
+    pattern[1, :3] = 0
+
+    def grid():
+        return _grid(task, SystemModel(6, availability=pattern))
+
+    def strategy():
+        return FedAvg(fraction_train=1.0, fraction_evaluate=0.5)
+
+    full = run_rounds(strategy(), grid(), initial_arrays(task), num_rounds=4)
+    kept, ckpt = grid(), tmp_path / "run.ckpt"
+    run_rounds(strategy(), kept, initial_arrays(task), num_rounds=4, checkpoint=ckpt, stop_after=2)
+    resumed = run_rounds(strategy(), kept, initial_arrays(task), num_rounds=4, checkpoint=ckpt)
+    for k, v in np_(full.arrays).items():
+        assert np.array_equal(np_(resumed.arrays)[k], v), k
+    assert [r.num_online for r in resumed.history.rounds] == [6, 3, 6, 6]
 
 
 # ---- schedules that cannot be right ----------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 
 from tilestack.errors import FederatedError
 from tilestack.federated import Evaluator, ManagedGrid, SystemModel, Task, run_rounds, simulate
+from tilestack.federated import client as tsclient
 from tilestack.federated.compression import Compressed
 from tilestack.federated.engine import InProcessGrid
 from tilestack.federated.simulation import initial_arrays
@@ -184,6 +185,26 @@ def test_on_digits_late_work_from_slow_clients_counts_for_more_than_dropping_it(
     assert acc["drop"] + 0.05 < acc["stale"] < acc["partial"]
     assert on_slow["drop"] + 0.05 < on_slow["stale"] < on_slow["partial"]
     assert acc["stale"] > 0.5  # ten classes: chance is 0.1
+
+
+@pytest.mark.timeout(60)
+def test_a_second_run_on_the_same_grid_takes_in_no_late_update_of_the_first():
+    """A run ends with client 3's update still in flight (due after its last round); a second run_rounds on the same
+    ManagedGrid object, from the start, must not take that update in: it equals the first run, bit for bit."""
+    task = _task()
+    grid = ManagedGrid(InProcessGrid(tsclient.app, 6), task, system=_system(), stragglers="stale")
+    def run(rounds):
+        return run_rounds(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), grid, initial_arrays(task),
+                          num_rounds=rounds)  # fmt: skip
+
+    runs = [run(3)]
+    assert grid.late[3].started == 3 and grid.late[3].due == 4  # in flight when the run ended
+    run(0)
+    assert not grid.late  # a new run starts with nothing in flight
+    runs.append(run(3))
+    for k, v in np_(runs[0].arrays).items():
+        assert np.array_equal(np_(runs[1].arrays)[k], v), k
+    assert [r.stale for r in runs[1].history.rounds] == [r.stale for r in runs[0].history.rounds]
 
 
 # ---- settings under which late updates cannot be right -------------------------------------------------------------

@@ -444,6 +444,10 @@ def run_rounds(
     if not isinstance(initial_arrays, ArrayRecord):
         raise TypeError(f"run_rounds: initial_arrays is a {type(initial_arrays).__name__}; expected an ArrayRecord")
     require_real_arrays("run_rounds", "initial", initial_arrays)
+    # before round 1 every node counts (a grid run before was left at its last round, with its clients offline then),
+    # and no late update is in flight (a resumed run loads its own from the checkpoint)
+    grid.server_round = 0
+    grid.load_state_dict({})
     check_strategy(strategy, len(list(grid.get_node_ids())), grid.task)  # also the roll call, before any seeding: it
     # may draw random numbers on some engines
     if grid.stragglers == "stale":
