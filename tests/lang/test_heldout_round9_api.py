@@ -8,7 +8,11 @@ Bugs these found, fixed in the compiler, each kept here as its regression test:
   (by position, by keyword, or to their defaults; given twice or missing, named), and launcher_for, which takes its
   arguments as one tuple, names a runtime argument given among the constants (lang.kernel.Kernel.bind):
   test_runtime_arguments_by_keyword_and_default, test_binding_mistakes_are_named; a default on a tensor parameter
-  (which would have been ignored too) is refused when the kernel is made, naming it.
+  (which would have been ignored too) is refused when the kernel is made, naming it;
+- launch: a ts.range step from a runtime argument that is 0 or negative was refused by the reference when it ran, but
+  Triton's interpreter ran no trips (-1) or failed inside Triton (0), and on a GPU a step of 0 never ends; such a
+  step is computed on the host at every launch now and refused, naming the loop (lang.kernel._runtime_steps,
+  TracedKernel.check_steps): test_a_runtime_loop_step_that_is_not_positive_is_named_at_launch.
 """
 
 import math
@@ -171,3 +175,36 @@ def test_a_grid_from_a_defaulted_argument_and_a_traced_kernels_run_and_cost(back
     assert t.cost(x, y).programs == 3 and t.cost(x, y, reps=4).programs == 4
     with pytest.raises(LaunchError, match=r"repeat_row: \['BN'\] are not runtime arguments of this trace"):
         t.run(x, y, BN=32, backend=backend)
+
+
+@ts.kernel(grid=lambda X: (1,))
+def strided_tile_sum(X, Y, step: int, *, BN: int = 16, DOUBLE: bool = False):
+    """Y = the sum of X's BN-wide tiles 0, step, 2 step, ... (DOUBLE: the step is 2 step - 1, an expression)."""
+    x = ts.RegVec[ts.f32, BN]()
+    acc = ts.RegVec[ts.f32, BN]()
+    ts.zero(acc)
+    for t in ts.range(0, ts.cdiv(X.shape[0], BN), 2 * step - 1 if DOUBLE else step):
+        ts.load(x, X, at=(t,))
+        ts.add(acc, acc, x)
+    ts.store(Y, acc, at=(0,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("double", [False, True])
+def test_a_runtime_loop_step_that_is_not_positive_is_named_at_launch(backend, double):
+    """A step of 0 or below from the arguments: the reference refused it when it ran, Triton's interpreter ran no
+    trips (-1) or failed inside Triton (0), and a GPU never ends a loop of step 0. Refused at launch on every
+    backend, naming the loop's line, before anything is written; positive steps (the same launch key) run."""
+    x = torch.arange(160, dtype=torch.float32)
+    for step in (1, 3, 2):
+        y = torch.zeros(16)
+        launch(strided_tile_sum, backend, x, y, step, DOUBLE=double)
+        s = 2 * step - 1 if double else step
+        assert torch.equal(y, x.view(10, 16)[::s].sum(0))
+    for step in ((0, -3) if double else (0, -1, -16)):
+        y = torch.full((16,), 7.0)
+        with pytest.raises(LaunchError, match=rf"strided_tile_sum: the ts.range loop at test_heldout_round9_api.py:"
+                                              rf"\d+ has step {2 * step - 1 if double else step} for these arguments; "
+                                              r"a runtime step must be positive"):
+            launch(strided_tile_sum, backend, x, y, step, DOUBLE=double)
+        assert (y == 7.0).all()

@@ -35,7 +35,7 @@ import torch
 
 from tilestack.config import knobs
 from tilestack.errors import LaunchError, TraceError, TunableError
-from tilestack.ir.cost import Cost, grid_of, grid_plan, kernel_cost
+from tilestack.ir.cost import Cost, ScalarMachine, grid_of, grid_plan, kernel_cost
 from tilestack.ir.nodes import KernelIR, Param
 from tilestack.ir.ops import Op
 from tilestack.ir.types import FLOAT, INDEX, TORCH_NAMES, DType, GlobalType, dtype_of_torch
@@ -369,6 +369,33 @@ class Kernel:
         return f"<tilestack kernel {self.name} at {self.where}>"
 
 
+def _runtime_steps(ir: KernelIR) -> list[tuple[list, Any, str]]:
+    """(plan, step value, where) for each ts.range loop whose step is no constant but is computed from the
+    arguments alone (the instructions of the kernel's entry that make it: its backward slice, as the grid's)."""
+    entry = {ins.results[0]: ins for ins in ir.body.instrs if ins.results}
+    out = []
+    for loop in ir.walk():
+        if loop.op is not Op.RANGE:
+            continue
+        step = loop.srcs[2]
+        made = entry.get(step)
+        if made is None or made.op is Op.CONST:
+            continue
+        need, stack, ok = set(), [step], True
+        while stack and ok:
+            v = stack.pop()
+            ins = entry.get(v)
+            if ins is None or ins.op in (Op.BLOCK_ID, Op.NUM_BLOCKS) or \
+                    ins.op not in (Op.CONST, Op.ARG, Op.DIM, Op.SCALAR):
+                ok = False
+            elif ins not in need:
+                need.add(ins)
+                stack.extend(ins.srcs)
+        if ok:
+            out.append(([ins for ins in ir.body.instrs if ins in need], step, loop.where))
+    return out
+
+
 @functools.cache
 def _launch_option_names() -> frozenset[str]:
     """Every backend's launch option names (read once: it imports every backend)."""
@@ -400,6 +427,7 @@ class TracedKernel:
         self._grid_scalars = [i for i in grid_args if not isinstance(signature[i], tuple)]
         self.written = ir.written_params()   # indices of the globals it stores to
         self.tile_globals = ir.tile_params()  # indices of the globals it moves 2-D tiles of
+        self._step_plans = _runtime_steps(ir)   # ts.range loops whose step the host can compute per launch
 
     @property
     def name(self) -> str:
@@ -486,7 +514,31 @@ class TracedKernel:
                                   f"some of {sorted(_launch_option_names())}")
             options = {**defaults, **(options or {})}
         name = backend or pick_backend(args)
-        return get_backend(name).prepare(self, args, options)
+        launch = get_backend(name).prepare(self, args, options)
+        if not self._step_plans:
+            return launch
+
+        def checked(args, _launch=launch):   # (a step argument's value is not in the launch key: checked per call)
+            self.check_steps(args)
+            return _launch(args)
+        return checked
+
+    def check_steps(self, args: Sequence) -> None:
+        """LaunchError where a ts.range loop's runtime step, computed from these arguments, is not positive: the
+        reference refuses it when it runs, Triton's interpreter ran no trips (-1) or failed inside Triton (0),
+        and on a GPU a step of 0 never ends."""
+        for plan, step, where in self._step_plans:
+            dims = {i: tuple(args[i].shape) for i in range(len(args)) if isinstance(self.signature[i], tuple)}
+            m = ScalarMachine(dims, {i: a for i, a in enumerate(args) if not isinstance(self.signature[i], tuple)})
+            try:
+                for ins in plan:
+                    m.eval(ins)
+            except ValueError:   # (it reads a block id: only the kernel knows it)
+                continue
+            v = int(m.values[step])
+            if v <= 0:
+                raise LaunchError(f"{self.name}: the ts.range loop at {where} has step {v} for these arguments; a "
+                                  "runtime step must be positive (a negative step must be a compile-time int)")
 
     def run(self, *args, backend: str | None = None, **kwargs):
         """Launch this trace. Launchers live in the kernel's cache, under the key ``launcher_for`` gives these
