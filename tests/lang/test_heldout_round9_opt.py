@@ -12,7 +12,10 @@ Bugs this round found, fixed in the compiler, each kept as its regression test:
   test_mx_fp8_quantize (test_heldout_round9_more.py);
 - reference: an empty tensor made by torch.from_numpy (strides of 0) was taken as an expanded one and passed as a
   read-only NumPy view; written back as an output, torch warned of undefined behaviour (backends.reference.executor
-  _numpy): test_empty_outputs_of_any_strides_run_without_warnings.
+  _numpy): test_empty_outputs_of_any_strides_run_without_warnings;
+- Gluon: no emitter for rand, so a kernel with dropout could not be compiled for Hopper by it ("cannot lower op
+  rand"); it draws tl.rand on the Triton backend's counters now (backends.gluon.codegen._e_rand; one number per
+  counter): test_compiles_for_sm90a_with_gluon[dropout_add_layernorm], test_gluon_draws_philox_uniforms_as_triton_does.
 """
 
 import math
@@ -431,8 +434,8 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
                        dict(BM=128, BN=64, D=128)),
 }
 # Gluon multiplies 16-bit operands from shared memory only (wgmma): the register-operand products (alibi_attention,
-# decode_split, nf4_gemv) are refused there by name; it has no emitter for rand (dropout_add_layernorm)
-GLUON_CASES = ("ssm_step", "top_p", "max_pool2d", "scan_totals", "scan_offsets",
+# decode_split, nf4_gemv) are refused there by name
+GLUON_CASES = ("ssm_step", "top_p", "max_pool2d", "dropout_add_layernorm", "scan_totals", "scan_offsets",
                "scan_blocks", "prune_2_4", "mx_quantize", "decode_merge", "adafactor_rows", "adafactor_apply",
                "clip_loss_rows", "moe_gemm")
 
@@ -445,3 +448,23 @@ def test_compiles_for_sm90a_with_triton(name):
 @pytest.mark.parametrize("name", GLUON_CASES)
 def test_compiles_for_sm90a_with_gluon(name):
     compile_gluon_sm90a(*AOT_CASES[name])
+
+
+def test_gluon_draws_philox_uniforms_as_triton_does():
+    """Gluon had no emitter for rand ("cannot lower op rand"): it calls Triton's tl.rand on the same 64-bit counters
+    now, offset + (row + r) stride + col + c, in the tile's own layout (Philox is element-wise); per_counter 4 and 8
+    (rand4x and randint4x's halves, interleaved) are refused by name."""
+    kernel, args, consts = AOT_CASES["dropout_add_layernorm"]
+    src = kernel.trace(*args, **consts).source("gluon")
+    rand = [line.strip() for line in src.splitlines() if "tl.rand(" in line]
+    assert len(rand) == 3 and all("tl.rand(seed, " in r and ".to(gl.int64)" in r and "gl.SliceLayout(1, L" in r
+                                  and "gl.SliceLayout(0, L" in r for r in rand), rand
+
+    @ts.kernel(grid=lambda U: (1,))
+    def rand4(U, seed: int, *, BN: int = 64):
+        u = ts.RegTile[ts.f32, 16, BN]()
+        ts.rand(u, seed, 0, per_counter=4)
+        ts.store(U, u, at=(0, 0))
+
+    with pytest.raises(Exception, match=r"the gluon backend draws one number per counter; rand with per_counter=4"):
+        compile_gluon_sm90a(rand4, (meta(16, 64), 7), {})

@@ -618,6 +618,29 @@ def _e_arange(e: _Emitter, ins: Instr) -> None:
     e.set_lay(ins.result, key)
 
 
+@register_emitter("gluon", Op.RAND)
+def _e_rand(e: _Emitter, ins: Instr) -> None:
+    """Philox uniforms as the Triton backend's (tl.rand of the same 64-bit counters, in the tile's layout: Philox
+    is element-wise, so Triton's own function runs on Gluon tensors). One number per counter only."""
+    t, key = ins.result.type, e.plan[ins.result]
+    if ins.attrs.per_counter != 1:
+        raise BackendError(f"{ins.where}: the gluon backend draws one number per counter; rand with "
+                           f"per_counter={ins.attrs.per_counter} (tl.rand4x / randint4x's halves, interleaved) runs "
+                           "on the Triton backend")
+    seed = e.name(ins.srcs[0])
+    offset, row, col, stride = (f"gl.to_tensor({e.name(s)}).to(gl.int64)" for s in ins.srcs[1:])
+    lname = e.layout(key)
+    if len(t.shape) == 2:
+        rows = f"gl.arange(0, {t.shape[0]}, layout=gl.SliceLayout(1, {lname}))[:, None].to(gl.int64)"
+        cols = f"gl.arange(0, {t.shape[1]}, layout=gl.SliceLayout(0, {lname}))[None, :].to(gl.int64)"
+        counters = f"{offset} + ({row} + {rows}) * {stride} + {col} + {cols}"
+    else:
+        cols = f"gl.arange(0, {t.shape[0]}, layout={lname}).to(gl.int64)"
+        counters = f"{offset} + {row} * {stride} + {col} + {cols}"
+    e.assign(ins.result, f"tl.rand({seed}, {counters})")
+    e.set_lay(ins.result, key)
+
+
 # ---- matrix products ----------------------------------------------------------------------------------------------
 def _mma_operands(e: _Emitter, ins: Instr) -> tuple[str, str, str, tuple]:
     acc, a, b = ins.srcs
