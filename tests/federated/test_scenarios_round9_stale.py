@@ -18,7 +18,8 @@ What this round found, fixed: a client cut by the deadline could only do partial
 asynchronous training (FedBuff, FedAsync's staleness weights), which a user with slow devices expects, was missing.
 ``stragglers='stale'`` (grid.ManagedGrid, staleness.rebased, with ``staleness_exponent`` and ``max_staleness`` on
 ``simulate`` and ``ManagedGrid``) adds it; ``RoundMetrics.stale`` says which late updates joined each round, and
-the late updates in flight are part of the checkpoint (driver.run_rounds).
+the late updates in flight are part of the checkpoint (driver.run_rounds); ``tilestack fl run`` takes
+``--straggler-policy stale --staleness-exponent --max-staleness``.
 
 Also fixed: on Flower's engine a round's record (the order of ``excluded`` and of the late updates held back) came
 in the order Flower's workers finished, so two runs of the same seed saved different histories now and then; the
@@ -252,6 +253,36 @@ def test_late_updates_where_they_cannot_be_right_are_refused_before_any_client_t
         grid = ManagedGrid(InProcessGrid(scripted(script), 6), task, system=system, stragglers="stale", **extra)
         run_rounds(strategy, grid, initial_arrays(task), num_rounds=1)
     assert not trained
+
+
+@pytest.mark.timeout(60)
+def test_fl_run_takes_late_updates_from_the_command_line(tmp_path):
+    """``tilestack fl run --straggler-policy stale --deadline ... --max-staleness ... --staleness-exponent ...``: the
+    history it writes holds the late updates each round took in; a bad bound or a stale policy without a deadline
+    is a usage error naming it, before any round."""
+    from typer.testing import CliRunner
+
+    from tilestack import config
+    from tilestack.cli import _register, app
+
+    _register()
+
+    def invoke(*extra):
+        args = ["fl", "run", "--rounds", "3", "--clients", "6", "--per-round", "6", "--local-steps", "20",
+                "--straggler-policy", "stale", *extra]  # fmt: skip
+        with config.override(cache_dir=tmp_path / "cache"):
+            return CliRunner().invoke(app, args)
+
+    out = tmp_path / "h.json"
+    res = invoke("--speed-sigma", "1.5", "--deadline", "0.15", "--max-staleness", "8", "--staleness-exponent", "1",
+                 "--out", str(out))  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rounds = json.loads(out.read_text())["rounds"]
+    assert any(r["stale"] for r in rounds) and all("num_online" in r and "client_train" in r for r in rounds)
+    flat = "".join(re.sub("[\u2500-\u257f]", "", invoke("--deadline", "0.15", "--max-staleness", "0").output).split())
+    assert "max_staleness=0;expectedaninteger>=1" in flat
+    flat = "".join(re.sub("[\u2500-\u257f]", "", invoke().output).split())
+    assert "stragglers='stale'withsystem=aSystemModelwithoutdeadline" in flat
 
 
 # ---- on Flower's own Simulation Engine ------------------------------------------------------------------------------

@@ -63,6 +63,8 @@ def run(
     straggler_policy: str = typer.Option(
         "partial", help="partial (keep partial work), drop, or stale (the whole work joins a later round, weighted)"
     ),
+    staleness_exponent: float = typer.Option(0.5, help="stale: a late update's weight x (1 + rounds late)^-this"),
+    max_staleness: int = typer.Option(4, help="stale: rounds late past which a client is left out"),
     dropout: float = typer.Option(0.0, help="per-round dropout probability"),
     deadline: float = typer.Option(0.0, help="round deadline in simulated seconds (0: none)"),
     speed_sigma: float = typer.Option(0.0, help="log-std of client speeds"),
@@ -176,7 +178,8 @@ def run(
             strat = Selected(strat, OortSelector(system, full_steps=steps, seed=seed), per_round)
         # everything simulate checks, before the progress bar and any round
         check_arguments(strat, task, rounds=rounds, engine=engine, system=system, stragglers=straggler_policy,
-                        seed=seed, timeout=timeout or None, workers=workers, checkpoint=checkpoint)  # fmt: skip
+                        seed=seed, timeout=timeout or None, workers=workers, checkpoint=checkpoint,
+                        staleness_exponent=staleness_exponent, max_staleness=max_staleness)  # fmt: skip
     except ValueError as ex:  # FederatedError too: a bad strategy setting or checkpoint path
         raise typer.BadParameter(str(ex)) from ex
     initial = strat.initial_arrays(task) if hasattr(strat, "initial_arrays") else None
@@ -205,6 +208,7 @@ def run(
         try:
             result = simulate(
                 strat, task, rounds=rounds, engine=engine, system=system, stragglers=straggler_policy, seed=seed,
+                staleness_exponent=staleness_exponent, max_staleness=max_staleness,
                 checkpoint=checkpoint, on_round=on_round, extra_metrics=extra, initial=initial,
                 timeout=timeout or None, workers=workers, flower_backend=FLOWER_BACKEND,
             )  # fmt: skip
