@@ -254,6 +254,30 @@ def test_mixer_block_dynamic_batch_and_tokens_in_one_graph():
     assert last.swapped == {"linear_epilogue": 3, "add_norm": 1, "norm": 1}, str(last)
 
 
+# ---- a diffusion transformer block ------------------------------------------------------------------------------
+@DTYPES
+def test_dit_block(dtype):
+    """Modulated LayerNorms without affine parameters (the kernel's ones and zeros), the first fused with the
+    gated residual add before it."""
+    from unseen_blocks_round3 import DiTBlock
+
+    model = seeded(DiTBlock, dtype=dtype)
+    x, c = _inputs(dtype, n=16), torch.randn(2, 32, dtype=dtype)
+    _one_graph(model, x, c)
+    with torch.no_grad():
+        _, swaps = _run(model, x, c, dtype=dtype)
+    assert swaps.get("sdpa") == 1 and swaps.get("add_norm") == 1 and swaps.get("norm") == 1, swaps
+
+
+def test_dit_block_training_gradients():
+    from unseen_blocks_round3 import DiTBlock
+
+    model = seeded(DiTBlock, train=True)
+    x, c = _inputs(torch.float32, n=16, requires_grad=True), torch.randn(2, 32, requires_grad=True)
+    _, swaps = _run(model, x, c, grad_of=[x, c, *model.parameters()])
+    assert swaps.get("sdpa") == 1 and swaps.get("add_norm") == 1, swaps
+
+
 # ---- Perceiver-style latent cross-attention -------------------------------------------------------------------------
 @DTYPES
 @pytest.mark.parametrize("all_padding", [False, True], ids=["padded", "one_input_all_padding"])

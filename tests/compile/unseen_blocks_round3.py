@@ -405,3 +405,28 @@ class ComplexRotaryDecoder(nn.Module):
         x = self._norm(h, 1)
         h = h + self.w2(F.silu(self.w1(x)) * self.w3(x))
         return self._norm(h, 2).float()
+
+
+# ---- a diffusion transformer block (adaLN-Zero) ----------------------------------------------------------------
+class DiTBlock(nn.Module):
+    """LayerNorms without affine parameters, modulated by a shift and a scale from the conditioning (x * (1 + scale)
+    + shift), SDPA attention, a GELU (tanh) MLP, both branches gated before their residual adds."""
+
+    def __init__(self, d: int = 32, heads: int = 4):
+        super().__init__()
+        self.h, self.hd = heads, d // heads
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+
+    def forward(self, x, c):
+        """x (B, N, d) tokens, c (B, d) conditioning."""
+        b, n, d = x.shape
+        shift1, scale1, gate1, shift2, scale2, gate2 = (t.unsqueeze(1) for t in self.ada(c).chunk(6, dim=1))
+        h = self.norm1(x) * (1 + scale1) + shift1
+        q, k, v = self.qkv(h).reshape(b, n, 3, self.h, self.hd).permute(2, 0, 3, 1, 4)
+        x = x + gate1 * self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
+        h = self.norm2(x) * (1 + scale2) + shift2
+        return x + gate2 * self.fc2(F.gelu(self.fc1(h), approximate="tanh"))
