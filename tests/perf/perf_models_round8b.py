@@ -7,8 +7,8 @@ Each builder returns ``(model, inputs)``: LoRA adapters on a frozen MLP (only th
 under reentrant activation checkpointing, a net changed by hooks (a forward pre-hook, a forward hook, a full
 backward hook), a detection-style loss whose forward consumes its target dicts (pops a key, rebinds the boxes), a
 net with a float16 half and a float32 half, a hypernetwork generating a target MLP's weights per task
-(torch.func.functional_call), and an nn.TransformerDecoderLayer with a causal target (tgt_is_causal) and a padded
-memory.
+(torch.func.functional_call), an nn.TransformerDecoderLayer with a causal target (tgt_is_causal) and a padded
+memory, and a sampler drawing tokens until an end token (work that depends on its random draws).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ DET_FEAT, DET_BOXES = 5, (3, 2)  # detection: feature width, boxes per image
 MIX_IN, MIX_HIDDEN, MIX_OUT = 8, 12, 4
 HN_TASK, HN_IN, HN_HIDDEN, HN_OUT = 3, 4, 5, 2  # hypernetwork: task embedding, target MLP widths
 DEC_DIM, DEC_HEADS, DEC_FF, DEC_TGT, DEC_MEM = 8, 2, 16, 5, 6  # decoder layer
+SAMPLE_VOCAB, SAMPLE_DIM, SAMPLE_MAX = 5, 8, 30  # sampler: vocabulary, width, most steps
 
 
 class LoraLinear(nn.Module):
@@ -142,6 +143,25 @@ class CausalDecoder(nn.Module):
         return self.layer(tgt, memory, tgt_mask=mask, tgt_is_causal=True, memory_key_padding_mask=memory_padding)
 
 
+class Sampler(nn.Module):
+    """Autoregressive sampling: each step embeds the last tokens, projects to logits, draws the next tokens by
+    torch.multinomial, and stops when every sequence drew the end token (0) or after SAMPLE_MAX steps: how much
+    work a call does depends on its random draws."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(SAMPLE_VOCAB, SAMPLE_DIM)
+        self.out = nn.Linear(SAMPLE_DIM, SAMPLE_VOCAB)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B,) int64
+        for _ in range(SAMPLE_MAX):
+            logits = self.out(self.embed(tokens))
+            tokens = torch.multinomial(logits.softmax(-1), 1).squeeze(1)
+            if bool((tokens == 0).all()):
+                break
+        return logits
+
+
 @seeded
 def lora_mlp():
     return LoraMlp(), (torch.randn(BATCH, LORA_IN),)
@@ -181,8 +201,14 @@ def causal_decoder():
     return CausalDecoder(), (torch.randn(BATCH, DEC_TGT, DEC_DIM), torch.randn(BATCH, DEC_MEM, DEC_DIM), padding)
 
 
+@seeded
+def sampler():
+    return Sampler(), (torch.tensor([1]),)
+
+
 MODELS = {
-    f.__name__: (f, True)
-    for f in (lora_mlp, reentrant_checkpoint, hooked, detection_loss, mixed_half, hypernetwork, causal_decoder)
+    f.__name__: (f, f is not sampler)  # sampled tokens: nothing to differentiate through
+    for f in (lora_mlp, reentrant_checkpoint, hooked, detection_loss, mixed_half, hypernetwork, causal_decoder,
+              sampler)
 }
 build = lora_mlp

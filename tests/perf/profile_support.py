@@ -17,6 +17,7 @@ from rich.console import Console
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from tilestack.perf import device, profile
+from tilestack.perf.profile_state import same_draws
 
 CEIL = device.Ceilings("cpu", 2e10, {"fp32": 2e11, "bf16": 2e11, "fp16": 2e11}, "now")  # ridge at 10 FLOP/B
 REL = 1e-9  # sums of per-call counts: float rounding only
@@ -66,7 +67,7 @@ def cases(models) -> tuple[list[tuple[str, bool]], list[str]]:
 class Profiles:
     """``profiled(name, train)``: (profile, our counts of one more step, torch's counts of that step), computed
     once per case. The counted steps run as the profile runs them: after warm-up (gradients already allocated),
-    with the attention fast path off."""
+    with the attention fast path off, each drawing the random numbers the profile's steps drew."""
 
     def __init__(self, models, *, without_torch=()) -> None:
         self.models = models
@@ -78,7 +79,8 @@ class Profiles:
             model, inputs = self.models[name][0]()
             p = profile.profile_model(model, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu", train=train,
                                       name=name)
-            step = profile._without_fastpath(profile.make_step(model, inputs, train=train))
+            # the random state is back where the profile started: every step draws what the profile's steps drew
+            step = same_draws(profile._without_fastpath(profile.make_step(model, inputs, train=train)), model)
             step()  # the profile's warm-up: it puts the model back as it was (no gradients), so warm it again
             try:
                 theirs = None if name in self.without_torch else torch_by_op(step)

@@ -8,6 +8,9 @@ What the set found (pinned by the test whose docstring says so):
   do) failed under profile_model with "raised KeyError during the counting pass: 'ignore'": every step was called
   with the same containers, which the first step had emptied; and the caller's targets were left changed (keys
   gone, boxes scaled by each step). Each step now gets containers of its own (``profile._fresh``);
+- the random state moved on from step to step: a sampler drawing tokens until an end token did different work in
+  the counted step and in each timed one (6 draws joined with steps of 1 to 30); every step now draws the same
+  numbers (``profile_state.same_draws``);
 - the training step's loss took .float() of each output: a complex output lost its imaginary part, with torch's
   "Casting complex values to real discards the imaginary part" warning on every step.
 """
@@ -42,7 +45,8 @@ CASES, IDS = cases(pm.MODELS)
 profiled = Profiles(pm.MODELS)
 DATA_MOVEMENT = {
     "aten::clone", "aten::copy_", "aten::_to_copy", "aten::new_zeros", "aten::full", "aten::triu", "aten::cat",
-    "aten::masked_fill_", "aten::select_backward", "aten::slice_backward",
+    "aten::masked_fill_", "aten::select_backward", "aten::slice_backward", "aten::embedding",
+    "aten::multinomial", "aten::_local_scalar_dense",  # a random draw; the end test's bool read to the host
 }
 MATMULS = {"aten::mm", "aten::addmm"}
 SDPA = "aten::_scaled_dot_product_flash_attention_for_cpu"
@@ -202,3 +206,21 @@ def test_a_complex_output_is_differentiated_in_both_parts_without_a_warning():
     (loss_sum,) = [c for (op, shapes), c in counts.items() if op == "aten::sum"]
     assert loss_sum.flops == 2 * 2 * 3
     assert flops_of(counts, "aten::mm") == 2 * 4 * (2 * 2 * 4 * 3)  # forward, and the weight's gradient: complex
+
+
+def test_a_sampler_does_the_same_work_in_every_step():
+    """Tokens are drawn until the end token: the number of steps depends on the draws. The RNG moved on from step to
+    step, so the counted step (6 draws, say) was joined with timed steps of 1 to 30: each row's time per call was a
+    median over different work. Every step now starts from the same random state: the same draws, the same work,
+    counted and timed; and the profile leaves the RNG where it was."""
+    model, (tokens,) = pm.sampler()
+    draws: list[int] = []  # output projections per call, recorded outside the model
+    model.out.register_forward_hook(lambda m, args, out: draws.append(1))
+    state = torch.get_rng_state()
+    p = profile.profile_model(model, (tokens,), steps=4, warmup=1, ceilings=CEIL, device="cpu")
+    assert torch.equal(torch.get_rng_state(), state)
+    (row,) = [o for o in p.ops if o.op == "aten::addmm"]
+    calls = int(row.calls)
+    # warm-up, counting pass, the profiler's discarded step, 4 timed steps: each the counted step's calls
+    assert calls > 1 and draws == [1] * (calls * (1 + 1 + 1 + 4))
+    assert row.m.flops == 2 * pm.SAMPLE_DIM * pm.SAMPLE_VOCAB

@@ -31,12 +31,13 @@ are the counting pass's, so the rows (and ``ModelProfile.untimed``, counted ops 
 their own) add up to what was counted. ``profile_model`` checks its arguments, and that the inputs fit ``forward``,
 before any work, and leaves the model as it found it (``profile_state.preserved``: parameters, buffers such as
 BatchNorm's running statistics, gradients, training modes, the inputs and the RNG states are put back, so the
-profile's many steps change nothing the caller sees). Every row becomes a :class:`Measurement` (per call) so it
-gets the same roofline placement and tip as a kernel, and the spread of its time over the steps; time no ATen op
-accounts for is one ``(other)`` row. An op on integers and bools only is placed under its dtype's roof where the
-device has one (int8 on most GPUs), else under the step's float dtype's. The rows' config names the model, the step
-(forward, or forward and backward) and the shapes, so ``tilestack compare`` pairs only the same op of the same
-model at the same shapes.
+profile's many steps change nothing the caller sees), and every step draws the same random numbers
+(``profile_state.same_draws``: tokens sampled until an end token are the same work in every step). Every row becomes
+a :class:`Measurement` (per call) so it gets the same roofline placement and tip as a kernel, and the spread of its
+time over the steps; time no ATen op accounts for is one ``(other)`` row. An op on integers and bools only is placed
+under its dtype's roof where the device has one (int8 on most GPUs), else under the step's float dtype's. The rows'
+config names the model, the step (forward, or forward and backward) and the shapes, so ``tilestack compare`` pairs
+only the same op of the same model at the same shapes.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ from tilestack.perf.profile_render import (  # noqa: F401 - the rendering and ta
     profile_rows,
     shapes_text,
 )
-from tilestack.perf.profile_state import preserved
+from tilestack.perf.profile_state import preserved, same_draws
 
 US_TO_S = 1e-6
 DEFAULT_WARMUP = 2
@@ -334,6 +335,7 @@ def profile_model(
 
     # The model as it was before (buffers, parameters, gradients, modes, RNG) once done, even if it raises.
     with preserved(model, inputs):
+        step = same_draws(step, model)  # every step the same random draws: the same work, counted and timed
         # Warm-up first, so the counted step is a steady-state one (gradients already allocated, caches built).
         guarded("warm-up", warm)
         counts = guarded("counting pass", lambda: count_ops(step))

@@ -20,7 +20,7 @@ import contextlib
 import functools
 import random
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from tilestack.perf.counting import _tensors
@@ -83,18 +83,16 @@ def _module_internals() -> frozenset[str]:
 class _Attributes:
     """A module's plain attributes (``vars(m)`` less the nn.Module internals) and what each held: rebound on
     restore where the forward rebound one (``self.state = (h, c)``, ``self.initialized = True``), a list, dict,
-    set or deque emptied and refilled (it may have been changed in place), a generator's state put back. Tensors
-    they hold are put back by value with the parameters (see ``preserved``)."""
+    set or deque emptied and refilled (it may have been changed in place). Tensors they hold are put back by value
+    with the parameters, generators' states with the others' (see ``preserved``)."""
 
     def __init__(self, m: Any, internals: frozenset[str]) -> None:
-        import torch
 
         self.module, self.internals = m, internals
         self.values = {k: v for k, v in vars(m).items() if k not in internals}
         # containers changed in place: their items (a deque of the last frames keeps its maxlen, refilled)
         self.contents = {k: (dict(v) if isinstance(v, dict) else list(v)) for k, v in self.values.items()
                          if isinstance(v, list | dict | set | collections.deque)}
-        self.generators = {k: v.get_state() for k, v in self.values.items() if isinstance(v, torch.Generator)}
 
     def restore(self) -> None:
         now = vars(self.module)
@@ -110,8 +108,62 @@ class _Attributes:
                 v.update(held)
             else:
                 v.extend(held)
-        for k, state in self.generators.items():
-            self.values[k].set_state(state)
+
+
+def _unwrap(model: Any) -> tuple[list[Any], list[Any]]:
+    """The modules whose state a call of ``model`` may change (the model, net.forward's net, a net a
+    ``functools.partial`` binds), and the arguments its partials bind."""
+    import torch
+
+    bound: list[Any] = []  # what functools.partial(net, mask=m) binds: its tensors are kept as the inputs are
+    while isinstance(model, functools.partial):
+        bound += [*model.args, *model.keywords.values()]
+        model = model.func
+    owners = [o if isinstance(o, torch.nn.Module) else getattr(o, "__self__", None) for o in (model, *bound)]
+    modules = list(dict.fromkeys(m for o in owners if isinstance(o, torch.nn.Module) for m in o.modules()))
+    return modules, bound
+
+
+class _Draws:
+    """The random number generators' states: torch's (CPU and every initialised GPU), Python's ``random``,
+    NumPy's, and the ``torch.Generator`` attributes of ``modules``; ``restore`` sets them all back."""
+
+    def __init__(self, modules: list[Any]) -> None:
+        import torch
+
+        self.cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        self.torch = torch.get_rng_state()
+        self.gpus = torch.cuda.get_rng_state_all() if self.cuda else None
+        self.python = random.getstate()
+        self.numpy = sys.modules["numpy"].random.get_state() if "numpy" in sys.modules else None
+        self.generators = [(g, g.get_state()) for m in modules for g in vars(m).values()
+                           if isinstance(g, torch.Generator)]
+
+    def restore(self) -> None:
+        import torch
+
+        torch.set_rng_state(self.torch)
+        if self.gpus is not None:
+            torch.cuda.set_rng_state_all(self.gpus)
+        random.setstate(self.python)
+        if self.numpy is not None:
+            sys.modules["numpy"].random.set_state(self.numpy)
+        for g, state in self.generators:
+            g.set_state(state)
+
+
+def same_draws(step: Callable[[], Any], model: Any) -> Callable[[], Any]:
+    """``step`` drawing the same random numbers on every call: the generators (global and the model's own) are set
+    back to their states of now before each. A step whose work depends on its draws (tokens sampled until an
+    end token, a random depth) then does the same work in the counted step and in every timed one; without this
+    the counted step's 6 sampled tokens were joined with timed steps of 1 to 30."""
+    draws = _Draws(_unwrap(model)[0])
+
+    def inner() -> Any:
+        draws.restore()
+        return step()
+
+    return inner
 
 
 @contextlib.contextmanager
@@ -123,13 +175,7 @@ def preserved(model: Any, inputs: Any) -> Iterator[None]:
     values, and the RNG states of torch (CPU and every initialised GPU), Python's ``random`` and NumPy's."""
     import torch
 
-    bound: list[Any] = []  # what functools.partial(net, mask=m) binds: its tensors are kept as the inputs are
-    while isinstance(model, functools.partial):
-        bound += [*model.args, *model.keywords.values()]
-        model = model.func
-    # the modules whose state a call may change: the model, net.forward's net, a net a partial binds
-    owners = [o if isinstance(o, torch.nn.Module) else getattr(o, "__self__", None) for o in (model, *bound)]
-    modules = list(dict.fromkeys(m for o in owners if isinstance(o, torch.nn.Module) for m in o.modules()))
+    modules, bound = _unwrap(model)
     # which tensors each module holds: rebinding (self.buf = self.buf + 1) is undone too; a ScriptModule's
     # containers are wrappers of C++ state that Python cannot rebind
     slots = [(m, dict(m._parameters), dict(m._buffers)) for m in modules
@@ -150,13 +196,7 @@ def preserved(model: Any, inputs: Any) -> Iterator[None]:
     grads = [(t, t.grad) for t in with_grad]
     for t in with_grad:
         t.grad = None
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    rng = (
-        torch.get_rng_state(),
-        torch.cuda.get_rng_state_all() if cuda else None,
-        random.getstate(),
-        sys.modules["numpy"].random.get_state() if "numpy" in sys.modules else None,
-    )
+    draws = _Draws(modules)
     try:
         yield
     finally:
@@ -174,9 +214,4 @@ def preserved(model: Any, inputs: Any) -> Iterator[None]:
             t.grad = grad
         for m, mode in modes:
             m.training = mode
-        torch.set_rng_state(rng[0])
-        if rng[1] is not None:
-            torch.cuda.set_rng_state_all(rng[1])
-        random.setstate(rng[2])
-        if rng[3] is not None:
-            sys.modules["numpy"].random.set_state(rng[3])
+        draws.restore()
