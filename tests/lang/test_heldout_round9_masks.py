@@ -8,7 +8,9 @@ Bugs (gaps) these found, fixed in the compiler, each kept here as its regression
   the language's own; bool globals are taken now (ir.types.TORCH_NAMES), loaded into masks or numbers and stored
   from either. Triton and Gluon address them through pointers only (backends.triton.passes.choose_access,
   backends.gluon.passes._choose_access: the copy engine has no 1-bit element, and Triton types a bool tensor i1,
-  so a descriptor's box row was 0 bytes); Gluon refuses an asynchronous (copy-engine) load of one, naming it.
+  so a descriptor's box row was 0 bytes); Gluon refuses a shared bool tile or ring, naming it (its shared layouts
+  take 8- to 64-bit elements: such a tile failed with a bare AssertionError inside Triton, backends.gluon.passes
+  legalize): test_gluon_refuses_shared_bool_tiles_naming_them.
 """
 
 import math
@@ -216,7 +218,33 @@ def test_a_bool_mask_through_asynchronous_stages(backend, rng):
     assert torch.equal(y.double(), want)
 
 
-def test_gluon_refuses_an_asynchronous_load_of_a_bool_tensor_naming_it():
-    with pytest.raises(BackendError, match=r"the gluon backend loads asynchronous stages with the copy engine, which "
-                                           r"has no 1-bit element; this one reads a .*bool"):
-        compile_gluon_sm90a(staged_mask_rows, (meta(4096, 64, dtype=torch.bool), meta(16, 64)), dict(BN=64))
+@ts.kernel(grid=lambda M: (ts.cdiv(M.shape[0], 64),))
+def bool_through_shared(M, Y, *, BN: int = 64):
+    """Y = M as 0 / 1 floats, the mask through a shared bool tile."""
+    i = ts.block_id(0)
+    s = ts.SharedTile[ts.bool_, 64, BN]()
+    r = ts.RegTile[ts.bool_, 64, BN]()
+    f = ts.RegTile[ts.f32, 64, BN]()
+    ts.load(s, M, at=(i, 0))
+    ts.load(r, s)
+    ts.where(f, r, 1.0, 0.0)
+    ts.store(Y, f, at=(i, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_bool_mask_through_a_shared_tile(backend, rng):
+    m = torch.from_numpy(rng.uniform(size=(100, 64)) < 0.5)
+    y = torch.full((100, 64), math.nan)
+    launch(bool_through_shared, backend, m, y)
+    assert torch.equal(y, m.float())
+
+
+@pytest.mark.parametrize(("kernel", "args"), [
+    (staged_mask_rows, (meta(4096, 64, dtype=torch.bool), meta(16, 64))),
+    (bool_through_shared, (meta(4096, 64, dtype=torch.bool), meta(4096, 64)))], ids=["stages", "shared tile"])
+def test_gluon_refuses_shared_bool_tiles_naming_them(kernel, args):
+    """Gluon's shared layouts take 8- to 64-bit elements: a shared bool tile or ring failed inside Triton (an
+    AssertionError from NVMMASharedLayout); refused with the op and the tile (the Triton backend runs both)."""
+    with pytest.raises(BackendError, match=r"test_heldout_round9_masks\.py:\d+: the gluon backend keeps bool_ masks "
+                                           r"in registers; \w+ uses a Shared\w+\[bool, "):
+        compile_gluon_sm90a(kernel, args, {})

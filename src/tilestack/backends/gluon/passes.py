@@ -63,6 +63,10 @@ def legalize(warps: int, tma: bool = True):
                     for n in v.type.shape:
                         if n & (n - 1):
                             _fail(ins, f"needs power-of-two tile sizes; {ins.op.value} uses a {v.type}")
+                    shared = isinstance(v.type, StagesType) or v.type.space is Space.SHARED
+                    if shared and v.type.dtype is bool_:   # (its shared layouts take 8- to 64-bit elements)
+                        _fail(ins, f"keeps bool_ masks in registers; {ins.op.value} uses a {v.type} (load the mask "
+                                   "into a RegTile, or hold it as a u8 or i8 shared tile)")
             if ins.op in (Op.MMA, Op.MMA_ASYNC):
                 _check_mma(ins, ir.roles[ins.role].warps if ins.role else warps)
             elif ins.op is Op.ASYNC_LOAD:
@@ -150,10 +154,7 @@ def _choose_access(ir: KernelIR, tma: bool) -> KernelIR:
                 else "pointer"
         elif ins.op is Op.ATOMIC_ADD:
             via = "pointer"
-        elif ins.op is Op.ASYNC_LOAD:
-            if ins.srcs[2].type.dtype is bool_:
-                _fail(ins, "loads asynchronous stages with the copy engine, which has no 1-bit element; "
-                           f"this one reads a {ins.srcs[2].type} (a torch.bool tensor: load it with ts.load)")
+        elif ins.op is Op.ASYNC_LOAD:   # (of a bool tensor: into bool stages, refused by legalize)
             via = "tma"
         else:
             continue
