@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_unseen_models_round1 import _close, _consistent, _fresh, _run, _swapped  # noqa: F401 - _fresh: autouse
 from test_unseen_models_round2 import _declined, _one_graph
+from torch import nn
 from unseen_blocks_round3 import (
     BloomBlock,
     CachedDecoder,
@@ -436,3 +437,50 @@ def test_complex_rotary_decoder_prefill_then_decode(dtype):
     _swapped(since)
     assert all(r.swapped.get("explicit_attention") == 1 and r.swapped.get("norm") == 3
                for r in tc.reports()[since:]), [str(r) for r in tc.reports()[since:]]
+
+
+def test_constants_made_before_a_cache_write_do_not_widen_the_pattern():
+    """Hugging Face's GPT-2 constants (the 0-d scale and mask value, torch.full) made at the top of forward, before
+    the cache is written: the pattern's nodes then spanned the write to the cache its keys are a view of, and the
+    attention was declined ("writes ... in place between the pattern's nodes"). A constant the rewrite inlines
+    reads nothing; the window starts at the pattern's first node that reads a tensor."""
+    class Cached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("k_cache", torch.zeros(2, 3, 12, 16))
+
+        def forward(self, q, k, v):
+            scale = torch.full([], 4.0, dtype=q.dtype)
+            mask_value = torch.full([], torch.finfo(q.dtype).min, dtype=q.dtype)
+            n = q.shape[-2]
+            self.k_cache[:, :, :n] = k
+            w = torch.matmul(q, self.k_cache[:, :, :n].transpose(-1, -2)) / scale
+            causal = torch.ones(n, n, dtype=torch.bool).tril()
+            return torch.softmax(torch.where(causal, w, mask_value), dim=-1) @ v
+
+    eager, model = seeded(Cached), seeded(Cached)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 16) for _ in range(3))
+    since = len(tc.reports())
+    with torch.no_grad():
+        _close(tilestack.optimize(model, check=True, inner="aot_eager")(q, k, v), eager(q, k, v), torch.float32, "")
+    _close(model.k_cache, eager.k_cache, torch.float32, "k_cache")
+    assert _swapped(since) == {"explicit_attention": 1}, str(tc.last_report())
+
+
+@pytest.mark.parametrize("which", ["scale", "fill"])
+def test_a_constant_written_in_place_before_the_pattern_is_not_inlined(which):
+    """A 0-d scale or mask value filled in place after it was made: the rewrite inlined the value it was made with
+    (the scale: 4 where the graph divides by 2, silently without check=True)."""
+    def f(q, k, v):
+        scale = torch.full([], 4.0, dtype=q.dtype)
+        mask_value = torch.full([], torch.finfo(q.dtype).min, dtype=q.dtype)
+        (scale if which == "scale" else mask_value).fill_(2.0 if which == "scale" else -1.0)
+        causal = torch.ones(9, 9, dtype=torch.bool).tril()
+        fill = mask_value if which == "fill" else float("-inf")
+        return torch.softmax(torch.where(causal, (q @ k.transpose(-1, -2)) / scale, fill), dim=-1) @ v
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 16) for _ in range(3))
+    _, swaps = _run(f, q, k, v, check=False)
+    assert "explicit_attention" not in swaps, swaps

@@ -290,12 +290,16 @@ def written_in_place(gm: fx.GraphModule, match: Match) -> str | None:
     replacement computes every output at the first one's place, before a write among the nodes it replaces."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     inside = set(match.nodes)
-    first = min(order[n] for n in match.nodes)
+    # a constant the rewrite inlines (a 0-d scale or fill: torch.full([], c)) reads nothing, and may be made long
+    # before the pattern (at the top of forward, before a cache write its keys view): the window starts at the
+    # first node that reads a tensor; a constant itself must not be written from its making on
+    first = min((order[n] for n in match.nodes if n.all_input_nodes), default=min(order[n] for n in match.nodes))
     last = max(order[n] for n in match.nodes)       # the replacement computes every output at the first one's place
     for n in [*match.nodes, *(i for i in match.inputs if isinstance(i, fx.Node))]:
+        start = order[n] if n in inside and not n.all_input_nodes else first
         for alias in _aliases(n):
             for u in alias.users:
-                if u not in inside and first < order[u] < last and _writes(u, alias):
+                if u not in inside and start < order[u] < last and _writes(u, alias):
                     op = u.target if u.op == "call_method" else getattr(u.target, "__name__", u.target)
                     return f"{u.name} ({op}) writes {n.name} in place between the pattern's nodes"
     return None

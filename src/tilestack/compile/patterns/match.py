@@ -153,4 +153,7 @@ def scalar(x) -> float | None:
     dtype = x.kwargs.get("dtype")
     if c is None or not (dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         return None
+    from tilestack.compile.rewrite import _aliases, _writes
+    if any(_writes(u, a) for a in _aliases(x) for u in a.users):
+        return None                      # written in place after it was made (mask_value.fill_(...)): not c there
     return c if dtype is None else float(torch.tensor(c, dtype=dtype))     # the number as the tensor holds it
