@@ -394,3 +394,17 @@ def test_fp8_act_mixer_block_whose_mlp_adds_the_norms_own_sum():
     assert any(w.startswith("add + layer_norm -> fp8 linear+gelu -> fp8 linear + h") for w in chains), str(report)
     err = float((got.float() - want.float()).norm() / want.float().norm())
     assert err < 2e-2, err
+
+
+def test_a_layout_that_differs_only_on_a_dim_of_one_is_relaid():
+    """A decode step's (B, 1, H, D), a transpose of the attention's (B, H, 1, D): its stride on the dim of 1 is not
+    the contiguous one, which no view can tell. The written-out norm's output viewed (B, 1, H * D) is swapped (it
+    was declined for that stride)."""
+    def f(o, w):
+        x = o.transpose(1, 2)
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+        return y.view(o.shape[0], 1, -1)
+
+    torch.manual_seed(0)
+    _, swaps = _run(f, torch.randn(2, 4, 1, 8), torch.randn(8))
+    assert swaps == {"norm": 1}, swaps

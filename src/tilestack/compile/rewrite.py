@@ -165,7 +165,7 @@ def result_differs(match: Match) -> str | None:
                     f"{tuple(want.shape)} (under autocast the replaced ops run in autocast's dtypes; tilestack's "
                     "keep their inputs')")
         strides = (*want.stride(), *new.stride())
-        if all(type(d) is int for d in strides) and want.stride() != new.stride() and \
+        if all(type(d) is int for d in strides) and not _same_layout(want, new) and \
                 (reader := _strided_view_reader(old)) is not None:
             return (f"the replacement lays {old.name} out with strides {tuple(new.stride())} where eager's are "
                     f"{tuple(want.stride())}, and node {reader.name}, a .view of it, needs eager's layout (an "
@@ -174,6 +174,12 @@ def result_differs(match: Match) -> str | None:
 
 
 _STRIDED_VIEWS = {"view", "view_as"}
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """a and b (of one shape) lay their elements out alike: equal strides on every dim of more than one element (a
+    dim of size 1 may have any stride: (B, 1, H, D) from a transpose of (B, H, 1, D) is as contiguous as any)."""
+    return a.numel() == 0 or all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride(), strict=True) if n != 1)
 
 
 def _strided_view_reader(node: fx.Node) -> fx.Node | None:
