@@ -14,8 +14,10 @@ Bugs this round found, fixed in the compiler, each kept as its regression test:
   read-only NumPy view; written back as an output, torch warned of undefined behaviour (backends.reference.executor
   _numpy): test_empty_outputs_of_any_strides_run_without_warnings;
 - Gluon: no emitter for rand, so a kernel with dropout could not be compiled for Hopper by it ("cannot lower op
-  rand"); it draws tl.rand on the Triton backend's counters now (backends.gluon.codegen._e_rand; one number per
-  counter): test_compiles_for_sm90a_with_gluon[dropout_add_layernorm], test_gluon_draws_philox_uniforms_as_triton_does.
+  rand"); it draws tl.rand (rand4x, randint4x's halves) on the Triton backend's counters now, interleaved as
+  tl.interleave does (backends.gluon.codegen._e_rand): test_compiles_for_sm90a_with_gluon[dropout_add_layernorm],
+  test_gluon_draws_philox_uniforms_as_triton_does, test_gluon_draws_several_numbers_per_counter (the library's
+  attention forward with dropout compiles with Gluon now).
 """
 
 import math
@@ -452,19 +454,41 @@ def test_compiles_for_sm90a_with_gluon(name):
 
 def test_gluon_draws_philox_uniforms_as_triton_does():
     """Gluon had no emitter for rand ("cannot lower op rand"): it calls Triton's tl.rand on the same 64-bit counters
-    now, offset + (row + r) stride + col + c, in the tile's own layout (Philox is element-wise); per_counter 4 and 8
-    (rand4x and randint4x's halves, interleaved) are refused by name."""
+    now, offset + (row + r) stride + col + c, in the tile's own layout (Philox is element-wise)."""
     kernel, args, consts = AOT_CASES["dropout_add_layernorm"]
     src = kernel.trace(*args, **consts).source("gluon")
     rand = [line.strip() for line in src.splitlines() if "tl.rand(" in line]
     assert len(rand) == 3 and all("tl.rand(seed, " in r and ".to(gl.int64)" in r and "gl.SliceLayout(1, L" in r
                                   and "gl.SliceLayout(0, L" in r for r in rand), rand
 
-    @ts.kernel(grid=lambda U: (1,))
-    def rand4(U, seed: int, *, BN: int = 64):
-        u = ts.RegTile[ts.f32, 16, BN]()
-        ts.rand(u, seed, 0, per_counter=4)
-        ts.store(U, u, at=(0, 0))
 
-    with pytest.raises(Exception, match=r"the gluon backend draws one number per counter; rand with per_counter=4"):
-        compile_gluon_sm90a(rand4, (meta(16, 64), 7), {})
+@ts.kernel(grid=lambda U: (1,))
+def rand_n(U, seed: int, *, BN: int = 64, N: int = 4):
+    u = ts.RegTile[ts.f32, 16, BN]()
+    ts.rand(u, seed, 0, per_counter=N)
+    ts.store(U, u, at=(0, 0))
+
+
+@pytest.mark.parametrize("n", [4, 8])
+def test_gluon_draws_several_numbers_per_counter(n):
+    """per_counter 4 (tl.rand4x) and 8 (randint4x's 16-bit halves) interleaved as the Triton backend's tl.interleave
+    does it (join, then reshape), so the library's attention forward with dropout (8 per counter) compiles for
+    Hopper with Gluon, without spills."""
+    src = rand_n.trace(meta(16, 64), 7, N=n).source("gluon")
+    draw = "tl.rand4x(seed, " if n == 4 else "tl.randint4x(seed, "
+    assert draw in src and src.count("gl.join(") == n - 1 and "gl.reshape(" in src
+    compile_gluon_sm90a(rand_n, (meta(16, 64), 7), dict(N=n))
+    from tilestack.kernels import attention_fwd
+    b4 = ts.ArgSpec(ts.bf16, 4)
+    compile_gluon_sm90a(attention_fwd.attention_fwd_dropout_kernel, (b4, b4, b4, b4, ts.ArgSpec(ts.f32, 3), 0.125, 7,
+                                                                     0, 0.1, 1 / 0.9), dict(D=64, DV=64))
+
+
+@pytest.mark.parametrize("n", [1, 4, 8])
+def test_several_numbers_per_counter_on_the_cpu_backends(n):
+    """The same uniforms on Triton's interpreter as on the reference for each per_counter (the stream the Gluon
+    source above reproduces), in [0, 1) and not all alike."""
+    u, ref = torch.full((16, 64), math.nan), torch.full((16, 64), math.nan)
+    launch(rand_n, "triton", u, 1234, N=n)
+    launch(rand_n, "reference", ref, 1234, N=n)
+    assert torch.equal(u, ref) and ((u >= 0) & (u < 1)).all() and u.unique().numel() > 900

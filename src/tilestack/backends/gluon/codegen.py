@@ -623,22 +623,46 @@ def _e_rand(e: _Emitter, ins: Instr) -> None:
     """Philox uniforms as the Triton backend's (tl.rand of the same 64-bit counters, in the tile's layout: Philox
     is element-wise, so Triton's own function runs on Gluon tensors). One number per counter only."""
     t, key = ins.result.type, e.plan[ins.result]
-    if ins.attrs.per_counter != 1:
-        raise BackendError(f"{ins.where}: the gluon backend draws one number per counter; rand with "
-                           f"per_counter={ins.attrs.per_counter} (tl.rand4x / randint4x's halves, interleaved) runs "
-                           "on the Triton backend")
+    n = ins.attrs.per_counter
     seed = e.name(ins.srcs[0])
     offset, row, col, stride = (f"gl.to_tensor({e.name(s)}).to(gl.int64)" for s in ins.srcs[1:])
     lname = e.layout(key)
+    width = t.shape[-1] // n                      # counters per row: each gives n numbers
+    first = col if n == 1 else f"({col} // {n})"
     if len(t.shape) == 2:
         rows = f"gl.arange(0, {t.shape[0]}, layout=gl.SliceLayout(1, {lname}))[:, None].to(gl.int64)"
-        cols = f"gl.arange(0, {t.shape[1]}, layout=gl.SliceLayout(0, {lname}))[None, :].to(gl.int64)"
-        counters = f"{offset} + ({row} + {rows}) * {stride} + {col} + {cols}"
+        cols = f"gl.arange(0, {width}, layout=gl.SliceLayout(0, {lname}))[None, :].to(gl.int64)"
+        counters = f"{offset} + ({row} + {rows}) * {stride} + {first} + {cols}"
     else:
-        cols = f"gl.arange(0, {t.shape[0]}, layout={lname}).to(gl.int64)"
-        counters = f"{offset} + {row} * {stride} + {col} + {cols}"
-    e.assign(ins.result, f"tl.rand({seed}, {counters})")
+        cols = f"gl.arange(0, {width}, layout={lname}).to(gl.int64)"
+        counters = f"{offset} + {row} * {stride} + {first} + {cols}"
+    if n == 1:
+        e.assign(ins.result, f"tl.rand({seed}, {counters})")
+        e.set_lay(ins.result, key)
+        return
+    base = e.name(ins.result)
+    words = [f"{base}_w{w}" for w in range(4)]
+    if n == 4:
+        e.emit(f"{', '.join(words)} = tl.rand4x({seed}, {counters})")
+        u = words
+    else:   # the four low 16-bit halves, then the four high ones, each over 65536 (as the Triton backend's)
+        e.emit(f"{', '.join(words)} = tl.randint4x({seed}, {counters})")
+        u = [f"{base}_h{k}" for k in range(8)]
+        for k in range(8):
+            half = f"({words[k % 4]} & 0xFFFF)" if k < 4 else f"({words[k % 4]} >> 16)"
+            e.emit(f"{u[k]} = {half}.to(gl.float32) * {float(2.0**-16)!r}")
+    e.assign(ins.result, f"gl.convert_layout({_interleaved(u, t.shape[:-1], width)}, {lname})")
     e.set_lay(ins.result, key)
+
+
+def _interleaved(tiles: list[str], lead: tuple[int, ...], width: int) -> str:
+    """Tiles t_0..t_{n-1} of shape lead + (width,) interleaved along the last axis, as tl.interleave does it (join,
+    then reshape): column n*k + m is t_m's column k (n a power of two)."""
+    if len(tiles) == 1:
+        return tiles[0]
+    a = _interleaved(tiles[0::2], lead, width)
+    b = _interleaved(tiles[1::2], lead, width)
+    return f"gl.reshape(gl.join({a}, {b}), {[*lead, width * len(tiles)]})"
 
 
 # ---- matrix products ----------------------------------------------------------------------------------------------
