@@ -8,7 +8,8 @@ under reentrant activation checkpointing, a net changed by hooks (a forward pre-
 backward hook), a detection-style loss whose forward consumes its target dicts (pops a key, rebinds the boxes), a
 net with a float16 half and a float32 half, a hypernetwork generating a target MLP's weights per task
 (torch.func.functional_call), an nn.TransformerDecoderLayer with a causal target (tgt_is_causal) and a padded
-memory, and a sampler drawing tokens until an end token (work that depends on its random draws).
+memory, a sampler drawing tokens until an end token (work that depends on its random draws), and a decoding step
+with KV caches (work that grows with the model's state).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ MIX_IN, MIX_HIDDEN, MIX_OUT = 8, 12, 4
 HN_TASK, HN_IN, HN_HIDDEN, HN_OUT = 3, 4, 5, 2  # hypernetwork: task embedding, target MLP widths
 DEC_DIM, DEC_HEADS, DEC_FF, DEC_TGT, DEC_MEM = 8, 2, 16, 5, 6  # decoder layer
 SAMPLE_VOCAB, SAMPLE_DIM, SAMPLE_MAX = 5, 8, 30  # sampler: vocabulary, width, most steps
+KV_DIM, KV_MAX = 4, 64  # cached decoder: width, the static cache's length
 
 
 class LoraLinear(nn.Module):
@@ -162,6 +164,30 @@ class Sampler(nn.Module):
         return logits
 
 
+class CachedDecoder(nn.Module):
+    """One decoding step with a KV cache: the new token's key and value concatenated onto the cache (plain
+    attributes, rebound), attention of its query over the whole cache; and a second, static cache (a buffer
+    written in place at a position counter, a plain int) read up to that position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(KV_DIM, 3 * KV_DIM)
+        self.k_cache = torch.zeros(1, 0, KV_DIM)
+        self.v_cache = torch.zeros(1, 0, KV_DIM)
+        self.register_buffer("static", torch.zeros(1, KV_MAX, KV_DIM))
+        self.pos = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (1, 1, D): one new token
+        q, k, v = self.qkv(x).chunk(3, -1)
+        self.k_cache = torch.cat([self.k_cache, k], 1)  # (1, T, D)
+        self.v_cache = torch.cat([self.v_cache, v], 1)
+        attn = torch.softmax(q @ self.k_cache.transpose(1, 2) / KV_DIM**0.5, -1)  # (1, 1, T)
+        with torch.no_grad():
+            self.static[:, self.pos] = v[:, 0]
+        self.pos += 1
+        return attn @ self.v_cache + self.static[:, : self.pos].mean(1, keepdim=True)
+
+
 @seeded
 def lora_mlp():
     return LoraMlp(), (torch.randn(BATCH, LORA_IN),)
@@ -206,9 +232,15 @@ def sampler():
     return Sampler(), (torch.tensor([1]),)
 
 
+@seeded
+def cached_decoder():
+    return CachedDecoder(), (torch.randn(1, 1, KV_DIM),)
+
+
 MODELS = {
-    f.__name__: (f, f is not sampler)  # sampled tokens: nothing to differentiate through
+    # sampled tokens: nothing to differentiate through; a decoding step with a cache: inference only
+    f.__name__: (f, f not in (sampler, cached_decoder))
     for f in (lora_mlp, reentrant_checkpoint, hooked, detection_loss, mixed_half, hypernetwork, causal_decoder,
-              sampler)
+              sampler, cached_decoder)
 }
 build = lora_mlp

@@ -17,7 +17,7 @@ from rich.console import Console
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from tilestack.perf import device, profile
-from tilestack.perf.profile_state import same_draws
+from tilestack.perf.profile_state import same_draws, same_state
 
 CEIL = device.Ceilings("cpu", 2e10, {"fp32": 2e11, "bf16": 2e11, "fp16": 2e11}, "now")  # ridge at 10 FLOP/B
 REL = 1e-9  # sums of per-call counts: float rounding only
@@ -67,7 +67,8 @@ def cases(models) -> tuple[list[tuple[str, bool]], list[str]]:
 class Profiles:
     """``profiled(name, train)``: (profile, our counts of one more step, torch's counts of that step), computed
     once per case. The counted steps run as the profile runs them: after warm-up (gradients already allocated),
-    with the attention fast path off, each drawing the random numbers the profile's steps drew."""
+    with the attention fast path off, each drawing the random numbers the profile's steps drew and starting from the
+    state the warm-up left."""
 
     def __init__(self, models, *, without_torch=()) -> None:
         self.models = models
@@ -82,6 +83,7 @@ class Profiles:
             # the random state is back where the profile started: every step draws what the profile's steps drew
             step = same_draws(profile._without_fastpath(profile.make_step(model, inputs, train=train)), model)
             step()  # the profile's warm-up: it puts the model back as it was (no gradients), so warm it again
+            step = same_state(step, model)  # and each step from the state the warm-up left, as the profile's
             try:
                 theirs = None if name in self.without_torch else torch_by_op(step)
             except (RuntimeError, TypeError):  # torch's counter cannot follow autograd.grad inside forward (its

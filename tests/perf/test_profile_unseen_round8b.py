@@ -10,7 +10,9 @@ What the set found (pinned by the test whose docstring says so):
   gone, boxes scaled by each step). Each step now gets containers of its own (``profile._fresh``);
 - the random state moved on from step to step: a sampler drawing tokens until an end token did different work in
   the counted step and in each timed one (6 draws joined with steps of 1 to 30); every step now draws the same
-  numbers (``profile_state.same_draws``);
+  numbers (``profile_state.same_draws``); likewise a decoder's KV cache grew with every step (the counted step
+  attended over 2 cached tokens, the timed ones over 3, 4, ...): every step now starts from the Python-side
+  state the warm-up left (``profile_state.same_state``);
 - the training step's loss took .float() of each output: a complex output lost its imaginary part, with torch's
   "Casting complex values to real discards the imaginary part" warning on every step.
 """
@@ -224,3 +226,24 @@ def test_a_sampler_does_the_same_work_in_every_step():
     # warm-up, counting pass, the profiler's discarded step, 4 timed steps: each the counted step's calls
     assert calls > 1 and draws == [1] * (calls * (1 + 1 + 1 + 4))
     assert row.m.flops == 2 * pm.SAMPLE_DIM * pm.SAMPLE_VOCAB
+
+
+def test_a_cached_decoder_does_the_same_work_in_every_step():
+    """Each call appends to the KV cache (and writes the static cache at a position counter): the counted step
+    attended over 2 cached tokens, the timed steps over 3, 4, ... (and past the static cache's end, had the profile
+    run 64 steps). Every step now starts from the state the warm-up left: the same cache length in the counted
+    step and every timed one; after the profile the caches and counter are as they were."""
+    model, (x,) = pm.cached_decoder()
+    lengths: list[int] = []  # the cache length each call attends over, recorded outside the model
+    model.register_forward_hook(lambda m, args, out: lengths.append(m.k_cache.shape[1]))
+    p = profile.profile_model(model, (x,), steps=4, warmup=1, ceilings=CEIL, device="cpu")
+    # warm-up, counting pass, the profiler's discarded step, 4 timed steps
+    assert lengths == [1] + [2] * (1 + 1 + 4)
+    assert model.k_cache.shape == (1, 0, pm.KV_DIM) and model.pos == 0 and not model.static.any()
+    scores = [o for o in p.ops if o.op == "aten::bmm" and o.shapes[1][-1] == 2]  # q (1, 1, D) @ k^T (1, D, 2)
+    assert scores and scores[0].m.flops == 2 * 1 * pm.KV_DIM * 2
+    with torch.no_grad():
+        first = model(x)
+    fresh, (x2,) = pm.cached_decoder()
+    with torch.no_grad():
+        assert torch.equal(first, fresh(x2))  # the next call is the unprofiled model's first

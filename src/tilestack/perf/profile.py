@@ -31,13 +31,14 @@ are the counting pass's, so the rows (and ``ModelProfile.untimed``, counted ops 
 their own) add up to what was counted. ``profile_model`` checks its arguments, and that the inputs fit ``forward``,
 before any work, and leaves the model as it found it (``profile_state.preserved``: parameters, buffers such as
 BatchNorm's running statistics, gradients, training modes, the inputs and the RNG states are put back, so the
-profile's many steps change nothing the caller sees), and every step draws the same random numbers
-(``profile_state.same_draws``: tokens sampled until an end token are the same work in every step). Every row becomes
-a :class:`Measurement` (per call) so it gets the same roofline placement and tip as a kernel, and the spread of its
-time over the steps; time no ATen op accounts for is one ``(other)`` row. An op on integers and bools only is placed
-under its dtype's roof where the device has one (int8 on most GPUs), else under the step's float dtype's. The rows'
-config names the model, the step (forward, or forward and backward) and the shapes, so ``tilestack compare`` pairs
-only the same op of the same model at the same shapes.
+profile's many steps change nothing the caller sees); every step draws the same random numbers
+(``profile_state.same_draws``) and starts from the Python-side state the warm-up left (``same_state``: a KV cache
+concatenated onto, a position counter), so tokens sampled until an end token, or attention over a cache, are the
+same work in every step. Every row becomes a :class:`Measurement` (per call) so it gets the same roofline placement
+and tip as a kernel, and the spread of its time over the steps; time no ATen op accounts for is one ``(other)`` row.
+An op on integers and bools only is placed under its dtype's roof where the device has one (int8 on most GPUs), else
+under the step's float dtype's. The rows' config names the model, the step (forward, or forward and backward) and
+the shapes, so ``tilestack compare`` pairs only the same op of the same model at the same shapes.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ from tilestack.perf.profile_render import (  # noqa: F401 - the rendering and ta
     profile_rows,
     shapes_text,
 )
-from tilestack.perf.profile_state import preserved, same_draws
+from tilestack.perf.profile_state import preserved, same_draws, same_state
 
 US_TO_S = 1e-6
 DEFAULT_WARMUP = 2
@@ -338,6 +339,7 @@ def profile_model(
         step = same_draws(step, model)  # every step the same random draws: the same work, counted and timed
         # Warm-up first, so the counted step is a steady-state one (gradients already allocated, caches built).
         guarded("warm-up", warm)
+        step = same_state(step, model)  # every later step from the state the warm-up left: the same work
         counts = guarded("counting pass", lambda: count_ops(step))
         if ceilings is None and ceil is not None:
             ceil = _with_roofs_for(ceil, dev, counts)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import operator
 import random
 import sys
 from collections.abc import Callable, Iterator
@@ -87,15 +88,17 @@ class _Attributes:
     with the parameters, generators' states with the others' (see ``preserved``)."""
 
     def __init__(self, m: Any, internals: frozenset[str]) -> None:
-
         self.module, self.internals = m, internals
         self.values = {k: v for k, v in vars(m).items() if k not in internals}
+        self.size = len(vars(m))
         # containers changed in place: their items (a deque of the last frames keeps its maxlen, refilled)
         self.contents = {k: (dict(v) if isinstance(v, dict) else list(v)) for k, v in self.values.items()
                          if isinstance(v, list | dict | set | collections.deque)}
 
     def restore(self) -> None:
         now = vars(self.module)
+        if not self.contents and _same(now, self.values, self.size):
+            return  # nothing added, removed nor rebound: the common case, checked at C speed (a step restores all)
         for k in [k for k in now if k not in self.values and k not in self.internals]:
             del now[k]  # set by the profiled steps
         for k, v in self.values.items():
@@ -103,11 +106,29 @@ class _Attributes:
                 now[k] = v
         for k, held in self.contents.items():
             v = self.values[k]
+            if not _changed(v, held):
+                continue
             v.clear()
             if isinstance(v, dict | set):
                 v.update(held)
             else:
                 v.extend(held)
+
+
+def _same(now: dict, before: dict, size: int) -> bool:
+    """Whether ``now`` still has ``size`` entries and holds the very objects ``before`` had under its keys."""
+    return len(now) == size and all(map(operator.is_, map(now.get, before), before.values()))
+
+
+def _changed(now: Any, held: Any) -> bool:
+    """Whether a container's items differ from those kept, by identity (``==`` on tensors compares elements)."""
+    if len(now) != len(held):
+        return True
+    if isinstance(now, dict):
+        return any(k not in held or v is not held[k] for k, v in now.items())
+    if isinstance(now, set):
+        return now != set(held)  # membership tests identity first: no tensor is compared by value
+    return any(a is not b for a, b in zip(now, held, strict=True))
 
 
 def _unwrap(model: Any) -> tuple[list[Any], list[Any]]:
@@ -166,6 +187,48 @@ def same_draws(step: Callable[[], Any], model: Any) -> Callable[[], Any]:
     return inner
 
 
+class _Bindings:
+    """Which objects ``modules`` hold: each one's parameter and buffer tables (rebinding, ``self.buf = self.buf + 1``,
+    is undone too) and plain attributes (:class:`_Attributes`); ``restore`` rebinds them, copying no tensor. A
+    ScriptModule's tables wrap C++ state that Python cannot rebind; a lazy module's first forward rewrites its
+    attributes (in_features, its class) and materialises its parameters: those changes stay."""
+
+    def __init__(self, modules: list[Any]) -> None:
+        import torch
+
+        self.slots = [(m, dict(m._parameters), dict(m._buffers)) for m in modules
+                      if isinstance(m._parameters, dict) and isinstance(m._buffers, dict)]
+        internals = _module_internals()
+        lazy = torch.nn.modules.lazy.LazyModuleMixin
+        self.attributes = [_Attributes(m, internals) for m in modules if not isinstance(m, lazy)]
+
+    def restore(self) -> None:
+        for m, params, buffers in self.slots:
+            for now, before in ((m._parameters, params), (m._buffers, buffers)):
+                if _same(now, before, len(before)):
+                    continue
+                for k in [k for k in now if k not in before]:
+                    del now[k]
+                now.update((k, t) for k, t in before.items() if not is_lazy(t) and now.get(k) is not t)
+        for a in self.attributes:
+            a.restore()
+
+
+def same_state(step: Callable[[], Any], model: Any) -> Callable[[], Any]:
+    """``step`` starting on every call from the model's state of now (after the warm-up): its plain attributes and
+    parameter and buffer tables rebound as they are now (no tensor copied: a copy would be the step's work). A
+    model whose work grows with its state (a KV cache concatenated onto, or written at a position counter) then
+    does the same work in the counted step and in every timed one; without this each timed step attended over a
+    longer cache than the counted one."""
+    bindings = _Bindings(_unwrap(model)[0])
+
+    def inner() -> Any:
+        bindings.restore()
+        return step()
+
+    return inner
+
+
 @contextlib.contextmanager
 def preserved(model: Any, inputs: Any) -> Iterator[None]:
     """Keep, and put back on exit, for a module, a bound method of one (``net.forward``) or a ``functools.partial`` of
@@ -173,19 +236,11 @@ def preserved(model: Any, inputs: Any) -> Iterator[None]:
     tensors' values), each parameter's (and each leaf input's) ``.grad`` tensor (set aside, so the profile's
     gradients are neither added into the caller's nor left behind), each module's training mode, the input tensors'
     values, and the RNG states of torch (CPU and every initialised GPU), Python's ``random`` and NumPy's."""
-    import torch
 
     modules, bound = _unwrap(model)
-    # which tensors each module holds: rebinding (self.buf = self.buf + 1) is undone too; a ScriptModule's
-    # containers are wrappers of C++ state that Python cannot rebind
-    slots = [(m, dict(m._parameters), dict(m._buffers)) for m in modules
-             if isinstance(m._parameters, dict) and isinstance(m._buffers, dict)]
-    # a lazy module's first forward rewrites its attributes (in_features, its class): those changes stay
-    internals = _module_internals()
-    lazy = torch.nn.modules.lazy.LazyModuleMixin
-    attributes = [_Attributes(m, internals) for m in modules if not isinstance(m, lazy)]
+    bindings = _Bindings(modules)
     values = [t for m in modules for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))]
-    values += _tensors([a.values for a in attributes])
+    values += _tensors([a.values for a in bindings.attributes])
     modes = [(m, m.training) for m in modules]
     held: dict[int, Any] = {}
     for t in (*values, *_tensors(inputs), *_tensors(bound)):
@@ -200,14 +255,7 @@ def preserved(model: Any, inputs: Any) -> Iterator[None]:
     try:
         yield
     finally:
-        for m, params, buffers in slots:
-            for now, before in ((m._parameters, params), (m._buffers, buffers)):
-                for k in [k for k in now if k not in before]:
-                    del now[k]
-                # a lazy module's parameters, materialised by its first forward, stay: that happens once anyway
-                now.update((k, t) for k, t in before.items() if not is_lazy(t))
-        for a in attributes:
-            a.restore()
+        bindings.restore()
         for s in saved:
             s.restore()
         for t, grad in grads:
