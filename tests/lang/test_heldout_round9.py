@@ -9,7 +9,10 @@ updated in place, a skip and a SiLU gate); Mamba's causal conv1d decode update o
 window state shifted by a shift-matrix product and carried in registers; an NF4 GEMV (two 4-bit codes to a byte,
 decoded through the 16-entry NormalFloat table by compares, a per-block absmax); and nucleus (top-p) sampling's
 mask with a temperature (each token's mass before it in descending order, ties by index, by pairwise compares).
-More kernels of this round are in test_heldout_round9_more.py and test_heldout_round9_opt.py.
+More kernels of this round are in test_heldout_round9_more.py and test_heldout_round9_opt.py (whose docstring lists
+the bugs the round found in them), test_heldout_round9_api.py (kernels called as Python functions: runtime arguments
+by keyword and default, runtime loop steps), test_heldout_round9_masks.py (torch.bool arguments) and
+test_heldout_round9_bytes.py (torch.uint8 arguments and u8 tiles). (No kernel of this file found a bug.)
 """
 
 import math
