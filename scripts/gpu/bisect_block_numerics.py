@@ -19,6 +19,13 @@ def rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
+def _to_y2(blk, h, dl, d, eps):
+    """The block from its inputs to its second norm's output (what the MLP reads)."""
+    h1 = h + dl
+    y1 = F.layer_norm(h1, (d,), blk.ln_1.weight, blk.ln_1.bias, eps)
+    return F.layer_norm(h1 + blk.attn(y1), (d,), blk.ln_2.weight, blk.ln_2.bias, eps)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -66,6 +73,10 @@ def main() -> None:
             "c_fc + gelu": (lambda y: F.gelu(blk.mlp.c_fc(y), approximate="tanh"), (y2,)),
             "mlp.c_proj": (blk.mlp.c_proj, (ge,)),
             "whole mlp": (lambda y: blk.mlp.c_proj(F.gelu(blk.mlp.c_fc(y), approximate="tanh")), (y2,)),
+            "h + delta + ao -> ln_2": (lambda h, dl, ao: F.layer_norm(h + dl + ao, (d,), blk.ln_2.weight,
+                                                                      blk.ln_2.bias, cfg.eps), (h, delta, ao)),
+            "block up to ln_2's output": (lambda h, dl: _to_y2(blk, h, dl, d, cfg.eps), (h, delta)),
+            "whole block (h out)": (lambda h, dl: blk(h, dl)[0], (h, delta)),
             "whole block (delta out)": (lambda h, dl: blk(h, dl)[1], (h, delta)),
         }
         print(f"{'part of GPT-2 block 1':28} {'vs eager':>10} {'share differing':>16}   ({dev}, B={B}, N={N}, bf16)")
