@@ -201,12 +201,15 @@ def tilestack_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = 
 
 
 def numerics_patches(numerics: str) -> dict:
-    """The Inductor config patch for ``numerics`` (see the module docstring); empty on a torch whose Inductor has
-    no such switch."""
+    """The Inductor config patch for ``numerics`` (see the module docstring): intermediates rounded as eager's ops
+    round them, and a 16-bit linear layer's bias added before its one rounding (``eager_addmm``); empty on a torch
+    whose Inductor has no such switch."""
     from torch._inductor import config as inductor_config
+
+    from tilestack.compile import eager_addmm
     if not hasattr(inductor_config, "emulate_precision_casts"):
         return {}
-    return {"emulate_precision_casts": numerics == "eager"}
+    return {"emulate_precision_casts": numerics == "eager"} | eager_addmm.patches(numerics)
 
 
 def explicit_fallbacks() -> None:
