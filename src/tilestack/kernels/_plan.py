@@ -48,10 +48,52 @@ _grad_enabled, _deterministic = torch.is_grad_enabled, torch._C._get_determinist
 _NO_KEY = (TypeError, RuntimeError, NotImplementedError)
 
 
-def planned(plan: Callable) -> Callable:
+_is_transformed = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _arguments(plan: Callable, args: tuple, kwargs: dict):
+    """(name, value) of each argument of a call to ``plan`` (positional ones named by its signature)."""
+    import inspect
+
+    try:
+        return inspect.signature(plan).bind_partial(*args, **kwargs).arguments.items()
+    except TypeError:
+        return [*((f"argument {i}", a) for i, a in enumerate(args)), *kwargs.items()]
+
+
+def refuse_transformed(fn: str, plan: Callable, args: tuple, kwargs: dict) -> None:
+    """A LaunchError naming the function ``fn`` and the first argument that is a tensor of a torch.func transform (vmap,
+    grad, jvp: a wrapper without storage, which a kernel cannot read) or carries a forward-mode tangent (which the
+    result would not carry: torch.func.jvp read it as zero). The differentiable ops of ``tilestack.torch.ops`` and
+    ``tilestack.attention`` take torch.func's transforms; a kernel function runs on plain tensors."""
+    from torch.autograd import forward_ad
+
+    for name, value in _arguments(plan, args, kwargs):
+        if not isinstance(value, torch.Tensor):
+            continue
+        if _is_transformed(value):
+            why = "is a tensor of a torch.func transform (vmap, grad, jvp, ...)"
+        elif forward_ad._current_level >= 0 and forward_ad.unpack_dual(value).tangent is not None:
+            why = "carries a forward-mode tangent (torch.func.jvp, jacfwd or torch.autograd.forward_ad)"
+        else:
+            continue
+        from tilestack.errors import LaunchError
+        raise LaunchError(f"{fn}: {name} {why}; the kernel function runs on plain tensors and has no rule for "
+                          "it: call it outside the transform, or use tilestack's differentiable ops (tilestack.torch."
+                          "ops, tilestack.attention), which take torch.func's reverse-mode transforms and vmap")
+
+
+def planned(plan: Callable | None = None, *, name: str | None = None) -> Callable:
     """Decorator: ``plan(*args, **kwargs)`` checks everything and returns ``run(*args, **kwargs)``; the
-    decorated function plans once per ``plan_key`` and runs every time."""
+    decorated function plans once per ``plan_key`` and runs every time. Tensors of torch.func's transforms and
+    inputs carrying a forward-mode tangent are refused by name (``refuse_transformed``), the function named as
+    ``name`` says (``@planned(name="quantized_linear")`` for a private plan of a public function), else by its own
+    name."""
+    if plan is None:
+        return functools.partial(planned, name=name)
+    fn = name or plan.__name__
     cache: dict = {}
+    from torch.autograd import forward_ad
 
     @functools.wraps(plan)
     def call(*args, **kwargs):
@@ -59,7 +101,10 @@ def planned(plan: Callable) -> Callable:
             key = plan_key(args, kwargs)
             run = cache.get(key)
         except _NO_KEY:     # an unhashable argument, a tensor without strides or storage: the plan's checks say
+            refuse_transformed(fn, plan, args, kwargs)
             return plan(*args, **kwargs)(*args, **kwargs)
+        if forward_ad._current_level >= 0:    # a dual level open: a tangent would be dropped without a word
+            refuse_transformed(fn, plan, args, kwargs)
         if run is None:
             run = remember(cache, key, plan(*args, **kwargs))
         return run(*args, **kwargs)

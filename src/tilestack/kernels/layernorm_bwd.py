@@ -315,7 +315,7 @@ def norm_backward(dy, x, weight, mean, rstd, *, dh=None, centered: bool, backend
     return _planned_backward(dy, x, weight, mean, rstd, dh, centered, backend, tuple(config.items()))
 
 
-@planned
+@planned(name="norm_backward")
 def _planned_backward(dy, x, weight, mean, rstd, dh, centered: bool, backend: str | None, config: tuple):
     """The plan of ``norm_backward``: the config, the programs, the launchers; ``run`` allocates and launches."""
     import torch

@@ -176,7 +176,7 @@ def norm_forward(x, weight, bias, residual, eps: float, *, backend: str | None, 
     return _planned_forward(x, weight, bias, residual, eps, backend, tuple(config.items()))
 
 
-@planned
+@planned(name="norm_forward")
 def _planned_forward(x, weight, bias, residual, eps, backend: str | None, config: tuple):
     """The plan of ``norm_forward``: the config and the launcher; ``run`` allocates and launches."""
     import torch

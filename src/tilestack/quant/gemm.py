@@ -434,7 +434,7 @@ def fp8_config(m: int, n: int, k: int, device, backend: str | None = DEFAULT_BAC
     return launch_config("qgemm", "float8_e4m3fn", device, max(m, n, k), dict(default), backend)
 
 
-@planned
+@planned(name="quantized_linear")
 def _planned_linear(x, q, scale, bias=None, *, x_scale=None, activation=None, residual=None, out_dtype=None,
                     out_scale=None, act_quant=None, backend=None, **config):
     import torch

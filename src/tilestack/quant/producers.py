@@ -47,7 +47,7 @@ def norm_fp8(x, weight, bias, eps: float, x_scale: float, *, residual=None, back
     return _planned_norm_fp8(x, weight, bias, eps, x_scale, residual=residual, backend=backend, **config)
 
 
-@planned
+@planned(name="norm_fp8")
 def _planned_norm_fp8(x, weight, bias, eps, x_scale, *, residual=None, backend=None, **config):
     import torch
 

@@ -22,6 +22,26 @@ import functools
 from collections.abc import Callable
 
 import torch
+from torch.autograd import forward_ad
+
+
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``, which torch.func.jvp,
+    jacfwd and hessian open too): the one case where an input may carry a tangent. A module global's read."""
+    return forward_ad._current_level >= 0
+
+
+def refuse_tangents(op: str, **tensors) -> None:
+    """A LaunchError naming ``op`` and the first argument that carries a forward-mode tangent: the kernels have no
+    forward-mode derivative, and the result would carry none (torch.func.jvp read it as a tangent of zeros). Call
+    only where ``forward_ad_active()``."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None:
+            from tilestack.errors import LaunchError
+            raise LaunchError(f"{op}: {name} carries a forward-mode tangent (torch.func.jvp, jacfwd, hessian or "
+                              f"torch.autograd.forward_ad), and tilestack's {op} has no forward-mode derivative; "
+                              "use reverse mode (torch.func.grad, vjp, jacrev) or "
+                              "torch's own op")
 
 
 def double_backward_message(op: str) -> str:

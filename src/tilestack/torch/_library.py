@@ -35,9 +35,11 @@ from collections.abc import Callable
 
 import torch
 from torch import _C
+from torch._functorch.utils import enable_single_level_autograd_function
+from torch.autograd.forward_ad import _set_fwd_grad_enabled as _fwd_grad_enabled
 
 from tilestack.errors import LaunchError
-from tilestack.torch._autograd import direct_apply, double_backward_message
+from tilestack.torch._autograd import double_backward_message, forward_ad_active, refuse_tangents
 
 LIB = torch.library.Library("tilestack", "FRAGMENT")     # kept alive here: the ops live as long as it does
 
@@ -46,6 +48,7 @@ _DIRECT = frozenset((_C.DispatchKey.CPU, _C.DispatchKey.CUDA))     # the keys wh
 _grad_enabled = _C.is_grad_enabled
 _any_requires_grad = _C._any_requires_grad
 _below_autograd = _C._AutoDispatchBelowAutograd
+_transforms_active = _C._are_functorch_transforms_active
 
 
 def autograd_op(name: str, *, fake: Callable, setup_context: Callable | None = None,
@@ -71,7 +74,8 @@ def autograd_op(name: str, *, fake: Callable, setup_context: Callable | None = N
             back = _refusing(refuse_double)
         else:
             back = backward
-        LIB.impl(name, _autograd_kernel(op, fn, setup_context, back), "Autograd", with_keyset=True)
+        public = refuse_double or name.removesuffix("_fwd")      # the public op's name, for errors
+        LIB.impl(name, _autograd_kernel(op, fn, setup_context, back, public), "Autograd", with_keyset=True)
         return op
 
     return register
@@ -84,7 +88,7 @@ def _refusing(op_name: str) -> Callable:
 
 
 def _autograd_kernel(op: torch._ops.OpOverload, fn: Callable, setup_context: Callable | None,
-                     backward: Callable) -> Callable:
+                     backward: Callable, public: str) -> Callable:
     """The op's Autograd-key kernel (module docstring): ``kernel(keyset, *args)``."""
     arguments = op._schema.arguments
     n_args = len(arguments)
@@ -101,7 +105,15 @@ def _autograd_kernel(op: torch._ops.OpOverload, fn: Callable, setup_context: Cal
             return redispatch(keyset, *args)
 
     def forward(ctx, keyset, *args):
-        out = below(keyset, args)
+        if _transforms_active():
+            # the levels below a torch.func transform's (an outer grad of grad(f), the jvp of jacfwd(jacrev(f)))
+            # record their own graphs and tangents: grad and forward grad back on for them, as functorch does for its
+            # own Functions (autograd turned both off for forward); else an outer transform read this op as a
+            # constant: zeros, without a word
+            with torch.enable_grad(), _fwd_grad_enabled(True):
+                out = below(keyset, args)
+        else:
+            out = below(keyset, args)
         if setup_context is not None:
             setup_context(ctx, args if len(args) == n_args else (*args, *defaults[len(args):]), out)
         return out
@@ -112,9 +124,24 @@ def _autograd_kernel(op: torch._ops.OpOverload, fn: Callable, setup_context: Cal
 
     function = type(f"{op._opname}_function", (torch.autograd.Function,),
                     {"forward": staticmethod(forward), "backward": staticmethod(function_backward)})
-    apply = direct_apply(function)
+    # autograd's C entry, never the Python apply that hands a Function to torch.func's transforms: this kernel runs
+    # below a transform's layer (the dispatcher reaches it after torch.func.grad unwrapped its tensors to its level),
+    # where the Function records on those tensors as a native op's autograd does, allowed as functorch allows its
+    # own single-level Functions; the Python apply re-entered the transforms from here and failed
+    # (torch.func.grad, vjp and jacrev of every op)
+    c_apply = super(torch.autograd.Function, function).apply
+
+    def apply(*args):
+        if not _transforms_active():
+            return c_apply(*args)
+        with enable_single_level_autograd_function():
+            return c_apply(*args)
+
+    names = [a.name for a in arguments]
 
     def kernel(keyset, *args):
+        if forward_ad_active():          # a tangent would be dropped without a word: refused, naming the argument
+            refuse_tangents(public, **dict(zip(names, args, strict=False)))
         if _grad_enabled() and _any_requires_grad(*args):
             return apply(keyset, *args)
         keyset = keyset & _AFTER_AUTOGRAD           # below(keyset, args), inlined: the compiled graph's path

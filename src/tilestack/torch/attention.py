@@ -40,7 +40,7 @@ from tilestack.kernels._plan import planned
 from tilestack.kernels.attention_bwd import attention_backward
 from tilestack.kernels.attention_fwd import attention_forward, check_attention_args, dropout_rng
 from tilestack.lang.kernel import remember
-from tilestack.torch._autograd import direct_apply, once_differentiable
+from tilestack.torch._autograd import direct_apply, forward_ad_active, once_differentiable
 from tilestack.torch._library import autograd_op
 
 
@@ -174,8 +174,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     kernels' own checks, once per launch signature)."""
     rng = dropout_rng() if dropout_p else None   # checked with the rest: a bad dropout_p is refused below
     precision = fp32_precision(q)
-    if _is_compiling() or type(q) is not torch.Tensor or q.is_meta or _transforms_active():
-        # graphs, fake and meta tensors, subclasses, torch.func's transforms (vmap: tensors without storage)
+    if _is_compiling() or type(q) is not torch.Tensor or q.is_meta or _transforms_active() or forward_ad_active():
+        # graphs, fake and meta tensors, subclasses, torch.func's transforms (vmap: tensors without storage), an
+        # open forward-mode AD level (the op refuses a tangent by name)
         check_attention_args("attention", q, k, v, scale, causal=causal, attn_mask=attn_mask,
                              causal_align=causal_align, dropout_p=dropout_p, rng=rng)
         if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():

@@ -36,7 +36,7 @@ from tilestack.kernels.rotary import rotary as _rotary
 from tilestack.kernels.swiglu import swiglu as _swiglu
 from tilestack.kernels.swiglu import swiglu_backward as _swiglu_backward
 from tilestack.lang.kernel import remember
-from tilestack.torch._autograd import direct_apply, once_differentiable
+from tilestack.torch._autograd import direct_apply, forward_ad_active, once_differentiable
 from tilestack.torch._library import autograd_op
 
 _is_compiling = torch.compiler.is_compiling
@@ -48,8 +48,9 @@ _transforms_active = torch._C._are_functorch_transforms_active
 def _eager(x: torch.Tensor) -> bool:
     """Whether the thin eager path applies: a plain tensor outside a graph being traced and outside torch.func's
     transforms (grad, vmap, jacrev: their wrapped tensors have no storage for a plan key; the tilestack:: ops take
-    them)."""
-    return not _is_compiling() and type(x) is torch.Tensor and not x.is_meta and not _transforms_active()
+    them), with no forward-mode AD level open (the ops refuse an input carrying a tangent, by name)."""
+    return (not _is_compiling() and type(x) is torch.Tensor and not x.is_meta and not _transforms_active()
+            and not forward_ad_active())
 
 
 def _needs_grad(*tensors) -> bool:
@@ -526,14 +527,32 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
 # ---- fused linear + cross-entropy ------------------------------------------------------------------------------
 def _ce_setup(ctx, inputs, output):
     _, dx, dw = output
-    ctx.save_for_backward(dx, dw)
+    # under torch.func's transforms the backward is an op that takes x and weight too (unused: there so that an outer
+    # transform sees the gradients depend on them, and refuses their derivative by name: grad(grad(f)) read it as
+    # zero otherwise); elsewhere once_differentiable marks the gradients, and x is not kept for it
+    ctx.save_for_backward(dx, dw, *(inputs[:2] if _transforms_active() else ()))
     ctx.mark_non_differentiable(dx, dw)
 
 
+@autograd_op("fused_linear_cross_entropy_bwd",
+             fake=lambda dloss, dx, dw, x, weight: (torch.empty_like(dx), torch.empty_like(dw)),
+             refuse_double="fused_linear_cross_entropy")
+def fused_linear_cross_entropy_bwd_op(dloss: torch.Tensor, dx: torch.Tensor, dw: torch.Tensor, x: torch.Tensor,
+                                      weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's gradients (made for a loss gradient of 1) scaled by the loss's (x and weight: _ce_setup)."""
+    return dx * dloss.to(dx.dtype), dw * dloss.to(dw.dtype)
+
+
 @once_differentiable("fused_linear_cross_entropy")     # (its gradients are the forward's, scaled: no graph)
-def _ce_backward(ctx, dloss, _ddx, _ddw):
+def _ce_scaled(ctx, dloss):
     dx, dw = ctx.saved_tensors          # made by the forward, for a loss gradient of 1
     return dx * dloss.to(dx.dtype), dw * dloss.to(dw.dtype), None, None
+
+
+def _ce_backward(ctx, dloss, _ddx, _ddw):
+    if len(ctx.saved_tensors) == 4:     # saved under torch.func's transforms (_ce_setup)
+        return (*fused_linear_cross_entropy_bwd_op(dloss, *ctx.saved_tensors), None, None)
+    return _ce_scaled(ctx, dloss)
 
 
 def _ce_fake(x, weight, labels, ignore_index):

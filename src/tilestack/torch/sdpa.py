@@ -17,8 +17,9 @@ fp32 inputs go through the tf32 matrix units exactly when torch's fp32 matmuls d
 (``torch.backends.cuda.matmul.allow_tf32``; torch's default "highest" precision keeps IEEE f32): about 1e-3
 relative error against float64 with tf32 (up to 1.9e-3 measured on an H200), about 5e-7 without. Anything else (a
 mask that needs a gradient or has rank < 2, other ranks, nested tensors, batch broadcasting, mixed dtypes, head
-dims of 0 or past 256, a dropout_p outside [0, 1], a scale <= 0 or past f32, an is_causal or enable_gqa that is not a
-bool, dropout while a CUDA graph is captured, CPU tensors unless a tilestack backend is forced) is handed to
+dims of 0 or past 256, inputs carrying forward-mode tangents (torch.func.jvp), a dropout_p outside [0, 1], a scale
+<= 0 or past f32, an is_causal or enable_gqa that is not a bool, dropout while a CUDA graph is captured, CPU tensors
+unless a tilestack backend is forced) is handed to
 torch's own function, with a one-time notice saying why (in eager mode; none inside a compiled graph); torch
 then answers or raises exactly as it would.
 """
@@ -30,10 +31,12 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 from tilestack.config import knobs
 from tilestack.kernels._checks import finite_real
 from tilestack.kernels.attention_fwd import MAX_SCALE
+from tilestack.torch._autograd import forward_ad_active
 from tilestack.torch.attention import attention
 
 torch_sdpa = F.scaled_dot_product_attention   # torch's own, kept before any patch
@@ -48,6 +51,9 @@ def unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, 
         return "query, key and value are not all tensors"
     if scale is not None and not ((type(scale) is float or finite_real(scale)) and 0 < scale <= MAX_SCALE):
         return f"scale={scale!r} (the kernels take a number in (0, {MAX_SCALE:.4g}])"
+    if forward_ad_active() and any(isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None
+                                   for t in (query, key, value, attn_mask)):
+        return "inputs carrying forward-mode tangents (torch.func.jvp, jacfwd; the kernels have no forward-mode rule)"
     if is_causal is not False and is_causal is not True:        # torch decides what 1 or "yes" means
         return f"is_causal={is_causal!r} (not a bool)"
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, int | float) or not 0.0 <= dropout_p <= 1.0:
