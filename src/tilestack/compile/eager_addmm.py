@@ -4,8 +4,10 @@ pointwise, as eager runs it (cuBLAS adds the bias to the f32 accumulator and rou
 Inductor's post-grad pattern ``unfuse_bias_add_to_pointwise`` splits ``addmm(bias, x, w)`` into ``mm`` and an add
 fused into the pointwise kernel after it, so a bf16 GEMM's result is rounded to bf16 before the bias is added and
 rounded again. torch from 2.13 keeps 16-bit ``addmm`` whole by default (``keep_addmm_fused_for_half_dtypes``); torch
-2.11 (the H200 image) has no such switch, and there the split moved a compiled GPT-2 small block 1.5e-3 from eager's
-output while every part of it compiled alone matched eager exactly (``scripts/gpu/bisect_block_numerics.py``).
+2.11 (the H200 image) has no such switch and splits a 16-bit ``addmm`` whose users are all pointwise on a GPU (a
+2-D Linear feeding an activation or a residual add). GPT-2's 3-D linears reach their pointwise users through views,
+and there 2.11 kept all four ``addmm`` calls whole already (H200, session 15): this pass is not what moves GPT-2's
+compiled output from eager's (docs/inference.md, "Session 15").
 
 With ``numerics="eager"`` the backend passes Inductor either that switch, or, on a torch without it,
 ``KeepHalfAddmm`` as a post-grad pre-pass: it marks the graph's 16-bit ``addmm`` nodes, and the pattern's check
