@@ -80,6 +80,10 @@ def _quant_linear_backward(ctx, dy):
 quant_linear_op.register_autograd(_quant_linear_backward, setup_context=_quant_linear_setup)
 
 
+_AUTOCAST_DEVICES = ("cuda", "cpu")     # the device types whose autocast QuantLinear follows, as nn.Linear does
+_AUTOCAST_CAST = (torch.float32, torch.bfloat16, torch.float16)   # what autocast casts (not float64, nor fp8)
+
+
 class QuantLinear(nn.Module):
     """An ``nn.Linear`` with its weight in int8 or fp8 E4M3 and one f32 scale per output channel (buffers
     ``qweight`` (out, in) and ``scale`` (out,)); ``x_scale`` > 0: the input is quantized to fp8 too.
@@ -126,6 +130,10 @@ class QuantLinear(nn.Module):
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise LaunchError(f"QuantLinear: x is {got}; expected a tensor (..., in_features={k})")
         rows = x.reshape(-1, k) if k else x.reshape(math.prod(x.shape[:-1]), 0)   # (M, K)
+        device = x.device.type
+        if device in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device) and x.dtype in _AUTOCAST_CAST:
+            # as autocast runs the nn.Linear it replaces: x cast to the autocast dtype, y in it (was x's dtype)
+            rows = rows.to(torch.get_autocast_dtype(device))
         if torch.compiler.is_compiling():
             y = quant_linear_op(rows, self.qweight, self.scale, self.bias, self.x_scale)
         else:

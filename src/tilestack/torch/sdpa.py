@@ -21,7 +21,8 @@ dims of 0 or past 256, inputs carrying forward-mode tangents (torch.func.jvp), a
 <= 0 or past f32, an is_causal or enable_gqa that is not a bool, dropout while a CUDA graph is captured, CPU tensors
 unless a tilestack backend is forced) is handed to
 torch's own function, with a one-time notice saying why (in eager mode; none inside a compiled graph); torch
-then answers or raises exactly as it would.
+then answers or raises exactly as it would. Inside ``torch.autocast`` the arguments are cast as torch's autocast
+casts them for its SDPA (``autocast_args``), so the result has torch's dtype.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ torch_sdpa = F.scaled_dot_product_attention   # torch's own, kept before any pat
 MAX_HEAD_DIM = 256
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _noticed: set[str] = set()
+_AUTOCAST_DEVICES = ("cuda", "cpu")     # the device types whose autocast the drop-in follows
 
 
 def unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, scale=None) -> str | None:
@@ -98,7 +100,8 @@ def unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False):
     """``F.scaled_dot_product_attention`` through tilestack's kernels where they apply (module docstring)."""
-    why = unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, scale)
+    q, k, v, mask = autocast_args(query, key, value, attn_mask)
+    why = unsupported(q, k, v, mask, dropout_p, is_causal, enable_gqa, scale)
     if why is not None:
         # the notice in eager mode only: Dynamo cannot trace warnings.warn, so under torch.compile(fullgraph=True)
         # a call handed to torch failed to compile where torch's own function compiles
@@ -108,7 +111,23 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                           "(said once per reason)", stacklevel=2)
         return torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                           scale=scale, enable_gqa=enable_gqa)
-    return attention(query, key, value, causal=is_causal, scale=scale, attn_mask=attn_mask, dropout_p=dropout_p)
+    return attention(q, k, v, causal=is_causal, scale=scale, attn_mask=mask, dropout_p=dropout_p)
+
+
+def autocast_args(query, key, value, attn_mask):
+    """The arguments as torch's autocast gives them to its SDPA, one of its lower-precision ops: inside
+    ``torch.autocast`` (the inputs' device type), every floating tensor but a float64 one cast to the autocast
+    dtype (a float mask too), so the drop-in answers in that dtype as torch's does (it answered in f32: the dtype,
+    the memory and the speed of f32 attention where torch's ran in bf16); else the arguments themselves."""
+    if not isinstance(query, torch.Tensor) or query.device.type not in _AUTOCAST_DEVICES or \
+            not torch.is_autocast_enabled(query.device.type):
+        return query, key, value, attn_mask
+    dtype = torch.get_autocast_dtype(query.device.type)
+
+    def cast(t):
+        return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 \
+            else t
+    return cast(query), cast(key), cast(value), cast(attn_mask)
 
 
 class Patch:
