@@ -13,7 +13,9 @@ What rounds 1-6 did not reach, and what it found (each test failed before its fi
   gave a tangent of zeros (the op ran on the primal alone): now refused, naming the op and the argument; the SDPA
   drop-in hands such calls to torch, as it does what its kernels cannot take;
 - the kernel functions of ``tilestack.kernels`` and ``quantized_linear`` under vmap or grad crashed inside the
-  launcher ("Cannot access data pointer of Tensor that doesn't have storage"): refused by name.
+  launcher ("Cannot access data pointer of Tensor that doesn't have storage"): refused by name;
+- a norm over features made under torch.inference_mode refused to train its weight (its backward kept the
+  inference tensor x, which autograd may not save); torch's rms_norm trains it.
 """
 
 from __future__ import annotations
@@ -220,3 +222,26 @@ def test_quantized_model_under_vmap_names_quantized_linear():
         torch.vmap(model)(randn(4, 1, 8))
     x = randn(4, 8)                                       # and the model still answers outside it
     _close(model(x), linear(x).detach(), 5e-2)
+
+
+@pytest.mark.parametrize("path", ["eager", "custom_op", "func.grad"])
+@pytest.mark.parametrize("op", ["rms_norm", "layer_norm"])
+def test_a_norm_over_inference_features_trains_its_weight(op, path):
+    """Features made under torch.inference_mode, a norm's weight trained over them: torch's rms_norm trains it;
+    ours refused ("Inference tensors cannot be saved for backward": the backward kept x itself)."""
+    with torch.inference_mode():
+        x = randn(3, 8, seed=16)
+    ours = (lambda w, b: ops.rms_norm(x, w)) if op == "rms_norm" else (lambda w, b: ops.layer_norm(x, w, b))
+    theirs = (lambda w, b: F.rms_norm(x.double(), (8,), w, 1e-6)) if op == "rms_norm" else \
+        (lambda w, b: F.layer_norm(x.double(), (8,), w, b, 1e-5))
+    wd, bd = W8.double().requires_grad_(), B8.double().requires_grad_()
+    theirs(wd, bd).pow(2).sum().backward()
+    if path == "func.grad":
+        _close(torch.func.grad(lambda w: ours(w, B8).pow(2).sum())(W8), wd.grad)
+        return
+    make = torch.nn.Parameter if path == "custom_op" else (lambda t: t.clone().requires_grad_())
+    w, b = make(W8), make(B8)
+    ours(w, b).pow(2).sum().backward()
+    _close(w.grad, wd.grad)
+    if op == "layer_norm":
+        _close(b.grad, bd.grad)

@@ -89,9 +89,16 @@ def rms_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rst
     return dx.view(x.shape), sums[0]
 
 
+def _savable(x: torch.Tensor) -> torch.Tensor:
+    """x as the backward may keep it: a copy of an inference tensor (made under torch.inference_mode, e.g. features
+    computed once), which autograd may not save, when only the weight wants a gradient; torch's rms_norm, a
+    composite of ops that save the normalised rows, trains such a weight, and refused nothing."""
+    return x.clone() if x.is_inference() else x
+
+
 def _rms_setup(ctx, inputs, output):
     x, weight, _ = inputs
-    ctx.save_for_backward(x, weight, output[1])
+    ctx.save_for_backward(_savable(x), weight, output[1])
     ctx.mark_non_differentiable(output[1])
 
 
@@ -143,7 +150,7 @@ def layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, m
 
 def _ln_setup(ctx, inputs, output):
     x, weight, _, _ = inputs
-    ctx.save_for_backward(x, weight, output[1], output[2])
+    ctx.save_for_backward(_savable(x), weight, output[1], output[2])
     ctx.mark_non_differentiable(output[1], output[2])
 
 
@@ -258,7 +265,7 @@ class _Norm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, r, weight, bias, plan):
         y, h, mean, rstd = plan.forward(x, r, weight, bias)
-        h = x if h is None else h.view(*plan.shape)
+        h = _savable(x) if h is None else h.view(*plan.shape)
         ctx.save_for_backward(h, weight, mean, rstd)
         ctx.plan = plan
         ctx.set_materialize_grads(False)     # an unused h (the last norm's) gives dh None: no zeros made and read
