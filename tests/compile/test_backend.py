@@ -299,5 +299,5 @@ def test_numerics_eager_rounds_as_eager_does():
 
 
 def test_numerics_option_is_checked():
-    with pytest.raises(LaunchError, match=r"numerics='f32'; expected one of \('eager', 'fused'\)"):
+    with pytest.raises(LaunchError, match=r"numerics='f32'; expected one of \('eager', 'exact', 'fused'\)"):
         tilestack.optimize(nn.Linear(2, 2), numerics="f32")

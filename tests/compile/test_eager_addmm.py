@@ -92,3 +92,91 @@ def test_a_model_compiled_with_the_pass_runs_and_equals_eager():
     with torch.no_grad():
         got = torch.compile(model, backend=backend)(x)
         assert torch.equal(got, model(x))
+
+
+# ---- numerics="exact": eager's own norm kernels, no tilestack kernel swapped in ------------------------------------
+class _Block(torch.nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.ln = torch.nn.LayerNorm(d)
+        self.fc = torch.nn.Linear(d, 4 * d)
+        self.proj = torch.nn.Linear(4 * d, d)
+
+    def forward(self, h, r):
+        h = h + r
+        y = self.ln(h)
+        return h, self.proj(F.gelu(self.fc(y), approximate="tanh"))
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
+def test_exact_keeps_eager_layer_norm_as_an_extern_call_and_swaps_nothing(dtype):
+    from torch._inductor.utils import run_and_get_code
+
+    import tilestack
+    from tilestack.compile import last_report
+
+    torch._dynamo.reset()
+    block = _Block().to(dtype)
+    h, r = torch.randn(2, 8, 16, dtype=dtype), torch.randn(2, 8, 16, dtype=dtype)
+    with torch.no_grad():
+        want = block(h, r)
+        got, code = run_and_get_code(tilestack.optimize(block, numerics="exact"), h, r)
+    src = "\n".join(code)
+    assert "aten.native_layer_norm.default" in src             # eager's kernel, called
+    assert not last_report().swaps                              # no tilestack kernel: each sums in its own order
+    if dtype == torch.bfloat16:     # every result rounded as eager rounds it: eager's bits
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    else:                           # f32 intermediates are not rounded: Inductor's pointwise order, within ulps
+        assert all(torch.allclose(g, w, rtol=1e-6, atol=1e-6) for g, w in zip(got, want, strict=True))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        _, code = run_and_get_code(tilestack.optimize(block), h, r)
+    assert "aten.native_layer_norm.default" not in "\n".join(code)     # "eager" lets Inductor fuse it
+
+
+def test_exact_trains_with_eager_layer_norm_backward():
+    import tilestack
+    torch._dynamo.reset()
+    block = _Block()
+    ref = _Block()
+    ref.load_state_dict(block.state_dict())
+    h, r = torch.randn(2, 8, 16, requires_grad=True), torch.randn(2, 8, 16)
+    h2 = h.detach().clone().requires_grad_()
+    sum(o.sum() for o in tilestack.optimize(block, numerics="exact")(h, r)).backward()
+    sum(o.sum() for o in ref(h2, r)).backward()
+    assert torch.allclose(h.grad, h2.grad, atol=1e-6)
+    assert all(torch.allclose(p.grad, q.grad, atol=1e-6) for p, q in zip(block.parameters(), ref.parameters(),
+                                                                         strict=True))
+
+
+def test_exact_and_eager_compiles_of_one_graph_are_kept_apart_in_inductors_cache():
+    """The decomposition table is not in Inductor's cache key: an "exact" compile of a graph already compiled with
+    "eager" numerics (cache on) must still call eager's layer norm, and the other way round."""
+    from torch._inductor.utils import run_and_get_code
+
+    import tilestack
+    block, h, r = _Block(), torch.randn(2, 8, 16), torch.randn(2, 8, 16)
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=True):
+        for numerics, kept in (("eager", False), ("exact", True), ("eager", False), ("exact", True)):
+            torch._dynamo.reset()
+            _, code = run_and_get_code(tilestack.optimize(block, numerics=numerics), h, r)
+            assert ("aten.native_layer_norm.default" in "\n".join(code)) is kept, numerics
+
+
+def test_exact_decompositions_leave_out_the_norms_only():
+    from torch._inductor.decomposition import select_decomp_table
+
+    from tilestack.compile.backend import exact_decompositions
+    assert exact_decompositions("eager") is None and exact_decompositions("fused") is None
+    table, full = exact_decompositions("exact"), select_decomp_table()
+    left = set(full) - set(table)
+    assert torch.ops.aten.native_layer_norm.default in left
+    assert all(op._opname in ("native_layer_norm", "native_layer_norm_backward", "_fused_rms_norm",
+                              "_fused_rms_norm_backward") for op in left)
+
+
+def test_exact_with_a_bad_numerics_value_is_refused_by_name():
+    import tilestack
+    from tilestack.errors import LaunchError
+    with pytest.raises(LaunchError, match=r"numerics='bits'; expected one of \('eager', 'exact', 'fused'\)"):
+        tilestack.optimize(_Block(), numerics="bits")

@@ -15,8 +15,13 @@ GPU a fused GEMM is swapped only where it was measured faster, ``tilestack.compi
 ("eager", the default: Inductor's fused kernels round every intermediate to the model's dtype where eager's ops
 would, so a bf16 model's outputs stay within bf16's own rounding of eager's (Inductor's
 ``emulate_precision_casts``; without it a GPT-2 small's logits differ from eager's by 1.2e-2 relative, as far as two
-bf16 rounding orders lie apart); "fused": intermediates stay f32 inside a fused kernel, nearer the f32 model and
-further from eager; the speed is the same within noise, see docs/inference.md); any other key is
+bf16 rounding orders lie apart); "exact": eager's bits where Inductor can give them: casts emulated, no tilestack
+kernel swapped in unless ``passes`` names some (each sums in its own order), and the layer and RMS norms left to
+eager's own kernels (extern calls, not fused with the residual add), so that their reduction order, and with it
+every bf16 result downstream, is eager's (a GPT-2 block is otherwise 1.5e-3 from eager's, its norms' last bits
+amplified; what this costs is not yet timed on a GPU); "fused": intermediates stay f32 inside a fused kernel,
+nearer the f32 model and further from eager; the speed is the same within noise, see docs/inference.md); any other
+key is
 an Inductor config patch (a name of ``torch._inductor.config``, with ``inner="inductor"`` only: ``check_options``
 refuses the rest).
 ``mode`` is Inductor's ("reduce-overhead" captures the result in CUDA graphs; "max-autotune").
@@ -38,7 +43,11 @@ from tilestack.compile.rewrite import apply_match, check_match, follow, result_d
 from tilestack.errors import LaunchError
 
 INNER = ("inductor", "aot_eager", "eager")
-NUMERICS = ("eager", "fused")   # where a fused kernel rounds its intermediates: as eager's ops would, or not at all
+NUMERICS = ("eager", "exact", "fused")   # where a fused kernel rounds its intermediates (module docstring)
+ROUNDED = ("eager", "exact")             # the numerics whose fused kernels round as eager's ops would
+# the ops that numerics="exact" leaves to eager's own kernels (an extern call each) where Inductor would decompose
+# them into a fused reduction whose summation order, and so a bf16 result's last bit, differs from eager's
+EXACT_KEPT = ("native_layer_norm", "native_layer_norm_backward", "_fused_rms_norm", "_fused_rms_norm_backward")
 _OPS_FUNCTIONS = {getattr(ops, n) for n in dir(ops) if n.startswith("ts_")}
 _NOT_OPS = ("placeholder", "output", "get_attr")
 _reports: list[Report] = []
@@ -135,7 +144,7 @@ def check_options(fn: str, *, mode=None, check=False, inner="inductor", passes=N
     if not isinstance(numerics, str) or numerics not in NUMERICS:
         raise LaunchError(f"{fn}: numerics={numerics!r}; expected one of {NUMERICS} (round intermediates as eager "
                           "does, or keep them f32 inside fused kernels)")
-    if numerics != "eager" and inner != "inductor":    # eager numerics are all the other inners have
+    if numerics == "fused" and inner != "inductor":    # eager's numerics are all the other inners have
         raise LaunchError(f"{fn}: numerics={numerics!r} with inner={inner!r}; it applies only with "
                           "inner='inductor' (the other inners fuse nothing)")
     if mode is not None:
@@ -168,8 +177,8 @@ def check_options(fn: str, *, mode=None, check=False, inner="inductor", passes=N
         for k, v in inductor_options.items():
             if isinstance(known[k], bool) and not isinstance(v, bool):
                 raise LaunchError(f"{fn}: Inductor option {k}={v!r}; expected a bool")
-        casts = inductor_options.get("emulate_precision_casts", numerics == "eager")
-        if casts != (numerics == "eager"):    # the option would override numerics without a word
+        casts = inductor_options.get("emulate_precision_casts", numerics in ROUNDED)
+        if casts != (numerics in ROUNDED):    # the option would override numerics without a word
             raise LaunchError(f"{fn}: Inductor option emulate_precision_casts={casts!r} contradicts "
                               f"numerics={numerics!r}; give numerics='eager' (casts emulated) or 'fused' alone")
     return passes
@@ -187,6 +196,8 @@ def tilestack_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = 
     rule = dataclasses.replace(policy.current(), **thresholds)
     passes = check_options("tilestack backend", mode=mode, check=check, inner=inner, passes=passes,
                            inductor_options=options, numerics=numerics)
+    if numerics == "exact" and passes is None:     # each tilestack kernel sums in its own order: none swapped in
+        passes = ()
     _reports.append(run_passes(gm, passes=passes, check=check, inner=inner, rule=rule))
     if inner == "eager":
         return gm.forward
@@ -197,7 +208,7 @@ def tilestack_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = 
     from torch._inductor.compile_fx import compile_fx
     patches = numerics_patches(numerics) | (list_mode_options(mode) if mode else {}) | options
     explicit_fallbacks()
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    return compile_fx(gm, example_inputs, config_patches=patches, decompositions=exact_decompositions(numerics))
 
 
 def numerics_patches(numerics: str) -> dict:
@@ -209,7 +220,23 @@ def numerics_patches(numerics: str) -> dict:
     from tilestack.compile import eager_addmm
     if not hasattr(inductor_config, "emulate_precision_casts"):
         return {}
-    return {"emulate_precision_casts": numerics == "eager"} | eager_addmm.patches(numerics)
+    rounded = "eager" if numerics in ROUNDED else numerics
+    patches = {"emulate_precision_casts": rounded == "eager"} | eager_addmm.patches(rounded)
+    if numerics == "exact":   # the decompositions are not in Inductor's cache key: a pass whose uuid says "exact" is
+        patches["post_grad_custom_pre_pass"] = eager_addmm.Tagged(
+            "tilestack-exact-1", patches.get("post_grad_custom_pre_pass", inductor_config.post_grad_custom_pre_pass))
+    return patches
+
+
+def exact_decompositions(numerics: str) -> dict | None:
+    """Inductor's decomposition table less ``EXACT_KEPT`` for ``numerics="exact"`` (those ops then run as extern
+    calls of eager's kernels: Inductor falls back to the aten op where it has no lowering), else None (Inductor's
+    own table)."""
+    if numerics != "exact":
+        return None
+    from torch._inductor.decomposition import select_decomp_table
+    kept = {getattr(torch.ops.aten, name).default for name in EXACT_KEPT if hasattr(torch.ops.aten, name)}
+    return {op: fn for op, fn in select_decomp_table().items() if op not in kept}
 
 
 def explicit_fallbacks() -> None:
@@ -241,7 +268,7 @@ def optimize(model, *, mode: str | None = None, check: bool = False, inner: str 
     (Dynamo captures on the first call). ``min_rows`` / ``min_query_rows``: the thresholds of
     ``tilestack.compile.policy`` for this compile (default: ``policy.current()``); ``measure``: whether a GPU's
     fused GEMMs are swapped only where measured faster (default True, ``tilestack.compile.measure``); ``numerics``:
-    "eager" (default) or "fused", as the backend's option (module docstring)."""
+    "eager" (default), "exact" or "fused", as the backend's option (module docstring)."""
     if not (isinstance(model, torch.nn.Module) or callable(model)):
         raise LaunchError(f"optimize: model must be a torch.nn.Module or a function, got {type(model).__name__}")
     passes = check_options("optimize", mode=mode, check=check, inner=inner, passes=passes,

@@ -45,6 +45,22 @@ class KeepHalfAddmm(CustomGraphPass):
         return ("tilestack-keep-half-addmm-1", inner)
 
 
+class Tagged(CustomGraphPass):
+    """A post-grad pre-pass that only runs ``then`` (if any) and names ``tag`` in its uuid: Inductor's compiled-graph
+    cache keys on the config, not on the decomposition table given to ``compile_fx``, so a compile that changes
+    the table (``numerics="exact"``) must differ in the config, or it is served another compile's graph."""
+
+    def __init__(self, tag: str, then=None):
+        self.tag, self.then = tag, then
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        if self.then is not None:
+            self.then(graph)
+
+    def uuid(self):
+        return (self.tag, self.then.uuid() if self.then is not None and hasattr(self.then, "uuid") else None)
+
+
 def install() -> bool:
     """Wrap the check of Inductor's unfuse pattern so that it declines marked nodes (once; later calls find the
     wrapper). False where the pattern is not found (a torch that names or stores it otherwise)."""
