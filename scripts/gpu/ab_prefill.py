@@ -5,7 +5,7 @@ runs them, moved Inductor's own time by up to 15% between runs on the H200). Pri
 time, its ratio to Inductor's and its output error against eager (norm-relative).
 
     PYTHONPATH=src python3 scripts/gpu/ab_prefill.py [--model gpt2-prefill] [--rounds 7] [--variants ...]
-Variants: inductor; inductor-eager-ln (aten's layer norm kept whole); tilestack (all passes); tilestack-fused
+Variants: inductor; tilestack (all passes); tilestack-exact (numerics="exact"); tilestack-fused
 (numerics="fused"); tilestack-reduce-overhead;
 tilestack-<pass> (that pass alone);
 tilestack-no-<pass> (every pass but it).
@@ -18,19 +18,6 @@ import copy
 import statistics
 
 import torch
-
-
-def _eager_layer_norm_backend(gm, example_inputs):
-    """Inductor with casts emulated and aten's layer norm left whole (an extern call of eager's kernel, not
-    decomposed into a fused reduction): what reproducing eager's bits costs, for issue 14's 1e-2 bar."""
-    from torch._inductor import config as inductor_config
-    from torch._inductor.compile_fx import compile_fx
-    from torch._inductor.decomposition import select_decomp_table
-    aten = torch.ops.aten
-    table = {k: v for k, v in select_decomp_table().items()
-             if k not in (aten.native_layer_norm.default, aten.native_layer_norm_backward.default)}
-    patches = {"emulate_precision_casts": True} if hasattr(inductor_config, "emulate_precision_casts") else {}
-    return compile_fx(gm, example_inputs, config_patches=patches, decompositions=table)
 
 
 def main() -> None:
@@ -66,8 +53,8 @@ def main() -> None:
             return tilestack.optimize(model, mode="reduce-overhead")
         if name == "tilestack-fused":
             return tilestack.optimize(model, numerics="fused")
-        if name == "inductor-eager-ln":      # Inductor with eager's own layer norm kernel (no decomposition)
-            return torch.compile(model, backend=_eager_layer_norm_backend)
+        if name == "tilestack-exact":        # eager's own norm kernels, nothing swapped: eager's bits in bf16
+            return tilestack.optimize(model, numerics="exact")
         if name.startswith("tilestack-no-"):
             return tilestack.optimize(model, passes=[p for p in PASSES if p != name.removeprefix("tilestack-no-")])
         return tilestack.optimize(model, passes=[name.removeprefix("tilestack-")])
