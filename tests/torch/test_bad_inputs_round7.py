@@ -13,14 +13,14 @@ What rounds 1-6 did not reach, and what it found (each test failed before its fi
   gave a tangent of zeros (the op ran on the primal alone): now refused, naming the op and the argument; the SDPA
   drop-in hands such calls to torch, as it does what its kernels cannot take;
 - the kernel functions of ``tilestack.kernels`` and ``quantized_linear`` under vmap or grad crashed inside the
-  launcher ("Cannot access data pointer of Tensor that doesn't have storage"): refused by name;
+  launcher ("Cannot access data pointer of Tensor that doesn't have storage"): refused by name; a quantized model
+  under vmap crashed the same way (now its layers run the quant_linear op per slice), under grad failed inside
+  torch (now refused by name: it runs inference only);
 - a norm over features made under torch.inference_mode refused to train its weight (its backward kept the
   inference tensor x, which autograd may not save); torch's rms_norm trains it.
 """
 
 from __future__ import annotations
-
-import re
 
 import pytest
 import torch
@@ -215,13 +215,18 @@ def test_kernel_functions_under_torch_func_are_refused_by_name(call, transform):
             torch.func.grad(lambda t: f(t).float().sum())(x[:, :8] if fn != "rotary" else x[0])
 
 
-def test_quantized_model_under_vmap_names_quantized_linear():
-    linear = torch.nn.Linear(8, 5)
-    model = quantize(linear, "int8")
-    with pytest.raises(LaunchError, match=re.escape("quantized_linear: x is a tensor of a torch.func transform")):
-        torch.vmap(model)(randn(4, 1, 8))
-    x = randn(4, 8)                                       # and the model still answers outside it
-    _close(model(x), linear(x).detach(), 5e-2)
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_quantized_model_under_vmap_answers_and_under_grad_is_refused_by_name(mode):
+    """vmap over a quantized model crashed in the launcher (its layers called the kernel function on the batched
+    tensor); now each slice runs through the quant_linear op. A gradient through it, refused in eager mode, failed
+    inside torch under torch.func.grad; now refused by name."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 5))
+    qmodel = quantize(model, mode)
+    x = randn(4, 8, seed=17)
+    _close(torch.vmap(qmodel)(x[:, None]), qmodel(x)[:, None], 1e-6)
+    _close(qmodel(x), model(x).detach(), 0.1)
+    with pytest.raises(LaunchError, match=r"QuantLinear: x is a tensor of torch.func.grad .* inference only"):
+        torch.func.grad(lambda t: qmodel(t).sum())(x)
 
 
 @pytest.mark.parametrize("path", ["eager", "custom_op", "func.grad"])

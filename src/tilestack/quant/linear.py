@@ -80,6 +80,8 @@ def _quant_linear_backward(ctx, dy):
 quant_linear_op.register_autograd(_quant_linear_backward, setup_context=_quant_linear_setup)
 
 
+_transforms_active = torch._C._are_functorch_transforms_active
+_is_grad_tracking = torch._C._functorch.is_gradtrackingtensor
 _AUTOCAST_DEVICES = ("cuda", "cpu")     # the device types whose autocast QuantLinear follows, as nn.Linear does
 _AUTOCAST_CAST = (torch.float32, torch.bfloat16, torch.float16)   # what autocast casts (not float64, nor fp8)
 
@@ -135,6 +137,14 @@ class QuantLinear(nn.Module):
             # as autocast runs the nn.Linear it replaces: x cast to the autocast dtype, y in it (was x's dtype)
             rows = rows.to(torch.get_autocast_dtype(device))
         if torch.compiler.is_compiling():
+            y = quant_linear_op(rows, self.qweight, self.scale, self.bias, self.x_scale)
+        elif _transforms_active():
+            # under torch.func's transforms the op too (vmap: the op per slice, through torch's batching fallback;
+            # the kernel function refuses a transform's tensors, which have no storage)
+            if _is_grad_tracking(x):
+                raise LaunchError("QuantLinear: x is a tensor of torch.func.grad (or vjp, jacrev, jacfwd, jvp): a "
+                                  "gradient through a quantized linear layer, which runs inference only; keep it out "
+                                  "of the differentiated function (torch.func.vmap takes it)")
             y = quant_linear_op(rows, self.qweight, self.scale, self.bias, self.x_scale)
         else:
             y = quantized_linear(rows, self.qweight, self.scale, self.bias, x_scale=self.x_scale or None)
