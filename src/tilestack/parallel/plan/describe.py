@@ -58,6 +58,12 @@ selective_flops forward FLOPs recomputed under selective recompute (attention sc
                     holds the layer keeps them whole
     param_bytes     bytes of ``params`` when they are not all of the model's dtype_bytes (a module with parameters of
                     several dtypes); 0: params x dtype_bytes
+    act_fixed_bytes bytes saved for backward once per micro-batch, whatever its size (a weight derived from the
+                    parameters in each forward: weight norm's, a cast copy; a position table broadcast over the
+                    batch), beside ``act_bytes`` per sample (recompute policies "none" and "selective")
+    frozen_bytes    of ``param_bytes``, those of the ``frozen`` parameters (a bf16 frozen base under f32 LoRA
+                    adapters, an int64 table: gradients and AdamW's moments are of the trained ones' own dtype);
+                    0: frozen x the layer's bytes per element
     shared          parameters the layer uses that an earlier layer counts (a head tied to the embedding, a block
                     called again): a pipeline stage that runs the layer without its owner holds them too
     kind            "embed", "block", "head" or "layer" (a measured module's child)
@@ -79,6 +85,8 @@ selective_flops forward FLOPs recomputed under selective recompute (attention sc
     frozen: int = 0
     param_bytes: float = 0.0
     shared: tuple[SharedParam, ...] = ()
+    frozen_bytes: float = 0.0
+    act_fixed_bytes: float = 0.0
 
     @property
     def tp_able(self) -> bool:
@@ -360,11 +368,13 @@ def _trace(module: Any, args: tuple, chain: list[tuple[str, Any]]) -> list[_Call
     return calls
 
 
-def _saved_per_call(module: Any, args: tuple, chain: list[tuple[str, Any]], n_calls: int) -> list[int]:
+def _saved_per_call(module: Any, args: tuple, chain: list[tuple[str, Any]], n_calls: int
+                    ) -> tuple[list[int], int]:
     """Bytes autograd saves for backward in a training forward of the whole module, by the recorded call that saved
     each storage first (what runs between calls, in the module's own forward, goes to the call before it, or the
     first). Counted over the whole model, a tensor one layer saves as its output and the next as its input (ReLU
-    then Linear) is one storage, counted once; parameters and buffers are not activations."""
+    then Linear) is one storage, counted once; parameters and buffers are not activations. Also returns the number
+    of calls the forward made."""
     import torch
     skip = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
     owner: dict[int, tuple[int, int]] = {}
@@ -395,7 +405,34 @@ def _saved_per_call(module: Any, args: tuple, chain: list[tuple[str, Any]], n_ca
     per_call = [0] * n_calls
     for call, size in owner.values():
         per_call[min(call, n_calls - 1)] += size
-    return per_call
+    return per_call, state["call"]
+
+
+def _saved_split(module: Any, args: tuple, chain: list[tuple[str, Any]], calls: list[_Call]
+                 ) -> list[tuple[float, float]]:
+    """Per recorded call: the bytes saved for backward per sample, and those saved once per forward whatever the
+    batch (a weight derived from the parameters in each forward, weight norm's; a table broadcast over the batch).
+    Measured at the example's batch B and again at the example twice over (2B samples, each routed as before):
+    per sample (S(2B) - S(B)) / B, once 2 S(B) - S(2B). A batch-independent tensor is made of the parameters and
+    buffers the layer holds: a "once" part larger than twice their bytes is no such tensor but a workspace rounded
+    up in steps (LSTM's on a CPU), which two batches cannot fit; then, as when the doubled forward made other calls
+    or failed, all of S(B) is per sample. What the example's batch saved is kept exactly either way."""
+    import torch
+    batch, n_calls = args[0].shape[0], len(calls)
+    saved, _ = _saved_per_call(module, args, chain, n_calls)
+    try:
+        doubled, made = _saved_per_call(module, tuple(torch.cat([a, a]) for a in args), chain, n_calls)
+    except Exception:
+        doubled, made = saved, -1
+    out = []
+    for call, s, s2 in zip(calls, saved, doubled, strict=True):
+        held = sum(t.numel() * t.element_size() for t in (*call.module.parameters(), *call.module.buffers()))
+        once = 2 * s - s2
+        if made != n_calls or once <= 0 or s2 < s or once > 2 * held:
+            out.append((s / batch, 0.0))
+        else:
+            out.append(((s2 - s) / batch, float(once)))
+    return out
 
 
 def _loss_of(out: Any) -> Any:
@@ -454,7 +491,7 @@ def describe_module(module: Any, example_input: Any, *, layers: Sequence[tuple[s
     out: list[LayerDesc] = []
     seen_names: dict[str, int] = {}
     per = 1.0 / batch
-    saved_in_model = _saved_per_call(module, args, chain, len(calls))
+    saved_in_model = _saved_split(module, args, chain, calls)
     for index, call in enumerate(calls):
         layer = call.module
         params = [p for p in layer.parameters() if id(p) not in counted]
@@ -488,7 +525,7 @@ def describe_module(module: Any, example_input: Any, *, layers: Sequence[tuple[s
                 grads = any(p.requires_grad for p in layer.parameters()) or any(
                     t.requires_grad for t in _tensors_of((leaf_args, leaf_kwargs)))
                 own = list(layer.parameters())
-                saved = saved_in_model[index]
+                saved, saved_once = saved_in_model[index]
                 alone = saved_activation_bytes(lambda run=run: _loss_of(run()), own) if grads else 0
                 saved_full = saved_activation_bytes(lambda f=run_full: _loss_of(f()), own) if alone else 0
         except Exception as e:
@@ -502,10 +539,13 @@ def describe_module(module: Any, example_input: Any, *, layers: Sequence[tuple[s
                              params=sum(p.numel() for p in params), tensors=len(params),
                              frozen=sum(p.numel() for p in params if not p.requires_grad),
                              flops_fwd=flops * per, matmul_flops=matmul * per,
-                             act_bytes={"none": saved * per, "selective": saved * per, "full": saved_full * per},
+                             act_bytes={"none": saved, "selective": saved, "full": saved_full * per},
+                             act_fixed_bytes=saved_once,
                              out_bytes=call.out_bytes * per,
                              buffer_bytes=float(sum(b.numel() * b.element_size() for b in bufs)),
-                             param_bytes=float(sum(p.numel() * p.element_size() for p in params)), shared=shared))
+                             param_bytes=float(sum(p.numel() * p.element_size() for p in params)), shared=shared,
+                             frozen_bytes=float(sum(p.numel() * p.element_size() for p in params
+                                                    if not p.requires_grad))))
     # what no recorded layer holds (the root's own parameters, children that did not run, buffers outside the
     # layers) is kept by the first stage
     rest = [p for p in module.parameters() if id(p) not in counted]
@@ -516,5 +556,7 @@ def describe_module(module: Any, example_input: Any, *, layers: Sequence[tuple[s
                                      frozen=first.frozen + sum(p.numel() for p in rest if not p.requires_grad),
                                      tensors=first.tensors + len(rest),
                                      param_bytes=first.param_bytes + sum(p.numel() * p.element_size() for p in rest),
+                                     frozen_bytes=first.frozen_bytes + sum(p.numel() * p.element_size() for p in rest
+                                                                           if not p.requires_grad),
                                      buffer_bytes=first.buffer_bytes + rest_buffers)
     return ModelDesc(name=name or type(module).__name__, layers=tuple(out), seq=seq, dtype_bytes=dtype_bytes)

@@ -320,7 +320,8 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
                         (compute.overhead("fsdp") if shard > 1 else 0.0)
                     f += wrap * slow / 3
                     g += wrap * slow * 2 / 3
-                act += _act_bytes(layer, plan) * b
+                act += _act_bytes(layer, plan) * b + (layer.act_fixed_bytes if plan.recompute != "full" or
+                                                      layer.kind != "block" else 0.0)
             last = desc.layers[layers[-1]]
             boundary = last.out_bytes * b / (tp if plan.sp else 1)
             if plan.pp > 1:
@@ -524,10 +525,14 @@ def _held(desc: ModelDesc, layer_ids: list[int], tp: int, base: int = 0) -> _Hel
     for i in layer_ids:
         layer = desc.layers[i]
         n, size = _local_params(layer, tp), _param_size(layer, desc)
+        # the rank's share of the layer's frozen parameters (tp splits them as it splits the layer), at their own
+        # bytes per element where describe_module counted them (a bf16 frozen base under f32 adapters)
+        share = n / layer.params if layer.params else 0.0
+        frozen_bytes = (layer.frozen_bytes or layer.frozen * size) * share
         elements += n
-        trained += n - layer.frozen
+        trained += n - layer.frozen * share
         nbytes += n * size
-        trained_bytes += (n - layer.frozen) * size
+        trained_bytes += n * size - frozen_bytes
         tensors += layer.tensors
     mine = {base + i for i in layer_ids}
     elsewhere = {p.ordinal: p for i in layer_ids for p in desc.layers[i].shared if p.owner not in mine}

@@ -44,6 +44,7 @@ from tilestack.parallel.plan.schedule import SCHEDULES
 
 INTERLEAVED_CHUNKS = 2
 RANK_BY = ("time", "goodput")
+ENUMERATE_KW = ("schedules", "recompute", "zero", "max_microbatches")     # what search passes to enumerate_plans
 
 
 def factorizations(n: int, parts: int) -> Iterator[tuple[int, ...]]:
@@ -107,6 +108,8 @@ def enumerate_plans(desc: ModelDesc, world_size: int, batch: int, *, schedules: 
     check_world(world_size)
     _positive_int(where, "batch", batch, "samples per step")
     _positive_int(where, "max_microbatches", max_microbatches, "the most micro-batches to try")
+    if not isinstance(zero, bool):
+        raise PlanError(f"{where}: zero={zero!r}; expected True (try ZeRO-1 and -2 with data parallelism) or False")
     schedules = tuple(SCHEDULES if schedules is None else schedules)
     policies = tuple(recompute) if not isinstance(recompute, str) else (recompute,)
     for arg, given, known in (("schedules", schedules, SCHEDULES), ("recompute", policies, RECOMPUTE)):
@@ -168,6 +171,11 @@ def search(desc: ModelDesc, compute: ComputeModel, comm: CommModel, *, world_siz
     tilestack.parallel.plan.goodput). PlanError naming the limit if none fits."""
     _check_desc("search", desc)
     check_world(world_size)
+    unknown = sorted(set(enumerate_kw) - set(ENUMERATE_KW))
+    if unknown:
+        raise PlanError(f"search: {', '.join(f'{k}={enumerate_kw[k]!r}' for k in unknown)}; expected keywords of "
+                        f"enumerate_plans {ENUMERATE_KW} (the parallel kinds searched are pp, dp, dp_shard, tp, sp "
+                        "and ZeRO)")
     if not isinstance(compute, ComputeModel) or not isinstance(comm, CommModel):
         raise PlanError(f"search: compute={type(compute).__name__}, comm={type(comm).__name__}; expected a "
                         "ComputeModel and a CommModel")
