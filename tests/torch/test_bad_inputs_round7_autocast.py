@@ -5,13 +5,15 @@ What it found (each test failed before its fix):
   autocast) casts its floating arguments, a float mask too, and answers in the autocast dtype: a patched model's
   activations changed dtype (and on a GPU ran f32 attention where torch ran bf16);
 - a QuantLinear answered in its input's dtype inside autocast, where the nn.Linear it replaces answers in the
-  autocast dtype.
+  autocast dtype;
+- the drop-in's notice called a NumPy or list attn_mask "an attn_mask that needs a gradient".
 """
 
 from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -101,3 +103,18 @@ def test_quantized_linear_inside_autocast_answers_as_the_linear_it_replaced(mode
     assert ours.dtype == theirs.dtype == dtype
     torch.testing.assert_close(ours.double(), theirs.double(), atol=0.25, rtol=5e-2)
     assert model(x).dtype == torch.float32                  # outside autocast: x's dtype, as ever
+
+
+@pytest.mark.parametrize("mask", [np.zeros((5, 7), np.float32), [[0.0] * 7] * 5], ids=["ndarray", "list"])
+def test_sdpa_drop_in_names_a_mask_that_is_not_a_tensor_and_raises_as_torch(mask):
+    """The drop-in's notice called a NumPy or list mask "an attn_mask that needs a gradient"; torch's TypeError
+    followed. Now the notice names its type, and torch's TypeError follows as before."""
+    from tilestack.torch import sdpa
+
+    sdpa._noticed.clear()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(TypeError, match="attn_mask"):
+            tilestack.scaled_dot_product_attention(Q, K, V, attn_mask=mask)
+    notices = [str(w.message) for w in seen if "handing" in str(w.message)]
+    assert notices and f"an attn_mask of type {type(mask).__name__} (not a tensor)" in notices[0], notices

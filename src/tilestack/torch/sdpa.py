@@ -84,7 +84,9 @@ def unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, 
     if attn_mask is not None:
         if is_causal:
             return "both attn_mask and is_causal (torch decides what that means)"
-        if not isinstance(attn_mask, torch.Tensor) or attn_mask.requires_grad:
+        if not isinstance(attn_mask, torch.Tensor):
+            return f"an attn_mask of type {type(attn_mask).__name__} (not a tensor)"
+        if attn_mask.requires_grad:
             return "an attn_mask that needs a gradient (the kernels give the mask none)"
         if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
             return f"an attn_mask of dtype {attn_mask.dtype} with {query.dtype} inputs"
