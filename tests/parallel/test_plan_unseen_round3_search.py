@@ -9,7 +9,9 @@ process.
 
 Found and fixed (each test below failed first):
 - search took a misspelt or unknown keyword (``kinds=["ep"]``) to enumerate_plans, which raised a TypeError, and
-  enumerate_plans took ``zero="yes"`` as true: both are now PlanErrors naming the argument and what is expected.
+  enumerate_plans took ``zero="yes"`` as true: both are now PlanErrors naming the argument and what is expected;
+- a module on the meta device failed with torch's RuntimeError (and would have counted no activations), and an
+  embedding with sparse=True was planned with dense gradients and AdamW: both refused by name (_check_module).
 """
 
 import math
@@ -166,6 +168,24 @@ def test_keyword_only_and_unrunnable_modules_are_refused_by_name():
         describe_module(MODELS["wavenet"][0], torch.full((2, 1, 16), math.nan))
     with pytest.raises(PlanError, match="example_input=float"):
         describe_module(module, 3.0)
+
+
+def test_meta_tensors_and_sparse_embeddings_are_refused_by_name():
+    """A model built on the meta device (weights not materialized) gave a RuntimeError from the NaN check, and
+    with a real input would have counted no activations (every meta storage is at address 0); an embedding with
+    sparse=True was planned with dense gradients and AdamW, which refuses sparse ones."""
+    from torch import nn
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    for x in (torch.randn(2, 8, device="meta"), torch.randn(2, 8)):
+        with pytest.raises(PlanError, match="2 tensors on the meta device|4 tensors on the meta device"):
+            describe_module(meta, x)
+    real = nn.Sequential(nn.Linear(8, 4))
+    with pytest.raises(PlanError, match="example_input is on the meta device"):
+        describe_module(real, torch.randn(2, 8, device="meta"))
+    sparse = nn.Sequential(nn.Embedding(100, 4, sparse=True), nn.Linear(4, 2))
+    with pytest.raises(PlanError, match="sparse=True \\(\\['0'\\]\\); expected dense gradients"):
+        describe_module(sparse, torch.randint(0, 100, (2, 3)))
 
 
 def test_a_plan_chosen_for_an_unseen_gpt_shape_trains_like_one_process():

@@ -291,6 +291,9 @@ def _example_args(example_input: Any, where: str) -> tuple:
     if len({a.shape[0] for a in args}) > 1:
         raise PlanError(f"{where}: example_input has batch sizes {[a.shape[0] for a in args]}; expected one batch "
                         "size (the first dim of every tensor)")
+    if any(a.is_meta for a in args):
+        raise PlanError(f"{where}: example_input is on the meta device; expected real values (on the CPU), whose "
+                        "forward can be run and measured")
     for a in args:
         if a.is_floating_point() and not bool(torch.isfinite(a).all()):
             raise PlanError(f"{where}: example_input holds NaN or inf; expected finite values")
@@ -301,6 +304,19 @@ def _check_module(module: Any, layers: Any, where: str) -> list[tuple[str, Any]]
     from torch import nn
     if not isinstance(module, nn.Module):
         raise PlanError(f"{where}: module={type(module).__name__}; expected a torch.nn.Module")
+    # a module on the meta device has no storage: autograd's saved tensors could not be told apart (every
+    # storage's address is 0) and the NaN check cannot read the input
+    meta = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+    if meta:
+        raise PlanError(f"{where}: module {type(module).__name__} has {len(meta)} tensors on the meta device "
+                        f"({meta[0]!r}, ...); expected a module with its tensors materialized (on the CPU), or "
+                        "describe_transformer for a model counted by formula")
+    # AdamW (the optimizer the planner counts and tilestack's Trainer steps) takes no sparse gradients
+    sparse = [n for n, m in module.named_modules() if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.sparse]
+    if sparse:
+        raise PlanError(f"{where}: module {type(module).__name__} has embeddings with sparse=True ({sparse}); "
+                        "expected dense gradients (the planner counts AdamW's state and dense gradients; AdamW "
+                        "takes no sparse gradients)")
     if layers is None:
         return None
     try:
