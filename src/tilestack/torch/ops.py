@@ -15,6 +15,11 @@ Two paths to the same kernels, as for ``tilestack.attention``:
 - in eager mode: a ``torch.autograd.Function`` per op calling the kernels directly, without the custom-op
   dispatcher's per-call Python.
 Both paths call the same kernel-level functions (``tilestack.kernels``), so an op's arithmetic lives once.
+
+torch.func: grad, vjp, jacrev and vmap (per-sample gradients as vmap(grad(f))) go through the ops. What the kernels
+cannot give is refused by name: a second derivative (grad(grad(f)), create_graph then backward: the backward
+kernels are not differentiable; rotary's is) and forward mode (jvp, jacfwd, hessian, ``torch.autograd.forward_ad``:
+no forward-mode derivative), each of which gave zeros without a word before.
 """
 
 from __future__ import annotations
