@@ -10,7 +10,12 @@ position-id buffer), weight-normed dilated 1-D convolutions (torch's parametriza
 Found and fixed (each test below failed first):
 - a layer whose frozen parameters are of another dtype than its trained ones (a bf16 frozen base under f32 LoRA
   adapters, an int64 table beside an f32 linear) had its gradients and AdamW moments counted at the layer's
-  average bytes per element (LayerDesc.frozen_bytes, predict._held).
+  average bytes per element (LayerDesc.frozen_bytes, predict._held);
+- bytes saved once per micro-batch whatever its size (weight norm's derived weights, a position table broadcast
+  over the batch) were counted per sample, so a plan's micro-batch other than the example's mispredicted them
+  (LayerDesc.act_fixed_bytes, describe._saved_split measures the example at B and 2B);
+- a forward with keyword-only arguments could not be described or timed (describe_module and
+  MeasuredCompute.for_module take example_kwargs; the whole model's timing passed no keywords).
 """
 
 import math
@@ -222,3 +227,33 @@ def test_pipeline_stages_sum_to_the_whole(name, pp, described):
                       if not bounds[r] <= q.owner < bounds[r + 1]}.values())
         assert sum(m["parameters"] for m in pred.memory) == pytest.approx(total_bytes + copies), bounds
         assert sum(m["buffers"] for m in pred.memory) == total_buffers
+
+
+def test_a_forward_with_keyword_only_arguments_is_described_with_example_kwargs():
+    """``forward(x, *, attention_mask)``: refused without the keyword (naming it and example_kwargs), described
+    with it: the mask, (batch, 4) and per sample, goes with the batch when the planner doubles it; the saved
+    bytes at other batches are torch's, and the layers time on the arguments they received."""
+    from plan_models_round3 import KeywordOnly
+
+    from tilestack.parallel.memory import saved_activation_bytes
+    from tilestack.parallel.plan import MeasuredCompute, PlanError
+    from tilestack.parallel.plan.describe import _loss_of
+    torch.manual_seed(0)
+    module, x = KeywordOnly(), torch.randn(2, 4)
+    mask = torch.tensor([[1.0, 1.0, 0.0, 1.0], [0.0, 1.0, 1.0, 1.0]])
+    with pytest.raises(PlanError, match="attention_mask.*example_kwargs"):
+        describe_module(module, x)
+    desc = describe_module(module, x, example_kwargs={"attention_mask": mask})
+    assert desc.params == 4 * 4 + 4 and [layer.name for layer in desc.layers] == ["lin"]
+    for b in (1, 3, 8):
+        xb, mb = torch.cat([x] * b)[:b].clone(), torch.cat([mask] * b)[:b].clone()
+        real = saved_activation_bytes(lambda xb=xb, mb=mb: _loss_of(module(xb, attention_mask=mb)),
+                                      list(module.parameters()))
+        assert predict(Plan(batch=b), desc, Unit(desc), FREE).memory[0]["activations"] == real, b
+    cm = MeasuredCompute.for_module(desc, module, x, example_kwargs={"attention_mask": mask})
+    f, g = cm.layer_times(0, 3)
+    assert 0 < f < 1 and 0 <= g < 1
+    for kw, match in (([mask], "example_kwargs=list"), ({"attention_mask": mask * math.nan}, "NaN or inf"),
+                      ({1: mask}, "example_kwargs=dict")):
+        with pytest.raises(PlanError, match=match):
+            describe_module(module, x, example_kwargs=kw)

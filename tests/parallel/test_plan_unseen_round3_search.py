@@ -218,3 +218,26 @@ def test_module_batches_are_per_sample(described):
     desc = described["big vocab"]
     assert desc.layers[0].act_bytes["none"] == 7 * 8
     assert _args(MODELS["big vocab"][1])[0].shape == (2, 7)
+
+
+@pytest.mark.parametrize("name", ["funnel", "unrolled", "wavenet", "frozen encoder"])
+def test_alpa_on_unseen_modules_equals_brute_force(name, described):
+    """Heterogeneous widths, a cell shared by every step, once-per-micro-batch saved weights, frozen layers: the
+    DP over cuts and sub-meshes finds brute force's latency, on 3 and 4 devices, with and without a limit."""
+    from tilestack.parallel.plan import alpa_stages, brute_force_stages
+    from tilestack.parallel.plan.search import plan_stage_cost
+    desc = described[name]
+    whole = predict(Plan(batch=8), desc, Flops(desc), FIT).memory_bytes
+    for n_devices, sizes in ((3, (1, 2, 3)), (4, (1, 2, 4))):
+        for limit in (None, 0.9 * whole):
+            cost = plan_stage_cost(desc, Flops(desc), FIT, batch=8, microbatches=4, memory_limit=limit)
+            kw = dict(n_devices=n_devices, submeshes=sizes, microbatches=4, stage_cost=cost)
+            try:
+                brute = brute_force_stages(len(desc.layers), **kw)
+            except PlanError:
+                with pytest.raises(PlanError):
+                    alpa_stages(len(desc.layers), **kw)
+                continue
+            dp = alpa_stages(len(desc.layers), **kw)
+            assert dp.latency == pytest.approx(brute.latency, rel=1e-12)
+            assert sum(d for _, _, d, _ in dp.stages) == n_devices

@@ -461,18 +461,19 @@ class MeasuredCompute(ComputeModel):
                    device=device, recompute_builders=frozenset({"block"}), whole=whole)
 
     @classmethod
-    def for_module(cls, desc: ModelDesc, module: Any, example_input: Any, *, cores: int | None = None
-                   ) -> MeasuredCompute:
+    def for_module(cls, desc: ModelDesc, module: Any, example_input: Any, *, cores: int | None = None,
+                   example_kwargs: dict[str, Any] | None = None) -> MeasuredCompute:
         """The layers of a torch module described by ``describe_module(module, example_input)``: each is timed
         on the arguments it received in the example's forward, its first sample repeated to the micro-batch size
         (tensors whose first dim is the example's batch; others, a mask or a rotary table, as they were); tp must
-        be 1."""
+        be 1. ``example_kwargs``: the forward's keyword arguments, as given to describe_module."""
         from torch import nn
 
         from tilestack.parallel.plan.describe import (
             _check_module,
             _children_in_order,
             _example_args,
+            _example_kwargs,
             _leaves,
             _loss_of,
             _map_tensors,
@@ -482,9 +483,10 @@ class MeasuredCompute(ComputeModel):
         _check_module(module, None, where)
         args = _example_args(example_input, where)
         batch = args[0].shape[0]
+        kwargs = _example_kwargs(example_kwargs, batch, where)
         chain = _children_in_order(module) or [(type(module).__name__, module)]
         calls: dict[str, Any] = {}
-        for call in _trace(module, args, chain):
+        for call in _trace(module, args, chain, kwargs):
             k = sum(1 for n in calls if n == call.name or n.startswith(f"{call.name}#"))
             calls[call.name if k == 0 else f"{call.name}#{k + 1}"] = call
         missing = [layer.name for layer in desc.layers if layer.name not in calls]
@@ -522,10 +524,11 @@ class MeasuredCompute(ComputeModel):
             return build
 
         def whole(b: int):
-            def resize(t):
-                return t[:1].repeat(b, *(1,) * (t.dim() - 1))
+            def resize(t):                       # per-sample tensors (batch first): one sample, b times
+                return t[:1].repeat(b, *(1,) * (t.dim() - 1)) if t.dim() >= 1 and t.shape[0] == batch else t
 
-            return Bound(copy.deepcopy(module)), lambda: _leaves((_map_tensors(args, resize), {})), _loss_of
+            return Bound(copy.deepcopy(module)), lambda: _leaves((_map_tensors(args, resize),
+                                                                  _map_tensors(kwargs, resize))), _loss_of
 
         return cls(desc, {layer.name: builder(layer.name) for layer in desc.layers}, cores=cores, whole=whole)
 

@@ -300,6 +300,24 @@ def _example_args(example_input: Any, where: str) -> tuple:
     return args
 
 
+def _example_kwargs(example_kwargs: Any, batch: int, where: str) -> dict[str, Any]:
+    """The module's keyword arguments (a mask, a flag): a dict by name; tensors whose first dim is the batch are
+    per sample (repeated with it), others (a table, a scalar) are passed as they are."""
+    import torch
+    if example_kwargs is None:
+        return {}
+    if not isinstance(example_kwargs, dict) or not all(isinstance(k, str) for k in example_kwargs):
+        raise PlanError(f"{where}: example_kwargs={type(example_kwargs).__name__}; expected a dict of the "
+                        "forward's keyword arguments by name")
+    for k, v in example_kwargs.items():
+        for t in _tensors_of(v):
+            if t.is_meta:
+                raise PlanError(f"{where}: example_kwargs[{k!r}] is on the meta device; expected real values")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise PlanError(f"{where}: example_kwargs[{k!r}] holds NaN or inf; expected finite values")
+    return dict(example_kwargs)
+
+
 def _check_module(module: Any, layers: Any, where: str) -> list[tuple[str, Any]] | None:
     from torch import nn
     if not isinstance(module, nn.Module):
@@ -352,8 +370,8 @@ def _restored(module: Any, handles: Sequence[Any] = ()) -> Iterator[None]:
                 b.copy_(saved)
 
 
-def _trace(module: Any, args: tuple, chain: list[tuple[str, Any]]) -> list[_Call]:
-    """Run ``module(*args)`` once (no grad; its buffers, e.g. BatchNorm's running statistics, and the random
+def _trace(module: Any, args: tuple, chain: list[tuple[str, Any]], kwargs: dict | None = None) -> list[_Call]:
+    """Run ``module(*args, **kwargs)`` once (no grad; its buffers, e.g. BatchNorm's running statistics, and the random
     state restored after) and record the calls of the ``chain`` layers in the order they ran; a layer called
     from inside another recorded layer belongs to that one."""
     import torch
@@ -375,17 +393,18 @@ def _trace(module: Any, args: tuple, chain: list[tuple[str, Any]]) -> list[_Call
         handles.append(layer.register_forward_hook(post, with_kwargs=True))
     try:
         with _restored(module, handles), torch.no_grad(), torch.random.fork_rng(devices=[]):
-            module(*args)
+            module(*args, **(kwargs or {}))
     except PlanError:
         raise
     except Exception as e:
         raise PlanError(f"describe_module: {type(module).__name__}(example_input) failed ({type(e).__name__}: "
-                        f"{e}); expected a module that runs on the example input") from e
+                        f"{e}); expected a module that runs on the example input (keyword arguments: "
+                        "example_kwargs)") from e
     return calls
 
 
-def _saved_per_call(module: Any, args: tuple, chain: list[tuple[str, Any]], n_calls: int
-                    ) -> tuple[list[int], int]:
+def _saved_per_call(module: Any, args: tuple, chain: list[tuple[str, Any]], n_calls: int,
+                    kwargs: dict | None = None) -> tuple[list[int], int]:
     """Bytes autograd saves for backward in a training forward of the whole module, by the recorded call that saved
     each storage first (what runs between calls, in the module's own forward, goes to the call before it, or the
     first). Counted over the whole model, a tensor one layer saves as its output and the next as its input (ReLU
@@ -416,7 +435,7 @@ def _saved_per_call(module: Any, args: tuple, chain: list[tuple[str, Any]], n_ca
                                                  layer.register_forward_hook(post))]
     with _restored(module, handles), torch.random.fork_rng(devices=[]), \
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = module(*args)
+        out = module(*args, **(kwargs or {}))
         del out
     per_call = [0] * n_calls
     for call, size in owner.values():
@@ -424,8 +443,8 @@ def _saved_per_call(module: Any, args: tuple, chain: list[tuple[str, Any]], n_ca
     return per_call, state["call"]
 
 
-def _saved_split(module: Any, args: tuple, chain: list[tuple[str, Any]], calls: list[_Call]
-                 ) -> list[tuple[float, float]]:
+def _saved_split(module: Any, args: tuple, chain: list[tuple[str, Any]], calls: list[_Call],
+                 kwargs: dict | None = None) -> list[tuple[float, float]]:
     """Per recorded call: the bytes saved for backward per sample, and those saved once per forward whatever the
     batch (a weight derived from the parameters in each forward, weight norm's; a table broadcast over the batch).
     Measured at the example's batch B and again at the example twice over (2B samples, each routed as before):
@@ -435,9 +454,14 @@ def _saved_split(module: Any, args: tuple, chain: list[tuple[str, Any]], calls: 
     or failed, all of S(B) is per sample. What the example's batch saved is kept exactly either way."""
     import torch
     batch, n_calls = args[0].shape[0], len(calls)
-    saved, _ = _saved_per_call(module, args, chain, n_calls)
+    saved, _ = _saved_per_call(module, args, chain, n_calls, kwargs)
+
+    def twice(t: Any) -> Any:                    # a per-sample tensor (batch first) twice over; others as they are
+        return torch.cat([t, t]) if t.dim() >= 1 and t.shape[0] == batch else t
+
     try:
-        doubled, made = _saved_per_call(module, tuple(torch.cat([a, a]) for a in args), chain, n_calls)
+        doubled, made = _saved_per_call(module, tuple(torch.cat([a, a]) for a in args), chain, n_calls,
+                                        _map_tensors(kwargs or {}, twice))
     except Exception:
         doubled, made = saved, -1
     out = []
@@ -472,10 +496,11 @@ def _fresh(obj: Any) -> Any:
 
 
 def describe_module(module: Any, example_input: Any, *, layers: Sequence[tuple[str, Any]] | None = None,
-                    name: str | None = None) -> ModelDesc:
+                    name: str | None = None, example_kwargs: dict[str, Any] | None = None) -> ModelDesc:
     """Measure a torch module as a sequence of layers. ``example_input``: a tensor whose first dim is the batch
-    (token ids are fine), or a tuple of them (the module's positional arguments). ``layers`` (default: the
-    module's children, container children by their elements) are put in the order they run on the example,
+    (token ids are fine), or a tuple of them (the module's positional arguments); ``example_kwargs``: its keyword
+    arguments by name (an attention mask; a tensor whose first dim is the batch is per sample). ``layers``
+    (default: the module's children, container children by their elements) are put in the order they run on the example,
     however they were registered; each is measured on the arguments it really received: parameters, forward FLOPs
     (tilestack.perf.profile.count_ops), bytes saved for backward with and without recompute
     (tilestack.parallel.memory.saved_activation_bytes; "full" keeps the layer's inputs), the output bytes, all
@@ -490,9 +515,10 @@ def describe_module(module: Any, example_input: Any, *, layers: Sequence[tuple[s
     from tilestack.perf.profile import count_ops
     chain = _check_module(module, layers, "describe_module")
     args = _example_args(example_input, "describe_module")
+    kwargs = _example_kwargs(example_kwargs, args[0].shape[0], "describe_module")
     if chain is None:
         chain = _children_in_order(module) or [(type(module).__name__, module)]
-    calls = _trace(module, args, chain)
+    calls = _trace(module, args, chain, kwargs)
     if not calls:
         raise PlanError(f"describe_module: none of the layers {[n for n, _ in chain]} ran on the example input; "
                         "expected layers of the module (pass layers=[(name, submodule), ...])")
@@ -507,7 +533,7 @@ def describe_module(module: Any, example_input: Any, *, layers: Sequence[tuple[s
     out: list[LayerDesc] = []
     seen_names: dict[str, int] = {}
     per = 1.0 / batch
-    saved_in_model = _saved_split(module, args, chain, calls)
+    saved_in_model = _saved_split(module, args, chain, calls, kwargs)
     for index, call in enumerate(calls):
         layer = call.module
         params = [p for p in layer.parameters() if id(p) not in counted]
