@@ -15,7 +15,9 @@ Found and fixed (each test below failed first):
   over the batch) were counted per sample, so a plan's micro-batch other than the example's mispredicted them
   (LayerDesc.act_fixed_bytes, describe._saved_split measures the example at B and 2B);
 - a forward with keyword-only arguments could not be described or timed (describe_module and
-  MeasuredCompute.for_module take example_kwargs; the whole model's timing passed no keywords).
+  MeasuredCompute.for_module take example_kwargs; the whole model's timing passed no keywords);
+- AdamW's step was charged per tensor for frozen tensors too (LayerDesc.frozen_tensors, predict), and a model
+  with every parameter frozen failed in MeasuredCompute.optimizer_context (torch's AdamW over an empty list).
 """
 
 import math
@@ -257,3 +259,33 @@ def test_a_forward_with_keyword_only_arguments_is_described_with_example_kwargs(
                       ({1: mask}, "example_kwargs=dict")):
         with pytest.raises(PlanError, match=match):
             describe_module(module, x, example_kwargs=kw)
+
+
+def test_adamw_is_charged_for_the_trained_tensors_only(described):
+    """LoRA: 3 x (A, B) and the head's weight and bias are stepped; the frozen embedding and base linears (7
+    tensors) are given to no optimizer, so they cost no per-tensor step. A model with every parameter frozen has
+    no step: its measured compute model timed an AdamW over an empty list and failed in torch."""
+    from torch import nn
+
+    from tilestack.parallel.plan import MeasuredCompute, search
+
+    class Spy(Unit):
+        def optimizer_s(self, params, tensors):
+            self.asked = (params, tensors)
+            return 0.0
+
+    module, _ = MODELS["lora"]
+    desc = described["lora"]
+    spy = Spy(desc)
+    predict(Plan(batch=2), desc, spy, FREE)
+    trained = [p for p in module.parameters() if p.requires_grad]
+    assert spy.asked == (sum(p.numel() for p in trained), len(trained)) == (3 * 64 + 510, 8)
+    torch.manual_seed(0)
+    frozen = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).requires_grad_(False)
+    x = torch.randn(2, 8)
+    fdesc = describe_module(frozen, x)
+    cm = MeasuredCompute.for_module(fdesc, frozen, x)
+    assert cm.optimizer_s(0, 0) == 0.0
+    ranked = search(fdesc, cm, FREE, world_size=2, batch=4, recompute=["none"])
+    assert all(r.prediction.terms["optimizer"] == 0.0 for r in ranked)
+    assert all(r.prediction.memory[0]["gradients"] == 0 == r.prediction.memory[0]["optimizer"] for r in ranked)

@@ -353,10 +353,15 @@ class MeasuredCompute(ComputeModel):
             return 1.0
         if self._optimizer_context is None:
             layers = self.desc.layers
-            fit = self._adam_fit(sum(la.params - la.frozen for la in layers), sum(la.tensors for la in layers))
-            module, make_input, loss = self.whole(OPTIMIZER_CONTEXT_BATCH)
-            after = time_step_after_backward(module, make_input, loss, self.device)
-            self._optimizer_context = after / fit if fit > 0 else 1.0
+            # AdamW steps the trained parameters only (the timed step's, time_step_after_backward); a model with
+            # none (everything frozen) has no step to time
+            trained = sum(la.params - la.frozen for la in layers)
+            fit = self._adam_fit(trained, sum(la.tensors - la.frozen_tensors for la in layers)) if trained else 0.0
+            if fit > 0:
+                module, make_input, loss = self.whole(OPTIMIZER_CONTEXT_BATCH)
+                self._optimizer_context = time_step_after_backward(module, make_input, loss, self.device) / fit
+            else:
+                self._optimizer_context = 1.0
         return self._optimizer_context
 
     def recompute_s(self, index: int, micro_batch: int, tp: int, policy: str) -> float:
@@ -386,7 +391,9 @@ class MeasuredCompute(ComputeModel):
 
     def optimizer_s(self, params: float, tensors: int) -> float:
         """AdamW's step over ``params`` elements in ``tensors`` tensors: the fit (``_adam_fit``) in context
-        (``optimizer_context``)."""
+        (``optimizer_context``); nothing to step (every parameter frozen) costs nothing."""
+        if not params and not tensors:
+            return 0.0
         return self._adam_fit(params, tensors) * self.optimizer_context()
 
     def _adam_fit(self, params: float, tensors: int) -> float:

@@ -64,6 +64,7 @@ selective_flops forward FLOPs recomputed under selective recompute (attention sc
     frozen_bytes    of ``param_bytes``, those of the ``frozen`` parameters (a bf16 frozen base under f32 LoRA
                     adapters, an int64 table: gradients and AdamW's moments are of the trained ones' own dtype);
                     0: frozen x the layer's bytes per element
+    frozen_tensors  of ``tensors``, those frozen (AdamW steps, and pays its per-tensor cost for, the others only)
     shared          parameters the layer uses that an earlier layer counts (a head tied to the embedding, a block
                     called again): a pipeline stage that runs the layer without its owner holds them too
     kind            "embed", "block", "head" or "layer" (a measured module's child)
@@ -87,6 +88,7 @@ selective_flops forward FLOPs recomputed under selective recompute (attention sc
     shared: tuple[SharedParam, ...] = ()
     frozen_bytes: float = 0.0
     act_fixed_bytes: float = 0.0
+    frozen_tensors: int = 0
 
     @property
     def tp_able(self) -> bool:
@@ -579,6 +581,7 @@ def describe_module(module: Any, example_input: Any, *, layers: Sequence[tuple[s
         seen_names[call.name] = k + 1
         out.append(LayerDesc(name=call.name if k == 0 else f"{call.name}#{k + 1}",
                              params=sum(p.numel() for p in params), tensors=len(params),
+                             frozen_tensors=sum(1 for p in params if not p.requires_grad),
                              frozen=sum(p.numel() for p in params if not p.requires_grad),
                              flops_fwd=flops * per, matmul_flops=matmul * per,
                              act_bytes={"none": saved, "selective": saved, "full": saved_full * per},
@@ -597,6 +600,7 @@ def describe_module(module: Any, example_input: Any, *, layers: Sequence[tuple[s
         out[0] = dataclasses.replace(first, params=first.params + sum(p.numel() for p in rest),
                                      frozen=first.frozen + sum(p.numel() for p in rest if not p.requires_grad),
                                      tensors=first.tensors + len(rest),
+                                     frozen_tensors=first.frozen_tensors + sum(1 for p in rest if not p.requires_grad),
                                      param_bytes=first.param_bytes + sum(p.numel() * p.element_size() for p in rest),
                                      frozen_bytes=first.frozen_bytes + sum(p.numel() * p.element_size() for p in rest
                                                                            if not p.requires_grad),

@@ -393,12 +393,14 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
     # DTensor parameters (tp, FSDP2) cost their AdamW ops' dispatch on top, per tensor (overhead.py)
     dtensor = compute.overhead("fsdp optimizer") if shard > 1 else compute.overhead("tp optimizer") if tp > 1 else 0.0
     # ZeRO's AdamW steps one flat f32 tensor, this rank's slice of all its parameters (zero.py)
-    opt_s = max(compute.optimizer_s(held[r].trained / shard / owner, 1 if plan.zero else held[r].tensors)
-                + held[r].tensors * dtensor for r in ranks) * every
+    # (over the trained tensors only: AdamW is given no frozen parameter)
+    opt_s = max(compute.optimizer_s(held[r].trained / shard / owner,
+                                    min(held[r].trained_tensors, 1) if plan.zero else held[r].trained_tensors)
+                + held[r].trained_tensors * dtensor for r in ranks) * every
     # ZeRO's and the Trainer's flat-buffer copies (overhead.py: measured for the whole model) scale with the
     # gradients a rank holds
     total = sum(layer.params - layer.frozen for layer in desc.layers)
-    share = max(held[r].trained for r in ranks) / total if total > 0 else 1.0
+    share = max(held[r].trained for r in ranks) / total if total > 0 else 0.0     # nothing trained: no copies
     if plan.zero:
         opt_s += compute.overhead("zero") * share * every
     elif uses_ddp(plan):
@@ -514,6 +516,7 @@ class _Held:
     trained_bytes: float
     tensors: int
     copies: tuple[Any, ...] = ()          # the SharedParams it holds a copy of (their owner runs elsewhere)
+    trained_tensors: int = 0              # of tensors, those requiring grad (the ones AdamW steps)
 
 
 def _held(desc: ModelDesc, layer_ids: list[int], tp: int, base: int = 0) -> _Held:
@@ -521,7 +524,7 @@ def _held(desc: ModelDesc, layer_ids: list[int], tp: int, base: int = 0) -> _Hel
     (LayerDesc.shared: a tied head, a block called again) whose owning layer runs on another rank. ``base``: the
     index of ``desc``'s first layer in the model that LayerDesc.shared's owners index (a window of it)."""
     elements = trained = nbytes = trained_bytes = 0.0
-    tensors = 0
+    tensors = trained_tensors = 0
     for i in layer_ids:
         layer = desc.layers[i]
         n, size = _local_params(layer, tp), _param_size(layer, desc)
@@ -534,6 +537,7 @@ def _held(desc: ModelDesc, layer_ids: list[int], tp: int, base: int = 0) -> _Hel
         nbytes += n * size
         trained_bytes += n * size - frozen_bytes
         tensors += layer.tensors
+        trained_tensors += layer.tensors - layer.frozen_tensors
     mine = {base + i for i in layer_ids}
     elsewhere = {p.ordinal: p for i in layer_ids for p in desc.layers[i].shared if p.owner not in mine}
     for p in elsewhere.values():
@@ -542,7 +546,8 @@ def _held(desc: ModelDesc, layer_ids: list[int], tp: int, base: int = 0) -> _Hel
         trained += p.numel if p.trained else 0
         trained_bytes += p.nbytes if p.trained else 0
         tensors += 1
-    return _Held(elements, trained, nbytes, trained_bytes, tensors, tuple(elsewhere.values()))
+        trained_tensors += 1 if p.trained else 0
+    return _Held(elements, trained, nbytes, trained_bytes, tensors, tuple(elsewhere.values()), trained_tensors)
 
 
 def _act_bytes(layer: Any, plan: Plan) -> float:
