@@ -224,3 +224,34 @@ MODELS = _models()
 
 def _args(x):
     return x if isinstance(x, tuple) else (x,)
+
+
+class DecBlock(nn.Module):
+    """Cross-attention to the encoder's output (by keyword) and an MLP."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.cross = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.ff = nn.Linear(d, d)
+
+    def forward(self, y, *, memory):                                        # (B, T, d), memory (B, S, d)
+        y = y + self.cross(y, memory, memory, need_weights=False)[0]
+        return y + torch.tanh(self.ff(y))
+
+
+class EncoderDecoder(nn.Module):
+    """Two encoder layers over the source (B, 4, 8), two decoder blocks over the target (B, 5, 8) attending to
+    the encoder's output: a pipeline cut between the decoder blocks sends both."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.enc = nn.ModuleList(nn.Linear(d, d) for _ in range(2))
+        self.dec = nn.ModuleList(DecBlock(d) for _ in range(2))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, src, tgt):
+        for layer in self.enc:
+            src = torch.tanh(layer(src))
+        for block in self.dec:
+            tgt = block(tgt, memory=src)
+        return self.head(tgt)

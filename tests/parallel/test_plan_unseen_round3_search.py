@@ -11,7 +11,10 @@ Found and fixed (each test below failed first):
 - search took a misspelt or unknown keyword (``kinds=["ep"]``) to enumerate_plans, which raised a TypeError, and
   enumerate_plans took ``zero="yes"`` as true: both are now PlanErrors naming the argument and what is expected;
 - a module on the meta device failed with torch's RuntimeError (and would have counted no activations), and an
-  embedding with sparse=True was planned with dense gradients and AdamW: both refused by name (_check_module).
+  embedding with sparse=True was planned with dense gradients and AdamW: both refused by name (_check_module);
+- a pipeline stage's boundary was the previous layer's output only: a decoder block after the cut also receives
+  the encoder's output, which its send and both stages' receive buffers left out (LayerDesc.in_bytes,
+  predict._sent_bytes).
 """
 
 import math
@@ -241,3 +244,23 @@ def test_alpa_on_unseen_modules_equals_brute_force(name, described):
             dp = alpa_stages(len(desc.layers), **kw)
             assert dp.latency == pytest.approx(brute.latency, rel=1e-12)
             assert sum(d for _, _, d, _ in dp.stages) == n_devices
+
+
+def test_a_pipeline_cut_between_decoder_blocks_sends_the_encoders_output_too():
+    """The decoder block after the cut receives its input (5 x 8 f32 per sample) and the encoder's output it
+    attends to (4 x 8): the stage boundary, its send and the receive buffers of both stages are both tensors.
+    The previous block's output alone was counted, under-predicting them by the encoder's output."""
+    from plan_models_round3 import EncoderDecoder
+    torch.manual_seed(0)
+    src, tgt = torch.randn(3, 4, 8), torch.randn(3, 5, 8)
+    desc = describe_module(EncoderDecoder(), (src, tgt))
+    assert [layer.name for layer in desc.layers] == ["enc.0", "enc.1", "dec.0", "dec.1", "head"]
+    assert desc.layers[3].in_bytes == (5 * 8 + 4 * 8) * FP32                  # y and memory
+    assert desc.layers[3].in_bytes > desc.layers[2].out_bytes == 5 * 8 * FP32
+    m, b = 2, 3
+    pred = predict(Plan(batch=m * b, pp=2, microbatches=m, bounds=(0, 3, 5)), desc, Unit(desc), FREE)
+    edge = m * b * (5 * 8 + 4 * 8) * FP32
+    assert pred.memory[0]["transient"] == edge and pred.memory[1]["transient"] == edge
+    # a cut after the encoder: the decoder receives the target and the encoder's output, as its first block does
+    enc_cut = predict(Plan(batch=m * b, pp=2, microbatches=m, bounds=(0, 2, 5)), desc, Unit(desc), FREE)
+    assert enc_cut.memory[1]["transient"] == m * b * (5 * 8 + 4 * 8) * FP32

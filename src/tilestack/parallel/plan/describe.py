@@ -65,6 +65,9 @@ selective_flops forward FLOPs recomputed under selective recompute (attention sc
                     adapters, an int64 table: gradients and AdamW's moments are of the trained ones' own dtype);
                     0: frozen x the layer's bytes per element
     frozen_tensors  of ``tensors``, those frozen (AdamW steps, and pays its per-tensor cost for, the others only)
+    in_bytes        bytes of the per-sample tensors (batch first) the layer receives: what a pipeline stage that
+                    begins with it receives (a decoder block's input and the encoder's output it attends to);
+                    0: the previous layer's ``out_bytes``
     shared          parameters the layer uses that an earlier layer counts (a head tied to the embedding, a block
                     called again): a pipeline stage that runs the layer without its owner holds them too
     kind            "embed", "block", "head" or "layer" (a measured module's child)
@@ -89,6 +92,7 @@ selective_flops forward FLOPs recomputed under selective recompute (attention sc
     frozen_bytes: float = 0.0
     act_fixed_bytes: float = 0.0
     frozen_tensors: int = 0
+    in_bytes: float = 0.0
 
     @property
     def tp_able(self) -> bool:
@@ -253,6 +257,17 @@ class _Call:
     args: tuple
     kwargs: dict
     out_bytes: int
+    in_bytes: int = 0                            # _received_bytes of the arguments
+
+
+def _received_bytes(a: Any, batch: int, held: set[int]) -> int:
+    """Bytes of the per-sample tensors (first dim the batch) in a call's arguments ``a``, each once; parameters
+    and buffers (storages in ``held``: a table handed to every block) are held by the stage, not received."""
+    seen: dict[tuple, int] = {}
+    for t in _tensors_of(a):
+        if t.dim() >= 1 and t.shape[0] == batch and t.untyped_storage().data_ptr() not in held:
+            seen[(t.data_ptr(), tuple(t.shape), t.dtype)] = t.numel() * t.element_size()
+    return sum(seen.values())
 
 
 def _tensors_of(obj: Any) -> list[Any]:
@@ -380,10 +395,13 @@ def _trace(module: Any, args: tuple, chain: list[tuple[str, Any]], kwargs: dict 
     calls: list[_Call] = []
     active: list[str] = []
     handles = []
+    batch = args[0].shape[0]
+    held = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
     for name, layer in chain:
         def pre(mod, a, kw, name=name):
             if not active:
-                calls.append(_Call(name, mod, _map_tensors(a, _detached), _map_tensors(kw, _detached), 0))
+                calls.append(_Call(name, mod, _map_tensors(a, _detached), _map_tensors(kw, _detached), 0,
+                                   _received_bytes((a, kw), batch, held)))
             active.append(name)
 
         def post(mod, a, kw, out, name=name):
@@ -582,6 +600,7 @@ def describe_module(module: Any, example_input: Any, *, layers: Sequence[tuple[s
         out.append(LayerDesc(name=call.name if k == 0 else f"{call.name}#{k + 1}",
                              params=sum(p.numel() for p in params), tensors=len(params),
                              frozen_tensors=sum(1 for p in params if not p.requires_grad),
+                             in_bytes=call.in_bytes * per,
                              frozen=sum(p.numel() for p in params if not p.requires_grad),
                              flops_fwd=flops * per, matmul_flops=matmul * per,
                              act_bytes={"none": saved, "selective": saved, "full": saved_full * per},

@@ -323,7 +323,7 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
                 act += _act_bytes(layer, plan) * b + (layer.act_fixed_bytes if plan.recompute != "full" or
                                                       layer.kind != "block" else 0.0)
             last = desc.layers[layers[-1]]
-            boundary = last.out_bytes * b / (tp if plan.sp else 1)
+            boundary = _sent_bytes(desc, layers[-1]) * b / (tp if plan.sp else 1)
             if plan.pp > 1:
                 # the schedule's and the stage's host cost comes with each stage's forward and backward call (a
                 # rank with v stages pays it v times per micro-batch)
@@ -550,6 +550,13 @@ def _held(desc: ModelDesc, layer_ids: list[int], tp: int, base: int = 0) -> _Hel
     return _Held(elements, trained, nbytes, trained_bytes, tensors, tuple(elsewhere.values()), trained_tensors)
 
 
+def _sent_bytes(desc: ModelDesc, i: int) -> float:
+    """Bytes per sample a pipeline stage ending with layer ``i`` sends to the next: what the next layer receives
+    (LayerDesc.in_bytes: a decoder block's input and the encoder's output it attends to), else layer i's output."""
+    nxt = desc.layers[i + 1] if i + 1 < len(desc.layers) else None
+    return nxt.in_bytes if nxt is not None and nxt.in_bytes else desc.layers[i].out_bytes
+
+
 def _act_bytes(layer: Any, plan: Plan) -> float:
     """Bytes one sample leaves saved in ``layer`` under the plan's recompute policy and tensor parallelism."""
     policy = plan.recompute if layer.kind == "block" else "none"
@@ -624,9 +631,9 @@ def _memory(plan: Plan, desc: ModelDesc, stages: list[range], my_stages: list[in
         # torch's PipelineStage keeps a receive buffer per micro-batch: the stage's input (all but the first
         # stage) and the gradient of its output (all but the last), b samples of the boundary tensor each
         for s in my_stages:
-            edges = (s > 0) + (s < plan.n_stages - 1)
-            boundary = desc.layers[stages[s][0] - 1 if s > 0 else stages[s][-1]].out_bytes
-            transient += edges * plan.microbatches * plan.micro_batch * boundary / (plan.tp if plan.sp else 1)
+            edges = (_sent_bytes(desc, stages[s][0] - 1) if s > 0 else 0.0) + \
+                (_sent_bytes(desc, stages[s][-1]) if s < plan.n_stages - 1 else 0.0)
+            transient += plan.microbatches * plan.micro_batch * edges / (plan.tp if plan.sp else 1)
     loss_grad = 0.0
     if any(desc.layers[i].kind == "head" for s in my_stages for i in stages[s]):
         # as the first backward begins, cross-entropy's gradients: with respect to the log-probabilities, then to
