@@ -182,6 +182,35 @@ def test_grad_must_be_a_bool(rng):
         fused_linear_cross_entropy(x, w, labels, grad=1)
 
 
+@pytest.mark.parametrize("chunk", (5, 3, 4))
+def test_each_launcher_runs_only_pointers_of_the_alignment_it_was_made_for(chunk, rng, monkeypatch):
+    """A launcher is specialized for its pointers' 16-byte alignment (a GPU kernel reads them vectorized); chunks
+    of 5 rows start the next chunk's labels, scale and loss slices off 16 bytes, so the plan keeps a launcher per
+    alignment, never one made on aligned slices for misaligned ones."""
+    kernel = mod.ce_grad_kernel
+    real = kernel.launcher_for
+    made = []
+
+    def align(args):
+        return tuple(a.data_ptr() % 16 for a in args if isinstance(a, torch.Tensor))
+
+    def launcher_for(args, *a, **k):
+        run, want = real(args, *a, **k), align(args)
+        made.append(want)
+
+        def checked(call_args):
+            assert align(call_args) == want, (align(call_args), want)
+            run(call_args)
+        return checked
+
+    monkeypatch.setattr(kernel, "launcher_for", launcher_for)
+    x, w, labels = data(rng, 17, 16, 23, torch.float32, ignored=(6,))
+    loss, dx, dw = fused_linear_cross_entropy(x, w, labels, chunk=chunk, backend="triton", BM=1, BN=16)
+    loss64, dx64, dw64 = f64(x, w, labels)
+    assert abs(float(loss) - float(loss64)) <= 1e-5 * float(loss64) and rel(dx, dx64) <= 1e-5
+    assert len(set(made)) >= (2 if chunk != 4 else 1)      # misaligned chunks got launchers of their own
+
+
 def test_chunk_rows_keeps_chunks_within_the_budget():
     assert mod.chunk_rows(8192, 50257, 2) == 2048
     assert mod.chunk_rows(8192, 32000, 2) == 4096

@@ -234,13 +234,17 @@ def _flce_plan(x, weight, labels, *, ignore_index: int = IGNORE_INDEX, chunk: in
     va = v - v % ROW_ALIGN if min(step, t) * v >= SPLIT_MIN_LOGITS else v
     parts = [(0, va), (va, v)] if 0 < va < v else [(0, v)]
     chunks = [(lo, min(t, lo + step)) for lo in range(0, t, step)]
-    launchers: dict = {}        # rows of a chunk -> (the kernel's launcher, its column numbers); two sizes at most
+    # (rows of a chunk, 16-byte alignment of its slices of labels, scale and loss) -> (the kernel's launcher, its
+    # column numbers): a launcher is specialized for its pointers' alignment, and a chunk of a size that is no
+    # multiple of 4 (chunk=5) starts the next chunk's slices off 16 bytes
+    launchers: dict = {}
 
     def launcher(rows, labels_c, scale_c, loss_c):
-        found = launchers.get(rows.shape[0])
+        key = (rows.shape[0], labels_c.data_ptr() % 16, scale_c.data_ptr() % 16, loss_c.data_ptr() % 16)
+        found = launchers.get(key)
         if found is None:       # made on first use: a plan refusing its arguments has touched no kernel
             cols = _cols(cfg.get("BN", ce_grad_kernel.constants["BN"].default), rows.device)
-            found = launchers[rows.shape[0]] = (ce_grad_kernel.launcher_for(
+            found = launchers[key] = (ce_grad_kernel.launcher_for(
                 (rows, labels_c, scale_c, cols, loss_c), backend, GRAD=grad, **cfg), cols)
         found[0]((rows, labels_c, scale_c, found[1], loss_c))
 
