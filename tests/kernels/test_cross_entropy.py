@@ -249,3 +249,11 @@ def test_gpu_default_config_trace_and_run(rng):
     assert cfg == dict(BM=1, BN=4096, num_warps=8)
     assert abs(float(loss) - float(loss64)) <= 1e-5 * float(loss64)
     assert rel(dx, dx64) <= 1e-5 and rel(dw, dw64) <= 1e-5
+
+
+def test_a_transformed_input_is_refused_naming_the_public_function(rng):
+    """Under torch.func.vmap the kernel function cannot read the batched wrapper; the refusal names
+    fused_linear_cross_entropy, not its private plan."""
+    x, w, labels = data(rng, 4, 16, 20, torch.float32)
+    with pytest.raises(LaunchError, match=r"^fused_linear_cross_entropy: x is a tensor of a torch.func transform"):
+        torch.func.vmap(lambda x: fused_linear_cross_entropy(x, w, labels)[0])(torch.stack((x, x)))

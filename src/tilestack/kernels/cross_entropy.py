@@ -213,7 +213,7 @@ def fused_linear_cross_entropy(x, weight, labels, *, ignore_index: int = IGNORE_
                       **config)
 
 
-@planned
+@planned(name="fused_linear_cross_entropy")    # a refusal names the public function
 def _flce_plan(x, weight, labels, *, ignore_index: int = IGNORE_INDEX, chunk: int | None = None, grad: bool = True,
                backend: str | None = None, **config):
     import torch
