@@ -208,6 +208,8 @@ def tilestack_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = 
     from torch._inductor.compile_fx import compile_fx
     patches = numerics_patches(numerics) | (list_mode_options(mode) if mode else {}) | options
     explicit_fallbacks()
+    if numerics == "exact":
+        exact_fallbacks()
     return compile_fx(gm, example_inputs, config_patches=patches, decompositions=exact_decompositions(numerics))
 
 
@@ -237,6 +239,27 @@ def exact_decompositions(numerics: str) -> dict | None:
     from torch._inductor.decomposition import select_decomp_table
     kept = {getattr(torch.ops.aten, name).default for name in EXACT_KEPT if hasattr(torch.ops.aten, name)}
     return {op: fn for op, fn in select_decomp_table().items() if op not in kept}
+
+
+def exact_fallbacks() -> None:
+    """``EXACT_KEPT``'s aten ops registered as Inductor fallbacks (extern calls of eager's kernels) before an exact
+    compile lowers them. Left to Inductor's implicit path, an op that has a decomposition is refused whenever the
+    environment variable CI is set (torch 2.11+: "make_fallback(...): a decomposition exists"), so an exact compile
+    failed on CI machines only; torch registers its own allow-listed ops so (``override_decomp``). A backward op
+    asks for contiguous inputs, as the implicit path asks of an aten op without a layout tag in a backward graph.
+    The lowering is reached only where the decomposition was taken out, so other compiles do not change."""
+    from torch._inductor.lowering import lowerings, make_fallback, require_contiguous, tag_to_layout_constraint
+    from torch._library.utils import get_layout_constraint_tag
+
+    for name in EXACT_KEPT:
+        if not hasattr(torch.ops.aten, name):
+            continue
+        op = getattr(torch.ops.aten, name).default
+        if op in lowerings:
+            continue
+        constraint = (require_contiguous if name.endswith("_backward")
+                      else tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True)))
+        make_fallback(op, layout_constraint=constraint, warn=False, override_decomp=True)
 
 
 def explicit_fallbacks() -> None:
