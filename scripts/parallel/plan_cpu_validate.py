@@ -7,7 +7,8 @@ For each model (--models: small GPTs given as LxD, e.g. 4x64) and world size: th
 layer times, the wrappers' overheads), the collectives' fit is loaded (or measured: gloo-cpu), a lockstep probe on
 that many ranks reads the machine's state (compute.lockstep_load: how much slower ranks in lockstep compute, and the
 delay each synchronisation adds), every plan is predicted and ranked with it, and --plans of them are trained for
-real (tilestack.parallel.plan.measure), each with the probe before and after its steps on the plan's ranks: this
+real (tilestack.parallel.plan.measure) in --rounds interleaved rounds whose runs are pooled per plan (one run of a
+plan moved by 20% between runs minutes apart here), each run with the probe before and after its steps: this
 machine is shared, and the probe says how much the other work slowed ranks in lockstep and delayed their
 synchronisations while the plan ran. Each plan is then predicted again with that background and delay
 (ComputeModel.set_load: the background cores for ComputeModel.contention, the delays per collective and per pipeline
@@ -17,7 +18,7 @@ its timed steps against the medians of its probes (the rows' time_err), and the 
 1f1b, pp gpipe, interleaved, zero, recompute, where they fit), then the next-ranked. Prints one table row per plan
 (predicted and measured step time and peak memory, the errors), then a summary: the share of plans within 15% (time)
 and 10% (memory), and for each model and world size how far the planner's choice is from the fastest plan measured.
-Stops starting new runs after --time-limit seconds.
+Stops starting new groups of runs after --time-limit seconds.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--plans", type=int, default=6, help="plans measured per model and world size")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved runs of every plan, pooled")
     ap.add_argument("--time-limit", type=float, default=900.0)
     ap.add_argument("--out", default="", help="write the rows as JSON here")
     ap.add_argument("--figure", default="", help="predicted vs measured PNG")
@@ -69,14 +71,17 @@ def main() -> int:
                   f"all-reduce, {load[2] * 1e3:.2f} ms delay per send", flush=True)
             chosen = choose(ranked)
             group = []
-            for r in to_measure(ranked, args.plans):
-                if time.monotonic() - t0 > args.time_limit:
-                    print(f"time limit {args.time_limit:.0f} s reached: stopping", file=sys.stderr)
-                    break
-                # what else ran here meanwhile: lockstep probes before and after the steps say how much it slowed the
-                # ranks; the plan is predicted again with that background (ComputeModel.contention)
-                busy = busy_cores()
-                (m,) = measure_plans(desc, [r.plan], steps=args.steps, probe_s=PROBE_CHUNK_S)
+            if time.monotonic() - t0 > args.time_limit:
+                print(f"time limit {args.time_limit:.0f} s reached: stopping", file=sys.stderr)
+                break
+            picked = to_measure(ranked, args.plans)
+            # what else ran here meanwhile: lockstep probes before and after the steps say how much it slowed the
+            # ranks; each plan is predicted again with that background (ComputeModel.contention). The plans are run
+            # in --rounds interleaved rounds and each plan's runs pooled (measure.pool_rounds)
+            busy = busy_cores()
+            measured = measure_plans(desc, [r.plan for r in picked], steps=args.steps, probe_s=PROBE_CHUNK_S,
+                                     rounds=args.rounds)
+            for r, m in zip(picked, measured, strict=True):
                 # the typical step against the typical load (medians over the timed steps and their probes), and
                 # the least disturbed step against the least load its probes showed
                 least_delays = sync_delays(m["collective_s"], m["p2p_s"], comm, n, m["probe_message_bytes"])
@@ -96,7 +101,8 @@ def main() -> int:
                            background_cores=compute.background, slowdown=m["slowdown"],
                            collective_s=least_delays[0], p2p_delay_s=least_delays[1],
                            collective_s_median=delays[0], p2p_delay_s_median=delays[1],
-                           predicted_step_s_planned=r.prediction.step_s, busy_cores_before=busy)
+                           predicted_step_s_planned=r.prediction.step_s, busy_cores_before=busy,
+                           rounds=m["rounds"], measured_step_s_medians=m.get("step_s_medians", [m["step_s_median"]]))
                 row["time_err"] = row["measured_step_s"] / row["predicted_step_s"] - 1
                 row["time_err_least"] = row["measured_step_s_least"] / row["predicted_step_s_least"] - 1
                 row["mem_err"] = row["measured_peak_bytes"] / row["predicted_peak_bytes"] - 1

@@ -119,31 +119,71 @@ def _slowdowns(res: list[dict], probe: Any) -> dict[str, float | None]:
 
 
 def measure_plans(desc: ModelDesc, plans: Sequence[Plan], *, steps: int = 6, warmup: int = 2,
-                  dtype: str = "float32", timeout_s: float = 600.0, probe_s: float = 0.0) -> list[dict[str, Any]]:
+                  dtype: str = "float32", timeout_s: float = 600.0, probe_s: float = 0.0,
+                  rounds: int = 1) -> list[dict[str, Any]]:
     """Each plan trained for ``steps`` steps on ``plan.world_size`` gloo processes; a row per plan (module doc).
     ``probe_s`` > 0: before and after the steps the ranks also run ``PROBE_READINGS`` lockstep probes each, of that
     many idle seconds of fixed work (compute.LockstepProbe.reading); the row's ``slowdown``, ``collective_s`` and
     ``p2p_s`` are the least over the readings of the slowest rank's (``_median``: the medians): how much this
     machine's other work slowed ranks in lockstep while the plan ran, and how long a synchronisation took
-    (compute.sync_delays)."""
-    from tilestack.parallel.launch import run_local
+    (compute.sync_delays). ``rounds`` > 1: every plan is run that many times, the plans interleaved (round r
+    starts at plan r, so no plan is always first after a cold start), and each plan's runs pooled (``pool_rounds``):
+    on a shared machine a plan measured once moved by 20% between runs minutes apart (docs/planner.md, run 8),
+    more than the model's terms; spread over the run, the drift falls on every plan alike."""
     from tilestack.parallel.plan.compute import LockstepProbe
     probe = LockstepProbe.calibrated(probe_s) if probe_s > 0 else None
     if steps <= warmup:
         raise PlanError(f"measure_plans: steps={steps} with warmup={warmup}; expected steps > warmup")
-    rows = []
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise PlanError(f"measure_plans: rounds={rounds!r}; expected an int >= 1")
     for plan in plans:
         if not runnable(plan, desc):
             raise PlanError(f"measure_plans: plan {plan.label()} cannot run on tilestack's Trainer (model "
                             f"{desc.name!r}, even stages only); expected a runnable plan")
-        spec = dict(parallel=plan.parallel_kwargs(), model=desc.config, batch=plan.batch, seq=desc.seq, steps=steps,
-                    dtype=dtype, probe=probe)
-        res = run_local(measure_rank, plan.world_size, (spec,), timeout_s=timeout_s)
-        per_step = [max(r["seconds"][i] for r in res) for i in range(steps)][warmup:]
-        worst = max(res, key=lambda r: r["peak_bytes"])
-        rows.append(dict(plan=plan.label(), world_size=plan.world_size, step_s=min(per_step),
-                         step_s_median=statistics.median(per_step), step_s_all=per_step, peak_bytes=worst["peak_bytes"],
-                         peak_bytes_per_rank=[r["peak_bytes"] for r in res], components=worst["components"],
-                         loss=res[0]["losses"][-1],
-                         **_slowdowns(res, probe)))
-    return rows
+    runs: list[list[dict]] = [[] for _ in plans]
+    for r in range(rounds):
+        for k in range(len(plans)):
+            i = (r + k) % len(plans)
+            runs[i].append(_measure_one(plans[i], desc, steps, warmup, dtype, timeout_s, probe))
+    return [pool_rounds(rs) for rs in runs]
+
+
+def _measure_one(plan: Plan, desc: ModelDesc, steps: int, warmup: int, dtype: str, timeout_s: float,
+                 probe) -> dict[str, Any]:
+    """One run of ``plan`` on fresh gloo processes: a row as ``measure_plans`` returns it (``rounds`` = 1)."""
+    from tilestack.parallel.launch import run_local
+    spec = dict(parallel=plan.parallel_kwargs(), model=desc.config, batch=plan.batch, seq=desc.seq, steps=steps,
+                dtype=dtype, probe=probe)
+    res = run_local(measure_rank, plan.world_size, (spec,), timeout_s=timeout_s)
+    per_step = [max(r["seconds"][i] for r in res) for i in range(steps)][warmup:]
+    worst = max(res, key=lambda r: r["peak_bytes"])
+    return dict(plan=plan.label(), world_size=plan.world_size, step_s=min(per_step),
+                step_s_median=statistics.median(per_step), step_s_all=per_step, peak_bytes=worst["peak_bytes"],
+                peak_bytes_per_rank=[r["peak_bytes"] for r in res], components=worst["components"],
+                loss=res[0]["losses"][-1], rounds=1,
+                **_slowdowns(res, probe))
+
+
+def pool_rounds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One row from several runs of one plan (``measure_plans``'s rows): the step times pooled (``step_s``: the least
+    of all; ``step_s_median``: the median of all, ``step_s_all`` every one, run after run), the probe's least
+    readings the least of the runs' and its medians the median of the runs' medians; memory from the run with the
+    highest peak (the peak is a property of the plan: the runs agree to the allocator's rounding); the last run's
+    loss. A single run is returned as it is."""
+    if not runs:
+        raise PlanError("pool_rounds: no runs given; expected at least one row of measure_plans")
+    if len({r["plan"] for r in runs}) != 1:
+        raise PlanError(f"pool_rounds: runs of different plans {sorted({r['plan'] for r in runs})}; expected one plan")
+    if len(runs) == 1:
+        return dict(runs[0])
+    steps = [s for r in runs for s in r["step_s_all"]]
+    worst = max(runs, key=lambda r: r["peak_bytes"])
+    out = dict(runs[-1], step_s=min(steps), step_s_median=statistics.median(steps), step_s_all=steps,
+               step_s_medians=[r["step_s_median"] for r in runs], peak_bytes=worst["peak_bytes"],
+               peak_bytes_per_rank=worst["peak_bytes_per_rank"], components=worst["components"], rounds=len(runs))
+    for key in ("slowdown", "collective_s", "p2p_s"):
+        if runs[0].get(key) is None:
+            continue
+        out[key] = min(r[key] for r in runs)
+        out[key + "_median"] = statistics.median(r[key + "_median"] for r in runs)
+    return out
