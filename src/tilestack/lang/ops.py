@@ -177,7 +177,17 @@ def _transpose(dst: Tile, src) -> None:
 # is the i32 of the same bits, -1640531527); a shift count a constant in [0, bits).
 def _binary(fn: str, dst: Tile, a: Tile, b) -> None:
     """``dst = fn(a, b)`` with b a tile of a's shape, a number or Scalar, or (a 2-D a) a vector marked
-    per_row(v) / per_col(v), which is the same op as ``{fn}_row`` / ``{fn}_col``."""
+    per_row(v) / per_col(v), which is the same op as ``{fn}_row`` / ``{fn}_col``. A marked vector as ``a`` is taken
+    with a tile ``b`` where the op commutes (add, mul, max, min, and the bitwise ones); elsewhere it is refused,
+    saying how to write it."""
+    if isinstance(a, _PerAxis):
+        if fn in ("add", "mul", "max", "min", "bit_and", "bit_or", "bit_xor") and isinstance(b, Tile):
+            a, b = b, a
+        else:
+            v = f"per_{a.axis}({_name(a.vec)})"
+            raise TraceError(f"{fn}: a is {v}; a marked vector broadcasts as b (or as a with a tile b, for an op "
+                             f"that commutes). Broadcast it into a tile first: zero(t); add(t, t, {v}); "
+                             f"{fn}(dst, t, b)", user_line())
     if isinstance(b, _PerAxis):
         if fn in INT_ONLY_FNS or fn == "rem":
             raise TraceError(f"{fn}: b is per_{b.axis}(...); {fn} takes a tile of a's shape or a scalar "
