@@ -3,7 +3,9 @@
     flower-supernode ... (runs ``tilestack.federated.client:app``)
     from tilestack.federated.client import app          # run_simulation(client_app=app, ...)
 
-A client learns everything from the message: the task (``tilestack.task``, a :class:`Task` as JSON), its
+A client learns everything from the message: the task (``tilestack.task``, a :class:`Task` as JSON) with the
+local training settings the config may also carry as Flower's own apps send them (``lr``, ``local-epochs``,
+``local-steps``, ``batch-size``: ``CONFIG_OVERRIDES``, for that message only), its
 share of the round's work (``tilestack.work``, set by the system simulator), FedProx's ``proximal-mu``,
 ``tilestack.compress`` (send compressed updates, see ``compression``), Flower's ``clipping_norm`` (client-side
 DP: the update is clipped as ``fixedclipping_mod`` / ``adaptiveclipping_mod`` would, and ``norm_bit`` says
@@ -15,6 +17,8 @@ can be tested against a real ClientApp.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import time
 
@@ -41,6 +45,11 @@ CLUSTER_SEP = "/"
 START_LOSS_KEY = "tilestack.start-loss"  # config: also report the loss at the received model (q-FFL's F_k)
 START_LOSS_METRIC = "start-loss"
 UNIT_WEIGHT = "unit-weight"  # weighting key for equal client weights (DP accounting requires them)
+# Local training settings a round config may carry, as Flower's own apps send them (``ConfigRecord({"lr": 0.01})``):
+# config key -> the Task field it sets for that message (a learning-rate schedule, each client its own epochs). They
+# were ignored without a word: the task's own lr trained every round.
+CONFIG_OVERRIDES = {"lr": "lr", "local-epochs": "local_epochs", "local-steps": "local_steps",
+                    "batch-size": "batch_size"}  # fmt: skip
 # the metrics of every TRAIN and EVALUATE reply (a strategy's weighted_by_key must be one of both)
 TRAIN_METRICS = ("num-examples", UNIT_WEIGHT, "train-loss", "num-steps", "full-steps", PARTITION_METRIC)
 EVALUATE_METRICS = ("num-examples", UNIT_WEIGHT, "eval-loss", "eval-acc", PARTITION_METRIC)
@@ -49,6 +58,33 @@ EVALUATE_METRICS = ("num-examples", UNIT_WEIGHT, "eval-loss", "eval-acc", PARTIT
 def cluster_key(j: int, key: str) -> str:
     """Name of array ``key`` of IFCA cluster model ``j`` inside one ArrayRecord."""
     return f"cluster{j}{CLUSTER_SEP}{key}"
+
+
+def task_from_config(config) -> Task:
+    """The task a round config carries (``TASK_KEY``, as JSON) with the local training settings it also carries
+    (``CONFIG_OVERRIDES``) put in: ``"local-epochs"`` counts epochs even where the task fixed ``local_steps``, and
+    ``"local-steps"`` wins over both. A value the Task refuses is a ValueError naming the config key."""
+    text = str(config[TASK_KEY])
+    changes = tuple((key, _hashable(config[key])) for key in CONFIG_OVERRIDES if key in config)
+    return _task_with(text, changes) if changes else Task.from_json(text)
+
+
+def _hashable(value):
+    return tuple(value) if isinstance(value, list) else value  # a ConfigRecord list (refused by the Task all the same)
+
+
+@functools.lru_cache(maxsize=256)
+def _task_with(text: str, changes: tuple[tuple[str, object], ...]) -> Task:
+    task = Task.from_json(text)
+    for key, value in changes:
+        fields = {CONFIG_OVERRIDES[key]: value}
+        if key == "local-epochs" and "local-steps" not in dict(changes):
+            fields["local_steps"] = None  # epochs asked for: not the task's fixed steps
+        try:
+            task = dataclasses.replace(task, **fields)
+        except ValueError as ex:
+            raise ValueError(f"config {key}={value!r}: {ex}") from None
+    return task
 
 
 def _to_numpy(record: ArrayRecord) -> Params:
@@ -131,7 +167,7 @@ def _apply_fault(kind: str | None, task: Task, params: Params) -> Params:
 def train(msg: Message, context: Context) -> Message:
     """Local training on this client's partition; replies with its model and how much work it did."""
     config = msg.content["config"]
-    task = Task.from_json(str(config[TASK_KEY]))
+    task = task_from_config(config)
     pid = int(context.node_config["partition-id"])
     server_round = int(config.get("server-round", 0))
     x, y, _, _ = task.client_data(pid)

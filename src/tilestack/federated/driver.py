@@ -82,7 +82,7 @@ from tilestack.federated.checks import (
     robust_short,
     strategy_levels,
 )
-from tilestack.federated.client import PARTITION_METRIC, TASK_KEY
+from tilestack.federated.client import CONFIG_OVERRIDES, PARTITION_METRIC, TASK_KEY, task_from_config
 from tilestack.federated.evaluation import Evaluator
 from tilestack.federated.grid import ManagedGrid
 from tilestack.federated.metrics import History, RoundMetrics, fairness
@@ -154,11 +154,12 @@ def _system(grid: ManagedGrid) -> dict[str, str] | None:
     return out
 
 
-def run_signature(strategy: Strategy, grid: ManagedGrid, arrays: ArrayRecord, seed: int) -> dict:
-    """What a checkpoint must agree on with the run that resumes it."""
+def run_signature(strategy: Strategy, grid: ManagedGrid, arrays: ArrayRecord, seed: int, task=None) -> dict:
+    """What a checkpoint must agree on with the run that resumes it (``task``: the one the train config sends, with
+    its local training settings; the grid's by default)."""
     return {
         "strategy": strategy_name(strategy),
-        "task": grid.task.to_json(),
+        "task": (task or grid.task).to_json(),
         "seed": seed,
         "nodes": len(list(grid.get_node_ids())),
         "arrays": {k: list(v.shape) for k, v in arrays.items()},
@@ -392,6 +393,26 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
+# round-config keys tilestack's ClientApp, its strategies and Flower's read; another key in a train_config is read
+# by nobody (``learning_rate`` for ``lr``) and is named in a warning
+KNOWN_CONFIG_KEYS = frozenset({TASK_KEY, *CONFIG_OVERRIDES, "server-round", "proximal-mu", "clipping_norm"})
+
+
+def _config_task(train_config: dict):
+    """The task ``train_config`` sends the clients, its local training settings in; a setting the Task refuses (a
+    negative ``lr``) is a FederatedError before any work, where every client's training failed on it, round after
+    round."""
+    try:
+        task = task_from_config(train_config)
+    except (ValueError, TypeError) as ex:
+        raise FederatedError(f"run_rounds: train_config: {ex}") from None
+    unread = sorted(k for k in train_config if k not in KNOWN_CONFIG_KEYS and not k.startswith("tilestack."))
+    if unread:
+        log.warning("run_rounds: train_config keys %s are read by no tilestack client; the local training settings "
+                    "it reads are %s (or the Task's own fields)", unread, sorted(CONFIG_OVERRIDES))  # fmt: skip
+    return task
+
+
 def check_run_arguments(where: str, *, rounds_name: str, rounds, seed, timeout, stop_after) -> None:
     """The loop's own arguments, checked before any work (``where`` and ``rounds_name`` as the caller calls them)."""
     require_int(where, rounds_name, rounds, low=0)
@@ -448,7 +469,12 @@ def run_rounds(
     # and no late update is in flight (a resumed run loads its own from the checkpoint)
     grid.server_round = 0
     grid.load_state_dict({})
-    check_strategy(strategy, len(list(grid.get_node_ids())), grid.task)  # also the roll call, before any seeding: it
+    # tilestack's ClientApp rebuilds the task from the config: the grid's task unless the caller names one, with the
+    # local training settings the config sets (lr, local-epochs, ...), which the strategy is checked against
+    train_config = {TASK_KEY: grid.task.to_json(), **(train_config or {})}
+    evaluate_config = {TASK_KEY: grid.task.to_json(), **(evaluate_config or {})}
+    run_task = _config_task(train_config)
+    check_strategy(strategy, len(list(grid.get_node_ids())), run_task)  # also the roll call, before any seeding: it
     # may draw random numbers on some engines
     if grid.stragglers == "stale":
         check_stale(strategy)
@@ -461,11 +487,8 @@ def run_rounds(
     grid.loss_keys = frozenset(
         key for s in strategy_levels(strategy) if isinstance(key := vars(s).get("train_loss_key"), str)
     )
-    # tilestack's ClientApp rebuilds the task from the config: the grid's task unless the caller names one
-    train_config = {TASK_KEY: grid.task.to_json(), **(train_config or {})}
-    evaluate_config = {TASK_KEY: grid.task.to_json(), **(evaluate_config or {})}
     arrays, history, first = initial_arrays, History(), 1
-    signature = run_signature(strategy, grid, initial_arrays, seed)
+    signature = run_signature(strategy, grid, initial_arrays, seed, run_task)
     if ckpt is not None and ckpt.exists():
         state = load_checkpoint(ckpt)
         check_signature(state.get("signature"), signature, ckpt)

@@ -50,12 +50,14 @@ from tilestack.federated import codec
 from tilestack.federated.checks import require_int
 from tilestack.federated.client import (
     CLUSTER_SEP,
+    CONFIG_OVERRIDES,
     LOCAL_PREFIX_KEY,
     PARTITION_METRIC,
     SCAFFOLD_C,
     SCAFFOLD_DC_PREFIX,
     TASK_KEY,
     WORK_KEY,
+    task_from_config,
 )  # fmt: skip
 from tilestack.federated.staleness import LateReply, rebased, rounds_late
 from tilestack.federated.system import ClientPlan, SystemModel
@@ -263,7 +265,7 @@ class ManagedGrid(Grid):
         self.weight_keys: frozenset[str] = frozenset()  # the strategy's weighted_by_key (run_rounds sets it)
         self.loss_keys: frozenset[str] = frozenset()  # the loss the strategy reads (QFedAvg's; run_rounds sets it)
         self._order: list[int] | None = None
-        self._sent_tasks: dict[str, Task] = {}  # task JSON a message carried -> the task (parsed once)
+        self._sent_tasks: dict[tuple, Task] = {}  # (task JSON, config overrides) a message carried -> the task
         self.partition_of: dict[int, int] = {}
         self._log = self._empty_log()
 
@@ -407,20 +409,23 @@ class ManagedGrid(Grid):
         log.info("round %d: client %d left out%s: %s", self.server_round, pid, " of evaluation" * evaluating, reason)
 
     def _task_sent(self, content: RecordDict) -> Task:
-        """The task a TRAIN message carries, which the client trains by (a strategy may give each client its own
-        local work), or the grid's task when it carries none: a client's full work is planned from it."""
+        """The task a TRAIN message carries, with the local training settings its config sets (``lr``,
+        ``local-epochs``, ...: ``client.task_from_config``), which the client trains by (a strategy may give each
+        client its own local work), or the grid's task when it carries none: a client's full work is planned from
+        it."""
         config = content.config_records.get("config")
         text = config.get(TASK_KEY) if config is not None else None
         if not isinstance(text, str):
             return self.task
-        if text not in self._sent_tasks:
+        key = (text, *((k, repr(config[k])) for k in CONFIG_OVERRIDES if k in config))
+        if key not in self._sent_tasks:
             try:
-                sent = Task.from_json(text)
+                sent = task_from_config(config)
             except (ValueError, TypeError, KeyError):  # not a task the client could read either: it will fail
                 sent = self.task
             # another population's task (other client count) is not this grid's to plan by
-            self._sent_tasks[text] = sent if sent.num_clients == self.task.num_clients else self.task
-        return self._sent_tasks[text]
+            self._sent_tasks[key] = sent if sent.num_clients == self.task.num_clients else self.task
+        return self._sent_tasks[key]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         if self._order is None:

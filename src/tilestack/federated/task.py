@@ -353,7 +353,14 @@ def load_file(path: str) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"Task: data_path={path!r} has {len(x)} rows of x and {len(y)} labels; expected equal, >= 2")
     if not np.all(np.isfinite(x)):
         raise ValueError(f"Task: data_path={path!r} has non-finite features; expected finite numbers")
-    _, y = np.unique(y, return_inverse=True)
+    if y.dtype.kind in "fc" and not np.all(np.isfinite(y)):  # np.unique made NaN a class of its own
+        raise ValueError(f"Task: data_path={path!r} has non-finite labels; expected a class label in every row")
+    names, y = np.unique(y, return_inverse=True)
+    if len(names) < 2:  # a one-output model scores every example right: accuracy 1.0 of nothing learned
+        raise ValueError(
+            f"Task: data_path={path!r} has the single label {names[0].item()!r}; expected examples of at least 2 "
+            "classes"
+        )
     return x, y.astype(np.int64)
 
 

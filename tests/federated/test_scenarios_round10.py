@@ -1,0 +1,316 @@
+"""Federated scenarios, round 10 (1 of 2): local training set by the round config, FedProx with each client its own
+epochs, SCAFFOLD over a sample, 200 clients of one example, label skew at alpha -> 0, a dataset of one class.
+
+tilestack's ClientApp (replayed with ``_fl_round7.client_model`` and ``_fl_round10.scaffold_client``: the same seeded
+minibatches) over tilestack's in-process Flower ``Grid`` under ``ManagedGrid``; the server's rule in float64, or the
+model in closed form where one exists (one SGD step of logistic regression from zero).
+
+What this round found, fixed:
+
+- *The round config's training settings were ignored.* Flower's own apps send local hyperparameters in the round
+  config (``train_config=ConfigRecord({"lr": 0.01})``, a strategy setting a learning-rate schedule or each client's
+  epochs in ``configure_train``); tilestack's ClientApp trained every round by the task's own lr and steps without a
+  word (``run_rounds(..., train_config={"lr": 0.3})`` gave the model of lr 0.01). The client now reads ``lr``,
+  ``local-epochs``, ``local-steps`` and ``batch-size`` from the config (client.task_from_config), the grid plans each
+  client's work (and a straggler's share of it) from them, a value the Task refuses is refused before any work
+  naming the config key, FedProx's step bound is checked against the config's lr, a checkpoint records them, and a
+  config key no client reads (``learning_rate``) is named in a warning.
+- *A dataset of one class.* A user's file whose labels are all one class made a one-output model that scored every
+  example right (test accuracy 1.0 of nothing learned), and NaN labels became a class of their own; both are
+  refused naming the file (task.load_file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import numpy as np
+import pytest
+from _fl_round5 import np_, scripted
+from _fl_round7 import client_model, weighted_mean
+from _fl_round9 import keep, near
+from _fl_round10 import logreg_one_step_from_zero, save_npz, scaffold_client, with_config
+from flwr.serverapp.strategy import FedAvg, FedProx
+
+from tilestack.errors import FederatedError
+from tilestack.federated import ManagedGrid, SystemModel, Task, run_rounds, simulate
+from tilestack.federated import client as tsclient
+from tilestack.federated.engine import InProcessGrid
+from tilestack.federated.simulation import initial_arrays
+from tilestack.federated.strategies import Scaffold
+
+
+def _task(**kw) -> Task:
+    return Task(**{**dict(dataset="blobs", num_samples=300, num_features=4, num_classes=3, num_clients=5,
+                          local_steps=2, batch_size=8, lr=0.05, partitioner="quantity", seed=3), **kw})  # fmt: skip
+
+
+def _grid(task: Task, system: SystemModel | None = None) -> ManagedGrid:
+    return ManagedGrid(InProcessGrid(tsclient.app, task.num_clients), task, system=system)
+
+
+# ---- local training set by the round config --------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("config, fields", [
+    ({"lr": 0.3, "local-steps": 4, "batch-size": 5}, dict(lr=0.3, local_steps=4, batch_size=5)),
+    ({"local-epochs": 2.0}, dict(local_epochs=2.0, local_steps=None)),   # epochs where the task fixed its steps
+])  # fmt: skip
+def test_training_settings_in_the_round_config_train_the_clients_as_flowers_apps_send_them(config, fields):
+    """``run_rounds(..., train_config={"lr": 0.3, ...})``, as Flower's quickstart sends its learning rate. Before, the
+    clients trained by the task's lr 0.05 and 2 steps whatever the config said (the model was the run without it).
+    Now each client runs the SGD of the task with the config's settings, replayed by hand, the round's model is the
+    example-weighted mean of those, and the grid counts the steps the config asks for."""
+    task = _task()
+    asked = dataclasses.replace(task, **fields)
+    models: list[dict] = []
+    res = run_rounds(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), _grid(task), initial_arrays(task),
+                     num_rounds=2, train_config=config, extra_metrics=keep(models))  # fmt: skip
+    plain = run_rounds(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), _grid(task), initial_arrays(task),
+                       num_rounds=2)  # fmt: skip
+    x = np_(initial_arrays(task))
+    for rnd, r in enumerate(res.history.rounds, start=1):
+        near(models[rnd - 1], weighted_mean({p: client_model(asked, p, rnd, x)[0] for p in range(5)},
+                                            {p: task.num_train(p) for p in range(5)}))  # fmt: skip
+        x = models[rnd - 1]
+        full = sum(asked.steps_for(p) for p in range(5))
+        assert r.steps_done == r.steps_full == full != sum(task.steps_for(p) for p in range(5))
+        assert [r.client_train[str(p)]["num-steps"] for p in range(5)] == [asked.steps_for(p) for p in range(5)]
+    assert not np.allclose(np_(res.arrays)["fc.weight"], np_(plain.arrays)["fc.weight"])
+
+
+@pytest.mark.timeout(60)
+def test_a_learning_rate_schedule_set_by_the_strategy_each_round_is_the_one_the_clients_use():
+    """A FedAvg that halves the clients' learning rate every round (``config["lr"]`` in its configure_train, as a
+    Flower user writes a schedule). Each round's model is the weighted mean of the clients' SGD at that round's lr,
+    replayed by hand; before, all three rounds trained at the task's lr."""
+    task = _task(num_clients=4)
+    rates = {1: 0.4, 2: 0.2, 3: 0.1}
+
+    class Halving(FedAvg):
+        def configure_train(self, server_round, arrays, config, grid):
+            return [with_config(m, lr=rates[server_round])
+                    for m in super().configure_train(server_round, arrays, config, grid)]  # fmt: skip
+
+    models: list[dict] = []
+    run_rounds(Halving(fraction_train=1.0, fraction_evaluate=0.0), _grid(task), initial_arrays(task), num_rounds=3,
+               extra_metrics=keep(models))  # fmt: skip
+    x = np_(initial_arrays(task))
+    for rnd in range(1, 4):
+        at = dataclasses.replace(task, lr=rates[rnd])
+        near(models[rnd - 1], weighted_mean({p: client_model(at, p, rnd, x)[0] for p in range(4)},
+                                            {p: task.num_train(p) for p in range(4)}))  # fmt: skip
+        x = models[rnd - 1]
+
+
+@pytest.mark.timeout(60)
+def test_fedprox_with_each_client_its_own_epochs_and_stragglers_doing_part_of_them_is_replayed_by_hand():
+    """FedProx (mu = 0.5) whose strategy gives client p ``local-epochs`` 1, 2, 3, 4, 5 (a researcher's heterogeneous
+    local work), with half the clients stragglers that do a random k/4 of it (stragglers='partial'). Each client runs
+    proximal SGD for ceil(work x its own full steps) from the global model, replayed by hand; the grid plans the
+    straggler's share from the client's own epochs (steps_full is their sum), and the model is the example-weighted
+    mean. Before, every client trained the task's 2 steps and the grid planned from them."""
+    task = _task(lr=0.1)
+    epochs = {p: float(p + 1) for p in range(5)}
+    system = SystemModel(5, straggler_fraction=0.5, straggler_epochs=4, seed=1)
+
+    class OwnEpochs(FedProx):
+        def configure_train(self, server_round, arrays, config, grid):
+            return [with_config(m, **{"local-epochs": epochs[grid.partition_of[m.metadata.dst_node_id]]})
+                    for m in super().configure_train(server_round, arrays, config, grid)]  # fmt: skip
+
+    own = {p: dataclasses.replace(task, local_epochs=epochs[p], local_steps=None) for p in range(5)}
+    models: list[dict] = []
+    res = run_rounds(OwnEpochs(fraction_train=1.0, fraction_evaluate=0.0, proximal_mu=0.5), _grid(task, system),
+                     initial_arrays(task), num_rounds=2, extra_metrics=keep(models))  # fmt: skip
+    x = np_(initial_arrays(task))
+    cut = 0
+    for rnd, r in enumerate(res.history.rounds, start=1):
+        plans = {p: system.plan(rnd, p, own[p].steps_for(p), 0) for p in range(5)}
+        cut += sum(plan.reason == "straggler" for plan in plans.values())
+        sent = {p: client_model(own[p], p, rnd, x, work=plans[p].work, mu=0.5) for p in range(5)}
+        near(models[rnd - 1], weighted_mean({p: sent[p][0] for p in sent}, {p: task.num_train(p) for p in sent}))
+        x = models[rnd - 1]
+        assert r.steps_full == sum(own[p].steps_for(p) for p in range(5))
+        assert r.steps_done == sum(sent[p][1] for p in sent) < r.steps_full
+    assert cut >= 2  # stragglers were there to plan for
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("config, needle", [
+    ({"lr": -0.1}, "run_rounds: train_config: config lr=-0.1: Task: lr=-0.1; expected > 0"),
+    ({"lr": True}, "run_rounds: train_config: config lr=True: Task: lr=True; expected a finite number"),
+    ({"local-steps": 0}, "run_rounds: train_config: config local-steps=0: Task: local_steps=0; expected >= 1 or None"),
+    ({"batch-size": 2.5}, "run_rounds: train_config: config batch-size=2.5: Task: batch_size=2.5; expected an integer"),
+    ({"local-epochs": float("nan")}, "config local-epochs=nan: Task: local_epochs=nan; expected a finite number"),
+    ({"lr": 0.5, "proximal": True}, "FedProx: proximal_mu=10.0 with the task's lr=0.5: lr * proximal_mu = 5 >= 2"),
+])  # fmt: skip
+def test_round_config_training_settings_that_cannot_be_right_are_refused_before_any_client_trains(config, needle):
+    """A negative or boolean learning rate, zero steps, a fractional batch, NaN epochs in ``train_config``, and a
+    FedProx mu that the config's lr (not the task's 0.05) makes overshoot: refused naming the key and value before
+    any client is asked. Before, every client's training failed on them (or ran by the task's settings)."""
+    task = _task(num_clients=3)
+    trained = []
+
+    def script(pid, rnd, got, context, cfg):
+        trained.append(pid)
+        return got["arrays"], {"num-examples": 1}
+
+    proximal = config.pop("proximal", False)
+    strategy = (FedProx(fraction_train=1.0, fraction_evaluate=0.0, proximal_mu=10.0) if proximal
+                else FedAvg(fraction_train=1.0, fraction_evaluate=0.0))  # fmt: skip
+    grid = ManagedGrid(InProcessGrid(scripted(script), 3), task)
+    with pytest.raises(FederatedError, match=needle.replace("(", r"\(").replace(")", r"\)").replace("*", r"\*")):
+        run_rounds(strategy, grid, initial_arrays(task), num_rounds=1, train_config=config)
+    assert not trained
+    if proximal:  # the task's own lr passes the same mu's bound: the config's lr was checked
+        run_rounds(strategy, ManagedGrid(InProcessGrid(tsclient.app, 3), task), initial_arrays(task), num_rounds=1)
+
+
+@pytest.mark.timeout(30)
+def test_a_round_config_key_no_client_reads_is_named_in_a_warning(caplog):
+    """``learning_rate`` (Flower's examples say ``lr``) is read by nobody: the run goes on, and a warning names it and
+    the keys the clients do read."""
+    task = _task(num_clients=2)
+    with caplog.at_level(logging.WARNING, logger="tilestack.federated"):
+        run_rounds(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), _grid(task), initial_arrays(task), num_rounds=1,
+                   train_config={"learning_rate": 0.3, "lr": 0.1})  # fmt: skip
+    text = caplog.text
+    assert "train_config keys ['learning_rate'] are read by no tilestack client" in text
+    assert "['batch-size', 'local-epochs', 'local-steps', 'lr']" in text
+
+
+@pytest.mark.timeout(60)
+def test_resuming_with_another_learning_rate_in_the_round_config_is_refused_naming_it(tmp_path):
+    """The config's settings are part of the run: a checkpoint of lr 0.3 resumed with lr 0.2 is another run, refused
+    naming the lr of each; resumed with the same config it completes."""
+    task = _task(num_clients=3)
+    ckpt = tmp_path / "run.ckpt"
+
+    def go(lr, rounds, stop_after=None):
+        strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0)
+        return run_rounds(strategy, _grid(task), initial_arrays(task), num_rounds=rounds, train_config={"lr": lr},
+                          checkpoint=ckpt, stop_after=stop_after)  # fmt: skip
+
+    go(0.3, 3, stop_after=1)
+    with pytest.raises(FederatedError, match=r"task: checkpoint has \{'lr': 0.3\}, this run has \{'lr': 0.2\}"):
+        go(0.2, 3)
+    resumed = go(0.3, 3)
+    whole = run_rounds(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), _grid(task), initial_arrays(task),
+                       num_rounds=3, train_config={"lr": 0.3})  # fmt: skip
+    for k, v in np_(whole.arrays).items():
+        np.testing.assert_array_equal(np_(resumed.arrays)[k], v)
+
+
+# ---- SCAFFOLD over a sample of the clients ---------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_scaffold_over_half_the_clients_each_round_keeps_every_clients_variate_as_written_out():
+    """SCAFFOLD sampling 3 of 6 clients a round for 4 rounds: each sampled client corrects its gradients by c - c_i
+    with the c_i it left the last time it was sampled (zero before), the server moves x to the weighted mean and c by
+    |S| / N = 3/6 times the mean change of the c_i. Replayed by hand from the clients the run sampled; the server's
+    c after every round is the one written out, and so is the model."""
+    task = _task(num_clients=6, local_steps=3, lr=0.1)
+    cs: list[dict] = []
+    models: list[dict] = []
+
+    def hook(strategy, arrays, r):
+        cs.append({k: v.copy() for k, v in strategy.c.items()})
+        return keep(models)(strategy, arrays, r)
+
+    res = run_rounds(Scaffold(fraction_train=0.5, fraction_evaluate=0.0), _grid(task), initial_arrays(task),
+                     num_rounds=4, extra_metrics=hook, seed=5)  # fmt: skip
+    x = np_(initial_arrays(task))
+    c = {k: np.zeros_like(v) for k, v in x.items()}
+    ci = {p: {k: np.zeros_like(v) for k, v in x.items()} for p in range(6)}
+    sampled = set()
+    for rnd, r in enumerate(res.history.rounds, start=1):
+        s = sorted(int(p) for p in r.client_train)
+        assert len(s) == 3 and r.num_aggregated == 3
+        sampled |= set(s)
+        ys, dcs = {}, []
+        for p in s:
+            ys[p], new, _ = scaffold_client(task, p, rnd, x, c, ci[p])
+            dcs.append({k: (new[k] - ci[p][k]).astype(np.float64) for k in new})
+            ci[p] = new
+        mean = weighted_mean(ys, {p: task.num_train(p) for p in s})
+        near(models[rnd - 1], mean)
+        c = {k: (c[k] + 3 / 6 * np.mean([d[k] for d in dcs], axis=0)).astype(np.float32) for k in c}
+        for k in c:
+            np.testing.assert_allclose(cs[rnd - 1][k], c[k], rtol=1e-6, atol=1e-7, err_msg=f"round {rnd} c[{k}]")
+        x = models[rnd - 1]
+    assert len(sampled) >= 5  # clients came back after rounds away, with the c_i they had
+
+
+# ---- 200 clients of one training example -----------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_200_clients_of_one_example_each_give_the_closed_form_mean_of_their_single_sgd_steps(tmp_path):
+    """200 clients, each with 2 examples (one to train on, one to test), one SGD step of batch 1 from the zero model:
+    each client's model is -lr x its gradient at 1/C probabilities, in closed form, and FedAvg's is their plain mean
+    (every client weighs 1 example). Federated evaluation over all 200 reports the share of test examples the model
+    gets right, computed here from the model by hand. The round takes seconds."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 400)
+    x = (rng.normal(0, 1, (400, 5)) + 2.0 * np.eye(3, 5)[y]).astype(np.float32)
+    task = Task(dataset="file", data_path=save_npz(tmp_path / "tiny.npz", x, y), num_clients=200, local_steps=1,
+                batch_size=1, lr=0.5)  # fmt: skip
+    t0 = time.perf_counter()
+    res = simulate(FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_available_nodes=200), task, rounds=1,
+                   evaluate=False)  # fmt: skip
+    assert time.perf_counter() - t0 < 30
+    data = [task.client_data(p) for p in range(200)]
+    assert all(len(d[1]) == 1 and len(d[3]) == 1 for d in data)
+    want = {k: np.mean([logreg_one_step_from_zero(d[0], d[1], 3, 0.5)[k] for d in data], axis=0)
+            for k in ("fc.weight", "fc.bias")}  # fmt: skip
+    got = np_(res.arrays)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    r = res.history.rounds[0]
+    assert (r.num_selected, r.num_aggregated, len(r.client_eval)) == (200, 200, 200)
+    hits = [float(np.argmax(d[2] @ want["fc.weight"] + want["fc.bias"]) == d[3][0]) for d in data]
+    assert r.eval_metrics["eval-acc"] == pytest.approx(np.mean(hits), abs=1e-12)
+    assert r.eval_metrics["eval-acc"] > 0.5  # one step from 200 examples already separates the classes
+
+
+# ---- label skew at alpha -> 0 ----------------------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_dirichlet_label_skew_near_zero_leaves_most_clients_one_class_and_fedavg_weights_them_exactly():
+    """Dirichlet(1e-6) over 12 clients and 4 classes: each class lands on about one client, so most clients hold a
+    single class (topped up to 2 examples where the draw left them none) and a few hold the rest. Every example is
+    on exactly one client, and FedAvg's model over two rounds is the example-weighted mean replayed by hand."""
+    task = _task(num_samples=400, num_classes=4, num_clients=12, partitioner="dirichlet", partition_alpha=1e-6,
+                 lr=0.1)  # fmt: skip
+    data = [task.client_data(p) for p in range(12)]
+    sizes = [len(d[1]) + len(d[3]) for d in data]
+    assert sum(sizes) == 400 and min(sizes) >= 2
+    single = [p for p, d in enumerate(data) if len(np.unique(np.concatenate([d[1], d[3]]))) == 1]
+    assert len(single) >= 8 and max(sizes) > 100
+    models: list[dict] = []
+    run_rounds(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), _grid(task), initial_arrays(task), num_rounds=2,
+               extra_metrics=keep(models))  # fmt: skip
+    x = np_(initial_arrays(task))
+    for rnd in (1, 2):
+        near(models[rnd - 1], weighted_mean({p: client_model(task, p, rnd, x)[0] for p in range(12)},
+                                            {p: task.num_train(p) for p in range(12)}))  # fmt: skip
+        x = models[rnd - 1]
+
+
+# ---- a dataset of one class ------------------------------------------------------------------------------------------
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("labels, needle", [
+    ("ones", "has the single label 3; expected examples of at least 2 classes"),
+    ("names", "has the single label 'cat'; expected examples of at least 2 classes"),
+    ("nan", "has non-finite labels; expected a class label in every row"),
+])  # fmt: skip
+def test_a_users_dataset_of_one_class_or_with_nan_labels_is_refused_naming_the_file(tmp_path, labels, needle):
+    """Before, a file whose labels are all 3 made a task of one class: a one-output model that scored every example
+    right (test accuracy 1.0 of nothing learned); NaN labels became a class of their own."""
+    x = np.random.default_rng(0).normal(size=(20, 3))
+    if labels == "names":
+        path = tmp_path / "one.csv"
+        path.write_text("".join(f"{a},{b},{c},cat\n" for a, b, c in x))
+    else:
+        y = np.full(20, 3) if labels == "ones" else np.where(np.arange(20) % 5, np.arange(20) % 2, np.nan)
+        path = save_npz(tmp_path / "one.npz", x, y)
+    with pytest.raises(ValueError, match=f"Task: data_path='{path}' {needle}"):
+        Task(dataset="file", data_path=str(path), num_clients=2)
