@@ -16,6 +16,10 @@ configure_evaluate, send, aggregate_evaluate, then server-side evaluation), and 
   strategy's sampling settings against the nodes that answered the roll call (``checks.check_strategy``:
   Flower's ``sample_nodes`` would otherwise wait forever for nodes that never come), are checked before the
   first round.
+- Round config: the local training settings ``train_config`` sets (``lr``, ``local-epochs``, ``local-steps``,
+  ``batch-size``: what tilestack's ClientApp reads, ``client.CONFIG_OVERRIDES``) are checked as Task fields before
+  any work, FedProx's step bound against them, and they are part of the run a checkpoint records; a key no client
+  reads is named in a warning.
 - Accounting: a round whose strategy returned no model (Bulyan with fewer than 4f + 3 replies, every
   reply left out) reports ``num_aggregated=0`` and why in ``RoundMetrics.skipped``; so does one where dropouts or
   faults leave a Krum / MultiKrum fewer than 2f + 3 replies or a FedTrimmedAvg too few to trim one
@@ -32,6 +36,9 @@ configure_evaluate, send, aggregate_evaluate, then server-side evaluation), and 
   that aggregation (FedAvgM's momentum and model, FedAdam's moments), so one overflow cannot make every
   later round NaN. An aggregate keeps the global model's dtypes (Flower's FedAdam returns float64 from a
   float32 model, which doubled every later round's download).
+- Privacy budget: a DP wrapper whose accountant's ``max_epsilon`` the next round would pass (Flower raises
+  ``PrivacyBudgetExhausted`` in its configure_train) ends the run there: the result holds the rounds released and says
+  why in ``RunResult.stopped``, where the exception ended the call and the model trained so far was lost with it.
 - Resume: after every completed round the server state (round, global arrays, the strategy object with
   its own state such as server-optimiser moments or SCAFFOLD's c, metrics, and the in-process engine's
   per-client state) is written to ``checkpoint`` atomically (temporary file, fsync, rename); a later call
@@ -66,7 +73,7 @@ from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord
-from flwr.serverapp.exception import InconsistentMessageReplies
+from flwr.serverapp.exception import InconsistentMessageReplies, PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 
 from tilestack.errors import FederatedError
@@ -97,6 +104,8 @@ class RunResult:
     arrays: ArrayRecord
     history: History
     strategy: Strategy
+    stopped: str = ""
+    """Why the run ended before ``num_rounds`` ('' when it did not): a DP accountant's ``max_epsilon`` reached."""
 
 
 def _round_seed(seed: int, server_round: int, phase: int) -> int:
@@ -505,7 +514,7 @@ def run_rounds(
             )
         first = state["round"] + 1
         log.info("resuming after round %d from %s", state["round"], ckpt)
-    done_now = 0
+    done_now, stopped = 0, ""
     for r in range(first, num_rounds + 1):
         if stop_after is not None and done_now >= stop_after:
             break
@@ -514,7 +523,13 @@ def run_rounds(
         _seed_global_rngs(seed, r, 0)
         num_online = online = len(list(grid.get_node_ids()))  # all nodes, less those offline or busy
         short = nodes_short(strategy, online, grid.population, "train")  # Flower's sampling would wait forever
-        messages = [] if short else list(strategy.configure_train(r, arrays, ConfigRecord(dict(train_config)), grid))
+        try:
+            messages = [] if short else list(strategy.configure_train(r, arrays, ConfigRecord(dict(train_config)),
+                                                                      grid))  # fmt: skip
+        except PrivacyBudgetExhausted as ex:  # the next release would pass max_epsilon: the run is over, not lost
+            stopped = f"round {r} not run: the privacy budget is spent ({ex})"
+            log.warning("%s", stopped)
+            break
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         replies += grid.take_late_replies(arrays)  # updates of earlier rounds due now (stragglers="stale")
         # DP noise is drawn here, after the clients ran (in this process or not)
@@ -600,4 +615,4 @@ def run_rounds(
             on_round(m)
     if grid.late and (stop_after is None or done_now < stop_after):
         log.info("the run ended with late updates of clients %s still in flight", sorted(grid.late))
-    return RunResult(arrays, history, strategy)
+    return RunResult(arrays, history, strategy, stopped)
