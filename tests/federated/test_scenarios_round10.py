@@ -169,6 +169,28 @@ def test_round_config_training_settings_that_cannot_be_right_are_refused_before_
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("config, needle", [
+    ([("lr", 0.3)], "train_config is a list; expected a dict or ConfigRecord of round-config values by name"),
+    ("lr=0.3", "train_config is a str; expected a dict or ConfigRecord"),
+    ({1: 2}, "train_config is a dict with keys that are not strings; expected a dict or ConfigRecord"),
+])  # fmt: skip
+def test_a_round_config_that_is_no_mapping_of_names_is_refused_and_a_config_record_is_taken(config, needle):
+    """A list of pairs, a string or integer keys as ``train_config`` are refused before any work naming what was
+    given (before: Python's bare "'list' object is not a mapping"); Flower's own ``ConfigRecord`` trains as the same
+    dict does."""
+    from flwr.app import ConfigRecord
+
+    task = _task(num_clients=3)
+    with pytest.raises(TypeError, match=f"run_rounds: {needle}"):
+        run_rounds(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), _grid(task), initial_arrays(task), num_rounds=1,
+                   train_config=config)  # fmt: skip
+    runs = [run_rounds(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), _grid(task), initial_arrays(task),
+                       num_rounds=1, train_config=cfg) for cfg in ({"lr": 0.3}, ConfigRecord({"lr": 0.3}))]  # fmt: skip
+    for k, v in np_(runs[0].arrays).items():
+        np.testing.assert_array_equal(np_(runs[1].arrays)[k], v)
+
+
+@pytest.mark.timeout(30)
 def test_a_round_config_key_no_client_reads_is_named_in_a_warning(caplog):
     """``learning_rate`` (Flower's examples say ``lr``) is read by nobody: the run goes on, and a warning names it and
     the keys the clients do read."""

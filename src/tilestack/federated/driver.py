@@ -68,7 +68,7 @@ import pickle
 import random
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -480,6 +480,11 @@ def run_rounds(
     grid.load_state_dict({})
     # tilestack's ClientApp rebuilds the task from the config: the grid's task unless the caller names one, with the
     # local training settings the config sets (lr, local-epochs, ...), which the strategy is checked against
+    for name, given in (("train_config", train_config), ("evaluate_config", evaluate_config)):
+        if given is not None and (not isinstance(given, Mapping) or not all(isinstance(k, str) for k in given)):
+            raise TypeError(f"run_rounds: {name} is a {type(given).__name__}"
+                            f"{' with keys that are not strings' if isinstance(given, Mapping) else ''}; expected a "
+                            "dict or ConfigRecord of round-config values by name (or None)")  # fmt: skip
     train_config = {TASK_KEY: grid.task.to_json(), **(train_config or {})}
     evaluate_config = {TASK_KEY: grid.task.to_json(), **(evaluate_config or {})}
     run_task = _config_task(train_config)
