@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 
 import numpy as np
@@ -145,11 +146,14 @@ def test_fedprox_with_each_client_its_own_epochs_and_stragglers_doing_part_of_th
     ({"batch-size": 2.5}, "run_rounds: train_config: config batch-size=2.5: Task: batch_size=2.5; expected an integer"),
     ({"local-epochs": float("nan")}, "config local-epochs=nan: Task: local_epochs=nan; expected a finite number"),
     ({"lr": 0.5, "proximal": True}, "FedProx: proximal_mu=10.0 with the task's lr=0.5: lr * proximal_mu = 5 >= 2"),
+    ({"proximal-mu": -1.0}, "run_rounds: train_config['proximal-mu']=-1.0; expected a number >= 0 and < 2 / lr = 40"),
+    ({"proximal-mu": 50, "lr": 0.1}, "train_config['proximal-mu']=50; expected a number >= 0 and < 2 / lr = 20 (lr"),
 ])  # fmt: skip
 def test_round_config_training_settings_that_cannot_be_right_are_refused_before_any_client_trains(config, needle):
-    """A negative or boolean learning rate, zero steps, a fractional batch, NaN epochs in ``train_config``, and a
-    FedProx mu that the config's lr (not the task's 0.05) makes overshoot: refused naming the key and value before
-    any client is asked. Before, every client's training failed on them (or ran by the task's settings)."""
+    """A negative or boolean learning rate, zero steps, a fractional batch, NaN epochs in ``train_config``, a FedProx
+    mu that the config's lr (not the task's 0.05) makes overshoot, and a ``proximal-mu`` in the config (which the
+    clients apply under any strategy) below 0 or past 2 / lr: refused naming the key and value before any client is
+    asked. Before, every client's training failed on them, ran by the task's settings, or diverged."""
     task = _task(num_clients=3)
     trained = []
 
@@ -161,7 +165,7 @@ def test_round_config_training_settings_that_cannot_be_right_are_refused_before_
     strategy = (FedProx(fraction_train=1.0, fraction_evaluate=0.0, proximal_mu=10.0) if proximal
                 else FedAvg(fraction_train=1.0, fraction_evaluate=0.0))  # fmt: skip
     grid = ManagedGrid(InProcessGrid(scripted(script), 3), task)
-    with pytest.raises(FederatedError, match=needle.replace("(", r"\(").replace(")", r"\)").replace("*", r"\*")):
+    with pytest.raises(FederatedError, match=re.escape(needle)):
         run_rounds(strategy, grid, initial_arrays(task), num_rounds=1, train_config=config)
     assert not trained
     if proximal:  # the task's own lr passes the same mu's bound: the config's lr was checked

@@ -80,10 +80,12 @@ from tilestack.errors import FederatedError
 from tilestack.federated import codec
 from tilestack.federated.checks import (
     DP_WRAPPERS,
+    PROXIMAL_STEP_LIMIT,
     check_stale,
     check_strategy,
     nodes_short,
     require_int,
+    require_real,
     require_real_arrays,
     require_timeout,
     robust_short,
@@ -415,6 +417,12 @@ def _config_task(train_config: dict):
         task = task_from_config(train_config)
     except (ValueError, TypeError) as ex:
         raise FederatedError(f"run_rounds: train_config: {ex}") from None
+    if "proximal-mu" in train_config:  # the clients add FedProx's term whatever the strategy (FedProx sets its own)
+        limit = PROXIMAL_STEP_LIMIT / task.lr
+        require_real("run_rounds", "train_config['proximal-mu']", train_config["proximal-mu"], lambda v: 0 <= v < limit,
+                     f"a number >= 0 and < {PROXIMAL_STEP_LIMIT:g} / lr = {limit:g} (lr * mu >= "
+                     f"{PROXIMAL_STEP_LIMIT:g} makes every local step overshoot the global model; a negative mu pushes "
+                     "each client away from it)")  # fmt: skip
     unread = sorted(k for k in train_config if k not in KNOWN_CONFIG_KEYS and not k.startswith("tilestack."))
     if unread:
         log.warning("run_rounds: train_config keys %s are read by no tilestack client; the local training settings "
