@@ -340,3 +340,39 @@ def test_a_users_dataset_of_one_class_or_with_nan_labels_is_refused_naming_the_f
         path = save_npz(tmp_path / "one.npz", x, y)
     with pytest.raises(ValueError, match=f"Task: data_path='{path}' {needle}"):
         Task(dataset="file", data_path=str(path), num_clients=2)
+
+
+# ---- on Flower's own Simulation Engine -------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_schedule_and_each_clients_epochs_from_the_config_run_the_same_on_flowers_simulation_engine():
+    """FedProx whose configure_train sets lr 0.4 / round for everyone and ``local-epochs`` 1..4 by client, with
+    stragglers: on Flower's Simulation Engine (Ray workers read the same config) the model is bit for bit the
+    in-process engine's, and so is the record (work planned from each client's own epochs, its evaluation)."""
+    import json
+
+    task = _task(num_clients=4)
+
+    class Scheduled(FedProx):
+        def configure_train(self, server_round, arrays, config, grid):
+            return [with_config(m, lr=0.4 / server_round,
+                                **{"local-epochs": float(1 + grid.partition_of[m.metadata.dst_node_id])})
+                    for m in super().configure_train(server_round, arrays, config, grid)]  # fmt: skip
+
+    system = SystemModel(4, straggler_fraction=0.5, straggler_epochs=4, seed=1)
+
+    def run(engine):
+        return simulate(Scheduled(fraction_train=1.0, fraction_evaluate=0.5, proximal_mu=0.5), task, rounds=2,
+                        engine=engine, system=system)  # fmt: skip
+
+    ours, flower = run("tilestack"), run("flower")
+    x, y = np_(ours.arrays), np_(flower.arrays)
+    assert all(np.array_equal(x[k], y[k]) for k in x)
+
+    def record(res):
+        return json.dumps([{k: v for k, v in r.items() if k != "wall_time"} for r in res.history.to_dict()["rounds"]])
+
+    assert record(ours) == record(flower)
+    full = sum(dataclasses.replace(task, local_epochs=1.0 + p, local_steps=None).steps_for(p) for p in range(4))
+    assert [r.steps_full for r in flower.history.rounds] == [full, full]
+    assert all(r.steps_done < r.steps_full for r in flower.history.rounds)  # stragglers did part of their own epochs
