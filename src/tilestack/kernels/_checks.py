@@ -41,17 +41,28 @@ def next_pow2(n: int) -> int:
 def check_out_memory(fn: str, out, **inputs) -> None:
     """An ``out=`` tensor the kernel may write: no autograd through it (as torch's ``out=``), no element reached
     from two indices, no memory shared with an input. Run after the shape, dtype and device checks."""
-    import torch
-
     from tilestack.lang.layout import check_not_aliased, check_writable
 
-    if torch.is_grad_enabled():
-        needs_grad = [name for name, t in (("out", out), *inputs.items()) if t is not None and t.requires_grad]
-        if needs_grad:
-            raise LaunchError(f"{fn}: out= does not support autograd, but {', '.join(needs_grad)} requires grad; "
-                              "pass tensors that do not require grad, or call it under torch.no_grad()")
+    check_out_autograd(fn, {"out": out}, inputs)
     check_writable(fn, "out", out)
     check_not_aliased(fn, "out", out, **inputs)
+
+
+def check_out_autograd(fn: str, outputs: dict, inputs: dict) -> None:
+    """Outputs the caller gives (``out=``, rotary's ``q_out=``, swiglu_backward's ``da=``; None ones absent) take
+    no autograd, as torch's ``out=``: the kernel writes them outside autograd, so an output that requires grad, or
+    one made from an input that does, would carry no gradient (or fail inside the backend's in-place copy). Run
+    where grad mode and requires_grad are fixed (a plan's body: both are in its key)."""
+    import torch
+
+    given = [name for name, t in outputs.items() if t is not None]
+    if not given or not torch.is_grad_enabled():
+        return
+    needs_grad = [name for name, t in (*outputs.items(), *inputs.items()) if t is not None and t.requires_grad]
+    if needs_grad:
+        raise LaunchError(f"{fn}: {'/'.join(n + '=' for n in given)} does not support autograd, but "
+                          f"{', '.join(needs_grad)} requires grad; pass tensors that do not require grad, or call it "
+                          "under torch.no_grad()")
 
 
 def _translate_reaches(delta: int, dims: list[tuple[int, int]]) -> bool:

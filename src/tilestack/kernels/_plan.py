@@ -166,24 +166,47 @@ class _ForwardOnly(torch.autograd.Function):
                           "torch's own op where a gradient is needed")
 
 
-def forward_only(fn: str) -> Callable:
+def _requires_grad(args: tuple, kwargs: dict) -> bool:
+    return any(isinstance(v, torch.Tensor) and v.requires_grad for v in (*args, *kwargs.values()))
+
+
+def _recorded(fn: str, run: Callable) -> Callable:
+    """``run`` whose results join autograd through a ``_ForwardOnly`` node (its backward raises, naming ``fn``)."""
+    def run_recorded(*args, **kwargs):
+        tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+        return _ForwardOnly.apply(fn, run, args, kwargs, *tensors)
+    return run_recorded
+
+
+def forward_only(fn: str, outputs: tuple[str, ...] = ("out",)) -> Callable:
     """Decorator for the plan of a kernel function without a backward (under ``@planned``): where grad mode is on
     and an input requires grad (both in the plan's key), the result joins autograd through a node whose backward
     raises, naming ``fn``, so a loss through it cannot lose that input's gradient without a word (the result had
-    no grad_fn). The forward answers as ever; an ``out=`` call is left alone (its own check refuses autograd)."""
+    no grad_fn). The forward answers as ever. A call given any of its ``outputs`` (``out=``, rotary's ``q_out=``)
+    is left alone: the plan refuses autograd there itself (``_checks.check_out_autograd``).
+
+    The differentiable ops (``tilestack.torch``) run these functions inside their autograd Functions, with grad
+    mode off, and make the plans they keep under ``torch.no_grad()``: they get the plain run."""
     def wrap(plan: Callable) -> Callable:
         @functools.wraps(plan)
         def plan_recorded(*args, **kwargs):
             run = plan(*args, **kwargs)
-            if kwargs.get("out") is not None or not torch.is_grad_enabled():
+            if any(kwargs.get(name) is not None for name in outputs) or not torch.is_grad_enabled() or \
+                    not _requires_grad(args, kwargs):
                 return run
-            if not any(isinstance(v, torch.Tensor) and v.requires_grad for v in (*args, *kwargs.values())):
-                return run
-
-            def run_recorded(*args, **kwargs):
-                tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
-                return _ForwardOnly.apply(fn, run, args, kwargs, *tensors)
-            return run_recorded
+            return _recorded(fn, run)
         return plan_recorded
     return wrap
 
+
+def no_backward(fn: str) -> Callable:
+    """``forward_only`` for a kernel function that is not planned itself (a thin wrapper checking and calling a
+    private plan, as ``kernels.rms_norm``): decided per call, by grad mode and its tensors' requires_grad."""
+    def wrap(function: Callable) -> Callable:
+        @functools.wraps(function)
+        def call(*args, **kwargs):
+            if torch.is_grad_enabled() and _requires_grad(args, kwargs):
+                return _recorded(fn, function)(*args, **kwargs)
+            return function(*args, **kwargs)
+        return call
+    return wrap

@@ -40,7 +40,7 @@ import math
 
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
-from tilestack.kernels._plan import planned
+from tilestack.kernels._plan import forward_only, planned
 from tilestack.kernels.attention_fwd import (
     LOG2E,
     LOWEST_F32,
@@ -507,6 +507,7 @@ def split_group(B: int, H: int, Hkv: int, Nk: int, BN: int, device, D: int = 0, 
 
 
 @planned
+@forward_only("attention_backward")   # not differentiable: a backward through it raises
 def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float | None = None, *,
                        backend: str | None = None, config: dict[str, dict] | None = None, attn_mask=None,
                        causal_align: str = "top_left", dropout_p: float = 0.0, rng=None, precision: str = "ieee"):

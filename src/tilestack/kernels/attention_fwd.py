@@ -58,7 +58,7 @@ import numpy as np
 
 import tilestack.lang as ts
 from tilestack.kernels._checks import next_pow2
-from tilestack.kernels._plan import planned
+from tilestack.kernels._plan import forward_only, planned
 from tilestack.tune.lookup import launch_config, take_backend, tuned_launcher
 
 LOG2E = math.log2(math.e)
@@ -472,6 +472,7 @@ def config_signature(q, D: int, DV: int, causal: bool) -> str:
 
 
 @planned
+@forward_only("attention_forward")   # its backward is attention_backward: a backward through it raises
 def attention_forward(q, k, v, causal: bool = False, scale: float | None = None, *,
                       backend: str | None = None, attn_mask=None, causal_align: str = "top_left",
                       dropout_p: float = 0.0, rng=None, precision: str = "ieee", **config):

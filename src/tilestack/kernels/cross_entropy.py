@@ -31,7 +31,7 @@ import numbers
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.kernels._checks import check_same_device, check_tensor
-from tilestack.kernels._plan import checked_once, planned
+from tilestack.kernels._plan import checked_once, forward_only, planned
 from tilestack.tune.lookup import launch_config
 
 LOG2E = math.log2(math.e)
@@ -214,6 +214,7 @@ def fused_linear_cross_entropy(x, weight, labels, *, ignore_index: int = IGNORE_
 
 
 @planned(name="fused_linear_cross_entropy")    # a refusal names the public function
+@forward_only("fused_linear_cross_entropy")     # its gradients are results: a backward through the loss raises
 def _flce_plan(x, weight, labels, *, ignore_index: int = IGNORE_INDEX, chunk: int | None = None, grad: bool = True,
                backend: str | None = None, **config):
     import torch

@@ -12,7 +12,7 @@ import math
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.kernels._checks import check_real, check_same_device, check_tensor, nothing_to_launch
-from tilestack.kernels._plan import planned
+from tilestack.kernels._plan import forward_only, planned
 from tilestack.kernels.softmax import resolve_row_config
 
 
@@ -123,6 +123,7 @@ def reference(x, weight, bias, eps: float = 1e-5):
 
 
 @planned
+@forward_only("layer_norm")     # no backward here (layer_norm_backward): a backward through it raises
 def layer_norm(x, weight, bias, eps: float = 1e-5, *, backend: str | None = None, **config):
     """(y, mean, rstd) of layer norm over the last dim of a 2-D tensor; weight and bias of shape (N,).
 

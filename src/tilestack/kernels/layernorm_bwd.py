@@ -28,7 +28,7 @@ import functools
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.kernels._checks import check_same_device, check_tensor, next_pow2
-from tilestack.kernels._plan import planned
+from tilestack.kernels._plan import no_backward, planned
 from tilestack.tune.lookup import launch_config
 
 FLOATS = ("float32", "bfloat16", "float16")
@@ -353,6 +353,7 @@ def _planned_backward(dy, x, weight, mean, rstd, dh, centered: bool, backend: st
     return run
 
 
+@no_backward("layer_norm_backward")
 def layer_norm_backward(dy, x, weight, mean, rstd, *, dh=None, backend: str | None = None, **config):
     """(dx, dw, db) of layer norm over the last dim of 2-D ``x``; ``mean`` and ``rstd`` as the forward
     (``tilestack.kernels.layer_norm`` or ``add_layer_norm``) saved them. dx in x's dtype, dw and db in weight's.

@@ -22,7 +22,7 @@ import numbers
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.kernels._checks import check_same_device, check_tensor
-from tilestack.kernels._plan import checked_once, planned
+from tilestack.kernels._plan import checked_once, no_backward, planned
 from tilestack.kernels.layernorm_bwd import check_norm_bwd_args, norm_backward
 from tilestack.kernels.softmax import resolve_row_config
 
@@ -228,6 +228,7 @@ def _planned_forward(x, weight, bias, residual, eps, backend: str | None, config
     return run_add
 
 
+@no_backward("rms_norm")     # the backward is rms_norm_backward: a backward through it raises, naming it
 def rms_norm(x, weight, eps: float = 1e-6, *, backend: str | None = None, **config):
     """(y, rstd) of RMS norm over the last dim of a 2-D f32/bf16/f16 tensor; weight of shape (N,); y in x's
     dtype, rstd (M,) f32."""
@@ -236,6 +237,7 @@ def rms_norm(x, weight, eps: float = 1e-6, *, backend: str | None = None, **conf
     return y, rstd
 
 
+@no_backward("add_rms_norm")
 def add_rms_norm(x, r, weight, eps: float = 1e-6, *, backend: str | None = None, **config):
     """(y, h, rstd): h = x + r in x's dtype, y = RMS norm of h (the backward: rms_norm_backward with the
     gradient reaching h from elsewhere passed as ``dh``)."""
@@ -244,6 +246,7 @@ def add_rms_norm(x, r, weight, eps: float = 1e-6, *, backend: str | None = None,
     return y, h, rstd
 
 
+@no_backward("add_layer_norm")
 def add_layer_norm(x, r, weight, bias, eps: float = 1e-5, *, backend: str | None = None, **config):
     """(y, h, mean, rstd): h = x + r in x's dtype, y = layer norm of h (the backward: layer_norm_backward with
     ``dh``)."""
@@ -254,6 +257,7 @@ def add_layer_norm(x, r, weight, bias, eps: float = 1e-5, *, backend: str | None
     return norm_forward(x, weight, bias, r, eps, backend=backend, config=config)
 
 
+@no_backward("rms_norm_backward")
 def rms_norm_backward(dy, x, weight, rstd, *, dh=None, backend: str | None = None, **config):
     """(dx, dw) of RMS norm given the forward's ``rstd``; dx in x's dtype, dw in weight's. ``dh``: a gradient
     that reaches x (the residual stream h) by another path, added into dx."""

@@ -15,8 +15,15 @@ from __future__ import annotations
 
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
-from tilestack.kernels._checks import check_same_device, check_tensor, finite_real, next_pow2, outputs_apart_check
-from tilestack.kernels._plan import checked_once, planned
+from tilestack.kernels._checks import (
+    check_out_autograd,
+    check_same_device,
+    check_tensor,
+    finite_real,
+    next_pow2,
+    outputs_apart_check,
+)
+from tilestack.kernels._plan import checked_once, forward_only, planned
 from tilestack.tune.lookup import launch_config
 
 MIN_HEAD_DIM = 16     # a half row of 8 bf16 values: the 16 bytes the GPU's tile copies need at least
@@ -120,6 +127,7 @@ def check_rotary_args(fn: str, q, k, cos, sin, *, differentiable: bool = False) 
 
 
 @planned
+@forward_only("rotary", outputs=("q_out", "k_out"))   # a backward through it raises, naming it
 def rotary(q, k, cos, sin, *, inverse: bool = False, q_out=None, k_out=None, backend: str | None = None,
            **config):
     """(q, k) rotated by the angles in ``cos``/``sin`` (by minus them if ``inverse``: the backward), into
@@ -133,18 +141,26 @@ def rotary(q, k, cos, sin, *, inverse: bool = False, q_out=None, k_out=None, bac
             check_tensor("rotary", name, out, rank=4, dtypes=(src.dtype,))
             if out.shape != src.shape:
                 raise LaunchError(f"rotary: {name} is {tuple(out.shape)}; expected {tuple(src.shape)}")
+    check_same_device("rotary", q=q, q_out=q_out, k_out=k_out)
+    check_out_autograd("rotary", {"q_out": q_out, "k_out": k_out}, {"q": q, "k": k})
     rows = q.shape[2] * q.shape[3] + k.shape[2] * k.shape[3]
     cfg = {"num_warps": 4 if rows <= 4096 else 8} if q.device.type == "cuda" else {}
     cfg = launch_config("rotary", f"{str(q.dtype).removeprefix('torch.')}-D{q.shape[3]}", q.device, rows, cfg)
 
     # q_out may be q itself (an in-place rotation: each element is read before its own store), but not k, whose
-    # rows a program may read after storing q's rotation over them (the Triton backend does); nor k_out
+    # rows a program may read after storing q's rotation over them (the Triton backend does); nor k_out; nor a
+    # shifted view of q (a program stores over rows another program reads: the Triton backend's q_out one position
+    # along N past q gave rows rotated twice), and k_out likewise over k
     apart = outputs_apart_check("rotary", "q_out", "k_out")
+    q_out_over_q = outputs_apart_check("rotary", "q_out", "q", second_is_input=True, allow_same=True)
+    k_out_over_k = outputs_apart_check("rotary", "k_out", "k", second_is_input=True, allow_same=True)
     q_out_apart_from_k = outputs_apart_check("rotary", "q_out", "k", second_is_input=True)
     k_out_apart_from_q = outputs_apart_check("rotary", "k_out", "q", second_is_input=True)
 
     def outputs(q, k, q_out, k_out):
         apart(q_out, k_out)
+        q_out_over_q(q_out, q)
+        k_out_over_k(k_out, k)
         q_out_apart_from_k(q_out, k)
         k_out_apart_from_q(k_out, q)
         return (torch.empty(q.shape, dtype=q.dtype, device=q.device) if q_out is None else q_out,

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
-from tilestack.kernels._checks import check_same_device, check_tensor, outputs_apart_check
-from tilestack.kernels._plan import planned
+from tilestack.kernels._checks import check_out_autograd, check_same_device, check_tensor, outputs_apart_check
+from tilestack.kernels._plan import forward_only, planned
 from tilestack.tune.lookup import launch_config
 
 
@@ -100,12 +100,14 @@ def _check(fn: str, **tensors) -> None:
 
 
 @planned
+@forward_only("swiglu")     # no backward here (swiglu_backward): a backward through it raises
 def swiglu(a, b, *, out=None, backend: str | None = None, **config):
     """silu(a) * b for 2-D f32/bf16/f16 tensors of one shape and dtype (any strides). Checked and configured once
     per launch signature."""
     import torch
 
     _check("swiglu", a=a, b=b, **({} if out is None else {"out": out}))
+    check_out_autograd("swiglu", {"out": out}, {"a": a, "b": b})
     cfg = launch_config("swiglu", str(a.dtype).removeprefix("torch."), a.device, a.shape[1],
                         default_config(a.device.type)) | config
     # out may be a or b itself (element-wise: each element is read before its own store), not a shifted view
@@ -130,6 +132,7 @@ def swiglu(a, b, *, out=None, backend: str | None = None, **config):
 
 
 @planned
+@forward_only("swiglu_backward", outputs=("da", "db"))
 def swiglu_backward(dy, a, b, *, da=None, db=None, backend: str | None = None, **config):
     """(da, db) of y = silu(a) * b; into ``da``/``db`` if given (e.g. the two halves of one gradient). Checked
     and configured once per launch signature."""
@@ -137,6 +140,7 @@ def swiglu_backward(dy, a, b, *, da=None, db=None, backend: str | None = None, *
 
     outs = {k: v for k, v in (("da", da), ("db", db)) if v is not None}
     _check("swiglu_backward", dy=dy, a=a, b=b, **outs)
+    check_out_autograd("swiglu_backward", {"da": da, "db": db}, {"dy": dy, "a": a, "b": b})
     cfg = launch_config("swiglu_bwd", str(a.dtype).removeprefix("torch."), a.device, a.shape[1],
                         default_config(a.device.type)) | config
 

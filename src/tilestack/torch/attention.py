@@ -95,8 +95,9 @@ class _AttentionPlan:
     def __init__(self, q, k, v, attn_mask, causal, scale, causal_align, dropout_p, rng, precision):
         # no tensor is kept here (a mask's memory would outlive its step): the mask and rng come with each call
         self.options = dict(causal_align=causal_align, dropout_p=dropout_p, precision=precision)
-        self.forward_run = attention_forward.plan_for(q, k, v, causal, scale, attn_mask=attn_mask, rng=rng,
-                                                      **self.options)
+        with torch.no_grad():     # run in _Attention.forward, grad mode off: the plain run (kernels._plan)
+            self.forward_run = attention_forward.plan_for(q, k, v, causal, scale, attn_mask=attn_mask, rng=rng,
+                                                          **self.options)
         self.backwards: dict = {}
 
     def forward(self, q, k, v, causal, scale, attn_mask, rng):

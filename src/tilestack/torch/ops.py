@@ -209,10 +209,13 @@ class _NormPlan:
         self.eps = float(eps)
         rows = _rows(x)
         self.shape, self.rows = tuple(x.shape), tuple(rows.shape)     # (..., N), (M, N)
-        if self.centered and not self.residual:     # layer norm alone: its own kernel, (y, mean, rstd)
-            self._forward = _layer_norm.plan_for(rows, weight, bias, eps)
-        else:
-            self._forward = _planned_forward.plan_for(rows, weight, bias, _rows_or_none(r), eps, None, ())
+        # the runs kept are called with grad mode off (in _Norm.forward, or a no-grad call): planned so, or the
+        # kernel function's plan for inputs that require grad would record its refusing node (kernels._plan)
+        with torch.no_grad():
+            if self.centered and not self.residual:     # layer norm alone: its own kernel, (y, mean, rstd)
+                self._forward = _layer_norm.plan_for(rows, weight, bias, eps)
+            else:
+                self._forward = _planned_forward.plan_for(rows, weight, bias, _rows_or_none(r), eps, None, ())
         self._backward: dict = {}
         # where a no-grad call's statistics go (nobody reads them): one (M,) f32 tensor per plan, so that call
         # allocates only its outputs; concurrent calls overwrite it with values no one reads. Made outside inference
@@ -469,7 +472,8 @@ class _SwiGLUPlan:
         m, f = rows.shape[0], x.shape[-1] // 2
         self.f, self.shape, self.rows = f, tuple(x.shape), (m, 2 * f)       # (..., 2F), (M, 2F)
         self.out_shape, self.out_rows = (*x.shape[:-1], f), (m, f)         # (..., F), (M, F)
-        self._forward = _swiglu.plan_for(rows[:, :f], rows[:, f:])
+        with torch.no_grad():          # run with grad mode off, as _NormPlan's
+            self._forward = _swiglu.plan_for(rows[:, :f], rows[:, f:])
         self._backward: dict = {}
 
     def halves(self, x):

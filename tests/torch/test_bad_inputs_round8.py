@@ -1,0 +1,140 @@
+"""Round eight of the bad-input sweep: the kernel-level functions of ``tilestack.kernels`` as a user calls them
+(inputs that require grad, outputs they are given), on the reference backend and Triton's interpreter, against
+torch's own rules (its ``out=`` refuses autograd; a result made from an input that requires grad carries a
+gradient or an error, never nothing).
+
+What rounds 1-7 did not reach, and what it found (each test failed before its fix):
+- every kernel function but gemm and softmax (round 5) gave a result without grad_fn for an input that requires
+  grad (swiglu, swiglu_backward, rotary, layer_norm, rms_norm, add_rms_norm, add_layer_norm, rms_norm_backward,
+  layer_norm_backward, attention_forward, attention_backward), so a loss through it lost that input's gradient
+  without a word; kernels.fused_linear_cross_entropy failed inside torch ("mm(): functions with out=... arguments
+  don't support automatic differentiation"). Each result now joins autograd through a node whose backward raises,
+  naming the function (``kernels._plan.forward_only`` / ``no_backward``);
+- kernels.swiglu's out=, swiglu_backward's da=/db= and rotary's q_out=/k_out= took a tensor that requires grad
+  (the reference backend failed in its in-place copy back, "a leaf Variable that requires grad is being used in an
+  in-place operation"; Triton's wrote it behind autograd's back) and outputs made from inputs that require grad
+  (no gradient): refused as torch's out= is (``_checks.check_out_autograd``);
+- kernels.rotary with q_out a shifted view of q (or k_out of k): rows rotated twice on the Triton backend (a
+  program stored over rows another one read later), without a word: refused as swiglu's out= over a shifted input
+  is; q_out=q itself (in place) still rotates exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tilestack import config
+from tilestack import kernels as K
+from tilestack.errors import LaunchError
+from tilestack.kernels.attention_bwd import attention_backward
+from tilestack.kernels.rotary import reference as rotary_reference
+
+
+@pytest.fixture(autouse=True)
+def reference_backend():
+    with config.override(backend="reference"):
+        yield
+
+
+def randn(*shape, dtype=torch.float32, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+COS, SIN = K.rotary_tables(5, 16)
+X, W, B = randn(4, 8), randn(8, seed=1), randn(8, seed=2)
+Q, KK, V = randn(1, 2, 3, 16), randn(1, 2, 3, 16, seed=1), randn(1, 2, 3, 16, seed=2)
+
+
+def _attention_backward(q):
+    o, lse = K.attention_forward(Q, KK, V, False, 0.25)
+    return attention_backward(q, KK, V, o, lse, randn(1, 2, 3, 16, seed=3), False, 0.25)[0]
+
+
+# name -> (the leaf that requires grad, a call of the kernel function on it giving one tensor)
+KERNEL_FUNCTIONS = {
+    "swiglu": (X, lambda t: K.swiglu(t, X)),
+    "swiglu_backward": (X, lambda t: K.swiglu_backward(t, X, X)[0]),
+    "rotary": (randn(2, 5, 3, 16), lambda t: K.rotary(t, randn(2, 5, 1, 16), COS, SIN)[0]),
+    "layer_norm": (X, lambda t: K.layer_norm(t, W, B)[0]),
+    "rms_norm": (X, lambda t: K.rms_norm(t, W)[0]),
+    "add_rms_norm": (X, lambda t: K.add_rms_norm(X, t, W)[0]),
+    "add_layer_norm": (W, lambda t: K.add_layer_norm(X, X, t, B)[0]),
+    "rms_norm_backward": (X, lambda t: K.rms_norm_backward(t, X, W, K.rms_norm(X, W)[1])[0]),
+    "layer_norm_backward": (X, lambda t: K.layer_norm_backward(t, X, W, *K.layer_norm(X, W, B)[1:])[1]),
+    "attention_forward": (Q, lambda t: K.attention_forward(t, KK, V, True, 0.25)[0]),
+    "attention_backward": (Q, _attention_backward),
+    "fused_linear_cross_entropy": (randn(10, 8), lambda t: K.fused_linear_cross_entropy(
+        X, t, torch.tensor([1, 0, 9, -100]))[0]),
+}
+
+
+@pytest.mark.parametrize("fn", list(KERNEL_FUNCTIONS))
+def test_kernel_functions_refuse_a_backward_by_name(fn):
+    """A kernel function's result for an input that requires grad: the same values, and a backward through it
+    raises naming the function (it had no grad_fn, so ``(y.sum() + t.sum()).backward()`` gave t a gradient missing
+    y's term without a word; the fused cross-entropy failed inside torch's mm); under no_grad nothing is recorded."""
+    t, call = KERNEL_FUNCTIONS[fn]
+    want = call(t)
+    leaf = t.clone().requires_grad_()
+    y = call(leaf)
+    torch.testing.assert_close(y.detach(), want, rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(LaunchError, match=rf"{fn}: a backward through tilestack.kernels.{fn}, which has no backward"):
+        (y.float().nan_to_num().sum() + leaf.sum()).backward()
+    with torch.no_grad():
+        assert call(leaf).grad_fn is None
+
+
+def _out_cases():
+    a, b, dy = randn(4, 6), randn(4, 6, seed=1), randn(4, 6, seed=2)
+    q, k = randn(2, 5, 3, 16), randn(2, 5, 1, 16, seed=1)
+    leaf = lambda t: t.clone().requires_grad_()           # noqa: E731
+    return {
+        "swiglu out": (lambda: K.swiglu(a, b, out=leaf(a)), r"swiglu: out= does not support autograd, but out "),
+        "swiglu a": (lambda: K.swiglu(leaf(a), b, out=torch.empty_like(a)), r"swiglu: out= .* but a requires grad"),
+        "swiglu_backward da": (lambda: K.swiglu_backward(dy, a, b, da=leaf(a)),
+                               r"swiglu_backward: da= does not support autograd, but da requires grad"),
+        "swiglu_backward dy": (lambda: K.swiglu_backward(leaf(dy), a, b, da=torch.empty_like(a),
+                                                         db=torch.empty_like(a)),
+                               r"swiglu_backward: da=/db= does not support autograd, but dy requires grad"),
+        "rotary q_out": (lambda: K.rotary(q, k, COS, SIN, q_out=leaf(q)),
+                         r"rotary: q_out= does not support autograd, but q_out requires grad"),
+        "rotary k": (lambda: K.rotary(q, leaf(k), COS, SIN, k_out=torch.empty_like(k)),
+                     r"rotary: k_out= does not support autograd, but k requires grad"),
+    }
+
+
+OUT_CASES = _out_cases()
+
+
+@pytest.mark.parametrize("case", list(OUT_CASES))
+def test_given_outputs_refuse_autograd_as_torchs_out(case):
+    """An output the caller gives, or one made from an input that requires grad, takes no autograd (torch's out=
+    refuses both): refused by name before any work, where the reference backend failed in its copy back ("a leaf
+    Variable that requires grad is being used in an in-place operation") and Triton's wrote behind autograd."""
+    call, message = OUT_CASES[case]
+    with pytest.raises(LaunchError, match=message):
+        call()
+    with torch.no_grad():
+        call()                              # under no_grad: answered, as torch's out= is
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("which", ["q", "k"])
+@pytest.mark.parametrize("shift", [1, -1])
+def test_rotary_output_over_a_shifted_view_of_its_input_is_refused(backend, which, shift):
+    """q_out one position along N from q (a fused buffer's neighbouring slice): the Triton backend rotated rows
+    twice (4.4 off the reference on these); refused by name on every backend, as swiglu's out= over a shifted
+    input. The same view (in place) still rotates exactly."""
+    q, k = randn(2, 5, 3, 16), randn(2, 5, 1, 16, seed=1)
+    heads = 3 if which == "q" else 1
+    buf = randn(2, 6, heads, 16, seed=2)
+    src, dst = (buf[:, :5], buf[:, 1:]) if shift == 1 else (buf[:, 1:], buf[:, :5])
+    args = (src, k) if which == "q" else (q, src)
+    with config.override(backend=backend):
+        with pytest.raises(LaunchError, match=rf"rotary: {which}_out shares memory with {which}; the kernel would"):
+            K.rotary(*args, COS, SIN, **{f"{which}_out": dst})
+        want = rotary_reference(src, COS, SIN)
+        out = K.rotary(*args, COS, SIN, **{f"{which}_out": src})[0 if which == "q" else 1]
+        assert out is src
+        torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
