@@ -195,6 +195,25 @@ def test_a_round_config_that_is_no_mapping_of_names_is_refused_and_a_config_reco
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("make, needle", [
+    (lambda: FedAvg(arrayrecord_key="model"), "FedAvg: arrayrecord_key='model'; expected 'arrays', the record "
+                                              "tilestack's ClientApp reads the model from"),
+    (lambda: Scaffold(configrecord_key="cfg"), "Scaffold: configrecord_key='cfg'; expected 'config', the record "
+                                               "tilestack's ClientApp reads the round config from"),
+])  # fmt: skip
+def test_a_strategy_sending_its_model_or_config_under_another_record_name_is_refused_before_any_work(make, needle):
+    """Flower lets a strategy name the records it sends (``arrayrecord_key``, ``configrecord_key``); tilestack's
+    ClientApp reads 'arrays' and 'config', as Flower's own apps do. Before, every client failed on the missing record
+    (``KeyError: 'arrays'``) in every round, and the run went on aggregating nothing; now it is refused naming the
+    setting, through simulate and run_rounds."""
+    task = _task(num_clients=3)
+    with pytest.raises(FederatedError, match=re.escape(needle)):
+        simulate(make(), task, rounds=2)
+    with pytest.raises(FederatedError, match=re.escape(needle)):
+        run_rounds(make(), _grid(task), initial_arrays(task), num_rounds=1)
+
+
+@pytest.mark.timeout(30)
 def test_a_round_config_key_no_client_reads_is_named_in_a_warning(caplog):
     """``learning_rate`` (Flower's examples say ``lr``) is read by nobody: the run goes on, and a warning names it and
     the keys the clients do read."""

@@ -31,6 +31,8 @@ that one attacker drove to accuracy 0).
 A DP wrapper is also refused over a strategy whose aggregate is no mean of the replies (``_not_a_mean``: FedDF,
 FedNova, Flower's robust rules, server optimisers, q-FedAvg): its noise, sized for one client's share C / n of a mean
 and added after the inner strategy's step, does not cover what one client can change in them.
+A strategy must send its model and config in the records tilestack's ClientApp reads, 'arrays' and 'config'
+(``check_record_keys``: Flower's ``arrayrecord_key`` / ``configrecord_key``).
 FedProx is checked against the task's learning rate (``check_proximal``): a local step moves the weights by
 lr * mu times their distance from the global model, so lr * mu >= 2 overshoots it by more than that distance
 every step and every client's training diverges (mu = 1000 with lr 0.1 ran to accuracy 0.0, every reply finite).
@@ -204,6 +206,25 @@ def check_hyperparameters(strategy: Strategy) -> None:
                     raise FederatedError(f"{type(s).__name__}: {attr}={v!r}; expected {expected}")
 
 
+# the records a message's model and config travel in: tilestack's ClientApp reads these names (as Flower's own apps
+# do), and ManagedGrid puts a client's share of work into the config record by name
+RECORD_KEYS = {"arrayrecord_key": "arrays", "configrecord_key": "config"}
+
+
+def check_record_keys(strategy: Strategy) -> None:
+    """Refuse a Flower strategy that sends its model or config under another record name
+    (``FedAvg(arrayrecord_key="model")``): every client failed on the missing 'arrays' record, round after round, and
+    the run aggregated nothing."""
+    for s in strategy_levels(strategy):
+        for attr, want in RECORD_KEYS.items():
+            got = vars(s).get(attr, want)
+            if got != want:
+                raise FederatedError(
+                    f"{type(s).__name__}: {attr}={got!r}; expected {want!r}, the record tilestack's ClientApp reads "
+                    f"the {'model' if want == 'arrays' else 'round config'} from"
+                )
+
+
 def _sampling_strategy(strategy: Strategy, num_nodes: int) -> tuple[Strategy, int, str]:
     """The innermost strategy (the one that samples), how many nodes it is shown, and why that many."""
     s, nodes, why = strategy, num_nodes, f"the {num_nodes} node{'s' if num_nodes != 1 else ''} of the run"
@@ -224,6 +245,7 @@ def check_strategy(strategy: Strategy, num_nodes: int, task=None) -> None:
     if not isinstance(strategy, Strategy):
         raise TypeError(f"strategy is a {type(strategy).__name__}; expected a flwr.serverapp.strategy.Strategy")
     check_hyperparameters(strategy)
+    check_record_keys(strategy)
     if task is not None:
         for s in strategy_levels(strategy):
             if callable(check_task := getattr(type(s), "check_task", None)):
