@@ -39,8 +39,8 @@ def paged_decode(Q, KC, VC, BT, LEN, O, scale: float, *, BG: int = 16, BS: int =
     bh = ts.block_id(0)
     b, h = bh // Q.shape[1], bh % Q.shape[1]
     q = ts.RegTile[Q.dtype, BG, D]()
-    k = ts.RegTile[Q.dtype, BS, D]()
-    v = ts.RegTile[Q.dtype, BS, D]()
+    k = ts.SharedTile[Q.dtype, BS, D]()             # (shared: wgmma's b operand on Gluon)
+    v = ts.SharedTile[Q.dtype, BS, D]()
     s = ts.RegTile[ts.f32, BG, BS]()
     p = ts.RegTile[Q.dtype, BG, BS]()
     acc = ts.RegTile[ts.f32, BG, D]()
@@ -154,7 +154,7 @@ def kv_append(C, NEW, POS, *, BM: int = 16, BT: int = 16, D: int = 16):
     i, bh = ts.block_id(0), ts.block_id(1)
     b, h = bh // C.shape[1], bh % C.shape[1]
     c = ts.RegTile[C.dtype, BM, D]()
-    nt = ts.RegTile[C.dtype, BT, D]()
+    nt = ts.SharedTile[C.dtype, BT, D]()
     sel = ts.RegTile[C.dtype, BM, BT]()
     hit = ts.RegTile[ts.bool_, BM, BT]()
     acc = ts.RegTile[ts.f32, BM, D]()

@@ -29,8 +29,8 @@ def conv2d_igemm(X, W, BIAS, Y, *, BM: int = 16, BN: int = 16, BK: int = 16):
     Y (N, OH, OW, OC). One program: BM output columns x BN output channels of one output row (n, oh)."""
     i, j, no = ts.block_id(0), ts.block_id(1), ts.block_id(2)
     n, oh = no // Y.shape[1], no % Y.shape[1]
-    a = ts.RegTile[X.dtype, BM, BK]()
-    w = ts.RegTile[X.dtype, BK, BN]()
+    a = ts.SharedTile[X.dtype, BM, BK]()
+    w = ts.SharedTile[X.dtype, BK, BN]()
     acc = ts.RegTile[ts.f32, BM, BN]()
     out = ts.RegTile[Y.dtype, BM, BN]()
     bias = ts.RegVec[ts.f32, BN]()

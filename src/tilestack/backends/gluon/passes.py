@@ -34,6 +34,7 @@ from tilestack.ir.types import INDEX, GlobalType, Space, StagesType, TileType, b
 
 TMA_MAX_BOX = 256          # elements per dimension of one copy-engine transfer
 TMA_MIN_ROW_BYTES = 16     # the innermost box dimension moves at least 16 bytes
+TMA_MAX_RANK = 5           # dimensions a copy-engine descriptor addresses (a global of more: through pointers)
 WGMMA_DTYPES = ("bf16", "f16", "f8e4m3")   # operand dtypes the backend gives wgmma (f32 would be tf32: refused)
 WGMMA_K = {"bf16": 16, "f16": 16, "f8e4m3": 32}   # the k of one wgmma instruction, per operand dtype
 WARPGROUP_ROWS = 64        # rows of the accumulator one warpgroup (4 warps) covers per wgmma
@@ -71,10 +72,16 @@ def legalize(warps: int, tma: bool = True):
                 _check_mma(ins, ir.roles[ins.role].warps if ins.role else warps)
             elif ins.op is Op.ASYNC_LOAD:
                 st = ins.result.type
+                rank = ins.srcs[2].type.rank                 # (srcs: the stages, the stage, the global, coords)
+                if rank > TMA_MAX_RANK:
+                    _fail(ins, f"moves async loads with the copy engine, which addresses globals of at most "
+                               f"{TMA_MAX_RANK} dimensions; this one reads a rank-{rank} global "
+                               "(load it with load() into a SharedTile, or view it with fewer dimensions)")
                 if not tma_box_ok(st.shape, st.dtype.itemsize):
                     _fail(ins, f"moves async loads with the copy engine; a stage of {st} is no copy-engine box "
                                f"(sizes 1..{TMA_MAX_BOX}, the last >= {TMA_MIN_ROW_BYTES} bytes)")
-            elif ins.op is Op.LOAD and ins.result.type.space is Space.SHARED and tma:
+            elif ins.op is Op.LOAD and ins.result.type.space is Space.SHARED and tma \
+                    and ins.srcs[0].type.rank <= TMA_MAX_RANK:
                 t = ins.result.type
                 if not tma_box_ok(t.shape, t.dtype.itemsize):
                     _fail(ins, f"loads shared tiles with the copy engine; a {t} is no copy-engine box")
@@ -147,11 +154,12 @@ def _choose_access(ir: KernelIR, tma: bool) -> KernelIR:
         # a bool global (torch.bool, i1 to Triton) through pointers: the copy engine has no 1-bit element
         engine = tma and ins.op in (Op.LOAD, Op.STORE) and ins.srcs[0].type.dtype is not bool_
         if ins.op is Op.LOAD:
-            via = "tma" if engine and ins.result.type.space is Space.SHARED else "pointer"
+            via = "tma" if engine and ins.result.type.space is Space.SHARED \
+                and ins.srcs[0].type.rank <= TMA_MAX_RANK else "pointer"
         elif ins.op is Op.STORE:
             t = ins.srcs[1].type
-            via = "tma" if engine and len(t.shape) == 2 and tma_box_ok(t.shape, ins.srcs[0].type.dtype.itemsize) \
-                else "pointer"
+            via = "tma" if engine and len(t.shape) == 2 and ins.srcs[0].type.rank <= TMA_MAX_RANK \
+                and tma_box_ok(t.shape, ins.srcs[0].type.dtype.itemsize) else "pointer"
         elif ins.op is Op.ATOMIC_ADD:
             via = "pointer"
         elif ins.op is Op.ASYNC_LOAD:   # (of a bool tensor: into bool stages, refused by legalize)

@@ -22,6 +22,7 @@ from tilestack.ir.passes import DCE, SPLIT_HOST, Pass, Pipeline, clone, dead_cod
 from tilestack.ir.types import Space, StagesType, TileType, bool_
 
 TMA_MAX_BOX = 256   # elements per dimension of one copy-engine transfer (a wider tile goes through pointers)
+TMA_MAX_RANK = 5    # dimensions a copy-engine descriptor addresses (a global of more goes through pointers)
 
 
 ERASED = frozenset({Op.STAGES, Op.ASYNC_LOAD, Op.WAIT_LOAD, Op.MMA_ASYNC, Op.MMA_WAIT})   # no emitter: erased
@@ -108,8 +109,11 @@ def legalize(ir: KernelIR) -> KernelIR:
 
 def uses_tma(rank: int, shape: tuple[int, ...], space: Space | None) -> bool:
     """Loads into shared tiles and stores of 2-D tiles go through the copy engine when the layout allows it
-    (checked at launch): TMA fetches whole tiles, zero-fills past the edges and clips stores."""
-    return len(shape) == 2 and rank >= 2 and space is not Space.REG and max(shape) <= TMA_MAX_BOX
+    (checked at launch): TMA fetches whole tiles, zero-fills past the edges and clips stores. A global of more than
+    TMA_MAX_RANK dimensions (e.g. a convolution's window view) goes through pointers: Triton's pipeliner fails on a
+    descriptor of more ("TMA copies must have between 1 and 5 coordinates")."""
+    return (len(shape) == 2 and 2 <= rank <= TMA_MAX_RANK and space is not Space.REG
+            and max(shape) <= TMA_MAX_BOX)
 
 
 def choose_access(tma: bool):
