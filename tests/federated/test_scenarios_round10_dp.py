@@ -1,5 +1,6 @@
 """Federated scenarios, round 10 (2 of 2): a privacy accountant's epsilon against the RDP arithmetic, a privacy
-budget that runs out mid-training, and a SCAFFOLD client whose control-variate change alone is NaN.
+budget that runs out mid-training, a SCAFFOLD client whose control-variate change alone is NaN, and top-k error
+feedback over a sample of the clients written out.
 
 What this round found, fixed:
 
@@ -149,3 +150,45 @@ def test_a_scaffold_client_whose_control_variate_change_alone_is_nan_is_left_out
             np.testing.assert_allclose(xs[rnd - 1][k], x[k], rtol=3e-7, atol=1e-7, err_msg=f"round {rnd} x[{k}]")
             np.testing.assert_allclose(cs[rnd - 1][k], c[k], rtol=3e-7, atol=1e-7, err_msg=f"round {rnd} c[{k}]")
             assert np.all(np.isfinite(cs[rnd - 1][k])) and np.all(np.isfinite(xs[rnd - 1][k]))
+
+
+# ---- top-k updates with error feedback, over a sample ----------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_topk_error_feedback_over_half_the_clients_keeps_each_residual_until_that_client_is_sampled_again():
+    """Compressed(FedAvg over 3 of 6 clients a round, top-30%) for 4 rounds, written out in float64: a sampled client
+    adds the residual it kept from the last round it was sampled in (however long ago) to its new update y - x, sends
+    the ceil(0.3 n) entries largest in magnitude and keeps the rest; the server rebuilds x + sent for each and takes
+    the example-weighted mean. The bytes it counts up are those of the kept entries (index + value)."""
+    from _fl_round7 import client_model, weighted_mean
+    from _fl_round9 import keep, near
+
+    from tilestack.federated.compression import Compressed
+
+    task = _task(num_clients=6, partitioner="quantity")
+    models: list[dict] = []
+    res = simulate(Compressed(FedAvg(fraction_train=0.5, fraction_evaluate=0.0), "topk", 0.3), task, rounds=4,
+                   evaluate=False, extra_metrics=keep(models), seed=3)  # fmt: skip
+    x = np_(initial_arrays(task))
+    residual = {p: {k: np.zeros(v.shape, np.float32) for k, v in x.items()} for p in range(6)}
+    sampled = []
+    for rnd, r in enumerate(res.history.rounds, start=1):
+        s = sorted(int(p) for p in r.client_train)
+        sampled.append(s)
+        rebuilt, kept = {}, 0
+        for p in s:
+            y = client_model(task, p, rnd, x)[0]
+            rebuilt[p] = {}
+            for k in x:
+                delta = ((y[k] - x[k]).astype(np.float32) + residual[p][k]).ravel()
+                top = np.argsort(-np.abs(delta), kind="stable")[: int(np.ceil(0.3 * delta.size))]
+                sent = np.zeros_like(delta)
+                sent[top] = delta[top]
+                residual[p][k] = (delta - sent).reshape(x[k].shape)
+                rebuilt[p][k] = x[k].astype(np.float64) + sent.reshape(x[k].shape)
+                kept += len(top)
+        near(models[rnd - 1], weighted_mean(rebuilt, {p: task.num_train(p) for p in s}))
+        assert r.bytes_up == 8 * kept  # a uint32 index and a float32 value per kept entry
+        x = models[rnd - 1]
+    came_back = [p for p in range(6) for i in range(len(sampled) - 2)
+                 if p in sampled[i] and p not in sampled[i + 1] and any(p in s for s in sampled[i + 2 :])]  # fmt: skip
+    assert came_back  # a client carried its residual across a round it was not sampled in
