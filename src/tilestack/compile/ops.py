@@ -163,7 +163,7 @@ def ts_quant_linear_epilogue(x, q, scale, bias, residual, x_scale: float, activa
 
 
 def ts_attention(q, k, v, mask, mask_is_fill: bool, causal: bool, scale: float, finite_fill: bool = False,
-                 added_in: torch.dtype = torch.float32):
+                 added_in: torch.dtype = torch.float32, k_transposed: bool = False):
     """softmax(q @ k^T * scale + mask) @ v on (B, H, N, D) tensors. ``mask``: None, an additive or boolean
     (True = attend) mask, or, with ``mask_is_fill``, the condition of ``masked_fill(cond, low)`` (True =
     masked), which is inverted here. ``finite_fill``: the graph set masked scores to a finite lowest value
@@ -174,7 +174,10 @@ def ts_attention(q, k, v, mask, mask_is_fill: bool, causal: bool, scale: float, 
     torch's SDPA does.) An additive mask of finfo.min over a whole row (Hugging Face's, left padding) is the same
     uniform softmax in eager, with gradients to q and k too: ``_absorbed_rows``, ``_uniform_attention``. ``added_in``:
     the dtype the graph adds an additive mask to the scores in (f32 for torch's SDPA, which adds in f32 whatever its
-    inputs; the scores' dtype for an add written out), which says how large a bias swallows the scores."""
+    inputs; the scores' dtype for an add written out), which says how large a bias swallows the scores.
+    ``k_transposed``: k is given as k^T, (B, H, D, Nk) (OpenAI's Whisper permutes its keys straight to that)."""
+    if k_transposed:
+        k = k.transpose(-2, -1)                              # (B, H, Nk, D), a view
     keep = mask
     if mask is not None and mask_is_fill:
         keep = torch.logical_not(mask)

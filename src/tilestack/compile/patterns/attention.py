@@ -164,34 +164,53 @@ def _scores_read_elsewhere(chain: list[Node], out: Node) -> list[str]:
     return names
 
 
-def _scores(x: Node, chain: list[Node]):
-    """(q, k, scale) if x is ``q @ k.transpose(-2, -1)`` times constants (through casts that lose nothing), with
-    its nodes added to chain."""
-    nodes: list[Node] = []
-    scale = 1.0
-    x = _through_widening_casts(x, nodes)
+def _scaled_by_constants(x, nodes: list[Node], scale: float, sole_reader: Node | None = None):
+    """(inner, scale times the constants) where x is inner times or divided by constants (through casts that lose
+    nothing), the nodes peeled off added to nodes. With ``sole_reader`` (a product's operand: OpenAI's Whisper
+    scales q and k each by hd ** -0.25), a node is peeled only where that reader is its only one (another reader
+    keeps it, and the rewrite erases what it peels); None when a scaling's factor is not a constant."""
     while _scaling(x) is not None:
+        if sole_reader is not None and list(x.users) != [sole_reader]:
+            break
         found = _scale_factor(x)
         if found is None:
-            return None
+            return (x, scale) if sole_reader is not None else None
         c, inner = found
         nodes.append(x)
         for a in x.args:                 # a 0-d constant tensor the rewrite no longer reads
             if isinstance(a, Node) and a is not inner and len(a.users) == 1:
                 nodes.append(a)
         scale = scale * c
-        x = _through_widening_casts(inner, nodes)
+        sole_reader = x if sole_reader is not None else None
+        x = inner if sole_reader is not None else _through_widening_casts(inner, nodes)
+    return x, scale
+
+
+def _scores(x: Node, chain: list[Node]):
+    """(q, k, scale, k_transposed) if x is ``q @ k.transpose(-2, -1)`` times constants (through casts that lose
+    nothing; q and k each times constants too), with its nodes added to chain. ``q @ kt`` with kt any other 4-D
+    tensor (Whisper's ``k.view(b, n, h, hd).permute(0, 2, 3, 1)``) is q @ (kt^T)^T: k is kt, k_transposed True."""
+    nodes: list[Node] = []
+    x = _through_widening_casts(x, nodes)
+    found = _scaled_by_constants(x, nodes, 1.0)
+    if found is None:
+        return None
+    x, scale = found
     if (qk := _einsum(x, "scores")) is not None:
         chain.extend([x, *reversed(nodes)])
-        return qk[0], qk[1], scale
+        return qk[0], qk[1], scale, False
     if kind(x) != "matmul":
         return None
     q, kt = _arg(x, 0, "input"), _arg(x, 1, "other")
-    k = _key_transposed(kt)
+    q, scale = _scaled_by_constants(q, nodes, scale, sole_reader=x)
+    kt, scale = _scaled_by_constants(kt, nodes, scale, sole_reader=x)
+    k, k_transposed = _key_transposed(kt), False
+    if k is None and isinstance(kt, Node) and isinstance(value(kt), torch.Tensor) and value(kt).dim() == 4:
+        k, k_transposed = kt, True
     if k is None or not isinstance(q, Node):
         return None
-    chain.extend([kt, x, *reversed(nodes)])
-    return q, k, scale
+    chain.extend([*([] if k_transposed else [kt]), x, *reversed(nodes)])
+    return q, k, scale, k_transposed
 
 
 def _symbolic_scale(x) -> bool:
@@ -317,12 +336,13 @@ def explicit_attention(gm: fx.GraphModule):
                    "masked_fill or where; ALiBi's bias then a causal fill is two)")
             declined.append((node, f"explicit attention: {why}"))
             continue
-        q, k = found[0], found[1]
-        scale = found[2]
+        q, k, scale, k_transposed = found
         if mask is not None:
             chain.append(x)
         chain.extend([p, node])
         qv, kv_, vv, mv = value(q), value(k), value(v), value(mask)
+        if k_transposed:
+            kv_ = kv_.transpose(-2, -1)                               # (B, H, Nk, D), as the rewrite reads it
         why = unsupported(qv, kv_, vv, mv, 0.0, False, False)
         if why is None and mask is not None and not fill and kind(x) != "where" and mv.dtype == torch.bool:
             why = ("a boolean tensor added to the scores (it adds 1 where True; the kernels read a boolean mask as "
@@ -347,6 +367,6 @@ def explicit_attention(gm: fx.GraphModule):
         additive = mask is not None and not fill and kind(x) != "where"
         added_in = value(x).dtype if additive else torch.float32      # how large a bias swallows the scores
         matches.append(Match("explicit_attention", ops.ts_attention, [q, k, v, mask],
-                             (fill, False, scale, finite, added_in),
+                             (fill, False, scale, finite, added_in, k_transposed),
                              [node], chain, f"softmax(q @ k^T * {scale:.4g}){how} @ v -> tilestack::attention_fwd"))
     return matches, declined
