@@ -173,6 +173,31 @@ def test_round_config_training_settings_that_cannot_be_right_are_refused_before_
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("given, needle", [
+    ("object", "train_config['tilestack.task'] is a Task; expected task.to_json(), the Task as JSON"),
+    ("{not json", "train_config['tilestack.task'] is not a Task as JSON (JSONDecodeError: Expecting property name"),
+    ('{"nope": 1}', "train_config['tilestack.task'] is not a Task as JSON (TypeError: Task.__init__() got an "
+                    "unexpected keyword argument 'nope')"),
+])  # fmt: skip
+def test_a_round_config_whose_task_the_clients_cannot_read_is_refused_before_any_work(given, needle):
+    """The task a caller puts in ``train_config`` (another task than the grid's, as run_rounds allows) must be a Task
+    as JSON: a Task object, broken JSON or an unknown field made every client fail in every round, and the run went
+    on aggregating nothing. Refused before any client is asked, naming the entry."""
+    task = _task(num_clients=3)
+    trained = []
+
+    def script(pid, rnd, got, context, cfg):
+        trained.append(pid)
+        return got["arrays"], {"num-examples": 1}
+
+    config = {tsclient.TASK_KEY: task if given == "object" else given}
+    with pytest.raises(FederatedError, match=re.escape(f"run_rounds: {needle}")):
+        run_rounds(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), ManagedGrid(InProcessGrid(scripted(script), 3),
+                   task), initial_arrays(task), num_rounds=1, train_config=config)  # fmt: skip
+    assert not trained
+
+
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("config, needle", [
     ([("lr", 0.3)], "train_config is a list; expected a dict or ConfigRecord of round-config values by name"),
     ("lr=0.3", "train_config is a str; expected a dict or ConfigRecord"),

@@ -95,6 +95,7 @@ from tilestack.federated.client import CONFIG_OVERRIDES, PARTITION_METRIC, TASK_
 from tilestack.federated.evaluation import Evaluator
 from tilestack.federated.grid import ManagedGrid
 from tilestack.federated.metrics import History, RoundMetrics, fairness
+from tilestack.federated.task import Task
 
 log = logging.getLogger("tilestack.federated")
 ROUND_SEED_STRIDE = 1_000_003
@@ -413,6 +414,15 @@ def _config_task(train_config: dict):
     """The task ``train_config`` sends the clients, its local training settings in; a setting the Task refuses (a
     negative ``lr``) is a FederatedError before any work, where every client's training failed on it, round after
     round."""
+    text = train_config[TASK_KEY]
+    if not isinstance(text, str):  # a Task object itself: the clients read JSON
+        raise FederatedError(f"run_rounds: train_config[{TASK_KEY!r}] is a {type(text).__name__}; expected "
+                             "task.to_json(), the Task as JSON")  # fmt: skip
+    try:
+        Task.from_json(text)
+    except (ValueError, TypeError) as ex:  # JSON errors are ValueErrors; unknown Task fields TypeErrors
+        raise FederatedError(f"run_rounds: train_config[{TASK_KEY!r}] is not a Task as JSON ({type(ex).__name__}: "
+                             f"{ex}); expected task.to_json()") from None  # fmt: skip
     try:
         task = task_from_config(train_config)
     except (ValueError, TypeError) as ex:
