@@ -371,18 +371,22 @@ def test_dirichlet_label_skew_near_zero_leaves_most_clients_one_class_and_fedavg
     ("ones", "has the single label 3; expected examples of at least 2 classes"),
     ("names", "has the single label 'cat'; expected examples of at least 2 classes"),
     ("nan", "has non-finite labels; expected a class label in every row"),
+    ("reals", "has a label 0.25 that is not a whole number; expected class labels (integers or names), not a "
+              "regression target"),
 ])  # fmt: skip
 def test_a_users_dataset_of_one_class_or_with_nan_labels_is_refused_naming_the_file(tmp_path, labels, needle):
     """Before, a file whose labels are all 3 made a task of one class: a one-output model that scored every example
-    right (test accuracy 1.0 of nothing learned); NaN labels became a class of their own."""
+    right (test accuracy 1.0 of nothing learned); NaN labels became a class of their own, and so did every distinct
+    value of a regression target (0, 0.25, 0.5, ...: 20 classes of one example)."""
     x = np.random.default_rng(0).normal(size=(20, 3))
     if labels == "names":
         path = tmp_path / "one.csv"
         path.write_text("".join(f"{a},{b},{c},cat\n" for a, b, c in x))
     else:
-        y = np.full(20, 3) if labels == "ones" else np.where(np.arange(20) % 5, np.arange(20) % 2, np.nan)
+        y = {"ones": np.full(20, 3), "nan": np.where(np.arange(20) % 5, np.arange(20) % 2, np.nan),
+             "reals": np.arange(20) * 0.25}[labels]  # fmt: skip
         path = save_npz(tmp_path / "one.npz", x, y)
-    with pytest.raises(ValueError, match=f"Task: data_path='{path}' {needle}"):
+    with pytest.raises(ValueError, match=re.escape(f"Task: data_path='{path}' {needle}")):
         Task(dataset="file", data_path=str(path), num_clients=2)
 
 

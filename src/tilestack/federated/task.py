@@ -355,6 +355,12 @@ def load_file(path: str) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"Task: data_path={path!r} has non-finite features; expected finite numbers")
     if y.dtype.kind in "fc" and not np.all(np.isfinite(y)):  # np.unique made NaN a class of its own
         raise ValueError(f"Task: data_path={path!r} has non-finite labels; expected a class label in every row")
+    if y.dtype.kind == "f" and not np.all(y == np.round(y)):  # each distinct value became a class of its own
+        frac = y[y != np.round(y)][0]
+        raise ValueError(
+            f"Task: data_path={path!r} has a label {frac.item()!r} that is not a whole number; expected class labels "
+            "(integers or names), not a regression target"
+        )
     names, y = np.unique(y, return_inverse=True)
     if len(names) < 2:  # a one-output model scores every example right: accuracy 1.0 of nothing learned
         raise ValueError(
