@@ -8,7 +8,14 @@ from heldout_support import BF, I32, I64, meta
 from sm90a_compile import check_triton_sm90a, compile_gluon_sm90a
 from test_heldout_round10 import kv_append, paged_decode, rmsnorm_fp8, rope_partial, swiglu_bwd
 from test_heldout_round10_linalg import cho_solve
-from test_heldout_round10_more import bilinear_resize, ce_zloss_fwd_bwd, conv2d_igemm, csr_spmm
+from test_heldout_round10_more import (
+    bilinear_resize,
+    ce_zloss_fwd_bwd,
+    conv2d_igemm,
+    csr_spmm,
+    ln_bwd_partial,
+    ln_bwd_reduce,
+)
 
 _T = 4096
 AOT_CASES = {   # name -> (kernel, meta args, constants)
@@ -30,6 +37,11 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
                             meta(_T, 256, dtype=BF), meta(_T, 256, dtype=BF)), dict(BM=32, BN=64, BE=32, BK=32)),
     "ce_zloss": (ce_zloss_fwd_bwd, (meta(_T, 32000, dtype=BF), meta(_T, dtype=I64), meta(_T), 1e-4, 1 / _T),
                  dict(BM=4, BN=1024)),
+    "ln_bwd_partial": (ln_bwd_partial, (meta(_T, _T, dtype=BF),) * 2 + (meta(_T, dtype=BF), meta(_T), meta(_T),
+                                        meta(_T, _T, dtype=BF), meta(_T // 8, _T), meta(_T // 8, _T)),
+                       dict(BM=8, BN=256)),
+    "ln_bwd_reduce": (ln_bwd_reduce, (meta(_T // 8, _T), meta(_T // 8, _T), meta(_T, dtype=BF), meta(_T, dtype=BF)),
+                      dict(BR=32, BN=128)),
     "cho_solve": (cho_solve, (meta(1024, 16, 16), meta(1024, 16, 64), meta(1024, 16, 16), meta(1024, 16, 64)),
                   dict(BN=16, BR=64)),
 }
