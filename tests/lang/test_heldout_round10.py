@@ -7,7 +7,20 @@ table entries past the sequence's length padded with block 0); a KV-cache append
 per-sequence start position, in place, by a one-hot product of the new tokens); rotary embedding on the first
 rotary_dim of head_dim columns only (rotate-half pairs, frequencies base^(-2k / rotary_dim) made in the kernel from
 runtime position ids); RMSNorm fused with per-row dynamic fp8 (e4m3) quantization; and SwiGLU's backward.
-More kernels of this round are in test_heldout_round10_more.py and test_heldout_round10_linalg.py.
+More kernels of this round are in test_heldout_round10_more.py and test_heldout_round10_linalg.py; all of them are
+compiled for sm_90a in test_heldout_round10_aot.py.
+
+Bugs this round found, fixed, each kept as its regression test:
+- the language: a per_row / per_col vector as the first operand of a binary op (`add(t, per_row(u), x)`, as a
+  user reads u + x) was refused with "a must be a tile or vector, got _PerAxis"; ops that commute take it with a
+  tile b now, the others name how to broadcast it (lang.ops._binary): test_marked_vector_as_first_operand,
+  test_marked_vector_first_in_an_op_that_does_not_commute_is_named;
+- Triton and Gluon: a shared-tile load from a global of 6 dimensions (the conv's window view) went through the copy
+  engine, whose descriptors address at most 5: the sm_90a compiles failed inside Triton's pipeliner ("TMA copies
+  must have between 1 and 5 coordinates"); such globals go through pointers now, and Gluon refuses an async load
+  from one by name (backends.triton.passes.uses_tma, backends.gluon.passes): test_round10_compiles_for_sm90a_*
+  [conv2d_igemm], test_a_global_of_six_dimensions_is_read_through_pointers,
+  test_gluon_refuses_an_async_load_from_a_global_of_six_dimensions_by_name.
 """
 
 import math
