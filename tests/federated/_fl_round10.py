@@ -58,3 +58,28 @@ def dp_epsilon_by_hand(noise: float, releases: int, delta: float, orders) -> tup
 def save_npz(path, x: np.ndarray, y: np.ndarray) -> str:
     np.savez(path, x=x, y=y)
     return str(path)
+
+
+def logreg_sgd_by_hand(x, y, start: dict, anchor: dict, *, steps: int, batch: int, lr: float, lam: float,
+                       rng: np.random.Generator) -> dict[str, np.ndarray]:  # fmt: skip
+    """Softmax regression by minibatch SGD in float64, batches walking a fresh permutation each epoch (as tilestack's
+    clients draw them from ``rng``): the gradient of the batch's mean cross-entropy, x^T (p - onehot(y)) / B, plus
+    lam (w - anchor) (Ditto's pull of the personal model towards the global one)."""
+    w = {k: v.astype(np.float64) for k, v in start.items()}
+    n = len(y)
+    order, pos = rng.permutation(n), 0
+    for _ in range(steps):
+        if pos >= n:
+            order, pos = rng.permutation(n), 0
+        idx = order[pos : pos + batch]
+        pos += batch
+        xb = x[idx].astype(np.float64)  # (B, D)
+        z = xb @ w["fc.weight"] + w["fc.bias"]  # (B, C)
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        p[np.arange(len(idx)), y[idx]] -= 1.0
+        p /= len(idx)
+        grads = {"fc.weight": xb.T @ p, "fc.bias": p.sum(axis=0)}
+        for k in w:
+            w[k] = w[k] - lr * (grads[k] + lam * (w[k] - anchor[k].astype(np.float64)))
+    return w

@@ -10,8 +10,9 @@ share of the round's work (``tilestack.work``, set by the system simulator), Fed
 ``tilestack.compress`` (send compressed updates, see ``compression``), Flower's ``clipping_norm`` (client-side
 DP: the update is clipped as ``fixedclipping_mod`` / ``adaptiveclipping_mod`` would, and ``norm_bit`` says
 whether it was), and the records that select a method: ``scaffold-c`` (SCAFFOLD), ``tilestack.ifca-k`` (IFCA
-cluster models), ``tilestack.local-prefix`` (FedBN). Its partition is ``partition-id`` from the node config.
-Clients flagged by the task as malicious or faulty misbehave on purpose, so that the server's defences
+cluster models), ``tilestack.local-prefix`` (FedBN), ``tilestack.ditto-lambda`` (Ditto: a personal model
+beside the global one, in the node's state, scored in evaluation). Its partition is ``partition-id`` from the
+node config. Clients flagged by the task as malicious or faulty misbehave on purpose, so that the server's defences
 can be tested against a real ClientApp.
 """
 
@@ -38,6 +39,9 @@ TASK_KEY = "tilestack.task"
 WORK_KEY = "tilestack.work"
 IFCA_KEY = "tilestack.ifca-k"
 LOCAL_PREFIX_KEY = "tilestack.local-prefix"
+DITTO_KEY = "tilestack.ditto-lambda"  # config: also train the client's personal model, pulled towards the global one
+DITTO_STATE = "tilestack.ditto-personal"  # the personal model, in the node's Context.state
+DITTO_SEED = 17  # the personal model's minibatches: rng (seed, pid, round, DITTO_SEED), apart from the global model's
 SCAFFOLD_C = "scaffold-c"
 SCAFFOLD_DC_PREFIX = "scaffold.dc."
 PARTITION_METRIC = "tilestack.partition"
@@ -125,6 +129,15 @@ def _with_local(params: Params, context: Context, prefix: str) -> Params:
     return {k: (local[k] if k.startswith(prefix) and k in local else v) for k, v in params.items()}
 
 
+def _personal(context: Context, model: Params) -> Params:
+    """Ditto: this client's personal model, or ``model`` where it has none of that model's names and shapes."""
+    if DITTO_STATE not in context.state:
+        return model
+    personal = _to_numpy(context.state[DITTO_STATE])
+    same = personal.keys() == model.keys() and all(personal[k].shape == np.shape(model[k]) for k in model)
+    return personal if same else model
+
+
 def _poison(task: Task, start: Params, trained: Params, rng: np.random.Generator) -> Params:
     if task.attack == "signflip":  # send the update reversed and scaled up
         return {k: start[k] - task.attack_scale * (trained[k] - start[k]) for k in trained}
@@ -208,6 +221,13 @@ def train(msg: Message, context: Context) -> Message:
         ci_new = {k: ci[k] - c[k] + (start[k] - trained[k]) / (steps * task.lr) for k in c}
         context.state[SCAFFOLD_C] = _to_record(ci_new, {k: train_dtype(v) for k, v in c.items()})
         reply |= {SCAFFOLD_DC_PREFIX + k: (ci_new[k] - ci[k]).astype(train_dtype(c[k])) for k in c}
+    if DITTO_KEY in config and steps > 0:  # Ditto: the personal model v takes as many steps of its own, pulled
+        # towards the global model it was sent by (lambda / 2) ||v - w||^2; it starts as that model
+        personal = _personal(context, start)
+        v, _, _ = local_sgd(model, personal, x, y, steps=steps, batch_size=task.batch_size, lr=task.lr,
+                            rng=np.random.default_rng([task.seed, pid, server_round, DITTO_SEED]),
+                            prox_mu=float(config[DITTO_KEY]), anchor=start)  # fmt: skip
+        context.state[DITTO_STATE] = _to_record(v, {k: train_dtype(a) for k, a in start.items()})
     if prefix:  # FedBN: the local layers stay here and are not uploaded
         local = {k: v for k, v in trained.items() if k.startswith(prefix)}
         context.state["fedbn-local"] = _to_record(local, {k: train_dtype(start[k]) for k in local})
@@ -258,6 +278,8 @@ def evaluate_local(msg: Message, context: Context) -> Message:
         clusters = _split_clusters(arrays, ifca_k)
         arrays = clusters[_pick_cluster(task, clusters, x, y)]
     params = _with_local(arrays, context, str(config.get(LOCAL_PREFIX_KEY, "")))
+    if DITTO_KEY in config:  # Ditto scores the client's personal model (the global one until it has trained)
+        params = _personal(context, params)
     loss, acc = evaluate(_model_for(task, params), params, x_test, y_test)
     metrics = MetricRecord(
         {"num-examples": len(y_test), UNIT_WEIGHT: 1, "eval-loss": loss, "eval-acc": acc, PARTITION_METRIC: pid}

@@ -160,11 +160,13 @@ def local_sgd(
     rng: np.random.Generator,
     prox_mu: float = 0.0,
     correction: Mapping[str, np.ndarray] | None = None,
+    anchor: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[Params, int, float]:
     """``steps`` minibatch SGD steps from ``params``; returns (new params, steps done, mean loss).
 
     Minibatches walk a fresh permutation of the data (epochs), so ``steps = epochs * ceil(n / batch)``.
-    ``prox_mu`` adds FedProx's (mu / 2) ||w - w_start||^2; ``correction`` is added to every gradient
+    ``prox_mu`` adds FedProx's (mu / 2) ||w - w_anchor||^2, the anchor being ``params`` unless ``anchor`` is given
+    (Ditto: a personal model pulled towards the global one); ``correction`` is added to every gradient
     (SCAFFOLD's c - c_i). With no examples there is nothing to step on: ``params`` come back after 0 steps.
     """
     if steps < 0 or batch_size < 1 or not lr > 0:
@@ -173,9 +175,9 @@ def local_sgd(
         return {k: np.array(v, train_dtype(v)) for k, v in params.items()}, 0, float("nan")
     if hasattr(model, "local_sgd"):  # a PyTorch model (torch_models.TorchModel) trains itself
         return model.local_sgd(params, x, y, steps=steps, batch_size=batch_size, lr=lr, rng=rng, prox_mu=prox_mu,
-                               correction=correction)  # fmt: skip
-    start = {k: np.asarray(v, train_dtype(v)) for k, v in params.items()}
-    w = {k: v.copy() for k, v in start.items()}
+                               correction=correction, anchor=anchor)  # fmt: skip
+    w = {k: np.array(v, train_dtype(v)) for k, v in params.items()}
+    start = {k: np.asarray(anchor[k] if anchor is not None else v, w[k].dtype) for k, v in params.items()}
     trained = [k for k in w if not is_statistic(k)]
     n = len(y)
     order = rng.permutation(n)

@@ -116,12 +116,16 @@ class TorchModel:
     def local_sgd(
         self, params: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray, *, steps: int, batch_size: int,
         lr: float, rng: np.random.Generator, prox_mu: float = 0.0, correction: Mapping[str, np.ndarray] | None = None,
+        anchor: Mapping[str, np.ndarray] | None = None,
     ) -> tuple[dict[str, np.ndarray], int, float]:  # fmt: skip
-        """``steps`` minibatch SGD steps, batches walking fresh permutations as ``models.local_sgd`` does."""
+        """``steps`` minibatch SGD steps, batches walking fresh permutations as ``models.local_sgd`` does (the
+        proximal term pulls towards ``anchor`` where given, else towards ``params``)."""
         module = self._module(params)
         dev = next(module.parameters()).device
         named = dict(module.named_parameters())
         start = {k: p.detach().clone() for k, p in named.items()} if prox_mu else {}
+        if prox_mu and anchor is not None:
+            start = {k: torch.as_tensor(np.asarray(anchor[k]), device=dev, dtype=p.dtype) for k, p in named.items()}
         corr = {k: torch.as_tensor(np.asarray(correction[k]), device=dev) for k in named} if correction else {}
         xt = torch.as_tensor(x, device=dev)  # (N, D)
         yt = torch.as_tensor(y, device=dev, dtype=torch.long)  # (N,)

@@ -5,7 +5,7 @@
 
 ``make_strategy`` builds Flower's FedAvg, FedProx, FedAdam, FedYogi, FedMedian, FedTrimmedAvg, Krum,
 MultiKrum, Bulyan and its DP wrapper, q-FedAvg (fed each client's loss at the global model), or
-tilestack's SCAFFOLD, FedNova, FedBN, IFCA, CFL, by name, sampling
+tilestack's SCAFFOLD, FedNova, FedBN, IFCA, CFL, by name (``Ditto`` and the others are classes here), sampling
 ``clients_per_round`` of ``num_clients`` per round (evaluation on ``eval_fraction`` of them).
 """
 
@@ -20,6 +20,7 @@ from flwr.serverapp import strategy as fl
 from tilestack.federated.checks import require_int
 from tilestack.federated.client import UNIT_WEIGHT
 from tilestack.federated.strategies.cfl import CFL
+from tilestack.federated.strategies.ditto import Ditto
 from tilestack.federated.strategies.fedbn import FedBN
 from tilestack.federated.strategies.feddf import FedDF
 from tilestack.federated.strategies.fednova import FedNova
@@ -138,6 +139,6 @@ def make_strategy(
 
 
 __all__ = [
-    "NAMES", "make_strategy", "Scaffold", "FedNova", "FedBN", "FedDF", "HeteroFL", "sub_model", "IFCA",
+    "NAMES", "make_strategy", "Scaffold", "FedNova", "FedBN", "FedDF", "HeteroFL", "sub_model", "IFCA", "Ditto",
     "adjusted_rand_index", "QFFL", "CFL", "Selected", "RandomSelector", "OortSelector", "SubsetGrid",
 ]  # fmt: skip
