@@ -13,6 +13,7 @@ ModelConfig.flops_per_token over the device table's dense peak; none on a CPU) a
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import typer
 
@@ -63,6 +64,8 @@ def train(
         raise typer.BadParameter(f"--model {model!r}; expected one of {MODELS}")
     if dtype not in ("float32", "bfloat16"):
         raise typer.BadParameter(f"--dtype {dtype!r}; expected float32 or bfloat16")
+    if not 0 <= lr < math.inf:    # AdamW raised NaN and negative rates inside the ranks; inf trained to NaN losses
+        raise typer.BadParameter(f"--lr {lr}; expected a finite learning rate >= 0", param_hint="--lr")
     from tilestack.parallel.config import DP_COMMS, PP_SCHEDULES, RECOMPUTE, ZERO_STAGES
     for option, given, allowed in (("--schedule", schedule, PP_SCHEDULES), ("--recompute", recompute, RECOMPUTE),
                                    ("--dp-comm", dp_comm, DP_COMMS), ("--zero", zero, ZERO_STAGES)):

@@ -14,6 +14,7 @@ atomically; ``--ship`` also writes them, merged with the packaged tables of this
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
@@ -59,8 +60,9 @@ def tune(
 
     check_output("--out", out, folder=True)
     check_output("--report", report)
-    if budget_s <= 0:
-        raise typer.BadParameter(f"--budget-s must be > 0, got {budget_s}", param_hint="--budget-s")
+    if not 0 < budget_s < math.inf:      # (NaN passed a "<= 0" test: a run whose every deadline compares False)
+        raise typer.BadParameter(f"--budget-s must be > 0, got {budget_s} (a finite number of seconds)",
+                                 param_hint="--budget-s")
     chosen = None
     if backends is not None:
         from tilestack.backends import NAMES

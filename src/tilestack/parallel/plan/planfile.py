@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,14 @@ def write_plan(pred: Prediction, desc: ModelDesc, path: str | Path, *, device: s
         raise PlanError(f"write_plan: path={path!r}; expected a file path (not a directory)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(plan_dict(pred, desc, device=device, peak_flops=peak_flops), indent=1))
+    text = json.dumps(plan_dict(pred, desc, device=device, peak_flops=peak_flops), indent=1)
+    # whole or not at all: a write cut short (a full disk, a kill) left half a file in place of the previous plan
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)                   # a reader sees the old plan or the new one, never half of one
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
