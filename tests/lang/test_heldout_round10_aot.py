@@ -16,8 +16,10 @@ from test_heldout_round10_more import (
     ln_bwd_partial,
     ln_bwd_reduce,
 )
+from test_heldout_round10_quant import fp8_block_gemm, gumbel_sample, int4_zp_gemm
 
 _T = 4096
+F8 = torch.float8_e4m3fn
 AOT_CASES = {   # name -> (kernel, meta args, constants)
     "paged_decode": (paged_decode, (meta(8, 8, 4, 128, dtype=BF), meta(512, 8, 16, 128, dtype=BF),
                                     meta(512, 8, 16, 128, dtype=BF), meta(8, 4, 64, dtype=I32), meta(8, 4, dtype=I32),
@@ -42,13 +44,22 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
                        dict(BM=8, BN=256)),
     "ln_bwd_reduce": (ln_bwd_reduce, (meta(_T // 8, _T), meta(_T // 8, _T), meta(_T, dtype=BF), meta(_T, dtype=BF)),
                       dict(BR=32, BN=128)),
+    "fp8_block_gemm": (fp8_block_gemm, (meta(_T, _T, dtype=F8), meta(_T, _T, dtype=F8), meta(32, _T),
+                                        meta(32, 32, 128), meta(_T, _T, dtype=BF)), dict(QB=128, BM=64, BN=128)),
+    "int4_zp_gemm": (int4_zp_gemm, (meta(_T, _T, dtype=BF).as_strided((_T, _T // 2), (_T, 2)),
+                                    meta(_T, _T, dtype=BF).as_strided((_T, _T // 2), (_T, 2), 1),
+                                    meta(_T // 2, _T, dtype=torch.uint8), meta(_T // 128, _T, dtype=torch.float16),
+                                    meta(_T // 128, _T, dtype=torch.uint8), meta(_T, _T, dtype=BF)),
+                     dict(G=128, BM=128, BN=64, BK2=32)),
+    "gumbel_sample": (gumbel_sample, (meta(_T, 32000), meta(_T, dtype=I64), meta(_T, 32000), 1.0, 1234),
+                      dict(BM=4, BN=256)),
     "cho_solve": (cho_solve, (meta(1024, 16, 16), meta(1024, 16, 64), meta(1024, 16, 16), meta(1024, 16, 64)),
                   dict(BN=16, BR=64)),
 }
 
 
 # Gluon's wgmma gives each of its 8 warps 16 accumulator rows: products of 128 rows there
-GLUON_CONSTS = {"paged_decode": dict(BG=128), "kv_append": dict(BM=128)}
+GLUON_CONSTS = {"paged_decode": dict(BG=128), "kv_append": dict(BM=128), "fp8_block_gemm": dict(BM=128)}
 
 
 @pytest.mark.parametrize("name", [n for n in AOT_CASES if n != "rope_partial"])
