@@ -7,8 +7,8 @@ table entries past the sequence's length padded with block 0); a KV-cache append
 per-sequence start position, in place, by a one-hot product of the new tokens); rotary embedding on the first
 rotary_dim of head_dim columns only (rotate-half pairs, frequencies base^(-2k / rotary_dim) made in the kernel from
 runtime position ids); RMSNorm fused with per-row dynamic fp8 (e4m3) quantization; and SwiGLU's backward.
-More kernels of this round are in test_heldout_round10_more.py, test_heldout_round10_linalg.py and
-test_heldout_round10_quant.py; all of them are
+More kernels of this round are in test_heldout_round10_more.py, test_heldout_round10_linalg.py,
+test_heldout_round10_quant.py and test_heldout_round10_varlen.py; all of them are
 compiled for sm_90a in test_heldout_round10_aot.py.
 
 Bugs this round found, fixed, each kept as its regression test:

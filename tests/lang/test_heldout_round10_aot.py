@@ -17,6 +17,7 @@ from test_heldout_round10_more import (
     ln_bwd_reduce,
 )
 from test_heldout_round10_quant import fp8_block_gemm, gumbel_sample, int4_zp_gemm
+from test_heldout_round10_varlen import chunked_prefill, varlen_causal
 
 _T = 4096
 F8 = torch.float8_e4m3fn
@@ -53,13 +54,21 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
                      dict(G=128, BM=128, BN=64, BK2=32)),
     "gumbel_sample": (gumbel_sample, (meta(_T, 32000), meta(_T, dtype=I64), meta(_T, 32000), 1.0, 1234),
                       dict(BM=4, BN=256)),
+    "varlen_causal": (varlen_causal, (meta(32, _T, 128, dtype=BF),) * 3 + (meta(64, dtype=I32),
+                                                                          meta(32, _T, 128, dtype=BF), 0.088),
+                      dict(BM=64, BN=64, NS=64, D=128)),
+    "chunked_prefill": (chunked_prefill, (meta(8, 32, 512, 128, dtype=BF), meta(8, 32, _T, 128, dtype=BF),
+                                          meta(8, 32, _T, 128, dtype=BF), meta(8, 64, dtype=I32),
+                                          meta(8, 64, dtype=I32), meta(8, 32, 512, 128, dtype=BF), 0.088),
+                        dict(BM=64, BN=64, D=128)),
     "cho_solve": (cho_solve, (meta(1024, 16, 16), meta(1024, 16, 64), meta(1024, 16, 16), meta(1024, 16, 64)),
                   dict(BN=16, BR=64)),
 }
 
 
 # Gluon's wgmma gives each of its 8 warps 16 accumulator rows: products of 128 rows there
-GLUON_CONSTS = {"paged_decode": dict(BG=128), "kv_append": dict(BM=128), "fp8_block_gemm": dict(BM=128)}
+GLUON_CONSTS = {"paged_decode": dict(BG=128), "kv_append": dict(BM=128), "fp8_block_gemm": dict(BM=128),
+                "varlen_causal": dict(BM=128), "chunked_prefill": dict(BM=128)}
 
 
 @pytest.mark.parametrize("name", [n for n in AOT_CASES if n != "rope_partial"])
