@@ -50,7 +50,7 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 
 from tilestack.errors import FederatedError
 from tilestack.federated import codec
-from tilestack.federated.client import UNIT_WEIGHT
+from tilestack.federated.client import CLUSTER_SEP, UNIT_WEIGHT
 
 FRACTIONS = ("fraction_train", "fraction_evaluate")
 # each minimum matters only when the fraction beside it samples anyone
@@ -170,6 +170,19 @@ def require_real_arrays(where: str, name: str, arrays) -> None:
             raise ValueError(f"{where}: {name}[{k!r}] cannot be decoded ({type(ex).__name__}: {ex})") from ex
         if not np.issubdtype(value.dtype, np.number) or np.issubdtype(value.dtype, np.complexfloating):
             raise ValueError(f"{where}: {name}[{k!r}] has dtype {value.dtype}; expected real numbers")
+
+
+def require_float_model(where: str, name: str, arrays, task) -> None:
+    """The arrays of ``arrays`` that ``task``'s model trains (by name; IFCA's ``cluster{j}/name`` too) are floating
+    point. An integer model trained and was averaged, and every aggregate was cast back to integers: the weights
+    stayed whole numbers (zeros from a zero start) and the run learned nothing, without a word."""
+    trained = {k for k, v in task.initial_params().items() if np.asarray(v).dtype.kind == "f"}
+    for k, a in arrays.items():
+        if k.rpartition(CLUSTER_SEP)[2] in trained and np.dtype(a.dtype).kind != "f":
+            raise ValueError(
+                f"{where}: {name}[{k!r}] has dtype {np.dtype(a.dtype)}; expected floating point (float16, float32 or "
+                "float64): every aggregate is stored in the model's dtype, and an integer model stays whole numbers"
+            )
 
 
 def require_timeout(where: str, value, name: str = "timeout") -> None:

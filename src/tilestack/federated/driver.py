@@ -84,6 +84,7 @@ from tilestack.federated.checks import (
     check_stale,
     check_strategy,
     nodes_short,
+    require_float_model,
     require_int,
     require_real,
     require_real_arrays,
@@ -492,6 +493,7 @@ def run_rounds(
     if not isinstance(initial_arrays, ArrayRecord):
         raise TypeError(f"run_rounds: initial_arrays is a {type(initial_arrays).__name__}; expected an ArrayRecord")
     require_real_arrays("run_rounds", "initial", initial_arrays)
+    require_float_model("run_rounds", "initial", initial_arrays, grid.task)
     # before round 1 every node counts (a grid run before was left at its last round, with its clients offline then),
     # and no late update is in flight (a resumed run loads its own from the checkpoint)
     grid.server_round = 0

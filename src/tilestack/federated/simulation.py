@@ -24,7 +24,14 @@ from flwr.serverapp.strategy import Strategy
 
 from tilestack.errors import FederatedError
 from tilestack.federated import client
-from tilestack.federated.checks import check_stale, check_strategy, require_int, require_real_arrays, strategy_levels
+from tilestack.federated.checks import (
+    check_stale,
+    check_strategy,
+    require_float_model,
+    require_int,
+    require_real_arrays,
+    strategy_levels,
+)
 from tilestack.federated.client import TASK_KEY
 from tilestack.federated.driver import RunResult, check_run_arguments, checkpoint_path, run_rounds
 from tilestack.federated.engine import InProcessGrid
@@ -125,6 +132,7 @@ def check_arguments(strategy: Strategy, task: Task, *, rounds, engine="tilestack
         raise TypeError(f"simulate: initial is a {type(initial).__name__}; expected an ArrayRecord or None")
     if initial is not None:
         require_real_arrays("simulate", "initial", initial)
+        require_float_model("simulate", "initial", initial, task)
     check_strategy(strategy, task.num_clients, task)
     if stragglers == "stale":
         check_stale(strategy)
