@@ -9,12 +9,14 @@ scores its mask keeps, ``counting_linalg.causal_fraction``: half when square) or
 pools, interpolation, scatters and accumulating index puts, scans, selections and sorts (as compares), statistics,
 losses, weight norm, element-wise ops torch leaves untagged) and ``counting_linalg`` for products and linear algebra
 (in-place and summed batch matmuls, matrix-vector products, quantized linears and recurrent layers, nn.Bilinear,
-factorisations); 1 FLOP per element of a pointwise op (a complex product 6); a matmul with a sparse compressed
-operand by its stored elements. Bytes are the sizes of an op's distinct input and output tensors (views move none,
-an expanded input is read as held, a lookup reads only its rows, an in-place scatter only the elements it touches,
-an overwrite does not read its destination). A composite op that reaches the mode whole (under ``inference_mode``)
-is counted as the ops it runs, as ``FlopCounterMode`` does; an op that computes but has no formula is marked
-``unsupported`` (its FLOPs unknown, not 0), in any namespace (a ``torch.library`` custom op is counted whole).
+factorisations), ``counting_optim`` for fused optimizers and grad scalers; 1 FLOP per element of a pointwise op (a
+complex product 6; a sparse operand's stored values where it adds into a dense one); a matmul with a sparse
+compressed operand by its stored elements. Bytes are the sizes of an op's distinct input and output tensors (views
+move none, an expanded input is read as held, a lookup reads only its rows, an in-place scatter only the elements
+it touches, an overwrite does not read its destination). A composite op that reaches the mode whole (under
+``inference_mode``) is counted as the ops it runs, as ``FlopCounterMode`` does; an op that computes but has no
+formula is marked ``unsupported`` (its FLOPs unknown, not 0), in any namespace (a ``torch.library`` custom op is
+counted whole).
 torch.compile'd code is counted eagerly (``force_eager``). The profile joins these counts with the timed pass
 (``profile.profile_model``).
 """
@@ -30,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from tilestack.errors import TilestackError
-from tilestack.perf import counting_linalg, formulas
+from tilestack.perf import counting_linalg, counting_optim, counting_rules, formulas
 from tilestack.perf.counting_linalg import LINALG_FLOPS, UNDECOMPOSED_FLOPS, VALUES_ONLY_CALLERS, vectors_for_the_mode
 from tilestack.perf.counting_rules import (  # noqa: F401 - _tensors, _numel, _argument: used here and by profile
     FOREACH_NO_ARITHMETIC,
@@ -40,6 +42,7 @@ from tilestack.perf.counting_rules import (  # noqa: F401 - _tensors, _numel, _a
     _argument,
     _dense,
     _numel,
+    _tags,
     _tensors,
     foreach_flops,
 )
@@ -167,6 +170,9 @@ def _flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     tags = _tags(func)
     if str(packet).removeprefix("aten.").rstrip("_") in NO_ARITHMETIC:
         return 0.0  # a copy or a select, though torch tags some pointwise (clone, masked_fill)
+    sparse = counting_optim.sparse_into_dense(func, args, kwargs) if torch.Tag.pointwise in tags else None
+    if sparse is not None:
+        return sparse[0]
     if torch.Tag.pointwise in tags:
         # 1 FLOP per output element, as torch's profiler; per real part of a complex one, and a complex product or
         # quotient of two complex operands as the real operations it takes.
@@ -198,20 +204,6 @@ def _sparse_product_flops(func: Any, args: tuple, kwargs: dict) -> float:
     sparse, other = (a, b) if not _dense(a) else (b, a)
     dense_lines = _numel(other) // max(k, 1) if _dense(other) else _numel(other)
     return float(formulas.FLOPS_PER_MAC * _numel(sparse) * dense_lines)
-
-
-def _tags(func: Any) -> tuple:
-    """An op's tags; a prim's (``prims.add``, which forward-mode AD and decompositions run) those of its ATen twin
-    (``aten.add``: pointwise), prims being untagged."""
-    import torch
-
-    tags = tuple(getattr(func, "tags", ()))
-    ns, _, name = str(func._overloadpacket).partition(".")
-    if ns == "prims":
-        twin = getattr(torch.ops.aten, name, None)
-        for overload in twin.overloads() if twin is not None else ():  # aten.add has no default: Tensor, Scalar
-            tags += tuple(getattr(getattr(twin, overload), "tags", ()))
-    return tags
 
 
 def has_flop_formula(func: Any) -> bool:
@@ -261,6 +253,7 @@ def does_no_arithmetic(func: Any) -> bool:
 METADATA_OPS = frozenset({
     "aten::_nested_tensor_size", "aten::_nested_tensor_strides", "aten::_nested_tensor_storage_offsets",
     "aten::is_same_size", "aten::_nested_get_offsets", "aten::_nested_get_lengths", "aten::_has_same_storage_numel",
+    "aten::is_coalesced",  # a sparse tensor's flag
 })
 PROFILER_PREFIX = "profiler."  # record_function's enter and exit: bookkeeping of the profiler's ranges
 # Ops tilestack counts itself, ahead of torch's registry (whose convolution backward ignores groups) or where
@@ -268,6 +261,7 @@ PROFILER_PREFIX = "profiler."  # record_function's enter and exit: bookkeeping o
 OWN_FLOPS: dict[str, Rule] = {
     **LAYER_FLOPS,
     **LINALG_FLOPS,
+    **counting_optim.OPTIMIZER_FLOPS,  # fused optimizers, grad scalers
     # torch.sparse.mm / addmm of a sparse COO operand: by its stored elements, as a compressed one's matmul
     "aten._sparse_addmm": lambda func, args, kwargs, out: _sparse_product_flops(func, args, kwargs),
 }
@@ -295,7 +289,7 @@ NO_ARITHMETIC = frozenset(
         "replication_pad1d", "replication_pad3d", "reflection_pad3d", "block_diag", "unique_consecutive",
         "unique_dim", "unique_dim_consecutive", "lu_unpack", "_nested_tensor_from_tensor_list",
         "_nested_tensor_size", "_nested_tensor_strides", "_nested_tensor_storage_offsets", "is_same_size",
-        "_sparse_sum_backward", "_has_same_storage_numel",
+        "_sparse_sum_backward", "_has_same_storage_numel", "is_coalesced", "sparse_mask",
     }
 )
 
@@ -398,7 +392,8 @@ def _gathered_bytes(func: Any, args: tuple, kwargs: dict, table_arg: str, index_
         row = table.numel() // max(table.shape[dim], 1) if table.dim() else 1
     else:
         row = table.shape[-1] if table.dim() else 1
-    rows = min(index.numel() * row, table.numel())
+    bag = "embedding_bag" in str(func._overloadpacket)  # an EmbeddingBag's padding entries read no row
+    rows = min((counting_rules.bag_entries(func, args, kwargs) if bag else index.numel()) * row, table.numel())
     return rows * table.element_size() + _nbytes([index]) + _nbytes(others)
 
 
@@ -616,8 +611,9 @@ def count_ops(step: Callable[[], Any]) -> dict[OpKey, _Count]:
                     ins = [t for t in ins if not any(t is d for d in dest)]
                 gathered = GATHERS.get(str(func._overloadpacket))
                 scattered = SCATTERS_IN_PLACE.get(str(func._overloadpacket))
-                if scattered is not None:
-                    read, written = _scattered_bytes(func, args, kwargs, scattered)
+                sparse = counting_optim.sparse_into_dense(func, args, kwargs)  # dense.add_(sparse): rows touched
+                if scattered is not None or (sparse is not None and sparse[1] is not None):
+                    read, written = _scattered_bytes(func, args, kwargs, scattered) if sparse is None else sparse[1:]
                     c.bytes_read += read
                     c.bytes_written += written
                 else:

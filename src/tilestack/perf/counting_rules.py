@@ -169,27 +169,51 @@ def _accumulate_flops(source: str) -> Rule:
     return count
 
 
+def bag_entries(func: Any, args: tuple, kwargs: dict) -> int:
+    """Indices an EmbeddingBag op looks up: those that are not its ``padding_idx`` (the kernels skip those entries,
+    forward and backward: a row padded to a fixed length with the padding index adds nothing for them)."""
+    indices, padding = _argument(func, args, kwargs, "indices"), _argument(func, args, kwargs, "padding_idx")
+    if padding is None or padding < 0 or indices.device.type == "meta":  # -1: none; meta: no values to compare
+        return indices.numel()
+    return int((indices != padding).sum())
+
+
 def _embedding_bag_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
-    """aten._embedding_bag: each looked-up row (indices x dim) is added (or compared, mode max) into its bag,
-    after a multiply by its per-sample weight where one is given."""
+    """aten._embedding_bag: each looked-up row (entries x dim, padding entries skipped) is added (or compared, mode
+    max) into its bag, after a multiply by its per-sample weight where one is given."""
     arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
     per_row = 1 + (arg("per_sample_weights") is not None)
-    return float(per_row * arg("indices").numel() * arg("weight").shape[-1])
+    return float(per_row * bag_entries(func, args, kwargs) * arg("weight").shape[-1])
 
 
 EMBEDDING_BAG_MEAN = 1  # the ``mode`` argument of aten._embedding_bag: 0 sum, 1 mean, 2 max
 
 
 def _embedding_bag_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
-    """The backward of an EmbeddingBag: each bag's gradient row added into the row of each of its indices, after
-    a multiply by the per-sample weight or by 1/bag size (mode mean). The per-sample weights' own gradient is a
-    dot product of the bag's gradient row with each looked-up row: a multiply-add per element."""
+    """The backward of an EmbeddingBag: each bag's gradient row added into the row of each of its entries (padding
+    entries skipped), after a multiply by the per-sample weight or by 1/bag size (mode mean). The per-sample
+    weights' own gradient is a dot product of the bag's gradient row with each looked-up row: a multiply-add per
+    element."""
     arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
-    indices, grad = arg("indices"), arg("grad")
+    grad = arg("grad")
     scaled = "weights_backward" in str(func._overloadpacket) or arg("per_sample_weights") is not None or (
         arg("mode") == EMBEDDING_BAG_MEAN
     )
-    return float((1 + scaled) * indices.numel() * grad.shape[-1])
+    return float((1 + scaled) * bag_entries(func, args, kwargs) * grad.shape[-1])
+
+
+def _tags(func: Any) -> tuple:
+    """An op's tags; a prim's (``prims.add``, which forward-mode AD and decompositions run) those of its ATen twin
+    (``aten.add``: pointwise), prims being untagged."""
+    import torch
+
+    tags = tuple(getattr(func, "tags", ()))
+    ns, _, name = str(func._overloadpacket).partition(".")
+    if ns == "prims":
+        twin = getattr(torch.ops.aten, name, None)
+        for overload in twin.overloads() if twin is not None else ():  # aten.add has no default: Tensor, Scalar
+            tags += tuple(getattr(getattr(twin, overload), "tags", ()))
+    return tags
 
 
 def _per_element(name: str, flops_per_element: float) -> Rule:
@@ -526,6 +550,7 @@ LAYER_FLOPS: dict[str, Rule] = {
     "aten.col2im": _accumulate_flops("self"),  # F.fold: every column element added into its pixel
     "aten.unfold_backward": _accumulate_flops("grad_in"),  # overlapping windows' gradients added
     "aten.bincount": _accumulate_flops("self"),
+    "aten._coalesce": _accumulate_flops("self"),  # a sparse COO tensor's duplicate entries summed: an add per value
     "aten._weight_norm_interface": _per_element("v", formulas.WEIGHT_NORM_FLOPS_PER_ELEMENT),
     "aten._weight_norm_interface_backward": _per_element("saved_v", formulas.WEIGHT_NORM_BWD_FLOPS_PER_ELEMENT),
     "aten.mse_loss": _per_element("self", formulas.MSE_FLOPS_PER_ELEMENT),

@@ -124,6 +124,23 @@ SOFT_MARGIN_BWD_FLOPS_PER_ELEMENT = 5  # -y sigmoid(-y x) dy / n: multiply, exp,
 CTC_FLOPS_PER_STATE = 13
 CTC_BWD_FLOPS_PER_STATE = CTC_FLOPS_PER_STATE + 5
 CTC_BWD_FLOPS_PER_LOG_PROB = 4
+# Fused optimizer steps (torch.optim's fused=True: aten._fused_adam_, _fused_adamw_, _fused_sgd_, _fused_adagrad_),
+# per element of the parameters: the pointwise ops of the same optimizer's foreach path, one FLOP each, so a fused
+# and an unfused step count alike. Adam: exp_avg lerp (1), exp_avg_sq scale and addcmul (2), the denominator's sqrt,
+# bias-correction divide and eps add (3), the addcdiv into the parameter (1); weight decay one more (Adam adds it
+# into the gradient, AdamW scales the parameter), amsgrad's running maximum one, maximize's negation one.
+ADAM_FLOPS_PER_ELEMENT = 7
+# SGD: the update's add (1); with momentum the buffer's scale and add (2, none on the first step: it is the
+# gradient's copy), nesterov's look-ahead add (1), weight decay's add (1), maximize's negation (1).
+SGD_FLOPS_PER_ELEMENT = 1
+# Adagrad: the squared-gradient sum's addcmul (1), sqrt and eps add (2), the gradient scaled by the decayed lr (1),
+# the addcdiv into the parameter (1).
+ADAGRAD_FLOPS_PER_ELEMENT = 5
+# A grad scaler's (torch.amp.GradScaler) unscale of the gradients: a multiply by 1/scale and a finiteness check per
+# element; its scale update: found_inf's test, the growth tracker's increment and its compare with the interval,
+# the scale's multiply.
+AMP_UNSCALE_FLOPS_PER_ELEMENT = 2
+AMP_UPDATE_SCALE_FLOPS = 4
 # Recurrent gates per cell kind: the rows of its input and hidden weights (gates x hidden size).
 RNN_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 # FFTs: 5 N log2 N real FLOPs per complex transform of N points (the radix-2 Cooley-Tukey count, the convention FFTW
