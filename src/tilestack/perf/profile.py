@@ -44,7 +44,6 @@ the shapes, so ``tilestack compare`` pairs only the same op of the same model at
 from __future__ import annotations
 
 import collections
-import copy
 import dataclasses
 import math
 import statistics
@@ -63,7 +62,7 @@ from tilestack.perf.counting import (  # noqa: F401 - ProfileError, OpKey, Shape
     count_ops,
 )
 from tilestack.perf.metrics import Measurement, compute_metrics, roofs_for
-from tilestack.perf.profile_args import as_call, check_arguments, check_ceilings, check_placement
+from tilestack.perf.profile_args import _fresh, as_call, check_arguments, check_ceilings, check_placement
 from tilestack.perf.profile_render import (  # noqa: F401 - the rendering and target loading: public here too
     HOT_SPOTS,
     OTHER,
@@ -211,26 +210,14 @@ def _without_fastpath(step: Callable[[], Any]) -> Callable[[], Any]:
     return inner
 
 
-def _fresh(obj: Any) -> Any:
-    """``obj`` with new lists, dicts and tuples around the same tensors and values: each step gets containers of
-    its own, so a forward that consumes its inputs (pops a key off a target dict, rebinds its boxes) does it to its
-    step's copy, not to the next step's nor to the caller's."""
-    if isinstance(obj, list):
-        return [_fresh(x) for x in obj]
-    if isinstance(obj, tuple):
-        items = [_fresh(x) for x in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)  # a namedtuple by position
-    if isinstance(obj, dict):
-        fresh = copy.copy(obj)  # of its own type: an OrderedDict, a defaultdict with its factory
-        for k, v in obj.items():
-            fresh[k] = _fresh(v)
-        return fresh
-    return obj
+# autograd's refusal of backward() or autograd.grad() on an output made under no_grad
+NO_GRAD_FN = "does not require grad and does not have a grad_fn"
 
 
 def make_step(model: Callable[..., Any], inputs: Any, *, train: bool = False) -> Callable[[], Any]:
-    """One forward (``train`` False, under no_grad), or forward + backward of the sum of the outputs (of both parts
-    of a complex one). Each step calls the model with fresh containers around the inputs (:func:`_fresh`): every
+    """One forward (``train`` False, under no_grad unless the model needs gradients to run: a training step calling
+    backward and its optimizer itself), or forward + backward of the sum of the outputs (of both parts of a complex
+    one). Each step calls the model with fresh containers around the inputs (:func:`_fresh`): every
     step sees the same inputs.
 
     Dense gradients accumulate from step to step (each step adds into them: the same work every step). A sparse
@@ -243,12 +230,32 @@ def make_step(model: Callable[..., Any], inputs: Any, *, train: bool = False) ->
         raise ProfileError(f"train={describe(train)} ({type(train).__name__}); expected True or False")
     args, kwargs = as_call(inputs)
     params = list(model.parameters()) if train and isinstance(model, torch.nn.Module) else []
+    needs_grad: list[bool] = []  # decided by the first forward-only call: [True] where the model needs gradients
+
+    def forward_only(a: tuple, kw: dict) -> Any:
+        # A forward runs under no_grad, unless the model needs gradients recorded to run at all: a training step
+        # that calls backward and an optimizer itself, a net taking autograd.grad of its input. Under no_grad its
+        # first call fails (autograd's NO_GRAD_FN): it is run again, and from then on, as it is written.
+        if needs_grad:
+            if not needs_grad[0]:
+                with torch.no_grad():
+                    return model(*a, **kw)
+            return model(*a, **kw)
+        try:
+            with torch.no_grad():
+                out = model(*a, **kw)
+        except RuntimeError as e:
+            if NO_GRAD_FN not in str(e):
+                raise  # any other error: the model is not run again
+            needs_grad.append(True)
+            return model(*_fresh(args), **_fresh(kwargs))
+        needs_grad.append(False)
+        return out
 
     def step() -> Any:
         a, kw = _fresh(args), _fresh(kwargs)
         if not train:
-            with torch.no_grad():
-                return model(*a, **kw)
+            return forward_only(a, kw)
         for p in params:
             if p.grad is not None and p.grad.layout != torch.strided:
                 p.grad = None

@@ -3,6 +3,7 @@ given and what was expected), and that the model and its inputs sit on the devic
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -18,6 +19,23 @@ def as_call(inputs: Any) -> tuple[tuple, dict]:
     if isinstance(inputs, tuple | list):
         return tuple(inputs), {}
     return (inputs,), {}
+
+
+def _fresh(obj: Any) -> Any:
+    """``obj`` with new lists, dicts and tuples around the same tensors and values: each step gets containers of
+    its own, so a forward that consumes its inputs (pops a key off a target dict, rebinds its boxes) does it to its
+    step's copy, not to the next step's nor to the caller's."""
+    if isinstance(obj, list):
+        return [_fresh(x) for x in obj]
+    if isinstance(obj, tuple):
+        items = [_fresh(x) for x in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)  # a namedtuple by position
+    if isinstance(obj, dict):
+        fresh = copy.copy(obj)  # of its own type: an OrderedDict, a defaultdict with its factory
+        for k, v in obj.items():
+            fresh[k] = _fresh(v)
+        return fresh
+    return obj
 
 
 def check_arguments(

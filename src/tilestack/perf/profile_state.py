@@ -7,7 +7,8 @@ step sums its gradients into every parameter's ``.grad``, and random ops advance
 each of those was and puts it back, even when the model raises, so that the model's next output is the one it would
 have given unprofiled. State a module keeps in plain attributes is put back too: a recurrent state carried from call
 to call (truncated BPTT), a Python flag (ActNorm's "initialised from the first batch") or counter, a list a hook
-appends to, a ``torch.Generator`` of the model's own.
+appends to, a ``torch.Generator`` of the model's own, an optimizer's, a scheduler's and a grad scaler's state (a
+training step written as a module that holds its optimizer).
 
     with preserved(model, inputs):
         ...run the steps...
@@ -25,6 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from tilestack.perf.counting import _tensors
+from tilestack.perf.profile_args import _fresh
 
 
 class _Saved:
@@ -113,6 +115,46 @@ class _Attributes:
                 v.update(held)
             else:
                 v.extend(held)
+
+
+class _Stepper:
+    """An optimizer, a learning-rate scheduler or a grad scaler a module holds in a plain attribute (a training step
+    written as a module: ``self.opt = AdamW(self.parameters())``, whose forward calls backward and
+    ``self.opt.step()``): the per-parameter state an optimizer's steps create and change (Adam's moments and step
+    count, SGD's momentum buffers: created by the first step, moved by every one), its parameter groups' settings (a
+    scheduler's lr), and a scheduler's or grad scaler's own attributes (its epoch and last lr; the loss scale and
+    its growth tracker). ``restore`` rebinds them; the tensors among them (``held``) are put back by value with the
+    others."""
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+        self.state = {p: dict(s) for p, s in obj.state.items()} if hasattr(obj, "param_groups") else None
+        self.groups = [dict(g) for g in obj.param_groups] if hasattr(obj, "param_groups") else None
+        # containers copied (a grad scaler's per-optimizer states: a dict of dicts its step() changes in place)
+        self.attributes = None if hasattr(obj, "param_groups") else _fresh(dict(vars(obj)))
+        self.held = [self.state, self.groups, self.attributes]
+
+    def restore(self) -> None:
+        if self.attributes is not None:  # a scheduler, a grad scaler
+            vars(self.obj).clear()
+            vars(self.obj).update(_fresh(self.attributes))
+            return
+        self.obj.state.clear()  # a defaultdict(dict): a parameter it did not hold gets an empty state again
+        self.obj.state.update({p: dict(s) for p, s in self.state.items()})
+        for group, saved in zip(self.obj.param_groups, self.groups, strict=False):
+            group.clear()
+            group.update(saved)
+
+
+def _steppers(attributes: list[_Attributes]) -> list[_Stepper]:
+    """The optimizers, learning-rate schedulers and grad scalers the modules hold in their plain attributes."""
+    import torch
+
+    kinds = (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, torch.amp.GradScaler)
+    held = [v for a in attributes for v in a.values.values()]
+    held += [x for v in held if isinstance(v, list | tuple | dict) for x in (v.values() if isinstance(v, dict) else v)]
+    found = {id(v): v for v in held if isinstance(v, kinds)}  # as attributes, or in a list or dict of them
+    return [_Stepper(v) for v in found.values()]
 
 
 def _same(now: dict, before: dict, size: int) -> bool:
@@ -241,6 +283,8 @@ def preserved(model: Any, inputs: Any) -> Iterator[None]:
     bindings = _Bindings(modules)
     values = [t for m in modules for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))]
     values += _tensors([a.values for a in bindings.attributes])
+    steppers = _steppers(bindings.attributes)
+    values += _tensors([s.held for s in steppers])
     modes = [(m, m.training) for m in modules]
     held: dict[int, Any] = {}
     for t in (*values, *_tensors(inputs), *_tensors(bound)):
@@ -256,6 +300,8 @@ def preserved(model: Any, inputs: Any) -> Iterator[None]:
         yield
     finally:
         bindings.restore()
+        for stepper in steppers:
+            stepper.restore()
         for s in saved:
             s.restore()
         for t, grad in grads:
