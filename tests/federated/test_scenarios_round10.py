@@ -275,23 +275,30 @@ def test_resuming_with_another_learning_rate_in_the_round_config_is_refused_nami
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("entry", ["simulate", "run_rounds"])
-def test_an_integer_initial_model_is_refused_before_any_work(entry):
-    """An initial model of int64 zeros (a model built with np.zeros(shape, int), a quantised checkpoint): before, the
-    clients trained it in float32, and every aggregate was cast back to int64: three rounds of a model that stayed 0
-    and scored chance, nothing said. Refused naming the array and the dtype; the same zeros as float32 learn."""
+@pytest.mark.parametrize("bad", ["int64", "nan"])
+def test_an_integer_or_nan_initial_model_is_refused_before_any_work(entry, bad):
+    """An initial model of int64 zeros (built with np.zeros(shape, int), a quantised checkpoint): before, the clients
+    trained it in float32 and every aggregate was cast back to int64: three rounds of a model that stayed 0 and
+    scored chance, nothing said. One NaN in the initial model: every reply was non-finite and left out, each round
+    skipped. Both refused naming the array; the same zeros as float32 learn."""
     from tilestack.federated import codec
 
     task = _task(num_clients=3, local_steps=5, lr=0.1)
-    zeros = {k: np.zeros(v.shape, np.int64) for k, v in np_(initial_arrays(task)).items()}
-    needle = (f"{entry}: initial['fc.weight'] has dtype int64; expected floating point (float16, float32 or float64): "
-              "every aggregate is stored in the model's dtype, and an integer model stays whole numbers")  # fmt: skip
+    zeros = {k: np.zeros(v.shape, np.int64 if bad == "int64" else np.float32)
+             for k, v in np_(initial_arrays(task)).items()}  # fmt: skip
+    if bad == "nan":
+        zeros["fc.weight"][1, 2] = np.nan
+    needle = f"{entry}: initial['fc.weight'] " + (
+        "has dtype int64; expected floating point (float16, float32 or float64): every aggregate is stored in the "
+        "model's dtype, and an integer model stays whole numbers" if bad == "int64"
+        else "holds 1 non-finite value of 12; expected finite numbers")  # fmt: skip
     strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=3)
     with pytest.raises(ValueError, match=re.escape(needle)):
         if entry == "simulate":
             simulate(strategy, task, rounds=3, initial=codec.to_record(zeros))
         else:
             run_rounds(strategy, _grid(task), codec.to_record(zeros), num_rounds=3)
-    as_float = codec.to_record({k: v.astype(np.float32) for k, v in zeros.items()})
+    as_float = codec.to_record({k: np.nan_to_num(v).astype(np.float32) for k, v in zeros.items()})
     res = simulate(strategy, task, rounds=3, initial=as_float)
     assert np.any(np_(res.arrays)["fc.weight"] != 0) and res.history.rounds[-1].test_acc > 0.5
 

@@ -153,9 +153,9 @@ def require_real(where: str, name: str, value, ok, expected: str) -> None:
 
 
 def require_real_arrays(where: str, name: str, arrays) -> None:
-    """Every array of the ArrayRecord ``arrays`` holds real numbers numpy can read. A dtype it cannot hold (bfloat16
-    from torch: numpy has none without ml_dtypes) made every client fail on the model, round after round, and the
-    server's evaluation raise TypeError after the first."""
+    """Every array of the ArrayRecord ``arrays`` holds finite real numbers numpy can read. A dtype it cannot hold
+    (bfloat16 from torch: numpy has none without ml_dtypes) made every client fail on the model, round after round, and
+    the server's evaluation raise TypeError after the first; a NaN made every reply non-finite, each round skipped."""
     for k, a in arrays.items():
         try:
             np.dtype(a.dtype)
@@ -170,6 +170,12 @@ def require_real_arrays(where: str, name: str, arrays) -> None:
             raise ValueError(f"{where}: {name}[{k!r}] cannot be decoded ({type(ex).__name__}: {ex})") from ex
         if not np.issubdtype(value.dtype, np.number) or np.issubdtype(value.dtype, np.complexfloating):
             raise ValueError(f"{where}: {name}[{k!r}] has dtype {value.dtype}; expected real numbers")
+        bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+        if bad:  # every client's reply was NaN and left out, round after round: nothing could ever be aggregated
+            raise ValueError(
+                f"{where}: {name}[{k!r}] holds {bad} non-finite value{'s' * (bad > 1)} of {np.size(value)}; "
+                "expected finite numbers"
+            )
 
 
 def require_float_model(where: str, name: str, arrays, task) -> None:
