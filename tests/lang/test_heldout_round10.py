@@ -21,7 +21,13 @@ Bugs this round found, fixed, each kept as its regression test:
   must have between 1 and 5 coordinates"); such globals go through pointers now, and Gluon refuses an async load
   from one by name (backends.triton.passes.uses_tma, backends.gluon.passes): test_round10_compiles_for_sm90a_*
   [conv2d_igemm], test_a_global_of_six_dimensions_is_read_through_pointers,
-  test_gluon_refuses_an_async_load_from_a_global_of_six_dimensions_by_name.
+  test_gluon_refuses_an_async_load_from_a_global_of_six_dimensions_by_name;
+- the language: `Q.shape[3] ** -0.5` (a softmax scale from a size) failed with Python's "unsupported operand
+  type(s) for ** or pow(): 'Scalar' and 'float'", and `1.0 / math.sqrt(N)` said "a Scalar cannot be used as a Python
+  int (tile sizes must be compile-time constants)"; a Scalar takes a constant exponent now (whole ones by products,
+  others as exp2(e log2 x) in f32: ir.ops "fpow", every backend), and float() / math functions of one are refused
+  saying what to write (lang.tiles.Scalar): test_powers_of_scalars,
+  test_scalars_in_math_functions_and_runtime_exponents_are_named.
 """
 
 import math
@@ -449,3 +455,56 @@ def test_marked_vector_first_in_an_op_that_does_not_commute_is_named():
     with pytest.raises(TraceError, match=r"sub: a is per_col\(v\).*zero\(t\); add\(t, t, per_col\(v\)\); "
                                          r"sub\(dst, t, b\)"):
         bad.trace(torch.empty(4, 4), torch.empty(4))
+
+
+# ---- 7. powers of sizes and float arguments: a softmax scale from a shape, `N ** -0.5`, `N ** 2`, `t ** 1.5` --------
+@ts.kernel(grid=lambda X: (1,))
+def scalar_powers(X, Y, t: float, *, BN: int = 8):
+    """Y[k] = X[k] times the k-th power below, X and Y (8,) f32; D = X.shape[0] (a size: known at run time)."""
+    D = X.shape[0]
+    x = ts.RegVec[ts.f32, BN]()
+    y = ts.RegVec[ts.f32, BN]()
+    col = ts.RegVec[ts.i32, BN]()
+    hit = ts.RegVec[ts.bool_, BN]()
+    ts.load(x, X, at=(0,))
+    ts.arange(col, 0)
+    ts.zero(y)
+    for k, p in enumerate((D ** -0.5, D ** 2, D ** 3 * 1.0, t ** 1.5, t ** -2, t ** 0, D ** 0.25, t ** 2.0)):
+        ts.eq(hit, col, k)
+        ts.where(y, hit, p, y)
+    ts.mul(y, y, x)
+    ts.store(Y, y, at=(0,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("t", [3.0, 0.5, 0.0])
+def test_powers_of_scalars(backend, t):
+    """Were refused: `**` of a Scalar ("unsupported operand type(s) for ** or pow(): 'Scalar' and 'float'"), so a
+    user could not write `Q.shape[3] ** -0.5`. t = 0: 0 ** 1.5 = 0, 0 ** -2 = inf, 0 ** 0 = 1."""
+    x = torch.ones(8)
+    y = torch.full((8,), math.nan)
+    launch(scalar_powers, backend, x, y, t)
+    D = 8.0
+    inf = math.inf
+    want = torch.tensor([D ** -0.5, D ** 2, D ** 3, t ** 1.5, 1 / t ** 2 if t else inf, 1.0, D ** 0.25, t ** 2.0],
+                        dtype=torch.float64)
+    torch.testing.assert_close(y.double(), want, rtol=2e-6, atol=0)
+
+
+def test_scalars_in_math_functions_and_runtime_exponents_are_named():
+    """math.sqrt(N) said "a Scalar cannot be used as a Python int (tile sizes must be compile-time constants)"."""
+    def make(expr):
+        @ts.kernel(grid=lambda X: (1,))
+        def k(X, Y, *, BN: int = 8):
+            y = ts.RegVec[ts.f32, BN]()
+            ts.fill(y, expr(X.shape[0]))
+            ts.store(Y, y, at=(0,))
+        return k
+
+    args = (torch.empty(8), torch.empty(8))
+    with pytest.raises(TraceError, match=r"math functions cannot take it: use Scalar arithmetic .*N \*\* -0.5"):
+        make(lambda n: 1.0 / math.sqrt(n)).trace(*args)
+    with pytest.raises(TraceError, match=r"`2 \*\* <Scalar>`: an exponent known only when the kernel runs"):
+        make(lambda n: 2 ** n).trace(*args)
+    with pytest.raises(TraceError, match=r"`\*\*` of a Scalar takes a constant, finite exponent.*got Scalar"):
+        make(lambda n: n ** (n * 1.0)).trace(*args)

@@ -37,7 +37,9 @@ def scalar_templates(ns: str) -> dict[str, str]:
     adds 1 where the division leaves a remainder ((a + b - 1) // b wraps for a size within b of 2**31)."""
     return {"add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "floordiv": "({} // {})",
             "cdiv": "({0} // {1} + ({0} % {1} != 0))", "mod": "({} % {})", "min": f"{ns}.minimum({{}}, {{}})",
-            "max": f"{ns}.maximum({{}}, {{}})", "fadd": "({} + {})", "fmul": "({} * {})", "fdiv": "({} / {})"}
+            "max": f"{ns}.maximum({{}}, {{}})", "fadd": "({} + {})", "fmul": "({} * {})", "fdiv": "({} / {})",
+            # (an index base becomes a float first: the log of an integer is no DSL op)
+            "fpow": f"{ns}.exp2(({{1}}) * {ns}.log2(({{0}}) * 1.0))"}
 
 
 def floor_helpers(jit: str, ns: str, dsl: str) -> str:

@@ -322,6 +322,12 @@ def _fdiv(a, b):
         return float(np.true_divide(float(a), float(b)))
 
 
+def _fpow(a, b):
+    """a ** b as the backends compute it: exp2(b log2(a)) (so a negative base gives NaN, a zero one 0 or inf)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.exp2(b * np.log2(a))
+
+
 def _smin(a, b):
     return np.minimum(a, b) if isinstance(a, np.ndarray) or isinstance(b, np.ndarray) else min(a, b)
 
@@ -335,7 +341,7 @@ SCALAR_FNS: dict[str, Callable] = {
     "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
     "floordiv": lambda a, b: a // b, "cdiv": lambda a, b: -(-a // b), "mod": lambda a, b: a % b,
     "min": _smin, "max": _smax,
-    "fadd": lambda a, b: a + b, "fmul": lambda a, b: a * b, "fdiv": _fdiv,
+    "fadd": lambda a, b: a + b, "fmul": lambda a, b: a * b, "fdiv": _fdiv, "fpow": _fpow,
 }
 
 

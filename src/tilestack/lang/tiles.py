@@ -14,6 +14,7 @@ tile in place, as NumPy's and torch's do, so a loop carries it.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -291,9 +292,11 @@ class Scalar:
                              "divides with `/`)", user_line())
         if fn == "div":      # true division, as in Python: `N / 2` and `1.0 / N` are floats (`//` floors)
             fn = "fdiv"
+        elif fn == "pow":
+            fn = "fpow"
         elif is_float and fn in ("add", "mul"):
             fn = {"add": "fadd", "mul": "fmul"}[fn]
-        rtype = FLOAT if is_float or fn == "fdiv" else INDEX
+        rtype = FLOAT if is_float or fn in ("fdiv", "fpow") else INDEX
         ins = current("scalar arithmetic").emit(Op.SCALAR, (a.v, b.v), (rtype,), user_line(), fn=fn)
         return Scalar(ins.result)
 
@@ -310,6 +313,35 @@ class Scalar:
     def __truediv__(self, o): return self._op(o, "div")
     def __rtruediv__(self, o): return self._op(o, "div", True)
     def __neg__(self): return self._op(0, "sub", True)
+
+    def __pow__(self, o) -> Scalar:
+        """``N ** e`` for a constant exponent: a whole e of at most 8 by products (``N ** 2`` stays an index; a
+        negative e divides 1.0 by them), any other e as a float, exp2(e log2 N) in f32 (``D ** -0.5``: a softmax
+        scale from a size)."""
+        if isinstance(o, bool) or not isinstance(o, int | float) or not math.isfinite(o):
+            raise TraceError(f"`**` of a Scalar takes a constant, finite exponent (a Python int or float); got "
+                             f"{type(o).__name__} {o!r}", user_line())
+        if o == int(o) and abs(o) <= 8:
+            n = int(abs(o))
+            r = as_scalar(1) if n == 0 else self
+            for _ in range(n - 1):
+                r = r * self
+            if o < 0:
+                return 1.0 / r
+            return r * 1.0 if isinstance(o, float) else r
+        return self._op(float(o), "pow")
+
+    def __rpow__(self, o):
+        raise TraceError(f"`{o!r} ** <Scalar>`: an exponent known only when the kernel runs is not taken; raise "
+                         "a tile instead (ts.exp2 of the exponent times log2 of the base), or pass the power as "
+                         "an argument", user_line())
+
+    def __float__(self):
+        code = user_source()
+        raise TraceError("a Scalar's value" + (f" (in `{code}`)" if code else "") + " is known only when the kernel "
+                         "runs, so Python's float() and math functions cannot take it: use Scalar arithmetic "
+                         "(`1.0 / N`, `N ** -0.5`), ts ops on a tile, or pass the value as a float argument",
+                         user_line())
 
     def _compare(self, other, sym: str):
         code = user_source()
