@@ -303,6 +303,29 @@ def test_an_integer_or_nan_initial_model_is_refused_before_any_work(entry, bad):
     assert np.any(np_(res.arrays)["fc.weight"] != 0) and res.history.rounds[-1].test_acc > 0.5
 
 
+@pytest.mark.timeout(30)
+def test_a_selector_that_is_none_or_models_another_population_is_refused_before_any_work():
+    """Selected over a string for a selector (an AttributeError in round 1's configure_train before), and over an
+    OortSelector whose SystemModel has 3 or 7 clients for a task of 4: with 3, the run ended with an IndexError in the
+    first round that picked client 3; with 7, it ranked the 4 against 3 clients that do not exist. Refused naming
+    the numbers; a system of 4 runs."""
+    from tilestack.federated.strategies import OortSelector, Selected
+
+    task = _task(num_clients=4)
+
+    def make(selector):
+        return Selected(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), selector, per_round=2)
+
+    with pytest.raises(TypeError, match="Selected: selector is a str; expected an object with select"):
+        make("oort")
+    for n in (3, 7):
+        with pytest.raises(ValueError, match=f"Selected: OortSelector's system has num_clients={n}; expected the "
+                                             "task's num_clients=4"):  # fmt: skip
+            simulate(make(OortSelector(SystemModel(n))), task, rounds=3)
+    res = simulate(make(OortSelector(SystemModel(4, speed_sigma=1.0))), task, rounds=3, evaluate=False)
+    assert [r.num_aggregated for r in res.history.rounds] == [2, 2, 2]
+
+
 # ---- SCAFFOLD over a sample of the clients ---------------------------------------------------------------------------
 @pytest.mark.timeout(60)
 def test_scaffold_over_half_the_clients_each_round_keeps_every_clients_variate_as_written_out():

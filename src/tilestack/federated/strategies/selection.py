@@ -160,7 +160,25 @@ class Selected(Strategy):
                     f"Selected: inner.{name}={getattr(inner, name)}; expected <= per_round={per_round} "
                     "(the wrapped strategy sees only the selected nodes)"
                 )
+        if not all(callable(getattr(selector, hook, None)) for hook in ("select", "observe")):
+            raise TypeError(
+                f"Selected: selector is a {type(selector).__name__}; expected an object with select(server_round, "
+                "node_ids, k, grid) and observe(server_round, replies), e.g. RandomSelector(seed) or "
+                "OortSelector(system)"
+            )
         self.inner, self.selector, self.per_round = inner, selector, per_round
+
+    def check_task(self, task) -> None:
+        """A selector that models the clients' system (Oort: their speeds) must model this task's clients (run by
+        ``simulate`` and ``run_rounds`` before any work). Before, an OortSelector over a SystemModel of 7 clients ran
+        a task of 4, ranking them against 3 clients that do not exist, and one of 3 clients ended a run of 4 with an
+        IndexError in the round that first picked client 3."""
+        system = getattr(self.selector, "system", None)
+        if isinstance(system, SystemModel) and system.num_clients != task.num_clients:
+            raise ValueError(
+                f"Selected: {type(self.selector).__name__}'s system has num_clients={system.num_clients}; expected the "
+                f"task's num_clients={task.num_clients}"
+            )
 
     def __getattr__(self, name: str):
         if name == "inner":
