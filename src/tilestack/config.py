@@ -43,6 +43,10 @@ class Knobs:
         if backend not in BACKENDS:
             raise ValueError(f"TILESTACK_BACKEND={backend!r}; expected one of {BACKENDS}")
         cache = Path(env["TILESTACK_CACHE_DIR"]) if "TILESTACK_CACHE_DIR" in env else cls.cache_dir
+        if "TILESTACK_CACHE_DIR" in env and not env["TILESTACK_CACHE_DIR"].strip():
+            # (Path("") is ".": tuned tables, ceilings and result stores written to whatever folder a run starts in)
+            raise ValueError(f"TILESTACK_CACHE_DIR={env['TILESTACK_CACHE_DIR']!r}; expected a folder path (unset it "
+                             f"for the default {cls.cache_dir})")
         dropout = env.get("TILESTACK_SDPA_DROPOUT", "auto")
         if dropout not in SDPA_DROPOUT:
             raise ValueError(f"TILESTACK_SDPA_DROPOUT={dropout!r}; expected one of {SDPA_DROPOUT}")

@@ -1,5 +1,6 @@
 """Round eight, part two: the ``tilestack`` command's numbers that are no numbers (NaN, inf, negative rates) and a
-plan file whose write is cut short by a real fault (the file-size limit the kernel enforces).
+plan file whose write is cut short by a real fault (the file-size limit the kernel enforces), an empty cache-folder
+setting.
 
 What it found (each test failed before its fix):
 - ``tilestack train --lr nan`` or ``--lr -1`` started the ranks and failed inside them (AdamW's ValueError, a
@@ -8,7 +9,8 @@ What it found (each test failed before its fix):
   every deadline compares False; ``inf``, a run without an end;
 - ``parallel.plan.write_plan`` (``tilestack plan --out``) wrote the file in place: a write cut short (a full disk, a
   file-size limit, a kill) left half a file where the previous plan was, which ``tilestack train --plan`` then
-  refused; it now writes a temporary file and renames it over the old one.
+  refused; it now writes a temporary file and renames it over the old one;
+- ``TILESTACK_CACHE_DIR`` set but empty made the cache folder the current one (``Path("")`` is "."): refused.
 """
 
 from __future__ import annotations
@@ -84,3 +86,17 @@ def test_a_plan_write_cut_short_keeps_the_previous_plan(tmp_path):
     assert "cut short" in write(8, "cut")
     assert path.read_text() == before and read_plan(path)["batch"] == 4
     assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_cache_dir_setting_is_refused_by_name(value, tmp_path):
+    """TILESTACK_CACHE_DIR set but empty (``export TILESTACK_CACHE_DIR=`` in a script) made the cache folder ".":
+    tuned tables, ceilings and result stores written into whatever folder a run started in. Refused at import,
+    as an unknown TILESTACK_BACKEND is, naming the variable."""
+    import os
+
+    done = subprocess.run([sys.executable, "-c", "import tilestack"], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path, env={**os.environ, "TILESTACK_CACHE_DIR": value})
+    assert done.returncode != 0
+    assert f"TILESTACK_CACHE_DIR={value!r}; expected a folder path" in done.stderr
+    assert list(tmp_path.iterdir()) == []
