@@ -326,6 +326,39 @@ def test_a_selector_that_is_none_or_models_another_population_is_refused_before_
     assert [r.num_aggregated for r in res.history.rounds] == [2, 2, 2]
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("what, needle", [
+    ("width", "FedDF: unlabeled has 7 features per input; expected the task's 4 (dataset='blobs')"),
+    ("mlp", "FedDF: model has arrays {'fc1.weight': (4, 8), 'fc1.bias': (8,), 'fc2.weight': (8, 3), 'fc2.bias': (3,)}; "
+            "expected the task's model {'fc.weight': (4, 3), 'fc.bias': (3,)} (task.build_model())"),
+])  # fmt: skip
+def test_feddf_with_server_inputs_or_a_model_that_are_not_the_tasks_is_refused_before_any_client_trains(what, needle):
+    """FedDF distils on the server's own unlabeled inputs with the model it was given. Before, inputs of 7 features
+    for a task of 4 let round 1's clients train and then ended the run in the distillation (numpy's matmul error), and
+    an MLP given for a logistic-regression task ended it with a KeyError on 'fc1.weight'. Now refused naming the
+    numbers before any client is asked; the task's own model on inputs of its width runs."""
+    from tilestack.federated.models import MLP
+    from tilestack.federated.strategies import FedDF
+
+    task = _task(num_clients=3, num_classes=3)
+    rng = np.random.default_rng(0)
+    model, width = (task.build_model(), 7) if what == "width" else (MLP(4, 8, 3), 4)
+    trained = []
+
+    def script(pid, rnd, got, context, cfg):
+        trained.append(pid)
+        return got["arrays"], {"num-examples": 1}
+
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        strategy = FedDF(model=model, unlabeled=rng.normal(size=(10, width)), fraction_train=1.0, fraction_evaluate=0.0)
+        grid = ManagedGrid(InProcessGrid(scripted(script), 3), task)
+        run_rounds(strategy, grid, initial_arrays(task), num_rounds=1)
+    assert not trained
+    ok = FedDF(model=task.build_model(), unlabeled=rng.normal(size=(10, 4)), steps=5, fraction_train=1.0,
+               fraction_evaluate=0.0)  # fmt: skip
+    assert simulate(ok, task, rounds=1, evaluate=False).history.rounds[0].num_aggregated == 3
+
+
 # ---- SCAFFOLD over a sample of the clients ---------------------------------------------------------------------------
 @pytest.mark.timeout(60)
 def test_scaffold_over_half_the_clients_each_round_keeps_every_clients_variate_as_written_out():

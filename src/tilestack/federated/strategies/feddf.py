@@ -55,6 +55,22 @@ class FedDF(FedAvg):
         self.rng = np.random.default_rng(seed)
         self._x: dict[str, np.ndarray] = {}  # this round's global model: the dtypes the student is rounded to
 
+    def check_task(self, task) -> None:
+        """The server's inputs and model must be the task's (run by ``simulate`` and ``run_rounds`` before any work).
+        Before, unlabeled inputs of another width let round 1's clients train and then ended the run in the
+        distillation with numpy's matmul error, and a model of another kind (an MLP for a logistic regression) with a
+        KeyError on its arrays."""
+        width = self.unlabeled.shape[1]
+        if width != task.features:
+            raise ValueError(
+                f"FedDF: unlabeled has {width} features per input; expected the task's {task.features} "
+                f"(dataset={task.dataset!r})"
+            )
+        got = {k: tuple(np.shape(v)) for k, v in self.model.init(np.random.default_rng(0)).items()}
+        want = {k: tuple(np.shape(v)) for k, v in task.initial_params().items()}
+        if got != want:
+            raise ValueError(f"FedDF: model has arrays {got}; expected the task's model {want} (task.build_model())")
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
