@@ -5,7 +5,8 @@ EmbeddingBag padding. The counts of the round's other models are in tests/perf/t
 What the round found (each pinned by the test whose docstring says so):
 - a training step written as a module or function (zero_grad, loss, backward, optimizer.step inside its call) could
   not be profiled: the forward-only step ran it under torch.no_grad, so its backward failed ("element 0 of tensors
-  does not require grad"); a model that needs gradients to run is now run as it is written (profile.make_step);
+  does not require grad"); a model that needs gradients to run is now run as it is written (profile.make_step), and
+  the profile says it is the model's own step (ModelProfile.own_backward, the rows' step "own step");
 - fused optimizers (``torch.optim.AdamW(fused=True)``, SGD, Adam, Adagrad: aten._fused_adamw_ and the others) had no
   FLOP formula: their rows read "uncounted"; now the FLOPs per element of the same optimizer's foreach path, with
   its options (weight decay, amsgrad, maximize, momentum, nesterov), so a fused and an unfused step count alike;
@@ -33,7 +34,7 @@ from tilestack.perf.counting import ProfileError
 
 sys.path.insert(0, str(Path(__file__).parent))
 import perf_models_round9 as pm  # noqa: E402
-from profile_support import CEIL, by_op, rows_of  # noqa: E402
+from profile_support import CEIL, by_op, rendered, rows_of  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 LINEARS = [(pm.TS_IN, pm.TS_HIDDEN), (pm.TS_HIDDEN, pm.TS_OUT)]
@@ -62,6 +63,12 @@ def test_a_training_step_module_is_profiled_with_its_backward_and_fused_adamw():
     assert flops["aten::_fused_adamw_"] == (formulas.ADAM_FLOPS_PER_ELEMENT + 1) * PARAMS
     (row,) = [o for o in p.ops if o.op == "aten::_fused_adamw_"]
     assert row.bound == "memory" and row.m.bytes_read >= 4 * 4 * PARAMS  # params, grads, two moments
+    # it is said to be the model's own step, not a forward: in the heading and in each stored row's config
+    assert p.own_backward and not p.train and {o.m.config["step"] for o in p.ops} == {"own step"}
+    assert "its own step (it runs its backward)" in rendered(p)
+    forward = profile.profile_model(nn.Linear(4, 4), (torch.randn(2, 4),), steps=1, warmup=1, ceilings=CEIL,
+                                    device="cpu")
+    assert not forward.own_backward and {o.m.config["step"] for o in forward.ops} == {"forward"}
 
 
 def test_a_training_step_function_is_profiled_too():
@@ -99,6 +106,15 @@ def test_a_model_failing_otherwise_keeps_its_error_and_runs_once():
     with pytest.raises(ProfileError, match=r"during the warm-up: element 0 of tensors does not require grad"):
         profile.profile_model(lambda x: net(x).detach().sum().backward(), (torch.randn(2, 4),), steps=1, warmup=1,
                               ceilings=CEIL, device="cpu")
+
+
+def test_train_true_on_a_training_step_says_to_profile_it_with_train_false():
+    """A training step module returns a detached loss: train=True has no backward of its own to add, and the
+    refusal says so and names train=False as the way to profile a step that runs its own backward."""
+    model, inputs = pm.train_step_adamw()
+    with pytest.raises(ProfileError, match=r"train=True but no output of the model requires grad.*its own backward "
+                                           r"and optimizer is profiled with train=False"):
+        profile.profile_model(model, inputs, train=True, steps=1, warmup=1, ceilings=CEIL, device="cpu")
 
 
 ADAM_OPTIONS = [{}, {"weight_decay": 0.1}, {"amsgrad": True}, {"maximize": True}]

@@ -162,6 +162,7 @@ class ModelProfile:
     step_times_s: tuple[float, ...] = ()  # op time of each profiled step
     untimed: tuple[Untimed, ...] = ()  # counted ops with no time of their own (see Untimed)
     unsupported: tuple[str, ...] = ()  # ops that compute but have no FLOP formula: their FLOPs are not in flops
+    own_backward: bool = False  # train False, but the model runs its backward itself (a training step module)
 
     @property
     def flops(self) -> float:
@@ -266,11 +267,13 @@ def make_step(model: Callable[..., Any], inputs: Any, *, train: bool = False) ->
         if not isinstance(loss, torch.Tensor):
             raise ProfileError(
                 "train=True but no output of the model requires grad: there is no backward to profile; "
-                "expected a model whose outputs depend on its parameters, or train=False"
+                "expected a model whose outputs depend on its parameters, or train=False (a training step that "
+                "runs its own backward and optimizer is profiled with train=False)"
             )
         loss.backward()
         return out
 
+    step.needs_grad = needs_grad  # type: ignore[attr-defined]  # [True] once found to run its own backward
     return step
 
 
@@ -322,7 +325,7 @@ def profile_model(
     ceil = None if ceilings is False else (ceilings or device_mod.ceilings(dev))
     cuda = dev.kind == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    step = make_step(model, inputs, train=train)
+    step = bare = make_step(model, inputs, train=train)
     if not fastpath:
         step = _without_fastpath(step)
 
@@ -387,7 +390,8 @@ def profile_model(
             # The next round has as many steps as all before, each costing what this one's did (profiler included).
             if now - t_start + (now - r0) * (done + n) / n > budget_s:
                 break
-        return _join(name, dev, ceil, counts, counted, rounds, wall, train)
+        own = getattr(bare, "needs_grad", None) == [True]
+        return _join(name, dev, ceil, counts, counted, rounds, wall, train, own_backward=own)
 
 
 def _with_roofs_for(ceil: Any, dev: Any, counts: Mapping[OpKey, _Count]) -> Any:
@@ -587,6 +591,8 @@ def _join(
     rounds: Sequence[tuple[dict[OpKey, _Timed], list[float], float]],
     wall: float,
     train: bool,
+    *,
+    own_backward: bool = False,
 ) -> ModelProfile:
     """Rows from the profiled rounds: each op's per-step time is its median over all steps, the step the sum.
 
@@ -628,7 +634,7 @@ def _join(
         rows[OTHER, ()] = _Timed(0, math.fsum(residual) + outside, dict(enumerate(residual)))
     median_s = {k: statistics.median(per_step(t)) for k, t in rows.items()}
     total = math.fsum(median_s.values())
-    mode = "forward+backward" if train else "forward"
+    mode = "forward+backward" if train else "own step" if own_backward else "forward"
     kind = dev.kind
     # Rows with no dtype of their own (views, (other)) take the dtype that moves the most bytes in the step.
     moved: dict[str, float] = collections.Counter()
@@ -683,5 +689,5 @@ def _join(
         if (op, shapes) in counted and (op, shapes) not in timed_keys
     )
     return ModelProfile(
-        name, dev, ceil, steps, train, total, wall / steps, ops, tuple(step_s), untimed, unsupported
+        name, dev, ceil, steps, train, total, wall / steps, ops, tuple(step_s), untimed, unsupported, own_backward
     )

@@ -219,7 +219,7 @@ def print_profile(p: ModelProfile, con: Any = None, top: int | None = None) -> N
 
     _check_profile("print_profile", p, top=top)
     con = console(con)
-    mode = "forward + backward" if p.train else "forward"
+    mode = "forward + backward" if p.train else "its own step (it runs its backward)" if p.own_backward else "forward"
     spread = p.step_rel_ci
     con.print(
         f"[bold]{escape(p.name)}[/bold] on {escape(p.device.name)}: {mode}, {seconds(p.step_s)} of op time in the "
