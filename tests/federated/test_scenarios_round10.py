@@ -451,6 +451,25 @@ def test_dirichlet_label_skew_near_zero_leaves_most_clients_one_class_and_fedavg
         x = models[rnd - 1]
 
 
+# ---- a partitioner asked of a dataset that generates each client's data -------------------------------------------
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kw, needle", [
+    (dict(partitioner="dirichlet", partition_alpha=0.1), "Task: partitioner='dirichlet' with dataset='synthetic', "
+     "which generates each client's own data (it was ignored); expected partitioner='iid', or a pooled dataset"),
+    (dict(dataset="clustered", feature_shift=0.5), "Task: feature_shift=0.5 with dataset='clustered', which generates "
+     "each client's own data (it was ignored); expected feature_shift=0.0"),
+])  # fmt: skip
+def test_label_skew_or_feature_shift_asked_of_a_generated_dataset_is_refused_not_ignored(kw, needle):
+    """``Task(partitioner="dirichlet", partition_alpha=0.1)`` without a dataset is Synthetic(1, 1) (the default),
+    whose clients each generate their own data: the Dirichlet label skew asked for was ignored, every client the same
+    as under 'iid', and so was a feature shift for 'clustered'. Refused naming the setting and the datasets it
+    splits; on blobs the same partitioner gives the skew."""
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        Task(**kw, num_clients=10)
+    skewed = Task(dataset="blobs", partitioner="dirichlet", partition_alpha=0.1, num_clients=10, num_samples=600)
+    assert np.mean([len(np.unique(skewed.client_data(p)[1])) for p in range(10)]) < 0.7 * skewed.num_classes
+
+
 # ---- a dataset of one class ------------------------------------------------------------------------------------------
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("labels, needle", [

@@ -123,6 +123,14 @@ class Task:
             raise bad("model", f"one of {MODELS}")
         if self.attack not in ATTACKS:
             raise bad("attack", f"one of {ATTACKS}")
+        if self.dataset in ("synthetic", "clustered"):  # each client's data is generated for it: nothing is split
+            for name, default in (("partitioner", "iid"), ("feature_shift", 0.0)):
+                if getattr(self, name) != default:
+                    raise ValueError(
+                        f"Task: {name}={getattr(self, name)!r} with dataset={self.dataset!r}, which generates each "
+                        f"client's own data (it was ignored); expected {name}={default!r}, or a pooled dataset to "
+                        "split: 'blobs', 'digits' or 'file'"
+                    )
         if self.num_clients < 1:
             raise bad("num_clients", ">= 1")
         for name in ("alpha", "beta"):     # Synthetic(alpha, beta)'s variances: refused there only once a client ran
