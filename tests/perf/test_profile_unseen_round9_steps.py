@@ -17,9 +17,9 @@ What the round found (each pinned by the test whose docstring says so):
 - a sparse gradient added into a dense parameter (``param.add_(grad)`` of SGD and SparseAdam on an embedding with
   sparse=True) was counted over the whole table, FLOPs and bytes, for the few rows it touches; sparse_mask and
   is_coalesced read as uncounted work, _coalesce uncounted;
-- an EmbeddingBag's padding entries (padding_idx) were counted as looked up: rows padded to a fixed length with
-  the padding index were counted (FLOPs, forward and backward, and the rows' bytes) as if every entry were real,
-  where the kernels skip them.
+- an EmbeddingBag's padding entries (padding_idx) were counted as looked up (FLOPs, forward and backward, and the
+  rows' bytes) as if every entry were real, and an nn.Embedding's pad tokens in its backward: the kernels skip
+  them.
 """
 
 import sys
@@ -241,6 +241,16 @@ def test_embedding_bag_skips_its_padding_entries():
     bag = nn.EmbeddingBag(5, 3, mode="sum", padding_idx=2)
     only_padding = counting.count_ops(lambda: bag(torch.tensor([[2, 2, 2]])))
     assert by_op(only_padding)["aten::_embedding_bag"] == 0
+
+
+def test_embedding_backward_skips_its_padding_tokens():
+    """nn.Embedding(padding_idx=0) on a padded batch (3 real tokens of 8): its backward adds 3*D (the kernel skips
+    the pad tokens' gradients; before, 8*D were counted); without padding_idx every token's row is added."""
+    ids = torch.tensor([[1, 2, 0, 0], [3, 0, 0, 0]])
+    for padding_idx, tokens in ((0, 3), (None, ids.numel())):
+        emb = nn.Embedding(10, 4, padding_idx=padding_idx)
+        counts = counting.count_ops(lambda emb=emb: emb(ids).sum().backward())
+        assert by_op(counts)["aten::embedding_dense_backward"] == tokens * 4
 
 
 def test_fused_optimizer_bytes_and_rule_on_meta_parameters():

@@ -170,12 +170,18 @@ def _accumulate_flops(source: str) -> Rule:
 
 
 def bag_entries(func: Any, args: tuple, kwargs: dict) -> int:
-    """Indices an EmbeddingBag op looks up: those that are not its ``padding_idx`` (the kernels skip those entries,
-    forward and backward: a row padded to a fixed length with the padding index adds nothing for them)."""
+    """Indices an EmbeddingBag op (or an embedding's backward) looks up: those that are not its ``padding_idx`` (the
+    kernels skip those entries: a row padded to a fixed length with the padding index adds nothing for them)."""
     indices, padding = _argument(func, args, kwargs, "indices"), _argument(func, args, kwargs, "padding_idx")
     if padding is None or padding < 0 or indices.device.type == "meta":  # -1: none; meta: no values to compare
         return indices.numel()
     return int((indices != padding).sum())
+
+
+def _embedding_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """embedding_dense_backward: each looked-up token's gradient row added into its row of the table, but for the
+    tokens at ``padding_idx`` (nn.Embedding(padding_idx=...): a padded batch's pad tokens add nothing)."""
+    return float(bag_entries(func, args, kwargs) * _argument(func, args, kwargs, "grad_output").shape[-1])
 
 
 def _embedding_bag_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
@@ -527,7 +533,7 @@ LAYER_FLOPS: dict[str, Rule] = {
     "aten.scatter_reduce_": _accumulate_flops("src"),
     "aten.index_reduce": _accumulate_flops("source"),
     "aten.index_reduce_": _accumulate_flops("source"),
-    "aten.embedding_dense_backward": _accumulate_flops("grad_output"),
+    "aten.embedding_dense_backward": _embedding_backward_flops,
     "aten._embedding_bag": _embedding_bag_flops,
     "aten._embedding_bag_forward_only": _embedding_bag_flops,
     "aten._embedding_bag_backward": _embedding_bag_backward_flops,
