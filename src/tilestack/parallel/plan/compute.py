@@ -21,11 +21,12 @@ host launches (``HOST_S_PER_OP`` per ATen call). Backward is twice the forward.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from tilestack.parallel.plan.describe import FP32_BYTES, LayerDesc, ModelDesc, PlanError
@@ -318,9 +319,27 @@ class MeasuredCompute(ComputeModel):
         return self._cache[key]
 
     def _times(self, layer: LayerDesc, index: int, micro_batch: int, tp: int) -> tuple[float, float]:
-        f, b = self._alone(layer, micro_batch, tp)
-        k = self.context(micro_batch)
+        with self._measuring(layer, micro_batch, tp):
+            f, b = self._alone(layer, micro_batch, tp)
+            k = self.context(micro_batch)
         return f * k, b * k
+
+    @contextlib.contextmanager
+    def _measuring(self, layer: LayerDesc, micro_batch: int, tp: int) -> Iterator[None]:
+        """A layer (or the whole model, for its context) that does not fit this machine's memory at the micro-batch
+        timed is a PlanError naming the layer, the micro-batch and what to do instead, not torch's allocator error
+        (a GPT of 60000 tokens a sequence asked its scores of 460 GB of this CPU)."""
+        import torch
+        try:
+            yield
+        except (MemoryError, torch.OutOfMemoryError, RuntimeError) as e:
+            if not isinstance(e, MemoryError | torch.OutOfMemoryError) and "allocate" not in str(e):
+                raise
+            raise PlanError(f"MeasuredCompute: layer {layer.name!r} of {self.desc.name!r} (seq={self.desc.seq}) at "
+                            f"micro_batch={micro_batch}, tp={tp} does not fit this machine's memory to be timed on "
+                            f"{self.device} ({type(e).__name__}: {str(e).strip()[:160]}); expected a model whose "
+                            "layers fit here at that micro-batch (a shorter sequence, a smaller model), or a "
+                            "roofline of a device not here (RooflineCompute; tilestack plan --device h200)") from None
 
     def context(self, micro_batch: int) -> float:
         """The whole model's forward and backward at ``micro_batch`` over the sum of its layers' timed alone (1
@@ -383,11 +402,12 @@ class MeasuredCompute(ComputeModel):
         if policy not in ("selective", "full") or layer.kind != "block" or key not in self.recompute_builders:
             return super().recompute_s(index, micro_batch, tp, policy)
         ckey = (key, micro_batch, tp, policy)
-        if ckey not in self._recompute:
-            plain, make_input, loss = self.builders[key](micro_batch, tp)
-            module = self.builders[key](micro_batch, tp, recompute=policy)[0]
-            self._recompute[ckey] = time_extra(plain, module, make_input, loss, self.device)
-        return self._recompute[ckey] * self.context(micro_batch)
+        with self._measuring(layer, micro_batch, tp):
+            if ckey not in self._recompute:
+                plain, make_input, loss = self.builders[key](micro_batch, tp)
+                module = self.builders[key](micro_batch, tp, recompute=policy)[0]
+                self._recompute[ckey] = time_extra(plain, module, make_input, loss, self.device)
+            return self._recompute[ckey] * self.context(micro_batch)
 
     def optimizer_s(self, params: float, tensors: int) -> float:
         """AdamW's step over ``params`` elements in ``tensors`` tensors: the fit (``_adam_fit``) in context
@@ -560,12 +580,9 @@ class RooflineCompute(ComputeModel):
 
     def __post_init__(self) -> None:
         from tilestack.errors import DeviceError
-        from tilestack.perf.device import lookup_peaks
+        from tilestack.perf.device import PeakSpec, lookup_peaks
         if not isinstance(self.desc, ModelDesc) or not self.desc.layers:
             raise PlanError(f"RooflineCompute: desc={type(self.desc).__name__}; expected a ModelDesc with layers")
-        if not isinstance(self.device, str) or not self.device.strip():
-            raise PlanError(f"RooflineCompute: device={self.device!r}; expected a device-table key or name such as "
-                            "'h200', 'h100-sxm', 'a100-sxm-80gb'")
         for arg in ("matmul_efficiency", "attention_efficiency", "copy_efficiency"):
             v = getattr(self, arg)
             if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 1:
@@ -573,11 +590,19 @@ class RooflineCompute(ComputeModel):
         if isinstance(self.host_s_per_op, bool) or not isinstance(self.host_s_per_op, int | float) or not (
                 0 <= self.host_s_per_op < float("inf")):
             raise PlanError(f"RooflineCompute: host_s_per_op={self.host_s_per_op!r}; expected finite seconds >= 0")
+        if isinstance(self.device, dict | PeakSpec):
+            self._spec_given()
+            return
+        if not isinstance(self.device, str) or not self.device.strip():
+            raise PlanError(f"RooflineCompute: device={self.device!r}; expected a device-table key or name such as "
+                            "'h200', 'h100-sxm', 'a100-sxm-80gb', or a spec {'flops': {dtype: FLOP/s}, "
+                            "'bandwidth': bytes/s}")
         try:
             self.spec = lookup_peaks(self.device)
         except DeviceError as e:
             raise PlanError(f"RooflineCompute: device={self.device!r} is not in tilestack.perf.device's table; "
-                            f"expected a key or name such as 'h200', 'h100-sxm', 'a100-sxm-80gb' ({e})") from None
+                            "expected a key or name such as 'h200', 'h100-sxm', 'a100-sxm-80gb', or the device's "
+                            f"figures as device={{'flops': {{dtype: FLOP/s}}, 'bandwidth': bytes/s}} ({e})") from None
         try:
             self.peak = self.spec.peak(self.dtype)
         except Exception as e:          # the table's own error for a dtype it does not know
@@ -587,6 +612,41 @@ class RooflineCompute(ComputeModel):
             raise PlanError(f"RooflineCompute: device={self.device!r} has no published {self.dtype} peak or "
                             "bandwidth; expected a GPU of the device table")
         self.source = f"roofline of {self.spec.label} ({self.dtype}, device table)"
+        self.cores = None
+
+    def _spec_given(self) -> None:
+        """A device that is not in the table, given by its figures: a PeakSpec, or a dict with ``flops`` (FLOP/s by
+        dtype, dense), ``bandwidth`` (bytes/s) and optionally ``label``; each checked and refused by name."""
+        from tilestack.perf.device import PeakSpec
+        spec = self.device
+        if isinstance(spec, dict):
+            unknown = sorted(str(k) for k in set(spec) - {"flops", "bandwidth", "label"})
+            if unknown or "flops" not in spec or "bandwidth" not in spec:
+                raise PlanError(f"RooflineCompute: device={spec!r:.200}; expected a dict of 'flops' ({{dtype: "
+                                f"FLOP/s}}), 'bandwidth' (bytes/s) and optionally 'label'"
+                                f"{f' (unknown keys: {unknown})' if unknown else ''}")
+            label = spec.get("label", "a given device")
+            if not isinstance(label, str) or not label:
+                raise PlanError(f"RooflineCompute: device['label']={label!r}; expected a non-empty str")
+            flops = spec["flops"]
+            if not isinstance(flops, dict) or not flops:
+                raise PlanError(f"RooflineCompute: device['flops']={flops!r:.120}; expected a non-empty dict of "
+                                "FLOP/s by dtype, such as {'bf16': 9.9e14}")
+            spec = PeakSpec(key=label.lower(), label=label, patterns=(), flops=dict(flops),
+                            bandwidth=spec["bandwidth"], source="given")
+        for dt, v in spec.flops.items():
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+                raise PlanError(f"RooflineCompute: device's flops[{dt!r}]={v!r} ({spec.label}); expected a positive "
+                                "finite FLOP/s")
+        bw = spec.bandwidth
+        if isinstance(bw, bool) or not isinstance(bw, int | float) or not math.isfinite(bw) or bw <= 0:
+            raise PlanError(f"RooflineCompute: device's bandwidth={bw!r} ({spec.label}); expected positive finite "
+                            "bytes/s")
+        if self.dtype not in spec.flops:
+            raise PlanError(f"RooflineCompute: dtype={self.dtype!r} for {spec.label}; expected one its flops give: "
+                            f"{sorted(spec.flops)}")
+        self.spec, self.peak = spec, float(spec.flops[self.dtype])
+        self.source = f"roofline of {spec.label} ({self.dtype}, given figures)"
         self.cores = None
 
     def _times(self, layer: LayerDesc, index: int, micro_batch: int, tp: int) -> tuple[float, float]:

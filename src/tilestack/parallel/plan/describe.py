@@ -70,6 +70,8 @@ selective_flops forward FLOPs recomputed under selective recompute (attention sc
                     0: the previous layer's ``out_bytes``
     shared          parameters the layer uses that an earlier layer counts (a head tied to the embedding, a block
                     called again): a pipeline stage that runs the layer without its owner holds them too
+    shared_buffers  the same for buffers (one rotary or position table registered in every block; a block called
+                    again): SharedParam's ``ordinal`` is then the buffer's place in the module's ``buffers()``
     kind            "embed", "block", "head" or "layer" (a measured module's child)
     """
 
@@ -93,6 +95,7 @@ selective_flops forward FLOPs recomputed under selective recompute (attention sc
     act_fixed_bytes: float = 0.0
     frozen_tensors: int = 0
     in_bytes: float = 0.0
+    shared_buffers: tuple[SharedParam, ...] = ()
 
     @property
     def tp_able(self) -> bool:
@@ -550,6 +553,8 @@ def describe_module(module: Any, example_input: Any, *, layers: Sequence[tuple[s
     counted: set[int] = set()
     ordinal = {id(p): n for n, p in enumerate(module.parameters())}
     owner: dict[int, int] = {}                   # a parameter's id: the index of the layer that counts it
+    buffer_ordinal = {id(t): n for n, t in enumerate(module.buffers())}
+    buffer_owner: dict[int, int] = {}            # a buffer's id: the index of the layer that counts it
     out: list[LayerDesc] = []
     seen_names: dict[str, int] = {}
     per = 1.0 / batch
@@ -562,7 +567,13 @@ def describe_module(module: Any, example_input: Any, *, layers: Sequence[tuple[s
         counted.update(id(p) for p in params)
         owner.update((id(p), index) for p in params)
         bufs = [b for b in layer.buffers() if id(b) not in counted]
+        # a buffer an earlier layer counts (one table registered in every block): a stage without that layer
+        # holds it too, as the stage's modules register it
+        shared_buffers = tuple(SharedParam(buffer_ordinal[id(t)], buffer_owner[id(t)], t.numel(),
+                                           t.numel() * t.element_size(), False)
+                               for t in layer.buffers() if id(t) in buffer_owner)
         counted.update(id(b) for b in bufs)
+        buffer_owner.update((id(b), index) for b in bufs)
         leaf_args, leaf_kwargs = _leaves(call.args), _leaves(call.kwargs)
 
         def run(layer=layer, a=leaf_args, kw=leaf_kwargs):
@@ -608,6 +619,7 @@ def describe_module(module: Any, example_input: Any, *, layers: Sequence[tuple[s
                              out_bytes=call.out_bytes * per,
                              buffer_bytes=float(sum(b.numel() * b.element_size() for b in bufs)),
                              param_bytes=float(sum(p.numel() * p.element_size() for p in params)), shared=shared,
+                             shared_buffers=shared_buffers,
                              frozen_bytes=float(sum(p.numel() * p.element_size() for p in params
                                                     if not p.requires_grad))))
     # what no recorded layer holds (the root's own parameters, children that did not run, buffers outside the

@@ -517,6 +517,7 @@ class _Held:
     tensors: int
     copies: tuple[Any, ...] = ()          # the SharedParams it holds a copy of (their owner runs elsewhere)
     trained_tensors: int = 0              # of tensors, those requiring grad (the ones AdamW steps)
+    buffer_copies: float = 0.0            # bytes of the buffers it holds a copy of (LayerDesc.shared_buffers)
 
 
 def _held(desc: ModelDesc, layer_ids: list[int], tp: int, base: int = 0) -> _Held:
@@ -547,7 +548,9 @@ def _held(desc: ModelDesc, layer_ids: list[int], tp: int, base: int = 0) -> _Hel
         trained_bytes += p.nbytes if p.trained else 0
         tensors += 1
         trained_tensors += 1 if p.trained else 0
-    return _Held(elements, trained, nbytes, trained_bytes, tensors, tuple(elsewhere.values()), trained_tensors)
+    buffers = {p.ordinal: p.nbytes for i in layer_ids for p in desc.layers[i].shared_buffers if p.owner not in mine}
+    return _Held(elements, trained, nbytes, trained_bytes, tensors, tuple(elsewhere.values()), trained_tensors,
+                 float(sum(buffers.values())))
 
 
 def _sent_bytes(desc: ModelDesc, i: int) -> float:
@@ -639,8 +642,9 @@ def _memory(plan: Plan, desc: ModelDesc, stages: list[range], my_stages: list[in
         # as the first backward begins, cross-entropy's gradients: with respect to the log-probabilities, then to
         # the f32 logits, (b, s, vocab) each and both alive in log-softmax's backward
         loss_grad = LOSS_GRAD_COPIES * plan.micro_batch * desc.seq * desc.vocab * FP32_BYTES
-    # buffers (BatchNorm's statistics, rotary tables): whole on every rank that holds their layer
-    buffers = sum(desc.layers[i].buffer_bytes for s in my_stages for i in stages[s])
+    # buffers (BatchNorm's statistics, rotary tables): whole on every rank that holds their layer, and a copy of
+    # those its layers share with a layer on another rank (one table registered in every block)
+    buffers = sum(desc.layers[i].buffer_bytes for s in my_stages for i in stages[s]) + held.buffer_copies
     return {"parameters": held.nbytes / plan.dp_shard, "buffers": buffers, "gradients": grads, "optimizer": optimizer,
             "activations": inflight, "transient": transient, "after backward": after, "loss gradient": loss_grad,
             "activations after a backward": steady_inflight, "fsdp at first backward": fsdp_start,

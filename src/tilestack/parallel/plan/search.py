@@ -140,9 +140,29 @@ def enumerate_plans(desc: ModelDesc, world_size: int, batch: int, *, schedules: 
                             out.append(Plan(batch=batch, pp=pp, dp=dp, dp_shard=shard, tp=tp, sp=sp, schedule=sched,
                                             stages_per_rank=v, microbatches=m, recompute=rc, zero=z))
     if not out:
-        raise PlanError(f"no plan of world_size={world_size} fits batch={batch} and model {desc.name!r}; expected a "
-                        "batch divisible by some data-parallel degree and layers that some stage count divides")
+        raise PlanError(_no_plan(desc, world_size, batch))
     return out
+
+
+def _no_plan(desc: ModelDesc, world_size: int, batch: int) -> str:
+    """Why no plan of ``world_size`` ranks fits: the degrees dividing it that the batch (data parallelism), the
+    layers (pipeline stages) and the model's widths (tensor parallelism) each allow, none multiplying to it."""
+    divs = _divisors(world_size)
+    data = [k for k in divs if batch % k == 0]
+    stages = []
+    for k in divs:
+        try:
+            even_bounds(desc, k)
+            stages.append(k)
+        except PlanError:
+            pass
+    tps = [k for k in divs if desc.tp_divides(k)]
+    blocks = sum(layer.kind == "block" for layer in desc.layers)
+    return (f"no plan of world_size={world_size} fits batch={batch} and model {desc.name!r}: of the degrees "
+            f"dividing {world_size} {list(divs)}, batch={batch} allows data parallelism of {data}, its "
+            f"{len(desc.layers)} layers ({blocks} blocks) pipelines of {stages} stages, its widths tensor "
+            f"parallelism of {tps}, and no pp x dp x tp of them is {world_size} with whole micro-batches; expected "
+            "a batch divisible by a data-parallel degree, or a world size that these degrees multiply to")
 
 
 @dataclasses.dataclass
@@ -517,10 +537,10 @@ def plan_stage_cost(desc: ModelDesc, compute: ComputeModel, comm: CommModel, *, 
     def classes(d: int) -> tuple[np.ndarray, np.ndarray]:
         """Per layer a class, equal for layers that no layout of d devices can tell apart (the same description
         but for the name, the same times and recompute times at every micro-batch and tp it would use; a layer
-        that shares parameters, or owns shared ones, is a class of its own). Returns the running count of each
-        class, counts[j, c] = layers of class c among the first j, and the index of the first block at or after
-        each layer (len(layers) where none)."""
-        owners = {p.owner for layer in desc.layers for p in layer.shared}
+        that shares parameters or buffers, or owns shared ones, is a class of its own). Returns the running count
+        of each class, counts[j, c] = layers of class c among the first j, and the index of the first block at or
+        after each layer (len(layers) where none)."""
+        owners = {p.owner for layer in desc.layers for p in (*layer.shared, *layer.shared_buffers)}
         ids: dict[str, int] = {}
         cls = []
         for j, layer in enumerate(desc.layers):
@@ -532,7 +552,7 @@ def plan_stage_cost(desc: ModelDesc, compute: ComputeModel, comm: CommModel, *, 
                 b = micro // (dp * shard)
                 seen.append((b, tp, compute.layer_times(j, b, tp),
                              tuple(compute.recompute_s(j, b, tp, rc) for rc in recompute)))
-            alone_key = j if layer.shared or j in owners else None
+            alone_key = j if layer.shared or layer.shared_buffers or j in owners else None
             cls.append(ids.setdefault(repr((dataclasses.replace(layer, name=""), seen, alone_key)), len(ids)))
         counts = np.zeros((len(cls) + 1, len(ids)), dtype=np.int64)
         counts[np.arange(1, len(cls) + 1), cls] = 1
