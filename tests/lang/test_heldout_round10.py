@@ -27,7 +27,10 @@ Bugs this round found, fixed, each kept as its regression test:
   int (tile sizes must be compile-time constants)"; a Scalar takes a constant exponent now (whole ones by products,
   others as exp2(e log2 x) in f32: ir.ops "fpow", every backend), and float() / math functions of one are refused
   saying what to write (lang.tiles.Scalar): test_powers_of_scalars,
-  test_scalars_in_math_functions_and_runtime_exponents_are_named.
+  test_scalars_in_math_functions_and_runtime_exponents_are_named;
+- Triton and Gluon: a NaN constant operand (`where(x, m, x, math.nan)`) was emitted as the bare name `nan`, a
+  NameError when the kernel ran (backends.python_dsl.literal): test_nan_as_a_constant_operand
+  (test_heldout_round10_linalg.py, found by its bitonic argsort).
 """
 
 import math

@@ -7,7 +7,7 @@ import torch
 from heldout_support import BF, I32, I64, meta
 from sm90a_compile import check_triton_sm90a, compile_gluon_sm90a
 from test_heldout_round10 import kv_append, paged_decode, rmsnorm_fp8, rope_partial, scalar_powers, swiglu_bwd
-from test_heldout_round10_linalg import cho_solve
+from test_heldout_round10_linalg import bitonic_argsort, cho_solve, nan_constants
 from test_heldout_round10_more import (
     bilinear_resize,
     ce_zloss_fwd_bwd,
@@ -62,6 +62,8 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
                                           meta(8, 64, dtype=I32), meta(8, 32, 512, 128, dtype=BF), 0.088),
                         dict(BM=64, BN=64, D=128)),
     "scalar_powers": (scalar_powers, (meta(128), meta(128), 2.0), dict(BN=128)),
+    "bitonic_argsort": (bitonic_argsort, (meta(_T, 32), meta(_T, 32), meta(_T, 32, dtype=I64)), dict(NP=32)),
+    "nan_constants": (nan_constants, (meta(128), meta(128)), dict(BN=128)),
     "cho_solve": (cho_solve, (meta(1024, 16, 16), meta(1024, 16, 64), meta(1024, 16, 16), meta(1024, 16, 64)),
                   dict(BN=16, BR=64)),
 }

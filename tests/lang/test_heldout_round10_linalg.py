@@ -1,15 +1,19 @@
 """Round 10 of held-out kernels, continued (see test_heldout_round10.py's docstring): small dense linear algebra in
-one tile per matrix. A batched Cholesky factorization and solve (X = A^-1 B for SPD A): right-looking rank-1
+one tile per matrix or row. A batched Cholesky factorization and solve (X = A^-1 B for SPD A): right-looking rank-1
 updates over a runtime loop of n steps, row k / column k / the pivot picked out by masks from the loop counter and
 broadcast by reductions; a forward substitution and a backward one (a loop counting down); f64 work for f64
-matrices, f32 otherwise.
+matrices, f32 otherwise. A bitonic argsort of each row (torch.sort(stable=True): NaN last, ties by index), the
+partner of each compare-exchange gathered exactly by a where and a column max.
+
+Bug found: a NaN constant (where(x, m, x, math.nan)) was written into Triton and Gluon kernels as the bare name
+`nan` (python_dsl.literal: repr), a NameError when the kernel module ran: test_nan_as_a_constant_operand.
 """
 
 import math
 
 import pytest
 import torch
-from heldout_support import BACKENDS, BF, close, launch, randn
+from heldout_support import BACKENDS, BF, F16, close, launch, randn
 
 import tilestack.lang as ts
 
@@ -144,3 +148,128 @@ def test_cholesky_solve(backend, dtype, batch, n, R, rng):
         assert lo.isnan().all()
     want_x = torch.linalg.solve(ad, rhs.double()) if batch and R else rhs.double()
     close(x, want_x.to(dtype), scale=40)
+
+
+# ---- 2. bitonic argsort of each row: compare-exchange stages, partners gathered by where + column max ---------------
+@ts.kernel(grid=lambda X: (X.shape[0],))
+def bitonic_argsort(X, VALS, IDX, *, NP: int = 32):
+    """VALS, IDX (M, N) = torch.sort(X, stable=True) of each row of X (M, N), N <= NP (a power of two): ascending,
+    NaN last, equal values in index order. Keys (nan, value, index) are compared as a total order; the NP - N padding
+    slots are NaN with indices past N, so they sort after every real element and are not stored. Stage (size, stride)
+    pairs position p with p ^ stride; a block of `size` ascends where p & size == 0. The partner's value is gathered
+    exactly, inf, NaN and -0.0 alike, as a column max over a where (no product)."""
+    r = ts.block_id(0)
+    x = ts.RegVec[ts.f32, NP]()
+    xi = ts.RegVec[ts.i32, NP]()
+    pos = ts.RegVec[ts.i32, NP]()
+    pp = ts.RegVec[ts.i32, NP]()
+    pv = ts.RegVec[ts.f32, NP]()
+    pi = ts.RegVec[ts.i32, NP]()
+    bits = ts.RegVec[ts.i32, NP]()
+    sel = ts.RegTile[ts.bool_, NP, NP]()
+    gv = ts.RegTile[ts.f32, NP, NP]()
+    gi = ts.RegTile[ts.i32, NP, NP]()
+    na = ts.RegVec[ts.bool_, NP]()
+    nb = ts.RegVec[ts.bool_, NP]()
+    t1 = ts.RegVec[ts.bool_, NP]()
+    t2 = ts.RegVec[ts.bool_, NP]()
+    gt = ts.RegVec[ts.bool_, NP]()
+    want_min = ts.RegVec[ts.bool_, NP]()
+    take = ts.RegVec[ts.bool_, NP]()
+    out = ts.RegVec[ts.i64, NP]()
+    ts.load(x, X, at=(r, 0))
+    ts.arange(pos, 0)
+    ts.copy(xi, pos)
+    ts.lt(t1, pos, X.shape[1])
+    ts.where(x, t1, x, math.nan)                     # padding: NaN, after every real NaN by its index
+    size = 2
+    while size <= NP:
+        stride = size // 2
+        while stride >= 1:
+            ts.bit_xor(pp, pos, stride)
+            ts.eq(sel, ts.per_row(pos), ts.per_col(pp))
+            ts.where(gv, sel, ts.per_row(x), -math.inf)
+            ts.col_max(pv, gv)                       # pv[c] = x[c ^ stride]
+            ts.where(gi, sel, ts.per_row(xi), -1)
+            ts.col_max(pi, gi)
+            ts.ne(na, x, x)
+            ts.ne(nb, pv, pv)
+            ts.gt(gt, x, pv)                         # self > partner, as keys (nan, value, index):
+            ts.eq(t1, x, pv)
+            ts.logical_or(t1, t1, na)                # equal values, or both NaN (when na == nb) ...
+            ts.gt(t2, xi, pi)
+            ts.logical_and(t1, t1, t2)               # ... then the larger index
+            ts.logical_or(gt, gt, t1)
+            ts.logical_not(t2, nb)
+            ts.logical_and(t2, na, t2)               # NaN beats a number
+            ts.logical_not(t1, na)
+            ts.logical_and(t1, t1, nb)               # a number loses to NaN
+            ts.logical_not(t1, t1)
+            ts.logical_and(gt, gt, t1)
+            ts.logical_or(gt, gt, t2)
+            ts.bit_and(bits, pos, size)
+            ts.eq(want_min, bits, 0)                 # an ascending block ...
+            ts.bit_and(bits, pos, stride)
+            ts.eq(t1, bits, 0)                       # ... the lower of the pair ...
+            ts.logical_and(t2, want_min, t1)
+            ts.logical_or(want_min, want_min, t1)
+            ts.logical_not(want_min, want_min)
+            ts.logical_or(want_min, want_min, t2)    # ... keeps the min where both or neither hold
+            ts.logical_and(t1, gt, want_min)
+            ts.logical_or(t2, gt, want_min)
+            ts.logical_not(t2, t2)
+            ts.logical_or(take, t1, t2)              # take the partner: self > partner == want_min
+            ts.where(x, take, pv, x)
+            ts.where(xi, take, pi, xi)
+            stride //= 2
+        size *= 2
+    ts.store(VALS, x, at=(r, 0))
+    ts.copy(out, xi)
+    ts.store(IDX, out, at=(r, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("dtype", "M", "N", "NP"), [(torch.float32, 2, 32, 32), (F16, 2, 13, 16), (BF, 2, 16, 16),
+                                                     (torch.float32, 3, 1, 2), (BF, 0, 8, 8)])
+def test_bitonic_argsort(backend, dtype, M, N, NP, rng):
+    """Rows with repeated values (ties in index order), +-inf, NaN (last, in index order), -0.0 and 0.0 (equal:
+    index order, each keeping its sign); against torch.sort(stable=True)."""
+    x = torch.from_numpy(rng.integers(-4, 5, (M, N))).to(dtype) if N > 2 else randn(rng, M, N, dtype=dtype)
+    if M > 1 and N > 8:
+        x[0, :6] = torch.tensor([math.inf, -math.inf, math.nan, -0.0, 0.0, math.nan], dtype=dtype)
+        x[1] = x[1, 0]                               # all equal
+    vals, idx = poisoned(M, N, dtype=dtype), torch.full((M, N), -7, dtype=torch.int64)
+    launch(bitonic_argsort, backend, x, vals, idx, NP=NP)
+    want_v, want_i = torch.sort(x, dim=-1, stable=True)
+    assert torch.equal(idx, want_i)
+    bits = torch.int16 if dtype != torch.float32 else torch.int32   # (the sign of each zero too; NaN as NaN)
+    nan = want_v.isnan()
+    assert torch.equal(vals.isnan(), nan)
+    assert torch.equal(vals.view(bits)[~nan], want_v.view(bits)[~nan])
+
+
+# ---- 3. NaN as a constant operand ----------------------------------------------------------------------------------
+@ts.kernel(grid=lambda X: (1,))
+def nan_constants(X, Y, *, BN: int = 16):
+    """Y = where(X > 0, X + 1, NaN) + NaN * (X == 7), and Y[0] = fill NaN: the Triton backend wrote the constant as
+    the bare name `nan` ("NameError: name 'nan' is not defined" in the interpreter and the compiler alike)."""
+    x = ts.RegVec[ts.f32, BN]()
+    y = ts.RegVec[ts.f32, BN]()
+    m = ts.RegVec[ts.bool_, BN]()
+    ts.load(x, X, at=(0,))
+    ts.gt(m, x, 0.0)
+    ts.add(y, x, 1.0)
+    ts.where(y, m, y, math.nan)
+    ts.eq(m, x, 7.0)
+    ts.where(x, m, math.nan, 0.0)
+    ts.add(y, y, x)
+    ts.store(Y, y, at=(0,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_as_a_constant_operand(backend):
+    x = torch.tensor([1.0, -1.0, 7.0, 0.0, 2.5, math.inf, -math.inf, math.nan] * 2)
+    y = torch.zeros(16)
+    launch(nan_constants, backend, x, y)
+    want = torch.where(x > 0, x + 1, math.nan) + torch.where(x == 7, math.nan, 0.0)
+    torch.testing.assert_close(y, want, equal_nan=True)

@@ -71,9 +71,12 @@ def _floormod(a, b):
 
 
 def literal(x) -> str:
-    """A Python literal for a constant (infinities as float("inf"))."""
+    """A Python literal for a constant (infinities as float("inf"), NaN as float("nan"): repr gives the bare names
+    inf and nan, which a kernel module does not define)."""
     if isinstance(x, float) and math.isinf(x):
         return 'float("inf")' if x > 0 else 'float("-inf")'
+    if isinstance(x, float) and math.isnan(x):
+        return 'float("nan")'
     return repr(x)
 
 
