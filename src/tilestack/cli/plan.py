@@ -37,8 +37,9 @@ def parse_bytes(text: str, *, arg: str = "--memory-limit") -> float | None:
         value = float(m.group(1)) * UNITS[m.group(2).lower()]
     except ValueError:
         raise PlanError(f"{arg} {text!r}; expected a number of bytes") from None
-    if value <= 0:
-        raise PlanError(f"{arg} {text!r}; expected a positive number of bytes")
+    if not 0 < value < math.inf:          # "1e400" is inf: no limit at all, which is the option left out
+        raise PlanError(f"{arg} {text!r}; expected a positive, finite number of bytes (leave {arg} out for no "
+                        "limit)")
     return value
 
 
@@ -98,6 +99,9 @@ def plan_command(
         raise PlanError(f"--rank-by {rank_by!r}; expected one of {RANK_BY}")
     batches = parse_batches(batch)
     limit = parse_bytes(memory_limit)
+    if noise_scale and not 0 < noise_scale < math.inf:      # 0: not given; a negative or NaN phi is no noise scale
+        raise PlanError(f"--noise-scale {noise_scale}; expected a finite gradient noise scale phi > 0 (samples), or "
+                        "0 (not given)")
     if rank_by == "goodput" and not 0 < noise_scale < math.inf:
         raise PlanError(f"--noise-scale {noise_scale}; --rank-by goodput expects a finite gradient noise scale "
                         "phi > 0 (tilestack.parallel.plan.goodput measures it during training)")
