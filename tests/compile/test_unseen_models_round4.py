@@ -275,3 +275,45 @@ def test_norm_spellings_training_gradients():
     x = _inputs(torch.float32, requires_grad=True)
     _, swaps = _run(model, x, grad_of=[x, *model.parameters()])
     assert swaps.get("norm") == 3, swaps
+
+
+def _rms_power(x, w):
+    return x * (x.pow(2).mean(-1, keepdim=True) + 1e-5) ** -0.5 * w
+
+
+def _rms_weight_first(x, w):
+    return w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+
+
+def _rms_weight_first_f32(x, w):
+    h = x.float()
+    return (w.float() * h * torch.pow(h.square().mean(-1, keepdim=True) + 1e-6, -0.5)).to(x.dtype)
+
+
+@DTYPES
+@pytest.mark.parametrize("fn", [_rms_power, _rms_weight_first, _rms_weight_first_f32],
+                         ids=["power_-0.5", "weight_first", "weight_first_f32_power"])
+def test_rms_norms_written_with_a_power_or_the_weight_first(fn, dtype):
+    """(mean(x^2) + eps) ** -0.5 for the inverse RMS, and w * x * rsqrt(...) ((w * x) multiplied first): RMSNorms,
+    forward and backward (they were left to the inner compiler, and the report gave no reason)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 32, dtype=dtype, requires_grad=True)
+    w = (1.0 + 0.1 * torch.randn(32, dtype=dtype)).requires_grad_()
+    _, swaps = _run(fn, x, w, dtype=dtype, grad_of=[x, w])
+    assert swaps == {"norm": 1}, swaps
+
+
+def _rms_weight_cast_last(x, w):
+    h = x.float()
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * w.float()).to(x.dtype)
+
+
+@DTYPES
+def test_rms_norm_whose_weight_is_cast_to_f32(dtype):
+    """(h * rsqrt(...) * w.float()).to(x.dtype): the weight's cast is the rewrite's weight, not one of x's casts
+    to erase with the pattern (it was, and the rewrite read an erased node: KeyError inside the backend in f32)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 32, dtype=dtype, requires_grad=True)
+    w = (1.0 + 0.1 * torch.randn(32, dtype=dtype)).requires_grad_()
+    _, swaps = _run(_rms_weight_cast_last, x, w, dtype=dtype, grad_of=[x, w])
+    assert swaps == {"norm": 1}, swaps

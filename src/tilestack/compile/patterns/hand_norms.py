@@ -3,12 +3,13 @@
     x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w                   # in x's dtype
     h = x.to(torch.float32); w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)   # Llama
     x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)                          # no weight
+    w * x * (x.pow(2).mean(-1, keepdim=True) + eps) ** -0.5                      # (w * x) first, a power -1/2
     h = x.float(); (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + w.float())).type_as(x)  # Gemma
 
 -> ``tilestack::rms_norm_fwd`` (the kernel computes in f32 whatever x's dtype, and rounds once at the end). The
 square may be ``pow(2)``, ``** 2``, ``square()`` or ``h * h``; the statistic may be upcast to f32 or f64; the
 weight (a 1-D tensor of the last dim's size) may multiply on either side (the product cast back to x's dtype once,
-as Gemma's), or be absent."""
+as Gemma's), x before the inverse RMS, or be absent; the inverse RMS may be ``rsqrt`` or a power of -0.5."""
 
 from __future__ import annotations
 
@@ -81,9 +82,10 @@ def _last_dim_mean(node):
 
 
 def _inv_rms(node, inverse: bool):
-    """(x, eps, nodes) when node is rsqrt(mean(x^2) + eps) (inverse) or sqrt(mean(x^2) + eps) (not inverse), x
-    under widening casts, else None."""
-    if not _is(node, "rsqrt" if inverse else "sqrt"):
+    """(x, eps, nodes) when node is rsqrt(mean(x^2) + eps) or (mean(x^2) + eps) ** -0.5 (inverse) or
+    sqrt(mean(x^2) + eps) (not inverse), x under widening casts, else None."""
+    power = inverse and _is(node, "pow") and scalar(_arg(node, 1, "exponent")) == -0.5
+    if not (power or _is(node, "rsqrt" if inverse else "sqrt")):
         return None
     s = _arg(node, 0, "input")
     if kind(s) != "add" or "alpha" in s.kwargs:
@@ -99,8 +101,22 @@ def _inv_rms(node, inverse: bool):
     return None
 
 
+def _weighted(t, x):
+    """w when t is ``w * x`` or ``x * w`` for a 1-D w (x under widening casts), else None."""
+    if kind(t) != "mul":
+        return None
+    a, b = _arg(t, 0, "input"), _arg(t, 1, "other")
+    for n, w in ((a, b), (b, a)):
+        wv = value(w)
+        if isinstance(n, Node) and isinstance(w, Node) and isinstance(wv, torch.Tensor) and wv.dim() == 1 and \
+                _root(n) is x:
+            return w
+    return None
+
+
 def _normalized(node):
-    """(x, eps, nodes) when node is x * rsqrt(...) or x / sqrt(...) of x's rows (x under widening casts)."""
+    """(x, eps, nodes, w) when node is x * rsqrt(...) or x / sqrt(...) of x's rows (x under widening casts); w is
+    a weight that multiplied x first (``w * x * rsqrt(...)``), else None."""
     if kind(node) == "mul":
         a, b = _arg(node, 0, "input"), _arg(node, 1, "other")
         pairs, inverse = ((a, b), (b, a)), True
@@ -111,7 +127,9 @@ def _normalized(node):
     for t, r in pairs:
         found = _inv_rms(r, inverse) if isinstance(t, Node) else None
         if found is not None and _root(t) is found[0]:
-            return found[0], found[1], [*found[2], node]
+            return found[0], found[1], [*found[2], node], None
+        if found is not None and (w := _weighted(t, found[0])) is not None:
+            return found[0], found[1], [*found[2], t, node], w
     return None
 
 
@@ -123,7 +141,7 @@ def hand_rms_norms(gm):
         if node in taken:
             continue
         found = _normalized(node)
-        weight, out, extra = None, node, []
+        weight, out, extra = (None if found is None else found[3]), node, []
         if found is None:                          # w * cast(x * rsqrt(...)) or cast(...) * w
             mul, back = node, []
             if kind(node) != "mul" and kind(cast_input(node)) == "mul":
@@ -131,16 +149,20 @@ def hand_rms_norms(gm):
             if kind(mul) != "mul":
                 continue
             a, b = _arg(mul, 0, "input"), _arg(mul, 1, "other")
-            for n, w in ((a, b), (b, a)):
+            if back and (found := _normalized(mul)) is not None and found[3] is not None:
+                weight, extra, a, b = found[3], back, None, None    # (w * h * rsqrt(...)).to(x.dtype)
+            else:
+                found = None
+            for n, w in ((a, b), (b, a)) if found is None else ():
                 wv = value(w)
                 inner = cast_input(n) if isinstance(n, Node) else None
                 if isinstance(wv, torch.Tensor) and wv.dim() == 1 and isinstance(n, Node) and \
-                        (found := _normalized(n if inner is None else inner)) is not None:
+                        (found := _normalized(n if inner is None else inner)) is not None and found[3] is None:
                     weight, extra = w, ([n, mul] if inner is not None else [mul]) + back
                     break
             if found is None or (back and value(node).dtype != value(found[0]).dtype):
                 continue        # not a cast back to x's dtype (a model's final .float()): the product is the norm
-        x, eps, nodes = found
+        x, eps, nodes = found[:3]
         chain = nodes + extra
         xv, ov = value(x), value(out)
         taken.update(chain)
@@ -181,9 +203,12 @@ def hand_rms_norms(gm):
 
 
 def _casts_between(chain, x):
-    """The widening casts of x that the chain's nodes read (erased with them when nothing else reads them)."""
+    """The widening casts of x that the chain's nodes read (erased with them when nothing else reads them); not a
+    cast of the weight (``w.float() * h * rsqrt(...)``: the weight's cast is the rewrite's input)."""
     for n in chain:
         for a in n.args:
+            if not isinstance(a, Node) or _root(a) is not x:
+                continue
             while isinstance(a, Node) and a is not x and cast_input(a) is not None:
                 yield a
                 a = cast_input(a)
