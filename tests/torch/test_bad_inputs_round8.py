@@ -16,7 +16,10 @@ What rounds 1-7 did not reach, and what it found (each test failed before its fi
   (no gradient): refused as torch's out= is (``_checks.check_out_autograd``);
 - kernels.rotary with q_out a shifted view of q (or k_out of k): rows rotated twice on the Triton backend (a
   program stored over rows another one read later), without a word: refused as swiglu's out= over a shifted input
-  is; q_out=q itself (in place) still rotates exactly.
+  is; q_out=q itself (in place) still rotates exactly;
+- a float tensor with torch's negative bit (``z.conj().imag``, a lazily negated view) was read as stored: the
+  Triton backend's results lost the sign (rms_norm, swiglu, softmax, attention, gemm) without a word. Refused by
+  name before any work (the bit is in the plan and launch keys); the SDPA drop-in hands it to torch.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+import tilestack
 from tilestack import config
 from tilestack import kernels as K
 from tilestack.errors import LaunchError
 from tilestack.kernels.attention_bwd import attention_backward
 from tilestack.kernels.rotary import reference as rotary_reference
+from tilestack.torch import ops
 
 
 @pytest.fixture(autouse=True)
@@ -138,3 +143,67 @@ def test_rotary_output_over_a_shifted_view_of_its_input_is_refused(backend, whic
         out = K.rotary(*args, COS, SIN, **{f"{which}_out": src})[0 if which == "q" else 1]
         assert out is src
         torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+
+
+# ---- lazily negated views (torch's negative bit) ------------------------------------------------------------------
+def negated(*shape, dtype=torch.float32, seed=0):
+    """A tensor with torch's negative bit set: the imaginary part of a conjugate view (public API), whose memory
+    holds the values' negation; (the view, its values resolved)."""
+    complex_dtype = torch.complex64 if dtype == torch.float32 else torch.complex32
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.complex64).to(complex_dtype)
+    x = z.conj().imag
+    assert x.is_neg() and x.dtype == dtype
+    return x, x.resolve_neg()
+
+
+def _negated_cases():
+    x, _ = negated(6, 16)
+    h, _ = negated(6, 16, dtype=torch.float16)
+    q, _ = negated(1, 2, 3, 16)
+    qr = negated(2, 5, 1, 16)[0]
+    return {
+        "rms_norm": (lambda: ops.rms_norm(x, W.new_ones(16)), "rms_norm: x"),
+        "layer_norm weight": (lambda: ops.layer_norm(x.resolve_neg(), x[0], x[1].resolve_neg()),
+                              "layer_norm: weight"),
+        "swiglu": (lambda: ops.swiglu(x), "swiglu: x"),
+        "attention": (lambda: tilestack.attention(q, Q, V), "attention_forward: q"),
+        "rotary": (lambda: ops.rotary(qr, qr.resolve_neg(), COS, SIN), "rotary: q"),
+        "fused_linear_cross_entropy": (lambda: ops.fused_linear_cross_entropy(
+            x, randn(10, 16), torch.tensor([1, 0, 9, 3, 2, 5])), "fused_linear_cross_entropy: x"),
+        "softmax": (lambda: K.softmax(x), "softmax: x"),
+        "gemm": (lambda: K.gemm(h, randn(16, 4, dtype=torch.float16)), "gemm: a"),
+        "softmax out": (lambda: K.softmax(x.resolve_neg(), out=x), "softmax: out"),
+    }
+
+
+NEGATED = _negated_cases()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("case", list(NEGATED))
+def test_lazily_negated_views_are_refused_by_name(case, backend):
+    """A float tensor with torch's negative bit (``z.conj().imag``): its memory holds the negated values, which the
+    kernels read as stored. The Triton backend answered with the sign lost (rms_norm off by 5.5, attention by 3.4,
+    gemm by 13) without a word; the reference backend, which copied through torch, answered right: now refused on
+    both, before any work, naming the argument (``.resolve_neg()`` makes a plain tensor)."""
+    call, name = NEGATED[case]
+    with config.override(backend=backend):
+        with pytest.raises(LaunchError, match=rf"{name} is a lazily negated view \(torch's negative bit"):
+            call()
+
+
+def test_a_user_kernel_refuses_a_negated_argument_by_name():
+    """``kernel[grid](...)``-style launches check their arguments once per launch signature; the negative bit is
+    in that signature, so a negated view of an already-launched layout is refused too."""
+    x, xr = negated(4, 16)
+    K.softmax(xr.clone())                                  # the plain layout's launcher, made and kept
+    with pytest.raises(LaunchError, match=r"softmax_kernel: argument X is a lazily negated view"):
+        K.softmax_kernel.trace(xr.clone(), torch.empty(4, 16)).run(x, torch.empty(4, 16))
+
+
+def test_sdpa_drop_in_hands_a_negated_view_to_torch():
+    """The drop-in promises torch's answer: a negated view goes to torch's function (a notice), which resolves it."""
+    q, qr = negated(1, 2, 3, 16)
+    with pytest.warns(UserWarning, match="handing a lazily negated view"):
+        got = tilestack.scaled_dot_product_attention(q, Q, V)
+    torch.testing.assert_close(got, torch.nn.functional.scaled_dot_product_attention(qr, Q, V))

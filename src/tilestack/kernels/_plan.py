@@ -11,7 +11,8 @@
         return run
 
 The plan is keyed by ``plan_key``: per tensor its dtype, shape, strides, device, address alignment (what a
-kernel launch is specialized for) and whether it requires grad (what an ``out=`` check depends on), per other
+kernel launch is specialized for), whether it requires grad (what an ``out=`` check depends on) and its negative
+bit (a lazily negated view, which the checks refuse: the kernels read memory as stored), per other
 argument its type and value (True == 1 == 1.0 in Python, but a check that refuses ``causal=1`` or ``eps=True``
 must refuse it whichever call came first); and torch's grad and deterministic modes (a plan may choose by them).
 A repeated call costs the key, one dictionary lookup and what ``run`` does. Arguments the key cannot hold
@@ -34,9 +35,9 @@ def plan_key(args: tuple, kwargs: dict) -> tuple:
     the hot path (every planned call computes it): list comprehensions over the arguments (no generator frames),
     no pass over kwargs when there are none."""
     tensor = torch.Tensor
-    return (tuple([(a.dtype, a.shape, a.stride(), a.device, a.data_ptr() % 16 == 0, a.requires_grad)
+    return (tuple([(a.dtype, a.shape, a.stride(), a.device, a.data_ptr() % 16 == 0, a.requires_grad, a.is_neg())
                    if isinstance(a, tensor) else (type(a), a) for a in args]),
-            tuple([(k, (v.dtype, v.shape, v.stride(), v.device, v.data_ptr() % 16 == 0, v.requires_grad)
+            tuple([(k, (v.dtype, v.shape, v.stride(), v.device, v.data_ptr() % 16 == 0, v.requires_grad, v.is_neg())
                     if isinstance(v, tensor) else (type(v), v)) for k, v in kwargs.items()]) if kwargs else (),
             knobs.backend, knobs.triton_interpret, _grad_enabled(), _deterministic())
 

@@ -48,9 +48,11 @@ MAX_LAUNCHERS = 4096   # launch signatures remembered per kernel
 
 def launch_key(args: Sequence) -> tuple:
     """What a launch is specialized for: per tensor its dtype, shape, strides, device and whether its address is
-    16-byte aligned (Triton specializes on that); per number its type and, for ints, what Triton specializes
-    on (== 1, divisible by 16, fits in 32 bits). Everything a launch checks or derives is a function of this."""
-    return tuple((a.dtype, a.shape, a.stride(), a.device, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
+    16-byte aligned (Triton specializes on that) and its negative bit (refused by the checks); per number its type
+    and, for ints, what Triton specializes on (== 1, divisible by 16, fits in 32 bits). Everything a launch checks
+    or derives is a function of this."""
+    return tuple((a.dtype, a.shape, a.stride(), a.device, a.data_ptr() % 16 == 0, a.is_neg())
+                 if isinstance(a, torch.Tensor)
                  else (int, a == 1, a % 16 == 0, -_I32 <= a < _I32) if type(a) is int
                  else type(a) for a in args)
 

@@ -57,6 +57,10 @@ def check_args(traced, args: Sequence) -> None:
         if a.dim() != rank:
             raise LaunchError(f"{name}: argument {pname} has rank {a.dim()} (shape {tuple(a.shape)}); "
                               f"this trace is for rank {rank}")
+        if a.is_neg():     # the backends read memory as stored: the Triton backend's results lost the sign
+            raise LaunchError(f"{name}: argument {pname} is a lazily negated view (torch's negative bit, e.g. the "
+                              ".imag of a .conj() view); the kernel reads its memory as stored, without the sign: pass "
+                              f"{pname}.resolve_neg()")
         if device is None:
             device = a.device
         elif a.device != device:

@@ -468,6 +468,7 @@ class _SwiGLUPlan:
     shapes are kept as plain ints, as ``_NormPlan`` keeps them."""
 
     def __init__(self, x):
+        check_tensor("swiglu", "x", x)       # named as the caller knows it (a lazily negated view: refused)
         rows = _rows(x)
         m, f = rows.shape[0], x.shape[-1] // 2
         self.f, self.shape, self.rows = f, tuple(x.shape), (m, 2 * f)       # (..., 2F), (M, 2F)
