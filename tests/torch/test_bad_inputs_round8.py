@@ -19,7 +19,10 @@ What rounds 1-7 did not reach, and what it found (each test failed before its fi
   is; q_out=q itself (in place) still rotates exactly;
 - a float tensor with torch's negative bit (``z.conj().imag``, a lazily negated view) was read as stored: the
   Triton backend's results lost the sign (rms_norm, swiglu, softmax, attention, gemm) without a word. Refused by
-  name before any work (the bit is in the plan and launch keys); the SDPA drop-in hands it to torch.
+  name before any work (the bit is in the plan and launch keys); the SDPA drop-in hands it to torch;
+- an inference tensor given as an output (out=, da=, k_out=) outside torch.inference_mode: the reference backend
+  failed in its copy back with torch's error after the kernel ran, the Triton backend wrote it (torch refuses):
+  refused by name before any work.
 """
 
 from __future__ import annotations
@@ -207,3 +210,36 @@ def test_sdpa_drop_in_hands_a_negated_view_to_torch():
     with pytest.warns(UserWarning, match="handing a lazily negated view"):
         got = tilestack.scaled_dot_product_attention(q, Q, V)
     torch.testing.assert_close(got, torch.nn.functional.scaled_dot_product_attention(qr, Q, V))
+
+
+# ---- outputs that are inference tensors ---------------------------------------------------------------------------
+def _inference_out_cases():
+    with torch.inference_mode():
+        out, out_bf16, k_out = torch.empty(4, 6), torch.empty(4, 6, dtype=torch.bfloat16), torch.empty(2, 5, 1, 16)
+    a, b = randn(4, 6), randn(4, 6, seed=1)
+    return {
+        "softmax": (lambda: K.softmax(a, out=out), "softmax: out"),
+        "gemm": (lambda: K.gemm(randn(4, 8, dtype=torch.bfloat16), randn(8, 6, dtype=torch.bfloat16), out=out_bf16),
+                 "gemm: out"),
+        "swiglu": (lambda: K.swiglu(a, b, out=out), "swiglu: out"),
+        "swiglu_backward": (lambda: K.swiglu_backward(a, a, b, db=out), "swiglu_backward: db"),
+        "rotary": (lambda: K.rotary(randn(2, 5, 3, 16), randn(2, 5, 1, 16), COS, SIN, k_out=k_out),
+                   "rotary: k_out"),
+    }
+
+
+INFERENCE_OUT = _inference_out_cases()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("case", list(INFERENCE_OUT))
+def test_an_inference_tensor_as_output_outside_inference_mode_is_refused(case, backend):
+    """torch refuses to write an inference tensor outside torch.inference_mode (its out= too): the reference backend
+    failed with torch's error in its copy back, after the kernel ran, and the Triton backend wrote it. Refused by
+    name before any work on both; inside inference mode the call answers."""
+    call, name = INFERENCE_OUT[case]
+    with config.override(backend=backend):
+        with pytest.raises(LaunchError, match=rf"{name} is an inference tensor \(made under torch.inference_mode\)"):
+            call()
+        with torch.inference_mode():
+            call()

@@ -46,9 +46,24 @@ def check_out_memory(fn: str, out, **inputs) -> None:
     from two indices, no memory shared with an input. Run after the shape, dtype and device checks."""
     from tilestack.lang.layout import check_not_aliased, check_writable
 
+    check_out_not_inference(fn, out=out)
     check_out_autograd(fn, {"out": out}, inputs)
     check_writable(fn, "out", out)
     check_not_aliased(fn, "out", out, **inputs)
+
+
+def check_out_not_inference(fn: str, **outputs) -> None:
+    """Outputs the caller gives (None ones absent) that are inference tensors (made under torch.inference_mode) may
+    be written only inside it, as torch's out= refuses: the reference backend failed in its copy back, after the
+    kernel ran, and Triton's wrote them. Per call (inference-ness is in no plan's key); one C call per output."""
+    for name, t in outputs.items():
+        if t is not None and t.is_inference():
+            import torch
+
+            if not torch.is_inference_mode_enabled():
+                raise LaunchError(f"{fn}: {name} is an inference tensor (made under torch.inference_mode), which may "
+                                  "not be written outside it; make it outside inference mode, or call this under "
+                                  "torch.inference_mode()")
 
 
 def check_out_autograd(fn: str, outputs: dict, inputs: dict) -> None:

@@ -17,6 +17,7 @@ import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.kernels._checks import (
     check_out_autograd,
+    check_out_not_inference,
     check_same_device,
     check_tensor,
     finite_real,
@@ -158,6 +159,7 @@ def rotary(q, k, cos, sin, *, inverse: bool = False, q_out=None, k_out=None, bac
     k_out_apart_from_q = outputs_apart_check("rotary", "k_out", "q", second_is_input=True)
 
     def outputs(q, k, q_out, k_out):
+        check_out_not_inference("rotary", q_out=q_out, k_out=k_out)
         apart(q_out, k_out)
         q_out_over_q(q_out, q)
         k_out_over_k(k_out, k)

@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
-from tilestack.kernels._checks import check_out_autograd, check_same_device, check_tensor, outputs_apart_check
+from tilestack.kernels._checks import (
+    check_out_autograd,
+    check_out_not_inference,
+    check_same_device,
+    check_tensor,
+    outputs_apart_check,
+)
 from tilestack.kernels._plan import forward_only, planned
 from tilestack.tune.lookup import launch_config
 
@@ -117,6 +123,7 @@ def swiglu(a, b, *, out=None, backend: str | None = None, **config):
     def output(a, b, out):
         if out is None:
             return torch.empty(a.shape, dtype=a.dtype, device=a.device)
+        check_out_not_inference("swiglu", out=out)
         out_apart_from_a(out, a)
         out_apart_from_b(out, b)
         return out
@@ -147,6 +154,7 @@ def swiglu_backward(dy, a, b, *, da=None, db=None, backend: str | None = None, *
     apart = outputs_apart_check("swiglu_backward", "da", "db")
 
     def outputs(a, da, db):
+        check_out_not_inference("swiglu_backward", da=da, db=db)
         apart(da, db)
         return (torch.empty(a.shape, dtype=a.dtype, device=a.device) if da is None else da,
                 torch.empty(a.shape, dtype=a.dtype, device=a.device) if db is None else db)
