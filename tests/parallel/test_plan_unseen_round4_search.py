@@ -12,7 +12,11 @@ Found and fixed (each test below failed first):
 - "no plan of world_size=7 fits batch=12" said nothing of why: it now lists the degrees dividing the world size
   that the batch (data parallelism), the layers (pipeline stages) and the widths (tensor parallelism) allow;
 - ``tilestack plan --memory-limit 1e400`` (inf) was taken as no limit, and ``--noise-scale -3`` or ``nan`` was
-  taken silently when ranking by time: both refused by name.
+  taken silently when ranking by time: both refused by name;
+- a weight shared by pipeline ranks two or more apart (an ALBERT-like block on stages 0, 2 and 3) had its
+  gradients' all-reduce priced as between neighbouring ranks, and the loss's all-reduce over the pipeline (and
+  data-parallel) ranks as between adjacent GPUs: on nodes (ClusterComm) both stayed inside a node that they
+  leave (predict: the pair's and the groups' strides).
 """
 
 import json
@@ -231,3 +235,27 @@ def test_cli_plans_for_a_device_not_here_without_measuring(tmp_path):
         assert not comm_path("gloo-cpu").exists()
     spec = json.loads(out.read_text())
     assert spec["predicted"]["memory_bytes"] <= 80e9 and spec["nproc"] == 8
+
+
+def test_a_block_shared_by_stages_on_two_nodes_exchanges_over_the_network():
+    """The block called at layers 1, 3 and 5 (plan_models_round4.SharedBetween) on 16 GPUs in 2 nodes of 8, pp=4
+    x dp=4: pipeline rank 0 owns it (GPUs 0-3), ranks 2 and 3 hold copies (GPUs 8-15), a node away. The
+    all-reduce of each of its 4 tensors' gradients between the owner and each copy crosses the network (NVLink is
+    free here, the network is not): it was taken as between neighbouring pipeline ranks (4 GPUs apart, one
+    node), so it cost nothing. The loss's all-reduce over the pipeline ranks spans the nodes too."""
+    from plan_models_round4 import MODELS, mlp_params
+
+    from tilestack.parallel.plan import describe_module
+    module, x = MODELS["shared between"]
+    desc = describe_module(module, x)
+    net = ClusterComm(fits={}, source="free NVLink, 1 GB/s between", intra=FREE, gpus_per_node=8,
+                      inter_alpha=1e-5, inter_bytes_per_s=1e9)
+    plan = Plan(batch=16, pp=4, dp=4, microbatches=4, schedule="gpipe", bounds=(0, 2, 3, 4, 7))
+    pred = predict(plan, desc, Unit(desc), net)
+    tensors = [8 * 16, 16, 16 * 8, 8]                                     # fc and proj, weights and biases
+    assert sum(tensors) == mlp_params(8, 16)
+    across = sum(net.time("all_reduce", n * 4, 2, stride=8) for n in tensors)
+    assert across == sum(net.time("all_reduce", n * 4, 2, stride=12) for n in tensors)
+    loss = net.time("all_reduce", 4, 4, stride=4)
+    assert across > 0 and loss > 0
+    assert pred.terms["dp comm"] == pytest.approx(2 * across + loss)         # the owner meets both copies

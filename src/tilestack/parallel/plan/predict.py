@@ -368,10 +368,13 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
     # (an owner outside the window is on another stage, outside this prediction)
     rank_of = {base + i: r for r, rs in enumerate(rank_stages) for s in rs for i in stages[s]}
     tied_s = [0.0] * plan.pp
+    hop = plan.world_size // plan.pp                       # ranks between neighbouring pipeline ranks
     for r in ranks:
         for p in held[r].copies:
             if p.trained:
-                t = sync("all_reduce", p.nbytes / shard, 2, plan.world_size // plan.pp)
+                # the pair is as far apart as the two pipeline ranks (stages 0 and 2 of 4 on 2 nodes of 8 GPUs:
+                # ranks 0 and 8, across the network, where neighbours would share a node)
+                t = sync("all_reduce", p.nbytes / shard, 2, hop * abs(r - rank_of.get(p.owner, r - 1)))
                 tied_s[r] += t
                 if p.owner in rank_of:
                     tied_s[rank_of[p.owner]] += t
@@ -407,7 +410,9 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
         dp_exposed += compute.overhead("ddp") * every
     elif trainer_reduces_gradients(plan):
         dp_exposed += compute.overhead("reduce") * share * every
-    losses = sum(sync("all_reduce", LOSS_BYTES, n) for n in (plan.pp, plan.dp, plan.dp_shard))
+    # the loss over each group, its ranks as far apart as the mesh ("pp", "dp", "dp_shard", "tp") puts them
+    losses = sum(sync("all_reduce", LOSS_BYTES, n, stride) for n, stride in (
+        (plan.pp, hop), (plan.dp, plan.dp_shard * tp), (plan.dp_shard, tp)))
     busiest = max(range(plan.pp), key=lambda r: sim.busy[r])
     mine = rank_stages[busiest]
     work = sim.busy[busiest]
