@@ -129,13 +129,13 @@ def test_whisper_encoder_training_gradients():
 
 def test_whisper_encoder_dynamic_frames():
     """dynamic=True over batch sizes and frame counts (the conv's output length symbolic): eager's outputs."""
-    model = seeded(WhisperEncoder)
+    model = seeded(WhisperEncoder, layers=1)
     compiled = tilestack.optimize(model, check=True, inner="aot_eager", dynamic=True)
     with torch.no_grad():
         for b, t in ((2, 24), (3, 40)):
             mel = torch.randn(b, 8, t)
             _close(compiled(mel), model(mel), torch.float32, f"batch {b}, frames {t}")
-    assert tc.last_report().swapped.get("explicit_attention") == 2, str(tc.last_report())
+    assert tc.last_report().swapped.get("explicit_attention") == 1, str(tc.last_report())
 
 
 @pytest.mark.parametrize("form", ["operands_scaled", "k_permuted", "both_and_output_scaled"])
@@ -174,11 +174,11 @@ def test_a_scaled_operand_read_elsewhere_is_kept():
 
 
 # ---- a decoder whose KV cache is written by index_copy_ --------------------------------------------------------------
-@DTYPES
-def test_index_copy_cached_decoder_prefill_then_decode(dtype):
+def test_index_copy_cached_decoder_prefill_then_decode():
     """The cache written at the step's positions by index_copy_, the scores over the whole cache masked past the
     query's position, cross-attention through SDPA: outputs and caches as eager's at every step; the self- and
-    cross-attention swapped in every graph."""
+    cross-attention swapped in every graph (bf16: through Inductor, test_unseen_models_round4_quant_inductor.py)."""
+    dtype = torch.float32
     eager, model = seeded(IndexCopyCachedDecoder, dtype=dtype), seeded(IndexCopyCachedDecoder, dtype=dtype)
     compiled = tilestack.optimize(model, check=True, inner="aot_eager")
     torch.manual_seed(1)
