@@ -12,7 +12,8 @@ What the round found (each pinned by the test whose docstring says so):
   its options (weight decay, amsgrad, maximize, momentum, nesterov), so a fused and an unfused step count alike;
 - profiling such a step left the optimizer it holds changed: Adam's moments and step count, SGD's momentum buffers,
   a scheduler's epoch and learning rate, a GradScaler's scale and growth tracker (``profile_state.preserved`` put
-  back parameters, buffers and attributes but not what an optimizer, scheduler or scaler keeps); now put back;
+  back parameters, buffers and attributes but not what an optimizer, scheduler or scaler keeps); now put back, and
+  so are the modules and optimizers a plain training-step function refers to (before, its profile trained them);
 - a GradScaler's ops (aten._amp_foreach_non_finite_check_and_unscale_, _amp_update_scale_) had no FLOP formula;
 - a sparse gradient added into a dense parameter (``param.add_(grad)`` of SGD and SparseAdam on an embedding with
   sparse=True) was counted over the whole table, FLOPs and bytes, for the few rows it touches; sparse_mask and
@@ -28,6 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from tilestack.perf import counting, formulas, profile
 from tilestack.perf.counting import ProfileError
@@ -86,6 +88,34 @@ def test_a_training_step_function_is_profiled_too():
 
     profile.profile_model(Probe(4, 4), (torch.randn(2, 4),), steps=1, warmup=1, ceilings=CEIL, device="cpu")
     assert seen and not any(seen)
+
+
+def test_a_training_step_function_leaves_the_model_and_optimizer_it_refers_to_as_they_were():
+    """A plain function closing over a model and its optimizer (and one calling such a function): the profile's
+    steps trained the model (its parameters moved, the optimizer's momentum buffers and Adam's step count with
+    them), since only modules passed in (or bound by a partial) were put back; now the modules and optimizers a
+    function refers to, by its closure or globals, through the functions it calls, are put back too."""
+    torch.manual_seed(0)
+    net = pm._mlp()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(pm.TS_ROWS, pm.TS_IN), torch.randn(pm.TS_ROWS, pm.TS_OUT)
+
+    def step(x, y):
+        opt.zero_grad()
+        loss = F.mse_loss(net(x), y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    step(x, y)  # momentum buffers exist
+    for fn in (step, lambda x, y: step(x, y)):
+        params = [t.clone() for t in net.state_dict().values()]
+        buffers = [opt.state[p]["momentum_buffer"].clone() for p in net.parameters()]
+        p = profile.profile_model(fn, (x, y), steps=2, warmup=1, ceilings=CEIL, device="cpu")
+        assert p.own_backward and "aten::add_" in {o.op for o in p.ops}
+        assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), params, strict=True))
+        assert all(torch.equal(opt.state[p]["momentum_buffer"], b) for p, b in zip(net.parameters(), buffers,
+                                                                                    strict=True))
 
 
 def test_a_model_failing_otherwise_keeps_its_error_and_runs_once():

@@ -146,12 +146,17 @@ class _Stepper:
             group.update(saved)
 
 
-def _steppers(attributes: list[_Attributes]) -> list[_Stepper]:
-    """The optimizers, learning-rate schedulers and grad scalers the modules hold in their plain attributes."""
+def _stepper_kinds() -> tuple[type, ...]:
     import torch
 
-    kinds = (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, torch.amp.GradScaler)
-    held = [v for a in attributes for v in a.values.values()]
+    return torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, torch.amp.GradScaler
+
+
+def _steppers(attributes: list[_Attributes], bound: list[Any]) -> list[_Stepper]:
+    """The optimizers, learning-rate schedulers and grad scalers the modules hold in their plain attributes, or
+    that a partial binds or a function refers to."""
+    kinds = _stepper_kinds()
+    held = [v for a in attributes for v in a.values.values()] + list(bound)
     held += [x for v in held if isinstance(v, list | tuple | dict) for x in (v.values() if isinstance(v, dict) else v)]
     found = {id(v): v for v in held if isinstance(v, kinds)}  # as attributes, or in a list or dict of them
     return [_Stepper(v) for v in found.values()]
@@ -182,9 +187,42 @@ def _unwrap(model: Any) -> tuple[list[Any], list[Any]]:
     while isinstance(model, functools.partial):
         bound += [*model.args, *model.keywords.values()]
         model = model.func
+    bound += _referenced(model)
     owners = [o if isinstance(o, torch.nn.Module) else getattr(o, "__self__", None) for o in (model, *bound)]
     modules = list(dict.fromkeys(m for o in owners if isinstance(o, torch.nn.Module) for m in o.modules()))
     return modules, bound
+
+
+def _referenced(fn: Any, depth: int = 3) -> list[Any]:
+    """The modules, optimizers, schedulers and grad scalers a plain function (a training step ``def step(x, y)``, a
+    lambda around a model) refers to by its closure or by global names, also through the functions it calls (to
+    ``depth``): a profile of the function runs their steps, and must put them back too."""
+    import types
+
+    import torch
+
+    found: dict[int, Any] = {}
+    todo, seen = [(fn, depth)], set()
+    while todo:
+        f, left = todo.pop()
+        if not isinstance(f, types.FunctionType) or id(f) in seen:
+            continue
+        seen.add(id(f))
+        codes, names = [f.__code__], set()
+        while codes:  # its own names and those of the lambdas and comprehensions inside it
+            code = codes.pop()
+            names.update(code.co_names)
+            codes += [c for c in code.co_consts if isinstance(c, types.CodeType)]
+        cells = []
+        for cell in f.__closure__ or ():
+            with contextlib.suppress(ValueError):  # a cell not yet filled
+                cells.append(cell.cell_contents)
+        for obj in [*cells, *(f.__globals__[n] for n in names if n in f.__globals__)]:
+            if isinstance(obj, (torch.nn.Module, *_stepper_kinds())):
+                found.setdefault(id(obj), obj)
+            elif left > 1:
+                todo.append((obj, left - 1))
+    return list(found.values())
 
 
 class _Draws:
@@ -283,7 +321,7 @@ def preserved(model: Any, inputs: Any) -> Iterator[None]:
     bindings = _Bindings(modules)
     values = [t for m in modules for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))]
     values += _tensors([a.values for a in bindings.attributes])
-    steppers = _steppers(bindings.attributes)
+    steppers = _steppers(bindings.attributes, bound)
     values += _tensors([s.held for s in steppers])
     modes = [(m, m.training) for m in modules]
     held: dict[int, Any] = {}
