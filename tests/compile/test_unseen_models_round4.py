@@ -173,6 +173,34 @@ def test_a_scaled_operand_read_elsewhere_is_kept():
         str(tc.last_report())
 
 
+def test_one_key_value_head_broadcast_by_the_products():
+    """Multi-query attention with no expand: k (B, N, 1, D) permuted to (B, 1, D, N) and v (B, 1, N, D), which
+    the two products broadcast over the 4 query heads. One attention (GQA of one group), forward and backward (it
+    was declined: "4 query heads and 1 key/value heads without enable_gqa")."""
+    def f(q, k, v):
+        return torch.softmax(q @ k.permute(0, 2, 3, 1) * 0.25, dim=-1) @ v
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(*s, requires_grad=True) for s in ((2, 4, 9, 16), (2, 11, 1, 16), (2, 1, 11, 16)))
+    _, swaps = _run(f, q, k, v, grad_of=[q, k, v])
+    assert swaps == {"explicit_attention": 1}, swaps
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["checked", "unchecked"])
+def test_a_key_scaled_in_place_is_read_as_written(check):
+    """kt *= 0.25 on a clone of k^T: the written tensor is the rewrite's key (the scale is not folded into the
+    kernel's, which with check=True failed its check: the check's original ran the write on the shared input)."""
+    def f(q, k, v):
+        kt = k.transpose(-1, -2).clone()
+        kt *= 0.25
+        return torch.softmax(q @ kt, dim=-1) @ v
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 9, 16) for _ in range(3))
+    _, swaps = _run(f, q, k, v, check=check)
+    assert swaps == {"explicit_attention": 1}, swaps
+
+
 # ---- a decoder whose KV cache is written by index_copy_ --------------------------------------------------------------
 def test_index_copy_cached_decoder_prefill_then_decode():
     """The cache written at the step's positions by index_copy_, the scores over the whole cache masked past the

@@ -168,9 +168,11 @@ def _scaled_by_constants(x, nodes: list[Node], scale: float, sole_reader: Node |
     """(inner, scale times the constants) where x is inner times or divided by constants (through casts that lose
     nothing), the nodes peeled off added to nodes. With ``sole_reader`` (a product's operand: OpenAI's Whisper
     scales q and k each by hd ** -0.25), a node is peeled only where that reader is its only one (another reader
-    keeps it, and the rewrite erases what it peels); None when a scaling's factor is not a constant."""
+    keeps it, and the rewrite erases what it peels) and not where it scales in place (``kt *= c``: the tensor it
+    writes is the rewrite's input, which the write would have changed); None when a scaling's factor is not a
+    constant."""
     while _scaling(x) is not None:
-        if sole_reader is not None and list(x.users) != [sole_reader]:
+        if sole_reader is not None and (list(x.users) != [sole_reader] or x.target in _IN_PLACE_SCALES):
             break
         found = _scale_factor(x)
         if found is None:
@@ -343,7 +345,9 @@ def explicit_attention(gm: fx.GraphModule):
         qv, kv_, vv, mv = value(q), value(k), value(v), value(mask)
         if k_transposed:
             kv_ = kv_.transpose(-2, -1)                               # (B, H, Nk, D), as the rewrite reads it
-        why = unsupported(qv, kv_, vv, mv, 0.0, False, False)
+        # one key/value head that the products broadcast over the query heads (k (B, 1, N, D) without an expand)
+        broadcast = qv.dim() == kv_.dim() == vv.dim() == 4 and qv.shape[1] > 1 and kv_.shape[1] == vv.shape[1] == 1
+        why = unsupported(qv, kv_, vv, mv, 0.0, False, broadcast)
         if why is None and mask is not None and not fill and kind(x) != "where" and mv.dtype == torch.bool:
             why = ("a boolean tensor added to the scores (it adds 1 where True; the kernels read a boolean mask as "
                    "the keys to attend)")
