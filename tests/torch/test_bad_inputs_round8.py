@@ -243,3 +243,40 @@ def test_an_inference_tensor_as_output_outside_inference_mode_is_refused(case, b
             call()
         with torch.inference_mode():
             call()
+
+
+def _rope(x):
+    x1, x2 = x.double().chunk(2, -1)
+    c, s = COS.double()[None, :, None], SIN.double()[None, :, None]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), -1)
+
+
+F_ = torch.nn.functional
+# name -> (our op, torch's, the input, the output's shape)
+GRADIENT_CASES = {
+    "rms_norm": (lambda x: ops.rms_norm(x, W.new_ones(16)), lambda x: F_.rms_norm(x, (16,), None, 1e-6),
+                 randn(4, 16), (4, 16)),
+    "layer_norm": (lambda x: ops.layer_norm(x, W.new_ones(16), W.new_zeros(16)),
+                   lambda x: F_.layer_norm(x, (16,), None, None, 1e-5), randn(4, 16), (4, 16)),
+    "add_rms_norm": (lambda x: ops.add_rms_norm(x, x, W.new_ones(16))[0],
+                     lambda x: F_.rms_norm(x + x, (16,), None, 1e-6), randn(4, 16), (4, 16)),
+    "swiglu": (ops.swiglu, lambda x: F_.silu(x[:, :8]) * x[:, 8:], randn(4, 16), (4, 8)),
+    "rotary": (lambda x: ops.rotary(x, x, COS, SIN)[0], _rope, randn(1, 5, 2, 16), (1, 5, 2, 16)),
+    "attention": (lambda x: tilestack.attention(x, x, x), lambda x: F_.scaled_dot_product_attention(x, x, x),
+                  randn(1, 2, 5, 16), (1, 2, 5, 16)),
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("case", list(GRADIENT_CASES))
+def test_a_negated_incoming_gradient_is_taken_as_torch_takes_it(case, backend):
+    """``y.backward(gradient=g)`` with g a lazily negated view: torch's ops take it; the ops' backward kernels read
+    its memory as stored (the Triton backend's gradients lost the sign, then, once the kernels refused the bit,
+    the backward failed naming an internal kernel, norm_bwd_kernel's DY). The ops resolve incoming gradients."""
+    ours, theirs, x, shape = GRADIENT_CASES[case]
+    g, g_plain = negated(*shape, seed=5)
+    a, b = x.clone().requires_grad_(), x.double().requires_grad_()
+    with config.override(backend=backend):
+        ours(a).backward(g)
+    theirs(b).backward(g_plain.double())
+    torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-5, atol=1e-5)

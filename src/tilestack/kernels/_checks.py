@@ -18,7 +18,7 @@ def check_tensor(fn: str, name: str, x, *, rank: int | None = None, dtypes: Iter
         kind = f"a nested tensor (layout {x.layout})" if x.is_nested else f"layout {x.layout}"
         raise LaunchError(f"{fn}: {name} is {kind}; expected a dense tensor (torch.strided: call .to_dense() or "
                           f".to_padded_tensor() first)")
-    if x.is_neg():
+    if not torch.compiler.is_compiling() and x.is_neg():    # (traced: a graph's tensors carry no such bit)
         raise LaunchError(f"{fn}: {name} is a lazily negated view (torch's negative bit, e.g. the .imag of a .conj() "
                           f"view); a kernel reads its memory as stored, without the sign: pass {name}.resolve_neg()")
     if rank is not None and x.dim() != rank:

@@ -74,7 +74,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, do, _dlse):
     q, k, v, o, lse, attn_mask, rng = ctx.saved_tensors
-    dq, dk, dv = attention_bwd_op(q, k, v, o, lse, do, attn_mask, ctx.causal, ctx.scale, ctx.causal_align,
+    dq, dk, dv = attention_bwd_op(q, k, v, o, lse, do.resolve_neg(), attn_mask, ctx.causal, ctx.scale, ctx.causal_align,
                                   ctx.dropout_p, rng, ctx.precision)
     return dq, dk, dv, None, None, None, None, None, None, None
 
@@ -140,7 +140,7 @@ class _Attention(torch.autograd.Function):
     @once_differentiable("attention")
     def backward(ctx, do):
         q, k, v, o, lse, attn_mask = ctx.saved_tensors
-        dq, dk, dv = ctx.plan.backward(q, k, v, o, lse, do, ctx.causal, ctx.scale, attn_mask, ctx.rng)
+        dq, dk, dv = ctx.plan.backward(q, k, v, o, lse, do.resolve_neg(), ctx.causal, ctx.scale, attn_mask, ctx.rng)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 

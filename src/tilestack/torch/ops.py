@@ -76,6 +76,13 @@ def _rows_or_none(t):
     return None if t is None else _rows(t)
 
 
+def _plain(t):
+    """An incoming gradient as the kernels read it: a lazily negated view (torch's negative bit, which
+    ``backward(gradient=z.conj().imag)`` hands over) resolved (the kernels read memory as stored and refuse the
+    bit); None and plain tensors as they are (``resolve_neg`` returns a plain tensor itself)."""
+    return None if t is None else t.resolve_neg()
+
+
 def _like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
@@ -109,7 +116,7 @@ def _rms_setup(ctx, inputs, output):
 
 def _rms_backward(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
-    dx, dw = rms_norm_bwd_op(dy, x, weight, rstd, None)
+    dx, dw = rms_norm_bwd_op(_plain(dy), x, weight, rstd, None)
     return dx, dw, None
 
 
@@ -128,7 +135,7 @@ def _add_rms_setup(ctx, inputs, output):
 
 def _add_rms_backward(ctx, dy, dh, _drstd):
     h, weight, rstd = ctx.saved_tensors
-    dx, dw = rms_norm_bwd_op(dy, h, weight, rstd, dh)
+    dx, dw = rms_norm_bwd_op(_plain(dy), h, weight, rstd, _plain(dh))
     return dx, dx, dw, None                                   # h = x + r: x and r get the same gradient
 
 
@@ -161,7 +168,7 @@ def _ln_setup(ctx, inputs, output):
 
 def _ln_backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, sums = layer_norm_bwd_op(dy, x, weight, mean, rstd, None)
+    dx, sums = layer_norm_bwd_op(_plain(dy), x, weight, mean, rstd, None)
     return dx, sums[0], sums[1], None
 
 
@@ -181,7 +188,7 @@ def _add_ln_setup(ctx, inputs, output):
 
 def _add_ln_backward(ctx, dy, dh, _dmean, _drstd):
     h, weight, mean, rstd = ctx.saved_tensors
-    dx, sums = layer_norm_bwd_op(dy, h, weight, mean, rstd, dh)
+    dx, sums = layer_norm_bwd_op(_plain(dy), h, weight, mean, rstd, _plain(dh))
     return dx, dx, sums[0], sums[1], None
 
 
@@ -286,6 +293,7 @@ class _Norm(torch.autograd.Function):
     def backward(ctx, dy, dh=None):
         h, weight, mean, rstd = ctx.saved_tensors
         plan = ctx.plan
+        dy, dh = _plain(dy), _plain(dh)
         if dy is None:                       # y unused (rare): its gradient is zero
             dy = torch.zeros_like(h)
         dx, sums = plan.backward(dy, dh, h, weight, mean, rstd)
@@ -375,7 +383,7 @@ def _rotary_setup(ctx, inputs, output):
 
 def _rotary_backward(ctx, dq, dk):
     cos, sin = ctx.saved_tensors
-    dq, dk = rotary_op(dq, dk, cos, sin, not ctx.inverse)    # the rotation by minus the angle
+    dq, dk = rotary_op(_plain(dq), _plain(dk), cos, sin, not ctx.inverse)    # the rotation by minus the angle
     return dq, dk, None, None, None
 
 
@@ -399,6 +407,7 @@ class _Rotary(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
+        dq, dk = _plain(dq), _plain(dk)
         if torch.is_grad_enabled():          # create_graph: the backward recorded, for a double backward
             dq, dk = _Rotary.apply(dq, dk, cos, sin, not ctx.inverse)
         else:
@@ -452,7 +461,7 @@ def _swiglu_setup(ctx, inputs, output):
 
 def _swiglu_bwd(ctx, dy):
     (x,) = ctx.saved_tensors
-    return swiglu_bwd_op(dy, x)
+    return swiglu_bwd_op(_plain(dy), x)
 
 
 @autograd_op("swiglu_fwd", fake=lambda x: x.new_empty((*x.shape[:-1], x.shape[-1] // 2)),
@@ -514,7 +523,7 @@ class _SwiGLU(torch.autograd.Function):
     @once_differentiable("swiglu")
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        return ctx.plan.backward(dy, x), None
+        return ctx.plan.backward(_plain(dy), x), None
 
 
 _apply_swiglu = direct_apply(_SwiGLU)   # .apply minus its Python wrapper

@@ -73,7 +73,8 @@ def unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, 
         return f"dtypes {query.dtype}, {key.dtype}, {value.dtype} (the kernels take one of bf16, fp16, fp32)"
     if query.is_nested or key.is_nested or value.is_nested:
         return "nested tensors (the kernels take dense (B, H, N, D) tensors)"
-    if query.is_neg() or key.is_neg() or value.is_neg() or (isinstance(attn_mask, torch.Tensor) and attn_mask.is_neg()):
+    if not torch.compiler.is_compiling() and (query.is_neg() or key.is_neg() or value.is_neg() or (
+            isinstance(attn_mask, torch.Tensor) and attn_mask.is_neg())):      # (a graph's tensors carry no bit)
         return ("a lazily negated view (torch's negative bit, e.g. the .imag of a .conj() view; the kernels read "
                 "memory as stored)")
     if not (query.shape[0] == key.shape[0] == value.shape[0]) or key.shape[:3] != value.shape[:3]:
