@@ -74,7 +74,7 @@ GLUON_CONSTS = {"paged_decode": dict(BG=128), "kv_append": dict(BM=128), "fp8_bl
                 "varlen_causal": dict(BM=128), "chunked_prefill": dict(BM=128)}
 
 
-@pytest.mark.parametrize("name", [n for n in AOT_CASES if n != "rope_partial"])
+@pytest.mark.parametrize("name", [n for n in AOT_CASES if n not in ("rope_partial", "swiglu_bwd", "ln_bwd_reduce")])
 def test_round10_compiles_for_sm90a_with_triton(name):
     check_triton_sm90a(*AOT_CASES[name])
 
@@ -99,10 +99,15 @@ def test_a_global_of_six_dimensions_is_read_through_pointers():
     assert [name for name, _ in low.descriptors] == ["W", "Y"]
 
 
-@pytest.mark.parametrize("name", [n for n in AOT_CASES if n not in ("bilinear_resize", "csr_spmm")])
+# (Not the resize and the SpMM: their products take f32 operands, exact for the one-hot and interpolation matrices,
+# which wgmma does not multiply; Gluon refuses them by name. The rest: those that use what no earlier round compiled
+# with Gluon, to keep the round's time down.)
+GLUON_CASES = ("paged_decode", "conv2d_igemm", "fp8_block_gemm", "int4_zp_gemm", "varlen_causal", "cho_solve",
+               "bitonic_argsort", "scalar_powers", "nan_constants", "rmsnorm_fp8")
+
+
+@pytest.mark.parametrize("name", GLUON_CASES)
 def test_round10_compiles_for_sm90a_with_gluon(name):
-    """(Not the resize and the SpMM: their products take f32 operands, exact for the one-hot and interpolation
-    matrices, which wgmma does not multiply; Gluon refuses them by name.)"""
     kernel, args, consts = AOT_CASES[name]
     compile_gluon_sm90a(kernel, args, {**consts, **GLUON_CONSTS.get(name, {})})
 

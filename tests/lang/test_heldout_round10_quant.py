@@ -68,7 +68,7 @@ def quant_blocks(x, rows, qb):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("out_dtype", [torch.float32, BF])
-@pytest.mark.parametrize(("M", "N", "K"), [(21, 40, 70), (1, 16, 32), (5, 7, 3), (0, 16, 32)])
+@pytest.mark.parametrize(("M", "N", "K"), [(21, 40, 70), (5, 7, 3), (0, 16, 32)])
 def test_fp8_block_scaled_gemm(backend, out_dtype, M, N, K, rng):
     """A's blocks of very different magnitudes (1e-4 .. 1e4 across K blocks), per-token scales (1 row, QB columns)
     for A and (QB, QB) blocks for B; against the float64 product of the dequantized operands."""
@@ -193,7 +193,7 @@ def gumbel_sample(X, OUT, U, inv_t: float, seed: int, *, WRITE_U: bool = False, 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, F16, BF])
-@pytest.mark.parametrize(("M", "V", "T"), [(9, 70, 1.0), (3, 5, 0.25), (2, 33, 4.0), (0, 8, 1.0)])
+@pytest.mark.parametrize(("M", "V", "T"), [(9, 70, 1.0), (3, 5, 0.25), (0, 8, 1.0)])
 def test_gumbel_max_sampling(backend, dtype, M, V, T, rng):
     """The uniforms written by the same kernel (WRITE_U) give the float64 argmax to compare with; one row of -inf
     but one logit (that one is sampled), one row of -inf only (index 0)."""

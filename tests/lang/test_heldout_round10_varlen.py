@@ -201,7 +201,7 @@ def chunked_prefill(Q, K, V, LEN, NQ, O, scale: float, *, BM: int = 16, BN: int 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize(("B", "H", "C", "S"), [(3, 2, 20, 45), (1, 1, 5, 5), (2, 1, 16, 16), (0, 2, 4, 8)])
+@pytest.mark.parametrize(("B", "H", "C", "S"), [(3, 1, 20, 45), (1, 1, 5, 5), (0, 2, 4, 8)])
 def test_chunked_prefill_bottom_right_causal(backend, dtype, B, H, C, S, rng):
     """Per sequence: a full chunk after a cache, a chunk with fewer real queries than slots (the rest get 0), and a
     chunk that is the whole sequence (no cache: plain causal); keys past LEN hold NaN (masked out of the scores) and
