@@ -259,3 +259,21 @@ def test_a_block_shared_by_stages_on_two_nodes_exchanges_over_the_network():
     loss = net.time("all_reduce", 4, 4, stride=4)
     assert across > 0 and loss > 0
     assert pred.terms["dp comm"] == pytest.approx(2 * across + loss)         # the owner meets both copies
+
+
+def test_a_plan_for_a_prime_world_trains_like_one_process():
+    """3 ranks, a batch of 4 and a GPT of 3 heads, a vocabulary of 50 and 3 blocks: 3 divides neither the batch
+    nor the vocabulary, so the only plans are pipelines of 3 stages, one block each; the chosen one, run by the
+    real Trainer on 3 gloo ranks, gives the single process's losses."""
+    from plan_workers_round3 import BATCH, CFG, SEQ, reference_losses, train_plan
+
+    from tilestack.parallel import ModelConfig, run_local
+    from tilestack.parallel.plan import describe_gpt
+    desc = describe_gpt(ModelConfig(**CFG), SEQ)
+    ranked = search(desc, Flops(desc), FIT, world_size=3, batch=BATCH, recompute=["none"])
+    assert {r.plan.pp for r in ranked} == {3}
+    best = next(r for r in ranked if r.prediction.runnable)
+    assert best.plan.stage_bounds(desc) == (0, 2, 3, 5)
+    losses = run_local(train_plan, 3, (best.plan.parallel_kwargs(),), timeout_s=300)
+    for rank_losses in losses:
+        assert rank_losses == pytest.approx(reference_losses(), rel=1e-4, abs=1e-5), best.plan.label()
