@@ -30,7 +30,10 @@ Bugs this round found, fixed, each kept as its regression test:
   test_scalars_in_math_functions_and_runtime_exponents_are_named;
 - Triton and Gluon: a NaN constant operand (`where(x, m, x, math.nan)`) was emitted as the bare name `nan`, a
   NameError when the kernel ran (backends.python_dsl.literal): test_nan_as_a_constant_operand
-  (test_heldout_round10_linalg.py, found by its bitonic argsort).
+  (test_heldout_round10_linalg.py, found by its bitonic argsort);
+- Triton and Gluon: a -0.0 constant (`mul(y, x, -0.0)`, `fill(y, -0.0)`, where) became +0.0: their scalar_constant
+  makes every Python float equal to 0 the null value; a -0.0 is made at run time as -1.0 * 0.0 now
+  (backends.python_dsl.literal, the CONST and FILL emitters): test_negative_zero_constants_keep_their_sign.
 """
 
 import math

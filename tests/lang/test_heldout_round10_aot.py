@@ -7,7 +7,7 @@ import torch
 from heldout_support import BF, I32, I64, meta
 from sm90a_compile import check_triton_sm90a, compile_gluon_sm90a
 from test_heldout_round10 import kv_append, paged_decode, rmsnorm_fp8, rope_partial, scalar_powers, swiglu_bwd
-from test_heldout_round10_linalg import bitonic_argsort, cho_solve, nan_constants
+from test_heldout_round10_linalg import bitonic_argsort, cho_solve, nan_constants, neg_zero_constants
 from test_heldout_round10_more import (
     bilinear_resize,
     ce_zloss_fwd_bwd,
@@ -64,6 +64,8 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
     "scalar_powers": (scalar_powers, (meta(128), meta(128), 2.0), dict(BN=128)),
     "bitonic_argsort": (bitonic_argsort, (meta(_T, 32), meta(_T, 32), meta(_T, 32, dtype=I64)), dict(NP=32)),
     "nan_constants": (nan_constants, (meta(128), meta(128)), dict(BN=128)),
+    "neg_zero_constants": (neg_zero_constants, (meta(128, dtype=torch.float16),) * 3, dict(BN=128)),
+    "neg_zero_constants_f64": (neg_zero_constants, (meta(128, dtype=torch.float64),) * 3, dict(BN=128)),
     "cho_solve": (cho_solve, (meta(1024, 16, 16), meta(1024, 16, 64), meta(1024, 16, 16), meta(1024, 16, 64)),
                   dict(BN=16, BR=64)),
 }
@@ -103,7 +105,8 @@ def test_a_global_of_six_dimensions_is_read_through_pointers():
 # which wgmma does not multiply; Gluon refuses them by name. The rest: those that use what no earlier round compiled
 # with Gluon, to keep the round's time down.)
 GLUON_CASES = ("paged_decode", "conv2d_igemm", "fp8_block_gemm", "int4_zp_gemm", "varlen_causal", "cho_solve",
-               "bitonic_argsort", "scalar_powers", "nan_constants", "rmsnorm_fp8")
+               "bitonic_argsort", "scalar_powers", "nan_constants", "rmsnorm_fp8", "neg_zero_constants",
+               "neg_zero_constants_f64")
 
 
 @pytest.mark.parametrize("name", GLUON_CASES)

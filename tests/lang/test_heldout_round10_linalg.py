@@ -5,8 +5,9 @@ broadcast by reductions; a forward substitution and a backward one (a loop count
 matrices, f32 otherwise. A bitonic argsort of each row (torch.sort(stable=True): NaN last, ties by index), the
 partner of each compare-exchange gathered exactly by a where and a column max.
 
-Bug found: a NaN constant (where(x, m, x, math.nan)) was written into Triton and Gluon kernels as the bare name
-`nan` (python_dsl.literal: repr), a NameError when the kernel module ran: test_nan_as_a_constant_operand.
+Bugs found: a NaN constant (where(x, m, x, math.nan)) was written into Triton and Gluon kernels as the bare name
+`nan` (python_dsl.literal: repr), a NameError when the kernel module ran: test_nan_as_a_constant_operand; a -0.0
+constant became +0.0 there: test_negative_zero_constants_keep_their_sign.
 """
 
 import math
@@ -270,3 +271,31 @@ def test_nan_as_a_constant_operand(backend):
     launch(nan_constants, backend, x, y)
     want = torch.where(x > 0, x + 1, math.nan) + torch.where(x == 7, math.nan, 0.0)
     torch.testing.assert_close(y, want, equal_nan=True)
+
+
+@ts.kernel(grid=lambda X: (1,))
+def neg_zero_constants(X, Y, Z, *, BN: int = 16):
+    """Y = where(X < 0, -0.0, X * -0.0 + -0.0) in X's dtype; Z = fill(-0.0). Triton (and Gluon) made every constant
+    equal to 0 their +0.0, so X * -0.0 was +0.0 for X > 0 (as was the fill)."""
+    x = ts.RegVec[X.dtype, BN]()
+    y = ts.RegVec[X.dtype, BN]()
+    m = ts.RegVec[ts.bool_, BN]()
+    ts.load(x, X, at=(0,))
+    ts.mul(y, x, -0.0)
+    ts.add(y, y, -0.0)
+    ts.lt(m, x, 0.0)
+    ts.where(y, m, -0.0, y)
+    ts.store(Y, y, at=(0,))
+    ts.fill(y, -0.0)
+    ts.store(Z, y, at=(0,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, F16, BF, torch.float64])
+def test_negative_zero_constants_keep_their_sign(backend, dtype):
+    x = torch.tensor([1.0, -1.0, 0.0, -0.0, 2.0, 1e-3, 100.0, -7.0] * 2, dtype=dtype)
+    y, z = torch.full((16,), math.nan, dtype=dtype), torch.full((16,), math.nan, dtype=dtype)
+    launch(neg_zero_constants, backend, x, y, z)
+    want = torch.where(x < 0, torch.tensor(-0.0, dtype=dtype), x * -0.0 + -0.0)
+    assert torch.equal(y.signbit(), want.signbit()) and torch.equal(y, want)
+    assert torch.equal(z.signbit(), torch.ones(16, dtype=torch.bool)) and (z == 0).all()

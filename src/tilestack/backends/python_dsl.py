@@ -70,13 +70,17 @@ def _floormod(a, b):
 '''
 
 
-def literal(x) -> str:
+def literal(x, ns: str | None = None) -> str:
     """A Python literal for a constant (infinities as float("inf"), NaN as float("nan"): repr gives the bare names
-    inf and nan, which a kernel module does not define)."""
+    inf and nan, which a kernel module does not define). -0.0, given the DSL module ``ns``, as a product made when the
+    kernel runs, -1.0 * 0.0: the DSLs make every Python float equal to 0 their null value, +0.0 (Triton's
+    scalar_constant), so `x * -0.0` would be +0.0 for x > 0."""
     if isinstance(x, float) and math.isinf(x):
         return 'float("inf")' if x > 0 else 'float("-inf")'
     if isinstance(x, float) and math.isnan(x):
         return 'float("nan")'
+    if isinstance(x, float) and x == 0 and math.copysign(1.0, x) < 0:
+        return f"({ns}.full((), -1.0, {ns}.float32) * 0.0)" if ns else 'float("-0.0")'
     return repr(x)
 
 
@@ -87,7 +91,7 @@ def register_scalar_emitters(backend: str, ns: str, templates: dict[str, str]) -
 
     @register_emitter(backend, Op.CONST)
     def _e_const(e, ins) -> None:
-        e.names[ins.result] = literal(ins.attrs.value)
+        e.names[ins.result] = literal(ins.attrs.value, ns)
         e.consts.add(ins.result)
 
     @register_emitter(backend, Op.DIM)

@@ -385,7 +385,7 @@ class _Emitter:
         if ins is None:
             return self.name(v)
         if ins.op is Op.CONST:
-            return literal(ins.attrs.value)
+            return literal(ins.attrs.value, "gl")
         a, b = (self.scalar_expr(s, env, made) for s in ins.srcs)
         fn = ins.attrs.fn
         wide = wide_index_op(fn, a, b, v in self.wide_index, "gl")
@@ -419,7 +419,7 @@ def _e_fill(e: _Emitter, ins: Instr) -> None:
     # an f8e4m3 fill in f32, then converted: a constant past +-448 (or infinite) has no f8 value; the conversion
     # saturates it, as the reference does
     dt = "f32" if t.dtype.name == "f8e4m3" else t.dtype.name
-    expr = f"gl.full({list(t.shape)}, {literal(ins.attrs.value)}, {GL_DTYPES[dt]}, layout={e.layout(key)})"
+    expr = f"gl.full({list(t.shape)}, {literal(ins.attrs.value, 'gl')}, {GL_DTYPES[dt]}, layout={e.layout(key)})"
     e.assign(ins.result, e.cast(expr, f32, t.dtype) if dt != t.dtype.name else expr)
     e.set_lay(ins.result, key)
 

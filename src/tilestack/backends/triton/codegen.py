@@ -272,9 +272,9 @@ def _e_fill(e: _Emitter, ins: Instr) -> None:
     # f8e4m3 through f32 too: its constants past +-448 (or infinite) have no f8 value (the conversion saturates them,
     # as the reference does), and Triton's interpreter has no f8 constants at all
     if e.interpret and t.dtype is bf16 or t.dtype is f8e4m3:
-        e.assign(ins.result, e.cast_to(f"tl.full({t.shape}, {literal(ins.attrs.value)}, tl.float32)", f32, t))
+        e.assign(ins.result, e.cast_to(f"tl.full({t.shape}, {literal(ins.attrs.value, 'tl')}, tl.float32)", f32, t))
         return
-    e.assign(ins.result, f"tl.full({t.shape}, {literal(ins.attrs.value)}, {TL_DTYPES[t.dtype.name]})")
+    e.assign(ins.result, f"tl.full({t.shape}, {literal(ins.attrs.value, 'tl')}, {TL_DTYPES[t.dtype.name]})")
 
 
 @register_emitter("triton", Op.UNARY, fns=_UNARY)
