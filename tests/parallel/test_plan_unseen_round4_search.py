@@ -16,7 +16,9 @@ Found and fixed (each test below failed first):
 - a weight shared by pipeline ranks two or more apart (an ALBERT-like block on stages 0, 2 and 3) had its
   gradients' all-reduce priced as between neighbouring ranks, and the loss's all-reduce over the pipeline (and
   data-parallel) ranks as between adjacent GPUs: on nodes (ClusterComm) both stayed inside a node that they
-  leave (predict: the pair's and the groups' strides).
+  leave (predict: the pair's and the groups' strides);
+- enumerate_plans took ``schedules="gpipe"`` letter by letter (refused as ['g', 'p', 'i', 'p', 'e']), and search
+  ranked every plan twice for a batch listed twice.
 """
 
 import json
@@ -277,3 +279,17 @@ def test_a_plan_for_a_prime_world_trains_like_one_process():
     losses = run_local(train_plan, 3, (best.plan.parallel_kwargs(),), timeout_s=300)
     for rank_losses in losses:
         assert rank_losses == pytest.approx(reference_losses(), rel=1e-4, abs=1e-5), best.plan.label()
+
+
+def test_one_schedule_by_name_and_a_batch_given_twice():
+    """schedules="gpipe" is a selection of one, as recompute="full" is: it was taken letter by letter and refused
+    as schedules=['g', 'p', 'i', 'p', 'e']. A batch listed twice is ranked once, not every plan twice."""
+    desc = _equal_layers(4)
+    plans = enumerate_plans(desc, 2, 4, schedules="gpipe")
+    assert {p.schedule for p in plans if p.pp > 1} == {"gpipe"}
+    assert plans == enumerate_plans(desc, 2, 4, schedules=["gpipe"])
+    with pytest.raises(PlanError, match="schedules=\\['zb'\\]"):
+        enumerate_plans(desc, 2, 4, schedules="zb")
+    twice = search(desc, Unit(desc), FREE, world_size=2, batch=[4, 8, 4])
+    assert len(twice) == len({r.plan for r in twice}) == len(search(desc, Unit(desc), FREE, world_size=2,
+                                                                     batch=[4, 8]))

@@ -95,7 +95,7 @@ def _batches(where: str, batch: Any) -> list[int]:
                         "sequence of them")
     for b in batches:
         _positive_int(where, "batch", b, "samples per step")
-    return batches
+    return list(dict.fromkeys(batches))          # a batch given twice is one set of plans, ranked once
 
 
 def enumerate_plans(desc: ModelDesc, world_size: int, batch: int, *, schedules: Sequence[str] | None = None,
@@ -110,7 +110,8 @@ def enumerate_plans(desc: ModelDesc, world_size: int, batch: int, *, schedules: 
     _positive_int(where, "max_microbatches", max_microbatches, "the most micro-batches to try")
     if not isinstance(zero, bool):
         raise PlanError(f"{where}: zero={zero!r}; expected True (try ZeRO-1 and -2 with data parallelism) or False")
-    schedules = tuple(SCHEDULES if schedules is None else schedules)
+    # one name is a selection of one, as recompute="full" is (tuple("gpipe") would be its letters)
+    schedules = SCHEDULES if schedules is None else (schedules,) if isinstance(schedules, str) else tuple(schedules)
     policies = tuple(recompute) if not isinstance(recompute, str) else (recompute,)
     for arg, given, known in (("schedules", schedules, SCHEDULES), ("recompute", policies, RECOMPUTE)):
         unknown = [x for x in given if x not in known]
