@@ -227,3 +227,20 @@ def test_a_model_too_big_to_time_at_a_micro_batch_is_refused_by_name():
     with pytest.raises(PlanError, match="layer 'short' of 'ShapeBranch' .*micro_batch=4, tp=1 does not fit this "
                                         "machine's memory.*RooflineCompute"):
         cm.layer_times(0, 4)
+
+
+@pytest.mark.parametrize("zero, dp", [(0, 2), (1, 2), (1, 4), (2, 4)])
+def test_bf16_weights_with_f32_master_weights_under_zero(zero, dp):
+    """A bf16 model (a Narayanan-like GPT, 2 bytes per weight): without ZeRO, AdamW's moments are bf16 as torch
+    keeps them; ZeRO's optimizer holds an f32 master copy and two f32 moments of the rank's 1/dp, 12 bytes per
+    element over dp, the bf16 weights and gradients whole (ZeRO-2: one bucket of 4M elements of gradients)."""
+    from tilestack.parallel.plan import describe_transformer
+    desc = describe_transformer(n_layer=4, d=256, n_head=8, vocab=1024, seq=64, dtype_bytes=2)
+    n = desc.params
+    mem = predict(Plan(batch=8, dp=dp, zero=zero), desc, Unit(desc), FREE).memory[0]
+    assert mem["parameters"] == 2 * n
+    if zero:
+        assert mem["optimizer"] == pytest.approx(12 * n / dp)
+        assert mem["gradients"] == 2 * (n if zero == 1 else min(n, 1 << 22))
+    else:
+        assert mem["optimizer"] == 2 * 2 * n and mem["gradients"] == 2 * n
