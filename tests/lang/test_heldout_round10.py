@@ -33,7 +33,10 @@ Bugs this round found, fixed, each kept as its regression test:
   (test_heldout_round10_linalg.py, found by its bitonic argsort);
 - Triton and Gluon: a -0.0 constant (`mul(y, x, -0.0)`, `fill(y, -0.0)`, where) became +0.0: their scalar_constant
   makes every Python float equal to 0 the null value; a -0.0 is made at run time as -1.0 * 0.0 now
-  (backends.python_dsl.literal, the CONST and FILL emitters): test_negative_zero_constants_keep_their_sign.
+  (backends.python_dsl.literal, the CONST and FILL emitters): test_negative_zero_constants_keep_their_sign;
+- Triton's interpreter: a float argument of -0.0 became +0.0 (passed as a Python float, a constant to Triton); the
+  interpreted kernel makes it a tensor first (backends.triton.codegen._e_arg):
+  test_runtime_float_argument_of_negative_zero. Open: an f64 kernel's float argument of -0.0 still does.
 """
 
 import math

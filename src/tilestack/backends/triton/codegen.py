@@ -261,6 +261,12 @@ def _e_arg(e: _Emitter, ins: Instr) -> None:
     if ins.result in e.f64_floats:     # passed as f64 (see _Emitter.f64_floats): an f32 wherever else it is used
         e.f64_floats[ins.result] = name
         e.names[ins.result] = f"tl.cast({name}, tl.float32)"
+    elif e.interpret and ins.result.type == FLOAT:
+        # the interpreter passes a float argument as the Python float, which meets tensors as a constant: -0.0 would
+        # become +0.0 (Triton makes every constant equal to 0 its null value), so a -0.0 becomes a tensor first.
+        # (Not yet for f64 work's arguments: reassigning one there rounds it to f32 under the interpreter.)
+        e.emit(f'{name} = tl.full((), -1.0, tl.float32) * 0.0 if {name} == 0 and str({name}).startswith("-") '
+               f'else {name}')
 
 
 register_scalar_emitters("triton", "tl", _SCALAR)
