@@ -93,24 +93,25 @@ def deep():
 @pytest.mark.parametrize("n_layers, n_devices", [(100, 8), (200, 8), (200, 6)])
 def test_alpa_plans_a_deep_module_in_seconds(deep, n_layers, n_devices):
     """Linear and ReLU in turn, 200 layers (100 Linear layers took 36 s before, alternating ones 46 s for 100):
-    stages of about equal length, under 20 s."""
+    stages of about equal length, under 20 s of CPU time (wall time measured the other jobs on a shared machine:
+    30 s once, 2.9 s alone)."""
     desc = deep if n_layers == 200 else type(deep)(**{**deep.__dict__, "layers": deep.layers[:n_layers]})
-    t0 = time.perf_counter()
+    t0 = time.process_time()     # CPU time: the search's own work, not other jobs' load
     cost = plan_stage_cost(desc, Flops(desc), FIT, batch=16, microbatches=4, memory_limit=None)
     sizes = sorted({1 << k for k in range(n_devices.bit_length()) if 1 << k <= n_devices} | {n_devices})
     split = alpa_stages(n_layers, n_devices=n_devices, submeshes=sizes, microbatches=4, stage_cost=cost)
-    assert time.perf_counter() - t0 < 20
+    assert time.process_time() - t0 < 20
     lengths = [i - k for k, i, _, _ in split.stages]
     assert sum(lengths) == n_layers and max(lengths) - min(lengths) <= max(2, n_layers // 20)
 
 
 def test_alpa_plans_a_hundred_block_gpt_in_seconds():
     desc = describe_transformer(n_layer=100, d=64, n_head=4, vocab=128, seq=32)
-    t0 = time.perf_counter()
+    t0 = time.process_time()     # CPU time: the search's own work, not other jobs' load
     cost = plan_stage_cost(desc, RooflineCompute(desc, "h100-sxm", dtype="bf16"), h200_nccl(), batch=16,
                            microbatches=4, memory_limit=None, recompute=("none",))
     split = alpa_stages(len(desc.layers), n_devices=8, submeshes=(1, 2, 4, 8), microbatches=4, stage_cost=cost)
-    assert time.perf_counter() - t0 < 20
+    assert time.process_time() - t0 < 20
     assert split.stages[0][0] == 0 and split.stages[-1][1] == 102
 
 
@@ -131,10 +132,10 @@ def test_a_very_wide_model_is_sharded_under_a_limit_and_refused_below_any_plan()
 
 def test_search_on_a_two_hundred_block_gpt_over_64_gpus_in_seconds():
     desc = describe_transformer(n_layer=200, d=64, n_head=4, vocab=128, seq=32)
-    t0 = time.perf_counter()
+    t0 = time.process_time()     # CPU time: the search's own work, not other jobs' load
     ranked = search(desc, RooflineCompute(desc, "h100-sxm", dtype="bf16"), h200_nccl(), world_size=64, batch=64,
                     recompute=("none",))
-    assert time.perf_counter() - t0 < 20 and ranked[0].plan.world_size == 64
+    assert time.process_time() - t0 < 20 and ranked[0].plan.world_size == 64
 
 
 # ---- GPUs of different memories --------------------------------------------------------------------------------------
