@@ -2,14 +2,14 @@
 
     PYTHONPATH=src python3 scripts/parallel/plan_step_parts.py probe        # a step right after the lockstep probe
     PYTHONPATH=src python3 scripts/parallel/plan_step_parts.py ddp          # DDP steps in a row against bare ones
-    PYTHONPATH=src python3 scripts/parallel/plan_step_parts.py pipeline     # a pipeline step's parts, per rank
+    PYTHONPATH=src python3 scripts/parallel/plan_step_parts.py pipeline [LxD]   # a pipeline step's parts, per rank
 
 - probe: a dp2 step of gpt 4x64 (4 samples a rank) timed right after a LockstepProbe reading, and timed after
   another step; medians over the steps, in ms.
 - ddp: on 2 ranks, blocks of 8 training steps in a row (AdamW, zero_grad) of the bare GPT and of DDP, and the
   all-reduce of all gradients alone; the block medians, in ms (gpt 4x64, 4x128 and 8x64).
-- pipeline: pp2 x dp2 on 4 ranks (gpt 8x64, batch 8): per rank the schedule's step, the loss all-reduces, the
-  gradient reduction and AdamW, medians in ms, for 1F1B with 2 micro-batches and GPipe with 1.
+- pipeline: pp2 x dp2 on 4 ranks (gpt LxD, default 8x64, batch 8): per rank the schedule's step, the loss
+  all-reduces, the gradient reduction and AdamW, medians in ms, for 1F1B with 2 micro-batches and GPipe with 1 and 2.
 """
 
 from __future__ import annotations
@@ -72,12 +72,12 @@ def _ddp_rank(rank: int, world: int, layers: int, d: int) -> dict[str, list[floa
     return out
 
 
-def _pipeline_rank(rank: int, world: int, kw: dict) -> list[float]:
+def _pipeline_rank(rank: int, world: int, kw: dict, layers: int = 8, d: int = 64) -> list[float]:
     import torch
     import torch.distributed as dist
 
     from tilestack.parallel import GPT, ModelConfig, ParallelConfig, Trainer, make_batch
-    cfg = ModelConfig(n_layer=8, d=64, n_head=4, vocab=256, max_seq=64)
+    cfg = ModelConfig(n_layer=layers, d=d, n_head=4, vocab=256, max_seq=64)
     pc = ParallelConfig(**kw)
     tr = Trainer(GPT(cfg, seed=0), pc, pc.build_mesh("cpu"))
     first, last = 0 in tr.stage_ids, tr.pc.n_stages - 1 in tr.stage_ids
@@ -114,9 +114,11 @@ def main() -> int:
         for layers, d in ((4, 64), (4, 128), (8, 64)):
             print(f"gpt {layers}x{d} (rank 0, block medians, ms):", run_local(_ddp_rank, 2, (layers, d))[0])
     elif what == "pipeline":
+        layers, d = (int(x) for x in (sys.argv[2] if len(sys.argv) > 2 else "8x64").split("x"))
         for kw in (dict(pp=2, dp=2, microbatches=2, pp_schedule="1f1b"),
-                   dict(pp=2, dp=2, microbatches=1, pp_schedule="gpipe")):
-            for rank, m in enumerate(run_local(_pipeline_rank, 4, (kw,))):
+                   dict(pp=2, dp=2, microbatches=1, pp_schedule="gpipe"),
+                   dict(pp=2, dp=2, microbatches=2, pp_schedule="gpipe")):
+            for rank, m in enumerate(run_local(_pipeline_rank, 4, (kw, layers, d))):
                 print(f"{kw['pp_schedule']}-m{kw['microbatches']} rank {rank}: schedule {m[0]:.2f}, loss all-reduce "
                       f"pp {m[1]:.2f}, gradient reduction {m[2]:.2f}, loss all-reduce dp {m[3]:.2f}, AdamW "
                       f"{m[4]:.2f}, step {m[5]:.2f} ms")
