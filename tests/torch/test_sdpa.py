@@ -150,3 +150,25 @@ def test_patch_swaps_in_tilestack_and_undo_restores(rng, monkeypatch):
     assert F.scaled_dot_product_attention is sdpa_module.torch_sdpa
     assert globals()["sdpa_bound_at_import"] is sdpa_module.torch_sdpa
     assert rel(got, want.double()) <= 4e-3
+
+
+def test_undo_leaves_a_later_replacement_in_place_and_says_so():
+    """Another library patching F.scaled_dot_product_attention after tilestack.patch: undo must not put torch's
+    function back over it (its patch would be lost without a word)."""
+    def theirs(*args, **kwargs):
+        return sdpa_module.torch_sdpa(*args, **kwargs)
+
+    p = tilestack.patch()
+    try:
+        assert F.scaled_dot_product_attention is tilestack.scaled_dot_product_attention
+        F.scaled_dot_product_attention = theirs
+        with pytest.warns(RuntimeWarning, match=r"scaled_dot_product_attention as it is: it was replaced since"):
+            p.undo()
+        assert F.scaled_dot_product_attention is theirs
+    finally:
+        F.scaled_dot_product_attention = sdpa_module.torch_sdpa
+    p = tilestack.patch()                       # and without a later replacement: torch's back, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p.undo()
+    assert F.scaled_dot_product_attention is sdpa_module.torch_sdpa

@@ -143,8 +143,18 @@ class Patch:
         self.replaced = replaced
 
     def undo(self) -> None:
+        """Put torch's function back where tilestack's still stands. A name that was bound to something else since
+        (another library's patch made after this one) is left as it is, with a warning: putting torch's back there
+        would silently undo that library's patch."""
         for owner, name, old in reversed(self.replaced):
-            setattr(owner, name, old)
+            now = getattr(owner, name, None)
+            if now is scaled_dot_product_attention:
+                setattr(owner, name, old)
+            else:
+                warnings.warn(f"tilestack.patch: undo left {getattr(owner, '__name__', owner)}.{name} as it is: it "
+                              f"was replaced since the patch (now {getattr(now, '__qualname__', type(now).__name__)}"
+                              "), and putting torch's scaled_dot_product_attention back would undo that replacement",
+                              RuntimeWarning, stacklevel=2)
         self.replaced = []
 
     def __enter__(self) -> Patch:
