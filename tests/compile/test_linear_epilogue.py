@@ -241,3 +241,41 @@ def test_the_fused_gemm_op_is_a_plain_library_op_with_its_fake():
         got = ops.linear_epilogue_op(*args)
     want = F.gelu(F.linear(x.float(), w.float(), b.float()), approximate="tanh") + r.float()
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+class _AutocastMLP(MLP):
+    def __init__(self, dtype):
+        super().__init__("F.silu")
+        self.dtype = dtype
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=self.dtype):
+            return super().forward(x)
+
+
+@pytest.mark.parametrize("model_dtype, autocast_dtype", [(torch.float32, torch.bfloat16),
+                                                         (torch.bfloat16, torch.float16)], ids=str)
+def test_linear_layers_cast_by_autocast_are_declined_naming_the_region(model_dtype, autocast_dtype):
+    """Inside torch.autocast the graph holds the tensors before the linear casts them: an f32 model's layers said
+    "weight f32" (true of the graph, silent on autocast), and a bf16 model's under f16 autocast were matched and
+    then caught only by the replacement's dtype check (bf16 where eager gives f16). Both now name the region."""
+    model = _AutocastMLP(autocast_dtype).to(model_dtype).eval()
+    x = torch.randn(3, 24, dtype=model_dtype)
+    with torch.no_grad():
+        want = model(x)
+        got = tilestack.optimize(model, inner="aot_eager")(x)
+    report = tc.last_report()
+    assert "linear_epilogue" not in report.swapped, str(report)
+    assert f"inside a torch.autocast({autocast_dtype}) region" in _declined(report), str(report)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_a_model_already_in_the_autocast_dtype_is_still_fused():
+    model = _AutocastMLP(torch.bfloat16).to(torch.bfloat16).eval()
+    x = torch.randn(3, 24, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = model(x)
+        got = tilestack.optimize(model, check=True, inner="aot_eager")(x)
+    assert "linear_epilogue" in tc.last_report().swapped, str(tc.last_report())
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)

@@ -7,7 +7,7 @@ import torch
 from torch import fx
 
 from tilestack.compile import ops
-from tilestack.compile.patterns.match import Match, Node, _arg, kind, runs_here, value
+from tilestack.compile.patterns.match import Match, Node, _arg, autocast_dtypes, kind, runs_here, value
 
 _GEMM_DTYPES = (torch.bfloat16, torch.float16)      # what tilestack.kernels.gemm multiplies
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -90,6 +90,7 @@ def linear_epilogue(gm: fx.GraphModule):
     an activation or a residual add to fuse (a lone Linear is cuBLAS's addmm with the bias fused already) in a
     graph without gradients (the fused op has no backward; Inductor fuses training graphs' epilogues itself)."""
     matches, declined = [], []
+    autocast = autocast_dtypes(gm)
     for node in gm.graph.nodes:
         head = _gemm_head(node)
         if head is None:
@@ -135,6 +136,10 @@ def linear_epilogue(gm: fx.GraphModule):
         why = None
         if value(cur).requires_grad:
             why = "a graph that needs gradients (the fused GEMM has no backward; Inductor fuses there)"
+        elif not quant and node in autocast and not xv.dtype == wv.dtype == autocast[node]:
+            why = (f"inside a torch.autocast({autocast[node]}) region: x ({xv.dtype}) and the weight ({wv.dtype}) "
+                   "are cast inside the linear, out of the graph's sight; cast the model to that dtype to have "
+                   "its linear layers fused")
         elif not quant and (xv.dtype not in _GEMM_DTYPES or wv.dtype != xv.dtype):
             why = (f"x is {xv.dtype} and the weight {wv.dtype} (tilestack's GEMM multiplies bf16 or f16, both "
                    "alike)")

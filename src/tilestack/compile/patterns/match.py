@@ -91,6 +91,26 @@ def _arg(node: Node, i: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
+def autocast_dtypes(gm: fx.GraphModule) -> dict[Node, torch.dtype]:
+    """The nodes of a Dynamo graph inside an enabled ``torch.autocast`` region (between its ``_enter_autocast``
+    (device, dtype, enabled, cache) and ``_exit_autocast`` calls), each with its innermost region's dtype. Their
+    tensors' dtypes in the graph are the ones before autocast casts them inside the op."""
+    from torch.amp.autocast_mode import _enter_autocast, _exit_autocast
+
+    inside: dict[Node, torch.dtype] = {}
+    regions: list[tuple[Node, torch.dtype | None]] = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is _enter_autocast:
+            enabled = node.args[2] if len(node.args) > 2 else True
+            dtype = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], torch.dtype) else None
+            regions.append((node, dtype if enabled is not False else None))
+        elif node.op == "call_function" and node.target is _exit_autocast:
+            regions = [r for r in regions if r[0] is not (node.args[0] if node.args else None)]
+        elif regions and regions[-1][1] is not None:
+            inside[node] = regions[-1][1]
+    return inside
+
+
 def runs_here(t: torch.Tensor) -> str | None:
     """Why tilestack's kernels cannot run on t's device (None when they can)."""
     if t.device.type != "cuda" and knobs.backend == "auto":
