@@ -73,3 +73,24 @@ def test_tp_without_sp_takes_any_sequence_length():
 def test_build_mesh_needs_a_process_group():
     with pytest.raises(ParallelConfigError, match="no process group"):
         ParallelConfig().build_mesh("cpu")
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(eps=float("nan")), r"ModelConfig.eps=nan; expected a float in \(0, 1\)"),
+    (dict(eps=0.0), r"ModelConfig.eps=0.0; expected"),
+    (dict(eps=True), r"ModelConfig.eps=True; expected"),
+    (dict(n_layer=-1), r"ModelConfig.n_layer=-1; expected an int >= 0"),
+    (dict(max_seq=0), r"ModelConfig.max_seq=0; expected a positive int"),
+    (dict(d=32.0), r"ModelConfig.d=32.0; expected a positive int"),
+    (dict(vocab=True), r"ModelConfig.vocab=True; expected a positive int"),
+    (dict(d=30, n_head=4), r"ModelConfig.d=30 with n_head=4; expected d a multiple of n_head \(whole heads\)"),
+    (dict(attention="flash"), r"ModelConfig.attention='flash'; expected one of"),
+])
+def test_model_config_refuses_each_bad_field_when_made(kw, match):
+    """eps=nan was taken by the planner and trained to NaN losses; every field is checked when the config is
+    made, before a model, a plan or a process group is built from it."""
+    from tilestack.parallel.model import ModelConfigError
+    with pytest.raises(ModelConfigError, match=match):
+        ModelConfig(**kw)
+    with pytest.raises(ValueError):         # a ValueError, as the GPT's own checks were
+        ModelConfig(**kw)

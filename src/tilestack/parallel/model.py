@@ -27,7 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from tilestack.errors import TilestackError
+
 ATTENTIONS = ("math", "sdpa", "tilestack")
+
+
+class ModelConfigError(TilestackError, ValueError):
+    """A ModelConfig field that no model can be built from (refused when the config is made)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +45,22 @@ class ModelConfig:
     max_seq: int = 64
     eps: float = 1e-5
     attention: str = "math"
+
+    def __post_init__(self):
+        # each field refused by name here, before a model, a plan or a process group is built from it (eps=nan
+        # planned and trained to NaN losses)
+        for name in ("n_layer", "d", "n_head", "vocab", "max_seq"):
+            v, least = getattr(self, name), 0 if name == "n_layer" else 1   # no blocks: embeddings and head alone
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise ModelConfigError(f"ModelConfig.{name}={v!r}; expected "
+                                       + ("an int >= 0" if least == 0 else "a positive int"))
+        if self.d % self.n_head:
+            raise ModelConfigError(f"ModelConfig.d={self.d} with n_head={self.n_head}; expected d a multiple of "
+                                   "n_head (whole heads)")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, int | float) or not 0 < self.eps < 1:
+            raise ModelConfigError(f"ModelConfig.eps={self.eps!r}; expected a float in (0, 1), e.g. 1e-5")
+        if self.attention not in ATTENTIONS:
+            raise ModelConfigError(f"ModelConfig.attention={self.attention!r}; expected one of {ATTENTIONS}")
 
     @property
     def head_dim(self) -> int:
@@ -137,8 +159,6 @@ class GPT(nn.Module):
 
     def __init__(self, cfg: ModelConfig = TINY, *, seed: int = 0):
         super().__init__()
-        if cfg.attention not in ATTENTIONS:
-            raise ValueError(f"ModelConfig.attention={cfg.attention!r}; expected one of {ATTENTIONS}")
         self.cfg = cfg
         self.wte: nn.Embedding | None = nn.Embedding(cfg.vocab, cfg.d)
         self.wpe: nn.Embedding | None = nn.Embedding(cfg.max_seq, cfg.d)

@@ -103,7 +103,7 @@ def _check_fields(spec: dict[str, Any], where: str) -> None:
     """Every field ``tilestack train`` reads, checked as it will be used: PlanError naming the field, what the file
     holds and what was expected (a file edited by hand, or truncated, fails here, not in nproc spawned ranks)."""
     from tilestack.parallel.config import ParallelConfig, ParallelConfigError
-    from tilestack.parallel.model import ATTENTIONS, ModelConfig
+    from tilestack.parallel.model import ModelConfig, ModelConfigError
 
     def positive_int(field: str, v: Any) -> None:
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -121,13 +121,11 @@ def _check_fields(spec: dict[str, Any], where: str) -> None:
     for field in ("n_layer", "d", "n_head", "vocab", "max_seq"):
         if field in model:
             positive_int(f"model.{field}", model[field])
-    cfg = ModelConfig(**model)
-    if cfg.d % cfg.n_head:
-        raise PlanError(f"{where}: model.d={cfg.d} with model.n_head={cfg.n_head}; expected whole heads")
-    if cfg.attention not in ATTENTIONS:
-        raise PlanError(f"{where}: model.attention={cfg.attention!r}; expected one of {ATTENTIONS}")
-    if isinstance(cfg.eps, bool) or not isinstance(cfg.eps, int | float) or not 0 < cfg.eps < 1:
-        raise PlanError(f"{where}: model.eps={cfg.eps!r}; expected a small positive float")
+    try:
+        cfg = ModelConfig(**model)
+    except ModelConfigError as e:      # named as the file names it: its "model" entry's field
+        raise PlanError(f"{where}: " + str(e).replace("ModelConfig.", "model.", 1)) from None
+    # (ModelConfig refuses the rest when made: whole heads, eps, attention)
     known = {f.name for f in dataclasses.fields(ParallelConfig)}
     if not isinstance(parallel, dict) or set(parallel) - known:
         got = sorted(set(parallel) - known) if isinstance(parallel, dict) else type(parallel).__name__
