@@ -17,13 +17,13 @@ the whole picture. ``ps`` (the parameter server) needs ray and is imported on it
 from tilestack.parallel.config import PP_SCHEDULES, RECOMPUTE, ParallelConfig, ParallelConfigError
 from tilestack.parallel.engine import Trainer
 from tilestack.parallel.launch import run_local
-from tilestack.parallel.model import GPT, GPT_1P3B, TINY, ModelConfig, lm_loss, make_batch
+from tilestack.parallel.model import GPT, GPT_1P3B, TINY, ModelConfig, ModelConfigError, lm_loss, make_batch
 from tilestack.parallel.parallelize import apply_fsdp, apply_recompute, apply_tp, parallelize, split_stages
 from tilestack.parallel.ring import ring_all_gather, ring_all_reduce, ring_allreduce_hook, ring_reduce_scatter
 from tilestack.parallel.zero import ZeroOptimizer
 
 __all__ = [
-    "GPT", "GPT_1P3B", "PP_SCHEDULES", "RECOMPUTE", "TINY", "ModelConfig", "ParallelConfig", "ParallelConfigError",
+    "GPT", "GPT_1P3B", "PP_SCHEDULES", "RECOMPUTE", "TINY", "ModelConfig", "ModelConfigError", "ParallelConfig", "ParallelConfigError",
     "Trainer", "ZeroOptimizer", "apply_fsdp", "apply_recompute", "apply_tp", "lm_loss", "make_batch", "parallelize",
     "ring_all_gather", "ring_all_reduce", "ring_allreduce_hook", "ring_reduce_scatter", "run_local", "split_stages",
 ]
