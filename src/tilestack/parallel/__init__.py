@@ -23,7 +23,8 @@ from tilestack.parallel.ring import ring_all_gather, ring_all_reduce, ring_allre
 from tilestack.parallel.zero import ZeroOptimizer
 
 __all__ = [
-    "GPT", "GPT_1P3B", "PP_SCHEDULES", "RECOMPUTE", "TINY", "ModelConfig", "ModelConfigError", "ParallelConfig", "ParallelConfigError",
+    "GPT", "GPT_1P3B", "PP_SCHEDULES", "RECOMPUTE", "TINY", "ModelConfig", "ModelConfigError", "ParallelConfig",
+    "ParallelConfigError",
     "Trainer", "ZeroOptimizer", "apply_fsdp", "apply_recompute", "apply_tp", "lm_loss", "make_batch", "parallelize",
     "ring_all_gather", "ring_all_reduce", "ring_allreduce_hook", "ring_reduce_scatter", "run_local", "split_stages",
 ]
