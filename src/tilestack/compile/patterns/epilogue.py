@@ -137,9 +137,9 @@ def linear_epilogue(gm: fx.GraphModule):
         if value(cur).requires_grad:
             why = "a graph that needs gradients (the fused GEMM has no backward; Inductor fuses there)"
         elif not quant and node in autocast and not xv.dtype == wv.dtype == autocast[node]:
-            why = (f"inside a torch.autocast({autocast[node]}) region: x ({xv.dtype}) and the weight ({wv.dtype}) "
-                   "are cast inside the linear, out of the graph's sight; cast the model to that dtype to have "
-                   "its linear layers fused")
+            why = (f"inside a torch.autocast({autocast[node]}) region: x is {xv.dtype} and the weight {wv.dtype} in "
+                   "the graph, and autocast casts them inside the linear, out of the graph's sight; cast the model "
+                   "to that dtype to have its linear layers fused")
         elif not quant and (xv.dtype not in _GEMM_DTYPES or wv.dtype != xv.dtype):
             why = (f"x is {xv.dtype} and the weight {wv.dtype} (tilestack's GEMM multiplies bf16 or f16, both "
                    "alike)")
