@@ -28,10 +28,11 @@ def test_layer_times_are_the_alone_times_scaled_by_the_context():
 
 def test_a_whole_model_twice_as_slow_doubles_the_context():
     # the same layers, and a "whole model" that runs them twice per forward: its context must come out about
-    # twice the true one (a context that ignored the whole model's time could not)
+    # twice the true one (a context that ignored the whole model's time could not). At 128 samples the products
+    # outweigh the per-op overhead (at 32 one ratio ranged 1.5-2.2 quiet and reached 2.9 on a loaded CI machine);
+    # the median of three independent measurements takes out one disturbed round.
     model, x = _mlp(), torch.randn(32, 256)
     desc = describe_module(model, x)
-    true = MeasuredCompute.for_module(desc, model, x)
 
     class Twice(nn.Module):
         def __init__(self):
@@ -41,11 +42,15 @@ def test_a_whole_model_twice_as_slow_doubles_the_context():
         def forward(self, t):
             return self.m(t) + self.m(t)
 
-    twice = MeasuredCompute.for_module(desc, model, x)
-    twice.whole = lambda b: (Twice(), lambda: torch.randn(b, 256), None)
-    twice._cache = true._cache                       # the same layers' times alone: only the whole differs
-    ratio = twice.context(32) / true.context(32)
-    assert 1.5 < ratio < 2.7, ratio
+    ratios = []
+    for _ in range(3):
+        true = MeasuredCompute.for_module(desc, model, x)
+        twice = MeasuredCompute.for_module(desc, model, x)
+        twice.whole = lambda b: (Twice(), lambda: torch.randn(b, 256), None)
+        twice._cache = true._cache                   # the same layers' times alone: only the whole differs
+        ratios.append(twice.context(128) / true.context(128))
+    ratio = sorted(ratios)[1]
+    assert 1.4 < ratio < 2.8, ratios
 
 
 def test_without_a_whole_builder_nothing_is_scaled():
