@@ -15,7 +15,7 @@ Bugs this round found, fixed in the compiler, each kept as its regression test:
   _numpy): test_empty_outputs_of_any_strides_run_without_warnings;
 - Gluon: no emitter for rand, so a kernel with dropout could not be compiled for Hopper by it ("cannot lower op
   rand"); it draws tl.rand (rand4x, randint4x's halves) on the Triton backend's counters now, interleaved as
-  tl.interleave does (backends.gluon.codegen._e_rand): test_compiles_for_sm90a_with_gluon[dropout_add_layernorm],
+  tl.interleave does (backends.gluon.emit_compute._e_rand): test_compiles_for_sm90a_with_gluon[dropout_add_layernorm],
   test_gluon_draws_philox_uniforms_as_triton_does, test_gluon_draws_several_numbers_per_counter (the library's
   attention forward with dropout compiles with Gluon now).
 """
