@@ -26,6 +26,7 @@ from tilestack.kernels import (
 from tilestack.kernels.gemm import gemm_config
 from tilestack.kernels.softmax import row_config
 from tilestack.perf import formulas
+from tilestack.perf.device import GPU_COPY_BYTES
 from tilestack.tune.lookup import launch_config
 
 POISON = float("nan")
@@ -286,6 +287,12 @@ def kernel_cases(device: str, full: bool = True) -> list[Case]:
                                                            row_config(8192, device))),
             layer_norm_case(device, 8192, 8192, launch_config("layer_norm", "bfloat16", device, 8192,
                                                                  row_config(8192, device))),
+            # the same rows at the copy ceiling's traffic (perf.device.GPU_COPY_BYTES read, as many written): the
+            # ratio to that ceiling without a launch's fixed cost in it (at 8192^2 that cost holds layer norm at
+            # 89% of the ceiling and 95% of a copy of its own bytes: H200, docs/performance.md, session 15)
+            *(case(device, GPU_COPY_BYTES // (8192 * 2), 8192,
+                   launch_config(name, "bfloat16", device, 8192, row_config(8192, device)))
+              for name, case in (("softmax", softmax_case), ("layer_norm", layer_norm_case))),
             attention_case(device, 4, 16, 4096, 128, False, {}),
             attention_case(device, 4, 16, 4096, 128, True, {}),
             attention_case(device, 8, 32, 2048, 64, False, {}),
