@@ -5,7 +5,7 @@ f16 / f32 / f64, a triangular loop nest and a loop counting down, index arithmet
 Bugs these found, fixed in the compiler, each kept here as its regression test:
 - reference: index arithmetic past 64 bits (`a * b` of int arguments 2**40 and 2**33) grew into a Python int, and
   arange of it raised a bare OverflowError from NumPy, where the backends wrap in i64: the reference wraps index
-  results to i64 now (ir.ops._scalar_ref);
+  results to i64 now (ir.ops.scalar_ops._scalar_ref);
 - Triton: an index constant past 64 bits (a constexpr 2**70 added to an index) failed in Triton's interpreter with a
   bare "Nonrepresentable integer" (and the reference took it): the trace refuses it, naming the constant
   (lang.tiles.as_scalar).
@@ -177,7 +177,7 @@ def add_derived64(X, Y, a: float, *, BN: int = 16):
     ts.store(Y, x, at=(0,))
 
 
-@pytest.mark.xfail(strict=True, reason="float scalar arithmetic is f32 in every executor (ir.ops._scalar_ref and "
+@pytest.mark.xfail(strict=True, reason="float scalar arithmetic is f32 in every executor (ir.ops.scalar_ops._scalar_ref and "
                                        "the backends' scalar code): a - 1.0 at a = 1 + 2**-40 is 0 and -1e300 -inf "
                                        "though a itself is an f64 parameter of f64 work")
 @pytest.mark.parametrize("backend", BACKENDS)
