@@ -62,6 +62,7 @@ import importlib
 import io
 import json
 import logging
+import math
 import numbers
 import os
 import pickle
@@ -72,7 +73,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.exception import InconsistentMessageReplies, PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 
@@ -263,6 +264,37 @@ def _noise_for(strategy: Strategy, num_replies: int, server_round: int):
             inner._dp_noise = None
         for module, name, original in saved:
             setattr(module, name, original)
+
+
+WEIGHT_LIMIT = 2.0**500  # no count of examples comes near it; a weight share w / sum is the same at any scale
+
+
+def summable_weights(replies: list[Message], keys: frozenset[str]) -> list[Message]:
+    """``replies`` with each weight metric (``keys``: the strategy's ``weighted_by_key``) scaled by one power of two
+    (exact: each reply's share w / sum is unchanged) where the largest passes ``WEIGHT_LIMIT``: two replies claiming
+    1e308 examples each summed to inf in Flower's mean, every share became w / inf = 0, and the global model was
+    replaced by zeros, finite and without a word (tilestack's FedNova kept it, its weights dividing to 0)."""
+    for key in keys:
+        weights = [float(rec[key]) for m in replies if not m.has_error()
+                   for rec in m.content.metric_records.values() if key in rec]  # fmt: skip
+        if not weights or max(weights) <= WEIGHT_LIMIT:
+            continue
+        shift = math.frexp(max(weights))[1]
+        scale = 2.0**-shift  # the largest weight in [0.5, 1)
+        log.warning("weights %r up to %g scaled by 2**-%d so that their sum is finite", key, max(weights), shift)
+        out = []
+        for m in replies:
+            if m.has_error():
+                out.append(m)
+                continue
+            content = RecordDict()
+            for name, rec in m.content.items():
+                if isinstance(rec, MetricRecord) and key in rec:
+                    rec = MetricRecord({k: float(v) * scale if k == key else v for k, v in rec.items()})
+                content[name] = rec
+            out.append(Message(content=content, metadata=m.metadata))
+        replies = out
+    return replies
 
 
 def _clip_scale(update: list[np.ndarray], clipping_norm: float) -> float:
@@ -557,6 +589,7 @@ def run_rounds(
             break
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         replies += grid.take_late_replies(arrays)  # updates of earlier rounds due now (stragglers="stale")
+        replies = summable_weights(replies, grid.weight_keys)
         # DP noise is drawn here, after the clients ran (in this process or not)
         _seed_global_rngs(seed, r, AGGREGATE_PHASE)
         skipped = ""

@@ -137,6 +137,14 @@ def check_reply(
             return "metrics: no 'num-examples'"
     if kind in (MessageType.TRAIN, MessageType.EVALUATE):
         n = next(iter(content.metric_records.values())).get("num-examples")
+        for key in {"num-examples", *weight_keys}:  # a weight is one number: Flower skipped the whole round over a
+            w = next(iter(content.metric_records.values())).get(key)  # list, tilestack's strategies raised
+            if isinstance(w, list):
+                return f"weight: {key} is a list of {len(w)} values, expected one number > 0"
+        steps = next(iter(content.metric_records.values())).get("num-steps")
+        if kind == MessageType.TRAIN and (isinstance(steps, list) or isinstance(steps, (int, float)) and steps < 0):
+            # the grid counts the steps (a list ended the run with TypeError), FedNova divides by them
+            return f"metrics: num-steps={steps!r}, expected one number >= 0 (the local steps the client ran)"
         if isinstance(n, (int, float)) and n <= 0:  # weight 0: nothing to average with (NaN: caught below)
             what = "training" if kind == MessageType.TRAIN else "test"
             return f"empty: num-examples={n}, expected > 0 (the client has no {what} examples)"
@@ -181,6 +189,12 @@ def check_reply(
     return ""
 
 
+def _config(msg: Message) -> ConfigRecord:
+    """The round config a message carries (empty where it has none)."""
+    config = msg.content.config_records.get("config")
+    return config if config is not None else ConfigRecord()
+
+
 def _sent_dtypes(sent: RecordDict) -> dict[str, np.dtype]:
     return {_canonical(k): np.dtype(a.dtype) for rec in sent.array_records.values() for k, a in rec.items()}
 
@@ -219,6 +233,18 @@ def _plain_metric(value) -> int | float | list:
 
 def _metric_keys(reply: Message) -> frozenset[str]:
     return frozenset(next(iter(reply.content.metric_records.values())).keys())
+
+
+def _metric_layout(reply: Message) -> tuple[tuple[str, int | None], ...]:
+    """Each metric's name and its list length (None for a single number): Flower's metric mean adds every reply's
+    value to the first one's, element by element for a list, and raised TypeError (a list and a number) or
+    ValueError (lists of two lengths) out of the aggregation: one client's odd metric ended the run."""
+    metrics = next(iter(reply.content.metric_records.values()))
+    return tuple(sorted((k, len(v) if isinstance(v, list) else None) for k, v in metrics.items()))
+
+
+def _layout_text(size: int | None) -> str:
+    return "a single number" if size is None else f"a list of {size} value{'s' * (size != 1)}"
 
 
 def check_straggler_policy(where: str, system: SystemModel | None, task: Task, stragglers, staleness_exponent,
@@ -265,6 +291,7 @@ class ManagedGrid(Grid):
         self.weight_keys: frozenset[str] = frozenset()  # the strategy's weighted_by_key (run_rounds sets it)
         self.loss_keys: frozenset[str] = frozenset()  # the loss the strategy reads (QFedAvg's; run_rounds sets it)
         self._order: list[int] | None = None
+        self._dtypes: dict[str, np.dtype] = {}  # array name -> the run's model dtype (see _as_sent)
         self._sent_tasks: dict[tuple, Task] = {}  # (task JSON, config overrides) a message carried -> the task
         self.partition_of: dict[int, int] = {}
         self._log = self._empty_log()
@@ -386,6 +413,38 @@ class ManagedGrid(Grid):
 
     def load_state_dict(self, state: dict) -> None:
         self.late = dict(state.get("late", {}))
+        self._dtypes = {}  # a run starting (or resuming) learns its model's dtypes from its first message
+
+    def _as_sent(self, msg: Message) -> Message:
+        """A TRAIN or EVALUATE message as its client must get it, also under Flower's own ``Strategy.start``
+        (``run_rounds`` sends both already): with the grid's task in its config where the config has none (every
+        client failed on the missing task, and the run ended with an empty model), and its floating-point arrays in
+        the dtypes of the run's model, those of its first message (the replies reach the strategy in float64, and
+        a float32 model came back float64 from Flower's loop, its clients training in float64 from round 2)."""
+        if msg.metadata.message_type not in (MessageType.TRAIN, MessageType.EVALUATE):
+            return msg
+        if not self._dtypes:
+            self._dtypes = _sent_dtypes(msg.content)
+        config = _config(msg)
+        changed = TASK_KEY not in config
+        records = {}
+        for name, rec in msg.content.items():
+            if isinstance(rec, ArrayRecord):
+                arrays = {k: a for k, a in rec.items()}
+                for k, a in rec.items():
+                    want, got = self._dtypes.get(_canonical(k)), np.dtype(a.dtype)
+                    floats = want is not None and want.kind == got.kind == "f"
+                    if a.stype == codec.NUMPY_STYPE and floats and got != want:
+                        with np.errstate(over="ignore"):  # as run_rounds stores an aggregate: rounded once
+                            arrays[k] = codec.encode(codec.decode(a).astype(want))
+                        changed = True
+                rec = ArrayRecord(arrays)
+            records[name] = rec
+        if not changed:
+            return msg
+        records["config"] = ConfigRecord({TASK_KEY: self.task.to_json(), **config})
+        return Message(RecordDict(records), msg.metadata.dst_node_id, msg.metadata.message_type,
+                       group_id=msg.metadata.group_id)  # fmt: skip
 
     def take_round_log(self) -> dict:
         """What happened since the last call (the driver calls it once per round)."""
@@ -430,6 +489,10 @@ class ManagedGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         if self._order is None:
             self._roll_call()
+        messages = [self._as_sent(m) for m in messages]
+        # Flower's own Strategy.start never tells the grid the round (run_rounds does): it is the messages' own
+        rounds = [int(r) for m in messages if isinstance(r := _config(m).get("server-round"), numbers.Integral)]
+        self.server_round = max([self.server_round, *rounds])
         out: list[Message] = []
         sent: dict[int, tuple[RecordDict, int]] = {}  # node id -> (content, steps planned)
         durations: list[float] = []
@@ -500,13 +563,21 @@ class ManagedGrid(Grid):
                 self._exclude(pid, why, evaluating=not is_train)
             else:
                 checked.append((reply, pid, content, steps))
-        # Flower aggregates only when every reply's MetricRecord has the same keys: the odd ones out go.
+        # Flower aggregates only when every reply's MetricRecord has the same keys, each a number in every reply or a
+        # list of one length in every reply: the odd ones out go.
         common = Counter(_metric_keys(r) for r, *_ in checked).most_common(1)
+        layout = Counter(_metric_layout(r) for r, *_ in checked if _metric_keys(r) == common[0][0]).most_common(1)
         kept = []
         for reply, pid, content, steps in checked:
             if _metric_keys(reply) != common[0][0]:
                 diff = sorted(_metric_keys(reply) ^ common[0][0])
                 self._exclude(pid, f"metrics: keys {diff[:5]} differ from the other replies'", evaluating=not is_train)
+                continue
+            if _metric_layout(reply) != layout[0][0]:
+                key, size, want = next((k, n, m) for (k, n), (_, m) in zip(_metric_layout(reply), layout[0][0],
+                                                                           strict=True) if n != m)  # fmt: skip
+                self._exclude(pid, f"metrics: {key} is {_layout_text(size)} where the other replies send "
+                                   f"{_layout_text(want)}", evaluating=not is_train)  # fmt: skip
                 continue
             up = payload_bytes(reply.content)  # as the client sent it
             if reply.metadata.message_type == MessageType.TRAIN:
