@@ -379,18 +379,24 @@ def test_the_deployment_server_app_runs_the_clustered_strategies_from_their_own_
 @pytest.mark.timeout(120)
 def test_500_one_step_clients_of_dirichlet_001_are_averaged_by_hand_within_a_time_bound():
     """500 clients of 1 to ~20 examples each (Dirichlet 0.01 over 3 classes: most hold one class), all training one
-    step a round: two rounds take under 30 s on this machine (about 1 s measured); each round's model is the float64
-    mean of the 500 models weighted by examples, and the model is well above chance on the pooled test data."""
+    step a round: two rounds take under 15 s of CPU time and 60 s of wall time (1.2 s of CPU measured on this
+    machine); each round's model is the float64 mean of the 500 models weighted by examples, and the model is well
+    above chance on the pooled test data."""
     task = Task(dataset="blobs", num_samples=1500, num_features=4, num_classes=3, num_clients=500, local_steps=1,
                 batch_size=4, lr=0.1, partitioner="dirichlet", partition_alpha=0.01)  # fmt: skip
     n = {p: task.num_train(p) for p in range(500)}
     one_class = sum(len(set(task.client_data(p)[1].tolist())) == 1 for p in range(500))
     assert min(n.values()) == 1 and one_class > 400, (min(n.values()), one_class)
     models: list[dict[str, np.ndarray]] = []
-    t0 = time.perf_counter()
+    # The work as CPU time of this process (workers=1: every client runs here), as wall time the machine's other
+    # jobs: 3.7 s quiet and 17.5 s beside two busy processes for the same 1.2-1.3 s of CPU. CPU under 15 s (12x,
+    # room for a slower CI CPU) fails a per-client cost that grows with the clients; wall under 60 s still fails
+    # waiting per client, such as Flower's poll of every node every 0.1 s (500 x 2 x 0.1 s = 100 s).
+    w0, c0 = time.perf_counter(), time.process_time()
     res = simulate(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), task, rounds=2,
                    extra_metrics=lambda s, arrays, r: models.append(np_(arrays)) or {})  # fmt: skip
-    assert time.perf_counter() - t0 < 30.0
+    cpu_s, wall_s = time.process_time() - c0, time.perf_counter() - w0
+    assert cpu_s < 15.0 and wall_s < 60.0, (cpu_s, wall_s)
     x = np_(initial_arrays(task))
     for rnd in (1, 2):
         want = wmean({p: client_model(task, p, rnd, x)[0] for p in range(500)}, n)
