@@ -41,7 +41,7 @@ from tilestack.ir.ops import Op
 from tilestack.ir.types import FLOAT, INDEX, TORCH_NAMES, DType, GlobalType, dtype_of_torch
 from tilestack.ir.verify import verify
 from tilestack.lang.tiles import GlobalTensor, Scalar, as_scalar
-from tilestack.lang.trace import Tracer, set_current, user_line
+from tilestack.lang.trace import Tracer, current_or_none, set_current, user_line
 
 MAX_LAUNCHERS = 4096   # launch signatures remembered per kernel
 
@@ -283,6 +283,11 @@ class Kernel:
         dictionary lookup: a launch signature seen before goes straight to its prebuilt launcher, skipping the
         trace, the constant and argument checks, and the backend's preparation (all done on the first call).
         Runtime arguments may be given by keyword or left to their defaults, as in a Python call (``bind``)."""
+        if current_or_none() is not None:   # (its GlobalTensor arguments were refused as "dtype f32, which tiles
+            raise TraceError(               # cannot hold")
+                f"{self.name} is a kernel, launched from the host; a kernel being traced cannot call it. Write "
+                f"the shared code as a plain Python function of tiles and globals (def {self.name}_body(X, ...):) "
+                f"and call that from both kernels", user_line())
         if len(args) != len(self.params) or consts and not self._param_names.isdisjoint(consts):
             args, consts = self.bind(args, consts)
         return self.launcher_for(args, backend, **consts)(args)
@@ -293,8 +298,8 @@ class Kernel:
         try:
             key = (launch_key(args), tuple(consts.items()), backend, knobs.backend, knobs.triton_interpret)
             launcher = self._launchers.get(key)
-        except TypeError:   # an unhashable constant or an argument no launch accepts: the checked way
-            key, launcher = None, None
+        except (TypeError, RuntimeError):   # an unhashable constant or an argument no launch accepts (a sparse
+            key, launcher = None, None       # tensor has no data pointer): the checked way names it
         if launcher is None:
             if _has_numpy_scalar(args):   # launched as Python numbers, under their key (off the hot path)
                 return lambda a: self.launcher_for(plain_numbers(a), backend, **consts)(plain_numbers(a))
@@ -552,7 +557,7 @@ class TracedKernel:
         try:
             key = (launch_key(args), tuple(self.constants.items()), backend, knobs.backend, knobs.triton_interpret)
             launcher = cache.get(key)
-        except TypeError:
+        except (TypeError, RuntimeError):
             key, launcher = None, None
         if launcher is None:
             if _has_numpy_scalar(args):

@@ -1,9 +1,10 @@
 """Launch-time argument checks, all done before any work starts.
 
-Checks, in order: the number of arguments; each is a tensor where a global is expected and a number where
-a scalar is; the dtype and rank the kernel was traced for; every tensor on one device; and a layout every
-written tensor can be addressed with (no two indices reaching one element: lang.layout.check_writable).
-The per-parameter expectations are computed once per traced kernel: this runs on every launch.
+Checks, in order: the number of arguments; each is a tensor where a global is expected (a dense, strided one:
+not sparse or MKL-DNN) and a number where a scalar is; the dtype and rank the kernel was traced for; every tensor
+on one device; and a layout every written tensor can be addressed with (no two indices reaching one element:
+lang.layout.check_writable). The per-parameter expectations are computed once per traced kernel: this runs on
+every launch.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def check_args(traced, args: Sequence) -> None:
             continue
         if not isinstance(a, torch.Tensor):
             raise LaunchError(f"{name}: argument {pname} must be a torch.Tensor, got {type(a).__name__}")
+        if a.layout is not torch.strided:   # (no storage to address: torch failed reading its data pointer)
+            raise LaunchError(f"{name}: argument {pname} has layout {a.layout}; kernels address dense tensors "
+                              f"(torch.strided): pass {pname}.to_dense()")
         if a.dtype is not tdt:
             raise LaunchError(f"{name}: argument {pname} is {a.dtype}; this trace of {name} is for {dt} "
                               f"(trace it again for the new dtype: kernel.trace(...))")

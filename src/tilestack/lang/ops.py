@@ -24,11 +24,30 @@ def _name(t) -> str:
     return user_name(t) or str(getattr(t, "type", t))
 
 
+def _hint(t) -> str:
+    """What a kernel author who passed ``t`` where a tile belongs most likely meant."""
+    if isinstance(t, TileSpec):
+        return f" (a tile type: declare the tile by calling it, {t!r}())"
+    if t is None:   # `y = ts.exp(y, x)`: the op wrote y and returned None
+        return (" (ts ops write their first argument, dst, and return None: after `ts.exp(y, x)` read y, not what "
+                "the call returned)")
+    if isinstance(t, _Transposed):
+        return " (t.T is read by `@` and copy: transpose into a register tile of the swapped shape first, copy(u, t.T))"
+    return ""
+
+
 def _need_tile(opname: str, arg: str, t) -> Tile:
     if not isinstance(t, Tile):
-        hint = f" (a tile type: declare the tile by calling it, {t!r}())" if isinstance(t, TileSpec) else ""
-        raise TraceError(f"{opname}: {arg} must be a tile or vector, got {type(t).__name__} {t!r}{hint}", user_line())
+        raise TraceError(f"{opname}: {arg} must be a tile or vector, got {type(t).__name__} {t!r}{_hint(t)}",
+                         user_line())
     return t
+
+
+def _need_operand(opname: str, arg: str, x) -> None:
+    """A scalar operand: a Python number or a Scalar (tiles and marked vectors are taken before this)."""
+    if isinstance(x, bool) or not isinstance(x, int | float | Scalar):
+        raise TraceError(f"{opname}: {arg} must be a tile, a number or a Scalar, got {type(x).__name__} {x!r}"
+                         f"{_hint(x)}", user_line())
 
 
 def _need_reg(opname: str, arg: str, t: Tile) -> None:
@@ -217,6 +236,7 @@ def _binary(fn: str, dst: Tile, a: Tile, b) -> None:
                                  "copy one into a tile of the other's dtype first", user_line())
         bv = b.value(fn)
     else:
+        _need_operand(fn, "b", b)
         s = as_scalar(float(b) if isinstance(b, int | float) and a.dtype.is_float else b)
         bv = s.v
     _write(dst, Op.BINARY, (a.value(fn), bv), a.shape, fn, fn=fn)
@@ -441,6 +461,7 @@ def _operand(opname: str, arg: str, x, dst: Tile, kind: str):
                 "ts.ne" if isinstance(x, bool) else "")
         raise TraceError(f"{opname}: {arg} must be a bool_ mask tile, got {type(x).__name__} {x!r}{hint}",
                          user_line())
+    _need_operand(opname, arg, x)
     return as_scalar(x).v, None
 
 

@@ -46,8 +46,14 @@ class _TileFamily:
         key = key if isinstance(key, tuple) else (key,)
         if len(key) != 1 + self.rank or not isinstance(key[0], DType):
             dims = ", ".join("N" * (i + 1) for i in range(self.rank))
+            hint = ""
+            if len(key) == 1 + self.rank and str(key[0]).startswith("torch."):   # torch.float32 for ts.f32
+                from tilestack.ir.types import dtype_of_torch
+                dt = dtype_of_torch(key[0])
+                hint = f" (a tile's dtype is the language's: ts.{dt.name}, not {key[0]})" if dt else \
+                    f" (tiles cannot hold {key[0]})"
             raise TraceError(f"{self.name}[...] takes a dtype and {self.rank} size(s), like "
-                             f"{self.name}[f32, {dims}]; got {key!r}", user_line())
+                             f"{self.name}[f32, {dims}]; got {key!r}{hint}", user_line())
         dtype, *shape = key
         # a NumPy integer (a size computed with NumPy) is a compile-time int too
         shape = [int(s) if isinstance(s, np.integer) else s for s in shape]
@@ -230,6 +236,65 @@ class Tile:
         ops.neg(out, self)
         return out
 
+    def __abs__(self) -> Tile:
+        """``abs(t)``: ts.abs into a new register tile."""
+        from tilestack.lang import ops
+        out = Tile(dataclasses.replace(self.type, space=Space.REG))
+        ops.abs(out, self)
+        return out
+
+    def __pow__(self, e) -> Tile:
+        """``t ** e`` for a constant exponent, into a new register tile of t's dtype, worked in f32 (f64 for f64, the
+        integer work dtype for integers) and rounded once: a whole e by repeated squaring (x ** 0 is 1, NaN too, as
+        torch; a negative e divides 1 by the product; integer tiles take e >= 0, wrapping as their products do),
+        0.5 and -0.5 by sqrt and rsqrt (as torch.pow takes them), any other e as exp2(e log2 x) (NaN for x < 0, as
+        torch for a fractional e; zeros and infinities of either sign give 0 or inf, as C's pow)."""
+        from tilestack.ir.types import f32, f64
+        from tilestack.lang import ops
+        if isinstance(e, bool) or not isinstance(e, int | float) or not math.isfinite(e):
+            what = "a tile" if isinstance(e, Tile) else f"{type(e).__name__} {e!r}"
+            self._no_sugar("**", f"the exponent must be a constant, finite Python int or float, got {what} (a power "
+                                 "known at run time: ts.exp2 of the exponent times ts.log2 of the base)")
+        if self.dtype is bool_:
+            self._no_sugar("**", f"`{user_name(self) or self.type}` is a bool_ mask; copy it into a tile of numbers "
+                                 "first")
+        whole = e == int(e)
+        if not self.dtype.is_float and (not whole or e < 0):
+            self._no_sugar("**", f"`{user_name(self) or self.type}` is {self.dtype}; an integer tile takes a whole "
+                                 f"exponent >= 0, got {e!r} (copy it into a float tile for float powers)")
+        work = self.dtype if not self.dtype.is_float else (f64 if self.dtype is f64 else f32)
+        x = Tile(TileType(Space.REG, work, self.shape))
+        ops.copy(x, self)
+        r = Tile(TileType(Space.REG, work, self.shape))
+        if whole:
+            n = abs(int(e))
+            ops.fill(r, 1)
+            while n:                                  # r = x ** n, squaring x per bit of n
+                if n & 1:
+                    ops.mul(r, r, x)
+                n >>= 1
+                if n:
+                    ops.mul(x, x, x)
+            if e < 0:
+                ops.fill(x, 1.0)
+                ops.div(r, x, r)
+        elif e in (0.5, -0.5):                       # (as torch.pow: sqrt(-0.0) is -0.0, rsqrt(-0.0) -inf)
+            (ops.sqrt if e > 0 else ops.rsqrt)(r, x)
+        else:
+            ops.log2(r, x)
+            ops.mul(r, r, float(e))
+            ops.exp2(r, r)
+            ninf = Tile(TileType(Space.REG, bool_, self.shape))
+            ops.eq(ninf, x, -math.inf)               # log2(-inf) is NaN; pow(-inf, e) is inf (e > 0) or 0
+            ops.where(r, ninf, math.inf if e > 0 else 0.0, r)
+        out = Tile(dataclasses.replace(self.type, space=Space.REG))
+        ops.copy(out, r)
+        return out
+
+    def __rpow__(self, base):
+        self._no_sugar("**", f"`{base!r} ** <tile>`: a number raised to a tile is written ts.exp2(dst, t * "
+                             "log2(base)) (base > 0)")
+
     @property
     def T(self) -> _Transposed:
         return _Transposed(self)
@@ -366,8 +431,10 @@ class Scalar:
                          "branch on it; use masks (tril, right_fill, ...) or loop bounds instead", user_line())
 
     def __index__(self):
-        raise TraceError("a Scalar cannot be used as a Python int (tile sizes must be compile-time "
-                         "constants)", user_line())
+        code = user_source()
+        raise TraceError("a Scalar" + (f" (in `{code}`)" if code else "") + " cannot be used as a Python int (tile "
+                         "sizes must be compile-time constants); a loop over a count known only at run time is "
+                         "written `for j in ts.range(n)`, not Python's range", user_line())
 
     def __repr__(self) -> str:
         return f"Scalar({self.v!r})"

@@ -182,6 +182,11 @@ def current(opname: str) -> Tracer:
     return tr
 
 
+def current_or_none() -> Tracer | None:
+    """The trace in progress, or None outside one."""
+    return _current.get()
+
+
 def set_current(t: Tracer | None) -> Tracer | None:
     old = _current.get()
     _current.set(t)
