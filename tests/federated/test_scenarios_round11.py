@@ -29,8 +29,9 @@ What this round found, fixed:
   to sum exactly, and nobody rounded the aggregate back), so from round 2 every client trained in float64; and the
   grid never learned the round, so the system model drew round 0's dropouts every round. The grid now sends its own
   task where the config has none, rounds each message's arrays to the run's model dtypes (those of its first
-  message, as run_rounds rounds every aggregate), and takes the round from the messages' ``server-round``: Flower's
-  loop gives run_rounds' models bit for bit.
+  message, as run_rounds rounds every aggregate), and takes the round from the messages' ``server-round``: under
+  Flower's loop, FedAvg gives run_rounds' models bit for bit (a server optimiser keeps its state on Flower's float64
+  model, within float32's rounding of run_rounds').
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from flwr.serverapp.strategy import FedAvg
 from tilestack.federated import InProcessGrid, ManagedGrid, SystemModel, codec, run_rounds
 from tilestack.federated import client as tsclient
 from tilestack.federated.simulation import initial_arrays
-from tilestack.federated.strategies import FedNova
+from tilestack.federated.strategies import FedNova, HeteroFL, Scaffold
 
 SIZES = {0: 5, 1: 11, 2: 3, 3: 7}
 
@@ -246,6 +247,37 @@ def test_flowers_own_strategy_start_over_a_managed_grid_gives_run_rounds_models_
         assert float(res.train_metrics_clientapp[rnd]["train-loss"]) == pytest.approx(r.train_metrics["train-loss"],
                                                                                         rel=1e-12)  # fmt: skip
     assert grid.server_round == 3
+
+
+TILESTACK_STRATEGIES = {
+    "FedNova": lambda: FedNova(fraction_train=1.0, fraction_evaluate=0.0),
+    "Scaffold": lambda: Scaffold(fraction_train=1.0, fraction_evaluate=0.0),
+    "HeteroFL": lambda: HeteroFL(width_of=lambda pid: (1.0, 0.5, 0.25)[pid % 3], hidden=8, fraction_train=1.0,
+                                 fraction_evaluate=0.0),
+}  # fmt: skip
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("name", sorted(TILESTACK_STRATEGIES))
+def test_tilestacks_strategies_under_flowers_own_loop_give_run_rounds_models(name):
+    """tilestack's FedNova, SCAFFOLD and HeteroFL (widths 1, 1/2, 1/4) run by Flower's own ``Strategy.start`` over the
+    grid with an empty train config, on an MLP, half the clients stragglers doing part of their work: three rounds
+    end at run_rounds' model (rounded to float32 once, bit for bit), each client's share of the work planned for its
+    own round. Before, every client failed on the missing task and the run ended with an empty model."""
+    task = blobs(6, features=4, classes=3, local_steps=4, model="mlp", hidden=8)
+
+    def system() -> SystemModel:
+        return SystemModel(6, straggler_fraction=0.5, straggler_epochs=4, seed=3)
+
+    ref = run_rounds(TILESTACK_STRATEGIES[name](), ManagedGrid(InProcessGrid(tsclient.app, 6), task, system=system()),
+                     initial_arrays(task), num_rounds=3)  # fmt: skip
+    assert len({tuple(sorted(r.client_train)) for r in ref.history.rounds}) == 1  # (all train, some partly)
+    assert len({r.steps_done for r in ref.history.rounds}) > 1  # the stragglers' work differs round to round
+    res = TILESTACK_STRATEGIES[name]().start(grid=ManagedGrid(InProcessGrid(tsclient.app, 6), task, system=system()),
+                                            initial_arrays=initial_arrays(task), num_rounds=3)  # fmt: skip
+    assert sorted(res.arrays) == sorted(np_(ref.arrays)), "every client failed: the model is empty"
+    for k, v in np_(ref.arrays).items():
+        np.testing.assert_array_equal(res.arrays[k].numpy().astype(np.float32), v, err_msg=k)
 
 
 @pytest.mark.timeout(60)

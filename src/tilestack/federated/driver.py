@@ -35,7 +35,9 @@ configure_evaluate, send, aggregate_evaluate, then server-side evaluation), and 
   is logged) - the server never adopts a NaN - and the strategy's own state goes back to what it was before
   that aggregation (FedAvgM's momentum and model, FedAdam's moments), so one overflow cannot make every
   later round NaN. An aggregate keeps the global model's dtypes (Flower's FedAdam returns float64 from a
-  float32 model, which doubled every later round's download).
+  float32 model, which doubled every later round's download). Weights past 2**500 (the strategy's
+  ``weighted_by_key``) are scaled by one power of two before the strategy aggregates, every share unchanged
+  (``summable_weights``): two replies claiming 1e308 examples summed to inf in Flower's mean and zeroed the model.
 - Privacy budget: a DP wrapper whose accountant's ``max_epsilon`` the next round would pass (Flower raises
   ``PrivacyBudgetExhausted`` in its configure_train) ends the run there: the result holds the rounds released and says
   why in ``RunResult.stopped``, where the exception ended the call and the model trained so far was lost with it.

@@ -21,12 +21,19 @@ SuperLink grid) and stays a ``Grid``, so the same strategy objects run over it:
 - Faults: a reply that is an error (crash), arrives late (timeout), lacks its MetricRecord, misses an
   array or carries an extra one, has no examples or a weight not > 0 (the strategy's ``weighted_by_key``, which
   ``run_rounds`` tells the grid), carries a non-finite value, an array of the wrong shape,
-  integers where the server sent floating point, or bytes that do not decode is left out with its reason
-  logged; the round goes on with the rest (which Flower's strategies would refuse whole). A kept reply's
-  floating-point arrays reach the strategy in float64 (``for_aggregation``): Flower's weighted average sums
+  integers where the server sent floating point, bytes that do not decode, an array compressed where the server
+  asked for none, a weight or step count that is a list (or a negative count), or a metric whose layout (a number,
+  a list of some length) differs from the other replies' is left out with its reason logged; the round goes on
+  with the rest (which Flower's strategies would refuse whole, or raise on). A kept reply's floating-point arrays
+  reach the strategy in float64 (``for_aggregation``): Flower's weighted average sums
   ``value * weight`` in the dtype of the first reply, so float32 replies drifted from the exact weighted mean
   (12 float32 ulps over 100 clients of unequal sizes) and one float16 reply rounded every contribution to
   float16; the driver stores the aggregate in the global model's dtype, rounded once.
+- Flower's own loop: under ``Strategy.start`` (no ``run_rounds``) the grid sends its task where a message's config
+  has none, rounds each message's floating-point arrays to the dtypes of the run's first message (the model's: the
+  aggregate of float64 replies is float64) and takes the round from the messages' ``server-round`` (the system
+  model's dropouts are drawn per round). Availability and late updates need ``run_rounds``, which tells the grid the
+  round before the strategy samples and takes the late updates in.
 - Accounting: bytes each way (array payloads), simulated round time (slowest kept client, or deadline), and
   each kept reply's own metrics by partition id (``RoundMetrics.client_train`` / ``client_eval``).
 """
@@ -59,6 +66,7 @@ from tilestack.federated.client import (
     WORK_KEY,
     task_from_config,
 )  # fmt: skip
+from tilestack.federated.compression import COMPRESS_KEY, COMPRESSED_STYPES
 from tilestack.federated.staleness import LateReply, rebased, rounds_late
 from tilestack.federated.system import ClientPlan, SystemModel
 from tilestack.federated.task import Task
@@ -161,8 +169,13 @@ def check_reply(
                 return f"metrics: no {key!r} (the strategy's train_loss_key)"
     shapes = {_canonical(k): a.shape for rec in sent.array_records.values() for k, a in rec.items()}
     dtypes = _sent_dtypes(sent)
+    compressing = "config" in sent.config_records and COMPRESS_KEY in sent["config"]
     for rec in content.array_records.values():
         for k, a in rec.items():
+            if a.stype in COMPRESSED_STYPES and not compressing:  # an update where the strategy reads a model:
+                # Flower's numpy conversion raised out of the round, tilestack's strategies took it for a model
+                return (f"malformed: {k} is sent compressed ({a.stype}), expected the model's array as numpy (the "
+                        "server asked for no compression: no Compressed strategy)")  # fmt: skip
             want_shape = shapes.get(_canonical(k))
             if want_shape is not None and tuple(a.shape) != tuple(want_shape):
                 return f"shape: {k} is {tuple(a.shape)}, expected {tuple(want_shape)}"
