@@ -16,6 +16,13 @@ Gaps and bugs these found, fixed in the language, each kept here as its test:
 - language: a kernel called inside another kernel's body was refused as "argument X has dtype f32, which tiles cannot
   hold"; it is named as a kernel called while a kernel is traced now, saying to share a plain function
   (lang.kernel.Kernel.__call__): test_a_kernel_called_inside_a_kernel_is_named;
+- language: a positional parameter annotated as a scalar of another kind (`flag: bool`, `s: ts.f32`, `s:
+  torch.float32`, `s: np.float32`, `s: float | None`) was taken for a global tensor, and the number passed for it
+  refused at launch as "must be a torch.Tensor"; it is refused when the kernel is made, saying a runtime scalar is
+  annotated float or int and a flag is a keyword-only constant, and a number for an unannotated parameter says how to
+  annotate it (lang.kernel._refuse_scalar_annotation, Kernel.signature):
+  test_a_positional_parameter_annotated_as_another_scalar_is_named,
+  test_a_number_for_an_unannotated_parameter_says_how_to_annotate_it;
 - language: `where(t, m, t, None)` and `add(t, t, None)` said only "expected an index Scalar or a number, got None",
   with no op or argument; the result of an op used as a tile (`u = ts.exp(t, t)`, None), a transposed tile stored
   (`store(Y, t.T)`), Python's range over a Scalar and a torch dtype in a tile type are named with what to write
@@ -24,6 +31,7 @@ Gaps and bugs these found, fixed in the language, each kept here as its test:
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from heldout_support import BACKENDS, BF, F16, I32, I64, close, launch, randn
@@ -242,3 +250,36 @@ def test_mistakes_of_triton_and_torch_users_are_named(body, expected):
     msg = _trace_error(body)
     assert re.search(expected, msg), msg
     assert "test_heldout_round11_api.py:" in msg      # (the user's line)
+
+
+def _kernel_with(annotation):
+    """A kernel whose third parameter ``s`` is annotated ``annotation`` (made by exec: annotations as written)."""
+    ns = {"ts": ts, "torch": torch, "np": np}
+    exec(f"@ts.kernel(grid=lambda X: (1,))\n"
+         f"def k(X, Y, s: {annotation}):\n"
+         f"    t = ts.RegVec[ts.f32, 16]()\n"
+         f"    ts.load(t, X, at=(0,))\n"
+         f"    ts.mul(t, t, s)\n"
+         f"    ts.store(Y, t, at=(0,))\n", ns)
+    return ns["k"]
+
+
+@pytest.mark.parametrize("annotation", ["bool", "str", "complex", "ts.f32", "ts.i32", "torch.float32", "np.float32",
+                                        "float | None", "'bool'"])
+def test_a_positional_parameter_annotated_as_another_scalar_is_named(annotation):
+    """Was taken for a global tensor: a number passed for it was refused at launch as "must be a torch.Tensor"."""
+    with pytest.raises(TraceError, match=r"kernel k: parameter s is annotated .*; a positional parameter is a global "
+                                         r"tensor \(unannotated or Global\) or a runtime scalar annotated float or "
+                                         r"int .*keyword-only, after \*: `\*, s: bool = False`"):
+        _kernel_with(annotation)
+
+
+def test_a_number_for_an_unannotated_parameter_says_how_to_annotate_it():
+    y = poisoned(16)
+    with pytest.raises(LaunchError, match=r"argument s must be a torch.Tensor .*got float \(a runtime scalar parameter "
+                                          r"is annotated: `s: float` or `s: int`\)"):
+        launch(_kernel_with("'Global'"), "reference", torch.ones(16), y, 2.0)
+    assert y.isnan().all()
+    for annotation, value in (("float", 2.5), ("'float'", 2.5), ("int", 3)):
+        launch(_kernel_with(annotation), "reference", torch.ones(16), y, value)
+        assert torch.equal(y, torch.full((16,), float(value)))

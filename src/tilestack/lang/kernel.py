@@ -100,6 +100,24 @@ class Global:
     """Annotation for a global tensor parameter (the default for unannotated positional parameters)."""
 
 
+def _refuse_scalar_annotation(kernel: str, p: inspect.Parameter, where: str) -> None:
+    """TraceError where positional parameter ``p`` is annotated as a scalar of a kind runtime arguments are not
+    (bool, str, complex, a dtype such as ts.f32 or torch.float32, a NumPy scalar type, ``float | None``): it would
+    have been taken for a global tensor, and a number passed for it refused at launch as "must be a torch.Tensor"."""
+    a = p.annotation
+    names = {"bool", "str", "complex"}
+    scalar = a in (bool, str, complex) or a in names or isinstance(a, DType | torch.dtype) or \
+        isinstance(a, type) and issubclass(a, np.generic) or \
+        getattr(a, "__args__", None) is not None and any(t in (float, int) for t in a.__args__)
+    if not scalar:
+        return
+    shown = getattr(a, "__name__", None) if isinstance(a, type) else None
+    raise TraceError(f"kernel {kernel}: parameter {p.name} is annotated {shown or a}; a positional parameter is a "
+                     f"global tensor (unannotated or Global) or a runtime scalar annotated float or int (its "
+                     f"precision is the work's: f32, or f64 in f64 work); a bool, str or other constant is "
+                     f"keyword-only, after *: `*, {p.name}: bool = False`", where)
+
+
 @dataclasses.dataclass(frozen=True)
 class Tunable:
     """A compile-time constant a tuner may choose, from ``domain``."""
@@ -145,6 +163,7 @@ class Kernel:
         self.constant_kinds: dict[str, str] = {}   # constant -> "int" | "float" | "bool" | "str", as annotated
         for p in inspect.signature(fn).parameters.values():
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+                _refuse_scalar_annotation(self.name, p, self.where)
                 kind = {float: "float", int: "int", "float": "float", "int": "int"}.get(p.annotation, "global")
                 self.params.append(_ParamDecl(p.name, kind))
                 if p.default is not p.empty:
@@ -261,8 +280,10 @@ class Kernel:
                                       f"hold; expected one of {held}")
                 sig.append((dt, a.dim()))
             else:
+                hint = (f" (a runtime scalar parameter is annotated: `{p.name}: float` or `{p.name}: int`)"
+                        if isinstance(a, int | float | np.generic) and not isinstance(a, bool) else "")
                 raise LaunchError(f"{self.name}: argument {p.name} must be a torch.Tensor (or ArgSpec to trace), "
-                                  f"got {type(a).__name__}")
+                                  f"got {type(a).__name__}{hint}")
         return tuple(sig)
 
     def trace(self, *args, **consts) -> TracedKernel:
