@@ -37,7 +37,7 @@ def tune(
     ship: bool = typer.Option(False, help="also write tables for src/tilestack/tune/tables/ (one per kernel)"),
     out: Path = typer.Option(None, help="folder for --ship's tables; default the package's tables folder"),
     report: Path = typer.Option(None, help="write every problem's outcome here as JSON"),
-    device: int = typer.Option(0, help="CUDA device index"),
+    device: int = typer.Option(0, min=0, help="CUDA device index"),
     missing: bool = typer.Option(False, "--missing", help="only problems this device's tables have no entry for "
                                                           "(its key, its size bucket)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list what would be tuned, in order; tune nothing"),
@@ -60,6 +60,13 @@ def tune(
 
     check_output("--out", out, folder=True)
     check_output("--report", report)
+    _check_model_data(model, model_data)
+    if as_device is not None:       # checked before a dry run's early return too: a typo planned for no device
+        from tilestack.tune.devices import DeviceKey
+        try:
+            DeviceKey.parse(as_device.partition(":")[0])
+        except TilestackError as e:
+            raise typer.BadParameter(f"--as-device {as_device!r}: {e}", param_hint="--as-device") from e
     if not 0 < budget_s < math.inf:      # (NaN passed a "<= 0" test: a run whose every deadline compares False)
         raise typer.BadParameter(f"--budget-s must be > 0, got {budget_s} (a finite number of seconds)",
                                  param_hint="--budget-s")
@@ -106,6 +113,20 @@ def tune(
         except TilestackError as e:
             raise typer.BadParameter(str(e)) from e
     _run(problems, key, device_str, budget_s, ship, out, report, guided, chosen)
+
+
+def _check_model_data(model: bool, model_data) -> None:
+    """--model-data names existing files, and only with --model (which alone reads them): a dry run returned
+    before reading them, so a missing file or --model-data without --model passed without a word."""
+    from tilestack.cli.args import check_input
+
+    if not model_data:
+        return
+    if not model:
+        raise typer.BadParameter(f"--model-data {[str(p) for p in model_data]} without --model; expected --model "
+                                 "(the cost model it trains), or no --model-data", param_hint="--model-data")
+    for path in model_data:
+        check_input("--model-data", path)
 
 
 def _missing(problems, key):

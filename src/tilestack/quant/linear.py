@@ -288,13 +288,21 @@ def quantize(model: nn.Module, mode: str = "int8", *, calibration=None, skip=())
     skip = tuple(skip) if isinstance(skip, Iterable) else None
     if skip is None or not all(isinstance(s, str) for s in skip):
         raise LaunchError(f"quantize: skip must be layer names (a str or an iterable of str), got {given!r}")
-    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
-    unmatched = [s for s in skip if not any(n == s or n.endswith("." + s) for n in linears)]
+    # every name of every Linear: one registered under two names (``self.b = self.a``) is one layer, and
+    # named_modules() gives only its first name, so the second kept the float layer without a word
+    aliases: dict[int, list[str]] = {}              # id(layer) -> its names, first as named_modules() gives them
+    for n, m in model.named_modules(remove_duplicate=False):
+        if type(m) is nn.Linear:
+            aliases.setdefault(id(m), []).append(n)
+    linears = [n for names in aliases.values() for n in names]
+    unmatched = [s for s in skip if not any(_named(n, s) for n in linears)]
     if unmatched:     # a typo would quantize the layer meant to stay in float without a word; a generic name
         # (skip=("lm_head",) where the head is a tied embedding, not a Linear) is common, so a warning, not an error
         warnings.warn(f"quantize: skip names {unmatched} match no nn.Linear of the model (its Linear layers: "
                       f"{linears[:20]}{' ...' if len(linears) > 20 else ''})", UserWarning, stacklevel=2)
-    names = [n for n in linears if not any(n == s or n.endswith("." + s) for s in skip)]
+    # a layer is skipped under any of its names (it is one module: float everywhere, or quantized everywhere)
+    kept = [names for names in aliases.values() if not any(_named(n, s) for n in names for s in skip)]
+    names = [group[0] for group in kept]
     stats = calibrate(model, names, calibration) if mode == "fp8-act" else {}
     if stats and all(st.mean is None for st in stats.values()):   # only empty batches: no scale to fix
         raise LaunchError(f"quantize: calibration batches brought no row to any linear layer ({names[:8]}); "
@@ -307,8 +315,14 @@ def quantize(model: nn.Module, mode: str = "int8", *, calibration=None, skip=())
 
     if "" in names:      # the model is itself a Linear: no parent to change in place, its replacement is returned
         return replaced("", model)
-    for name in names:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, replaced(name, getattr(parent, attr)))
+    for group in kept:   # one QuantLinear per layer, set under each of its names
+        new = replaced(group[0], model.get_submodule(group[0]))
+        for name in group:
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
     return model
+
+
+def _named(name: str, skip: str) -> bool:
+    """Whether the module ``name`` is the one ``skip`` names: the whole name, or its last parts."""
+    return name == skip or name.endswith("." + skip)
