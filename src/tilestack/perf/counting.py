@@ -290,6 +290,8 @@ NO_ARITHMETIC = frozenset(
         "unique_dim", "unique_dim_consecutive", "lu_unpack", "_nested_tensor_from_tensor_list",
         "_nested_tensor_size", "_nested_tensor_strides", "_nested_tensor_storage_offsets", "is_same_size",
         "_sparse_sum_backward", "_has_same_storage_numel", "is_coalesced", "sparse_mask",
+        # a dense tensor made sparse (Tensor.to_sparse*): its nonzeros found and copied out, as nonzero's
+        "_to_sparse", "_to_sparse_csr", "_to_sparse_csc", "_to_sparse_bsr", "_to_sparse_bsc",
     }
 )
 
@@ -340,7 +342,9 @@ def _moves_no_data(func: Any, name: str, ins: Sequence[Any], outs: Sequence[Any]
     writes = name.endswith("_") or any(
         a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments
     )
-    return not writes and bool(outs) and {_storage(t) for t in outs} <= {_storage(t) for t in ins}
+    # an empty tensor's null data pointer aliases nothing (a batch of 0 through a convolution still reads its weight)
+    held = [t for t in outs if _storage(t) != 0]
+    return not writes and bool(held) and {_storage(t) for t in held} <= {_storage(t) for t in ins}
 
 
 COMPLEX_PRODUCTS = {"aten.mul": formulas.COMPLEX_MUL_FLOPS, "aten.div": formulas.COMPLEX_DIV_FLOPS}

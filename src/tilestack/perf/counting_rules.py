@@ -436,6 +436,34 @@ def _search_flops(sequence: str, values: str) -> Rule:
     return count
 
 
+def _sorted_compares(n: int) -> int:
+    """Compares of a comparison sort of ``n`` elements, n * ceil(log2 n), as ``_sort_flops`` counts a row."""
+    return n * math.ceil(math.log2(n)) if n > 1 else 0
+
+
+def _isin_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """isin (each element's membership in test_elements; a scalar side counts as one element): torch picks by numpy's
+    rule. Fewer than 10 * E^0.145 test elements: each of the E elements compared with each of the T (E * T). Else by
+    sorting: both sides made unique (sorted) unless ``assume_unique``, the E + T concatenated and sorted, each
+    neighbouring pair compared (n compares)."""
+    arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+    sides = (arg("elements") if arg("elements") is not None else arg("element"),
+             arg("test_elements") if arg("test_elements") is not None else arg("test_element"))
+    e, t = (_numel(v) if hasattr(v, "dim") else 1 for v in sides)
+    if e == 0 or t < int(10.0 * e**0.145):
+        return float(e * t)
+    unique = 0 if arg("assume_unique") else _sorted_compares(e) + _sorted_compares(t)
+    return float(unique + _sorted_compares(e + t) + e + t)
+
+
+def _segment_reduce_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """_segment_reduce_backward: each element of ``data`` gets its segment's gradient, copied (sum: 0), divided by the
+    segment's length (mean), kept where it equals the segment's extreme (max, min: a compare) or times the
+    segment's product over the element (prod): ``formulas.SEGMENT_BWD_FLOPS_PER_ELEMENT``."""
+    data, reduce = _argument(func, args, kwargs, "data"), str(_argument(func, args, kwargs, "reduce"))
+    return float(formulas.SEGMENT_BWD_FLOPS_PER_ELEMENT.get(reduce, 1) * _numel(data))
+
+
 def _histogramdd_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     """torch.histogramdd's steps over points (N, D): the bin edges (a min-max pass, one compare per element, as
     aminmax; none where ``range`` is given), each coordinate binned into counted bins (one per element, as histc)
@@ -545,6 +573,8 @@ LAYER_FLOPS: dict[str, Rule] = {
     "aten.renorm_": _per_element("self", formulas.RENORM_FLOPS_PER_ELEMENT),
     "aten.histc": _accumulate_flops("self"),  # each element binned: a count added
     "aten.segment_reduce": _accumulate_flops("data"),
+    "aten._segment_reduce_backward": _segment_reduce_backward_flops,
+    "aten.isin": _isin_flops,
     "aten.put": _index_put_flops,
     "aten.put_": _index_put_flops,
     "aten.index_put": _index_put_flops,

@@ -156,6 +156,8 @@ FFT_FLOPS_PER_POINT_LOG2 = 5
 FAKE_QUANT_FLOPS_PER_ELEMENT = 2
 OBSERVER_FLOPS_PER_ELEMENT = 1
 FAKE_QUANT_LEARNABLE_BWD_FLOPS_PER_ELEMENT = 8
+# torch.segment_reduce's backward, per element of its data, by reduction (see counting_rules)
+SEGMENT_BWD_FLOPS_PER_ELEMENT = {"sum": 0, "mean": 1, "max": 1, "min": 1, "prod": 2}
 
 
 def dtype_name(dtype: Any) -> str:
