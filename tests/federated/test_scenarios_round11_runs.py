@@ -15,6 +15,12 @@ What this round found, fixed:
   as if it were the client's weights. Such a reply is now left out naming the array and its encoding
   (grid.check_reply); under ``Compressed`` it is what the server asked for, and a client sending its plain model
   there is still taken (tested in round 5).
+- *A selector asked for more clients than the run has* (``Selected(..., per_round=5)`` over 4) picked all of them
+  every round without a word, where ``make_strategy`` refuses ``clients_per_round > num_clients``: refused before any
+  work (checks.check_strategy).
+- *Shards of more classes than the dataset has* (``classes_per_client=11`` of 10) were taken, every client a near-IID
+  mix; more shards than examples failed only when a client built its data, naming ``num_clients=30`` (the shard
+  count) in a run of 10. Both are refused when the Task is made, naming ``classes_per_client``.
 """
 
 from __future__ import annotations
@@ -23,13 +29,14 @@ import math
 
 import numpy as np
 import pytest
-from _fl_round5 import blobs, check_model, make_grid, np_, same, wmean
+from _fl_round5 import blobs, check_model, make_grid, np_, same, scripted, wmean
 from _fl_round7 import client_model, weighted_mean
 from _fl_round9 import keep, near
 from _fl_round11 import array_app
 from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, FedTrimmedAvg
 
-from tilestack.federated import InProcessGrid, ManagedGrid, SystemModel, codec, run_rounds, simulate
+from tilestack.errors import FederatedError
+from tilestack.federated import InProcessGrid, ManagedGrid, SystemModel, Task, codec, run_rounds, simulate
 from tilestack.federated import client as tsclient
 from tilestack.federated.compression import Compressed
 from tilestack.federated.driver import load_checkpoint, save_checkpoint
@@ -226,3 +233,60 @@ def test_a_trimmed_mean_trimming_two_of_seven_keeps_two_sign_flippers_out_under_
     )
     gap = max(float(np.abs(np_(plain.arrays)[k] - x[k]).max()) for k in x)
     assert math.isfinite(gap) and gap > 1.0, gap
+
+
+# ---- asking a selector or a partitioner for more than there is ------------------------------------------------------
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("entry", ["simulate", "run_rounds"])
+def test_a_selector_asked_for_more_clients_than_the_run_has_is_refused_before_any_work(entry):
+    """``Selected(..., per_round=5)`` over a run of 4 clients. Before, it picked all 4 every round without a word (as
+    ``make_strategy(clients_per_round=5, num_clients=4)`` would be refused); now the run is refused before any client
+    trains, naming per_round and the nodes there are."""
+    task = blobs(4)
+    trained: list[int] = []
+
+    def script(pid, rnd, got, ctx, cfg):
+        trained.append(pid)
+        return got["arrays"], {}
+
+    strategy = Selected(FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1),
+                        RandomSelector(seed=0), per_round=5)  # fmt: skip
+    needle = r"Selected: per_round=5; expected at most the 4 nodes of the run \(it would pick all 4 each round\)"
+    with pytest.raises(FederatedError, match=needle):
+        if entry == "simulate":
+            simulate(strategy, task, rounds=1)
+        else:
+            run_rounds(strategy, make_grid(scripted(script), task), initial_arrays(task), num_rounds=1)
+    assert not trained
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kw, needle", [
+    (dict(num_classes=3, classes_per_client=4),
+     "classes_per_client=4 with partitioner='shards' over the 3 classes of dataset='blobs'; expected at most 3"),
+    (dict(dataset="digits", classes_per_client=11),
+     "classes_per_client=11 with partitioner='shards' over the 10 classes of dataset='digits'; expected at most 10"),
+    (dict(num_samples=20, classes_per_client=3),
+     "classes_per_client=3 with partitioner='shards' for num_clients=10 cuts the 20 examples into 30 shards; expected "
+     r"at most 20 shards \(classes_per_client <= 2\)"),
+])  # fmt: skip
+def test_shards_of_more_classes_than_the_dataset_has_or_more_shards_than_examples_are_refused_on_creation(kw, needle):
+    """``partitioner='shards'`` cuts the label-sorted data into num_clients x classes_per_client shards. Before, more
+    classes per client than the dataset has were taken (each client a near-IID mix of up to 10 classes when 11 were
+    asked), and more shards than examples failed only once a client built its data, saying 'num_clients=30' of a
+    run of 10. Both are refused when the Task is made, naming classes_per_client."""
+    base = dict(dataset="blobs", num_samples=200, num_features=3, num_classes=3, num_clients=10, partitioner="shards")
+    with pytest.raises(ValueError, match=f"Task: {needle}"):
+        Task(**{**base, **kw})
+
+
+@pytest.mark.timeout(60)
+def test_shards_at_the_limit_give_each_client_its_classes_per_client_examples():
+    """At the limit, 30 examples for 10 clients of 3 shards each: every shard is one example and every client holds
+    exactly three, all of the dataset between them; and classes_per_client equal to the classes (3 of 3) is taken."""
+    task = Task(dataset="blobs", num_samples=30, num_features=3, num_classes=3, num_clients=10, partitioner="shards",
+                classes_per_client=3)  # fmt: skip
+    sizes = [len(task.client_data(p)[1]) + len(task.client_data(p)[3]) for p in range(10)]
+    assert sizes == [3] * 10
+    labels = np.concatenate([np.concatenate([task.client_data(p)[1], task.client_data(p)[3]]) for p in range(10)])
+    assert np.bincount(labels, minlength=3).sum() == 30

@@ -197,6 +197,23 @@ class Task:
                 f"dataset={self.dataset!r}; expected at most {len(_pooled(self)[1]) // MIN_CLIENT_SAMPLES} "
                 f"({MIN_CLIENT_SAMPLES} examples per client: one to train on, one to test)"
             )
+        if self.partitioner == "shards" and self.dataset in ("blobs", "digits", "file"):
+            # the label-sorted data is cut into num_clients x classes_per_client shards, each client taking that many:
+            # more than the dataset's classes made every client a near-IID mix (11 'classes' of 10), and more shards
+            # than examples failed once a client built its data, naming 'num_clients' = the shard count
+            pooled = self.num_samples if self.dataset == "blobs" else len(_pooled(self)[1])
+            if self.classes_per_client > self.classes:
+                raise ValueError(
+                    f"Task: classes_per_client={self.classes_per_client} with partitioner='shards' over the "
+                    f"{self.classes} classes of dataset={self.dataset!r}; expected at most {self.classes}"
+                )
+            if pooled < self.num_clients * self.classes_per_client:
+                raise ValueError(
+                    f"Task: classes_per_client={self.classes_per_client} with partitioner='shards' for "
+                    f"num_clients={self.num_clients} cuts the {pooled} examples into "
+                    f"{self.num_clients * self.classes_per_client} shards; expected at most {pooled} shards "
+                    f"(classes_per_client <= {pooled // self.num_clients})"
+                )
         if not isinstance(self.faults, (tuple, list)) or not all(
             isinstance(f, (tuple, list)) and len(f) == 2 for f in self.faults
         ):
