@@ -302,3 +302,34 @@ def test_a_float64_model_under_flowers_own_loop_stays_float64_and_the_clients_tr
     for k, v in np_(res.arrays).items():
         assert v.dtype == np.float64
         np.testing.assert_allclose(v, x[k], rtol=1e-14, err_msg=k)
+
+
+@pytest.mark.timeout(90)
+def test_a_second_run_of_flowers_loop_on_the_same_grid_starts_over_with_its_own_rounds_and_model():
+    """One grid object, two runs of Flower's own loop: three rounds of a float32 model, then two of a float64 model.
+    The second run's clients get float64 arrays (the first run's float32 is not forced on it) and its rounds are its
+    own, 1 and 2, so its dropouts (40% a round, drawn per round) and model are those of the same run on a fresh grid,
+    bit for bit."""
+    task = blobs(6)
+    system = SystemModel(6, dropout=0.4, seed=5)
+    seen: list[np.dtype] = []
+
+    def script(pid, rnd, got, ctx, cfg):
+        seen.extend(v.dtype for v in got["arrays"].values())
+        return {k: v + update(pid, rnd, v.shape, v.dtype) for k, v in got["arrays"].items()}, {
+            "num-examples": pid + 1}  # fmt: skip
+
+    grid = make_grid(scripted(script), task, system=system)
+    strategy = _fedavg(min_available_nodes=1, min_train_nodes=1)
+    strategy.start(grid=grid, initial_arrays=initial_arrays(task), num_rounds=3)
+    start = {k: v.astype(np.float64) + 0.125 for k, v in np_(initial_arrays(task)).items()}
+    seen.clear()
+    again = strategy.start(grid=grid, initial_arrays=codec.to_record(start), num_rounds=2)
+    assert set(seen) == {np.dtype(np.float64)}
+    fresh = _fedavg(min_available_nodes=1, min_train_nodes=1).start(
+        grid=make_grid(scripted(script), task, system=system), initial_arrays=codec.to_record(start), num_rounds=2
+    )
+    for k, v in np_(fresh.arrays).items():
+        assert v.dtype == np.float64
+        np.testing.assert_array_equal(again.arrays[k].numpy(), v, err_msg=k)
+    assert grid.server_round == 2

@@ -502,10 +502,13 @@ class ManagedGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         if self._order is None:
             self._roll_call()
-        messages = [self._as_sent(m) for m in messages]
+        messages = list(messages)
         # Flower's own Strategy.start never tells the grid the round (run_rounds does): it is the messages' own
         rounds = [int(r) for m in messages if isinstance(r := _config(m).get("server-round"), numbers.Integral)]
-        self.server_round = max([self.server_round, *rounds])
+        if rounds and max(rounds) < self.server_round:  # Flower's loop started over on this grid: another run,
+            self._dtypes = {}  # its own model
+        self.server_round = max(rounds, default=self.server_round)
+        messages = [self._as_sent(m) for m in messages]
         out: list[Message] = []
         sent: dict[int, tuple[RecordDict, int]] = {}  # node id -> (content, steps planned)
         durations: list[float] = []
