@@ -213,6 +213,29 @@ def test_two_clients_claiming_1e308_examples_give_their_mean_not_a_zeroed_model(
         np.testing.assert_allclose(got[k], exact, rtol=2**-22, err_msg=k)
 
 
+@pytest.mark.timeout(60)
+def test_evaluation_weights_past_floats_range_give_the_weighted_accuracy_not_zero():
+    """Federated evaluation where clients 0 and 1 claim 1e308 and 9e307 test examples (accuracies 0.5 and 0.25),
+    clients 2 and 3 claim 3 and 7. eval-acc is (10 x 0.5 + 9 x 0.25) / 19 to float64's precision; before, the sum of
+    the weights overflowed and every share was 0: eval-acc 0."""
+    task = blobs(4)
+    claims, accs = {0: 1e308, 1: 9e307, 2: 3, 3: 7}, {0: 0.5, 1: 0.25, 2: 1.0, 3: 1.0}
+
+    def evaluate_fn(pid, rnd):
+        return {"num-examples": claims[pid], "eval-acc": accs[pid]}
+
+    def script(pid, rnd, got, ctx, cfg):
+        return got["arrays"], {"num-examples": 1}
+
+    res = run_rounds(_fedavg(fraction_evaluate=1.0), make_grid(scripted(script, evaluate_fn), task),
+                     initial_arrays(task), num_rounds=1)  # fmt: skip
+    r = res.history.rounds[0]
+    total = sum(Fraction(c) for c in claims.values())
+    want = float(sum(Fraction(claims[p]) * Fraction(accs[p]) for p in claims) / total)
+    assert r.eval_metrics["eval-acc"] == pytest.approx(want, rel=1e-12) and want == pytest.approx(7.25 / 19)
+    assert r.client_eval["0"]["num-examples"] == 1e308  # as the client said
+
+
 # ---- Flower's own Strategy.start over tilestack's grid -------------------------------------------------------------
 def _system() -> SystemModel:
     return SystemModel(6, dropout=0.4, seed=5)

@@ -275,7 +275,8 @@ def summable_weights(replies: list[Message], keys: frozenset[str]) -> list[Messa
     """``replies`` with each weight metric (``keys``: the strategy's ``weighted_by_key``) scaled by one power of two
     (exact: each reply's share w / sum is unchanged) where the largest passes ``WEIGHT_LIMIT``: two replies claiming
     1e308 examples each summed to inf in Flower's mean, every share became w / inf = 0, and the global model was
-    replaced by zeros, finite and without a word (tilestack's FedNova kept it, its weights dividing to 0)."""
+    replaced by zeros, finite and without a word (tilestack's FedNova kept it, its weights dividing to 0); the
+    evaluation metrics became 0 the same way."""
     for key in keys:
         weights = [float(rec[key]) for m in replies if not m.has_error()
                    for rec in m.content.metric_records.values() if key in rec]  # fmt: skip
@@ -625,7 +626,8 @@ def run_rounds(
             eval_messages = []
         else:
             eval_messages = strategy.configure_evaluate(r, arrays, ConfigRecord(dict(evaluate_config)), grid)
-        eval_replies = grid.send_and_receive(eval_messages, timeout=timeout)
+        eval_replies = summable_weights(list(grid.send_and_receive(eval_messages, timeout=timeout)),
+                                        grid.weight_keys)  # fmt: skip
         eval_metrics = None
         try:
             eval_metrics = strategy.aggregate_evaluate(r, eval_replies)
