@@ -128,7 +128,7 @@ class _Emitter:
         self.floor_helpers = False              # whether the source needs _floordiv / _floormod
         self.tf32_helper = False                # whether it needs _round_tf32 (interpreted tf32 products)
         self.bf16_helper = False                # whether it needs _to_bf16 (interpreted conversions to bf16)
-        self.f8_helper = False                  # whether it needs _to_f8e4m3 (interpreted conversions to f8)
+        self.f8_helper = False                  # whether it needs _to_f8e4m3 / _from_f8e4m3 (interpreted f8)
         self.int_sat_helper = False             # whether it needs _to_int_sat (interpreted float -> int conversions)
         self.nan_helpers = False                # whether it needs _max_nan / _min_nan (max and min reductions)
         self.indent = 1
@@ -169,10 +169,14 @@ class _Emitter:
         return f"tl.full((), {self.f64_floats.get(v) or self.name(v)}, tl.float64)"
 
     def up(self, expr: str, dtype) -> str:
-        """``expr`` of ``dtype`` (a 16- or 8-bit float) as f32: through its bits under the interpreter if bf16."""
+        """``expr`` of ``dtype`` (a 16- or 8-bit float) as f32: through its bits under the interpreter if bf16 or
+        f8e4m3 (see interp_helpers)."""
         if self.interpret and dtype is bf16:
             self.bf16_helper = True
             return f"_from_bf16({expr})"
+        if self.interpret and dtype is f8e4m3:
+            self.f8_helper = True
+            return f"_from_f8e4m3({expr})"
         return f"{expr}.to(tl.float32)"
 
     def as_dtype(self, v: Value, dtype) -> str:
@@ -182,8 +186,8 @@ class _Emitter:
     def cast_to(self, expr: str, v_from_dtype, dst: TileType | GlobalType) -> str:
         if v_from_dtype is dst.dtype:
             return expr
-        if self.interpret and v_from_dtype is bf16:
-            expr, v_from_dtype = self.up(expr, bf16), f32
+        if self.interpret and v_from_dtype in (bf16, f8e4m3):
+            expr, v_from_dtype = self.up(expr, v_from_dtype), f32
             if dst.dtype is f32:
                 return expr
         if self.interpret and dst.dtype is bf16 and v_from_dtype is not f32:

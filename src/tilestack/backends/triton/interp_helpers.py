@@ -53,6 +53,14 @@ def _to_f8e4m3(x):
     # NaN as E4M3's NaN, 0x7F (the GPU's): the interpreter's own conversion makes NaN 0x7C, 384.0
     q = tl.where(x != x, 0x7F, r.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32))
     return q.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+
+
+@triton.jit
+def _from_f8e4m3(x):
+    """f8e4m3 values as f32, exactly; E4M3's NaN (0x7F, 0xFF) as NaN: the interpreter's own conversion reads it as
+    the IEEE-style +-480, a finite number (the GPU's and torch's make NaN)."""
+    nan = (x.to(tl.uint8, bitcast=True) & 0x7F) == 0x7F
+    return tl.where(nan, float("nan"), x.to(tl.float32))
 '''
 # The interpreter converts floats to integers with NumPy's cast, which wraps past the integer's range (1e10 -> INT_MIN
 # in i32) and makes NaN the minimum; the GPU's cvt.rzi.s32/s64 saturates and makes NaN 0, as the reference does
