@@ -98,6 +98,9 @@ def load_target(target: str) -> tuple[Any, Any]:
                 "or an importable module"
             ) from e
     fn = getattr(module, fn_name or DEFAULT_BUILDER, None)
+    if fn is not None and not callable(fn):  # MODELS, a dict: calling it would say only "not callable"
+        raise ProfileError(f"target={target!r}: {fn_name or DEFAULT_BUILDER} is not a function ({type(fn).__name__}); "
+                           "expected a function taking no arguments that returns (model, inputs)")
     if fn is not None:
         try:
             built = fn()
@@ -109,6 +112,11 @@ def load_target(target: str) -> tuple[Any, Any]:
             raise ProfileError(
                 f"target={target!r}: {fn_name or DEFAULT_BUILDER}() returned {type(built).__name__}; "
                 "expected a (model, inputs) pair"
+            )
+        if not callable(built[0]):  # a pair of tensors (a helper's (src, dst)): no model to run
+            raise ProfileError(
+                f"target={target!r}: {fn_name or DEFAULT_BUILDER}() returned ({describe(built[0])}, "
+                f"{describe(built[1])}); expected (model, inputs) with the model first (an nn.Module or a callable)"
             )
         return built
     if fn_name:
