@@ -38,7 +38,7 @@ def hadamard_rows(X, Y, *, BM: int = 16, BN: int = 32, BK: int = 32):
     i, j = ts.block_id(0), ts.block_id(1)
     D = X.shape[1]
     x = ts.RegTile[X.dtype, BM, BK]()
-    h = ts.RegTile[X.dtype, BK, BN]()
+    h = ts.SharedTile[X.dtype, BK, BN]()             # (shared: wgmma's b operand on Gluon)
     r = ts.RegTile[ts.i32, BK, BN]()
     c = ts.RegTile[ts.i32, BK, BN]()
     acc = ts.RegTile[ts.f32, BM, BN]()
