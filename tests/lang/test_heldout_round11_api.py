@@ -8,8 +8,10 @@ Gaps and bugs these found, fixed in the language, each kept here as its test:
   pow(): 'Tile' and 'int'" and "bad operand type for abs(): 'Tile'", though `-t`, `t * t` and `Scalar ** e` were
   taken; a constant exponent is taken now (whole ones by repeated squaring in the f32 / f64 / integer work dtype, 0.5
   and -0.5 by sqrt and rsqrt, others as exp2(e log2 x)), and a runtime exponent, a bool_ mask or a fractional or
-  negative power of an integer tile is refused saying what to write (lang.tiles.Tile.__pow__, __abs__):
-  test_powers_and_absolute_values_of_tiles, test_powers_that_cannot_be_taken_are_named;
+  negative power of an integer tile is refused saying what to write; `x **= 2` writes x in place, so a ts.range loop
+  carries it as it carries `x *= x` (lang.tiles.Tile.__pow__, __ipow__, __abs__):
+  test_powers_and_absolute_values_of_tiles, test_powers_that_cannot_be_taken_are_named,
+  test_augmented_power_is_carried_by_a_loop;
 - launch: a sparse or MKL-DNN tensor argument failed inside torch ("Cannot access data pointer of Tensor that doesn't
   have storage") while the launch key was made; it is refused naming the argument and its layout now
   (lang.launch.check_args, lang.kernel.Kernel.launcher_for): test_a_tensor_that_is_not_dense_is_named;
@@ -283,3 +285,23 @@ def test_a_number_for_an_unannotated_parameter_says_how_to_annotate_it():
     for annotation, value in (("float", 2.5), ("'float'", 2.5), ("int", 3)):
         launch(_kernel_with(annotation), "reference", torch.ones(16), y, value)
         assert torch.equal(y, torch.full((16,), float(value)))
+
+
+@ts.kernel(grid=lambda X, BN: (ts.cdiv(X.shape[0], BN),))
+def repeated_squares(X, Y, n: int, *, BN: int = 16):
+    """Y = X ** (2 ** n) by n squarings carried by a runtime loop (`x **= 2` writes x in place, as `x *= x`)."""
+    i = ts.block_id(0)
+    x = ts.RegVec[ts.f64, BN]()
+    ts.load(x, X, at=(i,))
+    for _ in ts.range(n):
+        x **= 2
+    ts.store(Y, x, at=(i,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [0, 1, 5])
+def test_augmented_power_is_carried_by_a_loop(backend, n, rng):
+    x = torch.from_numpy(rng.uniform(0.5, 1.5, 21) * rng.choice([-1, 1], 21))
+    y = poisoned(21, dtype=torch.float64)
+    launch(repeated_squares, backend, x, y, n)
+    close(y, x ** (2 ** n))

@@ -291,6 +291,12 @@ class Tile:
         ops.copy(out, r)
         return out
 
+    def __ipow__(self, e) -> Tile:
+        """``t **= e`` writes t (so a ts.range loop carries it, as the other augmented assignments)."""
+        from tilestack.lang import ops
+        ops.copy(self, self ** e)
+        return self
+
     def __rpow__(self, base):
         self._no_sugar("**", f"`{base!r} ** <tile>`: a number raised to a tile is written ts.exp2(dst, t * "
                              "log2(base)) (base > 0)")
