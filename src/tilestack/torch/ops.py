@@ -87,12 +87,19 @@ def _like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+def _like_rows(x: torch.Tensor) -> torch.Tensor:
+    """An empty tensor of x's shape laid out as the norm kernels lay out their results (y, h, dx): like x's (rows, N)
+    view (``torch.empty_like`` keeps a dense layout, e.g. a transposed x's columns-first one), viewed back. A
+    fake of another layout made Inductor's stride check fail on a transposed x ("expected ... stride 1==16")."""
+    return torch.empty_like(_rows(x)).view(x.shape)
+
+
 def _stat(x: torch.Tensor) -> torch.Tensor:
     """An empty (rows,) f32 tensor: one statistic per row of x's last dim."""
     return x.new_empty(x.numel() // max(1, x.shape[-1]), dtype=torch.float32)
 
 
-@autograd_op("rms_norm_bwd", fake=lambda dy, x, weight, rstd, dh: (_like(x), torch.empty_like(weight)),
+@autograd_op("rms_norm_bwd", fake=lambda dy, x, weight, rstd, dh: (_like_rows(x), torch.empty_like(weight)),
              refuse_double="rms_norm")
 def rms_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                     dh: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +127,7 @@ def _rms_backward(ctx, dy, _drstd):
     return dx, dw, None
 
 
-@autograd_op("rms_norm_fwd", fake=lambda x, weight, eps: (_like(x), _stat(x)), setup_context=_rms_setup,
+@autograd_op("rms_norm_fwd", fake=lambda x, weight, eps: (_like_rows(x), _stat(x)), setup_context=_rms_setup,
              backward=_rms_backward)
 def rms_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     y, _, _, rstd = norm_forward(_rows(x), weight, None, None, eps, backend=None, config={})
@@ -139,7 +146,7 @@ def _add_rms_backward(ctx, dy, dh, _drstd):
     return dx, dx, dw, None                                   # h = x + r: x and r get the same gradient
 
 
-@autograd_op("add_rms_norm_fwd", fake=lambda x, r, weight, eps: (_like(x), _like(x), _stat(x)),
+@autograd_op("add_rms_norm_fwd", fake=lambda x, r, weight, eps: (_like_rows(x), _like_rows(x), _stat(x)),
              setup_context=_add_rms_setup, backward=_add_rms_backward)
 def add_rms_norm_fwd_op(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
                         eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -148,7 +155,7 @@ def add_rms_norm_fwd_op(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
 
 
 def _ln_bwd_fake(dy, x, weight, mean, rstd, dh):
-    return _like(x), weight.new_empty((2, weight.shape[0]))
+    return _like_rows(x), weight.new_empty((2, weight.shape[0]))
 
 
 @autograd_op("layer_norm_bwd", fake=_ln_bwd_fake, refuse_double="layer_norm")
@@ -172,7 +179,7 @@ def _ln_backward(ctx, dy, _dmean, _drstd):
     return dx, sums[0], sums[1], None
 
 
-@autograd_op("layer_norm_fwd", fake=lambda x, weight, bias, eps: (_like(x), _stat(x), _stat(x)),
+@autograd_op("layer_norm_fwd", fake=lambda x, weight, bias, eps: (_like_rows(x), _stat(x), _stat(x)),
              setup_context=_ln_setup, backward=_ln_backward)
 def layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -192,7 +199,8 @@ def _add_ln_backward(ctx, dy, dh, _dmean, _drstd):
     return dx, dx, sums[0], sums[1], None
 
 
-@autograd_op("add_layer_norm_fwd", fake=lambda x, r, weight, bias, eps: (_like(x), _like(x), _stat(x), _stat(x)),
+@autograd_op("add_layer_norm_fwd",
+             fake=lambda x, r, weight, bias, eps: (_like_rows(x), _like_rows(x), _stat(x), _stat(x)),
              setup_context=_add_ln_setup, backward=_add_ln_backward)
 def add_layer_norm_fwd_op(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                           eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
