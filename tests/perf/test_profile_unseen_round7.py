@@ -383,9 +383,12 @@ def test_a_500_layer_model_counts_every_layer_in_reasonable_time():
     _, train_counts, _ = profiled("deep", True)
     assert flops_of(train_counts, MATMULS) == (n + 2 * n - 1) * 2 * b * d * d
     model, inputs = pm.deep()
-    t0 = time.perf_counter()
+    # CPU time: 1.8-3.0 s here, for 12.8-21.4 s of wall time at load 12 (wall time measures the other jobs). 30 s
+    # of CPU still fails a profile that grows with the square of the layers; wall time only against a runaway.
+    w0, c0 = time.perf_counter(), time.process_time()
     profile.profile_model(model, inputs, steps=1, warmup=0, ceilings=CEIL, device="cpu")
-    assert time.perf_counter() - t0 < 120
+    cpu_s, wall_s = time.process_time() - c0, time.perf_counter() - w0
+    assert cpu_s < 30 and wall_s < 600, (cpu_s, wall_s)
 
 
 def test_dict_of_dataclass_outputs_and_keyword_only_inputs():
