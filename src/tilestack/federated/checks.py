@@ -270,13 +270,6 @@ def check_strategy(strategy: Strategy, num_nodes: int, task=None) -> None:
             if callable(check_task := getattr(type(s), "check_task", None)):
                 check_task(s, task)
         check_proximal(strategy, task)
-    for level in strategy_levels(strategy):  # a selector's pick: it picked every node, not the number asked for
-        per_round = vars(level).get("per_round")
-        if isinstance(per_round, numbers.Integral) and per_round > num_nodes:
-            raise FederatedError(
-                f"{type(level).__name__}: per_round={per_round}; expected at most the {num_nodes} node"
-                f"{'s' if num_nodes != 1 else ''} of the run (it would pick all {num_nodes} each round)"
-            )
     s, nodes, why = _sampling_strategy(strategy, num_nodes)
     name = type(s).__name__
     fractions = {}
@@ -297,6 +290,13 @@ def check_strategy(strategy: Strategy, num_nodes: int, task=None) -> None:
             raise FederatedError(
                 f"{name}: {attr}={m}; expected <= {nodes}, {why} (Flower's sampling would wait for nodes "
                 "that never come)"
+            )
+    for level in strategy_levels(strategy):  # a selector's pick: it picked every node, not the number asked for
+        per_round = vars(level).get("per_round")
+        if isinstance(per_round, numbers.Integral) and per_round > num_nodes:
+            raise FederatedError(
+                f"{type(level).__name__}: per_round={per_round}; expected at most the {num_nodes} node"
+                f"{'s' if num_nodes != 1 else ''} of the run (it would pick all {num_nodes} each round)"
             )
     check_privacy(strategy, num_nodes)
     check_robust(strategy, num_nodes)
