@@ -23,7 +23,7 @@ from tilestack.backends.python_dsl import (
     scalar_templates,
 )
 from tilestack.backends.triton.interp_helpers import BF16_HELPER, F8E4M3_HELPER, INT_SAT_HELPER, TF32_HELPER
-from tilestack.backends.triton.passes import TMA_MAX_BOX, pipeline  # noqa: F401  (TMA_MAX_BOX: re-exported)
+from tilestack.backends.triton.passes import DOT_MIN_DIM, TMA_MAX_BOX, pipeline  # noqa: F401  (TMA_MAX_BOX: re-exported)
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
 from tilestack.ir.ops import EMITTERS, Op, register_emitter, work_dtype
 from tilestack.ir.scalars import f64_float_args, nonnegative, wide_index
@@ -418,9 +418,6 @@ def _e_mask(e: _Emitter, ins: Instr) -> None:
     else:
         expr = f"tl.where({cond}, {e.name(x)}, {fill})"
     e.assign(ins.result, e.cast_to(expr, x.type.dtype, ins.result.type))
-
-
-DOT_MIN_DIM = 16    # tl.dot's smallest tile dimension
 
 
 @register_emitter("triton", Op.MMA)

@@ -4,7 +4,8 @@ moves, and what the kernel function takes.
     erase_async    staged async loads become the loads their waits wait for, async mmas plain ones, roles go;
                    a loop's staged buffers become its pipelining depth (``tl.range(num_stages=...)``)
     dce.erased     what erasure left unread (the staged buffers)
-    legalize       power-of-two tiles, an emitter for every op (else the op and the user's line)
+    legalize       power-of-two tiles of at most 2**20 elements, an emitter for every op (else the op and the
+                   user's line)
     choose_access  each load/store through the copy engine (TMA descriptors) or through pointers
     prune_params   the parameters the device code reads (``KernelIR.reads``), from the IR
 
@@ -14,6 +15,7 @@ moves, and what the kernel function takes.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from tilestack.errors import BackendError
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
@@ -22,16 +24,20 @@ from tilestack.ir.passes import DCE, SPLIT_HOST, Pass, Pipeline, clone, dead_cod
 from tilestack.ir.types import Space, StagesType, TileType, bool_
 
 TMA_MAX_BOX = 256   # elements per dimension of one copy-engine transfer (a wider tile goes through pointers)
+MAX_NUMEL = 2**20   # elements of one Triton tensor (triton.language's TRITON_MAX_TENSOR_NUMEL)
+DOT_MIN_DIM = 16    # tl.dot's smallest tile dimension (a product with a smaller one is a broadcast sum: codegen)
 TMA_MAX_RANK = 5    # dimensions a copy-engine descriptor addresses (a global of more goes through pointers)
 
 
-ERASED = frozenset({Op.STAGES, Op.ASYNC_LOAD, Op.WAIT_LOAD, Op.MMA_ASYNC, Op.MMA_WAIT})   # no emitter: erased
+# no emitter: erased (turns order warp roles, which Triton has none of)
+ERASED = frozenset({Op.STAGES, Op.ASYNC_LOAD, Op.WAIT_LOAD, Op.MMA_ASYNC, Op.MMA_WAIT, Op.TURN_WAIT, Op.TURN_PASS})
 
 
 def erase_async(ir: KernelIR) -> KernelIR:
     """The explicit-hardware ops as Triton sees them. A ``wait_load`` of the stage an ``async_load`` has just
     written (the same buffer version and stage value) becomes a plain load of that tile, where the wait is; an
-    ``mma_async`` becomes an ``mma`` and its ``mma_wait`` goes (its uses read the mma); warp roles are dropped.
+    ``mma_async`` becomes an ``mma`` and its ``mma_wait`` goes (its uses read the mma); warp roles and their turns
+    are dropped.
     A loop that async-loads into a buffer of S > 1 stages and asks no depth itself gets ``stages=S`` (Triton's
     pipeliner then keeps S loads in flight). A wait whose load is elsewhere (another iteration) has no plain
     equivalent here: BackendError naming its line. The stage values may be two computations of one index
@@ -74,6 +80,8 @@ def _erase(block: Block, writer: dict, alias: dict, loop: Instr | None, made: di
         elif ins.op is Op.MMA_WAIT:
             alias[ins.result] = ins.srcs[0]
             continue
+        elif ins.op in (Op.TURN_WAIT, Op.TURN_PASS):
+            continue
         elif ins.op is Op.ASYNC_LOAD and loop is not None and loop.attrs.stages is None:
             n = ins.result.type.stages
             if n > 1:
@@ -104,7 +112,26 @@ def legalize(ir: KernelIR) -> KernelIR:
                     if n & (n - 1):
                         raise BackendError(f"{ins.where}: the Triton backend needs power-of-two tile sizes; "
                                            f"{ins.op.value} uses a {v.type} (pad the tile and mask the edge)")
+            if isinstance(v.type, TileType) and math.prod(v.type.shape) > MAX_NUMEL:
+                raise BackendError(f"{ins.where}: {ins.op.value} uses a {v.type}, {math.prod(v.type.shape)} "
+                                   f"elements; a Triton tensor holds at most {MAX_NUMEL} (2**20): use smaller tiles "
+                                   "and loop over them")
+        if ins.op is Op.MMA:
+            _check_small_product(ins)
     return ir
+
+
+def _check_small_product(ins: Instr) -> None:
+    """A product with a dimension under DOT_MIN_DIM is summed from its (M, K, N) f32 products (codegen._e_mma):
+    that tensor too must fit MAX_NUMEL (Triton's interpreter failed on it: "numel ... exceeds triton maximum")."""
+    _, a, b = ins.srcs
+    m, n = ins.result.type.shape
+    k = a.type.shape[0] if ins.attrs.trans_a else a.type.shape[1]
+    if min(m, n, k) < DOT_MIN_DIM and m * k * n > MAX_NUMEL:
+        raise BackendError(f"{ins.where}: a ({m}, {k}) x ({k}, {n}) product has a dimension under {DOT_MIN_DIM}, "
+                           f"which the Triton backend sums from its {m} x {k} x {n} = {m * k * n} products at once; "
+                           f"a Triton tensor holds at most {MAX_NUMEL} (2**20): split K into a loop of smaller "
+                           "products")
 
 
 def uses_tma(rank: int, shape: tuple[int, ...], space: Space | None) -> bool:

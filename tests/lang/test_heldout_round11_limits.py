@@ -1,0 +1,75 @@
+"""Round 11 of held-out kernels, continued (see test_heldout_round11.py's docstring): tiles past what Triton holds.
+
+Bug this found, fixed in the Triton backend, kept here as its regression test:
+- Triton: a tile of more than 2**20 elements (a (2048, 1024) tile, a 2**21 vector), or a product with a dimension
+  under 16 whose (M, K, N) broadcast sum is (an (8, 512) x (512, 512)), failed inside Triton ("numel (2097152)
+  exceeds triton maximum tensor numel (1048576)") when the kernel ran; the legalizer names the line, the op, the tile
+  and the limit now, before anything is compiled or written (backends.triton.passes.legalize, _check_small_product).
+  The reference executor runs them.
+"""
+
+import math
+
+import pytest
+import torch
+from heldout_support import launch
+
+import tilestack.lang as ts
+from tilestack.errors import BackendError
+
+
+@ts.kernel(grid=lambda X, BM, BN: (ts.cdiv(X.shape[0], BM), ts.cdiv(X.shape[1], BN)))
+def scaled_copy(X, Y, *, BM: int = 16, BN: int = 16):
+    i, j = ts.block_id(0), ts.block_id(1)
+    t = ts.RegTile[ts.f32, BM, BN]()
+    ts.load(t, X, at=(i, j))
+    ts.mul(t, t, 2.0)
+    ts.store(Y, t, at=(i, j))
+
+
+@ts.kernel(grid=lambda X, BN: (ts.cdiv(X.shape[0], BN),))
+def vec_copy(X, Y, *, BN: int = 16):
+    t = ts.RegVec[ts.f32, BN]()
+    ts.load(t, X, at=(ts.block_id(0),))
+    ts.store(Y, t, at=(ts.block_id(0),))
+
+
+@ts.kernel(grid=lambda A: (1,))
+def thin_product(A, B, C, *, M: int = 8, K: int = 16, N: int = 16):
+    """C (M, N) = A (M, K) @ B (K, N): M = 8 rows, under tl.dot's 16."""
+    a = ts.RegTile[ts.f32, M, K]()
+    b = ts.RegTile[ts.f32, K, N]()
+    c = ts.RegTile[ts.f32, M, N]()
+    ts.load(a, A, at=(0, 0))
+    ts.load(b, B, at=(0, 0))
+    ts.zero(c)
+    ts.mma_AB(c, a, b, c)
+    ts.store(C, c, at=(0, 0))
+
+
+def test_a_tile_past_what_triton_holds_is_named():
+    x, y = torch.ones(3, 5), torch.full((3, 5), math.nan)
+    with pytest.raises(BackendError, match=r"test_heldout_round11_limits.py:\d+: load uses a RegTile\[f32, 2048, "
+                                           r"1024\], 2097152 elements; a Triton tensor holds at most 1048576 "
+                                           r"\(2\*\*20\): use smaller tiles and loop over them"):
+        launch(scaled_copy, "triton", x, y, BM=2048, BN=1024)
+    with pytest.raises(BackendError, match=r"RegVec\[f32, 2097152\], 2097152 elements"):
+        launch(vec_copy, "triton", torch.ones(5), torch.zeros(5), BN=2**21)
+    assert y.isnan().all()
+    launch(scaled_copy, "reference", x, y, BM=2048, BN=1024)       # (the reference holds it)
+    assert torch.equal(y, x * 2)
+    y = torch.full((3, 5), math.nan)
+    launch(scaled_copy, "triton", x, y, BM=1024, BN=1024)          # (2**20 exactly: held)
+    assert torch.equal(y, x * 2)
+
+
+def test_a_thin_product_past_what_triton_holds_is_named():
+    a, b = torch.ones(8, 512), torch.ones(512, 512)
+    c = torch.full((8, 512), math.nan)
+    with pytest.raises(BackendError, match=r"test_heldout_round11_limits.py:\d+: a \(8, 512\) x \(512, 512\) product "
+                                           r"has a dimension under 16, which the Triton backend sums from its 8 x 512 "
+                                           r"x 512 = 2097152 products at once; .* split K into a loop"):
+        launch(thin_product, "triton", a, b, c, K=512, N=512)
+    assert c.isnan().all()
+    launch(thin_product, "triton", a[:, :256], b[:256], c, K=256, N=512)   # (2**20 products: held)
+    assert torch.equal(c, torch.full((8, 512), 256.0))
