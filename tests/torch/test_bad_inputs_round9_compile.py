@@ -1,12 +1,13 @@
 """Round nine, part two: the norm ops under torch.compile with Inductor, on an input laid out columns first (a
 transposed view, as ``F.rms_norm(x.t(), ...)`` or a (d, tokens) activation read token-major).
 
-What it found (the test failed before its fix): ``tilestack.rms_norm`` / ``layer_norm`` / ``add_rms_norm`` /
+What it found (the tests failed before their fix): ``tilestack.rms_norm`` / ``layer_norm`` / ``add_rms_norm`` /
 ``add_layer_norm`` on ``x.t()`` compiled with Inductor (``torch.compile``, and ``tilestack.optimize`` through its
 norm pass) failed at run time in Inductor's stride check ("expected size 64==64, stride 1==16 at dim=0"): the
 ops' fake implementations said their results (y, h, and the backward's dx) are contiguous, while the kernels lay
 them out like x's (rows, N) view (``torch.empty_like``). The fakes now make them as the kernels do
-(``tilestack.torch.ops._like_rows``), forward and backward. (Inductor's FX graph cache keys a graph without the
+(``tilestack.torch.ops._like_rows``), forward and backward; so does ``tilestack::norm_fp8``'s (the fp8 chain's
+norm) for its h. (Inductor's FX graph cache keys a graph without the
 fakes, so the tests compile with that cache off: a graph compiled before a fake changed would be taken from it.)
 """
 
@@ -84,3 +85,20 @@ def test_the_norm_pass_swaps_a_transposed_rms_norm():
     assert any(line.split()[:2] == ["swapped", "norm"] for line in str(tilestack.compile.last_report()).splitlines())
     torch.testing.assert_close(got.double(), F.rms_norm(x.double().t(), (16,), W.double(), 1e-6),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_the_fp8_norm_op_on_a_transposed_input_compiles():
+    """``tilestack::norm_fp8`` (the fp8 chain pass's norm feeding a quantized linear layer): its fake made the
+    residual stream h contiguous where the kernel lays it out like x's rows, the same stride failure."""
+    import tilestack.compile  # noqa: F401  (registers tilestack::norm_fp8)
+
+    def norm(x, r):
+        y8, h = torch.ops.tilestack.norm_fp8(x.t(), r.t(), W, None, 1e-6, 0.5)
+        return y8.float(), h
+
+    x, r = randn(16, 64, seed=6), randn(16, 64, seed=7)
+    want = norm(x, r)
+    got = torch.compile(norm)(x, r)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(got[1].double(), (x + r).t().double())

@@ -122,8 +122,9 @@ def norm_fp8_op(x: torch.Tensor, r: torch.Tensor | None, weight: torch.Tensor, b
 @torch.library.register_fake("tilestack::norm_fp8")
 def _(x, r, weight, bias, eps, x_scale):
     n = x.shape[-1]
+    rows = x.reshape(math.prod(x.shape[:-1]), n)        # (M, N): h is laid out like it, as the kernel makes h
     return (x.new_empty((x.numel() // max(n, 1), n), dtype=torch.float8_e4m3fn),
-            x.new_empty(0) if r is None else torch.empty_like(x, memory_format=torch.contiguous_format))
+            x.new_empty(0) if r is None else torch.empty_like(rows).view(x.shape))
 
 
 @_inference_op("quant_linear_fp8", "(Tensor x, Tensor q, Tensor scale, Tensor? bias, Tensor? residual, "
