@@ -1,18 +1,25 @@
-"""Round 11 of held-out kernels, continued (see test_heldout_round11.py's docstring): tiles past what Triton holds.
+"""Round 11 of held-out kernels, continued (see test_heldout_round11.py's docstring): tiles past what Triton holds,
+and parameters named as the generated Triton source names its own.
 
-Bug this found, fixed in the Triton backend, kept here as its regression test:
+Bugs these found, fixed in the Triton backend, each kept here as its regression test:
 - Triton: a tile of more than 2**20 elements (a (2048, 1024) tile, a 2**21 vector), or a product with a dimension
   under 16 whose (M, K, N) broadcast sum is (an (8, 512) x (512, 512)), failed inside Triton ("numel (2097152)
   exceeds triton maximum tensor numel (1048576)") when the kernel ran; the legalizer names the line, the op, the tile
   and the limit now, before anything is compiled or written (backends.triton.passes.legalize, _check_small_product).
-  The reference executor runs them.
+  The reference executor runs them: test_a_tile_past_what_triton_holds_is_named,
+  test_a_thin_product_past_what_triton_holds_is_named;
+- Triton: a kernel parameter named as the generated source names its own failed there or read the wrong value: `X_d0`
+  (or `X_s0`) beside a global `X` ("duplicate argument 'X_d0' in function definition"), `tl` (shadowing
+  triton.language), `t1_o0` (an address offset: "Unsupported ptr type in tl.store"); such a parameter is renamed in
+  the source now (backends.python_dsl.param_names): test_parameters_named_as_the_generated_source_names_its_own.
+  (Gluon's source, compiled on the GPU only, does not rename them yet.)
 """
 
 import math
 
 import pytest
 import torch
-from heldout_support import launch
+from heldout_support import BACKENDS, launch
 
 import tilestack.lang as ts
 from tilestack.errors import BackendError
@@ -73,3 +80,30 @@ def test_a_thin_product_past_what_triton_holds_is_named():
     assert c.isnan().all()
     launch(thin_product, "triton", a[:, :256], b[:256], c, K=256, N=512)   # (2**20 products: held)
     assert torch.equal(c, torch.full((8, 512), 256.0))
+
+
+def _kernel_named(x: str, y: str, s: str):
+    """Y = X * s + X.shape[0] with the parameters named ``x``, ``y`` and ``s`` (made by exec: names as written)."""
+    ns = {"ts": ts}
+    exec(f"@ts.kernel(grid=lambda {x}, BN: (ts.cdiv({x}.shape[0], BN),))\n"
+         f"def named({x}, {y}, {s}: float, *, BN: int = 16):\n"
+         f"    t = ts.RegVec[ts.f32, BN]()\n"
+         f"    ts.load(t, {x}, at=(ts.block_id(0),))\n"
+         f"    ts.mul(t, t, {s})\n"
+         f"    ts.add(t, t, {x}.shape[0])\n"
+         f"    ts.store({y}, t, at=(ts.block_id(0),))\n", ns)
+    return ns["named"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("names", [("tl", "Y", "s"), ("X", "X_d0", "s"), ("X", "Y", "X_s0"), ("X", "t1_o0", "s"),
+                                   ("float", "range", "str"), ("_to_bf16", "Y", "_floordiv"), ("X", "triton", "v3"),
+                                   ("x_1", "x_1_p", "s")])
+def test_parameters_named_as_the_generated_source_names_its_own(backend, names, rng):
+    """Failed under Triton: a duplicate argument (X beside X_d0: X's size parameter), `tl` shadowed (AttributeError
+    inside the interpreter), a store through a generated offset (t1_o0); the reference ran them. The generated
+    source renames such a parameter (backends.python_dsl.param_names)."""
+    x = torch.from_numpy(rng.standard_normal(37)).float()
+    y = torch.full((37,), math.nan)
+    launch(_kernel_named(*names), backend, x, y, 2.0)
+    torch.testing.assert_close(y, x * 2.0 + 37)

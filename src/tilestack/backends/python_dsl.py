@@ -7,7 +7,10 @@ an operand that may be negative goes through ``_floordiv`` / ``_floormod`` helpe
 
 from __future__ import annotations
 
+import builtins
 import math
+import re
+from collections.abc import Sequence
 
 from tilestack.ir.ops import Op, register_emitter
 
@@ -119,3 +122,25 @@ def register_scalar_emitters(backend: str, ns: str, templates: dict[str, str]) -
             e.assign(ins.result, FLOOR_SCALAR[fn].format(a, b))
             return
         e.assign(ins.result, templates[fn].format(a, b))
+
+
+# Names the generated source makes itself: values (`{hint}_{n}`, `v{n}`), a global's sizes, strides and descriptors
+# (`X_d0`, `X_s1`, `X_desc0`), address offsets (`t3_o1`), helpers (`_to_bf16`); and the modules and builtins it reads.
+_GENERATED_NAME = re.compile(r"_\d+$|_[ds]\d+$|_desc\d+$|_o\d+$|^v\d+$|^_")
+_RESERVED_NAMES = frozenset({"tl", "triton"}) | frozenset(dir(builtins))
+
+
+def param_names(names: Sequence[str]) -> list[str]:
+    """Each kernel parameter's name in the generated source: the user's own, unless the source could make or read
+    that name itself (a parameter `X_d0` beside a global `X`, one named `tl`, `float` or `t1_o0`: the source failed
+    with a duplicate argument or read the wrong value); such a name gets `_p` appended (more p's while taken)."""
+    out = []
+    taken = {n for n in names if not _GENERATED_NAME.search(n) and n not in _RESERVED_NAMES}
+    for n in names:
+        if _GENERATED_NAME.search(n) or n in _RESERVED_NAMES:
+            n = (n.lstrip("_") or "arg") + "_p"
+            while n in taken:
+                n += "p"
+            taken.add(n)
+        out.append(n)
+    return out

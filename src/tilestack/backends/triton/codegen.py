@@ -19,6 +19,7 @@ from collections.abc import Collection, Sequence
 from tilestack.backends.python_dsl import (
     floor_helpers,
     literal,
+    param_names,
     register_scalar_emitters,
     scalar_templates,
 )
@@ -109,11 +110,12 @@ class _Emitter:
     def __init__(self, kernel: KernelIR, interpret: bool, index64: bool | Collection[int]):
         self.kernel = kernel
         self.interpret = interpret
+        self.pnames = param_names([p.name for p in kernel.params])   # each parameter's name in the source
         # the param indices of the globals whose element offsets are computed in 64 bits
         self.index64 = frozenset(i for i, p in enumerate(kernel.params) if p.is_global and (
             index64 is True or (index64 is not False and i in index64)))
         # (global param index, block shape) -> descriptor param name, as the passes decided (KernelIR.reads)
-        self.descriptors = {(how[1], how[2]): f"{kernel.params[how[1]].name}_desc{k}"
+        self.descriptors = {(how[1], how[2]): f"{self.pnames[how[1]]}_desc{k}"
                             for k, how in enumerate(r for r in kernel.reads if r[0] == "desc")}
         self.lines: list[str] = []
         self.names: dict[Value, str] = {}
@@ -257,7 +259,7 @@ class _Emitter:
 
 @register_emitter("triton", Op.ARG)
 def _e_arg(e: _Emitter, ins: Instr) -> None:
-    name = ins.attrs.name
+    name = e.pnames[ins.attrs.index]
     if isinstance(ins.result.type, GlobalType):
         e.globals[ins.result] = name
         e.global_index[ins.result] = ins.attrs.index
@@ -647,7 +649,7 @@ def emit(low: KernelIR, interpret: bool = False, index64: bool | Collection[int]
     params = []
     f64_params = set(e.f64_floats.values())
     for how in low.reads:
-        name = low.params[how[1]].name
+        name = e.pnames[how[1]]
         scalar = f"{name}: tl.float64" if name in f64_params else name    # (Triton passes a float as an f32)
         params.append({"ptr": name, "scalar": scalar, "dim": f"{name}_d{how[-1]}", "stride": f"{name}_s{how[-1]}",
                        "desc": e.descriptors.get((how[1], how[-1]))}[how[0]])
@@ -670,7 +672,7 @@ def emit(low: KernelIR, interpret: bool = False, index64: bool | Collection[int]
     ]
     descriptors = tuple((low.params[i].name, block) for (i, block) in e.descriptors)
     body = e.lines or ["    pass"]   # a kernel with no effect (every store pruned) is an empty function
-    f64_scalars = frozenset(i for i, p in enumerate(low.params) if p.name in f64_params)
+    f64_scalars = frozenset(i for i, name in enumerate(e.pnames) if name in f64_params)
     return Lowered("\n".join(head + body) + "\n", fn, descriptors, low.reads, f64_scalars)
 
 
