@@ -25,6 +25,11 @@ Gaps and bugs these found, fixed in the language, each kept here as its test:
   annotate it (lang.kernel._refuse_scalar_annotation, Kernel.signature):
   test_a_positional_parameter_annotated_as_another_scalar_is_named,
   test_a_number_for_an_unannotated_parameter_says_how_to_annotate_it;
+- language: a fixed grid, `@ts.kernel(grid=(2, 3))` or `grid=4`, failed with "(2, 3) is not a callable object"; it
+  is taken now, and a grid that is neither a function nor 1 to 3 ints >= 0 is named. `@ts.kernel` without a grid (as
+  `@triton.jit`) and `k[grid](args)` (Triton's launch) said "missing 1 required keyword-only argument: 'grid'" and
+  "'Kernel' object is not subscriptable"; both say how a tilestack kernel takes its grid now (lang.kernel.kernel,
+  _grid_function, Kernel.__getitem__): test_a_fixed_grid, test_triton_habits_with_grids_are_named;
 - language: `where(t, m, t, None)` and `add(t, t, None)` said only "expected an index Scalar or a number, got None",
   with no op or argument; the result of an op used as a tile (`u = ts.exp(t, t)`, None), a transposed tile stored
   (`store(Y, t.T)`), Python's range over a Scalar and a torch dtype in a tile type are named with what to write
@@ -305,3 +310,50 @@ def test_augmented_power_is_carried_by_a_loop(backend, n, rng):
     y = poisoned(21, dtype=torch.float64)
     launch(repeated_squares, backend, x, y, n)
     close(y, x ** (2 ** n))
+
+
+# ---- 3. grids as Triton users write them -----------------------------------------------------------------------------
+@ts.kernel(grid=(2, 3))
+def fixed_grid_ids(Y, *, BN: int = 16):
+    """Y (2, 3, BN) i32: program (i, j) writes i * 10 + j over its row (a fixed grid: no function of the arguments)."""
+    i, j = ts.block_id(0), ts.block_id(1)
+    v = ts.RegVec[ts.i32, BN]()
+    ts.zero(v)
+    ts.add(v, v, i * 10 + j)
+    ts.store(Y, v, at=(i, j, 0))
+
+
+@ts.kernel(grid=4)
+def fixed_grid_1d(Y, *, BN: int = 16):
+    v = ts.RegVec[ts.i32, BN]()
+    ts.arange(v, ts.block_id(0) * BN)
+    ts.store(Y, v, at=(ts.block_id(0),))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_fixed_grid(backend):
+    """Was refused: `grid=(2, 3)` said "(2, 3) is not a callable object" (a grid was a function only)."""
+    y = torch.full((2, 3, 16), -1, dtype=I32)
+    launch(fixed_grid_ids, backend, y)
+    assert torch.equal(y, (torch.arange(2)[:, None, None] * 10 + torch.arange(3)[None, :, None]).expand(2, 3, 16).int())
+    y = torch.full((64,), -1, dtype=I32)
+    launch(fixed_grid_1d, backend, y)
+    assert torch.equal(y, torch.arange(64, dtype=I32))
+
+
+def test_triton_habits_with_grids_are_named():
+    """`@ts.kernel` as `@triton.jit` (Python said "kernel() missing 1 required keyword-only argument: 'grid'"),
+    `k[grid](args)` ("'Kernel' object is not subscriptable") and grids that are no grid."""
+    with pytest.raises(TraceError, match=r"ts.kernel needs its grid \(kernel no_grid\): .*@ts.kernel\(grid=lambda X, "
+                                         r"BM: .*grid=\(4,\)\)`; it is launched as k\(args\), with no \[grid\]"):
+        @ts.kernel
+        def no_grid(X):
+            pass
+    with pytest.raises(LaunchError, match=r"fixed_grid_1d\[\(4,\)\]: a tilestack kernel takes its grid where it is "
+                                          r"made, @ts.kernel\(grid=...\) .* launched as fixed_grid_1d\(args...\), "
+                                          r"with no \[grid\] \(declared at test_heldout_round11_api.py:\d+\)"):
+        fixed_grid_1d[(4,)](torch.zeros(64, dtype=I32))
+    for bad in ((1, 2, 3, 4), (-1,), "4", (2.0,), ()):
+        with pytest.raises(TraceError, match=r"ts.kernel: grid is .*; expected a function of the arguments and "
+                                             r"constants .* or a fixed int or tuple of 1 to 3 ints >= 0"):
+            ts.kernel(grid=bad)

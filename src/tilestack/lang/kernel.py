@@ -393,6 +393,12 @@ class Kernel:
                              f"kernel; the grid may take any of {', '.join(named)}", where)
         return fn(**{k: named[k] for k in ps if k in named})
 
+    def __getitem__(self, grid):
+        """``k[grid](args)``, as Triton launches, is refused saying how a tilestack kernel takes its grid."""
+        raise LaunchError(f"{self.name}[{grid!r}]: a tilestack kernel takes its grid where it is made, "
+                          f"@ts.kernel(grid=...) (a function of the arguments, or fixed: grid=(4,)), and is launched "
+                          f"as {self.name}(args...), with no [grid] (declared at {self.where})")
+
     def __repr__(self) -> str:
         return f"<tilestack kernel {self.name} at {self.where}>"
 
@@ -431,13 +437,35 @@ def _launch_option_names() -> frozenset[str]:
     return launch_option_names()
 
 
-def kernel(fn: Callable | None = None, *, grid: Callable, options: dict[str, Any] | None = None) -> Any:
+_NO_GRID = object()
+
+
+def kernel(fn: Callable | None = None, *, grid: Callable | int | tuple = _NO_GRID,
+           options: dict[str, Any] | None = None) -> Any:
     """Decorator: make a tile-language kernel. ``grid`` maps the arguments (by name, globals as handles
-    with symbolic ``.shape``) and constants to the number of programs on each grid axis. ``options``: the
-    kernel's default launch options (``dict(num_warps=8, num_stages=3)``), under those given at launch."""
+    with symbolic ``.shape``) and constants to the number of programs on each grid axis, or is that number (an int,
+    or a tuple of 1 to 3 ints) for a kernel whose grid is fixed. ``options``: the kernel's default launch options
+    (``dict(num_warps=8, num_stages=3)``), under those given at launch."""
+    if grid is _NO_GRID:   # `@ts.kernel` as `@triton.jit`: Python said only "missing ... argument: 'grid'"
+        where = f" (kernel {fn.__name__})" if callable(fn) else ""
+        raise TraceError(f"ts.kernel needs its grid{where}: a kernel computes the number of programs it runs from "
+                         "its arguments, `@ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))`, or takes a "
+                         "fixed one, `@ts.kernel(grid=(4,))`; it is launched as k(args), with no [grid]", user_line())
+    grid = _grid_function(grid)
     if fn is None:
         return lambda f: Kernel(f, grid, options)
     return Kernel(fn, grid, options)
+
+
+def _grid_function(grid) -> Callable:
+    """``grid`` as a function of the arguments: a fixed int or tuple of ints as one taking none."""
+    if callable(grid):
+        return grid
+    fixed = grid if isinstance(grid, tuple) else (grid,)
+    if not 1 <= len(fixed) <= 3 or any(isinstance(g, bool) or not isinstance(g, int) or g < 0 for g in fixed):
+        raise TraceError(f"ts.kernel: grid is {grid!r}; expected a function of the arguments and constants "
+                         "returning the programs per axis, or a fixed int or tuple of 1 to 3 ints >= 0", user_line())
+    return lambda: fixed
 
 
 class TracedKernel:
