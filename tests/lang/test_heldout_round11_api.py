@@ -30,6 +30,9 @@ Gaps and bugs these found, fixed in the language, each kept here as its test:
   `@triton.jit`) and `k[grid](args)` (Triton's launch) said "missing 1 required keyword-only argument: 'grid'" and
   "'Kernel' object is not subscriptable"; both say how a tilestack kernel takes its grid now (lang.kernel.kernel,
   _grid_function, Kernel.__getitem__): test_a_fixed_grid, test_triton_habits_with_grids_are_named;
+- language: Triton's spellings (`ts.program_id`, `ts.dot`, `ts.constexpr`, `ts.float32`, `ts.zeros`) said only "has no
+  attribute"; each names the language's own now, still as an AttributeError (lang.__getattr__):
+  test_triton_spellings_name_the_language_s_own;
 - language: `where(t, m, t, None)` and `add(t, t, None)` said only "expected an index Scalar or a number, got None",
   with no op or argument; the result of an op used as a tile (`u = ts.exp(t, t)`, None), a transposed tile stored
   (`store(Y, t.T)`), Python's range over a Scalar and a torch dtype in a tile type are named with what to write
@@ -357,3 +360,17 @@ def test_triton_habits_with_grids_are_named():
         with pytest.raises(TraceError, match=r"ts.kernel: grid is .*; expected a function of the arguments and "
                                              r"constants .* or a fixed int or tuple of 1 to 3 ints >= 0"):
             ts.kernel(grid=bad)
+
+
+@pytest.mark.parametrize(("name", "hint"), [("program_id", r"ts\.block_id\(axis\)"), ("dot", r"ts\.mma_AB"),
+                                            ("constexpr", r"keyword-only constant"), ("float32", r"ts\.f32"),
+                                            ("zeros", r"ts\.zero\(t\)")])
+def test_triton_spellings_name_the_language_s_own(name, hint):
+    """`ts.program_id(0)` said only "module 'tilestack.lang' has no attribute 'program_id'" (lang.__getattr__);
+    still an AttributeError, so hasattr is False."""
+    with pytest.raises(AttributeError, match=rf"tilestack.lang has no '{name}' \(Triton's spelling\); here it is "
+                                             rf".*{hint}"):
+        getattr(ts, name)
+    assert not hasattr(ts, name)
+    with pytest.raises(AttributeError, match=r"module 'tilestack.lang' has no attribute 'no_such_op'"):
+        ts.no_such_op  # noqa: B018

@@ -25,6 +25,7 @@ from tilestack.lang.explicit import (
                                      mma_ABt_async,
                                      mma_wait,
                                      partition,
+                                     turn,
                                      wait_load,
 )
 from tilestack.lang.kernel import ArgSpec, Global, Kernel, TracedKernel, Tunable, kernel, tunable
@@ -37,6 +38,27 @@ __all__ = [
     "block_id", "cdiv", "num_blocks", "range", "smax", "smin",
     "ArgSpec", "Global", "Kernel", "TracedKernel", "Tunable", "kernel", "tunable",
     "SharedStages", "Stages", "async_load", "wait_load", "mma_AB_async", "mma_ABt_async", "mma_wait", "partition",
+    "turn",
     "GlobalTensor", "RegTile", "RegVec", "Scalar", "SharedTile", "SharedVec", "Tile",
     *_ops_all,
 ]
+
+# What a Triton user reaches for first, and this language's word for it (tilestack.lang has no such attribute).
+_TRITON_NAMES = {
+    "program_id": "ts.block_id(axis)", "num_programs": "ts.num_blocks(axis)",
+    "dot": "ts.mma_AB(acc, a, b, acc) (or a @ b)", "sum": "ts.row_sum / ts.col_sum (dst first)",
+    "maximum": "ts.max(dst, a, b)", "minimum": "ts.min(dst, a, b)",
+    "zeros": "t = ts.RegTile[dtype, M, N](); ts.zero(t)",
+    "full": "ts.fill(t, value)", "constexpr": "a keyword-only constant of the kernel (def k(X, *, BM: int = 64))",
+    "static_range": "Python's range (unrolled when traced)", "trans": "ts.transpose(dst, src) (or copy(dst, t.T))",
+    "cast": "ts.copy(dst, src) into a tile of the dtype",
+    "jit": "@ts.kernel(grid=...)", "float32": "ts.f32", "float16": "ts.f16", "bfloat16": "ts.bf16",
+    "int32": "ts.i32", "int64": "ts.i64", "int8": "ts.i8", "uint8": "ts.u8", "float64": "ts.f64",
+}
+
+
+def __getattr__(name: str):
+    hint = _TRITON_NAMES.get(name)
+    if hint is None:
+        raise AttributeError(f"module 'tilestack.lang' has no attribute {name!r}")
+    raise AttributeError(f"tilestack.lang has no {name!r} (Triton's spelling); here it is {hint}")
