@@ -10,7 +10,9 @@ destination's own value); features made sparse in forward (Tensor.to_sparse) bef
 dropped by torch.isin; a Hamiltonian net whose forces are -vmap(grad(energy)) (torch.func); LSQ learnable fake
 quantization; a two-layer bidirectional GRU over a packed batch not sorted by length, returning a namedtuple; a long
 convolution by rfft/irfft (Hyena-like); buffers updated in forward (an EMA by lerp_ and a step count); a
-channels-last convnet under bf16 autocast with non-reentrant checkpointing; the ViT on a batch of 0 images.
+channels-last convnet under bf16 autocast with non-reentrant checkpointing; the ViT on a batch of 0 images; a chunked
+prefill whose causal masks are torch.nn.attention.bias objects built in forward (lower right over the context and the
+chunk, upper left over the chunk).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.attention.bias
 import torch.nn.functional as F
 from torch import nn
 from torch.func import grad, vmap
@@ -55,6 +58,8 @@ FFTC_CH, FFTC_LEN = 4, 16
 EMA_DIM = 6
 # Channels-last bf16 convnet: channels, image
 CL_CH, CL_IMG = 8, 8
+# Chunked prefill: context length, chunk length, width, heads
+CP_CONTEXT, CP_CHUNK, CP_DIM, CP_HEADS = 5, 3, 16, 2
 
 
 class LoopScan(nn.Module):
@@ -325,6 +330,31 @@ class ChannelsLastAutocast(nn.Module):
         return self.head(x.float().mean((2, 3)))
 
 
+class ChunkedPrefill(nn.Module):
+    """Chunked prefill: a chunk of CP_CHUNK new tokens attends to the CP_CONTEXT tokens before it and causally to
+    itself (keys and values over context + chunk, the mask torch.nn.attention.bias.causal_lower_right: the chunk's
+    last token sees every key), then to itself alone under causal_upper_left (SDPA's is_causal); both masks are tensor
+    subclasses built in forward. A q projection of the chunk, a kv projection of both, an out projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(CP_DIM, CP_DIM)
+        self.kv = nn.Linear(CP_DIM, 2 * CP_DIM)
+        self.out = nn.Linear(CP_DIM, CP_DIM)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, H, L, D / H)
+        return x.unflatten(-1, (CP_HEADS, CP_DIM // CP_HEADS)).transpose(1, 2)
+
+    def forward(self, context: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
+        lq, lk = chunk.shape[1], context.shape[1] + chunk.shape[1]
+        q = self._heads(self.q(chunk))
+        k, v = (self._heads(t) for t in self.kv(torch.cat([context, chunk], dim=1)).chunk(2, dim=-1))
+        bias = torch.nn.attention.bias
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.causal_lower_right(lq, lk))
+        own = F.scaled_dot_product_attention(q, k[:, :, -lq:], v[:, :, -lq:], attn_mask=bias.causal_upper_left(lq, lq))
+        return self.out((a + own).transpose(1, 2).flatten(2))
+
+
 @seeded
 def loop_scan():
     return LoopScan(), (torch.randn(BATCH, SCAN_LEN, SCAN_DIM),)
@@ -404,6 +434,11 @@ def channels_last_autocast():
     return model, (torch.randn(BATCH, 3, CL_IMG, CL_IMG).contiguous(memory_format=torch.channels_last),)
 
 
+@seeded
+def chunked_prefill():
+    return ChunkedPrefill(), (torch.randn(BATCH, CP_CONTEXT, CP_DIM), torch.randn(BATCH, CP_CHUNK, CP_DIM))
+
+
 MODELS = {
     "loop_scan": (loop_scan, True),
     "log_scan": (log_scan, True),
@@ -419,4 +454,5 @@ MODELS = {
     "fft_long_conv": (fft_long_conv, True),
     "ema_buffers": (ema_buffers, True),
     "channels_last_autocast": (channels_last_autocast, True),
+    "chunked_prefill": (chunked_prefill, True),
 }

@@ -48,7 +48,7 @@ DATA_MOVEMENT = {
     "aten::index", "aten::gather", "aten::embedding", "aten::index_select", "aten::scatter", "aten::scatter_",
     "aten::select_backward", "aten::slice_backward", "aten::_local_scalar_dense", "aten::masked_fill_",
     "aten::arange", "aten::full", "aten::flip", "aten::scalar_tensor", "aten::constant_pad_nd",
-    "aten::_pack_padded_sequence", "aten::_to_sparse",
+    "aten::_pack_padded_sequence", "aten::_to_sparse", "aten::ones", "aten::tril",
 }
 # torch counts a sparse operand's matmul as dense; tilestack by its stored elements (checked by hand below)
 DEVIATIONS = {"sparse_features": NOT_AS_TORCH | {"aten::mm"}}
@@ -305,3 +305,19 @@ def test_channels_last_autocast_counts_bf16_convolutions_once_and_their_recomput
     _, train_counts, _ = profiled("channels_last_autocast", True)
     assert by_op(train_counts)["aten::convolution"] == 2 * fwd
     assert sum(c.calls for c in rows_of(train_counts, "aten::native_group_norm")) == 4
+
+
+def test_chunked_prefill_builds_its_causal_bias_masks_while_counted():
+    """The masks are torch.nn.attention.bias objects built in forward (tensor subclasses: building one under the
+    counting mode failed, so the model could not be profiled at all). Lower right over Lk = context + chunk keys: the
+    CPU kernel takes the materialised mask and scores every key, 4*B*H*Lq*Lk*hd; upper left over the chunk alone runs
+    as is_causal, square: half of 4*B*H*Lq*Lq*hd. Projections: q and out 2*B*Lq*D*D each, kv 2*B*Lk*D*2D."""
+    p, counts, _ = profiled("chunked_prefill", False)
+    lq, lk, d, h = pm.CP_CHUNK, pm.CP_CONTEXT + pm.CP_CHUNK, pm.CP_DIM, pm.CP_HEADS
+    hd = d // h
+    attn = sorted(rows_of(counts, SDPA), key=lambda c: c.flops)
+    assert [c.flops for c in attn] == [formulas.CAUSAL_FRACTION * 4 * B * h * lq * lq * hd, 4 * B * h * lq * lk * hd]
+    assert by_op(counts)["aten::addmm"] == 2 * (2 * B * lq * d * d) + 2 * B * lk * d * 2 * d
+    assert not p.unsupported and "__new__" not in vars(torch.Tensor)  # the constructor is torch's again
+    _, train_counts, _ = profiled("chunked_prefill", True)
+    assert by_op(train_counts)[SDPA + "_backward"] == formulas.ATTENTION_BWD_OVER_FWD * sum(c.flops for c in attn)

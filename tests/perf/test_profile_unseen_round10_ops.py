@@ -114,3 +114,50 @@ def test_a_batch_of_zero_reads_the_weights_of_its_layers():
     empty = torch.empty(0, 6)
     counts = counts_of(lambda: empty.view(0, 2, 3).transpose(1, 2))
     assert all(c.bytes_read + c.bytes_written == 0 for c in counts.values())
+
+
+def test_a_tensor_subclass_built_inside_the_counted_step_is_built():
+    """torch.nn.attention.bias.causal_lower_right inside the step (torch.Tensor's legacy constructor under a dispatch
+    mode): built, its attention counted over every key (4*B*H*Lq*Lk*D, the mask materialised), and torch.Tensor left
+    without a constructor of tilestack's once counted, also when the step raises."""
+    import torch.nn.attention.bias as attention_bias
+
+    q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8)
+    mask = attention_bias.causal_lower_right
+    counts = counts_of(lambda: F.scaled_dot_product_attention(q, k, k, attn_mask=mask(3, 5)))
+    assert row(counts, "aten::_scaled_dot_product_flash_attention_for_cpu").flops == 4 * 2 * 3 * 5 * 8
+    assert "__new__" not in vars(torch.Tensor)
+
+    def raising():
+        attention_bias.causal_upper_left(2, 2)
+        raise ValueError("the model's own error")
+
+    with pytest.raises(ValueError, match="the model's own error"):
+        counts_of(raising)
+    assert "__new__" not in vars(torch.Tensor) and type(torch.Tensor(2)) is torch.Tensor
+
+
+@pytest.mark.parametrize("dist,op", [
+    (lambda c: torch.distributions.Gamma(c, torch.ones(4)), "aten::_standard_gamma_grad"),
+    (lambda c: torch.distributions.Dirichlet(c), "aten::_dirichlet_grad"),
+], ids=["gamma", "dirichlet"])
+def test_reparameterised_gamma_and_dirichlet_gradients_are_counted(dist, op):
+    """rsample's gradient through a Gamma (or Dirichlet) draw: one FLOP per element, as every element-wise special
+    function (lgamma, digamma) is counted; it was reported uncounted."""
+    conc = torch.rand(4, requires_grad=True)
+
+    def step():
+        dist(conc + 0.5).rsample().sum().backward()
+
+    c = row(counts_of(step), op)
+    assert not c.unsupported and c.flops == 4
+
+
+def test_ldl_solve_is_counted_as_a_factored_solve():
+    """linalg.ldl_solve of a factored n x n system for k right-hand sides: two triangular solves, 2 n^2 k (the
+    diagonal's n k left out, as formulas.factorization's factored_solve); it was reported uncounted."""
+    a = torch.randn(3, 3)
+    ld, pivots = torch.linalg.ldl_factor(a @ a.T + 3 * torch.eye(3))
+    rhs = torch.randn(3, 2)
+    c = row(counts_of(lambda: torch.linalg.ldl_solve(ld, pivots, rhs)), "aten::linalg_ldl_solve")
+    assert not c.unsupported and c.flops == 2 * 3**2 * 2

@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from tilestack.errors import TilestackError
-from tilestack.perf import counting_linalg, counting_optim, counting_rules, formulas
+from tilestack.perf import counting_compat, counting_linalg, counting_optim, counting_rules, formulas
 from tilestack.perf.counting_linalg import LINALG_FLOPS, UNDECOMPOSED_FLOPS, VALUES_ONLY_CALLERS, vectors_for_the_mode
 from tilestack.perf.counting_rules import (  # noqa: F401 - _tensors, _numel, _argument: used here and by profile
     FOREACH_NO_ARITHMETIC,
@@ -633,7 +633,7 @@ def count_ops(step: Callable[[], Any]) -> dict[OpKey, _Count]:
             c.dtype = c.dtype or _dtype(ins + outs)
             return out
 
-    with _eager(), _call_tree() as tree, Counter():
+    with _eager(), _call_tree() as tree, counting_compat.subclasses_built_unwatched(), Counter():
         step()
     _note_parents(counts, tree)
     return dict(counts)

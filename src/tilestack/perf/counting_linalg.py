@@ -322,6 +322,7 @@ LINALG_FLOPS: dict[str, Rule] = {
     "aten.linalg_solve_triangular": _factorization("triangular_solve", "self", "B"),
     "aten.cholesky_solve": _factorization("factored_solve", "input2", "self"),
     "aten.linalg_lu_solve": _factorization("factored_solve", "LU", "B"),
+    "aten.linalg_ldl_solve": _factorization("factored_solve", "LD", "B"),  # L, then D (n k: left out), then L^T
     "aten.linalg_qr": _factorization("qr", "A"),
     "aten._linalg_eigh": _factorization("eigh", "A"),
     "aten._linalg_svd": _factorization("svd", "A"),

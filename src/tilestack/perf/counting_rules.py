@@ -626,7 +626,7 @@ LAYER_FLOPS: dict[str, Rule] = {
         "leaky_relu_backward", "elu_backward", "softplus_backward", "softshrink_backward", "hardshrink_backward",
         "log_sigmoid_forward", "log_sigmoid_backward", "rrelu_with_noise_backward", "_prelu_kernel",
         "_prelu_kernel_backward", "glu", "glu_backward", "floor_divide", "floor_divide_", "rrelu_with_noise",
-        "rrelu_with_noise_",
+        "rrelu_with_noise_", "_standard_gamma_grad", "_dirichlet_grad",  # rsample's reparameterised gradients
     )},
     # Selections: one compare per element (as a max reduction's); a sort n log2 n per row.
     **{f"aten.{op}": _accumulate_flops("self") for op in ("topk", "kthvalue", "median", "nanmedian", "mode")},
