@@ -41,3 +41,28 @@ def check_share(option: str, value: float, *, one: bool = True) -> None:
     """``value`` is a share in [0, 1] (``one=False``: [0, 1), where a share of 1 leaves nothing to run)."""
     if not (0.0 <= value <= 1.0) or (value == 1.0 and not one):
         raise typer.BadParameter(f"{option} {value}; expected a share in [0, 1{']' if one else ')'}", param_hint=option)
+
+
+
+def check_store(option: str, db: str | os.PathLike | None) -> None:
+    """The result store at ``db`` (None: the default one), if it exists, reads as a SQLite database, before the
+    command's work: a file that is not one (garbage, a truncated copy) was found only when the results were stored,
+    after the whole profile or training run. Opened read-only, so nothing is made here (a store that does not exist
+    yet is made when the results come)."""
+    import sqlite3
+
+    from tilestack.perf.store import default_path
+
+    path = Path(db) if db is not None else default_path()
+    if not path.is_file():
+        return
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            con.execute("PRAGMA schema_version").fetchone()     # reads the header: garbage is "not a database"
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        raise typer.BadParameter(f"result store {os.fspath(path)!r} is not a readable SQLite database ({e}); move "
+                                 "it aside (its results are lost to tilestack), pass another path, or --no-store",
+                                 param_hint=option) from e

@@ -13,6 +13,7 @@ torch and matplotlib are imported inside the commands, so ``tilestack --help`` s
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -149,14 +150,16 @@ def profile(
     db: DbOption = None,
 ) -> None:
     """Profile a PyTorch model: per-op time, share, FLOPs, bytes, intensity, bound and % of roof."""
-    from tilestack.cli.args import check_output
+    from tilestack.cli.args import check_output, check_store
     from tilestack.errors import TilestackError
     from tilestack.perf import profile as profile_mod
     from tilestack.perf import report
 
-    if not budget > 0:
-        raise typer.BadParameter(f"--budget {budget}; expected seconds > 0", param_hint="--budget")
+    if not 0 < budget < math.inf:      # (inf was refused inside the profiler, after the model was loaded)
+        raise typer.BadParameter(f"--budget {budget}; expected a finite number of seconds > 0", param_hint="--budget")
     check_output("--out", out, folder=True)
+    if store:
+        check_store("--db", db)
     try:
         model, inputs = profile_mod.load_target(target)
         if device is not None:

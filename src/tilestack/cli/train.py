@@ -97,6 +97,9 @@ def train(
                 device=device, progress=True, noise_scale=noise_scale, seed=seed)
     if resume and not out:
         raise typer.BadParameter("--resume goes on from the checkpoint in --out; give --out <the run's folder>")
+    if store:
+        from tilestack.cli.args import check_store
+        check_store("--store", None)        # the default store, opened before the ranks start, not after the run
     if out:
         from tilestack.cli.train_state import prepare_output
         spec.update(checkpoint=prepare_output(out, spec, pc, resume), save_every=save_every, resume=resume)
