@@ -3,7 +3,8 @@
     PYTHONPATH=src python scripts/gluon_attention_loop_sass.py [--d 64,128] [--dump /tmp/sass]
 
 For the explicit ping-pong kernel (a producer and two consumer roles, tests/backends/test_gluon_source.py's
-``explicit_attention``) and the FA3-scheduled one (``attention_fa3``), at (4, 16, 4096, D) bf16 with the block
+``explicit_attention``), the FA3-scheduled one (``attention_fa3``) and that schedule with its products issued in
+turn (``attention_pingpong``, ts.turn: named barriers), at (4, 16, 4096, D) bf16 with the block
 sizes scripts/gpu/check_gluon.py times: ptxas's resources, then every loop that issues wgmma (a backward branch
 and its target in the SASS: one per consumer partition) with its instruction mix per trip: HGMMA, exponentials,
 the warpgroup barriers (BAR.SYNC), mbarrier waits and arrives, shared-memory traffic and shuffles. It is the
@@ -75,7 +76,8 @@ def load_kernels():
     spec = importlib.util.spec_from_file_location("gluon_source_tests", ROOT / "tests/backends/test_gluon_source.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return {"explicit ping-pong": mod.explicit_attention(), "FA3 schedule": mod.attention_fa3}
+    return {"explicit ping-pong": mod.explicit_attention(), "FA3 schedule": mod.attention_fa3,
+            "FA3 ping-pong (turns)": mod.attention_pingpong}
 
 
 def main() -> int:
@@ -105,7 +107,7 @@ def main() -> int:
             if args.dump:
                 out = Path(args.dump)
                 out.mkdir(parents=True, exist_ok=True)
-                stem = f"{name.split()[0]}_d{d}"
+                stem = f"{re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_')}_d{d}"
                 (out / f"{stem}.gluon.py").write_text(traced.source(backend="gluon"))
                 (out / f"{stem}.sass").write_text(sass)
             head = [name, str(d), str(res["registers"]), str(res["spill_stores"] + res["spill_loads"]),

@@ -5,7 +5,12 @@ budgets (setmaxnreg in the PTX, USETMAXREG in the SASS). Skips only where Triton
 import re
 
 import pytest
-from test_gluon_source import attention_fa3, explicit_attention, gemm_ws  # pytest puts this folder on sys.path
+from test_gluon_source import (  # pytest puts this folder on sys.path
+    attention_fa3,
+    attention_pingpong,
+    explicit_attention,
+    gemm_ws,
+)
 
 import tilestack.lang as ts
 from tilestack.backends import get_backend
@@ -33,6 +38,7 @@ def compiled(traced, **options):
 def no_spills(res: dict) -> None:
     assert res["spill_stores"] == res["spill_loads"] == res["stack"] == 0, res["report"]
     assert "bytes spill stores" in res["report"]          # the report was read, not missing
+    assert not res["wgmma_serialized"], res["report"]      # ptxas's C7512: every wgmma waited for the one before
 
 
 @pytest.mark.parametrize("spec", [BF16_2, F16_2], ids=["bf16", "f16"])
@@ -121,10 +127,12 @@ def test_explicit_attention_compiles_with_ping_pong_partitions():
     assert res["num_warps"] == 12
 
 
+@pytest.mark.parametrize("kernel", [attention_fa3, attention_pingpong], ids=["fa3", "pingpong"])
 @pytest.mark.parametrize(("d", "bn", "causal"), [(64, 128, False), (128, 128, False), (128, 64, True)])
-def test_fa3_scheduled_attention_compiles_without_spills(d, bn, causal):
-    # the next block's scores in flight beside this block's softmax, PV and O: the consumers' budget holds it
-    traced = attention_fa3.trace(BF16_4, BF16_4, BF16_4, BF16_4, 1.0, BN=bn, D=d, CAUSAL=causal)
+def test_fa3_scheduled_attention_compiles_without_spills(kernel, d, bn, causal):
+    # the next block's scores in flight beside this block's softmax, PV and O: the consumers' budget holds it,
+    # and ptxas keeps the wgmma asynchronous (no_spills: its C7512 serialization notice is absent)
+    traced = kernel.trace(BF16_4, BF16_4, BF16_4, BF16_4, 1.0, BN=bn, D=d, CAUSAL=causal)
     k, res, sass = compiled(traced)
     no_spills(res)
     budgets = {int(n) for n in re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32 \t(\d+);", k.asm["ptx"])}

@@ -154,5 +154,34 @@ def partition(role: str, *, warps: int, registers: int, groups: int = 1) -> Iter
         tr.role = ""
 
 
+@contextlib.contextmanager
+def turn(*roles: str) -> Iterator[None]:
+    """Run the ops traced inside in turn with the other roles of ``roles``: this role waits until it is its turn
+    (``turn_wait``), and hands the turn to the next role when the block ends (``turn_pass``); the roles go in the
+    order given, round and round, the first first. FlashAttention-3's ping-pong is two consumer roles that issue
+    their matrix products in turn, so one's products run while the other does its softmax::
+
+        with ts.partition("consumer0", warps=4, registers=240):
+            with ts.turn("consumer0", "consumer1"):
+                ts.mma_ABt_async(s, q, k_s, s)
+                ts.mma_AB_async(acc, p, v_s, acc)
+
+    Every role of ``roles`` takes its turns in the same loop, as many per trip (ir.verify checks). Timing only:
+    the reference runs program order, the Triton backend (no roles) drops the turns, the Gluon backend makes them
+    named barriers (``bar.sync`` / ``bar.arrive``)."""
+    tr = current("turn")
+    where = user_line()
+    order = tuple(roles)
+    if len(order) < 2 or len(set(order)) != len(order) or not all(isinstance(r, str) and r.isidentifier()
+                                                                    for r in order):
+        raise TraceError(f"turn: roles={order!r}; expected two or more distinct role names, in turn order", where)
+    if tr.role not in order:
+        inside = f"inside role {tr.role!r}" if tr.role else "outside any role"
+        raise TraceError(f"turn: taken {inside}; expected inside one of the roles {order} (ts.partition)", where)
+    tr.emit(Op.TURN_WAIT, (), (), where, order=order)
+    yield
+    tr.emit(Op.TURN_PASS, (), (), user_line(), order=order)
+
+
 __all__ = ["SharedStages", "Stages", "async_load", "wait_load", "mma_AB_async", "mma_ABt_async", "mma_wait",
-           "partition"]
+           "partition", "turn"]

@@ -45,7 +45,7 @@ def compile_for(artifact, arch: int = 90):
 
 def resources(kernel, arch: int = 90) -> dict:
     """ptxas's resource report of the kernel's PTX: registers, spill stores and loads (bytes), stack frame
-    (bytes), and the shared memory Triton allocated."""
+    (bytes), whether ptxas serialized the wgmma, and the shared memory Triton allocated."""
     with tempfile.TemporaryDirectory() as d:
         ptx = os.path.join(d, "k.ptx")
         with open(ptx, "w") as f:
@@ -58,8 +58,11 @@ def resources(kernel, arch: int = 90) -> dict:
         m = re.search(pattern, text)
         return int(m.group(1)) if m else 0
 
+    # C7512: ptxas found the wgmma in flight at some point more than it can keep registers for (e.g. one still in
+    # flight across a loop's back edge) and made every wgmma of the kernel wait for the one before
     return {"registers": num(r"Used (\d+) registers"), "spill_stores": num(r"(\d+) bytes spill stores"),
             "spill_loads": num(r"(\d+) bytes spill loads"), "stack": num(r"(\d+) bytes stack frame"),
+            "wgmma_serialized": "wgmma.mma_async instructions are serialized" in text,
             "shared_bytes": kernel.metadata.shared, "num_warps": kernel.metadata.num_warps, "report": text}
 
 

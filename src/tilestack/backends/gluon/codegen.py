@@ -29,7 +29,7 @@ import dataclasses
 
 # the two emit modules register their emitters (one per op) when imported
 from tilestack.backends.gluon.emit_compute import e_arg
-from tilestack.backends.gluon.emit_memory import allocate_ring, phase_bits
+from tilestack.backends.gluon.emit_memory import allocate_ring, first_turns, last_turns, phase_bits
 from tilestack.backends.gluon.emitter import (
     GL_DTYPES,
     NAN_FLAG,
@@ -202,9 +202,11 @@ def emit(low: KernelIR, warps: int) -> Lowered:
             e = Emitter(low, decl.warps, rings, keep, live, partition=True)
             for ring in rings.values():
                 phase_bits(e, ring)
+            first_turns(e, role)
             e.block(low.body)
             e.close_block()
             e.free_inflight()
+            last_turns(e, role)
             funcs.append(_function(f"{low.name}_{role}", params, e, ring_args))
             floor, nan = floor or e.floor_helpers, nan or e.nan_helpers
         k = Emitter(low, order[0][1].warps, rings)

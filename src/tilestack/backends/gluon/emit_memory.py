@@ -10,6 +10,7 @@ from tilestack.backends.gluon.emitter import (
     Emitter,
     Ring,
     box_of,
+    named_barrier,
     ring_view,
 )
 from tilestack.backends.gluon.layouts import blocked_key
@@ -275,3 +276,30 @@ def _pipelined_loop(e: Emitter, ins: Instr, loads: list[Instr]) -> None:
     e.emit(f"for st in gl.static_range({stages}):")
     e.emit(f"    mbarrier.invalidate({ready}.index(st))")
 
+
+
+# ---- turns among warp roles: named barriers ----------------------------------------------------------------------
+@register_emitter("gluon", Op.TURN_WAIT)
+def _e_turn_wait(e: Emitter, ins: Instr) -> None:
+    e.emit(named_barrier("sync", *e.turns[(ins.attrs.order, ins.role)]))
+
+
+@register_emitter("gluon", Op.TURN_PASS)
+def _e_turn_pass(e: Emitter, ins: Instr) -> None:
+    order = ins.attrs.order
+    e.emit(named_barrier("arrive", *e.turns[(order, order[(order.index(ins.role) + 1) % len(order)])]))
+
+
+def first_turns(e: Emitter, role: str) -> None:
+    """At a partition's start: the last role of each order hands the first role its first turn."""
+    for order, r in e.turns:
+        if r == order[0] and order[-1] == role:
+            e.emit(named_barrier("arrive", *e.turns[(order, r)]))
+
+
+def last_turns(e: Emitter, role: str) -> None:
+    """At a partition's end: the first role of each order takes the turn the last role passed on last (every
+    arrival on a named barrier met by a sync before the CTA ends)."""
+    for order, r in e.turns:
+        if r == order[0] == role:
+            e.emit(named_barrier("sync", *e.turns[(order, r)]))

@@ -47,6 +47,36 @@ def buffer_hints(kernel: KernelIR) -> dict[int, str]:
     return out
 
 
+# Named barriers for turns among warp roles (ts.turn): the top 8 of the SM's 16 ids. Triton takes the low ones (0
+# for the CTA, 1 for warp_specialize's start and end, one per partition for its own bar.syncs).
+TURN_BARRIERS = range(15, 7, -1)
+
+
+def turn_barriers(kernel: KernelIR) -> dict[tuple[tuple[str, ...], str], tuple[int, int]]:
+    """(order, role) -> (named barrier id, threads) of the barrier ``role`` waits on for its turn in ``order``:
+    ``role``'s threads sync there and the previous role's arrive (its pass), so it counts both."""
+    out: dict[tuple[tuple[str, ...], str], tuple[int, int]] = {}
+    ids = iter(TURN_BARRIERS)
+    for ins in kernel.walk():
+        if ins.op is Op.TURN_WAIT and (ins.attrs.order, ins.attrs.order[0]) not in out:
+            order = ins.attrs.order
+            for k, role in enumerate(order):
+                bar = next(ids, None)
+                if bar is None:
+                    raise BackendError(f"{ins.where}: turns among roles need {len(TURN_BARRIERS) + 1} or more named "
+                                       f"barriers; the gluon backend has {len(TURN_BARRIERS)} for them")
+                threads = (kernel.roles[role].warps + kernel.roles[order[k - 1]].warps) * 32
+                out[(order, role)] = (bar, threads)
+    return out
+
+
+def named_barrier(kind: str, bar: int, threads: int) -> str:
+    """Gluon source of ``bar.sync`` (wait with ``threads`` threads) or ``bar.arrive`` (count in and go on) on
+    named barrier ``bar``: inline PTX, not pure (kept in program order with the wgmma it orders)."""
+    return (f'gl.inline_asm_elementwise("bar.{kind} {bar}, {threads}; mov.u32 $0, 0;", "=r", [], dtype=gl.int32, '
+            'is_pure=False, pack=1)')
+
+
 def box_of(g: Value, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The copy-engine box of a tile of ``shape`` in global ``g``: leading axes of one element."""
     return (1,) * (g.type.rank - len(shape)) + tuple(shape)
@@ -90,6 +120,7 @@ class Emitter:
         self.indent = 1
         self.plan = plan_layouts(kernel)
         self.hints = buffer_hints(kernel)             # a tile's name, from whichever version the user named
+        self.turns = turn_barriers(kernel)            # (order, role) -> (named barrier, threads)
         self.lay: dict[Value, tuple] = {}            # the layout each emitted register value has
         self.layout_names: dict[tuple, str] = {}
         self.layout_decls: list[str] = []

@@ -1,5 +1,5 @@
 """Memory and control ops (loads, stores, atomic adds, loops) and the explicit-hardware ones (staged buffers,
-async loads and their waits, async matrix products)."""
+async loads and their waits, async matrix products, turns among warp roles)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from tilestack.ir.ops.registry import (
     Op,
     OpDef,
     RangeAttrs,
+    TurnAttrs,
     define,
 )
 from tilestack.ir.ops.rules import (
@@ -186,3 +187,25 @@ def _mma_wait_rule(ins: Instr) -> None:
 define(OpDef(
     Op.MMA_WAIT, "(pending) -> tile", "tile", NoAttrs, _mma_wait_rule, lambda ins, s, m: s[0], free_cost,
     doc="Wait for the async mmas that made ``x``; the finished tile."))
+
+
+def _turn_rule(ins: Instr) -> None:
+    check_arity(ins, 0)
+    if ins.results:
+        fail(ins, "makes nothing")
+    order = ins.attrs.order
+    if len(order) < 2 or len(set(order)) != len(order) or not all(isinstance(r, str) and r for r in order):
+        fail(ins, f"the roles that take turns are two or more distinct roles, got {order!r}")
+    if ins.role not in order:
+        fail(ins, f"a turn among roles {order} is taken inside {('role ' + repr(ins.role)) if ins.role else 'no role'};"
+                  " take it inside one of them (ts.partition)")
+
+
+define(OpDef(
+    Op.TURN_WAIT, "() -> ()", "effect", TurnAttrs, _turn_rule, lambda ins, s, m: None, free_cost,
+    doc="Wait until it is this role's turn among ``order`` (a named barrier on Hopper): the roles run the code "
+        "between turn_wait and turn_pass one after another, in order, round and round (FlashAttention-3's "
+        "ping-pong of two consumer warpgroups' matrix products). Timing only: the reference runs program order."))
+define(OpDef(
+    Op.TURN_PASS, "() -> ()", "effect", TurnAttrs, _turn_rule, lambda ins, s, m: None, free_cost,
+    doc="Hand the turn to the next role of ``order`` (the last role's to the first)."))

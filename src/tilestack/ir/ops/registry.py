@@ -48,6 +48,8 @@ class Op(enum.Enum):
     WAIT_LOAD = "wait_load"
     MMA_ASYNC = "mma_async"
     MMA_WAIT = "mma_wait"
+    TURN_WAIT = "turn_wait"
+    TURN_PASS = "turn_pass"
 
 
 # ---- typed attributes ------------------------------------------------------------------------------------------
@@ -123,6 +125,11 @@ class BroadcastingAttrs:
 @dataclasses.dataclass(frozen=True)
 class AccessAttrs:
     via: str | None = None   # how a backend moves the tile, decided by its passes: "pointer" | "tma" (None: open)
+
+
+@dataclasses.dataclass(frozen=True)
+class TurnAttrs:
+    order: tuple[str, ...]      # the warp roles that take turns, in turn order (a ring: the last passes to the first)
 
 
 @dataclasses.dataclass(frozen=True)
