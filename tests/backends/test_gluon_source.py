@@ -189,12 +189,14 @@ def attention_pingpong(Q, K, V, O, scale: float, *, BM: int = 128, BN: int = 128
             with ts.partition(role, warps=4, registers=240):
                 s = ts.RegTile[ts.f32, HALF, BN]()                       # S_j
                 ts.copy(s, s_next[g])
-                ts.mul(s, s, scale * LOG2E)
                 ts.right_fill(s, s, Nk - j * BN, -math.inf)              # keys past the end
                 if CAUSAL:
                     ts.make_causal(s, s, (2 * i + g) * HALF - j * BN)    # keys after the query
                 m_new = ts.RegVec[ts.f32, HALF]()
-                ts.row_max(m_new, s, m[g])
+                ts.row_max(m_new, s)                                     # the raw scores' max, then scaled
+                ts.mul(m_new, m_new, scale * LOG2E)                      # (scale > 0), so s * c - m_new below
+                ts.max(m_new, m_new, m[g])                               # is one FFMA an element
+                ts.mul(s, s, scale * LOG2E)
                 alpha = ts.RegVec[ts.f32, HALF]()
                 ts.sub(alpha, m[g], m_new)
                 ts.exp2(alpha, alpha)
