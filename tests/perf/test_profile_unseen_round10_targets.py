@@ -2,7 +2,8 @@
 table and helpers side by side, and a target may name the wrong one. A name bound to something that is not a function
 (``MODELS``, a dict) was called and refused as "'dict' object is not callable"; a helper returning a pair of tensors
 ((src, dst) edges) was taken as (model, inputs) and refused as a bad ``model=`` with no word of the target. Both now
-name the target and what it gave. A right target loads the model and profiles it like the model passed directly.
+name the target and what it gave. A right target loads the model and profiles it like the model passed directly; bad
+calls of the round's models are refused naming the argument, or the model and the phase it failed in.
 """
 
 import sys
@@ -52,3 +53,53 @@ def test_a_builder_target_profiles_as_the_model_given_directly():
     direct = profile.profile_model(direct_model, direct_inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu")
     assert via_target.flops == direct.flops and not via_target.unsupported
     assert any(o.op == "aten::isin" and o.flops_known for o in via_target.ops)
+
+
+def _bad_calls():
+    """(label, build the (model, inputs, keyword arguments), what the error must say) for the round's models."""
+    import perf_models_round10 as pm
+    import torch
+
+    def kdim_missing_pad():
+        m, (q, k, v, _) = pm.kdim_attention()
+        return m, (q, k, v), {}
+
+    def kdim_swapped_keys():
+        m, (q, k, v, pad) = pm.kdim_attention()
+        return m, (q, v, v, pad), {}
+
+    def float_ids():
+        m, (ids,) = pm.stopwords()
+        return m, (ids.float(),), {}
+
+    def lengths_past_the_batch():
+        m, (x, _) = pm.packed_bigru()
+        return m, (x, torch.tensor([3, 7, 2])), {}
+
+    def lengths_not_summing_to_edges():
+        m, (x, src, dst) = pm.segment_graph()
+        return m, (x, src, dst[:-1]), {}
+
+    def steps_zero():
+        m, inputs = pm.vit_interp()
+        return m, inputs, {"steps": 0}
+
+    return [
+        ("kdim_missing_pad", kdim_missing_pad, ["inputs=", "KdimAttention.forward", "required argument: 'pad'"]),
+        ("kdim_swapped_keys", kdim_swapped_keys, ["model 'KdimAttention' raised", "the warm-up", "tensor 7x2x10"]),
+        ("float_ids", float_ids, ["model 'StopwordClassifier' raised", "'indices'", "tensor 2x9 float32"]),
+        ("lengths_past_the_batch", lengths_past_the_batch, ["model 'PackedBiGru' raised", "during the warm-up"]),
+        ("lengths_not_summing", lengths_not_summing_to_edges, ["model 'SegmentGraph' raised", "segment_reduce"]),
+        ("steps_zero", steps_zero, ["steps=0", "expected an int >= 1"]),
+    ]
+
+
+@pytest.mark.parametrize("label,build,says", _bad_calls(), ids=[c[0] for c in _bad_calls()])
+def test_bad_calls_of_the_rounds_models_are_refused_naming_what_was_wrong(label, build, says):
+    """Each refusal is a ProfileError naming the argument (inputs, steps) or the model and the phase it failed in,
+    with the inputs described by shape and dtype; none runs a step past the one that failed."""
+    model, inputs, kwargs = build()
+    with pytest.raises(profile.ProfileError) as e:
+        profile.profile_model(model, inputs, warmup=1, ceilings=CEIL, device="cpu", **{"steps": 1, **kwargs})
+    for part in says:
+        assert part in str(e.value), (label, part, str(e.value))
