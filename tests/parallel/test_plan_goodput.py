@@ -21,8 +21,12 @@ from tilestack.parallel.plan.goodput import (
 
 
 @pytest.mark.parametrize("phi", [5.0, 50.0, 400.0])
-def test_noise_scale_of_synthetic_gradients(rng, phi):
+def test_noise_scale_of_synthetic_gradients(phi):
     """Per-sample gradients G + noise with tr(Sigma) / |G|^2 = phi: a micro-batch of b averages b of them."""
+    # A fixed seed, not the rng fixture's fresh one: over 300 seeds the estimate / phi had a spread (sd) of 0.004,
+    # 0.014 and 0.081 at phi = 5, 50, 400, so at 400 the 25% bound is 3.1 sd: about 1 run in 500 failed by chance.
+    # Fixed, a bias of 25% still fails at every phi.
+    rng = np.random.default_rng(0)
     dim, b, k = 2000, 8, 4
     G = rng.standard_normal(dim)
     G /= np.linalg.norm(G)                                  # |G|^2 = 1
