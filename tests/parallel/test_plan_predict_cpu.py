@@ -16,6 +16,7 @@ from tilestack.parallel.plan.comm import CommModel
 from tilestack.parallel.plan.measure import measure_plans
 
 TIME_FACTOR = 3.0
+TIME_TRIES = 3
 TP_FACTOR = 1.5
 TP_TRIES = 3
 MEM_TOL = 0.15
@@ -37,22 +38,35 @@ def tiny():
 def test_predicted_step_time_and_memory_match_measured(tiny, plan):
     """The least disturbed step between the prediction for an idle machine and the prediction at the slowdown
     the lockstep probes between the steps saw (median), each within TIME_FACTOR: other work on this machine
-    (a compile, CI's second worker) slowed a dp=2 step 3x, yet a step it spared runs at the idle prediction."""
+    (a compile, CI's second worker) slowed a dp=2 step 3x, yet a step it spared runs at the idle prediction.
+
+    Up to TIME_TRIES measurements, each after the layers are timed again: the "idle" prediction is made of layer
+    times measured once (medians of wall time), and a burst of other work while they were timed raises it with
+    no probe to say so. At load 16 (other jobs on this 2-core machine) the least disturbed steps ran 3.1x (single)
+    and 4.0x (dp=2) below it. A model that forgets or double counts a term fails every try; a burst passes on a
+    later one."""
     from tilestack.parallel.plan.compute import PROBE_CHUNK_S, background_of
     desc, compute = tiny
-    rows = [measure_plans(desc, [plan], steps=STEPS, warmup=2, probe_s=PROBE_CHUNK_S)[0] for _ in range(RUNS)]
-    row = min(rows, key=lambda r: r["step_s"])
-    pred = predict(plan, desc, compute, GLOO)
-    idle = pred.step_s
-    compute.background = background_of(max(r["slowdown_median"] for r in rows), plan.world_size)
-    try:
-        loaded = predict(plan, desc, compute, GLOO).step_s
-    finally:
-        compute.background = 0.0
-    measured = row["step_s"]
-    assert idle / TIME_FACTOR <= measured <= loaded * TIME_FACTOR, (
-        f"{plan.label()}: measured {measured * 1e3:.2f} ms, predicted {idle * 1e3:.2f} ms idle, "
-        f"{loaded * 1e3:.2f} ms at the probes' slowdown")
+    seen = []
+    for attempt in range(TIME_TRIES):
+        if attempt:
+            compute = MeasuredCompute.for_gpt(desc)  # the layers timed again, not the cached times of the burst
+        rows = [measure_plans(desc, [plan], steps=STEPS, warmup=2, probe_s=PROBE_CHUNK_S)[0] for _ in range(RUNS)]
+        row = min(rows, key=lambda r: r["step_s"])
+        pred = predict(plan, desc, compute, GLOO)
+        idle = pred.step_s
+        compute.background = background_of(max(r["slowdown_median"] for r in rows), plan.world_size)
+        try:
+            loaded = predict(plan, desc, compute, GLOO).step_s
+        finally:
+            compute.background = 0.0
+        measured = row["step_s"]
+        seen.append(f"measured {measured * 1e3:.2f} ms, predicted {idle * 1e3:.2f} ms idle, "
+                    f"{loaded * 1e3:.2f} ms at the probes' slowdown")
+        if idle / TIME_FACTOR <= measured <= loaded * TIME_FACTOR:
+            break
+    else:
+        pytest.fail(f"{plan.label()} outside {TIME_FACTOR}x in all {TIME_TRIES} tries: " + "; ".join(seen))
     peak = min(r["peak_bytes"] for r in rows)
     assert peak == pytest.approx(pred.memory_bytes, rel=MEM_TOL)
 
