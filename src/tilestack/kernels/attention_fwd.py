@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 
 import tilestack.lang as ts
+from tilestack.errors import LaunchError
 from tilestack.kernels._checks import next_pow2
 from tilestack.kernels._plan import forward_only, planned
 from tilestack.tune.lookup import launch_config, take_backend, tuned_launcher
@@ -495,6 +496,10 @@ def attention_forward(q, k, v, causal: bool = False, scale: float | None = None,
     cfg = launch_config("attention_fwd", config_signature(q, DT, DVT, causal), q.device, Nq, default,
                         backend) | config
     asked, backend = backend, take_backend(cfg, backend)      # the tuned backend where none was named
+    schedule = cfg.pop("schedule", "plain")
+    if schedule not in ("plain", "pingpong"):
+        raise LaunchError(f"attention_forward: schedule={schedule!r}; expected 'plain' or 'pingpong' "
+                          "(FlashAttention-3's ping-pong, kernels.attention_fwd_pingpong)")
     consts = dict(D=DT, causal=bool(causal), **cfg)
     if DVT != DT:
         consts["DV"] = DVT
@@ -513,6 +518,14 @@ def attention_forward(q, k, v, causal: bool = False, scale: float | None = None,
     if dropout_p > 0:   # a kernel of its own: dropout_p = 0 runs the kernels above, untouched
         return _dropout_run(q, k, v, bias, o, lse, scale, rng, float(dropout_p), outputs, (backend, asked), consts,
                             (B, H, Nq, Nk))
+    if bias is None and schedule == "pingpong" and q.dtype in (torch.bfloat16, torch.float16):
+        launch = _pingpong_launcher(q, k, v, o, lse, scale, backend, asked, consts, "schedule" in config)
+        if launch is not None:
+            def run(q, k, v, *_, **__):
+                o, lse = outputs(q)
+                launch((q, k, v, o, lse, scale))
+                return o, lse
+            return run
     if bias is None:
         launch = tuned_launcher(attention_fwd_kernel, (q, k, v, o, lse, scale), backend, asked, **consts)
 
@@ -528,6 +541,23 @@ def attention_forward(q, k, v, causal: bool = False, scale: float | None = None,
             launch((q, k, v, mask_as_bias(attn_mask, (B, H, Nq, Nk)), o, lse, scale))
             return o, lse
     return run
+
+
+def _pingpong_launcher(q, k, v, o, lse, scale, backend, asked, consts, named: bool):
+    """The launcher of kernels.attention_fwd_pingpong for these tensors, or None where it cannot launch (strides
+    the copy engine cannot take, a backend that cannot lower it) and the schedule came from the tables (``named``
+    False): the plain kernel then runs. Its block rows are at least 32 (two consumers of 16 rows)."""
+    from tilestack.errors import BackendError
+    from tilestack.kernels.attention_fwd_pingpong import attention_fwd_pingpong_kernel
+
+    keep = {key: consts[key] for key in ("D", "DV", "causal", "causal_align", "BN", "STAGES") if key in consts}
+    keep["BM"] = max(consts.get("BM", 128), 32)
+    try:
+        return tuned_launcher(attention_fwd_pingpong_kernel, (q, k, v, o, lse, scale), backend, asked, **keep)
+    except (BackendError, LaunchError):
+        if named:
+            raise
+        return None
 
 
 def _dropout_run(q, k, v, bias, o, lse, scale, rng, p, outputs, backend, consts, shape):
