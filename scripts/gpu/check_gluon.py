@@ -419,6 +419,7 @@ def attention_bench_one(run: Runner, attention, fa3, pingpong, b: int, h: int, n
     run.case("attn_bench", f"{tag} sdpa flash", sdpa(SDPBackend.FLASH_ATTENTION))
     run.case("attn_bench", f"{tag} triton", library("triton"))
     run.case("attn_bench", f"{tag} gluon", library("gluon", **ATTN_LIB_CONFIG[d]))
+    run.case("attn_bench", f"{tag} gluon pingpong (library)", library("gluon", schedule="pingpong"))
     run.case("attn_bench", f"{tag} gluon ws", lambda: timed("gluon_ws", lambda: af.attention_forward(
         q, k, v, causal, backend="gluon", warp_specialize=True, **ATTN_LIB_CONFIG[d])))
     if not causal:
