@@ -381,7 +381,8 @@ def attention_bench(run: Runner, attention, fa3, pingpong) -> None:
 def attention_bench_one(run: Runner, attention, fa3, pingpong, b: int, h: int, n: int, d: int,
                         causal: bool) -> None:
     """One FA3-grid point: SDPA's cuDNN and flash kernels, the library attention on triton and on gluon, the
-    FA3-scheduled attention on gluon, the explicit one (not causal: it has no mask); then the ratios to cuDNN."""
+    FA3-scheduled and ping-pong attention on gluon (hand-scheduled, and the library's through the public op),
+    the explicit one (not causal: it has no mask); then the ratios to cuDNN."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from triton.testing import do_bench
 
@@ -404,8 +405,8 @@ def attention_bench_one(run: Runner, attention, fa3, pingpong, b: int, h: int, n
                 torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return lambda: timed(backend.name.lower(), fn)
 
-    def library(backend: str, **cfg):   # through the public op (its plan is cached after the first call)
-        return lambda: timed(backend, lambda: af.attention_forward(q, k, v, causal, backend=backend, **cfg))
+    def library(backend: str, impl: str | None = None, **cfg):   # through the public op (planned once)
+        return lambda: timed(impl or backend, lambda: af.attention_forward(q, k, v, causal, backend=backend, **cfg))
 
     def explicit(kernel, impl: str, **opts):
         def case():
@@ -419,7 +420,8 @@ def attention_bench_one(run: Runner, attention, fa3, pingpong, b: int, h: int, n
     run.case("attn_bench", f"{tag} sdpa flash", sdpa(SDPBackend.FLASH_ATTENTION))
     run.case("attn_bench", f"{tag} triton", library("triton"))
     run.case("attn_bench", f"{tag} gluon", library("gluon", **ATTN_LIB_CONFIG[d]))
-    run.case("attn_bench", f"{tag} gluon pingpong (library)", library("gluon", schedule="pingpong"))
+    run.case("attn_bench", f"{tag} gluon pingpong (library)", library("gluon", "gluon_pingpong_lib",
+                                                                          schedule="pingpong"))
     run.case("attn_bench", f"{tag} gluon ws", lambda: timed("gluon_ws", lambda: af.attention_forward(
         q, k, v, causal, backend="gluon", warp_specialize=True, **ATTN_LIB_CONFIG[d])))
     if not causal:
