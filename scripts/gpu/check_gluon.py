@@ -352,14 +352,15 @@ def attention_lib_cases(run: Runner) -> None:
     from tilestack.kernels import attention_fwd as af
 
     g = torch.Generator(device="cuda").manual_seed(2)
-    for (b, h, hkv, nq, nk, d, causal, align, dt), ws in itertools.product(few(ATTN_LIB_CASES), (False, True)):
+    variants = {"": {}, " ws": dict(warp_specialize=True), " pingpong": dict(schedule="pingpong")}
+    for (b, h, hkv, nq, nk, d, causal, align, dt), ws in itertools.product(few(ATTN_LIB_CASES), variants):
         def one(b=b, h=h, hkv=hkv, nq=nq, nk=nk, d=d, causal=causal, align=align, dt=dt, ws=ws):
             dtype = getattr(torch, dt)
             q = torch.randn(b, h, nq, d, device="cuda", dtype=dtype, generator=g)
             k = torch.randn(b, hkv, nk, d, device="cuda", dtype=dtype, generator=g)
             v = torch.randn(b, hkv, nk, d, device="cuda", dtype=dtype, generator=g)
             o, lse = af.attention_forward(q, k, v, causal, backend="gluon", causal_align=align,
-                                          warp_specialize=ws, **ATTN_LIB_CONFIG[d])
+                                          **variants[ws], **ATTN_LIB_CONFIG[d])
             torch.cuda.synchronize()
             ref_o, ref_lse = af.reference(q, k, v, causal, causal_align=align)
             err = rel_err(o, ref_o)
@@ -368,7 +369,7 @@ def attention_lib_cases(run: Runner) -> None:
             return {"status": "ok" if ok else "FAIL", "rel_err": err, "lse_abs_err": lse_err,
                     "detail": f"o rel err {err:.2e}, lse abs err {lse_err:.2e}"}
         run.case("attn_lib", f"{dt} B{b} H{h}/{hkv} {nq}x{nk} D{d} {'causal ' + align if causal else 'full'}"
-                             f"{' ws' if ws else ''}", one)
+                             f"{ws}", one)
 
 
 def attention_bench(run: Runner, attention, fa3, pingpong) -> None:
