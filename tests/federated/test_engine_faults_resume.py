@@ -17,8 +17,11 @@ def _arrays(res):
 
 def test_faulty_clients_are_left_out_with_reasons_and_the_round_goes_on():
     faults = ((1, "crash"), (2, "nan"), (3, "shape"), (4, "slow"))
-    task = Task(**SMALL, faults=faults, slow_seconds=0.3)
-    res = simulate(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), task, rounds=2, timeout=0.2)
+    # The honest clients took 5 ms here, up to 29 ms beside two busy processes; a 0.2 s timeout left a loaded
+    # machine a 7x margin before it dropped one of them. 1 s gives 30x and costs 2 s (a round waits it out for
+    # client 4, whose 2 s sleep is late however busy the machine).
+    task = Task(**SMALL, faults=faults, slow_seconds=2.0)
+    res = simulate(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), task, rounds=2, timeout=1.0)
     for r in res.history.rounds:
         assert r.num_selected == 10 and r.num_aggregated == 6
         ex = r.excluded
