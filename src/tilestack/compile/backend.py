@@ -39,7 +39,14 @@ from torch import fx
 from tilestack.compile import ops, policy
 from tilestack.compile.patterns import LEFT_REASONS, PASSES, kind, op_name
 from tilestack.compile.report import Report, Swap
-from tilestack.compile.rewrite import apply_match, check_match, follow, result_differs, written_in_place
+from tilestack.compile.rewrite import (
+    apply_match,
+    check_match,
+    follow,
+    reads_own_nodes,
+    result_differs,
+    written_in_place,
+)
 from tilestack.errors import LaunchError
 
 INNER = ("inductor", "aot_eager", "eager")
@@ -94,7 +101,7 @@ def run_passes(gm: fx.GraphModule, *, passes=None, check: bool = False, inner: s
                 report.declined.append((name, m.outputs[-1].name, why))
                 declined_nodes.update(dict.fromkeys(m.nodes, why))
                 continue
-            written = written_in_place(gm, m)
+            written = reads_own_nodes(m) or written_in_place(gm, m)
             if written is not None:
                 report.declined.append((name, m.outputs[-1].name, f"not the pattern it looks like: {written}"))
                 declined_nodes.update(dict.fromkeys(m.nodes, written))

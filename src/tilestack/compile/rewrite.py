@@ -288,6 +288,18 @@ def _aliases(node: fx.Node) -> list[fx.Node]:
     return seen
 
 
+def reads_own_nodes(match: Match) -> str | None:
+    """Why the rewrite would read a value it replaces, or None: one of its inputs is one of its nodes (the scores
+    as their own mask, ``softmax(s + s)``, or as the values, ``softmax(s) @ s``: attention's shape, but the
+    "mask" or "v" is computed by the nodes the rewrite erases, which it then reads: a KeyError inside the
+    backend)."""
+    inside = set(match.nodes)
+    for n in match.inputs:
+        if n is not None and n in inside:
+            return f"{n.name} is both an input of the rewrite and one of the nodes it replaces"
+    return None
+
+
 def written_in_place(gm: fx.GraphModule, match: Match) -> str | None:
     """Why the rewrite would read other values than the nodes it replaces, or None: an in-place op (outside the
     match) writes to one of its nodes or inputs (or a view of one) between the match's first node and its last.

@@ -17,6 +17,7 @@ from tilestack.compile.patterns.match import (
     _last_dim,
     _softmax_dtype,
     cast_input,
+    constant_nodes,
     kind,
     runs_here,
     scalar,
@@ -179,9 +180,9 @@ def _scaled_by_constants(x, nodes: list[Node], scale: float, sole_reader: Node |
             return (x, scale) if sole_reader is not None else None
         c, inner = found
         nodes.append(x)
-        for a in x.args:                 # a 0-d constant tensor the rewrite no longer reads
-            if isinstance(a, Node) and a is not inner and len(a.users) == 1:
-                nodes.append(a)
+        for a in x.args:                 # a 0-d constant tensor (and what makes it) the rewrite no longer reads
+            if a is not inner:
+                nodes.extend(constant_nodes(a))
         scale = scale * c
         sole_reader = x if sole_reader is not None else None
         x = inner if sole_reader is not None else _through_widening_casts(inner, nodes)
@@ -213,6 +214,23 @@ def _scores(x: Node, chain: list[Node]):
         return None
     chain.extend([*([] if k_transposed else [kt]), x, *reversed(nodes)])
     return q, k, scale, k_transposed
+
+
+def _uncast_operands(q: Node, k: Node, v, chain: list[Node]) -> tuple[Node, Node]:
+    """(q, k) read before their casts where both are cast up from v's dtype (Phi-2's and GPT-J's
+    ``q.to(torch.float32) @ k.to(torch.float32).transpose(2, 3)``, the probabilities cast back to v's dtype): the
+    kernel multiplies v's dtype with f32 products and sums, what the f32 product of those values computes. Each
+    cast that only the chain reads is erased with it. Else (q, k) as they are."""
+    qi, ki, vv = _widening_cast(q), _widening_cast(k), value(v)
+    if qi is None or ki is None or not isinstance(vv, torch.Tensor) or value(q).dtype == vv.dtype or \
+            not value(qi).dtype == value(ki).dtype == vv.dtype:
+        return q, k
+    inside = set(chain)
+    for cast in (q, k):
+        if all(u in inside for u in cast.users):
+            chain.append(cast)
+            inside.add(cast)
+    return qi, ki
 
 
 def _symbolic_scale(x) -> bool:
@@ -269,8 +287,7 @@ def _lowest_fill(fill, scores) -> bool | None:
 
 def _erased_with(x, chain: list[Node]) -> None:
     """A 0-d constant the rewrite no longer reads, added to the chain it replaces (nothing else reads it)."""
-    if isinstance(x, Node) and len(x.users) == 1:
-        chain.append(x)
+    chain.extend(constant_nodes(x))
 
 
 def explicit_attention(gm: fx.GraphModule):
@@ -342,6 +359,7 @@ def explicit_attention(gm: fx.GraphModule):
         if mask is not None:
             chain.append(x)
         chain.extend([p, node])
+        q, k = _uncast_operands(q, k, v, chain)
         qv, kv_, vv, mv = value(q), value(k), value(v), value(mask)
         if k_transposed:
             kv_ = kv_.transpose(-2, -1)                               # (B, H, Nk, D), as the rewrite reads it

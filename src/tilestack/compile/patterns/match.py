@@ -159,9 +159,18 @@ def cast_input(node) -> Node | None:
 
 def scalar(x) -> float | None:
     """The number x stands for: a Python number, or a graph node making a 0-d tensor of a constant number
-    (``torch.full([], c)``, ``torch.tensor(c)``: Hugging Face's GPT-2 divides its scores by one), else None."""
+    (``torch.full([], c)``, ``torch.tensor(c)``: Hugging Face's GPT-2 divides its scores by one), or computing one
+    from such tensors and numbers alone (``torch.sqrt(torch.tensor(hd, dtype=q.dtype))``: older BERT-style code
+    divides its scores by that; ``constant_tensor``), else None."""
     if not isinstance(x, Node):
         return _number(x)
+    t = constant_tensor(x)
+    return None if t is None else float(t)
+
+
+def _made_constant(x: Node) -> torch.Tensor | None:
+    """The real 0-d float tensor ``torch.full([], c)`` / ``torch.tensor(c)`` (dtype= a float dtype or none) makes,
+    else None."""
     if x.op != "call_function" or set(x.kwargs) - {"dtype", "device", "requires_grad"}:
         return None
     if x.target is torch.full and len(x.args) == 2 and isinstance(x.args[0], list | tuple) and not x.args[0]:
@@ -173,7 +182,61 @@ def scalar(x) -> float | None:
     dtype = x.kwargs.get("dtype")
     if c is None or not (dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         return None
+    return torch.tensor(c, dtype=dtype)            # the number as the tensor holds it (an int c: int64)
+
+
+# element-wise ops of one 0-d constant (and numbers) that ``constant_tensor`` evaluates
+_CONSTANT_FUNCTIONS = {torch.sqrt, torch.rsqrt, torch.reciprocal, torch.exp, torch.log, torch.neg, torch.pow,
+                       torch.mul, torch.div, torch.add, torch.sub, operator.mul, operator.truediv, operator.add,
+                       operator.sub, operator.neg, operator.pow}
+_CONSTANT_METHODS = {"sqrt", "rsqrt", "reciprocal", "exp", "log", "neg", "pow", "mul", "div", "add", "sub", "__mul__",
+                     "__truediv__", "__rtruediv__", "__add__", "__sub__", "__pow__", *("to", "type", "float", "half",
+                                                                                      "bfloat16", "double")}
+
+
+def constant_tensor(x: Node, _depth: int = 0) -> torch.Tensor | None:
+    """The real 0-d float tensor a node computes from constants alone, else None: ``torch.full([], c)``,
+    ``torch.tensor(c)``, and element-wise ops of those and numbers (``_CONSTANT_FUNCTIONS``, ``_CONSTANT_METHODS``:
+    sqrt, rsqrt, reciprocal, casts, arithmetic), evaluated here as the graph would, in the tensors' dtypes. Not a
+    tensor written in place after it was made (``mask_value.fill_(...)``): not that value where it is read."""
     from tilestack.compile.rewrite import _aliases, _writes
+
+    if not isinstance(x, Node) or _depth > 8:
+        return None
+    t = _made_constant(x)
+    if t is None:
+        fn = x.op == "call_function" and x.target in _CONSTANT_FUNCTIONS
+        method = x.op == "call_method" and x.target in _CONSTANT_METHODS
+        if not (fn or method) or not x.args or (x.kwargs and set(x.kwargs) != {"dtype"}):
+            return None
+        args = []
+        for a in x.args:
+            if isinstance(a, Node):
+                a = constant_tensor(a, _depth + 1)
+                if a is None:
+                    return None
+            elif _number(a) is None and not isinstance(a, torch.dtype):
+                return None
+            args.append(a)
+        if not any(isinstance(a, torch.Tensor) for a in args):
+            return None
+        try:
+            t = x.target(*args, **x.kwargs) if fn else getattr(args[0], x.target)(*args[1:], **x.kwargs)
+        except (TypeError, RuntimeError, ValueError):
+            return None
+        if not isinstance(t, torch.Tensor) or t.dim() != 0 or not t.dtype.is_floating_point:
+            return None
     if any(_writes(u, a) for a in _aliases(x) for u in a.users):
-        return None                      # written in place after it was made (mask_value.fill_(...)): not c there
-    return c if dtype is None else float(torch.tensor(c, dtype=dtype))     # the number as the tensor holds it
+        return None                      # written in place after it was made: not this value where it is read
+    return t
+
+
+def constant_nodes(x) -> list[Node]:
+    """The nodes of x's constant expression (``constant_tensor``) that nothing else reads, x first: what a rewrite
+    that folds x's value erases with it."""
+    if not isinstance(x, Node) or len(x.users) != 1 or constant_tensor(x) is None:
+        return []
+    out = [x]
+    for a in x.all_input_nodes:
+        out.extend(constant_nodes(a))
+    return out
