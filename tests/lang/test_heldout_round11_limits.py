@@ -1,5 +1,5 @@
 """Round 11 of held-out kernels, continued (see test_heldout_round11.py's docstring): tiles past what Triton holds,
-and parameters named as the generated Triton source names its own.
+parameters named as the generated Triton source names its own, and f64 float arguments under its interpreter.
 
 Bugs these found, fixed in the Triton backend, each kept here as its regression test:
 - Triton: a tile of more than 2**20 elements (a (2048, 1024) tile, a 2**21 vector), or a product with a dimension
@@ -13,6 +13,9 @@ Bugs these found, fixed in the Triton backend, each kept here as its regression 
   triton.language), `t1_o0` (an address offset: "Unsupported ptr type in tl.store"); such a parameter is renamed in
   the source now (backends.python_dsl.param_names): test_parameters_named_as_the_generated_source_names_its_own.
   (Gluon's source, compiled on the GPU only, does not rename them yet.)
+- Triton's interpreter: an f64 kernel's float argument of -0.0 was +0.0 (round 10's open item); it is an f64 tensor
+  in the interpreted kernel now, and other values keep all their bits (backends.triton.codegen._e_arg):
+  test_f64_float_arguments_keep_their_value_and_sign.
 """
 
 import math
@@ -107,3 +110,31 @@ def test_parameters_named_as_the_generated_source_names_its_own(backend, names, 
     y = torch.full((37,), math.nan)
     launch(_kernel_named(*names), backend, x, y, 2.0)
     torch.testing.assert_close(y, x * 2.0 + 37)
+
+
+@ts.kernel(grid=lambda X, BN: (ts.cdiv(X.shape[0], BN),))
+def f64_scale(X, Y, Z, s: float, *, BN: int = 16):
+    """Y = X / s, Z = max(X s, s) in f64 work (s an f64 parameter)."""
+    t = ts.RegVec[X.dtype, BN]()
+    u = ts.RegVec[X.dtype, BN]()
+    ts.load(t, X, at=(ts.block_id(0),))
+    ts.div(u, t, s)
+    ts.store(Y, u, at=(ts.block_id(0),))
+    ts.mul(u, t, s)
+    ts.max(u, u, s)
+    ts.store(Z, u, at=(ts.block_id(0),))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("s", [-0.0, 0.0, 1.0 + 2.0**-40, 1e-310, -1e300, math.inf, math.nan])
+def test_f64_float_arguments_keep_their_value_and_sign(backend, s):
+    """Under Triton's interpreter an f64 kernel's float argument of -0.0 was +0.0 (X / -0.0 gave +inf for X > 0): the
+    interpreter passes it as a Python float, a constant Triton makes its null value; made an f64 tensor now
+    (backends.triton.codegen._e_arg), without rounding other values to f32 (a conditional takes a float in f32's
+    range as an f32: 1 + 2**-40 became 1)."""
+    x = torch.tensor([1.0, -2.0, 0.0, -0.0, 3.0, math.inf, -math.inf, math.nan] * 2 + [0.5], dtype=torch.float64)
+    y, z = torch.full_like(x, 7.0), torch.full_like(x, 7.0)
+    launch(f64_scale, backend, x, y, z, s)
+    for got, want in ((y, x / s), (z, torch.maximum(x * s, torch.tensor(s, dtype=torch.float64)))):
+        same = (got == want) & (got.signbit() == want.signbit()) | (got.isnan() & want.isnan())
+        assert same.all(), (s, got[~same], want[~same])

@@ -267,14 +267,19 @@ def _e_arg(e: _Emitter, ins: Instr) -> None:
     if ins.result in e.f64_floats:     # passed as f64 (see _Emitter.f64_floats): an f32 wherever else it is used
         e.f64_floats[ins.result] = name
         e.names[ins.result] = f"tl.cast({name}, tl.float32)"
+        if e.interpret:   # the interpreter's Python float as an f64 tensor: a -0.0 as a constant is +0.0 (see below)
+            signed = f"{name}_{len(e.names)}"        # and a conditional takes a float in f32's range as an f32
+            e.names[(Op.ARG, ins.result)] = signed   # (its number taken, as a value's would be)
+            e.f64_floats[ins.result] = signed
+            e.emit(f'{signed} = tl.full((), -1.0, tl.float64) * 0.0 if {name} == 0 and str({name}).startswith("-") '
+                   f'else tl.full((), {name}, tl.float64)')
     elif e.interpret and ins.result.type == FLOAT:
         # the interpreter passes a float argument as the Python float, which meets tensors as a constant: -0.0 would
         # become +0.0 (Triton makes every constant equal to 0 its null value), so a -0.0 becomes a tensor first. A
         # float outside f32's normal range (a subnormal such as an attention scale of 1e-40, or a finite value past
         # f32's largest) reaches the kernel as an fp64 scalar, which made the kernel's f32 work f64 (tl.dot then
         # failed on "Both operands must be same dtype"): cast to f32, as the compiled kernel's fp32 parameter is (a
-        # value past f32's largest is its infinity there). (Not yet for f64 work's arguments: reassigning one there
-        # rounds it to f32 under the interpreter.)
+        # value past f32's largest is its infinity there).
         e.emit(f'{name} = tl.full((), -1.0, tl.float32) * 0.0 if {name} == 0 and str({name}).startswith("-") '
                f'else {name}')
         e.emit(f'{name} = {name}.to(tl.float32) if getattr({name}, "dtype", None) == tl.float64 else {name}')
