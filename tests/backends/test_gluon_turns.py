@@ -135,15 +135,27 @@ def test_a_role_of_the_order_that_is_never_declared_is_refused():
         traced(body)()
 
 
-def test_turns_in_two_loops_are_refused():
+def test_a_role_taking_its_turns_in_a_loop_the_other_role_takes_none_in_is_refused():
     def body(X, Y):
         for _ in ts.range(4):
             with ts.partition("consumer0", warps=4, registers=240):
                 one_turn()
         with ts.partition("consumer1", warps=4, registers=240):
             one_turn()
-    with pytest.raises(TraceError, match=r"taken in two places .* take every role's turns in the same loop"):
+    with pytest.raises(TraceError, match=r"test_gluon_turns.py:\d+: turn_wait: in this loop the roles of the turn "
+                                         r"order .* take \{'consumer0': [01], 'consumer1': [01]\} turns; each must "
+                                         "take as many in each loop"):
         traced(body)()
+
+
+def test_two_loops_each_balanced_trace():
+    def body(X, Y):
+        for n in (3, 5):
+            for _ in ts.range(n):
+                for role in ROLES:
+                    with ts.partition(role, warps=4, registers=240):
+                        one_turn()
+    traced(body)()
 
 
 def test_roles_taking_different_numbers_of_turns_are_refused():

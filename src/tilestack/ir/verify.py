@@ -10,9 +10,10 @@
 - an async mma's pending result is read only by mma_wait, as the acc of the next async mma, or carried by a loop;
 - every instruction's warp role is declared, each role's registers are 24..256 in steps of 8, and the roles
   together fit one SM's register file;
-- turns among roles (turn_wait / turn_pass of one ``order``) are all in one block (so every role runs as many
-  trips of the loops around them), each role's alternate wait, pass, wait, pass there, and every role of the order
-  takes as many turns: a role that waited for a turn no other role hands on would hang the GPU.
+- turns among roles (turn_wait / turn_pass of one ``order``): in each block (a loop body, or the kernel's) that
+  takes any, each role of the order alternates wait, pass, wait, pass, and every role takes as many turns there
+  (the roles of one block run its trips alike): a role that waited for a turn no other role hands on would hang
+  the GPU.
 """
 
 from __future__ import annotations
@@ -83,36 +84,35 @@ def _roles(kernel: KernelIR) -> None:
 
 
 def _turns(kernel: KernelIR) -> None:
-    """The turn ops' balance (module docstring): per order, one block, and per role wait/pass in turn, as many."""
-    blocks: dict[tuple, list] = {}                    # order -> [(block, instruction)]
+    """The turn ops' balance (module docstring): in every block that takes turns of an order, each role of the
+    order alternates wait and pass, and every role takes as many (the roles of one block run its loop's trips
+    alike, so no role waits for a turn nobody hands on)."""
+    found: dict[tuple, dict[int, tuple[Block, list]]] = {}      # order -> id(block) -> (block, its turn ops)
     for block in [kernel.body, *(ins.body for ins in kernel.walk() if ins.body is not None)]:
         for ins in block.instrs:
             if ins.op in (Op.TURN_WAIT, Op.TURN_PASS):
-                blocks.setdefault(ins.attrs.order, []).append((block, ins))
-    for order, found in blocks.items():
-        first = found[0][1]
-        if any(b is not found[0][0] for b, _ in found):
-            other = next(ins for b, ins in found if b is not found[0][0])
-            raise TraceError(f"{other.op.value}: turns among roles {order} are taken in two places ({first.where} and "
-                             f"{other.where}), one inside a loop the other is not in; take every role's turns in "
-                             "the same loop, so each role takes as many", other.where)
+                found.setdefault(ins.attrs.order, {}).setdefault(id(block), (block, []))[1].append(ins)
+    for order, blocks in found.items():
+        first = next(iter(blocks.values()))[1][0]
         for role in order:
             if role not in kernel.roles:
                 raise TraceError(f"{first.op.value}: role {role!r} of the turn order {order} is not declared "
                                  "(ts.partition)", first.where)
-        counts = {}
-        for role in order:
-            mine = [ins for _, ins in found if ins.role == role]
-            for k, ins in enumerate(mine):
-                want = Op.TURN_WAIT if k % 2 == 0 else Op.TURN_PASS
-                if ins.op is not want:
-                    held = "already holds" if want is Op.TURN_PASS else "does not hold"
-                    raise TraceError(f"{ins.op.value}: role {role!r} {held} its turn among {order} here; each turn "
-                                     "is a turn_wait then a turn_pass (ts.turn)", ins.where)
-            if len(mine) % 2:
-                raise TraceError(f"turn_wait: role {role!r} waits for a turn among {order} it never passes on",
-                                 mine[-1].where)
-            counts[role] = len(mine) // 2
-        if len(set(counts.values())) != 1:
-            raise TraceError(f"turn_wait: the roles of the turn order {order} take {counts} turns; each must take as "
-                             "many (a role that waits for a turn nobody hands on hangs)", first.where)
+        for _, turns in blocks.values():
+            counts = {}
+            for role in order:
+                mine = [ins for ins in turns if ins.role == role]
+                for k, ins in enumerate(mine):
+                    want = Op.TURN_WAIT if k % 2 == 0 else Op.TURN_PASS
+                    if ins.op is not want:
+                        held = "already holds" if want is Op.TURN_PASS else "does not hold"
+                        raise TraceError(f"{ins.op.value}: role {role!r} {held} its turn among {order} here; each "
+                                         "turn is a turn_wait then a turn_pass (ts.turn)", ins.where)
+                if len(mine) % 2:
+                    raise TraceError(f"turn_wait: role {role!r} waits for a turn among {order} it never passes on",
+                                     mine[-1].where)
+                counts[role] = len(mine) // 2
+            if len(set(counts.values())) != 1:
+                raise TraceError(f"{turns[0].op.value}: in this loop the roles of the turn order {order} take {counts} "
+                                 "turns; each must take as many in each loop (a role that waits for a turn nobody "
+                                 "hands on hangs)", turns[0].where)

@@ -11,7 +11,9 @@ lengths, top-left and bottom-right causal, the natural-log LSE; no bias, no drop
 - each trip of a consumer: the scores of block j (issued the trip before) through the online softmax, then P_j V_j
   and the scores of block j + 1 issued together, in turn with the other consumer (``ts.turn``: FlashAttention-3's
   ping-pong, so one consumer's products run on the matrix units while the other does its softmax), and waited
-  within the trip (a wgmma left in flight across the loop's back edge makes ptxas serialize them all).
+  within the trip (a wgmma left in flight across the loop's back edge makes ptxas serialize them all);
+- two loops, as the plain kernel's: the key blocks every row of the program sees whole, unmasked, then the ragged
+  end and the causal diagonal, masked (the turns balance in each).
 
 On the Gluon backend the roles become ``gl.warp_specialize`` partitions and the turns named barriers; the Triton
 backend drops roles and turns (a plain kernel, slower than ``attention_fwd_kernel``), the reference runs it in
@@ -40,6 +42,48 @@ PRODUCER = dict(warps=4, registers=32)
 SCHEDULES = ("plain", "pingpong")     # attention_forward's ``schedule`` config key
 
 
+def _trip(j, q, acc, m, lsum, s_next, k_ring, v_ring, k_s, v_s, K, V, b, hk, i, Nk, qk_scale, *, masked: bool,
+          causal: bool, shift, HALF: int, BN: int, STAGES: int):
+    """Key block j: the producer's loads (block j + 1's keys, block j's values), then each consumer's softmax of
+    S_j and its P_j V_j and S_{j+1} in turn. Blocks before ``n_full`` need no mask (the first loop)."""
+    st, nx = j % STAGES, (j + 1) % STAGES
+    with ts.partition("producer", **PRODUCER):
+        ts.async_load(k_ring, nx, K, at=(b, hk, j + 1, 0))       # the next block's keys (past the end: zeros)
+        ts.async_load(v_ring, st, V, at=(b, hk, j, 0))
+    for g, role in enumerate(ROLES):
+        with ts.partition(role, **CONSUMER):
+            s = ts.RegTile[ts.f32, HALF, BN]()                   # S_j, raw
+            ts.copy(s, s_next[g])
+            if masked:
+                ts.right_fill(s, s, Nk - j * BN, -math.inf)      # keys past the end
+                if causal:
+                    ts.make_causal(s, s, causal_diagonal(2 * i + g, j, HALF, BN, shift))
+            m_new = ts.RegVec[ts.f32, HALF]()
+            ts.row_max(m_new, s)                                 # the raw max, scaled (scale > 0): s * c - m_new
+            ts.mul(m_new, m_new, qk_scale)                       # below is one FFMA an element
+            ts.max(m_new, m_new, m[g])
+            ts.mul(s, s, qk_scale)
+            alpha = ts.RegVec[ts.f32, HALF]()
+            ts.sub(alpha, m[g], m_new)
+            ts.exp2(alpha, alpha)
+            ts.sub_row(s, s, m_new)
+            ts.exp2(s, s)
+            ts.mul_row(acc[g], acc[g], alpha)
+            ts.mul(lsum[g], lsum[g], alpha)
+            ts.row_sum(lsum[g], s, lsum[g])
+            p = ts.RegTile[V.dtype, HALF, BN]()
+            ts.copy(p, s)
+            ts.wait_load(v_s, v_ring, st)
+            ts.wait_load(k_s, k_ring, nx)
+            ts.zero(s_next[g])
+            with ts.turn(*ROLES):                                # P_j V_j and S_{j+1}, in turn
+                ts.mma_AB_async(acc[g], p, v_s, acc[g])
+                ts.mma_ABt_async(s_next[g], q[g], k_s, s_next[g])
+            ts.mma_wait(acc[g])
+            ts.mma_wait(s_next[g])                               # nothing in flight past the trip
+            ts.copy(m[g], m_new)
+
+
 def _grid(Q, BM):
     return (ts.cdiv(Q.shape[2], BM), Q.shape[0] * Q.shape[1])
 
@@ -62,7 +106,6 @@ def attention_fwd_pingpong_kernel(Q, K, V, O, LSE, scale: float, *, D: int, DV: 
     v_ring = ts.SharedStages[V.dtype, STAGES, BN, DV]()
     k_s = ts.SharedTile[K.dtype, BN, D]()
     v_s = ts.SharedTile[V.dtype, BN, DV]()
-    _, n_blocks = query_block_keys(i, Nk, BM, BN, causal, shift)   # both consumers run the program's trips
     with ts.partition("producer", **PRODUCER):
         ts.async_load(k_ring, 0, K, at=(b, hk, 0, 0))            # block 0's keys, before the loop
     q, acc, m, lsum, s_next = [], [], [], [], []
@@ -81,42 +124,14 @@ def attention_fwd_pingpong_kernel(Q, K, V, O, LSE, scale: float, *, D: int, DV: 
             ts.zero(s_next[g])
             ts.mma_ABt_async(s_next[g], q[g], k_s, s_next[g])      # S_0
             ts.mma_wait(s_next[g])
-    for j in ts.range(n_blocks):
-        st, nx = j % STAGES, (j + 1) % STAGES
-        with ts.partition("producer", **PRODUCER):
-            ts.async_load(k_ring, nx, K, at=(b, hk, j + 1, 0))   # the next block's keys (past the end: zeros)
-            ts.async_load(v_ring, st, V, at=(b, hk, j, 0))
-        for g, role in enumerate(ROLES):
-            with ts.partition(role, **CONSUMER):
-                s = ts.RegTile[ts.f32, HALF, BN]()               # S_j, raw
-                ts.copy(s, s_next[g])
-                ts.right_fill(s, s, Nk - j * BN, -math.inf)      # keys past the end
-                if causal:
-                    ts.make_causal(s, s, causal_diagonal(2 * i + g, j, HALF, BN, shift))
-                m_new = ts.RegVec[ts.f32, HALF]()
-                ts.row_max(m_new, s)                             # the raw max, scaled (scale > 0): s * c - m_new
-                ts.mul(m_new, m_new, qk_scale)                   # below is one FFMA an element
-                ts.max(m_new, m_new, m[g])
-                ts.mul(s, s, qk_scale)
-                alpha = ts.RegVec[ts.f32, HALF]()
-                ts.sub(alpha, m[g], m_new)
-                ts.exp2(alpha, alpha)
-                ts.sub_row(s, s, m_new)
-                ts.exp2(s, s)
-                ts.mul_row(acc[g], acc[g], alpha)
-                ts.mul(lsum[g], lsum[g], alpha)
-                ts.row_sum(lsum[g], s, lsum[g])
-                p = ts.RegTile[V.dtype, HALF, BN]()
-                ts.copy(p, s)
-                ts.wait_load(v_s, v_ring, st)
-                ts.wait_load(k_s, k_ring, nx)
-                ts.zero(s_next[g])
-                with ts.turn(*ROLES):                            # P_j V_j and S_{j+1}, in turn
-                    ts.mma_AB_async(acc[g], p, v_s, acc[g])
-                    ts.mma_ABt_async(s_next[g], q[g], k_s, s_next[g])
-                ts.mma_wait(acc[g])
-                ts.mma_wait(s_next[g])                           # nothing in flight past the trip
-                ts.copy(m[g], m_new)
+    n_full, n_blocks = query_block_keys(i, Nk, BM, BN, causal, shift)   # both consumers run the program's trips
+    tiles = dict(q=q, acc=acc, m=m, lsum=lsum, s_next=s_next, k_ring=k_ring, v_ring=v_ring, k_s=k_s, v_s=v_s, K=K,
+                 V=V, b=b, hk=hk, i=i, Nk=Nk, qk_scale=qk_scale, causal=causal, shift=shift, HALF=HALF, BN=BN,
+                 STAGES=STAGES)
+    for j in ts.range(0, n_full):
+        _trip(j, masked=False, **tiles)
+    for j in ts.range(n_full, n_blocks):
+        _trip(j, masked=True, **tiles)
     for g, role in enumerate(ROLES):
         with ts.partition(role, **CONSUMER):
             if shift is not None:                                # a row that saw no key: o = 0, l = 0

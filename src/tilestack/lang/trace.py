@@ -6,6 +6,7 @@ first frame that is the kernel author's.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import linecache
 import os
@@ -18,7 +19,9 @@ from tilestack.ir.ops import Op
 from tilestack.ir.types import Type
 
 _PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_INTERNAL = (os.path.join(_PKG, "lang") + os.sep, os.path.join(_PKG, "ir") + os.sep)
+# the language's own frames, and contextlib's (ts.partition and ts.turn are context managers: their ops are
+# recorded from contextlib's __enter__ and __exit__, the author's line is the `with`)
+_INTERNAL = (os.path.join(_PKG, "lang") + os.sep, os.path.join(_PKG, "ir") + os.sep, contextlib.__file__)
 
 
 def _user_frame():
