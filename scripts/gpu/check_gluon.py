@@ -71,6 +71,10 @@ ATTN_LIB_CONFIG = {64: dict(BM=128, BN=128, num_warps=8, num_stages=3),
                    128: dict(BM=128, BN=64, num_warps=8, num_stages=3)}
 BENCH_SIZES = (4096, 8192)
 ATTN_BENCH = [(4, 32, 4096, 64), (4, 16, 4096, 128)]   # (B, H, N, D): B*N = 16k, H*D = 2048
+# the ping-pong GEMM's (BM, BN, BK, STAGES) a consumer: its tile's accumulator fits 168 registers, both consumers'
+# rings and epilogue buffers fit 227 KiB (tests/backends/test_gluon_gemm_pingpong.py compiles each)
+PINGPONG_CONFIGS = [dict(BM=128, BN=128, BK=64, STAGES=2), dict(BM=64, BN=256, BK=64, STAGES=2),
+                    dict(BM=128, BN=128, BK=32, STAGES=4)]
 GEMM_CONFIGS = [dict(BM=128, BN=128, BK=64, num_stages=4), dict(BM=128, BN=256, BK=64, num_stages=3),
                 dict(BM=128, BN=128, BK=64, num_stages=3),
                 dict(BM=128, BN=128, BK=64, num_stages=4, warp_specialize=True),
@@ -467,16 +471,17 @@ def kernel_report(launch, tag: str, impl: str) -> dict:
 DUMP: Path | None = None     # --dump: a folder for the PTX and SASS of the timed gluon kernels
 
 
-def bench_cases(run: Runner, gemm_ws) -> None:
+def bench_cases(run: Runner, gemm_ws, gemm_pingpong) -> None:
     for dtype in (torch.bfloat16, torch.float16):
         for n in BENCH_SIZES[-1:] if QUICK else BENCH_SIZES:
-            bench_one(run, gemm_ws, dtype, n)
+            bench_one(run, gemm_ws, gemm_pingpong, dtype, n)
             torch.cuda.empty_cache()
 
 
-def bench_one(run: Runner, gemm_ws, dtype, n: int) -> None:
+def bench_one(run: Runner, gemm_ws, gemm_pingpong, dtype, n: int) -> None:
     """One size and dtype: cuBLAS, the Triton backend (its tuned config), the gluon backend (each config of
-    GEMM_CONFIGS; the best is its number), the warp-specialized explicit GEMM; then the ratios to cuBLAS."""
+    GEMM_CONFIGS; the best is its number), the warp-specialized explicit GEMM, the ping-pong one (each config of
+    PINGPONG_CONFIGS, checked against cuBLAS's product first); then the ratios to cuBLAS."""
     from triton.testing import do_bench
 
     flops = 2 * n**3
@@ -505,6 +510,18 @@ def bench_one(run: Runner, gemm_ws, dtype, n: int) -> None:
         run.case("bench", f"{tag} gluon {cfg}", lambda cfg=cfg, impl=impl: timed(
             impl, through(gemm_kernel, "gluon", **cfg), config=cfg))
     run.case("bench", f"{tag} gluon_ws explicit", lambda: timed("gluon_ws", through(gemm_ws, "gluon")))
+    sms = torch.cuda.get_device_properties(a.device).multi_processor_count
+
+    def pingpong(cfg):
+        launch = through(gemm_pingpong, "gluon", PROGRAMS=sms, **cfg)
+        c.fill_(float("nan"))
+        launch()
+        err = rel_err(c, torch.matmul(a, b))
+        if not err <= 1e-2:
+            return {"status": "FAIL", "rel_err": err, "detail": f"rel err {err:.2e} against cuBLAS's product"}
+        return timed("gluon_pingpong", launch, config=cfg, rel_err=err)
+    for cfg in few(PINGPONG_CONFIGS):
+        run.case("bench", f"{tag} gluon pingpong {cfg}", lambda cfg=cfg: pingpong(cfg))
     if dtype is torch.bfloat16:
         def fused():     # bias + gelu + residual: what the epilogue costs over the plain product
             from tilestack.kernels.gemm import gemm_epilogue_kernel
@@ -530,7 +547,8 @@ def run_section(section: str, limit: float, sink: Path | None) -> list[dict]:
      "attn_lib": lambda: attention_lib_cases(run),
      "attn_bwd": lambda: attention_bwd_cases(run),
      "fp8": lambda: fp8_cases(run),
-     "bench": lambda: bench_cases(run, ws.gemm_ws),
+     "bench": lambda: bench_cases(run, ws.gemm_ws, load_test_module("tests/backends/test_gluon_gemm_pingpong.py",
+                                                                    "gluon_gemm_pingpong_tests").gemm_pingpong),
      "attn_bench": lambda: attention_bench(run, ws.explicit_attention(), ws.attention_fa3,
                                            ws.attention_pingpong)}[section]()
     return run.rows

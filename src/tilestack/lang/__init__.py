@@ -25,8 +25,10 @@ from tilestack.lang.explicit import (
                                      mma_ABt_async,
                                      mma_wait,
                                      partition,
+                                     pass_turn,
                                      turn,
                                      wait_load,
+                                     wait_turn,
 )
 from tilestack.lang.kernel import ArgSpec, Global, Kernel, TracedKernel, Tunable, kernel, tunable
 from tilestack.lang.ops import *  # noqa: F403 - the op vocabulary, listed in ops.__all__
@@ -38,7 +40,7 @@ __all__ = [
     "block_id", "cdiv", "num_blocks", "range", "smax", "smin",
     "ArgSpec", "Global", "Kernel", "TracedKernel", "Tunable", "kernel", "tunable",
     "SharedStages", "Stages", "async_load", "wait_load", "mma_AB_async", "mma_ABt_async", "mma_wait", "partition",
-    "turn",
+    "turn", "wait_turn", "pass_turn",
     "GlobalTensor", "RegTile", "RegVec", "Scalar", "SharedTile", "SharedVec", "Tile",
     *_ops_all,
 ]

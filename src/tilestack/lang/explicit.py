@@ -154,10 +154,37 @@ def partition(role: str, *, warps: int, registers: int, groups: int = 1) -> Iter
         tr.role = ""
 
 
+def _turn_order(opname: str, roles: tuple) -> tuple[str, ...]:
+    tr = current(opname)
+    where = user_line()
+    order = tuple(roles)
+    if len(order) < 2 or len(set(order)) != len(order) or not all(isinstance(r, str) and r.isidentifier()
+                                                                    for r in order):
+        raise TraceError(f"{opname}: roles={order!r}; expected two or more distinct role names, in turn order", where)
+    if tr.role not in order:
+        inside = f"inside role {tr.role!r}" if tr.role else "outside any role"
+        raise TraceError(f"{opname}: taken {inside}; expected inside one of the roles {order} (ts.partition)", where)
+    return order
+
+
+def wait_turn(*roles: str) -> None:
+    """Wait until it is this role's turn among ``roles`` (``turn`` is the usual way; this and ``pass_turn`` are
+    for a turn that spans blocks of other roles, e.g. a consumer's whole main loop whose loads a producer
+    issues in the same loop)."""
+    order = _turn_order("wait_turn", roles)
+    current("wait_turn").emit(Op.TURN_WAIT, (), (), user_line(), order=order)
+
+
+def pass_turn(*roles: str) -> None:
+    """Hand the turn this role holds among ``roles`` to the next role (the last role's to the first)."""
+    order = _turn_order("pass_turn", roles)
+    current("pass_turn").emit(Op.TURN_PASS, (), (), user_line(), order=order)
+
+
 @contextlib.contextmanager
 def turn(*roles: str) -> Iterator[None]:
     """Run the ops traced inside in turn with the other roles of ``roles``: this role waits until it is its turn
-    (``turn_wait``), and hands the turn to the next role when the block ends (``turn_pass``); the roles go in the
+    (``wait_turn``), and hands the turn to the next role when the block ends (``pass_turn``); the roles go in the
     order given, round and round, the first first. FlashAttention-3's ping-pong is two consumer roles that issue
     their matrix products in turn, so one's products run while the other does its softmax::
 
@@ -166,22 +193,13 @@ def turn(*roles: str) -> Iterator[None]:
                 ts.mma_ABt_async(s, q, k_s, s)
                 ts.mma_AB_async(acc, p, v_s, acc)
 
-    Every role of ``roles`` takes its turns in the same loop, as many per trip (ir.verify checks). Timing only:
-    the reference runs program order, the Triton backend (no roles) drops the turns, the Gluon backend makes them
-    named barriers (``bar.sync`` / ``bar.arrive``)."""
-    tr = current("turn")
-    where = user_line()
-    order = tuple(roles)
-    if len(order) < 2 or len(set(order)) != len(order) or not all(isinstance(r, str) and r.isidentifier()
-                                                                    for r in order):
-        raise TraceError(f"turn: roles={order!r}; expected two or more distinct role names, in turn order", where)
-    if tr.role not in order:
-        inside = f"inside role {tr.role!r}" if tr.role else "outside any role"
-        raise TraceError(f"turn: taken {inside}; expected inside one of the roles {order} (ts.partition)", where)
-    tr.emit(Op.TURN_WAIT, (), (), where, order=order)
+    Every role of ``roles`` takes as many turns in each loop (ir.verify checks). Timing only: the reference runs
+    program order, the Triton backend (no roles) drops the turns, the Gluon backend makes them named barriers
+    (``bar.sync`` / ``bar.arrive``)."""
+    wait_turn(*roles)
     yield
-    tr.emit(Op.TURN_PASS, (), (), user_line(), order=order)
+    pass_turn(*roles)
 
 
 __all__ = ["SharedStages", "Stages", "async_load", "wait_load", "mma_AB_async", "mma_ABt_async", "mma_wait",
-           "partition", "turn"]
+           "partition", "turn", "wait_turn", "pass_turn"]
