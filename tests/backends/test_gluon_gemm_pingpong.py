@@ -25,7 +25,10 @@ def _programs(A, B, BM, BN, PROGRAMS):
 def gemm_pingpong(A, B, C, *, BM: int = 128, BN: int = 128, BK: int = 64, STAGES: int = 2, PROGRAMS: int = 132):
     """C = A @ B (A (M, K), B (K, N), C (M, N)). Tile t of the row-major tile order is (t // cols, t % cols); a
     program takes pairs pid, pid + PROGRAMS, ..., consumer g tile 2 * pair + g (past the last tile: loads read
-    zeros, the store writes nothing). Each consumer has rings of its own (a ring's phases follow one reader)."""
+    zeros, the store writes nothing). Each consumer has rings of its own (a ring's phases follow one reader).
+    The producer runs the two main loops' loads in order, so a tile's first STAGES loads are issued only as the
+    tile before has its last STAGES steps left: at each change of tile that much latency is exposed (CUTLASS's
+    producer runs further ahead through one ring shared by both consumers)."""
     M, K = A.shape
     N = B.shape[1]
     cols = ts.cdiv(N, BN)
