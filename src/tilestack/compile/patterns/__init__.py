@@ -14,8 +14,10 @@ Passes, in the order they run (a module each, named after its pass family):
 - ``sdpa``: ``F.scaled_dot_product_attention`` calls -> ``tilestack::attention_fwd``.
 - ``explicit_attention``: ``softmax(q @ k.transpose(-2, -1) * s [+ mask | .masked_fill(cond, -inf) |
   torch.where(keep, ., -inf)]) @ v``; also through casts (the softmax in f32, then back), with a constant 0-d
-  tensor as the scale (or the fill: ``torch.tensor(finfo.min)``), the scores scaled in place (``s /= c``), the key
-  as ``k.mT`` / ``swapaxes`` / ``permute``, ``scores += mask``, and in ``torch.einsum``.
+  tensor as the scale (or the fill: ``torch.tensor(finfo.min)``), or one computed from constants alone
+  (``torch.sqrt(torch.tensor(hd))``: ``match.constant_tensor``), the scores scaled in place (``s /= c``), the key
+  as ``k.mT`` / ``swapaxes`` / ``permute``, ``scores += mask``, q and k cast up to f32 before their product (Phi-2),
+  and in ``torch.einsum``.
 - ``add_norm``: ``h = a + b`` followed by LayerNorm / RMSNorm of h -> one fused add + norm kernel.
 - ``norm``: the remaining LayerNorm and RMSNorm (without affine parameters too), and RMSNorm written out
   (``x * rsqrt(mean(x^2) + eps) * w``: ``hand_norms``).
