@@ -9,16 +9,18 @@ column at a time, the running product carried across column tiles; zeros, infini
 a distillation loss (KL(teacher || student) at a temperature, online over the vocabulary in one pass, the student's
 gradient in a second, ignored rows 0); and GEGLU's backward with the tanh GELU (tanh from sigmoid), its two halves
 strided views of one (M, 2H) tensor. More kernels of this round are in test_heldout_round11_more.py,
-test_heldout_round11_models.py and test_heldout_round11_fp8.py; the language as outsiders first write it (`**`,
-`abs()`, fixed grids, Triton's habits and other mistakes named) in test_heldout_round11_api.py; tiles and names past
-what the Triton backend held in test_heldout_round11_limits.py; all of them compiled for sm_90a in
-test_heldout_round11_aot.py. (No kernel of this file found a bug.)
+test_heldout_round11_models.py, test_heldout_round11_segments.py and test_heldout_round11_fp8.py; the language as
+outsiders first write it (`**`, `abs()`, fixed grids, Triton's habits and other mistakes named) in
+test_heldout_round11_api.py; tiles, names and f64 arguments past what the Triton backend held in
+test_heldout_round11_limits.py; most of them compiled for sm_90a in test_heldout_round11_aot.py. (No kernel of this
+file found a bug.)
 
 Bugs and gaps this round found, fixed, each kept as its regression test (the files' docstrings say more):
 - Triton's interpreter: an e4m3 NaN read from memory was the finite +-480 (test_heldout_round11_fp8.py);
 - Triton: a tile of more than 2**20 elements, or a thin product whose broadcast sum is, failed inside Triton; a
   parameter named as the generated source names its own (`X_d0` beside `X`, `tl`, `t1_o0`) failed there or stored
-  through the wrong name (test_heldout_round11_limits.py);
+  through the wrong name; under the interpreter an f64 kernel's float argument of -0.0 was +0.0 (round 10's open
+  item) (test_heldout_round11_limits.py);
 - launch: a sparse or MKL-DNN tensor failed inside torch while the launch key was made;
 - language: `t ** e`, `t **= e` and `abs(t)` on tiles were Python TypeErrors; a fixed grid was "not a callable
   object"; a positional parameter annotated bool / ts.f32 / torch.float32 was taken for a tensor; a kernel called in a
