@@ -62,3 +62,10 @@ GLUON_CASES = {"hadamard_rows": dict(BM=128), "retention": dict(BM=128), "w8a8_g
 def test_round11_compiles_for_sm90a_with_gluon(name):
     kernel, args, consts = AOT_CASES[name]
     compile_gluon_sm90a(kernel, args, {**consts, **GLUON_CASES[name]})
+
+
+@pytest.mark.parametrize("names", [("tl", "Y", "s"), ("X", "X_d0", "s"), ("X", "t1_o0", "float")])
+def test_parameters_renamed_in_the_source_compile_for_sm90a_with_triton(names):
+    """The renamed parameters (backends.python_dsl.param_names) as the compiled path reads the source's signature."""
+    from test_heldout_round11_limits import _kernel_named
+    check_triton_sm90a(_kernel_named(*names), (meta(_T), meta(_T), 2.0), dict(BN=128))
