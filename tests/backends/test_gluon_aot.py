@@ -10,6 +10,7 @@ from test_gluon_source import (  # pytest puts this folder on sys.path
     attention_pingpong,
     explicit_attention,
     gemm_ws,
+    scaled_gemm,
 )
 
 import tilestack.lang as ts
@@ -234,6 +235,8 @@ LAUNCHES = {
     "gemm_ws_persistent": lambda: (gemm_kernel, {}, _gemm_args(), {"warp_specialize": True, "persistent": True}),
     "attention_explicit": lambda: (explicit_attention(), dict(BM=128, BN=64, D=64, STAGES=2), _attention_args(), {}),
     "attention_fa3_causal": lambda: (attention_fa3, dict(BN=64, CAUSAL=True), _attention_args(), {}),
+    "attention_pingpong": lambda: (attention_pingpong, dict(BN=64), _attention_args(), {}),
+    "scaled_gemm_named_p": lambda: (scaled_gemm, {}, (*_gemm_args(), 2.0, 1.0, 0.5, 0.25, 0.125), {}),
 }
 
 
@@ -244,4 +247,5 @@ def test_launch_arguments_bind_to_the_generated_kernels(hopper_jit, case):
     k = jit_compile(kernel.trace(*args, **consts), args, **options)
     sass = aot.sass(k)
     assert "HGMMA" in sass and ("UTMALDG" in sass) == (case != "gemm_pointers")
-    assert k.metadata.num_warps == (8 if case.startswith("gemm_p") or case == "gemm" else 12)
+    plain = case.startswith(("gemm_p", "scaled")) or case == "gemm"
+    assert k.metadata.num_warps == (8 if plain else 12)

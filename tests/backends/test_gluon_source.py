@@ -471,3 +471,46 @@ def test_launching_without_a_hopper_gpu_is_a_clear_error():
     x = torch.zeros(128, 128, dtype=torch.bfloat16)
     with pytest.raises(LaunchError, match="gluon backend: runs on CUDA tensors of a Hopper GPU; got tensors on"):
         gemm_kernel(x, x, x.clone(), backend="gluon")
+
+
+@ts.kernel(grid=lambda A, B, BM, BN: (ts.cdiv(A.shape[0], BM) * ts.cdiv(B.shape[1], BN),))
+def scaled_gemm(A, B, C, p: float, st: float, gl: float, L0: float, X_ready: float, *, BM: int = 128,
+                BN: int = 64, BK: int = 32):
+    """C = (A @ B) p + st + gl + L0 + X_ready: parameters named as the Gluon source names its own."""
+    N = B.shape[1]
+    pid = ts.block_id(0)
+    i, j = pid // ts.cdiv(N, BN), pid % ts.cdiv(N, BN)
+    a = ts.SharedTile[A.dtype, BM, BK]()
+    b = ts.SharedTile[B.dtype, BK, BN]()
+    acc = ts.RegTile[ts.f32, BM, BN]()
+    ts.zero(acc)
+    for k in ts.range(ts.cdiv(A.shape[1], BK)):
+        ts.load(a, A, at=(i, k))
+        ts.load(b, B, at=(k, j))
+        ts.mma_AB(acc, a, b, acc)
+    ts.mul(acc, acc, p)
+    for x in (st, gl, L0, X_ready):
+        ts.add(acc, acc, x)
+    c = ts.RegTile[C.dtype, BM, BN]()
+    ts.copy(c, acc)
+    ts.store(C, c, at=(i, j))
+
+
+def test_parameters_named_as_the_sources_own_names_are_renamed():
+    # a parameter `p` was read after the pipeline's `for p in gl.static_range(...)` prologue as its last index
+    # (a silent wrong answer on the GPU); `gl` shadowed the module, `L0` a layout, `X_ready` a ring's barriers' form
+    src = get_backend("gluon").source(scaled_gemm.trace(BF16_2, BF16_2, BF16_2, 2.0, 1.0, 0.5, 0.25, 0.125))
+    compile(src, "<gluon scaled gemm>", "exec")
+    head = re.search(r"def scaled_gemm_kernel\((.*)\):", src).group(1).split(", ")
+    assert {"p_p", "st_p", "gl_p", "L0_p", "X_ready_p"} <= set(head) and not {"p", "st", "gl", "L0"} & set(head)
+    assert "for p in gl.static_range(" in src                   # the source's own p is still there
+    assert re.search(r"= \(acc_\d+ \* p_p\)", src) and "+ X_ready_p)" in src
+
+
+def test_parameters_named_as_the_sources_own_names_mean_the_same_on_the_reference():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(130, 40, generator=g).bfloat16(), torch.randn(40, 70, generator=g).bfloat16()
+    c = torch.full((130, 70), float("nan"), dtype=torch.bfloat16)
+    scaled_gemm(a, b, c, 2.0, 1.0, 0.5, 0.25, 0.125, backend="reference", BM=32, BN=32, BK=16)
+    want = (a.double() @ b.double()) * 2.0 + 1.875
+    torch.testing.assert_close(c.double(), want, rtol=1e-2, atol=2e-2)

@@ -130,14 +130,19 @@ _GENERATED_NAME = re.compile(r"_\d+$|_[ds]\d+$|_desc\d+$|_o\d+$|^v\d+$|^_")
 _RESERVED_NAMES = frozenset({"tl", "triton"}) | frozenset(dir(builtins))
 
 
-def param_names(names: Sequence[str]) -> list[str]:
+def param_names(names: Sequence[str], reserved: frozenset[str] = frozenset(),
+                generated: re.Pattern | None = None) -> list[str]:
     """Each kernel parameter's name in the generated source: the user's own, unless the source could make or read
     that name itself (a parameter `X_d0` beside a global `X`, one named `tl`, `float` or `t1_o0`: the source failed
-    with a duplicate argument or read the wrong value); such a name gets `_p` appended (more p's while taken)."""
+    with a duplicate argument or read the wrong value); such a name gets `_p` appended (more p's while taken).
+    A backend adds the names its source uses beside these (``reserved``) and the forms it makes (``generated``)."""
+    def clashes(n: str) -> bool:
+        return bool(_GENERATED_NAME.search(n) or n in _RESERVED_NAMES or n in reserved
+                    or (generated is not None and generated.search(n)))
     out = []
-    taken = {n for n in names if not _GENERATED_NAME.search(n) and n not in _RESERVED_NAMES}
+    taken = {n for n in names if not clashes(n)}
     for n in names:
-        if _GENERATED_NAME.search(n) or n in _RESERVED_NAMES:
+        if clashes(n):
             n = (n.lstrip("_") or "arg") + "_p"
             while n in taken:
                 n += "p"

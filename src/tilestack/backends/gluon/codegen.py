@@ -37,6 +37,7 @@ from tilestack.backends.gluon.emitter import (
     Emitter,
     Ring,
     buffer_hints,
+    source_param_names,
 )
 from tilestack.backends.gluon.passes import pipeline
 from tilestack.backends.python_dsl import floor_helpers
@@ -100,7 +101,7 @@ def _rings(kernel: KernelIR) -> dict[int, Ring]:
 def _params(low: KernelIR, e: Emitter) -> list[str]:
     out = []
     for how in low.reads:
-        name = low.params[how[1]].name
+        name = e.pnames[how[1]]
         out.append({"ptr": name, "scalar": name, "dim": f"{name}_d{how[-1]}", "stride": f"{name}_s{how[-1]}",
                     "desc": e.descriptors.get((how[1], how[-1]))}[how[0]])
     return out
@@ -162,8 +163,8 @@ def role_slice(kernel: KernelIR, role: str) -> tuple[set[Instr], set[Value]]:
 
 def _f64_params(low: KernelIR) -> set[str]:
     """The names of the float parameters passed as f64 (``Emitter.f64_floats``; Gluon passes a float as an f32)."""
-    wide = f64_float_args(low)
-    return {ins.attrs.name for ins in low.body.instrs if ins.op is Op.ARG and ins.result in wide}
+    wide, names = f64_float_args(low), source_param_names(low)
+    return {names[ins.attrs.index] for ins in low.body.instrs if ins.op is Op.ARG and ins.result in wide}
 
 
 def _function(name: str, params: list[str], e: Emitter, extra: list[str] = ()) -> list[str]:

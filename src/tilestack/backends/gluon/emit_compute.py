@@ -45,13 +45,14 @@ _LOGIC = {"and": "({} & {})", "or": "({} | {})", "not": "(~{})"}
 # ---- scalars -------------------------------------------------------------------------------------------------------
 @register_emitter("gluon", Op.ARG)
 def e_arg(e: Emitter, ins: Instr) -> None:
+    name = e.pnames[ins.attrs.index]
     if isinstance(ins.result.type, GlobalType):
-        e.globals[ins.result] = ins.attrs.name
+        e.globals[ins.result] = name
         e.global_index[ins.result] = ins.attrs.index
-    e.names[ins.result] = ins.attrs.name
+    e.names[ins.result] = name
     if ins.result in e.f64_floats:     # passed as f64 (see Emitter.f64_floats): an f32 wherever else it is used
-        e.f64_floats[ins.result] = ins.attrs.name
-        e.names[ins.result] = f"gl.cast({ins.attrs.name}, gl.float32)"
+        e.f64_floats[ins.result] = name
+        e.names[ins.result] = f"gl.cast({name}, gl.float32)"
 
 
 register_scalar_emitters("gluon", "gl", SCALAR_TEMPLATES)

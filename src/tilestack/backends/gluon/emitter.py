@@ -5,11 +5,13 @@ themselves, one per op, are in ``emit_compute`` and ``emit_memory``; ``codegen``
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from tilestack.backends.gluon.layouts import materialize, plan_layouts
 from tilestack.backends.python_dsl import (
     FLOOR_SCALAR,
     literal,
+    param_names,
     scalar_templates,
     wide_index_op,
 )
@@ -45,6 +47,18 @@ def buffer_hints(kernel: KernelIR) -> dict[int, str]:
             if r.buffer is not None and r.hint:
                 out.setdefault(r.buffer, r.hint)
     return out
+
+
+# What the generated source names itself beside the names every Python source writer reserves (python_dsl): the
+# modules it imports, the static loops' variables (`for p in gl.static_range(...)`: a parameter `p` would be read
+# as the loop's last index after it), rings' barriers and phases, layouts
+SOURCE_NAMES = frozenset({"gl", "gluon", "hopper", "mbarrier", "tma", "p", "st", "ring"})
+SOURCE_NAME_FORMS = re.compile(r"^L\d+$|_(ready|empty|rph|eph)$")
+
+
+def source_param_names(kernel: KernelIR) -> list[str]:
+    """Each kernel parameter's name in the generated source (python_dsl.param_names with this source's names)."""
+    return param_names([p.name for p in kernel.params], SOURCE_NAMES, SOURCE_NAME_FORMS)
 
 
 # Named barriers for turns among warp roles (ts.turn): the top 8 of the SM's 16 ids. Triton takes the low ones (0
@@ -104,7 +118,8 @@ class Emitter:
         self.warps = warps
         self.rings = rings
         self.keep, self.live, self.partition = keep, live, partition
-        self.descriptors = {(how[1], how[2]): f"{kernel.params[how[1]].name}_desc{k}"
+        self.pnames = source_param_names(kernel)      # each parameter's name in the source
+        self.descriptors = {(how[1], how[2]): f"{self.pnames[how[1]]}_desc{k}"
                             for k, how in enumerate(r for r in kernel.reads if r[0] == "desc")}
         self.lines: list[str] = []
         self.names: dict[Value, str] = {}
