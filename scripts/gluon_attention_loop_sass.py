@@ -3,13 +3,13 @@
     PYTHONPATH=src python scripts/gluon_attention_loop_sass.py [--d 64,128] [--dump /tmp/sass]
 
 For the explicit ping-pong kernel (a producer and two consumer roles, tests/backends/test_gluon_source.py's
-``explicit_attention``), the FA3-scheduled one (``attention_fa3``) and that schedule with its products issued in
-turn (``attention_pingpong``, ts.turn: named barriers), at (4, 16, 4096, D) bf16 with the block
-sizes scripts/gpu/check_gluon.py times: ptxas's resources, then every loop that issues wgmma (a backward branch
-and its target in the SASS: one per consumer partition) with its instruction mix per trip: HGMMA, exponentials,
-the warpgroup barriers (BAR.SYNC), mbarrier waits and arrives, shared-memory traffic and shuffles. It is the
-evidence issue 11 asks for where the attention bar is missed: what a trip spends beside its matrix work, and what
-orders (or does not order) the two consumers' wgmma.
+``explicit_attention``), the FA3-scheduled one (``attention_fa3``) and the library's forward with its products
+issued in turn (kernels/attention_fwd_pingpong, ts.turn: named barriers; its two loops, full and masked blocks),
+at (4, 16, 4096, D) bf16 with the block sizes scripts/gpu/check_gluon.py times: ptxas's resources, then every loop
+that issues wgmma (a backward branch and its target in the SASS: one per consumer partition and loop) with its
+instruction mix per trip: HGMMA, exponentials, the warpgroup barriers (BAR.SYNC), mbarrier waits and arrives,
+shared-memory traffic and shuffles. It is the evidence issue 11 asks for where the attention bar is missed: what a
+trip spends beside its matrix work, and what orders (or does not order) the two consumers' wgmma.
 """
 
 from __future__ import annotations
@@ -76,8 +76,9 @@ def load_kernels():
     spec = importlib.util.spec_from_file_location("gluon_source_tests", ROOT / "tests/backends/test_gluon_source.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    from tilestack.kernels.attention_fwd_pingpong import attention_fwd_pingpong_kernel
     return {"explicit ping-pong": mod.explicit_attention(), "FA3 schedule": mod.attention_fa3,
-            "FA3 ping-pong (turns)": mod.attention_pingpong}
+            "library ping-pong (turns)": attention_fwd_pingpong_kernel}
 
 
 def main() -> int:
@@ -100,7 +101,8 @@ def main() -> int:
         q = torch.empty(*SHAPE, d, dtype=torch.bfloat16, device="meta")
         for name, kernel in load_kernels().items():
             consts = dict(BM=128, BN=64 if d == 128 else 128, D=d, STAGES=2)   # check_gluon.py's blocks
-            traced = kernel.trace(q, q, q, torch.empty_like(q), 1 / math.sqrt(d), **consts)
+            lse = (torch.empty(*SHAPE, dtype=torch.float32, device="meta"),) if "library" in name else ()
+            traced = kernel.trace(q, q, q, torch.empty_like(q), *lse, 1 / math.sqrt(d), **consts)
             compiled = be.aot(traced, be.Options())
             res = gaot.resources(compiled)
             sass = gaot.sass(compiled)

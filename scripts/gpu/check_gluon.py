@@ -262,10 +262,9 @@ def fp8_cases(run: Runner) -> None:
                          "detail": ", ".join(f"{i} {r:.2f}x" for i, r in ratios.items())})
 
 
-def attention_cases(run: Runner, attention, fa3, pingpong) -> None:
+def attention_cases(run: Runner, attention, fa3) -> None:
     g = torch.Generator(device="cuda").manual_seed(1)
-    kernels = (("explicit", attention, {}), ("fa3", fa3, {}), ("fa3 causal", fa3, {"CAUSAL": True}),
-               ("pingpong", pingpong, {}), ("pingpong causal", pingpong, {"CAUSAL": True}))
+    kernels = (("explicit", attention, {}), ("fa3", fa3, {}), ("fa3 causal", fa3, {"CAUSAL": True}))
     for (b, h, nq, nk, d), (name, kernel, opts) in itertools.product(few(ATTN_SHAPES), kernels):
         if opts and nq > nk:
             continue        # the causal kernel is top-left aligned: Nq <= Nk
@@ -376,18 +375,17 @@ def attention_lib_cases(run: Runner) -> None:
                              f"{ws}", one)
 
 
-def attention_bench(run: Runner, attention, fa3, pingpong) -> None:
+def attention_bench(run: Runner, attention, fa3) -> None:
     for b, h, n, d in few(ATTN_BENCH):
         for causal in (False, True):
-            attention_bench_one(run, attention, fa3, pingpong, b, h, n, d, causal)
+            attention_bench_one(run, attention, fa3, b, h, n, d, causal)
         torch.cuda.empty_cache()
 
 
-def attention_bench_one(run: Runner, attention, fa3, pingpong, b: int, h: int, n: int, d: int,
-                        causal: bool) -> None:
+def attention_bench_one(run: Runner, attention, fa3, b: int, h: int, n: int, d: int, causal: bool) -> None:
     """One FA3-grid point: SDPA's cuDNN and flash kernels, the library attention on triton and on gluon, the
-    FA3-scheduled and ping-pong attention on gluon (hand-scheduled, and the library's through the public op),
-    the explicit one (not causal: it has no mask); then the ratios to cuDNN."""
+    library's ping-pong forward through the public op, the hand-scheduled FA3 attention on gluon, the explicit one
+    (not causal: it has no mask); then the ratios to cuDNN."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from triton.testing import do_bench
 
@@ -432,8 +430,6 @@ def attention_bench_one(run: Runner, attention, fa3, pingpong, b: int, h: int, n
     if not causal:
         run.case("attn_bench", f"{tag} gluon explicit", explicit(attention, "gluon_explicit"))
     run.case("attn_bench", f"{tag} gluon fa3", explicit(fa3, "gluon_fa3", **({"CAUSAL": True} if causal else {})))
-    run.case("attn_bench", f"{tag} gluon pingpong", explicit(pingpong, "gluon_pingpong",
-                                                            **({"CAUSAL": True} if causal else {})))
     if "cudnn_attention" in best:
         ratios = {i: best["cudnn_attention"] / ms for i, ms in best.items() if i != "cudnn_attention"}
         run.rows.append({"section": "attn_bench", "case": f"{tag} vs cuDNN", "status": "ok",
@@ -543,14 +539,13 @@ def run_section(section: str, limit: float, sink: Path | None) -> list[dict]:
     ws = load_test_module("tests/backends/test_gluon_source.py", "gluon_source_tests")
     {"gemm": lambda: (gemm_cases(run, "gemm", gemm_kernel), epilogue_cases(run)),
      "gemm_ws": lambda: gemm_cases(run, "gemm_ws", ws.gemm_ws),
-     "attention": lambda: attention_cases(run, ws.explicit_attention(), ws.attention_fa3, ws.attention_pingpong),
+     "attention": lambda: attention_cases(run, ws.explicit_attention(), ws.attention_fa3),
      "attn_lib": lambda: attention_lib_cases(run),
      "attn_bwd": lambda: attention_bwd_cases(run),
      "fp8": lambda: fp8_cases(run),
      "bench": lambda: bench_cases(run, ws.gemm_ws, load_test_module("tests/backends/test_gluon_gemm_pingpong.py",
                                                                     "gluon_gemm_pingpong_tests").gemm_pingpong),
-     "attn_bench": lambda: attention_bench(run, ws.explicit_attention(), ws.attention_fa3,
-                                           ws.attention_pingpong)}[section]()
+     "attn_bench": lambda: attention_bench(run, ws.explicit_attention(), ws.attention_fa3)}[section]()
     return run.rows
 
 

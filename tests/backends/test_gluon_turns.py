@@ -1,44 +1,40 @@
-"""Turns among warp roles (ts.turn): FlashAttention-3's ping-pong of two consumer warpgroups' matrix products.
-Their meaning is timing only (the reference runs program order, the Triton backend drops them); the Gluon backend
-makes each role's turn a named barrier it syncs on and the previous role arrives at; the checks refuse a turn
-that could hang (outside its roles, in two loops, unbalanced, roles taking different numbers of turns)."""
+"""Turns among warp roles (ts.turn): FlashAttention-3's ping-pong of two consumer warpgroups' matrix products, as
+kernels/attention_fwd_pingpong takes them. Their meaning is timing only (the reference runs program order, the
+Triton backend drops them); the Gluon backend makes each role's turn a named barrier it syncs on and the previous
+role arrives at; the checks refuse a turn that could hang (outside its roles, unbalanced, roles taking different
+numbers of turns in a loop)."""
 
 import math
 import re
 
 import pytest
 import torch
-from test_gluon_source import BF16_4, attention_fa3, attention_pingpong  # pytest puts this folder on sys.path
 
 import tilestack.lang as ts
 from tilestack import config
 from tilestack.backends import get_backend
 from tilestack.errors import TraceError
+from tilestack.kernels.attention_fwd import attention_forward
+from tilestack.kernels.attention_fwd_pingpong import attention_fwd_pingpong_kernel as pingpong
 
 ROLES = ("consumer0", "consumer1")
+BF16_4, F32_3 = ts.ArgSpec(ts.bf16, 4), ts.ArgSpec(ts.f32, 3)
 
 
-def attention64(q, k, v, scale, causal):
-    s = (q.double() @ k.double().transpose(-1, -2)) * scale
-    if causal:
-        s = s.masked_fill(torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).triu(1), float("-inf"))
-    return torch.softmax(s, -1) @ v.double()
+def traced_pingpong(**consts):
+    return pingpong.trace(BF16_4, BF16_4, BF16_4, BF16_4, F32_3, 1.0, **{"D": 128, "BN": 64, **consts})
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize(("nq", "nk", "causal"), [(130, 200, False), (1, 64, False), (128, 1, False),
-                                                  (200, 260, True), (64, 64, True)])
-def test_the_ping_pong_kernel_means_attention(backend, nq, nk, causal):
+@pytest.mark.parametrize(("nq", "nk", "causal"), [(130, 200, False), (64, 64, True), (100, 77, True)])
+def test_the_turns_change_when_never_what(backend, nq, nk, causal):
+    # kernels/attention_fwd_pingpong against the plain kernel at the same blocks: the same bits
     g = torch.Generator().manual_seed(nq * 7 + nk)
     q, k, v = (torch.randn(1, 2, n, 64, generator=g).bfloat16() for n in (nq, nk, nk))
-    out = {}
-    for name, kernel in (("pingpong", attention_pingpong), ("fa3", attention_fa3)):
-        o = torch.full_like(q, float("nan"))
-        with config.override(triton_interpret=True):
-            kernel(q, k, v, o, 0.125, backend=backend, BN=64, CAUSAL=causal)
-        out[name] = o
-    torch.testing.assert_close(out["pingpong"].double(), attention64(q, k, v, 0.125, causal), rtol=2e-2, atol=2e-2)
-    assert torch.equal(out["pingpong"], out["fa3"])          # the turns change when, never what
+    with config.override(triton_interpret=True):
+        ping = attention_forward(q, k, v, causal, backend=backend, schedule="pingpong", BM=32, BN=16)
+        plain = attention_forward(q, k, v, causal, backend=backend, BM=32, BN=16)
+    assert torch.equal(ping[0], plain[0]) and torch.equal(ping[1], plain[1])
 
 
 def barriers(text: str) -> list[tuple[str, int, int]]:
@@ -46,35 +42,37 @@ def barriers(text: str) -> list[tuple[str, int, int]]:
 
 
 def test_gluon_makes_each_turn_a_named_barrier_the_previous_role_arrives_at():
-    src = get_backend("gluon").source(attention_pingpong.trace(BF16_4, BF16_4, BF16_4, BF16_4, 1.0, BN=64, D=128))
+    src = get_backend("gluon").source(traced_pingpong())
     compile(src, "<gluon pingpong>", "exec")
-    part = {r: src.split(f"def attention_pingpong_{r}(")[1].split("@gluon.jit")[0]
+    part = {r: src.split(f"def attention_fwd_pingpong_kernel_{r}(")[1].split("@gluon.jit")[0]
             for r in (*ROLES, "producer")}
     first, second = part["consumer0"], part["consumer1"]
-    # consumer0 waits on barrier 15 and hands on at 14; consumer1 the other way round; 2 x 4 warps at each
-    loop0, loop1 = first.split("for j_")[1], second.split("for j_")[1]
-    assert barriers(loop0)[:2] == [("sync", 15, 256), ("arrive", 14, 256)]
-    assert barriers(loop1)[:2] == [("sync", 14, 256), ("arrive", 15, 256)]
-    # ... around both of the trip's products, issued together
-    turn = loop0.split("bar.sync 15")[1].split("bar.arrive 14")[0]
-    assert turn.count("hopper.warpgroup_mma(") == 2 and "warpgroup_mma_wait" not in turn
-    # the last role hands the first its first turn before its loop; the first takes the last one after its loop
+    # consumer0 waits on barrier 15 and hands on at 14; consumer1 the other way round; 2 x 4 warps at each; in each
+    # of the two loops (full key blocks, masked ones)
+    loops0, loops1 = first.split("for j_")[1:], second.split("for j_")[1:]
+    assert len(loops0) == len(loops1) == 2
+    for loop0, loop1 in zip(loops0, loops1, strict=True):
+        assert barriers(loop0)[:2] == [("sync", 15, 256), ("arrive", 14, 256)]
+        assert barriers(loop1)[:2] == [("sync", 14, 256), ("arrive", 15, 256)]
+        # ... around both of the trip's products, issued together
+        turn = loop0.split("bar.sync 15")[1].split("bar.arrive 14")[0]
+        assert turn.count("hopper.warpgroup_mma(") == 2 and "warpgroup_mma_wait" not in turn
+    # the last role hands the first its first turn before its loops; the first takes the last one after them
     assert barriers(second.split("for j_")[0]) == [("arrive", 15, 256)]
     assert barriers(first.split("for j_")[0]) == []
     assert barriers(first)[-1] == ("sync", 15, 256) and first.rindex("bar.sync 15") > first.rindex("for j_")
     assert not barriers(part["producer"])                    # roles outside the order take no part
-    # every arrival at a barrier is met by a sync there: 1 + one per trip at 15, one per trip at 14
-    for text in (first, second):
-        assert len(barriers(text)) in (2, 3)
+    # every arrival at a barrier is met by a sync there: at 15, one first plus one a trip; at 14, one a trip
+    assert len(barriers(first)) == 2 * 2 + 1 and len(barriers(second)) == 2 * 2 + 1
 
 
 def test_triton_drops_the_turns():
-    src = get_backend("triton").source(attention_pingpong.trace(BF16_4, BF16_4, BF16_4, BF16_4, 1.0, BN=64))
+    src = get_backend("triton").source(traced_pingpong(D=64))
     assert "bar." not in src and "inline_asm" not in src
 
 
 def test_the_ir_prints_the_turns():
-    text = str(attention_pingpong.trace(BF16_4, BF16_4, BF16_4, BF16_4, 1.0, BN=64).ir)
+    text = str(traced_pingpong(D=64).ir)
     assert "turn_wait" in text and "turn_pass" in text and "consumer0" in text
 
 
@@ -198,7 +196,8 @@ def test_the_sm90a_compile_keeps_the_barriers_and_the_wgmma_asynchronous():
         pytest.skip(str(e))
     be = get_backend("gluon")
     q = torch.empty(4, 16, 4096, 128, dtype=torch.bfloat16, device="meta")
-    k = be.aot(attention_pingpong.trace(q, q, q, torch.empty_like(q), 1 / math.sqrt(128), BN=64, D=128), be.Options())
+    lse = torch.empty(4, 16, 4096, dtype=torch.float32, device="meta")
+    k = be.aot(pingpong.trace(q, q, q, torch.empty_like(q), lse, 1 / math.sqrt(128), D=128, BN=64), be.Options())
     res, sass = aot.resources(k), aot.sass(k)
     assert res["spill_stores"] == res["spill_loads"] == 0 and not res["wgmma_serialized"], res["report"]
     assert "BAR.SYNC.DEFER_BLOCKING 0xf, 0x100" in sass and "BAR.ARV 0xe, 0x100" in sass
