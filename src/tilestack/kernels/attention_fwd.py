@@ -66,6 +66,8 @@ LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 LOWEST_F32 = -3.4028234663852886e38   # the lowest finite f32: the running max of a row that has seen no key
 MAX_SCALE = -LOWEST_F32 / LOG2E       # the largest scale whose product with log2(e) (qk_scale, f32) is finite
+MAX_BIAS = float(np.float32(MAX_SCALE / 2))   # an additive mask's largest value (add_bias): x log2(e) stays finite
+                                              # beside the scores
 EMPTY_ROW_SUM = 1e-30                 # divides an empty row's zero output (a row that saw a key has l >= 1)
 MAX_HEAD_DIM = 256
 MIN_TILE = 16                         # the matrix units' smallest tile side
@@ -111,8 +113,12 @@ def query_block_keys(i, Nk, BM: int, BN: int, causal: bool, shift):
 
 
 def add_bias(s, bias, Bias, at) -> None:
-    """s (log2-domain scores, f32) += the (BM, BN) tile of ``Bias`` at ``at``, taken to the log2 domain."""
+    """s (log2-domain scores, f32) += the (BM, BN) tile of ``Bias`` at ``at``, taken to the log2 domain. A bias
+    above ``MAX_BIAS`` counts as MAX_BIAS: its log2-domain value would be inf, and a row's max inf makes its
+    exponentials inf - inf = NaN, where torch's f32 scores stay finite (such a key then takes the row's weight, as
+    in torch; two of them in one row share it, where torch gives it to the larger)."""
     ts.load(bias, Bias, at=at)                   # (BM, BN) f32; zeros past the edges
+    ts.min(bias, bias, MAX_BIAS)
     ts.mul(bias, bias, LOG2E)
     ts.add(s, s, bias)
 
