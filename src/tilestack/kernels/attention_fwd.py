@@ -33,7 +33,9 @@ The meaning is torch's ``F.scaled_dot_product_attention`` (its math backend, in 
   and lse = -inf, as torch's math backend. An additive bias at or below about -2.4e38 (e.g.
   ``torch.finfo(torch.float32).min``) overflows to -inf in the kernel's log2 domain, so a row masked that way
   everywhere counts as fully masked (o = 0) where torch's math backend averages v (its softmax of equal huge
-  scores is uniform); rows with any larger score agree.
+  scores is uniform); rows with any larger score agree. A bias above ``MAX_BIAS`` (about 1.18e38) counts as
+  MAX_BIAS (``add_bias``): such a key takes its row's weight as in torch, but two of them in one row share it where
+  torch gives it to the larger.
 - GQA/MQA: query head h reads key/value head h // (H // Hkv).
 
 One program per (query block, batch*head). Keys are visited in two loops: blocks that need no mask (fully
