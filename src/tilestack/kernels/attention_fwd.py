@@ -115,12 +115,15 @@ def query_block_keys(i, Nk, BM: int, BN: int, causal: bool, shift):
 
 
 def add_bias(s, bias, Bias, at) -> None:
-    """s (log2-domain scores, f32) += the (BM, BN) tile of ``Bias`` at ``at``, taken to the log2 domain. A bias
-    above ``MAX_BIAS`` counts as MAX_BIAS: its log2-domain value would be inf, and a row's max inf makes its
+    """s (log2-domain scores, f32) += the (BM, BN) tile of ``Bias`` at ``at``, taken to the log2 domain. A finite
+    bias above ``MAX_BIAS`` counts as MAX_BIAS: its log2-domain value would be inf, and a row's max inf makes its
     exponentials inf - inf = NaN, where torch's f32 scores stay finite (such a key then takes the row's weight, as
-    in torch; two of them in one row share it, where torch gives it to the larger)."""
+    in torch; two of them in one row share it, where torch gives it to the larger). +inf stays inf."""
     ts.load(bias, Bias, at=at)                   # (BM, BN) f32; zeros past the edges
+    inf = ts.RegTile[ts.bool_, bias.shape[0], bias.shape[1]]()
+    ts.eq(inf, bias, math.inf)                   # +inf stays inf (a NaN row, as torch's)
     ts.min(bias, bias, MAX_BIAS)
+    ts.where(bias, inf, math.inf, bias)
     ts.mul(bias, bias, LOG2E)
     ts.add(s, s, bias)
 
