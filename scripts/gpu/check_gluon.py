@@ -71,6 +71,10 @@ ATTN_LIB_CONFIG = {64: dict(BM=128, BN=128, num_warps=8, num_stages=3),
                    128: dict(BM=128, BN=64, num_warps=8, num_stages=3)}
 BENCH_SIZES = (4096, 8192)
 ATTN_BENCH = [(4, 32, 4096, 64), (4, 16, 4096, 128)]   # (B, H, N, D): B*N = 16k, H*D = 2048
+# the library's ping-pong attention (kernels.attention_fwd_pingpong, BM = 128: two consumers of 64 rows) by head
+# dim: key blocks and ring stages that compile without spills (hd128 causal at BN 128 spills 8 words)
+PINGPONG_ATTN_CONFIGS = {64: [dict(BN=128, STAGES=2), dict(BN=128, STAGES=3), dict(BN=64, STAGES=3)],
+                         128: [dict(BN=64, STAGES=2), dict(BN=64, STAGES=3), dict(BN=128, STAGES=2)]}
 # the ping-pong GEMM's (BM, BN, BK, STAGES) a consumer: its tile's accumulator fits 168 registers, both consumers'
 # rings and epilogue buffers fit 227 KiB (tests/backends/test_gluon_gemm_pingpong.py compiles each)
 PINGPONG_CONFIGS = [dict(BM=128, BN=128, BK=64, STAGES=2), dict(BM=64, BN=256, BK=64, STAGES=2),
@@ -398,7 +402,7 @@ def attention_bench_one(run: Runner, attention, fa3, b: int, h: int, n: int, d: 
 
     def timed(impl: str, fn) -> dict:
         ms = do_bench(fn, warmup=10, rep=50, return_mode="median")
-        best[impl] = ms
+        best[impl] = min(ms, best.get(impl, math.inf))      # an impl timed at several configs: its best
         return {"impl": impl, "ms": ms, "tflops": flops / ms / 1e9, **kernel_report(fn, tag, impl),
                 "detail": f"{ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s"}
 
@@ -423,8 +427,9 @@ def attention_bench_one(run: Runner, attention, fa3, b: int, h: int, n: int, d: 
     run.case("attn_bench", f"{tag} sdpa flash", sdpa(SDPBackend.FLASH_ATTENTION))
     run.case("attn_bench", f"{tag} triton", library("triton"))
     run.case("attn_bench", f"{tag} gluon", library("gluon", **ATTN_LIB_CONFIG[d]))
-    run.case("attn_bench", f"{tag} gluon pingpong (library)", library("gluon", "gluon_pingpong_lib",
-                                                                          schedule="pingpong"))
+    for cfg in few(PINGPONG_ATTN_CONFIGS[d]):
+        run.case("attn_bench", f"{tag} gluon pingpong (library) {cfg}", library("gluon", "gluon_pingpong_lib",
+                                                                                schedule="pingpong", **cfg))
     run.case("attn_bench", f"{tag} gluon ws", lambda: timed("gluon_ws", lambda: af.attention_forward(
         q, k, v, causal, backend="gluon", warp_specialize=True, **ATTN_LIB_CONFIG[d])))
     if not causal:
@@ -575,6 +580,8 @@ def main() -> int:
     ap.add_argument("--json", "--out", dest="json", type=Path, default=None, help="write the results here")
     ap.add_argument("--time-limit", type=float, default=170.0, help="seconds in all; later cases are skipped")
     ap.add_argument("--skip", default="", help=f"comma-separated sections of {SECTIONS}")
+    ap.add_argument("--section-max-s", type=float, default=SECTION_MAX_S,
+                    help="seconds a section's child process may run before it is killed")
     ap.add_argument("--section", choices=SECTIONS, help="run one section in this process (no isolation)")
     ap.add_argument("--dump", type=Path, default=None, help="write the timed gluon kernels' PTX and SASS here")
     ap.add_argument("--quick", action="store_true", help="two cases a list: a first look, about a minute")
@@ -603,7 +610,7 @@ def main() -> int:
                 rows.append({"section": section, "case": "(section)", "status": "skipped",
                              "detail": "past --time-limit"})
                 continue
-            rows += run_isolated(section, min(left, SECTION_MAX_S))
+            rows += run_isolated(section, min(left, args.section_max_s))
     env["seconds"] = round(time.time() - t0, 1)
     if args.json:
         args.json.write_text(json.dumps({"env": env, "results": rows}, indent=1, default=str))

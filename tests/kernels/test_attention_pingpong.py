@@ -79,6 +79,22 @@ def test_attention_forward_runs_it_for_schedule_pingpong(monkeypatch):
     torch.testing.assert_close(ping[1], plain[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("backend", "bm", "want"), [("gluon", 64, 128), ("gluon", 256, 256), ("triton", 64, 64),
+                                                     ("reference", 16, 32)])
+def test_its_block_rows_fit_the_backend(monkeypatch, backend, bm, want):
+    """The tables' BM, tuned for the plain kernel (64 at head dim 64 or causal), would leave each Gluon consumer
+    32 rows where a warpgroup's wgmma accumulates 64 (a BackendError at the first H100 launch): BM is raised to
+    128 there, and to 32 (two consumers of 16) elsewhere."""
+    from tilestack.kernels import attention_fwd as af
+    seen = []
+    monkeypatch.setattr(af, "tuned_launcher", lambda kernel, args, *backends, **kw: seen.append(kw) or "launch")
+    q = torch.empty(1, 2, 300, 64, dtype=torch.bfloat16)
+    lse = torch.empty(1, 2, 300)
+    consts = dict(D=64, causal=True, BM=bm, BN=128, STAGES=3, num_warps=4)
+    assert af._pingpong_launcher(q, q, q, q, lse, 0.125, backend, backend, consts, True) == "launch"
+    assert seen == [dict(D=64, causal=True, BN=128, STAGES=3, BM=want)]
+
+
 def test_what_it_does_not_take_runs_the_plain_kernel_and_a_bad_schedule_is_refused(monkeypatch):
     from tilestack.kernels import attention_fwd_pingpong as module
     monkeypatch.setattr(module.attention_fwd_pingpong_kernel, "launcher_for",

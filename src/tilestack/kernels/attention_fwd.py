@@ -557,12 +557,14 @@ def attention_forward(q, k, v, causal: bool = False, scale: float | None = None,
 def _pingpong_launcher(q, k, v, o, lse, scale, backend, asked, consts, named: bool):
     """The launcher of kernels.attention_fwd_pingpong for these tensors, or None where it cannot launch (strides
     the copy engine cannot take, a backend that cannot lower it) and the schedule came from the tables (``named``
-    False): the plain kernel then runs. Its block rows are at least 32 (two consumers of 16 rows)."""
+    False): the plain kernel then runs. Its block rows are at least 32 (two consumers of 16 rows), and on the Gluon
+    backend at least 128: a consumer warpgroup's wgmma accumulates 64-row slices (the tables' BM of 64 for head
+    dim 64 or causal launches, tuned for the plain kernel, would leave each consumer 32)."""
     from tilestack.errors import BackendError
     from tilestack.kernels.attention_fwd_pingpong import attention_fwd_pingpong_kernel
 
     keep = {key: consts[key] for key in ("D", "DV", "causal", "causal_align", "BN", "STAGES") if key in consts}
-    keep["BM"] = max(consts.get("BM", 128), 32)
+    keep["BM"] = max(consts.get("BM", 128), 128 if backend == "gluon" else 32)
     try:
         return tuned_launcher(attention_fwd_pingpong_kernel, (q, k, v, o, lse, scale), backend, asked, **keep)
     except (BackendError, LaunchError):
