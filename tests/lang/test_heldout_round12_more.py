@@ -1,0 +1,181 @@
+"""Round 12 of held-out kernels, continued (see test_heldout_round12.py's docstring): a depthwise 3x3 convolution over
+NHWC images (the column shifts as three views of one padded tensor, the row shifts as coordinates, dilation a
+constant; a 3-D grid); Mamba-2's chunked state-space scan (SSD: the decays' prefix sums inside a chunk from a
+triangle, exp of their differences masked before the exp so the upper triangle's overflow never lands, the (N, P)
+state carried across chunks, the final state an f32 output beside the input-dtype Y); an L2 normalization of rows
+safe at 1e30 and 1e-30 (scaled by the row's largest magnitude first; rows given as a transposed view; the norm as f32
+and a bool output); and batch-norm training statistics over a channels-last view of NCHW memory, summed across
+programs by atomic adds with a per-channel shift (a mean of 1e3 and a spread of 0.1 in f32), then applied, the
+running statistics written by one program (the others' stores land past the tensor and are dropped).
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from heldout_support import BACKENDS, BF, F16, close, launch, randn
+
+import tilestack.lang as ts
+
+FLOAT_DTYPES = [torch.float32, F16, BF]
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1212)
+
+
+def poisoned(*shape, dtype=torch.float32, value=math.nan) -> torch.Tensor:
+    return torch.full(shape, value, dtype=dtype)
+
+
+# ---- 1. depthwise 3x3 convolution, NHWC ----------------------------------------------------------------------------
+@ts.kernel(grid=lambda Y, BW, BC: (ts.cdiv(Y.shape[2], BW), ts.cdiv(Y.shape[3], BC), Y.shape[0] * Y.shape[1]))
+def depthwise3x3(X0, X1, X2, W, BIAS, Y, *, DIL: int = 1, BW: int = 16, BC: int = 16):
+    """Xp (N, H + 2 DIL, W + 2 DIL, C), the input zero-padded by DIL; X0, X1, X2 its views from columns 0, DIL and
+    2 DIL; W (3, 3, C) a filter per channel, BIAS (C,); Y (N, H, W, C) = conv2d(groups=C, padding=DIL, dilation=DIL)
+    in NHWC. Grid: (column blocks, channel blocks, N H)."""
+    j, c, nh = ts.block_id(0), ts.block_id(1), ts.block_id(2)
+    H = Y.shape[1]
+    n, y = nh // H, nh % H
+    x = ts.RegTile[ts.f32, BW, BC]()
+    acc = ts.RegTile[ts.f32, BW, BC]()
+    out = ts.RegTile[Y.dtype, BW, BC]()
+    w = ts.RegVec[ts.f32, BC]()
+    ts.zero(acc)
+    for dy in range(3):                              # (Python loops: nine taps, unrolled)
+        for dx, X in enumerate((X0, X1, X2)):
+            ts.load(x, X, at=(n, y + dy * DIL, j, c))
+            ts.load(w, W, at=(dy, dx, c))
+            ts.mul(x, x, ts.per_col(w))
+            ts.add(acc, acc, x)
+    ts.load(w, BIAS, at=(c,))
+    ts.add(acc, acc, ts.per_col(w))
+    ts.copy(out, acc)
+    ts.store(Y, out, at=(n, y, j, c))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize(("N", "H", "W", "C", "dil"), [(2, 5, 19, 20, 1), (1, 1, 1, 3, 1), (1, 7, 33, 16, 2),
+                                                       (2, 3, 4, 1, 3)])
+def test_depthwise_conv3x3_nhwc(backend, dtype, N, H, W, C, dil):
+    """Widths and channel counts off the tile, one pixel, one channel, a dilation past the image (every tap but the
+    centre reads padding)."""
+    rng = np.random.default_rng(N * 1000 + H * 100 + W + C)
+    x = randn(rng, N, H, W, C, dtype=dtype)
+    w = randn(rng, 3, 3, C, dtype=dtype)
+    bias = randn(rng, C)
+    xp = F.pad(x, (0, 0, dil, dil, dil, dil))        # (N, H + 2 dil, W + 2 dil, C)
+    views = [xp[:, :, dx * dil:, :] for dx in range(3)]
+    y = poisoned(N, H, W, C, dtype=dtype)
+    launch(depthwise3x3, backend, *views, w, bias, y, DIL=dil)
+    want = F.conv2d(x.double().permute(0, 3, 1, 2), w.double().permute(2, 0, 1)[:, None], bias.double(),
+                    padding=dil, dilation=dil, groups=C).permute(0, 2, 3, 1)
+    close(y, want.to(dtype), scale=4)
+
+
+# ---- 2. Mamba-2's chunked scan (SSD) -------------------------------------------------------------------------------
+def _lower(mask, BT: int, strict: bool = False) -> None:
+    """mask (BT, BT) bool: s <= t (s < t if strict) at (t, s)."""
+    r = ts.RegVec[ts.i32, BT]()
+    ts.arange(r)
+    (ts.gt if strict else ts.ge)(mask, ts.per_row(r), ts.per_col(r))
+
+
+@ts.kernel(grid=lambda X, BP: (ts.cdiv(X.shape[3], BP), X.shape[1], X.shape[0]))
+def ssd_scan(X, DA, BM_, CM, H0, Y, HT, *, BT: int = 16, N: int = 16, BP: int = 16):
+    """X (B, H, T, P) inputs; DA (B, H, T) f32 log-decays (dt A, <= 0); BM_ and CM (B, T, N) the input and output
+    projections (one group, shared by the heads); H0 (B, H, N, P) f32 the state before t = 0. The recurrence
+    h_t = exp(da_t) h_{t-1} + B_t^T x_t, y_t = C_t h_t, chunk by chunk: inside a chunk y = (C B^T * L) X with
+    L[t, s] = exp(cum_t - cum_s) for s <= t, plus exp(cum_t) C_t h0; then h0 = exp(cum_end) h0 + (B * exp(cum_end -
+    cum))^T X. Y (B, H, T, P) in X's dtype, HT (B, H, N, P) f32 the last state. Grid: (P blocks, heads, batch)."""
+    pj, h, b = ts.block_id(0), ts.block_id(1), ts.block_id(2)
+    T = X.shape[2]
+    x = ts.RegTile[ts.f32, BT, BP]()
+    bm = ts.RegTile[ts.f32, BT, N]()
+    cm = ts.RegTile[ts.f32, BT, N]()
+    st = ts.RegTile[ts.f32, N, BP]()
+    y = ts.RegTile[ts.f32, BT, BP]()
+    out = ts.RegTile[Y.dtype, BT, BP]()
+    g = ts.RegTile[ts.f32, BT, BT]()
+    dec = ts.RegTile[ts.f32, BT, BT]()
+    lower = ts.RegTile[ts.bool_, BT, BT]()
+    da = ts.RegVec[ts.f32, BT]()
+    cum = ts.RegVec[ts.f32, BT]()
+    tot = ts.RegVec[ts.f32, BT]()
+    w = ts.RegVec[ts.f32, BT]()
+    spread = ts.RegTile[ts.f32, N, BT]()
+    wn = ts.RegVec[ts.f32, N]()
+    _lower(lower, BT)
+    ts.load(st, H0, at=(b, h, 0, pj))
+    for c in ts.range(ts.cdiv(T, BT)):
+        ts.load(x, X, at=(b, h, c, pj))              # (rows past T read 0: they add nothing)
+        ts.load(bm, BM_, at=(b, c, 0))
+        ts.load(cm, CM, at=(b, c, 0))
+        ts.load(da, DA, at=(b, h, c))
+        ts.where(dec, lower, ts.per_col(da), 0.0)
+        ts.row_sum(cum, dec)                         # cum_t = sum of da_s, s <= t
+        ts.zero(dec)
+        ts.add(dec, dec, ts.per_col(da))
+        ts.row_sum(tot, dec)                         # the chunk's total, in every element
+        ts.zero(dec)
+        ts.add(dec, dec, ts.per_row(cum))
+        ts.sub(dec, dec, ts.per_col(cum))            # cum_t - cum_s
+        ts.where(dec, lower, dec, -math.inf)         # masked before the exp: above the diagonal it overflows
+        ts.exp(dec, dec)
+        ts.zero(g)
+        ts.mma_ABt(g, cm, bm, g)                     # C B^T
+        ts.mul(g, g, dec)
+        ts.zero(y)
+        ts.mma_AB(y, g, x, y)                        # inside the chunk
+        ts.exp(w, cum)
+        ts.mul(cm, cm, ts.per_row(w))
+        ts.mma_AB(y, cm, st, y)                      # from the state before the chunk: exp(cum_t) C_t h0
+        ts.copy(out, y)
+        ts.store(Y, out, at=(b, h, c, pj))
+        ts.sub(w, tot, cum)
+        ts.exp(w, w)
+        ts.mul(bm, bm, ts.per_row(w))                # B_s exp(cum_end - cum_s)
+        ts.zero(spread)
+        ts.add(spread, spread, ts.per_col(da))
+        ts.row_sum(wn, spread)                       # the chunk's total again, one per state row
+        ts.exp(wn, wn)
+        ts.mul(st, st, ts.per_row(wn))               # exp(cum_end) h0
+        ts.mma_AtB(st, bm, x, st)                    # + (B exp(cum_end - cum))^T X
+    ts.store(HT, st, at=(b, h, 0, pj))
+
+
+def ssd_ref(x, da, bm, cm, h0):
+    """The recurrence, step by step, in float64."""
+    B, H, T, P = x.shape
+    x, da, bm, cm, h = x.double(), da.double(), bm.double(), cm.double(), h0.double().clone()
+    y = torch.zeros(B, H, T, P, dtype=torch.float64)
+    for t in range(T):
+        h = torch.exp(da[:, :, t])[..., None, None] * h + bm[:, None, t, :, None] * x[:, :, t, None, :]
+        y[:, :, t] = torch.einsum("bn,bhnp->bhp", cm[:, t], h)
+    return y, h
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize(("B", "H", "T", "P", "decay"), [(2, 2, 37, 20, 0.5), (1, 1, 1, 16, 0.1), (1, 2, 40, 8, 50.0),
+                                                         (1, 1, 0, 16, 0.5)])
+def test_mamba2_chunked_scan(backend, dtype, B, H, T, P, decay, rng):
+    """T off the chunk (37, 40) and of one step; P off the tile; decays so strong (up to 50 a step) that exp of the
+    upper triangle's differences would be inf times a 0 mask; a zero decay (exp 1) at some steps; T = 0 (HT = H0)."""
+    N = 16
+    x = randn(rng, B, H, T, P, dtype=dtype)
+    da = -torch.from_numpy(rng.uniform(0, decay, (B, H, T))).float()
+    if T > 3:
+        da[:, :, ::4] = 0.0
+    bm = randn(rng, B, T, N, dtype=torch.float32) * 0.5
+    cm = randn(rng, B, T, N, dtype=torch.float32) * 0.5
+    h0 = randn(rng, B, H, N, P)
+    y, ht = poisoned(B, H, T, P, dtype=dtype), poisoned(B, H, N, P)
+    launch(ssd_scan, backend, x, da, bm, cm, h0, y, ht, N=N)
+    want_y, want_h = ssd_ref(x, da, bm, cm, h0)
+    close(y, want_y.to(dtype), scale=20 if dtype is torch.float32 else 4)
+    close(ht, want_h.float(), scale=20)
