@@ -315,8 +315,16 @@ def quantize(model: nn.Module, mode: str = "int8", *, calibration=None, skip=())
 
     if "" in names:      # the model is itself a Linear: no parent to change in place, its replacement is returned
         return replaced("", model)
+    # every replacement made before any is set: a layer refused (an f64 or NaN weight) left the layers before it
+    # quantized in the caller's model, which then ran half quantized after the error
+    made = []
     for group in kept:   # one QuantLinear per layer, set under each of its names
-        new = replaced(group[0], model.get_submodule(group[0]))
+        try:
+            made.append((group, replaced(group[0], model.get_submodule(group[0]))))
+        except LaunchError as e:
+            raise LaunchError(f"quantize: layer {group[0]!r} cannot be quantized (the model is left unchanged): "
+                              f"{e}") from e
+    for group, new in made:
         for name in group:
             parent_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
