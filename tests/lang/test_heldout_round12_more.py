@@ -179,3 +179,183 @@ def test_mamba2_chunked_scan(backend, dtype, B, H, T, P, decay, rng):
     want_y, want_h = ssd_ref(x, da, bm, cm, h0)
     close(y, want_y.to(dtype), scale=20 if dtype is torch.float32 else 4)
     close(ht, want_h.float(), scale=20)
+
+
+# ---- 3. L2 normalization safe at 1e30 and 1e-30 --------------------------------------------------------------------
+@ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))
+def safe_l2_normalize(X, Y, NORM, SMALL, eps: float, *, BM: int = 8, BN: int = 16):
+    """Y = X / max(||X||, eps) row by row (F.normalize), in X's dtype; NORM (M,) f32 the norms; SMALL (M,) bool where
+    the norm is below eps. The sum of squares is of x / max|x| (the row's largest magnitude), so 1e30 does not
+    overflow f32 (1e60) and 1e-30 does not underflow to 0; rows wider than a tile take three passes."""
+    i = ts.block_id(0)
+    Ncols = X.shape[1]
+    x = ts.RegTile[ts.f32, BM, BN]()
+    a = ts.RegTile[ts.f32, BM, BN]()
+    out = ts.RegTile[Y.dtype, BM, BN]()
+    amax = ts.RegVec[ts.f32, BM]()
+    inv = ts.RegVec[ts.f32, BM]()
+    ssq = ts.RegVec[ts.f32, BM]()
+    norm = ts.RegVec[ts.f32, BM]()
+    small = ts.RegVec[ts.bool_, BM]()
+    ts.zero(amax)
+    for j in ts.range(ts.cdiv(Ncols, BN)):
+        ts.load(x, X, at=(i, j))
+        ts.abs(a, x)
+        ts.row_max(amax, a, amax)
+    ts.gt(small, amax, 0.0)
+    ts.where(inv, small, amax, 1.0)                  # (a zero row: scaled by 1, its sum 0)
+    ts.fill(norm, 1.0)
+    ts.div(inv, norm, inv)
+    ts.zero(ssq)
+    for j in ts.range(ts.cdiv(Ncols, BN)):
+        ts.load(x, X, at=(i, j))
+        ts.mul(x, x, ts.per_row(inv))
+        ts.mul(x, x, x)
+        ts.row_sum(ssq, x, ssq)
+    ts.sqrt(norm, ssq)
+    ts.mul(norm, norm, amax)
+    ts.lt(small, norm, eps)
+    ts.store(NORM, norm, at=(i,))
+    ts.store(SMALL, small, at=(i,))
+    ts.max(norm, norm, eps)
+    for j in ts.range(ts.cdiv(Ncols, BN)):
+        ts.load(x, X, at=(i, j))
+        ts.div(x, x, ts.per_row(norm))
+        ts.copy(out, x)
+        ts.store(Y, out, at=(i, j))
+
+
+BIG = {torch.float32: 1e30, BF: 1e30, F16: 1e4}
+TINY = {torch.float32: 1e-30, BF: 1e-30, F16: 1e-4}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize(("M", "N"), [(11, 40), (3, 1), (9, 16), (0, 5)])
+def test_l2_normalize_at_extreme_magnitudes(backend, dtype, M, N, rng):
+    """Rows scaled to 1e30 and 1e-30 (1e4 and 1e-4 in f16), a zero row, a row whose norm is below eps; the rows are a
+    transposed view of (N, M) memory."""
+    x = randn(rng, N, M, dtype=torch.float32).t()
+    if M >= 4:
+        x[0] *= BIG[dtype]
+        x[1] *= TINY[dtype]
+        x[2] = 0.0
+        x[3] *= 1e-13
+    x = x.to(dtype)
+    eps = 1e-12
+    y, norm = poisoned(M, N, dtype=dtype), poisoned(M)
+    small = torch.ones(M, dtype=torch.bool) if M % 2 else torch.zeros(M, dtype=torch.bool)
+    launch(safe_l2_normalize, backend, x, y, norm, small, eps)
+    n64 = torch.linalg.vector_norm(x.double(), dim=1)
+    close(y, F.normalize(x.double(), dim=1, eps=eps).to(dtype), scale=4)
+    torch.testing.assert_close(norm.double(), n64, rtol=1e-5, atol=0)
+    assert torch.equal(small, n64 < eps)
+    if M >= 4 and dtype is not F16:
+        assert norm[0].item() > 1e29 and 0 < norm[1].item() < 1e-28 and small[2] and small[3]
+
+
+# ---- 4. batch-norm training statistics by atomic adds, then applied -----------------------------------------------
+def _bn_grid(X, BW, BC):
+    return (ts.cdiv(X.shape[2], BW), ts.cdiv(X.shape[3], BC), X.shape[0] * X.shape[1])
+
+
+@ts.kernel(grid=_bn_grid)
+def bn_stats(X, SUM, SUMSQ, *, BW: int = 16, BC: int = 16):
+    """X (N, H, W, C), any strides (here NCHW memory seen channels-last); SUM, SUMSQ (C,) f32, zeroed, += the sums of
+    d = x - x[0, 0, 0, c] and of d^2 over this program's (BW, BC) block (shifted by the first pixel, so a large mean
+    does not cancel the variance away)."""
+    j, c, nh = ts.block_id(0), ts.block_id(1), ts.block_id(2)
+    H, W = X.shape[1], X.shape[2]
+    n, y = nh // H, nh % H
+    x = ts.RegTile[ts.f32, BW, BC]()
+    shift = ts.RegVec[ts.f32, BC]()
+    s = ts.RegVec[ts.f32, BC]()
+    ts.load(shift, X, at=(0, 0, 0, c))
+    ts.load(x, X, at=(n, y, j, c))
+    ts.sub(x, x, ts.per_col(shift))
+    ts.lower_fill(x, x, W - j * BW, 0.0)             # pixels past W read 0, less the shift: out
+    ts.col_sum(s, x)
+    ts.atomic_add(SUM, s, at=(c,))
+    ts.mul(x, x, x)
+    ts.col_sum(s, x)
+    ts.atomic_add(SUMSQ, s, at=(c,))
+
+
+@ts.kernel(grid=_bn_grid)
+def bn_apply(X, SUM, SUMSQ, WEIGHT, BIAS, RMEAN, RVAR, Y, eps: float, momentum: float, *, BW: int = 16,
+             BC: int = 16):
+    """Y = (x - mean) / sqrt(var + eps) * weight + bias (biased var), in Y's dtype and strides; RMEAN, RVAR (C,) f32
+    the running statistics, (1 - momentum) r + momentum (mean, unbiased var): written by program (0, c, 0) alone (the
+    others aim past the tensor, where stores are dropped)."""
+    j, c, nh = ts.block_id(0), ts.block_id(1), ts.block_id(2)
+    H, W = X.shape[1], X.shape[2]
+    n, y = nh // H, nh % H
+    count = X.shape[0] * H * W
+    x = ts.RegTile[ts.f32, BW, BC]()
+    out = ts.RegTile[Y.dtype, BW, BC]()
+    shift = ts.RegVec[ts.f32, BC]()
+    mean = ts.RegVec[ts.f32, BC]()
+    var = ts.RegVec[ts.f32, BC]()
+    t = ts.RegVec[ts.f32, BC]()
+    r = ts.RegVec[ts.f32, BC]()
+    ts.load(shift, X, at=(0, 0, 0, c))
+    ts.load(mean, SUM, at=(c,))
+    ts.load(var, SUMSQ, at=(c,))
+    ts.mul(mean, mean, 1.0 / count)                  # E[d], the mean less the shift
+    ts.mul(var, var, 1.0 / count)                    # E[d^2]
+    ts.mul(t, mean, mean)
+    ts.sub(var, var, t)                              # the biased variance
+    own = c + (j + nh) * ts.cdiv(X.shape[3], BC)     # c for program (0, c, 0), past the channels for the rest
+    ts.load(r, RMEAN, at=(c,))
+    ts.mul(r, r, 1.0 - momentum)
+    ts.add(t, mean, shift)
+    ts.mul(t, t, momentum)
+    ts.add(r, r, t)
+    ts.store(RMEAN, r, at=(own,))
+    ts.load(r, RVAR, at=(c,))
+    ts.mul(r, r, 1.0 - momentum)
+    ts.mul(t, var, momentum * count / ts.smax(count - 1, 1))
+    ts.add(r, r, t)
+    ts.store(RVAR, r, at=(own,))
+    ts.add(var, var, eps)
+    ts.rsqrt(var, var)
+    ts.load(t, WEIGHT, at=(c,))
+    ts.mul(var, var, t)                              # weight / sqrt(var + eps)
+    ts.load(x, X, at=(n, y, j, c))
+    ts.sub(x, x, ts.per_col(shift))                  # (x - shift) - E[d]: both small, so no bits of x are lost
+    ts.sub(x, x, ts.per_col(mean))
+    ts.mul(x, x, ts.per_col(var))
+    ts.load(t, BIAS, at=(c,))
+    ts.add(x, x, ts.per_col(t))
+    ts.copy(out, x)
+    ts.store(Y, out, at=(n, y, j, c))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize(("N", "C", "H", "W"), [(2, 20, 3, 19), (1, 3, 1, 1), (3, 16, 2, 5), (4, 1, 2, 2)])
+def test_batchnorm_training_step(backend, dtype, N, C, H, W, rng):
+    """NCHW memory given as its channels-last permutation (channels the slow, strided axis of the tiles); a mean of
+    1e3 (1e2 in f16) with a spread of 0.1 (the shift keeps the variance: without it f32's E[x^2] - E[x]^2 loses
+    it); one pixel per channel (N H W = 1: biased variance 0, the running variance's count - 1 kept at 1)."""
+    loc = 1e2 if dtype is F16 else 1e3
+    x = (loc + 0.1 * randn(rng, N, C, H, W)).to(dtype)
+    weight, bias = randn(rng, C), randn(rng, C)
+    rmean, rvar = randn(rng, C), torch.rand(C) + 0.5
+    xv = x.permute(0, 2, 3, 1)                       # (N, H, W, C) over NCHW memory
+    s, q = torch.zeros(C), torch.zeros(C)
+    launch(bn_stats, backend, xv, s, q)
+    y = poisoned(N, C, H, W, dtype=dtype)
+    rm, rv = rmean.clone(), rvar.clone()
+    eps, momentum = 1e-5, 0.1
+    launch(bn_apply, backend, xv, s, q, weight, bias, rm, rv, y.permute(0, 2, 3, 1), eps, momentum)
+    want_rm, want_rv = rmean.double(), rvar.double()
+    want = F.batch_norm(x.double(), want_rm, want_rv, weight.double(), bias.double(), training=True,
+                        momentum=momentum, eps=eps) if N * H * W > 1 else None
+    if want is None:                                 # (torch refuses one value per channel in training)
+        want = bias.double()[None, :, None, None].expand(N, C, H, W)
+        want_rm = (1 - momentum) * rmean.double() + momentum * x.double().reshape(C)
+        want_rv = (1 - momentum) * rvar.double()
+    close(y, want.to(dtype), scale=10 if dtype is torch.float32 else 4)
+    close(rm, want_rm.float(), scale=10)
+    close(rv, want_rv.float(), scale=10)
