@@ -317,7 +317,14 @@ def _example_args(example_input: Any, where: str) -> tuple:
     for a in args:
         if a.is_floating_point() and not bool(torch.isfinite(a).all()):
             raise PlanError(f"{where}: example_input holds NaN or inf; expected finite values")
-    return args
+    return tuple(_savable(a) for a in args)
+
+
+def _savable(t: Any) -> Any:
+    """An example tensor made under torch.inference_mode (data prepared without autograd) as a normal copy:
+    autograd may not save an inference tensor, and measuring what a layer keeps for its backward failed inside
+    torch ("Inference tensors cannot be saved for backward"). Other values as they are."""
+    return _map_tensors(t, lambda x: x.clone() if x.is_inference() else x)
 
 
 def _example_kwargs(example_kwargs: Any, batch: int, where: str) -> dict[str, Any]:
@@ -335,7 +342,7 @@ def _example_kwargs(example_kwargs: Any, batch: int, where: str) -> dict[str, An
                 raise PlanError(f"{where}: example_kwargs[{k!r}] is on the meta device; expected real values")
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise PlanError(f"{where}: example_kwargs[{k!r}] holds NaN or inf; expected finite values")
-    return dict(example_kwargs)
+    return {k: _savable(v) for k, v in example_kwargs.items()}
 
 
 def _check_module(module: Any, layers: Any, where: str) -> list[tuple[str, Any]] | None:
@@ -349,6 +356,11 @@ def _check_module(module: Any, layers: Any, where: str) -> list[tuple[str, Any]]
         raise PlanError(f"{where}: module {type(module).__name__} has {len(meta)} tensors on the meta device "
                         f"({meta[0]!r}, ...); expected a module with its tensors materialized (on the CPU), or "
                         "describe_transformer for a model counted by formula")
+    inference = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_inference()]
+    if inference:      # autograd may not save them: measuring the backward's activations failed inside torch
+        raise PlanError(f"{where}: module {type(module).__name__} has {len(inference)} inference tensors "
+                        f"({inference[0]!r}, ...: made under torch.inference_mode); expected a module built outside "
+                        "inference mode (torch.no_grad() makes tensors autograd can save)")
     # AdamW (the optimizer the planner counts and tilestack's Trainer steps) takes no sparse gradients
     sparse = [n for n, m in module.named_modules() if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.sparse]
     if sparse:
@@ -534,6 +546,11 @@ def describe_module(module: Any, example_input: Any, *, layers: Sequence[tuple[s
     import torch
     from torch.utils.checkpoint import checkpoint
 
+    if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        # a description is of training (what the backward keeps): under no_grad or inference_mode nothing was
+        # saved, and every layer was described as keeping no activations, without a word
+        with torch.inference_mode(False), torch.enable_grad():
+            return describe_module(module, example_input, layers=layers, name=name, example_kwargs=example_kwargs)
     from tilestack.parallel.memory import saved_activation_bytes
     from tilestack.perf.profile import count_ops
     chain = _check_module(module, layers, "describe_module")
