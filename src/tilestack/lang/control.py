@@ -39,6 +39,13 @@ def _axis(name: str, axis) -> None:
 
 
 def _index(name: str, x) -> Scalar | int:
+    if isinstance(x, Tile):   # a count loaded from memory: say what a data-dependent trip count is written as
+        raise TraceError(f"{name}: an operand is a tile, `{user_name(x) or 'a tile'}` ({x.type}); loop bounds and "
+                         "index arithmetic take index Scalars known before the loop runs (sizes, block ids, int "
+                         "arguments and arithmetic on them): a tile's values are not read back into a Scalar. For a "
+                         "trip count held in a tensor, bound the loop by an upper bound (an int argument such as the "
+                         "largest count, or a size) and mask the trips past each count (ts.where on a comparison "
+                         "with the loop counter)", user_line())
     return x if isinstance(x, int) and not isinstance(x, bool) else as_index(x, f"{name}: an operand")
 
 
