@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from heldout_support import BACKENDS, BF, F16, close, launch, randn
 
 import tilestack.lang as ts
+from tilestack.errors import TraceError
 
 FLOAT_DTYPES = [torch.float32, F16, BF]
 
@@ -359,3 +360,91 @@ def test_batchnorm_training_step(backend, dtype, N, C, H, W, rng):
     close(y, want.to(dtype), scale=10 if dtype is torch.float32 else 4)
     close(rm, want_rm.float(), scale=10)
     close(rv, want_rv.float(), scale=10)
+
+
+# ---- 5. a data-dependent trip count: ragged sequences pooled, the loop bounded by the longest --------------------
+@ts.kernel(grid=lambda X, BD: (X.shape[0], ts.cdiv(X.shape[2], BD)))
+def ragged_pool(X, LEN, MEAN, LAST, max_len: int, *, BL: int = 8, BD: int = 16):
+    """X (B, L, D) a padded batch; LEN (B,) i32 each sequence's length (<= max_len <= L); MEAN (B, D) in X's dtype the
+    mean of its first LEN rows (0 for an empty one), LAST (B, D) f32 its last row (0 for an empty one). The language
+    reads no loop bound from memory: the loop runs to the longest sequence, max_len (an int argument, the host's
+    LEN.max()), not L, and masks the rows past each length."""
+    b, d = ts.block_id(0), ts.block_id(1)
+    x = ts.RegTile[ts.f32, BL, BD]()
+    col = ts.RegTile[ts.i32, BL, 1]()
+    live = ts.RegTile[ts.bool_, BL, BD]()
+    one = ts.RegVec[LEN.dtype, 1]()
+    n = ts.RegVec[ts.i32, BL]()                      # the length, in every element
+    pos = ts.RegVec[ts.i32, BL]()
+    acc = ts.RegVec[ts.f32, BD]()
+    last = ts.RegVec[ts.f32, BD]()
+    cnt = ts.RegVec[ts.f32, BD]()
+    out = ts.RegVec[MEAN.dtype, BD]()
+    onef = ts.RegVec[ts.f32, 1]()
+    row = ts.RegTile[ts.f32, 1, BD]()
+    ts.load(one, LEN, at=(b,))
+    ts.zero(col)
+    ts.add(col, col, ts.per_col(one))
+    ts.row_sum(n, col)
+    ts.zero(acc)
+    ts.zero(last)
+    for t in ts.range(ts.cdiv(max_len, BL)):
+        ts.load(x, X, at=(b, t, d))
+        ts.arange(pos, t * BL)
+        ts.lt(live, ts.per_row(pos), ts.per_row(n))
+        ts.where(x, live, x, 0.0)
+        ts.col_sum(acc, x, acc)
+        ts.add(pos, pos, 1)
+        ts.eq(live, ts.per_row(pos), ts.per_row(n))  # the last row, if in this tile
+        ts.where(x, live, x, 0.0)
+        ts.col_sum(cnt, x)
+        ts.add(last, last, cnt)
+    ts.copy(onef, one)
+    ts.zero(row)
+    ts.add(row, row, ts.per_row(onef))
+    ts.col_sum(cnt, row)                             # the length, in every element
+    ts.max(cnt, cnt, 1.0)                            # (an empty sequence: 0 / 1)
+    ts.div(acc, acc, cnt)
+    ts.copy(out, acc)
+    ts.store(MEAN, out, at=(b, d))
+    ts.store(LAST, last, at=(b, d))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("lens", [(5, 0, 17, 8), (1,), (0, 0), (24, 3)])
+def test_ragged_pool_bounded_by_the_longest(backend, dtype, lens, rng):
+    """Lengths off the tile, empty sequences (all of them: max_len 0, a loop of no trips), one of one row. The padding
+    past each length holds NaN and 1e30, so a row read past its length shows."""
+    B, L, D = len(lens), 24, 20
+    x = randn(rng, B, L, D, dtype=dtype)
+    for b, n in enumerate(lens):
+        x[b, n:] = math.nan
+        x[b, n + 1:n + 2] = 1e30 if dtype is not F16 else 6e4
+    ln = torch.tensor(lens, dtype=torch.int32)
+    mean, last = poisoned(B, D, dtype=dtype), poisoned(B, D)
+    launch(ragged_pool, backend, x, ln, mean, last, max(lens))
+    want_m = torch.stack([x[b, :n].double().sum(0) / max(n, 1) for b, n in enumerate(lens)])
+    want_l = torch.stack([x[b, n - 1].double() if n else torch.zeros(D, dtype=torch.float64)
+                          for b, n in enumerate(lens)])
+    close(mean, want_m.to(dtype))
+    close(last, want_l.float())
+
+
+def test_a_trip_count_read_from_memory_is_named():
+    """A loop bound taken from a loaded tile (Triton's `for i in range(tl.load(p))`): refused when traced, saying how
+    a data-dependent trip count is written (it named only "an operand must be an index")."""
+    @ts.kernel(grid=(1,))
+    def count_from_memory(LEN, Y, *, BN: int = 16):
+        n = ts.RegVec[ts.i32, 1]()
+        y = ts.RegVec[ts.f32, BN]()
+        ts.load(n, LEN, at=(0,))
+        ts.zero(y)
+        for _ in ts.range(n):
+            ts.add(y, y, 1.0)
+        ts.store(Y, y, at=(0,))
+
+    with pytest.raises(TraceError,
+                       match=r"range: an operand is a tile, `n` \(RegVec\[i32, 1\]\).*bound the loop by an upper "
+                             r"bound \(an int argument such as the largest count"):
+        count_from_memory(torch.ones(1, dtype=torch.int32), torch.zeros(16), backend="reference")
