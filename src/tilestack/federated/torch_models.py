@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from tilestack.federated.models import train_dtype
+
 ARCHS = ("cnn", "transformer")
 CNN_CHANNELS = (16, 32)
 CNN_HIDDEN = 64
@@ -100,16 +102,20 @@ class TorchModel:
         return {k: v.detach().cpu().numpy().astype(np.float32) for k, v in module.state_dict().items()}
 
     def _module(self, params: Mapping[str, np.ndarray]) -> nn.Module:
-        module = _cached_module(self.spec)
+        """The cached module holding ``params``, in float64 where they are (``models.train_dtype``), else float32: a
+        float64 model loaded into the float32 module trained in float32 and came back float64 with float32's values
+        (the numpy models train a float64 model in float64)."""
+        wide = any(train_dtype(v) == np.float64 for v in params.values())
+        module = _cached_module(self.spec, torch.float64 if wide else torch.float32)
         dev = next(module.parameters()).device
         module.load_state_dict({k: torch.as_tensor(np.asarray(v), device=dev) for k, v in params.items()})
         return module
 
     def logits(self, params: Mapping[str, np.ndarray], x: np.ndarray, train: bool = False) -> np.ndarray:
         module = self._module(params)
-        dev = next(module.parameters()).device
+        dev, dtype = next(module.parameters()).device, next(module.parameters()).dtype
         with torch.no_grad():
-            out = [module(torch.as_tensor(x[i : i + EVAL_BATCH], device=dev)).float().cpu().numpy()
+            out = [module(torch.as_tensor(x[i : i + EVAL_BATCH], device=dev, dtype=dtype)).float().cpu().numpy()
                    for i in range(0, len(x), EVAL_BATCH)]  # fmt: skip
         return np.concatenate(out) if out else np.zeros((0, self.num_classes), np.float32)
 
@@ -127,7 +133,7 @@ class TorchModel:
         if prox_mu and anchor is not None:
             start = {k: torch.as_tensor(np.asarray(anchor[k]), device=dev, dtype=p.dtype) for k, p in named.items()}
         corr = {k: torch.as_tensor(np.asarray(correction[k]), device=dev) for k in named} if correction else {}
-        xt = torch.as_tensor(x, device=dev)  # (N, D)
+        xt = torch.as_tensor(x, device=dev, dtype=next(module.parameters()).dtype)  # (N, D), as the module trains
         yt = torch.as_tensor(y, device=dev, dtype=torch.long)  # (N,)
         n = len(y)
         order, pos, total = rng.permutation(n), 0, 0.0
@@ -150,7 +156,9 @@ class TorchModel:
                         g = g + corr[k]
                     p -= lr * g
         module.eval()
-        out = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in module.state_dict().items()}
+        # copies (on the CPU .numpy() shares the cached module's memory, which the next client overwrites), in the
+        # dtype the module trained in: float32, or float64 for a float64 model
+        out = {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
         return out, steps, total / steps if steps else float("nan")
 
 
@@ -162,6 +170,6 @@ def _build(spec: tuple) -> nn.Module:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_module(spec: tuple) -> nn.Module:
-    """One module per architecture and process, its weights replaced by each client's (building costs more)."""
-    return _build(spec).to(_device()).eval()
+def _cached_module(spec: tuple, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """One module per architecture, dtype and process, its weights replaced by each client's (building costs more)."""
+    return _build(spec).to(device=_device(), dtype=dtype).eval()
