@@ -62,7 +62,14 @@ from tilestack.perf.counting import (  # noqa: F401 - ProfileError, OpKey, Shape
     count_ops,
 )
 from tilestack.perf.metrics import Measurement, compute_metrics, roofs_for
-from tilestack.perf.profile_args import _fresh, as_call, check_arguments, check_ceilings, check_placement
+from tilestack.perf.profile_args import (
+    _fresh,
+    as_call,
+    check_arguments,
+    check_ceilings,
+    check_placement,
+    model_name,
+)
 from tilestack.perf.profile_render import (  # noqa: F401 - the rendering and target loading: public here too
     HOT_SPOTS,
     OTHER,
@@ -314,7 +321,7 @@ def profile_model(
         model, inputs, steps=steps, warmup=warmup, train=train, name=name, device=device, ceilings=ceilings,
         fastpath=fastpath, budget_s=budget_s,
     )
-    name = name or type(model).__name__
+    name = name or model_name(model)  # not type(model).__name__: every function would be 'function'
     dev = (
         device
         if isinstance(device, device_mod.Device)

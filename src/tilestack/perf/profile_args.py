@@ -38,6 +38,26 @@ def _fresh(obj: Any) -> Any:
     return obj
 
 
+def model_name(model: Any) -> str:
+    """The name a profile gives ``model`` when the caller gives none: a module's class (a TorchScript module's original
+    class, not ``RecursiveScriptModule``), a function's qualified name (``train_step``), a bound method's class and
+    method (``Net.forward``), a partial's function's. The type's name alone (``function``, ``partial``, ``method``)
+    would name every such model alike, and the store pairs rows of models of one name as comparable."""
+    import functools
+    import types
+
+    while isinstance(model, functools.partial):
+        model = model.func
+    original = getattr(model, "original_name", None)  # torch.jit.ScriptModule: the scripted class's name
+    if isinstance(original, str) and original:
+        return original
+    if isinstance(model, types.MethodType):
+        return f"{model_name(model.__self__)}.{model.__func__.__name__}"
+    if isinstance(model, types.FunctionType | types.BuiltinFunctionType):
+        return getattr(model, "__qualname__", None) or model.__name__
+    return type(model).__name__
+
+
 def check_arguments(
     model: Any, inputs: Any, *, steps: Any, warmup: Any, train: Any, name: Any, device: Any, ceilings: Any,
     fastpath: Any, budget_s: Any,
@@ -111,7 +131,7 @@ def check_arguments(
         )
         if not trainable:
             raise ProfileError(
-                f"train=True, but model {type(model).__name__} has no parameter that requires grad and no input "
+                f"train=True, but model {model_name(model)} has no parameter that requires grad and no input "
                 "does: there is no backward to profile; expected train=False"
             )
     # The inputs must fit the signature of forward (or of the callable): caught here, not deep in a trace.
@@ -124,7 +144,7 @@ def check_arguments(
     try:
         sig.bind(*args, **kwargs)
     except TypeError as e:
-        called = f"{type(model).__name__}.forward" if is_module else getattr(model, "__name__", "model")
+        called = f"{model_name(model)}.forward" if is_module else model_name(model)
         raise ProfileError(
             f"inputs={describe(inputs)} do not fit {called}{sig}: {e}; expected a tuple of its positional "
             "arguments, a dict of its keyword arguments, or one tensor"
