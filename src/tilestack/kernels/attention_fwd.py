@@ -504,20 +504,25 @@ def attention_forward(q, k, v, causal: bool = False, scale: float | None = None,
         return lambda q, *_, **__: (q.new_zeros((B, H, Nq, Dv)), torch.full((B, H, Nq), -math.inf, device=q.device))
     DT, DVT = head_tile(D), head_tile(Dv)
     default = default_config(max(DT, DVT), causal, q.device.type, q.dtype)
-    cfg = launch_config("attention_fwd", config_signature(q, DT, DVT, causal), q.device, Nq, default,
-                        backend) | config
+    tuned = launch_config("attention_fwd", config_signature(q, DT, DVT, causal), q.device, Nq, default, backend)
+    cfg = tuned | config
     asked, backend = backend, take_backend(cfg, backend)      # the tuned backend where none was named
     schedule = cfg.pop("schedule", "plain")
     if schedule not in ("plain", "pingpong"):
         raise LaunchError(f"attention_forward: schedule={schedule!r}; expected 'plain' or 'pingpong' "
                           "(FlashAttention-3's ping-pong, kernels.attention_fwd_pingpong)")
-    consts = dict(D=DT, causal=bool(causal), **cfg)
-    if DVT != DT:
-        consts["DV"] = DVT
-    if causal and causal_align != "top_left":
-        consts["causal_align"] = causal_align
-    if precision != "ieee" and q.dtype == torch.float32:   # half inputs are exact either way: one trace
-        consts["precision"] = precision
+
+    def constants(cfg: dict) -> dict:
+        consts = dict(D=DT, causal=bool(causal), **cfg)
+        if DVT != DT:
+            consts["DV"] = DVT
+        if causal and causal_align != "top_left":
+            consts["causal_align"] = causal_align
+        if precision != "ieee" and q.dtype == torch.float32:   # half inputs are exact either way: one trace
+            consts["precision"] = precision
+        return consts
+
+    consts = constants(cfg)
     o_shape, lse_shape = (B, H, Nq, Dv), (B, H, Nq)
 
     def outputs(q):
@@ -526,9 +531,17 @@ def attention_forward(q, k, v, causal: bool = False, scale: float | None = None,
 
     o, lse = outputs(q)
     bias = mask_as_bias(attn_mask, (B, H, Nq, Nk))
+    if tuned.get("schedule", "plain") != "plain":
+        # the tables chose the ping-pong kernel (tune.library's variant): its config (STAGES, tiles tuned for it)
+        # is not the plain kernel's, so where the plain kernel runs (the caller's schedule="plain", or a launch
+        # the ping-pong cannot take: a mask, dropout, strides) it runs at the launch path's default and the
+        # caller's keys
+        plain_consts = constants(default | {key: value for key, value in config.items() if key != "schedule"})
+    else:
+        plain_consts = consts
     if dropout_p > 0:   # a kernel of its own: dropout_p = 0 runs the kernels above, untouched
-        return _dropout_run(q, k, v, bias, o, lse, scale, rng, float(dropout_p), outputs, (backend, asked), consts,
-                            (B, H, Nq, Nk))
+        return _dropout_run(q, k, v, bias, o, lse, scale, rng, float(dropout_p), outputs, (backend, asked),
+                            plain_consts, (B, H, Nq, Nk))
     if bias is None and schedule == "pingpong" and q.dtype in (torch.bfloat16, torch.float16):
         launch = _pingpong_launcher(q, k, v, o, lse, scale, backend, asked, consts, "schedule" in config)
         if launch is not None:
@@ -538,14 +551,15 @@ def attention_forward(q, k, v, causal: bool = False, scale: float | None = None,
                 return o, lse
             return run
     if bias is None:
-        launch = tuned_launcher(attention_fwd_kernel, (q, k, v, o, lse, scale), backend, asked, **consts)
+        launch = tuned_launcher(attention_fwd_kernel, (q, k, v, o, lse, scale), backend, asked, **plain_consts)
 
         def run(q, k, v, *_, **__):
             o, lse = outputs(q)
             launch((q, k, v, o, lse, scale))
             return o, lse
     else:
-        launch = tuned_launcher(attention_fwd_bias_kernel, (q, k, v, bias, o, lse, scale), backend, asked, **consts)
+        launch = tuned_launcher(attention_fwd_bias_kernel, (q, k, v, bias, o, lse, scale), backend, asked,
+                                **plain_consts)
 
         def run(q, k, v, *_, attn_mask=None, **__):
             o, lse = outputs(q)
@@ -566,7 +580,10 @@ def _pingpong_launcher(q, k, v, o, lse, scale, backend, asked, consts, named: bo
     keep = {key: consts[key] for key in ("D", "DV", "causal", "causal_align", "BN", "STAGES") if key in consts}
     keep["BM"] = max(consts.get("BM", 128), 128 if backend == "gluon" else 32)
     try:
-        return tuned_launcher(attention_fwd_pingpong_kernel, (q, k, v, o, lse, scale), backend, asked, **keep)
+        # from the tables (not named), a backend that refuses it gives way to the plain kernel there, not to the
+        # ping-pong kernel on the default backend (Triton's drops the roles and turns: a slower plain kernel)
+        return tuned_launcher(attention_fwd_pingpong_kernel, (q, k, v, o, lse, scale), backend,
+                              asked if named else backend, **keep)
     except (BackendError, LaunchError):
         if named:
             raise

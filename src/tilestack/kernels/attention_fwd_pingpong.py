@@ -90,8 +90,9 @@ def _grid(Q, BM):
 
 @ts.kernel(grid=_grid)
 def attention_fwd_pingpong_kernel(Q, K, V, O, LSE, scale: float, *, D: int, DV: int | None = None,
-                                  causal: bool = False, causal_align: str = "top_left", BM: int = 128,
-                                  BN: int = 64, STAGES: int = 2):
+                                  causal: bool = False, causal_align: str = "top_left",
+                                  BM: int = ts.tunable(128, (32, 64, 128, 256)),
+                                  BN: int = ts.tunable(64, (16, 32, 64, 128)), STAGES: int = ts.tunable(2, (2, 3, 4))):
     """Q: (B, H, Nq, *), K: (B, Hkv, Nk, *), V: (B, Hkv, Nk, *), O: (B, H, Nq, *), LSE: (B, H, Nq) f32; D and DV
     the tile widths of the q/k and v/o head dims (``head_tile``); BM query rows a program, BM / 2 a consumer."""
     DV = D if DV is None else DV

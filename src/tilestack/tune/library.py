@@ -18,6 +18,7 @@ library did without it (as measured).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import math
 from collections.abc import Callable
@@ -45,6 +46,10 @@ BACKEND_CHOICE = frozenset({"gemm", "attention_fwd", "attention_bwd_dkdv", "atte
 # the tuned domains: narrower than the declared ones where a value never wins on a GPU (tiny tiles); each
 # names the kernel's tunables and the Triton backend's launch options it searches (tune.space: their product)
 ATTN_FWD = dict(BM=(64, 128), BN=(32, 64, 128), num_warps=(4, 8), num_stages=(1, 2, 3, 4))
+# the ping-pong forward (kernels.attention_fwd_pingpong) on the Gluon backend: two consumer warpgroups of 64 rows
+# (a wgmma's), key blocks and ring stages that fit 227 KiB of shared memory at head dims 64 and 128
+ATTN_FWD_PINGPONG = dict(BM=(128,), BN=(64, 128), STAGES=(2, 3))
+PINGPONG_BACKENDS = ("gluon",)    # where its schedule exists (Triton's backend drops the roles and turns)
 ATTN_BWD = {"delta": dict(BM=(32, 64, 128), num_warps=(4, 8), num_stages=(1,)),
             # KEY_MAJOR (S^T = K Q^T) held at its default until scripts/gpu/probe_attention_bwd.py has timed it:
             # the stored ground truth and tables have no key-major entries
@@ -80,6 +85,12 @@ class Problem:
     make: Callable[[str], Workload]      # device -> Workload
     priority: int = 0                    # lower first
     weight: float = 1.0                  # share of the time budget
+    # another kernel the launch path can run for this table entry (``schedule``: the config key that selects it,
+    # as attention_forward's ``schedule="pingpong"``), searched beside this one on ``backends`` only; the entry
+    # keeps whichever is faster, the variant's config carrying its ``schedule``
+    variants: tuple[Problem, ...] = ()
+    schedule: str | None = None          # set on a variant: the value of its config's ``schedule`` key
+    backends: tuple[str, ...] | None = None   # a variant's backends (None: every backend the session searches)
 
     @property
     def bucket(self) -> int:
@@ -88,7 +99,13 @@ class Problem:
 
     @property
     def name(self) -> str:
-        return f"{self.kernel} {self.signature} @{self.bucket}"
+        return f"{self.kernel} {self.signature} @{self.bucket}" + (f" ({self.schedule})" if self.schedule else "")
+
+    @property
+    def search_name(self) -> str:
+        """The kernel as the tuner's winners and seeds know it: the table's name, or ``name:schedule`` for a
+        variant (another tile kernel, other tunables)."""
+        return f"{self.kernel}:{self.schedule}" if self.schedule else self.kernel
 
 
 def rel_error(out, ref) -> float:
@@ -155,23 +172,37 @@ def attention_fwd_problems(dtype: str, small: bool = False) -> list[Problem]:
             for N in (SEQS_D256 if D > 128 else seqs):
                 B, H, _ = _attention_shape(N, D, small)
 
-                def make(device, B=B, H=H, N=N, D=D, causal=causal):
+                def make(device, B=B, H=H, N=N, D=D, causal=causal, tile=af.attention_fwd_kernel):
                     import torch
                     q, k, v, _ = _attention_inputs(dtype, B, H, N, D, device)
                     scale = 1.0 / math.sqrt(D)
                     o = torch.empty_like(q)
                     lse = torch.empty(B, H, N, dtype=torch.float32, device=device)
-                    return direct(af.attention_fwd_kernel, (q, k, v, o, lse, scale), dict(D=D, causal=causal),
+                    return direct(tile, (q, k, v, o, lse, scale), dict(D=D, causal=causal),
                                   (3,), (_sdpa(q, k, v, causal, scale),))
 
                 anchor = N == seqs[0]
-                out.append(Problem(
+                plain = Problem(
                     "attention_fwd", af.config_signature(_Dtype(dtype), D, D, causal), N,
                     f"B={B} H={H} N={N} D={D}{' causal' if causal else ''}", af.attention_fwd_kernel,
                     dict(D=D, causal=causal), _restrict(ATTN_FWD, small, BM=(16, 32), BN=(16, 32)),
                     _default(af.default_config(D, causal, "cuda", _torch_dtype(dtype)), small), make,
-                    priority=_attention_priority(D, dtype, anchor, 0), weight=_attention_weight(D, dtype, anchor)))
+                    priority=_attention_priority(D, dtype, anchor, 0), weight=_attention_weight(D, dtype, anchor))
+                if D <= 128:     # head dim 256: a consumer's accumulator and scores exceed its registers
+                    plain.variants = (_pingpong_variant(plain, make, small),)
+                out.append(plain)
     return out
+
+
+def _pingpong_variant(plain: Problem, make, small: bool) -> Problem:
+    """The ping-pong forward as a variant of a plain attention_fwd problem: same inputs and reference, its own
+    kernel and tunables, searched on the Gluon backend only."""
+    from tilestack.kernels.attention_fwd_pingpong import attention_fwd_pingpong_kernel as tile
+
+    return dataclasses.replace(
+        plain, tile=tile, restrict=_restrict(ATTN_FWD_PINGPONG, small, BM=(32,), BN=(16,)),
+        default=_default(dict(BM=128, BN=64, STAGES=2), small),
+        make=functools.partial(make, tile=tile), variants=(), schedule="pingpong", backends=PINGPONG_BACKENDS)
 
 
 class _Dtype:

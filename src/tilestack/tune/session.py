@@ -17,6 +17,10 @@ The backend is searched too: each of ``backends`` (default, on a GPU: every one 
 a search of its own options, unless it cannot launch on the device, the problem's workload cannot run on it, or
 it cannot lower the kernel (judged from a few configs first). The fastest is written with ``"backend"`` and each
 other backend's best under ``"others"``, which ``tune.lookup`` reads.
+
+A problem's variants (``Problem.variants``: another kernel the launch path can run for the same entry, as the
+ping-pong attention forward) are searched beside it on their backends, each with its share of the time; a
+backend's best is its fastest kernel, written with the variant's ``"schedule"`` in its config.
 """
 
 from __future__ import annotations
@@ -201,14 +205,16 @@ class Session:
         self.search_rep_ms, self.confirm_rep_ms = search_rep_ms, confirm_rep_ms
         self.clock, self.log = clock, log
         self.register_limit = device.register_tile_bytes if register_limit is None else register_limit
-        self.winners: dict[tuple[str, str], dict[int, list[dict]]] = {}   # (kernel, signature) -> bucket -> best
+        # (kernel or kernel:schedule, signature, backend) -> bucket -> the best configs
+        self.winners: dict[tuple[str, str, str], dict[int, list[dict]]] = {}
         self._spaces: dict[tuple, list[dict]] = {}
         # the backends searched per problem: on a GPU every one that can launch there, on a CPU (Triton's
         # interpreter) the default alone
         if backends is None:
             backends = lookup.gpu_backends(device) if device_str == "cuda" else (lookup.DEFAULT_BACKEND,)
         self.backends = tuple(backends)
-        self.seeds = dict(seeds or {})   # (kernel, backend) -> configs to try early (measured good elsewhere)
+        # (kernel, or kernel:schedule for a variant, backend) -> configs to try early (measured good elsewhere)
+        self.seeds = dict(seeds or {})
 
     def run(self, problems: list[Problem], on_start: Callable[[int, Problem], None] = lambda i, p: None,
             on_done: Callable[[Outcome], None] = lambda o: None) -> list[Outcome]:
@@ -239,48 +245,67 @@ class Session:
             return out
         current = dict(lookup.resolve(p.kernel, p.signature, self.device, p.n, cache=self.before) or {})
         current_backend = current.pop("backend", lookup.DEFAULT_BACKEND)
-        found, notes, runnable = {}, [], {}
+        current_schedule = current.pop("schedule", None)     # a variant's config (Problem.variants)
+        notes = []
+        searches = []       # (backend, the problem or a variant of it, its workload on that backend)
         for backend in self.backends:         # those that cannot launch here, or not this workload: named, skipped
             why = None if backend == lookup.DEFAULT_BACKEND else lookup.backend_refusal(backend, self.device)
             if why is None and backend != lookup.DEFAULT_BACKEND and work.on is None:
                 why = "this problem's workload launches only on the Triton backend"
             if why is None and backend != lookup.DEFAULT_BACKEND and p.kernel not in BACKEND_CHOICE:
                 why = f"{p.kernel}'s launch path uses the default backend"
-            if why is None:
-                runnable[backend] = work if backend == lookup.DEFAULT_BACKEND else work.on(backend)
-            else:
+            if why is not None:
                 notes.append(f"{backend}: {why}")
-        for i, (backend, w) in enumerate(runnable.items()):   # each its share of what is left of the problem's
+                continue
+            searches.append((backend, p, work if backend == lookup.DEFAULT_BACKEND else work.on(backend)))
+            for v in p.variants:
+                if v.backends is not None and backend not in v.backends:
+                    continue
+                try:
+                    w = v.make(self.device_str)
+                    searches.append((backend, v, w if backend == lookup.DEFAULT_BACKEND else w.on(backend)))
+                except Exception as e:  # noqa: BLE001 - as the problem's own inputs above
+                    notes.append(f"{backend} ({v.schedule}): skipped: its inputs failed: {type(e).__name__}")
+        found: dict[tuple[str, str | None], _Found] = {}      # (backend, schedule) -> its best
+        for i, (backend, q, w) in enumerate(searches):   # each its share of what is left of the problem's time
+            label = backend + (f" ({q.schedule})" if q.schedule else "")
             now = self.clock()
             if i and now >= deadline:
-                notes.append(f"{backend}: skipped, no time left")
+                notes.append(f"{label}: skipped, no time left")
                 continue
+            in_use = (backend, q.schedule) == (current_backend, current_schedule)
             try:
-                found[backend] = self._search(p, w, backend, now + (deadline - now) / (len(runnable) - i),
-                                              current if backend == current_backend else None)
+                found[(backend, q.schedule)] = self._search(q, w, backend, now + (deadline - now) / (len(searches) - i),
+                                                            current if in_use else None)
             except _Refused as e:
-                notes.append(f"{backend}: {e}")
+                notes.append(f"{label}: {e}")
         out.note = "; ".join(notes)
         if not found:
             return out
-        won = min(found, key=lambda b: found[b].seconds)
-        best = found[won]
-        out.config, out.seconds, out.backend = best.config, best.seconds, won
-        out.seconds_by_backend = {b: f.seconds for b, f in found.items()}
+        by_backend: dict[str, tuple[str | None, _Found]] = {}     # each backend's fastest schedule
+        for (backend, schedule), f in found.items():
+            if backend not in by_backend or f.seconds < by_backend[backend][1].seconds:
+                by_backend[backend] = (schedule, f)
+        won = min(by_backend, key=lambda b: by_backend[b][1].seconds)
+        schedule, best = by_backend[won]
+        out.config, out.seconds, out.backend = _scheduled(best.config, schedule), best.seconds, won
+        out.seconds_by_backend = {b: f.seconds for b, (_, f) in by_backend.items()}
         out.tried, out.failed = sum(f.tried for f in found.values()), sum(f.failed for f in found.values())
-        out.complete = all(f.complete for f in found.values()) and len(found) == len(self.backends)
-        out.before = found[current_backend].before if current_backend in found else None
-        out.before_seconds = found[current_backend].before_seconds if current_backend in found else None
+        out.complete = all(f.complete for f in found.values()) and len(by_backend) == len(self.backends)
+        before = found.get((current_backend, current_schedule))
+        out.before = _scheduled(before.before, current_schedule) if before and before.before else None
+        out.before_seconds = before.before_seconds if before else None
         config, options = best.space.split(best.config)   # stored apart: the kernel's tunables, backend's options
-        entry = {"config": config, "options": options, "backend": won, "seconds": out.seconds,
+        entry = {"config": _scheduled(config, schedule), "options": options, "backend": won, "seconds": out.seconds,
                  "shared_bytes": best.space.footprint(work.args, best.config)[0], "tried": out.tried}
-        others = {b: dict(zip(("config", "options"), f.space.split(f.config), strict=True), seconds=f.seconds)
-                  for b, f in found.items() if b != won}
+        others = {b: {"config": _scheduled(f.space.split(f.config)[0], s), "options": f.space.split(f.config)[1],
+                      "seconds": f.seconds}
+                  for b, (s, f) in by_backend.items() if b != won}
         if others:      # each other backend's best: an explicit backend= launches with its own
             entry["others"] = others
         if out.speedup:
             entry["speedup"] = round(out.speedup, 4)
-        self.cache.put(p.kernel, p.signature, self.device, p.bucket, config, options=options,
+        self.cache.put(p.kernel, p.signature, self.device, p.bucket, entry["config"], options=options,
                        **{k: v for k, v in entry.items() if k not in ("config", "options")})
         if self.ship is not None:
             self.ship.put(p.kernel, p.signature, p.bucket, entry)
@@ -305,7 +330,7 @@ class Session:
                 raise _Refused(refusal)
         before = full({**p.default, **(current or {})})
         must = _unique([before, full(p.default)] if current is not None else [full(p.default)])
-        given = [full({**p.default, **c}) for c in self.seeds.get((p.kernel, backend), ())
+        given = [full({**p.default, **c}) for c in self.seeds.get((p.search_name, backend), ())
                  if c.keys() <= declared.keys()]
         # seeds given for this backend first (measured good elsewhere), then the launch path's configs; the winners
         # of other sizes are priors to a strategy that can weigh them (the model-guided one), seeds to the others
@@ -334,7 +359,7 @@ class Session:
         finalists = _unique([t.config for t in ranked[:FINALISTS]] + [before] * in_use)
         confirm = {_frozen(c): self.timer(lambda c=c: work.run(c), self.confirm_rep_ms) for c in finalists}
         best = min(finalists, key=lambda c: confirm[_frozen(c)])
-        self.winners.setdefault((p.kernel, p.signature, backend), {})[p.bucket] = \
+        self.winners.setdefault((p.search_name, p.signature, backend), {})[p.bucket] = \
             [t.config for t in ranked[:FINALISTS]]
         return _Found(best, confirm[_frozen(best)], space, before, confirm.get(_frozen(before)) if in_use else None,
                       len(result.trials), sum(t.seconds is None for t in result.trials), result.complete)
@@ -359,13 +384,18 @@ class Session:
         dtype."""
         from tilestack.tune.lookup import SAME_SHAPE
 
-        mine = self.winners.get((p.kernel, p.signature, backend), {})
+        mine = self.winners.get((p.search_name, p.signature, backend), {})
         near = sorted(mine, key=lambda b: (abs(b.bit_length() - p.bucket.bit_length()), b))
         dtype, _, rest = p.signature.partition("-")
         twin = "-".join(filter(None, (SAME_SHAPE.get(dtype, dtype), rest)))
-        other = self.winners.get((p.kernel, twin, backend), {})
+        other = self.winners.get((p.search_name, twin, backend), {})
         twin_near = sorted(other, key=lambda b: (abs(b.bit_length() - p.bucket.bit_length()), b))
         return [c for b in twin_near[:1] for c in other[b]] + [c for b in near for c in mine[b][:2]]
+
+
+def _scheduled(cfg: dict, schedule: str | None) -> dict:
+    """A variant's config as the launch path reads it: with its ``schedule`` (the plain kernel's: as it is)."""
+    return cfg if schedule is None else {**cfg, "schedule": schedule}
 
 
 def _frozen(cfg: dict) -> tuple:
