@@ -211,3 +211,32 @@ def test_a_client_whose_own_learning_rate_overflows_float32_is_left_out_and_the_
         x = models[rnd - 1]
         assert sorted(r.client_eval) == ["0", "1", "2", "3"]
         assert all(math.isfinite(c["eval-loss"]) for c in r.client_eval.values())
+
+
+# ---- a dataset file written anew at the same path --------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_a_dataset_file_written_anew_at_the_same_path_is_the_one_the_next_run_trains_on(tmp_path):
+    """A notebook writes its data to data.npz (2 classes, 3 features), runs, regenerates the file (3 classes, 5
+    features) and runs again with a Task naming the same path. The second Task has the new file's features and classes
+    and its run ends at the model of the same run over a copy of the new file at another path, bit for bit. Before,
+    the process kept the first file's examples for that path: the second run trained a (3, 2) model on the old data
+    without a word, while clients in other processes (Flower's engine, a deployment) read the new file."""
+    rng = np.random.default_rng(3)
+    path, copy = tmp_path / "data.npz", tmp_path / "copy.npz"
+    np.savez(path, x=rng.normal(size=(60, 3)).astype(np.float32), y=np.repeat([0, 1], 30))
+    kw = dict(dataset="file", num_clients=3, local_steps=2, batch_size=8, lr=0.1)
+    first = Task(data_path=str(path), **kw)
+    assert (first.features, first.classes) == (3, 2)
+    simulate(FedAvg(**_all()), first, rounds=1, evaluate=False)
+    x, y = rng.normal(size=(90, 5)).astype(np.float32), np.repeat([0, 1, 2], 30)
+    np.savez(path, x=x, y=y)
+    np.savez(copy, x=x, y=y)
+    again, fresh = Task(data_path=str(path), **kw), Task(data_path=str(copy), **kw)
+    assert (again.features, again.classes) == (5, 3)
+    for p in range(3):
+        assert all(np.array_equal(a, b) for a, b in zip(again.client_data(p), fresh.client_data(p), strict=True))
+    res = simulate(FedAvg(**_all()), again, rounds=2)
+    want = simulate(FedAvg(**_all()), fresh, rounds=2)
+    assert {k: v.shape for k, v in np_(res.arrays).items()} == {"fc.weight": (5, 3), "fc.bias": (3,)}
+    assert all(np.array_equal(v, np_(want.arrays)[k]) for k, v in np_(res.arrays).items())
+    assert res.history.rounds[-1].test_acc == want.history.rounds[-1].test_acc

@@ -31,6 +31,7 @@ import functools
 import json
 import math
 import numbers
+import os
 from pathlib import Path
 
 import numpy as np
@@ -318,9 +319,29 @@ def _split(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     return x[n_test:], y[n_test:], x[:n_test], y[:n_test]
 
 
-@functools.lru_cache(maxsize=8)
+def _file_stamp(task: Task) -> tuple[int, int] | None:
+    """The data file's (modification time in ns, size) for ``dataset='file'``, else None: part of the keys of the caches
+    below, so that a file written anew at the same path (a notebook regenerating its data) is read anew. Before, the
+    process kept the first file's examples, features and classes for every later Task naming that path, while worker
+    processes and deployed clients read the new file."""
+    return _stamp_of(task.data_path) if task.dataset == "file" else None
+
+
+def _stamp_of(path: str) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:  # gone: load_file names it
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
 def _pooled(task: Task) -> tuple[np.ndarray, np.ndarray]:
     """All examples of a pooled dataset, ``x`` (N, D) float32 and ``y`` (N,) int64 in [0, C)."""
+    return _pooled_at(task, _file_stamp(task))
+
+
+@functools.lru_cache(maxsize=8)
+def _pooled_at(task: Task, stamp: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
     if task.dataset == "digits":
         try:
             from sklearn.datasets import load_digits  # ships with scikit-learn: no download
@@ -333,7 +354,7 @@ def _pooled(task: Task) -> tuple[np.ndarray, np.ndarray]:
         order = np.random.default_rng([task.seed, 4]).permutation(len(d.target))
         return x[order], d.target.astype(np.int64)[order]
     if task.dataset == "file":
-        return load_file(task.data_path)
+        return _load_file_at(task.data_path, stamp)
     rng = np.random.default_rng([task.seed, 3])
     means = rng.normal(0, task.separation, (task.num_classes, task.num_features))  # (C, D)
     y = rng.integers(0, task.num_classes, task.num_samples)
@@ -341,9 +362,13 @@ def _pooled(task: Task) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-@functools.lru_cache(maxsize=8)
 def _blobs(task: Task) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    x, y = _pooled(task)
+    return _blobs_at(task, _file_stamp(task))
+
+
+@functools.lru_cache(maxsize=8)
+def _blobs_at(task: Task, stamp: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    x, y = _pooled_at(task, stamp)
     n = len(y)
     if task.partitioner == "dirichlet":
         parts = partition.dirichlet(y, task.num_clients, task.partition_alpha, seed=task.seed, min_size=2)
@@ -356,11 +381,15 @@ def _blobs(task: Task) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     return x, y, parts
 
 
-@functools.lru_cache(maxsize=8)
 def load_file(path: str) -> tuple[np.ndarray, np.ndarray]:
     """A user's dataset: ``.npz`` with arrays ``x`` (N, D) and ``y`` (N,), or ``.csv`` whose last column is the
     label, numbers or names ('setosa'), and the others numbers (a first row whose features are not numbers is a
-    header). Labels become 0..C-1, in sorted order."""
+    header). Labels become 0..C-1, in sorted order. Read once per version of the file (its time and size)."""
+    return _load_file_at(path, _stamp_of(path))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_file_at(path: str, stamp: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"Task: data_path={path!r} is not a file; expected an .npz (x, y) or a .csv")
