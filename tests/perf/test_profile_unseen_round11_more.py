@@ -7,6 +7,10 @@ What the round found (each pinned by the test whose docstring says so):
   heading, in errors ("model 'function' raised ...") and in each row's config, so the store paired rows of two
   different scripted models (or two training-step functions) as the same model's. Now: the function's qualified
   name, the partial's function's, ``Class.method``, the scripted class's original name (``profile_args.model_name``);
+- a model's exception whose own ``__str__`` raises (a custom exception formatting an attribute it lacks) was
+  formatted by the profiler inside its except clause: the caller got that second error (an AttributeError of the
+  profiler's), not a ProfileError naming the model; now the class and arguments stand in for the text
+  (``profile_render.error_text``), in the profile and in a target's builder;
 - (open, strict xfail) two calls of one op at the same shapes but different dtypes (a bf16 and an fp32 Linear of one
   width) are one row: its dtype is the first call's, so the bf16 product is placed under the fp32 roof and the row's
   bytes per call are the two calls' average. Rows are keyed by (op, shapes) in the counting pass, the profiler join,
@@ -211,6 +215,37 @@ def test_a_scripted_model_that_raises_surfaces_its_message():
                                                    r"ValueError: one sample at a time"):
         run(torch.jit.script(Guard()), (torch.randn(2, 4),))
     nothing_left_on()
+
+
+class Unprintable(Exception):
+    """A model's own exception whose __str__ fails (it formats an attribute it was never given)."""
+
+    def __str__(self):
+        return f"bad layer {self.layer}"
+
+
+class RaisesUnprintable(nn.Module):
+    def forward(self, x):
+        raise Unprintable(x.shape[0])
+
+
+def test_an_exception_that_cannot_print_itself_is_still_reported_as_the_models():
+    """Was: the profiler formatted the model's error with str(), which raised AttributeError from inside the except
+    clause, so the caller saw an AttributeError of the profiler's instead of a ProfileError naming the model. Now the
+    exception's class and arguments stand in for its text, in the profile and in a target's builder."""
+    with pytest.raises(profile.ProfileError, match=r"model 'RaisesUnprintable' raised Unprintable during the warm-up: "
+                                                   r"<Unprintable whose str\(\) raised AttributeError; args=\(2,\)>"):
+        run(RaisesUnprintable(), (torch.randn(2, 4),))
+    nothing_left_on()
+
+
+def test_a_builder_that_raises_an_unprintable_exception_names_the_target(tmp_path):
+    script = tmp_path / "broken.py"
+    script.write_text("class Oops(Exception):\n    def __str__(self):\n        return self.missing\n\n"
+                      "def build():\n    raise Oops(3)\n")
+    with pytest.raises(profile.ProfileError, match=r"build\(\) raised Oops: <Oops whose str\(\) raised "
+                                                   r"AttributeError; args=\(3,\)>"):
+        profile.load_target(f"{script}:build")
 
 
 # --- gradients, hooks, packing, distributions ------------------------------------------------------------------

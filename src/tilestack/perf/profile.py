@@ -76,6 +76,7 @@ from tilestack.perf.profile_render import (  # noqa: F401 - the rendering and ta
     PROFILE_COLUMNS,
     UNKNOWN_FLOPS,
     describe,
+    error_text,
     hot_spot_lines,
     load_target,
     notes,
@@ -343,7 +344,8 @@ def profile_model(
             raise
         except Exception as e:
             raise ProfileError(
-                f"model {name!r} raised {type(e).__name__} during the {phase}: {e} (inputs={describe(inputs)})"
+                f"model {name!r} raised {type(e).__name__} during the {phase}: {error_text(e)} "
+                f"(inputs={describe(inputs)})"
             ) from e
 
     def warm() -> None:

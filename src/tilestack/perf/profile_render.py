@@ -59,6 +59,19 @@ def describe(value: Any) -> str:
     return text if len(text) <= REPR_CHARS else f"{type(value).__name__} object"
 
 
+def error_text(e: BaseException) -> str:
+    """``str(e)``, or where the exception's own ``__str__`` raises (a custom exception formatting attributes it lacks)
+    its class and arguments: reporting a model's error must not raise an error of its own in its place."""
+    try:
+        return str(e)
+    except Exception as inner:  # noqa: BLE001 - any failure of the model's __str__
+        try:
+            args = repr(e.args)
+        except Exception:  # noqa: BLE001
+            args = "(unprintable arguments)"
+        return f"<{type(e).__name__} whose str() raised {type(inner).__name__}; args={args}>"
+
+
 # --- loading a target ---------------------------------------------------------------------------------------
 def load_target(target: str) -> tuple[Any, Any]:
     """``(model, inputs)`` from ``path/to/script.py[:fn]`` or ``package.module[:fn]``.
@@ -86,7 +99,7 @@ def load_target(target: str) -> tuple[Any, Any]:
             mod_spec.loader.exec_module(module)
         except Exception as e:
             sys.modules.pop(mod_spec.name, None)
-            raise ProfileError(f"target={target!r} raised {type(e).__name__} while loading: {e}") from e
+            raise ProfileError(f"target={target!r} raised {type(e).__name__} while loading: {error_text(e)}") from e
         finally:
             sys.path.remove(str(path.parent.resolve()))
     else:
@@ -106,7 +119,7 @@ def load_target(target: str) -> tuple[Any, Any]:
             built = fn()
         except Exception as e:
             raise ProfileError(
-                f"target={target!r}: {fn_name or DEFAULT_BUILDER}() raised {type(e).__name__}: {e}"
+                f"target={target!r}: {fn_name or DEFAULT_BUILDER}() raised {type(e).__name__}: {error_text(e)}"
             ) from e
         if not (isinstance(built, tuple) and len(built) == 2):
             raise ProfileError(
