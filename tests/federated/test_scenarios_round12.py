@@ -14,6 +14,10 @@ What this round found, fixed:
   train a float64 model in float64, as the docs say): a researcher checking against float64 centralized training
   saw errors of 1e-8 where 1e-15 was due. The module now trains in float64 for a float64 model
   (torch_models.TorchModel._module).
+- *A dataset file written anew at the same path was not read anew.* The process cached a user's file by its path: a
+  notebook that regenerated data.npz (other examples, features or classes) and ran again trained on the old file
+  without a word, while clients in other processes read the new one. The caches are now keyed by the file's
+  modification time and size too (task._file_stamp).
 """
 
 from __future__ import annotations
