@@ -374,6 +374,34 @@ def test_mixture_density_of_torch_distributions_is_counted_whole():
     assert_rows_add_up(p, counts)
 
 
+class Siamese(nn.Module):
+    """One tower registered twice (as left and right): its weights shared by both inputs."""
+
+    def __init__(self):
+        super().__init__()
+        tower = nn.Sequential(nn.Linear(6, 8), nn.Tanh())
+        self.left, self.right = tower, tower
+
+    def forward(self, a, b):
+        return (self.left(a) - self.right(b)).pow(2).sum(-1)
+
+
+def test_a_tower_registered_twice_is_counted_per_use_and_put_back_once():
+    """Both inputs through the one tower: one addmm row of 2 calls, 2*B*6*8 each; training adds each use's weight
+    gradient (2*B*6*8 each: the inputs need none), summed into the one .grad; the shared parameters put back."""
+    torch.manual_seed(0)
+    net, a, b = Siamese(), torch.randn(3, 6), torch.randn(3, 6)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    p = run(net, (a, b))
+    (row,) = [o for o in p.ops if o.op == "aten::addmm"]
+    assert row.calls == 2 and row.m.flops == 2 * 3 * 6 * 8
+    assert len(list(net.parameters())) == 2
+    t = run(net, (a, b), train=True)
+    assert profiled_flops(t, "aten::mm") == 2 * (2 * 3 * 6 * 8)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert all(q.grad is None for q in net.parameters())
+
+
 # --- open: rows merged across dtypes, work on other threads ----------------------------------------------------
 class TwoPrecisions(nn.Module):
     """One Linear in fp32 and one in bf16, of the same width, on inputs of the same shape."""
