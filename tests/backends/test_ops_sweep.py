@@ -93,6 +93,7 @@ def test_the_sweep_covers_every_op():
     swept |= {"rand"}     # swept in tests/ir/test_rand.py (bit-exact against Triton's tl.rand)
     swept |= {"transpose"}     # swept in tests/lang/test_heldout_kernels.py (with copy(dst, src.T))
     swept |= {"rem", "bit_and", "bit_or", "bit_xor", "shl", "shr"}   # swept in tests/lang/test_heldout_round2.py
+    swept |= {"load_scalar"}   # swept in tests/lang/test_load_scalar.py (every dtype kind, past the end, sm_90a)
     assert set(ts_ops.__all__) == swept
 
 

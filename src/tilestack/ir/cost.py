@@ -24,6 +24,7 @@ import dataclasses
 
 import numpy as np
 
+from tilestack.errors import LaunchError
 from tilestack.ir.nodes import Block, KernelIR, Value
 from tilestack.ir.ops import OPS, access_of
 from tilestack.ir.scalars import valid_extent
@@ -95,10 +96,15 @@ def grid_plan(kernel: KernelIR) -> list:
 class ScalarMachine:
     """What scalar ops read when evaluated host-side: argument sizes and values, block ids and the grid.
 
-    ``block_ids`` may be arrays (one entry per program), so one evaluation covers every program at once."""
+    ``block_ids`` may be arrays (one entry per program), so one evaluation covers every program at once.
+    ``data``: the values of the globals the kernel reads scalars from (``load_scalar``), as NumPy arrays; a
+    read of a global not among them is a ValueError (shapes alone do not say what a loop bound read from
+    memory is)."""
 
-    def __init__(self, dims: dict[int, tuple[int, ...]], scalars: dict[int, float], default_scalar=None):
+    def __init__(self, dims: dict[int, tuple[int, ...]], scalars: dict[int, float], default_scalar=None,
+                 data: dict[int, np.ndarray] | None = None):
         self.dims, self.scalars, self.default_scalar = dims, scalars, default_scalar
+        self.data = data or {}
         self.values: dict[Value, object] = {}
         self.arg_index: dict[Value, int] = {}
         self.block_ids: list = []
@@ -118,6 +124,26 @@ class ScalarMachine:
             raise ValueError("block_id: no program is running (the grid may use only argument sizes, scalars "
                              "and constants)")
         return self.block_ids[axis]
+
+    def load_scalar(self, ins, srcs):
+        """The element at ``srcs[1:]`` (ints, or arrays of them: one per instance), 0 outside the global."""
+        idx = self.arg_index[ins.srcs[0]]
+        g = self.data.get(idx)
+        if g is None:
+            raise ValueError(f"load_scalar ({ins.where}) reads an element of argument {idx}: pass its tensor, not "
+                             "its shape (a loop bound or coordinate read from memory depends on its values)")
+        index = [np.asarray(c, dtype=np.int64) for c in srcs[1:]]
+        inside = np.ones(np.broadcast_shapes(*(i.shape for i in index)) if index else (), dtype=bool)
+        for c, n in zip(index, g.shape, strict=True):
+            inside = inside & (c >= 0) & (c < n)
+        clipped = tuple(np.clip(c, 0, max(n - 1, 0)) for c, n in zip(index, g.shape, strict=True))
+        x = np.where(inside, g[clipped] if g.size else 0, 0)
+        from tilestack.ir.types import FLOAT
+        if ins.result.type == FLOAT:
+            x = x.astype(np.float32).astype(np.float64)
+            return float(x) if x.ndim == 0 else x
+        x = x.astype(np.int64)
+        return int(x) if x.ndim == 0 else x
 
     def num_blocks(self, axis: int):
         if not self.grid:
@@ -140,20 +166,22 @@ def grid_of(kernel: KernelIR, dims: dict[int, tuple[int, ...]], scalars: dict[in
         try:
             m.eval(ins)
         except ValueError:
-            raise ValueError(f"grid depends on {ins.op.value} ({ins.where}); it may use only argument sizes, "
-                             "scalars and constants") from None
+            raise LaunchError(f"grid depends on {ins.op.value} ({ins.where}); it may use only argument sizes, "
+                              "scalars and constants") from None
     return tuple(int(m.values[g]) for g in kernel.grid)
 
 
-def kernel_cost(kernel: KernelIR, dims: dict[int, tuple[int, ...]], scalars: dict[int, float]) -> Cost:
+def kernel_cost(kernel: KernelIR, dims: dict[int, tuple[int, ...]], scalars: dict[int, float],
+                data: dict[int, np.ndarray] | None = None) -> Cost:
+    """``data``: the values of the globals the kernel reads scalars from (``ScalarMachine``)."""
     grid = grid_of(kernel, dims, scalars)
     n = int(np.prod(grid))
-    m = ScalarMachine(dims, scalars, default_scalar=0.0)
+    m = ScalarMachine(dims, scalars, default_scalar=0.0, data=data)
     m.block_ids = [np.asarray(a).reshape(-1) for a in np.unravel_index(np.arange(n), grid, order="F")]
     m.grid = grid
     counter = _Counter(m, n)
     counter.block(kernel.body)
-    shared, regs = _footprints(kernel)
+    shared, regs = footprints(kernel)
     dram = {"read": 0, "written": 0}
     for (idx, key), b in counter.per_global.items():
         size = int(np.prod(dims[idx])) * kernel.params[idx].type.dtype.itemsize
@@ -163,7 +191,7 @@ def kernel_cost(kernel: KernelIR, dims: dict[int, tuple[int, ...]], scalars: dic
                 dram_bytes_written=dram["written"], shared_bytes=shared, register_bytes=regs, programs=n)
 
 
-def _footprints(kernel: KernelIR) -> tuple[int, int]:
+def footprints(kernel: KernelIR) -> tuple[int, int]:
     """Bytes of the distinct shared and register tile buffers one program holds (by ``Value.buffer``)."""
     sizes: dict[int, tuple[Space, int]] = {}
     for ins in kernel.walk():
@@ -191,8 +219,7 @@ class _Counter:
             kind = OPS[ins.op].kind
             if kind in ("scalar", "arg"):
                 self.m.eval(ins)
-            else:
-                OPS[ins.op].cost(ins, self)
+            OPS[ins.op].cost(ins, self)     # (index arithmetic is free; a scalar read from memory is not)
 
     def flops(self, count: int, mma: bool = False, per_instance: bool = True) -> None:
         total = count * self.n if per_instance else count
@@ -212,6 +239,18 @@ class _Counter:
         self.root.per_global[(idx, key)] = self.root.per_global.get((idx, key), 0) + nbytes
         return total
 
+    def scalar_read(self, ins) -> None:
+        """Count the bytes of one ``load_scalar`` over all instances (reads outside the global move nothing)."""
+        g, *index = ins.srcs
+        idx = self.m.arg_index[g]
+        inside = np.ones((), dtype=bool)
+        for c, n in zip(index, self.m.dims[idx], strict=True):
+            v = np.asarray(self.m.values[c])
+            inside = inside & (v >= 0) & (v < n)
+        nbytes = int(np.sum(np.broadcast_to(inside, (self.n,)), dtype=np.int64)) * g.type.dtype.itemsize
+        self.root.bytes["read"] += nbytes
+        self.root.per_global[(idx, "read")] = self.root.per_global.get((idx, "read"), 0) + nbytes
+
     def loop(self, ins) -> None:
         """Evaluate a loop body once for all its trips over all instances."""
         m = self.m
@@ -225,7 +264,7 @@ class _Counter:
         rep = np.repeat(np.arange(self.n), trips)
         starts = np.cumsum(trips) - trips
         k = np.arange(total) - np.repeat(starts, trips)
-        inner = ScalarMachine(m.dims, m.scalars, m.default_scalar)
+        inner = ScalarMachine(m.dims, m.scalars, m.default_scalar, m.data)
         inner.arg_index, inner.grid = m.arg_index, m.grid
         inner.block_ids = [b[rep] if isinstance(b, np.ndarray) and b.shape == (self.n,) else b for b in m.block_ids]
         for v, x in m.values.items():

@@ -111,8 +111,8 @@ def wide_index(block) -> set:
     big: set = set()      # sizes, int arguments and the index values made from them
     out: set = set()
     for ins in block.walk():
-        if ins.op is Op.DIM or (ins.op is Op.ARG and ins.result.type == INDEX):
-            big.add(ins.result)
+        if ins.op in (Op.DIM, Op.LOAD_SCALAR) or (ins.op is Op.ARG and ins.result.type == INDEX):
+            big.add(ins.result)       # (an index read from memory is as big as an int argument)
         elif ins.op is Op.SCALAR and ins.result.type == INDEX:
             if any(s in big for s in ins.srcs):
                 big.add(ins.result)

@@ -515,11 +515,24 @@ class TracedKernel:
         return args
 
     def cost(self, *args, **kwargs) -> Cost:
-        """FLOPs, global bytes and footprints for these sizes (tensors, or shapes for the globals)."""
+        """FLOPs, global bytes and footprints for these sizes (tensors, or shapes for the globals; the tensor
+        itself for a global the kernel reads scalars from with ``ts.load_scalar``: its loop bounds and coordinates
+        depend on the values)."""
         if kwargs or len(args) != len(self.signature):
             args = self._bound(args, kwargs)
         dims, scalars = self._split_args(args)
-        return kernel_cost(self.ir, dims, scalars)
+        data = {}
+        index = {ins.result: ins.attrs.index for ins in self.ir.walk() if ins.op is Op.ARG}
+        for i in sorted({index[ins.srcs[0]] for ins in self.ir.walk() if ins.op is Op.LOAD_SCALAR}):
+            a = args[i]
+            if not hasattr(a, "detach"):
+                raise LaunchError(f"{self.name}.cost: argument {self.ir.params[i].name} is read by ts.load_scalar "
+                                  f"(a loop bound or coordinate from memory); pass its tensor, not the shape "
+                                  f"{tuple(a.shape) if hasattr(a, 'shape') else a!r}")
+            import torch
+            held = torch.float64 if a.dtype.is_floating_point else torch.int64
+            data[i] = a.detach().to("cpu", held).numpy()
+        return kernel_cost(self.ir, dims, scalars, data)
 
     def grid(self, *args) -> tuple[int, ...]:
         """The number of programs on each grid axis for these arguments."""

@@ -13,7 +13,21 @@ import math
 
 from tilestack.errors import MemorySpaceError, TileDTypeError, TileShapeError, TraceError
 from tilestack.ir.ops import INT_ONLY_FNS, INT_UNARY, MMA_INPUTS, Op
-from tilestack.ir.types import DTYPES, FLOAT, Space, TileType, bool_, compute_dtype, f16, f32, f64, i32, i64, int_range
+from tilestack.ir.types import (
+    DTYPES,
+    FLOAT,
+    INDEX,
+    Space,
+    TileType,
+    bool_,
+    compute_dtype,
+    f16,
+    f32,
+    f64,
+    i32,
+    i64,
+    int_range,
+)
 from tilestack.lang.tiles import GlobalTensor, Scalar, Tile, TileSpec, _Transposed, as_index, as_scalar
 from tilestack.lang.trace import current, user_line, user_name
 
@@ -647,6 +661,28 @@ def load(dst: Tile, src, at=None) -> None:
     _write(dst, Op.LOAD, (src.v,) + coords, dst.shape, "load")
 
 
+def load_scalar(src, *index) -> Scalar:
+    """One element of global ``src`` at element indices ``index`` (one per axis, ints or index Scalars), as a
+    Scalar: an index for an integer or bool tensor, a float (its f32 value) for a float one; 0 where an index
+    falls outside ``src``. What a loop bound or a tile coordinate read from memory is made of::
+
+        start, end = ts.load_scalar(CU_SEQLENS, b), ts.load_scalar(CU_SEQLENS, b + 1)   # a varlen batch
+        for j in ts.range(start // BN, ts.cdiv(end, BN)): ...
+        page = ts.load_scalar(BLOCK_TABLE, b, j)                                       # a paged KV cache
+        ts.load(k, K_CACHE, at=(page, h, 0, 0))
+    """
+    if not isinstance(src, GlobalTensor):
+        what = f"the tile `{_name(src)}` ({src.type})" if isinstance(src, Tile) else f"{type(src).__name__} {src!r}"
+        raise TraceError(f"load_scalar: src must be a global tensor argument, got {what} (a register or shared "
+                         "tile's elements are read by tile ops)", user_line())
+    if len(index) != src.rank:
+        raise TraceError(f"load_scalar: {len(index)} indices for `{src.name}` of rank {src.rank}; give one element "
+                         "index per axis", user_line())
+    idx = tuple(as_index(c, f"load_scalar: index {k} into `{src.name}`").v for k, c in enumerate(index))
+    kind = FLOAT if src.dtype.is_float else INDEX
+    return Scalar(current("load_scalar").emit(Op.LOAD_SCALAR, (src.v, *idx), (kind,), user_line()).result)
+
+
 def store(dst, src: Tile, at=None) -> None:
     """Store tile ``src`` into global ``dst`` at tile coordinates ``at`` (edges past the tensor are dropped)."""
     _need_tile("store", "src", src)
@@ -690,5 +726,5 @@ __all__ = [
     "tril", "triu", "make_causal", "right_fill", "lower_fill",
     "per_row", "per_col", "lt", "le", "gt", "ge", "eq", "ne", "logical_and", "logical_or", "logical_not",
     "where", "arange", "rand",
-    "mma_AB", "mma_ABt", "mma_AtB", "mma_AtBt", "load", "store", "atomic_add",
+    "mma_AB", "mma_ABt", "mma_AtB", "mma_AtBt", "load", "load_scalar", "store", "atomic_add",
 ]

@@ -24,12 +24,12 @@ import itertools
 from typing import Any
 
 from tilestack.errors import BackendError, TunableError
+from tilestack.ir.cost import footprints
 from tilestack.ir.ops import Op
 from tilestack.ir.types import Space, TileType
 from tilestack.tune.devices import REGISTER_BYTES_PER_THREAD, DeviceKey, target_device
 
 THREADS_PER_WARP = 32
-FOOTPRINT_DIM = 16
 DEVICE_LIMIT = -1      # configs(register_limit=...): the device's (None: no limit)
 __all__ = ["DEVICE_LIMIT", "REGISTER_BYTES_PER_THREAD", "SearchSpace", "THREADS_PER_WARP"]
 
@@ -123,13 +123,12 @@ class SearchSpace:
     def footprint(self, args, config: dict) -> tuple[int, int]:
         """(shared bytes with pipelining copies, register-tile bytes per thread) of one config, from its IR."""
         traced = self.kernel.trace(*args, **self.fixed, **config)    # launch options do not change the trace
-        # footprints do not depend on the sizes: cost the IR at small ones (a large grid costs seconds)
-        cost = traced.cost(*((FOOTPRINT_DIM,) * len(a.shape) if hasattr(a, "shape") else a for a in args))
+        shared_bytes, register_bytes = footprints(traced.ir)           # the IR's buffers: no sizes needed
         launch = {**self.kernel.options, **config}      # a legacy kernel's num_warps is among its tunables
         stages = max(1, launch.get("num_stages", 1))
-        shared = cost.shared_bytes + (stages - 1) * _looped_shared_bytes(traced.ir.body)
+        shared = shared_bytes + (stages - 1) * _looped_shared_bytes(traced.ir.body)
         threads = launch.get("num_warps", 4) * THREADS_PER_WARP
-        return shared, -(-cost.register_bytes // threads)
+        return shared, -(-register_bytes // threads)
 
     def limits(self) -> tuple[int, int]:
         """(shared bytes per block, register-tile bytes per thread) of the device this space is for."""

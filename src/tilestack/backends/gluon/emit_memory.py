@@ -18,13 +18,29 @@ from tilestack.backends.gluon.passes import pipelined_loads, scalar_slice
 from tilestack.backends.python_dsl import FLOOR_SCALAR
 from tilestack.ir.nodes import Instr
 from tilestack.ir.ops import Op, register_emitter
-from tilestack.ir.types import Space, TileType
+from tilestack.ir.types import FLOAT, Space, TileType
 
 
 # ---- global memory --------------------------------------------------------------------------------------------------
 def _tma_copy(e: Emitter, desc: str, coords: str, barrier: str, dst: str, pred: str = "") -> str:
     p = f", pred={pred}" if pred else ""
     return f"tma.async_copy_global_to_shared({desc}, {coords}, {barrier}, {dst}{p})"
+
+
+@register_emitter("gluon", Op.LOAD_SCALAR)
+def _e_load_scalar(e: Emitter, ins: Instr) -> None:
+    """One element through its pointer (offsets in 64 bits, as the tile accesses'), masked to the global's sizes
+    (0 outside); an index as a 32- or 64-bit int (narrower ints and bools widen to 32), a float as an f32."""
+    g, *index = ins.srcs
+    gname, dtype = e.globals[g], g.type.dtype
+    offset = " + ".join(f"{e.wide(c)} * {gname}_s{a}" for a, c in enumerate(index))
+    mask = " & ".join(f"({e.name(c)} >= 0) & ({e.name(c)} < {gname}_d{a})" for a, c in enumerate(index))
+    x = f"gl.load({gname} + {offset}, mask={mask}, other=0)" if index else f"gl.load({gname})"
+    if ins.result.type == FLOAT:
+        x = x if dtype.name == "f32" else f"{x}.to(gl.float32)"
+    elif dtype.itemsize < 4 or not dtype.name.startswith("i"):     # bool, u8, i8, i16: as an i32 index
+        x = f"{x}.to(gl.int32)"
+    e.assign(ins.result, x)
 
 
 @register_emitter("gluon", Op.LOAD)

@@ -326,7 +326,8 @@ def persistent(ir: KernelIR) -> KernelIR:
     tiles = out.grid[0]
     varying: set[Value] = set(ids)       # what depends on the program id: stays in the loop
     for ins in out.walk():
-        if any(v in varying for v in ins.srcs) or OPS[ins.op].kind in ("tile", "effect", "loop"):
+        if any(v in varying for v in ins.srcs) or OPS[ins.op].kind in ("tile", "effect", "loop") \
+                or ins.op is Op.LOAD_SCALAR:     # (memory the tiles may write: read where the program reads it)
             varying.update(ins.results)
     prefix = [i for i in out.body.instrs if i.op is not Op.BLOCK_ID and not (set(i.results) & varying)
               and OPS[i.op].kind in ("scalar", "arg")]

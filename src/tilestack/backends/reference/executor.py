@@ -150,6 +150,14 @@ class _Program:
             out[region[1]] = g[region[0]]
         return out
 
+    def load_scalar(self, ins: Instr, srcs: list):
+        """One element of a global (0 outside it): an int for an index result, the f32 value of a float one."""
+        g = self.arrays[self.arg_index[ins.srcs[0]]]
+        index = tuple(int(c) for c in srcs[1:])
+        inside = all(0 <= c < n for c, n in zip(index, g.shape, strict=True))
+        x = g[index] if inside else 0
+        return float(np.float32(x)) if ins.result.type == FLOAT else int(x)
+
     def stage_index(self, ins: Instr, stage) -> int:
         n = ins.srcs[0].type.stages
         if not 0 <= int(stage) < n:

@@ -469,6 +469,24 @@ def _e_load(e: _Emitter, ins: Instr) -> None:
     e.assign(ins.result, e.cast_to(f"tl.load({ptr}, mask={mask}, other=0.0)", g.type.dtype, t))
 
 
+@register_emitter("triton", Op.LOAD_SCALAR)
+def _e_load_scalar(e: _Emitter, ins: Instr) -> None:
+    """One element through its pointer, masked to the global's sizes (0 outside); an index as a 32- or 64-bit
+    int (the tensor's width: narrower ints and bools widen to 32), a float as an f32."""
+    g, *index = ins.srcs
+    gname, dtype = e.globals[g], g.type.dtype
+    wide = e.global_index[g] in e.index64
+    coord = (lambda c: f"tl.cast({e.name(c)}, tl.int64)") if wide else e.name
+    offset = " + ".join(f"{coord(c)} * {gname}_s{a}" for a, c in enumerate(index))
+    mask = " & ".join(f"({e.name(c)} >= 0) & ({e.name(c)} < {gname}_d{a})" for a, c in enumerate(index))
+    x = f"tl.load({gname} + {offset}, mask={mask}, other=0)" if index else f"tl.load({gname})"
+    if ins.result.type == FLOAT:
+        x = x if dtype is f32 else f"{x}.to(tl.float32)" if dtype is f64 else e.up(x, dtype)
+    elif dtype.itemsize < 4 or not dtype.name.startswith("i"):     # bool, u8, i8, i16: as an i32 index
+        x = f"{x}.to(tl.int32)"
+    e.assign(ins.result, x)
+
+
 @register_emitter("triton", Op.STORE)
 def _e_store(e: _Emitter, ins: Instr) -> None:
     g, x, *coords = ins.srcs

@@ -180,6 +180,8 @@ def prune_params(ir: KernelIR) -> KernelIR:
     for ins in ir.walk():
         if ins.op is Op.DIM and ins.result in used:
             dims.add((index[ins.srcs[0]], ins.attrs.axis))
+        elif ins.op is Op.LOAD_SCALAR:          # a pointer read of one element: pointer, sizes, strides
+            pointer.add(index[ins.srcs[0]])
         elif ins.op in (Op.LOAD, Op.STORE, Op.ATOMIC_ADD):
             g = ins.srcs[0]
             if ins.attrs.via == "tma":

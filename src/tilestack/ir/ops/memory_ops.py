@@ -70,6 +70,32 @@ define(OpDef(
     Op.LOAD, "(global, *coords) -> tile", "tile", AccessAttrs, _load_rule, lambda ins, s, m: m.load(ins, s),
     lambda ins, c: c.memory(ins, "read"),
     doc="A tile of a global at tile coordinates (trailing coords count whole tiles); zeros past the edges."))
+def _load_scalar_rule(ins: Instr) -> None:
+    t = ir_types()
+    if len(ins.results) != 1 or not isinstance(ins.result.type, t.ScalarType):
+        raise TraceError("load_scalar must produce a scalar", ins.where)
+    g, *index = ins.srcs
+    if not isinstance(g.type, t.GlobalType):
+        fail(ins, f"the first operand must be a global, got {g.type}")
+    if len(index) != g.type.rank:
+        fail(ins, f"{len(index)} element indices for a {g.type}")
+    for k, c in enumerate(index):
+        check_index(ins, c, f"index {k}")
+    want = t.FLOAT if g.type.dtype.is_float else t.INDEX
+    if ins.result.type != want:
+        fail(ins, f"reads a {g.type.dtype} element into a {ins.result.type} scalar; expected {want}")
+
+
+def _load_scalar_cost(ins: Instr, c) -> None:
+    c.scalar_read(ins)
+
+
+define(OpDef(
+    Op.LOAD_SCALAR, "(global, *indices) -> scalar", "scalar", NoAttrs, _load_scalar_rule,
+    lambda ins, s, m: m.load_scalar(ins, s), _load_scalar_cost,
+    doc="One element of a global at element indices (one per axis), as an index (integer and bool globals) or a "
+        "float (float globals, as an f32); 0 where an index falls outside the global. What a loop bound or a "
+        "tile coordinate read from memory is made of (cu_seqlens, block tables, expert offsets)."))
 define(OpDef(
     Op.STORE, "(global, tile, *coords) -> ()", "effect", AccessAttrs, _effect_rule,
     lambda ins, s, m: m.store(ins, s, add=False), lambda ins, c: c.memory(ins, "written"),

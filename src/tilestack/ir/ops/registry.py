@@ -39,6 +39,7 @@ class Op(enum.Enum):
     RAND = "rand"
     # --- memory and control ------------------------------------------------------------------------------
     LOAD = "load"
+    LOAD_SCALAR = "load_scalar"
     STORE = "store"
     ATOMIC_ADD = "atomic_add"
     RANGE = "range"
