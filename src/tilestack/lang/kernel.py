@@ -206,7 +206,10 @@ class Kernel:
         self._refuse_arguments_as_constants(consts)
         unknown = set(consts) - set(self.constants)
         if unknown:
-            raise LaunchError(f"{self.name}: unknown constant(s) {sorted(unknown)}; its constants are "
+            import difflib
+            near = {u: difflib.get_close_matches(u, list(self.constants), n=1) for u in sorted(unknown)}
+            hint = "".join(f" ({u!r}: did you mean {m[0]!r}?)" for u, m in near.items() if m)
+            raise LaunchError(f"{self.name}: unknown constant(s) {sorted(unknown)}{hint}; its constants are "
                               f"{sorted(self.constants)}")
         out = {}
         for name, decl in self.constants.items():
