@@ -26,7 +26,8 @@ def valid_extent(dims, coords, tile_shape):
             count = count * inside
         else:
             t = tile_shape[axis - lead]
-            count = count * np.clip(d - np.asarray(c) * t, 0, t)
+            lo = np.asarray(c) * t          # the tile's elements [lo, lo + t) inside [0, d): none of a tile
+            count = count * np.clip(np.minimum(lo + t, d) - np.maximum(lo, 0), 0, t)   # before 0 (a -1 from memory)
     return count
 
 
