@@ -32,6 +32,15 @@ def wide_index_op(fn: str, a: str, b: str, wide: bool, ns: str) -> str | None:
     return f"({ns}.cast({a}, {ns}.int64) {WIDE_SYMBOLS[fn]} {b})"
 
 
+def engine_coord(x: str, n: int, ns: str) -> str:
+    """The copy engine's (TMA's) coordinate ``x * n`` for an index read from memory (``ir.scalars.from_memory``):
+    computed in 64 bits and saturated into the engine's 32-bit range. The DSLs refuse a 64-bit coordinate (an int64
+    element), and a 32-bit product could wrap a coordinate far outside the tensor (a stale page id) back inside it;
+    saturated, it stays outside and reads zeros, as the reference."""
+    prod = f"{ns}.cast({x}, {ns}.int64)" + (f" * {n}" if n != 1 else "")
+    return f"{ns}.minimum({ns}.maximum({prod}, {-2**31}), {2**31 - 1}).to({ns}.int32)"
+
+
 WIDE_SYMBOLS = {"add": "+", "sub": "-", "mul": "*"}
 
 

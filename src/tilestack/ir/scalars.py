@@ -56,6 +56,23 @@ def nonnegative(block) -> set:
     return out
 
 
+def from_memory(block) -> set:
+    """The index values of ``block`` (and its loops) read from memory (``load_scalar``) or computed from one, and the
+    counters of loops bounded by one. Their size is not bounded by the tensors' sizes (an int64 element, a stale page
+    id of 2**30): a backend scales them into element offsets in 64 bits, not in 32 where the product can wrap back
+    inside a tensor, and saturates them into the copy engine's 32-bit coordinates (Triton and Gluon refuse 64-bit
+    ones: "Block pointers only support 32 bit `offsets/block_shape`")."""
+    out: set = set()
+    for ins in block.walk():
+        if ins.op is Op.LOAD_SCALAR and ins.result.type == INDEX:
+            out.add(ins.result)
+        elif ins.op is Op.SCALAR and ins.result.type == INDEX and any(s in out for s in ins.srcs):
+            out.add(ins.result)
+        elif ins.op is Op.RANGE and any(s in out for s in ins.srcs[:3]):
+            out.add(ins.body.args[0])
+    return out
+
+
 def addressing(block) -> set:
     """The index values of ``block`` (and its loops) that reach a loop's bounds, a tile coordinate of a load, store
     or atomic add, or the stage of a staged buffer, through scalar arithmetic: the address math, which backends keep

@@ -10,6 +10,7 @@ import re
 from tilestack.backends.gluon.layouts import materialize, plan_layouts
 from tilestack.backends.python_dsl import (
     FLOOR_SCALAR,
+    engine_coord,
     literal,
     param_names,
     scalar_templates,
@@ -18,7 +19,7 @@ from tilestack.backends.python_dsl import (
 from tilestack.errors import BackendError
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
 from tilestack.ir.ops import EMITTERS, Op
-from tilestack.ir.scalars import f64_float_args, nonnegative, wide_index
+from tilestack.ir.scalars import f64_float_args, from_memory, nonnegative, wide_index
 from tilestack.ir.types import (
     StagesType,
     f64,
@@ -128,6 +129,7 @@ class Emitter:
         self.consts: set[Value] = set()
         self.nonneg = nonnegative(kernel.body)
         self.wide_index = wide_index(kernel.body)   # index values computed in 64 bits (data past 2**31)
+        self.from_memory = from_memory(kernel.body)   # index values read from memory: any size
         # float arguments f64 work takes as they are: f64 parameters (value -> parameter name), f32 everywhere else
         self.f64_floats: dict[Value, str] = dict.fromkeys(f64_float_args(kernel), "")
         self.floor_helpers = False
@@ -343,8 +345,9 @@ class Emitter:
     def tma_coords(self, coords, shape: tuple[int, ...], expr=None) -> str:
         expr = expr or self.name
         lead = len(coords) - len(shape)
-        offs = [expr(c) for c in coords[:lead]]
-        offs += [f"{expr(c)} * {n}" for c, n in zip(coords[lead:], shape, strict=True)]
+        scale = (1,) * lead + tuple(shape)
+        offs = [engine_coord(expr(c), n, "gl") if c in self.from_memory else expr(c) if a < lead else f"{expr(c)} * {n}"
+                for a, (c, n) in enumerate(zip(coords, scale, strict=True))]
         return "[" + ", ".join(offs) + "]"
 
     def address(self, g: Value, coords, shape: tuple[int, ...], key: tuple) -> tuple[str, str]:
@@ -359,7 +362,9 @@ class Emitter:
             axis = lead + k
             var = self.fresh("o")
             sl = f"gl.SliceLayout({1 - k}, {lname})" if len(shape) == 2 else lname
-            self.emit(f"{var} = ({self.name(coords[axis])} * {n} + gl.arange(0, {n}, layout={sl})).to(gl.int64)")
+            c = coords[axis]     # (an index read from memory in 64 bits: its product must not wrap back inside)
+            x = self.wide(c) if c in self.from_memory else self.name(c)
+            self.emit(f"{var} = ({x} * {n} + gl.arange(0, {n}, layout={sl})).to(gl.int64)")
             bc = ("[:, None]" if k == 0 else "[None, :]") if len(shape) == 2 else ""
             offs.append(f"{var}{bc} * {gname}_s{axis}")
             masks.append(f"({var}{bc} >= 0) & ({var}{bc} < {gname}_d{axis})")

@@ -17,6 +17,7 @@ import dataclasses
 from collections.abc import Collection, Sequence
 
 from tilestack.backends.python_dsl import (
+    engine_coord,
     floor_helpers,
     literal,
     param_names,
@@ -27,7 +28,7 @@ from tilestack.backends.triton.interp_helpers import BF16_HELPER, F8E4M3_HELPER,
 from tilestack.backends.triton.passes import DOT_MIN_DIM, TMA_MAX_BOX, pipeline  # noqa: F401  (TMA_MAX_BOX: re-exported)
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
 from tilestack.ir.ops import EMITTERS, Op, register_emitter, work_dtype
-from tilestack.ir.scalars import f64_float_args, nonnegative, wide_index
+from tilestack.ir.scalars import f64_float_args, from_memory, nonnegative, wide_index
 from tilestack.ir.types import (
     FLOAT,
     INDEX,
@@ -125,6 +126,7 @@ class _Emitter:
         self.addresses = 0
         self.nonneg = nonnegative(kernel.body)  # index values >= 0: plain // and % floor them
         self.wide_index = wide_index(kernel.body)   # index values computed in 64 bits (data past 2**31)
+        self.from_memory = from_memory(kernel.body)   # index values read from memory: any size
         # float arguments f64 work takes as they are: f64 parameters (value -> parameter name), f32 everywhere else
         self.f64_floats: dict[Value, str] = dict.fromkeys(f64_float_args(kernel), "")
         self.floor_helpers = False              # whether the source needs _floordiv / _floormod
@@ -223,8 +225,12 @@ class _Emitter:
         key = f"t{self.addresses}"
         # a global whose offsets can pass int32 computes them in 64 bits from its coordinates on (tl.cast, not
         # .to: under the interpreter a loop counter is a Python int)
+        # (an index read from memory too: its product with the tile size must not wrap back inside the tensor)
         wide = self.global_index[g] in self.index64
-        coord = (lambda c: f"tl.cast({self.name(c)}, tl.int64)") if wide else self.name
+
+        def coord(c: Value) -> str:
+            return f"tl.cast({self.name(c)}, tl.int64)" if wide or c in self.from_memory else self.name(c)
+
         terms = [f"{coord(c)} * {gname}_s{a}" for a, c in enumerate(coords[:lead])]
         offs, masks = [], []
         for k, n in enumerate(shape):
@@ -252,8 +258,10 @@ class _Emitter:
 
     def tma_offsets(self, coords: tuple[Value, ...], shape: tuple[int, ...]) -> str:
         lead = len(coords) - len(shape)
-        offs = [self.name(c) for c in coords[:lead]]
-        offs += [f"{self.name(c)} * {n}" for c, n in zip(coords[lead:], shape, strict=True)]
+        scale = (1,) * lead + tuple(shape)
+        offs = [engine_coord(self.name(c), n, "tl") if c in self.from_memory
+                else self.name(c) if a < lead else f"{self.name(c)} * {n}"
+                for a, (c, n) in enumerate(zip(coords, scale, strict=True))]
         return "[" + ", ".join(offs) + "]"
 
 
