@@ -71,7 +71,8 @@ class Binding:
                     raise LaunchError(
                         f"gluon backend: {traced.ir.params[i].name} (shape {tuple(t.shape)}, strides "
                         f"{tuple(t.stride())}) is read or written by the copy engine, which needs the last axis "
-                        f"contiguous, the other strides and the address {TMA_ALIGN}-byte aligned")
+                        f"contiguous, the other strides and the address {TMA_ALIGN}-byte aligned and each size "
+                        "under 2**31")
                 box = list(how[2])
                 layout = gl.NVMMASharedLayout.get_default_for(box, _gl_dtype(t.dtype))
                 self.fill.append((pos, i, box, layout))
@@ -110,7 +111,7 @@ class Launcher:
             bad = [traced.ir.params[i].name for i in traced.tile_globals if not tma_ok(args[i])]
             raise LaunchError(f"gluon backend: {traced.name}'s async loads go through the copy engine, which needs "
                               f"{bad} contiguous in the last axis, the other strides and the address "
-                              f"{TMA_ALIGN}-byte aligned (pad the last axis)")
+                              f"{TMA_ALIGN}-byte aligned (pad the last axis), each size under 2**31")
         art = BACKEND.compile(traced, options, tma)
         self.fn, low = art.fn, art.lowered
         self.num_warps = low.num_warps

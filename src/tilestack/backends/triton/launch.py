@@ -142,11 +142,16 @@ def _private_dir(why: str) -> Path:
 TMA_ALIGN = 16   # bytes: the copy engine needs 16-byte aligned base addresses and leading strides
 
 
+TMA_MAX_COORD = 2**31 - 1   # the copy engine's coordinates are signed 32-bit
+
+
 def tma_ok(t) -> bool:
-    """Whether the copy engine can address tensor ``t`` in whole tiles."""
+    """Whether the copy engine can address tensor ``t`` in whole tiles: its coordinates are 32-bit, so an axis longer
+    than 2**31 (an expanded one) goes through pointers (a tile past row 2**31 read zeros, saturated)."""
     item = t.element_size()
     return (t.stride(-1) == 1 and t.data_ptr() % TMA_ALIGN == 0 and t.numel() > 0
-            and all((s * item) % TMA_ALIGN == 0 for s in t.stride()[:-1]))
+            and all((s * item) % TMA_ALIGN == 0 for s in t.stride()[:-1])
+            and all(d <= TMA_MAX_COORD for d in t.shape))
 
 
 def jit_function(traced, interpret: bool, tma: bool, index64: frozenset[int] = frozenset()):
