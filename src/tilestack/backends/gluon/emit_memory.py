@@ -232,6 +232,8 @@ def _pipelined_loop(e: Emitter, ins: Instr, loads: list[Instr]) -> None:
     idx = body.args[0]
     trips = e.fresh("trips")
     count = hi if (lo, step) == ("0", "1") else f"{hi} - {lo}" if step == "1" else f"gl.cdiv({hi} - {lo}, {step})"
+    if any(v in e.from_memory for v in ins.srcs[:3]):   # bounds read from an int64 tensor make an i64 count: the
+        count = f"gl.cast({count}, gl.int32)"            # stages are indexed by an i32 (a count is far below 2**31)
     e.emit(f"{trips} = {count}")
     ready = e.fresh("ready")
     rings = []
