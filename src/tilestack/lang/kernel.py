@@ -532,9 +532,12 @@ class TracedKernel:
                 raise LaunchError(f"{self.name}.cost: argument {self.ir.params[i].name} is read by ts.load_scalar "
                                   f"(a loop bound or coordinate from memory); pass its tensor, not the shape "
                                   f"{tuple(a.shape) if hasattr(a, 'shape') else a!r}")
-            import torch
-            held = torch.float64 if a.dtype.is_floating_point else torch.int64
-            data[i] = a.detach().to("cpu", held).numpy()
+            if a.device.type == "meta":
+                raise LaunchError(f"{self.name}.cost: argument {self.ir.params[i].name} is read by ts.load_scalar "
+                                  f"(a loop bound or coordinate from memory); pass a tensor holding its values, not "
+                                  f"a meta tensor (shape {tuple(a.shape)})")
+            from tilestack.backends.reference.executor import _numpy   # (an expanded axis is not copied out)
+            data[i] = _numpy(a)
         return kernel_cost(self.ir, dims, scalars, data)
 
     def grid(self, *args) -> tuple[int, ...]:
