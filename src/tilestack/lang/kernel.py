@@ -536,8 +536,8 @@ class TracedKernel:
                 raise LaunchError(f"{self.name}.cost: argument {self.ir.params[i].name} is read by ts.load_scalar "
                                   f"(a loop bound or coordinate from memory); pass a tensor holding its values, not "
                                   f"a meta tensor (shape {tuple(a.shape)})")
-            from tilestack.backends.reference.executor import _numpy   # (an expanded axis is not copied out)
-            data[i] = _numpy(a)
+            from tilestack.backends.reference.executor import _numpy
+            data[i] = _numpy(a)     # (an expanded axis is not copied out)
         return kernel_cost(self.ir, dims, scalars, data)
 
     def grid(self, *args) -> tuple[int, ...]:
