@@ -48,13 +48,15 @@ class Watchdog(Exception):
     """The run went past its share of --budget-s."""
 
 
-def problems(attention_dtypes: tuple[str, ...], small: bool):
-    """The cases as ``tune.library`` problems (keyed as the library's launch path asks for them)."""
+def problems(attention_dtypes: tuple[str, ...], small: bool, kernels=("gemm", "attention_fwd"), seqs=SEQS):
+    """The cases as ``tune.library`` problems (keyed as the library's launch path asks for them). An attention
+    problem carries the ping-pong forward as a variant, searched on the gluon backend beside the plain kernel."""
     from tilestack.tune.library import DTYPES, library_problems
 
-    gemm = [p for p in library_problems(["gemm"], DTYPES, small=small) if small or p.n in GEMM_SIZES]
+    gemm = [p for p in library_problems(["gemm"], DTYPES, small=small) if small or p.n in GEMM_SIZES] \
+        if "gemm" in kernels else []
     attn = [p for p in library_problems(["attention_fwd"], attention_dtypes, small=small)
-            if small or (p.fixed["D"] in HEAD_DIMS and p.n in SEQS)]
+            if small or (p.fixed["D"] in HEAD_DIMS and p.n in seqs)] if "attention_fwd" in kernels else []
     return sorted(gemm + attn, key=lambda p: p.priority)
 
 
@@ -73,7 +75,8 @@ def row(o, small: bool) -> dict:
     p = o.problem
     f = flops(p, small)
     return {"kernel": p.kernel, "signature": p.signature, "bucket": p.bucket, "shape": p.label,
-            "winner": o.backend, "config": o.config, "note": o.note, "tried": o.tried, "failed": o.failed,
+            "winner": o.backend + (f" ({o.config['schedule']})" if o.config and "schedule" in o.config else "")
+            if o.backend else None, "config": o.config, "note": o.note, "tried": o.tried, "failed": o.failed,
             "ms": {b: s * 1e3 for b, s in o.seconds_by_backend.items()},
             "tflops": {b: f / s / 1e12 for b, s in o.seconds_by_backend.items()},
             "before_ms": o.before_seconds and o.before_seconds * 1e3}
@@ -173,6 +176,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=Path("tune_backends.json"), help="per-case results")
     ap.add_argument("--backends", default="triton,gluon", help="comma-separated backends to search")
     ap.add_argument("--attention-dtypes", default="bfloat16", help="comma-separated: bfloat16,float16")
+    ap.add_argument("--kernels", default="gemm,attention_fwd", help="comma-separated: gemm,attention_fwd")
+    ap.add_argument("--seqs", default=",".join(map(str, SEQS)), help="attention sequence lengths (comma-separated)")
     ap.add_argument("--device", type=int, default=0)
     ap.add_argument("--no-verify", dest="verify", action="store_false",
                     help="skip the check through kernels.gemm / attention_forward with this run's tables")
@@ -198,7 +203,12 @@ def main() -> int:
             why = backend_refusal(b, key)
             if why:
                 print(f"tune_backends: {b} cannot launch on {key.name} ({key}): {why}", file=sys.stderr)
-    todo = problems(tuple(d.strip() for d in args.attention_dtypes.split(",")), args.small)
+    kernels = tuple(k.strip() for k in args.kernels.split(",") if k.strip())
+    unknown = set(kernels) - {"gemm", "attention_fwd"}
+    if unknown:
+        ap.error(f"--kernels: unknown {sorted(unknown)}; expected some of gemm, attention_fwd")
+    todo = problems(tuple(d.strip() for d in args.attention_dtypes.split(",")), args.small, kernels,
+                    tuple(int(n) for n in args.seqs.split(",") if n.strip()))
     args.out.mkdir(parents=True, exist_ok=True)
     session = Session(key, budget_s=args.budget_s * TUNE_SHARE, device_str=where, cache=ConfigCache(args.out / "cache"),
                       ship_dir=args.out, backends=backends, log=lambda s: None, seeds=SEEDS)
