@@ -175,3 +175,26 @@ def test_a_table_schedule_that_cannot_launch_gives_way(tables, caplog):
     torch.testing.assert_close(o.double(), ref, rtol=2e-2, atol=2e-2)
     with pytest.raises(BackendError, match="cannot lower attention_fwd_pingpong_kernel"):
         af.attention_forward(q, k, v, schedule="pingpong", backend="recorder")
+
+
+def test_a_named_schedule_takes_its_own_defaults_not_the_plain_entry(tables, monkeypatch):
+    """A table tuned for the plain kernel (BN 16 here) says nothing about the ping-pong one: named by the caller,
+    it launches at PINGPONG_DEFAULTS under the caller's own keys; a table that chose it gives its own config."""
+    from tilestack.kernels import attention_fwd_pingpong as module
+    cache, _ = tables
+    seen = []
+    real = module.attention_fwd_pingpong_kernel.launcher_for
+    monkeypatch.setattr(module.attention_fwd_pingpong_kernel, "launcher_for",
+                        lambda *a, **kw: (seen.append({k: kw[k] for k in ("BM", "BN", "STAGES")}), real(*a, **kw))[1])
+    q, k, v = (bf16(B, H, N, D, seed=s) for s in range(3))
+    sig = af.config_signature(q, af.head_tile(D), af.head_tile(D), False)
+    put(cache, "attention_fwd", sig, N, dict(BM=16, BN=16), backend="recorder")
+    af.attention_forward(q, k, v, schedule="pingpong")
+    af.attention_forward(q, k, v, schedule="pingpong", BN=32)
+    assert seen == [module.PINGPONG_DEFAULTS, dict(module.PINGPONG_DEFAULTS, BN=32)]
+    af.attention_forward.plans.clear()
+    put(cache, "attention_fwd", sig, N, dict(BM=32, BN=16, STAGES=3, schedule="pingpong"), backend="recorder")
+    lookup.reload()
+    lookup._cache = cache           # (the fixture's table, as it set it)
+    af.attention_forward(q, k, v)
+    assert seen[-1] == dict(BM=32, BN=16, STAGES=3)

@@ -543,7 +543,12 @@ def attention_forward(q, k, v, causal: bool = False, scale: float | None = None,
         return _dropout_run(q, k, v, bias, o, lse, scale, rng, float(dropout_p), outputs, (backend, asked),
                             plain_consts, (B, H, Nq, Nk))
     if bias is None and schedule == "pingpong" and q.dtype in (torch.bfloat16, torch.float16):
-        launch = _pingpong_launcher(q, k, v, o, lse, scale, backend, asked, consts, "schedule" in config)
+        # the tables' config where they chose the ping-pong kernel; else its own defaults under the caller's keys
+        # (the tables' entry was tuned for the plain kernel: its BN of 64 is the ping-pong's slower choice)
+        from tilestack.kernels.attention_fwd_pingpong import PINGPONG_DEFAULTS
+        ping = cfg if tuned.get("schedule") == "pingpong" else \
+            PINGPONG_DEFAULTS | {key: value for key, value in config.items() if key != "schedule"}
+        launch = _pingpong_launcher(q, k, v, o, lse, scale, backend, asked, constants(ping), "schedule" in config)
         if launch is not None:
             def run(q, k, v, *_, **__):
                 o, lse = outputs(q)

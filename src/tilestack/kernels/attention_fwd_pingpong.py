@@ -40,6 +40,9 @@ ROLES = ("consumer0", "consumer1")
 CONSUMER = dict(warps=4, registers=240)
 PRODUCER = dict(warps=4, registers=32)
 SCHEDULES = ("plain", "pingpong")     # attention_forward's ``schedule`` config key
+# attention_forward's config for it where no table chose it: key blocks of 128 measured fastest at head dims 64 and
+# 128 (H100, docs/performance.md, session 18: 607 against 560 TFLOP/s at BN 64, head dim 128)
+PINGPONG_DEFAULTS = dict(BM=128, BN=128, STAGES=2)
 
 
 def _trip(j, q, acc, m, lsum, s_next, k_ring, v_ring, k_s, v_s, K, V, b, hk, i, Nk, qk_scale, *, masked: bool,
@@ -92,7 +95,8 @@ def _grid(Q, BM):
 def attention_fwd_pingpong_kernel(Q, K, V, O, LSE, scale: float, *, D: int, DV: int | None = None,
                                   causal: bool = False, causal_align: str = "top_left",
                                   BM: int = ts.tunable(128, (32, 64, 128, 256)),
-                                  BN: int = ts.tunable(64, (16, 32, 64, 128)), STAGES: int = ts.tunable(2, (2, 3, 4))):
+                                  BN: int = ts.tunable(128, (16, 32, 64, 128)),
+                                  STAGES: int = ts.tunable(2, (2, 3, 4))):
     """Q: (B, H, Nq, *), K: (B, Hkv, Nk, *), V: (B, Hkv, Nk, *), O: (B, H, Nq, *), LSE: (B, H, Nq) f32; D and DV
     the tile widths of the q/k and v/o head dims (``head_tile``); BM query rows a program, BM / 2 a consumer."""
     DV = D if DV is None else DV

@@ -197,11 +197,12 @@ def attention_fwd_problems(dtype: str, small: bool = False) -> list[Problem]:
 def _pingpong_variant(plain: Problem, make, small: bool) -> Problem:
     """The ping-pong forward as a variant of a plain attention_fwd problem: same inputs and reference, its own
     kernel and tunables, searched on the Gluon backend only."""
+    from tilestack.kernels.attention_fwd_pingpong import PINGPONG_DEFAULTS
     from tilestack.kernels.attention_fwd_pingpong import attention_fwd_pingpong_kernel as tile
 
     return dataclasses.replace(
         plain, tile=tile, restrict=_restrict(ATTN_FWD_PINGPONG, small, BM=(32,), BN=(16,)),
-        default=_default(dict(BM=128, BN=64, STAGES=2), small),
+        default=_default(PINGPONG_DEFAULTS, small),
         make=functools.partial(make, tile=tile), variants=(), schedule="pingpong", backends=PINGPONG_BACKENDS)
 
 
