@@ -75,8 +75,8 @@ def row(o, small: bool) -> dict:
     p = o.problem
     f = flops(p, small)
     return {"kernel": p.kernel, "signature": p.signature, "bucket": p.bucket, "shape": p.label,
-            "winner": o.backend + (f" ({o.config['schedule']})" if o.config and "schedule" in o.config else "")
-            if o.backend else None, "config": o.config, "note": o.note, "tried": o.tried, "failed": o.failed,
+            "winner": o.backend, "schedule": (o.config or {}).get("schedule", "plain"),
+            "config": o.config, "note": o.note, "tried": o.tried, "failed": o.failed,
             "ms": {b: s * 1e3 for b, s in o.seconds_by_backend.items()},
             "tflops": {b: f / s / 1e12 for b, s in o.seconds_by_backend.items()},
             "before_ms": o.before_seconds and o.before_seconds * 1e3}
@@ -154,7 +154,8 @@ def table(rows: list[dict], backends: tuple[str, ...]) -> str:
         for b in backends:
             ms, tf = r["ms"].get(b), r["tflops"].get(b)
             cells.append(f"{ms:10.3f} {tf:8.1f}" if ms else f"{'-':>10} {'-':>8}")
-        won = r["winner"] or "(none: " + (r["note"] or "not tuned")[:60] + ")"
+        won = (f"{r['winner']} ({r['schedule']})" if r["winner"] else
+               "(none: " + (r["note"] or "not tuned")[:60] + ")")
         if r["winner"] and len(r["ms"]) > 1:
             other = min(ms for b, ms in r["ms"].items() if b != r["winner"])
             won += f" {other / r['ms'][r['winner']]:.3f}x"
@@ -227,7 +228,7 @@ def main() -> int:
         write()
         r = rows[-1]
         print(f"[{time.monotonic() - t0:6.0f} s] {r['kernel']} {r['signature']} {r['shape']}: "
-              + ", ".join(f"{b} {ms:.3f} ms" for b, ms in r["ms"].items()) + f" -> {r['winner']}"
+              + ", ".join(f"{b} {ms:.3f} ms" for b, ms in r["ms"].items()) + f" -> {r['winner']} ({r['schedule']})"
               + (f" ({r['note']})" if r["note"] else ""), flush=True)
 
     def alarm(signum, frame):

@@ -30,6 +30,25 @@ def known() -> dict:
 
 
 @functools.cache
+def variants() -> dict:
+    """(kernel, signature, schedule) -> (the variant's tile kernel, its backends): what an entry whose config
+    names a ``schedule`` was tuned as (``Problem.variants``)."""
+    return {(p.kernel, p.signature, v.schedule): (v.tile, v.backends)
+            for p in library_problems(dtypes=DTYPES) for v in p.variants}
+
+
+def tile_of(kernel_name: str, signature: str, tile, cfg: dict, backend: str):
+    """(the tile kernel an entry's config is for, the config without its ``schedule``)."""
+    schedule = cfg.get("schedule")
+    if schedule is None:
+        return tile, cfg
+    assert (kernel_name, signature, schedule) in variants(), f"{kernel_name} {signature}: no variant {schedule!r}"
+    vtile, backends = variants()[kernel_name, signature, schedule]
+    assert backends is None or backend in backends, f"{schedule} tuned on {backend}, a variant of {backends}"
+    return vtile, {k: v for k, v in cfg.items() if k != "schedule"}
+
+
+@functools.cache
 def small_args(kernel: str):
     """Arguments of the kernel's dtypes and ranks (footprints do not depend on the sizes)."""
     p = next(p for p in library_problems(dtypes=("bfloat16",), small=True) if p.kernel == kernel)
@@ -78,9 +97,10 @@ def test_entry_is_a_valid_config_of_its_kernel(table, key, entry):
     sizes = known()[kernel_name, signature]
     tile, fixed = sizes.get(int(bucket), next(iter(sizes.values())))
     assert bucket.isdigit() and int(bucket) > 0 and int(bucket) & (int(bucket) - 1) == 0, "bucket: a power of 2"
-    cfg = entry["config"]
     assert set(entry) <= EVIDENCE, set(entry) - EVIDENCE
     assert entry.get("seconds", 1.0) > 0
+    base = tile                       # the problem's own kernel; a config naming a schedule is its variant's
+    tile, cfg = tile_of(kernel_name, signature, base, entry["config"], entry.get("backend", "triton"))
     tunables = tile.tunables
     assert set(cfg) <= set(tunables), f"not tunables of {tile.name}: {set(cfg) - set(tunables)}"
     for name, value in cfg.items():
@@ -91,8 +111,11 @@ def test_entry_is_a_valid_config_of_its_kernel(table, key, entry):
         options = e["options"]                                       # the backend's, stored apart
         assert set(options) <= set(backend.search_domains()) and not set(options) & set(tunables)
         backend.check_options(options)
-        assert set(e["config"]) <= set(tunables) and e.get("seconds", 1.0) > 0
-    shared, regs = SearchSpace(tile, fixed=fixed).footprint(small_args(kernel_name), launch_kwargs(entry))
+        its_tile, its_cfg = tile_of(kernel_name, signature, base, e["config"], name)
+        assert set(its_cfg) <= set(its_tile.tunables) and e.get("seconds", 1.0) > 0
+    shared, regs = SearchSpace(tile, fixed=fixed).footprint(small_args(kernel_name),
+                                                           {k: v for k, v in launch_kwargs(entry).items()
+                                                            if k != "schedule"})
     assert shared <= table.device.shared_bytes
     assert regs <= REGISTER_BYTES_PER_THREAD                         # the tuner would have searched it
     if "shared_bytes" in entry:
