@@ -134,32 +134,43 @@ def test_the_library_offers_the_ping_pong_on_gluon_for_head_dims_up_to_128():
     assert all(v.default == {} and v.restrict["BM"] == (32,) for p in small for v in p.variants)
 
 
-def test_attention_forward_launches_the_kernel_the_table_names(tables):
+def test_attention_forward_launches_the_kernel_the_table_names(tables, monkeypatch):
     cache, rec = tables
     q, k, v = (bf16(B, H, N, D, seed=s) for s in range(3))
     sig = af.config_signature(q, af.head_tile(D), af.head_tile(D), False)
-    put(cache, "attention_fwd", sig, N, dict(BM=32, BN=16, STAGES=2, schedule="pingpong"), backend="recorder")
+    put(cache, "attention_fwd", sig, N, dict(BM=32, BN=16, STAGES=2, schedule="pingpong"), backend="recorder",
+        others={"triton": {"config": dict(BM=16, BN=16), "options": {"num_warps": 4}, "seconds": 2e-3}})
     o, lse = af.attention_forward(q, k, v)
     assert rec.prepared == ["attention_fwd_pingpong_kernel"]
     ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
     torch.testing.assert_close(o.double(), ref, rtol=2e-2, atol=2e-2)
-    # a mask: the ping-pong kernel takes none, so the plain biased kernel runs at the launch path's default
-    # (the entry's STAGES is not one of its constants: it would be refused)
+    # a mask: the ping-pong kernel takes none, so the plain biased kernel runs, at the entry's best of the default
+    # backend ("others": the entry's STAGES is not one of the plain kernel's constants), on that backend
     mask = torch.zeros(N, N).masked_fill(torch.ones(N, N, dtype=torch.bool).triu(5), -math.inf)
+    seen = []
+    real = af.attention_fwd_bias_kernel.launcher_for
+    monkeypatch.setattr(af.attention_fwd_bias_kernel, "launcher_for",
+                        lambda *a, **kw: (seen.append((a[1], kw["BN"])), real(*a, **kw))[1])
     o, _ = af.attention_forward(q, k, v, attn_mask=mask)
-    assert rec.prepared[-1] == "attention_fwd_bias_kernel"
+    af.attention_forward.plans.clear()
+    af.attention_forward(q, k, v, attn_mask=mask, backend="recorder")     # named: its own default config
+    assert seen == [(None, 16), ("recorder", af.default_config(D, False, "cpu", q.dtype)["BN"])]
+    assert rec.prepared == ["attention_fwd_pingpong_kernel", "attention_fwd_bias_kernel"]
     ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(),
                                                            attn_mask=mask.double())
     torch.testing.assert_close(o.double(), ref, rtol=2e-2, atol=2e-2)
-    # named: the caller's schedule wins over the table's
-    af.attention_forward(q, k, v, schedule="plain")
-    assert rec.prepared[-1] == "attention_fwd_kernel"
+    # named: the caller's schedule wins over the table's (the plain kernel, on the default backend)
+    o, _ = af.attention_forward(q, k, v, schedule="plain")
+    assert rec.prepared == ["attention_fwd_pingpong_kernel", "attention_fwd_bias_kernel"]
+    torch.testing.assert_close(o.double(), torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double()), rtol=2e-2, atol=2e-2)
 
 
 def test_a_table_schedule_that_cannot_launch_gives_way(tables, caplog):
     """The ping-pong launcher refused by the table's backend (one that cannot lower it): from the table, the
-    plain kernel runs there; the schedule named by the caller runs the ping-pong kernel on the default backend
-    (as any tuned kernel whose backend refuses it); named with that backend too, the refusal is raised."""
+    plain kernel runs on the default backend; the schedule named by the caller runs the ping-pong kernel on the
+    default backend (as any tuned kernel whose backend refuses it); named with that backend too, the refusal is
+    raised."""
     from tilestack.errors import BackendError
     cache, rec = tables
     rec.refuse.add("attention_fwd_pingpong_kernel")
@@ -167,11 +178,11 @@ def test_a_table_schedule_that_cannot_launch_gives_way(tables, caplog):
     sig = af.config_signature(q, af.head_tile(D), af.head_tile(D), False)
     put(cache, "attention_fwd", sig, N, dict(BM=32, BN=16, STAGES=2, schedule="pingpong"), backend="recorder")
     ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
-    o, _ = af.attention_forward(q, k, v)
-    assert rec.prepared == ["attention_fwd_kernel"]
+    o, _ = af.attention_forward(q, k, v)        # the plain kernel, on the default backend (no entry of its own)
+    assert rec.prepared == []
     torch.testing.assert_close(o.double(), ref, rtol=2e-2, atol=2e-2)
     o, _ = af.attention_forward(q, k, v, schedule="pingpong")
-    assert rec.prepared == ["attention_fwd_kernel"]          # not on the recorder: on Triton's backend
+    assert rec.prepared == []          # not on the recorder: on Triton's backend
     torch.testing.assert_close(o.double(), ref, rtol=2e-2, atol=2e-2)
     with pytest.raises(BackendError, match="cannot lower attention_fwd_pingpong_kernel"):
         af.attention_forward(q, k, v, schedule="pingpong", backend="recorder")

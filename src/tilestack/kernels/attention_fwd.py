@@ -62,7 +62,7 @@ import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.kernels._checks import next_pow2
 from tilestack.kernels._plan import forward_only, planned
-from tilestack.tune.lookup import launch_config, take_backend, tuned_launcher
+from tilestack.tune.lookup import DEFAULT_BACKEND, launch_config, take_backend, tuned_launcher
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -504,7 +504,8 @@ def attention_forward(q, k, v, causal: bool = False, scale: float | None = None,
         return lambda q, *_, **__: (q.new_zeros((B, H, Nq, Dv)), torch.full((B, H, Nq), -math.inf, device=q.device))
     DT, DVT = head_tile(D), head_tile(Dv)
     default = default_config(max(DT, DVT), causal, q.device.type, q.dtype)
-    tuned = launch_config("attention_fwd", config_signature(q, DT, DVT, causal), q.device, Nq, default, backend)
+    signature = config_signature(q, DT, DVT, causal)
+    tuned = launch_config("attention_fwd", signature, q.device, Nq, default, backend)
     cfg = tuned | config
     asked, backend = backend, take_backend(cfg, backend)      # the tuned backend where none was named
     schedule = cfg.pop("schedule", "plain")
@@ -531,16 +532,19 @@ def attention_forward(q, k, v, causal: bool = False, scale: float | None = None,
 
     o, lse = outputs(q)
     bias = mask_as_bias(attn_mask, (B, H, Nq, Nk))
+    plain_consts, plain_backend = consts, backend
     if tuned.get("schedule", "plain") != "plain":
         # the tables chose the ping-pong kernel (tune.library's variant): its config (STAGES, tiles tuned for it)
-        # is not the plain kernel's, so where the plain kernel runs (the caller's schedule="plain", or a launch
-        # the ping-pong cannot take: a mask, dropout, strides) it runs at the launch path's default and the
-        # caller's keys
-        plain_consts = constants(default | {key: value for key, value in config.items() if key != "schedule"})
-    else:
-        plain_consts = consts
+        # is not the plain kernel's. Where the plain kernel runs (the caller's schedule="plain", or a launch the
+        # ping-pong cannot take: a mask, dropout, strides) it takes the entry's best on the default backend (kept
+        # under "others") where no backend was named, else the launch path's default; the caller's keys over it
+        base = default
+        if asked is None:
+            other = launch_config("attention_fwd", signature, q.device, Nq, default, DEFAULT_BACKEND)
+            base, plain_backend = (other if other.get("schedule", "plain") == "plain" else default), None
+        plain_consts = constants(base | {key: value for key, value in config.items() if key != "schedule"})
     if dropout_p > 0:   # a kernel of its own: dropout_p = 0 runs the kernels above, untouched
-        return _dropout_run(q, k, v, bias, o, lse, scale, rng, float(dropout_p), outputs, (backend, asked),
+        return _dropout_run(q, k, v, bias, o, lse, scale, rng, float(dropout_p), outputs, (plain_backend, asked),
                             plain_consts, (B, H, Nq, Nk))
     if bias is None and schedule == "pingpong" and q.dtype in (torch.bfloat16, torch.float16):
         # the tables' config where they chose the ping-pong kernel; else its own defaults under the caller's keys
@@ -556,14 +560,15 @@ def attention_forward(q, k, v, causal: bool = False, scale: float | None = None,
                 return o, lse
             return run
     if bias is None:
-        launch = tuned_launcher(attention_fwd_kernel, (q, k, v, o, lse, scale), backend, asked, **plain_consts)
+        launch = tuned_launcher(attention_fwd_kernel, (q, k, v, o, lse, scale), plain_backend, asked,
+                                **plain_consts)
 
         def run(q, k, v, *_, **__):
             o, lse = outputs(q)
             launch((q, k, v, o, lse, scale))
             return o, lse
     else:
-        launch = tuned_launcher(attention_fwd_bias_kernel, (q, k, v, bias, o, lse, scale), backend, asked,
+        launch = tuned_launcher(attention_fwd_bias_kernel, (q, k, v, bias, o, lse, scale), plain_backend, asked,
                                 **plain_consts)
 
         def run(q, k, v, *_, attn_mask=None, **__):
