@@ -533,6 +533,7 @@ def attention_forward(q, k, v, causal: bool = False, scale: float | None = None,
     o, lse = outputs(q)
     bias = mask_as_bias(attn_mask, (B, H, Nq, Nk))
     plain_consts, plain_backend = consts, backend
+    caller = {key: value for key, value in config.items() if key != "schedule"}   # the caller's own config keys
     if tuned.get("schedule", "plain") != "plain":
         # the tables chose the ping-pong kernel (tune.library's variant): its config (STAGES, tiles tuned for it)
         # is not the plain kernel's. Where the plain kernel runs (the caller's schedule="plain", or a launch the
@@ -542,7 +543,7 @@ def attention_forward(q, k, v, causal: bool = False, scale: float | None = None,
         if asked is None:
             other = launch_config("attention_fwd", signature, q.device, Nq, default, DEFAULT_BACKEND)
             base, plain_backend = (other if other.get("schedule", "plain") == "plain" else default), None
-        plain_consts = constants(base | {key: value for key, value in config.items() if key != "schedule"})
+        plain_consts = constants(base | caller)
     if dropout_p > 0:   # a kernel of its own: dropout_p = 0 runs the kernels above, untouched
         return _dropout_run(q, k, v, bias, o, lse, scale, rng, float(dropout_p), outputs, (plain_backend, asked),
                             plain_consts, (B, H, Nq, Nk))
@@ -550,8 +551,7 @@ def attention_forward(q, k, v, causal: bool = False, scale: float | None = None,
         # the tables' config where they chose the ping-pong kernel; else its own defaults under the caller's keys
         # (the tables' entry was tuned for the plain kernel: its BN of 64 is the ping-pong's slower choice)
         from tilestack.kernels.attention_fwd_pingpong import PINGPONG_DEFAULTS
-        ping = cfg if tuned.get("schedule") == "pingpong" else \
-            PINGPONG_DEFAULTS | {key: value for key, value in config.items() if key != "schedule"}
+        ping = cfg if tuned.get("schedule") == "pingpong" else PINGPONG_DEFAULTS | caller
         launch = _pingpong_launcher(q, k, v, o, lse, scale, backend, asked, constants(ping), "schedule" in config)
         if launch is not None:
             def run(q, k, v, *_, **__):
@@ -590,8 +590,8 @@ def _pingpong_launcher(q, k, v, o, lse, scale, backend, asked, consts, named: bo
     keep = {key: consts[key] for key in ("D", "DV", "causal", "causal_align", "BN", "STAGES") if key in consts}
     keep["BM"] = max(consts.get("BM", 128), 128 if backend == "gluon" else 32)
     try:
-        # from the tables (not named), a backend that refuses it gives way to the plain kernel there, not to the
-        # ping-pong kernel on the default backend (Triton's drops the roles and turns: a slower plain kernel)
+        # from the tables (not named), a backend that refuses it gives way to the plain kernel (attention_forward's
+        # fallback), not to the ping-pong kernel on the default backend (Triton's drops the roles and turns)
         return tuned_launcher(attention_fwd_pingpong_kernel, (q, k, v, o, lse, scale), backend,
                               asked if named else backend, **keep)
     except (BackendError, LaunchError):
