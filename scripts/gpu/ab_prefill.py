@@ -8,7 +8,9 @@ time, its ratio to Inductor's and its output error against eager (norm-relative)
 Variants: inductor; tilestack (all passes); tilestack-exact (numerics="exact"); tilestack-fused
 (numerics="fused"); tilestack-reduce-overhead;
 tilestack-<pass> (that pass alone);
-tilestack-no-<pass> (every pass but it).
+tilestack-no-<pass> (every pass but it);
+ts:<numerics>:<pass>+<pass>... (those passes under that numerics, e.g. ts:exact:sdpa+linear_epilogue: eager's norm
+kernels, tilestack's attention and GEMM epilogues).
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ def main() -> None:
             return tilestack.optimize(model, numerics="fused")
         if name == "tilestack-exact":        # eager's own norm kernels, nothing swapped: eager's bits in bf16
             return tilestack.optimize(model, numerics="exact")
+        if name.startswith("ts:"):
+            _, numerics, chosen = name.split(":")
+            return tilestack.optimize(model, numerics=numerics, passes=[p for p in chosen.split("+") if p])
         if name.startswith("tilestack-no-"):
             return tilestack.optimize(model, passes=[p for p in PASSES if p != name.removeprefix("tilestack-no-")])
         return tilestack.optimize(model, passes=[name.removeprefix("tilestack-")])
