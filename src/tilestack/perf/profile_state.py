@@ -268,23 +268,29 @@ def same_draws(step: Callable[[], Any], model: Any) -> Callable[[], Any]:
 
 
 class _Bindings:
-    """Which objects ``modules`` hold: each one's parameter and buffer tables (rebinding, ``self.buf = self.buf + 1``,
-    is undone too) and plain attributes (:class:`_Attributes`); ``restore`` rebinds them, copying no tensor. A
-    ScriptModule's tables wrap C++ state that Python cannot rebind; a lazy module's first forward rewrites its
-    attributes (in_features, its class) and materialises its parameters: those changes stay."""
+    """Which objects ``modules`` hold: each one's parameter, buffer and submodule tables (rebinding,
+    ``self.buf = self.buf + 1``, is undone too) and plain attributes (:class:`_Attributes`); ``restore`` rebinds them,
+    copying no tensor. A ScriptModule's tables wrap C++ state that Python cannot rebind; a lazy module's first forward
+    rewrites its attributes (in_features, its class) and materialises its parameters: those changes stay.
+
+    The submodule table too: a forward that builds a head on its first call (``if self.head is None: self.head =
+    nn.Linear(...)``) or swaps one (``self.act = nn.GELU()``) moves it from the plain attributes into ``_modules``;
+    with only the attributes put back, the caller's model read ``head`` as None while ``parameters()`` and
+    ``state_dict()`` still held the head's weights (profiler round 12)."""
 
     def __init__(self, modules: list[Any]) -> None:
         import torch
 
-        self.slots = [(m, dict(m._parameters), dict(m._buffers)) for m in modules
-                      if isinstance(m._parameters, dict) and isinstance(m._buffers, dict)]
+        tables = ("_parameters", "_buffers", "_modules")
+        self.slots = [(m, *(dict(getattr(m, t)) for t in tables)) for m in modules
+                      if all(isinstance(getattr(m, t, None), dict) for t in tables)]
         internals = _module_internals()
         lazy = torch.nn.modules.lazy.LazyModuleMixin
         self.attributes = [_Attributes(m, internals) for m in modules if not isinstance(m, lazy)]
 
     def restore(self) -> None:
-        for m, params, buffers in self.slots:
-            for now, before in ((m._parameters, params), (m._buffers, buffers)):
+        for m, params, buffers, children in self.slots:
+            for now, before in ((m._parameters, params), (m._buffers, buffers), (m._modules, children)):
                 if _same(now, before, len(before)):
                     continue
                 for k in [k for k in now if k not in before]:
@@ -312,8 +318,8 @@ def same_state(step: Callable[[], Any], model: Any) -> Callable[[], Any]:
 @contextlib.contextmanager
 def preserved(model: Any, inputs: Any) -> Iterator[None]:
     """Keep, and put back on exit, for a module, a bound method of one (``net.forward``) or a ``functools.partial`` of
-    either: each module's parameters, buffers and plain attributes (which tensors and objects they are, and the
-    tensors' values), each parameter's (and each leaf input's) ``.grad`` tensor (set aside, so the profile's
+    either: each module's parameters, buffers, submodules and plain attributes (which tensors and objects they are,
+    and the tensors' values and requires_grad flags), each parameter's (and each leaf input's) ``.grad`` tensor (set aside, so the profile's
     gradients are neither added into the caller's nor left behind), each module's training mode, the input tensors'
     values, and the RNG states of torch (CPU and every initialised GPU), Python's ``random`` and NumPy's."""
 
@@ -333,6 +339,9 @@ def preserved(model: Any, inputs: Any) -> Iterator[None]:
     grads = [(t, t.grad) for t in with_grad]
     for t in with_grad:
         t.grad = None
+    # Whether each leaf requires grad: a forward that freezes a layer (``self.encoder.requires_grad_(False)`` after
+    # some calls) left the caller's parameters frozen, so its next training step skipped their gradients (round 12).
+    flags = [(t, t.requires_grad) for t in held.values() if t.is_leaf]
     draws = _Draws(modules)
     try:
         yield
@@ -342,6 +351,9 @@ def preserved(model: Any, inputs: Any) -> Iterator[None]:
             stepper.restore()
         for s in saved:
             s.restore()
+        for t, flag in flags:
+            if t.requires_grad != flag:
+                t.requires_grad_(flag)
         for t, grad in grads:
             t.grad = grad
         for m, mode in modes:

@@ -1,0 +1,144 @@
+"""Twelfth held-out round, part two (tests/perf/perf_models_round12.py): what a profile leaves behind, the round's
+counting fix op by op, and models that cannot be profiled. The counts of the round's models are in
+tests/perf/test_profile_unseen_round12.py.
+
+What the round found (each pinned by the test whose docstring says so):
+- a forward that sets ``requires_grad`` (progressive freezing: ``self.encoder.requires_grad_(False)`` from its second
+  call on) left the caller's parameters frozen after profiling: ``profile_state.preserved`` put back their values,
+  gradients and the modules' training modes, not whether they require grad, so the caller's next training step
+  silently skipped the encoder's gradients;
+- a forward that builds a submodule on its first call (``if self.head is None: self.head = nn.Linear(...)``) or swaps
+  one (``self.act = nn.Tanh()``) left the caller's model inconsistent: the plain attribute ``head`` was put back to
+  None, but ``_modules`` (which preserved did not put back) still held the head, so ``parameters()`` and
+  ``state_dict()`` held weights the model's forward would throw away and rebuild, and the swapped activation stayed;
+- nn.Embedding(max_norm=...) renorms its looked-up rows in place (``aten::embedding_renorm_``): it was counted as
+  reading and writing the whole table and renorming one row per token; its kernel visits each distinct row once. A
+  50k-row table looked up for a few tokens read as moving the table twice per call.
+"""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tilestack.perf import counting, profile
+
+sys.path.insert(0, str(Path(__file__).parent))
+import perf_models_round12 as pm  # noqa: E402
+from profile_support import CEIL  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+RENORM_FLOPS_PER_ELEMENT = 3  # a row's norm (square and accumulate: 2 per element) and its rescale (1)
+F32 = 4  # bytes
+
+
+def profiled(model, inputs, *, train=False, warmup=1, steps=1):
+    return profile.profile_model(model, inputs, steps=steps, warmup=warmup, ceilings=CEIL, device="cpu", train=train)
+
+
+def snapshot(model):
+    """Everything a caller could see of a module: its state dict's values, which parameters require grad, the
+    submodule of each name, the training flag of each, and plain attributes."""
+    return (
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        {k: p.requires_grad for k, p in model.named_parameters()},
+        {k: type(m) for k, m in model.named_modules()},
+        {k: m.training for k, m in model.named_modules()},
+        {k: v for k, v in vars(model).items() if not k.startswith("_") and k != "training"},
+    )
+
+
+def assert_same(before, after):
+    values, flags, kinds, modes, attributes = before
+    values2, flags2, kinds2, modes2, attributes2 = after
+    assert values.keys() == values2.keys()
+    assert all(torch.equal(values[k], values2[k]) for k in values)
+    assert (flags, kinds, modes, attributes) == (flags2, kinds2, modes2, attributes2)
+
+
+# --- state put back -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("train", [False, True])
+def test_self_freezing_encoder_requires_grad_again_after_profiling(train):
+    """Found by the round: a forward freezing its encoder from its second call on left the caller's encoder frozen
+    (requires_grad False). Now every parameter requires grad as before, the call counter is back at 0, and the
+    caller's own first training step still trains the encoder (its gradient is set)."""
+    model, inputs = pm.self_freezing()
+    before = snapshot(model)
+    profiled(model, inputs, train=train)
+    assert_same(before, snapshot(model))
+    assert all(p.requires_grad for p in model.parameters()) and model.calls == 0
+    model(*inputs).sum().backward()  # the caller's first call: the encoder not yet frozen
+    assert model.encoder.weight.grad is not None and model.encoder.weight.grad.abs().sum() > 0
+
+
+def test_self_freezing_counts_the_frozen_step():
+    """Every profiled step starts from the state the warm-up left (its second call on): the encoder frozen, so the
+    backward is the head's weight gradient only, 2*B*H*C, with no gradient flowing into the encoder."""
+    model, inputs = pm.self_freezing()
+    p = profiled(model, inputs, train=True)
+    forward = 2 * pm.BATCH * (pm.FZ_IN * pm.FZ_HIDDEN + pm.FZ_HIDDEN * pm.FZ_OUT)
+    head_weight_grad = 2 * pm.BATCH * pm.FZ_HIDDEN * pm.FZ_OUT
+    matmuls = math.fsum(o.m.flops * o.calls for o in p.ops if o.op in ("aten::addmm", "aten::mm"))
+    assert matmuls == forward + head_weight_grad
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_lazy_head_built_in_forward_is_not_left_behind(train):
+    """Found by the round: a head built by the first call, and an activation swapped by it, stayed in the caller's
+    ``_modules`` after profiling while the attribute read None: ``parameters()`` held 4 tensors, ``state_dict()`` the
+    head's weights, the activation was the swapped Tanh. Now the model is as built: no head, ReLU, 2 parameters;
+    its first call builds the head as it would have unprofiled."""
+    model, inputs = pm.lazy_head()
+    before = snapshot(model)
+    p = profiled(model, inputs, train=train)
+    assert_same(before, snapshot(model))
+    assert model.head is None and isinstance(model.act, nn.ReLU) and "head" not in model._modules
+    assert len(list(model.parameters())) == 2
+    # the profiled steps ran the built head and the swapped activation: body, head, one tanh
+    assert p.flops >= 2 * 3 * (pm.LH_IN * pm.LH_HIDDEN + pm.LH_HIDDEN * pm.LH_OUT) + 3 * pm.LH_HIDDEN
+    assert "aten::tanh" in {o.op for o in p.ops} and "aten::relu" not in {o.op for o in p.ops}
+    model(*inputs)
+    assert isinstance(model.head, nn.Linear) and isinstance(model.act, nn.Tanh)
+
+
+@pytest.mark.parametrize("name", ["max_norm_lookup", "volumetric", "pairs_random", "checkpointed_dropout",
+                                  "cached_symmetric", "packed_lstm", "weighted_bags"])
+@pytest.mark.parametrize("train", [False, True])
+def test_models_are_put_back(name, train):
+    """The round's models with state a step changes (an embedding renormed in place, InstanceNorm's and cumulative
+    BatchNorm's running statistics and batch counts, random layers in training mode, a parametrization's original)
+    are as built after a profile, their RNG state too, and no parameter is left with a gradient."""
+    model, inputs = pm.MODELS[name][0]()
+    before = snapshot(model)
+    rng = torch.get_rng_state()
+    profiled(model, inputs, train=train)
+    assert_same(before, snapshot(model))
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_no_parameter_model_leaves_its_input_gradient_as_found():
+    """A model with no parameters trains through its input (requires_grad): the profile's gradients are not left in
+    the caller's input, which keeps its own gradient, and the input's values are unchanged."""
+    model, (x,) = pm.no_parameters()
+    x.grad = torch.full_like(x, 7.0)
+    x0 = x.detach().clone()
+    p = profiled(model, (x,), train=True)
+    assert torch.equal(x.grad, torch.full_like(x, 7.0)) and torch.equal(x.detach(), x0) and x.requires_grad
+    assert p.flops > 0 and not any(o.op.endswith("addmm") for o in p.ops)
+
+
+def test_random_layers_are_measured_deterministically():
+    """Dropout-like layers in training mode (RReLU's slopes, AlphaDropout, FeatureAlphaDropout, an LSTM's dropout
+    between layers, dropout inside a checkpoint) draw the same numbers in every step: two profiles of one model count
+    the same FLOPs and bytes row by row, and the RNG is where it was."""
+    for name in ("pairs_random", "packed_lstm", "checkpointed_dropout"):
+        model, inputs = pm.MODELS[name][0]()
+        rng = torch.get_rng_state()
+        a, b = profiled(model, inputs, train=True), profiled(model, inputs, train=True)
+        assert torch.equal(rng, torch.get_rng_state())
+        rows = lambda p: sorted((o.op, o.shapes, o.calls, o.m.flops, o.m.bytes) for o in p.ops if o.counted)  # noqa: E731
+        assert rows(a) == rows(b) and a.flops == b.flops and a.bytes == b.bytes, name
