@@ -44,6 +44,7 @@ import logging
 import math
 import numbers
 import re
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -51,8 +52,10 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import strategy_utils
 from flwr.supercore.run import Run
 
+from tilestack.errors import FederatedError
 from tilestack.federated import codec
 from tilestack.federated.checks import require_int
 from tilestack.federated.client import (
@@ -347,10 +350,31 @@ class ManagedGrid(Grid):
         # a client is busy from the round its late work starts in (its evaluation there too) until its update is in
         busy = {p for p, late in self.late.items() if late.started <= self.server_round <= late.due}
         if (self.system is None or self.system.availability is None) and not busy:
-            return list(self._order)
-        online = self.system.online(self.server_round) if self.system is not None else None
-        pids = [(nid, self.partition_of[nid]) for nid in self._order]
-        return [nid for nid, pid in pids if pid not in busy and (online is None or online[pid])]
+            nodes = list(self._order)
+        else:
+            online = self.system.online(self.server_round) if self.system is not None else None
+            pids = [(nid, self.partition_of[nid]) for nid in self._order]
+            nodes = [nid for nid, pid in pids if pid not in busy and (online is None or online[pid])]
+        self._refuse_endless_wait(len(nodes), sys._getframe(1))
+        return nodes
+
+    def _refuse_endless_wait(self, listed: int, caller) -> None:
+        """Flower's ``sample_nodes`` (the ``caller`` frame) polls ``get_node_ids`` every second until its
+        ``min_available_nodes`` (at least the sample size) are listed. This grid never lists more than the task's
+        clients, and which of them are online changes only with the round, which cannot move while a strategy samples:
+        under Flower's own ``Strategy.start`` a strategy asking for more (``FedAvg(min_available_nodes=10)`` over 4
+        clients) waited forever (``run_rounds`` refuses or skips such rounds before sampling). Refused instead."""
+        if caller is None or caller.f_code is not strategy_utils.sample_nodes.__code__:
+            return
+        want = caller.f_locals.get("min_available_nodes")
+        if isinstance(want, numbers.Integral) and want > listed:
+            online = " online this round" if listed < self.population else ""
+            raise FederatedError(
+                f"ManagedGrid: the strategy waits for min_available_nodes={want} nodes (at least its sample size) and "
+                f"this grid lists {listed}{online} of the run's {self.population} (task.num_clients); no node joins "
+                f"while Flower's sampling waits, so it would wait forever; expected min_available_nodes and the sample "
+                f"size <= {listed} (run_rounds skips a round with too few nodes online, saying so)"
+            )
 
     @property
     def population(self) -> int:
