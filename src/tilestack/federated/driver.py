@@ -71,6 +71,7 @@ import pickle
 import random
 import time
 import types
+import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -387,6 +388,60 @@ def _picklable(value) -> bool:
     return True
 
 
+# strategy object -> (its state before its first run, the state its last completed round left), each attribute of each
+# level pickled: see _start_afresh
+_RUN_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _state_bytes(strategy: Strategy) -> dict[tuple[int, str], bytes]:
+    """Each attribute of each level of ``strategy`` (the wrapped strategies themselves apart), pickled; one that does
+    not pickle (a lambda as HeteroFL's ``width_of``) is a setting of the caller's, left out."""
+    out = {}
+    for i, s in enumerate(strategy_levels(strategy)):
+        for k, v in vars(s).items():
+            if isinstance(v, Strategy):
+                continue
+            buf = io.BytesIO()
+            try:
+                _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(v)
+            except Exception:  # noqa: BLE001 - pickle raises several kinds on local objects
+                continue
+            out[(i, k)] = buf.getvalue()
+    return out
+
+
+def _start_afresh(strategy: Strategy) -> None:
+    """A strategy object that ran before starts a new run (not one resumed from a checkpoint) from the state it had
+    before its first run: every attribute still as the last run left it and changed by that run goes back (FedAvgM's
+    model and momentum, FedAdam's moments, SCAFFOLD's c, a selector's statistics), settings the caller changed since
+    stay. Before, a notebook that ran ``simulate(s, ...)`` twice with one FedAvgM got a second model pulled towards
+    the first run's last one (FedAvgM kept it as its current model), without a word."""
+    runs = _RUN_STATES.get(strategy)
+    if runs is None:
+        _RUN_STATES[strategy] = (_state_bytes(strategy), None)
+        return
+    pristine, left = runs
+    if left is None:
+        return
+    now, levels, reset = _state_bytes(strategy), strategy_levels(strategy), []
+    for (i, k), value in left.items():
+        if now.get((i, k)) != value or pristine.get((i, k)) == value or i >= len(levels):
+            continue  # the caller's change since, or no state of the run's
+        if (i, k) in pristine:
+            levels[i].__dict__[k] = pickle.loads(pristine[(i, k)])
+        else:
+            levels[i].__dict__.pop(k, None)
+        reset.append(f"{type(levels[i]).__name__}.{k}")
+    if reset:
+        log.info("run_rounds: the strategy ran before; a new run starts %s afresh", ", ".join(reset))
+
+
+def _ran_round(strategy: Strategy) -> None:
+    """Record the state a completed round leaves (``_start_afresh``)."""
+    pristine = _RUN_STATES[strategy][0] if strategy in _RUN_STATES else _state_bytes(strategy)
+    _RUN_STATES[strategy] = (pristine, _state_bytes(strategy))
+
+
 def _strategy_state(strategy: Strategy) -> Strategy:
     """What a checkpoint keeps of ``strategy`` when it does not pickle whole: a copy without the attributes that do
     not pickle (a lambda or local function given as a setting, HeteroFL's ``width_of``), at every level of wrapping.
@@ -556,6 +611,7 @@ def run_rounds(
     grid.loss_keys = frozenset(
         key for s in strategy_levels(strategy) if isinstance(key := vars(s).get("train_loss_key"), str)
     )
+    _start_afresh(strategy)  # (a resumed run then takes the checkpoint's state); before the signature reads settings
     arrays, history, first = initial_arrays, History(), 1
     signature = run_signature(strategy, grid, initial_arrays, seed, run_task)
     if ckpt is not None and ckpt.exists():
@@ -664,6 +720,7 @@ def run_rounds(
         m.wall_time = time.perf_counter() - t0
         history.rounds.append(m)
         done_now += 1
+        _ran_round(strategy)
         if ckpt is not None:
             grid_state = grid.inner.state_dict() if hasattr(grid.inner, "state_dict") else None
             state = {"round": r, "arrays": {k: v for k, v in arrays.items()}, "strategy": strategy,
