@@ -142,3 +142,51 @@ def test_random_layers_are_measured_deterministically():
         assert torch.equal(rng, torch.get_rng_state())
         rows = lambda p: sorted((o.op, o.shapes, o.calls, o.m.flops, o.m.bytes) for o in p.ops if o.counted)  # noqa: E731
         assert rows(a) == rows(b) and a.flops == b.flops and a.bytes == b.bytes, name
+
+
+# --- embedding_renorm_: each distinct row once --------------------------------------------------------------
+def test_max_norm_renorms_each_distinct_row_once():
+    """Found by the round: nn.Embedding(max_norm=...)'s in-place renorm was counted over every token (8 here) and as
+    reading and writing the whole table (50 rows). Its kernel sorts the ids and visits each distinct row once (4:
+    ids 4, 9, 17, 30): 3 FLOPs per element of those rows (norm and rescale), reading the ids and those rows, writing
+    those rows."""
+    model, (ids,) = pm.max_norm_lookup()
+    counts = counting.count_ops(lambda: model(ids))
+    (renorm,) = [c for (op, _), c in counts.items() if op == "aten::embedding_renorm_"]
+    distinct = len({i for row in pm.MN_IDS for i in row})
+    assert distinct == 4 < ids.numel()
+    assert renorm.flops == RENORM_FLOPS_PER_ELEMENT * distinct * pm.MN_DIM
+    assert renorm.bytes_read == ids.numel() * ids.element_size() + distinct * pm.MN_DIM * F32
+    assert renorm.bytes_written == distinct * pm.MN_DIM * F32
+
+
+def test_max_norm_on_a_large_table_moves_the_rows_not_the_table():
+    """A 50k x 64 table renormed for one repeated token: 64 * 3 FLOPs and one row read and written (256 B each), not
+    the table's 12.8 MB; the lookup itself reads one row per token. On meta tensors (no values) every id is taken as
+    distinct: an upper bound, never more than the table."""
+    emb = nn.Embedding(50_000, 64, max_norm=1.0)
+    ids = torch.full((2, 16), 123)
+    counts = counting.count_ops(lambda: emb(ids))
+    (renorm,) = [c for (op, _), c in counts.items() if op == "aten::embedding_renorm_"]
+    (lookup,) = [c for (op, _), c in counts.items() if op == "aten::embedding"]
+    assert renorm.flops == RENORM_FLOPS_PER_ELEMENT * 64
+    assert (renorm.bytes_read, renorm.bytes_written) == (ids.numel() * 8 + 64 * F32, 64 * F32)
+    assert lookup.bytes_read == ids.numel() * 8 + ids.numel() * 64 * F32
+    with torch.device("meta"):
+        meta_emb = nn.Embedding(50_000, 64, max_norm=1.0)
+        meta_ids = torch.zeros(2, 16, dtype=torch.long)
+    counts = counting.count_ops(lambda: meta_emb(meta_ids))
+    (renorm,) = [c for (op, _), c in counts.items() if op == "aten::embedding_renorm_"]
+    assert renorm.flops == RENORM_FLOPS_PER_ELEMENT * 32 * 64 and renorm.bytes_written == 32 * 64 * F32
+
+
+def test_max_norm_lookup_profile_rows_and_table_put_back():
+    """Through profile_model: the renorm row carries the distinct rows' counts, the caller's table is as built (the
+    profile's renorms undone), and the model's next output is the one it gives unprofiled."""
+    model, (ids,) = pm.max_norm_lookup()
+    fresh, _ = pm.max_norm_lookup()
+    p = profiled(model, (ids,), train=True)
+    (row,) = [o for o in p.ops if o.op == "aten::embedding_renorm_"]
+    assert row.calls == 1 and row.m.flops == RENORM_FLOPS_PER_ELEMENT * 4 * pm.MN_DIM
+    assert torch.equal(model.emb.weight, fresh.emb.weight)
+    assert torch.equal(model(ids), fresh(ids))

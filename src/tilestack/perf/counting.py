@@ -404,13 +404,19 @@ def _gathered_bytes(func: Any, args: tuple, kwargs: dict, table_arg: str, index_
 # In-place scatters into part of a tensor (a KV cache written one token at a time, a histogram): they write, and
 # where they accumulate read, only the elements they touch, not the whole destination. By how the touched
 # elements are found: "slices" along ``dim`` (one per index), "index" (one per index element), "indices" (an
-# advanced index's positions, index_put_).
+# advanced index's positions, index_put_), "rows" (a table's distinct rows, embedding_renorm_).
 SCATTERS_IN_PLACE: dict[str, str] = {
     **{f"aten.{op}": "slices" for op in ("index_copy_", "index_add_", "index_fill_", "index_reduce_")},
     **{f"aten.{op}": "index" for op in ("scatter_", "scatter_add_", "scatter_reduce_", "put_")},
     **{f"aten.{op}": "indices" for op in ("index_put_", "_index_put_impl_")},
+    # nn.Embedding(max_norm=...) renorms the rows it looks up, in place: each distinct row read for its norm and
+    # rescaled, not the whole table (profiler round 12: a 50k-row table was read and written in full every call)
+    "aten.embedding_renorm_": "rows",
 }
-ACCUMULATING_SCATTERS = ("aten.index_add_", "aten.index_reduce_", "aten.scatter_add_", "aten.scatter_reduce_")
+# in-place scatters that read the elements they write (an add into them, a row's norm before its rescale)
+ACCUMULATING_SCATTERS = (
+    "aten.index_add_", "aten.index_reduce_", "aten.scatter_add_", "aten.scatter_reduce_", "aten.embedding_renorm_",
+)
 
 
 def _touched(func: Any, args: tuple, kwargs: dict, how: str) -> int:
@@ -424,6 +430,8 @@ def _touched(func: Any, args: tuple, kwargs: dict, how: str) -> int:
         return dest.numel() // max(dest.shape[dim], 1) * _numel(arg("index")) if dest.dim() else 1
     if how == "index":
         return _numel(arg("index"))
+    if how == "rows":  # embedding_renorm_: whole rows of the table, each distinct index once
+        return counting_rules.distinct_rows(arg("indices")) * (dest.shape[-1] if dest.dim() else 1)
     # index_put_: the broadcast positions of the tensor indices (a boolean mask stands for its true elements, over
     # as many dims as it has) times the dims left unindexed.
     count, dims, positions = 1, 0, []

@@ -288,10 +288,19 @@ def _affine_grid_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     return float(formulas.FLOPS_PER_MAC * _numel(grid) * (grid.shape[-1] + 1))
 
 
+def distinct_rows(indices: Any) -> int:
+    """Rows of a table ``embedding_renorm_`` visits: each distinct index once (its kernel sorts the indices and skips
+    repeats), not once per token: a batch that looks up one common token 1000 times renorms its row once."""
+    if indices.device.type == "meta":  # no values to compare: every index taken as distinct (an upper bound)
+        return indices.numel()
+    return int(indices.unique().numel())
+
+
 def _embedding_renorm_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
-    """embedding_renorm_ (nn.Embedding's max_norm): each looked-up row's norm, and its rescale."""
+    """embedding_renorm_ (nn.Embedding's max_norm): each distinct looked-up row's norm, and its rescale (an upper
+    bound: only rows whose norm is above max_norm are rescaled)."""
     table, indices = _argument(func, args, kwargs, "self"), _argument(func, args, kwargs, "indices")
-    return float(formulas.RENORM_FLOPS_PER_ELEMENT * _numel(indices) * (table.shape[-1] if table.dim() else 1))
+    return float(formulas.RENORM_FLOPS_PER_ELEMENT * distinct_rows(indices) * (table.shape[-1] if table.dim() else 1))
 
 
 def _index_put_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
