@@ -319,9 +319,10 @@ def same_state(step: Callable[[], Any], model: Any) -> Callable[[], Any]:
 def preserved(model: Any, inputs: Any) -> Iterator[None]:
     """Keep, and put back on exit, for a module, a bound method of one (``net.forward``) or a ``functools.partial`` of
     either: each module's parameters, buffers, submodules and plain attributes (which tensors and objects they are,
-    and the tensors' values and requires_grad flags), each parameter's (and each leaf input's) ``.grad`` tensor (set aside, so the profile's
-    gradients are neither added into the caller's nor left behind), each module's training mode, the input tensors'
-    values, and the RNG states of torch (CPU and every initialised GPU), Python's ``random`` and NumPy's."""
+    and the tensors' values and requires_grad flags), each parameter's (and each leaf input's) ``.grad`` tensor (set
+    aside, so the profile's gradients are neither added into the caller's nor left behind), each module's training
+    mode, the input tensors' values, and the RNG states of torch (CPU and every initialised GPU), Python's ``random``
+    and NumPy's."""
 
     modules, bound = _unwrap(model)
     bindings = _Bindings(modules)
