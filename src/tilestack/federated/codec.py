@@ -19,7 +19,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 NUMPY_STYPE = "numpy.ndarray"
-TOPK_STYPE = "tilestack.topk"  # data: k uint32 flat indices, then k float32 values; the rest of the array is 0
+TOPK_STYPE = "tilestack.topk"  # data: k uint32 flat indices, then k values (float32, float64 for a float64 update; the
+# Array's dtype says which); the rest of the array is 0
+TOPK_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 INT8_STYPE = "tilestack.int8"  # data: float32 (low, step), then one uint8 code per element: low + code * step
 _HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
 
@@ -45,12 +47,15 @@ def encode(arr: np.ndarray) -> Array:
 
 
 def encode_topk(arr: np.ndarray, k: int) -> Array:
-    """The ``k`` entries of ``arr`` largest in magnitude (an update compressed by top-k sparsification)."""
-    flat = np.ascontiguousarray(arr, np.float32).ravel()
+    """The ``k`` entries of ``arr`` largest in magnitude (an update compressed by top-k sparsification), their values
+    in float64 where ``arr`` is float64 (a float64 model's update: float32 values lost its low bits for good, so that
+    even top-k of every entry did not give the uncompressed run), else float32."""
+    dtype = np.dtype(np.float64) if np.asarray(arr).dtype == np.float64 else np.dtype(np.float32)
+    flat = np.ascontiguousarray(arr, dtype).ravel()
     k = min(max(1, k), flat.size)
     idx = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :]).astype(np.uint32)  # (k,)
     data = idx.tobytes() + flat[idx].tobytes()
-    return Array(dtype="float32", shape=tuple(arr.shape), stype=TOPK_STYPE, data=data)
+    return Array(dtype=str(dtype), shape=tuple(arr.shape), stype=TOPK_STYPE, data=data)
 
 
 def encode_int8(arr: np.ndarray) -> Array:
@@ -72,14 +77,18 @@ def _decode_compressed(a: Array) -> np.ndarray:
     shape = tuple(a.shape)
     n = int(np.prod(shape, dtype=np.int64))
     if a.stype == TOPK_STYPE:
-        k = len(a.data) // 8
-        if len(a.data) != 8 * k:
-            raise ValueError(f"codec: a {TOPK_STYPE} array of {len(a.data)} bytes; expected 8 per kept entry")
+        dtype = np.dtype(a.dtype) if a.dtype in ("float32", "float64") else None
+        if dtype not in TOPK_DTYPES:
+            raise ValueError(f"codec: a {TOPK_STYPE} array of dtype {a.dtype!r}; expected 'float32' or 'float64'")
+        entry = 4 + dtype.itemsize  # a uint32 index and a value
+        k = len(a.data) // entry
+        if len(a.data) != entry * k:
+            raise ValueError(f"codec: a {TOPK_STYPE} array of {len(a.data)} bytes; expected {entry} per kept entry")
         idx = np.frombuffer(a.data, np.uint32, count=k)
         if k and int(idx.max()) >= n:
             raise ValueError(f"codec: a {TOPK_STYPE} index {int(idx.max())} for shape {shape}; expected < {n}")
-        out = np.zeros(n, np.float32)
-        out[idx] = np.frombuffer(a.data, np.float32, count=k, offset=4 * k)
+        out = np.zeros(n, dtype)
+        out[idx] = np.frombuffer(a.data, dtype, count=k, offset=4 * k)
         return out.reshape(shape)
     low, step = np.frombuffer(a.data, np.float32, count=2)
     codes = np.frombuffer(a.data, np.uint8, offset=8)
@@ -90,7 +99,7 @@ def _decode_compressed(a: Array) -> np.ndarray:
 
 def decode(a: Array) -> np.ndarray:
     """``a.numpy()`` as a writable array, without parsing a header it has seen before; compressed arrays
-    (top-k, int8) are expanded to dense float32."""
+    (top-k, int8) are expanded to dense float32 (top-k of a float64 update: float64)."""
     if a.stype in (TOPK_STYPE, INT8_STYPE):
         return _decode_compressed(a)
     if a.stype != NUMPY_STYPE:

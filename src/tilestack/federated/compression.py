@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from tilestack.federated import codec
+from tilestack.federated.models import train_dtype
 
 COMPRESS_KEY = "tilestack.compress"
 RESIDUAL_STATE = "tilestack.ef-residual"
@@ -60,7 +61,10 @@ def compress_update(
     residual = codec.to_numpy(context.state[RESIDUAL_STATE]) if RESIDUAL_STATE in context.state else {}
     out, left = {}, {}
     for k, w in trained.items():
-        delta = (w - start[k]).astype(np.float32)  # this round's update
+        # this round's update, in the precision the client trained in: a float64 model's update cut to float32 lost
+        # its low bits for good (neither sent nor carried), and top-k of every entry was not the uncompressed run
+        dtype = train_dtype(start[k])
+        delta = (w - start[k]).astype(dtype)
         if k in residual and residual[k].shape == delta.shape:
             delta += residual[k]  # what earlier rounds did not send
         a = codec.encode_topk(delta, int(np.ceil(ratio * delta.size))) if method == "topk" else codec.encode_int8(delta)
@@ -69,7 +73,7 @@ def compress_update(
             rest = delta - codec.decode(a)
         # a non-finite update is sent (the server leaves it out) but not carried: one bad round must not
         # poison every later update of this client through the residual
-        left[k] = np.where(np.isfinite(rest), rest, np.float32(0.0)).astype(np.float32)
+        left[k] = np.where(np.isfinite(rest), rest, 0.0).astype(dtype)
     context.state[RESIDUAL_STATE] = codec.to_record(left)
     return out
 
