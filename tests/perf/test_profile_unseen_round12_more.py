@@ -13,7 +13,9 @@ What the round found (each pinned by the test whose docstring says so):
   ``state_dict()`` held weights the model's forward would throw away and rebuild, and the swapped activation stayed;
 - nn.Embedding(max_norm=...) renorms its looked-up rows in place (``aten::embedding_renorm_``): it was counted as
   reading and writing the whole table and renorming one row per token; its kernel visits each distinct row once. A
-  50k-row table looked up for a few tokens read as moving the table twice per call.
+  50k-row table looked up for a few tokens read as moving the table twice per call;
+- an EmbeddingBag(mode='max')'s backward was counted as a sum bag's, an add per entry and column; its kernel adds
+  each non-empty bag's gradient row into the entries that held the maxima, one per bag and column.
 """
 
 import math
@@ -190,3 +192,41 @@ def test_max_norm_lookup_profile_rows_and_table_put_back():
     assert row.calls == 1 and row.m.flops == RENORM_FLOPS_PER_ELEMENT * 4 * pm.MN_DIM
     assert torch.equal(model.emb.weight, fresh.emb.weight)
     assert torch.equal(model(ids), fresh(ids))
+
+
+# --- EmbeddingBag max: one gradient row per bag ---------------------------------------------------------------
+def test_max_bag_backward_adds_one_row_per_non_empty_bag():
+    """Found by the round: an EmbeddingBag(mode='max')'s backward was counted as the sum bag's, one add per entry and
+    column (10 entries x 4 here); torch's kernel index_adds each non-empty bag's gradient into the one entry that
+    held the maximum of each column (3 non-empty bags of 4: 12 adds). As a reference, the table's gradient has
+    exactly one contribution per (non-empty bag, column): their count is the gradient's number of nonzeros (the
+    bags' maxima here fall on distinct rows per column)."""
+    model, (ids, offsets, weights) = pm.weighted_bags()
+    bags = offsets[:-1]  # (0, 3, 3, 7): the second bag empty
+    bag = model.max
+
+    def step():
+        bag(ids, bags).sum().backward()
+
+    counts = counting.count_ops(step)
+    (backward,) = [c for (op, _), c in counts.items() if op == "aten::_embedding_bag_backward"]
+    sizes = torch.diff(torch.cat([bags, torch.tensor([ids.numel()])]))
+    non_empty = int((sizes > 0).sum())
+    assert non_empty == 3
+    assert backward.flops == non_empty * pm.BAG_DIM
+    bag.weight.grad = None
+    step()
+    assert int((bag.weight.grad != 0).sum()) == non_empty * pm.BAG_DIM
+
+
+def test_sum_bag_backward_still_adds_each_entry():
+    """The sum bag with per-sample weights keeps its count: each entry's row gets the bag's gradient times its weight
+    (a multiply and an add per element, 10 entries x 4 columns); the empty bag (include_last_offset) adds nothing."""
+    model, (ids, offsets, weights) = pm.weighted_bags()
+
+    def step():
+        model.sum(ids, offsets, per_sample_weights=weights).sum().backward()
+
+    counts = counting.count_ops(step)
+    (backward,) = [c for (op, _), c in counts.items() if op == "aten::_embedding_bag_backward"]
+    assert backward.flops == 2 * len(pm.BAG_IDS) * pm.BAG_DIM

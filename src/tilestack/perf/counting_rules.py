@@ -192,16 +192,23 @@ def _embedding_bag_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> floa
     return float(per_row * bag_entries(func, args, kwargs) * arg("weight").shape[-1])
 
 
-EMBEDDING_BAG_MEAN = 1  # the ``mode`` argument of aten._embedding_bag: 0 sum, 1 mean, 2 max
+EMBEDDING_BAG_MEAN, EMBEDDING_BAG_MAX = 1, 2  # the ``mode`` argument of aten._embedding_bag: 0 sum, 1 mean, 2 max
 
 
 def _embedding_bag_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     """The backward of an EmbeddingBag: each bag's gradient row added into the row of each of its entries (padding
-    entries skipped), after a multiply by the per-sample weight or by 1/bag size (mode mean). The per-sample
-    weights' own gradient is a dot product of the bag's gradient row with each looked-up row: a multiply-add per
-    element."""
+    entries skipped; in mode max only into the entry that held the maximum, one per non-empty bag and column), after
+    a multiply by the per-sample weight or by 1/bag size (mode mean). The per-sample weights' own gradient is a dot
+    product of the bag's gradient row with each looked-up row: a multiply-add per element."""
     arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
     grad = arg("grad")
+    if arg("mode") == EMBEDDING_BAG_MAX and "weights_backward" not in str(func._overloadpacket):
+        # Mode max: each bag's gradient goes to the one entry that held its maximum, per column (an index_add of
+        # max_indices), so a non-empty bag adds one row, however many entries it has (round 12: bags of 50 entries
+        # were counted 50 adds per column).
+        bag_size = arg("bag_size")
+        bags = grad.shape[0] if bag_size is None or bag_size.device.type == "meta" else int((bag_size != 0).sum())
+        return float(bags * grad.shape[-1])
     scaled = "weights_backward" in str(func._overloadpacket) or arg("per_sample_weights") is not None or (
         arg("mode") == EMBEDDING_BAG_MEAN
     )
