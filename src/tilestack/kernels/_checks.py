@@ -171,3 +171,17 @@ def check_real(fn: str, name: str, value, *, minimum: float | None = None) -> fl
         bound = f" >= {minimum}" if minimum is not None else ""
         raise LaunchError(f"{fn}: {name} must be a finite number{bound}, got {value!r}")
     return float(value)
+
+
+def refuse_derived(fn: str, config: dict, derived: dict[str, str], where: str = "config") -> None:
+    """A LaunchError where ``config`` (a library function's ``**config`` of block shapes and launch options, or a
+    part of it: ``where`` names it) sets a kernel constant the function derives itself (``derived``: its name ->
+    what the function makes it from). Such a key clashed with the function's own value (a bare TypeError, "got
+    multiple values for keyword argument") or replaced it without a word: attention_forward(q, k, v, DV=8) on
+    a head dim of 16 read half of v and answered wrong. Run in the plan, before any work."""
+    clash = [name for name in derived if name in config]
+    if clash:
+        name = clash[0]
+        raise LaunchError(f"{fn}: {where} sets {name}={config[name]!r}, which {fn} derives from "
+                          f"{derived[name]}; expected only block shapes and launch options there (leave "
+                          f"{', '.join(sorted(derived))} out)")

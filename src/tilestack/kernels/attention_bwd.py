@@ -40,8 +40,10 @@ import math
 
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
+from tilestack.kernels._checks import refuse_derived
 from tilestack.kernels._plan import forward_only, planned
 from tilestack.kernels.attention_fwd import (
+    DERIVED,
     LOG2E,
     LOWEST_F32,
     Dropout,
@@ -58,6 +60,9 @@ from tilestack.kernels.attention_fwd import (
     query_block_keys,
 )
 from tilestack.tune.lookup import launch_config, take_backend, tuned_launcher
+
+# attention_forward's derived constants, and whether each query head writes its own share of dK, dV (split_group)
+BWD_DERIVED = DERIVED | {"PER_Q_HEAD": "the shapes and the device (split_group)"}
 
 
 @ts.kernel(grid=lambda O, BM: (ts.cdiv(O.shape[2], BM), O.shape[0] * O.shape[1]),
@@ -534,6 +539,9 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
         if not isinstance(c, dict):
             raise LaunchError(f"attention_backward: config[{part!r}] is {c!r}; expected a dict of that kernel's "
                               f"tunables and launch options (e.g. dict(BM=64, BN=64, num_warps=4))")
+        # the head tiles, causal & co. and the split over query heads are the function's (config[...]['DV']
+        # replaced the head tile the kernels read: a wrong answer)
+        refuse_derived("attention_backward", c, BWD_DERIVED, where=f"config[{part!r}]")
     if 0 in (B, H, Nq, Nk):       # nothing to launch: no query reaches a key, every gradient is zero (or empty)
         return lambda q, k, v, *_, **__: (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)

@@ -60,7 +60,7 @@ import numpy as np
 
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
-from tilestack.kernels._checks import next_pow2
+from tilestack.kernels._checks import next_pow2, refuse_derived
 from tilestack.kernels._plan import forward_only, planned
 from tilestack.tune.lookup import DEFAULT_BACKEND, launch_config, take_backend, tuned_launcher
 
@@ -456,6 +456,12 @@ def mask_as_bias(attn_mask, shape):
     return attn_mask.expand(shape)
 
 
+# the kernel constants attention_forward and attention_backward set from their inputs, never from a config: a
+# caller's D or DV replaced the head tile the kernels read (a wrong answer), causal & co. clashed (a TypeError)
+DERIVED = {"D": "q's head dim (q.shape[3])", "DV": "v's head dim (v.shape[3])", "causal": "its causal argument",
+           "causal_align": "its causal_align argument", "precision": "its precision argument"}
+
+
 def default_config(D: int, causal: bool, device_type: str, dtype=None) -> dict:
     """Block shapes for a launch (D: the widest head tile): large tiles on a GPU (tuned configs come from
     tilestack.tune), small ones for the CPU executors, which are slow per element but not per tile. fp32 tiles
@@ -497,6 +503,7 @@ def attention_forward(q, k, v, causal: bool = False, scale: float | None = None,
     check_attention_args("attention_forward", q, k, v, scale, causal=causal, attn_mask=attn_mask,
                          causal_align=causal_align,
                          dropout_p=dropout_p, rng=rng, precision=precision)
+    refuse_derived("attention_forward", config, DERIVED)
     B, H, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -551,6 +558,7 @@ def attention_forward(q, k, v, causal: bool = False, scale: float | None = None,
         # the tables' config where they chose the ping-pong kernel; else its own defaults under the caller's keys
         # (the tables' entry was tuned for the plain kernel: its BN of 64 is the ping-pong's slower choice)
         from tilestack.kernels.attention_fwd_pingpong import PINGPONG_DEFAULTS
+        _refuse_unknown_pingpong_keys(caller)
         ping = cfg if tuned.get("schedule") == "pingpong" else PINGPONG_DEFAULTS | caller
         launch = _pingpong_launcher(q, k, v, o, lse, scale, backend, asked, constants(ping), "schedule" in config)
         if launch is not None:
@@ -576,6 +584,25 @@ def attention_forward(q, k, v, causal: bool = False, scale: float | None = None,
             launch((q, k, v, mask_as_bias(attn_mask, (B, H, Nq, Nk)), o, lse, scale))
             return o, lse
     return run
+
+
+def _refuse_unknown_pingpong_keys(caller: dict) -> None:
+    """The caller's config keys that neither the ping-pong kernel nor any backend takes (a misspelling: STAGE=3,
+    bn=64), refused by name with the nearest: ``_pingpong_launcher`` keeps only the kernel's own keys, so they were
+    dropped without a word (the plain kernel's launch path refuses them, naming the kernel's constants)."""
+    import difflib
+
+    from tilestack.backends import launch_option_names
+    from tilestack.kernels.attention_fwd_pingpong import attention_fwd_pingpong_kernel as kernel
+
+    known = set(kernel.constants) | launch_option_names()
+    unknown = sorted(set(caller) - known)
+    if unknown:
+        lower = {name.lower(): name for name in kernel.constants}      # 'bn' is 'BN' misspelled
+        near = {u: [lower[m] for m in difflib.get_close_matches(u.lower(), sorted(lower), n=1)] for u in unknown}
+        hint = "".join(f" ({u!r}: did you mean {m[0]!r}?)" for u, m in near.items() if m)
+        raise LaunchError(f"attention_forward: schedule='pingpong' config key(s) {unknown}{hint} are not the "
+                          f"ping-pong kernel's; expected its tunables {sorted(kernel.tunables)} or launch options")
 
 
 def _pingpong_launcher(q, k, v, o, lse, scale, backend, asked, consts, named: bool):

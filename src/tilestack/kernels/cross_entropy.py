@@ -30,7 +30,7 @@ import numbers
 
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
-from tilestack.kernels._checks import check_same_device, check_tensor
+from tilestack.kernels._checks import check_same_device, check_tensor, refuse_derived
 from tilestack.kernels._plan import checked_once, forward_only, planned
 from tilestack.tune.lookup import launch_config
 
@@ -224,6 +224,7 @@ def _flce_plan(x, weight, labels, *, ignore_index: int = IGNORE_INDEX, chunk: in
         raise LaunchError(f"fused_linear_cross_entropy: chunk must be a positive int, got {chunk!r}")
     if not isinstance(grad, bool):
         raise LaunchError(f"fused_linear_cross_entropy: grad must be a bool, got {grad!r}")
+    refuse_derived("fused_linear_cross_entropy", config, {"GRAD": "its grad argument"})
     t, v = x.shape[0], weight.shape[0]
     cfg = launch_config("cross_entropy", str(x.dtype).removeprefix("torch."), x.device, v,
                         default_config(v, x.device.type)) | config

@@ -22,6 +22,7 @@ from tilestack.kernels._checks import (
     check_same_device,
     check_tensor,
     nothing_to_launch,
+    refuse_derived,
 )
 from tilestack.kernels._plan import forward_only, planned
 from tilestack.tune.lookup import DEFAULT_BACKEND, launch_config, take_backend, tuned_launcher
@@ -222,6 +223,11 @@ def reference(a, b, *, bias=None, activation: str | None = None, residual=None, 
     return y.to(a.dtype if out_dtype is None else out_dtype)
 
 
+# the epilogue kernel's constants gemm sets from its arguments (a caller's clashed: a bare TypeError)
+EPILOGUE_DERIVED = {"HAS_BIAS": "its bias argument", "HAS_RESIDUAL": "its residual argument",
+                    "TRANS_B": "b's strides", "activation": "its activation argument"}
+
+
 @planned
 @forward_only("gemm")     # no backward: a backward through it raises, naming it
 def gemm(a, b, *, bias=None, activation: str | None = None, residual=None, out=None, out_dtype=None,
@@ -266,6 +272,7 @@ def gemm(a, b, *, bias=None, activation: str | None = None, residual=None, out=N
         if tuple(out.shape) != shape:
             raise LaunchError(f"gemm: out is {tuple(out.shape)}; expected (a.shape[0], b.shape[1]) = {shape}")
     check_same_device("gemm", a=a, b=b, bias=bias, residual=residual, out=out)
+    refuse_derived("gemm", config, EPILOGUE_DERIVED)
 
     def output(a, b, out, bias=None, residual=None):
         if out is None:

@@ -27,7 +27,7 @@ import functools
 
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
-from tilestack.kernels._checks import check_same_device, check_tensor, next_pow2
+from tilestack.kernels._checks import check_same_device, check_tensor, next_pow2, refuse_derived
 from tilestack.kernels._plan import no_backward, planned
 from tilestack.tune.lookup import launch_config
 
@@ -320,6 +320,8 @@ def _planned_backward(dy, x, weight, mean, rstd, dh, centered: bool, backend: st
     """The plan of ``norm_backward``: the config, the programs, the launchers; ``run`` allocates and launches."""
     import torch
 
+    refuse_derived("layer_norm_backward" if centered else "rms_norm_backward", dict(config),
+                   {"CENTERED": "whether it is a layer norm's backward", "ADD_DH": "its dh argument"})
     m, n = x.shape
     sums_rows = 2 if centered else 1                   # dw [, db]
     if x.numel() == 0:   # nothing to launch: no rows give zero weight gradients; rows of width 0 give empty ones

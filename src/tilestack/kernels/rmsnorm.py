@@ -21,7 +21,7 @@ import numbers
 
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
-from tilestack.kernels._checks import check_same_device, check_tensor
+from tilestack.kernels._checks import check_same_device, check_tensor, refuse_derived
 from tilestack.kernels._plan import checked_once, no_backward, planned
 from tilestack.kernels.layernorm_bwd import check_norm_bwd_args, norm_backward
 from tilestack.kernels.softmax import resolve_row_config
@@ -182,6 +182,8 @@ def _planned_forward(x, weight, bias, residual, eps, backend: str | None, config
     import torch
 
     centered = bias is not None
+    public = ("add_layer_norm" if centered else "add_rms_norm") if residual is not None else "rms_norm"
+    refuse_derived(public, dict(config), {"CENTERED": "whether it is a layer norm (the bias)"})
     m, n = x.shape
     if x.numel() == 0:   # nothing to launch: no rows, or rows of width 0 (mean 0, rstd NaN, as torch's norms)
         def empty(x, weight, bias, residual, *_, **__):

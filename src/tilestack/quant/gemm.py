@@ -34,7 +34,7 @@ import torch
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.ir.types import F8E4M3_MAX
-from tilestack.kernels._checks import check_same_device, check_tensor, finite_real, nothing_to_launch
+from tilestack.kernels._checks import check_same_device, check_tensor, finite_real, nothing_to_launch, refuse_derived
 from tilestack.kernels._plan import planned
 from tilestack.kernels.gemm import ACTIVATIONS, epilogue, grouped_tile, torch_activation
 from tilestack.tune.lookup import DEFAULT_BACKEND, launch_config, take_backend, tuned_launcher
@@ -434,12 +434,18 @@ def fp8_config(m: int, n: int, k: int, device, backend: str | None = DEFAULT_BAC
     return launch_config("qgemm", "float8_e4m3fn", device, max(m, n, k), dict(default), backend)
 
 
+# the kernels' epilogue flags quantized_linear sets from its arguments (a caller's clashed: a bare TypeError)
+QGEMM_DERIVED = {"HAS_BIAS": "its bias argument", "HAS_RESIDUAL": "its residual argument",
+                 "activation": "its activation argument"}
+
+
 @planned(name="quantized_linear")
 def _planned_linear(x, q, scale, bias=None, *, x_scale=None, activation=None, residual=None, out_dtype=None,
                     out_scale=None, act_quant=None, backend=None, **config):
     import torch
 
     _check_linear(x, q, scale, bias, x_scale, activation, residual, out_dtype, act_quant, out_scale)
+    refuse_derived("quantized_linear", config, QGEMM_DERIVED)
     run = _linear_run(x, q, scale, bias, x_scale=x_scale, activation=activation, residual=residual,
                       out_dtype=out_dtype, out_scale=out_scale, act_quant=act_quant, backend=backend, **config)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, residual))):

@@ -13,7 +13,7 @@ float8_e4m3fn Y makes their store the saturating cast. x is (M, N) rows of f32/b
 from __future__ import annotations
 
 from tilestack.errors import LaunchError
-from tilestack.kernels._checks import check_tensor, finite_real, nothing_to_launch
+from tilestack.kernels._checks import check_tensor, finite_real, nothing_to_launch, refuse_derived
 from tilestack.kernels._plan import planned
 from tilestack.kernels.layernorm import layer_norm_kernel
 from tilestack.kernels.rmsnorm import check_norm_args, norm_fwd_kernel, rms_norm_kernel
@@ -57,6 +57,7 @@ def _planned_norm_fp8(x, weight, bias, eps, x_scale, *, residual=None, backend=N
         raise LaunchError(f"{fn}: x_scale must be a finite number > 0, got {x_scale!r} (at least {MIN_SCALE:.4g} and "
                           f"at most {MAX_SCALE:.4g}: its inverse, f32 in the kernels, must be finite)")
     check_tensor(fn, "x", x, rank=2)
+    refuse_derived(fn, config, {"CENTERED": "whether it is a layer norm (the bias)"})
     inv = inverse_scale(x_scale)
     m, n = x.shape
     fp8 = torch.float8_e4m3fn
