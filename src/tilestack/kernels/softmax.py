@@ -7,6 +7,9 @@ a wider one takes a pass for the running max and sum (online softmax), then a pa
 from __future__ import annotations
 
 import math
+import numbers
+
+import numpy as np
 
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
@@ -128,6 +131,14 @@ def resolve_row_config(fn: str, n: int, device_type: str, config: dict, x=None) 
     auto = row_config(n, device_type)
     if x is not None:
         auto = launch_config(fn, str(x.dtype).removeprefix("torch."), x.device, n, auto)
+    # the types first: BN is compared with the row width below (BN=None or '64' failed there with a bare
+    # TypeError), and ONE_TILE='yes' was taken as True
+    bn = config.get("BN", 0)
+    if isinstance(bn, bool) or not isinstance(bn, numbers.Real):     # (64.0 passes on: the kernel takes it as 64)
+        raise LaunchError(f"{fn}: BN={bn!r} ({type(bn).__name__}); expected an int, a power of two")
+    if not isinstance(config.get("ONE_TILE", False), bool | np.bool_):
+        raise LaunchError(f"{fn}: ONE_TILE={config['ONE_TILE']!r} ({type(config['ONE_TILE']).__name__}); "
+                          "expected a bool")
     if config.get("ONE_TILE"):
         bn = config.get("BN", auto.get("BN", 0))
         if bn < n:
