@@ -484,10 +484,20 @@ def _e_load_scalar(e: _Emitter, ins: Instr) -> None:
     g, *index = ins.srcs
     gname, dtype = e.globals[g], g.type.dtype
     wide = e.global_index[g] in e.index64
-    coord = (lambda c: f"tl.cast({e.name(c)}, tl.int64)") if wide else e.name
+
+    def coord(c: Value) -> str:
+        # in 64 bits for a wide global, or for an index constant outside int32 (ts.load_scalar(X, 2**31) into a
+        # small X: the interpreter refused its product with the i32 stride, 'Scalar ... out of range for int32',
+        # where the reference reads the 0 outside X)
+        literal_past_i32 = c in e.consts and e.name(c).lstrip("-").isdigit() and \
+            not -INT32_MAX - 1 <= int(e.name(c)) <= INT32_MAX
+        return f"tl.cast({e.name(c)}, tl.int64)" if wide or literal_past_i32 else e.name(c)
+
     offset = " + ".join(f"{coord(c)} * {gname}_s{a}" for a, c in enumerate(index))
     mask = " & ".join(f"({e.name(c)} >= 0) & ({e.name(c)} < {gname}_d{a})" for a, c in enumerate(index))
-    x = f"tl.load({gname} + {offset}, mask={mask}, other=0)" if index else f"tl.load({gname})"
+    # other=0.0 for a float global: the interpreter cannot cast the int 0 to f8e4m3 ('cannot cast [0] to fp8e4nv')
+    other = "0.0" if dtype.is_float else "0"
+    x = f"tl.load({gname} + {offset}, mask={mask}, other={other})" if index else f"tl.load({gname})"
     if ins.result.type == FLOAT:
         x = x if dtype is f32 else f"{x}.to(tl.float32)" if dtype is f64 else e.up(x, dtype)
     elif dtype.itemsize < 4 or not dtype.name.startswith("i"):     # bool, u8, i8, i16: as an i32 index
