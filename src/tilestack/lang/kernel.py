@@ -588,7 +588,8 @@ class TracedKernel:
                 raise LaunchError(f"{self.name}: default launch options {unknown} are no backend's; expected "
                                   f"some of {sorted(_launch_option_names())}")
             options = {**defaults, **(options or {})}
-        name = backend or pick_backend(args)
+        # only None picks the default: backend='' (or 0, False) ran on it without a word, where 'Triton' is refused
+        name = backend if backend is not None else pick_backend(args)
         launch = get_backend(name).prepare(self, args, options)
         if not self._step_plans:
             return launch
