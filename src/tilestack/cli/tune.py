@@ -59,6 +59,9 @@ def tune(
     from tilestack.tune.library import DTYPES, library_problems
 
     check_output("--out", out, folder=True)
+    if out is not None and not ship:     # --out is where --ship writes: without it the tables went nowhere, silently
+        raise typer.BadParameter(f"--out {str(out)!r} without --ship; expected --ship (the tables it writes there), "
+                                 "or no --out", param_hint="--out")
     check_output("--report", report)
     _check_model_data(model, model_data)
     if as_device is not None:       # checked before a dry run's early return too: a typo planned for no device
@@ -73,7 +76,7 @@ def tune(
     chosen = None
     if backends is not None:
         from tilestack.backends import NAMES
-        chosen = tuple(b.strip() for b in backends.split(",") if b.strip())
+        chosen = tuple(dict.fromkeys(b.strip() for b in backends.split(",") if b.strip()))   # each once
         unknown = [b for b in chosen if b not in NAMES]
         if unknown or not chosen:
             raise typer.BadParameter(f"--backends {backends!r}: expected a comma-separated list of {NAMES}",

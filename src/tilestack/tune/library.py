@@ -666,7 +666,14 @@ def library_problems(kernels=None, dtypes=DTYPES, *, small: bool = False) -> lis
     """Every problem of these kernels and dtypes, most valuable first (then in each kernel's own order)."""
     from tilestack.errors import TunableError
 
-    names = list(kernels or TUNERS)
+    # one name may be given as a str (it was split into letters: kernels ['g', 'e', 'm', 'm'] are not tunable);
+    # a name given twice is tuned once (each problem was tuned twice, on half the budget); an empty list names
+    # nothing (it tuned every kernel, or no dtype: refused, as None asks for all)
+    names = list(dict.fromkeys([kernels] if isinstance(kernels, str) else TUNERS if kernels is None else kernels))
+    dtypes = list(dict.fromkeys([dtypes] if isinstance(dtypes, str) else dtypes))
+    for what, given, known in (("kernels", names, sorted(TUNERS)), ("dtypes", dtypes, list(DTYPES))):
+        if not given:
+            raise TunableError(f"tune: {what} is empty; expected some of {known} (or leave it out for all)")
     unknown = [k for k in names if k not in TUNERS]
     if unknown:
         raise TunableError(f"tune: kernels {unknown} are not tunable; expected some of {sorted(TUNERS)}")

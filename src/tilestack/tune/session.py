@@ -197,6 +197,7 @@ class Session:
                  clock: Callable[[], float] = time.monotonic, log: Callable[[str], None] = lambda s: None,
                  register_limit: int | None = None, backends: tuple[str, ...] | None = None,
                  seeds: dict[tuple[str, str], list[dict]] | None = None):
+        _check_session_args(device, budget_s, device_str, backends)
         self.device, self.device_str, self.budget_s = device, device_str, float(budget_s)
         self.cache = cache or ConfigCache()
         self.before = copy.deepcopy(self.cache)     # the tables as they were: what the launch path used
@@ -391,6 +392,32 @@ class Session:
         other = self.winners.get((p.search_name, twin, backend), {})
         twin_near = sorted(other, key=lambda b: (abs(b.bit_length() - p.bucket.bit_length()), b))
         return [c for b in twin_near[:1] for c in other[b]] + [c for b in near for c in mine[b][:2]]
+
+
+def _check_session_args(device, budget_s, device_str, backends) -> None:
+    """Session's arguments, refused by name before any work: a budget of NaN passed every deadline check (each
+    compares False) and one <= 0 or infinite planned nothing or forever; a device key given as its text had no
+    register_tile_bytes (an AttributeError); device_str 'cuda:0' timed with the wall clock (only 'cuda' picks CUDA
+    events) and 'tpu' skipped every problem; backends='triton' searched the letters 't', 'r', ... (a name no
+    backend has is noted per problem: "not available in this install")."""
+    import math
+    import numbers
+
+    from tilestack.backends import NAMES
+    from tilestack.errors import TunableError
+
+    if not isinstance(device, DeviceKey):
+        raise TunableError(f"Session: device must be a DeviceKey (tune.device_key(0), or DeviceKey.parse(text)), got "
+                           f"{type(device).__name__} {device!r}")
+    if isinstance(budget_s, bool) or not isinstance(budget_s, numbers.Real) or not 0 < budget_s < math.inf:
+        raise TunableError(f"Session: budget_s must be a finite number of seconds > 0, got {budget_s!r}")
+    if device_str not in ("cuda", "cpu"):
+        raise TunableError(f"Session: device_str={device_str!r}; expected 'cuda' (the current GPU: torch.cuda."
+                           "set_device picks it) or 'cpu' (Triton's interpreter)")
+    if backends is not None and (isinstance(backends, str) or not isinstance(backends, tuple | list) or
+                                 not backends or not all(isinstance(b, str) for b in backends)):
+        raise TunableError(f"Session: backends={backends!r}; expected None or a non-empty tuple of backend names "
+                           f"(of {NAMES})")
 
 
 def _scheduled(cfg: dict, schedule: str | None) -> dict:
