@@ -277,6 +277,11 @@ def quantize(model: nn.Module, mode: str = "int8", *, calibration=None, skip=())
     ``.<name in skip>``) by ``QuantLinear`` in ``mode`` ("int8", "fp8" or "fp8-act"); returns the model."""
     if not isinstance(model, nn.Module):
         raise LaunchError(f"quantize: model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):   # its submodules are compiled: none is an nn.Linear to replace,
+        # so the float model came back without a word
+        raise LaunchError(f"quantize: model is a TorchScript module ({type(model).__name__}: scripted or traced), "
+                          "whose layers cannot be replaced; expected the torch.nn.Module itself (quantize it, then "
+                          "trace the result, or compile it with torch.compile)")
     if not isinstance(mode, str) or mode not in MODES:
         raise LaunchError(f"quantize: mode={mode!r}; expected one of {tuple(MODES)}")
     if mode == "fp8-act" and calibration is None:

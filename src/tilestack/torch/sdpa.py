@@ -175,6 +175,11 @@ def patch(model: torch.nn.Module | None = None) -> Patch:
         if not isinstance(model, torch.nn.Module):
             from tilestack.errors import LaunchError
             raise LaunchError(f"patch: model must be a torch.nn.Module or None, got {type(model).__name__}")
+        if isinstance(model, torch.jit.ScriptModule):    # compiled code calls torch's op itself: no name to rebind
+            from tilestack.errors import LaunchError
+            raise LaunchError(f"patch: model is a TorchScript module ({type(model).__name__}: scripted or traced), "
+                              "whose compiled code calls torch's scaled_dot_product_attention directly; expected "
+                              "the torch.nn.Module itself, run eagerly or under torch.compile")
         seen = set()
         for m in model.modules():
             name = type(m).__module__
