@@ -7,7 +7,9 @@ row and column log-sum-exps, forbidden pairs of cost +inf, a row of zero mass, r
 Pearson correlation matrix of rows (torch.corrcoef: centred in a first pass, the products by mma_ABt, clipped to
 [-1, 1], a constant row or a NaN observation NaN as torch's), and a persistent LSTM over a whole sequence (the weights
 loaded once, h and c carried by the time loop, h fed back into the products as a register tile; inputs at 1e4
-saturating every gate). (No kernel of this file found a bug.)
+saturating every gate). No kernel of this file gave a wrong answer; one message was unclear and is fixed: a loop bound
+read by ts.load_scalar from a float tensor was refused saying only that `/` makes a float (lang.tiles.as_index):
+test_ctc_lengths_in_a_float_tensor_are_named.
 """
 
 import math
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from heldout_support import BACKENDS, BF, F16, I32, I64, close, launch, randn
 
 import tilestack.lang as ts
+from tilestack.errors import TraceError
 
 FLOAT_DTYPES = [torch.float32, F16, BF]
 NEG_INF = -math.inf
@@ -211,6 +214,17 @@ def test_ctc_loss_with_a_class_never_emitted(backend, rng):
     loss1, _ = _ctc_check(backend, lp1, tgt, torch.tensor([1, 1, 1]), torch.tensor([1, 0, 2]), torch.float32)
     assert loss1[0].item() == pytest.approx(-lp1[0, 0, 1].item(), rel=1e-6)
     assert loss1[1].item() == pytest.approx(-lp1[0, 1, 0].item(), rel=1e-6) and loss1[2].item() == math.inf
+
+
+def test_ctc_lengths_in_a_float_tensor_are_named():
+    """Frame counts kept in a float tensor (as a user converting from another framework might): load_scalar reads a
+    float from it, and the loop bound made of it is refused, the message saying where such a float comes from (it
+    spoke of `/` only, a puzzle for a kernel with no division)."""
+    T, N, C, S = 6, 2, 5, 3
+    lp, tgt, in_len, tgt_len = _ctc_case(np.random.default_rng(0), T, N, C, S, torch.float32, I32)
+    with pytest.raises(TraceError, match=r"test_heldout_round14_more.py:\d+: range: an operand must be an index, got "
+                                         r"a float scalar: .*ts.load_scalar of a float tensor \(read counts"):
+        launch(ctc_nll, "reference", lp, tgt, in_len.float(), tgt_len, poisoned(N))
 
 
 # ---- 2. log-domain Sinkhorn ----------------------------------------------------------------------------------------

@@ -466,8 +466,11 @@ def as_index(x, what: str) -> Scalar:
                          user_line())
     s = as_scalar(x)
     if s.type != INDEX:
-        raise TraceError(f"{what} must be an index, got a float scalar (index scalars divide with // or "
-                         "ts.cdiv; `/` makes a float)", user_line())
+        # A float Scalar comes from `/`, a float argument, or ts.load_scalar of a float tensor (a count or offset
+        # kept in a float tensor): name all three, not only `/`, so the last is not a puzzle.
+        raise TraceError(f"{what} must be an index, got a float scalar: `/` makes a float (index scalars divide "
+                         "with // or ts.cdiv), and so do a float argument and ts.load_scalar of a float tensor "
+                         "(read counts, offsets and indices from an integer or bool tensor)", user_line())
     return s
 
 
