@@ -560,6 +560,9 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
     for name, c in (config or {}).items():
         if name in cfg:
             cfg[name] = cfg[name] | c
+    # a part whose config says schedule="ws" (a caller's, or a table's) runs attention_bwd_ws's warp-specialized
+    # kernel where it can: 16-bit inputs, no mask, no dropout; elsewhere the split kernel at its own config
+    ws = _ws_parts(cfg, config or {}, q.dtype, with_mask=attn_mask is not None or bool(dropout_p), fused=fused)
     # each kernel on the backend named, else on the one its own table entry chose (each is tuned on its own)
     backends = {part: (take_backend(c, backend), backend) for part, c in cfg.items()}   # (to launch on, named)
     consts = dict(D=DT, causal=bool(causal))
@@ -585,8 +588,8 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
                             launch_delta, backends, consts, cfg, (B, H, Nq, Nk))
     group = H // k.shape[1]
     kv_part = "dkdvdq" if fused else "dkdv"
-    split = not with_bias and split_group(B, H, k.shape[1], Nk, cfg[kv_part].get("BN", _KV_BN.default), q.device,
-                                          D, Dv)
+    kv_bn = (ws.get("dkdv") or cfg[kv_part]).get("BN", _KV_BN.default)
+    split = not with_bias and split_group(B, H, k.shape[1], Nk, kv_bn, q.device, D, Dv)
 
     def shares(q, k, v):    # split: each query head's share of dK, dV (B, H, Nk, *) in k's and v's dtypes
         return (torch.empty((B, H, Nk, D), dtype=k.dtype, device=q.device),
@@ -601,10 +604,14 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
         launch_dq = None
     elif not with_bias:
         dk_out, dv_out = shares(q, k, v) if split else (dk, dv)
-        launch_dkdv = tuned_launcher(attention_bwd_dkdv_kernel, (q, k, v, do, lse, delta, dk_out, dv_out, scale),
-                                     *backends["dkdv"], **consts, **cfg["dkdv"], PER_Q_HEAD=split)
-        launch_dq = tuned_launcher(attention_bwd_dq_kernel, (q, k, v, do, lse, delta, dq, scale), *backends["dq"],
-                                   **consts, **cfg["dq"])
+        args_kv = (q, k, v, do, lse, delta, dk_out, dv_out, scale)
+        launch_dkdv = (ws["dkdv"] and _ws_launcher("dkdv", args_kv, backends["dkdv"], consts, ws["dkdv"],
+                                                   PER_Q_HEAD=split)) \
+            or tuned_launcher(attention_bwd_dkdv_kernel, args_kv, *backends["dkdv"], **consts, **cfg["dkdv"],
+                              PER_Q_HEAD=split)
+        args_q = (q, k, v, do, lse, delta, dq, scale)
+        launch_dq = (ws["dq"] and _ws_launcher("dq", args_q, backends["dq"], consts, ws["dq"])) \
+            or tuned_launcher(attention_bwd_dq_kernel, args_q, *backends["dq"], **consts, **cfg["dq"])
     else:
         launch_dkdv = tuned_launcher(attention_bwd_dkdv_bias_kernel, (q, k, v, bias, do, lse, delta, dk, dv, scale),
                                      *backends["dkdv"], **consts, **cfg["dkdv"])
@@ -634,6 +641,59 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
             dv.copy_(dvx.view(B, Hkv, group, Nk, Dv).sum(2, dtype=torch.float32))
         return dq, dk, dv
     return run
+
+
+def _ws_parts(cfg: dict, caller: dict, dtype, *, with_mask: bool, fused: bool) -> dict:
+    """Per part (dkdv, dq): the config of attention_bwd_ws's kernel where that part's config says
+    schedule="ws" and the launch can take it (16-bit inputs, no mask or dropout, dQ not fused into dK/dV), else
+    None; the ``schedule`` key taken out of every part's config (the split kernels have no such constant). A
+    table's entry that chose "ws" carries that kernel's config; a caller's schedule="ws" over a table entry tuned
+    for the split kernel takes ``WS_DEFAULTS`` under the caller's own keys."""
+    import torch
+
+    from tilestack.kernels.attention_bwd_ws import SCHEDULES, WS_DEFAULTS
+    out = {}
+    for part in ("dkdv", "dq", "dkdvdq", "delta"):
+        c = cfg.get(part)
+        schedule = c.pop("schedule", "split") if c is not None else "split"
+        if schedule not in SCHEDULES:
+            raise LaunchError(f"attention_backward: config[{part!r}]['schedule'] is {schedule!r}; expected one of "
+                              f"{SCHEDULES} ('ws': kernels.attention_bwd_ws, warp-specialized)")
+        if schedule == "ws" and part not in WS_DEFAULTS and caller.get(part, {}).get("schedule") == "ws":
+            raise LaunchError(f"attention_backward: config[{part!r}] has schedule='ws'; only the parts "
+                              f"{sorted(WS_DEFAULTS)} have a warp-specialized kernel")
+        if part not in WS_DEFAULTS:
+            continue
+        mine = caller.get(part, {})
+        able = dtype in (torch.bfloat16, torch.float16) and not with_mask and not fused
+        if schedule != "ws" or not able:
+            out[part] = None
+        elif mine.get("schedule") == "ws":     # the caller asked: defaults under the caller's keys
+            out[part] = WS_DEFAULTS[part] | {k: v for k, v in mine.items() if k != "schedule"}
+        else:
+            out[part] = dict(c)
+    return out
+
+
+def _ws_launcher(part: str, args: tuple, backends: tuple, consts: dict, cfg: dict, **extra):
+    """The launcher of attention_bwd_ws's kernel for ``part`` (dkdv or dq), or None where a backend the tables
+    chose cannot launch it (the split kernel then runs); a named backend's refusal raises. A consumer owns half a
+    block: on the Gluon backend at least wgmma's 64 rows, so the halved block is at least 128."""
+    from tilestack.errors import BackendError
+    from tilestack.kernels import attention_bwd_ws as ws
+
+    kernel = ws.attention_bwd_dkdv_ws_kernel if part == "dkdv" else ws.attention_bwd_dq_ws_kernel
+    backend, asked = backends
+    halved = "BN" if part == "dkdv" else "BM"
+    keep = {key: cfg[key] for key in ("BM", "BN", "STAGES", "num_warps", "num_stages") if key in cfg}
+    keep[halved] = max(keep.get(halved, ws.WS_DEFAULTS[part][halved]), 128 if backend == "gluon" else 32)
+    keep = {k: v for k, v in keep.items() if k not in ("num_warps", "num_stages")}   # roles set the warps
+    try:
+        return tuned_launcher(kernel, args, backend, asked, **consts, **keep, **extra)
+    except (BackendError, LaunchError):
+        if asked is not None:
+            raise
+        return None
 
 
 def _dropout_run(q, k, v, bias, do, lse, delta, dq, dk, dv, scale, rng, p, buffers, launch_delta, backends, consts,

@@ -110,6 +110,18 @@ class Ring:
     consumers: int        # roles that wait on it (arrivals that free a stage); 0 without warp roles
 
 
+
+def read_later(block: Block, ins: Instr, v: Value) -> bool:
+    """Whether an instruction of ``block`` after ``ins`` (nested loop bodies included) reads ``v``."""
+    after = False
+    for i in block.instrs:
+        if i is ins:
+            after = True
+            continue
+        if after and (v in i.srcs or (i.body is not None and any(v in x.srcs for x in i.body.walk()))):
+            return True
+    return False
+
 class Emitter:
     """Emits one Gluon function: the kernel, or one warp role's partition (``keep``: the instructions it runs)."""
 
@@ -271,9 +283,15 @@ class Emitter:
         self.inflight = []
 
     def read_by_wgmma(self, ins: Instr) -> list[tuple[Ring, str]]:
-        """The waited stages an mma's operands are (taken out of the blocks' held lists)."""
+        """The waited stages an mma's operands are (taken out of the blocks' held lists), where this mma is the
+        last reader of the stage in its block: a stage a later op of the trip reads again (dK += dS^T Q after
+        S^T = K Q^T read the same Q stage) stays held, else the wait that retires this mma would free it to the
+        producer while the later one still reads it."""
         out = []
+        block = self.blocks[-1] if self.blocks else None
         for v in ins.srcs[1:]:
+            if block is not None and read_later(block, ins, v):
+                continue
             if v in self.stage_of:
                 entry = self.stage_of[v]
                 for held in self.held:
@@ -292,7 +310,7 @@ class Emitter:
             if ins.op is Op.WAIT_LOAD and self.ring(ins.srcs[0]).consumers:
                 ring_of[ins.result] = self.ring(ins.srcs[0])
             elif ins.op is Op.MMA_ASYNC:
-                rings = [ring_of[v] for v in ins.srcs[1:] if v in ring_of]
+                rings = [ring_of[v] for v in ins.srcs[1:] if v in ring_of and not read_later(block, ins, v)]
                 if not any(i.op is Op.MMA_WAIT and i.srcs[0] is ins.result for i in block.instrs):
                     inflight = []
                 inflight += rings
