@@ -11,6 +11,8 @@ What the round found (each pinned by the test whose docstring says so):
   one (``self.act = nn.Tanh()``) left the caller's model inconsistent: the plain attribute ``head`` was put back to
   None, but ``_modules`` (which preserved did not put back) still held the head, so ``parameters()`` and
   ``state_dict()`` held weights the model's forward would throw away and rebuild, and the swapped activation stayed;
+  likewise the hook tables: a forward registering a hook at every call left one per profiled step on the caller's
+  layer, and each timed step ran one more hook than the counted step;
 - nn.Embedding(max_norm=...) renorms its looked-up rows in place (``aten::embedding_renorm_``): it was counted as
   reading and writing the whole table and renorming one row per token; its kernel visits each distinct row once. A
   50k-row table looked up for a few tokens read as moving the table twice per call;
@@ -230,3 +232,43 @@ def test_sum_bag_backward_still_adds_each_entry():
     counts = counting.count_ops(step)
     (backward,) = [c for (op, _), c in counts.items() if op == "aten::_embedding_bag_backward"]
     assert backward.flops == 2 * len(pm.BAG_IDS) * pm.BAG_DIM
+
+
+class HookEveryCall(nn.Module):
+    """A forward that registers a forward hook on its layer at every call (a leak the user has not noticed): each
+    call doubles the layer's output once more."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        self.lin.register_forward_hook(lambda module, args, out: out * 2)
+        return self.lin(x)
+
+
+def test_hooks_registered_in_forward_are_not_left_behind():
+    """Found by the round: a forward registering a hook at every call left one hook per profiled step (warm-up,
+    counting, the profiler's own and the timed steps: 4 here) on the caller's layer, so its next output was 2**5 times
+    the layer's instead of 2 times; and every timed step ran one hook more than the counted one. The hook tables are
+    put back like the parameter tables: no hook after profiling, each step running the warm-up's hook and its own
+    (two doublings: 2 muls of R x 4 counted)."""
+    model, fresh = HookEveryCall(), HookEveryCall()
+    fresh.load_state_dict(model.state_dict())
+    x = torch.randn(3, 4)
+    p = profiled(model, (x,), steps=2)
+    assert len(model.lin._forward_hooks) == 0
+    assert torch.equal(model(x), fresh(x))
+    (mul,) = [o for o in p.ops if o.op == "aten::mul"]
+    assert mul.calls == 2 and mul.m.flops == 3 * 4
+
+
+def test_lazy_module_keeps_what_its_first_forward_made():
+    """A lazy layer's first forward materialises its parameters and removes its initialising hook: those stay (the
+    hook tables are not put back for a module that was lazy), and it runs again after the profile."""
+    model = nn.Sequential(nn.LazyLinear(5), nn.ReLU())
+    x = torch.randn(3, 4)
+    profiled(model, (x,))
+    assert isinstance(model[0], nn.Linear) and model[0].weight.shape == (5, 4)
+    assert len(model[0]._forward_pre_hooks) == 0
+    assert model(x).shape == (3, 5)

@@ -268,30 +268,39 @@ def same_draws(step: Callable[[], Any], model: Any) -> Callable[[], Any]:
 
 
 class _Bindings:
-    """Which objects ``modules`` hold: each one's parameter, buffer and submodule tables (rebinding,
-    ``self.buf = self.buf + 1``, is undone too) and plain attributes (:class:`_Attributes`); ``restore`` rebinds them,
-    copying no tensor. A ScriptModule's tables wrap C++ state that Python cannot rebind; a lazy module's first forward
-    rewrites its attributes (in_features, its class) and materialises its parameters: those changes stay.
+    """Which objects ``modules`` hold: each one's tables (parameters, buffers, submodules and hooks: the dicts among
+    the nn.Module internals) and plain attributes (:class:`_Attributes`); ``restore`` rebinds them, copying no tensor
+    (rebinding, ``self.buf = self.buf + 1``, is undone too). A ScriptModule's tables wrap C++ state that Python cannot
+    rebind; a lazy module's first forward rewrites its attributes (in_features, its class), materialises its
+    parameters and removes its initialising hook: those changes stay.
 
     The submodule table too: a forward that builds a head on its first call (``if self.head is None: self.head =
     nn.Linear(...)``) or swaps one (``self.act = nn.GELU()``) moves it from the plain attributes into ``_modules``;
     with only the attributes put back, the caller's model read ``head`` as None while ``parameters()`` and
-    ``state_dict()`` still held the head's weights (profiler round 12)."""
+    ``state_dict()`` still held the head's weights. And the hook tables: a forward that registers a hook on every call
+    left one per profiled step on the caller's model, and each timed step ran more hooks than the counted one
+    (profiler round 12)."""
 
     def __init__(self, modules: list[Any]) -> None:
         import torch
 
-        tables = ("_parameters", "_buffers", "_modules")
-        self.slots = [(m, *(dict(getattr(m, t)) for t in tables)) for m in modules
-                      if all(isinstance(getattr(m, t, None), dict) for t in tables)]
-        internals = _module_internals()
         lazy = torch.nn.modules.lazy.LazyModuleMixin
+        internals = _module_internals()
+        self.slots = [
+            (m, {name: dict(table) for name in internals
+                 if type(table := vars(m).get(name)) in (dict, collections.OrderedDict)
+                 and (name in ("_parameters", "_buffers", "_modules") or not isinstance(m, lazy))})
+            for m in modules
+            if all(isinstance(getattr(m, t, None), dict) for t in ("_parameters", "_buffers", "_modules"))
+        ]
         self.attributes = [_Attributes(m, internals) for m in modules if not isinstance(m, lazy)]
 
     def restore(self) -> None:
-        for m, params, buffers, children in self.slots:
-            for now, before in ((m._parameters, params), (m._buffers, buffers), (m._modules, children)):
-                if _same(now, before, len(before)):
+        for m, tables in self.slots:
+            held = vars(m)
+            for name, before in tables.items():
+                now = held.get(name)
+                if now is None or _same(now, before, len(before)):
                     continue
                 for k in [k for k in now if k not in before]:
                     del now[k]
