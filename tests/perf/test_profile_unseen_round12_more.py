@@ -272,3 +272,103 @@ def test_lazy_module_keeps_what_its_first_forward_made():
     assert isinstance(model[0], nn.Linear) and model[0].weight.shape == (5, 4)
     assert len(model[0]._forward_pre_hooks) == 0
     assert model(x).shape == (3, 5)
+
+
+# --- models that cannot be profiled, and inputs that can ------------------------------------------------------
+class FailsOnSecondCall(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 2:
+            raise ValueError("refusing call 2")
+        return self.lin(x)
+
+
+def nothing_left_on(fastpath_before):
+    assert not torch.autograd.profiler._is_profiler_enabled
+    assert torch._C._len_torch_dispatch_stack() == 0
+    assert torch.is_grad_enabled() and torch.backends.mha.get_fastpath_enabled() == fastpath_before
+
+
+@pytest.mark.parametrize("warmup,phase", [(1, "counting pass"), (2, "warm-up")])
+def test_a_model_raising_on_its_second_call_names_the_phase(warmup, phase):
+    """The second call raises: in the counting pass after one warm-up step, in the warm-up after two. A ProfileError
+    names the model, the phase and the inputs, chains the model's error, and leaves nothing on (profiler, dispatch
+    mode, grad mode, MHA fast path) and the model as it was (its call counter back at 0)."""
+    model, x = FailsOnSecondCall(), torch.randn(3, 4)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    expected = rf"model 'FailsOnSecondCall' raised ValueError during the {phase}: refusing call 2 \(inputs=\(tensor 3x4"
+    with pytest.raises(profile.ProfileError, match=expected + r" float32,\)\)") as e:
+        profiled(model, (x,), warmup=warmup)
+    assert isinstance(e.value.__cause__, ValueError)
+    assert model.calls == 0
+    nothing_left_on(fastpath)
+
+
+def test_without_warm_up_every_step_is_the_first_call():
+    """With warmup=0 every step starts from the state before profiling (``same_state``): each is the model's first
+    call, so the one that would raise never runs; the profile counts the linear once per step."""
+    model = FailsOnSecondCall()
+    p = profiled(model, (torch.randn(3, 4),), warmup=0, steps=3)
+    assert model.calls == 0 and p.flops == 2 * 3 * 4 * 4
+    nothing_left_on(torch.backends.mha.get_fastpath_enabled())
+
+
+def test_train_on_integer_and_bool_models_refused_before_running():
+    """train=True on a model with no parameter and integer or bool inputs is refused before any call, naming train,
+    the model and what to pass instead."""
+    for build in (pm.int_hash, pm.bool_logic):
+        model, inputs = build()
+        calls: list[int] = []
+        model.register_forward_pre_hook(lambda *a, calls=calls: calls.append(1))
+        with pytest.raises(profile.ProfileError, match=rf"train=True, but model {type(model).__name__} has no "
+                                                       r"parameter that requires grad.*expected train=False"):
+            profiled(model, inputs, train=True)
+        assert calls == []
+
+
+class ArgmaxHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return {"label": self.lin(x).argmax(-1), "note": "no float output"}
+
+
+def test_train_with_only_integer_outputs_names_what_is_missing():
+    """A model whose outputs are all integers (argmax labels) has nothing to backpropagate: train=True fails in the
+    warm-up with the ProfileError that says so (no output requires grad; expected train=False), and no gradient is
+    left on its parameters."""
+    model = ArgmaxHead()
+    with pytest.raises(profile.ProfileError, match="no output of the model requires grad.*or train=False"):
+        profiled(model, (torch.randn(2, 4),), train=True)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_integer_ids_into_a_float_layer_name_model_phase_and_dtype():
+    """int64 ids given to a float Linear fail in the first warm-up step: the error names the model, the phase, the
+    inputs with their dtype, and torch's reason (the dtypes that do not match)."""
+    with pytest.raises(profile.ProfileError, match=r"model 'Linear' raised RuntimeError during the warm-up: .*Long.*"
+                                                   r"\(inputs=\(tensor 2x4 int64,\)\)"):
+        profiled(nn.Linear(4, 4), (torch.ones(2, 4, dtype=torch.long),))
+
+
+def test_a_packed_sequence_as_the_input():
+    """A PackedSequence (a namedtuple of tensors) passed straight to an LSTM: each step gets it whole, the counted
+    matmuls are those of its packed tokens (2*T*4H*(I + H), T = 5 + 3 + 2), and the caller's sequence is unchanged."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 4)
+    packed = pack_padded_sequence(x, torch.tensor([5, 3, 2]), batch_first=True)
+    data = packed.data.clone()
+    p = profiled(nn.LSTM(4, 6), (packed,))
+    assert p.name == "LSTM"
+    matmuls = math.fsum(o.m.flops * o.calls for o in p.ops if o.op in ("aten::addmm", "aten::mm"))
+    assert matmuls == 2 * 10 * 24 * (4 + 6)
+    assert torch.equal(packed.data, data) and packed.batch_sizes.tolist() == [3, 3, 2, 1, 1]
