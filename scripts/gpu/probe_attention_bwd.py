@@ -6,6 +6,10 @@ gradients are checked against SDPA's (relative norm error) before it is timed; a
 timed.
 
     PYTHONPATH=src python3 scripts/gpu/probe_attention_bwd.py [--json out.json] [--shapes llama,gpt2]
+                                                              [--family split|ws]
+
+``--family ws``: the warp-specialized kernels (kernels/attention_bwd_ws.py, ``schedule="ws"``) on the Gluon
+backend, both parts or one beside the other part's split kernel on the tables' backend, over a few block shapes.
 
 Shapes: Llama's (1, 16 heads, 4 K/V heads, 8192, 128) causal and (4, 16, 4, 2048, 128); GPT-2's (4, 12, 12,
 2048, 64) causal. Time: the backward alone (forward outputs kept), CUDA-event median over a 1 s budget
@@ -29,6 +33,9 @@ SHAPES = {   # (B, H, Hkv, N, D, causal)
     "llama-8k": (1, 16, 4, 8192, 128, True),
     "llama-2k": (4, 16, 4, 2048, 128, True),
     "gpt2-2k": (4, 12, 12, 2048, 64, True),
+    "fa3-hd128-4k": (4, 16, 16, 4096, 128, False),    # the FlashAttention-3 grid: B*N = 16k, H*D = 2048
+    "fa3-hd128-4k-causal": (4, 16, 16, 4096, 128, True),
+    "fa3-hd64-4k": (4, 32, 32, 4096, 64, False),
     "tiny": (1, 4, 2, 40, 16, True),            # --device cpu: a dry run of the script under the interpreter
 }
 BLOCKS = ((32, 128, 8, 3), (32, 128, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64, 128, 8, 2), (128, 64, 8, 2),
@@ -38,15 +45,35 @@ BLOCKS = ((32, 128, 8, 3), (32, 128, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64,
 TOL = 2e-2          # bf16 gradients against SDPA's (itself bf16)
 
 
-def variants():
-    yield "shipped", None
+WS_KV = ((64, 128, 2), (64, 128, 3), (128, 128, 2))      # (BM, BN, STAGES) of the dK/dV kernel: BN / 2 keys a consumer
+WS_Q = ((128, 64, 2), (128, 128, 2), (128, 64, 3))       # (BM, BN, STAGES) of the dQ kernel: BM / 2 rows a consumer
+
+
+def ws_variants():
+    """(label, config, backend): both parts warp-specialized on Gluon, then each alone beside the other's split."""
+    yield "shipped", None, None
+    yield "gluon split", None, "gluon"
+    for bm, bn, st in WS_KV:
+        kv = dict(schedule="ws", BM=bm, BN=bn, STAGES=st)
+        yield f"ws dkdv BM{bm} BN{bn} s{st} + ws dq", {"dkdv": kv, "dq": dict(schedule="ws")}, "gluon"
+        yield f"ws dkdv BM{bm} BN{bn} s{st} + split dq", {"dkdv": kv | dict(backend="gluon")}, None
+    for bm, bn, st in WS_Q:
+        q = dict(schedule="ws", BM=bm, BN=bn, STAGES=st)
+        yield f"split dkdv + ws dq BM{bm} BN{bn} s{st}", {"dq": q | dict(backend="gluon")}, None
+
+
+def variants(family: str = "split"):
+    if family == "ws":
+        yield from ws_variants()
+        return
+    yield "shipped", None, None
     for bm, bn, nw, st in BLOCKS:
         blk = dict(BM=bm, BN=bn, num_warps=nw, num_stages=st)
         tag = f"BM{bm} BN{bn} w{nw} s{st}"
-        yield f"split q-major {tag}", {"dkdv": blk}
-        yield f"split k-major {tag}", {"dkdv": blk | dict(KEY_MAJOR=True)}
-        yield f"fused q-major {tag}", {"dkdvdq": blk}
-        yield f"fused k-major {tag}", {"dkdvdq": blk | dict(KEY_MAJOR=True)}
+        yield f"split q-major {tag}", {"dkdv": blk}, None
+        yield f"split k-major {tag}", {"dkdv": blk | dict(KEY_MAJOR=True)}, None
+        yield f"fused q-major {tag}", {"dkdvdq": blk}, None
+        yield f"fused k-major {tag}", {"dkdvdq": blk | dict(KEY_MAJOR=True)}, None
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -69,6 +96,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--shapes", default="llama-8k,llama-2k,gpt2-2k")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run (tiny shape, SDPA's math backend as both)")
+    ap.add_argument("--family", default="split", choices=("split", "ws"))
     a = ap.parse_args()
     from torch.nn.attention import SDPBackend
     rows = []
@@ -92,16 +120,17 @@ def main() -> None:
         o, lse = attention_forward(q, k, v, causal)
         ref = base.get("cudnn") or base.get("flash")
         print(f"{name}: cuDNN {base.get('cudnn', 0) * 1e3:.3f} ms, flash {base.get('flash', 0) * 1e3:.3f} ms")
-        for label, cfg in variants():
+        for label, cfg, backend in variants(a.family):
             try:
                 attention_backward.plans.clear()
-                got = attention_backward(q, k, v, o, lse, do, causal, config=cfg)
+                cfg = {part: dict(c) for part, c in cfg.items()} if cfg else None   # the op pops keys of its own
+                got = attention_backward(q, k, v, o, lse, do, causal, config=cfg, backend=backend)
                 err = max(rel(x, y) for x, y in zip(got, want, strict=True))
                 if not err <= TOL:
                     print(f"{name} {label}: WRONG, error {err:.2e}")
                     rows.append(dict(shape=name, variant=label, error=err, ok=False))
                     continue
-                fn = functools.partial(attention_backward, q, k, v, o, lse, do, causal, config=cfg)
+                fn = functools.partial(attention_backward, q, k, v, o, lse, do, causal, config=cfg, backend=backend)
                 t = time_fn(fn, args_sets=[()], device=dev, budget_s=0.5).median_s
             except Exception as e:               # a config past the register or shared-memory limit
                 print(f"{name} {label}: {type(e).__name__}: {str(e)[:100]}")
