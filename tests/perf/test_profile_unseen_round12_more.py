@@ -12,7 +12,8 @@ What the round found (each pinned by the test whose docstring says so):
   None, but ``_modules`` (which preserved did not put back) still held the head, so ``parameters()`` and
   ``state_dict()`` held weights the model's forward would throw away and rebuild, and the swapped activation stayed;
   likewise the hook tables: a forward registering a hook at every call left one per profiled step on the caller's
-  layer, and each timed step ran one more hook than the counted step;
+  layer, and each timed step ran one more hook than the counted step; and a table the forward reordered (a buffer
+  re-registered, a hook moved last) was put back out of order (state_dict's keys, the order hooks run in);
 - nn.Embedding(max_norm=...) renorms its looked-up rows in place (``aten::embedding_renorm_``): it was counted as
   reading and writing the whole table and renorming one row per token; its kernel visits each distinct row once. A
   50k-row table looked up for a few tokens read as moving the table twice per call;
@@ -372,3 +373,42 @@ def test_a_packed_sequence_as_the_input():
     matmuls = math.fsum(o.m.flops * o.calls for o in p.ops if o.op in ("aten::addmm", "aten::mm"))
     assert matmuls == 2 * 10 * 24 * (4 + 6)
     assert torch.equal(packed.data, data) and packed.batch_sizes.tolist() == [3, 3, 2, 1, 1]
+
+
+class Reorders(nn.Module):
+    """A forward that re-registers a buffer (it moves after ``b``) and rotates its layer's three hooks (the first
+    moves last): orders the caller sees in state_dict() and in which the hooks run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("a", torch.zeros(1))
+        self.register_buffer("b", torch.ones(1))
+        for hook in (lambda m, i, o: o + 1, lambda m, i, o: o * 3, lambda m, i, o: o - 2):
+            self.lin.register_forward_hook(hook)
+
+    def forward(self, x):
+        a = self.a
+        del self.a
+        self.register_buffer("a", a + 1)
+        hooks = self.lin._forward_hooks
+        first = next(iter(hooks))
+        hooks[first] = hooks.pop(first)
+        return self.lin(x) + self.a
+
+
+def test_tables_put_back_in_their_order():
+    """Found by the round: a table changed by the forward was put back by deleting and re-adding entries, so a buffer
+    the forward re-registered ended after ``b`` in state_dict() (and a parameter in parameters(), the order an
+    optimizer pairs its state by); hooks moved by the forward ran in the new order. Tables are rebuilt in their old
+    order: state_dict's keys, the hooks' order and the next output are those of an unprofiled copy."""
+    model, fresh = Reorders(), Reorders()
+    fresh.load_state_dict(model.state_dict())
+    fresh.lin._forward_hooks.clear()
+    fresh.lin._forward_hooks.update(model.lin._forward_hooks)  # the same hooks, in the same order
+    keys, hooks = list(model.state_dict()), list(model.lin._forward_hooks)
+    x = torch.randn(2, 4)
+    profiled(model, (x,))
+    assert list(model.state_dict()) == keys == ["a", "b", "lin.weight", "lin.bias"]
+    assert list(model.lin._forward_hooks) == hooks
+    assert torch.equal(model(x), fresh(x))

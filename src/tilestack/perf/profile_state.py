@@ -300,11 +300,13 @@ class _Bindings:
             held = vars(m)
             for name, before in tables.items():
                 now = held.get(name)
-                if now is None or _same(now, before, len(before)):
-                    continue
-                for k in [k for k in now if k not in before]:
-                    del now[k]
-                now.update((k, t) for k, t in before.items() if not is_lazy(t) and now.get(k) is not t)
+                if now is None or (_same(now, before, len(before)) and list(now) == list(before)):
+                    continue  # the same entries in the same order (a hook moved last holds the same entries)
+                # Rebuilt in its old order (hooks run in it, parameters() and state_dict() list by it); a lazy
+                # parameter materialised by the forward keeps its new tensor.
+                items = [(k, now[k] if is_lazy(t) else t) for k, t in before.items() if k in now or not is_lazy(t)]
+                now.clear()
+                now.update(items)
         for a in self.attributes:
             a.restore()
 
