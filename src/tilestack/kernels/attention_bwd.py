@@ -59,7 +59,7 @@ from tilestack.kernels.attention_fwd import (
     philox_args,
     query_block_keys,
 )
-from tilestack.tune.lookup import launch_config, take_backend, tuned_launcher
+from tilestack.tune.lookup import DEFAULT_BACKEND, launch_config, take_backend, tuned_launcher
 
 # attention_forward's derived constants, and whether each query head writes its own share of dK, dV (split_group)
 BWD_DERIVED = DERIVED | {"PER_Q_HEAD": "the shapes and the device (split_group)"}
@@ -562,7 +562,15 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
             cfg[name] = cfg[name] | c
     # a part whose config says schedule="ws" (a caller's, or a table's) runs attention_bwd_ws's warp-specialized
     # kernel where it can: 16-bit inputs, no mask, no dropout; elsewhere the split kernel at its own config
-    ws = _ws_parts(cfg, config or {}, q.dtype, with_mask=attn_mask is not None or bool(dropout_p), fused=fused)
+    def split_config(part: str) -> dict:   # a part's split-kernel config where the tables' entry is a ws one
+        base = defaults[part]
+        if backend is None:                  # the entry's best on the default backend (its "others"), if split
+            other = launch_config(f"attention_bwd_{part}", sig, q.device, Nq, base, DEFAULT_BACKEND)
+            base = other if other.get("schedule", "split") == "split" else base
+        return base | (config or {}).get(part, {})
+
+    ws = _ws_parts(cfg, config or {}, q.dtype, split_config,
+                   with_mask=attn_mask is not None or bool(dropout_p), fused=fused)
     # each kernel on the backend named, else on the one its own table entry chose (each is tuned on its own)
     backends = {part: (take_backend(c, backend), backend) for part, c in cfg.items()}   # (to launch on, named)
     consts = dict(D=DT, causal=bool(causal))
@@ -643,12 +651,14 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
     return run
 
 
-def _ws_parts(cfg: dict, caller: dict, dtype, *, with_mask: bool, fused: bool) -> dict:
+def _ws_parts(cfg: dict, caller: dict, dtype, split_config, *, with_mask: bool, fused: bool) -> dict:
     """Per part (dkdv, dq): the config of attention_bwd_ws's kernel where that part's config says
     schedule="ws" and the launch can take it (16-bit inputs, no mask or dropout, dQ not fused into dK/dV), else
     None; the ``schedule`` key taken out of every part's config (the split kernels have no such constant). A
     table's entry that chose "ws" carries that kernel's config; a caller's schedule="ws" over a table entry tuned
-    for the split kernel takes ``WS_DEFAULTS`` under the caller's own keys."""
+    for the split kernel takes ``WS_DEFAULTS`` under the caller's own keys. Where a table's entry chose "ws",
+    ``cfg[part]`` becomes ``split_config(part)`` (its STAGES and tiles are not the split kernel's), for the
+    launches that run the split kernel (a mask, dropout, or a ws launch the backend refuses)."""
     import torch
 
     from tilestack.kernels.attention_bwd_ws import SCHEDULES, WS_DEFAULTS
@@ -666,13 +676,20 @@ def _ws_parts(cfg: dict, caller: dict, dtype, *, with_mask: bool, fused: bool) -
             continue
         mine = caller.get(part, {})
         able = dtype in (torch.bfloat16, torch.float16) and not with_mask and not fused
+        asked = mine.get("schedule") == "ws"
         if schedule != "ws" or not able:
             out[part] = None
-        elif mine.get("schedule") == "ws":     # the caller asked: defaults under the caller's keys
+        elif asked:                            # the caller asked: defaults under the caller's keys
             out[part] = WS_DEFAULTS[part] | {k: v for k, v in mine.items() if k != "schedule"}
         else:
             out[part] = dict(c)
+        if schedule == "ws":                   # the split kernel, where it runs, at a config of its own
+            plain = cfg[part] if asked else split_config(part)
+            cfg[part] = {k: v for k, v in plain.items() if k not in WS_ONLY and k != "schedule"}
     return out
+
+
+WS_ONLY = ("STAGES",)        # the ws kernels' tunables that the split kernels do not have
 
 
 def _ws_launcher(part: str, args: tuple, backends: tuple, consts: dict, cfg: dict, **extra):
@@ -684,6 +701,8 @@ def _ws_launcher(part: str, args: tuple, backends: tuple, consts: dict, cfg: dic
 
     kernel = ws.attention_bwd_dkdv_ws_kernel if part == "dkdv" else ws.attention_bwd_dq_ws_kernel
     backend, asked = backends
+    if asked is None and "backend" in cfg:   # the table entry's own backend (the part's split config has its own)
+        backend = cfg["backend"]
     halved = "BN" if part == "dkdv" else "BM"
     keep = {key: cfg[key] for key in ("BM", "BN", "STAGES", "num_warps", "num_stages") if key in cfg}
     keep[halved] = max(keep.get(halved, ws.WS_DEFAULTS[part][halved]), 128 if backend == "gluon" else 32)

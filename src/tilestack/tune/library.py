@@ -56,6 +56,11 @@ ATTN_BWD = {"delta": dict(BM=(32, 64, 128), num_warps=(4, 8), num_stages=(1,)),
             "dkdv": dict(BM=(32, 64, 128), BN=(32, 64, 128), KEY_MAJOR=(False,), num_warps=(4, 8),
                          num_stages=(1, 2, 3)),
             "dq": dict(BM=(32, 64, 128), BN=(32, 64, 128), num_warps=(4, 8), num_stages=(1, 2, 3))}
+# the warp-specialized backward (kernels.attention_bwd_ws) on the Gluon backend: a consumer warpgroup owns half the
+# dK/dV kernel's key block or half the dQ kernel's query block (at least a wgmma's 64 rows)
+ATTN_BWD_WS = {"dkdv": dict(BM=(64, 128), BN=(128,), STAGES=(2, 3)),
+               "dq": dict(BM=(128,), BN=(64, 128), STAGES=(2, 3))}
+WS_BACKENDS = ("gluon",)          # where its roles exist (Triton's backend drops them: a plain kernel)
 GEMM = dict(BM=(64, 128, 256), BN=(64, 128, 256), BK=(32, 64, 128), GROUP_M=(8,), num_warps=(4, 8),
             num_stages=(2, 3, 4, 5))
 ROWS = dict(BM=(1, 2, 4, 8), num_warps=(2, 4, 8, 16))
@@ -243,17 +248,33 @@ def attention_bwd_problems(dtype: str, small: bool = False) -> list[Problem]:
                             "delta": ab.attention_bwd_delta_kernel}[part]
                     fixed = dict(D=D) if part == "delta" else dict(D=D, causal=causal)
                     shrink = dict(BM=(16, 32)) if part == "delta" else dict(BM=(16, 32), BN=(16, 32))
-                    out.append(Problem(
+                    plain = Problem(
                         f"attention_bwd_{part}", af.config_signature(_Dtype(dtype), D, D, causal), N,
                         f"B={B} H={H} N={N} D={D}{' causal' if causal else ''}", tile, fixed,
                         _restrict(ATTN_BWD[part], small, **shrink), _default(defaults[part], small), make,
                         priority=_attention_priority(D, dtype, anchor, 1) + (2 if part == "delta" else 0),
-                        weight=_attention_weight(D, dtype, anchor) * (0.25 if part == "delta" else 1.0)))
+                        weight=_attention_weight(D, dtype, anchor) * (0.25 if part == "delta" else 1.0))
+                    if part != "delta" and D <= 128:   # at 256 a consumer's two accumulators exceed its registers
+                        plain.variants = (_ws_variant(plain, part, make, small),)
+                    out.append(plain)
     return out
 
 
+def _ws_variant(plain: Problem, part: str, make, small: bool) -> Problem:
+    """The warp-specialized kernel of a backward part (dkdv, dq) as a variant of its split problem: same inputs
+    and reference, its own kernel and tunables, searched on the Gluon backend only."""
+    from tilestack.kernels import attention_bwd_ws as ws
+
+    tile = ws.attention_bwd_dkdv_ws_kernel if part == "dkdv" else ws.attention_bwd_dq_ws_kernel
+    shrink = dict(BM=(16,), BN=(32,)) if part == "dkdv" else dict(BM=(32,), BN=(16,))
+    return dataclasses.replace(
+        plain, tile=tile, restrict=_restrict(ATTN_BWD_WS[part], small, **shrink),
+        default=_default(ws.WS_DEFAULTS[part], small), make=functools.partial(make, tile=tile), variants=(),
+        schedule="ws", backends=WS_BACKENDS)
+
+
 def _bwd_maker(part: str, dtype: str, B: int, H: int, N: int, D: int, causal: bool, small: bool):
-    def make(device):
+    def make(device, tile=None):   # tile: another kernel of the part's arguments (its ws variant)
         import torch
 
         ab = _module("attention_bwd")
@@ -274,10 +295,11 @@ def _bwd_maker(part: str, dtype: str, B: int, H: int, N: int, D: int, causal: bo
         fixed = dict(D=D, causal=causal)
         if part == "dkdv":
             dk, dv = torch.empty_like(k), torch.empty_like(v)
-            return direct(ab.attention_bwd_dkdv_kernel, (q, k, v, do, lse, delta, dk, dv, scale), fixed, (6, 7),
-                          (dk_ref, dv_ref))
+            return direct(tile or ab.attention_bwd_dkdv_kernel, (q, k, v, do, lse, delta, dk, dv, scale), fixed,
+                          (6, 7), (dk_ref, dv_ref))
         dq = torch.empty_like(q)
-        return direct(ab.attention_bwd_dq_kernel, (q, k, v, do, lse, delta, dq, scale), fixed, (6,), (dq_ref,))
+        return direct(tile or ab.attention_bwd_dq_kernel, (q, k, v, do, lse, delta, dq, scale), fixed, (6,),
+                      (dq_ref,))
     return make
 
 
