@@ -45,7 +45,7 @@ BLOCKS = ((32, 128, 8, 3), (32, 128, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64,
 TOL = 2e-2          # bf16 gradients against SDPA's (itself bf16)
 
 
-WS_KV = ((64, 128, 2), (64, 128, 3), (128, 128, 2))      # (BM, BN, STAGES) of the dK/dV kernel: BN / 2 keys a consumer
+WS_KV = ((64, 128, 2), (64, 128, 3), (32, 128, 2))       # (BM, BN, STAGES) of the dK/dV kernel: BN / 2 keys a consumer
 WS_Q = ((128, 64, 2), (128, 128, 2), (128, 64, 3))       # (BM, BN, STAGES) of the dQ kernel: BM / 2 rows a consumer
 
 

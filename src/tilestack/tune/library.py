@@ -58,7 +58,7 @@ ATTN_BWD = {"delta": dict(BM=(32, 64, 128), num_warps=(4, 8), num_stages=(1,)),
             "dq": dict(BM=(32, 64, 128), BN=(32, 64, 128), num_warps=(4, 8), num_stages=(1, 2, 3))}
 # the warp-specialized backward (kernels.attention_bwd_ws) on the Gluon backend: a consumer warpgroup owns half the
 # dK/dV kernel's key block or half the dQ kernel's query block (at least a wgmma's 64 rows)
-ATTN_BWD_WS = {"dkdv": dict(BM=(64, 128), BN=(128,), STAGES=(2, 3)),
+ATTN_BWD_WS = {"dkdv": dict(BM=(32, 64), BN=(128,), STAGES=(2, 3)),   # BM 128 spills 4 KB at hd128
                "dq": dict(BM=(128,), BN=(64, 128), STAGES=(2, 3))}
 WS_BACKENDS = ("gluon",)          # where its roles exist (Triton's backend drops them: a plain kernel)
 GEMM = dict(BM=(64, 128, 256), BN=(64, 128, 256), BK=(32, 64, 128), GROUP_M=(8,), num_warps=(4, 8),
