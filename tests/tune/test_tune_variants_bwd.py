@@ -12,8 +12,8 @@ import test_backend_choice as choice
 import torch
 
 from tilestack.kernels import attention_bwd as ab
-from tilestack.kernels import attention_fwd as af
 from tilestack.kernels import attention_bwd_ws as ws
+from tilestack.kernels import attention_fwd as af
 from tilestack.tune.library import ATTN_BWD_WS, WS_BACKENDS, attention_bwd_problems
 
 HOPPER, put = choice.HOPPER, choice.put
