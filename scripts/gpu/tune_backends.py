@@ -1,4 +1,4 @@
-"""On an H100/H200: tune GEMM and attention forward over both GPU backends (triton, gluon) and keep, per kernel,
+"""On an H100/H200: tune GEMM and attention forward (and backward) over both GPU backends (triton, gluon) and keep, per kernel,
 signature and size, the faster backend with its config: tables to ship in ``src/tilestack/tune/tables/``.
 
     PYTHONPATH=src python3 scripts/gpu/tune_backends.py --budget-s 420 --out /tmp/tables --json /tmp/backends.json
@@ -6,7 +6,8 @@ signature and size, the faster backend with its config: tables to ship in ``src/
 
 Cases: GEMM 4096^3 and 8192^3 in bf16 and fp16; attention forward at head dims 64 and 128, N 1024 and 4096,
 causal and not (bf16; ``--attention-dtypes`` adds fp16), at the library's tuning shapes (16k tokens, hidden
-2048). Each runs through ``tune.session.Session`` with ``backends=("triton", "gluon")``: per backend a local
+2048); ``--kernels attention_bwd_dkdv,attention_bwd_dq``: the backward's two main kernels at the same shapes, each
+with its warp-specialized variant (``kernels.attention_bwd_ws``, schedule "ws") searched on gluon. Each runs through ``tune.session.Session`` with ``backends=("triton", "gluon")``: per backend a local
 search (checked against the reference, then timed with L2 flushed), the winner written with ``"backend"`` and
 the other backend's best under ``"others"`` (``tune.lookup`` reads both). ``--out`` gets one table per kernel,
 the packaged table of that name merged with this run's winners. The user's own tuning cache is not touched (a
@@ -44,6 +45,12 @@ SEEDS = {("gemm", "gluon"): [dict(BM=128, BN=256, BK=64, num_stages=3, warp_spec
                              dict(BM=128, BN=128, BK=64, num_stages=4, warp_specialize=False, persistent=False)]}
 
 
+# the attention tables this script tunes (library_problems' name: attention_fwd, attention_bwd)
+ATTENTION_KERNELS = ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq")
+# matrix products of 2 N^2 D a launch (B H of them, halved when causal): forward 2; dK/dV 4; dQ 3
+PRODUCTS = {"attention_fwd": 2, "attention_bwd_dkdv": 4, "attention_bwd_dq": 3}
+
+
 class Watchdog(Exception):
     """The run went past its share of --budget-s."""
 
@@ -55,20 +62,22 @@ def problems(attention_dtypes: tuple[str, ...], small: bool, kernels=("gemm", "a
 
     gemm = [p for p in library_problems(["gemm"], DTYPES, small=small) if small or p.n in GEMM_SIZES] \
         if "gemm" in kernels else []
-    attn = [p for p in library_problems(["attention_fwd"], attention_dtypes, small=small)
-            if small or (p.fixed["D"] in HEAD_DIMS and p.n in seqs)] if "attention_fwd" in kernels else []
+    attn = [p for k in ATTENTION_KERNELS if k in kernels
+            for p in library_problems([k.removesuffix("_dkdv").removesuffix("_dq")], attention_dtypes, small=small)
+            if p.kernel == k and (small or (p.fixed["D"] in HEAD_DIMS and p.n in seqs))]
     return sorted(gemm + attn, key=lambda p: p.priority)
 
 
 def flops(p, small: bool) -> float:
-    """FLOPs of one launch of problem ``p`` (GEMM: 2 n^3; attention forward: 4 B H N^2 D, halved when causal)."""
+    """FLOPs of one launch of problem ``p`` (GEMM: 2 n^3; attention: PRODUCTS x 2 B H N^2 D, halved when
+    causal)."""
     from tilestack.tune.library import _attention_shape
 
     if p.kernel == "gemm":
         return 2.0 * p.n ** 3
     D, causal = p.fixed["D"], p.fixed["causal"]
     B, H, N = _attention_shape(p.n, D, small)
-    return 4.0 * B * H * N * N * D * (0.5 if causal else 1.0)
+    return PRODUCTS[p.kernel] * 2.0 * B * H * N * N * D * (0.5 if causal else 1.0)
 
 
 def row(o, small: bool) -> dict:
@@ -129,6 +138,8 @@ def verify(done: list, rows: list[dict], cache_dir: Path, where: str, small: boo
             p = o.problem
             if not o.config:
                 continue
+            if p.kernel not in ("gemm", "attention_fwd"):   # the backward's parts: timed by probe_attention_bwd.py
+                continue
             if time.monotonic() >= deadline:
                 r["public"] = {"backend": None, "error": "not checked: out of time"}
                 continue
@@ -177,7 +188,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=Path("tune_backends.json"), help="per-case results")
     ap.add_argument("--backends", default="triton,gluon", help="comma-separated backends to search")
     ap.add_argument("--attention-dtypes", default="bfloat16", help="comma-separated: bfloat16,float16")
-    ap.add_argument("--kernels", default="gemm,attention_fwd", help="comma-separated: gemm,attention_fwd")
+    ap.add_argument("--kernels", default="gemm,attention_fwd",
+                    help="comma-separated: gemm,attention_fwd,attention_bwd_dkdv,attention_bwd_dq")
     ap.add_argument("--seqs", default=",".join(map(str, SEQS)), help="attention sequence lengths (comma-separated)")
     ap.add_argument("--device", type=int, default=0)
     ap.add_argument("--no-verify", dest="verify", action="store_false",
@@ -205,9 +217,9 @@ def main() -> int:
             if why:
                 print(f"tune_backends: {b} cannot launch on {key.name} ({key}): {why}", file=sys.stderr)
     kernels = tuple(k.strip() for k in args.kernels.split(",") if k.strip())
-    unknown = set(kernels) - {"gemm", "attention_fwd"}
+    unknown = set(kernels) - {"gemm", *ATTENTION_KERNELS}
     if unknown:
-        ap.error(f"--kernels: unknown {sorted(unknown)}; expected some of gemm, attention_fwd")
+        ap.error(f"--kernels: unknown {sorted(unknown)}; expected some of gemm, {', '.join(ATTENTION_KERNELS)}")
     todo = problems(tuple(d.strip() for d in args.attention_dtypes.split(",")), args.small, kernels,
                     tuple(int(n) for n in args.seqs.split(",") if n.strip()))
     args.out.mkdir(parents=True, exist_ok=True)
