@@ -1,5 +1,5 @@
-"""On an H100/H200: tune GEMM and attention forward (and backward) over both GPU backends (triton, gluon) and keep, per kernel,
-signature and size, the faster backend with its config: tables to ship in ``src/tilestack/tune/tables/``.
+"""On an H100/H200: tune GEMM and attention (forward, and the backward's parts) over both GPU backends (triton,
+gluon) and keep, per kernel, signature and size, the faster backend with its config: tables to ship in ``src/tilestack/tune/tables/``.
 
     PYTHONPATH=src python3 scripts/gpu/tune_backends.py --budget-s 420 --out /tmp/tables --json /tmp/backends.json
     cp /tmp/tables/*.json src/tilestack/tune/tables/        # after reading the table this prints
@@ -7,7 +7,8 @@ signature and size, the faster backend with its config: tables to ship in ``src/
 Cases: GEMM 4096^3 and 8192^3 in bf16 and fp16; attention forward at head dims 64 and 128, N 1024 and 4096,
 causal and not (bf16; ``--attention-dtypes`` adds fp16), at the library's tuning shapes (16k tokens, hidden
 2048); ``--kernels attention_bwd_dkdv,attention_bwd_dq``: the backward's two main kernels at the same shapes, each
-with its warp-specialized variant (``kernels.attention_bwd_ws``, schedule "ws") searched on gluon. Each runs through ``tune.session.Session`` with ``backends=("triton", "gluon")``: per backend a local
+with its warp-specialized variant (``kernels.attention_bwd_ws``, schedule "ws") searched on gluon.
+Each runs through ``tune.session.Session`` with ``backends=("triton", "gluon")``: per backend a local
 search (checked against the reference, then timed with L2 flushed), the winner written with ``"backend"`` and
 the other backend's best under ``"others"`` (``tune.lookup`` reads both). ``--out`` gets one table per kernel,
 the packaged table of that name merged with this run's winners. The user's own tuning cache is not touched (a
