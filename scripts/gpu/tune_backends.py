@@ -1,5 +1,6 @@
 """On an H100/H200: tune GEMM and attention (forward, and the backward's parts) over both GPU backends (triton,
-gluon) and keep, per kernel, signature and size, the faster backend with its config: tables to ship in ``src/tilestack/tune/tables/``.
+gluon) and keep, per kernel, signature and size, the faster backend with its config: tables to ship in
+``src/tilestack/tune/tables/``.
 
     PYTHONPATH=src python3 scripts/gpu/tune_backends.py --budget-s 420 --out /tmp/tables --json /tmp/backends.json
     cp /tmp/tables/*.json src/tilestack/tune/tables/        # after reading the table this prints
