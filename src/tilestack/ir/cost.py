@@ -13,7 +13,9 @@ reference semantics (the interpreter the reference executor runs), here on array
   masking are free: masks, comparisons, logic on masks, where and arange).
 - bytes are the global elements a load or store really touches (masked-off elements move nothing): the
   traffic the program asks of the memory system, much of which L2 serves when tiles are re-read. An atomic
-  add reads and writes each element it touches.
+  add reads and writes each element it touches. A store or atomic add with a mask (``ts.store(..., mask=m)``)
+  counts every element of its tile inside the global, as an unmasked one: the mask is data, so this is the most
+  it writes (exact for a mask of all true).
 - dram bytes are the compulsory part: each global counted at most once (its accessed bytes, capped at its
   size), what a perfect cache would still fetch from DRAM. Rooflines place kernels by this.
 """

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
-from tilestack.ir.ops import Op
+from tilestack.ir.ops import Op, mask_of
 
 
 def _attrs(ins: Instr) -> str:
@@ -50,6 +50,8 @@ def _line(ins: Instr, buffers: _Buffers) -> str:
     if ins.op is Op.ARG:
         rhs = f"arg {ins.attrs.name}"
     srcs = ", ".join(repr(s) for s in ins.srcs)
+    if mask_of(ins) is not None:      # a masked store's last operand: named, not read as a coordinate
+        srcs = ", ".join([*(repr(s) for s in ins.srcs[:-1]), f"mask={ins.srcs[-1]!r}"])
     types = ", ".join(f"{r.type} {buffers(r)}".rstrip() for r in ins.results)
     text = f"{lhs} = {rhs}({srcs})" if lhs else f"{rhs}({srcs})"
     text = f"[{ins.role}] {text}" if ins.role else text

@@ -683,24 +683,59 @@ def load_scalar(src, *index) -> Scalar:
     return Scalar(current("load_scalar").emit(Op.LOAD_SCALAR, (src.v, *idx), (kind,), user_line()).result)
 
 
-def store(dst, src: Tile, at=None) -> None:
-    """Store tile ``src`` into global ``dst`` at tile coordinates ``at`` (edges past the tensor are dropped)."""
+def _store_mask(opname: str, src: Tile, mask) -> tuple:
+    """The operands a store's or atomic add's ``mask`` adds: none for None, else its value, after checking it is a
+    bool_ register tile (or vector) of ``src``'s shape."""
+    if mask is None:
+        return ()
+    if isinstance(mask, _PerAxis):
+        raise TileShapeError(f"{opname}: mask is per_{mask.axis}(`{_name(mask.vec)}`); expected a mask of src "
+                             f"`{_name(src)}`'s shape {src.shape}: broadcast it first (fill(m, 1); "
+                             f"logical_and(m, m, per_{mask.axis}(v)))", user_line())
+    if not isinstance(mask, Tile):
+        raise TraceError(f"{opname}: mask must be a bool_ register tile of src `{_name(src)}`'s shape {src.shape} "
+                         f"(made by lt, ge, logical_and, ...), got {type(mask).__name__} {mask!r}{_hint(mask)}",
+                         user_line())
+    if mask.dtype is not bool_:
+        raise TileDTypeError(f"{opname}: mask `{_name(mask)}` is {mask.dtype}; expected a bool_ mask (make it with "
+                             "lt, ge, eq, ... or logical_and)", user_line())
+    if mask.shape != src.shape:
+        raise TileShapeError(f"{opname}: mask `{_name(mask)}` is {mask.shape} but src `{_name(src)}` is "
+                             f"{src.shape}; expected a mask of src's shape", user_line())
+    _need_reg(opname, "mask", mask)
+    return (mask.value(opname),)
+
+
+def store(dst, src: Tile, at=None, mask=None) -> None:
+    """Store tile ``src`` into global ``dst`` at tile coordinates ``at`` (edges past the tensor are dropped).
+
+    ``mask``: a bool_ register tile (or vector) of src's shape; only the elements where it is true are written, the
+    others keep what ``dst`` held (as ``tl.store(..., mask=...)``): how a program that owns an unaligned slice of a
+    tensor (rows [start, end) of a packed varlen batch) stores its own elements and not its neighbours'::
+
+        ts.arange(rows, j * BM)                                 # (BM,) the tile's row indices
+        ts.ge(keep, rows, start); ts.lt(inside, rows, end); ts.logical_and(keep, keep, inside)
+        ts.fill(m, 1); ts.logical_and(m, m, ts.per_row(keep))   # (BM, D): this program's rows
+        ts.store(OUT, y, at=(j, 0), mask=m)
+    """
     _need_tile("store", "src", src)
     if not isinstance(dst, GlobalTensor):
         raise TraceError(f"store: dst must be a global tensor argument, got {dst!r}", user_line())
     if at is None:
         raise TraceError(f"store: give the tile coordinates in `{dst.name}` with at=(...)", user_line())
     coords = _coords("store", dst, src, at)
-    current("store").emit(Op.STORE, (dst.v, src.value("store")) + coords, (), user_line())
+    masked = _store_mask("store", src, mask)
+    current("store").emit(Op.STORE, (dst.v, src.value("store")) + coords + masked, (), user_line())
 
 
 ATOMIC_DTYPES = (f64, f32, f16, i32, i64)   # what atomic adds into global memory exist for (not bf16)
 
 
-def atomic_add(dst, src: Tile, at=None) -> None:
+def atomic_add(dst, src: Tile, at=None, mask=None) -> None:
     """``dst[tile at ``at``] += src``, each element atomically (edges past the tensor are dropped): sums over
     programs, e.g. a column sum split over row blocks. The order of the additions is not fixed, so a float
-    sum may differ in its last bits from run to run."""
+    sum may differ in its last bits from run to run. ``mask`` (a bool_ register tile of src's shape, as
+    ``store``'s): only the elements where it is true are added."""
     _need_tile("atomic_add", "src", src)
     if not isinstance(dst, GlobalTensor):
         raise TraceError(f"atomic_add: dst must be a global tensor argument, got {dst!r}", user_line())
@@ -713,7 +748,8 @@ def atomic_add(dst, src: Tile, at=None) -> None:
     if src.dtype is bool_:
         raise TileDTypeError(f"atomic_add: src `{_name(src)}` is a bool_ mask; expected numbers", user_line())
     coords = _coords("atomic_add", dst, src, at)
-    current("atomic_add").emit(Op.ATOMIC_ADD, (dst.v, src.value("atomic_add")) + coords, (), user_line())
+    masked = _store_mask("atomic_add", src, mask)
+    current("atomic_add").emit(Op.ATOMIC_ADD, (dst.v, src.value("atomic_add")) + coords + masked, (), user_line())
 
 
 __all__ = [

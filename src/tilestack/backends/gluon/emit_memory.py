@@ -17,7 +17,7 @@ from tilestack.backends.gluon.layouts import blocked_key
 from tilestack.backends.gluon.passes import pipelined_loads, scalar_slice
 from tilestack.backends.python_dsl import FLOOR_SCALAR
 from tilestack.ir.nodes import Instr
-from tilestack.ir.ops import Op, register_emitter
+from tilestack.ir.ops import Op, access_of, mask_of, register_emitter
 from tilestack.ir.types import FLOAT, Space, TileType
 
 
@@ -77,15 +77,22 @@ def _e_load(e: Emitter, ins: Instr) -> None:
     e.set_lay(ins.result, key)
 
 
+def _masked(e: Emitter, ins: Instr, edge: str, key: tuple) -> str:
+    """The mask of a store's or atomic add's pointers in layout ``key``: the global's edges, and the op's own mask
+    if it has one."""
+    m = mask_of(ins)
+    return edge if m is None else f"{edge} & {e.as_layout(m, key)}"
+
+
 @register_emitter("gluon", Op.STORE)
 def _e_store(e: Emitter, ins: Instr) -> None:
-    g, x, *coords = ins.srcs
+    g, x, coords = ins.srcs[0], ins.srcs[1], access_of(ins)[2]
     t = x.type
     key = blocked_key(t)
     # a shared tile is read into registers first (in the layout its pointer store uses)
     reg = f"{e.name(x)}.load({e.layout(key)})" if t.space is Space.SHARED else None
     val = e.cast(reg or e.name(x), t.dtype, g.type.dtype)
-    if ins.attrs.via == "tma":                 # registers -> shared -> the copy engine; waited before reuse
+    if ins.attrs.via == "tma":     # registers -> shared -> the copy engine; waited before reuse (never masked)
         desc, block = e.descriptor(g, t.shape), box_of(g, t.shape)
         buf = e.fresh(f"{x.hint or 'tile'}_smem")
         e.emit(f"{buf} = gl.allocate_shared_memory({GL_DTYPES[g.type.dtype.name]}, {list(block)}, {desc}.layout)")
@@ -95,17 +102,18 @@ def _e_store(e: Emitter, ins: Instr) -> None:
         e.emit("tma.store_wait(0)")
         return
     ptr, mask = e.address(g, coords, t.shape, key)
-    e.emit(f"gl.store({ptr}, {e.cast(reg or e.as_layout(x, key), t.dtype, g.type.dtype)}, mask={mask})")
+    e.emit(f"gl.store({ptr}, {e.cast(reg or e.as_layout(x, key), t.dtype, g.type.dtype)}, "
+           f"mask={_masked(e, ins, mask, key)})")
 
 
 @register_emitter("gluon", Op.ATOMIC_ADD)
 def _e_atomic_add(e: Emitter, ins: Instr) -> None:
-    g, x, *coords = ins.srcs
+    g, x, coords = ins.srcs[0], ins.srcs[1], access_of(ins)[2]
     t = x.type
     key = blocked_key(t)
     ptr, mask = e.address(g, coords, t.shape, key)
-    e.emit(f'gl.atomic_add({ptr}, {e.cast(e.as_layout(x, key), t.dtype, g.type.dtype)}, mask={mask}, '
-           'sem="relaxed")')
+    e.emit(f'gl.atomic_add({ptr}, {e.cast(e.as_layout(x, key), t.dtype, g.type.dtype)}, '
+           f'mask={_masked(e, ins, mask, key)}, sem="relaxed")')
 
 
 # ---- explicit hardware: staged buffers, async loads and their waits -------------------------------------------------

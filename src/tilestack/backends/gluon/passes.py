@@ -8,8 +8,8 @@ tile moves, which loops it pipelines, and what the kernel function takes.
                     waited after their loop (hand-scheduled kernels write the same ops themselves)
     legalize        an emitter for every op; wgmma-shaped matrix products; copy-engine boxes; roles it can split
     choose_access   shared-tile loads, async loads and 2-D stores through the copy engine (TMA descriptors) when
-                    the launch's tensors allow it, else through pointers; register loads, 1-D stores and atomic
-                    adds through pointers
+                    the launch's tensors allow it, else through pointers; register loads, 1-D stores, masked
+                    stores and atomic adds through pointers
     schedule        a loop whose body loads shared tiles through the copy engine (coordinates computed from the
                     loop index and values from outside the loop) gets ``stages=S``: the emitter keeps S - 1 loads
                     in flight in a ring of S shared buffers with one mbarrier each (a plain kernel's pipelining
@@ -28,7 +28,17 @@ import dataclasses
 from tilestack.backends.triton.passes import prune_params as _pointer_and_tma_reads
 from tilestack.errors import BackendError
 from tilestack.ir.nodes import Block, Instr, KernelIR, Role, Value
-from tilestack.ir.ops import OPS, AccessAttrs, ConstAttrs, FnAttrs, NoAttrs, Op, RangeAttrs, check_lowerable
+from tilestack.ir.ops import (
+    OPS,
+    AccessAttrs,
+    ConstAttrs,
+    FnAttrs,
+    NoAttrs,
+    Op,
+    RangeAttrs,
+    check_lowerable,
+    mask_of,
+)
 from tilestack.ir.passes import DCE, SPLIT_HOST, Pass, Pipeline, clone
 from tilestack.ir.types import INDEX, GlobalType, Space, StagesType, TileType, bool_
 
@@ -151,8 +161,10 @@ def choose_access(tma: bool):
 def _choose_access(ir: KernelIR, tma: bool) -> KernelIR:
     out = clone(ir)
     for ins in out.walk():
-        # a bool global (torch.bool, i1 to Triton) through pointers: the copy engine has no 1-bit element
-        engine = tma and ins.op in (Op.LOAD, Op.STORE) and ins.srcs[0].type.dtype is not bool_
+        # a bool global (torch.bool, i1 to Triton) through pointers: the copy engine has no 1-bit element; a masked
+        # store too: the copy engine writes whole boxes, clipped only at the global's edges
+        engine = tma and ins.op in (Op.LOAD, Op.STORE) and ins.srcs[0].type.dtype is not bool_ \
+            and mask_of(ins) is None
         if ins.op is Op.LOAD:
             via = "tma" if engine and ins.result.type.space is Space.SHARED \
                 and ins.srcs[0].type.rank <= TMA_MAX_RANK else "pointer"

@@ -7,7 +7,8 @@ Each op's meaning is its reference semantics in ``tilestack.ir.ops``; this modul
   tile rounds like bf16, an f32 accumulator like f32). Integer tiles and globals are held exactly (int64 arrays),
   and integer work wraps at its work dtype's width, as on the GPU (``ir.ops.work_dtype``: C-style wrapping,
   truncating division and remainder).
-- Loads read zeros where the tile hangs past the edge of the global; stores drop what hangs past it.
+- Loads read zeros where the tile hangs past the edge of the global; stores drop what hangs past it, and a masked
+  store (or atomic add) what its mask is false at.
 - mma accumulates in f32: dst = round_f32(acc + a @ b) with the product in float64 (a and b rounded to tf32
   first, to nearest even, when the mma asks for tf32 input precision).
 - A loop's carried tiles take the body's yields from one iteration to the next.
@@ -25,7 +26,7 @@ import numpy as np
 
 from tilestack.errors import BackendError
 from tilestack.ir.nodes import Block, Instr, Value
-from tilestack.ir.ops import OPS, Op, work_dtype
+from tilestack.ir.ops import OPS, Op, mask_of, work_dtype
 from tilestack.ir.types import FLOAT, GlobalType, f64, round_to
 
 
@@ -166,13 +167,21 @@ class _Program:
 
     def store(self, ins: Instr, srcs: list, add: bool = False) -> None:
         """A store, or with ``add`` an atomic add: programs run one at a time, so each add is atomic. The tile is
-        converted to the global's dtype first (an f32 tile added into an i32 global adds its truncated values)."""
+        converted to the global's dtype first (an f32 tile added into an i32 global adds its truncated values).
+        A masked one writes only the elements (inside the global) where its mask is true; the rest keep what the
+        global held."""
         gv, tv = ins.srcs[:2]
         g = self.arrays[self.arg_index[gv]]
-        region = self._region(g, srcs[2:], tv.type.shape)
-        if region is not None:
-            x = round_to(srcs[1][region[1]], gv.type.dtype)
-            g[region[0]] = round_to(g[region[0]] + x, gv.type.dtype) if add else x
+        rank = gv.type.rank
+        region = self._region(g, srcs[2:2 + rank], tv.type.shape)
+        if region is None:
+            return
+        old = g[region[0]]
+        x = round_to(srcs[1][region[1]], gv.type.dtype)
+        new = round_to(old + x, gv.type.dtype) if add else x
+        if mask_of(ins) is not None:
+            new = np.where(np.asarray(srcs[2 + rank])[region[1]] != 0, new, old)
+        g[region[0]] = new
 
     def loop(self, ins: Instr, srcs: list) -> None:
         env = self.env

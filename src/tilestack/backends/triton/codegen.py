@@ -27,7 +27,7 @@ from tilestack.backends.python_dsl import (
 from tilestack.backends.triton.interp_helpers import BF16_HELPER, F8E4M3_HELPER, INT_SAT_HELPER, TF32_HELPER
 from tilestack.backends.triton.passes import DOT_MIN_DIM, TMA_MAX_BOX, pipeline  # noqa: F401  (TMA_MAX_BOX: re-exported)
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
-from tilestack.ir.ops import EMITTERS, Op, register_emitter, work_dtype
+from tilestack.ir.ops import EMITTERS, Op, access_of, mask_of, register_emitter, work_dtype
 from tilestack.ir.scalars import f64_float_args, from_memory, nonnegative, wide_index
 from tilestack.ir.types import (
     FLOAT,
@@ -505,16 +505,22 @@ def _e_load_scalar(e: _Emitter, ins: Instr) -> None:
     e.assign(ins.result, x)
 
 
+def _masked(e: _Emitter, ins: Instr, edge: str) -> str:
+    """The mask of a store's or atomic add's pointers: the global's edges, and the op's own mask if it has one."""
+    m = mask_of(ins)
+    return edge if m is None else f"{edge} & {e.name(m)}"
+
+
 @register_emitter("triton", Op.STORE)
 def _e_store(e: _Emitter, ins: Instr) -> None:
-    g, x, *coords = ins.srcs
+    g, x, coords = ins.srcs[0], ins.srcs[1], tuple(access_of(ins)[2])
     val = e.cast_to(e.name(x), x.type.dtype, g.type)
-    if ins.attrs.via == "tma":
+    if ins.attrs.via == "tma":      # (never masked: choose_access sends a masked store through pointers)
         desc, block = e.descriptor(g, x.type.shape)
-        e.emit(f"{desc}.store({e.tma_offsets(tuple(coords), x.type.shape)}, {val}.reshape({block}))")
+        e.emit(f"{desc}.store({e.tma_offsets(coords, x.type.shape)}, {val}.reshape({block}))")
         return
-    ptr, mask = e.address(ins, g, tuple(coords), x.type.shape)
-    e.emit(f"tl.store({ptr}, {val}, mask={mask})")
+    ptr, mask = e.address(ins, g, coords, x.type.shape)
+    e.emit(f"tl.store({ptr}, {val}, mask={_masked(e, ins, mask)})")
 
 
 @register_emitter("triton", Op.RANGE)
@@ -650,10 +656,10 @@ def _interleaved(tiles: list[str]) -> str:
 
 @register_emitter("triton", Op.ATOMIC_ADD)
 def _e_atomic_add(e: _Emitter, ins: Instr) -> None:
-    g, x, *coords = ins.srcs
-    ptr, mask = e.address(ins, g, tuple(coords), x.type.shape)
+    g, x, coords = ins.srcs[0], ins.srcs[1], tuple(access_of(ins)[2])
+    ptr, mask = e.address(ins, g, coords, x.type.shape)
     val = e.cast_to(e.name(x), x.type.dtype, g.type)
-    e.emit(f'tl.atomic_add({ptr}, {val}, mask={mask}, sem="relaxed")')
+    e.emit(f'tl.atomic_add({ptr}, {val}, mask={_masked(e, ins, mask)}, sem="relaxed")')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,8 @@ moves, and what the kernel function takes.
     dce.erased     what erasure left unread (the staged buffers)
     legalize       power-of-two tiles of at most 2**20 elements, an emitter for every op (else the op and the
                    user's line)
-    choose_access  each load/store through the copy engine (TMA descriptors) or through pointers
+    choose_access  each load/store through the copy engine (TMA descriptors) or through pointers (a masked store
+                   through pointers)
     prune_params   the parameters the device code reads (``KernelIR.reads``), from the IR
 
 ``pipeline(tma)`` is the whole list for one launch mode; ``codegen.generate`` emits its result.
@@ -19,7 +20,7 @@ import math
 
 from tilestack.errors import BackendError
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
-from tilestack.ir.ops import AccessAttrs, Op, check_lowerable
+from tilestack.ir.ops import AccessAttrs, Op, check_lowerable, mask_of
 from tilestack.ir.passes import DCE, SPLIT_HOST, Pass, Pipeline, clone, dead_code
 from tilestack.ir.types import Space, StagesType, TileType, bool_
 
@@ -147,8 +148,10 @@ def choose_access(tma: bool):
     def run(ir: KernelIR) -> KernelIR:
         out = clone(ir)
         for ins in out.walk():
-            # (a bool global through pointers: Triton types it i1, and a copy-engine box of i1 has 0 bytes a row)
-            copy_engine = tma and ins.op in (Op.LOAD, Op.STORE) and ins.srcs[0].type.dtype is not bool_
+            # (a bool global through pointers: Triton types it i1, and a copy-engine box of i1 has 0 bytes a row;
+            # a masked store too: the copy engine writes whole boxes, clipped only at the global's edges)
+            copy_engine = tma and ins.op in (Op.LOAD, Op.STORE) and ins.srcs[0].type.dtype is not bool_ \
+                and mask_of(ins) is None
             if ins.op is Op.LOAD:
                 t = ins.result.type
                 via = "tma" if copy_engine and uses_tma(ins.srcs[0].type.rank, t.shape, t.space) else "pointer"

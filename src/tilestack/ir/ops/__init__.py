@@ -65,6 +65,7 @@ from tilestack.ir.ops.registry import (
 )
 from tilestack.ir.ops.rules import (
     access_of,
+    mask_of,
 )
 from tilestack.ir.ops.scalar_ops import (
     SCALAR_FNS,
@@ -115,6 +116,7 @@ __all__ = [
     "lowerable",
     "check_lowerable",
     "access_of",
+    "mask_of",
     "SCALAR_FNS",
     "work_dtype",
     "UNARY_FNS",

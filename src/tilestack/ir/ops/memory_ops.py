@@ -26,6 +26,7 @@ from tilestack.ir.ops.rules import (
     fail,
     free_cost,
     ir_types,
+    mask_of,
 )
 from tilestack.ir.ops.tile_ops import (
     mma_cost,
@@ -56,9 +57,24 @@ def _load_rule(ins: Instr) -> None:
 
 
 def _effect_rule(ins: Instr) -> None:
+    """A store or atomic add: (global, tile, one coordinate per axis of the global[, mask]); the mask, if any, a
+    bool_ register tile (or vector) of the tile's shape."""
     if ins.results:
         raise TraceError(f"{ins.op.value} produces no value", ins.where)
-    _access_rule(ins, ins.srcs[0], ins.srcs[1], ins.srcs[2:])
+    t = ir_types()
+    if len(ins.srcs) < 2 or not isinstance(ins.srcs[0].type, t.GlobalType):
+        fail(ins, f"takes (global, tile, *coords[, mask]), got {[str(s.type) for s in ins.srcs]}")
+    g, tile = ins.srcs[:2]
+    rank = g.type.rank
+    _access_rule(ins, g, tile, ins.srcs[2:2 + rank])
+    if len(ins.srcs) > 3 + rank:
+        fail(ins, f"takes (global, tile, {rank} coordinates[, mask]), got {len(ins.srcs)} operands")
+    mask = mask_of(ins)
+    if mask is not None:
+        mt = check_tile(ins, mask, "the mask")
+        if mt.dtype is not t.bool_ or mt.space is not t.Space.REG or mt.shape != tile.type.shape:
+            fail(ins, f"the mask is a {mt}; expected a bool_ register mask of the stored tile's shape "
+                      f"({tile.type.shape})")
 
 
 def _atomic_cost(ins: Instr, c) -> None:
@@ -96,14 +112,17 @@ define(OpDef(
     doc="One element of a global at element indices (one per axis), as an index (integer and bool globals) or a "
         "float (float globals, as an f32); 0 where an index falls outside the global. What a loop bound or a "
         "tile coordinate read from memory is made of (cu_seqlens, block tables, expert offsets)."))
+# A masked store or atomic add writes only where its mask is true. Its cost counts every element inside the global
+# (the mask is data: an upper bound, exact when the mask is all true).
 define(OpDef(
-    Op.STORE, "(global, tile, *coords) -> ()", "effect", AccessAttrs, _effect_rule,
+    Op.STORE, "(global, tile, *coords[, mask]) -> ()", "effect", AccessAttrs, _effect_rule,
     lambda ins, s, m: m.store(ins, s, add=False), lambda ins, c: c.memory(ins, "written"),
-    doc="Write a tile into a global; what hangs past the edges is dropped."))
+    doc="Write a tile into a global; what hangs past the edges is dropped, and with a mask (a bool_ tile of the "
+        "tile's shape, after the coordinates) what it masks off."))
 define(OpDef(
-    Op.ATOMIC_ADD, "(global, tile, *coords) -> ()", "effect", AccessAttrs, _effect_rule,
+    Op.ATOMIC_ADD, "(global, tile, *coords[, mask]) -> ()", "effect", AccessAttrs, _effect_rule,
     lambda ins, s, m: m.store(ins, s, add=True), _atomic_cost,
-    doc="global += tile, atomically per element."))
+    doc="global += tile, atomically per element (only where the mask, if given, is true)."))
 
 
 def _range_rule(ins: Instr) -> None:

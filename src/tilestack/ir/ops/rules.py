@@ -68,7 +68,17 @@ def access_of(ins: Instr) -> tuple:
         return ins.srcs[0], ins.result.type.shape, ins.srcs[1:]
     if ins.op is Op.ASYNC_LOAD:
         return ins.srcs[2], ins.result.type.shape, ins.srcs[3:]
-    return ins.srcs[0], ins.srcs[1].type.shape, ins.srcs[2:]
+    g = ins.srcs[0]
+    return g, ins.srcs[1].type.shape, ins.srcs[2:2 + g.type.rank]   # (a masked store's mask follows the coords)
+
+
+def mask_of(ins: Instr):
+    """The bool_ mask of a masked store or atomic add (its operand after the coordinates, one per axis of the
+    global), or None: only the elements where it is true are written."""
+    if ins.op not in (Op.STORE, Op.ATOMIC_ADD):
+        return None
+    extra = ins.srcs[2 + ins.srcs[0].type.rank:]
+    return extra[0] if extra else None
 
 
 # ---- the counter protocol of cost rules (ir.cost implements it) ----------------------------------------------
