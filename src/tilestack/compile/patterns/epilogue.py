@@ -48,6 +48,26 @@ def _activation(node: Node, x: Node) -> str | None:
     return k
 
 
+def _sigmoid_of(node, x: Node) -> bool:
+    """node is torch.sigmoid(x) / x.sigmoid() / F.sigmoid(x)."""
+    return isinstance(node, Node) and node.args[:1] == (x,) and len(node.args) == 1 and not node.kwargs and (
+        (node.op == "call_function" and node.target in (torch.sigmoid, torch.nn.functional.sigmoid)) or
+        (node.op == "call_method" and node.target == "sigmoid"))
+
+
+def _silu_written(x: Node) -> tuple[Node, Node] | None:
+    """(sigmoid, product) when x's only readers are s = torch.sigmoid(x) and x * s (s read by the product alone):
+    SiLU written out (``u * torch.sigmoid(u)``, as GPT-NeoX-style and older SwiGLU code writes it); else None."""
+    users = list(x.users)
+    if len(users) != 2:
+        return None
+    for sig, mul in (users, users[::-1]):
+        if _sigmoid_of(sig, x) and list(sig.users) == [mul] and kind(mul) == "mul" and "alpha" not in mul.kwargs \
+                and len(mul.args) == 2 and set(mul.args) == {x, sig}:
+            return sig, mul
+    return None
+
+
 def _noop_dropout(node: Node) -> bool:
     """F.dropout in eval mode or with p = 0 (nanoGPT's and Hugging Face's after a projection)."""
     return kind(node) == "dropout" and (_arg(node, 2, "training", True) is False or _arg(node, 1, "p", 0.5) == 0)
@@ -114,6 +134,10 @@ def linear_epilogue(gm: fx.GraphModule):
             cur = user
             chain.append(cur)
         for step in ("activation", "residual"):
+            if step == "activation" and (silu := _silu_written(cur)) is not None:
+                activation, cur = "silu", silu[1]     # its epilogue's SiLU (it was left, "nothing to fuse")
+                chain.extend(silu)
+                continue
             user = _sole_user(cur)
             while user is not None and _noop_dropout(user) and _arg(user, 0, "input") is cur:
                 chain.append(user)
