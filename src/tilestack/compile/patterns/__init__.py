@@ -62,6 +62,12 @@ LEFT_REASONS = {
     "linear": "no activation or residual add after it to fuse (a lone Linear is cuBLAS's addmm, its bias fused "
               "already), or one the linear_epilogue pass declined (listed above): left to Inductor",
     "matmul": "a plain matrix product: left to Inductor (cuBLAS or its templates)",
+    # attention written over (B * H, N, hd) with torch.bmm / torch.baddbmm (Megatron, BLOOM, CLIP) was reported as
+    # "no tilestack kernel for it", as if there were no attention kernel: the reason is its 3-D form
+    "bmm": "a batched matrix product: left to Inductor (cuBLAS); an attention written with bmm / baddbmm over "
+           "(B * H, N, hd) is 3-D, and tilestack's attention kernel takes 4-D (B, H, N, D) q, k, v",
+    "baddbmm": "a batched matrix product with an add: left to Inductor (cuBLAS); an attention written with bmm / "
+               "baddbmm over (B * H, N, hd) is 3-D, and tilestack's attention kernel takes 4-D (B, H, N, D) q, k, v",
     # torch's own attention modules, which Dynamo records as one call without tracing into them
     "multi_head_attention_forward": "nn.MultiheadAttention's forward, which Dynamo keeps whole (not traced into): "
                                     "its attention is not seen by the passes",
