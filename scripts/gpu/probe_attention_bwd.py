@@ -45,7 +45,7 @@ BLOCKS = ((32, 128, 8, 3), (32, 128, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64,
 TOL = 2e-2          # bf16 gradients against SDPA's (itself bf16)
 
 
-WS_KV = ((64, 128, 2), (64, 128, 3), (32, 128, 2))       # (BM, BN, STAGES) of the dK/dV kernel: BN / 2 keys a consumer
+WS_KV = ((64, 128, 2), (64, 128, 3), (32, 128, 2))       # (BM, BN, STAGES); BN / 2 keys a consumer
 WS_Q = ((128, 64, 2), (128, 128, 2), (128, 64, 3))       # (BM, BN, STAGES) of the dQ kernel: BM / 2 rows a consumer
 
 
@@ -57,6 +57,7 @@ def ws_variants():
         kv = dict(schedule="ws", BM=bm, BN=bn, STAGES=st)
         yield f"ws dkdv BM{bm} BN{bn} s{st} + ws dq", {"dkdv": kv, "dq": dict(schedule="ws")}, "gluon"
         yield f"ws dkdv BM{bm} BN{bn} s{st} + split dq", {"dkdv": kv | dict(backend="gluon")}, None
+    yield "ws both, turns", {"dkdv": dict(schedule="ws", TURNS=True), "dq": dict(schedule="ws", TURNS=True)}, "gluon"
     for bm, bn, st in WS_Q:
         q = dict(schedule="ws", BM=bm, BN=bn, STAGES=st)
         yield f"split dkdv + ws dq BM{bm} BN{bn} s{st}", {"dq": q | dict(backend="gluon")}, None

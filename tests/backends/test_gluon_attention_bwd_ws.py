@@ -101,3 +101,11 @@ def test_dkdv_ws_compiles_warp_specialized(_ptxas, D):
     assert sass.count("HGMMA") >= 2 * (2 * D // 16 + 2 * 4), sass.count("HGMMA")
     if D == 64:        # at 128 the two (64, 128) f32 accumulators leave a consumer a few scalars to spill
         assert res["spill_stores"] == res["spill_loads"] == 0, res["report"]
+
+
+def test_turns_become_named_barriers(_ptxas):
+    """TURNS: each consumer's products issued in turn with the other's (bar.sync / bar.arrive on named barriers)."""
+    plain = aot.sass(compiled(dq(64, False))[0])
+    k, res, sass = compiled(dq(64, False, TURNS=True))
+    assert sass.count("BAR.ARV") > plain.count("BAR.ARV") and sass.count("BAR.SYNC") > plain.count("BAR.SYNC")
+    assert res["spill_stores"] == 0 and not res["wgmma_serialized"], res["report"]

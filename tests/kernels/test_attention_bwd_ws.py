@@ -21,6 +21,7 @@ BWD = importlib.import_module("tilestack.kernels.attention_bwd")
 WS = {"dkdv": {"schedule": "ws"}, "dq": {"schedule": "ws"}}
 # half-blocks of 16 rows: several trips and several programs at these short lengths
 SMALL = {"dkdv": {"schedule": "ws", "BM": 16, "BN": 32}, "dq": {"schedule": "ws", "BM": 32, "BN": 16}}
+TURNS = {part: c | {"TURNS": True, "STAGES": 3} for part, c in SMALL.items()}   # products issued in turn
 SHAPES = {"mha-ragged": (1, 2, 2, 37, 53, 16, None), "gqa-nq<nk": (2, 4, 2, 29, 45, 32, None),
           "mqa-nq>nk": (1, 4, 1, 70, 21, 64, 0.3)}
 CASES = [("reference", torch.bfloat16, s) for s in SHAPES] + [("triton", torch.float16, "gqa-nq<nk")]
@@ -39,7 +40,7 @@ def _launched(monkeypatch) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("cfg", [WS, SMALL], ids=["defaults", "small-blocks"])
+@pytest.mark.parametrize("cfg", [WS, SMALL, TURNS], ids=["defaults", "small-blocks", "turns"])
 @pytest.mark.parametrize("backend,dtype,shape", CASES, ids=str)
 @pytest.mark.parametrize("causal,align", [(False, "top_left"), (True, "top_left"), (True, "bottom_right")], ids=str)
 def test_ws_backward_matches_float64_and_the_split_kernels(cfg, backend, dtype, shape, causal, align, rng,
@@ -118,6 +119,8 @@ def test_ws_gives_way_where_it_cannot_run(why, rng, poison_empty, monkeypatch):
     ({"dkdv": {"schedule": "pingpong"}}, "schedule"),
     ({"dq": {"schedule": "WS"}}, "'ws'"),
     ({"delta": {"schedule": "ws"}}, "only the parts"),
+    ({"dkdv": {"schedule": "ws", "STAGE": 3}}, "did you mean 'STAGES'"),
+    ({"dq": {"schedule": "ws", "turns": True}}, "TURNS"),
 ])
 def test_ws_bad_schedule_is_refused_by_name(cfg, match, rng):
     q, k, v, do, scale = inputs(rng, SHAPES["mha-ragged"], torch.bfloat16)

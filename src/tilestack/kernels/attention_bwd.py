@@ -680,6 +680,7 @@ def _ws_parts(cfg: dict, caller: dict, dtype, split_config, *, with_mask: bool, 
         if schedule != "ws" or not able:
             out[part] = None
         elif asked:                            # the caller asked: defaults under the caller's keys
+            _refuse_unknown_ws_keys(part, mine)
             out[part] = WS_DEFAULTS[part] | {k: v for k, v in mine.items() if k != "schedule"}
         else:
             out[part] = dict(c)
@@ -689,7 +690,24 @@ def _ws_parts(cfg: dict, caller: dict, dtype, split_config, *, with_mask: bool, 
     return out
 
 
-WS_ONLY = ("STAGES",)        # the ws kernels' tunables that the split kernels do not have
+def _refuse_unknown_ws_keys(part: str, caller: dict) -> None:
+    """The caller's config keys of a ws part that neither its kernel nor any backend takes (a misspelling:
+    STAGE=3), refused by name with the nearest: ``_ws_launcher`` keeps only the kernel's own keys."""
+    import difflib
+
+    from tilestack.backends import launch_option_names
+    from tilestack.kernels import attention_bwd_ws as ws
+
+    kernel = ws.attention_bwd_dkdv_ws_kernel if part == "dkdv" else ws.attention_bwd_dq_ws_kernel
+    unknown = sorted(set(caller) - set(kernel.tunables) - launch_option_names() - {"schedule", "backend"})
+    if unknown:
+        near = {u: difflib.get_close_matches(u, sorted(kernel.tunables), n=1) for u in unknown}
+        hint = "".join(f" ({u!r}: did you mean {m[0]!r}?)" for u, m in near.items() if m)
+        raise LaunchError(f"attention_backward: config[{part!r}] with schedule='ws' has key(s) {unknown}{hint} that "
+                          f"are not {kernel.name}'s; expected its tunables {sorted(kernel.tunables)}")
+
+
+WS_ONLY = ("STAGES", "TURNS")   # the ws kernels' tunables that the split kernels do not have
 
 
 def _ws_launcher(part: str, args: tuple, backends: tuple, consts: dict, cfg: dict, **extra):
@@ -704,9 +722,8 @@ def _ws_launcher(part: str, args: tuple, backends: tuple, consts: dict, cfg: dic
     if asked is None and "backend" in cfg:   # the table entry's own backend (the part's split config has its own)
         backend = cfg["backend"]
     halved = "BN" if part == "dkdv" else "BM"
-    keep = {key: cfg[key] for key in ("BM", "BN", "STAGES", "num_warps", "num_stages") if key in cfg}
+    keep = {key: cfg[key] for key in ("BM", "BN", "STAGES", "TURNS") if key in cfg}
     keep[halved] = max(keep.get(halved, ws.WS_DEFAULTS[part][halved]), 128 if backend == "gluon" else 32)
-    keep = {k: v for k, v in keep.items() if k not in ("num_warps", "num_stages")}   # roles set the warps
     try:
         return tuned_launcher(kernel, args, backend, asked, **consts, **keep, **extra)
     except (BackendError, LaunchError):

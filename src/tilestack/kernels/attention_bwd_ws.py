@@ -19,9 +19,11 @@ scheduled by hand the way FlashAttention-3 schedules its backward:
   V; two consumer warpgroups own BM / 2 query rows each (Q and dO in shared memory, dQ in registers):
       S = Q K^T,  dP = dO V^T,  dS = P (dP - delta),  dQ += dS K.
 
-Each consumer's register budget is set (``setmaxnreg``): 240 where the producer takes 24-32, so the two f32
-accumulators of a dK/dV consumer (BN / 2 x D each) stay in registers at head dim 128, where the Triton kernel
-spills (docs/performance.md, "Attention backward at head dim 128"). On the Gluon backend the roles become
+With ``TURNS`` the two consumers issue their products in turn (``ts.turn``, named barriers on Gluon), so that
+one's run on the matrix units while the other does its element-wise work. Each consumer's register budget is set
+(``setmaxnreg``): 240 where the producer takes 32, so the two f32 accumulators of a dK/dV consumer (BN / 2 x D
+each) stay in registers at head dim 128, where the Triton kernel spills them (docs/performance.md, "Attention
+backward at head dim 128"; a few of the consumer's scalars still spill at query blocks of 64). On the Gluon backend the roles become
 ``gl.warp_specialize`` partitions; the Triton backend drops the roles (a plain kernel), the reference runs the
 program in order. ``attention_backward`` launches them for a part whose config says ``"schedule": "ws"`` (the
 tuning tables can carry it) on the Gluon backend, when the launch has no mask, no dropout, 16-bit inputs and
@@ -30,6 +32,7 @@ TMA-able tensors; otherwise the split kernels run.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import tilestack.lang as ts
@@ -46,8 +49,14 @@ WS_DEFAULTS = {"dkdv": dict(BM=64, BN=128, STAGES=2), "dq": dict(BM=128, BN=64, 
 
 
 # ---- dK, dV ----------------------------------------------------------------------------------------------------------
+def _in_turn(turns: bool):
+    """The consumers' products issued in turn (``ts.turn``: one's run on the matrix units while the other does its
+    element-wise work, as FlashAttention-3's forward ping-pong), or as they come."""
+    return ts.turn(*ROLES) if turns else contextlib.nullcontext()
+
+
 def _dkdv_trip(t, i, h, *, masked: bool, diagonal: bool, b, j, k, v, dk, dv, q_ring, do_ring, q_s, do_s, Q, dO,
-               LSE, Delta, qk_scale, shift, empty_rows: bool, HALF: int, BM: int, STAGES: int):
+               LSE, Delta, qk_scale, shift, empty_rows: bool, HALF: int, BM: int, STAGES: int, TURNS: bool):
     """Query block i of query head h, the program's t-th trip: the producer's loads, then each consumer's share of
     the block pair (its HALF keys against the BM queries). ``masked``: queries past Nq (columns here), and the
     causal diagonal if ``diagonal``."""
@@ -66,10 +75,11 @@ def _dkdv_trip(t, i, h, *, masked: bool, diagonal: bool, b, j, k, v, dk, dv, q_r
             ts.wait_load(do_s, do_ring, st)
             s = ts.RegTile[ts.f32, HALF, BM]()                 # S^T = K_g Q^T
             ts.zero(s)
-            ts.mma_ABt_async(s, k[g], q_s, s)
             dp = ts.RegTile[ts.f32, HALF, BM]()                # dP^T = V_g dO^T
             ts.zero(dp)
-            ts.mma_ABt_async(dp, v[g], do_s, dp)
+            with _in_turn(TURNS):
+                ts.mma_ABt_async(s, k[g], q_s, s)
+                ts.mma_ABt_async(dp, v[g], do_s, dp)
             ts.mma_wait(s)                                     # (and dp: a wait retires every product before it)
             ts.mma_wait(dp)
             ts.mul(s, s, qk_scale)
@@ -85,8 +95,9 @@ def _dkdv_trip(t, i, h, *, masked: bool, diagonal: bool, b, j, k, v, dk, dv, q_r
             ts.copy(p, s)
             ds = ts.RegTile[Q.dtype, HALF, BM]()
             ts.copy(ds, dp)
-            ts.mma_AB_async(dv[g], p, do_s, dv[g])             # (HALF, DV) += P^T dO
-            ts.mma_AB_async(dk[g], ds, q_s, dk[g])             # (HALF, D) += dS^T Q
+            with _in_turn(TURNS):
+                ts.mma_AB_async(dv[g], p, do_s, dv[g])         # (HALF, DV) += P^T dO
+                ts.mma_AB_async(dk[g], ds, q_s, dk[g])         # (HALF, D) += dS^T Q
             ts.mma_wait(dv[g])                                 # nothing in flight past the trip
             ts.mma_wait(dk[g])
 
@@ -101,6 +112,7 @@ def attention_bwd_dkdv_ws_kernel(Q, K, V, dO, LSE, Delta, dK, dV, scale: float, 
                                  BM: int = ts.tunable(64, (16, 32, 64, 128)),
                                  BN: int = ts.tunable(128, (32, 64, 128, 256)),
                                  STAGES: int = ts.tunable(2, (2, 3)),
+                                 TURNS: bool = ts.tunable(False, (False, True)),
                                  PER_Q_HEAD: bool = False):
     """dK (like K) and dV (like V), as ``attention_bwd_dkdv_kernel``'s (``PER_Q_HEAD``: each query head's share,
     (B, H, Nk, *), summed over its group by the caller); BN / 2 keys a consumer (at least wgmma's 64 rows)."""
@@ -135,7 +147,7 @@ def attention_bwd_dkdv_ws_kernel(Q, K, V, dO, LSE, Delta, dK, dV, scale: float, 
     per_head = n_q_blocks - first                              # trips a head takes (the rings' stage: trip % STAGES)
     tiles = dict(b=b, j=j, k=k, v=v, dk=dk, dv=dv, q_ring=q_ring, do_ring=do_ring, q_s=q_s, do_s=do_s, Q=Q, dO=dO,
                  LSE=LSE, Delta=Delta, qk_scale=scale * LOG2E, shift=shift, empty_rows=shift is not None,
-                 HALF=HALF, BM=BM, STAGES=STAGES)
+                 HALF=HALF, BM=BM, STAGES=STAGES, TURNS=TURNS)
     for g_h in ts.range(heads):
         h = first_h + g_h
         t0 = g_h * per_head - first
@@ -159,7 +171,7 @@ def attention_bwd_dkdv_ws_kernel(Q, K, V, dO, LSE, Delta, dK, dV, scale: float, 
 
 # ---- dQ --------------------------------------------------------------------------------------------------------------
 def _dq_trip(j, *, masked: bool, causal: bool, b, hk, i, q, do, lse, delta, dq, k_ring, v_ring, k_s, v_s, K, V,
-             qk_scale, shift, HALF: int, BN: int, STAGES: int):
+             qk_scale, shift, HALF: int, BN: int, STAGES: int, TURNS: bool):
     """Key block j: the producer's loads, then each consumer's dS of its HALF query rows and dQ += dS K."""
     st = j % STAGES
     with ts.partition("producer", **PRODUCER):
@@ -171,10 +183,11 @@ def _dq_trip(j, *, masked: bool, causal: bool, b, hk, i, q, do, lse, delta, dq, 
             ts.wait_load(v_s, v_ring, st)
             s = ts.RegTile[ts.f32, HALF, BN]()                 # S = Q_g K^T
             ts.zero(s)
-            ts.mma_ABt_async(s, q[g], k_s, s)
             dp = ts.RegTile[ts.f32, HALF, BN]()                # dP = dO_g V^T
             ts.zero(dp)
-            ts.mma_ABt_async(dp, do[g], v_s, dp)
+            with _in_turn(TURNS):
+                ts.mma_ABt_async(s, q[g], k_s, s)
+                ts.mma_ABt_async(dp, do[g], v_s, dp)
             ts.mma_wait(s)
             ts.mma_wait(dp)
             ts.mul(s, s, qk_scale)
@@ -188,7 +201,8 @@ def _dq_trip(j, *, masked: bool, causal: bool, b, hk, i, q, do, lse, delta, dq, 
             ts.mul(dp, dp, s)                                  # dS
             ds = ts.RegTile[K.dtype, HALF, BN]()
             ts.copy(ds, dp)
-            ts.mma_AB_async(dq[g], ds, k_s, dq[g])             # (HALF, D) += dS K
+            with _in_turn(TURNS):
+                ts.mma_AB_async(dq[g], ds, k_s, dq[g])         # (HALF, D) += dS K
             ts.mma_wait(dq[g])
 
 
@@ -201,7 +215,8 @@ def attention_bwd_dq_ws_kernel(Q, K, V, dO, LSE, Delta, dQ, scale: float, *, D: 
                                causal: bool = False, causal_align: str = "top_left",
                                BM: int = ts.tunable(128, (32, 64, 128, 256)),
                                BN: int = ts.tunable(64, (16, 32, 64, 128)),
-                               STAGES: int = ts.tunable(2, (2, 3))):
+                               STAGES: int = ts.tunable(2, (2, 3)),
+                               TURNS: bool = ts.tunable(False, (False, True))):
     """dQ (like Q), as ``attention_bwd_dq_kernel``'s; BM / 2 query rows a consumer (at least wgmma's 64)."""
     DV = D if DV is None else DV
     i, bh = ts.block_id(0), ts.block_id(1)
@@ -231,7 +246,7 @@ def attention_bwd_dq_ws_kernel(Q, K, V, dO, LSE, Delta, dQ, scale: float, *, D: 
     n_full, n_blocks = query_block_keys(i, K.shape[2], BM, BN, causal, shift)
     tiles = dict(b=b, hk=hk, i=i, q=q, do=do, lse=lse, delta=delta, dq=dq, k_ring=k_ring, v_ring=v_ring, k_s=k_s,
                  v_s=v_s, K=K, V=V, qk_scale=scale * LOG2E, causal=causal, shift=shift, HALF=HALF, BN=BN,
-                 STAGES=STAGES)
+                 STAGES=STAGES, TURNS=TURNS)
     for j in ts.range(0, n_full):
         _dq_trip(j, masked=False, **tiles)
     for j in ts.range(n_full, n_blocks):                       # the ragged end of the keys and the causal diagonal
