@@ -25,9 +25,9 @@ one's run on the matrix units while the other does its element-wise work. Each c
 each) stay in registers at head dim 128, where the Triton kernel spills them (docs/performance.md, "Attention
 backward at head dim 128"; a few of the consumer's scalars still spill at query blocks of 64). On the Gluon
 backend the roles become ``gl.warp_specialize`` partitions; the Triton backend drops the roles (a plain kernel),
-the reference runs the program in order. ``attention_backward`` launches them for a part whose config says ``"schedule": "ws"`` (the
-tuning tables can carry it) on the Gluon backend, when the launch has no mask, no dropout, 16-bit inputs and
-TMA-able tensors; otherwise the split kernels run.
+the reference runs the program in order. ``attention_backward`` launches them for a part whose config says
+``"schedule": "ws"`` (the tuning tables can carry it) on the Gluon backend, when the launch has no mask, no
+dropout, 16-bit inputs and TMA-able tensors; otherwise the split kernels run.
 """
 
 from __future__ import annotations
