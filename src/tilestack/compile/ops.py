@@ -272,7 +272,11 @@ def ts_softmax(x):
 
 
 def ts_linear_cross_entropy(x, weight, labels, ignore_index: int):
-    """Mean cross-entropy of x @ weight^T against labels: x (T, d), weight (V, d), labels (T,)."""
+    """Mean cross-entropy of x @ weight^T against labels: x (T, d) (or (..., d), its leading dims taken as the
+    T rows: the logits flattened to rows in the loss, ``patterns.cross_entropy._rows_view``), weight (V, d),
+    labels (T,)."""
+    if x.dim() > 2:
+        x = x.reshape(-1, x.shape[-1])
     return fused_linear_cross_entropy_op(x, weight, labels, ignore_index)[0]
 
 

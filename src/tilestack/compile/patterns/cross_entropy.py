@@ -10,6 +10,25 @@ from tilestack.compile import ops
 from tilestack.compile.patterns.match import Match, Node, _arg, kind, runs_here, value
 from tilestack.errors import LaunchError
 
+
+def _f32_cast(node) -> bool:
+    return isinstance(node, Node) and node.op == "call_method" and (
+        node.target == "float" or (node.target == "to" and torch.float32 in node.args[1:]))
+
+
+def _rows_view(node) -> bool:
+    """node merges the leading dims of a tensor (..., V) into rows (T, V): ``logits.view(-1, V)`` /
+    ``reshape`` / ``flatten(0, 1)`` (Hugging Face computes (B, N, V) logits in the model and flattens them in the
+    loss). Any 2-D view keeping the last dim is that: row-major order keeps each V-row whole."""
+    if not (isinstance(node, Node) and node.args and isinstance(node.args[0], Node) and (
+            (node.op == "call_method" and node.target in ("view", "reshape", "flatten")) or
+            (node.op == "call_function" and node.target in (torch.reshape, torch.flatten)))):
+        return False
+    src, out = value(node.args[0]), value(node)
+    return isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.dim() > 2 and out.dim() == 2 \
+        and out.shape[-1] == src.shape[-1]
+
+
 _CE_ARGS = (("input", None), ("target", None), ("weight", None), ("size_average", None), ("ignore_index", -100),
             ("reduce", None), ("reduction", "mean"), ("label_smoothing", 0.0))
 
@@ -25,20 +44,33 @@ def linear_cross_entropy(gm: fx.GraphModule):
         if kind(node) != "cross_entropy":
             continue
         a = {name: _arg(node, i, name, d) for i, (name, d) in enumerate(_CE_ARGS)}
-        if a["weight"] is not None or a["size_average"] is not None or a["reduce"] is not None or \
-                a["reduction"] != "mean" or a["label_smoothing"] != 0.0 or isinstance(a["ignore_index"], Node):
-            declined.append((node, "cross_entropy with class weights, smoothing or a reduction other than mean"))
+        given = [f"{k}={a[k]!r}" for k in ("weight", "size_average", "reduce") if a[k] is not None]
+        given += [f"{k}={a[k]!r}" for k, unset in (("reduction", "mean"), ("label_smoothing", 0.0))
+                  if isinstance(a[k], Node) or a[k] != unset]
+        if isinstance(a["ignore_index"], Node):
+            given.append("ignore_index computed in the graph")
+        if given:   # the argument named (it said only "class weights, smoothing or a reduction", whichever it was)
+            declined.append((node, f"cross_entropy with {', '.join(given)}: the fused kernel takes no class weights, "
+                                   "smoothing or a reduction other than mean"))
             continue
-        logits, chain = a["input"], [node]
-        if isinstance(logits, Node) and logits.op == "call_method" and (
-                logits.target == "float" or (logits.target == "to" and torch.float32 in logits.args[1:])):
+        logits, chain, rows = a["input"], [node], False
+        # (B, N, V) logits flattened to rows in the loss (Hugging Face: logits.view(-1, V), maybe .float() first
+        # or after): the fused op flattens x to (B * N, d) itself (ops.ts_linear_cross_entropy)
+        while _f32_cast(logits) or (not rows and _rows_view(logits)):
+            rows = rows or not _f32_cast(logits)
             chain.append(logits)
             logits = logits.args[0]
         if kind(logits) != "linear" or _arg(logits, 2, "bias") is not None or len(logits.users) != 1:
+            # said, not left to "no tilestack kernel for it" (a kernel it has, for another form of the logits)
+            declined.append((node, "the logits are not F.linear(x, w) without a bias read by the loss alone (a "
+                                   "bias, a slice, or another reader of the logits between: the fused kernel "
+                                   "computes the logits of x itself and never keeps them)"))
             continue
         chain.append(logits)
         x, w = _arg(logits, 0, "input"), _arg(logits, 1, "weight")
         xv, wv, tv, out = value(x), value(w), value(a["target"]), value(node)
+        if rows and isinstance(xv, torch.Tensor):
+            xv = xv.reshape(-1, xv.shape[-1])           # as ops.ts_linear_cross_entropy reads it
         if not all(isinstance(t, torch.Tensor) for t in (xv, wv, tv, out)) or out.dtype != torch.float32:
             continue
         why = None if out.requires_grad else \
