@@ -2,7 +2,7 @@
 # One call on the H200 that produces the evidence for the open issues, each part bounded in time, every result
 # under $OUT (few files come back: logs are concatenated, folders tarred). Run from the repository root:
 #   PARTS="bench host" bash scripts/gpu/h200_evidence.sh        (PYTHONPATH=src is set here)
-# Parts: replay (fuzz problems listed in REPLAY), bench, host, gpt2, llama, compile-steps, fa3, gluon, dropout,
+# Parts: ws-probe (WS_SHAPES, WS_S), tune-bwd / tune-fwd (TUNE_SEQS, TUNE_S), prefill-ab (AB_VARIANTS), replay (fuzz problems listed in REPLAY), bench, host, gpt2, llama, compile-steps, fa3, gluon, dropout,
 #        inference, fuzz (FUZZ_S seconds from FUZZ_START), tune-truth (TUNE_S seconds), launch-options,
 #        tune-backends, act-mem (issue 12), mfu-1p3b (issue 12), scaling-1gpu, plan (issue 13), norm-bwd, lm-head,
 #        fp8-gemm, fp8-sweep, fp8-probe, fp8-model, quant-tests (issue 14), ln-probe (issue 8),
@@ -50,6 +50,16 @@ for p in $PARTS; do
                  --gemm-sweep --json "$F/fp8_sweep.json" ;;
     ln-probe) part 120 ln-probe python3 scripts/gpu/probe_layer_norm.py ;;
     bwd-probe) part 420 bwd-probe python3 scripts/gpu/probe_attention_bwd.py --json "$F/attention_bwd_probe.json" ;;
+    ws-probe) part "${WS_S:-420}" ws-probe python3 scripts/gpu/probe_attention_bwd.py --family ws \
+                --shapes "${WS_SHAPES:-fa3-hd128-4k-causal,llama-8k,gpt2-2k}" --json "$F/attention_bwd_ws.json" ;;
+    tune-bwd) part "${TUNE_S:-300}" tune-bwd python3 scripts/gpu/tune_backends.py --kernels attention_bwd_dkdv,attention_bwd_dq \
+                --seqs "${TUNE_SEQS:-2048,8192}" --budget-s "$(( ${TUNE_S:-300} - 15 ))" --out "$F/bwd_tables" \
+                --json "$F/tune_bwd.json" ;;
+    tune-fwd) part "${TUNE_S:-300}" tune-fwd python3 scripts/gpu/tune_backends.py --kernels attention_fwd \
+                --seqs "${TUNE_SEQS:-2048,8192}" --budget-s "$(( ${TUNE_S:-300} - 15 ))" --out "$F/fwd_tables" \
+                --json "$F/tune_fwd.json" ;;
+    prefill-ab) part 330 prefill-ab python3 scripts/gpu/ab_prefill.py --rounds 5 \
+                  --variants "${AB_VARIANTS:-inductor,tilestack,tilestack-exact}" ;;
     bf16-probe) part 260 bf16-probe python3 scripts/gpu/probe_bf16_epilogue_gemm.py --json "$F/bf16_probe.json" ;;
     numerics) part 220 numerics python3 scripts/bench_inference.py --cases gpt2-prefill --time-limit 210 \
                 --variants eager,inductor,tilestack,tilestack-fused-numerics --json "$F/numerics.json" ;;
@@ -81,4 +91,4 @@ for p in $PARTS; do
   esac
 done
 tar czf "$OUT/files.tgz" -C "$OUT" files && rm -rf "$F"
-grep -E "us/call|vs SDPA|^attention\(|^gemm|^softmax|^layer|^rms|cuda_graph|bar|MISS|PASS| eager | compile |fwd D=|bwd D=|problems|mismatch|ratio|x cuBLAS|TFLOP|===" "$log" | cut -c1-220 | tail -150
+grep -E "x cuDNN|BEST|WRONG| -> |us/call|vs SDPA|^attention\(|^gemm|^softmax|^layer|^rms|cuda_graph|bar|MISS|PASS| eager | compile |fwd D=|bwd D=|problems|mismatch|ratio|x cuBLAS|TFLOP|===" "$log" | cut -c1-220 | tail -150
