@@ -34,7 +34,8 @@ _CE_ARGS = (("input", None), ("target", None), ("weight", None), ("size_average"
 
 
 def linear_cross_entropy(gm: fx.GraphModule):
-    """``F.cross_entropy(F.linear(x, w)[.float()], labels)`` (mean, no class weights or smoothing) in a training
+    """``F.cross_entropy(F.linear(x, w)[.float()], labels)`` (mean, no class weights or smoothing; the logits may be
+    flattened to rows in the loss, ``logits.view(-1, V)``) in a training
     graph -> the fused linear + cross-entropy, which never makes the (T, V) logits whole. Not in inference
     graphs: the fused op makes the gradients in its forward, which only a backward pays back."""
     from tilestack.kernels.cross_entropy import check_ce_args

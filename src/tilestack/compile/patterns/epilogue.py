@@ -105,10 +105,11 @@ def _static_view(node: Node, x: Node) -> tuple[int, ...] | None:
 def linear_epilogue(gm: fx.GraphModule):
     """``act(F.linear(x, w, b)) [+ r]`` (also ``x @ W + b``, aten's ``addmm`` / ``mm`` and ``tilestack.quantize``'s
     ``tilestack::quant_linear``, its view back to the input's leading dims included; act relu, gelu in either
-    form or silu; through no-op dropouts) -> ``tilestack::linear_epilogue`` / ``quant_linear_epilogue``: one
-    GEMM with the bias, the activation and the residual add applied to its f32 accumulator. Only where it pays:
-    an activation or a residual add to fuse (a lone Linear is cuBLAS's addmm with the bias fused already) in a
-    graph without gradients (the fused op has no backward; Inductor fuses training graphs' epilogues itself)."""
+    form or silu (also written ``u * torch.sigmoid(u)``); through no-op dropouts) -> ``tilestack::linear_epilogue``
+    / ``quant_linear_epilogue``: one GEMM with the bias, the activation and the residual add applied to its f32
+    accumulator. Only where it pays: an activation or a residual add to fuse (a lone Linear is cuBLAS's addmm with
+    the bias fused already) in a graph without gradients (the fused op has no backward; Inductor fuses training
+    graphs' epilogues itself)."""
     matches, declined = [], []
     autocast = autocast_dtypes(gm)
     for node in gm.graph.nodes:
