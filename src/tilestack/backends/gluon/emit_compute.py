@@ -339,8 +339,10 @@ def _e_mma(e: Emitter, ins: Instr) -> None:
         e.assign(ins.result, f"hopper.warpgroup_mma({an}, {bn}, {acc}, is_async=True)")
         e.assign(ins.result, f"hopper.warpgroup_mma_wait(1, deps=[{e.name(ins.result)}])")
         e.deferred.append(ins.result)
+        e.unretired = True
     else:
         e.assign(ins.result, f"hopper.warpgroup_mma({an}, {bn}, {acc})")
+        e.unretired = False        # a synchronous wgmma waits for every one before it
     e.set_lay(ins.result, key)
 
 
@@ -355,6 +357,7 @@ def _e_mma_async(e: Emitter, ins: Instr) -> None:
         e.emit(f"{e.name(ins.result)} = hopper.warpgroup_mma_wait(1, deps=[{e.name(ins.result)}])")
         e.free_inflight()          # all but this one have retired
     e.inflight += stages
+    e.unretired = True
     e.set_lay(ins.result, key)
 
 
@@ -364,5 +367,6 @@ def _e_mma_wait(e: Emitter, ins: Instr) -> None:
     e.assign(ins.result, f"hopper.warpgroup_mma_wait(0, deps=[{e.name(x)}])")
     e.set_lay(ins.result, e.lay[x])
     e.free_inflight()              # wait(0): every wgmma issued before has retired
+    e.unretired = False
 
 

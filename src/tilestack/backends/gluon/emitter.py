@@ -162,6 +162,10 @@ class Emitter:
         self.stage_of: dict[Value, tuple[Ring, str]] = {}
         self.held: list[list[tuple[Ring, str]]] = [[]]
         self.inflight: list[tuple[Ring, str, str | None]] = []
+        # stages held by an enclosing block that a wgmma of a nested loop reads (entry -> that wgmma's line), and
+        # whether an async wgmma may be in flight here (issued, and no wait(0) or synchronous wgmma since)
+        self.nested_reads: dict[tuple[str, str], str] = {}   # (ring, stage) -> line
+        self.unretired = False
         self.blocks: list[Block] = []                # the blocks being emitted, innermost last
         self.pipelining: Instr | None = None        # the pipelined loop whose body is being emitted
 
@@ -272,8 +276,13 @@ class Emitter:
 
     def close_block(self) -> None:
         """Free the stages waited on in the block just emitted that no wgmma in flight reads."""
-        for ring, stage in self.held.pop():
-            self.emit(f"mbarrier.arrive({ring.name}_empty.index({stage}))")
+        for entry in self.held.pop():
+            where = self.nested_reads.pop((entry[0].name, entry[1]), None)
+            if where is not None and self.unretired:    # that nested reader may still be reading it
+                raise BackendError(f"{where}: the gluon backend frees a stage of {entry[0].name} when the block that "
+                                   "waited on it ends; this wgmma of a nested loop reads it and may still be in "
+                                   "flight there (mma_wait its result within that block)")
+            self.emit(f"mbarrier.arrive({entry[0].name}_empty.index({entry[1]}))")
 
     def free_inflight(self) -> None:
         """Every wgmma issued before has retired: free the stages they read."""
@@ -286,18 +295,23 @@ class Emitter:
         """The waited stages an mma's operands are (taken out of the blocks' held lists), where this mma is the
         last reader of the stage in its block: a stage a later op of the trip reads again (dK += dS^T Q after
         S^T = K Q^T read the same Q stage) stays held, else the wait that retires this mma would free it to the
-        producer while the later one still reads it."""
+        producer while the later one still reads it. A stage an enclosing block waited on (a tile waited once per
+        head, read in every trip of the loop over key blocks inside) stays held there and is freed when that block
+        ends: freed at this mma's wait, it was released once per inner trip (an arrival too many on its empty
+        barrier each trip after the first) while the later trips still read it."""
         out = []
         block = self.blocks[-1] if self.blocks else None
         for v in ins.srcs[1:]:
-            if block is not None and read_later(block, ins, v):
+            entry = self.stage_of.get(v)
+            if entry is None:
                 continue
-            if v in self.stage_of:
-                entry = self.stage_of[v]
-                for held in self.held:
-                    if entry in held:
-                        held.remove(entry)
-                        out.append(entry)
+            if entry in self.held[-1]:
+                if block is not None and read_later(block, ins, v):
+                    continue
+                self.held[-1].remove(entry)
+                out.append(entry)
+            elif any(entry in held for held in self.held[:-1]):
+                self.nested_reads.setdefault((entry[0].name, entry[1]), ins.where)
         return out
 
     def predict_inflight(self, block: Block) -> list[Ring]:
@@ -340,7 +354,9 @@ class Emitter:
             inits += [f"{pad}{var} = 0", f"{pad}{flag} = 0   # no stage in flight before the first trip"]
         self.lines[head:head] = inits
         self.inflight = list(slots)
+        before = self.unretired
         body()
+        self.unretired |= before       # after no trip, what was in flight before the loop still is
         left = list(self.inflight)
         for ring, var, flag in slots:       # each slot takes the trip's entry of its ring, or goes dead
             entry = next((x for x in left if x[0] is ring), None)
