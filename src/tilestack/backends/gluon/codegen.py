@@ -41,6 +41,7 @@ from tilestack.backends.gluon.emitter import (
 )
 from tilestack.backends.gluon.passes import pipeline
 from tilestack.backends.python_dsl import floor_helpers
+from tilestack.errors import BackendError
 from tilestack.ir.nodes import Instr, KernelIR, Value
 from tilestack.ir.ops import Op
 from tilestack.ir.scalars import f64_float_args
@@ -175,9 +176,46 @@ def _function(name: str, params: list[str], e: Emitter, extra: list[str] = ()) -
     return head + decls + (e.lines or ["    pass"])   # a kernel with no effect is an empty function
 
 
+def _stage_key(v: Value, made: dict[Value, Instr]):
+    """``v`` up to how it is computed: the same scalar expression of the same values (``k % STAGES`` written twice)
+    gives the same key."""
+    ins = made.get(v)
+    if ins is not None and ins.op is Op.CONST:
+        return ("const", ins.attrs.value)
+    if ins is not None and ins.op is Op.SCALAR:
+        return (ins.attrs.fn, *(_stage_key(s, made) for s in ins.srcs))
+    return v.id
+
+
+def _check_waits(kernel: KernelIR) -> None:
+    """Refuse a wait_load on a stage its role already waited on in the same trip (no async load of that ring in
+    between, in a kernel without roles). Each wait takes the stage's next phase (the bitmask flips), and with warp
+    roles the stage is freed once per wait: a second wait on one fill hangs on a phase that never completes while
+    the producer waits for the stage to be freed (the reference reads the same tile twice)."""
+    made = {r: i for i in kernel.walk() for r in i.results}
+    hints = buffer_hints(kernel)
+    blocks = [kernel.body] + [i.body for i in kernel.walk() if i.body is not None]
+    for block in blocks:
+        waited: dict[tuple, Instr] = {}
+        for ins in block.instrs:
+            if ins.op is Op.ASYNC_LOAD and not kernel.roles:
+                waited = {k: w for k, w in waited.items() if k[1] != ins.srcs[0].buffer}
+            if ins.op is not Op.WAIT_LOAD:
+                continue
+            key = (ins.role, ins.srcs[0].buffer, _stage_key(ins.srcs[1], made))
+            first = waited.setdefault(key, ins)
+            if first is not ins:
+                raise BackendError(
+                    f"{ins.where}: the gluon backend waits on each loaded stage once; this wait_load waits again on "
+                    f"the stage of `{hints.get(ins.srcs[0].buffer, 'ring')}` that the wait_load at {first.where} "
+                    "took in the same trip, and would hang on a phase no load completes (read the tile that wait "
+                    "gave again)")
+
+
 def emit(low: KernelIR, warps: int) -> Lowered:
     """Gluon source for IR the Gluon pipeline has lowered (``lower``): one function, or with warp roles one per
     role and a kernel that forks them."""
+    _check_waits(low)
     rings = _rings(low)
     fn = f"{low.name}_kernel"
     consts = ", ".join(f"{k}={v!r}" for k, v in low.constants.items())
