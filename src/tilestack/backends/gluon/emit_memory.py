@@ -154,7 +154,7 @@ def _e_async_load(e: Emitter, ins: Instr) -> None:
     buf, stage, g, *coords = ins.srcs
     ring = e.ring(buf)
     e.names[ins.result] = ring.name
-    s = e.name(stage)
+    s = e.stage(stage)
     desc = e.descriptor(g, ring.type.shape)
     if ring.consumers:      # wait until every consumer role has freed the stage (passes at once the first time)
         e.emit(f"mbarrier.wait({ring.name}_empty.index({s}), (({ring.name}_eph >> {s}) & 1) ^ 1)")
@@ -168,7 +168,7 @@ def _e_async_load(e: Emitter, ins: Instr) -> None:
 def _e_wait_load(e: Emitter, ins: Instr) -> None:
     buf, stage = ins.srcs
     ring = e.ring(buf)
-    s = e.name(stage)
+    s = e.stage(stage)
     e.emit(f"mbarrier.wait({ring.name}_ready.index({s}), ({ring.name}_rph >> {s}) & 1)")
     e.emit(f"{ring.name}_rph = {ring.name}_rph ^ (1 << {s})")
     e.assign(ins.result, ring_view(f"{ring.name}.index({s})", ring.block, ring.type.shape))

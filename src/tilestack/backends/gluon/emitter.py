@@ -373,6 +373,17 @@ class Emitter:
         self.inflight = list(slots)
 
     # ---- memory ------------------------------------------------------------------------------------------------
+    def stage(self, v: Value) -> str:
+        """A ring's stage index as Gluon takes it: an i32. A stage computed from an index read from memory (a loop
+        from ``load_scalar`` bounds of an int64 tensor, ``(k - k0) % STAGES``) is an i64, which ``.index()`` refuses
+        (Triton's "expected 'index' to be int32") and which would widen the phase bitmasks; it is cast once (a stage
+        is below STAGES)."""
+        if v not in self.from_memory:
+            return self.name(v)
+        s = self.fresh(f"{self.name(v)}_i32")
+        self.emit(f"{s} = gl.cast({self.name(v)}, gl.int32)")
+        return s
+
     def descriptor(self, g: Value, shape: tuple[int, ...]) -> str:
         return self.descriptors[(self.global_index[g], box_of(g, shape))]
 
