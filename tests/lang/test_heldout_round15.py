@@ -6,6 +6,7 @@ outputs; test_heldout_round15_gluon.py checks the synchronization of their Gluon
 - gemm_split_n: a producer and two consumer warpgroups owning half the output columns each (A's stage read by both)
 - gemm_split_m: the same with the rows split (B's stage read by both, an A ring per consumer)
 - gemm_splitk: split-K, each program's partial product added into C with atomics
+- gemm_splitk_table: split-K by a table of K-tile bounds read with load_scalar (int32 or int64)
 - gemm_persistent: programs loop over output tiles (ts.range(block_id, tiles, num_blocks)); the ring's stage
   counts the program's trips over every tile it takes
 - gemm_three_loops: K in three consecutive loops, one ring of 4 stages threaded through, the product in flight
@@ -104,6 +105,34 @@ def gemm_splitk(A, B, C, *, BM: int = 128, BN: int = 128, BK: int = 64, STAGES: 
     nk = ts.cdiv(A.shape[1], BK)
     per = ts.cdiv(nk, SPLITS)
     k0, k1 = z * per, ts.smin((z + 1) * per, nk)
+    a_ring = ts.SharedStages[A.dtype, STAGES, BM, BK]()
+    b_ring = ts.SharedStages[B.dtype, STAGES, BK, BN]()
+    a = ts.SharedTile[A.dtype, BM, BK]()
+    b = ts.SharedTile[B.dtype, BK, BN]()
+    with ts.partition("consumer", **CONSUMER):
+        acc = ts.RegTile[ts.f32, BM, BN]()
+        ts.zero(acc)
+    for k in ts.range(k0, k1):
+        s = (k - k0) % STAGES
+        with ts.partition("producer", **PRODUCER):
+            ts.async_load(a_ring, s, A, at=(i, k))
+            ts.async_load(b_ring, s, B, at=(k, j))
+        with ts.partition("consumer", **CONSUMER):
+            ts.wait_load(a, a_ring, s)
+            ts.wait_load(b, b_ring, s)
+            ts.mma_AB_async(acc, a, b, acc)
+    with ts.partition("consumer", **CONSUMER):
+        ts.mma_wait(acc)
+        ts.atomic_add(C, acc, at=(i, j))
+
+
+@ts.kernel(grid=lambda A, B, BOUNDS, BM, BN: (ts.cdiv(A.shape[0], BM), ts.cdiv(B.shape[1], BN),
+                                              BOUNDS.shape[0] - 1))
+def gemm_splitk_table(A, B, BOUNDS, C, *, BM: int = 128, BN: int = 128, BK: int = 64, STAGES: int = 3):
+    """C += A @ B (C f32, zeroed by the caller), split K by a table: program z takes the K tiles [BOUNDS[z],
+    BOUNDS[z + 1]) read with load_scalar (an int32 or int64 tensor), its ring's stage (k - k0) % STAGES."""
+    i, j, z = ts.block_id(0), ts.block_id(1), ts.block_id(2)
+    k0, k1 = ts.load_scalar(BOUNDS, z), ts.load_scalar(BOUNDS, z + 1)
     a_ring = ts.SharedStages[A.dtype, STAGES, BM, BK]()
     b_ring = ts.SharedStages[B.dtype, STAGES, BK, BN]()
     a = ts.SharedTile[A.dtype, BM, BK]()
@@ -298,6 +327,16 @@ def test_gemm_splitk_adds_every_split_once(backend, m, k, n, splits):
     a, b = _ab(splits + m, m, k, n)
     c = torch.zeros(m, n)
     launch(gemm_splitk, backend, a, b, c, SPLITS=splits, **SMALL)
+    _close(c, a.double() @ b.double())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_gemm_splitk_by_a_table_read_with_load_scalar(backend, dtype):
+    a, b = _ab(5, 37, 100, 45)                      # 7 K tiles of 16
+    bounds = torch.tensor([0, 1, 1, 4, 7], dtype=dtype)   # an empty split, and splits of 1 and 3 tiles
+    c = torch.zeros(37, 45)
+    launch(gemm_splitk_table, backend, a, b, bounds, c, **SMALL)
     _close(c, a.double() @ b.double())
 
 

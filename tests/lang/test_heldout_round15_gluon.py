@@ -4,7 +4,8 @@ stage freed once, in the block that waited on it, after the last wgmma that read
 expect and copy after the stage is free; a phase flip per wait), and the sm_90a compile (HGMMA, setmaxnreg for the
 roles, no serialized wgmma, the spills reported). Two lowerings this round found wrong are pinned here: a stage waited
 in an outer loop and read by the wgmmas of an inner loop was freed inside the inner loop, once per inner trip; a
-second wait on a stage already waited in the trip hung."""
+second wait on a stage already waited in the trip hung; a stage computed from an int64 index read from memory
+(load_scalar) failed in Gluon's compiler ("expected 'index' to be int32")."""
 
 import re
 
@@ -17,6 +18,7 @@ from test_heldout_round15 import (
     gemm_split_m,
     gemm_split_n,
     gemm_splitk,
+    gemm_splitk_table,
     gemm_three_loops,
 )
 from test_heldout_round15_more import (
@@ -41,6 +43,8 @@ CASES = {   # name -> (kernel, trace args, constants, roles)
     "split_n": (gemm_split_n, (BF2, BF2, BF2), {}, ROLES2),
     "split_m": (gemm_split_m, (BF2, BF2, BF2), {}, ROLES2),
     "splitk": (gemm_splitk, (BF2, BF2, F2), {}, ROLES1),
+    "splitk_table_i32": (gemm_splitk_table, (BF2, BF2, ts.ArgSpec(ts.i32, 1), F2), {}, ROLES1),
+    "splitk_table_i64": (gemm_splitk_table, (BF2, BF2, ts.ArgSpec(ts.i64, 1), F2), {}, ROLES1),
     "persistent": (gemm_persistent, (BF2, BF2, BF2), {}, ROLES1),
     "three_loops": (gemm_three_loops, (BF2, BF2, BF2), {}, ROLES1),
     "heads": (gemm_heads, (BF3, BF3, BF3), {}, ROLES1),
