@@ -65,9 +65,10 @@ selective_flops forward FLOPs recomputed under selective recompute (attention sc
                     adapters, an int64 table: gradients and AdamW's moments are of the trained ones' own dtype);
                     0: frozen x the layer's bytes per element
     frozen_tensors  of ``tensors``, those frozen (AdamW steps, and pays its per-tensor cost for, the others only)
-    in_bytes        bytes of the per-sample tensors (batch first) the layer receives: what a pipeline stage that
-                    begins with it receives (a decoder block's input and the encoder's output it attends to);
-                    0: the previous layer's ``out_bytes``
+    in_bytes        bytes of the per-sample tensors (batch first) a pipeline stage that begins with the layer
+                    receives: the layer's own arguments (a decoder block's input and the encoder's output it
+                    attends to) and those made before it that a later layer receives (a U-Net's skips, the other
+                    tower's output, a model input a later layer reads); 0: the previous layer's ``out_bytes``
     shared          parameters the layer uses that an earlier layer counts (a head tied to the embedding, a block
                     called again): a pipeline stage that runs the layer without its owner holds them too
     shared_buffers  the same for buffers (one rotary or position table registered in every block; a block called
@@ -261,16 +262,45 @@ class _Call:
     kwargs: dict
     out_bytes: int
     in_bytes: int = 0                            # _received_bytes of the arguments
+    received: dict = dataclasses.field(default_factory=dict)   # _received: (tensor key) -> (storage, bytes)
+    made: set = dataclasses.field(default_factory=set)         # the storages of what it returned
+
+
+def _received(a: Any, batch: int, held: set[int]) -> dict[tuple, tuple[int, int]]:
+    """The per-sample tensors (first dim the batch) in a call's arguments ``a``, each once, by (address, shape,
+    dtype): their storage's address and their bytes. Parameters and buffers (storages in ``held``: a table handed
+    to every block) are held by the stage, not received."""
+    seen: dict[tuple, tuple[int, int]] = {}
+    for t in _tensors_of(a):
+        ptr = t.untyped_storage().data_ptr()
+        if t.dim() >= 1 and t.shape[0] == batch and ptr not in held:
+            seen[(t.data_ptr(), tuple(t.shape), t.dtype)] = (ptr, t.numel() * t.element_size())
+    return seen
 
 
 def _received_bytes(a: Any, batch: int, held: set[int]) -> int:
-    """Bytes of the per-sample tensors (first dim the batch) in a call's arguments ``a``, each once; parameters
-    and buffers (storages in ``held``: a table handed to every block) are held by the stage, not received."""
-    seen: dict[tuple, int] = {}
-    for t in _tensors_of(a):
-        if t.dim() >= 1 and t.shape[0] == batch and t.untyped_storage().data_ptr() not in held:
-            seen[(t.data_ptr(), tuple(t.shape), t.dtype)] = t.numel() * t.element_size()
-    return sum(seen.values())
+    """Bytes of the per-sample tensors in a call's arguments ``a`` (``_received``)."""
+    return sum(n for _, n in _received(a, batch, held).values())
+
+
+def _carried_bytes(calls: list[_Call], inputs: set[int]) -> list[int]:
+    """Per call j, the bytes a pipeline stage that begins with it receives: its own per-sample arguments, and
+    every per-sample tensor that existed before it (a model input, or what an earlier call received or returned)
+    and that a later call receives. A U-Net's up block takes a down block's output as its skip, a fusion block
+    the other tower's output, a decoder's embedding an input of the model: a cut between them must carry those
+    tensors past the layers in between (the first stage still has the model's inputs: call 0 gets its own).
+    ``inputs``: the storages of the model's own inputs. Tensors are told apart by their storage (``_trace`` keeps
+    them alive, so no address is reused); those the module's own code makes between calls (a pooled or
+    concatenated skip) count where they are received, not before."""
+    before: set[int] = set(inputs)                 # storages that exist before call j
+    out = []
+    for j, call in enumerate(calls):
+        carried = dict(call.received)
+        for later in calls[j + 1:]:
+            carried.update((k, v) for k, v in later.received.items() if v[0] in before)
+        out.append(sum(n for _, n in carried.values()) if j else call.in_bytes)
+        before |= {ptr for ptr, _ in call.received.values()} | call.made
+    return out
 
 
 def _tensors_of(obj: Any) -> list[Any]:
@@ -412,17 +442,22 @@ def _trace(module: Any, args: tuple, chain: list[tuple[str, Any]], kwargs: dict 
     handles = []
     batch = args[0].shape[0]
     held = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
+    alive: list[Any] = []                        # what the calls received and returned: no address is reused
     for name, layer in chain:
         def pre(mod, a, kw, name=name):
             if not active:
+                received = _received((a, kw), batch, held)
+                alive.extend(_tensors_of((a, kw)))
                 calls.append(_Call(name, mod, _map_tensors(a, _detached), _map_tensors(kw, _detached), 0,
-                                   _received_bytes((a, kw), batch, held)))
+                                   sum(n for _, n in received.values()), received))
             active.append(name)
 
         def post(mod, a, kw, out, name=name):
             active.pop()
             if not active and calls and calls[-1].name == name:
                 calls[-1].out_bytes = sum(t.numel() * t.element_size() for t in _tensors_of(out))
+                calls[-1].made = {t.untyped_storage().data_ptr() for t in _tensors_of(out)}
+                alive.extend(_tensors_of(out))
 
         handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(layer.register_forward_hook(post, with_kwargs=True))
@@ -435,6 +470,10 @@ def _trace(module: Any, args: tuple, chain: list[tuple[str, Any]], kwargs: dict 
         raise PlanError(f"describe_module: {type(module).__name__}(example_input) failed ({type(e).__name__}: "
                         f"{e}); expected a module that runs on the example input (keyword arguments: "
                         "example_kwargs)") from e
+    # what a stage beginning with each call receives: its arguments and what later calls take from before it
+    inputs = {t.untyped_storage().data_ptr() for t in _tensors_of((args, kwargs))}
+    for call, carried in zip(calls, _carried_bytes(calls, inputs), strict=True):
+        call.in_bytes = carried
     return calls
 
 
