@@ -292,7 +292,7 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
     def pipeline(slow: float):
         """Per-stage forward / backward / send times at compute slowdown ``slow``, and the simulated schedule."""
         fwd, bwd, p2p, act_w, comp, tp_c, fsdp_c = [], [], [], [], [], [], []
-        for layers in stages:
+        for k, layers in enumerate(stages):
             f = g = c_tp = c_fsdp = act = 0.0
             for i in layers:
                 layer = desc.layers[i]
@@ -337,7 +337,9 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
             fwd.append(f + c_tp * tp_fwd_share + c_fsdp / 2)
             bwd.append(g + c_tp * (1 - tp_fwd_share) + c_fsdp / 2)
             hop = plan.world_size // plan.pp                  # neighbouring stages: one pp index apart
-            p2p.append(sync("p2p", boundary, 2, hop) if plan.pp > 1 else 0.0)
+            # the edge to the next stage (its output forward, that output's gradient backward); the last stage
+            # sends nothing on (its "boundary" is the model's output)
+            p2p.append(sync("p2p", boundary, 2, hop) if plan.pp > 1 and k < len(stages) - 1 else 0.0)
             act_w.append(act)
         sim = simulate(plan.schedule, pp=plan.pp, stages_per_rank=plan.stages_per_rank, microbatches=m,
                        fwd=fwd, bwd=bwd, p2p=p2p, act_weight=act_w)
@@ -428,7 +430,9 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
     step = sim.makespan + dp_exposed + losses + opt_s
     if plan.pp > 1:
         # the sends' latency shows in the simulation as waiting: count the part they account for as p2p
-        sends = 2 * sum(p2p[s] for s in mine) * m
+        # each stage's edge to the next, crossed both ways (the last stage's: the edge before it, as it sends
+        # nothing on)
+        sends = 2 * sum(p2p[s] if s < plan.n_stages - 1 else p2p[s - 1] for s in mine) * m
         terms["p2p"] = min(sends, terms["bubble"])
         terms["bubble"] -= terms["p2p"]
     # torch's AdamW takes its multi-tensor path on a GPU (engine.adamw_foreach), except on lists that mix DTensors

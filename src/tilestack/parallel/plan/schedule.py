@@ -108,8 +108,9 @@ def simulate(schedule: str, *, pp: int, stages_per_rank: int, microbatches: int,
              bwd: Sequence[float], p2p: Sequence[float] | None = None,
              act_weight: Sequence[float] | None = None) -> Simulation:
     """Run the schedule: ``fwd[s]``, ``bwd[s]`` seconds of stage s per micro-batch, ``p2p[s]`` seconds to send
-    stage s's output (or its input gradient) to its neighbour, ``act_weight[s]`` what one micro-batch's
-    activations of stage s weigh (bytes; default 1, so peak_inflight counts micro-batches)."""
+    over the edge between stages s and s + 1 (stage s's output forward, its gradient backward; the last stage's
+    is not used), ``act_weight[s]`` what one micro-batch's activations of stage s weigh (bytes; default 1, so
+    peak_inflight counts micro-batches)."""
     if schedule not in SCHEDULES:
         raise PlanError(f"simulate: schedule={schedule!r}; expected one of {SCHEDULES}")
     for arg, v in (("pp", pp), ("stages_per_rank", stages_per_rank), ("microbatches", microbatches)):
@@ -142,7 +143,10 @@ def simulate(schedule: str, *, pp: int, stages_per_rank: int, microbatches: int,
                 if kind == "F":
                     deps = [(("F", i, s - 1), p2p[s - 1])] if s > 0 else []
                 else:
-                    deps = [(("F", i, s), 0.0)] + ([(("B", i, s + 1), p2p[s + 1])] if s < S - 1 else [])
+                    # the gradient of stage s's output comes back over the same edge as the output went,
+                    # p2p[s] (p2p[s + 1], stage s + 1's own output's send, priced a GPT's last edge as the
+                    # logits' size)
+                    deps = [(("F", i, s), 0.0)] + ([(("B", i, s + 1), p2p[s])] if s < S - 1 else [])
                 if any(d not in done for d, _ in deps):
                     break
                 start = max([free[r]] + [done[d] + c for d, c in deps])
