@@ -533,6 +533,13 @@ def plan_stage_cost(desc: ModelDesc, compute: ComputeModel, comm: CommModel, *, 
     if memory_limit is not None and not _bytes_limit(memory_limit):
         raise PlanError(f"plan_stage_cost: memory_limit={memory_limit!r}; expected a positive number of bytes per "
                         "device (or None)")
+    # one name is a selection of one (tuple("full") is its letters); an unknown policy made every layout's
+    # predict fail, which the layouts below skip, so every stage cost was None and alpa_stages blamed memory
+    recompute = (recompute,) if isinstance(recompute, str) else tuple(recompute)
+    unknown = [rc for rc in recompute if rc not in RECOMPUTE]
+    if not recompute or unknown:
+        raise PlanError(f"plan_stage_cost: recompute={list(recompute)}; expected a non-empty selection of "
+                        f"{tuple(RECOMPUTE)}")
 
     @functools.cache
     def classes(d: int) -> tuple[np.ndarray, np.ndarray]:
