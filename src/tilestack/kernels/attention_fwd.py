@@ -30,12 +30,11 @@ The meaning is torch's ``F.scaled_dot_product_attention`` (its math backend, in 
   (B, H, Nq, Nk) (H counts query heads); bool, float32 or q's dtype, the masks torch's SDPA takes. A boolean
   mask becomes a 0 / -inf bias; with ``causal`` both apply.
 - A query row that sees no key (every key masked, bottom-right causal with Nq > Nk, or Nk = 0) gives o = 0
-  and lse = -inf, as torch's math backend. An additive bias at or below about -2.4e38 (e.g.
-  ``torch.finfo(torch.float32).min``) overflows to -inf in the kernel's log2 domain, so a row masked that way
-  everywhere counts as fully masked (o = 0) where torch's math backend averages v (its softmax of equal huge
-  scores is uniform); rows with any larger score agree. A bias above ``MAX_BIAS`` (about 1.18e38) counts as
-  MAX_BIAS (``add_bias``): such a key takes its row's weight as in torch, but two of them in one row share it where
-  torch gives it to the larger.
+  and lse = -inf, as torch's math backend. A finite additive bias past +-``MAX_BIAS`` (about 1.18e38) counts as
+  +-MAX_BIAS (``add_bias``; its log2-domain value would overflow): a row masked everywhere with
+  ``torch.finfo(torch.float32).min`` averages v over those keys as torch's (its softmax of equal huge scores is
+  uniform), and a key with a huge positive bias takes its row's weight as in torch; but two such values in one
+  row count alike where torch favours the larger.
 - GQA/MQA: query head h reads key/value head h // (H // Hkv).
 
 One program per (query block, batch*head). Keys are visited in two loops: blocks that need no mask (fully
@@ -118,12 +117,19 @@ def add_bias(s, bias, Bias, at) -> None:
     """s (log2-domain scores, f32) += the (BM, BN) tile of ``Bias`` at ``at``, taken to the log2 domain. A finite
     bias above ``MAX_BIAS`` counts as MAX_BIAS: its log2-domain value would be inf, and a row's max inf makes its
     exponentials inf - inf = NaN, where torch's f32 scores stay finite (such a key then takes the row's weight, as
-    in torch; two of them in one row share it, where torch gives it to the larger). +inf stays inf."""
+    in torch; two of them in one row share it, where torch gives it to the larger). +inf stays inf.
+    Likewise a finite bias below -MAX_BIAS counts as -MAX_BIAS: its log2-domain value was -inf, so a row masked
+    everywhere with ``torch.finfo(dtype).min`` (Hugging Face's and nn.MultiheadAttention's masking value, bf16's
+    and f32's) counted as fully masked (o = 0) where torch averages v over those keys (its softmax of equal huge
+    scores is uniform). -inf stays -inf (a row of them sees no key: o = 0, as torch's)."""
     ts.load(bias, Bias, at=at)                   # (BM, BN) f32; zeros past the edges
     inf = ts.RegTile[ts.bool_, bias.shape[0], bias.shape[1]]()
     ts.eq(inf, bias, math.inf)                   # +inf stays inf (a NaN row, as torch's)
     ts.min(bias, bias, MAX_BIAS)
     ts.where(bias, inf, math.inf, bias)
+    ts.eq(inf, bias, -math.inf)                  # -inf stays -inf (a masked key)
+    ts.max(bias, bias, -MAX_BIAS)
+    ts.where(bias, inf, -math.inf, bias)
     ts.mul(bias, bias, LOG2E)
     ts.add(s, s, bias)
 
