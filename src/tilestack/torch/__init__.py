@@ -3,7 +3,8 @@ so ``loss.backward()`` works and ``torch.compile`` keeps them in the graph.
 
     import tilestack
     o = tilestack.attention(q, k, v, causal=True)      # (B, H, N, D), like F.scaled_dot_product_attention
-    o = tilestack.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    o = tilestack.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale=None,
+                                               enable_gqa=False)  # torch's signature: the last two by keyword
     tilestack.patch(model)                             # F.scaled_dot_product_attention -> tilestack
 """
 

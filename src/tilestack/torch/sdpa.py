@@ -16,13 +16,13 @@ than torch's on the H200 (``config.knobs.sdpa_dropout``, ``TILESTACK_SDPA_DROPOU
 fp32 inputs go through the tf32 matrix units exactly when torch's fp32 matmuls do
 (``torch.backends.cuda.matmul.allow_tf32``; torch's default "highest" precision keeps IEEE f32): about 1e-3
 relative error against float64 with tf32 (up to 1.9e-3 measured on an H200), about 5e-7 without. Anything else (a
-mask that needs a gradient or has rank < 2, other ranks, nested tensors, batch broadcasting, mixed dtypes, head
-dims of 0 or past 256, inputs carrying forward-mode tangents (torch.func.jvp), a dropout_p outside [0, 1], a scale
-<= 0 or past f32, an is_causal or enable_gqa that is not a bool, dropout while a CUDA graph is captured, CPU tensors
-unless a tilestack backend is forced) is handed to
-torch's own function, with a one-time notice saying why (in eager mode; none inside a compiled graph); torch
-then answers or raises exactly as it would. Inside ``torch.autocast`` the arguments are cast as torch's autocast
-casts them for its SDPA (``autocast_args``), so the result has torch's dtype.
+mask that needs a gradient or has a rank outside 2 to 4, other ranks, nested tensors, batch broadcasting, mixed
+dtypes, tensors on different devices, head dims of 0 or past 256, inputs carrying forward-mode tangents or a
+torch.func forward-mode transform (jvp, jacfwd, hessian), a dropout_p outside [0, 1], a scale <= 0 or past f32, an
+is_causal or enable_gqa that is not a bool, dropout while a CUDA graph is captured, CPU tensors unless a tilestack
+backend is forced) is handed to torch's own function, with a one-time notice saying why (in eager mode; none inside
+a compiled graph); torch then answers or raises exactly as it would. The signature is torch's: ``scale`` and ``enable_gqa`` are keyword-only. Inside ``torch.autocast`` the arguments are cast as
+torch's autocast casts them for its SDPA (``autocast_args``), so the result has torch's dtype.
 """
 
 from __future__ import annotations
@@ -45,6 +45,13 @@ MAX_HEAD_DIM = 256
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _noticed: set[str] = set()
 _AUTOCAST_DEVICES = ("cuda", "cpu")     # the device types whose autocast the drop-in follows
+_transforms_active = torch._C._are_functorch_transforms_active
+
+
+def _jvp_transform_active() -> bool:
+    """Whether a torch.func forward-mode transform (jvp; jacfwd and hessian run one) is on the interpreter stack."""
+    return any(i.key() == torch._C._functorch.TransformType.Jvp
+               for i in torch._C._functorch.get_interpreter_stack() or ())
 
 
 def unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, scale=None) -> str | None:
@@ -56,6 +63,11 @@ def unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, 
     if forward_ad_active() and any(isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None
                                    for t in (query, key, value, attn_mask)):
         return "inputs carrying forward-mode tangents (torch.func.jvp, jacfwd; the kernels have no forward-mode rule)"
+    if not torch.compiler.is_compiling() and _transforms_active() and _jvp_transform_active():
+        # torch.func.hessian (jacfwd over jacrev) and jvp over vmap or grad: the tangent sits below the inner
+        # transforms' wrappers, where unpack_dual does not see it, and the kernels' op refused it with a LaunchError
+        # (a ValueError) where torch raises its NotImplementedError, or answers (its math backend)
+        return "a torch.func.jvp transform (jacfwd, hessian; the kernels have no forward-mode rule)"
     if is_causal is not False and is_causal is not True:        # torch decides what 1 or "yes" means
         return f"is_causal={is_causal!r} (not a bool)"
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, int | float) or not 0.0 <= dropout_p <= 1.0:
@@ -67,7 +79,13 @@ def unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, 
                 "docs/performance.md; config.knobs.sdpa_dropout='fused' or TILESTACK_SDPA_DROPOUT=fused uses them)")
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         return f"inputs of rank {query.dim()}, {key.dim()}, {value.dim()} (the kernels take (B, H, N, D))"
-    if query.device.type != "cuda" and knobs.backend == "auto":
+    device = query.device
+    if key.device != device or value.device != device or (isinstance(attn_mask, torch.Tensor) and
+                                                           attn_mask.device != device):
+        # torch decides (it raises a RuntimeError, or ignores a meta mask beside CPU inputs): the kernels' own check
+        # raised a LaunchError, a ValueError, which an `except RuntimeError` written for torch's misses
+        return "tensors on different devices"
+    if device.type != "cuda" and knobs.backend == "auto":
         return f"tensors on {query.device.type} (tilestack's kernels run on CUDA GPUs)"
     if not (query.dtype == key.dtype == value.dtype) or query.dtype not in _DTYPES:
         return f"dtypes {query.dtype}, {key.dtype}, {value.dtype} (the kernels take one of bf16, fp16, fp32)"
@@ -94,7 +112,7 @@ def unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, 
             return "an attn_mask that needs a gradient (the kernels give the mask none)"
         if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
             return f"an attn_mask of dtype {attn_mask.dtype} with {query.dtype} inputs"
-        if attn_mask.dim() < 2:
+        if not 2 <= attn_mask.dim() <= 4:    # a rank-5 mask of ones broadcasts, but torch refuses it: so must we
             return f"an attn_mask of rank {attn_mask.dim()} (torch's takes rank 2 to 4)"
         try:
             torch.broadcast_shapes(attn_mask.shape, (query.shape[0], query.shape[1], query.shape[2], key.shape[2]))
@@ -103,9 +121,11 @@ def unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, 
     return None
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
                                  enable_gqa=False):
-    """``F.scaled_dot_product_attention`` through tilestack's kernels where they apply (module docstring)."""
+    """``F.scaled_dot_product_attention`` through tilestack's kernels where they apply (module docstring). Its
+    signature is torch's: ``scale`` and ``enable_gqa`` are keyword-only there (a seventh positional argument is a
+    TypeError), so they are here."""
     q, k, v, mask = autocast_args(query, key, value, attn_mask)
     why = unsupported(q, k, v, mask, dropout_p, is_causal, enable_gqa, scale)
     if why is not None:
