@@ -52,3 +52,9 @@ class DeviceError(TilestackError, ValueError):
 
 class FederatedError(TilestackError, ValueError):
     """A federated run that cannot go on as asked (a checkpoint from another run, a strategy that cannot aggregate)."""
+
+
+class TorchArgumentError(LaunchError, RuntimeError):
+    """Bad arguments to a drop-in for a torch function (``tilestack.scaled_dot_product_attention``) where torch
+    raises a RuntimeError (or should): caught as a LaunchError and as the RuntimeError code written for torch's
+    function expects."""

@@ -21,7 +21,9 @@ dtypes, tensors on different devices, head dims of 0 or past 256, inputs carryin
 torch.func forward-mode transform (jvp, jacfwd, hessian), a dropout_p outside [0, 1], a scale <= 0 or past f32, an
 is_causal or enable_gqa that is not a bool, dropout while a CUDA graph is captured, CPU tensors unless a tilestack
 backend is forced) is handed to torch's own function, with a one-time notice saying why (in eager mode; none inside
-a compiled graph); torch then answers or raises exactly as it would. The signature is torch's: ``scale`` and ``enable_gqa`` are keyword-only. Inside ``torch.autocast`` the arguments are cast as
+a compiled graph); torch then answers or raises exactly as it would, except for key and value of different
+sequence lengths, refused with a RuntimeError before torch's CPU kernel reads past the shorter one. The signature
+is torch's: ``scale`` and ``enable_gqa`` are keyword-only. Inside ``torch.autocast`` the arguments are cast as
 torch's autocast casts them for its SDPA (``autocast_args``), so the result has torch's dtype.
 """
 
@@ -129,6 +131,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     q, k, v, mask = autocast_args(query, key, value, attn_mask)
     why = unsupported(q, k, v, mask, dropout_p, is_causal, enable_gqa, scale)
     if why is not None:
+        _refuse_key_value_lengths(key, value)
         # the notice in eager mode only: Dynamo cannot trace warnings.warn, so under torch.compile(fullgraph=True)
         # a call handed to torch failed to compile where torch's own function compiles
         if why not in _noticed and not torch.compiler.is_compiling():
@@ -138,6 +141,19 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         return torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                           scale=scale, enable_gqa=enable_gqa)
     return attention(q, k, v, causal=is_causal, scale=scale, attn_mask=mask, dropout_p=dropout_p)
+
+
+def _refuse_key_value_lengths(key, value) -> None:
+    """key and value with different sequence lengths (dim -2) are refused before torch sees them: torch's math
+    backend raises a RuntimeError, but its CPU flash kernel, the one a CPU call takes, answers from memory past the
+    shorter one and its backward corrupts the heap (a crash: "double free or corruption", torch 2.13). (Only on the
+    way to torch: the kernels' own checks refuse them on theirs.)"""
+    if isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor) and not (key.is_nested or value.is_nested) \
+            and key.dim() >= 2 and value.dim() >= 2 and key.shape[-2] != value.shape[-2]:   # (nested: no sizes)
+        from tilestack.errors import TorchArgumentError
+        raise TorchArgumentError(f"scaled_dot_product_attention: key has {key.shape[-2]} keys and value "
+                                 f"{value.shape[-2]} (dim -2: key {tuple(key.shape)}, value {tuple(value.shape)}); "
+                                 "expected one sequence length S for both")
 
 
 def autocast_args(query, key, value, attn_mask):
