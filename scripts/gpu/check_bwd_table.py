@@ -11,8 +11,8 @@ import argparse
 import functools
 
 import torch
-
 from probe_attention_bwd import SHAPES, rel, sdpa_backward  # scripts/gpu/ is the script's folder
+
 from tilestack.kernels import attention_bwd as ab
 from tilestack.kernels.attention_fwd import attention_forward
 from tilestack.perf.timing import time_fn
