@@ -201,22 +201,15 @@ def test_float64_refused(op):
     float64_refused(call, op)
 
 
-_CONSTANT_ROW_XFAIL = (
-    "Triton backend: the layer-norm kernels take the mean of a constant f32 row (10000.123 x N) as an f32 sum / N, "
-    "one ulp (~1e-3) off, so x - mean = 1 ulp times rstd = 1/sqrt(0 + 1e-5) ~ 316 gives |y - bias| = 0.295 for "
-    "every N (129, 1000, 4099; ONE_TILE or not), where torch's own f32 layer_norm, float64 torch and the reference "
-    "executor give the bias exactly. Within the algorithm's rounding (a 1-ulp change of one input moves the exact "
-    "answer as far), so the fuzz's bound admits it; a corrected two-pass mean (mean += sum(x - mean) / N taken in "
-    "the variance pass) would make constant rows exact at no extra pass over memory")
-
-
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.xfail(
-    strict=True, reason=_CONSTANT_ROW_XFAIL))])
+# a constant f32 row (10000.123 x N): the mean as an f32 sum / N is one ulp (~1e-3) off, and x - mean = 1 ulp
+# times rstd = 1/sqrt(0 + 1e-5) ~ 316 gave |y - bias| = 0.295 on the Triton backend, where torch's own f32
+# layer_norm gives the bias exactly; the kernels now take the mean's rounding out (kernels.layernorm.recenter)
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("n", [129, 1000, 4099])
 @pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm"])
-def test_layer_norm_of_a_constant_f32_row_is_its_bias(op, backend):
+def test_layer_norm_of_a_constant_f32_row_is_its_bias(op, backend, n):
     from tilestack import config
 
-    n = 1000
     x, w, b = torch.full((3, n), 10000.123), torch.randn(n), torch.randn(n)
     assert torch.equal(F.layer_norm(x, (n,), w, b), b.expand(3, n))        # torch's own f32 answer: the bias
     with config.override(backend=backend):

@@ -16,6 +16,19 @@ from tilestack.kernels._plan import forward_only, planned
 from tilestack.kernels.softmax import resolve_row_config
 
 
+def recenter(d, mean, n, cols_left, BM: int) -> None:
+    """Take the rounding of a row's sum out of its mean, in place: ``d`` = x - mean (padding past ``cols_left``
+    zero) sums to n times the mean's error, which is not small against d itself where the row hardly varies (a
+    row of one f32 value 10000.123 gives d = one ulp of 1e4 everywhere, which 1 / sqrt(eps) turned into an output
+    0.3 away from the bias, where torch's Welford mean is exact). mean += sum(d) / n and d -= sum(d) / n."""
+    corr = ts.RegVec[ts.f32, BM]()
+    ts.row_sum(corr, d)
+    ts.div(corr, corr, n * 1.0)
+    ts.add(mean, mean, corr)
+    ts.sub_row(d, d, corr)
+    ts.right_fill(d, d, cols_left, 0.0)
+
+
 def _grid(X, BM, PROGRAMS):
     blocks = ts.cdiv(X.shape[0], BM)
     return (ts.smin(blocks, PROGRAMS) if PROGRAMS else blocks,)
@@ -53,8 +66,10 @@ def layer_norm_kernel(X, W, B, Y, Mean, Rstd, eps: float, *,
     w = ts.RegVec[ts.f32, BN]()
     b = ts.RegVec[ts.f32, BN]()
     y = ts.RegTile[Y.dtype, BM, BN]()
+    corr = ts.RegVec[ts.f32, BM]()
     ts.zero(mean)
     ts.zero(var)
+    ts.zero(corr)
     for j in ts.range(ts.cdiv(N, BN)):          # pass 1: mean (edges load as zero)
         ts.load(x, X, at=(i, j))                 # (BM, BN)
         ts.row_sum(mean, x, mean)
@@ -63,9 +78,15 @@ def layer_norm_kernel(X, W, B, Y, Mean, Rstd, eps: float, *,
         ts.load(x, X, at=(i, j))
         ts.sub_row(x, x, mean)
         ts.right_fill(x, x, N - j * BN, 0.0)
+        ts.row_sum(corr, x, corr)                # sum(x - mean): the mean's rounding (see recenter)
         ts.mul(x, x, x)
         ts.row_sum(var, x, var)
-    ts.div(var, var, N * 1.0)
+    ts.div(corr, corr, N * 1.0)
+    ts.div(var, var, N * 1.0)                    # var about the corrected mean: E[d^2] - E[d]^2, at least 0
+    ts.add(mean, mean, corr)
+    ts.mul(corr, corr, corr)
+    ts.sub(var, var, corr)
+    ts.max(var, var, 0.0)
     ts.add(rstd, var, eps)
     ts.rsqrt(rstd, rstd)
     for j in ts.range(ts.cdiv(N, BN)):          # pass 3: y = (x - mean) * rstd * w + b
@@ -98,6 +119,7 @@ def _one_tile_rows(i, X, Y, Mean, Rstd, eps, BM: int, BN: int, *, w=None, b=None
     ts.div(mean, mean, N * 1.0)
     ts.sub_row(x, x, mean)
     ts.right_fill(x, x, N, 0.0)                  # the padding must not count in the variance
+    recenter(x, mean, N, N, BM)
     ts.mul(sq, x, x)
     ts.row_sum(var, sq)
     ts.div(var, var, N * 1.0)

@@ -23,6 +23,7 @@ import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.kernels._checks import check_same_device, check_tensor, refuse_derived
 from tilestack.kernels._plan import checked_once, no_backward, planned
+from tilestack.kernels.layernorm import recenter
 from tilestack.kernels.layernorm_bwd import check_norm_bwd_args, norm_backward
 from tilestack.kernels.softmax import resolve_row_config
 
@@ -82,6 +83,7 @@ def _norm_forward(X, R, W, B, Y, H, Mean, Rstd, eps, *, centered: bool, residual
             ts.div(mean, mean, N * 1.0)
             ts.sub_row(x, x, mean)
             ts.right_fill(x, x, N, 0.0)          # the padding must not count in the variance
+            recenter(x, mean, N, N, BM)
             ts.store(Mean, mean, at=(i,))
         ts.mul(sq, x, x)
         ts.row_sum(rstd, sq)
@@ -106,8 +108,10 @@ def _norm_forward(X, R, W, B, Y, H, Mean, Rstd, eps, *, centered: bool, residual
                 ts.store(H, hq, at=(i, j))
             ts.row_sum(mean, x, mean)
         ts.div(mean, mean, N * 1.0)
-        ts.store(Mean, mean, at=(i,))
     ts.zero(rstd)
+    corr = ts.RegVec[ts.f32, BM]() if centered else None
+    if centered:
+        ts.zero(corr)
     for j in ts.range(ts.cdiv(N, BN)):          # sum of squares about the mean (two-pass: no cancellation)
         _row_tile(x, hq, r, X, R, i, j, residual)
         if residual and not centered:
@@ -115,9 +119,17 @@ def _norm_forward(X, R, W, B, Y, H, Mean, Rstd, eps, *, centered: bool, residual
         if centered:
             ts.sub_row(x, x, mean)
             ts.right_fill(x, x, N - j * BN, 0.0)
+            ts.row_sum(corr, x, corr)            # sum(h - mean): the mean's rounding (layernorm.recenter)
         ts.mul(sq, x, x)
         ts.row_sum(rstd, sq, rstd)
     ts.div(rstd, rstd, N * 1.0)
+    if centered:                                 # the variance about the corrected mean, at least 0
+        ts.div(corr, corr, N * 1.0)
+        ts.add(mean, mean, corr)
+        ts.mul(corr, corr, corr)
+        ts.sub(rstd, rstd, corr)
+        ts.max(rstd, rstd, 0.0)
+        ts.store(Mean, mean, at=(i,))
     ts.add(rstd, rstd, eps)
     ts.rsqrt(rstd, rstd)
     for j in ts.range(ts.cdiv(N, BN)):          # y = (h - mean) * rstd * w (+ b)
