@@ -1,10 +1,8 @@
 """The warp-specialized attention backward (kernels/attention_bwd_ws.py) on the Gluon backend, on this machine (no
-GPU): the generated source frees each ring stage to the producer only after the last wgmma that reads it has
-retired (the dK/dV consumer reads one Q stage in S^T = K Q^T and again in dK += dS^T Q), and the sm_90a compile
-has the warp-specialized partitions with their register budgets and the trip's wgmma. Its meaning is tested in
-tests/kernels/test_attention_bwd_ws.py."""
-
-import re
+GPU): the sm_90a compile has the warp-specialized partitions with their register budgets and the trip's wgmma.
+Its synchronization (each ring stage freed only after the last wgmma that reads it has retired: the dK/dV
+consumer reads one Q stage in S^T = K Q^T and again in dK += dS^T Q) is checked in
+tests/lang/test_library_gluon_sync.py, its meaning in tests/kernels/test_attention_bwd_ws.py."""
 
 import pytest
 
@@ -24,46 +22,6 @@ def dkdv(D: int, causal: bool, **consts):
 def dq(D: int, causal: bool, **consts):
     return ws.attention_bwd_dq_ws_kernel.trace(BF16_4, BF16_4, BF16_4, BF16_4, F32_3, F32_3, BF16_4, 0.1, D=D,
                                                causal=causal, **consts)
-
-
-def consumer_loops(src: str) -> list[list[str]]:
-    """The body lines of every loop of the consumer partitions that waits on a ring, one list a loop."""
-    loops, cur, inside, depth = [], None, False, 0
-    for line in src.splitlines():
-        if line.startswith("def "):
-            inside = "_consumer" in line
-            continue
-        if not inside:
-            continue
-        m = re.match(r"( *)for ", line)
-        if m:
-            cur, depth = [], len(m.group(1))
-            loops.append(cur)
-            continue
-        if cur is not None and line.strip() and len(line) - len(line.lstrip()) > depth:
-            cur.append(line.strip())
-    return [body for body in loops if any("mbarrier.wait(" in x and "_ready" in x for x in body)]
-
-
-@pytest.mark.parametrize("make", [dkdv, dq], ids=["dkdv", "dq"])
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_a_stage_is_freed_after_the_last_wgmma_that_reads_it(make, causal):
-    src = get_backend("gluon").source(make(128, causal))
-    loops = consumer_loops(src)
-    assert loops, "no consumer loop waits on a ring"
-    for body in loops:
-        views = {m.group(1): m.group(2) for x in body
-                 if (m := re.match(r"(\w+) = (\w+)\.index\(\w+\)\.reshape", x))}    # stage view -> ring
-        assert views, body
-        for view, ring in views.items():
-            reads = [n for n, x in enumerate(body) if "warpgroup_mma(" in x and re.search(rf"\b{view}\b", x)]
-            frees = [n for n, x in enumerate(body) if f"{ring}_empty.index" in x and "arrive" in x]
-            assert reads and len(frees) == 1, (view, body)
-            # freed after its last reader, and after a wait that retires everything (wait(0)) following it
-            retire = [n for n, x in enumerate(body) if "warpgroup_mma_wait(0" in x and n > reads[-1]]
-            assert retire and retire[0] < frees[0], (view, body)
-    if make is dkdv:   # the Q stage is read twice in a trip: by S^T = K Q^T and by dK += dS^T Q
-        assert any(sum("warpgroup_mma(" in x and "q_s" in x for x in body) == 2 for body in loops)
 
 
 @pytest.fixture(scope="module")

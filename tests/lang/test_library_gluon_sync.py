@@ -3,6 +3,8 @@ the structural synchronization rules of tests/lang/gluon_sync_check.py, over the
 alignments, head dims 64 and 128, consumers in turn or not, dK/dV per query head. No GPU: the Gluon source only
 (a stage freed before its last reader retires is a race only a GPU would show, and then rarely)."""
 
+import re
+
 import pytest
 from gluon_sync_check import check_sync
 
@@ -26,8 +28,13 @@ def source(kernel, args, **consts) -> str:
 @pytest.mark.parametrize("per_q_head", [False, True], ids=["per-kv-head", "per-q-head"])
 def test_dkdv_ws_sync(v, turns, per_q_head):
     args = (BF16_4, BF16_4, BF16_4, BF16_4, F32_3, F32_3, BF16_4, BF16_4, 0.1)
-    check_sync(source(ws.attention_bwd_dkdv_ws_kernel, args, **v, TURNS=turns, PER_Q_HEAD=per_q_head),
-               "attention_bwd_dkdv_ws_kernel", ROLES)
+    src = source(ws.attention_bwd_dkdv_ws_kernel, args, **v, TURNS=turns, PER_Q_HEAD=per_q_head)
+    check_sync(src, "attention_bwd_dkdv_ws_kernel", ROLES)
+    # the case the rules exist for: a consumer's Q stage read by two wgmmas of a trip (S^T = K Q^T, dK += dS^T Q)
+    consumer = src.split("def attention_bwd_dkdv_ws_kernel_consumer0(")[1].split("@gluon.jit")[0].splitlines()
+    views = set(re.findall(r"\b(q_s_\d+) = q_ring\.index", "\n".join(consumer)))
+    assert views and all(sum("warpgroup_mma(" in line and re.search(rf"\b{view}\b", line) is not None
+                             for line in consumer) == 2 for view in views), views
 
 
 @pytest.mark.parametrize("v", VARIANTS, ids=str)
