@@ -14,6 +14,7 @@ import torch
 from probe_attention_bwd import SHAPES, rel, sdpa_backward  # scripts/gpu/ is the script's folder
 
 from tilestack.kernels import attention_bwd as ab
+from tilestack.kernels import attention_bwd_ws as abws
 from tilestack.kernels.attention_fwd import attention_forward
 from tilestack.perf.timing import time_fn
 
@@ -25,7 +26,8 @@ def main() -> None:
     from torch.nn.attention import SDPBackend
     chose = []
     real = ab.tuned_launcher
-    ab.tuned_launcher = lambda kernel, *x, **kw: (chose.append(kernel.name), real(kernel, *x, **kw))[1]
+    ab.tuned_launcher = abws.tuned_launcher = \
+        lambda kernel, *x, **kw: (chose.append(kernel.name), real(kernel, *x, **kw))[1]
     for name in a.shapes.split(","):
         B, H, Hkv, N, D, causal = SHAPES[name]
         g = torch.Generator(device="cuda").manual_seed(0)

@@ -18,6 +18,7 @@ from tilestack.kernels.attention_bwd import attention_backward
 from tilestack.kernels.attention_fwd import attention_forward, dropout_rng
 
 BWD = importlib.import_module("tilestack.kernels.attention_bwd")
+BWD_WS = importlib.import_module("tilestack.kernels.attention_bwd_ws")   # launches the ws kernels
 WS = {"dkdv": {"schedule": "ws"}, "dq": {"schedule": "ws"}}
 # half-blocks of 16 rows: several trips and several programs at these short lengths
 SMALL = {"dkdv": {"schedule": "ws", "BM": 16, "BN": 32}, "dq": {"schedule": "ws", "BM": 32, "BN": 16}}
@@ -36,6 +37,7 @@ def _launched(monkeypatch) -> list[str]:
         names.append(kernel.name)
         return real(kernel, *args, **kwargs)
     monkeypatch.setattr(BWD, "tuned_launcher", spy)
+    monkeypatch.setattr(BWD_WS, "tuned_launcher", spy)
     attention_backward.plans.clear()
     return names
 

@@ -569,7 +569,8 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
             base = other if other.get("schedule", "split") == "split" else base
         return base | (config or {}).get(part, {})
 
-    ws = _ws_parts(cfg, config or {}, q.dtype, split_config,
+    from tilestack.kernels.attention_bwd_ws import ws_launcher, ws_parts   # (it imports this module)
+    ws = ws_parts(cfg, config or {}, q.dtype, split_config,
                    with_mask=attn_mask is not None or bool(dropout_p), fused=fused)
     # each kernel on the backend named, else on the one its own table entry chose (each is tuned on its own)
     backends = {part: (take_backend(c, backend), backend) for part, c in cfg.items()}   # (to launch on, named)
@@ -613,12 +614,12 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
     elif not with_bias:
         dk_out, dv_out = shares(q, k, v) if split else (dk, dv)
         args_kv = (q, k, v, do, lse, delta, dk_out, dv_out, scale)
-        launch_dkdv = (ws["dkdv"] and _ws_launcher("dkdv", args_kv, backends["dkdv"], consts, ws["dkdv"],
+        launch_dkdv = (ws["dkdv"] and ws_launcher("dkdv", args_kv, backends["dkdv"], consts, ws["dkdv"],
                                                    PER_Q_HEAD=split)) \
             or tuned_launcher(attention_bwd_dkdv_kernel, args_kv, *backends["dkdv"], **consts, **cfg["dkdv"],
                               PER_Q_HEAD=split)
         args_q = (q, k, v, do, lse, delta, dq, scale)
-        launch_dq = (ws["dq"] and _ws_launcher("dq", args_q, backends["dq"], consts, ws["dq"])) \
+        launch_dq = (ws["dq"] and ws_launcher("dq", args_q, backends["dq"], consts, ws["dq"])) \
             or tuned_launcher(attention_bwd_dq_kernel, args_q, *backends["dq"], **consts, **cfg["dq"])
     else:
         launch_dkdv = tuned_launcher(attention_bwd_dkdv_bias_kernel, (q, k, v, bias, do, lse, delta, dk, dv, scale),
@@ -649,87 +650,6 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
             dv.copy_(dvx.view(B, Hkv, group, Nk, Dv).sum(2, dtype=torch.float32))
         return dq, dk, dv
     return run
-
-
-def _ws_parts(cfg: dict, caller: dict, dtype, split_config, *, with_mask: bool, fused: bool) -> dict:
-    """Per part (dkdv, dq): the config of attention_bwd_ws's kernel where that part's config says
-    schedule="ws" and the launch can take it (16-bit inputs, no mask or dropout, dQ not fused into dK/dV), else
-    None; the ``schedule`` key taken out of every part's config (the split kernels have no such constant). A
-    table's entry that chose "ws" carries that kernel's config; a caller's schedule="ws" over a table entry tuned
-    for the split kernel takes ``WS_DEFAULTS`` under the caller's own keys. Where a table's entry chose "ws",
-    ``cfg[part]`` becomes ``split_config(part)`` (its STAGES and tiles are not the split kernel's), for the
-    launches that run the split kernel (a mask, dropout, or a ws launch the backend refuses)."""
-    import torch
-
-    from tilestack.kernels.attention_bwd_ws import SCHEDULES, WS_DEFAULTS
-    out = {}
-    for part in ("dkdv", "dq", "dkdvdq", "delta"):
-        c = cfg.get(part)
-        schedule = c.pop("schedule", "split") if c is not None else "split"
-        if schedule not in SCHEDULES:
-            raise LaunchError(f"attention_backward: config[{part!r}]['schedule'] is {schedule!r}; expected one of "
-                              f"{SCHEDULES} ('ws': kernels.attention_bwd_ws, warp-specialized)")
-        if schedule == "ws" and part not in WS_DEFAULTS and caller.get(part, {}).get("schedule") == "ws":
-            raise LaunchError(f"attention_backward: config[{part!r}] has schedule='ws'; only the parts "
-                              f"{sorted(WS_DEFAULTS)} have a warp-specialized kernel")
-        if part not in WS_DEFAULTS:
-            continue
-        mine = caller.get(part, {})
-        able = dtype in (torch.bfloat16, torch.float16) and not with_mask and not fused
-        asked = mine.get("schedule") == "ws"
-        if schedule != "ws" or not able:
-            out[part] = None
-        elif asked:                            # the caller asked: defaults under the caller's keys
-            _refuse_unknown_ws_keys(part, mine)
-            out[part] = WS_DEFAULTS[part] | {k: v for k, v in mine.items() if k != "schedule"}
-        else:
-            out[part] = dict(c)
-        if schedule == "ws":                   # the split kernel, where it runs, at a config of its own
-            plain = cfg[part] if asked else split_config(part)
-            cfg[part] = {k: v for k, v in plain.items() if k not in WS_ONLY and k != "schedule"}
-    return out
-
-
-def _refuse_unknown_ws_keys(part: str, caller: dict) -> None:
-    """The caller's config keys of a ws part that neither its kernel nor any backend takes (a misspelling:
-    STAGE=3), refused by name with the nearest: ``_ws_launcher`` keeps only the kernel's own keys."""
-    import difflib
-
-    from tilestack.backends import launch_option_names
-    from tilestack.kernels import attention_bwd_ws as ws
-
-    kernel = ws.attention_bwd_dkdv_ws_kernel if part == "dkdv" else ws.attention_bwd_dq_ws_kernel
-    unknown = sorted(set(caller) - set(kernel.tunables) - launch_option_names() - {"schedule", "backend"})
-    if unknown:
-        near = {u: difflib.get_close_matches(u, sorted(kernel.tunables), n=1) for u in unknown}
-        hint = "".join(f" ({u!r}: did you mean {m[0]!r}?)" for u, m in near.items() if m)
-        raise LaunchError(f"attention_backward: config[{part!r}] with schedule='ws' has key(s) {unknown}{hint} that "
-                          f"are not {kernel.name}'s; expected its tunables {sorted(kernel.tunables)}")
-
-
-WS_ONLY = ("STAGES", "TURNS")   # the ws kernels' tunables that the split kernels do not have
-
-
-def _ws_launcher(part: str, args: tuple, backends: tuple, consts: dict, cfg: dict, **extra):
-    """The launcher of attention_bwd_ws's kernel for ``part`` (dkdv or dq), or None where a backend the tables
-    chose cannot launch it (the split kernel then runs); a named backend's refusal raises. A consumer owns half a
-    block: on the Gluon backend at least wgmma's 64 rows, so the halved block is at least 128."""
-    from tilestack.errors import BackendError
-    from tilestack.kernels import attention_bwd_ws as ws
-
-    kernel = ws.attention_bwd_dkdv_ws_kernel if part == "dkdv" else ws.attention_bwd_dq_ws_kernel
-    backend, asked = backends
-    if asked is None and "backend" in cfg:   # the table entry's own backend (the part's split config has its own)
-        backend = cfg["backend"]
-    halved = "BN" if part == "dkdv" else "BM"
-    keep = {key: cfg[key] for key in ("BM", "BN", "STAGES", "TURNS") if key in cfg}
-    keep[halved] = max(keep.get(halved, ws.WS_DEFAULTS[part][halved]), 128 if backend == "gluon" else 32)
-    try:
-        return tuned_launcher(kernel, args, backend, asked, **consts, **keep, **extra)
-    except (BackendError, LaunchError):
-        if asked is not None:
-            raise
-        return None
 
 
 def _dropout_run(q, k, v, bias, do, lse, delta, dq, dk, dv, scale, rng, p, buffers, launch_delta, backends, consts,
