@@ -83,6 +83,22 @@ class HeteroFL(FedAvg):
             raise ValueError(
                 f"HeteroFL: hidden={self.hidden}; expected the global model's hidden width {task.hidden} (task.hidden)"
             )
+        # every partition's width, before any work: configure_train asked width_of only of the clients sampled, so a
+        # width that cannot be (0, NaN, 1.5, a KeyError for one partition) ended the run in the first round that
+        # sampled that client, after every earlier round's training (fraction_train=0.25: round 7 of 8)
+        for pid in range(task.num_clients):
+            self.width(pid)
+
+    def width(self, pid: int) -> float:
+        """``width_of(pid)`` as a float in (0, 1]; a ValueError naming the partition otherwise."""
+        try:
+            width = self.width_of(pid)
+        except Exception as ex:  # noqa: BLE001 - the caller's function: any failure is a bad setting
+            raise ValueError(f"HeteroFL: width_of({pid}) raised {type(ex).__name__}: {ex}; expected a number in "
+                             "(0, 1] for every partition id 0..num_clients-1") from ex  # fmt: skip
+        if isinstance(width, bool) or not isinstance(width, numbers.Real) or not 0.0 < width <= 1.0:
+            raise ValueError(f"HeteroFL: width_of({pid}) = {width!r}; expected a number in (0, 1]")
+        return float(width)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -96,10 +112,7 @@ class HeteroFL(FedAvg):
         out = []
         for m in super().configure_train(server_round, arrays, config, grid):
             pid = pid_of(grid, m.metadata.dst_node_id)
-            width = self.width_of(pid)
-            if isinstance(width, bool) or not isinstance(width, numbers.Real) or not 0.0 < width <= 1.0:
-                raise ValueError(f"HeteroFL: width_of({pid}) = {width!r}; expected a number in (0, 1]")
-            width = float(width)
+            width = self.width(pid)
             sub = to_record(sub_model(self._x, self.hidden, width))
             out.append(with_content(m, RecordDict({**m.content, self.arrayrecord_key: sub})))
         return out
