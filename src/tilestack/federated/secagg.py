@@ -25,6 +25,8 @@ Dropouts are the task's ``crash`` and ``slow`` faults (a slow client misses ``ti
 only ever sees the masked sum, so faults that corrupt an update (``nan``, ``shape``, ...) cannot be left
 out and are refused up front. A client whose own training diverged (a non-finite update) drops out of the
 round instead of sending it: quantised, NaN became arbitrary integers that the secure sum averaged in.
+The task's malicious clients (``malicious_fraction``) poison their update as tilestack's ClientApp does: SecAgg+
+hides each update, it does not make one honest.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from tilestack.errors import FederatedError
 from tilestack.federated.checks import require_int, require_timeout
-from tilestack.federated.client import TASK_KEY
+from tilestack.federated.client import TASK_KEY, _poison
 from tilestack.federated.engine import InProcessGrid
 from tilestack.federated.models import local_sgd
 from tilestack.federated.task import Task
@@ -75,6 +77,10 @@ class _TaskClient(NumPyClient):
         rng = np.random.default_rng([task.seed, self.pid, int(config.get("server-round", 0)), 41])
         trained, _, loss = local_sgd(task.build_model(), start, x, y, steps=task.steps_for(self.pid),
                                      batch_size=task.batch_size, lr=task.lr, rng=rng)  # fmt: skip
+        if task.is_malicious(self.pid):
+            # poisoned as tilestack's ClientApp poisons it (client._poison): the secure client ignored
+            # task.malicious_fraction, so a secure run "with 20% attackers" averaged honest updates only, without a word
+            trained = _poison(task, start, trained, rng)
         update = {k: (trained[k] - start[k]).astype(start[k].dtype) for k in keys}
         bad = [k for k in keys if not np.all(np.isfinite(update[k]))]
         if bad:  # the server sees only the masked sum and cannot leave this update out: the client drops out
