@@ -128,7 +128,7 @@ def check_reply(
     a weight (``weight_keys``: the strategy's ``weighted_by_key``) not > 0, or missing from TRAIN (Flower averaged
     with a negative weight, and weights summing to 0 raised ZeroDivisionError in the server); a TRAIN reply without
     the loss the strategy reads (``loss_keys``: QFedAvg's ``train_loss_key``; Flower's AggregationError ended the
-    run); a wrong shape; a non-finite value."""
+    run), or with that loss below 0; a wrong shape; a non-finite value."""
     if reply.has_error():
         return f"error: {error_reason(reply.error.reason)}"
     content, kind = reply.content, reply.metadata.message_type
@@ -170,6 +170,9 @@ def check_reply(
             loss = metrics.get(key)
             if kind == MessageType.TRAIN and (isinstance(loss, bool) or not isinstance(loss, (int, float))):
                 return f"metrics: no {key!r} (the strategy's train_loss_key)"
+            if kind == MessageType.TRAIN and loss < 0:  # q-FedAvg raises it to the power q: a negative loss ended the
+                # run with numpy's UFuncTypeError on a complex number (q = 0.5); a cross-entropy is never below 0
+                return f"metrics: {key}={loss!r}, expected a loss >= 0 (the strategy's train_loss_key)"
     shapes = {_canonical(k): a.shape for rec in sent.array_records.values() for k, a in rec.items()}
     dtypes = _sent_dtypes(sent)
     compressing = "config" in sent.config_records and COMPRESS_KEY in sent["config"]

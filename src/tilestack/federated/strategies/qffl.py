@@ -56,11 +56,16 @@ class QFFL(QFedAvg):
         den = 0.0
         for m in valid:
             local = to_numpy(next(iter(m.content.array_records.values())))
-            f = metric(m, self.train_loss_key) + LOSS_EPS
+            f = np.float64(metric(m, self.train_loss_key) + LOSS_EPS)
             grad = {k: lipschitz * (w[k] - local[k]) for k in w}  # L (w - w_k)
             sq = sum(float(np.vdot(g, g)) for g in grad.values())
-            for k in w:
-                num[k] += f**self.q * grad[k]
-            den += self.q * f ** (self.q - 1) * sq + lipschitz * f**self.q
-        new = {k: w[k] - num[k] / den for k in w}  # float64, rounded once to the model's dtype
+            # NumPy's power, as Flower's (np.float_power): Python's float ** raised OverflowError out of the run for a
+            # finite loss of 1e200 at q = 2; an overflow now makes the aggregate inf, which the driver rejects
+            with np.errstate(over="ignore", invalid="ignore"):
+                fq, fq1 = np.float_power(f, self.q), np.float_power(f, self.q - 1)
+                for k in w:
+                    num[k] += fq * grad[k]
+                den += self.q * fq1 * sq + lipschitz * fq
+        with np.errstate(over="ignore", invalid="ignore"):  # (inf / inf: NaN, rejected by the driver)
+            new = {k: w[k] - num[k] / den for k in w}  # float64, rounded once to the model's dtype
         return to_record(new, like=model), self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
