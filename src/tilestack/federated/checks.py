@@ -228,13 +228,19 @@ def check_hyperparameters(strategy: Strategy) -> None:
 # the records a message's model and config travel in: tilestack's ClientApp reads these names (as Flower's own apps
 # do), and ManagedGrid puts a client's share of work into the config record by name
 RECORD_KEYS = {"arrayrecord_key": "arrays", "configrecord_key": "config"}
+METRIC_KEYS = ("weighted_by_key", "train_loss_key")  # the metrics Flower's strategies weight by / read the loss from
 
 
 def check_record_keys(strategy: Strategy) -> None:
     """Refuse a Flower strategy that sends its model or config under another record name
     (``FedAvg(arrayrecord_key="model")``): every client failed on the missing 'arrays' record, round after round, and
-    the run aggregated nothing."""
+    the run aggregated nothing. Refuse a weighting or loss metric name that is no name (``weighted_by_key=None``):
+    Flower looked up the key None in every reply and skipped every round as 'inconsistent replies'."""
     for s in strategy_levels(strategy):
+        for attr in METRIC_KEYS:
+            if attr in vars(s) and not (isinstance(vars(s)[attr], str) and vars(s)[attr]):
+                raise FederatedError(f"{type(s).__name__}: {attr}={vars(s)[attr]!r}; expected the name of a metric "
+                                     "every client reply carries (a non-empty str, e.g. 'num-examples')")  # fmt: skip
         for attr, want in RECORD_KEYS.items():
             got = vars(s).get(attr, want)
             if got != want:
