@@ -82,6 +82,8 @@ class Compressed(Strategy):
     """``inner`` trained on compressed client updates (see module doc)."""
 
     def __init__(self, inner: Strategy, method: str = "topk", ratio: float = 0.01):
+        if not isinstance(inner, Strategy):  # (None or a name ran until round 1 raised AttributeError on it)
+            raise TypeError(f"Compressed: inner is a {type(inner).__name__}; expected a flwr Strategy to wrap")
         self.spec = f"{method}:{ratio}" if method == "topk" else method
         parse(self.spec)  # checks method and ratio
         level = inner

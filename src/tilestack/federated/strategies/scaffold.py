@@ -13,6 +13,7 @@ c by ``|S| / N`` times the mean of the ``c_i`` changes.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 
 import numpy as np
@@ -35,7 +36,8 @@ class Scaffold(FedAvg):
 
     def __init__(self, *, global_lr: float = 1.0, **fedavg_kwargs):
         super().__init__(**fedavg_kwargs)
-        if isinstance(global_lr, bool) or not isinstance(global_lr, (int, float)) or not 0 < global_lr < math.inf:
+        # numbers.Real: a NumPy scalar (np.float32(1.0), read from a config array) is a number too; it was refused
+        if isinstance(global_lr, bool) or not isinstance(global_lr, numbers.Real) or not 0 < global_lr < math.inf:
             raise ValueError(f"Scaffold: global_lr={global_lr!r}; expected a finite number > 0")
         self.global_lr = global_lr
         self.c: dict[str, np.ndarray] | None = None

@@ -150,6 +150,8 @@ class Selected(Strategy):
 
     def __init__(self, inner: Strategy, selector: RandomSelector | OortSelector, per_round: int):
         require_int("Selected", "per_round", per_round, low=1)
+        if not isinstance(inner, Strategy):  # (None or a name ran until round 1 raised AttributeError on it)
+            raise TypeError(f"Selected: inner is a {type(inner).__name__}; expected a flwr Strategy to wrap")
         if getattr(inner, "fraction_train", 1.0) != 1.0:
             raise ValueError(
                 f"Selected: inner.fraction_train={inner.fraction_train!r}; expected 1.0 (the selector picks the nodes)"
