@@ -112,10 +112,19 @@ def plan_layouts(ir: KernelIR) -> dict[Value, tuple]:
 
 def blocked_params(rows: int, cols: int, itemsize: int, warps: int) -> tuple[list, list, list]:
     """(size_per_thread, threads_per_warp, warps_per_cta) of a coalesced 2-D layout: 16-byte vectors along a
-    row, a warp's threads across a row first, warps down the rows."""
+    row, a warp's threads across a row first, warps down the rows while there are rows for them, the rest across
+    the columns. (All warps down the rows of a thin tile, a (1, 1024) row, made all but one warp hold copies of
+    that warp's elements: 8x the registers, and a kernel of a few such tiles spilled.)"""
     vec = max(1, min(cols, VECTOR_BYTES // itemsize))
     tcols = min(THREADS_PER_WARP, max(1, cols // vec))
-    return [1, vec], [THREADS_PER_WARP // tcols, tcols], [warps, 1]
+    trows = THREADS_PER_WARP // tcols
+    wrows = 1
+    while wrows < warps and wrows * 2 * trows <= rows:
+        wrows *= 2
+    wcols = 1
+    while wrows * wcols < warps and wcols * 2 * tcols * vec <= cols:
+        wcols *= 2
+    return [1, vec], [trows, tcols], [warps // wcols, wcols]
 
 
 def materialize(key: tuple, warps: int, parent_name=None) -> str:
