@@ -337,7 +337,7 @@ def triangle_mult(A, B, MA, MB, GATE, OUT, *, BI: int = 16, BJ: int = 16, BK: in
     ma = ts.RegTile[ts.f32, BI, BK]()
     mb = ts.RegTile[ts.f32, BJ, BK]()
     a16 = ts.RegTile[A.dtype, BI, BK]()
-    b16 = ts.RegTile[B.dtype, BJ, BK]()
+    b16 = ts.SharedTile[B.dtype, BJ, BK]()              # (wgmma reads its b operand from shared memory)
     acc = ts.RegTile[ts.f32, BI, BJ]()
     ts.zero(acc)
     for k in ts.range(ts.cdiv(A.shape[3], BK)):
