@@ -143,7 +143,8 @@ def test_a_negative_loss_is_left_out_of_q_fedavg_naming_it_and_the_rest_follow_t
     task = blobs(3)
     losses = {0: -5.0, 1: 1.0, 2: 2.0}
     make = {"QFFL": lambda: QFFL(q=0.5, client_learning_rate=0.05, **ALL),
-            "QFedAvg": lambda: QFedAvg(q=0.5, client_learning_rate=0.05, train_loss_key=SL, **ALL)}[strategy]  # fmt: skip
+            "QFedAvg": lambda: QFedAvg(q=0.5, client_learning_rate=0.05, train_loss_key=SL, **ALL)}  # fmt: skip
+    make = make[strategy]
     grid = make_grid(scripted(_loss_script(lambda p, r: losses[p])), task)
     res = run_rounds(make(), grid, initial_arrays(task), num_rounds=1)
     m = res.history.rounds[0]
