@@ -631,3 +631,42 @@ def test_speculative_rejection_sampling(backend, dtype, tok_dtype, B, K, V, rng)
         t, thr = int(out[b, n]), float(r[b]) * float(cum[-1])
         # the token passes the threshold by the float64 sums, up to f32 rounding of the running sum
         assert w[t] > 0 and cum[t] - w[t] <= thr + 1e-5 and cum[t] >= thr - 1e-5, (b, t, thr, cum)
+
+
+# ---- 5. the sum of a vector: what the refusal says to write, and that it runs --------------------------------------
+def test_reducing_a_vector_names_the_recipe_and_the_recipe_runs():
+    """This round's kernels reduce vectors five times (the accepted count, a segment's norms, Viterbi's best score). A
+    vector given to row_sum said only "src must be a tile, got RegVec[f32, 16]"; it names the vector and says how to
+    write the reduction now (lang.ops._reduce), and what it says gives the vector's sum on both executors."""
+    from tilestack.errors import TileShapeError
+
+    @ts.kernel(grid=lambda X: (1,))
+    def vec_sum_wrong(X, Y):
+        v = ts.RegVec[ts.f32, 16]()
+        ts.load(v, X, at=(0,))
+        s = ts.RegVec[ts.f32, 1]()
+        ts.row_sum(s, v)
+        ts.store(Y, s, at=(0,))
+
+    with pytest.raises(TileShapeError, match=r"row_sum: src `v` is a vector, RegVec\[f32, 16\]; reductions take a "
+                                             r"2-D tile\. To reduce a vector, make it the one row of a \(1, 16\) tile, "
+                                             r"t = RegTile\[f32, 1, 16\]\(\); zero\(t\); add\(t, t, per_col\(v\)\), "
+                                             r"then row_sum\(dst, t\)"):
+        vec_sum_wrong(torch.ones(16), torch.zeros(1), backend="reference")
+
+    @ts.kernel(grid=lambda X: (1,))
+    def vec_sum(X, Y):
+        v = ts.RegVec[ts.f32, 16]()
+        ts.load(v, X, at=(0,))
+        t = ts.RegTile[ts.f32, 1, 16]()
+        ts.zero(t)
+        ts.add(t, t, ts.per_col(v))
+        s = ts.RegVec[ts.f32, 1]()
+        ts.row_sum(s, t)
+        ts.store(Y, s, at=(0,))
+
+    x = torch.arange(13.0) - 100.0                       # 13 of 16: the tile's tail reads 0
+    for backend in BACKENDS:
+        y = poisoned(1)
+        launch(vec_sum, backend, x, y)
+        assert float(y) == float(x.sum()), backend

@@ -214,7 +214,7 @@ MISUSE = {   # name -> (body(X), error, message)
     "per_row_into_a_vector": (lambda X: ts.where(ts.RegVec[ts.f32, 8](), _mask8(), ts.per_row(_vec8()), 0.0),
                               TileShapeError, r"where: a is per_row\(...\), which broadcasts into a 2-D tile"),
     "col_sum_of_a_vector": (lambda X: ts.col_sum(ts.RegVec[ts.f32, 8](), ts.RegVec[ts.f32, 8]()), TileShapeError,
-                            r"col_sum: src must be a tile, got RegVec\[f32, 8\]"),
+                            r"col_sum: src `.*` is a vector, RegVec\[f32, 8\]; reductions take a 2-D tile"),
     "logical_not_of_numbers": (lambda X: ts.logical_not(ts.RegVec[ts.bool_, 8](), ts.RegVec[ts.f32, 8]()),
                                TileDTypeError, r"logical_not: .*f32"),
     "mma_AtBt_shapes": (lambda X: ts.mma_AtBt(ts.RegTile[ts.f32, 16, 16](), ts.RegTile[ts.f16, 16, 32](),

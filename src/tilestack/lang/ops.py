@@ -357,8 +357,12 @@ def _reduce(fn: str, axis: str, dst: Tile, src: Tile, acc: Tile | None) -> None:
     for arg, t in (("dst", dst), ("src", src)) + ((("acc", acc),) if acc is not None else ()):
         _need_tile(opname, arg, t)
         _need_reg(opname, arg, t)
-    if src.type.is_vec:
-        raise TileShapeError(f"{opname}: src must be a tile, got {src.type}", user_line())
+    if src.type.is_vec:   # (the whole vector's sum or max is a common want: say how to write it)
+        n = src.shape[0]
+        raise TileShapeError(f"{opname}: src `{_name(src)}` is a vector, {src.type}; reductions take a 2-D tile. To "
+                             f"reduce a vector, make it the one row of a (1, {n}) tile, t = RegTile[{src.dtype}, 1, "
+                             f"{n}](); zero(t); add(t, t, per_col({_name(src)})), then row_{fn}(dst, t) into a "
+                             f"RegVec[..., 1]", user_line())
     out = (src.shape[0],) if axis == "row" else (src.shape[1],)
     if acc is not None and acc.shape != out:
         raise TileShapeError(f"{opname}: acc `{_name(acc)}` is {acc.shape}; expected {out}", user_line())
