@@ -17,6 +17,15 @@ the accepted prefix's length, then in a second launch the replacement token draw
 an inverse CDF carried across vocabulary tiles, or the bonus token from the target's extra row when all are
 accepted). More kernels of this round are in test_heldout_round16_more.py; the explicit-hardware kernel and the
 sm_90a compiles are in test_heldout_round16_hw.py.
+
+What this round found: no kernel gave a wrong answer on either executor. Fixed, each kept as its test:
+- Gluon: a thin tile (a (1, 1024) row of a flat buffer) put every warp down its one row, 7 of 8 warps holding copies:
+  the multi-tensor LAMB step spilled 284 bytes per thread at 255 registers on sm_90a; warps go across the columns
+  where the rows run out now (backends.gluon.layouts.blocked_params):
+  test_heldout_round16_hw.py::test_thin_tiles_spread_their_warps_across_columns_on_gluon;
+- language: a vector given to a reduction (row_sum(s, v), the sum of a vector, written five times by this round's
+  kernels) said only "src must be a tile"; it names the vector and the way to write it now (lang.ops._reduce):
+  test_reducing_a_vector_names_the_recipe_and_the_recipe_runs.
 """
 
 import math
@@ -222,8 +231,8 @@ def t5_bucket_thresholds(num_buckets: int, max_distance: int, bidirectional: boo
 @ts.kernel(grid=lambda Q, BM: (ts.cdiv(Q.shape[2], BM), Q.shape[0] * Q.shape[1]))
 def t5_attention(Q, K, V, BIAS, KLEN, O, *, NB: int = 32, MAXD: int = 128, BIDIR: bool = True, BM: int = 16,
                  BN: int = 16, D: int = 16):
-    """O = softmax(Q K^T + BIAS[bucket(j - i), h]) V per (batch, head) (T5: no 1/sqrt(d) scale); BIAS (NB, H) f32 as T5's
-    relative_attention_bias weight; keys j >= KLEN[b] masked; BIDIR False: also keys after the query (the decoder).
+    """O = softmax(Q K^T + BIAS[bucket(j - i), h]) V per (batch, head) (T5: no 1/sqrt(d) scale); BIAS (NB, H) f32 as
+    T5's relative_attention_bias weight; keys j >= KLEN[b] masked; BIDIR False: also keys after the query (the decoder).
     A query that sees no key gets 0. Grid: (query blocks, B * H)."""
     i, bh = ts.block_id(0), ts.block_id(1)
     H = Q.shape[1]
@@ -383,10 +392,11 @@ def test_t5_relative_bias_attention(backend, dtype, bidir, N, Nk, klen, nb, maxd
 # ---- 3. 2-D axial rotary embedding (vision) ---------------------------------------------------------------------
 @ts.kernel(grid=lambda X, BT: (ts.cdiv(X.shape[2], BT), X.shape[1], X.shape[0]))
 def rope_axial(X, OUT, GW: int, PREFIX: int, *, THETA: float = 100.0, BT: int = 16, DQ: int = 16):
-    """X, OUT (B, H, N, 4 DQ) (a (B, N, H, D) tensor's transposed view: a tile spans tokens and head dims): tokens [PREFIX, N) are the patches of a grid GW wide in row-major order; patch p at row
-    p // GW, column p % GW. The head dimension's first half turns by the row, its second by the column, each half as
-    rotate-half pairs (quarter 0 with 1, 2 with 3) at frequencies THETA^(-k / DQ), k < DQ. The first PREFIX tokens
-    (class and register tokens) are copied unturned. OUT may be X. Grid: (token blocks, H, B)."""
+    """X, OUT (B, H, N, 4 DQ) (a (B, N, H, D) tensor's transposed view: a tile spans tokens and head dims): tokens
+    [PREFIX, N) are the patches of a grid GW wide in row-major order; patch p at row p // GW, column p % GW. The head
+    dimension's first half turns by the row, its second by the column, each half as rotate-half pairs (quarter 0 with
+    1, 2 with 3) at frequencies THETA^(-k / DQ), k < DQ. The first PREFIX tokens (class and register tokens) are copied
+    unturned. OUT may be X. Grid: (token blocks, H, B)."""
     i, h, b = ts.block_id(0), ts.block_id(1), ts.block_id(2)
     tok = ts.RegVec[ts.i32, BT]()
     ts.arange(tok, i * BT)

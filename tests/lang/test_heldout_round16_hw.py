@@ -18,8 +18,16 @@ import pytest
 import torch
 from gluon_sync_check import check_sync, partitions
 from heldout_support import BACKENDS, BF, I32, I64, close, launch, meta, randn
-from sm90a_compile import check_triton_sm90a, compile_gluon_sm90a
-from test_heldout_round16 import mla_decode_split, mla_merge, mla_ref, rope_axial, spec_accept, spec_resample, t5_attention
+from sm90a_compile import check_triton_sm90a
+from test_heldout_round16 import (
+    mla_decode_split,
+    mla_merge,
+    mla_ref,
+    rope_axial,
+    spec_accept,
+    spec_resample,
+    t5_attention,
+)
 from test_heldout_round16_more import (
     lamb_apply,
     lamb_moments,
