@@ -66,6 +66,7 @@ from tilestack.perf.profile_args import (
     _fresh,
     as_call,
     check_arguments,
+    check_call,
     check_ceilings,
     check_placement,
     model_name,
@@ -187,7 +188,12 @@ class ModelProfile:
         """How well the step time is known: the half-width of its median's 95% interval over the median."""
         return timing.rel_ci(self.step_times_s) if any(self.step_times_s) else None  # all 0: nothing ran
 
-    def hot_spots(self, n: int = HOT_SPOTS) -> list[OpStat]:
+    def hot_spots(self, n: int | None = HOT_SPOTS) -> list[OpStat]:
+        """The ``n`` ops that took the most time. A negative ``n`` (a slice's end) dropped the last rows silently
+        and a str failed inside the slice (profiler round 13): both refused by name."""
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):  # None: all, as top=None
+            raise ProfileError(f"hot_spots: n={describe(n)} ({type(n).__name__}); expected an int >= 0 (rows shown) "
+                               "or None (all)")
         return [o for o in self.ops if o.op != OTHER][:n]
 
 
@@ -237,6 +243,7 @@ def make_step(model: Callable[..., Any], inputs: Any, *, train: bool = False) ->
 
     if not isinstance(train, bool):  # "no" would be truthy: a backward nobody asked for
         raise ProfileError(f"train={describe(train)} ({type(train).__name__}); expected True or False")
+    check_call(model, inputs)  # now, not when the step first runs
     args, kwargs = as_call(inputs)
     params = list(model.parameters()) if train and isinstance(model, torch.nn.Module) else []
     needs_grad: list[bool] = []  # decided by the first forward-only call: [True] where the model needs gradients
@@ -358,7 +365,7 @@ def profile_model(
         step = same_draws(step, model)  # every step the same random draws: the same work, counted and timed
         # Warm-up first, so the counted step is a steady-state one (gradients already allocated, caches built).
         guarded("warm-up", warm)
-        step = same_state(step, model)  # every later step from the state the warm-up left: the same work
+        step = same_state(step, model, inputs)  # every later step from the state the warm-up left: the same work
         counts = guarded("counting pass", lambda: count_ops(step))
         if ceilings is None and ceil is not None:
             ceil = _with_roofs_for(ceil, dev, counts)

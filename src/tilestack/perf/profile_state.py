@@ -19,10 +19,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import itertools
 import operator
 import random
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from tilestack.perf.counting import _tensors
@@ -178,9 +179,10 @@ def _changed(now: Any, held: Any) -> bool:
     return any(a is not b for a, b in zip(now, held, strict=True))
 
 
-def _unwrap(model: Any) -> tuple[list[Any], list[Any]]:
+def _unwrap(model: Any, inputs: Any = ()) -> tuple[list[Any], list[Any], list[Any]]:
     """The modules whose state a call of ``model`` may change (the model, net.forward's net, a net a
-    ``functools.partial`` binds), and the arguments its partials bind."""
+    ``functools.partial`` binds), the arguments its partials bind (and the modules, optimizers and tensors a function
+    refers to), and the plain objects (:func:`_reachable`) the modules, the bound arguments and the ``inputs`` hold."""
     import torch
 
     bound: list[Any] = []  # what functools.partial(net, mask=m) binds: its tensors are kept as the inputs are
@@ -189,13 +191,69 @@ def _unwrap(model: Any) -> tuple[list[Any], list[Any]]:
         model = model.func
     bound += _referenced(model)
     owners = [o if isinstance(o, torch.nn.Module) else getattr(o, "__self__", None) for o in (model, *bound)]
-    modules = list(dict.fromkeys(m for o in owners if isinstance(o, torch.nn.Module) for m in o.modules()))
-    return modules, bound
+    roots = [o for o in owners if isinstance(o, torch.nn.Module)] + [model, *bound, inputs]
+    modules, objects = _reachable(roots)
+    return modules, bound, objects
+
+
+OBJECT_DEPTH = 6  # links followed from a model to the modules and plain objects it holds (attribute, item, ...)
+OBJECT_ITEMS = 256  # items of one list, tuple, set or dict looked into for modules and plain objects
+
+
+def _plain_object(x: Any) -> bool:
+    """An instance of a user class that keeps its state in its ``__dict__`` (a KV cache object, a holder of a teacher
+    net): not a module, tensor, class, function, Python module, generator, optimizer (``_Stepper`` puts those back)."""
+    import types
+
+    import torch
+
+    return hasattr(x, "__dict__") and not isinstance(x, (
+        type, torch.nn.Module, torch.Tensor, types.FunctionType, types.MethodType, types.BuiltinFunctionType,
+        types.ModuleType, functools.partial, torch.Generator, *_stepper_kinds(),
+    ))
+
+
+def _reachable(roots: list[Any]) -> tuple[list[Any], list[Any]]:
+    """The modules (with their submodules) and the plain objects reachable from ``roots`` through modules' plain
+    attributes, plain objects' attributes and the items of lists, tuples, sets and dicts (``OBJECT_DEPTH`` links,
+    ``OBJECT_ITEMS`` items of each container).
+
+    A module's registered submodules were not all a forward changes (profiler round 13): a net held in a plain list
+    (``self._teacher = [copy.deepcopy(self.net)]``, kept out of ``parameters()`` on purpose, as EMA teachers are)
+    had its parameters and BatchNorm statistics moved by every profiled step and left so; a cache object on the
+    module or among the inputs (``cache.keys.append(k)``, as a decoder's past key values) grew by one entry per
+    step, so every timed step attended over a longer cache than the counted one, and the caller's cache was left
+    holding the profile's entries."""
+    import torch
+
+    internals = _module_internals()
+    modules: dict[int, Any] = {}
+    objects: dict[int, Any] = {}
+    seen: set[int] = set()
+    todo = [(r, 0) for r in roots]
+    while todo:
+        x, depth = todo.pop()
+        if id(x) in seen or depth > OBJECT_DEPTH or isinstance(x, torch.Tensor | str | bytes | int | float):
+            continue
+        seen.add(id(x))
+        if isinstance(x, torch.nn.Module):
+            for m in x.modules():
+                modules.setdefault(id(m), m)
+                todo += [(v, depth + 1) for k, v in vars(m).items() if k not in internals]
+        elif isinstance(x, Mapping):
+            todo += [(v, depth + 1) for v in itertools.islice(x.values(), OBJECT_ITEMS)]
+        elif isinstance(x, list | tuple | set | frozenset | collections.deque):
+            todo += [(v, depth + 1) for v in itertools.islice(x, OBJECT_ITEMS)]
+        elif _plain_object(x):
+            objects.setdefault(id(x), x)
+            todo += [(v, depth + 1) for v in vars(x).values()]
+    return list(modules.values()), list(objects.values())
 
 
 def _referenced(fn: Any, depth: int = 3) -> list[Any]:
-    """The modules, optimizers, schedulers and grad scalers a plain function (a training step ``def step(x, y)``, a
-    lambda around a model) refers to by its closure or by global names, also through the functions it calls (to
+    """The modules, optimizers, schedulers, grad scalers, tensors (and lists, tuples and dicts of them) and plain
+    objects a plain function (a training step ``def step(x, y)``, a lambda around a model, a functional model on its
+    own weight tensors) refers to by its closure or by global names, also through the functions it calls (to
     ``depth``): a profile of the function runs their steps, and must put them back too."""
     import types
 
@@ -218,7 +276,11 @@ def _referenced(fn: Any, depth: int = 3) -> list[Any]:
             with contextlib.suppress(ValueError):  # a cell not yet filled
                 cells.append(cell.cell_contents)
         for obj in [*cells, *(f.__globals__[n] for n in names if n in f.__globals__)]:
-            if isinstance(obj, (torch.nn.Module, *_stepper_kinds())):
+            if isinstance(obj, (torch.nn.Module, torch.Tensor, *_stepper_kinds())) or (
+                isinstance(obj, list | tuple | dict) and _tensors(obj)
+            ) or (not isinstance(obj, types.FunctionType) and _plain_object(obj)):
+                # tensors too (round 13): a functional model's own weights (``x @ W1 + b1``, W1 a global leaf that
+                # requires grad) took the profile's gradients, summed over its steps, and kept them in W1.grad
                 found.setdefault(id(obj), obj)
             elif left > 1:
                 todo.append((obj, left - 1))
@@ -258,7 +320,8 @@ def same_draws(step: Callable[[], Any], model: Any) -> Callable[[], Any]:
     back to their states of now before each. A step whose work depends on its draws (tokens sampled until an
     end token, a random depth) then does the same work in the counted step and in every timed one; without this
     the counted step's 6 sampled tokens were joined with timed steps of 1 to 30."""
-    draws = _Draws(_unwrap(model)[0])
+    modules, _, objects = _unwrap(model)
+    draws = _Draws([*modules, *objects])
 
     def inner() -> Any:
         draws.restore()
@@ -281,7 +344,7 @@ class _Bindings:
     left one per profiled step on the caller's model, and each timed step ran more hooks than the counted one
     (profiler round 12)."""
 
-    def __init__(self, modules: list[Any]) -> None:
+    def __init__(self, modules: list[Any], objects: list[Any] = ()) -> None:
         import torch
 
         lazy = torch.nn.modules.lazy.LazyModuleMixin
@@ -294,6 +357,8 @@ class _Bindings:
             if all(isinstance(getattr(m, t, None), dict) for t in ("_parameters", "_buffers", "_modules"))
         ]
         self.attributes = [_Attributes(m, internals) for m in modules if not isinstance(m, lazy)]
+        # a plain object's attributes (a cache object's list of keys), rebound and refilled as a module's
+        self.attributes += [_Attributes(o, frozenset()) for o in objects]
 
     def restore(self) -> None:
         for m, tables in self.slots:
@@ -311,13 +376,14 @@ class _Bindings:
             a.restore()
 
 
-def same_state(step: Callable[[], Any], model: Any) -> Callable[[], Any]:
+def same_state(step: Callable[[], Any], model: Any, inputs: Any = ()) -> Callable[[], Any]:
     """``step`` starting on every call from the model's state of now (after the warm-up): its plain attributes and
     parameter and buffer tables rebound as they are now (no tensor copied: a copy would be the step's work). A
     model whose work grows with its state (a KV cache concatenated onto, or written at a position counter) then
     does the same work in the counted step and in every timed one; without this each timed step attended over a
-    longer cache than the counted one."""
-    bindings = _Bindings(_unwrap(model)[0])
+    longer cache than the counted one. Plain objects among ``inputs`` (a cache object passed to forward) too."""
+    modules, _, objects = _unwrap(model, inputs)
+    bindings = _Bindings(modules, objects)
 
     def inner() -> Any:
         bindings.restore()
@@ -333,10 +399,11 @@ def preserved(model: Any, inputs: Any) -> Iterator[None]:
     and the tensors' values and requires_grad flags), each parameter's (and each leaf input's) ``.grad`` tensor (set
     aside, so the profile's gradients are neither added into the caller's nor left behind), each module's training
     mode, the input tensors' values, and the RNG states of torch (CPU and every initialised GPU), Python's ``random``
-    and NumPy's."""
+    and NumPy's; likewise the modules and plain objects (their attributes) that these and the inputs hold
+    (:func:`_reachable`), and the tensors a function refers to (:func:`_referenced`)."""
 
-    modules, bound = _unwrap(model)
-    bindings = _Bindings(modules)
+    modules, bound, objects = _unwrap(model, inputs)
+    bindings = _Bindings(modules, objects)
     values = [t for m in modules for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))]
     values += _tensors([a.values for a in bindings.attributes])
     steppers = _steppers(bindings.attributes, bound)
@@ -354,7 +421,7 @@ def preserved(model: Any, inputs: Any) -> Iterator[None]:
     # Whether each leaf requires grad: a forward that freezes a layer (``self.encoder.requires_grad_(False)`` after
     # some calls) left the caller's parameters frozen, so its next training step skipped their gradients (round 12).
     flags = [(t, t.requires_grad) for t in held.values() if t.is_leaf]
-    draws = _Draws(modules)
+    draws = _Draws([*modules, *objects])
     try:
         yield
     finally:
