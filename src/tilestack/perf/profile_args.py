@@ -58,6 +58,35 @@ def model_name(model: Any) -> str:
     return type(model).__name__
 
 
+def _refuse(arg: str, value: Any, expected: str) -> None:
+    raise ProfileError(f"{arg}={describe(value)} ({type(value).__name__}); expected {expected}")
+
+
+def check_call(model: Any, inputs: Any) -> None:
+    """Refuse a model that cannot be called and inputs that cannot be bound to a call (``profile_model`` and
+    ``make_step`` check them before any work): each message names the argument, what it was given and what it
+    expects. ``make_step(None, x)`` returned a step that failed only when run ("'NoneType' object is not callable",
+    profiler round 13)."""
+    if not callable(model):
+        _refuse("model", model, "a torch.nn.Module or a callable taking the inputs")
+    if isinstance(model, type):  # nn.Linear, not nn.Linear(8, 8): calling it would build a module, not run one
+        _refuse("model", model, f"a model instance, not its class (build one first: {model.__name__}(...))")
+    if isinstance(inputs, str | bytes | int | float | complex | bool) or inputs is None:
+        _refuse("inputs", inputs, "a tensor, a tuple or list of positional arguments, or a dict of keyword arguments")
+    if isinstance(inputs, set | frozenset | Iterator):  # no order to bind by, or used up by the first step
+        _refuse("inputs", inputs, "a tuple or list of positional arguments (a set has no order, an iterator is "
+               "used up by the first step)")
+    if type(inputs).__module__ == "numpy":
+        _refuse("inputs", inputs, "torch tensors (torch.from_numpy turns an array into one)")
+    if isinstance(inputs, Mapping) and not all(isinstance(k, str) for k in inputs):
+        _refuse("inputs", inputs, "a dict whose keys are the names of forward's keyword arguments (str)")
+    array = _numpy_array(inputs if isinstance(inputs, tuple | list | Mapping) else (inputs,), "inputs")
+    if array is not None:  # a model's layers take tensors: it would fail in its first step, naming no argument
+        where, value = array
+        raise ProfileError(f"{where}=a numpy array of shape {tuple(value.shape)} ({value.dtype}); expected a torch "
+                           "tensor (torch.from_numpy(array) makes one)")
+
+
 def check_arguments(
     model: Any, inputs: Any, *, steps: Any, warmup: Any, train: Any, name: Any, device: Any, ceilings: Any,
     fastpath: Any, budget_s: Any,
@@ -70,27 +99,8 @@ def check_arguments(
 
     from tilestack.perf import device as device_mod
 
-    def refuse(arg: str, value: Any, expected: str) -> None:
-        raise ProfileError(f"{arg}={describe(value)} ({type(value).__name__}); expected {expected}")
-
-    if not callable(model):
-        refuse("model", model, "a torch.nn.Module or a callable taking the inputs")
-    if isinstance(model, type):  # nn.Linear, not nn.Linear(8, 8): calling it would build a module, not run one
-        refuse("model", model, f"a model instance, not its class (build one first: {model.__name__}(...))")
-    if isinstance(inputs, str | bytes | int | float | complex | bool) or inputs is None:
-        refuse("inputs", inputs, "a tensor, a tuple or list of positional arguments, or a dict of keyword arguments")
-    if isinstance(inputs, set | frozenset | Iterator):  # no order to bind by, or used up by the first step
-        refuse("inputs", inputs, "a tuple or list of positional arguments (a set has no order, an iterator is "
-               "used up by the first step)")
-    if type(inputs).__module__ == "numpy":
-        refuse("inputs", inputs, "torch tensors (torch.from_numpy turns an array into one)")
-    if isinstance(inputs, Mapping) and not all(isinstance(k, str) for k in inputs):
-        refuse("inputs", inputs, "a dict whose keys are the names of forward's keyword arguments (str)")
-    array = _numpy_array(inputs if isinstance(inputs, tuple | list | Mapping) else (inputs,), "inputs")
-    if array is not None:  # a model's layers take tensors: it would fail in its first step, naming no argument
-        where, value = array
-        raise ProfileError(f"{where}=a numpy array of shape {tuple(value.shape)} ({value.dtype}); expected a torch "
-                           "tensor (torch.from_numpy(array) makes one)")
+    refuse = _refuse
+    check_call(model, inputs)
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         refuse("steps", steps, "an int >= 1 (profiled steps), or None to profile until the step time is known")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:

@@ -239,6 +239,9 @@ def print_profile(p: ModelProfile, con: Any = None, top: int | None = None) -> N
     from tilestack.perf.report import spread as show_spread
 
     _check_profile("print_profile", p, top=top)
+    if con is not None and not callable(getattr(con, "print", None)):  # a str failed after the checks, deep in rich
+        raise ProfileError(f"print_profile: con={describe(con)} ({type(con).__name__}); expected a rich Console (or "
+                           "anything with a print method), or None for one on the terminal")
     con = console(con)
     mode = "forward + backward" if p.train else "its own step (it runs its backward)" if p.own_backward else "forward"
     spread = p.step_rel_ci
