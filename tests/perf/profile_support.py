@@ -83,7 +83,7 @@ class Profiles:
             # the random state is back where the profile started: every step draws what the profile's steps drew
             step = same_draws(profile._without_fastpath(profile.make_step(model, inputs, train=train)), model)
             step()  # the profile's warm-up: it puts the model back as it was (no gradients), so warm it again
-            step = same_state(step, model)  # and each step from the state the warm-up left, as the profile's
+            step = same_state(step, model, inputs)  # and each step from the state the warm-up left, as the profile's
             try:
                 theirs = None if name in self.without_torch else torch_by_op(step)
             except (RuntimeError, TypeError):  # torch's counter cannot follow autograd.grad inside forward (its
