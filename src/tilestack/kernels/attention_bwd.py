@@ -49,6 +49,7 @@ from tilestack.kernels.attention_fwd import (
     Dropout,
     add_bias,
     causal_diagonal,
+    heavy_first,
     causal_shift,
     check_attention_args,
     config_signature,
@@ -364,7 +365,7 @@ def _dq(Q, K, V, Bias, dO, LSE, Delta, dQ, scale, *, D: int, DV: int | None, cau
         BM: int, BN: int, precision: str = "ieee", dropout: tuple | None = None):
     """The body of every dQ kernel (``Bias`` is None for the unbiased ones; ``dropout`` as in ``_dkdv``)."""
     DV = D if DV is None else DV
-    i, bh = ts.block_id(0), ts.block_id(1)
+    i, bh = heavy_first(ts.block_id(0), Q, BM, causal), ts.block_id(1)
     H = Q.shape[1]
     b, h = bh // H, bh % H
     hk = h // (H // K.shape[1])

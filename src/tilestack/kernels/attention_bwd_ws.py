@@ -38,7 +38,7 @@ import math
 import tilestack.lang as ts
 from tilestack.errors import BackendError, LaunchError
 from tilestack.kernels.attention_bwd import _lse_log2, key_block_queries
-from tilestack.kernels.attention_fwd import LOG2E, causal_diagonal, causal_shift, query_block_keys
+from tilestack.kernels.attention_fwd import LOG2E, causal_diagonal, causal_shift, heavy_first, query_block_keys
 from tilestack.tune.lookup import tuned_launcher
 
 ROLES = ("consumer0", "consumer1")
@@ -221,7 +221,7 @@ def attention_bwd_dq_ws_kernel(Q, K, V, dO, LSE, Delta, dQ, scale: float, *, D: 
                                TURNS: bool = ts.tunable(False, (False, True))):
     """dQ (like Q), as ``attention_bwd_dq_kernel``'s; BM / 2 query rows a consumer (at least wgmma's 64)."""
     DV = D if DV is None else DV
-    i, bh = ts.block_id(0), ts.block_id(1)
+    i, bh = heavy_first(ts.block_id(0), Q, BM, causal), ts.block_id(1)
     H = Q.shape[1]
     b, h = bh // H, bh % H
     hk = h // (H // K.shape[1])

@@ -100,6 +100,13 @@ def causal_diagonal(i, j, BM: int, BN: int, shift):
     return d if shift is None else d + shift
 
 
+def heavy_first(block, Q, BM: int, causal: bool):
+    """The query block a program takes, from its ``block`` index: under a causal mask the last block first. Its
+    rows see the most keys, and a launch runs its programs about in index order, so the last wave then holds the
+    lightest blocks instead of the heaviest (the order FlashAttention takes for causal attention)."""
+    return ts.cdiv(Q.shape[2], BM) - 1 - block if causal else block
+
+
 def query_block_keys(i, Nk, BM: int, BN: int, causal: bool, shift):
     """(n_full, n_blocks) for query block i: key blocks [0, n_full) need no mask, [n_full, n_blocks) do (the
     ragged end, the diagonal); later blocks are invisible. Indices are clamped at 0 before any division (the
@@ -208,7 +215,7 @@ def _forward(Q, K, V, Bias, O, LSE, scale, *, D: int, DV: int | None, causal: bo
     """The body of every forward kernel (``Bias`` is None for the unbiased ones; ``dropout`` is (seed, offset,
     p, scale) for the dropout ones)."""
     DV = D if DV is None else DV
-    i = ts.block_id(0)
+    i = heavy_first(ts.block_id(0), Q, BM, causal)
     bh = ts.block_id(1)
     H = Q.shape[1]
     Nk = K.shape[2]
