@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import fx
@@ -164,6 +164,9 @@ def check_options(fn: str, *, mode=None, check=False, inner="inductor", passes=N
                               "inner='inductor'")
     if passes is not None:
         given = passes
+        if isinstance(passes, Mapping):   # iterating gives its keys: {"norm": False} ran the norm pass without a word
+            raise LaunchError(f"{fn}: passes={given!r} is a mapping; expected a pass name or an iterable of the names "
+                              f"to run, from {list(PASSES)} (leave a pass out to turn it off)")
         passes = (passes,) if isinstance(passes, str) else tuple(passes) if isinstance(passes, Iterable) else None
         if passes is None or not all(isinstance(n, str) for n in passes):
             raise LaunchError(f"{fn}: passes={given!r}; expected a pass name or an iterable of names from "
