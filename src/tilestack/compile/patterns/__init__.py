@@ -26,7 +26,8 @@ Passes, in the order they run (a module each, named after its pass family):
 - ``fp8_chain``: ``tilestack.quantize(..., "fp8-act")`` layers that read the norm or the layer before them ->
   the producer writes their fp8 activations (no quantizing pass of their own).
 - ``softmax``: the remaining softmax over the last dim (with no dtype=, or the input's own).
-- ``linear_cross_entropy``: ``F.cross_entropy(F.linear(x, w), labels)`` in training graphs.
+- ``linear_cross_entropy``: ``F.cross_entropy(F.linear(x, w), labels)`` (or ``F.nll_loss(F.log_softmax(...), labels)``)
+  in training graphs.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ linear + cross-entropy kernel (the logits never reach memory whole)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from tilestack.compile import ops
@@ -31,30 +32,59 @@ def _rows_view(node) -> bool:
 
 _CE_ARGS = (("input", None), ("target", None), ("weight", None), ("size_average", None), ("ignore_index", -100),
             ("reduce", None), ("reduction", "mean"), ("label_smoothing", 0.0))
+_NLL_ARGS = _CE_ARGS[:-1]       # F.nll_loss(input, target, weight, size_average, ignore_index, reduce, reduction)
+
+
+def _log_softmax_rows(node) -> Node | None:
+    """The logits when node is ``F.log_softmax(logits, dim)`` (``torch.log_softmax``, ``logits.log_softmax``) of
+    (T, V) rows over their last dim (1 or -1: the class dim nll_loss reads) with no dtype= or f32's, read by one node;
+    else None. With it ``F.nll_loss(node, labels)`` is ``F.cross_entropy(logits, labels)``."""
+    if not isinstance(node, Node) or len(node.users) != 1 or not node.args:
+        return None
+    if node.op == "call_function" and node.target in (F.log_softmax, torch.log_softmax, torch.special.log_softmax):
+        dtype = _arg(node, 3 if node.target is F.log_softmax else 2, "dtype")
+    elif node.op == "call_method" and node.target == "log_softmax":
+        dtype = _arg(node, 2, "dtype")
+    else:
+        return None
+    logits, dim = node.args[0], _arg(node, 1, "dim")
+    lv = value(logits)
+    if not isinstance(logits, Node) or not isinstance(lv, torch.Tensor) or lv.dim() != 2 or dim not in (1, -1) or \
+            dtype not in (None, torch.float32):
+        return None
+    return logits
 
 
 def linear_cross_entropy(gm: fx.GraphModule):
     """``F.cross_entropy(F.linear(x, w)[.float()], labels)`` (mean, no class weights or smoothing; the logits may be
-    flattened to rows in the loss, ``logits.view(-1, V)``) in a training
+    flattened to rows in the loss, ``logits.view(-1, V)``; or ``F.nll_loss(F.log_softmax(logits, -1), labels)`` of
+    such (T, V) logits) in a training
     graph -> the fused linear + cross-entropy, which never makes the (T, V) logits whole. Not in inference
     graphs: the fused op makes the gradients in its forward, which only a backward pays back."""
     from tilestack.kernels.cross_entropy import check_ce_args
 
     matches, declined = [], []
     for node in gm.graph.nodes:
-        if kind(node) != "cross_entropy":
+        # F.nll_loss(F.log_softmax(logits, -1), labels) is the cross-entropy written in two (it was left as "no
+        # tilestack kernel for it"): the log_softmax is erased with the loss
+        nll = kind(node) == "nll_loss" and _log_softmax_rows(_arg(node, 0, "input")) is not None
+        if kind(node) != "cross_entropy" and not nll:
             continue
-        a = {name: _arg(node, i, name, d) for i, (name, d) in enumerate(_CE_ARGS)}
+        a = {name: _arg(node, i, name, d) for i, (name, d) in enumerate(_NLL_ARGS if nll else _CE_ARGS)}
+        a.setdefault("label_smoothing", 0.0)
         given = [f"{k}={a[k]!r}" for k in ("weight", "size_average", "reduce") if a[k] is not None]
         given += [f"{k}={a[k]!r}" for k, unset in (("reduction", "mean"), ("label_smoothing", 0.0))
                   if isinstance(a[k], Node) or a[k] != unset]
         if isinstance(a["ignore_index"], Node):
             given.append("ignore_index computed in the graph")
         if given:   # the argument named (it said only "class weights, smoothing or a reduction", whichever it was)
-            declined.append((node, f"cross_entropy with {', '.join(given)}: the fused kernel takes no class weights, "
-                                   "smoothing or a reduction other than mean"))
+            declined.append((node, f"{'nll_loss' if nll else 'cross_entropy'} with {', '.join(given)}: the fused "
+                                   "kernel takes no class weights, smoothing or a reduction other than mean"))
             continue
         logits, chain, rows = a["input"], [node], False
+        if nll:
+            chain.append(logits)
+            logits = _log_softmax_rows(logits)
         # (B, N, V) logits flattened to rows in the loss (Hugging Face: logits.view(-1, V), maybe .float() first
         # or after): the fused op flattens x to (B * N, d) itself (ops.ts_linear_cross_entropy)
         while _f32_cast(logits) or (not rows and _rows_view(logits)):
@@ -91,5 +121,6 @@ def linear_cross_entropy(gm: fx.GraphModule):
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         matches.append(Match("linear_cross_entropy", ops.ts_linear_cross_entropy, [x, w, a["target"]],
                              (int(a["ignore_index"]),), [node], sorted(chain, key=order.__getitem__),
-                             "cross_entropy(linear(x, w)) -> tilestack::fused_linear_cross_entropy"))
+                             f"{'nll_loss(log_softmax(linear(x, w)))' if nll else 'cross_entropy(linear(x, w))'} -> "
+                             "tilestack::fused_linear_cross_entropy"))
     return matches, declined

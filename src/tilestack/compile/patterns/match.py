@@ -41,7 +41,7 @@ _FUNCTIONS = {
     operator.truediv: "div", torch.div: "div",
     torch.transpose: "transpose", torch.masked_fill: "masked_fill",
     F.linear: "linear", torch._C._nn.linear: "linear",
-    F.cross_entropy: "cross_entropy",
+    F.cross_entropy: "cross_entropy", F.nll_loss: "nll_loss",
     F.dropout: "dropout",
     torch.ops.tilestack.quant_linear.default: "quant_linear",
     torch._C._nn.gelu: "gelu", F.silu: "silu", F.relu: "relu", torch.relu: "relu", torch.relu_: "relu",
