@@ -3,6 +3,8 @@ graphs -> one GEMM with the bias, activation and residual add fused into its epi
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx
 
@@ -41,6 +43,8 @@ def _gemm_head(node: Node):
 def _activation(node: Node, x: Node) -> str | None:
     """The epilogue name (kernels.gemm.ACTIVATIONS) of an activation node applied to x, else None."""
     k = kind(node)
+    if node.op == "call_method" and node.target == "relu_" and node.args == (x,) and not node.kwargs:
+        return "relu"       # fc(x).relu_(): x's only reader (the callers' _sole_user) written in place is a relu
     if k not in ("relu", "gelu", "silu") or _arg(node, 0, "input") is not x:
         return None
     if k == "gelu":
@@ -79,7 +83,15 @@ def _sole_user(node: Node) -> Node | None:
 
 
 def _added(node: Node, x: Node) -> Node | None:
-    """The other operand of ``x + other`` (no alpha) when node is that add, else None."""
+    """The other operand of ``x + other`` (no alpha) when node is that add, else None. Also ``x += other`` and
+    ``x.add_(other)`` (x the tensor written): where x's only reader is that add (the callers' ``_sole_user``), the
+    write changes nothing else, and the sum is the same (they were left, "nothing to fuse"); not ``other += x``,
+    which writes other."""
+    in_place = (node.op == "call_function" and node.target is operator.iadd) or \
+        (node.op == "call_method" and node.target == "add_")
+    if in_place:
+        return node.args[1] if len(node.args) == 2 and not node.kwargs and node.args[0] is x and \
+            isinstance(node.args[1], Node) and node.args[1] is not x else None
     if kind(node) != "add" or "alpha" in node.kwargs or len(node.args) > 2:
         return None
     a, b = _arg(node, 0, "input"), _arg(node, 1, "other")
