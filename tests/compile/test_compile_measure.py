@@ -131,11 +131,46 @@ def test_a_swap_is_timed_against_the_ops_it_replaces_and_cached(fresh_cache, mon
         assert len(matches) == 1, declined
         d = measure.swap(gm, matches[0])
     assert d is not None and d.fused_s > 0 and d.unfused_s > 0 and d.baseline == "the original ops"
-    assert "|norm|ts_layer_norm|float32[6, 40];float32[40];float32[40]|" in d.what
+    assert "|norm|ts_layer_norm|float32[6, 40]/[40, 1];float32[40]/[1];float32[40]/[1]|" in d.what
     assert json.loads(fresh_cache.read_text())[d.what]["unfused_s"] == d.unfused_s
     monkeypatch.setattr(measure, "_time", lambda *a: pytest.fail("a cached swap was timed again"))
     with config.override(backend="reference"):
         assert measure.swap(gm, matches[0]).fused_s == d.fused_s
+
+
+def test_a_swap_is_timed_on_inputs_laid_out_as_the_graph_hands_them_over(fresh_cache, monkeypatch):
+    """A transposed view reaches the replacement as one (its copy is part of what the swap costs): the timed
+    inputs keep the graph's strides, and the cache tells the layouts apart."""
+    from tilestack.compile import rewrite
+    from tilestack.compile.patterns import PASSES
+
+    made = []
+    real = rewrite.random_laid_out_like
+    monkeypatch.setattr(rewrite, "random_laid_out_like", lambda f, g: made.append(real(f, g)) or made[-1])
+    x, w, b = torch.randn(40, 6), torch.randn(40), torch.randn(40)
+    gm = _grab(lambda x, w, b: torch.nn.functional.layer_norm(x.t(), (40,), w, b), x, w, b)
+    with config.override(backend="reference"):
+        matches, declined = PASSES["norm"](gm)
+        assert len(matches) == 1, declined
+        d = measure.swap(gm, matches[0])
+    assert "float32[6, 40]/[1, 6];" in d.what, d.what
+    assert [tuple(t.shape) for t in made] == [(6, 40), (40,), (40,)]
+    assert made[0].stride() == (1, 6) and not made[0].is_contiguous()
+
+
+def test_random_laid_out_like_keeps_strides_and_fills_every_element():
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from tilestack.compile.rewrite import random_laid_out_like
+    with FakeTensorMode():
+        fakes = [torch.empty(2, 8, 3, 4).transpose(1, 2), torch.empty(5, 1).expand(5, 7), torch.empty(0, 3),
+                 torch.empty(4, 6, dtype=torch.bfloat16)[:, ::2]]
+    gen = torch.Generator().manual_seed(0)
+    with unset_fake_temporarily():
+        for f in fakes:
+            r = random_laid_out_like(f, gen)
+            assert r.shape == f.shape and r.stride() == f.stride() and r.dtype == f.dtype, (f.shape, f.stride())
+            assert bool(r.isfinite().all()) and (r.numel() < 2 or float(r.float().std()) > 0)
 
 
 def test_the_policy_measures_inference_swaps_on_a_gpu_only(monkeypatch):

@@ -210,7 +210,7 @@ def swap(gm, match) -> Decision | None:
     nodes run eagerly: one kernel per op where Inductor may fuse several (add + norm), so a fused op that loses
     to them would lose to Inductor too."""
     from tilestack.compile.patterns import value
-    from tilestack.compile.rewrite import _fn_args, external_inputs, original_module, random_like
+    from tilestack.compile.rewrite import _fn_args, external_inputs, original_module, random_laid_out_like
     from tilestack.perf.device import detect
 
     inputs = external_inputs(match)
@@ -220,7 +220,8 @@ def swap(gm, match) -> Decision | None:
         return None
     device = fakes[0].device
     name = detect(str(device)).name
-    shapes = ";".join(f"{str(f.dtype).removeprefix('torch.')}{list(f.shape)}" for f in fakes)
+    # strides too: the same shapes handed over as a contiguous tensor or a transposed view are two measurements
+    shapes = ";".join(f"{str(f.dtype).removeprefix('torch.')}{list(f.shape)}/{list(f.stride())}" for f in fakes)
     key = f"{name}|{match.pattern}|{getattr(match.fn, '__name__', match.fn)}|{shapes}|{match.consts!r}"
     with _lock:
         _load()
@@ -229,7 +230,7 @@ def swap(gm, match) -> Decision | None:
             return Decision(key, hit["fused_s"], hit["unfused_s"], name, "the original ops")
         with unset_fake_temporarily(), torch.no_grad():
             gen = torch.Generator().manual_seed(0)
-            real = [random_like(f, gen) for f in fakes]
+            real = [random_laid_out_like(f, gen) for f in fakes]   # laid out as the graph hands them over
             original = original_module(gm, match, inputs)
             args = _fn_args(match, dict(zip(inputs, real, strict=True)))
             unfused_s = _time(lambda: original(*real), device)

@@ -80,6 +80,24 @@ def random_like(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out.to(dtype=t.dtype, device=t.device)
 
 
+def random_laid_out_like(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``random_like`` with t's strides as well (a transposed view of a projection stays one, an expanded mask
+    keeps its stride 0): what a replacement is handed in the graph, so that timing it counts the copies it makes of
+    such inputs. The values come from one random buffer as long as the layout reaches; a layout that cannot be
+    read (a size or stride that is no int) gives ``random_like``'s contiguous tensor."""
+    shape = tuple(size_hint(s) for s in t.shape)
+    try:
+        stride = tuple(int(s) for s in t.stride())
+    except (TypeError, ValueError, RuntimeError):
+        return random_like(t, gen)
+    if t.dtype == torch.bool or any(s < 0 for s in stride):
+        return random_like(t, gen)
+    span = 1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=True)) if all(shape) else 0
+    flat = torch.randn(span, generator=gen, dtype=torch.float32) if t.dtype.is_floating_point else \
+        torch.randint(0, 8, (span,), generator=gen)
+    return flat.to(dtype=t.dtype, device=t.device).as_strided(shape, stride)
+
+
 def _fn_args(match: Match, vals: dict) -> list:
     return [None if n is None else vals[n] for n in match.inputs] + list(match.consts)
 
