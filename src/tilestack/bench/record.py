@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -80,6 +81,11 @@ class Record:
         if not isinstance(data, dict) or data.get("kind") != KIND or data.get("format") != FORMAT:
             raise RecordError(f"record={str(path)!r} is not a {KIND} of format {FORMAT} "
                               f"(kind={data.get('kind') if isinstance(data, dict) else None!r})")
+        if not isinstance(data.get("results"), list):
+            raise RecordError(f"record={str(path)!r}: results is {type(data.get('results')).__name__}; expected a "
+                              "list of result rows")
+        for i, r in enumerate(data["results"]):
+            _check_row(path, i, r)
         try:
             ms = [Measurement.from_row(r) for r in data["results"]]
         except (AttributeError, KeyError, TypeError, ValueError) as e:
@@ -87,9 +93,58 @@ class Record:
         if not isinstance(data.get("device"), str):
             raise RecordError(f"record={str(path)!r}: no device name (device={data.get('device')!r}); expected a "
                               f"file written by `{BENCH_COMMAND} --out`")
+        # A hand-edited or foreign record (versions as a list, a source as a number) failed later, inside the
+        # comparison, with an AttributeError traceback: every field the comparison reads is checked here.
+        for key, kinds in (("versions", dict), ("device_info", dict), ("started_at", str), ("command", str),
+                           ("source", str)):
+            if data.get(key) is not None and not isinstance(data[key], kinds):
+                raise RecordError(f"record={str(path)!r}: {key} is {type(data[key]).__name__} {data[key]!r}; "
+                                  f"expected {'an object' if kinds is dict else 'a string'} or null")
         return cls(data["device"], ms, data.get("versions") or {}, data.get("device_info"),
                    data.get("started_at") or "", data.get("command") or BENCH_COMMAND,
                    data.get("source") or str(path))
+
+
+_ROW_STRINGS = ("name", "device", "dtype")
+_ROW_OPTIONAL_STRINGS = ("device_kind", "item_name", "timing_method", "energy_note", "time")
+_ROW_COUNTS = ("flops", "bytes_read", "bytes_written")
+_ROW_OPTIONAL = ("items", "latency_p10_s", "latency_p90_s", "latency_rel_ci", "measured_peak_flops",
+                 "measured_bandwidth", "published_peak_flops", "published_bandwidth", "joules_per_call",
+                 "avg_power_w", "idle_power_w")
+
+
+def _check_row(path: Path, i: int, row: Any) -> None:
+    """RecordError naming the file, the row and the field where result row ``i`` holds what no measurement can (a
+    latency that is a string, 0, negative or NaN; a config that is no object; a name that is no string): such a
+    row was taken, then failed inside the comparison with a bare TypeError or AttributeError, or as "seconds=None"
+    naming neither the file nor the row."""
+    from tilestack.perf.metrics import is_number
+
+    where = f"record={str(path)!r}: result {i}"
+    if not isinstance(row, dict):
+        raise RecordError(f"{where} is {type(row).__name__}; expected an object (a row as Measurement.to_row "
+                          "writes it)")
+    name = row.get("name")
+    where += f" ({name!r})" if isinstance(name, str) else ""
+    for key in _ROW_STRINGS:
+        if not isinstance(row.get(key), str):
+            raise RecordError(f"{where}: {key}={row.get(key)!r}; expected a string")
+    for key in _ROW_OPTIONAL_STRINGS:
+        if row.get(key) is not None and not isinstance(row[key], str):
+            raise RecordError(f"{where}: {key}={row[key]!r}; expected a string (or null)")
+    if row.get("config") is not None and not isinstance(row["config"], dict):
+        raise RecordError(f"{where}: config={row['config']!r}; expected an object (or null)")
+    lat = row.get("latency_s")
+    if not (is_number(lat) and math.isfinite(lat) and lat > 0):
+        raise RecordError(f"{where}: latency_s={lat!r}; expected a positive, finite time in seconds")
+    for key in _ROW_COUNTS:
+        v = row.get(key)
+        if not (is_number(v) and math.isfinite(v) and v >= 0):
+            raise RecordError(f"{where}: {key}={v!r}; expected a finite count >= 0")
+    for key in _ROW_OPTIONAL:
+        v = row.get(key)
+        if v is not None and not (is_number(v) and (math.isfinite(v) or math.isnan(v)) and not v < 0):
+            raise RecordError(f"{where}: {key}={v!r}; expected a finite number >= 0 or null")
 
 
 def now() -> str:
@@ -136,6 +191,9 @@ def load_side(ref: str, db: str | Path | None = None, *, latest_bench: bool = Tr
     """One side of a comparison: a record file (``*.json``), else a run of the result store (id, unique prefix,
     label, ``latest``, ``latest~N``: with ``latest_bench``, counted among bench runs only), else the newest bench
     run on a device whose name contains ``ref``."""
+    if not isinstance(ref, str) or not ref.strip():   # ('' is part of every device name: it named the newest run)
+        raise RecordError(f"side={ref!r}; expected a record file (*.json), a run (id, prefix, label, latest, "
+                          "latest~N) or a device name")
     if ref.endswith(".json"):
         if not Path(ref).is_file():
             raise RecordError(f"record={ref!r}: no such file")
