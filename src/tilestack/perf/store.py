@@ -154,9 +154,21 @@ class Store:
 
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path is not None else default_path()
+        # (a folder, or a path below a file, failed with sqlite3's "unable to open database file" or a bare
+        # FileExistsError naming neither the store nor what was expected)
+        if self.path.is_dir():
+            raise StoreError(f"result store path={str(self.path)!r} is a folder; expected a SQLite file path")
+        above = next((q for q in self.path.parents if q.exists()), None)
+        if above is not None and not above.is_dir():
+            raise StoreError(f"result store path={str(self.path)!r} cannot be made: it is below the file "
+                             f"{str(above)!r}; expected a SQLite file path")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: autocommit, transactions opened explicitly with BEGIN IMMEDIATE.
-        self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        try:
+            self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        except sqlite3.Error as e:
+            raise StoreError(f"result store {self.path} cannot be opened ({e}); expected a SQLite file path in a "
+                             "folder this process can write") from e
         self._db.row_factory = sqlite3.Row
         try:
             self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
@@ -203,6 +215,8 @@ class Store:
         """Record a new run and return its id (``20261121-224400-3fa2``)."""
         from tilestack.perf import device as device_mod
 
+        if device is None or device == "":   # (stored as the device "None": every comparison by device missed it)
+            raise StoreError(f"device={device!r}; expected the device the run measures (perf.detect(), or its name)")
         name = getattr(device, "name", None) or str(device)
         if versions is None:
             versions = device_mod.versions()
@@ -226,8 +240,14 @@ class Store:
 
     def append(self, run_id: str, m: Measurement) -> int:
         """Append one result to ``run_id``, committed before returning; the row's id."""
+        if not isinstance(m, Measurement):
+            raise StoreError(f"m={m!r} ({type(m).__name__}); expected a perf.Measurement")
         row = m.to_row()
         with self._tx():
+            # SQLite does not enforce the REFERENCES clause (foreign keys are off): a result appended to a run id
+            # that names no run was stored as an orphan no run lists, without a word
+            if self._db.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone() is None:
+                raise StoreError(f"run_id={run_id!r} names no run in {self.path}; expected an id start_run returned")
             cur = self._db.execute(
                 "INSERT INTO results (run_id, time, device, name, config_json, latency_s, flops_per_s, "
                 "bytes_per_s, row_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -272,6 +292,8 @@ class Store:
 
     def run(self, ref: str) -> Run:
         """The run named by ``ref``: an id, a unique id prefix, a label, ``latest`` or ``latest~N``."""
+        if not isinstance(ref, str) or not ref.strip():   # ('' is a prefix of every id: it named the only run)
+            raise StoreError(f"run={ref!r}; expected a run id, a unique prefix of one, a label, latest or latest~N")
         runs = self.runs()
         if not runs:
             raise StoreError(f"run={ref!r}: the store {self.path} holds no runs yet")
@@ -316,6 +338,8 @@ class Store:
 
     def latest_on_device(self, device: str) -> list[Measurement]:
         """The newest result of every (name, config) on the device whose name contains ``device``."""
+        if not isinstance(device, str) or not device.strip():   # ('' is part of every name: it named the only one)
+            raise StoreError(f"device={device!r}; expected (a unique part of) a device name in the store")
         names = [d for d in self.devices() if device.lower() in d.lower()]
         exact = [d for d in names if d == device]
         names = exact or names
