@@ -42,7 +42,9 @@ class Knobs:
         backend = env.get("TILESTACK_BACKEND", "auto")
         if backend not in BACKENDS:
             raise ValueError(f"TILESTACK_BACKEND={backend!r}; expected one of {BACKENDS}")
-        cache = Path(env["TILESTACK_CACHE_DIR"]) if "TILESTACK_CACHE_DIR" in env else cls.cache_dir
+        # expanduser: a "~" the shell did not expand (a quoted value, an env file of docker or systemd) made a folder
+        # named "~" in whatever folder a run started in
+        cache = Path(env["TILESTACK_CACHE_DIR"]).expanduser() if "TILESTACK_CACHE_DIR" in env else cls.cache_dir
         if "TILESTACK_CACHE_DIR" in env and not env["TILESTACK_CACHE_DIR"].strip():
             # (Path("") is ".": tuned tables, ceilings and result stores written to whatever folder a run starts in)
             raise ValueError(f"TILESTACK_CACHE_DIR={env['TILESTACK_CACHE_DIR']!r}; expected a folder path (unset it "
@@ -50,8 +52,17 @@ class Knobs:
         dropout = env.get("TILESTACK_SDPA_DROPOUT", "auto")
         if dropout not in SDPA_DROPOUT:
             raise ValueError(f"TILESTACK_SDPA_DROPOUT={dropout!r}; expected one of {SDPA_DROPOUT}")
-        return cls(backend=backend, cache_dir=cache, triton_interpret=env.get("TRITON_INTERPRET") == "1",
-                   sdpa_dropout=dropout)
+        return cls(backend=backend, cache_dir=cache, triton_interpret=_triton_interpret(env), sdpa_dropout=dropout)
+
+
+# What Triton itself takes as TRITON_INTERPRET on (its knobs read the variable case-insensitively as one of these).
+# Only "1" counted here: TRITON_INTERPRET=true made Triton interpret while tilestack's launches compiled for the
+# GPU (and refused CPU tensors with "set TRITON_INTERPRET=1"), each reading the one variable its own way.
+_TRITON_TRUE = ("1", "true", "yes", "on", "y")
+
+
+def _triton_interpret(env) -> bool:
+    return env.get("TRITON_INTERPRET", "0").lower() in _TRITON_TRUE
 
 
 knobs = Knobs.from_env()
