@@ -472,11 +472,16 @@ def _restore_strategy(strategy: Strategy, saved: Strategy) -> None:
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write ``state`` so that ``path`` always holds a complete checkpoint (temporary file, fsync, rename)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        _Pickler(f, protocol=pickle.HIGHEST_PROTOCOL).dump(state)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            _Pickler(f, protocol=pickle.HIGHEST_PROTOCOL).dump(state)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:     # (a write cut short, Ctrl-C or an unpicklable state left half a file beside it)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def load_checkpoint(path: Path) -> dict:

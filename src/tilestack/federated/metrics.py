@@ -13,8 +13,10 @@ bytes sent each way, simulated and real wall time, and which clients were left o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +102,18 @@ class History:
         return {"rounds": [dataclasses.asdict(r) for r in self.rounds]}
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+        """Write the history to ``path`` whole or not at all (a temporary file renamed over it): a write cut short
+        (Ctrl-C, a full disk) left half a JSON file where the previous history was."""
+        path = Path(path)
+        text = json.dumps(self.to_dict(), indent=1)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
 
     @classmethod
     def from_dict(cls, data: dict) -> History:
