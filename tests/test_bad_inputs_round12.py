@@ -19,7 +19,10 @@ What rounds 1-11 did not reach, and what it found (each test marked so failed be
   said no: on a GPU machine its launches compiled for the GPU and refused CPU tensors with "set
   TRITON_INTERPRET=1". The knob now reads the variable as Triton does;
 - ``TILESTACK_CACHE_DIR="~/cache"`` (a "~" the shell did not expand: a quoted value, an env file) made a folder
-  named "~" wherever a run started: expanded now.
+  named "~" wherever a run started: expanded now;
+- the federated ``History.to_json`` wrote its file in place (a write cut short left half a JSON file where the
+  previous history was), and ``save_checkpoint`` interrupted mid-pickle (Ctrl-C, an unpicklable strategy) left its
+  ``.tmp`` beside the checkpoint: the first writes a temporary and renames it, both remove the temporary.
 
 Checked and left as they are (pinned here): a KeyboardInterrupt inside ``Store.append`` rolls its transaction
 back, leaving every earlier row and a store the next append writes to.
@@ -238,3 +241,46 @@ def test_a_cache_dir_with_an_unexpanded_home_is_expanded(tmp_path):
                                        code)
     assert got == str(home / "ts-cache")
     assert not (cwd / "~").exists()
+
+
+def _cut_short(monkeypatch, target, name):
+    """``target.name`` writing half its text, then a KeyboardInterrupt: a write interrupted mid-way."""
+    real = getattr(target, name)
+
+    def half(self, text, *a, **k):
+        real(self, text[: len(text) // 2], *a, **k)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(target, name, half)
+
+
+def test_a_federated_history_written_half_way_keeps_the_previous_one(tmp_path, monkeypatch):
+    from tilestack.federated.metrics import History, RoundMetrics
+
+    path = tmp_path / "history.json"
+    History([RoundMetrics(round=1, test_acc=0.5)]).to_json(path)
+    before = path.read_text()
+    _cut_short(monkeypatch, Path, "write_text")
+    with pytest.raises(KeyboardInterrupt):
+        History([RoundMetrics(round=1, test_acc=0.5), RoundMetrics(round=2, test_acc=0.6)]).to_json(path)
+    monkeypatch.undo()
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["history.json"]
+    assert json.loads(before)["rounds"][0]["round"] == 1
+
+
+def test_a_federated_checkpoint_interrupted_mid_pickle_leaves_no_temporary(tmp_path, monkeypatch):
+    from tilestack.federated import driver
+
+    path = tmp_path / "ckpt.pkl"
+    driver.save_checkpoint(path, {"round": 1})
+    before = path.read_bytes()
+
+    def interrupted(self, obj):       # the temporary is open (and empty) when the pickling is cut short
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(driver._Pickler, "dump", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        driver.save_checkpoint(path, {"round": 2})
+    monkeypatch.undo()
+    with pytest.raises(Exception, match="Can't pickle|can't pickle|cannot pickle"):
+        driver.save_checkpoint(path, {"round": 2, "fn": lambda: 0})          # an unpicklable state
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["ckpt.pkl"]
