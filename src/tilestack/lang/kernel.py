@@ -27,7 +27,7 @@ import functools
 import inspect
 import itertools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -127,7 +127,15 @@ class Tunable:
 
 def tunable(default, domain: Sequence) -> Any:
     """Declare a tunable constant: ``BM: int = tunable(128, (64, 128, 256))``."""
-    domain = tuple(domain)
+    if isinstance(domain, str | bytes) or not isinstance(domain, Iterable):   # (a str was split into characters)
+        raise TunableError(f"tunable domain {domain!r} ({type(domain).__name__}); expected a sequence of the "
+                           "values a tuner may choose, e.g. (64, 128, 256)", user_line())
+    plain = lambda v: v.item() if isinstance(v, np.generic) else v  # noqa: E731  (as resolve() reads them)
+    default, domain = plain(default), tuple(plain(v) for v in domain)
+    twice = [v for i, v in enumerate(domain) if v in domain[:i]]
+    if twice:   # (each config holding it was searched, timed and cached twice)
+        raise TunableError(f"tunable domain {domain!r} holds {twice[0]!r} twice; expected each value once",
+                           user_line())
     if default not in domain:
         raise TunableError(f"tunable default {default!r} is not in its domain {domain!r}", user_line())
     return Tunable(default, domain)
@@ -180,6 +188,13 @@ class Kernel:
             else:
                 raise TraceError(f"kernel {self.name}: *args/**kwargs are not kernel parameters", self.where)
         self._param_names = frozenset(p.name for p in self.params)
+        for name, decl in self.tunables.items():
+            kind = self.constant_kinds.get(name)
+            wrong = [v for v in decl.domain if kind is not None and not _fits_kind(kind, v)]
+            if wrong:   # (found only when a tuner chose that config: "constant BM is declared int; got str '32'")
+                raise TunableError(f"kernel {self.name}: tunable {name} is declared {kind}, but its domain "
+                                   f"{decl.domain!r} holds {wrong[0]!r} ({type(wrong[0]).__name__}); expected "
+                                   f"{kind} values only", self.where)
         # default launch options (backend options such as num_warps), under those given at launch
         self.options: dict[str, Any] = dict(options or {})
         clash = sorted(set(self.options) & set(self.constants))
@@ -455,6 +470,9 @@ def kernel(fn: Callable | None = None, *, grid: Callable | int | tuple = _NO_GRI
                          "its arguments, `@ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))`, or takes a "
                          "fixed one, `@ts.kernel(grid=(4,))`; it is launched as k(args), with no [grid]", user_line())
     grid = _grid_function(grid)
+    if options is not None and not isinstance(options, Mapping):   # (a str failed in dict(): "update sequence")
+        raise TraceError(f"ts.kernel: options is {type(options).__name__} {options!r}; expected a dict of launch "
+                         "options, e.g. options=dict(num_warps=8, num_stages=3)", user_line())
     if fn is None:
         return lambda f: Kernel(f, grid, options)
     return Kernel(fn, grid, options)
@@ -587,6 +605,10 @@ class TracedKernel:
             if unknown:
                 raise LaunchError(f"{self.name}: default launch options {unknown} are no backend's; expected "
                                   f"some of {sorted(_launch_option_names())}")
+            # values too, as those given at launch are: options=dict(num_warps='4') ran on the reference backend
+            # (which ignores them) and failed only on the GPU
+            from tilestack.backends import check_launch_options
+            check_launch_options(f"{self.name} (its default options=)", defaults)
             options = {**defaults, **(options or {})}
         # only None picks the default: backend='' (or 0, False) ran on it without a word, where 'Triton' is refused
         name = backend if backend is not None else pick_backend(args)
