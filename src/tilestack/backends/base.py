@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from tilestack.errors import LaunchError
 
+MAX_WARPS = 32   # warps a block holds on every CUDA GPU: 1024 threads of 32
 CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)   # programs a CUDA launch takes on grid axes 0 (x), 1 (y) and 2 (z)
 
 

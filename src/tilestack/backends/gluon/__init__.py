@@ -18,7 +18,7 @@ import dataclasses
 import weakref
 from typing import Any, ClassVar
 
-from tilestack.backends.base import Backend
+from tilestack.backends.base import MAX_WARPS, Backend
 from tilestack.backends.gluon import codegen
 from tilestack.errors import BackendError
 
@@ -53,6 +53,9 @@ class GluonOptions:
                 raise BackendError(f"gluon: {name}={v!r}; expected a positive int")
         if self.num_warps is not None and self.num_warps % 4:
             raise BackendError(f"gluon: num_warps={self.num_warps}; expected a multiple of 4 (whole warpgroups)")
+        if self.num_warps is not None and self.num_warps > MAX_WARPS:   # (2**40 ran on the CPU, failed on the GPU)
+            raise BackendError(f"gluon: num_warps={self.num_warps}; expected at most {MAX_WARPS} (a block holds at "
+                               "most 1024 threads, 32 warps of 32)")
 
     @property
     def warps(self) -> int:

@@ -13,7 +13,7 @@ import dataclasses
 import weakref
 from typing import Any, ClassVar
 
-from tilestack.backends.base import Backend
+from tilestack.backends.base import MAX_WARPS, Backend
 from tilestack.backends.triton import codegen, launch
 from tilestack.errors import BackendError
 
@@ -34,6 +34,9 @@ class TritonOptions:
                 raise BackendError(f"triton: {name}={v!r}; expected a positive int")
         if self.num_warps is not None and self.num_warps & (self.num_warps - 1):
             raise BackendError(f"triton: num_warps={self.num_warps}; expected a power of two")
+        if self.num_warps is not None and self.num_warps > MAX_WARPS:   # (2**40 ran on the CPU, failed on the GPU)
+            raise BackendError(f"triton: num_warps={self.num_warps}; expected at most {MAX_WARPS} (a block holds at "
+                               "most 1024 threads, 32 warps of 32)")
 
     def launch_kwargs(self) -> dict[str, int]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
