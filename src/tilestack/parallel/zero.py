@@ -126,16 +126,24 @@ class ZeroOptimizer:
         self.grad_shard = torch.cat(self.pieces)
         self.pieces = [None] * len(self.buckets)
 
-    def _gather(self, shard: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's ``shard`` (laid out as master) all-gathered: one whole tensor per parameter, local shape."""
-        out: list[torch.Tensor | None] = [None] * len(self.params)
+    def _gather_buckets(self, shard: torch.Tensor):
+        """Every rank's ``shard`` (laid out as master) all-gathered a bucket at a time: yields (parameter index,
+        whole tensor in local shape) for the bucket's parameters, views of one (padded,) buffer that the next
+        bucket's gather replaces."""
         offset = 0
         for b in self.buckets:
             full = shard.new_empty(b.padded)
             _all_gather(full, shard[offset:offset + b.shard].contiguous(), group=self.group)
             offset += b.shard
             for j, t in zip(b.index, full[:sum(b.numels)].split(b.numels), strict=True):
-                out[j] = t.view_as(_local(self.params[j]))
+                yield j, t.view_as(_local(self.params[j]))
+            del full, t                  # freed before the next bucket's buffer is made
+
+    def _gather(self, shard: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``shard`` all-gathered: one whole tensor per parameter, local shape (every bucket kept)."""
+        out: list[torch.Tensor | None] = [None] * len(self.params)
+        for j, whole in self._gather_buckets(shard):
+            out[j] = whole
         return out
 
     def full_gradient(self) -> list[torch.Tensor]:
@@ -152,8 +160,11 @@ class ZeroOptimizer:
             raise ParallelConfigError("ZeroOptimizer.step: no reduced gradient; call reduce_gradients() first")
         self.master.grad = self.grad_shard.to(self.master.dtype)
         self.optimizer.step()
-        for p, whole in zip(self.params, self._gather(self.master.detach()), strict=True):
-            _local(p).copy_(whole)
+        # a bucket at a time, each copied into its parameters before the next is gathered: one bucket of whole
+        # parameters alive beyond them, where gathering every bucket first held a second copy of the model
+        for j, whole in self._gather_buckets(self.master.detach()):
+            _local(self.params[j]).copy_(whole)
+            del whole                    # (the loop variable would keep the bucket's buffer into the next gather)
         self.grad_shard = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
