@@ -50,9 +50,9 @@ def main() -> None:
             want_o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H > Hkv)
         want, bwd_ref = sdpa_backward(q, k, v, do, True, backend)
 
-        def fwd_ref():
+        def fwd_ref(q=q, k=k, v=v, gqa=H > Hkv):
             with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H > Hkv)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         o, lse = attention_forward(q, k, v, True)
         got = attention_backward(q, k, v, o, lse, do, True)
         err = max([rel(o, want_o)] + [rel(x, y) for x, y in zip(got, want, strict=True)])

@@ -177,8 +177,9 @@ def add_derived64(X, Y, a: float, *, BN: int = 16):
     ts.store(Y, x, at=(0,))
 
 
-@pytest.mark.xfail(strict=True, reason="float scalar arithmetic is f32 in every executor (ir.ops.scalar_ops._scalar_ref and "
-                                       "the backends' scalar code): a - 1.0 at a = 1 + 2**-40 is 0 and -1e300 -inf "
+@pytest.mark.xfail(strict=True, reason="float scalar arithmetic is f32 in every executor "
+                                       "(ir.ops.scalar_ops._scalar_ref and the backends' scalar code): "
+                                       "a - 1.0 at a = 1 + 2**-40 is 0 and -1e300 -inf "
                                        "though a itself is an f64 parameter of f64 work")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_floats_derived_from_an_f64_argument_stay_f64(backend):

@@ -49,13 +49,13 @@ from tilestack.kernels.attention_fwd import (
     Dropout,
     add_bias,
     causal_diagonal,
-    heavy_first,
     causal_shift,
     check_attention_args,
     config_signature,
     dropout_scale,
     dropout_threshold,
     head_tile,
+    heavy_first,
     mask_as_bias,
     philox_args,
     query_block_keys,
@@ -570,7 +570,7 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
             base = other if other.get("schedule", "split") == "split" else base
         return base | (config or {}).get(part, {})
 
-    from tilestack.kernels.attention_bwd_ws import ws_launcher, ws_parts   # (it imports this module)
+    from tilestack.kernels.attention_bwd_ws import ws_launcher, ws_parts  # (it imports this module)
     ws = ws_parts(cfg, config or {}, q.dtype, split_config,
                    with_mask=attn_mask is not None or bool(dropout_p), fused=fused)
     # each kernel on the backend named, else on the one its own table entry chose (each is tuned on its own)

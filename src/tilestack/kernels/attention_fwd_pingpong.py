@@ -32,8 +32,8 @@ from tilestack.kernels.attention_fwd import (
     LOG2E,
     LOWEST_F32,
     causal_diagonal,
-    heavy_first,
     causal_shift,
+    heavy_first,
     query_block_keys,
 )
 
