@@ -15,10 +15,10 @@ What rounds 1-11 did not reach, and what it found (each test marked so failed be
   for an int) was found only when a tuner chose that config ("constant BM is declared int"): each is now refused
   when the kernel is declared, naming the constant and the value.
 
-Left as they are, and why: a grid past CUDA's limits (axis 0 above 2**31 - 1, axes 1 and 2 above 65535) is refused
-on the GPU but run by the reference executor and Triton's interpreter (a deliberate choice of
-``backends/triton/launch.py``, which skips the check when interpreting; at 2**31 programs the reference runs for
-hours). A user kernel's output that requires grad is strict xfail below.
+A grid past CUDA's limits (axis 0 above 2**31 - 1, axes 1 and 2 above 65535), refused on the GPU but run by the
+reference executor and Triton's interpreter when this round was written, is now refused on every backend
+(``TracedKernel.grid``; tests/lang/test_grid_limits.py). A user kernel's output that requires grad is strict xfail
+below.
 """
 
 from __future__ import annotations

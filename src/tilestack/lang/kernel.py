@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tilestack.backends.base import check_cuda_grid
 from tilestack.config import knobs
 from tilestack.errors import LaunchError, TraceError, TunableError
 from tilestack.ir.cost import Cost, ScalarMachine, grid_of, grid_plan, kernel_cost
@@ -566,6 +567,9 @@ class TracedKernel:
         if any(g < 0 for g in grid):   # (NumPy's ndindex, the interpreter and CUDA would each say something else)
             raise LaunchError(f"{self.name}: the grid is {grid} for these arguments; a grid axis counts programs, "
                               f"so none may be negative (clamp it with ts.smax(0, ...)) (grid at {self.kernel.where})")
+        # CUDA's limits on every backend: a grid a GPU cannot launch is refused on the CPU too (the reference
+        # executor ran 2**31 programs for hours, Triton's interpreter as long), not only by the GPU launchers
+        check_cuda_grid(self.name, grid)
         return grid
 
     def check_args(self, args: Sequence) -> None:
