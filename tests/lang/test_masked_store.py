@@ -462,5 +462,10 @@ def test_the_kernels_compile_for_sm90a_with_triton_and_gluon():
         # every store is masked: predicated pointer stores, no copy-engine store (segment_softmax's (64, 64) f32
         # tile and masked_writes' (64, 128) one would go through it unmasked)
         assert predicated.search(ptx) and "cp.async.bulk.tensor" not in ptx, kernel.name
-    ptx = compile_gluon_sm90a(store_both, (meta(64, 64), meta(64, 64), meta(64, 64)), {}).asm["ptx"]
+    # a kernel object of its own, traced here: under xdist in CI (2026-12-06, bc444fc) store_both's cached trace,
+    # shared with the earlier tests of this file, reached this compile with its masked store's operands altered
+    # ((OUT, x, i, j, x, x) for (OUT, x, i, j, m)); not reproduced in any order run alone. What altered it is
+    # not found; this test checks the compile, so it traces afresh
+    fresh = ts.kernel(grid=(1,))(store_both.fn)
+    ptx = compile_gluon_sm90a(fresh, (meta(64, 64), meta(64, 64), meta(64, 64)), {}).asm["ptx"]
     assert ptx.count("cp.async.bulk.tensor") == 1 and predicated.search(ptx)     # the unmasked store, the masked one
