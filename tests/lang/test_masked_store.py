@@ -378,10 +378,17 @@ def test_a_shared_mask_and_a_bad_atomic_add_mask_are_refused():
 def test_the_verifier_refuses_a_store_whose_mask_is_no_bool_tile_of_its_shape():
     """The IR rule (what passes may rely on), for IR not made by the tracer."""
     from tilestack.ir.ops import Op, mask_of
+    from tilestack.ir.passes import clone
     from tilestack.ir.verify import verify
     x = torch.empty(64, 64)
-    ir = store_both.trace(x, x, x).ir
+    # a copy to break: store_both's trace is cached (per dtypes and ranks: the sm_90a compile below, of meta
+    # tensors, gets the same object) and shared by every later test in the process. Editing it in place here is
+    # what made that compile see the masked store as (OUT, x, i, j, x, x) in CI (2026-12-06, under xdist, when
+    # both tests ran in one worker)
+    shared = store_both.trace(x, x, x).ir
+    ir = clone(shared)
     store = next(i for i in ir.walk() if i.op is Op.STORE and mask_of(i) is not None)
+    kept = next(i for i in shared.walk() if i.op is Op.STORE and mask_of(i) is not None).srcs
     tile = store.srcs[1]
     store.srcs = (*store.srcs[:-1], tile)                # the f32 tile where the mask belongs
     with pytest.raises(TraceError, match=r"store: the mask is a RegTile\[f32, 64, 64\]; expected a bool_ register "
@@ -391,6 +398,7 @@ def test_the_verifier_refuses_a_store_whose_mask_is_no_bool_tile_of_its_shape():
     store.srcs = (*store.srcs, tile)                     # one operand too many
     with pytest.raises(TraceError, match=r"store: takes \(global, tile, 2 coordinates\[, mask\]\), got 6 operands"):
         verify(ir)
+    assert next(i for i in shared.walk() if i.op is Op.STORE and mask_of(i) is not None).srcs is kept   # untouched
 
 
 # ---- 7b. a masked epilogue after the matrix units: the lower triangle of a GEMM --------------------------------------
@@ -462,10 +470,7 @@ def test_the_kernels_compile_for_sm90a_with_triton_and_gluon():
         # every store is masked: predicated pointer stores, no copy-engine store (segment_softmax's (64, 64) f32
         # tile and masked_writes' (64, 128) one would go through it unmasked)
         assert predicated.search(ptx) and "cp.async.bulk.tensor" not in ptx, kernel.name
-    # a kernel object of its own, traced here: under xdist in CI (2026-12-06, bc444fc) store_both's cached trace,
-    # shared with the earlier tests of this file, reached this compile with its masked store's operands altered
-    # ((OUT, x, i, j, x, x) for (OUT, x, i, j, m)); not reproduced in any order run alone. What altered it is
-    # not found; this test checks the compile, so it traces afresh
-    fresh = ts.kernel(grid=(1,))(store_both.fn)
-    ptx = compile_gluon_sm90a(fresh, (meta(64, 64), meta(64, 64), meta(64, 64)), {}).asm["ptx"]
+    # store_both's cached trace, shared with the earlier tests of this file (the verifier test above breaks a copy
+    # of it: it broke the trace itself once, and this compile saw (OUT, x, i, j, x, x) in CI)
+    ptx = compile_gluon_sm90a(store_both, (meta(64, 64), meta(64, 64), meta(64, 64)), {}).asm["ptx"]
     assert ptx.count("cp.async.bulk.tensor") == 1 and predicated.search(ptx)     # the unmasked store, the masked one
