@@ -15,10 +15,14 @@ compiler ran out of registers or shared memory) or computes a wrong result is lo
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import random
 import time as _time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
+
+from tilestack.errors import TunableError
 
 
 @dataclasses.dataclass
@@ -71,6 +75,7 @@ def tune(kernel_name: str, candidates: list[dict[str, Any]], *, time: Callable[[
 
     ``deadline`` (a ``clock()`` value): no new candidate starts after it, once ``min_trials`` configs were tried
     and one of them timed."""
+    candidates = _checked_arguments(kernel_name, candidates, time, check, tol, samples, deadline)
     if strategy == "random":
         candidates = random.Random(seed).sample(candidates, min(samples, len(candidates)))
     elif not callable(strategy) and strategy not in ("exhaustive", "local"):
@@ -102,6 +107,39 @@ def tune(kernel_name: str, candidates: list[dict[str, Any]], *, time: Callable[[
     return TuneResult(kernel_name, best.config, best.seconds, trials, complete)
 
 
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _checked_arguments(kernel_name, candidates, time, check, tol, samples, deadline) -> list[dict[str, Any]]:
+    """``candidates`` as a list, after refusing by name what the search would have misread: a dict of one config
+    (its keys searched as configs), a str, configs that are no dicts, a NaN or negative ``tol`` (every config then
+    "a wrong result"), ``samples`` < 1, a NaN ``deadline`` (never reached), functions that are none."""
+    if not isinstance(kernel_name, str):
+        raise TunableError(f"tune: kernel_name={kernel_name!r} ({type(kernel_name).__name__}); expected the "
+                           "kernel's name, a str (what TuneResult.as_code prints)")
+    if isinstance(candidates, Mapping | str | bytes) or not isinstance(candidates, Iterable):
+        raise TunableError(f"tune: candidates is {type(candidates).__name__} {candidates!r:.60}; expected a list of "
+                           "configs (dicts), e.g. SearchSpace(kernel).configs(args) or [dict(BM=64), dict(BM=128)]")
+    candidates = list(candidates)
+    wrong = next((c for c in candidates if not isinstance(c, Mapping)), None)
+    if wrong is not None:
+        raise TunableError(f"tune: candidate {wrong!r:.60} ({type(wrong).__name__}) of {kernel_name}; expected "
+                           "each config a dict of constants and launch options")
+    for name, fn in (("time", time), ("check", check)):
+        if not callable(fn) and not (name == "check" and fn is None):
+            raise TunableError(f"tune: {name}={fn!r:.60}; expected a function of a config returning "
+                               + ("its seconds" if name == "time" else "its relative error (or None for no check)"))
+    if not _real(tol) or not tol >= 0:
+        raise TunableError(f"tune: tol={tol!r}; expected a relative error >= 0 (NaN or below 0 failed every config "
+                           "as a wrong result)")
+    if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples < 1:
+        raise TunableError(f"tune: samples={samples!r}; expected an int >= 1 (the configs strategy='random' tries)")
+    if deadline is not None and (not _real(deadline) or math.isnan(deadline)):
+        raise TunableError(f"tune: deadline={deadline!r}; expected a clock() value or None (NaN is never reached)")
+    return candidates
+
+
 def _trial(cfg: dict, time: Callable[[dict], float], check: Callable[[dict], float] | None, tol: float,
            log: Callable[[str], None]) -> Trial:
     try:
@@ -110,7 +148,14 @@ def _trial(cfg: dict, time: Callable[[dict], float], check: Callable[[dict], flo
             if not err <= tol:
                 log(f"  {cfg}: wrong result (rel err {err:.1e})")
                 return Trial(cfg, None, f"wrong result (rel err {err:.1e})")
-        return Trial(cfg, time(cfg))
+        seconds = time(cfg)
     except Exception as e:  # noqa: BLE001 - a config the compiler rejects is a lost candidate, not a failure
         log(f"  {cfg}: {type(e).__name__}: {str(e)[:80]}")
         return Trial(cfg, None, f"{type(e).__name__}: {str(e)[:120]}")
+    if not _real(seconds):   # a mistake in the time function: each config's "seconds" compared as they came
+        raise TunableError(f"tune: time({cfg}) returned {type(seconds).__name__} {seconds!r:.40}; expected the "
+                           "config's seconds, a number")
+    if not 0 < seconds < math.inf:   # no measurement: NaN (never compared smaller, so a first NaN stayed the
+        log(f"  {cfg}: time returned {seconds!r}")   # winner), 0 or below, inf; skipped, never chosen
+        return Trial(cfg, None, f"time returned {seconds!r}; expected seconds > 0 and finite")
+    return Trial(cfg, float(seconds))
