@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from tilestack.errors import BackendError, TunableError
@@ -57,14 +59,38 @@ class SearchSpace:
 
     def __post_init__(self):
         from tilestack.backends import get_backend
+        from tilestack.lang.kernel import Kernel
 
+        # each refused by name here, not at configs() (a TypeError or AttributeError from inside the trace)
+        if not isinstance(self.kernel, Kernel):
+            raise TunableError(f"SearchSpace: kernel is {type(self.kernel).__name__} {self.kernel!r:.60}; expected a "
+                               "tile-language kernel (@ts.kernel), e.g. tilestack.kernels.gemm_kernel")
+        for arg in ("fixed", "restrict"):
+            value = getattr(self, arg)
+            if not isinstance(value, Mapping):
+                what, example = ("constants", "64") if arg == "fixed" else ("names to the values searched", "(64, 128)")
+                raise TunableError(f"SearchSpace: {arg}={value!r} ({type(value).__name__}); expected a dict of {what}, "
+                                   f"e.g. {arg}=dict(BM={example})")
+        if self.device is not None and not isinstance(self.device, DeviceKey):
+            raise TunableError(f"SearchSpace: device={self.device!r} ({type(self.device).__name__}); expected a "
+                               "DeviceKey (tune.device_key(0), or DeviceKey.parse('sm90-132sm-227kb')) or None")
         self._backend = get_backend(self.backend)
         tunables = self.kernel.tunables
         searched = self._backend.search_domains()
         self._names = frozenset(searched)      # the backend's option names: a table stores these apart
         # the options the kernel does not declare itself (a kernel declaring num_warps keeps its own domain)
         self._options = {n: d for n, d in searched.items() if n not in tunables}
+        for name, value in self.fixed.items():   # (a searched name fixed too: "multiple values for keyword" in trace)
+            if name in tunables or name in self._options:
+                raise TunableError(f"SearchSpace: fixed={{{name!r}: {value!r}}} names a value the search chooses (a "
+                                   f"tunable of {self.kernel.name} or a launch option of {self.backend}); expected "
+                                   f"it in restrict: restrict=dict({name}=({value!r},)) searches that value alone")
         for name, dom in self.restrict.items():
+            if isinstance(dom, str | bytes) or not isinstance(dom, Iterable) or not tuple(dom):
+                hint = ("a str is not split into characters" if isinstance(dom, str | bytes) else "none would leave "
+                        "no config to search" if isinstance(dom, Iterable) else f"one value: ({dom!r},)")
+                raise TunableError(f"SearchSpace: restrict[{name!r}]={dom!r}; expected a non-empty tuple of the "
+                                   f"values to search ({hint})")
             if name in self._options:
                 try:
                     for v in dom:
@@ -139,6 +165,10 @@ class SearchSpace:
                 register_limit: int | None = DEVICE_LIMIT) -> list[dict[str, Any]]:
         """The configs that fit ``shared_limit`` bytes of shared memory per block (None: the device's) and
         ``register_limit`` bytes of register tiles per thread (``DEVICE_LIMIT``: the device's; None: no limit)."""
+        for arg, value in (("shared_limit", shared_limit), ("register_limit", register_limit)):
+            if value is not None and value != DEVICE_LIMIT and (isinstance(value, bool) or not isinstance(
+                    value, int | float) or not value >= 0 or math.isinf(value)):   # (NaN kept no config, silently)
+                raise TunableError(f"SearchSpace.configs: {arg}={value!r}; expected bytes >= 0, or None")
         shared_dev, regs_dev = self.limits()
         shared_limit = shared_dev if shared_limit is None else shared_limit
         register_limit = regs_dev if register_limit == DEVICE_LIMIT else register_limit
