@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import numbers
 import os
 import tempfile
 import warnings
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from tilestack.config import knobs
+from tilestack.errors import TunableError
 from tilestack.tune.devices import DeviceKey
 
 TABLES = Path(__file__).parent / "tables"
@@ -45,7 +47,26 @@ READS = (2, 3)       # format 2: tunables and launch options in one flat "config
 
 def size_bucket(n: int) -> int:
     """Sizes tune alike within a power of two: 3000 -> 4096."""
+    # (int(n) took "100" and 100.5 as 128, -1 as 4, and NaN failed in int(): "cannot convert float NaN")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        raise TunableError(f"size_bucket: n={n!r} ({type(n).__name__}); expected a size, an int >= 0")
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _check_entry_key(method: str, kernel, signature, device, bucket) -> None:
+    """TunableError naming the argument of ConfigCache.get / put that cannot key a table's entry (a str device
+    key failed as "'str' object has no attribute 'meta'")."""
+    for name, value in (("kernel", kernel), ("signature", signature)):
+        if not isinstance(value, str) or "|" in value:
+            raise TunableError(f"ConfigCache.{method}: {name}={value!r}; expected a str without '|' (it keys the "
+                               "table's entries)")
+    if not isinstance(device, DeviceKey):
+        raise TunableError(f"ConfigCache.{method}: device={device!r} ({type(device).__name__}); expected a DeviceKey "
+                           "(tune.device_key(0), or DeviceKey.parse('sm90-132sm-227kb'))")
+    if isinstance(bucket, bool) or not (isinstance(bucket, numbers.Integral) and bucket >= 1 or
+                                        method == "put" and isinstance(bucket, str) and "|" not in bucket):
+        raise TunableError(f"ConfigCache.{method}: bucket={bucket!r}; expected a size bucket, an int >= 1 "
+                           "(size_bucket(n))")
 
 
 def key(kernel: str, signature: str, bucket: int | str) -> str:
@@ -220,6 +241,7 @@ class ConfigCache:
     def get(self, kernel: str, signature: str, device: DeviceKey, bucket: int) -> dict | None:
         """The config tuned for ``device``'s key at this bucket (else the nearest bucket), as a launch takes it
         (tunables and launch options in one new dict), or None."""
+        _check_entry_key("get", kernel, signature, device, bucket)
         entry = lookup_entry(self.view(device), kernel, signature, bucket)
         return launch_kwargs(entry) if entry else None
 
@@ -227,6 +249,11 @@ class ConfigCache:
             options: dict | None = None, **evidence) -> None:
         """Record a winner (and what it measured) in the user's table for ``device``, atomically: its tunables
         ``config`` and launch ``options`` apart (``options=None``: taken out of ``config`` by name)."""
+        _check_entry_key("put", kernel, signature, device, bucket)
+        for name, value in (("config", config), ("options", options)):
+            if not isinstance(value, dict) and not (name == "options" and value is None):
+                raise TunableError(f"ConfigCache.put: {name}={value!r:.60} ({type(value).__name__}); expected a dict "
+                                   "of the winner's " + ("constants" if name == "config" else "launch options"))
         config, found = split_options(config) if options is None else (dict(config), dict(options))
         path = self.user_path(device)
         entry = {"config": config, "options": found, **evidence}
