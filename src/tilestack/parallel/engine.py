@@ -51,6 +51,46 @@ def adamw_foreach(params: list[torch.Tensor]) -> bool | None:
     return None if len(kinds) <= 1 else False
 
 
+IGNORE_INDEX = -100   # F.cross_entropy's default: a target that takes no part in the loss
+
+
+def check_batch(cfg, idx, targets) -> None:
+    """ParallelConfigError, naming the argument, where the global batch (idx, targets) is not two integer (B, N)
+    tensors of one shape, B and N >= 1, with token ids in [0, vocab) (targets may also be -100, ignored). Every rank
+    holds the whole global batch and checks it, so all refuse it together, before any work: a bad token in one
+    data-parallel rank's rows failed that rank alone, inside the embedding or the loss (a bare IndexError) while the
+    others waited in the gradient all-reduce (gloo: "Connection closed by peer"; NCCL may wait until its timeout);
+    a float, 1-d or 3-d batch failed inside torch, an empty one in a reshape ("ambiguous")."""
+    for name, t, dtypes in (("idx", idx, (torch.int64, torch.int32)), ("targets", targets, (torch.int64,))):
+        if not isinstance(t, torch.Tensor):
+            raise ParallelConfigError(f"Trainer.step: {name} is {type(t).__name__}; expected a torch.Tensor of "
+                                      "token ids, (B, N) int64 (make_batch makes one)")
+        if t.dtype not in dtypes:
+            raise ParallelConfigError(f"Trainer.step: {name} has dtype {t.dtype}; expected token ids of dtype "
+                                      f"{' or '.join(map(str, dtypes))}")
+        if t.dim() != 2 or 0 in t.shape:
+            raise ParallelConfigError(f"Trainer.step: {name} has shape {tuple(t.shape)}; expected (B, N), B "
+                                      "sequences of N tokens, both >= 1")
+        if t.is_meta:
+            raise ParallelConfigError(f"Trainer.step: {name} is a meta tensor, which holds no token ids; expected "
+                                      "one on the CPU or the model's device")
+    if targets.shape != idx.shape:
+        raise ParallelConfigError(f"Trainer.step: targets has shape {tuple(targets.shape)} and idx "
+                                  f"{tuple(idx.shape)}; expected one shape (the next token of each position)")
+    for name, t in (("idx", idx), ("targets", targets)):
+        lo, hi = (int(v) for v in torch.aminmax(t))      # (one pass; the rest only where something is wrong)
+        if hi < cfg.vocab and lo >= 0:
+            continue
+        wrong = (t >= cfg.vocab) | (t < 0)
+        if name == "targets":
+            wrong &= t != IGNORE_INDEX
+        if wrong.any():
+            bad = t[wrong]
+            also = f" or {IGNORE_INDEX} (ignored)" if name == "targets" else ""
+            raise ParallelConfigError(f"Trainer.step: {name} holds token id {int(bad[0])}; expected ids in "
+                                      f"[0, {cfg.vocab}) (the model's vocab){also}")
+
+
 class Trainer:
     def __init__(self, model: GPT, pc: ParallelConfig, mesh, *, lr: float = 1e-3, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), zero_bucket_numel: int = 1 << 22, gns=None):
@@ -104,6 +144,7 @@ class Trainer:
 
     def forward_backward(self, idx: torch.Tensor, targets: torch.Tensor) -> float:
         """Loss and reduced gradients of the global batch (B, N); returns the global mean loss on every rank."""
+        check_batch(self.cfg, idx, targets)
         self.pc.validate(self.mesh.size(), model=self.cfg, batch=idx.shape[0], seq=idx.shape[1])
         idx, targets = self.local_batch(idx, targets)
         if self.schedule is None:

@@ -203,6 +203,10 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def make_batch(cfg: ModelConfig, batch: int, seq: int, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(idx, targets), (batch, seq) int64 each: random tokens and the next one; the same on every rank."""
+    # (seq=-1 or 0 made an empty batch without a word; a float or bool failed inside torch.randint)
+    for name, v, least in (("batch", batch, 1), ("seq", seq, 1), ("seed", seed, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise ModelConfigError(f"make_batch: {name}={v!r}; expected an int >= {least}")
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, cfg.vocab, (batch, seq + 1), generator=gen)
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
