@@ -82,12 +82,7 @@ def round_to(x: np.ndarray, dtype: DType) -> np.ndarray:
         with np.errstate(over="ignore"):
             return np.asarray(x, dtype=np.float16).astype(np.float64)
     if dtype is bf16:
-        with np.errstate(over="ignore", invalid="ignore"):
-            bits = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-        nan = np.isnan(np.asarray(x, dtype=np.float32))
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        out = rounded.astype(np.uint32).view(np.float32).astype(np.float64)
-        return np.where(nan, np.nan, out)
+        return _round_bf16(np.asarray(x, dtype=np.float64))
     if dtype is f8e4m3:
         return _round_f8e4m3(np.asarray(x, dtype=np.float64))
     if dtype is bool_:
@@ -95,6 +90,19 @@ def round_to(x: np.ndarray, dtype: DType) -> np.ndarray:
     if not dtype.is_float:
         return to_int(x, dtype)
     raise TypeError(f"round_to: no rounding rule for {dtype}")
+
+
+def _round_bf16(x: np.ndarray) -> np.ndarray:
+    """``x`` rounded once to bf16: 8 significant bits, to nearest even, quanta of 2**-133 below 2**-126, inf from half
+    an ulp past the largest bf16 on, NaN and infinities kept. Rounded from the float64 value itself, not through
+    float32: through float32 a value just above a bf16 tie (1 + 2**-8 + 2**-40, an f64 or an integer past 2**24) first
+    lands on the tie and then goes to even (1.0), where the GPU's cvt.rn.bf16.f64 / .s32 rounds it once (1 + 2**-7)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        _, e = np.frexp(x)                                   # 2**(e - 1) <= |x| < 2**e
+        q = np.maximum(e - 8, -133)                          # the quantum of x's binade in bf16
+        r = np.ldexp(np.rint(np.ldexp(x, -q)), q)            # rint: to nearest even (-0.0 and small negatives keep -)
+        r = np.where(np.abs(r) >= 2.0**128, np.copysign(np.inf, x), r)
+    return np.where(np.isfinite(x), r, x)
 
 
 def int_range(dtype: DType) -> tuple[int, int]:

@@ -195,7 +195,11 @@ class _Emitter:
             if dst.dtype is f32:
                 return expr
         if self.interpret and dst.dtype is bf16 and v_from_dtype is not f32:
-            expr = f"{expr}.to(tl.float32)"   # the interpreter casts bf16 only from and to f32 right (f64, int8)
+            # the interpreter casts bf16 only from and to f32 right (f64, int8); f64 and integers of 32 bits or more
+            # go to f32 rounded to odd, so the value is rounded once, as the GPU's cvt.rn.bf16.f64 / .s32 (a plain f32
+            # first rounded 1 + 2**-8 + 2**-40 onto the bf16 tie 1 + 2**-8, then to even, 1.0, not 1 + 2**-7)
+            wide = v_from_dtype is f64 or (not v_from_dtype.is_float and v_from_dtype.itemsize >= 4)
+            expr = f"_f64_to_f32_odd({expr}.to(tl.float64))" if wide else f"{expr}.to(tl.float32)"
         elif f8e4m3 in (v_from_dtype, dst.dtype) and not {v_from_dtype, dst.dtype} <= {f8e4m3, f32, f16, bf16}:
             expr = f"{expr}.to(tl.float32)"   # Triton converts fp8 only from and to 16- and 32-bit floats
             v_from_dtype = f32

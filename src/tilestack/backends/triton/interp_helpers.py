@@ -28,6 +28,18 @@ def _to_bf16(x):
 
 
 @triton.jit
+def _f64_to_f32_odd(x):
+    """f64 values as f32 rounded to odd (toward zero, the last bit set where inexact): rounded from there to bf16 (16
+    bits fewer), the f64 value is rounded once."""
+    r = x.to(tl.float32)
+    bits = r.to(tl.uint32, bitcast=True)
+    back = r.to(tl.float64)
+    bits = tl.where(tl.abs(back) > tl.abs(x), bits - 1, bits)   # rounded away from zero (to inf too): one step back
+    bits = tl.where(back != x, bits | 1, bits)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _from_bf16(x):
     """bf16 values as f32, exactly (subnormals too)."""
     return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
