@@ -316,13 +316,6 @@ def _grads64(q, k, v, do, mask, **kw):
     return [t.grad for t in leaves]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "attention's backward for a query row whose visible keys all hold a huge finite additive fill (|m| >~ 1e8: "
-    "-1e30, torch.finfo(f32/bf16).min, Hugging Face's masking value): the forward keeps lse = (m + log2 l) ln 2 in "
-    "f32, where the row max m (~ fill * log2 e) absorbs log2 l, so the backward's P = exp2(s - lse) is 1 (or "
-    "garbage) per key instead of 1 / l; o is right (uniform over the keys, as torch's f32). Fixing it needs m and l "
-    "kept apart (or a per-row shift of the bias by its row max) in the forward, the backward, the ws and Gluon "
-    "kernels. Replay: seed=1300 group=attention case=31 (with the keep-key-0 guard in _mask removed)"))
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("fill", [-1e30, torch.finfo(torch.float32).min])
 def test_a_row_masked_everywhere_by_a_huge_finite_fill_has_the_right_gradients(backend, fill):

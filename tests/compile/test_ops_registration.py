@@ -45,7 +45,7 @@ def _opchecks() -> dict:
     q, k, v = _r(1, 2, 5, 16), _r(1, 1, 7, 16, seed=1), _r(1, 1, 7, 16, seed=2)
     qd, kd, vd = (x.detach() for x in (q, k, v))
     with torch.no_grad():
-        o, lse = t.attention_fwd(qd, kd, vd, None, True, 0.25, "bottom_right")
+        o, lse, _ = t.attention_fwd(qd, kd, vd, None, True, 0.25, "bottom_right")
         _, mean, rstd = t.layer_norm_fwd(_r(3, 32, grad=False), _r(32, grad=False), _r(32, grad=False), 1e-5)
     cos, sin = rotary_tables(3, 16)
     return {
@@ -122,7 +122,7 @@ def test_fake_and_meta_tensors_take_the_fake_kernel():
     with FakeTensorMode():
         q = torch.empty(2, 4, 9, 16, dtype=torch.bfloat16)
         kv = torch.empty(2, 2, 11, 16, dtype=torch.bfloat16)
-        o, lse = torch.ops.tilestack.attention_fwd(q, kv, kv, None, False, 0.25, "top_left")
+        o, lse, _ = torch.ops.tilestack.attention_fwd(q, kv, kv, None, False, 0.25, "top_left")
         y, mean, rstd = torch.ops.tilestack.layer_norm_fwd(torch.empty(3, 5, 8), torch.empty(8), torch.empty(8), 1e-5)
     assert o.shape == q.shape and lse.shape == (2, 4, 9) and lse.dtype == torch.float32
     assert y.shape == (3, 5, 8) and mean.shape == rstd.shape == (15,)
@@ -135,7 +135,7 @@ def test_defaults_left_out_reach_the_backward():
     """The dispatcher drops trailing arguments equal to their defaults (dropout_p, rng, precision): the backward
     still gets them, and gives SDPA's gradients."""
     q, k, v = _r(1, 2, 6, 16), _r(1, 2, 6, 16, seed=1), _r(1, 2, 6, 16, seed=2)
-    o, _ = torch.ops.tilestack.attention_fwd(q, k, v, None, True, 0.25, "top_left")
+    o, *_ = torch.ops.tilestack.attention_fwd(q, k, v, None, True, 0.25, "top_left")
     got = torch.autograd.grad(o.square().sum(), (q, k, v))
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
     want = torch.autograd.grad(F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=0.25).square().sum(),

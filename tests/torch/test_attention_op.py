@@ -87,7 +87,7 @@ def test_only_inputs_that_need_grad_get_one(rng):
 
 def test_lse_is_not_differentiable(rng):
     q, k, v, _ = make(rng, SHAPES["mha"], torch.float16)
-    o, lse = torch.ops.tilestack.attention_fwd(q, k, v, None, False, 0.25, "top_left")
+    o, lse, _ = torch.ops.tilestack.attention_fwd(q, k, v, None, False, 0.25, "top_left")
     assert o.requires_grad and not lse.requires_grad and lse.dtype == torch.float32
 
 
@@ -111,7 +111,7 @@ def test_opcheck_forward(backend, causal, rng):
 @pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
 def test_opcheck_backward(backend, causal, rng):
     q, k, v, _ = make(rng, SHAPES["gqa-nq<nk"], torch.float16, requires_grad=False)
-    o, lse = torch.ops.tilestack.attention_fwd(q, k, v, None, causal, 0.2, "top_left")
+    o, lse, _ = torch.ops.tilestack.attention_fwd(q, k, v, None, causal, 0.2, "top_left")
     do = randn(rng, tuple(q.shape), torch.float16)
     with config.override(backend=backend):
         torch.library.opcheck(torch.ops.tilestack.attention_bwd.default,
@@ -126,7 +126,7 @@ def test_opcheck_backward_gqa_split_per_query_head(rng, monkeypatch):
     bwd.attention_backward.plans.clear()
     q, k, v, _ = make(rng, SHAPES["gqa-nq<nk"], torch.float16, requires_grad=False)
     k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
-    o, lse = torch.ops.tilestack.attention_fwd(q, k, v, None, True, 0.2, "top_left")
+    o, lse, _ = torch.ops.tilestack.attention_fwd(q, k, v, None, True, 0.2, "top_left")
     do = randn(rng, tuple(q.shape), torch.float16)
     torch.library.opcheck(torch.ops.tilestack.attention_bwd.default, (q, k, v, o, lse, do, None, True, 0.2, "top_left"))
     bwd.attention_backward.plans.clear()
@@ -189,7 +189,7 @@ def test_meta_tensors_through_the_fake_impl(shape):
     v = torch.empty(B, Hkv, Nk, D, dtype=torch.bfloat16, device="meta", requires_grad=True)
     o = tilestack.attention(q, k, v, causal=True, scale=scale)
     assert o.device.type == "meta" and o.shape == (B, H, Nq, D) and o.dtype == torch.bfloat16
-    o_, lse = torch.ops.tilestack.attention_fwd(q, k, v, None, True, 0.5, "top_left")
+    o_, lse, _ = torch.ops.tilestack.attention_fwd(q, k, v, None, True, 0.5, "top_left")
     assert lse.device.type == "meta" and lse.shape == (B, H, Nq) and lse.dtype == torch.float32
     dq, dk, dv = torch.ops.tilestack.attention_bwd(q, k, v, o_, lse, torch.empty_like(q), None, True, 0.5,
                                                    "top_left")
@@ -204,7 +204,7 @@ def test_fake_tensor_mode_gives_shapes():
         q = torch.empty(2, 8, 40, 64, dtype=torch.float16)
         k = torch.empty(2, 2, 50, 64, dtype=torch.float16)
         v = torch.empty(2, 2, 50, 64, dtype=torch.float16)
-        o, lse = torch.ops.tilestack.attention_fwd(q, k, v, None, False, 0.125, "top_left")
+        o, lse, _ = torch.ops.tilestack.attention_fwd(q, k, v, None, False, 0.125, "top_left")
         dq, dk, dv = torch.ops.tilestack.attention_bwd(q, k, v, o, lse, torch.empty_like(o), None, False,
                                                        0.125, "top_left")
         o2 = tilestack.attention(q, k, v)

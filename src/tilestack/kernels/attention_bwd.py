@@ -85,11 +85,12 @@ def attention_bwd_delta_kernel(O, dO, Delta, *, D: int,
 
 
 def _probabilities(s, q, k, lse, qk_scale, *, keys_left=None, rows_left=None, diagonal=None, Bias=None, bias=None,
-                   at=None, precision: str = "ieee"):
-    """s = P = exp2(q k^T * qk_scale [+ bias * log2 e] - lse) for one (query block, key block) pair, exactly as
-    the forward normalised it; ``keys_left`` (= Nk - j*BN) masks keys past the end, ``rows_left`` (= Nq - i*BM)
+                   at=None, precision: str = "ieee", l2=None):
+    """s = P = exp2(q k^T * qk_scale [+ bias * log2 e] - lse [- l2]) for one (query block, key block) pair, exactly
+    as the forward normalised it; ``keys_left`` (= Nk - j*BN) masks keys past the end, ``rows_left`` (= Nq - i*BM)
     queries past the end, ``diagonal`` (see ``causal_diagonal``) the causal diagonal; lse is in the log2
-    domain."""
+    domain, and with ``l2`` (the biased kernels, ``_load_row_stats``) it is the row max and l2 log2 of the row
+    sum, subtracted one after the other: s - max is exact where both are huge, and l2 then still counts."""
     ts.zero(s)
     ts.mma_ABt(s, q, k, s, input_precision=precision)   # (BM, BN) = q @ k.T
     ts.mul(s, s, qk_scale)
@@ -102,6 +103,8 @@ def _probabilities(s, q, k, lse, qk_scale, *, keys_left=None, rows_left=None, di
     if diagonal is not None:
         ts.make_causal(s, s, diagonal)
     ts.sub_row(s, s, lse)
+    if l2 is not None:
+        ts.sub_row(s, s, l2)
     ts.exp2(s, s)
 
 
@@ -125,6 +128,18 @@ def _lse_log2(lse, empty_rows: bool) -> None:
         ts.max(lse, lse, LOWEST_F32)
 
 
+def _load_row_stats(lse, l2, LSE, at, empty_rows: bool) -> None:
+    """A query block's normaliser for ``_probabilities``: from the saved natural-log lse (B, H, Nq), or where
+    ``l2`` is a vector (the biased kernels) from the forward's STATS (2, B, H, Nq): the row max into lse and log2
+    of the row sum into l2, both log2 domain (kernels.attention_fwd's module docstring says why)."""
+    if l2 is None:
+        ts.load(lse, LSE, at=at)                 # (BM,) natural log
+        _lse_log2(lse, empty_rows)
+    else:
+        ts.load(lse, LSE, at=(0, *at))           # (BM,) row max
+        ts.load(l2, LSE, at=(1, *at))            # (BM,) log2 row sum
+
+
 def key_block_queries(j, Nq, BM: int, BN: int, causal: bool, shift):
     """(first, full, tail, n_q_blocks) for key block j: query blocks [first, full) reach its causal diagonal,
     [full, tail) see all of it and need no mask, [tail, n_q_blocks) is the ragged last block (masked: its rows
@@ -143,21 +158,20 @@ def key_block_queries(j, Nq, BM: int, BN: int, causal: bool, shift):
 
 def _dkdv_block(i, h, *, b, q, do, lse, delta, k, v, s, dp, p, ds, dk, dv, Q, dO, LSE, Delta, qk_scale,
                 masked: bool, diagonal: bool, shift, empty_rows: bool, Bias, bias, j, BM: int, BN: int,
-                precision: str, dropout: Dropout | None, Nk, DQ=None, dq=None, scale=None):
+                precision: str, dropout: Dropout | None, Nk, DQ=None, dq=None, scale=None, l2=None):
     """Query block i of query head h against this program's key block j; ``masked``: rows past Nq, and the
     causal diagonal if ``diagonal``. With ``dropout``: dV from the dropped P (scaled once, at the end), dS from the
     dropped dP. With ``DQ`` (an f32 (B, H, Nq, D) sum): this pair's share of dQ, dS K * scale, added to it
     atomically (``dq``: its (BM, D) f32 scratch)."""
     ts.load(q, Q, at=(b, h, i, 0))               # (BM, D)
     ts.load(do, dO, at=(b, h, i, 0))             # (BM, DV)
-    ts.load(lse, LSE, at=(b, h, i))              # (BM,) natural log
+    _load_row_stats(lse, l2, LSE, (b, h, i), empty_rows)
     ts.load(delta, Delta, at=(b, h, i))          # (BM,)
-    _lse_log2(lse, empty_rows)
     # with DQ, keys past Nk are masked too: their P (exp2(0 - lse), which can overflow) would reach dQ = dS K
     _probabilities(s, q, k, lse, qk_scale, rows_left=Q.shape[2] - i * BM if masked else None,
                    keys_left=Nk - j * BN if DQ is not None else None,
                    diagonal=causal_diagonal(i, j, BM, BN, shift) if diagonal else None,
-                   Bias=Bias, bias=bias, at=(b, h, i, j), precision=precision)
+                   Bias=Bias, bias=bias, at=(b, h, i, j), precision=precision, l2=l2)
     if dropout is None:
         ts.copy(p, s)
     else:                                        # the forward's mask for these (row, key) pairs
@@ -237,6 +251,7 @@ def _dkdv(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale, *, D: int, DV: int | Non
     q = ts.SharedTile[Q.dtype, BM, D]()
     do = ts.SharedTile[dO.dtype, BM, DV]()
     lse = ts.RegVec[ts.f32, BM]()
+    l2 = ts.RegVec[ts.f32, BM]() if Bias is not None else None   # LSE is then the forward's STATS
     delta = ts.RegVec[ts.f32, BM]()
     key_major = key_major and Bias is None and dropout is None
     score = (BN, BM) if key_major else (BM, BN)  # S^T in the key-major orientation (_dkdv_block_t)
@@ -257,6 +272,8 @@ def _dkdv(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale, *, D: int, DV: int | Non
                  dO=dO, LSE=LSE, Delta=Delta, qk_scale=scale * LOG2E, shift=shift,
                  empty_rows=Bias is not None or shift is not None, Bias=Bias, bias=bias, j=j, BM=BM, BN=BN,
                  precision=precision, dropout=drop, Nk=K.shape[2])
+    if l2 is not None:
+        tiles["l2"] = l2
     if DQ is not None:
         tiles.update(DQ=DQ, dq=ts.RegTile[ts.f32, BM, D](), scale=scale)
     block = _dkdv_block_t if key_major else _dkdv_block
@@ -304,12 +321,13 @@ def attention_bwd_dkdv_kernel(Q, K, V, dO, LSE, Delta, dK, dV, scale: float, *,
 
 
 @ts.kernel(grid=_grid_kv, options=_BWD_OPTIONS)
-def attention_bwd_dkdv_bias_kernel(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale: float, *,
+def attention_bwd_dkdv_bias_kernel(Q, K, V, Bias, dO, STATS, Delta, dK, dV, scale: float, *,
                                    D: int, DV: int | None = None, causal: bool = False,
                                    causal_align: str = "top_left", BM: int = _KV_BM, BN: int = _KV_BN,
                                    precision: str = "ieee"):
-    """``attention_bwd_dkdv_kernel`` with the forward's bias (B, H, Nq, Nk) added to the scores."""
-    _dkdv(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale, D=D, DV=DV, causal=causal, causal_align=causal_align,
+    """``attention_bwd_dkdv_kernel`` with the forward's bias (B, H, Nq, Nk) added to the scores; STATS (2, B, H,
+    Nq) f32 in place of the lse: the biased forward's row max and log2 sum (``_load_row_stats``)."""
+    _dkdv(Q, K, V, Bias, dO, STATS, Delta, dK, dV, scale, D=D, DV=DV, causal=causal, causal_align=causal_align,
           BM=BM, BN=BN, precision=precision)
 
 
@@ -324,13 +342,13 @@ def attention_bwd_dkdv_dropout_kernel(Q, K, V, dO, LSE, Delta, dK, dV, scale: fl
 
 
 @ts.kernel(grid=_grid_kv, options=_BWD_OPTIONS)
-def attention_bwd_dkdv_bias_dropout_kernel(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale: float, seed: int,
+def attention_bwd_dkdv_bias_dropout_kernel(Q, K, V, Bias, dO, STATS, Delta, dK, dV, scale: float, seed: int,
                                            offset: int, dropout_p: float, dropout_scale: float, *, D: int,
                                            DV: int | None = None, causal: bool = False,
                                            causal_align: str = "top_left", BM: int = _KV_BM, BN: int = _KV_BN,
                                            precision: str = "ieee"):
     """``attention_bwd_dkdv_bias_kernel`` for a forward with dropout."""
-    _dkdv(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale, D=D, DV=DV, causal=causal, causal_align=causal_align,
+    _dkdv(Q, K, V, Bias, dO, STATS, Delta, dK, dV, scale, D=D, DV=DV, causal=causal, causal_align=causal_align,
           BM=BM, BN=BN, precision=precision, dropout=(seed, offset, dropout_p, dropout_scale))
 
 
@@ -348,13 +366,13 @@ def attention_bwd_dkdvdq_kernel(Q, K, V, dO, LSE, Delta, DQ, dK, dV, scale: floa
 
 
 def _dq_block(j, *, b, h, hk, q, do, lse, delta, k, v, s, dp, ds, dq, K, V, qk_scale, masked: bool, causal: bool,
-              shift, Bias, bias, i, BM: int, BN: int, precision: str, dropout: Dropout | None, row):
+              shift, Bias, bias, i, BM: int, BN: int, precision: str, dropout: Dropout | None, row, l2=None):
     """This program's query block i against key block j (``row``: block i's first row in the dropout grid)."""
     ts.load(k, K, at=(b, hk, j, 0))              # (BN, D)
     ts.load(v, V, at=(b, hk, j, 0))              # (BN, DV)
     _probabilities(s, q, k, lse, qk_scale, keys_left=K.shape[2] - j * BN if masked else None,
                    diagonal=causal_diagonal(i, j, BM, BN, shift) if masked and causal else None,
-                   Bias=Bias, bias=bias, at=(b, h, i, j), precision=precision)
+                   Bias=Bias, bias=bias, at=(b, h, i, j), precision=precision, l2=l2)
     if dropout is not None:                      # the forward's mask for these (row, key) pairs
         dropout.mask(row, j * BN, K.shape[2])
     _score_grad(ds, dp, s, do, v, delta, precision, dropout)
@@ -376,6 +394,7 @@ def _dq(Q, K, V, Bias, dO, LSE, Delta, dQ, scale, *, D: int, DV: int | None, cau
     k = ts.SharedTile[K.dtype, BN, D]()
     v = ts.SharedTile[V.dtype, BN, DV]()
     lse = ts.RegVec[ts.f32, BM]()
+    l2 = ts.RegVec[ts.f32, BM]() if Bias is not None else None   # LSE is then the forward's STATS
     delta = ts.RegVec[ts.f32, BM]()
     s = ts.RegTile[ts.f32, BM, BN]()
     dp = ts.RegTile[ts.f32, BM, BN]()
@@ -385,14 +404,13 @@ def _dq(Q, K, V, Bias, dO, LSE, Delta, dQ, scale, *, D: int, DV: int | None, cau
     drop = Dropout.tiles(*dropout, BM, BN) if dropout is not None else None
     ts.load(q, Q, at=(b, h, i, 0))
     ts.load(do, dO, at=(b, h, i, 0))
-    ts.load(lse, LSE, at=(b, h, i))
+    _load_row_stats(lse, l2, LSE, (b, h, i), Bias is not None or shift is not None)
     ts.load(delta, Delta, at=(b, h, i))
-    _lse_log2(lse, Bias is not None or shift is not None)
     ts.zero(dq)
     n_full, n_blocks = query_block_keys(i, K.shape[2], BM, BN, causal, shift)
     tiles = dict(b=b, h=h, hk=hk, q=q, do=do, lse=lse, delta=delta, k=k, v=v, s=s, dp=dp, ds=ds, dq=dq, K=K, V=V,
                  qk_scale=scale * LOG2E, causal=causal, shift=shift, Bias=Bias, bias=bias, i=i, BM=BM, BN=BN,
-                 precision=precision, dropout=drop, row=bh * Q.shape[2] + i * BM)
+                 precision=precision, dropout=drop, row=bh * Q.shape[2] + i * BM, l2=l2)
     for j in ts.range(0, n_full):
         _dq_block(j, masked=False, **tiles)
     for j in ts.range(n_full, n_blocks):         # the ragged end of the keys and the causal diagonal
@@ -421,12 +439,13 @@ def attention_bwd_dq_kernel(Q, K, V, dO, LSE, Delta, dQ, scale: float, *,
 
 
 @ts.kernel(grid=_grid_q, options=_BWD_OPTIONS)
-def attention_bwd_dq_bias_kernel(Q, K, V, Bias, dO, LSE, Delta, dQ, scale: float, *,
+def attention_bwd_dq_bias_kernel(Q, K, V, Bias, dO, STATS, Delta, dQ, scale: float, *,
                                  D: int, DV: int | None = None, causal: bool = False,
                                  causal_align: str = "top_left", BM: int = _DQ_BM, BN: int = _DQ_BN,
                                  precision: str = "ieee"):
-    """``attention_bwd_dq_kernel`` with the forward's bias (B, H, Nq, Nk) added to the scores."""
-    _dq(Q, K, V, Bias, dO, LSE, Delta, dQ, scale, D=D, DV=DV, causal=causal, causal_align=causal_align,
+    """``attention_bwd_dq_kernel`` with the forward's bias (B, H, Nq, Nk) added to the scores; STATS in place of
+    the lse, as ``attention_bwd_dkdv_bias_kernel``."""
+    _dq(Q, K, V, Bias, dO, STATS, Delta, dQ, scale, D=D, DV=DV, causal=causal, causal_align=causal_align,
         BM=BM, BN=BN, precision=precision)
 
 
@@ -441,13 +460,40 @@ def attention_bwd_dq_dropout_kernel(Q, K, V, dO, LSE, Delta, dQ, scale: float, s
 
 
 @ts.kernel(grid=_grid_q, options=_BWD_OPTIONS)
-def attention_bwd_dq_bias_dropout_kernel(Q, K, V, Bias, dO, LSE, Delta, dQ, scale: float, seed: int, offset: int,
+def attention_bwd_dq_bias_dropout_kernel(Q, K, V, Bias, dO, STATS, Delta, dQ, scale: float, seed: int, offset: int,
                                          dropout_p: float, dropout_scale: float, *, D: int, DV: int | None = None,
                                          causal: bool = False, causal_align: str = "top_left", BM: int = _DQ_BM,
                                          BN: int = _DQ_BN, precision: str = "ieee"):
     """``attention_bwd_dq_bias_kernel`` for a forward with dropout."""
-    _dq(Q, K, V, Bias, dO, LSE, Delta, dQ, scale, D=D, DV=DV, causal=causal, causal_align=causal_align,
+    _dq(Q, K, V, Bias, dO, STATS, Delta, dQ, scale, D=D, DV=DV, causal=causal, causal_align=causal_align,
         BM=BM, BN=BN, precision=precision, dropout=(seed, offset, dropout_p, dropout_scale))
+
+
+def row_stats(lse):
+    """The biased kernels' STATS (2, B, H, Nq) made from a natural-log ``lse`` alone (no forward's stats at hand):
+    the row max lse * log2 e (-inf raised to the lowest f32, as ``_lse_log2``) and a log2 sum of 0, so their
+    P = exp2(s - lse log2 e) is the unbiased kernels'."""
+    import torch
+
+    return torch.stack((torch.clamp_min(lse * LOG2E, LOWEST_F32), torch.zeros_like(lse)))
+
+
+def _check_stats(stats, attn_mask, q) -> None:
+    """``stats`` is None, or the (2, B, H, Nq) f32 tensor on q's device of a forward with a mask."""
+    import torch
+
+    if stats is None:
+        return
+    want = (2, *q.shape[:3])
+    if not isinstance(stats, torch.Tensor):
+        raise LaunchError(f"attention_backward: stats is {type(stats).__name__}; expected None or the forward's "
+                          f"{want} float32 tensor (attention_forward(..., with_stats=True))")
+    if attn_mask is None:
+        raise LaunchError("attention_backward: stats given without attn_mask; they are the masked forward's "
+                          "(attention_forward(..., with_stats=True) gives None without a mask)")
+    if tuple(stats.shape) != want or stats.dtype != torch.float32 or stats.device != q.device:
+        raise LaunchError(f"attention_backward: stats is {tuple(stats.shape)} {stats.dtype} on {stats.device}; "
+                          f"expected {want} torch.float32 on {q.device} (the forward's, with_stats=True)")
 
 
 def _check_saved(q, v, o, lse, do) -> None:
@@ -516,11 +562,14 @@ def split_group(B: int, H: int, Hkv: int, Nk: int, BN: int, device, D: int = 0, 
 @forward_only("attention_backward")   # not differentiable: a backward through it raises
 def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float | None = None, *,
                        backend: str | None = None, config: dict[str, dict] | None = None, attn_mask=None,
-                       causal_align: str = "top_left", dropout_p: float = 0.0, rng=None, precision: str = "ieee"):
+                       causal_align: str = "top_left", dropout_p: float = 0.0, rng=None, precision: str = "ieee",
+                       stats=None):
     """(dq, dk, dv) of attention, from the forward's output ``o`` and log-sum-exp ``lse`` (for the same
     ``causal``, ``scale``, ``attn_mask``, ``causal_align``, ``dropout_p`` and stream ``rng``, whose mask is
-    regenerated, and ``precision``). The mask gets no gradient. Checks, configs and launchers are planned once per
-    launch signature (``kernels._plan``)."""
+    regenerated, and ``precision``). The mask gets no gradient. With a mask, ``stats`` (2, B, H, Nq) are the
+    forward's row max and log2 sum (``attention_forward(..., with_stats=True)``; they keep the gradients of a row
+    masked everywhere by a huge finite fill right); without them they are made from lse. Checks, configs and
+    launchers are planned once per launch signature (``kernels._plan``)."""
     import torch
 
     check_attention_args("attention_backward", q, k, v, scale, causal=causal, attn_mask=attn_mask,
@@ -529,6 +578,7 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
     B, H, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
     _check_saved(q, v, o, lse, do)
+    _check_stats(stats, attn_mask, q)
     if config is not None and not isinstance(config, dict):
         raise LaunchError(f"attention_backward: config is {type(config).__name__}; expected a dict of kernel name "
                           f"-> that kernel's config (delta, dkdv, dq, dkdvdq)")
@@ -594,7 +644,8 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
     launch_delta = tuned_launcher(attention_bwd_delta_kernel, (o, do, delta), *backends["delta"], D=DVT,
                                   **cfg["delta"])
     if dropout_p > 0:   # kernels of their own: dropout_p = 0 runs the kernels below, untouched
-        return _dropout_run(q, k, v, bias, do, lse, delta, dq, dk, dv, scale, rng, float(dropout_p), buffers,
+        return _dropout_run(q, k, v, bias, do, lse if bias is None else (row_stats(lse) if stats is None else stats),
+                            delta, dq, dk, dv, scale, rng, float(dropout_p), buffers,
                             launch_delta, backends, consts, cfg, (B, H, Nq, Nk))
     group = H // k.shape[1]
     kv_part = "dkdvdq" if fused else "dkdv"
@@ -623,19 +674,21 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = False, scale: float |
         launch_dq = (ws["dq"] and ws_launcher("dq", args_q, backends["dq"], consts, ws["dq"])) \
             or tuned_launcher(attention_bwd_dq_kernel, args_q, *backends["dq"], **consts, **cfg["dq"])
     else:
-        launch_dkdv = tuned_launcher(attention_bwd_dkdv_bias_kernel, (q, k, v, bias, do, lse, delta, dk, dv, scale),
+        st = row_stats(lse) if stats is None else stats
+        launch_dkdv = tuned_launcher(attention_bwd_dkdv_bias_kernel, (q, k, v, bias, do, st, delta, dk, dv, scale),
                                      *backends["dkdv"], **consts, **cfg["dkdv"])
-        launch_dq = tuned_launcher(attention_bwd_dq_bias_kernel, (q, k, v, bias, do, lse, delta, dq, scale),
+        launch_dq = tuned_launcher(attention_bwd_dq_bias_kernel, (q, k, v, bias, do, st, delta, dq, scale),
                                    *backends["dq"], **consts, **cfg["dq"])
 
-    def run(q, k, v, o, lse, do, *_, attn_mask=None, **__):
+    def run(q, k, v, o, lse, do, *_, attn_mask=None, stats=None, **__):
         delta, dq, dk, dv = buffers(q, k, v)
         do = do.contiguous()
         launch_delta((o, do, delta))
         if with_bias:
             bias = mask_as_bias(attn_mask, (B, H, Nq, Nk))
-            launch_dkdv((q, k, v, bias, do, lse, delta, dk, dv, scale))
-            launch_dq((q, k, v, bias, do, lse, delta, dq, scale))
+            stats = row_stats(lse) if stats is None else stats
+            launch_dkdv((q, k, v, bias, do, stats, delta, dk, dv, scale))
+            launch_dq((q, k, v, bias, do, stats, delta, dq, scale))
         elif fused:                 # dQ summed in f32 by the dK/dV kernel, then cast (a copy when q is f32)
             dq32 = dq_sum(q)
             dkx, dvx = shares(q, k, v) if split else (dk, dv)
@@ -660,6 +713,7 @@ def _dropout_run(q, k, v, bias, do, lse, delta, dq, dk, dv, scale, rng, p, buffe
     launch on, the one the caller named)."""
     extra = (*philox_args(rng), dropout_threshold(p), dropout_scale(p))
     with_bias = bias is not None
+    # (with the bias, ``lse`` is the stats: attention_backward's run makes them as its own)
     kdkdv, kdq = ((attention_bwd_dkdv_bias_dropout_kernel, attention_bwd_dq_bias_dropout_kernel) if with_bias else
                   (attention_bwd_dkdv_dropout_kernel, attention_bwd_dq_dropout_kernel))
     b = (bias,) if with_bias else ()
@@ -668,11 +722,13 @@ def _dropout_run(q, k, v, bias, do, lse, delta, dq, dk, dv, scale, rng, p, buffe
     launch_dq = tuned_launcher(kdq, (q, k, v, *b, do, lse, delta, dq, scale, *extra), *backends["dq"], **consts,
                                **cfg["dq"])
 
-    def run(q, k, v, o, lse, do, *_, attn_mask=None, rng=None, **__):
+    def run(q, k, v, o, lse, do, *_, attn_mask=None, rng=None, stats=None, **__):
         delta, dq, dk, dv = buffers(q, k, v)
         do = do.contiguous()
         launch_delta((o, do, delta))
         b = (mask_as_bias(attn_mask, shape),) if with_bias else ()
+        if with_bias:
+            lse = row_stats(lse) if stats is None else stats
         x = (*philox_args(rng), *extra[2:])
         launch_dkdv((q, k, v, *b, do, lse, delta, dk, dv, scale, *x))
         launch_dq((q, k, v, *b, do, lse, delta, dq, scale, *x))

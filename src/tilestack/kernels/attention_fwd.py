@@ -45,7 +45,11 @@ softmax scale is folded with log2(e)) so the exponentials are exp2. A bias is a 
 key (a bias, or bottom-right alignment) start the running max at the lowest finite f32 instead of -inf, so a
 fully masked block gives exp2(-inf - lowest) = 0 rather than exp2(-inf + inf) = NaN; such a row ends with
 l = 0 and o = 0, and its division is guarded.
-The log-sum-exp (natural log, per query row, f32) is saved for the backward.
+The log-sum-exp (natural log, per query row, f32) is saved for the backward. The biased kernels also keep each
+row's max m and log2 l apart (``STATS``, (2, B, H, Nq) f32, log2 domain; log2 0 raised to the lowest f32): where
+a huge finite fill masks every key a row sees (-1e30, ``torch.finfo(f32).min``), m is about fill * log2 e and
+m + log2 l rounds to m in f32, so a backward from the lse alone would take each such key's P as 1 instead of
+1 / l. ``attention_forward(..., with_stats=True)`` returns them (the autograd paths' call).
 """
 
 from __future__ import annotations
@@ -211,7 +215,7 @@ def _attend_block(j, q, k, v, s, p, o, m, m_new, alpha, l, K, V, b, h, hk, qk_sc
 
 
 def _forward(Q, K, V, Bias, O, LSE, scale, *, D: int, DV: int | None, causal: bool, causal_align: str,
-             BM: int, BN: int, precision: str = "ieee", dropout: tuple | None = None):
+             BM: int, BN: int, precision: str = "ieee", dropout: tuple | None = None, STATS=None):
     """The body of every forward kernel (``Bias`` is None for the unbiased ones; ``dropout`` is (seed, offset,
     p, scale) for the dropout ones)."""
     DV = D if DV is None else DV
@@ -267,6 +271,11 @@ def _forward(Q, K, V, Bias, O, LSE, scale, *, D: int, DV: int | None, causal: bo
     ts.add(lse, lse, m)
     ts.mul(lse, lse, LN2)
     ts.store(LSE, lse, at=(b, h, i))
+    if STATS is not None:                        # the biased kernels: m and log2 l apart, for the backward
+        ts.store(STATS, m, at=(0, b, h, i))
+        ts.log2(l, l)
+        ts.max(l, l, LOWEST_F32)                 # a row that saw no key: log2 0 = -inf raised (module docstring)
+        ts.store(STATS, l, at=(1, b, h, i))
 
 
 def _grid(Q, BM):
@@ -285,13 +294,14 @@ def attention_fwd_kernel(Q, K, V, O, LSE, scale: float, *,
 
 
 @ts.kernel(grid=_grid, options=_OPTIONS)
-def attention_fwd_bias_kernel(Q, K, V, Bias, O, LSE, scale: float, *,
+def attention_fwd_bias_kernel(Q, K, V, Bias, O, LSE, STATS, scale: float, *,
                               D: int, DV: int | None = None, causal: bool = False, causal_align: str = "top_left",
                               BM: int = _BM, BN: int = _BN, precision: str = "ieee"):
     """``attention_fwd_kernel`` with an additive bias added to the scores: Bias (B, H, Nq, Nk), any float dtype,
-    usually an expanded view (zero strides on the broadcast axes)."""
+    usually an expanded view (zero strides on the broadcast axes); STATS (2, B, H, Nq) f32: each row's max and
+    log2 of its sum, kept apart for the backward (``row_stats``)."""
     _forward(Q, K, V, Bias, O, LSE, scale, D=D, DV=DV, causal=causal, causal_align=causal_align, BM=BM, BN=BN,
-             precision=precision)
+             precision=precision, STATS=STATS)
 
 
 @ts.kernel(grid=_grid, options=_OPTIONS)
@@ -306,13 +316,13 @@ def attention_fwd_dropout_kernel(Q, K, V, O, LSE, scale: float, seed: int, offse
 
 
 @ts.kernel(grid=_grid, options=_OPTIONS)
-def attention_fwd_bias_dropout_kernel(Q, K, V, Bias, O, LSE, scale: float, seed: int, offset: int,
+def attention_fwd_bias_dropout_kernel(Q, K, V, Bias, O, LSE, STATS, scale: float, seed: int, offset: int,
                                       dropout_p: float, dropout_scale: float, *, D: int, DV: int | None = None,
                                       causal: bool = False, causal_align: str = "top_left", BM: int = _BM,
                                       BN: int = _BN, precision: str = "ieee"):
     """``attention_fwd_bias_kernel`` with dropout, as ``attention_fwd_dropout_kernel``."""
     _forward(Q, K, V, Bias, O, LSE, scale, D=D, DV=DV, causal=causal, causal_align=causal_align, BM=BM, BN=BN,
-             precision=precision, dropout=(seed, offset, dropout_p, dropout_scale))
+             precision=precision, dropout=(seed, offset, dropout_p, dropout_scale), STATS=STATS)
 
 
 def reference(q, k, v, causal: bool = False, scale: float | None = None, *, attn_mask=None,
@@ -506,8 +516,11 @@ def config_signature(q, D: int, DV: int, causal: bool) -> str:
 @forward_only("attention_forward")   # its backward is attention_backward: a backward through it raises
 def attention_forward(q, k, v, causal: bool = False, scale: float | None = None, *,
                       backend: str | None = None, attn_mask=None, causal_align: str = "top_left",
-                      dropout_p: float = 0.0, rng=None, precision: str = "ieee", **config):
+                      dropout_p: float = 0.0, rng=None, precision: str = "ieee", with_stats: bool = False,
+                      **config):
     """(o, lse): o (B, H, Nq, Dv) in q's dtype; lse (B, H, Nq) f32, natural log (-inf for a row that sees no key).
+    ``with_stats``: (o, lse, stats), stats the biased kernels' (2, B, H, Nq) row max and log2 sum for
+    ``attention_backward`` (module docstring), None without a mask.
     See the module docstring for ``attn_mask``, ``causal_align``, ``dropout_p`` with its stream ``rng`` and
     ``precision``; ``config`` overrides block shapes. Checks, config and launcher are planned once per launch
     signature (``kernels._plan``)."""
@@ -520,7 +533,12 @@ def attention_forward(q, k, v, causal: bool = False, scale: float | None = None,
     B, H, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if with_stats is not True and with_stats is not False:
+        raise LaunchError(f"attention_forward: with_stats={with_stats!r}; expected True or False")
     if 0 in (B, H, Nq, Nk):       # nothing to launch: no rows, or rows that see no key (o = 0, lse = -inf)
+        if with_stats:            # (the backward launches nothing either)
+            return lambda q, *_, **__: (q.new_zeros((B, H, Nq, Dv)), torch.full((B, H, Nq), -math.inf,
+                                                                                device=q.device), None)
         return lambda q, *_, **__: (q.new_zeros((B, H, Nq, Dv)), torch.full((B, H, Nq), -math.inf, device=q.device))
     DT, DVT = head_tile(D), head_tile(Dv)
     default = default_config(max(DT, DVT), causal, q.device.type, q.dtype)
@@ -550,6 +568,9 @@ def attention_forward(q, k, v, causal: bool = False, scale: float | None = None,
         return (torch.empty_like(q) if Dv == D else q.new_empty(o_shape),
                 torch.empty(lse_shape, dtype=torch.float32, device=q.device))
 
+    def stats_buffer(q):          # the biased kernels' row max and log2 sum (module docstring)
+        return torch.empty((2, *lse_shape), dtype=torch.float32, device=q.device)
+
     o, lse = outputs(q)
     bias = mask_as_bias(attn_mask, (B, H, Nq, Nk))
     plain_consts, plain_backend = consts, backend
@@ -566,7 +587,7 @@ def attention_forward(q, k, v, causal: bool = False, scale: float | None = None,
         plain_consts = constants(base | caller)
     if dropout_p > 0:   # a kernel of its own: dropout_p = 0 runs the kernels above, untouched
         return _dropout_run(q, k, v, bias, o, lse, scale, rng, float(dropout_p), outputs, (plain_backend, asked),
-                            plain_consts, (B, H, Nq, Nk))
+                            plain_consts, (B, H, Nq, Nk), stats_buffer, with_stats)
     if bias is None and schedule == "pingpong" and q.dtype in (torch.bfloat16, torch.float16):
         # the tables' config where they chose the ping-pong kernel; else its own defaults under the caller's keys
         # (the tables' entry was tuned for the plain kernel: its BN of 64 is the ping-pong's slower choice)
@@ -578,7 +599,7 @@ def attention_forward(q, k, v, causal: bool = False, scale: float | None = None,
             def run(q, k, v, *_, **__):
                 o, lse = outputs(q)
                 launch((q, k, v, o, lse, scale))
-                return o, lse
+                return (o, lse, None) if with_stats else (o, lse)
             return run
     if bias is None:
         launch = tuned_launcher(attention_fwd_kernel, (q, k, v, o, lse, scale), plain_backend, asked,
@@ -587,15 +608,16 @@ def attention_forward(q, k, v, causal: bool = False, scale: float | None = None,
         def run(q, k, v, *_, **__):
             o, lse = outputs(q)
             launch((q, k, v, o, lse, scale))
-            return o, lse
+            return (o, lse, None) if with_stats else (o, lse)
     else:
-        launch = tuned_launcher(attention_fwd_bias_kernel, (q, k, v, bias, o, lse, scale), plain_backend, asked,
-                                **plain_consts)
+        launch = tuned_launcher(attention_fwd_bias_kernel, (q, k, v, bias, o, lse, stats_buffer(q), scale),
+                                plain_backend, asked, **plain_consts)
 
         def run(q, k, v, *_, attn_mask=None, **__):
             o, lse = outputs(q)
-            launch((q, k, v, mask_as_bias(attn_mask, (B, H, Nq, Nk)), o, lse, scale))
-            return o, lse
+            stats = stats_buffer(q)
+            launch((q, k, v, mask_as_bias(attn_mask, (B, H, Nq, Nk)), o, lse, stats, scale))
+            return (o, lse, stats) if with_stats else (o, lse)
     return run
 
 
@@ -640,7 +662,8 @@ def _pingpong_launcher(q, k, v, o, lse, scale, backend, asked, consts, named: bo
         return None
 
 
-def _dropout_run(q, k, v, bias, o, lse, scale, rng, p, outputs, backend, consts, shape):
+def _dropout_run(q, k, v, bias, o, lse, scale, rng, p, outputs, backend, consts, shape, stats_buffer,
+                 with_stats: bool):
     """attention_forward's ``run`` for dropout_p > 0: the dropout twin of the plain or biased kernel, the stream's
     (seed, offset) read per call. ``backend``: (the backend to launch on, the one the caller named)."""
     extra = (*philox_args(rng), dropout_threshold(p), dropout_scale(p))
@@ -650,13 +673,15 @@ def _dropout_run(q, k, v, bias, o, lse, scale, rng, p, outputs, backend, consts,
         def run(q, k, v, *_, rng=None, **__):
             o, lse = outputs(q)
             launch((q, k, v, o, lse, scale, *philox_args(rng), *extra[2:]))
-            return o, lse
+            return (o, lse, None) if with_stats else (o, lse)
     else:
-        launch = tuned_launcher(attention_fwd_bias_dropout_kernel, (q, k, v, bias, o, lse, scale, *extra), *backend,
-                                **consts)
+        launch = tuned_launcher(attention_fwd_bias_dropout_kernel,
+                                (q, k, v, bias, o, lse, stats_buffer(q), scale, *extra), *backend, **consts)
 
         def run(q, k, v, *_, attn_mask=None, rng=None, **__):
             o, lse = outputs(q)
-            launch((q, k, v, mask_as_bias(attn_mask, shape), o, lse, scale, *philox_args(rng), *extra[2:]))
-            return o, lse
+            stats = stats_buffer(q)
+            launch((q, k, v, mask_as_bias(attn_mask, shape), o, lse, stats, scale, *philox_args(rng),
+                    *extra[2:]))
+            return (o, lse, stats) if with_stats else (o, lse)
     return run

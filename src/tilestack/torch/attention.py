@@ -47,10 +47,12 @@ from tilestack.torch._library import autograd_op
 def _fwd_fake(q, k, v, attn_mask, causal, scale, causal_align, dropout_p=0.0, rng=None, precision="ieee"):
     B, H, Nq, D = q.shape   # o as attention_forward makes it: q's layout when Dv == D
     o = torch.empty_like(q) if v.shape[3] == D else q.new_empty((B, H, Nq, v.shape[3]))
-    return o, q.new_empty((B, H, Nq), dtype=torch.float32)
+    stats = (2, B, H, Nq) if attn_mask is not None and 0 not in (B, H, Nq, k.shape[2]) else (0,)
+    return o, q.new_empty((B, H, Nq), dtype=torch.float32), q.new_empty(stats, dtype=torch.float32)
 
 
-def _bwd_fake(q, k, v, o, lse, do, attn_mask, causal, scale, causal_align, dropout_p=0.0, rng=None, precision="ieee"):
+def _bwd_fake(q, k, v, o, lse, do, attn_mask, causal, scale, causal_align, dropout_p=0.0, rng=None, precision="ieee",
+              stats=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -58,33 +60,38 @@ def _bwd_fake(q, k, v, o, lse, do, attn_mask, causal, scale, causal_align, dropo
 def attention_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                      do: torch.Tensor, attn_mask: torch.Tensor | None, causal: bool, scale: float,
                      causal_align: str, dropout_p: float = 0.0, rng: torch.Tensor | None = None,
-                     precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     precision: str = "ieee", stats: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_backward(q, k, v, o, lse, do, causal, scale, attn_mask=attn_mask, causal_align=causal_align,
-                              dropout_p=dropout_p, rng=rng, precision=precision)
+                              dropout_p=dropout_p, rng=rng, precision=precision, stats=stats)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, attn_mask, causal, scale, causal_align, dropout_p, rng, precision = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, attn_mask, rng)
+    o, lse, stats = output
+    ctx.save_for_backward(q, k, v, o, lse, attn_mask, rng, stats)
     ctx.causal, ctx.scale, ctx.causal_align, ctx.dropout_p, ctx.precision = (causal, scale, causal_align,
                                                                              dropout_p, precision)
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, stats)
 
 
-def _backward(ctx, do, _dlse):
-    q, k, v, o, lse, attn_mask, rng = ctx.saved_tensors
+def _backward(ctx, do, _dlse, _dstats):
+    q, k, v, o, lse, attn_mask, rng, stats = ctx.saved_tensors
     dq, dk, dv = attention_bwd_op(q, k, v, o, lse, do.resolve_neg(), attn_mask, ctx.causal, ctx.scale, ctx.causal_align,
-                                  ctx.dropout_p, rng, ctx.precision)
+                                  ctx.dropout_p, rng, ctx.precision, stats if stats.numel() else None)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
 @autograd_op("attention_fwd", fake=_fwd_fake, setup_context=_setup_context, backward=_backward)
 def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                      causal: bool, scale: float, causal_align: str, dropout_p: float = 0.0,
-                     rng: torch.Tensor | None = None, precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_forward(q, k, v, causal, scale, attn_mask=attn_mask, causal_align=causal_align,
-                             dropout_p=dropout_p, rng=rng, precision=precision)
+                     rng: torch.Tensor | None = None, precision: str = "ieee"
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o, lse, stats): stats the masked kernels' row max and log2 sum for the backward
+    (``attention_forward(..., with_stats=True)``), an empty tensor without a mask (an op returns tensors)."""
+    o, lse, stats = attention_forward(q, k, v, causal, scale, attn_mask=attn_mask, causal_align=causal_align,
+                                      dropout_p=dropout_p, rng=rng, precision=precision, with_stats=True)
+    return o, lse, (lse.new_empty(0) if stats is None else stats)
 
 
 class _AttentionPlan:
@@ -97,15 +104,17 @@ class _AttentionPlan:
         self.options = dict(causal_align=causal_align, dropout_p=dropout_p, precision=precision)
         with torch.no_grad():     # run in _Attention.forward, grad mode off: the plain run (kernels._plan)
             self.forward_run = attention_forward.plan_for(q, k, v, causal, scale, attn_mask=attn_mask, rng=rng,
-                                                          **self.options)
+                                                          with_stats=True, **self.options)
         self.backwards: dict = {}
 
     def forward(self, q, k, v, causal, scale, attn_mask, rng):
-        return self.forward_run(q, k, v, causal, scale, attn_mask=attn_mask, rng=rng, **self.options)
+        """(o, lse, stats): stats None without a mask (``attention_forward``'s ``with_stats``)."""
+        return self.forward_run(q, k, v, causal, scale, attn_mask=attn_mask, rng=rng, with_stats=True,
+                                **self.options)
 
-    def backward(self, q, k, v, o, lse, do, causal, scale, attn_mask, rng):
+    def backward(self, q, k, v, o, lse, do, causal, scale, attn_mask, rng, stats):
         key = (do.dtype, do.stride(), do.data_ptr() % 16)
-        kwargs = self.options | dict(attn_mask=attn_mask, rng=rng)
+        kwargs = self.options | dict(attn_mask=attn_mask, rng=rng, stats=stats)
         run = self.backwards.get(key)
         if run is None:
             run = remember(self.backwards, key, attention_backward.plan_for(q, k, v, o, lse, do, causal, scale,
@@ -131,16 +140,17 @@ class _Attention(torch.autograd.Function):
             check_attention_args("attention", q, k, v, scale, causal=causal, attn_mask=attn_mask,
                                  causal_align=causal_align, dropout_p=dropout_p, rng=rng, precision=precision)
             raise
-        o, lse = plan.forward(q, k, v, causal, scale, attn_mask, rng)
-        ctx.save_for_backward(q, k, v, o, lse, attn_mask)
+        o, lse, stats = plan.forward(q, k, v, causal, scale, attn_mask, rng)
+        ctx.save_for_backward(q, k, v, o, lse, attn_mask, stats)
         ctx.plan, ctx.causal, ctx.scale, ctx.rng = plan, causal, scale, rng   # rng: a CPU tensor, not saved state
         return o
 
     @staticmethod
     @once_differentiable("attention")
     def backward(ctx, do):
-        q, k, v, o, lse, attn_mask = ctx.saved_tensors
-        dq, dk, dv = ctx.plan.backward(q, k, v, o, lse, do.resolve_neg(), ctx.causal, ctx.scale, attn_mask, ctx.rng)
+        q, k, v, o, lse, attn_mask, stats = ctx.saved_tensors
+        dq, dk, dv = ctx.plan.backward(q, k, v, o, lse, do.resolve_neg(), ctx.causal, ctx.scale, attn_mask, ctx.rng,
+                                       stats)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
