@@ -17,8 +17,8 @@ What rounds 1-11 did not reach, and what it found (each test marked so failed be
 
 A grid past CUDA's limits (axis 0 above 2**31 - 1, axes 1 and 2 above 65535), refused on the GPU but run by the
 reference executor and Triton's interpreter when this round was written, is now refused on every backend
-(``TracedKernel.grid``; tests/lang/test_grid_limits.py). A user kernel's output that requires grad is strict xfail
-below.
+(``TracedKernel.grid``; tests/lang/test_grid_limits.py). A user kernel's output that requires grad, written behind
+autograd's back, is refused in grad mode on every launch (below).
 """
 
 from __future__ import annotations
@@ -175,11 +175,10 @@ def test_a_float_constant_takes_ints_and_floats_in_its_domain():
 
 
 # ---- an output that requires grad ----------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="a user kernel's output (a tensor it stores to) that is a leaf requiring grad "
-                   "is not refused at launch: the reference backend runs the kernel, then fails in its copy back with "
-                   "torch's bare RuntimeError ('a leaf Variable that requires grad is being used in an in-place "
-                   "operation'); Triton writes it behind autograd's back. The check must also run on a cached "
-                   "launcher (the launch key holds neither requires_grad nor the grad mode), a change to the hot path")
+# A user kernel's output (a tensor it stores to) that required grad was not refused: the reference backend ran the
+# kernel, then failed in its copy back with torch's bare RuntimeError ('a leaf Variable that requires grad is being
+# used in an in-place operation'); Triton wrote it behind autograd's back. Refused now on every launch, cached too
+# (the launch key holds neither requires_grad nor the grad mode).
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_an_output_that_requires_grad_is_refused_by_name(backend):
     k = _copy_kernel()
@@ -188,3 +187,67 @@ def test_an_output_that_requires_grad_is_refused_by_name(backend):
     with pytest.raises(LaunchError, match=r"output Y .*requires grad"):
         k(x, y, backend=backend)
     assert not y.detach().any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_output_that_requires_grad_is_refused_on_the_cached_launcher_too(backend):
+    k = _copy_kernel()
+    x, y = _xy()
+    k(x, y, backend=backend)                        # the launcher of this signature is built and cached
+    assert torch.equal(y, x)
+    z = torch.zeros(32, 16, requires_grad=True)     # the same launch key: dtype, shape, strides, device
+    with pytest.raises(LaunchError, match=r"output Y is a leaf tensor that requires grad \(shape \(32, 16\)\)"):
+        k(x, z, backend=backend)
+    assert not z.detach().any()
+    launch = k.launcher_for((x, y), backend)        # a launcher a library keeps, skipping even the key
+    with pytest.raises(LaunchError, match=r"output Y .*requires grad"):
+        launch((x, z))
+    assert not z.detach().any()
+    traced = k.trace(x, y)                          # and a trace's own launches
+    with pytest.raises(LaunchError, match=r"output Y .*requires grad"):
+        traced.run(x, z, backend=backend)
+    assert not z.detach().any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_output_that_requires_grad_is_written_under_no_grad(backend):
+    """Under torch.no_grad() the write is meant (an optimizer's update): it runs, the first launch and a cached one."""
+    k = _copy_kernel()
+    x, _ = _xy()
+    y = torch.zeros(32, 16, requires_grad=True)
+    with torch.no_grad():
+        k(x, y, backend=backend)
+    assert torch.equal(y.detach(), x) and y.requires_grad and y.is_leaf
+    y2 = torch.zeros(32, 16, requires_grad=True)
+    with torch.no_grad():
+        k(x * 2, y2, backend=backend)               # the cached launcher
+    assert torch.equal(y2.detach(), x * 2)
+    with pytest.raises(LaunchError, match=r"output Y .*requires grad"):   # grad mode back on: refused again
+        k(x, y2, backend=backend)
+    assert torch.equal(y2.detach(), x * 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_autograd_tracked_intermediate_output_is_refused(backend):
+    """Writing into a non-leaf that requires grad left autograd's graph without the kernel's math: refused."""
+    k = _copy_kernel()
+    x, _ = _xy()
+    w = torch.ones(32, 16, requires_grad=True)
+    y = w * 3                                       # tracked: grad_fn MulBackward0
+    with pytest.raises(LaunchError, match=r"output Y is a tensor autograd tracks .*MulBackward0.*requires grad"):
+        k(x, y, backend=backend)
+    assert torch.equal(y.detach(), torch.full((32, 16), 3.0))
+    view = w[:, :]                                  # a view of a leaf that requires grad
+    with pytest.raises(LaunchError, match=r"output Y .*requires grad"):
+        k(x, view, backend=backend)
+    assert torch.equal(w.detach(), torch.ones(32, 16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_input_that_requires_grad_is_read_as_before(backend):
+    """Only outputs are refused: a kernel reads tensors that require grad (its result carries no graph)."""
+    k = _copy_kernel()
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    y = torch.zeros(32, 16)
+    k(x, y, backend=backend)
+    assert torch.equal(y, x.detach()) and not y.requires_grad

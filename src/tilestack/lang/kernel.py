@@ -41,6 +41,7 @@ from tilestack.ir.nodes import KernelIR, Param
 from tilestack.ir.ops import Op
 from tilestack.ir.types import FLOAT, INDEX, TORCH_NAMES, DType, GlobalType, dtype_of_torch
 from tilestack.ir.verify import verify
+from tilestack.lang.launch import refuse_grad_output
 from tilestack.lang.tiles import GlobalTensor, Scalar, as_scalar
 from tilestack.lang.trace import Tracer, current_or_none, set_current, user_line
 
@@ -504,6 +505,7 @@ class TracedKernel:
         self._grid_globals = [i for i in grid_args if isinstance(signature[i], tuple)]
         self._grid_scalars = [i for i in grid_args if not isinstance(signature[i], tuple)]
         self.written = ir.written_params()   # indices of the globals it stores to
+        self._outputs = tuple(sorted(self.written))   # the same, for the per-launch requires-grad guard
         self.tile_globals = ir.tile_params()  # indices of the globals it moves 2-D tiles of
         self._step_plans = _runtime_steps(ir)   # ts.range loops whose step the host can compute per launch
 
@@ -617,11 +619,20 @@ class TracedKernel:
         # only None picks the default: backend='' (or 0, False) ran on it without a word, where 'Triton' is refused
         name = backend if backend is not None else pick_backend(args)
         launch = get_backend(name).prepare(self, args, options)
-        if not self._step_plans:
+        outputs, steps = self._outputs, self._step_plans
+        if not outputs and not steps:
             return launch
 
-        def checked(args, _launch=launch):   # (a step argument's value is not in the launch key: checked per call)
-            self.check_steps(args)
+        # per call, as neither is in the launch key: an output that requires grad, in grad mode (the kernel would
+        # write it unseen by autograd; one is_grad_enabled() call when grad is off, as inside autograd's own
+        # forward and backward, where the library launches) and a ts.range loop's runtime step
+        def checked(args, _launch=launch, _outputs=outputs, _grad=torch.is_grad_enabled):
+            if _grad():
+                for i in _outputs:
+                    if args[i].requires_grad:
+                        refuse_grad_output(self.name, self.ir.params[i].name, args[i])
+            if steps:
+                self.check_steps(args)
             return _launch(args)
         return checked
 

@@ -2,9 +2,10 @@
 
 Checks, in order: the number of arguments; each is a tensor where a global is expected (a dense, strided one:
 not sparse or MKL-DNN) and a number where a scalar is; the dtype and rank the kernel was traced for; every tensor
-on one device; and a layout every written tensor can be addressed with (no two indices reaching one element:
-lang.layout.check_writable). The per-parameter expectations are computed once per traced kernel: this runs on
-every launch.
+on one device; a layout every written tensor can be addressed with (no two indices reaching one element:
+lang.layout.check_writable); and, in grad mode, no written tensor that requires grad (``refuse_grad_output``,
+checked on every launch, cached ones too). The per-parameter expectations are computed once per traced kernel;
+the checks run when a launch signature is first seen.
 """
 
 from __future__ import annotations
@@ -72,3 +73,22 @@ def check_args(traced, args: Sequence) -> None:
             raise LaunchError(f"{name}: all tensors must be on one device; got {listing}")
         if written:
             check_writable(name, f"output {pname}", a)
+            if a.requires_grad and torch.is_grad_enabled():
+                refuse_grad_output(name, pname, a)
+
+
+def refuse_grad_output(name: str, pname: str, a: torch.Tensor) -> None:
+    """LaunchError for output ``pname`` (a tensor the kernel stores to) that requires grad, launched in grad mode.
+    A kernel writes its outputs in place, unseen by autograd: into a leaf that requires grad the reference backend
+    failed in its copy back with torch's bare RuntimeError after running the kernel, and Triton wrote it silently;
+    into a tracked intermediate autograd's graph knew nothing of the kernel's math (no gradient reached the tensors
+    it read from): gradients silently wrong. Under
+    torch.no_grad() (an optimizer's update, an initialisation) the write is meant and runs. Called on every launch
+    (TracedKernel.launcher's guard: the launch key holds neither requires_grad nor the grad mode)."""
+    shape = tuple(a.shape)
+    what = (f"is a leaf tensor that requires grad (shape {shape})" if a.grad_fn is None else
+            f"is a tensor autograd tracks (shape {shape}, grad_fn {type(a.grad_fn).__name__}), so it requires grad")
+    raise LaunchError(f"{name}: output {pname} {what}; a kernel writes its outputs in place, unseen by autograd, so "
+                      f"its gradients would be wrong; expected an output that does not require grad (one "
+                      "allocated with torch.empty, say), or a launch under torch.no_grad() to write it on purpose (as "
+                      "an optimizer's update does)")
