@@ -63,6 +63,20 @@ def is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _check_labels(name: Any, config: Any, item_name: Any) -> None:
+    """MetricsError for a name, config or item name a Measurement cannot carry: a str config failed inside dict()
+    ("dictionary update sequence element #0 has length 1"), a None name in the NVTX label ("'NoneType' object has
+    no attribute 'replace'"), a None item name was stored and shown as "None/s"."""
+    if not isinstance(name, str):
+        raise MetricsError(f"name={name!r} ({type(name).__name__}); expected the kernel's name as a str")
+    if config is not None and not (isinstance(config, Mapping) and all(isinstance(k, str) for k in config)):
+        raise MetricsError(f"config={config!r:.60} ({type(config).__name__}) for {name!r}; expected a dict of the "
+                           "kernel's constants by name (config={'BM': 128}), or None")
+    if not isinstance(item_name, str):
+        raise MetricsError(f"item_name={item_name!r} ({type(item_name).__name__}) for {name!r}; expected what items "
+                           "counts, a str (\"tokens\")")
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
@@ -264,18 +278,28 @@ def compute_metrics(
 
     ``device_kind`` (``"cuda"``, ``"cpu"``) picks the tips; empty reads it off the device's name.
     """
-    if not isinstance(name, str):
-        raise MetricsError(f"name={name!r} ({type(name).__name__}); expected the kernel's name as a str")
+    _check_labels(name, config, item_name)
     for arg, value in (("flops", flops), ("bytes_read", bytes_read), ("bytes_written", bytes_written)):
         if not is_number(value) or not value >= 0 or not math.isfinite(value):
             raise MetricsError(f"{arg}={value!r} ({type(value).__name__}) for {name!r}; expected a finite count >= 0")
+    for arg, value, kind in (("device", device, "the device's name, a str"),
+                             ("device_kind", device_kind, "'cuda', 'cpu' or '' (read off the device's name)"),
+                             ("dtype", dtype, "a dtype's short name (formulas.dtype_name), or None")):
+        if not isinstance(value, str) and not (arg == "dtype" and value is None):   # (stored as given)
+            raise MetricsError(f"{arg}={value!r} ({type(value).__name__}) for {name!r}; expected {kind}")
+    from tilestack.perf.energy import EnergySample
+    for arg, value, cls, what in (("timing", timing, Timing, "a Timing"),
+                                  ("energy", energy, EnergySample, "an EnergySample")):
+        if value is not None and not isinstance(value, cls):   # (an AttributeError reading .p10_s or .valid)
+            raise MetricsError(f"{arg}={value!r:.60} ({type(value).__name__}) for {name!r}; expected {what} or None")
     if not (is_number(latency_s) and latency_s > 0 and math.isfinite(latency_s)):
         raise MetricsError(
             f"latency_s={latency_s!r} ({type(latency_s).__name__}) for {name!r}; expected a positive time in "
             "seconds. A zero-length window means the timer could not resolve the call: time more work per call"
         )
-    if items is not None and not (is_number(items) and items >= 0):
-        raise MetricsError(f"items={items!r} ({type(items).__name__}) for {name!r}; expected a count >= 0 or None")
+    if items is not None and not (is_number(items) and 0 <= items < math.inf):   # (inf items/s was shown)
+        raise MetricsError(f"items={items!r} ({type(items).__name__}) for {name!r}; expected a finite count >= 0 "
+                           "or None")
     if roofs is not None and not isinstance(roofs, Roofs):
         raise MetricsError(f"roofs={roofs!r} ({type(roofs).__name__}); expected perf.roofs_for(device, ceilings, "
                            "dtype) or None")
@@ -381,6 +405,7 @@ def measure(
 
     if not callable(fn):
         raise MetricsError(f"fn={fn!r} ({type(fn).__name__}); expected the callable to time")
+    _check_labels(name, config, item_name)      # before the NVTX label is made of them
     if args_sets is not None and (
         isinstance(args_sets, str | bytes) or not all(isinstance(a, tuple | list) for a in args_sets)
     ):

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tilestack.perf.metrics import Measurement
+from tilestack.perf.metrics import Measurement, MetricsError
 
 T = TypeVar("T")
 
@@ -129,12 +129,26 @@ COLUMNS: tuple[tuple[str, Any], ...] = (
 )
 
 
+def check_measurements(where: str, ms: Any) -> None:
+    """MetricsError where ``ms`` is not a sequence of Measurements: one Measurement failed with "'Measurement'
+    object is not iterable", None likewise, a list holding something else with an AttributeError mid-table, and a
+    generator was used up by the table, leaving the tips under it empty."""
+    if isinstance(ms, str | bytes) or not isinstance(ms, Sequence):   # (a generator was used up by the table)
+        hint = " (one: pass [m])" if isinstance(ms, Measurement) else ""
+        raise MetricsError(f"{where}: ms is {type(ms).__name__}{hint}; expected a list of perf.Measurement")
+    wrong = next((m for m in ms if not isinstance(m, Measurement)), None)
+    if wrong is not None:
+        raise MetricsError(f"{where}: ms holds {type(wrong).__name__} {wrong!r:.40}; expected perf.Measurement "
+                           "objects (perf.measure, perf.compute_metrics, Store.measurements)")
+
+
 def rows(ms: Sequence[Measurement]) -> list[list[str]]:
     return [[str(get(m)) for _, get in COLUMNS] for m in ms]
 
 
 def measurements_table(ms: Sequence[Measurement], title: str = "") -> Any:
     """A ``rich.table.Table`` of ``ms``, one row each."""
+    check_measurements("measurements_table", ms)
     from rich.table import Table
 
     t = Table(title=escape(title) or None, show_lines=False, header_style="bold")
@@ -157,6 +171,7 @@ def console(given: Any = None) -> Any:
 
 def print_measurements(ms: Sequence[Measurement], title: str = "", con: Any = None) -> None:
     """Print the table, then one tip per kernel (and every energy note) underneath."""
+    check_measurements("print_measurements", ms)
     con = console(con)
     con.print(measurements_table(ms, title))
     for m in ms:
@@ -437,6 +452,7 @@ def html_report(
     extra: Sequence[Section] = (),
 ) -> Path:
     """Write the whole report for ``ms`` (roofline embedded) to ``path``."""
+    check_measurements("html_report", ms)
     sections = measurement_sections(ms, device=device, ceilings=ceilings, title=title)
     sections += [*extra, device_section(device, ceilings, versions)]
     return write_html(path, title, sections)
@@ -451,4 +467,5 @@ def markdown_table(columns: Sequence[str], rows_: Sequence[Sequence[Any]]) -> st
 
 
 def measurements_markdown(ms: Sequence[Measurement]) -> str:
+    check_measurements("measurements_markdown", ms)
     return markdown_table([h for h, _ in COLUMNS], rows(ms))
