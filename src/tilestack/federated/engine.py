@@ -43,6 +43,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from tilestack.federated.checks import require_int
+
 NODE_ID_BITS = 62
 
 
@@ -140,10 +142,12 @@ class InProcessGrid(Grid):
     """A Flower ``Grid`` over ``num_nodes`` virtual SuperNodes that run ``client_app`` in this process."""
 
     def __init__(self, client_app: ClientApp, num_nodes: int, *, seed: int = 0, run_id: int = 1, workers: int = 1):
-        if num_nodes < 1:
-            raise ValueError(f"InProcessGrid: num_nodes={num_nodes!r}; expected >= 1")
-        if workers < 1:
-            raise ValueError(f"InProcessGrid: workers={workers!r}; expected >= 1")
+        # integers, not bools: num_nodes=2.5 failed in numpy's integers(), '3' in a comparison, and workers=1.5 made a
+        # pool that ProcessPoolExecutor refused at the first round's messages
+        require_int("InProcessGrid", "num_nodes", num_nodes, low=1)
+        require_int("InProcessGrid", "workers", workers, low=1)
+        if not callable(client_app):  # (None ran until the first message raised "'NoneType' object is not callable")
+            raise TypeError(f"InProcessGrid: client_app is a {type(client_app).__name__}; expected a flwr ClientApp")
         self.client_app, self.workers = client_app, workers
         self._pool: ProcessPoolExecutor | None = None
         rng = np.random.default_rng([seed, 17])

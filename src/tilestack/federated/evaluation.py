@@ -15,6 +15,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from tilestack.federated import codec
+from tilestack.federated.checks import require_int
 from tilestack.federated.client import CLUSTER_SEP, _model_for, _split_clusters
 from tilestack.federated.models import Params, evaluate
 from tilestack.federated.task import Task
@@ -24,8 +25,11 @@ class Evaluator:
     """Callable ``(arrays) -> (test_loss, test_acc, train_loss)`` over the first ``max_clients`` clients."""
 
     def __init__(self, task: Task, max_clients: int = 200):
-        if max_clients < 1:
-            raise ValueError(f"Evaluator: max_clients={max_clients!r}; expected >= 1")
+        # checked as simulate checks eval_clients: 2.5 or '3' failed inside range() or a comparison, and True scored
+        # one client as if asked for
+        if not isinstance(task, Task):
+            raise TypeError(f"Evaluator: task is a {type(task).__name__}; expected a tilestack.federated.Task")
+        require_int("Evaluator", "max_clients", max_clients, low=1)
         self.task = task
         self.pids = list(range(min(task.num_clients, max_clients)))
         parts = [task.client_data(p) for p in self.pids]

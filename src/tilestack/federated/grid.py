@@ -302,6 +302,12 @@ class ManagedGrid(Grid):
         staleness_exponent: float = 0.5,
         max_staleness: int = 4,
     ):
+        # (None as either ran until the roll call or the first round raised AttributeError on it)
+        if not isinstance(inner, Grid):
+            raise TypeError(f"ManagedGrid: inner is a {type(inner).__name__}; expected a flwr Grid (InProcessGrid, or "
+                            "the grid Flower hands a ServerApp)")  # fmt: skip
+        if not isinstance(task, Task):
+            raise TypeError(f"ManagedGrid: task is a {type(task).__name__}; expected a tilestack.federated.Task")
         check_straggler_policy("ManagedGrid", system, task, stragglers, staleness_exponent, max_staleness)
         self.inner, self.task, self.system, self.stragglers = inner, task, system, stragglers
         self.staleness_exponent, self.max_staleness = float(staleness_exponent), max_staleness

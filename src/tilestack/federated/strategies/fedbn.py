@@ -31,8 +31,9 @@ class FedBN(FedAvg):
 
     def __init__(self, *, local_prefix: str = NORM_PREFIX, **fedavg_kwargs):
         super().__init__(**fedavg_kwargs)
-        if not local_prefix:
-            raise ValueError("FedBN: local_prefix=''; expected the name prefix of the local layers, e.g. 'bn.'")
+        if not isinstance(local_prefix, str) or not local_prefix:  # (3 failed in str.startswith at check_task)
+            raise ValueError(f"FedBN: local_prefix={local_prefix!r}; expected the name prefix of the local layers (a "
+                             "non-empty str), e.g. 'bn.'")  # fmt: skip
         self.local_prefix = local_prefix
         self._local: dict = {}
 
