@@ -96,7 +96,7 @@ from tilestack.federated.checks import (
     robust_short,
     strategy_levels,
 )
-from tilestack.federated.client import CONFIG_OVERRIDES, PARTITION_METRIC, TASK_KEY, task_from_config
+from tilestack.federated.client import CLUSTER_SEP, CONFIG_OVERRIDES, PARTITION_METRIC, TASK_KEY, task_from_config
 from tilestack.federated.evaluation import Evaluator
 from tilestack.federated.grid import ManagedGrid
 from tilestack.federated.metrics import History, RoundMetrics, fairness
@@ -536,13 +536,46 @@ def _config_task(train_config: dict):
     return task
 
 
-def check_run_arguments(where: str, *, rounds_name: str, rounds, seed, timeout, stop_after) -> None:
+def check_run_arguments(where: str, *, rounds_name: str, rounds, seed, timeout, stop_after, on_round=None,
+                        extra_metrics=None) -> None:  # fmt: skip
     """The loop's own arguments, checked before any work (``where`` and ``rounds_name`` as the caller calls them)."""
     require_int(where, rounds_name, rounds, low=0)
     require_int(where, "seed", seed, low=0)
     require_timeout(where, timeout)
     if stop_after is not None:
         require_int(where, "stop_after", stop_after, low=0)
+    # the hooks are first called after round 1's clients trained: one that is no function ended the run there with
+    # "'int' object is not callable", the round's work lost
+    for name, hook in (("on_round", on_round), ("extra_metrics", extra_metrics)):
+        if hook is not None and not callable(hook):
+            raise TypeError(f"{where}: {name} is a {type(hook).__name__}; expected a function (or None), called after "
+                            "each round")  # fmt: skip
+
+
+def check_evaluator(where: str, evaluator, arrays: ArrayRecord) -> None:
+    """``evaluator`` scores the global model after each round: it must be an ``Evaluator`` (or an object with its
+    ``__call__(arrays)`` and ``client_accuracies(arrays)``) of a task whose model is ``arrays``' (IFCA's cluster models
+    by their names within a cluster). An Evaluator built for another task (other features, classes or hidden width)
+    ended the run with numpy's matmul error after round 1's clients had trained, and one that was no evaluator with an
+    AttributeError there."""
+    if evaluator is None:
+        return
+    hooks = callable(evaluator) and callable(getattr(evaluator, "client_accuracies", None))
+    if isinstance(evaluator, type) or not hooks:  # (the class itself has both, unbound: an instance is asked for)
+        what = f"the class {evaluator.__name__}" if isinstance(evaluator, type) else f"a {type(evaluator).__name__}"
+        raise TypeError(f"{where}: evaluator is {what}; expected a tilestack.federated.Evaluator (or None)")
+    task = getattr(evaluator, "task", None)
+    if not isinstance(task, Task):
+        return
+    want = {k: tuple(np.shape(v)) for k, v in task.initial_params().items()}
+    got = {k.rpartition(CLUSTER_SEP)[2]: tuple(a.shape) for k, a in arrays.items()}
+    diff = sorted(k for k in want if got.get(k) != want[k])[:4]  # (arrays it does not read are its caller's)
+    if diff:
+        raise ValueError(
+            f"{where}: evaluator scores the model of another task ({', '.join(f'{k}: {want.get(k)}' for k in diff)}); "
+            f"expected an Evaluator of the run's task, whose model is the initial arrays' "
+            f"({', '.join(f'{k}: {got.get(k)}' for k in diff)})"
+        )
 
 
 def checkpoint_path(checkpoint: str | Path | None) -> Path | None:
@@ -582,13 +615,14 @@ def run_rounds(
     ``stop_after`` ends the call after that many rounds of this call (to test resuming).
     """
     check_run_arguments("run_rounds", rounds_name="num_rounds", rounds=num_rounds, seed=seed, timeout=timeout,
-                        stop_after=stop_after)  # fmt: skip
+                        stop_after=stop_after, on_round=on_round, extra_metrics=extra_metrics)  # fmt: skip
     if not isinstance(grid, ManagedGrid):
         raise TypeError(f"run_rounds: grid is a {type(grid).__name__}; expected a ManagedGrid")
     if not isinstance(initial_arrays, ArrayRecord):
         raise TypeError(f"run_rounds: initial_arrays is a {type(initial_arrays).__name__}; expected an ArrayRecord")
     require_real_arrays("run_rounds", "initial", initial_arrays)
     require_float_model("run_rounds", "initial", initial_arrays, grid.task)
+    check_evaluator("run_rounds", evaluator, initial_arrays)
     # before round 1 every node counts (a grid run before was left at its last round, with its clients offline then),
     # and no late update is in flight (a resumed run loads its own from the checkpoint)
     grid.server_round = 0

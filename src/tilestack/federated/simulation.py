@@ -80,7 +80,8 @@ def simulate(
     check_arguments(strategy, task, rounds=rounds, engine=engine, system=system, stragglers=stragglers, seed=seed,
                     eval_clients=eval_clients, timeout=timeout, stop_after=stop_after, initial=initial,
                     workers=workers, checkpoint=checkpoint, staleness_exponent=staleness_exponent,
-                    max_staleness=max_staleness)  # fmt: skip
+                    max_staleness=max_staleness, on_round=on_round, extra_metrics=extra_metrics,
+                    flower_backend=flower_backend)  # fmt: skip
     config = {TASK_KEY: task.to_json()}
     evaluator = Evaluator(task, eval_clients) if evaluate else None
     arrays = initial if initial is not None else initial_arrays_for(strategy, task)
@@ -115,14 +116,19 @@ def initial_arrays_for(strategy: Strategy, task: Task) -> ArrayRecord:
 
 def check_arguments(strategy: Strategy, task: Task, *, rounds, engine="tilestack", system=None, stragglers="partial",
                     seed=0, eval_clients=200, timeout=None, stop_after=None, initial=None, workers=1,
-                    checkpoint=None, staleness_exponent=0.5, max_staleness=4) -> None:  # fmt: skip
+                    checkpoint=None, staleness_exponent=0.5, max_staleness=4, on_round=None, extra_metrics=None,
+                    flower_backend=None) -> None:  # fmt: skip
     """Every argument of ``simulate`` (same names and defaults), before any data is built or any engine starts."""
     if not isinstance(task, Task):
         raise TypeError(f"simulate: task is a {type(task).__name__}; expected a tilestack.federated.Task")
     if engine not in ENGINES:
         raise ValueError(f"simulate: engine={engine!r}; expected one of {ENGINES}")
     check_run_arguments("simulate", rounds_name="rounds", rounds=rounds, seed=seed, timeout=timeout,
-                        stop_after=stop_after)  # fmt: skip
+                        stop_after=stop_after, on_round=on_round, extra_metrics=extra_metrics)  # fmt: skip
+    if flower_backend is not None and not isinstance(flower_backend, dict):  # (3 was ignored by the tilestack
+        # engine and handed to Ray's backend by the flower one)
+        raise TypeError(f"simulate: flower_backend is a {type(flower_backend).__name__}; expected a dict of Flower's "
+                        "backend_config (e.g. {'client_resources': {'num_cpus': 1}}) or None")  # fmt: skip
     require_int("simulate", "eval_clients", eval_clients, low=1)
     require_int("simulate", "workers", workers, low=1)
     if system is not None and not isinstance(system, SystemModel):
