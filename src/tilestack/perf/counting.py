@@ -119,11 +119,29 @@ def _held_bytes(t: Any) -> int:
         return 0
 
 
+def _memory_layout(t: Any) -> tuple[tuple[int, int], ...]:
+    """The elements a dense tensor covers from its data pointer, whatever its shape: its (stride, size) dims, size-1
+    dims dropped, largest stride first, a dim merged into the one above where they tile (x, x.t() and x.view(-1)
+    alike). Two tensors at one pointer with as many elements need not be one tensor (profiler round 14): a row
+    expanded to the matrix it came from (``x[:1].expand_as(x) + x``) or a row and a column of one square matrix."""
+    merged: list[tuple[int, int]] = []
+    for stride, size in sorted(((st, sz) for sz, st in zip(t.shape, t.stride(), strict=True) if sz != 1),
+                               reverse=True):
+        if merged and merged[-1][0] == stride * size:
+            merged[-1] = (stride, merged[-1][1] * size)
+        else:
+            merged.append((stride, size))
+    return tuple(merged)
+
+
 def _nbytes(ts: Sequence[Any]) -> float:
     seen, total = set(), 0
     for t in ts:
         try:
-            key = (t.data_ptr(), t.numel(), t.dtype) if _dense(t) and t.device.type != "meta" else id(t)
+            # by pointer and the memory covered, not pointer and numel: x[:1].expand_as(x) shares x's pointer and
+            # numel, and was taken for x (x + it read 1 row, not x and the row)
+            key = ((t.data_ptr(), t.dtype, _memory_layout(t)) if _dense(t) and t.device.type != "meta"
+                   else id(t))
         except RuntimeError:  # no data pointer (a storage-less subclass)
             key = id(t)
         if key not in seen:
