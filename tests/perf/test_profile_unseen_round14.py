@@ -44,7 +44,9 @@ from profile_support import (  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 CASES, IDS = cases(pm.MODELS)
-profiled = Profiles(pm.MODELS)
+# torch's FlopCounterMode around compiled code makes dynamo skip that code for the rest of the process: the
+# compiled block is checked against its eager twin instead (test_profile_unseen_round14_more.py)
+profiled = Profiles(pm.MODELS, without_torch={"compiled_block"})
 # Ops whose count of 0 FLOPs is right: copies, layout, gathers, allocation, resampling by picking elements.
 DATA_MOVEMENT = {
     "aten::copy_", "aten::repeat", "aten::clone", "aten::cat", "aten::stack", "aten::zeros", "aten::full",

@@ -154,8 +154,15 @@ def test_a_compiled_block_is_counted_as_its_eager_twin(train):
         seen.append(len(example_inputs))
         return gm.forward
 
-    model = nn.Sequential(nn.Linear(3, 3))
-    fn = torch.compile(model, backend=backend)
+    class Probe(nn.Module):  # a forward of its own: a code object no other test has compiled
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.fc(x).tanh()
+
+    fn = torch.compile(Probe(), backend=backend)
     profile.profile_model(fn, (torch.randn(2, 3),), steps=1, warmup=1, ceilings=CEIL, device="cpu", train=train)
     compiled_before = len(seen)
     fn(torch.randn(5, 7, 3))  # a new rank: compiled again, unless the stance stayed force_eager
@@ -288,3 +295,47 @@ def test_a_paramless_model_trains_through_its_input():
     assert p.flops == pytest.approx(sum(c.flops for c in counts.values()), rel=1e-12)
     assert heat.grad is None
     assert rows_of(counts, "aten::mv")
+
+
+class Selections(nn.Module):
+    """topk, gather of what it picked, index_add of rows into fewer rows, scatter_add of the picks, cumsum, a
+    descending sort: the selections, scans and scatters of a model, forward and backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(10, 4))
+
+    def forward(self, x, idx):
+        h = x @ self.w.t()  # (6, 10)
+        v, i = h.topk(3, dim=1)
+        picked = torch.gather(h, 1, i)
+        pooled = torch.zeros(4, 10).index_add(0, idx, h)
+        spread = torch.zeros(6, 10).scatter_add(1, i, v)
+        ordered, _ = h.sort(1, descending=True)
+        return picked.sum() + pooled.sum() + spread.sum() + h.cumsum(1).sum() + ordered.sum()
+
+
+def test_selections_scans_and_scatters_forward_and_backward_by_hand():
+    """topk a compare per element, a sort of rows of 10 10 * ceil(log2 10) compares per row, cumsum an add per
+    element, index_add / scatter_add an add per source element, gather a copy (0, not uncounted); the backward's
+    cumsum (of the flipped gradient), scatter_add (topk's and gather's gradients) and index_select are counted alike."""
+    torch.manual_seed(0)
+    model, x, idx = Selections(), torch.randn(6, 4), torch.tensor([0, 1, 1, 3, 2, 0])
+    rows, width, k = 6, 10, 3
+    counts = profile.count_ops(profile.make_step(model, (x, idx)))
+    ours = by_op(counts)
+    assert ours["aten::topk"] == rows * width
+    assert ours["aten::sort"] == rows * width * 4  # ceil(log2 10) = 4
+    assert ours["aten::cumsum"] == rows * width
+    assert ours["aten::index_add"] == rows * width
+    assert ours["aten::scatter_add"] == rows * k
+    assert ours["aten::mm"] == 2 * rows * 4 * width
+    (gather,) = rows_of(counts, "aten::gather")
+    assert gather.flops == 0 and not gather.unsupported and gather.bytes_written == rows * k * F32
+    with profile.preserved(model, (x, idx)):
+        counts = profile.count_ops(profile.make_step(model, (x, idx), train=True))
+    ours = by_op(counts)
+    assert ours["aten::cumsum"] == 2 * rows * width  # the backward's reversed cumsum
+    assert ours["aten::scatter_add"] == 2 * rows * k  # spread's forward and gather's backward
+    assert ours["aten::mm"] == 2 * rows * 4 * width + 2 * rows * 4 * width  # x needs no gradient: dW only
+    assert model.w.grad is None
