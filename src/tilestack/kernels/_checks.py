@@ -154,13 +154,15 @@ def nothing_to_launch(*tensors) -> bool:
 
 
 def finite_real(value) -> bool:
-    """A real number (not a bool) that is finite as a float: an int past float's range is not (math.isfinite
-    would raise OverflowError for it)."""
+    """A real number (not a bool) that is finite as a float: an int past float's range is not (float() raises
+    OverflowError for it). By a comparison, not math.isfinite: under torch.compile with dynamic shapes a float
+    argument is a SymFloat, and Dynamo cannot trace math.isfinite of one (a graph break, an error under
+    fullgraph=True: tilestack.attention(..., scale=0.3) failed so), where it guards on a comparison."""
     import math
     import numbers
 
     try:
-        return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+        return not isinstance(value, bool) and isinstance(value, numbers.Real) and abs(float(value)) < math.inf
     except OverflowError:
         return False
 
