@@ -164,7 +164,7 @@ def test_operator_sugar(backend, M, n, rng):
 
 
 
-# ---- 5. a float derived from an f64 kernel's argument: still rounded to f32 (open) ------------------------------
+# ---- 5. a float derived from an f64 kernel's argument: f64 arithmetic (ir.scalars.f64_floats) ----------------------
 @ts.kernel(grid=lambda X, BN: (ts.cdiv(X.shape[0], BN),))
 def add_derived64(X, Y, a: float, *, BN: int = 16):
     """Y = X + (a - 1.0) and then where X is -inf, -a: f64 work on floats derived from the f64 argument a."""
@@ -177,10 +177,6 @@ def add_derived64(X, Y, a: float, *, BN: int = 16):
     ts.store(Y, x, at=(0,))
 
 
-@pytest.mark.xfail(strict=True, reason="float scalar arithmetic is f32 in every executor "
-                                       "(ir.ops.scalar_ops._scalar_ref and the backends' scalar code): "
-                                       "a - 1.0 at a = 1 + 2**-40 is 0 and -1e300 -inf "
-                                       "though a itself is an f64 parameter of f64 work")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_floats_derived_from_an_f64_argument_stay_f64(backend):
     x = torch.tensor([0.0, 1.0, -math.inf], dtype=F64)

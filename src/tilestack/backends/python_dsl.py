@@ -120,8 +120,17 @@ def register_scalar_emitters(backend: str, ns: str, templates: dict[str, str]) -
 
     @register_emitter(backend, Op.SCALAR, fns=templates)
     def _e_scalar(e, ins) -> None:
-        a, b = (e.name(s) for s in ins.srcs)
         fn = ins.attrs.fn
+        if ins.result in e.f64_floats:
+            # float arithmetic that f64 work takes (ir.scalars.f64_floats): in f64, from the f64 values of its float
+            # operands and exact f64 constants; an f32 of the result wherever else it is used, as an f64 argument's
+            name = e.name(ins.result)
+            a, b = (e.f64_floats.get(s) or f"{ns}.full((), {e.name(s)}, {ns}.float64)" for s in ins.srcs)
+            e.emit(f"{name} = {templates[fn].format(a, b)}")
+            e.f64_floats[ins.result] = name
+            e.names[ins.result] = f"{ns}.cast({name}, {ns}.float32)"
+            return
+        a, b = (e.name(s) for s in ins.srcs)
         wide = wide_index_op(fn, a, b, ins.result in e.wide_index, ns)
         if wide is not None:
             e.assign(ins.result, wide)

@@ -99,18 +99,37 @@ def addressing(block) -> set:
     return out
 
 
-def f64_float_args(kernel) -> frozenset:
-    """The runtime float arguments that f64 tile work takes (``ir.ops.work_dtype``: an f64 tile plus a float, a float
-    chosen into an f64 tile). The reference takes a float argument as it is (a float64) there and as the f32 nearest
-    it everywhere else (f32 work, scalar arithmetic). Triton and Gluon pass a Python float as an f32, which would
-    round it for f64 work too: backends pass these as f64 and convert them to f32 for their other uses."""
-    floats = {ins.result for ins in kernel.walk() if ins.op is Op.ARG and ins.result.type == FLOAT}
+def f64_floats(kernel) -> frozenset:
+    """The float scalars a kernel computes in f64: those f64 tile work takes (``ir.ops.work_dtype``: an f64 tile
+    plus a float, a float chosen into an f64 tile), and, back through float scalar arithmetic, the operands of each
+    such value made by a SCALAR op (``a - 1.0``, ``-a``, ``a * N`` feeding f64 work: computed in f32 they rounded a
+    = 1 + 2**-40 to 1 and -1e300 to -inf). Arguments among them are passed as f64 (``f64_float_args``), the
+    arithmetic among them runs in f64 on every backend, and each is an f32 of that f64 value wherever f32 work takes
+    it. Other float scalars (a float read from memory, arithmetic only f32 work takes) stay f32."""
+    floats_made = {ins.result: ins for ins in kernel.walk()
+                   if ins.op in (Op.ARG, Op.SCALAR, Op.CONST) and ins.result.type == FLOAT}
     out: set = set()
     for ins in kernel.walk():
-        used = floats.intersection(ins.srcs)
-        if used and OPS[ins.op].kind == "tile" and work_dtype(ins) is f64:
-            out |= used
+        if OPS[ins.op].kind == "tile" and work_dtype(ins) is f64:
+            out |= {s for s in ins.srcs if s in floats_made}
+    todo = list(out)
+    while todo:                      # back through the scalar ops that made them
+        made = floats_made[todo.pop()]
+        if made.op is Op.SCALAR:
+            for s in made.srcs:
+                if s in floats_made and s not in out:
+                    out.add(s)
+                    todo.append(s)
     return frozenset(out)
+
+
+def f64_float_args(kernel) -> frozenset:
+    """The runtime float arguments among ``f64_floats``. The reference takes a float argument as it is (a float64)
+    there and as the f32 nearest it everywhere else (f32 work, f32 scalar arithmetic). Triton and Gluon pass a
+    Python float as an f32, which would round it for f64 work too: backends pass these as f64 and convert them to
+    f32 for their other uses."""
+    wide = f64_floats(kernel)
+    return frozenset(ins.result for ins in kernel.walk() if ins.op is Op.ARG and ins.result in wide)
 
 
 WIDE_FNS = ("add", "sub", "mul")   # the index functions that can pass 2**31 from operands inside it

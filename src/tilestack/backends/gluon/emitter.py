@@ -19,7 +19,7 @@ from tilestack.backends.python_dsl import (
 from tilestack.errors import BackendError
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
 from tilestack.ir.ops import EMITTERS, Op
-from tilestack.ir.scalars import f64_float_args, from_memory, nonnegative, wide_index
+from tilestack.ir.scalars import f64_floats, from_memory, nonnegative, wide_index
 from tilestack.ir.types import (
     StagesType,
     f64,
@@ -142,8 +142,9 @@ class Emitter:
         self.nonneg = nonnegative(kernel.body)
         self.wide_index = wide_index(kernel.body)   # index values computed in 64 bits (data past 2**31)
         self.from_memory = from_memory(kernel.body)   # index values read from memory: any size
-        # float arguments f64 work takes as they are: f64 parameters (value -> parameter name), f32 everywhere else
-        self.f64_floats: dict[Value, str] = dict.fromkeys(f64_float_args(kernel), "")
+        # floats f64 work takes (ir.scalars.f64_floats): value -> its f64 name (an argument's: an f64 parameter),
+        # an f32 of it everywhere else
+        self.f64_floats: dict[Value, str] = dict.fromkeys(f64_floats(kernel), "")
         self.floor_helpers = False
         self.nan_helpers = False                     # whether the source needs _max_nan / _min_nan
         self.indent = 1

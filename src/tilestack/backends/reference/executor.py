@@ -27,6 +27,7 @@ import numpy as np
 from tilestack.errors import BackendError
 from tilestack.ir.nodes import Block, Instr, Value
 from tilestack.ir.ops import OPS, Op, mask_of, work_dtype
+from tilestack.ir.scalars import f64_floats
 from tilestack.ir.types import FLOAT, GlobalType, f64, round_to
 
 
@@ -47,9 +48,10 @@ def run(traced, args):
             scalars[i] = a
     grid = traced.grid(*args)
     constants = {ins.result for ins in ir.walk() if ins.op is Op.CONST}
+    wide = f64_floats(ir)
     with np.errstate(all="ignore"):  # -inf - -inf, exp overflow etc. behave as on the GPU
         for pid in np.ndindex(*grid[::-1]):
-            _Program(arrays, scalars, pid[::-1], grid, constants).block(ir.body, {})
+            _Program(arrays, scalars, pid[::-1], grid, constants, wide).block(ir.body, {})
     for i in ir.written_params():
         args[i].copy_(torch.from_numpy(arrays[i]).to(args[i].dtype))
     return None
@@ -85,9 +87,10 @@ def _numpy(a) -> np.ndarray:
 
 
 class _Program:
-    def __init__(self, arrays, scalars, pid, grid, constants=frozenset()):
+    def __init__(self, arrays, scalars, pid, grid, constants=frozenset(), f64_floats=frozenset()):
         self.arrays, self.scalars, self.pid, self.grid = arrays, scalars, pid, grid
         self.constants = constants   # values that are compile-time constants (a negative loop step must be)
+        self.f64_floats = f64_floats  # float scalars computed in f64 (ir.scalars.f64_floats; _scalar_ref reads it)
         self.arg_index: dict[Value, int] = {}
 
     def block(self, block: Block, env: dict) -> None:

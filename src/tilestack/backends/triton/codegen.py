@@ -28,7 +28,7 @@ from tilestack.backends.triton.interp_helpers import BF16_HELPER, F8E4M3_HELPER,
 from tilestack.backends.triton.passes import DOT_MIN_DIM, TMA_MAX_BOX, pipeline  # noqa: F401  (TMA_MAX_BOX: re-exported)
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
 from tilestack.ir.ops import EMITTERS, Op, access_of, mask_of, register_emitter, work_dtype
-from tilestack.ir.scalars import f64_float_args, from_memory, nonnegative, wide_index
+from tilestack.ir.scalars import f64_floats, from_memory, nonnegative, wide_index
 from tilestack.ir.types import (
     FLOAT,
     INDEX,
@@ -127,8 +127,9 @@ class _Emitter:
         self.nonneg = nonnegative(kernel.body)  # index values >= 0: plain // and % floor them
         self.wide_index = wide_index(kernel.body)   # index values computed in 64 bits (data past 2**31)
         self.from_memory = from_memory(kernel.body)   # index values read from memory: any size
-        # float arguments f64 work takes as they are: f64 parameters (value -> parameter name), f32 everywhere else
-        self.f64_floats: dict[Value, str] = dict.fromkeys(f64_float_args(kernel), "")
+        # floats f64 work takes (ir.scalars.f64_floats): value -> its f64 name (an argument's: an f64 parameter),
+        # an f32 of it everywhere else
+        self.f64_floats: dict[Value, str] = dict.fromkeys(f64_floats(kernel), "")
         self.floor_helpers = False              # whether the source needs _floordiv / _floormod
         self.tf32_helper = False                # whether it needs _round_tf32 (interpreted tf32 products)
         self.bf16_helper = False                # whether it needs _to_bf16 (interpreted conversions to bf16)

@@ -112,7 +112,8 @@ def _scalar_ref(ins: Instr, s: list, m):
     """Index arithmetic exactly; float arithmetic in f32, each operand converted to f32 first, as the backends
     compute it: a runtime float is an f32 argument, an index meeting a float is converted to f32, and Triton's (and
     Gluon's) scalar float math runs in f32, so ``(a + 3.0) + 3.0`` at a = 1e8 is 1e8, and ``N * 3.0`` at
-    N = 2**24 + 1 is 50331648 (float64 would give 100000006 and 50331651, each rounding to another f32).
+    N = 2**24 + 1 is 50331648 (float64 would give 100000006 and 50331651, each rounding to another f32). Float
+    arithmetic that f64 work takes (``m.f64_floats``, ``ir.scalars.f64_floats``) runs in f64 instead.
     An index past 64 bits (``a * b`` of two int arguments near 2**40) wraps to i64 as the backends' 64-bit index
     arithmetic does, rather than growing into a Python int no tile or NumPy array can take."""
     if ins.result.type != ir_types().FLOAT:
@@ -120,9 +121,10 @@ def _scalar_ref(ins: Instr, s: list, m):
         if isinstance(r, int) and not -2**63 <= r < 2**63:
             r = (r + 2**63) % 2**64 - 2**63
         return r
+    work = np.float64 if ins.result in getattr(m, "f64_floats", ()) else np.float32
     with np.errstate(all="ignore"):   # (the cost analysis passes arrays: every program's value at once)
-        a, b = (np.asarray(x, dtype=np.float32) for x in s)
-        r = np.asarray(SCALAR_FNS[ins.attrs.fn](a, b), dtype=np.float32).astype(np.float64)
+        a, b = (np.asarray(x, dtype=work) for x in s)
+        r = np.asarray(SCALAR_FNS[ins.attrs.fn](a, b), dtype=work).astype(np.float64)
     return float(r) if r.ndim == 0 else r
 
 
