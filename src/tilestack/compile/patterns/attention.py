@@ -285,6 +285,20 @@ def _lowest_fill(fill, scores) -> bool | None:
     return bool(torch.tensor(low, dtype=torch.float64).to(scores.dtype).isfinite())
 
 
+def _fill_not_lowest(how: str, fill, scores) -> str | None:
+    """Why a ``masked_fill`` / ``torch.where`` of the scores with the number ``fill`` is left, where the fill is a
+    number but not the lowest value of the scores' dtype (``masked_fill(mask == 0, -1e9)``, the Annotated
+    Transformer's; ``-10000.0``, older BERT code's). It was reported as "s is not ... with one mask at most (additive,
+    masked_fill or where ...)", which names the very form the model wrote. Such a fill is not -inf: a row whose
+    scores come near it gives the masked keys a weight, and the kernel drops them. None where fill is no number."""
+    low = scalar(fill)
+    if low is None or not isinstance(scores, torch.Tensor) or not scores.dtype.is_floating_point:
+        return None
+    return (f"a {how} of the scores with {low:g}, not their dtype's lowest value (-inf or finfo({scores.dtype}).min = "
+            f"{torch.finfo(scores.dtype).min:.4g}): a row whose scores come near the fill gives the masked keys a "
+            "weight, and the kernels drop them; fill -inf or finfo.min to have it taken")
+
+
 def _erased_with(x, chain: list[Node]) -> None:
     """A 0-d constant the rewrite no longer reads, added to the chain it replaces (nothing else reads it)."""
     chain.extend(constant_nodes(x))
@@ -325,6 +339,7 @@ def explicit_attention(gm: fx.GraphModule):
             continue
         x = _through_widening_casts(_arg(p, 0, "input"), chain)       # softmax(s.float()): the f32 it runs in
         mask, fill, finite = None, False, False     # finite: the masked scores were set to a finite lowest value
+        not_lowest = None                           # a fill that is not the lowest value (the reason it was left)
         found = _scores(x, chain)
         if found is None and (kind(x) == "add" or _sole_iadd(x)):
             a, b = _arg(x, 0, "input"), _arg(x, 1, "other")
@@ -341,6 +356,8 @@ def explicit_attention(gm: fx.GraphModule):
                 found = _scores(s, chain)           # DistilBERT fills torch.tensor(finfo.min), a 0-d constant
                 mask, fill, finite = cond, True, lowest
                 _erased_with(fillv, chain)
+            elif lowest is None and _scores(s, []) is not None:       # attention but for its fill
+                not_lowest = _fill_not_lowest("masked_fill", fillv, value(s))
         elif found is None and kind(x) == "where" and x.op == "call_function":
             cond, s, fillv = _arg(x, 0, "condition"), _arg(x, 1, "input"), _arg(x, 2, "other")
             lowest = _lowest_fill(fillv, value(s))
@@ -348,9 +365,11 @@ def explicit_attention(gm: fx.GraphModule):
                 found = _scores(s, chain)           # Hugging Face's eager GPT-2: where(causal, scores, min)
                 mask, finite = cond, lowest
                 _erased_with(fillv, chain)
+            elif lowest is None and _scores(s, []) is not None:       # attention but for its fill
+                not_lowest = _fill_not_lowest("torch.where", fillv, value(s))
         if found is None:
             why = ("a scale computed in the graph (dynamic=True makes a module's float attribute a graph input; the "
-                   "kernel takes a constant)" if _symbolic_scale(x) else
+                   "kernel takes a constant)" if _symbolic_scale(x) else not_lowest if not_lowest is not None else
                    "softmax(s) @ v where s is not a 4-D q @ k^T times constants with one mask at most (additive, "
                    "masked_fill or where; ALiBi's bias then a causal fill is two)")
             declined.append((node, f"explicit attention: {why}"))
