@@ -102,10 +102,15 @@ def linear_cross_entropy(gm: fx.GraphModule):
         xv, wv, tv, out = value(x), value(w), value(a["target"]), value(node)
         if rows and isinstance(xv, torch.Tensor):
             xv = xv.reshape(-1, xv.shape[-1])           # as ops.ts_linear_cross_entropy reads it
-        if not all(isinstance(t, torch.Tensor) for t in (xv, wv, tv, out)) or out.dtype != torch.float32:
+        if not all(isinstance(t, torch.Tensor) for t in (xv, wv, tv, out)):
             continue
         why = None if out.requires_grad else \
             "an inference graph (the fused op makes gradients in its forward; the plain GEMM is cheaper)"
+        if why is None and out.dtype != torch.float32:
+            # a bf16 model's F.cross_entropy(logits.view(-1, V), labels) was skipped without a word, and the report
+            # said "cross_entropy: no tilestack kernel for it"
+            why = (f"a loss in {out.dtype} (the logits are {value(logits).dtype}; the fused kernel gives an f32 loss): "
+                   "take the loss of logits.float() to have it fused")
         if why is None and not value(logits).dtype == xv.dtype == wv.dtype:
             why = (f"logits in {value(logits).dtype} from x in {xv.dtype} and a weight in {wv.dtype} (autocast runs "
                    "the Linear in its dtype; the fused op computes them in x's)")
