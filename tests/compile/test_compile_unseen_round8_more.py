@@ -55,7 +55,7 @@ def _sgd_steps(model, ids, labels, steps: int, compiled: bool):
         loss = fn(ids, labels)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
