@@ -67,19 +67,3 @@ def test_turns_become_named_barriers(_ptxas):
     k, res, sass = compiled(dq(64, False, TURNS=True))
     assert sass.count("BAR.ARV") > plain.count("BAR.ARV") and sass.count("BAR.SYNC") > plain.count("BAR.SYNC")
     assert res["spill_stores"] == 0 and not res["wgmma_serialized"], res["report"]
-
-
-@pytest.mark.parametrize("part", ["dq", "dkdv"])
-def test_fp16_folds_the_scale_into_ds_without_spills(_ptxas, part):
-    """fp16's dS takes the softmax scale before its cast (attention_bwd.ds_fold): one multiply a score, no spill."""
-    F16_4 = ts.ArgSpec(ts.f16, 4)
-    if part == "dq":
-        traced = ws.attention_bwd_dq_ws_kernel.trace(F16_4, F16_4, F16_4, F16_4, F32_3, F32_3, F16_4, 0.1, D=128,
-                                                     causal=True)
-    else:
-        traced = ws.attention_bwd_dkdv_ws_kernel.trace(F16_4, F16_4, F16_4, F16_4, F32_3, F32_3, F16_4, F16_4, 0.1,
-                                                       D=64, causal=False)
-    k, res, sass = compiled(traced)
-    assert res["spill_stores"] == res["spill_loads"] == 0, res["report"]
-    assert not res["wgmma_serialized"], res["report"]
-    assert k.metadata.num_warps == 12 and "HGMMA" in sass

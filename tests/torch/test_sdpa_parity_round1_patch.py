@@ -64,8 +64,15 @@ def rel(got, want) -> float:
     return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
 
 
-def check_patched_matches(model, inputs, train=False, kernel_calls=None, want_calls=1):
-    want, want_grads = step(model, inputs, train)
+def check_patched_matches(model, inputs, train=False, kernel_calls=None, want_calls=1, math_truth=False):
+    """``math_truth``: torch's answer from its math backend (a row whose keys all carry finfo.min: the CPU flash
+    kernel's lse absorbs log l, so its backward takes each key's P as 1; the math backend and tilestack 1 / l)."""
+    if math_truth:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel(SDPBackend.MATH):
+            want, want_grads = step(model, inputs, train)
+    else:
+        want, want_grads = step(model, inputs, train)
     if kernel_calls is not None:
         kernel_calls.clear()
     with config.override(backend="reference"), tilestack.patch(model):
@@ -198,7 +205,7 @@ def test_hugging_face_style_attention_is_patched(padded, kernel_calls):
         return
     padding = torch.ones(2, 7, dtype=torch.long)
     padding[1, :3] = 0           # left padding: query rows 0-2 of batch 1 see no key but finfo.min ones
-    check_patched_matches(Wrap(model, lambda m, x: m(x, padding)), [x], kernel_calls=kernel_calls)
+    check_patched_matches(Wrap(model, lambda m, x: m(x, padding)), [x], kernel_calls=kernel_calls, math_truth=True)
 
 
 def test_hugging_face_llama_is_patched(kernel_calls):

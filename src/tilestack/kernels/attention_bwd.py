@@ -108,17 +108,9 @@ def _probabilities(s, q, k, lse, qk_scale, *, keys_left=None, rows_left=None, di
     ts.exp2(s, s)
 
 
-def ds_fold(Q, scale):
-    """The softmax scale folded into dS before its cast, for fp16 inputs (else None): dS = P (dP - delta) grows
-    with the upstream gradient (|dO| 1e4 at Dv = 256 passes fp16's 65504 where dQ = dS K * scale still fits), and
-    scaling first buys 1 / scale of headroom for one multiply a score; dK and dQ then take no scale at the end.
-    bf16 (f32's range) and f32 keep the multiply at the end."""
-    return scale if Q.dtype == ts.f16 else None
-
-
-def _score_grad(ds, dp, p, do, v, delta, precision: str = "ieee", dropout: Dropout | None = None, fold=None):
+def _score_grad(ds, dp, p, do, v, delta, precision: str = "ieee", dropout: Dropout | None = None):
     """ds = dS = P * (dP - delta), dP = dO V^T (on the kept entries, times 1 / (1 - p), with ``dropout``, whose
-    mask is made), in the input dtype for the matrix unit (dp is f32 scratch); times ``fold`` (``ds_fold``)."""
+    mask is made), in the input dtype for the matrix unit (dp is f32 scratch)."""
     ts.zero(dp)
     ts.mma_ABt(dp, do, v, dp, input_precision=precision)   # (BM, BN) = dO @ V^T
     if dropout is not None:
@@ -126,8 +118,6 @@ def _score_grad(ds, dp, p, do, v, delta, precision: str = "ieee", dropout: Dropo
         ts.mul(dp, dp, dropout.scale)
     ts.sub_row(dp, dp, delta)
     ts.mul(dp, dp, p)
-    if fold is not None:
-        ts.mul(dp, dp, fold)
     ts.copy(ds, dp)
 
 
@@ -168,7 +158,7 @@ def key_block_queries(j, Nq, BM: int, BN: int, causal: bool, shift):
 
 def _dkdv_block(i, h, *, b, q, do, lse, delta, k, v, s, dp, p, ds, dk, dv, Q, dO, LSE, Delta, qk_scale,
                 masked: bool, diagonal: bool, shift, empty_rows: bool, Bias, bias, j, BM: int, BN: int,
-                precision: str, dropout: Dropout | None, Nk, DQ=None, dq=None, scale=None, l2=None, fold=None):
+                precision: str, dropout: Dropout | None, Nk, DQ=None, dq=None, scale=None, l2=None):
     """Query block i of query head h against this program's key block j; ``masked``: rows past Nq, and the
     causal diagonal if ``diagonal``. With ``dropout``: dV from the dropped P (scaled once, at the end), dS from the
     dropped dP. With ``DQ`` (an f32 (B, H, Nq, D) sum): this pair's share of dQ, dS K * scale, added to it
@@ -189,19 +179,18 @@ def _dkdv_block(i, h, *, b, q, do, lse, delta, k, v, s, dp, p, ds, dk, dv, Q, dO
         dropout.drop(dp, s)
         ts.copy(p, dp)
     ts.mma_AtB(dv, p, do, dv, input_precision=precision)   # (BN, DV) += P^T dO
-    _score_grad(ds, dp, s, do, v, delta, precision, dropout, fold)
+    _score_grad(ds, dp, s, do, v, delta, precision, dropout)
     ts.mma_AtB(dk, ds, q, dk, input_precision=precision)   # (BN, D) += dS^T Q
     if DQ is not None:                           # FlashAttention-2's dQ: dS is here, no second kernel rebuilds it
         ts.zero(dq)
         ts.mma_AB(dq, ds, k, dq, input_precision=precision)  # (BM, D) = dS @ K
-        if fold is None:
-            ts.mul(dq, dq, scale)
+        ts.mul(dq, dq, scale)
         ts.atomic_add(DQ, dq, at=(b, h, i, 0))
 
 
 def _dkdv_block_t(i, h, *, b, q, do, lse, delta, k, v, s, dp, p, ds, dk, dv, Q, dO, LSE, Delta, qk_scale,
                   masked: bool, diagonal: bool, shift, empty_rows: bool, j, BM: int, BN: int, precision: str, Nk,
-                  DQ=None, dq=None, scale=None, fold=None, **_):
+                  DQ=None, dq=None, scale=None, **_):
     """``_dkdv_block`` in the key-major orientation, as FlashAttention-2's backward works: S^T = K Q^T (BN, BM), so
     P^T and dS^T, the left operands of dV += P^T dO and dK += dS^T Q, are made in registers in the layout the
     matrix unit takes them from (no transpose through shared memory); lse and delta are per column. ``s``, ``dp``
@@ -228,15 +217,12 @@ def _dkdv_block_t(i, h, *, b, q, do, lse, delta, k, v, s, dp, p, ds, dk, dv, Q, 
     ts.mma_ABt(dp, v, do, dp, input_precision=precision)   # (BN, BM) = V @ dO^T = dP^T
     ts.sub_col(dp, dp, delta)
     ts.mul(dp, dp, s)
-    if fold is not None:                         # (ds_fold)
-        ts.mul(dp, dp, fold)
     ts.copy(ds, dp)                              # dS^T
     ts.mma_AB(dk, ds, q, dk, input_precision=precision)    # (BN, D) += dS^T Q
     if DQ is not None:
         ts.zero(dq)
         ts.mma_AtB(dq, ds, k, dq, input_precision=precision)  # (BM, D) = dS @ K
-        if fold is None:
-            ts.mul(dq, dq, scale)
+        ts.mul(dq, dq, scale)
         ts.atomic_add(DQ, dq, at=(b, h, i, 0))
 
 
@@ -288,9 +274,6 @@ def _dkdv(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale, *, D: int, DV: int | Non
                  precision=precision, dropout=drop, Nk=K.shape[2])
     if l2 is not None:
         tiles["l2"] = l2
-    fold = ds_fold(Q, scale)
-    if fold is not None:
-        tiles["fold"] = fold
     if DQ is not None:
         tiles.update(DQ=DQ, dq=ts.RegTile[ts.f32, BM, D](), scale=scale)
     block = _dkdv_block_t if key_major else _dkdv_block
@@ -303,8 +286,7 @@ def _dkdv(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale, *, D: int, DV: int | Non
             block(i, h, masked=False, diagonal=False, **tiles)
         for i in ts.range(tail, n_q_blocks):     # the ragged last query block, past the diagonal
             block(i, h, masked=True, diagonal=False, **tiles)
-    if fold is None:                             # (else dS carried it)
-        ts.mul(dk, dk, scale)
+    ts.mul(dk, dk, scale)
     if drop is not None:                         # dV summed the kept entries of P unscaled
         ts.mul(dv, dv, drop.scale)
     out_k = ts.RegTile[dK.dtype, BN, D]()
@@ -384,8 +366,7 @@ def attention_bwd_dkdvdq_kernel(Q, K, V, dO, LSE, Delta, DQ, dK, dV, scale: floa
 
 
 def _dq_block(j, *, b, h, hk, q, do, lse, delta, k, v, s, dp, ds, dq, K, V, qk_scale, masked: bool, causal: bool,
-              shift, Bias, bias, i, BM: int, BN: int, precision: str, dropout: Dropout | None, row, l2=None,
-              fold=None):
+              shift, Bias, bias, i, BM: int, BN: int, precision: str, dropout: Dropout | None, row, l2=None):
     """This program's query block i against key block j (``row``: block i's first row in the dropout grid)."""
     ts.load(k, K, at=(b, hk, j, 0))              # (BN, D)
     ts.load(v, V, at=(b, hk, j, 0))              # (BN, DV)
@@ -394,7 +375,7 @@ def _dq_block(j, *, b, h, hk, q, do, lse, delta, k, v, s, dp, ds, dq, K, V, qk_s
                    Bias=Bias, bias=bias, at=(b, h, i, j), precision=precision, l2=l2)
     if dropout is not None:                      # the forward's mask for these (row, key) pairs
         dropout.mask(row, j * BN, K.shape[2])
-    _score_grad(ds, dp, s, do, v, delta, precision, dropout, fold)
+    _score_grad(ds, dp, s, do, v, delta, precision, dropout)
     ts.mma_AB(dq, ds, k, dq, input_precision=precision)   # (BM, D) += dS @ K
 
 
@@ -429,13 +410,12 @@ def _dq(Q, K, V, Bias, dO, LSE, Delta, dQ, scale, *, D: int, DV: int | None, cau
     n_full, n_blocks = query_block_keys(i, K.shape[2], BM, BN, causal, shift)
     tiles = dict(b=b, h=h, hk=hk, q=q, do=do, lse=lse, delta=delta, k=k, v=v, s=s, dp=dp, ds=ds, dq=dq, K=K, V=V,
                  qk_scale=scale * LOG2E, causal=causal, shift=shift, Bias=Bias, bias=bias, i=i, BM=BM, BN=BN,
-                 precision=precision, dropout=drop, row=bh * Q.shape[2] + i * BM, l2=l2, fold=ds_fold(Q, scale))
+                 precision=precision, dropout=drop, row=bh * Q.shape[2] + i * BM, l2=l2)
     for j in ts.range(0, n_full):
         _dq_block(j, masked=False, **tiles)
     for j in ts.range(n_full, n_blocks):         # the ragged end of the keys and the causal diagonal
         _dq_block(j, masked=True, **tiles)
-    if tiles["fold"] is None:                    # (else dS carried it)
-        ts.mul(dq, dq, scale)
+    ts.mul(dq, dq, scale)
     out = ts.RegTile[dQ.dtype, BM, D]()
     ts.copy(out, dq)
     ts.store(dQ, out, at=(b, h, i, 0))

@@ -37,7 +37,7 @@ import math
 
 import tilestack.lang as ts
 from tilestack.errors import BackendError, LaunchError
-from tilestack.kernels.attention_bwd import _lse_log2, ds_fold, key_block_queries
+from tilestack.kernels.attention_bwd import _lse_log2, key_block_queries
 from tilestack.kernels.attention_fwd import LOG2E, causal_diagonal, causal_shift, heavy_first, query_block_keys
 from tilestack.tune.lookup import tuned_launcher
 
@@ -58,7 +58,7 @@ def _in_turn(turns: bool):
 
 
 def _dkdv_trip(t, i, h, *, masked: bool, diagonal: bool, b, j, k, v, dk, dv, q_ring, do_ring, q_s, do_s, Q, dO,
-               LSE, Delta, qk_scale, shift, empty_rows: bool, HALF: int, BM: int, STAGES: int, TURNS: bool, fold):
+               LSE, Delta, qk_scale, shift, empty_rows: bool, HALF: int, BM: int, STAGES: int, TURNS: bool):
     """Query block i of query head h, the program's t-th trip: the producer's loads, then each consumer's share of
     the block pair (its HALF keys against the BM queries). ``masked``: queries past Nq (columns here), and the
     causal diagonal if ``diagonal``."""
@@ -93,8 +93,6 @@ def _dkdv_trip(t, i, h, *, masked: bool, diagonal: bool, b, j, k, v, dk, dv, q_r
             ts.exp2(s, s)                                      # P^T
             ts.sub_col(dp, dp, delta)
             ts.mul(dp, dp, s)                                  # dS^T
-            if fold is not None:                               # (attention_bwd.ds_fold)
-                ts.mul(dp, dp, fold)
             p = ts.RegTile[Q.dtype, HALF, BM]()                # each f32 tile narrowed when it is last read
             ts.copy(p, s)
             ds = ts.RegTile[Q.dtype, HALF, BM]()
@@ -151,7 +149,7 @@ def attention_bwd_dkdv_ws_kernel(Q, K, V, dO, LSE, Delta, dK, dV, scale: float, 
     per_head = n_q_blocks - first                              # trips a head takes (the rings' stage: trip % STAGES)
     tiles = dict(b=b, j=j, k=k, v=v, dk=dk, dv=dv, q_ring=q_ring, do_ring=do_ring, q_s=q_s, do_s=do_s, Q=Q, dO=dO,
                  LSE=LSE, Delta=Delta, qk_scale=scale * LOG2E, shift=shift, empty_rows=shift is not None,
-                 HALF=HALF, BM=BM, STAGES=STAGES, TURNS=TURNS, fold=ds_fold(Q, scale))
+                 HALF=HALF, BM=BM, STAGES=STAGES, TURNS=TURNS)
     for g_h in ts.range(heads):
         h = first_h + g_h
         t0 = g_h * per_head - first
@@ -164,8 +162,7 @@ def attention_bwd_dkdv_ws_kernel(Q, K, V, dO, LSE, Delta, dK, dV, scale: float, 
             _dkdv_trip(t0 + i, i, h, masked=True, diagonal=False, **tiles)
     for g, role in enumerate(ROLES):
         with ts.partition(role, **CONSUMER):
-            if tiles["fold"] is None:                          # (else dS carried it)
-                ts.mul(dk[g], dk[g], scale)
+            ts.mul(dk[g], dk[g], scale)
             out_k = ts.RegTile[dK.dtype, HALF, D]()
             ts.copy(out_k, dk[g])
             ts.store(dK, out_k, at=(b, out_h, 2 * j + g, 0))
@@ -176,7 +173,7 @@ def attention_bwd_dkdv_ws_kernel(Q, K, V, dO, LSE, Delta, dK, dV, scale: float, 
 
 # ---- dQ --------------------------------------------------------------------------------------------------------------
 def _dq_trip(j, *, masked: bool, causal: bool, b, hk, i, q, do, lse, delta, dq, k_ring, v_ring, k_s, v_s, K, V,
-             qk_scale, shift, HALF: int, BN: int, STAGES: int, TURNS: bool, fold):
+             qk_scale, shift, HALF: int, BN: int, STAGES: int, TURNS: bool):
     """Key block j: the producer's loads, then each consumer's dS of its HALF query rows and dQ += dS K."""
     st = j % STAGES
     with ts.partition("producer", **PRODUCER):
@@ -204,8 +201,6 @@ def _dq_trip(j, *, masked: bool, causal: bool, b, hk, i, q, do, lse, delta, dq, 
             ts.exp2(s, s)                                      # P
             ts.sub_row(dp, dp, delta[g])
             ts.mul(dp, dp, s)                                  # dS
-            if fold is not None:                               # (attention_bwd.ds_fold)
-                ts.mul(dp, dp, fold)
             ds = ts.RegTile[K.dtype, HALF, BN]()
             ts.copy(ds, dp)
             with _in_turn(TURNS):
@@ -253,15 +248,14 @@ def attention_bwd_dq_ws_kernel(Q, K, V, dO, LSE, Delta, dQ, scale: float, *, D: 
     n_full, n_blocks = query_block_keys(i, K.shape[2], BM, BN, causal, shift)
     tiles = dict(b=b, hk=hk, i=i, q=q, do=do, lse=lse, delta=delta, dq=dq, k_ring=k_ring, v_ring=v_ring, k_s=k_s,
                  v_s=v_s, K=K, V=V, qk_scale=scale * LOG2E, causal=causal, shift=shift, HALF=HALF, BN=BN,
-                 STAGES=STAGES, TURNS=TURNS, fold=ds_fold(Q, scale))
+                 STAGES=STAGES, TURNS=TURNS)
     for j in ts.range(0, n_full):
         _dq_trip(j, masked=False, **tiles)
     for j in ts.range(n_full, n_blocks):                       # the ragged end of the keys and the causal diagonal
         _dq_trip(j, masked=True, **tiles)
     for g, role in enumerate(ROLES):
         with ts.partition(role, **CONSUMER):
-            if tiles["fold"] is None:                          # (else dS carried it)
-                ts.mul(dq[g], dq[g], scale)
+            ts.mul(dq[g], dq[g], scale)
             out = ts.RegTile[dQ.dtype, HALF, D]()
             ts.copy(out, dq[g])
             ts.store(dQ, out, at=(b, h, 2 * i + g, 0))
