@@ -567,15 +567,51 @@ def check_evaluator(where: str, evaluator, arrays: ArrayRecord) -> None:
     task = getattr(evaluator, "task", None)
     if not isinstance(task, Task):
         return
+    if diff := model_difference(task, arrays):
+        want, got = diff
+        raise ValueError(
+            f"{where}: evaluator scores the model of another task ({want}); expected an Evaluator of the run's task, "
+            f"whose model is the initial arrays' ({got})"
+        )
+
+
+def model_difference(task: Task, arrays: ArrayRecord) -> tuple[str, str] | None:
+    """Where ``arrays`` are not ``task``'s model (IFCA's cluster models by their names within a cluster): the task's
+    names and shapes that differ, and the arrays' (None where they agree; arrays the task does not read are the
+    caller's)."""
     want = {k: tuple(np.shape(v)) for k, v in task.initial_params().items()}
     got = {k.rpartition(CLUSTER_SEP)[2]: tuple(a.shape) for k, a in arrays.items()}
-    diff = sorted(k for k in want if got.get(k) != want[k])[:4]  # (arrays it does not read are its caller's)
-    if diff:
-        raise ValueError(
-            f"{where}: evaluator scores the model of another task ({', '.join(f'{k}: {want.get(k)}' for k in diff)}); "
-            f"expected an Evaluator of the run's task, whose model is the initial arrays' "
-            f"({', '.join(f'{k}: {got.get(k)}' for k in diff)})"
-        )
+    diff = sorted(k for k in want if got.get(k) != want[k])[:4]
+    if not diff:
+        return None
+    return ", ".join(f"{k}: {want.get(k)}" for k in diff), ", ".join(f"{k}: {got.get(k)}" for k in diff)
+
+
+def check_config_tasks(where: str, evaluate_config: Mapping, train_task: Task, arrays: ArrayRecord,
+                       set_by: frozenset[str]) -> None:  # fmt: skip
+    """The tasks the round configs send are tasks of the initial arrays' model (``set_by``: the configs whose task
+    the caller gave, the others the grid's). Every client rebuilds its model from the task its message carries:
+    initial arrays of another task (run_rounds, unlike simulate, never compared them), or a config's task with other
+    features or classes, made every client's training (or evaluation) fail with numpy's matmul error, round after
+    round, the run ending with nothing aggregated and no error; an evaluate_config whose task was no Task as JSON
+    made every evaluation an error reply."""
+    text = evaluate_config[TASK_KEY]
+    if not isinstance(text, str):
+        raise FederatedError(f"{where}: evaluate_config[{TASK_KEY!r}] is a {type(text).__name__}; expected "
+                             "task.to_json(), the Task as JSON")  # fmt: skip
+    try:
+        eval_task = Task.from_json(text)
+    except (ValueError, TypeError) as ex:  # JSON errors are ValueErrors; unknown Task fields TypeErrors
+        raise FederatedError(f"{where}: evaluate_config[{TASK_KEY!r}] is not a Task as JSON ({type(ex).__name__}: "
+                             f"{ex}); expected task.to_json()") from None  # fmt: skip
+    for name, task in (("train_config", train_task), ("evaluate_config", eval_task)):
+        if diff := model_difference(task, arrays):
+            want, got = diff
+            given = f"{name}[{TASK_KEY!r}]" if name in set_by else "the grid's task"
+            raise ValueError(
+                f"{where}: initial_arrays hold {got}; expected the model of the task the clients "
+                f"{'train' if name == 'train_config' else 'evaluate'} ({given}: {want})"
+            )
 
 
 def checkpoint_path(checkpoint: str | Path | None) -> Path | None:
@@ -634,9 +670,13 @@ def run_rounds(
             raise TypeError(f"run_rounds: {name} is a {type(given).__name__}"
                             f"{' with keys that are not strings' if isinstance(given, Mapping) else ''}; expected a "
                             "dict or ConfigRecord of round-config values by name (or None)")  # fmt: skip
-    train_config = {TASK_KEY: grid.task.to_json(), **(train_config or {})}
-    evaluate_config = {TASK_KEY: grid.task.to_json(), **(evaluate_config or {})}
+    given_train, given_eval = dict(train_config or {}), dict(evaluate_config or {})
+    train_config = {TASK_KEY: grid.task.to_json(), **given_train}
+    evaluate_config = {TASK_KEY: grid.task.to_json(), **given_eval}
     run_task = _config_task(train_config)
+    check_config_tasks("run_rounds", evaluate_config, run_task, initial_arrays,
+                       frozenset(n for n, c in (("train_config", given_train), ("evaluate_config", given_eval))
+                                 if TASK_KEY in c))  # fmt: skip
     check_strategy(strategy, len(list(grid.get_node_ids())), run_task)  # also the roll call, before any seeding: it
     # may draw random numbers on some engines
     if grid.stragglers == "stale":
