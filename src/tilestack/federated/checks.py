@@ -268,7 +268,10 @@ def check_strategy(strategy: Strategy, num_nodes: int, task=None) -> None:
     """Refuse sampling settings that cannot be met by ``num_nodes`` nodes, hyperparameters out of range, and a
     ``task`` that a strategy in the chain cannot run (see module doc)."""
     if not isinstance(strategy, Strategy):
-        raise TypeError(f"strategy is a {type(strategy).__name__}; expected a flwr.serverapp.strategy.Strategy")
+        # the class itself (FedAvg for FedAvg(...)) read "strategy is a ABCMeta"
+        what = (f"the class {strategy.__name__}, not an instance" if isinstance(strategy, type)
+                else f"a {type(strategy).__name__}")  # fmt: skip
+        raise TypeError(f"strategy is {what}; expected a flwr.serverapp.strategy.Strategy (e.g. FedAvg(...))")
     check_hyperparameters(strategy)
     check_record_keys(strategy)
     if task is not None:
