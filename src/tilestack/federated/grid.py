@@ -460,6 +460,10 @@ class ManagedGrid(Grid):
     def load_state_dict(self, state: dict) -> None:
         self.late = dict(state.get("late", {}))
         self._dtypes = {}  # a run starting (or resuming) learns its model's dtypes from its first message
+        # and records only its own rounds: a round that raised (its aggregation, a hook) before the driver took its
+        # log left its clients' selection, steps, bytes and time here, and a run resumed on this grid added them to
+        # its first round's record (num_selected 8 of 4 clients, twice the bytes)
+        self._log = self._empty_log()
 
     def _as_sent(self, msg: Message) -> Message:
         """A TRAIN or EVALUATE message as its client must get it, also under Flower's own ``Strategy.start``
