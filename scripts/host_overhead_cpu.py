@@ -143,7 +143,7 @@ def op_cases(leaf, h, w, b, d) -> dict:
     q, k, v = leaf(1, 2, 8, 16), leaf(1, 2, 8, 16), leaf(1, 2, 8, 16)        # (B, H, N, D)
     qd, kd, vd, hd = q.detach(), k.detach(), v.detach(), h.detach()
     with torch.no_grad():
-        o, lse = t.attention_fwd(qd, kd, vd, None, True, 0.25, "top_left")
+        o, lse, _ = t.attention_fwd(qd, kd, vd, None, True, 0.25, "top_left")   # (o, lse, stats)
         o_cpu, lse_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qd, kd, vd, 0.0, True)[:2]
         _, mean, rstd = t.layer_norm_fwd(hd, w.detach(), b.detach(), 1e-5)
         _, mean_t, rstd_t = torch.ops.aten.native_layer_norm(hd, (d,), w.detach(), b.detach(), 1e-5)
