@@ -208,19 +208,36 @@ def _transpose(dst: Tile, src) -> None:
 # zero (C's / and %); bit_and, bit_or, bit_xor, shl and shr (arithmetic) take integer tiles only. A number with
 # an integer tile must be a whole number that fits the work dtype, signed or unsigned (0x9E3779B9 with an i32 tile
 # is the i32 of the same bits, -1640531527); a shift count a constant in [0, bits).
+_COMMUTING = ("add", "mul", "max", "min", "bit_and", "bit_or", "bit_xor")
+_SUGAR_SYMBOLS = {"sub": "-", "div": "/"}   # a number on the left of a tile: 7.0 - k, 1.0 / k (Tile.__rsub__ ...)
+
+
 def _binary(fn: str, dst: Tile, a: Tile, b) -> None:
     """``dst = fn(a, b)`` with b a tile of a's shape, a number or Scalar, or (a 2-D a) a vector marked
-    per_row(v) / per_col(v), which is the same op as ``{fn}_row`` / ``{fn}_col``. A marked vector as ``a`` is taken
-    with a tile ``b`` where the op commutes (add, mul, max, min, and the bitwise ones); elsewhere it is refused,
-    saying how to write it."""
+    per_row(v) / per_col(v), which is the same op as ``{fn}_row`` / ``{fn}_col``. A marked vector, a number or a
+    Scalar as ``a`` is taken with a tile ``b`` where the op commutes (add, mul, max, min, and the bitwise ones);
+    elsewhere it is refused, saying how to write it."""
     if isinstance(a, _PerAxis):
-        if fn in ("add", "mul", "max", "min", "bit_and", "bit_or", "bit_xor") and isinstance(b, Tile):
+        if fn in _COMMUTING and isinstance(b, Tile):
             a, b = b, a
         else:
             v = f"per_{a.axis}({_name(a.vec)})"
             raise TraceError(f"{fn}: a is {v}; a marked vector broadcasts as b (or as a with a tile b, for an op "
                              f"that commutes). Broadcast it into a tile first: zero(t); add(t, t, {v}); "
                              f"{fn}(dst, t, b)", user_line())
+    if isinstance(b, Tile) and isinstance(a, int | float | Scalar) and not isinstance(a, bool):
+        # A number or Scalar first, as one writes 7 - k (`sub(dst, 7.0, k)`): "a must be a tile" left the reader to
+        # find the form. Ops that commute take it as b (as they take a marked vector); the others say how to write it.
+        if fn in _COMMUTING:
+            a, b = b, a
+        else:
+            shown, val = (f"the number {a!r}", repr(a)) if not isinstance(a, Scalar) else ("a Scalar", "a")
+            recipe = f"zero(t); add(t, t, {val}); {fn}(dst, t, {_name(b)})"
+            how = "broadcast it into a tile first: "
+            if fn in _SUGAR_SYMBOLS and not isinstance(a, Scalar):
+                how = f"write `{val} {_SUGAR_SYMBOLS[fn]} {_name(b)}` (operator sugar), or {how}"
+            raise TraceError(f"{fn}: a is {shown} and b the tile `{_name(b)}`; {fn} takes a tile as a (a number or "
+                             f"Scalar goes in b): {how}{recipe}", user_line())
     if isinstance(b, _PerAxis):
         if fn in INT_ONLY_FNS or fn == "rem":
             raise TraceError(f"{fn}: b is per_{b.axis}(...); {fn} takes a tile of a's shape or a scalar "
