@@ -16,9 +16,17 @@ def as_call(inputs: Any) -> tuple[tuple, dict]:
     """inputs as (args, kwargs): a dict gives keyword arguments, a tuple or list positional ones, else one."""
     if isinstance(inputs, Mapping):
         return (), dict(inputs)
-    if isinstance(inputs, tuple | list):
+    if isinstance(inputs, tuple | list) and not _is_packed_sequence(inputs):
         return tuple(inputs), {}
     return (inputs,), {}
+
+
+def _is_packed_sequence(obj: Any) -> bool:
+    """A PackedSequence is a namedtuple, but one argument (what nn.LSTM / nn.GRU take), as a tensor is: given as the
+    inputs it was spread into its four fields, and refused as 'too many positional arguments' (profiler round 15)."""
+    from torch.nn.utils.rnn import PackedSequence
+
+    return isinstance(obj, PackedSequence)
 
 
 def _fresh(obj: Any) -> Any:
