@@ -66,6 +66,15 @@ def model_name(model: Any) -> str:
     return type(model).__name__
 
 
+def _lacks_forward(model: Any) -> bool:
+    """A module whose forward is nn.Module's placeholder (``_forward_unimplemented``), not one of its own."""
+    import torch
+
+    return isinstance(model, torch.nn.Module) and getattr(getattr(model, "forward", None), "__func__", None) is (
+        torch.nn.Module.forward
+    )
+
+
 def _refuse(arg: str, value: Any, expected: str) -> None:
     raise ProfileError(f"{arg}={describe(value)} ({type(value).__name__}); expected {expected}")
 
@@ -79,6 +88,14 @@ def check_call(model: Any, inputs: Any) -> None:
         _refuse("model", model, "a torch.nn.Module or a callable taking the inputs")
     if isinstance(model, type):  # nn.Linear, not nn.Linear(8, 8): calling it would build a module, not run one
         _refuse("model", model, f"a model instance, not its class (build one first: {model.__name__}(...))")
+    if _lacks_forward(model):
+        # nn.Module's placeholder forward takes any arguments, so the signature check let a ModuleList, ModuleDict or
+        # bare Module through, to fail in the warm-up (profiler round 15)
+        raise ProfileError(
+            f"model={type(model).__name__} defines no forward (nn.Module's placeholder would raise "
+            "NotImplementedError on the first step); expected a module with a forward of its own (a ModuleList or "
+            "ModuleDict holds layers: call them from a module's forward, or chain them in nn.Sequential)"
+        )
     if isinstance(inputs, str | bytes | int | float | complex | bool) or inputs is None:
         _refuse("inputs", inputs, "a tensor, a tuple or list of positional arguments, or a dict of keyword arguments")
     if isinstance(inputs, set | frozenset | Iterator):  # no order to bind by, or used up by the first step
