@@ -68,6 +68,7 @@ from tilestack.perf.profile_args import (
     check_arguments,
     check_call,
     check_ceilings,
+    check_leaf_inputs,
     check_placement,
     model_name,
 )
@@ -244,6 +245,8 @@ def make_step(model: Callable[..., Any], inputs: Any, *, train: bool = False) ->
     if not isinstance(train, bool):  # "no" would be truthy: a backward nobody asked for
         raise ProfileError(f"train={describe(train)} ({type(train).__name__}); expected True or False")
     check_call(model, inputs)  # now, not when the step first runs
+    if train:
+        check_leaf_inputs(inputs)
     args, kwargs = as_call(inputs)
     params = list(model.parameters()) if train and isinstance(model, torch.nn.Module) else []
     needs_grad: list[bool] = []  # decided by the first forward-only call: [True] where the model needs gradients

@@ -75,6 +75,24 @@ def _lacks_forward(model: Any) -> bool:
     )
 
 
+def check_leaf_inputs(inputs: Any) -> None:
+    """With a backward in every step, an input that is the output of an autograd graph (a grad_fn) is refused: the
+    warm-up's backward ran back through that graph into the caller's leaves (their .grad changed, outside what a
+    profile puts back), and the next step's failed there with autograd's 'backward through the graph a second
+    time' (profiler round 15)."""
+    import torch
+
+    found = _find(inputs, "inputs", lambda t: isinstance(t, torch.Tensor) and t.grad_fn is not None)
+    if found is not None:
+        where, t = found
+        raise ProfileError(
+            f"{where}={describe(t)} is the output of an autograd graph (grad_fn={type(t.grad_fn).__name__}): with "
+            "train=True each step's backward would run back through that graph, freed after the first step, into "
+            "tensors outside the model; expected a leaf tensor: x.detach(), or x.detach().requires_grad_() to "
+            "profile its gradient too"
+        )
+
+
 def _refuse(arg: str, value: Any, expected: str) -> None:
     raise ProfileError(f"{arg}={describe(value)} ({type(value).__name__}); expected {expected}")
 
@@ -160,6 +178,8 @@ def check_arguments(
             "train=True, but gradients are off where profile_model was called (inside torch.no_grad or "
             "torch.inference_mode): there is no backward to profile; expected train=False, or a call outside them"
         )
+    if train:
+        check_leaf_inputs(inputs)
     if train and isinstance(model, torch.nn.Module):
         trainable = any(p.requires_grad for p in model.parameters()) or any(
             t.requires_grad for t in _tensors(inputs)
@@ -188,13 +208,19 @@ def check_arguments(
 
 def _numpy_array(obj: Any, where: str, depth: int = 0) -> tuple[str, Any] | None:
     """The first numpy array inside the inputs' lists, tuples and dicts, with where it is (``inputs[0][1]``)."""
-    if type(obj).__module__ == "numpy" and type(obj).__name__ == "ndarray":
+    return _find(obj, where, lambda x: type(x).__module__ == "numpy" and type(x).__name__ == "ndarray", depth=depth)
+
+
+def _find(obj: Any, where: str, match: Any, depth: int = 0) -> tuple[str, Any] | None:
+    """The first value inside the inputs' lists, tuples and dicts (or the inputs themselves) for which ``match``
+    holds, with where it is (``inputs[0][1]``)."""
+    if match(obj):
         return where, obj
     if depth > INPUT_DEPTH:
         return None
     items = obj.items() if isinstance(obj, Mapping) else enumerate(obj) if isinstance(obj, tuple | list) else ()
     for key, value in items:
-        found = _numpy_array(value, f"{where}[{key!r}]", depth + 1)
+        found = _find(value, f"{where}[{key!r}]", match, depth + 1)
         if found is not None:
             return found
     return None
