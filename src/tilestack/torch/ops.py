@@ -314,6 +314,11 @@ _apply_norm = direct_apply(_Norm)   # .apply minus its Python wrapper
 
 def _check_norm(fn: str, x, weight, eps, bias=None, r=None) -> None:
     """Every check of a norm's arguments (x of any rank); run once per signature by _NormPlan, and when traced."""
+    if fn.startswith("add_") and r is None:
+        # the fused add returns (y, h), which its caller unpacks: r=None made it the plain norm's y alone, and
+        # `y, h = add_rms_norm(x, None, w)` split y along its first dim into two tensors without a word
+        raise LaunchError(f"{fn}: r must be a torch.Tensor of x's shape (the residual added to x), got None; for the "
+                          f"norm alone, call {fn.removeprefix('add_')}")
     for name, t in (("x", x), ("r", r)):
         if isinstance(t, torch.Tensor):      # a dense tensor before the (rows, N) view of it
             check_tensor(fn, name, t)
