@@ -24,6 +24,9 @@ allocates dx and the buffers and launches.
 from __future__ import annotations
 
 import functools
+import numbers
+
+import numpy as np
 
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
@@ -320,8 +323,16 @@ def _planned_backward(dy, x, weight, mean, rstd, dh, centered: bool, backend: st
     """The plan of ``norm_backward``: the config, the programs, the launchers; ``run`` allocates and launches."""
     import torch
 
-    refuse_derived("layer_norm_backward" if centered else "rms_norm_backward", dict(config),
-                   {"CENTERED": "whether it is a layer norm's backward", "ADD_DH": "its dh argument"})
+    fn = "layer_norm_backward" if centered else "rms_norm_backward"
+    refuse_derived(fn, dict(config), {"CENTERED": "whether it is a layer norm's backward", "ADD_DH": "its dh argument"})
+    # the types first: BM divides the rows into programs and BN is compared with the row width here, before the
+    # kernel checks them (BM=None, '4' or 4.0 failed with a bare TypeError in programs() or torch.empty), and
+    # ONE_TILE='yes' was taken as True
+    for key, value in config:
+        if key in ("BM", "BN") and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise LaunchError(f"{fn}: {key}={value!r} ({type(value).__name__}); expected an int, a power of two")
+        if key == "ONE_TILE" and not isinstance(value, bool | np.bool_):
+            raise LaunchError(f"{fn}: ONE_TILE={value!r} ({type(value).__name__}); expected a bool")
     m, n = x.shape
     sums_rows = 2 if centered else 1                   # dw [, db]
     if x.numel() == 0:   # nothing to launch: no rows give zero weight gradients; rows of width 0 give empty ones
