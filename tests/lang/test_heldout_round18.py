@@ -20,9 +20,9 @@ More kernels of this round are in test_heldout_round18_more.py and test_heldout_
 
 What this round found: no kernel gave a wrong answer on either executor, and every bad launch tried was refused before
 any work, naming the argument. Fixed, kept as its test: a number or Scalar as an op's first operand (`sub(kf, 7.0,
-kf)`, as one writes 7 - k, first written for this file's packbits bit weights) was refused as "sub: a must be a tile or vector, got float
-7.0", the form left to find; ops that commute take it now, the others name the way to write it (lang.ops._binary):
-test_heldout_round18_loops.py::test_a_number_as_the_first_operand.
+kf)`, as one writes 7 - k, first written for this file's packbits bit weights) was refused as "sub: a must be a tile
+or vector, got float 7.0", the form left to find; ops that commute take it now, the others name the way to write it
+(lang.ops._binary): test_heldout_round18_loops.py::test_a_number_as_the_first_operand.
 """
 
 import math
