@@ -146,23 +146,32 @@ def swiglu_backward(dy, a, b, *, da=None, db=None, backend: str | None = None, *
     import torch
 
     outs = {k: v for k, v in (("da", da), ("db", db)) if v is not None}
-    _check("swiglu_backward", dy=dy, a=a, b=b, **outs)
+    # a first: the forward's input fixes the dtype and shape, so a dy of another dtype is the one named
+    _check("swiglu_backward", a=a, b=b, dy=dy, **outs)
     check_out_autograd("swiglu_backward", {"da": da, "db": db}, {"dy": dy, "a": a, "b": b})
     cfg = launch_config("swiglu_bwd", str(a.dtype).removeprefix("torch."), a.device, a.shape[1],
                         default_config(a.device.type)) | config
 
     apart = outputs_apart_check("swiglu_backward", "da", "db")
+    # da and db may be dy, a or b themselves (element-wise: each element is read before its own store), not a
+    # shifted view of one: a program stores over rows another program reads (the Triton backend's da one row past
+    # a gave wrong gradients without a word)
+    over_inputs = [(outputs_apart_check("swiglu_backward", o, i, second_is_input=True, allow_same=True), o, i)
+                   for o in ("da", "db") for i in ("dy", "a", "b")]
 
-    def outputs(a, da, db):
+    def outputs(dy, a, b, da, db):
         check_out_not_inference("swiglu_backward", da=da, db=db)
         apart(da, db)
+        given = {"dy": dy, "a": a, "b": b, "da": da, "db": db}
+        for check, o, i in over_inputs:
+            check(given[o], given[i])
         return (torch.empty(a.shape, dtype=a.dtype, device=a.device) if da is None else da,
                 torch.empty(a.shape, dtype=a.dtype, device=a.device) if db is None else db)
 
-    launch = swiglu_bwd_kernel.launcher_for((dy, a, b, *outputs(a, da, db)), backend, **cfg)
+    launch = swiglu_bwd_kernel.launcher_for((dy, a, b, *outputs(dy, a, b, da, db)), backend, **cfg)
 
     def run(dy, a, b, *, da=None, db=None, **_):
-        da, db = outputs(a, da, db)
+        da, db = outputs(dy, a, b, da, db)
         launch((dy, a, b, da, db))
         return da, db
     return run
