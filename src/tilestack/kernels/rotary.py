@@ -13,6 +13,8 @@ as (B, N, H, D) out, so attention reads it without a transpose copy).
 
 from __future__ import annotations
 
+import numpy as np
+
 import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.kernels._checks import (
@@ -25,6 +27,7 @@ from tilestack.kernels._checks import (
     outputs_apart_check,
 )
 from tilestack.kernels._plan import checked_once, forward_only, planned
+from tilestack.lang.layout import check_writable
 from tilestack.tune.lookup import launch_config
 
 MIN_HEAD_DIM = 16     # a half row of 8 bf16 values: the 16 bytes the GPU's tile copies need at least
@@ -144,6 +147,12 @@ def rotary(q, k, cos, sin, *, inverse: bool = False, q_out=None, k_out=None, bac
                 raise LaunchError(f"rotary: {name} is {tuple(out.shape)}; expected {tuple(src.shape)}")
     check_same_device("rotary", q=q, q_out=q_out, k_out=k_out)
     check_out_autograd("rotary", {"q_out": q_out, "k_out": k_out}, {"q": q, "k": k})
+    # a bool, not any truthy value: inverse='no' rotated by minus the angle without a word
+    if not isinstance(inverse, bool | np.bool_):
+        raise LaunchError(f"rotary: inverse={inverse!r} ({type(inverse).__name__}); expected a bool")
+    for name, out in (("q_out", q_out), ("k_out", k_out)):
+        if out is not None:     # named here as the caller knows it (the kernel's check named its QO / KO)
+            check_writable("rotary", name, out)
     rows = q.shape[2] * q.shape[3] + k.shape[2] * k.shape[3]
     cfg = {"num_warps": 4 if rows <= 4096 else 8} if q.device.type == "cuda" else {}
     cfg = launch_config("rotary", f"{str(q.dtype).removeprefix('torch.')}-D{q.shape[3]}", q.device, rows, cfg)
@@ -157,23 +166,30 @@ def rotary(q, k, cos, sin, *, inverse: bool = False, q_out=None, k_out=None, bac
     k_out_over_k = outputs_apart_check("rotary", "k_out", "k", second_is_input=True, allow_same=True)
     q_out_apart_from_k = outputs_apart_check("rotary", "q_out", "k", second_is_input=True)
     k_out_apart_from_q = outputs_apart_check("rotary", "k_out", "q", second_is_input=True)
+    # nor over the cos / sin tables, which every program reads (the Triton backend's q_out over cos's memory rotated
+    # later rows by the angles written there)
+    apart_from_tables = [outputs_apart_check("rotary", o, t, second_is_input=True)
+                         for o in ("q_out", "k_out") for t in ("cos", "sin")]
 
-    def outputs(q, k, q_out, k_out):
+    def outputs(q, k, q_out, k_out, cos, sin):
         check_out_not_inference("rotary", q_out=q_out, k_out=k_out)
         apart(q_out, k_out)
         q_out_over_q(q_out, q)
         k_out_over_k(k_out, k)
         q_out_apart_from_k(q_out, k)
         k_out_apart_from_q(k_out, q)
+        for check, (out, table) in zip(apart_from_tables, ((q_out, cos), (q_out, sin), (k_out, cos), (k_out, sin)),
+                                       strict=True):
+            check(out, table)
         return (torch.empty(q.shape, dtype=q.dtype, device=q.device) if q_out is None else q_out,
                 torch.empty(k.shape, dtype=k.dtype, device=k.device) if k_out is None else k_out)
 
-    launch = rotary_kernel.launcher_for((q, k, cos, sin, *outputs(q, k, q_out, k_out)), backend,
+    launch = rotary_kernel.launcher_for((q, k, cos, sin, *outputs(q, k, q_out, k_out, cos, sin)), backend,
                                         HALF=q.shape[3] // 2, BH=next_pow2(q.shape[2]), BHK=next_pow2(k.shape[2]),
                                         INVERSE=bool(inverse), **(cfg | config))
 
     def run(q, k, cos, sin, *, q_out=None, k_out=None, **_):
-        q_out, k_out = outputs(q, k, q_out, k_out)
+        q_out, k_out = outputs(q, k, q_out, k_out, cos, sin)
         launch((q, k, cos, sin, q_out, k_out))
         return q_out, k_out
     return run
