@@ -20,6 +20,7 @@ from tilestack.kernels._checks import (
     outputs_apart_check,
 )
 from tilestack.kernels._plan import forward_only, planned
+from tilestack.lang.layout import check_writable
 from tilestack.tune.lookup import launch_config
 
 
@@ -114,6 +115,8 @@ def swiglu(a, b, *, out=None, backend: str | None = None, **config):
 
     _check("swiglu", a=a, b=b, **({} if out is None else {"out": out}))
     check_out_autograd("swiglu", {"out": out}, {"a": a, "b": b})
+    if out is not None:         # named here as the caller knows it (the kernel's check named its Y)
+        check_writable("swiglu", "out", out)
     cfg = launch_config("swiglu", str(a.dtype).removeprefix("torch."), a.device, a.shape[1],
                         default_config(a.device.type)) | config
     # out may be a or b itself (element-wise: each element is read before its own store), not a shifted view
@@ -149,6 +152,8 @@ def swiglu_backward(dy, a, b, *, da=None, db=None, backend: str | None = None, *
     # a first: the forward's input fixes the dtype and shape, so a dy of another dtype is the one named
     _check("swiglu_backward", a=a, b=b, dy=dy, **outs)
     check_out_autograd("swiglu_backward", {"da": da, "db": db}, {"dy": dy, "a": a, "b": b})
+    for name, out in outs.items():      # (the kernel's check named its DA / DB)
+        check_writable("swiglu_backward", name, out)
     cfg = launch_config("swiglu_bwd", str(a.dtype).removeprefix("torch."), a.device, a.shape[1],
                         default_config(a.device.type)) | config
 
