@@ -161,7 +161,9 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, *, backend: str | None = None
         if t.shape[0] != x.shape[1]:
             raise LaunchError(f"layer_norm: {name} has {t.shape[0]} elements; expected x.shape[1] = {x.shape[1]}")
     check_same_device("layer_norm", x=x, weight=weight, bias=bias)
-    eps = check_real("layer_norm", "eps", eps, minimum=0.0)
+    # eps = inf taken, as the other norms (check_norm_args) and torch take it (y = bias): 1e39, f32's inf in the
+    # kernel, was taken where inf was refused, and add_layer_norm(eps=inf) ran where layer_norm refused it
+    eps = math.inf if isinstance(eps, float) and eps == math.inf else check_real("layer_norm", "eps", eps, minimum=0.0)
 
     def outputs(x):
         mean = x.new_empty(x.shape[0], dtype=torch.float32)   # (new_empty: half torch.empty's host cost)
