@@ -15,8 +15,8 @@ What this round found, fixed:
   its first round's record (``num_selected`` 8 of 4 clients, steps and bytes doubled). A run starting or resuming now
   starts with an empty log (``ManagedGrid.load_state_dict``).
 
-Left as a strict xfail: a second run on the same in-process grid inherits its clients' state from the first (see the
-test's reason).
+A second run on the same in-process grid with a new strategy starts its clients from empty state (driver._fresh_clients;
+it inherited the first run's SCAFFOLD c_i, residuals and Ditto models before).
 """
 
 from __future__ import annotations
@@ -193,15 +193,6 @@ def test_a_round_failing_while_late_updates_join_it_resumes_on_the_same_grid_to_
 
 # ---- a second run on the same grid -----------------------------------------------------------------------------------
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="a second run_rounds on the same InProcessGrid inherits each client's Context.state from the first run "
-    "(SCAFFOLD's c_i, error-feedback residuals, Ditto's personal models), while the strategy restarts afresh "
-    "(driver._start_afresh: SCAFFOLD's server c back to zero, no longer the mean of the clients' c_i); Flower gives "
-    "each run its own node Contexts. Clearing them at run start breaks test_scenarios_round5_runs' error-feedback "
-    "test, which chains 30 one-round run_rounds calls on one grid and relies on the residuals persisting: which "
-    "behaviour is the API's is a design decision, not a one-line fix",
-)
 def test_a_second_scaffold_run_on_the_same_grid_is_the_run_on_a_fresh_grid():
     """SCAFFOLD run twice from the same initial model on one grid object: the second run should be the first (and the
     run on a fresh grid), every client starting with c_i = 0 as the server starts with c = 0."""

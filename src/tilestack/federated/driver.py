@@ -436,6 +436,24 @@ def _start_afresh(strategy: Strategy) -> None:
         log.info("run_rounds: the strategy ran before; a new run starts %s afresh", ", ".join(reset))
 
 
+def _fresh_clients(grid: ManagedGrid, strategy: Strategy) -> None:
+    """A run whose strategy object is not the one of the grid's last run starts its clients from empty
+    ``Context.state``, as Flower gives each run its own node contexts. Before, a second experiment on one
+    InProcessGrid (FedAvg, then SCAFFOLD; a new SCAFFOLD after another) inherited the first one's client control
+    variates, error-feedback residuals and Ditto models while its strategy started from zero. The same strategy object
+    run again (num_rounds=1 calls in a loop) continues its clients' state, as error feedback over chained calls
+    needs. Grids whose client state lives elsewhere (a deployment's SuperNodes) keep it: only a grid with
+    ``state_dict`` / ``load_state_dict`` is touched, and a resumed run then loads its checkpoint's."""
+    last = grid.last_strategy() if grid.last_strategy is not None else None
+    new_run = grid.last_strategy is not None and last is not strategy
+    grid.last_strategy = weakref.ref(strategy)
+    if new_run and hasattr(grid.inner, "state_dict") and hasattr(grid.inner, "load_state_dict"):
+        cleared = {nid: RecordDict() for nid, state in grid.inner.state_dict().items() if len(state)}
+        if cleared:
+            grid.inner.load_state_dict(cleared)
+            log.info("run_rounds: a new run on this grid; %d clients start from empty state", len(cleared))
+
+
 def _ran_round(strategy: Strategy) -> None:
     """Record the state a completed round leaves (``_start_afresh``)."""
     pristine = _RUN_STATES[strategy][0] if strategy in _RUN_STATES else _state_bytes(strategy)
@@ -690,7 +708,9 @@ def run_rounds(
     grid.loss_keys = frozenset(
         key for s in strategy_levels(strategy) if isinstance(key := vars(s).get("train_loss_key"), str)
     )
-    _start_afresh(strategy)  # (a resumed run then takes the checkpoint's state); before the signature reads settings
+    # (a resumed run then takes the checkpoint's state, its clients' too); before the signature reads settings
+    _start_afresh(strategy)
+    _fresh_clients(grid, strategy)
     arrays, history, first = initial_arrays, History(), 1
     signature = run_signature(strategy, grid, initial_arrays, seed, run_task)
     if ckpt is not None and ckpt.exists():
