@@ -63,6 +63,11 @@ LEFT_REASONS = {
     "linear": "no activation or residual add after it to fuse (a lone Linear is cuBLAS's addmm, its bias fused "
               "already), or one the linear_epilogue pass declined (listed above): left to Inductor",
     "matmul": "a plain matrix product: left to Inductor (cuBLAS or its templates)",
+    # a tilestack.quantize'd layer with nothing after it to fuse was reported as "no tilestack kernel for it", where
+    # the op is tilestack's own quantized GEMM and runs as it is
+    "quant_linear": "tilestack's quantized GEMM already (a tilestack.quantize layer): it runs as it is; no activation "
+                    "or residual add after it to fuse into its epilogue, or one the linear_epilogue pass declined "
+                    "(listed above)",
     # attention written over (B * H, N, hd) with torch.bmm / torch.baddbmm (Megatron, BLOOM, CLIP) was reported as
     # "no tilestack kernel for it", as if there were no attention kernel: the reason is its 3-D form
     "bmm": "a batched matrix product: left to Inductor (cuBLAS); an attention written with bmm / baddbmm over "
