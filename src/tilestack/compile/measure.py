@@ -104,23 +104,26 @@ def _load() -> None:
 def _store(key: str, entry: dict) -> None:
     _memory[key] = entry
     path = _path()
+    from tilestack.tune.cache import locked, sweep_dead_temporaries
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        merged = {}
-        try:                                   # another process may have added entries since this one read
-            on_disk = json.loads(path.read_text())
-            merged.update({k: v for k, v in on_disk.items() if _usable(v)} if isinstance(on_disk, dict) else {})
-        except (OSError, ValueError):
-            pass
-        merged.update(_memory)
-        from tilestack.tune.cache import sweep_dead_temporaries
-        sweep_dead_temporaries(path.parent, f"{path.stem}.")    # what writers killed mid-write left
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps(merged, indent=1, sort_keys=True))
-            tmp.replace(path)                  # atomic: a reader never sees half a file
-        finally:
-            tmp.unlink(missing_ok=True)        # a failed write leaves no temp file behind
+        # read, merge, write under the folder's lock: unlocked, a process that read before another wrote replaced
+        # that process's new entries with its own older view of the file
+        with locked(path.parent):
+            merged = {}
+            try:                               # another process may have added entries since this one read
+                on_disk = json.loads(path.read_text())
+                merged.update({k: v for k, v in on_disk.items() if _usable(v)} if isinstance(on_disk, dict) else {})
+            except (OSError, ValueError):
+                pass
+            merged.update(_memory)
+            sweep_dead_temporaries(path.parent, f"{path.stem}.")    # what writers killed mid-write left
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            try:
+                tmp.write_text(json.dumps(merged, indent=1, sort_keys=True))
+                tmp.replace(path)              # atomic: a reader never sees half a file
+            finally:
+                tmp.unlink(missing_ok=True)    # a failed write leaves no temp file behind
     except OSError as e:                       # a read-only cache costs a measurement next run, not this one
         warnings.warn(f"tilestack.compile.measure: cannot write {path} ({e})", stacklevel=3)
 
