@@ -120,7 +120,10 @@ def _store(key: str, entry: dict) -> None:
             sweep_dead_temporaries(path.parent, f"{path.stem}.")    # what writers killed mid-write left
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             try:
-                tmp.write_text(json.dumps(merged, indent=1, sort_keys=True))
+                with open(tmp, "w") as f:
+                    f.write(json.dumps(merged, indent=1, sort_keys=True))
+                    f.flush()
+                    os.fsync(f.fileno())       # the data on disk before the rename (a full disk is said here)
                 tmp.replace(path)              # atomic: a reader never sees half a file
             finally:
                 tmp.unlink(missing_ok=True)    # a failed write leaves no temp file behind
