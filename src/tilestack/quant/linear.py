@@ -300,7 +300,9 @@ def quantize(model: nn.Module, mode: str = "int8", *, calibration=None, skip=())
         if type(m) is nn.Linear:
             aliases.setdefault(id(m), []).append(n)
     linears = [n for names in aliases.values() for n in names]
-    unmatched = [s for s in skip if not any(_named(n, s) for n in linears)]
+    floats = _left_in_float(model, aliases)
+    # a skip name may also acknowledge a layer quantize cannot take (a Conv2d), which silences its report below
+    unmatched = [s for s in skip if not any(_named(n, s) for n in linears + [n for n, _ in floats])]
     if unmatched:     # a typo would quantize the layer meant to stay in float without a word; a generic name
         # (skip=("lm_head",) where the head is a tied embedding, not a Linear) is common, so a warning, not an error
         warnings.warn(f"quantize: skip names {unmatched} match no nn.Linear of the model (its Linear layers: "
@@ -333,7 +335,36 @@ def quantize(model: nn.Module, mode: str = "int8", *, calibration=None, skip=())
         for name in group:
             parent_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+    # after the replacements (a refused layer raises, the model unchanged): the layers with weights that stay in
+    # float were left without a word (a conv + linear net's convolutions, nn.MultiheadAttention's projections,
+    # embeddings), outside the accuracy and memory the caller expects of a quantized model: named, once, unless
+    # skip= names them
+    floats = [f"{n or 'the model'} ({why})" for n, why in floats if not any(_named(n, s) for s in skip)]
+    if floats:
+        warnings.warn(f"quantize: {len(floats)} layer(s) with weights left in float (tilestack.quantize replaces "
+                      f"nn.Linear layers only): {', '.join(floats)}; name them in skip= to keep them in float without "
+                      "this warning", UserWarning, stacklevel=2)
     return model
+
+
+def _left_in_float(model: nn.Module, linears: dict[int, list[str]]) -> list[tuple[str, str]]:
+    """(name, what it is) of each module other than the nn.Linear layers ``linears`` (by id) holding a parameter of
+    its own with two or more dims (a weight matrix, a convolution's kernel, an embedding table): what quantize leaves
+    in float. A module of the model's own code is named with those parameters (``pos_embed``); a subclass of
+    nn.Linear is one: its owner may read its weight directly (nn.MultiheadAttention's out_proj, read inside
+    F.multi_head_attention_forward), so a QuantLinear in its place would break the owner."""
+    left = []
+    for name, m in model.named_modules():
+        own = [p for p, t in m.named_parameters(recurse=False) if t.dim() >= 2]
+        if id(m) in linears or not own:
+            continue
+        what = type(m).__name__
+        if isinstance(m, nn.Linear):
+            what += ": a subclass of nn.Linear, which its owner may read by weight (nn.MultiheadAttention's out_proj)"
+        elif not type(m).__module__.startswith("torch.nn"):
+            what += f": {', '.join(own)}"
+        left.append((name, what))
+    return left
 
 
 def _named(name: str, skip: str) -> bool:
