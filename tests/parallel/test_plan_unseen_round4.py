@@ -172,7 +172,8 @@ def test_a_frozen_backbone_trains_its_adapters_and_head_only(kw, described):
     shard = kw.get("dp_shard", 1)
     assert mem["parameters"] == desc.params * FP32 / shard
     if kw.get("zero"):
-        assert mem["optimizer"] == pytest.approx(3 * FP32 * trained / kw["dp"])
+        # ZeroOptimizer pads its flat buffer to a multiple of dp: each rank owns ceil(n / dp) elements (round 6)
+        assert mem["optimizer"] == 3 * FP32 * -(-trained // kw["dp"])
     else:
         assert mem["gradients"] == trained * FP32 / shard and mem["optimizer"] == 2 * trained * FP32 / shard
     # the frozen embedding and first block: nothing saved, the backward never reaches them; the frozen blocks

@@ -606,13 +606,17 @@ def _memory(plan: Plan, desc: ModelDesc, stages: list[range], my_stages: list[in
         # ZeroOptimizer: an f32 master copy of this rank's 1/dp slice and AdamW's two f32 moments of it; the
         # reduced gradient slice beside the full gradients (ZeRO-1), or in their place once a bucket is reduced
         # (ZeRO-2: at most one bucket of full gradients alive); the master's f32 gradient during the step
-        owned = trained / plan.dp
+        # ZeroOptimizer pads each bucket to a multiple of dp and gives every rank a whole slice, ceil(n / dp)
+        # elements (198 over 5 ranks: 40 each, where 39.6 elements' bytes were predicted). Exact for a model of
+        # one bucket; with more, under by less than one element per bucket
+        owned = math.ceil(trained / plan.dp - 1e-9)
         optimizer = owned * FP32_BYTES * (1 + ADAM_MOMENTS)
         bucket = min(trained, ZERO_BUCKET_NUMEL)
+        padded = owned * plan.dp if trained <= ZERO_BUCKET_NUMEL else bucket     # the flattened bucket, padded
         grads = (trained if plan.zero == 1 else bucket) * e_trained
         # reducing a bucket: its gradients flattened (a copy), padded (another) for ZeRO-1's all-reduce; for
         # ZeRO-2 one copy goes to the reduce-scatter; then the slice and the master's f32 gradient
-        after = ZERO_FLAT_COPIES[plan.zero] * bucket * e_trained + owned * e_trained + owned * FP32_BYTES
+        after = ZERO_FLAT_COPIES[plan.zero] * padded * e_trained + owned * e_trained + owned * FP32_BYTES
         after += owned * FP32_BYTES if multi_tensor else 0.0     # sqrt(v) of the f32 master slice
     blocks = [i for s in my_stages for i in stages[s] if desc.layers[i].kind == "block"]
     replayed = head_saved = 0.0
