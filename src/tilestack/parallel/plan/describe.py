@@ -267,14 +267,17 @@ class _Call:
 
 
 def _received(a: Any, batch: int, held: set[int]) -> dict[tuple, tuple[int, int]]:
-    """The per-sample tensors (first dim the batch) in a call's arguments ``a``, each once, by (address, shape,
+    """The per-sample tensors (first dim the batch) in a call's arguments ``a``, each once, by (address, bytes,
     dtype): their storage's address and their bytes. Parameters and buffers (storages in ``held``: a table handed
     to every block) are held by the stage, not received."""
     seen: dict[tuple, tuple[int, int]] = {}
     for t in _tensors_of(a):
         ptr = t.untyped_storage().data_ptr()
         if t.dim() >= 1 and t.shape[0] == batch and ptr not in held:
-            seen[(t.data_ptr(), tuple(t.shape), t.dtype)] = (ptr, t.numel() * t.element_size())
+            # keyed by bytes, not shape: a view of the same elements (nn.Flatten's output, which the next layer
+            # takes) is one tensor to send; keyed by shape, a stage beginning at the Flatten carried its input and
+            # its output, twice the bytes
+            seen[(t.data_ptr(), t.numel() * t.element_size(), t.dtype)] = (ptr, t.numel() * t.element_size())
     return seen
 
 
