@@ -64,7 +64,9 @@ class Record:
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(text)
-            os.replace(tmp, path)               # a reader never sees half a file
+                f.flush()
+                os.fsync(f.fileno())            # on disk before the rename: a full disk is said here, and a
+            os.replace(tmp, path)               # power cut cannot leave an empty file renamed over the old one               # a reader never sees half a file
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
