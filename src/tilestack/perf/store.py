@@ -189,7 +189,10 @@ class Store:
         try:
             yield
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # SQLite rolls some failures back itself (SQLITE_FULL: a full disk): a ROLLBACK then raised "no
+            # transaction is active", hiding the cause
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
 
