@@ -140,6 +140,23 @@ def _open_store():
         return None
 
 
+def _append_row(st, run_id: str, row: BenchRow):
+    """Append a case's two results to the store; the store, or None (closed) with one warning where the append
+    failed (a full disk, the file gone read-only): before, a sqlite3 error here ended the whole bench run and its
+    report with a traceback. The rows committed before stay in the store."""
+    import sqlite3
+
+    try:
+        st.append(run_id, row.ours)
+        st.append(run_id, row.baseline)
+        return st
+    except sqlite3.Error as e:
+        warnings.warn(f"result store {st.path} cannot be written ({type(e).__name__}: {e}); the rest of this run's "
+                      "results are not stored (those before are)", stacklevel=2)
+        st.close()
+        return None
+
+
 def run_suite(*, full: bool = True, only: list[str] | None = None, store: bool = True, models: bool = True,
               out_dir: Path | None = None, console=None) -> list[BenchRow]:
     """Every case (``only``: those names) on this machine's device; results appended to the result store as one
@@ -159,7 +176,9 @@ def run_suite(*, full: bool = True, only: list[str] | None = None, store: bool =
             run_id = st.start_run(device=dev, ceilings=ceil, label="tilestack bench", command=record.BENCH_COMMAND,
                                   versions=versions)
         for case in report.track(suite, description=f"bench on {label}", total=len(suite)):
-            rows.append(run_case(case, dev, ceil, st, run_id))
+            rows.append(run_case(case, dev, ceil))
+            if st is not None:
+                st = _append_row(st, run_id, rows[-1])
     finally:
         if st is not None:
             st.close()
