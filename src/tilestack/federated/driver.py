@@ -69,6 +69,7 @@ import numbers
 import os
 import pickle
 import random
+import tempfile
 import time
 import types
 import weakref
@@ -489,9 +490,14 @@ def _restore_strategy(strategy: Strategy, saved: Strategy) -> None:
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write ``state`` so that ``path`` always holds a complete checkpoint (temporary file, fsync, rename)."""
-    tmp = path.with_name(path.name + ".tmp")
+    from tilestack.tune.cache import sweep_dead_temporaries
+
+    # a temporary of this writer's own: with one shared "<name>.tmp", two processes saving one path truncated each
+    # other's mid-write and one rename found it gone (FileNotFoundError); a killed writer's is swept by the next save
+    sweep_dead_temporaries(path.parent, f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             _Pickler(f, protocol=pickle.HIGHEST_PROTOCOL).dump(state)
             f.flush()
             os.fsync(f.fileno())
