@@ -8,6 +8,7 @@
 - clusters where nothing fits: a clear PlanError naming the limit (search, Alpa), never a crash;
 - goodput: the noise scale's estimators and Pollux's E(M) against hand computations for new gradient statistics,
   with zero variance, single-sample micro-batches, a negative |G|^2 estimate and the moving average;
+- the command line on 5 ranks and 1, and under a limit nothing fits;
 - bad input (a negative batch, a NaN bandwidth, world size 0, an unknown schedule, a plan file with a field of the
   wrong type) refused by a PlanError naming the argument, before any layer is timed.
 """
@@ -360,3 +361,42 @@ def test_a_plan_file_with_a_field_of_the_wrong_type_is_refused_by_name(plan_file
     bad.write_text(json.dumps(spec))
     with pytest.raises(PlanError, match=match):
         read_plan(bad)
+
+
+# ---- the command line on a prime world and a cluster nothing fits ---------------------------------------------------
+
+_CLI_GPT = ["--layers", "2", "--d", "32", "--heads", "2", "--vocab", "64", "--seq", "16", "--device", "h200"]
+
+
+@pytest.mark.parametrize("nproc, batch", [(5, 10), (1, 1)])
+def test_cli_plans_a_prime_world_and_one_rank_without_measuring(tmp_path, nproc, batch):
+    """`tilestack plan --nproc 5` (and 1) for H200s: a plan file of that world that read_plan accepts, its plan's
+    degrees multiplying to it, and no gloo fit measured or stored."""
+    from typer.testing import CliRunner
+
+    from tilestack import config
+    from tilestack.cli import _register, app
+    from tilestack.parallel.plan.comm import comm_path
+    _register()
+    out = tmp_path / "plan.json"
+    with config.override(cache_dir=tmp_path):
+        res = CliRunner().invoke(app, ["plan", "--nproc", str(nproc), *_CLI_GPT, "--batch", str(batch),
+                                       "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        assert not comm_path("gloo-cpu").exists()
+    spec = read_plan(out)
+    par = spec["parallel"]
+    assert spec["nproc"] == nproc == par["pp"] * par["dp"] * par["dp_shard"] * par["tp"]
+
+
+def test_cli_says_what_the_smallest_plan_needs_when_nothing_fits(tmp_path):
+    from typer.testing import CliRunner
+
+    from tilestack import config
+    from tilestack.cli import _register, app
+    _register()
+    with config.override(cache_dir=tmp_path):
+        res = CliRunner().invoke(app, ["plan", "--nproc", "2", *_CLI_GPT, "--batch", "8", "--memory-limit", "1KB"])
+    flat = " ".join("".join(ch for ch in res.output if ch not in "│╭╮╰╯─").split())
+    assert res.exit_code == 2 and "--memory-limit 1000 bytes per rank: no plan fits" in flat
+    assert "needs" in flat and "Traceback" not in res.output
