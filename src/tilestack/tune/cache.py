@@ -166,6 +166,10 @@ class Table:
         except (OSError, ValueError) as e:       # ValueError: not JSON, or not UTF-8 text
             raise ValueError(f"tuned-config table {path} is not valid JSON ({type(e).__name__}: {e}); delete it "
                              "to start over") from e
+        if isinstance(data, dict) and isinstance(data.get("format"), int) and data["format"] > FORMAT:
+            # (it was refused as "a table from before device keys", sending the user to delete a newer table)
+            raise ValueError(f"tuned-config table {path} is of format {data['format']}, written by a newer tilestack;"
+                             f" this one reads formats {READS}: upgrade tilestack, or delete the file to start over")
         if not isinstance(data, dict) or data.get("format", FORMAT) not in READS or \
                 not isinstance(data.get("entries"), dict) or "device" not in data:
             raise ValueError(f"tuned-config table {path}: expected {{'format': {FORMAT}, 'device': {{...}}, "
