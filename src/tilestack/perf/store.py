@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import re
 import secrets
 import socket
 import sqlite3
@@ -176,10 +177,28 @@ class Store:
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against process kills
             self._db.executescript(_SCHEMA)
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            problem = self._foreign()
         except sqlite3.DatabaseError as e:   # a file that is not a SQLite database (or a damaged one): said, not raw
             self._db.close()
             raise StoreError(f"result store {self.path} is not a readable SQLite database ({e}); move it aside "
                              "(its results are lost to tilestack) or pass another path") from e
+        if problem:       # (a newer store was appended to without a word; another program's failed in start_run)
+            self._db.close()
+            raise StoreError(f"result store {self.path}: {problem}; pass another path, or move it aside")
+
+    def _foreign(self) -> str | None:
+        """What makes the open file no store this version can write: a newer schema, or tables (another
+        program's) without the columns ours have; None where it is one."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        if row is not None and str(row[0]).isdigit() and int(row[0]) > SCHEMA_VERSION:
+            return f"schema {row[0]} is newer than this tilestack's ({SCHEMA_VERSION}): written by a newer tilestack"
+        for table in ("runs", "results"):
+            have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            want = re.findall(r"^    (\w+) ", _SCHEMA.split(f"CREATE TABLE IF NOT EXISTS {table} (")[1].split(");")[0],
+                              re.M)
+            if missing := [c for c in want if c not in have]:
+                return f"table {table} lacks the columns {', '.join(missing)}: not a tilestack result store"
+        return None
 
     # --- plumbing -------------------------------------------------------------------------------------------
     @contextlib.contextmanager
