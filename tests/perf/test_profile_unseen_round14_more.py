@@ -20,22 +20,15 @@ from tilestack.perf import formulas, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 import perf_models_round14 as pm  # noqa: E402
+from _profile_helpers import FILTERS, one_row, profile_cpu, step_counts  # noqa: E402
 from profile_support import CEIL, by_op, conv, rendered, rows_of  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+pytestmark = FILTERS
 F32, BF16 = 4, 2
 
 
 def _counts(build, *, train=False):
-    model, inputs = build()
-    with profile.preserved(model, inputs):
-        return profile.count_ops(profile.make_step(model, inputs, train=train))
-
-
-def _row(counts, op, shapes=None):
-    found = [c for (name, sh), c in counts.items() if name == op and (shapes is None or sh == shapes)]
-    assert len(found) == 1, (op, shapes, found)
-    return found[0]
+    return step_counts(*build(), train=train)
 
 
 def test_an_expanded_row_added_to_its_matrix_reads_both():
@@ -43,7 +36,7 @@ def test_an_expanded_row_added_to_its_matrix_reads_both():
     dtype), so x + it read 24 bytes (the held row) and never x's 192. Now the row as held and x: 216."""
     counts = _counts(pm.shared_memory)
     rows, cols = 8, 6
-    add = _row(counts, "aten::add")
+    add = one_row(counts, "aten::add")
     assert add.bytes_read == cols * F32 + rows * cols * F32 == 216
     assert add.bytes_written == rows * cols * F32
     assert add.flops == rows * cols
@@ -52,7 +45,7 @@ def test_an_expanded_row_added_to_its_matrix_reads_both():
 def test_a_row_times_a_column_of_one_matrix_reads_both():
     """sq[:, 0] and sq[0, :] start at one pointer with as many elements, but cover different memory."""
     counts = _counts(pm.shared_memory)
-    mul = _row(counts, "aten::mul")
+    mul = one_row(counts, "aten::mul")
     assert mul.bytes_read == 2 * 6 * F32 and mul.bytes_written == 6 * F32 and mul.flops == 6
 
 
@@ -64,7 +57,7 @@ def test_one_tensor_seen_through_a_view_is_still_read_once(view):
     other = {"t": lambda: x.t(), "view": lambda: x.view(25).view(5, 5), "unsqueeze": lambda: x.unsqueeze(0)[0],
              "permute": lambda: x.permute(1, 0)}[view]
     counts = profile.count_ops(lambda: torch.add(x, other()))
-    add = _row(counts, "aten::add")
+    add = one_row(counts, "aten::add")
     assert add.bytes_read == 25 * F32 and add.bytes_written == 25 * F32
 
 
@@ -73,10 +66,10 @@ def test_a_diagonal_and_a_row_of_one_matrix_are_two_reads():
     vector (stride 2) and its first half too."""
     x = torch.randn(4, 4)
     counts = profile.count_ops(lambda: x.diagonal() * x[0])
-    assert _row(counts, "aten::mul").bytes_read == 2 * 4 * F32
+    assert one_row(counts, "aten::mul").bytes_read == 2 * 4 * F32
     v = torch.randn(8)
     counts = profile.count_ops(lambda: v[::2] + v[:4])
-    assert _row(counts, "aten::add").bytes_read == 2 * 4 * F32
+    assert one_row(counts, "aten::add").bytes_read == 2 * 4 * F32
 
 
 def test_in_place_views_windows_where_and_masked_fill_by_hand():
@@ -84,13 +77,13 @@ def test_in_place_views_windows_where_and_masked_fill_by_hand():
     (5, 4) by (2, 1) read the 12 elements they span and write 20; where reads its mask, x and the broadcast row;
     masked_fill is a copy (0 FLOPs, not uncounted) reading x and its mask."""
     counts = _counts(pm.shared_memory)
-    mul_ = _row(counts, "aten::mul_")
+    mul_ = one_row(counts, "aten::mul_")
     assert (mul_.bytes_read, mul_.bytes_written, mul_.flops) == (16 * F32, 16 * F32, 16)
-    exp = _row(counts, "aten::exp")
+    exp = one_row(counts, "aten::exp")
     assert (exp.bytes_read, exp.bytes_written, exp.flops) == (12 * F32, 20 * F32, 20)
-    where = _row(counts, "aten::where")
+    where = one_row(counts, "aten::where")
     assert (where.bytes_read, where.bytes_written, where.flops) == (48 + 48 * F32 + 6 * F32, 48 * F32, 48)
-    fill = _row(counts, "aten::masked_fill")
+    fill = one_row(counts, "aten::masked_fill")
     assert (fill.bytes_read, fill.bytes_written, fill.flops, fill.unsupported) == (48 * F32 + 48, 48 * F32, 0, False)
     assert not any(op in ("aten::t_", "aten::as_strided", "aten::expand") and (c.bytes_read or c.bytes_written)
                    for (op, _), c in counts.items())  # views move nothing
@@ -101,7 +94,7 @@ def test_bf16_channels_last_rows_move_two_bytes_an_element():
     its output at 2 bytes an element (the layout changes no count); the linear's addmm alike; the batch norm
     trains its statistics. Its backward's rows are bf16 too (the loss's fp32 sum aside)."""
     n, c, s, k, classes = pm.HP_BATCH, pm.HP_C, pm.HP_SIDE, pm.HP_CONV, pm.HP_CLASSES
-    p = profile.profile_model(*pm.bf16_convnet(), steps=1, warmup=1, ceilings=CEIL, device="cpu", train=True)
+    p = profile_cpu(*pm.bf16_convnet(), train=True)
     (conv_row,) = [o for o in p.ops if o.op == "aten::convolution"]
     assert conv_row.m.dtype == "bf16"
     assert conv_row.m.flops == conv(n, c, k, s * s, 9)
@@ -120,7 +113,7 @@ def test_bf16_channels_last_rows_move_two_bytes_an_element():
 def test_fp16_mlp_rows_are_fp16_by_hand():
     """An fp16 MLP: both linears' addmm, the GELU and the layer norm are fp16 rows at 2 bytes an element."""
     rows, i, h, o = pm.HM_ROWS, pm.HM_IN, pm.HM_HIDDEN, pm.HM_OUT
-    p = profile.profile_model(*pm.fp16_mlp(), steps=1, warmup=1, ceilings=CEIL, device="cpu")
+    p = profile_cpu(*pm.fp16_mlp())
     flops = {}
     for o_ in p.ops:
         flops[o_.op] = flops.get(o_.op, 0) + o_.m.flops * o_.calls
@@ -138,8 +131,8 @@ def test_a_compiled_block_is_counted_as_its_eager_twin(train):
     the counting pass's force_eager stance is not left on)."""
     compiled, inputs = pm.compiled_block()
     eager, _ = pm.eager_block()
-    pc = profile.profile_model(compiled, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu", train=train)
-    pe = profile.profile_model(eager, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu", train=train)
+    pc = profile_cpu(compiled, inputs, train=train)
+    pe = profile_cpu(eager, inputs, train=train)
     assert pc.flops == pe.flops and pc.bytes == pe.bytes and not pc.unsupported
     hidden, rows = pm.CB_HIDDEN, pm.CB_ROWS
     forward = 2 * rows * (pm.CB_IN * hidden + hidden * hidden + hidden * pm.CB_IN)
@@ -163,7 +156,7 @@ def test_a_compiled_block_is_counted_as_its_eager_twin(train):
             return self.fc(x).tanh()
 
     fn = torch.compile(Probe(), backend=backend)
-    profile.profile_model(fn, (torch.randn(2, 3),), steps=1, warmup=1, ceilings=CEIL, device="cpu", train=train)
+    profile_cpu(fn, (torch.randn(2, 3),), train=train)
     compiled_before = len(seen)
     fn(torch.randn(5, 7, 3))  # a new rank: compiled again, unless the stance stayed force_eager
     assert len(seen) > compiled_before
@@ -173,7 +166,7 @@ def test_a_custom_op_without_a_formula_is_unknown_not_free():
     """A torch.library custom op runs whole (its inner sign / clamp / multiply are not seen) and has no formula: its
     row says FLOPs unknown (bound 'unknown', no roof fraction, the no-formula tip) with its bytes counted, it is
     listed in ``unsupported`` and the step's FLOPs are the linear's alone, not a silent 0 added."""
-    p = profile.profile_model(*pm.custom_head(), steps=1, warmup=1, ceilings=CEIL, device="cpu")
+    p = profile_cpu(*pm.custom_head())
     assert p.unsupported == ("tilestack_r14::soft_threshold",)
     (row,) = [o for o in p.ops if o.op == "tilestack_r14::soft_threshold"]
     assert not row.flops_known and row.bound == "unknown" and row.roof_fraction is None
@@ -191,7 +184,7 @@ def test_each_rows_roof_fraction_is_its_rate_over_its_roof(name):
     row's fraction is its bytes per second over the bandwidth, a compute-bound one's its FLOPs per second over the
     peak; the per-call latency is the row's time over its calls."""
     model, inputs = pm.MODELS[name][0]()
-    p = profile.profile_model(model, inputs, steps=2, warmup=1, ceilings=CEIL, device="cpu", train=True)
+    p = profile_cpu(model, inputs, steps=2, train=True)
     checked = 0
     for o in p.ops:
         if not (o.counted and o.flops_known and o.m.flops > 0 and o.total_s > 0):
@@ -246,7 +239,7 @@ def test_profiling_leaves_outputs_gradients_modes_statistics_and_every_generator
     torch.manual_seed(3)
     states = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy(), model.gen.get_state())
     modes = [m.training for m in model.modules()]
-    p = profile.profile_model(model, (x,), steps=2, warmup=1, ceilings=CEIL, device="cpu", train=train)
+    p = profile_cpu(model, (x,), steps=2, train=train)
     assert p.flops > 0
     assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
     assert np.array_equal(np.random.get_state()[1], states[2]) and torch.equal(model.gen.get_state(), states[3])
@@ -282,7 +275,7 @@ def test_a_paramless_model_trains_through_its_input():
             return torch.stack([probs @ xs, probs @ ys], -1)
 
     heat = torch.randn(n, side, side, requires_grad=True)
-    p = profile.profile_model(SoftArgmax(), (heat,), steps=1, warmup=1, ceilings=CEIL, device="cpu", train=True)
+    p = profile_cpu(SoftArgmax(), (heat,), train=True)
     assert heat.grad is None
     with profile.preserved(SoftArgmax(), (heat,)):
         step = profile.make_step(SoftArgmax(), (heat,), train=True)
