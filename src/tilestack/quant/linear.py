@@ -355,11 +355,16 @@ def _left_in_float(model: nn.Module, linears: dict[int, list[str]]) -> list[tupl
     F.multi_head_attention_forward), so a QuantLinear in its place would break the owner."""
     left = []
     for name, m in model.named_modules():
-        own = [p for p, t in m.named_parameters(recurse=False) if t.dim() >= 2]
-        if id(m) in linears or not own:
+        params = list(m.named_parameters(recurse=False))
+        # a lazy module's parameters before its first batch have no shape to ask for (.dim() raises)
+        lazy = any(isinstance(t, nn.parameter.UninitializedParameter) for _, t in params)
+        own = [p for p, t in params if not isinstance(t, nn.parameter.UninitializedParameter) and t.dim() >= 2]
+        if id(m) in linears or not (own or lazy):
             continue
         what = type(m).__name__
-        if isinstance(m, nn.Linear):
+        if lazy:
+            what += ": not initialized (run a batch through the model before quantizing it)"
+        elif isinstance(m, nn.Linear):
             what += ": a subclass of nn.Linear, which its owner may read by weight (nn.MultiheadAttention's out_proj)"
         elif not type(m).__module__.startswith("torch.nn"):
             what += f": {', '.join(own)}"
