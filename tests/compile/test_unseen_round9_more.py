@@ -332,16 +332,21 @@ class _PositionalMLP(torch.nn.Module):
         return self.fc(x + self.pos_embed)
 
 
-@pytest.mark.parametrize("case", ["conv_alone", "own_parameter"])
+@pytest.mark.parametrize("case", ["conv_alone", "own_parameter", "lazy"])
 def test_what_is_left_in_float_is_named(case):
     """A bare Conv2d (no Linear at all: nothing quantized) is reported as the model; a model's own 2-D parameter by
-    its name; the Linear beside it quantized and not reported."""
-    model = torch.nn.Conv2d(3, 4, 3) if case == "conv_alone" else _PositionalMLP()
+    its name; the Linear beside it quantized and not reported. A LazyLinear not yet run (its parameters have no
+    shape: asking for their dims raised ValueError inside quantize) is reported as not initialized."""
+    nn = torch.nn
+    model = {"conv_alone": lambda: nn.Conv2d(3, 4, 3), "own_parameter": _PositionalMLP,
+             "lazy": lambda: nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 4))}[case]()
     with pytest.warns(UserWarning, match="left in float") as seen:
         q = tilestack.quantize(model, "int8")
     text = " ".join(str(w.message) for w in seen)
     if case == "conv_alone":
         assert q is model and "the model (Conv2d)" in text, text
+    elif case == "lazy":
+        assert type(q[2]).__name__ == "QuantLinear" and "0 (LazyLinear: not initialized" in text, text
     else:
         assert type(q.fc).__name__ == "QuantLinear" and "the model (_PositionalMLP: pos_embed)" in text, text
         assert "fc" not in text.replace("left in float", ""), text
