@@ -296,27 +296,35 @@ def test_layers_named_in_skip_are_not_reported():
     assert [str(w.message) for w in seen] == []
 
 
+@pytest.mark.parametrize("mode", ["int8", "fp8-act"])
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("cls", [ConvNet, MHATransformer], ids=["convnet", "mha_transformer"])
-def test_quantized_unseen_models_compiled(cls, dtype):
-    """The int8 model compiled: fc1's quantized GEMM fuses its activation (relu / gelu); the other quantized GEMMs stay
-    as tilestack::quant_linear, said to be tilestack's quantized GEMM with nothing to fuse (it read "no tilestack kernel
-    for it"); the convolutions and the attention module left with reasons; the outputs the quantized model's eager
-    ones."""
+def test_quantized_unseen_models_compiled(cls, dtype, mode):
+    """The quantized model compiled: fc1's quantized GEMM fuses its activation (relu / gelu); with fp8 activations
+    fc1 also writes fc2's fp8 input (the fp8 chain, fc2 with it); the other quantized GEMMs stay as
+    tilestack::quant_linear, said to be tilestack's quantized GEMM with nothing to fuse (it read "no tilestack kernel
+    for it"); the convolutions and the attention module left with reasons; one graph; the outputs the quantized
+    model's eager ones."""
     model = seeded(cls, dtype=dtype)
-    q, _ = _quantized(model, "int8", None)
-    x = _quant_batches(cls)[0]
-    x = x.to(dtype) if x.is_floating_point() else x
+    batches = [b.to(dtype) if b.is_floating_point() else b for b in _quant_batches(cls)]
+    q, _ = _quantized(model, mode, batches)
     since = len(tc.reports())
     with torch.no_grad():
-        got, want = tilestack.optimize(q, check=True, inner="aot_eager")(x), q(x)
+        got, want = tilestack.optimize(q, check=True, inner="aot_eager")(batches[0]), q(batches[0])
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     act = "relu" if cls is ConvNet else "gelu"
-    assert [s.what for s in tc.last_report().swaps if s.pattern == "linear_epilogue"] == \
+    report = tc.last_report()
+    assert [s.what for s in report.swaps if s.pattern == "linear_epilogue"] == \
         [f"quant_linear + bias + {act} -> tilestack::quant_linear_epilogue"]
-    why = tc.last_report().left_why
-    assert "quant_linear.default" in why and "no tilestack kernel" not in why["quant_linear.default"], why
-    assert "quantized GEMM" in why["quant_linear.default"], why
+    assert report.swapped.get("fp8_chain", 0) == (mode == "fp8-act"), str(report)
+    why = report.left_why
+    if cls is ConvNet and mode == "fp8-act":      # fc2 is the chain's: no quantized GEMM left alone
+        assert "quant_linear.default" not in why, why
+    else:
+        assert "no tilestack kernel" not in why["quant_linear.default"], why
+        assert "quantized GEMM" in why["quant_linear.default"], why
+    left = "conv2d" if cls is ConvNet else "multi_head_attention_forward"
+    assert why[left] and report.left[left] == (2 if cls is ConvNet else 1), str(report)
     assert len(tc.reports()) == since + 1
 
 
