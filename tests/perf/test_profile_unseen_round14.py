@@ -26,27 +26,13 @@ from tilestack.perf import formulas, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 import perf_models_round14 as pm  # noqa: E402
-from profile_support import (  # noqa: E402
-    CEIL,
-    NOT_AS_TORCH,
-    Profiles,
-    assert_as_torch_counts,
-    assert_rows_add_up,
-    assert_rows_finite,
-    by_op,
-    cases,
-    conv,
-    flops_of,
-    rendered,
-    rows_of,
-    silent_zeros,
-)
+from _profile_helpers import FILTERS, check_every_row, profile_cpu, setup_round  # noqa: E402
+from profile_support import by_op, conv, flops_of, rows_of  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
-CASES, IDS = cases(pm.MODELS)
+pytestmark = FILTERS
 # torch's FlopCounterMode around compiled code makes dynamo skip that code for the rest of the process: the
 # compiled block is checked against its eager twin instead (test_profile_unseen_round14_more.py)
-profiled = Profiles(pm.MODELS, without_torch={"compiled_block"})
+CASES, IDS, profiled = setup_round(pm.MODELS, without_torch={"compiled_block"})
 # Ops whose count of 0 FLOPs is right: copies, layout, gathers, allocation, resampling by picking elements.
 DATA_MOVEMENT = {
     "aten::copy_", "aten::repeat", "aten::clone", "aten::cat", "aten::stack", "aten::zeros", "aten::full",
@@ -57,7 +43,6 @@ DATA_MOVEMENT = {
 }
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
 SDPA = "aten::_scaled_dot_product_flash_attention_for_cpu"
-RIDGE = CEIL.matmul["fp32"] / CEIL.copy_bytes_per_s  # 10 FLOP/B, the same for bf16 and fp16 here
 F32 = 4
 
 
@@ -73,20 +58,8 @@ def test_every_row_is_finite_counted_placed_and_adds_up(name, train):
     its bound the side of the ridge (10 FLOP/B for every dtype of these ceilings) that intensity is on; the shares of
     the step add up to 1 and the table renders."""
     p, counts, theirs = profiled(name, train)
-    assert_rows_add_up(p, counts)
-    assert p.ops and p.flops > 0 and p.bytes > 0
-    assert p.unsupported == (("tilestack_r14::soft_threshold",) if name == "custom_head" else ()), p.unsupported
-    assert not silent_zeros(counts, DATA_MOVEMENT), silent_zeros(counts, DATA_MOVEMENT)
-    assert_as_torch_counts(counts, theirs, NOT_AS_TORCH)
-    assert_rows_finite(p)
-    for o in p.ops:
-        m = o.m
-        if m.bytes > 0:
-            assert m.intensity == pytest.approx(m.flops / m.bytes, rel=1e-12), o.label
-        if o.counted and o.flops_known and m.flops > 0:
-            assert o.bound == ("memory" if m.flops / m.bytes < RIDGE else "compute"), (o.label, m.intensity)
-    assert math.fsum(o.share for o in p.ops) == pytest.approx(1.0, abs=1e-9)
-    rendered(p)
+    check_every_row(p, counts, theirs, data_movement=DATA_MOVEMENT, step_time_adds_up=False,
+                    unsupported=("tilestack_r14::soft_threshold",) if name == "custom_head" else ())
 
 
 def test_separable_convolutions_by_hand():
@@ -132,7 +105,7 @@ def test_norms_trained_and_in_eval_by_hand(train):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for mode in ("train", "eval"):
         getattr(model, mode)()
-        p = profile.profile_model(model, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu", train=train)
+        p = profile_cpu(model, inputs, train=train)
         with profile.preserved(model, inputs):
             counts = profile.count_ops(profile.make_step(model, inputs, train=train))
         per_element = (formulas.LAYERNORM_FLOPS_PER_ELEMENT if mode == "train" else
