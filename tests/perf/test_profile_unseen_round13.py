@@ -25,15 +25,13 @@ from tilestack.perf import profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 import perf_models_round13 as pm  # noqa: E402
+from _profile_helpers import FILTERS, RIDGE, setup_round  # noqa: E402
 from profile_support import (  # noqa: E402
-    CEIL,
     NOT_AS_TORCH,
-    Profiles,
     assert_as_torch_counts,
     assert_rows_add_up,
     assert_rows_finite,
     by_op,
-    cases,
     conv,
     flops_of,
     rendered,
@@ -41,9 +39,8 @@ from profile_support import (  # noqa: E402
     silent_zeros,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
-CASES, IDS = cases(pm.MODELS)
-profiled = Profiles(pm.MODELS)
+pytestmark = FILTERS
+CASES, IDS, profiled = setup_round(pm.MODELS)
 # Ops whose count of 0 FLOPs is right: copies, layout, gathers, random draws, allocation, index bookkeeping.
 DATA_MOVEMENT = {
     "aten::cat", "aten::clone", "aten::copy_", "aten::zeros", "aten::ones", "aten::eye", "aten::arange",
@@ -60,7 +57,6 @@ DATA_MOVEMENT = {
 }
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mv"}
 SDPA = "aten::_scaled_dot_product_flash_attention_for_cpu"
-RIDGE = CEIL.matmul["fp32"] / CEIL.copy_bytes_per_s  # 10 FLOP/B
 F32 = 4  # bytes per float32
 
 
