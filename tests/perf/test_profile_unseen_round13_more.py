@@ -21,6 +21,7 @@ What the round found (each pinned by the test whose docstring says so):
 """
 
 import copy
+import functools
 import math
 import random
 import sys
@@ -37,14 +38,14 @@ from tilestack.perf.profile_render import print_profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 import perf_models_round13 as pm  # noqa: E402
-from profile_support import CEIL, by_op, cases  # noqa: E402
+from _profile_helpers import FILTERS, profile_cpu  # noqa: E402
+from profile_support import by_op, cases  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+pytestmark = FILTERS
 CASES, IDS = cases(pm.MODELS)
 
 
-def run(model, inputs, *, train=False, steps=2, warmup=1):
-    return profile.profile_model(model, inputs, steps=steps, warmup=warmup, ceilings=CEIL, device="cpu", train=train)
+run = functools.partial(profile_cpu, steps=2)  # two profiled steps unless told otherwise
 
 
 def snapshot(model, inputs):
