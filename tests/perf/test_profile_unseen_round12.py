@@ -26,15 +26,13 @@ from tilestack.perf import profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 import perf_models_round12 as pm  # noqa: E402
+from _profile_helpers import FILTERS, RIDGE, profile_cpu, setup_round  # noqa: E402
 from profile_support import (  # noqa: E402
-    CEIL,
     NOT_AS_TORCH,
-    Profiles,
     assert_as_torch_counts,
     assert_rows_add_up,
     assert_rows_finite,
     by_op,
-    cases,
     conv,
     flops_of,
     rendered,
@@ -42,9 +40,8 @@ from profile_support import (  # noqa: E402
     silent_zeros,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
-CASES, IDS = cases(pm.MODELS)
-profiled = Profiles(pm.MODELS)
+pytestmark = FILTERS
+CASES, IDS, profiled = setup_round(pm.MODELS)
 # Ops whose count of 0 FLOPs is right: copies, layout, gathers, packing bookkeeping, random draws, allocation.
 DATA_MOVEMENT = {
     "aten::cat", "aten::stack", "aten::clone", "aten::copy_", "aten::zeros", "aten::arange", "aten::scalar_tensor",
@@ -55,7 +52,6 @@ DATA_MOVEMENT = {
 }
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
 SDPA = "aten::_scaled_dot_product_flash_attention_for_cpu"
-RIDGE = CEIL.matmul["fp32"] / CEIL.copy_bytes_per_s  # 10 FLOP/B
 B = pm.BATCH
 WHOLE = {"int_hash", "bool_logic"}  # integer / bool data only: placed under the step's default float roof
 
@@ -255,7 +251,7 @@ def test_traced_block_counted_and_named():
     r = 3
     assert flops_of(counts, MATMULS) == 2 * r * (2 * pm.TR_IN * pm.TR_HIDDEN) + 2 * r * pm.TR_IN * pm.TR_OUT
     model, (x,) = pm.with_traced()
-    p = profile.profile_model(model.block, (x,), steps=1, warmup=1, ceilings=CEIL, device="cpu")
+    p = profile_cpu(model.block, (x,))
     assert p.name == "Sequential" and all(o.m.config["model"] == "Sequential" for o in p.ops)
 
 
