@@ -33,15 +33,11 @@ from tilestack.perf import counting, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 import perf_models_round12 as pm  # noqa: E402
-from profile_support import CEIL  # noqa: E402
+from _profile_helpers import FILTERS, profile_cpu  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+pytestmark = FILTERS
 RENORM_FLOPS_PER_ELEMENT = 3  # a row's norm (square and accumulate: 2 per element) and its rescale (1)
 F32 = 4  # bytes
-
-
-def profiled(model, inputs, *, train=False, warmup=1, steps=1):
-    return profile.profile_model(model, inputs, steps=steps, warmup=warmup, ceilings=CEIL, device="cpu", train=train)
 
 
 def snapshot(model):
@@ -72,7 +68,7 @@ def test_self_freezing_encoder_requires_grad_again_after_profiling(train):
     caller's own first training step still trains the encoder (its gradient is set)."""
     model, inputs = pm.self_freezing()
     before = snapshot(model)
-    profiled(model, inputs, train=train)
+    profile_cpu(model, inputs, train=train)
     assert_same(before, snapshot(model))
     assert all(p.requires_grad for p in model.parameters()) and model.calls == 0
     model(*inputs).sum().backward()  # the caller's first call: the encoder not yet frozen
@@ -83,7 +79,7 @@ def test_self_freezing_counts_the_frozen_step():
     """Every profiled step starts from the state the warm-up left (its second call on): the encoder frozen, so the
     backward is the head's weight gradient only, 2*B*H*C, with no gradient flowing into the encoder."""
     model, inputs = pm.self_freezing()
-    p = profiled(model, inputs, train=True)
+    p = profile_cpu(model, inputs, train=True)
     forward = 2 * pm.BATCH * (pm.FZ_IN * pm.FZ_HIDDEN + pm.FZ_HIDDEN * pm.FZ_OUT)
     head_weight_grad = 2 * pm.BATCH * pm.FZ_HIDDEN * pm.FZ_OUT
     matmuls = math.fsum(o.m.flops * o.calls for o in p.ops if o.op in ("aten::addmm", "aten::mm"))
@@ -98,7 +94,7 @@ def test_lazy_head_built_in_forward_is_not_left_behind(train):
     its first call builds the head as it would have unprofiled."""
     model, inputs = pm.lazy_head()
     before = snapshot(model)
-    p = profiled(model, inputs, train=train)
+    p = profile_cpu(model, inputs, train=train)
     assert_same(before, snapshot(model))
     assert model.head is None and isinstance(model.act, nn.ReLU) and "head" not in model._modules
     assert len(list(model.parameters())) == 2
@@ -119,7 +115,7 @@ def test_models_are_put_back(name, train):
     model, inputs = pm.MODELS[name][0]()
     before = snapshot(model)
     rng = torch.get_rng_state()
-    profiled(model, inputs, train=train)
+    profile_cpu(model, inputs, train=train)
     assert_same(before, snapshot(model))
     assert torch.equal(rng, torch.get_rng_state())
     assert all(p.grad is None for p in model.parameters())
@@ -131,7 +127,7 @@ def test_no_parameter_model_leaves_its_input_gradient_as_found():
     model, (x,) = pm.no_parameters()
     x.grad = torch.full_like(x, 7.0)
     x0 = x.detach().clone()
-    p = profiled(model, (x,), train=True)
+    p = profile_cpu(model, (x,), train=True)
     assert torch.equal(x.grad, torch.full_like(x, 7.0)) and torch.equal(x.detach(), x0) and x.requires_grad
     assert p.flops > 0 and not any(o.op.endswith("addmm") for o in p.ops)
 
@@ -143,7 +139,7 @@ def test_random_layers_are_measured_deterministically():
     for name in ("pairs_random", "packed_lstm", "checkpointed_dropout"):
         model, inputs = pm.MODELS[name][0]()
         rng = torch.get_rng_state()
-        a, b = profiled(model, inputs, train=True), profiled(model, inputs, train=True)
+        a, b = profile_cpu(model, inputs, train=True), profile_cpu(model, inputs, train=True)
         assert torch.equal(rng, torch.get_rng_state())
         rows = lambda p: sorted((o.op, o.shapes, o.calls, o.m.flops, o.m.bytes) for o in p.ops if o.counted)  # noqa: E731
         assert rows(a) == rows(b) and a.flops == b.flops and a.bytes == b.bytes, name
@@ -190,7 +186,7 @@ def test_max_norm_lookup_profile_rows_and_table_put_back():
     profile's renorms undone), and the model's next output is the one it gives unprofiled."""
     model, (ids,) = pm.max_norm_lookup()
     fresh, _ = pm.max_norm_lookup()
-    p = profiled(model, (ids,), train=True)
+    p = profile_cpu(model, (ids,), train=True)
     (row,) = [o for o in p.ops if o.op == "aten::embedding_renorm_"]
     assert row.calls == 1 and row.m.flops == RENORM_FLOPS_PER_ELEMENT * 4 * pm.MN_DIM
     assert torch.equal(model.emb.weight, fresh.emb.weight)
@@ -257,7 +253,7 @@ def test_hooks_registered_in_forward_are_not_left_behind():
     model, fresh = HookEveryCall(), HookEveryCall()
     fresh.load_state_dict(model.state_dict())
     x = torch.randn(3, 4)
-    p = profiled(model, (x,), steps=2)
+    p = profile_cpu(model, (x,), steps=2)
     assert len(model.lin._forward_hooks) == 0
     assert torch.equal(model(x), fresh(x))
     (mul,) = [o for o in p.ops if o.op == "aten::mul"]
@@ -269,7 +265,7 @@ def test_lazy_module_keeps_what_its_first_forward_made():
     hook tables are not put back for a module that was lazy), and it runs again after the profile."""
     model = nn.Sequential(nn.LazyLinear(5), nn.ReLU())
     x = torch.randn(3, 4)
-    profiled(model, (x,))
+    profile_cpu(model, (x,))
     assert isinstance(model[0], nn.Linear) and model[0].weight.shape == (5, 4)
     assert len(model[0]._forward_pre_hooks) == 0
     assert model(x).shape == (3, 5)
@@ -304,7 +300,7 @@ def test_a_model_raising_on_its_second_call_names_the_phase(warmup, phase):
     fastpath = torch.backends.mha.get_fastpath_enabled()
     expected = rf"model 'FailsOnSecondCall' raised ValueError during the {phase}: refusing call 2 \(inputs=\(tensor 3x4"
     with pytest.raises(profile.ProfileError, match=expected + r" float32,\)\)") as e:
-        profiled(model, (x,), warmup=warmup)
+        profile_cpu(model, (x,), warmup=warmup)
     assert isinstance(e.value.__cause__, ValueError)
     assert model.calls == 0
     nothing_left_on(fastpath)
@@ -314,7 +310,7 @@ def test_without_warm_up_every_step_is_the_first_call():
     """With warmup=0 every step starts from the state before profiling (``same_state``): each is the model's first
     call, so the one that would raise never runs; the profile counts the linear once per step."""
     model = FailsOnSecondCall()
-    p = profiled(model, (torch.randn(3, 4),), warmup=0, steps=3)
+    p = profile_cpu(model, (torch.randn(3, 4),), warmup=0, steps=3)
     assert model.calls == 0 and p.flops == 2 * 3 * 4 * 4
     nothing_left_on(torch.backends.mha.get_fastpath_enabled())
 
@@ -328,7 +324,7 @@ def test_train_on_integer_and_bool_models_refused_before_running():
         model.register_forward_pre_hook(lambda *a, calls=calls: calls.append(1))
         with pytest.raises(profile.ProfileError, match=rf"train=True, but model {type(model).__name__} has no "
                                                        r"parameter that requires grad.*expected train=False"):
-            profiled(model, inputs, train=True)
+            profile_cpu(model, inputs, train=True)
         assert calls == []
 
 
@@ -347,7 +343,7 @@ def test_train_with_only_integer_outputs_names_what_is_missing():
     left on its parameters."""
     model = ArgmaxHead()
     with pytest.raises(profile.ProfileError, match="no output of the model requires grad.*or train=False"):
-        profiled(model, (torch.randn(2, 4),), train=True)
+        profile_cpu(model, (torch.randn(2, 4),), train=True)
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -356,7 +352,7 @@ def test_integer_ids_into_a_float_layer_name_model_phase_and_dtype():
     inputs with their dtype, and torch's reason (the dtypes that do not match)."""
     with pytest.raises(profile.ProfileError, match=r"model 'Linear' raised RuntimeError during the warm-up: .*Long.*"
                                                    r"\(inputs=\(tensor 2x4 int64,\)\)"):
-        profiled(nn.Linear(4, 4), (torch.ones(2, 4, dtype=torch.long),))
+        profile_cpu(nn.Linear(4, 4), (torch.ones(2, 4, dtype=torch.long),))
 
 
 def test_a_packed_sequence_as_the_input():
@@ -368,7 +364,7 @@ def test_a_packed_sequence_as_the_input():
     x = torch.randn(3, 5, 4)
     packed = pack_padded_sequence(x, torch.tensor([5, 3, 2]), batch_first=True)
     data = packed.data.clone()
-    p = profiled(nn.LSTM(4, 6), (packed,))
+    p = profile_cpu(nn.LSTM(4, 6), (packed,))
     assert p.name == "LSTM"
     matmuls = math.fsum(o.m.flops * o.calls for o in p.ops if o.op in ("aten::addmm", "aten::mm"))
     assert matmuls == 2 * 10 * 24 * (4 + 6)
@@ -408,7 +404,7 @@ def test_tables_put_back_in_their_order():
     fresh.lin._forward_hooks.update(model.lin._forward_hooks)  # the same hooks, in the same order
     keys, hooks = list(model.state_dict()), list(model.lin._forward_hooks)
     x = torch.randn(2, 4)
-    profiled(model, (x,))
+    profile_cpu(model, (x,))
     assert list(model.state_dict()) == keys == ["a", "b", "lin.weight", "lin.bias"]
     assert list(model.lin._forward_hooks) == hooks
     assert torch.equal(model(x), fresh(x))
