@@ -102,16 +102,29 @@ def _added(node: Node, x: Node) -> Node | None:
 _ATEN_VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.reshape.default)
 
 
-def _static_view(node: Node, x: Node) -> tuple[int, ...] | None:
-    """The shape of ``x.view(*shape)`` / ``x.reshape(*shape)`` (or aten's view, as AOT autograd puts after an
-    addmm of a 3-D input) when node is that and every size is a number (QuantLinear views its rows back to the
-    input's leading dims), else None."""
+def _view_shape(node: Node, x: Node) -> tuple | None:
+    """The sizes given to ``x.view(*shape)`` / ``x.reshape(*shape)`` (or aten's view, as AOT autograd puts after an
+    addmm of a 3-D input) when node is that (numbers, or symbolic sizes under dynamic shapes), else None."""
     method = node.op == "call_method" and node.target in ("view", "reshape")
     if not (method or (node.op == "call_function" and node.target in _ATEN_VIEWS)) or node.args[:1] != (x,) or \
             node.kwargs:
         return None
     shape = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], list | tuple) else node.args[1:]
-    return tuple(shape) if shape and all(type(s) is int for s in shape) else None
+    return tuple(shape) if shape else None
+
+
+def _static_view(node: Node, x: Node) -> tuple[int, ...] | None:
+    """The shape of a view of x (``_view_shape``) when every size is a number (QuantLinear views its rows back to the
+    input's leading dims), else None."""
+    shape = _view_shape(node, x)
+    return shape if shape is not None and all(type(s) is int for s in shape) else None
+
+
+def _fusable_after(node: Node) -> bool:
+    """Whether what reads node is an activation or a residual add the epilogue would take."""
+    user = _sole_user(node)
+    return _silu_written(node) is not None or (user is not None and (
+        _activation(user, node) is not None or _added(user, node) is not None))
 
 
 def linear_epilogue(gm: fx.GraphModule):
@@ -146,6 +159,13 @@ def linear_epilogue(gm: fx.GraphModule):
         if user is not None and (shape := _static_view(user, cur)) is not None:
             cur = user
             chain.append(cur)
+        elif user is not None and _view_shape(user, cur) is not None and _fusable_after(user):
+            # under dynamic shapes QuantLinear's view of its rows back to the input's leading dims has symbolic
+            # sizes: the activation after it was not fused, and the report said only "nothing to fuse"
+            declined.append((node, "linear epilogue: a view with symbolic sizes (dynamic shapes: the rows viewed back "
+                                   "to the input's leading dims) between the GEMM and its activation or residual add; "
+                                   "the fused op ends with a static view"))
+            continue
         for step in ("activation", "residual"):
             if step == "activation" and (silu := _silu_written(cur)) is not None:
                 activation, cur = "silu", silu[1]     # its epilogue's SiLU (it was left, "nothing to fuse")
