@@ -23,15 +23,13 @@ from tilestack.perf import counting, formulas, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 import perf_models_round11 as pm  # noqa: E402
+from _profile_helpers import FILTERS, RIDGE, profile_cpu, setup_round  # noqa: E402
 from profile_support import (  # noqa: E402
-    CEIL,
     NOT_AS_TORCH,
-    Profiles,
     assert_as_torch_counts,
     assert_rows_add_up,
     assert_rows_finite,
     by_op,
-    cases,
     conv,
     flops_of,
     rendered,
@@ -39,9 +37,8 @@ from profile_support import (  # noqa: E402
     silent_zeros,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
-CASES, IDS = cases(pm.MODELS)
-profiled = Profiles(pm.MODELS)
+pytestmark = FILTERS
+CASES, IDS, profiled = setup_round(pm.MODELS)
 # Ops whose count of 0 FLOPs is right: copies, layout, gathers, index bookkeeping, allocation.
 DATA_MOVEMENT = {
     "aten::cat", "aten::stack", "aten::clone", "aten::copy_", "aten::_to_copy", "aten::zeros", "aten::zeros_like",
@@ -53,7 +50,6 @@ DATA_MOVEMENT = {
 DEVIATIONS = {"complex_mlp": NOT_AS_TORCH | {"aten::addmm", "aten::mm"}}
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::baddbmm_"}
 SDPA = "aten::_scaled_dot_product_flash_attention_for_cpu"
-RIDGE = CEIL.matmul["fp32"] / CEIL.copy_bytes_per_s  # 10 FLOP/B (bf16's and fp16's roofs are the same in CEIL)
 B = pm.BATCH
 EMPTY = {"lstm_empty"}  # a batch of 0: the forward computes nothing
 UNUSED = {"branching_heavy": "light", "branching_light": "heavy"}  # the branch the data does not take
@@ -263,7 +259,7 @@ def test_scripted_block_inside_an_eager_net_is_counted_and_restored():
     assert by_op(counts)["aten::addmm"] == 2 * B * (i * h + h * h + h * o)
     model, inputs = pm.with_scripted()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    profile.profile_model(model, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu", train=True)
+    profile_cpu(model, inputs, train=True)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
 
