@@ -43,14 +43,10 @@ from tilestack.perf.profile_args import model_name
 
 sys.path.insert(0, str(Path(__file__).parent))
 import perf_models_round11 as pm  # noqa: E402
-from profile_support import CEIL, assert_rows_add_up, by_op, rows_of  # noqa: E402
+from _profile_helpers import FILTERS, profile_cpu  # noqa: E402
+from profile_support import assert_rows_add_up, by_op, rows_of  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
-
-
-def run(model, inputs, *, train=False, steps=1, warmup=1, **kw):
-    return profile.profile_model(model, inputs, steps=steps, warmup=warmup, ceilings=CEIL, device="cpu", train=train,
-                                 **kw)
+pytestmark = FILTERS
 
 
 def profiled_flops(p, op):
@@ -95,7 +91,7 @@ def test_a_model_without_a_name_is_named_by_what_it_is_not_its_type(model, width
     The function's qualified name, Class.method, the scripted class's original name."""
     x = torch.randn(2, width)
     assert model_name(model) == expected
-    p = run(model, (x,), warmup=0)
+    p = profile_cpu(model, (x,), warmup=0)
     assert p.name == expected
     assert {o.m.config["model"] for o in p.ops} == {expected}
 
@@ -103,10 +99,10 @@ def test_a_model_without_a_name_is_named_by_what_it_is_not_its_type(model, width
 def test_two_scripted_models_profile_under_their_own_names():
     """Two different TorchScript'ed nets no longer share the name RecursiveScriptModule (their rows would pair in
     ``tilestack compare`` as one model's); a lambda keeps its own qualified name."""
-    a = run(torch.jit.script(pm.ScriptedMLP()), (torch.randn(2, pm.SC_IN),), warmup=0)
-    b = run(torch.jit.script(pm.PonderBlock()), (torch.randn(2, pm.ACT_LEN, pm.ACT_DIM),), warmup=0)
+    a = profile_cpu(torch.jit.script(pm.ScriptedMLP()), (torch.randn(2, pm.SC_IN),), warmup=0)
+    b = profile_cpu(torch.jit.script(pm.PonderBlock()), (torch.randn(2, pm.ACT_LEN, pm.ACT_DIM),), warmup=0)
     assert (a.name, b.name) == ("ScriptedMLP", "PonderBlock")
-    lam = run(lambda x: NET(x), (torch.randn(2, 4),), warmup=0)  # noqa: PLW0108 - a lambda is what is tested
+    lam = profile_cpu(lambda x: NET(x), (torch.randn(2, 4),), warmup=0)  # noqa: PLW0108 - a lambda is what is tested
     assert lam.name.endswith("<lambda>")
 
 
@@ -116,7 +112,7 @@ def test_an_error_names_the_function_that_raised():
 
     with pytest.raises(profile.ProfileError, match=r"model 'test_an_error_names_the_function_that_raised.<locals>"
                                                    r".decode' raised ValueError during the warm-up: no end token"):
-        run(decode, (torch.randn(2, 4),))
+        profile_cpu(decode, (torch.randn(2, 4),))
 
 
 # --- models that raise ---------------------------------------------------------------------------------------
@@ -170,7 +166,7 @@ def nothing_left_on():
     assert _get_current_dispatch_mode() is None
     assert not torch._C._autograd._profiler_enabled()
     assert "__new__" not in vars(torch.Tensor)
-    good = run(nn.Linear(4, 2), (torch.randn(3, 4),))
+    good = profile_cpu(nn.Linear(4, 2), (torch.randn(3, 4),))
     assert good.flops == 2 * 3 * 4 * 2  # the addmm, as torch counts it (its bias add inside)
 
 
@@ -194,7 +190,7 @@ def test_a_model_that_raises_is_named_with_its_phase_and_put_back(model, kw, pha
     x = torch.randn(2, 4)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     with pytest.raises(profile.ProfileError, match=f"model '{model.__name__}' raised {error}") as info:
-        run(net, (x,), **kw)
+        profile_cpu(net, (x,), **kw)
     assert phase in str(info.value)
     assert isinstance(info.value.__cause__, ValueError | RuntimeError | KeyError)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
@@ -213,7 +209,7 @@ def test_a_scripted_model_that_raises_surfaces_its_message():
 
     with pytest.raises(profile.ProfileError, match=r"(?s)model 'Guard' raised Error during the warm-up: .*"
                                                    r"ValueError: one sample at a time"):
-        run(torch.jit.script(Guard()), (torch.randn(2, 4),))
+        profile_cpu(torch.jit.script(Guard()), (torch.randn(2, 4),))
     nothing_left_on()
 
 
@@ -235,7 +231,7 @@ def test_an_exception_that_cannot_print_itself_is_still_reported_as_the_models()
     exception's class and arguments stand in for its text, in the profile and in a target's builder."""
     with pytest.raises(profile.ProfileError, match=r"model 'RaisesUnprintable' raised Unprintable during the warm-up: "
                                                    r"<Unprintable whose str\(\) raised AttributeError; args=\(2,\)>"):
-        run(RaisesUnprintable(), (torch.randn(2, 4),))
+        profile_cpu(RaisesUnprintable(), (torch.randn(2, 4),))
     nothing_left_on()
 
 
@@ -256,7 +252,7 @@ def test_an_input_that_requires_grad_gets_its_gradient_and_its_old_grad_back():
     net, x = nn.Linear(5, 3), torch.randn(4, 5, requires_grad=True)
     old = torch.full((4, 5), 7.0)
     x.grad = old
-    p = run(net, (x,), train=True)
+    p = profile_cpu(net, (x,), train=True)
     x2 = x.detach().clone().requires_grad_()
     counts = counting.count_ops(lambda: net(x2).sum().backward())
     assert x.grad is old and torch.equal(old, torch.full((4, 5), 7.0))
@@ -290,7 +286,7 @@ def test_optimizer_stepped_in_backward_is_counted_and_put_back():
     net, x = OptimizerInBackward(), torch.randn(4, 6)
     elements = sum(p.numel() for p in net.parameters())
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    p = run(net, (x,), train=True)
+    p = profile_cpu(net, (x,), train=True)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert all(not opt.state for opt in net.opts.values())
     assert profiled_flops(p, "aten::mul_") == elements and profiled_flops(p, "aten::add_") == 2 * elements
@@ -303,12 +299,12 @@ def test_pruned_linear_multiplies_its_mask_in_every_forward():
     layer = nn.Linear(10, 6)
     prune.l1_unstructured(layer, "weight", amount=0.5)
     x = torch.randn(4, 10)
-    p = run(layer, (x,))
+    p = profile_cpu(layer, (x,))
     counts = counting.count_ops(lambda: layer(x))
     assert [c.flops for c in rows_of(counts, "aten::mul")] == [60]
     assert by_op(counts)["aten::addmm"] == 2 * 4 * 10 * 6
     assert p.flops == 60 + 2 * 4 * 10 * 6
-    t = run(layer, (x,), train=True)
+    t = profile_cpu(layer, (x,), train=True)
     assert profiled_flops(t, "aten::mul") == 2 * 60
     assert "weight_orig" in dict(layer.named_parameters()) and hasattr(layer, "weight_mask")
 
@@ -332,7 +328,7 @@ def test_saved_tensor_hooks_pack_and_unpack_each_saved_tensor_once():
     forward-only profile saves nothing."""
     torch.manual_seed(0)
     net, x = Offloaded(), torch.randn(4, 8)
-    p = run(net, (x,), train=True)
+    p = profile_cpu(net, (x,), train=True)
     counts = warmed_counts(net, (x,))
     copies = {shapes: c for (op, shapes), c in counts.items() if op == "aten::_to_copy"}
     assert {s: c.calls for s, c in copies.items()} == {((4, 8),): 6, ((8, 8),): 2}
@@ -340,7 +336,7 @@ def test_saved_tensor_hooks_pack_and_unpack_each_saved_tensor_once():
     assert sum(c.bytes_read for c in copies.values()) == 6 * saved
     assert sum(c.bytes_written for c in copies.values()) == 6 * saved
     assert p.bytes == pytest.approx(sum(c.bytes_read + c.bytes_written for c in counts.values()))
-    assert not any(o.op == "aten::_to_copy" for o in run(net, (x,)).ops)
+    assert not any(o.op == "aten::_to_copy" for o in profile_cpu(net, (x,)).ops)
 
 
 class MixtureDensity(nn.Module):
@@ -365,7 +361,7 @@ def test_mixture_density_of_torch_distributions_is_counted_whole():
     torch.manual_seed(0)
     n, k = 5, MixtureDensity.K
     net, inputs = MixtureDensity(), (torch.randn(n, 3), torch.randn(n))
-    p = run(net, inputs, train=True)
+    p = profile_cpu(net, inputs, train=True)
     counts = warmed_counts(net, inputs)
     assert not p.unsupported and not any(c.unsupported for c in counts.values())
     assert by_op(counts)["aten::logsumexp"] == 2 * 4 * n * k
@@ -392,11 +388,11 @@ def test_a_tower_registered_twice_is_counted_per_use_and_put_back_once():
     torch.manual_seed(0)
     net, a, b = Siamese(), torch.randn(3, 6), torch.randn(3, 6)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    p = run(net, (a, b))
+    p = profile_cpu(net, (a, b))
     (row,) = [o for o in p.ops if o.op == "aten::addmm"]
     assert row.calls == 2 and row.m.flops == 2 * 3 * 6 * 8
     assert len(list(net.parameters())) == 2
-    t = run(net, (a, b), train=True)
+    t = profile_cpu(net, (a, b), train=True)
     assert profiled_flops(t, "aten::mm") == 2 * (2 * 3 * 6 * 8)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert all(q.grad is None for q in net.parameters())
@@ -453,7 +449,7 @@ def test_work_on_other_threads_is_counted():
     torch.manual_seed(0)
     net = ThreadedBranches()
     try:
-        p = run(net, (torch.randn(8, 32),))
+        p = profile_cpu(net, (torch.randn(8, 32),))
     finally:
         net.pool.shutdown()
     assert p.flops == 2 * (2 * 8 * 32 * 32) + 8 * 32
