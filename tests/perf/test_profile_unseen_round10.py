@@ -23,15 +23,13 @@ from tilestack.perf import counting, formulas, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 import perf_models_round10 as pm  # noqa: E402
+from _profile_helpers import FILTERS, RIDGE, profile_cpu, setup_round  # noqa: E402
 from profile_support import (  # noqa: E402
-    CEIL,
     NOT_AS_TORCH,
-    Profiles,
     assert_as_torch_counts,
     assert_rows_add_up,
     assert_rows_finite,
     by_op,
-    cases,
     conv,
     flops_of,
     rendered,
@@ -39,9 +37,8 @@ from profile_support import (  # noqa: E402
     silent_zeros,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
-CASES, IDS = cases(pm.MODELS)
-profiled = Profiles(pm.MODELS)
+pytestmark = FILTERS
+CASES, IDS, profiled = setup_round(pm.MODELS)
 # Ops whose count of 0 FLOPs is right: copies, layout, gathers, packing, allocation, conversions.
 DATA_MOVEMENT = {
     "aten::cat", "aten::stack", "aten::clone", "aten::copy_", "aten::_to_copy", "aten::zeros", "aten::new_zeros",
@@ -53,7 +50,6 @@ DATA_MOVEMENT = {
 # torch counts a sparse operand's matmul as dense; tilestack by its stored elements (checked by hand below)
 DEVIATIONS = {"sparse_features": NOT_AS_TORCH | {"aten::mm"}}
 SDPA = "aten::_scaled_dot_product_flash_attention_for_cpu"
-RIDGE = CEIL.matmul["fp32"] / CEIL.copy_bytes_per_s  # 10 FLOP/B (bf16's roof is the same in CEIL)
 B = pm.BATCH
 
 
@@ -284,7 +280,7 @@ def test_ema_buffers_are_put_back_and_their_updates_counted():
     puts them back as it found them, and counts each update once per step."""
     model, inputs = pm.ema_buffers()
     running, steps = model.running.clone(), model.steps.clone()
-    p = profile.profile_model(model, inputs, steps=2, warmup=1, ceilings=CEIL, device="cpu", train=True)
+    p = profile_cpu(model, inputs, steps=2, train=True)
     assert torch.equal(model.running, running) and torch.equal(model.steps, steps)
     _, counts, _ = profiled("ema_buffers", True)
     (lerp,) = rows_of(counts, "aten::lerp_")
