@@ -1,16 +1,17 @@
 """The tilestack torch.compile backend on models it has never seen, round 9 (unseen_blocks_round9.py), in inference:
-Hugging Face's decoding attention with ``past_key_values`` concatenated and a 4-D mask from the padding mask (the
-causal part offset by the past length), BLOOM's ALiBi for 6 heads folded with the masks into one bias or added by
-``baddbmm``, multi-query attention by broadcasting, ``repeat_interleave`` and ``expand``, keys wider than values, a
-learned temperature and per-head logit scales (left: not constants), a scale in a 0-d buffer (left) or made from
-``torch.tensor`` (taken), ``head_mask``, key-major scores, a multiplicative mask, a tanh-GELU MLP with dropout, a
-SwiGLU written out after a LayerNorm without affine parameters, a hand RMSNorm and four look-alikes; f32, bf16, f16,
-batch 1 and odd lengths. For each: ``torch._dynamo.explain`` finds one graph and no break, the tilestack backend
-compiles exactly one graph (it breaks nothing) and nothing on a second call, the outputs are eager's within the dtype's
-tolerance and (f32) a float64 run's, the report names what was swapped and why the rest was left, and where the form
-differs from what a kernel computes (a scale that is not a constant, a mask that is not additive, a statistic that is
-not RMS) it is not swapped and the outputs show that the difference matters. On the CPU: the kernels through the
-reference executor at tiny sizes (the size policy off), the rest through aot_eager."""
+Hugging Face's decoding attention with ``past_key_values`` concatenated and a 4-D mask from the padding mask (the causal
+part offset by the past length), a static cache under Hugging Face's cache_position mask, BLOOM's ALiBi for 6 heads
+folded with the masks into one bias or added by ``baddbmm``, multi-query attention by broadcasting,
+``repeat_interleave`` and ``expand``, keys wider than values, a learned temperature and per-head logit scales (left: not
+constants), a scale in a 0-d buffer (left) or made from ``torch.tensor`` (taken), ``head_mask``, key-major scores, a
+multiplicative mask, a tanh-GELU MLP with dropout, a SwiGLU written out after a LayerNorm without affine parameters, a
+hand RMSNorm and four look-alikes; f32, bf16, f16, batch 1 and odd lengths. For each: ``torch._dynamo.explain`` finds
+one graph and no break, the tilestack backend compiles exactly one graph (it breaks nothing) and nothing on a second
+call, the outputs are eager's within the dtype's tolerance and (f32) a float64 run's, the report names what was swapped
+and why the rest was left, and where the form differs from what a kernel computes (a scale that is not a constant, a
+mask that is not additive, a statistic that is not RMS) it is not swapped and the outputs show that the difference
+matters. On the CPU: the kernels through the reference executor at tiny sizes (the size policy off), the rest through
+aot_eager."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from unseen_blocks_round9 import (
     MultiplicativeMaskAttention,
     MultiQueryAttention,
     PastKVAttention,
+    StaticCacheAttention,
     SwiGLUBlock,
     TensorScaleAttention,
     WideKeyAttention,
@@ -167,6 +169,38 @@ def test_past_key_values_prefill_with_left_padding(form):
     with torch.no_grad():
         alone = model.o(model.v(tokens[1, 2]))
     torch.testing.assert_close(got[0][1, 2], alone, rtol=1e-4, atol=1e-5)
+
+
+@ALL_DTYPES
+@pytest.mark.parametrize("form", ["explicit", "sdpa"])
+def test_static_cache_with_cache_position_mask(form, dtype):
+    """A static cache of 16 slots written by index_copy_ at cache_position, Hugging Face's cache_position mask (built
+    with ``*=`` of a boolean, a clone and a slice assignment): a 5-token prefill, two 1-token steps, a 3-token chunk.
+    The unused slots hold large random values from the start, so a step that ignored the mask of the slots after its
+    position would be far off. Each step: one attention, the outputs eager's (the padded sequence's fully masked
+    prefill rows apart) and (f32) float64's; the caches eager's bit for bit."""
+    model = seeded(StaticCacheAttention, form, dtype=dtype)
+    torch.manual_seed(3)
+    model.key_cache.copy_(5 * torch.randn_like(model.key_cache))
+    model.value_cache.copy_(5 * torch.randn_like(model.value_cache))
+    eager, ref = copy.deepcopy(model), copy.deepcopy(model).double()
+    compiled = tilestack.optimize(model, check=True, inner="aot_eager")
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, :2] = 0
+    for start, n in ((0, 5), (5, 1), (6, 1), (7, 3)):
+        x, position = torch.randn(2, n, D, dtype=dtype), torch.arange(start, start + n)
+        since = len(tc.reports())
+        with torch.no_grad():
+            got, want, exact = compiled(x, mask, position), eager(x, mask, position), ref(x.double(), mask, position)
+        rows = 2 if start == 0 else 0                   # the padded sequence's first queries see no key
+        _close(got[1, rows:], want[1, rows:], dtype, f"step at {start}")
+        _close(got[0], want[0], dtype, f"step at {start}")
+        if dtype == F32:
+            torch.testing.assert_close(got[1, rows:].double(), exact[1, rows:], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got[0].double(), exact[0], rtol=1e-4, atol=1e-5)
+        if len(tc.reports()) > since:
+            assert _swaps(since) == {"sdpa" if form == "sdpa" else "explicit_attention": 1}, _swaps(since)
+        assert torch.equal(model.key_cache, eager.key_cache) and torch.equal(model.value_cache, eager.value_cache)
 
 
 # ---- ALiBi ----------------------------------------------------------------------------------------------------------

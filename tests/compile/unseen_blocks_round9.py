@@ -12,7 +12,9 @@ the old BERT's multiplicative-then-subtracted mask; a Linear + tanh GELU + dropo
 a pre-norm SwiGLU written out (LayerNorm with no affine parameters, ``nn.SiLU()`` module, bias-free Linears); a hand
 RMSNorm and four look-alikes that are not RMSNorm (eps outside the square root, the statistic over another dim, the
 mean |x|, the sum over d + 1); a loss head (``nll_loss(log_softmax)`` with ``ignore_index=0``, ``cross_entropy`` with
-label smoothing and ignore_index, a per-token loss masked by hand); a tiny decoder for dynamic shapes and training.
+label smoothing and ignore_index, a per-token loss masked by hand); a tiny decoder for dynamic shapes and training;
+a static cache written by ``index_copy_`` under Hugging Face's ``cache_position`` mask (``*=`` of a boolean, a clone,
+a slice assignment).
 Quantization: a conv + linear classifier (Conv2d, BatchNorm2d, pooling, two Linears) and a tiny transformer built on
 ``nn.MultiheadAttention`` (its ``out_proj`` a Linear subclass that the attention reads by weight) and an Embedding."""
 
@@ -446,3 +448,50 @@ class MHATransformer(nn.Module):
         x = self.ln1(x + a)
         x = self.ln2(x + self.fc2(F.gelu(self.fc1(x))))
         return self.head(x.mean(dim=1))
+
+
+# ---- a static cache with Hugging Face's cache_position mask ----------------------------------------------------------
+def cache_position_mask(attention_mask, cache_position, target: int, dtype):
+    """Hugging Face's ``_prepare_4d_causal_attention_mask_with_cache_position`` (2024-25): (b, 1, n, target) of
+    finfo.min made by ``torch.full``, ``triu(diagonal=1)``, multiplied in place by ``arange(target) >
+    cache_position`` (keys after each query's position), then the padding of ``attention_mask`` (b, target) merged
+    into a clone by slice assignment: ``masked_fill`` where the causal part is 0 and the padding mask is 0."""
+    low = torch.finfo(dtype).min
+    n = cache_position.shape[0]
+    causal = torch.full((n, target), fill_value=low, dtype=dtype)
+    causal = torch.triu(causal, diagonal=1)
+    causal *= torch.arange(target) > cache_position.reshape(-1, 1)
+    causal = causal[None, None, :, :].expand(attention_mask.shape[0], 1, -1, -1)
+    causal = causal.clone()
+    length = attention_mask.shape[-1]
+    padding = causal[:, :, :, :length] + attention_mask[:, None, None, :].to(dtype)
+    padding = padding == 0
+    causal[:, :, :, :length] = causal[:, :, :, :length].masked_fill(padding, low)
+    return causal
+
+
+class StaticCacheAttention(nn.Module):
+    """A decoder step over a static cache of ``target`` slots (b, H, target, hd), written at ``cache_position`` by
+    ``index_copy_`` on buffers; the mask of ``cache_position_mask`` (slots after the current position masked); the
+    scores written out with the softmax in f32 cast back (``"explicit"``) or SDPA with the float mask (``"sdpa"``)."""
+
+    def __init__(self, form: str = "explicit", target: int = 16, batch: int = 2):
+        super().__init__()
+        self.form, self.target = form, target
+        self.q, self.k, self.v, self.o = (nn.Linear(D, D, bias=False) for _ in range(4))
+        self.register_buffer("key_cache", torch.zeros(batch, H, target, HD))
+        self.register_buffer("value_cache", torch.zeros(batch, H, target, HD))
+
+    def forward(self, x, attention_mask, cache_position):
+        b, n, _ = x.shape
+        q, k, v = _heads(self.q(x), b, n), _heads(self.k(x), b, n), _heads(self.v(x), b, n)
+        self.key_cache.index_copy_(2, cache_position, k)
+        self.value_cache.index_copy_(2, cache_position, v)
+        k, v = self.key_cache, self.value_cache
+        mask = cache_position_mask(attention_mask, cache_position, self.target, x.dtype)
+        if self.form == "sdpa":
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            s = torch.matmul(q, k.transpose(2, 3)) * HD ** -0.5 + mask
+            a = torch.matmul(F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), v)
+        return self.o(_merge(a))
