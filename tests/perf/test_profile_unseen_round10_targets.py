@@ -14,9 +14,9 @@ import pytest
 from tilestack.perf import profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from profile_support import CEIL  # noqa: E402
+from _profile_helpers import FILTERS, profile_cpu  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+pytestmark = FILTERS
 ROUND = Path(__file__).parent / "perf_models_round10.py"
 
 
@@ -46,11 +46,11 @@ def test_a_target_of_a_constant_is_refused_by_its_type(tmp_path):
 def test_a_builder_target_profiles_as_the_model_given_directly():
     """stopwords through its target: the same counted FLOPs as the builder's model and inputs, torch.isin counted."""
     model, inputs = profile.load_target(f"{ROUND}:stopwords")
-    via_target = profile.profile_model(model, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu")
+    via_target = profile_cpu(model, inputs)
     import perf_models_round10 as pm
 
     direct_model, direct_inputs = pm.stopwords()
-    direct = profile.profile_model(direct_model, direct_inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu")
+    direct = profile_cpu(direct_model, direct_inputs)
     assert via_target.flops == direct.flops and not via_target.unsupported
     assert any(o.op == "aten::isin" and o.flops_known for o in via_target.ops)
 
@@ -100,6 +100,6 @@ def test_bad_calls_of_the_rounds_models_are_refused_naming_what_was_wrong(label,
     with the inputs described by shape and dtype; none runs a step past the one that failed."""
     model, inputs, kwargs = build()
     with pytest.raises(profile.ProfileError) as e:
-        profile.profile_model(model, inputs, warmup=1, ceilings=CEIL, device="cpu", **{"steps": 1, **kwargs})
+        profile_cpu(model, inputs, **kwargs)
     for part in says:
         assert part in str(e.value), (label, part, str(e.value))
