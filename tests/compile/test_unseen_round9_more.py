@@ -185,6 +185,20 @@ def test_a_batch_whose_every_label_is_ignored():
     assert torch.isnan(model(x, labels)) and torch.isnan(loss)
 
 
+@pytest.mark.parametrize("bad", [24, -100, -5])
+def test_a_label_out_of_range_is_refused_by_name(bad):
+    """A label of V (24), the default ignore_index -100 where the loss ignores 0, or -5: eager raises ("Target 24 is
+    out of bounds"); the fused loss raises too, naming the label, its index and the classes, not a silent gather."""
+    model = seeded(LossHead, "nll_ignore0", train=True)
+    x, labels, _ = _loss_inputs("nll_ignore0")
+    labels[1, 4] = bad
+    with pytest.raises(IndexError, match=f"Target {bad} is out of bounds"):
+        model(x, labels)
+    with pytest.raises(Exception, match=rf"labels holds {bad} \(at index 13\); expected classes 0..V-1 = 0..23 or "
+                                        "ignore_index=0"):
+        tilestack.optimize(model, check=True, inner="aot_eager")(x, labels)
+
+
 # ---- dynamic shapes -------------------------------------------------------------------------------------------------
 def test_tiny_decoder_dynamic_over_odd_lengths_trained():
     """``dynamic=True``, batch 1, lengths 7 then 13: the second length compiles nothing new; the attention and the
