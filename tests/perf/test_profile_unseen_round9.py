@@ -22,15 +22,13 @@ from tilestack.perf import counting, formulas, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 import perf_models_round9 as pm  # noqa: E402
+from _profile_helpers import FILTERS, RIDGE, setup_round  # noqa: E402
 from profile_support import (  # noqa: E402
-    CEIL,
     NOT_AS_TORCH,
-    Profiles,
     assert_as_torch_counts,
     assert_rows_add_up,
     assert_rows_finite,
     by_op,
-    cases,
     conv,
     flops_of,
     rendered,
@@ -38,9 +36,8 @@ from profile_support import (  # noqa: E402
     silent_zeros,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
-CASES, IDS = cases(pm.MODELS)
-profiled = Profiles(pm.MODELS)
+pytestmark = FILTERS
+CASES, IDS, profiled = setup_round(pm.MODELS)
 # Ops whose count of 0 FLOPs is right: copies, layout, gathers, index bookkeeping, allocation.
 DATA_MOVEMENT = {
     "aten::cat", "aten::stack", "aten::clone", "aten::copy_", "aten::_to_copy", "aten::zeros", "aten::zeros_like",
@@ -53,7 +50,6 @@ DATA_MOVEMENT = {
 DEVIATIONS = {"state_vector": NOT_AS_TORCH | {"aten::bmm"}}  # torch counts a complex multiply-add as a real one
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mv"}
 SDPA = "aten::_scaled_dot_product_flash_attention_for_cpu"
-RIDGE = CEIL.matmul["fp32"] / CEIL.copy_bytes_per_s  # 10 FLOP/B (fp16's roof is the same in CEIL)
 B = pm.BATCH
 
 
