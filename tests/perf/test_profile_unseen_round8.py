@@ -28,15 +28,13 @@ from tilestack.perf import counting, formulas, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 import perf_models_round8 as pm  # noqa: E402
+from _profile_helpers import FILTERS, RIDGE, profile_cpu, setup_round  # noqa: E402
 from profile_support import (  # noqa: E402
-    CEIL,
     NOT_AS_TORCH,
-    Profiles,
     assert_as_torch_counts,
     assert_rows_add_up,
     assert_rows_finite,
     by_op,
-    cases,
     conv,
     flops_of,
     rendered,
@@ -44,9 +42,8 @@ from profile_support import (  # noqa: E402
     silent_zeros,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
-CASES, IDS = cases(pm.MODELS)
-profiled = Profiles(pm.MODELS)
+pytestmark = FILTERS
+CASES, IDS, profiled = setup_round(pm.MODELS)
 # Ops whose count of 0 FLOPs is right: copies, layout, gathers, index bookkeeping, allocation, random draws.
 DATA_MOVEMENT = {
     "aten::cat", "aten::stack", "aten::clone", "aten::copy_", "aten::_to_copy", "aten::zeros", "aten::zeros_like",
@@ -57,7 +54,6 @@ DATA_MOVEMENT = {
 DEVIATIONS = {"global_filter": NOT_AS_TORCH | {"aten::mul"}}  # torch counts a complex product as one real one
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mv", "aten::vdot"}
 SDPA = "aten::_scaled_dot_product_flash_attention_for_cpu"
-RIDGE = CEIL.matmul["fp32"] / CEIL.copy_bytes_per_s  # 10 FLOP/B
 
 
 def model_bytes(name):
@@ -342,7 +338,7 @@ def test_conformer_under_bf16_autocast_and_inference_mode():
     _, counts, _ = profiled("conformer_conv", True)
     model, inputs = pm.conformer_conv()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        p = profile.profile_model(model, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu", train=True)
+        p = profile_cpu(model, inputs, train=True)
     heavy = [o for o in p.ops if o.counted and o.op in ("aten::convolution", "aten::addmm", "aten::mm")]
     assert heavy and {o.m.dtype for o in heavy} == {"bf16"}
     for op in ("aten::convolution", "aten::addmm", "aten::mm", "aten::convolution_backward"):
@@ -350,7 +346,7 @@ def test_conformer_under_bf16_autocast_and_inference_mode():
             u.flops for u in p.untimed if u.op == op) == flops_of(counts, op), op
     plain, _, _ = profiled("conformer_conv", False)
     with torch.inference_mode():
-        p = profile.profile_model(model, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu")
+        p = profile_cpu(model, inputs)
     assert p.flops == pytest.approx(plain.flops)
 
 
