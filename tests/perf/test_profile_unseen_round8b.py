@@ -28,23 +28,20 @@ from tilestack.perf import counting, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 import perf_models_round8b as pm  # noqa: E402
+from _profile_helpers import FILTERS, RIDGE, profile_cpu, setup_round  # noqa: E402
 from profile_support import (  # noqa: E402
-    CEIL,
     NOT_AS_TORCH,
-    Profiles,
     assert_as_torch_counts,
     assert_rows_add_up,
     assert_rows_finite,
     by_op,
-    cases,
     flops_of,
     rendered,
     silent_zeros,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
-CASES, IDS = cases(pm.MODELS)
-profiled = Profiles(pm.MODELS)
+pytestmark = FILTERS
+CASES, IDS, profiled = setup_round(pm.MODELS)
 DATA_MOVEMENT = {
     "aten::clone", "aten::copy_", "aten::_to_copy", "aten::new_zeros", "aten::full", "aten::triu", "aten::cat",
     "aten::masked_fill_", "aten::select_backward", "aten::slice_backward", "aten::embedding",
@@ -52,7 +49,6 @@ DATA_MOVEMENT = {
 }
 MATMULS = {"aten::mm", "aten::addmm"}
 SDPA = "aten::_scaled_dot_product_flash_attention_for_cpu"
-RIDGE = CEIL.matmul["fp32"] / CEIL.copy_bytes_per_s  # 10 FLOP/B, the same for fp16
 
 
 @pytest.mark.parametrize("name,train", CASES, ids=IDS)
@@ -116,8 +112,7 @@ def test_a_forward_that_consumes_its_target_dicts_is_profiled_and_the_targets_ke
     were left without their keys and with boxes scaled. Each step now gets its own containers."""
     model, (features, targets) = pm.detection_loss()
     boxes = [t["boxes"] for t in targets]
-    p = profile.profile_model(model, (features, targets), steps=2, warmup=1, ceilings=CEIL, device="cpu",
-                              train=True)
+    p = profile_cpu(model, (features, targets), steps=2, train=True)
     assert all(set(t) == {"boxes", "ignore"} for t in targets)
     assert all(t["boxes"] is b for t, b in zip(targets, boxes, strict=True))
     step = profile.make_step(model, (features, targets), train=True)
@@ -164,7 +159,7 @@ def test_hypernetwork_generates_and_uses_the_target_weights():
     params = i * h + h + h * o + o
     assert flops_of(counts, MATMULS) == 2 * t * params + 2 * b * i * h + 2 * b * h * o
     model, inputs = pm.hypernetwork()
-    profile.profile_model(model, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu", train=True)
+    profile_cpu(model, inputs, train=True)
     assert all(q.grad is None for q in model.parameters())  # the profile's gradients are not left behind
     _, train_counts, _ = profiled("hypernetwork", True)
     # backward: the second target layer's input and weight gradients, the first's weight gradient, the hyper's
@@ -203,7 +198,7 @@ def test_a_complex_output_is_differentiated_in_both_parts_without_a_warning():
     model, z = ComplexOut(), torch.randn(2, 4, dtype=torch.cfloat)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        profile.profile_model(model, (z,), steps=1, warmup=1, ceilings=CEIL, device="cpu", train=True)
+        profile_cpu(model, (z,), train=True)
         counts = counting.count_ops(profile.make_step(model, (z,), train=True))
     (loss_sum,) = [c for (op, shapes), c in counts.items() if op == "aten::sum"]
     assert loss_sum.flops == 2 * 2 * 3
@@ -219,7 +214,7 @@ def test_a_sampler_does_the_same_work_in_every_step():
     draws: list[int] = []  # output projections per call, recorded outside the model
     model.out.register_forward_hook(lambda m, args, out: draws.append(1))
     state = torch.get_rng_state()
-    p = profile.profile_model(model, (tokens,), steps=4, warmup=1, ceilings=CEIL, device="cpu")
+    p = profile_cpu(model, (tokens,), steps=4)
     assert torch.equal(torch.get_rng_state(), state)
     (row,) = [o for o in p.ops if o.op == "aten::addmm"]
     calls = int(row.calls)
@@ -236,7 +231,7 @@ def test_a_cached_decoder_does_the_same_work_in_every_step():
     model, (x,) = pm.cached_decoder()
     lengths: list[int] = []  # the cache length each call attends over, recorded outside the model
     model.register_forward_hook(lambda m, args, out: lengths.append(m.k_cache.shape[1]))
-    p = profile.profile_model(model, (x,), steps=4, warmup=1, ceilings=CEIL, device="cpu")
+    p = profile_cpu(model, (x,), steps=4)
     # warm-up, counting pass, the profiler's discarded step, 4 timed steps
     assert lengths == [1] + [2] * (1 + 1 + 4)
     assert model.k_cache.shape == (1, 0, pm.KV_DIM) and model.pos == 0 and not model.static.any()
