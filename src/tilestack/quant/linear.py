@@ -274,7 +274,9 @@ def calibrate(model: nn.Module, names: list[str], batches) -> dict[str, InputSta
 
 def quantize(model: nn.Module, mode: str = "int8", *, calibration=None, skip=()) -> nn.Module:
     """Replace ``model``'s ``nn.Linear`` layers (except those whose qualified name is in ``skip`` or ends with
-    ``.<name in skip>``) by ``QuantLinear`` in ``mode`` ("int8", "fp8" or "fp8-act"); returns the model."""
+    ``.<name in skip>``) by ``QuantLinear`` in ``mode`` ("int8", "fp8" or "fp8-act"); returns the model. The layers
+    with weights it leaves in float (convolutions, embeddings, nn.MultiheadAttention's projections, subclasses of
+    nn.Linear, a module's own 2-D parameters) are named in one UserWarning, unless ``skip`` names them."""
     if not isinstance(model, nn.Module):
         raise LaunchError(f"quantize: model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, torch.jit.ScriptModule):   # its submodules are compiled: none is an nn.Linear to replace,
