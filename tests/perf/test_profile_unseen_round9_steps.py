@@ -36,16 +36,17 @@ from tilestack.perf.counting import ProfileError
 
 sys.path.insert(0, str(Path(__file__).parent))
 import perf_models_round9 as pm  # noqa: E402
-from profile_support import CEIL, by_op, rendered, rows_of  # noqa: E402
+from _profile_helpers import FILTERS, profile_cpu  # noqa: E402
+from profile_support import by_op, rendered, rows_of  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+pytestmark = FILTERS
 LINEARS = [(pm.TS_IN, pm.TS_HIDDEN), (pm.TS_HIDDEN, pm.TS_OUT)]
 PARAMS = sum(i * o + o for i, o in LINEARS)  # elements the optimizers update
 
 
 def profiled_step(build):
     model, inputs = build()
-    return model, inputs, profile.profile_model(model, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu")
+    return model, inputs, profile_cpu(model, inputs)
 
 
 def test_a_training_step_module_is_profiled_with_its_backward_and_fused_adamw():
@@ -68,8 +69,7 @@ def test_a_training_step_module_is_profiled_with_its_backward_and_fused_adamw():
     # it is said to be the model's own step, not a forward: in the heading and in each stored row's config
     assert p.own_backward and not p.train and {o.m.config["step"] for o in p.ops} == {"own step"}
     assert "its own step (it runs its backward)" in rendered(p)
-    forward = profile.profile_model(nn.Linear(4, 4), (torch.randn(2, 4),), steps=1, warmup=1, ceilings=CEIL,
-                                    device="cpu")
+    forward = profile_cpu(nn.Linear(4, 4), (torch.randn(2, 4),))
     assert not forward.own_backward and {o.m.config["step"] for o in forward.ops} == {"forward"}
 
 
@@ -77,7 +77,7 @@ def test_a_training_step_function_is_profiled_too():
     """A plain function that calls a training step is run the same way; a forward-only model still runs under
     no_grad (its forward sees gradients disabled)."""
     model, inputs = pm.train_step_sgd()
-    p = profile.profile_model(lambda x, y: model(x, y), inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu")
+    p = profile_cpu(lambda x, y: model(x, y), inputs)
     assert "aten::_fused_sgd_" in {o.op for o in p.ops} and not p.unsupported
     seen = []
 
@@ -86,7 +86,7 @@ def test_a_training_step_function_is_profiled_too():
             seen.append(torch.is_grad_enabled())
             return super().forward(x)
 
-    profile.profile_model(Probe(4, 4), (torch.randn(2, 4),), steps=1, warmup=1, ceilings=CEIL, device="cpu")
+    profile_cpu(Probe(4, 4), (torch.randn(2, 4),))
     assert seen and not any(seen)
 
 
@@ -111,7 +111,7 @@ def test_a_training_step_function_leaves_the_model_and_optimizer_it_refers_to_as
     for fn in (step, lambda x, y: step(x, y)):
         params = [t.clone() for t in net.state_dict().values()]
         buffers = [opt.state[p]["momentum_buffer"].clone() for p in net.parameters()]
-        p = profile.profile_model(fn, (x, y), steps=2, warmup=1, ceilings=CEIL, device="cpu")
+        p = profile_cpu(fn, (x, y), steps=2)
         assert p.own_backward and "aten::add_" in {o.op for o in p.ops}
         assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), params, strict=True))
         assert all(torch.equal(opt.state[p]["momentum_buffer"], b) for p, b in zip(net.parameters(), buffers,
@@ -130,12 +130,11 @@ def test_a_model_failing_otherwise_keeps_its_error_and_runs_once():
             return super().forward(x)
 
     with pytest.raises(ProfileError, match=r"model 'Wrong' raised RuntimeError during the warm-up: mat1 and mat2"):
-        profile.profile_model(Wrong(4, 4), (torch.randn(2, 5),), steps=1, warmup=1, ceilings=CEIL, device="cpu")
+        profile_cpu(Wrong(4, 4), (torch.randn(2, 5),))
     assert len(calls) == 1
     net = nn.Linear(4, 1)
     with pytest.raises(ProfileError, match=r"during the warm-up: element 0 of tensors does not require grad"):
-        profile.profile_model(lambda x: net(x).detach().sum().backward(), (torch.randn(2, 4),), steps=1, warmup=1,
-                              ceilings=CEIL, device="cpu")
+        profile_cpu(lambda x: net(x).detach().sum().backward(), (torch.randn(2, 4),))
 
 
 def test_train_true_on_a_training_step_says_to_profile_it_with_train_false():
@@ -144,7 +143,7 @@ def test_train_true_on_a_training_step_says_to_profile_it_with_train_false():
     model, inputs = pm.train_step_adamw()
     with pytest.raises(ProfileError, match=r"train=True but no output of the model requires grad.*its own backward "
                                            r"and optimizer is profiled with train=False"):
-        profile.profile_model(model, inputs, train=True, steps=1, warmup=1, ceilings=CEIL, device="cpu")
+        profile_cpu(model, inputs, train=True)
 
 
 ADAM_OPTIONS = [{}, {"weight_decay": 0.1}, {"amsgrad": True}, {"maximize": True}]
@@ -194,7 +193,7 @@ def test_profiling_a_training_step_puts_back_its_optimizer_and_scheduler():
         lr = model.opt.param_groups[0]["lr"]
         epoch = getattr(getattr(model, "sched", None), "last_epoch", None)
         expected = [t.clone() for t in model.state_dict().values()]
-        profile.profile_model(model, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu")
+        profile_cpu(model, inputs)
         assert {id(p) for p in model.opt.state} == set(state)
         for p, s in model.opt.state.items():
             for k, v in s.items():
@@ -203,7 +202,7 @@ def test_profiling_a_training_step_puts_back_its_optimizer_and_scheduler():
         assert getattr(getattr(model, "sched", None), "last_epoch", None) == epoch
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expected, strict=True))
     fresh, inputs = pm.train_step_adamw()
-    profile.profile_model(fresh, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu")
+    profile_cpu(fresh, inputs)
     assert len(fresh.opt.state) == 0  # never stepped before: no state after either
 
 
@@ -215,7 +214,7 @@ def test_a_mixed_precision_step_counts_its_grad_scaler_and_puts_its_scale_back()
     model, inputs = pm.train_step_amp()
     model(*inputs)  # one real step: the scale and its tracker exist
     scale, tracker = model.scaler._scale.clone(), model.scaler._growth_tracker.clone()
-    p = profile.profile_model(model, inputs, steps=3, warmup=1, ceilings=CEIL, device="cpu")
+    p = profile_cpu(model, inputs, steps=3)
     assert not p.unsupported
     flops = {o.op: o.m.flops * o.calls for o in p.ops}
     assert flops["aten::_amp_foreach_non_finite_check_and_unscale_"] == formulas.AMP_UNSCALE_FLOPS_PER_ELEMENT * PARAMS
@@ -235,7 +234,7 @@ def test_a_sparse_embedding_step_updates_only_the_looked_up_rows():
     model(*inputs)
     state = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
              for p, s in model.opts[0].state.items()}
-    p = profile.profile_model(model, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu")
+    p = profile_cpu(model, inputs)
     assert not p.unsupported
     d, rows, lookups = pm.SE_DIM, len(pm.SE_IDS.unique()), pm.SE_IDS.numel()
     table = [o for o in p.ops if o.op == "aten::add_" and o.label.count(f"{pm.SE_ROWS}x{d}") == 2]
