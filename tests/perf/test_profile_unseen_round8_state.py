@@ -40,9 +40,10 @@ from tilestack.perf.formulas import LaunchError
 sys.path.insert(0, str(Path(__file__).parent))
 import perf_models_round8 as pm  # noqa: E402
 import perf_models_round8b as pmb  # noqa: E402
+from _profile_helpers import FILTERS, profile_cpu  # noqa: E402
 from profile_support import CEIL, rows_of  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+pytestmark = FILTERS
 
 
 def snapshot(model, inputs):
@@ -94,7 +95,7 @@ def test_profiling_leaves_the_model_as_it_found_it(name, train):
     expected = outputs_of(build, 2)
     model, inputs = build()
     before = snapshot(model, inputs)
-    profile.profile_model(model, inputs, steps=2, warmup=1, ceilings=CEIL, device="cpu", train=train)
+    profile_cpu(model, inputs, steps=2, train=train)
     assert_same(before, snapshot(model, inputs))
     args, kwargs = profile.as_call(inputs)
     torch.manual_seed(1)
@@ -114,7 +115,7 @@ def test_every_model_of_the_round_is_left_as_it_was(name):
     expected = outputs_of(build, 1)
     model, inputs = build()
     before = snapshot(model, inputs)
-    profile.profile_model(model, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu", train=trainable)
+    profile_cpu(model, inputs, train=trainable)
     assert_same(before, snapshot(model, inputs))
     args, kwargs = profile.as_call(inputs)
     torch.manual_seed(1)
@@ -151,7 +152,7 @@ def test_plain_attributes_are_rebound_refilled_and_removed():
 
     model, x = Keeper(), torch.randn(4, 3)
     last, gen_state = model.last, model.gen.get_state()
-    profile.profile_model(model, (x,), steps=2, warmup=1, ceilings=CEIL, device="cpu", train=True)
+    profile_cpu(model, (x,), steps=2, train=True)
     assert model.calls == 0 and model.seen == {} and model.shapes == set() and model.features == []
     assert len(model.frames) == 1 and model.frames.maxlen == 2 and torch.equal(model.frames[0], torch.zeros(3))
     assert torch.equal(model.total, torch.zeros(3)) and model.last is last and not hasattr(model, "cache")
@@ -213,10 +214,9 @@ def test_a_partial_of_a_model_is_left_as_it_was():
             return net(x) * scale
 
         call = functools.partial(functools.partial(scaled, net=wrap(model)), scale=scale)
-        profile.profile_model(functools.partial(wrap(model)), (x,), steps=1, warmup=1, ceilings=CEIL, device="cpu",
-                              train=True)
+        profile_cpu(functools.partial(wrap(model)), (x,), train=True)
         assert_same(before, snapshot(model, (x,)))
-        profile.profile_model(call, (x,), steps=1, warmup=1, ceilings=CEIL, device="cpu", train=True)
+        profile_cpu(call, (x,), train=True)
         assert torch.equal(scale, torch.ones(1))
         assert_same(before, snapshot(model, (x,)))  # the net the partial binds: kept too
 
@@ -224,7 +224,7 @@ def test_a_partial_of_a_model_is_left_as_it_was():
 def test_a_lazy_module_still_keeps_what_its_first_forward_made():
     """A lazy module's first forward sets its attributes (in_features) and class: those stay, as its parameters."""
     model, x = nn.Sequential(nn.LazyLinear(5), nn.ReLU()), torch.randn(4, 3)
-    profile.profile_model(model, (x,), steps=1, warmup=1, ceilings=CEIL, device="cpu")
+    profile_cpu(model, (x,))
     assert type(model[0]) is nn.Linear and model[0].in_features == 3 and model(x).shape == (4, 5)
 
 
