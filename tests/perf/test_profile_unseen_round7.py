@@ -37,15 +37,14 @@ from tilestack.perf import counting, device, formulas, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 import perf_models_round7 as pm  # noqa: E402
+from _profile_helpers import FILTERS, RIDGE, profile_cpu, setup_round  # noqa: E402
 from profile_support import (  # noqa: E402
     CEIL,
     NOT_AS_TORCH,
-    Profiles,
     assert_as_torch_counts,
     assert_rows_add_up,
     assert_rows_finite,
     by_op,
-    cases,
     conv,
     flops_of,
     rendered,
@@ -53,9 +52,8 @@ from profile_support import (  # noqa: E402
     silent_zeros,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
-CASES, IDS = cases(pm.MODELS)
-profiled = Profiles(pm.MODELS, without_torch={"perceiver"})  # torch's module tracker fails on it
+pytestmark = FILTERS
+CASES, IDS, profiled = setup_round(pm.MODELS, without_torch={"perceiver"})  # torch's module tracker fails on it
 # Ops whose count of 0 FLOPs is right: copies, layout, gathers, index bookkeeping, allocation, random draws.
 DATA_MOVEMENT = {
     "aten::cat", "aten::stack", "aten::clone", "aten::copy_", "aten::_to_copy", "aten::zeros", "aten::zeros_like",
@@ -72,7 +70,6 @@ EMPTY = {"drop_everything": {"aten::sum", "aten::mm", "aten::addmm"}}
 DEVIATIONS = {"complex_net": NOT_AS_TORCH | {"aten::mm"}}  # torch counts a complex multiply-add as one real one
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_int_mm"}
 SDPA = "aten::_scaled_dot_product_flash_attention_for_cpu"
-RIDGE = CEIL.matmul["fp32"] / CEIL.copy_bytes_per_s  # 10 FLOP/B
 
 
 def model_bytes(name):
@@ -152,7 +149,7 @@ def test_profiling_leaves_the_model_as_it_found_it(name, train):
     expected = counting._tensors(model(*args, **kwargs))
     model.load_state_dict(before[0])
     torch.set_rng_state(before[4])
-    profile.profile_model(model, inputs, steps=2, warmup=1, ceilings=CEIL, device="cpu", train=train)
+    profile_cpu(model, inputs, steps=2, train=train)
     assert_same(before, snapshot(model, inputs))
     torch.manual_seed(1)
     got = counting._tensors(model(*args, **kwargs))
@@ -175,7 +172,7 @@ def test_parameters_written_through_data_are_put_back():
 
     model = Ema()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    profile.profile_model(model, (torch.randn(4, 3),), steps=1, warmup=1, ceilings=CEIL, device="cpu")
+    profile_cpu(model, (torch.randn(4, 3),))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
@@ -185,7 +182,7 @@ def test_gradients_the_caller_had_are_kept_not_added_into():
     model(*inputs).sum().backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters()}
     kept = {k: p.grad for k, p in model.named_parameters()}
-    profile.profile_model(model, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu", train=True)
+    profile_cpu(model, inputs, train=True)
     for k, p in model.named_parameters():
         assert p.grad is kept[k] and torch.equal(p.grad, grads[k]), k
 
@@ -194,7 +191,7 @@ def test_a_bound_forward_profiled_leaves_its_module_as_it_found_it():
     """model.forward (a bound method, not the module) profiled: its module's BatchNorm statistics are kept too."""
     model, inputs = pm.train_eval()
     stats = {k: v.clone() for k, v in model.state_dict().items()}
-    profile.profile_model(model.forward, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu")
+    profile_cpu(model.forward, inputs)
     assert all(torch.equal(v, stats[k]) for k, v in model.state_dict().items())
 
 
@@ -202,7 +199,7 @@ def test_a_lazy_module_keeps_the_parameters_its_first_forward_made():
     """nn.LazyLinear materialises its parameters in its first forward (a one-time change, which the profile's
     warm-up makes): they stay, the module works after the profile, and the counts are its product's."""
     model, x = nn.Sequential(nn.LazyLinear(5), nn.BatchNorm1d(5)), torch.randn(4, 3)
-    p = profile.profile_model(model, (x,), steps=1, warmup=1, ceilings=CEIL, device="cpu")
+    p = profile_cpu(model, (x,))
     assert flops_of({(o.op, o.shapes): o.m for o in p.ops}, "aten::addmm") == 2 * 4 * 3 * 5
     assert model[0].weight.shape == (5, 3) and model(x).shape == (4, 5)
     assert int(model[1].num_batches_tracked) == 1  # the call just made, not the profile's
@@ -237,14 +234,14 @@ def test_profiling_under_inference_mode_no_grad_and_autocast():
     stats = model.bn.running_mean.clone()
     with torch.inference_mode():
         xi = x.clone()
-        p = profile.profile_model(model, (xi,), steps=1, warmup=1, ceilings=CEIL, device="cpu")
+        p = profile_cpu(model, (xi,))
     assert p.flops > 0 and torch.equal(model.bn.running_mean, stats)
     with torch.no_grad():
-        p = profile.profile_model(model, (x,), steps=1, warmup=1, ceilings=CEIL, device="cpu")
+        p = profile_cpu(model, (x,))
     assert torch.equal(model.bn.running_mean, stats)
     model2, inputs = pm.dit_block()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        p = profile.profile_model(model2, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu", train=True)
+        p = profile_cpu(model2, inputs, train=True)
     mms = [o for o in p.ops if o.op in MATMULS and o.counted]
     assert mms and all(o.m.dtype == "bf16" for o in mms)
     assert all(q.grad is None for q in model2.parameters())
@@ -471,7 +468,7 @@ def test_train_and_eval_mode_are_different_work_and_the_mode_is_kept():
     for build, mode in ((pm.train_eval, True), (pm.train_eval_in_eval, False)):
         model, inputs = build()
         for train in (False, True):
-            profile.profile_model(model, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu", train=train)
+            profile_cpu(model, inputs, train=train)
             assert all(m.training == mode for m in model.modules())
 
 
@@ -540,8 +537,8 @@ def test_inputs_written_in_place_and_input_gradients_are_put_back():
             return self.lin(x.mul_(2) if not x.requires_grad else x * 2)
 
     x = torch.ones(4, 3)
-    profile.profile_model(Doubler(), (x,), steps=2, warmup=1, ceilings=CEIL, device="cpu")
+    profile_cpu(Doubler(), (x,), steps=2)
     assert torch.equal(x, torch.ones(4, 3))
     leaf = torch.ones(4, 3, requires_grad=True)
-    profile.profile_model(Doubler(), (leaf,), steps=2, warmup=1, ceilings=CEIL, device="cpu", train=True)
+    profile_cpu(Doubler(), (leaf,), steps=2, train=True)
     assert leaf.grad is None
