@@ -315,7 +315,7 @@ class ManagedGrid(Grid):
         self.server_round = 0
         self.weight_keys: frozenset[str] = frozenset()  # the strategy's weighted_by_key (run_rounds sets it)
         self.loss_keys: frozenset[str] = frozenset()  # the loss the strategy reads (QFedAvg's; run_rounds sets it)
-        self.last_strategy = None  # weakref to the strategy of the last run on this grid (driver._fresh_clients)
+        self.last_strategy = None  # weakref to the strategy of the last run on this grid (run_state._fresh_clients)
         self._order: list[int] | None = None
         self._dtypes: dict[str, np.dtype] = {}  # array name -> the run's model dtype (see _as_sent)
         self._sent_tasks: dict[tuple, Task] = {}  # (task JSON, config overrides) a message carried -> the task
