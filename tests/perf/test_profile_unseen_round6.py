@@ -41,15 +41,14 @@ from tilestack.perf.device import DeviceError
 
 sys.path.insert(0, str(Path(__file__).parent))
 import perf_models_round6 as pm  # noqa: E402
+from _profile_helpers import FILTERS, profile_cpu, setup_round  # noqa: E402
 from profile_support import (  # noqa: E402
     CEIL,
     NOT_AS_TORCH,
-    Profiles,
     assert_as_torch_counts,
     assert_rows_add_up,
     assert_rows_finite,
     by_op,
-    cases,
     conv,
     flops_of,
     rendered,
@@ -57,9 +56,8 @@ from profile_support import (  # noqa: E402
     silent_zeros,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
-CASES, IDS = cases(pm.MODELS)
-profiled = Profiles(pm.MODELS)
+pytestmark = FILTERS
+CASES, IDS, profiled = setup_round(pm.MODELS)
 # Ops whose count of 0 FLOPs is right: copies, layout, gathers, index bookkeeping, allocation, random draws.
 DATA_MOVEMENT = {
     "aten::cat", "aten::stack", "aten::clone", "aten::copy_", "aten::_to_copy", "aten::zeros", "aten::ones",
@@ -405,7 +403,7 @@ def test_inductor_fused_ops_keep_their_work_as_untimed():
     try:
         for train in (False, True):
             model, inputs = pm.inductor_block()
-            p = profile.profile_model(model, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu", train=train)
+            p = profile_cpu(model, inputs, train=train)
             eager = _eager_counts(train)
             assert p.flops == pytest.approx(math.fsum(c.flops for c in eager.values()), rel=1e-12)
             untimed = {u.op for u in p.untimed if u.flops}
@@ -461,7 +459,7 @@ def test_a_class_a_set_or_an_iterator_is_refused_by_name(model, inputs, message)
     """A model class failed as "inputs do not fit Linear(in_features: int, ...)"; a set or an iterator of inputs
     failed in the counting pass (a generator after the warm-up had used it up)."""
     with pytest.raises(profile.ProfileError, match=message):
-        profile.profile_model(model, inputs, steps=1, warmup=1, ceilings=CEIL, device="cpu")
+        profile_cpu(model, inputs)
 
 
 def test_device_zero_is_gpu_zero_not_the_models_device():
