@@ -37,14 +37,13 @@ from tilestack.perf import counting, formulas, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 import perf_models_round5 as pm  # noqa: E402
+from _profile_helpers import setup_round  # noqa: E402
 from profile_support import (  # noqa: E402
     NOT_AS_TORCH,
-    Profiles,
     assert_as_torch_counts,
     assert_rows_add_up,
     assert_rows_finite,
     by_op,
-    cases,
     conv,
     flops_of,
     rendered,
@@ -52,9 +51,8 @@ from profile_support import (  # noqa: E402
     silent_zeros,
 )
 
-CASES, IDS = cases(pm.MODELS)
 # torch's own counter fails on flex_attention (TypeError) and leaves dynamo unable to run it eagerly again
-profiled = Profiles(pm.MODELS, without_torch={"flex"})
+CASES, IDS, profiled = setup_round(pm.MODELS, without_torch={"flex"})
 # Ops whose count of 0 FLOPs is right: copies, layout, gathers, index bookkeeping, allocation, random draws.
 DATA_MOVEMENT = {
     "aten::cat", "aten::stack", "aten::clone", "aten::copy_", "aten::_to_copy", "aten::zeros", "aten::ones",
