@@ -34,14 +34,12 @@ from tilestack.perf import counting, formulas, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 import perf_models_round4 as pm  # noqa: E402
+from _profile_helpers import profile_cpu, setup_round  # noqa: E402
 from profile_support import (  # noqa: E402
-    CEIL,
-    Profiles,
     assert_as_torch_counts,
     assert_rows_add_up,
     assert_rows_finite,
     by_op,
-    cases,
     conv,
     flops_of,
     rendered,
@@ -60,8 +58,7 @@ DATA_MOVEMENT = {
     "aten::upsample_nearest2d", "aten::linspace", "aten::masked_fill",
 }
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::addmm_", "aten::mv"}
-CASES, IDS = cases(pm.MODELS)
-profiled = Profiles(pm.MODELS)
+CASES, IDS, profiled = setup_round(pm.MODELS)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
@@ -481,7 +478,7 @@ def test_sparse_csr_adjacency_counts_its_stored_elements():
     nnz = int((adjacency != 0).sum())
     model = _CsrGraphConv(adjacency)
     x = torch.randn(v, f)
-    p = profile.profile_model(model, (x,), steps=1, warmup=1, ceilings=CEIL, device="cpu", name="csr_gcn")
+    p = profile_cpu(model, (x,), name="csr_gcn")
     with torch.no_grad():
         counts = profile.count_ops(lambda: model(x))
     (sparse_mm,) = [c for (op, s), c in counts.items() if op == "aten::mm" and s[0] == (v, v)]
@@ -501,7 +498,7 @@ def test_scripted_traced_and_checkpointed_models_count_as_eager(wrap):
         "fx": lambda: torch.fx.symbolic_trace(mlp),
         "checkpoint": lambda: (lambda t: torch.utils.checkpoint.checkpoint(mlp, t, use_reentrant=False)),
     }[wrap]()
-    p = profile.profile_model(wrapped, (x,), steps=1, warmup=1, ceilings=CEIL, device="cpu", train=True, name=wrap)
+    p = profile_cpu(wrapped, (x,), train=True, name=wrap)
     forward = 2 * 5 * (8 * 16 + 16 * 4)
     addmm = math.fsum(o.m.flops * o.calls for o in p.ops if o.op == "aten::addmm")
     # activation checkpointing runs the forward again inside the backward, up to the last tensor the backward
