@@ -1,6 +1,7 @@
-"""The set-up every held-out profiler round repeats (rounds 10-14 copy it at the top of each file), once: the cases
-of a round's ``MODELS``, their profiles computed once, the check every round makes of every row, and the counts of
-one step of a model. Used from round 15 on; older rounds keep their own copies.
+"""The set-up every held-out profiler round shares, once: the cases of a round's ``MODELS``, their profiles computed
+once, the check every round makes of every row, the counts of one step of a model, one row of those counts, and a
+profile on the CPU under the synthetic ceilings. Rounds 4-15 import it (rounds 4-13 keep their own every-row checks,
+which differ round by round; round 14 uses check_every_row as it was, without the step-time check).
 
     import perf_models_round15 as pm
     from _profile_helpers import setup_round, check_every_row, step_counts
