@@ -26,6 +26,13 @@ def _problem(M, K, N, seed=0, dtype=torch.bfloat16):
     return x, q, s, b, xs
 
 
+def _on(backend, *tensors):
+    """The tensors where ``backend`` runs them: the Triton backend takes CUDA tensors where a GPU is present (CPU
+    tensors only under its interpreter, on a machine without one); the reference executor takes CPU tensors."""
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    return tuple(t.to(dev) for t in tensors)
+
+
 def _want(xq, q, s, b, xs, residual=None, activation=None):
     """float64 torch on the same fp8 values: (xq x_scale) @ (q s)^T + b, then the activation and residual."""
     y = (xq.double() * xs) @ (q.double() * s.double()[:, None]).T + b.double()
@@ -39,7 +46,8 @@ def test_fp8_input_matches_float64(backend, M, K, N):
     x, q, s, b, xs = _problem(M, K, N)
     xq = quantize_activation(x, xs)
     r = torch.randn(M, N).to(torch.bfloat16)
-    y = quantized_linear(xq, q, s, b, x_scale=xs, activation="gelu", residual=r, backend=backend, **SMALL)
+    y = quantized_linear(*_on(backend, xq, q, s, b), x_scale=xs, activation="gelu", residual=_on(backend, r)[0],
+                         backend=backend, **SMALL).cpu()
     assert y.dtype == torch.bfloat16 and y.shape == (M, N)
     want = _want(xq, q, s, b, xs, r, "gelu")
     torch.testing.assert_close(y.double(), want, rtol=1.6e-2, atol=1.6e-2)   # bf16 output
@@ -63,7 +71,7 @@ def test_act_quant_modes_agree_with_the_fp8_input_path(backend, act_quant):
     x, q, s, b, xs = _problem(37, 70, 45, seed=2, dtype=torch.float32)
     x[3] = 1e6
     x[4] = -1e6
-    y = quantized_linear(x, q, s, b, x_scale=xs, act_quant=act_quant, backend=backend, **SMALL)
+    y = quantized_linear(*_on(backend, x, q, s, b), x_scale=xs, act_quant=act_quant, backend=backend, **SMALL).cpu()
     want = _want(quantize_activation(x, xs), q, s, b, xs)
     assert bool(y.isfinite().all())
     torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
