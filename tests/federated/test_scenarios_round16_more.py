@@ -15,8 +15,8 @@ What this round found, fixed:
   its first round's record (``num_selected`` 8 of 4 clients, steps and bytes doubled). A run starting or resuming now
   starts with an empty log (``ManagedGrid.load_state_dict``).
 
-A second run on the same in-process grid with a new strategy starts its clients from empty state (run_state._fresh_clients;
-it inherited the first run's SCAFFOLD c_i, residuals and Ditto models before).
+A second run on the same in-process grid with a new strategy starts its clients from empty state
+(run_state._fresh_clients; it inherited the first run's SCAFFOLD c_i, residuals and Ditto models before).
 """
 
 from __future__ import annotations

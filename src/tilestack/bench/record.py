@@ -66,7 +66,8 @@ class Record:
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())            # on disk before the rename: a full disk is said here, and a
-            os.replace(tmp, path)               # power cut cannot leave an empty file renamed over the old one               # a reader never sees half a file
+            os.replace(tmp, path)               # power cut cannot leave an empty file renamed over the old one;
+            #                                     a reader never sees half a file
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

@@ -289,7 +289,8 @@ NO_ARITHMETIC = frozenset(
     {
         "copy", "clone", "_to_copy", "contiguous", "cat", "stack", "index", "_unsafe_index", "index_select",
         "gather", "embedding", "masked_scatter", "masked_select",
-        "nonzero", "nonzero_static", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "replication_pad2d", "repeat",
+        "nonzero", "nonzero_static", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "replication_pad2d",
+        "repeat",
         "repeat_interleave", "flip", "roll", "tril", "triu", "slice_scatter", "select_scatter", "as_strided_scatter",
         "diagonal_scatter", "fill", "zero", "lift_fresh", "lift_fresh_copy", "detach", "_local_scalar_dense",
         "item", "is_nonzero", "equal", "unique", "_unique2", "arange", "full",
