@@ -64,19 +64,21 @@ def size(rng, cap: int) -> int:
 class Replay:
     """``replay: seed=1300 group=norm case=17 backend=reference ... (pytest 'tests/...::test_norm[rms_norm-17]')``:
     the line that reruns one case, and what was
-    drawn for it, on every failure."""
+    drawn for it, on every failure. A later round subclasses it with its own ``seed`` and ``every``."""
 
-    def __init__(self, group: str, index: int, request, every: int = TRITON_EVERY):
+    seed, every = SEED, TRITON_EVERY
+
+    def __init__(self, group: str, index: int, request, every: int | None = None):
         # the test's node id: "tests/test_fuzz_round13.py::test_norm[rms_norm-3]"
         self.group, self.index, self.node = group, index, request.node.nodeid
-        self.fields = {"backend": backend_for(index, every)}
+        self.fields = {"backend": backend_for(index, every or self.every)}
 
     def __setitem__(self, key, value):
         self.fields[key] = value
 
     def __str__(self):
         more = " ".join(f"{k}={_short(v)}" for k, v in self.fields.items())
-        return (f"replay: seed={SEED} group={self.group} case={self.index} {more} "
+        return (f"replay: seed={self.seed} group={self.group} case={self.index} {more} "
                 f"(.venv/bin/python -m pytest '{self.node}' -p no:cacheprovider -n 0)")
 
     def backend(self):

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from _fuzz_round13 import DTYPES, TOL, U32, pick
-from tilestack import config
+from _fuzz_round13 import Replay as _Replay13
 
 SEED = 1500
 GROUPS = ("norm", "softmax", "swiglu", "rotary", "cross_entropy", "gemm", "norm_backward", "bad")
@@ -51,34 +51,16 @@ def backend_for(index: int, every: int = TRITON_EVERY) -> str:
     return "triton" if index % every == every - 1 else "reference"
 
 
-class Replay:
+class Replay(_Replay13):
     """``replay: seed=1500 group=norm case=17 backend=reference ... (.venv/bin/python -m pytest '<node>' ...)``: the
-    line that reruns one case, and what was drawn for it, on every failure (the round-13 helpers print it)."""
+    line that reruns one case, and what was drawn for it, on every failure (round 13's, with this round's seed and
+    share of Triton cases)."""
 
-    def __init__(self, group: str, index: int, request, every: int = TRITON_EVERY):
-        self.group, self.index, self.node = group, index, request.node.nodeid
-        self.fields = {"backend": backend_for(index, every)}
-
-    def __setitem__(self, key, value):
-        self.fields[key] = value
-
-    def __str__(self):
-        more = " ".join(f"{k}={_short(v)}" for k, v in self.fields.items())
-        return (f"replay: seed={SEED} group={self.group} case={self.index} {more} "
-                f"(.venv/bin/python -m pytest '{self.node}' -p no:cacheprovider -n 0)")
-
-    def backend(self):
-        return config.override(backend=self.fields["backend"])
+    seed, every = SEED, TRITON_EVERY
 
     @property
     def triton(self) -> bool:
         return self.fields["backend"] == "triton"
-
-
-def _short(v):
-    if isinstance(v, torch.dtype):
-        return str(v).removeprefix("torch.")
-    return str(v).replace(" ", "")
 
 
 def ragged(rng, *, zero: float = 0.05, cap: int | None = None) -> int:
