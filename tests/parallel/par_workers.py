@@ -150,3 +150,14 @@ def noise_scale_dp(rank: int, world_size: int, steps: int = 6) -> dict:
     except ParallelConfigError as e:
         refused = str(e)
     return dict(losses=losses, phi=[phi for _, phi in gns.history], refused=refused)
+
+
+def one_rank_raises(rank: int, world_size: int) -> None:
+    """Rank 0 raises on its own; the others are then in a collective with a rank that went away (their own error
+    is the transport's, a knock-on of rank 0's)."""
+    import torch.distributed as dist
+    dist.barrier()
+    if rank == 0:
+        raise ValueError("rank zero's own fault")
+    for _ in range(50):
+        dist.all_reduce(torch.ones(1024))

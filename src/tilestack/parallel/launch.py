@@ -47,6 +47,39 @@ def _entry(rank: int, world_size: int, init_file: str, device: str, fn: Callable
         results.put((rank, False, traceback.format_exc()))
 
 
+# what a rank's traceback says when it failed only because another rank went away first: its report comes after
+# those of the ranks that failed on their own
+_KNOCK_ON = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Socket closed")
+
+
+def _failure_report(failed: dict[int, str], results, procs, got: dict, grace_s: float = 10.0) -> str:
+    """The error for a failed run: every rank's traceback that arrives within ``grace_s`` of the first. When one
+    rank raises, it destroys its process group and the others fail in their next collective with a transport
+    error ("Connection reset by peer") that can reach the queue first; the rank that failed on its own is the
+    cause, so it is listed first."""
+    deadline, done = time.monotonic() + grace_s, set(got)
+    while time.monotonic() < deadline:
+        pending = [r for r, p in enumerate(procs) if r not in done and r not in failed and p.exitcode in (None, 0)]
+        if not pending:
+            break
+        try:
+            rank, ok, out = results.get(timeout=0.5)
+        except queue_mod.Empty:
+            continue
+        if ok:
+            done.add(rank)
+        else:
+            failed[rank] = out
+    for r, p in enumerate(procs):       # killed, or crashed in native code (a signal: a negative exit code)
+        if r not in done and r not in failed and p.exitcode not in (None, 0):
+            failed[r] = f"exited with code {p.exitcode} without a report"
+    order = sorted(failed, key=lambda r: (any(k in failed[r] for k in _KNOCK_ON), r))
+    head = f"run_local: rank {order[0]} failed"
+    if len(order) > 1:
+        head += f" (then ranks {order[1:]})"
+    return head + ":\n" + "\n".join(f"--- rank {r} ---\n{failed[r]}" for r in order)
+
+
 def run_local(fn: Callable[..., Any], world_size: int, args: tuple = (), *, device: str = "cpu",
               timeout_s: float = 600.0) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes in one process group; returns
@@ -82,7 +115,7 @@ def run_local(fn: Callable[..., Any], world_size: int, args: tuple = (), *, devi
                         raise LaunchError(f"run_local: no result from ranks {missing} within {timeout_s} s") from None
                     continue
                 if not ok:
-                    raise LaunchError(f"run_local: rank {rank} failed:\n{out}")
+                    raise LaunchError(_failure_report({rank: out}, results, procs, got))
                 got[rank] = torch.load(io.BytesIO(out), weights_only=False)
         finally:
             for p in procs:
