@@ -161,3 +161,24 @@ def one_rank_raises(rank: int, world_size: int) -> None:
         raise ValueError("rank zero's own fault")
     for _ in range(50):
         dist.all_reduce(torch.ones(1024))
+
+
+def killed_on_first_attempt(rank: int, world_size: int, marker: str) -> int:
+    """Rank 0 is killed by SIGKILL (as the OS's out-of-memory killer does) on the first attempt, the one that finds
+    no ``marker`` file; the other ranks are then in a collective with a rank that went away. Every rank returns
+    its rank on a later attempt."""
+    import os
+    import signal
+    from pathlib import Path
+
+    import torch.distributed as dist
+    dist.barrier()
+    first = not Path(marker).exists()
+    dist.barrier()
+    if first and rank == 0:
+        Path(marker).write_text("killed once")
+        os.kill(os.getpid(), signal.SIGKILL)
+    if first:
+        for _ in range(50):
+            dist.all_reduce(torch.ones(1024))
+    return rank

@@ -17,6 +17,7 @@ import queue as queue_mod
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -47,16 +48,25 @@ def _entry(rank: int, world_size: int, init_file: str, device: str, fn: Callable
         results.put((rank, False, traceback.format_exc()))
 
 
+class GroupFailure(LaunchError):
+    """A rank of run_local's group failed; ``transient`` when none raised on its own (``_failure_report``)."""
+
+    def __init__(self, message: str, transient: bool):
+        super().__init__(message)
+        self.transient = transient
+
+
 # what a rank's traceback says when it failed only because another rank went away first: its report comes after
 # those of the ranks that failed on their own
 _KNOCK_ON = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Socket closed")
 
 
-def _failure_report(failed: dict[int, str], results, procs, got: dict, grace_s: float = 10.0) -> str:
+def _failure_report(failed: dict[int, str], results, procs, got: dict, grace_s: float = 10.0) -> GroupFailure:
     """The error for a failed run: every rank's traceback that arrives within ``grace_s`` of the first. When one
     rank raises, it destroys its process group and the others fail in their next collective with a transport
     error ("Connection reset by peer") that can reach the queue first; the rank that failed on its own is the
-    cause, so it is listed first."""
+    cause, so it is listed first. Transient when no rank raised on its own: every report is a knock-on, or a
+    rank was killed by a signal (the OS's out-of-memory killer on a shared machine, a crash in gloo)."""
     deadline, done = time.monotonic() + grace_s, set(got)
     while time.monotonic() < deadline:
         pending = [r for r, p in enumerate(procs) if r not in done and r not in failed and p.exitcode in (None, 0)]
@@ -70,20 +80,27 @@ def _failure_report(failed: dict[int, str], results, procs, got: dict, grace_s: 
             done.add(rank)
         else:
             failed[rank] = out
+    signalled = set()
     for r, p in enumerate(procs):       # killed, or crashed in native code (a signal: a negative exit code)
         if r not in done and r not in failed and p.exitcode not in (None, 0):
             failed[r] = f"exited with code {p.exitcode} without a report"
-    order = sorted(failed, key=lambda r: (any(k in failed[r] for k in _KNOCK_ON), r))
+            if p.exitcode < 0:
+                signalled.add(r)
+    knock_on = {r for r, text in failed.items() if any(k in text for k in _KNOCK_ON)}
+    order = sorted(failed, key=lambda r: (r in knock_on, r))
     head = f"run_local: rank {order[0]} failed"
     if len(order) > 1:
         head += f" (then ranks {order[1:]})"
-    return head + ":\n" + "\n".join(f"--- rank {r} ---\n{failed[r]}" for r in order)
+    return GroupFailure(head + ":\n" + "\n".join(f"--- rank {r} ---\n{failed[r]}" for r in order),
+                        transient=set(failed) <= knock_on | signalled)
 
 
 def run_local(fn: Callable[..., Any], world_size: int, args: tuple = (), *, device: str = "cpu",
-              timeout_s: float = 600.0) -> list[Any]:
+              timeout_s: float = 600.0, retries: int = 0) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes in one process group; returns
-    the per-rank results in rank order. ``fn`` must be importable (a module-level function)."""
+    the per-rank results in rank order. ``fn`` must be importable (a module-level function). A run that fails
+    transiently (no rank raised on its own: a rank killed by a signal, the others' transport errors) is run again
+    up to ``retries`` times with a warning: measurements, whose runs are idempotent, pass 1; training does not."""
     if not isinstance(world_size, int) or world_size < 1:
         raise LaunchError(f"run_local: world_size={world_size!r}; expected a positive int")
     if device not in ("cpu", "cuda"):
@@ -91,6 +108,20 @@ def run_local(fn: Callable[..., Any], world_size: int, args: tuple = (), *, devi
     if device == "cuda" and torch.cuda.device_count() < world_size:
         raise LaunchError(f"run_local: world_size={world_size} on cuda; this machine has "
                           f"{torch.cuda.device_count()} GPUs")
+    if not isinstance(retries, int) or retries < 0:
+        raise LaunchError(f"run_local: retries={retries!r}; expected an int >= 0")
+    for attempt in range(retries + 1):
+        try:
+            return _run_once(fn, world_size, args, device, timeout_s)
+        except GroupFailure as e:
+            if not e.transient or attempt == retries:
+                raise
+            warnings.warn(f"run_local: {fn.__name__} failed transiently; running it again "
+                          f"({attempt + 1} of {retries}):\n{e}", RuntimeWarning, stacklevel=2)
+    raise AssertionError("unreachable")
+
+
+def _run_once(fn: Callable[..., Any], world_size: int, args: tuple, device: str, timeout_s: float) -> list[Any]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,14 +139,13 @@ def run_local(fn: Callable[..., Any], world_size: int, args: tuple = (), *, devi
                 except queue_mod.Empty:
                     dead = [r for r, p in enumerate(procs) if r not in got and p.exitcode not in (None, 0)]
                     if dead:   # died without reporting (killed, or failed before its first line)
-                        raise LaunchError(f"run_local: ranks {dead} exited with codes "
-                                          f"{[procs[r].exitcode for r in dead]} without a result") from None
+                        raise _failure_report({}, results, procs, got) from None
                     if time.monotonic() > deadline:
                         missing = sorted(set(range(world_size)) - set(got))
                         raise LaunchError(f"run_local: no result from ranks {missing} within {timeout_s} s") from None
                     continue
                 if not ok:
-                    raise LaunchError(_failure_report({rank: out}, results, procs, got))
+                    raise _failure_report({rank: out}, results, procs, got)
                 got[rank] = torch.load(io.BytesIO(out), weights_only=False)
         finally:
             for p in procs:

@@ -212,7 +212,7 @@ def measure_gloo(world_sizes: Sequence[int] = (2, 4), sizes: Sequence[int] = DEF
     fits: dict[str, dict[int, tuple[float, float]]] = {k: {} for k in COLLECTIVES}
     points: dict[str, dict[int, list[tuple[float, float]]]] = {k: {} for k in COLLECTIVES}
     for n in world_sizes:
-        res = run_local(_time_collectives, n, (list(sizes), repeats))
+        res = run_local(_time_collectives, n, (list(sizes), repeats), retries=1)
         for kind in COLLECTIVES:
             # the slowest rank's median: a collective ends when its last rank is done
             rows = [max(r[kind][i][1] for r in res) for i in range(len(sizes))]

@@ -248,7 +248,7 @@ def lockstep_load(world_size: int, comm: Any, *, iters: int = PROBE_ITERS) -> tu
 
     from tilestack.parallel.launch import run_local
     probe = LockstepProbe.calibrated()
-    ranks = run_local(_probe_rank, world_size, (probe, iters))
+    ranks = run_local(_probe_rank, world_size, (probe, iters), retries=1)
     work, collective, p2p = (statistics.median(max(r[i][k] for r in ranks) for i in range(iters)) for k in range(3))
     return (probe.slowdown(work, collective),
             *sync_delays(collective, p2p, comm, world_size, probe.message_bytes))

@@ -154,7 +154,7 @@ def _measure_one(plan: Plan, desc: ModelDesc, steps: int, warmup: int, dtype: st
     from tilestack.parallel.launch import run_local
     spec = dict(parallel=plan.parallel_kwargs(), model=desc.config, batch=plan.batch, seq=desc.seq, steps=steps,
                 dtype=dtype, probe=probe)
-    res = run_local(measure_rank, plan.world_size, (spec,), timeout_s=timeout_s)
+    res = run_local(measure_rank, plan.world_size, (spec,), timeout_s=timeout_s, retries=1)
     per_step = [max(r["seconds"][i] for r in res) for i in range(steps)][warmup:]
     worst = max(res, key=lambda r: r["peak_bytes"])
     return dict(plan=plan.label(), world_size=plan.world_size, step_s=min(per_step),

@@ -259,13 +259,14 @@ def measure_overheads(desc: ModelDesc, compute: ComputeModel, *, micro_batch: in
     from tilestack.parallel.launch import run_local
     batch = micro_batch * microbatches
     probe = LockstepProbe.calibrated()
-    out = run_local(_overhead_rank, 1, (desc.config, batch, desc.seq, microbatches, rounds, probe))[0]
+    out = run_local(_overhead_rank, 1, (desc.config, batch, desc.seq, microbatches, rounds, probe), retries=1)[0]
     blocks = [layer for layer in desc.layers if layer.kind == "block"]
     roots = [layer for layer in desc.layers if layer.kind != "block"]
     e = desc.dtype_bytes
     unit_bytes = [layer.params * e for layer in blocks] + [sum(layer.params for layer in roots) * e]
     tp_bytes = blocks[0].tp_comm_bytes * batch
-    typical = run_local(_group_rank, degree, (desc.config, batch, desc.seq, tp_bytes, unit_bytes, rounds, probe))[0]
+    typical = run_local(_group_rank, degree, (desc.config, batch, desc.seq, tp_bytes, unit_bytes, rounds, probe),
+                        retries=1)[0]
 
     def layers_s(tp: int) -> float:
         return sum(sum(compute.layer_times(i, batch, tp)) for i in range(len(desc.layers)))
