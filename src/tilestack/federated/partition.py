@@ -13,7 +13,27 @@ samples (it raises a ``ValueError`` naming the argument when that cannot be done
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
+
+
+def _require_int(where: str, name: str, value, low: int) -> int:
+    """``value`` as an int, refused unless it is an integer (not a bool; numpy integers are) >= ``low``. A float
+    (``num_clients=2.0``), a bool or a string failed deep in numpy ("'float' object cannot be interpreted as an
+    integer", an AxisError, "slice indices must be integers"), naming no argument; ``min_size=1.5`` was taken."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{where}: {name}={value!r}; expected an integer >= {low}")
+    return int(value)
+
+
+def _require_real(where: str, name: str, value, ok, expected: str) -> float:
+    """``value`` as a float, refused unless it is a real number (not a bool) for which ``ok`` holds: a string or None
+    failed in a comparison ("'<' not supported between instances of 'int' and 'str'")."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not ok(float(value)):
+        raise ValueError(f"{where}: {name}={value!r}; expected {expected}")
+    return float(value)
 
 
 def _check_common(num_samples: int, num_clients: int, min_size: int) -> None:
@@ -46,13 +66,16 @@ def dirichlet(
     from the client that holds the most, so the skew stays and every client can train.
     """
     labels = _labels(labels)
-    if not 0 < alpha < np.inf:  # inf made every draw NaN, and the fallback put each class on one client
-        raise ValueError(f"dirichlet: alpha={alpha!r}; expected a finite number > 0 (large: close to IID)")
+    num_clients = _require_int("dirichlet", "num_clients", num_clients, 1)
+    # inf made every draw NaN, and the fallback put each class on one client
+    alpha = _require_real("dirichlet", "alpha", alpha, lambda v: 0 < v < math.inf,
+                          "a finite number > 0 (large: close to IID)")  # fmt: skip
+    seed = _require_int("dirichlet", "seed", seed, 0)
+    min_size = _require_int("dirichlet", "min_size", min_size, 0)
+    max_tries = _require_int("dirichlet", "max_tries", max_tries, 1)
     _check_common(len(labels), num_clients, min_size)
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
-    if max_tries < 1:
-        raise ValueError(f"dirichlet: max_tries={max_tries!r}; expected >= 1")
     for _ in range(max_tries):
         parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
         for c in classes:
@@ -91,8 +114,9 @@ def shards(labels: np.ndarray, num_clients: int, classes_per_client: int = 2, *,
     """Pathological non-IID (McMahan et al.): sort by label, cut into ``num_clients * classes_per_client``
     shards, give each client ``classes_per_client`` random shards, so most clients see that many classes."""
     labels = _labels(labels)
-    if classes_per_client < 1:
-        raise ValueError(f"shards: classes_per_client={classes_per_client!r}; expected >= 1")
+    num_clients = _require_int("shards", "num_clients", num_clients, 1)  # (-1 was named as num_clients=-2, the shards)
+    classes_per_client = _require_int("shards", "classes_per_client", classes_per_client, 1)
+    seed = _require_int("shards", "seed", seed, 0)
     num_shards = num_clients * classes_per_client
     _check_common(len(labels), num_shards, 1)
     rng = np.random.default_rng(seed)
@@ -109,8 +133,12 @@ def quantity_skew(
     num_samples: int, num_clients: int, sigma: float = 1.0, *, seed: int = 0, min_size: int = 1
 ) -> list[np.ndarray]:
     """Quantity skew: IID samples, client sizes proportional to lognormal(0, sigma) draws (sigma=0: equal)."""
-    if not 0 <= sigma < np.inf:  # NaN or inf made the sizes garbage (clients below min_size, samples lost)
-        raise ValueError(f"quantity_skew: sigma={sigma!r}; expected a finite number >= 0")
+    num_samples = _require_int("quantity_skew", "num_samples", num_samples, 0)
+    num_clients = _require_int("quantity_skew", "num_clients", num_clients, 1)
+    # NaN or inf made the sizes garbage (clients below min_size, samples lost)
+    sigma = _require_real("quantity_skew", "sigma", sigma, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+    seed = _require_int("quantity_skew", "seed", seed, 0)
+    min_size = _require_int("quantity_skew", "min_size", min_size, 0)
     _check_common(num_samples, num_clients, min_size)
     rng = np.random.default_rng(seed)
     weights = rng.lognormal(0.0, sigma, num_clients)
