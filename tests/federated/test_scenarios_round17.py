@@ -28,8 +28,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _fl_round5 import make_grid, np_, scripted
+from _fl_round9 import keep, krum_pick, near
+from _fl_round17 import client_models, clipped_mean, fedavgm, ordered_script, qfedavg, tiny_task
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    FedAvgM,
+    Krum,
+    MultiKrum,
+    QFedAvg,
+)
 
-from tilestack.federated import partition
+from tilestack.federated import initial_arrays, partition, run_rounds
 
 LABELS = np.repeat(np.arange(5), 40)  # 200 examples of 5 classes
 
@@ -81,3 +92,56 @@ def test_dirichlet_label_skew_covers_every_example_once_and_numpy_arguments_give
         assert counts.min() >= 0.5 * (40 / 7)
     if alpha == 0.02:  # strong skew: most clients hold most of their examples in one class
         assert np.median(counts.max(axis=1) / counts.sum(axis=1)) > 0.6
+
+
+# ---- a reply's arrays in an order of the client's own ----------------------------------------------------------------
+TRAIN_ONLY = dict(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1)
+PAIRING_RULES = {
+    "FedAvgM": lambda: FedAvgM(**TRAIN_ONLY, server_learning_rate=0.7, server_momentum=0.9),
+    "DP fixed clipping": lambda: DifferentialPrivacyServerSideFixedClipping(FedAvg(**TRAIN_ONLY), 0.0, 0.8, 5),
+    "Krum": lambda: Krum(**TRAIN_ONLY, num_malicious_nodes=1),
+    "MultiKrum": lambda: MultiKrum(**TRAIN_ONLY, num_malicious_nodes=1, num_nodes_to_select=3),
+    "QFedAvg": lambda: QFedAvg(**TRAIN_ONLY, q=0.5, client_learning_rate=0.2, train_loss_key="train-loss"),
+}  # fmt: skip
+
+
+def _by_hand(name: str, rounds: int, x0: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """The global model after each round, the rule written out by name in float64 and rounded to float32."""
+    pids, weights, out, x, m = range(5), {p: p + 1 for p in range(5)}, [], x0, None
+    for rnd in range(1, rounds + 1):
+        models = client_models(x, rnd, pids)
+        if name == "FedAvgM":
+            new, m = fedavgm(x, models, weights, m, lr=0.7, beta=0.9)
+        elif name == "DP fixed clipping":
+            new = clipped_mean(x, models, weights, 0.8)
+        elif name == "Krum":
+            new = models[krum_pick(models, 1)]
+        elif name == "QFedAvg":
+            new = qfedavg(x, models, {p: 0.5 + p for p in pids}, q=0.5, client_lr=0.2)
+        else:
+            raise AssertionError(name)
+        x = {k: v.astype(np.float32) for k, v in new.items()}
+        out.append(x)
+    return out
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", sorted(PAIRING_RULES))
+def test_replies_listing_their_arrays_in_another_order_are_paired_by_name_under_rules_that_pair_by_position(name):
+    task = tiny_task()
+    runs = {}
+    for reorder in (False, True):
+        models: list = []
+        result = run_rounds(PAIRING_RULES[name](), make_grid(scripted(ordered_script(reorder)), task),
+                            initial_arrays(task), num_rounds=3, extra_metrics=keep(models))  # fmt: skip
+        assert [r.num_aggregated for r in result.history.rounds] == [5, 5, 5]
+        assert not any(r.excluded or r.skipped for r in result.history.rounds)
+        runs[reorder] = (models, list(result.arrays.keys()))
+    for got, want in zip(runs[True][0], runs[False][0], strict=True):  # the order a client lists its arrays in is
+        assert got.keys() == want.keys()  # no input
+        for k in want:
+            assert got[k].shape == want[k].shape and np.array_equal(got[k], want[k]), (k, got[k], want[k])
+    if name != "MultiKrum":  # (MultiKrum's own pick and mean: round 6, against the in-order run above)
+        for got, want in zip(runs[True][0], _by_hand(name, 3, np_(initial_arrays(task))), strict=True):
+            near(got, want, ulps=4)
+    assert runs[True][1] == runs[False][1] == ["fc.weight", "fc.bias"]  # the model keeps its own order

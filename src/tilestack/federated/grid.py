@@ -221,24 +221,45 @@ def _sent_dtypes(sent: RecordDict) -> dict[str, np.dtype]:
 AGGREGATION_DTYPE = np.dtype(np.float64)  # float16, float32 and float64 values all widen to it exactly
 
 
+def _sent_order(sent: RecordDict) -> dict[str, int]:
+    """Each array name a reply may carry -> its place in the order the server sent the model (SCAFFOLD's
+    ``scaffold.dc.*`` changes after the model, in the order of ``scaffold-c``)."""
+    order: dict[str, int] = {}
+    for name, rec in sent.array_records.items():
+        for k in rec:
+            key = SCAFFOLD_DC_PREFIX + k if name == SCAFFOLD_C else k.rpartition(CLUSTER_SEP)[2]
+            order.setdefault(key, len(order))
+    return order
+
+
 def for_aggregation(sent: RecordDict, reply: Message) -> Message:
     """``reply`` with each plain floating-point array that the server sent as floating point in float64, so that
     the strategy's sums are exact to float64 whatever the clients' dtypes (compressed arrays are updates the
-    strategy's wrapper expands, left as they are)."""
+    strategy's wrapper expands, left as they are), and its arrays in the order the server sent them. An ArrayRecord
+    is a mapping by name, but Flower's FedAvgM, Krum / MultiKrum, QFedAvg and its DP wrappers pair a reply's arrays
+    with the global model's by position (``to_numpy_ndarrays``): a client that sent its arrays in another order
+    (fc.bias before fc.weight, as a dict sorted by name) made FedAvgM's fc.bias the (3, 3) difference of a weight and
+    a bias, and server-side DP clipping took norms of such differences, without a word."""
     dtypes = _sent_dtypes(sent)
+    order = _sent_order(sent)
 
     def differs(k: str, a) -> bool:
         want = dtypes.get(_canonical(k))
         return (a.stype == codec.NUMPY_STYPE and want is not None and want.kind == "f"
                 and np.dtype(a.dtype) != AGGREGATION_DTYPE)  # fmt: skip
 
-    if not any(differs(k, a) for rec in reply.content.array_records.values() for k, a in rec.items()):
+    def ordered(rec: ArrayRecord) -> list[str]:
+        return sorted(rec, key=lambda k: order.get(k, len(order)))  # (stable: names never sent keep their order)
+
+    if not any(differs(k, a) for rec in reply.content.array_records.values() for k, a in rec.items()) and all(
+        list(rec) == ordered(rec) for rec in reply.content.array_records.values()
+    ):
         return reply
     content = RecordDict()
     for name, rec in reply.content.items():
         if isinstance(rec, ArrayRecord):
-            rec = ArrayRecord({k: codec.encode(codec.decode(a).astype(AGGREGATION_DTYPE)) if differs(k, a)
-                               else a for k, a in rec.items()})  # fmt: skip
+            rec = ArrayRecord({k: codec.encode(codec.decode(rec[k]).astype(AGGREGATION_DTYPE)) if differs(k, rec[k])
+                               else rec[k] for k in ordered(rec)})  # fmt: skip
         content[name] = rec
     return Message(content=content, metadata=reply.metadata)
 
