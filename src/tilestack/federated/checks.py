@@ -250,6 +250,23 @@ def check_record_keys(strategy: Strategy) -> None:
                 )
 
 
+METRIC_FUNCTIONS = ("train_metrics_aggr_fn", "evaluate_metrics_aggr_fn")  # Flower's FedAvg family: fn(records, key)
+
+
+def check_metric_functions(strategy: Strategy) -> None:
+    """Refuse a metrics aggregation function (Flower's ``train_metrics_aggr_fn`` / ``evaluate_metrics_aggr_fn``, at
+    every level) that is no function: Flower stores what it is given and calls it only once a round's replies are in,
+    so ``FedAvg(evaluate_metrics_aggr_fn=3)`` ended the run with "'int' object is not callable" after round 1's clients
+    had trained, the round's work lost."""
+    for s in strategy_levels(strategy):
+        for attr in METRIC_FUNCTIONS:
+            fn = vars(s).get(attr)
+            if attr in vars(s) and not callable(fn):
+                raise TypeError(f"{type(s).__name__}: {attr} is a {type(fn).__name__}; expected a function "
+                                "(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord, or None "
+                                "for Flower's weighted mean")  # fmt: skip
+
+
 def _sampling_strategy(strategy: Strategy, num_nodes: int) -> tuple[Strategy, int, str]:
     """The innermost strategy (the one that samples), how many nodes it is shown, and why that many."""
     s, nodes, why = strategy, num_nodes, f"the {num_nodes} node{'s' if num_nodes != 1 else ''} of the run"
@@ -274,6 +291,7 @@ def check_strategy(strategy: Strategy, num_nodes: int, task=None) -> None:
         raise TypeError(f"strategy is {what}; expected a flwr.serverapp.strategy.Strategy (e.g. FedAvg(...))")
     check_hyperparameters(strategy)
     check_record_keys(strategy)
+    check_metric_functions(strategy)
     if task is not None:
         for s in strategy_levels(strategy):
             if callable(check_task := getattr(type(s), "check_task", None)):
