@@ -224,6 +224,14 @@ def _sparse_product_flops(func: Any, args: tuple, kwargs: dict) -> float:
     return float(formulas.FLOPS_PER_MAC * _numel(sparse) * dense_lines)
 
 
+def _sampled_product_flops(func: Any, args: tuple, kwargs: dict) -> float:
+    """sparse_sampled_addmm(mask, mat1 (..., M, K), mat2 (..., K, N)): mat1 @ mat2 formed only where the sparse
+    ``mask`` stores an element, 2 * nnz * K (the product, as torch counts addmm's; the scaling by alpha and the
+    mask's values added by beta left out, as there)."""
+    mask, a = _argument(func, args, kwargs, "self"), _argument(func, args, kwargs, "mat1")
+    return float(formulas.FLOPS_PER_MAC * _numel(mask) * a.shape[-1])
+
+
 def has_flop_formula(func: Any) -> bool:
     """Whether :func:`_flops` counts ``func`` by a formula (a count of 0 from one is a true 0, e.g. batch 0)."""
     import torch
@@ -282,6 +290,12 @@ OWN_FLOPS: dict[str, Rule] = {
     **counting_optim.OPTIMIZER_FLOPS,  # fused optimizers, grad scalers
     # torch.sparse.mm / addmm of a sparse COO operand: by its stored elements, as a compressed one's matmul
     "aten._sparse_addmm": lambda func, args, kwargs, out: _sparse_product_flops(func, args, kwargs),
+    # the other products of a sparse operand (profiler round 16: each was reported uncounted): torch.hspmm and
+    # torch.smm (aten.sspaddmm) by the sparse left operand's stored elements, as torch.sparse.mm; SDDMM
+    # (torch.sparse.sampled_addmm) a dot product of K at each stored element of its sparse mask
+    "aten.hspmm": lambda func, args, kwargs, out: _sparse_product_flops(func, args, kwargs),
+    "aten.sspaddmm": lambda func, args, kwargs, out: _sparse_product_flops(func, args, kwargs),
+    "aten.sparse_sampled_addmm": lambda func, args, kwargs, out: _sampled_product_flops(func, args, kwargs),
 }
 # Ops whose 0 FLOPs is the count (data movement, bookkeeping); any other op with no formula is reported as
 # uncounted (``ModelProfile.unsupported``), not shown as free. Names without ``aten.`` and a trailing ``_``.
