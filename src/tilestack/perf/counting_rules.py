@@ -239,6 +239,17 @@ def _per_element(name: str, flops_per_element: float) -> Rule:
     return count
 
 
+def _allclose_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """allclose(a, b): isclose over the broadcast of a and b, and the all() of its answers; a kernel below the
+    dispatch mode, so its isclose never reached the counting pass as the ops it runs (profiler round 16: a solver
+    stopping on allclose showed the op uncounted)."""
+    import torch
+
+    a, b = _argument(func, args, kwargs, "self"), _argument(func, args, kwargs, "other")
+    elements = math.prod(torch.broadcast_shapes(a.shape, b.shape))
+    return float(formulas.ALLCLOSE_FLOPS_PER_ELEMENT * elements)
+
+
 def _elementwise_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     """An element-wise op torch does not tag pointwise (hardswish, an activation's backward, GLU, PReLU):
     1 FLOP per element of its first output, as a tagged one is counted. Not of every output: a second output
@@ -697,6 +708,7 @@ LAYER_FLOPS: dict[str, Rule] = {
     **{f"aten.{op}": _per_element("output", formulas.SOFTMAX_BWD_FLOPS_PER_ELEMENT)
        for op in ("_sparse_softmax_backward_data", "_sparse_log_softmax_backward_data")},
     "aten._sparse_sum": _accumulate_flops("self"),
+    "aten.allclose": _allclose_flops,
     # All / any of a tensor (torch.distributions' argument checks): one compare per element, as a reduction.
     **{f"aten.{op}": _accumulate_flops("self") for op in ("_is_all_true", "_is_any_true")},
     # Fake quantization (quantization-aware training): a quantize and a dequantize per element; the fused observer

@@ -110,6 +110,9 @@ NORM_FLOPS_PER_ELEMENT = 2
 NORM_POWER_FLOPS_PER_ELEMENT = 3  # |x|^p for an order p other than 0, 1, 2, inf: abs, power, accumulate
 NORM_CHEAP_ORDERS = (0, 1, 2, float("inf"), float("-inf"))
 POLAR_FLOPS_PER_ELEMENT = 4  # r cos(theta) + i r sin(theta): a cosine, a sine, two multiplies
+# torch.allclose(a, b): isclose per element, |a - b| (2) <= atol + rtol * |b| (3) and its compare (1), then the
+# all() that folds the answers (1)
+ALLCLOSE_FLOPS_PER_ELEMENT = 7
 # Margin losses, per element of the input (N, C): margin - x[y] + x[i] (2), the hinge (1), the sum (1); the
 # backward compares, scales dy and adds into x[y]'s gradient. A multi-label margin loss does that per pair of a
 # target and a non-target class of each row.
