@@ -247,7 +247,7 @@ def make_step(model: Callable[..., Any], inputs: Any, *, train: bool = False) ->
     check_call(model, inputs)  # now, not when the step first runs
     if train:
         check_leaf_inputs(inputs)
-    args, kwargs = as_call(inputs)
+    args, kwargs = as_call(inputs, model)
     params = list(model.parameters()) if train and isinstance(model, torch.nn.Module) else []
     needs_grad: list[bool] = []  # decided by the first forward-only call: [True] where the model needs gradients
 

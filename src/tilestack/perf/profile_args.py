@@ -12,13 +12,38 @@ from tilestack.perf.counting import ProfileError, _tensors
 from tilestack.perf.profile_render import describe
 
 
-def as_call(inputs: Any) -> tuple[tuple, dict]:
-    """inputs as (args, kwargs): a dict gives keyword arguments, a tuple or list positional ones, else one."""
+def as_call(inputs: Any, model: Any = None) -> tuple[tuple, dict]:
+    """inputs as (args, kwargs): a dict gives keyword arguments, a tuple or list positional ones, else one. A
+    namedtuple (a record: a batch of tokens and mask) is spread into its fields where they fit ``model``'s
+    signature, and is one argument where only that fits: given bare, a record taken by a forward(batch) was spread
+    and refused as 'too many positional arguments' (profiler round 16), as a PackedSequence was before round 15."""
     if isinstance(inputs, Mapping):
         return (), dict(inputs)
     if isinstance(inputs, tuple | list) and not _is_packed_sequence(inputs):
+        if hasattr(inputs, "_fields") and model is not None and not _fits(model, tuple(inputs)) and _fits(
+            model, (inputs,)
+        ):
+            return (inputs,), {}
         return tuple(inputs), {}
     return (inputs,), {}
+
+
+def _fits(model: Any, args: tuple) -> bool:
+    """Whether positional ``args`` bind to the signature of ``model`` (a module's forward); True where it has none
+    to check against (a builtin)."""
+    import inspect
+
+    import torch
+
+    try:
+        sig = inspect.signature(model.forward if isinstance(model, torch.nn.Module) else model)
+    except (TypeError, ValueError):
+        return True
+    try:
+        sig.bind(*args)
+    except TypeError:
+        return False
+    return True
 
 
 def _is_packed_sequence(obj: Any) -> bool:
@@ -195,7 +220,7 @@ def check_arguments(
         sig = inspect.signature(model.forward if is_module else model)
     except (TypeError, ValueError):
         return  # a builtin or C callable: no signature to check against
-    args, kwargs = as_call(inputs)
+    args, kwargs = as_call(inputs, model)
     try:
         sig.bind(*args, **kwargs)
     except TypeError as e:
