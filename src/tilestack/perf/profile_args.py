@@ -131,6 +131,11 @@ def check_call(model: Any, inputs: Any) -> None:
         _refuse("model", model, "a torch.nn.Module or a callable taking the inputs")
     if isinstance(model, type):  # nn.Linear, not nn.Linear(8, 8): calling it would build a module, not run one
         _refuse("model", model, f"a model instance, not its class (build one first: {model.__name__}(...))")
+    if type(model).__name__ == "ExportedProgram" and type(model).__module__.startswith("torch.export"):
+        # callable, but its __call__ only raises "Unable to call ExportedProgram directly": it failed in the warm-up,
+        # after the checks (profiler round 16)
+        _refuse("model", model, "a callable model: an ExportedProgram runs through its module "
+                "(profile exported.module())")
     if _lacks_forward(model):
         # nn.Module's placeholder forward takes any arguments, so the signature check let a ModuleList, ModuleDict or
         # bare Module through, to fail in the warm-up (profiler round 15)
