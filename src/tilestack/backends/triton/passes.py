@@ -28,6 +28,7 @@ TMA_MAX_BOX = 256   # elements per dimension of one copy-engine transfer (a wide
 MAX_NUMEL = 2**20   # elements of one Triton tensor (triton.language's TRITON_MAX_TENSOR_NUMEL)
 DOT_MIN_DIM = 16    # tl.dot's smallest tile dimension (a product with a smaller one is a broadcast sum: codegen)
 TMA_MAX_RANK = 5    # dimensions a copy-engine descriptor addresses (a global of more goes through pointers)
+TMA_MIN_ROW_BYTES = 16   # bytes the innermost box dimension moves at least (a narrower tile goes through pointers)
 
 
 # no emitter: erased (turns order warp roles, which Triton has none of)
@@ -135,13 +136,15 @@ def _check_small_product(ins: Instr) -> None:
                            "products")
 
 
-def uses_tma(rank: int, shape: tuple[int, ...], space: Space | None) -> bool:
+def uses_tma(rank: int, shape: tuple[int, ...], space: Space | None, itemsize: int) -> bool:
     """Loads into shared tiles and stores of 2-D tiles go through the copy engine when the layout allows it
     (checked at launch): TMA fetches whole tiles, zero-fills past the edges and clips stores. A global of more than
     TMA_MAX_RANK dimensions (e.g. a convolution's window view) goes through pointers: Triton's pipeliner fails on a
-    descriptor of more ("TMA copies must have between 1 and 5 coordinates")."""
+    descriptor of more ("TMA copies must have between 1 and 5 coordinates"). So does a tile whose rows are narrower
+    than TMA_MIN_ROW_BYTES (a (BM, 1) column of f64): Triton refuses its descriptor when the kernel is compiled
+    ("Descriptor block shape must have at least 16 bytes in the last dimension")."""
     return (len(shape) == 2 and 2 <= rank <= TMA_MAX_RANK and space is not Space.REG
-            and max(shape) <= TMA_MAX_BOX)
+            and max(shape) <= TMA_MAX_BOX and shape[-1] * itemsize >= TMA_MIN_ROW_BYTES)
 
 
 def choose_access(tma: bool):
@@ -152,11 +155,13 @@ def choose_access(tma: bool):
             # a masked store too: the copy engine writes whole boxes, clipped only at the global's edges)
             copy_engine = tma and ins.op in (Op.LOAD, Op.STORE) and ins.srcs[0].type.dtype is not bool_ \
                 and mask_of(ins) is None
+            g = ins.srcs[0].type if ins.op in (Op.LOAD, Op.STORE, Op.ATOMIC_ADD) else None
             if ins.op is Op.LOAD:
                 t = ins.result.type
-                via = "tma" if copy_engine and uses_tma(ins.srcs[0].type.rank, t.shape, t.space) else "pointer"
+                via = "tma" if copy_engine and uses_tma(g.rank, t.shape, t.space, g.dtype.itemsize) \
+                    else "pointer"
             elif ins.op is Op.STORE:
-                via = "tma" if copy_engine and uses_tma(ins.srcs[0].type.rank, ins.srcs[1].type.shape, None) \
+                via = "tma" if copy_engine and uses_tma(g.rank, ins.srcs[1].type.shape, None, g.dtype.itemsize) \
                     else "pointer"
             elif ins.op is Op.ATOMIC_ADD:
                 via = "pointer"
