@@ -19,8 +19,13 @@ What this round found, fixed and kept as its test:
   Thomas algorithm, a (BM, 8) tile of u8 / i8 pixels) into a global the copy engine can address (contiguous, rows 16
   bytes aligned) went through a TMA descriptor, which Triton refused deep in its compile: "Descriptor block shape must
   have at least 16 bytes in the last dimension". Such a tile goes through pointers now (backends.triton.passes.
-  uses_tma, as Gluon's tma_box_ok already did): test_heldout_round19_more.py::test_thomas_tridiagonal_solve and
-  test_narrow_integer_tiles_store_into_aligned_outputs.
+  uses_tma, as Gluon's tma_box_ok already did; loads into shared tiles as thin, an f16 (16, 4) GEMM operand, the
+  same): test_heldout_round19_more.py::test_thomas_tridiagonal_solve, test_narrow_integer_tiles_store_into_aligned_
+  outputs and test_skinny_tiles_load_into_shared_from_aligned_operands.
+No kernel gave a wrong answer on either executor, and every bad launch tried was refused before any work, naming the
+argument. Left as designed: fill(t, x) of a runtime float is refused with the recipe (zero, then add x), which the
+Julia set's constant follows (test_heldout_kernels.py::test_fill_with_a_runtime_scalar_says_how pins the refusal);
+mma refuses f64 operands by name (the complex GEMM keeps f64 planes out).
 """
 
 import math

@@ -1,7 +1,8 @@
 """Round 19 of held-out kernels, continued (see test_heldout_round19.py's docstring): the Thomas algorithm for batched
 tridiagonal systems (LAPACK gtsv's job: a program per block of systems, (BM, 1) column tiles, a forward sweep over a
 runtime n storing the modified super-diagonal and right-hand side, then a loop counting down reading back what the same
-program stored; f32 and f64, n = 1, 2, 4, none; the diagonals as column slices of one (S, n, 3) tensor); escape-time
+program stored; f32 and f64, n = 1, 2, 4, none; the diagonals as column slices of one (S, n, 3) tensor), with a GEMM
+and an element-wise kernel of tiles narrower than 16 bytes a row for the same fix; escape-time
 fractals (Mandelbrot and Julia sets: the plane's points made in the kernel from runtime float origins and steps, the
 orbit frozen by where once |z| passes 2 and the iteration counted, in f32 and f64 where a float argument stays f64,
 compared point for point with the same recurrence in NumPy of that dtype); a one-level 2-D Haar wavelet transform and
@@ -136,6 +137,37 @@ def test_narrow_integer_tiles_store_into_aligned_outputs(backend, dtype, BN):
                                                                                .view(np.int8).copy())
     assert torch.equal(y, want)
     assert y[0, 0].item() == (0 if dtype is U8 else -128 if dtype is I8 else 128)
+
+
+@ts.kernel(grid=lambda C, BM, BN: (ts.cdiv(C.shape[0], BM), ts.cdiv(C.shape[1], BN)))
+def skinny_gemm(A, B, C, *, BM: int = 16, BN: int = 4, BK: int = 4):
+    """C = A B with tiles thinner than a matrix unit's (products summed from their (M, K, N) products by the Triton
+    backend), the operands staged in shared tiles. Grid: (M blocks, N blocks)."""
+    i, j = ts.block_id(0), ts.block_id(1)
+    a = ts.SharedTile[A.dtype, BM, BK]()
+    b = ts.SharedTile[B.dtype, BK, BN]()
+    acc = ts.RegTile[ts.f32, BM, BN]()
+    ts.zero(acc)
+    for k in ts.range(ts.cdiv(A.shape[1], BK)):
+        ts.load(a, A, at=(i, k))
+        ts.load(b, B, at=(k, j))
+        ts.mma_AB(acc, a, b, acc)
+    c = ts.RegTile[C.dtype, BM, BN]()
+    ts.copy(c, acc)
+    ts.store(C, c, at=(i, j))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, F16])
+@pytest.mark.parametrize(("BM", "BN", "BK"), [(16, 4, 4), (16, 1, 8), (4, 8, 2)])
+def test_skinny_tiles_load_into_shared_from_aligned_operands(backend, dtype, BM, BN, BK, rng):
+    """Loads into shared tiles of 4, 8 or 16 bytes a row (an f16 (16, 4) A tile, a (8, 1) B column) from contiguous,
+    16-byte aligned operands: through pointers, as the narrow stores (a copy-engine box of them failed to compile)."""
+    a = torch.from_numpy(rng.standard_normal((32, 24))).to(dtype)
+    b = torch.from_numpy(rng.standard_normal((24, 16))).to(dtype)
+    c = torch.full((32, 16), math.nan, dtype=dtype)
+    launch(skinny_gemm, backend, a, b, c, BM=BM, BN=BN, BK=BK)
+    close(c, a.double() @ b.double(), scale=8)
 
 
 # ---- 2. escape-time fractals -----------------------------------------------------------------------------------
