@@ -5,12 +5,14 @@ written-out qk-norm, soft-capped scores and Gemma's RMSNorm through the compiled
 ``torch._dynamo.mark_dynamic`` on batch and sequence at three shapes (the mask and the window rebuilt at each length);
 a tiny LM whose head is tied to its embedding, with one Linear used twice and a one-output Linear skipped, quantized
 int8 and fp8 (the head's error bounded by the quantization step computed here from the weights, the embedding left
-float and named, the compiled model its eager self); bad input: a model with no Linear, a float64 model, integer
-activations. Helpers and the reference-backend fixture from test_unseen_models_round1 and test_unseen_round9.
+float and named, the compiled model its eager self); bad input: a model with no Linear (norms alone), a float64
+model, integer activations. Helpers, the reference-backend fixture: test_unseen_models_round1, test_unseen_round9.
 
-What this round found: ``tilestack.quantize`` of a model with no ``nn.Linear`` (an embedding and norms) returned it
-unchanged, in float, without a word, for every mode, and ran fp8-act's calibration for nothing; it is refused now
-before any work, naming the model and the layers with weights it holds (``quant.linear.quantize``)."""
+What this round found: ``tilestack.quantize`` of a model with no ``nn.Linear`` and no other layer with weights (norms
+and activations alone) returned it unchanged, in float, without a word, for every mode, and ran fp8-act's
+calibration for nothing; it is refused now before any work, naming the model and what is expected
+(``quant.linear.quantize``). One with an embedding or a convolution was and is told so by the left-in-float
+warning."""
 
 from __future__ import annotations
 
@@ -154,24 +156,27 @@ def test_quantized_tied_lm(mode):
 
 @pytest.mark.parametrize("mode", ["int8", "fp8", "fp8-act"])
 def test_quantize_a_model_without_linear_layers_is_refused(mode):
-    """An embedding, a LayerNorm and a GELU: nothing quantize replaces. It came back unchanged, in float, without a
-    word (fp8-act ran its calibration first); refused now, naming the model, the embedding it holds and what is
-    expected, before any calibration batch runs."""
+    """Norms and an activation alone: nothing quantize replaces and nothing it could name. The model came back
+    unchanged, in float, without a word (fp8-act ran its calibration batches first); refused now, naming the model
+    and what is expected, before any calibration batch runs. With an embedding (a weight matrix left in float) the
+    warning names it, as round 9's bare Conv2d (nothing quantized, the model named): that is said already."""
     ran = []
 
     def batches():
         ran.append(True)
-        yield torch.zeros(2, 3, dtype=torch.long)
+        yield torch.zeros(2, D)
 
-    model = seeded(NormsOnly)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with pytest.raises(LaunchError, match=r"model \(NormsOnly\) has no nn.Linear layer to quantize; its layers "
-                                              r"with weights: emb \(Embedding\); expected a model with nn.Linear"):
-            tilestack.quantize(model, mode, calibration=batches() if mode == "fp8-act" else None)
+        with pytest.raises(LaunchError, match=r"model \(NormsOnly\) has no nn.Linear layer to quantize and no other "
+                                              r"layer with weights .*; expected a model with nn.Linear layers"):
+            tilestack.quantize(seeded(NormsOnly), mode, calibration=batches() if mode == "fp8-act" else None)
+        with pytest.raises(LaunchError, match=r"model \(LayerNorm\) has no nn.Linear layer to quantize"):
+            tilestack.quantize(torch.nn.LayerNorm(D), mode, calibration=batches() if mode == "fp8-act" else None)
     assert not ran
-    with pytest.raises(LaunchError, match=r"model \(LayerNorm\) has no nn.Linear layer to quantize; expected"):
-        tilestack.quantize(torch.nn.LayerNorm(D), "int8")
+    model = seeded(NormsOnly, embed=True)
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) with weights left in float .*: emb \(Embedding\)"):
+        assert tilestack.quantize(model, "int8") is model
 
 
 def test_quantize_bad_dtypes_are_named():

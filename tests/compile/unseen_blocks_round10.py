@@ -320,11 +320,12 @@ class TiedLM(nn.Module):
 
 
 class NormsOnly(nn.Module):
-    """No Linear at all: an embedding, a LayerNorm and a GELU."""
+    """No Linear at all: a LayerNorm, a GELU, an RMSNorm (``embed``: an Embedding first, reading token ids)."""
 
-    def __init__(self):
+    def __init__(self, embed: bool = False):
         super().__init__()
-        self.emb, self.norm = nn.Embedding(10, D), nn.LayerNorm(D)
+        self.emb = nn.Embedding(10, D) if embed else None
+        self.norm, self.rms = nn.LayerNorm(D), nn.RMSNorm(D)
 
-    def forward(self, ids):
-        return F.gelu(self.norm(self.emb(ids)))
+    def forward(self, x):
+        return self.rms(F.gelu(self.norm(x if self.emb is None else self.emb(x))))

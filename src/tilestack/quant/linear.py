@@ -303,12 +303,11 @@ def quantize(model: nn.Module, mode: str = "int8", *, calibration=None, skip=())
             aliases.setdefault(id(m), []).append(n)
     linears = [n for names in aliases.values() for n in names]
     floats = _left_in_float(model, aliases)
-    if not linears:      # a model with nothing quantize can replace came back as it was, in float, without a word
-        # (one of norms and activations alone, one of convolutions, nn.MultiheadAttention's subclassed out_proj)
-        held = f"; its layers with weights: {', '.join(f'{n or type(model).__name__} ({why})' for n, why in floats)}" \
-            if floats else ""
-        raise LaunchError(f"quantize: model ({type(model).__name__}) has no nn.Linear layer to quantize{held}; "
-                          "expected a model with nn.Linear layers (tilestack.quantize replaces those only)")
+    if not linears and not floats:    # norms and activations alone: nothing to quantize, and the model came back
+        # unchanged, in float, without a word (one with convolutions or embeddings is told so by the warning below)
+        raise LaunchError(f"quantize: model ({type(model).__name__}) has no nn.Linear layer to quantize and no other "
+                          "layer with weights (norms and activations alone); expected a model with nn.Linear layers "
+                          "(tilestack.quantize replaces those only)")
     # a skip name may also acknowledge a layer quantize cannot take (a Conv2d), which silences its report below
     unmatched = [s for s in skip if not any(_named(n, s) for n in linears + [n for n, _ in floats])]
     if unmatched:     # a typo would quantize the layer meant to stay in float without a word; a generic name
