@@ -894,15 +894,47 @@ def test_gluon_says_which_accumulator_rows_or_warps_a_wgmma_takes():
     assert "warpgroup_mma" in be.source(traced, be.Options(num_warps=4))
 
 
-def test_fill_with_a_runtime_scalar_says_how():
-    @ts.kernel(grid=lambda: (1,))
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_fill_with_a_runtime_scalar(backend):
+    """A run-time value fills a float tile (-0.0, inf and NaN as they are: -0.0 + value keeps the sign) and an integer
+    one; a float value into an integer tile, and any run-time value into a bool_ mask, are refused naming fill."""
+    @ts.kernel(grid=lambda Out, s: (1,))
     def fill_runtime(Out, s: float):
         t = ts.RegVec[ts.f32, 16]()
         ts.fill(t, s)
         ts.store(Out, t, at=(0,))
 
-    with pytest.raises(TraceError, match=r"fill: value must be a Python number .* got Scalar.*zero\(dst\) then add"):
-        fill_runtime.trace(ts.ArgSpec(ts.f32, 1), "float")
+    @ts.kernel(grid=lambda Out, n: (1,))
+    def fill_int(Out, n: int):
+        t = ts.RegVec[ts.i32, 16]()
+        ts.fill(t, n - 1)
+        ts.store(Out, t, at=(0,))
+
+    for value in (3.25, -0.0, float("inf"), float("nan"), -1e30):
+        out = torch.full((16,), 7.0)
+        fill_runtime(out, value, backend=backend)
+        want = torch.full((16,), value)
+        assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out[~out.isnan()], want[~want.isnan()])
+        assert torch.equal(out.signbit(), want.signbit()), value
+    out = torch.full((16,), 7, dtype=torch.int32)
+    fill_int(out, -4, backend=backend)
+    assert torch.equal(out, torch.full((16,), -5, dtype=torch.int32))
+
+    @ts.kernel(grid=lambda Out, s: (1,))
+    def fill_int_float(Out, s: float):
+        t = ts.RegVec[ts.i32, 16]()
+        ts.fill(t, s)
+        ts.store(Out, t, at=(0,))
+
+    @ts.kernel(grid=lambda Out, s: (1,))
+    def fill_mask(Out, s: float):
+        t = ts.RegVec[ts.bool_, 16]()
+        ts.fill(t, s)
+
+    with pytest.raises(TileDTypeError, match=r"fill: `t` is i32 and value is a float Scalar"):
+        fill_int_float.trace(ts.ArgSpec(ts.i32, 1), "float")
+    with pytest.raises(TraceError, match=r"fill: value must be a Python number .* got Scalar"):
+        fill_mask.trace(ts.ArgSpec(ts.i32, 1), "float")
 
 
 def test_a_float_grid_is_refused_naming_the_axis():

@@ -23,9 +23,9 @@ What this round found, fixed and kept as its test:
   same): test_heldout_round19_more.py::test_thomas_tridiagonal_solve, test_narrow_integer_tiles_store_into_aligned_
   outputs and test_skinny_tiles_load_into_shared_from_aligned_operands.
 No kernel gave a wrong answer on either executor, and every bad launch tried was refused before any work, naming the
-argument. Left as designed: fill(t, x) of a runtime float is refused with the recipe (zero, then add x), which the
-Julia set's constant follows (test_heldout_kernels.py::test_fill_with_a_runtime_scalar_says_how pins the refusal);
-mma refuses f64 operands by name (the complex GEMM keeps f64 planes out).
+argument. fill(t, x) of a run-time float was refused with a recipe (zero, then add x), which the Julia set's constant
+follows; fill takes a run-time Scalar into a float or integer tile now (test_heldout_kernels.py::
+test_fill_with_a_runtime_scalar). mma refuses f64 operands by name (the complex GEMM keeps f64 planes out).
 """
 
 import math

@@ -90,10 +90,19 @@ def _write(dst: Tile, op: Op, srcs: tuple, result_shape: tuple[int, ...], opname
 
 
 # ---- fills ------------------------------------------------------------------------------------------------
-def fill(dst: Tile, value: float) -> None:
+def fill(dst: Tile, value: float | Scalar) -> None:
     """Every element of ``dst`` = ``value`` (a whole number for an integer tile, False / True (or 0 / 1) for a bool_
-    mask)."""
+    mask), or a Scalar known only at run time (a kernel argument, a loaded scalar) into a float or integer tile:
+    the tile's additive identity plus the value (-0.0 for a float tile, so that a value of -0.0 keeps its sign),
+    the value converted as ``add`` converts it."""
     _need_tile("fill", "dst", dst)
+    if isinstance(value, Scalar) and dst.dtype is not bool_:
+        if value.type == FLOAT and not dst.dtype.is_float:
+            raise TileDTypeError(f"fill: `{_name(dst)}` is {dst.dtype} and value is a float Scalar; an integer tile "
+                                 "takes an integer value (fill a float tile, or pass an int)", user_line())
+        fill(dst, -0.0 if dst.dtype.is_float else 0)
+        add(dst, dst, value)
+        return
     _write(dst, Op.FILL, (), dst.shape, "fill", value=_element_value("fill", dst, value))
 
 
@@ -103,8 +112,8 @@ def _element_value(opname: str, t: Tile, value) -> int | float:
     if isinstance(value, bool) and t.dtype is bool_:
         return int(value)
     if isinstance(value, bool) or not isinstance(value, int | float):
-        hint = ("; for a value known only at run time, zero(dst) then add(dst, dst, value)"
-                if opname == "fill" and t.dtype.is_float else "")
+        hint = ("; a run-time Scalar fills a float or integer tile, not a bool_ mask (compare into it instead)"
+                if opname == "fill" and isinstance(value, Scalar) else "")
         raise TraceError(f"{opname}: value must be a Python number (a compile-time constant), got "
                          f"{type(value).__name__} {value!r}{hint}", user_line())
     if t.dtype.is_float:
