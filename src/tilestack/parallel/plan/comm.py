@@ -14,6 +14,7 @@ all-gather or a reduce-scatter) with the alpha and B fitted at the nearest measu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -153,7 +154,8 @@ def load_comm(name: str = "gloo-cpu") -> CommModel | None:
         return None
     try:
         return CommModel.from_json(json.loads(path.read_text()))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+    # OSError: a folder at the fit's path, or one that cannot be read, raised IsADirectoryError from deep in pathlib
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
         raise PlanError(f"load_comm: the stored fit {str(path)!r} is not readable ({type(e).__name__}: {e}); "
                         "expected a file written by measure_gloo (delete it to measure again)") from None
 
@@ -222,15 +224,33 @@ def measure_gloo(world_sizes: Sequence[int] = (2, 4), sizes: Sequence[int] = DEF
     model = CommModel(fits={k: v for k, v in fits.items() if v}, source=f"gloo on this machine ({name}), measured",
                       points=points)
     if store:
-        path = comm_path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")       # atomic: a kill mid-write keeps the previous fit
-        try:
-            tmp.write_text(json.dumps(model.to_json(), indent=1))
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        store_comm(model, comm_path(name))
     return model
+
+
+def store_comm(model: CommModel, path: Path) -> bool:
+    """Write ``model`` to ``path`` whole or not at all (a temporary of this process, renamed over it); whether it
+    was written. A cache that cannot be written (a read-only folder, a cache dir that is a file) costs a warning:
+    the fit, minutes of measurement, is still returned to the caller (before, the OSError ended measure_gloo after
+    the measuring and the fit was lost)."""
+    import warnings
+
+    from tilestack.tune.cache import sweep_dead_temporaries
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")       # atomic: a kill mid-write keeps the previous fit
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # a writer SIGKILLed before its rename left its temporary for good (each kill one more): swept
+        sweep_dead_temporaries(path.parent, f"{path.stem}.")
+        tmp.write_text(json.dumps(model.to_json(), indent=1))
+        tmp.replace(path)
+    except OSError as e:
+        warnings.warn(f"measure_gloo: the fit is not stored: cannot write {path} ({e}); it is returned to this "
+                      "process only (set TILESTACK_CACHE_DIR to a writable folder to keep it)", stacklevel=3)
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    return True
 
 
 def h200_nccl() -> CommModel:
@@ -254,27 +274,47 @@ def h200_nccl() -> CommModel:
 class ClusterComm(CommModel):
     """Nodes of ``gpus_per_node`` GPUs: a group whose ranks (``n`` of them, ``stride`` apart) fit in one node uses
     ``intra`` (a CommModel, e.g. NVLink), a group that spans nodes runs a ring whose slowest link is each GPU's
-    share of the node's network: ``inter_alpha`` per step, ``inter_bytes_per_s`` per GPU."""
+    share of the node's network: ``inter_alpha`` per step, ``inter_bytes_per_s`` per GPU. ``nodes``: how many
+    there are (None: as many as a plan needs); then ``search`` plans for exactly ``nodes * gpus_per_node`` ranks
+    and ``predict`` refuses a plan of more (``check_world``). ``fits`` and ``source`` need not be given (the
+    cluster's own lines are ``intra``'s and the ring's)."""
 
+    fits: dict[str, dict[int, tuple[float, float]]] = dataclasses.field(default_factory=dict)
+    source: str = "cluster"
     intra: CommModel | None = None
     gpus_per_node: int = 8
     inter_alpha: float = 10e-6
     inter_bytes_per_s: float = 25e9
+    nodes: int | None = None
 
     def __post_init__(self) -> None:
         if self.fits:
             super().__post_init__()
         if not isinstance(self.intra, CommModel):
             raise PlanError(f"ClusterComm: intra={self.intra!r}; expected the CommModel of a node's own links")
-        for arg in ("gpus_per_node",):
+        for arg in ("gpus_per_node", "nodes"):
             v = getattr(self, arg)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise PlanError(f"ClusterComm: {arg}={v!r}; expected a positive int")
+            if (v is not None or arg != "nodes") and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise PlanError(f"ClusterComm: {arg}={v!r}; expected a positive int"
+                                f"{' (or None: as many nodes as a plan needs)' if arg == 'nodes' else ''}")
         for arg in ("inter_alpha", "inter_bytes_per_s"):
             v = getattr(self, arg)
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0 or (
                     arg == "inter_bytes_per_s" and v == 0):
                 raise PlanError(f"ClusterComm: {arg}={v!r}; expected a finite number >= 0 (bandwidth > 0)")
+
+    def check_world(self, where: str, world_size: int, *, exact: bool) -> None:
+        """PlanError when ``world_size`` ranks do not fit the cluster's ``nodes`` x ``gpus_per_node`` GPUs: more
+        ranks than GPUs, or (``exact``: a search of the whole cluster) another number than its GPUs. A group of
+        ranks past the last node was priced as if the nodes went on."""
+        if self.nodes is None:
+            return
+        gpus = self.nodes * self.gpus_per_node
+        if world_size > gpus or (exact and world_size != gpus):
+            raise PlanError(f"{where}: world_size={world_size} on ClusterComm {self.source!r} of nodes={self.nodes} x "
+                            f"gpus_per_node={self.gpus_per_node} = {gpus} GPUs; expected "
+                            f"{'world_size=' + str(gpus) if exact else 'at most ' + str(gpus) + ' ranks'} (or a "
+                            "ClusterComm of the nodes used)")
 
     def time(self, kind: str, nbytes: float, n: int, *, stride: int = 1) -> float:
         if kind not in COLLECTIVES:
