@@ -104,9 +104,15 @@ class History:
     def to_json(self, path: str | Path) -> None:
         """Write the history to ``path`` whole or not at all (a temporary file renamed over it): a write cut short
         (Ctrl-C, a full disk) left half a JSON file where the previous history was."""
+        from tilestack.tune.cache import sweep_dead_temporaries
         path = Path(path)
         text = json.dumps(self.to_dict(), indent=1)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        # its folder made as the plot's and the checkpoint's are (`fl run --out new/run.json` ran every round, then
+        # failed here with FileNotFoundError on the temporary)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # a writer SIGKILLed before its rename left its temporary for good (each kill one more): swept
+        sweep_dead_temporaries(path.parent, f".{path.name}.")
         try:
             tmp.write_text(text)
             os.replace(tmp, path)

@@ -21,6 +21,7 @@ from typing import Any
 
 from tilestack.parallel.plan.describe import ModelDesc, PlanError
 from tilestack.parallel.plan.predict import Prediction
+from tilestack.tune.cache import sweep_dead_temporaries
 
 PLAN_FORMAT = "tilestack-plan/1"
 DTYPES = {2: "bfloat16", 4: "float32"}      # bytes per element: the dtypes tilestack train runs
@@ -66,6 +67,8 @@ def write_plan(pred: Prediction, desc: ModelDesc, path: str | Path, *, device: s
     text = json.dumps(plan_dict(pred, desc, device=device, peak_flops=peak_flops), indent=1)
     # whole or not at all: a write cut short (a full disk, a kill) left half a file in place of the previous plan
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # a writer SIGKILLed before its rename left its temporary for good (each kill one more): swept
+    sweep_dead_temporaries(path.parent, f".{path.name}.")
     try:
         tmp.write_text(text)
         os.replace(tmp, path)                   # a reader sees the old plan or the new one, never half of one
@@ -79,6 +82,8 @@ def read_plan(path: str | Path) -> dict[str, Any]:
     if not isinstance(path, str | Path) or not str(path):
         raise PlanError(f"read_plan: path={path!r}; expected the path of a file written by `tilestack plan --out`")
     path = Path(path)
+    if path.is_dir():       # (was "does not exist": a folder there is, and the user is sent looking for a file)
+        raise PlanError(f"plan file {str(path)!r} is a folder; expected a file written by `tilestack plan --out`")
     if not path.is_file():
         raise PlanError(f"plan file {str(path)!r} does not exist; expected a file written by `tilestack plan --out`")
     try:
