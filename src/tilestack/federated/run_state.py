@@ -180,6 +180,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 def load_checkpoint(path: Path) -> dict:
     """The state ``save_checkpoint`` wrote; a file that is not one (cut short, another format) is refused."""
+    if Path(path).is_dir():   # (open() raised a bare IsADirectoryError; run_rounds checks, a direct caller did not)
+        raise FederatedError(f"checkpoint={str(path)!r} is a folder; expected a checkpoint file written by run_rounds")
     try:
         with open(path, "rb") as f:
             state = pickle.load(f)
