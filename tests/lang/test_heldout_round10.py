@@ -513,7 +513,11 @@ def test_scalars_in_math_functions_and_runtime_exponents_are_named():
     args = (torch.empty(8), torch.empty(8))
     with pytest.raises(TraceError, match=r"math functions cannot take it: use Scalar arithmetic .*N \*\* -0.5"):
         make(lambda n: 1.0 / math.sqrt(n)).trace(*args)
-    with pytest.raises(TraceError, match=r"`2 \*\* <Scalar>`: an exponent known only when the kernel runs"):
-        make(lambda n: 2 ** n).trace(*args)
+    with pytest.raises(TraceError, match=r"`-2 \*\* <Scalar>`: a run-time exponent takes a constant, positive"):
+        make(lambda n: (-2) ** n).trace(*args)
+    for backend in ("reference", "triton"):     # a positive base: exp2(N log2 b), filled into the tile at run time
+        y = torch.full((8,), float("nan"))
+        make(lambda n: 2 ** n + 0.5 ** (n - 5))(torch.empty(8), y, backend=backend)
+        assert torch.equal(y, torch.full((8,), 256.0 + 0.125)), (backend, y)
     with pytest.raises(TraceError, match=r"`\*\*` of a Scalar takes a constant, finite exponent.*got Scalar"):
         make(lambda n: n ** (n * 1.0)).trace(*args)

@@ -403,9 +403,13 @@ class Scalar:
         return self._op(float(o), "pow")
 
     def __rpow__(self, o):
-        raise TraceError(f"`{o!r} ** <Scalar>`: an exponent known only when the kernel runs is not taken; raise "
-                         "a tile instead (ts.exp2 of the exponent times log2 of the base), or pass the power as "
-                         "an argument", user_line())
+        """``b ** N`` for a constant, positive, finite base: a float, exp2(N log2 b) in f32 as ``N ** e`` computes
+        it (``0.5 ** N``, a decay per trip; ``2 ** N`` is a float too: an index power of two is a product loop)."""
+        if isinstance(o, bool) or not isinstance(o, int | float) or not (math.isfinite(o) and o > 0):
+            raise TraceError(f"`{o!r} ** <Scalar>`: a run-time exponent takes a constant, positive, finite base (it "
+                             "is computed as exp2(N log2 b)); for another, raise a tile (ts.exp2 of the exponent "
+                             "times log2 of the base) or pass the power as an argument", user_line())
+        return as_scalar(float(o))._op(self, "pow")
 
     def __float__(self):
         code = user_source()
