@@ -448,13 +448,16 @@ def _planned_linear(x, q, scale, bias=None, *, x_scale=None, activation=None, re
     refuse_derived("quantized_linear", config, QGEMM_DERIVED)
     run = _linear_run(x, q, scale, bias, x_scale=x_scale, activation=activation, residual=residual,
                       out_dtype=out_dtype, out_scale=out_scale, act_quant=act_quant, backend=backend, **config)
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, residual))):
+    # scale among them: a scale that requires grad (a learned one, being fine-tuned) got a y outside the graph, so a
+    # loss with other terms trained them and left the scale's gradient None without a word
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, scale, bias, residual))):
         return run
     # a gradient may be asked for: y joins the graph through a node whose backward refuses (inference only),
     # so a backward through it is an error, not a gradient silently dropped
 
     def run_recorded(x, q, scale, bias=None, *, residual=None, **kwargs):
-        return _InferenceOnly.apply(run, (x, q, scale, bias), dict(kwargs, residual=residual), x, bias, residual)
+        return _InferenceOnly.apply(run, (x, q, scale, bias), dict(kwargs, residual=residual), x, scale, bias,
+                                    residual)
     return run_recorded
 
 
@@ -468,8 +471,8 @@ class _InferenceOnly(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *_):
         raise LaunchError("quantized_linear: a backward through a quantized linear layer; it runs inference only "
-                          "(no gradient for x, the bias or the residual): keep it out of training, or call it under "
-                          "torch.no_grad() / torch.inference_mode()")
+                          "(no gradient for x, the scale, the bias or the residual): keep it out of training, or call "
+                          "it under torch.no_grad() / torch.inference_mode()")
 
 
 def _linear_run(x, q, scale, bias=None, *, x_scale=None, activation=None, residual=None, out_dtype=None,
