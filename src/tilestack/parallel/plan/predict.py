@@ -261,6 +261,8 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
     tilestack.parallel uses; Megatron-LM's schedules do not)."""
     _check_inputs(plan, desc, compute, comm, overlap_dp)
     plan.check(desc)
+    if hasattr(comm, "check_world"):           # a cluster of a given number of nodes: no more ranks than its GPUs
+        comm.check_world("predict", plan.world_size, exact=False)
     b = plan.micro_batch
     tp, m = plan.tp, plan.microbatches
     shard = plan.dp_shard
@@ -613,7 +615,11 @@ def _memory(plan: Plan, desc: ModelDesc, stages: list[range], my_stages: list[in
         optimizer = owned * FP32_BYTES * (1 + ADAM_MOMENTS)
         bucket = min(trained, ZERO_BUCKET_NUMEL)
         padded = owned * plan.dp if trained <= ZERO_BUCKET_NUMEL else bucket     # the flattened bucket, padded
-        grads = (trained if plan.zero == 1 else bucket) * e_trained
+        # ZeRO-2 frees a bucket's full gradients during backward only where it reduce-scatters from gradient hooks,
+        # which the Trainer does without a pipeline (engine.py: overlap=pc.pp == 1); a pipeline runs a backward per
+        # micro-batch and reduces after the last, so every full gradient is alive then, as under ZeRO-1 (a rank of
+        # more than one bucket was predicted to hold one bucket of them: 4M elements of a 13M-element stage)
+        grads = (trained if plan.zero == 1 or plan.pp > 1 else bucket) * e_trained
         # reducing a bucket: its gradients flattened (a copy), padded (another) for ZeRO-1's all-reduce; for
         # ZeRO-2 one copy goes to the reduce-scatter; then the slice and the master's f32 gradient
         after = ZERO_FLAT_COPIES[plan.zero] * padded * e_trained + owned * e_trained + owned * FP32_BYTES
