@@ -22,12 +22,14 @@ than one pipeline stage per rank (stages would share one optimizer).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 from pathlib import Path
 
 from tilestack.parallel.config import ParallelConfigError
+from tilestack.tune.cache import locked
 
 _SHOWN = 3            # differing parameter names quoted in an error
 _CHECKPOINT_FILE = re.compile(r"\.metadata|__\d+(_\d+\.distcp|\.metadata)")   # what torch.distributed.checkpoint writes
@@ -76,6 +78,17 @@ def _settle(path: Path) -> None:
         shutil.rmtree(old)
 
 
+def _warn_cut_short(path: Path) -> None:
+    """(Rank 0, under the folder's lock.) A save of ``path`` that was killed left ``.<name>.partial`` beside the
+    whole checkpoint it did not replace: that older checkpoint is the one loaded, and the caller is told (before,
+    a resumed run went back to it without a word, its steps trained again as if nothing had happened)."""
+    partial, _ = _siblings(path)
+    if partial.exists() and _whole(path):
+        import warnings
+        warnings.warn(f"checkpoint.load: a later save of {os.fspath(path)!r} was cut short ({os.fspath(partial)!r} "
+                      "was never swapped in); loading the previous whole checkpoint at that path", stacklevel=3)
+
+
 def _sync_folder(folder: Path) -> None:
     """Make renames in ``folder`` durable (a power cut after a save keeps its swap)."""
     fd = os.open(folder, os.O_RDONLY)
@@ -114,33 +127,42 @@ def save(trainer, path: str | os.PathLike) -> None:
     path = Path(path)
     _check_replaceable(path)
     partial, old = _siblings(path)
-    if _rank0():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _settle(path)
-        shutil.rmtree(partial, ignore_errors=True)      # what a save killed before its swap left
-    _barrier()
-    model_sd, optim_sd = get_state_dict(trainer.parts[0], trainer.optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.fspath(partial))
-    _barrier()
-    if _rank0():
-        if path.exists():
-            os.replace(path, old)
-        os.replace(partial, path)
-        shutil.rmtree(old, ignore_errors=True)
-        _sync_folder(path.parent)
+    with contextlib.ExitStack() as lock:
+        if _rank0():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Two runs saving one path (two jobs given one --out) shared ``.<name>.partial``: one swapped it in while
+            # the other still wrote there (a checkpoint holding the other's ``.metadata.tmp``), and the other died
+            # in torch's rename of its .metadata. Rank 0 holds the folder's lock from here to the swap: saves of one
+            # path take turns, each whole, the last one's kept.
+            lock.enter_context(locked(path.parent))
+            _settle(path)
+            shutil.rmtree(partial, ignore_errors=True)      # what a save killed before its swap left
+        _barrier()
+        model_sd, optim_sd = get_state_dict(trainer.parts[0], trainer.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.fspath(partial))
+        _barrier()
+        if _rank0():
+            if path.exists():
+                os.replace(path, old)
+            os.replace(partial, path)
+            shutil.rmtree(old, ignore_errors=True)
+            _sync_folder(path.parent)
     _barrier()
 
 
 def load(trainer, path: str | os.PathLike) -> int:
     """Read a checkpoint written by ``save`` under any layout into ``trainer`` (collective: every rank); the
     number of optimizer steps it holds (the step a resumed run continues from)."""
+    import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     _check(trainer, "load")
     path = Path(path)
-    if _rank0():
-        _settle(path)
+    if _rank0() and path.parent.is_dir():
+        with locked(path.parent):       # (a save of this path in another process finishes its swap first)
+            _settle(path)
+            _warn_cut_short(path)
     _barrier()
     if not path.is_dir():
         raise ParallelConfigError(f"checkpoint.load: path={os.fspath(path)!r} is not a directory; expected a "
@@ -148,7 +170,12 @@ def load(trainer, path: str | os.PathLike) -> int:
     saved = _saved_shapes(path)
     model_sd, optim_sd = get_state_dict(trainer.parts[0], trainer.optimizer)
     _check_same_model(path, saved, model_sd)
-    state = {"model": model_sd, "optim": optim_sd}
+    # Read into copies, set into the trainer only once the whole read succeeded: DCP loads in place, so a damaged
+    # shard (truncated anywhere past its first tensors) left the trainer's parameters and moments partly or wholly
+    # the file's, partly its own, behind an error a caller could catch and train on from. (Costs a second copy of
+    # the state while it loads.)
+    from torch.utils._pytree import tree_map_only
+    state = tree_map_only(torch.Tensor, lambda t: t.detach().clone(), {"model": model_sd, "optim": optim_sd})
     try:
         dcp.load(state, checkpoint_id=os.fspath(path))
     except (Exception, CheckpointException) as e:   # (CheckpointException is a BaseException)
