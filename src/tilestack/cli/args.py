@@ -4,6 +4,7 @@ what was expected, before the command does any work (a run that ends in an unwri
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import typer
@@ -25,6 +26,17 @@ def check_output(option: str, path: str | os.PathLike | None, *, folder: bool = 
     if above is not None and not above.is_dir():
         raise typer.BadParameter(f"{option} {os.fspath(p)!r} cannot be made: it is below the file "
                                  f"{os.fspath(above)!r}; expected {expected}", param_hint=option)
+    # the folder the output (or the folders above it) would be made in must take a new entry: a read-only one,
+    # another user's, or /proc (an existing folder that refuses files, even to root) let the command run to its
+    # end and then fail writing, with a traceback. Tried with an unnamed temporary file, which leaves nothing behind
+    where = p if folder and p.is_dir() else above
+    if where is not None:
+        try:
+            tempfile.TemporaryFile(dir=where).close()
+        except OSError as e:
+            raise typer.BadParameter(f"{option} {os.fspath(p)!r} cannot be written: the folder {os.fspath(where)!r} "
+                                     f"takes no new file ({e.strerror or e}); expected {expected} in a writable "
+                                     "folder", param_hint=option) from None
 
 
 def check_input(option: str, path: str | os.PathLike | None) -> None:
