@@ -179,6 +179,12 @@ def _describe(model: str, layers: int, d: int, heads: int, vocab: int, target: s
     if len(given) != 1:
         raise PlanError(f"{' and '.join(given) or 'no model'} given; expected exactly one of --model, --layers "
                         "(with --d, --heads, --vocab) or --target")
+    # --d, --heads and --vocab shape the GPT of --layers only: beside --model or --target they were dropped without
+    # a word (`--model tiny --d 4096` planned tiny's d=32)
+    shaping = [f"{name} {v}" for name, v in (("--d", d), ("--heads", heads), ("--vocab", vocab)) if v]
+    if shaping and not layers:
+        raise PlanError(f"{', '.join(shaping)} given with {given[0]}; expected them only with --layers (they shape the "
+                        f"GPT of --layers; {given[0]} fixes its own)")
     if model:
         if model not in MODELS:
             raise PlanError(f"--model {model!r}; expected one of {MODELS}")
