@@ -44,7 +44,7 @@ def bench(
         if unknown:
             raise typer.BadParameter(f"--kernel {', '.join(unknown)}: no such case{'' if models else ' (--no-models)'};"
                                      f" expected some of {names}", param_hint="--kernel")
-    baseline = _side(against) if against else None       # read first: a wrong name fails before the run
+    baseline = _side(against, option="--against") if against else None   # read first: a wrong name fails before the run
     rows = run_suite(full=not small, only=kernel or None, store=store, models=models, out_dir=out)
     if baseline is not None and rows:
         from tilestack.bench.compare import compare as compare_runs
@@ -79,12 +79,13 @@ def compare(
         raise typer.Exit(1)
 
 
-def _side(ref: str, db: Path | None = None):
-    """A record file, run or device as a record; a clear error (exit 2) where there is none."""
+def _side(ref: str, db: Path | None = None, *, option: str = ""):
+    """A record file, run or device as a record; a clear error (exit 2) where there is none, naming ``option``
+    (the run's ``--against``: its error read as if about `bench compare`'s A or B)."""
     from tilestack.bench.record import RecordError, load_side
 
     try:
         return load_side(ref, db)
     except RecordError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {option + ': ' if option else ''}{e}", err=True)
         raise typer.Exit(2) from None
