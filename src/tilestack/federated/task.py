@@ -227,6 +227,14 @@ class Task:
                     f"Task: faults entry {(pid, kind)!r}; expected (partition id in [0, {self.num_clients}), "
                     f"kind in {FAULTS})"
                 )
+        # one fault per partition: ``fault(pid)`` keeps the last of a partition's entries, so (0, 'crash'), (0, 'nan')
+        # ran client 0 with NaN updates and dropped its crash without a word
+        kinds: dict = {}
+        for pid, kind in self.faults:
+            if pid in kinds:
+                raise ValueError(f"Task: faults gives partition {pid} two faults, {kinds[pid]!r} and {kind!r}; "
+                                 "expected at most one fault per partition")
+            kinds[pid] = kind
 
     # ---- serialisation -------------------------------------------------------------------------------
     def to_json(self) -> str:
