@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -64,16 +65,22 @@ def _divisors(n: int) -> tuple[int, ...]:
     return tuple(small + [n // f for f in reversed(small) if f * f != n])
 
 
+def _integer(v: Any) -> bool:
+    """An int, or another integral number (numpy's int64 from np.prod of a mesh's shape): refusing those refused a
+    valid world size or batch; a bool is no count."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool | np.bool_)
+
+
 def check_world(world_size: Any) -> int:
-    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+    if not _integer(world_size) or world_size < 1:
         raise PlanError(f"world_size={world_size!r}; expected a positive int (ranks)")
-    return world_size
+    return int(world_size)
 
 
 def _positive_int(where: str, arg: str, v: Any, what: str) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+    if not _integer(v) or v < 1:
         raise PlanError(f"{where}: {arg}={v!r}; expected a positive int ({what})")
-    return v
+    return int(v)
 
 
 def _check_desc(where: str, desc: Any) -> None:
@@ -86,15 +93,14 @@ def _check_desc(where: str, desc: Any) -> None:
 
 def _batches(where: str, batch: Any) -> list[int]:
     """``batch``, a positive int or a non-empty sequence of them, as a list."""
-    if isinstance(batch, int) and not isinstance(batch, bool):
+    if _integer(batch):
         batches = [batch]
     elif isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch):
         batches = list(batch)
     else:
         raise PlanError(f"{where}: batch={batch!r}; expected a positive int (samples per step) or a non-empty "
                         "sequence of them")
-    for b in batches:
-        _positive_int(where, "batch", b, "samples per step")
+    batches = [_positive_int(where, "batch", b, "samples per step") for b in batches]
     return list(dict.fromkeys(batches))          # a batch given twice is one set of plans, ranked once
 
 
@@ -105,8 +111,8 @@ def enumerate_plans(desc: ModelDesc, world_size: int, batch: int, *, schedules: 
     docstring); PlanError if there is none (e.g. a batch smaller than any data-parallel degree would need)."""
     where = "enumerate_plans"
     _check_desc(where, desc)
-    check_world(world_size)
-    _positive_int(where, "batch", batch, "samples per step")
+    world_size = check_world(world_size)
+    batch = _positive_int(where, "batch", batch, "samples per step")
     _positive_int(where, "max_microbatches", max_microbatches, "the most micro-batches to try")
     if not isinstance(zero, bool):
         raise PlanError(f"{where}: zero={zero!r}; expected True (try ZeRO-1 and -2 with data parallelism) or False")
@@ -191,7 +197,7 @@ def search(desc: ModelDesc, compute: ComputeModel, comm: CommModel, *, world_siz
     first among equals), or by goodput = samples/s x ``efficiency(batch)`` (``rank_by="goodput"``,
     tilestack.parallel.plan.goodput). PlanError naming the limit if none fits."""
     _check_desc("search", desc)
-    check_world(world_size)
+    world_size = check_world(world_size)
     unknown = sorted(set(enumerate_kw) - set(ENUMERATE_KW))
     if unknown:
         raise PlanError(f"search: {', '.join(f'{k}={enumerate_kw[k]!r}' for k in unknown)}; expected keywords of "
@@ -205,6 +211,8 @@ def search(desc: ModelDesc, compute: ComputeModel, comm: CommModel, *, world_siz
     if rank_by == "goodput" and not callable(efficiency):
         raise PlanError(f"search: rank_by='goodput' with efficiency={efficiency!r}; expected a callable E(batch) "
                         "(e.g. GradientNoiseScale's phi through goodput.efficiency)")
+    if hasattr(comm, "check_world"):           # ClusterComm of nodes x gpus_per_node GPUs: plan for all of them
+        comm.check_world("search", world_size, exact=True)
     limits = gpu_limits("search", memory_limit, world_size)
     batches = _batches("search", batch)
     effs = {}
@@ -219,7 +227,7 @@ def search(desc: ModelDesc, compute: ComputeModel, comm: CommModel, *, world_siz
     fits = [p for p in preds if limits is None or placeable(p, limits)]
     if not fits:
         least = min(preds, key=lambda p: p.memory_bytes)
-        given = f"{memory_limit:.4g} bytes per rank" if isinstance(memory_limit, int | float) else \
+        given = f"{limits[0]:.4g} bytes per rank" if not isinstance(memory_limit, Sequence) else \
             f"{[float(f'{v:.4g}') for v in memory_limit]} bytes per GPU"
         raise PlanError(f"search: memory_limit={given}; no plan of {len(preds)} fits "
                         f"(the smallest, {least.plan.label()}, needs {least.memory_bytes:.4g}); expected a limit of "
@@ -236,7 +244,10 @@ def search(desc: ModelDesc, compute: ComputeModel, comm: CommModel, *, world_siz
 
 
 def _bytes_limit(v: Any) -> bool:
-    return not isinstance(v, bool) and isinstance(v, int | float) and v > 0          # NaN is not > 0
+    """A positive, finite number of bytes. numpy's numbers are numbers (a limit of np.int64(80 * 2**30) or
+    np.float32 was refused as "expected a positive number"); inf is refused, as ``tilestack plan --memory-limit
+    1e400`` is: no limit is None, and an infinite limit is more likely a unit gone wrong (it was taken silently)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_) and math.isfinite(v) and v > 0
 
 
 def gpu_limits(where: str, memory_limit: Any, world_size: int) -> tuple[float, ...] | None:
@@ -247,11 +258,12 @@ def gpu_limits(where: str, memory_limit: Any, world_size: int) -> tuple[float, .
     if isinstance(memory_limit, Sequence) and not isinstance(memory_limit, str | bytes):
         limits = list(memory_limit)
         if len(limits) != world_size or not all(_bytes_limit(v) for v in limits):
-            raise PlanError(f"{where}: memory_limit={limits!r:.200}; expected {world_size} positive numbers of "
-                            "bytes, one per GPU (or one number for every GPU)")
+            raise PlanError(f"{where}: memory_limit={limits!r:.200}; expected {world_size} positive numbers of bytes, "
+                            "one per GPU, finite (or one number for every GPU; None for no limit)")
         return tuple(sorted((float(v) for v in limits), reverse=True))
     if not _bytes_limit(memory_limit):
-        raise PlanError(f"{where}: memory_limit={memory_limit!r}; expected a positive number of bytes per rank")
+        raise PlanError(f"{where}: memory_limit={memory_limit!r}; expected a positive number of bytes per rank, "
+                        "finite (None for no limit)")
     return (float(memory_limit),) * world_size
 
 
@@ -532,7 +544,7 @@ def plan_stage_cost(desc: ModelDesc, compute: ComputeModel, comm: CommModel, *, 
                         "micro-batches of at least one sample (microbatches divides batch)")
     if memory_limit is not None and not _bytes_limit(memory_limit):
         raise PlanError(f"plan_stage_cost: memory_limit={memory_limit!r}; expected a positive number of bytes per "
-                        "device (or None)")
+                        "device, finite (or None)")
     # one name is a selection of one (tuple("full") is its letters); an unknown policy made every layout's
     # predict fail, which the layouts below skip, so every stage cost was None and alpa_stages blamed memory
     recompute = (recompute,) if isinstance(recompute, str) else tuple(recompute)
