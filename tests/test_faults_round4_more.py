@@ -9,8 +9,9 @@ still wrote there (the checkpoint then held the other's ``.metadata.tmp`` and re
 other files"), and the other died in torch's rename of its .metadata with a CheckpointException. Rank 0 now holds
 the parent folder's lock (``tune.cache.locked``) from its settle to its swap, so saves of one path take turns, each
 whole. A load that failed part way (a shard cut short) left the trainer's parameters partly or wholly the file's
-behind the error (26 of 37 tensors changed at a tenth of the shard, all 37 at half): ``load`` reads into copies and
-sets them only after the whole read succeeded. A killed save's ``.<name>.partial`` beside the older whole checkpoint
+behind the error (26 of 37 tensors changed at a tenth of the shard, all 37 at half): ``load`` checks that every byte
+range the .metadata names lies in its file before DCP touches a tensor (reading into copies would cost a second copy
+of the state at every resume). A killed save's ``.<name>.partial`` beside the older whole checkpoint
 was passed over without a word: the older is loaded, with a warning saying the later save was cut short.
 """
 

@@ -153,7 +153,6 @@ def save(trainer, path: str | os.PathLike) -> None:
 def load(trainer, path: str | os.PathLike) -> int:
     """Read a checkpoint written by ``save`` under any layout into ``trainer`` (collective: every rank); the
     number of optimizer steps it holds (the step a resumed run continues from)."""
-    import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -170,12 +169,12 @@ def load(trainer, path: str | os.PathLike) -> int:
     saved = _saved_shapes(path)
     model_sd, optim_sd = get_state_dict(trainer.parts[0], trainer.optimizer)
     _check_same_model(path, saved, model_sd)
-    # Read into copies, set into the trainer only once the whole read succeeded: DCP loads in place, so a damaged
-    # shard (truncated anywhere past its first tensors) left the trainer's parameters and moments partly or wholly
-    # the file's, partly its own, behind an error a caller could catch and train on from. (Costs a second copy of
-    # the state while it loads.)
-    from torch.utils._pytree import tree_map_only
-    state = tree_map_only(torch.Tensor, lambda t: t.detach().clone(), {"model": model_sd, "optim": optim_sd})
+    # DCP loads in place: a shard cut short (past its first tensors) left the trainer's parameters and moments partly
+    # the file's behind an error a caller could catch and train on. Every byte range the .metadata names is checked
+    # to be in its file first, so a truncated checkpoint fails before any tensor is touched (reading into copies
+    # instead would cost a second copy of the state, on the GPU, at every resume).
+    _check_shards_whole(path)
+    state = {"model": model_sd, "optim": optim_sd}
     try:
         dcp.load(state, checkpoint_id=os.fspath(path))
     except (Exception, CheckpointException) as e:   # (CheckpointException is a BaseException)
@@ -186,6 +185,26 @@ def load(trainer, path: str | os.PathLike) -> int:
     set_state_dict(trainer.parts[0], trainer.optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
     return _steps(trainer.optimizer)
+
+
+def _check_shards_whole(path: Path) -> None:
+    """Every (file, offset, length) of the checkpoint's .metadata lies inside its file (a save cut short, or a file
+    truncated since, named before the load touches the trainer)."""
+    import torch.distributed.checkpoint as dcp
+    storage = dcp.FileSystemReader(os.fspath(path)).read_metadata().storage_data or {}
+    need: dict[str, int] = {}
+    for info in storage.values():
+        rel = getattr(info, "relative_path", None)
+        if rel is not None:
+            need[rel] = max(need.get(rel, 0), int(info.offset) + int(info.length))
+    for rel, end in sorted(need.items()):
+        f = path / rel
+        size = f.stat().st_size if f.is_file() else None
+        if size is None or size < end:
+            have = "is missing" if size is None else f"holds {size} bytes"
+            raise ParallelConfigError(f"checkpoint.load: {os.fspath(path)!r} cannot be read ({rel} {have}; its "
+                                      f".metadata says {end}); its files are damaged or incomplete: load an earlier "
+                                      "checkpoint, or delete it and train from the start")
 
 
 def _saved_shapes(path: Path) -> dict[str, tuple[int, ...] | None]:
