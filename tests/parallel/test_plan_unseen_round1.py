@@ -458,7 +458,8 @@ def test_train_plan_file_fields_are_checked(tmp_path, good_spec, changes, match)
 
 def test_read_plan_refuses_other_files(tmp_path, good_spec):
     (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00")
-    for path, match in ((tmp_path, "does not exist"), (tmp_path / "bin.json", "is not JSON"),
+    for path, match in ((tmp_path, "is a folder"), (tmp_path / "none.json", "does not exist"),
+                        (tmp_path / "bin.json", "is not JSON"),
                         (_edited(tmp_path, good_spec, format="tilestack-plan/0"), "format='tilestack-plan/0'")):
         with pytest.raises(PlanError, match=match):
             read_plan(path)
