@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from tilestack.errors import TilestackError
-from tilestack.perf import counting_compat, counting_linalg, counting_optim, counting_rules, formulas
+from tilestack.perf import call_tree, counting_compat, counting_linalg, counting_optim, counting_rules, formulas
 from tilestack.perf.counting_linalg import LINALG_FLOPS, UNDECOMPOSED_FLOPS, VALUES_ONLY_CALLERS, vectors_for_the_mode
 from tilestack.perf.counting_rules import (  # noqa: F401 - _tensors, _numel, _argument: used here and by profile
     FOREACH_NO_ARITHMETIC,
@@ -416,7 +416,12 @@ GATHERS: dict[str, tuple[str, str]] = {
     "aten._embedding_bag": ("weight", "indices"),
     "aten._embedding_bag_forward_only": ("weight", "indices"),
     "aten.index_select": ("self", "index"),
+    # torch.gather / torch.take read one element of ``self`` per index element (profiler round 17: a mixture-of-depths
+    # router gathering K of T tokens was charged the whole (B, T, D) activation; index_select was not)
+    "aten.gather": ("self", "index"),
+    "aten.take": ("self", "index"),
 }
+ELEMENT_GATHERS = ("aten.gather", "aten.take")  # of GATHERS: one element per index element, not a slice
 
 
 def _gathered_bytes(func: Any, args: tuple, kwargs: dict, table_arg: str, index_arg: str) -> float:
@@ -424,14 +429,17 @@ def _gathered_bytes(func: Any, args: tuple, kwargs: dict, table_arg: str, index_
     every other tensor argument (offsets, per-sample weights)."""
     table, index = _argument(func, args, kwargs, table_arg), _argument(func, args, kwargs, index_arg)
     others = [t for t in _tensors((args, kwargs)) if t is not table and t is not index]
-    if table_arg == "self":  # index_select: whole slices along dim
+    if str(func._overloadpacket) in ELEMENT_GATHERS:
+        row = 1
+    elif table_arg == "self":  # index_select: whole slices along dim
         dim = int(_argument(func, args, kwargs, "dim")) % max(table.dim(), 1)
         row = table.numel() // max(table.shape[dim], 1) if table.dim() else 1
     else:
         row = table.shape[-1] if table.dim() else 1
     bag = "embedding_bag" in str(func._overloadpacket)  # an EmbeddingBag's padding entries read no row
     rows = min((counting_rules.bag_entries(func, args, kwargs) if bag else index.numel()) * row, table.numel())
-    return rows * table.element_size() + _nbytes([index]) + _nbytes(others)
+    # at most what the table holds: a gather from an expanded view reads its held elements, not the view's
+    return min(rows * table.element_size(), _held_bytes(table)) + _nbytes([index]) + _nbytes(others)
 
 
 # In-place scatters into part of a tensor (a KV cache written one token at a time, a histogram): they write, and
@@ -697,7 +705,7 @@ def _call_tree() -> Any:
         yield holder
     finally:
         prof.__exit__(None, None, None)
-    holder[0] = prof.events()
+    holder[0] = call_tree.cpu_events(prof)  # prof.events() took 7x the counting pass itself (call_tree)
 
 
 def _note_parents(counts: dict[OpKey, _Count], tree: Any) -> None:
