@@ -262,3 +262,23 @@ def test_a_plan_file_and_a_comm_fit_of_another_version_are_refused_by_name(tmp_p
     with config.override(cache_dir=tmp_path / "cache"), pytest.raises(PlanError) as e:
         load_comm("x")
     assert "comm-x.json' is not readable" in str(e.value) and "fits['all_to_all']" in str(e.value)
+
+
+def test_ceilings_written_again_remove_a_killed_writers_temporary(tmp_path):
+    """device.ceilings' cache write: a temporary of a process that is gone (SIGKILLed before its rename) is removed
+    by the next write, a live process's is kept; the file written is whole (it was left for good before)."""
+    from tilestack import config
+    from tilestack.perf import device
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    with config.override(cache_dir=tmp_path):
+        dev = device.detect("cpu")
+        path = device.ceilings_path(dev)
+        path.parent.mkdir(parents=True)
+        dead, live = (path.with_suffix(f".{pid}.tmp") for pid in (dead_pid, 1))
+        dead.write_text('{"half": ')
+        live.write_text('{"half": ')
+        c = device.ceilings(dev, copy_bytes=1 << 16, matmul_n=32, dtypes=("fp32",), budget_s=0.05)
+    assert not dead.exists() and live.exists()
+    assert json.loads(path.read_text())["matmul"]["fp32"] == c.matmul["fp32"] > 0

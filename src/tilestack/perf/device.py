@@ -580,7 +580,12 @@ def ceilings(
     tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: two writers never share a temp file
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(c.to_json(), indent=2))
+        from tilestack.tune.cache import sweep_dead_temporaries
+        sweep_dead_temporaries(path.parent, f"{path.stem}.")  # what writers SIGKILLed before their rename left
+        with open(tmp, "w") as f:
+            f.write(json.dumps(c.to_json(), indent=2))
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not reach the disk before the data (a power cut)
         tmp.replace(path)  # atomic: a reader never sees half a file
     except OSError as e:  # a read-only cache dir costs a re-measure next time, not this run
         with contextlib.suppress(OSError):  # a full disk: no half-written temporary left behind
