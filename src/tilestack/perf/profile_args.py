@@ -149,6 +149,13 @@ def check_call(model: Any, inputs: Any) -> None:
     if isinstance(inputs, set | frozenset | Iterator):  # no order to bind by, or used up by the first step
         _refuse("inputs", inputs, "a tuple or list of positional arguments (a set has no order, an iterator is "
                "used up by the first step)")
+    # ... and one inside the inputs (a generator of extra tensors as one argument): the warm-up used it up, so every
+    # counted and timed step ran the model on an empty one, with no word said (profiler round 17)
+    used_up = _find(inputs, "inputs", lambda x: isinstance(x, Iterator)) if isinstance(
+        inputs, tuple | list | Mapping) else None
+    if used_up is not None:
+        _refuse(used_up[0], used_up[1], "a tuple or list (an iterator or generator inside the inputs is used up by "
+                "the first step: every later step would see it empty)")
     if type(inputs).__module__ == "numpy":
         _refuse("inputs", inputs, "torch tensors (torch.from_numpy turns an array into one)")
     if isinstance(inputs, Mapping) and not all(isinstance(k, str) for k in inputs):
