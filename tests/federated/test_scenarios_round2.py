@@ -150,13 +150,18 @@ def test_bad_task_arguments_are_named_on_creation(kwargs, needle):
         (["--rounds", "-1"], "--rounds"),
         (["--strategy", "fedsgd"], "--strategy 'fedsgd'; expected one of"),
         (["--eval-fraction", "1.5"], "--eval-fraction 1.5; expected a share in [0, 1]"),
-        (["--mu", "-1"], "proximal_mu=-1.0; expected"),
+        (["--strategy", "fedprox", "--mu", "-1"], "proximal_mu=-1.0; expected"),
+        (["--mu", "1"], "--mu 1 is a setting of --strategy fedprox; got --strategy fedavg"),
+        (["--strategy", "fedprox", "--server-lr", "0.5"], "--server-lr 0.5 is a setting of --strategy fedadam or "
+         "fedyogi"),
+        (["--q", "2"], "--q 2 is a setting of --strategy qfedavg"),
+        (["--strategy", "krum", "--noise", "2"], "--noise 2 is a setting of --strategy dp-fedavg"),
         (["--engine", "ray"], "engine='ray'; expected"),
         (["--straggler-policy", "wait"], "straggler_policy='wait'; expected"),
         (["--timeout", "-2"], "--timeout"),
         (["--trace", "/nonexistent/trace.csv"], "--trace '/nonexistent/trace.csv' is not there"),
         (["--model", "cnn"], "model='cnn' on 60 features"),
-        (["--checkpoint", "/proc/no-such-dir/run.ckpt"], "checkpoint='/proc/no-such-dir/run.ckpt'"),
+        (["--checkpoint", "/proc/no-such-dir/run.ckpt"], "--checkpoint '/proc/no-such-dir/run.ckpt' cannot be written"),
     ],
 )
 def test_fl_run_refuses_bad_arguments_before_any_round(extra, needle):
