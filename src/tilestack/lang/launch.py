@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from tilestack.errors import LaunchError
+from tilestack.ir.ops import Op
 from tilestack.ir.types import TORCH_NAMES
 from tilestack.lang.layout import check_writable
 
@@ -22,14 +23,20 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _plan(traced) -> list[tuple]:
-    """(index, name, torch dtype or None for a scalar, tile dtype, rank, written) per parameter."""
+    """(index, name, torch dtype or None for a scalar, tile dtype, rank, written, stored) per parameter: written
+    by a store or an atomic add, stored by a store. An output only added into atomically may have indices sharing
+    memory (a max-pool's gradient added through an overlapping as_strided view of its windows): the adds are atomic,
+    so they sum whatever the order, as on the GPU; a store to such an output races and is refused."""
+    args = {ins.result: ins.attrs.index for ins in traced.ir.walk() if ins.op is Op.ARG}
+    stored = {args[ins.srcs[0]] for ins in traced.ir.walk() if ins.op is Op.STORE}
     plan = []
     for i, (p, s) in enumerate(zip(traced.ir.params, traced.signature, strict=True)):
         if isinstance(s, tuple):
             dt, rank = s
-            plan.append((i, p.name, getattr(torch, TORCH_NAMES[dt.name]), dt, rank, i in traced.written))
+            plan.append((i, p.name, getattr(torch, TORCH_NAMES[dt.name]), dt, rank, i in traced.written,
+                         i in stored))
         else:
-            plan.append((i, p.name, None, s, 0, False))
+            plan.append((i, p.name, None, s, 0, False, False))
     return plan
 
 
@@ -42,7 +49,7 @@ def check_args(traced, args: Sequence) -> None:
         names = ", ".join(p[1] for p in plan)
         raise LaunchError(f"{name} takes {len(plan)} arguments ({names}); got {len(args)}")
     device = None
-    for i, pname, tdt, dt, rank, written in plan:
+    for i, pname, tdt, dt, rank, written, stored in plan:
         a = args[i]
         if tdt is None:
             if isinstance(a, bool) or not isinstance(a, int | float) or (dt == "int" and not isinstance(a, int)):
@@ -71,8 +78,9 @@ def check_args(traced, args: Sequence) -> None:
         elif a.device != device:
             listing = ", ".join(f"{p[1]} on {args[p[0]].device}" for p in plan if p[2] is not None)
             raise LaunchError(f"{name}: all tensors must be on one device; got {listing}")
-        if written:
+        if stored:
             check_writable(name, f"output {pname}", a)
+        if written:
             if a.requires_grad and torch.is_grad_enabled():
                 refuse_grad_output(name, pname, a)
 

@@ -29,6 +29,7 @@ from tilestack.ir.nodes import Block, Instr, Value
 from tilestack.ir.ops import OPS, Op, mask_of, work_dtype
 from tilestack.ir.scalars import f64_floats
 from tilestack.ir.types import FLOAT, GlobalType, f64, round_to
+from tilestack.lang.layout import overlap_reason
 
 
 def source(traced) -> str:
@@ -41,9 +42,15 @@ def run(traced, args):
     ir = traced.ir
     arrays: dict[int, np.ndarray] = {}
     scalars: dict[int, float] = {}
+    written = ir.written_params()
+    aliased: dict[int, tuple] = {}   # outputs whose elements share memory: index -> (flat copy, offsets)
     for i, (p, a) in enumerate(zip(ir.params, args, strict=True)):
         if isinstance(p.type, GlobalType):
-            arrays[i] = _numpy(a)
+            if i in written and a.numel() > 1 and not a.is_contiguous() \
+                    and overlap_reason(tuple(a.shape), tuple(a.stride())) is not None:
+                arrays[i], aliased[i] = _aliased(a)
+            else:
+                arrays[i] = _numpy(a)
         else:
             scalars[i] = a
     grid = traced.grid(*args)
@@ -51,10 +58,35 @@ def run(traced, args):
     wide = f64_floats(ir)
     with np.errstate(all="ignore"):  # -inf - -inf, exp overflow etc. behave as on the GPU
         for pid in np.ndindex(*grid[::-1]):
-            _Program(arrays, scalars, pid[::-1], grid, constants, wide).block(ir.body, {})
-    for i in ir.written_params():
-        args[i].copy_(torch.from_numpy(arrays[i]).to(args[i].dtype))
+            prog = _Program(arrays, scalars, pid[::-1], grid, constants, wide)
+            prog.aliased = aliased
+            prog.block(ir.body, {})
+    for i in written:
+        if i in aliased:
+            flat, offsets = aliased[i]
+            span = args[i].as_strided((flat.size,), (1,), args[i].storage_offset())
+            index = torch.from_numpy(offsets)
+            span.index_copy_(0, index, torch.from_numpy(flat[offsets]).to(span.dtype))
+        else:
+            args[i].copy_(torch.from_numpy(arrays[i]).to(args[i].dtype))
     return None
+
+
+def _aliased(a) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """An output whose indices reach one element twice (only atomic adds may write one: lang.launch), held as the
+    GPU holds it: a NumPy view with ``a``'s strides over a copy of the storage span it covers, so an add through one
+    index is seen through every other reaching the same element (a dense copy written back element by element kept
+    one of the adds). Returns (the view, (the flat copy, the offsets in it the view reaches))."""
+    import torch
+
+    a = a.detach()
+    held = torch.float64 if a.dtype.is_floating_point else torch.int64
+    span = 1 + sum((n - 1) * st for n, st in zip(a.shape, a.stride(), strict=True))
+    flat = a.as_strided((span,), (1,), a.storage_offset()).to("cpu", held).numpy().copy()
+    view = np.lib.stride_tricks.as_strided(flat, tuple(a.shape), tuple(st * flat.itemsize for st in a.stride()))
+    offsets = np.unique(np.lib.stride_tricks.as_strided(np.arange(span, dtype=np.int64), tuple(a.shape),
+                                                        tuple(st * 8 for st in a.stride())))
+    return view, (flat, offsets)
 
 
 def _f32(x) -> float:
@@ -92,6 +124,7 @@ class _Program:
         self.constants = constants   # values that are compile-time constants (a negative loop step must be)
         self.f64_floats = f64_floats  # float scalars computed in f64 (ir.scalars.f64_floats; _scalar_ref reads it)
         self.arg_index: dict[Value, int] = {}
+        self.aliased: dict = {}      # outputs whose indices share memory (run's _aliased)
 
     def block(self, block: Block, env: dict) -> None:
         for ins in block.instrs:
@@ -179,8 +212,18 @@ class _Program:
         region = self._region(g, srcs[2:2 + rank], tv.type.shape)
         if region is None:
             return
-        old = g[region[0]]
         x = round_to(srcs[1][region[1]], gv.type.dtype)
+        if add and self.arg_index[gv] in self.aliased:
+            # an output sharing memory between its indices (lang.launch lets only atomic adds write one): one
+            # element at a time, so two indices of the tile reaching one element add both (g[...] = old + x
+            # would keep one)
+            sub = g[region[0]]
+            keep = None if mask_of(ins) is None else np.asarray(srcs[2 + rank])[region[1]] != 0
+            for k in np.ndindex(*sub.shape):
+                if keep is None or keep[k]:
+                    sub[k] = round_to(sub[k] + x[k], gv.type.dtype)
+            return
+        old = g[region[0]]
         new = round_to(old + x, gv.type.dtype) if add else x
         if mask_of(ins) is not None:
             new = np.where(np.asarray(srcs[2 + rank])[region[1]] != 0, new, old)
