@@ -32,6 +32,7 @@ hides each update, it does not make one honest.
 from __future__ import annotations
 
 import logging
+import numbers
 import random
 import time
 
@@ -200,7 +201,8 @@ def run_secure(
     require_int("run_secure", "rounds", rounds, low=0)
     require_int("run_secure", "per_round", per_round, low=2, high=task.num_clients)
     require_timeout("run_secure", timeout)
-    ok = isinstance(clipping_range, (int, float)) and not isinstance(clipping_range, bool)
+    # any real number (np.float32(8.0) was refused as "not a finite number > 0")
+    ok = isinstance(clipping_range, numbers.Real) and not isinstance(clipping_range, bool)
     if not ok or not 0 < clipping_range < float("inf"):
         raise ValueError(f"run_secure: clipping_range={clipping_range!r}; expected a finite number > 0")
     if engine not in ("tilestack", "flower"):
@@ -221,6 +223,7 @@ def run_secure(
         raise ValueError(
             f"run_secure: num_shares={num_shares!r}, reconstruction_threshold={reconstruction_threshold!r}: {ex}"
         ) from ex
+    _check_threshold(secagg, num_shares, reconstruction_threshold, per_round)
     box: dict = {}
     main = _secure_main(task, rounds, per_round, secagg, box)
     if engine == "tilestack":
@@ -248,8 +251,38 @@ def run_secure(
     return box["arrays"]
 
 
+def _check_threshold(secagg: SecAggPlusWorkflow, num_shares, reconstruction_threshold, per_round: int) -> None:
+    """The shares and the reconstruction threshold each round resolves to over ``per_round`` sampled clients (Flower's
+    ``SecAggPlusWorkflow.setup_stage`` arithmetic), refused before any work where no round can reach the unmasked sum
+    or the threshold protects nothing: a threshold of 5 of 4 sampled clients (or num_shares=2.5 of 4: 10 shares, a
+    threshold of 6) halted every round and the run ended blaming survivors though no client dropped; an integer
+    threshold of 0 (or True) was taken, each key recoverable from no share at all."""
+    if isinstance(reconstruction_threshold, bool) or isinstance(num_shares, bool):
+        raise ValueError(f"run_secure: num_shares={num_shares!r}, reconstruction_threshold="
+                         f"{reconstruction_threshold!r}; expected numbers (an integer count or a float share of the "
+                         "sampled clients), not booleans")  # fmt: skip
+    shares = secagg.num_shares
+    if isinstance(shares, float):
+        shares = round(shares * per_round)
+        if shares < per_round and shares % 2 == 0:
+            shares += 1
+        if shares <= 2:
+            shares = per_round
+    threshold = secagg.reconstruction_threshold
+    if isinstance(threshold, float):
+        threshold = max(round(threshold * shares), 2)
+    if not 2 <= threshold <= min(shares, per_round):
+        raise ValueError(
+            f"run_secure: reconstruction_threshold={reconstruction_threshold!r} with num_shares={num_shares!r} and "
+            f"per_round={per_round} asks for {threshold} surviving clients of {min(shares, per_round)} holding shares; "
+            f"expected a threshold from 2 to {min(shares, per_round)} (an integer count, or a float share in (0, 1])"
+        )
+
+
 def run_plain(task: Task, *, rounds: int, per_round: int) -> dict[str, np.ndarray]:
     """The same rounds without secure aggregation (Flower's DefaultWorkflow), to compare against."""
+    if not isinstance(task, Task):  # (an AttributeError on .num_clients before)
+        raise TypeError(f"run_plain: task is a {type(task).__name__}; expected a tilestack.federated.Task")
     require_int("run_plain", "rounds", rounds, low=0)
     require_int("run_plain", "per_round", per_round, low=1, high=task.num_clients)
     box: dict = {}
