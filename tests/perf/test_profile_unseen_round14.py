@@ -176,7 +176,8 @@ def test_bags_by_hand():
     weighted = math.prod(pm.BG_SUM_SHAPE)
     _, counts, _ = profiled("bags", False)
     rows = {sh: c for (op, sh), c in counts.items() if op == "aten::_embedding_bag"}
-    assert sorted(c.flops for c in rows.values()) == sorted([real * dim, entries * dim, 2 * weighted * dim])
+    # the mean bag's 3 non-empty bags (of 4) each divided by its size: 3 * dim more (round 18)
+    assert sorted(c.flops for c in rows.values()) == sorted([real * dim + 3 * dim, entries * dim, 2 * weighted * dim])
     mean = rows[(pm.BG_ROWS, dim), (entries,), (len(pm.BG_OFFSETS),)]
     assert mean.bytes_read == real * dim * F32 + entries * 8 + len(pm.BG_OFFSETS) * 8 == 200
     _, counts, _ = profiled("bags", True)

@@ -186,10 +186,17 @@ def _embedding_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any) ->
 
 def _embedding_bag_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     """aten._embedding_bag: each looked-up row (entries x dim, padding entries skipped) is added (or compared, mode
-    max) into its bag, after a multiply by its per-sample weight where one is given."""
+    max) into its bag, after a multiply by its per-sample weight where one is given; in mode mean each non-empty
+    bag's sum is then divided by its size, a divide per column (profiler round 18: a recommender's
+    EmbeddingBag(mode='mean') was counted as mode sum, though its backward counted the 1/size scaling)."""
     arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
     per_row = 1 + (arg("per_sample_weights") is not None)
-    return float(per_row * bag_entries(func, args, kwargs) * arg("weight").shape[-1])
+    mean = 0
+    if arg("mode") == EMBEDDING_BAG_MEAN:
+        output, bag_size = out[0], out[2]  # (output, offset2bag, bag_size, max_indices); bag_size of real entries
+        bags = output.shape[0] if bag_size.device.type == "meta" else int((bag_size != 0).sum())
+        mean = bags * output.shape[-1]
+    return float(per_row * bag_entries(func, args, kwargs) * arg("weight").shape[-1] + mean)
 
 
 EMBEDDING_BAG_MEAN, EMBEDDING_BAG_MAX = 1, 2  # the ``mode`` argument of aten._embedding_bag: 0 sum, 1 mean, 2 max
