@@ -137,6 +137,11 @@ def run(
         raise typer.BadParameter(f"per_round={per_round} > clients={clients}", param_hint="--per-round")
     if data is not None:
         dataset = "file"
+    # FedBN keeps the MLP's batch-norm layers on each client, and no option built the MLP with them: every
+    # `--strategy fedbn` run was refused for a model without 'bn.' arrays, naming norm=True, which no option sets
+    if strategy == "fedbn" and model != "mlp":
+        raise typer.BadParameter(f"--strategy fedbn keeps the MLP's batch-norm layers on each client; got --model "
+                                 f"{model}, expected --model mlp", param_hint="--model")  # fmt: skip
     try:
         fault_list = _parse_faults(faults)
     except ValueError as ex:
@@ -147,7 +152,7 @@ def run(
             seed=seed, alpha=alpha, beta=beta, partitioner=partitioner,
             partition_alpha=partition_alpha, model=model, lr=lr, local_epochs=local_epochs,
             local_steps=local_steps or None, malicious_fraction=malicious, attack=attack, groups=clusters,
-            batch_size=batch_size,
+            batch_size=batch_size, norm=strategy == "fedbn",
         )  # fmt: skip
         if trace is not None:
             system = SystemModel.from_trace(trace, dropout=dropout, straggler_fraction=stragglers,
