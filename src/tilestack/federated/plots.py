@@ -12,9 +12,10 @@ strategy aggregated: ``eval_metrics.eval-acc`` (federated evaluation, weighted b
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from tilestack.federated.metrics import History
+from tilestack.federated.metrics import History, RoundMetrics
 
 LABELS = {
     "train_loss": "training loss (global model)",
@@ -33,6 +34,31 @@ LABELS = {
 
 
 DICT_FIELDS = ("client_acc", "extra", "train_metrics", "eval_metrics")  # RoundMetrics fields plotted as <field>.<key>
+
+
+NUMBER_FIELDS = tuple(f.name for f in dataclasses.fields(RoundMetrics) if f.type in ("int", "float"))
+
+
+def _check(where: str, runs: dict, metrics: list[str], *, keys: bool = True) -> None:
+    """Refuse what would fail inside matplotlib or plot nothing, naming the argument: a metric that is no number field
+    of ``RoundMetrics`` ('accuracy' raised AttributeError, 'excluded' a TypeError from float() of a dict), a
+    ``<field>.<key>`` that no round of these runs holds ('extra.epsilon' of a run without DP: an empty plot, without a
+    word), runs that are no dict of Histories, and nothing to plot (matplotlib's "Number of rows must be a positive
+    integer")."""
+    if not isinstance(runs, dict) or not runs or not all(isinstance(h, History) for h in runs.values()):
+        raise ValueError(f"{where}: runs={runs!r:.200}; expected a non-empty dict of label -> History")
+    if not metrics:
+        raise ValueError(f"{where}: metrics={metrics!r}; expected at least one metric name")
+    for metric in metrics:
+        field, dot, key = metric.partition(".") if isinstance(metric, str) else ("", "", "")
+        if dot and field in DICT_FIELDS:
+            held = sorted({k for h in runs.values() for r in h.rounds for k in getattr(r, field)})
+            if keys and key not in held and any(h.rounds for h in runs.values()):
+                raise ValueError(f"{where}: metric={metric!r}: no round of these runs has {field} {key!r}; expected "
+                                 f"one of {[f'{field}.{k}' for k in held] or '(none: ' + field + ' is empty)'}")
+        elif metric not in NUMBER_FIELDS:
+            raise ValueError(f"{where}: metric={metric!r}; expected a number field of RoundMetrics {NUMBER_FIELDS} "
+                             f"or <field>.<key> of {DICT_FIELDS} (e.g. 'client_acc.p10')")
 
 
 def _values(history: History, metric: str) -> list[float]:
@@ -71,6 +97,7 @@ def plot_rounds(runs: dict[str, History], metric: str, path: str | Path, *, titl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    _check("plot_rounds", runs, [metric])
     fig, ax = plt.subplots(figsize=(6, 4))
     _axes_plot(ax, runs, metric, title)
     return _save(fig, path)
@@ -83,6 +110,12 @@ def plot_grid(panels: dict[str, dict[str, History]], metrics: list[str], path: s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not isinstance(panels, dict) or not panels:
+        raise ValueError(f"plot_grid: panels={panels!r:.200}; expected a non-empty dict of title -> runs")
+    for runs in panels.values():
+        _check("plot_grid", runs, metrics, keys=False)
+    # a key held by some panel's runs only (IFCA's 'extra.ari' beside FedAvg) is a metric of this grid
+    _check("plot_grid", {(t, label): h for t, runs in panels.items() for label, h in runs.items()}, metrics)
     fig, axes = plt.subplots(len(metrics), len(panels), figsize=(4.2 * len(panels), 3.3 * len(metrics)), squeeze=False)
     for j, (panel, runs) in enumerate(panels.items()):
         for i, metric in enumerate(metrics):
