@@ -68,6 +68,17 @@ class BenchSpec:
             bad = [g for g in given if g not in known]
             if bad or not given:
                 raise ValueError(f"BenchSpec: {name}={given!r}; expected a non-empty subset of {tuple(known)}")
+        # counts and seeds before any cell: clients=2.5 or seeds=(-1,) failed in the first cell's Task (in a worker
+        # process), naming Task's num_clients or seed; seeds=(0, 0) ran one seed twice and reported its std 0 "over
+        # seeds"
+        from tilestack.federated.checks import require_int
+
+        for name in ("clients", "per_round", "rounds", "local_steps"):
+            require_int("BenchSpec", name, getattr(self, name), low=1)
+        if not isinstance(self.seeds, (tuple, list)) or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"BenchSpec: seeds={self.seeds!r}; expected a non-empty tuple of distinct integers >= 0")
+        for seed in self.seeds:
+            require_int("BenchSpec", "a seed of seeds", seed, low=0)
         if not 1 <= self.per_round <= self.clients or self.rounds < 1 or self.local_steps < 1 or not self.seeds:
             raise ValueError(
                 f"BenchSpec: clients={self.clients}, per_round={self.per_round}, rounds={self.rounds}, "
@@ -173,12 +184,15 @@ def table(spec: BenchSpec, cells: list[Cell], field: str = "test_acc") -> str:
             vals = {(m, p): [getattr(c, field) for c in cells
                              if (c.task, c.profile, c.method, c.partition) == (t, s, m, p)]
                     for m in spec.methods for p in spec.partitions}  # fmt: skip
-            means = {key: float(np.mean(v)) for key, v in vals.items()}
+            means = {key: float(np.mean(v)) if v else float("nan") for key, v in vals.items()}
             for m in spec.methods:
                 row = []
                 for p in spec.partitions:
                     text = _stat(vals[(m, p)])
-                    best = max(means[(mm, p)] for mm in spec.methods)
+                    # the best of the numbers: max() over a NaN first (a run without client scores: worst10 NaN)
+                    # was NaN, and no method of the column was bold
+                    best = max((means[(mm, p)] for mm in spec.methods if not np.isnan(means[(mm, p)])),
+                               default=float("nan"))  # fmt: skip
                     row.append(f"**{text}**" if means[(m, p)] == best else text)
                 lines.append(f"| {m} | " + " | ".join(row) + " |")
             lines.append("")
