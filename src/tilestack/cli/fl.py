@@ -155,8 +155,15 @@ def run(
             batch_size=batch_size, norm=strategy == "fedbn",
         )  # fmt: skip
         if trace is not None:
+            # the trace gives the speeds: a --speed-sigma beside it was ignored without a word
+            if speed_sigma != 0.0:
+                raise typer.BadParameter(f"--speed-sigma {speed_sigma:g} draws the clients' speeds, which --trace "
+                                         f"{trace} gives; expected one of the two", param_hint="--speed-sigma")
             system = SystemModel.from_trace(trace, dropout=dropout, straggler_fraction=stragglers,
                                             deadline=deadline or None, seed=seed)  # fmt: skip
+            if system.num_clients != clients:  # (named "simulate: system.num_clients=3" before, no option)
+                raise typer.BadParameter(f"--trace {trace} lists {system.num_clients} clients; expected one row per "
+                                         f"client of --clients {clients}", param_hint="--trace")  # fmt: skip
         else:
             system = SystemModel(clients, speed_sigma=speed_sigma, dropout=dropout, straggler_fraction=stragglers,
                                  deadline=deadline or None, seed=seed)  # fmt: skip
