@@ -383,6 +383,14 @@ def _moves_no_data(func: Any, name: str, ins: Sequence[Any], outs: Sequence[Any]
 COMPLEX_PRODUCTS = {"aten.mul": formulas.COMPLEX_MUL_FLOPS, "aten.div": formulas.COMPLEX_DIV_FLOPS}
 OVERWRITING_OPS = ("aten.fill_", "aten.zero_", "aten.copy_", "aten._foreach_zero_", "aten._foreach_copy_")
 LIKE_OPS = ("aten.new_zeros", "aten.new_ones", "aten.new_full")  # a new tensor like ``self``: none of its elements read
+# Backward ops handed the forward's input for its shape alone: their kernels read dy (and the max indices) and write
+# the input gradient, never the input's values (profiler round 18: a ResNet stem's max pool backward was charged its
+# (N, C, H, W) input too, more than doubling what it reads; an average pool's backward read 1 + H*W/taps times its dy).
+SHAPE_ONLY_SELF = frozenset(
+    [f"aten.{kind}_pool{d}d_backward" for kind in ("avg", "_adaptive_avg", "adaptive_max", "fractional_max")
+     for d in (2, 3)]
+    + [f"aten.max_pool{d}d_with_indices_backward" for d in (2, 3)]
+    + [f"aten.{kind}_pad{d}d_backward" for kind in ("reflection", "replication") for d in (1, 2, 3)])
 
 
 def _overwrites(func: Any) -> bool:
@@ -662,6 +670,9 @@ def count_ops(step: Callable[[], Any]) -> dict[OpKey, _Count]:
                     # its argument's dtype and device, not its elements
                     dest = _tensors(_argument(func, args, kwargs, "self"))  # a list for a foreach op
                     ins = [t for t in ins if not any(t is d for d in dest)]
+                if str(func._overloadpacket) in SHAPE_ONLY_SELF:
+                    shape_only = _argument(func, args, kwargs, "self")
+                    ins = [t for t in ins if t is not shape_only]
                 gathered = GATHERS.get(str(func._overloadpacket))
                 scattered = SCATTERS_IN_PLACE.get(str(func._overloadpacket))
                 sparse = counting_optim.sparse_into_dense(func, args, kwargs)  # dense.add_(sparse): rows touched
