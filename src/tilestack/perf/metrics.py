@@ -27,7 +27,15 @@ from typing import Any
 from tilestack.errors import TilestackError
 from tilestack.perf import formulas
 from tilestack.perf.roofline import Placement, Roof, place
-from tilestack.perf.timing import DEFAULT_TARGET_REL_CI, Timing, TimingError, time_fn
+from tilestack.perf.timing import (
+    DEFAULT_BUDGET_S,
+    DEFAULT_TARGET_REL_CI,
+    DEFAULT_WINDOW_S,
+    Timing,
+    TimingError,
+    time_fn,
+)
+from tilestack.perf.timing import _check as check_timing
 
 
 class MetricsError(TilestackError, ValueError):
@@ -48,6 +56,11 @@ def roofs_for(device: Any, ceilings: Any, dtype: str) -> Roofs:
 
     ``ceilings`` is a :class:`~tilestack.perf.device.Ceilings` or None (no measured roof).
     """
+    from tilestack.perf.device import Ceilings
+
+    if not (ceilings is None or ceilings is False or isinstance(ceilings, Ceilings)):   # (an AttributeError)
+        raise MetricsError(f"ceilings={ceilings!r:.60} ({type(ceilings).__name__}); expected perf.ceilings(device) "
+                           "or None")
     spec = getattr(device, "spec", None)
     measured = Roof(
         ceilings.peak(dtype) if ceilings else None,
@@ -75,6 +88,20 @@ def _check_labels(name: Any, config: Any, item_name: Any) -> None:
     if not isinstance(item_name, str):
         raise MetricsError(f"item_name={item_name!r} ({type(item_name).__name__}) for {name!r}; expected what items "
                            "counts, a str (\"tokens\")")
+
+
+def _check_items(items: Any, name: str) -> None:
+    if items is not None and not (is_number(items) and 0 <= items < math.inf):   # (inf items/s was shown)
+        raise MetricsError(f"items={items!r} ({type(items).__name__}) for {name!r}; expected a finite count >= 0 "
+                           "or None")
+
+
+def _check_switch(arg: str, value: Any, name: str, *, none_ok: bool = False) -> None:
+    """A yes/no argument of measure: ``energy="no"`` or ``graph=[]`` was taken by its truth and ran otherwise
+    than asked (``energy="no"`` measured energy), ``graph=np.ones(3)`` failed in ``if`` deep in the timing."""
+    if not (isinstance(value, bool) or (none_ok and value is None)):
+        raise MetricsError(f"{arg}={value!r:.60} ({type(value).__name__}) for {name!r}; expected True or False"
+                           + (" or None" if none_ok else ""))
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -297,9 +324,7 @@ def compute_metrics(
             f"latency_s={latency_s!r} ({type(latency_s).__name__}) for {name!r}; expected a positive time in "
             "seconds. A zero-length window means the timer could not resolve the call: time more work per call"
         )
-    if items is not None and not (is_number(items) and 0 <= items < math.inf):   # (inf items/s was shown)
-        raise MetricsError(f"items={items!r} ({type(items).__name__}) for {name!r}; expected a finite count >= 0 "
-                           "or None")
+    _check_items(items, name)
     if roofs is not None and not isinstance(roofs, Roofs):
         raise MetricsError(f"roofs={roofs!r} ({type(roofs).__name__}); expected perf.roofs_for(device, ceilings, "
                            "dtype) or None")
@@ -416,9 +441,21 @@ def measure(
     for arg, value in (("flops", flops), ("bytes_read", bytes_read), ("bytes_written", bytes_written)):
         if not is_number(value) or not value >= 0 or not math.isfinite(value):
             raise MetricsError(f"{arg}={value!r} ({type(value).__name__}) for {name!r}; expected a finite count >= 0")
+    # Every argument is checked before the device is detected, its ceilings measured or fn timed: items,
+    # ceilings and the timing knobs were read only after fn had been timed (a str window_s then failed inside
+    # the timing loop, reported as fn's own error), ceilings="x" ended in an AttributeError.
+    _check_items(items, name)
+    for arg, value in (("graph", graph), ("nvtx", nvtx)):
+        _check_switch(arg, value, name)
+    _check_switch("energy", energy, name, none_ok=True)
+    if not (ceilings is None or ceilings is False or isinstance(ceilings, device_mod.Ceilings)):
+        raise MetricsError(f"ceilings={ceilings!r:.60} ({type(ceilings).__name__}) for {name!r}; expected "
+                           "perf.ceilings(device), None (load or measure them) or False (none)")
+    check_timing(fn, args_sets, repeats, DEFAULT_WINDOW_S if window_s is None else window_s,
+                 DEFAULT_BUDGET_S if budget_s is None else budget_s, target_rel_ci)
+    dtype = formulas.dtype_name(dtype) if dtype is not None else infer_dtype(args_sets)  # (0 or [] was "none")
     dev = device if isinstance(device, device_mod.Device) else device_mod.detect(device)
     ceil = None if ceilings is False else (ceilings or device_mod.ceilings(dev))
-    dtype = formulas.dtype_name(dtype) if dtype else infer_dtype(args_sets)
     label = nvtx_mod.range_name(name, config)
 
     def run(*args: Any) -> Any:

@@ -228,11 +228,13 @@ def _check(
         raise TimingError("args_sets=[]; expected at least one tuple of arguments (or None for no arguments)")
     if repeats is not None and (isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1):
         raise TimingError(f"repeats={repeats!r}; expected at least 1 timed repeat (an int)")
-    if not window_s > 0:
-        raise TimingError(f"window_s={window_s!r}; expected a positive timing window in seconds")
-    if not budget_s > 0:
-        raise TimingError(f"budget_s={budget_s!r}; expected a positive time budget in seconds")
-    if target_rel_ci is not None and not target_rel_ci > 0:
+    # A str or list failed in the comparison (inside measure: reported as fn's own error), an infinite budget in
+    # int() once a noisy fn had not converged after the first round (OverflowError), an infinite window likewise.
+    for arg, value, what in (("window_s", window_s, "timing window"), ("budget_s", budget_s, "time budget")):
+        if not _is_real(value) or not 0 < value < math.inf:
+            raise TimingError(f"{arg}={value!r:.60} ({type(value).__name__}); expected a positive, finite {what} "
+                              "in seconds")
+    if target_rel_ci is not None and not (_is_real(target_rel_ci) and target_rel_ci > 0):
         raise TimingError(f"target_rel_ci={target_rel_ci!r}; expected a positive relative half-width, or None")
     return sets
 
