@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import os
 import re
 import secrets
 import socket
@@ -154,6 +155,9 @@ class Store:
     """The SQLite result store at ``path`` (default :func:`default_path`)."""
 
     def __init__(self, path: str | Path | None = None):
+        if path is not None and not isinstance(path, str | os.PathLike):   # (a bare TypeError inside pathlib)
+            raise StoreError(f"result store path={path!r:.60} ({type(path).__name__}); expected a SQLite file path "
+                             "(a str or pathlib.Path), or None for the default")
         self.path = Path(path) if path is not None else default_path()
         # (a folder, or a path below a file, failed with sqlite3's "unable to open database file" or a bare
         # FileExistsError naming neither the store nor what was expected)
@@ -237,8 +241,21 @@ class Store:
         """Record a new run and return its id (``20261121-224400-3fa2``)."""
         from tilestack.perf import device as device_mod
 
-        if device is None or device == "":   # (stored as the device "None": every comparison by device missed it)
-            raise StoreError(f"device={device!r}; expected the device the run measures (perf.detect(), or its name)")
+        # (None was stored as the device "None": every comparison by device missed it; 1.5, a list or True were
+        # stored as devices named "1.5", "[1, 2]", "True" the same way)
+        if not (isinstance(device, device_mod.Device) or (isinstance(device, str) and device.strip())):
+            raise StoreError(f"device={device!r:.60}; expected the device the run measures (perf.detect(), or its "
+                             "name as a str)")
+        # (a list or dict label failed inside sqlite3's binding, an int was stored for a str)
+        for arg, value in (("label", label), ("command", command)):
+            if value is not None and not isinstance(value, str):
+                raise StoreError(f"{arg}={value!r:.60} ({type(value).__name__}); expected a str or None")
+        if ceilings is not None and not isinstance(ceilings, device_mod.Ceilings):   # (stored as its str)
+            raise StoreError(f"ceilings={ceilings!r:.60} ({type(ceilings).__name__}); expected perf.ceilings(device) "
+                             "or None")
+        if versions is not None and not isinstance(versions, Mapping):   # (failed inside dict())
+            raise StoreError(f"versions={versions!r:.60} ({type(versions).__name__}); expected a dict of package "
+                             "versions (perf.versions()), or None for this process's")
         name = getattr(device, "name", None) or str(device)
         if versions is None:
             versions = device_mod.versions()
@@ -264,6 +281,8 @@ class Store:
         """Append one result to ``run_id``, committed before returning; the row's id."""
         if not isinstance(m, Measurement):
             raise StoreError(f"m={m!r} ({type(m).__name__}); expected a perf.Measurement")
+        if not isinstance(run_id, str):   # (a list or dict failed inside sqlite3's binding)
+            raise StoreError(f"run_id={run_id!r:.60} ({type(run_id).__name__}); expected an id start_run returned")
         row = m.to_row()
         with self._tx():
             # SQLite does not enforce the REFERENCES clause (foreign keys are off): a result appended to a run id
@@ -348,6 +367,8 @@ class Store:
 
     def latest_result(self, name: str) -> tuple[str, Measurement]:
         """The newest stored result of kernel ``name``, and its run's id."""
+        if not isinstance(name, str):   # (a list or dict failed inside sqlite3's binding)
+            raise StoreError(f"name={name!r:.60} ({type(name).__name__}); expected a kernel's name, a str")
         row = self._db.execute(
             "SELECT run_id, row_json FROM results WHERE name = ? ORDER BY id DESC LIMIT 1", (name,)
         ).fetchone()
