@@ -50,7 +50,8 @@ def size_bucket(n: int) -> int:
     # (int(n) took "100" and 100.5 as 128, -1 as 4, and NaN failed in int(): "cannot convert float NaN")
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
         raise TunableError(f"size_bucket: n={n!r} ({type(n).__name__}); expected a size, an int >= 0")
-    return 1 << max(0, (int(n) - 1).bit_length())
+    # (n=0 answered 2, above size_bucket(1) == 1: (-1).bit_length() is 1)
+    return 1 << max(0, (max(int(n), 1) - 1).bit_length())
 
 
 def _check_entry_key(method: str, kernel, signature, device, bucket) -> None:

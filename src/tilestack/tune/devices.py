@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import re
 
 from tilestack.errors import DeviceError
@@ -95,12 +96,31 @@ class DeviceKey:
         return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-") or "unnamed"
 
 
-@functools.cache
 def device_key(index: int) -> DeviceKey:
     """The key of CUDA device ``index``, read once per process."""
+    # (without a GPU this was torch's bare AssertionError "Torch not compiled with CUDA enabled"; a list index a
+    # TypeError "unhashable type" from the cache; a float or str index reached torch)
+    if isinstance(index, bool) or not isinstance(index, numbers.Integral) or index < 0:
+        raise DeviceError(f"device_key: index={index!r} ({type(index).__name__}); expected a CUDA device index, an "
+                          "int >= 0")
+    return _device_key(int(index))
+
+
+@functools.cache
+def _device_key(index: int) -> DeviceKey:
     import torch
 
-    return DeviceKey.from_properties(torch.cuda.get_device_properties(index))
+    try:
+        props = torch.cuda.get_device_properties(index)
+    except (AssertionError, RuntimeError) as e:   # no CUDA here, or no device of that index
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise DeviceError(f"device_key: index={index} but this machine has {count} CUDA device(s) ({e}); expected "
+                          "an index below that (DeviceKey.parse('sm90-132sm-227kb') names a device without "
+                          "one)") from e
+    return DeviceKey.from_properties(props)
+
+
+device_key.cache_clear = _device_key.cache_clear   # (tune.lookup.reload and the tests forget the keys read)
 
 
 # The device a search is for when no GPU says otherwise (a CPU machine preparing or testing a search): Hopper,
