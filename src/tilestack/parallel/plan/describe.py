@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import numbers
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -25,6 +26,8 @@ from tilestack.errors import TilestackError
 
 FP32_BYTES = 4
 INT64_BYTES = 8
+INT64_MAX = 2**63 - 1          # the largest size torch (and every count below) can hold
+MAX_LAYERS = 1 << 16           # describe_transformer builds one LayerDesc per layer
 # Per transformer block (GPT-2 layout): q, k, v, o, fc, proj weights and biases, two LayerNorms (weight, bias)
 BLOCK_TENSORS = 16
 # Training FLOPs are forward + backward = 3 x forward (backward computes the input and the weight gradients)
@@ -36,6 +39,15 @@ TP_ALLREDUCES_BWD = 2
 
 class PlanError(TilestackError, ValueError):
     """A planning question that cannot be answered as asked: names the argument, what was given and expected."""
+
+
+def _positive_int(where: str, arg: str, value: Any, most: int) -> int:
+    """``value`` as an int in [1, most]: a NumPy int is one (np.int64(4) was refused as no int); a size past int64
+    (1 << 70) was counted as given, n_layer=1 << 70 built one LayerDesc per layer until memory ran out."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 1 <= value <= most:
+        limit = "" if most == INT64_MAX else f" up to {most}"
+        raise PlanError(f"{where}: {arg}={value!r}; expected a positive int{limit}")
+    return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,13 +196,16 @@ def describe_transformer(*, n_layer: int, d: int, n_head: int, vocab: int, seq: 
                          config: dict[str, Any] | None = None, flash: bool = False) -> ModelDesc:
     """A GPT-2 shaped decoder (learned positions, pre-LN, MLP of 4d, untied head) counted by formula; ``flash``:
     its attention is fused (keeps no scores)."""
-    for arg, v in (("n_layer", n_layer), ("d", d), ("n_head", n_head), ("vocab", vocab), ("seq", seq),
-                   ("dtype_bytes", dtype_bytes)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise PlanError(f"describe_transformer: {arg}={v!r}; expected a positive int")
+    n_layer, d, n_head, vocab, seq, dtype_bytes = (
+        _positive_int("describe_transformer", arg, v, MAX_LAYERS if arg == "n_layer" else INT64_MAX)
+        for arg, v in (("n_layer", n_layer), ("d", d), ("n_head", n_head), ("vocab", vocab), ("seq", seq),
+                       ("dtype_bytes", dtype_bytes)))
     if d % n_head:
         raise PlanError(f"describe_transformer: d={d} is not divisible by n_head={n_head}; expected whole heads")
-    if max_seq is not None and (not isinstance(max_seq, int) or isinstance(max_seq, bool) or max_seq < seq):
+    if isinstance(max_seq, numbers.Integral) and not isinstance(max_seq, bool) and seq <= max_seq <= INT64_MAX:
+        max_seq = int(max_seq)   # (a NumPy int: as its seq)
+    if max_seq is not None and (not isinstance(max_seq, int) or isinstance(max_seq, bool) or not
+                                seq <= max_seq <= INT64_MAX):
         raise PlanError(f"describe_transformer: max_seq={max_seq!r} with seq={seq}; expected an int >= seq (the "
                         "position table's rows)")
     max_seq = max_seq or seq
@@ -220,7 +235,9 @@ def describe_gpt(cfg: Any, seq: int, *, dtype_bytes: int = FP32_BYTES, name: str
     if not isinstance(cfg, ModelConfig):
         raise PlanError(f"describe_gpt: cfg={type(cfg).__name__}; expected a tilestack.parallel.model.ModelConfig "
                         "(describe_transformer or describe_module for other models)")
-    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+    if isinstance(seq, numbers.Integral) and not isinstance(seq, bool) and 1 <= seq <= INT64_MAX:
+        seq = int(seq)   # (a NumPy int, as describe_transformer takes it)
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq <= INT64_MAX:
         raise PlanError(f"describe_gpt: seq={seq!r}; expected a positive int (tokens per sequence)")
     if seq > cfg.max_seq:
         raise PlanError(f"describe_gpt: seq={seq} is longer than the model's max_seq={cfg.max_seq}")

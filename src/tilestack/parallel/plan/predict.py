@@ -48,7 +48,14 @@ from tilestack.parallel.config import RECOMPUTE, ZERO_STAGES
 from tilestack.parallel.parallelize import trainer_reduces_gradients, uses_ddp
 from tilestack.parallel.plan.comm import CommModel
 from tilestack.parallel.plan.compute import ComputeModel
-from tilestack.parallel.plan.describe import FP32_BYTES, TP_ALLREDUCES_BWD, TP_ALLREDUCES_FWD, ModelDesc, PlanError
+from tilestack.parallel.plan.describe import (
+    FP32_BYTES,
+    INT64_MAX,
+    TP_ALLREDUCES_BWD,
+    TP_ALLREDUCES_FWD,
+    ModelDesc,
+    PlanError,
+)
 from tilestack.parallel.plan.schedule import SCHEDULES, Simulation, simulate
 
 ADAM_MOMENTS = 2
@@ -122,7 +129,8 @@ class Plan:
         """PlanError naming the field that does not fit the model or the batch."""
         for name in ("batch", "pp", "dp", "dp_shard", "tp", "stages_per_rank", "microbatches"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            # (a batch of 1 << 70, past any size torch holds, was predicted as given)
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= INT64_MAX:
                 raise PlanError(f"Plan: {name}={v!r}; expected a positive int")
         if self.schedule not in SCHEDULES:
             raise PlanError(f"Plan: schedule={self.schedule!r}; expected one of {SCHEDULES}")
@@ -259,6 +267,9 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
     of the data-parallel gradient reduction hidden behind backward (0: none; DDP on a GPU hides most of it).
     ``recv_buffers``: a pipeline stage keeps a receive buffer per micro-batch (torch's PipelineStage, which
     tilestack.parallel uses; Megatron-LM's schedules do not)."""
+    if not isinstance(recv_buffers, bool):   # (recv_buffers="no" was taken by its truth: kept the buffers)
+        raise PlanError(f"predict: recv_buffers={recv_buffers!r:.60} ({type(recv_buffers).__name__}); expected "
+                        "True or False")
     _check_inputs(plan, desc, compute, comm, overlap_dp)
     plan.check(desc)
     if hasattr(comm, "check_world"):           # a cluster of a given number of nodes: no more ranks than its GPUs

@@ -39,7 +39,7 @@ import numpy as np
 from tilestack.parallel.config import RECOMPUTE
 from tilestack.parallel.plan.comm import CommModel
 from tilestack.parallel.plan.compute import ComputeModel
-from tilestack.parallel.plan.describe import ModelDesc, PlanError
+from tilestack.parallel.plan.describe import INT64_MAX, ModelDesc, PlanError
 from tilestack.parallel.plan.predict import Plan, Prediction, even_bounds, predict
 from tilestack.parallel.plan.schedule import SCHEDULES
 
@@ -58,6 +58,9 @@ def factorizations(n: int, parts: int) -> Iterator[tuple[int, ...]]:
             yield (f, *rest)
 
 
+MAX_WORLD = 1 << 40   # _divisors' trial division goes to sqrt(world_size): 2**20 steps at most
+
+
 @functools.cache
 def _divisors(n: int) -> tuple[int, ...]:
     """The divisors of ``n``, ascending (trial division up to sqrt(n): a world of a million ranks is instant)."""
@@ -72,13 +75,15 @@ def _integer(v: Any) -> bool:
 
 
 def check_world(world_size: Any) -> int:
-    if not _integer(world_size) or world_size < 1:
-        raise PlanError(f"world_size={world_size!r}; expected a positive int (ranks)")
+    # (1 << 70 ranks hung in _divisors' trial division up to 2**35)
+    if not _integer(world_size) or not 1 <= world_size <= MAX_WORLD:
+        raise PlanError(f"world_size={world_size!r}; expected a positive int (ranks) up to {MAX_WORLD}")
     return int(world_size)
 
 
 def _positive_int(where: str, arg: str, v: Any, what: str) -> int:
-    if not _integer(v) or v < 1:
+    # (a batch of 1 << 70, past any size torch holds, was planned as given)
+    if not _integer(v) or not 1 <= v <= INT64_MAX:
         raise PlanError(f"{where}: {arg}={v!r}; expected a positive int ({what})")
     return int(v)
 
