@@ -16,7 +16,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
+import numbers
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +28,17 @@ import numpy as np
 def fairness(values: list[float]) -> dict[str, float]:
     """Summary of per-client values (accuracies): mean, std, variance, 10th/25th/50th percentiles, the mean
     of the worst 10% (at least one client), worst, Jain's index."""
-    if not values:
+    # (a float failed in len(), a str in float(), NaN in numpy's sort, an array in `if not values`; None or 0 gave
+    # {} as if no client had reported)
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence | np.ndarray) or (
+            isinstance(values, np.ndarray) and values.ndim != 1):
+        raise ValueError(f"fairness: values={values!r:.60} ({type(values).__name__}); expected a list of per-client "
+                         "numbers")
+    bad = [x for x in values if not (isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x))]
+    if bad:
+        raise ValueError(f"fairness: values holds {bad[0]!r} ({type(bad[0]).__name__}); expected finite numbers, one "
+                         "per client")
+    if len(values) == 0:
         return {}
     v = np.asarray(values, np.float64)
     jain = float(v.sum() ** 2 / (len(v) * (v**2).sum())) if (v**2).sum() > 0 else 1.0

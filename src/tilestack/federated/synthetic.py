@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
 
 import numpy as np
 
@@ -41,15 +43,29 @@ class Synthetic:
     """Synthetic-IID of the paper: one shared model and input distribution for every device."""
 
     def __post_init__(self) -> None:
+        # Every field by type and range: a str or None failed in a bare comparison, NaN or inf alpha, a float
+        # num_devices, a str num_features or seed, iid="no" were kept and failed (or ran otherwise) only when a
+        # device was drawn.
+        def real(v: object) -> bool:
+            return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+        def integer(v: object) -> bool:
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
         for name in ("alpha", "beta"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"Synthetic: {name}={getattr(self, name)!r}; expected >= 0")
-        if self.num_devices < 1:
-            raise ValueError(f"Synthetic: num_devices={self.num_devices!r}; expected >= 1")
-        if not 0.0 < self.test_fraction < 1.0:
+            if not (real(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"Synthetic: {name}={getattr(self, name)!r}; expected a finite number >= 0")
+        for name in ("num_devices", "num_features", "num_classes"):
+            if not (integer(getattr(self, name)) and getattr(self, name) >= 1):
+                raise ValueError(f"Synthetic: {name}={getattr(self, name)!r}; expected an integer >= 1")
+        if not (integer(self.seed) and self.seed >= 0):
+            raise ValueError(f"Synthetic: seed={self.seed!r}; expected an integer >= 0")
+        if not (real(self.test_fraction) and 0.0 < self.test_fraction < 1.0):
             raise ValueError(f"Synthetic: test_fraction={self.test_fraction!r}; expected in (0, 1)")
-        if self.max_samples is not None and self.max_samples < SIZE_MIN:
+        if self.max_samples is not None and not (integer(self.max_samples) and self.max_samples >= SIZE_MIN):
             raise ValueError(f"Synthetic: max_samples={self.max_samples!r}; expected >= {SIZE_MIN} or None")
+        if not isinstance(self.iid, bool):
+            raise ValueError(f"Synthetic: iid={self.iid!r}; expected True or False")
 
     def _check(self, k: int) -> None:
         if not 0 <= k < self.num_devices:

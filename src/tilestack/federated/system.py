@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+MAX_CLIENTS = 1 << 24   # the simulation holds arrays (speeds, bandwidths) of one entry per client
+
 
 @dataclasses.dataclass(frozen=True)
 class ClientPlan:
@@ -75,7 +77,9 @@ class SystemModel:
             return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
         checks = {  # name: (ok, expected)
-            "num_clients": (integer(self.num_clients) and self.num_clients >= 1, "an integer >= 1"),
+            # (1 << 70 failed inside numpy: "Maximum allowed dimension exceeded")
+            "num_clients": (integer(self.num_clients) and 1 <= self.num_clients <= MAX_CLIENTS,
+                            f"an integer in [1, {MAX_CLIENTS}]"),
             "speed": (number(self.speed) and self.speed > 0, "a number > 0 (steps per second)"),
             "bandwidth": (number(self.bandwidth) and self.bandwidth > 0, "a number > 0 (bytes per second)"),
             "speed_sigma": (number(self.speed_sigma) and self.speed_sigma >= 0, "a number >= 0"),
@@ -96,12 +100,23 @@ class SystemModel:
             if not ok:
                 raise ValueError(f"SystemModel: {name}={getattr(self, name)!r}; expected {expected}")
         rng = np.random.default_rng([self.seed, 19])
+        drawn = {}   # the arrays drawn here, by the arguments they were drawn from
         if self.speeds is None:
             self.speeds = self.speed * rng.lognormal(0.0, self.speed_sigma, self.num_clients)
+            drawn["speeds"] = ("speed", "speed_sigma")
         if self.bandwidths is None:
             self.bandwidths = self.bandwidth * rng.lognormal(0.0, self.bandwidth_sigma, self.num_clients)
+            drawn["bandwidths"] = ("bandwidth", "bandwidth_sigma")
         for name in ("speeds", "bandwidths"):
             arr = np.asarray(getattr(self, name), np.float64)
+            if name in drawn and not np.all(np.isfinite(arr) & (arr > 0)):
+                # (speed_sigma=1e3 or speed=1e308 drew inf or 0 speeds: the error named "speeds", never given)
+                mean, sigma = drawn[name]
+                raise ValueError(
+                    f"SystemModel: {mean}={getattr(self, mean)!r} with {sigma}={getattr(self, sigma)!r} draws "
+                    f"{name} that are not finite numbers > 0; expected a smaller {sigma} (a lognormal's sigma, "
+                    "about 0-3)"
+                )
             if arr.shape != (self.num_clients,) or not np.all(np.isfinite(arr) & (arr > 0)):
                 raise ValueError(
                     f"SystemModel: {name} has shape {arr.shape}; expected ({self.num_clients},) finite numbers > 0"

@@ -39,6 +39,7 @@ import numpy as np
 from tilestack.federated import partition
 from tilestack.federated.models import MLP, Model, Params, SoftmaxRegression
 from tilestack.federated.synthetic import SIZE_MIN, Synthetic
+from tilestack.federated.system import MAX_CLIENTS
 
 DATASETS = ("synthetic", "blobs", "clustered", "digits", "file")
 DIGITS_MAX = 16.0  # scikit-learn's digits are 8x8 images of 0..16
@@ -114,6 +115,12 @@ class Task:
                 if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                     raise bad(field.name, "a finite number")
                 object.__setattr__(self, field.name, float(value))
+            # (norm="no" or norm=1.5 was taken by its truth: a normed model trained; a NumPy array as dataset failed
+            # in `not in` with "truth value of an array ... is ambiguous")
+            if kind == "bool" and not isinstance(value, bool):
+                raise bad(field.name, "True or False")
+            if kind == "str" and not isinstance(value, str):
+                raise bad(field.name, "a str")
         if self.seed < 0:
             raise bad("seed", ">= 0")
         if self.dataset not in DATASETS:
@@ -132,8 +139,8 @@ class Task:
                         f"client's own data (it was ignored); expected {name}={default!r}, or a pooled dataset to "
                         "split: 'blobs', 'digits' or 'file'"
                     )
-        if self.num_clients < 1:
-            raise bad("num_clients", ">= 1")
+        if not 1 <= self.num_clients <= MAX_CLIENTS:   # (1 << 70 clients was taken)
+            raise bad("num_clients", f"in [1, {MAX_CLIENTS}]")
         for name in ("alpha", "beta"):     # Synthetic(alpha, beta)'s variances: refused there only once a client ran
             if getattr(self, name) < 0:
                 raise bad(name, ">= 0 (a variance of Synthetic(alpha, beta))")
