@@ -76,8 +76,10 @@ def test_register_limit_is_the_register_file_over_the_block():
 
 def test_tma_inner_box_bytes():
     x, y = _meta(64, 4), _meta(64, 4)
-    bad = estimate(copy_kernel, (x, y), {}, dict(BM=16, BN=4), H100)    # 4 bf16 = 8 bytes: not a multiple of 16
-    assert not bad.valid and any(r.startswith("TMA") and "8 bytes" in r for r in bad.hard)
+    # 4 bf16 = 8 bytes, under the copy engine's 16: such a tile goes through pointers (backends.triton.passes.
+    # uses_tma; Triton refuses its descriptor), so the config is valid and moves no TMA box
+    thin = estimate(copy_kernel, (x, y), {}, dict(BM=16, BN=4), H100)
+    assert thin.valid and not thin.tma_boxes and thin.pointer_accesses >= 2, (thin.hard, thin.tma_boxes)
     x, y = _meta(64, 8), _meta(64, 8)
     good = estimate(copy_kernel, (x, y), {}, dict(BM=16, BN=8), H100)
     assert good.valid, good.hard
