@@ -41,13 +41,21 @@ class PlanError(TilestackError, ValueError):
     """A planning question that cannot be answered as asked: names the argument, what was given and expected."""
 
 
+def _int_in(value: Any, low: int, high: int) -> int | None:
+    """``value`` as an int in [low, high], a NumPy int being one (np.int64(4) was refused as no int); None where it is
+    no such int (a size past int64, 1 << 70, was counted as given)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and low <= value <= high:
+        return int(value)
+    return None
+
+
 def _positive_int(where: str, arg: str, value: Any, most: int) -> int:
-    """``value`` as an int in [1, most]: a NumPy int is one (np.int64(4) was refused as no int); a size past int64
-    (1 << 70) was counted as given, n_layer=1 << 70 built one LayerDesc per layer until memory ran out."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 1 <= value <= most:
+    """``value`` as an int in [1, most] (n_layer=1 << 70 built one LayerDesc per layer until memory ran out)."""
+    out = _int_in(value, 1, most)
+    if out is None:
         limit = "" if most == INT64_MAX else f" up to {most}"
         raise PlanError(f"{where}: {arg}={value!r}; expected a positive int{limit}")
-    return int(value)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,12 +210,11 @@ def describe_transformer(*, n_layer: int, d: int, n_head: int, vocab: int, seq: 
                        ("dtype_bytes", dtype_bytes)))
     if d % n_head:
         raise PlanError(f"describe_transformer: d={d} is not divisible by n_head={n_head}; expected whole heads")
-    if isinstance(max_seq, numbers.Integral) and not isinstance(max_seq, bool) and seq <= max_seq <= INT64_MAX:
-        max_seq = int(max_seq)   # (a NumPy int: as its seq)
-    if max_seq is not None and (not isinstance(max_seq, int) or isinstance(max_seq, bool) or not
-                                seq <= max_seq <= INT64_MAX):
-        raise PlanError(f"describe_transformer: max_seq={max_seq!r} with seq={seq}; expected an int >= seq (the "
-                        "position table's rows)")
+    if max_seq is not None:
+        if _int_in(max_seq, seq, INT64_MAX) is None:
+            raise PlanError(f"describe_transformer: max_seq={max_seq!r} with seq={seq}; expected an int >= seq (the "
+                            "position table's rows)")
+        max_seq = int(max_seq)   # (a NumPy int, as its seq)
     max_seq = max_seq or seq
     s, h, e = seq, d, dtype_bytes
     # embeddings: token + position lookups; backward keeps the int64 ids (and the position ids)
@@ -235,10 +242,9 @@ def describe_gpt(cfg: Any, seq: int, *, dtype_bytes: int = FP32_BYTES, name: str
     if not isinstance(cfg, ModelConfig):
         raise PlanError(f"describe_gpt: cfg={type(cfg).__name__}; expected a tilestack.parallel.model.ModelConfig "
                         "(describe_transformer or describe_module for other models)")
-    if isinstance(seq, numbers.Integral) and not isinstance(seq, bool) and 1 <= seq <= INT64_MAX:
-        seq = int(seq)   # (a NumPy int, as describe_transformer takes it)
-    if not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq <= INT64_MAX:
+    if _int_in(seq, 1, INT64_MAX) is None:
         raise PlanError(f"describe_gpt: seq={seq!r}; expected a positive int (tokens per sequence)")
+    seq = int(seq)   # (a NumPy int, as describe_transformer takes it)
     if seq > cfg.max_seq:
         raise PlanError(f"describe_gpt: seq={seq} is longer than the model's max_seq={cfg.max_seq}")
     return describe_transformer(n_layer=cfg.n_layer, d=cfg.d, n_head=cfg.n_head, vocab=cfg.vocab, seq=seq,
