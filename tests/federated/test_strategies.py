@@ -5,6 +5,7 @@ from flwr.serverapp.strategy import FedAvg, FedMedian
 from tilestack.federated import SystemModel, Task, simulate
 from tilestack.federated.strategies import (
     IFCA,
+    STRATEGY_SETTINGS,
     FedBN,
     FedDF,
     FedNova,
@@ -133,8 +134,9 @@ def test_oort_prefers_fast_useful_clients_over_random():
 def test_every_named_strategy_runs_and_learns(name):
     fedbn = name == "fedbn"  # local batch norm (on a model that has it), judged by each client's own evaluation
     task = Task(**SYN, local_steps=10, **(dict(model="mlp", norm=True) if fedbn else {}))
-    s = make_strategy(name, clients_per_round=6, num_clients=12, proximal_mu=0.1, server_lr=0.05, num_malicious=1,
-                      eval_fraction=1.0 if fedbn else 0.0)  # fmt: skip
+    own = {k: v for k, v in dict(proximal_mu=0.1, server_lr=0.05).items() if name in STRATEGY_SETTINGS[k][1]}
+    s = make_strategy(name, clients_per_round=6, num_clients=12, num_malicious=1, eval_fraction=1.0 if fedbn else 0.0,
+                      **own)  # fmt: skip
     res = simulate(s, task, rounds=4)
     acc = res.history.rounds[-1].eval_metrics["eval-acc"] if fedbn else _acc(res)
     assert acc > 0.2  # ten classes: chance is about 0.1

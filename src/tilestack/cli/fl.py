@@ -117,13 +117,19 @@ def run(
     from tilestack.federated.strategies import NAMES as STRATEGIES
     if strategy not in STRATEGIES:
         raise typer.BadParameter(f"--strategy {strategy!r}; expected one of {STRATEGIES}", param_hint="--strategy")
-    # a strategy's own knob given to another strategy was ignored without a word (--mu 1 with fedavg ran FedAvg)
-    for opt, value, default, users in (("--mu", mu, 0.0, ("fedprox",)), ("--server-lr", server_lr, 0.1,
-                                       ("fedadam", "fedyogi")), ("--q", q, 1.0, ("qfedavg",)),
-                                       ("--noise", noise, 1.0, ("dp-fedavg",)), ("--clip", clip, 1.0, ("dp-fedavg",))):
-        if value != default and strategy not in users:
-            raise typer.BadParameter(f"{opt} {value:g} is a setting of --strategy {' or '.join(users)}; got --strategy "
-                                     f"{strategy}, which does not use it", param_hint=opt)
+    # a strategy's own knob given to another strategy was ignored without a word (--mu 1 with fedavg ran FedAvg);
+    # the check is make_strategy's, here before any other work and naming the option
+    from tilestack.federated.strategies import misplaced_setting
+
+    options = {"proximal_mu": "--mu", "server_lr": "--server-lr", "q": "--q", "noise_multiplier": "--noise",
+               "clipping_norm": "--clip"}  # fmt: skip
+    misplaced = misplaced_setting(strategy, dict(proximal_mu=mu, server_lr=server_lr, q=q, noise_multiplier=noise,
+                                                 clipping_norm=clip))  # fmt: skip
+    if misplaced is not None:
+        arg, value, users = misplaced
+        opt = options[arg]
+        raise typer.BadParameter(f"{opt} {value:g} is a setting of --strategy {' or '.join(users)}; got --strategy "
+                                 f"{strategy}, which does not use it", param_hint=opt)
     check_share("--stragglers", stragglers)
     check_share("--dropout", dropout, one=False)
     check_share("--malicious", malicious, one=False)

@@ -117,14 +117,16 @@ class Cell:
 def run_cell(spec: BenchSpec, cell: tuple[str, str, str, str, int]) -> Cell:
     """One federated run of ``cell``; the in-process engine, seeded."""
     from tilestack.federated import SystemModel, Task, simulate
-    from tilestack.federated.strategies import make_strategy
+    from tilestack.federated.strategies import STRATEGY_SETTINGS, make_strategy
 
     task_name, part, profile, method, seed = cell
     task = Task(**TASKS[task_name], **PARTITIONS[part], num_clients=spec.clients, seed=seed,
                 local_steps=spec.local_steps)  # fmt: skip
     system = SystemModel(spec.clients, seed=seed, **PROFILES[profile])
-    strategy = make_strategy(method, clients_per_round=spec.per_round, num_clients=spec.clients, proximal_mu=0.1,
-                             server_lr=0.03, q=1.0, client_lr=task.lr * spec.local_steps)  # fmt: skip
+    # each method gets only the settings it reads (make_strategy refuses another's)
+    own = {k: v for k, v in dict(proximal_mu=0.1, server_lr=0.03, q=1.0).items() if method in STRATEGY_SETTINGS[k][1]}
+    strategy = make_strategy(method, clients_per_round=spec.per_round, num_clients=spec.clients,
+                             client_lr=task.lr * spec.local_steps, **own)  # fmt: skip
     t0 = time.perf_counter()
     res = simulate(strategy, task, rounds=spec.rounds, system=system, seed=seed)
     last = res.history.rounds[-1]

@@ -36,6 +36,30 @@ NAMES = (
 )  # fmt: skip
 
 
+# A strategy's own knob: its default and the strategies that read it. Given to any other strategy it was taken without
+# a word (make_strategy("fedavg", proximal_mu=1.0) ran plain FedAvg); make_strategy and `fl run` refuse it through
+# `misplaced_setting`. (client_lr, num_malicious and num_clusters are left out: `fl run` passes them to every strategy.)
+STRATEGY_SETTINGS: dict[str, tuple[object, tuple[str, ...]]] = {
+    "proximal_mu": (0.0, ("fedprox",)),
+    "server_lr": (0.1, ("fedadam", "fedyogi")),
+    "q": (1.0, ("qfedavg",)),
+    "noise_multiplier": (1.0, ("dp-fedavg",)),
+    "clipping_norm": (1.0, ("dp-fedavg",)),
+    "accountant": (None, ("dp-fedavg",)),
+}
+
+
+def misplaced_setting(name: str, settings: dict[str, object]) -> tuple[str, object, tuple[str, ...]] | None:
+    """The first of ``settings`` (argument -> value) set away from its default although strategy ``name`` does not
+    read it, as (argument, value, the strategies that do), or None."""
+    for arg, value in settings.items():
+        default, users = STRATEGY_SETTINGS[arg]
+        changed = value is not None if default is None else value != default
+        if changed and name not in users:
+            return arg, value, users
+    return None
+
+
 def _trim_beta(clients_per_round: int, num_malicious: int) -> float:
     return min(0.49, max(0.1, num_malicious / clients_per_round + 0.05))
 
@@ -80,6 +104,13 @@ def make_strategy(
         number = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
         if not number or not ok(value):
             raise ValueError(f"make_strategy: {arg}={value!r}; expected a number {expected}")
+    misplaced = misplaced_setting(name, dict(proximal_mu=proximal_mu, server_lr=server_lr, q=q,
+                                             noise_multiplier=noise_multiplier, clipping_norm=clipping_norm,
+                                             accountant=accountant))  # fmt: skip
+    if misplaced is not None:
+        arg, value, users = misplaced
+        raise ValueError(f"make_strategy: {arg}={value!r} is a setting of {' or '.join(users)}; got name={name!r}, "
+                         f"which does not use it")  # fmt: skip
     common = dict(
         fraction_train=clients_per_round / num_clients,
         fraction_evaluate=eval_fraction,
@@ -139,6 +170,7 @@ def make_strategy(
 
 
 __all__ = [
-    "NAMES", "make_strategy", "Scaffold", "FedNova", "FedBN", "FedDF", "HeteroFL", "sub_model", "IFCA", "Ditto",
+    "NAMES", "STRATEGY_SETTINGS", "make_strategy", "misplaced_setting",
+    "Scaffold", "FedNova", "FedBN", "FedDF", "HeteroFL", "sub_model", "IFCA", "Ditto",
     "adjusted_rand_index", "QFFL", "CFL", "Selected", "RandomSelector", "OortSelector", "SubsetGrid",
 ]  # fmt: skip
