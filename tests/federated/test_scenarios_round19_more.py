@@ -1,0 +1,193 @@
+"""Federated scenarios, round 19 (2 of 2): a thousand clients of one training and one test example each, a strategy
+giving each client its own compute budget under a round deadline (what the system model predicts against what the
+clients did), and a personalised run (Ditto) over clients going offline and cut by a deadline interrupted twice and
+resumed to the uninterrupted run.
+
+tilestack's ClientApp over tilestack's in-process Flower ``Grid`` (``simulate``; ``run_rounds`` with ``ManagedGrid``),
+Flower's FedAvg (sampling a fiftieth of the clients; a subclass setting ``local-steps`` per client in its
+``configure_train``), tilestack's Ditto. References: tilestack's client SGD replayed on its seeded minibatches
+(``_fl_round7.client_model``, ``_fl_round19.replay`` for a given number of steps), softmax regression scored in
+float64, the system model's documented deadline arithmetic (``_fl_round18.deadline_plan``), and the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+from _fl_round5 import np_
+from _fl_round7 import client_model, weighted_mean
+from _fl_round9 import keep, near
+from _fl_round18 import EVERYONE, deadline_plan, npy_bytes
+from _fl_round19 import replay
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from tilestack.federated import InProcessGrid, ManagedGrid, SystemModel, Task, initial_arrays, run_rounds, simulate
+from tilestack.federated import client as tsclient
+from tilestack.federated.client import TASK_KEY
+from tilestack.federated.strategies import Ditto
+
+
+def _scores(m: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of softmax regression ``m`` on (x, y), float64."""
+    logits = x.astype(np.float64) @ m["fc.weight"].astype(np.float64) + m["fc.bias"].astype(np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return float(-logp[np.arange(len(y)), y].mean()), float((logits.argmax(axis=1) == y).mean())
+
+
+# ---- a thousand clients of one example -------------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_a_thousand_single_example_clients_a_fiftieth_per_round_are_their_replayed_sgd_by_hand():
+    """1,000 clients, each with one training and one test example; FedAvg samples 20 per round (fraction 0.02), 3 local
+    epochs of a batch of at most 10 (3 steps on the one example), and evaluates 10 per round. Each round: 20 distinct
+    clients trained, 60 steps of 60 asked, each weighted 1, the model their mean replayed in float64; each evaluated
+    client's loss and accuracy on its one test example at the new model by hand, and the round's aggregate their mean
+    (weights 1)."""
+    task = Task(dataset="blobs", num_samples=2000, num_features=3, num_classes=3, num_clients=1000, local_epochs=3.0,
+                batch_size=10, lr=0.1, seed=4)  # fmt: skip
+    assert {task.num_train(p) for p in range(0, 1000, 37)} == {1} and task.steps_for(999) == 3
+    strategy = FedAvg(fraction_train=0.02, fraction_evaluate=0.01, min_available_nodes=1, min_train_nodes=1,
+                      min_evaluate_nodes=1)  # fmt: skip
+    models: list = []
+    res = simulate(strategy, task, rounds=3, evaluate=False, extra_metrics=keep(models))
+    x = np_(initial_arrays(task))
+    seen = set()
+    for rnd, (r, got) in enumerate(zip(res.history.rounds, models, strict=True), start=1):
+        trained = sorted(int(p) for p in r.client_train)
+        assert len(trained) == 20 and (r.num_selected, r.num_aggregated) == (20, 20)
+        assert (r.steps_done, r.steps_full) == (60, 60)
+        assert all(r.client_train[str(p)]["num-examples"] == 1 for p in trained)
+        near(got, weighted_mean({p: client_model(task, p, rnd, x)[0] for p in trained}, dict.fromkeys(trained, 1)))
+        evaluated = sorted(int(p) for p in r.client_eval)
+        assert len(evaluated) == 10
+        scores = {p: _scores(got, *task.client_data(p)[2:]) for p in evaluated}
+        for p in evaluated:
+            np.testing.assert_allclose(r.client_eval[str(p)]["eval-loss"], scores[p][0], rtol=1e-5)
+            assert r.client_eval[str(p)]["eval-acc"] == scores[p][1]
+        np.testing.assert_allclose(r.eval_metrics["eval-loss"], np.mean([s[0] for s in scores.values()]), rtol=1e-5)
+        np.testing.assert_allclose(r.eval_metrics["eval-acc"], np.mean([s[1] for s in scores.values()]), rtol=1e-12)
+        seen |= set(trained)
+        x = got
+    assert len(seen) > 40  # the rounds sampled different clients
+
+
+# ---- a compute budget per client under a deadline --------------------------------------------------------------------
+BUDGETS = {0: 12, 1: 10, 2: 2, 3: 30}  # local steps each client is asked for
+SPEEDS, BANDWIDTHS, DEADLINE = np.array([10.0, 4.0, 2.0, 100.0]), np.array([1e5, 1e5, 1e5, 50.0]), 1.5
+
+
+class Budgeted(FedAvg):
+    """FedAvg giving each client its own local steps (``local-steps`` in its own copy of the round config)."""
+
+    def configure_train(self, server_round, arrays, config, grid):
+        out = []
+        for msg in super().configure_train(server_round, arrays, config, grid):
+            pid = grid.partition_of[msg.metadata.dst_node_id]
+            own = ConfigRecord(dict(msg.content["config"]) | {"local-steps": BUDGETS[pid]})
+            out.append(Message(RecordDict({**msg.content, "config": own}), msg.metadata.dst_node_id,
+                               msg.metadata.message_type, group_id=msg.metadata.group_id))  # fmt: skip
+        return out
+
+
+@pytest.mark.parametrize("policy", ["partial", "drop"])
+def test_each_clients_own_budget_under_a_deadline_is_what_the_system_model_predicts(policy):
+    """Clients asked for 12, 10, 2 and 30 steps at 10, 4, 2 and 100 steps/s, the last on a 50 B/s link, under a 1.5 s
+    deadline. The system model's arithmetic, from each client's own budget: client 0 finishes (1.2 s plus transfers),
+    client 1 is cut to the share of its 10 steps it can do, client 2 finishes (1 s), client 3's transfers alone pass
+    the deadline (timeout). What happened: the same reasons, steps asked 54 and done by hand, the simulated time the
+    slowest kept client's (or the deadline where the server waited for one it dropped), and the model the replayed SGD
+    of the kept clients, each for its own steps, weighted by examples."""
+    task = Task(dataset="blobs", num_samples=240, num_features=3, num_classes=3, num_clients=4, local_steps=5,
+                batch_size=8, lr=0.1, seed=6)  # fmt: skip
+    x0 = np_(initial_arrays(task))
+    size = npy_bytes(x0)
+    plans = {p: deadline_plan(DEADLINE, size, BANDWIDTHS[p], SPEEDS[p], BUDGETS[p]) for p in range(4)}
+    assert [plans[p][0] for p in range(4)] == ["", "deadline", "", "timeout"], plans  # the scenario
+    system = SystemModel(4, speeds=SPEEDS, bandwidths=BANDWIDTHS, deadline=DEADLINE)
+    models: list = []
+    res = run_rounds(Budgeted(**EVERYONE), ManagedGrid(InProcessGrid(tsclient.app, 4), task, system=system,
+                                                       stragglers=policy),
+                     initial_arrays(task), num_rounds=1, train_config={TASK_KEY: task.to_json()},
+                     extra_metrics=keep(models))  # fmt: skip
+    m = res.history.rounds[0]
+    kept = [0, 1, 2] if policy == "partial" else [0, 2]
+    assert m.excluded == {"3": "timeout"} | ({"1": "deadline"} if policy == "drop" else {})
+    assert m.steps_full == sum(BUDGETS.values()) == 54
+    cut = math.ceil(plans[1][1] * 10)  # client 1's share of its 10 steps
+    assert 1 <= cut < 10 and m.steps_done == sum(plans[p][2] for p in kept) == 12 + 2 + cut * (policy == "partial")
+    assert {p: m.client_train[str(p)]["num-steps"] for p in kept} == {p: plans[p][2] for p in kept}
+    times = [2 * size / BANDWIDTHS[p] + plans[p][2] / SPEEDS[p] for p in kept]
+    assert m.sim_time == pytest.approx(min(DEADLINE, max(times)) if policy == "partial" else DEADLINE, rel=1e-12)
+    local = {p: replay(task, p, 1, x0, plans[p][2]) for p in kept}
+    near(models[0], weighted_mean(local, {p: task.num_train(p) for p in kept}), ulps=4)
+
+
+def test_a_budget_the_task_would_refuse_leaves_that_client_out_naming_the_key_and_the_others_aggregate():
+    """The strategy gives one client ``local-steps`` 0 in its own message (the Task refuses local_steps=0): that client
+    alone is left out, its reason naming the config key, the value and the Task's rule; the other three are the
+    round's model (their replayed SGD of their own budgets), with the steps asked counting the three only."""
+    task = Task(dataset="blobs", num_samples=240, num_features=3, num_classes=3, num_clients=4, local_steps=5, seed=6)
+
+    class Bad(Budgeted):
+        def configure_train(self, server_round, arrays, config, grid):
+            msgs = list(super().configure_train(server_round, arrays, config, grid))
+            first = msgs[0]
+            own = ConfigRecord(dict(first.content["config"]) | {"local-steps": 0})
+            msgs[0] = Message(RecordDict({**first.content, "config": own}), first.metadata.dst_node_id,
+                              first.metadata.message_type, group_id=first.metadata.group_id)  # fmt: skip
+            return msgs
+
+    models: list = []
+    grid = ManagedGrid(InProcessGrid(tsclient.app, 4), task)
+    res = run_rounds(Bad(**EVERYONE), grid, initial_arrays(task), num_rounds=1, train_config={TASK_KEY: task.to_json()},
+                     extra_metrics=keep(models))  # fmt: skip
+    r = res.history.rounds[0]
+    assert r.excluded == {"0": "error: ValueError: config local-steps=0: Task: local_steps=0; expected >= 1 or None"}
+    assert (r.num_selected, r.num_aggregated, r.steps_done) == (4, 3, sum(BUDGETS[p] for p in (1, 2, 3)))
+    x0 = np_(initial_arrays(task))
+    local = {p: replay(task, p, 1, x0, BUDGETS[p]) for p in (1, 2, 3)}
+    near(models[0], weighted_mean(local, {p: task.num_train(p) for p in local}), ulps=4)
+
+
+# ---- Ditto over offline clients and a deadline, interrupted twice ----------------------------------------------------
+def _ditto_run(task: Task, rounds: int, **kw):
+    system = SystemModel(task.num_clients, speeds=np.array([50.0, 6.0, 20.0, 3.0, 40.0]), deadline=1.0,
+                         availability=[[1, 1, 1, 1, 0], [0, 1, 1, 1, 1], [1, 1, 0, 1, 1]], dropout=0.1,
+                         seed=8)  # fmt: skip
+    strategy = Ditto(lam=0.5, fraction_train=0.6, fraction_evaluate=1.0, min_available_nodes=1, min_train_nodes=1,
+                     min_evaluate_nodes=1)  # fmt: skip
+    return simulate(strategy, task, rounds=rounds, system=system, stragglers="partial", seed=11, **kw)
+
+
+def _record(r) -> dict:
+    out = dataclasses.asdict(r)
+    out.pop("wall_time", None)
+    return json.loads(json.dumps(out, sort_keys=True, default=str))
+
+
+def test_a_ditto_run_interrupted_twice_resumes_to_the_uninterrupted_run(tmp_path):
+    """Ditto (personal models in each node's Context.state) over five clients: three-round availability pattern,
+    dropouts, a 1 s deadline cutting the slow clients' work, 60% sampled for training and everyone evaluated with their
+    personal model. Stopped after round 2, resumed and stopped after round 4, resumed to round 7: the global model bit
+    for bit, and every round's record (selection, exclusions, steps, bytes, simulated time, personal-model evaluations)
+    equal to the uninterrupted run's; the run was not trivial (some client cut short, one left out)."""
+    task = Task(dataset="blobs", num_samples=400, num_features=4, num_classes=3, num_clients=5, local_steps=8,
+                batch_size=8, lr=0.1, partitioner="dirichlet", partition_alpha=0.5, seed=9)  # fmt: skip
+    whole = _ditto_run(task, 7)
+    ck = tmp_path / "ditto.ckpt"
+    first = _ditto_run(task, 7, checkpoint=ck, stop_after=2)
+    second = _ditto_run(task, 7, checkpoint=ck, stop_after=2)
+    last = _ditto_run(task, 7, checkpoint=ck)
+    assert [len(first.history.rounds), len(second.history.rounds)] == [2, 4]
+    assert [r.round for r in last.history.rounds] == list(range(1, 8))
+    a, b = np_(whole.arrays), np_(last.arrays)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert [_record(r) for r in last.history.rounds] == [_record(r) for r in whole.history.rounds]
+    rounds = whole.history.rounds
+    assert any(r.steps_done < r.steps_full for r in rounds)
+    assert any(r.excluded for r in rounds) and all(r.client_eval for r in rounds)
