@@ -299,6 +299,29 @@ def _fill_not_lowest(how: str, fill, scores) -> str | None:
             "weight, and the kernels drop them; fill -inf or finfo.min to have it taken")
 
 
+def _filled_in_place(x: Node, p: Node) -> Node | None:
+    """The ``s.masked_fill_(cond, fill)`` node when the softmax p reads scores filled in place (lucidrains' and
+    OpenNMT's ``sim.masked_fill_(~mask, -finfo.max)``): FX keeps s's node as the one the softmax reads (x is s, its
+    readers the write, made before p, and p alone), or the write's own node where its result is read (x is the
+    write, s read by it alone). Else None. Such attention was declined as a write between the pattern's nodes."""
+    if x.op == "call_method" and x.target == "masked_fill_":
+        fill, s = x, x.args[0] if x.args else None
+        if not (isinstance(s, Node) and list(s.users) == [x] and list(x.users) == [p]):
+            return None
+    else:
+        users = list(x.users)
+        fill = next((u for u in users if u is not p), None)
+        if len(users) != 2 or p not in users or fill.op != "call_method" or fill.target != "masked_fill_" or \
+                fill.users:
+            return None
+        n = fill.next                      # the write made before the softmax reads s
+        while n is not p and n.op != "root":
+            n = n.next
+        if n is not p:
+            return None
+    return fill if len(fill.args) == 3 and not fill.kwargs and fill.args[0] is not None else None
+
+
 def _erased_with(x, chain: list[Node]) -> None:
     """A 0-d constant the rewrite no longer reads, added to the chain it replaces (nothing else reads it)."""
     chain.extend(constant_nodes(x))
@@ -340,8 +363,19 @@ def explicit_attention(gm: fx.GraphModule):
         x = _through_widening_casts(_arg(p, 0, "input"), chain)       # softmax(s.float()): the f32 it runs in
         mask, fill, finite = None, False, False     # finite: the masked scores were set to a finite lowest value
         not_lowest = None                           # a fill that is not the lowest value (the reason it was left)
-        found = _scores(x, chain)
-        if found is None and (kind(x) == "add" or _sole_iadd(x)):
+        in_place = _filled_in_place(x, p)
+        found = None if in_place is not None else _scores(x, chain)
+        if in_place is not None:
+            s, cond, fillv = in_place.args
+            lowest = _lowest_fill(fillv, value(s))
+            if lowest is not None and isinstance(cond, Node):
+                found = _scores(s, chain)
+                mask, fill, finite = cond, True, lowest
+                chain.append(in_place)
+                _erased_with(fillv, chain)
+            elif lowest is None and _scores(s, []) is not None:       # attention but for its fill
+                not_lowest = _fill_not_lowest("masked_fill_", fillv, value(s))
+        elif found is None and (kind(x) == "add" or _sole_iadd(x)):
             a, b = _arg(x, 0, "input"), _arg(x, 1, "other")
             for s, m in ((a, b), (b, a) if kind(x) == "add" else ()):
                 if isinstance(s, Node) and isinstance(m, Node) and "alpha" not in x.kwargs:
