@@ -92,10 +92,14 @@ HYPERPARAMETERS: dict[type, dict[str, tuple]] = {
                                                     "clipping_norm": (_positive, "a number > 0")},
     fl.DifferentialPrivacyClientSideFixedClipping: {"noise_multiplier": (_non_negative, "a number >= 0"),
                                                     "clipping_norm": (_positive, "a number > 0")},
+    # clipped_count_stddev first: Flower takes NaN / inf (its check is `< 0`) and derives noise_multiplier from it
+    # (NaN), and its noised clipped count made the clipping norm NaN: every round was skipped as non-finite
     fl.DifferentialPrivacyServerSideAdaptiveClipping: {
+        "clipped_count_stddev": (_non_negative, "a number >= 0 (the std of the noised count of clipped updates)"),
         "noise_multiplier": (_non_negative, "a number >= 0"), "clipping_norm": (_positive, "a number > 0"),
         "target_clipped_quantile": (_unit, "a number in [0, 1]"), "clip_norm_lr": (_positive, "a number > 0")},
     fl.DifferentialPrivacyClientSideAdaptiveClipping: {
+        "clipped_count_stddev": (_non_negative, "a number >= 0 (the std of the noised count of clipped updates)"),
         "noise_multiplier": (_non_negative, "a number >= 0"), "clipping_norm": (_positive, "a number > 0"),
         "target_clipped_quantile": (_unit, "a number in [0, 1]"), "clip_norm_lr": (_positive, "a number > 0")},
 }  # fmt: skip
