@@ -382,7 +382,10 @@ def _moves_no_data(func: Any, name: str, ins: Sequence[Any], outs: Sequence[Any]
 
 COMPLEX_PRODUCTS = {"aten.mul": formulas.COMPLEX_MUL_FLOPS, "aten.div": formulas.COMPLEX_DIV_FLOPS}
 OVERWRITING_OPS = ("aten.fill_", "aten.zero_", "aten.copy_", "aten._foreach_zero_", "aten._foreach_copy_")
-LIKE_OPS = ("aten.new_zeros", "aten.new_ones", "aten.new_full")  # a new tensor like ``self``: none of its elements read
+# a new tensor like ``self``: none of its elements read (profiler round 19: randn_like(std), a VAE's reparameterisation
+# draw, was charged reading std besides writing the draw)
+LIKE_OPS = ("aten.new_zeros", "aten.new_ones", "aten.new_full", "aten.rand_like", "aten.randn_like",
+            "aten.randint_like")
 # Backward ops handed the forward's input for its shape alone: their kernels read dy (and the max indices) and write
 # the input gradient, never the input's values (profiler round 18: a ResNet stem's max pool backward was charged its
 # (N, C, H, W) input too, more than doubling what it reads; an average pool's backward read 1 + H*W/taps times its dy).
@@ -390,7 +393,10 @@ SHAPE_ONLY_SELF = frozenset(
     [f"aten.{kind}_pool{d}d_backward" for kind in ("avg", "_adaptive_avg", "adaptive_max", "fractional_max")
      for d in (2, 3)]
     + [f"aten.max_pool{d}d_with_indices_backward" for d in (2, 3)]
-    + [f"aten.{kind}_pad{d}d_backward" for kind in ("reflection", "replication") for d in (1, 2, 3)])
+    + [f"aten.{kind}_pad{d}d_backward" for kind in ("reflection", "replication") for d in (1, 2, 3)]
+    # NLL's backward writes -w[t] * dy at each target of a zeroed gradient: the log-probabilities are its shape alone
+    # (profiler round 19: a (N, C, H, W) segmentation loss's backward was charged reading them all)
+    + ["aten.nll_loss_backward", "aten.nll_loss2d_backward"])
 
 
 def _overwrites(func: Any) -> bool:
@@ -428,8 +434,13 @@ GATHERS: dict[str, tuple[str, str]] = {
     # router gathering K of T tokens was charged the whole (B, T, D) activation; index_select was not)
     "aten.gather": ("self", "index"),
     "aten.take": ("self", "index"),
+    # NLL picks the log-probability of each target (profiler round 19: cross-entropy over a (N, C, H, W) map, or a
+    # language model's vocabulary, was charged reading all C log-probabilities of each target)
+    "aten.nll_loss_forward": ("self", "target"),
+    "aten.nll_loss2d_forward": ("self", "target"),
 }
-ELEMENT_GATHERS = ("aten.gather", "aten.take")  # of GATHERS: one element per index element, not a slice
+# of GATHERS: one element per index element, not a slice
+ELEMENT_GATHERS = ("aten.gather", "aten.take", "aten.nll_loss_forward", "aten.nll_loss2d_forward")
 
 
 def _gathered_bytes(func: Any, args: tuple, kwargs: dict, table_arg: str, index_arg: str) -> float:
