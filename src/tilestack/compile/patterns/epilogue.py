@@ -24,7 +24,8 @@ def _gemm_head(node: Node):
         x, w, bias, kn = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias"), False
     elif k in ("matmul", "mm"):
         x, w, bias, kn = _arg(node, 0, "input"), _arg(node, 1, "other"), None, True
-    elif k == "addmm" and node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1:
+    elif k == "addmm" and len(node.args) == 3 and set(node.kwargs) <= {"beta", "alpha"} and \
+            node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1:    # its tensors by position
         x, w, bias, kn = node.args[1], node.args[2], node.args[0], True
     elif k == "quant_linear" and len(node.args) == 5 and not node.kwargs:
         x, q, scale, bias, x_scale = node.args

@@ -46,6 +46,9 @@ _FUNCTIONS = {
     torch.ops.tilestack.quant_linear.default: "quant_linear",
     torch._C._nn.gelu: "gelu", F.silu: "silu", F.relu: "relu", torch.relu: "relu", torch.relu_: "relu",
     torch.ops.aten.addmm.default: "addmm", torch.ops.aten.mm.default: "mm", torch.ops.aten.add.Tensor: "add",
+    # Hugging Face GPT-2's Conv1D (and the models that copy it) calls torch.addmm(bias, x2d, w) itself; only
+    # aten's addmm (after AOT autograd) was known, so its GELU and residual were left "no tilestack kernel for it"
+    torch.addmm: "addmm",
     torch.ops.aten.gelu.default: "gelu", torch.ops.aten.relu.default: "relu", torch.ops.aten.silu.default: "silu",
     torch.where: "where",
 }
