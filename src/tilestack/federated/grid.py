@@ -607,8 +607,10 @@ class ManagedGrid(Grid):
                         plan = ClientPlan(pid, 1.0, full)
                     if plan.work == 0.0 or (plan.reason and self.stragglers == "drop"):
                         self._exclude(pid, plan.reason)
-                        if plan.reason in ("straggler", "deadline") and self.system.deadline is not None:
-                            durations.append(self.system.deadline)  # the server waited for it until the deadline
+                        # the server waited for it until the deadline; a client that cannot do one step before it
+                        # ('timeout') is waited for as long (left out here, a round of such clients took 0 s)
+                        if plan.reason in ("straggler", "deadline", "timeout") and self.system.deadline is not None:
+                            durations.append(self.system.deadline)
                         continue
                     if plan.work < 1.0:
                         config = ConfigRecord(dict(msg.content["config"]))
