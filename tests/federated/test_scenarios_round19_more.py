@@ -272,3 +272,26 @@ def test_adaptive_clipping_moves_its_norm_towards_the_updates(c0):
     simulate(s, task, rounds=3, evaluate=False, extra_metrics=lambda st, a, r: norms.append(s.clipping_norm) or {})
     sign = 1.0 if c0 < 1 else -1.0
     assert norms == pytest.approx([c0 * math.exp(sign * 0.5 * 0.5 * r) for r in (1, 2, 3)], rel=1e-12)
+
+
+# ---- a client that cannot do one step before the deadline ------------------------------------------------------------
+@pytest.mark.parametrize("policy", ["partial", "drop"])
+def test_a_round_whose_client_times_out_lasts_until_the_deadline_the_server_waited_for_it(policy):
+    """Client 0 finishes its 5 steps in 0.05 s; client 1 (0.5 steps/s) cannot do one before the 1 s deadline and is
+    left out as 'timeout'. The server, which cannot know that, waits until the deadline: the round's simulated time is
+    1 s (it was client 0's 0.05 s: a timed-out client was not waited for, where a deadline-cut one dropped was), and a
+    round of timed-out clients alone lasts the deadline too (it was 0 s)."""
+    task = Task(dataset="blobs", num_samples=120, num_features=3, num_classes=3, num_clients=2, local_steps=5, seed=1)
+    size = npy_bytes(np_(initial_arrays(task)))
+    speeds, bws = np.array([100.0, 0.5]), np.array([1e9, 1e9])
+    assert [deadline_plan(1.0, size, bws[p], speeds[p], 5)[0] for p in range(2)] == ["", "timeout"]
+    res = simulate(FedAvg(**EVERYONE), task, rounds=1, evaluate=False, stragglers=policy,
+                   system=SystemModel(2, speeds=speeds, bandwidths=bws, deadline=1.0))  # fmt: skip
+    r = res.history.rounds[0]
+    assert r.excluded == {"1": "timeout"} and r.num_aggregated == 1 and r.steps_done == 5
+    assert 2 * size / 1e9 + 5 / 100.0 < 0.06 and r.sim_time == 1.0
+    res = simulate(FedAvg(**EVERYONE), task, rounds=1, evaluate=False, stragglers=policy,
+                   system=SystemModel(2, speeds=np.array([0.5, 0.5]), bandwidths=bws, deadline=1.0))  # fmt: skip
+    r = res.history.rounds[0]
+    assert r.excluded == {"0": "timeout", "1": "timeout"} and r.skipped == "no replies to aggregate"
+    assert r.sim_time == 1.0
