@@ -67,8 +67,8 @@ def test_a_thousand_single_example_clients_a_fiftieth_per_round_are_their_replay
     """1,000 clients, each with one training and one test example; FedAvg samples 20 per round (fraction 0.02), 3 local
     epochs of a batch of at most 10 (3 steps on the one example), and evaluates 10 per round. Each round: 20 distinct
     clients trained, 60 steps of 60 asked, each weighted 1, the model their mean replayed in float64; each evaluated
-    client's loss and accuracy on its one test example at the new model by hand, and the round's aggregate their mean
-    (weights 1)."""
+    client's loss and accuracy on its one test example at the new model by hand, the round's aggregate their mean
+    (weights 1), and the fairness of those 0-or-1 accuracies (mean, worst, Jain's index k / n) by hand."""
     task = Task(dataset="blobs", num_samples=2000, num_features=3, num_classes=3, num_clients=1000, local_epochs=3.0,
                 batch_size=10, lr=0.1, seed=4)  # fmt: skip
     assert {task.num_train(p) for p in range(0, 1000, 37)} == {1} and task.steps_for(999) == 3
@@ -92,6 +92,12 @@ def test_a_thousand_single_example_clients_a_fiftieth_per_round_are_their_replay
             assert r.client_eval[str(p)]["eval-acc"] == scores[p][1]
         np.testing.assert_allclose(r.eval_metrics["eval-loss"], np.mean([s[0] for s in scores.values()]), rtol=1e-5)
         np.testing.assert_allclose(r.eval_metrics["eval-acc"], np.mean([s[1] for s in scores.values()]), rtol=1e-12)
+        # each accuracy is 0 or 1 (one test example): Jain's index (sum a)^2 / (n sum a^2) is then k^2 / (n k), the mean
+        right = sum(s[1] for s in scores.values())
+        assert r.client_acc["mean"] == pytest.approx(right / 10, abs=1e-12)
+        assert r.client_acc["worst"] == float(right == 10)
+        if right:
+            assert r.client_acc["jain"] == pytest.approx(right / 10, abs=1e-12)
         seen |= set(trained)
         x = got
     assert len(seen) > 40  # the rounds sampled different clients
