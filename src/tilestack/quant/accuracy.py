@@ -27,8 +27,8 @@ def _outputs(model: nn.Module, batch) -> torch.Tensor:
     inference: no gradients, every module in eval mode."""
     with evaluating(model), torch.no_grad():
         if isinstance(batch, torch.Tensor):
-            return model(batch).float()
-        return model(**batch).float() if isinstance(batch, dict) else model(*batch).float()
+            return model(batch)
+        return model(**batch) if isinstance(batch, dict) else model(*batch)
 
 
 def accuracy_cost(model: nn.Module, qmodel: nn.Module, batches) -> dict[str, float]:
@@ -52,6 +52,14 @@ def accuracy_cost(model: nn.Module, qmodel: nn.Module, batches) -> dict[str, flo
         except Exception as e:   # the model's own error, said as which batch
             got = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
             raise LaunchError(f"accuracy_cost: batch {i} ({got}) failed in the model: {type(e).__name__}: {e}") from e
+        # a model returning a dict or a tuple (Hugging Face's ModelOutput, (logits, loss)) was reported as failing
+        # in the model ("'dict' object has no attribute 'float'"): it ran; its output is what cannot be compared
+        for name, out in (("model", y), ("qmodel", yq)):
+            if not isinstance(out, torch.Tensor):
+                raise LaunchError(f"accuracy_cost: {name} returned a {type(out).__name__} on batch {i}, not a tensor; "
+                                  "expected models that return the one tensor to compare (wrap them in a module "
+                                  "whose forward returns it, e.g. the logits of a dict or tuple)")
+        y, yq = y.float(), yq.float()
         if y.shape != yq.shape or y.dim() == 0:
             raise LaunchError(f"accuracy_cost: batch {i} gave outputs {tuple(y.shape)} (model) and "
                               f"{tuple(yq.shape)} (qmodel); expected one shape with a last dim to compare over")
