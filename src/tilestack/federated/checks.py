@@ -51,6 +51,7 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 from tilestack.errors import FederatedError
 from tilestack.federated import codec
 from tilestack.federated.client import CLUSTER_SEP, UNIT_WEIGHT
+from tilestack.federated.models import PROXIMAL_STEP_LIMIT  # noqa: F401  (checks' name for it: driver, Ditto)
 
 FRACTIONS = ("fraction_train", "fraction_evaluate")
 # each minimum matters only when the fraction beside it samples anyone
@@ -104,9 +105,6 @@ HYPERPARAMETERS: dict[type, dict[str, tuple]] = {
         "target_clipped_quantile": (_unit, "a number in [0, 1]"), "clip_norm_lr": (_positive, "a number > 0")},
 }  # fmt: skip
 INTEGER_HYPERPARAMETERS = ("num_malicious_nodes", "num_nodes_to_select")
-# lr * mu at which the explicit step on FedProx's (mu / 2) ||w - w_t||^2 stops contracting: w - w_t is multiplied
-# by 1 - lr * mu each step, which is <= -1 from here on
-PROXIMAL_STEP_LIMIT = 2.0
 DP_WRAPPERS = (fl.DifferentialPrivacyServerSideFixedClipping, fl.DifferentialPrivacyClientSideFixedClipping,
                fl.DifferentialPrivacyServerSideAdaptiveClipping, fl.DifferentialPrivacyClientSideAdaptiveClipping)
 CLIENT_SIDE_DP = (fl.DifferentialPrivacyClientSideFixedClipping, fl.DifferentialPrivacyClientSideAdaptiveClipping)

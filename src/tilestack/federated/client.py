@@ -30,7 +30,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 from tilestack.federated import codec
 from tilestack.federated.compression import COMPRESS_KEY, compress_update
-from tilestack.federated.models import MLP, Model, Params, evaluate, local_sgd, train_dtype
+from tilestack.federated.models import MLP, PROXIMAL_STEP_LIMIT, Model, Params, evaluate, local_sgd, train_dtype
 from tilestack.federated.task import Task
 
 app = ClientApp()
@@ -176,11 +176,32 @@ def _apply_fault(kind: str | None, task: Task, params: Params) -> Params:
     return params
 
 
+def check_pull(config, lr: float) -> None:
+    """Refuse a proximal pull (FedProx's ``proximal-mu``, Ditto's lambda) that the message's lr makes diverge.
+
+    The run checks them against its task's lr before any work (``checks.check_proximal``, Ditto, ``run_rounds``), but
+    a strategy may set ``lr`` or ``proximal-mu`` for one client in its configure_train: lr 0.6 with mu 4 made that
+    client's proximal steps grow w - w_t by 1.4x each and its model was averaged in without a word. The client's
+    error names both; it is left out of the round, saying why."""
+    for key in ("proximal-mu", DITTO_KEY):
+        if key not in config:
+            continue
+        mu = config[key]
+        ok = isinstance(mu, (int, float)) and not isinstance(mu, bool) and math.isfinite(mu) and mu >= 0
+        if not ok or lr * mu >= PROXIMAL_STEP_LIMIT:
+            raise ValueError(
+                f"config {key}={mu!r} with lr={lr:g}; expected a number >= 0 and < {PROXIMAL_STEP_LIMIT:g} / lr = "
+                f"{PROXIMAL_STEP_LIMIT / lr:g} (lr * mu >= {PROXIMAL_STEP_LIMIT:g} makes every local step overshoot "
+                "the model it pulls towards)"
+            )
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local training on this client's partition; replies with its model and how much work it did."""
     config = msg.content["config"]
     task = task_from_config(config)
+    check_pull(config, task.lr)
     pid = int(context.node_config["partition-id"])
     server_round = int(config.get("server-round", 0))
     x, y, _, _ = task.client_data(pid)

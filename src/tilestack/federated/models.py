@@ -23,6 +23,9 @@ Params = dict[str, np.ndarray]
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1  # running = (1 - m) * running + m * batch
 NORM_PREFIX = "bn."
+# lr * mu at which the explicit step on a proximal term (mu / 2) ||w - w_t||^2 (FedProx, Ditto) stops contracting:
+# w - w_t is multiplied by 1 - lr * mu each step, which is <= -1 from here on
+PROXIMAL_STEP_LIMIT = 2.0
 
 
 def _softmax_xent(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
