@@ -1,7 +1,7 @@
 """Federated scenarios, round 19 (1 of 2): a strategy's own setting given to another strategy, eight of Flower's server
 rules side by side over five clients whose updates and weights are fixed, a SCAFFOLD client lost mid-round after its
 local training and rejoining a round later, and a class held by one client only while that client goes offline and
-comes back.
+comes back, and a proximal pull that one client's own learning rate makes diverge.
 
 tilestack's ClientApp (and scripted Flower ClientApps, ``_fl_round5.scripted``) over tilestack's in-process Flower
 ``Grid`` under ``ManagedGrid`` (``run_rounds``, ``simulate``); Flower 1.41's FedAvg, FedProx, FedAvgM, FedAdagrad,
@@ -19,6 +19,12 @@ What this round found, fixed:
   serve both: a ValueError names the argument, its value, the strategies that read it and the one given. (The bench
   passed every method proximal_mu, server_lr and q; it now passes each only what it reads: the same runs.)
 
+- *A proximal pull one client's own lr makes diverge.* The run checks FedProx's mu and Ditto's lambda against the
+  task's lr before any work, but a strategy may give one client its own ``lr`` in configure_train: lr 0.6 with mu 4
+  (lr x mu = 2.4) made that client's proximal steps grow w - w_t by 1.4x each and its model was averaged in without a
+  word (the global weights reached 254). The client now refuses (``client.check_pull``), naming the key, its lr and
+  the bound; it is left out of the round saying so and the others aggregate.
+
 Checked and found right: a client that raises after training leaves its node's state (SCAFFOLD's c_i) as it was, as
 Flower does, and rejoins with it; the server's c moves by |S| / N of the kept clients' changes only.
 """
@@ -30,7 +36,7 @@ import pytest
 from _fl_round5 import blobs, make_grid, np_, scripted, update
 from _fl_round7 import client_model, weighted_mean
 from _fl_round9 import keep, near
-from _fl_round10 import scaffold_client
+from _fl_round10 import scaffold_client, with_config
 from _fl_round18 import EVERYONE, fedavg
 from _fl_round19 import WEIGHTS, Rule, failing_app
 from flwr.serverapp.strategy import (
@@ -49,7 +55,15 @@ import tilestack.cli.fl  # noqa: F401  (registers `tilestack fl`)
 from tilestack.cli import app as cli_app
 from tilestack.federated import InProcessGrid, ManagedGrid, SystemModel, Task, initial_arrays, run_rounds, simulate
 from tilestack.federated import client as tsclient
-from tilestack.federated.strategies import NAMES, STRATEGY_SETTINGS, Scaffold, make_strategy, misplaced_setting
+from tilestack.federated.client import TASK_KEY
+from tilestack.federated.strategies import (
+    NAMES,
+    STRATEGY_SETTINGS,
+    Ditto,
+    Scaffold,
+    make_strategy,
+    misplaced_setting,
+)
 
 # ---- a strategy's own setting given to another -----------------------------------------------------------------------
 SETTINGS = [("proximal_mu", 1.0, "fedprox"), ("server_lr", 0.5, "fedadam or fedyogi"), ("q", 2.0, "qfedavg"),
@@ -243,3 +257,55 @@ def test_a_class_only_one_client_holds_is_lost_while_it_is_away_and_the_rounds_a
 
     acc = [lone_class_acc(m) for m in models]
     assert acc[1] < 0.5 < min(acc[0], acc[2]), acc  # (1.0, 0.15, 0.75)
+
+
+# ---- a proximal pull that one client's own lr makes diverge ----------------------------------------------------------
+class OwnLr(FedProx):
+    """FedProx (mu 4) giving client 0 lr 0.6 in its own message (lr x mu = 2.4) and the others the task's 0.05."""
+
+    def configure_train(self, server_round, arrays, config, grid):
+        return [with_config(m, lr=0.6 if grid.partition_of[m.metadata.dst_node_id] == 0 else 0.05)
+                for m in super().configure_train(server_round, arrays, config, grid)]  # fmt: skip
+
+
+def test_a_proximal_pull_one_clients_own_lr_makes_diverge_leaves_that_client_out_naming_both():
+    """The run's check (lr x mu < 2 at the task's lr 0.05) passes, but client 0's message carries lr 0.6: its proximal
+    steps multiply w - w_t by 1 - 2.4 = -1.4 each (20 steps: about 800x), and its model was averaged in without a word
+    (the global model's weights grew to 254). The client now refuses, naming proximal-mu, its lr and the bound; the
+    round is the other two clients' replayed proximal SGD (mu 4, lr 0.05), weighted by examples."""
+    task = Task(dataset="blobs", num_samples=240, num_features=3, num_classes=3, num_clients=3, local_steps=20, lr=0.05,
+                seed=2)  # fmt: skip
+    models: list = []
+    res = run_rounds(OwnLr(**EVERYONE, proximal_mu=4.0), ManagedGrid(InProcessGrid(tsclient.app, 3), task),
+                     initial_arrays(task), num_rounds=2, train_config={TASK_KEY: task.to_json()},
+                     extra_metrics=keep(models))  # fmt: skip
+    want = ("error: ValueError: config proximal-mu=4.0 with lr=0.6; expected a number >= 0 and < 2 / lr = 3.33333 "
+            "(lr * mu >= 2 makes every local step overshoot the model it pulls towards)")  # fmt: skip
+    x = np_(initial_arrays(task))
+    for rnd, (r, got) in enumerate(zip(res.history.rounds, models, strict=True), start=1):
+        assert r.excluded == {"0": want} and r.num_aggregated == 2
+        kept = {p: client_model(task, p, rnd, x, mu=4.0)[0] for p in (1, 2)}
+        near(got, weighted_mean(kept, {p: task.num_train(p) for p in kept}), ulps=4)
+        x = got
+    assert max(float(np.abs(v).max()) for v in x.values()) < 5.0
+
+
+def test_dittos_pull_one_clients_own_lr_makes_diverge_is_refused_by_that_client_alike():
+    """Ditto (lambda 4) passes its check at the task's lr 0.05; the client whose message carries lr 0.6 would pull its
+    personal model past the global one each step: it refuses, naming Ditto's key, and keeps no personal model."""
+    task = Task(dataset="blobs", num_samples=240, num_features=3, num_classes=3, num_clients=3, local_steps=5, lr=0.05,
+                seed=2)  # fmt: skip
+
+    class DittoOwnLr(Ditto):
+        def configure_train(self, server_round, arrays, config, grid):
+            return [with_config(m, lr=0.6 if grid.partition_of[m.metadata.dst_node_id] == 0 else 0.05)
+                    for m in super().configure_train(server_round, arrays, config, grid)]  # fmt: skip
+
+    inner = InProcessGrid(tsclient.app, 3)
+    res = run_rounds(DittoOwnLr(lam=4.0, **EVERYONE), ManagedGrid(inner, task), initial_arrays(task), num_rounds=1,
+                     train_config={TASK_KEY: task.to_json()})  # fmt: skip
+    r = res.history.rounds[0]
+    assert list(r.excluded) == ["0"] and "config tilestack.ditto-lambda=4.0 with lr=0.6; expected" in r.excluded["0"]
+    assert r.num_aggregated == 2
+    held = {p: tsclient.DITTO_STATE in inner.contexts[nid].state for nid, p in inner.partitions.items()}
+    assert held == {0: False, 1: True, 2: True}
