@@ -285,18 +285,24 @@ def test_rotary_written_in_place_through_slices():
     _causal_holds(model, x)
 
 
-def test_attention_inside_autocast():
-    """An f32 attention inside ``torch.autocast("cpu", bfloat16)``: swapped (its products in bf16, as autocast runs
-    them), the output bf16 as eager's, and within bf16's rounding of the float64 model without autocast."""
-    model = seeded(AutocastAttention)
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "f16"])
+def test_attention_inside_autocast(dtype):
+    """An f32 attention inside ``torch.autocast("cpu", dtype)``: swapped (its products in 16 bits, as autocast runs
+    them), the output in that dtype as eager's, and within bf16's rounding of the float64 model without autocast."""
+    model = _autocast_model(dtype)
     x = _x()
-    got, swaps, since = _compiled(model, x, dtype=BF16)
-    assert got.dtype == BF16
+    got, swaps, since = _compiled(model, x, dtype=dtype)
+    assert got.dtype == dtype
     assert swaps == {"explicit_attention": 1}, swaps
     with torch.autocast("cpu", enabled=False):
         ref = copy.deepcopy(model).double()
         ref.forward = lambda t: ref.o(_plain(ref, t))
         torch.testing.assert_close(got.double(), ref(x.double()), rtol=5e-2, atol=5e-2)
+
+
+def _autocast_model(dtype):
+    torch.manual_seed(0)
+    return AutocastAttention(dtype).eval()
 
 
 def _plain(m, x):

@@ -6,7 +6,8 @@ times in training, its gradients summed over the three calls against float64, th
 place in training; the same encoder at batch sizes 2, 3, 5 (automatic dynamic: two graphs at most, each with its
 swaps) and under ``mark_dynamic``; the encoder quantized int8, fp8 and fp8-act (calibrated on (x, mask) tuples): the
 output's error relative to its largest value against float64 within the documented bounds (docs/inference.md: 2 %,
-8 %, 15 %), the compiled quantized model its eager self; bad arguments refused by name before any work.
+8 %, 15 %), the compiled quantized model its eager self; bad arguments refused by name before any work; GPT-2's
+``Conv1D`` layers named as left in float.
 Helpers and the reference-backend fixture: test_unseen_models_round1, test_unseen_round9.
 
 What this round found: ``tilestack.quant.accuracy_cost`` on a model that returns a dict or a tuple (Hugging Face's
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from test_unseen_models_round1 import _fresh  # noqa: F401 - _fresh: autouse
 from test_unseen_models_round2 import _declined
 from test_unseen_round9 import _swaps
-from unseen_blocks_round11 import VOCAB, D, InPlaceFillAttention, SharedLoopEncoder, TinyLMLoss, seeded
+from unseen_blocks_round11 import VOCAB, D, InPlaceFillAttention, ResidualMLP, SharedLoopEncoder, TinyLMLoss, seeded
 
 import tilestack
 import tilestack.compile as tc
@@ -262,3 +263,17 @@ def test_quantized_encoder_outputs_differ_by_mode():
     assert float((outs["int8"] - plain).abs().max()) > 1e-4
     assert float((outs["fp8"] - outs["int8"]).abs().max()) > 1e-4
     assert F.mse_loss(outs["int8"], plain) < F.mse_loss(outs["fp8"], plain)
+
+
+def test_quantize_names_gpt2_conv1d_layers_left_in_float():
+    """GPT-2's Conv1D is no nn.Linear (its weight (in, out), applied by torch.addmm): quantize leaves both layers in
+    float and says so in one warning naming them, and the outputs are the float model's exactly."""
+    model = seeded(ResidualMLP, "conv1d")
+    x, _ = _inputs()
+    with torch.no_grad():
+        want = model(x)
+    with pytest.warns(UserWarning, match=r"2 layer\(s\) with weights left in float .*fc1 \(Conv1D: weight\), fc2 "
+                                         r"\(Conv1D: weight\)"):
+        qmodel = tilestack.quantize(model, "int8")
+    with torch.no_grad():
+        assert torch.equal(qmodel(x), want)
