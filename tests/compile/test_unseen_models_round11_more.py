@@ -1,13 +1,14 @@
 """The tilestack torch.compile backend and ``tilestack.quantize`` on unseen models, round 11 (unseen_blocks_round11.py):
 training, losses, dynamic shapes and quantization. A tiny LM's loss over (B * N, V) rows with ``ignore_index=0`` (pad
 id 0) through ``F.cross_entropy`` and through ``nll_loss(log_softmax)`` (the fused linear + cross-entropy), label
-smoothing and a sum (left, the argument named): loss and gradients against float64; ALBERT's shared layer run three
-times in training, its gradients summed over the three calls against float64, then two SGD steps; scores filled in
-place in training; the same encoder at batch sizes 2, 3, 5 (automatic dynamic: two graphs at most, each with its
-swaps) and under ``mark_dynamic``; the encoder quantized int8, fp8 and fp8-act (calibrated on (x, mask) tuples): the
-output's error relative to its largest value against float64 within the documented bounds (docs/inference.md: 2 %,
-8 %, 15 %), the compiled quantized model its eager self; bad arguments refused by name before any work; GPT-2's
-``Conv1D`` layers named as left in float.
+smoothing and a sum (left, the argument named), the next token's loss with the logits sliced (Hugging Face's shift:
+left, the slice named) or the hidden states sliced (fused): loss and gradients against float64; ALBERT's shared layer
+run three times in training, its gradients summed over the three calls against float64, then two SGD steps; scores
+filled in place in training; the same encoder at batch sizes 2, 3, 5 (automatic dynamic: two graphs at most, each
+with its swaps) and under ``mark_dynamic``; the encoder quantized int8, fp8 and fp8-act (calibrated on (x, mask)
+tuples): the output's error relative to its largest value against float64 within the documented bounds
+(docs/inference.md: 2 %, 8 %, 15 %), the compiled quantized model its eager self; bad arguments refused by name
+before any work; GPT-2's ``Conv1D`` layers named as left in float.
 Helpers and the reference-backend fixture: test_unseen_models_round1, test_unseen_round9.
 
 What this round found: ``tilestack.quant.accuracy_cost`` on a model that returns a dict or a tuple (Hugging Face's
@@ -26,7 +27,16 @@ import torch.nn.functional as F
 from test_unseen_models_round1 import _fresh  # noqa: F401 - _fresh: autouse
 from test_unseen_models_round2 import _declined
 from test_unseen_round9 import _swaps
-from unseen_blocks_round11 import VOCAB, D, InPlaceFillAttention, ResidualMLP, SharedLoopEncoder, TinyLMLoss, seeded
+from unseen_blocks_round11 import (
+    VOCAB,
+    D,
+    InPlaceFillAttention,
+    ResidualMLP,
+    SharedLoopEncoder,
+    ShiftedLMLoss,
+    TinyLMLoss,
+    seeded,
+)
 
 import tilestack
 import tilestack.compile as tc
@@ -98,6 +108,33 @@ def test_lm_loss_forms_in_training(form):
         arg = "label_smoothing=0.1" if form == "smoothing" else "reduction='sum'"
         assert any(arg in w for w in _declined("linear_cross_entropy", since)), _declined("linear_cross_entropy", since)
     torch.testing.assert_close(loss.double(), _ref_loss(model, ids, labels, form), rtol=1e-5, atol=1e-6)
+    _as_near_as_eager(model, eager, ref)
+
+
+@pytest.mark.parametrize("form", ["contiguous_view", "reshape", "hidden_shift"])
+def test_shifted_lm_loss_in_training(form):
+    """The next token's loss: the logits sliced (Hugging Face's ``logits[..., :-1, :].contiguous()``, or a reshape of
+    the slice) are declined naming the slice (the fused kernel computes the logits of x itself); the hidden states
+    sliced before the head are fused. Loss and gradients against float64 by hand either way."""
+    model = seeded(ShiftedLMLoss, form, train=True)
+    eager, ref = copy.deepcopy(model), copy.deepcopy(model).double()
+    ids, _ = _lm_batch()
+    since = len(tc.reports())
+    loss = tilestack.optimize(model, check=True, inner="aot_eager")(ids)
+    loss.backward()
+    eager(ids).backward()
+    ref(ids).backward()
+    swaps = _swaps(since)
+    if form == "hidden_shift":
+        assert swaps == {"norm": 1, "linear_cross_entropy": 1}, swaps
+    else:
+        assert swaps == {"norm": 1}, swaps
+        assert any("a slice" in w for w in _declined("linear_cross_entropy", since))
+    with torch.no_grad():
+        e = ref.emb(ids)
+        logp = torch.log_softmax(ref.head(F.layer_norm(e, (D,)))[:, :-1], -1)
+        want = -logp.gather(-1, ids[:, 1:, None]).mean()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
     _as_near_as_eager(model, eager, ref)
 
 

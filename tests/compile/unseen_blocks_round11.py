@@ -318,6 +318,35 @@ class TinyLMLoss(nn.Module):
         return F.cross_entropy(rows, targets, reduction="sum")
 
 
+SHIFT_FORMS = ("contiguous_view", "reshape", "hidden_shift")
+
+
+class ShiftedLMLoss(nn.Module):
+    """A causal LM's loss of the next token: Embedding -> ``F.layer_norm(h, h.shape[-1:])`` -> bias-free head;
+
+    - ``contiguous_view``: Hugging Face's ``logits[..., :-1, :].contiguous()`` and ``labels[..., 1:]``, viewed as rows
+    - ``reshape``:         ``logits[:, :-1].reshape(-1, V)``
+    - ``hidden_shift``:    the hidden states shifted before the head: ``head(h[:, :-1]).reshape(-1, V)``"""
+
+    def __init__(self, form: str):
+        super().__init__()
+        assert form in SHIFT_FORMS, form
+        self.form = form
+        self.emb = nn.Embedding(VOCAB, D)
+        self.head = nn.Linear(D, VOCAB, bias=False)
+
+    def forward(self, ids):
+        e = self.emb(ids)
+        h = F.layer_norm(e, e.shape[-1:])
+        if self.form == "hidden_shift":
+            return F.cross_entropy(self.head(h[:, :-1]).reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+        logits = self.head(h)                                                     # (b, n, V)
+        if self.form == "reshape":
+            return F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+        shift_logits, shift_labels = logits[..., :-1, :].contiguous(), ids[..., 1:].contiguous()
+        return F.cross_entropy(shift_logits.view(-1, VOCAB), shift_labels.view(-1))
+
+
 # ---- in-place writes through views, autocast -------------------------------------------------------------------------
 class InPlaceRotary(nn.Module):
     """Partial rotary written into q and k in place through slices (``q[..., :R] = rotated``), a class token
