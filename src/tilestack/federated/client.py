@@ -196,12 +196,25 @@ def check_pull(config, lr: float) -> None:
             )
 
 
+def check_clipping(config) -> None:
+    """Refuse a client-side DP bound (``clipping_norm``) no update can be clipped to. Flower's wrappers check their
+    own, but a strategy may set one per message: NaN left every update unclipped (norm > NaN is False) and a negative
+    bound flipped the update's sign, without a word."""
+    if KEY_CLIPPING_NORM not in config:
+        return
+    bound = config[KEY_CLIPPING_NORM]
+    if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not (math.isfinite(bound) and bound > 0):
+        raise ValueError(f"config {KEY_CLIPPING_NORM}={bound!r}; expected a finite number > 0 (the bound of the "
+                         "update's L2 norm)")  # fmt: skip
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local training on this client's partition; replies with its model and how much work it did."""
     config = msg.content["config"]
     task = task_from_config(config)
     check_pull(config, task.lr)
+    check_clipping(config)
     pid = int(context.node_config["partition-id"])
     server_round = int(config.get("server-round", 0))
     x, y, _, _ = task.client_data(pid)

@@ -73,6 +73,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.exception import InconsistentMessageReplies, PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from tilestack.errors import FederatedError
 from tilestack.federated import codec
@@ -363,7 +364,7 @@ def _with_dtypes(new: ArrayRecord, old: ArrayRecord) -> ArrayRecord:
 
 # round-config keys tilestack's ClientApp, its strategies and Flower's read; another key in a train_config is read
 # by nobody (``learning_rate`` for ``lr``) and is named in a warning
-KNOWN_CONFIG_KEYS = frozenset({TASK_KEY, *CONFIG_OVERRIDES, "server-round", "proximal-mu", "clipping_norm"})
+KNOWN_CONFIG_KEYS = frozenset({TASK_KEY, *CONFIG_OVERRIDES, "server-round", "proximal-mu", KEY_CLIPPING_NORM})
 
 
 def _config_task(train_config: dict):
@@ -389,6 +390,10 @@ def _config_task(train_config: dict):
                      f"a number >= 0 and < {PROXIMAL_STEP_LIMIT:g} / lr = {limit:g} (lr * mu >= "
                      f"{PROXIMAL_STEP_LIMIT:g} makes every local step overshoot the global model; a negative mu pushes "
                      "each client away from it)")  # fmt: skip
+    if KEY_CLIPPING_NORM in train_config:  # the clients clip their update to it (client-side DP) under any strategy:
+        # NaN left every update unclipped, 0 zeroed it, a negative bound flipped it (each client refuses it now)
+        require_real("run_rounds", f"train_config[{KEY_CLIPPING_NORM!r}]", train_config[KEY_CLIPPING_NORM],
+                     lambda v: v > 0, "a finite number > 0 (the bound of each client's update's L2 norm)")  # fmt: skip
     unread = sorted(k for k in train_config if k not in KNOWN_CONFIG_KEYS and not k.startswith("tilestack."))
     if unread:
         log.warning("run_rounds: train_config keys %s are read by no tilestack client; the local training settings "
