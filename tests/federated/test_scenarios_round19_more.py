@@ -8,8 +8,8 @@ Flower's FedAvg (sampling a fiftieth of the clients; a subclass setting ``local-
 ``configure_train``), tilestack's Ditto. References: tilestack's client SGD replayed on its seeded minibatches
 (``_fl_round7.client_model``, ``_fl_round19.replay`` for a given number of steps), softmax regression scored in
 float64, the system model's documented deadline arithmetic (``_fl_round18.deadline_plan``), and the uninterrupted run.
-Then Flower's adaptive-clipping DP wrappers at their edges (no noise: the clipped mean by hand) and a client that cannot
-do one step before the round deadline.
+Then Flower's adaptive-clipping DP wrappers at their edges (no noise: the clipped mean by hand), a client that cannot
+do one step before the round deadline, and client-side clipping bounds that bound nothing.
 
 What this round found, fixed:
 
@@ -21,6 +21,12 @@ What this round found, fixed:
   though the server had not waited for it: the round's simulated time was the kept clients' (0 s when every client
   timed out), where a client cut by the deadline and dropped counted the deadline. It counts the deadline too.
 
+- *A client-side clipping bound that bounds nothing.* tilestack's clients clip their update to a ``clipping_norm`` in
+  the round config under any strategy: NaN left every update unclipped (norm > NaN is False), 0 zeroed it, -1 flipped
+  its sign, '1' was read as 1, without a word. ``run_rounds(train_config=...)`` refuses it before any work
+  (``driver._config_task``), and a client whose own message carries one refuses it (``client.check_clipping``), left
+  out of the round saying so.
+
 Known, strict xfail: Flower 1.41's adaptive clipping moves its norm the wrong way (``ADAPTIVE_SIGN``).
 Not fixed, Flower's own: an adaptive wrapper given ``noise_multiplier=NaN`` stores 0.0 (its ``noise > 0`` test is False
 for NaN) and runs without noise; the value is gone by the time tilestack sees the strategy.
@@ -31,12 +37,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 from _fl_round5 import np_
 from _fl_round7 import client_model, weighted_mean
 from _fl_round9 import keep, near
+from _fl_round10 import with_config
 from _fl_round18 import EVERYONE, deadline_plan, npy_bytes
 from _fl_round19 import clip_update, replay
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -317,3 +325,48 @@ def test_a_round_whose_client_times_out_lasts_until_the_deadline_the_server_wait
     r = res.history.rounds[0]
     assert r.excluded == {"0": "timeout", "1": "timeout"} and r.skipped == "no replies to aggregate"
     assert r.sim_time == 1.0
+
+
+# ---- a client-side clipping bound no update can be clipped to --------------------------------------------------------
+@pytest.mark.parametrize("bound", [float("nan"), -1.0, 0.0, "1"])
+def test_a_clipping_norm_in_the_round_config_that_bounds_nothing_is_refused_before_any_client_trains(bound):
+    """``train_config={'clipping_norm': ...}`` makes every tilestack client clip its update (client-side DP) whatever
+    the strategy: NaN left every update unclipped (norm > NaN is False), 0 zeroed it, -1 flipped its sign, a string was
+    read as a number. Refused before any round is configured, naming the key and the value."""
+    task = _dp_task()
+    inner = Recording()
+    with pytest.raises(FederatedError, match=re.escape(f"run_rounds: train_config['clipping_norm']={bound!r}; expected "
+                                                       "a finite number > 0")):  # fmt: skip
+        run_rounds(inner, ManagedGrid(InProcessGrid(tsclient.app, 4), task), initial_arrays(task), num_rounds=1,
+                   train_config={"clipping_norm": bound})  # fmt: skip
+    assert inner.configured == []
+
+
+def test_a_clipping_norm_one_clients_message_carries_that_bounds_nothing_leaves_that_client_out():
+    """A strategy setting ``clipping_norm`` per message gives client 0 NaN (its update went up unclipped) and the
+    others a bound between the updates' norms: client 0 is left out naming the key and the value, and the round is
+    the unit-weighted mean of the others' replayed updates each scaled by min(1, C / ||u||)."""
+    task = _dp_task()
+    x0 = np_(initial_arrays(task))
+    ys = {p: client_model(task, p, 1, x0)[0] for p in range(4)}
+    norm = {p: math.sqrt(sum(float(np.sum((ys[p][k].astype(np.float64) - x0[k]) ** 2)) for k in x0)) for p in (1, 2, 3)}
+    low, mid, _ = sorted(norm.values())
+    clip = (low + mid) / 2
+
+    class OwnBound(Recording):
+        def configure_train(self, server_round, arrays, config, grid):
+            msgs = super().configure_train(server_round, arrays, config, grid)
+            nan = float("nan")
+            return [with_config(m, clipping_norm=nan if grid.partition_of[m.metadata.dst_node_id] == 0 else clip)
+                    for m in msgs]  # fmt: skip
+
+    models: list = []
+    res = run_rounds(OwnBound(), ManagedGrid(InProcessGrid(tsclient.app, 4), task), initial_arrays(task), num_rounds=1,
+                     extra_metrics=keep(models))  # fmt: skip
+    r = res.history.rounds[0]
+    why = ("error: ValueError: config clipping_norm=nan; expected a finite number > 0 "
+           "(the bound of the update's L2 norm)")  # fmt: skip
+    assert r.excluded == {"0": why}
+    assert {p: r.client_train[str(p)]["norm_bit"] for p in (1, 2, 3)} == {p: int(norm[p] > clip) for p in (1, 2, 3)}
+    want = weighted_mean({p: clip_update(x0, ys[p], clip) for p in (1, 2, 3)}, dict.fromkeys((1, 2, 3), 1))
+    near(models[0], want, ulps=8)
