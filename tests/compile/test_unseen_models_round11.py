@@ -145,10 +145,10 @@ def test_scale_or_mask_in_other_forms_left(form):
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=["f32", "bf16", "f16"])
-@pytest.mark.parametrize("form", ["unused", "assigned", "late_mask", "padding"])
+@pytest.mark.parametrize("form", ["unused", "assigned", "late_mask", "padding", "f32_softmax"])
 def test_scores_filled_in_place_taken(form, dtype):
     """``s.masked_fill_(mask, -inf)`` (its result unused, or assigned back, filled with -finfo.max, the mask built
-    after the scores, a key padding mask): one attention with the write as its mask (declined before as a write
+    after the scores, a key padding mask, the softmax in f32 then cast back): one attention with the write as its mask (declined before as a write
     between the pattern's nodes). Float64's outputs (f32), the causal mask holds, and the padded keys of the second
     sequence changed leave its outputs as they were."""
     model = seeded(InPlaceFillAttention, form, dtype=dtype)

@@ -141,7 +141,7 @@ class ScaleFoldAttention(nn.Module):
         return self.o(_merge(p @ v))
 
 
-FILL_FORMS = ("unused", "assigned", "late_mask", "returned", "fill_1e9", "padding")
+FILL_FORMS = ("unused", "assigned", "late_mask", "returned", "fill_1e9", "padding", "f32_softmax")
 
 
 class InPlaceFillAttention(nn.Module):
@@ -152,7 +152,8 @@ class InPlaceFillAttention(nn.Module):
     - ``late_mask``: the causal mask built after the scores, between the product and the write
     - ``returned``:  the scores returned too (read outside the attention: declined)
     - ``fill_1e9``:  ``s.masked_fill_(causal, -1e9)`` (not the dtype's lowest value: declined)
-    - ``padding``:   ``s.masked_fill_(~keep[:, None, None, :], -inf)`` of a (b, n) key padding mask"""
+    - ``padding``:   ``s.masked_fill_(~keep[:, None, None, :], -inf)`` of a (b, n) key padding mask
+    - ``f32_softmax``: the filled scores' softmax in f32, cast back: ``F.softmax(s.float(), -1).to(v.dtype)``"""
 
     def __init__(self, form: str):
         super().__init__()
@@ -177,7 +178,8 @@ class InPlaceFillAttention(nn.Module):
             s.masked_fill_(~keep[:, None, None, :], float("-inf"))
         else:
             s.masked_fill_(causal, float("-inf"))
-        y = self.o(_merge(s.softmax(dim=-1) @ v))
+        p = F.softmax(s.float(), dim=-1).to(v.dtype) if f == "f32_softmax" else s.softmax(dim=-1)
+        y = self.o(_merge(p @ v))
         return (y, s) if f == "returned" else y
 
 

@@ -299,25 +299,28 @@ def _fill_not_lowest(how: str, fill, scores) -> str | None:
             "weight, and the kernels drop them; fill -inf or finfo.min to have it taken")
 
 
-def _filled_in_place(x: Node, p: Node) -> Node | None:
-    """The ``s.masked_fill_(cond, fill)`` node when the softmax p reads scores filled in place (lucidrains' and
-    OpenNMT's ``sim.masked_fill_(~mask, -finfo.max)``): FX keeps s's node as the one the softmax reads (x is s, its
-    readers the write, made before p, and p alone), or the write's own node where its result is read (x is the
-    write, s read by it alone). Else None. Such attention was declined as a write between the pattern's nodes."""
+def _filled_in_place(x: Node, readers: set[Node]) -> Node | None:
+    """The ``s.masked_fill_(cond, fill)`` node when the softmax reads scores filled in place (lucidrains' and
+    OpenNMT's ``sim.masked_fill_(~mask, -finfo.max)``), directly or through the widening casts in ``readers`` (the
+    softmax and its chain): FX keeps s's node as the one read after the write (x is s, its readers the write, made
+    first, and one of readers), or the write's own node where its result is read (x is the write, s read by it
+    alone). Else None. Such attention was declined as a write between the pattern's nodes."""
     if x.op == "call_method" and x.target == "masked_fill_":
         fill, s = x, x.args[0] if x.args else None
-        if not (isinstance(s, Node) and list(s.users) == [x] and list(x.users) == [p]):
+        if not (isinstance(s, Node) and list(s.users) == [x] and len(x.users) == 1 and
+                next(iter(x.users)) in readers):
             return None
     else:
         users = list(x.users)
-        fill = next((u for u in users if u is not p), None)
-        if len(users) != 2 or p not in users or fill.op != "call_method" or fill.target != "masked_fill_" or \
+        reader = next((u for u in users if u in readers), None)
+        fill = next((u for u in users if u is not reader), None)
+        if len(users) != 2 or reader is None or fill.op != "call_method" or fill.target != "masked_fill_" or \
                 fill.users:
             return None
-        n = fill.next                      # the write made before the softmax reads s
-        while n is not p and n.op != "root":
+        n = fill.next                      # the write made before the softmax's chain reads s
+        while n is not reader and n.op != "root":
             n = n.next
-        if n is not p:
+        if n is not reader:
             return None
     return fill if len(fill.args) == 3 and not fill.kwargs and fill.args[0] is not None else None
 
@@ -363,7 +366,7 @@ def explicit_attention(gm: fx.GraphModule):
         x = _through_widening_casts(_arg(p, 0, "input"), chain)       # softmax(s.float()): the f32 it runs in
         mask, fill, finite = None, False, False     # finite: the masked scores were set to a finite lowest value
         not_lowest = None                           # a fill that is not the lowest value (the reason it was left)
-        in_place = _filled_in_place(x, p)
+        in_place = _filled_in_place(x, {p, *chain})
         found = None if in_place is not None else _scores(x, chain)
         if in_place is not None:
             s, cond, fillv = in_place.args
