@@ -37,7 +37,7 @@ from _fl_round5 import blobs, make_grid, np_, scripted, update
 from _fl_round7 import client_model, weighted_mean
 from _fl_round9 import keep, near
 from _fl_round10 import scaffold_client, with_config
-from _fl_round18 import EVERYONE, fedavg
+from _fl_round18 import EVERYONE, fedavg, npy_bytes
 from _fl_round19 import WEIGHTS, Rule, failing_app
 from flwr.serverapp.strategy import (
     FedAdagrad,
@@ -53,7 +53,16 @@ from typer.testing import CliRunner
 
 import tilestack.cli.fl  # noqa: F401  (registers `tilestack fl`)
 from tilestack.cli import app as cli_app
-from tilestack.federated import InProcessGrid, ManagedGrid, SystemModel, Task, initial_arrays, run_rounds, simulate
+from tilestack.federated import (
+    InProcessGrid,
+    ManagedGrid,
+    SystemModel,
+    Task,
+    codec,
+    initial_arrays,
+    run_rounds,
+    simulate,
+)
 from tilestack.federated import client as tsclient
 from tilestack.federated.client import TASK_KEY
 from tilestack.federated.strategies import (
@@ -309,3 +318,43 @@ def test_dittos_pull_one_clients_own_lr_makes_diverge_is_refused_by_that_client_
     assert r.num_aggregated == 2
     held = {p: tsclient.DITTO_STATE in inner.contexts[nid].state for nid, p in inner.partitions.items()}
     assert held == {0: False, 1: True, 2: True}
+
+
+# ---- evaluation-only rounds ------------------------------------------------------------------------------------------
+def test_evaluation_only_rounds_score_the_unchanged_model_on_every_client_by_hand_each_round():
+    """FedAvg with fraction_train 0 and fraction_evaluate 1 over four clients of unequal sizes (quantity skew), from a
+    random model: each round trains nobody (skipped, saying so; no steps, nothing uploaded), sends the model to the four
+    clients for evaluation (4 x its .npy bytes), keeps it, and each client scores it on its own test split: loss and
+    accuracy by hand in float64, the round's aggregate their mean weighted by test examples, which is also the
+    server's score of the pooled test data; the same every round. (Small weights: the clients' cross-entropy is
+    -log(p + 1e-12), which for such a model is -log p to float64.)"""
+    task = Task(dataset="blobs", num_samples=400, num_features=4, num_classes=3, num_clients=4, local_steps=3, lr=0.1,
+                partitioner="quantity", quantity_sigma=1.0, seed=7)  # fmt: skip
+    rng = np.random.default_rng(3)
+    x0 = {"fc.weight": rng.normal(0, 0.1, (4, 3)).astype(np.float32), "fc.bias": rng.normal(0, 1, 3).astype(np.float32)}
+    strategy = FedAvg(fraction_train=0.0, fraction_evaluate=1.0, min_available_nodes=1, min_train_nodes=0,
+                      min_evaluate_nodes=1)  # fmt: skip
+    res = simulate(strategy, task, rounds=2, initial=codec.to_record(x0))
+    assert all(np.array_equal(v.numpy(), x0[k]) for k, v in res.arrays.items())
+
+    def scores(m, x, y):
+        logits = x.astype(np.float64) @ m["fc.weight"].astype(np.float64) + m["fc.bias"].astype(np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        return float(-logp[np.arange(len(y)), y].mean()), float((logits.argmax(axis=1) == y).mean()), len(y)
+
+    own = {p: scores(x0, *task.client_data(p)[2:]) for p in range(4)}
+    n = sum(s[2] for s in own.values())
+    assert len({s[2] for s in own.values()}) > 1 and len({s[1] for s in own.values()}) > 1  # the weights matter
+    loss, acc = sum(s[0] * s[2] for s in own.values()) / n, sum(s[1] * s[2] for s in own.values()) / n
+    for r in res.history.rounds:
+        assert r.skipped == "no clients were sampled for training" and r.num_selected == 0 and r.steps_done == 0
+        assert (r.bytes_down, r.bytes_up) == (4 * npy_bytes(x0), 0)
+        assert set(r.client_eval) == {"0", "1", "2", "3"}
+        for p, (p_loss, p_acc, count) in own.items():
+            got = r.client_eval[str(p)]
+            assert got["num-examples"] == count and got["eval-acc"] == pytest.approx(p_acc, abs=1e-12)
+            np.testing.assert_allclose(got["eval-loss"], p_loss, rtol=1e-5)
+        np.testing.assert_allclose([r.eval_metrics["eval-loss"], r.test_loss], loss, rtol=1e-5)
+        np.testing.assert_allclose([r.eval_metrics["eval-acc"], r.test_acc], acc, rtol=1e-12)
+    assert res.history.rounds[0].eval_metrics == res.history.rounds[1].eval_metrics
