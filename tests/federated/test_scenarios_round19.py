@@ -1,7 +1,7 @@
 """Federated scenarios, round 19 (1 of 2): a strategy's own setting given to another strategy, eight of Flower's server
 rules side by side over five clients whose updates and weights are fixed, a SCAFFOLD client lost mid-round after its
 local training and rejoining a round later, and a class held by one client only while that client goes offline and
-comes back, and a proximal pull that one client's own learning rate makes diverge.
+comes back, a proximal pull that one client's own learning rate makes diverge, and evaluation-only rounds.
 
 tilestack's ClientApp (and scripted Flower ClientApps, ``_fl_round5.scripted``) over tilestack's in-process Flower
 ``Grid`` under ``ManagedGrid`` (``run_rounds``, ``simulate``); Flower 1.41's FedAvg, FedProx, FedAvgM, FedAdagrad,
