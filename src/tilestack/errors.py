@@ -42,6 +42,11 @@ class LaunchError(TilestackError, ValueError):
     """Bad arguments at launch, found before any work starts."""
 
 
+class LaunchTypeError(LaunchError, TypeError):
+    """A launch argument of the wrong kind (a tensor where names are asked for): caught as a LaunchError and as the
+    TypeError Python code expects of an argument of the wrong type."""
+
+
 class BackendError(TilestackError):
     """A backend cannot run here (no GPU, no Triton) or cannot lower an op."""
 

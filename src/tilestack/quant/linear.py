@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tilestack.errors import LaunchError
+from tilestack.errors import LaunchError, LaunchTypeError
 from tilestack.kernels._checks import finite_real
 from tilestack.quant.gemm import MAX_SCALE, MIN_SCALE, activation_scale, quantize_weight, quantized_linear
 
@@ -290,11 +290,7 @@ def quantize(model: nn.Module, mode: str = "int8", *, calibration=None, skip=())
         raise LaunchError("quantize: mode='fp8-act' needs calibration=<an iterable of sample batches>")
     if mode != "fp8-act" and calibration is not None:
         raise LaunchError(f"quantize: calibration is for mode='fp8-act'; mode={mode!r} quantizes weights only")
-    given = skip
-    skip = (skip,) if isinstance(skip, str) else () if skip is None else skip   # one name, or none
-    skip = tuple(skip) if isinstance(skip, Iterable) else None
-    if skip is None or not all(isinstance(s, str) for s in skip):
-        raise LaunchError(f"quantize: skip must be layer names (a str or an iterable of str), got {given!r}")
+    skip = _skip_names(skip)
     # every name of every Linear: one registered under two names (``self.b = self.a``) is one layer, and
     # named_modules() gives only its first name, so the second kept the float layer without a word
     aliases: dict[int, list[str]] = {}              # id(layer) -> its names, first as named_modules() gives them
@@ -352,6 +348,26 @@ def quantize(model: nn.Module, mode: str = "int8", *, calibration=None, skip=())
                       f"nn.Linear layers only): {', '.join(floats)}; name them in skip= to keep them in float without "
                       "this warning", UserWarning, stacklevel=2)
     return model
+
+
+def _skip_names(skip) -> tuple[str, ...]:
+    """``quantize``'s ``skip`` as a tuple of names: one str, None (no name) or an iterable of str. A tensor is refused
+    whatever it holds (a 0-d one failed inside torch, "iteration over a 0-d tensor", an empty one was taken as no
+    name), and so is a 0-d NumPy array (numpy's "iteration over a 0-d array"); NumPy strings become plain str."""
+    if isinstance(skip, str):
+        return (skip,)
+    if skip is None:
+        return ()
+    names = None
+    if isinstance(skip, Iterable) and not isinstance(skip, torch.Tensor):
+        try:
+            names = tuple(skip)
+        except TypeError:           # an iterable type that refuses to iterate (a 0-d NumPy array)
+            names = None
+    if names is None or not all(isinstance(s, str) for s in names):
+        raise LaunchTypeError(f"quantize: skip must be layer names (a str or an iterable of str), got {skip!r:.80} "
+                              f"({type(skip).__name__})")
+    return tuple(str(s) for s in names)
 
 
 def _left_in_float(model: nn.Module, linears: dict[int, list[str]]) -> list[tuple[str, str]]:
