@@ -27,6 +27,7 @@ import dataclasses
 import datetime
 import json
 import math
+import numbers
 import os
 import platform
 import re
@@ -247,6 +248,30 @@ class Device:
     capability: str | None = None
     cores: int | None = None
     l2_cache_bytes: int | None = None  # as the driver reports it
+
+    def __post_init__(self):
+        # checked when made: a Device of kind "gpu", a name 3 or an index -1 was kept and failed later, far from
+        # here (`slug`'s "'int' object has no attribute 'lower'"), or timed on another device than named
+        if not isinstance(self.kind, str) or self.kind not in ("cuda", "cpu"):
+            raise DeviceError(f"Device: kind={self.kind!r:.60} ({type(self.kind).__name__}); expected 'cuda' or 'cpu'")
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise DeviceError(f"Device: name={self.name!r:.60} ({type(self.name).__name__}); expected the device's "
+                              "name, a non-empty str")
+        if self.spec is not None and not isinstance(self.spec, PeakSpec):
+            raise DeviceError(f"Device: spec={self.spec!r:.60} ({type(self.spec).__name__}); expected None or a "
+                              "PeakSpec (perf.lookup_peaks(name))")
+        if self.capability is not None and not (isinstance(self.capability, str)
+                                                and re.fullmatch(r"\d+\.\d+", self.capability)):
+            raise DeviceError(f"Device: capability={self.capability!r:.60}; expected None or '<major>.<minor>' "
+                              "('9.0')")
+        for arg, least in (("index", 0), ("sm_count", 1), ("memory_bytes", 1), ("cores", 1), ("l2_cache_bytes", 0)):
+            value = getattr(self, arg)
+            if value is None and arg != "index":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                raise DeviceError(f"Device: {arg}={value!r:.60} ({type(value).__name__}); expected "
+                                  f"{'' if arg == 'index' else 'None or '}an int >= {least}")
+            object.__setattr__(self, arg, int(value))   # a NumPy int as the int it is (describe() goes to JSON)
 
     @property
     def torch_device(self) -> str:

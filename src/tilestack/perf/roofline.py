@@ -45,6 +45,18 @@ class Roof:
     bandwidth: float | None
     label: str = "measured"
 
+    def __post_init__(self):
+        # checked when made (a negative, NaN or str roof gave a negative or NaN ridge, or a bare TypeError, to every
+        # reader before place() refused it); the message names the field as place() has always named it
+        for arg in ("peak_flops_per_s", "bandwidth"):
+            value = getattr(self, arg)
+            if value is not None and (not _is_number(value) or not 0 <= value < math.inf):
+                raise RooflineError(f"roof.{arg}={value!r:.60} ({type(value).__name__}); expected None (unknown) or "
+                                    "a finite rate >= 0")
+        if not isinstance(self.label, str):
+            raise RooflineError(f"roof.label={self.label!r:.60} ({type(self.label).__name__}); expected a str "
+                                "('measured', 'published')")
+
     @property
     def ridge(self) -> float | None:
         """The intensity (FLOP/byte) where the memory slope meets the compute peak."""
