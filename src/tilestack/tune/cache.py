@@ -217,6 +217,13 @@ class ConfigCache:
     """The user's tables over the shipped ones (see the module docstring)."""
 
     def __init__(self, cache_dir: Path | None = None, tables_dir: Path | None = TABLES):
+        # a folder given as a str was taken for cache_dir but failed for tables_dir ("'str' object has no attribute
+        # 'glob'"), a number inside pathlib: each is a path or None, refused by name otherwise
+        for arg, value in (("cache_dir", cache_dir), ("tables_dir", tables_dir)):
+            if value is not None and not isinstance(value, str | os.PathLike):
+                raise TunableError(f"ConfigCache: {arg}={value!r:.60} ({type(value).__name__}); expected a folder "
+                                   "(a str or pathlib.Path) or None")
+        tables_dir = Path(tables_dir) if tables_dir else None     # ("" as None, as before: no shipped tables)
         self.dir = Path(cache_dir or knobs.cache_dir) / "tuned"
         self.shipped = [t for p in sorted(tables_dir.glob("*.json")) if (t := Table.read(p))] if tables_dir else []
         self.user = {str(t.device): t for p in sorted(self.dir.glob("*.json")) if (t := Table.read(p))}

@@ -43,6 +43,27 @@ class DeviceKey:
     memory_gb: float = dataclasses.field(default=0.0, compare=False)
     registers_per_thread: int = dataclasses.field(default=MAX_REGISTERS_PER_THREAD, compare=False)
 
+    def __post_init__(self):
+        # checked when made: a float major gave the key "sm9.00-132sm-227kb", a str one "sm'9'0...", a minor of 10
+        # "sm910-..." which parses back as sm91 minor 0 (the key has one digit for the minor), a negative SM count or
+        # a NaN memory_gb were kept; each keyed or ranked the tuner's tables wrongly without a word
+        for arg, least in (("major", 1), ("minor", 0), ("sms", 1), ("shared_kb", 1), ("registers_per_thread", 1)):
+            value = getattr(self, arg)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                raise DeviceError(f"DeviceKey: {arg}={value!r:.60} ({type(value).__name__}); expected an int >= "
+                                  f"{least}")
+            object.__setattr__(self, arg, int(value))      # a NumPy int as the int it is
+        if self.minor > 9:
+            raise DeviceError(f"DeviceKey: minor={self.minor}; expected 0..9 (the key 'sm<major><minor>' holds one "
+                              "digit of the minor version)")
+        if not isinstance(self.name, str):
+            raise DeviceError(f"DeviceKey: name={self.name!r:.60} ({type(self.name).__name__}); expected a str")
+        gb = self.memory_gb
+        if isinstance(gb, bool) or not isinstance(gb, numbers.Real) or not 0 <= gb < math.inf:
+            raise DeviceError(f"DeviceKey: memory_gb={gb!r:.60} ({type(gb).__name__}); expected a finite number "
+                              ">= 0 (GiB)")
+        object.__setattr__(self, "memory_gb", float(gb))
+
     def __str__(self) -> str:
         return f"sm{self.major}{self.minor}-{self.sms}sm-{self.shared_kb}kb"
 
@@ -63,7 +84,7 @@ class DeviceKey:
     @classmethod
     def parse(cls, text: str, *, name: str = "", memory_gb: float = 0.0) -> DeviceKey:
         """``DeviceKey.parse("sm90-132sm-227kb")``."""
-        m = _KEY.match(text)
+        m = _KEY.match(text) if isinstance(text, str) else None    # (a non-str failed inside re: "expected string")
         if not m:
             raise DeviceError(f"device key {text!r}; expected 'sm<major><minor>-<SMs>sm-<shared KiB>kb', "
                               "e.g. 'sm90-132sm-227kb'")
