@@ -148,9 +148,9 @@ def test_scale_or_mask_in_other_forms_left(form):
 @pytest.mark.parametrize("form", ["unused", "assigned", "late_mask", "padding", "f32_softmax"])
 def test_scores_filled_in_place_taken(form, dtype):
     """``s.masked_fill_(mask, -inf)`` (its result unused, or assigned back, filled with -finfo.max, the mask built
-    after the scores, a key padding mask, the softmax in f32 then cast back): one attention with the write as its mask (declined before as a write
-    between the pattern's nodes). Float64's outputs (f32), the causal mask holds, and the padded keys of the second
-    sequence changed leave its outputs as they were."""
+    after the scores, a key padding mask, the softmax in f32 then cast back): one attention with the write as its
+    mask (declined before as a write between the pattern's nodes). Float64's outputs (f32), the causal mask holds,
+    and the padded keys of the second sequence changed leave its outputs as they were."""
     model = seeded(InPlaceFillAttention, form, dtype=dtype)
     x = _x(dtype=dtype)
     keep = torch.ones(2, 7, dtype=torch.bool)

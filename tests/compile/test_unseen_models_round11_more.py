@@ -208,6 +208,23 @@ def test_albert_over_three_batch_sizes(how):
         assert r.swapped == {"explicit_attention": 3, "add_norm": 6}, r.swapped
 
 
+@pytest.mark.parametrize("form", ["unused", "assigned", "padding"])
+def test_scores_filled_in_place_under_dynamic_shapes(form):
+    """``dynamic=True`` over lengths 5 and 9 (the last keys of the second sequence padding): one graph, the filled
+    scores taken as the masked attention, every output eager's."""
+    model = seeded(InPlaceFillAttention, form)
+    since = len(tc.reports())
+    compiled = tilestack.optimize(model, check=True, inner="aot_eager", dynamic=True)
+    torch.manual_seed(4)
+    for n in (5, 9):
+        x = torch.randn(2, n, D)
+        keep = torch.ones(2, n, dtype=torch.bool)
+        keep[1, 3:] = False
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x, keep), model(x, keep), rtol=1e-4, atol=1e-5)
+    assert [r.swapped for r in tc.reports()[since:]] == [{"explicit_attention": 1}]
+
+
 # ---- quantization ----------------------------------------------------------------------------------------------------
 BOUNDS = {"int8": 0.02, "fp8": 0.08, "fp8-act": 0.15}      # docs/inference.md: the tests' relative bounds
 
