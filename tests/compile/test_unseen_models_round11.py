@@ -73,7 +73,7 @@ def _causal_holds(model, x):
 
 
 # ---- ALBERT: one layer in a loop ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=["f32", "bf16", "f16"])
 def test_albert_layer_run_three_times_in_a_loop(dtype):
     """The shared layer's attention swapped at each of its three calls (q scaled before the product, the padding bias
     added) and its two post-LN residual + LayerNorms fused each time; the dict and its tuple of hidden states are
@@ -84,8 +84,8 @@ def test_albert_layer_run_three_times_in_a_loop(dtype):
     mask = torch.ones(2, 7)
     mask[1, 5:] = 0
     got, swaps, since = _compiled(model, x, mask, dtype=dtype)
-    # bf16: fc1 + tanh GELU as a GEMM epilogue too, at each of the three calls (tilestack's GEMM takes 16 bits)
-    assert swaps == {"explicit_attention": 3, "add_norm": 6} | ({"linear_epilogue": 3} if dtype == BF16 else {}), \
+    # 16 bits: fc1 + tanh GELU as a GEMM epilogue too, at each of the three calls (tilestack's GEMM takes 16 bits)
+    assert swaps == {"explicit_attention": 3, "add_norm": 6} | ({"linear_epilogue": 3} if dtype != F32 else {}), \
         swaps
     assert _whats(since, "explicit_attention") == 3 * _attention_what(HD ** -0.5, " with an additive mask")
     assert set(got) == {"last_hidden_state", "hidden_states"} and len(got["hidden_states"]) == 4
