@@ -273,3 +273,75 @@ def test_conv_transpose2d_of_an_empty_batch_and_no_input_channels(backend, rng):
                          1, 0, BF)
     assert y.shape == (1, 5, 6, 4)
     assert torch.equal(y, bias.to(BF)[None, :, None, None].expand(1, 5, 6, 4))
+
+
+# ---- 3. GPTQ-style W8A16 GEMM with act-order: each K row's group from g_idx ------------------------------------------
+@ts.kernel(grid=lambda A, QW, BM, BN: (ts.cdiv(A.shape[0], BM), ts.cdiv(QW.shape[1], BN)))
+def w8a16_act_order(A, QW, SCALES, ZEROS, GIDX, C, *, BM: int = 16, BN: int = 16, BK: int = 16, BG: int = 16):
+    """C (M, N) = A (M, K) @ W, W[k, n] = (QW[k, n] - ZEROS[g, n]) SCALES[g, n] for g = GIDX[k] (GPTQ's desc_act: the
+    groups in any order along K): QW, ZEROS u8 codes, SCALES (G, N) f16 / bf16. Each K tile's scales and zero points
+    are gathered row by row by one-hot products with the (G, N) tables in SCALES' dtype on the matrix units (one
+    product of 1 a row, exact in f32; codes up to 255 exact in 16 bits); the dequantized tile in A's dtype is the
+    product's B operand. Grid: (row blocks, column blocks)."""
+    i, j = ts.block_id(0), ts.block_id(1)
+    G = SCALES.shape[0]
+    acc = ts.RegTile[ts.f32, BM, BN]()
+    ts.zero(acc)
+    a = ts.SharedTile[A.dtype, BM, BK]()
+    q = ts.RegTile[ts.f32, BK, BN]()
+    s, z = ts.RegTile[ts.f32, BK, BN](), ts.RegTile[ts.f32, BK, BN]()
+    g = ts.RegVec[ts.i32, BK]()
+    gcol = ts.RegVec[ts.i32, BG]()
+    pick = ts.RegTile[ts.bool_, BK, BG]()
+    onehot = ts.RegTile[SCALES.dtype, BK, BG]()
+    st, zt = ts.SharedTile[SCALES.dtype, BG, BN](), ts.SharedTile[SCALES.dtype, BG, BN]()
+    w = ts.RegTile[A.dtype, BK, BN]()
+    w_s = ts.SharedTile[A.dtype, BK, BN]()          # wgmma's B operand lives in shared memory
+    for k in ts.range(ts.cdiv(A.shape[1], BK)):
+        ts.load(a, A, at=(i, k))
+        ts.load(q, QW, at=(k, j))                    # (BK, BN) codes 0..255
+        ts.load(g, GIDX, at=(k,))                    # (BK,) each row's group (rows past K: group 0, A's zeros)
+        ts.zero(s)
+        ts.zero(z)
+        for gt in ts.range(ts.cdiv(G, BG)):
+            ts.arange(gcol, gt * BG)
+            ts.eq(pick, ts.per_row(g), ts.per_col(gcol))
+            ts.where(onehot, pick, 1.0, 0.0)         # (BK, BG) row k picks its group's row of the table
+            ts.load(st, SCALES, at=(gt, j))
+            ts.load(zt, ZEROS, at=(gt, j))
+            ts.mma_AB(s, onehot, st, s)
+            ts.mma_AB(z, onehot, zt, z)
+        ts.sub(q, q, z)
+        ts.mul(q, q, s)
+        ts.copy(w, q)                                # dequantized in A's dtype, as GPTQ's kernels do
+        ts.copy(w_s, w)
+        ts.mma_AB(acc, a, w_s, acc)
+    out = ts.RegTile[C.dtype, BM, BN]()
+    ts.copy(out, acc)
+    ts.store(C, out, at=(i, j))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [F16, BF])
+@pytest.mark.parametrize(("M", "K", "N", "gs", "gdtype"), [(5, 70, 37, 32, I32), (1, 128, 48, 16, I64),
+                                                          (33, 20, 16, 20, I32)])
+def test_w8a16_act_order(backend, dtype, M, K, N, gs, gdtype, rng):
+    """Against float64 torch on the dequantized weights rounded to A's dtype as the kernel rounds them: act-order
+    groups (g_idx = perm // group size for a random permutation of K, so every K tile mixes groups), a ragged last
+    group (70 = 2 x 32 + 6), codes 0 and 255 with zero points 0 and 255, a GEMV (M = 1), one group (K = group size);
+    the scales' table of more groups than one tile of BG."""
+    G = -(-K // gs)
+    perm = torch.from_numpy(rng.permutation(K))
+    gidx = (perm // gs).to(gdtype)
+    qw = torch.from_numpy(rng.integers(0, 256, (K, N))).to(torch.uint8)
+    qw[0, :3] = torch.tensor([0, 255, 255], dtype=torch.uint8)
+    zeros = torch.from_numpy(rng.integers(100, 156, (G, N))).to(torch.uint8)
+    zeros[int(gidx[0]), :3] = torch.tensor([255, 0, 255], dtype=torch.uint8)
+    scales = (torch.from_numpy(rng.random((G, N))) * 0.02 + 1e-3).to(dtype)
+    a = randn(rng, M, K, dtype=dtype)
+    c = poisoned(M, N, dtype=dtype)
+    launch(w8a16_act_order, backend, a, qw, scales, zeros, gidx, c, BG=min(16, 2 ** max(0, (G - 1).bit_length())))
+    g = gidx.long()
+    w = ((qw.double() - zeros.double()[g]) * scales.double()[g]).to(dtype).double()
+    want = a.double() @ w
+    close(c, want, scale=math.sqrt(K))

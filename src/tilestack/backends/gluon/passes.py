@@ -91,7 +91,7 @@ def legalize(warps: int, tma: bool = True):
                     _fail(ins, f"moves async loads with the copy engine; a stage of {st} is no copy-engine box "
                                f"(sizes 1..{TMA_MAX_BOX}, the last >= {TMA_MIN_ROW_BYTES} bytes)")
             elif ins.op is Op.LOAD and ins.result.type.space is Space.SHARED and tma \
-                    and ins.srcs[0].type.rank <= TMA_MAX_RANK:
+                    and ins.srcs[0].type.rank <= TMA_MAX_RANK and ins.srcs[0].type.dtype is ins.result.type.dtype:
                 t = ins.result.type
                 if not tma_box_ok(t.shape, t.dtype.itemsize):
                     _fail(ins, f"loads shared tiles with the copy engine; a {t} is no copy-engine box")
@@ -166,8 +166,12 @@ def _choose_access(ir: KernelIR, tma: bool) -> KernelIR:
         engine = tma and ins.op in (Op.LOAD, Op.STORE) and ins.srcs[0].type.dtype is not bool_ \
             and mask_of(ins) is None
         if ins.op is Op.LOAD:
+            # the copy engine writes the global's bytes into the shared tile unconverted: a tile of another dtype
+            # (u8 codes loaded into an f16 shared tile) goes through registers, converted there (the descriptor's u8
+            # box into an f16 buffer failed in Triton's LLVM lowering, and f16 into bf16 would be reinterpreted)
             via = "tma" if engine and ins.result.type.space is Space.SHARED \
-                and ins.srcs[0].type.rank <= TMA_MAX_RANK else "pointer"
+                and ins.srcs[0].type.rank <= TMA_MAX_RANK and ins.srcs[0].type.dtype is ins.result.type.dtype \
+                else "pointer"
         elif ins.op is Op.STORE:
             t = ins.srcs[1].type
             via = "tma" if engine and len(t.shape) == 2 and ins.srcs[0].type.rank <= TMA_MAX_RANK \
