@@ -1,7 +1,7 @@
 """The tilestack torch.compile backend on models it has never seen, round 11 (unseen_blocks_round11.py), in inference:
 an ALBERT encoder whose one layer runs three times in a Python loop and which returns a dict of every layer's hidden
 states; attention with the scale folded in elsewhere (on k^T inside the product, split over q and k in an einsum, after
-an ALiBi bias, after a causal fill), masked otherwise (``masked_fill_`` in place in six forms, ``torch.where(mask, -inf,
+an ALiBi bias, after a causal fill), masked otherwise (``masked_fill_`` in place, seven forms, ``torch.where(mask, -inf,
 s)``, a ``logsumexp`` softmax, ``softmax(dim=3)``), a talking-heads softmax over the heads; RMSNorm over 2-D rows,
 channels-first and with ``keepdim=False``, a hand LayerNorm; a tanh-GELU MLP with its residual on the left, through
 ``torch.add``, with ``alpha``, scaled, and as Hugging Face GPT-2's ``Conv1D`` (``torch.addmm``); rotary written into q

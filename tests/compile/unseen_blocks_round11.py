@@ -3,7 +3,7 @@ transformers or timm package): an ALBERT-style encoder whose one layer (post-LN,
 padding bias of ``(1 - mask) * finfo.min``, attention dropout, a tanh-GELU MLP) runs in a Python loop and which returns
 a dict with every layer's hidden states; attention with the scale folded in other places (on k^T inside the product,
 on q and k each by einsum, after an additive ALiBi bias, after a causal fill) and masked in other ways
-(``masked_fill_`` in place in six forms, ``torch.where(mask, -inf, s)`` with the fill first, a ``logsumexp``
+(``masked_fill_`` in place in seven forms, ``torch.where(mask, -inf, s)`` with the fill first, a ``logsumexp``
 softmax, softmax over ``dim=3``); a talking-heads softmax over the heads (``dim=1`` of a 4-D tensor); RMSNorm written
 by hand over rows of 2-D input (``mean(1)``), channels-first (``mean(1)`` of (B, D, N): not the last dim), with
 ``keepdim=False`` then ``unsqueeze``, and a hand LayerNorm; Linear + GELU(tanh) with the residual on the left,
