@@ -314,8 +314,8 @@ def optimize(model, *, mode: str | None = None, check: bool = False, inner: str 
         options["passes"] = passes
     thresholds = {k: v for k, v in (("min_rows", min_rows), ("min_query_rows", min_query_rows),
                                     ("measure", measure)) if v is not None}
-    dataclasses.replace(policy.current(), **thresholds)      # a bad threshold is refused here, not inside Dynamo
-    options |= thresholds
+    checked = dataclasses.replace(policy.current(), **thresholds)   # a bad threshold is refused here, not in Dynamo
+    options |= {k: getattr(checked, k) for k in thresholds}          # as Policy took them (a NumPy int as an int)
     if mode is not None:    # torch.compile refuses both mode= and options=: the backend reads it from options
         options["mode"] = mode
     return torch.compile(model, backend="tilestack", options=options, dynamic=dynamic,

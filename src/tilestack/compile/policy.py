@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
 
 import torch
 
@@ -60,8 +61,9 @@ class Policy:
     def __post_init__(self):
         for name in ("min_rows", "min_query_rows"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
                 raise LaunchError(f"tilestack backend: {name}={v!r}; expected an int >= 0")
+            object.__setattr__(self, name, int(v))     # a NumPy int (a threshold read off an array) as the int it is
         if not isinstance(self.measure, bool):
             raise LaunchError(f"tilestack backend: measure={self.measure!r}; expected True or False")
 
