@@ -220,8 +220,10 @@ def _flce_plan(x, weight, labels, *, ignore_index: int = IGNORE_INDEX, chunk: in
     import torch
 
     check_ce_args("fused_linear_cross_entropy", x, weight, labels, ignore_index)
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+    # a NumPy int is the int it is (ignore_index took one; chunk=np.int64(2) was refused as "no positive int")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1):
         raise LaunchError(f"fused_linear_cross_entropy: chunk must be a positive int, got {chunk!r}")
+    chunk = None if chunk is None else int(chunk)
     if not isinstance(grad, bool):
         raise LaunchError(f"fused_linear_cross_entropy: grad must be a bool, got {grad!r}")
     refuse_derived("fused_linear_cross_entropy", config, {"GRAD": "its grad argument"})
