@@ -337,7 +337,10 @@ class Kernel:
         """The prebuilt launcher for the launch signature of ``args`` (``launcher(args)`` launches). A library
         function that launches the same signature many times can keep it and skip even the key."""
         try:
-            key = (launch_key(args), tuple(consts.items()), backend, knobs.backend, knobs.triton_interpret)
+            # each constant keyed with its type: True == 1 == 1.0 in Python, and a launch with GROUP_M=True or
+            # BM=32.0 (refused as "declared int" when first seen) was taken once GROUP_M=1 or BM=32 had launched
+            key = (launch_key(args), tuple([(k, type(v), v) for k, v in consts.items()]) if consts else (), backend,
+                   knobs.backend, knobs.triton_interpret)
             launcher = self._launchers.get(key)
         except (TypeError, RuntimeError):   # an unhashable constant or an argument no launch accepts (a sparse
             key, launcher = None, None       # tensor has no data pointer): the checked way names it
@@ -358,7 +361,9 @@ class Kernel:
         if not extra:
             return consts, {}
         names = _launch_option_names()
-        options = {k: consts[k] for k in extra if k in names}
+        # a NumPy int as the int it is, as the kernel's own constants take it (num_warps=np.int64(4) was refused by
+        # every backend as "no positive int" where BM=np.int64(32) was taken)
+        options = {k: consts[k].item() if isinstance(consts[k], np.generic) else consts[k] for k in extra if k in names}
         from tilestack.backends import check_launch_options
         check_launch_options(self.name, options)
         return {k: v for k, v in consts.items() if k not in options}, options
