@@ -101,6 +101,7 @@ def killed(store: str, target: str, point: str) -> None:
     write_store(store, target_p, 0)
     print("0", flush=True)
     real_write_text, real_os_replace, real_path_replace = Path.write_text, os.replace, Path.replace
+    real_os_write = os.write
     if point == "mid-write":
         def half(self, text, *a, **k):
             with open(self, "w") as f:
@@ -108,6 +109,11 @@ def killed(store: str, target: str, point: str) -> None:
                 f.flush()
             _die()
         Path.write_text = half
+
+        def half_write(fd, data):     # tilestack.files.write_atomic writes through os.write
+            real_os_write(fd, bytes(data)[: max(1, len(data) // 2)])
+            _die()
+        os.write = half_write
     elif point == "before-rename":
         os.replace = Path.replace = _die
     elif point == "after-rename":

@@ -284,7 +284,7 @@ def test_a_record_write_interrupted_before_its_rename_keeps_the_old_file(tmp_pat
     def interrupted(*_):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(record.os, "replace", interrupted)
+    monkeypatch.setattr(os, "replace", interrupted)           # (tilestack.files.write_atomic's rename)
     with pytest.raises(KeyboardInterrupt):
         record.Record("cpu: other", [], started_at="t1").write(path)
     monkeypatch.undo()

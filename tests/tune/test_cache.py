@@ -3,6 +3,7 @@ tuned size as a fallback, the user's entries over the shipped tables, tables of 
 name first), and tables in the old name-keyed format refused with a clear message."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -76,14 +77,15 @@ def test_atomic_write_leaves_valid_json(cache_dir):
 
 
 def test_write_json_atomic_interrupted(tmp_path, monkeypatch):
-    """An interrupt in the middle of writing (here: in json.dump) leaves the old file and no temporary."""
+    """An interrupt in the middle of writing (here: in the fsync after the temporary's bytes) leaves the old file
+    and no temporary."""
     path = tmp_path / "t.json"
     write_json_atomic(path, {"a": 1})
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(json, "dump", boom)
+    monkeypatch.setattr(os, "fsync", boom)
     with pytest.raises(KeyboardInterrupt):
         write_json_atomic(path, {"a": 2})
     assert json.loads(path.read_text()) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == ["t.json"]

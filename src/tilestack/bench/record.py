@@ -11,19 +11,16 @@ The file holds the device, the versions that change what a time means, and every
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from tilestack.errors import TilestackError
+from tilestack.files import write_atomic
 from tilestack.perf.metrics import Measurement
-from tilestack.tune.cache import sweep_dead_temporaries
 
 FORMAT = 1
 KIND = "tilestack bench record"
@@ -56,23 +53,7 @@ class Record:
     def write(self, path: str | Path) -> Path:
         """Write the record to ``path`` whole or not at all (a temporary file of this writer's own, renamed over
         it): an interrupted write leaves the previous file and no temporary."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.to_json(), indent=1, default=str) + "\n"
-        sweep_dead_temporaries(path.parent, f".{path.name}.")     # what writers killed mid-write left
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())            # on disk before the rename: a full disk is said here, and a
-            os.replace(tmp, path)               # power cut cannot leave an empty file renamed over the old one;
-            #                                     a reader never sees half a file
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return path
+        return write_atomic(path, json.dumps(self.to_json(), indent=1, default=str) + "\n")
 
     @classmethod
     def read(cls, path: str | Path) -> Record:

@@ -15,6 +15,7 @@ from typing import Any
 from tilestack import perf
 from tilestack.bench import record
 from tilestack.bench.cases import Case, cases
+from tilestack.files import write_atomic
 from tilestack.perf import formulas, report
 from tilestack.perf.metrics import compute_metrics, roofs_for
 from tilestack.perf.timing import Timing
@@ -191,7 +192,7 @@ def run_suite(*, full: bool = True, only: list[str] | None = None, store: bool =
         out_dir.mkdir(parents=True, exist_ok=True)
         report.roofline_png(ms, out_dir / "roofline.png", device=dev, ceilings=ceil, title=label)
         report.html_report(ms, out_dir / "report.html", device=dev, ceilings=ceil, versions=versions)
-        (out_dir / "bench.md").write_text(report.measurements_markdown(ms))
+        write_atomic(out_dir / "bench.md", report.measurements_markdown(ms))
         record.Record(dev.name, ms, versions, dev.describe(), started, record.BENCH_COMMAND,
                       f"run {run_id}" if run_id else "tilestack bench --no-store").write(out_dir / "bench.json")
         con.print(f"report: {out_dir / 'report.html'}, roofline: {out_dir / 'roofline.png'}, "

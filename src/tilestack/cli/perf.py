@@ -21,6 +21,7 @@ from typing import Annotated
 import typer
 
 from tilestack.cli import app
+from tilestack.files import write_atomic
 
 
 def _db_path(db: Path | None) -> Path | None:
@@ -180,9 +181,8 @@ def profile(
     profile_mod.print_profile(prof, top=top)
     if out is not None:
         html = profile_mod.profile_html(prof, out / "profile.html", out / "profile.png")
-        (out / "profile.md").write_text(
-            report.markdown_table(profile_mod.PROFILE_COLUMNS, profile_mod.profile_rows(prof)) + "\n"
-        )
+        write_atomic(out / "profile.md",
+                     report.markdown_table(profile_mod.PROFILE_COLUMNS, profile_mod.profile_rows(prof)) + "\n")
         report.console().print(f"wrote {html}, {out / 'profile.png'}, {out / 'profile.md'}")
     if store:
         from tilestack.perf.store import Store
@@ -280,7 +280,7 @@ def report(
         ceil = _ceilings_of(r.ceilings)
         report_mod.roofline_png(ms, out / "roofline.png", ceilings=ceil, title=title)
         report_mod.html_report(ms, out / "report.html", ceilings=ceil, versions=r.versions, title=title)
-        (out / "report.md").write_text(report_mod.measurements_markdown(ms) + "\n")
+        write_atomic(out / "report.md", report_mod.measurements_markdown(ms) + "\n")
         report_mod.console().print(f"wrote {out / 'report.html'}, {out / 'roofline.png'}, {out / 'report.md'}")
 
 

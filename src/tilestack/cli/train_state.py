@@ -28,14 +28,8 @@ def _settings(spec: dict) -> dict:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    from tilestack.tune.cache import sweep_dead_temporaries
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    sweep_dead_temporaries(path.parent, f".{path.name}.")     # what writers SIGKILLed before their rename left
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)                   # a reader sees the old file or the new one, never half of one
-    finally:
-        tmp.unlink(missing_ok=True)
+    from tilestack.files import write_atomic
+    write_atomic(path, text)                    # a reader sees the old file or the new one, never half of one
 
 
 def _read_settings(path: Path) -> dict | None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import threading
 import warnings
 from pathlib import Path
@@ -104,7 +103,8 @@ def _load() -> None:
 def _store(key: str, entry: dict) -> None:
     _memory[key] = entry
     path = _path()
-    from tilestack.tune.cache import locked, sweep_dead_temporaries
+    from tilestack.files import write_atomic
+    from tilestack.tune.cache import locked
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # read, merge, write under the folder's lock: unlocked, a process that read before another wrote replaced
@@ -117,16 +117,8 @@ def _store(key: str, entry: dict) -> None:
             except (OSError, ValueError):
                 pass
             merged.update(_memory)
-            sweep_dead_temporaries(path.parent, f"{path.stem}.")    # what writers killed mid-write left
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            try:
-                with open(tmp, "w") as f:
-                    f.write(json.dumps(merged, indent=1, sort_keys=True))
-                    f.flush()
-                    os.fsync(f.fileno())       # the data on disk before the rename (a full disk is said here)
-                tmp.replace(path)              # atomic: a reader never sees half a file
-            finally:
-                tmp.unlink(missing_ok=True)    # a failed write leaves no temp file behind
+            # its temporaries named "<stem>.<pid>.*.tmp", as before tilestack.files
+            write_atomic(path, json.dumps(merged, indent=1, sort_keys=True), tmp_prefix=f"{path.stem}.")
     except OSError as e:                       # a read-only cache costs a measurement next run, not this one
         warnings.warn(f"tilestack.compile.measure: cannot write {path} ({e})", stacklevel=3)
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tilestack.files import write_atomic
+
 PARTITIONS = {  # name -> Task fields
     "iid": dict(partitioner="iid"),
     "dir1.0": dict(partitioner="dirichlet", partition_alpha=1.0),
@@ -257,5 +259,5 @@ def write_report(spec: BenchSpec, cells: list[Cell], doc: str | Path, img_dir: s
         text = head + section + rest.split(END_MARK, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n## Benchmark (`tilestack fl bench`)\n\n" + section + "\n"
-    doc.write_text(text)
+    write_atomic(doc, text)
     return doc

@@ -31,6 +31,7 @@ from tilestack.federated.grid import ManagedGrid
 from tilestack.federated.simulation import initial_arrays_for
 from tilestack.federated.strategies import make_strategy
 from tilestack.federated.task import Task
+from tilestack.files import write_atomic
 
 server_app = ServerApp()
 
@@ -95,4 +96,4 @@ def main(grid: Grid, context: Context) -> None:
         timeout=cfg["timeout"],
     )
     out = result.history.to_dict() | {"arrays": {k: v.numpy().tolist() for k, v in result.arrays.items()}}
-    Path(cfg["result-path"]).write_text(json.dumps(out))
+    write_atomic(cfg["result-path"], json.dumps(out))  # the launcher reads it after the run: whole or absent

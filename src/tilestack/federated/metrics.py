@@ -13,12 +13,10 @@ bytes sent each way, simulated and real wall time, and which clients were left o
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import numbers
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -117,22 +115,10 @@ class History:
     def to_json(self, path: str | Path) -> None:
         """Write the history to ``path`` whole or not at all (a temporary file renamed over it): a write cut short
         (Ctrl-C, a full disk) left half a JSON file where the previous history was."""
-        from tilestack.tune.cache import sweep_dead_temporaries
-        path = Path(path)
-        text = json.dumps(self.to_dict(), indent=1)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        from tilestack.files import write_atomic
         # its folder made as the plot's and the checkpoint's are (`fl run --out new/run.json` ran every round, then
-        # failed here with FileNotFoundError on the temporary)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # a writer SIGKILLed before its rename left its temporary for good (each kill one more): swept
-        sweep_dead_temporaries(path.parent, f".{path.name}.")
-        try:
-            tmp.write_text(text)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
+        # failed on the temporary with FileNotFoundError)
+        write_atomic(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def from_dict(cls, data: dict) -> History:

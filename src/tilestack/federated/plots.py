@@ -16,6 +16,7 @@ import dataclasses
 from pathlib import Path
 
 from tilestack.federated.metrics import History, RoundMetrics
+from tilestack.files import write_figure
 
 LABELS = {
     "train_loss": "training loss (global model)",
@@ -83,9 +84,7 @@ def _save(fig, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    path = write_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 

@@ -5,14 +5,11 @@ the strategy it keeps, ``_strategy_state`` / ``_restore_strategy``). ``driver.ru
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib
 import io
 import logging
-import os
 import pickle
-import tempfile
 import types
 import weakref
 from pathlib import Path
@@ -160,22 +157,13 @@ def _restore_strategy(strategy: Strategy, saved: Strategy) -> None:
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write ``state`` so that ``path`` always holds a complete checkpoint (temporary file, fsync, rename)."""
-    from tilestack.tune.cache import sweep_dead_temporaries
+    from tilestack.files import write_atomic
 
-    # a temporary of this writer's own: with one shared "<name>.tmp", two processes saving one path truncated each
-    # other's mid-write and one rename found it gone (FileNotFoundError); a killed writer's is swept by the next save
-    sweep_dead_temporaries(path.parent, f".{path.name}.")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _Pickler(f, protocol=pickle.HIGHEST_PROTOCOL).dump(state)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:     # (a write cut short, Ctrl-C or an unpicklable state left half a file beside it)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    # pickled whole first: an unpicklable state fails before any file is touched; then a temporary of this
+    # writer's own (with one shared "<name>.tmp", two processes saving one path truncated each other's mid-write)
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(state)
+    write_atomic(path, buf.getvalue())
 
 
 def load_checkpoint(path: Path) -> dict:

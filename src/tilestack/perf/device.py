@@ -22,7 +22,6 @@ each ceiling keeps the better-known of its measurements, up to ``MAX_REMEASURES`
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -602,19 +601,10 @@ def ceilings(
             "(a busy machine?): utilisations against it are that uncertain",
             stacklevel=2,
         )
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: two writers never share a temp file
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        from tilestack.tune.cache import sweep_dead_temporaries
-        sweep_dead_temporaries(path.parent, f"{path.stem}.")  # what writers SIGKILLed before their rename left
-        with open(tmp, "w") as f:
-            f.write(json.dumps(c.to_json(), indent=2))
-            f.flush()
-            os.fsync(f.fileno())  # the rename must not reach the disk before the data (a power cut)
-        tmp.replace(path)  # atomic: a reader never sees half a file
+    from tilestack.files import write_atomic
+    try:  # its temporaries named "<stem>.<pid>.*.tmp", as before tilestack.files
+        write_atomic(path, json.dumps(c.to_json(), indent=2), tmp_prefix=f"{path.stem}.")
     except OSError as e:  # a read-only cache dir costs a re-measure next time, not this run
-        with contextlib.suppress(OSError):  # a full disk: no half-written temporary left behind
-            tmp.unlink()
         warnings.warn(f"ceilings not cached: cannot write {path} ({e}); set TILESTACK_CACHE_DIR", stacklevel=2)
     return c
 

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tilestack.files import write_atomic
 from tilestack.perf.metrics import Measurement, MetricsError
 
 T = TypeVar("T")
@@ -335,8 +336,7 @@ def roofline_png(
     fig.savefig(buf, format="png")
     data = buf.getvalue()
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_bytes(data)
+        write_atomic(path, data)
     return data
 
 
@@ -380,10 +380,7 @@ def write_html(path: str | Path, title: str, sections: Sequence[Section]) -> Pat
             out.append("</table>")
         out += [f"<p class='note'>{e(n)}</p>" for n in s.notes]
     out.append("</body></html>")
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text("\n".join(out), encoding="utf-8")
-    return p
+    return write_atomic(path, "\n".join(out))
 
 
 def device_section(device: Any = None, ceilings: Any = None, versions: Mapping[str, Any] | None = None) -> Section:

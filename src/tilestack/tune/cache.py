@@ -26,11 +26,9 @@ table of its key: the user's first, then those tuned on a GPU of the same name, 
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import numbers
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +36,7 @@ from typing import Any
 
 from tilestack.config import knobs
 from tilestack.errors import TunableError
+from tilestack.files import write_atomic
 from tilestack.tune.devices import DeviceKey
 
 TABLES = Path(__file__).parent / "tables"
@@ -96,41 +95,10 @@ def launch_kwargs(entry: dict) -> dict[str, Any]:
     return {**entry["config"], **entry.get("options", {})}
 
 
-def sweep_dead_temporaries(folder: Path, prefix: str) -> None:
-    """Remove the temporaries ``<prefix><pid>.<random>.tmp`` in ``folder`` whose writer process no longer exists:
-    a writer SIGKILLed mid-write leaves one, and each kill would add another for good. A live writer's stays."""
-    for tmp in folder.glob(f"{glob.escape(prefix)}*.tmp"):
-        pid = tmp.name[len(prefix):].split(".", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue                   # (a name of another form; this process's own is never left behind)
-        try:
-            os.kill(int(pid), 0)       # signal 0: whether the process exists, nothing sent
-        except ProcessLookupError:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        except (PermissionError, OverflowError):
-            continue                   # another user's live process (or no such pid number): keep it
-
-
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` whole or not at all: a temporary file in the same folder, flushed to
-    disk, then renamed over ``path``. A failure (data JSON cannot hold, an interrupt, a full disk) leaves the old
-    file and no temporary; a killed process leaves the old file and its ``.<stem>.<pid>.*.tmp``, which the next
-    write of ``path`` removes (the temporaries of processes that are gone; a live writer's stays)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sweep_dead_temporaries(path.parent, f".{path.stem}.")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.{os.getpid()}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())       # the rename must not reach the disk before the data (a power cut)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write ``data`` as JSON to ``path`` whole or not at all (``tilestack.files.write_atomic``; its temporaries
+    named ``.<stem>.<pid>.*.tmp``, as they were before that module)."""
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n", tmp_prefix=f".{Path(path).stem}.")
 
 
 @contextlib.contextmanager

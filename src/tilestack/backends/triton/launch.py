@@ -17,10 +17,8 @@ it like any other kernel and a person can open it.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
-import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -114,16 +112,8 @@ def _holds(path: Path, src: str) -> bool:
 
 def _write_whole(path: Path, src: str) -> None:
     """Written whole, then renamed: an interrupted run never leaves half a file (at most a ``*.py.tmp``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".py.tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(src)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    from tilestack.files import write_atomic
+    write_atomic(path, src)
 
 
 _private: Path | None = None      # this process's folder for generated kernels where the cache is read-only

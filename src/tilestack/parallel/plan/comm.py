@@ -14,11 +14,9 @@ all-gather or a reduce-scatter) with the alpha and B fitted at the nearest measu
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -235,21 +233,13 @@ def store_comm(model: CommModel, path: Path) -> bool:
     the measuring and the fit was lost)."""
     import warnings
 
-    from tilestack.tune.cache import sweep_dead_temporaries
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")       # atomic: a kill mid-write keeps the previous fit
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # a writer SIGKILLed before its rename left its temporary for good (each kill one more): swept
-        sweep_dead_temporaries(path.parent, f"{path.stem}.")
-        tmp.write_text(json.dumps(model.to_json(), indent=1))
-        tmp.replace(path)
+    from tilestack.files import write_atomic
+    try:            # atomic: a kill mid-write keeps the previous fit; temporaries "<stem>.<pid>.*.tmp" as before
+        write_atomic(path, json.dumps(model.to_json(), indent=1), tmp_prefix=f"{path.stem}.")
     except OSError as e:
         warnings.warn(f"measure_gloo: the fit is not stored: cannot write {path} ({e}); it is returned to this "
                       "process only (set TILESTACK_CACHE_DIR to a writable folder to keep it)", stacklevel=3)
         return False
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
     return True
 
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tilestack.files import write_figure
 from tilestack.parallel.plan.predict import MEMORY_COMPONENTS, Prediction
 
 MIB = 1 << 20
@@ -55,7 +56,7 @@ def timeline_png(pred: Prediction, path: str | Path) -> Path:
                  f"(F forward, B backward; grey idle)", fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    write_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -81,7 +82,7 @@ def memory_png(pred: Prediction, path: str | Path, *, limit: float | None = None
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    write_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -107,6 +108,6 @@ def predicted_vs_measured_png(rows: Sequence[dict[str, Any]], path: str | Path, 
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    write_figure(fig, path, dpi=120)
     plt.close(fig)
     return path

@@ -15,13 +15,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
+from tilestack.files import write_atomic
 from tilestack.parallel.plan.describe import ModelDesc, PlanError
 from tilestack.parallel.plan.predict import Prediction
-from tilestack.tune.cache import sweep_dead_temporaries
 
 PLAN_FORMAT = "tilestack-plan/1"
 DTYPES = {2: "bfloat16", 4: "float32"}      # bytes per element: the dtypes tilestack train runs
@@ -62,19 +61,9 @@ def write_plan(pred: Prediction, desc: ModelDesc, path: str | Path, *, device: s
         raise PlanError(f"write_plan: peak_flops={peak_flops!r}; expected None or a positive, finite FLOP/s")
     if not isinstance(path, str | Path) or not str(path) or Path(path).is_dir():
         raise PlanError(f"write_plan: path={path!r}; expected a file path (not a directory)")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(plan_dict(pred, desc, device=device, peak_flops=peak_flops), indent=1)
     # whole or not at all: a write cut short (a full disk, a kill) left half a file in place of the previous plan
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    # a writer SIGKILLed before its rename left its temporary for good (each kill one more): swept
-    sweep_dead_temporaries(path.parent, f".{path.name}.")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)                   # a reader sees the old plan or the new one, never half of one
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomic(path, text)
 
 
 def read_plan(path: str | Path) -> dict[str, Any]:
