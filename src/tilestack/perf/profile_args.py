@@ -11,6 +11,11 @@ from typing import Any
 from tilestack.perf.counting import ProfileError, _tensors
 from tilestack.perf.profile_render import describe
 
+# At most this many profiled (or warm-up) steps, as timing.MAX_REPEATS bounds a kernel's timed calls: steps=2**40 (a
+# sentinel or a typo) ran step after step with no end and every step's profiler events held in memory (profiler
+# round 19); a bound refuses it before any work, naming the argument.
+MAX_STEPS = 100_000
+
 
 def as_call(inputs: Any, model: Any = None) -> tuple[tuple, dict]:
     """inputs as (args, kwargs): a dict gives keyword arguments, a tuple or list positional ones, else one. A
@@ -181,10 +186,11 @@ def check_arguments(
 
     refuse = _refuse
     check_call(model, inputs)
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        refuse("steps", steps, "an int >= 1 (profiled steps), or None to profile until the step time is known")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        refuse("warmup", warmup, "an int >= 0 (steps run before counting and profiling)")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS):
+        refuse("steps", steps, f"an int >= 1 and <= {MAX_STEPS} (profiled steps), or None to profile until the "
+               "step time is known")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup <= MAX_STEPS:
+        refuse("warmup", warmup, f"an int >= 0 and <= {MAX_STEPS} (steps run before counting and profiling)")
     for arg, value in (("train", train), ("fastpath", fastpath)):
         if not isinstance(value, bool):
             refuse(arg, value, "True or False")
