@@ -81,6 +81,9 @@ def reference(x, cos, sin):
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
 
 
+MAX_TABLE_ENTRIES = 1 << 48     # entries of one (n, d/2) rotary table: 1 PiB of f32, past any device's memory
+
+
 def rotary_tables(n: int, d: int, theta: float = 10000.0, device=None):
     """(cos, sin), each (n, d/2) f32: the angle of position p and frequency i is p * theta**(-2i/d). n an int
     >= 0, d an even int >= 2 (a head dim: its halves rotate together), theta a finite number > 0 (0 or NaN made
@@ -99,6 +102,25 @@ def rotary_tables(n: int, d: int, theta: float = 10000.0, device=None):
     if not finite_real(theta) or theta <= 0:
         raise LaunchError(f"rotary_tables: theta must be a finite number > 0, got {theta!r}")
     n, d, theta = int(n), int(d), float(theta)
+    # refused here, not inside torch: a table past MAX_TABLE_ENTRIES failed in arange ("Storage size calculation
+    # overflowed"), a device torch cannot name (device="tpu", 3.5) with torch's RuntimeError or TypeError, a CUDA
+    # device on a machine without one with torch's AssertionError
+    if n * (d // 2) > MAX_TABLE_ENTRIES:
+        raise LaunchError(f"rotary_tables: n={n}, d={d} make a table of n * d/2 = {n * (d // 2)} entries; expected "
+                          f"at most {MAX_TABLE_ENTRIES} (2**48, more than any device's memory holds)")
+    if isinstance(device, bool) or not (device is None or isinstance(device, str | int | torch.device)):
+        raise LaunchError(f"rotary_tables: device={device!r:.60} ({type(device).__name__}); expected None, a "
+                          "torch.device, a device name ('cpu', 'cuda:0') or a CUDA index")
+    try:
+        device = None if device is None else torch.device(device)
+    except RuntimeError as e:
+        raise LaunchError(f"rotary_tables: device={device!r}; expected a device torch knows ('cpu', 'cuda:0'): "
+                          f"{e}") from e
+    if device is not None and device.type == "cuda":   # (a CPU build of torch raised its bare AssertionError)
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise LaunchError(f"rotary_tables: device={str(device)!r}, but this machine has {count} CUDA device(s); "
+                              "expected a device present here ('cpu')")
     inv_freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)   # (d/2,)
     angles = torch.arange(n, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]   # (n, d/2)
     return angles.cos().float(), angles.sin().float()
