@@ -96,3 +96,26 @@ def test_unit_strides_compile_as_constants_as_the_jit_makes_them(cache_dir):
     assert unit.ok and strided.ok
     if unit.registers is not None:
         assert unit.registers < strided.registers
+
+
+def test_the_variant_compiled_is_the_one_these_arguments_launch(cache_dir):
+    """A row stride of 1000 bytes cannot take a TMA descriptor (16-byte strides), so a launch goes through pointers:
+    the report for those arguments is the pointer variant's (the same cache entry as tma=False), where it used to
+    be the TMA variant's whatever the arguments."""
+    ragged = (_meta(512, 500), _meta(500, 512), _meta(512, 512))
+    with_tma = aot.resources(gemm_kernel, ragged, {}, SMALL_GEMM)
+    assert with_tma.ok and not with_tma.cached
+    without = aot.resources(gemm_kernel, ragged, {}, SMALL_GEMM, tma=False)
+    assert without.cached and without.to_json() | {"compile_s": 0} == with_tma.to_json() | {"compile_s": 0}
+    aot.resources(gemm_kernel, GEMM_ARGS, {}, SMALL_GEMM)            # aligned: the TMA variant, another entry
+    assert len(list(cache_dir.glob("*.json"))) == 2
+
+
+def test_launch_mode_follows_the_arguments():
+    traced = gemm_kernel.trace(*GEMM_ARGS, BM=64, BN=64, BK=32, GROUP_M=8)
+    assert aot._launch_mode(traced, GEMM_ARGS, True) == (True, frozenset())
+    assert aot._launch_mode(traced, GEMM_ARGS, False) == (False, frozenset())
+    huge = (_meta(1 << 17, 1 << 15), _meta(1 << 15, 512), _meta(1 << 17, 512))   # A: 2^32 elements
+    traced = gemm_kernel.trace(*huge, BM=64, BN=64, BK=32, GROUP_M=8)
+    tma, wide = aot._launch_mode(traced, huge, True)
+    assert tma and wide == frozenset({0})
