@@ -568,6 +568,9 @@ def ceilings(
     ``GPU_CEILING_BUDGET_S`` / ``CPU_CEILING_BUDGET_S``). A cached file from another machine, or whose spread
     is too large (:func:`stale_reason`), is measured again, with a warning that says why.
     """
+    if not isinstance(remeasure, bool):     # (remeasure="no" was taken by its truth and measured for seconds)
+        raise DeviceError(f"ceilings: remeasure={remeasure!r:.60} ({type(remeasure).__name__}); expected True or "
+                          "False")
     _check_ceiling_args(dev, copy_bytes, matmul_n, dtypes, budget_s)
     dev = dev or detect()
     path = ceilings_path(dev)

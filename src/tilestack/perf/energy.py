@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import numbers
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+
+from tilestack.errors import DeviceError
 
 MIN_WINDOW_S = 1.0  # the counter updates every 10-100 ms: 1 s keeps quantisation error to a few per cent
 MJ_TO_J = 1e-3
@@ -105,6 +108,15 @@ class EnergyMeter:
     def __init__(self, index: int = 0, pci_bus_id: str | None = None):
         """``index`` is NVML's; ``pci_bus_id`` (``"00000000:19:00.0"``), where known, finds the GPU whatever
         ``CUDA_VISIBLE_DEVICES`` renumbered, and wins over ``index``."""
+        # refused by name: index="x" or -1 made a meter that is never available, its reason a comparison's TypeError
+        # or NVML's own words, and energy went unmeasured without a word
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral) or index < 0:
+            raise DeviceError(f"EnergyMeter: index={index!r:.60} ({type(index).__name__}); expected NVML's GPU index, "
+                              "an int >= 0")
+        if pci_bus_id is not None and not isinstance(pci_bus_id, str):
+            raise DeviceError(f"EnergyMeter: pci_bus_id={pci_bus_id!r:.60} ({type(pci_bus_id).__name__}); expected "
+                              "None or the GPU's PCI bus id, a str ('00000000:19:00.0')")
+        index = int(index)
         self.index = index
         self.reason = ""
         self._handle: Any = None

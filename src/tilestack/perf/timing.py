@@ -193,15 +193,23 @@ def rotating_sets(
 
     On a CPU one set is returned: its caches are not flushed this way, and CPU timings want warm inputs.
     """
+    # (make_args=3 failed "'int' object is not callable" where it was called, l2_bytes='x' in a bare division,
+    # max_sets=np.int64(3) was refused as no int)
+    if not callable(make_args):
+        raise TimingError(f"make_args={make_args!r:.60} ({type(make_args).__name__}); expected a function making "
+                          "one fresh input set (a tuple of arguments)")
     if not _is_real(bytes_per_set) or not 0 < bytes_per_set < math.inf:     # NaN too
         raise TimingError(f"bytes_per_set={bytes_per_set!r}; expected the positive size of one input set")
-    if isinstance(max_sets, bool) or not isinstance(max_sets, int) or max_sets < 1:
+    if isinstance(max_sets, bool) or not isinstance(max_sets, numbers.Integral) or max_sets < 1:
         raise TimingError(f"max_sets={max_sets!r}; expected an int >= 1")
+    if l2_bytes is not None and (not _is_real(l2_bytes) or not 0 <= l2_bytes < math.inf):
+        raise TimingError(f"l2_bytes={l2_bytes!r:.60} ({type(l2_bytes).__name__}); expected None (the device's) or "
+                          "the L2 cache's size in bytes, a finite number >= 0")
     _check_device(device)
     if device is not None and not _is_cuda(device):
         return [make_args()]
     l2 = l2_bytes or getattr(device, "l2_bytes", None) or DEFAULT_L2_BYTES
-    n = min(max_sets, max(1, math.ceil(L2_ROTATION_FACTOR * l2 / bytes_per_set)))
+    n = min(int(max_sets), max(1, math.ceil(L2_ROTATION_FACTOR * l2 / bytes_per_set)))
     return [make_args() for _ in range(n)]
 
 
