@@ -111,11 +111,12 @@ def test_the_variant_compiled_is_the_one_these_arguments_launch(cache_dir):
     assert len(list(cache_dir.glob("*.json"))) == 2
 
 
-def test_launch_mode_follows_the_arguments():
+def test_compile_mode_follows_the_arguments():
+    from tilestack.backends.triton.launch import compile_mode
     traced = gemm_kernel.trace(*GEMM_ARGS, BM=64, BN=64, BK=32, GROUP_M=8)
-    assert aot._launch_mode(traced, GEMM_ARGS, True) == (True, frozenset())
-    assert aot._launch_mode(traced, GEMM_ARGS, False) == (False, frozenset())
+    assert compile_mode(traced, GEMM_ARGS, True) == (True, frozenset())
+    assert compile_mode(traced, GEMM_ARGS, False) == (False, frozenset())
     huge = (_meta(1 << 17, 1 << 15), _meta(1 << 15, 512), _meta(1 << 17, 512))   # A: 2^32 elements
     traced = gemm_kernel.trace(*huge, BM=64, BN=64, BK=32, GROUP_M=8)
-    tma, wide = aot._launch_mode(traced, huge, True)
+    tma, wide = compile_mode(traced, huge, True)
     assert tma and wide == frozenset({0})

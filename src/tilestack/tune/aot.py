@@ -96,24 +96,6 @@ def _split(kernel, config: dict[str, Any]) -> tuple[dict, dict]:
     return consts, options
 
 
-def _launch_mode(traced, args: Sequence, tma: bool) -> tuple[bool, frozenset[int]]:
-    """(TMA, the globals of 64-bit offsets) as a launch on ``args`` would compile the kernel (launch.Launcher): the
-    copy engine only where every tile global's tensor can take a descriptor, 64-bit offsets for the tensors whose
-    offsets pass 2^31. Before, the TMA, 32-bit variant was reported whatever the arguments, so a config was judged
-    by code its launch never runs. An ArgSpec (sizes unknown) stays as asked: ``tma``, 32-bit."""
-    import torch
-
-    from tilestack.backends.triton.codegen import needs_int64
-    from tilestack.backends.triton.launch import tma_ok
-
-    tensor = [isinstance(a, torch.Tensor) for a in args]
-    if tma and any(tensor[i] and not tma_ok(args[i]) for i in traced.tile_globals):
-        tma = False                    # (a meta tensor's address reads 0: aligned, as an allocation would be)
-    index64 = frozenset(i for i, p in enumerate(traced.ir.params)
-                        if p.is_global and tensor[i] and needs_int64(args[i].shape, args[i].stride()))
-    return tma, index64
-
-
 def _signature(low, ir, args: Sequence, arg_names: Sequence[str]) -> tuple[dict, dict, dict]:
     """(Triton signature, divisibility attributes, constants) of the generated function's parameters, as the JIT
     would specialize them for ``args`` (tensors or ArgSpecs; an ArgSpec's sizes are unknown: 32-bit, no hint).
@@ -180,7 +162,8 @@ def resources(kernel, args: Sequence, fixed: dict[str, Any], config: dict[str, A
     except Exception as e:  # noqa: BLE001 - a config the tracer rejects is not a valid config
         return Resources(False, error=f"trace: {type(e).__name__}: {str(e)[:200]}")
     opts = BACKEND.options(traced.constants, options).launch_kwargs()
-    tma, index64 = _launch_mode(traced, args, tma)
+    from tilestack.backends.triton.launch import compile_mode
+    tma, index64 = compile_mode(traced, args, tma)    # the variant a launch on these arguments runs
     low = codegen.generate(traced.ir, interpret=False, tma=tma, index64=index64)
     names = _arg_names(low.source, low.fn_name)
     sig, attrs, constants = _signature(low, traced.ir, args, names)

@@ -138,6 +138,7 @@ def estimate(kernel, args: Sequence, fixed: dict[str, Any], config: dict[str, An
     """Judge one config (see the module docstring). ``args``: tensors (meta or fake ones will do) or ArgSpecs
     (then rules that need sizes are skipped); ``device``: a ``tune.devices.DeviceKey``."""
     from tilestack.backends.triton import BACKEND
+    from tilestack.backends.triton.launch import compile_mode
     from tilestack.errors import TilestackError
 
     arch = arch_limits(device.arch)
@@ -152,7 +153,8 @@ def estimate(kernel, args: Sequence, fixed: dict[str, Any], config: dict[str, An
         return e
     try:
         traced = kernel.trace(*args, **fixed, **consts)
-        low, _ = BACKEND.lower(traced.ir, tma=True)
+        tma, _ = compile_mode(traced, args, True)       # the copy engine only where a launch on these would use it
+        low, _ = BACKEND.lower(traced.ir, tma=tma)
     except TilestackError as err:
         e.hard.append(f"backend: {type(err).__name__}: {' '.join(str(err).split())[:160]}")
         return e

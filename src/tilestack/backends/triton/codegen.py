@@ -103,8 +103,9 @@ def needs_int64(shape: Sequence[int], stride: Sequence[int]) -> bool:
 def wide_globals(kernel: KernelIR, args: Sequence) -> frozenset[int]:
     """The param indices of ``kernel``'s globals whose offsets need 64 bits for these tensors: ``index64`` for
     ``generate``, and part of a launch's specialization key (two launches with the same set share code)."""
-    return frozenset(i for i, p in enumerate(kernel.params)
-                     if p.is_global and needs_int64(args[i].shape, args[i].stride()))
+    return frozenset(i for i, p in enumerate(kernel.params)   # (an ArgSpec, sizes unknown, has no stride(): 32-bit)
+                     if p.is_global and callable(getattr(args[i], "stride", None))
+                     and needs_int64(args[i].shape, args[i].stride()))
 
 
 class _Emitter:

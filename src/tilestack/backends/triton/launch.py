@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 from tilestack.backends.triton.codegen import wide_globals
@@ -143,6 +144,19 @@ def tma_ok(t) -> bool:
             and all(d <= TMA_MAX_COORD for d in t.shape))
 
 
+def compile_mode(traced, args: Sequence, tma: bool) -> tuple[bool, frozenset[int]]:
+    """(TMA, the globals of 64-bit offsets) of the variant a launch on ``args`` compiles, given whether the device
+    can use the copy engine (``tma``): descriptors only where every tile global's tensor can take one, 64-bit
+    offsets for the tensors whose offsets pass 2^31. A launch, tune.aot's compile report and tune.constraints'
+    estimate all judge this one variant. An argument that is no tensor (an ArgSpec: sizes unknown) stays as
+    asked: ``tma``, 32-bit. (A meta tensor's address reads 0: aligned, as an allocation would be.)"""
+    import torch
+
+    tensor = [isinstance(a, torch.Tensor) for a in args]
+    tma = tma and all(not tensor[i] or tma_ok(args[i]) for i in traced.tile_globals)
+    return tma, wide_globals(traced.ir, args)
+
+
 def jit_function(traced, interpret: bool, tma: bool, index64: frozenset[int] = frozenset()):
     """(jitted function, lowered kernel) for this mode, compiled once per traced kernel (the backend's artifact
     cache): with TMA or not, and 64-bit offsets for the globals in ``index64`` (those whose offsets can pass 2^31;
@@ -178,8 +192,8 @@ class Launcher:
 
         self.traced = traced
         self.interpret = _interpret(args)
-        self.tma = (self.interpret or _tma_capable()) and all(tma_ok(args[i]) for i in traced.tile_globals)
-        self.fn, low = jit_function(traced, self.interpret, self.tma, wide_globals(traced.ir, args))
+        self.tma, index64 = compile_mode(traced, args, self.interpret or _tma_capable())
+        self.fn, low = jit_function(traced, self.interpret, self.tma, index64)
         from tilestack.backends.triton import BACKEND
         self.options = BACKEND.options(traced.constants, options).launch_kwargs()
         # the grid, unless it reads a runtime scalar (then it is evaluated per call)
