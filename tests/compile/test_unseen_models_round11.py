@@ -34,6 +34,7 @@ from unseen_blocks_round11 import (
     AutocastAttention,
     D,
     HandNorm,
+    InPlaceBiasAttention,
     InPlaceFillAttention,
     InPlaceRotary,
     ResidualMLP,
@@ -188,6 +189,29 @@ def test_scores_filled_in_place_declined(form, why):
         torch.testing.assert_close(got[0].double(), _f64(model, x)[0], **F64_TOL)
     else:
         _against_f64(model, got, x)
+
+
+@pytest.mark.parametrize("form", ["sdpa", "late_bias"])
+def test_padding_bias_built_in_place(form):
+    """A padding bias made by ``zeros`` then ``masked_fill_``: before SDPA, its attn_mask, taken; made after the
+    scores and added to them, declined naming the write between the pattern's nodes (the replacement would read the
+    bias before it). Float64's outputs either way, and the padded tokens changed leave the others' outputs."""
+    model = seeded(InPlaceBiasAttention, form)
+    x = _x()
+    keep = torch.ones(2, 7, dtype=torch.bool)
+    keep[1, 4:] = False
+    got, swaps, since = _compiled(model, x, keep)
+    if form == "sdpa":
+        assert swaps == {"sdpa": 1}, swaps
+    else:
+        assert swaps == {"softmax": 1}, swaps
+        assert any("masked_fill_ (masked_fill_) writes m in place between the pattern's nodes" in w
+                   for w in _declined("explicit_attention", since)), _declined("explicit_attention", since)
+    _against_f64(model, got, x, keep)
+    y = x.clone()
+    y[1, 4:] = 5.0
+    with torch.no_grad():
+        torch.testing.assert_close(model(y, keep)[1, :, :4], got[1, :, :4], **F64_TOL)     # (H, 4 queries, HD)
 
 
 def test_talking_heads_softmax_over_the_heads_left():

@@ -183,6 +183,30 @@ class InPlaceFillAttention(nn.Module):
         return (y, s) if f == "returned" else y
 
 
+class InPlaceBiasAttention(nn.Module):
+    """A key padding bias built in place: ``m = torch.zeros(...); m.masked_fill_(~keep[:, None, None, :], -inf)``,
+    before SDPA (``sdpa``: its attn_mask), or after the scores and added to them (``late_bias``: the write falls
+    between the pattern's nodes)."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        assert form in ("sdpa", "late_bias"), form
+        self.form = form
+        self.qkv = nn.Linear(D, 3 * D)
+
+    def forward(self, x, keep):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, H, HD).permute(2, 0, 3, 1, 4)
+        if self.form == "sdpa":
+            m = torch.zeros_like(keep[:, None, None, :], dtype=q.dtype)
+            m.masked_fill_(~keep[:, None, None, :], float("-inf"))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        s = q @ k.transpose(-2, -1) * HD ** -0.5
+        m = torch.zeros(b, 1, 1, n, dtype=q.dtype, device=x.device)
+        m.masked_fill_(~keep[:, None, None, :], float("-inf"))
+        return torch.softmax(s + m, -1) @ v
+
+
 class TalkingHeads(nn.Module):
     """Scores mixed across heads, softmax over the heads (``dim=1`` of (b, H, n, n)), then over the keys after a
     second mix: two softmaxes, one over dim 1 (the kernel's rows are the last dim: left) and one over dim -1."""
