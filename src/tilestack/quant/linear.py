@@ -222,9 +222,15 @@ def calibrate(model: nn.Module, names: list[str], batches) -> dict[str, InputSta
     if not isinstance(model, nn.Module):
         raise LaunchError(f"calibrate: model must be a torch.nn.Module, got {type(model).__name__}")
     modules = dict(model.named_modules())
-    if isinstance(names, str) or not isinstance(names, Iterable):
-        raise LaunchError(f"calibrate: names must be a list of the model's module names, got {names!r}")
-    names = list(names)
+    # a tensor or a 0-d NumPy array failed inside torch or numpy ("iteration over a 0-d tensor"), as quantize's skip
+    listed = None
+    if not isinstance(names, str | torch.Tensor) and isinstance(names, Iterable):
+        with contextlib.suppress(TypeError):
+            listed = list(names)
+    if listed is None:
+        raise LaunchTypeError(f"calibrate: names must be a list of the model's module names, got {names!r:.80} "
+                              f"({type(names).__name__})")
+    names = listed
     missing = [n for n in names if not isinstance(n, str) or n not in modules]
     if missing:
         raise LaunchError(f"calibrate: names {missing} are not modules of the model; expected names of "
