@@ -13,7 +13,8 @@ is made (before any work), or, for a NumPy int where an int is asked, the same a
 What this round found (each test below failed before its fix):
 - ``tilestack.quantize(model, skip=torch.tensor(3))`` failed inside torch ("iteration over a 0-d tensor"), a 0-d
   NumPy array inside numpy, and ``skip=torch.tensor([])`` was taken as "no layer named"; a skip that is no names is now
-  a ``LaunchTypeError`` (a LaunchError and a TypeError) naming skip, what was given and its type;
+  a ``LaunchTypeError`` (a LaunchError and a TypeError) naming skip, what was given and its type; the same for
+  ``quant.calibrate(model, names=torch.tensor(0), ...)``;
 - ``perf.Roof`` took any fields: ``Roof(-1e12, 1e11)`` had a negative ridge, ``Roof(nan, 1)`` a NaN one,
   ``Roof("1e12", 1)`` failed in ``.ridge`` with a bare TypeError, ``Roof(1, 1, label=3)`` was kept; only ``place()``
   refused some of them, later. Now refused when made (``RooflineError``, the field named as ``place`` named it);
@@ -100,6 +101,20 @@ def test_quantize_takes_any_iterable_of_names_and_skips_that_layer(skip):
     want = h @ deq.T + q[2].bias.double()
     with torch.no_grad():
         torch.testing.assert_close(q(x).double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_calibrate_refuses_names_that_are_no_list_of_names_and_takes_any_iterable():
+    from tilestack.quant import calibrate
+
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(SEED))
+    for value in (torch.tensor(0), np.array("0"), "0", 3, None):
+        with pytest.raises(LaunchTypeError, match=r"calibrate: names must be a list of the model's module names"):
+            calibrate(mlp(), value, [x])
+    for names in (["0"], np.array(["0"]), iter(["0"]), ("0",)):
+        stats = calibrate(mlp(), names, [x])
+        assert list(stats) == ["0"]
+        assert stats["0"].amax == pytest.approx(float(x.abs().max()))          # the largest |x| by hand
+        torch.testing.assert_close(stats["0"].mean, x.double().mean(0))        # each feature's mean
 
 
 # ---- perf.Roof ----------------------------------------------------------------------------------------------------
