@@ -294,6 +294,7 @@ def test_conv1d_with_a_row_bias_declined():
     got, swaps, since = _compiled(model, x, dtype=BF16)
     assert swaps == {"linear_epilogue": 1}, swaps
     assert any("a bias that is not one float per output column" in w for w in _declined("linear_epilogue", since))
+    assert "a Linear written out: GPT-2's Conv1D" in _left_why(since)["addmm"]
 
 
 # ---- in-place rotary, autocast --------------------------------------------------------------------------------------

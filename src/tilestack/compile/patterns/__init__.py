@@ -63,6 +63,10 @@ LEFT_REASONS = {
     "linear": "no activation or residual add after it to fuse (a lone Linear is cuBLAS's addmm, its bias fused "
               "already), or one the linear_epilogue pass declined (listed above): left to Inductor",
     "matmul": "a plain matrix product: left to Inductor (cuBLAS or its templates)",
+    # torch.addmm(bias, x2d, w) (Hugging Face GPT-2's Conv1D) is a Linear written out; a lone one was reported as
+    # "no tilestack kernel for it"
+    "addmm": "a matrix product with its bias (a Linear written out: GPT-2's Conv1D): no activation or residual add "
+             "after it to fuse, or one the linear_epilogue pass declined (listed above): left to Inductor",
     # a tilestack.quantize'd layer with nothing after it to fuse was reported as "no tilestack kernel for it", where
     # the op is tilestack's own quantized GEMM and runs as it is
     "quant_linear": "tilestack's quantized GEMM already (a tilestack.quantize layer): it runs as it is; no activation "
