@@ -15,7 +15,8 @@ What this round found and fixed (src/tilestack/compile/patterns): scores filled 
 -inf)`` then ``softmax(s)``) were declined as "a write between the pattern's nodes"; they are the masked attention
 now, in each form where nothing else reads the scores (attention.py, ``_filled_in_place``). Hugging Face GPT-2's
 ``Conv1D`` (``torch.addmm(bias, x2d, w).view(...)``) was not seen as a GEMM (only aten's addmm was), so its GELU and
-residual were left as "no tilestack kernel for it"; they are its epilogue now (match.py). Left, correct, with the
+residual were left as "no tilestack kernel for it"; they are its epilogue now (match.py), and a lone one is left
+with a Linear's reason (patterns/__init__.py, LEFT_REASONS). Left, correct, with the
 reason: a scale after an additive bias or a fill, ``torch.where`` with the fill first, a logsumexp softmax, a softmax
 over the heads, RMSNorm over a dim other than the last or without keepdim, a hand LayerNorm, a residual with alpha or
 scaled."""
