@@ -1,7 +1,7 @@
 """Round 21 of held-out kernels (after rounds 2-20): kernels of kinds no earlier round wrote, each on the reference
 executor and Triton's interpreter against float64 torch or a hand computation, outputs poisoned (NaN, or an impossible
 integer) first, seeds fixed (the ``rng`` fixture of this file); each is also compiled for sm_90a on this CPU through
-the Triton backend (test_heldout_round21_hw.py).
+the Triton and Gluon backends (test_heldout_round21_hw.py).
 
 Qwen3 / OLMo-2's fused QK-norm + rotary embedding (one program per token and block of heads: the q and k heads of a
 packed (T, (HQ + 2 HKV) D) projection read through (T, H, D) views, each head RMS-normalized over D with its own
@@ -12,10 +12,19 @@ transposed convolution (F.conv_transpose2d with stride, padding, dilation, outpu
 whose (W, Cout) products are scattered col2im-style by atomic adds through one 6-D as_strided view of a padded
 channels-last f32 output ((N, KH, KW, H, W, Cout) -> (n, s h + d kh, s w + d kw, c): the taps of neighbouring inputs
 overlap wherever the kernel is wider than the stride), then a second launch cropping the padding, adding the bias and
-casting. More kernels of this round are in test_heldout_round21_more.py (stream compaction: masked_select and nonzero
-in three launches; differential attention; Chamfer distance).
+casting; and a GPTQ-style W8A16 GEMM with act-order (desc_act: each K row's group from g_idx, the groups in any
+order along K; each K tile's scales and u8 zero points gathered row by row by one-hot products with the (G, N) tables,
+exact on the matrix units; the dequantized tile in the activations' dtype staged into a shared tile as the product's
+B operand; f16 / bf16, i32 / i64 g_idx, a ragged last group, codes and zero points 0 and 255, a GEMV). More kernels
+of this round are in test_heldout_round21_more.py (stream compaction: masked_select and nonzero in three launches;
+differential attention; Chamfer distance).
 
-What this round found: see test_heldout_round21_hw.py's docstring, which sums up the round.
+What this round found (test_heldout_round21_hw.py's docstring has the details): no kernel gave a wrong answer on
+either executor, and each compiled for sm_90a through Triton without spills. The W8A16 GEMM found two Gluon bugs,
+fixed: a load into a shared tile of another dtype than its global (u8 zero points into an f16 tile) went through the
+copy engine, which does not convert (Triton's LLVM lowering failed; f16 into bf16 would have been reinterpreted)
+(c04d0b4); and its K loop's accumulation chain kept in flight beside a nested loop of wgmmas made ptxas serialize
+every wgmma of the kernel.
 """
 
 import math

@@ -451,3 +451,96 @@ def test_chamfer_distance(backend, dtype, rng):
     loss = sum(dist[b, :plen[b]].double().mean() for b in (0, 1))         # batch 2's Q is empty: left out
     want = sum(nearest_ref(p, q, plen, qlen)[0][b, :plen[b]].mean() for b in (0, 1))
     close(loss, want, dtype=wd, scale=4)
+
+
+# ---- 4. segmented cumsum along rows wider than a tile, restarted at flags --------------------------------------------
+@ts.kernel(grid=lambda X: (X.shape[0],))
+def segmented_cumsum(X, FLAGS, Y, *, BN: int = 16):
+    """Y[r, c] = sum of X[r, c'] for c' <= c in c's segment: a segment starts at every column whose FLAGS[r, c] is
+    true (and at column 0). A program per row, its (1, BN) tiles in turn: inside a tile each element's segment number
+    (the flags up to it) from a triangle of compares, the in-segment sums by an (BN, BN) mask's column sums; the carry
+    into the next tile is the last segment's sum, or the old carry plus the tile's sum where the tile has no flag.
+    Only the elements of a segment reach its sums: a NaN stays in its segment. Grid: (rows,)."""
+    r = ts.block_id(0)
+    wd = work_dtype(X.dtype)
+    tri = ts.RegTile[ts.bool_, BN, BN]()
+    _triangle(tri, BN)                                # tri[c', c] = c' <= c
+    carry = ts.RegVec[wd, 1]()
+    ts.zero(carry)
+    x, f = ts.RegTile[wd, 1, BN](), ts.RegTile[ts.i32, 1, BN]()
+    xv, fv = ts.RegVec[wd, BN](), ts.RegVec[ts.i32, BN]()
+    seg, sums = ts.RegVec[ts.i32, BN](), ts.RegVec[wd, BN]()
+    cnt = ts.RegTile[ts.i32, BN, BN]()
+    same = ts.RegTile[ts.bool_, BN, BN]()
+    part = ts.RegTile[wd, BN, BN]()
+    y = ts.RegTile[wd, 1, BN]()
+    head = ts.RegTile[ts.bool_, 1, BN]()
+    cols = ts.RegVec[ts.i32, BN]()
+    ts.arange(cols)
+    last_col = ts.RegTile[ts.bool_, 1, BN]()
+    ts.zero(f)
+    ts.add(f, f, ts.per_col(cols))
+    ts.eq(last_col, f, BN - 1)
+    out = ts.RegTile[Y.dtype, 1, BN]()
+    for t in ts.range(ts.cdiv(X.shape[1], BN)):
+        ts.load(x, X, at=(r, t))
+        ts.load(f, FLAGS, at=(r, t))                  # bools as 0 / 1; past the row's end 0
+        ts.col_sum(xv, x)                             # (BN,) the tile's row as vectors
+        ts.col_sum(fv, f)
+        ts.where(cnt, tri, ts.per_row(fv), 0)
+        ts.col_sum(seg, cnt)                          # (BN,) flags up to each column: its segment in the tile
+        ts.eq(same, ts.per_row(seg), ts.per_col(seg))
+        ts.logical_and(same, same, tri)               # [c', c]: c' <= c in c's segment
+        ts.where(part, same, ts.per_row(xv), 0)
+        ts.col_sum(sums, part)                        # (BN,) in-tile segmented inclusive sums
+        ts.zero(y)
+        ts.add(y, y, ts.per_col(sums))
+        ts.zero(f)
+        ts.add(f, f, ts.per_col(seg))
+        ts.eq(head, f, 0)                             # columns still in the segment carried in
+        ts.add_row(x, y, carry)
+        ts.where(y, head, x, y)
+        ts.copy(out, y)
+        ts.store(Y, out, at=(r, t))
+        # the carry: y's last column (columns past the row's end add 0 to the last segment, so the same there)
+        ts.where(x, last_col, y, 0)
+        ts.row_sum(carry, x)
+
+
+def segmented_cumsum_ref(x, flags):
+    y = torch.empty_like(x, dtype=torch.float64 if x.is_floating_point() else torch.int64)
+    for r in range(x.shape[0]):
+        s = 0
+        for c in range(x.shape[1]):
+            s = (0 if flags[r, c] or c == 0 else s) + (x[r, c].double() if x.is_floating_point() else int(x[r, c]))
+            y[r, c] = s
+    return y
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [F32, F16, BF, F64, I32, I64])
+def test_segmented_cumsum(backend, dtype, rng):
+    """Against a hand loop (float64 / exact integers): rows of 53 (four tiles of 16, the last ragged) with flags at
+    random, a flag on a tile's first column (the carry dropped there) and on its last, a row with no flag (one segment
+    across every tile), a row all flags (y = x); a NaN (floats) poisoning only its own segment; i32 sums wrapping."""
+    R, N = 5, 53
+    flags = torch.from_numpy(rng.random((R, N)) < 0.15)
+    flags[0, 17:31] = False
+    flags[0, [16, 31, 32]] = True
+    flags[1] = False
+    flags[2] = True
+    x = randn(rng, R, N, dtype=dtype) * 4 if dtype.is_floating_point else \
+        torch.from_numpy(rng.integers(-2**30, 2**30, (R, N))).to(dtype)
+    if dtype.is_floating_point:
+        x[0, 20] = math.nan                           # poisons columns 20..30 of row 0 only
+    y = poisoned(R, N, dtype=dtype, value=math.nan if dtype.is_floating_point else -7)
+    launch(segmented_cumsum, backend, x, flags, y)
+    want = segmented_cumsum_ref(x, flags)
+    if dtype.is_floating_point:
+        assert torch.equal(y.isnan(), want.isnan())
+        assert bool(y[0, 20:31].isnan().all()) and not y[0, 31:].isnan().any()
+        close(y, want, dtype=dtype, scale=8)
+        assert torch.equal(y[2], x[2])
+    else:
+        bits = 32 if dtype is I32 else 64
+        assert torch.equal(y.long(), (want + 2**(bits - 1)) % 2**bits - 2**(bits - 1) if bits == 32 else want)

@@ -225,15 +225,25 @@ def _const(value: int, where: str) -> Instr:
     return Instr(Op.CONST, (Value(INDEX),), (), ConstAttrs(value), where=where)
 
 
-def deferrable(loop: Instr, ins: Instr) -> bool:
-    """An mma of ``loop``'s body whose result only feeds the next trip's mma as its acc (an accumulation chain):
-    it may stay in flight across trips, waited after the loop."""
-    body = loop.body
+def _chain(body: Block, ins: Instr) -> bool:
+    """Whether ``ins`` (an mma at the top of ``body``) only feeds the next trip's same mma as its acc."""
     r, acc = ins.result, ins.srcs[0]
     if ins not in body.instrs or r not in body.yields or acc not in body.args[1:] \
             or body.args[1 + body.yields.index(r)] is not acc:
         return False
     return not any((r in i.srcs) or (acc in i.srcs and i is not ins) for i in body.walk())
+
+
+def deferrable(loop: Instr, ins: Instr) -> bool:
+    """An mma of ``loop``'s body whose result only feeds the next trip's mma as its acc (an accumulation chain):
+    it may stay in flight across trips, waited after the loop. Not where a loop nested in the body has mmas of its
+    own: their accumulators are made in the trip (zeroed for each K tile of a gather) while the chain's wgmma is in
+    flight, and ptxas then serializes every wgmma of the kernel (C7515: a GPTQ act-order GEMM gathering its scales
+    by products in a loop inside its K loop). An mma beside the chain at the top of the body is synchronous and
+    waits for it anyway."""
+    body = loop.body
+    nested = any(i not in body.instrs for i in body.walk() if i.op in (Op.MMA, Op.MMA_ASYNC))
+    return not nested and _chain(body, ins)
 
 
 def warp_specialize(warps: int, stages: int):
