@@ -17,14 +17,14 @@ order along K; each K tile's scales and u8 zero points gathered row by row by on
 exact on the matrix units; the dequantized tile in the activations' dtype staged into a shared tile as the product's
 B operand; f16 / bf16, i32 / i64 g_idx, a ragged last group, codes and zero points 0 and 255, a GEMV). More kernels
 of this round are in test_heldout_round21_more.py (stream compaction: masked_select and nonzero in three launches;
-differential attention; Chamfer distance).
+differential attention; Chamfer distance; a segmented cumsum restarted at flags).
 
 What this round found (test_heldout_round21_hw.py's docstring has the details): no kernel gave a wrong answer on
 either executor, and each compiled for sm_90a through Triton without spills. The W8A16 GEMM found two Gluon bugs,
 fixed: a load into a shared tile of another dtype than its global (u8 zero points into an f16 tile) went through the
 copy engine, which does not convert (Triton's LLVM lowering failed; f16 into bf16 would have been reinterpreted)
 (c04d0b4); and its K loop's accumulation chain kept in flight beside a nested loop of wgmmas made ptxas serialize
-every wgmma of the kernel.
+every wgmma of the kernel (6ce8223).
 """
 
 import math

@@ -1,10 +1,11 @@
 """Round 21's held-out kernels (test_heldout_round21.py, test_heldout_round21_more.py) compiled for Hopper (sm_90a) on
 this CPU through the Triton backend (triton.compile for GPUTarget("cuda", 90, 32) through tilestack's AOT path: no
-spills, at most 255 registers) and the Gluon backend (one warpgroup; no spills, no serialized wgmma), at
-serving-sized meta arguments: a packed Qwen3 qkv of 4096 tokens with 32 q and 8 k heads of 128, a GPTQ act-order
-W8A16 GEMM of 4096 x 11008, a 4x4 stride-2 transposed convolution upsampling 16 images of 64x64x256 to 128x128x128
-through its overlapping 6-D view, the compaction of 2**24 elements, differential attention over 4096 tokens, Chamfer
-distances between clouds of 8192 points; and the two Gluon fixes of this round with their tests.
+spills, at most 255 registers) and the Gluon backend (one warpgroup; no spills, no serialized wgmma), at serving-sized
+meta arguments: a packed Qwen3 qkv of 4096 tokens with 32 q and 8 k heads of 128, a GPTQ act-order W8A16 GEMM of 4096
+x 11008, a 4x4 stride-2 transposed convolution upsampling 16 images of 64x64x256 to 128x128x128 through its
+overlapping 6-D view, the compaction of 2**24 elements, differential attention over 4096 tokens, Chamfer distances
+between clouds of 8192 points, a segmented cumsum of 8192 rows of 32000; and the two Gluon fixes of this round with
+their tests.
 
 What this round found. No kernel gave a wrong answer on the reference executor or Triton's interpreter, and each
 compiled for sm_90a through Triton without spills. Fixed, each kept as its test here:
@@ -17,8 +18,8 @@ compiled for sm_90a through Triton without spills. Fixed, each kept as its test 
   test_gemm_with_b_converted_into_its_shared_tile;
 - Gluon: that GEMM's K loop kept its accumulator's wgmma chain in flight across trips while a loop nested in the
   body gathered the scales by wgmmas whose accumulators each trip zeroes; ptxas serialized every wgmma of the kernel
-  (C7515). A chain is kept in flight only where no nested loop has mmas now (backends.gluon.passes.deferrable):
-  test_gluon_keeps_no_chain_in_flight_beside_an_mma_a_trip_zeroes.
+  (C7515). A chain is kept in flight only where no nested loop has mmas now (backends.gluon.passes.deferrable)
+  (6ce8223): test_gluon_keeps_no_chain_in_flight_beside_an_mma_a_trip_zeroes.
 Met and named, not changed: the first W8A16 version gathered in f32 register products (one-hot times an f32 table),
 and ptxas gave Triton's FMA lowering 32 registers and 9 KB of spills; in the table's 16-bit dtype on the matrix units
 it takes 225 registers and no spills. Every mistake made while writing the kernels was refused when traced with a

@@ -10,7 +10,10 @@ key blocks, their difference lam weighted applied to V of twice the head dimensi
 and the (1 - lambda_init) scale; lam = 0, lam = 1 with equal halves giving exactly 0, scores in the hundreds); and the
 Chamfer distance between batches of ragged point clouds (each point's nearest neighbour in the other cloud, its
 squared distance and first index, over tiles of the other cloud whose padding past a per-batch length read with
-load_scalar is NaN; f32 / f16 / bf16 / f64 points, duplicate neighbours, an empty cloud).
+load_scalar is NaN; f32 / f16 / bf16 / f64 points, duplicate neighbours, an empty cloud); and a cumsum along rows
+wider than a tile restarted at flags (a segmented scan: each tile's segment numbers and in-segment sums from triangles
+of compares, the carry into the next tile its last inclusive sum; a NaN confined to its segment; floats and wrapping
+integers).
 """
 
 import math
