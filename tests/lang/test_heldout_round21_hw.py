@@ -19,7 +19,12 @@ compiled for sm_90a through Triton without spills. Fixed, each kept as its test 
 - Gluon: that GEMM's K loop kept its accumulator's wgmma chain in flight across trips while a loop nested in the
   body gathered the scales by wgmmas whose accumulators each trip zeroes; ptxas serialized every wgmma of the kernel
   (C7515). A chain is kept in flight only where no nested loop has mmas now (backends.gluon.passes.deferrable)
-  (6ce8223): test_gluon_keeps_no_chain_in_flight_beside_an_mma_a_trip_zeroes.
+  (6ce8223): test_gluon_keeps_no_chain_in_flight_beside_an_mma_a_trip_zeroes;
+- Gluon: likewise a chain whose wgmma reads a shared tile written anew in each trip other than through a ring stage
+  (a load through pointers, as the first fix makes a converting one, or a copy from registers): kept in flight, the
+  next trip's store would overwrite the buffer it reads, and ptxas serialized every wgmma (C7515); such a chain is
+  waited in its trip now (backends.gluon.passes._restaged):
+  test_gluon_loads_a_shared_tile_of_another_dtype_through_registers.
 Met and named, not changed: the first W8A16 version gathered in f32 register products (one-hot times an f32 table),
 and ptxas gave Triton's FMA lowering 32 registers and 9 KB of spills; in the table's 16-bit dtype on the matrix units
 it takes 225 registers and no spills. Every mistake made while writing the kernels was refused when traced with a
@@ -161,7 +166,10 @@ def test_gluon_loads_a_shared_tile_of_another_dtype_through_registers(adtype, bd
     tile failed in Triton's LLVM lowering ("Failed to find a valid layout": the u8 descriptor's box copied into an f16
     ring), and f16 -> bf16, same-sized, would have been reinterpreted bit for bit. Such a load goes through pointers
     and a conversion in registers now (backends.gluon.passes._choose_access), B's descriptor gone from the kernel;
-    A's load (no conversion) keeps the copy engine; each compiles for sm_90a without spills."""
+    A's load (no conversion) keeps the copy engine; each compiles for sm_90a without spills. The accumulation chain
+    reading such a tile, rewritten each trip, is no longer kept in flight across trips (backends.gluon.passes.
+    _restaged): ptxas serialized every wgmma of it (C7515), and the next trip's store would overwrite the buffer an
+    in-flight wgmma reads."""
     from tilestack.backends import get_backend
     from tilestack.backends.gluon import aot as gaot
     be = get_backend("gluon")
@@ -176,7 +184,11 @@ def test_gluon_loads_a_shared_tile_of_another_dtype_through_registers(adtype, bd
     except gaot.ToolMissing as e:
         pytest.skip(str(e))
     res = gaot.resources(be.aot(traced, be.Options(num_warps=4)))
-    assert res["spill_stores"] == res["spill_loads"] == 0, res["report"]
+    assert res["spill_stores"] == res["spill_loads"] == 0 and not res["wgmma_serialized"], res["report"]
+    # B's shared tile is written anew each trip (not a ring stage): acc's wgmma is waited in its trip, not left in
+    # flight to read the buffer the next trip overwrites (which made ptxas serialize every wgmma, C7515)
+    acc_in_flight = any("acc" in line and "warpgroup_mma_wait(1" in line for line in src.splitlines())
+    assert acc_in_flight == (adtype is bdtype)
 
 
 # ---- an accumulation chain beside an mma whose acc a trip makes (the second fix of this round) ---------------------

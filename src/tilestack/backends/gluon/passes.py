@@ -243,7 +243,17 @@ def deferrable(loop: Instr, ins: Instr) -> bool:
     waits for it anyway."""
     body = loop.body
     nested = any(i not in body.instrs for i in body.walk() if i.op in (Op.MMA, Op.MMA_ASYNC))
-    return not nested and _chain(body, ins)
+    return not nested and _chain(body, ins) and not _restaged(loop, ins)
+
+
+def _restaged(loop: Instr, ins: Instr) -> bool:
+    """Whether an operand of mma ``ins`` is a shared tile written in each trip other than through a ring stage (a
+    load through pointers, one converting u8 codes to f16, or a copy from registers): the next trip writes its buffer
+    while this trip's wgmma, kept in flight, may still read it, and ptxas serializes every wgmma (C7515)."""
+    ring = set(pipelined_loads(loop))
+    made = {r: i for i in loop.body.walk() for r in i.results}
+    return any(isinstance(v.type, TileType) and v.type.space is Space.SHARED and v in made
+               and made[v] not in ring and made[v].op is not Op.WAIT_LOAD for v in ins.srcs[1:3])
 
 
 def warp_specialize(warps: int, stages: int):
