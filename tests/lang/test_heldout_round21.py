@@ -20,11 +20,12 @@ of this round are in test_heldout_round21_more.py (stream compaction: masked_sel
 differential attention; Chamfer distance; a segmented cumsum restarted at flags).
 
 What this round found (test_heldout_round21_hw.py's docstring has the details): no kernel gave a wrong answer on
-either executor, and each compiled for sm_90a through Triton without spills. The W8A16 GEMM found two Gluon bugs,
+either executor, and each compiled for sm_90a through Triton without spills. The W8A16 GEMM found three Gluon bugs,
 fixed: a load into a shared tile of another dtype than its global (u8 zero points into an f16 tile) went through the
 copy engine, which does not convert (Triton's LLVM lowering failed; f16 into bf16 would have been reinterpreted)
-(c04d0b4); and its K loop's accumulation chain kept in flight beside a nested loop of wgmmas made ptxas serialize
-every wgmma of the kernel (6ce8223).
+(c04d0b4); its K loop's accumulation chain kept in flight beside a nested loop of wgmmas made ptxas serialize every
+wgmma of the kernel (6ce8223); and so did a chain kept in flight while reading a shared tile each trip rewrites (the
+converted loads, copies from registers), whose next trip's store would overwrite what the wgmma reads (b542b32).
 """
 
 import math

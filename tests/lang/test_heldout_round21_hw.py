@@ -23,7 +23,7 @@ compiled for sm_90a through Triton without spills. Fixed, each kept as its test 
 - Gluon: likewise a chain whose wgmma reads a shared tile written anew in each trip other than through a ring stage
   (a load through pointers, as the first fix makes a converting one, or a copy from registers): kept in flight, the
   next trip's store would overwrite the buffer it reads, and ptxas serialized every wgmma (C7515); such a chain is
-  waited in its trip now (backends.gluon.passes._restaged):
+  waited in its trip now (backends.gluon.passes._restaged) (b542b32):
   test_gluon_loads_a_shared_tile_of_another_dtype_through_registers.
 Met and named, not changed: the first W8A16 version gathered in f32 register products (one-hot times an f32 table),
 and ptxas gave Triton's FMA lowering 32 registers and 9 KB of spills; in the table's 16-bit dtype on the matrix units
