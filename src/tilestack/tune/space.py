@@ -22,8 +22,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+import numpy as np
 
 from tilestack.errors import BackendError, TunableError
 from tilestack.ir.cost import footprints
@@ -85,12 +88,16 @@ class SearchSpace:
                 raise TunableError(f"SearchSpace: fixed={{{name!r}: {value!r}}} names a value the search chooses (a "
                                    f"tunable of {self.kernel.name} or a launch option of {self.backend}); expected "
                                    f"it in restrict: restrict=dict({name}=({value!r},)) searches that value alone")
+        # each domain kept as a tuple of plain values: a generator or iterator was used up by the check below, and
+        # the search then had no config without a word; NumPy values went on into the configs (and tables) as such
+        restrict = {}
         for name, dom in self.restrict.items():
-            if isinstance(dom, str | bytes) or not isinstance(dom, Iterable) or not tuple(dom):
+            if isinstance(dom, str | bytes) or not isinstance(dom, Iterable) or not (dom := tuple(dom)):
                 hint = ("a str is not split into characters" if isinstance(dom, str | bytes) else "none would leave "
                         "no config to search" if isinstance(dom, Iterable) else f"one value: ({dom!r},)")
                 raise TunableError(f"SearchSpace: restrict[{name!r}]={dom!r}; expected a non-empty tuple of the "
                                    f"values to search ({hint})")
+            dom = restrict[name] = tuple(v.item() if isinstance(v, np.generic) else v for v in dom)
             if name in self._options:
                 try:
                     for v in dom:
@@ -105,6 +112,8 @@ class SearchSpace:
             if outside:
                 raise TunableError(f"SearchSpace: {name}={sorted(outside)} is outside the declared domain "
                                    f"{tunables[name].domain}")
+
+        self.restrict = restrict
 
     def domains(self) -> dict[str, tuple]:
         """The values searched per name: the kernel's tunables, then the backend's options (the kernel's default
@@ -165,9 +174,10 @@ class SearchSpace:
                 register_limit: int | None = DEVICE_LIMIT) -> list[dict[str, Any]]:
         """The configs that fit ``shared_limit`` bytes of shared memory per block (None: the device's) and
         ``register_limit`` bytes of register tiles per thread (``DEVICE_LIMIT``: the device's; None: no limit)."""
+        # (NaN kept no config, silently); a NumPy number is the number it is
         for arg, value in (("shared_limit", shared_limit), ("register_limit", register_limit)):
             if value is not None and value != DEVICE_LIMIT and (isinstance(value, bool) or not isinstance(
-                    value, int | float) or not value >= 0 or math.isinf(value)):   # (NaN kept no config, silently)
+                    value, numbers.Real) or not value >= 0 or math.isinf(value)):
                 raise TunableError(f"SearchSpace.configs: {arg}={value!r}; expected bytes >= 0, or None")
         shared_dev, regs_dev = self.limits()
         shared_limit = shared_dev if shared_limit is None else shared_limit
