@@ -17,8 +17,13 @@ What this round found (each pinned by the test whose docstring says so):
   log-probability each target picks (a gather: a (N, C, H, W) segmentation map C times less, a language model's
   vocabulary V times less), and its backward, handed the log-probabilities for their shape alone, reads none of
   them (counting.GATHERS / SHAPE_ONLY_SELF);
+- advanced indexing (``x[idx]``, ``x[mask]``, ``x[:, idx]``: aten::index) was charged its whole source: 5 rows
+  taken from a (1000, 8) table read 32000 bytes, though torch.gather (round 17) and index_select were charged what
+  they take. Now the elements it returns (at most what the source holds) and its index tensors (counting.INDEXING);
 - profile_model(steps=2**40) (or warmup=2**40) passed the argument checks and ran step after step with no end;
   now refused past profile_args.MAX_STEPS, naming the argument.
+Left as a strict xfail: zeros_like / ones_like / full_like write 0 bytes (counted as allocations), though new_zeros,
+zeros and full write theirs (tests/perf/test_profile_unseen_round19_more.py).
 What it confirmed: a module called twice counts both calls in one row (calls 2) and, trained, one gradient add per
 element of each shared parameter (a tied weight's two uses summed likewise); an expanded parameter is read as held
 (L x D, not B x L x D) where linear copies it; a four-operand einsum contracts left to right as torch runs it

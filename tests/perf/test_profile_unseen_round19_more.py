@@ -1,10 +1,12 @@
 """Nineteenth held-out round for the model profiler, continued (models: tests/perf/perf_models_round19.py): the
 round's fixes op by op (rand_like / randn_like / randint_like read none of their argument; NLL's forward reads one
-log-probability per target, its backward none; a language model's loss over a 1000-word vocabulary), every row's
+log-probability per target, its backward none; a language model's loss over a 1000-word vocabulary; advanced
+indexing reads the elements it returns, a router's x[idx] in a profile), a tied embedding / head by hand, every row's
 metrics against its own counts and the synthetic ceilings (FLOP/s, bytes/s, utilisation, the roofline fraction, no
 energy on a CPU), a batch of 0 through the Conformer, and bad arguments: steps or warmup past
 profile_args.MAX_STEPS (steps=2**40 ran with no end: the round's fix), inputs that do not fit forward, arguments of
-the wrong type, each refused before the model runs, naming the argument. The counts of the round's models, and what
+the wrong type, each refused before the model runs, naming the argument; zeros_like's unwritten bytes as a
+strict xfail. The counts of the round's models, and what
 the round found, are in tests/perf/test_profile_unseen_round19.py.
 """
 
@@ -259,3 +261,43 @@ def test_zeros_like_writes_its_bytes_as_new_zeros_does():
     counts = profile.count_ops(lambda: (torch.zeros_like(z), z.new_zeros(4, 6)))
     assert one_row(counts, "aten::new_zeros").bytes_written == 24 * F32
     assert one_row(counts, "aten::zeros_like").bytes_written == 24 * F32
+
+
+@pytest.mark.parametrize("how", ["rows", "mask", "columns", "expanded"])
+def test_advanced_indexing_reads_what_it_takes(how):
+    """x[idx] (aten::index) reads one element of x per element it returns (at most what x holds) and its index
+    tensors, as torch.gather and index_select do (the round's fix: 5 rows of a (1000, 8) table were charged all
+    32000 bytes of it); a boolean mask is read whole; a source expanded 3 times is charged its output, never more
+    than it holds."""
+    x = torch.randn(1000, 8)
+    idx = torch.tensor([3, 7, 9, 500, 2])
+    mask = torch.zeros(1000, dtype=torch.bool)
+    mask[:4] = True
+    fn, taken, index_bytes = {
+        "rows": (lambda: x[idx], 5 * 8, 5 * I64),
+        "mask": (lambda: x[mask], 4 * 8, 1000),
+        "columns": (lambda: x[:, idx[:2]], 1000 * 2, 2 * I64),
+        "expanded": (lambda: x.expand(3, 1000, 8)[:, idx], 3 * 5 * 8, 5 * I64),
+    }[how]
+    row = one_row(profile.count_ops(fn), "aten::index")
+    assert (row.flops, row.bytes_read, row.bytes_written) == (0, taken * F32 + index_bytes, taken * F32)
+
+
+def test_token_selection_by_index_in_a_profile():
+    """A router keeping the 4 best of 64 tokens by topk and x[idx], then a linear on them: the index row reads the 4
+    kept (16-wide) rows and the 4 int64 indices, not the (64, 16) activation, and sits on the memory side."""
+    torch.manual_seed(0)
+
+    class Route(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.score, self.proj = nn.Linear(16, 1), nn.Linear(16, 16)
+
+        def forward(self, x):  # (64, 16)
+            keep = self.score(x).squeeze(-1).topk(4).indices
+            return self.proj(x[keep])
+
+    p = profile_cpu(Route(), (torch.randn(64, 16),), name="route")
+    (o,) = [o for o in p.ops if o.op == "aten::index"]
+    assert (o.m.bytes_read, o.m.bytes_written) == (4 * 16 * F32 + 4 * I64, 4 * 16 * F32)
+    assert o.m.flops == 0 and o.counted
