@@ -1,13 +1,13 @@
 """Nineteenth held-out round for the model profiler, continued (models: tests/perf/perf_models_round19.py): the
 round's fixes op by op (rand_like / randn_like / randint_like read none of their argument; NLL's forward reads one
 log-probability per target, its backward none; a language model's loss over a 1000-word vocabulary; advanced
-indexing reads the elements it returns, a router's x[idx] in a profile), a tied embedding / head by hand, every row's
-metrics against its own counts and the synthetic ceilings (FLOP/s, bytes/s, utilisation, the roofline fraction, no
-energy on a CPU), a batch of 0 through the Conformer, and bad arguments: steps or warmup past
-profile_args.MAX_STEPS (steps=2**40 ran with no end: the round's fix), inputs that do not fit forward, arguments of
-the wrong type, each refused before the model runs, naming the argument; zeros_like's unwritten bytes as a
-strict xfail. The counts of the round's models, and what
-the round found, are in tests/perf/test_profile_unseen_round19.py.
+indexing and the copies of views read the elements they return, a router's x[idx] in a profile), a tied embedding /
+head by hand, every row's metrics against its own counts and the synthetic ceilings (FLOP/s, bytes/s, utilisation,
+the roofline fraction, no energy on a CPU), a batch of 0 through the Conformer, and bad arguments: steps or warmup
+past profile_args.MAX_STEPS (steps=2**40 ran with no end: the round's fix), inputs that do not fit forward,
+arguments of the wrong type, each refused before the model runs, naming the argument; zeros_like's unwritten bytes
+as a strict xfail. The counts of the round's models, and what the round found, are in
+tests/perf/test_profile_unseen_round19.py.
 """
 
 import math
@@ -301,3 +301,18 @@ def test_token_selection_by_index_in_a_profile():
     (o,) = [o for o in p.ops if o.op == "aten::index"]
     assert (o.m.bytes_read, o.m.bytes_written) == (4 * 16 * F32 + 4 * I64, 4 * 16 * F32)
     assert o.m.flops == 0 and o.counted
+
+
+def test_copies_of_views_read_the_view_alone():
+    """The copy variants of views (tagged view_copy: narrow_copy, select_copy, slice_copy, diagonal_copy,
+    expand_copy; what a functionalized graph runs) read the view's elements, not their whole source (the round's fix:
+    narrow_copy of 5 rows of a (1000, 8) table read all 32000 bytes), at most what the source holds (an expand_copy
+    reads its one row); a permute_copy reads all of it."""
+    x = torch.randn(1000, 8)
+    counts = profile.count_ops(lambda: (x.narrow_copy(0, 0, 5), torch.select_copy(x, 0, 3), torch.diagonal_copy(x),
+                                        torch.expand_copy(x[:1], (4, 8)), torch.permute_copy(x, (1, 0))))
+    expected = {"narrow_copy": (40, 40), "select_copy": (8, 8), "diagonal_copy": (8, 8), "expand_copy": (8, 32),
+                "permute_copy": (8000, 8000)}
+    for op, (read, written) in expected.items():
+        row = one_row(counts, f"aten::{op}")
+        assert (row.flops, row.bytes_read, row.bytes_written) == (0, read * F32, written * F32), op

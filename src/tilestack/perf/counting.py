@@ -648,6 +648,7 @@ def count_ops(step: Callable[[], Any]) -> dict[OpKey, _Count]:
     except TypeError as e:
         raise ProfileError(f"step={getattr(step, '__qualname__', step)!r} needs arguments ({e}); expected a callable "
                            "taking no arguments (bind them: lambda: model(x))") from None
+    import torch
     from torch._ops import HigherOrderOperator
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -704,7 +705,8 @@ def count_ops(step: Callable[[], Any]) -> dict[OpKey, _Count]:
                     read, written = _scattered_bytes(func, args, kwargs, scattered) if sparse is None else sparse[1:]
                     c.bytes_read += read
                     c.bytes_written += written
-                elif str(func._overloadpacket) in INDEXING:
+                elif str(func._overloadpacket) in INDEXING or torch.Tag.view_copy in getattr(func, "tags", ()):
+                    # a view's copy (narrow_copy, select_copy: functionalized graphs) reads the view's elements alone
                     c.bytes_read += _indexed_bytes(func, args, kwargs, out)
                     c.bytes_written += _nbytes(outs)
                 else:
