@@ -24,8 +24,9 @@ What this round found (each pinned by the test whose docstring says so):
   read the view's elements, not the whole source;
 - profile_model(steps=2**40) (or warmup=2**40) passed the argument checks and ran step after step with no end;
   now refused past profile_args.MAX_STEPS, naming the argument.
-Left as a strict xfail: zeros_like / ones_like / full_like write 0 bytes (counted as allocations), though new_zeros,
-zeros and full write theirs (tests/perf/test_profile_unseen_round19_more.py).
+Left as strict xfails (tests/perf/test_profile_unseen_round19_more.py): zeros_like / ones_like / full_like write 0
+bytes (counted as allocations), though new_zeros, zeros and full write theirs; a LayerNorm without an affine is
+counted 8 FLOPs an element, its absent affine's 2 included (round 7's DiT and round 14 pin 8).
 What it confirmed: a module called twice counts both calls in one row (calls 2) and, trained, one gradient add per
 element of each shared parameter (a tied weight's two uses summed likewise); an expanded parameter is read as held
 (L x D, not B x L x D) where linear copies it; a four-operand einsum contracts left to right as torch runs it
