@@ -185,19 +185,29 @@ def dtype_bytes(dtype: Any) -> int:
     return DTYPE_BYTES[dtype_name(dtype)]
 
 
-def _positive(**sizes: float) -> None:
+def _plain(value: float) -> float:
+    """A NumPy integer as a Python int: NumPy's int64 products wrap past 2**63 (a RuntimeWarning, not an error), and
+    matmul(np.int64(2**31), 2**31, 2**31) counted 0 FLOPs."""
+    return int(value) if isinstance(value, numbers.Integral) else value
+
+
+def _positive(**sizes: float) -> list[float]:
+    """The sizes, in order, as Python numbers; a LaunchError names one that is no positive whole size."""
     for name, value in sizes.items():
         whole = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
         if isinstance(value, bool) or not whole or value < 1:
             raise LaunchError(f"{name}={value!r} ({type(value).__name__}); expected a positive whole size")
+    return [_plain(v) for v in sizes.values()]
 
 
-def _whole(**sizes: float) -> None:
-    """Counts that may be 0 (no points, an empty matrix, no right-hand sides), but not negative nor fractional."""
+def _whole(**sizes: float) -> list[float]:
+    """Counts that may be 0 (no points, an empty matrix, no right-hand sides), but not negative nor fractional; as
+    ``_positive``, returned in order as Python numbers."""
     for name, value in sizes.items():
         whole = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
         if isinstance(value, bool) or not whole or value < 0:
             raise LaunchError(f"{name}={value!r} ({type(value).__name__}); expected a whole count >= 0")
+    return [_plain(v) for v in sizes.values()]
 
 
 def _flags(**flags: Any) -> None:
@@ -211,7 +221,7 @@ def matmul(
     m: int, n: int, k: int, dtype: Any = "bf16", *, batch: int = 1, out_dtype: Any = None, bias: bool = False
 ) -> Cost:
     """(batch, M, K) @ (batch, K, N) -> (batch, M, N): 2*M*N*K FLOPs per batch entry (+ M*N for a bias)."""
-    _positive(m=m, n=n, k=k, batch=batch)
+    m, n, k, batch = _positive(m=m, n=n, k=k, batch=batch)
     _flags(bias=bias)
     e, eo = dtype_bytes(dtype), dtype_bytes(out_dtype or dtype)
     flops = batch * (FLOPS_PER_MAC * m * n * k + (m * n if bias else 0))
@@ -242,7 +252,7 @@ def attention(
     """
     kv_heads = heads if kv_heads is None else kv_heads
     dv = head_dim if head_dim_v is None else head_dim_v
-    _positive(
+    batch, heads, n_q, n_kv, head_dim, kv_heads, dv = _positive(
         batch=batch, heads=heads, n_q=n_q, n_kv=n_kv, head_dim=head_dim, kv_heads=kv_heads, head_dim_v=dv
     )
     if heads % kv_heads:
@@ -273,7 +283,7 @@ def causal_fraction(n_q: int, n_kv: int, *, lower_right: bool = False) -> float:
     every key). Lower-right aligned (flash attention's kernels, ``torch.nn.attention.bias.causal_lower_right``: the
     last query sees every key) keeps 1 - n_q / (2 n_kv) (new queries against a cache), else n_kv / (2 n_q).
     """
-    _positive(n_q=n_q, n_kv=n_kv)
+    n_q, n_kv = _positive(n_q=n_q, n_kv=n_kv)
     _flags(lower_right=lower_right)
     short, long = min(n_q, n_kv), max(n_q, n_kv)
     triangle = short / (2 * long)  # the kept share where the mask cuts a triangle off the long side
@@ -282,7 +292,7 @@ def causal_fraction(n_q: int, n_kv: int, *, lower_right: bool = False) -> float:
 
 def layernorm(rows: int, cols: int, dtype: Any = "bf16", *, affine: bool = True) -> Cost:
     """LayerNorm over the last dim of a (rows, cols) input: read x (+ weight, bias), write y."""
-    _positive(rows=rows, cols=cols)
+    rows, cols = _positive(rows=rows, cols=cols)
     _flags(affine=affine)
     e = dtype_bytes(dtype)
     return Cost(
@@ -294,14 +304,14 @@ def layernorm(rows: int, cols: int, dtype: Any = "bf16", *, affine: bool = True)
 
 def rmsnorm(rows: int, cols: int, dtype: Any = "bf16") -> Cost:
     """RMSNorm over the last dim of a (rows, cols) input: read x and weight, write y."""
-    _positive(rows=rows, cols=cols)
+    rows, cols = _positive(rows=rows, cols=cols)
     e = dtype_bytes(dtype)
     return Cost(RMSNORM_FLOPS_PER_ELEMENT * rows * cols, rows * cols * e + cols * e, rows * cols * e)
 
 
 def softmax(rows: int, cols: int, dtype: Any = "bf16") -> Cost:
     """Softmax over the last dim of a (rows, cols) input."""
-    _positive(rows=rows, cols=cols)
+    rows, cols = _positive(rows=rows, cols=cols)
     e = dtype_bytes(dtype)
     return Cost(SOFTMAX_FLOPS_PER_ELEMENT * rows * cols, rows * cols * e, rows * cols * e)
 
@@ -313,8 +323,8 @@ def elementwise(
 
     ``elementwise(n, "fp32", inputs=1, outputs=1, flops_per_element=0)`` is a copy.
     """
-    _positive(numel=numel)
-    _whole(inputs=inputs, outputs=outputs)
+    (numel,) = _positive(numel=numel)
+    inputs, outputs = _whole(inputs=inputs, outputs=outputs)
     if isinstance(flops_per_element, bool) or not isinstance(flops_per_element, numbers.Real) or not (
             0 <= flops_per_element < math.inf):
         raise LaunchError(f"flops_per_element={flops_per_element!r} ({type(flops_per_element).__name__}); expected a "
@@ -342,7 +352,8 @@ def transformer_train_flops_per_token(*, matmul_params: int, n_layer: int, seq: 
     quoted in): 6 x the parameters that multiply activations (the blocks' matrices and the LM head, not the
     embedding lookups) plus the attention matmuls 12 x layers x seq x (heads x head dim), causal counted in
     full."""
-    _whole(matmul_params=matmul_params, n_layer=n_layer, seq=seq, attention_width=attention_width)
+    matmul_params, n_layer, seq, attention_width = _whole(matmul_params=matmul_params, n_layer=n_layer, seq=seq,
+                                                          attention_width=attention_width)
     return 6 * matmul_params + 12 * n_layer * seq * attention_width
 
 
@@ -355,20 +366,27 @@ def _prod(xs: Any) -> int:
 
 def _conv_shapes(x_shape: Any, w_shape: Any, y_shape: Any, groups: int, transposed: bool) -> tuple:
     """Check one convolution's shapes against each other; ``(batch, channels_in, channels_out)``."""
+    bad = LaunchError(
+        f"x_shape={x_shape!r}, w_shape={w_shape!r}, y_shape={y_shape!r}; expected sequences of ints >= 0 "
+        "(tensor.shape)"
+    )
     try:
-        x, w, y = (tuple(int(d) for d in s) for s in (x_shape, w_shape, y_shape))
+        given = [tuple(s) for s in (x_shape, w_shape, y_shape)]
+        x, w, y = (tuple(int(d) for d in s) for s in given)
     except (TypeError, ValueError):
-        raise LaunchError(
-            f"x_shape={x_shape!r}, w_shape={w_shape!r}, y_shape={y_shape!r}; expected sequences of ints "
-            "(tensor.shape)"
-        ) from None
+        raise bad from None
+    # a size 8.7 was cut to 8, -8 gave negative counts, True counted as 1 and the str "138" as (1, 3, 8)
+    if any(isinstance(s, str | bytes) for s in (x_shape, w_shape, y_shape)) or any(
+            isinstance(d, bool) or d != i or i < 0
+            for s, t in zip(given, (x, w, y), strict=True) for d, i in zip(s, t, strict=True)):
+        raise bad
+    groups = int(_positive(groups=groups)[0])   # (groups="x" failed in a bare comparison, 2.5 counted halves)
+    _flags(transposed=transposed)
     if not (len(x) == len(w) == len(y) >= 3):
         raise LaunchError(
             f"x_shape={x}, w_shape={w}, y_shape={y}; expected (N, C, *spatial) tensors and a "
             "(C_out, C_in / groups, *kernel) weight of the same rank, at least 3"
         )
-    if groups < 1:
-        raise LaunchError(f"groups={groups!r}; expected a positive group count")
     # A transposed convolution's weight is (C_in, C_out / groups, *kernel).
     c_in, c_out = (w[0], w[1] * groups) if transposed else (w[1] * groups, w[0])
     if x[1] != c_in or y[1] != c_out or x[0] != y[0]:
@@ -403,6 +421,7 @@ def convolution(
     a bias. Reads x, w (and the bias) once, writes y once.
     """
     x, w, y = _conv_shapes(x_shape, w_shape, y_shape, groups, transposed)
+    _flags(bias=bias)
     e = dtype_bytes(dtype)
     flops = FLOPS_PER_MAC * _conv_macs(x, w, y, transposed) + (_prod(y) if bias else 0)
     return Cost(flops, (_prod(x) + _prod(w) + (y[1] if bias else 0)) * e, _prod(y) * e)
@@ -427,6 +446,7 @@ def convolution_backward(
     per element of dy. Reads dy, plus w for dx and x for dw; writes the gradients asked for.
     """
     x, w, dy = _conv_shapes(x_shape, w_shape, grad_y_shape, groups, transposed)
+    _flags(input_grad=input_grad, weight_grad=weight_grad, bias_grad=bias_grad)
     e = dtype_bytes(dtype)
     macs = _conv_macs(x, w, dy, transposed)
     flops = FLOPS_PER_MAC * macs * (int(input_grad) + int(weight_grad)) + (_prod(dy) if bias_grad else 0)
@@ -438,14 +458,14 @@ def convolution_backward(
 def householder_apply_flops(rows: int, cols: int, k: int) -> float:
     """Q (or Q^T), given as k Householder reflectors of length ``rows``, applied to a (rows, cols) matrix (ormqr):
     4 rows cols k - 2 cols k^2 (LAPACK Working Note 41's count for dormqr)."""
-    _whole(rows=rows, cols=cols, k=k)
+    rows, cols, k = _whole(rows=rows, cols=cols, k=k)
     return 4 * rows * cols * k - 2 * cols * k**2
 
 
 def fft_flops(points: int, *, real: bool = False) -> float:
     """FLOPs of one FFT of ``points`` points: ``FFT_FLOPS_PER_POINT_LOG2 * N log2 N``, halved for a transform of
     real input or output (``real``); 0 for one point or none."""
-    _whole(points=points)
+    (points,) = _whole(points=points)
     _flags(real=real)
     if points <= 1:
         return 0.0
@@ -469,7 +489,7 @@ def factorization_flops(kind: str, m: int, n: int, k: int = 0, *, vectors: bool 
     4mnk - 2(m + n)k^2 + 4k^3/3 (k = n: as much as R again, as "qr" counts it); "ldl" n^3/3, as Cholesky;
     "cholesky_inverse" (the factor given) the triangle's inverse and its product with its transpose, 2n^3/3.
     """
-    _whole(m=m, n=n, k=k)
+    m, n, k = _whole(m=m, n=n, k=k)
     _flags(vectors=vectors, full=full)
     m, n = max(m, n), min(m, n)  # a wide matrix is factored as its transpose
     if kind == "cholesky":
