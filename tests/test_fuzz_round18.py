@@ -28,10 +28,17 @@ What this round found (each test below failed before its fix):
   ``l2_bytes=-1`` was taken and ``max_sets=np.int64(3)`` refused; ``perf.EnergyMeter("x")`` or ``EnergyMeter(-1)`` made
   a meter that is never available (its reason a comparison's TypeError) and energy went unmeasured without a word;
   ``perf.ceilings(dev, remeasure="no")`` was taken by its truth and measured again;
+- ``perf.formulas.matmul(np.int64(2**31), 2**31, 2**31)`` counted 0 FLOPs (NumPy's int64 products wrap, with a
+  RuntimeWarning only): the formulas now count NumPy sizes as Python ints; ``formulas.convolution`` cut a size of 8.7
+  to 8, gave negative counts for a negative size, counted True as 1, failed in a bare comparison for ``groups="x"``
+  and took ``bias="no"`` / ``transposed="no"`` (and the backward's ``input_grad="no"``) by their truth;
 - ``perf.range_name(None)`` (any non-str kernel) failed in ``.replace``, ``range_name("k", "BM")`` with "string
   indices must be integers": a LaunchTypeError naming kernel or config now;
 - ``tune.ConfigCache(tables_dir="path/to/tables")`` failed with "'str' object has no attribute 'glob'" (a str
   ``cache_dir`` was taken), ``cache_dir=3`` inside pathlib;
+- ``tune.SearchSpace(kernel, restrict={"BM": <a generator or iterator>})`` searched no config without a word (the
+  check used the iterator up), and NumPy values in a restrict went on into the configs; ``configs(shared_limit=
+  np.int64(...))`` or ``register_limit`` a NumPy number was refused;
 - ``tilestack.optimize(model, min_rows=np.int64(4))`` (and ``torch.compile(..., options={"min_rows": ...})``) was
   refused as "expected an int >= 0"; a NumPy int is now the int it is.
 (The ops' findings are in part two, test_fuzz_round18_more.py.)
@@ -220,6 +227,39 @@ def test_rotating_sets_energy_meter_and_ceilings_refuse_a_bad_argument_by_name_b
         refused(lambda value=value: tilestack.perf.ceilings(cpu, remeasure=value), "remeasure", value)
 
 
+def test_formulas_count_numpy_sizes_as_python_ints_without_wrapping():
+    from tilestack.perf import formulas
+
+    big = 1 << 31                                      # 2 * big**3 = 2**94 FLOPs: past int64, where NumPy wraps
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                 # (NumPy's "overflow encountered in scalar multiply")
+        cost = formulas.matmul(np.int64(big), np.int64(big), np.uint32(big), "bf16")
+    assert cost.flops == 2 * big**3 and type(cost.flops) is int          # by hand; was 0
+    assert cost.bytes_read == 2 * (big * big + big * big) and cost.bytes_written == 2 * big * big
+    att = formulas.attention(np.int64(2), np.int64(4), np.int64(1 << 20), np.int64(1 << 20), np.int64(128), "bf16")
+    assert att.flops == 2 * 2 * 4 * (1 << 40) * 256 and type(att.flops) is int
+    assert formulas.fft_flops(np.int64(8)) == formulas.fft_flops(8)
+    assert formulas.transformer_train_flops_per_token(matmul_params=np.int64(10), n_layer=np.int64(2),
+                                                      seq=np.int64(4), attention_width=np.int64(8)) == 6 * 10 + 12 * 64
+
+
+def test_convolution_refuses_shapes_groups_and_switches_it_would_miscount():
+    from tilestack.perf import formulas
+
+    x, w, y = (1, 3, 8, 8), (4, 3, 3, 3), (1, 4, 6, 6)
+    assert formulas.convolution(x, w, y).flops == 2 * 1 * (4 * 3 * 9) * 36    # 2 N numel(w) prod(S_out), by hand
+    for bad in ((1, 3, 8.7, 8), (1, 3, -8, 8), (True, 3, 8, 8), "1388"):   # cut to 8, negative counts, 1, (1,3,8,8)
+        with pytest.raises(LaunchError, match=r"expected sequences of ints >= 0"):
+            formulas.convolution(bad, w, y)
+    for groups in ("x", 0, 2.5, None):
+        refused(lambda groups=groups: formulas.convolution(x, w, y, groups=groups), "groups", groups)
+    for flag in ("bias", "transposed"):
+        refused(lambda flag=flag: formulas.convolution(x, w, y, **{flag: "no"}), flag, "no")
+    for flag in ("input_grad", "weight_grad", "bias_grad"):
+        refused(lambda flag=flag: formulas.convolution_backward(y, x, w, **{flag: "no"}), flag, "no")
+    assert formulas.convolution(np.array(x), torch.Size(w), y).flops == formulas.convolution(x, w, y).flops
+
+
 # ---- tune.DeviceKey, tune.ConfigCache -----------------------------------------------------------------------------
 KEY_FIELDS = {
     "major": ("str", "float", "bool", "neg", "zero", "none", "tensor"),
@@ -270,6 +310,24 @@ def test_config_cache_refuses_a_folder_that_is_no_path_and_takes_a_str(tmp_path)
     assert len(by_str.shipped) == len(by_path.shipped) == len(list(TABLES.glob("*.json"))) > 0
     assert {str(d) for d in by_str.devices()} == {str(d) for d in by_path.devices()}
     assert ConfigCache(cache_dir=tmp_path, tables_dir=None).shipped == []
+
+
+def test_search_space_keeps_a_restrict_given_as_an_iterator_and_takes_numpy_values_and_limits():
+    from tilestack.kernels import softmax_kernel
+    from tilestack.tune import SearchSpace
+
+    x = torch.randn(8, 256)
+    args = (x, torch.empty_like(x))
+    want = SearchSpace(softmax_kernel, restrict={"BM": (1, 2)}).configs(args)
+    assert want and {c["BM"] for c in want} == {1, 2}
+    for dom in ((b for b in (1, 2)), iter([1, 2]), np.array([1, 2]), [np.int64(1), np.int32(2)]):
+        got = SearchSpace(softmax_kernel, restrict={"BM": dom}).configs(args)    # a generator gave no config
+        assert got == want and all(type(v) is int for c in got for v in c.values())
+    space = SearchSpace(softmax_kernel)
+    assert space.configs(args, shared_limit=np.int64(100_000), register_limit=np.float64(1e6)) == \
+        space.configs(args, shared_limit=100_000, register_limit=1e6)
+    with pytest.raises(tilestack.errors.TunableError, match=r"restrict\['BM'\]=\(\); expected a non-empty tuple"):
+        SearchSpace(softmax_kernel, restrict={"BM": iter([])})
 
 
 # ---- tilestack.optimize / backend="tilestack": NumPy thresholds ------------------------------------------------

@@ -2,7 +2,8 @@
 ``swiglu``, ``rotary``, ``attention``, ``fused_linear_cross_entropy``, and ``tilestack.kernels.gemm`` with its
 epilogues, ``softmax`` and ``fused_linear_cross_entropy``) with their scalar arguments given as NumPy numbers, NumPy
 bools and 0-d tensors, their inputs laid out every way a view can be (transposed, expanded with stride 0, channels-last,
-a slice at an offset, 0-size dims), requiring grad or not, with NaN and inf in them, and their tuning constants and
+a slice at an offset, 0-size dims), requiring grad or not (each subset of q, k, v and of x, weight, bias),
+with NaN and inf in them, and their tuning constants and
 launch options given as NumPy ints or as floats and bools equal to an int.
 
 Each case draws from its own generator, ``np.random.default_rng([SEED, group, case])``, and is checked against
@@ -197,6 +198,36 @@ def test_attention_propagates_nan_and_inf_as_the_float64_formula(case):
     causal = bool(case % 3 == 0)
     o = tilestack.attention(q, k, v, causal=causal, scale=np.float32(0.25))
     close(o, attention64(q, k, v, causal, 0.25), dtype, f"replay: seed={SEED} group=8 case={case} {'qkv'[which]}")
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v", "qk", "kv", "qv"])
+def test_attention_and_layer_norm_gradients_for_each_subset_that_requires_grad(which):
+    """Only some inputs require grad: those get float64's gradient, the others none (None, not zeros)."""
+    rng = rng_for(9, "qkv".index(which[0]) * 3 + len(which))
+    q, k, v = (randn(rng, 1, 2, 6, 16) for _ in range(3))
+    ts = [t.requires_grad_(name in which) for name, t in zip("qkv", (q, k, v), strict=True)]
+    o = tilestack.attention(*ts, causal=True, scale=np.float64(0.3))
+    g = randn(rng, *o.shape)
+    o.backward(g)
+    refs = [t.detach().double().requires_grad_(name in which) for name, t in zip("qkv", ts, strict=True)]
+    attention64(*refs, True, 0.3).backward(g.double())
+    for name, t, r in zip("qkv", ts, refs, strict=True):
+        if name in which:
+            close(t.grad, r.grad, torch.float32, f"d{name} with {which} requiring grad")
+        else:
+            assert t.grad is None, f"{name} requires no grad but got one"
+    x, w, b = randn(rng, 5, 16), randn(rng, 16), randn(rng, 16)        # the same subsets over (x, w, b)
+    ts = [t.requires_grad_(name in which) for name, t in zip("qkv", (x, w, b), strict=True)]
+    y = tilestack.layer_norm(*ts, np.float32(1e-5))
+    gy = randn(rng, *y.shape)
+    y.backward(gy)
+    refs = [t.detach().double().requires_grad_(name in which) for name, t in zip("qkv", ts, strict=True)]
+    F.layer_norm(refs[0], (16,), refs[1], refs[2], float(np.float32(1e-5))).backward(gy.double())
+    for name, t, r in zip("xwb", ts, refs, strict=True):
+        if t.requires_grad:
+            close(t.grad, r.grad, torch.float32, f"layer_norm d{name} with {which}")
+        else:
+            assert t.grad is None, f"layer_norm {name} requires no grad but got one"
 
 
 def test_attention_refuses_a_scale_or_causal_of_the_wrong_kind_by_name():
