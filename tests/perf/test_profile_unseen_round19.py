@@ -17,11 +17,11 @@ What this round found (each pinned by the test whose docstring says so):
   log-probability each target picks (a gather: a (N, C, H, W) segmentation map C times less, a language model's
   vocabulary V times less), and its backward, handed the log-probabilities for their shape alone, reads none of
   them (counting.GATHERS / SHAPE_ONLY_SELF);
-- advanced indexing (``x[idx]``, ``x[mask]``, ``x[:, idx]``: aten::index) was charged its whole source: 5 rows
-  taken from a (1000, 8) table read 32000 bytes, though torch.gather (round 17) and index_select were charged what
-  they take. Now the elements it returns (at most what the source holds) and its index tensors (counting.INDEXING);
-  likewise the copies of views (narrow_copy, select_copy, ...: tagged view_copy, as functionalized graphs run them)
-  read the view's elements, not the whole source;
+- advanced indexing (``x[idx]``, ``x[mask]``, ``x[:, idx]``: aten::index; masked_select) was charged its whole
+  source: 5 rows taken from a (1000, 8) table read 32000 bytes, though torch.gather (round 17) and index_select were
+  charged what they take. Now the elements it returns (at most what the source holds) and its index tensors
+  (counting.INDEXING); likewise the copies of views (narrow_copy, select_copy, ...: tagged view_copy, as
+  functionalized graphs run them) read the view's elements, not the whole source;
 - profile_model(steps=2**40) (or warmup=2**40) passed the argument checks and ran step after step with no end;
   now refused past profile_args.MAX_STEPS, naming the argument.
 Left as strict xfails (tests/perf/test_profile_unseen_round19_more.py): zeros_like / ones_like / full_like write 0

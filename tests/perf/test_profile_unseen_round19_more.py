@@ -263,12 +263,12 @@ def test_zeros_like_writes_its_bytes_as_new_zeros_does():
     assert one_row(counts, "aten::zeros_like").bytes_written == 24 * F32
 
 
-@pytest.mark.parametrize("how", ["rows", "mask", "columns", "expanded"])
+@pytest.mark.parametrize("how", ["rows", "mask", "columns", "expanded", "masked_select"])
 def test_advanced_indexing_reads_what_it_takes(how):
     """x[idx] (aten::index) reads one element of x per element it returns (at most what x holds) and its index
     tensors, as torch.gather and index_select do (the round's fix: 5 rows of a (1000, 8) table were charged all
-    32000 bytes of it); a boolean mask is read whole; a source expanded 3 times is charged its output, never more
-    than it holds."""
+    32000 bytes of it); a boolean mask is read whole (torch.masked_select alike); a source expanded 3 times is
+    charged its output, never more than it holds."""
     x = torch.randn(1000, 8)
     idx = torch.tensor([3, 7, 9, 500, 2])
     mask = torch.zeros(1000, dtype=torch.bool)
@@ -278,8 +278,9 @@ def test_advanced_indexing_reads_what_it_takes(how):
         "mask": (lambda: x[mask], 4 * 8, 1000),
         "columns": (lambda: x[:, idx[:2]], 1000 * 2, 2 * I64),
         "expanded": (lambda: x.expand(3, 1000, 8)[:, idx], 3 * 5 * 8, 5 * I64),
+        "masked_select": (lambda: torch.masked_select(x, mask[:, None]), 4 * 8, 1000),  # x[mask] by another name
     }[how]
-    row = one_row(profile.count_ops(fn), "aten::index")
+    row = one_row(profile.count_ops(fn), "aten::masked_select" if how == "masked_select" else "aten::index")
     assert (row.flops, row.bytes_read, row.bytes_written) == (0, taken * F32 + index_bytes, taken * F32)
 
 

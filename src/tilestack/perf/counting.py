@@ -441,17 +441,18 @@ GATHERS: dict[str, tuple[str, str]] = {
 }
 # of GATHERS: one element per index element, not a slice
 ELEMENT_GATHERS = ("aten.gather", "aten.take", "aten.nll_loss_forward", "aten.nll_loss2d_forward")
-# Advanced indexing (x[idx], x[mask], x[:, idx]) reads one element of ``self`` per element it returns (at most what
-# self holds) and its index tensors (profiler round 19: x[idx] taking 5 rows of a (1000, 8) table was charged all
-# 32000 bytes of it, though torch.gather and index_select were charged only what they take)
-INDEXING = ("aten.index", "aten._unsafe_index")
+# Advanced indexing (x[idx], x[mask], x[:, idx]; masked_select, x[mask] by another name) reads one element of ``self``
+# per element it returns (at most what self holds) and its index tensors (profiler round 19: x[idx] taking 5 rows of
+# a (1000, 8) table was charged all 32000 bytes of it, though torch.gather and index_select were charged only what
+# they take)
+INDEXING = ("aten.index", "aten._unsafe_index", "aten.masked_select")
 
 
 def _indexed_bytes(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
-    """Bytes an advanced index (``INDEXING``) reads: the elements it returns, at most all ``self`` holds, and its
-    index tensors (a boolean mask whole)."""
+    """Bytes an advanced index (``INDEXING``) or a view's copy reads: the elements it returns, at most all ``self``
+    holds, and its index tensors (a boolean mask whole)."""
     source = _argument(func, args, kwargs, "self")
-    indices = [t for t in _tensors(_argument(func, args, kwargs, "indices")) if t is not source]
+    indices = [t for t in _tensors((args, kwargs)) if t is not source]
     taken = sum(_numel(t) for t in _tensors(out)) * source.element_size()
     return min(taken, _held_bytes(source)) + _nbytes(indices)
 
