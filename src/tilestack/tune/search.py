@@ -76,8 +76,13 @@ def tune(kernel_name: str, candidates: list[dict[str, Any]], *, time: Callable[[
     ``deadline`` (a ``clock()`` value): no new candidate starts after it, once ``min_trials`` configs were tried
     and one of them timed."""
     candidates = _checked_arguments(kernel_name, candidates, time, check, tol, samples, deadline)
+    # the seed an int (a NumPy int as the int it is): random.Random refused np.int64(1) with its own TypeError, and
+    # took 1.5, "x" or None (a draw that differs on every run) without a word
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TunableError(f"tune: seed={seed!r:.60} ({type(seed).__name__}); expected an int (the random "
+                           "strategy's seed)")
     if strategy == "random":
-        candidates = random.Random(seed).sample(candidates, min(samples, len(candidates)))
+        candidates = random.Random(int(seed)).sample(candidates, min(samples, len(candidates)))
     elif not callable(strategy) and strategy not in ("exhaustive", "local"):
         raise ValueError(f"tune: strategy={strategy!r}; expected 'exhaustive', 'random', 'local' or a function "
                          "(candidates, seeds) -> generator")
