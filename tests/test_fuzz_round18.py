@@ -39,6 +39,8 @@ What this round found (each test below failed before its fix):
 - ``tune.SearchSpace(kernel, restrict={"BM": <a generator or iterator>})`` searched no config without a word (the
   check used the iterator up), and NumPy values in a restrict went on into the configs; ``configs(shared_limit=
   np.int64(...))`` or ``register_limit`` a NumPy number was refused;
+- ``tune.tune(..., strategy="random", seed=np.int64(7))`` failed inside ``random`` ("The only supported seed types
+  are ..."), and a seed of 1.5, "x" or None (another draw on every run) was taken: an int is asked for, by name;
 - ``tilestack.optimize(model, min_rows=np.int64(4))`` (and ``torch.compile(..., options={"min_rows": ...})``) was
   refused as "expected an int >= 0"; a NumPy int is now the int it is.
 (The ops' findings are in part two, test_fuzz_round18_more.py.)
@@ -328,6 +330,25 @@ def test_search_space_keeps_a_restrict_given_as_an_iterator_and_takes_numpy_valu
         space.configs(args, shared_limit=100_000, register_limit=1e6)
     with pytest.raises(tilestack.errors.TunableError, match=r"restrict\['BM'\]=\(\); expected a non-empty tuple"):
         SearchSpace(softmax_kernel, restrict={"BM": iter([])})
+
+
+def test_tune_takes_a_numpy_seed_as_the_int_and_refuses_a_seed_that_is_no_int():
+    from tilestack.tune import tune
+
+    candidates = [{"BM": bm} for bm in (16, 32, 64, 128, 256)]
+    timed = []
+
+    def seconds(c):
+        timed.append(c["BM"])
+        return c["BM"] * 1e-6
+    for value in (1.5, "x", None, True, [1], torch.tensor(1)):      # (None drew another subset on every run)
+        refused(lambda value=value: tune("k", candidates, time=seconds, strategy="random", samples=2, seed=value),
+                "seed", value)
+    assert timed == []                                                     # refused before anything was timed
+    a = tune("k", candidates, time=seconds, strategy="random", samples=3, seed=np.int64(7))
+    drawn, timed[:] = list(timed), []
+    b = tune("k", candidates, time=seconds, strategy="random", samples=3, seed=7)
+    assert timed == drawn and a.best == b.best == {"BM": min(drawn)}       # the same draw as the int, its fastest
 
 
 # ---- tilestack.optimize / backend="tilestack": NumPy thresholds ------------------------------------------------
