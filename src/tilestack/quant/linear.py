@@ -305,6 +305,11 @@ def quantize(model: nn.Module, mode: str = "int8", *, calibration=None, skip=())
             aliases.setdefault(id(m), []).append(n)
     linears = [n for names in aliases.values() for n in names]
     floats = _left_in_float(model, aliases)
+    quantized = [n or "the model" for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    if not linears and not floats and quantized:    # (said "norms and activations alone" of a model quantized twice)
+        raise LaunchError(f"quantize: model ({type(model).__name__}) is already quantized: its layers "
+                          f"{quantized[:8]}{' ...' if len(quantized) > 8 else ''} are QuantLinear and no nn.Linear is "
+                          "left; expected a float model (quantize a copy of the float model for another mode)")
     if not linears and not floats:    # norms and activations alone: nothing to quantize, and the model came back
         # unchanged, in float, without a word (one with convolutions or embeddings is told so by the warning below)
         raise LaunchError(f"quantize: model ({type(model).__name__}) has no nn.Linear layer to quantize and no other "
