@@ -15,6 +15,8 @@ What this round found (each test below failed before its fix):
   NumPy array inside numpy, and ``skip=torch.tensor([])`` was taken as "no layer named"; a skip that is no names is now
   a ``LaunchTypeError`` (a LaunchError and a TypeError) naming skip, what was given and its type; the same for
   ``quant.calibrate(model, names=torch.tensor(0), ...)``;
+- ``tilestack.quantize`` of a model already quantized said it had "no nn.Linear layer ... (norms and activations
+  alone)"; it now says the model is already quantized, naming its QuantLinear layers;
 - ``perf.Roof`` took any fields: ``Roof(-1e12, 1e11)`` had a negative ridge, ``Roof(nan, 1)`` a NaN one,
   ``Roof("1e12", 1)`` failed in ``.ridge`` with a bare TypeError, ``Roof(1, 1, label=3)`` was kept; only ``place()``
   refused some of them, later. Now refused when made (``RooflineError``, the field named as ``place`` named it);
@@ -124,6 +126,15 @@ def test_calibrate_refuses_names_that_are_no_list_of_names_and_takes_any_iterabl
         assert list(stats) == ["0"]
         assert stats["0"].amax == pytest.approx(float(x.abs().max()))          # the largest |x| by hand
         torch.testing.assert_close(stats["0"].mean, x.double().mean(0))        # each feature's mean
+
+
+def test_quantize_of_a_quantized_model_says_so():
+    q = tilestack.quantize(mlp(), "int8")
+    for model in (q, q[0]):                       # the model, and a QuantLinear alone
+        with pytest.raises(LaunchError, match=r"is already quantized: its layers \[.*\] are QuantLinear"):
+            tilestack.quantize(model, "fp8")
+    with pytest.raises(LaunchError, match=r"norms and activations alone"):   # a model with no weights at all
+        tilestack.quantize(nn.Sequential(nn.ReLU(), nn.LayerNorm(4, elementwise_affine=False)))
 
 
 # ---- perf.Roof ----------------------------------------------------------------------------------------------------
