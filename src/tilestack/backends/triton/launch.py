@@ -111,10 +111,16 @@ def _holds(path: Path, src: str) -> bool:
         return False
 
 
+KERNEL_TMP_PREFIX = ".tilestack-kernel."
+
+
 def _write_whole(path: Path, src: str) -> None:
-    """Written whole, then renamed: an interrupted run never leaves half a file (at most a ``*.py.tmp``)."""
+    """Written whole, then renamed: an interrupted run never leaves half a file."""
     from tilestack.files import write_atomic
-    write_atomic(path, src)
+    # one temporary prefix for every kernel of the folder: each kernel's file has a name of its own (its source's
+    # hash) and is written once, so with the default ".<name>." a writer killed mid-write left its temporary for
+    # good (no later write has that name); now any kernel's write sweeps the temporaries of writers that are gone
+    write_atomic(path, src, tmp_prefix=KERNEL_TMP_PREFIX)
 
 
 _private: Path | None = None      # this process's folder for generated kernels where the cache is read-only
