@@ -11,6 +11,7 @@ cannot remove its own: the next write of the same path sweeps the temporaries of
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import secrets
@@ -40,12 +41,18 @@ def write_atomic(path: str | os.PathLike, data: str | bytes, *, tmp_prefix: str 
     path = Path(path)
     prefix = f".{path.name}." if tmp_prefix is None else tmp_prefix
     payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    if path.is_dir():       # (said before a temporary is made; the rename's error named the temporary first)
+        raise IsADirectoryError(errno.EISDIR, "is a folder; expected a file path to write", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_dead_temporaries(path.parent, prefix)
     tmp = path.with_name(f"{prefix}{os.getpid()}.{secrets.token_hex(4)}.tmp")
     # O_EXCL: never another writer's file; mode 0o666 under the umask, as open(path, "w") would make the file
     # (tempfile.mkstemp's 0o600 made every report and table readable by its owner only)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:    # (a read-only folder: the error named only the temporary, a name the caller never gave)
+        raise type(e)(e.errno, f"{e.strerror} (writing it whole through the temporary {tmp.name} beside it)",
+                      str(path)) from None
     try:
         try:
             view = memoryview(payload)
