@@ -10,16 +10,24 @@ from pathlib import Path
 import typer
 
 
-def check_output(option: str, path: str | os.PathLike | None, *, folder: bool = False) -> None:
+def check_output(option: str, path: str | os.PathLike | None, *, folder: bool = False,
+                 files: tuple[str, ...] = ()) -> None:
     """``path`` can be written as a file (``folder=False``) or made as a folder: it is not an existing thing of the
-    other kind, and no existing folder above it is a file (``out/x.json`` below the file ``out``). None or "": not
-    given, nothing to check."""
+    other kind, and no existing folder above it is a file (``out/x.json`` below the file ``out``). ``files``: the
+    names the command writes in the folder, none of which may be a folder there. None or "": not given, nothing to
+    check."""
     if path is None or os.fspath(path) == "":
         return
     p = Path(path)
     expected = "a folder path" if folder else "a file path"
     if folder and p.exists() and not p.is_dir():
         raise typer.BadParameter(f"{option} {os.fspath(p)!r} is a file; expected {expected}", param_hint=option)
+    # a folder where the command writes one of its files (out/report.md made a folder) was found only when that file
+    # was written, after the whole run (a bench, a profile), with an IsADirectoryError traceback
+    for name in files if folder else ():
+        if (p / name).is_dir():
+            raise typer.BadParameter(f"{option} {os.fspath(p)!r}: {os.fspath(p / name)!r} is a folder; expected "
+                                     f"{expected} where the file {name} can be written", param_hint=option)
     if not folder and p.is_dir():
         raise typer.BadParameter(f"{option} {os.fspath(p)!r} is a folder; expected {expected}", param_hint=option)
     above = next((q for q in p.parents if q.exists()), None)

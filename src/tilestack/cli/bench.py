@@ -36,7 +36,7 @@ def bench(
         return
     from tilestack.bench import run_suite
 
-    check_output("--out", out, folder=True)
+    check_output("--out", out, folder=True, files=("roofline.png", "report.html", "bench.md", "bench.json"))
     if kernel:
         from tilestack.bench.cases import cases
         names = sorted({c.name for c in cases("cpu", full=False, models=models)})

@@ -322,6 +322,11 @@ def bench(
     logging.getLogger("flwr").setLevel(logging.CRITICAL)
     if size not in ("default", "full"):
         raise typer.BadParameter(f"size={size!r}; expected default or full", param_hint="--size")
+    from tilestack.cli.args import check_output
+    # before the bench's minutes of runs: a --doc that is a folder or in a read-only one, an --img that is a file,
+    # failed only in write_report, with a traceback, the runs lost
+    check_output("--doc", doc)
+    check_output("--img", img, folder=True, files=("fl_bench.png",))
     spec = BenchSpec.default() if size == "default" else BenchSpec.full()
     if seeds:
         spec = dataclasses.replace(spec, seeds=tuple(range(seeds)))

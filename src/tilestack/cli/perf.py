@@ -158,7 +158,7 @@ def profile(
 
     if not 0 < budget < math.inf:      # (inf was refused inside the profiler, after the model was loaded)
         raise typer.BadParameter(f"--budget {budget}; expected a finite number of seconds > 0", param_hint="--budget")
-    check_output("--out", out, folder=True)
+    check_output("--out", out, folder=True, files=("profile.html", "profile.png", "profile.md"))
     if store:
         check_store("--db", db)
     try:
@@ -267,7 +267,7 @@ def report(
     from tilestack.perf import report as report_mod
     from tilestack.perf.store import Store, StoreError
 
-    check_output("--out", out, folder=True)
+    check_output("--out", out, folder=True, files=("roofline.png", "report.html", "report.md"))
     try:
         with Store(db) as st:
             r = st.run(run)

@@ -113,7 +113,7 @@ def plan_command(
         raise PlanError(f"--figures {figures!r} is a file; expected a directory for timeline.png and memory.png")
     from tilestack.cli.args import check_output
     check_output("--out", out)
-    check_output("--figures", figures, folder=True)
+    check_output("--figures", figures, folder=True, files=("timeline.png", "memory.png"))
     if measure and (target or device != "cpu"):
         raise PlanError(f"--measure {measure} with {'--target ' + repr(target) if target else '--device ' + device}; "
                         "expected --device cpu and tilestack's GPT (--model or --layers): the measured runs are "

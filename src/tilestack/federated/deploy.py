@@ -65,6 +65,8 @@ def read_run_config(cfg) -> dict:
     folder = Path(out["result-path"]).parent
     if not out["result-path"] or not folder.is_dir():  # found now, not after the last round
         raise ValueError(f"run config: result-path={out['result-path']!r}; expected a file path in an existing folder")
+    if Path(out["result-path"]).is_dir():   # (a folder there failed only at the write, after the last round)
+        raise ValueError(f"run config: result-path={out['result-path']!r} is a folder; expected a file path")
     try:
         out["task"] = Task.from_json(out["task"])
     except (ValueError, TypeError) as ex:  # JSON errors are ValueErrors; unknown Task fields TypeErrors
