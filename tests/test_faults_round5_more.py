@@ -9,7 +9,9 @@ refuses such a folder by its option before any work. ``tilestack fl bench`` did 
 all: a --doc that is a folder or in a read-only folder, an --img that is a file, lost the bench's minutes of runs to
 a traceback in ``write_report``. The deployment ServerApp took a ``result-path`` that is a folder and failed after
 its last round. ``write_atomic`` itself now says that the path is a folder before it makes a temporary, and a
-temporary it cannot make (a read-only folder) is an error naming the file asked for, not only the temporary.
+temporary it cannot make (a read-only folder) is an error naming the file asked for, not only the temporary. A file
+name of 224 to 255 bytes (which open() takes) failed with "File name too long" on its temporary's longer name: the
+temporaries' prefix is cut to fit (``files._fit``).
 """
 
 from __future__ import annotations
@@ -226,3 +228,23 @@ def test_a_read_only_folder_is_an_error_naming_the_file_and_fl_bench_refuses_it_
     for words in ("--doc", "cannot be written", "Permission denied"):
         assert _flat(words) in _flat(cli.stderr), cli.stderr[-1500:]
     assert not (tmp_path / "img").exists()
+
+
+# ---- a long file name ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("chars", ["a", "é"])
+def test_a_file_name_near_the_limit_is_written_whole(tmp_path, chars):
+    """A 250-byte file name (open() takes up to 255): before, write_atomic's temporary ``.<name>.<pid>.<random>.tmp``
+    was over the limit and every report, record and figure of that name failed with "File name too long"."""
+    from tilestack.bench.record import Record
+    from tilestack.perf import report
+
+    stem = chars * ((250 - len(".html")) // len(chars.encode()))
+    html = tmp_path / f"{stem}.html"
+    assert 245 <= len(html.name.encode()) <= 255
+    report.html_report(W._ms(0), html, title="v0")
+    report.html_report(W._ms(1), html, title="v1")
+    assert "<title>v1</title>" in html.read_text() and html.read_text().endswith("</body></html>")
+    rec = tmp_path / f"{stem[:-1]}.json"
+    Record("cpu-test", W._ms(2), source="v2").write(rec)
+    assert Record.read(rec).source == "v2"
+    assert sorted(os.listdir(tmp_path)) == sorted([html.name, rec.name])

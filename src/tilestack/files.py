@@ -34,12 +34,24 @@ def sweep_dead_temporaries(folder: Path, prefix: str) -> None:
             continue                   # another user's live process (or no such pid number): keep it
 
 
+NAME_MAX = 255             # bytes in a file name (ext4, xfs, btrfs, APFS)
+TMP_ROOM = 32              # what a temporary's name adds after its prefix: "<pid>.<8 hex digits>.tmp", and to spare
+
+
+def _fit(prefix: str) -> str:
+    """``prefix`` cut to leave a temporary's name room under NAME_MAX: a file name of 224 to 255 bytes, which
+    open(path, "w") takes, failed with "File name too long" on its temporary. Sweeps cut it alike, so they still
+    find its temporaries (and those of another long name with the same start, which are as safely removed)."""
+    raw = prefix.encode("utf-8", "surrogateescape")
+    return prefix if len(raw) <= NAME_MAX - TMP_ROOM else raw[:NAME_MAX - TMP_ROOM].decode("utf-8", "ignore")
+
+
 def write_atomic(path: str | os.PathLike, data: str | bytes, *, tmp_prefix: str | None = None) -> Path:
     """Write ``data`` (str as UTF-8) to ``path`` whole or not at all; its folder is made. ``tmp_prefix`` names the
     temporaries (default ``.<name>.``); files that predate this module keep theirs, so that the temporaries their
     killed writers left are still swept."""
     path = Path(path)
-    prefix = f".{path.name}." if tmp_prefix is None else tmp_prefix
+    prefix = _fit(f".{path.name}." if tmp_prefix is None else tmp_prefix)
     payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
     if path.is_dir():       # (said before a temporary is made; the rename's error named the temporary first)
         raise IsADirectoryError(errno.EISDIR, "is a folder; expected a file path to write", str(path))
