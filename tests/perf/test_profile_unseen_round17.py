@@ -13,7 +13,7 @@ What this round found (each pinned by the test whose docstring says so):
 - torch.gather (and torch.take) were charged the whole source tensor: a mixture-of-depths router gathering K of T
   tokens read the (B, T, D) activation in the count, though index_select and embedding lookups had been charged only
   the rows they take since round 2. Now one element of the source per index element (at most what the source holds,
-  an expanded source its held elements) plus the index (counting.GATHERS, ELEMENT_GATHERS);
+  an expanded source its held elements) plus the index (counting_bytes.GATHERS, ELEMENT_GATHERS);
 - an iterator or generator *inside* the inputs (a generator of extra tensors given as one positional or keyword
   argument) passed the checks (only a bare one was refused, round 6): the warm-up used it up and every counted and
   timed step ran the model on an empty one, with no word said. Now refused before any work, naming where it is

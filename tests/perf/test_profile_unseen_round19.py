@@ -12,15 +12,15 @@ row's metrics and bad arguments are in tests/perf/test_profile_unseen_round19_mo
 What this round found (each pinned by the test whose docstring says so):
 - the reparameterisation's ``torch.randn_like(std)`` (and rand_like, randint_like) was charged reading ``std``,
   though it reads only its shape and dtype, as new_zeros does: now it writes the draw and reads nothing
-  (counting.LIKE_OPS);
+  (counting_bytes.LIKE_OPS);
 - NLL (cross-entropy's second half) was charged reading every log-probability: its forward reads the one
   log-probability each target picks (a gather: a (N, C, H, W) segmentation map C times less, a language model's
   vocabulary V times less), and its backward, handed the log-probabilities for their shape alone, reads none of
-  them (counting.GATHERS / SHAPE_ONLY_SELF);
+  them (counting_bytes.GATHERS / SHAPE_ONLY_SELF);
 - advanced indexing (``x[idx]``, ``x[mask]``, ``x[:, idx]``: aten::index; masked_select) was charged its whole
   source: 5 rows taken from a (1000, 8) table read 32000 bytes, though torch.gather (round 17) and index_select were
   charged what they take. Now the elements it returns (at most what the source holds) and its index tensors
-  (counting.INDEXING); likewise the copies of views (narrow_copy, select_copy, ...: tagged view_copy, as
+  (counting_bytes.INDEXING); likewise the copies of views (narrow_copy, select_copy, ...: tagged view_copy, as
   functionalized graphs run them) read the view's elements, not the whole source;
 - profile_model(steps=2**40) (or warmup=2**40) passed the argument checks and ran step after step with no end;
   now refused past profile_args.MAX_STEPS, naming the argument.

@@ -11,7 +11,7 @@ losses, weight norm, element-wise ops torch leaves untagged) and ``counting_lina
 (in-place and summed batch matmuls, matrix-vector products, quantized linears and recurrent layers, nn.Bilinear,
 factorisations), ``counting_optim`` for fused optimizers and grad scalers; 1 FLOP per element of a pointwise op (a
 complex product 6; a sparse operand's stored values where it adds into a dense one); a matmul with a sparse
-compressed operand by its stored elements. Bytes are the sizes of an op's distinct input and output tensors (views
+compressed operand by its stored elements. Bytes (``counting_bytes``) are the sizes of an op's distinct input and output tensors (views
 move none, an expanded input is read as held, a lookup reads only its rows, an in-place scatter only the elements
 it touches, an overwrite does not read its destination). A composite op that reaches the mode whole (under
 ``inference_mode``) is counted as the ops it runs, as ``FlopCounterMode`` does; an op that computes but has no
@@ -27,12 +27,12 @@ import collections
 import contextlib
 import dataclasses
 import inspect
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tilestack.errors import TilestackError
-from tilestack.perf import call_tree, counting_compat, counting_linalg, counting_optim, counting_rules, formulas
+from tilestack.perf import call_tree, counting_bytes, counting_compat, counting_linalg, counting_optim, formulas
+from tilestack.perf.counting_bytes import COMPRESSED_INDICES, _nbytes  # noqa: F401 - _nbytes: used here and by tests
 from tilestack.perf.counting_linalg import LINALG_FLOPS, UNDECOMPOSED_FLOPS, VALUES_ONLY_CALLERS, vectors_for_the_mode
 from tilestack.perf.counting_rules import (  # noqa: F401 - _tensors, _numel, _argument: used here and by profile
     FOREACH_NO_ARITHMETIC,
@@ -81,73 +81,6 @@ class _Count:
     # per call of an eigen- or singular-value routine: FLOPs of vectors it formed only because the mode was on
     # (see VALUES_ONLY_CALLERS), taken off where the call came from a values-only function
     mode_vector_flops: list[float] = dataclasses.field(default_factory=list)
-
-
-def _distinct_numel(t: Any) -> int:
-    """Elements ``t`` holds in memory: an expanded (stride-0) dimension holds one, however long it looks, and
-    overlapping windows (``as_strided``, ``Tensor.unfold`` with a step below the window) no more than the span of
-    memory they cover (a signal's length, not windows x window)."""
-    n, span = 1, 1
-    for size, stride in zip(t.shape, t.stride(), strict=True):
-        n *= size if stride != 0 or size == 0 else 1
-        span += (size - 1) * stride
-    return min(n, span) if n else 0
-
-
-COMPRESSED_INDICES = {
-    "sparse_csr": ("crow_indices", "col_indices"), "sparse_bsr": ("crow_indices", "col_indices"),
-    "sparse_csc": ("ccol_indices", "row_indices"), "sparse_bsc": ("ccol_indices", "row_indices"),
-}
-
-
-def _held_bytes(t: Any) -> int:
-    """Bytes ``t`` holds: a dense tensor's distinct elements; a sparse one's indices and values; a nested one's
-    buffer; 0 for a tensor whose memory cannot be read (a subclass without storage) and for an efficient zero
-    tensor (forward-mode AD's zero tangents: no memory behind them)."""
-    if getattr(t, "_is_zerotensor", lambda: False)():
-        return 0
-    if _dense(t):
-        return _distinct_numel(t) * t.element_size()
-    if t.is_sparse:  # COO
-        return _held_bytes(t._indices()) + _held_bytes(t._values())
-    try:
-        indices = COMPRESSED_INDICES.get(str(t.layout).removeprefix("torch."))
-        if indices is not None:  # compressed sparse: its two index arrays (which, by layout) and its values
-            return sum(_held_bytes(getattr(t, name)()) for name in indices) + _held_bytes(t.values())
-        return t.untyped_storage().nbytes()
-    except (RuntimeError, NotImplementedError):
-        return 0
-
-
-def _memory_layout(t: Any) -> tuple[tuple[int, int], ...]:
-    """The elements a dense tensor covers from its data pointer, whatever its shape: its (stride, size) dims, size-1
-    dims dropped, largest stride first, a dim merged into the one above where they tile (x, x.t() and x.view(-1)
-    alike). Two tensors at one pointer with as many elements need not be one tensor (profiler round 14): a row
-    expanded to the matrix it came from (``x[:1].expand_as(x) + x``) or a row and a column of one square matrix."""
-    merged: list[tuple[int, int]] = []
-    for stride, size in sorted(((st, sz) for sz, st in zip(t.shape, t.stride(), strict=True) if sz != 1),
-                               reverse=True):
-        if merged and merged[-1][0] == stride * size:
-            merged[-1] = (stride, merged[-1][1] * size)
-        else:
-            merged.append((stride, size))
-    return tuple(merged)
-
-
-def _nbytes(ts: Sequence[Any]) -> float:
-    seen, total = set(), 0
-    for t in ts:
-        try:
-            # by pointer and the memory covered, not pointer and numel: x[:1].expand_as(x) shares x's pointer and
-            # numel, and was taken for x (x + it read 1 row, not x and the row)
-            key = ((t.data_ptr(), t.dtype, _memory_layout(t)) if _dense(t) and t.device.type != "meta"
-                   else id(t))
-        except RuntimeError:  # no data pointer (a storage-less subclass)
-            key = id(t)
-        if key not in seen:
-            seen.add(key)
-            total += _held_bytes(t)
-    return float(total)
 
 
 def _flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
@@ -381,190 +314,6 @@ def _moves_no_data(func: Any, name: str, ins: Sequence[Any], outs: Sequence[Any]
 
 
 COMPLEX_PRODUCTS = {"aten.mul": formulas.COMPLEX_MUL_FLOPS, "aten.div": formulas.COMPLEX_DIV_FLOPS}
-OVERWRITING_OPS = ("aten.fill_", "aten.zero_", "aten.copy_", "aten._foreach_zero_", "aten._foreach_copy_")
-# a new tensor like ``self``: none of its elements read (profiler round 19: randn_like(std), a VAE's reparameterisation
-# draw, was charged reading std besides writing the draw)
-LIKE_OPS = ("aten.new_zeros", "aten.new_ones", "aten.new_full", "aten.rand_like", "aten.randn_like",
-            "aten.randint_like")
-# Backward ops handed the forward's input for its shape alone: their kernels read dy (and the max indices) and write
-# the input gradient, never the input's values (profiler round 18: a ResNet stem's max pool backward was charged its
-# (N, C, H, W) input too, more than doubling what it reads; an average pool's backward read 1 + H*W/taps times its dy).
-SHAPE_ONLY_SELF = frozenset(
-    [f"aten.{kind}_pool{d}d_backward" for kind in ("avg", "_adaptive_avg", "adaptive_max", "fractional_max")
-     for d in (2, 3)]
-    + [f"aten.max_pool{d}d_with_indices_backward" for d in (2, 3)]
-    + [f"aten.{kind}_pad{d}d_backward" for kind in ("reflection", "replication") for d in (1, 2, 3)]
-    # NLL's backward writes -w[t] * dy at each target of a zeroed gradient: the log-probabilities are its shape alone
-    # (profiler round 19: a (N, C, H, W) segmentation loss's backward was charged reading them all)
-    + ["aten.nll_loss_backward", "aten.nll_loss2d_backward"])
-
-
-def _overwrites(func: Any) -> bool:
-    """An in-place op that replaces its destination's values without reading them."""
-    import torch
-
-    name = str(func._overloadpacket)
-    return name in OVERWRITING_OPS or (
-        name.endswith("_") and torch.Tag.nondeterministic_seeded in getattr(func, "tags", ())
-    )
-
-
-def _written_arguments(func: Any, args: tuple, kwargs: dict) -> list[Any]:
-    """The tensors an op's schema marks as written (``Tensor(a!)``): what an in-place op that returns nothing
-    (``_foreach_add_``, whose result is ``()``) writes."""
-    return _tensors([_argument(func, args, kwargs, a.name) for a in func._schema.arguments
-                     if a.alias_info is not None and a.alias_info.is_write])
-
-
-def _out_arguments(func: Any, kwargs: dict) -> list[Any]:
-    """The tensors an ``out=`` variant writes its result into (keyword-only, written)."""
-    return _tensors(
-        [kwargs.get(a.name) for a in func._schema.arguments if a.kwarg_only and a.alias_info and a.alias_info.is_write]
-    )
-
-
-# Lookups that read only the rows they gather: (table argument, index argument, rows' leading dims).
-# A huge embedding table read for a few tokens moves those tokens' rows, not the table.
-GATHERS: dict[str, tuple[str, str]] = {
-    "aten.embedding": ("weight", "indices"),
-    "aten._embedding_bag": ("weight", "indices"),
-    "aten._embedding_bag_forward_only": ("weight", "indices"),
-    "aten.index_select": ("self", "index"),
-    # torch.gather / torch.take read one element of ``self`` per index element (profiler round 17: a mixture-of-depths
-    # router gathering K of T tokens was charged the whole (B, T, D) activation; index_select was not)
-    "aten.gather": ("self", "index"),
-    "aten.take": ("self", "index"),
-    # NLL picks the log-probability of each target (profiler round 19: cross-entropy over a (N, C, H, W) map, or a
-    # language model's vocabulary, was charged reading all C log-probabilities of each target)
-    "aten.nll_loss_forward": ("self", "target"),
-    "aten.nll_loss2d_forward": ("self", "target"),
-}
-# of GATHERS: one element per index element, not a slice
-ELEMENT_GATHERS = ("aten.gather", "aten.take", "aten.nll_loss_forward", "aten.nll_loss2d_forward")
-# Advanced indexing (x[idx], x[mask], x[:, idx]; masked_select, x[mask] by another name) reads one element of ``self``
-# per element it returns (at most what self holds) and its index tensors (profiler round 19: x[idx] taking 5 rows of
-# a (1000, 8) table was charged all 32000 bytes of it, though torch.gather and index_select were charged only what
-# they take)
-INDEXING = ("aten.index", "aten._unsafe_index", "aten.masked_select")
-
-
-def _indexed_bytes(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
-    """Bytes an advanced index (``INDEXING``) or a view's copy reads: the elements it returns, at most all ``self``
-    holds, and its index tensors (a boolean mask whole)."""
-    source = _argument(func, args, kwargs, "self")
-    indices = [t for t in _tensors((args, kwargs)) if t is not source]
-    taken = sum(_numel(t) for t in _tensors(out)) * source.element_size()
-    return min(taken, _held_bytes(source)) + _nbytes(indices)
-
-
-def _gathered_bytes(func: Any, args: tuple, kwargs: dict, table_arg: str, index_arg: str) -> float:
-    """Bytes a lookup reads: its index, and one row of the table per index (at most the whole table), plus
-    every other tensor argument (offsets, per-sample weights)."""
-    table, index = _argument(func, args, kwargs, table_arg), _argument(func, args, kwargs, index_arg)
-    others = [t for t in _tensors((args, kwargs)) if t is not table and t is not index]
-    if str(func._overloadpacket) in ELEMENT_GATHERS:
-        row = 1
-    elif table_arg == "self":  # index_select: whole slices along dim
-        dim = int(_argument(func, args, kwargs, "dim")) % max(table.dim(), 1)
-        row = table.numel() // max(table.shape[dim], 1) if table.dim() else 1
-    else:
-        row = table.shape[-1] if table.dim() else 1
-    bag = "embedding_bag" in str(func._overloadpacket)  # an EmbeddingBag's padding entries read no row
-    rows = min((counting_rules.bag_entries(func, args, kwargs) if bag else index.numel()) * row, table.numel())
-    # at most what the table holds: a gather from an expanded view reads its held elements, not the view's
-    return min(rows * table.element_size(), _held_bytes(table)) + _nbytes([index]) + _nbytes(others)
-
-
-# In-place scatters into part of a tensor (a KV cache written one token at a time, a histogram): they write, and
-# where they accumulate read, only the elements they touch, not the whole destination. By how the touched
-# elements are found: "slices" along ``dim`` (one per index), "index" (one per index element), "indices" (an
-# advanced index's positions, index_put_), "rows" (a table's distinct rows, embedding_renorm_).
-SCATTERS_IN_PLACE: dict[str, str] = {
-    **{f"aten.{op}": "slices" for op in ("index_copy_", "index_add_", "index_fill_", "index_reduce_")},
-    **{f"aten.{op}": "index" for op in ("scatter_", "scatter_add_", "scatter_reduce_", "put_")},
-    **{f"aten.{op}": "indices" for op in ("index_put_", "_index_put_impl_")},
-    # nn.Embedding(max_norm=...) renorms the rows it looks up, in place: each distinct row read for its norm and
-    # rescaled, not the whole table (profiler round 12: a 50k-row table was read and written in full every call)
-    "aten.embedding_renorm_": "rows",
-}
-# in-place scatters that read the elements they write (an add into them, a row's norm before its rescale)
-ACCUMULATING_SCATTERS = (
-    "aten.index_add_", "aten.index_reduce_", "aten.scatter_add_", "aten.scatter_reduce_", "aten.embedding_renorm_",
-)
-
-
-def _touched(func: Any, args: tuple, kwargs: dict, how: str) -> int:
-    """Elements of ``self`` an in-place scatter writes (``SCATTERS_IN_PLACE``)."""
-    import torch
-
-    arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
-    dest = arg("self")
-    if how == "slices":
-        dim = int(arg("dim")) % max(dest.dim(), 1)
-        return dest.numel() // max(dest.shape[dim], 1) * _numel(arg("index")) if dest.dim() else 1
-    if how == "index":
-        return _numel(arg("index"))
-    if how == "rows":  # embedding_renorm_: whole rows of the table, each distinct index once
-        return counting_rules.distinct_rows(arg("indices")) * (dest.shape[-1] if dest.dim() else 1)
-    # index_put_: the broadcast positions of the tensor indices (a boolean mask stands for its true elements, over
-    # as many dims as it has) times the dims left unindexed.
-    count, dims, positions = 1, 0, []
-    for index in arg("indices"):
-        if index is None:  # a full slice of that dim
-            count *= dest.shape[dims]
-            dims += 1
-        elif index.dtype in (torch.bool, torch.uint8):
-            positions.append((int(index.sum()),))
-            dims += index.dim()
-        else:
-            positions.append(tuple(index.shape))
-            dims += 1
-    broadcast = torch.broadcast_shapes(*positions) if positions else ()
-    return count * math.prod(broadcast) * math.prod(dest.shape[dims:])
-
-
-def _scattered_bytes(func: Any, args: tuple, kwargs: dict, how: str) -> tuple[float, float]:
-    """(read, written) of an in-place scatter: its indices, its source up to the touched elements (a larger src
-    is read only that far), the touched elements written, and read too where they accumulate."""
-    arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
-    dest = arg("self")
-    touched = _touched(func, args, kwargs, how) * dest.element_size()
-    source = next((s for s in (arg("source"), arg("src"), arg("values")) if s is not None and hasattr(s, "dim")),
-                  None)
-    name = str(func._overloadpacket)
-    accumulate = name in ACCUMULATING_SCATTERS or bool(arg("accumulate")) or (
-        name == "aten.scatter_" and arg("reduce") is not None
-    )
-    indices = [t for t in _tensors((args, kwargs)) if t is not dest and t is not source]
-    read = _nbytes(indices) + (min(_nbytes([source]), touched) if source is not None else 0)
-    return read + (touched if accumulate else 0), touched
-
-
-def _packed_bytes(obj: Any) -> float:
-    """Bytes of the packed weights among an op's arguments: script objects, no tensors, whose weights are read all
-    the same (quantized::linear's LinearPackedParamsBase, unpacked; a quantized LSTM's CellParamsBase, whose state
-    holds each gate matrix's packed parameters)."""
-    import torch
-
-    held: list[Any] = []
-    stack: list[tuple[Any, bool]] = [(obj, False)]  # (value, inside a script object)
-    while stack:
-        x, packed = stack.pop()
-        if isinstance(x, list | tuple):
-            stack.extend((v, packed) for v in x)
-        elif isinstance(x, Mapping):
-            stack.extend((v, packed) for v in x.values())
-        elif isinstance(x, torch.Tensor):
-            if packed and x.layout == torch.strided:  # tensors outside script objects are counted as inputs
-                held.append(x)
-        elif isinstance(x, torch.ScriptObject):
-            try:
-                stack.append((x.unpack() if hasattr(x, "unpack") else x.__getstate__(), True))
-            except (RuntimeError, AttributeError):  # a packing this torch cannot open: its bytes are unknown
-                continue
-    return _nbytes(held)
-
-
 def _arg_shapes(func: Any, args: tuple, kwargs: dict) -> Shapes:
     """Shapes of the op's tensor arguments in schema order, as ``torch.profiler``'s ``record_shapes`` gives them.
 
@@ -649,7 +398,6 @@ def count_ops(step: Callable[[], Any]) -> dict[OpKey, _Count]:
     except TypeError as e:
         raise ProfileError(f"step={getattr(step, '__qualname__', step)!r} needs arguments ({e}); expected a callable "
                            "taking no arguments (bind them: lambda: model(x))") from None
-    import torch
     from torch._ops import HigherOrderOperator
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -688,32 +436,12 @@ def count_ops(step: Callable[[], Any]) -> dict[OpKey, _Count]:
             c = counts[name, _arg_shapes(func, args, kwargs)]
             c.calls += 1
             ins = _tensors((args, kwargs))
-            outs = _tensors(out) or _written_arguments(func, args, kwargs)  # an in-place op returning nothing
+            # an in-place op returning nothing: the arguments it writes
+            outs = _tensors(out) or counting_bytes._written_arguments(func, args, kwargs)
             if not _moves_no_data(func, name, ins, outs):
-                ins = [t for t in ins if not any(t is o for o in _out_arguments(func, kwargs))]  # written, not read
-                if _overwrites(func) or str(func._overloadpacket) in LIKE_OPS:
-                    # fill_, copy_, a random draw in place: the destination is written, not read; new_zeros reads
-                    # its argument's dtype and device, not its elements
-                    dest = _tensors(_argument(func, args, kwargs, "self"))  # a list for a foreach op
-                    ins = [t for t in ins if not any(t is d for d in dest)]
-                if str(func._overloadpacket) in SHAPE_ONLY_SELF:
-                    shape_only = _argument(func, args, kwargs, "self")
-                    ins = [t for t in ins if t is not shape_only]
-                gathered = GATHERS.get(str(func._overloadpacket))
-                scattered = SCATTERS_IN_PLACE.get(str(func._overloadpacket))
-                sparse = counting_optim.sparse_into_dense(func, args, kwargs)  # dense.add_(sparse): rows touched
-                if scattered is not None or (sparse is not None and sparse[1] is not None):
-                    read, written = _scattered_bytes(func, args, kwargs, scattered) if sparse is None else sparse[1:]
-                    c.bytes_read += read
-                    c.bytes_written += written
-                elif str(func._overloadpacket) in INDEXING or torch.Tag.view_copy in getattr(func, "tags", ()):
-                    # a view's copy (narrow_copy, select_copy: functionalized graphs) reads the view's elements alone
-                    c.bytes_read += _indexed_bytes(func, args, kwargs, out)
-                    c.bytes_written += _nbytes(outs)
-                else:
-                    c.bytes_read += _nbytes(ins) if gathered is None else _gathered_bytes(func, args, kwargs, *gathered)
-                    c.bytes_written += _nbytes(outs)
-                c.bytes_read += _packed_bytes((args, kwargs))
+                read, written = counting_bytes.op_bytes(func, args, kwargs, out, ins, outs)
+                c.bytes_read += read
+                c.bytes_written += written
             c.flops += _flops(func, args, kwargs, out)
             if str(func._overloadpacket) in VALUES_ONLY_CALLERS:
                 c.mode_vector_flops.append(vectors_for_the_mode(func, args, kwargs, out))
