@@ -555,10 +555,14 @@ def _held(desc: ModelDesc, layer_ids: list[int], tp: int, base: int = 0) -> _Hel
         # bytes per element where describe_module counted them (a bf16 frozen base under f32 adapters)
         share = n / layer.params if layer.params else 0.0
         frozen_bytes = (layer.frozen_bytes or layer.frozen * size) * share
+        # the layer's own byte count times its share, not n x (param_bytes / params): that quotient rounded, and a
+        # layer of bf16 and f32 parameters (90 elements, 220 bytes) was predicted 220.00000000000003 bytes, over a
+        # memory limit of exactly the bytes a real step holds (the limit is inclusive)
+        mine_bytes = layer.param_bytes * share if layer.param_bytes and layer.params else n * size
         elements += n
         trained += n - layer.frozen * share
-        nbytes += n * size
-        trained_bytes += n * size - frozen_bytes
+        nbytes += mine_bytes
+        trained_bytes += mine_bytes - frozen_bytes
         tensors += layer.tensors
         trained_tensors += layer.tensors - layer.frozen_tensors
     mine = {base + i for i in layer_ids}
