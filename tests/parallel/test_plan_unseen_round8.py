@@ -170,7 +170,7 @@ def test_tensor_parallelism_of_a_measured_mlp_is_refused_by_name(frozen):
         predict(Plan(batch=6, tp=2), desc, Unit(desc), FREE)
 
 
-# ---- buffers only, a ParameterList ------------------------------------------------------------------------------------
+# ---- buffers only, a ParameterList -----------------------------------------------------------------------------------
 
 class Scale(nn.Module):
     def __init__(self):
@@ -186,8 +186,9 @@ def test_a_model_of_buffers_only_holds_its_buffers_and_nothing_else():
     gradient or optimizer state under any plan (ZeRO owns ceil(0 / dp) = 0 elements)."""
     desc = describe_module(nn.Sequential(Scale(), Scale()), torch.randn(4, 6))
     assert [(layer.params, layer.buffer_bytes) for layer in desc.layers] == [(0, 24.0), (0, 24.0)]
-    for plan, buffers in ((Plan(batch=4), [48]), (Plan(batch=4, dp=2, zero=1), [48]), (Plan(batch=4, dp=2, zero=2), [48]),
-                          (Plan(batch=4, dp_shard=2), [48]), (Plan(batch=4, pp=2, microbatches=2), [24, 24])):
+    for plan, buffers in ((Plan(batch=4), [48]), (Plan(batch=4, dp=2, zero=1), [48]),
+                          (Plan(batch=4, dp=2, zero=2), [48]), (Plan(batch=4, dp_shard=2), [48]),
+                          (Plan(batch=4, pp=2, microbatches=2), [24, 24])):
         mem = predict(plan, desc, Unit(desc), FREE).memory
         assert [m["buffers"] for m in mem] == buffers, plan.label()
         assert all(m[k] == 0 for m in mem for k in KEYS), plan.label()
