@@ -35,7 +35,7 @@ import torch
 
 from tilestack.backends.base import check_cuda_grid
 from tilestack.config import knobs
-from tilestack.errors import LaunchError, TraceError, TunableError
+from tilestack.errors import LaunchError, TilestackError, TraceError, TunableError
 from tilestack.ir.cost import Cost, ScalarMachine, grid_of, grid_plan, kernel_cost
 from tilestack.ir.nodes import KernelIR, Param
 from tilestack.ir.ops import Op
@@ -44,6 +44,8 @@ from tilestack.ir.verify import verify
 from tilestack.lang.launch import refuse_grad_output
 from tilestack.lang.tiles import GlobalTensor, Scalar, as_scalar
 from tilestack.lang.trace import Tracer, current_or_none, set_current, user_line
+
+_PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep   # src/tilestack/
 
 MAX_LAUNCHERS = 4096   # launch signatures remembered per kernel
 
@@ -395,7 +397,26 @@ class Kernel:
                     raise TraceError(f"{self.name}: grid axis {k} is {what}; expected a number of programs, an int "
                                      "or index Scalar (sizes divide with // or ts.cdiv; `/` makes a float)", self.where)
             grid_values = tuple(as_scalar(g).v for g in grid)
-            self.fn(*handles, **consts)
+            try:
+                returned = self.fn(*handles, **consts)
+            except RecursionError as e:
+                # (a helper calling itself without end: Python's bare RecursionError named neither the kernel nor
+                # the line that started the recursion)
+                raise TraceError(f"kernel {self.name}: tracing it recursed past Python's limit ({e}); a kernel and "
+                                 "the helpers it calls are traced by running them, so recursion must end on "
+                                 "compile-time values (constants, shapes), never on a runtime value", self.where) from e
+            except Exception as e:
+                # A plain Python error from the author's code or a helper it calls (not one of tilestack's, which name
+                # the line already): keep its type, but say which kernel was being traced, and from which line.
+                if not isinstance(e, TilestackError):
+                    e.add_note(f"(raised while tracing kernel {self.name}, at {_raising_user_line(e, self.fn)})")
+                raise
+            if returned is not None:
+                # A kernel writes its outputs through ts.store; a returned tile or number was dropped silently, the
+                # caller's output left unwritten (as a Triton @jit kernel refuses a return value, so does this).
+                raise TraceError(f"kernel {self.name} returned {type(returned).__name__} {_short(returned)}; a "
+                                 "kernel returns nothing: write its results into an output tensor with "
+                                 "ts.store(Out, tile, at=...)", self.where)
             if tr.loops:
                 raise TraceError("a ts.range loop was left early (break/return); tile loops run to the end",
                                  tr.loops[-1].where)
@@ -426,6 +447,29 @@ class Kernel:
 
     def __repr__(self) -> str:
         return f"<tilestack kernel {self.name} at {self.where}>"
+
+
+def _short(x) -> str:
+    """repr of ``x`` cut to 60 characters (a returned tile's repr is its type)."""
+    r = repr(x)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _raising_user_line(e: BaseException, fn: Callable) -> str:
+    """``file.py:12`` of the innermost frame of ``e``'s traceback outside tilestack (the author's raising line),
+    and the kernel's own line that called it when that is another (``helpers.py:3, called from k.py:20``)."""
+    tb, kernel_line, inner = e.__traceback__, "", ""
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        here = f"{os.path.basename(code.co_filename)}:{tb.tb_lineno}"
+        if code is getattr(fn, "__code__", None):
+            kernel_line = here
+        if not os.path.abspath(code.co_filename).startswith(_PKG_DIR):
+            inner = here
+        tb = tb.tb_next
+    if not inner:
+        return kernel_line or "<unknown>"
+    return inner if inner == kernel_line or not kernel_line else f"{inner}, called from {kernel_line}"
 
 
 def _runtime_steps(ir: KernelIR) -> list[tuple[list, Any, str]]:
