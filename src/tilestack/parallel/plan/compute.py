@@ -25,6 +25,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import numbers
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -634,14 +635,21 @@ class RooflineCompute(ComputeModel):
                                 "FLOP/s by dtype, such as {'bf16': 9.9e14}")
             spec = PeakSpec(key=label.lower(), label=label, patterns=(), flops=dict(flops),
                             bandwidth=spec["bandwidth"], source="given")
+        # numpy's numbers are numbers (figures computed with numpy, np.float32(9.9e14) or np.int64, were refused as
+        # "expected a positive finite FLOP/s", as search's memory limits once were); each is kept as a Python float
+        # (np.bool_ is no numbers.Real; a bool is refused by name)
+        def real(v: Any) -> bool:
+            return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
         for dt, v in spec.flops.items():
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+            if not real(v):
                 raise PlanError(f"RooflineCompute: device's flops[{dt!r}]={v!r} ({spec.label}); expected a positive "
                                 "finite FLOP/s")
         bw = spec.bandwidth
-        if isinstance(bw, bool) or not isinstance(bw, int | float) or not math.isfinite(bw) or bw <= 0:
+        if not real(bw):
             raise PlanError(f"RooflineCompute: device's bandwidth={bw!r} ({spec.label}); expected positive finite "
                             "bytes/s")
+        spec = dataclasses.replace(spec, flops={dt: float(v) for dt, v in spec.flops.items()}, bandwidth=float(bw))
         if self.dtype not in spec.flops:
             raise PlanError(f"RooflineCompute: dtype={self.dtype!r} for {spec.label}; expected one its flops give: "
                             f"{sorted(spec.flops)}")
