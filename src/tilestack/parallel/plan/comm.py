@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import statistics
 import time
 from collections.abc import Sequence
@@ -282,16 +283,23 @@ class ClusterComm(CommModel):
             super().__post_init__()
         if not isinstance(self.intra, CommModel):
             raise PlanError(f"ClusterComm: intra={self.intra!r}; expected the CommModel of a node's own links")
+        # numpy's numbers are numbers (np.int64 nodes from a mesh's shape, an np.float32 bandwidth were refused as
+        # "expected a positive int" / "a finite number", where search takes them as world sizes and limits); each is
+        # kept as a Python int / float. (np.bool_ is neither numbers.Integral nor numbers.Real.)
         for arg in ("gpus_per_node", "nodes"):
             v = getattr(self, arg)
-            if (v is not None or arg != "nodes") and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            if (v is not None or arg != "nodes") and (
+                    not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1):
                 raise PlanError(f"ClusterComm: {arg}={v!r}; expected a positive int"
                                 f"{' (or None: as many nodes as a plan needs)' if arg == 'nodes' else ''}")
+            if v is not None:
+                setattr(self, arg, int(v))
         for arg in ("inter_alpha", "inter_bytes_per_s"):
             v = getattr(self, arg)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0 or (
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0 or (
                     arg == "inter_bytes_per_s" and v == 0):
                 raise PlanError(f"ClusterComm: {arg}={v!r}; expected a finite number >= 0 (bandwidth > 0)")
+            setattr(self, arg, float(v))
 
     def check_world(self, where: str, world_size: int, *, exact: bool) -> None:
         """PlanError when ``world_size`` ranks do not fit the cluster's ``nodes`` x ``gpus_per_node`` GPUs: more
