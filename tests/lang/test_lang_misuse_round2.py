@@ -25,7 +25,7 @@ import torch
 from heldout_support import BACKENDS, launch
 
 import tilestack.lang as ts
-from tilestack.errors import BackendError, LaunchError, TileDTypeError, TileShapeError, TraceError
+from tilestack.errors import BackendError, LaunchError, TileShapeError, TraceError
 
 FILE = os.path.basename(__file__)
 
