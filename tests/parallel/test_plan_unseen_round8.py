@@ -3,10 +3,10 @@
 Models (defined here): a layer of bf16 weights and an f32 LayerNorm whose forward takes a keyword and returns a
 tuple (a tensor and an int), under a head whose weight is frozen; an MLP whose first layer is frozen; a model of
 buffers only (no parameter at all); a model whose parameters sit in an ``nn.ParameterList`` (no layer of their own);
-a GPT of 4 blocks counted by formula. Parameters, gradients, AdamW's moments and ZeRO's f32 master are counted by
-hand for one rank and under dp (ZeRO-1 / -2 over 2, 3 and 4 ranks), FSDP, tp and pp, against ``predict``'s
-breakdown, and against a real AdamW step where one rank holds it all; a memory limit exactly at a plan's predicted
-peak fits, one byte less does not.
+a GPT of 4 blocks counted by formula; a frozen embedding tied to the head across a pipeline cut. Parameters,
+gradients, AdamW's moments and ZeRO's f32 master are counted by hand for one rank and under dp (ZeRO-1 / -2 over 2,
+3, 4 and 5 ranks), FSDP, tp and pp, against ``predict``'s breakdown, and against a real AdamW step where one rank
+holds it all; a memory limit exactly at a plan's predicted peak fits, one byte less does not.
 
 Found and fixed (each test below failed first):
 - a layer of parameters of several dtypes (70 bf16 and 20 f32 elements, 220 bytes) was predicted to hold
@@ -273,3 +273,38 @@ def test_gpt_zero_master_and_moments_per_rank_by_hand(zero, dp, pp, grads, owned
     mem = _mem(plan, gpt)
     assert [m["gradients"] for m in mem] == [g * FP32 for g in grads]
     assert [m["optimizer"] for m in mem] == [n * 3 * FP32 for n in owned]
+
+
+# ---- a frozen weight tied across a pipeline ------------------------------------------------------------------------
+
+class FrozenTiedLM(nn.Module):
+    """Embedding(10, 4) whose weight (40, frozen) is the head's too, and a trained Linear(4, 4) (20) between."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.mid = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight
+        self.emb.weight.requires_grad_(False)
+
+    def forward(self, x):
+        return self.head(self.mid(self.emb(x)))
+
+
+def test_a_frozen_tied_weight_is_held_by_both_stages_without_gradient_or_state():
+    """One rank: 60 elements (240 bytes), 20 trained (80 bytes of gradients, 160 of moments), what a real AdamW step
+    holds. Cut before the head: rank 1 holds a copy of the frozen weight (160 bytes) and nothing else; ZeRO-1 over
+    2 on that cut: rank 0 (emb, frozen) owns no master, rank 1 ceil(20 / 2) = 10 elements of mid's."""
+    torch.manual_seed(4)
+    module, x = FrozenTiedLM(), torch.randint(0, 10, (4, 3))
+    desc = describe_module(module, x)
+    assert [(layer.params, layer.frozen, [(p.owner, p.numel, p.trained) for p in layer.shared])
+            for layer in desc.layers] == [(40, 40, []), (20, 0, []), (0, 0, [(0, 40, False)])]
+    params, grads, state = _adamw_step(module, x)
+    assert _mem(Plan(batch=4), desc) == [{"parameters": params, "gradients": grads, "optimizer": state}]
+    assert (params, grads, state) == (240, 80, 160)
+    assert _mem(Plan(batch=4, pp=2, microbatches=2, bounds=(0, 2, 3)), desc) == [
+        {"parameters": 240, "gradients": 80, "optimizer": 160}, {"parameters": 160, "gradients": 0, "optimizer": 0}]
+    assert _mem(Plan(batch=4, pp=2, dp=2, zero=1, microbatches=2, bounds=(0, 1, 3)), desc) == [
+        {"parameters": 160, "gradients": 0, "optimizer": 0}, {"parameters": 240, "gradients": 80, "optimizer": 120}]
