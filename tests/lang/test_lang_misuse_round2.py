@@ -11,7 +11,13 @@ What this round found (fixed in src/tilestack/lang/kernel.py, each kept as its t
 - a helper that recursed without end gave Python's bare RecursionError, naming neither kernel nor line; now a
   TraceError naming the kernel;
 - a helper that raised a plain Python error (a ValueError of the user's) surfaced with no word of which kernel was
-  traced; the error keeps its type and gets a note naming the kernel, the raising line and the kernel line calling it.
+  traced; the error keeps its type and gets a note naming the kernel, the raising line and the kernel line calling it;
+- (src/tilestack/backends/triton/codegen.py) a constant tile coordinate whose product with the tile size passes int32
+  (at=(R, 0), R=2**27) failed deep inside Triton's interpreter, for loads ("Scalar 2147483648 is out of range for type
+  int32") and stores ("Block pointers only support 32 bit offsets"); now 64-bit / saturated: zeros read, nothing
+  written, as on the reference.
+Left as a strict xfail: a coordinate from a runtime int argument whose product with the tile size passes int32 wraps
+on Triton and reads rows inside the tensor (see the test).
 """
 
 from __future__ import annotations
@@ -182,13 +188,64 @@ def load_far_rows(X, Y, *, BM: int = 16, R: int = 2**24):
     ts.store(Y, t, at=(0, 0))
 
 
+@ts.kernel(grid=(1,))
+def store_far_rows(X, Y, *, BM: int = 16, R: int = 2**24, ATOMIC: bool = False):
+    t = ts.RegTile[ts.f32, BM, 16]()
+    ts.load(t, X, at=(0, 0))
+    if ATOMIC:
+        ts.atomic_add(Y, t, at=(R, 0))
+    else:
+        ts.store(Y, t, at=(R, 0))
+
+
+@ts.kernel(grid=(1,))
+def load_rows_given_at_launch(X, Y, r: int, *, BM: int = 16):
+    t = ts.RegTile[ts.f32, BM, 16]()
+    ts.load(t, X, at=(r, 0))
+    ts.store(Y, t, at=(0, 0))
+
+
+def counting(rows=32) -> torch.Tensor:
+    return torch.arange(rows * 16, dtype=torch.float32).reshape(rows, 16) + 1     # no zero anywhere
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_tile_index_whose_element_offset_passes_2_31_reads_out_of_bounds_zeros_not_wrapped_rows(backend):
-    """Tile row 2**24 of a (32, 16) tensor: element offset 2**24 * 16 * 16 = 2**32, which an int32 offset wraps to 0
-    (row 0's data, a silent wrong answer); the load is out of bounds, so masked: zeros (as any tile past the edge)."""
-    x = torch.arange(32 * 16, dtype=torch.float32).reshape(32, 16) + 1     # no zero anywhere
+@pytest.mark.parametrize("r", [2**24, 2**27, 2**31, 2**32, -2**32])
+def test_a_constant_tile_row_past_int32_loads_out_of_bounds_zeros(backend, r):
+    """Tile row R of a (32, 16) tensor: R * 16 (the first element row) past int32 for R >= 2**27, and the element
+    offset past it from 2**24 on (2**24 * 16 * 16 = 2**32, which an int32 offset wraps to 0: row 0's data). The load
+    is outside the tensor, so masked: zeros, as any tile past the edge. Fixed: from R=2**27 Triton's interpreter
+    failed deep inside Triton ("Scalar 2147483648 is out of range for type int32")."""
     y = nan(16, 16)
-    launch(load_far_rows, backend, x, y)
+    launch(load_far_rows, backend, counting(), y, R=r)
+    assert torch.equal(y, torch.zeros(16, 16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("atomic", [False, True], ids=["store", "atomic_add"])
+@pytest.mark.parametrize("r", [2**27, 2**32, -2**32])
+def test_a_constant_tile_row_past_int32_stores_nothing(backend, atomic, r):
+    """Fixed: the store's copy-engine coordinate R * 16 failed deep inside Triton's interpreter ("Block pointers
+    only support 32 bit offsets"); saturated into int32 it stays past the tensor, and nothing is written."""
+    y = nan(32, 16)
+    launch(store_far_rows, backend, counting(), y, R=r, ATOMIC=atomic)
+    assert untouched(y)
+
+
+@pytest.mark.parametrize("backend", [
+    "reference",
+    pytest.param("triton", marks=pytest.mark.xfail(strict=True, reason=(
+        "a tile coordinate computed from a runtime int argument is scaled by the tile size in 32 bits: r = 2**28 "
+        "(an int32 argument) times BM=16 is 2**32, which wraps to 0, so the load passes its mask and reads rows "
+        "0-15 of X where the reference reads zeros past the tensor (a silent wrong answer, on a GPU too). "
+        "backends/triton/codegen.py widens only coordinates read from memory (ir.scalars.from_memory) or of globals "
+        "whose own offsets need 64 bits; widening every int-argument-derived coordinate changes the address math of "
+        "every kernel with an int argument (varlen lengths, sizes), for the Gluon backend and TMA too: not a small "
+        "fix"))),
+])
+def test_a_runtime_tile_row_whose_product_with_the_tile_passes_int32_reads_zeros(backend):
+    y = nan(16, 16)
+    launch(load_rows_given_at_launch, backend, counting(), y, 2**28)
     assert torch.equal(y, torch.zeros(16, 16))
 
 

@@ -235,7 +235,16 @@ class _Emitter:
         wide = self.global_index[g] in self.index64
 
         def coord(c: Value) -> str:
-            return f"tl.cast({self.name(c)}, tl.int64)" if wide or c in self.from_memory else self.name(c)
+            return f"tl.cast({self.name(c)}, tl.int64)" if wide or c in self.from_memory or big_literal(c) \
+                else self.name(c)
+
+        def big_literal(c: Value) -> bool:
+            # a constant tile coordinate (at=(R, 0) with R a kernel constant) whose product with the tile size passes
+            # int32: Triton's interpreter multiplied the two literals as int32 and failed deep inside Triton ("Scalar
+            # 2147483648 is out of range for type int32"); in 64 bits the row is past the tensor and masked, as on
+            # the reference executor
+            text = self.name(c)
+            return c in self.consts and text.lstrip("-").isdigit() and abs(int(text)) * max(shape) > INT32_MAX
 
         terms = [f"{coord(c)} * {gname}_s{a}" for a, c in enumerate(coords[:lead])]
         offs, masks = [], []
@@ -262,11 +271,22 @@ class _Emitter:
         block = (1,) * (g.type.rank - len(shape)) + tuple(shape)
         return self.descriptors[(self.global_index[g], block)], block
 
+    def saturated_literal(self, c: Value, n: int) -> str:
+        """The copy-engine coordinate ``c * n`` as a literal saturated into int32 where ``c`` is a constant whose
+        product passes int32 ('' otherwise). A constant tile coordinate far past the tensor (at=(R, 0), R=2**27)
+        made Triton's interpreter fail deep inside Triton ("Block pointers only support 32 bit offsets"); saturated,
+        it stays outside the tensor, so the store writes nothing, as on the reference executor."""
+        text = self.name(c)
+        if c not in self.consts or not text.lstrip("-").isdigit():
+            return ""
+        v = int(text) * n
+        return "" if -INT32_MAX - 1 <= v <= INT32_MAX else str(min(max(v, -INT32_MAX - 1), INT32_MAX))
+
     def tma_offsets(self, coords: tuple[Value, ...], shape: tuple[int, ...]) -> str:
         lead = len(coords) - len(shape)
         scale = (1,) * lead + tuple(shape)
         offs = [engine_coord(self.name(c), n, "tl") if c in self.from_memory
-                else self.name(c) if a < lead else f"{self.name(c)} * {n}"
+                else self.saturated_literal(c, n) or (self.name(c) if a < lead else f"{self.name(c)} * {n}")
                 for a, (c, n) in enumerate(zip(coords, scale, strict=True))]
         return "[" + ", ".join(offs) + "]"
 
