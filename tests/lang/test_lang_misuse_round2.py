@@ -12,10 +12,12 @@ What this round found (fixed in src/tilestack/lang/kernel.py, each kept as its t
   TraceError naming the kernel;
 - a helper that raised a plain Python error (a ValueError of the user's) surfaced with no word of which kernel was
   traced; the error keeps its type and gets a note naming the kernel, the raising line and the kernel line calling it;
-- (src/tilestack/backends/triton/codegen.py) a constant tile coordinate whose product with the tile size passes int32
+- (src/tilestack/backends/triton/codegen.py, gluon/emitter.py) a constant tile coordinate whose product with the tile
+  size passes int32
   (at=(R, 0), R=2**27) failed deep inside Triton's interpreter, for loads ("Scalar 2147483648 is out of range for type
   int32") and stores ("Block pointers only support 32 bit offsets"); now 64-bit / saturated: zeros read, nothing
-  written, as on the reference.
+  written, as on the reference; through Gluon each was a CompilationError, now
+  they compile.
 Left as a strict xfail: a coordinate from a runtime int argument whose product with the tile size passes int32 wraps
 on Triton and reads rows inside the tensor (see the test).
 """
@@ -379,3 +381,16 @@ def test_a_kernel_returning_a_number_is_refused_before_its_store_runs(backend):
     with raises_at(TraceError, "returns_int", "kernel returns_a_number returned int 5"):
         launch(returns_a_number, backend, x32(32, 16), y)
     assert untouched(y)
+
+
+# ---- the Gluon backend's compile path -----------------------------------------------------------------------------
+@pytest.mark.parametrize("kern", [load_far_rows, store_far_rows], ids=["load", "store"])
+def test_a_constant_tile_row_past_int32_compiles_for_sm90a_through_gluon(kern):
+    """Fixed: 134217728 * 16 multiplied as int32 literals was a CompilationError deep inside Gluon ("Scalar
+    2147483648 is out of range for type int32"): the load's offsets are now 64-bit from the coordinate on, the store's
+    copy-engine coordinate saturated to 2**31 - 1 (past the tensor: nothing written); both compile (meta tensors)."""
+    from sm90a_compile import compile_gluon_sm90a
+    args = (torch.empty(32, 16, device="meta"), torch.empty(32, 16, device="meta"))
+    src = kern.trace(*args, R=2**27).source("gluon")
+    assert ("2147483647" in src) == (kern is store_far_rows)
+    compile_gluon_sm90a(kern, args, dict(R=2**27))

@@ -41,6 +41,18 @@ def engine_coord(x: str, n: int, ns: str) -> str:
     return f"{ns}.minimum({ns}.maximum({prod}, {-2**31}), {2**31 - 1}).to({ns}.int32)"
 
 
+def saturated_literal(text: str, n: int) -> str:
+    """The copy engine's coordinate ``x * n`` for a constant ``x`` (its literal ``text``) whose product passes int32,
+    as a literal saturated into the engine's 32-bit range; '' for any other (an expression, or a product in range).
+    A constant tile coordinate far past a tensor (at=(R, 0) with R=2**27) failed deep inside the DSLs (Triton's
+    interpreter: "Block pointers only support 32 bit offsets"; Gluon's compile a CompilationError); saturated, it
+    stays outside the tensor, so a store writes nothing, as on the reference executor."""
+    if not text.lstrip("-").isdigit():
+        return ""
+    v = int(text) * n
+    return "" if -2**31 <= v < 2**31 else str(min(max(v, -2**31), 2**31 - 1))
+
+
 WIDE_SYMBOLS = {"add": "+", "sub": "-", "mul": "*"}
 
 

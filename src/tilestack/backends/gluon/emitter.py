@@ -13,6 +13,7 @@ from tilestack.backends.python_dsl import (
     engine_coord,
     literal,
     param_names,
+    saturated_literal,
     scalar_templates,
     wide_index_op,
 )
@@ -392,7 +393,9 @@ class Emitter:
         expr = expr or self.name
         lead = len(coords) - len(shape)
         scale = (1,) * lead + tuple(shape)
-        offs = [engine_coord(expr(c), n, "gl") if c in self.from_memory else expr(c) if a < lead else f"{expr(c)} * {n}"
+        offs = [engine_coord(expr(c), n, "gl") if c in self.from_memory
+                else (c in self.consts and saturated_literal(expr(c), n))   # (a constant far past int32)
+                or (expr(c) if a < lead else f"{expr(c)} * {n}")
                 for a, (c, n) in enumerate(zip(coords, scale, strict=True))]
         return "[" + ", ".join(offs) + "]"
 
@@ -410,6 +413,10 @@ class Emitter:
             sl = f"gl.SliceLayout({1 - k}, {lname})" if len(shape) == 2 else lname
             c = coords[axis]     # (an index read from memory in 64 bits: its product must not wrap back inside)
             x = self.wide(c) if c in self.from_memory else self.name(c)
+            if c in self.consts and saturated_literal(x, n):
+                # a constant whose product with the tile size passes int32 (at=(R, 0), R=2**27): multiplied as
+                # int32 literals it failed Gluon's compile ("Scalar 2147483648 is out of range for type int32")
+                x = f"gl.cast({x}, gl.int64)"
             self.emit(f"{var} = ({x} * {n} + gl.arange(0, {n}, layout={sl})).to(gl.int64)")
             bc = ("[:, None]" if k == 0 else "[None, :]") if len(shape) == 2 else ""
             offs.append(f"{var}{bc} * {gname}_s{axis}")

@@ -22,6 +22,7 @@ from tilestack.backends.python_dsl import (
     literal,
     param_names,
     register_scalar_emitters,
+    saturated_literal,
     scalar_templates,
 )
 from tilestack.backends.triton.interp_helpers import BF16_HELPER, F8E4M3_HELPER, INT_SAT_HELPER, TF32_HELPER
@@ -271,22 +272,12 @@ class _Emitter:
         block = (1,) * (g.type.rank - len(shape)) + tuple(shape)
         return self.descriptors[(self.global_index[g], block)], block
 
-    def saturated_literal(self, c: Value, n: int) -> str:
-        """The copy-engine coordinate ``c * n`` as a literal saturated into int32 where ``c`` is a constant whose
-        product passes int32 ('' otherwise). A constant tile coordinate far past the tensor (at=(R, 0), R=2**27)
-        made Triton's interpreter fail deep inside Triton ("Block pointers only support 32 bit offsets"); saturated,
-        it stays outside the tensor, so the store writes nothing, as on the reference executor."""
-        text = self.name(c)
-        if c not in self.consts or not text.lstrip("-").isdigit():
-            return ""
-        v = int(text) * n
-        return "" if -INT32_MAX - 1 <= v <= INT32_MAX else str(min(max(v, -INT32_MAX - 1), INT32_MAX))
-
     def tma_offsets(self, coords: tuple[Value, ...], shape: tuple[int, ...]) -> str:
         lead = len(coords) - len(shape)
         scale = (1,) * lead + tuple(shape)
         offs = [engine_coord(self.name(c), n, "tl") if c in self.from_memory
-                else self.saturated_literal(c, n) or (self.name(c) if a < lead else f"{self.name(c)} * {n}")
+                else (c in self.consts and saturated_literal(self.name(c), n))   # (a constant far past int32)
+                or (self.name(c) if a < lead else f"{self.name(c)} * {n}")
                 for a, (c, n) in enumerate(zip(coords, scale, strict=True))]
         return "[" + ", ".join(offs) + "]"
 
