@@ -449,3 +449,50 @@ def test_gluon_source_of_a_tile_no_power_of_two_is_refused_naming_the_tile():
     with raises_at(BackendError, "scale_load", "the gluon backend needs power-of-two tile sizes",
                    "load uses a RegTile[f32, 24, 16]"):
         traced.source("gluon")
+
+
+# ---- arguments of the wrong kind -------------------------------------------------------------------------------------
+@ts.kernel(grid=(1,))
+def copy_tile(X, Y, *, BM: int = 16):
+    t = ts.RegTile[ts.f32, BM, 16]()
+    ts.load(t, X, at=(0, 0))  # E:copy_tile_load
+    ts.store(Y, t, at=(0, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make_x, pattern", [
+    (lambda: xs().numpy(), r"copy_tile: argument X must be a torch.Tensor \(or ArgSpec to trace\), got ndarray"),
+    (lambda: xs().tolist(), r"copy_tile: argument X must be a torch.Tensor \(or ArgSpec to trace\), got list"),
+    (lambda: None, r"copy_tile: argument X must be a torch.Tensor \(or ArgSpec to trace\), got NoneType"),
+    (lambda: xs().to(torch.complex64), r"copy_tile: argument X has dtype torch.complex64, which tiles cannot hold"),
+], ids=["ndarray", "list", "None", "complex"])
+def test_an_input_that_is_no_tensor_tiles_hold_is_refused_naming_it(backend, make_x, pattern):
+    y = nan(32, 16)
+    with pytest.raises(LaunchError, match=pattern):
+        launch(copy_tile, backend, make_x(), y)
+    assert untouched(y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("x, rank", [(torch.tensor(1.0), 0), (torch.zeros(2, 32, 16), 3)], ids=["rank0", "rank3"])
+def test_an_input_of_another_rank_than_the_kernel_indexes_is_refused_at_the_load(backend, x, rank):
+    y = nan(32, 16)
+    with raises_at(TraceError, "copy_tile_load", f"load: at=(0, 0) has 2 coordinates but `X` has rank {rank}"):
+        launch(copy_tile, backend, x, y)
+    assert untouched(y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_expanded_output_whose_elements_share_memory_is_refused(backend):
+    y = torch.full((1, 16), math.nan).expand(32, 16)
+    with pytest.raises(LaunchError, match=r"copy_tile: output Y has shape \(32, 16\) and strides \(0, 1\): stride 0 "
+                                          r"on axis 0 .* stores to them race"):
+        launch(copy_tile, backend, xs(), y)
+    assert untouched(y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_empty_input_reads_as_zeros_past_its_edge(backend):
+    y = nan(32, 16)
+    launch(copy_tile, backend, torch.empty(0, 16), y)
+    assert torch.equal(y[:16], torch.zeros(16, 16)) and untouched(y[16:])
