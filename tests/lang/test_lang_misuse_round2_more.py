@@ -7,7 +7,9 @@ output, poisoned first, stays poisoned).
 Fixed in this round (src/tilestack/lang/kernel.py): a helper recursing without end gave Python's bare RecursionError
 (now a TraceError naming the kernel); a plain Python error raised by the author's helper carried no word of the
 kernel being traced (it keeps its type and gains a note naming the kernel, the raising line and the calling line).
-Left as a strict xfail: arguments whose memory partially overlaps, one stored to: the reference executor and Triton's
+Also fixed: ts.block_id(1) (or num_blocks) of a 1-D grid failed in the reference executor and kernel.cost with a bare
+IndexError; it is CUDA's 0 (1), as on Triton. Left as a strict xfail: arguments whose memory partially overlaps, one
+stored to: the reference executor and Triton's
 interpreter give different answers (see the test).
 """
 
@@ -496,3 +498,25 @@ def test_an_empty_input_reads_as_zeros_past_its_edge(backend):
     y = nan(32, 16)
     launch(copy_tile, backend, torch.empty(0, 16), y)
     assert torch.equal(y[:16], torch.zeros(16, 16)) and untouched(y[16:])
+
+
+# ---- a grid axis the kernel reads but the grid lacks -----------------------------------------------------------
+@ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))
+def reads_axis_1_of_a_1d_grid(X, Y, *, BM: int = 16):
+    """Y = 100 * block_id(1) + 10 * num_blocks(1) + num_blocks(2) over the program's row block of a 1-D grid."""
+    i = ts.block_id(0)
+    t = ts.RegTile[ts.f32, BM, 16]()
+    ts.fill(t, ts.block_id(1) * 100 + ts.num_blocks(1) * 10 + ts.num_blocks(2))
+    ts.store(Y, t, at=(i, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_block_id_of_an_axis_the_grid_lacks_is_cudas_0_on_every_backend(backend):
+    """Fixed: the reference executor indexed the grid with axis 1 of a 1-D grid and failed with a bare IndexError
+    (kernel.cost too), where Triton's tl.program_id(1) is 0 and tl.num_programs(1) is 1, as CUDA's blockIdx.y and
+    gridDim.y of a 1-D grid."""
+    x, y = xs(32, 16), nan(32, 16)
+    launch(reads_axis_1_of_a_1d_grid, backend, x, y)
+    assert torch.equal(y, torch.full((32, 16), 11.0))
+    cost = reads_axis_1_of_a_1d_grid.trace(x, y).cost(x, y)
+    assert cost.programs == 2 and cost.bytes_written == 32 * 16 * 4

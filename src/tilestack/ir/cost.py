@@ -125,7 +125,8 @@ class ScalarMachine:
         if not self.block_ids:
             raise ValueError("block_id: no program is running (the grid may use only argument sizes, scalars "
                              "and constants)")
-        return self.block_ids[axis]
+        # (an axis the grid lacks is CUDA's blockIdx.y of a 1-D grid: 0, as the backends run it; was an IndexError)
+        return self.block_ids[axis] if axis < len(self.block_ids) else 0
 
     def load_scalar(self, ins, srcs):
         """The element at ``srcs[1:]`` (ints, or arrays of them: one per instance), 0 outside the global."""
@@ -150,7 +151,7 @@ class ScalarMachine:
     def num_blocks(self, axis: int):
         if not self.grid:
             raise ValueError("num_blocks: the grid may use only argument sizes, scalars and constants")
-        return self.grid[axis]
+        return self.grid[axis] if axis < len(self.grid) else 1     # (an axis the grid lacks: 1, as CUDA's gridDim)
 
     def eval(self, ins) -> None:
         """Evaluate one scalar or argument instruction into ``values``."""

@@ -150,11 +150,13 @@ class _Program:
     def dim(self, ins: Instr) -> int:
         return self.arrays[self.arg_index[ins.srcs[0]]].shape[ins.attrs.axis]
 
+    # An axis the grid does not have (ts.block_id(1) in a 1-D grid) is CUDA's: blockIdx.y 0 of gridDim.y 1, as the
+    # Triton backend's tl.program_id(1) gives; indexing the grid tuple with it failed with a bare IndexError.
     def block_id(self, axis: int) -> int:
-        return int(self.pid[axis])
+        return int(self.pid[axis]) if axis < len(self.pid) else 0
 
     def num_blocks(self, axis: int) -> int:
-        return int(self.grid[axis])
+        return int(self.grid[axis]) if axis < len(self.grid) else 1
 
     def _region(self, g: np.ndarray, coords: list, tile_shape: tuple[int, ...]):
         """(index into g, index into the tile) for the part of the tile inside g, or None if none is."""
