@@ -8,8 +8,9 @@ Fixed in this round (src/tilestack/lang/kernel.py): a helper recursing without e
 (now a TraceError naming the kernel); a plain Python error raised by the author's helper carried no word of the
 kernel being traced (it keeps its type and gains a note naming the kernel, the raising line and the calling line).
 Also fixed: ts.block_id(1) (or num_blocks) of a 1-D grid failed in the reference executor and kernel.cost with a bare
-IndexError; it is CUDA's 0 (1), as on Triton. Left as a strict xfail: arguments whose memory partially overlaps, one
-stored to: the reference executor and Triton's
+IndexError; it is CUDA's 0 (1), as on Triton (reference executor, ir/cost.py). A wait_load on a SharedStages buffer no
+async_load had filled is now a TraceError (lang/explicit.py).
+Left as a strict xfail: arguments whose memory partially overlaps, one stored to: the reference executor and Triton's
 interpreter give different answers (see the test).
 """
 
@@ -520,3 +521,25 @@ def test_block_id_of_an_axis_the_grid_lacks_is_cudas_0_on_every_backend(backend)
     assert torch.equal(y, torch.full((32, 16), 11.0))
     cost = reads_axis_1_of_a_1d_grid.trace(x, y).cost(x, y)
     assert cost.programs == 2 and cost.bytes_written == 32 * 16 * 4
+
+
+# ---- a staged buffer waited on before any load fills it ------------------------------------------------------------
+@ts.kernel(grid=(1,))
+def waits_on_an_empty_ring(X, Y, *, S: int = 2):
+    ring = ts.SharedStages[ts.f32, S, 16, 16]()
+    t = ts.SharedTile[ts.f32, 16, 16]()
+    ts.wait_load(t, ring, 0)  # E:empty_ring
+    r = ts.RegTile[ts.f32, 16, 16]()
+    ts.copy(r, t)
+    ts.store(Y, r, at=(0, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_wait_on_a_ring_no_async_load_filled_is_refused(backend):
+    """Fixed: the reference executor stored the buffer's initial contents (no error), and the Triton backend refused
+    it as "this wait's load is elsewhere", naming neither the mistake nor the buffer."""
+    y = nan(16, 16)
+    with raises_at(TraceError, "empty_ring", "wait_load: `ring` is waited on before any async_load into it",
+                   "ts.async_load(ring, stage, X, at=...) first"):
+        launch(waits_on_an_empty_ring, backend, xs(), y)
+    assert untouched(y)

@@ -40,6 +40,7 @@ class Stages(Tile):
         ins = current("SharedStages").emit(Op.STAGES, (), (type_,), user_line(), hint=user_name(self))
         ins.result.buffer = self.uid
         self._value = ins.result
+        self.loaded = False     # whether an async_load into it has been traced yet (wait_load checks it)
 
 
 class _StagesFamily:
@@ -101,6 +102,7 @@ def async_load(buf: Stages, stage, src: GlobalTensor, at=None) -> None:
     s = _stage("async_load", buf, stage)
     coords = _coords("async_load", src, buf, at)      # buf's shape is one stage's
     _write(buf, Op.ASYNC_LOAD, (buf.value("async_load"), s.v, src.v) + coords, buf.shape, "async_load")
+    buf.loaded = True
 
 
 def wait_load(dst: Tile, buf: Stages, stage) -> None:
@@ -110,6 +112,12 @@ def wait_load(dst: Tile, buf: Stages, stage) -> None:
     if dst.type != buf.type.stage:
         raise MemorySpaceError(f"wait_load: dst `{_name(dst)}` is a {dst.type}; a stage of `{_name(buf)}` is a "
                                f"{buf.type.stage}", user_line())
+    if not buf.loaded:
+        # (a stage no async_load ever filled: the reference executor read the buffer's initial contents, the Triton
+        # backend refused it as "this wait's load is elsewhere", naming neither mistake nor buffer)
+        raise TraceError(f"wait_load: `{_name(buf)}` is waited on before any async_load into it; a stage is read "
+                         f"once an async_load has filled it: issue ts.async_load({_name(buf)}, stage, X, at=...) "
+                         "first (before the loop, for a ring primed ahead of it)", user_line())
     s = _stage("wait_load", buf, stage)
     _write(dst, Op.WAIT_LOAD, (buf.value("wait_load"), s.v), dst.shape, "wait_load")
 
