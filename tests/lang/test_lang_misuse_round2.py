@@ -12,12 +12,11 @@ What this round found (fixed in src/tilestack/lang/kernel.py, each kept as its t
   TraceError naming the kernel;
 - a helper that raised a plain Python error (a ValueError of the user's) surfaced with no word of which kernel was
   traced; the error keeps its type and gets a note naming the kernel, the raising line and the kernel line calling it;
-- (src/tilestack/backends/triton/codegen.py, gluon/emitter.py) a constant tile coordinate whose product with the tile
-  size passes int32
-  (at=(R, 0), R=2**27) failed deep inside Triton's interpreter, for loads ("Scalar 2147483648 is out of range for type
-  int32") and stores ("Block pointers only support 32 bit offsets"); now 64-bit / saturated: zeros read, nothing
-  written, as on the reference; through Gluon each was a CompilationError, now
-  they compile.
+- (src/tilestack/backends/triton/codegen.py, gluon/emitter.py, python_dsl.py) a constant tile coordinate whose
+  product with the tile size passes int32 (at=(R, 0), R=2**27) failed deep inside Triton's interpreter, for loads
+  ("Scalar 2147483648 is out of range for type int32") and stores ("Block pointers only support 32 bit offsets"), and
+  was a CompilationError through Gluon; now 64-bit (loads) or saturated into int32 (copy-engine stores): zeros read,
+  nothing written, as on the reference executor.
 Left as a strict xfail: a coordinate from a runtime int argument whose product with the tile size passes int32 wraps
 on Triton and reads rows inside the tensor (see the test).
 """
