@@ -70,3 +70,31 @@ def test_gemm_source_matches_the_golden_snapshot():
     assert GOLDEN.exists(), f"no snapshot at {GOLDEN}: run with TILESTACK_REGEN_GOLDEN=1 to write it"
     assert src == GOLDEN.read_text(), (
         "the generated GEMM source changed; if intended, regenerate the snapshot with TILESTACK_REGEN_GOLDEN=1")
+
+
+@ts.kernel(grid=lambda A, B: (1,))
+def small_product(A, B, C, *, BK: int = 4):
+    a = ts.RegTile[ts.f16, 16, BK]()
+    b = ts.SharedTile[ts.f16, BK, 16]()
+    acc = ts.RegTile[ts.f32, 16, 16]()
+    ts.zero(acc)
+    ts.load(a, A, at=(0, 0))
+    ts.load(b, B, at=(0, 0))
+    ts.mma_AB(acc, a, b, acc)
+    ts.store(C, acc, at=(0, 0))
+
+
+def test_a_product_below_tl_dots_16_reduces_its_last_axis():
+    """A product with a dimension below 16 is a broadcast sum, reduced over the LAST axis (B transposed): Triton 3.6
+    compiled the sum over the middle axis of (M, K, N) wrong on sm_90 for K <= 4 (an H100 read errors of 10^3;
+    scripts/gpu/probe_small_dot_forms.py), where the interpreter, which these CPU tests run, computed it right."""
+    import torch
+
+    from tilestack.backends.triton import codegen
+
+    for bk in (1, 4, 8):
+        a, b, c = torch.zeros(16, bk).half(), torch.zeros(bk, 16).half(), torch.zeros(16, 16)
+        src = codegen.generate(small_product.trace(a, b, c, BK=bk).ir, interpret=False, tma=False,
+                               index64=frozenset()).source
+        assert re.search(r"tl\.sum\(\S+\[:, None, :\] \* tl\.trans\(\S+\)\[None, :, :\], axis=2\)", src), src
+        assert "axis=1)" not in src and "tl.dot(" not in src

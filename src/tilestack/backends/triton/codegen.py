@@ -476,7 +476,10 @@ def _e_mma(e: _Emitter, ins: Instr) -> None:
         if a.type.dtype is f32 and ins.attrs.input_precision == "tf32" and not e.interpret:   # (else rounded above)
             e.tf32_helper = True
             an, bn = f"_round_tf32({an})", f"_round_tf32({bn})"
-        e.assign(ins.result, f"({e.name(acc)} + tl.sum({an}[:, :, None] * {bn}[None, :, :], axis=1))")
+        # reduced over the LAST axis, B transposed: Triton 3.6 compiles a sum over the middle axis of the
+        # (M, K, N) product wrong on sm_90 for K <= 4 (f16 operands; K = 8 from u8 tiles): off by 10^3 on an H100,
+        # right under the interpreter (scripts/gpu/probe_small_dot_forms.py; held-out round 21's W8A16 GEMM)
+        e.assign(ins.result, f"({e.name(acc)} + tl.sum({an}[:, None, :] * tl.trans({bn})[None, :, :], axis=2))")
         return
     e.assign(ins.result, f"tl.dot({an}, {bn}, {e.name(acc)}{precision})")
 
