@@ -9,7 +9,10 @@ def check_triton_sm90a(kernel, args, consts) -> None:
     reason = aot.missing_tools()
     if reason:
         pytest.skip(reason)
-    r = aot.resources(kernel, args, consts, {}, cache=False, timeout_s=None)
+    # launch options (num_warps, num_stages) go to the backend, the rest are the kernel's constants
+    options = {k: v for k, v in consts.items() if k in ("num_warps", "num_stages")}
+    fixed = {k: v for k, v in consts.items() if k not in options}
+    r = aot.resources(kernel, args, fixed, options, cache=False, timeout_s=None)
     assert r.ok, r.error
     assert r.spills == 0 and r.registers <= 255, r
 

@@ -484,7 +484,7 @@ def test_triton_mma_under_16_is_a_broadcast_sum_not_refused():
         ts.store(X, acc, at=(0, 0))
 
     src = k.trace(F32_2D).source()
-    assert "tl.dot" not in src and "tl.sum(" in src and "[:, :, None] * " in src
+    assert "tl.dot" not in src and "tl.sum(" in src and "[:, None, :] * tl.trans(" in src   # (the last axis: 7a5c739)
 
 
 # ---- launch: before any work ----------------------------------------------------------------------------------------
