@@ -23,45 +23,26 @@ on Triton and reads rows inside the tensor (see the test).
 
 from __future__ import annotations
 
-import math
-import os
-import re
-
+import misuse_support
 import pytest
 import torch
 from heldout_support import BACKENDS, launch
+from misuse_support import nan, untouched
 
 import tilestack.lang as ts
 from tilestack.errors import BackendError, LaunchError, TileShapeError, TraceError
 
-FILE = os.path.basename(__file__)
-
 
 def line_of(tag: str) -> str:
-    """``test_lang_misuse_round2.py:NN`` of the line carrying ``# E:tag``."""
-    with open(__file__) as f:
-        for n, text in enumerate(f, 1):
-            if text.rstrip().endswith(f"# E:{tag}"):
-                return f"{FILE}:{n}"
-    raise AssertionError(tag)
+    return misuse_support.line_of(__file__, tag)
+
+
+def raises_at(exc, tag: str, *fragments: str):
+    return misuse_support.raises_at(__file__, exc, tag, *fragments)
 
 
 def x32(rows=32, cols=32) -> torch.Tensor:
     return torch.randn(rows, cols, generator=torch.Generator().manual_seed(2))
-
-
-def nan(*shape, dtype=torch.float32) -> torch.Tensor:
-    return torch.full(shape, math.nan, dtype=dtype)
-
-
-def untouched(t: torch.Tensor) -> bool:
-    return bool(torch.isnan(t).all())
-
-
-def raises_at(exc, tag: str, *fragments: str):
-    """pytest.raises(exc) whose message starts with the tagged line and holds each fragment."""
-    pattern = "^" + re.escape(line_of(tag)) + ": " + "".join(f"(?s:.*){re.escape(f)}" for f in fragments)
-    return pytest.raises(exc, match=pattern)
 
 
 # ---- mma --------------------------------------------------------------------------------------------------------

@@ -17,42 +17,28 @@ interpreter give different answers (see the test).
 from __future__ import annotations
 
 import math
-import os
 import re
 
+import misuse_support
 import pytest
 import torch
 from heldout_support import BACKENDS, launch
+from misuse_support import nan, untouched
 
 import tilestack.lang as ts
 from tilestack.errors import BackendError, LaunchError, TileDTypeError, TileShapeError, TraceError
 
-FILE = os.path.basename(__file__)
-
 
 def line_of(tag: str) -> str:
-    with open(__file__) as f:
-        for n, text in enumerate(f, 1):
-            if text.rstrip().endswith(f"# E:{tag}"):
-                return f"{FILE}:{n}"
-    raise AssertionError(tag)
+    return misuse_support.line_of(__file__, tag)
+
+
+def raises_at(exc, tag: str, *fragments: str):
+    return misuse_support.raises_at(__file__, exc, tag, *fragments)
 
 
 def xs(rows=32, cols=16, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(rows, cols, generator=torch.Generator().manual_seed(3)).to(dtype)
-
-
-def nan(*shape, dtype=torch.float32) -> torch.Tensor:
-    return torch.full(shape, math.nan, dtype=dtype)
-
-
-def untouched(t: torch.Tensor) -> bool:
-    return bool(torch.isnan(t).all())
-
-
-def raises_at(exc, tag: str, *fragments: str):
-    pattern = "^" + re.escape(line_of(tag)) + ": " + "".join(f"(?s:.*){re.escape(f)}" for f in fragments)
-    return pytest.raises(exc, match=pattern)
 
 
 # ---- Python control flow on values known only at run time -------------------------------------------------------
