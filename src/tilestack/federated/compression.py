@@ -50,6 +50,9 @@ def parse(spec: str) -> tuple[str, float]:
         if not 0.0 < r <= 1.0:
             raise ValueError(f"compression: topk ratio={ratio!r}; expected a number in (0, 1]")
         return method, r
+    if ratio:  # int8 keeps every entry: "int8:0.05" (top-k's ratio given to int8) ran int8 without a word
+        raise ValueError(f"compression: {spec!r}; int8 sends every entry and takes no ratio; expected 'int8', or "
+                         f"'topk:{ratio}' to keep that share of the entries")  # fmt: skip
     return method, 0.0
 
 
