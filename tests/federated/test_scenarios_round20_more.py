@@ -304,3 +304,112 @@ def test_a_heterofl_width_outside_zero_one_is_refused_before_any_client_runs():
     strategy = HeteroFL(width_of=lambda p: 0.0 if p == 2 else 1.0, hidden=4, **EVERYONE)
     with pytest.raises(ValueError, match=r"width_of\(2\) = 0.0; expected a number in \(0, 1\]"):
         simulate(strategy, task, rounds=1)
+
+
+# ---- each client its own learning rate and batch size ----------------------------------------------------------------
+LR_BATCH = {0: (0.3, 1), 1: (0.05, 16), 2: (0.1, 5)}
+
+
+class OwnLrBatch(FedAvg):
+    """FedAvg giving client p the lr and batch size ``LR_BATCH[p]`` in its own message (``lr``, ``batch-size``)."""
+
+    def configure_train(self, server_round, arrays, config, grid):
+        out = []
+        for m in super().configure_train(server_round, arrays, config, grid):
+            lr, batch = LR_BATCH[grid.partition_of[m.metadata.dst_node_id]]
+            out.append(with_config(m, lr=lr, **{"batch-size": batch}))
+        return out
+
+
+def test_each_clients_own_lr_and_batch_size_are_its_replayed_sgd_in_the_weighted_mean():
+    """Three clients of quantity skew trained with their own message's lr and batch size (batch 1, 16 larger than a
+    small client's data, 5): each round is the num_train-weighted mean of each client's SGD replayed with those
+    settings; the same run with the task's settings for all is another model (the settings are not ignored)."""
+    import dataclasses
+
+    task = Task(dataset="blobs", num_samples=120, num_features=3, num_classes=3, num_clients=3, partitioner="quantity",
+                quantity_sigma=1.5, local_steps=4, batch_size=8, lr=0.1, seed=11)  # fmt: skip
+    n = {p: task.num_train(p) for p in range(3)}
+    models: list = []
+    run_rounds(OwnLrBatch(**EVERYONE), ManagedGrid(InProcessGrid(tsclient.app, 3), task), initial_arrays(task),
+               num_rounds=2, extra_metrics=keep(models))  # fmt: skip
+    x = np_(initial_arrays(task))
+    for rnd, got in enumerate(models, start=1):
+        own = {p: dataclasses.replace(task, lr=LR_BATCH[p][0], batch_size=LR_BATCH[p][1]) for p in range(3)}
+        near(got, weighted_mean({p: replay(own[p], p, rnd, x, 4) for p in range(3)}, n), ulps=4)
+        x = got
+    plain = simulate(fedavg(), task, rounds=2, evaluate=False)
+    assert not np.allclose(np_(plain.arrays)["fc.weight"], models[-1]["fc.weight"])
+
+
+# ---- q-FedAvg with a one-example client ------------------------------------------------------------------------------
+def test_qfedavg_with_a_client_of_one_training_example_is_flowers_rule_by_hand():
+    """q-FedAvg (q = 2, L = 1 / 0.3) over four clients of quantity skew, one of them training on a single example:
+    each round is x - sum F_k^q L (x - w_k) / sum (q F_k^(q-1) ||L (x - w_k)||^2 + L F_k^q), with F_k each client's
+    loss at the global model (recorded by the client as start-loss: checked by hand too) and w_k its replayed SGD."""
+    from _fl_round17 import qfedavg
+
+    from tilestack.federated.models import evaluate as model_eval
+
+    task = Task(dataset="blobs", num_samples=40, num_features=3, num_classes=3, num_clients=4, partitioner="quantity",
+                quantity_sigma=4.0, local_steps=3, batch_size=4, lr=0.1, seed=1)  # fmt: skip
+    assert min(task.num_train(p) for p in range(4)) == 1
+    strategy = make_strategy("qfedavg", clients_per_round=4, num_clients=4, q=2.0, client_lr=0.3)
+    models: list = []
+    res = simulate(strategy, task, rounds=2, evaluate=False, extra_metrics=keep(models))
+    x = np_(initial_arrays(task))
+    for rnd, (r, got) in enumerate(zip(res.history.rounds, models, strict=True), start=1):
+        losses = {}
+        for p in range(4):
+            xs, ys = task.client_data(p)[:2]
+            losses[p] = model_eval(task.build_model(), x, xs, ys)[0]
+            assert r.client_train[str(p)]["start-loss"] == pytest.approx(losses[p], rel=1e-6)
+        ws = {p: client_model(task, p, rnd, x)[0] for p in range(4)}
+        near(got, qfedavg(x, ws, losses, q=2.0, client_lr=0.3), ulps=16)
+        x = got
+
+
+# ---- SecAgg+ with a one-example client -------------------------------------------------------------------------------
+def test_secure_aggregation_with_a_one_example_client_is_the_weighted_mean_to_the_quantisation_step():
+    """SecAgg+ (Flower's workflow) over four clients of 1 to 182 training examples, all sampled, two rounds: the model
+    is x + the num_train-weighted mean of the clients' updates (each replayed from its seeded minibatches), to 1e-4
+    (SecAgg+'s quantisation), round by round; the one-example client's update, scaled by 1/182 before quantising, is
+    not lost (leaving it out moves the mean by more than the tolerance)."""
+    from _fl_round18 import secure_update
+
+    from tilestack.federated.secagg import run_secure
+
+    task = Task(dataset="blobs", num_samples=300, num_features=3, num_classes=3, num_clients=4, partitioner="quantity",
+                quantity_sigma=4.0, local_steps=3, batch_size=4, lr=0.2, seed=1)  # fmt: skip
+    n = {p: task.num_train(p) for p in range(4)}
+    assert min(n.values()) == 1 and max(n.values()) > 100
+    small = min(n, key=n.get)
+    x = {k: v.astype(np.float64) for k, v in task.initial_params().items()}
+    for rnd in (1, 2):
+        ups = {p: secure_update(task, p, rnd, {k: v.astype(np.float32) for k, v in x.items()}) for p in range(4)}
+        mean = {k: sum(n[p] * ups[p][k] for p in range(4)) / sum(n.values()) for k in x}
+        rest = {k: sum(n[p] * ups[p][k] for p in range(4) if p != small) / (sum(n.values()) - n[small]) for k in x}
+        assert max(float(np.abs(mean[k] - rest[k]).max()) for k in x) > 5e-4  # the reference sees the small client
+        x = {k: x[k] + mean[k] for k in x}
+    got = run_secure(task, rounds=2, per_round=4)
+    for k in x:
+        np.testing.assert_allclose(got[k], x[k], atol=1e-4, err_msg=k)
+
+
+# ---- `fl run` with faulty clients, history written -------------------------------------------------------------------
+def test_fl_run_with_a_nan_client_and_a_crashing_client_writes_who_was_left_out_each_round(tmp_path):
+    """``tilestack fl run --faults 1:nan,2:crash`` over four clients, all per round: the history JSON has both left out
+    in every round with their reasons, two of four aggregated, and the report names both kinds."""
+    import json
+
+    out = tmp_path / "run.json"
+    res = _fl_run("--per-round", "4", "--rounds", "2", "--faults", "1:nan,2:crash", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    rounds = json.loads(out.read_text())["rounds"]
+    assert len(rounds) == 2
+    for r in rounds:
+        assert sorted(r["excluded"]) == ["1", "2"]
+        assert r["excluded"]["1"].startswith("non-finite") and r["excluded"]["2"].startswith("error")
+        assert r["num_aggregated"] == 2 and r["num_selected"] == 4 and not r["skipped"]
+    report = " ".join(res.output.split())
+    assert "non-finite" in report and "error" in report
