@@ -13,6 +13,11 @@ What this round found, fixed:
 
 - *top-k's ratio given to int8.* ``--compress int8:0.05`` (or ``compression.parse("int8:0.05")``) ran plain int8,
   the ratio dropped without a word. Refused naming the spec and what int8 takes (``_more``).
+- *A resumed run's client selector.* A checkpoint keeps the strategy whole, ``Selected``'s selector with it, and the
+  run signature compared only the strategies' own plain settings: a run resumed with ``RandomSelector(5)`` (or an
+  ``OortSelector`` of another alpha) picked its clients by the checkpoint's ``RandomSelector(0)`` without a word. The
+  signature now holds the plain settings of the helpers a strategy holds (``driver._settings``): refused, naming
+  ``Selected.selector.seed`` and both values; the same selector resumes to the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -321,3 +326,47 @@ def test_server_side_dp_noise_has_std_noise_multiplier_times_clip_over_the_sampl
     again, other = run(0), run(1)
     assert all(np.array_equal(got[k], again[k]) for k in x)
     assert not np.allclose(got["fc.weight"], other["fc.weight"])
+
+
+# ---- a resumed run's client selector ---------------------------------------------------------------------------------
+def _selected(selector):
+    return Selected(FedAvg(**EVERYONE), selector, per_round=2)
+
+
+def test_a_run_resumed_with_another_selector_seed_is_refused_naming_it_and_the_same_one_resumes_exactly(tmp_path):
+    """Two of six clients a round picked by RandomSelector(0); the run stops after round 2. Resumed with
+    RandomSelector(5) it used to pick by the checkpoint's seed 0 without a word; now it is refused before any work,
+    naming the selector's seed and both values. Resumed with RandomSelector(0) it equals the uninterrupted run: the
+    same clients each round (seed 0's picks, which seed 5's differ from) and the same model bit for bit."""
+    task = Task(dataset="blobs", num_samples=180, num_features=3, num_classes=3, num_clients=6, local_steps=2, lr=0.1)
+    ckpt = tmp_path / "selected.ckpt"
+    simulate(_selected(RandomSelector(0)), task, rounds=4, checkpoint=ckpt, stop_after=2, evaluate=False)
+    with pytest.raises(FederatedError, match=r"belongs to another run \(settings: checkpoint has "
+                                             r"\{'Selected.selector.seed': '0'\}, this run has "
+                                             r"\{'Selected.selector.seed': '5'\}\)"):  # fmt: skip
+        simulate(_selected(RandomSelector(5)), task, rounds=4, checkpoint=ckpt, evaluate=False)
+    resumed = simulate(_selected(RandomSelector(0)), task, rounds=4, checkpoint=ckpt, evaluate=False)
+    full = simulate(_selected(RandomSelector(0)), task, rounds=4, evaluate=False)
+    other = simulate(_selected(RandomSelector(5)), task, rounds=4, evaluate=False)
+    picks = [[sorted(r.client_train) for r in res.history.rounds] for res in (resumed, full, other)]
+    assert picks[0] == picks[1] != picks[2]
+    a, b = np_(resumed.arrays), np_(full.arrays)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_an_oort_selector_of_another_alpha_is_refused_on_resume(tmp_path):
+    from tilestack.federated import SystemModel
+    from tilestack.federated.strategies import OortSelector
+
+    task = Task(dataset="blobs", num_samples=180, num_features=3, num_classes=3, num_clients=6, local_steps=2, lr=0.1)
+    system = SystemModel(6, speed_sigma=1.0, seed=2)
+    ckpt = tmp_path / "oort.ckpt"
+    simulate(_selected(OortSelector(system, alpha=2.0)), task, rounds=3, system=system, checkpoint=ckpt,
+             stop_after=1, evaluate=False)  # fmt: skip
+    with pytest.raises(FederatedError, match=r"'Selected.selector.alpha': '2.0'\}, this run has "
+                                             r"\{'Selected.selector.alpha': '5.0'\}"):  # fmt: skip
+        simulate(_selected(OortSelector(system, alpha=5.0)), task, rounds=3, system=system, checkpoint=ckpt,
+                 evaluate=False)  # fmt: skip
+    res = simulate(_selected(OortSelector(system, alpha=2.0)), task, rounds=3, system=system, checkpoint=ckpt,
+                   evaluate=False)  # fmt: skip
+    assert [r.round for r in res.history.rounds] == [1, 2, 3]

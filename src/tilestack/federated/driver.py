@@ -66,6 +66,7 @@ import numbers
 import pickle
 import random
 import time
+import types
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -147,13 +148,25 @@ def _settings(strategy: Strategy) -> dict[str, str]:
     """The plain settings (numbers, strings) of the strategy and of the strategies it wraps, as text (NaN equals
     NaN). Taken before any round: the resumed strategy's state comes from the checkpoint, settings included, so a
     changed ``proximal_mu`` would have been replaced by the checkpoint's without a word. None is left out: it
-    marks state not made yet (FedAdam's moments), which a strategy object run before no longer holds."""
-    return {
-        f"{type(s).__name__}.{k}": repr(v)
-        for s in strategy_levels(strategy)
-        for k, v in vars(s).items()
-        if not k.startswith("_") and isinstance(v, (numbers.Number, str))
-    }
+    marks state not made yet (FedAdam's moments), which a strategy object run before no longer holds. The plain
+    settings of the helpers a level holds (``Selected``'s selector: its seed, Oort's alpha) count too: the resumed
+    strategy takes the checkpoint's helper whole, so a run resumed with ``RandomSelector(5)`` picked clients by the
+    checkpoint's ``RandomSelector(0)`` without a word."""
+
+    def plain(obj) -> dict[str, object]:
+        return {k: v for k, v in vars(obj).items() if not k.startswith("_") and isinstance(v, (numbers.Number, str))}
+
+    out = {}
+    for s in strategy_levels(strategy):
+        for k, v in plain(s).items():
+            out[f"{type(s).__name__}.{k}"] = repr(v)
+        for k, helper in vars(s).items():
+            if k.startswith("_") or isinstance(helper, (Strategy, type, types.ModuleType)) or callable(helper):
+                continue
+            if hasattr(helper, "__dict__"):
+                for hk, hv in plain(helper).items():
+                    out[f"{type(s).__name__}.{k}.{hk}"] = repr(hv)
+    return out
 
 
 SYSTEM_ARRAYS = ("speeds", "bandwidths")  # SystemModel fields recorded by digest, not value
