@@ -119,7 +119,7 @@ def attention_bwd_dkdv_ws_kernel(Q, K, V, dO, LSE, Delta, dK, dV, scale: float, 
     """dK (like K) and dV (like V), as ``attention_bwd_dkdv_kernel``'s (``PER_Q_HEAD``: each query head's share,
     (B, H, Nk, *), summed over its group by the caller); BN / 2 keys a consumer (at least wgmma's 64 rows)."""
     DV = D if DV is None else DV
-    j, bh = ts.block_id(0), ts.block_id(1)
+    j, bh = heavy_first(causal, last_heaviest=False)        # key block 0 is seen by the most queries
     Hkv = K.shape[1]
     group = Q.shape[1] // Hkv
     if PER_Q_HEAD:
@@ -221,7 +221,7 @@ def attention_bwd_dq_ws_kernel(Q, K, V, dO, LSE, Delta, dQ, scale: float, *, D: 
                                TURNS: bool = ts.tunable(False, (False, True))):
     """dQ (like Q), as ``attention_bwd_dq_kernel``'s; BM / 2 query rows a consumer (at least wgmma's 64)."""
     DV = D if DV is None else DV
-    i, bh = heavy_first(ts.block_id(0), Q, BM, causal), ts.block_id(1)
+    i, bh = heavy_first(causal, last_heaviest=True)
     H = Q.shape[1]
     b, h = bh // H, bh % H
     hk = h // (H // K.shape[1])

@@ -104,11 +104,31 @@ def causal_diagonal(i, j, BM: int, BN: int, shift):
     return d if shift is None else d + shift
 
 
-def heavy_first(block, Q, BM: int, causal: bool):
-    """The query block a program takes, from its ``block`` index: under a causal mask the last block first. Its
-    rows see the most keys, and a launch runs its programs about in index order, so the last wave then holds the
-    lightest blocks instead of the heaviest (the order FlashAttention takes for causal attention)."""
-    return ts.cdiv(Q.shape[2], BM) - 1 - block if causal else block
+HEAD_GROUP = 16     # heavy_first: (batch, head) pairs whose blocks a causal launch interleaves, heaviest first
+
+
+def heavy_first(causal: bool, *, last_heaviest: bool):
+    """(block, bh): the sequence block and the (batch, head) pair this program takes, on a grid of (blocks, B*H).
+
+    Not causal, every block costs the same: block_id(0) and block_id(1), so the programs that run together share
+    one head's K and V in L2. Under a causal mask a block's cost grows along the sequence (a query block's rows
+    see more keys the later it sits: ``last_heaviest``; a key block is seen by more query rows the earlier it
+    sits), and a launch starts its programs about in linear order (axis 0 fastest). Head by head, each head's
+    heaviest block would start one head's worth of programs before the end, and the launch waits for it alone.
+    So the linear order runs over groups of HEAD_GROUP heads, and within a group level by level from the
+    heaviest, the group's heads side by side: the heaviest blocks start first, the last programs are the
+    lightest, and the programs running together still read the K and V of a few heads (consecutive heads, which
+    share K and V under GQA)."""
+    x, y = ts.block_id(0), ts.block_id(1)
+    if not causal:
+        return x, y
+    n, heads = ts.num_blocks(0), ts.num_blocks(1)
+    pid = y * n + x                              # the launch order
+    first = pid // (n * HEAD_GROUP) * HEAD_GROUP  # the group's first (batch, head) pair
+    width = ts.smin(heads - first, HEAD_GROUP)   # the last group may be narrower
+    r = pid - first * n                          # index within the group: level r // width, head r % width
+    level = r // width
+    return (n - 1 - level if last_heaviest else level), first + r % width
 
 
 def query_block_keys(i, Nk, BM: int, BN: int, causal: bool, shift):
@@ -219,8 +239,7 @@ def _forward(Q, K, V, Bias, O, LSE, scale, *, D: int, DV: int | None, causal: bo
     """The body of every forward kernel (``Bias`` is None for the unbiased ones; ``dropout`` is (seed, offset,
     p, scale) for the dropout ones)."""
     DV = D if DV is None else DV
-    i = heavy_first(ts.block_id(0), Q, BM, causal)
-    bh = ts.block_id(1)
+    i, bh = heavy_first(causal, last_heaviest=True)
     H = Q.shape[1]
     Nk = K.shape[2]
     b, h = bh // H, bh % H
