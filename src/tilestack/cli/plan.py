@@ -118,7 +118,9 @@ def plan_command(
         raise PlanError(f"--measure {measure} with {'--target ' + repr(target) if target else '--device ' + device}; "
                         "expected --device cpu and tilestack's GPT (--model or --layers): the measured runs are "
                         "tilestack train's gloo processes here")
-    if comm and device == "cpu":
+    if comm:
+        # (on a GPU or a device-table device --comm was dropped without a word: the H200 figures were used whatever
+        # it named, a stored fit or none)
         from tilestack.parallel.plan import load_comm
         if load_comm(comm) is None:
             raise PlanError(f"--comm {comm!r}: no stored fit of that name; expected one written by measure_gloo")
@@ -175,6 +177,12 @@ def _describe(model: str, layers: int, d: int, heads: int, vocab: int, target: s
     from tilestack.parallel import GPT_1P3B, TINY, ModelConfig
     from tilestack.parallel.plan import PlanError, describe_gpt, describe_module
     e = 2 if dtype == "bfloat16" else 4
+    # a negative count is no count (--layers -2 reached ModelConfig, whose error named n_layer, not the option;
+    # --vocab -3 was "given without --vocab")
+    for name, field, v in (("--layers", "n_layer", layers), ("--d", "d", d), ("--heads", "n_head", heads),
+                           ("--vocab", "vocab", vocab)):
+        if v < 0:
+            raise PlanError(f"{name} {v}; expected a positive int (it sets the GPT's {field}={v})")
     given = [name for name, v in (("--model", model), ("--layers", layers), ("--target", target)) if v]
     if len(given) != 1:
         raise PlanError(f"{' and '.join(given) or 'no model'} given; expected exactly one of --model, --layers "
@@ -227,9 +235,9 @@ def _cost_models(desc, build, device: str, dtype: str, comm: str):
                 from tilestack.parallel.plan import measure_gloo
                 stored = measure_gloo(name=name)
             return compute, stored, peak
-        return compute, h200_nccl(), peak
+        return compute, (load_comm(comm) if comm else h200_nccl()), peak
     compute = RooflineCompute(desc, device, dtype="bf16" if dtype == "bfloat16" else "tf32")  # PlanError: unknown
-    return compute, h200_nccl(), compute.peak
+    return compute, (load_comm(comm) if comm else h200_nccl()), compute.peak
 
 
 def _check_memory(desc, nproc: int, batches: list[int], limit: float | None) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,7 +35,14 @@ DEFAULT_EMA = 0.9
 
 
 def _number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+    """A real number, numpy's among them (np.int64(16) from a batch list, np.float32 noise scales were refused as
+    "expected a positive, finite batch size", where search takes them); a bool (or np.bool_) is none."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _count(v: Any, least: int = 1) -> bool:
+    """An int >= ``least``, numpy's integers among them; a bool is none."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= least
 
 
 def _finite_nonneg(where: str, **values: Any) -> None:
@@ -53,7 +61,7 @@ def efficiency(batch: float, phi: float, base_batch: float) -> float:
         raise PlanError(f"efficiency: phi={phi!r}; expected a non-negative gradient noise scale")
     if math.isinf(phi):          # all noise: every sample counts fully at any batch (the limit, not inf / inf)
         return 1.0
-    return (phi + base_batch) / (phi + batch)
+    return (float(phi) + float(base_batch)) / (float(phi) + float(batch))
 
 
 def lr_scale(batch: float, phi: float, base_batch: float) -> float:
@@ -102,8 +110,9 @@ class GradientNoiseScale:
         k = len(micro_grads)
         if k < 2:
             raise PlanError(f"{where}: {k} micro-batch gradients; expected at least 2")
-        if not isinstance(micro_batch, int) or isinstance(micro_batch, bool) or micro_batch < 1:
+        if not _count(micro_batch):
             raise PlanError(f"{where}: micro_batch={micro_batch!r}; expected a positive int (samples per gradient)")
+        micro_batch = int(micro_batch)
         shapes = {tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__ for g in micro_grads}
         if len(shapes) != 1 or not all(isinstance(g, torch.Tensor) and g.numel() > 0 for g in micro_grads):
             raise PlanError(f"{where}: micro_grads of {sorted(map(str, shapes))}; expected non-empty tensors of one "
@@ -133,10 +142,22 @@ class AdaptiveBatch:
     samples_per_s: Callable[[int], float]
     base_batch: int
 
+    def __post_init__(self) -> None:
+        # refused when made, naming the field (base_batch=0 was taken, and choose(nan) answered a batch of 0)
+        if isinstance(self.candidates, str) or not isinstance(self.candidates, Sequence) or not self.candidates \
+                or not all(_count(m) for m in self.candidates):
+            raise PlanError(f"AdaptiveBatch: candidates={self.candidates!r:.120}; expected a non-empty sequence of "
+                            "positive int batch sizes")
+        if not _count(self.base_batch):
+            raise PlanError(f"AdaptiveBatch: base_batch={self.base_batch!r}; expected the base batch size M0, an "
+                            "int >= 1")
+        if not callable(self.samples_per_s):
+            raise PlanError(f"AdaptiveBatch: samples_per_s={self.samples_per_s!r:.80}; expected a callable "
+                            "batch -> samples per second")
+        self.candidates = [int(m) for m in self.candidates]
+        self.base_batch = int(self.base_batch)
+
     def choose(self, phi: float) -> int:
-        if not self.candidates or any(not isinstance(m, int) or isinstance(m, bool) or m < 1
-                                      for m in self.candidates):
-            raise PlanError(f"AdaptiveBatch: candidates={list(self.candidates)}; expected positive int batch sizes")
         if not _number(phi) or phi < 0:
             raise PlanError(f"AdaptiveBatch.choose: phi={phi!r}; expected a non-negative noise scale (nan: none yet)")
         if math.isnan(phi):
@@ -187,13 +208,19 @@ class GoodputController:
     history: list[tuple[int, int, float, int]] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.candidates, Sequence) or not self.candidates or any(
-                not isinstance(m, int) or isinstance(m, bool) or m < 2 for m in self.candidates):
-            raise PlanError(f"GoodputController: candidates={list(self.candidates)}; expected batch sizes >= 2 "
-                            "(a probe step splits the batch in two)")
-        if isinstance(self.base_batch, bool) or not isinstance(self.base_batch, int) or self.base_batch < 1:
+        # (candidates=8, no sequence, was a TypeError from the message itself; numpy's ints are ints)
+        if isinstance(self.candidates, str) or not isinstance(self.candidates, Sequence) or not self.candidates or \
+                not all(_count(m, 2) for m in self.candidates):
+            raise PlanError(f"GoodputController: candidates={self.candidates!r:.120}; expected a non-empty sequence "
+                            "of int batch sizes >= 2 (a probe step splits the batch in two)")
+        if not _count(self.base_batch):
             raise PlanError(f"GoodputController: base_batch={self.base_batch!r}; expected the base batch size M0, an "
                             "int >= 1")
+        if self.batch != 0 and not _count(self.batch):
+            raise PlanError(f"GoodputController: batch={self.batch!r}; expected the starting batch size, an int >= 1 "
+                            "(0: base_batch)")
+        self.candidates = [int(m) for m in self.candidates]
+        self.base_batch, self.batch = int(self.base_batch), int(self.batch)
         if not isinstance(self.step_s, dict):
             raise PlanError(f"GoodputController: step_s={type(self.step_s).__name__}; expected a dict of seconds "
                             "per step by batch size")
@@ -203,7 +230,7 @@ class GoodputController:
             raise PlanError(f"GoodputController: step_s has no positive time for batch sizes {missing}; expected "
                             "seconds per step for every candidate")
         for name in ("every", "probe_every"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+            if not _count(getattr(self, name)):                 # (every=True was taken as 1)
                 raise PlanError(f"GoodputController: {name}={getattr(self, name)!r}; expected an int >= 1")
         if self.lr_rule not in LR_RULES:
             raise PlanError(f"GoodputController: lr_rule={self.lr_rule!r}; expected one of {LR_RULES}")
