@@ -305,3 +305,32 @@ def test_a_stored_fit_named_by_comm_is_used_on_a_device_table_device(tmp_path):
                                  terminal_width=200)
     assert res.exit_code == 0, res.output
     assert "my cluster's fit" in res.output
+
+
+def test_a_cpu_limit_that_only_a_cpu_plan_fits_is_not_refused_before_measuring(tmp_path, monkeypatch):
+    """On a CPU AdamW keeps no copy of the second moments beside the gradients (its multi-tensor path on a GPU
+    does), so a CPU plan peaks lower. ``tilestack plan`` checked the limit before measuring with a GPU's unit model,
+    and refused a limit between the two least peaks as fitting no plan. The measured compute is replaced here by
+    unit times on 2 cores (memory does not depend on the times), the collectives by a stored fit."""
+    import tilestack.parallel.plan as plan_pkg
+    from tilestack.parallel.plan import enumerate_plans
+
+    class UnitCPU(Unit):
+        cores = 2
+
+    desc = describe_gpt(ModelConfig(n_layer=2, d=32, n_head=4, vocab=64, max_seq=16), seq=16)
+    least_cpu = min(predict(p, desc, UnitCPU(desc), FIT).memory_bytes for p in enumerate_plans(desc, 2, 2))
+    least_gpu = min(predict(p, desc, Unit(desc), FIT).memory_bytes for p in enumerate_plans(desc, 2, 2))
+    assert least_cpu < least_gpu
+    limit = (least_cpu + least_gpu) // 2
+    monkeypatch.setattr(plan_pkg.MeasuredCompute, "for_gpt", classmethod(lambda cls, d, **kw: UnitCPU(d)))
+    with config.override(cache_dir=tmp_path):
+        path = comm_path("gloo-cpu")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(FIT.to_json()))
+        out = tmp_path / "plan.json"
+        res = CliRunner().invoke(app, ["plan", "--nproc", "2", "--layers", "2", "--d", "32", "--heads", "4",
+                                       "--vocab", "64", "--seq", "16", "--batch", "2", "--memory-limit",
+                                       f"{limit:.0f}", "--out", str(out)], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())["predicted"]["memory_bytes"] <= limit

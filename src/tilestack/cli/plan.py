@@ -130,7 +130,7 @@ def plan_command(
         RooflineCompute(desc, device)                            # PlanError naming an unknown device
     for b in batches:
         enumerate_plans(desc, nproc, b)                          # PlanError: nothing fits nproc and this batch
-    _check_memory(desc, nproc, batches, limit)
+    _check_memory(desc, nproc, batches, limit, cpu=device == "cpu")
     compute, comm_model, peak = _cost_models(desc, build, device, dtype, comm)
 
     # ---- search -------------------------------------------------------------------------------------------------
@@ -240,9 +240,12 @@ def _cost_models(desc, build, device: str, dtype: str, comm: str):
     return compute, (load_comm(comm) if comm else h200_nccl()), compute.peak
 
 
-def _check_memory(desc, nproc: int, batches: list[int], limit: float | None) -> None:
+def _check_memory(desc, nproc: int, batches: list[int], limit: float | None, *, cpu: bool) -> None:
     """PlanError before any timing when no plan can fit ``limit``: memory does not depend on the times, so it is
-    predicted with unit times and free communication."""
+    predicted with unit times and free communication. It does depend on the device: on a CPU (``cpu``: a compute
+    model with cores) AdamW loops over the tensors and keeps no copy of the second moments beside the gradients,
+    which its multi-tensor path on a GPU does; the unit model must say which, or a limit that a CPU plan fits was
+    refused as fitting none (a 2-block GPT on 2 ranks: the least peak 288,640 bytes here, 305,280 as on a GPU)."""
     if limit is None:
         return
     from tilestack.parallel.plan import CommModel, PlanError, enumerate_plans, predict
@@ -251,6 +254,7 @@ def _check_memory(desc, nproc: int, batches: list[int], limit: float | None) -> 
     class Unit(ComputeModel):
         def __init__(self):
             self.desc, self.source = desc, "unit"
+            self.cores = 1 if cpu else None          # only whether there are cores matters to memory
 
         def _times(self, layer, index, micro_batch, tp):
             return 1.0, 2.0
