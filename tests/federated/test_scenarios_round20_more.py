@@ -12,6 +12,10 @@ What this round found, fixed:
 - *top-k's ratio given to int8.* ``tilestack fl run --compress int8:0.05`` ran plain 8-bit updates, the ratio
   dropped without a word (``compression.parse`` read only the method for int8). Refused before any work, naming the
   spec, saying int8 takes no ratio and what to write instead.
+- *DP-FedAvg without noise.* ``tilestack fl run --strategy dp-fedavg --noise 0`` (which always keeps an RDP
+  accountant) and ``make_strategy("dp-fedavg", noise_multiplier=0, accountant=...)`` failed in Flower's words, "The
+  noise multiplier must be positive when accounting is enabled", naming no argument (an accountant of the sampling
+  model Flower's accounted path refuses, likewise). ``make_strategy`` refuses both naming the argument and its value.
 """
 
 from __future__ import annotations
@@ -413,3 +417,34 @@ def test_fl_run_with_a_nan_client_and_a_crashing_client_writes_who_was_left_out_
         assert r["num_aggregated"] == 2 and r["num_selected"] == 4 and not r["skipped"]
     report = " ".join(res.output.split())
     assert "non-finite" in report and "error" in report
+
+
+# ---- DP-FedAvg without noise -----------------------------------------------------------------------------------------
+def _accountant(sampling):
+    from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    return RdpAccountant(PrivacyConfig(0.5, 4, NeighboringRelation.ADD_OR_REMOVE_ONE, sampling))
+
+
+def test_dp_fedavg_without_noise_under_an_accountant_is_refused_naming_the_noise_multiplier():
+    from flwr.supercore.privacy_accounting import SamplingMethod
+
+    acc = _accountant(SamplingMethod.NO_AMPLIFICATION)
+    with pytest.raises(ValueError, match=r"make_strategy: noise_multiplier=0.0 with an accountant; expected a number "
+                                         r"> 0"):  # fmt: skip
+        make_strategy("dp-fedavg", clients_per_round=2, num_clients=4, noise_multiplier=0.0, accountant=acc)
+    make_strategy("dp-fedavg", clients_per_round=2, num_clients=4, noise_multiplier=0.0)  # no accountant: taken
+    s = make_strategy("dp-fedavg", clients_per_round=2, num_clients=4, noise_multiplier=0.5, accountant=acc)
+    assert s.noise_multiplier == 0.5 and s.accountant is acc
+    other = next(m for m in SamplingMethod if m is not SamplingMethod.NO_AMPLIFICATION)
+    with pytest.raises(ValueError, match=r"make_strategy: accountant=.*no-amplification"):
+        make_strategy("dp-fedavg", clients_per_round=2, num_clients=4, accountant=_accountant(other))
+
+
+def test_fl_run_dp_fedavg_with_noise_0_is_refused_naming_it_and_with_noise_runs_reporting_epsilon():
+    res = _fl_run("--strategy", "dp-fedavg", "--noise", "0", "--clip", "0.5")
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2 and "noise_multiplier=0.0 with an accountant" in out and "test accuracy" not in out
+    res = _fl_run("--strategy", "dp-fedavg", "--noise", "0.5", "--clip", "0.5")
+    assert res.exit_code == 0 and "epsilon" in res.output, res.output

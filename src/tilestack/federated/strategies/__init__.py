@@ -152,10 +152,18 @@ def make_strategy(
             )
         return fl.Bulyan(**common, num_malicious_nodes=num_malicious)
     if name == "dp-fedavg":
+        # Flower's wrapper refuses these in its own words, naming no argument ("The noise multiplier must be positive
+        # when accounting is enabled": `fl run --strategy dp-fedavg --noise 0`, which always accounts)
+        if accountant is not None and noise_multiplier == 0:
+            raise ValueError(f"make_strategy: noise_multiplier={noise_multiplier!r} with an accountant; expected a "
+                             "number > 0 (no epsilon bounds a release without noise), or accountant=None")  # fmt: skip
         inner = fl.FedAvg(**common, weighted_by_key=UNIT_WEIGHT)
-        return fl.DifferentialPrivacyServerSideFixedClipping(
-            inner, noise_multiplier, clipping_norm, clients_per_round, accountant=accountant
-        )
+        try:
+            return fl.DifferentialPrivacyServerSideFixedClipping(
+                inner, noise_multiplier, clipping_norm, clients_per_round, accountant=accountant
+            )
+        except (ValueError, AttributeError) as ex:  # an accountant Flower's accounted path does not take
+            raise ValueError(f"make_strategy: accountant={accountant!r}: {ex}") from ex
     if name == "scaffold":
         return Scaffold(**common)
     if name == "fednova":
