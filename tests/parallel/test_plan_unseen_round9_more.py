@@ -334,3 +334,21 @@ def test_a_cpu_limit_that_only_a_cpu_plan_fits_is_not_refused_before_measuring(t
                                        f"{limit:.0f}", "--out", str(out)], terminal_width=200)
     assert res.exit_code == 0, res.output
     assert json.loads(out.read_text())["predicted"]["memory_bytes"] <= limit
+
+
+def test_a_plan_file_of_uneven_stages_is_refused_not_trained_on_the_even_split(tmp_path):
+    """A GPT of 4 blocks with stages of 1 and 3 blocks (bounds (0, 2, 6), as Alpa's DP or a hand split gives) is
+    predicted and written with runnable=false; the Trainer splits evenly, so running the file trained (0, 3, 6),
+    another plan than the one predicted. read_plan and tilestack train now refuse it by its bounds."""
+    gpt4 = describe_gpt(ModelConfig(n_layer=4, d=32, n_head=4, vocab=64, max_seq=16), seq=16)
+    pred = predict(Plan(batch=4, pp=2, schedule="gpipe", microbatches=2, bounds=(0, 2, 6)), gpt4, Unit(gpt4), FIT)
+    assert not pred.runnable
+    path = write_plan(pred, gpt4, tmp_path / "uneven.json")
+    with pytest.raises(PlanError, match=r"bounds=\[0, 2, 6\].*expected \[0, 3, 6\]"):
+        read_plan(path)
+    run = CliRunner().invoke(app, ["train", "--plan", str(path), "--steps", "3", "--no-store"])
+    assert _said(run, "bounds=[0, 2, 6]"), run.output
+    # the even split of the same plan reads
+    even = write_plan(predict(Plan(batch=4, pp=2, schedule="gpipe", microbatches=2), gpt4, Unit(gpt4), FIT), gpt4,
+                      tmp_path / "even.json")
+    assert read_plan(even)["bounds"] == [0, 3, 6]

@@ -125,6 +125,17 @@ def _check_fields(spec: dict[str, Any], where: str) -> None:
         got = sorted(set(parallel) - known) if isinstance(parallel, dict) else type(parallel).__name__
         raise PlanError(f"{where}: parallel has {got}; expected ParallelConfig's fields {sorted(known)}")
     try:
-        ParallelConfig(**parallel).validate(spec["nproc"], model=cfg, batch=spec["batch"], seq=spec["seq"])
+        pc = ParallelConfig(**parallel)
+        pc.validate(spec["nproc"], model=cfg, batch=spec["batch"], seq=spec["seq"])
     except ParallelConfigError as e:
         raise PlanError(f"{where}: {e}") from None
+    # the Trainer splits the layers evenly: a plan of other stages (Alpa's DP, bounds given by hand; written with
+    # runnable=false) was read as valid and trained on the even split, another plan than the one predicted
+    if "bounds" in spec:
+        from tilestack.parallel.plan.describe import describe_gpt
+        from tilestack.parallel.plan.predict import even_bounds
+        even = list(even_bounds(describe_gpt(cfg, spec["seq"]), pc.n_stages))
+        if spec["bounds"] != even:
+            raise PlanError(f"{where}: bounds={spec['bounds']!r:.120}; tilestack train splits the layers evenly, "
+                            f"expected {even} for {pc.n_stages} stages (a plan of uneven stages is predicted, not "
+                            "runnable)")
