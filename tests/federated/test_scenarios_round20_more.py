@@ -16,6 +16,8 @@ What this round found, fixed:
   accountant) and ``make_strategy("dp-fedavg", noise_multiplier=0, accountant=...)`` failed in Flower's words, "The
   noise multiplier must be positive when accounting is enabled", naming no argument (an accountant of the sampling
   model Flower's accounted path refuses, likewise). ``make_strategy`` refuses both naming the argument and its value.
+- *``fl run --dataset clustered --clients 1``* was refused as "Task: groups=2", a name no option has: ``--clusters``
+  (default 2) is also the planted groups. Refused naming ``--clusters``, its value and the range.
 """
 
 from __future__ import annotations
@@ -240,6 +242,9 @@ def _fl_run(*extra):
     (["--strategy", "dp-fedavg", "--clip", "0"], ["clipping_norm=0.0"]),
     (["--strategy", "dp-fedavg", "--noise", "nan"], ["noise_multiplier=nan"]),
     (["--deadline", "-1"], ["deadline=-1.0"]),
+    (["--dataset", "clustered", "--clients", "1", "--per-round", "1"],
+     ["--clusters 2 plants that many groups of --dataset clustered among --clients 1; expected 1 to 1"]),
+    (["--dataset", "clustered", "--clusters", "0"], ["--clusters 0", "expected 1 to 4"]),
 ])  # fmt: skip
 def test_fl_run_refuses_bad_settings_before_any_round_naming_them(extra, needles):
     res = _fl_run(*extra)
