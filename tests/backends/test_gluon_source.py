@@ -180,7 +180,8 @@ def test_stages_and_warps_are_backend_options():
 def test_the_pass_pipeline_is_printable_and_schedules_the_loop():
     traced = gemm_kernel.trace(BF16_2, BF16_2, BF16_2)
     stages = dict(traced.passes("gluon"))
-    assert list(stages) == ["traced", "split_host", "dce", "legalize", "choose_access", "schedule", "prune_params"]
+    assert list(stages) == ["traced", "split_host", "dce", "kmajor_8bit", "legalize", "choose_access", "schedule",
+                            "prune_params"]
     assert "range stages=4(" in str(stages["schedule"]) and "stages=4" not in str(stages["choose_access"])
     assert "load via=tma(" in str(stages["choose_access"])
 

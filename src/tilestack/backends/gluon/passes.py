@@ -6,6 +6,9 @@ tile moves, which loops it pipelines, and what the kernel function takes.
                     loads become async loads into staged rings by a producer warpgroup and waits by a consumer
                     role that runs every other tile op; accumulation chains become async mmas kept in flight,
                     waited after their loop (hand-scheduled kernels write the same ops themselves)
+    kmajor_8bit     an 8-bit (f8e4m3) product's shared operand that wgmma would read with K as its outer axis (B of
+                    a @ b, A of a.T @ b) is transposed through registers into a K-major shared tile first: wgmma
+                    reads 8-bit operands K-major only
     legalize        an emitter for every op; wgmma-shaped matrix products; copy-engine boxes; roles it can split
     choose_access   shared-tile loads, async loads and 2-D stores through the copy engine (TMA descriptors) when
                     the launch's tensors allow it, else through pointers; register loads, 1-D stores, masked
@@ -62,6 +65,46 @@ def tma_box_ok(shape: tuple[int, ...], itemsize: int) -> bool:
     two, the innermost at least 16 bytes)."""
     return (all(0 < n <= TMA_MAX_BOX and not n & (n - 1) for n in shape)
             and shape[-1] * itemsize >= TMA_MIN_ROW_BYTES)
+
+
+def kmajor_8bit(ir: KernelIR) -> KernelIR:
+    """Hopper's wgmma reads 8-bit operands from shared memory K-major only (A as (M, K), B as (N, K), K contiguous):
+    Triton's LLVM lowering aborted on an f8e4m3 ``mma_AB`` whose B tile is (K, N) ("WGMMA type or shape is not
+    supported"). Such a B (and the A of ``mma_AtB`` / ``mma_AtBt``, a (K, M) tile) is transposed through registers
+    into a K-major tile first: ``b_k = copy(transpose(b))`` into a new (N, K) shared tile read as ``b_k.T``, and A
+    into registers (wgmma's A may come from registers)."""
+    out = clone(ir)
+    for block in _blocks(out.body):
+        instrs: list[Instr] = []
+        for ins in block.instrs:
+            if ins.op is Op.MMA and ins.srcs[1].type.dtype.itemsize == 1:
+                acc, a, b = ins.srcs
+                trans_a, trans_b = ins.attrs.trans_a, ins.attrs.trans_b
+                if a.type.space is Space.SHARED and trans_a:       # (K, M) -> registers (M, K)
+                    a = _transposed(instrs, a, Space.REG, ins)
+                    trans_a = False
+                if b.type.space is Space.SHARED and not trans_b:   # (K, N) -> shared (N, K), read transposed
+                    b = _transposed(instrs, b, Space.SHARED, ins)
+                    trans_b = True
+                if (a, b) != ins.srcs[1:]:
+                    ins.srcs = (acc, a, b)
+                    ins.attrs = dataclasses.replace(ins.attrs, trans_a=trans_a, trans_b=trans_b)
+            instrs.append(ins)
+        block.instrs = instrs
+    return out
+
+
+def _transposed(instrs: list[Instr], t: Value, space: Space, mma: Instr) -> Value:
+    """Append to ``instrs`` the instructions making ``t``'s transpose in ``space`` (a new tile); return it."""
+    reg = Value(TileType(Space.REG, t.type.dtype, t.type.shape[::-1]), hint=f"{t.hint or 't'}_kmajor")
+    reg.buffer = reg.id
+    instrs.append(Instr(Op.TRANSPOSE, (reg,), (t,), where=mma.where, role=mma.role))
+    if space is Space.REG:
+        return reg
+    shared = Value(TileType(Space.SHARED, t.type.dtype, t.type.shape[::-1]), hint=f"{t.hint or 't'}_kmajor")
+    shared.buffer = shared.id
+    instrs.append(Instr(Op.CAST, (shared,), (reg,), where=mma.where, role=mma.role))
+    return shared
 
 
 def legalize(warps: int, tma: bool = True):
@@ -416,6 +459,7 @@ def pipeline(warps: int, stages: int, specialize: bool = False, persist: bool = 
         *([Pass("persistent", persistent, "a loop over tiles; the host launches one program per SM")]
           if persist else []),
         SPLIT_HOST, DCE,
+        Pass("kmajor_8bit", kmajor_8bit, "8-bit wgmma operands K-major"),
         *([Pass("warp_specialize", warp_specialize(warps, stages), "a producer and a consumer role")]
           if specialize and tma else []),
         Pass("legalize", legalize(warps, tma), "what Gluon on sm_90a can lower"),

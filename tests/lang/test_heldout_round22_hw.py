@@ -1,0 +1,151 @@
+"""Round 22's held-out kernels (test_heldout_round22.py, test_heldout_round22_more.py) compiled for Hopper (sm_90a) on
+this CPU through the Triton backend (triton.compile for GPUTarget("cuda", 90, 32) through tilestack's AOT path: no
+spills, at most 255 registers) and the Gluon backend (one warpgroup; no spills, no serialized wgmma), at serving-sized
+meta arguments: RecurrentGemma-9B's RG-LRU (4096 channels, 8192 steps), ResNet's 7x7 adaptive pool of 2048 channels
+from 56x56, xLSTM-7B's mLSTM (32 heads of 128 over 4096 tokens), 1-D neighborhood attention with a window of 13 over
+4096 tokens, a fused linear cross-entropy over a 128256-word vocabulary (hidden size 256), a batched GEMM of 16 x
+4096^2 with its transposed store; A transposed in its last two axes (no unit stride: the copy engine cannot read it).
+"""
+
+import pytest
+import torch
+from heldout_support import BF, I64, close, launch, meta
+from sm90a_compile import check_triton_sm90a
+from test_heldout_round22 import adaptive_avg_pool2d, mlstm_parallel, rglru_scan
+from test_heldout_round22_more import bmm_bias_t, linear_ce, neighborhood_attn1d
+
+import tilestack.lang as ts
+
+F32, F8 = torch.float32, torch.float8_e4m3fn
+
+
+def _bmm(dtype=BF, a_transposed=False):
+    a = meta(16, 4096, 4096, dtype=dtype)
+    return (bmm_bias_t, (a.transpose(1, 2) if a_transposed else a, meta(16, 4096, 4096, dtype=dtype), meta(4096),
+                         meta(16, 4096, 4096, dtype=BF)), dict(BM=128, BN=128, BK=64))
+
+
+def _ce(D, BV=64):
+    """A fused linear cross-entropy over Llama 3's 128256 words for 8192 tokens of hidden size D."""
+    return (linear_ce, (meta(8192, D, dtype=BF), meta(128256, D, dtype=BF), meta(8192, dtype=I64), meta(8192),
+                        meta(8192, D, dtype=BF), meta(128256, D), 1.0 / 8192), dict(D=D, BM=64, BV=BV, CAP=30.0))
+
+
+AOT_CASES = {   # name -> (kernel, meta args, constants)
+    "rglru_scan": (rglru_scan, (*(meta(4, 8192, 4096, dtype=BF) for _ in range(3)), meta(1, 4096, dtype=BF),
+                                meta(4, 4096), meta(4, 8192, 4096, dtype=BF), meta(4, 4096), 8.0), dict(BD=256)),
+    "adaptive_avg_pool2d": (adaptive_avg_pool2d, (meta(32, 2048, 56, 56, dtype=BF).permute(0, 2, 3, 1),
+                                                  meta(32, 2048, 7, 7, dtype=BF).permute(0, 2, 3, 1)), dict(BC=128)),
+    "mlstm_parallel": (mlstm_parallel, (*(meta(64, 4096, 128, dtype=BF) for _ in range(3)), meta(64, 4096),
+                                        meta(64, 4096), meta(64, 4096, 128, dtype=BF), 1e-6),
+                       dict(D=128, BM=64, num_warps=8)),
+    "neighborhood_attn1d": (neighborhood_attn1d, (*(meta(64, 4096, 64, dtype=BF) for _ in range(3)), meta(8, 25),
+                                                  meta(64, 4096, 64, dtype=BF), 0.125),
+                            dict(KS=13, D=64, BM=64, BN=64)),
+    "linear_ce": _ce(128),
+    "bmm_bias_t": _bmm(),
+    "bmm_bias_t_f8": _bmm(F8),
+    "bmm_bias_t_a_transposed": _bmm(a_transposed=True),
+}
+
+
+# one warpgroup holds the fused cross-entropy's (64, D) f32 dX accumulator beside its logits tiles for D = 64 (244
+# registers; D = 128 spills 92 to 116 bytes at 255 registers, where Triton's 4 warps fit it with none)
+GLUON_CASES = {**AOT_CASES, "linear_ce": _ce(64)}
+
+
+@pytest.mark.parametrize("name", list(AOT_CASES))
+def test_round22_compiles_for_sm90a_with_triton(name):
+    check_triton_sm90a(*AOT_CASES[name])
+
+
+@pytest.mark.parametrize("name", list(AOT_CASES))
+def test_round22_compiles_for_sm90a_with_gluon(name):
+    """One warpgroup (num_warps=4: the 64-row wgmma accumulators take it); no spills, no serialized wgmma."""
+    from tilestack.backends import get_backend
+    from tilestack.backends.gluon import aot as gaot
+    try:
+        gaot.tool("ptxas")
+    except gaot.ToolMissing as e:
+        pytest.skip(str(e))
+    kernel, args, consts = GLUON_CASES[name]
+    consts = {k: v for k, v in consts.items() if k not in ("num_warps", "num_stages")}
+    be = get_backend("gluon")
+    res = gaot.resources(be.aot(kernel.trace(*args, **consts), be.Options(num_warps=4)))
+    assert res["spill_stores"] == res["spill_loads"] == 0 and not res["wgmma_serialized"], res["report"]
+
+
+# ---- 8-bit products whose shared operand is not K-major (the fix this round made) ----------------------------------
+@ts.kernel(grid=lambda C, BM, BN: (ts.cdiv(C.shape[0], BM), ts.cdiv(C.shape[1], BN)))
+def f8_gemm_forms(A, B, C, *, BM: int = 64, BN: int = 64, BK: int = 64, TA: bool = False, TB: bool = False):
+    """C (M, N) = op(A) @ op(B) with A (M, K) or, TA, (K, M); B (K, N) or, TB, (N, K): the four products of
+    ts.mma_*. Grid: (row blocks, column blocks)."""
+    i, j = ts.block_id(0), ts.block_id(1)
+    a = ts.SharedTile[A.dtype, BK, BM]() if TA else ts.SharedTile[A.dtype, BM, BK]()
+    b = ts.SharedTile[B.dtype, BN, BK]() if TB else ts.SharedTile[B.dtype, BK, BN]()
+    acc = ts.RegTile[ts.f32, BM, BN]()
+    ts.zero(acc)
+    mma = {(False, False): ts.mma_AB, (False, True): ts.mma_ABt, (True, False): ts.mma_AtB,
+           (True, True): ts.mma_AtBt}[TA, TB]
+    K = A.shape[0] if TA else A.shape[1]
+    for k in ts.range(ts.cdiv(K, BK)):
+        ts.load(a, A, at=(k, i) if TA else (i, k))
+        ts.load(b, B, at=(j, k) if TB else (k, j))
+        mma(acc, a, b, acc)
+    out = ts.RegTile[C.dtype, BM, BN]()
+    ts.copy(out, acc)
+    ts.store(C, out, at=(i, j))
+
+
+FORMS = [(False, False), (False, True), (True, False), (True, True)]
+
+
+def _f8_args(ta, tb, M=4096, N=4096, K=4096, make=meta):
+    return (make(K, M, dtype=F8) if ta else make(M, K, dtype=F8), make(N, K, dtype=F8) if tb else make(K, N, dtype=F8),
+            make(M, N, dtype=BF))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize(("ta", "tb"), FORMS)
+def test_f8_gemm_forms(backend, ta, tb):
+    """Each form on both executors against float64 torch of the f8 values: M = 70, N = 50, K = 100 (ragged)."""
+    g = torch.Generator().manual_seed(2203)
+    a, b, _ = _f8_args(ta, tb, 70, 50, 100, make=lambda *s, dtype: (torch.randn(*s, generator=g) * 4).to(dtype))
+    c = torch.full((70, 50), float("nan"), dtype=BF)
+    launch(f8_gemm_forms, backend, a, b, c, TA=ta, TB=tb)
+    want = (a.double().T if ta else a.double()) @ (b.double().T if tb else b.double())
+    close(c, want, scale=want.abs().max().item() / 8)
+
+
+@pytest.mark.parametrize("specialize", [False, True])
+@pytest.mark.parametrize(("ta", "tb"), FORMS)
+def test_gluon_reads_8bit_operands_k_major(ta, tb, specialize):
+    """wgmma reads 8-bit operands K-major only: an f8 mma_AB's (K, N) B tile made Triton's LLVM lowering abort
+    ("WGMMA type or shape is not supported"). The gluon backend's kmajor_8bit pass transposes such a B (and mma_AtB's
+    (K, M) A) through registers first; every form compiles for sm_90a with no spills, warp-specialized or not, and
+    only the operands that need it are transposed."""
+    from tilestack.backends import get_backend
+    from tilestack.backends.gluon import aot as gaot
+    be = get_backend("gluon")
+    traced = f8_gemm_forms.trace(*_f8_args(ta, tb), TA=ta, TB=tb)
+    opts = be.Options(num_warps=4, warp_specialize=specialize)
+    src = be.source(traced, opts)
+    assert ("a_kmajor" in src) == ta and ("b_kmajor" in src) == (not tb)
+    try:
+        gaot.tool("ptxas")
+    except gaot.ToolMissing as e:
+        pytest.skip(str(e))
+    res = gaot.resources(be.aot(traced, opts))
+    assert res["spill_stores"] == res["spill_loads"] == 0, res["report"]
+
+
+def test_gluon_names_the_rows_a_narrow_vocabulary_tile_gives_dw():
+    """The fused cross-entropy's dW product g^T x accumulates BV rows: a vocabulary tile of 32 is refused by the gluon
+    backend when traced, naming the kernel's line and the rows a wgmma needs; the triton backend compiles it."""
+    from tilestack.backends import get_backend
+    from tilestack.errors import BackendError
+    kernel, args, consts = _ce(64, BV=32)
+    with pytest.raises(BackendError, match=r"test_heldout_round22_more\.py:\d+: the gluon backend gives each of the 4 "
+                                           r"warps .* mma accumulates 32 rows \(need a multiple of 64"):
+        get_backend("gluon").source(kernel.trace(*args, **consts), get_backend("gluon").Options(num_warps=4))
+    check_triton_sm90a(kernel, args, consts)
