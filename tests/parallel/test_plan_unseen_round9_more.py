@@ -352,3 +352,25 @@ def test_a_plan_file_of_uneven_stages_is_refused_not_trained_on_the_even_split(t
     even = write_plan(predict(Plan(batch=4, pp=2, schedule="gpipe", microbatches=2), gpt4, Unit(gpt4), FIT), gpt4,
                       tmp_path / "even.json")
     assert read_plan(even)["bounds"] == [0, 3, 6]
+
+
+# ---- numpy numbers where the planner takes numbers ------------------------------------------------------------------
+
+def test_numpy_numbers_are_numbers_across_the_planner(gpt):
+    """Each was refused as "expected a positive int" / "finite numbers" / "a positive finite efficiency": a Plan of
+    numpy degrees, simulate's numpy counts and times, Alpa's numpy sub-meshes and stage seconds, an E(M) in float32."""
+    from tilestack.parallel.plan import alpa_stages, brute_force_stages, simulate
+
+    plan = Plan(batch=np.int64(4), dp=np.int64(2), bounds=[np.int64(0), np.int64(4)])
+    assert plan == Plan(batch=4, dp=2, bounds=(0, 4)) and type(plan.batch) is int
+    pred = predict(plan, gpt, Unit(gpt), FIT)
+    assert pred.runnable and pred.step_s == predict(Plan(batch=4, dp=2), gpt, Unit(gpt), FIT).step_s
+    sim = simulate("1f1b", pp=np.int64(2), stages_per_rank=1, microbatches=np.int64(2),
+                   fwd=np.array([1.0, 1.0], dtype=np.float32), bwd=[2.0, np.float32(2.0)], p2p=[0.0, 0.0])
+    assert sim.makespan == pytest.approx(9.0)                        # (m + p - 1)(f + b) = 3 x 3
+    kw = dict(n_devices=np.int64(2), submeshes=(np.int64(1), np.int64(2)), microbatches=np.int64(2),
+              stage_cost=lambda k, i, d, after: (np.float32((i - k) / d), f"{d}"))
+    assert alpa_stages(3, **kw).latency == pytest.approx(brute_force_stages(3, **kw).latency) == pytest.approx(3.0)
+    ranked = search(gpt, Unit(gpt), FIT, world_size=2, batch=[4, 8], rank_by="goodput",
+                    efficiency=lambda m: np.float32(8 / (4 + m)))
+    assert all(r.goodput == pytest.approx(r.plan.batch / r.step_s * 8 / (4 + r.plan.batch), rel=1e-6) for r in ranked)

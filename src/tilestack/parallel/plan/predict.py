@@ -42,7 +42,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any
+
+import numpy as np
 
 from tilestack.parallel.config import RECOMPUTE, ZERO_STAGES
 from tilestack.parallel.parallelize import trainer_reduces_gradients, uses_ddp
@@ -91,6 +94,18 @@ class Plan:
     recompute: str = "none"
     zero: int = 0
     bounds: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        # numpy's ints are ints (Plan(batch=np.int64(8)) from a batch array was refused by check as "expected a
+        # positive int", where search takes the same batch); kept as Python ints, so that the ParallelConfig and the
+        # plan file it makes hold ints too. Anything else is left for check to refuse by name.
+        for name in ("batch", "pp", "dp", "dp_shard", "tp", "stages_per_rank", "microbatches", "zero"):
+            v = getattr(self, name)
+            if isinstance(v, numbers.Integral) and not isinstance(v, bool | np.bool_) and not isinstance(v, int):
+                object.__setattr__(self, name, int(v))
+        if isinstance(self.bounds, tuple | list) and all(
+                isinstance(b, numbers.Integral) and not isinstance(b, bool | np.bool_) for b in self.bounds):
+            object.__setattr__(self, "bounds", tuple(int(b) for b in self.bounds))
 
     @property
     def world_size(self) -> int:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Sequence
 
 from tilestack.parallel.config import PP_SCHEDULES as SCHEDULES
@@ -113,9 +114,12 @@ def simulate(schedule: str, *, pp: int, stages_per_rank: int, microbatches: int,
     peak_inflight counts micro-batches)."""
     if schedule not in SCHEDULES:
         raise PlanError(f"simulate: schedule={schedule!r}; expected one of {SCHEDULES}")
+    # numpy's numbers are numbers (np.int64 degrees from a mesh's shape, np.float32 times were refused as "expected a
+    # positive int" / "finite numbers"); each is kept as a Python int / float. A bool is neither.
     for arg, v in (("pp", pp), ("stages_per_rank", stages_per_rank), ("microbatches", microbatches)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
             raise PlanError(f"simulate: {arg}={v!r}; expected a positive int")
+    pp, stages_per_rank, microbatches = int(pp), int(stages_per_rank), int(microbatches)
     S = pp * stages_per_rank
     if len(fwd) != S or len(bwd) != S:
         raise PlanError(f"simulate: {len(fwd)} forward and {len(bwd)} backward times; expected pp * "
@@ -123,8 +127,10 @@ def simulate(schedule: str, *, pp: int, stages_per_rank: int, microbatches: int,
     p2p = list(p2p) if p2p is not None else [0.0] * S
     weight = list(act_weight) if act_weight is not None else [1.0] * S
     for arg, vals in (("fwd", fwd), ("bwd", bwd), ("p2p", p2p), ("act_weight", weight)):
-        if len(vals) != S or not all(isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in vals):
+        if len(vals) != S or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+                                     and v >= 0 for v in vals):
             raise PlanError(f"simulate: {arg}={list(vals)}; expected {S} finite numbers >= 0 (one per stage)")
+    fwd, bwd, p2p, weight = ([float(v) for v in vals] for vals in (fwd, bwd, p2p, weight))
     orders = [rank_order(schedule, pp, stages_per_rank, microbatches, r) for r in range(pp)]
     pos = [0] * pp
     free = [0.0] * pp

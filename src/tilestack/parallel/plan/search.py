@@ -224,9 +224,10 @@ def search(desc: ModelDesc, compute: ComputeModel, comm: CommModel, *, world_siz
     if rank_by == "goodput":
         for b in batches:
             e = efficiency(b)
-            if isinstance(e, bool) or not isinstance(e, int | float) or not math.isfinite(e) or e <= 0:
+            # (an np.float32 efficiency, from a numpy E(M), was refused)
+            if isinstance(e, bool | np.bool_) or not isinstance(e, numbers.Real) or not math.isfinite(e) or e <= 0:
                 raise PlanError(f"search: efficiency({b})={e!r}; expected a positive finite statistical efficiency")
-            effs[b] = e
+            effs[b] = float(e)
     plans = [p for b in batches for p in enumerate_plans(desc, world_size, b, **enumerate_kw)]
     preds = [predict(p, desc, compute, comm) for p in plans]
     fits = [p for p in preds if limits is None or placeable(p, limits)]
@@ -346,8 +347,7 @@ def _check_stage_args(where: str, n_layers: Any, n_devices: Any, submeshes: Any,
         sizes = list(submeshes)
     except TypeError:
         raise PlanError(f"{where}: submeshes={submeshes!r}; expected a sequence of device counts") from None
-    if any(not isinstance(d, int) or isinstance(d, bool) for d in sizes) or not any(
-            1 <= d <= n_devices for d in sizes):
+    if any(not _integer(d) for d in sizes) or not any(1 <= d <= n_devices for d in sizes):
         raise PlanError(f"{where}: submeshes={sizes}; expected int sizes, some between 1 and {n_devices}")
 
 
@@ -367,7 +367,9 @@ def alpa_stages(n_layers: int, *, n_devices: int, submeshes: Sequence[int], micr
     candidates cannot beat the best latency so far (G at its top + (B - 1) x its least candidate) is dropped. The
     candidates left are bisected: a 200-layer model on 8 devices runs a few dozen DPs, not thousands."""
     _check_stage_args("alpa_stages", n_layers, n_devices, submeshes, microbatches, stage_cost, max_stages)
-    sizes = sorted({d for d in submeshes if 1 <= d <= n_devices})
+    n_layers, n_devices, microbatches = int(n_layers), int(n_devices), int(microbatches)
+    max_stages = None if max_stages is None else int(max_stages)
+    sizes = sorted({int(d) for d in submeshes if 1 <= d <= n_devices})
     if not sizes:
         raise PlanError(f"alpa_stages: submeshes={list(submeshes)}; expected sizes between 1 and {n_devices}")
     max_stages = max_stages or min(n_layers, n_devices)
@@ -432,8 +434,9 @@ def _cost_table(n_layers: int, n_devices: int, sizes: list[int], max_stages: int
                     c = stage_cost(k, i, d, after)
                     if c is None:
                         continue
-                    if not isinstance(c, tuple | list) or len(c) != 2 or isinstance(c[0], bool) or not isinstance(
-                            c[0], int | float) or not 0 <= c[0] < math.inf:
+                    # (numpy's seconds are seconds: an np.float32 time was refused)
+                    if not isinstance(c, tuple | list) or len(c) != 2 or isinstance(c[0], bool | np.bool_) or \
+                            not isinstance(c[0], numbers.Real) or not 0 <= c[0] < math.inf:
                         raise PlanError(f"alpa_stages: stage_cost({k}, {i}, {d}, {after}) gave {c!r:.80}; expected "
                                         "(seconds, choice) with finite seconds >= 0, or None")
                     times[k, i, j, after] = c[0]
@@ -510,7 +513,9 @@ def brute_force_stages(n_layers: int, *, n_devices: int, submeshes: Sequence[int
                        stage_cost: StageCost, max_stages: int | None = None) -> StageSplit:
     """The same optimum as :func:`alpa_stages`, by enumerating every cut and every device split (small cases)."""
     _check_stage_args("brute_force_stages", n_layers, n_devices, submeshes, microbatches, stage_cost, max_stages)
-    sizes = sorted({d for d in submeshes if 1 <= d <= n_devices})
+    n_layers, n_devices, microbatches = int(n_layers), int(n_devices), int(microbatches)
+    max_stages = None if max_stages is None else int(max_stages)
+    sizes = sorted({int(d) for d in submeshes if 1 <= d <= n_devices})
     max_stages = max_stages or min(n_layers, n_devices)
     best: StageSplit | None = None
     for parts in compositions(n_layers):
