@@ -273,3 +273,52 @@ def test_mlstm_parallel(backend, dtype, T, gates, rng):
     want = mlstm_ref(q, k, v, fc, ig, 1e-6)
     # C is rounded to V's dtype for the product (as flash attention's P)
     close(o, want, scale=1.0 if dtype is F32 else 2.0 * max(1.0, want.abs().max().item()))
+
+
+# ---- 4. the recurrence's backward: a scan walked in reverse time (a negative loop step) ----------------------------
+@ts.kernel(grid=lambda A, BD: (A.shape[0], ts.cdiv(A.shape[2], BD)))
+def linear_recurrence_bwd(A, DY, DHT, DU, DH0, *, BD: int = 32):
+    """For h_t = a_t h_(t-1) + u_t (t = 0..T-1, A (B, T, D)) with y_t = h_t: DU (B, T, D) = dL/du_t and DH0 (B, D) =
+    dL/dh_(-1) from DY = dL/dy (B, T, D) and DHT = dL/dh_(T-1) (B, D): g_t = dy_t + a_(t+1) g_(t+1), walked from
+    t = T - 1 down to 0 (g_(T-1) = dy_(T-1) + DHT). Grid: (batch, channel blocks)."""
+    b, j = ts.block_id(0), ts.block_id(1)
+    W = work_dtype(A.dtype)
+    g, a, dy = ts.RegTile[W, 1, BD](), ts.RegTile[W, 1, BD](), ts.RegTile[W, 1, BD]()
+    ts.load(g, DHT, at=(b, j))
+    ts.one(a)                                         # a_T: nothing after the last step
+    du = ts.RegTile[DU.dtype, 1, BD]()
+    for t in ts.range(A.shape[1] - 1, -1, -1):
+        ts.mul(g, g, a)
+        ts.load(dy, DY, at=(b, t, j))
+        ts.add(g, g, dy)
+        ts.copy(du, g)
+        ts.store(DU, du, at=(b, t, j))
+        ts.load(a, A, at=(b, t, j))
+    ts.mul(g, g, a)
+    ts.store(DH0, g, at=(b, j))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("T", "dtype"), [(0, F32), (1, BF), (11, F32), (11, F64), (9, F16)])
+def test_linear_recurrence_bwd(backend, T, dtype, rng):
+    """Against float64 autograd of the forward recurrence; B = 2, D = 40 (a ragged block); decays in (0, 1), some
+    exactly 0 (the gradient cut) and 1; T = 0: DH0 = DHT."""
+    B, D = 2, 40
+    a = torch.from_numpy(rng.uniform(0, 1, (B, T, D))).to(dtype)
+    if T > 2:
+        a[:, 2, :5], a[:, 1, 5:10] = 0.0, 1.0
+    dy = randn(rng, B, T, D, dtype=dtype)
+    dht = randn(rng, B, D, dtype=F64 if dtype is F64 else F32)
+    u = torch.zeros(B, T, D, dtype=F64, requires_grad=True)
+    h0 = torch.zeros(B, D, dtype=F64, requires_grad=True)
+    h, ys = h0, []
+    for t in range(T):
+        h = a[:, t].double() * h + u[:, t]
+        ys.append(h)
+    loss = (h * dht.double()).sum() + sum((y * dy[:, t].double()).sum() for t, y in enumerate(ys))
+    loss.backward()
+    want_du = u.grad if T else torch.zeros(B, T, D, dtype=F64)   # (T = 0: u unused, no gradient made)
+    du, dh0 = poisoned(B, T, D, dtype=dtype), poisoned(B, D, dtype=dht.dtype)
+    launch(linear_recurrence_bwd, backend, a, dy, dht, du, dh0)
+    close(du, want_du, scale=4)
+    close(dh0, h0.grad, dtype=dtype, scale=4)

@@ -151,6 +151,11 @@ def _check_mma(ins: Instr, warps: int) -> None:
                    "operands (use the triton backend, or cast the operands)")
     if b.type.space is not Space.SHARED:
         _fail(ins, f"needs wgmma's b operand in shared memory; b is a {b.type} (load it as a SharedTile)")
+    if ins.op is Op.MMA_ASYNC and a.type.dtype.itemsize == 1 and not ins.attrs.trans_b:
+        # (kmajor_8bit transposes a plain mma's operand; an async one reads its stage in flight, until its wait)
+        _fail(ins, f"gives wgmma 8-bit operands K-major only; {ins.op.value} reads a {b.type} b as (K, N) (store B "
+                   "as (N, K) and use mma_ABt_async, or transpose the stage into a SharedTile first: copy(r, b.T), "
+                   "copy(b_t, r))")
     m, n = acc.type.shape
     k = a.type.shape[0] if ins.attrs.trans_a else a.type.shape[1]
     if m % (WARP_ROWS * warps) or m < WARPGROUP_ROWS:
