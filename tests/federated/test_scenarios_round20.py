@@ -370,3 +370,33 @@ def test_an_oort_selector_of_another_alpha_is_refused_on_resume(tmp_path):
     res = simulate(_selected(OortSelector(system, alpha=2.0)), task, rounds=3, system=system, checkpoint=ckpt,
                    evaluate=False)  # fmt: skip
     assert [r.round for r in res.history.rounds] == [1, 2, 3]
+
+
+# ---- the same scenario on Flower's Simulation Engine -----------------------------------------------------------------
+@pytest.mark.timeout(300)
+def test_the_skewed_clients_with_a_nan_client_and_dropouts_run_bit_for_bit_alike_on_flowers_engine():
+    """The quantity-skewed clients (one trains on a single example), client 2 sending NaN, the system dropping clients
+    with chance 0.3: Flower's Ray engine and tilestack's in-process engine leave out the same clients for the same
+    reasons each round and end on the same model bit for bit, which is the replayed weighted mean of the kept ones."""
+    import dataclasses
+
+    from tilestack.federated import SystemModel
+
+    task = dataclasses.replace(_skewed_task(), faults=((2, "nan"),))
+    system = SystemModel(4, dropout=0.3, seed=2)
+    strategy = dict(fraction_train=1.0, fraction_evaluate=1.0, min_available_nodes=1, min_train_nodes=1,
+                    min_evaluate_nodes=1)  # fmt: skip
+    models: list = []
+    ours = simulate(FedAvg(**strategy), task, rounds=2, system=system, extra_metrics=keep(models))
+    flower = simulate(FedAvg(**strategy), task, rounds=2, system=system, engine="flower")
+    assert [r.excluded for r in ours.history.rounds] == [r.excluded for r in flower.history.rounds]
+    assert any(v.startswith("non-finite") for r in ours.history.rounds for v in r.excluded.values())
+    a, b = np_(ours.arrays), np_(flower.arrays)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    n = {p: task.num_train(p) for p in range(4)}
+    x = np_(initial_arrays(task))
+    for rnd, (r, got) in enumerate(zip(ours.history.rounds, models, strict=True), start=1):
+        kept = [p for p in range(4) if str(p) not in r.excluded]
+        assert kept and r.num_aggregated == len(kept)
+        near(got, weighted_mean({p: client_model(task, p, rnd, x)[0] for p in kept}, n), ulps=4)
+        x = got
