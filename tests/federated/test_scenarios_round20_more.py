@@ -453,3 +453,49 @@ def test_fl_run_dp_fedavg_with_noise_0_is_refused_naming_it_and_with_noise_runs_
     assert res.exit_code == 2 and "noise_multiplier=0.0 with an accountant" in out and "test accuracy" not in out
     res = _fl_run("--strategy", "dp-fedavg", "--noise", "0.5", "--clip", "0.5")
     assert res.exit_code == 0 and "epsilon" in res.output, res.output
+
+
+# ---- a client whose process dies mid-round ---------------------------------------------------------------------------
+def _dying_app():
+    """tilestack's ClientApp, except that client 1's process ends abruptly (os._exit) in round 1's training."""
+    import os
+
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        if int(context.node_config["partition-id"]) == 1 and int(msg.content["config"]["server-round"]) == 1:
+            os._exit(3)
+        return tsclient.app(msg, context)
+
+    @app.query()
+    def query(msg, context):
+        return tsclient.app(msg, context)
+
+    return app
+
+
+def test_a_client_whose_worker_process_dies_mid_round_is_left_out_and_the_others_aggregate():
+    """Four clients on two worker processes; client 1's process ends abruptly while training in round 1. It is left
+    out of that round by name (the process died), the round is the num_train-weighted mean of clients 0, 2 and 3's
+    replayed SGD, and rounds 2 and 3 (the worker replaced) aggregate all four."""
+    task = Task(dataset="blobs", num_samples=120, num_features=3, num_classes=3, num_clients=4, local_steps=2, lr=0.1,
+                partitioner="quantity", quantity_sigma=1.0, seed=12)  # fmt: skip
+    grid = InProcessGrid(_dying_app(), 4, workers=2)
+    models: list = []
+    try:
+        res = run_rounds(fedavg(), ManagedGrid(grid, task), initial_arrays(task), num_rounds=3, timeout=60,
+                         extra_metrics=keep(models))  # fmt: skip
+    finally:
+        grid.close()
+    r1, r2, r3 = res.history.rounds
+    assert list(r1.excluded) == ["1"] and "ended abruptly" in r1.excluded["1"]
+    assert (r1.num_aggregated, r2.num_aggregated, r3.num_aggregated) == (3, 4, 4) and not r2.excluded
+    n = {p: task.num_train(p) for p in range(4)}
+    x = np_(initial_arrays(task))
+    for rnd, got in enumerate(models, start=1):
+        kept = [0, 2, 3] if rnd == 1 else [0, 1, 2, 3]
+        near(got, weighted_mean({p: client_model(task, p, rnd, x)[0] for p in kept}, n), ulps=4)
+        x = got
