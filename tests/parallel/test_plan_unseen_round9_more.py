@@ -374,3 +374,30 @@ def test_numpy_numbers_are_numbers_across_the_planner(gpt):
     ranked = search(gpt, Unit(gpt), FIT, world_size=2, batch=[4, 8], rank_by="goodput",
                     efficiency=lambda m: np.float32(8 / (4 + m)))
     assert all(r.goodput == pytest.approx(r.plan.batch / r.step_s * 8 / (4 + r.plan.batch), rel=1e-6) for r in ranked)
+
+
+def test_numpy_arrays_of_batches_and_per_gpu_limits_are_lists(gpt):
+    """np.array([4, 8]) of batches and an array of per-GPU limits are no collections.abc.Sequence: both were
+    refused ("expected a positive int or a non-empty sequence", "a positive number of bytes per rank")."""
+    as_list = search(gpt, Unit(gpt), FIT, world_size=2, batch=[4, 8], memory_limit=[2**30, 2**29])
+    as_array = search(gpt, Unit(gpt), FIT, world_size=2, batch=np.array([4, 8]),
+                      memory_limit=np.array([2**30, 2**29]))
+    assert [(r.plan, r.step_s) for r in as_array] == [(r.plan, r.step_s) for r in as_list]
+    with pytest.raises(PlanError, match="bytes per GPU"):
+        search(gpt, Unit(gpt), FIT, world_size=2, batch=4, memory_limit=np.array([1000.0, 1000.0]))
+    with pytest.raises(PlanError, match="expected 2 positive numbers of bytes"):
+        search(gpt, Unit(gpt), FIT, world_size=2, batch=4, memory_limit=np.array([2**30, 2**30, 2**30]))
+
+
+def test_accumulation_takes_a_numpy_micro_batch_count():
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    gns = GradientNoiseScale()
+    accumulate_and_observe(model, torch.nn.functional.mse_loss, torch.tensor([[1.0], [1.0]]),
+                           torch.tensor([[1.5], [0.5]]), micro_batches=np.int64(2), gns=gns)
+    assert gns.phi == pytest.approx(2 / 3, rel=1e-6)
+    for bad in (True, 0, 3, 2.0):
+        with pytest.raises(PlanError, match=f"micro_batches={bad}"):
+            accumulate_and_observe(model, torch.nn.functional.mse_loss, torch.ones(2, 1), torch.ones(2, 1),
+                                   micro_batches=bad)

@@ -298,10 +298,10 @@ def accumulate_and_observe(model, loss_fn: Callable, inputs, targets, *, micro_b
     gradient's noise scale, which underestimates the batch Adam can use."""
     import torch
     n = inputs.shape[0] if hasattr(inputs, "shape") and len(inputs.shape) else 0
-    if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) or micro_batches < 1 or not n \
-            or n % micro_batches:
+    if not _count(micro_batches) or not n or n % micro_batches:
         raise PlanError(f"accumulate_and_observe: micro_batches={micro_batches} with a batch of {n}; expected a "
                         "divisor of the batch")
+    micro_batches = int(micro_batches)           # (np.int64 was refused)
     params = [p for p in model.parameters() if p.requires_grad]
     b = n // micro_batches
     flats, total = [], 0.0

@@ -96,11 +96,17 @@ def _check_desc(where: str, desc: Any) -> None:
         raise PlanError(f"{where}: model {desc.name!r} has no layers; expected at least one")
 
 
+def _listlike(v: Any) -> bool:
+    """A sequence of values, a 1-D numpy array among them (np.array([8, 16]) of batches or per-GPU limits is no
+    collections.abc.Sequence, and was refused as "expected a positive int" / "a positive number of bytes")."""
+    return (isinstance(v, Sequence) and not isinstance(v, str | bytes)) or (isinstance(v, np.ndarray) and v.ndim == 1)
+
+
 def _batches(where: str, batch: Any) -> list[int]:
     """``batch``, a positive int or a non-empty sequence of them, as a list."""
     if _integer(batch):
         batches = [batch]
-    elif isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch):
+    elif _listlike(batch) and len(batch):
         batches = list(batch)
     else:
         raise PlanError(f"{where}: batch={batch!r}; expected a positive int (samples per step) or a non-empty "
@@ -233,7 +239,7 @@ def search(desc: ModelDesc, compute: ComputeModel, comm: CommModel, *, world_siz
     fits = [p for p in preds if limits is None or placeable(p, limits)]
     if not fits:
         least = min(preds, key=lambda p: p.memory_bytes)
-        given = f"{limits[0]:.4g} bytes per rank" if not isinstance(memory_limit, Sequence) else \
+        given = f"{limits[0]:.4g} bytes per rank" if not _listlike(memory_limit) else \
             f"{[float(f'{v:.4g}') for v in memory_limit]} bytes per GPU"
         raise PlanError(f"search: memory_limit={given}; no plan of {len(preds)} fits "
                         f"(the smallest, {least.plan.label()}, needs {least.memory_bytes:.4g}); expected a limit of "
@@ -261,7 +267,7 @@ def gpu_limits(where: str, memory_limit: Any, world_size: int) -> tuple[float, .
     GPU when their memories differ."""
     if memory_limit is None:
         return None
-    if isinstance(memory_limit, Sequence) and not isinstance(memory_limit, str | bytes):
+    if _listlike(memory_limit):
         limits = list(memory_limit)
         if len(limits) != world_size or not all(_bytes_limit(v) for v in limits):
             raise PlanError(f"{where}: memory_limit={limits!r:.200}; expected {world_size} positive numbers of bytes, "
