@@ -1,6 +1,7 @@
 """Layer norm forward over the last dim of a 2-D tensor, any width; saves mean and 1/std for a backward.
-A row that fits one tile (``ONE_TILE``) is read once; a wider one takes three passes (mean, variance about the
-mean, normalise).
+A row that fits one tile (``ONE_TILE``) is read once; a wider one takes four passes (largest |x|, mean, variance
+about the mean, normalise). A row past f32's range for squares (|x| > 2^32) has its statistics taken scaled
+(``row_scale``).
 
     y, mean, rstd = tilestack.kernels.layer_norm(x, weight, bias, eps=1e-5)
 """
@@ -27,6 +28,54 @@ def recenter(d, mean, n, cols_left, BM: int) -> None:
     ts.add(mean, mean, corr)
     ts.sub_row(d, d, corr)
     ts.right_fill(d, d, cols_left, 0.0)
+
+
+# A row whose largest |x| passes BIG_ROW has its statistics taken of x / c, c a power of two at most that largest |x|
+# (and at most MAX_ROW_SCALE, so that 1 / c stays a normal f32): its squares would pass f32's range (|x| past about
+# 1.8e19; a row of 1e30 gave rstd 0 and y = 0 in RMS norm, NaN in layer norm, where torch's float64 answers). Scaling
+# by a power of two is exact, so the statistics are the unscaled arithmetic's, moved by c (a constant row's mean is
+# still its value exactly). Every other row, and a row holding an infinity (whose NaN and infinities are torch's),
+# takes c = 1: the same arithmetic as before, bit for bit.
+BIG_ROW = 2.0 ** 32
+MAX_ROW_SCALE = 2.0 ** 96
+
+
+def row_scale(c, inv, amax, BM: int) -> None:
+    """c and inv = 1 / c per row (the rule above) from ``amax``, the rows' largest |x| (c and amax may be one)."""
+    big = ts.RegVec[ts.bool_, BM]()
+    finite = ts.RegVec[ts.bool_, BM]()
+    exponent = ts.RegVec[ts.f32, BM]()
+    ts.gt(big, amax, BIG_ROW)
+    ts.lt(finite, amax, math.inf)
+    ts.logical_and(big, big, finite)
+    ts.min(exponent, amax, MAX_ROW_SCALE)
+    ts.where(exponent, big, exponent, 1.0)
+    ts.log2(exponent, exponent)                  # >= 0; floor(e) = e - rem(e, 1), and 2^floor(e) exactly
+    ts.rem(inv, exponent, 1.0)
+    ts.sub(exponent, exponent, inv)
+    ts.exp2(c, exponent)
+    ts.fill(inv, 1.0)
+    ts.div(inv, inv, c)
+
+
+def scaled_rstd(rstd, var, inv, eps, BM: int) -> None:
+    """rstd = 1 / sqrt(var * c^2 + eps) from ``var``, the variance (or mean square) of x / c: rsqrt(var + eps / c^2)
+    / c, at most 1 / sqrt(eps) (a constant row of 1e30: its eps / c^2 underflows to 0, and the rsqrt of 0 is inf)."""
+    cap = ts.RegVec[ts.f32, BM]()
+    ts.mul(cap, inv, inv)
+    ts.mul(cap, cap, eps)
+    ts.add(rstd, var, cap)
+    ts.rsqrt(rstd, rstd)
+    ts.mul(rstd, rstd, inv)
+    ts.fill(cap, eps)
+    ts.rsqrt(cap, cap)
+    ts.min(rstd, rstd, cap)
+
+
+def row_abs_max(amax, x, scratch, acc=None) -> None:
+    """amax = the rows' largest |x| (with ``acc``: the larger of it and acc); ``scratch`` a tile of x's shape."""
+    ts.abs(scratch, x)
+    ts.row_max(amax, scratch, acc)
 
 
 def _grid(X, BM, PROGRAMS):
@@ -67,15 +116,25 @@ def layer_norm_kernel(X, W, B, Y, Mean, Rstd, eps: float, *,
     b = ts.RegVec[ts.f32, BN]()
     y = ts.RegTile[Y.dtype, BM, BN]()
     corr = ts.RegVec[ts.f32, BM]()
+    c = ts.RegVec[ts.f32, BM]()
+    inv = ts.RegVec[ts.f32, BM]()
+    scratch = ts.RegTile[ts.f32, BM, BN]()
     ts.zero(mean)
     ts.zero(var)
     ts.zero(corr)
-    for j in ts.range(ts.cdiv(N, BN)):          # pass 1: mean (edges load as zero)
+    ts.zero(c)
+    for j in ts.range(ts.cdiv(N, BN)):          # pass 0: the rows' largest |x|, for their scale (row_scale)
         ts.load(x, X, at=(i, j))                 # (BM, BN)
+        row_abs_max(c, x, scratch, c)
+    row_scale(c, inv, c, BM)
+    for j in ts.range(ts.cdiv(N, BN)):          # pass 1: mean of x / c (edges load as zero)
+        ts.load(x, X, at=(i, j))
+        ts.mul_row(x, x, inv)
         ts.row_sum(mean, x, mean)
     ts.div(mean, mean, N * 1.0)
     for j in ts.range(ts.cdiv(N, BN)):          # pass 2: variance about the mean (two-pass: no cancellation)
         ts.load(x, X, at=(i, j))
+        ts.mul_row(x, x, inv)
         ts.sub_row(x, x, mean)
         ts.right_fill(x, x, N - j * BN, 0.0)
         ts.row_sum(corr, x, corr)                # sum(x - mean): the mean's rounding (see recenter)
@@ -87,8 +146,8 @@ def layer_norm_kernel(X, W, B, Y, Mean, Rstd, eps: float, *,
     ts.mul(corr, corr, corr)
     ts.sub(var, var, corr)
     ts.max(var, var, 0.0)
-    ts.add(rstd, var, eps)
-    ts.rsqrt(rstd, rstd)
+    scaled_rstd(rstd, var, inv, eps, BM)
+    ts.mul(mean, mean, c)                        # the mean of x itself
     for j in ts.range(ts.cdiv(N, BN)):          # pass 3: y = (x - mean) * rstd * w + b
         ts.load(x, X, at=(i, j))
         ts.load(w, W, at=(j,))
@@ -113,8 +172,13 @@ def _one_tile_rows(i, X, Y, Mean, Rstd, eps, BM: int, BN: int, *, w=None, b=None
     mean = ts.RegVec[ts.f32, BM]()
     var = ts.RegVec[ts.f32, BM]()
     rstd = ts.RegVec[ts.f32, BM]()
+    c = ts.RegVec[ts.f32, BM]()
+    inv = ts.RegVec[ts.f32, BM]()
     y = ts.RegTile[Y.dtype, BM, BN]()
     ts.load(x, X, at=(i, 0))                     # (BM, BN); past N reads zero
+    row_abs_max(c, x, sq)
+    row_scale(c, inv, c, BM)
+    ts.mul_row(x, x, inv)                        # the statistics of x / c (row_scale)
     ts.row_sum(mean, x)
     ts.div(mean, mean, N * 1.0)
     ts.sub_row(x, x, mean)
@@ -123,8 +187,9 @@ def _one_tile_rows(i, X, Y, Mean, Rstd, eps, BM: int, BN: int, *, w=None, b=None
     ts.mul(sq, x, x)
     ts.row_sum(var, sq)
     ts.div(var, var, N * 1.0)
-    ts.add(rstd, var, eps)
-    ts.rsqrt(rstd, rstd)
+    scaled_rstd(rstd, var, inv, eps, BM)
+    ts.mul_row(x, x, c)                          # x - mean and the mean, of x itself
+    ts.mul(mean, mean, c)
     if w is None:
         w, b = ts.RegVec[ts.f32, BN](), ts.RegVec[ts.f32, BN]()
         ts.load(w, W, at=(0,))

@@ -9,8 +9,9 @@ into the norm that follows it, for RMS norm and layer norm (the pre-norm block's
 The forward kernels, ``rms_norm_kernel`` and ``norm_fwd_kernel`` (the residual add, then RMS norm or, with
 ``CENTERED``, layer norm), trace one body: h = x + r is written out, rounded to its dtype as torch would, and
 normalised as rounded. It saves 1/std (and the mean) per row, f32, for the backward. A row that fits one
-tile (``ONE_TILE``) is read once; a wider one is read once per pass (mean, variance about it, normalise;
-RMS norm has no mean pass). The backward is the shared norm backward (``tilestack.kernels.layernorm_bwd``),
+tile (``ONE_TILE``) is read once; a wider one is read once per pass (largest |h|, mean, variance about it,
+normalise; RMS norm has no mean pass). A row past f32's range for squares (|h| > 2^32) has its statistics taken
+scaled (``layernorm.row_scale``). The backward is the shared norm backward (``tilestack.kernels.layernorm_bwd``),
 which also adds the residual stream's gradient into dx.
 """
 
@@ -23,7 +24,7 @@ import tilestack.lang as ts
 from tilestack.errors import LaunchError
 from tilestack.kernels._checks import check_same_device, check_tensor, refuse_derived
 from tilestack.kernels._plan import checked_once, no_backward, planned
-from tilestack.kernels.layernorm import recenter
+from tilestack.kernels.layernorm import recenter, row_abs_max, row_scale, scaled_rstd
 from tilestack.kernels.layernorm_bwd import check_norm_bwd_args, norm_backward
 from tilestack.kernels.softmax import resolve_row_config
 
@@ -74,22 +75,32 @@ def _norm_forward(X, R, W, B, Y, H, Mean, Rstd, eps, *, centered: bool, residual
     w = ts.RegVec[ts.f32, BN]()
     b = ts.RegVec[ts.f32, BN]()
     y = ts.RegTile[Y.dtype, BM, BN]()
+    c = ts.RegVec[ts.f32, BM]()                  # the rows' scale and its inverse (layernorm.row_scale)
+    inv = ts.RegVec[ts.f32, BM]()
     if one_tile:                                 # the whole row in registers: one read of x (and r), one write
         _row_tile(x, hq, r, X, R, i, 0, residual)
         if residual:
             ts.store(H, hq, at=(i, 0))
-        if centered:
+        row_abs_max(c, x, sq)
+        row_scale(c, inv, c, BM)
+        if centered:                             # the statistics of x / c
+            ts.mul_row(x, x, inv)
             ts.row_sum(mean, x)
             ts.div(mean, mean, N * 1.0)
             ts.sub_row(x, x, mean)
             ts.right_fill(x, x, N, 0.0)          # the padding must not count in the variance
             recenter(x, mean, N, N, BM)
-            ts.store(Mean, mean, at=(i,))
-        ts.mul(sq, x, x)
+            ts.mul(sq, x, x)
+        else:
+            ts.mul_row(sq, x, inv)
+            ts.mul(sq, sq, sq)
         ts.row_sum(rstd, sq)
         ts.div(rstd, rstd, N * 1.0)
-        ts.add(rstd, rstd, eps)
-        ts.rsqrt(rstd, rstd)
+        scaled_rstd(rstd, rstd, inv, eps, BM)
+        if centered:                             # x - mean and the mean, of x itself
+            ts.mul_row(x, x, c)
+            ts.mul(mean, mean, c)
+            ts.store(Mean, mean, at=(i,))
         ts.load(w, W, at=(0,))
         ts.mul_row(x, x, rstd)
         ts.mul_col(x, x, w)
@@ -101,21 +112,26 @@ def _norm_forward(X, R, W, B, Y, H, Mean, Rstd, eps, *, centered: bool, residual
         ts.store(Rstd, rstd, at=(i,))
         return
     ts.zero(mean)
+    ts.zero(c)
+    for j in ts.range(ts.cdiv(N, BN)):          # the rows' largest |h|, for their scale; h is written here
+        _row_tile(x, hq, r, X, R, i, j, residual)
+        if residual:
+            ts.store(H, hq, at=(i, j))
+        row_abs_max(c, x, sq, c)
+    row_scale(c, inv, c, BM)
     if centered:
-        for j in ts.range(ts.cdiv(N, BN)):      # the mean (layer norm); h is written here
+        for j in ts.range(ts.cdiv(N, BN)):      # the mean of h / c (layer norm)
             _row_tile(x, hq, r, X, R, i, j, residual)
-            if residual:
-                ts.store(H, hq, at=(i, j))
+            ts.mul_row(x, x, inv)
             ts.row_sum(mean, x, mean)
         ts.div(mean, mean, N * 1.0)
     ts.zero(rstd)
     corr = ts.RegVec[ts.f32, BM]() if centered else None
     if centered:
         ts.zero(corr)
-    for j in ts.range(ts.cdiv(N, BN)):          # sum of squares about the mean (two-pass: no cancellation)
+    for j in ts.range(ts.cdiv(N, BN)):          # sum of squares of h / c about the mean (two-pass: no cancellation)
         _row_tile(x, hq, r, X, R, i, j, residual)
-        if residual and not centered:
-            ts.store(H, hq, at=(i, j))
+        ts.mul_row(x, x, inv)
         if centered:
             ts.sub_row(x, x, mean)
             ts.right_fill(x, x, N - j * BN, 0.0)
@@ -129,9 +145,9 @@ def _norm_forward(X, R, W, B, Y, H, Mean, Rstd, eps, *, centered: bool, residual
         ts.mul(corr, corr, corr)
         ts.sub(rstd, rstd, corr)
         ts.max(rstd, rstd, 0.0)
+        ts.mul(mean, mean, c)                    # the mean of h itself
         ts.store(Mean, mean, at=(i,))
-    ts.add(rstd, rstd, eps)
-    ts.rsqrt(rstd, rstd)
+    scaled_rstd(rstd, rstd, inv, eps, BM)
     for j in ts.range(ts.cdiv(N, BN)):          # y = (h - mean) * rstd * w (+ b)
         _row_tile(x, hq, r, X, R, i, j, residual)
         ts.load(w, W, at=(j,))

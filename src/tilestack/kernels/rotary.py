@@ -141,7 +141,7 @@ def check_rotary_args(fn: str, q, k, cos, sin, *, differentiable: bool = False) 
     if k.shape[0] != B or k.shape[1] != N or k.shape[3] != D:
         raise LaunchError(f"{fn}: k is {tuple(k.shape)}; expected (B={B}, N={N}, Hkv, D={D}) to match q "
                           f"{tuple(q.shape)}")
-    if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM or next_pow2(D // 2) != D // 2:
+    if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM or D % 2 or next_pow2(D // 2) != D // 2:     # (17: odd, refused)
         raise LaunchError(f"{fn}: head dim D={D}; expected a power of two in {MIN_HEAD_DIM}..{MAX_HEAD_DIM}")
     for name, t in (("cos", cos), ("sin", sin)):
         if tuple(t.shape) != (N, D // 2):
