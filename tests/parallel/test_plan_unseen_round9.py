@@ -342,3 +342,21 @@ def test_a_batch_no_data_degree_divides_and_no_pipeline_can_take_is_refused_with
     with pytest.raises(PlanError, match=r"batch=7.*data parallelism of \[1\]"):
         search(one, Unit(one), FREE, world_size=2, batch=7)
     assert math.isfinite(search(one, Unit(one), FREE, world_size=2, batch=8)[0].step_s)
+
+
+def test_two_nodes_of_three_gpus_price_tensor_parallel_pairs_as_crossing_the_network(gpt):
+    """tp 2 over 2 nodes of 3 GPUs: the pairs {0, 1}, {2, 3}, {4, 5}; {2, 3} spans the nodes, and the step waits for
+    the slowest pair, so every tp all-reduce is the 2-rank ring at the network's rate by hand: 2 alpha + S / B per
+    collective, 4 per block; on nodes of 2 GPUs every pair is inside a node (NVLink's line)."""
+    intra = CommModel(fits={k: {2: (5e-6, 1e-11)} for k in ("all_reduce", "all_gather", "reduce_scatter", "p2p")},
+                      source="nvlink")
+    odd = ClusterComm(intra=intra, gpus_per_node=3, inter_alpha=1e-5, inter_bytes_per_s=2e10, nodes=2)
+    even = ClusterComm(intra=intra, gpus_per_node=2, inter_alpha=1e-5, inter_bytes_per_s=2e10, nodes=3)
+    rc = RooflineCompute(gpt, "h200")
+    plan = Plan(batch=12, dp=3, tp=2)
+    blocks = [layer for layer in gpt.layers if layer.kind == "block"]
+    nbytes = blocks[0].tp_comm_bytes * plan.micro_batch
+    assert predict(plan, gpt, rc, odd).terms["tp comm"] == pytest.approx(
+        len(blocks) * 4 * (2 * 1e-5 + nbytes / 2e10), rel=1e-9)
+    assert predict(plan, gpt, rc, even).terms["tp comm"] == pytest.approx(
+        len(blocks) * 4 * (5e-6 + 1e-11 * nbytes), rel=1e-9)

@@ -401,3 +401,21 @@ def test_accumulation_takes_a_numpy_micro_batch_count():
         with pytest.raises(PlanError, match=f"micro_batches={bad}"):
             accumulate_and_observe(model, torch.nn.functional.mse_loss, torch.ones(2, 1), torch.ones(2, 1),
                                    micro_batches=bad)
+
+
+def test_the_goodput_table_is_samples_per_s_times_efficiency_and_sorted_by_it(tmp_path):
+    """--rank-by goodput over batches 4, 8, 16 at phi 12 (M0: the smallest, 4): a row's goodput is its samples/s x
+    (12 + 4) / (12 + M), the rows fall in goodput, every batch is ranked."""
+    with config.override(cache_dir=tmp_path):
+        res = CliRunner().invoke(app, ["plan", "--nproc", "2", *MODEL, "--batch", "4,8,16", "--device", "h200",
+                                       "--rank-by", "goodput", "--noise-scale", "12", "--top", "1000"],
+                                 terminal_width=220)
+    assert res.exit_code == 0, res.output
+    rows = _rows(res.output)
+    assert len(rows) == int(re.search(r"(\d+) plans fit", res.output).group(1))
+    assert {int(r[2]) for r in rows} == {4, 8, 16}
+    goodputs = [float(r[5].replace(",", "")) for r in rows]
+    for r, g in zip(rows, goodputs, strict=True):
+        assert g == pytest.approx(float(r[4].replace(",", "")) * 16 / (12 + int(r[2])), rel=2e-3, abs=0.06)
+        assert r[8] in TERMS
+    assert goodputs == sorted(goodputs, reverse=True)
