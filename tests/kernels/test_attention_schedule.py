@@ -18,7 +18,7 @@ BACKENDS = ("reference", "triton")
 @ts.kernel(grid=lambda Order: (Order.shape[1], Order.shape[0]))
 def record_order(Order, Count, *, causal: bool, last_heaviest: bool):
     """Order[bh, block] = the program's place in the launch order (axis 0 fastest); Count[bh, block] += 1."""
-    block, bh = heavy_first(causal, last_heaviest=last_heaviest)
+    block, bh = heavy_first(causal, last_heaviest=last_heaviest, group=HEAD_GROUP)
     place = ts.RegTile[ts.f32, 1, 1]()
     ts.fill(place, ts.block_id(1) * ts.num_blocks(0) + ts.block_id(0))
     ts.store(Order, place, at=(bh, block))

@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 
 import tilestack.lang as ts
+from tilestack.kernels import attention_fwd   # its HEAD_GROUP constants, read when a kernel is traced
 from tilestack.errors import LaunchError
 from tilestack.kernels._checks import refuse_derived
 from tilestack.kernels._plan import forward_only, planned
@@ -235,7 +236,7 @@ def _dkdv(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale, *, D: int, DV: int | Non
     (key block, batch * K/V head) that sums its group's heads itself. ``DQ``: an f32 (B, H, Nq, D) tensor of
     zeros that dQ is added into (``_dkdv_block``)."""
     DV = D if DV is None else DV
-    j, bh = heavy_first(causal, last_heaviest=False)        # key block 0 is seen by the most queries
+    j, bh = heavy_first(causal, last_heaviest=False, group=attention_fwd.HEAD_GROUP)        # key block 0 is seen by the most queries
     Hkv = K.shape[1]
     group = Q.shape[1] // Hkv                    # query heads per K/V head
     if per_query_head:
@@ -383,7 +384,7 @@ def _dq(Q, K, V, Bias, dO, LSE, Delta, dQ, scale, *, D: int, DV: int | None, cau
         BM: int, BN: int, precision: str = "ieee", dropout: tuple | None = None):
     """The body of every dQ kernel (``Bias`` is None for the unbiased ones; ``dropout`` as in ``_dkdv``)."""
     DV = D if DV is None else DV
-    i, bh = heavy_first(causal, last_heaviest=True)
+    i, bh = heavy_first(causal, last_heaviest=True, group=attention_fwd.HEAD_GROUP)
     H = Q.shape[1]
     b, h = bh // H, bh % H
     hk = h // (H // K.shape[1])

@@ -36,6 +36,7 @@ import contextlib
 import math
 
 import tilestack.lang as ts
+from tilestack.kernels import attention_fwd   # its HEAD_GROUP constants, read when a kernel is traced
 from tilestack.errors import BackendError, LaunchError
 from tilestack.kernels.attention_bwd import _lse_log2, key_block_queries
 from tilestack.kernels.attention_fwd import LOG2E, causal_diagonal, causal_shift, heavy_first, query_block_keys
@@ -119,7 +120,7 @@ def attention_bwd_dkdv_ws_kernel(Q, K, V, dO, LSE, Delta, dK, dV, scale: float, 
     """dK (like K) and dV (like V), as ``attention_bwd_dkdv_kernel``'s (``PER_Q_HEAD``: each query head's share,
     (B, H, Nk, *), summed over its group by the caller); BN / 2 keys a consumer (at least wgmma's 64 rows)."""
     DV = D if DV is None else DV
-    j, bh = heavy_first(causal, last_heaviest=False)        # key block 0 is seen by the most queries
+    j, bh = heavy_first(causal, last_heaviest=False, group=attention_fwd.HEAD_GROUP)        # key block 0 is seen by the most queries
     Hkv = K.shape[1]
     group = Q.shape[1] // Hkv
     if PER_Q_HEAD:
@@ -221,7 +222,7 @@ def attention_bwd_dq_ws_kernel(Q, K, V, dO, LSE, Delta, dQ, scale: float, *, D: 
                                TURNS: bool = ts.tunable(False, (False, True))):
     """dQ (like Q), as ``attention_bwd_dq_kernel``'s; BM / 2 query rows a consumer (at least wgmma's 64)."""
     DV = D if DV is None else DV
-    i, bh = heavy_first(causal, last_heaviest=True)
+    i, bh = heavy_first(causal, last_heaviest=True, group=attention_fwd.HEAD_GROUP)
     H = Q.shape[1]
     b, h = bh // H, bh % H
     hk = h // (H // K.shape[1])

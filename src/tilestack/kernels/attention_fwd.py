@@ -104,10 +104,14 @@ def causal_diagonal(i, j, BM: int, BN: int, shift):
     return d if shift is None else d + shift
 
 
-HEAD_GROUP = 16     # heavy_first: (batch, head) pairs whose blocks a causal launch interleaves, heaviest first
+# heavy_first's group: the (batch, head) pairs whose blocks a causal launch interleaves. On an H100 (2026-12-06,
+# FA3 grid at N=8192, causal, TFLOP/s, the mean of 2-3 runs of scripts/bench_attention.py and
+# scripts/gpu/probe_head_group.py; groups 1 (head by head) / 4 / 16): forward hd64 392 / 402 / 409, hd128
+# 563 / 592 / 569; backward hd64 361 / 366 / 356, hd128 413 / 431 / 416. Runs of one group differ by up to 5%.
+HEAD_GROUP = 4
 
 
-def heavy_first(causal: bool, *, last_heaviest: bool):
+def heavy_first(causal: bool, *, last_heaviest: bool, group: int):
     """(block, bh): the sequence block and the (batch, head) pair this program takes, on a grid of (blocks, B*H).
 
     Not causal, every block costs the same: block_id(0) and block_id(1), so the programs that run together share
@@ -117,15 +121,15 @@ def heavy_first(causal: bool, *, last_heaviest: bool):
     heaviest block would start one head's worth of programs before the end, and the launch waits for it alone.
     So the linear order runs over groups of HEAD_GROUP heads, and within a group level by level from the
     heaviest, the group's heads side by side: the heaviest blocks start first, the last programs are the
-    lightest, and the programs running together still read the K and V of a few heads (consecutive heads, which
-    share K and V under GQA)."""
+    lightest, and the programs running together still read the K and V of ``group`` heads (consecutive heads,
+    which share K and V under GQA). ``group`` 1 is the head-by-head order."""
     x, y = ts.block_id(0), ts.block_id(1)
     if not causal:
         return x, y
     n, heads = ts.num_blocks(0), ts.num_blocks(1)
     pid = y * n + x                              # the launch order
-    first = pid // (n * HEAD_GROUP) * HEAD_GROUP  # the group's first (batch, head) pair
-    width = ts.smin(heads - first, HEAD_GROUP)   # the last group may be narrower
+    first = pid // (n * group) * group           # the group's first (batch, head) pair
+    width = ts.smin(heads - first, group)        # the last group may be narrower
     r = pid - first * n                          # index within the group: level r // width, head r % width
     level = r // width
     return (n - 1 - level if last_heaviest else level), first + r % width
@@ -239,7 +243,7 @@ def _forward(Q, K, V, Bias, O, LSE, scale, *, D: int, DV: int | None, causal: bo
     """The body of every forward kernel (``Bias`` is None for the unbiased ones; ``dropout`` is (seed, offset,
     p, scale) for the dropout ones)."""
     DV = D if DV is None else DV
-    i, bh = heavy_first(causal, last_heaviest=True)
+    i, bh = heavy_first(causal, last_heaviest=True, group=HEAD_GROUP)
     H = Q.shape[1]
     Nk = K.shape[2]
     b, h = bh // H, bh % H

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 
 import tilestack.lang as ts
+from tilestack.kernels import attention_fwd   # its HEAD_GROUP constants, read when a kernel is traced
 from tilestack.kernels.attention_fwd import (
     EMPTY_ROW_SUM,
     LN2,
@@ -101,7 +102,7 @@ def attention_fwd_pingpong_kernel(Q, K, V, O, LSE, scale: float, *, D: int, DV: 
     """Q: (B, H, Nq, *), K: (B, Hkv, Nk, *), V: (B, Hkv, Nk, *), O: (B, H, Nq, *), LSE: (B, H, Nq) f32; D and DV
     the tile widths of the q/k and v/o head dims (``head_tile``); BM query rows a program, BM / 2 a consumer."""
     DV = D if DV is None else DV
-    i, bh = heavy_first(causal, last_heaviest=True)
+    i, bh = heavy_first(causal, last_heaviest=True, group=attention_fwd.HEAD_GROUP)
     H, Nk = Q.shape[1], K.shape[2]
     b, h = bh // H, bh % H
     hk = h // (H // K.shape[1])                                  # GQA: the key/value head of query head h
