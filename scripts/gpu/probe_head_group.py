@@ -35,8 +35,8 @@ def main() -> None:
         print(f"=== group {g}", flush=True)
         out = subprocess.run([sys.executable, __file__, "--child", str(g), "--seqs", *map(str, a.seqs)],
                              capture_output=True, text=True, env=os.environ)
-        table = out.stdout[out.stdout.find("pass "):] if "pass " in out.stdout else out.stdout[-2000:] + out.stderr[-2000:]
-        print(table, flush=True)
+        found = out.stdout.find("pass ")
+        print(out.stdout[found:] if found >= 0 else out.stdout[-2000:] + out.stderr[-2000:], flush=True)
 
 
 if __name__ == "__main__":

@@ -90,5 +90,5 @@ def test_causal_attention_over_three_head_groups(causal_align, nq, nk):
         got = tilestack.attention(*got_in, causal=True, causal_align=causal_align)
         got.backward(do.float())
     torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=2e-4)
-    for a, b in zip(got_in, ref):
+    for a, b in zip(got_in, ref, strict=True):
         torch.testing.assert_close(a.grad.double(), b.grad, rtol=5e-4, atol=5e-4)

@@ -39,8 +39,8 @@ from __future__ import annotations
 import math
 
 import tilestack.lang as ts
-from tilestack.kernels import attention_fwd   # its HEAD_GROUP constants, read when a kernel is traced
 from tilestack.errors import LaunchError
+from tilestack.kernels import attention_fwd  # its HEAD_GROUP, read when a kernel is traced
 from tilestack.kernels._checks import refuse_derived
 from tilestack.kernels._plan import forward_only, planned
 from tilestack.kernels.attention_fwd import (
@@ -236,7 +236,8 @@ def _dkdv(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale, *, D: int, DV: int | Non
     (key block, batch * K/V head) that sums its group's heads itself. ``DQ``: an f32 (B, H, Nq, D) tensor of
     zeros that dQ is added into (``_dkdv_block``)."""
     DV = D if DV is None else DV
-    j, bh = heavy_first(causal, last_heaviest=False, group=attention_fwd.HEAD_GROUP)        # key block 0 is seen by the most queries
+    # key block 0 is seen by the most query rows
+    j, bh = heavy_first(causal, last_heaviest=False, group=attention_fwd.HEAD_GROUP)
     Hkv = K.shape[1]
     group = Q.shape[1] // Hkv                    # query heads per K/V head
     if per_query_head:

@@ -36,8 +36,8 @@ import contextlib
 import math
 
 import tilestack.lang as ts
-from tilestack.kernels import attention_fwd   # its HEAD_GROUP constants, read when a kernel is traced
 from tilestack.errors import BackendError, LaunchError
+from tilestack.kernels import attention_fwd  # its HEAD_GROUP, read when a kernel is traced
 from tilestack.kernels.attention_bwd import _lse_log2, key_block_queries
 from tilestack.kernels.attention_fwd import LOG2E, causal_diagonal, causal_shift, heavy_first, query_block_keys
 from tilestack.tune.lookup import tuned_launcher
@@ -120,7 +120,8 @@ def attention_bwd_dkdv_ws_kernel(Q, K, V, dO, LSE, Delta, dK, dV, scale: float, 
     """dK (like K) and dV (like V), as ``attention_bwd_dkdv_kernel``'s (``PER_Q_HEAD``: each query head's share,
     (B, H, Nk, *), summed over its group by the caller); BN / 2 keys a consumer (at least wgmma's 64 rows)."""
     DV = D if DV is None else DV
-    j, bh = heavy_first(causal, last_heaviest=False, group=attention_fwd.HEAD_GROUP)        # key block 0 is seen by the most queries
+    # key block 0 is seen by the most query rows
+    j, bh = heavy_first(causal, last_heaviest=False, group=attention_fwd.HEAD_GROUP)
     Hkv = K.shape[1]
     group = Q.shape[1] // Hkv
     if PER_Q_HEAD:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 
 import tilestack.lang as ts
-from tilestack.kernels import attention_fwd   # its HEAD_GROUP constants, read when a kernel is traced
+from tilestack.kernels import attention_fwd  # its HEAD_GROUP, read when a kernel is traced
 from tilestack.kernels.attention_fwd import (
     EMPTY_ROW_SUM,
     LN2,
