@@ -360,3 +360,78 @@ def test_two_nodes_of_three_gpus_price_tensor_parallel_pairs_as_crossing_the_net
         len(blocks) * 4 * (2 * 1e-5 + nbytes / 2e10), rel=1e-9)
     assert predict(plan, gpt, rc, even).terms["tp comm"] == pytest.approx(
         len(blocks) * 4 * (5e-6 + 1e-11 * nbytes), rel=1e-9)
+
+
+# ---- an encoder-decoder, its embeddings tied (to each other and the head) or not ----------------------------------
+
+EV, ED, ES, ET = 40, 8, 5, 3            # vocabulary, width, source and target tokens
+
+
+class CrossBlock(nn.Module):
+    """y + tanh(W y + U mean(memory)): a decoder block that reads the encoder's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.u = nn.Linear(ED, ED), nn.Linear(ED, ED)
+
+    def forward(self, y, memory):                                        # (B, T, D), (B, S, D)
+        return y + torch.tanh(self.w(y) + self.u(memory.mean(1, keepdim=True)))
+
+
+class EncDec(nn.Module):
+    def __init__(self, tied: bool):
+        super().__init__()
+        self.emb_src = nn.Embedding(EV, ED)
+        self.enc = nn.ModuleList(nn.Sequential(nn.Linear(ED, ED), nn.Tanh()) for _ in range(2))
+        self.emb_tgt = self.emb_src if tied else nn.Embedding(EV, ED)
+        self.dec = nn.ModuleList(CrossBlock() for _ in range(2))
+        self.head = nn.Linear(ED, EV, bias=False)
+        if tied:
+            self.head.weight = self.emb_src.weight
+
+    def forward(self, src, tgt):                                         # (B, S), (B, T) -> (B, T, V)
+        memory = self.emb_src(src)
+        for layer in self.enc:
+            memory = layer(memory)
+        y = self.emb_tgt(tgt)
+        for block in self.dec:
+            y = block(y, memory)
+        return self.head(y)
+
+
+@pytest.fixture(scope="module")
+def encdecs():
+    torch.manual_seed(0)
+    src, tgt = torch.randint(0, EV, (2, ES)), torch.randint(0, EV, (2, ET))
+    return {tied: describe_module(EncDec(tied), (src, tgt), name=f"encdec-tied={tied}") for tied in (False, True)}
+
+
+# layers: emb_src, enc.0.0, enc.0.1, enc.1.0, enc.1.1, emb_tgt, dec.0, dec.1, head
+EMB, ENC, DEC = EV * ED, ED * ED + ED, 4 * (ED * ED + ED)       # DEC: two blocks of two Linears
+MEMORY, YS, TGT_IDS = ES * ED * FP32, ET * ED * FP32, ET * 8
+
+
+@pytest.mark.parametrize("cut, sent, untied, tied", [
+    # a stage from enc.0.0: the encoder's activations and the target ids (read by emb_tgt later)
+    (1, MEMORY + TGT_IDS, (EMB, 2 * ENC + EMB + DEC + EMB), (EMB, 2 * ENC + DEC + EMB)),
+    # from emb_tgt: the encoder's output and the target ids
+    (5, MEMORY + TGT_IDS, (EMB + 2 * ENC, EMB + DEC + EMB), (EMB + 2 * ENC, DEC + EMB)),
+    # from dec.0: the decoder's input and the encoder's output it attends to
+    (6, YS + MEMORY, (2 * EMB + 2 * ENC, DEC + EMB), (EMB + 2 * ENC, DEC + EMB)),
+    # the head alone: the last block's output
+    (8, YS, (2 * EMB + 2 * ENC + DEC, EMB), (EMB + 2 * ENC + DEC, EMB)),
+])
+def test_encoder_decoder_cuts_by_hand_tied_and_untied(cut, sent, untied, tied, encdecs):
+    """Per cut: the bytes per sample that cross it, and each rank's parameters (elements), the tied weight held once
+    per rank that uses it; tied, its gradient all-reduced between the ranks once a step where both use it."""
+    for is_tied, per_rank in ((False, untied), (True, tied)):
+        desc = encdecs[is_tied]
+        assert desc.params == (EMB + 2 * ENC + DEC + (0 if is_tied else 2 * EMB))
+        plan = Plan(batch=2, pp=2, schedule="gpipe", microbatches=2, bounds=(0, cut, len(desc.layers)))
+        pred = predict(plan, desc, Unit(desc), FIT)
+        assert [m["parameters"] for m in pred.memory] == [n * FP32 for n in per_rank]
+        # a receive buffer per micro-batch of 1 sample on each side of the cut
+        assert pred.memory[1]["transient"] == pytest.approx(2 * sent)
+        loss = 2e-5 + 1e-10 * FP32
+        shared = 2e-5 + 1e-10 * EMB * FP32 if is_tied else 0.0
+        assert pred.terms["dp comm"] == pytest.approx(loss + shared, rel=1e-9)
