@@ -118,12 +118,7 @@ def run_impl(model, init_state, impl: str, mode: str, batch, args, device) -> di
     model.load_state_dict(init_state)
     model.set_impl(impl)
     opt = make_optimizer(model, lr=args.lr)
-    step_model = model
-    if mode == "compile" and args.compile_scope == "model":
-        step_model = torch.compile(model, dynamic=False)
-    elif mode == "compile":           # each repeated block (one compile serves them all); the rest runs eager
-        for block in model.repeated_blocks():
-            block.compile(dynamic=False)
+    step_model = compiled(model, mode, args)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -139,25 +134,43 @@ def run_impl(model, init_state, impl: str, mode: str, batch, args, device) -> di
     out = {"median_ms": statistics.median(times), "min_ms": min(times), "losses": [float(x) for x in losses],
            "peak_gib": peak, "times_ms": times}
     del opt, step_model
-    if mode == "compile":
-        for block in model.repeated_blocks():
-            block._compiled_call_impl = None      # what nn.Module.compile set: the next run starts uncompiled
-        torch._dynamo.reset()
+    uncompiled(model, mode)
     return out
 
 
-def profile_impl(model, init_state, impl: str, batch, args, device) -> dict:
-    """GPU time per category over two eager steps (after one untimed), from torch.profiler."""
+def compiled(model, mode: str, args):
+    """The model a step runs in ``mode``: eager as it is; compiled as ``args.compile_scope`` says (each repeated
+    block, one compile serving them all, the rest eager; or the whole model as one graph)."""
+    if mode == "compile" and args.compile_scope == "model":
+        return torch.compile(model, dynamic=False)
+    if mode == "compile":
+        for block in model.repeated_blocks():
+            block.compile(dynamic=False)
+    return model
+
+
+def uncompiled(model, mode: str) -> None:
+    """Undo ``compiled``: the next run starts uncompiled."""
+    if mode == "compile":
+        for block in model.repeated_blocks():
+            block._compiled_call_impl = None      # what nn.Module.compile set
+        torch._dynamo.reset()
+
+
+def profile_impl(model, init_state, impl: str, mode: str, batch, args, device) -> dict:
+    """GPU time per category over two steps in ``mode`` (after two untimed, which compile), from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     model.load_state_dict(init_state)
     model.set_impl(impl)
     opt = make_optimizer(model, lr=args.lr)
-    train_step(model, batch, opt)
+    step_model = compiled(model, mode, args)
+    for _ in range(2):
+        train_step(step_model, batch, opt)
     activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
         for _ in range(2):
-            train_step(model, batch, opt)
+            train_step(step_model, batch, opt)
         if device.type == "cuda":
             torch.cuda.synchronize()
     totals: dict[str, float] = {}
@@ -175,7 +188,8 @@ def profile_impl(model, init_state, impl: str, batch, args, device) -> dict:
         cat = category(ev.key)
         totals[cat] = totals.get(cat, 0.0) + us / 2e3      # ms per step
         kernels[ev.key] = kernels.get(ev.key, 0.0) + us / 2e3
-    del opt
+    del opt, step_model
+    uncompiled(model, mode)
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
     return {"ms_per_step": totals, "top_kernels": top}
 
@@ -325,9 +339,10 @@ def bench_case(name: str, cls, cfg, sizes, args, device, dtype) -> list[dict]:
     if args.profile:
         for B, N in sizes:
             batch = make_batch(cfg, B, N, seed=1, device=device)
-            prof = {impl: profile_impl(model, init_state, impl, batch, args, device) for impl in IMPLS}
-            next(r for r in reversed(rows) if (r["B"], r["N"]) == (B, N))["profile"] = prof
-            print_profile(name, B, N, prof)
+            for mode in args.modes:
+                prof = {impl: profile_impl(model, init_state, impl, mode, batch, args, device) for impl in IMPLS}
+                next(r for r in reversed(rows) if (r["B"], r["N"], r["mode"]) == (B, N, mode))["profile"] = prof
+                print_profile(name, B, N, mode, prof)
     del model, init_state
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -354,9 +369,9 @@ def print_row(r: dict) -> None:
           f"{'ok' if r['meets_bar'] else 'MISS':>4}", flush=True)
 
 
-def print_profile(name: str, B: int, N: int, prof: dict) -> None:
+def print_profile(name: str, B: int, N: int, mode: str, prof: dict) -> None:
     cats = [c for c, _ in CATEGORIES] + ["other"]
-    print(f"  where the eager step's time goes, {name} B={B} N={N} (ms per step, share):")
+    print(f"  where the {mode} step's time goes, {name} B={B} N={N} (ms per step, share):")
     for impl in IMPLS:
         tot = sum(prof[impl]["ms_per_step"].values()) or 1.0
         parts = ", ".join(f"{c} {prof[impl]['ms_per_step'].get(c, 0.0):.2f} "
