@@ -134,7 +134,10 @@ def _flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
             return float(formulas.COMPLEX_ABS_FLOPS * sum(_numel(t) for t in _tensors(out)))
         return float(sum(_numel(t) * (per_complex if t.is_complex() else 1) for t in _tensors(out)))
     if torch.Tag.reduction in tags and args and isinstance(args[0], torch.Tensor):
-        return float(_numel(args[0]))  # one add (or compare) per element folded in
+        # one add (or compare) per element folded in; per real part of a complex one, and a complex product for
+        # prod (profiler round 20: a complex sum was counted half the adds of the complex add it is made of)
+        per_complex = formulas.COMPLEX_MUL_FLOPS if str(packet) == "aten.prod" else formulas.COMPLEX_ELEMENT_OVER_REAL
+        return float(_numel(args[0]) * (per_complex if args[0].is_complex() else 1))
     return 0.0
 
 

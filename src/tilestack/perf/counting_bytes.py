@@ -276,6 +276,15 @@ def _packed_bytes(obj: Any) -> float:
     return _nbytes(held)
 
 
+# The CPU LSTM kernel's bias slots, filled with placeholders the kernel never reads where the layer has no bias
+# (nn.LSTM(bias=False)): its weights' shapes again, so a bias-free LSTM was charged reading its weights twice
+# (profiler round 20)
+BIAS_SLOTS_UNREAD_WITHOUT_BIAS: dict[str, tuple[str, ...]] = {
+    "aten.mkldnn_rnn_layer": ("weight2", "weight3"),
+    "aten.mkldnn_rnn_layer_backward": ("weight3", "weight4"),
+}
+
+
 def op_bytes(func: Any, args: tuple, kwargs: dict, out: Any, ins: list, outs: list) -> tuple[float, float]:
     """(bytes read, bytes written) of one call that moves data: ``ins`` its tensor arguments, ``outs`` what it
     wrote (its outputs, or the arguments an in-place op that returns nothing writes)."""
@@ -291,6 +300,9 @@ def op_bytes(func: Any, args: tuple, kwargs: dict, out: Any, ins: list, outs: li
     if name in SHAPE_ONLY_SELF:
         shape_only = _argument(func, args, kwargs, "self")
         ins = [t for t in ins if t is not shape_only]
+    if name in BIAS_SLOTS_UNREAD_WITHOUT_BIAS and not _argument(func, args, kwargs, "has_biases"):
+        unread = [_argument(func, args, kwargs, slot) for slot in BIAS_SLOTS_UNREAD_WITHOUT_BIAS[name]]
+        ins = [t for t in ins if not any(t is u for u in unread)]
     gathered, scattered = GATHERS.get(name), SCATTERS_IN_PLACE.get(name)
     sparse = counting_optim.sparse_into_dense(func, args, kwargs)  # dense.add_(sparse): the rows it touches
     if scattered is not None or (sparse is not None and sparse[1] is not None):

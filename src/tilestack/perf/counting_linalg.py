@@ -97,14 +97,17 @@ def _raw_attention_flops(*, backward: bool) -> Rule:
 
 def _matrix_vector_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     """mv / addmv (M, N) @ (N,), dot / vdot (N,) . (N,), addr (M,) x (N,): a multiply-add per element of the
-    matrix (the outer product's), as torch counts mm and addmm (a bias's add left out)."""
-    matrix = max((t for t in _tensors((args, kwargs)) if t.dim() == 2), key=_numel, default=None)
+    matrix (the outer product's), as torch counts mm and addmm (a bias's add left out); 4 times that for complex
+    operands, as a complex mm (profiler round 20: a complex mv or vdot was counted as a real one)."""
+    tensors = _tensors((args, kwargs))
+    mac = formulas.FLOPS_PER_MAC * (formulas.COMPLEX_MAC_OVER_REAL if any(t.is_complex() for t in tensors) else 1)
+    matrix = max((t for t in tensors if t.dim() == 2), key=_numel, default=None)
     if matrix is not None:
-        return float(formulas.FLOPS_PER_MAC * _numel(matrix))
+        return float(mac * _numel(matrix))
     if str(func._overloadpacket) == "aten.addr":  # no matrix given? the product is vec1 x vec2
         v1, v2 = _argument(func, args, kwargs, "vec1"), _argument(func, args, kwargs, "vec2")
-        return float(formulas.FLOPS_PER_MAC * _numel(v1) * _numel(v2))
-    return float(formulas.FLOPS_PER_MAC * _numel(_tensors(args)[0]))  # dot: a multiply-add per element
+        return float(mac * _numel(v1) * _numel(v2))
+    return float(mac * _numel(_tensors(args)[0]))  # dot: a multiply-add per element
 
 
 def _trace_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:

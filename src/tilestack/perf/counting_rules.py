@@ -160,11 +160,17 @@ def _window_flops(dims: int) -> Rule:
 
 
 def _accumulate_flops(source: str) -> Rule:
-    """index_add / scatter_add / embedding's weight gradient: one add per element of ``source``."""
+    """index_add / scatter_add / embedding's weight gradient / the scans: one add per element of ``source``; per real
+    part of a complex one (a complex product for cumprod), as a complex add or multiply is counted element-wise
+    (profiler round 20: a complex cumsum or index_add was counted half that)."""
 
     def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
         t = _argument(func, args, kwargs, source)
-        return float(_numel(t)) if t is not None else 0.0
+        if t is None:
+            return 0.0
+        per_complex = (formulas.COMPLEX_MUL_FLOPS if str(func._overloadpacket).startswith("aten.cumprod")
+                       else formulas.COMPLEX_ELEMENT_OVER_REAL)
+        return float(_numel(t) * (per_complex if t.is_complex() else 1))
 
     return count
 
@@ -284,15 +290,20 @@ def _no_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
 
 def _grid_sample_flops(dims: int, *, backward: bool) -> Rule:
     """grid_sampler_{2,3}d: a multiply-add per tap (``formulas.GRID_SAMPLE_TAPS``) at each output element; the
-    backward does that once for the input's gradient and once for the grid's, each where ``output_mask`` asks."""
+    backward does that once for the input's gradient and once for the grid's, each where ``output_mask`` asks.
+    Nearest sampling (no taps) gathers: its backward adds each element of dy into the input element it came from
+    (one add each, as nearest upsampling's backward), and its grid's gradient is zeros (profiler round 20: the
+    input gradient's adds were counted 0)."""
 
     def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
         arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
         taps = formulas.GRID_SAMPLE_TAPS.get((dims, int(arg("interpolation_mode"))), 0)
         if not backward:
             return float(formulas.FLOPS_PER_MAC * taps * _numel(_tensors(out)[0]))
-        gradients = sum(bool(m) for m in arg("output_mask"))
-        return float(gradients * formulas.FLOPS_PER_MAC * taps * _numel(arg("grad_output")))
+        input_grad, grid_grad = (bool(m) for m in arg("output_mask"))
+        if taps == 0:
+            return float(_numel(arg("grad_output")) if input_grad else 0)
+        return float((input_grad + grid_grad) * formulas.FLOPS_PER_MAC * taps * _numel(arg("grad_output")))
 
     return count
 
@@ -390,7 +401,9 @@ def _vector_norm_flops(order: str, *, subtract: bool = False) -> Rule:
         p = 2 if p is None else float(p)
         per_element = (formulas.NORM_FLOPS_PER_ELEMENT if p in formulas.NORM_CHEAP_ORDERS
                        else formulas.NORM_POWER_FLOPS_PER_ELEMENT) + subtract
-        return float(per_element * max(_numel(t) for t in _tensors(args)))
+        x = max(_tensors(args), key=_numel)
+        # a complex element's square or modulus takes both parts (profiler round 20: counted as one real element)
+        return float(per_element * _numel(x) * (formulas.COMPLEX_ELEMENT_OVER_REAL if x.is_complex() else 1))
 
     return count
 

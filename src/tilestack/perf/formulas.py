@@ -342,6 +342,14 @@ def sdpa(q: Any, k: Any, v: Any, *, causal: bool = False, backward: bool = False
             )
     b, h, nq, d = q.shape
     _, hkv, nkv, _ = k.shape
+    # q.k needs one head dim, and k and v one (batch, heads, keys): q (1, 2, 3, 4) against k (1, 2, 3, 5) was
+    # counted as if its keys were 4 wide (profiler round 20)
+    if k.shape[-1] != d or tuple(v.shape[:3]) != tuple(k.shape[:3]) or k.shape[0] != b:
+        raise LaunchError(
+            f"q of shape {tuple(q.shape)}, k of shape {tuple(k.shape)}, v of shape {tuple(v.shape)}; expected q "
+            "(B, H, Nq, D), k (B, Hkv, Nkv, D) and v (B, Hkv, Nkv, Dv): one batch, q and k one head dim D, k and v "
+            "one number of heads and of keys"
+        )
     return attention(
         b, h, nq, nkv, d, q.dtype, causal=causal, kv_heads=hkv, backward=backward, head_dim_v=v.shape[-1]
     )

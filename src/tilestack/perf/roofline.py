@@ -177,8 +177,11 @@ def place(*, flops: float, bytes_moved: float, seconds: float, roof: Roof, kind:
             raise RooflineError(f"{arg}={value!r} ({type(value).__name__}); expected a finite count >= 0")
     if not _is_number(seconds) or not 0 < seconds < math.inf:
         raise RooflineError(f"seconds={seconds!r} ({type(seconds).__name__}); expected a positive, finite time")
-    if not isinstance(kind, str):   # (a list failed unhashable in the tip table, 1.5 got the GPU's tips)
-        raise RooflineError(f"kind={kind!r:.60} ({type(kind).__name__}); expected the device kind, 'cuda' or 'cpu'")
+    # (a list failed unhashable in the tip table, 1.5 got the GPU's tips; and so did a name of no kind: "CPU",
+    # "tpu", "cuda:0" placed a CPU's op with a GPU's words, profiler round 20). "" is a stored row's unknown kind.
+    if not isinstance(kind, str) or kind not in (*LATENCY_BOUND_S, ""):
+        raise RooflineError(f"kind={kind!r:.60} ({type(kind).__name__}); expected the device kind, 'cuda' or 'cpu' "
+                            "('' where unknown)")
     if not isinstance(roof, Roof):
         raise RooflineError(f"roof={roof!r} ({type(roof).__name__}); expected a roofline.Roof")
     for arg, value in (("peak_flops_per_s", roof.peak_flops_per_s), ("bandwidth", roof.bandwidth)):
