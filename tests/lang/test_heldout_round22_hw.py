@@ -32,10 +32,10 @@ import tilestack.lang as ts
 F32, F8 = torch.float32, torch.float8_e4m3fn
 
 
-def _bmm(dtype=BF, a_transposed=False):
-    a = meta(16, 4096, 4096, dtype=dtype)
+def _bmm(dtype=BF, a_transposed=False, c_view=False):
+    a, c = meta(16, 4096, 4096, dtype=dtype), meta(16, 4096, 4096, dtype=BF)
     return (bmm_bias_t, (a.transpose(1, 2) if a_transposed else a, meta(16, 4096, 4096, dtype=dtype), meta(4096),
-                         meta(16, 4096, 4096, dtype=BF)), dict(BM=128, BN=128, BK=64))
+                         c.transpose(1, 2) if c_view else c), dict(BM=128, BN=128, BK=64))
 
 
 def _ce(D, BV=64):
@@ -62,6 +62,7 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
     "bmm_bias_t": _bmm(),
     "bmm_bias_t_f8": _bmm(F8),
     "bmm_bias_t_a_transposed": _bmm(a_transposed=True),
+    "bmm_bias_t_into_a_transposed_view": _bmm(c_view=True),      # the transpose of a transpose: C itself, M-major
 }
 
 
