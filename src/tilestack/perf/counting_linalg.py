@@ -111,8 +111,9 @@ def _matrix_vector_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> floa
 
 
 def _trace_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
-    """trace: the diagonal's elements added."""
-    return float(min(_argument(func, args, kwargs, "self").shape, default=0))
+    """trace: the diagonal's elements added (both parts of a complex one)."""
+    x = _argument(func, args, kwargs, "self")
+    return float(min(x.shape, default=0) * (formulas.COMPLEX_ELEMENT_OVER_REAL if x.is_complex() else 1))
 
 
 def _factorization(kind: str, matrix: str, rhs: str | None = None, *, rhs_rows: str = "n",

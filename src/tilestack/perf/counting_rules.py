@@ -340,13 +340,15 @@ def _embedding_renorm_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> f
 
 
 def _index_put_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
-    """index_put / index_put_: with ``accumulate`` one add per value put (an index backward, a histogram);
-    without, a copy."""
+    """index_put / index_put_: with ``accumulate`` one add per value put (an index backward, a histogram), per real
+    part of a complex one; without, a copy."""
     accumulate = bool(_argument(func, args, kwargs, "accumulate"))
     values = _argument(func, args, kwargs, "values")
     if values is None:  # put / put_: the values are ``source``
         values = _argument(func, args, kwargs, "source")
-    return float(_numel(values)) if accumulate else 0.0
+    if not accumulate:
+        return 0.0
+    return float(_numel(values) * (formulas.COMPLEX_ELEMENT_OVER_REAL if values.is_complex() else 1))
 
 
 def _scatter_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
