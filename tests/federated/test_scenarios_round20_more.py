@@ -16,6 +16,11 @@ What this round found, fixed:
   accountant) and ``make_strategy("dp-fedavg", noise_multiplier=0, accountant=...)`` failed in Flower's words, "The
   noise multiplier must be positive when accounting is enabled", naming no argument (an accountant of the sampling
   model Flower's accounted path refuses, likewise). ``make_strategy`` refuses both naming the argument and its value.
+- *HeteroFL resumed with other widths.* The checkpoint's ``width_of`` replaced the caller's where it pickled
+  (``widths.__getitem__``) and not where it did not (a lambda): a run resumed with other widths trained by the old or
+  the new ones depending on how the function was written, without a word. A resumed strategy keeps the caller's
+  functions (``run_state._restore_strategy``), and HeteroFL's widths per partition are a plain setting the checkpoint
+  signature compares: other widths are refused by name, the same widths resume to the uninterrupted run.
 - *``fl run --dataset clustered --clients 1``* was refused as "Task: groups=2", a name no option has: ``--clusters``
   (default 2) is also the planted groups. Refused naming ``--clusters``, its value and the range.
 """
@@ -499,3 +504,28 @@ def test_a_client_whose_worker_process_dies_mid_round_is_left_out_and_the_others
         kept = [0, 2, 3] if rnd == 1 else [0, 1, 2, 3]
         near(got, weighted_mean({p: client_model(task, p, rnd, x)[0] for p in kept}, n), ulps=4)
         x = got
+
+
+# ---- HeteroFL resumed with other widths ------------------------------------------------------------------------------
+def test_heterofl_resumed_with_other_widths_is_refused_and_with_the_same_ones_equals_the_uninterrupted_run(tmp_path):
+    """Widths given as a dict's ``__getitem__`` (a function that pickles, unlike a lambda). Resumed with every client
+    at full width it used to train by the checkpoint's widths without a word; now refused naming HeteroFL.widths and
+    both. Resumed with the same widths, by a lambda this time, it is the uninterrupted run bit for bit."""
+    task = Task(dataset="blobs", num_samples=150, num_features=3, num_classes=3, num_clients=3, model="mlp", hidden=8,
+                local_steps=3, batch_size=8, lr=0.1, seed=7)  # fmt: skip
+    full_width = {0: 1.0, 1: 1.0, 2: 1.0}
+
+    def make(width_of):
+        return HeteroFL(width_of=width_of, hidden=8, **EVERYONE)
+
+    ckpt = tmp_path / "heterofl.ckpt"
+    simulate(make(WIDTHS.__getitem__), task, rounds=3, checkpoint=ckpt, stop_after=1, evaluate=False)
+    with pytest.raises(FederatedError, match=r"'HeteroFL.widths': \"'1 0.5 0.25'\"\}, this run has "
+                                             r"\{'HeteroFL.widths': \"'1 1 1'\"\}"):  # fmt: skip
+        simulate(make(full_width.__getitem__), task, rounds=3, checkpoint=ckpt, evaluate=False)
+    strategy = make(lambda p: WIDTHS[p])
+    resumed = simulate(strategy, task, rounds=3, checkpoint=ckpt, evaluate=False)
+    assert strategy.width_of(2) == 0.25 and not hasattr(strategy.width_of, "__self__")  # the caller's function
+    full = simulate(make(WIDTHS.__getitem__), task, rounds=3, evaluate=False)
+    a, b = np_(resumed.arrays), np_(full.arrays)
+    assert all(np.array_equal(a[k], b[k]) for k in a)

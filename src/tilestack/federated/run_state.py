@@ -146,11 +146,17 @@ def _strategy_state(strategy: Strategy) -> Strategy:
 
 
 def _restore_strategy(strategy: Strategy, saved: Strategy) -> None:
-    """Put the checkpoint's state into ``strategy`` (wrapped strategies level by level), keeping what it lacks."""
+    """Put the checkpoint's state into ``strategy`` (wrapped strategies level by level), keeping what it lacks and the
+    functions the caller passed (settings, not state: HeteroFL's ``width_of``, Flower's metric aggregations). A
+    function the checkpoint held replaced the caller's where it pickled (``width_of=widths.__getitem__``), while a
+    lambda, which does not pickle, was the caller's: a run resumed with other widths trained by the old ones or the
+    new ones depending on how the function was written, without a word either way."""
     for k, v in vars(saved).items():
         mine = vars(strategy).get(k)
         if isinstance(v, Strategy) and type(mine) is type(v):
             _restore_strategy(mine, v)
+        elif callable(v) and not isinstance(v, Strategy) and callable(mine):
+            continue  # the caller's own function
         else:
             strategy.__dict__[k] = v
 

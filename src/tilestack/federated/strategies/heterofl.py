@@ -86,8 +86,9 @@ class HeteroFL(FedAvg):
         # every partition's width, before any work: configure_train asked width_of only of the clients sampled, so a
         # width that cannot be (0, NaN, 1.5, a KeyError for one partition) ended the run in the first round that
         # sampled that client, after every earlier round's training (fraction_train=0.25: round 7 of 8)
-        for pid in range(task.num_clients):
-            self.width(pid)
+        # kept as text, a plain setting the run's checkpoint signature compares (width_of itself is a function): a run
+        # resumed with other widths is refused by name instead of training by either
+        self.widths = " ".join(f"{self.width(pid):g}" for pid in range(task.num_clients))
 
     def width(self, pid: int) -> float:
         """``width_of(pid)`` as a float in (0, 1]; a ValueError naming the partition otherwise."""
