@@ -17,6 +17,7 @@ What this round found (each pinned by the test whose docstring says so):
   k were q's width; now refused naming the shapes;
 - roofline.place(kind="tpu") (or "CPU", "cuda:0") placed a kernel with a GPU's tips without a word; now refused
   naming ``kind`` ('' stays: a stored row's unknown kind);
+- torch.logspace (a power per element) was reported uncounted;
 - profile_model(name="") was taken as no name (the class's), pairing its rows in the store with every other unnamed
   run of that class; now refused naming ``name``.
 """
@@ -360,6 +361,26 @@ def test_an_op_without_formula_is_shown_uncounted_never_as_zero():
     assert row.m.bytes == 2 * 9 * F32
     assert p.flops == 2 * 2 * 3 * 3
     assert "no FLOP formula" in rendered(p)
+
+
+class SinusoidalEmbedding(nn.Module):
+    """A diffusion model's timestep embedding with its frequencies made in forward by torch.logspace."""
+
+    def forward(self, t):  # (B,) timesteps
+        freqs = torch.logspace(0, -4, 8, base=10.0)  # (8,): base ** (start + i * step)
+        angles = t[:, None] * freqs  # (B, 8)
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)  # (B, 16)
+
+
+def test_logspace_in_forward_counts_a_power_per_element():
+    """torch.logspace computes a power per element (8) and writes them: it was reported uncounted. With the
+    product (B*8), sin and cos (B*8 each): 8 + 3 * B * 8."""
+    t = torch.arange(4.0)
+    counts = step_counts(SinusoidalEmbedding(), (t,))
+    space = only(counts, "aten::logspace")
+    assert (space.flops, space.bytes_written, space.unsupported) == (8, 8 * F32, False)
+    assert math.fsum(c.flops for c in counts.values()) == 8 + 3 * 4 * 8
+    assert not profile_cpu(SinusoidalEmbedding(), t).unsupported
 
 
 # --- the store -----------------------------------------------------------------------------------------------------

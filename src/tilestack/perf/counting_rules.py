@@ -746,4 +746,7 @@ LAYER_FLOPS: dict[str, Rule] = {
     "aten._fused_moving_avg_obs_fq_helper": _fused_observer_flops,
     # Window functions: a cosine (and its scaling) per element, as an element-wise op.
     **{f"aten.{w}_window": _elementwise_flops for w in ("hann", "hamming", "blackman", "bartlett", "kaiser")},
+    # base ** (start + i * step): a power per element, as an element-wise op (profiler round 20: uncounted; linspace
+    # and arange, which take no power, stay copies)
+    "aten.logspace": _elementwise_flops,
 }
