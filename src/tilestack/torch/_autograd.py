@@ -65,13 +65,11 @@ def once_differentiable(op: str | Callable):
                 return outs
             single = not isinstance(outs, tuple)
             outs = (outs,) if single else outs
-            # the node also takes the forward's inputs that require grad (``ctx.double_inputs``, else the saved
-            # tensors): a gradient taken of the first gradient with respect to them (torch.autograd.grad(g, x),
+            # the node also takes the saved tensors that require grad (the forward's inputs, or its outputs, which
+            # lead to them): a gradient taken of the first gradient with respect to them (torch.autograd.grad(g, x),
             # torch.autograd.functional.hessian and hvp) must reach the node; detached leaves alone left x out of
             # that graph, so hessian and hvp answered zeros and grad(..., allow_unused=True) None without a word
-            inputs = getattr(ctx, "double_inputs", None)
-            inputs = [t for t in (ctx.saved_tensors if inputs is None else inputs)
-                      if isinstance(t, torch.Tensor) and t.requires_grad]
+            inputs = [t for t in ctx.saved_tensors if isinstance(t, torch.Tensor) and t.requires_grad]
             err = torch._C._functions.DelayedError(double_backward_message(op(ctx) if callable(op) else op),
                                                    len(outs) + len(inputs))
             marked = err(*[None if o is None else o.detach().requires_grad_() for o in outs], *inputs)

@@ -608,14 +608,15 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, labels, ignore_index):
         loss, dx, dw = _flce(x, weight, labels, ignore_index=ignore_index)
-        ctx.save_for_backward(dx, dw)
-        ctx.double_inputs = (x, weight)      # what a refused double backward reaches from the gradients (_autograd)
+        # x and weight (those requiring grad: an inference tensor x is never kept) only for once_differentiable's
+        # refusing node, through which a second derivative reaches them (else hessian read zeros); freed as dx, dw
+        ctx.save_for_backward(dx, dw, *(t for t in (x, weight) if t.requires_grad))
         return loss
 
     @staticmethod
     @once_differentiable("fused_linear_cross_entropy")
     def backward(ctx, dloss):
-        dx, dw = ctx.saved_tensors
+        dx, dw = ctx.saved_tensors[:2]
         return dx * dloss.to(dx.dtype), dw * dloss.to(dw.dtype), None, None
 
 
