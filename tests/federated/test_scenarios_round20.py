@@ -147,7 +147,7 @@ def test_a_client_reporting_zero_examples_is_left_out_by_name_and_a_round_where_
     res = run_rounds(fedavg(), make_grid(scripted(script), task), initial_arrays(task), num_rounds=3,
                      extra_metrics=keep(models))  # fmt: skip
     r1, r2, r3 = res.history.rounds
-    assert list(r1.excluded) == ["1"] and "num-examples" in r1.excluded["1"]
+    assert r1.excluded == {"1": "empty: num-examples=0, expected > 0 (the client has no training examples)"}
     assert sorted(r2.excluded) == ["0", "1", "2"] and r2.num_aggregated == 0 and r2.skipped
     x = np_(initial_arrays(task))
     for rnd, got in ((1, models[0]), (3, models[2])):
@@ -180,7 +180,7 @@ def test_a_nan_update_under_a_server_optimiser_is_left_out_and_the_moments_follo
     res = run_rounds(strategy, make_grid(scripted(script), task), initial_arrays(task), num_rounds=3,
                      extra_metrics=keep(models))  # fmt: skip
     assert [list(r.excluded) for r in res.history.rounds] == [[], ["2"], []]
-    assert "non-finite" in res.history.rounds[1].excluded["2"] or "nan" in res.history.rounds[1].excluded["2"].lower()
+    assert res.history.rounds[1].excluded["2"] == "non-finite: fc.weight"
     opt = ServerOptimizer("adam" if name == "fedadam" else "yogi", **kw)
     x = np_(initial_arrays(task))
     for rnd, got in enumerate(models, start=1):
