@@ -72,7 +72,8 @@ class ParallelConfig:
             raise ParallelConfigError(f"ParallelConfig: recompute={self.recompute!r}; expected one of {RECOMPUTE}")
         if self.dp_comm not in DP_COMMS:
             raise ParallelConfigError(f"ParallelConfig: dp_comm={self.dp_comm!r}; expected one of {DP_COMMS}")
-        if self.zero not in ZERO_STAGES:
+        # (type first: True and 1.0 compare equal to 1 and were taken for ZeRO-1)
+        if isinstance(self.zero, bool) or not isinstance(self.zero, int) or self.zero not in ZERO_STAGES:
             hint = " (ZeRO-3 is dp_shard > 1: FSDP2)" if self.zero == 3 else ""
             raise ParallelConfigError(f"ParallelConfig: zero={self.zero!r}; expected one of {ZERO_STAGES}{hint}")
         if self.zero and self.dp == 1:
@@ -121,6 +122,10 @@ class ParallelConfig:
                  seq: int | None = None) -> ParallelConfig:
         """Check the degrees against ``world_size``, the model's shape (``n_head``, ``d``, ``vocab``, ``n_layer``)
         and the global batch (``batch`` sequences of ``seq`` tokens). Returns self; raises ParallelConfigError."""
+        # (batch=0 or -4 passed every divisibility check below; world_size=True equalled a product of 1)
+        for name, v in (("world_size", world_size), ("batch", batch), ("seq", seq)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ParallelConfigError(f"ParallelConfig.validate: {name}={v!r}; expected a positive int")
         if self.world_size != world_size:
             raise ParallelConfigError(
                 f"ParallelConfig: pp*dp*dp_shard*tp = {self.pp}*{self.dp}*{self.dp_shard}*{self.tp} = "

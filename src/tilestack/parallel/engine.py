@@ -160,7 +160,10 @@ class Trainer:
             # are all a step needs)
             self.schedule.step(*((idx,) if first else ()), target=targets if last else None,
                                losses=losses if last else None, return_outputs=False)
-            loss = torch.stack(losses).mean().detach() if last else torch.zeros((), device=self.device)
+            # f64 on every stage: the last stage's loss has the model's dtype (f32, or f64), which the other
+            # stages do not know, and the all-reduce needs one size on all
+            loss = (torch.stack(losses).mean().detach().double() if last
+                    else torch.zeros((), dtype=torch.float64, device=self.device))
             dist.all_reduce(loss, group=self.mesh["pp"].get_group())       # only the last stage's is non-zero
         small_sq = self._squared_norm() if self.gns is not None else None
         self._reduce_gradients()

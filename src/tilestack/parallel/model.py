@@ -197,8 +197,10 @@ class GPT(nn.Module):
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; logits (B, N, V), targets (B, N)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    """Mean next-token cross-entropy; logits (B, N, V), targets (B, N). In f32 at least (bf16 and f16 logits are
+    widened; f64 ones stay f64: a cast down to f32 put f32 rounding into every gradient of an f64 run)."""
+    wide = torch.promote_types(logits.dtype, torch.float32)
+    return F.cross_entropy(logits.flatten(0, 1).to(wide), targets.flatten())
 
 
 def make_batch(cfg: ModelConfig, batch: int, seq: int, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,6 +43,7 @@ def _check(t: torch.Tensor, chunks: int) -> None:
         raise LaunchError(f"ring collective: chunks={chunks!r}; expected a positive int")
 
 
+@torch.no_grad()   # a parameter (a leaf that requires grad) is reduced in place too, as dist.all_reduce does
 def _step(send: torch.Tensor, recv_into: torch.Tensor, nxt: int, prv: int, chunks: int, *, accumulate: bool,
           group) -> None:
     """Send ``send`` to ``nxt`` and receive a tensor of ``recv_into``'s size from ``prv``, both in ``chunks``

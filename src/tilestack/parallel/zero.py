@@ -5,8 +5,8 @@ this rank's 1/W slice of the flattened parameters.
     loss.backward(); opt.reduce_gradients(); opt.step(); opt.zero_grad()
 
 All parameters (the local shards of DTensors under tensor parallelism) are viewed as one flat vector. The
-optimizer state (Adam's two moments: 8 bytes per element in f32) and an f32 master copy exist for this rank's
-slice only: 1/W of the memory of plain data parallelism.
+optimizer state (Adam's two moments: 8 bytes per element in f32) and an f32 master copy (f64 for f64
+parameters) exist for this rank's slice only: 1/W of the memory of plain data parallelism.
 
 - stage 1: gradients all-reduced whole (as DDP does), then this rank keeps its slice.
 - stage 2: gradients reduce-scattered: each rank receives only its slice, summed (half the bytes of an all-reduce
@@ -77,10 +77,10 @@ class ZeroOptimizer:
                 shard = -(-n // self.W)                         # ceil(n / W)
                 self.buckets.append(_Bucket(index, [self.numels[j] for j in index], shard, shard * self.W))
                 index = []
-        # this rank's slice of every bucket's parameters, in f32: what the optimizer updates
+        # this rank's slice of every bucket's parameters, in f32 (or f64): what the optimizer updates
         self.master = torch.cat([self._flatten(b, [_local(self.params[j]).detach() for j in b.index])
                                  [self.rank * b.shard:(self.rank + 1) * b.shard] for b in self.buckets]
-                                ).float().clone().requires_grad_(True)
+                                ).to(self._master_dtype()).clone().requires_grad_(True)
         self.optimizer = make_optimizer([self.master])
         self.pieces: list[torch.Tensor | None] = [None] * len(self.buckets)
         self.grad_shard: torch.Tensor | None = None
@@ -89,6 +89,13 @@ class ZeroOptimizer:
             for k, b in enumerate(self.buckets):
                 for j in b.index:
                     self.params[j].register_post_accumulate_grad_hook(functools.partial(self._grad_ready, k))
+
+    def _master_dtype(self) -> torch.dtype:
+        """f32, or wider where a parameter is (an f32 master of f64 parameters rounded every update to f32)."""
+        dtype = torch.float32
+        for p in self.params:
+            dtype = torch.promote_types(dtype, _local(p).dtype)
+        return dtype
 
     def _flatten(self, b: _Bucket, tensors: list[torch.Tensor]) -> torch.Tensor:
         """(b.padded,) the tensors flattened, then zeros."""
