@@ -13,6 +13,8 @@ What this round found (each pinned by the test whose docstring says so):
   of the weights' shapes that it never reads (counting_bytes.BIAS_SLOTS_UNREAD_WITHOUT_BIAS);
 - grid_sample(mode="nearest")'s backward was counted 0 FLOPs, though it adds each element of dy into the input's
   gradient, as nearest upsampling's backward is counted (counting_rules._grid_sample_flops);
+- grid_sample read its whole input at every call, though it reads the taps of the points it samples (a few points
+  of a large feature map: a fraction of it) (counting_bytes.SAMPLERS);
 - formulas.sdpa took q, k of different head dims (or k, v of different heads, keys or batch) and counted them as if
   k were q's width; now refused naming the shapes;
 - roofline.place(kind="tpu") (or "CPU", "cuda:0") placed a kernel with a GPU's tips without a word; now refused
@@ -175,6 +177,21 @@ def test_grid_sample_backward_by_mode(mode, taps):
     backward = only(counts, "aten::grid_sampler_2d_backward")
     assert backward.flops == (dy if taps == 0 else 2 * formulas.FLOPS_PER_MAC * taps * dy)
     assert only(counts, "aten::grid_sampler_2d").flops == formulas.FLOPS_PER_MAC * taps * dy
+
+
+@pytest.mark.parametrize("mode,taps", [("nearest", 1), ("bilinear", 4), ("bicubic", 16)])
+def test_grid_sample_reads_the_points_it_samples(mode, taps):
+    """Sampling 2 x 3 points of a (1, 4, 32, 32) map (deformable attention's few points of a large feature map)
+    reads taps elements per output element (1 for nearest) and the grid, not the 16 KiB map; sampling more points
+    than the map holds reads the map once."""
+    torch.manual_seed(0)
+    x, g = torch.randn(1, 4, 32, 32), torch.rand(1, 2, 3, 2) * 2 - 1
+    row = only(counted(lambda: F.grid_sample(x, g, mode=mode, align_corners=False)), "aten::grid_sampler_2d")
+    out = 1 * 4 * 2 * 3
+    assert (row.bytes_read, row.bytes_written) == ((taps * out + g.numel()) * F32, out * F32)
+    small, dense = torch.randn(1, 2, 3, 3), torch.rand(1, 8, 8, 2) * 2 - 1
+    row = only(counted(lambda: F.grid_sample(small, dense, mode=mode, align_corners=False)), "aten::grid_sampler_2d")
+    assert row.bytes_read == (small.numel() + dense.numel()) * F32
 
 
 # --- formulas.sdpa, roofline.place ---------------------------------------------------------------------------------

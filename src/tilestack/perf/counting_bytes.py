@@ -9,7 +9,8 @@ its distinct inputs and writes its outputs, except where it moves less:
   ``randn_like``) do not read their destination or model;
 - a backward handed the forward's input for its shape alone (``SHAPE_ONLY_SELF``) does not read it;
 - a lookup (``GATHERS``: embedding, index_select, gather, NLL's pick) reads its index and the rows it takes;
-- an advanced index (``INDEXING``) and a view's copy read the elements they return;
+- an advanced index (``INDEXING``) and a view's copy read the elements they return, a grid sampler (``SAMPLERS``)
+  its taps' elements;
 - an in-place scatter (``SCATTERS_IN_PLACE``) writes, and where it accumulates reads, the elements it touches;
 - packed weights inside script objects (quantized linears, LSTMs) are read.
 Views, aliases and allocations move no bytes; ``counting`` decides that before it asks here.
@@ -21,7 +22,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tilestack.perf import counting_optim, counting_rules
+from tilestack.perf import counting_optim, counting_rules, formulas
 from tilestack.perf.counting_rules import _argument, _dense, _numel, _tensors
 
 
@@ -276,6 +277,22 @@ def _packed_bytes(obj: Any) -> float:
     return _nbytes(held)
 
 
+# grid_sample reads the input elements its taps touch at each output point (one for nearest), at most the input it
+# holds, and its grid: a deformable attention sampling a few points of a large feature map was charged the whole map
+# at every call (profiler round 20), as advanced indexing was before round 19
+SAMPLERS = {"aten.grid_sampler_2d": 2, "aten.grid_sampler_3d": 3}
+
+
+def _sampled_bytes(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """Bytes a grid sampler reads: ``taps`` input elements per output element (1 where nearest), at most all the
+    input holds, and the grid whole."""
+    source, grid = _argument(func, args, kwargs, "input"), _argument(func, args, kwargs, "grid")
+    dims = SAMPLERS[str(func._overloadpacket)]
+    taps = formulas.GRID_SAMPLE_TAPS.get((dims, int(_argument(func, args, kwargs, "interpolation_mode"))), 0) or 1
+    taken = taps * sum(_numel(t) for t in _tensors(out)) * source.element_size()
+    return min(taken, _held_bytes(source)) + _nbytes([grid])
+
+
 # The CPU LSTM kernel's bias slots, filled with placeholders the kernel never reads where the layer has no bias
 # (nn.LSTM(bias=False)): its weights' shapes again, so a bias-free LSTM was charged reading its weights twice
 # (profiler round 20)
@@ -307,6 +324,8 @@ def op_bytes(func: Any, args: tuple, kwargs: dict, out: Any, ins: list, outs: li
     sparse = counting_optim.sparse_into_dense(func, args, kwargs)  # dense.add_(sparse): the rows it touches
     if scattered is not None or (sparse is not None and sparse[1] is not None):
         read, written = _scattered_bytes(func, args, kwargs, scattered) if sparse is None else sparse[1:]
+    elif name in SAMPLERS:
+        read, written = _sampled_bytes(func, args, kwargs, out), _nbytes(outs)
     elif name in INDEXING or torch.Tag.view_copy in getattr(func, "tags", ()):
         # a view's copy (narrow_copy, select_copy: functionalized graphs) reads the view's elements alone
         read, written = _indexed_bytes(func, args, kwargs, out), _nbytes(outs)
