@@ -11,12 +11,12 @@ losses, weight norm, element-wise ops torch leaves untagged) and ``counting_lina
 (in-place and summed batch matmuls, matrix-vector products, quantized linears and recurrent layers, nn.Bilinear,
 factorisations), ``counting_optim`` for fused optimizers and grad scalers; 1 FLOP per element of a pointwise op (a
 complex product 6; a sparse operand's stored values where it adds into a dense one); a matmul with a sparse
-compressed operand by its stored elements. Bytes (``counting_bytes``) are the sizes of an op's distinct input and output tensors (views
-move none, an expanded input is read as held, a lookup reads only its rows, an in-place scatter only the elements
-it touches, an overwrite does not read its destination). A composite op that reaches the mode whole (under
-``inference_mode``) is counted as the ops it runs, as ``FlopCounterMode`` does; an op that computes but has no
-formula is marked ``unsupported`` (its FLOPs unknown, not 0), in any namespace (a ``torch.library`` custom op is
-counted whole).
+compressed operand by its stored elements. Bytes (``counting_bytes``) are the sizes of an op's distinct input and
+output tensors (views move none, an expanded input is read as held, a lookup reads only its rows, an in-place
+scatter only the elements it touches, an overwrite does not read its destination). A composite op that reaches the
+mode whole (under ``inference_mode``) is counted as the ops it runs, as ``FlopCounterMode`` does; an op that
+computes but has no formula is marked ``unsupported`` (its FLOPs unknown, not 0), in any namespace (a
+``torch.library`` custom op is counted whole).
 torch.compile'd code is counted eagerly (``force_eager``). The profile joins these counts with the timed pass
 (``profile.profile_model``).
 """
