@@ -154,6 +154,59 @@ class QuantLinear(nn.Module):
         act = f", x_scale={self.x_scale:.4g}" if self.x_scale else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}{act}"
 
+    def __getattr__(self, name: str):
+        if name == "weight":     # a model reading its Linear's weight itself (a tied decoder's F.linear(h, fc.weight
+            # .t())) met nn.Module's bare "'QuantLinear' object has no attribute 'weight'" on its first call
+            raise AttributeError(f"QuantLinear has no float weight: it holds qweight ({self.mode}, (out_features="
+                                 f"{self.out_features}, in_features={self.in_features})) and per-channel scale; a "
+                                 "model that reads this layer's .weight itself (weight tying, F.linear(h, "
+                                 "layer.weight.t())) needs the layer named in quantize(..., skip=) to keep it float")
+        return super().__getattr__(name)
+
+    # the buffers whose dtype is the quantization itself: a module-wide cast leaves them as they are
+    _QUANTIZED = ("qweight", "scale")
+
+    def _apply(self, fn, recurse=True):
+        """Module casts (``qmodel.half()``, ``.to(torch.bfloat16)``) are for the float layers around this one and
+        for its bias: the 8-bit weight and its f32 scales keep their dtypes, and follow device moves. (Cast, the
+        fp8 weight became float16 and the scales lost digits: every later call failed in the GEMM's checks.)"""
+        kept = {name: self._buffers[name] for name in self._QUANTIZED}
+        super()._apply(fn, recurse)
+        for name, t in kept.items():
+            moved = self._buffers[name]
+            if moved is not None and moved.dtype != t.dtype:
+                self._buffers[name] = t.to(device=moved.device)
+        return self
+
+    def get_extra_state(self) -> dict:
+        """What the buffers do not hold: the mode and fp8-act's calibrated activation scale (a state dict without
+        them loaded into a layer calibrated otherwise kept that layer's scale without a word)."""
+        return {"mode": self.mode, "x_scale": self.x_scale}
+
+    def set_extra_state(self, state) -> None:
+        if not isinstance(state, dict) or set(state) != {"mode", "x_scale"}:
+            raise LaunchError(f"QuantLinear: the state dict's _extra_state is {state!r:.80}; expected a dict of "
+                              "'mode' and 'x_scale' (from QuantLinear.state_dict())")
+        _check_x_scale(self.mode, state["x_scale"])
+        self.x_scale = float(state["x_scale"])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # before any buffer is copied: a state dict of another mode (int8 into fp8 or back) was copied in by value,
+        # converting the 8-bit codes without a word (0.6 off on a 37 -> 13 layer)
+        extra = state_dict.get(prefix + "_extra_state")
+        mode = extra.get("mode") if isinstance(extra, dict) else None
+        given = state_dict.get(prefix + "qweight")
+        if (mode is not None and mode != self.mode) or (
+                isinstance(given, torch.Tensor) and given.dtype != self.qweight.dtype):
+            got = mode if mode is not None else str(given.dtype).removeprefix("torch.")
+            raise LaunchError(f"QuantLinear: the state dict at {prefix or 'the model'!r} is of mode {got!r} (qweight "
+                              f"{str(given.dtype).removeprefix('torch.') if isinstance(given, torch.Tensor) else '?'})"
+                              f"; expected mode={self.mode!r} (qweight {str(self.qweight.dtype).removeprefix('torch.')}"
+                              "): quantize the float model in that mode before loading it")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
 
 def _check_x_scale(mode: str, x_scale) -> None:
     """``x_scale``: 0 (weights only) or the activations' fp8 scale, a finite number in quantized_linear's range;
