@@ -20,6 +20,7 @@ What this round found (each pinned by the test whose docstring says so):
 - roofline.place(kind="tpu") (or "CPU", "cuda:0") placed a kernel with a GPU's tips without a word; now refused
   naming ``kind`` ('' stays: a stored row's unknown kind);
 - torch.logspace (a power per element) was reported uncounted;
+- profile_model(device=torch.device("cpu", 0)) (or "cpu:0") was refused as no device (device.detect);
 - profile_model(name="") was taken as no name (the class's), pairing its rows in the store with every other unnamed
   run of that class; now refused naming ``name``.
 """
@@ -442,6 +443,14 @@ def test_profile_refuses_an_empty_name_before_any_work(name):
     with pytest.raises(profile.ProfileError, match=r"name=.*expected a non-empty str"):
         profile.profile_model(model, torch.randn(2, 4), name=name, steps=1, warmup=0, device="cpu", ceilings=CEIL)
     assert model.calls == 0
+
+
+@pytest.mark.parametrize("device", [torch.device("cpu", 0), "cpu:0"])
+def test_profile_takes_the_cpu_by_its_indexed_torch_name(device):
+    """torch.device("cpu", 0) (its str is "cpu:0"; torch takes it as the CPU) was refused as no device."""
+    torch.manual_seed(0)
+    p = profile.profile_model(nn.Linear(4, 4), torch.randn(2, 4), steps=1, warmup=0, ceilings=CEIL, device=device)
+    assert p.device.kind == "cpu" and p.flops == 2 * 2 * 4 * 4
 
 
 @pytest.mark.parametrize("kwargs,arg", [

@@ -336,7 +336,7 @@ def detect(device: str | int | None = None) -> Device:
     text = str(device)
     if text.isdigit():
         text = f"cuda:{text}"
-    if text == "cpu":
+    if re.fullmatch(r"cpu(?::\d+)?", text):  # torch.device("cpu", 0) reads "cpu:0": the one CPU, as torch takes it
         return cpu_device()
     m = re.fullmatch(r"cuda(?::(\d+))?", text)
     if not m:
