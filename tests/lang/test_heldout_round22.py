@@ -13,7 +13,12 @@ bounds, windows that overlap (H not a multiple of OH) and repeat (OH > H), chann
 f16 values of 6e4 whose sums overflow f16 but not the f32 work); and xLSTM's mLSTM in its parallel form (a causal,
 gated linear attention: D_ij = F_i - F_j + I_j from the cumulated log-sigmoid forget gates F and the input gates I,
 stabilized by the row max m_i carried online over key blocks, h_i = sum_j (q_i k_j / sqrt(d)) exp(D_ij - m_i) v_j /
-max(|sum_j ...|, exp(-m_i)); gates of +-30, T ragged). More kernels of this round are in test_heldout_round22_more.py.
+max(|sum_j ...|, exp(-m_i)); gates of +-30, T ragged); and the recurrence's backward, a scan walked in reverse time
+by a loop of step -1 (T = 0 and 1, decays of 0 and 1). More kernels of this round are in test_heldout_round22_more.py.
+
+What this round found (test_heldout_round22_hw.py's docstring has the details): no kernel gave a wrong answer on
+either executor, nor through Triton on an H100; the Gluon backend aborted in Triton's LLVM lowering on an f8 product
+whose B tile is (K, N) (wgmma reads 8-bit operands K-major only), fixed by its kmajor_8bit pass.
 """
 
 import math
