@@ -453,6 +453,11 @@ def test_profile_takes_the_cpu_by_its_indexed_torch_name(device):
     assert p.device.kind == "cpu" and p.flops == 2 * 2 * 4 * 4
 
 
+def test_time_fn_takes_the_cpu_by_its_indexed_torch_name():
+    t = perf.time_fn(lambda: torch.ones(4).sum(), device=torch.device("cpu", 0), repeats=3)
+    assert t.median_s > 0
+
+
 @pytest.mark.parametrize("kwargs,arg", [
     ({"steps": 0}, "steps"), ({"steps": 2.0}, "steps"), ({"warmup": -1}, "warmup"), ({"train": 1}, "train"),
     ({"fastpath": "no"}, "fastpath"), ({"budget_s": math.nan}, "budget_s"), ({"ceilings": "h100"}, "ceilings"),

@@ -162,7 +162,7 @@ def _check_device(device: Any) -> None:
     any other name would be timed on the CPU's clock without a word."""
     if device is None or getattr(device, "kind", None) in ("cuda", "cpu"):
         return
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
+    if not re.fullmatch(r"(cpu|cuda)(:\d+)?", str(device)):  # torch.device("cpu", 0) reads "cpu:0", as detect takes it
         raise TimingError(f"device={device!r}; expected None, a perf.Device, 'cpu', 'cuda' or 'cuda:N'")
 
 
