@@ -33,8 +33,10 @@ from unseen_blocks_round12 import (
     VOCAB,
     BertWithEmbeddings,
     BranchOnItem,
+    CheckpointedBlocks,
     ConvBNClassifier,
     D,
+    FrozenBackboneProbe,
     SlidingWindowBlock,
     T5Stack,
     TiedAutoencoder,
@@ -316,6 +318,40 @@ def test_batchnorm_running_statistics_in_training():
     x = torch.randn(2, 3, 5, 5)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_checkpointing_left_with_its_reason():
+    """Both blocks under ``torch.utils.checkpoint``: the compiled model trains as eager (losses, first-step gradients
+    against float64); the region is one higher-order op whose body the passes do not enter, and the report says so
+    (it said "no tilestack kernel for it", silent on the attention inside). Without checkpointing, the same blocks'
+    attentions and norms are swapped."""
+    model = seeded(CheckpointedBlocks, train=True)
+    since, _ = _trained(model, [(_x(n=9, seed=s),) for s in (3, 4)], lambda y: y.pow(2).mean())
+    assert _swaps(since) == {}, _swaps(since)
+    why = [w for r in tc.reports()[since:] for op, w in r.left_why.items() if op == "tag_activation_checkpoint"]
+    assert why and "torch.utils.checkpoint region" in why[0] and "do not look into" in why[0], why
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+def test_frozen_backbone_under_a_trained_probe(dtype):
+    """A training graph whose frozen backbone needs no gradient: its LayerNorm swapped, and in bf16 fc1 + tanh GELU and
+    fc2 + residual as GEMM epilogues (the fused op has no backward, and none is asked of it); the probe's loss and
+    gradients eager's (bf16: within its rounding), the backbone without gradients."""
+    model = seeded(FrozenBackboneProbe, dtype=dtype, train=True)
+    eager = copy.deepcopy(model)
+    labels = torch.tensor([2, 0])
+    since = len(tc.reports())
+    compiled = tilestack.optimize(model, check=True, inner="aot_eager")
+    x = _x(dtype=dtype)
+    losses = [F.cross_entropy(fn(x).float(), labels) for fn in (compiled, eager)]
+    for loss in losses:
+        loss.backward()
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == F32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(losses[0], losses[1], **tol)
+    for p, e in zip(model.head.parameters(), eager.head.parameters(), strict=True):
+        torch.testing.assert_close(p.grad.float(), e.grad.float(), **tol)
+    assert model.fc1.weight.grad is None and model.norm.weight.grad is None
+    assert _swaps(since) == {"norm": 1} | ({"linear_epilogue": 2} if dtype == BF16 else {}), _swaps(since)
 
 
 # ---- dynamic shapes and graph breaks ---------------------------------------------------------------------------------

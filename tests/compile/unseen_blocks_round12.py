@@ -407,3 +407,37 @@ class TiedPair(nn.Module):
 
     def forward(self, x):
         return self.dec(torch.tanh(self.again(x)))
+
+
+# ---- training forms: gradient checkpointing, a frozen backbone -------------------------------------------------------
+class CheckpointedBlocks(nn.Module):
+    """Two sliding-window blocks, each run under ``torch.utils.checkpoint`` (non-reentrant), as Hugging Face's
+    ``gradient_checkpointing`` runs its layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([SlidingWindowBlock("explicit"), SlidingWindowBlock("sdpa")])
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False)
+        return x
+
+
+class FrozenBackboneProbe(nn.Module):
+    """A frozen (requires_grad False) pre-LN tanh-GELU MLP block under a trainable linear probe: a training graph whose
+    backbone needs no gradient."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.norm = nn.LayerNorm(D)
+        self.fc1, self.fc2 = nn.Linear(D, 4 * D), nn.Linear(4 * D, D)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.head = nn.Linear(D, classes)
+
+    def forward(self, x):
+        h = self.fc2(F.gelu(self.fc1(self.norm(x)), approximate="tanh")) + x
+        return self.head(h.mean(1))

@@ -85,4 +85,9 @@ LEFT_REASONS = {
                                     "passes",
     "_transformer_encoder_layer_fwd": "nn.TransformerEncoderLayer's fused inference path (eval, no grad), one torch "
                                       "op: its attention and norms are not seen by the passes",
+    # a block under torch.utils.checkpoint (Hugging Face's gradient_checkpointing) is one higher-order op whose body
+    # is a subgraph of its own; it was reported as "no tilestack kernel for it", silent on the attention inside
+    "tag_activation_checkpoint": "a torch.utils.checkpoint region (recomputed in the backward): Dynamo keeps its body "
+                                 "as a subgraph the passes do not look into, so its attention, norms and softmax are "
+                                 "left to Inductor; without checkpointing they are swapped",
 }
