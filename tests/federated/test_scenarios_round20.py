@@ -17,7 +17,9 @@ What this round found, fixed:
   run signature compared only the strategies' own plain settings: a run resumed with ``RandomSelector(5)`` (or an
   ``OortSelector`` of another alpha) picked its clients by the checkpoint's ``RandomSelector(0)`` without a word. The
   signature now holds the plain settings of the helpers a strategy holds (``driver._settings``): refused, naming
-  ``Selected.selector.seed`` and both values; the same selector resumes to the uninterrupted run.
+  ``Selected.selector.seed`` and both values; the same selector resumes to the uninterrupted run. Likewise Flower's
+  privacy accountant: a DP run resumed with another target delta reported the checkpoint's accountant's epsilons;
+  the fields of a helper's ``config`` dataclass are in the signature too.
 """
 
 from __future__ import annotations
@@ -400,3 +402,32 @@ def test_the_skewed_clients_with_a_nan_client_and_dropouts_run_bit_for_bit_alike
         assert kept and r.num_aggregated == len(kept)
         near(got, weighted_mean({p: client_model(task, p, rnd, x)[0] for p in kept}, n), ulps=4)
         x = got
+
+
+def test_a_dp_run_resumed_with_another_accountant_delta_is_refused_and_the_same_one_resumes_its_epsilons(tmp_path):
+    """DP-FedAvg with an RDP accountant (delta 0.01) stopped after round 1. Resumed with delta 0.5 it used to go on
+    with the checkpoint's accountant (delta 0.01) without a word; now refused naming target_delta and both values.
+    Resumed with the same accountant, rounds 2 and 3 report the uninterrupted run's epsilons."""
+    from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    task = Task(dataset="blobs", num_samples=120, num_features=3, num_classes=3, num_clients=4, local_steps=2, lr=0.1)
+
+    def make(delta):
+        acc = RdpAccountant(PrivacyConfig(delta, 4, NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                          SamplingMethod.NO_AMPLIFICATION))  # fmt: skip
+        return make_strategy("dp-fedavg", clients_per_round=4, num_clients=4, noise_multiplier=1.0, clipping_norm=1.0,
+                             accountant=acc)  # fmt: skip
+
+    def epsilon(strategy, arrays, rnd):
+        return {"epsilon": strategy.privacy_spent().epsilon}
+
+    ckpt = tmp_path / "dp.ckpt"
+    simulate(make(0.01), task, rounds=3, checkpoint=ckpt, stop_after=1, evaluate=False, extra_metrics=epsilon)
+    with pytest.raises(FederatedError, match=r"accountant.config.target_delta': '0.01'\}, this run has .*"
+                                             r"accountant.config.target_delta': '0.5'\}"):  # fmt: skip
+        simulate(make(0.5), task, rounds=3, checkpoint=ckpt, evaluate=False, extra_metrics=epsilon)
+    resumed = simulate(make(0.01), task, rounds=3, checkpoint=ckpt, evaluate=False, extra_metrics=epsilon)
+    full = simulate(make(0.01), task, rounds=3, evaluate=False, extra_metrics=epsilon)
+    got = [r.extra["epsilon"] for r in resumed.history.rounds]
+    assert got == [r.extra["epsilon"] for r in full.history.rounds] and got[0] < got[1] < got[2]

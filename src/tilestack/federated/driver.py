@@ -151,7 +151,8 @@ def _settings(strategy: Strategy) -> dict[str, str]:
     marks state not made yet (FedAdam's moments), which a strategy object run before no longer holds. The plain
     settings of the helpers a level holds (``Selected``'s selector: its seed, Oort's alpha) count too: the resumed
     strategy takes the checkpoint's helper whole, so a run resumed with ``RandomSelector(5)`` picked clients by the
-    checkpoint's ``RandomSelector(0)`` without a word."""
+    checkpoint's ``RandomSelector(0)`` without a word. So do the fields of a helper's ``config`` dataclass (Flower's
+    privacy accountant: its target_delta, population and max_epsilon, which the checkpoint's accountant replaced)."""
 
     def plain(obj) -> dict[str, object]:
         return {k: v for k, v in vars(obj).items() if not k.startswith("_") and isinstance(v, (numbers.Number, str))}
@@ -166,6 +167,10 @@ def _settings(strategy: Strategy) -> dict[str, str]:
             if hasattr(helper, "__dict__"):
                 for hk, hv in plain(helper).items():
                     out[f"{type(s).__name__}.{k}.{hk}"] = repr(hv)
+            config = getattr(helper, "config", None)
+            if dataclasses.is_dataclass(config) and not isinstance(config, type):
+                for field in dataclasses.fields(config):
+                    out[f"{type(s).__name__}.{k}.config.{field.name}"] = repr(getattr(config, field.name))
     return out
 
 
