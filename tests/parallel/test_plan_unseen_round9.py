@@ -435,3 +435,23 @@ def test_encoder_decoder_cuts_by_hand_tied_and_untied(cut, sent, untied, tied, e
         loss = 2e-5 + 1e-10 * FP32
         shared = 2e-5 + 1e-10 * EMB * FP32 if is_tied else 0.0
         assert pred.terms["dp comm"] == pytest.approx(loss + shared, rel=1e-9)
+
+
+# ---- collectives of a group size between two measured ones -----------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["all_reduce", "all_gather", "reduce_scatter"])
+def test_a_group_between_two_measured_sizes_costs_between_them(kind):
+    """ANCHORS.md's H200 lines are for 2 and 4 GPUs; a group of 3 was the ring scaled from 2 GPUs' line, above the
+    measured 4-GPU time at every size (4.8e-5 s against 4.4e-5 at 1 kB), so 3 and 6 GPUs priced as more than 4 and
+    8. Between two measured sizes it is now within their times; past the largest, the ring model as before."""
+    from tilestack.parallel.plan import h200_nccl
+    cm = h200_nccl()
+    for nbytes in (1e3, 1e6, 1e8, 1e9):
+        t2, t3, t4 = (cm.time(kind, nbytes, n) for n in (2, 3, 4))
+        assert t2 <= t3 <= t4
+        times = [cm.time(kind, nbytes, n) for n in range(2, 17)]
+        assert times == sorted(times)
+    # a fit of 2 and 8 ranks: 4 ranks within them, from either side
+    fit = CommModel(fits={kind: {2: (2e-5, 1e-10), 8: (4e-5, 2e-10)}}, source="two sizes")
+    for nbytes in (8.0, 1e6, 1e9):
+        assert 2e-5 + 1e-10 * nbytes <= fit.time(kind, nbytes, 4) <= 4e-5 + 2e-10 * nbytes
