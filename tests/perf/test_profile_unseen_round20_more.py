@@ -15,6 +15,9 @@ What this round found (each pinned by the test whose docstring says so):
   gradient, as nearest upsampling's backward is counted (counting_rules._grid_sample_flops);
 - grid_sample read its whole input at every call, though it reads the taps of the points it samples (a few points
   of a large feature map: a fraction of it) (counting_bytes.SAMPLERS);
+- addmm / baddbmm / addbmm / addmv / addr with beta=0 were charged reading ``self``, which their kernels ignore:
+  attention written as torch.baddbmm(torch.empty(B*H, L, L), q, k^T, beta=0, alpha=scale) was charged reading its
+  (B*H, L, L) scratch (counting_bytes.IGNORE_SELF_WHERE_BETA_0);
 - formulas.sdpa took q, k of different head dims (or k, v of different heads, keys or batch) and counted them as if
   k were q's width; now refused naming the shapes;
 - roofline.place(kind="tpu") (or "CPU", "cuda:0") placed a kernel with a GPU's tips without a word; now refused
@@ -193,6 +196,33 @@ def test_grid_sample_reads_the_points_it_samples(mode, taps):
     small, dense = torch.randn(1, 2, 3, 3), torch.rand(1, 8, 8, 2) * 2 - 1
     row = only(counted(lambda: F.grid_sample(small, dense, mode=mode, align_corners=False)), "aten::grid_sampler_2d")
     assert row.bytes_read == (small.numel() + dense.numel()) * F32
+
+
+class BaddbmmAttention(nn.Module):
+    """Scores as some language models write them: torch.baddbmm into an uninitialised scratch with beta=0 and the
+    1/sqrt(d) scale as alpha; softmax; bmm with v."""
+
+    def forward(self, q, k, v):  # (B*H, L, D) each
+        scratch = torch.empty(q.shape[0], q.shape[1], k.shape[1])  # (B*H, L, L), never read: beta=0
+        scores = torch.baddbmm(scratch, q, k.transpose(1, 2), beta=0.0, alpha=q.shape[-1] ** -0.5)
+        return torch.bmm(scores.softmax(-1), v)
+
+
+def test_baddbmm_with_beta_zero_does_not_read_its_scratch():
+    """beta=0: baddbmm ignores its input (NaN in it does not propagate), so it reads q and k alone and writes the
+    (B*H, L, L) scores: it was charged reading the scratch too. With beta=1 it reads it. FLOPs 2*BH*L*L*D either
+    way; addmm alike."""
+    bh, n, d = 4, 6, 8
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(bh, n, d) for _ in range(3))
+    counts = step_counts(BaddbmmAttention(), (q, k, v))
+    scores = only(counts, "aten::baddbmm")
+    assert scores.flops == 2 * bh * n * n * d
+    assert (scores.bytes_read, scores.bytes_written) == (2 * bh * n * d * F32, bh * n * n * F32)
+    read = only(counted(lambda: torch.baddbmm(torch.zeros(bh, n, n), q, k.transpose(1, 2))), "aten::baddbmm")
+    assert read.bytes_read == (2 * bh * n * d + bh * n * n) * F32
+    mm = only(counted(lambda: torch.addmm(torch.empty(n, n), q[0], k[0].T, beta=0)), "aten::addmm")
+    assert mm.bytes_read == 2 * n * d * F32
 
 
 # --- formulas.sdpa, roofline.place ---------------------------------------------------------------------------------

@@ -277,6 +277,14 @@ def _packed_bytes(obj: Any) -> float:
     return _nbytes(held)
 
 
+# beta * self + alpha * (product): with beta 0 the kernels ignore ``self`` (NaN and inf in it do not propagate), so it
+# is not read: attention written as torch.baddbmm(torch.empty(B*H, L, L), q, k^T, beta=0, alpha=scale) was charged
+# reading its (B*H, L, L) scratch besides writing the scores (profiler round 20)
+IGNORE_SELF_WHERE_BETA_0 = frozenset(
+    f"aten.{op}{tail}" for op in ("addmm", "baddbmm", "addbmm", "addmv", "addr") for tail in ("", "_")
+)
+
+
 # grid_sample reads the input elements its taps touch at each output point (one for nearest), at most the input it
 # holds, and its grid: a deformable attention sampling a few points of a large feature map was charged the whole map
 # at every call (profiler round 20), as advanced indexing was before round 19
@@ -314,7 +322,7 @@ def op_bytes(func: Any, args: tuple, kwargs: dict, out: Any, ins: list, outs: li
         # argument's dtype and device, not its elements
         dest = _tensors(_argument(func, args, kwargs, "self"))  # a list for a foreach op
         ins = [t for t in ins if not any(t is d for d in dest)]
-    if name in SHAPE_ONLY_SELF:
+    if name in SHAPE_ONLY_SELF or (name in IGNORE_SELF_WHERE_BETA_0 and _argument(func, args, kwargs, "beta") == 0):
         shape_only = _argument(func, args, kwargs, "self")
         ins = [t for t in ins if t is not shape_only]
     if name in BIAS_SLOTS_UNREAD_WITHOUT_BIAS and not _argument(func, args, kwargs, "has_biases"):
