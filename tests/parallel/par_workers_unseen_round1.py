@@ -14,14 +14,21 @@ from tilestack.parallel import GPT, ModelConfig, ParallelConfig, Trainer, lm_los
 EVEN = ModelConfig(n_layer=4, d=36, n_head=6, vocab=50, max_seq=20)
 # nothing divides evenly by 2 or 3 but n_layer by 3: FSDP2 and ZeRO shard ragged rows (vocab 37, width 52)
 ODD = ModelConfig(n_layer=3, d=52, n_head=4, vocab=37, max_seq=19)
-MODELS = {"even": EVEN, "odd": ODD}
+MODELS = {"even": EVEN, "odd": ODD, "even-masked": EVEN}
+MASKED = ("even-masked",)   # targets partly -100 (ignored), unevenly over the rows: rank 0's rows hold most of them
 BATCH, SEQ = 6, 10
 HYPER = dict(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
 DTYPE = torch.float64
 
 
-def batches(cfg: ModelConfig, steps: int, batch: int = BATCH, seq: int = SEQ, first_seed: int = 7):
-    return [make_batch(cfg, batch, seq, seed=first_seed + s) for s in range(steps)]
+def batches(cfg: ModelConfig, steps: int, batch: int = BATCH, seq: int = SEQ, first_seed: int = 7,
+            masked: bool = False):
+    out = [make_batch(cfg, batch, seq, seed=first_seed + s) for s in range(steps)]
+    if masked:     # rows 0 and 1 lose most of their targets, row 4 two of them
+        for _, targets in out:
+            targets[:2, 2:] = -100
+            targets[4, :2] = -100
+    return out
 
 
 def new_model(cfg: ModelConfig, seed: int = 0) -> GPT:
@@ -34,7 +41,7 @@ def reference(model: str, steps: int, batch: int = BATCH, seq: int = SEQ) -> dic
     net = new_model(cfg)
     opt = torch.optim.AdamW(net.parameters(), foreach=False, **HYPER)
     losses = []
-    for idx, targets in batches(cfg, steps, batch, seq):
+    for idx, targets in batches(cfg, steps, batch, seq, masked=model in MASKED):
         loss = lm_loss(net(idx), targets)
         loss.backward()
         opt.step()
@@ -54,7 +61,7 @@ def train_scenarios(rank: int, world_size: int, scenarios: list[tuple[str, str, 
             cfg = MODELS[model]
             pc = ParallelConfig(**kw)
             trainer = Trainer(new_model(cfg), pc, pc.build_mesh("cpu"), **HYPER, **extra)
-            losses = [trainer.step(idx, targets) for idx, targets in batches(cfg, steps)]
+            losses = [trainer.step(idx, targets) for idx, targets in batches(cfg, steps, masked=model in MASKED)]
             params = trainer.full_params()
             out[name] = dict(losses=losses, params=params, dtypes={str(p.dtype) for p in params.values()})
         except Exception:  # noqa: BLE001 - reported per scenario
@@ -74,10 +81,12 @@ def bad_batch(rank: int, world_size: int, cases: list[tuple[dict, int, int]]) ->
 
     from tilestack.parallel import ParallelConfigError
     said = []
-    for kw, batch, seq in cases:
+    for kw, batch, seq, *ignored in cases:
         pc = ParallelConfig(**kw)
         trainer = Trainer(new_model(EVEN), pc, pc.build_mesh("cpu"), **HYPER)
         idx, targets = make_batch(EVEN, batch, seq)
+        if ignored:                   # every target -100
+            targets.fill_(-100)
         try:
             trainer.step(idx, targets)
             said.append("no error")
@@ -241,3 +250,54 @@ def checkpoint_zero_refused(world_size: int, path: str) -> tuple[str, bool]:
     except ParallelConfigError as e:
         said = str(e)
     return said, os.path.exists(path)
+
+
+# ---- the parameter server: a model that is no GPT (Ray actors import these by name) --------------------------------
+
+class TinyMixer(torch.nn.Module):
+    """An MLP-mixer of 5 positions by 7 channels (hidden 11), f64, its token-mixing bias frozen: (B, 5, 7) -> (B, 1)."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(3)
+        self.token = torch.nn.Linear(5, 5)                                   # mixes positions
+        self.channel = torch.nn.Sequential(torch.nn.Linear(7, 11), torch.nn.Tanh(), torch.nn.Linear(11, 7))
+        self.head = torch.nn.Linear(7, 1, bias=False)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+        self.double()
+        self.token.bias.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.token(x.transpose(1, 2)).transpose(1, 2)               # (B, 5, 7)
+        x = x + self.channel(x)
+        return self.head(x.mean(1))                                         # (B, 1)
+
+
+def mixer_batch(step: int, rows: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(50 + step)
+    x = torch.randn(rows, 5, 7, generator=gen, dtype=torch.float64)
+    return x, torch.sin(x.sum((1, 2)))[:, None]
+
+
+def mixer_batch_8(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return mixer_batch(step, rows=8)
+
+
+def mixer_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def mixer_sgd(steps: int, lr: float) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """One process, plain SGD on the whole batch of each step."""
+    model = TinyMixer()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for step in range(steps):
+        loss = mixer_loss(model, *mixer_batch(step))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -26,6 +26,10 @@ WORLD2 = {
     "gpipe-one-microbatch": ("even", dict(pp=2, pp_schedule="gpipe", microbatches=1)),
     "1f1b-3-micro-full-recompute": ("even", dict(pp=2, microbatches=3, recompute="full")),
     "interleaved": ("even", dict(pp=2, pp_schedule="interleaved-1f1b", stages_per_rank=2, microbatches=2)),
+    # targets partly -100: the shards count different numbers of tokens (each averaged its own: 3e-3 off)
+    "ddp-ignored-targets": ("even-masked", dict(dp=2)),
+    "1f1b-ignored-targets": ("even-masked", dict(pp=2, microbatches=3)),
+    "tp-sp-ignored-targets": ("even-masked", dict(tp=2, sp=2)),
 }
 WORLD3 = {
     "ddp3": ("odd", dict(dp=3)),
@@ -34,13 +38,14 @@ WORLD3 = {
     "ddp-ring3": ("even", dict(dp=3, dp_comm="ring")),
     "pp3-1f1b": ("odd", dict(pp=3, microbatches=3)),
     "pp3-gpipe-6-micro": ("odd", dict(pp=3, pp_schedule="gpipe", microbatches=6)),
+    "fsdp2-3-ignored-targets": ("even-masked", dict(dp_shard=3)),
 }
 
 
 # global batches a layout cannot split: batch=5 under dp=2, 6 rows that do not cut into 4 micro-batches under pp=2,
-# 9 tokens over sp=2, a sequence past the position table
+# 9 tokens over sp=2, a sequence past the position table, targets all -100 (a NaN mean)
 BAD_BATCHES = [(dict(dp=2), 5, W.SEQ), (dict(pp=2, microbatches=4), 6, W.SEQ), (dict(tp=2, sp=2), 6, 9),
-               (dict(dp=2), 6, W.EVEN.max_seq + 1)]
+               (dict(dp=2), 6, W.EVEN.max_seq + 1), (dict(dp=2), 6, W.SEQ, "every target ignored")]
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +120,9 @@ def test_batch_not_divisible_by_the_data_degree_is_refused_on_every_rank(runs):
     barrier after each refusal, and the scenarios trained before them, show the ranks stayed in step)."""
     said = runs["bad batches"]
     assert said[0] == said[1], said
-    dp, micro, sp, long = said[0]
+    dp, micro, sp, long, ignored = said[0]
     assert "batch=5" in dp and "dp*dp_shard=2" in dp, dp
     assert "microbatches=4" in micro and "batch=6" in micro, micro
     assert "seq=9" in sp and "sp=2" in sp, sp
     assert "seq=21" in long and "max_seq=20" in long, long
+    assert "every target" in ignored and "-100" in ignored, ignored

@@ -140,6 +140,7 @@ def _said(res, text: str) -> bool:
     (["--nproc", "0"], "--nproc"),
     (["--nproc", "2", "--dp", "0"], "--dp"),
     (["--nproc", "3", "--pp", "3", "--microbatches", "3"], "n_layer=4"),
+    (["--nproc", "2", "--dp", "2", "--sp"], "--tp 1"),
 ])
 def test_cli_train_refuses_before_spawning(argv, names, monkeypatch):
     """Every refusal comes before a process starts: run_local is replaced by one that fails the test."""
@@ -155,3 +156,57 @@ def test_cli_train_refuses_before_spawning(argv, names, monkeypatch):
     assert _said(res, names) or names in str(res.exception), (res.output, res.exception)
     assert "a process was started" not in str(res.exception)
 
+
+
+# ---- the parameter server ----------------------------------------------------------------------------------------
+
+
+def test_parameter_server_refuses_bad_arguments_before_ray_starts():
+    from tilestack.parallel.ps import ParameterServer
+    cases = [(dict(batches=W.mixer_batch_8, n_workers=3), "n_workers=3"),      # 8 rows over 3 workers
+             (dict(batches=W.mixer_batch, n_workers=10), "n_workers=10"),      # more workers than rows
+             (dict(batches=W.mixer_batch, lr=float("nan")), "lr=nan"),
+             (dict(batches=W.mixer_batch, lr=-0.1), "lr=-0.1"),
+             (dict(batches=W.mixer_batch, n_workers=True), "n_workers=True"),
+             (dict(batches=W.mixer_batch, staleness=1.5), "staleness=1.5"),
+             (dict(batches=[1, 2]), "batches is list")]
+    for kw, names in cases:
+        kw = dict(dict(model_fn=W.TinyMixer, loss_fn=W.mixer_loss, n_workers=3), **kw)
+        with pytest.raises(ParallelConfigError, match=re.escape(names)):
+            ParameterServer(**kw)
+
+
+@pytest.mark.slow
+def test_parameter_server_sync_trains_a_mixer_like_sgd():
+    """3 workers, 4 servers over a 204-element model that splits unevenly, one parameter frozen, f64: the sync
+    parameter server is SGD on the whole batch (1e-12), the frozen parameter untouched."""
+    import os
+    import pathlib
+
+    ray = pytest.importorskip("ray")
+    from tilestack.parallel.ps import ParameterServer
+    here = str(pathlib.Path(__file__).parent)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}})
+    try:
+        ps = ParameterServer(W.TinyMixer, W.mixer_batch, n_workers=3, n_servers=4, lr=0.2, mode="sync",
+                             loss_fn=W.mixer_loss)
+        try:
+            losses = ps.train(4)
+            state = ps.state_dict()
+            with pytest.raises(ParallelConfigError, match="steps=-1"):
+                ps.train(-1)
+        finally:
+            ps.shutdown()
+    finally:
+        if started:
+            ray.shutdown()
+    ref_losses, ref_params = W.mixer_sgd(4, 0.2)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-12, atol=0)
+    assert "token.bias" not in state
+    for name, p in state.items():
+        assert p.dtype == torch.float64
+        torch.testing.assert_close(p, ref_params[name], rtol=1e-12, atol=1e-13)
+    assert not torch.equal(ref_params["head.weight"], W.TinyMixer().head.weight)

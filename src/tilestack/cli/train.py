@@ -71,6 +71,9 @@ def train(
                                    ("--dp-comm", dp_comm, DP_COMMS), ("--zero", zero, ZERO_STAGES)):
         if given not in allowed:
             raise typer.BadParameter(f"{option} {given!r}; expected one of {tuple(allowed)}", param_hint=option)
+    if sp and tp == 1 and not plan:     # (it was dropped without a word: sp=1)
+        raise typer.BadParameter("--sp shards the sequence over the tensor-parallel group; got --tp 1; expected "
+                                 "--tp > 1", param_hint="--sp")
     parallel = dict(dp=dp, dp_shard=dp_shard, tp=tp, sp=tp if sp else 1, pp=pp, pp_schedule=schedule,
                     stages_per_rank=stages_per_rank, microbatches=microbatches, recompute=recompute, zero=zero,
                     dp_comm=dp_comm)

@@ -22,6 +22,7 @@ import contextlib
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from tilestack.parallel.config import ParallelConfig, ParallelConfigError
@@ -115,6 +116,7 @@ class Trainer:
         self.zero = ZeroOptimizer(self.params, mesh["dp"].get_group(), stage=pc.zero, make_optimizer=make,
                                   bucket_numel=zero_bucket_numel, overlap=pc.pp == 1) if pc.zero else None
         self.optimizer = self.zero.optimizer if self.zero else make(self.params)
+        self._counted_per_shard: float | None = None       # (set by each step: _set_loss_scale)
         self.schedule = self._pipeline_schedule() if pc.pp > 1 else None
 
     # ---- pipeline ------------------------------------------------------------------------------------------------
@@ -131,9 +133,9 @@ class Trainer:
         # loss_fn: the mean over one micro-batch; scale_grads divides the summed gradients by the number of
         # micro-batches, so they are those of the mean over the whole batch
         if self.pc.pp_schedule == "interleaved-1f1b":
-            return ScheduleInterleaved1F1B(stages, self.pc.microbatches, loss_fn=lm_loss)
+            return ScheduleInterleaved1F1B(stages, self.pc.microbatches, loss_fn=self._loss)
         cls = ScheduleGPipe if self.pc.pp_schedule == "gpipe" else Schedule1F1B
-        return cls(stages[0], self.pc.microbatches, loss_fn=lm_loss)
+        return cls(stages[0], self.pc.microbatches, loss_fn=self._loss)
 
     # ---- one step ------------------------------------------------------------------------------------------------
     def local_batch(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,11 +148,12 @@ class Trainer:
         """Loss and reduced gradients of the global batch (B, N); returns the global mean loss on every rank."""
         check_batch(self.cfg, idx, targets)
         self.pc.validate(self.mesh.size(), model=self.cfg, batch=idx.shape[0], seq=idx.shape[1])
+        self._set_loss_scale(targets)
         idx, targets = self.local_batch(idx, targets)
         if self.schedule is None:
             # measuring the noise scale: DDP leaves the gradients local (no_sync), _reduce_gradients reduces them
             with self.parts[0].no_sync() if self.gns is not None else contextlib.nullcontext():
-                loss = lm_loss(self.parts[0](idx), targets)
+                loss = self._loss(self.parts[0](idx), targets)
                 loss.backward()
             loss = loss.detach()
         else:
@@ -173,6 +176,29 @@ class Trainer:
             if self.mesh[dim].size() > 1:
                 dist.all_reduce(loss, group=self.mesh[dim].get_group())
         return loss.item() / self.pc.dp_total
+
+    def _set_loss_scale(self, targets: torch.Tensor) -> None:
+        """The global batch's mean is over its targets that are not IGNORE_INDEX. A shard's mean over its own
+        counted targets, averaged over the shards, is that only where every shard counts as many: where some are
+        ignored, each shard's (and micro-batch's) loss is its sum over the global count, times the number of shards
+        (the data-parallel and micro-batch averages divide by it again). Every rank holds the whole batch, so all
+        agree on the count without a message."""
+        counted = int((targets != IGNORE_INDEX).sum())
+        if counted == 0:
+            raise ParallelConfigError(f"Trainer.step: every target of the (B, N) = {tuple(targets.shape)} batch is "
+                                      f"{IGNORE_INDEX} (ignored); expected at least one token to learn from (the "
+                                      "mean over none is NaN, which would reach every parameter)")
+        shards = self.pc.dp_total * (self.pc.microbatches if self.schedule is not None else 1)
+        self._counted_per_shard = None if counted == targets.numel() else counted / shards
+
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """This shard's (or micro-batch's) part of the global mean loss, scaled as _set_loss_scale says."""
+        if self._counted_per_shard is None:         # nothing ignored: every shard counts as many
+            return lm_loss(logits, targets)
+        wide = torch.promote_types(logits.dtype, torch.float32)
+        total = F.cross_entropy(logits.flatten(0, 1).to(wide), targets.flatten(), reduction="sum",
+                                ignore_index=IGNORE_INDEX)
+        return total / self._counted_per_shard
 
     def _squared_norm(self) -> torch.Tensor:
         """|g|^2 of this rank's whole gradient (f64; plain data parallelism: every parameter is whole here)."""

@@ -22,6 +22,7 @@ N S / (k B) with B a server's bandwidth, which is why the parameters are sharded
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,16 @@ MODES = ("sync", "async")
 
 def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def _check_rows(idx: Any, n_workers: int, where: str) -> None:
+    """Every worker takes B / N whole rows of the global batch: a batch of B rows not divisible by N lost its last
+    B mod N rows without a word (sync training then differed from SGD on the whole batch), and N > B gave a worker
+    no rows (a NaN loss). Checked on the first batch before any actor starts, and by each worker on every batch."""
+    rows = getattr(idx, "shape", (None,))[0] if getattr(idx, "ndim", 0) else None
+    if rows is None or rows % n_workers or rows < n_workers:
+        raise ParallelConfigError(f"ParameterServer: {where} gives a batch of {rows} rows for n_workers={n_workers}; "
+                                  "expected a multiple of n_workers (whole, equal rows per worker)")
 
 
 class _Server:
@@ -89,6 +100,7 @@ class _Worker:
                 p.copy_(flat[offset:offset + p.numel()].view_as(p))
                 offset += p.numel()
         idx, targets = self.batches(step)
+        _check_rows(idx, self.n, f"batches({step})")
         rows = idx.shape[0] // self.n
         sl = slice(self.rank * rows, (self.rank + 1) * rows)
         for p in self.params:
@@ -122,10 +134,17 @@ class ParameterServer:
         if mode not in MODES:
             raise ParallelConfigError(f"ParameterServer: mode={mode!r}; expected one of {MODES}")
         for name, v in (("n_workers", n_workers), ("n_servers", n_servers)):
-            if not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ParallelConfigError(f"ParameterServer: {name}={v!r}; expected a positive int")
-        if not isinstance(staleness, int) or staleness < 0:
+        if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0:
             raise ParallelConfigError(f"ParameterServer: staleness={staleness!r}; expected an int >= 0")
+        # (lr=nan or inf trained to NaN parameters, a negative one climbed the loss, all without a word)
+        if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 <= lr < math.inf:
+            raise ParallelConfigError(f"ParameterServer: lr={lr!r}; expected a finite learning rate >= 0")
+        for name, fn in (("model_fn", model_fn), ("batches", batches), ("loss_fn", loss_fn)):
+            if fn is not None and not callable(fn):
+                raise ParallelConfigError(f"ParameterServer: {name} is {type(fn).__name__}; expected a callable")
+        _check_rows(batches(0)[0], n_workers, "batches(0)")
         try:
             import ray
         except ModuleNotFoundError as e:
@@ -148,6 +167,8 @@ class ParameterServer:
     def train(self, steps: int) -> list[float]:
         """Sync: the mean loss of each step. Async: each worker's losses, concatenated worker by worker."""
         import ray
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ParallelConfigError(f"ParameterServer.train: steps={steps!r}; expected an int >= 0")
         if self.mode == "async":
             return [x for w in ray.get([w.run_async.remote(self.servers, steps) for w in self.workers]) for x in w]
         k, losses = len(self.servers), []
