@@ -455,3 +455,42 @@ def test_a_group_between_two_measured_sizes_costs_between_them(kind):
     fit = CommModel(fits={kind: {2: (2e-5, 1e-10), 8: (4e-5, 2e-10)}}, source="two sizes")
     for nbytes in (8.0, 1e6, 1e9):
         assert 2e-5 + 1e-10 * nbytes <= fit.time(kind, nbytes, 4) <= 4e-5 + 2e-10 * nbytes
+
+
+# ---- a mixture of experts as one layer ---------------------------------------------------------------------------
+
+class TopOneMoE(nn.Module):
+    """A router and 4 expert MLPs (Linear(6, 12), ReLU, Linear(12, 6)); each token goes to its router's argmax.
+    The router's bias makes expert 3 never chosen on the example (its weights still train: the Trainer's flat
+    gradient buffers and AdamW hold them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(6, 4)
+        with torch.no_grad():
+            self.router.bias.copy_(torch.tensor([0.0, 0.0, 0.0, -1e4]))
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 6)) for _ in range(4))
+
+    def forward(self, x):                                                # (B, S, 6)
+        choice = self.router(x).argmax(-1)                               # (B, S)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            mask = choice == e
+            if mask.any():
+                out[mask] = expert(x[mask])
+        return x + out
+
+
+def test_a_mixture_of_experts_inside_one_layer_is_never_cut_and_counts_every_expert():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), TopOneMoE(), nn.Linear(6, 6))
+    desc = describe_module(model, torch.randn(2, 5, 6), name="moe")
+    expert = 6 * 12 + 12 + 12 * 6 + 6
+    assert [layer.params for layer in desc.layers] == [42, 4 * 6 + 4 + 4 * expert, 42]
+    assert desc.params == sum(p.numel() for p in model.parameters())
+    for pp, held in ((2, [42 + 28 + 4 * expert, 42]), (3, [42, 28 + 4 * expert, 42])):
+        pred = predict(Plan(batch=pp, pp=pp, schedule="gpipe", microbatches=pp), desc, Unit(desc), FREE)
+        assert [m["parameters"] for m in pred.memory] == [n * FP32 for n in held]
+        assert [m["gradients"] for m in pred.memory] == [n * FP32 for n in held]
+    with pytest.raises(PlanError, match="tp=2"):
+        predict(Plan(batch=2, tp=2), desc, Unit(desc), FREE)
