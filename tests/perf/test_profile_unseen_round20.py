@@ -1,15 +1,17 @@
-"""Twentieth held-out round for the model profiler: eight models written for this round (their builders below),
+"""Twentieth held-out round for the model profiler: nine models written for this round (their builders below),
 profiled forward and trained, every row checked, and each model's FLOPs and the bytes of its telling rows written
 out by hand from the layer shapes.
 
-The models: a Mamba-like block (in_proj to x and a gate, a causal depthwise Conv1d cut back to the sequence, SiLU,
-x_proj to dt / B / C, softplus, a selective scan written with torch ops one position at a time, gating, out_proj); a
-mixture of experts routing each token to its top 2 of 3 experts (index_select in, index_add_ out); a small ViT
-(patch embedding by a strided Conv2d, a class token expanded over the batch and concatenated, learned positions, one
-pre-norm nn.TransformerEncoderLayer, a head on the class token); a U-Net-ish net (Conv2d, GroupNorm, max pool,
-InstanceNorm2d, ConvTranspose2d beside a nearest upsample, a skip concatenation); a GRUCell loop feeding an nn.LSTM;
-nn.MultiheadAttention with a key padding mask; two nn.EmbeddingBag tables (per-sample weights and a padding index;
-2-D bags by mean); a spectral filter (rfft, a learned complex weight by view_as_complex, irfft).
+The models: a LLaMA-like block written by hand (RMSNorm by pow, mean and rsqrt; rotary embeddings by rotate_half;
+causal SDPA; SwiGLU); a Mamba-like block (in_proj to x and a gate, a causal depthwise Conv1d cut back to the
+sequence, SiLU, x_proj to dt / B / C, softplus, a selective scan written with torch ops one position at a time,
+gating, out_proj); a mixture of experts routing each token to its top 2 of 3 experts (index_select in, index_add_
+out); a small ViT (patch embedding by a strided Conv2d, a class token expanded over the batch and concatenated,
+learned positions, one pre-norm nn.TransformerEncoderLayer, a head on the class token); a U-Net-ish net (Conv2d,
+GroupNorm, max pool, InstanceNorm2d, ConvTranspose2d beside a nearest upsample, a skip concatenation); a GRUCell
+loop feeding an nn.LSTM; nn.MultiheadAttention with a key padding mask; two nn.EmbeddingBag tables (per-sample
+weights and a padding index; 2-D bags by mean); a spectral filter (rfft, a learned complex weight by
+view_as_complex, irfft).
 Op-level checks of this round's fixes, the modes (no_grad, inference_mode, autocast), a training step with its
 optimizer, integer and complex models, the store and the bad arguments are in test_profile_unseen_round20_more.py.
 
@@ -262,7 +264,58 @@ def spectral():
     return SpectralFilter(), (torch.randn(SF_B, SF_C, SF_L),)
 
 
-MODELS = {"mamba": (mamba, True), "moe": (moe, True), "vit": (vit, True), "unet": (unet, True),
+# LLaMA-like block written by hand: batch, length, width, heads, feed-forward
+LL_B, LL_L, LL_D, LL_H, LL_F = 2, 4, 8, 2, 12
+LL_DH = LL_D // LL_H
+RMS_EPS = 1e-6
+
+
+class RMSNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(LL_D))
+
+    def forward(self, x):  # (B, L, D)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + RMS_EPS) * self.weight
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+class LlamaBlock(nn.Module):
+    """RMSNorm written out (pow, mean, add eps, rsqrt, two multiplies), rotary embeddings from cos / sin buffers
+    (rotate_half by chunk, neg and cat), causal SDPA, SwiGLU feed-forward; no biases."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(), RMSNorm()
+        self.q, self.k, self.v, self.o = (nn.Linear(LL_D, LL_D, bias=False) for _ in range(4))
+        self.gate, self.up = nn.Linear(LL_D, LL_F, bias=False), nn.Linear(LL_D, LL_F, bias=False)
+        self.down = nn.Linear(LL_F, LL_D, bias=False)
+        inv = 1.0 / 10000 ** (torch.arange(0, LL_DH, 2).float() / LL_DH)  # (Dh/2,)
+        angles = torch.outer(torch.arange(LL_L).float(), inv)  # (L, Dh/2)
+        self.register_buffer("cos", torch.cat([angles, angles], -1).cos())  # (L, Dh)
+        self.register_buffer("sin", torch.cat([angles, angles], -1).sin())
+
+    def forward(self, x):  # (B, L, D)
+        h = self.norm1(x)
+        q, k, v = (f(h).view(LL_B, LL_L, LL_H, LL_DH).transpose(1, 2) for f in (self.q, self.k, self.v))
+        q = q * self.cos + rotate_half(q) * self.sin  # (B, H, L, Dh)
+        k = k * self.cos + rotate_half(k) * self.sin
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, L, Dh)
+        x = x + self.o(a.transpose(1, 2).reshape(LL_B, LL_L, LL_D))
+        h = self.norm2(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+@seeded
+def llama():
+    return LlamaBlock(), (torch.randn(LL_B, LL_L, LL_D),)
+
+
+MODELS = {"llama": (llama, True), "mamba": (mamba, True), "moe": (moe, True), "vit": (vit, True), "unet": (unet, True),
           "cells": (cells, True), "padded_mha": (padded_mha, True), "bags": (bags, True),
           "spectral": (spectral, True)}
 CASES, IDS, profiled = setup_round(MODELS)
@@ -282,6 +335,37 @@ def test_every_row_is_finite_counted_placed_and_adds_up(name, train):
     text = check_every_row(p, counts, theirs, data_movement=DATA_MOVEMENT)
     assert "no FLOP formula" not in text
     assert {o.m.config["step"] for o in p.ops} == {"forward+backward" if train else "forward"}
+
+
+# --- LLaMA-like block ---------------------------------------------------------------------------------------------
+def test_llama_block_by_hand():
+    """Two RMSNorms written out, each 4*N*D + 2*N (pow, mean's adds, x * r, * weight per element; + eps and rsqrt
+    per row); q/k/v/o projections 4 * 2*N*D*D; rotary on q and k, 3.5*N*D each (the negated half, two multiplies,
+    an add); causal SDPA half of 4*B*H*L*L*Dh; SwiGLU's gate, up and down 3 * 2*N*D*F, its SiLU and product N*F
+    each; two residual adds: 10528. rotate_half's cat reads its two halves and writes q's size."""
+    p, counts, _ = profiled("llama", False)
+    n = LL_B * LL_L
+    norms = 2 * (4 * n * LL_D + 2 * n)  # pow, mean's adds, x * r, * weight per element; + eps, rsqrt per row
+    matmuls = 4 * 2 * n * LL_D * LL_D + 3 * 2 * n * LL_D * LL_F
+    rotary = 2 * (n * LL_D // 2 + 3 * n * LL_D)
+    sdpa = 4 * LL_B * LL_H * LL_L * LL_L * LL_DH * formulas.CAUSAL_FRACTION
+    assert by_op(counts)[SDPA] == sdpa == 512
+    assert flops_of(counts, MATMULS) == matmuls
+    assert p.flops == norms + matmuls + rotary + sdpa + 2 * n * LL_F + 2 * n * LL_D == 10528
+    # rotate_half's cat reads the two halves it joins (the negated one and a strided view of q) and writes q's size
+    cat = rows_of(counts, "aten::cat")
+    assert all((c.bytes_read, c.bytes_written) == (2 * n * LL_D * F32, 2 * n * LL_D * F32) for c in cat)
+    rsqrt = one_row(counts, "aten::rsqrt")
+    assert rsqrt.calls == 2 and rsqrt.flops == 2 * n
+
+
+def test_llama_block_trained_causal_attention_and_norm_backward():
+    """Trained: causal SDPA's backward 2.5x its halved forward; every projection's backward twice its forward."""
+    _, counts, _ = profiled("llama", True)
+    n = LL_B * LL_L
+    matmuls = 4 * 2 * n * LL_D * LL_D + 3 * 2 * n * LL_D * LL_F
+    assert by_op(counts)[SDPA + "_backward"] == formulas.ATTENTION_BWD_OVER_FWD * 512
+    assert flops_of(counts, MATMULS) == 3 * matmuls
 
 
 # --- Mamba ---------------------------------------------------------------------------------------------------------
