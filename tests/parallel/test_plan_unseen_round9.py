@@ -494,3 +494,13 @@ def test_a_mixture_of_experts_inside_one_layer_is_never_cut_and_counts_every_exp
         assert [m["gradients"] for m in pred.memory] == [n * FP32 for n in held]
     with pytest.raises(PlanError, match="tp=2"):
         predict(Plan(batch=2, tp=2), desc, Unit(desc), FREE)
+
+
+def test_alpa_under_a_limit_no_stage_fits_says_so_by_name(uneven):
+    least = min(predict(Plan(batch=2), uneven, Weighted(uneven), FREE).peaks)      # one layer-range's whole model
+    cost = plan_stage_cost(uneven, Weighted(uneven), FREE, batch=8, microbatches=4, memory_limit=1.0)
+    with pytest.raises(PlanError, match="no split of 8 layers over 3 devices fits"):
+        alpa_stages(len(WEIGHTS), n_devices=3, submeshes=(1, 2, 3), microbatches=4, stage_cost=cost)
+    assert least > 1.0
+    with pytest.raises(PlanError, match="memory_limit=-1"):
+        plan_stage_cost(uneven, Weighted(uneven), FREE, batch=8, microbatches=4, memory_limit=-1)
