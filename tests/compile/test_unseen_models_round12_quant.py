@@ -5,7 +5,8 @@ weight (|q * scale - w| within half an int8 step, or E4M3's 2^-4 relative plus h
 channel's largest |q| at the format's top), each layer's output against x @ (q * scale)^T + b in float64, the model
 against float64 within the documented bounds (docs/inference.md: 2 %, 8 %, 15 % of the largest output), the compiled
 quantized model its eager self with the quantized GEMMs' epilogues swapped. Then what a deployment does next: cast the
-quantized model to bf16 / f16, save and load its state dict, read a quantized layer's weight; and bad settings.
+quantized model to bf16 / f16, save and load its state dict, read a quantized layer's weight; torch's
+nn.TransformerEncoderLayer; and bad settings.
 
 What this round found and fixed (src/tilestack/quant/linear.py, ``QuantLinear``):
 - ``qmodel.half()`` / ``qmodel.to(torch.bfloat16)`` cast the per-channel f32 scales to 16 bits and an fp8 weight to
@@ -16,6 +17,9 @@ What this round found and fixed (src/tilestack/quant/linear.py, ``QuantLinear``)
   converting them without a word (0.6 off on the 37 -> 13 layer): refused now, naming both modes, before any copy.
 - fp8-act's calibrated activation scale was not in the state dict: a saved model loaded into one calibrated on
   other data kept the other scale. It is the layer's extra state now (``mode``, ``x_scale``).
+- ``quantize`` of a model holding torch's ``nn.TransformerEncoderLayer`` (or ``nn.TransformerEncoder``) replaced its
+  linear1 / linear2, whose weights the layer reads in forward (its fast-path check, with or without grad): the model
+  failed on its first call. Those Linears are left in float now, named with the reason in quantize's warning.
 - A model that reads its Linear's ``.weight`` itself (a tied decoder's ``F.linear(h, enc.weight.t())``) met nn.Module's
   bare "'QuantLinear' object has no attribute 'weight'"; the error now says what the layer holds and to name it in
   ``skip=``.
@@ -316,3 +320,41 @@ def test_skip_of_no_layer_warns_and_wrong_input_refused():
     assert type(qmodel.shared) is QuantLinear
     with pytest.raises(LaunchError, match=r"QuantLinear: x is \(3, 36\); expected a tensor \(\.\.\., in_features=37\)"):
         qmodel(_x(3, 36))
+
+
+# ---- torch's own encoder layer ---------------------------------------------------------------------------------------
+class _EncoderClassifier(nn.Module):
+    """nn.TransformerEncoder of two nn.TransformerEncoderLayer (batch first) and a Linear head over the mean token."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(x).mean(1))
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_torch_encoder_layers_linears_left_in_float(grad):
+    """nn.TransformerEncoderLayer reads linear1.weight and linear2.weight in its forward (its fast-path check, with or
+    without grad; nn.TransformerEncoder reads its first layer's too): quantized, they broke the model on its first call
+    (no .weight). They are left in float now, named with that reason in quantize's warning; the head is quantized, and
+    the output within int8's bound of float64's."""
+    model = seeded(_EncoderClassifier).eval()
+    x = _x(2, 5, 16)
+    with pytest.warns(UserWarning, match=r"encoder\.layers\.0\.linear1 \(Linear: its owner reads its weight in forward "
+                                         r"\(nn\.TransformerEncoderLayer's fast-path check\)\)"):
+        qmodel = tilestack.quantize(copy.deepcopy(model), "int8")
+    assert type(qmodel.head) is QuantLinear
+    assert all(type(m) is nn.Linear for layer in qmodel.encoder.layers for m in (layer.linear1, layer.linear2))
+    with torch.set_grad_enabled(grad):
+        got = qmodel(x)
+    want = _f64(model, x)
+    rel = float((got.double() - want).abs().max() / want.abs().max())
+    assert 1e-7 < rel < BOUNDS["int8"], rel
+    with warnings.catch_warnings():                # named in skip=: kept float without a word
+        warnings.simplefilter("error")
+        tilestack.quantize(copy.deepcopy(model), "int8",
+                           skip=("self_attn", "out_proj", "linear1", "linear2"))

@@ -335,7 +335,8 @@ def quantize(model: nn.Module, mode: str = "int8", *, calibration=None, skip=())
     """Replace ``model``'s ``nn.Linear`` layers (except those whose qualified name is in ``skip`` or ends with
     ``.<name in skip>``) by ``QuantLinear`` in ``mode`` ("int8", "fp8" or "fp8-act"); returns the model. The layers
     with weights it leaves in float (convolutions, embeddings, nn.MultiheadAttention's projections, subclasses of
-    nn.Linear, a module's own 2-D parameters) are named in one UserWarning, unless ``skip`` names them."""
+    nn.Linear, the Linears nn.TransformerEncoderLayer reads by weight, a module's own 2-D parameters) are named in one
+    UserWarning, unless ``skip`` names them."""
     if not isinstance(model, nn.Module):
         raise LaunchError(f"quantize: model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, torch.jit.ScriptModule):   # its submodules are compiled: none is an nn.Linear to replace,
@@ -353,8 +354,9 @@ def quantize(model: nn.Module, mode: str = "int8", *, calibration=None, skip=())
     # every name of every Linear: one registered under two names (``self.b = self.a``) is one layer, and
     # named_modules() gives only its first name, so the second kept the float layer without a word
     aliases: dict[int, list[str]] = {}              # id(layer) -> its names, first as named_modules() gives them
+    read = _read_by_owner(model)
     for n, m in model.named_modules(remove_duplicate=False):
-        if type(m) is nn.Linear:
+        if type(m) is nn.Linear and id(m) not in read:
             aliases.setdefault(id(m), []).append(n)
     linears = [n for names in aliases.values() for n in names]
     floats = _left_in_float(model, aliases)
@@ -434,6 +436,25 @@ def _skip_names(skip) -> tuple[str, ...]:
     return tuple(str(s) for s in names)
 
 
+# torch modules whose forward reads these child Linears' weights itself (nn.TransformerEncoderLayer's fast-path
+# check, and nn.TransformerEncoder's of its first layer, read linear1.weight and linear2.weight on every call)
+_OWNERS_READING_WEIGHTS = {nn.TransformerEncoderLayer: ("linear1", "linear2")}
+
+
+def _read_by_owner(model: nn.Module) -> dict[int, str]:
+    """id -> owner's type name of each nn.Linear that its owning module reads by weight (``_OWNERS_READING_WEIGHTS``):
+    a QuantLinear in its place broke the owner on its first call (no ``.weight``), so they stay float and are named."""
+    read = {}
+    for m in model.modules():
+        for owner, children in _OWNERS_READING_WEIGHTS.items():
+            if isinstance(m, owner):
+                for child in children:
+                    layer = getattr(m, child, None)
+                    if isinstance(layer, nn.Linear):
+                        read[id(layer)] = type(m).__name__
+    return read
+
+
 def _left_in_float(model: nn.Module, linears: dict[int, list[str]]) -> list[tuple[str, str]]:
     """(name, what it is) of each module other than the nn.Linear layers ``linears`` (by id) holding a parameter of
     its own with two or more dims (a weight matrix, a convolution's kernel, an embedding table): what quantize leaves
@@ -449,7 +470,9 @@ def _left_in_float(model: nn.Module, linears: dict[int, list[str]]) -> list[tupl
         if id(m) in linears or not (own or lazy):
             continue
         what = type(m).__name__
-        if lazy:
+        if type(m) is nn.Linear and not lazy:         # (not in linears: read by its owner, _read_by_owner)
+            what += ": its owner reads its weight in forward (nn.TransformerEncoderLayer's fast-path check)"
+        elif lazy:
             what += ": not initialized (run a batch through the model before quantizing it)"
         elif isinstance(m, nn.Linear):
             what += ": a subclass of nn.Linear, which its owner may read by weight (nn.MultiheadAttention's out_proj)"
