@@ -419,3 +419,17 @@ def test_the_goodput_table_is_samples_per_s_times_efficiency_and_sorted_by_it(tm
         assert g == pytest.approx(float(r[4].replace(",", "")) * 16 / (12 + int(r[2])), rel=2e-3, abs=0.06)
         assert r[8] in TERMS
     assert goodputs == sorted(goodputs, reverse=True)
+
+
+@pytest.mark.parametrize("plan", [
+    Plan(batch=4, pp=2, schedule="interleaved-1f1b", stages_per_rank=2, microbatches=2),
+    Plan(batch=8, pp=4, schedule="1f1b", microbatches=4),
+    Plan(batch=4, dp=2, tp=2, sp=True, zero=0),
+])
+def test_plan_files_of_even_stages_read_back_as_written(tmp_path, plan):
+    gpt4 = describe_gpt(ModelConfig(n_layer=4, d=32, n_head=4, vocab=64, max_seq=16), seq=16, dtype_bytes=2)
+    pred = predict(plan, gpt4, Unit(gpt4), FIT)
+    assert pred.runnable
+    spec = read_plan(write_plan(pred, gpt4, tmp_path / "plan.json"))
+    assert spec["bounds"] == list(plan.stage_bounds(gpt4)) and spec["parallel"] == plan.parallel_kwargs()
+    assert spec["dtype"] == "bfloat16" and spec["nproc"] == plan.world_size
