@@ -470,7 +470,7 @@ class Calls(nn.Module):
 def test_profile_refuses_an_empty_name_before_any_work(name):
     """name='' was taken as None: the class's name, pairing the run in the store with every unnamed Calls run."""
     model = Calls()
-    with pytest.raises(profile.ProfileError, match=r"name=.*expected a non-empty str"):
+    with pytest.raises(profile.ProfileError, match=r"name=.*expected a str \(not empty\)"):
         profile.profile_model(model, torch.randn(2, 4), name=name, steps=1, warmup=0, device="cpu", ceilings=CEIL)
     assert model.calls == 0
 

@@ -197,7 +197,7 @@ def check_arguments(
     if name is not None and (not isinstance(name, str) or not name.strip()):
         # "" was taken as None (``name or model_name(model)``): the store then paired its rows with those of every
         # other unnamed model of that class (profiler round 20)
-        refuse("name", name, "a non-empty str, or None for the model's class name")
+        refuse("name", name, "a str (not empty), or None for the model's class name")
     if isinstance(budget_s, bool) or not isinstance(budget_s, int | float) or not 0 < budget_s < math.inf:
         refuse("budget_s", budget_s, "a positive, finite time budget in seconds")
     if not (ceilings is None or ceilings is False or isinstance(ceilings, device_mod.Ceilings)):
