@@ -12,7 +12,10 @@ H100 through Triton (scripts/gpu/run_heldout_on_gpu.py). Fixed, each kept as its
 - Gluon: an f8e4m3 product whose shared B tile is (K, N) (mma_AB; likewise mma_AtB's (K, M) A) aborted Triton's LLVM
   lowering ("WGMMA type or shape is not supported", a C++ assertion): wgmma reads 8-bit operands K-major only. The
   new kmajor_8bit pass (backends.gluon.passes) transposes such an operand through registers first (B into an (N, K)
-  shared tile read transposed, A into registers): test_gluon_reads_8bit_operands_k_major; an async mma (explicit
+  shared tile read transposed, A into registers): test_gluon_reads_8bit_operands_k_major (on an H100 every form,
+  warp-specialized or not, 1 or 3 stages, ragged and whole tiles, within bf16's rounding of float64 torch; so were the
+  mLSTM, the neighborhood attention, the fused cross-entropy and the batched GEMM through Gluon at 64-row tiles,
+  against the reference executor); an async mma (explicit
   kernels), which reads its stage in flight, is refused instead, naming mma_ABt_async:
   test_gluon_refuses_an_async_8bit_product_reading_b_as_k_by_n.
 Met and named, not changed: the gluon backend refuses the cross-entropy's dW product for a vocabulary tile of 32 (a
