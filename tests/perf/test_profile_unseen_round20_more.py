@@ -4,7 +4,7 @@ and complex models, an op with no formula, the result store, and bad arguments t
 
 What this round found (each pinned by the test whose docstring says so):
 - reductions and accumulations over complex tensors (sum, mean, prod, cumsum, cumprod, index_add, an accumulating
-  index_put_, trace) were counted one
+  index_put_, trace, var, std) were counted one
   FLOP per complex element, though a complex add is two real adds (as ``x + y`` of complex tensors was already
   counted) and a complex product six; complex mv / dot / vdot / addr were counted as real ones (a complex mm 4x);
   a complex vector norm as a real one (counting.py, counting_rules._accumulate_flops / _vector_norm_flops,
@@ -74,6 +74,7 @@ def z():
     ("aten::index_add", lambda t: t.index_add(0, torch.tensor([0, 1]), t[:2])),
     ("aten::index_put_", lambda t: t.clone().index_put_((torch.tensor([0, 0, 1]),), t[:3], accumulate=True)),
     ("aten::trace", lambda t: torch.trace(t[:, :Z_ROWS])),
+    ("aten::var", lambda t: t.var(0)), ("aten::std", lambda t: t.std(1)),
 ])
 def test_a_complex_sum_counts_both_parts(z, op, fn):
     """A complex reduction or accumulation adds real and imaginary parts: twice the adds of a real one of as many
