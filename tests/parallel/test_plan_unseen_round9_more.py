@@ -433,3 +433,37 @@ def test_plan_files_of_even_stages_read_back_as_written(tmp_path, plan):
     spec = read_plan(write_plan(pred, gpt4, tmp_path / "plan.json"))
     assert spec["bounds"] == list(plan.stage_bounds(gpt4)) and spec["parallel"] == plan.parallel_kwargs()
     assert spec["dtype"] == "bfloat16" and spec["nproc"] == plan.world_size
+
+
+def test_numpy_figures_in_fits_rooflines_overlaps_and_peaks_are_numbers(tmp_path, gpt):
+    """A fit from np.polyfit (np.int64 group sizes, np.float32 seconds), an np.float32 efficiency or host cost, an
+    np.float32 overlap and peak FLOP/s: each was refused by name as not a number; now kept as Python numbers."""
+    from tilestack.parallel.plan import RooflineCompute
+
+    given = {np.int64(2): (np.float32(2e-5), np.float64(1e-10))}
+    cm = CommModel(fits={"all_reduce": given}, source="numpy fit")
+    assert cm.fits == {"all_reduce": {2: (float(np.float32(2e-5)), 1e-10)}} and type(next(iter(given))) is np.int64
+    assert cm.time("all_reduce", 1e6, 2) == pytest.approx(2e-5 + 1e-4, rel=1e-6)
+    with pytest.raises(PlanError, match=r"fits\['all_reduce'\]\[True\]"):
+        CommModel(fits={"all_reduce": {True: (1e-5, 1e-9)}}, source="bool size")
+    rc = RooflineCompute(gpt, "h200", matmul_efficiency=np.float32(0.5), host_s_per_op=np.float32(0.0))
+    assert rc.layer_times(1, 2, 1) == RooflineCompute(gpt, "h200", matmul_efficiency=float(np.float32(0.5)),
+                                                      host_s_per_op=0.0).layer_times(1, 2, 1)
+    plan = Plan(batch=4, dp=2)
+    half = predict(plan, gpt, Unit(gpt), FIT, overlap_dp=np.float32(0.5))
+    assert half.step_s == pytest.approx(predict(plan, gpt, Unit(gpt), FIT, overlap_dp=0.5).step_s, rel=1e-12)
+    spec = json.loads(write_plan(half, gpt, tmp_path / "p.json", peak_flops=np.float32(1e12)).read_text())
+    assert spec["predicted"]["mfu"] == pytest.approx(half.mfu(1e12), rel=1e-6)
+
+
+def test_a_plan_of_a_compute_model_with_float32_times_is_written(tmp_path, gpt):
+    """Every term of a compute model that answers np.float32 seconds is an np.float32: the plan file was a TypeError
+    (not JSON serializable) after the whole search."""
+    class Float32(Unit):
+        def _times(self, layer, index, micro_batch, tp):
+            return np.float32(1.0), np.float32(2.0)
+
+    ranked = search(gpt, Float32(gpt), FIT, world_size=2, batch=4)
+    spec = json.loads(write_plan(ranked[0].prediction, gpt, tmp_path / "f32.json").read_text())
+    assert spec["predicted"]["step_s"] == pytest.approx(float(ranked[0].step_s))
+    assert spec["predicted"]["bound"] in TERMS

@@ -112,11 +112,19 @@ class CommModel:
                 raise PlanError(f"CommModel: fits[{kind!r}]={per_n!r}; expected a collective of {COLLECTIVES} with "
                                 "lines by group size")
             for n, line in per_n.items():
-                ok = isinstance(n, int) and n >= 1 and isinstance(line, tuple | list) and len(line) == 2 and all(
-                    isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in line)
+                # numpy's numbers are numbers (a fit made with np.polyfit: np.float64 / np.float32 seconds, np.int64
+                # group sizes were refused); kept as int / float below. A bool is neither.
+                ok = isinstance(n, numbers.Integral) and not isinstance(n, bool | np.bool_) and n >= 1 and isinstance(
+                    line, tuple | list) and len(line) == 2 and all(
+                    isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_) and math.isfinite(v) and v >= 0
+                    for v in line)
                 if not ok:
                     raise PlanError(f"CommModel: fits[{kind!r}][{n!r}]={line!r}; expected (a seconds, b seconds per "
                                     "byte), finite and >= 0, for an int group size")
+        # a copy of the caller's dict, its numbers as Python's
+        self.fits = {kind: {int(n): (float(a), float(b)) for n, (a, b) in per_n.items()}
+                     for kind, per_n in self.fits.items()}
+
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CommModel:

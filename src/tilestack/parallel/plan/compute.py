@@ -584,13 +584,16 @@ class RooflineCompute(ComputeModel):
         from tilestack.perf.device import PeakSpec, lookup_peaks
         if not isinstance(self.desc, ModelDesc) or not self.desc.layers:
             raise PlanError(f"RooflineCompute: desc={type(self.desc).__name__}; expected a ModelDesc with layers")
+        # (numpy's numbers are numbers: an np.float32 efficiency was refused; each is kept as a float)
         for arg in ("matmul_efficiency", "attention_efficiency", "copy_efficiency"):
             v = getattr(self, arg)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 1:
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v <= 1:
                 raise PlanError(f"RooflineCompute: {arg}={v!r}; expected a fraction of the peak in (0, 1]")
-        if isinstance(self.host_s_per_op, bool) or not isinstance(self.host_s_per_op, int | float) or not (
+            setattr(self, arg, float(v))
+        if isinstance(self.host_s_per_op, bool) or not isinstance(self.host_s_per_op, numbers.Real) or not (
                 0 <= self.host_s_per_op < float("inf")):
             raise PlanError(f"RooflineCompute: host_s_per_op={self.host_s_per_op!r}; expected finite seconds >= 0")
+        self.host_s_per_op = float(self.host_s_per_op)
         if isinstance(self.device, dict | PeakSpec):
             self._spec_given()
             return

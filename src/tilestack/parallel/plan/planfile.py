@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +57,26 @@ def write_plan(pred: Prediction, desc: ModelDesc, path: str | Path, *, device: s
     pred.plan.check(desc)                     # the description the prediction was made for
     if not isinstance(device, str) or not device:
         raise PlanError(f"write_plan: device={device!r}; expected the device name the plan was made for")
-    if peak_flops is not None and (isinstance(peak_flops, bool) or not isinstance(peak_flops, int | float)
+    if peak_flops is not None and (isinstance(peak_flops, bool) or not isinstance(peak_flops, numbers.Real)
                                    or not 0 < peak_flops < math.inf):
         raise PlanError(f"write_plan: peak_flops={peak_flops!r}; expected None or a positive, finite FLOP/s")
+    peak_flops = None if peak_flops is None else float(peak_flops)     # (an np.float32 peak was refused)
     if not isinstance(path, str | Path) or not str(path) or Path(path).is_dir():
         raise PlanError(f"write_plan: path={path!r}; expected a file path (not a directory)")
-    text = json.dumps(plan_dict(pred, desc, device=device, peak_flops=peak_flops), indent=1)
+    # numpy scalars as Python numbers: a compute model of np.float32 times made every term one, and the file was a
+    # TypeError ("Object of type float32 is not JSON serializable") after the whole search
+    text = json.dumps(plan_dict(pred, desc, device=device, peak_flops=peak_flops), indent=1, default=_plain)
     # whole or not at all: a write cut short (a full disk, a kill) left half a file in place of the previous plan
     return write_atomic(path, text)
+
+
+def _plain(v: Any) -> int | float:
+    """A numpy number (or any numbers.Real) as JSON's number; anything else is json's TypeError, as without it."""
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
+    raise TypeError(f"Object of type {type(v).__name__} is not JSON serializable")
 
 
 def read_plan(path: str | Path) -> dict[str, Any]:

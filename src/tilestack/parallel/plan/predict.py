@@ -286,6 +286,7 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
         raise PlanError(f"predict: recv_buffers={recv_buffers!r:.60} ({type(recv_buffers).__name__}); expected "
                         "True or False")
     _check_inputs(plan, desc, compute, comm, overlap_dp)
+    overlap_dp = float(overlap_dp)     # (an np.float32 made every time an np.float32, which JSON does not write)
     plan.check(desc)
     if hasattr(comm, "check_world"):           # a cluster of a given number of nodes: no more ranks than its GPUs
         comm.check_world("predict", plan.world_size, exact=False)
@@ -487,7 +488,7 @@ def _check_inputs(plan: Any, desc: Any, compute: Any, comm: Any, overlap_dp: Any
                         ("comm", comm, CommModel)):
         if not isinstance(v, cls):
             raise PlanError(f"predict: {arg}={type(v).__name__}; expected a {cls.__name__}")
-    if isinstance(overlap_dp, bool) or not isinstance(overlap_dp, int | float) or not 0 <= overlap_dp <= 1:
+    if isinstance(overlap_dp, bool | np.bool_) or not isinstance(overlap_dp, numbers.Real) or not 0 <= overlap_dp <= 1:
         raise PlanError(f"predict: overlap_dp={overlap_dp!r}; expected a fraction between 0 and 1")
     # the compute model must be the description's (or, for a stage of Alpa's DP, a window of it)
     offset = getattr(compute, "offset", 0)
