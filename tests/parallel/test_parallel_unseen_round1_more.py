@@ -210,3 +210,35 @@ def test_parameter_server_sync_trains_a_mixer_like_sgd():
         assert p.dtype == torch.float64
         torch.testing.assert_close(p, ref_params[name], rtol=1e-12, atol=1e-13)
     assert not torch.equal(ref_params["head.weight"], W.TinyMixer().head.weight)
+
+
+# ---- run_local's arguments ---------------------------------------------------------------------------------------
+
+
+def _nested_holder():
+    def inner(rank, world_size):
+        return rank
+    return inner
+
+
+@pytest.mark.parametrize("fn, kw, names", [
+    (lambda rank, world_size: rank, {}, "<lambda>"),
+    (_nested_holder(), {}, "inner"),
+    ("W.ring_cases", {}, "fn is str"),
+    (W.ring_cases, dict(args="abc"), "args is str"),
+    (W.ring_cases, dict(args={"a": 1}), "args is dict"),
+    (W.ring_cases, dict(timeout_s=0), "timeout_s=0"),
+    (W.ring_cases, dict(timeout_s=float("nan")), "timeout_s=nan"),
+    (W.ring_cases, dict(retries=True), "retries=True"),
+])
+def test_run_local_refuses_what_the_ranks_would_fail_on(fn, kw, names, monkeypatch):
+    """Refused before any process starts (a process start fails the test)."""
+    import torch.multiprocessing as mp
+
+    from tilestack.errors import LaunchError
+
+    def no_context(*a, **k):
+        raise AssertionError("a process was started")
+    monkeypatch.setattr(mp, "get_context", no_context)
+    with pytest.raises(LaunchError, match=re.escape(names)):
+        run_local(fn, 2, **kw)

@@ -12,6 +12,7 @@ rank's traceback; the other ranks are then terminated.
 from __future__ import annotations
 
 import io
+import math
 import os
 import queue as queue_mod
 import tempfile
@@ -108,8 +109,9 @@ def run_local(fn: Callable[..., Any], world_size: int, args: tuple = (), *, devi
     if device == "cuda" and torch.cuda.device_count() < world_size:
         raise LaunchError(f"run_local: world_size={world_size} on cuda; this machine has "
                           f"{torch.cuda.device_count()} GPUs")
-    if not isinstance(retries, int) or retries < 0:
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise LaunchError(f"run_local: retries={retries!r}; expected an int >= 0")
+    _check_call(fn, args, timeout_s)
     for attempt in range(retries + 1):
         try:
             return _run_once(fn, world_size, args, device, timeout_s)
@@ -119,6 +121,24 @@ def run_local(fn: Callable[..., Any], world_size: int, args: tuple = (), *, devi
             warnings.warn(f"run_local: {fn.__name__} failed transiently; running it again "
                           f"({attempt + 1} of {retries}):\n{e}", RuntimeWarning, stacklevel=2)
     raise AssertionError("unreachable")
+
+
+def _check_call(fn: Any, args: Any, timeout_s: Any) -> None:
+    """What the spawned ranks would fail on, refused before any starts: a callable they cannot import by name (a
+    lambda or a nested function: a PicklingError from the first start), ``args`` that is no tuple or list (a string
+    or a dict was unpacked into its characters or keys), a timeout that is not a positive number of seconds (0 or
+    NaN gave up at once or never)."""
+    if not callable(fn):
+        raise LaunchError(f"run_local: fn is {type(fn).__name__}; expected a module-level function")
+    qualname = getattr(fn, "__qualname__", "")
+    if "<lambda>" in qualname or "<locals>" in qualname:
+        raise LaunchError(f"run_local: fn={qualname!r} cannot be imported by the spawned ranks; expected a "
+                          "module-level function")
+    if not isinstance(args, tuple | list):
+        raise LaunchError(f"run_local: args is {type(args).__name__}; expected a tuple of extra arguments, e.g. "
+                          "(cfg,)")
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not 0 < timeout_s < math.inf:
+        raise LaunchError(f"run_local: timeout_s={timeout_s!r}; expected a positive, finite number of seconds")
 
 
 def _run_once(fn: Callable[..., Any], world_size: int, args: tuple, device: str, timeout_s: float) -> list[Any]:
