@@ -20,6 +20,8 @@ What this round found and fixed (src/tilestack/quant/linear.py, ``QuantLinear``)
 - ``quantize`` of a model holding torch's ``nn.TransformerEncoderLayer`` (or ``nn.TransformerEncoder``) replaced its
   linear1 / linear2, whose weights the layer reads in forward (its fast-path check, with or without grad): the model
   failed on its first call. Those Linears are left in float now, named with the reason in quantize's warning.
+- A Linear under ``weight_norm`` / ``spectral_norm`` (``torch.nn.utils.parametrize``'s class over nn.Linear) was left
+  in float, reported as "0.parametrizations.weight (ParametrizationList)"; it is quantized by its computed weight now.
 - A model that reads its Linear's ``.weight`` itself (a tied decoder's ``F.linear(h, enc.weight.t())``) met nn.Module's
   bare "'QuantLinear' object has no attribute 'weight'"; the error now says what the layer holds and to name it in
   ``skip=``.
@@ -358,3 +360,27 @@ def test_torch_encoder_layers_linears_left_in_float(grad):
         warnings.simplefilter("error")
         tilestack.quantize(copy.deepcopy(model), "int8",
                            skip=("self_attn", "out_proj", "linear1", "linear2"))
+
+
+# ---- parametrized weights --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["weight_norm", "spectral_norm"])
+def test_parametrized_linear_quantized_by_its_weight(how):
+    """A Linear under ``torch.nn.utils.parametrizations.weight_norm`` / ``spectral_norm`` (a class parametrize makes
+    over nn.Linear) is quantized by its weight as computed (eval mode): no warning (it was left in float, reported as
+    "0.parametrizations.weight (ParametrizationList)", a name the model never wrote), its codes against that weight,
+    the output within int8's bound of the float model's in float64."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    model = nn.Sequential(getattr(parametrizations, how)(nn.Linear(19, 11)), nn.ReLU(), nn.Linear(11, 3)).eval()
+    with torch.no_grad():
+        weight = model[0].weight.detach().clone()
+    x = _x(4, 19)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qmodel = tilestack.quantize(copy.deepcopy(model), "int8")
+    assert type(qmodel[0]) is QuantLinear and type(qmodel[2]) is QuantLinear
+    _codes_hold(qmodel[0], weight)
+    with torch.no_grad():
+        got, want = qmodel(x), model.double()(x.double())
+    assert float((got.double() - want).abs().max() / want.abs().max()) < BOUNDS["int8"]

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from tilestack.errors import LaunchError, LaunchTypeError
 from tilestack.kernels._checks import finite_real
@@ -356,7 +357,7 @@ def quantize(model: nn.Module, mode: str = "int8", *, calibration=None, skip=())
     aliases: dict[int, list[str]] = {}              # id(layer) -> its names, first as named_modules() gives them
     read = _read_by_owner(model)
     for n, m in model.named_modules(remove_duplicate=False):
-        if type(m) is nn.Linear and id(m) not in read:
+        if _plain_linear(m) and id(m) not in read:
             aliases.setdefault(id(m), []).append(n)
     linears = [n for names in aliases.values() for n in names]
     floats = _left_in_float(model, aliases)
@@ -436,6 +437,14 @@ def _skip_names(skip) -> tuple[str, ...]:
     return tuple(str(s) for s in names)
 
 
+def _plain_linear(m: nn.Module) -> bool:
+    """An nn.Linear itself, or one whose weight is parametrized (``torch.nn.utils.parametrize``: weight_norm,
+    spectral_norm, orthogonal make a class of their own over nn.Linear), quantized by its weight as computed now. (A
+    parametrized one was left in float, reported by its ``parametrizations.weight`` list, a name its model never
+    wrote.)"""
+    return type(m) is nn.Linear or (parametrize.is_parametrized(m, "weight") and type(m).__bases__ == (nn.Linear,))
+
+
 # torch modules whose forward reads these child Linears' weights itself (nn.TransformerEncoderLayer's fast-path
 # check, and nn.TransformerEncoder's of its first layer, read linear1.weight and linear2.weight on every call)
 _OWNERS_READING_WEIGHTS = {nn.TransformerEncoderLayer: ("linear1", "linear2")}
@@ -462,7 +471,10 @@ def _left_in_float(model: nn.Module, linears: dict[int, list[str]]) -> list[tupl
     nn.Linear is one: its owner may read its weight directly (nn.MultiheadAttention's out_proj, read inside
     F.multi_head_attention_forward), so a QuantLinear in its place would break the owner."""
     left = []
+    inside = tuple(f"{n}." for names in linears.values() for n in names if n)   # a quantized layer's own submodules
     for name, m in model.named_modules():
+        if name.startswith(inside):      # (a parametrized Linear's parametrizations: replaced with it)
+            continue
         params = list(m.named_parameters(recurse=False))
         # a lazy module's parameters before its first batch have no shape to ask for (.dim() raises)
         lazy = any(isinstance(t, nn.parameter.UninitializedParameter) for _, t in params)
@@ -470,7 +482,7 @@ def _left_in_float(model: nn.Module, linears: dict[int, list[str]]) -> list[tupl
         if id(m) in linears or not (own or lazy):
             continue
         what = type(m).__name__
-        if type(m) is nn.Linear and not lazy:         # (not in linears: read by its owner, _read_by_owner)
+        if _plain_linear(m) and not lazy:             # (not in linears: read by its owner, _read_by_owner)
             what += ": its owner reads its weight in forward (nn.TransformerEncoderLayer's fast-path check)"
         elif lazy:
             what += ": not initialized (run a batch through the model before quantizing it)"
