@@ -14,7 +14,11 @@ from tilestack.parallel import GPT, ModelConfig, ParallelConfig, Trainer, lm_los
 EVEN = ModelConfig(n_layer=4, d=36, n_head=6, vocab=50, max_seq=20)
 # nothing divides evenly by 2 or 3 but n_layer by 3: FSDP2 and ZeRO shard ragged rows (vocab 37, width 52)
 ODD = ModelConfig(n_layer=3, d=52, n_head=4, vocab=37, max_seq=19)
-MODELS = {"even": EVEN, "odd": ODD, "even-masked": EVEN}
+# no blocks at all (embeddings and head: a pipeline of 2 stages with nothing between them), and SDPA attention
+# with one head per tensor-parallel rank
+NO_BLOCKS = ModelConfig(n_layer=0, d=36, n_head=6, vocab=50, max_seq=20)
+SDPA = ModelConfig(n_layer=2, d=36, n_head=2, vocab=50, max_seq=20, attention="sdpa")
+MODELS = {"even": EVEN, "odd": ODD, "even-masked": EVEN, "no-blocks": NO_BLOCKS, "sdpa": SDPA}
 MASKED = ("even-masked",)   # targets partly -100 (ignored), unevenly over the rows: rank 0's rows hold most of them
 BATCH, SEQ = 6, 10
 HYPER = dict(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)

@@ -26,6 +26,9 @@ WORLD2 = {
     "gpipe-one-microbatch": ("even", dict(pp=2, pp_schedule="gpipe", microbatches=1)),
     "1f1b-3-micro-full-recompute": ("even", dict(pp=2, microbatches=3, recompute="full")),
     "interleaved": ("even", dict(pp=2, pp_schedule="interleaved-1f1b", stages_per_rank=2, microbatches=2)),
+    "pp-no-blocks": ("no-blocks", dict(pp=2, microbatches=2)),                 # embeddings | head
+    "sdpa-tp-sp-one-head-per-rank": ("sdpa", dict(tp=2, sp=2, recompute="selective")),
+    "sdpa-ddp-ring-full-recompute": ("sdpa", dict(dp=2, recompute="full", dp_comm="ring")),
     # targets partly -100: the shards count different numbers of tokens (each averaged its own: 3e-3 off)
     "ddp-ignored-targets": ("even-masked", dict(dp=2)),
     "1f1b-ignored-targets": ("even-masked", dict(pp=2, microbatches=3)),
