@@ -34,7 +34,21 @@ def test_the_turns_change_when_never_what(backend, nq, nk, causal):
     with config.override(triton_interpret=True):
         ping = attention_forward(q, k, v, causal, backend=backend, schedule="pingpong", BM=32, BN=16)
         plain = attention_forward(q, k, v, causal, backend=backend, BM=32, BN=16)
-    assert torch.equal(ping[0], plain[0]) and torch.equal(ping[1], plain[1])
+    if backend == "reference":
+        assert torch.equal(ping[0], plain[0]) and torch.equal(ping[1], plain[1])
+    else:
+        # Triton's interpreter runs tl.dot through numpy's BLAS, whose kernels may round a product of 16 rows (a
+        # consumer's) and of 32 (the plain kernel's) differently: on an AVX2 OpenBLAS every one of 200 random
+        # (32, 64) x (64, 16) products differed from its two halves in some bit; the AVX-512 kernels agreed. Those
+        # last bits carry through the online softmax: the LSE within a few f32 ulps, o within one bf16 ulp
+        torch.testing.assert_close(ping[1], plain[1], rtol=2e-6, atol=0)
+        assert ulps(ping[0], plain[0]) <= 1
+
+
+def ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """The most units in the last place between a and b (same dtype, finite, same signs)."""
+    ints = {2: torch.int16, 4: torch.int32}[a.element_size()]
+    return int((a.view(ints).long() - b.view(ints).long()).abs().max()) if a.numel() else 0
 
 
 def barriers(text: str) -> list[tuple[str, int, int]]:

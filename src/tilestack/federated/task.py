@@ -52,6 +52,8 @@ TRANSFORMER_TOKENS = 8  # TorchModel's default tokens: the transformer cuts the 
 MIN_CLIENT_SAMPLES = 2  # a client's smallest share of a pooled dataset: one to train on, one to test
 BLOB_SEPARATION = 1.5  # std of the class means, in units of the within-class std
 
+MAX_LOCAL_EPOCHS = 1e6   # local_epochs past this is a typo: its step count would overflow or never end
+
 
 @dataclasses.dataclass(frozen=True)
 class Task:
@@ -150,8 +152,9 @@ class Task:
             raise bad("lr", "> 0")
         if self.batch_size < 1:
             raise bad("batch_size", ">= 1")
-        if self.local_steps is None and not self.local_epochs > 0:
-            raise bad("local_epochs", "> 0")
+        if self.local_steps is None and not 0 < self.local_epochs <= MAX_LOCAL_EPOCHS:
+            # (1e308 or inf was taken, and the client's step count overflowed once the run had started)
+            raise bad("local_epochs", f"in (0, {MAX_LOCAL_EPOCHS:g}]")
         if self.local_steps is not None and self.local_steps < 1:
             raise bad("local_steps", ">= 1 or None")
         if not self.separation > 0:
