@@ -22,6 +22,8 @@ What this round found and fixed (src/tilestack/quant/linear.py, ``QuantLinear``)
   failed on its first call. Those Linears are left in float now, named with the reason in quantize's warning.
 - A Linear under ``weight_norm`` / ``spectral_norm`` (``torch.nn.utils.parametrize``'s class over nn.Linear) was left
   in float, reported as "0.parametrizations.weight (ParametrizationList)"; it is quantized by its computed weight now.
+- fp8-act gave a layer no calibration batch reached (a branch, an unrouted expert) the activation scale of amax 0
+  (1.0) without a word; a warning names it now.
 - A model that reads its Linear's ``.weight`` itself (a tied decoder's ``F.linear(h, enc.weight.t())``) met nn.Module's
   bare "'QuantLinear' object has no attribute 'weight'"; the error now says what the layer holds and to name it in
   ``skip=``.
@@ -384,3 +386,32 @@ def test_parametrized_linear_quantized_by_its_weight(how):
     with torch.no_grad():
         got, want = qmodel(x), model.double()(x.double())
     assert float((got.double() - want).abs().max() / want.abs().max()) < BOUNDS["int8"]
+
+
+# ---- fp8-act: a layer calibration never reaches -------------------------------------------------------------------
+class _Branchy(nn.Module):
+    """A Linear run only for inputs wider than 4 rows (a branch, or an expert the router never picked)."""
+
+    def __init__(self):
+        super().__init__()
+        self.common, self.rare = nn.Linear(9, 9), nn.Linear(9, 9)
+
+    def forward(self, x):
+        h = self.common(x)
+        return self.rare(h) * 100 if x.shape[0] > 4 else h
+
+
+def test_fp8_act_warns_of_layers_calibration_never_reached():
+    """Calibrated on batches of 3 rows, ``rare`` sees no input: its activation scale is the amax-0 default (1.0),
+    which quantize gave without a word; now a warning names it and what to do, and skip= of it keeps it float
+    (no warning). The reached layer's scale is calibrated (not 1.0)."""
+    model = seeded(_Branchy)
+    cal = [_x(3, 9, seed=30 + i) * 1000 for i in range(2)]     # amax ~3000: a scale of 8, not the default 1
+    with pytest.warns(UserWarning, match=r"calibration reached no row of layers \['rare'\]; their fp8 activation scale "
+                                         r"is 1.0 \(a guess, not calibrated\).*skip="):
+        qmodel = tilestack.quantize(copy.deepcopy(model), "fp8-act", calibration=cal)
+    assert qmodel.rare.x_scale == 1.0 and qmodel.common.x_scale == 8.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = tilestack.quantize(copy.deepcopy(model), "fp8-act", calibration=cal, skip=("rare",))
+    assert type(kept.rare) is nn.Linear and type(kept.common) is QuantLinear

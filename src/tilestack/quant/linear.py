@@ -384,6 +384,13 @@ def quantize(model: nn.Module, mode: str = "int8", *, calibration=None, skip=())
     if stats and all(st.mean is None for st in stats.values()):   # only empty batches: no scale to fix
         raise LaunchError(f"quantize: calibration batches brought no row to any linear layer ({names[:8]}); "
                           "expected sample inputs with rows to fix the fp8 activation scales from")
+    unseen = [n for n, st in stats.items() if st.mean is None]
+    if unseen:    # a branch or an expert no batch reached got the scale of amax 0 (1.0) without a word: its inputs
+        # then saturate at 448 or fall into E4M3's subnormals, whatever their range
+        warnings.warn(f"quantize: calibration reached no row of layers {unseen[:8]}{' ...' if len(unseen) > 8 else ''}"
+                      f"; their fp8 activation scale is {activation_scale(0.0)} (a guess, not calibrated): calibrate "
+                      "with batches that reach them, or name them in skip= to keep them in float", UserWarning,
+                      stacklevel=2)
 
     def replaced(name: str, linear: nn.Linear) -> QuantLinear:
         if name not in stats:
