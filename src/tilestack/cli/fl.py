@@ -99,6 +99,7 @@ def run(
     from tilestack.errors import FederatedError
     from tilestack.federated import SystemModel, Task, simulate
     from tilestack.federated.grid import STRAGGLER_POLICIES
+    from tilestack.federated.metrics import History
     from tilestack.federated.simulation import ENGINES, check_arguments
     from tilestack.federated.strategies import OortSelector, RandomSelector, Selected, make_strategy
 
@@ -232,8 +233,20 @@ def run(
     ) as progress:  # fmt: skip
         bar = progress.add_task("rounds", total=rounds, acc=0.0, loss=float("nan"))
 
+        done: list = []  # the rounds completed so far, the resumed checkpoint's first
+
         def on_round(m) -> None:
             progress.update(bar, completed=m.round, acc=m.test_acc, loss=m.train_loss)
+            if out is None:
+                return
+            if not done and m.round > 1 and checkpoint is not None:  # resumed: the checkpoint holds rounds 1..m
+                from tilestack.federated.run_state import load_checkpoint
+
+                done.extend(History.from_dict(load_checkpoint(checkpoint)["history"]).rounds[:-1])
+            done.append(m)
+            # after every round, whole or not at all: a run stopped by Ctrl-C, a crash or a kill in round 40 lost the
+            # 39 rounds it had done (--out was written only at the end)
+            History(list(done)).to_json(out)
 
         try:
             result = simulate(

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import numpy as np
 from flwr.serverapp import strategy as fl
@@ -465,6 +466,17 @@ def check_privacy(strategy: Strategy, num_nodes: int) -> None:
                 f"{name} with a privacy accountant: {type(s.strategy).__name__} weights the replies by "
                 f"{weight_key!r}; expected weighted_by_key={UNIT_WEIGHT!r}, the equal weight tilestack's clients "
                 "report (Flower's accounted aggregation stops the run at the first round whose weights differ)"
+            )
+        if getattr(s, "accountant", None) is None and weight_key not in (None, UNIT_WEIGHT):
+            # no epsilon is claimed, so the run goes on; but the noise's std (noise_multiplier * clipping_norm /
+            # num_sampled_clients) is sized for equal shares 1/n, and a client holding most examples weighs more
+            warnings.warn(
+                f"{name} over {type(s.strategy).__name__} weighted by weighted_by_key={weight_key!r}: the noise is "
+                "sized for equal client shares (1 / num_sampled_clients), so a client with more examples than the "
+                f"others is protected less than noise_multiplier says; expected weighted_by_key={UNIT_WEIGHT!r} for "
+                "the stated guarantee",
+                UserWarning,
+                stacklevel=2,
             )
         for inner in levels[i + 1 :]:
             if not_a_mean := _not_a_mean(inner):

@@ -35,6 +35,9 @@ COMPRESSED_STYPES = (codec.TOPK_STYPE, codec.INT8_STYPE)
 # strategies that send clients other arrays than the one global model (cluster models, sub-models) or rebuild it
 # themselves: CFL's replies ended a compressed run after round 1's training with a KeyError
 NOT_ONE_MODEL = ("IFCA", "CFL", "HeteroFL", "FedDF")
+DEFAULT_TOPK_RATIO = 0.01
+# ratios Compressed accepts with int8: none, parse("int8")'s 0.0, or every entry (what int8 sends anyway)
+INT8_NO_RATIO = (None, 0.0, 1.0)
 
 
 def parse(spec: str) -> tuple[str, float]:
@@ -84,10 +87,17 @@ def compress_update(
 class Compressed(Strategy):
     """``inner`` trained on compressed client updates (see module doc)."""
 
-    def __init__(self, inner: Strategy, method: str = "topk", ratio: float = 0.01):
+    def __init__(self, inner: Strategy, method: str = "topk", ratio: float | None = None):
         if not isinstance(inner, Strategy):  # (None or a name ran until round 1 raised AttributeError on it)
             raise TypeError(f"Compressed: inner is a {type(inner).__name__}; expected a flwr Strategy to wrap")
-        self.spec = f"{method}:{ratio}" if method == "topk" else method
+        if method == "topk":
+            self.spec = f"topk:{DEFAULT_TOPK_RATIO if ratio is None else ratio}"
+        elif method == "int8" and ratio not in INT8_NO_RATIO:
+            # int8 sends every entry: Compressed(s, "int8", ratio=0.05) ran plain int8, the ratio dropped without a word
+            raise ValueError(f"Compressed: ratio={ratio!r} with method='int8'; int8 sends every entry and takes no "
+                             "ratio; expected ratio=None (or 0.0 / 1.0), or method='topk' to keep that share")
+        else:  # int8, or an unknown method that parse names
+            self.spec = method
         parse(self.spec)  # checks method and ratio
         level = inner
         while isinstance(level, Strategy):  # the strategy and those it wraps (Selected's inner, a DP wrapper's)

@@ -456,8 +456,10 @@ def _read_csv(p: Path) -> tuple[np.ndarray, np.ndarray]:
     run in numpy's parser, though the same labels in an .npz were read."""
     with p.open(newline="") as f:
         rows = [[v.strip() for v in row] for row in csv.reader(f) if any(v.strip() for v in row)]
-    if rows and not all(_is_number(v) for v in rows[0][:-1]):
-        rows = rows[1:]  # a header: its feature names are not numbers
+    if rows and not any(_is_number(v) for v in rows[0][:-1]):
+        # a header: none of its feature names is a number. A first row with one bad value among numbers ("0.5,,1,dog")
+        # was dropped as a header without a word; it is a bad row, refused below like any other
+        rows = rows[1:]
     if not rows:
         raise ValueError(f"Task: data_path={str(p)!r} has no rows of data; expected features and a label per row")
     widths = sorted({len(r) for r in rows})
