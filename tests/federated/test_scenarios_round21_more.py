@@ -64,17 +64,17 @@ def test_digits_logistic_regression_reaches_80_percent_in_four_rounds_and_the_sc
     res = simulate(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), task, rounds=4, extra_metrics=keep(models))
     accs = res.history.column("test_acc")
     assert accs[-1] >= 0.80 and max(accs) >= 0.80, accs
-    xs, ys = zip(*[task.client_data(p)[2:] for p in range(5)])
+    xs, ys = zip(*[task.client_data(p)[2:] for p in range(5)], strict=True)
     x, y = np.concatenate(xs), np.concatenate(ys)
     init = np_(initial_arrays(task))
     logits0 = x @ init["fc.weight"] + init["fc.bias"]
     assert (logits0.argmax(1) == y).mean() < 0.3  # where it started
-    for m, acc in zip(models, accs):
+    for m, acc in zip(models, accs, strict=True):
         got = float(((x.astype(np.float64) @ m["fc.weight"] + m["fc.bias"]).argmax(1) == y).mean())
         assert got == pytest.approx(acc, abs=1.5 / len(y))
 
 
-# ---- a CSV file dataset -----------------------------------------------------------------------------------------------
+# ---- a CSV file dataset ----------------------------------------------------------------------------------------------
 def _csv(tmp_path: Path, rows: list[str]) -> str:
     p = tmp_path / "d.csv"
     p.write_text("\n".join(rows) + "\n")
@@ -134,7 +134,7 @@ def test_a_csv_with_a_header_and_names_as_labels_trains_on_every_row(tmp_path):
     assert res.history.rounds[0].num_aggregated == 3
 
 
-# ---- IFCA's cluster choices -------------------------------------------------------------------------------------------
+# ---- IFCA's cluster choices ------------------------------------------------------------------------------------------
 def test_ifca_clients_choose_the_cluster_model_of_least_loss_on_their_data_and_recover_the_planted_groups():
     """Six clients in two planted groups (each labels its inputs by its own teacher), IFCA with K = 2, everyone every
     round, 6 rounds: the cluster each client chose in the last round is the argmin over the two cluster models of
@@ -156,7 +156,7 @@ def test_ifca_clients_choose_the_cluster_model_of_least_loss_on_their_data_and_r
     assert s.agreement(task) == 1.0
 
 
-# ---- client sampling reproduced ---------------------------------------------------------------------------------------
+# ---- client sampling reproduced --------------------------------------------------------------------------------------
 def _picked(res) -> list[tuple[str, ...]]:
     return [tuple(sorted(r.client_train)) for r in res.history.rounds]
 
@@ -224,7 +224,7 @@ def test_server_side_dp_over_fedavg_weighted_by_examples_warns_and_aggregates_th
         simulate(unit, task, rounds=1, evaluate=False)
 
 
-# ---- fl run / fl bench outputs ----------------------------------------------------------------------------------------
+# ---- fl run / fl bench outputs ---------------------------------------------------------------------------------------
 RUN = ["fl", "run", "--dataset", "blobs", "--clients", "4", "--per-round", "2", "--local-steps", "2", "--lr", "0.1"]
 
 
