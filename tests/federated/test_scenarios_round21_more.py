@@ -14,6 +14,10 @@ What this round found, fixed:
   noise_multiplier x clip / n (equal shares): a client with most of the examples is protected less than stated. No
   epsilon is claimed, so the run goes on (the aggregate is checked by hand here), but a warning now names
   ``weighted_by_key`` and the equal weight (``unit-weight``) that gives the stated guarantee.
+- *A share of attackers that makes none.* ``Task(malicious_fraction=0.1, num_clients=4)`` made round(0.4) = 0
+  attackers and ran unattacked without a word; refused naming ``malicious_fraction`` (``--malicious``).
+- *A CSV's first row with one bad value* (``0.5,,1.0,dog``) was dropped as a header; a header is now a first row none
+  of whose features is a number.
 """
 
 from __future__ import annotations
@@ -302,3 +306,20 @@ def test_fl_bench_tiny_grid_table_holds_each_cells_accuracy_and_an_interrupted_b
     with pytest.raises(KeyboardInterrupt):
         write_report(bad, run_bench(bad, on_cell=stop), doc, tmp_path / "img")
     assert len(seen) == 1 and doc.read_bytes() == before
+
+
+# ---- a share of attackers that makes none ---------------------------------------------------------------------------
+@pytest.mark.parametrize("fraction, clients", [(0.1, 4), (0.01, 30), (1 / 8, 4)])
+def test_a_malicious_fraction_that_rounds_to_no_attacker_is_refused_naming_it(fraction, clients):
+    """round(0.1 x 4) = 0: the task ran with no attacker at all, without a word (a robust-aggregation experiment
+    that attacked nobody). Refused in Task and by ``fl run --malicious``, naming the argument; a share that makes
+    one attacker is taken and makes exactly round(share x clients)."""
+    with pytest.raises(ValueError, match=rf"malicious_fraction={fraction!r}.*num_clients={clients}"):
+        Task(dataset="blobs", num_samples=120, num_features=3, num_classes=2, num_clients=clients,
+             malicious_fraction=fraction)  # fmt: skip
+    res = CliRunner().invoke(app, [*RUN[:4], "--clients", str(clients), "--per-round", "2", "--malicious",
+                                   str(fraction), "--rounds", "1"], env={"COLUMNS": "200"})  # fmt: skip
+    assert res.exit_code != 0 and "--malicious" in res.output and "no malicious client" in res.output, res.output
+    ok = Task(dataset="blobs", num_samples=120, num_features=3, num_classes=2, num_clients=clients,
+              malicious_fraction=fraction * 2 if fraction * 2 * clients >= 0.75 else 1 / clients)  # fmt: skip
+    assert sum(ok.is_malicious(p) for p in range(clients)) == round(ok.malicious_fraction * clients) >= 1

@@ -154,6 +154,9 @@ def run(
     if dataset == "clustered" and not 1 <= clusters <= clients:
         raise typer.BadParameter(f"--clusters {clusters} plants that many groups of --dataset clustered among "
                                  f"--clients {clients}; expected 1 to {clients}", param_hint="--clusters")  # fmt: skip
+    if malicious > 0 and round(malicious * clients) == 0:  # (Task's words name malicious_fraction, no option)
+        raise typer.BadParameter(f"--malicious {malicious:g} of --clients {clients} rounds to no malicious client; "
+                                 f"expected 0, or more than {0.5 / clients:.3g} (one client)", param_hint="--malicious")
     try:
         fault_list = _parse_faults(faults)
     except ValueError as ex:

@@ -148,6 +148,9 @@ class Task:
                 raise bad(name, ">= 0 (a variance of Synthetic(alpha, beta))")
         if not 0.0 <= self.malicious_fraction < 1.0:
             raise bad("malicious_fraction", "in [0, 1)")
+        if self.malicious_fraction > 0 and _malicious_count(self) == 0:  # (ran with no attacker, without a word)
+            raise bad("malicious_fraction", f"0, or a share of num_clients={self.num_clients} that rounds to at least "
+                      f"one malicious client (round({self.malicious_fraction:g} x {self.num_clients}) is 0)")
         if not self.lr > 0:
             raise bad("lr", "> 0")
         if self.batch_size < 1:
@@ -324,8 +327,12 @@ def _from_json(text: str) -> Task:
 
 
 @functools.lru_cache(maxsize=64)
+def _malicious_count(task: Task) -> int:
+    return int(round(task.malicious_fraction * task.num_clients))
+
+
 def _malicious_set(task: Task) -> frozenset[int]:
-    count = int(round(task.malicious_fraction * task.num_clients))
+    count = _malicious_count(task)
     rng = np.random.default_rng([task.seed, 11])
     return frozenset(int(i) for i in rng.choice(task.num_clients, size=count, replace=False))
 
