@@ -89,7 +89,7 @@ def test_krum_under_a_gaussian_noise_attacker_picks_the_honest_client_with_the_s
 
 
 # ---- Compressed(inner, 'int8', ratio) -------------------------------------------------------------------------------
-@pytest.mark.parametrize("ratio", [0.05, 0.5, math.nan, 2.0])
+@pytest.mark.parametrize("ratio", [0.05, 0.5, math.nan, 2.0, True, "0.5"])
 def test_compressed_int8_refuses_a_ratio_naming_it(ratio):
     with pytest.raises(ValueError, match=r"ratio=.*int8"):
         Compressed(FedAvg(), "int8", ratio)

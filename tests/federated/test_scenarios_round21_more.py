@@ -323,3 +323,18 @@ def test_a_malicious_fraction_that_rounds_to_no_attacker_is_refused_naming_it(fr
     ok = Task(dataset="blobs", num_samples=120, num_features=3, num_classes=2, num_clients=clients,
               malicious_fraction=fraction * 2 if fraction * 2 * clients >= 0.75 else 1 / clients)  # fmt: skip
     assert sum(ok.is_malicious(p) for p in range(clients)) == round(ok.malicious_fraction * clients) >= 1
+
+
+def test_client_side_dp_over_an_example_weighted_fedavg_warns_too_and_still_clips_on_the_clients():
+    """Flower's client-side fixed clipping over FedAvg() (num-examples weights): the same warning, naming
+    weighted_by_key; the clients clip (every reply reports norm_bit 1 at clip 0.01) and the round aggregates all."""
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+
+    task = Task(dataset="blobs", num_samples=240, num_features=4, num_classes=3, num_clients=4, local_steps=3, lr=0.2,
+                partitioner="quantity")  # fmt: skip
+    s = DifferentialPrivacyClientSideFixedClipping(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), 0.0, 0.01, 4)
+    with pytest.warns(UserWarning, match="weighted_by_key='num-examples'"):
+        res = simulate(s, task, rounds=1, evaluate=False)
+    r = res.history.rounds[0]
+    assert r.num_aggregated == 4
+    assert all(m.get("norm_bit") == 1 for m in r.client_train.values()), r.client_train

@@ -92,7 +92,7 @@ class Compressed(Strategy):
             raise TypeError(f"Compressed: inner is a {type(inner).__name__}; expected a flwr Strategy to wrap")
         if method == "topk":
             self.spec = f"topk:{DEFAULT_TOPK_RATIO if ratio is None else ratio}"
-        elif method == "int8" and ratio not in INT8_NO_RATIO:
+        elif method == "int8" and (isinstance(ratio, bool) or ratio not in INT8_NO_RATIO):  # (True == 1.0)
             # int8 sends every entry: Compressed(s, "int8", ratio=0.05) ran plain int8, the ratio dropped without a word
             raise ValueError(f"Compressed: ratio={ratio!r} with method='int8'; int8 sends every entry and takes no "
                              "ratio; expected ratio=None (or 0.0 / 1.0), or method='topk' to keep that share")
