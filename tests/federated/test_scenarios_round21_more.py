@@ -18,6 +18,8 @@ What this round found, fixed:
   attackers and ran unattacked without a word; refused naming ``malicious_fraction`` (``--malicious``).
 - *A CSV's first row with one bad value* (``0.5,,1.0,dog``) was dropped as a header; a header is now a first row none
   of whose features is a number.
+- *A file with no feature column* (``;``-separated, or labels only) trained a model of no inputs; refused naming
+  ``data_path``.
 """
 
 from __future__ import annotations
@@ -338,3 +340,15 @@ def test_client_side_dp_over_an_example_weighted_fedavg_warns_too_and_still_clip
     r = res.history.rounds[0]
     assert r.num_aggregated == 4
     assert all(m.get("norm_bit") == 1 for m in r.client_train.values()), r.client_train
+
+
+@pytest.mark.parametrize("rows", [[f"{i % 3};{i * 0.1};{i % 2}" for i in range(20)], [str(i % 2) for i in range(20)]],
+                         ids=["semicolons", "labels-only"])  # fmt: skip
+def test_a_csv_with_no_feature_column_is_refused(tmp_path, rows):
+    """A ';'-separated file (one value a row for the csv reader) became 0 features and 19 'classes' made of whole rows,
+    and a file of labels only a model with no inputs; both trained without a word. Refused naming data_path."""
+    with pytest.raises(ValueError, match="data_path=.*no feature columns"):
+        Task(dataset="file", data_path=_csv(tmp_path, rows), num_clients=2)
+    np.savez(tmp_path / "empty.npz", x=np.zeros((20, 0)), y=np.arange(20) % 2)
+    with pytest.raises(ValueError, match="data_path=.*no feature columns"):
+        Task(dataset="file", data_path=str(tmp_path / "empty.npz"), num_clients=2)
