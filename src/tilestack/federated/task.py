@@ -430,8 +430,8 @@ def _load_file_at(path: str, stamp: tuple[int, int] | None) -> tuple[np.ndarray,
     x = x.reshape(len(x), -1).astype(np.float32)
     if x.shape[1] == 0:  # a CSV of one value a row (';'-separated, or labels only) trained a model of no inputs
         raise ValueError(
-            f"Task: data_path={path!r} has no feature columns, only the label; expected at least one feature before the "
-            "label in each row (values separated by ',')"
+            f"Task: data_path={path!r} has no feature columns, only the label; expected at least one feature before "
+            "the label in each row (values separated by ',')"
         )
     if len(x) != len(y) or len(y) < 2:
         raise ValueError(f"Task: data_path={path!r} has {len(x)} rows of x and {len(y)} labels; expected equal, >= 2")
