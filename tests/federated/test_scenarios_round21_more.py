@@ -14,6 +14,8 @@ What this round found, fixed:
   noise_multiplier x clip / n (equal shares): a client with most of the examples is protected less than stated. No
   epsilon is claimed, so the run goes on (the aggregate is checked by hand here), but a warning now names
   ``weighted_by_key`` and the equal weight (``unit-weight``) that gives the stated guarantee.
+- *Two outputs on one file.* ``--out`` and ``--checkpoint`` (or ``--plot``) on one path overwrote each other; refused
+  naming both options.
 - *A share of attackers that makes none.* ``Task(malicious_fraction=0.1, num_clients=4)`` made round(0.4) = 0
   attackers and ran unattacked without a word; refused naming ``malicious_fraction`` (``--malicious``).
 - *A CSV's first row with one bad value* (``0.5,,1.0,dog``) was dropped as a header; a header is now a first row none
@@ -352,3 +354,14 @@ def test_a_csv_with_no_feature_column_is_refused(tmp_path, rows):
     np.savez(tmp_path / "empty.npz", x=np.zeros((20, 0)), y=np.arange(20) % 2)
     with pytest.raises(ValueError, match="data_path=.*no feature columns"):
         Task(dataset="file", data_path=str(tmp_path / "empty.npz"), num_clients=2)
+
+
+@pytest.mark.parametrize("a, b", [("--out", "--checkpoint"), ("--out", "--plot"), ("--plot", "--checkpoint")])
+def test_fl_run_refuses_two_of_its_outputs_on_one_file_before_any_round(tmp_path, a, b):
+    """``--out run.json --checkpoint run.json``: the history JSON overwrote the checkpoint, and the resume failed on a
+    JSON file; ``--plot`` over ``--out`` left a PNG for the history. Refused naming both options, nothing written."""
+    same = tmp_path / "same.file"
+    res = CliRunner().invoke(app, [*RUN, "--rounds", "1", a, str(same), b, str(tmp_path / "." / "same.file")],
+                             env={"COLUMNS": "200"})  # fmt: skip
+    assert res.exit_code != 0 and a in res.output and b in res.output, res.output
+    assert not same.exists()

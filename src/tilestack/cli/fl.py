@@ -139,6 +139,14 @@ def run(
     check_input("--trace", trace)
     check_output("--out", out)
     check_output("--plot", plot)
+    # two outputs on one file: --out over --checkpoint left a JSON where the resume looked for its checkpoint, and
+    # --plot over --out a PNG where the history was
+    files = [(opt, p) for opt, p in (("--out", out), ("--plot", plot), ("--checkpoint", checkpoint)) if p is not None]
+    for i, (opt_a, a) in enumerate(files):
+        for opt_b, b in files[i + 1 :]:
+            if a.resolve() == b.resolve():
+                raise typer.BadParameter(f"{opt_b} {b} is also {opt_a}: each would overwrite the other; expected "
+                                         "different files", param_hint=opt_b)  # fmt: skip
     check_output("--checkpoint", checkpoint)
     if per_round > clients:
         raise typer.BadParameter(f"per_round={per_round} > clients={clients}", param_hint="--per-round")
