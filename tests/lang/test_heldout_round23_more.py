@@ -45,56 +45,60 @@ MEDIAN9 = ((1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8
            (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2))
 
 
-@ts.kernel(grid=lambda X, B: (X.shape[0], ts.cdiv(X.shape[1], B), ts.cdiv(X.shape[2], B)))
-def median3x3(X, Y, *, B: int = 16):
+@ts.kernel(grid=lambda X, BH, BW: (X.shape[0], ts.cdiv(X.shape[1], BH), ts.cdiv(X.shape[2], BW)))
+def median3x3(X, Y, *, BH: int = 16, BW: int = 16):
     """Y (N, H, W) = the median of each pixel's 3x3 neighbourhood in X (N, H, W), edges replicated. The neighbour
-    (r + d, c) of tile i is row r + d of tile i, or of tile i + d across the edge: S(d)^T x_i + S(d - dB)^T x_(i+d)."""
+    (r + d, c) of tile i is row r + d of tile i, or of tile i + d across the edge: S(d)^T x_i + S(d - d BH)^T x_(i+d);
+    columns likewise from the right. Every product has one nonzero term, so the moved values are X's, exactly, and
+    stay in X's dtype."""
     n, i, j = ts.block_id(0), ts.block_id(1), ts.block_id(2)
     H, W = X.shape[1], X.shape[2]
-    sx = {(d, s): ts.SharedTile[X.dtype, B, B]() for d in (-1, 1) for s in (0, d)}    # row shifts, X's dtype
-    sf = {(d, s): ts.SharedTile[ts.f32, B, B]() for d in (-1, 1) for s in (0, d)}     # column shifts, f32
-    m = ts.RegTile[ts.f32, B, B]()
-    for (d, s), t in sx.items():
-        _shift_matrix(m, d - s * B, B)
-        ts.copy(t, m)
-        ts.copy(sf[d, s], m)
-    rows, cols = ts.RegVec[ts.i32, B](), ts.RegVec[ts.i32, B]()
-    ts.arange(rows, i * B)
-    ts.arange(cols, j * B)
-    edge = {k: ts.RegVec[ts.bool_, B]() for k in ("top", "bottom", "left", "right")}
+    sr = {(d, s): ts.SharedTile[X.dtype, BH, BH]() for d in (-1, 1) for s in (0, d)}   # row shifts
+    sc = {(d, s): ts.SharedTile[X.dtype, BW, BW]() for d in (-1, 1) for s in (0, d)}   # column shifts
+    mr, mc = ts.RegTile[ts.f32, BH, BH](), ts.RegTile[ts.f32, BW, BW]()
+    for d, s in sr:
+        _shift_matrix(mr, d - s * BH, BH)
+        ts.copy(sr[d, s], mr)
+        _shift_matrix(mc, d - s * BW, BW)
+        ts.copy(sc[d, s], mc)
+    rows, cols = ts.RegVec[ts.i32, BH](), ts.RegVec[ts.i32, BW]()
+    ts.arange(rows, i * BH)
+    ts.arange(cols, j * BW)
+    edge = {"top": ts.RegVec[ts.bool_, BH](), "bottom": ts.RegVec[ts.bool_, BH](),
+            "left": ts.RegVec[ts.bool_, BW](), "right": ts.RegVec[ts.bool_, BW]()}
     ts.eq(edge["top"], rows, 0)
     ts.eq(edge["bottom"], rows, H - 1)
     ts.eq(edge["left"], cols, 0)
     ts.eq(edge["right"], cols, W - 1)
-    x = {di: ts.SharedTile[X.dtype, B, B]() for di in (-1, 0, 1)}
-    v = {(dj, di): ts.SharedTile[ts.f32, B, B]() for dj in (-1, 0, 1) for di in (-1, 0, 1)}  # rows moved, per tile
-    c, acc = ts.RegTile[ts.f32, B, B](), ts.RegTile[ts.f32, B, B]()
+    x = {di: ts.SharedTile[X.dtype, BH, BW]() for di in (-1, 0, 1)}
+    v = {(dj, di): ts.SharedTile[X.dtype, BH, BW]() for dj in (-1, 0, 1) for di in (-1, 0, 1)}  # rows moved
+    c, acc = ts.RegTile[ts.f32, BH, BW](), ts.RegTile[ts.f32, BH, BW]()
     for dj in (-1, 0, 1):
         for di in (-1, 0, 1):
             ts.load(x[di], X, at=(n, i + di, j + dj))            # past an edge: zeros, replaced by the clamp
         ts.load(c, x[0])
-        ts.copy(v[dj, 0], c)
+        ts.copy(v[dj, 0], x[0])
         for d in (-1, 1):
             ts.zero(acc)
-            ts.mma_AtB(acc, sx[d, 0], x[0], acc)
-            ts.mma_AtB(acc, sx[d, d], x[d], acc)
+            ts.mma_AtB(acc, sr[d, 0], x[0], acc)
+            ts.mma_AtB(acc, sr[d, d], x[d], acc)
             ts.where(acc, ts.per_row(edge["top" if d < 0 else "bottom"]), c, acc)
             ts.copy(v[dj, d], acc)
-    p = [ts.RegTile[ts.f32, B, B]() for _ in range(9)]
+    p = [ts.RegTile[ts.f32, BH, BW]() for _ in range(9)]
     for di in (-1, 0, 1):
         centre = p[3 * (di + 1) + 1]
         ts.load(centre, v[0, di])
         for d in (-1, 1):
             out = p[3 * (di + 1) + 1 + d]
             ts.zero(out)
-            ts.mma_AB(out, v[0, di], sf[d, 0], out)
-            ts.mma_AB(out, v[d, di], sf[d, d], out)
+            ts.mma_AB(out, v[0, di], sc[d, 0], out)
+            ts.mma_AB(out, v[d, di], sc[d, d], out)
             ts.where(out, ts.per_col(edge["left" if d < 0 else "right"]), centre, out)
     for a, b in MEDIAN9:
         ts.min(acc, p[a], p[b])
         ts.max(p[b], p[a], p[b])
         ts.copy(p[a], acc)
-    y = ts.RegTile[Y.dtype, B, B]()
+    y = ts.RegTile[Y.dtype, BH, BW]()
     ts.copy(y, p[4])
     ts.store(Y, y, at=(n, i, j))
 
@@ -117,7 +121,7 @@ def test_median3x3_replicate(backend, dtype, N, H, W, rng):
     x[-1, 0, -1] = -big
     x = x.to(dtype)
     y = poisoned(N, H, W, dtype=dtype)
-    launch(median3x3, backend, x, y)
+    launch(median3x3, backend, x, y, BH=16, BW=8)
     assert torch.equal(y.double(), median_ref(x)), (y, median_ref(x))
 
 

@@ -12,7 +12,6 @@ from tilestack.backends.gluon.emitter import (
 )
 from tilestack.backends.gluon.passes import deferrable
 from tilestack.backends.python_dsl import literal, register_scalar_emitters
-from tilestack.errors import BackendError
 from tilestack.ir.nodes import Instr
 from tilestack.ir.ops import Op, register_emitter, work_dtype
 from tilestack.ir.types import (
@@ -133,9 +132,14 @@ def _e_cast(e: Emitter, ins: Instr) -> None:
         key = e.plan[ins.result]
         e.assign(ins.result, e.cast(f"{e.name(x)}.load({e.layout(key)})", src.dtype, dst.dtype))
         e.set_lay(ins.result, key)
-    else:
-        raise BackendError(f"{ins.where}: the gluon backend copies shared tiles through registers; cast a "
-                           f"{src} to a RegTile first")
+    else:                             # shared -> shared (a dtype cast, or a copy to write apart): through registers
+        key = ("blocked", *src.shape) if len(src.shape) == 2 else ("blocked1", *src.shape)
+        dt = GL_DTYPES[dst.dtype.name]
+        layout = SHARED_LAYOUT.format(list(dst.shape), dt)
+        regs = f"{e.name(x)}.load({e.layout(key)})"
+        e.assign(ins.result, f"gl.allocate_shared_memory({dt}, {list(dst.shape)}, {layout}, "
+                             f"{e.cast(regs, src.dtype, dst.dtype)})")
+        e.emit("hopper.fence_async_shared()")
 
 
 @register_emitter("gluon", Op.TRANSPOSE)
