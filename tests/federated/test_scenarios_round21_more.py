@@ -20,6 +20,7 @@ What this round found, fixed:
   attackers and ran unattacked without a word; refused naming ``malicious_fraction`` (``--malicious``).
 - *A CSV's first row with one bad value* (``0.5,,1.0,dog``) was dropped as a header; a header is now a first row none
   of whose features is a number.
+- *Blobs settings given to digits* (``num_classes=3``) were ignored; refused naming them.
 - *A file with no feature column* (``;``-separated, or labels only) trained a model of no inputs; refused naming
   ``data_path``.
 """
@@ -365,3 +366,12 @@ def test_fl_run_refuses_two_of_its_outputs_on_one_file_before_any_round(tmp_path
                              env={"COLUMNS": "200"})  # fmt: skip
     assert res.exit_code != 0 and a in res.output and b in res.output, res.output
     assert not same.exists()
+
+
+@pytest.mark.parametrize("name, value", [("num_classes", 3), ("num_features", 10), ("num_samples", 100),
+                                         ("separation", 0.1)])  # fmt: skip
+def test_blobs_generator_settings_given_to_digits_are_refused_naming_them(name, value):
+    """``Task(dataset="digits", num_classes=3)`` ran the ten digit classes, the setting ignored without a word; the
+    generated set's settings are refused with a pooled dataset, naming the argument."""
+    with pytest.raises(ValueError, match=rf"{name}={value!r} with dataset='digits'"):
+        Task(dataset="digits", num_clients=4, **{name: value})

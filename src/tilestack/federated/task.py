@@ -55,6 +55,10 @@ BLOB_SEPARATION = 1.5  # std of the class means, in units of the within-class st
 MAX_LOCAL_EPOCHS = 1e6   # local_epochs past this is a typo: its step count would overflow or never end
 
 
+# the settings of the generated Gaussian-mixture set, which a pooled dataset (digits, a file) does not read
+BLOBS_GENERATOR = ("num_samples", "num_features", "num_classes", "separation")
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
     """Everything a client needs to rebuild its data and model and to train, as plain values."""
@@ -248,6 +252,16 @@ class Task:
                 raise ValueError(f"Task: faults gives partition {pid} two faults, {kinds[pid]!r} and {kind!r}; "
                                  "expected at most one fault per partition")
             kinds[pid] = kind
+        # last: a setting's own errors (shards over more classes than digits has) are named first
+        if self.dataset in ("digits", "file"):  # a pooled set of its own size, features and classes
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for name in BLOBS_GENERATOR:
+                if getattr(self, name) != defaults[name]:  # (Task(dataset="digits", num_classes=3) ran 10 classes)
+                    raise ValueError(
+                        f"Task: {name}={getattr(self, name)!r} with dataset={self.dataset!r}, whose examples come as "
+                        f"they are (it was ignored); expected {name}={defaults[name]!r}, or dataset='blobs' to "
+                        "generate them"
+                    )
 
     # ---- serialisation -------------------------------------------------------------------------------
     def to_json(self) -> str:
