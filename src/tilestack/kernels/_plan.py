@@ -50,6 +50,7 @@ _NO_KEY = (TypeError, RuntimeError, NotImplementedError)
 
 
 _is_transformed = torch._C._functorch.is_functorch_wrapped_tensor
+_is_compiling = torch.compiler.is_dynamo_compiling     # Dynamo tracing (not its backends, nor AOT tracing)
 
 
 def _arguments(plan: Callable, args: tuple, kwargs: dict):
@@ -84,6 +85,15 @@ def refuse_transformed(fn: str, plan: Callable, args: tuple, kwargs: dict) -> No
                           "ops, tilestack.attention), which take torch.func's reverse-mode transforms and vmap")
 
 
+def _outside_graph(call: Callable, fn: str) -> Callable:
+    """``call`` for Dynamo to call without tracing it: under ``torch.compile`` a graph break (an error under
+    fullgraph=True) whose reason names ``fn``; the eager call is unchanged."""
+    return torch.compiler.disable(call, reason=(
+        f"tilestack.kernels.{fn} is a kernel function run eagerly on plain tensors, outside a compiled graph; "
+        "inside one use tilestack's differentiable ops (tilestack.torch.ops, tilestack.attention, "
+        "tilestack.scaled_dot_product_attention), which are torch custom ops"))
+
+
 def planned(plan: Callable | None = None, *, name: str | None = None) -> Callable:
     """Decorator: ``plan(*args, **kwargs)`` checks everything and returns ``run(*args, **kwargs)``; the
     decorated function plans once per ``plan_key`` and runs every time. Tensors of torch.func's transforms and
@@ -98,6 +108,8 @@ def planned(plan: Callable | None = None, *, name: str | None = None) -> Callabl
 
     @functools.wraps(plan)
     def call(*args, **kwargs):
+        if _is_compiling():    # traced by Dynamo: a graph break into the eager call (the reason names the function)
+            return outside_graph(*args, **kwargs)
         try:
             key = plan_key(args, kwargs)
             run = cache.get(key)
@@ -122,6 +134,10 @@ def planned(plan: Callable | None = None, *, name: str | None = None) -> Callabl
             run = remember(cache, key, plan(*args, **kwargs))
         return run
 
+    # Dynamo traced into the plan (the key, the checks, the reference executor) and failed on a functorch builtin,
+    # which broke torch.compile(fullgraph=True) of any caller with a message naming no tilestack function, and
+    # without fullgraph recompiled the executor's lambdas past Dynamo's limit: the call is opaque to Dynamo instead
+    outside_graph = _outside_graph(call, fn)
     call.plans = cache
     call.plan_for = plan_for
     return call
@@ -206,8 +222,11 @@ def no_backward(fn: str) -> Callable:
     def wrap(function: Callable) -> Callable:
         @functools.wraps(function)
         def call(*args, **kwargs):
+            if _is_compiling():     # traced by Dynamo: opaque to it, named by the public function (``planned``)
+                return outside_graph(*args, **kwargs)
             if torch.is_grad_enabled() and _requires_grad(args, kwargs):
                 return _recorded(fn, function)(*args, **kwargs)
             return function(*args, **kwargs)
+        outside_graph = _outside_graph(call, fn)
         return call
     return wrap
