@@ -181,8 +181,14 @@ def _gathered_bytes(func: Any, args: tuple, kwargs: dict, table_arg: str, index_
         row = table.numel() // max(table.shape[dim], 1) if table.dim() else 1
     else:
         row = table.shape[-1] if table.dim() else 1
-    bag = "embedding_bag" in str(func._overloadpacket)  # an EmbeddingBag's padding entries read no row
-    rows = min((counting_rules.bag_entries(func, args, kwargs) if bag else index.numel()) * row, table.numel())
+    name = str(func._overloadpacket)
+    if "embedding_bag" in name:  # an EmbeddingBag's padding entries read no row
+        looked_up = counting_rules.bag_entries(func, args, kwargs)
+    elif name.startswith("aten.nll_loss"):  # nor do NLL's ignored targets (ignore_index)
+        looked_up = counting_rules.nll_targets(func, args, kwargs)
+    else:
+        looked_up = index.numel()
+    rows = min(looked_up * row, table.numel())
     # at most what the table holds: a gather from an expanded view reads its held elements, not the view's
     return min(rows * table.element_size(), _held_bytes(table)) + _nbytes([index]) + _nbytes(others)
 
@@ -310,6 +316,23 @@ BIAS_SLOTS_UNREAD_WITHOUT_BIAS: dict[str, tuple[str, ...]] = {
 }
 
 
+# masked_scatter takes the first mask.sum() elements of ``source`` in order, however large source is (profiler round
+# 21: a source the size of the destination, the usual way it is built, was charged whole for a sparse mask)
+MASKED_SCATTERS = ("aten.masked_scatter", "aten.masked_scatter_")
+
+
+def _masked_source_bytes(func: Any, args: tuple, kwargs: dict) -> float:
+    """Bytes of ``source`` a masked_scatter reads: one element per true element of the mask broadcast over ``self``
+    (all of source on meta, where the mask has no values)."""
+    import torch
+
+    dest, mask, source = (_argument(func, args, kwargs, a) for a in ("self", "mask", "source"))
+    if mask.device.type == "meta":
+        return _held_bytes(source)
+    taken = int(torch.broadcast_to(mask, torch.broadcast_shapes(mask.shape, dest.shape)).sum())
+    return min(taken * source.element_size(), _held_bytes(source))
+
+
 def op_bytes(func: Any, args: tuple, kwargs: dict, out: Any, ins: list, outs: list) -> tuple[float, float]:
     """(bytes read, bytes written) of one call that moves data: ``ins`` its tensor arguments, ``outs`` what it
     wrote (its outputs, or the arguments an in-place op that returns nothing writes)."""
@@ -328,6 +351,10 @@ def op_bytes(func: Any, args: tuple, kwargs: dict, out: Any, ins: list, outs: li
     if name in BIAS_SLOTS_UNREAD_WITHOUT_BIAS and not _argument(func, args, kwargs, "has_biases"):
         unread = [_argument(func, args, kwargs, slot) for slot in BIAS_SLOTS_UNREAD_WITHOUT_BIAS[name]]
         ins = [t for t in ins if not any(t is u for u in unread)]
+    masked_source = 0.0
+    if name in MASKED_SCATTERS:
+        source = _argument(func, args, kwargs, "source")
+        ins, masked_source = [t for t in ins if t is not source], _masked_source_bytes(func, args, kwargs)
     gathered, scattered = GATHERS.get(name), SCATTERS_IN_PLACE.get(name)
     sparse = counting_optim.sparse_into_dense(func, args, kwargs)  # dense.add_(sparse): the rows it touches
     if scattered is not None or (sparse is not None and sparse[1] is not None):
@@ -340,4 +367,4 @@ def op_bytes(func: Any, args: tuple, kwargs: dict, out: Any, ins: list, outs: li
     else:
         read = _nbytes(ins) if gathered is None else _gathered_bytes(func, args, kwargs, *gathered)
         written = _nbytes(outs)
-    return read + _packed_bytes((args, kwargs)), written
+    return read + masked_source + _packed_bytes((args, kwargs)), written

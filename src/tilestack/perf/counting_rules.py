@@ -184,6 +184,21 @@ def bag_entries(func: Any, args: tuple, kwargs: dict) -> int:
     return int((indices != padding).sum())
 
 
+def nll_targets(func: Any, args: tuple, kwargs: dict) -> int:
+    """Targets an NLL op (forward or backward) picks a log-probability for: those that are not its ``ignore_index``
+    (the kernels skip those: a padded batch's pad tokens add nothing to the loss, nor get a gradient; profiler round
+    21: a language model's loss over a batch of mostly padding was charged every pad token)."""
+    target, ignore = _argument(func, args, kwargs, "target"), _argument(func, args, kwargs, "ignore_index")
+    if ignore is None or target.device.type == "meta":  # meta: no values to compare
+        return target.numel()
+    return int((target != ignore).sum())
+
+
+def _nll_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """NLL forward and backward: one per target that is not ignored (``nll_targets``)."""
+    return float(formulas.NLL_FLOPS_PER_TARGET * nll_targets(func, args, kwargs))
+
+
 def _embedding_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     """embedding_dense_backward: each looked-up token's gradient row added into its row of the table, but for the
     tokens at ``padding_idx`` (nn.Embedding(padding_idx=...): a padded batch's pad tokens add nothing)."""
@@ -359,6 +374,22 @@ def _scatter_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     if _argument(func, args, kwargs, "reduce") is None:
         return 0.0
     return float(_numel(_argument(func, args, kwargs, "index")))
+
+
+def _reduce_into_flops(source: str, counted_by: str) -> Rule:
+    """scatter_add / scatter_reduce / index_reduce: one add (or multiply, compare) per element ``counted_by`` takes
+    from ``source`` (a scatter's index: only the elements of ``src`` under it are used, its shape may be smaller;
+    index_reduce's source: one slice per index), per real part of a complex one; reduce="mean" then divides every
+    element of the result by its count (profiler round 21: a GNN's scatter over an index narrower than its messages
+    was charged all of ``src``, and a mean aggregation was counted as a sum)."""
+
+    def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        t, taken = _argument(func, args, kwargs, source), _argument(func, args, kwargs, counted_by)
+        adds = _numel(taken) * (formulas.COMPLEX_ELEMENT_OVER_REAL if t.is_complex() else 1)
+        mean = _argument(func, args, kwargs, "reduce") == "mean"
+        return float(adds + (_numel(_argument(func, args, kwargs, "self")) if mean else 0))
+
+    return count
 
 
 def _avg_pool_backward_flops(dims: int) -> Rule:
@@ -607,12 +638,12 @@ LAYER_FLOPS: dict[str, Rule] = {
     "aten.mkldnn_rnn_layer_backward": _rnn_layer_backward_flops,
     "aten.index_add": _accumulate_flops("source"),
     "aten.index_add_": _accumulate_flops("source"),
-    "aten.scatter_add": _accumulate_flops("src"),
-    "aten.scatter_add_": _accumulate_flops("src"),
-    "aten.scatter_reduce": _accumulate_flops("src"),
-    "aten.scatter_reduce_": _accumulate_flops("src"),
-    "aten.index_reduce": _accumulate_flops("source"),
-    "aten.index_reduce_": _accumulate_flops("source"),
+    "aten.scatter_add": _reduce_into_flops("src", "index"),
+    "aten.scatter_add_": _reduce_into_flops("src", "index"),
+    "aten.scatter_reduce": _reduce_into_flops("src", "index"),
+    "aten.scatter_reduce_": _reduce_into_flops("src", "index"),
+    "aten.index_reduce": _reduce_into_flops("source", "source"),
+    "aten.index_reduce_": _reduce_into_flops("source", "source"),
     "aten.embedding_dense_backward": _embedding_backward_flops,
     "aten._embedding_bag": _embedding_bag_flops,
     "aten._embedding_bag_forward_only": _embedding_bag_flops,
@@ -650,7 +681,7 @@ LAYER_FLOPS: dict[str, Rule] = {
     "aten.binary_cross_entropy": _per_element("self", formulas.BCE_FLOPS_PER_ELEMENT),
     "aten.binary_cross_entropy_backward": _per_element("self", formulas.BCE_BWD_FLOPS_PER_ELEMENT),
     "aten.binary_cross_entropy_with_logits": _per_element("self", formulas.BCE_LOGITS_FLOPS_PER_ELEMENT),
-    **{f"aten.{nll}": _per_element("target", formulas.NLL_FLOPS_PER_TARGET) for nll in (
+    **{f"aten.{nll}": _nll_flops for nll in (
         "nll_loss_forward", "nll_loss_backward", "nll_loss2d_forward", "nll_loss2d_backward",
     )},
     **{f"aten.upsample_{mode}": _interpolation_flops(taps, backward=False)

@@ -26,7 +26,7 @@ from typing import Any
 
 from tilestack.errors import TilestackError
 from tilestack.perf import formulas
-from tilestack.perf.roofline import Placement, Roof, place
+from tilestack.perf.roofline import LATENCY_BOUND_S, Placement, Roof, place
 from tilestack.perf.timing import (
     DEFAULT_BUDGET_S,
     DEFAULT_TARGET_REL_CI,
@@ -312,7 +312,10 @@ def compute_metrics(
     for arg, value, kind in (("device", device, "the device's name, a str"),
                              ("device_kind", device_kind, "'cuda', 'cpu' or '' (read off the device's name)"),
                              ("dtype", dtype, "a dtype's short name (formulas.dtype_name), or None")):
-        if not isinstance(value, str) and not (arg == "dtype" and value is None):   # (stored as given)
+        # (stored as given; a device kind of no device, "tpu" or "CPU", was stored and failed every later
+        # placement of the row, its to_row() and reports included: profiler round 21)
+        if (not isinstance(value, str) and not (arg == "dtype" and value is None)) or (
+                arg == "device_kind" and value not in (*LATENCY_BOUND_S, "")):
             raise MetricsError(f"{arg}={value!r} ({type(value).__name__}) for {name!r}; expected {kind}")
     from tilestack.perf.energy import EnergySample
     for arg, value, cls, what in (("timing", timing, Timing, "a Timing"),
