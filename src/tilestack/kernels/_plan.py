@@ -89,7 +89,7 @@ def _outside_graph(call: Callable, fn: str) -> Callable:
     """``call`` for Dynamo to call without tracing it: under ``torch.compile`` a graph break (an error under
     fullgraph=True) whose reason names ``fn``; the eager call is unchanged."""
     return torch.compiler.disable(call, reason=(
-        f"tilestack.kernels.{fn} is a kernel function run eagerly on plain tensors, outside a compiled graph; "
+        f"tilestack's kernel function {fn} runs eagerly on plain tensors, outside a compiled graph; "
         "inside one use tilestack's differentiable ops (tilestack.torch.ops, tilestack.attention, "
         "tilestack.scaled_dot_product_attention), which are torch custom ops"))
 
