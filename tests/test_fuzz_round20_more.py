@@ -240,3 +240,24 @@ def test_kernel_functions_under_torch_func_refused_by_name(transform):
             torch.func.vmap(lambda t: K.gemm(t, b))(a)
         else:
             torch.func.grad(lambda t: K.gemm(t.bfloat16(), b).float().sum())(a[0].float())
+
+
+# ---- int8 / fp8 quantized GEMMs: the same epilogue ---------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_quantized_linear_epilogue_on_views_matches_float64(mode, act, backend):
+    """x at a storage offset, q a transposed copy's transpose (its own strides), scale and bias strided, residual
+    transposed: y = act(x @ (q * scale)^T + bias) + residual against float64 of the dequantized weight."""
+    from tilestack.quant.gemm import quantized_linear, quantize_weight
+
+    q, s = quantize_weight(randn(60, 6, 7), mode)
+    q = q.t().contiguous().t()
+    s = torch.stack([s, s], 1).flatten()[::2]
+    x = randn(61, 40)[3:38].view(5, 7)
+    bias = randn(62, 12)[::2]
+    res = randn(63, 6, 5).t()
+    want = ACTS[act](x.double() @ (q.double() * s.double()[:, None]).T + bias.double()) + res.double()
+    with config.override(backend=backend), poisoned_allocations():
+        got = quantized_linear(x, q, s, bias, activation=act, residual=res)
+    close(got, want, 1e-5, f"{mode} {act} {backend}")
