@@ -249,7 +249,7 @@ def test_kernel_functions_under_torch_func_refused_by_name(transform):
 def test_quantized_linear_epilogue_on_views_matches_float64(mode, act, backend):
     """x at a storage offset, q a transposed copy's transpose (its own strides), scale and bias strided, residual
     transposed: y = act(x @ (q * scale)^T + bias) + residual against float64 of the dequantized weight."""
-    from tilestack.quant.gemm import quantized_linear, quantize_weight
+    from tilestack.quant.gemm import quantize_weight, quantized_linear
 
     q, s = quantize_weight(randn(60, 6, 7), mode)
     q = q.t().contiguous().t()
