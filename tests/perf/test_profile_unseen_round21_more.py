@@ -12,6 +12,8 @@ What this round found (each pinned by the test whose docstring says so):
   the divide of each result element by its count (counting_rules._reduce_into_flops);
 - masked_scatter was charged reading all of ``source``, though it takes mask.sum() elements of it
   (counting_bytes._masked_source_bytes);
+- torch.unique (a sort of its elements and a neighbour compare) and unique_consecutive were counted 0 FLOPs as data
+  movement (counting_rules._unique_flops; counting.NO_ARITHMETIC);
 - compute_metrics(device_kind="tpu") (or "CPU") was accepted and stored; every later placement of the Measurement
   (its to_row(), the reports) then failed in roofline.place; now refused naming ``device_kind`` (metrics.py).
 """
@@ -234,6 +236,22 @@ def test_sort_argsort_topk_by_compares():
         assert (row.bytes_read, row.bytes_written) == (ROWS * LEN * F32, ROWS * LEN * (F32 + I64))
     top = one_row(count_ops(lambda: torch.topk(x, 3, -1)), "aten::topk")
     assert top.flops == ROWS * LEN and top.bytes_written == ROWS * 3 * (F32 + I64)
+
+
+UNIQUE_IN = [3, 1, 2, 3, 1, 0, 7, 7]
+
+
+def test_unique_is_a_sort_not_a_copy():
+    """torch.unique (sorted, its default) sorts its n = 8 elements, n * ceil(log2 n) = 24 compares as sort is counted,
+    and compares each with its neighbour (8): 32; sorted=False on the CPU probes a hash set once per element (8);
+    unique_consecutive compares neighbours alone (8). Before round 21 each was counted 0 FLOPs as data movement."""
+    x = torch.tensor(UNIQUE_IN)
+    n = len(UNIQUE_IN)
+    for fn in (lambda: torch.unique(x), lambda: torch.unique(x, return_inverse=True, return_counts=True)):
+        row = one_row(count_ops(fn), "aten::_unique2")
+        assert row.flops == n * math.ceil(math.log2(n)) + n == 32 and not row.unsupported
+    assert one_row(count_ops(lambda: torch.unique(x, sorted=False)), "aten::_unique2").flops == n
+    assert one_row(count_ops(lambda: torch.unique_consecutive(x)), "aten::unique_consecutive").flops == n
 
 
 def test_cumsum_ragged_offsets():

@@ -524,6 +524,18 @@ def _sorted_compares(n: int) -> int:
     return n * math.ceil(math.log2(n)) if n > 1 else 0
 
 
+def _unique_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """torch.unique: sorted (its default; a GPU always sorts) a comparison sort of the n elements, as sort is
+    counted, and a compare of each with its neighbour to drop repeats; unsorted on the CPU (a hash set) one probe per
+    element; unique_consecutive the neighbour compares alone (profiler round 21: each was counted 0 FLOPs as a copy,
+    though a unique of a million ids is a sort of a million)."""
+    n = _numel(_argument(func, args, kwargs, "self"))
+    if str(func._overloadpacket) == "aten.unique_consecutive":
+        return float(n)
+    hashed = _argument(func, args, kwargs, "sorted") is False and _argument(func, args, kwargs, "self").is_cpu
+    return float(n if hashed else _sorted_compares(n) + n)
+
+
 def _isin_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     """isin (each element's membership in test_elements; a scalar side counts as one element): torch picks by numpy's
     rule. Fewer than 10 * E^0.145 test elements: each of the E elements compared with each of the T (E * T). Else by
@@ -658,6 +670,7 @@ LAYER_FLOPS: dict[str, Rule] = {
     "aten.segment_reduce": _accumulate_flops("data"),
     "aten._segment_reduce_backward": _segment_reduce_backward_flops,
     "aten.isin": _isin_flops,
+    **{f"aten.{op}": _unique_flops for op in ("_unique", "_unique2", "unique_consecutive")},
     "aten.put": _index_put_flops,
     "aten.put_": _index_put_flops,
     "aten.index_put": _index_put_flops,
