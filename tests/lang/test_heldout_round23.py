@@ -11,6 +11,10 @@ load_scalar and the diagonal tiles stored through a mask (the upper triangle lef
 clamped by eps as F.cosine_similarity does; and pixel shuffle / unshuffle written as tile copies between a
 (N, C, r, r, H, W) view and a permuted view of the output whose last stride is r (no unit stride) in every dtype.
 More kernels of this round are in test_heldout_round23_more.py.
+
+What this round found (test_heldout_round23_hw.py's docstring has the details): no kernel gave a wrong answer on
+either executor; the Gluon backend refused a shared -> shared tile copy that both executors run (fixed), and ptxas
+serializes the wgmma of the Gluon cosine Gram kernel (open, xfailed there).
 """
 
 import math
