@@ -368,10 +368,15 @@ def test_fl_run_refuses_two_of_its_outputs_on_one_file_before_any_round(tmp_path
     assert not same.exists()
 
 
-@pytest.mark.parametrize("name, value", [("num_classes", 3), ("num_features", 10), ("num_samples", 100),
-                                         ("separation", 0.1)])  # fmt: skip
-def test_blobs_generator_settings_given_to_digits_are_refused_naming_them(name, value):
-    """``Task(dataset="digits", num_classes=3)`` ran the ten digit classes, the setting ignored without a word; the
-    generated set's settings are refused with a pooled dataset, naming the argument."""
-    with pytest.raises(ValueError, match=rf"{name}={value!r} with dataset='digits'"):
-        Task(dataset="digits", num_clients=4, **{name: value})
+@pytest.mark.parametrize("dataset, name, value", [
+    ("digits", "num_classes", 3), ("digits", "num_features", 10), ("digits", "num_samples", 100),
+    ("digits", "separation", 0.1), ("synthetic", "num_classes", 3), ("synthetic", "num_features", 5),
+    ("clustered", "num_samples", 100), ("clustered", "separation", 0.5)])  # fmt: skip
+def test_blobs_generator_settings_given_to_another_dataset_are_refused_naming_them(dataset, name, value):
+    """``Task(dataset="digits", num_classes=3)`` ran the ten digit classes (Synthetic its 10 classes and 60 features),
+    the setting ignored without a word; refused naming the argument and the dataset. The clustered task reads its
+    num_features and num_classes, so those are taken."""
+    with pytest.raises(ValueError, match=rf"{name}={value!r} with dataset='{dataset}'"):
+        Task(dataset=dataset, num_clients=4, **{name: value})
+    t = Task(dataset="clustered", num_clients=4, num_features=5, num_classes=3)
+    assert (t.features, t.classes) == (5, 3)

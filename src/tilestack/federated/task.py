@@ -55,8 +55,12 @@ BLOB_SEPARATION = 1.5  # std of the class means, in units of the within-class st
 MAX_LOCAL_EPOCHS = 1e6   # local_epochs past this is a typo: its step count would overflow or never end
 
 
-# the settings of the generated Gaussian-mixture set, which a pooled dataset (digits, a file) does not read
+# the settings of the generated Gaussian-mixture set that other datasets do not read: a pooled set (digits, a file)
+# has its own size, features and classes, Synthetic(alpha, beta) its 60 features and 10 classes, and the clustered
+# task its samples_per_client and its teachers
 BLOBS_GENERATOR = ("num_samples", "num_features", "num_classes", "separation")
+UNREAD_BLOBS_SETTINGS = {"digits": BLOBS_GENERATOR, "file": BLOBS_GENERATOR, "synthetic": BLOBS_GENERATOR,
+                         "clustered": ("num_samples", "separation")}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,15 +257,13 @@ class Task:
                                  "expected at most one fault per partition")
             kinds[pid] = kind
         # last: a setting's own errors (shards over more classes than digits has) are named first
-        if self.dataset in ("digits", "file"):  # a pooled set of its own size, features and classes
-            defaults = {f.name: f.default for f in dataclasses.fields(self)}
-            for name in BLOBS_GENERATOR:
-                if getattr(self, name) != defaults[name]:  # (Task(dataset="digits", num_classes=3) ran 10 classes)
-                    raise ValueError(
-                        f"Task: {name}={getattr(self, name)!r} with dataset={self.dataset!r}, whose examples come as "
-                        f"they are (it was ignored); expected {name}={defaults[name]!r}, or dataset='blobs' to "
-                        "generate them"
-                    )
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in UNREAD_BLOBS_SETTINGS.get(self.dataset, ()):
+            if getattr(self, name) != defaults[name]:  # (Task(dataset="digits", num_classes=3) ran 10 classes)
+                raise ValueError(
+                    f"Task: {name}={getattr(self, name)!r} with dataset={self.dataset!r}, which does not read it (it "
+                    f"was ignored); expected {name}={defaults[name]!r}, or dataset='blobs' to generate the examples"
+                )
 
     # ---- serialisation -------------------------------------------------------------------------------
     def to_json(self) -> str:
