@@ -14,6 +14,8 @@ What this round found (each pinned by the test whose docstring says so):
   (counting_bytes._masked_source_bytes);
 - torch.unique (a sort of its elements and a neighbour compare) and unique_consecutive were counted 0 FLOPs as data
   movement (counting_rules._unique_flops; counting.NO_ARITHMETIC);
+- torch.round(x, decimals=d) (a scale, the round, the unscale) was counted as a plain round, 1 per element
+  (counting_rules._round_flops, formulas.ROUND_DECIMALS_FLOPS_PER_ELEMENT);
 - compute_metrics(device_kind="tpu") (or "CPU") was accepted and stored; every later placement of the Measurement
   (its to_row(), the reports) then failed in roofline.place; now refused naming ``device_kind`` (metrics.py).
 """
@@ -279,6 +281,20 @@ def test_fake_quantize_round_clamp():
     assert c.flops == formulas.FAKE_QUANT_FLOPS_PER_ELEMENT * 100 and c.bytes_read == 100 * F32 + 4 * F32 + 4 * 4
     assert one_row(count_ops(lambda: torch.round(x)), "aten::round").flops == 100
     assert one_row(count_ops(lambda: torch.clamp(x, -1, 1)), "aten::clamp").flops == 100
+
+
+@pytest.mark.parametrize("fn,op,per_element", [
+    (lambda x: torch.round(x), "aten::round", 1),
+    (lambda x: torch.round(x, decimals=0), "aten::round", 1),
+    (lambda x: torch.round(x, decimals=2), "aten::round", formulas.ROUND_DECIMALS_FLOPS_PER_ELEMENT),
+    (lambda x: x.clone().round_(decimals=-1), "aten::round_", formulas.ROUND_DECIMALS_FLOPS_PER_ELEMENT),
+])
+def test_round_to_decimals_scales_rounds_and_unscales(fn, op, per_element):
+    """torch.round(x, decimals=d) is x * 10^d, the round and / 10^d: 3 per element (before round 21: 1, as a plain
+    round); a plain round (or decimals=0) 1."""
+    x = torch.randn(10)
+    row = one_row(count_ops(lambda: fn(x)), op)
+    assert row.flops == per_element * 10 and (row.bytes_read, row.bytes_written) == (10 * F32, 10 * F32)
 
 
 # --- a training step with gradient clipping and an LR scheduler ----------------------------------------------------

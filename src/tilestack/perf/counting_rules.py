@@ -524,6 +524,14 @@ def _sorted_compares(n: int) -> int:
     return n * math.ceil(math.log2(n)) if n > 1 else 0
 
 
+def _round_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """torch.round: one per element; to ``decimals`` places a scale, the round and the unscale (profiler round 21:
+    quantization-style rounding to 2 places was counted as a plain round)."""
+    decimals = _argument(func, args, kwargs, "decimals")
+    per_element = formulas.ROUND_DECIMALS_FLOPS_PER_ELEMENT if decimals else 1
+    return float(per_element * _numel(_tensors(out)[0]))
+
+
 def _unique_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     """torch.unique: sorted (its default; a GPU always sorts) a comparison sort of the n elements, as sort is
     counted, and a compare of each with its neighbour to drop repeats; unsorted on the CPU (a hash set) one probe per
@@ -671,6 +679,8 @@ LAYER_FLOPS: dict[str, Rule] = {
     "aten._segment_reduce_backward": _segment_reduce_backward_flops,
     "aten.isin": _isin_flops,
     **{f"aten.{op}": _unique_flops for op in ("_unique", "_unique2", "unique_consecutive")},
+    "aten.round": _round_flops,
+    "aten.round_": _round_flops,
     "aten.put": _index_put_flops,
     "aten.put_": _index_put_flops,
     "aten.index_put": _index_put_flops,

@@ -151,6 +151,7 @@ RNN_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 # c2r); a multi-dimensional transform over N = n1 * n2 * ... points is that of N. A normalised transform (an
 # inverse's 1/N, "ortho"'s 1/sqrt(N)) adds a multiply per real value of its output.
 FFT_FLOPS_PER_POINT_LOG2 = 5
+ROUND_DECIMALS_FLOPS_PER_ELEMENT = 3  # torch.round(x, decimals=d): x * 10^d, round, / 10^d
 # Fake quantization (quantization-aware training), per element: quantize (scale, round, clamp) and dequantize, each
 # counted as one element-wise op as quantize_per_tensor and dequantize are; a fused observer's min-max pass one
 # compare per element (as aminmax, the unfused observer's op, is counted). A learnable fake quantizer's backward
