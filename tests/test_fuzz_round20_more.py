@@ -261,3 +261,29 @@ def test_quantized_linear_epilogue_on_views_matches_float64(mode, act, backend):
     with config.override(backend=backend), poisoned_allocations():
         got = quantized_linear(x, q, s, bias, activation=act, residual=res)
     close(got, want, 1e-5, f"{mode} {act} {backend}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_zero_stride_expanded_inputs_match_float64_and_an_expanded_out_is_refused(backend):
+    """Inputs that are expand()ed views (stride 0: every row the same memory): read as torch reads them; an
+    expanded ``out`` (its stores would race) refused by name before any work."""
+    a1, b = randn(70, 1, 7, dtype=torch.bfloat16), randn(71, 7, 6, dtype=torch.bfloat16)
+    a, res, bias = a1.expand(5, 7), randn(72, 1, 6).expand(5, 6), randn(73, 1).expand(6)
+    x1, w = randn(74, 1, 16), randn(75, 16)
+    with config.override(backend=backend), poisoned_allocations():
+        got = K.gemm(a, b, bias=bias, activation="gelu", residual=res, out_dtype=torch.float32)
+        y, h = ops.add_rms_norm(randn(76, 4, 16), x1.expand(4, 16), w)
+        leaf = x1.clone().requires_grad_()
+        z = ops.layer_norm(leaf.expand(4, 16), w, w)
+        z.pow(2).sum().backward()
+        with pytest.raises(LaunchError, match="out has shape"):
+            K.gemm(a, b, out=torch.empty(1, 6, dtype=torch.bfloat16).expand(5, 6))
+    close(got, F.gelu(a.double() @ b.double() + bias.double()) + res.double(), 1e-5, "gemm")
+    hh = randn(76, 4, 16).double() + x1.double()
+    close(y, F.rms_norm(hh, (16,), w.double(), 1e-6), 2e-5, "add_rms_norm y")
+    close(h, hh, 1e-6, "add_rms_norm h")
+    ref = x1.double().requires_grad_()
+    zw = F.layer_norm(ref.expand(4, 16), (16,), w.double(), w.double(), 1e-5)
+    zw.pow(2).sum().backward()
+    close(z, zw.detach(), 2e-5, "layer_norm")
+    close(leaf.grad, ref.grad, 1e-4, "layer_norm grad through expand")
