@@ -10,8 +10,9 @@ What this round found (each pinned by the test whose docstring says so):
 - scatter_add / scatter_reduce were charged one add per element of ``src``, though they take only the elements under
   ``index`` (whose shape may be smaller); reduce="mean" (scatter_reduce, index_reduce) was counted as a sum, without
   the divide of each result element by its count (counting_rules._reduce_into_flops);
-- masked_scatter was charged reading all of ``source``, though it takes mask.sum() elements of it
-  (counting_bytes._masked_source_bytes);
+- masked_scatter was charged reading all of ``source``, though it takes mask.sum() elements of it; in place it was
+  charged reading and writing all of ``self``, though it writes the masked elements alone
+  (counting_bytes._masked_scatter_bytes);
 - torch.unique (a sort of its elements and a neighbour compare) and unique_consecutive were counted 0 FLOPs as data
   movement (counting_rules._unique_flops; counting.NO_ARITHMETIC);
 - torch.round(x, decimals=d) (a scale, the round, the unscale) was counted as a plain round, 1 per element
@@ -165,13 +166,18 @@ MASK = [[True, False, False, True, False]]  # broadcast over 4 rows: 8 elements 
 
 def test_masked_scatter_reads_the_source_elements_it_takes():
     """masked_scatter over a (4, 5) destination with a (1, 5) mask broadcast to 8 true elements reads self, the
-    mask (bool) and 8 of the 20 source elements (before round 21: all 20); writes its (4, 5) result; no FLOPs."""
+    mask (bool) and 8 of the 20 source elements (before round 21: all 20); writes its (4, 5) result; no FLOPs. In
+    place (masked_scatter_) it reads the mask and those 8 source elements and writes the 8 it takes, as an index_put_
+    (before round 21: self read and written whole)."""
     mask, src = torch.tensor(MASK), torch.randn(4, 5)
-    for op, fn in (("aten::masked_scatter", lambda: torch.zeros(4, 5).masked_scatter(mask, src)),
-                   ("aten::masked_scatter_", lambda: torch.zeros(4, 5).masked_scatter_(mask, src))):
-        row = one_row(count_ops(fn), op)
-        assert row.flops == 0 and not row.unsupported
-        assert row.bytes_read == 20 * F32 + 5 * BOOL + 8 * F32, op
+    row = one_row(count_ops(lambda: torch.zeros(4, 5).masked_scatter(mask, src)), "aten::masked_scatter")
+    assert row.flops == 0 and not row.unsupported
+    assert (row.bytes_read, row.bytes_written) == (20 * F32 + 5 * BOOL + 8 * F32, 20 * F32)
+    dest = torch.zeros(4, 5)
+    row = one_row(count_ops(lambda: dest.masked_scatter_(mask, src)), "aten::masked_scatter_")
+    assert row.flops == 0 and not row.unsupported
+    assert (row.bytes_read, row.bytes_written) == (5 * BOOL + 8 * F32, 8 * F32)
+    assert torch.equal(dest[mask.expand(4, 5)], src.flatten()[:8])  # the first 8 source elements, in order
 
 
 def test_masked_select_reads_what_it_returns():

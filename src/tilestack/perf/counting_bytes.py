@@ -317,20 +317,32 @@ BIAS_SLOTS_UNREAD_WITHOUT_BIAS: dict[str, tuple[str, ...]] = {
 
 
 # masked_scatter takes the first mask.sum() elements of ``source`` in order, however large source is (profiler round
-# 21: a source the size of the destination, the usual way it is built, was charged whole for a sparse mask)
+# 21: a source the size of the destination, the usual way it is built, was charged whole for a sparse mask); in place
+# it neither reads the destination nor writes where the mask is false, as index_put_ (round 21: charged both whole)
 MASKED_SCATTERS = ("aten.masked_scatter", "aten.masked_scatter_")
 
 
-def _masked_source_bytes(func: Any, args: tuple, kwargs: dict) -> float:
-    """Bytes of ``source`` a masked_scatter reads: one element per true element of the mask broadcast over ``self``
-    (all of source on meta, where the mask has no values)."""
+def _masked_elements(func: Any, args: tuple, kwargs: dict) -> int | None:
+    """True elements of a masked_scatter's mask broadcast over ``self``; None on meta (the mask has no values)."""
     import torch
 
-    dest, mask, source = (_argument(func, args, kwargs, a) for a in ("self", "mask", "source"))
+    dest, mask = _argument(func, args, kwargs, "self"), _argument(func, args, kwargs, "mask")
     if mask.device.type == "meta":
-        return _held_bytes(source)
-    taken = int(torch.broadcast_to(mask, torch.broadcast_shapes(mask.shape, dest.shape)).sum())
-    return min(taken * source.element_size(), _held_bytes(source))
+        return None
+    return int(torch.broadcast_to(mask, torch.broadcast_shapes(mask.shape, dest.shape)).sum())
+
+
+def _masked_scatter_bytes(func: Any, args: tuple, kwargs: dict, ins: list, outs: list) -> tuple[float, float]:
+    """(read, written) of a masked_scatter: its mask, one ``source`` element per true mask element (all of source
+    on meta), and out of place its ``self`` read and its result written whole; in place the taken elements alone
+    written (all of ``self`` on meta)."""
+    dest, source = _argument(func, args, kwargs, "self"), _argument(func, args, kwargs, "source")
+    taken = _masked_elements(func, args, kwargs)
+    read_source = _held_bytes(source) if taken is None else min(taken * source.element_size(), _held_bytes(source))
+    if not str(func._overloadpacket).endswith("_"):
+        return _nbytes([t for t in ins if t is not source]) + read_source, _nbytes(outs)
+    rest = [t for t in ins if t is not source and t is not dest]  # the mask
+    return _nbytes(rest) + read_source, _nbytes([dest]) if taken is None else taken * dest.element_size()
 
 
 def op_bytes(func: Any, args: tuple, kwargs: dict, out: Any, ins: list, outs: list) -> tuple[float, float]:
@@ -351,14 +363,12 @@ def op_bytes(func: Any, args: tuple, kwargs: dict, out: Any, ins: list, outs: li
     if name in BIAS_SLOTS_UNREAD_WITHOUT_BIAS and not _argument(func, args, kwargs, "has_biases"):
         unread = [_argument(func, args, kwargs, slot) for slot in BIAS_SLOTS_UNREAD_WITHOUT_BIAS[name]]
         ins = [t for t in ins if not any(t is u for u in unread)]
-    masked_source = 0.0
-    if name in MASKED_SCATTERS:
-        source = _argument(func, args, kwargs, "source")
-        ins, masked_source = [t for t in ins if t is not source], _masked_source_bytes(func, args, kwargs)
     gathered, scattered = GATHERS.get(name), SCATTERS_IN_PLACE.get(name)
     sparse = counting_optim.sparse_into_dense(func, args, kwargs)  # dense.add_(sparse): the rows it touches
     if scattered is not None or (sparse is not None and sparse[1] is not None):
         read, written = _scattered_bytes(func, args, kwargs, scattered) if sparse is None else sparse[1:]
+    elif name in MASKED_SCATTERS:
+        read, written = _masked_scatter_bytes(func, args, kwargs, ins, outs)
     elif name in SAMPLERS:
         read, written = _sampled_bytes(func, args, kwargs, out), _nbytes(outs)
     elif name in INDEXING or torch.Tag.view_copy in getattr(func, "tags", ()):
@@ -367,4 +377,4 @@ def op_bytes(func: Any, args: tuple, kwargs: dict, out: Any, ins: list, outs: li
     else:
         read = _nbytes(ins) if gathered is None else _gathered_bytes(func, args, kwargs, *gathered)
         written = _nbytes(outs)
-    return read + masked_source + _packed_bytes((args, kwargs)), written
+    return read + _packed_bytes((args, kwargs)), written
