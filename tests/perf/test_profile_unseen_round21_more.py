@@ -262,6 +262,14 @@ def test_unique_is_a_sort_not_a_copy():
     assert one_row(count_ops(lambda: torch.unique_consecutive(x)), "aten::unique_consecutive").flops == n
 
 
+def test_unique_along_a_dim_compares_whole_slices():
+    """torch.unique(x, dim=0) of 4 rows of 2: the rows sorted (4 * ceil(log2 4) = 8 compares) and each compared with
+    its neighbour (4), every compare over a row's 2 elements: 24; along dim=1 (2 columns of 4): (2 + 2) * 4 = 16."""
+    x = torch.tensor([[1, 2], [3, 4], [1, 2], [0, 0]])
+    assert one_row(count_ops(lambda: torch.unique(x, dim=0)), "aten::unique_dim").flops == (8 + 4) * 2
+    assert one_row(count_ops(lambda: torch.unique(x, dim=1)), "aten::unique_dim").flops == (2 + 2) * 4
+
+
 def test_cumsum_ragged_offsets():
     """Ragged batch offsets: cumsum over the lengths one add each; repeat_interleave (the row id of every element)
     copies, counting nothing but the bytes it writes."""

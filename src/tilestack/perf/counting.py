@@ -256,7 +256,7 @@ NO_ARITHMETIC = frozenset(
         "one_hot", "tril_indices", "triu_indices", "linspace", "masked_scatter_backward",
         "max_unpool2d", "max_unpool3d", "complex", "diagonal_backward", "_sparse_coo_tensor_with_dims_and_tensors",
         "replication_pad1d", "replication_pad3d", "reflection_pad3d", "block_diag",
-        "unique_dim", "unique_dim_consecutive", "lu_unpack", "_nested_tensor_from_tensor_list",
+        "lu_unpack", "_nested_tensor_from_tensor_list",
         "_nested_tensor_size", "_nested_tensor_strides", "_nested_tensor_storage_offsets", "is_same_size",
         "_sparse_sum_backward", "_has_same_storage_numel", "is_coalesced", "sparse_mask",
         # a dense tensor made sparse (Tensor.to_sparse*): its nonzeros found and copied out, as nonzero's

@@ -535,10 +535,16 @@ def _round_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
 def _unique_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     """torch.unique: sorted (its default; a GPU always sorts) a comparison sort of the n elements, as sort is
     counted, and a compare of each with its neighbour to drop repeats; unsorted on the CPU (a hash set) one probe per
-    element; unique_consecutive the neighbour compares alone (profiler round 21: each was counted 0 FLOPs as a copy,
-    though a unique of a million ids is a sort of a million)."""
-    n = _numel(_argument(func, args, kwargs, "self"))
-    if str(func._overloadpacket) == "aten.unique_consecutive":
+    element; unique_consecutive the neighbour compares alone; with ``dim``, as many compares of whole slices along
+    it (profiler round 21: each was counted 0 FLOPs as a copy, though a unique of a million ids sorts a million)."""
+    x, name = _argument(func, args, kwargs, "self"), str(func._overloadpacket)
+    if name.startswith("aten.unique_dim"):  # slices along dim, each compare over a slice's elements
+        dim = int(_argument(func, args, kwargs, "dim")) % max(x.dim(), 1)
+        n, width = (x.shape[dim], _numel(x) // max(x.shape[dim], 1)) if x.dim() else (1, 1)
+        compares = n if name == "aten.unique_dim_consecutive" else _sorted_compares(n) + n
+        return float(compares * width)
+    n = _numel(x)
+    if name == "aten.unique_consecutive":
         return float(n)
     hashed = _argument(func, args, kwargs, "sorted") is False and _argument(func, args, kwargs, "self").is_cpu
     return float(n if hashed else _sorted_compares(n) + n)
@@ -678,7 +684,8 @@ LAYER_FLOPS: dict[str, Rule] = {
     "aten.segment_reduce": _accumulate_flops("data"),
     "aten._segment_reduce_backward": _segment_reduce_backward_flops,
     "aten.isin": _isin_flops,
-    **{f"aten.{op}": _unique_flops for op in ("_unique", "_unique2", "unique_consecutive")},
+    **{f"aten.{op}": _unique_flops for op in ("_unique", "_unique2", "unique_consecutive", "unique_dim",
+                                              "unique_dim_consecutive")},
     "aten.round": _round_flops,
     "aten.round_": _round_flops,
     "aten.put": _index_put_flops,
