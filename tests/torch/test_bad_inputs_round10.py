@@ -295,8 +295,14 @@ def test_sdpa_drop_in_gives_torchs_answer_for_any_scale(scale, causal):
     q, k, v = randn(1, 2, 5, 16), randn(1, 2, 7, 16, seed=1), randn(1, 2, 7, 16, seed=2)
     got = tilestack.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     want = F.scaled_dot_product_attention(d(q), d(k), d(v), is_causal=causal, scale=scale)
-    assert_as_torch(got, want)
-    assert torch.equal(got.isnan(), F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale).isnan())
+    torch_f32 = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    if torch.equal(torch_f32.isnan(), want.isnan()):
+        assert_as_torch(got, want)
+        assert torch.equal(got.isnan(), torch_f32.isnan())
+    else:
+        # torch's own f32 and f64 kernels disagree for this scale (an AVX2 machine, session 25: a NaN scale gave 0
+        # in f32 and NaN in f64): the drop-in's answer is torch's for the call as made, in f32
+        torch.testing.assert_close(got, torch_f32, rtol=0, atol=0, equal_nan=True)
 
 
 # ---- cross-entropy: ignore_index patterns and labels out of range -------------------------------------------------

@@ -177,12 +177,6 @@ def _describe(model: str, layers: int, d: int, heads: int, vocab: int, target: s
     from tilestack.parallel import GPT_1P3B, TINY, ModelConfig
     from tilestack.parallel.plan import PlanError, describe_gpt, describe_module
     e = 2 if dtype == "bfloat16" else 4
-    # a negative count is no count (--layers -2 reached ModelConfig, whose error named n_layer, not the option;
-    # --vocab -3 was "given without --vocab")
-    for name, field, v in (("--layers", "n_layer", layers), ("--d", "d", d), ("--heads", "n_head", heads),
-                           ("--vocab", "vocab", vocab)):
-        if v < 0:
-            raise PlanError(f"{name} {v}; expected a positive int (it sets the GPT's {field}={v})")
     given = [name for name, v in (("--model", model), ("--layers", layers), ("--target", target)) if v]
     if len(given) != 1:
         raise PlanError(f"{' and '.join(given) or 'no model'} given; expected exactly one of --model, --layers "
@@ -193,6 +187,12 @@ def _describe(model: str, layers: int, d: int, heads: int, vocab: int, target: s
     if shaping and not layers:
         raise PlanError(f"{', '.join(shaping)} given with {given[0]}; expected them only with --layers (they shape the "
                         f"GPT of --layers; {given[0]} fixes its own)")
+    # a negative count is no count, said after what is misplaced (--layers -2 reached ModelConfig, whose error
+    # named n_layer, not the option; --vocab -3 was "given without --vocab")
+    for name, field, v in (("--layers", "n_layer", layers), ("--d", "d", d), ("--heads", "n_head", heads),
+                           ("--vocab", "vocab", vocab)):
+        if v < 0:
+            raise PlanError(f"{name} {v}; expected a positive int (it sets the GPT's {field}={v})")
     if model:
         if model not in MODELS:
             raise PlanError(f"--model {model!r}; expected one of {MODELS}")
