@@ -53,3 +53,20 @@ def wrap(v: int, bits: int) -> int:
 def meta(*shape, dtype=torch.float32) -> torch.Tensor:
     """A tensor with a shape and dtype and no memory: an argument of the sm_90a compiles."""
     return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def gluon_resources_one_warpgroup(kernel, args, consts) -> dict:
+    """The sm_90a resource report of ``kernel`` compiled by the Gluon backend at one warpgroup (num_warps=4: the
+    64-row wgmma accumulators take it; the case's num_warps and num_stages are the Triton backend's); skips the
+    test where Triton's ptxas is missing."""
+    import pytest
+
+    from tilestack.backends import get_backend
+    from tilestack.backends.gluon import aot as gaot
+    try:
+        gaot.tool("ptxas")
+    except gaot.ToolMissing as e:
+        pytest.skip(str(e))
+    consts = {k: v for k, v in consts.items() if k not in ("num_warps", "num_stages")}
+    be = get_backend("gluon")
+    return gaot.resources(be.aot(kernel.trace(*args, **consts), be.Options(num_warps=4)))

@@ -25,7 +25,7 @@ wgmma accumulates at least 64 rows), naming it; at hidden size 128 one warpgroup
 
 import pytest
 import torch
-from heldout_support import BF, I64, close, launch, meta
+from heldout_support import BF, I64, close, gluon_resources_one_warpgroup, launch, meta
 from sm90a_compile import check_triton_sm90a
 from test_heldout_round22 import adaptive_avg_pool2d, linear_recurrence_bwd, mlstm_parallel, rglru_scan
 from test_heldout_round22_more import bmm_bias_t, linear_ce, neighborhood_attn1d
@@ -82,16 +82,7 @@ def test_round22_compiles_for_sm90a_with_triton(name):
 @pytest.mark.parametrize("name", list(AOT_CASES))
 def test_round22_compiles_for_sm90a_with_gluon(name):
     """One warpgroup (num_warps=4: the 64-row wgmma accumulators take it); no spills, no serialized wgmma."""
-    from tilestack.backends import get_backend
-    from tilestack.backends.gluon import aot as gaot
-    try:
-        gaot.tool("ptxas")
-    except gaot.ToolMissing as e:
-        pytest.skip(str(e))
-    kernel, args, consts = GLUON_CASES[name]
-    consts = {k: v for k, v in consts.items() if k not in ("num_warps", "num_stages")}
-    be = get_backend("gluon")
-    res = gaot.resources(be.aot(kernel.trace(*args, **consts), be.Options(num_warps=4)))
+    res = gluon_resources_one_warpgroup(*GLUON_CASES[name])
     assert res["spill_stores"] == res["spill_loads"] == 0 and not res["wgmma_serialized"], res["report"]
 
 

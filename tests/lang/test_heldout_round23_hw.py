@@ -23,7 +23,7 @@ What this round found. No kernel gave a wrong answer on the reference executor o
 
 import pytest
 import torch
-from heldout_support import BF, I32, I64, close, launch, meta
+from heldout_support import BF, I32, I64, close, gluon_resources_one_warpgroup, launch, meta
 from sm90a_compile import check_triton_sm90a
 from test_heldout_round23 import cosine_gram_tril, shuffle_copy, welford_merge, welford_partials
 from test_heldout_round23_more import farthest_points, median3x3
@@ -72,16 +72,7 @@ SERIALIZED = pytest.mark.xfail(strict=True, reason=(
                                   for n in GLUON_CASES])
 def test_round23_compiles_for_sm90a_with_gluon(name):
     """One warpgroup (num_warps=4: the 64-row wgmma accumulators take it); no spills, no serialized wgmma."""
-    from tilestack.backends import get_backend
-    from tilestack.backends.gluon import aot as gaot
-    try:
-        gaot.tool("ptxas")
-    except gaot.ToolMissing as e:
-        pytest.skip(str(e))
-    kernel, args, consts = GLUON_CASES[name]
-    consts = {k: v for k, v in consts.items() if k not in ("num_warps", "num_stages")}
-    be = get_backend("gluon")
-    res = gaot.resources(be.aot(kernel.trace(*args, **consts), be.Options(num_warps=4)))
+    res = gluon_resources_one_warpgroup(*GLUON_CASES[name])
     assert res["spill_stores"] == res["spill_loads"] == 0 and not res["wgmma_serialized"], res["report"]
 
 
