@@ -222,8 +222,21 @@ def run(
         check_arguments(strat, task, rounds=rounds, engine=engine, system=system, stragglers=straggler_policy,
                         seed=seed, timeout=timeout or None, workers=workers, checkpoint=checkpoint,
                         staleness_exponent=staleness_exponent, max_staleness=max_staleness)  # fmt: skip
+        # an option the run does not read, given a value of its own, was ignored without a word (--clusters 5 with
+        # --strategy fedavg, --partition-alpha 0.1 with --partitioner iid); judged after the values themselves
+        unread = _unread_option(
+            strategy=strategy, dataset=dataset, partitioner=partitioner, malicious=malicious, local_steps=local_steps,
+            straggler_policy=straggler_policy,
+            given={"--clusters": clusters, "--attack": attack, "--staleness-exponent": staleness_exponent,
+                   "--max-staleness": max_staleness, "--partition-alpha": partition_alpha, "--alpha": alpha,
+                   "--beta": beta, "--local-epochs": local_epochs},
+        )  # fmt: skip
+        if unread is not None:
+            opt, message = unread
+            raise typer.BadParameter(message, param_hint=opt)
     except ValueError as ex:  # FederatedError too: a bad strategy setting or checkpoint path
-        raise typer.BadParameter(str(ex)) from ex
+        # the library names its own argument (Task: lr=0.0, make_strategy: num_clusters=0); the option is named beside
+        raise typer.BadParameter(str(ex), param_hint=_option_for(str(ex))) from ex
     initial = strat.initial_arrays(task) if hasattr(strat, "initial_arrays") else None
 
     def extra(s, arrays, r):
@@ -314,6 +327,60 @@ def run(
     if len(skipped_text) and all(r.skipped for r in h.rounds):
         console.print(f"[red]no round aggregated a model[/red]: {'; '.join(skipped_text)}")
         raise typer.Exit(1)
+
+
+# the library's argument names -> the option that sets them (Task, make_strategy, SystemModel, simulate)
+ARGUMENT_OPTIONS = {
+    "num_clients": "--clients", "clients_per_round": "--per-round", "dataset": "--dataset", "data_path": "--data",
+    "alpha": "--alpha", "beta": "--beta", "partitioner": "--partitioner", "partition_alpha": "--partition-alpha",
+    "model": "--model", "batch_size": "--batch-size", "q": "--q", "local_epochs": "--local-epochs",
+    "local_steps": "--local-steps", "lr": "--lr", "client_lr": "--lr", "proximal_mu": "--mu",
+    "server_lr": "--server-lr", "num_clusters": "--clusters", "groups": "--clusters",
+    "straggler_fraction": "--stragglers", "stragglers": "--straggler-policy",
+    "staleness_exponent": "--staleness-exponent", "max_staleness": "--max-staleness", "dropout": "--dropout",
+    "deadline": "--deadline", "speed_sigma": "--speed-sigma", "malicious_fraction": "--malicious",
+    "num_malicious": "--malicious", "num_malicious_nodes": "--malicious", "fraction_train": "--per-round",
+    "min_train_nodes": "--per-round", "fraction_evaluate": "--eval-fraction", "min_evaluate_nodes": "--eval-fraction",
+    "attack": "--attack", "noise_multiplier": "--noise", "clipping_norm": "--clip",
+    "eval_fraction": "--eval-fraction", "faults": "--faults", "timeout": "--timeout", "workers": "--workers",
+    "seed": "--seed", "checkpoint": "--checkpoint", "rounds": "--rounds",
+}  # fmt: skip
+DEFAULTS = {"--clusters": 2, "--attack": "signflip", "--staleness-exponent": 0.5, "--max-staleness": 4,
+            "--partition-alpha": 0.5, "--alpha": 1.0, "--beta": 1.0, "--local-epochs": 20.0}  # fmt: skip
+
+
+def _option_for(message: str) -> str | None:
+    """The option behind the first library argument a refusal names (``Task: lr=0.0; ...`` -> ``--lr``), or None."""
+    import re
+
+    for name in re.findall(r"\b([a-z_]+)(?:=| entry\b)", message):
+        if name in ARGUMENT_OPTIONS:
+            return ARGUMENT_OPTIONS[name]
+    return None
+
+
+def _unread_option(*, strategy: str, dataset: str, partitioner: str, malicious: float, local_steps: int,
+                   straggler_policy: str, given: dict[str, object]) -> tuple[str, str] | None:
+    """The first option of ``given`` set away from its default that this run does not read, as (option, message)."""
+    readers = {
+        "--clusters": (strategy == "ifca" or dataset == "clustered", "--strategy ifca or --dataset clustered",
+                       f"--strategy {strategy} on --dataset {dataset}"),
+        "--attack": (malicious > 0, "--malicious above 0", "--malicious 0"),
+        "--staleness-exponent": (straggler_policy == "stale", "--straggler-policy stale",
+                                 f"--straggler-policy {straggler_policy}"),
+        "--max-staleness": (straggler_policy == "stale", "--straggler-policy stale",
+                            f"--straggler-policy {straggler_policy}"),
+        "--partition-alpha": (partitioner == "dirichlet", "--partitioner dirichlet", f"--partitioner {partitioner}"),
+        "--alpha": (dataset == "synthetic", "--dataset synthetic", f"--dataset {dataset}"),
+        "--beta": (dataset == "synthetic", "--dataset synthetic", f"--dataset {dataset}"),
+        "--local-epochs": (not local_steps, "--local-steps 0", f"--local-steps {local_steps}"),
+    }  # fmt: skip
+    for opt, value in given.items():
+        read, who, got = readers[opt]
+        if value != DEFAULTS[opt] and not read:
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+            return opt, f"{opt} {shown} is read only with {who}; got {got}, which does not use it"
+    return None
 
 
 def _parse_faults(text: str) -> tuple[tuple[int, str], ...]:

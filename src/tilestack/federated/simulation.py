@@ -131,6 +131,9 @@ def check_arguments(strategy: Strategy, task: Task, *, rounds, engine="tilestack
                         "backend_config (e.g. {'client_resources': {'num_cpus': 1}}) or None")  # fmt: skip
     require_int("simulate", "eval_clients", eval_clients, low=1)
     require_int("simulate", "workers", workers, low=1)
+    if workers != 1 and engine != "tilestack":  # (Flower's engine ran its own Ray workers, these ignored)
+        raise ValueError(f"simulate: workers={workers} with engine={engine!r}, which runs its clients on Ray's own "
+                         "workers (it was ignored); expected workers=1, or engine='tilestack' for worker processes")
     if system is not None and not isinstance(system, SystemModel):
         raise TypeError(f"simulate: system is a {type(system).__name__}; expected a SystemModel or None")
     check_straggler_policy("simulate", system, task, stragglers, staleness_exponent, max_staleness)

@@ -1,0 +1,133 @@
+"""Federated scenarios, round 22 (1 of 2): ``tilestack fl run`` given bad settings, each refused naming its option, and
+options the run does not read given a value of their own.
+
+``tilestack fl run`` through typer's CliRunner on tiny runs (4 blobs clients, 1 round, 1 local step), and ``simulate``
+on Flower's engine asked for tilestack's worker processes. A refusal is exit 2, before the first round (no report
+table), with the option in typer's "Invalid value for --option" and the value given.
+
+What this round found, fixed:
+
+- *A refusal that named no option.* A value the library judges (``Task``, ``make_strategy``, Flower's Krum bound,
+  ``simulate``) was reported as "Invalid value: make_strategy: num_clusters=0" (``--clusters 0 --strategy ifca``),
+  "Task: lr=0.0" (``--lr 0``), "MultiKrum: num_malicious_nodes=1" (``--malicious 0.25``): the library's argument
+  name, not the option. The option that sets the argument the message names first is now typer's param hint
+  (``cli/fl.py``: ``ARGUMENT_OPTIONS``); the library's words are kept beside it.
+- *Options the run does not read, taken without a word.* ``--clusters 5`` with ``--strategy fedavg`` (or cfl, which
+  finds its own clusters), ``--attack noise`` with ``--malicious 0``, ``--staleness-exponent`` / ``--max-staleness``
+  under ``--straggler-policy partial``, ``--partition-alpha`` with ``--partitioner iid``, ``--alpha`` / ``--beta``
+  with a dataset other than Synthetic, ``--local-epochs`` beside ``--local-steps``, ``--workers`` with ``--engine
+  flower``: each ran the run it would have run without it. Refused naming the option, its value and what reads it,
+  after the values themselves are judged (a bad value is named for what it is).
+- *simulate(engine="flower", workers=2)* ran on Ray's workers, ``workers`` ignored; refused naming it.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from flwr.serverapp.strategy import FedAvg
+from typer.testing import CliRunner
+
+import tilestack.cli.fl  # noqa: F401  (registers `tilestack fl`)
+from tilestack.cli import app as cli_app
+from tilestack.federated import Task, simulate
+
+pytestmark = pytest.mark.timeout(120)
+
+BASE = ["fl", "run", "--dataset", "blobs", "--clients", "4", "--per-round", "2", "--rounds", "1", "--local-steps", "1"]
+
+
+def _fl_run(*extra: str):
+    return CliRunner().invoke(cli_app, [*BASE, *extra], env={"COLUMNS": "400"})
+
+
+def _flat(text: str) -> str:
+    return " ".join(re.sub("[\u2500-\u257f]", " ", text).split())
+
+
+def _refused(res, *needles: str) -> str:
+    out = _flat(res.output)
+    assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
+    assert "Traceback" not in res.output and "test accuracy" not in res.output, res.output
+    for needle in needles:
+        assert needle in out, (needle, out)
+    return out
+
+
+# ---- a value the library judges, refused naming the option that sets it ---------------------------------------------
+@pytest.mark.parametrize("extra, option, words", [
+    (["--lr", "0"], "--lr", "lr=0.0"),
+    (["--lr", "-0.5"], "--lr", "lr=-0.5"),
+    (["--local-steps", "0", "--local-epochs", "0"], "--local-epochs", "local_epochs=0.0"),
+    (["--local-steps", "0", "--local-epochs", "-2"], "--local-epochs", "local_epochs=-2.0"),
+    (["--strategy", "ifca", "--clusters", "0"], "--clusters", "num_clusters=0"),
+    (["--faults", "7:crash"], "--faults", "(7, 'crash')"),
+    (["--faults", "1:melt"], "--faults", "'melt'"),
+    (["--model", "resnet"], "--model", "model='resnet'"),
+    (["--partitioner", "stripes"], "--partitioner", "partitioner='stripes'"),
+    (["--attack", "flood", "--malicious", "0.5"], "--attack", "attack='flood'"),
+    (["--dataset", "mnist"], "--dataset", "dataset='mnist'"),
+    (["--dataset", "synthetic", "--alpha", "-1"], "--alpha", "alpha=-1.0"),
+    (["--timeout", "nan"], "--timeout", "timeout=nan"),
+    (["--strategy", "krum", "--per-round", "3", "--malicious", "0.5"], "--malicious", "num_malicious_nodes=1"),
+    (["--strategy", "multikrum", "--per-round", "4", "--malicious", "0.25"], "--malicious", "num_malicious_nodes=1"),
+    (["--strategy", "bulyan", "--per-round", "4", "--malicious", "0.25"], "--per-round", "clients_per_round=4"),
+    (["--engine", "flower", "--workers", "2"], "--workers", "workers=2 with engine='flower'"),
+])  # fmt: skip
+def test_a_value_the_library_judges_is_refused_naming_the_option_and_the_value(extra, option, words):
+    _refused(_fl_run(*extra), f"Invalid value for {option}", words)
+
+
+# ---- an option the run does not read ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra, option, shown, reader", [
+    (["--clusters", "5"], "--clusters", "--clusters 5", "--strategy ifca or --dataset clustered"),
+    (["--strategy", "cfl", "--clusters", "3"], "--clusters", "--clusters 3", "--strategy ifca or --dataset clustered"),
+    (["--attack", "noise"], "--attack", "--attack noise", "--malicious above 0"),
+    (["--staleness-exponent", "2"], "--staleness-exponent", "--staleness-exponent 2", "--straggler-policy stale"),
+    (["--max-staleness", "2"], "--max-staleness", "--max-staleness 2", "--straggler-policy stale"),
+    (["--straggler-policy", "drop", "--max-staleness", "9"], "--max-staleness", "--max-staleness 9",
+     "--straggler-policy stale"),
+    (["--partition-alpha", "0.1"], "--partition-alpha", "--partition-alpha 0.1", "--partitioner dirichlet"),
+    (["--partitioner", "shards", "--partition-alpha", "2"], "--partition-alpha", "--partition-alpha 2",
+     "--partitioner dirichlet"),
+    (["--alpha", "0.5"], "--alpha", "--alpha 0.5", "--dataset synthetic"),
+    (["--beta", "0"], "--beta", "--beta 0", "--dataset synthetic"),
+    (["--local-epochs", "3"], "--local-epochs", "--local-epochs 3", "--local-steps 0"),
+])  # fmt: skip
+def test_an_option_the_run_does_not_read_is_refused_naming_it_and_what_reads_it(extra, option, shown, reader):
+    _refused(_fl_run(*extra), f"Invalid value for {option}", shown, f"is read only with {reader}",
+             "which does not use it")  # fmt: skip
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--clusters", "-1", "--attack", "noise"], "--clusters"),           # named for what it is, not as unread
+    (["--staleness-exponent", "-1"], "staleness_exponent=-1.0"),
+    (["--partition-alpha", "0"], "partition_alpha=0.0"),
+    (["--local-epochs", "nan"], "local_epochs=nan"),
+])  # fmt: skip
+def test_a_bad_value_of_an_unread_option_is_named_for_its_value(extra, needle):
+    out = _refused(_fl_run(*extra), needle)
+    assert "is read only with" not in out
+
+
+@pytest.mark.parametrize("extra", [
+    ["--strategy", "ifca", "--clusters", "3"],
+    ["--dataset", "clustered", "--clusters", "3", "--strategy", "cfl"],
+    ["--malicious", "0.25", "--attack", "noise", "--strategy", "fedmedian"],
+    ["--partitioner", "dirichlet", "--partition-alpha", "0.1"],
+    ["--dataset", "synthetic", "--alpha", "0.5", "--beta", "0"],
+    ["--local-steps", "0", "--local-epochs", "0.5"],
+    ["--workers", "2"],
+    ["--straggler-policy", "stale", "--deadline", "5", "--staleness-exponent", "2", "--max-staleness", "2"],
+])  # fmt: skip
+def test_the_same_options_where_the_run_reads_them_run(extra):
+    res = _fl_run(*extra)
+    assert res.exit_code == 0, res.output
+    assert "test accuracy" in res.output
+
+
+def test_simulate_on_flowers_engine_refuses_worker_processes_before_ray_starts():
+    task = Task(dataset="blobs", num_samples=40, num_features=3, num_classes=2, num_clients=2, local_steps=1)
+    with pytest.raises(ValueError, match=r"simulate: workers=2 with engine='flower'.*expected workers=1"):
+        simulate(FedAvg(), task, rounds=1, engine="flower", workers=2)
