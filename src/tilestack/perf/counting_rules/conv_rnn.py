@@ -1,0 +1,77 @@
+"""FLOP rules of convolutions (their groups, forward and backward; ``conv_tbc``) and the CPU LSTM kernel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tilestack.perf import formulas
+from tilestack.perf.counting_rules.common import Rule, _argument, _numel, _tensors
+
+
+def _conv_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """aten.convolution / aten._convolution: x (N, C_in, *S), w, bias -> y, counted by formulas.convolution."""
+    arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+    x, w, b = arg("input"), arg("weight"), arg("bias")
+    groups, transposed = int(arg("groups")), bool(arg("transposed"))
+    cost = formulas.convolution(x.shape, w.shape, out.shape, groups=groups, transposed=transposed, bias=b is not None)
+    return float(cost.flops)
+
+
+def _conv_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """aten.convolution_backward: (dy, x, w, ..., output_mask) -> (dx, dw, db), by formulas.convolution_backward.
+
+    torch's own formula counts the weight gradient as if groups were 1 (groups times too many FLOPs).
+    """
+    arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+    dx, dw, db = arg("output_mask")
+    return float(
+        formulas.convolution_backward(
+            arg("grad_output").shape,
+            arg("input").shape,
+            arg("weight").shape,
+            groups=int(arg("groups")),
+            transposed=bool(arg("transposed")),
+            input_grad=bool(dx),
+            weight_grad=bool(dw),
+            bias_grad=bool(db),
+        ).flops
+    )
+
+
+def _rnn_layer_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """aten.mkldnn_rnn_layer (CPU LSTM): one direction of one layer over the whole sequence.
+
+    Each step multiplies the input by ``weight0`` (G*H, I) and the hidden state by ``weight1`` (G*H, H), G the
+    gates (4 for an LSTM): ``2 * steps * batch * (numel(weight0) + numel(weight1))``, the matmuls that the
+    unfused (packed) path runs as ``addmm``/``mm``; the gates' element-wise work is left out, as there.
+    """
+    arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+    x, w_ih, w_hh = arg("input"), arg("weight0"), arg("weight1")
+    rows = x.numel() // x.shape[-1]  # steps x batch
+    return float(formulas.FLOPS_PER_MAC * rows * (w_ih.numel() + w_hh.numel()))
+
+
+def _rnn_layer_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """aten.mkldnn_rnn_layer_backward: the input and the weight gradients, each the forward's matmuls."""
+    arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+    x, w_ih, w_hh = arg("input"), arg("weight1"), arg("weight2")
+    rows = x.numel() // x.shape[-1]
+    return float(formulas.MATMUL_BWD_OVER_FWD * formulas.FLOPS_PER_MAC * rows * (w_ih.numel() + w_hh.numel()))
+
+
+def _conv_tbc_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """conv_tbc: x (T, B, C_in) * w (K, C_in, C_out) -> y (T', B, C_out): a multiply-add per weight element per
+    output position and batch entry, plus the bias's add per output element."""
+    w, y = _argument(func, args, kwargs, "weight"), _tensors(out)[0]
+    positions = _numel(y) // max(y.shape[-1], 1)  # T' x B
+    return float(formulas.FLOPS_PER_MAC * positions * _numel(w) + _numel(y))
+
+
+CONV_RNN_FLOPS: dict[str, Rule] = {
+    "aten.convolution": _conv_flops,
+    "aten._convolution": _conv_flops,
+    "aten.convolution_backward": _conv_backward_flops,
+    "aten.mkldnn_rnn_layer": _rnn_layer_flops,
+    "aten.mkldnn_rnn_layer_backward": _rnn_layer_backward_flops,
+    "aten.conv_tbc": _conv_tbc_flops,
+}
