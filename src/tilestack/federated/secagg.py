@@ -32,6 +32,7 @@ hides each update, it does not make one honest.
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 import random
 import time
@@ -213,6 +214,20 @@ def run_secure(
             f"run_secure: task.faults has {corrupting[:3]}; expected only dropouts {DROPOUT_FAULTS} (the server "
             "sees only the masked sum, so it cannot leave out a corrupted update)"
         )
+    for name, value in (("num_shares", num_shares), ("reconstruction_threshold", reconstruction_threshold)):
+        # (NaN passed Flower's own checks, every comparison False, and failed here in round() as "cannot convert
+        # float NaN to integer", naming neither argument; inf as an OverflowError)
+        if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and not math.isfinite(value):
+            raise ValueError(f"run_secure: {name}={value!r}; expected a finite number (an integer count or a float "
+                             "share of the sampled clients)")
+    # NumPy numbers as the plain ones they are (Flower checks isinstance(x, int | float): np.int64(3) shares or an
+    # np.float32(0.6) threshold read from a config array were refused as "must be of type int or float")
+    def plain(value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return value
+        return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+    num_shares, reconstruction_threshold = plain(num_shares), plain(reconstruction_threshold)
     # the clients scale their update by num_examples / max_weight before quantising: keep the ratio <= 1
     max_weight = max(1.0, *(float(task.num_train(p)) for p in range(task.num_clients)))
     try:
