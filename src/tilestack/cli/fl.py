@@ -222,15 +222,11 @@ def run(
         check_arguments(strat, task, rounds=rounds, engine=engine, system=system, stragglers=straggler_policy,
                         seed=seed, timeout=timeout or None, workers=workers, checkpoint=checkpoint,
                         staleness_exponent=staleness_exponent, max_staleness=max_staleness)  # fmt: skip
-        # an option the run does not read, given a value of its own, was ignored without a word (--clusters 5 with
-        # --strategy fedavg, --partition-alpha 0.1 with --partitioner iid); judged after the values themselves
-        unread = _unread_option(
-            strategy=strategy, dataset=dataset, partitioner=partitioner, malicious=malicious, local_steps=local_steps,
-            straggler_policy=straggler_policy,
-            given={"--clusters": clusters, "--attack": attack, "--staleness-exponent": staleness_exponent,
-                   "--max-staleness": max_staleness, "--partition-alpha": partition_alpha, "--alpha": alpha,
-                   "--beta": beta, "--local-epochs": local_epochs},
-        )  # fmt: skip
+        # a strategy's or a mode's own option that this run does not read, given a value of its own, was ignored
+        # without a word (--clusters 5 with --strategy fedavg, as --mu 1 was; --local-epochs 3 beside --local-steps
+        # 2); judged after the values themselves
+        unread = _unread_option(strategy=strategy, dataset=dataset, local_steps=local_steps,
+                                given={"--clusters": clusters, "--local-epochs": local_epochs})  # fmt: skip
         if unread is not None:
             opt, message = unread
             raise typer.BadParameter(message, param_hint=opt)
@@ -345,8 +341,7 @@ ARGUMENT_OPTIONS = {
     "eval_fraction": "--eval-fraction", "faults": "--faults", "timeout": "--timeout", "workers": "--workers",
     "seed": "--seed", "checkpoint": "--checkpoint", "rounds": "--rounds",
 }  # fmt: skip
-DEFAULTS = {"--clusters": 2, "--attack": "signflip", "--staleness-exponent": 0.5, "--max-staleness": 4,
-            "--partition-alpha": 0.5, "--alpha": 1.0, "--beta": 1.0, "--local-epochs": 20.0}  # fmt: skip
+DEFAULTS = {"--clusters": 2, "--local-epochs": 20.0}
 
 
 def _option_for(message: str) -> str | None:
@@ -359,20 +354,12 @@ def _option_for(message: str) -> str | None:
     return None
 
 
-def _unread_option(*, strategy: str, dataset: str, partitioner: str, malicious: float, local_steps: int,
-                   straggler_policy: str, given: dict[str, object]) -> tuple[str, str] | None:
+def _unread_option(*, strategy: str, dataset: str, local_steps: int,
+                   given: dict[str, object]) -> tuple[str, str] | None:
     """The first option of ``given`` set away from its default that this run does not read, as (option, message)."""
     readers = {
         "--clusters": (strategy == "ifca" or dataset == "clustered", "--strategy ifca or --dataset clustered",
                        f"--strategy {strategy} on --dataset {dataset}"),
-        "--attack": (malicious > 0, "--malicious above 0", "--malicious 0"),
-        "--staleness-exponent": (straggler_policy == "stale", "--straggler-policy stale",
-                                 f"--straggler-policy {straggler_policy}"),
-        "--max-staleness": (straggler_policy == "stale", "--straggler-policy stale",
-                            f"--straggler-policy {straggler_policy}"),
-        "--partition-alpha": (partitioner == "dirichlet", "--partitioner dirichlet", f"--partitioner {partitioner}"),
-        "--alpha": (dataset == "synthetic", "--dataset synthetic", f"--dataset {dataset}"),
-        "--beta": (dataset == "synthetic", "--dataset synthetic", f"--dataset {dataset}"),
         "--local-epochs": (not local_steps, "--local-steps 0", f"--local-steps {local_steps}"),
     }  # fmt: skip
     for opt, value in given.items():
