@@ -73,6 +73,8 @@ def _refused(res, *needles: str) -> str:
     (["--strategy", "multikrum", "--per-round", "4", "--malicious", "0.25"], "--malicious", "num_malicious_nodes=1"),
     (["--strategy", "bulyan", "--per-round", "4", "--malicious", "0.25"], "--per-round", "clients_per_round=4"),
     (["--engine", "flower", "--workers", "2"], "--workers", "workers=2 with engine='flower'"),
+    (["--strategy", "ifca", "--compress", "int8"], "--compress", "Compressed: inner=IFCA"),
+    (["--strategy", "cfl", "--compress", "topk:0.5"], "--compress", "Compressed: inner=CFL"),
 ])  # fmt: skip
 def test_a_value_the_library_judges_is_refused_naming_the_option_and_the_value(extra, option, words):
     _refused(_fl_run(*extra), f"Invalid value for {option}", words)

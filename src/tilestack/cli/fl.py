@@ -340,6 +340,7 @@ ARGUMENT_OPTIONS = {
     "attack": "--attack", "noise_multiplier": "--noise", "clipping_norm": "--clip",
     "eval_fraction": "--eval-fraction", "faults": "--faults", "timeout": "--timeout", "workers": "--workers",
     "seed": "--seed", "checkpoint": "--checkpoint", "rounds": "--rounds",
+    "inner": "--compress",  # Compressed(inner=IFCA): the strategy --compress cannot wrap
 }  # fmt: skip
 DEFAULTS = {"--clusters": 2, "--local-epochs": 20.0}
 
