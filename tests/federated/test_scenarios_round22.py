@@ -1,5 +1,5 @@
-"""Federated scenarios, round 22 (1 of 2): ``tilestack fl run`` given bad settings, each refused naming its option, and
-options the run does not read given a value of their own.
+"""Federated scenarios, round 22 (1 of 2): ``tilestack fl run`` given bad settings, each refused naming its option,
+options the run does not read given a value of their own, and device traces with a bad row.
 
 ``tilestack fl run`` through typer's CliRunner on tiny runs (4 blobs clients, 1 round, 1 local step), and ``simulate``
 on Flower's engine asked for tilestack's worker processes. A refusal is exit 2, before the first round (no report
@@ -18,10 +18,14 @@ What this round found, fixed:
   what reads it, after the values themselves are judged (a bad value is named for what it is). Settings of a data
   split, an attack or a straggler policy the run does not use stay taken (a sweep keeps its other options).
 - *simulate(engine="flower", workers=2)* ran on Ray's workers, ``workers`` ignored; refused naming it.
+- *A device trace with a speed <= 0* was refused as "SystemModel: speeds has shape (4,); expected (4,) finite numbers
+  > 0" (the shape it had), naming no option, file or row: now ``--trace``, the file, the client and its value
+  (``system.py``: ``from_trace``; ``SystemModel`` names ``speeds[i]``).
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -30,7 +34,7 @@ from typer.testing import CliRunner
 
 import tilestack.cli.fl  # noqa: F401  (registers `tilestack fl`)
 from tilestack.cli import app as cli_app
-from tilestack.federated import Task, simulate
+from tilestack.federated import SystemModel, Task, simulate
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -129,3 +133,27 @@ def test_simulate_on_flowers_engine_refuses_worker_processes_before_ray_starts()
     with pytest.raises(ValueError, match=r"simulate: workers=2 with engine='flower'.*expected workers=1"):
         simulate(FedAvg(), task, rounds=1, engine="flower", workers=2)
 
+
+
+# ---- a device trace with a bad row -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("rows, needle", [
+    (["0,1,100", "1,-1,100", "2,1,100", "3,1,100"], "gives client 1 speed=-1.0; expected finite numbers > 0"),
+    (["0,1,100", "1,2,100", "2,1,inf", "3,1,100"], "gives client 2 bandwidth=inf; expected finite numbers > 0"),
+    (["0,1,100", "1,0,100", "2,1,100", "3,1,100"], "gives client 1 speed=0.0"),
+    (["0,1,100", "1,x,100", "2,1,100", "3,1,100"], "has a row that is not numbers"),
+])  # fmt: skip
+def test_a_trace_with_a_bad_row_is_refused_naming_the_option_the_client_and_the_value(tmp_path, rows, needle):
+    """A speed <= 0 was reported as "Invalid value: SystemModel: speeds has shape (4,); expected (4,) finite numbers >
+    0": no option, no file, no row, and a shape that was right. Named now: --trace, the file, the client, the value."""
+    trace = tmp_path / "trace.csv"
+    trace.write_text("\n".join(["client,speed,bandwidth", *rows]) + "\n")
+    _refused(_fl_run("--trace", str(trace)), "Invalid value for --trace", str(trace), needle)
+
+
+def test_a_system_models_bad_speed_or_bandwidth_is_named_by_client_and_value():
+    with pytest.raises(ValueError, match=r"SystemModel: speeds\[2\]=0.0 \(client 2\); expected \(3,\) finite"):
+        SystemModel(3, speeds=[1.0, 2.0, 0.0], bandwidths=[1e6] * 3)
+    with pytest.raises(ValueError, match=r"SystemModel: bandwidths\[0\]=nan \(client 0\)"):
+        SystemModel(3, speeds=[1.0, 2.0, 3.0], bandwidths=[math.nan, 1e6, 1e6])
+    with pytest.raises(ValueError, match=r"SystemModel: speeds has shape \(2,\); expected \(3,\)"):
+        SystemModel(3, speeds=[1.0, 2.0], bandwidths=[1e6] * 3)

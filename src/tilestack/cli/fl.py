@@ -182,8 +182,11 @@ def run(
             if speed_sigma != 0.0:
                 raise typer.BadParameter(f"--speed-sigma {speed_sigma:g} draws the clients' speeds, which --trace "
                                          f"{trace} gives; expected one of the two", param_hint="--speed-sigma")
-            system = SystemModel.from_trace(trace, dropout=dropout, straggler_fraction=stragglers,
-                                            deadline=deadline or None, seed=seed)  # fmt: skip
+            try:  # (a row that is no numbers, a speed <= 0: named "SystemModel.from_trace: path=..." or "speeds")
+                system = SystemModel.from_trace(trace, dropout=dropout, straggler_fraction=stragglers,
+                                                deadline=deadline or None, seed=seed)  # fmt: skip
+            except ValueError as ex:
+                raise typer.BadParameter(str(ex), param_hint=_option_for(str(ex), default="--trace")) from ex
             if system.num_clients != clients:  # (named "simulate: system.num_clients=3" before, no option)
                 raise typer.BadParameter(f"--trace {trace} lists {system.num_clients} clients; expected one row per "
                                          f"client of --clients {clients}", param_hint="--trace")  # fmt: skip
@@ -345,14 +348,15 @@ ARGUMENT_OPTIONS = {
 DEFAULTS = {"--clusters": 2, "--local-epochs": 20.0}
 
 
-def _option_for(message: str) -> str | None:
-    """The option behind the first library argument a refusal names (``Task: lr=0.0; ...`` -> ``--lr``), or None."""
+def _option_for(message: str, default: str | None = None) -> str | None:
+    """The option behind the first library argument a refusal names (``Task: lr=0.0; ...`` -> ``--lr``), else
+    ``default``."""
     import re
 
     for name in re.findall(r"\b([a-z_]+)(?:=| entry\b)", message):
         if name in ARGUMENT_OPTIONS:
             return ARGUMENT_OPTIONS[name]
-    return None
+    return default
 
 
 def _unread_option(*, strategy: str, dataset: str, local_steps: int,

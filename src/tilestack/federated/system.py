@@ -117,7 +117,12 @@ class SystemModel:
                     f"{name} that are not finite numbers > 0; expected a smaller {sigma} (a lognormal's sigma, "
                     "about 0-3)"
                 )
-            if arr.shape != (self.num_clients,) or not np.all(np.isfinite(arr) & (arr > 0)):
+            if arr.shape == (self.num_clients,) and not np.all(np.isfinite(arr) & (arr > 0)):
+                # (a negative speed was reported as "speeds has shape (4,); expected (4,) ...": the shape it had)
+                i = int(np.flatnonzero(~(np.isfinite(arr) & (arr > 0)))[0])
+                raise ValueError(f"SystemModel: {name}[{i}]={float(arr[i])!r} (client {i}); expected "
+                                 f"({self.num_clients},) finite numbers > 0")  # fmt: skip
+            if arr.shape != (self.num_clients,):
                 raise ValueError(
                     f"SystemModel: {name} has shape {arr.shape}; expected ({self.num_clients},) finite numbers > 0"
                 )
@@ -198,6 +203,11 @@ class SystemModel:
                 f"SystemModel.from_trace: path={str(path)!r} lists clients {[r['client'] for r in rows][:5]}...; "
                 f"expected each of 0..{len(rows) - 1} once"
             )
+        for column, values in (("speed", speeds), ("bandwidth", bandwidths)):
+            bad = np.flatnonzero(~(np.isfinite(values) & (values > 0)))
+            if len(bad):  # (named "SystemModel: speeds has shape (4,)" before, neither the file nor the row)
+                raise ValueError(f"SystemModel.from_trace: path={str(path)!r} gives client {int(bad[0])} "
+                                 f"{column}={float(values[bad[0]])!r}; expected finite numbers > 0")  # fmt: skip
         return cls(num_clients=len(rows), speeds=speeds, bandwidths=bandwidths, **kwargs)
 
     def duration(self, pid: int, *, steps: int, bytes_down: int, bytes_up: int) -> float:
