@@ -12,13 +12,20 @@ from tilestack.ir.ops import Op
 from tilestack.ir.types import FLOAT, INDEX, Space, bool_, f16, f32, f64, i32, i64
 from tilestack.lang.ops import _hint, _name, _need_reg, _need_tile, _PerAxis, _write, copy
 from tilestack.lang.tiles import GlobalTensor, Scalar, Tile, as_index
-from tilestack.lang.trace import current, user_line
+from tilestack.lang.trace import current, user_line, user_name
+
+
+def _shown(at) -> str:
+    """``at`` as the user wrote it: a Scalar by the local name it is bound to (``(n, i, j)``, not
+    ``(Scalar(%v15), ...)``), or as an index known when the kernel runs."""
+    parts = [(user_name(c) or "<index>") if isinstance(c, Scalar) else repr(c) for c in at]
+    return f"({parts[0]},)" if len(parts) == 1 else f"({', '.join(parts)})"
 
 
 def _coords(opname: str, g: GlobalTensor, tile: Tile, at) -> tuple:
     at = at if isinstance(at, tuple | list) else (at,)
     if len(at) != g.rank:
-        raise TraceError(f"{opname}: at={tuple(at)!r} has {len(at)} coordinates but `{g.name}` has rank "
+        raise TraceError(f"{opname}: at={_shown(at)} has {len(at)} coordinates but `{g.name}` has rank "
                          f"{g.rank}; give one per axis (the last {len(tile.shape)} count whole tiles)",
                          user_line())
     if g.rank < len(tile.shape):

@@ -22,7 +22,7 @@ from tilestack.errors import LaunchError, TileDTypeError, TileShapeError, TraceE
 from tilestack.ir.nodes import Value
 from tilestack.ir.ops import Op
 from tilestack.ir.types import FLOAT, INDEX, DType, GlobalType, ScalarType, Space, TileType, bool_
-from tilestack.lang.trace import current, user_line, user_name, user_source
+from tilestack.lang.trace import current, current_or_none, user_line, user_name, user_source
 
 
 class TileSpec:
@@ -471,11 +471,30 @@ def as_index(x, what: str) -> Scalar:
     s = as_scalar(x)
     if s.type != INDEX:
         # A float Scalar comes from `/`, a float argument, or ts.load_scalar of a float tensor (a count or offset
-        # kept in a float tensor): name all three, not only `/`, so the last is not a puzzle.
-        raise TraceError(f"{what} must be an index, got a float scalar: `/` makes a float (index scalars divide "
-                         "with // or ts.cdiv), and so do a float argument and ts.load_scalar of a float tensor "
-                         "(read counts, offsets and indices from an integer or bool tensor)", user_line())
+        # kept in a float tensor): name all three, not only `/`, so the last is not a puzzle, and the argument it
+        # came from where it came straight from one.
+        origin = _float_origin(s.v)
+        raise TraceError(f"{what} must be an index, got a float scalar{origin}: `/` makes a float (index scalars "
+                         "divide with // or ts.cdiv), and so do a float argument and ts.load_scalar of a float "
+                         "tensor (read counts, offsets and indices from an integer or bool tensor)", user_line())
     return s
+
+
+def _float_origin(v) -> str:
+    """Where float scalar ``v`` of the trace in progress came from, when straight from an argument: " (ts.load_scalar
+    of `ROWS`, a float tensor)" or " (the float argument `scale`)"; else ''."""
+    tr = current_or_none()
+    if tr is None:
+        return ""
+    made = {r: ins for ins in tr.blocks[0].walk() for r in ins.results}
+    ins = made.get(v)
+    if ins is not None and ins.op is Op.LOAD_SCALAR:
+        arg = made.get(ins.srcs[0])
+        if arg is not None and arg.op is Op.ARG:
+            return f" (ts.load_scalar of `{arg.attrs.name}`, a float tensor)"
+    elif ins is not None and ins.op is Op.ARG:
+        return f" (the float argument `{ins.attrs.name}`)"
+    return ""
 
 
 class ArgumentRankError(TraceError, LaunchError):
