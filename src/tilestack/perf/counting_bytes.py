@@ -307,6 +307,26 @@ def _sampled_bytes(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     return min(taken, _held_bytes(source)) + _nbytes([grid])
 
 
+# A BatchNorm's backward reads the statistics its mode normalised by: the batch's saved mean and inverse deviation in
+# training, the running mean and variance in eval (profiler round 22: a training BatchNorm's backward was charged
+# reading its running statistics too). (the flag, the slots it reads when set, the slots it reads when not)
+STATISTICS_READ_BY_MODE: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    "aten.native_batch_norm_backward": ("train", ("save_mean", "save_invstd"), ("running_mean", "running_var")),
+}
+
+
+def _kept_bytes(func: Any, args: tuple, kwargs: dict) -> float:
+    """Bytes constant_pad_nd reads: the input elements that land in its output, all of them for a padding, fewer for
+    a negative pad, a crop (a pad's backward, F.pad(x, (-1, 0))) (profiler round 22: a pad's backward was charged
+    reading the whole padded gradient). ``pad`` holds (before, after) pairs from the last dim backwards."""
+    x, pad = _argument(func, args, kwargs, "self"), [int(p) for p in _argument(func, args, kwargs, "pad")]
+    kept = list(x.shape)
+    for i in range(min(len(pad) // 2, x.dim())):
+        d = x.dim() - 1 - i
+        kept[d] = max(kept[d] + min(pad[2 * i], 0) + min(pad[2 * i + 1], 0), 0)
+    return min(math.prod(kept) * x.element_size(), _held_bytes(x))
+
+
 # The CPU LSTM kernel's bias slots, filled with placeholders the kernel never reads where the layer has no bias
 # (nn.LSTM(bias=False)): its weights' shapes again, so a bias-free LSTM was charged reading its weights twice
 # (profiler round 20)
@@ -360,6 +380,11 @@ def op_bytes(func: Any, args: tuple, kwargs: dict, out: Any, ins: list, outs: li
     if name in SHAPE_ONLY_SELF or (name in IGNORE_SELF_WHERE_BETA_0 and _argument(func, args, kwargs, "beta") == 0):
         shape_only = _argument(func, args, kwargs, "self")
         ins = [t for t in ins if t is not shape_only]
+    if name in STATISTICS_READ_BY_MODE:
+        flag, when_set, when_unset = STATISTICS_READ_BY_MODE[name]
+        unread = [_argument(func, args, kwargs, slot) for slot in (when_unset if _argument(func, args, kwargs, flag)
+                                                                   else when_set)]
+        ins = [t for t in ins if not any(t is u for u in unread)]
     if name in BIAS_SLOTS_UNREAD_WITHOUT_BIAS and not _argument(func, args, kwargs, "has_biases"):
         unread = [_argument(func, args, kwargs, slot) for slot in BIAS_SLOTS_UNREAD_WITHOUT_BIAS[name]]
         ins = [t for t in ins if not any(t is u for u in unread)]
@@ -369,6 +394,8 @@ def op_bytes(func: Any, args: tuple, kwargs: dict, out: Any, ins: list, outs: li
         read, written = _scattered_bytes(func, args, kwargs, scattered) if sparse is None else sparse[1:]
     elif name in MASKED_SCATTERS:
         read, written = _masked_scatter_bytes(func, args, kwargs, ins, outs)
+    elif name == "aten.constant_pad_nd":
+        read, written = _kept_bytes(func, args, kwargs), _nbytes(outs)
     elif name in SAMPLERS:
         read, written = _sampled_bytes(func, args, kwargs, out), _nbytes(outs)
     elif name in INDEXING or torch.Tag.view_copy in getattr(func, "tags", ()):
@@ -377,4 +404,31 @@ def op_bytes(func: Any, args: tuple, kwargs: dict, out: Any, ins: list, outs: li
     else:
         read = _nbytes(ins) if gathered is None else _gathered_bytes(func, args, kwargs, *gathered)
         written = _nbytes(outs)
-    return read + _packed_bytes((args, kwargs)), written
+    return read + _packed_bytes((args, kwargs)), written + _nbytes(_updated_besides(func, args, kwargs, outs))
+
+
+# Ops that update arguments their schema does not mark written: native_batch_norm in training moves its running mean
+# and variance by the momentum (its functional twin, _native_batch_norm_legit, marks them ``Tensor(a!)``).
+UPDATED_UNMARKED = {"aten.native_batch_norm": ("running_mean", "running_var")}
+
+
+def _updated_besides(func: Any, args: tuple, kwargs: dict, outs: list) -> list[Any]:
+    """The arguments an op updates in place without returning them, each written once: a training BatchNorm's
+    running mean and variance, QAT's fused observer's running min, max, scale and zero point (profiler round 22:
+    only the returned tensors were charged, so a training BatchNorm's statistics updates moved no bytes)."""
+    updated = _written_arguments(func, args, kwargs)
+    unmarked = UPDATED_UNMARKED.get(str(func._overloadpacket), ())
+    if unmarked and _argument(func, args, kwargs, "training"):
+        updated += _tensors([_argument(func, args, kwargs, name) for name in unmarked])
+    return [t for t in updated if not any(t is o or _same_memory(t, o) for o in outs)]
+
+
+def _same_memory(a: Any, b: Any) -> bool:
+    """Whether two dense tensors off the meta device start at one address (an in-place op's result and its
+    argument; on meta every address is 0, and identity alone tells)."""
+    if not (_dense(a) and _dense(b)) or "meta" in (a.device.type, b.device.type):
+        return False
+    try:
+        return a.data_ptr() == b.data_ptr() and a.data_ptr() != 0
+    except RuntimeError:  # a storage-less subclass
+        return False

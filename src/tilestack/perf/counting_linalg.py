@@ -218,11 +218,21 @@ def _packed_linear_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> floa
     return float(formulas.FLOPS_PER_MAC * rows * weight.numel())
 
 
+def _distance_flops_per_term(func: Any, args: tuple, kwargs: dict) -> int:
+    """A p-norm distance's FLOPs per feature of a pair: subtract, square or abs, accumulate
+    (``formulas.CDIST_FLOPS_PER_TERM``), and a power |d|^p for an order other than 0, 1, 2 or inf, as a vector norm
+    is counted (profiler round 22: cdist and pdist with p=3 were counted as p=2, though torch.norm of the same
+    differences was charged its powers)."""
+    p = _argument(func, args, kwargs, "p")
+    p = 2.0 if p is None else float(p)
+    return formulas.CDIST_FLOPS_PER_TERM + (p not in formulas.NORM_CHEAP_ORDERS)
+
+
 def _cdist_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     """_cdist_forward / _cdist_backward: x1 (B, P, M), x2 (B, R, M): each of the B*P*R pairs over M features."""
     x1, x2 = _argument(func, args, kwargs, "x1"), _argument(func, args, kwargs, "x2")
     pairs = _numel(x1) // max(x1.shape[-1], 1) * x2.shape[-2]
-    return float(formulas.CDIST_FLOPS_PER_TERM * pairs * x1.shape[-1])
+    return float(_distance_flops_per_term(func, args, kwargs) * pairs * x1.shape[-1])
 
 
 def _product_flops(left: str, right: str, *, right_rows: bool = False) -> Rule:
@@ -300,7 +310,7 @@ def _pdist_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     """_pdist_forward / _pdist_backward: x (N, M), each of the N (N - 1) / 2 pairs over M features."""
     x = _argument(func, args, kwargs, "self")
     n = x.shape[0] if x.dim() else 0
-    return float(formulas.CDIST_FLOPS_PER_TERM * n * (n - 1) // 2 * (x.shape[-1] if x.dim() else 0))
+    return float(_distance_flops_per_term(func, args, kwargs) * n * (n - 1) // 2 * (x.shape[-1] if x.dim() else 0))
 
 
 def _polar_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
