@@ -127,8 +127,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", bias)
         self.x_scale = float(x_scale)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.in_features
+    def forward(self, input: torch.Tensor) -> torch.Tensor:   # nn.Linear's name: models call ``fc(input=h)``
+        x, k = input, self.in_features
         if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != k:   # before a reshape hides it
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise LaunchError(f"QuantLinear: x is {got}; expected a tensor (..., in_features={k})")
@@ -294,8 +294,9 @@ def calibrate(model: nn.Module, names: list[str], batches) -> dict[str, InputSta
     rows = dict.fromkeys(names, 0)
     hooks = []
     for name in names:
-        def record(_mod, args, name=name):
-            x = args[0].detach()
+        def record(_mod, args, kwargs, name=name):
+            # nn.Linear's input by position or by its name (``fc(input=x)``: args empty, an IndexError in the model)
+            x = (args[0] if args else kwargs["input"]).detach()
             if x.numel():                # an empty input has no largest value
                 top = float(x.abs().max())
                 # NaN kept (max(a, nan) would keep a, and the check below would pass it by)
@@ -303,7 +304,7 @@ def calibrate(model: nn.Module, names: list[str], batches) -> dict[str, InputSta
                 total = x.reshape(-1, x.shape[-1]).sum(0, dtype=torch.float64)
                 sums[name] = total if name not in sums else sums[name] + total
                 rows[name] += x.numel() // x.shape[-1]
-        hooks.append(modules[name].register_forward_pre_hook(record))
+        hooks.append(modules[name].register_forward_pre_hook(record, with_kwargs=True))
     seen = 0
     # as inference sees it: a model left in training mode had its dropout scale the recorded inputs and its
     # BatchNorm statistics moved by the calibration batches; each module's mode is restored after
@@ -394,8 +395,9 @@ def quantize(model: nn.Module, mode: str = "int8", *, calibration=None, skip=())
 
     def replaced(name: str, linear: nn.Linear) -> QuantLinear:
         if name not in stats:
-            return QuantLinear(linear, mode)
-        return QuantLinear(linear, mode, activation_scale(stats[name].amax), stats[name].mean)
+            return _with_forward_hooks(QuantLinear(linear, mode), linear)
+        return _with_forward_hooks(QuantLinear(linear, mode, activation_scale(stats[name].amax), stats[name].mean),
+                                   linear)
 
     if "" in names:      # the model is itself a Linear: no parent to change in place, its replacement is returned
         return replaced("", model)
@@ -422,6 +424,20 @@ def quantize(model: nn.Module, mode: str = "int8", *, calibration=None, skip=())
                       f"nn.Linear layers only): {', '.join(floats)}; name them in skip= to keep them in float without "
                       "this warning", UserWarning, stacklevel=2)
     return model
+
+
+# a module's forward hooks and pre-hooks, with the dicts that mark which take kwargs or always run
+_FORWARD_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                       "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def _with_forward_hooks(new: QuantLinear, linear: nn.Linear) -> QuantLinear:
+    """``new`` given ``linear``'s forward hooks and pre-hooks (the same dicts, so that the handles
+    ``register_forward_hook`` returned still remove them). A hook on a layer (feature extraction, activation logging)
+    stopped firing without a word once quantize replaced the layer."""
+    for name in _FORWARD_HOOK_DICTS:
+        setattr(new, name, getattr(linear, name))
+    return new
 
 
 def _skip_names(skip) -> tuple[str, ...]:
