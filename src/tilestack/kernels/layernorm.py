@@ -1,7 +1,7 @@
 """Layer norm forward over the last dim of a 2-D tensor, any width; saves mean and 1/std for a backward.
 A row that fits one tile (``ONE_TILE``) is read once; a wider one takes four passes (largest |x|, mean, variance
-about the mean, normalise). A row past f32's range for squares (|x| > 2^32) has its statistics taken scaled
-(``row_scale``).
+about the mean, normalise). A row past f32's range for squares (|x| > 2^32), or below it (|x| < 2^-32), has its
+statistics taken scaled (``row_scale``).
 
     y, mean, rstd = tilestack.kernels.layer_norm(x, weight, bias, eps=1e-5)
 """
@@ -32,25 +32,37 @@ def recenter(d, mean, n, cols_left, BM: int) -> None:
 
 # A row whose largest |x| passes BIG_ROW has its statistics taken of x / c, c a power of two at most that largest |x|
 # (and at most MAX_ROW_SCALE, so that 1 / c stays a normal f32): its squares would pass f32's range (|x| past about
-# 1.8e19; a row of 1e30 gave rstd 0 and y = 0 in RMS norm, NaN in layer norm, where torch's float64 answers). Scaling
-# by a power of two is exact, so the statistics are the unscaled arithmetic's, moved by c (a constant row's mean is
-# still its value exactly). Every other row, and a row holding an infinity (whose NaN and infinities are torch's),
-# takes c = 1: the same arithmetic as before, bit for bit.
+# 1.8e19; a row of 1e30 gave rstd 0 and y = 0 in RMS norm, NaN in layer norm, where torch's float64 answers). A row
+# whose largest |x| is below SMALL_ROW (and not 0) likewise, c a power of two within a factor 2 of it and at least
+# MIN_ROW_SCALE (1 / c a finite f32): its squares would fall below f32's range (|x| under about 1e-19; with eps = 0
+# a row of 1e-25 gave rstd inf and y = inf, where float64 answers about +-1). Scaling by a power of two is exact, so
+# the statistics are the unscaled arithmetic's, moved by c (a constant row's mean is still its value exactly). Every
+# other row, a row of zeros and a row holding an infinity or a NaN (whose NaN and infinities are torch's) take c = 1:
+# the same arithmetic as before, bit for bit.
 BIG_ROW = 2.0 ** 32
 MAX_ROW_SCALE = 2.0 ** 96
+SMALL_ROW = 2.0 ** -32
+MIN_ROW_SCALE = 2.0 ** -126
 
 
 def row_scale(c, inv, amax, BM: int) -> None:
     """c and inv = 1 / c per row (the rule above) from ``amax``, the rows' largest |x| (c and amax may be one)."""
-    big = ts.RegVec[ts.bool_, BM]()
-    finite = ts.RegVec[ts.bool_, BM]()
+    scaled = ts.RegVec[ts.bool_, BM]()
+    test = ts.RegVec[ts.bool_, BM]()
     exponent = ts.RegVec[ts.f32, BM]()
-    ts.gt(big, amax, BIG_ROW)
-    ts.lt(finite, amax, math.inf)
-    ts.logical_and(big, big, finite)
+    ts.gt(scaled, amax, BIG_ROW)                 # big: past BIG_ROW and finite
+    ts.lt(test, amax, math.inf)
+    ts.logical_and(scaled, scaled, test)
+    ts.lt(test, amax, SMALL_ROW)                 # small: below SMALL_ROW and above 0 (a NaN compares false)
+    ts.logical_or(scaled, scaled, test)
+    ts.gt(test, amax, 0.0)
+    ts.logical_and(scaled, scaled, test)
     ts.min(exponent, amax, MAX_ROW_SCALE)
-    ts.where(exponent, big, exponent, 1.0)
-    ts.log2(exponent, exponent)                  # >= 0; floor(e) = e - rem(e, 1), and 2^floor(e) exactly
+    ts.max(exponent, exponent, MIN_ROW_SCALE)
+    ts.where(exponent, scaled, exponent, 1.0)
+    # e = log2 of it, in [-126, 96]; e - rem(e, 1) is e rounded toward 0 (floor for a big row, ceil for a small one),
+    # and 2 to that power exactly
+    ts.log2(exponent, exponent)
     ts.rem(inv, exponent, 1.0)
     ts.sub(exponent, exponent, inv)
     ts.exp2(c, exponent)
@@ -60,16 +72,21 @@ def row_scale(c, inv, amax, BM: int) -> None:
 
 def scaled_rstd(rstd, var, inv, eps, BM: int) -> None:
     """rstd = 1 / sqrt(var * c^2 + eps) from ``var``, the variance (or mean square) of x / c: rsqrt(var + eps / c^2)
-    / c, at most 1 / sqrt(eps) (a constant row of 1e30: its eps / c^2 underflows to 0, and the rsqrt of 0 is inf)."""
+    / c, at most 1 / sqrt(eps) (a constant row of 1e30: its eps / c^2 underflows to 0, and the rsqrt of 0 is inf).
+    eps / c^2 is taken as eps * inv * inv (inv * inv first passes f32's range for a small row's scale); where it
+    passes f32's range (a small row, eps > 0), var is nothing beside it, and rstd is 1 / sqrt(eps)."""
     cap = ts.RegVec[ts.f32, BM]()
-    ts.mul(cap, inv, inv)
-    ts.mul(cap, cap, eps)
+    fits = ts.RegVec[ts.bool_, BM]()
+    ts.mul(cap, inv, eps)
+    ts.mul(cap, cap, inv)
+    ts.lt(fits, cap, math.inf)
     ts.add(rstd, var, cap)
     ts.rsqrt(rstd, rstd)
     ts.mul(rstd, rstd, inv)
     ts.fill(cap, eps)
     ts.rsqrt(cap, cap)
     ts.min(rstd, rstd, cap)
+    ts.where(rstd, fits, rstd, cap)
 
 
 def row_abs_max(amax, x, scratch, acc=None) -> None:
