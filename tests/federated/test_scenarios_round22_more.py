@@ -1,7 +1,9 @@
 """Federated scenarios, round 22 (2 of 2): a strategy subclass of the user's own with a client lost after its local
 training, SCAFFOLD with a server learning rate under a selector that samples two of three clients, FedAvgM's server
 momentum across a round where one client raises inside its training, each written out by hand in float64, and
-SecAgg+'s share and threshold settings at their edges.
+SecAgg+'s share and threshold settings at their edges; and wrappers stacked on server rules (Oort over int8 over
+SCAFFOLD, top-k over FedYogi under the stale policy, random selection over Ditto) under dropouts and a deadline,
+stopped after round 2 and resumed.
 
 tilestack's ClientApp (wrapped by ``_fl_round19.failing_app`` where a client fails) over tilestack's in-process Flower
 ``Grid`` under ``ManagedGrid`` (``run_rounds``); Flower 1.41's FedAvg (subclassed here) and FedAvgM, tilestack's
@@ -33,14 +35,17 @@ from _fl_round18 import EVERYONE
 from _fl_round19 import failing_app
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.clientapp import ClientApp
-from flwr.serverapp.strategy import FedAvg, FedAvgM
+from flwr.serverapp.strategy import FedAvg, FedAvgM, FedYogi
 
-from tilestack.federated import InProcessGrid, ManagedGrid, Task, initial_arrays, run_rounds
+from tilestack.federated import InProcessGrid, ManagedGrid, SystemModel, Task, initial_arrays, run_rounds, simulate
 from tilestack.federated import client as tsclient
+from tilestack.federated.compression import Compressed
 from tilestack.federated.secagg import run_plain, run_secure
-from tilestack.federated.strategies import RandomSelector, Scaffold, Selected
+from tilestack.federated.strategies import Ditto, OortSelector, RandomSelector, Scaffold, Selected
 
 pytestmark = pytest.mark.timeout(120)
+
+ANY = dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
 
 
 def _task(**kw) -> Task:
@@ -244,3 +249,38 @@ def test_numpy_numbers_as_secure_shares_and_threshold_are_the_plain_ones():
         np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
         np.testing.assert_allclose(share[k], plain[k], atol=1e-4, err_msg=k)
         np.testing.assert_allclose(ref[k], plain[k], atol=1e-4, err_msg=k)
+
+
+# ---- stacked wrappers stopped after round 2 and resumed ------------------------------------------------------------
+def _system() -> SystemModel:
+    return SystemModel(4, speed_sigma=1.0, dropout=0.25, straggler_fraction=0.5, deadline=0.08, seed=5)
+
+
+STACKS = {
+    "oort(int8(scaffold))": (lambda: Selected(Compressed(Scaffold(**ANY), "int8"), OortSelector(_system(), seed=2), 3),
+                             "partial"),
+    "topk(fedyogi), stale": (lambda: Compressed(FedYogi(**ANY), "topk", 0.4), "stale"),
+    "random(ditto)": (lambda: Selected(Ditto(lam=0.2, **ANY), RandomSelector(2), 2), "drop"),
+}
+
+
+@pytest.mark.parametrize("name", list(STACKS))
+def test_stacked_wrappers_under_dropouts_and_a_deadline_resumed_after_round_two_equal_the_run_never_stopped(
+    name, tmp_path
+):
+    """Four clients of unequal sizes, a quarter dropping out, half straggling, a round deadline that cuts some and
+    times others out: the run stopped after round 2 and resumed from its checkpoint ends at the uninterrupted run's
+    model bit for bit, with the same clients left out each round and for the same reasons."""
+    make, policy = STACKS[name]
+    task = _task(num_clients=4)
+    kw = dict(rounds=4, evaluate=False, stragglers=policy)
+    full = simulate(make(), task, system=_system(), **kw)
+    ckpt = tmp_path / "run.ckpt"
+    simulate(make(), task, system=_system(), checkpoint=ckpt, stop_after=2, **kw)
+    resumed = simulate(make(), task, system=_system(), checkpoint=ckpt, **kw)
+    assert [r.excluded for r in resumed.history.rounds] == [r.excluded for r in full.history.rounds]
+    assert any(r.excluded for r in full.history.rounds)  # the system model did leave clients out
+    a, b = np_(full.arrays), np_(resumed.arrays)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
