@@ -6,6 +6,8 @@ and used as the coordinates of one-row tiles, index tensors of i32 and i64, padd
 a scale, operands of two dtypes); and Morton (Z-order) codes, 2-D in i32 (codes past 2**31 wrap to negatives and
 decode back by arithmetic shifts masked) and 3-D in i64 from i32 coordinates. Then misuse refused with the argument
 named (the coordinates shown by their names, a float coordinate by the argument it came from: both fixed this round),
+a softmax under per-row temperatures and a boolean mask read from memory (the Gluon backend computed every pointer
+offset of it in 64 bits and spilled: now 32 bits where the launch's tensors allow, fixed this round),
 and this round's kernels compiled for sm_90a through the Triton and Gluon backends.
 """
 
@@ -497,3 +499,98 @@ def test_gluon_refuses_the_summed_area_tables_f32_products_by_name():
     with pytest.raises(BackendError, match=r"test_heldout_round24\.py:\d+: the gluon backend multiplies "
                                            r"bf16/f16/f8e4m3 tiles on wgmma; mma has f32 operands"):
         get_backend("gluon").source(kernel.trace(*args, **consts))
+
+
+# ---- 6. softmax under a per-row temperature and a boolean mask read from memory; Gluon's 32-bit offsets -------------
+@ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))
+def masked_temp_softmax(X, MASK, TEMP, Y, *, BM: int = 16, BN: int = 32):
+    """Y = softmax(X / TEMP[:, None] where MASK else -inf) along rows wider than a tile: an online max and sum over
+    the column tiles, then a second pass that writes; the temperatures staged once in a shared vector; rows with
+    nothing kept (and columns past N) give 0, not NaN."""
+    i = ts.block_id(0)
+    tv = ts.SharedVec[TEMP.dtype, BM]()
+    ts.load(tv, TEMP, at=(i,))
+    t = ts.RegVec[ts.f32, BM]()
+    x = ts.RegTile[ts.f32, BM, BN]()
+    keep = ts.RegTile[ts.bool_, BM, BN]()
+    m, s, mt, alpha = (ts.RegVec[ts.f32, BM]() for _ in range(4))
+    fin = ts.RegVec[ts.bool_, BM]()
+    ts.neg_infty(m)
+    ts.zero(s)
+    for j in ts.range(ts.cdiv(X.shape[1], BN)):
+        ts.load(t, tv)
+        ts.load(x, X, at=(i, j))
+        ts.load(keep, MASK, at=(i, j))
+        ts.div(x, x, ts.per_row(t))
+        ts.where(x, keep, x, -math.inf)
+        ts.row_max(mt, x, m)
+        ts.gt(fin, mt, -math.inf)                     # a row with something kept so far
+        ts.sub(alpha, m, mt)
+        ts.where(alpha, fin, alpha, 0.0)              # (-inf - -inf: no rescale)
+        ts.exp(alpha, alpha)
+        ts.mul(s, s, alpha)
+        ts.where(mt, fin, mt, 0.0)
+        ts.sub(x, x, ts.per_row(mt))
+        ts.exp(x, x)
+        ts.row_sum(s, x, s)
+        ts.where(m, fin, mt, m)
+    out = ts.RegTile[Y.dtype, BM, BN]()
+    for j in ts.range(ts.cdiv(X.shape[1], BN)):
+        ts.load(t, tv)
+        ts.load(x, X, at=(i, j))
+        ts.load(keep, MASK, at=(i, j))
+        ts.div(x, x, ts.per_row(t))
+        ts.sub(x, x, ts.per_row(m))
+        ts.exp(x, x)
+        ts.div(x, x, ts.per_row(s))
+        ts.where(x, keep, x, 0.0)
+        ts.copy(out, x)
+        ts.store(Y, out, at=(i, j))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("xdtype", "ydtype"), [(F32, F32), (BF, BF), (F16, F32)])
+@pytest.mark.parametrize(("M", "N"), [(37, 100), (5, 1)])
+def test_masked_softmax_with_row_temperatures(backend, xdtype, ydtype, M, N, rng):
+    """Against float64 torch: ragged rows and columns, temperatures from 0.05 to 2 (logits up to 200), a row with
+    nothing kept (zeros), a row keeping only its last column (1 there), logits of +-3e4 kept and masked."""
+    x = randn(rng, M, N, dtype=F64) * 5
+    mask = torch.from_numpy(rng.random((M, N)) > 0.3)
+    if M > 5:
+        mask[3] = False
+        mask[5] = False
+        mask[5, N - 1] = True
+        x[4, 0], x[4, -1] = 3e4, -3e4
+    x = x.to(xdtype)
+    temp = torch.from_numpy(rng.uniform(0.05, 2.0, M)).float()
+    y = poisoned(M, N, dtype=ydtype)
+    launch(masked_temp_softmax, backend, x, mask, temp, y)
+    z = (x.double() / temp.double()[:, None]).masked_fill(~mask, -math.inf)
+    want = torch.softmax(z, 1).nan_to_num(0.0)
+    close(y, want)
+    if M > 5:
+        assert (y[3] == 0).all() and y[5, N - 1] == 1 and (y[5, :N - 1] == 0).all()
+
+
+def test_gluon_offsets_are_32_bit_where_the_launchs_tensors_allow():
+    """The Gluon backend computed every pointer offset in 64 bits: a (64, 128) tile's offsets took two registers an
+    element, and this softmax spilled 928 bytes a thread at one warpgroup where the Triton backend (32-bit offsets for
+    tensors under 2**31 elements) spilled none. A launch (and an AOT compile given the launch's tensors) now computes
+    them in 32 bits for the tensors whose sizes allow it, per tensor; without tensors, in 64 as before."""
+    from tilestack.backends import get_backend
+    from tilestack.backends.gluon import aot as gaot
+    be = get_backend("gluon")
+    args = (meta(8192, 32000, dtype=BF), meta(8192, 32000, dtype=torch.bool), meta(8192), meta(8192, 32000, dtype=BF))
+    tr = masked_temp_softmax.trace(*args, BM=64, BN=128)
+    o = be.Options(num_warps=4)
+    narrow = be.generate(tr, o, True, frozenset()).source
+    assert "gl.arange(0, 128, layout=gl.SliceLayout(0, L0)))\n" in narrow and ".to(gl.int64)" not in narrow
+    big = (meta(70000, 32000, dtype=BF), *args[1:])          # X past 2**31 elements: its offsets alone in 64 bits
+    from tilestack.backends.triton.codegen import wide_globals
+    assert wide_globals(tr.ir, big) == {0} and wide_globals(tr.ir, args) == frozenset()
+    try:
+        gaot.tool("ptxas")
+    except gaot.ToolMissing as e:
+        pytest.skip(str(e))
+    before, after = (gaot.resources(be.aot(tr, o, args=a)) for a in (None, args))
+    assert before["spill_stores"] > 500 and after["spill_stores"] <= before["spill_stores"] // 10, (before, after)

@@ -107,26 +107,31 @@ class GluonBackend(Backend):
         o = GluonOptions(**options)
         return codegen.lower(ir, o.warps, o.stages, o.specialize, o.persist, print_after=print_after)
 
-    def generate(self, traced, options: GluonOptions | None = None, tma: bool = True) -> codegen.Lowered:
+    def generate(self, traced, options: GluonOptions | None = None, tma: bool = True,
+                 index64: bool | frozenset[int] = True) -> codegen.Lowered:
         """The lowered kernel for these options; ``tma``: whether the launch's tensors go through the copy
-        engine (a launcher decides from their strides; source and AOT compiles assume they do)."""
+        engine (a launcher decides from their strides; source and AOT compiles assume they do); ``index64``: the
+        param indices of the globals whose element offsets need 64 bits (a launcher's ``wide_globals`` of its
+        tensors), True for every one (a source or AOT compile without tensors)."""
         o = options or self.default_options(traced)
-        key = ("lowered", o, tma)
+        key = ("lowered", o, tma, index64)
         cache = self.cache(traced)
         if key not in cache:
-            cache[key] = codegen.generate(traced.ir, o.warps, o.stages, o.specialize, o.persist, tma)
+            cache[key] = codegen.generate(traced.ir, o.warps, o.stages, o.specialize, o.persist, tma, index64)
         return cache[key]
 
-    def compile(self, traced, options: GluonOptions | None = None, tma: bool = True) -> GluonArtifact:
+    def compile(self, traced, options: GluonOptions | None = None, tma: bool = True,
+                index64: bool | frozenset[int] = True) -> GluonArtifact:
         """The jitted kernel for these options, cached per trace (Triton compiles it on the first launch)."""
         from tilestack.backends.gluon import launch
 
         o = options or self.default_options(traced)
         cache = self.cache(traced)
-        art = cache.get(("jit", o, tma))
+        art = cache.get(("jit", o, tma, index64))
         if art is None:
-            low = self.generate(traced, o, tma)
-            art = cache[("jit", o, tma)] = GluonArtifact(weakref.ref(traced), launch.compile_source(low), low, o)
+            low = self.generate(traced, o, tma, index64)
+            art = cache[("jit", o, tma, index64)] = GluonArtifact(weakref.ref(traced), launch.compile_source(low),
+                                                                  low, o)
         return art
 
     def prepare(self, traced, args, options: dict[str, Any] | None = None):
@@ -152,11 +157,15 @@ class GluonBackend(Backend):
                                "(or compile ahead of time: BACKEND.aot(traced), aot.resources)")
         return kernel_report(k)
 
-    def aot(self, traced, options: GluonOptions | None = None, arch: int = 90, tma: bool = True):
+    def aot(self, traced, options: GluonOptions | None = None, arch: int = 90, tma: bool = True, args=None):
         """Compile for sm_``arch``a on this machine (no GPU needed): a ``triton.compiler.CompiledKernel`` whose
-        ``asm`` holds the PTX and the cubin (``aot.resources`` reads registers, spills and SASS from it)."""
+        ``asm`` holds the PTX and the cubin (``aot.resources`` reads registers, spills and SASS from it). ``args``
+        (tensors or meta tensors of the launch): element offsets in 32 bits where their sizes allow, as a launch
+        computes them; without them, in 64 bits."""
         from tilestack.backends.gluon import aot
-        return aot.compile_for(self.compile(traced, options, tma), arch)
+        from tilestack.backends.triton.codegen import wide_globals
+        index64 = True if args is None else wide_globals(traced.ir, args)
+        return aot.compile_for(self.compile(traced, options, tma, index64), arch)
 
 
 BACKEND = GluonBackend()

@@ -212,9 +212,10 @@ def _check_waits(kernel: KernelIR) -> None:
                     "gave again)")
 
 
-def emit(low: KernelIR, warps: int) -> Lowered:
+def emit(low: KernelIR, warps: int, index64: bool | frozenset[int] = True) -> Lowered:
     """Gluon source for IR the Gluon pipeline has lowered (``lower``): one function, or with warp roles one per
-    role and a kernel that forks them."""
+    role and a kernel that forks them. ``index64``: the param indices of the globals whose element offsets need 64
+    bits (``backends.triton.codegen.wide_globals`` of a launch's tensors), or True for every global."""
     _check_waits(low)
     rings = _rings(low)
     fn = f"{low.name}_kernel"
@@ -223,7 +224,7 @@ def emit(low: KernelIR, warps: int) -> Lowered:
     floor = nan = False
     roles: tuple = ()
     if not low.roles:
-        e = Emitter(low, warps, rings)
+        e = Emitter(low, warps, rings, index64=index64)
         e.block(low.body)
         params = _params(low, e)
         funcs.append(_function(fn, params, e))
@@ -231,14 +232,14 @@ def emit(low: KernelIR, warps: int) -> Lowered:
         num_warps = warps
     else:
         order = sorted(low.roles.items(), key=lambda kv: -kv[1].registers)   # stable: the first largest leads
-        probe = Emitter(low, warps, rings)
+        probe = Emitter(low, warps, rings, index64=index64)
         params = _params(low, probe)
         ring_args = []
         for ring in rings.values():
             ring_args += [ring.name, f"{ring.name}_ready"] + ([f"{ring.name}_empty"] if ring.consumers else [])
         for role, decl in order:
             keep, live = role_slice(low, role)
-            e = Emitter(low, decl.warps, rings, keep, live, partition=True)
+            e = Emitter(low, decl.warps, rings, keep, live, partition=True, index64=index64)
             for ring in rings.values():
                 phase_bits(e, ring)
             first_turns(e, role)
@@ -248,7 +249,7 @@ def emit(low: KernelIR, warps: int) -> Lowered:
             last_turns(e, role)
             funcs.append(_function(f"{low.name}_{role}", params, e, ring_args))
             floor, nan = floor or e.floor_helpers, nan or e.nan_helpers
-        k = Emitter(low, order[0][1].warps, rings)
+        k = Emitter(low, order[0][1].warps, rings, index64=index64)
         for ins in low.body.instrs:        # what the kernel itself runs: arguments (names) and the rings
             if ins.op is Op.ARG:
                 e_arg(k, ins)
@@ -284,8 +285,8 @@ def lower(kernel: KernelIR, warps: int, stages: int, specialize: bool = False, p
 
 
 def generate(kernel: KernelIR, warps: int, stages: int, specialize: bool = False, persist: bool = False,
-             tma: bool = True) -> Lowered:
+             tma: bool = True, index64: bool | frozenset[int] = True) -> Lowered:
     low, stages_ = lower(kernel, warps, stages, specialize, persist, tma)
     applied = persist and dict(stages_)["persistent"] is not kernel
-    return dataclasses.replace(emit(low, warps), persistent=applied)
+    return dataclasses.replace(emit(low, warps, index64), persistent=applied)
 

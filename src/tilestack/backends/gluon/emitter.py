@@ -127,8 +127,11 @@ class Emitter:
     """Emits one Gluon function: the kernel, or one warp role's partition (``keep``: the instructions it runs)."""
 
     def __init__(self, kernel: KernelIR, warps: int, rings: dict[int, Ring], keep: set | None = None,
-                 live: set | None = None, partition: bool = False):
+                 live: set | None = None, partition: bool = False, index64: bool | frozenset[int] = True):
         self.kernel = kernel
+        # the param indices of the globals whose element offsets are computed in 64 bits (True: every one, where
+        # the tensors are not known: a source or ahead-of-time compile without arguments)
+        self.index64 = index64
         self.warps = warps
         self.rings = rings
         self.keep, self.live, self.partition = keep, live, partition
@@ -400,12 +403,16 @@ class Emitter:
         return "[" + ", ".join(offs) + "]"
 
     def address(self, g: Value, coords, shape: tuple[int, ...], key: tuple) -> tuple[str, str]:
-        """(pointer, mask) of a tile at tile coordinates ``coords`` of ``g``, in layout ``key``; offsets in 64
-        bits (any tensor size), masked against the global's sizes so tiles may hang past a ragged edge."""
+        """(pointer, mask) of a tile at tile coordinates ``coords`` of ``g``, in layout ``key``, masked against the
+        global's sizes so tiles may hang past a ragged edge. Offsets in 64 bits where the global's may pass int32
+        (``index64``), else in 32 as the Triton backend's: a (64, 128) tile's 64-bit offsets took two registers an
+        element, and a pointer-loaded softmax spilled 928 bytes a thread at one warpgroup (36 in 32 bits)."""
         gname = self.globals[g]
         lead = g.type.rank - len(shape)
         lname = self.layout(key)
-        terms = [f"{self.wide(c)} * {gname}_s{a}" for a, c in enumerate(coords[:lead])]   # 64-bit, as below
+        wide = self.index64 is True or self.global_index[g] in self.index64
+        terms = [f"{self.wide(c) if wide or c in self.from_memory else self.name(c)} * {gname}_s{a}"
+                 for a, c in enumerate(coords[:lead])]
         offs, masks = [], []
         for k, n in enumerate(shape):
             axis = lead + k
@@ -417,7 +424,7 @@ class Emitter:
                 # a constant whose product with the tile size passes int32 (at=(R, 0), R=2**27): multiplied as
                 # int32 literals it failed Gluon's compile ("Scalar 2147483648 is out of range for type int32")
                 x = f"gl.cast({x}, gl.int64)"
-            self.emit(f"{var} = ({x} * {n} + gl.arange(0, {n}, layout={sl})).to(gl.int64)")
+            self.emit(f"{var} = ({x} * {n} + gl.arange(0, {n}, layout={sl}))" + (".to(gl.int64)" if wide else ""))
             bc = ("[:, None]" if k == 0 else "[None, :]") if len(shape) == 2 else ""
             offs.append(f"{var}{bc} * {gname}_s{axis}")
             masks.append(f"({var}{bc} >= 0) & ({var}{bc} < {gname}_d{axis})")

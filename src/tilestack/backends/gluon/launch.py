@@ -95,6 +95,7 @@ class Launcher:
         import torch
 
         from tilestack.backends.gluon import BACKEND
+        from tilestack.backends.triton.codegen import wide_globals
 
         devices = {a.device.type for a in args if isinstance(a, torch.Tensor)}
         if devices != {"cuda"}:
@@ -111,7 +112,8 @@ class Launcher:
             raise LaunchError(f"gluon backend: {traced.name}'s async loads go through the copy engine, which needs "
                               f"{bad} contiguous in the last axis, the other strides and the address "
                               f"{TMA_ALIGN}-byte aligned (pad the last axis), each size under 2**31")
-        art = BACKEND.compile(traced, options, tma)
+        # element offsets in 32 bits for the tensors whose sizes allow it (the launch key holds shapes and strides)
+        art = BACKEND.compile(traced, options, tma, wide_globals(traced.ir, args))
         self.fn, low = art.fn, art.lowered
         self.num_warps = low.num_warps
         self.grid = None if traced._grid_scalars else self._grid(args)
