@@ -35,6 +35,14 @@ _SHOWN = 3            # differing parameter names quoted in an error
 _CHECKPOINT_FILE = re.compile(r"\.metadata|__\d+(_\d+\.distcp|\.metadata)")   # what torch.distributed.checkpoint writes
 
 
+def _options():
+    """The optimizer's state and hyperparameters keyed by parameter name (``param_groups.<name>.lr``), not by group
+    index: each pipeline stage's optimizer has a group 0 of its own parameters, and the stages' ``param_groups.0``
+    entries collided in the checkpoint (a resumed pipeline rank lost lr, betas and eps: a KeyError in AdamW)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
 def _check(trainer, what: str) -> None:
     if trainer.zero is not None:
         raise ParallelConfigError(f"checkpoint.{what}: zero={trainer.pc.zero}; ZeRO-1/2's flat optimizer slices "
@@ -138,7 +146,7 @@ def save(trainer, path: str | os.PathLike) -> None:
             _settle(path)
             shutil.rmtree(partial, ignore_errors=True)      # what a save killed before its swap left
         _barrier()
-        model_sd, optim_sd = get_state_dict(trainer.parts[0], trainer.optimizer)
+        model_sd, optim_sd = get_state_dict(trainer.parts[0], trainer.optimizer, options=_options())
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.fspath(partial))
         _barrier()
         if _rank0():
@@ -167,7 +175,7 @@ def load(trainer, path: str | os.PathLike) -> int:
         raise ParallelConfigError(f"checkpoint.load: path={os.fspath(path)!r} is not a directory; expected a "
                                   "checkpoint written by tilestack.parallel.checkpoint.save")
     saved = _saved_shapes(path)
-    model_sd, optim_sd = get_state_dict(trainer.parts[0], trainer.optimizer)
+    model_sd, optim_sd = get_state_dict(trainer.parts[0], trainer.optimizer, options=_options())
     _check_same_model(path, saved, model_sd)
     # DCP loads in place: a shard cut short (past its first tensors) left the trainer's parameters and moments partly
     # the file's behind an error a caller could catch and train on. Every byte range the .metadata names is checked
@@ -183,7 +191,7 @@ def load(trainer, path: str | os.PathLike) -> int:
                                   "files are damaged or incomplete: load an earlier checkpoint, or delete it and "
                                   "train from the start") from e
     set_state_dict(trainer.parts[0], trainer.optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"])
+                   optim_state_dict=state["optim"], options=_options())
     return _steps(trainer.optimizer)
 
 

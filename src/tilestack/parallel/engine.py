@@ -29,6 +29,7 @@ from tilestack.parallel.config import ParallelConfig, ParallelConfigError
 from tilestack.parallel.model import GPT, lm_loss
 from tilestack.parallel.parallelize import (
     all_reduce_gradients,
+    local_grad,
     parallelize,
     trainer_reduces_gradients,
     uses_ddp,
@@ -53,6 +54,7 @@ def adamw_foreach(params: list[torch.Tensor]) -> bool | None:
 
 
 IGNORE_INDEX = -100   # F.cross_entropy's default: a target that takes no part in the loss
+CLIP_EPS = 1e-6       # torch.nn.utils.clip_grad_norm_'s: max_norm / (norm + CLIP_EPS)
 
 
 def check_batch(cfg, idx, targets) -> None:
@@ -117,6 +119,8 @@ class Trainer:
                                   bucket_numel=zero_bucket_numel, overlap=pc.pp == 1) if pc.zero else None
         self.optimizer = self.zero.optimizer if self.zero else make(self.params)
         self._counted_per_shard: float | None = None       # (set by each step: _set_loss_scale)
+        self._pieces = 1                                      # (likewise: chunks x micro-batches per rank)
+        self._has_grads = False                               # reduced gradients waiting for optimizer_step
         self.schedule = self._pipeline_schedule() if pc.pp > 1 else None
 
     # ---- pipeline ------------------------------------------------------------------------------------------------
@@ -130,12 +134,13 @@ class Trainer:
         group = self.mesh["pp"].get_group()
         stages = [PipelineStage(part, s, self.pc.n_stages, self.device, group=group)
                   for part, s in zip(self.parts, self.stage_ids, strict=True)]
-        # loss_fn: the mean over one micro-batch; scale_grads divides the summed gradients by the number of
-        # micro-batches, so they are those of the mean over the whole batch
+        # loss_fn: one micro-batch's share of the whole batch's mean (_loss divides by the number of pieces), so
+        # the summed gradients are those of the mean. Not scale_grads: it divides all of p.grad after the step,
+        # gradients accumulated by an earlier chunk of step(accumulate=k) included
         if self.pc.pp_schedule == "interleaved-1f1b":
-            return ScheduleInterleaved1F1B(stages, self.pc.microbatches, loss_fn=self._loss)
+            return ScheduleInterleaved1F1B(stages, self.pc.microbatches, loss_fn=self._loss, scale_grads=False)
         cls = ScheduleGPipe if self.pc.pp_schedule == "gpipe" else Schedule1F1B
-        return cls(stages[0], self.pc.microbatches, loss_fn=self._loss)
+        return cls(stages[0], self.pc.microbatches, loss_fn=self._loss, scale_grads=False)
 
     # ---- one step ------------------------------------------------------------------------------------------------
     def local_batch(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,57 +149,91 @@ class Trainer:
         rows = slice(self.dp_index * n, (self.dp_index + 1) * n)
         return idx[rows].to(self.device), targets[rows].to(self.device)
 
-    def forward_backward(self, idx: torch.Tensor, targets: torch.Tensor) -> float:
-        """Loss and reduced gradients of the global batch (B, N); returns the global mean loss on every rank."""
+    def forward_backward(self, idx: torch.Tensor, targets: torch.Tensor, *, accumulate: int = 1) -> float:
+        """Loss and reduced gradients of the global batch (B, N); returns the global mean loss on every rank.
+
+        ``accumulate=k`` (gradient accumulation): the batch's rows in k consecutive chunks of B / k, one forward
+        and backward each (1/k of the activations alive), the gradients summed into those of the whole batch's
+        mean: the same step as k = 1, up to rounding. The data-parallel reduction runs once, after the last chunk
+        (DDP: no_sync before it), except where FSDP2 or ZeRO-2 reduce from backward hooks (they add up).
+        Gradients of calls not followed by ``optimizer_step`` are summed, as ``loss.backward()`` sums them."""
         check_batch(self.cfg, idx, targets)
-        self.pc.validate(self.mesh.size(), model=self.cfg, batch=idx.shape[0], seq=idx.shape[1])
-        self._set_loss_scale(targets)
-        idx, targets = self.local_batch(idx, targets)
-        if self.schedule is None:
-            # measuring the noise scale: DDP leaves the gradients local (no_sync), _reduce_gradients reduces them
-            with self.parts[0].no_sync() if self.gns is not None else contextlib.nullcontext():
-                loss = self._loss(self.parts[0](idx), targets)
-                loss.backward()
-            loss = loss.detach()
-        else:
-            first, last = 0 in self.stage_ids, self.pc.n_stages - 1 in self.stage_ids
-            losses: list[torch.Tensor] = []
-            # return_outputs=False: the last stage keeps no micro-batch's logits past its backward (the losses
-            # are all a step needs)
-            self.schedule.step(*((idx,) if first else ()), target=targets if last else None,
-                               losses=losses if last else None, return_outputs=False)
-            # f64 on every stage: the last stage's loss has the model's dtype (f32, or f64), which the other
-            # stages do not know, and the all-reduce needs one size on all
-            loss = (torch.stack(losses).mean().detach().double() if last
-                    else torch.zeros((), dtype=torch.float64, device=self.device))
-            dist.all_reduce(loss, group=self.mesh["pp"].get_group())       # only the last stage's is non-zero
+        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+            raise ParallelConfigError(f"Trainer.step: accumulate={accumulate!r}; expected a positive int (chunks "
+                                      "of the batch whose gradients are summed)")
+        if idx.shape[0] % accumulate:
+            raise ParallelConfigError(f"Trainer.step: accumulate={accumulate} does not divide the batch of "
+                                      f"{idx.shape[0]} sequences; expected batch % accumulate == 0 (equal chunks)")
+        if accumulate > 1 and self.gns is not None:
+            raise ParallelConfigError(f"Trainer.step: accumulate={accumulate} with gns; the noise scale is measured "
+                                      "from one backward per rank: expected accumulate=1")
+        rows = idx.shape[0] // accumulate
+        try:
+            self.pc.validate(self.mesh.size(), model=self.cfg, batch=rows, seq=idx.shape[1])
+        except ParallelConfigError as e:
+            if accumulate == 1:
+                raise
+            raise ParallelConfigError(f"{e} (Trainer.step: accumulate={accumulate} cuts the batch of "
+                                      f"{idx.shape[0]} sequences into chunks of {rows})") from None
+        self._set_loss_scale(targets, accumulate)
+        loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        for c in range(accumulate):
+            chunk = slice(c * rows, (c + 1) * rows)
+            loss += self._forward_backward_chunk(idx[chunk], targets[chunk], last=c == accumulate - 1)
         small_sq = self._squared_norm() if self.gns is not None else None
         self._reduce_gradients()
         if small_sq is not None:
-            self._observe_noise(small_sq, idx.shape[0])
+            self._observe_noise(small_sq, rows // self.pc.dp_total)
         for dim in ("dp", "dp_shard"):                                     # mean over the data-parallel shards
             if self.mesh[dim].size() > 1:
                 dist.all_reduce(loss, group=self.mesh[dim].get_group())
+        self._has_grads = True
         return loss.item() / self.pc.dp_total
 
-    def _set_loss_scale(self, targets: torch.Tensor) -> None:
-        """The global batch's mean is over its targets that are not IGNORE_INDEX. A shard's mean over its own
-        counted targets, averaged over the shards, is that only where every shard counts as many: where some are
-        ignored, each shard's (and micro-batch's) loss is its sum over the global count, times the number of shards
-        (the data-parallel and micro-batch averages divide by it again). Every rank holds the whole batch, so all
-        agree on the count without a message."""
+    def _forward_backward_chunk(self, idx: torch.Tensor, targets: torch.Tensor, *, last: bool) -> torch.Tensor:
+        """Forward and backward of this rank's rows of one chunk (B', N) of the global batch; its summed loss
+        shares (f64), before the data-parallel reduction."""
+        idx, targets = self.local_batch(idx, targets)
+        if self.schedule is None:
+            # DDP all-reduces from the last chunk's backward only; measuring the noise scale it leaves the
+            # gradients local, and _reduce_gradients reduces them
+            ddp = uses_ddp(self.pc) and (self.gns is not None or not last)
+            with self.parts[0].no_sync() if ddp else contextlib.nullcontext():
+                loss = self._loss(self.parts[0](idx), targets)
+                loss.backward()
+            return loss.detach().double()
+        first, final = 0 in self.stage_ids, self.pc.n_stages - 1 in self.stage_ids
+        losses: list[torch.Tensor] = []
+        # return_outputs=False: the last stage keeps no micro-batch's logits past its backward (the losses
+        # are all a step needs)
+        self.schedule.step(*((idx,) if first else ()), target=targets if final else None,
+                           losses=losses if final else None, return_outputs=False)
+        # f64 on every stage: the last stage's loss has the model's dtype (f32, or f64), which the other
+        # stages do not know, and the all-reduce needs one size on all
+        loss = (torch.stack(losses).sum().detach().double() if final
+                else torch.zeros((), dtype=torch.float64, device=self.device))
+        dist.all_reduce(loss, group=self.mesh["pp"].get_group())           # only the last stage's is non-zero
+        return loss
+
+    def _set_loss_scale(self, targets: torch.Tensor, accumulate: int = 1) -> None:
+        """The global batch's mean is over its targets that are not IGNORE_INDEX. Each piece a rank runs (one of
+        ``accumulate`` chunks, or one of a pipeline's micro-batches of it) gives its mean over the pieces' count
+        (the data-parallel average divides by the shards), which is the batch's mean only where every piece counts
+        as many: where some are ignored, each piece's loss is its sum over the global count, times the number of
+        data-parallel shards. Every rank holds the whole batch, so all agree on the count without a message."""
         counted = int((targets != IGNORE_INDEX).sum())
         if counted == 0:
             raise ParallelConfigError(f"Trainer.step: every target of the (B, N) = {tuple(targets.shape)} batch is "
                                       f"{IGNORE_INDEX} (ignored); expected at least one token to learn from (the "
                                       "mean over none is NaN, which would reach every parameter)")
-        shards = self.pc.dp_total * (self.pc.microbatches if self.schedule is not None else 1)
-        self._counted_per_shard = None if counted == targets.numel() else counted / shards
+        self._pieces = accumulate * (self.pc.microbatches if self.schedule is not None else 1)
+        self._counted_per_shard = None if counted == targets.numel() else counted / self.pc.dp_total
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """This shard's (or micro-batch's) part of the global mean loss, scaled as _set_loss_scale says."""
-        if self._counted_per_shard is None:         # nothing ignored: every shard counts as many
-            return lm_loss(logits, targets)
+        """This piece's part of the global mean loss, scaled as _set_loss_scale says."""
+        if self._counted_per_shard is None:         # nothing ignored: every piece counts as many
+            loss = lm_loss(logits, targets)
+            return loss if self._pieces == 1 else loss / self._pieces
         wide = torch.promote_types(logits.dtype, torch.float32)
         total = F.cross_entropy(logits.flatten(0, 1).to(wide), targets.flatten(), reduction="sum",
                                 ignore_index=IGNORE_INDEX)
@@ -223,6 +262,71 @@ class Trainer:
         # else DDP (unless measuring the noise scale) or FSDP2 reduced them during backward (or there is one
         # data-parallel rank)
 
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Between ``forward_backward`` and ``optimizer_step``: scale the reduced gradients so that the L2 norm of
+        the whole model's gradient is at most ``max_norm``; returns that norm before clipping, the same on every
+        rank. It is ``torch.nn.utils.clip_grad_norm_`` of one process (coefficient max_norm / (norm + 1e-6)),
+        whatever the layout: each element is counted once, summed over the ranks that hold distinct parts of it
+        (tensor-parallel and FSDP2 shards, ZeRO slices, pipeline stages) and not over replicas. Calling torch's on
+        ``trainer.params`` instead sees only this rank's shards and stages (each rank another norm)."""
+        if (isinstance(max_norm, bool) or not isinstance(max_norm, int | float)
+                or not 0 < max_norm < float("inf")):
+            raise ParallelConfigError(f"Trainer.clip_grad_norm_: max_norm={max_norm!r}; expected a positive, "
+                                      "finite number")
+        if not self._has_grads:
+            raise ParallelConfigError("Trainer.clip_grad_norm_: no reduced gradient; expected forward_backward(...) "
+                                      "first (then optimizer_step)")
+        norm = self._global_grad_norm()
+        coef = max_norm / (norm + CLIP_EPS)
+        if coef < 1:
+            if self.zero is not None:
+                self.zero.grad_shard.mul_(coef)
+            else:
+                for p in self.params:
+                    if p.grad is not None:
+                        local_grad(p).mul_(coef)
+        return norm
+
+    def _global_grad_norm(self) -> float:
+        """The L2 norm of the whole model's reduced gradient, in f64 (see clip_grad_norm_)."""
+        from torch.distributed.tensor import DTensor
+
+        # squared sums keyed by the mesh dims over which their elements are split (summed over those groups)
+        sums: dict[tuple[str, ...], torch.Tensor] = {}
+        groups: dict[tuple[str, ...], list] = {}
+
+        def add(p: torch.Tensor, sq: torch.Tensor, extra: tuple[tuple[str, object], ...] = ()) -> None:
+            split = list(extra)
+            if isinstance(p, DTensor):
+                mesh = p.device_mesh
+                # Shard, or FSDP2 x TP's _StridedShard (no Shard to is_shard()): anything not replicated is split
+                split += [(mesh.mesh_dim_names[i], mesh.get_group(i))
+                          for i, pl in enumerate(p.placements) if not pl.is_replicate()]
+            key = tuple(name for name, _ in split)
+            groups[key] = [g for _, g in split]
+            sums[key] = sums.get(key, torch.zeros((), dtype=torch.float64, device=self.device)) + sq
+
+        if self.zero is not None:
+            shard = self.zero.grad_shard
+            dp = (("dp", self.mesh["dp"].get_group()),)            # each rank holds its own slice
+            for j, lo, hi in self.zero.shard_spans():
+                add(self.zero.params[j], shard[lo:hi].double().pow(2).sum(), dp)
+            for p in self.zero.params:                              # (every key on every rank of its groups)
+                add(p, torch.zeros((), dtype=torch.float64, device=self.device), dp)
+        else:
+            for p in self.params:
+                sq = (local_grad(p).double().pow(2).sum() if p.grad is not None
+                      else torch.zeros((), dtype=torch.float64, device=self.device))
+                add(p, sq)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for key in sorted(sums):                                    # one order on every rank
+            for group in groups[key]:
+                dist.all_reduce(sums[key], group=group)
+            total += sums[key]
+        if self.pc.pp > 1:                                          # each stage its own parameters
+            dist.all_reduce(total, group=self.mesh["pp"].get_group())
+        return float(total.sqrt())
+
     def optimizer_step(self) -> None:
         if self.zero is not None:
             self.zero.step()
@@ -230,9 +334,12 @@ class Trainer:
         else:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        self._has_grads = False
 
-    def step(self, idx: torch.Tensor, targets: torch.Tensor) -> float:
-        loss = self.forward_backward(idx, targets)
+    def step(self, idx: torch.Tensor, targets: torch.Tensor, *, accumulate: int = 1) -> float:
+        """One optimizer step on the global batch (B, N): ``forward_backward`` (``accumulate``: in that many
+        chunks of rows, see there), then ``optimizer_step``; the global mean loss."""
+        loss = self.forward_backward(idx, targets, accumulate=accumulate)
         self.optimizer_step()
         return loss
 
@@ -252,7 +359,8 @@ class Trainer:
             from torch.distributed.tensor import DTensor
             grads = self.zero.full_gradient()
             out = {}
-            for (name, p), g in zip(named, grads, strict=True):
+            # ZeRO holds the parameters that train (a frozen one has no gradient, and no place in its slices)
+            for (name, p), g in zip([(n, p) for n, p in named if p.requires_grad], grads, strict=True):
                 if isinstance(p, DTensor):
                     g = DTensor.from_local(g, p.device_mesh, p.placements).full_tensor()
                 out[name] = g.cpu().clone()

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tilestack.parallel.config import ParallelConfig
+from tilestack.parallel.config import ParallelConfig, ParallelConfigError
 from tilestack.parallel.model import GPT
 
 
@@ -88,7 +88,12 @@ def apply_tp(part: GPT, tp_mesh, *, sp: bool) -> None:
         if sp:
             plan["ln_f"] = SequenceParallel()
         plan["lm_head"] = ColwiseParallel(input_layouts=stream, output_layouts=Replicate())
+    # SequenceParallel makes new (replicated) Parameters of the norms, which require grad: a frozen norm trained
+    frozen = {name for name, p in part.named_parameters() if not p.requires_grad}
     parallelize_module(part, tp_mesh, plan)
+    for name, p in part.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
 
 
 def apply_recompute(part: GPT, policy: str) -> None:
@@ -125,6 +130,7 @@ def parallelize(model: GPT, pc: ParallelConfig, mesh) -> tuple[list[nn.Module], 
     """Steps 1-4 of the module docstring; returns this rank's model parts (one per pipeline stage it holds; the
     whole model without a pipeline) and their stage indices."""
     pc.validate(mesh.size(), model=model.cfg)
+    _check_tied(model, pc)
     pp_rank = mesh["pp"].get_local_rank()
     stages = split_stages(model, pc, pp_rank) if pc.pp > 1 else [(0, model)]
     parts: list[nn.Module] = []
@@ -141,6 +147,22 @@ def parallelize(model: GPT, pc: ParallelConfig, mesh) -> tuple[list[nn.Module], 
             part = apply_ddp(part, mesh["dp"].get_group(), comm=pc.dp_comm)
         parts.append(part)
     return parts, [s for s, _ in stages]
+
+
+def _check_tied(model: nn.Module, pc: ParallelConfig) -> None:
+    """Refuse parameters tied to one tensor (``lm_head.weight = wte.weight``) under pipeline or tensor
+    parallelism: the stages are copies and the TP plan shards each module's parameter on its own, so the tie was
+    cut without a word and the two copies trained apart (the embedding and the head live on different stages)."""
+    if pc.pp == 1 and pc.tp == 1:
+        return                  # DDP, ZeRO and FSDP2 keep one tensor (and one gradient) for both names
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            raise ParallelConfigError(
+                f"parallelize: {name} is tied to {first[id(param)]} (one tensor under two names) with pp={pc.pp}, "
+                f"tp={pc.tp}; expected untied parameters under pipeline or tensor parallelism (each stage or shard "
+                "keeps its own copy: the two would train apart), or tie them only with dp / dp_shard / zero")
+        first[id(param)] = name
 
 
 def uses_ddp(pc: ParallelConfig) -> bool:

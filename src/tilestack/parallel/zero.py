@@ -115,23 +115,47 @@ class ZeroOptimizer:
             _reduce_scatter(piece, flat, group=self.group)
             for j in b.index:                                      # the full gradient is not kept
                 self.params[j].grad = None
-        self.pieces[k] = piece.div_(self.W)
+        piece.div_(self.W)
+        # several backwards before reduce_gradients (gradient accumulation): each one's reduced slice adds up
+        self.pieces[k] = piece if self.pieces[k] is None else self.pieces[k].add_(piece)
 
     def _grad_ready(self, k: int, _param: torch.Tensor) -> None:
         b = self.buckets[k]
         b.ready += 1
         if b.ready == len(b.index):
+            b.ready = 0                      # (the next backward of an accumulation counts afresh)
             self._reduce_bucket(k)
 
     def reduce_gradients(self) -> None:
         """After backward: this rank's slice of the gradients averaged over the group (see the module docstring);
-        buckets already reduced during backward (``overlap``) are not reduced again."""
+        buckets already reduced during backward (``overlap``) are not reduced again. Stage 2 frees the full
+        gradients, so the slices of calls not followed by ``step`` add up (as the full gradients of stage 1 do,
+        which it keeps until ``zero_grad``)."""
         for k, b in enumerate(self.buckets):
-            if self.pieces[k] is None:       # not overlapped, or a bucket with a parameter that got no gradient
+            pending = any(self.params[j].grad is not None for j in b.index)
+            # not overlapped, a bucket with a parameter that got no gradient, or gradients since its last reduction
+            if self.pieces[k] is None or pending:
                 self._reduce_bucket(k)
             b.ready = 0
-        self.grad_shard = torch.cat(self.pieces)
+        shard = torch.cat(self.pieces)
         self.pieces = [None] * len(self.buckets)
+        if self.stage == 2 and self.grad_shard is not None:
+            shard = self.grad_shard.add_(shard)
+        self.grad_shard = shard
+
+    def shard_spans(self):
+        """(parameter index, start, stop) for every parameter with elements in this rank's slice: those elements
+        are ``grad_shard[start:stop]`` (and ``master[start:stop]``); padding belongs to none."""
+        offset = 0
+        for b in self.buckets:
+            mine = (self.rank * b.shard, (self.rank + 1) * b.shard)
+            begin = 0
+            for j, n in zip(b.index, b.numels, strict=True):
+                lo, hi = max(begin, mine[0]), min(begin + n, mine[1])
+                if lo < hi:
+                    yield j, offset + lo - mine[0], offset + hi - mine[0]
+                begin += n
+            offset += b.shard
 
     def _gather_buckets(self, shard: torch.Tensor):
         """Every rank's ``shard`` (laid out as master) all-gathered a bucket at a time: yields (parameter index,
@@ -178,6 +202,8 @@ class ZeroOptimizer:
         for p in self.params:
             p.grad = None
         self.master.grad = None
+        self.grad_shard = None
+        self.pieces = [None] * len(self.buckets)
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state and master weights on this rank."""
