@@ -284,6 +284,21 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
+def _short_dtype(dtype: str | None, name: str) -> str | None:
+    """``dtype`` by its short name (``"float32"`` -> ``"fp32"``); None and ``""`` (unknown) as given. A name no dtype
+    has (``"fp99"``) is refused: stored, it found no roof for the row and no match among other runs' rows, silently
+    (profiler round 22)."""
+    from tilestack.perf import formulas
+
+    if dtype is None or dtype == "":
+        return dtype
+    try:
+        return formulas.dtype_name(dtype)
+    except Exception:  # formulas' LaunchError: the names it knows
+        raise MetricsError(f"dtype={dtype!r} ({type(dtype).__name__}) for {name!r}; expected a dtype's short name, one "
+                           f"of {sorted(formulas.DTYPE_BYTES)}, or None") from None
+
+
 def compute_metrics(
     *,
     name: str,
@@ -317,6 +332,7 @@ def compute_metrics(
         if (not isinstance(value, str) and not (arg == "dtype" and value is None)) or (
                 arg == "device_kind" and value not in (*LATENCY_BOUND_S, "")):
             raise MetricsError(f"{arg}={value!r} ({type(value).__name__}) for {name!r}; expected {kind}")
+    dtype = _short_dtype(dtype, name)
     from tilestack.perf.energy import EnergySample
     for arg, value, cls, what in (("timing", timing, Timing, "a Timing"),
                                   ("energy", energy, EnergySample, "an EnergySample")):
