@@ -13,6 +13,10 @@ What this round found and fixed (src/tilestack/quant/linear.py):
   calibration failed inside the model on the first batch, "IndexError: tuple index out of range": its pre-hook read
   the input as ``args[0]``, empty for a keyword call. ``QuantLinear.forward`` takes ``input`` now, and the hook reads
   the keyword too.
+- ``torch.jit.trace`` of a quantized model (what quantize's TorchScript error tells the user to do) recorded the
+  quantized GEMM's output as a constant, the traced batch's: the traced model answered every later input with the
+  first one's result (0.9 off), and a batch of another size failed. ``QuantLinear`` calls its custom op while
+  tracing, as under torch.compile, and the trace records that call.
 - Forward hooks and pre-hooks registered on a Linear (feature extraction, activation logging) stopped firing without
   a word once quantize replaced the layer; the QuantLinear carries them now (the same dicts: the handles still
   remove them).
@@ -231,3 +235,21 @@ def test_deepcopy_meta_and_casts(mode):
         assert back.inp.scale.dtype == torch.float32 and back.inp.qweight.dtype == qmodel.inp.qweight.dtype
         assert torch.equal(back.inp.scale, qmodel.inp.scale)
         torch.testing.assert_close(back(x), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8-act"])
+def test_traced_quantized_model(mode):
+    """``torch.jit.trace`` of the quantized model (on the reference executor, whose NumPy work a trace cannot see):
+    the traced model answers new inputs, of the traced batch size and of another, as the quantized model does, and
+    the same after ``torch.jit.save`` / ``torch.jit.load`` (it was the traced batch's output, a constant)."""
+    qmodel = _quantized(seeded(KeywordOddLinears), mode, [_x(4, 19, seed=20)])
+    with torch.no_grad():
+        traced = torch.jit.trace(qmodel, (_x(4, 19),))
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+        buffer.seek(0)
+        loaded = torch.jit.load(buffer)
+        for x in (_x(4, 19, seed=7), _x(9, 19, seed=8)):
+            want = qmodel(x)
+            torch.testing.assert_close(traced(x), want, rtol=0, atol=0)
+            torch.testing.assert_close(loaded(x), want, rtol=0, atol=0)

@@ -137,7 +137,9 @@ class QuantLinear(nn.Module):
         if device in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device) and x.dtype in _AUTOCAST_CAST:
             # as autocast runs the nn.Linear it replaces: x cast to the autocast dtype, y in it (was x's dtype)
             rows = rows.to(torch.get_autocast_dtype(device))
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            # torch.jit.trace records the op as one call; the kernel function's work (NumPy on the reference
+            # executor, a Triton launch) is out of its sight: its output was traced as a constant, the first batch's
             y = quant_linear_op(rows, self.qweight, self.scale, self.bias, self.x_scale)
         elif _transforms_active():
             # under torch.func's transforms the op too (vmap: the op per slice, through torch's batching fallback;
