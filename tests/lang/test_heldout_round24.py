@@ -8,8 +8,9 @@ in-tile prefix by triangular 0/1 matrices through the tensor cores: exact on int
 for the dominant eigenpair of a batch of symmetric matrices (a runtime trip count, the iterate carried as a vector
 used per column and reduced along both axes, padded rows and columns of a ragged N kept at zero); and a QR
 factorization by modified Gram-Schmidt of a tall matrix in one tile (columns picked out by masks, Q and R written
-column by column in a loop that carries A, Q and R). test_heldout_round24_more.py has more kernels of this round,
-the misuse checks and the sm_90a compiles.
+column by column in a loop that carries A, Q and R), least squares from it by back substitution in a loop counting
+down; and suffix sums by column tile, the tiles walked from the last by a constant negative step through a shared
+tile. test_heldout_round24_more.py has more kernels of this round, the misuse checks and the sm_90a compiles.
 """
 
 import math
@@ -17,7 +18,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from heldout_support import BACKENDS, BF, F16, F64, launch, randn
+from heldout_support import BACKENDS, BF, F16, F64, close, launch, randn
 
 import tilestack.lang as ts
 
@@ -373,3 +374,39 @@ def test_qr_least_squares_by_back_substitution(backend, dtype, M, N, rng):
     t = dict(rtol=1e-9, atol=1e-9) if dtype is F64 else dict(rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(x.double(), want, **t)
     torch.testing.assert_close(x[2].double(), x_true.double(), **t)
+
+
+# ---- 4. suffix sums by column tile, the tiles walked backwards by a constant step ---------------------------------
+@ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))
+def suffix_tile_sums(X, Y, *, BM: int = 16, BN: int = 32, STEP: int = 1):
+    """Y[j, r] = the sum of X[r] over column tiles j, j + STEP, ... (to the last tile), for the tiles j the loop
+    visits: from the last tile down to 0 by -STEP, X staged through a shared tile; the other rows of Y are not
+    written."""
+    i = ts.block_id(0)
+    x = ts.SharedTile[X.dtype, BM, BN]()
+    xr = ts.RegTile[ts.f32, BM, BN]()
+    acc = ts.RegVec[ts.f32, BM]()
+    ts.zero(acc)
+    for j in ts.range(ts.cdiv(X.shape[1], BN) - 1, -1, -STEP):
+        ts.load(x, X, at=(i, j))
+        ts.load(xr, x)
+        ts.row_sum(acc, xr, acc)
+        out = ts.RegVec[Y.dtype, BM]()
+        ts.copy(out, acc)
+        ts.store(Y, out, at=(j, i))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("step", [1, 2, 3])
+@pytest.mark.parametrize(("M", "N", "dtype"), [(37, 300, BF), (5, 32, F32), (3, 0, F32)])
+def test_suffix_tile_sums_walked_backwards(backend, step, M, N, dtype, rng):
+    """Ragged last tiles (300 in 32s: 10 tiles, the last of 12 columns), steps that do not divide the tile count
+    (the loop ends at tile 1 or 0), one tile, no tiles (no trips: Y untouched)."""
+    x = randn(rng, M, N, dtype=dtype)
+    nt = -(-N // 32)
+    y = poisoned(max(nt, 1), M)
+    launch(suffix_tile_sums, backend, x, y, STEP=step)
+    want = torch.full((max(nt, 1), M), math.nan, dtype=F64)
+    for j in range(nt - 1, -1, -step):
+        want[j] = sum(x[:, k * 32:(k + 1) * 32].double().sum(1) for k in range(j, nt, step))
+    close(y, want, dtype=F32, scale=10)

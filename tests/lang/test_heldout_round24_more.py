@@ -364,7 +364,7 @@ def test_morton3d_round_trip(backend, dtype, n, rng):
 
 
 # ---- 4. misuse: refused with the argument named, before anything is written -----------------------------------------
-from test_heldout_round24 import mgs_qr, power_iteration, qr_lstsq, summed_area  # noqa: E402
+from test_heldout_round24 import mgs_qr, power_iteration, qr_lstsq, suffix_tile_sums, summed_area  # noqa: E402
 
 from tilestack.errors import BackendError, LaunchError, TileShapeError, TraceError  # noqa: E402
 
@@ -470,11 +470,13 @@ def _aot_cases():
         "morton2d": (morton2d, tuple(meta(1 << 24, dtype=I32) for _ in range(5)), dict(BN=1024)),
         "morton3d": (morton3d, (meta(1 << 24, 3, dtype=I32), meta(1 << 24, dtype=I64), meta(1 << 24, 3, dtype=I32)),
                      dict(BN=256)),
+        "suffix_tile_sums": (suffix_tile_sums, (meta(8192, 8192, dtype=BF), meta(128, 8192)),
+                             dict(BM=64, BN=64, STEP=2)),
     }
 
 
 AOT_NAMES = ["summed_area_u8", "power_iteration", "power_iteration_f64", "mgs_qr_bf16", "qr_lstsq_f64", "gcd_lcm_i64",
-             "gcd_lcm_u8", "sddmm_coo", "morton2d", "morton3d"]
+             "gcd_lcm_u8", "sddmm_coo", "morton2d", "morton3d", "suffix_tile_sums"]
 
 
 @pytest.mark.parametrize("name", AOT_NAMES)
