@@ -372,6 +372,7 @@ class Kernel:
 
     def _trace(self, sig: tuple, consts: dict[str, Any]) -> KernelIR:
         tr = Tracer()
+        tr.consts = consts                  # what a bad tile size is named by (a constant BM=-3)
         old = set_current(tr)
         try:
             params, handles = [], []

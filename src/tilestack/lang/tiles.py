@@ -38,6 +38,15 @@ class TileSpec:
         return str(self.type)
 
 
+def _from_constant(size) -> str:
+    """Which of the traced kernel's constants a bad tile size is (" from the constant BM=-3"), if one is."""
+    from tilestack.lang.trace import current_or_none
+    tr = current_or_none()
+    consts = getattr(tr, "consts", None) or {}
+    names = [k for k, v in consts.items() if type(v) is type(size) and v == size]
+    return f" (the constant {', '.join(f'{k}={size!r}' for k in names)} of this launch)" if names else ""
+
+
 class _TileFamily:
     def __init__(self, name: str, space: Space, rank: int):
         self.name, self.space, self.rank = name, space, rank
@@ -60,7 +69,7 @@ class _TileFamily:
         for s in shape:
             if not isinstance(s, int) or isinstance(s, bool) or s <= 0:
                 raise TileShapeError(f"{self.name} sizes are positive compile-time ints (use a tunable or "
-                                     f"constant); got {s!r}", user_line())
+                                     f"constant); got {s!r}{_from_constant(s)}", user_line())
         return TileSpec(TileType(self.space, dtype, tuple(shape)))
 
     def __repr__(self) -> str:
