@@ -42,6 +42,8 @@ def new_model(cfg: ModelConfig, opts: dict) -> GPT:
     net = GPT(cfg, seed=3).to(DTYPE)
     if opts.get("tied"):
         net.lm_head.weight = net.wte.weight          # (vocab, d) both
+    if opts.get("unused"):                           # a parameter the forward never uses: no gradient, never moves
+        net.extra = torch.nn.Parameter(torch.linspace(1.0, 2.0, 5, dtype=DTYPE))
     for name, p in net.named_parameters():
         if opts.get("frozen") and name in FROZEN:
             p.requires_grad_(False)
@@ -83,10 +85,10 @@ def run_scenario(model: str, kw: dict, steps: int, opts: dict) -> dict:
              else None)
     losses, norms = [], []
     for idx, targets in batches(cfg, steps, masked=opts.get("masked", False), batch=opts.get("batch", BATCH)):
-        if opts.get("accumulate"):
+        if opts.get("accumulate") and not opts.get("clip"):
             losses.append(trainer.step(idx, targets, accumulate=opts["accumulate"]))
         else:
-            losses.append(trainer.forward_backward(idx, targets))
+            losses.append(trainer.forward_backward(idx, targets, accumulate=opts.get("accumulate", 1)))
             if opts.get("grads") and len(losses) == 1:
                 grads = trainer.full_grads()
             if opts.get("clip"):

@@ -50,9 +50,8 @@ def test_refused_by_name_on_every_rank(refused, k):
 
 
 # ---- a checkpoint saved mid-run: the continuation is the uninterrupted run's -------------------------------------
-CKPT_STEPS, CKPT_CUT = 4, 2
+CKPT_STEPS, CKPT_CUT = 3, 1
 CKPT = {
-    "ddp": (dict(dp=2), {}),
     "ddp-ring-masked": (dict(dp=2, dp_comm="ring"), {"masked": True}),
     "fsdp2": (dict(dp_shard=2), {}),
     "fsdp2-frozen": (dict(dp_shard=2), {"frozen": True}),
@@ -92,10 +91,8 @@ HYBRIDS = {
     "dp-x-tp-sp-clip": ("two", dict(dp=2, tp=2, sp=2), {"clip": True}),
     "fsdp2-x-tp-clip-frozen": ("two", dict(dp_shard=2, tp=2), {"clip": True, "frozen": True}),
     "zero2-x-tp-clip": ("two", dict(dp=2, zero=2, tp=2, zero_bucket_numel=400), {"clip": True}),
-    "pp-x-dp-clip": ("two", dict(pp=2, dp=2, microbatches=3), {"clip": True}),
-    "pp-x-dp-accumulate-masked": ("two", dict(pp=2, dp=2, microbatches=1, pp_schedule="gpipe"),
-                                  {"accumulate": 3, "masked": True}),
-    "dp-x-tp-accumulate": ("two", dict(dp=2, tp=2), {"accumulate": 3}),
+    "pp-x-dp-clip-accumulate-masked": ("two", dict(pp=2, dp=2, microbatches=1, pp_schedule="gpipe"),
+                                       {"accumulate": 3, "masked": True, "clip": True}),
 }
 
 

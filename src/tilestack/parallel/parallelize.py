@@ -115,11 +115,19 @@ def apply_fsdp(part: GPT, dp_mesh, *, reshard_after_forward: bool = True) -> Non
     fully_shard(part, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
 
 
+# the modules GPT.forward runs, every parameter under them used by every step
+GPT_FORWARD_MODULES = ("wte.", "wpe.", "layers.", "ln_f.", "lm_head.")
+
+
 def apply_ddp(part: nn.Module, dp_group, *, comm: str = "library") -> nn.Module:
     """torch DDP over ``dp_group`` (bucketed gradient all-reduce overlapped with backward); ``comm="ring"``
     registers tilestack's ring all-reduce as its communication hook."""
     from torch.nn.parallel import DistributedDataParallel as DDP
-    ddp = DDP(part, process_group=dp_group)
+    # a parameter the forward never reaches (one added to the model beside GPT's own modules) left its bucket
+    # unreduced and failed the second step ("Expected to have finished reduction"): DDP then looks for unused
+    # parameters after each forward (a walk of the graph, so only then; static_graph fails under no_sync)
+    extra = any(not name.startswith(GPT_FORWARD_MODULES) for name, _ in part.named_parameters())
+    ddp = DDP(part, process_group=dp_group, find_unused_parameters=extra)
     if comm == "ring":
         from tilestack.parallel.ring import ring_allreduce_hook
         ddp.register_comm_hook(state=dp_group, hook=ring_allreduce_hook)

@@ -83,6 +83,7 @@ class ZeroOptimizer:
                                 ).to(self._master_dtype()).clone().requires_grad_(True)
         self.optimizer = make_optimizer([self.master])
         self.pieces: list[torch.Tensor | None] = [None] * len(self.buckets)
+        self.got_grad: set[int] = set()     # parameters with a gradient since the last step (the rest: unused)
         self.grad_shard: torch.Tensor | None = None
         self.overlap = overlap and stage == 2
         if self.overlap:
@@ -104,6 +105,7 @@ class ZeroOptimizer:
 
     def _reduce_bucket(self, k: int) -> None:
         b = self.buckets[k]
+        self.got_grad.update(j for j in b.index if self.params[j].grad is not None)
         grads = [local_grad(self.params[j]) if self.params[j].grad is not None
                  else torch.zeros_like(_local(self.params[j])) for j in b.index]
         flat = self._flatten(b, grads)
@@ -190,13 +192,27 @@ class ZeroOptimizer:
         if self.grad_shard is None:
             raise ParallelConfigError("ZeroOptimizer.step: no reduced gradient; call reduce_gradients() first")
         self.master.grad = self.grad_shard.to(self.master.dtype)
+        # a parameter no backward reached (unused by the model's forward) is skipped by torch's optimizers, as a
+        # grad of None; in the flat slice its zeros were decayed by AdamW's weight decay: its elements and their
+        # state (moments) are put back after the update (the graph, so the set, is the same on every rank)
+        unused = [(lo, hi) for j, lo, hi in self.shard_spans() if j not in self.got_grad]
+        kept = [(t, lo, hi, t[lo:hi].clone()) for t in self._elementwise() for lo, hi in unused]
         self.optimizer.step()
+        for t, lo, hi, old in kept:
+            t[lo:hi] = old
         # a bucket at a time, each copied into its parameters before the next is gathered: one bucket of whole
         # parameters alive beyond them, where gathering every bucket first held a second copy of the model
         for j, whole in self._gather_buckets(self.master.detach()):
             _local(self.params[j]).copy_(whole)
             del whole                    # (the loop variable would keep the bucket's buffer into the next gather)
         self.grad_shard = None
+        self.got_grad = set()
+
+    def _elementwise(self) -> list[torch.Tensor]:
+        """The master slice and every optimizer state tensor laid out like it (Adam's moments)."""
+        state = self.optimizer.state.get(self.master, {})
+        return [self.master.data] + [v for v in state.values()
+                                     if isinstance(v, torch.Tensor) and v.shape == self.master.shape]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
@@ -204,6 +220,7 @@ class ZeroOptimizer:
         self.master.grad = None
         self.grad_shard = None
         self.pieces = [None] * len(self.buckets)
+        self.got_grad = set()
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state and master weights on this rank."""
