@@ -81,22 +81,30 @@ class CommModel:
         if n in fits and kind in self.fits:
             a, b = fits[n]
             return a + b * nbytes
-        # the ring model at the nearest measured size: alpha per step, B from the per-byte slope
-        m = min(fits, key=lambda k: abs(k - n))
-        a, b = fits[m]
         src = kind if kind in self.fits else "all_reduce"
+        below, above = [k for k in fits if k < n], [k for k in fits if k > n]
+        if not (below and above):
+            return self._ring(kind, src, fits, n, nbytes)
+        # between two measured sizes, no faster than the smaller group nor slower than the larger, as measured:
+        # the ring scaled from 2 H200s put a 3-GPU all-reduce above the measured 4-GPU one at every size
+        # (4.8e-5 s against 4.4e-5 at 1 kB), which priced odd groups (3, 6 GPUs) above larger ones. And no faster
+        # than a smaller group in between: the nearest measured size changes halfway, so with 2 and 8 measured,
+        # 5 ranks (scaled from 2) were priced above 7 (scaled from 8), a larger group faster (round 10)
+        lo, hi = fits[max(below)], fits[min(above)]
+
+        def kept(k: int) -> float:
+            t = self._ring(kind, src, fits, k, nbytes)
+            return min(max(t, lo[0] + lo[1] * nbytes), hi[0] + hi[1] * nbytes) if kind in self.fits else t
+        return max(kept(k) for k in range(max(below) + 1, n + 1))
+
+    @staticmethod
+    def _ring(kind: str, src: str, fits: dict[int, tuple[float, float]], n: int, nbytes: float) -> float:
+        """The ring model of ``n`` ranks at the nearest measured size: alpha per step, B from the per-byte slope."""
+        m = min(fits, key=lambda k: (abs(k - n), k))      # a tie goes to the smaller, whatever the dict's order
+        a, b = fits[m]
         alpha = a / _ring_steps(src, m)
         bw = _ring_steps(src, m) / m / b if b > 0 else float("inf")
-        t = _ring_steps(kind, n) * alpha + _ring_steps(kind, n) / n * nbytes / bw
-        if kind in self.fits:
-            # between two measured sizes, no faster than the smaller group nor slower than the larger, as measured:
-            # the ring scaled from 2 H200s put a 3-GPU all-reduce above the measured 4-GPU one at every size
-            # (4.8e-5 s against 4.4e-5 at 1 kB), which priced odd groups (3, 6 GPUs) above larger ones
-            below, above = [k for k in fits if k < n], [k for k in fits if k > n]
-            if below and above:
-                lo, hi = fits[max(below)], fits[min(above)]
-                t = min(max(t, lo[0] + lo[1] * nbytes), hi[0] + hi[1] * nbytes)
-        return t
+        return _ring_steps(kind, n) * alpha + _ring_steps(kind, n) / n * nbytes / bw
 
     def to_json(self) -> dict[str, Any]:
         return {"source": self.source,

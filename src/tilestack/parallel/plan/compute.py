@@ -47,6 +47,7 @@ ATTENTION_EFFICIENCY = 450 / 989.4       # cuDNN attention forward, long sequenc
 COPY_EFFICIENCY = 4.27e12 / 4.8e12       # device-to-device copy over the data-sheet bandwidth
 HOST_S_PER_OP = 10e-6                    # torch's host cost per op call (ANCHORS.md: about 10-20 us)
 OPS_PER_BLOCK_FWD = 25                   # ATen calls of one GPT block's forward (linears, norms, attention, adds)
+SELECTIVE_OPS = 4                       # ATen calls selective recompute replays: q k^T, mask, softmax, p v
 BACKWARD_PER_FORWARD = 2.0               # backward: input and weight gradients, two products per forward one
 ADAM_BYTES_PER_ELEMENT = 7 * FP32_BYTES  # AdamW reads param, grad, m, v and writes param, m, v
 ADAM_OPS_PER_TENSOR = 12                 # foreach=False AdamW: about a dozen ATen calls per tensor
@@ -612,6 +613,9 @@ class RooflineCompute(ComputeModel):
         except Exception as e:          # the table's own error for a dtype it does not know
             raise PlanError(f"RooflineCompute: dtype={self.dtype!r} for {self.spec.label} ({e}); expected one the "
                             "device table lists, such as 'bf16', 'tf32', 'fp32'") from None
+        if not self.peak and self.dtype not in self.spec.flops:     # (the message named neither dtype= nor choices)
+            raise PlanError(f"RooflineCompute: dtype={self.dtype!r} for {self.spec.label}; expected one its table "
+                            f"row gives: {sorted(self.spec.flops)}")
         if not self.peak or not self.spec.bandwidth:
             raise PlanError(f"RooflineCompute: device={self.device!r} has no published {self.dtype} peak or "
                             "bandwidth; expected a GPU of the device table")
@@ -671,6 +675,23 @@ class RooflineCompute(ComputeModel):
         host = self.host_s_per_op * (OPS_PER_BLOCK_FWD if layer.kind == "block" else 4)
         fwd = max(flop_s + mem_s, host)
         return fwd, max(BACKWARD_PER_FORWARD * (flop_s + mem_s), BACKWARD_PER_FORWARD * host)
+
+    def recompute_s(self, index: int, micro_batch: int, tp: int, policy: str) -> float:
+        """Full recompute: the forward again. Selective: the attention scores' own work, their FLOPs at
+        attention's efficiency and the scores' bytes written and read at the copy bandwidth, at least the host
+        launches of the ops it replays (``SELECTIVE_OPS``), at most the forward. It was the forward times the
+        scores' share of the FLOPs; where the forward is its host launches' floor that share falls as the width
+        grows, so a wider model (more FLOPs, same plan) was predicted faster (round 10)."""
+        layer = self.desc.layers[index]
+        if policy != "selective" or layer.kind != "block":
+            return super().recompute_s(index, micro_batch, tp, policy)
+        b = micro_batch
+        split = tp if layer.tp_able else 1
+        flop_s = layer.selective_flops * b / split / (self.peak * self.attention_efficiency)
+        scores = max(layer.act_bytes["none"] - layer.act_bytes["selective"], 0.0)
+        mem_s = 2 * b * scores / split / (self.spec.bandwidth * self.copy_efficiency)
+        fwd, _ = self.layer_times(index, micro_batch, tp)
+        return min(max(flop_s + mem_s, self.host_s_per_op * SELECTIVE_OPS), fwd)
 
     def optimizer_s(self, params: float, tensors: int) -> float:
         mem = params * ADAM_BYTES_PER_ELEMENT / (self.spec.bandwidth * self.copy_efficiency)
