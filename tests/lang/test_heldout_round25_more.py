@@ -1,0 +1,124 @@
+"""Round 25 of held-out kernels, continued (test_heldout_round25.py has the first three): MoE token dispatch as a
+gather then a product (each dispatched slot reads the row of its source token, picked by an index read from memory,
+and multiplies it by the weight of its expert, also picked from memory; a slot of source -1, capacity padding,
+reads nothing and writes zeros), on the reference executor and Triton's interpreter against float64 torch; then
+every kernel of round 25 compiled for Hopper (sm_90a) on this CPU through the Triton backend (no spills, at most 255
+registers) and the Gluon backend (one warpgroup; no spills, no serialized wgmma) at serving-sized meta arguments.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from heldout_support import BACKENDS, BF, F16, F64, I32, I64, close, gluon_resources_one_warpgroup, launch, meta, randn
+from sm90a_compile import check_triton_sm90a
+from test_heldout_round25 import E4M3, batched_atx, gemm_softmax, group_quant_e4m3
+
+import tilestack.lang as ts
+
+F32 = torch.float32
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(20262502)
+
+
+# ---- 4. MoE dispatch: gather a token's row, multiply by its expert's weight --------------------------------------------
+@ts.kernel(grid=lambda SRC, W, BN: (SRC.shape[0], ts.cdiv(W.shape[1], BN)))
+def moe_dispatch_gemv(X, SRC, EXPERT, W, Y, *, BN: int = 16, BK: int = 32):
+    """Y[s, n] = sum_k X[SRC[s], k] W[EXPERT[s], n, k] for each slot s; SRC[s] < 0 (an empty slot) gives a zero
+    row. X (T, K), SRC and EXPERT (S,), W (E, N, K), Y (S, N)."""
+    slot, j = ts.block_id(0), ts.block_id(1)
+    src, e = ts.load_scalar(SRC, slot), ts.load_scalar(EXPERT, slot)
+    W32 = ts.f64 if X.dtype is ts.f64 else ts.f32
+    w = ts.RegTile[W32, BN, BK]()
+    x = ts.RegVec[W32, BK]()
+    y = ts.RegVec[W32, BN]()
+    valid = ts.RegVec[ts.bool_, BN]()
+    ts.zero(y)
+    for k in ts.range(ts.cdiv(X.shape[1], BK)):
+        ts.load(x, X, at=(ts.smax(src, 0), k))
+        ts.load(w, W, at=(e, j, k))
+        ts.mul(w, w, ts.per_col(x))
+        ts.row_sum(y, w, y)
+    sv = ts.RegVec[ts.i32, BN]()
+    ts.fill(sv, src)                                  # a runtime Scalar is compared as a tile
+    ts.ge(valid, sv, 0)
+    ts.where(y, valid, y, 0.0)
+    out = ts.RegVec[Y.dtype, BN]()
+    ts.copy(out, y)
+    ts.store(Y, out, at=(slot, j))
+
+
+def dispatch_ref(x, src, expert, w):
+    xs = torch.where((src >= 0)[:, None], x.double()[src.long().clamp_min(0)], torch.zeros(()).double())
+    return torch.einsum("sk,snk->sn", xs, w.double()[expert.long()])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [F32, BF, F64])
+@pytest.mark.parametrize("idx_dtype", [I32, I64])
+@pytest.mark.parametrize(("T", "E", "N", "K", "S"), [(11, 3, 21, 37, 17), (1, 1, 1, 1, 2), (5, 4, 16, 64, 9)])
+def test_moe_dispatch_gather_then_gemv(backend, dtype, idx_dtype, T, E, N, K, S, rng):
+    x, w = randn(rng, T, K, dtype=dtype), randn(rng, E, N, K, dtype=dtype)
+    src = torch.from_numpy(rng.integers(-1, T, S)).to(idx_dtype)
+    src[0] = -1                                       # one empty slot at least
+    src[-1] = T - 1                                   # the last token (a ragged row of X's last tile)
+    expert = torch.from_numpy(rng.integers(0, E, S)).to(idx_dtype)
+    expert[-1] = E - 1
+    y = torch.full((S, N), math.nan, dtype=dtype)
+    launch(moe_dispatch_gemv, backend, x, src, expert, w, y)
+    want = dispatch_ref(x, src, expert, w)
+    close(y, want, scale=math.sqrt(K))
+    assert (y[0] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moe_dispatch_of_a_nan_token_poisons_only_its_slots(backend):
+    """Token 1 is NaN: the slots reading it are NaN, the empty slot (-1) that would read row 0 is zero, and a slot
+    of token 0 is exact."""
+    x = torch.ones(3, 4)
+    x[1, 2] = math.nan
+    w = torch.ones(2, 3, 4)
+    src = torch.tensor([1, -1, 0, 1], dtype=I32)
+    expert = torch.tensor([0, 1, 1, 1], dtype=I32)
+    y = torch.full((4, 3), -7.0)
+    launch(moe_dispatch_gemv, backend, x, src, expert, w, y)
+    assert torch.isnan(y[0]).all() and torch.isnan(y[3]).all()
+    assert (y[1] == 0).all() and (y[2] == 4).all()
+
+
+def test_moe_dispatch_misuse_is_named():
+    x, w, y = torch.ones(3, 4), torch.ones(2, 3, 4), torch.ones(2, 3)
+    with pytest.raises(Exception, match="SRC"):
+        launch(moe_dispatch_gemv, "reference", x, torch.zeros(2, 1, dtype=I32), torch.zeros(2, dtype=I32), w, y)
+    with pytest.raises(Exception, match="EXPERT"):
+        launch(moe_dispatch_gemv, "reference", x, torch.zeros(2, dtype=I32), torch.zeros(2), w, y)
+
+
+# ---- sm_90a compiles -----------------------------------------------------------------------------------------------
+AOT_CASES = {   # name -> (kernel, meta args, constants)
+    "gemm_softmax": (gemm_softmax, (meta(8192, 512, dtype=BF), meta(4096, 512, dtype=BF), meta(8192, 4096, dtype=BF),
+                                    0.044), dict(BM=64, BN=64, BK=64)),
+    "batched_atx": (batched_atx, (meta(64, 4096, 1024, dtype=BF).transpose(1, 2), meta(64, 4096, dtype=BF),
+                                  meta(64, 1024, dtype=BF)), dict(BN=64, BK=64)),
+    "group_quant_e4m3": (group_quant_e4m3, (meta(16384, 7168, dtype=BF), meta(16384, 7168, dtype=E4M3),
+                                            meta(16384, 56).T), dict(BM=32, BN=128)),
+    "moe_dispatch_gemv": (moe_dispatch_gemv, (meta(4096, 2048, dtype=BF), meta(8192, dtype=I32),
+                                              meta(8192, dtype=I32), meta(8, 1408, 2048, dtype=BF),
+                                              meta(8192, 1408, dtype=BF)), dict(BN=64, BK=64)),
+}
+
+
+@pytest.mark.parametrize("name", list(AOT_CASES))
+def test_round25_compiles_for_sm90a_with_triton(name):
+    check_triton_sm90a(*AOT_CASES[name])
+
+
+@pytest.mark.parametrize("name", list(AOT_CASES))
+def test_round25_compiles_for_sm90a_with_gluon(name):
+    """One warpgroup (num_warps=4); no spills, no serialized wgmma."""
+    res = gluon_resources_one_warpgroup(*AOT_CASES[name])
+    assert res["spill_stores"] == res["spill_loads"] == 0 and not res["wgmma_serialized"], res["report"]
