@@ -347,8 +347,9 @@ def matrix_exp_products(norm: float, *, double: bool) -> int:
 def _matrix_exp_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     """linalg_matrix_exp (nn.utils.parametrizations.orthogonal's map; its backward runs it on a (2n, 2n) block
     matrix): 2 n^3 per matrix product of each (n, n) matrix (a complex one 4x), the products its 1-norm calls for
-    (``matrix_exp_products``); a 1x1 matrix an exp. The Taylor terms' sums, n^2 apiece, are left out (profiler round
-    22: reported uncounted)."""
+    (``matrix_exp_products``), and an add per element for each power summed into the result (I + A for a matrix of
+    norm ~0: the squarings sum nothing); a 1x1 matrix an exp (profiler round 22: reported uncounted, as
+    value-dependent; the counting pass has the values, as for NLL's ignored targets)."""
     import torch
 
     a = _argument(func, args, kwargs, "self")
@@ -357,13 +358,16 @@ def _matrix_exp_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
         return float(_numel(a))
     mats = a.reshape(-1, n, n)
     double = a.dtype in (torch.float64, torch.complex128)
+    largest = MATRIX_EXP_DEGREES[-1][2]
     if a.device.type == "meta":  # no values: the largest unscaled degree for each
-        products = MATRIX_EXP_DEGREES[-1][2] * mats.shape[0]
+        products = [largest] * mats.shape[0]
     else:
         norms = mats.abs().sum(-2).amax(-1).tolist()  # the 1-norm: the largest column sum of |a|
-        products = sum(matrix_exp_products(float(v), double=double) for v in norms)
+        products = [matrix_exp_products(float(v), double=double) for v in norms]
     per_mac = formulas.FLOPS_PER_MAC * (formulas.COMPLEX_MAC_OVER_REAL if a.is_complex() else 1)
-    return float(per_mac * products * n**3)
+    per_add = formulas.COMPLEX_ELEMENT_OVER_REAL if a.is_complex() else 1
+    sums = sum(min(k, largest) + 1 for k in products)  # the Taylor powers summed, squarings aside
+    return float(per_mac * sum(products) * n**3 + per_add * sums * n**2)
 
 
 LINALG_FLOPS: dict[str, Rule] = {
