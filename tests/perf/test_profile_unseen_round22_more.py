@@ -18,9 +18,6 @@ What this round found (each pinned by the test whose docstring says so):
   that torch.norm of the same differences is charged (counting_linalg._distance_flops_per_term);
 - torch.sparse.mm (aten._sparse_addmm with beta=0) was charged reading the zeros it writes into
   (counting_bytes.IGNORE_SELF_WHERE_BETA_0);
-- torch.linalg.matrix_exp (nn.utils.parametrizations.orthogonal's map) had no formula: reported uncounted; now
-  its Taylor degree's matrix products by the matrix's 1-norm, and the squarings past the largest degree
-  (counting_linalg._matrix_exp_flops);
 - compute_metrics(dtype="fp99") (a dtype no roof is kept for) was stored as given, its row then placed under no
   roof and matched with no other run's; now refused naming ``dtype``, a torch name (``"float32"``) stored by its
   short name (metrics._short_dtype).
@@ -326,62 +323,6 @@ def test_learnable_fake_quantize_backward():
     bwd = one_row(counts, "aten::_fake_quantize_learnable_per_tensor_affine_backward")
     assert bwd.flops == formulas.FAKE_QUANT_LEARNABLE_BWD_FLOPS_PER_ELEMENT * 24
     assert (bwd.bytes_read, bwd.bytes_written) == ((2 * 24 + 2) * F32, (24 + 2) * F32)
-
-
-# --- matrix exponential --------------------------------------------------------------------------------------------
-MX_N = 4
-
-
-@pytest.mark.parametrize("norm,products,squarings", [
-    (0.0, 0, 0), (1e-5, 1, 0), (0.01, 2, 0), (0.3, 3, 0), (1.0, 4, 0), (2.0, 5, 0),
-    (10.0, 5, 2),  # past degree 18's bound (3.01): scaled by 2^-2, then squared twice
-])
-def test_matrix_exp_by_the_products_its_norm_calls_for(norm, products, squarings):
-    """torch.linalg.matrix_exp picks a Taylor degree by the matrix's 1-norm (degree 1, 2, 4, 8, 12, 18: 0 to 5
-    matrix products), scaling and squaring past degree 18's bound: 2 n^3 a product, and an add per element for
-    each power summed into the result (I + A alone for a zero matrix) (before round 22 it was reported uncounted).
-    Its result is exp(A)."""
-    a = torch.full((MX_N, MX_N), norm / MX_N)  # every column sums to ``norm``
-    counts = count_ops(lambda: torch.linalg.matrix_exp(a))
-    row = one_row(counts, "aten::linalg_matrix_exp")
-    assert not row.unsupported
-    assert row.flops == (products + squarings) * 2 * MX_N**3 + (products + 1) * MX_N**2
-    assert (row.bytes_read, row.bytes_written) == (MX_N * MX_N * F32, MX_N * MX_N * F32)
-    series = sum(torch.linalg.matrix_power(a.double(), k) / float(math.factorial(k)) for k in range(40))
-    assert torch.allclose(torch.linalg.matrix_exp(a).double(), series, rtol=1e-4)
-
-
-def test_matrix_exp_batched_complex_one_by_one_and_trained():
-    """Each matrix of a batch by its own norm; a complex one 4x a real one's products; a 1x1 matrix an exp per
-    element; trained, the backward runs matrix_exp on the (2n, 2n) block matrix [[A^T, G], [0, A^T]], counted by
-    the same rule (nothing uncounted)."""
-    batch = torch.stack([torch.zeros(3, 3), torch.full((3, 3), 1.0 / 3)])  # norms 0 and 1: degrees 1 and 12
-    assert one_row(count_ops(lambda: torch.linalg.matrix_exp(batch)), "aten::linalg_matrix_exp").flops \
-        == (0 + 4) * 2 * 27 + (1 + 5) * 9
-    c = torch.eye(3, dtype=torch.complex64) * 0.4  # norm 0.4: degree 8, 3 products
-    assert one_row(count_ops(lambda: torch.linalg.matrix_exp(c)), "aten::linalg_matrix_exp").flops \
-        == 3 * 4 * 2 * 27 + 4 * 2 * 9
-    assert one_row(count_ops(lambda: torch.linalg.matrix_exp(torch.randn(5, 1, 1))),
-                   "aten::linalg_matrix_exp").flops == 5
-    a = torch.full((3, 3), 1.0 / 3, requires_grad=True)
-    counts = count_ops(lambda: torch.linalg.matrix_exp(a).sum().backward())
-    _nothing_uncounted(counts)
-    block = one_row(counts, "aten::linalg_matrix_exp", ((6, 6),))
-    assert block.flops > 2 * 6**3 and not block.unsupported
-
-
-def test_orthogonal_parametrization_is_counted():
-    """nn.utils.parametrizations.orthogonal (a matrix exponential of a skew matrix): a linear layer through it
-    profiles with nothing uncounted, forward and trained."""
-    torch.manual_seed(0)
-    lin = torch.nn.utils.parametrizations.orthogonal(torch.nn.Linear(4, 4))
-    with torch.no_grad():
-        lin.parametrizations.weight.original.copy_(torch.randn(4, 4))
-    x = torch.randn(2, 4)
-    _nothing_uncounted(count_ops(lambda: lin(x)))
-    counts = count_ops(lambda: lin(x).sum().backward())
-    _nothing_uncounted(counts)
-    assert by_op(counts)["aten::linalg_matrix_exp"] > 0
 
 
 # --- bad arguments -------------------------------------------------------------------------------------------------

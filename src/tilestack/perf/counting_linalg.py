@@ -319,59 +319,7 @@ def _polar_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
 
 
 # Ops counted here: products torch's flop counter has no formula for, and linear algebra it leaves out.
-# torch.linalg.matrix_exp's Taylor approximations (Bader, Blanes and Casas 2019): by a matrix's 1-norm, the degree
-# whose bound it is under, as (the bound for fp32, for fp64, matrix products the degree takes); a norm past degree
-# 12's bound takes degree 18 on the matrix scaled by 2^-s, s = ceil(log2(norm / degree 18's bound)), then s squarings
-MATRIX_EXP_DEGREES = (
-    (1.192092800768788e-07, 2.220446049250313e-16, 0),  # degree 1: I + A
-    (5.978858893805233e-04, 2.580956802971767e-08, 1),  # degree 2: A^2
-    (5.116619363445086e-02, 3.397168839976962e-04, 2),  # degree 4
-    (5.800524627688768e-01, 4.991228871115323e-02, 3),  # degree 8
-    (1.461661507209034e00, 2.996158913811580e-01, 4),  # degree 12
-    (3.010066362817634e00, 1.090863719290036e00, 5),  # degree 18, with scaling and squaring past its bound
-)
-
-
-def matrix_exp_products(norm: float, *, double: bool) -> int:
-    """Matrix products torch.linalg.matrix_exp runs for one matrix of 1-norm ``norm``: its Taylor degree's, and past
-    degree 12's bound degree 18's and the squarings after scaling (a norm it cannot tell, NaN, as the largest
-    unscaled degree)."""
-    bounds = [d[1] if double else d[0] for d in MATRIX_EXP_DEGREES]
-    for bound, (_, _, products) in zip(bounds[:-1], MATRIX_EXP_DEGREES[:-1], strict=True):
-        if norm <= bound:
-            return products
-    squarings = max(0, math.ceil(math.log2(norm / bounds[-1]))) if math.isfinite(norm) else 0
-    return MATRIX_EXP_DEGREES[-1][2] + squarings
-
-
-def _matrix_exp_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
-    """linalg_matrix_exp (nn.utils.parametrizations.orthogonal's map; its backward runs it on a (2n, 2n) block
-    matrix): 2 n^3 per matrix product of each (n, n) matrix (a complex one 4x), the products its 1-norm calls for
-    (``matrix_exp_products``), and an add per element for each power summed into the result (I + A for a matrix of
-    norm ~0: the squarings sum nothing); a 1x1 matrix an exp (profiler round 22: reported uncounted, as
-    value-dependent; the counting pass has the values, as for NLL's ignored targets)."""
-    import torch
-
-    a = _argument(func, args, kwargs, "self")
-    n = a.shape[-1] if a.dim() >= 2 else 0
-    if n <= 1:
-        return float(_numel(a))
-    mats = a.reshape(-1, n, n)
-    double = a.dtype in (torch.float64, torch.complex128)
-    largest = MATRIX_EXP_DEGREES[-1][2]
-    if a.device.type == "meta":  # no values: the largest unscaled degree for each
-        products = [largest] * mats.shape[0]
-    else:
-        norms = mats.abs().sum(-2).amax(-1).tolist()  # the 1-norm: the largest column sum of |a|
-        products = [matrix_exp_products(float(v), double=double) for v in norms]
-    per_mac = formulas.FLOPS_PER_MAC * (formulas.COMPLEX_MAC_OVER_REAL if a.is_complex() else 1)
-    per_add = formulas.COMPLEX_ELEMENT_OVER_REAL if a.is_complex() else 1
-    sums = sum(min(k, largest) + 1 for k in products)  # the Taylor powers summed, squarings aside
-    return float(per_mac * sum(products) * n**3 + per_add * sums * n**2)
-
-
 LINALG_FLOPS: dict[str, Rule] = {
-    "aten.linalg_matrix_exp": _matrix_exp_flops,
     **{f"aten.{op}": _matrix_vector_flops for op in ("mv", "addmv", "addmv_", "dot", "vdot", "addr", "addr_")},
     "aten.trace": _trace_flops,
     **{f"aten._{kernel}_attention_forward": _raw_attention_flops(backward=False) for kernel in ("flash", "efficient")},
