@@ -291,3 +291,15 @@ def test_group_fp8_quantize_misuse_is_named():
         launch(group_quant_e4m3, "reference", x, q, torch.ones(2, 4, 1))     # ST of rank 3
     with pytest.raises(Exception, match="BN"):
         launch(group_quant_e4m3, "reference", x, q, torch.ones(2, 4), BN="32")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_fp8_quantize_of_tiny_and_huge_groups(backend):
+    """A group of amax 1e-38 (its scale 2.2e-41 is an f32 subnormal: flushing it to 0 would make x / s inf, then
+    448) and one of amax 3e38 (x / s of 1.0 underflows e4m3 to 0): scales and codes as torch's."""
+    X = torch.tensor([[1e-38, -3e-39, 5e-40, 0.0] * 10, [3e38, -1e38, 1.0, 0.0] * 10])
+    q, s = run_quant(backend, X)
+    wq, ws = quant_ref(X)
+    torch.testing.assert_close(s, ws, rtol=1e-6, atol=0)
+    assert torch.equal(q.view(torch.uint8), wq.view(torch.uint8))
+    assert q[0, 0].float().item() == 448.0 and q[1, 2].float().item() == 0.0

@@ -98,6 +98,68 @@ def test_moe_dispatch_misuse_is_named():
         launch(moe_dispatch_gemv, "reference", x, torch.zeros(2, dtype=I32), torch.zeros(2), w, y)
 
 
+# ---- 5. fp8 e4m3 quantization with one scale per BM x BN block (a 1-element vector for the block's scale) ----------
+@ts.kernel(grid=lambda X, BM, BN: (ts.cdiv(X.shape[0], BM), ts.cdiv(X.shape[1], BN)))
+def block_quant_e4m3(X, Q, S, *, BM: int = 16, BN: int = 16):
+    """Q = X / s in e4m3 and S[i, j] = s = amax(|X[block i, j]|) / 448 (1 for an all-zero block): the block's amax
+    reduced twice, to a (BM,) vector every element of which is the amax (to divide by per row) and to a (1,) vector
+    stored as the block's one scale."""
+    i, j = ts.block_id(0), ts.block_id(1)
+    x, ax = ts.RegTile[ts.f32, BM, BN](), ts.RegTile[ts.f32, BM, BN]()
+    ts.load(x, X, at=(i, j))
+    ts.abs(ax, x)
+    colmax = ts.RegVec[ts.f32, BN]()
+    ts.col_max(colmax, ax)
+    spread = ts.RegTile[ts.f32, BM, BN]()
+    ts.zero(spread)
+    ts.add(spread, spread, ts.per_col(colmax))
+    amax = ts.RegVec[ts.f32, BM]()
+    ts.row_max(amax, spread)                          # every row: the block's amax
+    one = ts.RegTile[ts.f32, 1, BN]()
+    ts.zero(one)
+    ts.add(one, one, ts.per_col(colmax))
+    amax1 = ts.RegVec[ts.f32, 1]()
+    ts.row_max(amax1, one)
+    for v in (amax, amax1):
+        nz = ts.RegVec[ts.bool_, v.shape[0]]()
+        ts.gt(nz, v, 0.0)
+        ts.div(v, v, 448.0)
+        ts.where(v, nz, v, 1.0)
+    ts.div(x, x, ts.per_row(amax))
+    q = ts.RegTile[Q.dtype, BM, BN]()
+    ts.copy(q, x)
+    ts.store(Q, q, at=(i, j))
+    ts.store(S, amax1, at=(i, j))
+
+
+def block_quant_ref(x, BM=16, BN=16):
+    M, N = x.shape
+    gm, gn = -(-M // BM), -(-N // BN)
+    xf = torch.nn.functional.pad(x.float(), (0, gn * BN - N, 0, gm * BM - M)).view(gm, BM, gn, BN)
+    amax = xf.abs().amax((1, 3))
+    s = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+    q = (xf / s[:, None, :, None]).clamp(-448, 448).to(E4M3).view(gm * BM, gn * BN)[:M, :N]
+    return q, s
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [F32, BF])
+@pytest.mark.parametrize(("M", "N"), [(37, 21), (1, 1), (16, 48)])
+def test_block_fp8_quantize(backend, dtype, M, N, rng):
+    x = (randn(rng, M, N) * 10).to(dtype)
+    if M > 16:
+        x[16:32] = 0.0                                # an all-zero block row: scale 1
+        x[0, 0] = -1e30 if dtype is not F16 else -6e4
+    q = torch.full((M, N), 0x7F, dtype=torch.uint8).view(E4M3)
+    s = torch.full((-(-M // 16), -(-N // 16)), math.nan)
+    launch(block_quant_e4m3, backend, x, q, s)
+    wq, ws = block_quant_ref(x)
+    torch.testing.assert_close(s, ws, rtol=1e-6, atol=0)
+    assert torch.equal(q.view(torch.uint8), wq.view(torch.uint8)), (q.float() - wq.float()).abs().max()
+    if M > 16:
+        assert (s[1] == 1).all() and q[0, 0].float().item() == -448.0
+
+
 # ---- sm_90a compiles -----------------------------------------------------------------------------------------------
 AOT_CASES = {   # name -> (kernel, meta args, constants)
     "gemm_softmax": (gemm_softmax, (meta(8192, 512, dtype=BF), meta(4096, 512, dtype=BF), meta(8192, 4096, dtype=BF),
@@ -109,6 +171,8 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
     "moe_dispatch_gemv": (moe_dispatch_gemv, (meta(4096, 2048, dtype=BF), meta(8192, dtype=I32),
                                               meta(8192, dtype=I32), meta(8, 1408, 2048, dtype=BF),
                                               meta(8192, 1408, dtype=BF)), dict(BN=64, BK=64)),
+    "block_quant_e4m3": (block_quant_e4m3, (meta(16384, 7168, dtype=BF), meta(16384, 7168, dtype=E4M3),
+                                            meta(128, 56)), dict(BM=128, BN=128)),
 }
 
 
