@@ -1,7 +1,10 @@
 """Round 25 of held-out kernels, continued (test_heldout_round25.py has the first three): MoE token dispatch as a
 gather then a product (each dispatched slot reads the row of its source token, picked by an index read from memory,
 and multiplies it by the weight of its expert, also picked from memory; a slot of source -1, capacity padding,
-reads nothing and writes zeros), on the reference executor and Triton's interpreter against float64 torch; then
+reads nothing and writes zeros); fp8 e4m3 quantization with one scale per BM x BN block (the block's amax reduced
+to a 1-element vector that is stored as its scale); and a sliding-window row sum of width BN as two triangular
+products per column tile, the previous tile carried by the loop (the triangles staged in shared memory: the Gluon
+backend takes wgmma's b operand only from there, and says so naming the operand); on the reference executor and Triton's interpreter against float64 torch; then
 every kernel of round 25 compiled for Hopper (sm_90a) on this CPU through the Triton backend (no spills, at most 255
 registers) and the Gluon backend (one warpgroup; no spills, no serialized wgmma) at serving-sized meta arguments.
 """
@@ -160,6 +163,54 @@ def test_block_fp8_quantize(backend, dtype, M, N, rng):
         assert (s[1] == 1).all() and q[0, 0].float().item() == -448.0
 
 
+# ---- 6. a sliding-window row sum of width BN: two triangular products and the previous tile carried by the loop ---
+@ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))
+def window_row_sum(X, Y, *, BM: int = 16, BN: int = 16):
+    """Y[r, c] = sum of X[r, c'] for c - BN < c' <= c (the window runs off the row's start as zeros): for column
+    tile j, x_j @ U (U[c', c] = c' <= c) + x_{j-1} @ L (L[c', c] = c' > c), x_{j-1} the tile the loop carries."""
+    i = ts.block_id(0)
+    ones = ts.RegTile[X.dtype, BN, BN]()
+    up, lo = ts.RegTile[X.dtype, BN, BN](), ts.RegTile[X.dtype, BN, BN]()
+    ts.one(ones)
+    ts.triu(up, ones, 0)
+    ts.tril(lo, ones, -1)
+    s_up, s_lo = ts.SharedTile[X.dtype, BN, BN](), ts.SharedTile[X.dtype, BN, BN]()
+    ts.copy(s_up, up)                                 # wgmma's b operand lives in shared memory
+    ts.copy(s_lo, lo)
+    x, prev = ts.RegTile[X.dtype, BM, BN](), ts.RegTile[X.dtype, BM, BN]()
+    acc = ts.RegTile[ts.f32, BM, BN]()
+    out = ts.RegTile[Y.dtype, BM, BN]()
+    ts.zero(prev)
+    for j in ts.range(ts.cdiv(X.shape[1], BN)):
+        ts.load(x, X, at=(i, j))
+        ts.zero(acc)
+        ts.mma_AB(acc, x, s_up, acc)
+        ts.mma_AB(acc, prev, s_lo, acc)
+        ts.copy(out, acc)
+        ts.store(Y, out, at=(i, j))
+        ts.copy(prev, x)
+
+
+def window_ref(x, w):
+    c = torch.nn.functional.pad(x.double(), (1, 0)).cumsum(1)
+    n = x.shape[1]
+    idx = torch.arange(1, n + 1)
+    return c[:, idx] - c[:, (idx - w).clamp_min(0)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [F32, BF, F16])
+@pytest.mark.parametrize(("M", "N"), [(19, 53), (1, 1), (16, 32), (3, 17)])
+def test_window_row_sum_with_a_carried_tile(backend, dtype, M, N, rng):
+    x = torch.from_numpy(rng.integers(-8, 9, (M, N))).to(dtype)   # small integers: exact sums
+    y = torch.full((M, N), math.nan)
+    launch(window_row_sum, backend, x, y)
+    assert torch.equal(y.double(), window_ref(x, 16)), (y.double() - window_ref(x, 16)).abs().max()
+    xr = randn(rng, M, N, dtype=dtype) * 1e3
+    launch(window_row_sum, backend, xr, y)
+    close(y, window_ref(xr, 16), dtype=F32, scale=1e3)
+
+
 # ---- sm_90a compiles -----------------------------------------------------------------------------------------------
 AOT_CASES = {   # name -> (kernel, meta args, constants)
     "gemm_softmax": (gemm_softmax, (meta(8192, 512, dtype=BF), meta(4096, 512, dtype=BF), meta(8192, 4096, dtype=BF),
@@ -173,6 +224,7 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
                                               meta(8192, 1408, dtype=BF)), dict(BN=64, BK=64)),
     "block_quant_e4m3": (block_quant_e4m3, (meta(16384, 7168, dtype=BF), meta(16384, 7168, dtype=E4M3),
                                             meta(128, 56)), dict(BM=128, BN=128)),
+    "window_row_sum": (window_row_sum, (meta(8192, 4096, dtype=BF), meta(8192, 4096)), dict(BM=64, BN=64)),
 }
 
 
