@@ -303,3 +303,15 @@ def test_group_fp8_quantize_of_tiny_and_huge_groups(backend):
     torch.testing.assert_close(s, ws, rtol=1e-6, atol=0)
     assert torch.equal(q.view(torch.uint8), wq.view(torch.uint8))
     assert q[0, 0].float().item() == 448.0 and q[1, 2].float().item() == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gemm_row_softmax_of_e4m3_operands(backend):
+    """e4m3 operands (both of the product in fp8, accumulated in f32), K = 40 in tiles of 32 (a ragged last K tile
+    whose padding must read as 0, not as an fp8 NaN code)."""
+    g = torch.Generator().manual_seed(25)
+    a = (torch.randn(21, 40, generator=g) * 3).to(E4M3)
+    b = (torch.randn(19, 40, generator=g) * 3).to(E4M3)
+    p = poisoned(21, 19)
+    launch(gemm_softmax, backend, a, b, p, 0.1, BK=32)
+    torch.testing.assert_close(p.double(), gemm_softmax_ref(a.float(), b.float(), 0.1), rtol=1e-5, atol=1e-6)

@@ -101,6 +101,31 @@ def test_moe_dispatch_misuse_is_named():
         launch(moe_dispatch_gemv, "reference", x, torch.zeros(2, dtype=I32), torch.zeros(2), w, y)
 
 
+@ts.kernel(grid=lambda SRC: (SRC.shape[0],))
+def gather_scatter_row(X, SRC, Y, *, BK: int = 4):
+    """Y[s, :BK] = X[SRC[s], :BK] and Y[SRC[s] - 1, BK:2BK] = the same row: a row coordinate of -1 or -2, read or
+    written, is past the tensor (reads 0, writes dropped), as a row past its end is."""
+    s = ts.block_id(0)
+    src = ts.load_scalar(SRC, s)
+    x = ts.RegVec[ts.f32, BK]()
+    ts.load(x, X, at=(src, 0))
+    ts.store(Y, x, at=(s, 0))
+    ts.store(Y, x, at=(src - 1, 1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_row_index_below_0_reads_zeros_and_drops_its_store(backend):
+    x = torch.arange(12, dtype=F32).view(3, 4) + 1
+    y = torch.full((3, 8), -7.0)
+    launch(gather_scatter_row, backend, x, torch.tensor([-1, 0, 2], dtype=I32), y)
+    want = torch.full((3, 8), -7.0)
+    want[0, :4] = 0.0
+    want[1, :4] = x[0]
+    want[2, :4] = x[2]
+    want[1, 4:] = x[2]                                # SRC = 2 writes row 1; SRC = -1, 0 write rows -2, -1: dropped
+    assert torch.equal(y, want), y
+
+
 # ---- 5. fp8 e4m3 quantization with one scale per BM x BN block (a 1-element vector for the block's scale) ----------
 @ts.kernel(grid=lambda X, BM, BN: (ts.cdiv(X.shape[0], BM), ts.cdiv(X.shape[1], BN)))
 def block_quant_e4m3(X, Q, S, *, BM: int = 16, BN: int = 16):
