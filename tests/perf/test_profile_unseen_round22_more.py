@@ -12,6 +12,9 @@ What this round found (each pinned by the test whose docstring says so):
   point too) (counting_bytes._updated_besides);
 - native_batch_norm_backward in training was charged reading the running statistics, which only eval uses
   (counting_bytes.STATISTICS_READ_BY_MODE);
+- F.rrelu's noise buffer (random slopes, marked written) was charged a read though it is only drawn into, and
+  F.rrelu_ in place was taken for a random draw that overwrites its input: charged reading nothing
+  (counting_bytes.RANDOM_SLOPES);
 - constant_pad_nd with negative pads (a crop: every pad's backward) was charged reading all of its input, not the
   elements it keeps (counting_bytes._kept_bytes);
 - torch.cdist and F.pdist of an order other than 0, 1, 2 or inf were counted as p=2, without the power per term
@@ -119,6 +122,20 @@ def test_fused_observer_writes_its_running_state():
     assert row.bytes_read == 100 * F32 + 2 * I64 + state
     assert row.bytes_written == 100 * (F32 + BOOL) + state == 516
     assert row.flops == (formulas.OBSERVER_FLOPS_PER_ELEMENT + formulas.FAKE_QUANT_FLOPS_PER_ELEMENT) * 100
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_rrelu_writes_its_random_slopes_in_training_only(training, in_place):
+    """F.rrelu draws each element's slope into its noise buffer in training (written, never read) and uses the mean
+    slope in eval (the buffer untouched): it reads x, writes its result and, in training, the slopes. In place
+    (F.rrelu_) x is read too, not taken for a random draw that overwrites it (before round 22: read 0 bytes)."""
+    x = torch.randn(3, 8)
+    fn = (lambda: F.rrelu_(x.clone(), training=training)) if in_place else (lambda: F.rrelu(x, training=training))
+    op = "aten::rrelu_with_noise_" if in_place else "aten::rrelu_with_noise"
+    row = one_row(count_ops(fn), op)
+    assert row.flops == 24
+    assert (row.bytes_read, row.bytes_written) == (24 * F32, (48 if training else 24) * F32)
 
 
 # --- pads and crops ------------------------------------------------------------------------------------------------

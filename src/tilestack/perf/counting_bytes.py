@@ -116,8 +116,9 @@ def _overwrites(func: Any) -> bool:
     import torch
 
     name = str(func._overloadpacket)
-    return name in OVERWRITING_OPS or (
+    return name in OVERWRITING_OPS or (  # a random draw in place; but F.rrelu_ computes from what it holds
         name.endswith("_") and torch.Tag.nondeterministic_seeded in getattr(func, "tags", ())
+        and name not in RANDOM_SLOPES
     )
 
 
@@ -385,6 +386,9 @@ def op_bytes(func: Any, args: tuple, kwargs: dict, out: Any, ins: list, outs: li
         unread = [_argument(func, args, kwargs, slot) for slot in (when_unset if _argument(func, args, kwargs, flag)
                                                                    else when_set)]
         ins = [t for t in ins if not any(t is u for u in unread)]
+    if name in RANDOM_SLOPES:  # drawn over, never read
+        noise = _argument(func, args, kwargs, "noise")
+        ins = [t for t in ins if t is not noise]
     if name in BIAS_SLOTS_UNREAD_WITHOUT_BIAS and not _argument(func, args, kwargs, "has_biases"):
         unread = [_argument(func, args, kwargs, slot) for slot in BIAS_SLOTS_UNREAD_WITHOUT_BIAS[name]]
         ins = [t for t in ins if not any(t is u for u in unread)]
@@ -412,11 +416,19 @@ def op_bytes(func: Any, args: tuple, kwargs: dict, out: Any, ins: list, outs: li
 UPDATED_UNMARKED = {"aten.native_batch_norm": ("running_mean", "running_var")}
 
 
+# RReLU's ``noise`` (marked written): in training each element's random slope is drawn into it, never read; in eval
+# the mean slope is used and the buffer is neither read nor written
+RANDOM_SLOPES = frozenset({"aten.rrelu_with_noise", "aten.rrelu_with_noise_"})
+
+
 def _updated_besides(func: Any, args: tuple, kwargs: dict, outs: list) -> list[Any]:
     """The arguments an op updates in place without returning them, each written once: a training BatchNorm's
     running mean and variance, QAT's fused observer's running min, max, scale and zero point (profiler round 22:
     only the returned tensors were charged, so a training BatchNorm's statistics updates moved no bytes)."""
     updated = _written_arguments(func, args, kwargs)
+    if str(func._overloadpacket) in RANDOM_SLOPES and not _argument(func, args, kwargs, "training"):
+        noise = _argument(func, args, kwargs, "noise")
+        updated = [t for t in updated if t is not noise]
     unmarked = UPDATED_UNMARKED.get(str(func._overloadpacket), ())
     if unmarked and _argument(func, args, kwargs, "training"):
         updated += _tensors([_argument(func, args, kwargs, name) for name in unmarked])
