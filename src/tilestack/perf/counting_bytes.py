@@ -12,7 +12,10 @@ its distinct inputs and writes its outputs, except where it moves less:
 - an advanced index (``INDEXING``) and a view's copy read the elements they return, a grid sampler (``SAMPLERS``)
   its taps' elements;
 - an in-place scatter (``SCATTERS_IN_PLACE``) writes, and where it accumulates reads, the elements it touches;
-- packed weights inside script objects (quantized linears, LSTMs) are read.
+- packed weights inside script objects (quantized linears, LSTMs) are read;
+- an argument updated in place but not returned (a training BatchNorm's running statistics, a fused observer's
+  state) is written; a BatchNorm's backward reads only the statistics its mode normalised by; a crop
+  (constant_pad_nd with negative pads) reads only the elements it keeps.
 Views, aliases and allocations move no bytes; ``counting`` decides that before it asks here.
 """
 
