@@ -316,3 +316,19 @@ def test_gpus_of_five_different_memories_against_every_placement():
             continue
         assert {r.plan for r in ranked} == {p.plan for p in preds if placeable(p, lim)}
         assert math.isfinite(ranked[0].step_s)
+
+
+def test_torch_transformer_cut_between_encoder_and_decoder_carries_both_inputs_by_hand():
+    """A pipeline of 2 over nn.Transformer: the decoder's stage receives the encoder's output (5 tokens x 16 f32)
+    and the target it was given (7 x 16), 320 + 448 bytes a sample; the encoder's stage only its source."""
+    torch.manual_seed(0)
+    tr = nn.Transformer(d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32,
+                        dropout=0.0, batch_first=True)
+    desc = describe_module(tr, (torch.randn(2, 5, 16), torch.randn(2, 7, 16)))
+    assert [layer.name for layer in desc.layers] == ["encoder", "decoder"]
+    assert desc.layers[0].in_bytes == 5 * 16 * FP32
+    assert desc.layers[1].in_bytes == 5 * 16 * FP32 + 7 * 16 * FP32
+    assert [layer.params for layer in desc.layers] == [sum(p.numel() for p in tr.encoder.parameters()),
+                                                       sum(p.numel() for p in tr.decoder.parameters())]
+    pred = predict(Plan(batch=4, pp=2, schedule="gpipe", microbatches=2), desc, Unit(desc), FREE)
+    assert [m["parameters"] for m in pred.memory] == [layer.params * FP32 for layer in desc.layers]

@@ -43,6 +43,19 @@ def parse_bytes(text: str, *, arg: str = "--memory-limit") -> float | None:
     return value
 
 
+def parse_limits(text: str, nproc: int) -> float | list[float] | None:
+    """``--memory-limit``: one size for every GPU (``"80GB"``), or ``nproc`` sizes, one per GPU, comma-separated
+    (``"80GB,80GB,40GB"``: GPUs of different memories, search's per-GPU limits); "" -> None."""
+    from tilestack.parallel.plan import PlanError
+    if "," not in text:
+        return parse_bytes(text)
+    parts = text.split(",")
+    if len(parts) != nproc:
+        raise PlanError(f"--memory-limit {text!r}: {len(parts)} sizes for --nproc {nproc}; expected one size for "
+                        f"every GPU or {nproc} comma-separated sizes, one per GPU")
+    return [parse_bytes(x, arg="--memory-limit") or 0.0 for x in parts]
+
+
 def parse_batches(text: str) -> list[int]:
     from tilestack.parallel.plan import PlanError
     try:
@@ -68,7 +81,8 @@ def plan_command(
     device: str = typer.Option("cpu", help="cpu (measured here), cuda (measured on this GPU) or a device-table "
                                "key for a device not here: h200, h100-sxm, a100-sxm-80gb..."),
     dtype: str = typer.Option("float32", help="float32 or bfloat16"),
-    memory_limit: str = typer.Option("", help="bytes per rank, e.g. 80GB or 512MiB (default: no limit)"),
+    memory_limit: str = typer.Option("", help="bytes per rank, e.g. 80GB or 512MiB (default: no limit); or one "
+                                     "per GPU, comma-separated, for GPUs of different memories: 80GB,80GB,40GB,40GB"),
     rank_by: str = typer.Option("time", help="time or goodput"),
     noise_scale: float = typer.Option(0.0, help="gradient noise scale phi (samples) for goodput; --base-batch M0"),
     base_batch: int = typer.Option(0, help="the batch size M0 whose statistical efficiency is 1 (default: the "
@@ -98,7 +112,8 @@ def plan_command(
     if rank_by not in RANK_BY:
         raise PlanError(f"--rank-by {rank_by!r}; expected one of {RANK_BY}")
     batches = parse_batches(batch)
-    limit = parse_bytes(memory_limit)
+    limit = parse_limits(memory_limit, nproc)
+    least_limit = min(limit) if isinstance(limit, list) else limit     # the figure's line and Alpa's stages
     if noise_scale and not 0 < noise_scale < math.inf:      # 0: not given; a negative or NaN phi is no noise scale
         raise PlanError(f"--noise-scale {noise_scale}; expected a finite gradient noise scale phi > 0 (samples), or "
                         "0 (not given)")
@@ -165,9 +180,9 @@ def plan_command(
         fig_dir = Path(figures)
         fig_dir.mkdir(parents=True, exist_ok=True)
         con.print(f"figures: {timeline_png(chosen.prediction, fig_dir / 'timeline.png')}, "
-                  f"{memory_png(chosen.prediction, fig_dir / 'memory.png', limit=limit)}")
+                  f"{memory_png(chosen.prediction, fig_dir / 'memory.png', limit=least_limit)}")
     if alpa:
-        _alpa(con, desc, compute, comm_model, nproc, min(batches), chosen, limit)
+        _alpa(con, desc, compute, comm_model, nproc, min(batches), chosen, least_limit)
     if measure:
         _measure(con, desc, [r.prediction for r in ranked if r.prediction.runnable][:measure], steps)
 
@@ -240,7 +255,7 @@ def _cost_models(desc, build, device: str, dtype: str, comm: str):
     return compute, (load_comm(comm) if comm else h200_nccl()), compute.peak
 
 
-def _check_memory(desc, nproc: int, batches: list[int], limit: float | None, *, cpu: bool) -> None:
+def _check_memory(desc, nproc: int, batches: list[int], limit: float | list[float] | None, *, cpu: bool) -> None:
     """PlanError before any timing when no plan can fit ``limit``: memory does not depend on the times, so it is
     predicted with unit times and free communication. It does depend on the device: on a CPU (``cpu``: a compute
     model with cores) AdamW loops over the tensors and keeps no copy of the second moments beside the gradients,
@@ -265,6 +280,15 @@ def _check_memory(desc, nproc: int, batches: list[int], limit: float | None, *, 
     free = CommModel(fits={"all_reduce": {2: (0.0, 0.0)}}, source="free")
     least = min((predict(p, desc, Unit(), free) for b in batches for p in enumerate_plans(desc, nproc, b)),
                 key=lambda p: p.memory_bytes)
+    if isinstance(limit, list):             # one per GPU: a plan fits when its pipeline ranks can be placed
+        from tilestack.parallel.plan.search import gpu_limits, placeable
+        limits = gpu_limits("--memory-limit", limit, nproc)
+        if not any(placeable(predict(p, desc, Unit(), free), limits) for b in batches
+                   for p in enumerate_plans(desc, nproc, b)):
+            raise PlanError(f"--memory-limit {[float(f'{v:.4g}') for v in limit]} bytes per GPU: no plan fits; the "
+                            f"smallest ({least.plan.label()}, batch {least.plan.batch}) needs {least.memory_bytes:.4g} "
+                            "on its largest rank; expected larger limits, more ranks or a smaller batch")
+        return
     if least.memory_bytes > limit:
         raise PlanError(f"--memory-limit {limit:.4g} bytes per rank: no plan fits; the smallest "
                         f"({least.plan.label()}, batch {least.plan.batch}) needs {least.memory_bytes:.4g}; expected "

@@ -614,8 +614,8 @@ class RooflineCompute(ComputeModel):
             raise PlanError(f"RooflineCompute: dtype={self.dtype!r} for {self.spec.label} ({e}); expected one the "
                             "device table lists, such as 'bf16', 'tf32', 'fp32'") from None
         if not self.peak and self.dtype not in self.spec.flops:     # (the message named neither dtype= nor choices)
-            raise PlanError(f"RooflineCompute: dtype={self.dtype!r} for {self.spec.label}; expected one its table "
-                            f"row gives: {sorted(self.spec.flops)}")
+            raise PlanError(f"RooflineCompute: dtype={self.dtype!r} for {self.spec.label}: no published {self.dtype} "
+                            f"peak; expected one its table row gives: {sorted(self.spec.flops)}")
         if not self.peak or not self.spec.bandwidth:
             raise PlanError(f"RooflineCompute: device={self.device!r} has no published {self.dtype} peak or "
                             "bandwidth; expected a GPU of the device table")

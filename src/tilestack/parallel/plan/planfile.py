@@ -139,6 +139,12 @@ def _check_fields(spec: dict[str, Any], where: str) -> None:
         raise PlanError(f"{where}: parallel has {got}; expected ParallelConfig's fields {sorted(known)}")
     try:
         pc = ParallelConfig(**parallel)
+        # the file's own field named: a hand-edited nproc was refused as "expected the world size 3" (of what?)
+        world = pc.pp * pc.dp * pc.dp_shard * pc.tp
+        if all(isinstance(v, int) for v in (pc.pp, pc.dp, pc.dp_shard, pc.tp)) and world != spec["nproc"]:
+            raise PlanError(f"{where}: nproc={spec['nproc']!r} where parallel's pp*dp*dp_shard*tp = {pc.pp}*{pc.dp}*"
+                            f"{pc.dp_shard}*{pc.tp} = {world}; expected the world size {spec['nproc']} to be what "
+                            f"those degrees make (nproc={world} for them)")
         pc.validate(spec["nproc"], model=cfg, batch=spec["batch"], seq=spec["seq"])
     except ParallelConfigError as e:
         raise PlanError(f"{where}: {e}") from None
