@@ -95,6 +95,8 @@ def test_cluster_refuses_bad_links_by_name(kw, match):
 def test_collective_times_refuse_nan_bytes_and_empty_groups():
     with pytest.raises(PlanError, match="nbytes=nan"):
         FIT.time("all_reduce", NAN, 2)
+    with pytest.raises(PlanError, match="nbytes=-5; expected a finite number of bytes >= 0"):
+        FIT.time("all_reduce", -5, 2)
     with pytest.raises(PlanError, match="n=0"):
         FIT.time("all_reduce", 8, 0)
     with pytest.raises(PlanError, match="kind='broadcast'"):

@@ -42,8 +42,10 @@ H200_NCCL_BUSBW = {
 def _check_group(n: Any, nbytes: Any) -> None:
     if not isinstance(n, int | np.integer) or isinstance(n, bool) or n < 1:
         raise PlanError(f"CommModel.time: n={n!r}; expected a positive int (ranks in the group)")
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int | float | np.number) or not math.isfinite(nbytes):
-        raise PlanError(f"CommModel.time: nbytes={nbytes!r}; expected a finite number of bytes")
+    # (a negative size was priced 0 s, as no bytes)
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int | float | np.number) or not math.isfinite(nbytes) or (
+            nbytes < 0):
+        raise PlanError(f"CommModel.time: nbytes={nbytes!r}; expected a finite number of bytes >= 0")
 
 
 def _ring_steps(kind: str, n: int) -> float:
