@@ -24,6 +24,10 @@ from collections.abc import Callable
 import torch
 from torch.autograd import forward_ad
 
+_is_compiling = torch.compiler.is_compiling
+_tracing_state = torch._C._get_tracing_state
+_set_tracing_state = torch._C._set_tracing_state
+
 
 def forward_ad_active() -> bool:
     """Whether a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``, which torch.func.jvp,
@@ -42,6 +46,23 @@ def refuse_tangents(op: str, **tensors) -> None:
                               f"torch.autograd.forward_ad), and tilestack's {op} has no forward-mode derivative; "
                               "use reverse mode (torch.func.grad, vjp, jacrev) or "
                               "torch's own op")
+
+
+def untraced(check, *args, **kwargs):
+    """``check(*args, **kwargs)`` (an argument check: reads shapes and dtypes, records nothing) with
+    ``torch.jit.trace``'s tracer suspended, which hands sizes over as tensors: the checks' int arithmetic failed deep
+    inside on them ("'Tensor' object has no attribute 'bit_length'"), or their messages named shapes as
+    (tensor(1), tensor(8)); the decision is the trace's either way (a Python branch, recorded as taken)."""
+    if _is_compiling():          # (Dynamo: no tracer, and no call into torch._C's tracing state in its graph)
+        return check(*args, **kwargs)
+    state = _tracing_state()
+    if state is None:
+        return check(*args, **kwargs)
+    _set_tracing_state(None)
+    try:
+        return check(*args, **kwargs)
+    finally:
+        _set_tracing_state(state)
 
 
 def double_backward_message(op: str) -> str:

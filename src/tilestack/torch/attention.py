@@ -40,7 +40,7 @@ from tilestack.kernels._plan import planned
 from tilestack.kernels.attention_bwd import attention_backward
 from tilestack.kernels.attention_fwd import attention_forward, check_attention_args, dropout_rng
 from tilestack.lang.kernel import remember
-from tilestack.torch._autograd import direct_apply, forward_ad_active, once_differentiable
+from tilestack.torch._autograd import direct_apply, forward_ad_active, once_differentiable, untraced
 from tilestack.torch._library import autograd_op
 
 
@@ -58,7 +58,7 @@ def _bwd_fake(q, k, v, o, lse, do, attn_mask, causal, scale, causal_align, dropo
 
 @autograd_op("attention_bwd", fake=_bwd_fake, refuse_double="attention")
 def attention_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                     do: torch.Tensor, attn_mask: torch.Tensor | None, causal: bool, scale: float,
+                     do: torch.Tensor, attn_mask: torch.Tensor | None, causal: bool, scale: float | None,
                      causal_align: str, dropout_p: float = 0.0, rng: torch.Tensor | None = None,
                      precision: str = "ieee", stats: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -70,6 +70,7 @@ def _setup_context(ctx, inputs, output):
     q, k, v, attn_mask, causal, scale, causal_align, dropout_p, rng, precision = inputs
     o, lse, stats = output
     ctx.save_for_backward(q, k, v, o, lse, attn_mask, rng, stats)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale     # None: the head dim's default (a traced call)
     ctx.causal, ctx.scale, ctx.causal_align, ctx.dropout_p, ctx.precision = (causal, scale, causal_align,
                                                                              dropout_p, precision)
     ctx.mark_non_differentiable(lse, stats)
@@ -84,7 +85,7 @@ def _backward(ctx, do, _dlse, _dstats):
 
 @autograd_op("attention_fwd", fake=_fwd_fake, setup_context=_setup_context, backward=_backward)
 def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-                     causal: bool, scale: float, causal_align: str, dropout_p: float = 0.0,
+                     causal: bool, scale: float | None, causal_align: str, dropout_p: float = 0.0,
                      rng: torch.Tensor | None = None, precision: str = "ieee"
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o, lse, stats): stats the masked kernels' row max and log2 sum for the backward
@@ -158,6 +159,7 @@ _apply_attention = direct_apply(_Attention)   # .apply minus its Python wrapper
 
 
 _is_compiling = torch.compiler.is_compiling
+_is_tracing = torch._C._is_tracing
 _transforms_active = torch._C._are_functorch_transforms_active
 
 
@@ -185,14 +187,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     kernels' own checks, once per launch signature)."""
     rng = dropout_rng() if dropout_p else None   # checked with the rest: a bad dropout_p is refused below
     precision = fp32_precision(q)
-    if _is_compiling() or type(q) is not torch.Tensor or q.is_meta or _transforms_active() or forward_ad_active():
-        # graphs, fake and meta tensors, subclasses, torch.func's transforms (vmap: tensors without storage), an
-        # open forward-mode AD level (the op refuses a tangent by name)
-        check_attention_args("attention", q, k, v, scale, causal=causal, attn_mask=attn_mask,
-                             causal_align=causal_align, dropout_p=dropout_p, rng=rng)
+    if _is_compiling() or type(q) is not torch.Tensor or q.is_meta or _transforms_active() or forward_ad_active() \
+            or _is_tracing():
+        # graphs (torch.jit.trace too: the op recorded as one call, not the kernels' output as a constant), fake and
+        # meta tensors, subclasses, torch.func's transforms (vmap: tensors without storage), an open forward-mode AD
+        # level (the op refuses a tangent by name)
+        untraced(check_attention_args, "attention", q, k, v, scale, causal=causal, attn_mask=attn_mask,
+                 causal_align=causal_align, dropout_p=dropout_p, rng=rng)
         if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
             _refuse_mask_grad()           # the op's backward gives the mask None: no gradient, no word
-        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        if scale is not None:
+            scale = float(scale)
+        elif _is_compiling() or not _is_tracing():     # (Dynamo cannot call _is_tracing: asked only outside)
+            scale = q.shape[-1] ** -0.5
+        # (a trace keeps None: the op takes the head dim's default at each call; a float made here from the traced
+        # head dim was recorded as a constant, the wrong scale for a traced module called with another head dim)
         return attention_fwd_op(q, k, v, attn_mask, bool(causal), scale, causal_align, float(dropout_p), rng,
                                 precision)[0]
     if scale is not None and not isinstance(scale, float):

@@ -41,10 +41,11 @@ from tilestack.kernels.rotary import rotary as _rotary
 from tilestack.kernels.swiglu import swiglu as _swiglu
 from tilestack.kernels.swiglu import swiglu_backward as _swiglu_backward
 from tilestack.lang.kernel import remember
-from tilestack.torch._autograd import direct_apply, forward_ad_active, once_differentiable
+from tilestack.torch._autograd import direct_apply, forward_ad_active, once_differentiable, untraced
 from tilestack.torch._library import autograd_op
 
 _is_compiling = torch.compiler.is_compiling
+_is_tracing = torch._C._is_tracing
 
 
 _transforms_active = torch._C._are_functorch_transforms_active
@@ -53,9 +54,12 @@ _transforms_active = torch._C._are_functorch_transforms_active
 def _eager(x: torch.Tensor) -> bool:
     """Whether the thin eager path applies: a plain tensor outside a graph being traced and outside torch.func's
     transforms (grad, vmap, jacrev: their wrapped tensors have no storage for a plan key; the tilestack:: ops take
-    them), with no forward-mode AD level open (the ops refuse an input carrying a tangent, by name)."""
+    them), with no forward-mode AD level open (the ops refuse an input carrying a tangent, by name), and not under
+    ``torch.jit.trace``: the tracer records the tilestack:: op as one call, where the kernels' work (NumPy, a Triton
+    launch) is out of its sight and their output was recorded as a constant (or a size read as a traced tensor made
+    a kernel constant refuse it)."""
     return (not _is_compiling() and type(x) is torch.Tensor and not x.is_meta and not _transforms_active()
-            and not forward_ad_active())
+            and not forward_ad_active() and not _is_tracing())
 
 
 def _needs_grad(*tensors) -> bool:
@@ -334,7 +338,7 @@ def _check_norm(fn: str, x, weight, eps, bias=None, r=None) -> None:
 def _norm(fn: str, x, r, weight, bias, eps):
     """y (no r) or (y, h) of the named norm, eager or traced; every public norm below is this."""
     if not _eager(x):
-        _check_norm(fn, x, weight, eps, bias=bias, r=r)
+        untraced(_check_norm, fn, x, weight, eps, bias=bias, r=r)
         eps = float(eps)
         if r is None:
             return (layer_norm_fwd_op(x, weight, bias, eps) if bias is not None else
@@ -435,7 +439,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     """(q, k) rotated (rotate-half RoPE); q: (B, N, H, D), k: (B, N, Hkv, D), cos/sin: (N, D/2) f32 (see
     ``tilestack.kernels.rotary_tables``). The results are contiguous tensors of q's and k's shapes (the inputs may
     be strided views, e.g. of a fused qkv projection). Differentiable in q and k."""
-    check_rotary_args("rotary", q, k, cos, sin, differentiable=True)
+    untraced(check_rotary_args, "rotary", q, k, cos, sin, differentiable=True)
     if not _eager(q):
         return rotary_op(q, k, cos, sin, False)
     if _needs_grad(q, k):
@@ -545,13 +549,13 @@ _apply_swiglu = direct_apply(_SwiGLU)   # .apply minus its Python wrapper
 def swiglu(x: torch.Tensor) -> torch.Tensor:
     """silu(a) * b with a, b the two halves of x's last dim (a gate and an up projection made by one GEMM):
     (..., 2F) -> (..., F); differentiable, the gradient landing in one (..., 2F) tensor."""
-    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] % 2:
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or untraced(lambda: x.shape[-1] % 2):
+        got = untraced(lambda: tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
         raise LaunchError(f"swiglu: x must be a tensor whose last dim is even (the two halves a, b); got {got}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise LaunchError(f"swiglu: x has dtype {x.dtype}; expected one of float32, bfloat16, float16")
     if not _eager(x):
-        check_tensor("swiglu", "x", x)       # (a nested tensor is a subclass: here, not on the eager path)
+        untraced(check_tensor, "swiglu", "x", x)       # (a nested tensor is a subclass: here, not on the eager path)
         return swiglu_fwd_op(x)
     try:
         plan = _swiglu_plans.plan_for(x)
@@ -628,7 +632,7 @@ def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: to
     """Mean cross-entropy of ``x @ weight.T`` (x: (T, d), weight: (V, d)) against ``labels`` (T,), skipping
     rows labelled ``ignore_index``; the (T, V) logits are never made whole. A 0-d f32 loss, differentiable in
     x and weight (their gradients are made in the forward, for a loss gradient of 1, and scaled after)."""
-    check_ce_args("fused_linear_cross_entropy", x, weight, labels, ignore_index)
+    untraced(check_ce_args, "fused_linear_cross_entropy", x, weight, labels, ignore_index)
     if not _eager(x):
         return fused_linear_cross_entropy_op(x, weight, labels, int(ignore_index))[0]
     if _needs_grad(x, weight):

@@ -39,7 +39,7 @@ from torch.autograd import forward_ad
 from tilestack.config import knobs
 from tilestack.kernels._checks import finite_real
 from tilestack.kernels.attention_fwd import MAX_SCALE
-from tilestack.torch._autograd import forward_ad_active
+from tilestack.torch._autograd import forward_ad_active, untraced
 from tilestack.torch.attention import attention
 
 torch_sdpa = F.scaled_dot_product_attention   # torch's own, kept before any patch
@@ -129,9 +129,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     signature is torch's: ``scale`` and ``enable_gqa`` are keyword-only there (a seventh positional argument is a
     TypeError), so they are here."""
     q, k, v, mask = autocast_args(query, key, value, attn_mask)
-    why = unsupported(q, k, v, mask, dropout_p, is_causal, enable_gqa, scale)
+    # (checks only: under torch.jit.trace, with the tracer's sizes-as-tensors out of the way; the branch is the trace's)
+    why = untraced(unsupported, q, k, v, mask, dropout_p, is_causal, enable_gqa, scale)
     if why is not None:
-        _refuse_key_value_lengths(key, value)
+        untraced(_refuse_key_value_lengths, key, value)
         # the notice in eager mode only: Dynamo cannot trace warnings.warn, so under torch.compile(fullgraph=True)
         # a call handed to torch failed to compile where torch's own function compiles
         if why not in _noticed and not torch.compiler.is_compiling():
