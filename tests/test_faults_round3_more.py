@@ -81,8 +81,10 @@ def test_tilestack_tune_interrupted_by_sigint_keeps_its_winners(tmp_path):
     from tilestack.tune.cache import Table
 
     cache = tmp_path / "cache"
+    # a budget the second search cannot run out of before the signal: with 6 s, a loaded CI machine (2026-12-07) spent
+    # it all on the first problem, the second ended at once and the run exited 0 before SIGINT came
     p = subprocess.Popen([sys.executable, "-m", "tilestack.cli", "tune", "--small", "--as-device", "sm89-128sm-99kb",
-                          "-k", "gemm", "--dtype", "bfloat16", "--budget-s", "6"], stdout=subprocess.PIPE,
+                          "-k", "gemm", "--dtype", "bfloat16", "--budget-s", "60"], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=_env(TILESTACK_CACHE_DIR=str(cache), COLUMNS="200"))
     try:
         for line in p.stdout:
