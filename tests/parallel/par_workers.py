@@ -182,3 +182,25 @@ def killed_on_first_attempt(rank: int, world_size: int, marker: str) -> int:
         for _ in range(50):
             dist.all_reduce(torch.ones(1024))
     return rank
+
+
+def resume_old_layout(rank: int, world_size: int, path: str, steps: int = 5, cut: int = 3) -> dict:
+    """``reshard`` under dp=2 with the checkpoint written in the layout saved before 2026-12-07 (the optimizer by
+    group index): it must still load, and train on as the run that was not stopped."""
+    from tilestack.parallel import checkpoint
+    data = batches(steps)
+    pc = ParallelConfig(dp=2)
+    t1 = Trainer(GPT(CFG, seed=0), pc, pc.build_mesh("cpu"), **HYPER)
+    for idx, targets in data[:cut]:
+        t1.step(idx, targets)
+    by_name = checkpoint._options
+    checkpoint._options = lambda by_name_=True: by_name(False)      # the old save
+    try:
+        checkpoint.save(t1, path)
+    finally:
+        checkpoint._options = by_name
+    cont = [t1.step(idx, targets) for idx, targets in data[cut:]]
+    t2 = Trainer(GPT(CFG, seed=1), pc, pc.build_mesh("cpu"), **HYPER)
+    checkpoint.load(t2, path)
+    resumed = [t2.step(idx, targets) for idx, targets in data[cut:]]
+    return dict(cont=cont, resumed=resumed)

@@ -24,3 +24,11 @@ def test_missing_checkpoint_is_refused(tmp_path):
         zero, parts, pc = None, [GPT(W.CFG)], ParallelConfig()
     with pytest.raises(ParallelConfigError, match="is not a directory"):
         checkpoint.load(_T(), tmp_path / "nothing")
+
+
+def test_a_checkpoint_of_the_old_layout_still_resumes(tmp_path):
+    """A checkpoint saved before the optimizer was keyed by parameter name (2026-12-07) loads, and the run goes on
+    to the same losses as the uninterrupted one."""
+    res = run_local(W.resume_old_layout, 2, (str(tmp_path / "old"),), timeout_s=300)
+    for r in res:
+        torch.testing.assert_close(torch.tensor(r["resumed"]), torch.tensor(r["cont"]), rtol=1e-6, atol=0)

@@ -35,12 +35,20 @@ _SHOWN = 3            # differing parameter names quoted in an error
 _CHECKPOINT_FILE = re.compile(r"\.metadata|__\d+(_\d+\.distcp|\.metadata)")   # what torch.distributed.checkpoint writes
 
 
-def _options():
+def _options(by_name: bool = True):
     """The optimizer's state and hyperparameters keyed by parameter name (``param_groups.<name>.lr``), not by group
     index: each pipeline stage's optimizer has a group 0 of its own parameters, and the stages' ``param_groups.0``
-    entries collided in the checkpoint (a resumed pipeline rank lost lr, betas and eps: a KeyError in AdamW)."""
+    entries collided in the checkpoint (a resumed pipeline rank lost lr, betas and eps: a KeyError in AdamW).
+    ``by_name=False``: the layout of checkpoints saved before 2026-12-07, which still load."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
-    return StateDictOptions(flatten_optimizer_state_dict=True)
+    return StateDictOptions(flatten_optimizer_state_dict=by_name)
+
+
+def _saved_by_name(saved: dict, optim_sd: dict) -> bool:
+    """Whether the checkpoint keys its optimizer by parameter name (``_options``): some of the hyperparameter
+    entries this trainer's optimizer has by name are in it; a checkpoint saved before has none of them."""
+    ours = {f"optim.{k}" for k in optim_sd if k.startswith("param_groups.")}
+    return not ours or bool(ours & saved.keys())
 
 
 def _check(trainer, what: str) -> None:
@@ -176,6 +184,9 @@ def load(trainer, path: str | os.PathLike) -> int:
                                   "checkpoint written by tilestack.parallel.checkpoint.save")
     saved = _saved_shapes(path)
     model_sd, optim_sd = get_state_dict(trainer.parts[0], trainer.optimizer, options=_options())
+    by_name = _saved_by_name(saved, optim_sd)
+    if not by_name:      # saved before 2026-12-07: the optimizer by group index (a pipeline's never resumed)
+        model_sd, optim_sd = get_state_dict(trainer.parts[0], trainer.optimizer, options=_options(False))
     _check_same_model(path, saved, model_sd)
     # DCP loads in place: a shard cut short (past its first tensors) left the trainer's parameters and moments partly
     # the file's behind an error a caller could catch and train on. Every byte range the .metadata names is checked
@@ -191,7 +202,7 @@ def load(trainer, path: str | os.PathLike) -> int:
                                   "files are damaged or incomplete: load an earlier checkpoint, or delete it and "
                                   "train from the start") from e
     set_state_dict(trainer.parts[0], trainer.optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"], options=_options())
+                   optim_state_dict=state["optim"], options=_options(by_name))
     return _steps(trainer.optimizer)
 
 
