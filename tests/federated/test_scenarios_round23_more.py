@@ -1,0 +1,265 @@
+"""Federated scenarios, round 23 (2 of 2): HeteroFL's overlapping slices with batch norm, evaluation-only rounds under
+quantity skew, client-side DP clipping with the noise off and a bound at its edge, a run with a client failing every
+other round and stragglers resumed from its checkpoint, Dirichlet splits so skewed that no draw fills them, the
+aggregated training metrics, and ``tilestack fl run`` with one client and with fifty.
+
+tilestack's ClientApp over tilestack's in-process Flower ``Grid`` under ``ManagedGrid`` (``run_rounds``), or
+``simulate`` and the CLI; Flower 1.41's FedAvg, FedYogi and DifferentialPrivacyClientSideFixedClipping, tilestack's
+HeteroFL. References independent of the code under test: each client's local SGD replayed on its seeded minibatches
+(``_fl_round7.client_model``), the softmax cross-entropy and the server rules in float64.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from _fl_round5 import np_
+from _fl_round7 import client_model, weighted_mean
+from _fl_round9 import keep, near
+from _fl_round16 import ServerOptimizer
+from _fl_round18 import EVERYONE
+from _fl_round19 import clip_update, failing_app
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg, FedYogi
+from typer.testing import CliRunner
+
+import tilestack.cli.fl  # noqa: F401  (registers `tilestack fl`)
+from tilestack.cli import app as cli_app
+from tilestack.federated import InProcessGrid, ManagedGrid, SystemModel, Task, initial_arrays, run_rounds, simulate
+from tilestack.federated import client as tsclient
+from tilestack.federated import codec
+from tilestack.federated.strategies import HeteroFL
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _task(**kw) -> Task:
+    base = dict(dataset="blobs", num_samples=240, num_features=3, num_classes=3, num_clients=4, local_steps=2,
+                batch_size=8, lr=0.1, seed=6, partitioner="quantity", quantity_sigma=0.8)  # fmt: skip
+    return Task(**(base | kw))
+
+
+def _grid(task: Task, app=tsclient.app, **kw) -> ManagedGrid:
+    return ManagedGrid(InProcessGrid(app, task.num_clients), task, **kw)
+
+
+def _pids(metrics) -> list[int]:
+    return sorted(int(p) for p in metrics.client_train)
+
+
+# ---- HeteroFL: overlapping slices, batch norm included ---------------------------------------------------------------
+WIDTHS = (1.0, 0.5, 0.25, 0.75)
+HIDDEN = 4
+
+
+def _slice(params: dict[str, np.ndarray], keep_units: int) -> dict[str, np.ndarray]:
+    """The first ``keep_units`` hidden units of tilestack's MLP (with batch norm), written out by name."""
+    h = slice(0, keep_units)
+    cuts = {"fc1.weight": (slice(None), h), "fc1.bias": (h,), "fc2.weight": (h, slice(None)), "fc2.bias": (slice(None),),
+            "bn.weight": (h,), "bn.bias": (h,), "bn.running_mean": (h,), "bn.running_var": (h,)}  # fmt: skip
+    return {k: v[cuts[k]] for k, v in params.items()}
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_heterofl_averages_each_element_over_the_clients_whose_slice_holds_it(norm):
+    """Widths 1, 1/2, 1/4, 3/4 of four hidden units: unit 0 is held by all four clients, unit 1 by three, unit 2 by
+    two, unit 3 by client 0 alone; fc2.bias by everyone. Each element of the new model is the examples-weighted mean
+    of the replayed uploads of the clients that hold it (batch norm's weights and running statistics too)."""
+    task = _task(model="mlp", hidden=HIDDEN, norm=norm)
+    strategy = HeteroFL(width_of=WIDTHS.__getitem__, hidden=HIDDEN, **EVERYONE)
+    models: list = []
+    res = run_rounds(strategy, _grid(task), initial_arrays(task), num_rounds=2, extra_metrics=keep(models))
+    x = np_(initial_arrays(task))
+    if norm:
+        assert {"bn.running_mean", "bn.running_var", "bn.weight"} <= x.keys()
+    sizes = {p: task.num_train(p) for p in range(4)}
+    units = {p: max(1, round(WIDTHS[p] * HIDDEN)) for p in range(4)}
+    for rnd, m in enumerate(res.history.rounds, 1):
+        assert m.num_aggregated == 4 and m.excluded == {}
+        ups = {p: client_model(task, p, rnd, _slice(x, units[p]))[0] for p in range(4)}
+        for p in range(4):
+            assert ups[p]["fc1.weight"].shape == (3, units[p])
+        want = {}
+        for k, v in x.items():
+            total, weight = np.zeros(v.shape), np.zeros(v.shape)
+            for p, up in ups.items():
+                region = tuple(slice(0, n) for n in up[k].shape)
+                total[region] += sizes[p] * up[k].astype(np.float64)
+                weight[region] += sizes[p]
+            want[k] = total / weight  # every element is held by client 0 (width 1)
+        near(models[rnd - 1], want, ulps=4)
+        # unit 3 is client 0's alone: its column is client 0's upload exactly
+        np.testing.assert_array_equal(models[rnd - 1]["fc1.weight"][:, 3], ups[0]["fc1.weight"][:, 3])
+        x = models[rnd - 1]
+
+
+# ---- evaluation-only rounds under quantity skew ----------------------------------------------------------------------
+def _xent_acc(params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    z = x.astype(np.float64) @ params["fc.weight"].astype(np.float64) + params["fc.bias"].astype(np.float64)  # (N, C)
+    z = z - z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-logp[np.arange(len(y)), y].mean()), float((z.argmax(axis=1) == y).mean())
+
+
+def test_evaluation_only_rounds_score_each_client_and_weight_the_mean_by_test_examples():
+    """fraction_train 0, fraction_evaluate 1 from a random model: no round trains (the model stays bit for bit), and
+    each round's evaluation metrics are the per-client cross-entropy and accuracy on each test split, computed here in
+    float64, their mean weighted by each client's test examples (quantity skew: far apart); client_acc is the
+    distribution of the per-client accuracies."""
+    task = _task(num_clients=5, num_samples=300, quantity_sigma=1.5)
+    rng = np.random.default_rng(3)
+    start = {k: rng.normal(0, 1.0, v.shape).astype(np.float32) for k, v in task.initial_params().items()}
+    strategy = FedAvg(fraction_train=0.0, fraction_evaluate=1.0, min_available_nodes=1, min_train_nodes=1,
+                      min_evaluate_nodes=1)  # fmt: skip
+    res = simulate(strategy, task, rounds=2, initial=codec.to_record(start), evaluate=False)
+    for k, v in np_(res.arrays).items():
+        np.testing.assert_array_equal(v, start[k])
+    scores, tests = {}, {}
+    for p in range(5):
+        _, _, xt, yt = task.client_data(p)
+        scores[p], tests[p] = _xent_acc(start, xt, yt), len(yt)
+    assert max(tests.values()) >= 4 * min(tests.values()), tests
+    total = sum(tests.values())
+    for m in res.history.rounds:
+        assert m.num_aggregated == 0 and m.skipped == "no clients were sampled for training"
+        assert sorted(int(p) for p in m.client_eval) == list(range(5))
+        for p in range(5):
+            ce = m.client_eval[str(p)]
+            assert ce["num-examples"] == tests[p]
+            assert ce["eval-loss"] == pytest.approx(scores[p][0], rel=1e-5)
+            assert ce["eval-acc"] == pytest.approx(scores[p][1], abs=1e-12)
+        assert m.eval_metrics["eval-loss"] == pytest.approx(sum(tests[p] * scores[p][0] for p in tests) / total, 1e-5)
+        assert m.eval_metrics["eval-acc"] == pytest.approx(sum(tests[p] * scores[p][1] for p in tests) / total, 1e-9)
+        assert m.client_acc["worst"] == pytest.approx(min(s[1] for s in scores.values()))
+
+
+def test_the_aggregated_training_metrics_are_the_examples_weighted_means_of_the_clients_own():
+    """``train_metrics`` (Flower's aggregation) against ``client_train`` (each reply's own): train-loss and num-steps
+    weighted by each client's training examples, under quantity skew and local epochs."""
+    task = _task(num_clients=5, num_samples=300, quantity_sigma=1.5, local_steps=None, local_epochs=1.0)
+    res = simulate(FedAvg(**EVERYONE), task, rounds=2, evaluate=False)
+    for m in res.history.rounds:
+        n = {p: float(c["num-examples"]) for p, c in m.client_train.items()}
+        assert {int(p): int(v) for p, v in n.items()} == {p: task.num_train(p) for p in range(5)}
+        for key in ("train-loss", "num-steps"):
+            want = sum(n[p] * float(c[key]) for p, c in m.client_train.items()) / sum(n.values())
+            assert m.train_metrics[key] == pytest.approx(want, rel=1e-9), key
+
+
+# ---- client-side DP clipping, noise off ------------------------------------------------------------------------------
+@pytest.mark.parametrize("clip", [1e-6, 0.05, 1e6])
+def test_client_side_fixed_clipping_with_no_noise_is_the_mean_of_the_clipped_updates(clip):
+    """Flower's client-side fixed clipping with noise multiplier 0 over FedAvg weighted by ``unit-weight``: each client
+    clips its own update to ``clip`` (a bound far below any update, a middle one, one above all: no clipping), and the
+    new model is the plain mean of the clipped models, written out here."""
+    task = _task()
+    inner = FedAvg(**EVERYONE, weighted_by_key=tsclient.UNIT_WEIGHT)
+    strategy = DifferentialPrivacyClientSideFixedClipping(inner, noise_multiplier=0.0, clipping_norm=clip,
+                                                          num_sampled_clients=4)  # fmt: skip
+    models: list = []
+    res = run_rounds(strategy, _grid(task), initial_arrays(task), num_rounds=2, extra_metrics=keep(models))
+    x = np_(initial_arrays(task))
+    for rnd, m in enumerate(res.history.rounds, 1):
+        assert m.num_aggregated == 4 and m.excluded == {}
+        ups = {p: clip_update(x, client_model(task, p, rnd, x)[0], clip) for p in range(4)}
+        want = weighted_mean(ups, dict.fromkeys(range(4), 1.0))
+        for k in x:
+            np.testing.assert_allclose(models[rnd - 1][k], want[k], rtol=1e-5, atol=max(1e-7, 1e-5 * clip),
+                                       err_msg=(clip, rnd, k))  # fmt: skip
+        moved = np.sqrt(sum(float(np.sum((models[rnd - 1][k].astype(np.float64) - x[k]) ** 2)) for k in x))
+        assert moved <= clip * (1 + 1e-4) + 1e-6
+        x = models[rnd - 1]
+
+
+# ---- resume a run with a flaky client and stragglers -----------------------------------------------------------------
+def test_a_run_with_a_client_failing_every_other_round_and_stragglers_resumes_to_the_uninterrupted_run(tmp_path):
+    """FedYogi over five clients of skewed sizes, client 3 raising after training in rounds 1 and 3, a deadline that
+    cuts the slow ones (partial work): stopped after round 2 and resumed from the checkpoint, the run ends where the
+    uninterrupted one does, bit for bit, with the same clients left out for the same reasons; and its model is the
+    Yogi step over the kept partial uploads, written out."""
+    task = _task(num_clients=5, num_samples=300, local_steps=6)
+    system = SystemModel(5, speeds=np.array([1.0, 3.0, 100.0, 100.0, 2.5]), bandwidths=np.full(5, 1e9), deadline=2.0)
+    fails = {(3, 1), (3, 3)}
+
+    def run(**kw):
+        models: list = []
+        strategy = FedYogi(eta=0.05, eta_l=0.1, beta_1=0.9, beta_2=0.99, tau=1e-3, **EVERYONE)
+        res = run_rounds(strategy, _grid(task, failing_app(fails), system=system), initial_arrays(task),
+                         num_rounds=4, extra_metrics=keep(models), **kw)  # fmt: skip
+        return res, models
+
+    whole, models = run()
+    ckpt = tmp_path / "run.ckpt"
+    first, _ = run(checkpoint=ckpt, stop_after=2)
+    assert len(first.history.rounds) == 2
+    resumed, _ = run(checkpoint=ckpt)
+    assert [m.round for m in resumed.history.rounds] == [1, 2, 3, 4]
+    for k, v in np_(whole.arrays).items():
+        np.testing.assert_array_equal(np_(resumed.arrays)[k], v, err_msg=k)
+    for a, b in zip(whole.history.rounds, resumed.history.rounds, strict=True):
+        assert (a.excluded, a.client_train, a.steps_done) == (b.excluded, b.client_train, b.steps_done)
+    opt = ServerOptimizer("yogi", eta=0.05, beta_1=0.9, beta_2=0.99, tau=1e-3)
+    x = np_(initial_arrays(task))
+    for rnd, m in enumerate(whole.history.rounds, 1):
+        kept = [0, 1, 2, 4] if rnd % 2 else [0, 1, 2, 3, 4]
+        assert _pids(m) == kept and ("3" in m.excluded) == bool(rnd % 2)
+        steps = {int(p): int(c["num-steps"]) for p, c in m.client_train.items()}
+        assert steps[0] < 6 and steps[2] == 6, steps
+        ups = {p: client_model(task, p, rnd, x, work=steps[p] / 6)[0] for p in kept}
+        want = opt.step(x, weighted_mean(ups, {p: task.num_train(p) for p in kept}), rnd)
+        for k in x:
+            np.testing.assert_allclose(models[rnd - 1][k], want[k], rtol=2e-5, atol=1e-6, err_msg=(rnd, k))
+        x = models[rnd - 1]
+
+
+# ---- Dirichlet splits no draw can fill -------------------------------------------------------------------------------
+@pytest.mark.parametrize("alpha, clients", [(1e-3, 12), (0.01, 30), (1e-6, 7)])
+def test_a_dirichlet_split_with_tiny_alpha_gives_every_client_examples_and_loses_none(alpha, clients):
+    """With alpha this small most clients draw no example of any class; the split is topped up so that each client
+    has at least one example to train on and one to test, every example is in exactly one client, and the skew stays:
+    most clients hold only the few examples they were topped up with, a handful hold the classes."""
+    task = Task(dataset="blobs", num_samples=400, num_features=3, num_classes=4, num_clients=clients,
+                partitioner="dirichlet", partition_alpha=alpha, seed=1, local_steps=1)  # fmt: skip
+    rows, sizes = [], []
+    for p in range(clients):
+        x, y, xt, yt = task.client_data(p)
+        assert len(y) >= 1 and len(yt) >= 1, (p, len(y), len(yt))
+        rows.append(np.concatenate([x, xt]))
+        sizes.append(len(y) + len(yt))
+    pooled = np.concatenate(rows)
+    assert len(pooled) == 400
+    assert len(np.unique(pooled, axis=0)) == 400  # no example twice
+    assert np.median(sizes) <= 3 and sum(n >= 30 for n in sizes) <= 6, sizes
+    res = simulate(FedAvg(**EVERYONE), task, rounds=1, evaluate=False)
+    assert res.history.rounds[0].num_aggregated == clients
+
+
+# ---- the CLI: one client, fifty ----------------------------------------------------------------------------------------
+def _fl_run(tmp_path, *extra: str):
+    out = tmp_path / "run.json"
+    res = CliRunner().invoke(cli_app, ["fl", "run", "--dataset", "blobs", "--rounds", "2", "--local-steps", "1",
+                                       "--out", str(out), *extra], env={"COLUMNS": "400"})  # fmt: skip
+    return res, out
+
+
+@pytest.mark.parametrize("extra, clients", [
+    (["--clients", "1", "--per-round", "1"], 1),
+    (["--clients", "1", "--per-round", "1", "--strategy", "fedadam", "--eval-fraction", "1"], 1),
+    (["--clients", "50", "--per-round", "50", "--partitioner", "quantity"], 50),
+    (["--clients", "50", "--per-round", "7", "--strategy", "fedprox", "--mu", "0.5", "--seed", "3"], 7),
+])  # fmt: skip
+def test_fl_run_with_one_client_and_with_fifty(tmp_path, extra, clients):
+    res, out = _fl_run(tmp_path, *extra)
+    assert res.exit_code == 0, (res.output, res.exception)
+    rounds = json.loads(out.read_text())["rounds"]
+    assert [r["num_aggregated"] for r in rounds] == [clients, clients]
+    assert all(r["excluded"] == {} and np.isfinite(r["test_acc"]) for r in rounds)
+
+
+def test_fl_run_one_client_asked_for_two_per_round_is_refused_naming_per_round(tmp_path):
+    res, out = _fl_run(tmp_path, "--clients", "1", "--per-round", "2")
+    text = " ".join(re.sub("[\u2500-\u257f]", " ", res.output).split())
+    assert res.exit_code == 2 and "--per-round" in text and "2" in text, text
+    assert not out.exists()
