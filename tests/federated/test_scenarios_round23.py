@@ -302,3 +302,46 @@ def test_client_sampling_follows_the_seed_and_only_the_seed():
     assert all(len(p) == 3 for p in a) and a == b and a != c
     for k in a_model:
         np.testing.assert_array_equal(a_model[k], b_model[k])
+
+
+# ---- settings no run can use, refused before any work ---------------------------------------------------------------
+def test_ifca_with_more_cluster_models_than_clients_is_refused_naming_num_clusters():
+    """Each client trains one cluster model a round: with K above the client count some models could never train.
+    Found here: IFCA(num_clusters=5) over four clients ran, a model re-seeded round after round, without a word."""
+    from tilestack.federated.strategies import IFCA
+
+    task = _task()
+    strategy = IFCA(num_clusters=5, **EVERYONE)
+    with pytest.raises(ValueError, match=r"num_clusters=5 with num_clients=4.*num_clusters <= 4"):
+        simulate(strategy, task, rounds=1, evaluate=False)
+    with pytest.raises(ValueError, match=r"num_clusters=5"):
+        run_rounds(strategy, _grid(task), strategy.initial_arrays(task), num_rounds=1)
+    ok = simulate(IFCA(num_clusters=4, **EVERYONE), task, rounds=1, evaluate=False)  # one per client: taken
+    assert ok.history.rounds[0].num_aggregated == 4
+
+
+def test_fl_run_ifca_with_more_clusters_than_clients_is_refused_naming_clusters():
+    import re
+
+    from typer.testing import CliRunner
+
+    import tilestack.cli.fl  # noqa: F401  (registers `tilestack fl`)
+    from tilestack.cli import app as cli_app
+
+    res = CliRunner().invoke(cli_app, ["fl", "run", "--dataset", "blobs", "--clients", "4", "--per-round", "2",
+                                       "--rounds", "1", "--local-steps", "1", "--strategy", "ifca", "--clusters", "5"],
+                             env={"COLUMNS": "400"})  # fmt: skip
+    out = " ".join(re.sub("[\u2500-\u257f]", " ", res.output).split())
+    assert res.exit_code == 2 and "Invalid value for --clusters" in out and "num_clusters=5" in out, out
+    assert "test accuracy" not in out
+
+
+@pytest.mark.parametrize("pattern", [np.zeros((1, 4)), np.zeros((3, 4)), np.zeros(4)])
+def test_an_availability_pattern_with_no_client_ever_online_is_refused(pattern):
+    """Found here: SystemModel(availability=0 everywhere) was taken, and every round of the run was skipped, short of
+    nodes, one warning a round. Refused naming availability; a pattern with one chance > 0 somewhere is taken."""
+    with pytest.raises(ValueError, match=r"availability is 0 for every client in every round"):
+        SystemModel(4, availability=pattern)
+    some = pattern.copy()
+    some.flat[-1] = 0.5
+    assert SystemModel(4, availability=some).availability.shape[1] == 4

@@ -152,6 +152,11 @@ class SystemModel:
                 f"SystemModel: availability holds {float(arr[row, pid])!r} (row {row}, client {pid}); expected each "
                 "client's chance of being online in [0, 1]"
             )
+        if not arr.any():  # (every round was skipped as short of nodes, the run trained nothing and said so per round)
+            raise ValueError(
+                f"SystemModel: availability is 0 for every client in every round of its {arr.shape[0]}-round pattern; "
+                "expected some client with a chance > 0 of being online (no round could train)"
+            )
         self.availability = arr
 
     def online(self, server_round: int) -> np.ndarray:

@@ -64,6 +64,14 @@ class IFCA(FedAvg):
         self._clusters: list[dict[str, np.ndarray]] = []
         self._dp_noise: tuple[float, int] | None = None  # a client-side DP wrapper's noise (run_rounds; dp_top_up)
 
+    def check_task(self, task: Task) -> None:
+        """Refuse more cluster models than clients: each client trains one cluster model a round, so with K above
+        the client count some models could never be trained (re-seeded round after round, sent to every client)
+        and the run said nothing."""
+        if self.num_clusters > task.num_clients:
+            raise ValueError(f"IFCA: num_clusters={self.num_clusters} with num_clients={task.num_clients}; expected "
+                             f"at most one cluster model per client (num_clusters <= {task.num_clients})")
+
     def initial_arrays(self, task: Task) -> ArrayRecord:
         base = task.initial_params()
         packed = {}
