@@ -263,3 +263,44 @@ def test_fl_run_one_client_asked_for_two_per_round_is_refused_naming_per_round(t
     text = " ".join(re.sub("[\u2500-\u257f]", " ", res.output).split())
     assert res.exit_code == 2 and "--per-round" in text and "2" in text, text
     assert not out.exists()
+
+
+# ---- partial participation no availability pattern can meet ---------------------------------------------------------
+PATTERN = np.array([[1, 1, 0, 0], [0, 0, 1, 0.5]])  # at most two clients online in any round (one by chance)
+
+
+@pytest.mark.parametrize("kw, named", [
+    (dict(min_train_nodes=3), "min_train_nodes=3"),
+    (dict(min_available_nodes=3), "min_available_nodes=3"),
+    (dict(min_train_nodes=2, min_available_nodes=4), "min_available_nodes=4"),
+])  # fmt: skip
+def test_a_strategy_needing_more_nodes_than_the_availability_ever_has_online_is_refused(kw, named):
+    """Found here: FedAvg(min_train_nodes=3) over a pattern with at most two clients online ran every round skipped
+    ('2 of 4 clients available ...'), a warning a round and nothing trained. Refused before any work, by simulate and by
+    run_rounds, naming the setting and the most clients the pattern has online."""
+    task = _task()
+    settings = dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1) | kw
+    system = SystemModel(4, availability=PATTERN)
+    for call in (lambda: simulate(FedAvg(**settings), task, rounds=2, system=system, evaluate=False),
+                 lambda: run_rounds(FedAvg(**settings), _grid(task, system=system), initial_arrays(task),
+                                    num_rounds=2)):  # fmt: skip
+        with pytest.raises(Exception, match=r"availability has at most 2 of 4 clients online") as info:
+            call()
+        assert named in str(info.value)
+
+
+def test_a_strategy_the_availability_can_meet_in_some_round_runs_and_skips_only_the_short_rounds():
+    """min_train_nodes=2 over the same pattern: round 1 (clients 0 and 1) trains both; in round 2 client 3 is online by
+    chance (0.5) or not, and the round trains clients 2 and 3 or is skipped saying how many were online."""
+    task = _task()
+    system = SystemModel(4, availability=PATTERN)
+    res = simulate(FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=1), task,
+                   rounds=4, system=system, evaluate=False)  # fmt: skip
+    r1 = res.history.rounds[0]
+    assert _pids(r1) == [0, 1] and r1.skipped == ""
+    for m in res.history.rounds[1::2]:
+        online = {int(p) for p in np.flatnonzero(system.online(m.round))}
+        if online == {2, 3}:
+            assert _pids(m) == [2, 3] and m.skipped == ""
+        else:
+            assert online == {2} and m.num_aggregated == 0 and m.skipped.startswith("1 of 4 clients available")

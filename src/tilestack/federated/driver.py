@@ -81,6 +81,7 @@ from tilestack.federated import codec
 from tilestack.federated.checks import (
     DP_WRAPPERS,
     PROXIMAL_STEP_LIMIT,
+    check_availability,
     check_stale,
     check_strategy,
     nodes_short,
@@ -562,6 +563,7 @@ def run_rounds(
                                  if TASK_KEY in c))  # fmt: skip
     check_strategy(strategy, len(list(grid.get_node_ids())), run_task)  # also the roll call, before any seeding: it
     # may draw random numbers on some engines
+    check_availability("run_rounds", strategy, grid.system)
     if grid.stragglers == "stale":
         check_stale(strategy)
     ckpt = checkpoint_path(checkpoint)

@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import Strategy
 from tilestack.errors import FederatedError
 from tilestack.federated import client
 from tilestack.federated.checks import (
+    check_availability,
     check_stale,
     check_strategy,
     require_float_model,
@@ -143,6 +144,7 @@ def check_arguments(strategy: Strategy, task: Task, *, rounds, engine="tilestack
         require_real_arrays("simulate", "initial", initial)
         require_float_model("simulate", "initial", initial, task)
     check_strategy(strategy, task.num_clients, task)
+    check_availability("simulate", strategy, system)
     if stragglers == "stale":
         check_stale(strategy)
     _check_weighting(strategy)
