@@ -304,3 +304,16 @@ def test_a_strategy_the_availability_can_meet_in_some_round_runs_and_skips_only_
             assert _pids(m) == [2, 3] and m.skipped == ""
         else:
             assert online == {2} and m.num_aggregated == 0 and m.skipped.startswith("1 of 4 clients available")
+
+
+def test_federated_evaluation_needing_more_nodes_than_the_availability_ever_has_online_is_refused():
+    """The same for evaluation: fraction_evaluate 0.5 with min_evaluate_nodes=3 over a pattern with at most two
+    clients online skipped every round's evaluation. Refused naming min_evaluate_nodes; with fraction_evaluate 0 (no
+    evaluation) the same minimum is not read, and the run goes on."""
+    task = _task()
+    system = SystemModel(4, availability=PATTERN)
+    settings = dict(fraction_train=0.5, min_train_nodes=1, min_available_nodes=1, min_evaluate_nodes=3)
+    with pytest.raises(Exception, match=r"min_evaluate_nodes=3.*at most 2 of 4 clients online.*evaluation"):
+        simulate(FedAvg(fraction_evaluate=0.5, **settings), task, rounds=1, system=system, evaluate=False)
+    res = simulate(FedAvg(fraction_evaluate=0.0, **settings), task, rounds=1, system=system, evaluate=False)
+    assert res.history.rounds[0].num_aggregated == 1

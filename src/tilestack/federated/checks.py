@@ -353,24 +353,26 @@ def nodes_short(strategy: Strategy, online: int, population: int, phase: str) ->
 
 
 def check_availability(where: str, strategy: Strategy, system) -> None:
-    """Refuse a strategy whose sampling needs more training nodes than the system's availability pattern ever has
-    online (a client counts in a row where its chance is > 0): every round of the run would be skipped as short of
-    nodes (``nodes_short``), one warning a round, and the run trained nothing (FedAvg's default minimum of 2 with a
-    pattern of one client a round)."""
+    """Refuse a strategy whose sampling needs more training (or, where it evaluates, evaluation) nodes than the
+    system's availability pattern ever has online (a client counts in a row where its chance is > 0): every round of
+    the run would be skipped as short of nodes (``nodes_short``), one warning a round, and the run trained (or
+    evaluated) nothing (FedAvg's default minimum of 2 with a pattern of one client a round)."""
     pattern = getattr(system, "availability", None)
     if pattern is None:
         return
     most = int(np.max(np.count_nonzero(np.asarray(pattern) > 0, axis=1)))
-    if nodes_short(strategy, most, system.num_clients, "train"):
-        sampler, _, _ = _sampling_strategy(strategy, most)
-        own = vars(sampler)
-        raise FederatedError(
-            f"{where}: {type(sampler).__name__} samples from at least min_available_nodes="
-            f"{own.get('min_available_nodes')}, min_train_nodes={own.get('min_train_nodes')} nodes, and the system's "
-            f"availability has at most {most} of {system.num_clients} clients online in any round (every round would "
-            f"be skipped); expected min_available_nodes and min_train_nodes <= {most}, or a pattern with more clients "
-            "online"
-        )
+    for phase in ("train", "evaluate"):
+        if nodes_short(strategy, most, system.num_clients, phase):
+            sampler, _, _ = _sampling_strategy(strategy, most)
+            own = vars(sampler)
+            least = f"min_{phase}_nodes"
+            raise FederatedError(
+                f"{where}: {type(sampler).__name__} samples its {phase} nodes from at least min_available_nodes="
+                f"{own.get('min_available_nodes')}, {least}={own.get(least)} nodes, and the system's availability has "
+                f"at most {most} of {system.num_clients} clients online in any round (every round's "
+                f"{'training' if phase == 'train' else 'federated evaluation'} would be skipped); expected "
+                f"min_available_nodes and {least} <= {most}, or a pattern with more clients online"
+            )
 
 
 def check_stale(strategy: Strategy) -> None:
