@@ -81,6 +81,10 @@ def autograd_op(name: str, *, fake: Callable, setup_context: Callable | None = N
     return register
 
 
+def _own(t):
+    return t.detach() if isinstance(t, torch.Tensor) and t._is_view() else t
+
+
 def _refusing(op_name: str) -> Callable:
     def backward(ctx, *grads):
         raise LaunchError(double_backward_message(op_name))
@@ -114,6 +118,10 @@ def _autograd_kernel(op: torch._ops.OpOverload, fn: Callable, setup_context: Cal
                 out = below(keyset, args)
         else:
             out = below(keyset, args)
+        # an output that is a view (of the function's own (rows, N) result) as a tensor of its own: a view made inside
+        # an autograd Function may not be modified in place, so y.mul_(2) on the op's result failed where torch's
+        # ops answer (detach keeps the memory and the version counter)
+        out = tuple(_own(o) for o in out) if isinstance(out, tuple) else _own(out)
         if setup_context is not None:
             setup_context(ctx, args if len(args) == n_args else (*args, *defaults[len(args):]), out)
         return out

@@ -87,6 +87,14 @@ def _plain(t):
     return None if t is None else t.resolve_neg()
 
 
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """A result viewed to its caller's shape (the kernels write (rows, N) tensors), as a tensor autograd does not take
+    for a view: a view made inside an autograd Function's forward may not be modified in place ("Output 0 of _Norm
+    is a view and is being modified inplace"), so ``y = rms_norm(x, w); y.mul_(2)`` failed where torch's answers.
+    ``detach`` keeps the memory and the version counter (an in-place change of a saved output is still caught)."""
+    return t.detach()
+
+
 def _like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
@@ -292,13 +300,14 @@ class _Norm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, r, weight, bias, plan):
         y, h, mean, rstd = plan.forward(x, r, weight, bias)
-        h = _savable(x) if h is None else h.view(*plan.shape)
+        # the outputs as tensors of their own (``_own``), so that a caller may modify them in place
+        h = _savable(x) if h is None else _own(h.view(*plan.shape))
         ctx.save_for_backward(h, weight, mean, rstd)
         ctx.plan = plan
         ctx.set_materialize_grads(False)     # an unused h (the last norm's) gives dh None: no zeros made and read
         if r is None:
-            return y.view(*plan.shape)
-        return y.view(*plan.shape), h
+            return _own(y.view(*plan.shape))
+        return _own(y.view(*plan.shape)), h
 
     @staticmethod
     @once_differentiable(lambda ctx: ctx.plan.fn)
@@ -534,7 +543,7 @@ class _SwiGLU(torch.autograd.Function):
     def forward(ctx, x, plan):
         ctx.save_for_backward(x)
         ctx.plan = plan
-        return plan.forward(x)
+        return _own(plan.forward(x))           # (a view of the kernel's (M, F) result: ``_own``)
 
     @staticmethod
     @once_differentiable("swiglu")
