@@ -125,10 +125,16 @@ class Tile:
                 ops.neg(out, self)
                 ops.add(out, out, other)
                 return out
-            if fn == "div":   # other / t: other broadcast into the tile (a number, or a Scalar known at run time)
-                ops.zero(out)
-                ops.add(out, out, other)
-                ops.div(out, out, self)
+            if fn == "div":   # other / t: other broadcast into a tile (a number, or a Scalar known at run time)
+                # of the work dtype (f32 for a 16-bit float t, i32 for i8 / u8), so that the number is not rounded
+                # (0.1 to bf16) or wrapped (300 to u8) before the division: one rounding, as t * c and c - t have
+                from tilestack.ir.types import compute_dtype
+                work = compute_dtype(self.dtype)
+                num, den = (Tile(TileType(Space.REG, work, self.shape)) for _ in range(2))
+                ops.fill(num, other)
+                ops.copy(den, self)
+                ops.div(num, num, den)
+                ops.copy(out, num)
                 return out
             a, b = self, other
         getattr(ops, fn)(out, a, b)
