@@ -22,7 +22,7 @@ from _fl_round9 import keep, near
 from _fl_round16 import ServerOptimizer
 from _fl_round18 import EVERYONE
 from _fl_round19 import clip_update, failing_app
-from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg, FedYogi
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAdam, FedAvg, FedYogi
 from typer.testing import CliRunner
 
 import tilestack.cli.fl  # noqa: F401  (registers `tilestack fl`)
@@ -317,3 +317,49 @@ def test_federated_evaluation_needing_more_nodes_than_the_availability_ever_has_
         simulate(FedAvg(fraction_evaluate=0.5, **settings), task, rounds=1, system=system, evaluate=False)
     res = simulate(FedAvg(fraction_evaluate=0.0, **settings), task, rounds=1, system=system, evaluate=False)
     assert res.history.rounds[0].num_aggregated == 1
+
+
+# ---- the same run on Flower's Simulation Engine ----------------------------------------------------------------------
+def test_fedadam_with_faulty_clients_stragglers_and_dropouts_is_the_same_on_flowers_engine_and_by_hand():
+    """FedAdam sampling 3 of 5 clients of skewed sizes, client 1 crashing and client 3 sending NaN whenever sampled,
+    a deadline that cuts the slow ones and 20% dropouts, federated evaluation of 2: tilestack's engine and Flower's
+    Ray engine give the same rounds bit for bit (who was sampled, left out and why, the model, the evaluation), and
+    each round's model is the Adam step over the examples-weighted mean of the kept partial uploads, replayed here."""
+    task = _task(num_clients=5, local_steps=3, faults=((1, "crash"), (3, "nan")), seed=3, quantity_sigma=1.0)
+    system = SystemModel(5, speeds=np.array([1.0, 2.0, 100.0, 100.0, 3.0]), bandwidths=np.full(5, 1e9), deadline=2.0,
+                         dropout=0.2)  # fmt: skip
+
+    def run(engine):
+        models: list = []
+        strategy = FedAdam(fraction_train=0.6, fraction_evaluate=0.4, min_train_nodes=1, min_available_nodes=5,
+                           min_evaluate_nodes=1, eta=0.05, eta_l=0.1, beta_1=0.9, beta_2=0.99, tau=1e-3)  # fmt: skip
+        res = simulate(strategy, task, rounds=3, engine=engine, system=system, seed=7, extra_metrics=keep(models))
+        return res, models
+
+    ours, models = run("tilestack")
+    flower, _ = run("flower")
+    for k, v in np_(ours.arrays).items():
+        np.testing.assert_array_equal(np_(flower.arrays)[k], v, err_msg=k)
+    for a, b in zip(ours.history.rounds, flower.history.rounds, strict=True):
+        assert (a.excluded, a.client_train, a.client_eval, a.eval_metrics, a.test_acc) == \
+               (b.excluded, b.client_train, b.client_eval, b.eval_metrics, b.test_acc)
+    reasons = {why.split(":")[0] for m in ours.history.rounds for why in m.excluded.values()}
+    assert {"error", "non-finite"} <= reasons, reasons
+    opt = ServerOptimizer("adam", eta=0.05, beta_1=0.9, beta_2=0.99, tau=1e-3)
+    x = np_(initial_arrays(task))
+    for rnd, m in enumerate(ours.history.rounds, 1):
+        assert "1" not in m.client_train and "3" not in m.client_train
+        for p, why in m.excluded.items():
+            fault = {"1": "error: RuntimeError", "3": "non-finite: fc.weight"}.get(p)
+            assert why == "dropout" or (fault is not None and why.startswith(fault)), (p, why)
+        kept = _pids(m)
+        if not kept:
+            assert m.skipped and all(np.array_equal(models[rnd - 1][k], x[k]) for k in x)
+            continue
+        steps = {int(p): int(c["num-steps"]) for p, c in m.client_train.items()}
+        ups = {p: client_model(task, p, rnd, x, work=steps[p] / 3)[0] for p in kept}
+        assert {p: client_model(task, p, rnd, x, work=steps[p] / 3)[1] for p in kept} == steps
+        want = opt.step(x, weighted_mean(ups, {p: task.num_train(p) for p in kept}), rnd)
+        for k in x:
+            np.testing.assert_allclose(models[rnd - 1][k], want[k], rtol=2e-5, atol=1e-6, err_msg=(rnd, k))
+        x = models[rnd - 1]
