@@ -363,3 +363,45 @@ def test_fedadam_with_faulty_clients_stragglers_and_dropouts_is_the_same_on_flow
         for k in x:
             np.testing.assert_allclose(models[rnd - 1][k], want[k], rtol=2e-5, atol=1e-6, err_msg=(rnd, k))
         x = models[rnd - 1]
+
+
+# ---- a run that crashed inside a round, resumed ----------------------------------------------------------------------
+def _selected_ditto(system):
+    from tilestack.federated.strategies import Ditto, RandomSelector, Selected
+
+    return Selected(Ditto(lam=0.5, **(EVERYONE | dict(fraction_evaluate=1.0))), RandomSelector(2), 3)
+
+
+def _oort_fednova(system):
+    from tilestack.federated.strategies import FedNova, OortSelector, Selected
+
+    return Selected(FedNova(**(EVERYONE | dict(fraction_evaluate=1.0))), OortSelector(system), 3)
+
+
+@pytest.mark.parametrize("make", [_selected_ditto, _oort_fednova])
+def test_a_run_that_crashed_after_round_3_aggregated_resumes_to_the_uninterrupted_run(tmp_path, make):
+    """The server crashes in round 3 after its clients trained and the strategy aggregated (a hook raising): the
+    checkpoint holds round 2, while the strategy object (Ditto's, Oort's utilities, FedNova's) and the clients'
+    personal state have moved on. Resumed with that same strategy object, the run replays round 3 and ends where the
+    uninterrupted one does: the model, who trained, who was left out, each client's evaluation."""
+    task = _task(num_clients=5, local_steps=3, seed=3)
+    system = SystemModel(5, speeds=np.array([1.0, 2.0, 100.0, 100.0, 3.0]), bandwidths=np.full(5, 1e9), deadline=2.0,
+                         dropout=0.2)  # fmt: skip
+    whole = simulate(make(system), task, rounds=5, system=system, seed=1)
+    ckpt = tmp_path / "run.ckpt"
+
+    def crash(strategy, arrays, server_round):
+        if server_round == 3:
+            raise RuntimeError("the server went down in round 3")
+        return {}
+
+    strategy = make(system)
+    with pytest.raises(RuntimeError, match="went down in round 3"):
+        simulate(strategy, task, rounds=5, system=system, seed=1, checkpoint=ckpt, extra_metrics=crash)
+    resumed = simulate(strategy, task, rounds=5, system=system, seed=1, checkpoint=ckpt)
+    for k, v in np_(whole.arrays).items():
+        np.testing.assert_array_equal(np_(resumed.arrays)[k], v, err_msg=k)
+    fields = ("excluded", "client_train", "client_eval", "eval_metrics", "test_acc")
+    assert [[getattr(m, f) for f in fields] for m in resumed.history.rounds] == \
+           [[getattr(m, f) for f in fields] for m in whole.history.rounds]
+    assert any(m.excluded for m in whole.history.rounds)  # the dropouts and deadline did something
