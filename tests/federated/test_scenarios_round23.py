@@ -345,3 +345,53 @@ def test_an_availability_pattern_with_no_client_ever_online_is_refused(pattern):
     some = pattern.copy()
     some.flat[-1] = 0.5
     assert SystemModel(4, availability=some).availability.shape[1] == 4
+
+
+# ---- FedProx against an autograd reference, independent of tilestack's local SGD -----------------------------------
+def _torch_client(task: Task, pid: int, rnd: int, start: dict[str, np.ndarray], mu: float) -> dict[str, np.ndarray]:
+    """Client ``pid``'s local work in round ``rnd`` written with torch autograd in float64: cross-entropy plus
+    (mu / 2) ||w - w_start||^2 over every array, plain SGD on minibatches that walk a fresh permutation of its data
+    each epoch, drawn from numpy's Generator seeded (task seed, pid, round, 13) as the clients document."""
+    torch = pytest.importorskip("torch")
+    x, y, _, _ = task.client_data(pid)
+    xs, ys = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.long)
+    w = {k: torch.tensor(v.astype(np.float64), requires_grad=True) for k, v in start.items()}
+    w0 = {k: torch.tensor(v.astype(np.float64)) for k, v in start.items()}
+    rng = np.random.default_rng([task.seed, pid, rnd, 13])
+    order, pos = rng.permutation(len(y)), 0
+    for _ in range(task.steps_for(pid)):
+        if pos >= len(y):
+            order, pos = rng.permutation(len(y)), 0
+        idx = torch.tensor(order[pos : pos + task.batch_size])
+        pos += task.batch_size
+        if task.model == "logreg":
+            z = xs[idx] @ w["fc.weight"] + w["fc.bias"]  # (B, C)
+        else:
+            z = torch.relu(xs[idx] @ w["fc1.weight"] + w["fc1.bias"]) @ w["fc2.weight"] + w["fc2.bias"]
+        loss = torch.nn.functional.cross_entropy(z, ys[idx]) + mu / 2 * sum(((w[k] - w0[k]) ** 2).sum() for k in w)
+        grads = torch.autograd.grad(loss, list(w.values()))
+        with torch.no_grad():
+            for v, g in zip(w.values(), grads, strict=True):
+                v -= task.lr * g
+    return {k: v.detach().numpy() for k, v in w.items()}
+
+
+@pytest.mark.parametrize("model", ["logreg", "mlp"])
+def test_fedprox_round_is_the_weighted_mean_of_autograd_proximal_sgd(model):
+    """FedProx(mu=0.8) for two rounds over four clients of skewed sizes (7 local steps of batch 8, lr 0.2): each
+    round's model is the examples-weighted mean of the clients' proximal SGD written with torch autograd in float64,
+    to float32 precision."""
+    task = _task(model=model, hidden=5, local_steps=7, lr=0.2, partitioner="quantity", quantity_sigma=0.9, seed=3)
+    rng = np.random.default_rng(1)
+    start = {k: (rng.normal(0, 1, v.shape) if model == "logreg" else v).astype(np.float32)
+             for k, v in task.initial_params().items()}  # fmt: skip
+    models: list = []
+    simulate(FedProx(proximal_mu=0.8, **EVERYONE), task, rounds=2, initial=codec.to_record(start), evaluate=False,
+             extra_metrics=keep(models))  # fmt: skip
+    x = start
+    for rnd in (1, 2):
+        ups = {p: _torch_client(task, p, rnd, x, 0.8) for p in range(4)}
+        want = weighted_mean(ups, {p: task.num_train(p) for p in range(4)})
+        for k in x:
+            np.testing.assert_allclose(models[rnd - 1][k], want[k], rtol=1e-5, atol=2e-6, err_msg=(model, rnd, k))
+        x = models[rnd - 1]
