@@ -17,7 +17,7 @@ from tilestack.errors import TraceError
 from tilestack.ir.nodes import Value
 from tilestack.ir.ops import Op
 from tilestack.ir.types import INDEX
-from tilestack.lang.tiles import Scalar, Tile, as_index, as_scalar
+from tilestack.lang.tiles import Scalar, Tile, _from_constant, as_index, as_scalar
 from tilestack.lang.trace import current, user_frame, user_line, user_locals, user_name
 
 
@@ -53,6 +53,9 @@ def cdiv(a, b):
     """ceil(a / b) for indices."""
     a, b = _index("cdiv", a), _index("cdiv", b)
     if isinstance(a, int) and isinstance(b, int):
+        if b == 0:   # (Python's bare ZeroDivisionError named neither the call nor the constant)
+            raise TraceError(f"cdiv({a}, 0): the divisor is the constant 0{_from_constant(b)} (a constant divisor "
+                             "must not be 0: check the kernel's constants)", user_line())
         return -(-a // b)
     return as_scalar(a)._op(b, "cdiv")
 

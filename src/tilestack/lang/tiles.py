@@ -367,8 +367,9 @@ class Scalar:
             return NotImplemented   # `2 * N * t`: the tile's reflected operator takes the scalar
         if fn in ("floordiv", "cdiv", "mod") and not swap and isinstance(other, int) and other == 0:
             sym = {"floordiv": "//", "cdiv": "cdiv", "mod": "%"}[fn]
+            named = _from_constant(other).strip()[1:-1]   # "the constant BN=0 of this launch", or ""
             raise TraceError(f"`{sym}` of an index by the constant 0 (a constant divisor must not be 0: check the "
-                             "kernel's constants)", user_line())
+                             f"kernel's constants{'; here ' + named if named else ''})", user_line())
         o = as_scalar(other)
         a, b = (o, self) if swap else (self, o)
         is_float = FLOAT in (a.type, b.type)
