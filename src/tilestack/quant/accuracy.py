@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tilestack.errors import LaunchError
-from tilestack.quant.linear import evaluating
+from tilestack.quant.linear import _batch_problem, evaluating
 
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_PIXEL_MAX = 16.0            # the digits set's pixels are 0..16
@@ -47,6 +47,10 @@ def accuracy_cost(model: nn.Module, qmodel: nn.Module, batches) -> dict[str, flo
                           f"{type(batches).__name__}")
     worst, total, agree, rows, n = 0.0, 0.0, 0, 0, 0
     for i, batch in enumerate(batches):
+        problem = _batch_problem(batch)
+        if problem is not None:    # (None failed inside the call, its message holding the model's whole repr)
+            raise LaunchError(f"accuracy_cost: batch {i} is {problem}; expected a tensor, a tuple or list of the "
+                              "model's positional arguments or a dict of its keyword arguments")
         try:
             y, yq = _outputs(model, batch), _outputs(qmodel, batch)
         except Exception as e:   # the model's own error, said as which batch

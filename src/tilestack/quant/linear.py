@@ -200,6 +200,12 @@ class QuantLinear(nn.Module):
         extra = state_dict.get(prefix + "_extra_state")
         mode = extra.get("mode") if isinstance(extra, dict) else None
         given = state_dict.get(prefix + "qweight")
+        if given is None and isinstance(state_dict.get(prefix + "weight"), torch.Tensor):
+            # a float model's state (a checkpoint fine-tuned after quantize, the float model's own): strict=False
+            # loaded its bias and left the 8-bit weight as it was, a layer of two models, without a word
+            raise LaunchError(f"QuantLinear: the state dict at {prefix or 'the model'!r} is a float nn.Linear's "
+                              f"(weight {tuple(state_dict[prefix + 'weight'].shape)}, no qweight); expected a "
+                              "quantized layer's (qweight, scale): load it into the float model, then quantize that")
         if (mode is not None and mode != self.mode) or (
                 isinstance(given, torch.Tensor) and given.dtype != self.qweight.dtype):
             got = mode if mode is not None else str(given.dtype).removeprefix("torch.")
@@ -239,6 +245,20 @@ def evaluating(*models: nn.Module):
     finally:
         for m, mode in training.items():
             m.training = mode
+
+
+def _batch_problem(batch) -> str | None:
+    """Why ``batch`` is not one calibration batch (a tensor, a dict of keyword arguments, or an iterable of positional
+    arguments), or None. (None or a number failed inside the call, "<the model's whole repr> argument after * must be
+    an iterable, not NoneType"; a str was spread into its characters as arguments.)"""
+    if isinstance(batch, torch.Tensor):
+        return None
+    if isinstance(batch, dict):
+        keys = [k for k in batch if not isinstance(k, str)]
+        return f"a dict with keys {keys[:4]} that are not str (argument names)" if keys else None
+    if isinstance(batch, (str, bytes)) or not isinstance(batch, Iterable):
+        return f"{type(batch).__name__} {batch!r:.40}"
+    return None
 
 
 def _run(model: nn.Module, batch) -> None:
@@ -313,6 +333,11 @@ def calibrate(model: nn.Module, names: list[str], batches) -> dict[str, InputSta
     try:
         with evaluating(model), torch.no_grad():
             for batch in batches:
+                problem = _batch_problem(batch)
+                if problem is not None:
+                    raise LaunchError(f"quantize: calibration batch {seen} is {problem}; expected a tensor (model(x)), "
+                                      "a tuple or list of the model's positional arguments (model(*batch)) or a dict "
+                                      "of its keyword arguments (model(**batch))")
                 try:
                     _run(model, batch)
                 except Exception as e:   # the model's own error, said as which batch and how it was called
