@@ -116,11 +116,20 @@ def _trace_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     return float(min(x.shape, default=0) * (formulas.COMPLEX_ELEMENT_OVER_REAL if x.is_complex() else 1))
 
 
+def _complex_mac_factor(*operands: Any) -> int:
+    """``formulas.COMPLEX_MAC_OVER_REAL`` where any of ``operands`` (tensors or None) is complex, else 1: a complex
+    multiply-add is four real multiplies and four adds."""
+    return formulas.COMPLEX_MAC_OVER_REAL if any(t is not None and t.is_complex() for t in operands) else 1
+
+
 def _factorization(kind: str, matrix: str, rhs: str | None = None, *, rhs_rows: str = "n",
                    vectors: bool | None = None) -> Rule:
     """A dense linear-algebra routine on each matrix of the batch ``matrix`` (..., m, n), with the right-hand sides
     ``rhs`` (..., n, k) or (..., n) where it solves ((..., m, k) with ``rhs_rows`` "m": least squares):
-    ``formulas.factorization_flops``. ``vectors`` None reads whether it forms vectors (Q, U and V) off the call."""
+    ``formulas.factorization_flops``, times ``formulas.COMPLEX_MAC_OVER_REAL`` for a complex matrix or right-hand
+    side, as LAPACK's complex routines count their multiply-adds (profiler round 23: a complex Cholesky, solve, QR,
+    eigh or SVD was counted as the real one of its size, a quarter of its work). ``vectors`` None reads whether it
+    forms vectors (Q, U and V) off the call."""
 
     def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
         arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
@@ -129,7 +138,7 @@ def _factorization(kind: str, matrix: str, rhs: str | None = None, *, rhs_rows: 
             return 0.0
         m, n = a.shape[-2:]
         batch = _numel(a) // max(m * n, 1)
-        k = 0
+        k, b = 0, None
         if rhs is not None:
             b = arg(rhs)
             rows = m if rhs_rows == "m" else n
@@ -139,7 +148,8 @@ def _factorization(kind: str, matrix: str, rhs: str | None = None, *, rhs_rows: 
             arg("compute_v") if arg("compute_v") is not None else arg("compute_uv")
             if arg("compute_uv") is not None else mode != "r")
         full = bool(arg("full_matrices")) or mode == "complete"
-        return float(batch * formulas.factorization_flops(kind, m, n, k, vectors=forms_vectors, full=full))
+        flops = batch * formulas.factorization_flops(kind, m, n, k, vectors=forms_vectors, full=full)
+        return float(flops * _complex_mac_factor(a, b))
 
     return count
 
@@ -159,7 +169,7 @@ def _householder_product_flops(func: Any, args: tuple, kwargs: dict, out: Any) -
     m, n = a.shape[-2:]
     batch = _numel(a) // max(m * n, 1)
     k = tau.shape[-1] if tau.dim() else 0
-    return float(batch * formulas.factorization_flops("householder_product", m, n, k))
+    return float(batch * formulas.factorization_flops("householder_product", m, n, k) * _complex_mac_factor(a))
 
 
 def _ormqr_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
@@ -173,7 +183,8 @@ def _ormqr_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     batch = _numel(c) // max(m * n, 1)
     k = tau.shape[-1] if tau.dim() else 0
     left = arg("left") is not False
-    return float(batch * formulas.householder_apply_flops(m if left else n, n if left else m, k))
+    flops = batch * formulas.householder_apply_flops(m if left else n, n if left else m, k)
+    return float(flops * _complex_mac_factor(arg("self"), c))
 
 
 def _euclidean_dist_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:

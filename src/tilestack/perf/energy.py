@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import numbers
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -63,6 +64,12 @@ def driver_version() -> str | None:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+def _count(value: Any) -> bool:
+    """Whether ``value`` is a real number (not a bool), finite and >= 0."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            and value >= 0)
+
+
 @dataclasses.dataclass(frozen=True)
 class EnergyWindow:
     """Energy over one window; ``valid`` False (and ``note`` why) when too short or unmeasured."""
@@ -71,6 +78,19 @@ class EnergyWindow:
     seconds: float
     valid: bool
     note: str = ""
+
+    def __post_init__(self) -> None:
+        # profiler round 23: negative or NaN joules, or a negative time, gave negative or NaN energies per call and
+        # FLOP per joule, and a valid window with no joules a TypeError in the division
+        if self.joules is not None and not _count(self.joules):
+            raise DeviceError(f"EnergyWindow: joules={self.joules!r} ({type(self.joules).__name__}); expected a "
+                              "finite energy >= 0, or None where unmeasured")
+        if not _count(self.seconds):
+            raise DeviceError(f"EnergyWindow: seconds={self.seconds!r} ({type(self.seconds).__name__}); expected the "
+                              "window's finite length >= 0")
+        if not isinstance(self.valid, bool) or (self.valid and self.joules is None):
+            raise DeviceError(f"EnergyWindow: valid={self.valid!r} with joules={self.joules!r}; expected True or "
+                              "False, and False where no energy was measured")
 
     @property
     def avg_power_w(self) -> float | None:
@@ -84,6 +104,19 @@ class EnergySample:
     window: EnergyWindow
     calls: int
     idle_power_w: float | None = None
+
+    def __post_init__(self) -> None:
+        # profiler round 23: calls=0 under a valid window divided by zero; negative calls or idle power were taken
+        if not isinstance(self.window, EnergyWindow):
+            raise DeviceError(f"EnergySample: window={self.window!r:.60} ({type(self.window).__name__}); expected an "
+                              "EnergyWindow")
+        if isinstance(self.calls, bool) or not isinstance(self.calls, numbers.Integral) or self.calls < 0 \
+                or (self.window.valid and self.calls == 0):
+            raise DeviceError(f"EnergySample: calls={self.calls!r} ({type(self.calls).__name__}); expected the int "
+                              "number of calls the window measured (>= 1 for a valid window)")
+        if self.idle_power_w is not None and not _count(self.idle_power_w):
+            raise DeviceError(f"EnergySample: idle_power_w={self.idle_power_w!r} "
+                              f"({type(self.idle_power_w).__name__}); expected a finite power >= 0 in W, or None")
 
     @property
     def valid(self) -> bool:
@@ -168,7 +201,10 @@ class EnergyMeter:
         yield w
         e1, t1 = self.energy_mj(), time.perf_counter()
         seconds = t1 - t0
-        if seconds < min_window_s:
+        if e1 < e0:  # the counter went back (the driver reloaded): no energy can be read off this window
+            w.result = EnergyWindow(None, seconds, False, f"NVML's energy counter went back from {e0} to {e1} mJ "
+                                    "during the window (driver reloaded?): energy not measured")
+        elif seconds < min_window_s:
             w.result = EnergyWindow(
                 (e1 - e0) * MJ_TO_J,
                 seconds,

@@ -468,6 +468,8 @@ def householder_apply_flops(rows: int, cols: int, k: int) -> float:
     """Q (or Q^T), given as k Householder reflectors of length ``rows``, applied to a (rows, cols) matrix (ormqr):
     4 rows cols k - 2 cols k^2 (LAPACK Working Note 41's count for dormqr)."""
     rows, cols, k = _whole(rows=rows, cols=cols, k=k)
+    if k > rows:  # profiler round 23: more reflectors than rows came out as negative FLOPs
+        raise LaunchError(f"k={k} with rows={rows}; expected at most as many reflectors as rows (k <= rows)")
     return 4 * rows * cols * k - 2 * cols * k**2
 
 
@@ -500,6 +502,8 @@ def factorization_flops(kind: str, m: int, n: int, k: int = 0, *, vectors: bool 
     """
     m, n, k = _whole(m=m, n=n, k=k)
     _flags(vectors=vectors, full=full)
+    if kind == "householder_product" and k > min(m, n):  # round 23: more reflectors gave negative FLOPs
+        raise LaunchError(f"k={k} with m={m}, n={n}; expected at most min(m, n) reflectors for householder_product")
     m, n = max(m, n), min(m, n)  # a wide matrix is factored as its transpose
     if kind == "cholesky":
         return n**3 / 3

@@ -80,8 +80,8 @@ def _check_labels(name: Any, config: Any, item_name: Any) -> None:
     """MetricsError for a name, config or item name a Measurement cannot carry: a str config failed inside dict()
     ("dictionary update sequence element #0 has length 1"), a None name in the NVTX label ("'NoneType' object has
     no attribute 'replace'"), a None item name was stored and shown as "None/s"."""
-    if not isinstance(name, str):
-        raise MetricsError(f"name={name!r} ({type(name).__name__}); expected the kernel's name as a str")
+    if not isinstance(name, str) or not name.strip():  # round 23: an empty name was stored, pairing with no case
+        raise MetricsError(f"name={name!r} ({type(name).__name__}); expected the kernel's name as a str (not empty)")
     if config is not None and not (isinstance(config, Mapping) and all(isinstance(k, str) for k in config)):
         raise MetricsError(f"config={config!r:.60} ({type(config).__name__}) for {name!r}; expected a dict of the "
                            "kernel's constants by name (config={'BM': 128}), or None")
