@@ -405,3 +405,44 @@ def test_a_run_that_crashed_after_round_3_aggregated_resumes_to_the_uninterrupte
     assert [[getattr(m, f) for f in fields] for m in resumed.history.rounds] == \
            [[getattr(m, f) for f in fields] for m in whole.history.rounds]
     assert any(m.excluded for m in whole.history.rounds)  # the dropouts and deadline did something
+
+
+# ---- server-side DP clipping and SecAgg+ at their edges -----------------------------------------------------------
+@pytest.mark.parametrize("clip", [1e-6, 0.05, 1e6])
+def test_server_side_fixed_clipping_with_no_noise_is_the_mean_of_the_clipped_updates(clip):
+    """Flower's server-side fixed clipping, noise multiplier 0, over FedAvg weighted by ``unit-weight``: the server
+    clips each upload's update to ``clip`` (a bound below any update, a middle one, one above all) and the new model is
+    the plain mean of the clipped models; with faults a crashed client is left out and the mean is over the rest."""
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+
+    task = _task(faults=((2, "crash"),))
+    inner = FedAvg(**EVERYONE, weighted_by_key=tsclient.UNIT_WEIGHT)
+    strategy = DifferentialPrivacyServerSideFixedClipping(inner, noise_multiplier=0.0, clipping_norm=clip,
+                                                          num_sampled_clients=4)  # fmt: skip
+    models: list = []
+    res = run_rounds(strategy, _grid(task), initial_arrays(task), num_rounds=2, extra_metrics=keep(models))
+    x = np_(initial_arrays(task))
+    for rnd, m in enumerate(res.history.rounds, 1):
+        assert _pids(m) == [0, 1, 3] and list(m.excluded) == ["2"]
+        ups = {p: clip_update(x, client_model(task, p, rnd, x)[0], clip) for p in (0, 1, 3)}
+        want = weighted_mean(ups, dict.fromkeys(ups, 1.0))
+        for k in x:
+            np.testing.assert_allclose(models[rnd - 1][k], want[k], rtol=1e-5, atol=max(1e-7, 1e-5 * clip),
+                                       err_msg=(clip, rnd, k))  # fmt: skip
+        x = models[rnd - 1]
+
+
+def test_secure_aggregation_of_two_clients_both_holding_every_share_is_the_plain_average():
+    """SecAgg+ at its smallest: two clients, both sampled, each holding the other's share and a threshold of both
+    (reconstruction_threshold 1.0): the secure model after two rounds is Flower's plain FedAvg's to quantisation
+    precision; a threshold that cannot be met (3 of 2) is refused before any work."""
+    from tilestack.federated.secagg import run_plain, run_secure
+
+    task = _task(num_clients=2, num_samples=120)
+    secure = run_secure(task, rounds=2, per_round=2, num_shares=1.0, reconstruction_threshold=1.0)
+    plain = run_plain(task, rounds=2, per_round=2)
+    for k, v in plain.items():
+        np.testing.assert_allclose(secure[k], v, atol=1e-4, err_msg=k)
+    assert max(float(np.abs(plain[k] - np_(initial_arrays(task))[k]).max()) for k in plain) > 1e-2
+    with pytest.raises(ValueError, match="reconstruction_threshold=3"):
+        run_secure(task, rounds=1, per_round=2, num_shares=2, reconstruction_threshold=3)
