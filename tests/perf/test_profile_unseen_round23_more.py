@@ -10,7 +10,11 @@ Fixed this round (each test names what it pins):
 - ``compute_metrics`` / ``measure`` stored a measurement with an empty name, which no compare pairs (metrics);
 - a hand-made ``EnergyWindow`` / ``EnergySample`` took negative or NaN joules, negative calls or idle power (negative
   energy per call and FLOP per joule), and calls=0 under a valid window divided by zero; an NVML counter that went
-  back during a window (a driver reload) was read as a valid negative energy (energy).
+  back during a window (a driver reload) was read as a valid negative energy (energy);
+- the reports took a list holding None (then an AttributeError mid-table: a None element read as "none wrong"),
+  ``roofline_png`` one Measurement ("not iterable") and ``html_report`` a path of None (a TypeError in the file
+  writer, after drawing); ``Measurement.from_row`` of None or of a row missing columns failed with an AttributeError
+  or a TypeError listing __init__'s arguments (report, metrics).
 
 Hand counts: a multiply-add is 2 FLOPs; LAPACK's leading terms as ``formulas.factorization_flops`` documents them
 (Cholesky n^3/3, LU 2n^3/3, inverse 2n^3, solve 2n^3/3 + 2n^2 k, triangular solve n^2 k, factored solve 2n^2 k, QR
@@ -28,7 +32,7 @@ from torch import nn
 
 from tilestack import perf
 from tilestack.errors import DeviceError, LaunchError
-from tilestack.perf import energy, formulas, metrics, profile
+from tilestack.perf import energy, formulas, metrics, profile, report
 from tilestack.perf.counting import count_ops
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -342,3 +346,48 @@ def test_count_ops_and_detect_name_their_arguments():
         count_ops(torch.ones(3))
     with pytest.raises(DeviceError, match=r"device='tpu'"):
         perf.detect("tpu")
+
+
+# --- reports and stored rows: bad arguments named before anything is drawn or written ------------------------------
+def _m(name: str = "k") -> metrics.Measurement:
+    return metrics.compute_metrics(name=name, latency_s=1e-3, flops=2e6, bytes_read=4e3, bytes_written=1e3,
+                                   device="cpu-test", device_kind="cpu", dtype="fp32")
+
+
+@pytest.mark.parametrize("call,fragment", [
+    (lambda d: report.print_measurements([_m(), None]), r"print_measurements: ms holds NoneType None; .*ms\[1\]"),
+    (lambda d: report.measurements_markdown([None]), r"measurements_markdown: ms holds NoneType"),
+    (lambda d: report.roofline_png(_m(), d / "r.png"), r"roofline_png: ms is Measurement \(one: pass \[m\]\)"),
+    (lambda d: report.roofline_png([None], d / "r.png"), r"roofline_png: ms holds NoneType"),
+    (lambda d: report.roofline_png([_m()], 3), r"roofline_png: path=3 \(int\)"),
+    (lambda d: report.html_report([_m()], None), r"html_report: path=None \(NoneType\)"),
+    (lambda d: report.html_report([_m()], ""), r"html_report: path='' \(str\)"),
+    (lambda d: report.html_report([_m(), None], d / "r.html"), r"html_report: ms holds NoneType"),
+], ids=["print-none", "markdown-none", "png-one", "png-none", "png-path", "html-none-path", "html-empty-path",
+        "html-none"])
+def test_reports_name_a_bad_argument_before_writing(tmp_path, call, fragment):
+    """Round 23: [None] passed the reports' check (a None element read as "no wrong element") and failed mid-table
+    with an AttributeError; roofline_png took one Measurement ("not iterable"); html_report drew the whole report,
+    then failed with a TypeError on path=None. Nothing is written."""
+    with pytest.raises(metrics.MetricsError, match=fragment):
+        call(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reports_still_take_a_list_and_a_path(tmp_path):
+    assert report.roofline_png([_m()], None)[:4] == b"\x89PNG"
+    assert report.html_report([_m("a"), _m("b")], tmp_path / "r.html").read_text().count("<tr>") >= 3
+
+
+def test_measurement_from_row_names_what_is_missing():
+    """Round 23: from_row(None) raised AttributeError ('items'), a row without flops a TypeError listing __init__'s
+    arguments. A whole row reads back as written."""
+    m = _m()
+    back = metrics.Measurement.from_row(m.to_row())
+    assert (back.name, back.flops, back.bytes_read, back.latency_s, back.dtype) == ("k", 2e6, 4e3, 1e-3, "fp32")
+    row = m.to_row()
+    del row["flops"], row["device"]
+    with pytest.raises(metrics.MetricsError, match=r"from_row: row lacks device, flops"):
+        metrics.Measurement.from_row(row)
+    with pytest.raises(metrics.MetricsError, match=r"from_row: row=None \(NoneType\); expected a mapping"):
+        metrics.Measurement.from_row(None)

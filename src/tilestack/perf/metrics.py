@@ -267,8 +267,20 @@ class Measurement:
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Measurement:
-        """The inverse of :meth:`to_row` (derived columns are ignored and recomputed)."""
-        names = {f.name for f in dataclasses.fields(cls)}
+        """The inverse of :meth:`to_row` (derived columns are ignored and recomputed). A row that is no mapping, or
+        lacks a column every Measurement has, is refused naming what is missing (profiler round 23: a TypeError
+        listing __init__'s arguments, or an AttributeError for None)."""
+        if not isinstance(row, Mapping):
+            raise MetricsError(f"Measurement.from_row: row={row!r:.60} ({type(row).__name__}); expected a mapping of "
+                               "columns, as to_row() or a store's row gives")
+        fields = dataclasses.fields(cls)
+        required = [f.name for f in fields if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING]
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise MetricsError(f"Measurement.from_row: row lacks {', '.join(missing)}; expected the columns to_row() "
+                               "writes")
+        names = {f.name for f in fields}
         return cls(**{k: v for k, v in row.items() if k in names})
 
 

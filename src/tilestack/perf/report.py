@@ -137,10 +137,22 @@ def check_measurements(where: str, ms: Any) -> None:
     if isinstance(ms, str | bytes) or not isinstance(ms, Sequence):   # (a generator was used up by the table)
         hint = " (one: pass [m])" if isinstance(ms, Measurement) else ""
         raise MetricsError(f"{where}: ms is {type(ms).__name__}{hint}; expected a list of perf.Measurement")
-    wrong = next((m for m in ms if not isinstance(m, Measurement)), None)
-    if wrong is not None:
+    at = next((i for i, m in enumerate(ms) if not isinstance(m, Measurement)), None)  # by index: None is wrong too
+    if at is not None:  # (profiler round 23: [None] passed, then failed mid-table with an AttributeError)
+        wrong = ms[at]
         raise MetricsError(f"{where}: ms holds {type(wrong).__name__} {wrong!r:.40}; expected perf.Measurement "
-                           "objects (perf.measure, perf.compute_metrics, Store.measurements)")
+                           f"objects (perf.measure, perf.compute_metrics, Store.measurements); the first other is "
+                           f"ms[{at}]")
+
+
+def check_path(where: str, path: Any, *, none_ok: bool = False) -> None:
+    """MetricsError for a ``path`` that is no file path (profiler round 23: html_report(ms, None) failed with a
+    TypeError deep in the file writer, after the report was drawn)."""
+    if path is None and none_ok:
+        return
+    if isinstance(path, bool) or not isinstance(path, str | Path) or str(path) == "":
+        raise MetricsError(f"{where}: path={path!r:.60} ({type(path).__name__}); expected a file path (str or "
+                           f"pathlib.Path){', or None for none' if none_ok else ''}")
 
 
 def rows(ms: Sequence[Measurement]) -> list[list[str]]:
@@ -285,6 +297,8 @@ def roofline_png(
 
     Kernels with no FLOPs (copies) have no place on a FLOP/s axis and are listed in the caption instead.
     """
+    check_measurements("roofline_png", ms)  # (profiler round 23: one Measurement failed as "not iterable")
+    check_path("roofline_png", path, none_ok=True)
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -450,6 +464,7 @@ def html_report(
 ) -> Path:
     """Write the whole report for ``ms`` (roofline embedded) to ``path``."""
     check_measurements("html_report", ms)
+    check_path("html_report", path)
     sections = measurement_sections(ms, device=device, ceilings=ceilings, title=title)
     sections += [*extra, device_section(device, ceilings, versions)]
     return write_html(path, title, sections)
