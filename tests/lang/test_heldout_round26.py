@@ -16,6 +16,15 @@ sentinel) first, ragged sizes, seeds fixed (the ``rng`` fixture of this file).
   first stored in a tile of t's dtype (0.1 rounded to bf16, 300 wrapped to u8) and then divided, rounding twice (or
   wrapping the numerator); now one rounding, as ``t * c`` and ``c - t`` have (fixed this round, lang/tiles.py).
 
+- Log-domain Sinkhorn (entropic optimal transport) of a batch of small cost matrices, the whole matrix in one tile:
+  a run-time number of rounds, each a log-sum-exp along the rows and then along the columns with the potentials
+  carried as vectors of both orientations; padded rows and columns at -inf, their maxima held finite so that no
+  inf - inf appears; 0 rounds, one point, eps from 1 down to 0.01
+  (costs / eps of 100).
+- Kahan-compensated row sums over column tiles (the running sum and compensation carried as tiles), beside the plain
+  sum in a second output of the same launch: the compensation must survive the backends (no reassociation), a sum of
+  1 and 3999 terms of 1e-8 within 2 ulp where the plain f32 sum loses all of them.
+
 test_heldout_round26_more.py has more kernels of this round, the misuse checks and the sm_90a compiles.
 """
 
@@ -356,3 +365,139 @@ def test_a_number_over_an_integer_tile_is_not_wrapped_first(backend, dtype):
     y = torch.full((3, len(vals)), 99, dtype=dtype)
     launch(int_over_tile, backend, x, y, 1000)
     assert torch.equal(y, want), (y, want)
+
+
+# ---- 4. log-domain Sinkhorn ------------------------------------------------------------------------------------------
+@ts.kernel(grid=lambda C: (C.shape[0],))
+def sinkhorn_log(C, LA, LB, P, iters: int, eps: float, *, BM: int = 32, BN: int = 32):
+    """For each batch b, C (B, M, N) costs and LA (B, M), LB (B, N) log marginals: ``iters`` rounds of f = LA -
+    LSE_j(g_j - C_ij / eps), then g = LB - LSE_i(f_i - C_ij / eps), from f = g = 0; P = exp(f_i + g_j - C_ij / eps).
+    M <= BM and N <= BN (one tile); padded rows and columns held at -inf."""
+    b = ts.block_id(0)
+    M, N = C.shape[1], C.shape[2]
+    k = ts.RegTile[ts.f32, BM, BN]()
+    ts.load(k, C, at=(b, 0, 0))
+    ts.mul(k, k, -1.0 / eps)                          # -C / eps (1.0 / eps: a float Scalar)
+    r, c = ts.RegVec[ts.i32, BM](), ts.RegVec[ts.i32, BN]()
+    ts.arange(r)
+    ts.arange(c)
+    rin, cin = ts.RegVec[ts.bool_, BM](), ts.RegVec[ts.bool_, BN]()
+    ts.lt(rin, r, M)
+    ts.lt(cin, c, N)
+    inside = ts.RegTile[ts.bool_, BM, BN]()
+    ts.fill(inside, True)
+    ts.logical_and(inside, inside, ts.per_row(rin))
+    ts.logical_and(inside, inside, ts.per_col(cin))
+    ts.where(k, inside, k, -math.inf)
+    la, lb = ts.RegVec[ts.f32, BM](), ts.RegVec[ts.f32, BN]()
+    ts.load(la, LA, at=(b, 0))
+    ts.load(lb, LB, at=(b, 0))
+    f, g = ts.RegVec[ts.f32, BM](), ts.RegVec[ts.f32, BN]()
+    ts.zero(f)
+    ts.zero(g)
+    t = ts.RegTile[ts.f32, BM, BN]()
+    mr, mc = ts.RegVec[ts.f32, BM](), ts.RegVec[ts.f32, BN]()
+    for _ in ts.range(iters):
+        ts.add(t, k, ts.per_col(g))
+        ts.row_max(mr, t)
+        ts.where(mr, rin, mr, 0.0)                    # a padded row is all -inf: its max held finite
+        ts.sub(t, t, ts.per_row(mr))
+        ts.exp(t, t)
+        ts.row_sum(f, t)
+        ts.log(f, f)
+        ts.add(f, f, mr)
+        ts.sub(f, la, f)
+        ts.where(f, rin, f, -math.inf)
+        ts.add(t, k, ts.per_row(f))
+        ts.col_max(mc, t)
+        ts.where(mc, cin, mc, 0.0)
+        ts.sub(t, t, ts.per_col(mc))
+        ts.exp(t, t)
+        ts.col_sum(g, t)
+        ts.log(g, g)
+        ts.add(g, g, mc)
+        ts.sub(g, lb, g)
+        ts.where(g, cin, g, -math.inf)
+    ts.add(t, k, ts.per_row(f))
+    ts.add(t, t, ts.per_col(g))
+    ts.exp(t, t)
+    out = ts.RegTile[P.dtype, BM, BN]()
+    ts.copy(out, t)
+    ts.store(P, out, at=(b, 0, 0))
+
+
+def sinkhorn_ref(c, la, lb, iters: int, eps: float) -> torch.Tensor:
+    k = -c.double() / eps
+    f, g = torch.zeros(la.shape, dtype=F64), torch.zeros(lb.shape, dtype=F64)
+    for _ in range(iters):
+        f = la.double() - torch.logsumexp(k + g[:, None, :], 2)
+        g = lb.double() - torch.logsumexp(k + f[:, :, None], 1)
+    return torch.exp(k + f[:, :, None] + g[:, None, :])
+
+
+def log_marginal(rng, *shape) -> torch.Tensor:
+    w = torch.from_numpy(rng.random(shape) + 0.1)
+    return (w / w.sum(-1, keepdim=True)).log().float()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("B", "M", "N", "iters", "eps", "out_dtype"),
+                         [(2, 7, 11, 6, 0.1, F32), (1, 1, 1, 3, 1.0, BF), (3, 32, 17, 0, 0.5, F32),
+                          (1, 19, 32, 8, 0.01, F32), (1, 5, 3, 4, 0.2, BF)])
+def test_log_domain_sinkhorn(backend, B, M, N, iters, eps, out_dtype, rng):
+    c = torch.from_numpy(rng.random((B, M, N))).float()
+    la, lb = log_marginal(rng, B, M), log_marginal(rng, B, N)
+    p = poisoned(B, M, N, dtype=out_dtype)
+    launch(sinkhorn_log, backend, c, la, lb, p, iters, eps)
+    want = sinkhorn_ref(c, la, lb, iters, eps)
+    assert torch.isfinite(p).all()
+    close(p, want, scale=1e-1 if out_dtype is F32 else 1.0)
+    if iters and out_dtype is F32:                    # after a g update the column marginals hold
+        torch.testing.assert_close(p.double().sum(1), lb.double().exp(), rtol=1e-5, atol=1e-6)
+
+
+# ---- 5. Kahan-compensated row sums -----------------------------------------------------------------------------------
+@ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))
+def kahan_row_sum(X, S, NAIVE, *, BM: int = 4, BN: int = 32):
+    """S[r] = sum_c X[r, c] with Kahan compensation per lane (the BN columns of a tile), the lanes' sums and
+    compensations reduced at the end; NAIVE[r] = the plain f32 sum."""
+    i = ts.block_id(0)
+    x = ts.RegTile[ts.f32, BM, BN]()
+    s, c, y, t = (ts.RegTile[ts.f32, BM, BN]() for _ in range(4))
+    naive = ts.RegVec[ts.f32, BM]()
+    ts.zero(s)
+    ts.zero(c)
+    ts.zero(naive)
+    for j in ts.range(ts.cdiv(X.shape[1], BN)):
+        ts.load(x, X, at=(i, j))
+        ts.row_sum(naive, x, naive)
+        ts.sub(y, x, c)                               # y = x - c
+        ts.add(t, s, y)                               # t = s + y
+        ts.sub(c, t, s)
+        ts.sub(c, c, y)                               # c = (t - s) - y: what t lost of y
+        ts.copy(s, t)
+    total, comp = ts.RegVec[ts.f32, BM](), ts.RegVec[ts.f32, BM]()
+    ts.row_sum(total, s)
+    ts.row_sum(comp, c)
+    ts.sub(total, total, comp)
+    ts.store(S, total, at=(i,))
+    ts.store(NAIVE, naive, at=(i,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kahan_row_sum_keeps_what_the_plain_sum_loses(backend, rng):
+    M, N = 5, 4001
+    x = torch.full((M, N), 1e-8)
+    x[:, 0] = 1.0                                     # 1 + 4000e-8: each 1e-8 is below half an ulp of 1
+    x[1] = randn(rng, N)
+    x[2, ::2], x[2, 1::2] = 1e4, 1e-3
+    x[3] = 0.0
+    x[4, 5] = math.inf
+    s, naive = poisoned(M), poisoned(M)
+    launch(kahan_row_sum, backend, x, s, naive)
+    want = x.double().sum(1)
+    ulp = 2.0**-23
+    assert abs(s[0].item() - want[0].item()) <= 2 * ulp, s[0].item() - want[0].item()
+    assert abs(naive[0].item() - want[0].item()) > 30 * ulp   # the plain sum lost them (the test can fail)
+    torch.testing.assert_close(s[1:3].double(), want[1:3], rtol=4 * ulp, atol=1e-5)
+    assert s[3].item() == 0 and math.isnan(s[4].item())      # inf - inf in the compensation: NaN, as Kahan's is

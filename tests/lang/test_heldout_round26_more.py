@@ -22,7 +22,9 @@ from test_heldout_round26 import (
     distance_correlation,
     distance_row_means,
     int_over_tile,
+    kahan_row_sum,
     number_over_tile,
+    sinkhorn_log,
     spmm_ref,
 )
 
@@ -384,6 +386,9 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
     "int_table_i8": (int_table, (meta(1 << 20, dtype=I8), meta(1 << 20, dtype=I8), meta(7, 1 << 20, dtype=I8)),
                      dict(BN=1024)),
     "index_math": (index_math, (meta(1024, 2, dtype=I64), meta(1024, 18, dtype=I64), 5), {}),
+    "sinkhorn_log": (sinkhorn_log, (meta(4096, 64, 64), meta(4096, 64), meta(4096, 64), meta(4096, 64, 64), 100,
+                                    0.05), dict(BM=64, BN=64)),
+    "kahan_row_sum": (kahan_row_sum, (meta(8192, 65536), meta(8192), meta(8192)), dict(BM=16, BN=128)),
 }
 
 
