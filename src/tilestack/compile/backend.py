@@ -37,7 +37,7 @@ import torch
 from torch import fx
 
 from tilestack.compile import ops, policy
-from tilestack.compile.patterns import LEFT_REASONS, PASSES, kind, op_name
+from tilestack.compile.patterns import LEFT_REASONS, LEFT_UNMATCHED, PASSES, kind, op_name
 from tilestack.compile.report import Report, Swap
 from tilestack.compile.rewrite import (
     apply_match,
@@ -132,8 +132,9 @@ def run_passes(gm: fx.GraphModule, *, passes=None, check: bool = False, inner: s
         op = op_name(node)
         left[op] += 1
         if op not in report.left_why:
-            report.left_why[op] = LEFT_REASONS.get(kind(node) or op, declined_nodes.get(
-                node, "no tilestack kernel for it"))
+            family = kind(node) or op
+            report.left_why[op] = LEFT_REASONS.get(family, declined_nodes.get(
+                node, LEFT_UNMATCHED.get(family, "no tilestack kernel for it")))
     report.left = left
     return report
 

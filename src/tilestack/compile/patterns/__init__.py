@@ -43,9 +43,9 @@ from tilestack.compile.patterns.match import Match, Node, kind, op_name, runs_he
 from tilestack.compile.patterns.norms import add_norm, norm
 from tilestack.compile.patterns.softmax import softmax
 
-__all__ = ["FP8_CHAIN_TOLERANCE", "LEFT_REASONS", "PASSES", "Match", "Node", "add_norm", "explicit_attention",
-           "fp8_chain", "kind", "linear_cross_entropy", "linear_epilogue", "norm", "op_name", "runs_here", "sdpa",
-           "softmax", "value"]
+__all__ = ["FP8_CHAIN_TOLERANCE", "LEFT_REASONS", "LEFT_UNMATCHED", "PASSES", "Match", "Node", "add_norm",
+           "explicit_attention", "fp8_chain", "kind", "linear_cross_entropy", "linear_epilogue", "norm", "op_name",
+           "runs_here", "sdpa", "softmax", "value"]
 
 PASSES: dict[str, Callable] = {
     "sdpa": sdpa,
@@ -90,4 +90,22 @@ LEFT_REASONS = {
     "tag_activation_checkpoint": "a torch.utils.checkpoint region (recomputed in the backward): Dynamo keeps its body "
                                  "as a subgraph the passes do not look into, so its attention, norms and softmax are "
                                  "left to Inductor; without checkpointing they are swapped",
+}
+
+# Why an op that no pass matched at all is left, where its family is one the passes fuse elsewhere (after
+# LEFT_REASONS and a declined match's own reason): an activation or a log_softmax was "no tilestack kernel for it",
+# as if nothing could ever take it, where the GEMM epilogue or the fused cross-entropy takes the same op in another
+# place
+_EPILOGUE_ACTIVATION = ("an activation the GEMM epilogue takes (relu, gelu, gelu_tanh, silu), but here not applied to "
+                        "a 16-bit Linear's output that nothing else reads (after an add or a norm, on an f32 Linear, "
+                        "in a graph that needs gradients, or of a Linear declined above): left to Inductor")
+_OTHER_ACTIVATION = ("an activation the GEMM epilogue does not have (it fuses relu, gelu, gelu_tanh and silu): left to "
+                     "Inductor, which fuses it with its neighbours")
+LEFT_UNMATCHED = {
+    **dict.fromkeys(("relu", "gelu", "silu"), _EPILOGUE_ACTIVATION),
+    **dict.fromkeys(("mish", "hardswish", "hardsigmoid", "hardtanh", "relu6", "elu", "selu", "celu", "leaky_relu",
+                     "softplus", "logsigmoid", "tanh", "sigmoid", "Tensor.tanh", "Tensor.sigmoid"), _OTHER_ACTIVATION),
+    "log_softmax": "a log_softmax that is not the fused cross-entropy's (linear_cross_entropy takes nll_loss("
+                   "log_softmax(a bias-free Linear's logits over the last dim), class-index labels) in training "
+                   "graphs; soft targets or a loss written out are not it): left to Inductor",
 }
