@@ -97,6 +97,10 @@ def check_batch(cfg, idx, targets) -> None:
 class Trainer:
     def __init__(self, model: GPT, pc: ParallelConfig, mesh, *, lr: float = 1e-3, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), zero_bucket_numel: int = 1 << 22, gns=None):
+        # (any other module failed on a missing .cfg, or deeper in a plan that addresses GPT's modules by name)
+        if not isinstance(model, GPT):
+            raise ParallelConfigError(f"Trainer: model is {type(model).__name__}; expected a tilestack.parallel.GPT "
+                                      "(or a subclass): the parallel plans address its modules by name")
         if gns is not None and not uses_ddp(pc):
             raise ParallelConfigError(
                 f"Trainer: gns needs each rank's whole gradient before the data-parallel reduction; got dp={pc.dp}, "
@@ -109,6 +113,8 @@ class Trainer:
         self.dp_index = mesh["dp"].get_local_rank() * pc.dp_shard + mesh["dp_shard"].get_local_rank()
         self.parts, self.stage_ids = parallelize(model, pc, mesh)
         self.params = [p for part in self.parts for p in part.parameters()]
+        self._ddp_trains = self._training()         # the parameters DDP's buckets were built for
+        self._zero_sat_out: set[str] = set()         # ZeRO's parameters frozen during some step
 
         def make(params: list[torch.Tensor]) -> torch.optim.Optimizer:
             return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay,
@@ -122,6 +128,7 @@ class Trainer:
         self._pieces = 1                                      # (likewise: chunks x micro-batches per rank)
         self._has_grads = False                               # reduced gradients waiting for optimizer_step
         self.schedule = self._pipeline_schedule() if pc.pp > 1 else None
+        self._schedule_input: tuple | None = None          # (shape, dtype) of the rows the schedule was built for
 
     # ---- pipeline ------------------------------------------------------------------------------------------------
     def _pipeline_schedule(self):
@@ -175,6 +182,7 @@ class Trainer:
                 raise
             raise ParallelConfigError(f"{e} (Trainer.step: accumulate={accumulate} cuts the batch of "
                                       f"{idx.shape[0]} sequences into chunks of {rows})") from None
+        self._follow_requires_grad()
         self._set_loss_scale(targets, accumulate)
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
         for c in range(accumulate):
@@ -190,6 +198,37 @@ class Trainer:
         self._has_grads = True
         return loss.item() / self.pc.dp_total
 
+    def _training(self) -> frozenset[str]:
+        return frozenset(name for name, p in self.named_parts() if p.requires_grad)
+
+    def _follow_requires_grad(self) -> None:
+        """Parameters frozen or unfrozen (``requires_grad_``) since the Trainer was built, as one process allows
+        between steps. DDP's buckets wait for the gradients of the parameters that trained when it was built (the
+        next step failed: "Expected to have finished reduction"): it is built again for the new set, on every
+        rank alike (each holds the same model). ZeRO's slices hold only the parameters that trained when it was
+        built: one unfrozen since would never move, so it is refused by name."""
+        if self.zero is not None:
+            held = {id(p) for p in self.zero.params}
+            late = [name for name, p in self.named_parts() if p.requires_grad and id(p) not in held]
+            if late:
+                raise ParallelConfigError(
+                    f"Trainer.step: {', '.join(late[:3])} require grad but were frozen when the Trainer was built "
+                    f"(zero={self.pc.zero}: its optimizer slices hold only the parameters that trained then); "
+                    "expected them unfrozen before the Trainer is built (freezing later is allowed)")
+            # one AdamW step count for the whole slice: a parameter that sat out steps frozen would come back with
+            # the bias correction of the steps it missed (one process counts each parameter's own steps)
+            back = [name for name, p in self.named_parts() if p.requires_grad and name in self._zero_sat_out]
+            if back:
+                raise ParallelConfigError(
+                    f"Trainer.step: {', '.join(back[:3])} train again after steps frozen, with zero={self.pc.zero} "
+                    "(one AdamW step count for its whole optimizer slice: their bias correction would count the "
+                    "steps they missed); expected a parameter frozen under ZeRO to stay frozen, or zero=0 / dp_shard")
+            self._zero_sat_out |= {name for name, p in self.named_parts() if id(p) in held and not p.requires_grad}
+        if uses_ddp(self.pc) and (training := self._training()) != self._ddp_trains:
+            from tilestack.parallel.parallelize import apply_ddp
+            self.parts[0] = apply_ddp(self.parts[0].module, self.mesh["dp"].get_group(), comm=self.pc.dp_comm)
+            self._ddp_trains = training
+
     def _forward_backward_chunk(self, idx: torch.Tensor, targets: torch.Tensor, *, last: bool) -> torch.Tensor:
         """Forward and backward of this rank's rows of one chunk (B', N) of the global batch; its summed loss
         shares (f64), before the data-parallel reduction."""
@@ -203,6 +242,14 @@ class Trainer:
                 loss.backward()
             return loss.detach().double()
         first, final = 0 in self.stage_ids, self.pc.n_stages - 1 in self.stage_ids
+        # torch's stages infer the shapes they send and receive on their first step and keep them: a later batch of
+        # other rows or another sequence length was sent into buffers of the old size (the last stage failed on
+        # the shape of its targets, the others waited for it). Every rank holds the whole batch, so all see the
+        # change together and build new stages for the new shape.
+        shape = (tuple(idx.shape), idx.dtype)
+        if self._schedule_input is not None and shape != self._schedule_input:
+            self.schedule = self._pipeline_schedule()
+        self._schedule_input = shape
         losses: list[torch.Tensor] = []
         # return_outputs=False: the last stage keeps no micro-batch's logits past its backward (the losses
         # are all a step needs)
@@ -231,6 +278,9 @@ class Trainer:
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """This piece's part of the global mean loss, scaled as _set_loss_scale says."""
+        if not isinstance(logits, torch.Tensor):       # (a subclass's forward returning a tuple or a dict)
+            raise ParallelConfigError(f"Trainer.step: the model's forward returned {type(logits).__name__}; "
+                                      "expected the logits, one (B, N, vocab) tensor, as GPT.forward returns")
         if self._counted_per_shard is None:         # nothing ignored: every piece counts as many
             loss = lm_loss(logits, targets)
             return loss if self._pieces == 1 else loss / self._pieces
@@ -359,8 +409,13 @@ class Trainer:
             from torch.distributed.tensor import DTensor
             grads = self.zero.full_gradient()
             out = {}
-            # ZeRO holds the parameters that train (a frozen one has no gradient, and no place in its slices)
-            for (name, p), g in zip([(n, p) for n, p in named if p.requires_grad], grads, strict=True):
+            # ZeRO holds the parameters that trained when it was built (a frozen one has no place in its slices;
+            # one frozen since has a slice, and no gradient: None, as under one process)
+            names = {id(p): n for n, p in named}
+            for p, g in zip(self.zero.params, grads, strict=True):
+                name = names[id(p)]
+                if not p.requires_grad:
+                    continue
                 if isinstance(p, DTensor):
                     g = DTensor.from_local(g, p.device_mesh, p.placements).full_tensor()
                 out[name] = g.cpu().clone()
