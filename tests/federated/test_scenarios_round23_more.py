@@ -261,7 +261,8 @@ def test_fl_run_with_one_client_and_with_fifty(tmp_path, extra, clients):
 def test_fl_run_one_client_asked_for_two_per_round_is_refused_naming_per_round(tmp_path):
     res, out = _fl_run(tmp_path, "--clients", "1", "--per-round", "2")
     text = " ".join(re.sub("[\u2500-\u257f]", " ", res.output).split())
-    assert res.exit_code == 2 and "--per-round" in text and "2" in text, text
+    assert res.exit_code == 2 and "--per-round" in text and "per_round=2 > clients=1" in text, text
+    assert "expected at most --clients 1" in text  # found here: the message said what was wrong, not what was expected
     assert not out.exists()
 
 

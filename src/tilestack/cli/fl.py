@@ -149,7 +149,8 @@ def run(
                                          "different files", param_hint=opt_b)  # fmt: skip
     check_output("--checkpoint", checkpoint)
     if per_round > clients:
-        raise typer.BadParameter(f"per_round={per_round} > clients={clients}", param_hint="--per-round")
+        raise typer.BadParameter(f"per_round={per_round} > clients={clients}; expected at most --clients {clients} "
+                                 "clients sampled per round", param_hint="--per-round")  # fmt: skip
     if data is not None:
         dataset = "file"
     # FedBN keeps the MLP's batch-norm layers on each client, and no option built the MLP with them: every
