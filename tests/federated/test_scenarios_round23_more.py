@@ -447,3 +447,14 @@ def test_secure_aggregation_of_two_clients_both_holding_every_share_is_the_plain
     assert max(float(np.abs(plain[k] - np_(initial_arrays(task))[k]).max()) for k in plain) > 1e-2
     with pytest.raises(ValueError, match="reconstruction_threshold=3"):
         run_secure(task, rounds=1, per_round=2, num_shares=2, reconstruction_threshold=3)
+
+
+def test_a_trace_without_a_bandwidth_column_is_refused_naming_the_file_the_column_and_the_header_expected(tmp_path):
+    """Found here: the refusal named the missing columns but not what was expected."""
+    path = tmp_path / "trace.csv"
+    path.write_text("client,speed\n0,1.0\n1,2.0\n")
+    with pytest.raises(ValueError, match=r"trace\.csv.*lacks columns \['bandwidth'\]; expected a header naming the "
+                                         r"columns client,speed,bandwidth"):  # fmt: skip
+        SystemModel.from_trace(path)
+    path.write_text("client,speed,bandwidth\n0,1.0,1e6\n1,2.0,1e6\n")
+    assert SystemModel.from_trace(path).num_clients == 2

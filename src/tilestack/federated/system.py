@@ -191,7 +191,8 @@ class SystemModel:
             ) from ex
         missing = {"client", "speed", "bandwidth"} - set(header)
         if missing:
-            raise ValueError(f"SystemModel.from_trace: path={str(path)!r} lacks columns {sorted(missing)}")
+            raise ValueError(f"SystemModel.from_trace: path={str(path)!r} lacks columns {sorted(missing)}; expected a "
+                             "header naming the columns client,speed,bandwidth")  # fmt: skip
         if not rows:
             raise ValueError(f"SystemModel.from_trace: path={str(path)!r} has no rows; expected one per client")
         try:
