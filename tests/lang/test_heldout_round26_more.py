@@ -270,6 +270,49 @@ def test_one_kernel_relaunched_with_other_dtypes_strides_offsets_and_stride0(bac
         torch.testing.assert_close(c.double(), want, **t, msg=lambda m, n=n: f"launch {n}: {m}")
 
 
+# ---- 8. NumPy numbers inside a kernel ---------------------------------------------------------------------------------
+@ts.kernel(grid=lambda X, BN: (ts.cdiv(X.shape[0], BN),))
+def numpy_constants(X, Y, *, BN: int = 16):
+    """Constants computed with NumPy (np.float32, np.int64, np.bool_) wherever a Python number goes: fill, a binary
+    op's operand, a comparison, where's values, operator sugar on either side, a power, a loop bound, an arange
+    start, a tile coordinate and a triangle's diagonal. Y (8, n) rows: one per form."""
+    i = ts.block_id(0)
+    x = ts.RegVec[ts.f32, BN]()
+    ts.load(x, X, at=(i * np.int64(1),))
+    t = ts.RegVec[ts.f32, BN]()
+    ts.fill(t, np.float32(0.5))
+    ts.store(Y, t, at=(np.int64(0), i))
+    ts.mul(t, x, np.float32(3.0))
+    ts.max(t, t, np.float64(-2.0))
+    ts.store(Y, t, at=(1, i))
+    pos = ts.RegVec[ts.bool_, BN]()
+    ts.gt(pos, x, np.float32(0.0))
+    ts.where(t, pos, np.float32(1.0), np.int64(-1))
+    ts.store(Y, t, at=(2, i))
+    ts.store(Y, x * np.float32(2.0) + np.int32(1), at=(3, i))
+    ts.store(Y, np.float32(2.0) - x, at=(4, i))
+    ts.store(Y, x ** np.int64(2), at=(5, i))
+    ts.zero(t)
+    for _ in ts.range(np.int64(3)):
+        t += x
+    ts.store(Y, t, at=(6, i))
+    ts.arange(t, i * BN + np.int64(100))
+    ts.store(Y, t, at=(7, i))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_numpy_numbers_inside_a_kernel_are_python_numbers(backend):
+    """Each was refused ("b must be a tile, a number or a Scalar, got float32 np.float32(3.0)", "range: an operand
+    must be an index (int or index Scalar), got int64 np.int64(3)") though tile sizes and launch arguments take NumPy
+    numbers; now each is the Python number it holds (fixed this round)."""
+    x = torch.arange(21, dtype=F32) - 7
+    y = torch.full((8, 21), math.nan)
+    launch(numpy_constants, backend, x, y)
+    want = torch.stack([torch.full((21,), 0.5), (3 * x).clamp_min(-2), torch.where(x > 0, 1.0, -1.0), 2 * x + 1,
+                        2 - x, x * x, 3 * x, torch.arange(21, dtype=F32) + 100])   # (program i's arange: i BN + 100)
+    assert torch.equal(y, want), (y != want).nonzero()
+
+
 # ---- misuse ----------------------------------------------------------------------------------------------------------
 def _csr():
     return torch.tensor([0, 1, 2], dtype=I32), torch.tensor([0, 1], dtype=I32), torch.ones(2)

@@ -17,7 +17,7 @@ from tilestack.errors import TraceError
 from tilestack.ir.nodes import Value
 from tilestack.ir.ops import Op
 from tilestack.ir.types import INDEX
-from tilestack.lang.tiles import Scalar, Tile, _from_constant, as_index, as_scalar
+from tilestack.lang.tiles import Scalar, Tile, _from_constant, as_index, as_scalar, plain
 from tilestack.lang.trace import current, user_frame, user_line, user_locals, user_name
 
 
@@ -39,6 +39,7 @@ def _axis(name: str, axis) -> None:
 
 
 def _index(name: str, x) -> Scalar | int:
+    x = plain(x)
     if isinstance(x, Tile):   # a count loaded from memory: say what a data-dependent trip count is written as
         raise TraceError(f"{name}: an operand is a tile, `{user_name(x) or 'a tile'}` ({x.type}); loop bounds and "
                          "index arithmetic take index Scalars known before the loop runs (sizes, block ids, int "

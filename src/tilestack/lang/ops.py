@@ -23,7 +23,7 @@ from tilestack.ir.types import (
     f32,
     int_range,
 )
-from tilestack.lang.tiles import Scalar, Tile, TileSpec, _Transposed, as_index, as_scalar
+from tilestack.lang.tiles import Scalar, Tile, TileSpec, _Transposed, as_index, as_scalar, plain
 from tilestack.lang.trace import current, user_line, user_name
 
 _MMA_INPUTS = tuple(DTYPES[n] for n in MMA_INPUTS)   # the mma op's rule (ir.ops), as tile dtypes
@@ -96,6 +96,7 @@ def fill(dst: Tile, value: float | Scalar) -> None:
     the tile's additive identity plus the value (-0.0 for a float tile, so that a value of -0.0 keeps its sign),
     the value converted as ``add`` converts it."""
     _need_tile("fill", "dst", dst)
+    value = plain(value)
     if isinstance(value, Scalar) and dst.dtype is not bool_:
         if value.type == FLOAT and not dst.dtype.is_float:
             raise TileDTypeError(f"fill: `{_name(dst)}` is {dst.dtype} and value is a float Scalar; an integer tile "
@@ -109,6 +110,7 @@ def fill(dst: Tile, value: float | Scalar) -> None:
 def _element_value(opname: str, t: Tile, value) -> int | float:
     """``value`` as an element of tile ``t``: a float for a float tile, an int for an integer tile (which has no
     infinities or fractions) or a bool_ mask (0 or 1, or False or True)."""
+    value = plain(value)
     if isinstance(value, bool) and t.dtype is bool_:
         return int(value)
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -221,6 +223,7 @@ def _binary(fn: str, dst: Tile, a: Tile, b) -> None:
     per_row(v) / per_col(v), which is the same op as ``{fn}_row`` / ``{fn}_col``. A marked vector, a number or a
     Scalar as ``a`` is taken with a tile ``b`` where the op commutes (add, mul, max, min, and the bitwise ones);
     elsewhere it is refused, saying how to write it."""
+    a, b = plain(a), plain(b)
     if isinstance(a, _PerAxis):
         if fn in _COMMUTING and isinstance(b, Tile):
             a, b = b, a
@@ -473,6 +476,7 @@ def per_col(v: Tile) -> _PerAxis:
 def _operand(opname: str, arg: str, x, dst: Tile, kind: str):
     """(Value, axis) of operand ``x`` broadcast to ``dst``; kind "mask" wants bool, "value" a number or
     non-bool tile (scalars allowed)."""
+    x = plain(x)
     axis = None
     if isinstance(x, _PerAxis):
         if dst.type.is_vec:
@@ -548,6 +552,7 @@ def where(dst: Tile, mask, a, b) -> None:
     or, for a and b, a number or Scalar)."""
     _need_dst("where", dst)
     # a number chosen into an integer or bool_ dst must be one of its values (2.5 into i32 is refused, not cut to 2)
+    a, b = plain(a), plain(b)
     a, b = (_element_value("where", dst, v) if isinstance(v, int | float) and not isinstance(v, bool)
             and not dst.dtype.is_float else v for v in (a, b))
     ops = [_operand("where", "mask", mask, dst, "mask"), _operand("where", "a", a, dst, "value"),

@@ -266,6 +266,7 @@ class Tile:
         torch for a fractional e; zeros and infinities of either sign give 0 or inf, as C's pow)."""
         from tilestack.ir.types import f32, f64
         from tilestack.lang import ops
+        e = plain(e)
         if isinstance(e, bool) or not isinstance(e, int | float) or not math.isfinite(e):
             what = "a tile" if isinstance(e, Tile) else f"{type(e).__name__} {e!r}"
             self._no_sugar("**", f"the exponent must be a constant, finite Python int or float, got {what} (a power "
@@ -365,6 +366,7 @@ class Scalar:
     def _op(self, other, fn: str, swap: bool = False) -> Scalar:
         if isinstance(other, Tile):
             return NotImplemented   # `2 * N * t`: the tile's reflected operator takes the scalar
+        other = plain(other)
         if fn in ("floordiv", "cdiv", "mod") and not swap and isinstance(other, int) and other == 0:
             sym = {"floordiv": "//", "cdiv": "cdiv", "mod": "%"}[fn]
             named = _from_constant(other).strip()[1:-1]   # "the constant BN=0 of this launch", or ""
@@ -466,8 +468,15 @@ class Scalar:
         return f"Scalar({self.v!r})"
 
 
+def plain(x):
+    """A NumPy number (np.float32(0.5), np.int64(3), np.bool_) as the Python number it holds, anything else as it is:
+    a constant computed with NumPy is taken wherever a Python number is (as tile sizes and launch arguments are)."""
+    return x.item() if isinstance(x, np.number | np.bool_) else x
+
+
 def as_scalar(x) -> Scalar:
     """A Python number or Scalar as a Scalar (numbers become CONST instructions)."""
+    x = plain(x)
     if isinstance(x, Scalar):
         return x
     if isinstance(x, bool) or not isinstance(x, int | float):
@@ -481,6 +490,7 @@ def as_scalar(x) -> Scalar:
 
 def as_index(x, what: str) -> Scalar:
     """``x`` as an index Scalar, for ``what`` (a tile coordinate, a loop bound): a float is refused."""
+    x = plain(x)
     if isinstance(x, bool) or not isinstance(x, int | Scalar):
         raise TraceError(f"{what} must be an index (int or index Scalar), got {type(x).__name__} {x!r}",
                          user_line())
