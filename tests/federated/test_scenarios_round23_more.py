@@ -458,3 +458,45 @@ def test_a_trace_without_a_bandwidth_column_is_refused_naming_the_file_the_colum
         SystemModel.from_trace(path)
     path.write_text("client,speed,bandwidth\n0,1.0,1e6\n1,2.0,1e6\n")
     assert SystemModel.from_trace(path).num_clients == 2
+
+
+# ---- a user's .npz whose arrays no model can train on ----------------------------------------------------------------
+_RNG = np.random.default_rng(0)
+_X = _RNG.normal(size=(60, 3)).astype(np.float32)
+_Y = _RNG.integers(0, 3, 60)
+
+
+@pytest.mark.parametrize("x, y, words", [
+    (_X, _RNG.integers(0, 2, (60, 2)), "labels y of shape (60, 2); expected one label per row"),
+    (_X, np.array(1), "y of shape (); expected x (N, D) and y (N,)"),
+    (np.array(2.0), _Y, "x of shape () and y of shape (60,)"),
+    (_X.astype(np.complex64), _Y, "x of dtype complex64; expected real numbers"),
+    (_X, _Y.astype(np.complex128), "y of dtype complex128; expected real numbers (class labels"),
+    (_X.astype(object), _Y, "Object arrays cannot be loaded"),
+    (np.full((60, 3), "a"), _Y, "features that are not numbers"),
+])  # fmt: skip
+def test_an_npz_whose_arrays_cannot_be_trained_on_is_refused_naming_the_file(tmp_path, x, y, words):
+    """Found here: an .npz with y of shape (N, 2) failed inside the partitioner with numpy's broadcast error, a scalar y
+    with "len() of unsized object", object arrays with numpy's "allow_pickle=False" (no file named), and complex
+    features trained on their real part without a word. Each is refused by the Task, naming data_path and what was
+    expected; ``fl run --data`` names the option."""
+    path = tmp_path / "mine.npz"
+    np.savez(path, x=x, y=y)
+    with pytest.raises(ValueError, match="data_path=") as info:
+        Task(dataset="file", data_path=str(path), num_clients=3, local_steps=1)
+    assert words in str(info.value), str(info.value)
+    res = CliRunner().invoke(cli_app, ["fl", "run", "--data", str(path), "--clients", "3", "--per-round", "3",
+                                       "--rounds", "1", "--local-steps", "1"], env={"COLUMNS": "400"})  # fmt: skip
+    text = " ".join(re.sub("[\u2500-\u257f]", " ", res.output).split())
+    assert res.exit_code == 2 and "Invalid value for --data" in text and "test accuracy" not in text, text
+
+
+def test_an_npz_with_a_column_of_labels_images_or_numeric_text_is_taken(tmp_path):
+    """What stays taken: y of shape (N, 1), x of images (N, 2, 2) flattened to 4 features, features as numeric text."""
+    for x, y, features in ((_X, _Y[:, None], 3), (_RNG.normal(size=(60, 2, 2)), _Y, 4), (_X.astype(str), _Y, 3)):
+        path = tmp_path / f"ok{features}{x.dtype.kind}.npz"
+        np.savez(path, x=x, y=y)
+        task = Task(dataset="file", data_path=str(path), num_clients=3, local_steps=1)
+        assert (task.features, task.classes) == (features, 3)
+        res = simulate(FedAvg(**EVERYONE), task, rounds=1, evaluate=False)
+        assert res.history.rounds[0].num_aggregated == 3

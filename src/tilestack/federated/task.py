@@ -438,12 +438,23 @@ def _load_file_at(path: str, stamp: tuple[int, int] | None) -> tuple[np.ndarray,
         with np.load(p) as f:
             if "x" not in f or "y" not in f:
                 raise ValueError(f"Task: data_path={path!r} holds {sorted(f.files)}; expected arrays 'x' and 'y'")
-            x, y = np.asarray(f["x"]), np.asarray(f["y"])
+            try:
+                x, y = np.asarray(f["x"]), np.asarray(f["y"])
+            except ValueError as ex:  # object arrays: numpy's "cannot be loaded when allow_pickle=False", no file named
+                raise ValueError(f"Task: data_path={path!r}: {ex}; expected numeric arrays 'x' (N, D) and 'y' (N,) "
+                                 "saved without pickle") from None  # fmt: skip
+        _check_npz_arrays(path, x, y)
     elif p.suffix == ".csv":
         x, y = _read_csv(p)
     else:
         raise ValueError(f"Task: data_path={path!r}; expected a .npz or .csv file")
-    x = x.reshape(len(x), -1).astype(np.float32)
+    if y.ndim == 2 and y.shape[1] == 1:  # a column of labels
+        y = y[:, 0]
+    try:
+        x = x.reshape(len(x), -1).astype(np.float32)
+    except ValueError as ex:  # text that is no number ("could not convert string to float"), naming no file
+        raise ValueError(f"Task: data_path={path!r} has features that are not numbers ({ex}); expected real "
+                         "numbers") from None  # fmt: skip
     if x.shape[1] == 0:  # a CSV of one value a row (';'-separated, or labels only) trained a model of no inputs
         raise ValueError(
             f"Task: data_path={path!r} has no feature columns, only the label; expected at least one feature before "
@@ -468,6 +479,22 @@ def _load_file_at(path: str, stamp: tuple[int, int] | None) -> tuple[np.ndarray,
             "classes"
         )
     return x, y.astype(np.int64)
+
+
+def _check_npz_arrays(path: str, x: np.ndarray, y: np.ndarray) -> None:
+    """The shapes and kinds of an .npz's ``x`` and ``y`` a model can train on: y (N,) labels (a (N, 2) y failed inside
+    the partitioner with numpy's broadcast error, a scalar with "len() of unsized object"), x of real numbers (complex
+    features lost their imaginary part without a word, complex labels became classes of their own)."""
+    if x.ndim == 0 or y.ndim == 0:
+        raise ValueError(f"Task: data_path={path!r} has x of shape {x.shape} and y of shape {y.shape}; expected x "
+                         "(N, D) and y (N,)")  # fmt: skip
+    if not (y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1)):
+        raise ValueError(f"Task: data_path={path!r} has labels y of shape {y.shape}; expected one label per row, "
+                         "shape (N,)")  # fmt: skip
+    if x.dtype.kind == "c" or y.dtype.kind == "c":
+        which = "x" if x.dtype.kind == "c" else "y"
+        raise ValueError(f"Task: data_path={path!r} has {which} of dtype {(x if which == 'x' else y).dtype}; "
+                         f"expected real numbers{' (class labels: integers or names)' if which == 'y' else ''}")
 
 
 def _is_number(text: str) -> bool:
