@@ -500,3 +500,49 @@ def test_an_npz_with_a_column_of_labels_images_or_numeric_text_is_taken(tmp_path
         assert (task.features, task.classes) == (features, 3)
         res = simulate(FedAvg(**EVERYONE), task, rounds=1, evaluate=False)
         assert res.history.rounds[0].num_aggregated == 3
+
+
+# ---- a user's CSV: a byte-order mark, empty labels, another encoding ------------------------------------------------
+_ROWS = [f"{i * 0.1:.1f},{i % 3 * 0.5},{('cat', 'dog')[i % 2]}" for i in range(20)]
+
+
+def test_a_csv_with_a_byte_order_mark_is_read_as_without_it(tmp_path):
+    """Found here: Excel's "CSV UTF-8" starts with a byte-order mark, which made the first value '\\ufeff0.0' and the
+    file was refused as having a feature that is not a number. Read as the same file without it, header or not."""
+    plain, marked = tmp_path / "plain.csv", tmp_path / "marked.csv"
+    for rows in (_ROWS, ["f1,f2,label", *_ROWS]):
+        plain.write_text("\n".join(rows), encoding="utf-8")
+        marked.write_text("\n".join(rows), encoding="utf-8-sig")
+        a = Task(dataset="file", data_path=str(plain), num_clients=2, local_steps=1)
+        b = Task(dataset="file", data_path=str(marked), num_clients=2, local_steps=1)
+        for p in range(2):
+            for u, v in zip(a.client_data(p), b.client_data(p), strict=True):
+                np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.parametrize("rows, words", [
+    (["0.1,0.2,", *_ROWS], "1 data row(s) with an empty last value, the first data row 1"),
+    ([*_ROWS[:5], "0.3,0.4, ", *_ROWS[5:]], "the first data row 6"),
+    ([r + "," for r in _ROWS], "20 data row(s) with an empty last value"),
+])  # fmt: skip
+def test_a_csv_row_with_an_empty_label_is_refused_naming_the_row(tmp_path, rows, words):
+    """Found here: '0.1,0.2,' made the empty string a class of its own (three classes from cat and dog), and a
+    trailing comma on every row was refused as "'cat' is not a number". Refused naming the file and the row."""
+    path = tmp_path / "mine.csv"
+    path.write_text("\n".join(rows))
+    with pytest.raises(ValueError, match=r"expected a class label last in every row") as info:
+        Task(dataset="file", data_path=str(path), num_clients=2, local_steps=1)
+    assert words in str(info.value) and "mine.csv" in str(info.value)
+
+
+def test_a_csv_in_another_encoding_is_refused_naming_the_file(tmp_path):
+    """Found here: a Latin-1 file ('café' labels) failed with the codec's UnicodeDecodeError, naming no file or
+    argument. Refused as not UTF-8; the same text in UTF-8 is read, two classes."""
+    names = ("caf\u00e9", "th\u00e9")
+    text = "\n".join(f"{i * 0.1:.1f},{i % 3},{names[i % 2]}" for i in range(20))
+    path = tmp_path / "latin.csv"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.csv' is not UTF-8 text .*expected a CSV file in UTF-8"):
+        Task(dataset="file", data_path=str(path), num_clients=2, local_steps=1)
+    path.write_bytes(text.encode("utf-8"))
+    assert Task(dataset="file", data_path=str(path), num_clients=2, local_steps=1).classes == 2

@@ -509,8 +509,13 @@ def _read_csv(p: Path) -> tuple[np.ndarray, np.ndarray]:
     """``x`` (N, D) float64 and ``y`` (N,) labels (numbers where every label is one, else names) of a CSV file,
     its label last. Blank lines and spaces around values are ignored. Labels that are names ('cat') stopped the
     run in numpy's parser, though the same labels in an .npz were read."""
-    with p.open(newline="") as f:
-        rows = [[v.strip() for v in row] for row in csv.reader(f) if any(v.strip() for v in row)]
+    # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") made the first value '\ufeff0.5', refused as no number
+    try:
+        with p.open(newline="", encoding="utf-8-sig") as f:
+            rows = [[v.strip() for v in row] for row in csv.reader(f) if any(v.strip() for v in row)]
+    except UnicodeDecodeError as ex:  # (a Latin-1 file, or a binary one named .csv: the codec's error, no file named)
+        raise ValueError(f"Task: data_path={str(p)!r} is not UTF-8 text ({ex.reason} at byte {ex.start}); expected a "
+                         "CSV file in UTF-8") from None  # fmt: skip
     if rows and not any(_is_number(v) for v in rows[0][:-1]):
         # a header: none of its feature names is a number. A first row with one bad value among numbers ("0.5,,1,dog")
         # was dropped as a header without a word; it is a bad row, refused below like any other
@@ -520,6 +525,10 @@ def _read_csv(p: Path) -> tuple[np.ndarray, np.ndarray]:
     widths = sorted({len(r) for r in rows})
     if len(widths) > 1:
         raise ValueError(f"Task: data_path={str(p)!r} has rows of {widths} values; expected the same number in each")
+    unlabelled = [i for i, r in enumerate(rows) if r[-1] == ""]
+    if unlabelled:  # ("0.1,0.2," made '' a class of its own; a trailing comma on every row was named a bad feature)
+        raise ValueError(f"Task: data_path={str(p)!r} has {len(unlabelled)} data row(s) with an empty last value, the "
+                         f"first data row {unlabelled[0] + 1}; expected a class label last in every row")  # fmt: skip
     try:
         x = np.array([r[:-1] for r in rows], np.float64).reshape(len(rows), -1)
     except ValueError as ex:
