@@ -546,3 +546,31 @@ def test_a_csv_in_another_encoding_is_refused_naming_the_file(tmp_path):
         Task(dataset="file", data_path=str(path), num_clients=2, local_steps=1)
     path.write_bytes(text.encode("utf-8"))
     assert Task(dataset="file", data_path=str(path), num_clients=2, local_steps=1).classes == 2
+
+
+def test_a_data_file_named_in_capitals_is_read_and_one_of_another_kind_is_named_for_its_suffix(tmp_path):
+    """Found here: DATA.CSV was refused as neither .npz nor .csv, and a data.txt that exists was refused as "is not a
+    file". The suffix is read in any case; another suffix is named as such; a missing file is still "not a file"."""
+    upper = tmp_path / "DATA.CSV"
+    upper.write_text("\n".join(_ROWS))
+    assert Task(dataset="file", data_path=str(upper), num_clients=2, local_steps=1).classes == 2
+    txt = tmp_path / "data.txt"
+    txt.write_text("\n".join(_ROWS))
+    with pytest.raises(ValueError, match=r"data\.txt' has the suffix '\.txt'; expected an \.npz \(x, y\) or a \.csv"):
+        Task(dataset="file", data_path=str(txt), num_clients=2, local_steps=1)
+    with pytest.raises(ValueError, match=r"missing\.csv' is not a file"):
+        Task(dataset="file", data_path=str(tmp_path / "missing.csv"), num_clients=2, local_steps=1)
+
+
+def test_a_feature_beyond_float32s_range_is_refused_as_such_not_as_non_finite(tmp_path):
+    """Found here: a finite 1e300 in a user's file became inf in the float32 the models train in, and was refused as
+    "non-finite features"; it is named with its magnitude and the range expected. 1e30 is taken."""
+    path = tmp_path / "big.csv"
+    path.write_text("\n".join(["1e300,0.5,cat", *_ROWS]))
+    with pytest.raises(ValueError, match=r"magnitude 1e\+300, beyond the float32 range"):
+        Task(dataset="file", data_path=str(path), num_clients=2, local_steps=1)
+    path.write_text("\n".join(["1e30,0.5,cat", *_ROWS]))
+    task = Task(dataset="file", data_path=str(path), num_clients=2, local_steps=1)
+    pooled = np.concatenate([task.client_data(p)[0] for p in range(2)] + [task.client_data(p)[2] for p in range(2)])
+    assert pooled.dtype == np.float32 and float(np.abs(pooled).max()) == pytest.approx(1e30, rel=1e-6)
+    assert np.isfinite(pooled).all()

@@ -198,9 +198,12 @@ class Task:
                 f"{MIN_CLIENT_SAMPLES * self.num_clients} ({MIN_CLIENT_SAMPLES} per client: one to train on, one "
                 "to test)"
             )
-        readable = Path(self.data_path).is_file() and self.data_path.endswith((".npz", ".csv"))
-        if self.dataset == "file" and not readable:
+        if self.dataset == "file" and not Path(self.data_path).is_file():
             raise ValueError(f"Task: data_path={self.data_path!r} is not a file; expected an .npz (x, y) or a .csv")
+        if self.dataset == "file" and not self.data_path.lower().endswith((".npz", ".csv")):  # (a data.txt was said
+            # to be "not a file"; DATA.CSV was refused)
+            raise ValueError(f"Task: data_path={self.data_path!r} has the suffix {Path(self.data_path).suffix!r}; "
+                             "expected an .npz (x, y) or a .csv file")  # fmt: skip
         if self.dataset == "clustered" and not 1 <= self.groups <= self.num_clients:
             raise bad("groups", f"in [1, num_clients={self.num_clients}]")
         if self.model == "cnn" and (math.isqrt(self.features) ** 2 != self.features or math.isqrt(self.features) % 2):
@@ -434,7 +437,8 @@ def _load_file_at(path: str, stamp: tuple[int, int] | None) -> tuple[np.ndarray,
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"Task: data_path={path!r} is not a file; expected an .npz (x, y) or a .csv")
-    if p.suffix == ".npz":
+    suffix = p.suffix.lower()  # (DATA.CSV was refused as neither .npz nor .csv)
+    if suffix == ".npz":
         with np.load(p) as f:
             if "x" not in f or "y" not in f:
                 raise ValueError(f"Task: data_path={path!r} holds {sorted(f.files)}; expected arrays 'x' and 'y'")
@@ -444,14 +448,14 @@ def _load_file_at(path: str, stamp: tuple[int, int] | None) -> tuple[np.ndarray,
                 raise ValueError(f"Task: data_path={path!r}: {ex}; expected numeric arrays 'x' (N, D) and 'y' (N,) "
                                  "saved without pickle") from None  # fmt: skip
         _check_npz_arrays(path, x, y)
-    elif p.suffix == ".csv":
+    elif suffix == ".csv":
         x, y = _read_csv(p)
     else:
         raise ValueError(f"Task: data_path={path!r}; expected a .npz or .csv file")
     if y.ndim == 2 and y.shape[1] == 1:  # a column of labels
         y = y[:, 0]
     try:
-        x = x.reshape(len(x), -1).astype(np.float32)
+        x = x.reshape(len(x), -1).astype(np.float64)  # float32 below, once its range is checked
     except ValueError as ex:  # text that is no number ("could not convert string to float"), naming no file
         raise ValueError(f"Task: data_path={path!r} has features that are not numbers ({ex}); expected real "
                          "numbers") from None  # fmt: skip
@@ -464,6 +468,11 @@ def _load_file_at(path: str, stamp: tuple[int, int] | None) -> tuple[np.ndarray,
         raise ValueError(f"Task: data_path={path!r} has {len(x)} rows of x and {len(y)} labels; expected equal, >= 2")
     if not np.all(np.isfinite(x)):
         raise ValueError(f"Task: data_path={path!r} has non-finite features; expected finite numbers")
+    if x.size and (big := float(np.abs(x).max())) > float(np.finfo(np.float32).max):  # (became inf in float32, and was
+        # refused as "non-finite features" though the file's values are finite)
+        raise ValueError(f"Task: data_path={path!r} has a feature of magnitude {big:g}, beyond the float32 range the "
+                         f"models train in; expected values up to {float(np.finfo(np.float32).max):g} (rescale them)")
+    x = x.astype(np.float32)
     if y.dtype.kind in "fc" and not np.all(np.isfinite(y)):  # np.unique made NaN a class of its own
         raise ValueError(f"Task: data_path={path!r} has non-finite labels; expected a class label in every row")
     if y.dtype.kind == "f" and not np.all(y == np.round(y)):  # each distinct value became a class of its own
