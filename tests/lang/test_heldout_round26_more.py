@@ -399,6 +399,41 @@ def test_kernel_misuse_is_named_with_its_line():
         launch(mixed_dtypes, "reference", torch.ones(16, dtype=I32), torch.ones(16))
 
 
+@ts.kernel(grid=(1,))
+def index_a_global(X, Y, *, BN: int = 16):
+    x = ts.RegVec[ts.f32, BN]()
+    ts.fill(x, X[0])                                 # NumPy's / Triton's way: not the language's
+    ts.store(Y, x, at=(0,))
+
+
+@ts.kernel(grid=(1,))
+def index_a_tile(X, Y, *, BN: int = 16):
+    x = ts.RegVec[ts.f32, BN]()
+    ts.load(x, X, at=(0,))
+    x[3] = 0.0
+    ts.store(Y, x, at=(0,))
+
+
+@ts.kernel(grid=(1,))
+def torch_size_of_a_global(X, Y, *, BN: int = 16):
+    x = ts.RegVec[ts.f32, BN]()
+    ts.fill(x, X.size(0))                            # torch's spelling of X.shape[0]
+    ts.store(Y, x, at=(0,))
+
+
+def test_indexing_a_global_or_a_tile_says_how_to_read_it():
+    """X[0] in a kernel raised Python's bare "'GlobalTensor' object is not subscriptable" (and a tile's x[3] = 0
+    "'Tile' object does not support item assignment"; X.size(0) "'GlobalTensor' object has no attribute 'size'"),
+    naming neither the line nor the way; now an error at the line that names load / load_scalar (where with a mask;
+    X.shape[axis]). Fixed this round."""
+    with pytest.raises(Exception, match=r"round26_more.py:\d+: `X\[...\]`.*ts.load_scalar\(X, i"):
+        launch(index_a_global, "reference", torch.ones(16), torch.ones(16))
+    with pytest.raises(Exception, match=r"round26_more.py:\d+: `\[...\] =` on a tile.*ts.where"):
+        launch(index_a_tile, "triton", torch.ones(16), torch.ones(16))
+    with pytest.raises(AttributeError, match=r"round26_more.py:\d+: `X.size`.*X.shape\[axis\]"):
+        launch(torch_size_of_a_global, "reference", torch.ones(16), torch.ones(16))
+
+
 def test_composite_misuse_is_named():
     img = torch.zeros(4, 4, dtype=U8)
     outs = [torch.zeros(4, 4, dtype=U8) for _ in range(4)]

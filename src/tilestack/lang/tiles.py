@@ -321,6 +321,17 @@ class Tile:
     def T(self) -> _Transposed:
         return _Transposed(self)
 
+    def __getitem__(self, index):
+        """``t[0]`` / ``t[:, k]``: refused, saying how one element or a column of a tile is reached."""
+        self._no_sugar("[...]", "a tile's elements are not indexed one by one (its values exist only when the kernel "
+                                "runs, spread over threads): pick elements by a mask, ts.eq of a ts.arange vector "
+                                "with the index, then ts.where and a row or column reduction (row_max, col_sum) to "
+                                "take them out")
+
+    def __setitem__(self, index, value):
+        self._no_sugar("[...] =", "a tile's elements are not assigned one by one: write them where a mask holds, "
+                                  "ts.where(t, mask, value, t), the mask from ts.eq of a ts.arange vector")
+
     def __matmul__(self, other) -> Tile:
         return _matmul(self, False, other)
 
@@ -580,3 +591,29 @@ class GlobalTensor:
 
     def __repr__(self) -> str:
         return f"{self.name}: {self.type}"
+
+    # torch's names for what a global's handle has under its own (``X.size(0)`` is ``X.shape[0]``), or does not have
+    _TORCH_NAMES = {
+        "size": "its size on an axis is X.shape[axis] (an index Scalar)", "ndim": "its rank is X.rank",
+        "dim": "its rank is X.rank", "numel": "its element count is the product of its X.shape[axis] sizes",
+        "stride": "its strides are the launch's (a view is taken with its own: pass the view)",
+        "view": "pass the view as the argument", "reshape": "pass the reshaped view as the argument",
+        "T": "pass X.T (a view) as the argument, or transpose a tile (ts.transpose, or copy(dst, t.T))",
+        "device": "its device is the launch's", "data_ptr": "it is addressed in whole tiles by ts.load / ts.store"}
+
+    def __getattr__(self, name: str):
+        hint = GlobalTensor._TORCH_NAMES.get(name)
+        if hint is None:
+            raise AttributeError(f"'GlobalTensor' object has no attribute {name!r}")
+        raise AttributeError(f"{user_line()}: `{self.name}.{name}`: a global tensor in a kernel is not a torch tensor; "
+                             f"{hint.replace('X', self.name)}")
+
+    def __getitem__(self, index):
+        """``X[i]`` / ``X[i:j]`` (NumPy's or Triton's pointer way): refused, saying how a global is read."""
+        raise TraceError(f"`{self.name}[...]`: a global tensor is not indexed in a kernel; read a tile of it with "
+                         f"ts.load(t, {self.name}, at=(...)) (coordinates in whole tiles) or one element with "
+                         f"ts.load_scalar({self.name}, i, ...), and write with ts.store", user_line())
+
+    def __setitem__(self, index, value):
+        raise TraceError(f"`{self.name}[...] = ...`: a global tensor is written with ts.store({self.name}, t, "
+                         "at=(...)) (or ts.atomic_add), a tile at a time", user_line())
