@@ -4,7 +4,8 @@ grouped-query attention through SDPA's ``enable_gqa=True`` under one boolean cau
 expanded by ``repeat_kv``), and causal GQA cross-lengths (fewer queries than keys: torch's top-left causal mask);
 RMSNorm by hand in three forms and two look-alikes; activations after a bias-free Linear (tanh GELU, SiLU, Mish,
 Hardswish, the residual added before the activation); a segmentation head's softmax over dim 1 of (b, classes, h, w);
-cross-entropy against soft targets written out. Each inference test: one graph and no break in
+cross-entropy against soft targets written out; torch's own ``nn.TransformerDecoderLayer`` over a memory of another
+length. Each inference test: one graph and no break in
 ``torch._dynamo.explain``, one compile and none on a second call, eager's outputs within the dtype's tolerance and f32
 within 1e-4 relative of float64, the report's swaps checked by name and text (``test_unseen_round9._compiled``).
 Training: first-step gradients within twice eager's own error against float64, then SGD steps
@@ -45,6 +46,7 @@ from unseen_blocks_round14 import (
     RMSNormForms,
     SegmentationHead,
     SoftTargetClassifier,
+    TorchDecoderLayer,
     seeded,
 )
 
@@ -86,6 +88,37 @@ def test_multihead_attention_encoder(dtype):
         moved = model(noisy, padding)
     torch.testing.assert_close(moved[:, :-3], got[:, :-3], **F64_TOL)
     torch.testing.assert_close(moved[0], got[0], **F64_TOL)
+
+
+def _decoder_args(b: int = 2, n: int = 6, m: int = 9, seed: int = 1):
+    """(y (b, n, D), memory (b, m, D), its padding (b, m): the last sequence's memory from 5 on)."""
+    torch.manual_seed(seed)
+    padding = torch.zeros(b, m, dtype=torch.bool)
+    padding[-1, 5:] = True
+    return torch.randn(b, n, D), torch.randn(b, m, D), padding
+
+
+@pytest.mark.parametrize("norm_first", [True, False], ids=["pre-ln", "post-ln"])
+def test_torch_transformer_decoder_layer(norm_first):
+    """``nn.TransformerDecoderLayer`` over a memory of 9 states for 6 queries, in eval: its two attentions are
+    nn.MultiheadAttention's (left whole); pre-LN: two residual + LayerNorms and the first norm swapped, post-LN: three
+    residual + LayerNorms. Outputs float64's; the memory's padded states do not matter. Pre-LN trained (dropout 0):
+    losses and gradients as eager's against float64."""
+    model = seeded(TorchDecoderLayer, norm_first)
+    args = _decoder_args()
+    got, swaps, _ = _compiled(model, *args)
+    assert swaps == ({"add_norm": 2, "norm": 1} if norm_first else {"add_norm": 3}), swaps
+    _against_f64(model, got, *args)
+    y, memory, padding = args
+    noisy = memory.clone()
+    noisy[-1, 5:] = 30.0
+    with torch.no_grad():
+        torch.testing.assert_close(model(y, noisy, padding), got, **F64_TOL)
+    if not norm_first:
+        return
+    torch._dynamo.reset()
+    trained = seeded(TorchDecoderLayer, norm_first, 0.0, train=True)
+    _trained(trained, [_decoder_args(seed=s) for s in (3, 4)], lambda out: out.pow(2).mean())
 
 
 # ---- SDPA: enable_gqa -----------------------------------------------------------------------------------------------

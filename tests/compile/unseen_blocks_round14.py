@@ -44,6 +44,21 @@ class MHAEncoderLayer(nn.Module):
         return self.ln2(x + self.down(self.act(self.up(x))))
 
 
+class TorchDecoderLayer(nn.Module):
+    """torch's own ``nn.TransformerDecoderLayer`` (batch_first, GELU, pre-LN or post-LN): causal self-attention from
+    ``nn.Transformer.generate_square_subsequent_mask`` with ``tgt_is_causal=True``, then cross-attention over a memory
+    of another length under ``memory_key_padding_mask``."""
+
+    def __init__(self, norm_first: bool, dropout: float = 0.1):
+        super().__init__()
+        self.layer = nn.TransformerDecoderLayer(D, H, 2 * D, dropout=dropout, batch_first=True, norm_first=norm_first,
+                                                activation="gelu")
+
+    def forward(self, y, memory, memory_padding):
+        causal = nn.Transformer.generate_square_subsequent_mask(y.shape[1], dtype=y.dtype)     # (n, n): 0 or -inf
+        return self.layer(y, memory, tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=memory_padding)
+
+
 # ---- SDPA: enable_gqa under a boolean mask ---------------------------------------------------------------------------
 class GQABoolMaskAttention(nn.Module):
     """H query heads over KV_HEADS key/value heads: ``form="gqa"`` passes the unexpanded k, v with
