@@ -167,9 +167,13 @@ def bf16_reference(steps: int) -> dict:
                 masters={n: m.detach().clone() for n, m in zip(names, masters, strict=True)})
 
 
-def bf16_zero(rank: int, world_size: int, stage: int, steps: int) -> dict:
-    """ZeRO-``stage`` over dp=2 of the bf16 model: losses, the bf16 parameters, the dtypes of the master slice and
-    the whole f32 masters (all-gathered from the slices)."""
+def bf16_zero(rank: int, world_size: int, stages: tuple[int, ...], steps: int) -> dict:
+    """For each ZeRO stage, over dp=2 of the bf16 model: losses, the bf16 parameters, the dtype of the master slice
+    and the whole f32 masters (all-gathered from the slices)."""
+    return {stage: _bf16_zero(world_size, stage, steps) for stage in stages}
+
+
+def _bf16_zero(world_size: int, stage: int, steps: int) -> dict:
     pc = ParallelConfig(dp=world_size, zero=stage)
     trainer = Trainer(new_model(torch.bfloat16), pc, pc.build_mesh("cpu"), **HYPER, zero_bucket_numel=700)
     losses = [trainer.step(*make_batch(FOUR, 4, 6, seed=s)) for s in range(steps)]
