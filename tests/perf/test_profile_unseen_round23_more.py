@@ -391,3 +391,55 @@ def test_measurement_from_row_names_what_is_missing():
         metrics.Measurement.from_row(row)
     with pytest.raises(metrics.MetricsError, match=r"from_row: row=None \(NoneType\); expected a mapping"):
         metrics.Measurement.from_row(None)
+
+
+# --- FFT sample frequencies ------------------------------------------------------------------------------------------
+FS_B, FS_L = 2, 16
+FS_F = FS_L // 2 + 1  # rfft bins
+
+
+class SpectralDerivative(nn.Module):
+    """A learned gain per frequency times i*2*pi*f (a derivative in the Fourier domain), the frequencies by rfftfreq."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(FS_F))
+
+    def forward(self, x):  # (B, L)
+        f = torch.fft.rfftfreq(FS_L)  # (F,)
+        spectrum = torch.fft.rfft(x) * (self.gain * f)  # (B, F) complex times real
+        return torch.fft.irfft(spectrum * 1j, n=FS_L)
+
+
+def test_fft_frequencies_are_counted_not_reported_uncounted():
+    """Round 23: rfftfreq / fftfreq (aten::fft_rfftfreq) were a spectral model's only uncounted rows. Each is a
+    scale per frequency (i / (n d)); the model by hand: rfftfreq F, the gain times f F, rfft 5 L log2 L / 2 per row,
+    the complex-by-real multiply 2 per complex element, the multiply by 1j (a complex product of two complex
+    operands, the scalar one of them: 6 per element; before round 23 2, as by a real number), irfft 5 L log2 L / 2
+    per row and its 1/L scale per output."""
+    assert _flops_of(lambda: torch.fft.fftfreq(10), "aten::fft_fftfreq") == 10
+    assert _flops_of(lambda: torch.fft.rfftfreq(10, d=0.5), "aten::fft_rfftfreq") == 6
+    torch.manual_seed(0)
+    p = profile_cpu(SpectralDerivative(), torch.randn(FS_B, FS_L))
+    assert p.unsupported == ()
+    fft = 5 * FS_L * math.log2(FS_L) / 2
+    by_hand = FS_F + FS_F + FS_B * fft + 2 * FS_B * FS_F + 6 * FS_B * FS_F + FS_B * fft + FS_B * FS_L
+    assert p.flops == pytest.approx(by_hand, rel=1e-12)
+    freq = next(o for o in p.ops if o.op == "aten::fft_rfftfreq")
+    assert freq.counted and freq.m.flops == FS_F and freq.m.bytes_written == FS_F * 4
+
+
+@pytest.mark.parametrize("call,op,per_element", [
+    (lambda z: z * 1j, "aten::mul", formulas.COMPLEX_MUL_FLOPS),
+    (lambda z: z.clone().mul_(0.5 - 2j), "aten::mul_", formulas.COMPLEX_MUL_FLOPS),
+    (lambda z: z / (1 + 2j), "aten::div", formulas.COMPLEX_DIV_FLOPS),
+    (lambda z: z * 2.0, "aten::mul", formulas.COMPLEX_ELEMENT_OVER_REAL),
+    (lambda z: z + 1j, "aten::add", formulas.COMPLEX_ELEMENT_OVER_REAL),
+    (lambda z: z.real * 1j, "aten::mul", formulas.COMPLEX_ELEMENT_OVER_REAL),
+], ids=["mul-1j", "mul_-scalar", "div-scalar", "mul-real", "add-1j", "real-times-1j"])
+def test_a_complex_scalar_is_a_complex_operand(call, op, per_element):
+    """Round 23: z * 1j and z / (1 + 2j) were counted as products by a real number (2 per element), though a complex
+    scalar makes them complex products (6) and quotients (11), as z * w of two complex tensors is; a real scalar, a
+    complex add, and a real tensor times 1j stay 2 per complex element."""
+    z = torch.randn(3, 4, dtype=torch.complex64)
+    assert _flops_of(lambda: call(z), op) == per_element * 12

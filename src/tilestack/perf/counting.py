@@ -126,9 +126,11 @@ def _flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
         return sparse[0]
     if torch.Tag.pointwise in tags:
         # 1 FLOP per output element, as torch's profiler; per real part of a complex one, and a complex product or
-        # quotient of two complex operands as the real operations it takes.
+        # quotient of two complex operands as the real operations it takes (a Python complex scalar is one: profiler
+        # round 23, z * 1j or z / (1 + 2j) was counted as a product by a real number).
         per_complex = formulas.COMPLEX_ELEMENT_OVER_REAL
-        if str(packet).rstrip("_") in COMPLEX_PRODUCTS and sum(t.is_complex() for t in _tensors(args)) >= 2:
+        complex_operands = sum(t.is_complex() for t in _tensors(args)) + sum(isinstance(a, complex) for a in args)
+        if str(packet).rstrip("_") in COMPLEX_PRODUCTS and complex_operands >= 2:
             per_complex = COMPLEX_PRODUCTS[str(packet).rstrip("_")]
         if str(packet) == "aten.abs" and any(t.is_complex() for t in _tensors(args)):  # a real modulus per element
             return float(formulas.COMPLEX_ABS_FLOPS * sum(_numel(t) for t in _tensors(out)))

@@ -1,6 +1,6 @@
 """FLOP rules of element-wise work torch leaves untagged (activations' backwards, GLU, PReLU, window functions,
-logspace, rounding to decimals, cross products), allclose and all / any, and foreach ops (``foreach_flops``, matched
-by prefix).
+FFT sample frequencies, logspace, rounding to decimals, cross products), allclose and all / any, and foreach ops
+(``foreach_flops``, matched by prefix).
 """
 
 from __future__ import annotations
@@ -81,4 +81,7 @@ ELEMENTWISE_FLOPS: dict[str, Rule] = {
     # base ** (start + i * step): a power per element, as an element-wise op (profiler round 20: uncounted; linspace
     # and arange, which take no power, stay copies)
     "aten.logspace": _elementwise_flops,
+    # the sample frequencies of an FFT, i / (n d): a scale per element (profiler round 23: reported uncounted, a
+    # spectral model's only uncounted row)
+    **{f"aten.fft_{op}": _elementwise_flops for op in ("fftfreq", "rfftfreq")},
 }
