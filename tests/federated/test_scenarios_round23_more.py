@@ -574,3 +574,18 @@ def test_a_feature_beyond_float32s_range_is_refused_as_such_not_as_non_finite(tm
     pooled = np.concatenate([task.client_data(p)[0] for p in range(2)] + [task.client_data(p)[2] for p in range(2)])
     assert pooled.dtype == np.float32 and float(np.abs(pooled).max()) == pytest.approx(1e30, rel=1e-6)
     assert np.isfinite(pooled).all()
+
+
+def test_a_device_trace_with_a_byte_order_mark_is_read_as_without_it(tmp_path):
+    """Found here: a trace saved as Excel's "CSV UTF-8" starts with a byte-order mark, which made its first column
+    '\\ufeffclient' and the trace was refused as lacking a 'client' column (here and in ``fl run --trace``)."""
+    text = "client,speed,bandwidth\n1,2.0,1e6\n0,0.5,2e6\n"
+    path = tmp_path / "trace.csv"
+    path.write_text(text, encoding="utf-8-sig")
+    system = SystemModel.from_trace(path)
+    np.testing.assert_array_equal(system.speeds, [0.5, 2.0])
+    np.testing.assert_array_equal(system.bandwidths, [2e6, 1e6])
+    res = CliRunner().invoke(cli_app, ["fl", "run", "--dataset", "blobs", "--clients", "2", "--per-round", "2",
+                                       "--rounds", "1", "--local-steps", "1", "--trace", str(path)],
+                             env={"COLUMNS": "400"})  # fmt: skip
+    assert res.exit_code == 0, res.output

@@ -180,7 +180,8 @@ class SystemModel:
         order; other columns are ignored). Column names are read without case or surrounding spaces, and values
         without the spaces a hand-written ``client, speed, bandwidth`` puts after each comma."""
         try:
-            with Path(path).open(newline="") as f:
+            # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") made the first column '\ufeffclient', "missing"
+            with Path(path).open(newline="", encoding="utf-8-sig") as f:
                 reader = csv.DictReader(f, skipinitialspace=True)
                 header = [name.strip().lower() for name in reader.fieldnames or []]
                 rows = [dict(zip(header, row.values(), strict=False)) for row in reader]
