@@ -25,9 +25,17 @@ from flwr.app import Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from tilestack.federated import InProcessGrid, ManagedGrid, SystemModel, Task, initial_arrays, run_rounds, simulate
+from tilestack.federated import (
+    InProcessGrid,
+    ManagedGrid,
+    SystemModel,
+    Task,
+    codec,
+    initial_arrays,
+    run_rounds,
+    simulate,
+)
 from tilestack.federated import client as tsclient
-from tilestack.federated import codec
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -97,7 +105,8 @@ def test_a_deadline_cuts_the_slow_clients_work_but_not_their_weight():
 def test_a_client_failing_every_other_round_is_named_and_fedadam_steps_over_the_rest():
     """Client 1 raises after its local training in rounds 1 and 3 (an error reply): those rounds aggregate clients 0,
     2, 3 and name client 1 with its error; rounds 2 and 4 aggregate all four. FedAdam's moments carry across the short
-    rounds, and every round's model is the hand-written Adam step over the examples-weighted mean of the kept uploads."""
+    rounds, and every round's model is the Adam step, written out, over the examples-weighted mean of the kept uploads.
+    """
     task = _task(partitioner="quantity", quantity_sigma=0.8)
     strategy = FedAdam(eta=0.05, eta_l=0.1, beta_1=0.9, beta_2=0.99, tau=1e-3, **EVERYONE)
     models: list = []

@@ -27,9 +27,17 @@ from typer.testing import CliRunner
 
 import tilestack.cli.fl  # noqa: F401  (registers `tilestack fl`)
 from tilestack.cli import app as cli_app
-from tilestack.federated import InProcessGrid, ManagedGrid, SystemModel, Task, initial_arrays, run_rounds, simulate
+from tilestack.federated import (
+    InProcessGrid,
+    ManagedGrid,
+    SystemModel,
+    Task,
+    codec,
+    initial_arrays,
+    run_rounds,
+    simulate,
+)
 from tilestack.federated import client as tsclient
-from tilestack.federated import codec
 from tilestack.federated.strategies import HeteroFL
 
 pytestmark = pytest.mark.timeout(120)
@@ -57,7 +65,8 @@ HIDDEN = 4
 def _slice(params: dict[str, np.ndarray], keep_units: int) -> dict[str, np.ndarray]:
     """The first ``keep_units`` hidden units of tilestack's MLP (with batch norm), written out by name."""
     h = slice(0, keep_units)
-    cuts = {"fc1.weight": (slice(None), h), "fc1.bias": (h,), "fc2.weight": (h, slice(None)), "fc2.bias": (slice(None),),
+    every = slice(None)
+    cuts = {"fc1.weight": (every, h), "fc1.bias": (h,), "fc2.weight": (h, every), "fc2.bias": (every,),
             "bn.weight": (h,), "bn.bias": (h,), "bn.running_mean": (h,), "bn.running_var": (h,)}  # fmt: skip
     return {k: v[cuts[k]] for k, v in params.items()}
 
@@ -236,7 +245,7 @@ def test_a_dirichlet_split_with_tiny_alpha_gives_every_client_examples_and_loses
     assert res.history.rounds[0].num_aggregated == clients
 
 
-# ---- the CLI: one client, fifty ----------------------------------------------------------------------------------------
+# ---- the CLI: one client, fifty --------------------------------------------------------------------------------------
 def _fl_run(tmp_path, *extra: str):
     out = tmp_path / "run.json"
     res = CliRunner().invoke(cli_app, ["fl", "run", "--dataset", "blobs", "--rounds", "2", "--local-steps", "1",
