@@ -404,3 +404,20 @@ def test_fedprox_round_is_the_weighted_mean_of_autograd_proximal_sgd(model):
         for k in x:
             np.testing.assert_allclose(models[rnd - 1][k], want[k], rtol=1e-5, atol=2e-6, err_msg=(model, rnd, k))
         x = models[rnd - 1]
+
+
+def test_fl_run_with_two_faults_for_one_client_is_refused_naming_faults():
+    """Found here: the refusal read "Invalid value: Task: faults gives partition 1 two faults" with no option (the
+    library's "faults gives" was not mapped to ``--faults``, as "faults entry" was)."""
+    import re
+
+    from typer.testing import CliRunner
+
+    import tilestack.cli.fl  # noqa: F401  (registers `tilestack fl`)
+    from tilestack.cli import app as cli_app
+
+    res = CliRunner().invoke(cli_app, ["fl", "run", "--dataset", "blobs", "--clients", "4", "--per-round", "2",
+                                       "--rounds", "1", "--local-steps", "1", "--faults", "1:crash,1:nan"],
+                             env={"COLUMNS": "400"})  # fmt: skip
+    out = " ".join(re.sub("[\u2500-\u257f]", " ", res.output).split())
+    assert res.exit_code == 2 and "Invalid value for --faults" in out and "two faults, 'crash' and 'nan'" in out, out

@@ -354,7 +354,8 @@ def _option_for(message: str, default: str | None = None) -> str | None:
     ``default``."""
     import re
 
-    for name in re.findall(r"\b([a-z_]+)(?:=| entry\b)", message):
+    # ("faults gives partition 1 two faults" named no option: typer said only "Invalid value")
+    for name in re.findall(r"\b([a-z_]+)(?:=| entry\b| gives\b)", message):
         if name in ARGUMENT_OPTIONS:
             return ARGUMENT_OPTIONS[name]
     return default
