@@ -181,3 +181,70 @@ def _bf16_zero(world_size: int, stage: int, steps: int) -> dict:
     names = {id(p): n for n, p in trainer.named_parts()}
     masters = {names[id(p)]: m.clone() for p, m in zip(zero.params, zero._gather(zero.master.detach()), strict=True)}
     return dict(losses=losses, params=trainer.full_params(), master_dtype=str(zero.master.dtype), masters=masters)
+
+
+class RunningMeanGPT(GPT):
+    """A GPT that keeps, as BatchNorm does, a running mean of its embeddings' output (a buffer, momentum 0.1),
+    updated by every training forward of the first stage."""
+
+    MOMENTUM = 0.1
+
+    def __init__(self, cfg: ModelConfig, *, seed: int = 0):
+        super().__init__(cfg, seed=seed)
+        self.register_buffer("running", torch.zeros(cfg.d))
+
+    def forward(self, x):
+        if self.wte is None or not self.training:
+            return super().forward(x)
+        h = self.wte(x) + self.wpe(torch.arange(x.shape[1], device=x.device)[None])       # (B, N, d)
+        with torch.no_grad():
+            self.running.mul_(1 - self.MOMENTUM).add_(self.MOMENTUM * h.mean((0, 1)))
+        wte, wpe = self.wte, self.wpe
+        self.wte = self.wpe = None               # (the blocks and the head on h)
+        try:
+            return super().forward(h)
+        finally:
+            self.wte, self.wpe = wte, wpe
+
+
+def running_reference(steps: int) -> dict:
+    net = RunningMeanGPT(FOUR, seed=5).to(DTYPE)
+    opt = torch.optim.AdamW(list(net.parameters()), foreach=False, **HYPER)
+    losses = []
+    for s in range(steps):
+        idx, targets = make_batch(FOUR, 4, 6, seed=s)
+        loss = lm_loss(net(idx), targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return dict(losses=losses, running=net.running.clone())
+
+
+def running_buffers(rank: int, world_size: int, layouts: list, steps: int, folder: str) -> dict:
+    """Each (name, ParallelConfig keywords): losses and the running mean buffer of this rank after ``steps``;
+    under layouts a checkpoint takes, the buffer a fresh trainer loads from one saved at the end."""
+    import os
+
+    import torch.distributed as dist
+
+    from tilestack.parallel import checkpoint
+    out = {}
+    for name, kw in layouts:
+        try:
+            pc = ParallelConfig(**kw)
+            trainer = Trainer(RunningMeanGPT(FOUR, seed=5).to(DTYPE), pc, pc.build_mesh("cpu"), **HYPER)
+            losses = [trainer.step(*make_batch(FOUR, 4, 6, seed=s)) for s in range(steps)]
+            running = next(b for n, b in trainer.parts[0].named_buffers() if n.endswith("running"))   # (DDP: module.)
+            got = dict(losses=losses, running=running.clone())
+            if not pc.zero:
+                path = os.path.join(folder, name)
+                checkpoint.save(trainer, path)
+                fresh = Trainer(RunningMeanGPT(FOUR, seed=5).to(DTYPE), pc, pc.build_mesh("cpu"), **HYPER)
+                checkpoint.load(fresh, path)
+                got["loaded"] = next(b for n, b in fresh.parts[0].named_buffers() if n.endswith("running")).clone()
+            out[name] = got
+        except Exception:  # noqa: BLE001 - reported per layout
+            out[name] = dict(error=traceback.format_exc())
+        dist.barrier()
+    return out

@@ -79,3 +79,26 @@ def test_bf16_parameters_train_on_f32_master_slices(bf16_runs, stage):
     gain = "layers.0.ln_1.weight"
     moved = ref["masters"][gain] - start[gain]
     assert float((ref["params"][gain].float() - start[gain] - moved).norm() / moved.norm()) > 0.2
+
+
+BUFFER_LAYOUTS = [("ddp", dict(dp=2)), ("ddp-ring", dict(dp=2, dp_comm="ring")), ("zero1", dict(dp=2, zero=1)),
+                  ("zero2", dict(dp=2, zero=2)), ("fsdp2", dict(dp_shard=2)), ("tp", dict(tp=2))]
+
+
+def test_running_statistics_buffers_are_the_whole_batchs_on_every_rank(tmp_path):
+    """A buffer the forward updates from its rows (a running mean, as BatchNorm keeps) is averaged over the
+    data-parallel ranks after each step: every replica holds the one-process value (each rank saw half the rows:
+    FSDP2 and ZeRO kept each rank's own, DDP broadcast rank 0's), and a checkpoint saves and loads it."""
+    steps = 3
+    ref = W.running_reference(steps)
+    assert ref["running"].abs().max() > 1e-3
+    per_rank = run_local(W.running_buffers, 2, (BUFFER_LAYOUTS, steps, str(tmp_path)), timeout_s=300)
+    for name, _ in BUFFER_LAYOUTS:
+        for rank, r in enumerate(per_rank):
+            got = r[name]
+            assert "error" not in got, f"{name} rank {rank}:\n{got['error']}"
+            torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-10, atol=0)
+            torch.testing.assert_close(got["running"], ref["running"], rtol=1e-12, atol=1e-14,
+                                       msg=lambda m, name=name, rank=rank: f"{name} rank {rank}: {m}")
+            if "loaded" in got:
+                torch.testing.assert_close(got["loaded"], ref["running"], rtol=1e-12, atol=1e-14)

@@ -190,6 +190,7 @@ class Trainer:
             loss += self._forward_backward_chunk(idx[chunk], targets[chunk], last=c == accumulate - 1)
         small_sq = self._squared_norm() if self.gns is not None else None
         self._reduce_gradients()
+        self._average_buffers()
         if small_sq is not None:
             self._observe_noise(small_sq, rows // self.pc.dp_total)
         for dim in ("dp", "dp_shard"):                                     # mean over the data-parallel shards
@@ -197,6 +198,27 @@ class Trainer:
                 dist.all_reduce(loss, group=self.mesh[dim].get_group())
         self._has_grads = True
         return loss.item() / self.pc.dp_total
+
+    def _average_buffers(self) -> None:
+        """Floating-point buffers a forward updates (running statistics, as BatchNorm keeps) averaged over the
+        data-parallel ranks, in one flat all-reduce: each rank saw only its rows, so the replicas drifted apart
+        (FSDP2 and ZeRO kept each rank's own, DDP broadcast rank 0's before each forward, and a checkpoint kept
+        rank 0's). The mean over equal shards of the rows is the whole batch's for statistics linear in the rows
+        (a running mean). Nothing to do for GPT itself, which has no buffers."""
+        from torch.distributed.tensor import DTensor
+
+        bufs = [b for part in self.parts for b in part.buffers()
+                if b.is_floating_point() and not isinstance(b, DTensor)]
+        if not bufs or self.pc.dp_total == 1:
+            return
+        flat = torch.cat([b.detach().reshape(-1).double() for b in bufs])
+        for dim in ("dp", "dp_shard"):
+            if self.mesh[dim].size() > 1:
+                dist.all_reduce(flat, group=self.mesh[dim].get_group())
+        flat /= self.pc.dp_total
+        with torch.no_grad():
+            for b, new in zip(bufs, flat.split([b.numel() for b in bufs]), strict=True):
+                b.copy_(new.view_as(b))
 
     def _training(self) -> frozenset[str]:
         return frozenset(name for name, p in self.named_parts() if p.requires_grad)
