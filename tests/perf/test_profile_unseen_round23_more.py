@@ -443,3 +443,24 @@ def test_a_complex_scalar_is_a_complex_operand(call, op, per_element):
     complex add, and a real tensor times 1j stay 2 per complex element."""
     z = torch.randn(3, 4, dtype=torch.complex64)
     assert _flops_of(lambda: call(z), op) == per_element * 12
+
+
+# --- loading a profile target ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("target", [":mixer", ".relative:build", "..up"])
+def test_load_target_names_a_module_path_it_cannot_import(target):
+    """Round 23: an empty module name (":mixer") raised a bare ValueError, a relative one a bare TypeError."""
+    from tilestack.perf import profile_render
+
+    with pytest.raises(profile.ProfileError, match=r"target=.*cannot import module"):
+        profile_render.load_target(target)
+
+
+def test_load_target_reports_a_module_that_raises_while_loading(tmp_path, monkeypatch):
+    """A module (not a script path) that raises at import: named with the target, as a script that raises is."""
+    from tilestack.perf import profile_render
+
+    (tmp_path / "r23_raises_on_import.py").write_text("raise RuntimeError('no weights here')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(profile.ProfileError, match=r"target='r23_raises_on_import:build' raised RuntimeError while "
+                                                   r"loading: no weights here"):
+        profile_render.load_target("r23_raises_on_import:build")

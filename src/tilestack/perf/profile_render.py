@@ -105,11 +105,13 @@ def load_target(target: str) -> tuple[Any, Any]:
     else:
         try:
             module = importlib.import_module(spec)
-        except ImportError as e:
+        except (ImportError, ValueError, TypeError) as e:  # ":fn" (no module) and ".rel" raised bare (round 23)
             raise ProfileError(
                 f"target={target!r}: cannot import module {spec!r} ({e}); expected a .py path "
                 "or an importable module"
             ) from e
+        except Exception as e:  # the module itself raised while it ran, as a script's load is reported
+            raise ProfileError(f"target={target!r} raised {type(e).__name__} while loading: {error_text(e)}") from e
     fn = getattr(module, fn_name or DEFAULT_BUILDER, None)
     if fn is not None and not callable(fn):  # MODELS, a dict: calling it would say only "not callable"
         raise ProfileError(f"target={target!r}: {fn_name or DEFAULT_BUILDER} is not a function ({type(fn).__name__}); "
