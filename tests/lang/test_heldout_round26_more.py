@@ -246,6 +246,43 @@ def test_index_scalar_arithmetic_floors(backend, idx_dtype, off):
                                     for r, c in (out != want).nonzero().tolist()[:5]]
 
 
+@ts.kernel(grid=(1,))
+def compare_ints_with_floats(X, OUT, s: float, *, BN: int = 16):
+    """OUT rows: X lt, le, gt, ge, eq, ne against each constant of COMPARED_WITH and then the float argument s."""
+    x = ts.RegVec[X.dtype, BN]()
+    ts.load(x, X, at=(0,))
+    m = ts.RegVec[ts.bool_, BN]()
+    row = 0
+    for c in (*COMPARED_WITH, s):
+        for fn in (ts.lt, ts.le, ts.gt, ts.ge, ts.eq, ts.ne):
+            fn(m, x, c)
+            ts.store(OUT, m, at=(row, 0))
+            row += 1
+
+
+COMPARED_WITH = (2.5, -0.5, 2.0, 1e10, -1e10, math.inf, -math.inf, math.nan, 16777216.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [I32, I64, U8, I8])
+def test_integer_tiles_compare_with_a_float_in_f32(backend, dtype):
+    """An integer tile against a float constant or argument compares in f32, the integers converted (Triton's
+    promotion, the GPU's compare): 16777217 is 16777216.0 there, equal to 16777216.5's f32. The reference compared
+    the integers exactly with the f32 of the float, so it and Triton's interpreter disagreed past 2**24 (fixed this
+    round, ir.ops.work_dtype)."""
+    info = torch.iinfo(dtype)
+    vals = [0, 1, 2, 3, -1, -3, 2**24, 2**24 + 1, 2**31 - 1, -2**31, 2**40 + 1, 127, 255, -128, 100, 5]
+    vals = [min(max(v, info.min), info.max) for v in vals]
+    x = torch.tensor(vals, dtype=dtype)
+    xs = np.array(vals, dtype=np.float64).astype(np.float32)
+    for s in (2.5, 16777216.5):
+        out = torch.zeros(6 * (len(COMPARED_WITH) + 1), 16, dtype=torch.bool)
+        launch(compare_ints_with_floats, backend, x, out, s)
+        want = [getattr(np, fn)(xs, np.float32(c)) for c in (*COMPARED_WITH, s)
+                for fn in ("less", "less_equal", "greater", "greater_equal", "equal", "not_equal")]
+        assert torch.equal(out, torch.from_numpy(np.stack(want))), (out != torch.from_numpy(np.stack(want))).nonzero()
+
+
 # ---- 7. one kernel, many launch signatures ---------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_one_kernel_relaunched_with_other_dtypes_strides_offsets_and_stride0(backend, rng):
@@ -466,6 +503,9 @@ AOT_CASES = {   # name -> (kernel, meta args, constants)
     "index_math": (index_math, (meta(1024, 2, dtype=I64), meta(1024, 18, dtype=I64), 5), {}),
     "sinkhorn_log": (sinkhorn_log, (meta(4096, 64, 64), meta(4096, 64), meta(4096, 64), meta(4096, 64, 64), 100,
                                     0.05), dict(BM=64, BN=64)),
+    "compare_ints_with_floats": (compare_ints_with_floats, (meta(16, dtype=I64), meta(60, 16, dtype=torch.bool), 2.5),
+                                 {}),
+    "numpy_constants": (numpy_constants, (meta(1 << 20), meta(8, 1 << 20)), dict(BN=1024)),
     "kahan_row_sum": (kahan_row_sum, (meta(8192, 65536), meta(8192), meta(8192)), dict(BM=16, BN=128)),
 }
 

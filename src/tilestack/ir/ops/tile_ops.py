@@ -66,12 +66,15 @@ define(OpDef(
 def work_dtype(ins: Instr):
     """The dtype element-wise op or reduction ``ins`` computes in: ``compute_dtype`` of its tile operands' dtypes
     and, when it is an integer, its result's (an i32 sum into an i64 vector adds in i64). A select (where) chooses in
-    its result's integer dtype, or in f64 if its result or a tile operand is f64, else in f32."""
+    its result's integer dtype, or in f64 if its result or a tile operand is f64, else in f32. A comparison of integer
+    tiles with a float scalar runs in f32 (the tiles converted, as Triton promotes them)."""
     t = ir_types()
     dts = [s.type.dtype for s in ins.srcs if isinstance(s.type, t.TileType)]
     r = ins.result.type.dtype
     if ins.op is Op.SELECT:   # chooses into its result: an integer result's own dtype, a float one in f32 or f64
         return r if not r.is_float else t.f64 if t.f64 in (r, *dts) else t.f32
+    if ins.op is Op.COMPARE and any(s.type == t.FLOAT for s in ins.srcs):
+        dts.append(t.f32)     # integer tiles against a float scalar: in f32, as Triton's promotion and the GPU compare
     if not r.is_float and r is not t.bool_:
         dts.append(r)
     return t.compute_dtype(*dts)
