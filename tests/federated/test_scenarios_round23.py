@@ -421,3 +421,41 @@ def test_fl_run_with_two_faults_for_one_client_is_refused_naming_faults():
                              env={"COLUMNS": "400"})  # fmt: skip
     out = " ".join(re.sub("[\u2500-\u257f]", " ", res.output).split())
     assert res.exit_code == 2 and "Invalid value for --faults" in out and "two faults, 'crash' and 'nan'" in out, out
+
+
+def _fl(*extra: str):
+    import re
+
+    from typer.testing import CliRunner
+
+    import tilestack.cli.fl  # noqa: F401  (registers `tilestack fl`)
+    from tilestack.cli import app as cli_app
+
+    res = CliRunner().invoke(cli_app, ["fl", "run", "--clients", "4", "--per-round", "2", "--rounds", "1",
+                                       "--local-steps", "1", *extra], env={"COLUMNS": "400"})  # fmt: skip
+    return res, " ".join(re.sub("[\u2500-\u257f]", " ", res.output).split())
+
+
+def test_fl_run_plot_in_a_format_matplotlib_cannot_write_is_refused_before_the_run(tmp_path):
+    """Found here: ``--plot run.txt`` ran every round, then failed in matplotlib's savefig ("Format 'txt' is not
+    supported"), exit 1 with a traceback after the work. Refused before any round naming --plot and the formats;
+    ``.svg`` and no suffix (PNG) are written."""
+    res, out = _fl("--dataset", "blobs", "--plot", str(tmp_path / "run.txt"))
+    assert res.exit_code == 2 and "Invalid value for --plot" in out and "cannot write '.txt'" in out, out
+    assert ".png" in out and "test accuracy" not in out and not (tmp_path / "run.txt").exists()
+    for name in ("run.svg", "run"):
+        res, out = _fl("--dataset", "blobs", "--plot", str(tmp_path / name))
+        assert res.exit_code == 0, out
+        assert any(tmp_path.glob(name + "*")), list(tmp_path.iterdir())
+
+
+def test_fl_run_data_with_another_dataset_named_is_refused(tmp_path):
+    """Found here: ``--dataset digits --data mine.csv`` trained on the file without a word about digits. Refused naming
+    --dataset; ``--data`` alone (or with ``--dataset file``) trains on the file."""
+    path = tmp_path / "mine.csv"
+    path.write_text("\n".join(f"{i * 0.1:.1f},{i % 3 * 0.5},{('cat', 'dog')[i % 2]}" for i in range(40)))
+    res, out = _fl("--dataset", "digits", "--data", str(path))
+    assert res.exit_code == 2 and "Invalid value for --dataset" in out and "--dataset digits with --data" in out, out
+    for extra in ((), ("--dataset", "file")):
+        res, out = _fl(*extra, "--data", str(path))
+        assert res.exit_code == 0, out

@@ -152,7 +152,13 @@ def run(
         raise typer.BadParameter(f"per_round={per_round} > clients={clients}; expected at most --clients {clients} "
                                  "clients sampled per round", param_hint="--per-round")  # fmt: skip
     if data is not None:
+        if dataset not in ("synthetic", "file"):  # (--dataset digits --data mine.csv trained on the file, without a
+            # word about digits; synthetic is the option's default, which --data replaces)
+            raise typer.BadParameter(f"--dataset {dataset} with --data {data}: the file is the dataset; expected "
+                                     "--data alone (or --dataset file)", param_hint="--dataset")  # fmt: skip
         dataset = "file"
+    if plot is not None:
+        _check_plot_format(plot)
     # FedBN keeps the MLP's batch-norm layers on each client, and no option built the MLP with them: every
     # `--strategy fedbn` run was refused for a model without 'bn.' arrays, naming norm=True, which no option sets
     if strategy == "fedbn" and model != "mlp":
@@ -347,6 +353,20 @@ ARGUMENT_OPTIONS = {
     "inner": "--compress",  # Compressed(inner=IFCA): the strategy --compress cannot wrap
 }  # fmt: skip
 DEFAULTS = {"--clusters": 2, "--local-epochs": 20.0}
+
+
+def _check_plot_format(plot: Path) -> None:
+    """``--plot``'s suffix is a format matplotlib writes (none: PNG). ``--plot run.txt`` ran every round and then
+    failed in matplotlib's savefig ("Format 'txt' is not supported"), the run's report cut short with a traceback."""
+    suffix = plot.suffix.lower().lstrip(".")
+    if not suffix:
+        return
+    from matplotlib.figure import Figure
+
+    formats = sorted(Figure().canvas.get_supported_filetypes())
+    if suffix not in formats:
+        raise typer.BadParameter(f"--plot {plot}: matplotlib cannot write {plot.suffix!r} files; expected one of "
+                                 f"{', '.join('.' + f for f in formats)} (e.g. run.png)", param_hint="--plot")
 
 
 def _option_for(message: str, default: str | None = None) -> str | None:
