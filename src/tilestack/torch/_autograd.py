@@ -48,6 +48,19 @@ def refuse_tangents(op: str, **tensors) -> None:
                               "torch's own op")
 
 
+def batched(t) -> bool:
+    """Whether an incoming gradient is batched: an eager call's node (its forward ran outside torch.func) whose
+    backward runs under vmap, as ``torch.autograd.grad(..., is_grads_batched=True)`` runs it (its legacy vmap:
+    torch.autograd.functional.jacobian and hessian with vectorize=True, gradcheck's check_batched_grad), or inside a
+    torch.func transform. Such gradients are wrappers without storage, which the planned kernels cannot read
+    ("Cannot access data pointer of Tensor that doesn't have storage"); each eager backward then calls its
+    tilestack:: backward op, which vmap takes. Two C calls."""
+    return torch._C._are_functorch_transforms_active() or (t is not None and _is_legacy_batched(t))
+
+
+_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+
+
 def untraced(check, *args, **kwargs):
     """``check(*args, **kwargs)`` (an argument check: reads shapes and dtypes, records nothing) with
     ``torch.jit.trace``'s tracer suspended, which hands sizes over as tensors: the checks' int arithmetic failed deep

@@ -40,7 +40,7 @@ from tilestack.kernels._plan import planned
 from tilestack.kernels.attention_bwd import attention_backward
 from tilestack.kernels.attention_fwd import attention_forward, check_attention_args, dropout_rng
 from tilestack.lang.kernel import remember
-from tilestack.torch._autograd import direct_apply, forward_ad_active, once_differentiable, untraced
+from tilestack.torch._autograd import batched, direct_apply, forward_ad_active, once_differentiable, untraced
 from tilestack.torch._library import autograd_op
 
 
@@ -150,6 +150,11 @@ class _Attention(torch.autograd.Function):
     @once_differentiable("attention")
     def backward(ctx, do):
         q, k, v, o, lse, attn_mask, stats = ctx.saved_tensors
+        if batched(do):      # vmap's wrappers (_autograd.batched), which the kernels cannot read: the op takes them
+            opts = ctx.plan.options
+            dq, dk, dv = attention_bwd_op(q, k, v, o, lse, do.resolve_neg(), attn_mask, ctx.causal, ctx.scale,
+                                          opts["causal_align"], opts["dropout_p"], ctx.rng, opts["precision"], stats)
+            return dq, dk, dv, None, None, None, None, None, None, None
         dq, dk, dv = ctx.plan.backward(q, k, v, o, lse, do.resolve_neg(), ctx.causal, ctx.scale, attn_mask, ctx.rng,
                                        stats)
         return dq, dk, dv, None, None, None, None, None, None, None

@@ -41,7 +41,7 @@ from tilestack.kernels.rotary import rotary as _rotary
 from tilestack.kernels.swiglu import swiglu as _swiglu
 from tilestack.kernels.swiglu import swiglu_backward as _swiglu_backward
 from tilestack.lang.kernel import remember
-from tilestack.torch._autograd import direct_apply, forward_ad_active, once_differentiable, untraced
+from tilestack.torch._autograd import batched, direct_apply, forward_ad_active, once_differentiable, untraced
 from tilestack.torch._library import autograd_op
 
 _is_compiling = torch.compiler.is_compiling
@@ -317,8 +317,15 @@ class _Norm(torch.autograd.Function):
         dy, dh = _plain(dy), _plain(dh)
         if dy is None:                       # y unused (rare): its gradient is zero
             dy = torch.zeros_like(h)
-        dx, sums = plan.backward(dy, dh, h, weight, mean, rstd)
-        dx = dx.view(*plan.shape)
+        if batched(dy) or batched(dh):       # (see ``batched``): the backward ops take them
+            if plan.centered:
+                dx, sums = layer_norm_bwd_op(dy, h, weight, mean, rstd, dh)
+            else:
+                dx, dw = rms_norm_bwd_op(dy, h, weight, rstd, dh)
+                sums = (dw,)
+        else:
+            dx, sums = plan.backward(dy, dh, h, weight, mean, rstd)
+            dx = dx.view(*plan.shape)
         return dx, (dx if plan.residual else None), sums[0], (sums[1] if plan.centered else None), None
 
 
@@ -434,7 +441,9 @@ class _Rotary(torch.autograd.Function):
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
         dq, dk = _plain(dq), _plain(dk)
-        if torch.is_grad_enabled():          # create_graph: the backward recorded, for a double backward
+        if batched(dq) or batched(dk):       # (see ``batched``): the op takes them
+            dq, dk = rotary_op(dq, dk, cos, sin, not ctx.inverse)
+        elif torch.is_grad_enabled():        # create_graph: the backward recorded, for a double backward
             dq, dk = _Rotary.apply(dq, dk, cos, sin, not ctx.inverse)
         else:
             dq, dk = _rotate(dq, dk, cos, sin, not ctx.inverse)
@@ -549,6 +558,8 @@ class _SwiGLU(torch.autograd.Function):
     @once_differentiable("swiglu")
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
+        if batched(dy):                      # (see ``batched``): the op takes them
+            return swiglu_bwd_op(_plain(dy), x), None
         return ctx.plan.backward(_plain(dy), x), None
 
 
@@ -584,6 +595,8 @@ def _ce_setup(ctx, inputs, output):
     # zero otherwise); elsewhere once_differentiable marks the gradients, and x is not kept for it
     ctx.save_for_backward(dx, dw, *(inputs[:2] if _transforms_active() else ()))
     ctx.mark_non_differentiable(dx, dw)
+    if not _transforms_active():
+        ctx.labelled = inputs[2] != inputs[3]          # (T,): the rows _ce_grads scales
 
 
 @autograd_op("fused_linear_cross_entropy_bwd",
@@ -595,10 +608,19 @@ def fused_linear_cross_entropy_bwd_op(dloss: torch.Tensor, dx: torch.Tensor, dw:
     return dx * dloss.to(dx.dtype), dw * dloss.to(dw.dtype)
 
 
+def _ce_grads(dx: torch.Tensor, dw: torch.Tensor, dloss: torch.Tensor, labelled: torch.Tensor):
+    """(dx, dw) made for a loss gradient of 1, scaled by the loss's ``dloss``; rows labelled ignore_index
+    (``labelled`` (T,) False) keep a zero gradient, and dw too where no row is labelled, whatever dloss is: the loss
+    does not depend on them, as torch's cross_entropy answers. A NaN dloss (the NaN loss of a batch with every row
+    ignored, squared or scaled on its way to the backward) made them NaN (0 * NaN), where torch's are 0."""
+    dx = torch.where(labelled[:, None], dx * dloss.to(dx.dtype), 0)
+    return dx, dw * torch.where(labelled.any(), dloss, 0).to(dw.dtype)
+
+
 @once_differentiable("fused_linear_cross_entropy")     # (its gradients are the forward's, scaled: no graph)
 def _ce_scaled(ctx, dloss):
     dx, dw = ctx.saved_tensors          # made by the forward, for a loss gradient of 1
-    return dx * dloss.to(dx.dtype), dw * dloss.to(dw.dtype), None, None
+    return (*_ce_grads(dx, dw, dloss, ctx.labelled), None, None)
 
 
 def _ce_backward(ctx, dloss, _ddx, _ddw):
@@ -624,13 +646,14 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # x and weight (those requiring grad: an inference tensor x is never kept) only for once_differentiable's
         # refusing node, through which a second derivative reaches them (else hessian read zeros); freed as dx, dw
         ctx.save_for_backward(dx, dw, *(t for t in (x, weight) if t.requires_grad))
+        ctx.labelled = labels != ignore_index          # (T,): the rows _ce_grads scales
         return loss
 
     @staticmethod
     @once_differentiable("fused_linear_cross_entropy")
     def backward(ctx, dloss):
         dx, dw = ctx.saved_tensors[:2]
-        return dx * dloss.to(dx.dtype), dw * dloss.to(dw.dtype), None, None
+        return (*_ce_grads(dx, dw, dloss, ctx.labelled), None, None)
 
 
 _apply_fused_linear_cross_entropy = direct_apply(_FusedLinearCrossEntropy)   # .apply minus its Python wrapper
