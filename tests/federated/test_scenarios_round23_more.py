@@ -598,3 +598,21 @@ def test_a_device_trace_with_a_byte_order_mark_is_read_as_without_it(tmp_path):
                                        "--rounds", "1", "--local-steps", "1", "--trace", str(path)],
                              env={"COLUMNS": "400"})  # fmt: skip
     assert res.exit_code == 0, res.output
+
+
+# ---- the partitioners called directly -------------------------------------------------------------------------------
+def test_shards_refuses_more_shards_than_samples_naming_the_callers_arguments():
+    """Found here: ``partition.shards(labels, 30, 2)`` over 30 samples was refused as "num_clients=60 x min_size=1 >
+    30 samples" (the shard count, under a name the caller did not give); and ``classes_per_client=5`` over three
+    classes was taken, each client given shards of every class (no longer pathological). Both refused by name."""
+    from tilestack.federated import partition
+
+    labels = np.random.default_rng(0).integers(0, 3, 30)
+    with pytest.raises(ValueError, match=r"shards: num_clients=30 x classes_per_client=2 = 60 shards > 30 samples"):
+        partition.shards(labels, 30, 2)
+    with pytest.raises(ValueError, match=r"shards: classes_per_client=5 over labels of 3 classes; expected at most 3"):
+        partition.shards(labels, 4, 5)
+    parts = partition.shards(labels, 15, 2)  # 30 shards of one sample: taken, every sample once
+    assert sorted(np.concatenate(parts).tolist()) == list(range(30))
+    parts = partition.shards(labels, 4, 1)
+    assert all(len(np.unique(labels[p])) <= 2 for p in parts)  # one shard each: one class, or two at a boundary

@@ -118,7 +118,16 @@ def shards(labels: np.ndarray, num_clients: int, classes_per_client: int = 2, *,
     classes_per_client = _require_int("shards", "classes_per_client", classes_per_client, 1)
     seed = _require_int("shards", "seed", seed, 0)
     num_shards = num_clients * classes_per_client
-    _check_common(len(labels), num_shards, 1)
+    # (named the shard count as "num_clients=60 x min_size=1", where the caller gave num_clients=30)
+    if num_shards > len(labels):
+        raise ValueError(
+            f"shards: num_clients={num_clients} x classes_per_client={classes_per_client} = {num_shards} shards > "
+            f"{len(labels)} samples; expected at most one shard per sample (fewer clients or classes per client)"
+        )
+    classes = len(np.unique(labels))
+    if classes_per_client > classes:  # (each client took shards of every class: the split was not pathological)
+        raise ValueError(f"shards: classes_per_client={classes_per_client} over labels of {classes} classes; "
+                         f"expected at most {classes}")  # fmt: skip
     rng = np.random.default_rng(seed)
     order = np.argsort(labels, kind="stable")
     pieces = np.array_split(order, num_shards)
