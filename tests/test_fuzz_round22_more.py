@@ -14,6 +14,11 @@ What this round found (the test failed before its fix):
   have storage"; rotary: "Batching rule not implemented for aten::detach"): the forward ran eagerly, so its node
   was the eager Function, whose backward handed vmap's wrappers to the kernels. Those backwards now call their
   ``tilestack::`` backward op when a gradient is batched (``torch._autograd.batched``), which vmap takes.
+- ``fused_linear_cross_entropy`` of a batch with every row ignored (or none): its loss is NaN (0 / 0, as torch's),
+  and a NaN loss gradient (the loss squared, or scaled by inf, on its way back) made dx and dw NaN, the saved
+  zero gradients scaled by it (0 * NaN); rows labelled ignore_index got NaN that way whenever the loss gradient
+  was NaN. Torch gives those rows (and dw where no row is labelled) zeros: the loss does not depend on them. The
+  backward (eager, and the op's outside torch.func) now keeps them zero (``torch.ops._ce_grads``).
 """
 
 from __future__ import annotations
