@@ -10,11 +10,25 @@ reference executor and Triton's interpreter, outputs poisoned first.
 """
 
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
-from heldout_support import BACKENDS, BF, F16, F64, I8, I32, I64, gluon_resources_one_warpgroup, launch, meta, randn
+from heldout_support import (
+    BACKENDS,
+    BF,
+    F16,
+    F64,
+    I8,
+    I32,
+    I64,
+    close,
+    gluon_resources_one_warpgroup,
+    launch,
+    meta,
+    randn,
+)
 from sm90a_compile import check_triton_sm90a
 from test_heldout_round26 import (
     csr_of,
@@ -147,8 +161,8 @@ def test_float_to_int_truncates_saturates_and_zeroes_nan(backend, src, dst):
     want = x.double().nan_to_num(0.0, posinf=math.inf, neginf=-math.inf).trunc().clamp(info.min, info.max)
     y = torch.full(x.shape, 77, dtype=dst)
     launch(convert, backend, x, y)
-    assert torch.equal(y.double(), want), [(a, b, c) for a, b, c in zip(x.flatten().tolist(), y.flatten().tolist(),
-                                                                         want.flatten().tolist()) if b != c]
+    pairs = zip(x.flatten().tolist(), y.flatten().tolist(), want.flatten().tolist(), strict=True)
+    assert torch.equal(y.double(), want), [(a, b, c) for a, b, c in pairs if b != c]
 
 
 INT_EDGES = [0, 1, -1, 127, 128, 255, 256, -128, -129, 300, -300, 2**31 - 1, -2**31, 2**40 + 5, -2**40 - 3,
@@ -207,7 +221,7 @@ def test_integer_ops_wrap_and_truncate_toward_zero(backend, dtype):
     assert torch.equal(out, want), (out != want).nonzero()[:5]
 
 
-# ---- 6. index-scalar arithmetic: negative values, int arguments past 2**31 --------------------------------------------
+# ---- 6. index-scalar arithmetic: negative values, int arguments past 2**31 -------------------------------------------
 @ts.kernel(grid=lambda V: (V.shape[0],))
 def index_math(V, OUT, off: int, *, C: int = 3):
     """Index arithmetic on a = V[p, 0], b = V[p, 1] (read from memory: any sign), the block id and an int argument,
@@ -307,7 +321,7 @@ def test_one_kernel_relaunched_with_other_dtypes_strides_offsets_and_stride0(bac
         torch.testing.assert_close(c.double(), want, **t, msg=lambda m, n=n: f"launch {n}: {m}")
 
 
-# ---- 8. NumPy numbers inside a kernel ---------------------------------------------------------------------------------
+# ---- 8. NumPy numbers inside a kernel --------------------------------------------------------------------------------
 @ts.kernel(grid=lambda X, BN: (ts.cdiv(X.shape[0], BN),))
 def numpy_constants(X, Y, *, BN: int = 16):
     """Constants computed with NumPy (np.float32, np.int64, np.bool_) wherever a Python number goes: fill, a binary
@@ -348,6 +362,72 @@ def test_numpy_numbers_inside_a_kernel_are_python_numbers(backend):
     want = torch.stack([torch.full((21,), 0.5), (3 * x).clamp_min(-2), torch.where(x > 0, 1.0, -1.0), 2 * x + 1,
                         2 - x, x * x, 3 * x, torch.arange(21, dtype=F32) + 100])   # (program i's arange: i BN + 100)
     assert torch.equal(y, want), (y != want).nonzero()
+
+
+# ---- 9. ops the language composes: the hints that name them, and the recipes run ----------------------------------
+@ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))
+def composed_ops(X, TANH, FLOOR, NAN, ARGMAX, *, BM: int = 8, BN: int = 16):
+    """The recipes tilestack.lang's AttributeErrors give for tanh, floor, isnan and argmax, on one (BM, BN) tile of
+    rows; NAN is 1.0 where X is NaN; ARGMAX the first column attaining each row's max (N <= BN)."""
+    i = ts.block_id(0)
+    x, t = ts.RegTile[ts.f32, BM, BN](), ts.RegTile[ts.f32, BM, BN]()
+    ts.load(x, X, at=(i, 0))
+    ts.mul(t, x, 2.0)                                 # tanh = 2 sigmoid(2x) - 1
+    ts.sigmoid(t, t)
+    ts.mul(t, t, 2.0)
+    ts.sub(t, t, 1.0)
+    ts.store(TANH, t, at=(i, 0))
+    k = ts.RegTile[ts.i32, BM, BN]()
+    ts.copy(k, x)                                     # truncated toward zero
+    ts.copy(t, k)
+    above = ts.RegTile[ts.bool_, BM, BN]()
+    ts.gt(above, t, x)
+    ts.where(t, above, t - 1.0, t)                    # floor
+    ts.store(FLOOR, t, at=(i, 0))
+    nan = ts.RegTile[ts.bool_, BM, BN]()
+    ts.ne(nan, x, x)
+    ts.where(t, nan, 1.0, 0.0)
+    ts.store(NAN, t, at=(i, 0))
+    cols = ts.RegVec[ts.i32, BN]()
+    ts.arange(cols)
+    inside = ts.RegVec[ts.bool_, BN]()
+    ts.lt(inside, cols, X.shape[1])
+    ts.where(x, ts.per_col(inside), x, -math.inf)     # padding never wins
+    m = ts.RegVec[ts.f32, BM]()
+    ts.row_max(m, x)
+    hit = ts.RegTile[ts.bool_, BM, BN]()
+    ts.eq(hit, x, ts.per_row(m))
+    idx = ts.RegTile[ts.i32, BM, BN]()
+    ts.where(idx, hit, ts.per_col(cols), BN)
+    first = ts.RegVec[ts.i32, BM]()
+    ts.row_min(first, idx)
+    ts.store(ARGMAX, first, at=(i,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_composed_op_hints_name_recipes_that_work(backend, rng):
+    """ts.tanh, ts.floor, ts.isnan, ts.argmax (and cumsum, softmax, clamp, ...) raised Python's bare "module has no
+    attribute"; now each AttributeError says how to write it with the language's ops, and these recipes, run, match
+    torch (added this round, lang/__init__.py)."""
+    for name, fragment in (("tanh", "sigmoid(2x)"), ("floor", "truncation"), ("isnan", "ts.ne(mask, x, x)"),
+                           ("argmax", "ts.row_max(m, x)"), ("cumsum", "0/1 triangle"), ("softmax", "ts.row_max"),
+                           ("clamp", "ts.max(t, x, lo)"), ("atomic_max", "ts.atomic_add")):
+        hint = rf"no '{name}' op; write it with the ops it has: .*{re.escape(fragment)}"
+        with pytest.raises(AttributeError, match=hint):
+            getattr(ts, name)
+    x = randn(rng, 11, 13) * 3
+    x[2, 4] = math.nan
+    x[3] = 1.5                                        # ties: the first column
+    x[4, 7] = -2.0
+    x[5, :3] = torch.tensor([-0.5, 2.0, -3.0])
+    outs = [torch.full((11, 13), math.nan) for _ in range(3)] + [torch.full((11,), -7, dtype=I32)]
+    launch(composed_ops, backend, x, *outs)
+    close(outs[0], torch.tanh(x.double()), dtype=F32, scale=10)
+    assert torch.equal(outs[1][~x.isnan()], torch.floor(x)[~x.isnan()])
+    assert torch.equal(outs[2], x.isnan().float())
+    clean = torch.where(x.isnan(), -math.inf, x)
+    rows = [r for r in range(11) if r != 2]            # (row 2's NaN: its max is NaN, no column equals it)
+    assert torch.equal(outs[3][rows], clean[rows].argmax(1).to(I32)) and outs[3][3] == 0
 
 
 # ---- misuse ----------------------------------------------------------------------------------------------------------

@@ -59,8 +59,40 @@ _TRITON_NAMES = {
 }
 
 
+# Ops other tile languages and torch have that this one composes from its own: how to write each.
+_COMPOSED = {
+    "tanh": "2 sigmoid(2x) - 1: ts.mul(t, x, 2.0); ts.sigmoid(t, t); ts.mul(t, t, 2.0); ts.sub(t, t, 1.0)",
+    "trunc": "ts.copy into an integer tile (floats convert truncating toward zero)",
+    "floor": "the truncation (ts.copy into an integer tile and back), minus 1 where it is above x (ts.gt, ts.where)",
+    "ceil": "the truncation (ts.copy into an integer tile and back), plus 1 where it is below x (ts.lt, ts.where)",
+    "clamp": "ts.max(t, x, lo); ts.min(t, t, hi)",
+    "argmax": "ts.row_max(m, x); ts.eq(hit, x, ts.per_row(m)); ts.where(idx, hit, ts.per_col(cols), big) with cols "
+              "from ts.arange; ts.row_min(first, idx) (the first index attaining it)",
+    "argmin": "ts.row_min(m, x); ts.eq(hit, x, ts.per_row(m)); ts.where(idx, hit, ts.per_col(cols), big) with cols "
+              "from ts.arange; ts.row_min(first, idx) (the first index attaining it)",
+    "cumsum": "a product with a 0/1 triangle, ts.mma_AB(acc, x, U, acc) with U = ts.triu of a ts.one tile, each "
+              "tile's total carried to the next (ts.row_sum into a vector the loop carries)",
+    "softmax": "ts.row_max(m, s); ts.sub(s, s, ts.per_row(m)); ts.exp(s, s); ts.row_sum(l, s); "
+               "ts.div(s, s, ts.per_row(l))",
+    "pow": "t ** e for a constant e, else ts.log2(t, x); ts.mul(t, t, e); ts.exp2(t, t)",
+    "fma": "ts.mul then ts.add (or ts.mma_AB for products summed over an axis)",
+    "isnan": "ts.ne(mask, x, x) (NaN is the one value not equal to itself)",
+    "log1p": "ts.add(t, x, 1.0); ts.log(t, t)", "expm1": "ts.exp(t, x); ts.sub(t, t, 1.0)",
+    "atomic_max": "only ts.atomic_add reaches global memory atomically: reduce inside the program (ts.row_max, "
+                  "ts.col_max) and store, or write per-program partials and reduce them in a second launch",
+    "reshape": "a tile keeps its shape: pass a reshaped view of the tensor as the argument",
+    "broadcast_to": "a vector broadcasts as ts.per_row(v) / ts.per_col(v) where an op takes a tile; to materialize "
+                    "it, ts.zero(t); ts.add(t, t, ts.per_row(v))",
+    "zeros_like": "t = ts.RegTile[x.dtype, *x.shape](); ts.zero(t)",
+    "int16": "tiles hold f64, f32, f16, bf16, f8e4m3, i64, i32, i8, u8 and bool_ (ts.i32, ...)",
+}
+
+
 def __getattr__(name: str):
     hint = _TRITON_NAMES.get(name)
-    if hint is None:
-        raise AttributeError(f"module 'tilestack.lang' has no attribute {name!r}")
-    raise AttributeError(f"tilestack.lang has no {name!r} (Triton's spelling); here it is {hint}")
+    if hint is not None:
+        raise AttributeError(f"tilestack.lang has no {name!r} (Triton's spelling); here it is {hint}")
+    recipe = _COMPOSED.get(name)
+    if recipe is not None:
+        raise AttributeError(f"tilestack.lang has no {name!r} op; write it with the ops it has: {recipe}")
+    raise AttributeError(f"module 'tilestack.lang' has no attribute {name!r}")
