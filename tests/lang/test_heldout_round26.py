@@ -501,3 +501,25 @@ def test_kahan_row_sum_keeps_what_the_plain_sum_loses(backend, rng):
     assert abs(naive[0].item() - want[0].item()) > 30 * ulp   # the plain sum lost them (the test can fail)
     torch.testing.assert_close(s[1:3].double(), want[1:3], rtol=4 * ulp, atol=1e-5)
     assert s[3].item() == 0 and math.isnan(s[4].item())      # inf - inf in the compensation: NaN, as Kahan's is
+
+
+@ts.kernel(grid=(1,))
+def vector_over_tile(X, V, Y, Z, *, BM: int = 4, BN: int = 8):
+    """Y = per_row(V) / X (a marked vector over a tile, 16-bit X rounding once) and Z = -0.0 / X (the sign kept)."""
+    x = ts.RegTile[X.dtype, BM, BN]()
+    v = ts.RegVec[X.dtype, BM]()
+    ts.load(x, X, at=(0, 0))
+    ts.load(v, V, at=(0,))
+    ts.store(Y, ts.per_row(v) / x, at=(0, 0))
+    ts.store(Z, -0.0 / x, at=(0, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [F32, BF])
+def test_a_marked_vector_or_negative_zero_over_a_tile(backend, dtype):
+    x = (torch.arange(1, 33, dtype=F32).view(4, 8) * 0.37).to(dtype)
+    v = torch.tensor([1.0, 0.1, -3.0, 7.7]).to(dtype)
+    y, z = poisoned(4, 8, dtype=dtype), poisoned(4, 8, dtype=dtype)
+    launch(vector_over_tile, backend, x, v, y, z)
+    assert torch.equal(y, (v.float()[:, None] / x.float()).to(dtype))
+    assert (z == 0).all() and torch.signbit(z).all()

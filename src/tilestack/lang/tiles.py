@@ -131,7 +131,8 @@ class Tile:
                 from tilestack.ir.types import compute_dtype
                 work = compute_dtype(self.dtype)
                 num, den = (Tile(TileType(Space.REG, work, self.shape)) for _ in range(2))
-                ops.fill(num, other)
+                ops.fill(num, -0.0 if work.is_float else 0)   # -0.0 + c is c, a -0.0 and a per_row(v) too
+                ops.add(num, num, other)
                 ops.copy(den, self)
                 ops.div(num, num, den)
                 ops.copy(out, num)
