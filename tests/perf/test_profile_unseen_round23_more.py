@@ -464,3 +464,21 @@ def test_load_target_reports_a_module_that_raises_while_loading(tmp_path, monkey
     with pytest.raises(profile.ProfileError, match=r"target='r23_raises_on_import:build' raised RuntimeError while "
                                                    r"loading: no weights here"):
         profile_render.load_target("r23_raises_on_import:build")
+
+
+# --- roofs by any name of a dtype -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["fp32", "float32", torch.float32])
+def test_roofs_for_takes_a_dtype_by_any_of_its_names(dtype):
+    """Round 23: roofs_for(dev, ceilings, "float32") or torch.float32 found no roof, silently: a Measurement built on
+    them read as bound "unknown" and carried the torch dtype object as its dtype. Under the synthetic ceilings (ridge
+    10 FLOP/B) 1e6 FLOPs over 2e3 bytes are compute-bound."""
+    roofs = metrics.roofs_for(perf.detect("cpu"), CEIL, dtype)
+    assert roofs.dtype == "fp32" and roofs.measured.peak_flops_per_s == CEIL.matmul["fp32"]
+    m = metrics.compute_metrics(name="k", latency_s=1e-3, flops=1e6, bytes_read=1e3, bytes_written=1e3, roofs=roofs)
+    assert (m.dtype, m.bound) == ("fp32", "compute")
+
+
+@pytest.mark.parametrize("dtype", ["fp7", 3, "float33"])
+def test_roofs_for_refuses_a_dtype_of_no_name(dtype):
+    with pytest.raises(metrics.MetricsError, match=r"dtype=.*for 'roofs_for'; expected a dtype's short name"):
+        metrics.roofs_for(perf.detect("cpu"), CEIL, dtype)

@@ -54,13 +54,16 @@ class Roofs:
 def roofs_for(device: Any, ceilings: Any, dtype: str) -> Roofs:
     """Both roofs of ``device`` (a :class:`~tilestack.perf.device.Device`) for ``dtype``.
 
-    ``ceilings`` is a :class:`~tilestack.perf.device.Ceilings` or None (no measured roof).
+    ``ceilings`` is a :class:`~tilestack.perf.device.Ceilings` or None (no measured roof). ``dtype`` is taken by
+    any of its names (``"float32"``, ``torch.float32``: profiler round 23, they found no roof, silently, and
+    ``measure(dtype="float32")`` placed its kernel under none); a name no dtype has is refused.
     """
     from tilestack.perf.device import Ceilings
 
     if not (ceilings is None or ceilings is False or isinstance(ceilings, Ceilings)):   # (an AttributeError)
         raise MetricsError(f"ceilings={ceilings!r:.60} ({type(ceilings).__name__}); expected perf.ceilings(device) "
                            "or None")
+    dtype = _short_dtype(dtype, "roofs_for")
     spec = getattr(device, "spec", None)
     measured = Roof(
         ceilings.peak(dtype) if ceilings else None,
