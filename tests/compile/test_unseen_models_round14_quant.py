@@ -11,6 +11,12 @@ What this round found and fixed:
   own) with ``strict=False`` loaded every bias and norm and left the 8-bit weights as they were: a model of two
   checkpoints, without a word (strict: only torch's list of missing and unexpected keys). Refused now, naming the
   layer and what to do (``QuantLinear._load_from_state_dict``, src/tilestack/quant/linear.py).
+- Under a symbolic batch (``dynamic=True``, ``mark_dynamic``) a weight-only quantized layer's GELU or residual add
+  was never fused (declined, "a view with symbolic sizes": QuantLinear views its rows back to the input's leading
+  dims, and the fused op ended with a static view). The fused op now takes the input itself and makes the rows and
+  the view from its sizes when it runs (``epilogue._rows_of``, ``ops.ts_quant_linear_epilogue_of_rows``); fp8-act
+  layers keep the old form (their rows are what the fp8 chain reads). test_unseen_round9_more's dynamic conv net,
+  which asserted the decline, now asserts the fusion.
 - A calibration batch that is no batch (None, a number, a str) failed inside the call with Python's "<the model's
   whole repr> argument after * must be an iterable, not NoneType" (a str was spread into its characters); refused by
   ``quantize`` (and ``accuracy_cost``) naming the batch, what it is and the three forms a batch takes
@@ -100,6 +106,32 @@ def test_mixer_over_batch_sizes(mode):
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), qmodel(x), rtol=tol, atol=tol)
     assert len(tc.reports()) - since <= 2
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8-act"])
+def test_mixer_epilogues_under_a_symbolic_batch(mode):
+    """The quantized mixer with its batch ``mark_dynamic``, over batches 2, 3 and 5: one graph. Weight-only layers keep
+    their GELU epilogues there (QuantLinear's view of its rows back to the symbolic leading dims is made
+    by the fused op from its input's sizes; they were declined, "a view with symbolic sizes", and ran unfused);
+    fp8-act's layers are still declined so (their rows feed the fp8 chain). Every output the quantized model's eager
+    one."""
+    qmodel = _quantized(seeded(SharedMixer), mode, _calibration())
+    since = len(tc.reports())
+    compiled = tilestack.optimize(qmodel, check=True, inner="aot_eager")
+    for i, b in enumerate((2, 3, 5)):
+        x = _patches(b, seed=b)
+        if i == 0:
+            torch._dynamo.mark_dynamic(x, 0)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), qmodel(x), rtol=1e-5, atol=1e-5)
+    (report,) = tc.reports()[since:]
+    if mode == "int8":
+        assert report.swapped == MIXER_SWAPS, str(report)
+        assert [s.what for s in report.swaps if s.pattern == "linear_epilogue"] == 4 * [
+            "quant_linear + bias + gelu -> tilestack::quant_linear_epilogue"], str(report)
+    else:
+        assert report.swapped.get("linear_epilogue", 0) == 0, str(report)
+        assert any("a view with symbolic sizes" in why for p, _, why in report.declined if p == "linear_epilogue")
 
 
 # ---- nn.MultiheadAttention -------------------------------------------------------------------------------------------

@@ -163,6 +163,14 @@ def ts_quant_linear_epilogue(x, q, scale, bias, residual, x_scale: float, activa
     return _viewed(quant_linear_epilogue_op(x, q, scale, bias, residual, x_scale, activation), shape)
 
 
+def ts_quant_linear_epilogue_of_rows(x, q, scale, bias, residual, x_scale: float, activation: str | None):
+    """The fused quantized Linear of x (..., K): its rows (M, K) and the view of the result back to (..., N) made
+    from x's sizes when it runs (QuantLinear's, whose sizes are symbolic under dynamic shapes)."""
+    rows = x.reshape(-1, x.shape[-1])                                                   # (M, K)
+    return quant_linear_epilogue_op(rows, q, scale, bias, residual, x_scale, activation).view(*x.shape[:-1],
+                                                                                            q.shape[0])
+
+
 def ts_attention(q, k, v, mask, mask_is_fill: bool, causal: bool, scale: float, finite_fill: bool = False,
                  added_in: torch.dtype = torch.float32, k_transposed: bool = False):
     """softmax(q @ k^T * scale + mask) @ v on (B, H, N, D) tensors. ``mask``: None, an additive or boolean

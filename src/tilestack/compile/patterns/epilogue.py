@@ -121,6 +121,23 @@ def _static_view(node: Node, x: Node) -> tuple[int, ...] | None:
     return shape if shape is not None and all(type(s) is int for s in shape) else None
 
 
+def _rows_of(x: Node, view: Node, out: Node) -> Node | None:
+    """x0 when x is ``x0.reshape(-1, K)`` (QuantLinear's rows) read by the GEMM ``out`` alone and ``view`` is the GEMM's
+    output viewed back to x0's leading dims, ``(*x0.shape[:-1], N)``, with symbolic sizes (dynamic shapes): the fused
+    op can then make the rows and the view itself, from x0's own sizes when it runs; else None."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    if not (isinstance(x, Node) and x.op == "call_method" and x.target in ("reshape", "view") and
+            list(x.users) == [out] and not x.kwargs and len(x.args) == 3 and x.args[1] == -1):
+        return None
+    x0, xv, vv = x.args[0], value(x.args[0]), value(view)
+    if not (isinstance(xv, torch.Tensor) and isinstance(vv, torch.Tensor) and xv.dim() >= 2 and
+            vv.dim() == xv.dim() and type(x.args[2]) is int and x.args[2] == xv.shape[-1]):
+        return None
+    same = all(statically_known_true(a == b) for a, b in zip(vv.shape[:-1], xv.shape[:-1], strict=True))
+    return x0 if same else None
+
+
 def _fusable_after(node: Node) -> bool:
     """Whether what reads node is an activation or a residual add the epilogue would take."""
     user = _sole_user(node)
@@ -148,7 +165,7 @@ def linear_epilogue(gm: fx.GraphModule):
         if not isinstance(out, torch.Tensor):
             continue
         n = out.shape[-1]
-        chain, cur, activation, residual, shape = [node], node, None, None, None
+        chain, cur, activation, residual, shape, rows_of = [node], node, None, None, None, None
         user = _sole_user(cur)
         if bias is None and user is not None and (b := _added(user, cur)) is not None:
             bv = value(b)
@@ -160,9 +177,18 @@ def linear_epilogue(gm: fx.GraphModule):
         if user is not None and (shape := _static_view(user, cur)) is not None:
             cur = user
             chain.append(cur)
-        elif user is not None and _view_shape(user, cur) is not None and _fusable_after(user):
+        elif quant and not x_scale and cur is node and user is not None and _view_shape(user, cur) is not None \
+                and (rows_of := _rows_of(x, user, node)) is not None:
             # under dynamic shapes QuantLinear's view of its rows back to the input's leading dims has symbolic
-            # sizes: the activation after it was not fused, and the report said only "nothing to fuse"
+            # sizes: the fused op takes the input itself and makes both from its sizes when it runs (its GELU was
+            # left unfused). Weight-only layers: an fp8-act layer's rows are what the fp8_chain pass reads to give
+            # it its fp8 input from the layer or norm before it
+            chain[:0] = [x]
+            cur = user
+            chain.append(cur)
+        elif user is not None and _view_shape(user, cur) is not None and _fusable_after(user):
+            # symbolic sizes of another view: the activation after it was not fused, and the report said only
+            # "nothing to fuse"
             declined.append((node, "linear epilogue: a view with symbolic sizes (dynamic shapes: the rows viewed back "
                                    "to the input's leading dims) between the GEMM and its activation or residual add; "
                                    "the fused op ends with a static view"))
@@ -212,7 +238,11 @@ def linear_epilogue(gm: fx.GraphModule):
         order = {nd: i for i, nd in enumerate(gm.graph.nodes)}
         parts = [kind(node)] + (["bias"] if bias is not None else []) + ([activation] if activation else []) + \
             (["residual add"] if residual is not None else [])
-        if quant:
+        if quant and rows_of is not None:
+            m = Match("linear_epilogue", ops.ts_quant_linear_epilogue_of_rows, [rows_of, w[0], w[1], bias, residual],
+                      (x_scale, activation), [cur], sorted(chain, key=order.__getitem__),
+                      f"{' + '.join(parts)} -> tilestack::quant_linear_epilogue")
+        elif quant:
             m = Match("linear_epilogue", ops.ts_quant_linear_epilogue, [x, w[0], w[1], bias, residual],
                       (x_scale, activation, shape), [cur], sorted(chain, key=order.__getitem__),
                       f"{' + '.join(parts)} -> tilestack::quant_linear_epilogue")
