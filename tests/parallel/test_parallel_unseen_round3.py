@@ -1,4 +1,4 @@
-"""Unseen round 3 of tilestack.parallel: what changes between the steps of one run, on 2 gloo processes in
+"""Unseen round 3 of tilestack.parallel: what changes between the steps of one run, on 2 and 3 gloo processes in
 float64 against one process (losses to 1e-10 relative, final parameters to f64 rounding):
 
 - the batch's shape (rows and sequence length) from step to step, an accumulated step among them: a pipeline's
@@ -48,6 +48,19 @@ CASES = {
     "unfreeze-1f1b": (dict(pp=2, microbatches=2), UNFREEZE, W.BUILT_FROZEN),
     "unfreeze-ddp-freeze-then-unfreeze": (dict(dp=2), FREEZE_THEN_UNFREEZE, ()),
 }
+# world size 3: batches of 3 and 6 rows (3-row chunks of the accumulated step), ragged ZeRO / FSDP2 slices
+SHAPES3 = [dict(batch=3, seq=8, seed=0), dict(batch=6, seq=6, seed=1), dict(batch=6, seq=6, seed=2, accumulate=2),
+           dict(batch=3, seq=10, seed=3)]
+FREEZE3 = [dict(step, batch=3) for step in FREEZE]
+UNFREEZE3 = [dict(step, batch=6) for step in UNFREEZE]
+CASES3 = {
+    "shapes-ddp3": (dict(dp=3), SHAPES3, ()),
+    "shapes-zero2-3": (dict(dp=3, zero=2), SHAPES3, ()),
+    "freeze-ddp3": (dict(dp=3), FREEZE3, ()),
+    "freeze-zero1-3": (dict(dp=3, zero=1), FREEZE3, ()),
+    "freeze-fsdp2-3": (dict(dp_shard=3), FREEZE3, ()),
+    "unfreeze-fsdp2-3": (dict(dp_shard=3), UNFREEZE3, W.BUILT_FROZEN),
+}
 # refused on every rank, naming the parameter
 REFUSED = {
     "unfreeze-zero1": (dict(dp=2, zero=1), UNFREEZE, W.BUILT_FROZEN),
@@ -57,9 +70,12 @@ REFUSED = {
 
 @pytest.fixture(scope="module")
 def runs():
-    cases = [(name, kw, plan, frozen) for name, (kw, plan, frozen) in (CASES | REFUSED).items()]
-    per_rank = run_local(W.train_plans, 2, (cases,), timeout_s=400)
-    return {name: [r[name] for r in per_rank] for name in CASES | REFUSED}
+    out = {}
+    for ws, group in ((2, CASES | REFUSED), (3, CASES3)):
+        cases = [(name, kw, plan, frozen) for name, (kw, plan, frozen) in group.items()]
+        per_rank = run_local(W.train_plans, ws, (cases,), timeout_s=400)
+        out.update({name: [r[name] for r in per_rank] for name in group})
+    return out
 
 
 _refs: dict = {}
@@ -72,9 +88,9 @@ def _reference(plan, frozen):
     return _refs[key]
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", list(CASES | CASES3))
 def test_layout_trains_like_one_process(runs, name):
-    kw, plan, frozen = CASES[name]
+    kw, plan, frozen = (CASES | CASES3)[name]
     ref = _reference(plan, frozen)
     seen = set()
     for rank, got in enumerate(runs[name]):

@@ -33,9 +33,9 @@ def test_a_rank_raising_in_backward_is_named_first_and_nobody_waits():
 
 def test_a_rank_that_hangs_is_reported_at_the_timeout():
     t0 = time.monotonic()
-    with pytest.raises(LaunchError, match=r"no result from ranks \[0, 1\] within 20 s"):
-        run_local(W.hangs_in_step, 2, timeout_s=20)
-    assert time.monotonic() - t0 < 60, "run_local waited past its timeout (ranks not terminated?)"
+    with pytest.raises(LaunchError, match=r"no result from ranks \[0, 1\] within 10 s"):
+        run_local(W.hangs_in_step, 2, timeout_s=10)
+    assert time.monotonic() - t0 < 50, "run_local waited past its timeout (ranks not terminated?)"
 
 
 STEPS = 4
