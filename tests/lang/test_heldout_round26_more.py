@@ -297,6 +297,35 @@ def test_integer_tiles_compare_with_a_float_in_f32(backend, dtype):
         assert torch.equal(out, torch.from_numpy(np.stack(want))), (out != torch.from_numpy(np.stack(want))).nonzero()
 
 
+@ts.kernel(grid=(1,))
+def choose_ints_into_floats(X, Y, C, *, BN: int = 8):
+    """Y = where(X != 0, X, 0.5) and C = X, both into Y's float dtype from the integer tile X."""
+    x = ts.RegVec[X.dtype, BN]()
+    ts.load(x, X, at=(0,))
+    nz = ts.RegVec[ts.bool_, BN]()
+    ts.ne(nz, x, 0)
+    y = ts.RegVec[Y.dtype, BN]()
+    ts.where(y, nz, x, 0.5)
+    ts.store(Y, y, at=(0,))
+    ts.copy(y, x)
+    ts.store(C, y, at=(0,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [F32, F16, BF])
+def test_an_i64_tile_chosen_into_a_float_tile_rounds_once(backend, dtype):
+    """i64 values past 2**53 chosen by where into an f32 tile round once, as copy (and Triton, and torch) convert
+    them; the reference went through float64 first (np.where of an int64 array and 0.5), rounding twice: 2**60 +
+    2**36 + 1 became 2**60, not 2**60 + 2**37 (fixed this round, the SELECT op's reference)."""
+    vals = [2**60 + 2**36 + 1, -(2**60 + 2**36 + 1), 2**53 + 1, 0, 2**62 + 2**38 + 3, 2**54 + 2**30 + 1, 2**63 - 1, 5]
+    x = torch.tensor(vals, dtype=I64)
+    y, c = torch.full((8,), math.nan, dtype=dtype), torch.full((8,), math.nan, dtype=dtype)
+    launch(choose_ints_into_floats, backend, x, y, c)
+    via_f32 = x.to(F32).to(dtype)                      # the f32 work, then the dst (as Triton converts)
+    assert torch.equal(y, torch.where(x != 0, via_f32, torch.tensor(0.5, dtype=dtype))), y
+    assert torch.equal(c, x.to(dtype)), c
+
+
 # ---- 7. one kernel, many launch signatures ---------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_one_kernel_relaunched_with_other_dtypes_strides_offsets_and_stride0(backend, rng):

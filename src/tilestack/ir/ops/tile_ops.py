@@ -426,6 +426,8 @@ def _select_ref(ins: Instr, s: list, m) -> np.ndarray:
     dt = ins.result.type.dtype
     if not dt.is_float:   # into an integer result, each value is converted to it first (no float detour past 2**53)
         s = [s[0]] + [ir_types().to_int(x, dt) for x in s[1:]]
+    else:                 # an integer tile chosen into a float one: rounded once to the work dtype, as the backends
+        s = [s[0]] + _float_args(s[1:], work_dtype(ins))   # convert it (np.where would make float64 of it first)
     mask, a, b = _along(ins, s)
     return np.broadcast_to(np.where(np.asarray(mask) != 0, a, b), ins.result.type.shape)
 
