@@ -248,7 +248,11 @@ class Trainer:
             self._zero_sat_out |= {name for name, p in self.named_parts() if id(p) in held and not p.requires_grad}
         if uses_ddp(self.pc) and (training := self._training()) != self._ddp_trains:
             from tilestack.parallel.parallelize import apply_ddp
-            self.parts[0] = apply_ddp(self.parts[0].module, self.mesh["dp"].get_group(), comm=self.pc.dp_comm)
+            old = self.parts[0]
+            # the old reducer's hooks on the parameters go now, not whenever the garbage collector frees it (each
+            # backward would start its all-reduces too)
+            getattr(old, "_remove_autograd_hooks", lambda: None)()
+            self.parts[0] = apply_ddp(old.module, self.mesh["dp"].get_group(), comm=self.pc.dp_comm)
             self._ddp_trains = training
 
     def _forward_backward_chunk(self, idx: torch.Tensor, targets: torch.Tensor, *, last: bool) -> torch.Tensor:
