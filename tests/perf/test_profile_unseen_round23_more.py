@@ -482,3 +482,16 @@ def test_roofs_for_takes_a_dtype_by_any_of_its_names(dtype):
 def test_roofs_for_refuses_a_dtype_of_no_name(dtype):
     with pytest.raises(metrics.MetricsError, match=r"dtype=.*for 'roofs_for'; expected a dtype's short name"):
         metrics.roofs_for(perf.detect("cpu"), CEIL, dtype)
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (3, 5), (2, 7, 4), (4, 4)])
+def test_a_rectangular_lu_counts_its_panel(shape):
+    """Round 23: an LU of a tall (m, n) matrix was counted as the n x n one's 2n^3/3, its m - n extra rows free;
+    getrf's leading term is mn^2 - n^3/3 (a wide matrix as its transpose), 2n^3/3 when square."""
+    a = torch.randn(*shape)
+    m, n = max(shape[-2:]), min(shape[-2:])
+    batch = math.prod(shape[:-2])
+    want = batch * (m * n**2 - n**3 / 3)
+    assert _flops_of(lambda: torch.linalg.lu_factor(a), "aten::linalg_lu_factor_ex") == pytest.approx(want, rel=1e-12)
+    assert _flops_of(lambda: torch.linalg.lu(a), "aten::linalg_lu") == pytest.approx(want, rel=1e-12)
+    assert formulas.factorization_flops("lu", *shape[-2:]) == pytest.approx(m * n**2 - n**3 / 3, rel=1e-12)

@@ -498,7 +498,8 @@ def factorization_flops(kind: str, m: int, n: int, k: int = 0, *, vectors: bool 
     vectors and the same product, 9n^3 + 2n^3); "lstsq" QR's R, Q^T applied to the k right-hand sides
     (4mnk - 2n^2 k) and the triangular solve (n^2 k); "householder_product" Q of m x n from k reflectors,
     4mnk - 2(m + n)k^2 + 4k^3/3 (k = n: as much as R again, as "qr" counts it); "ldl" n^3/3, as Cholesky;
-    "cholesky_inverse" (the factor given) the triangle's inverse and its product with its transpose, 2n^3/3.
+    "cholesky_inverse" (the factor given) the triangle's inverse and its product with its transpose, 2n^3/3. A
+    rectangular "lu" (m >= n, or its transpose) is mn^2 - n^3/3.
     """
     m, n, k = _whole(m=m, n=n, k=k)
     _flags(vectors=vectors, full=full)
@@ -507,8 +508,8 @@ def factorization_flops(kind: str, m: int, n: int, k: int = 0, *, vectors: bool 
     m, n = max(m, n), min(m, n)  # a wide matrix is factored as its transpose
     if kind == "cholesky":
         return n**3 / 3
-    if kind == "lu":
-        return 2 * n**3 / 3
+    if kind == "lu":  # getrf of m x n, m >= n: mn^2 - n^3/3 (round 23: a rectangular LU was counted as n x n)
+        return (m - n) * n**2 + 2 * n**3 / 3
     if kind == "inverse":
         return 2 * n**3
     if kind == "solve":
