@@ -248,3 +248,8 @@ def running_buffers(rank: int, world_size: int, layouts: list, steps: int, folde
             out[name] = dict(error=traceback.format_exc())
         dist.barrier()
     return out
+
+
+def refusals_and_running_buffers(rank: int, world_size: int, layouts: list, steps: int, folder: str) -> dict:
+    """refusals and running_buffers in one group (a group's start is the slow part on 2 cores)."""
+    return dict(refusals=refusals(rank, world_size), running=running_buffers(rank, world_size, layouts, steps, folder))

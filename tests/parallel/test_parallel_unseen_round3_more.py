@@ -1,7 +1,8 @@
 """Unseen round 3 of tilestack.parallel, continued: models the Trainer cannot take (any module that is no GPT, a
 GPT whose forward returns a tuple) refused by name on every rank; a rank that raises inside a step's backward is
 named first and the group ends (the others do not wait for it); a rank that hangs is reported at run_local's
-timeout; bf16 parameters under ZeRO-1/2 train on f32 master slices, as one process with f32 master weights."""
+timeout; bf16 parameters under ZeRO-1/2 train on f32 master slices, as one process with f32 master weights; a
+buffer of running statistics holds the whole batch's value on every data-parallel replica and in a checkpoint."""
 
 import time
 
@@ -12,9 +13,19 @@ import torch
 from tilestack.errors import LaunchError
 from tilestack.parallel import run_local
 
+BUFFER_LAYOUTS = [("ddp", dict(dp=2)), ("ddp-ring", dict(dp=2, dp_comm="ring")), ("zero1", dict(dp=2, zero=1)),
+                  ("zero2", dict(dp=2, zero=2)), ("fsdp2", dict(dp_shard=2)), ("tp", dict(tp=2))]
+BUFFER_STEPS = 3
 
-def test_models_the_trainer_cannot_take_are_refused_by_name_on_every_rank():
-    said = run_local(W.refusals, 2, timeout_s=200)
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("running"))
+    return run_local(W.refusals_and_running_buffers, 2, (BUFFER_LAYOUTS, BUFFER_STEPS, folder), timeout_s=300)
+
+
+def test_models_the_trainer_cannot_take_are_refused_by_name_on_every_rank(two_ranks):
+    said = [r["refusals"] for r in two_ranks]
     assert said[0] == said[1], said
     seq, tup = said[0]["sequential"], said[0]["tuple-forward"]
     assert seq.startswith("ParallelConfigError") and "model is Sequential" in seq and "GPT" in seq, seq
@@ -81,18 +92,13 @@ def test_bf16_parameters_train_on_f32_master_slices(bf16_runs, stage):
     assert float((ref["params"][gain].float() - start[gain] - moved).norm() / moved.norm()) > 0.2
 
 
-BUFFER_LAYOUTS = [("ddp", dict(dp=2)), ("ddp-ring", dict(dp=2, dp_comm="ring")), ("zero1", dict(dp=2, zero=1)),
-                  ("zero2", dict(dp=2, zero=2)), ("fsdp2", dict(dp_shard=2)), ("tp", dict(tp=2))]
-
-
-def test_running_statistics_buffers_are_the_whole_batchs_on_every_rank(tmp_path):
+def test_running_statistics_buffers_are_the_whole_batchs_on_every_rank(two_ranks):
     """A buffer the forward updates from its rows (a running mean, as BatchNorm keeps) is averaged over the
     data-parallel ranks after each step: every replica holds the one-process value (each rank saw half the rows:
     FSDP2 and ZeRO kept each rank's own, DDP broadcast rank 0's), and a checkpoint saves and loads it."""
-    steps = 3
-    ref = W.running_reference(steps)
+    ref = W.running_reference(BUFFER_STEPS)
     assert ref["running"].abs().max() > 1e-3
-    per_rank = run_local(W.running_buffers, 2, (BUFFER_LAYOUTS, steps, str(tmp_path)), timeout_s=300)
+    per_rank = [r["running"] for r in two_ranks]
     for name, _ in BUFFER_LAYOUTS:
         for rank, r in enumerate(per_rank):
             got = r[name]
