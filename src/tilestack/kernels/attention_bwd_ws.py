@@ -91,6 +91,7 @@ def _dkdv_trip(t, i, h, *, masked: bool, diagonal: bool, b, j, k, v, dk, dv, q_r
                 if diagonal:   # keep key <= query + shift: row - col <= d, i.e. col - row >= -d
                     ts.triu(s, s, -causal_diagonal(i, 2 * j + g, BM, HALF, shift), -math.inf)
             ts.sub_col(s, s, lse)
+            ts.min(s, s, 0.0)                                  # P^T <= 1 (see attention_bwd._probabilities)
             ts.exp2(s, s)                                      # P^T
             ts.sub_col(dp, dp, delta)
             ts.mul(dp, dp, s)                                  # dS^T
@@ -200,6 +201,7 @@ def _dq_trip(j, *, masked: bool, causal: bool, b, hk, i, q, do, lse, delta, dq, 
                 if causal:
                     ts.make_causal(s, s, causal_diagonal(2 * i + g, j, HALF, BN, shift))
             ts.sub_row(s, s, lse[g])
+            ts.min(s, s, 0.0)                                  # P <= 1 (see attention_bwd._probabilities)
             ts.exp2(s, s)                                      # P
             ts.sub_row(dp, dp, delta[g])
             ts.mul(dp, dp, s)                                  # dS
