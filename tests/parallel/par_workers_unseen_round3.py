@@ -253,3 +253,38 @@ def running_buffers(rank: int, world_size: int, layouts: list, steps: int, folde
 def refusals_and_running_buffers(rank: int, world_size: int, layouts: list, steps: int, folder: str) -> dict:
     """refusals and running_buffers in one group (a group's start is the slow part on 2 cores)."""
     return dict(refusals=refusals(rank, world_size), running=running_buffers(rank, world_size, layouts, steps, folder))
+
+
+def ring_sizes(rank: int, world_size: int) -> dict:
+    """The ring collectives where the last rank's tensor has another size (or dtype): the error each rank raises
+    (on 2 ranks both are neighbours of the odd one) or its result; then bf16 tensors of sizes that the world size
+    does not divide, against dist.all_reduce (the group still works after the refusals)."""
+    import torch.distributed as dist
+
+    from tilestack.parallel import ring_all_gather, ring_all_reduce, ring_reduce_scatter
+    odd = rank == world_size - 1
+    out = {}
+    for name, fn, t in (("numel", ring_all_reduce, torch.ones(6 if odd else 5)),
+                        ("dtype", ring_all_reduce, torch.ones(5, dtype=torch.float64 if odd else torch.float32)),
+                        ("empty", ring_all_reduce, torch.ones(0 if odd else 4)),
+                        ("reduce_scatter", ring_reduce_scatter, torch.ones(7 if odd else 5)),
+                        ("all_gather", ring_all_gather, torch.ones(3 if odd else 5))):
+        try:
+            fn(t)
+            out[name] = f"no error: {t.tolist()}"
+        except Exception as e:  # noqa: BLE001 - the message is the result
+            out[name] = f"{type(e).__name__}: {e}"
+    checked = []
+    for n in (1, 2, 5, 7, 11, 1001):
+        gen = torch.Generator().manual_seed(100 * rank + n)
+        t = torch.randn(n, generator=gen).to(torch.bfloat16)
+        want = t.float()
+        dist.all_reduce(want)
+        got = t.clone()
+        ring_all_reduce(got, chunks=3)
+        assert got.dtype == torch.bfloat16
+        # the sum of bf16 inputs, rounded once or twice to bf16 (2^-8 relative), against the f32 sum
+        torch.testing.assert_close(got.float(), want, rtol=2 ** -7, atol=1e-2)
+        checked.append(n)
+    out["bf16"] = checked
+    return out

@@ -108,3 +108,18 @@ def test_running_statistics_buffers_are_the_whole_batchs_on_every_rank(two_ranks
                                        msg=lambda m, name=name, rank=rank: f"{name} rank {rank}: {m}")
             if "loaded" in got:
                 torch.testing.assert_close(got["loaded"], ref["running"], rtol=1e-12, atol=1e-14)
+
+
+def test_ring_refuses_tensors_of_other_sizes_and_reduces_bf16():
+    """Rank 1 of 2 holds another size or dtype: both ranks raise, naming both sizes (rank 0 returned a wrong sum
+    without a word, rank 1 failed on the transport); then bf16 tensors of 1 to 1001 elements (odd sizes: unequal
+    segments) agree with dist.all_reduce's f32 sum to bf16 rounding, the group still working."""
+    said = run_local(W.ring_sizes, 2, timeout_s=200)
+    for case in ("numel", "dtype", "empty", "reduce_scatter", "all_gather"):
+        for rank in (0, 1):
+            msg = said[rank][case]
+            assert msg.startswith("LaunchError") and "expected one size and dtype on every rank" in msg, (case, msg)
+    assert "5 elements of 4 bytes here" in said[0]["numel"] and "6 of 4 bytes on global rank 1" in said[0]["numel"]
+    assert "8 bytes" in said[0]["dtype"] and "ring_reduce_scatter" in said[1]["reduce_scatter"]
+    for r in said:
+        assert r["bf16"] == [1, 2, 5, 7, 11, 1001]

@@ -43,6 +43,23 @@ def _check(t: torch.Tensor, chunks: int) -> None:
         raise LaunchError(f"ring collective: chunks={chunks!r}; expected a positive int")
 
 
+def _check_same_size(t: torch.Tensor, group, nxt: int, prv: int, what: str) -> None:
+    """Each rank sends its tensor's size (elements, bytes per element) to the next and compares the previous one's:
+    a rank holding another size left one rank with a wrong sum and no error (the pieces of unequal segments were
+    received into buffers of other sizes), the other failing. Both neighbours of a rank that differs raise (on
+    3 ranks or more the others then fail in the ring on the transport, as after a rank gone away)."""
+    mine = torch.tensor([t.numel(), t.element_size()], dtype=torch.int64, device=t.device)
+    theirs = torch.empty_like(mine)
+    for work in dist.batch_isend_irecv([dist.P2POp(dist.irecv, theirs, prv, group),
+                                        dist.P2POp(dist.isend, mine, nxt, group)]):
+        work.wait()
+    if not torch.equal(mine, theirs):
+        n, size = (int(v) for v in theirs)
+        raise LaunchError(f"{what}: tensor has {t.numel()} elements of {t.element_size()} bytes here (global rank "
+                          f"{dist.get_rank()}) and {n} of {size} bytes on global rank {prv}; expected one size and "
+                          "dtype on every rank of the group")
+
+
 @torch.no_grad()   # a parameter (a leaf that requires grad) is reduced in place too, as dist.all_reduce does
 def _step(send: torch.Tensor, recv_into: torch.Tensor, nxt: int, prv: int, chunks: int, *, accumulate: bool,
           group) -> None:
@@ -64,22 +81,29 @@ def _step(send: torch.Tensor, recv_into: torch.Tensor, nxt: int, prv: int, chunk
         work.wait()
 
 
-def ring_reduce_scatter(t: torch.Tensor, group=None, *, chunks: int = 4) -> torch.Tensor:
+def ring_reduce_scatter(t: torch.Tensor, group=None, *, chunks: int = 4, check_size: bool = True) -> torch.Tensor:
     """Sum ``t`` (contiguous, any shape) over ``group`` segment-wise, in place: on return segment (r + 1) mod W of
-    ``t.view(-1).tensor_split(W)`` holds the full sum on rank r (returned, a view); other segments hold partials."""
+    ``t.view(-1).tensor_split(W)`` holds the full sum on rank r (returned, a view); other segments hold partials.
+    ``check_size``: first compare the ranks' sizes (one small message; a LaunchError where they differ)."""
     _check(t, chunks)
     W, r, nxt, prv = _ring(group)
+    if check_size and W > 1:
+        _check_same_size(t, group, nxt, prv, "ring_reduce_scatter")
     segs = t.view(-1).tensor_split(W)
     for s in range(W - 1):
         _step(segs[(r - s) % W], segs[(r - s - 1) % W], nxt, prv, chunks, accumulate=True, group=group)
     return segs[(r + 1) % W]
 
 
-def ring_all_gather(t: torch.Tensor, group=None, *, chunks: int = 4, owned_shift: int = 1) -> torch.Tensor:
+def ring_all_gather(t: torch.Tensor, group=None, *, chunks: int = 4, owned_shift: int = 1,
+                    check_size: bool = True) -> torch.Tensor:
     """In place: rank r's segment (r + owned_shift) mod W of ``t.view(-1).tensor_split(W)`` is copied to every
-    rank (``owned_shift=1``: the layout ring_reduce_scatter leaves; 0: rank r owns segment r)."""
+    rank (``owned_shift=1``: the layout ring_reduce_scatter leaves; 0: rank r owns segment r). ``check_size``: as
+    ring_reduce_scatter's."""
     _check(t, chunks)
     W, r, nxt, prv = _ring(group)
+    if check_size and W > 1:
+        _check_same_size(t, group, nxt, prv, "ring_all_gather")
     segs = t.view(-1).tensor_split(W)
     for s in range(W - 1):
         _step(segs[(r + owned_shift - s) % W], segs[(r + owned_shift - s - 1) % W], nxt, prv, chunks,
@@ -87,20 +111,27 @@ def ring_all_gather(t: torch.Tensor, group=None, *, chunks: int = 4, owned_shift
     return t
 
 
-def ring_all_reduce(t: torch.Tensor, group=None, *, chunks: int = 4) -> torch.Tensor:
-    """In place: ``t`` becomes its sum over ``group`` (dist.all_reduce with ReduceOp.SUM); returns ``t``."""
+def ring_all_reduce(t: torch.Tensor, group=None, *, chunks: int = 4, check_size: bool = True) -> torch.Tensor:
+    """In place: ``t`` becomes its sum over ``group`` (dist.all_reduce with ReduceOp.SUM); returns ``t``.
+    ``check_size``: first compare the ranks' sizes (one small message; a LaunchError naming both where they
+    differ); callers whose tensors have one size by construction (DDP's buckets) pass False."""
     _check(t, chunks)
-    if dist.get_world_size(group) == 1 or t.numel() == 0:
+    W, _, nxt, prv = _ring(group)
+    if W == 1:
         return t
-    ring_reduce_scatter(t, group, chunks=chunks)
-    return ring_all_gather(t, group, chunks=chunks)
+    if check_size:
+        _check_same_size(t, group, nxt, prv, "ring_all_reduce")
+    if t.numel() == 0:
+        return t
+    ring_reduce_scatter(t, group, chunks=chunks, check_size=False)
+    return ring_all_gather(t, group, chunks=chunks, check_size=False)
 
 
 def ring_allreduce_hook(state, bucket):  # no annotations: DDP compares them to objects, these would be strings
     """A DDP communication hook: the bucket's gradients averaged with ring_all_reduce over ``state`` (a process
     group, or None for the default one); returns a completed torch.futures.Future of the bucket."""
     buf = bucket.buffer()
-    ring_all_reduce(buf, state)
+    ring_all_reduce(buf, state, check_size=False)       # (DDP checked the parameters' shapes across ranks)
     buf.div_(dist.get_world_size(state))
     fut = torch.futures.Future()
     fut.set_result(buf)
