@@ -65,7 +65,32 @@ def _triton_interpret(env) -> bool:
     return env.get("TRITON_INTERPRET", "0").lower() in _TRITON_TRUE
 
 
-knobs = Knobs.from_env()
+def _is_the_command() -> bool:
+    """Whether this process is the ``tilestack`` command (its console script, or ``python -m tilestack.cli``)."""
+    import sys
+
+    argv = list(getattr(sys, "orig_argv", sys.argv))
+    if Path(sys.argv[0]).name == "tilestack":
+        return True
+    return any(a == "-m" and b in ("tilestack.cli", "tilestack.cli.__main__") for a, b in zip(argv, argv[1:]))
+
+
+def _knobs_or_exit() -> Knobs:
+    """The knobs of this process's environment. A bad TILESTACK_* value is a ValueError naming the variable at
+    ``import tilestack``; for the ``tilestack`` command the same message, as a usage error (exit 2): the command
+    imports this module before any of its own code runs, so the error came out as a Python traceback."""
+    try:
+        return Knobs.from_env()
+    except ValueError as e:
+        if not _is_the_command():
+            raise
+        import sys
+
+        sys.stderr.write(f"Error: {e}\n")
+        raise SystemExit(2) from None
+
+
+knobs = _knobs_or_exit()
 
 
 @contextlib.contextmanager

@@ -110,6 +110,16 @@ def _names(keys) -> str:
     return ", ".join(f"{c} {s}" for c, s in list(keys)[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
 
 
+def _none(r: Record) -> str:
+    """What a side with no bench case holds: nothing, or results of another command (a run of ``tilestack
+    profile``: those were called "no results", as if the run were empty)."""
+    if not r.measurements:
+        return "no results"
+    n = len(r.measurements)
+    return (f"no bench results ({n} result{'s' * (n != 1)} of {r.command or 'another command'!r}; "
+            "`tilestack compare` pairs those)")
+
+
 def compare(a: Record, b: Record) -> BenchComparison:
     """Pair A's and B's cases by name and shape and say what differs between the two runs."""
     ca, cb = case_of(a.measurements), case_of(b.measurements)
@@ -122,8 +132,8 @@ def compare(a: Record, b: Record) -> BenchComparison:
         why = (f"A ran on {ka}, B on {kb}: a CPU runs the small sizes under Triton's interpreter, a GPU the full "
                "ones (`tilestack bench --small` on the GPU gives the small ones)" if ka != kb
                else "no case ran at the same size on both")
-        notes.append(f"NOT COMPARABLE: no case and shape in common ({why}). A: {_names(list(ca)) or 'no results'}; "
-                     f"B: {_names(list(cb)) or 'no results'}")
+        notes.append(f"NOT COMPARABLE: no case and shape in common ({why}). A: {_names(list(ca)) or _none(a)}; "
+                     f"B: {_names(list(cb)) or _none(b)}")
     elif ka != kb:
         notes.append(f"A ran on {ka} and B on {kb}: CPU times are Triton's interpreter, not a GPU's; the ratios "
                      "compare the two machines, not the code")

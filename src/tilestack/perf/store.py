@@ -91,6 +91,16 @@ class StoreError(TilestackError, ValueError):
     """A run or device that the store cannot find, or finds more than once."""
 
 
+def _locked(e: sqlite3.OperationalError) -> bool:
+    """Whether ``e`` is SQLite's answer to a lock another connection held past the busy timeout."""
+    return "locked" in str(e) or "busy" in str(e)
+
+
+def _locked_message(path: Path, e: sqlite3.OperationalError) -> str:
+    return (f"result store {path} is locked by another process ({e}; waited {BUSY_TIMEOUT_MS / 1000:g} s); its "
+            "results are intact: try again when that process is done, or pass another path")
+
+
 def default_path() -> Path:
     """``<cache_dir>/perf/results.sqlite``."""
     return Path(config.knobs.cache_dir) / "perf" / "results.sqlite"
@@ -181,8 +191,11 @@ class Store:
             raise StoreError(f"result store path={str(self.path)!r} is a folder; expected a SQLite file path")
         above = next((q for q in self.path.parents if q.exists()), None)
         if above is not None and not above.is_dir():
+            # (the default path below a cache folder that is a file named neither the knob nor its variable)
+            whence = (f" (the cache folder, config.knobs.cache_dir: TILESTACK_CACHE_DIR or its default)"
+                      if path is None else "")
             raise StoreError(f"result store path={str(self.path)!r} cannot be made: it is below the file "
-                             f"{str(above)!r}; expected a SQLite file path")
+                             f"{str(above)!r}{whence}; expected a SQLite file path")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: autocommit, transactions opened explicitly with BEGIN IMMEDIATE.
         try:
@@ -196,8 +209,17 @@ class Store:
             _switch_to_wal(self._db)
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against process kills
             self._db.executescript(_SCHEMA)
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            # written once, by the opener that made the store: an unconditional INSERT took the write lock on every
+            # open, so `tilestack runs` or `compare` waited out another process's long write and then failed
+            if self._db.execute("SELECT 1 FROM meta WHERE key = 'schema'").fetchone() is None:
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             problem = self._foreign()
+        except sqlite3.OperationalError as e:
+            self._db.close()
+            if _locked(e):   # (it was called "not a readable SQLite database", to be moved aside: its results lost)
+                raise StoreError(_locked_message(self.path, e)) from e
+            raise StoreError(f"result store {self.path} is not a readable SQLite database ({e}); move it aside "
+                             "(its results are lost to tilestack) or pass another path") from e
         except sqlite3.DatabaseError as e:   # a file that is not a SQLite database (or a damaged one): said, not raw
             self._db.close()
             raise StoreError(f"result store {self.path} is not a readable SQLite database ({e}); move it aside "
@@ -224,7 +246,12 @@ class Store:
     @contextlib.contextmanager
     def _tx(self) -> Iterator[None]:
         """One write transaction; IMMEDIATE takes the write lock up front, so two writers queue, not fail."""
-        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:   # another process held the lock past BUSY_TIMEOUT_MS
+            if _locked(e):
+                raise StoreError(_locked_message(self.path, e)) from e
+            raise
         try:
             yield
         except BaseException:
