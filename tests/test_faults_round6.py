@@ -194,3 +194,30 @@ def test_compare_of_a_run_with_itself_pairs_every_case_at_speed_up_one(filled_on
     res = _invoke("bench", "compare", "on-gpu", "on-gpu", "--db", str(filled_once), cache=tmp_path / "cache")
     assert res.exit_code == 0, res.output
     assert "NOT COMPARABLE" not in res.output and "gemm" in res.output and "1.00" in res.output, res.output
+
+
+# ---- tune: a --size or --head-dim that no problem has ---------------------------------------------------------------
+@pytest.mark.parametrize("args, needles", [
+    (["--head-dim", "7"], ["--head-dim 7", "[64, 128, 256]"]),
+    (["--head-dim", "64", "--head-dim", "100000"], ["--head-dim 100000", "[64, 128, 256]"]),
+    (["--size", "1024", "--size", "1000"], ["--size 1000", "1024"]),
+    (["-k", "gemm", "--head-dim", "64"], ["--head-dim 64", "only the attention kernels have one"]),
+    (["--small", "-k", "gemm", "--dtype", "bfloat16", "--size", "48", "--size", "64"], ["--size 64", "[48, 80]"]),
+])
+def test_tune_refuses_a_size_or_head_dim_no_problem_has_naming_it_and_the_valid_ones(args, needles, tmp_path):
+    """Such a value was dropped without a word: --head-dim 7 tuned every kernel but attention, --size 1024 --size
+    1000 tuned the 1024 problems only, -k gemm --head-dim 64 tuned gemm as if --head-dim were not given."""
+    report = tmp_path / "report.json"
+    res = _invoke("tune", *args, "--dry-run", "--report", str(report), cache=tmp_path / "cache")
+    assert res.exit_code == 2, (res.exit_code, res.output)
+    text = _flat(res.output)
+    for needle in needles:
+        assert _flat(needle) in text, (needle, res.output)
+    assert "Traceback" not in text and not report.exists() and not (tmp_path / "cache").exists()
+
+
+def test_tune_still_plans_the_sizes_and_head_dims_there_are(tmp_path):
+    res = _invoke("tune", "-k", "attention_fwd", "--head-dim", "64", "--size", "1024", "--dry-run",
+                  cache=tmp_path / "cache")
+    assert res.exit_code == 0, res.output
+    assert "D=64" in res.output and "N=1024" in res.output and "D=128" not in res.output, res.output

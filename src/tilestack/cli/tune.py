@@ -85,6 +85,14 @@ def tune(
         problems = library_problems(kernel or None, tuple(dtype or DTYPES), small=small)
     except TilestackError as e:
         raise typer.BadParameter(str(e)) from e
+    # a value no problem has (a typo: --head-dim 7, --size 1000) dropped what it meant to choose, silently: with a
+    # second, valid value given too, or with --head-dim (it leaves the kernels without one), the rest ran
+    for option, given, have in (("--size", size, {p.n for p in problems}),
+                                ("--head-dim", head_dim, {p.fixed["D"] for p in problems if p.fixed.get("D")})):
+        if unknown := sorted({v for v in given or () if v not in have}):
+            raise typer.BadParameter(f"{option} {', '.join(map(str, unknown))}: no problem matches (of the chosen "
+                                     "kernels and dtypes); expected " + (f"some of {sorted(have)}" if have else
+                                     "no --head-dim (only the attention kernels have one)"), param_hint=option)
     problems = [p for p in problems if (not size or p.n in size) and
                 (not head_dim or p.fixed.get("D") is None or p.fixed["D"] in head_dim)]
     if not problems:
