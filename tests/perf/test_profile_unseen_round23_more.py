@@ -495,3 +495,27 @@ def test_a_rectangular_lu_counts_its_panel(shape):
     assert _flops_of(lambda: torch.linalg.lu_factor(a), "aten::linalg_lu_factor_ex") == pytest.approx(want, rel=1e-12)
     assert _flops_of(lambda: torch.linalg.lu(a), "aten::linalg_lu") == pytest.approx(want, rel=1e-12)
     assert formulas.factorization_flops("lu", *shape[-2:]) == pytest.approx(m * n**2 - n**3 / 3, rel=1e-12)
+
+
+B3 = 3  # a batch of matrices
+
+
+@pytest.mark.parametrize("call,op,want", [
+    (lambda a, b: torch.linalg.solve(a, b[:, 0]), "aten::_linalg_solve_ex", B3 * (2 * N**3 / 3 + 2 * N**2)),
+    (lambda a, b: torch.linalg.solve(a, b), "aten::_linalg_solve_ex", B3 * (2 * N**3 / 3 + 2 * N**2 * K)),
+    (lambda a, b: torch.linalg.solve(a[0], b.expand(B3, N, K).clone()), "aten::_linalg_solve_ex",
+     2 * N**3 / 3 + B3 * 2 * N**2 * K),
+    (lambda a, b: torch.linalg.solve(a, b.T.expand(B3, K, N).clone(), left=False), "aten::_linalg_solve_ex",
+     B3 * (2 * N**3 / 3 + 2 * N**2 * K)),
+    (lambda a, b: torch.linalg.lu_solve(*torch.linalg.lu_factor(a), b), "aten::linalg_lu_solve", B3 * 2 * N**2 * K),
+    (lambda a, b: torch.linalg.solve_triangular(a.triu(), b, upper=True), "aten::linalg_solve_triangular",
+     B3 * N**2 * K),
+    (lambda a, b: torch.cholesky_solve(b, torch.linalg.cholesky(a)), "aten::cholesky_solve", B3 * 2 * N**2 * K),
+], ids=["vector", "matrix", "one-matrix-many-b", "left-false", "lu_solve", "solve_triangular", "cholesky_solve"])
+def test_right_hand_sides_broadcast_over_a_batch_of_matrices(call, op, want):
+    """Round 23: k was b's elements over a's batch, so (B, N, N) matrices against one (N, K) right-hand side counted
+    0 columns (lu_solve, solve_triangular, cholesky_solve: 0 FLOPs, silently; solve: its LU alone). Each of the B
+    systems solves K columns; a single matrix against B right-hand sides is factored once."""
+    a = torch.stack([_spd(torch.float32)] * B3)  # (B, N, N)
+    b = _rhs(torch.float32)  # (N, K), unbatched
+    assert _flops_of(lambda: call(a, b), op) == pytest.approx(want, rel=1e-12)

@@ -122,10 +122,32 @@ def _complex_mac_factor(*operands: Any) -> int:
     return formulas.COMPLEX_MAC_OVER_REAL if any(t is not None and t.is_complex() for t in operands) else 1
 
 
-def _factorization(kind: str, matrix: str, rhs: str | None = None, *, rhs_rows: str = "n",
-                   vectors: bool | None = None) -> Rule:
+def _right_hand_sides(a: Any, b: Any, *, left: bool = True) -> tuple[int, int]:
+    """(systems, k) of a solve with the matrices ``a`` (..., m, n) and right-hand sides ``b``: how many systems the
+    two batches broadcast to, and the columns of each. ``b`` is (..., rows, k) ((..., k, rows) with ``left`` False:
+    X A = B), or a vector (rows,) or a batch of vectors shaped a's batch and rows, as torch reads it (profiler round
+    23: b's elements were divided by a's batch, so a batch of matrices against one unbatched b, or a single matrix
+    against a batch of b, counted 0 or a fraction of a column per system)."""
+    import torch
+
+    vector = b.dim() == 1 or (b.dim() == a.dim() - 1 and tuple(b.shape) == tuple(a.shape[:-1]))
+    if vector:
+        k, b_batch = 1, tuple(b.shape[:-1])
+    elif b.dim() >= 2:
+        k, b_batch = int(b.shape[-1] if left else b.shape[-2]), tuple(b.shape[:-2])
+    else:  # a 0-dim right-hand side: one column
+        k, b_batch = 1, ()
+    try:
+        systems = math.prod(torch.broadcast_shapes(tuple(a.shape[:-2]), b_batch))
+    except RuntimeError:  # batches that do not broadcast: the op refused them; a's own batch
+        systems = _numel(a) // max(a.shape[-2] * a.shape[-1], 1)
+    return systems, k
+
+
+def _factorization(kind: str, matrix: str, rhs: str | None = None, *, vectors: bool | None = None) -> Rule:
     """A dense linear-algebra routine on each matrix of the batch ``matrix`` (..., m, n), with the right-hand sides
-    ``rhs`` (..., n, k) or (..., n) where it solves ((..., m, k) with ``rhs_rows`` "m": least squares):
+    ``rhs`` (..., n, k) or (..., n) where it solves ((..., m, k) for least squares; batches broadcast:
+    ``_right_hand_sides``):
     ``formulas.factorization_flops``, times ``formulas.COMPLEX_MAC_OVER_REAL`` for a complex matrix or right-hand
     side, as LAPACK's complex routines count their multiply-adds (profiler round 23: a complex Cholesky, solve, QR,
     eigh or SVD was counted as the real one of its size, a quarter of its work). ``vectors`` None reads whether it
@@ -138,17 +160,18 @@ def _factorization(kind: str, matrix: str, rhs: str | None = None, *, rhs_rows: 
             return 0.0
         m, n = a.shape[-2:]
         batch = _numel(a) // max(m * n, 1)
-        k, b = 0, None
-        if rhs is not None:
+        k, b, systems = 0, None, batch
+        if rhs is not None and arg(rhs) is not None:
             b = arg(rhs)
-            rows = m if rhs_rows == "m" else n
-            k = _numel(b) // max(batch * rows, 1) if b is not None else 0  # columns per system (1 for a vector)
+            systems, k = _right_hand_sides(a, b, left=arg("left") is not False)
         mode = arg("mode")  # linalg_qr: "r" forms no Q
         forms_vectors = vectors if vectors is not None else bool(
             arg("compute_v") if arg("compute_v") is not None else arg("compute_uv")
             if arg("compute_uv") is not None else mode != "r")
         full = bool(arg("full_matrices")) or mode == "complete"
-        flops = batch * formulas.factorization_flops(kind, m, n, k, vectors=forms_vectors, full=full)
+        flops = systems * formulas.factorization_flops(kind, m, n, k, vectors=forms_vectors, full=full)
+        if systems != batch:  # right-hand sides broadcast over more matrices than a holds: a factored once each
+            flops -= (systems - batch) * formulas.factorization_flops(kind, m, n, 0, vectors=forms_vectors, full=full)
         return float(flops * _complex_mac_factor(a, b))
 
     return count
@@ -353,7 +376,7 @@ LINALG_FLOPS: dict[str, Rule] = {
     "aten._linalg_svd": _factorization("svd", "A"),
     "aten.linalg_eig": _factorization("eig", "self"),
     "aten.linalg_pinv": _pinv_flops,
-    "aten.linalg_lstsq": _factorization("lstsq", "self", "b", rhs_rows="m"),
+    "aten.linalg_lstsq": _factorization("lstsq", "self", "b"),
     "aten.geqrf": _factorization("qr", "self", vectors=False),
     "aten.linalg_householder_product": _householder_product_flops,
     "aten.linalg_lu": _factorization("lu", "A"),
