@@ -13,7 +13,11 @@ the ``tilestack`` command die in ``import tilestack`` with a Python traceback (e
 same message naming the variable and exits 2 (``config._knobs_or_exit``); ``import tilestack`` still raises. A
 TILESTACK_CACHE_DIR that is a file made ``tilestack runs`` name only the store's path below it: the message now says
 it is the cache folder and names the variable. ``bench compare`` called a run of ``tilestack profile`` rows
-"no results", as if it were empty: it says how many results it holds and of which command.
+"no results", as if it were empty: it says how many results it holds and of which command. One damaged row (a run's
+versions or a result that is no JSON any more) was a JSONDecodeError traceback out of every command reading the
+store: the field reads as unknown, the result is skipped, each with a warning naming the store and the row.
+``tilestack tune --head-dim 7`` (or a --size no problem has) dropped the value without a word and tuned the rest:
+it is refused naming the option, the value and the values there are.
 """
 
 from __future__ import annotations
@@ -221,3 +225,34 @@ def test_tune_still_plans_the_sizes_and_head_dims_there_are(tmp_path):
                   cache=tmp_path / "cache")
     assert res.exit_code == 0, res.output
     assert "D=64" in res.output and "N=1024" in res.output and "D=128" not in res.output, res.output
+
+
+# ---- a store with damaged rows --------------------------------------------------------------------------------------
+def _damage(db: Path) -> None:
+    """One run's versions and one result's row, not JSON any more (edited by hand, or another tool)."""
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    con.execute("UPDATE runs SET versions_json = '{broken' WHERE label = 'on-cpu'")
+    con.execute("UPDATE results SET row_json = '{cut' WHERE id = (SELECT MIN(id) FROM results WHERE run_id = "
+                "(SELECT id FROM runs WHERE label = 'on-gpu'))")
+    con.commit()
+    con.close()
+
+
+def test_a_damaged_row_costs_a_warning_naming_it_not_the_whole_store(filled, tmp_path):
+    """A JSONDecodeError traceback came out of `tilestack runs`, `compare`, `bench compare` and `report` for every
+    run of the store; now the damaged field reads as unknown and the damaged result is skipped, each with a warning."""
+    _damage(filled)
+    runs = _command("runs", "--db", str(filled), cwd=tmp_path)
+    assert runs.returncode == 0 and "Traceback" not in runs.stderr, runs.stderr
+    assert {"on-gpu", "on-cpu", "a-profile"} <= set(runs.stdout.split()), runs.stdout
+    assert "versions_json is damaged" in runs.stderr and str(filled) in runs.stderr, runs.stderr
+    with pytest.warns(UserWarning, match=r"1 damaged result row\(s\) skipped"):
+        res = _invoke("bench", "compare", "on-gpu", "on-gpu", "--db", str(filled), cache=tmp_path / "cache")
+    assert res.exit_code == 0 and "gemm" in res.output, res.output          # the whole row of the pair still pairs
+    from tilestack.perf.store import Store
+
+    with Store(filled) as st, pytest.warns(UserWarning, match="damaged"):
+        assert [m.name for m in st.measurements("on-gpu")] == ["baseline.gemm"]
+        assert st.run("on-cpu").versions is None and st.run("on-gpu").versions["torch"]

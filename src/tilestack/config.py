@@ -72,7 +72,8 @@ def _is_the_command() -> bool:
     argv = list(getattr(sys, "orig_argv", sys.argv))
     if Path(sys.argv[0]).name == "tilestack":
         return True
-    return any(a == "-m" and b in ("tilestack.cli", "tilestack.cli.__main__") for a, b in zip(argv, argv[1:]))
+    return any(a == "-m" and b in ("tilestack.cli", "tilestack.cli.__main__")
+               for a, b in zip(argv, argv[1:], strict=False))
 
 
 def _knobs_or_exit() -> Knobs:

@@ -31,6 +31,7 @@ import secrets
 import socket
 import sqlite3
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -192,7 +193,7 @@ class Store:
         above = next((q for q in self.path.parents if q.exists()), None)
         if above is not None and not above.is_dir():
             # (the default path below a cache folder that is a file named neither the knob nor its variable)
-            whence = (f" (the cache folder, config.knobs.cache_dir: TILESTACK_CACHE_DIR or its default)"
+            whence = (" (the cache folder, config.knobs.cache_dir: TILESTACK_CACHE_DIR or its default)"
                       if path is None else "")
             raise StoreError(f"result store path={str(self.path)!r} cannot be made: it is below the file "
                              f"{str(above)!r}{whence}; expected a SQLite file path")
@@ -358,9 +359,18 @@ class Store:
         ).fetchall()
         return [self._run(r) for r in rows]
 
-    @staticmethod
-    def _run(r: sqlite3.Row) -> Run:
-        load = lambda s: json.loads(s) if s else None  # noqa: E731
+    def _run(self, r: sqlite3.Row) -> Run:
+        def load(column: str) -> Any:
+            # (a damaged field, e.g. edited by hand or by another tool, was a JSONDecodeError traceback out of every
+            # command that lists runs: `tilestack runs`, `compare`, `report`, for the whole store)
+            text = r[column]
+            try:
+                return json.loads(text) if text else None
+            except ValueError:
+                warnings.warn(f"result store {self.path}: run {r['id']}'s {column} is damaged ({text!r:.40}); "
+                              "read as unknown", stacklevel=4)
+                return None
+
         return Run(
             r["id"],
             r["started_at"],
@@ -368,9 +378,9 @@ class Store:
             r["command"],
             r["host"],
             r["device"],
-            load(r["device_json"]),
-            load(r["ceilings_json"]),
-            load(r["versions_json"]),
+            load("device_json"),
+            load("ceilings_json"),
+            load("versions_json"),
             r["n"],
         )
 
@@ -405,19 +415,37 @@ class Store:
     def measurements(self, ref: str) -> list[Measurement]:
         """The results of the run named by ``ref``, in the order they were appended."""
         run = self.run(ref)
-        rows = self._db.execute("SELECT row_json FROM results WHERE run_id = ? ORDER BY id", (run.id,))
-        return [Measurement.from_row(json.loads(r[0])) for r in rows]
+        rows = self._db.execute("SELECT id, row_json FROM results WHERE run_id = ? ORDER BY id", (run.id,))
+        return self._measurements(rows)
+
+    def _measurements(self, rows) -> list[Measurement]:
+        """The Measurements of ``(id, row_json)`` rows; a damaged row (not JSON, or not a result's fields) is
+        skipped with one warning naming the rows, not a traceback that made the store's every run unreadable."""
+        out, damaged = [], []
+        for row_id, text in rows:
+            try:
+                out.append(Measurement.from_row(json.loads(text)))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                damaged.append(row_id)
+        if damaged:
+            warnings.warn(f"result store {self.path}: {len(damaged)} damaged result row(s) skipped (ids "
+                          f"{', '.join(map(str, damaged[:10]))}{' ...' if len(damaged) > 10 else ''})", stacklevel=3)
+        return out
 
     def latest_result(self, name: str) -> tuple[str, Measurement]:
         """The newest stored result of kernel ``name``, and its run's id."""
         if not isinstance(name, str):   # (a list or dict failed inside sqlite3's binding)
             raise StoreError(f"name={name!r:.60} ({type(name).__name__}); expected a kernel's name, a str")
         row = self._db.execute(
-            "SELECT run_id, row_json FROM results WHERE name = ? ORDER BY id DESC LIMIT 1", (name,)
+            "SELECT run_id, id, row_json FROM results WHERE name = ? ORDER BY id DESC LIMIT 1", (name,)
         ).fetchone()
         if row is None:
             raise StoreError(f"name={name!r}: no stored result of that kernel in {self.path}")
-        return row["run_id"], Measurement.from_row(json.loads(row["row_json"]))
+        ms = self._measurements([(row["id"], row["row_json"])])
+        if not ms:
+            raise StoreError(f"name={name!r}: the newest stored result of that kernel in {self.path} (row "
+                             f"{row['id']}) is damaged")
+        return row["run_id"], ms[0]
 
     def devices(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT DISTINCT device FROM results ORDER BY device")]
@@ -435,11 +463,11 @@ class Store:
                 f"({', '.join(self.devices()) or 'none'}); expected exactly one"
             )
         rows = self._db.execute(
-            "SELECT row_json FROM results WHERE id IN (SELECT MAX(id) FROM results WHERE device = ? "
+            "SELECT id, row_json FROM results WHERE id IN (SELECT MAX(id) FROM results WHERE device = ? "
             "GROUP BY name, config_json) ORDER BY id",
             (names[0],),
         )
-        return [Measurement.from_row(json.loads(r[0])) for r in rows]
+        return self._measurements(rows)
 
     def _side(self, ref: str) -> tuple[str, list[Measurement], Run | None]:
         try:
