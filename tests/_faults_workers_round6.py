@@ -3,6 +3,8 @@
     hold-lock DB SECONDS   take the write lock of the SQLite file DB (BEGIN EXCLUSIVE), print "locked", hold it
     start-run DB           open DB as a result store and start a run; print "started <id>" or "error <message>"
     fill DB                a store of bench runs: two devices, no case in common, and one run of profile rows
+    resolve KERNEL SIG N   the tuned config a launch on an H200 looks up (TILESTACK_CACHE_DIR's tables over the
+                           shipped ones), printed as JSON, each warning as a line "warning <message>"
 """
 
 from __future__ import annotations
@@ -59,6 +61,21 @@ def fill(db: str) -> None:
     print("filled", flush=True)
 
 
+def resolve(kernel: str, signature: str, n: str) -> None:
+    import json
+    import warnings
+
+    from tilestack.tune.devices import DeviceKey
+    from tilestack.tune.lookup import resolve
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = resolve(kernel, signature, DeviceKey.parse("sm90-132sm-227kb", name="NVIDIA H200"), int(n))
+    for w in caught:
+        print(f"warning {w.message}")
+    print(json.dumps(cfg, sort_keys=True))
+
+
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
-    {"hold-lock": hold_lock, "start-run": start_run, "fill": fill}[mode](*args)
+    {"hold-lock": hold_lock, "start-run": start_run, "fill": fill, "resolve": resolve}[mode](*args)

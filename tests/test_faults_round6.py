@@ -17,7 +17,9 @@ it is the cache folder and names the variable. ``bench compare`` called a run of
 versions or a result that is no JSON any more) was a JSONDecodeError traceback out of every command reading the
 store: the field reads as unknown, the result is skipped, each with a warning naming the store and the row.
 ``tilestack tune --head-dim 7`` (or a --size no problem has) dropped the value without a word and tuned the rest:
-it is refused naming the option, the value and the values there are.
+it is refused naming the option, the value and the values there are. A damaged user tuning table made every kernel
+launch that looks up a tuned config raise its ValueError: the launch's lookup leaves it out with a warning naming it
+and takes the shipped config (``ConfigCache(damaged="warn")``); ``ConfigCache()`` and ``tilestack tune`` still raise.
 """
 
 from __future__ import annotations
@@ -256,3 +258,26 @@ def test_a_damaged_row_costs_a_warning_naming_it_not_the_whole_store(filled, tmp
     with Store(filled) as st, pytest.warns(UserWarning, match="damaged"):
         assert [m.name for m in st.measurements("on-gpu")] == ["baseline.gemm"]
         assert st.run("on-cpu").versions is None and st.run("on-gpu").versions["torch"]
+
+
+# ---- a damaged user tuning table at a kernel launch -----------------------------------------------------------------
+@pytest.mark.parametrize("content", [b'{"format": 3, "device": {"key": "sm90-132sm', b"\x00" * 64, b"[]"],
+                         ids=["cut-short", "zeros", "a-list"])
+def test_a_damaged_user_table_costs_a_launch_a_warning_and_the_shipped_config(content, tmp_path):
+    """The launch's lookup raised the table's ValueError: every tuned kernel launch on that GPU failed until the
+    file was deleted. It warns, naming the file, and takes the shipped table's config, the one it takes with no
+    user table at all; the damaged file is left as it was (`tilestack tune` still refuses it by name)."""
+    shipped = _worker("resolve", "gemm", "bfloat16", "4096", env=_env(TILESTACK_CACHE_DIR=str(tmp_path / "clean")))
+    assert "warning" not in shipped and shipped.strip() not in ("", "null"), shipped
+    table = tmp_path / "cache" / "tuned" / "sm90-132sm-227kb.json"
+    table.parent.mkdir(parents=True)
+    table.write_bytes(content)
+    out = _worker("resolve", "gemm", "bfloat16", "4096", env=_env(TILESTACK_CACHE_DIR=str(tmp_path / "cache")))
+    warned = [line for line in out.splitlines() if line.startswith("warning ")]
+    assert len(warned) == 1 and f"tuned-config table {table}" in warned[0] and "shipped" in warned[0], out
+    assert out.splitlines()[-1] == shipped.splitlines()[-1]
+    assert table.read_bytes() == content
+    from tilestack.tune.cache import ConfigCache
+
+    with pytest.raises(ValueError, match=f"tuned-config table {table}"):
+        ConfigCache(tmp_path / "cache", tables_dir=None)

@@ -165,6 +165,17 @@ class Table:
         write_json_atomic(path or self.path, self.to_json())
 
 
+def _read_user(path: Path, damaged: str) -> Table | None:
+    """``Table.read(path)``; with ``damaged="warn"``, None and a warning where the table cannot be read."""
+    try:
+        return Table.read(path)
+    except ValueError as e:
+        if damaged == "raise":
+            raise
+        warnings.warn(f"{e}; this process leaves it out and uses the shipped tables", stacklevel=4)
+        return None
+
+
 def file_name(kernel: str, device: DeviceKey) -> str:
     """A shipped table's file name: one kernel on one device, "gemm_sm90-132sm-227kb_nvidia-h200.json"."""
     return f"{kernel}_{device}_{device.slug}.json"
@@ -184,17 +195,21 @@ def lookup_entry(entries: dict[str, dict], kernel: str, signature: str, bucket: 
 class ConfigCache:
     """The user's tables over the shipped ones (see the module docstring)."""
 
-    def __init__(self, cache_dir: Path | None = None, tables_dir: Path | None = TABLES):
+    def __init__(self, cache_dir: Path | None = None, tables_dir: Path | None = TABLES, *, damaged: str = "raise"):
+        """``damaged``: what a user table that cannot be read does: ``"raise"`` its ValueError (naming it and what to
+        do), or ``"warn"`` and leave it out (a kernel launch: its shipped tables still apply)."""
         # a folder given as a str was taken for cache_dir but failed for tables_dir ("'str' object has no attribute
         # 'glob'"), a number inside pathlib: each is a path or None, refused by name otherwise
         for arg, value in (("cache_dir", cache_dir), ("tables_dir", tables_dir)):
             if value is not None and not isinstance(value, str | os.PathLike):
                 raise TunableError(f"ConfigCache: {arg}={value!r:.60} ({type(value).__name__}); expected a folder "
                                    "(a str or pathlib.Path) or None")
+        if damaged not in ("raise", "warn"):
+            raise TunableError(f"ConfigCache: damaged={damaged!r}; expected 'raise' or 'warn'")
         tables_dir = Path(tables_dir) if tables_dir else None     # ("" as None, as before: no shipped tables)
         self.dir = Path(cache_dir or knobs.cache_dir) / "tuned"
         self.shipped = [t for p in sorted(tables_dir.glob("*.json")) if (t := Table.read(p))] if tables_dir else []
-        self.user = {str(t.device): t for p in sorted(self.dir.glob("*.json")) if (t := Table.read(p))}
+        self.user = {str(t.device): t for p in sorted(self.dir.glob("*.json")) if (t := _read_user(p, damaged))}
 
     def user_path(self, device: DeviceKey) -> Path:
         return self.dir / f"{device}.json"
