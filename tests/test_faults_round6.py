@@ -19,7 +19,8 @@ store: the field reads as unknown, the result is skipped, each with a warning na
 ``tilestack tune --head-dim 7`` (or a --size no problem has) dropped the value without a word and tuned the rest:
 it is refused naming the option, the value and the values there are. A damaged user tuning table made every kernel
 launch that looks up a tuned config raise its ValueError: the launch's lookup leaves it out with a warning naming it
-and takes the shipped config (``ConfigCache(damaged="warn")``); ``ConfigCache()`` and ``tilestack tune`` still raise.
+and takes the shipped config (``ConfigCache(damaged="warn")``); ``ConfigCache()`` still raises, and ``tilestack
+tune``, which died in a ValueError traceback once it read the tables, refuses such a table by name before any work.
 """
 
 from __future__ import annotations
@@ -281,3 +282,22 @@ def test_a_damaged_user_table_costs_a_launch_a_warning_and_the_shipped_config(co
 
     with pytest.raises(ValueError, match=f"tuned-config table {table}"):
         ConfigCache(tmp_path / "cache", tables_dir=None)
+
+
+
+@pytest.mark.parametrize("args", [["--missing", "--dry-run", "--as-device", "sm90-132sm-227kb:NVIDIA H200"],
+                                  ["--small", "-k", "gemm", "--dtype", "bfloat16", "--budget-s", "5"]],
+                         ids=["missing", "run"])
+def test_tune_refuses_a_damaged_user_table_by_name_before_any_work(args, tmp_path):
+    """It was a ValueError traceback, once --missing (or the run) first read the tables."""
+    cache = tmp_path / "cache"
+    table = cache / "tuned" / "sm89-128sm-99kb.json"
+    table.parent.mkdir(parents=True)
+    table.write_bytes(b'{"format": 3, "dev')
+    report = tmp_path / "report.json"
+    res = _invoke("tune", *args, "--report", str(report), cache=cache)
+    assert res.exit_code == 2, (res.exit_code, res.output)
+    text = _flat(res.output)
+    assert "Traceback" not in text and _flat(f"tuned-config table {table}") in text and "deleteit" in text, text
+    assert table.read_bytes() == b'{"format": 3, "dev' and not report.exists()
+    assert sorted(p.name for p in table.parent.iterdir()) == [table.name]       # nothing tuned, nothing moved aside

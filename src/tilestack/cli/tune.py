@@ -64,6 +64,7 @@ def tune(
                                  "or no --out", param_hint="--out")
     check_output("--report", report)
     _check_model_data(model, model_data)
+    _check_user_tables()
     if as_device is not None:       # checked before a dry run's early return too: a typo planned for no device
         from tilestack.tune.devices import DeviceKey
         try:
@@ -124,6 +125,19 @@ def tune(
         except TilestackError as e:
             raise typer.BadParameter(str(e)) from e
     _run(problems, key, device_str, budget_s, ship, out, report, guided, chosen)
+
+
+def _check_user_tables() -> None:
+    """The user's tuned tables, which the run reads and adds to, can be read: a damaged one (cut short, edited by
+    hand) was a ValueError traceback once --missing or the run first read them; now refused before any work, by
+    the message naming the file and what to do."""
+    from tilestack.cli import UserError
+    from tilestack.tune.cache import ConfigCache
+
+    try:
+        ConfigCache(tables_dir=None)
+    except ValueError as e:
+        raise UserError(str(e)) from e
 
 
 def _check_model_data(model: bool, model_data) -> None:
