@@ -301,3 +301,12 @@ def test_tune_refuses_a_damaged_user_table_by_name_before_any_work(args, tmp_pat
     assert "Traceback" not in text and _flat(f"tuned-config table {table}") in text and "deleteit" in text, text
     assert table.read_bytes() == b'{"format": 3, "dev' and not report.exists()
     assert sorted(p.name for p in table.parent.iterdir()) == [table.name]       # nothing tuned, nothing moved aside
+
+
+def test_bench_compare_calls_a_folder_named_like_a_record_a_folder(tmp_path):
+    """It said "no such file" of a folder that is there."""
+    folder = tmp_path / "run.json"
+    folder.mkdir()
+    res = _invoke("bench", "compare", str(folder), str(folder), cache=tmp_path / "cache")
+    assert res.exit_code == 2, res.output
+    assert _flat(f"record='{folder}' is a folder") in _flat(res.output) and "nosuchfile" not in _flat(res.output)

@@ -179,6 +179,9 @@ def load_side(ref: str, db: str | Path | None = None, *, latest_bench: bool = Tr
         raise RecordError(f"side={ref!r}; expected a record file (*.json), a run (id, prefix, label, latest, "
                           "latest~N) or a device name")
     if ref.endswith(".json"):
+        if Path(ref).is_dir():   # (it was "no such file", for a folder that is there)
+            raise RecordError(f"record={ref!r} is a folder; expected a record file (*.json) that `tilestack bench "
+                              "--out` wrote")
         if not Path(ref).is_file():
             raise RecordError(f"record={ref!r}: no such file")
         return Record.read(ref)
