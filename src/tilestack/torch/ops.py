@@ -613,7 +613,8 @@ def _ce_grads(dx: torch.Tensor, dw: torch.Tensor, dloss: torch.Tensor, labelled:
     (``labelled`` (T,) False) keep a zero gradient, and dw too where no row is labelled, whatever dloss is: the loss
     does not depend on them, as torch's cross_entropy answers. A NaN dloss (the NaN loss of a batch with every row
     ignored, squared or scaled on its way to the backward) made them NaN (0 * NaN), where torch's are 0."""
-    dx = torch.where(labelled[:, None], dx * dloss.to(dx.dtype), 0)
+    # the scale per row is made first ((T,), tiny), so dx is still read and written once, as by dx * dloss
+    dx = dx * torch.where(labelled, dloss, 0).to(dx.dtype)[:, None]
     return dx, dw * torch.where(labelled.any(), dloss, 0).to(dw.dtype)
 
 
