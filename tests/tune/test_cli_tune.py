@@ -85,3 +85,9 @@ def test_missing_plans_only_what_the_gpus_own_tables_lack(tmp_path):
     rows = [ln for ln in res.output.splitlines() if "│" in ln]
     assert len(rows) == len(want)
     assert [r.split("│")[4].strip() for r in rows] == [str(p.bucket) for p in want]
+
+
+def test_as_device_with_an_empty_name_is_refused_naming_the_option():
+    res = CliRunner().invoke(app, ["tune", "--dry-run", "--missing", "--as-device", "sm90-132sm-227kb:  ", "-k", "gemm"])
+    assert res.exit_code == 2
+    assert "--as-device" in res.output and "empty device name" in res.output

@@ -71,6 +71,10 @@ def tune(
             DeviceKey.parse(as_device.partition(":")[0])
         except TilestackError as e:
             raise typer.BadParameter(f"--as-device {as_device!r}: {e}", param_hint="--as-device") from e
+        if ":" in as_device and not as_device.partition(":")[2].strip():    # a name the tables would be keyed by
+            raise typer.BadParameter(f"--as-device {as_device!r} has an empty device name after ':'; expected "
+                                     "'KEY' or 'KEY:NAME' (e.g. 'sm90-132sm-227kb:NVIDIA H200')",
+                                     param_hint="--as-device")
     if not 0 < budget_s < math.inf:      # (NaN passed a "<= 0" test: a run whose every deadline compares False)
         raise typer.BadParameter(f"--budget-s must be > 0, got {budget_s} (a finite number of seconds)",
                                  param_hint="--budget-s")
