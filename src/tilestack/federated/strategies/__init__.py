@@ -78,7 +78,7 @@ def make_strategy(
     proximal_mu: float = 0.0,
     server_lr: float = 0.1,
     num_malicious: int = 0,
-    num_clusters: int = 2,
+    num_clusters: int | None = None,
     noise_multiplier: float = 1.0,
     clipping_norm: float = 1.0,
     accountant=None,
@@ -91,6 +91,8 @@ def make_strategy(
     require_int("make_strategy", "num_clients", num_clients, low=1)
     require_int("make_strategy", "clients_per_round", clients_per_round, low=1, high=num_clients)
     require_int("make_strategy", "num_malicious", num_malicious, low=0)
+    if num_clusters is None:     # IFCA's default: two cluster models, or one per client where fewer clients
+        num_clusters = min(2, num_clients)
     require_int("make_strategy", "num_clusters", num_clusters, low=1)
     for arg, value, ok, expected in (
         ("eval_fraction", eval_fraction, lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
