@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import tilestack
+from test_fuzz_round22_more import close  # (NaN and infinities exactly where float64 torch has them)
 from tilestack import config
 from tilestack.kernels import rotary_tables
 from tilestack.testing.fuzz.outcomes import poisoned_allocations
@@ -34,17 +35,6 @@ def gen(seed: int) -> torch.Generator:
 
 def randn(seed: int, *shape, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(shape, generator=gen(seed), dtype=torch.float64).to(dtype)
-
-
-def close(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> None:
-    """NaN exactly where float64 torch has it; elsewhere within ``tol`` of max(1, the largest |want|)."""
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
-    got, want = got.detach().double(), want.detach().double()
-    assert torch.equal(got.isnan(), want.isnan()), f"{what}: NaN where float64 torch has none, or the reverse"
-    ok = ~want.isnan()
-    if ok.any():
-        err = ((got[ok] - want[ok]).abs().max() / want[ok].abs().max().clamp_min(1.0)).item()
-        assert err <= tol, f"{what}: error {err:.3g} > {tol:.3g}"
 
 
 COS, SIN = rotary_tables(3, 16)
