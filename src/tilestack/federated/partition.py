@@ -151,6 +151,13 @@ def quantity_skew(
     _check_common(num_samples, num_clients, min_size)
     rng = np.random.default_rng(seed)
     weights = rng.lognormal(0.0, sigma, num_clients)
+    total = weights.sum()
+    if not (np.isfinite(total) and total > 0):
+        # exp of the normal draws overflowed (or all underflowed) from sigma ~ 100 on: the shares became inf / inf =
+        # NaN, and clients got no examples while others were lost. The same draws (a lognormal is exp of the normal
+        # draw of the same stream) in the log domain, scaled by the largest, give the shares they stand for
+        logs = np.random.default_rng(seed).normal(0.0, sigma, num_clients)
+        weights = np.exp(logs - logs.max())  # (num_clients,) in (0, 1], the largest 1
     spare = num_samples - num_clients * min_size
     exact = weights / weights.sum() * spare  # (num_clients,) each client's share of the spare samples
     sizes = min_size + np.floor(exact).astype(int)

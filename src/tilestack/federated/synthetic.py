@@ -23,6 +23,7 @@ import numbers
 import numpy as np
 
 SIGMA_DECAY = 1.2  # Sigma_jj = j ** -SIGMA_DECAY
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # the clients' features are float32
 SIZE_LOG_MEAN, SIZE_LOG_STD, SIZE_MIN = 4.0, 2.0, 50  # lognormal(4, 2) + 50 samples per device
 
 
@@ -102,5 +103,11 @@ def _device(spec: Synthetic, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
     x = rng.normal(v, std, (n, d))  # (N, D)
     y = np.argmax(x @ w.T + b, axis=1)  # softmax is monotone: argmax of the logits
     n_test = max(1, int(round(spec.test_fraction * n)))
+    if (big := float(np.abs(x).max(initial=0.0))) > FLOAT32_MAX:  # (inf in float32 without a word: every step NaN)
+        raise ValueError(
+            f"Synthetic: beta={spec.beta!r} gives device {k} features of magnitude {big:.3g} (their means are drawn "
+            f"around B_k ~ N(0, beta)), beyond the float32 range the models train in ({FLOAT32_MAX:.3g}); expected a "
+            "smaller beta (the FedProx paper uses 0 to 1)"
+        )
     x, y = x.astype(np.float32), y.astype(np.int64)
     return x[n_test:], y[n_test:], x[:n_test], y[:n_test]

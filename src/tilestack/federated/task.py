@@ -51,6 +51,8 @@ TEST_FRACTION = 0.2
 TRANSFORMER_TOKENS = 8  # TorchModel's default tokens: the transformer cuts the features into that many
 MIN_CLIENT_SAMPLES = 2  # a client's smallest share of a pooled dataset: one to train on, one to test
 BLOB_SEPARATION = 1.5  # std of the class means, in units of the within-class std
+BLOB_NOISE_TAIL = 64.0  # the within-class N(0, 1) noise never passes 64 stds: |x| <= |mean| + 64
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # the clients' features are float32
 
 MAX_LOCAL_EPOCHS = 1e6   # local_epochs past this is a typo: its step count would overflow or never end
 
@@ -174,6 +176,10 @@ class Task:
             raise bad("num_features", ">= 1")
         if self.num_classes < 2:
             raise bad("num_classes", ">= 2")
+        if self.dataset == "blobs" and (big := float(np.abs(_blob_means(self)).max())) + BLOB_NOISE_TAIL > FLOAT32_MAX:
+            # (the class means, drawn at this scale, became inf in float32 and every client trained on inf: NaN)
+            raise bad("separation", f"a scale whose class means fit float32, the models' precision (they reach "
+                      f"{big:.3g}, beyond {FLOAT32_MAX:.3g})")
         if self.hidden < 1:
             raise bad("hidden", ">= 1")
         if not self.partition_alpha > 0:
@@ -400,10 +406,16 @@ def _pooled_at(task: Task, stamp: tuple[int, int] | None) -> tuple[np.ndarray, n
     if task.dataset == "file":
         return _load_file_at(task.data_path, stamp)
     rng = np.random.default_rng([task.seed, 3])
-    means = rng.normal(0, task.separation, (task.num_classes, task.num_features))  # (C, D)
+    means = _blob_means(task, rng)  # (C, D)
     y = rng.integers(0, task.num_classes, task.num_samples)
     x = (means[y] + rng.normal(0, 1, (task.num_samples, task.num_features))).astype(np.float32)
     return x, y
+
+
+def _blob_means(task: Task, rng: np.random.Generator | None = None) -> np.ndarray:
+    """The generated set's class means (C, D): the first draws of its stream (``rng``, else a fresh one)."""
+    rng = np.random.default_rng([task.seed, 3]) if rng is None else rng
+    return rng.normal(0, task.separation, (task.num_classes, task.num_features))
 
 
 def _blobs(task: Task) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
@@ -556,9 +568,16 @@ def _blobs_client(task: Task, pid: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     if task.feature_shift > 0:  # a client-specific affine distortion of the inputs (scanner, camera)
         d = x.shape[1]  # the dataset's features: digits' 64 and a file's own, not the num_features of blobs
         rng = np.random.default_rng([task.seed, 6, pid])
-        scale = np.exp(rng.normal(0, task.feature_shift, d)).astype(np.float32)
-        shift = rng.normal(0, 3 * task.feature_shift, d).astype(np.float32)
-        xc = xc * scale + shift
+        with np.errstate(over="ignore", invalid="ignore"):  # checked below
+            scale = np.exp(rng.normal(0, task.feature_shift, d)).astype(np.float32)
+            shift = rng.normal(0, 3 * task.feature_shift, d).astype(np.float32)
+            xc = xc * scale + shift
+        if not np.all(np.isfinite(xc)):  # (inf or NaN features without a word: every step of that client NaN)
+            raise ValueError(
+                f"Task: feature_shift={task.feature_shift!r} scales client {pid}'s features by up to "
+                f"{float(np.max(scale)):.3g} (exp of N(0, feature_shift) draws), beyond the float32 range the models "
+                "train in; expected a smaller feature_shift (FedBN's setting is about 0.5 to 1)"
+            )
     return _split(xc, yc)
 
 
