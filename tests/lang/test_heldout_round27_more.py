@@ -1,0 +1,357 @@
+"""Round 27 of held-out kernels, continued (test_heldout_round27.py has the first five): on the reference executor and
+Triton's interpreter against float64 torch, outputs poisoned first, ragged sizes, seeds fixed.
+
+- Mamba's causal depthwise conv1d (the short conv before the SSM), forward and backward: channels-last (B, T, C),
+  one program per (sequence, channel tile, chunk of time) walking its rows one at a time, each tap's row read at an
+  element coordinate t - (KW - 1) + k that is negative before the sequence starts (read as 0), the (C, KW) weights
+  through their transposed view; SiLU or none (a str constant); the backward recomputes the pre-activation for SiLU's
+  derivative in a first launch, then dx (rows t + KW - 1 - k past the end read as 0) and dW / dbias summed over
+  programs by atomic adds into f32; checked against torch.autograd of F.conv1d in float64.
+- torch.histc by atomics: each program's elements binned (x == max into the last bin, outside [min, max], NaN and
+  inf left out), counted per bin tile by a one-hot compare and a column sum, added atomically into f32 or i32 counts.
+- A strided copy of non-contiguous views (transposed, sliced with steps, at storage offsets, expanded with stride 0,
+  permuted 3-D) into contiguous or transposed outputs, converting dtypes; and an explicit tile transpose (X^T by
+  ts.transpose of each tile, the tile stored at the swapped coordinates); integers compared bit for bit.
+- Misuse: wrong ranks, dtypes and runtime argument kinds, out-of-range constants, each refused before any work with
+  a message naming the argument; then this round's kernels compiled for sm_90a through the Triton backend.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from heldout_support import BACKENDS, BF, F16, F64, I32, I64, close, launch, meta, randn
+from sm90a_compile import check_triton_sm90a
+from test_heldout_round27 import (
+    capacity_router,
+    halo_view,
+    jacobi_step,
+    jagged_reduce,
+    qkv_rope_split,
+    rope_tables,
+    w8_group_gemm,
+)
+
+import tilestack.lang as ts
+
+F32 = torch.float32
+I8, U8 = torch.int8, torch.uint8
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(20262702)
+
+
+def poisoned(*shape, dtype=F32, value=math.nan) -> torch.Tensor:
+    return torch.full(shape, value, dtype=dtype)
+
+
+# ---- 1. causal depthwise conv1d, forward and backward ------------------------------------------------------------
+def _silu(dst, src, sig):
+    ts.sigmoid(sig, src)
+    ts.mul(dst, src, sig)
+
+
+def _pre_row(pre, X, WT, BIAS, b, t, j, KW: int, BC: int):
+    """pre (BC,) = BIAS + sum_k WT[k] * X[b, t - (KW - 1) + k] (rows before 0 read as 0)."""
+    xr, w = ts.RegVec[ts.f32, BC](), ts.RegVec[ts.f32, BC]()
+    ts.load(pre, BIAS, at=(j,))
+    for k in range(KW):
+        ts.load(xr, X, at=(b, t - (KW - 1) + k, j))   # an element coordinate, negative before the start
+        ts.load(w, WT, at=(k, j))
+        ts.mul(xr, xr, w)
+        ts.add(pre, pre, xr)
+
+
+def _conv_grid(X, BC, CHUNK):
+    return (X.shape[0], ts.cdiv(X.shape[2], BC), ts.cdiv(X.shape[1], CHUNK))
+
+
+@ts.kernel(grid=lambda X, BC, CHUNK: _conv_grid(X, BC, CHUNK))
+def causal_conv1d_fwd(X, WT, BIAS, Y, *, KW: int = 4, ACT: str = "silu", BC: int = 16, CHUNK: int = 8):
+    """Y (B, T, C) = act(BIAS + causal depthwise conv of X (B, T, C) with the taps WT (KW, C))."""
+    b, j, c = ts.block_id(0), ts.block_id(1), ts.block_id(2)
+    T = X.shape[1]
+    pre, sig = ts.RegVec[ts.f32, BC](), ts.RegVec[ts.f32, BC]()
+    y = ts.RegVec[Y.dtype, BC]()
+    for t in ts.range(c * CHUNK, ts.smin((c + 1) * CHUNK, T)):
+        _pre_row(pre, X, WT, BIAS, b, t, j, KW, BC)
+        if ACT == "silu":
+            _silu(pre, pre, sig)
+        ts.copy(y, pre)
+        ts.store(Y, y, at=(b, t, j))
+
+
+@ts.kernel(grid=lambda X, BC, CHUNK: _conv_grid(X, BC, CHUNK))
+def causal_conv1d_dpre(X, WT, BIAS, DY, DPRE, *, KW: int = 4, BC: int = 16, CHUNK: int = 8):
+    """DPRE (B, T, C) f32 = DY * silu'(pre), the pre-activation recomputed."""
+    b, j, c = ts.block_id(0), ts.block_id(1), ts.block_id(2)
+    T = X.shape[1]
+    pre, sig, d, tmp = (ts.RegVec[ts.f32, BC]() for _ in range(4))
+    for t in ts.range(c * CHUNK, ts.smin((c + 1) * CHUNK, T)):
+        _pre_row(pre, X, WT, BIAS, b, t, j, KW, BC)
+        ts.sigmoid(sig, pre)                           # silu'(p) = s (1 + p (1 - s))
+        ts.neg(tmp, sig)
+        ts.add(tmp, tmp, 1.0)
+        ts.mul(tmp, tmp, pre)
+        ts.add(tmp, tmp, 1.0)
+        ts.mul(tmp, tmp, sig)
+        ts.load(d, DY, at=(b, t, j))
+        ts.mul(d, d, tmp)
+        ts.store(DPRE, d, at=(b, t, j))
+
+
+@ts.kernel(grid=lambda X, BC, CHUNK: _conv_grid(X, BC, CHUNK))
+def causal_conv1d_bwd(X, WT, G, DX, DWT, DBIAS, *, KW: int = 4, BC: int = 16, CHUNK: int = 8):
+    """From G = dL/dpre (B, T, C): DX[b, t] = sum_k WT[k] G[b, t + KW - 1 - k]; DWT (KW, C) and DBIAS (C,), f32,
+    += this program's sum over its rows of G[b, t] X[b, t - (KW - 1) + k] and of G[b, t] (atomically)."""
+    b, j, c = ts.block_id(0), ts.block_id(1), ts.block_id(2)
+    T = X.shape[1]
+    dx, g, w, xr = (ts.RegVec[ts.f32, BC]() for _ in range(4))
+    dws = [ts.RegVec[ts.f32, BC]() for _ in range(KW)]
+    db = ts.RegVec[ts.f32, BC]()
+    for v in (*dws, db):
+        ts.zero(v)
+    out = ts.RegVec[DX.dtype, BC]()
+    for t in ts.range(c * CHUNK, ts.smin((c + 1) * CHUNK, T)):
+        ts.zero(dx)
+        for k in range(KW):
+            ts.load(g, G, at=(b, t + (KW - 1) - k, j))   # rows past T read as 0
+            ts.load(w, WT, at=(k, j))
+            ts.mul(g, g, w)
+            ts.add(dx, dx, g)
+        ts.copy(out, dx)
+        ts.store(DX, out, at=(b, t, j))
+        ts.load(g, G, at=(b, t, j))
+        ts.add(db, db, g)
+        for k in range(KW):
+            ts.load(xr, X, at=(b, t - (KW - 1) + k, j))
+            ts.mul(xr, xr, g)
+            ts.add(dws[k], dws[k], xr)
+    for k in range(KW):
+        ts.atomic_add(DWT, dws[k], at=(k, j))
+    ts.atomic_add(DBIAS, db, at=(j,))
+
+
+def conv_ref(x, w, bias, act: str):
+    """y and the float64 graph of torch's causal depthwise conv1d (channels-last in and out)."""
+    B, T, C = x.shape
+    KW = w.shape[1]
+    xd = x.double().requires_grad_()
+    wd = w.double().requires_grad_()
+    bd = bias.double().requires_grad_()
+    pre = F.conv1d(xd.transpose(1, 2), wd[:, None, :], bd, padding=KW - 1, groups=C)[..., :T].transpose(1, 2)
+    y = F.silu(pre) if act == "silu" else pre
+    return y, (xd, wd, bd)
+
+
+def run_conv(backend, x, w, bias, act, dy, **consts):
+    B, T, C = x.shape
+    KW = w.shape[1]
+    wt = w.t()                                         # (KW, C), strides (1, KW): a transposed view
+    y = poisoned(B, T, C, dtype=x.dtype)
+    launch(causal_conv1d_fwd, backend, x, wt, bias, y, KW=KW, ACT=act, **consts)
+    g = dy.float()
+    if act == "silu":
+        g = poisoned(B, T, C)
+        launch(causal_conv1d_dpre, backend, x, wt, bias, dy, g, KW=KW, **consts)
+    dx, dwt, db = poisoned(B, T, C, dtype=x.dtype), torch.zeros(KW, C), torch.zeros(C)
+    launch(causal_conv1d_bwd, backend, x, wt, g, dx, dwt, db, KW=KW, **consts)
+    return y, dx, dwt.t(), db
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [F32, F16, BF])
+@pytest.mark.parametrize("act", ["silu", "none"])
+@pytest.mark.parametrize(("B", "T", "C", "KW"), [(2, 11, 21, 4), (1, 3, 5, 4), (1, 1, 1, 3)])
+def test_causal_conv1d_fwd_bwd(backend, dtype, act, B, T, C, KW, rng):
+    if backend == "triton" and dtype is not F32 and B > 1:
+        pytest.skip("the 16-bit dtypes at the larger shape on the reference executor only (interpreter time)")
+    x = randn(rng, B, T, C, dtype=dtype)
+    w = randn(rng, C, KW, dtype=dtype) * 0.5
+    bias = randn(rng, C, dtype=dtype)
+    dy = randn(rng, B, T, C, dtype=dtype)
+    y, dx, dw, db = run_conv(backend, x, w, bias, act, dy)
+    want, (xd, wd, bd) = conv_ref(x, w, bias, act)
+    want.backward(dy.double())
+    close(y, want.detach(), scale=2)
+    close(dx, xd.grad, scale=2)
+    n = math.sqrt(B * T)
+    close(dw, wd.grad, dtype=dtype, scale=2 * n)
+    close(db, bd.grad, dtype=dtype, scale=2 * n)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_causal_conv1d_is_causal_and_saturates(backend):
+    """A spike at time s reaches outputs s .. s + KW - 1 only (never earlier: the conv is causal) and the gradient
+    of one output reaches inputs t - KW + 1 .. t only; pre-activations of +-1e4 give silu = x and -0 (no NaN)."""
+    B, T, C, KW = 1, 12, 3, 4
+    x = torch.zeros(B, T, C)
+    x[0, 5] = 1.0
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.0]] * C)
+    bias = torch.zeros(C)
+    dy = torch.zeros(B, T, C)
+    dy[0, 9] = 1.0
+    y, dx, dw, db = run_conv(backend, x, w, bias, "none", dy)
+    assert y[0, :, 0].tolist() == [0, 0, 0, 0, 0, 4, 3, 2, 1, 0, 0, 0]
+    assert dx[0, :, 0].tolist() == [0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 0, 0]
+    assert dw[0].tolist() == [0.0, 0.0, 0.0, 0.0] and db.tolist() == [1.0, 1.0, 1.0]
+    big = torch.full((B, T, C), 2500.0)
+    big[0, :, 1] = -2500.0
+    y, dx, dw, db = run_conv(backend, big, w, bias, "silu", dy)
+    assert torch.equal(y[0, 3:, 0], torch.full((T - 3,), 25000.0))
+    assert (y[0, 3:, 1] == 0).all() and torch.isfinite(dx).all() and torch.isfinite(dw).all()
+
+
+# ---- 2. torch.histc by atomics -------------------------------------------------------------------------------------
+@ts.kernel(grid=lambda X, BN: (ts.cdiv(X.shape[0], BN),))
+def histc(X, HIST, lo: float, hi: float, *, BN: int = 32, BB: int = 16):
+    """HIST (bins,) += counts of X's elements in [lo, hi] split into bins equal bins (hi into the last); elements
+    outside, NaN and infinities past the range counted nowhere."""
+    i = ts.block_id(0)
+    bins = HIST.shape[0]
+    x, pos = ts.RegVec[ts.f32, BN](), ts.RegVec[ts.f32, BN]()
+    idx, ok = ts.RegVec[ts.i32, BN](), ts.RegVec[ts.bool_, BN]()
+    inside, rows = ts.RegVec[ts.bool_, BN](), ts.RegVec[ts.i32, BN]()
+    ts.load(x, X, at=(i,))
+    ts.arange(rows, i * BN)
+    ts.lt(inside, rows, X.shape[0])
+    ts.ge(ok, x, lo)                                   # (False for NaN)
+    ts.logical_and(ok, ok, inside)
+    ts.le(inside, x, hi)
+    ts.logical_and(ok, ok, inside)
+    ts.sub(pos, x, lo)
+    ts.mul(pos, pos, bins)
+    ts.div(pos, pos, hi - lo)
+    ts.where(pos, ok, pos, 0.0)                        # (no NaN or inf into the integer conversion)
+    ts.copy(idx, pos)                                  # truncates toward zero: the bin
+    ts.min(idx, idx, bins - 1)                         # x == hi into the last bin
+    ts.where(idx, ok, idx, -1)                         # bin -1 matches no bin
+    hit = ts.RegTile[ts.bool_, BN, BB]()
+    one = ts.RegTile[ts.f32, BN, BB]()
+    cols = ts.RegVec[ts.i32, BB]()
+    counts = ts.RegVec[ts.f32, BB]()
+    out = ts.RegVec[HIST.dtype, BB]()
+    for kb in ts.range(ts.cdiv(bins, BB)):
+        ts.arange(cols, kb * BB)
+        ts.eq(hit, ts.per_row(idx), ts.per_col(cols))
+        ts.where(one, hit, 1.0, 0.0)
+        ts.col_sum(counts, one)
+        ts.copy(out, counts)
+        ts.atomic_add(HIST, out, at=(kb,))
+
+
+def histc_ref(x: torch.Tensor, bins: int, lo: float, hi: float) -> torch.Tensor:
+    v = x.double().numpy()
+    v = v[(v >= lo) & (v <= hi)]
+    idx = np.minimum(((v - lo) * bins / (hi - lo)).astype(np.int64), bins - 1)
+    return torch.from_numpy(np.bincount(idx, minlength=bins)).double()
+
+
+def off_edges(x: torch.Tensor, bins: int, lo: float, hi: float) -> torch.Tensor:
+    """``x`` with every value within 1e-3 of a bin edge moved to the bin's middle (the f32 and float64 bin
+    computations then agree)."""
+    u = (x.double() - lo) * bins / (hi - lo)
+    near = (u - u.round()).abs() < 1e-3
+    return torch.where(near, (u.floor() + 0.5) * (hi - lo) / bins + lo, x.double()).to(x.dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [F32, F16, BF])
+@pytest.mark.parametrize("count_dtype", [F32, I32])
+@pytest.mark.parametrize(("N", "bins", "lo", "hi"), [(301, 37, -2.0, 2.5), (1, 1, 0.0, 1.0), (64, 16, -1.0, 1.0)])
+def test_histc(backend, dtype, count_dtype, N, bins, lo, hi, rng):
+    x = off_edges(randn(rng, N, dtype=dtype) * 1.5, bins, lo, hi)
+    hist = torch.zeros(bins, dtype=count_dtype)
+    launch(histc, backend, x, hist, lo, hi)
+    want = histc_ref(x, bins, lo, hi)
+    assert torch.equal(hist.double(), want), (hist, want)
+    if dtype is F32:
+        assert torch.equal(hist.double(), torch.histc(x.double(), bins, lo, hi))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_histc_edges_nan_inf_and_empty(backend):
+    """lo into bin 0, hi into the last bin, below lo / above hi / NaN / +-inf nowhere; counts add into what HIST
+    held (a second launch doubles them); an empty X adds nothing."""
+    x = torch.tensor([0.0, 4.0, 1.0, 2.0, 3.999, -0.001, 4.001, math.nan, math.inf, -math.inf, 2.0, 0.5])
+    hist = torch.zeros(4, dtype=I32)
+    launch(histc, backend, x, hist, 0.0, 4.0, BN=8, BB=2)
+    assert hist.tolist() == [2, 1, 2, 2]
+    launch(histc, backend, x, hist, 0.0, 4.0, BN=8, BB=2)
+    assert hist.tolist() == [4, 2, 4, 4]
+    launch(histc, backend, torch.empty(0), hist, 0.0, 4.0)
+    assert hist.tolist() == [4, 2, 4, 4]
+    assert torch.equal(torch.histc(x[~x.isnan()], 4, 0.0, 4.0).int() * 2, hist)
+
+
+# ---- 3. strided copies and transposes of non-contiguous views -----------------------------------------------------
+@ts.kernel(grid=lambda OUT, BM, BN: (OUT.shape[0], ts.cdiv(OUT.shape[1], BM), ts.cdiv(OUT.shape[2], BN)))
+def strided_copy(X, OUT, *, BM: int = 8, BN: int = 16):
+    """OUT (A, M, N) = X (A, M, N) converted to OUT's dtype, whatever the strides of either."""
+    a, i, j = ts.block_id(0), ts.block_id(1), ts.block_id(2)
+    t = ts.RegTile[X.dtype, BM, BN]()
+    o = ts.RegTile[OUT.dtype, BM, BN]()
+    ts.load(t, X, at=(a, i, j))
+    ts.copy(o, t)
+    ts.store(OUT, o, at=(a, i, j))
+
+
+@ts.kernel(grid=lambda X, BM, BN: (ts.cdiv(X.shape[0], BM), ts.cdiv(X.shape[1], BN)))
+def tile_transpose(X, OUT, *, BM: int = 8, BN: int = 16):
+    """OUT (N, M) = X (M, N)^T: each tile transposed in registers and stored at the swapped coordinates."""
+    i, j = ts.block_id(0), ts.block_id(1)
+    t = ts.RegTile[X.dtype, BM, BN]()
+    tt = ts.RegTile[X.dtype, BN, BM]()
+    ts.load(t, X, at=(i, j))
+    ts.transpose(tt, t)
+    ts.store(OUT, tt, at=(j, i))
+
+
+def _views(base: torch.Tensor) -> dict:
+    """Non-contiguous (A, M, N) views of ``base`` (4, 24, 30)."""
+    return {
+        "transposed": base.transpose(1, 2)[:, :19, :13],                 # inner stride 30
+        "stepped": base[:, 1::2, ::3],                                    # strides (720, 60, 3), offset 30
+        "permuted": base.permute(2, 0, 1)[:5],                            # (5, 4, 24): every stride unusual
+        "expanded": base[:1, :1, :].expand(3, 17, 30),                    # stride 0 on two axes
+        "offset": base[1:, 3:, 5:],                                       # storage offset, contiguous rows
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("view", ["transposed", "stepped", "permuted", "expanded", "offset"])
+@pytest.mark.parametrize(("src", "dst"), [(F32, F32), (I64, I32), (BF, F32), (F16, BF), (U8, I64), (I32, F16)])
+def test_strided_copy(backend, view, src, dst):
+    base = torch.arange(4 * 24 * 30, dtype=torch.int64).view(4, 24, 30) % 251 - 100
+    base = base.clamp(min=0) if src is U8 else base
+    x = _views(base.to(src))[view]
+    out = poisoned(*x.shape, dtype=dst, value=-77 if not dst.is_floating_point else math.nan)
+    launch(strided_copy, backend, x, out)
+    assert torch.equal(out, x.to(dst)), view
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_copy_into_a_transposed_output(backend, rng):
+    """The output a transposed view of a contiguous buffer (inner stride M), the input a stepped view: the buffer
+    holds X^T exactly; columns of the buffer outside the view keep their poison."""
+    x = randn(rng, 2, 40, 25, dtype=F16)[:, ::2, :]      # (2, 20, 25)
+    buf = poisoned(2, 25, 21, dtype=F16)
+    launch(strided_copy, backend, x, buf[:, :, :20].transpose(1, 2))
+    assert torch.equal(buf[:, :, :20], x.transpose(1, 2)) and buf[:, :, 20].isnan().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [F32, BF, I8, I64])
+@pytest.mark.parametrize(("M", "N", "BM", "BN"), [(37, 21, 8, 16), (1, 1, 8, 16), (16, 64, 16, 16)])
+def test_tile_transpose(backend, dtype, M, N, BM, BN, rng):
+    x = torch.from_numpy(rng.integers(-100, 100, (M, N + 3))).to(dtype)[:, 3:]   # a storage offset, rows N + 3
+    out = poisoned(N, M, dtype=dtype, value=-7 if not dtype.is_floating_point else math.nan)
+    launch(tile_transpose, backend, x, out, BM=BM, BN=BN)
+    assert torch.equal(out, x.t())
+    out2 = poisoned(M, N, dtype=dtype, value=-7 if not dtype.is_floating_point else math.nan)
+    launch(tile_transpose, backend, x.t(), out2, BM=BN, BN=BM)     # the transposed view back again
+    assert torch.equal(out2, x)
