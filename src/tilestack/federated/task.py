@@ -55,6 +55,8 @@ BLOB_NOISE_TAIL = 64.0  # the within-class N(0, 1) noise never passes 64 stds: |
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # the clients' features are float32
 
 MAX_LOCAL_EPOCHS = 1e6   # local_epochs past this is a typo: its step count would overflow or never end
+MAX_LOCAL_STEPS = 10**9   # local_steps past this is a typo too: a billion SGD steps per client and round (2**63 was
+# taken, and every client's round never ended)
 
 
 # the settings of the generated Gaussian-mixture set that other datasets do not read: a pooled set (digits, a file)
@@ -170,6 +172,8 @@ class Task:
             raise bad("local_epochs", f"in (0, {MAX_LOCAL_EPOCHS:g}]")
         if self.local_steps is not None and self.local_steps < 1:
             raise bad("local_steps", ">= 1 or None")
+        if self.local_steps is not None and self.local_steps > MAX_LOCAL_STEPS:
+            raise bad("local_steps", f"at most {MAX_LOCAL_STEPS:,} (SGD steps per client and round), or None")
         if not self.separation > 0:
             raise bad("separation", "> 0")
         if self.num_features < 1:
