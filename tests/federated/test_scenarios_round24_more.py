@@ -272,3 +272,38 @@ def test_a_local_step_count_no_round_could_finish_is_refused_naming_local_steps(
                    train_config={"local-steps": steps})  # fmt: skip
     assert "local_steps" in str(ex.value) and calls == []
     assert _task(local_steps=10**9).steps_for(0) == 10**9
+
+
+def _all_late(exponent: float, **kw):
+    """Three clients that each need more than two deadlines for their work (2 s of steps and the model's transfer, a 1 s
+    deadline): every update is two rounds late, so the rounds that aggregate hold late updates only."""
+    task = _task(num_clients=3, num_samples=120, local_steps=4)
+    system = SystemModel(3, speeds=np.full(3, 2.0), bandwidths=np.full(3, 1e9), deadline=1.0)
+    return simulate(FedAvg(**EVERYONE), task, rounds=4, system=system, stragglers="stale", staleness_exponent=exponent,
+                    **kw)  # fmt: skip
+
+
+@pytest.mark.parametrize("exponent, max_staleness", [(1100.0, 4), (1e6, 4), (60.0, 10**6)])
+def test_a_staleness_exponent_under_which_a_late_update_weighs_nothing_is_refused_before_any_work(exponent,
+                                                                                                max_staleness):
+    """(1 + rounds late) ** -staleness_exponent underflowed to 0 for an update max_staleness rounds late (from ~440 at
+    max_staleness 4): such updates counted for nothing, and a round whose replies were all late ended the run with a
+    ZeroDivisionError inside Flower's weighted mean. Refused before any work, naming the exponent and the bound."""
+    calls: list = []
+    with pytest.raises(ValueError, match=f"staleness_exponent={exponent!r} with max_staleness={max_staleness}") as ex:
+        _all_late(exponent, max_staleness=max_staleness, on_round=calls.append)
+    assert "expected staleness_exponent <=" in str(ex.value) and calls == []
+
+
+def test_late_updates_alone_at_a_steep_but_representable_staleness_weight_are_their_plain_mean():
+    """At staleness_exponent 440 (a two-rounds-late weight of 3**-440, about 1e-210, still a normal float64) the rounds
+    that aggregate hold late updates only: each such round's model is their mean (equal staleness: the weights
+    cancel), the model of the run that does not weigh staleness at all."""
+    whole = _all_late(440.0)
+    rounds = whole.history.rounds
+    assert any(r.stale and r.num_aggregated == 3 for r in rounds)
+    assert all(set(r.stale.values()) <= {2} for r in rounds)
+    assert all(np.isfinite(v).all() for v in np_(whole.arrays).values())
+    plain = _all_late(0.0)
+    for k, v in np_(plain.arrays).items():
+        np.testing.assert_allclose(np_(whole.arrays)[k], v, rtol=1e-6, atol=1e-7, err_msg=k)

@@ -70,7 +70,7 @@ from tilestack.federated.client import (
     task_from_config,
 )  # fmt: skip
 from tilestack.federated.compression import COMPRESS_KEY, COMPRESSED_STYPES
-from tilestack.federated.staleness import LateReply, rebased, rounds_late
+from tilestack.federated.staleness import LateReply, rebased, rounds_late, staleness_weight
 from tilestack.federated.system import ClientPlan, SystemModel
 from tilestack.federated.task import Task
 
@@ -303,6 +303,17 @@ def check_straggler_policy(where: str, system: SystemModel | None, task: Task, s
             "weight is multiplied by (1 + rounds late) ** -staleness_exponent)"
         )
     require_int(where, "max_staleness", max_staleness, low=1)
+    least = staleness_weight(max_staleness, staleness_exponent)
+    if stragglers == "stale" and least < sys.float_info.min:
+        # (an update max_staleness rounds late weighed 0 or a subnormal: it counted for nothing, and a round whose
+        # replies were all late divided by their zero total weight, a ZeroDivisionError that ended the run)
+        raise ValueError(
+            f"{where}: staleness_exponent={staleness_exponent!r} with max_staleness={max_staleness}; an update "
+            f"{max_staleness} rounds late would weigh (1 + {max_staleness}) ** -{staleness_exponent!r} = {least:.3g}, "
+            f"below float64's smallest normal number; expected staleness_exponent <= "
+            f"{math.floor(100 * math.log(1 / sys.float_info.min) / math.log(1 + max_staleness)) / 100:g} (or a "
+            "smaller max_staleness)"
+        )
     if stragglers == "stale" and (system is None or system.deadline is None):
         raise ValueError(
             f"{where}: stragglers='stale' with system={'None' if system is None else 'a SystemModel without deadline'}"
