@@ -307,3 +307,49 @@ def test_late_updates_alone_at_a_steep_but_representable_staleness_weight_are_th
     plain = _all_late(0.0)
     for k, v in np_(plain.arrays).items():
         np.testing.assert_allclose(np_(whole.arrays)[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+# ---- the deployment ServerApp's run config: refusals name the key the user set -------------------------------------
+class _Untouchable(InProcessGrid):
+    """A Flower grid that fails the test if the ServerApp uses it (the roll call or a round's messages)."""
+
+    def get_node_ids(self):
+        raise AssertionError("the grid was used (roll call) before the run config was checked")
+
+    def send_and_receive(self, messages, *, timeout=None):
+        raise AssertionError("the grid was used (messages) before the run config was checked")
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"strategy": "nope"}, "run config: strategy='nope': make_strategy: name='nope'"),
+        ({"strategy": "FedAvg"}, "run config: strategy='FedAvg'"),
+        ({"eval-fraction": 1.5}, "run config: eval-fraction=1.5: make_strategy: eval_fraction=1.5"),
+        ({"clients-per-round": 0}, "run config: clients-per-round=0: "),
+        ({"clients-per-round": 5}, "run config: clients-per-round=5: "),
+        ({"proximal-mu": 1.0}, "run config: proximal-mu=1.0: make_strategy: proximal_mu=1.0 is a setting of fedprox"),
+        ({"strategy": "fedprox", "proximal-mu": 100.0}, "run config: proximal-mu=100.0: FedProx: proximal_mu=100.0"),
+        ({"num-rounds": -1}, "run config: num-rounds=-1: "),
+        ({"timeout": 0.0}, "run config: timeout=0.0: "),
+        ({"timeout": math.inf}, "run config: timeout=inf: "),
+        ({"seed": -2}, "run config: seed=-2: "),
+    ],
+)
+def test_a_deployment_run_config_the_library_refuses_names_the_run_config_key_before_the_roll_call(tmp_path, change,
+                                                                                                   words):
+    """The deployment's user sets ``strategy``, ``num-rounds``, ``eval-fraction`` in ``flwr run --run-config``; the
+    refusals named the library's arguments (``make_strategy: name='nope'``, ``run_rounds: num_rounds=-1``), and
+    FedProx's mu against the task's lr was refused only after the roll call had asked every SuperNode. Each is refused
+    before the grid is used, naming the run-config key and its value, the library's words kept."""
+    from flwr.app import Context, RecordDict
+
+    from tilestack.federated import deploy
+
+    task = _task()
+    cfg = {"task": task.to_json(), "result-path": str(tmp_path / "r.json"), "num-rounds": 1} | change
+    with pytest.raises(ValueError) as ex:
+        deploy.main(_Untouchable(tsclient.app, 4), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                                          run_config=cfg))  # fmt: skip
+    assert words in str(ex.value)
+    assert not (tmp_path / "r.json").exists()

@@ -19,13 +19,16 @@ keys: ``task`` (a :class:`Task` as JSON), ``strategy`` (a name from ``strategies
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from tilestack.errors import FederatedError
+from tilestack.federated.checks import check_proximal
 from tilestack.federated.client import TASK_KEY
-from tilestack.federated.driver import run_rounds
+from tilestack.federated.driver import check_run_arguments, run_rounds
 from tilestack.federated.evaluation import Evaluator
 from tilestack.federated.grid import ManagedGrid
 from tilestack.federated.simulation import initial_arrays_for
@@ -74,17 +77,47 @@ def read_run_config(cfg) -> dict:
     return out
 
 
+# the library argument a refusal names -> the run-config key the user set it with
+CONFIG_KEY_OF = {"name": "strategy", "clients_per_round": "clients-per-round", "eval_fraction": "eval-fraction",
+                 "proximal_mu": "proximal-mu", "num_rounds": "num-rounds", "seed": "seed", "timeout": "timeout"}
+
+
+def _config_error(cfg: dict, ex: Exception) -> ValueError:
+    """``ex`` (a refusal in the library's words: ``make_strategy: name='nope'``) as a ValueError (a FederatedError
+    where it was one) naming the run-config key behind the first argument it names (``run config: strategy='nope':
+    ...``): the deployment's user set ``strategy``, ``num-rounds`` or ``eval-fraction``, which the library's ``name``,
+    ``num_rounds`` and ``eval_fraction`` did not say."""
+    message = str(ex)
+    key = next((CONFIG_KEY_OF[n] for n in re.findall(r"\b([a-z_]+)=", message) if n in CONFIG_KEY_OF), None)
+    kind = FederatedError if isinstance(ex, FederatedError) else ValueError
+    return kind(f"run config: {message}" if key is None else f"run config: {key}={cfg[key]!r}: {message}")
+
+
+def build_strategy(cfg: dict):
+    """The run's strategy and its settings checked against the task (FedProx's mu against its lr) and the round
+    loop's own arguments, before the roll call; a refusal names the run-config key."""
+    task = cfg["task"]
+    try:
+        strategy = make_strategy(
+            cfg["strategy"],
+            clients_per_round=task.num_clients if cfg["clients-per-round"] is None else cfg["clients-per-round"],
+            num_clients=task.num_clients,
+            eval_fraction=cfg["eval-fraction"],
+            proximal_mu=cfg["proximal-mu"],
+        )
+        check_proximal(strategy, task)
+        check_run_arguments("run_rounds", rounds_name="num_rounds", rounds=cfg["num-rounds"], seed=cfg["seed"],
+                            timeout=cfg["timeout"], stop_after=None)  # fmt: skip
+    except (ValueError, TypeError, FederatedError) as ex:
+        raise _config_error(cfg, ex) from ex
+    return strategy
+
+
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = read_run_config(context.run_config)
     task = cfg["task"]
-    strategy = make_strategy(
-        cfg["strategy"],
-        clients_per_round=task.num_clients if cfg["clients-per-round"] is None else cfg["clients-per-round"],
-        num_clients=task.num_clients,
-        eval_fraction=cfg["eval-fraction"],
-        proximal_mu=cfg["proximal-mu"],
-    )
+    strategy = build_strategy(cfg)
     config = {TASK_KEY: task.to_json()}
     result = run_rounds(
         strategy,
