@@ -368,3 +368,32 @@ def test_synthetic_of_a_beta_whose_features_overflow_float32_is_refused_naming_b
     assert "float32" in str(ex.value)
     x = Task(alpha=1e200, beta=1.0, num_clients=3).client_data(0)[0]
     assert np.isfinite(x).all() and math.isfinite(float(np.abs(x).max()))
+
+
+# ---- the same refusals through `tilestack fl run` ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--beta", "1e200", "--clients", "4", "--per-round", "2"], ["Invalid value for --beta", "beta=1e+200"]),
+        (["--dataset", "blobs", "--clients", "4", "--per-round", "2", "--local-steps", "99999999999"],
+         ["Invalid value for --local-steps", "local_steps=99999999999"]),
+        (["--dataset", "blobs", "--clients", "4", "--per-round", "2", "--straggler-policy", "stale", "--deadline", "1",
+          "--staleness-exponent", "2000"], ["Invalid value for --staleness-exponent", "staleness_exponent=2000.0"]),
+    ],
+)
+def test_fl_run_refuses_data_or_work_settings_that_overflow_naming_the_option(args, needles):
+    """Synthetic's beta past float32, a local step count no round could finish and a staleness weight that underflows,
+    given on the command line: a usage error (exit 2) naming the option, no traceback and no run."""
+    import re
+
+    from typer.testing import CliRunner
+
+    import tilestack.cli.fl  # noqa: F401  (registers `tilestack fl`)
+    from tilestack.cli import app as cli_app
+
+    res = CliRunner().invoke(cli_app, ["fl", "run", "--rounds", "1", *args], env={"COLUMNS": "400"})
+    out = " ".join(re.sub("[\u2500-\u257f]", " ", res.output).split())
+    assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
+    assert "Traceback" not in res.output and "test accuracy" not in res.output
+    for needle in needles:
+        assert needle in out, (needle, out)
