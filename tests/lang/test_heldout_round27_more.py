@@ -73,6 +73,10 @@ def _conv_grid(X, BC, CHUNK):
 @ts.kernel(grid=lambda X, BC, CHUNK: _conv_grid(X, BC, CHUNK))
 def causal_conv1d_fwd(X, WT, BIAS, Y, *, KW: int = 4, ACT: str = "silu", BC: int = 16, CHUNK: int = 8):
     """Y (B, T, C) = act(BIAS + causal depthwise conv of X (B, T, C) with the taps WT (KW, C))."""
+    if ACT not in ("silu", "none"):                   # a constant checked when traced, before any work
+        raise ValueError(f"causal_conv1d_fwd: ACT={ACT!r}; expected 'silu' or 'none'")
+    if KW < 1:
+        raise ValueError(f"causal_conv1d_fwd: KW={KW}; expected a filter width of at least 1")
     b, j, c = ts.block_id(0), ts.block_id(1), ts.block_id(2)
     T = X.shape[1]
     pre, sig = ts.RegVec[ts.f32, BC](), ts.RegVec[ts.f32, BC]()
@@ -163,13 +167,15 @@ def run_conv(backend, x, w, bias, act, dy, **consts):
     return y, dx, dwt.t(), db
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [F32, F16, BF])
+_CONV_CASES = [(backend, dtype, shape) for backend in BACKENDS for dtype in (F32, F16, BF)
+               for shape in ((2, 11, 21, 4), (1, 3, 5, 4), (1, 1, 1, 3))
+               if backend == "reference" or dtype is F32 or shape[0] == 1]   # (interpreter time)
+
+
+@pytest.mark.parametrize(("backend", "dtype", "shape"), _CONV_CASES)
 @pytest.mark.parametrize("act", ["silu", "none"])
-@pytest.mark.parametrize(("B", "T", "C", "KW"), [(2, 11, 21, 4), (1, 3, 5, 4), (1, 1, 1, 3)])
-def test_causal_conv1d_fwd_bwd(backend, dtype, act, B, T, C, KW, rng):
-    if backend == "triton" and dtype is not F32 and B > 1:
-        pytest.skip("the 16-bit dtypes at the larger shape on the reference executor only (interpreter time)")
+def test_causal_conv1d_fwd_bwd(backend, dtype, shape, act, rng):
+    B, T, C, KW = shape
     x = randn(rng, B, T, C, dtype=dtype)
     w = randn(rng, C, KW, dtype=dtype) * 0.5
     bias = randn(rng, C, dtype=dtype)
@@ -355,3 +361,193 @@ def test_tile_transpose(backend, dtype, M, N, BM, BN, rng):
     out2 = poisoned(M, N, dtype=dtype, value=-7 if not dtype.is_floating_point else math.nan)
     launch(tile_transpose, backend, x.t(), out2, BM=BN, BN=BM)     # the transposed view back again
     assert torch.equal(out2, x)
+
+
+# ---- empty extents and misuse ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_extents_launch_nothing_or_write_identities(backend):
+    """N = 0 values (every segment empty: sums 0, log-sum-exps -inf), T = 0 tokens (loads 0), K = 0 (Y = 0),
+    zero-size grids (T = 0, C = 0, M = 0, bins = 0): nothing fails, nothing outside the outputs is written."""
+    s, m, lse = run_jagged_empty(backend)
+    assert (s == 0).all() and (m == 0).all() and (lse == -math.inf).all()
+    load = torch.full((4,), -1, dtype=I32)
+    launch(capacity_router, backend, torch.zeros(0, 4), torch.zeros(0, 4), load, 0.1, 3)
+    assert load.tolist() == [0, 0, 0, 0]
+    y = poisoned(3, 5)
+    launch(w8_group_gemm, backend, torch.zeros(3, 0), torch.zeros(0, 5, dtype=I8), torch.zeros(0, 5), y)
+    assert (y == 0).all()
+    launch(causal_conv1d_fwd, backend, torch.zeros(2, 0, 3), torch.zeros(3, 4).t(), torch.zeros(3),
+           torch.zeros(2, 0, 3))
+    launch(causal_conv1d_fwd, backend, torch.zeros(2, 5, 0), torch.zeros(0, 4).t(), torch.zeros(0),
+           torch.zeros(2, 5, 0))
+    launch(tile_transpose, backend, torch.zeros(0, 4), torch.zeros(4, 0))
+    hist = torch.zeros(0)
+    launch(histc, backend, torch.randn(10), hist, 0.0, 1.0)
+    pad = torch.zeros(2, 2)
+    launch(jacobi_step, backend, halo_view(pad), torch.zeros(0, 0), torch.zeros(0, 0, dtype=torch.bool),
+           pad[1:-1, 1:-1], 0.5, 0.1)
+    assert (pad == 0).all()
+
+
+def run_jagged_empty(backend):
+    offsets = torch.zeros(4, dtype=I64)
+    s, m, lse = poisoned(3, 5), poisoned(3, 5), poisoned(3, 5)
+    launch(jagged_reduce, backend, torch.zeros(0, 5), offsets, s, m, lse)
+    return s, m, lse
+
+
+def _w8_args():
+    return torch.randn(4, 64), torch.zeros(64, 16, dtype=I8), torch.ones(2, 16), poisoned(4, 16)
+
+
+@pytest.mark.parametrize(("change", "error", "fragment"), [
+    (dict(X=torch.randn(1, 4, 64)), Exception, "`X` has rank 3"),
+    (dict(S=torch.ones(16)), Exception, "`S` has rank 1"),
+    (dict(X=torch.ones(4, 64, dtype=I32)), Exception, "mma_AB: a `a` is i32"),
+    (dict(X=torch.ones(4, 64, dtype=F64)), Exception, "mma_AB: a `a` is f64"),
+    (dict(X=torch.ones(4, 64, dtype=torch.complex64)), Exception, "argument X has dtype torch.complex64"),
+    (dict(X=np.ones((4, 64), np.float32)), Exception, "argument X must be a torch.Tensor"),
+    (dict(Y=torch.zeros(16).expand(4, 16)), Exception, "output Y has shape (4, 16) and strides (0, 1)"),
+    (dict(BM=0), Exception, "the constant BM=0 of this launch"),
+    (dict(BM=-16), Exception, "the constant BM=-16 of this launch"),
+    (dict(BN=True), Exception, "constant BN is declared int; got bool True"),
+    (dict(BN=16.0), Exception, "constant BN is declared int; got float 16.0"),
+    (dict(GROUP=64), Exception, "unknown constant(s) ['GROUP']"),
+])
+def test_w8_group_gemm_misuse_is_named(change, error, fragment):
+    x, wq, s, y = _w8_args()
+    args = dict(X=x, WQ=wq, S=s, Y=y)
+    consts = {k: v for k, v in change.items() if k not in args}
+    args.update({k: v for k, v in change.items() if k in args})
+    with pytest.raises(error) as e:
+        launch(w8_group_gemm, "reference", *args.values(), **consts)
+    assert fragment in str(e.value), str(e.value)
+    assert y.isnan().all()                             # refused before any work
+
+
+def test_triton_tile_limits_are_named():
+    x, wq, s, y = _w8_args()
+    with pytest.raises(Exception, match=r"power-of-two tile sizes.*RegTile\[f32, 12, 16\]"):
+        launch(w8_group_gemm, "triton", x, wq, s, y, BM=12)
+    with pytest.raises(Exception, match=r"131072, 16\], 2097152 elements.*at most 1048576"):
+        launch(w8_group_gemm, "triton", x, wq, s, y, BM=1 << 17)
+    assert y.isnan().all()
+
+
+def test_runtime_arguments_of_the_wrong_kind_are_named():
+    logits, gates, load = torch.randn(8, 4), poisoned(8, 4), torch.full((4,), -7, dtype=I32)
+    for args, fragment in [((0.1, 2.5), "argument capacity is a runtime int; got float 2.5"),
+                           ((torch.tensor(0.1), 2), "argument tau is a runtime float; got Tensor"),
+                           (("0.1", 2), "argument tau is a runtime float; got str '0.1'"),
+                           ((0.1, True), "argument capacity is a runtime int; got bool True"),
+                           ((0.1, 2**70), "argument capacity is a runtime int, at most 64 bits"),
+                           ((0.1,), "missing ['capacity']")]:
+        with pytest.raises(Exception) as e:
+            launch(capacity_router, "reference", logits, gates, load, *args)
+        assert fragment in str(e.value), str(e.value)
+    assert gates.isnan().all() and (load == -7).all()
+
+
+def test_offsets_and_positions_in_float_tensors_are_named():
+    """An offsets or positions tensor of floats: the error names the tensor (the `//` of a float offset said only
+    "got float // index" before this round's fix, lang/tiles.py)."""
+    v = torch.randn(10, 5)
+    outs = [poisoned(2, 5) for _ in range(3)]
+    with pytest.raises(Exception, match=r"`//` is for index scalars.*ts.load_scalar of `OFFSETS`, a float tensor"):
+        launch(jagged_reduce, "reference", v, torch.tensor([0.0, 4.0, 10.0]), *outs)
+    with pytest.raises(Exception, match="1 indices for `OFFSETS` of rank 2"):
+        launch(jagged_reduce, "reference", v, torch.tensor([[0, 4, 10]]), *outs)
+    assert all(o.isnan().all() for o in outs)
+    heads = [torch.zeros(2, 2, 2)] * 5
+    with pytest.raises(Exception, match=r"load: at\[0\] must be an index.*ts.load_scalar of `POS`, a float tensor"):
+        launch(qkv_rope_split, "triton", *heads, torch.zeros(2), torch.zeros(4, 2), torch.zeros(4, 2), *heads)
+
+
+def test_conv_constants_out_of_range_and_atomic_dtypes_are_named():
+    x, w, bias, y = torch.randn(1, 5, 3), torch.randn(3, 4), torch.zeros(3), poisoned(1, 5, 3)
+    with pytest.raises(ValueError, match="ACT='gelu'; expected 'silu' or 'none'"):
+        launch(causal_conv1d_fwd, "reference", x, w.t(), bias, y, ACT="gelu")
+    with pytest.raises(ValueError, match="KW=0; expected a filter width of at least 1"):
+        launch(causal_conv1d_fwd, "triton", x, w.t(), bias, y, KW=0)
+    with pytest.raises(Exception, match="constant ACT is declared str; got int 1"):
+        launch(causal_conv1d_fwd, "reference", x, w.t(), bias, y, ACT=1)
+    with pytest.raises(Exception, match=r"the constant CHUNK=0 of this launch"):
+        launch(causal_conv1d_fwd, "reference", x, w.t(), bias, y, CHUNK=0)
+    with pytest.raises(Exception, match=r"grid is \(1, 1, -1\).*none may be negative"):
+        launch(causal_conv1d_fwd, "reference", x, w.t(), bias, y, CHUNK=-4)
+    assert y.isnan().all()
+    for dt, name in ((BF, "bf16"), (I8, "i8"), (U8, "u8")):   # no atomic adds into these
+        dwt = torch.zeros(4, 3, dtype=dt)
+        with pytest.raises(Exception, match=f"atomic_add: `DWT` is {name}"):
+            launch(causal_conv1d_bwd, "reference", x, w.t(), x, y, dwt, torch.zeros(3))
+    with pytest.raises(Exception, match="atomic_add: `HIST` is bool"):
+        launch(histc, "reference", torch.randn(10), torch.zeros(4, dtype=torch.bool), 0.0, 1.0)
+    assert y.isnan().all()
+
+
+# ---- sm_90a compiles -----------------------------------------------------------------------------------------------
+def _packed_qkv_views(T: int, HQ: int, HKV: int, D: int, dtype) -> tuple:
+    """The stride-2 even / odd views of a packed (T, (HQ + 2 HKV) D) meta projection, its V heads, and the same
+    views of separate Q and K outputs."""
+    qkv = meta(T, (HQ + 2 * HKV) * D, dtype=dtype)
+    q = qkv[:, :HQ * D].view(T, HQ, D // 2, 2)
+    k = qkv[:, HQ * D:(HQ + HKV) * D].view(T, HKV, D // 2, 2)
+    v = qkv[:, (HQ + HKV) * D:].view(T, HKV, D)
+    oq = meta(T, HQ, D // 2, 2, dtype=dtype)
+    ok = meta(T, HKV, D // 2, 2, dtype=dtype)
+    return (q[..., 0], q[..., 1], k[..., 0], k[..., 1], v), (oq[..., 0], oq[..., 1], ok[..., 0], ok[..., 1],
+                                                             meta(T, HKV, D, dtype=dtype))
+
+
+def _qkv_case(dtype):
+    ins, outs = _packed_qkv_views(4096, 32, 8, 128, dtype)
+    return (qkv_rope_split, (*ins, meta(4096, dtype=I64), meta(8192, 64), meta(8192, 64), *outs), dict(BH=8, BD=64))
+
+
+def _halo_meta(H: int, W: int, dtype):
+    pad = meta(H + 2, W + 2, dtype=dtype)
+    return halo_view(pad), pad[1:-1, 1:-1]
+
+
+def _jacobi_case(dtype):
+    halo, interior = _halo_meta(2048, 2048, dtype)
+    return (jacobi_step, (halo, meta(2048, 2048, dtype=dtype), meta(2048, 2048, dtype=torch.bool), interior, 0.8,
+                          1e-4), dict(BM=32, BN=64))
+
+
+AOT_CASES = {   # name -> (kernel, meta args, constants)
+    "qkv_rope_split_bf16": _qkv_case(BF),
+    "qkv_rope_split_f32": _qkv_case(F32),
+    "jagged_reduce_bf16": (jagged_reduce, (meta(1 << 20, 256, dtype=BF), meta(4097, dtype=I64),
+                                           meta(4096, 256, dtype=BF), meta(4096, 256, dtype=BF), meta(4096, 256)),
+                           dict(BM=64, BD=64)),
+    "capacity_router": (capacity_router, (meta(8192, 60), meta(8192, 60, dtype=F16), meta(60, dtype=I32), 0.05, 512),
+                        dict(BT=64, BE=64)),
+    "jacobi_f32": _jacobi_case(F32),
+    "jacobi_f16": _jacobi_case(F16),
+    "w8_group_gemm_f16": (w8_group_gemm, (meta(4096, 4096, dtype=F16), meta(4096, 11008, dtype=I8),
+                                          meta(128, 11008, dtype=F16), meta(4096, 11008, dtype=F16)),
+                          dict(BM=64, BN=128)),
+    "w8_group_gemm_bf16_gemv": (w8_group_gemm, (meta(1, 4096, dtype=BF), meta(4096, 4096, dtype=I8),
+                                                meta(128, 4096, dtype=BF), meta(1, 4096, dtype=BF)),
+                                dict(BM=16, BN=64)),
+    "conv1d_fwd": (causal_conv1d_fwd, (meta(8, 4096, 2048, dtype=BF), meta(2048, 4, dtype=BF).t(),
+                                       meta(2048, dtype=BF), meta(8, 4096, 2048, dtype=BF)),
+                   dict(KW=4, BC=128, CHUNK=64)),
+    "conv1d_dpre": (causal_conv1d_dpre, (meta(8, 4096, 2048, dtype=BF), meta(2048, 4, dtype=BF).t(),
+                                         meta(2048, dtype=BF), meta(8, 4096, 2048, dtype=BF), meta(8, 4096, 2048)),
+                    dict(KW=4, BC=128, CHUNK=64)),
+    "conv1d_bwd": (causal_conv1d_bwd, (meta(8, 4096, 2048, dtype=BF), meta(2048, 4, dtype=BF).t(),
+                                       meta(8, 4096, 2048), meta(8, 4096, 2048, dtype=BF), meta(4, 2048),
+                                       meta(2048)), dict(KW=4, BC=128, CHUNK=64)),
+    "histc_i32": (histc, (meta(1 << 24, dtype=BF), meta(1000, dtype=I32), -4.0, 4.0), dict(BN=256, BB=64)),
+    "strided_copy_permuted": (strided_copy, (meta(16, 4096, 128, dtype=BF).permute(0, 2, 1),
+                                             meta(16, 128, 4096, dtype=F32)), dict(BM=64, BN=64)),
+    "tile_transpose_i8": (tile_transpose, (meta(4096, 4096, dtype=I8), meta(4096, 4096, dtype=I8)),
+                          dict(BM=64, BN=64)),
+}
+
+
+@pytest.mark.parametrize("name", list(AOT_CASES))
+def test_round27_compiles_for_sm90a_with_triton(name):
+    check_triton_sm90a(*AOT_CASES[name])

@@ -389,8 +389,11 @@ class Scalar:
         is_float = FLOAT in (a.type, b.type)
         if is_float and fn in ("floordiv", "cdiv", "mod"):
             sym = {"floordiv": "//", "cdiv": "cdiv", "mod": "%"}[fn]
-            raise TraceError(f"`{sym}` is for index scalars; got {a.type} {sym} {b.type} (a float scalar "
-                             "divides with `/`)", user_line())
+            # (an offset read by ts.load_scalar from a float tensor: name it, as as_index does for a coordinate)
+            origin = _float_origin(a.v) or _float_origin(b.v)
+            raise TraceError(f"`{sym}` is for index scalars; got {a.type} {sym} {b.type}{origin} (a float scalar "
+                             "divides with `/`; ts.load_scalar of an integer or bool tensor reads an index)",
+                             user_line())
         if fn == "div":      # true division, as in Python: `N / 2` and `1.0 / N` are floats (`//` floors)
             fn = "fdiv"
         elif fn == "pow":
