@@ -11,6 +11,7 @@ tilestack's ClientApp (or a counting wrapper of it) over tilestack's in-process 
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -353,3 +354,35 @@ def test_a_deployment_run_config_the_library_refuses_names_the_run_config_key_be
                                                           run_config=cfg))  # fmt: skip
     assert words in str(ex.value)
     assert not (tmp_path / "r.json").exists()
+
+
+# ---- waits past what Python's threads can wait -------------------------------------------------------------------
+@pytest.mark.parametrize("timeout", [1e10, 1e300])
+def test_a_timeout_past_what_a_thread_can_wait_is_refused_before_any_client_runs(timeout):
+    """``timeout`` is each client's reply deadline, waited for on a thread: 1e10 s ("no limit, really") passed the check
+    (finite, > 0) and round 1 ended in the first client's wait with "OverflowError: timestamp out of range for platform
+    time_t". Refused before any work, naming it and the bound, by simulate, run_rounds and SecAgg+'s run_secure; the
+    bound itself runs."""
+    import threading
+
+    from tilestack.federated.secagg import run_secure
+
+    task = _task()
+    calls: list = []
+    with pytest.raises(ValueError, match=re.escape(f"simulate: timeout={timeout!r}; expected at most")):
+        simulate(FedAvg(**EVERYONE), task, rounds=1, timeout=timeout, on_round=calls.append)
+    grid = ManagedGrid(InProcessGrid(_counting_app(calls), task.num_clients), task)
+    with pytest.raises(ValueError, match=re.escape(f"run_rounds: timeout={timeout!r}; expected at most")):
+        run_rounds(FedAvg(**EVERYONE), grid, initial_arrays(task), num_rounds=1, timeout=timeout)
+    with pytest.raises(ValueError, match=re.escape(f"run_secure: timeout={timeout!r}")):
+        run_secure(task, rounds=1, per_round=4, timeout=timeout)
+    assert calls == []
+    res = simulate(FedAvg(**EVERYONE), task, rounds=1, timeout=threading.TIMEOUT_MAX)
+    assert res.history.rounds[0].num_aggregated == 4
+
+
+def test_a_slow_fault_past_what_python_can_sleep_is_refused_naming_slow_seconds():
+    """A 'slow' client sleeps ``slow_seconds`` before replying (to miss the timeout); 1e300 made it fail in time.sleep
+    with an OverflowError, left out as an error instead of a late reply. Refused when the Task is made."""
+    with pytest.raises(ValueError, match=r"slow_seconds=1e\+300; expected in \[0, "):
+        _task(faults=((1, "slow"),), slow_seconds=1e300)

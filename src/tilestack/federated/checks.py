@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 import warnings
 
 import numpy as np
@@ -201,6 +202,10 @@ def require_timeout(where: str, value, name: str = "timeout") -> None:
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
     if not ok:
         raise ValueError(f"{where}: {name}={value!r}; expected None (no limit) or a finite number of seconds > 0")
+    if value > threading.TIMEOUT_MAX:  # (1e10 was taken, and round 1 ended in the wait for the first client with
+        # "OverflowError: timestamp out of range for platform time_t")
+        raise ValueError(f"{where}: {name}={value!r}; expected at most {threading.TIMEOUT_MAX:g} seconds (the longest "
+                         "wait Python's threads take), or None for no limit")  # fmt: skip
 
 
 def strategy_levels(strategy: Strategy) -> list[Strategy]:

@@ -32,6 +32,7 @@ import json
 import math
 import numbers
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -196,8 +197,9 @@ class Task:
             raise bad("feature_shift", ">= 0")
         if self.attack_scale < 0:
             raise bad("attack_scale", ">= 0")
-        if self.slow_seconds < 0:
-            raise bad("slow_seconds", ">= 0")
+        if not 0 <= self.slow_seconds <= threading.TIMEOUT_MAX:  # (1e300 made the 'slow' client fail with
+            # "OverflowError: timestamp out of range" in time.sleep, an error reply instead of a late one)
+            raise bad("slow_seconds", f"in [0, {threading.TIMEOUT_MAX:g}] (the longest sleep Python takes)")
         if self.max_samples is not None and self.max_samples < SIZE_MIN:
             raise bad("max_samples", f">= {SIZE_MIN} (Synthetic's smallest device) or None")
         if self.samples_per_client < MIN_CLIENT_SAMPLES:
