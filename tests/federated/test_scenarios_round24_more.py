@@ -386,3 +386,16 @@ def test_a_slow_fault_past_what_python_can_sleep_is_refused_naming_slow_seconds(
     with an OverflowError, left out as an error instead of a late reply. Refused when the Task is made."""
     with pytest.raises(ValueError, match=r"slow_seconds=1e\+300; expected in \[0, "):
         _task(faults=((1, "slow"),), slow_seconds=1e300)
+
+
+def test_feddf_server_distillation_steps_no_round_could_finish_are_refused_naming_steps():
+    """FedDF distils the round's client ensemble into the global model for ``steps`` server steps after every round's
+    training: 10**12 was taken and the server distilled for ever after round 1's clients trained. Bounded as a
+    client's ``local_steps`` is; the bound is taken."""
+    from tilestack.federated.strategies import FedDF
+
+    task = _task()
+    unlabeled = task.client_data(0)[2]
+    with pytest.raises(ValueError, match=r"FedDF: steps=1000000000000; expected an integer in \[0, 1000000000\]"):
+        FedDF(model=task.build_model(), unlabeled=unlabeled, steps=10**12, **EVERYONE)
+    FedDF(model=task.build_model(), unlabeled=unlabeled, steps=10**9, **EVERYONE)

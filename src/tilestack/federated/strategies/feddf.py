@@ -20,6 +20,7 @@ from flwr.serverapp.strategy import FedAvg
 from tilestack.federated.checks import require_int, require_real
 from tilestack.federated.models import Model, is_statistic
 from tilestack.federated.strategies._util import ok_replies, to_numpy, to_record
+from tilestack.federated.task import MAX_LOCAL_STEPS
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -41,7 +42,8 @@ class FedDF(FedAvg):
         temperature: float = 1.0, seed: int = 0, **fedavg_kwargs,
     ):  # fmt: skip
         super().__init__(**fedavg_kwargs)
-        require_int("FedDF", "steps", steps, low=0)
+        # (10**12 was taken: the server distilled for ever after round 1's clients trained)
+        require_int("FedDF", "steps", steps, low=0, high=MAX_LOCAL_STEPS)
         require_int("FedDF", "batch_size", batch_size, low=1)
         require_int("FedDF", "seed", seed, low=0)
         require_real("FedDF", "lr", lr, lambda v: v > 0, "a finite number > 0")
