@@ -289,7 +289,7 @@ def _ceilings_of(data: dict | None) -> object:
 
     try:
         return Ceilings(**data) if data else None
-    except TypeError:
+    except (TypeError, ValueError):  # (a DeviceError: a field Ceilings refuses)
         return None  # stored by an older layout: the report falls back to the roofs kept in each row
 
 

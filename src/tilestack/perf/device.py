@@ -408,6 +408,31 @@ class Ceilings:
     machine: dict[str, Any] = dataclasses.field(default_factory=dict)
     measurements: int = 1
 
+    def __post_init__(self) -> None:
+        # checked when made, as roofline.Roof is (profiler round 24): a negative or NaN rate was refused only once a
+        # profile's rows were placed, after every step had run, naming a roof field the caller never set; a rate
+        # keyed by a name that is no short dtype name ("float32") or a list of rates was taken, and every row of
+        # that dtype read "bound unknown" with no word said
+        if not isinstance(self.device, str) or not self.device:
+            raise DeviceError(f"Ceilings: device={self.device!r:.60} ({type(self.device).__name__}); expected the "
+                              "device's name, a non-empty str (dev.name)")
+        if not _is_rate(self.copy_bytes_per_s):
+            raise DeviceError(f"Ceilings: copy_bytes_per_s={self.copy_bytes_per_s!r:.60} "
+                              f"({type(self.copy_bytes_per_s).__name__}); expected a positive, finite bandwidth in "
+                              "bytes/s")
+        if not isinstance(self.matmul, dict):
+            raise DeviceError(f"Ceilings: matmul={self.matmul!r:.60} ({type(self.matmul).__name__}); expected a dict "
+                              "of matmul FLOP/s by dtype short name ({'fp32': 2e11})")
+        from tilestack.perf import formulas
+
+        for dtype, rate in self.matmul.items():
+            if not (isinstance(dtype, str) and dtype in formulas.DTYPE_BYTES):
+                raise DeviceError(f"Ceilings: matmul key {dtype!r:.60}; expected a dtype short name, one of "
+                                  f"{sorted(formulas.DTYPE_BYTES)}")
+            if not _is_rate(rate):
+                raise DeviceError(f"Ceilings: matmul[{dtype!r}]={rate!r:.60} ({type(rate).__name__}); expected a "
+                                  "positive, finite rate in FLOP/s")
+
     def rel_ci(self, ceiling: str) -> float | None:
         """How well ``ceiling`` (``"copy"``, ``"matmul fp32"``) is known; None where no spread was kept."""
         value = self.spread.get(ceiling, {}).get("rel_ci")
@@ -461,6 +486,11 @@ def machine_fingerprint(dev: Device) -> dict[str, Any]:
         "device": d,
         "torch": torch_version,
     }
+
+
+def _is_rate(value: Any) -> bool:
+    """A positive, finite real number (not a bool, a str or NaN): a measured bandwidth or FLOP rate."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 _CEILINGS_TYPES = {"device": str, "copy_bytes_per_s": (int, float), "matmul": dict, "measured_at": str,

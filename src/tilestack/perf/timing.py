@@ -70,6 +70,18 @@ class Timing:
     n_sets: int
     target_rel_ci: float | None = None  # what the repeats aimed for; None: a fixed number of repeats
 
+    def __post_init__(self) -> None:
+        # checked when made (profiler round 24): a Timing of negative, NaN or infinite times was taken, and
+        # compute_metrics(timing=...) stored a negative p10, NaN percentiles or an infinite spread in the row; one of
+        # no times failed there with a bare IndexError
+        _check_times(self.times_s, "Timing: times_s")
+        for arg, value, least in (("warmup_calls", self.warmup_calls, 0), ("n_sets", self.n_sets, 1)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                raise TimingError(f"Timing: {arg}={value!r:.60} ({type(value).__name__}); expected an int >= {least}")
+        if self.target_rel_ci is not None and not (_is_real(self.target_rel_ci) and self.target_rel_ci > 0):
+            raise TimingError(f"Timing: target_rel_ci={self.target_rel_ci!r:.60}; expected a positive relative "
+                              "half-width, or None")
+
     @property
     def repeats(self) -> int:
         return len(self.times_s)
@@ -129,8 +141,7 @@ def median_ci(xs: Sequence[float]) -> tuple[float, float]:
     binomial count of samples below the median); with too few samples for that, it is (min, max), which below
     ``MIN_CI_SAMPLES`` samples is narrower than a 95% interval (:attr:`Timing.converged` is then False).
     """
-    if not xs:
-        raise TimingError("median_ci of no samples; expected at least one time")
+    _check_times(xs, "median_ci")
     s = sorted(xs)
     n = len(s)
     half = CI_Z * math.sqrt(n) / 2
@@ -155,6 +166,18 @@ def _percentile(xs: Sequence[float], q: float) -> float:
 
 def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_times(xs: Any, where: str) -> None:
+    """``xs`` holds at least one time, each a finite number of seconds >= 0 (a NaN sorted anywhere and moved the
+    median's interval: median_ci([1, nan, 2]) gave (1, 2))."""
+    if isinstance(xs, str | bytes) or not isinstance(xs, Sequence):
+        raise TimingError(f"{where}={xs!r:.60} ({type(xs).__name__}); expected a sequence of times in seconds")
+    if not xs:
+        raise TimingError(f"{where} of no samples; expected at least one time")
+    for i, x in enumerate(xs):
+        if not (_is_real(x) and 0 <= x < math.inf):
+            raise TimingError(f"{where}[{i}]={x!r:.60} ({type(x).__name__}); expected a finite time in seconds >= 0")
 
 
 def _check_device(device: Any) -> None:

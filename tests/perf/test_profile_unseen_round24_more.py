@@ -1,0 +1,319 @@
+"""Profiler round 24, the rest: what this round found and fixed, a bf16 autocast forward and a written-out training
+step checked by hand, and the public API's refusals of bad arguments.
+
+What this round found:
+- a linear dynamically quantized to fp16 (``quantize_dynamic(..., dtype=torch.float16)``: ``quantized::
+  linear_dynamic_fp16``, and the gates of a dynamic fp16 LSTM) holds its weight as fp16, but its packing unpacks it
+  as float32: the weight was charged 4 bytes an element, twice what the kernel reads (``counting_bytes``);
+- ``perf.Ceilings`` took any rates: a negative or NaN copy bandwidth was refused only when a profile placed its rows,
+  after every step had run, naming a roof field the caller never set; a matmul rate keyed "float32" (no short dtype
+  name) or a list of rates was taken, and every row read "bound unknown" with no word said (``device``);
+- ``perf.Timing`` took negative, NaN, infinite or no times, and ``compute_metrics(timing=...)`` stored a negative p10,
+  NaN percentiles or an infinite spread (no times: a bare IndexError); ``timing.median_ci`` took a NaN, which sorted
+  anywhere and moved the interval (``timing``).
+"""
+
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tilestack import perf
+from tilestack.errors import DeviceError
+from tilestack.perf import counting, device, formulas, profile, timing
+
+sys.path.insert(0, str(Path(__file__).parent))
+import perf_models_round24 as pm  # noqa: E402
+from _profile_helpers import FILTERS, one_row, profile_cpu, step_counts  # noqa: E402
+from profile_support import CEIL, by_op  # noqa: E402
+
+pytestmark = FILTERS
+F32, F16, BF16, I8 = 4, 2, 2, 1
+
+
+# --- fp16 dynamic quantization reads fp16 weights ------------------------------------------------------------------
+QL_IN, QL_OUT, QL_ROWS = 8, 6, 3
+LSTM_IN, LSTM_H, LSTM_T = QL_OUT, 4, 3
+LSTM_GATES = 4
+
+
+def _quantized(dtype):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(QL_IN, QL_OUT), nn.LSTM(LSTM_IN, LSTM_H))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(net, {nn.Linear, nn.LSTM}, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype,weight_bytes", [(torch.float16, F16), (torch.qint8, I8)], ids=["fp16", "int8"])
+def test_a_dynamically_quantized_linear_reads_its_packed_weight_at_its_width(dtype, weight_bytes):
+    """The linear reads its fp32 input, its packed weight (2 bytes an element for fp16, 1 for int8) and its fp32
+    bias, and writes its fp32 output; its FLOPs are the product's, 2 R I O, whatever the weight's width."""
+    net = _quantized(dtype)
+    x = torch.randn(QL_ROWS, 1, QL_IN)
+    counts = counting.count_ops(lambda: net[0](x))
+    name = "quantized::linear_dynamic_fp16" if dtype == torch.float16 else "quantized::linear_dynamic"
+    row = one_row(counts, name)
+    assert row.flops == 2 * QL_ROWS * QL_IN * QL_OUT
+    assert row.bytes_read == QL_ROWS * QL_IN * F32 + QL_IN * QL_OUT * weight_bytes + QL_OUT * F32
+    assert row.bytes_written == QL_ROWS * QL_OUT * F32
+
+
+def test_a_dynamic_fp16_lstm_reads_half_width_gate_weights():
+    """A dynamic LSTM's gate matrices (4H x I and 4H x H) are packed like the linear's: fp16 ones are read at 2 bytes
+    an element, so the fp16 LSTM reads exactly one byte an element more than the int8 one, its FLOPs the same."""
+    x = torch.randn(LSTM_T, 1, LSTM_IN)
+    rows = {}
+    for dtype in (torch.float16, torch.qint8):
+        net = _quantized(dtype)
+        rows[dtype] = one_row(counting.count_ops(lambda net=net: net[1](x)), "aten::quantized_lstm")
+    gate_weights = LSTM_GATES * LSTM_H * (LSTM_IN + LSTM_H)
+    assert rows[torch.float16].flops == rows[torch.qint8].flops > 0
+    assert rows[torch.float16].bytes_read - rows[torch.qint8].bytes_read == gate_weights * (F16 - I8)
+
+
+# --- perf.Ceilings refuses what is no ceiling ----------------------------------------------------------------------
+@pytest.mark.parametrize("args,fragment", [
+    (("cpu", -1.0, {"fp32": 1e9}), r"copy_bytes_per_s=-1\.0 \(float\); expected a positive, finite bandwidth"),
+    (("cpu", 0, {"fp32": 1e9}), r"copy_bytes_per_s=0 \(int\)"),
+    (("cpu", float("nan"), {"fp32": 1e9}), r"copy_bytes_per_s=nan"),
+    (("cpu", "fast", {"fp32": 1e9}), r"copy_bytes_per_s='fast' \(str\)"),
+    (("cpu", True, {"fp32": 1e9}), r"copy_bytes_per_s=True \(bool\)"),
+    (("cpu", 1e9, {"fp32": float("nan")}), r"matmul\['fp32'\]=nan \(float\); expected a positive, finite rate"),
+    (("cpu", 1e9, {"fp32": -2e11}), r"matmul\['fp32'\]=-2"),
+    (("cpu", 1e9, {"bf16": math.inf}), r"matmul\['bf16'\]=inf"),
+    (("cpu", 1e9, {"float32": 1e9}), r"matmul key 'float32'; expected a dtype short name, one of \[.*'fp32'"),
+    (("cpu", 1e9, [1e9]), r"matmul=\[1000000000\.0\] \(list\); expected a dict"),
+    (("", 1e9, {"fp32": 1e9}), r"device='' \(str\); expected the device's name"),
+    ((None, 1e9, {"fp32": 1e9}), r"device=None \(NoneType\)"),
+])
+def test_ceilings_refuse_what_is_no_ceiling_naming_the_field(args, fragment):
+    with pytest.raises(DeviceError, match=r"Ceilings: " + fragment):
+        device.Ceilings(*args, "now")
+
+
+def test_ceilings_still_take_what_they_always_took():
+    """Ints and floats, any short dtype name, no matmul rate at all, and the fields a measured file carries."""
+    assert device.Ceilings("cpu", 2 * 10**10, {"fp32": 2 * 10**11, "bf16": 1e11, "int8": 4e11}, "now").peak("tf32")
+    assert device.Ceilings("a bench rig", 1.0, {}, "now").peak("fp32") is None
+    assert device.Ceilings(**CEIL.to_json()) == CEIL
+
+
+class Counted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.calls = nn.Linear(4, 4), 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.lin(x)
+
+
+def test_ceilings_with_a_negative_rate_never_reach_a_profile():
+    """Before this round a profile given ceilings with a negative copy rate ran every step, then failed naming
+    'roof.bandwidth'; such ceilings cannot be built now, so the model is never run with them."""
+    model = Counted()
+    with pytest.raises(DeviceError, match="copy_bytes_per_s=-2"):
+        profile.profile_model(model, (torch.randn(2, 4),), steps=1, device="cpu",
+                              ceilings=device.Ceilings("cpu", -2e10, {"fp32": 2e11}, "now"))
+    assert model.calls == 0
+
+
+def test_a_cached_ceilings_file_with_a_negative_rate_is_measured_again(tmp_path, monkeypatch):
+    """A cache file holding a negative copy bandwidth (hand-edited, or written by a broken tool) is not used: it is
+    measured again, with the warning a damaged file gets, and the new file holds positive rates."""
+    import json
+
+    from tilestack import config
+
+    monkeypatch.setattr(config.knobs, "cache_dir", str(tmp_path))
+    dev = device.detect("cpu")
+    small = {"copy_bytes": 1 << 16, "matmul_n": [32], "dtypes": ("fp32",), "budget_s": 0.05}
+    good = device.ceilings(dev, **small)
+    path = device.ceilings_path(dev)
+    path.write_text(json.dumps({**good.to_json(), "copy_bytes_per_s": -1.0}))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        again = device.ceilings(dev, **small)
+    assert any("cannot be read" in str(w.message) and "copy_bytes_per_s=-1.0" in str(w.message) for w in seen)
+    assert again.copy_bytes_per_s > 0 and json.loads(path.read_text())["copy_bytes_per_s"] > 0
+
+
+# --- perf.Timing and median_ci refuse what is no time --------------------------------------------------------------
+@pytest.mark.parametrize("times,fragment", [
+    ((), r"times_s of no samples"),
+    ((-1e-3, 2e-3), r"times_s\[0\]=-0\.001 \(float\); expected a finite time in seconds >= 0"),
+    ((1e-3, float("nan")), r"times_s\[1\]=nan"),
+    ((math.inf,), r"times_s\[0\]=inf"),
+    (("1ms",), r"times_s\[0\]='1ms' \(str\)"),
+    ((True, 1e-3), r"times_s\[0\]=True \(bool\)"),
+    (1e-3, r"times_s=0\.001 \(float\); expected a sequence of times"),
+])
+def test_timing_refuses_what_is_no_time(times, fragment):
+    with pytest.raises(timing.TimingError, match=r"Timing: " + fragment):
+        perf.Timing(times, "cpu-perf-counter", 0, 1)
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    ({"warmup_calls": -1}, r"warmup_calls=-1 \(int\); expected an int >= 0"),
+    ({"n_sets": 0}, r"n_sets=0 \(int\); expected an int >= 1"),
+    ({"n_sets": 1.5}, r"n_sets=1\.5 \(float\)"),
+    ({"target_rel_ci": 0.0}, r"target_rel_ci=0\.0; expected a positive relative half-width"),
+    ({"target_rel_ci": float("nan")}, r"target_rel_ci=nan"),
+])
+def test_timing_refuses_bad_counts_and_targets(kwargs, fragment):
+    with pytest.raises(timing.TimingError, match=fragment):
+        perf.Timing(**{"times_s": (1e-3,), "method": "cpu-perf-counter", "warmup_calls": 0, "n_sets": 1, **kwargs})
+
+
+def test_median_ci_refuses_a_nan_it_would_sort_anywhere():
+    """median_ci([1, nan, 2]) gave (1, 2): a NaN compares false with everything, so sorted() left it where it was."""
+    with pytest.raises(timing.TimingError, match=r"median_ci\[1\]=nan"):
+        timing.median_ci([1.0, float("nan"), 2.0])
+    with pytest.raises(timing.TimingError, match=r"rel_ci|median_ci\[0\]=-1"):
+        timing.rel_ci([-1.0, 1.0, 2.0])
+    assert timing.median_ci([3.0, 0.0, 2.0]) == (0.0, 3.0)  # a call below the clock's resolution is a time of 0
+
+
+def test_a_timing_of_real_times_still_fills_the_measurement():
+    """p10 and p90 by linear interpolation between ranks, the spread of the median's interval, the repeats."""
+    t = perf.Timing((1e-3, 2e-3, 3e-3, 4e-3, 5e-3), "cpu-perf-counter", 2, 1)
+    m = perf.compute_metrics(name="k", latency_s=t.median_s, flops=1e6, bytes_read=1e3, bytes_written=1e3, timing=t)
+    assert (m.latency_p10_s, m.latency_p90_s, m.repeats) == (pytest.approx(1.4e-3), pytest.approx(4.6e-3), 5)
+    assert m.latency_rel_ci == pytest.approx((5e-3 - 1e-3) / 2 / 3e-3)
+
+
+# --- a bf16 autocast forward ---------------------------------------------------------------------------------------
+class Autocast(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.inner(*args)
+
+
+def test_bf16_autocast_counts_the_fp32_work_in_bf16_rows():
+    """ConvNeXt-V2 under CPU autocast to bf16: every FLOP the fp32 forward counts (the casts add none); the
+    convolution and linears run and are placed in bf16, reading bf16 copies of their weights; each cast of a weight
+    reads it in fp32 and writes it in bf16."""
+    model, inputs = pm.convnext()
+    fp32 = step_counts(model, inputs)
+    half = step_counts(Autocast(model), inputs)
+    assert sum(c.flops for c in half.values()) == sum(c.flops for c in fp32.values()) == 152194
+    assert by_op(half)["aten::_to_copy"] == 0
+    up = one_row(half, "aten::addmm", ((pm.CN_E * pm.CN_C,), (pm.CN_B * pm.CN_S * pm.CN_S, pm.CN_C),
+                                       (pm.CN_C, pm.CN_E * pm.CN_C)))
+    rows, k, n = pm.CN_B * pm.CN_S * pm.CN_S, pm.CN_C, pm.CN_E * pm.CN_C
+    assert up.dtype == "bf16" and up.flops == 2 * rows * k * n
+    assert (up.bytes_read, up.bytes_written) == ((rows * k + k * n + n) * BF16, rows * n * BF16)
+    cast = one_row(half, "aten::_to_copy", ((n, k),))
+    assert (cast.bytes_read, cast.bytes_written) == (n * k * F32, n * k * BF16)
+    p = profile_cpu(Autocast(model), inputs)
+    assert next(o for o in p.ops if o.op == "aten::convolution").m.dtype == "bf16"
+    assert p.unsupported == ()
+
+
+# --- a written-out training step: clip and AdamW -------------------------------------------------------------------
+TS_IN, TS_HID, TS_OUT, TS_B = 8, 16, 4, 6
+TS_PARAMS = TS_IN * TS_HID + TS_HID + TS_HID * TS_OUT + TS_OUT
+ADAMW_PER_ELEMENT = formulas.ADAM_FLOPS_PER_ELEMENT + 1  # + the decoupled weight decay
+
+
+TS_TENSORS = 4  # two weights, two biases: a step count each
+CLIP_SCALARS = 4  # the coefficient max_norm / (total + eps), clamped to 1: add, reciprocal, multiply, clamp
+
+
+def _training_step(*, clip_and_step: bool = True, **adamw):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(TS_IN, TS_HID), nn.GELU(), nn.Linear(TS_HID, TS_OUT))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.1, **adamw)
+    x, y = torch.randn(TS_B, TS_IN), torch.randint(0, TS_OUT, (TS_B,))
+
+    def step():
+        opt.zero_grad()
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        if clip_and_step:
+            nn.utils.clip_grad_norm_(net.parameters(), 1.0, foreach=True)
+            opt.step()
+        return loss
+
+    step()
+    return step
+
+
+@pytest.mark.parametrize("adamw", [{"foreach": False}, {"foreach": True}, {"fused": True}],
+                         ids=["loop", "foreach", "fused"])
+def test_a_training_step_counts_clip_and_adamw_per_parameter(adamw):
+    """The step's FLOPs past its forward and backward: the clip (a vector norm of each gradient, 2 an element; the
+    norm of the per-tensor norms; the coefficient; a multiply per gradient element) and AdamW's update, 8 an element
+    on its loop, foreach and fused paths alike (the fused one counted as its foreach path), and a step increment per
+    parameter tensor."""
+    counts = counting.count_ops(_training_step(**adamw))
+    base = counting.count_ops(_training_step(clip_and_step=False, **adamw))
+    clip = (formulas.NORM_FLOPS_PER_ELEMENT * TS_PARAMS + formulas.NORM_FLOPS_PER_ELEMENT * TS_TENSORS + CLIP_SCALARS
+            + TS_PARAMS)
+    update = ADAMW_PER_ELEMENT * TS_PARAMS + TS_TENSORS
+    extra = sum(c.flops for c in counts.values()) - sum(c.flops for c in base.values())
+    assert extra == clip + update
+    assert by_op(counts)["aten::_foreach_norm"] == formulas.NORM_FLOPS_PER_ELEMENT * TS_PARAMS
+    assert not any(c.unsupported for c in counts.values())
+
+
+def test_adamw_paths_agree_element_for_element():
+    """One step's optimizer FLOPs, the model's work and the clip left aside: the loop, foreach and fused AdamW all
+    count 8 an element and one per parameter tensor for the step count."""
+    found = {}
+    for label, adamw in (("loop", {"foreach": False}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(TS_IN, TS_HID), nn.GELU(), nn.Linear(TS_HID, TS_OUT))
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.1, **adamw)
+        for _ in range(2):
+            net(torch.randn(TS_B, TS_IN)).sum().backward()
+            opt.step()
+        found[label] = sum(c.flops for c in counting.count_ops(opt.step).values())
+    assert found == dict.fromkeys(found, ADAMW_PER_ELEMENT * TS_PARAMS + TS_TENSORS)
+
+
+def test_the_training_step_profiles_as_its_own_step():
+    """profile_model of the step function: its backward and optimizer rows appear, the step reads 'own step', and
+    a second profile of the same step function counts the same FLOPs (the optimizer's state was put back)."""
+    step = _training_step(foreach=True)
+    first = profile.profile_model(step, (), steps=1, warmup=1, ceilings=CEIL, device="cpu")
+    second = profile.profile_model(step, (), steps=1, warmup=1, ceilings=CEIL, device="cpu")
+    assert first.flops == second.flops > 0 and first.unsupported == ()
+    assert {o.m.config["step"] for o in first.ops} == {"own step"}
+    assert any(o.op == "aten::_foreach_addcdiv_" for o in first.ops)
+
+
+# --- the public API names a bad argument before any work -----------------------------------------------------------
+@pytest.mark.parametrize("kwargs,fragment", [
+    ({"steps": 0}, r"steps=0 \(int\)"),
+    ({"warmup": -1}, r"warmup=-1 \(int\)"),
+    ({"train": "yes"}, r"train='yes' \(str\); expected True or False"),
+    ({"name": "  "}, r"name=.*expected a str \(not empty\)"),
+    ({"budget_s": float("nan")}, r"budget_s=nan"),
+    ({"ceilings": {"copy_bytes_per_s": 2e10}}, r"ceilings=.*\(dict\); expected a perf.Ceilings"),
+    ({"device": 1.5}, r"device=1\.5 \(float\)"),
+])
+def test_profile_model_names_the_bad_argument_before_running_the_model(kwargs, fragment):
+    model = Counted()
+    with pytest.raises(profile.ProfileError, match=fragment):
+        profile.profile_model(model, (torch.randn(2, 4),), **{"steps": 1, "ceilings": CEIL, "device": "cpu", **kwargs})
+    assert model.calls == 0
+
+
+def test_count_ops_names_a_step_that_needs_arguments():
+    model = Counted()
+    with pytest.raises(profile.ProfileError, match=r"(?s)step=.*needs arguments.*lambda: model\(x\)"):
+        counting.count_ops(model)
+    with pytest.raises(profile.ProfileError, match=r"step=None \(NoneType\); expected a callable"):
+        counting.count_ops(None)
+    assert model.calls == 0
