@@ -24,6 +24,7 @@ from tilestack.kernels._plan import forward_only, planned
 from tilestack.tune.lookup import launch_config
 
 LOG2E = math.log2(math.e)
+LOWEST_F32 = -3.4028234663852886e38   # the lowest finite f32: the running max of a row that has seen only -inf
 
 
 @ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),), options=dict(num_warps=4, num_stages=1))
@@ -55,7 +56,10 @@ def softmax_kernel(X, Y, *,
     m_new = ts.RegVec[ts.f32, BM]()
     alpha = ts.RegVec[ts.f32, BM]()
     l = ts.RegVec[ts.f32, BM]()
-    ts.neg_infty(m)
+    # m starts at the lowest finite f32, not -inf: a tile of -inf alone (a row masked over its first BN columns)
+    # then keeps m finite, so its rescale exp2(m - m_new) is 1 and its terms exp2(-inf - m) are 0, where
+    # exp2(-inf + inf) was NaN and made the whole row NaN; a row of -inf alone still ends 0 / 0 = NaN, as torch's
+    ts.fill(m, LOWEST_F32)
     ts.zero(l)
     # m is the running max of x itself (not of x*log2e, which overflows f32 for |x| > 2.4e38); differences
     # from it are <= 0 and are scaled to the log2 domain only then

@@ -315,8 +315,10 @@ class _Norm(torch.autograd.Function):
         h, weight, mean, rstd = ctx.saved_tensors
         plan = ctx.plan
         dy, dh = _plain(dy), _plain(dh)
-        if dy is None:                       # y unused (rare): its gradient is zero
-            dy = torch.zeros_like(h)
+        if dy is None:
+            # y unused, only h = x + r read (the residual stream past a norm whose output is dropped): x and r get
+            # h's gradient and weight and bias none, as torch's x + r then norm(h) gives them (zeros were made)
+            return dh, dh, None, None, None
         if batched(dy) or batched(dh):       # (see ``batched``): the backward ops take them
             if plan.centered:
                 dx, sums = layer_norm_bwd_op(dy, h, weight, mean, rstd, dh)
@@ -435,19 +437,25 @@ class _Rotary(torch.autograd.Function):
     def forward(ctx, q, k, cos, sin, inverse):
         ctx.save_for_backward(cos, sin)
         ctx.inverse = inverse
+        ctx.set_materialize_grads(False)     # an unused result gives None: its input gets no gradient, as torch's
         return _rotate(q, k, cos, sin, inverse)
 
     @staticmethod
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
         dq, dk = _plain(dq), _plain(dk)
+        # one result unused (only the rotated q read, say): its input's gradient is None, as torch's rotation of q
+        # and k, two separate computations, gives; the kernel rotates the other alone, beside zero heads of it
+        unused_q, unused_k = dq is None, dk is None
+        dq = dk[:, :, :0] if unused_q else dq
+        dk = dq[:, :, :0] if unused_k else dk
         if batched(dq) or batched(dk):       # (see ``batched``): the op takes them
             dq, dk = rotary_op(dq, dk, cos, sin, not ctx.inverse)
         elif torch.is_grad_enabled():        # create_graph: the backward recorded, for a double backward
             dq, dk = _Rotary.apply(dq, dk, cos, sin, not ctx.inverse)
         else:
             dq, dk = _rotate(dq, dk, cos, sin, not ctx.inverse)
-        return dq, dk, None, None, None
+        return (None if unused_q else dq), (None if unused_k else dk), None, None, None
 
 
 _apply_rotary = direct_apply(_Rotary)   # .apply minus its Python wrapper
