@@ -24,7 +24,8 @@ from _fl_round14 import heterofl_mean
 from _fl_round16 import ServerOptimizer
 from _fl_round17 import fedavgm
 from _fl_round18 import EVERYONE
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, Message
+from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from tilestack.federated import (
@@ -397,3 +398,62 @@ def test_fl_run_refuses_data_or_work_settings_that_overflow_naming_the_option(ar
     assert "Traceback" not in res.output and "test accuracy" not in res.output
     for needle in needles:
         assert needle in out, (needle, out)
+
+
+# ---- client-side DP clipping: each upload's norm bound checked by hand --------------------------------------------
+def _recording_app(uploads: dict) -> ClientApp:
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context) -> Message:
+        reply = tsclient.app(msg, context)
+        key = (int(context.node_config["partition-id"]), int(msg.content["config"]["server-round"]))
+        uploads[key] = (codec.to_numpy(reply.content["arrays"]), dict(reply.content["metrics"]))
+        return reply
+
+    @app.query()
+    def query(msg: Message, context) -> Message:
+        return tsclient.app(msg, context)
+
+    return app
+
+
+def test_client_side_fixed_clipping_bounds_every_upload_by_hand_and_the_noiseless_mean_is_theirs():
+    """Flower's DifferentialPrivacyClientSideFixedClipping (noise 0, clip 0.5) over clients of 12 to 148 examples and
+    two local epochs, so that their updates' norms (0.29 to 1.12 in round 1) straddle the bound. Each upload is the
+    replayed model with its update scaled by min(1, C / ||update||) (all arrays as one vector), its norm at most C, and
+    ``norm_bit`` says whether it was scaled, by hand; the new model is the plain (unit-weight) mean of the uploads."""
+    from _fl_round19 import clip_update
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+    from flwr.supercore.differential_privacy import KEY_NORM_BIT
+
+    clip = 0.5
+    task = _task(partitioner="quantity", quantity_sigma=1.5, local_steps=None, local_epochs=2.0, num_samples=300)
+    inner = FedAvg(**EVERYONE, weighted_by_key=tsclient.UNIT_WEIGHT)
+    strategy = DifferentialPrivacyClientSideFixedClipping(inner, noise_multiplier=0.0, clipping_norm=clip,
+                                                          num_sampled_clients=4)  # fmt: skip
+    uploads: dict = {}
+    models: list = []
+    run_rounds(strategy, _grid(task, _recording_app(uploads)), initial_arrays(task), num_rounds=2,
+               extra_metrics=keep(models))  # fmt: skip
+    x = np_(initial_arrays(task))
+    bits = []
+    for rnd in (1, 2):
+        clipped = {}
+        for p in range(4):
+            trained = client_model(task, p, rnd, x)[0]
+            norm = math.sqrt(sum(float(np.sum((trained[k].astype(np.float64) - x[k]) ** 2)) for k in x))
+            got, metrics = uploads[(p, rnd)]
+            up = math.sqrt(sum(float(np.sum((got[k].astype(np.float64) - x[k]) ** 2)) for k in x))
+            assert up <= clip * (1 + 1e-5), (p, rnd, up)
+            assert metrics[KEY_NORM_BIT] == int(norm > clip)
+            bits.append(norm > clip)
+            clipped[p] = clip_update(x, trained, clip)
+            for k in x:
+                np.testing.assert_allclose(got[k], clipped[p][k], rtol=1e-5, atol=1e-7, err_msg=(p, rnd, k))
+        want = weighted_mean({p: {k: v.astype(np.float32) for k, v in c.items()} for p, c in clipped.items()},
+                             dict.fromkeys(range(4), 1.0))  # fmt: skip
+        for k in x:
+            np.testing.assert_allclose(models[rnd - 1][k], want[k], rtol=1e-5, atol=1e-7, err_msg=(rnd, k))
+        x = models[rnd - 1]
+    assert any(bits) and not all(bits)  # the bound cut some updates and left others as they were
