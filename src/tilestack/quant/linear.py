@@ -213,6 +213,16 @@ class QuantLinear(nn.Module):
                               f"{str(given.dtype).removeprefix('torch.') if isinstance(given, torch.Tensor) else '?'})"
                               f"; expected mode={self.mode!r} (qweight {str(self.qweight.dtype).removeprefix('torch.')}"
                               "): quantize the float model in that mode before loading it")
+        if self.mode == "fp8-act" and isinstance(given, torch.Tensor):
+            # fp8-act's bias is calibration's, as x_scale is: a bias-free Linear gets one (the rounding's mean
+            # correction) only where a calibration batch reached it, so the state of a layer calibrated otherwise
+            # may hold a bias this layer lacks, or lack one it holds ("Unexpected key(s) ... bias"; with strict=False
+            # the saved correction dropped, or this layer's kept against the loaded weights, without a word)
+            saved = state_dict.get(prefix + "bias")
+            if isinstance(saved, torch.Tensor) and self.bias is None:
+                self.bias = torch.empty(self.out_features, dtype=saved.dtype, device=self.scale.device)
+            elif saved is None and self.bias is not None:
+                self.bias = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -319,6 +329,12 @@ def calibrate(model: nn.Module, names: list[str], batches) -> dict[str, InputSta
         def record(_mod, args, kwargs, name=name):
             # nn.Linear's input by position or by its name (``fc(input=x)``: args empty, an IndexError in the model)
             x = (args[0] if args else kwargs["input"]).detach()
+            k = modules[name].in_features
+            if x.dim() == 0 or x.shape[-1] != k:
+                # before the statistics: a batch of another width failed here on its own sum ("The size of tensor a
+                # (19) must match the size of tensor b (3)") or, 0-d, on x.shape[-1] ("tuple index out of range")
+                raise LaunchError(f"layer {name!r} got an input {tuple(x.shape)}; expected (..., in_features={k}) "
+                                  "(the calibration batch does not fit the model)")
             if x.numel():                # an empty input has no largest value
                 top = float(x.abs().max())
                 # NaN kept (max(a, nan) would keep a, and the check below would pass it by)
