@@ -100,11 +100,12 @@ def test_per_rank_shards_of_real_runs(kw):
     assert got["gradients"] == pytest.approx(mem["gradients"] + slice_bytes, rel=0.1 if "tp" in kw else 0.01)
     # the peak: the CPU allocator's records during a step plus what was alive before it (10%: the bar of issue 13;
     # 25% while the measurement placed each op's allocations at its start and the model counted every gradient
-    # at the first backward). ZeRO-1's measured peak moves between runs of the same plan (-13% to +13% seen, a
-    # fresh-clone CI run among them; the cause, likely when gloo's buffers for the slice's all-gather come and
-    # go, is not found): 15% there until it is. FSDP2's moved +12.8% once in a full parallel test run (both cores
-    # busy; the same test alone: within 10%), the same kind of asynchronous collective buffers: 15% too.
-    rel = 0.15 if kw.get("zero") or kw.get("dp_shard") else 0.10
+    # at the first backward). ZeRO-1's and FSDP2's measured peaks once moved between runs of one plan (-13% to
+    # +17%, a fresh-clone CI run among them): gloo's worker threads sometimes freed a collective's buffers, and the
+    # profiler records no free there (measure._allocator_records puts them back; the peaks are now the same in
+    # every run: FSDP2 +2.7%). ZeRO-1 is measured 14.3% under the model, every run: 15% there until the model's
+    # copies of a flattened bucket are matched to the measurement.
+    rel = 0.15 if kw.get("zero") else 0.10
     assert row["peak_bytes"] == pytest.approx(predict(plan, desc, Unit(desc), FREE).memory_bytes, rel=rel)
 
 
@@ -118,6 +119,58 @@ def test_1f1b_peak_is_gpipes_where_the_orders_agree():
     gpipe, one_f_one_b = (measure_plans(desc, [Plan(batch=4, pp=2, microbatches=2, schedule=s)], steps=2,
                                         warmup=1)[0] for s in ("gpipe", "1f1b"))
     assert one_f_one_b["peak_bytes_per_rank"][0] == pytest.approx(gpipe["peak_bytes_per_rank"][0], rel=0.02)
+
+
+def test_a_free_on_a_thread_the_profiler_does_not_watch_is_put_back():
+    """A collective's buffer whose last reference a worker thread (gloo's, here a Python thread started before the
+    profiler) drops: the profiler records its allocation and no free. Counted as alive to the end, it made a
+    later allocation of the same size look like a second block (FSDP2's peak +10% to +17% in some runs)."""
+    import queue
+    import threading
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from tilestack.parallel.plan.measure import _peak_allocated
+    inbox: queue.Queue = queue.Queue()
+    freed = threading.Event()
+
+    def worker():
+        while (t := inbox.get()) is not None:
+            del t
+            freed.set()
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    nbytes = 4 << 18
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            with record_function("c10d::stand_in_collective"):
+                buffer = torch.ones(nbytes // 4)
+                inbox.put(buffer)
+                del buffer
+                assert freed.wait(10)
+            kept = torch.ones(nbytes // 4)              # made after the buffer is gone, alive to the end
+    finally:
+        inbox.put(None)
+        thread.join(10)
+    raw = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    if -nbytes in raw:
+        pytest.skip("this torch's profiler records frees on unwatched threads: nothing is lost to put back")
+    assert sum(n for n in raw if n >= nbytes) == 2 * nbytes      # the raw records: two blocks alive at the end
+    assert _peak_allocated(prof) == nbytes                      # one at a time, as they were
+    assert kept.sum().item() == nbytes // 4
+
+
+def test_a_block_still_alive_at_the_end_stays_counted():
+    """Blocks made outside a collective that the span does not free (the step's gradients) are not lost frees."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tilestack.parallel.plan.measure import _peak_allocated
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        first = torch.ones(1 << 16)
+        second = torch.ones(1 << 16)
+    assert _peak_allocated(prof) == 2 * (4 << 16)
+    assert first.sum().item() == second.sum().item() == 1 << 16
 
 
 def _profiled_peak(step) -> int:

@@ -49,16 +49,60 @@ def _optimizer_bytes(trainer) -> int:
                          if isinstance(v, torch.Tensor) and v.dim() > 0)
 
 
+def _allocator_records(prof) -> list[tuple[int, int]]:
+    """The CPU allocator's records of the profiled span as (time ns, bytes): an allocation's bytes, a free's
+    negative bytes, with the frees the profiler lost put back.
+
+    A free is lost when a thread the profiler does not watch drops a tensor's last reference: gloo's worker
+    threads hold each collective's work (and the temporaries made inside it, such as the clone of a
+    reduce-scatter's input) until they finish with it, a few microseconds after the caller's wait returns.
+    When the caller lets go first, the free happens on the worker and is never recorded, and the running sum
+    stays high for the rest of the step: FSDP2's measured peak moved by a whole gathered block (+10% to +17%)
+    between runs of one plan. Two rules put such a free back, at a time a watched free would have had:
+    - an address allocated again while its block is still open was freed before: the free goes at the end of
+      the outermost op that made the block (the time its owner's free is recorded when the race goes the other
+      way), or just before the new allocation where that is earlier;
+    - a block made inside a collective (a ``c10d::`` op) that is still open when the span ends goes at the end
+      of its outermost op too. Blocks made elsewhere that stay open (the step's gradients) stay counted.
+    """
+    records: list[tuple[int, int]] = []
+    open_blocks: dict[int, tuple[int, int, bool]] = {}       # ptr -> (bytes, end of its outermost op, in c10d)
+
+    def visit(node, root_end: int, in_collective: bool) -> None:
+        in_collective = in_collective or node.name.startswith("c10d::")
+        fields = node.extra_fields
+        if type(fields).__name__ == "_ExtraFields_Allocation" and fields.device.type == "cpu":
+            events.append((node.start_time_ns, fields.ptr, fields.alloc_size, root_end, in_collective))
+        for child in node.children:
+            visit(child, root_end, in_collective)
+
+    events: list[tuple[int, int, int, int, bool]] = []
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        visit(root, max(root.end_time_ns, root.start_time_ns), False)
+    events.sort(key=lambda e: e[0])
+    for t, ptr, nbytes, root_end, in_collective in events:
+        if nbytes > 0:
+            if ptr in open_blocks:                     # its free was lost: it came before this allocation
+                lost, lost_end, _ = open_blocks.pop(ptr)
+                records.append((min(lost_end, t - 1), -lost))
+            open_blocks[ptr] = (nbytes, root_end, in_collective)
+        else:
+            open_blocks.pop(ptr, None)                 # a block from before the span is freed: its bytes count
+        records.append((t, nbytes))
+    records += [(end, -nbytes) for nbytes, end, in_collective in open_blocks.values() if in_collective]
+    records.sort(key=lambda r: r[0])
+    return records
+
+
 def _peak_allocated(prof) -> int:
     """The peak of the running sum of the CPU allocator's own records (an allocation's bytes, a free's negative
-    bytes, in the order they happened) over the profiled span: the most bytes allocated during it alive at once.
-    Frees of tensors allocated before the span are not recorded (their sizes are unknown to the profiler).
-    The records are the allocator's, not the ops': an op's net allocation placed at the op's start (its
-    ``self_cpu_memory_usage``) runs ahead of frees inside it and overstated 1F1B's peak by up to 50%."""
-    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                     if e.name() == "[memory]")
+    bytes, in the order they happened; lost frees put back, see ``_allocator_records``) over the profiled span:
+    the most bytes allocated during it alive at once. Frees of tensors allocated before the span are not recorded
+    (their sizes are unknown to the profiler). The records are the allocator's, not the ops': an op's net
+    allocation placed at the op's start (its ``self_cpu_memory_usage``) runs ahead of frees inside it and
+    overstated 1F1B's peak by up to 50%."""
     run = peak = 0
-    for _, nbytes in records:
+    for _, nbytes in _allocator_records(prof):
         run += nbytes
         peak = max(peak, run)
     return peak
