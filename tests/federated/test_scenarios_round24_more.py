@@ -399,3 +399,32 @@ def test_feddf_server_distillation_steps_no_round_could_finish_are_refused_namin
     with pytest.raises(ValueError, match=r"FedDF: steps=1000000000000; expected an integer in \[0, 1000000000\]"):
         FedDF(model=task.build_model(), unlabeled=unlabeled, steps=10**12, **EVERYONE)
     FedDF(model=task.build_model(), unlabeled=unlabeled, steps=10**9, **EVERYONE)
+
+
+# ---- rates so small that a client's time is no finite number ------------------------------------------------------
+@pytest.mark.parametrize("speed", [1e-310, 5e-324])
+def test_a_subnormal_speed_is_refused_naming_the_client(speed):
+    """A speed of 1e-310 steps/s is finite and > 0, but 1 / speed is inf: every duration of that client was inf, and
+    an Oort selector's sampling odds over such clients were NaN ("Probabilities contain NaN" in round 1). Refused
+    when the SystemModel is made, naming the entry and the least rate taken."""
+    with pytest.raises(ValueError, match=re.escape(f"SystemModel: speeds[2]={speed!r} (client 2); expected (4,) "
+                                                   "finite numbers > 0 (at least")):  # fmt: skip
+        SystemModel(4, speeds=np.array([1.0, 2.0, speed, 1.0]))
+    with pytest.raises(ValueError, match=r"bandwidths\[0\]"):
+        SystemModel(4, bandwidths=np.array([speed, 1.0, 1.0, 1.0]))
+
+
+def test_oort_over_clients_whose_full_work_takes_no_finite_time_still_picks_its_clients():
+    """Speeds of 1e-300 steps/s and full work of 10**9 steps: Oort's expected times are inf for two of four clients
+    (1e309 s). Its exploration odds (1 / time) were 0 for them and numpy refused to draw three distinct clients from
+    two non-zero odds ("Fewer non-zero entries in p than size"), or NaN where every client was so slow; the run ended
+    in round 1. Such clients now get uniform odds: each round trains three distinct clients."""
+    from tilestack.federated.strategies import OortSelector
+
+    task = _task()
+    for speeds in ([1e-300, 1e-300, 1.0, 1.0], [1e-300] * 4):
+        system = SystemModel(4, speeds=np.array(speeds), bandwidths=np.full(4, 1e9))
+        strategy = Selected(FedAvg(**EVERYONE), OortSelector(system, full_steps=[10**9] * 4), 3)
+        res = simulate(strategy, task, rounds=3, system=system)
+        for m in res.history.rounds:
+            assert m.num_selected == m.num_aggregated == 3 and len(m.client_train) == 3

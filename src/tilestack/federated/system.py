@@ -36,6 +36,14 @@ from pathlib import Path
 import numpy as np
 
 MAX_CLIENTS = 1 << 24   # the simulation holds arrays (speeds, bandwidths) of one entry per client
+# the least rate (steps/s, bytes/s) whose time per unit is a finite float: a subnormal speed (1e-310) passed as "> 0",
+# and every duration was inf (an Oort selector's sampling odds NaN: "Probabilities contain NaN" in round 1)
+MIN_RATE = 1.0 / np.finfo(np.float64).max
+
+
+def _usable(rates: np.ndarray) -> np.ndarray:
+    """Which of ``rates`` are finite numbers of at least ``MIN_RATE``."""
+    return np.isfinite(rates) & (rates >= MIN_RATE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +117,7 @@ class SystemModel:
             drawn["bandwidths"] = ("bandwidth", "bandwidth_sigma")
         for name in ("speeds", "bandwidths"):
             arr = np.asarray(getattr(self, name), np.float64)
-            if name in drawn and not np.all(np.isfinite(arr) & (arr > 0)):
+            if name in drawn and not np.all(_usable(arr)):
                 # (speed_sigma=1e3 or speed=1e308 drew inf or 0 speeds: the error named "speeds", never given)
                 mean, sigma = drawn[name]
                 raise ValueError(
@@ -117,11 +125,12 @@ class SystemModel:
                     f"{name} that are not finite numbers > 0; expected a smaller {sigma} (a lognormal's sigma, "
                     "about 0-3)"
                 )
-            if arr.shape == (self.num_clients,) and not np.all(np.isfinite(arr) & (arr > 0)):
+            if arr.shape == (self.num_clients,) and not np.all(_usable(arr)):
                 # (a negative speed was reported as "speeds has shape (4,); expected (4,) ...": the shape it had)
-                i = int(np.flatnonzero(~(np.isfinite(arr) & (arr > 0)))[0])
+                i = int(np.flatnonzero(~_usable(arr))[0])
                 raise ValueError(f"SystemModel: {name}[{i}]={float(arr[i])!r} (client {i}); expected "
-                                 f"({self.num_clients},) finite numbers > 0")  # fmt: skip
+                                 f"({self.num_clients},) finite numbers > 0 (at least {MIN_RATE:.3g}, whose time "
+                                 "per unit is finite)")  # fmt: skip
             if arr.shape != (self.num_clients,):
                 raise ValueError(
                     f"SystemModel: {name} has shape {arr.shape}; expected ({self.num_clients},) finite numbers > 0"
@@ -211,10 +220,11 @@ class SystemModel:
                 f"expected each of 0..{len(rows) - 1} once"
             )
         for column, values in (("speed", speeds), ("bandwidth", bandwidths)):
-            bad = np.flatnonzero(~(np.isfinite(values) & (values > 0)))
+            bad = np.flatnonzero(~_usable(values))
             if len(bad):  # (named "SystemModel: speeds has shape (4,)" before, neither the file nor the row)
                 raise ValueError(f"SystemModel.from_trace: path={str(path)!r} gives client {int(bad[0])} "
-                                 f"{column}={float(values[bad[0]])!r}; expected finite numbers > 0")  # fmt: skip
+                                 f"{column}={float(values[bad[0]])!r}; expected finite numbers > 0 (at least "
+                                 f"{MIN_RATE:.3g})")  # fmt: skip
         return cls(num_clients=len(rows), speeds=speeds, bandwidths=bandwidths, **kwargs)
 
     def duration(self, pid: int, *, steps: int, bytes_down: int, bytes_up: int) -> float:

@@ -104,8 +104,9 @@ class OortSelector:
         self.system, self.alpha, self.epsilon, self.seed = system, alpha, epsilon, seed
         steps = np.asarray(full_steps if full_steps is not None else [1] * system.num_clients, np.float64)
         assert system.speeds is not None
-        self.expected_time = steps / system.speeds  # (N,) seconds of compute for full work
-        self.preferred = float(np.percentile(self.expected_time, preferred_percentile))
+        with np.errstate(over="ignore", invalid="ignore"):  # a full work too long for a finite time is inf
+            self.expected_time = steps / system.speeds  # (N,) seconds of compute for full work
+            self.preferred = float(np.percentile(self.expected_time, preferred_percentile))
         self.utility: dict[int, float] = {}
         self.last_round: dict[int, int] = {}
 
@@ -113,8 +114,8 @@ class OortSelector:
         u = self.utility[pid]
         u += u * np.sqrt(0.1 * np.log(max(server_round, 2)) / max(1, self.last_round.get(pid, 1)))  # staleness
         t = self.expected_time[pid]
-        if t > self.preferred:
-            u *= (self.preferred / t) ** self.alpha
+        if t > self.preferred:  # (inf / inf was NaN: a client too slow for a finite time scores as the slowest do)
+            u *= (self.preferred / t) ** self.alpha if math.isfinite(t) else 0.0
         return float(u)
 
     def select(self, server_round: int, node_ids: list[int], k: int, grid: Grid) -> list[int]:
@@ -125,7 +126,13 @@ class OortSelector:
         n_explore = min(len(fresh), max(k - len(tried), int(round(self.epsilon * k))))
         if n_explore:  # unexplored clients, faster ones first in expectation
             speed = np.array([1.0 / self.expected_time[pid_of[n]] for n in fresh])
-            pick = rng.choice(len(fresh), size=n_explore, replace=False, p=speed / speed.sum())
+            with np.errstate(invalid="ignore"):
+                odds = speed / speed.sum()
+            if not (np.all(np.isfinite(odds)) and np.count_nonzero(odds) >= n_explore):
+                # (clients whose full work takes no finite time have odds 0: with too few others, numpy's choice
+                # raised "Probabilities contain NaN" or "Fewer non-zero entries in p than size" in round 1)
+                odds = np.full(len(fresh), 1.0 / len(fresh))
+            pick = rng.choice(len(fresh), size=n_explore, replace=False, p=odds)
             chosen = [fresh[i] for i in pick]
         else:
             chosen = []
