@@ -428,3 +428,19 @@ def test_oort_over_clients_whose_full_work_takes_no_finite_time_still_picks_its_
         res = simulate(strategy, task, rounds=3, system=system)
         for m in res.history.rounds:
             assert m.num_selected == m.num_aggregated == 3 and len(m.client_train) == 3
+
+
+def test_stale_work_too_long_for_the_round_arithmetic_is_left_out_naming_it_not_an_overflow():
+    """``stragglers='stale'`` counts how many rounds late a cut client's whole work ends: at a 1e-300 s deadline a 1e6 s
+    job is 1e306 rounds late, the quotient overflowed to inf and math.ceil raised OverflowError inside round 1 (the run
+    ended); a 1e301-round lateness was spelled out digit by digit in the exclusion. The client is left out past
+    max_staleness, its lateness given as "at least 1e+12 rounds", and the others' 10-round lateness as it is."""
+    task = _task(local_steps=10)
+    system = SystemModel(4, speeds=np.array([1e-300, 1.0, 1.0, 1.0]), bandwidths=np.full(4, 1e9), deadline=1.0)
+    res = simulate(FedAvg(**EVERYONE), task, rounds=1, system=system, stragglers="stale")
+    excluded = res.history.rounds[0].excluded
+    assert excluded["0"] == "deadline: its update would arrive at least 1e+12 rounds late, past max_staleness=4"
+    assert excluded["1"] == "deadline: its update would arrive 10 rounds late, past max_staleness=4"
+    tiny = SystemModel(4, speeds=np.array([1e-5, 1.0, 1.0, 1.0]), bandwidths=np.full(4, 1e9), deadline=1e-300)
+    res = simulate(FedAvg(**EVERYONE), task, rounds=1, system=tiny, stragglers="stale")
+    assert all("at least 1e+12 rounds late" in why for why in res.history.rounds[0].excluded.values())

@@ -70,7 +70,7 @@ from tilestack.federated.client import (
     task_from_config,
 )  # fmt: skip
 from tilestack.federated.compression import COMPRESS_KEY, COMPRESSED_STYPES
-from tilestack.federated.staleness import LateReply, rebased, rounds_late, staleness_weight
+from tilestack.federated.staleness import LATE_CAP, LateReply, rebased, rounds_late, staleness_weight
 from tilestack.federated.system import ClientPlan, SystemModel
 from tilestack.federated.task import Task
 
@@ -611,7 +611,8 @@ class ManagedGrid(Grid):
                                           self.system.deadline)  # fmt: skip
                         durations.append(self.system.deadline)  # the round ends at the deadline without it
                         if tau > self.max_staleness:
-                            self._exclude(pid, f"deadline: its update would arrive {tau} rounds late, past "
+                            late = f"{tau}" if tau < LATE_CAP else f"at least {LATE_CAP:.0e}"
+                            self._exclude(pid, f"deadline: its update would arrive {late} rounds late, past "
                                                f"max_staleness={self.max_staleness}")  # fmt: skip
                             continue
                         due[nid] = self.server_round + tau

@@ -54,9 +54,18 @@ class LateReply:
         return self.due - self.started
 
 
+LATE_CAP = 10**12  # rounds late past any run: work that long (or too long for a finite time) is counted as this
+
+
 def rounds_late(duration: float, deadline: float) -> int:
-    """Rounds after the one it started in that work of ``duration`` seconds ends in (rounds of ``deadline`` s)."""
-    return max(1, math.ceil(duration / deadline) - 1)
+    """Rounds after the one it started in that work of ``duration`` seconds ends in (rounds of ``deadline`` s), at
+    most ``LATE_CAP``: a duration of 1e6 s over a deadline of 1e-300 s overflowed to inf, and math.ceil raised
+    OverflowError mid-round (the run ended); one of 1e300 rounds was named digit by digit in the client's exclusion."""
+    with np.errstate(over="ignore"):
+        ratio = np.float64(duration) / np.float64(deadline)
+    if not ratio < LATE_CAP:
+        return LATE_CAP
+    return max(1, math.ceil(ratio) - 1)
 
 
 def staleness_weight(staleness: int, exponent: float) -> float:
