@@ -85,6 +85,11 @@ LEFT_REASONS = {
                                     "passes",
     "_transformer_encoder_layer_fwd": "nn.TransformerEncoderLayer's fused inference path (eval, no grad), one torch "
                                       "op: its attention and norms are not seen by the passes",
+    # a convolution (Whisper's front end, a Conv1d over time, ViT's patches) was "no tilestack kernel for it", with no
+    # word of where it goes; tilestack.quantize names the same layers as left in float
+    **dict.fromkeys(("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"),
+                    "a convolution: tilestack has no convolution kernel (its passes take attention, norms, softmax and "
+                    "Linear epilogues), left to Inductor (cuDNN on a GPU)"),
     # a block under torch.utils.checkpoint (Hugging Face's gradient_checkpointing) is one higher-order op whose body
     # is a subgraph of its own; it was reported as "no tilestack kernel for it", silent on the attention inside
     "tag_activation_checkpoint": "a torch.utils.checkpoint region (recomputed in the backward): Dynamo keeps its body "
