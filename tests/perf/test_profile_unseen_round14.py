@@ -94,8 +94,9 @@ def test_separable_convolutions_by_hand():
 
 @pytest.mark.parametrize("train", [False, True])
 def test_norms_trained_and_in_eval_by_hand(train):
-    """In training every norm computes its statistics (8 FLOPs an element; instance norm as a batch norm over
-    (1, N*C, H, W) with the running statistics repeated in and averaged out); in eval batch norm and the tracking
+    """In training every norm computes its statistics (8 FLOPs an element, 6 for the layer norm without an affine;
+    instance norm as a batch norm over (1, N*C, H, W) with the running statistics repeated in and averaged out); in
+    eval batch norm and the tracking
     instance norm use their running statistics (4 an element), group and layer norms still their own. The
     backward (inputs need no gradient) takes the weight and bias gradients of the three affine norms: a recompute,
     dw and db, 5 an element; the layer norm has none. The running statistics are put back after both profiles."""
@@ -110,8 +111,10 @@ def test_norms_trained_and_in_eval_by_hand(train):
             counts = profile.count_ops(profile.make_step(model, inputs, train=train))
         per_element = (formulas.LAYERNORM_FLOPS_PER_ELEMENT if mode == "train" else
                        formulas.BATCHNORM_EVAL_FLOPS_PER_ELEMENT)
-        statistics = 2 * per_element + 2 * formulas.LAYERNORM_FLOPS_PER_ELEMENT  # bn, instance; group, layer
-        assert flops_of(counts, norm_ops) == statistics * elements == (6400 if mode == "train" else 4800)
+        # bn, instance; group; layer, whose norm has no affine to apply (round 24: it was counted the affine's 2)
+        no_affine = formulas.LAYERNORM_FLOPS_PER_ELEMENT - 2 * formulas.NORM_AFFINE_FLOPS_PER_ELEMENT
+        statistics = 2 * per_element + formulas.LAYERNORM_FLOPS_PER_ELEMENT + no_affine
+        assert flops_of(counts, norm_ops) == statistics * elements == (6000 if mode == "train" else 4400)
         backward = flops_of(counts, "aten::native_batch_norm_backward") + flops_of(
             counts, "aten::native_group_norm_backward")
         assert backward == (3 * 5 * elements if train else 0)

@@ -6,8 +6,8 @@ head by hand, every row's metrics against its own counts and the synthetic ceili
 the roofline fraction, no energy on a CPU), a batch of 0 through the Conformer, and bad arguments: steps or warmup
 past profile_args.MAX_STEPS (steps=2**40 ran with no end: the round's fix), inputs that do not fit forward,
 arguments of the wrong type, each refused before the model runs, naming the argument; zeros_like's unwritten bytes
-and a non-affine LayerNorm's affine FLOPs as strict xfails. The counts of the round's models, and what the round
-found, are in tests/perf/test_profile_unseen_round19.py.
+as a strict xfail, and a non-affine LayerNorm's affine FLOPs (an xfail here, fixed in round 24). The counts of the
+round's models, and what the round found, are in tests/perf/test_profile_unseen_round19.py.
 """
 
 import math
@@ -319,12 +319,9 @@ def test_copies_of_views_read_the_view_alone():
         assert (row.flops, row.bytes_read, row.bytes_written) == (0, read * F32, written * F32), op
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a LayerNorm without an affine (elementwise_affine=False, F.layer_norm(x, shape): DiT's adaLN, final norms) is "
-    "counted formulas.LAYERNORM_FLOPS_PER_ELEMENT = 8 an element, its affine's 2 included, though it has no weight "
-    "to multiply nor bias to add (6), while its backward already leaves out the weight and bias gradients; GroupNorm "
-    "and BatchNorm(affine=False) alike. Left as it is in round 19: round 7's DiT and round 14's norms pin 8"))
 def test_layer_norm_without_affine_has_no_affine_flops():
+    """A LayerNorm without an affine (elementwise_affine=False, F.layer_norm(x, shape): DiT's adaLN, final norms) has
+    no weight to multiply nor bias to add: 6 an element, not 8 (an xfail of round 19, fixed in round 24)."""
     x = torch.randn(4, 8)
     counts = profile.count_ops(lambda: F.layer_norm(x, (8,)))
     assert one_row(counts, "aten::native_layer_norm").flops == (formulas.LAYERNORM_FLOPS_PER_ELEMENT - 2) * 32

@@ -248,16 +248,17 @@ RT_QK = 2 * RT_B * RT_H * RT_L * RT_L * RT_DH  # one of the two batched products
 def test_retnet_by_hand():
     """qkv 2*R*D*3D; the decay mask: the (L, L) gaps (a subtract each), times each head's log-decay (H*L*L), exp,
     the future's compare; q@k^T and its product with v 2*(B*H)*L*L*Dh each, the decay multiply per score; the group
-    norm per head 8 an element; the gate 2*R*D*D, SiLU, the multiply, the output projection: 11304. The decay
-    multiply reads the (H, L, L) mask once, not once per batch row; the group norm writes its output and the (R, H)
-    means and inverse deviations."""
+    norm per head 6 an element (it has no affine: round 24); the gate 2*R*D*D, SiLU, the multiply, the output
+    projection: 11112. The decay multiply reads the (H, L, L) mask once, not once per batch row; the group norm
+    writes its output and the (R, H) means and inverse deviations."""
     p, counts, _ = profiled("retnet", False)
     qkv, square = 2 * RT_ROWS * RT_D * 3 * RT_D, 2 * RT_ROWS * RT_D * RT_D
     mask = RT_L * RT_L + 2 * RT_H * RT_L * RT_L + RT_L * RT_L
     assert by_op(counts)["aten::bmm"] == 2 * RT_QK == 2304
-    assert by_op(counts)["aten::native_group_norm"] == LN * RT_ROWS * RT_D
-    assert p.flops == qkv + mask + 2 * RT_QK + RT_SCORES + LN * RT_ROWS * RT_D + 2 * square + 2 * RT_ROWS * RT_D \
-        == 11304
+    gn_no_affine = LN - 2 * formulas.NORM_AFFINE_FLOPS_PER_ELEMENT  # F.group_norm(y, H): no weight, no bias
+    assert by_op(counts)["aten::native_group_norm"] == gn_no_affine * RT_ROWS * RT_D
+    assert p.flops == qkv + mask + 2 * RT_QK + RT_SCORES + gn_no_affine * RT_ROWS * RT_D + 2 * square \
+        + 2 * RT_ROWS * RT_D == 11112
     decay = one_row(counts, "aten::mul", ((RT_B, RT_H, RT_L, RT_L), (RT_H, RT_L, RT_L)))
     assert (decay.bytes_read, decay.bytes_written) == ((RT_SCORES + RT_H * RT_L * RT_L) * F32, RT_SCORES * F32)
     gn = one_row(counts, "aten::native_group_norm")

@@ -77,6 +77,7 @@ def test_batch_norm_training_writes_its_running_statistics(training):
     assert row.bytes_written == (BN_E + 4 * BN_C if training else BN_E) * F32
     assert (not torch.equal(mean, torch.zeros(BN_C))) == training  # updated by the counted step itself
     per_element = formulas.BATCHNORM_TRAIN_FLOPS_PER_ELEMENT if training else formulas.BATCHNORM_EVAL_FLOPS_PER_ELEMENT
+    per_element -= 2 * formulas.NORM_AFFINE_FLOPS_PER_ELEMENT  # no weight to multiply, no bias to add (round 24)
     assert row.flops == per_element * BN_E
 
 

@@ -10,7 +10,13 @@ What this round found:
   name) or a list of rates was taken, and every row read "bound unknown" with no word said (``device``);
 - ``perf.Timing`` took negative, NaN, infinite or no times, and ``compute_metrics(timing=...)`` stored a negative p10,
   NaN percentiles or an infinite spread (no times: a bare IndexError); ``timing.median_ci`` took a NaN, which sorted
-  anywhere and moved the interval (``timing``).
+  anywhere and moved the interval (``timing``);
+- a layer, group, batch or instance norm without a weight or bias (``elementwise_affine=False``, ``affine=False``,
+  ``InstanceNorm2d``'s default, ``F.layer_norm(x, shape)``, a bias-free LayerNorm) was counted the affine it does not
+  apply, 2 FLOPs an element of 8 (round 19's strict xfail; ``counting_rules.norms_statistics``, ``formulas.layernorm``);
+- what batch norm runs on a GPU, ``cudnn_batch_norm`` (``miopen_batch_norm``) and its backward, had no FLOP rule: every
+  GPU profile of a BatchNorm net reported them uncounted (``counting_rules.norms_statistics``; found and checked on
+  meta tensors, as this round had no GPU).
 """
 
 import math
@@ -75,6 +81,84 @@ def test_a_dynamic_fp16_lstm_reads_half_width_gate_weights():
     gate_weights = LSTM_GATES * LSTM_H * (LSTM_IN + LSTM_H)
     assert rows[torch.float16].flops == rows[torch.qint8].flops > 0
     assert rows[torch.float16].bytes_read - rows[torch.qint8].bytes_read == gate_weights * (F16 - I8)
+
+
+# --- a norm without weight or bias applies no affine ---------------------------------------------------------------
+NM_SHAPE = (2, 4, 3, 3)
+NM_E = math.prod(NM_SHAPE)
+LN, BN_TRAIN, BN_EVAL = (formulas.LAYERNORM_FLOPS_PER_ELEMENT, formulas.BATCHNORM_TRAIN_FLOPS_PER_ELEMENT,
+                         formulas.BATCHNORM_EVAL_FLOPS_PER_ELEMENT)
+AFFINE = formulas.NORM_AFFINE_FLOPS_PER_ELEMENT  # a weight multiply or a bias add, per element
+
+
+@pytest.mark.parametrize("make,op,per_element", [
+    (lambda: nn.LayerNorm(3), "aten::native_layer_norm", LN),
+    (lambda: nn.LayerNorm(3, elementwise_affine=False), "aten::native_layer_norm", LN - 2 * AFFINE),
+    (lambda: nn.LayerNorm(3, bias=False), "aten::native_layer_norm", LN - AFFINE),
+    (lambda: (lambda x: F.layer_norm(x, (3, 3))), "aten::native_layer_norm", LN - 2 * AFFINE),
+    (lambda: nn.GroupNorm(2, 4), "aten::native_group_norm", LN),
+    (lambda: nn.GroupNorm(2, 4, affine=False), "aten::native_group_norm", LN - 2 * AFFINE),
+    (lambda: nn.BatchNorm2d(4), "aten::native_batch_norm", BN_TRAIN),
+    (lambda: nn.BatchNorm2d(4, affine=False), "aten::native_batch_norm", BN_TRAIN - 2 * AFFINE),
+    (lambda: nn.BatchNorm2d(4).eval(), "aten::native_batch_norm", BN_EVAL),
+    (lambda: nn.BatchNorm2d(4, affine=False).eval(), "aten::native_batch_norm", BN_EVAL - 2 * AFFINE),
+    (lambda: nn.InstanceNorm2d(4), "aten::native_batch_norm", BN_TRAIN - 2 * AFFINE),  # no affine by default
+    (lambda: nn.InstanceNorm2d(4, affine=True), "aten::native_batch_norm", BN_TRAIN),
+    (lambda: (lambda x: F.batch_norm(x, None, None, torch.ones(4), None, training=True)), "aten::native_batch_norm",
+     BN_TRAIN - AFFINE),
+], ids=["ln", "ln-no-affine", "ln-no-bias", "F.layer_norm", "gn", "gn-no-affine", "bn", "bn-no-affine", "bn-eval",
+        "bn-eval-no-affine", "instance", "instance-affine", "F.batch_norm-weight-only"])
+def test_a_norm_counts_only_the_affine_it_applies(make, op, per_element):
+    """Statistics and the normalisation always; a multiply per element only with a weight, an add only with a bias
+    (before round 24 every norm was counted its whole affine: DiT's adaLN norms, InstanceNorm2d's default, a
+    bias-free LayerNorm, a weight-only F.batch_norm)."""
+    norm, x = make(), torch.randn(*NM_SHAPE)
+    counts = counting.count_ops(lambda: norm(x))
+    assert one_row(counts, op).flops == per_element * NM_E
+
+
+def _meta(*shape, dtype=torch.float32):
+    return torch.empty(*shape, device="meta", dtype=dtype)
+
+
+@pytest.mark.parametrize("op", ["cudnn_batch_norm", "miopen_batch_norm"])
+@pytest.mark.parametrize("training,bias,per_element", [(True, True, BN_TRAIN), (False, True, BN_EVAL),
+                                                       (True, False, BN_TRAIN - AFFINE)])
+def test_a_gpu_batch_norm_is_counted_as_the_cpu_one(op, training, bias, per_element):
+    """What BatchNorm runs on an NVIDIA (AMD) GPU, cudnn_batch_norm (miopen_batch_norm), counted as native_batch_norm:
+    before round 24 it was reported uncounted, so every GPU profile of a BatchNorm net had rows without FLOPs. Counted
+    on meta tensors (no GPU needed); in training it writes its running statistics besides its output."""
+    x, w, b, rm, rv = _meta(*NM_SHAPE), _meta(4), _meta(4) if bias else None, _meta(4), _meta(4)
+    counts = counting.count_ops(lambda: getattr(torch.ops.aten, op)(x, w, b, rm, rv, training, 0.1, 1e-5))
+    row = one_row(counts, f"aten::{op}")
+    assert (row.flops, row.unsupported) == (per_element * NM_E, False)
+    assert row.bytes_read == (NM_E + (4 if bias else 3) * 4) * F32
+    assert row.bytes_written >= (NM_E + (2 * 4 if training else 0)) * F32
+
+
+@pytest.mark.parametrize("op", ["cudnn_batch_norm_backward", "miopen_batch_norm_backward"])
+def test_a_gpu_batch_norm_backward_forms_all_three_gradients(op):
+    """cudnn_batch_norm_backward / miopen_batch_norm_backward always form the input, weight and bias gradients from
+    the batch statistics: the recompute, dx, dw and db per element of dy, as native_batch_norm_backward asked for all
+    three (13 an element); before round 24, uncounted."""
+    x, dy = _meta(*NM_SHAPE), _meta(*NM_SHAPE)
+    w, rm, rv, mean, invstd = (_meta(4) for _ in range(5))
+    extra = (_meta(0, dtype=torch.uint8),) if op.startswith("cudnn") else ()  # cudnn's reserve space
+    counts = counting.count_ops(lambda: getattr(torch.ops.aten, op)(x, dy, w, rm, rv, mean, invstd, 1e-5, *extra))
+    row = one_row(counts, f"aten::{op}")
+    per_element = (formulas.NORM_BWD_RECOMPUTE_FLOPS_PER_ELEMENT + formulas.NORM_BWD_INPUT_FLOPS_PER_ELEMENT
+                   + formulas.NORM_BWD_WEIGHT_FLOPS_PER_ELEMENT + formulas.NORM_BWD_BIAS_FLOPS_PER_ELEMENT)
+    assert (row.flops, row.unsupported) == (per_element * NM_E, False)
+    x_cpu, dy_cpu = torch.randn(*NM_SHAPE), torch.randn(*NM_SHAPE)
+    cpu = counting.count_ops(lambda: torch.ops.aten.native_batch_norm_backward(
+        dy_cpu, x_cpu, torch.ones(4), None, None, torch.zeros(4), torch.ones(4), True, 1e-5, [True, True, True]))
+    assert one_row(cpu, "aten::native_batch_norm_backward").flops == row.flops
+
+
+def test_the_layernorm_formula_leaves_out_the_affine_it_is_told_is_not_there():
+    assert formulas.layernorm(4, 8, "fp32").flops == LN * 32
+    assert formulas.layernorm(4, 8, "fp32", affine=False).flops == (LN - 2 * AFFINE) * 32
+    assert formulas.layernorm(4, 8, "fp32", affine=False).bytes_read == 32 * F32
 
 
 # --- perf.Ceilings refuses what is no ceiling ----------------------------------------------------------------------

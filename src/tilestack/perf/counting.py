@@ -46,6 +46,7 @@ from tilestack.perf.counting_rules import (  # noqa: F401 - _tensors, _numel, _a
     _tensors,
     foreach_flops,
 )
+from tilestack.perf.counting_rules.norms_statistics import affine_left_out
 
 ROW_OP_FLOPS_PER_ELEMENT = {
     "aten.native_layer_norm": formulas.LAYERNORM_FLOPS_PER_ELEMENT,
@@ -117,7 +118,7 @@ def _flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
         return flops * counting_linalg.causal_fraction(func, args, kwargs)
     per_element = ROW_OP_FLOPS_PER_ELEMENT.get(str(packet))
     if per_element is not None and args and isinstance(args[0], torch.Tensor):
-        return float(per_element * _numel(args[0]))
+        return float((per_element - affine_left_out(func, args, kwargs)) * _numel(args[0]))
     tags = _tags(func)
     if str(packet).removeprefix("aten.").rstrip("_") in NO_ARITHMETIC:
         return 0.0  # a copy or a select, though torch tags some pointwise (clone, masked_fill)

@@ -433,7 +433,8 @@ def op_bytes(func: Any, args: tuple, kwargs: dict, out: Any, ins: list, outs: li
 
 # Ops that update arguments their schema does not mark written: native_batch_norm in training moves its running mean
 # and variance by the momentum (its functional twin, _native_batch_norm_legit, marks them ``Tensor(a!)``).
-UPDATED_UNMARKED = {"aten.native_batch_norm": ("running_mean", "running_var")}
+UPDATED_UNMARKED = {f"aten.{op}": ("running_mean", "running_var")
+                    for op in ("native_batch_norm", "cudnn_batch_norm", "miopen_batch_norm")}  # (a GPU's: round 24)
 
 
 # RReLU's ``noise`` (marked written): in training each element's random slope is drawn into it, never read; in eval

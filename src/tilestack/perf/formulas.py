@@ -74,6 +74,9 @@ SOFTMAX_FLOPS_PER_ELEMENT = 5  # max (1), subtract + exp (2), sum (1), divide (1
 SOFTMAX_BWD_FLOPS_PER_ELEMENT = 4  # dx = y * (dy - sum(dy * y)): multiply, sum, subtract, multiply
 BATCHNORM_TRAIN_FLOPS_PER_ELEMENT = LAYERNORM_FLOPS_PER_ELEMENT  # batch statistics, normalise, affine
 BATCHNORM_EVAL_FLOPS_PER_ELEMENT = 4  # normalise by the running statistics (2), affine (2)
+# the affine part of LAYERNORM / RMSNORM / BATCHNORM_*: a multiply by the weight, an add of the bias, each per element
+# and each only where the norm has it (profiler round 24: a norm without weight or bias was counted its affine's)
+NORM_AFFINE_FLOPS_PER_ELEMENT = 1
 # Backward of a norm (layer, batch, group, RMS), per element of dy, by the gradients asked for:
 NORM_BWD_RECOMPUTE_FLOPS_PER_ELEMENT = 2  # x_hat = (x - mean) * rstd, again (any gradient but the bias's)
 NORM_BWD_INPUT_FLOPS_PER_ELEMENT = 8  # g = dy * w, sum(g), sum(g * x_hat) (2), rstd * (g - mean - x_hat * mean) (4)
@@ -292,12 +295,14 @@ def causal_fraction(n_q: int, n_kv: int, *, lower_right: bool = False) -> float:
 
 
 def layernorm(rows: int, cols: int, dtype: Any = "bf16", *, affine: bool = True) -> Cost:
-    """LayerNorm over the last dim of a (rows, cols) input: read x (+ weight, bias), write y."""
+    """LayerNorm over the last dim of a (rows, cols) input: read x (+ weight, bias), write y; without the affine
+    its multiply and add are not done."""
     rows, cols = _positive(rows=rows, cols=cols)
     _flags(affine=affine)
     e = dtype_bytes(dtype)
+    affine_left_out = 0 if affine else 2 * NORM_AFFINE_FLOPS_PER_ELEMENT  # no weight to multiply, no bias to add
     return Cost(
-        LAYERNORM_FLOPS_PER_ELEMENT * rows * cols,
+        (LAYERNORM_FLOPS_PER_ELEMENT - affine_left_out) * rows * cols,
         rows * cols * e + (2 * cols * e if affine else 0),
         rows * cols * e,
     )

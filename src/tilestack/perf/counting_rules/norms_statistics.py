@@ -16,12 +16,42 @@ from tilestack.perf.counting_rules.common import (
     _tensors,
 )
 
+# A norm's per-element count includes its affine: a multiply by ``weight`` and an add of ``bias``
+# (formulas.NORM_AFFINE_FLOPS_PER_ELEMENT each). One given None (nn.LayerNorm(elementwise_affine=False), F.layer_norm(x,
+# shape), BatchNorm(affine=False), F.instance_norm's default, a bias-free LayerNorm) does not apply it (profiler
+# round 24: such a norm was counted its affine's 2 FLOPs an element, a quarter more than it does; its backward already
+# left the weight and bias gradients out).
+NORM_AFFINE_ARGS: dict[str, tuple[str, ...]] = {
+    **{f"aten.{op}": ("weight", "bias") for op in (
+        "native_layer_norm", "native_group_norm", "native_batch_norm", "_native_batch_norm_legit",
+        "_native_batch_norm_legit_no_training", "cudnn_batch_norm", "miopen_batch_norm")},
+    "aten._fused_rms_norm": ("weight",),
+}
+
+
+def affine_left_out(func: Any, args: tuple, kwargs: dict) -> float:
+    """The FLOPs per element of the affine parts a norm call does not apply (its weight or bias is None)."""
+    names = NORM_AFFINE_ARGS.get(str(func._overloadpacket), ())
+    return float(sum(_argument(func, args, kwargs, name) is None for name in names)
+                 * formulas.NORM_AFFINE_FLOPS_PER_ELEMENT)
+
 
 def _batch_norm_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
-    """aten.native_batch_norm / aten._native_batch_norm_legit: with ``training`` the batch statistics too."""
+    """aten.native_batch_norm / aten._native_batch_norm_legit: with ``training`` the batch statistics too; the affine
+    only where it has a weight and bias."""
     training = bool(_argument(func, args, kwargs, "training"))
     per_element = formulas.BATCHNORM_TRAIN_FLOPS_PER_ELEMENT if training else formulas.BATCHNORM_EVAL_FLOPS_PER_ELEMENT
-    return float(per_element * _argument(func, args, kwargs, "input").numel())
+    return float((per_element - affine_left_out(func, args, kwargs)) * _argument(func, args, kwargs, "input").numel())
+
+
+def _gpu_batch_norm_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """cudnn_batch_norm_backward / miopen_batch_norm_backward (a GPU batch norm trained: autograd calls them only for
+    batch statistics): the input, weight and bias gradients, which they always form, per element of dy as
+    native_batch_norm_backward's with all three asked for (profiler round 24: both were reported uncounted, as were
+    their forwards, so a GPU profile of any BatchNorm net had those rows without FLOPs)."""
+    per_element = (formulas.NORM_BWD_RECOMPUTE_FLOPS_PER_ELEMENT + formulas.NORM_BWD_INPUT_FLOPS_PER_ELEMENT
+                   + formulas.NORM_BWD_WEIGHT_FLOPS_PER_ELEMENT + formulas.NORM_BWD_BIAS_FLOPS_PER_ELEMENT)
+    return float(per_element * _numel(_argument(func, args, kwargs, "grad_output")))
 
 
 def _norm_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
@@ -63,6 +93,10 @@ def _vector_norm_flops(order: str, *, subtract: bool = False) -> Rule:
 NORM_STATISTICS_FLOPS: dict[str, Rule] = {
     "aten.native_batch_norm": _batch_norm_flops,
     "aten._native_batch_norm_legit": _batch_norm_flops,
+    "aten.cudnn_batch_norm": _batch_norm_flops,  # what batch norm runs on an NVIDIA GPU (AMD: miopen)
+    "aten.miopen_batch_norm": _batch_norm_flops,
+    "aten.cudnn_batch_norm_backward": _gpu_batch_norm_backward_flops,
+    "aten.miopen_batch_norm_backward": _gpu_batch_norm_backward_flops,
     "aten.native_layer_norm_backward": _norm_backward_flops,
     "aten.native_batch_norm_backward": _norm_backward_flops,
     "aten.native_group_norm_backward": _norm_backward_flops,
