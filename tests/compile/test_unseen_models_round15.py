@@ -7,7 +7,7 @@ a ``masked_fill(-inf)`` and ``softmax(dtype=float32)`` cast back, a bias-free Li
 ``torch.no_grad()`` over two batch sizes, a ``.item()`` graph break, bad options. Each inference test: one graph and no
 break in ``torch._dynamo.explain``, one compile and none on a second call, eager's outputs within the dtype's
 tolerance and f32 within 1e-4 relative of float64, the report's swaps checked by name and text
-(``test_unseen_round9._compiled``). Kernels on the reference executor at tiny sizes (the size policy off), the rest
+(``test_unseen_round9._compiled``). Three of the models trained two SGD steps through the backend. Kernels on the reference executor at tiny sizes (the size policy off), the rest
 through aot_eager.
 
 Every model here compiled correctly as it was; the quantize fixes of this round are in
@@ -19,6 +19,7 @@ import pytest
 import torch
 from test_unseen_models_round1 import _fresh  # noqa: F401 - _fresh: autouse
 from test_unseen_models_round2 import _declined
+from test_unseen_models_round12 import _trained
 from test_unseen_models_round13 import _against_f64
 from test_unseen_round9 import _close, _compiled, _f64, _left_why, _whats
 from unseen_blocks_round15 import (
@@ -221,6 +222,25 @@ def test_item_graph_break():
     # the first piece once; the second for each branch's scale (a constant of its graph, then Dynamo's own choice of
     # recompiles), its residual + LayerNorm swapped in every one
     assert swaps[0] == {"norm": 1} and len(swaps) >= 3 and all(s == {"add_norm": 1} for s in swaps[1:]), swaps
+
+
+# ---- training --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["neox", "cross", "rms"])
+def test_training_through_the_backend(name):
+    """Two SGD steps through the backend (``test_unseen_models_round12._trained``): the losses eager's and float64's,
+    the first step's gradients within twice eager's own error against float64; the attention and norms swapped in the
+    training graph (the GEMM epilogues are for inference graphs)."""
+    if name == "neox":
+        model, batches = seeded(NeoXParallelBlock, "explicit", train=True), [(_x(seed=s),) for s in (1, 2)]
+        want = {"explicit_attention": 1, "norm": 2}
+    elif name == "cross":
+        model, batches = seeded(CrossAttention, "sdpa", train=True), [_cross_args(seed=s) for s in (1, 2)]
+        want = {"sdpa": 1, "norm": 1}
+    else:
+        model, batches = seeded(RMSBlock, train=True), [(_x(n=9, seed=s),) for s in (1, 2)]
+        want = {"norm": 1}
+    since, _ = _trained(model, batches, lambda y: y.square().mean())
+    assert dict(tc.reports()[since].swapped) == want, tc.reports()[since].swapped
 
 
 # ---- bad options -----------------------------------------------------------------------------------------------------
