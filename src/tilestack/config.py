@@ -44,11 +44,15 @@ class Knobs:
             raise ValueError(f"TILESTACK_BACKEND={backend!r}; expected one of {BACKENDS}")
         # expanduser: a "~" the shell did not expand (a quoted value, an env file of docker or systemd) made a folder
         # named "~" in whatever folder a run started in
-        cache = Path(env["TILESTACK_CACHE_DIR"]).expanduser() if "TILESTACK_CACHE_DIR" in env else cls.cache_dir
         if "TILESTACK_CACHE_DIR" in env and not env["TILESTACK_CACHE_DIR"].strip():
             # (Path("") is ".": tuned tables, ceilings and result stores written to whatever folder a run starts in)
             raise ValueError(f"TILESTACK_CACHE_DIR={env['TILESTACK_CACHE_DIR']!r}; expected a folder path (unset it "
                              f"for the default {cls.cache_dir})")
+        try:
+            cache = Path(env["TILESTACK_CACHE_DIR"]).expanduser() if "TILESTACK_CACHE_DIR" in env else cls.cache_dir
+        except RuntimeError as e:   # "~nobody/x": pathlib's bare RuntimeError, naming neither the variable nor why
+            raise ValueError(f"TILESTACK_CACHE_DIR={env['TILESTACK_CACHE_DIR']!r}: its '~' names no home folder "
+                             f"here ({e}); expected a folder path") from None
         dropout = env.get("TILESTACK_SDPA_DROPOUT", "auto")
         if dropout not in SDPA_DROPOUT:
             raise ValueError(f"TILESTACK_SDPA_DROPOUT={dropout!r}; expected one of {SDPA_DROPOUT}")

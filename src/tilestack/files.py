@@ -3,8 +3,9 @@
     write_atomic(path, text_or_bytes)           # a reader sees the old file or the new one, never half of one
 
 A write goes to a temporary of this process's own beside ``path`` (``<prefix><pid>.<random>.tmp``, the prefix
-``.<name>.`` unless the caller keeps an older one), flushed to disk, then renamed over ``path``. A failure (an
-interrupt, a full disk) removes the temporary and leaves the previous file. A writer SIGKILLed before its rename
+``.<name>.`` unless the caller keeps an older one), flushed to disk, then renamed over ``path`` (the folder synced
+after, so that the rename holds too; a link at ``path`` is followed, as ``open(path, "w")`` would). A failure (an
+interrupt, a full disk) removes the temporary, leaves the previous file and, for an OSError, names ``path``. A writer SIGKILLed before its rename
 cannot remove its own: the next write of the same path sweeps the temporaries of processes that are gone.
 """
 
@@ -51,6 +52,10 @@ def write_atomic(path: str | os.PathLike, data: str | bytes, *, tmp_prefix: str 
     temporaries (default ``.<name>.``); files that predate this module keep theirs, so that the temporaries their
     killed writers left are still swept."""
     path = Path(path)
+    if path.is_symlink():   # the file it names is written, as open(path, "w") would: the rename replaced the link
+        path = Path(os.path.realpath(path))     # itself with a copy, and the file shared through it was left behind
+        if path.is_symlink():
+            raise OSError(errno.ELOOP, "is a loop of symbolic links; expected a file path to write", str(path))
     prefix = _fit(f".{path.name}." if tmp_prefix is None else tmp_prefix)
     payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
     if path.is_dir():       # (said before a temporary is made; the rename's error named the temporary first)
@@ -74,11 +79,35 @@ def write_atomic(path: str | os.PathLike, data: str | bytes, *, tmp_prefix: str 
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except BaseException:              # (an interrupt, a full disk: no half-written temporary left behind)
+        _sync_folder(path.parent)      # the rename on disk too: a power cut after it could bring the old file back
+    except BaseException as e:         # (an interrupt, a full disk: no half-written temporary left behind)
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(e, OSError):     # (os.write's and os.fsync's errors named no file: "[Errno 28] No space left
+            raise _naming(e, path) from e  # on device", whichever of the caches or checkpoints it was)
         raise
     return path
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync ``folder``'s entries (a rename is a change of its folder). Best effort: a file system or platform that
+    cannot open or sync a folder (Windows, some network mounts) keeps the rename as the OS does."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _naming(e: OSError, path: Path) -> OSError:
+    """``e`` (its class, errno and reason) said of ``path``, the file asked for, which is left as it was."""
+    why = e.strerror or str(e) or type(e).__name__
+    return type(e)(e.errno, f"{why} (writing it whole through a temporary beside it; the file is left as it was)",
+                   str(path))
 
 
 def write_figure(fig, path: str | os.PathLike, **savefig_kwargs) -> Path:

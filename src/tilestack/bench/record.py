@@ -179,10 +179,15 @@ def load_side(ref: str, db: str | Path | None = None, *, latest_bench: bool = Tr
         raise RecordError(f"side={ref!r}; expected a record file (*.json), a run (id, prefix, label, latest, "
                           "latest~N) or a device name")
     if ref.endswith(".json"):
-        if Path(ref).is_dir():   # (it was "no such file", for a folder that is there)
+        try:
+            is_dir, is_file = Path(ref).is_dir(), Path(ref).is_file()
+        except OSError as e:     # (a folder on its way this user cannot enter, a name too long: a bare traceback)
+            raise RecordError(f"record={ref!r} cannot be looked up ({e.strerror or e}); expected a record file "
+                              "(*.json) this user can read") from None
+        if is_dir:   # (it was "no such file", for a folder that is there)
             raise RecordError(f"record={ref!r} is a folder; expected a record file (*.json) that `tilestack bench "
                               "--out` wrote")
-        if not Path(ref).is_file():
+        if not is_file:
             raise RecordError(f"record={ref!r}: no such file")
         return Record.read(ref)
     from tilestack.perf.store import StoreError

@@ -3,11 +3,23 @@ what was expected, before the command does any work (a run that ends in an unwri
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
 
 import typer
+
+
+def _unreachable(option: str, path: str | os.PathLike, e: OSError, expected: str) -> typer.BadParameter:
+    """The error for a path that cannot even be looked at: a folder on its way this user cannot enter (EACCES), a
+    name too long (ENAMETOOLONG), a loop of links (ELOOP). pathlib's exists()/is_dir() raise these, and each came
+    out of the command as a Python traceback before it said which option it was."""
+    why = e.strerror or str(e)
+    if e.errno == errno.EACCES:
+        why += ": a folder on its way cannot be entered by this user"
+    return typer.BadParameter(f"{option} {os.fspath(path)!r} cannot be looked up ({why}); expected {expected}",
+                              param_hint=option)
 
 
 def check_output(option: str, path: str | os.PathLike | None, *, folder: bool = False,
@@ -18,6 +30,13 @@ def check_output(option: str, path: str | os.PathLike | None, *, folder: bool = 
     check."""
     if path is None or os.fspath(path) == "":
         return
+    try:
+        _check_output(option, path, folder=folder, files=files)
+    except OSError as e:
+        raise _unreachable(option, path, e, "a folder path" if folder else "a file path") from None
+
+
+def _check_output(option: str, path: str | os.PathLike, *, folder: bool, files: tuple[str, ...]) -> None:
     p = Path(path)
     expected = "a folder path" if folder else "a file path"
     if folder and p.exists() and not p.is_dir():
@@ -52,8 +71,12 @@ def check_input(option: str, path: str | os.PathLike | None) -> None:
     if path is None or os.fspath(path) == "":
         return
     p = Path(path)
-    if not p.is_file():
-        what = "a folder" if p.is_dir() else "not there"
+    try:
+        kind = "a file" if p.is_file() else "a folder" if p.is_dir() else None
+    except OSError as e:
+        raise _unreachable(option, path, e, "an existing file") from None
+    if kind != "a file":
+        what = kind or "not there"
         raise typer.BadParameter(f"{option} {os.fspath(p)!r} is {what}; expected an existing file", param_hint=option)
 
 
@@ -74,8 +97,14 @@ def check_store(option: str, db: str | os.PathLike | None) -> None:
     from tilestack.perf.store import default_path
 
     path = Path(db) if db is not None else default_path()
-    if not path.is_file():
-        return
+    try:
+        if not path.is_file():
+            return
+    except OSError as e:    # (the cache folder, or a folder above --db, that this user cannot enter: a traceback)
+        whence = "" if db is not None else " (below the cache folder, config.knobs.cache_dir: TILESTACK_CACHE_DIR)"
+        raise typer.BadParameter(f"result store {os.fspath(path)!r}{whence} cannot be looked up ({e.strerror or e}); "
+                                 "expected a SQLite file path in folders this user can enter, or --no-store",
+                                 param_hint=option) from None
     try:
         con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
         try:

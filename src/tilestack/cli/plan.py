@@ -122,10 +122,13 @@ def plan_command(
                         "phi > 0 (tilestack.parallel.plan.goodput measures it during training)")
     if base_batch < 0:
         raise PlanError(f"--base-batch {base_batch}; expected a positive batch size M0 (0: the smallest --batch)")
-    if out and Path(out).is_dir():
-        raise PlanError(f"--out {out!r} is a directory; expected the plan file's path")
-    if figures and Path(figures).exists() and not Path(figures).is_dir():
-        raise PlanError(f"--figures {figures!r} is a file; expected a directory for timeline.png and memory.png")
+    try:
+        if out and Path(out).is_dir():
+            raise PlanError(f"--out {out!r} is a directory; expected the plan file's path")
+        if figures and Path(figures).exists() and not Path(figures).is_dir():
+            raise PlanError(f"--figures {figures!r} is a file; expected a directory for timeline.png and memory.png")
+    except OSError:     # (a folder on its way this user cannot enter: a traceback; check_output names the option)
+        pass
     from tilestack.cli.args import check_output
     check_output("--out", out)
     check_output("--figures", figures, folder=True, files=("timeline.png", "memory.png"))

@@ -100,6 +100,9 @@ def train(
                 device=device, progress=True, noise_scale=noise_scale, seed=seed)
     if resume and not out:
         raise typer.BadParameter("--resume goes on from the checkpoint in --out; give --out <the run's folder>")
+    if save_every and not out:      # (dropped without a word: a run meant to be checkpointed saved nothing)
+        raise typer.BadParameter(f"--save-every {save_every} checkpoints into --out; give --out <a folder> (or "
+                                 "leave --save-every out)", param_hint="--save-every")
     if store:
         from tilestack.cli.args import check_store
         check_store("--store", None)        # the default store, opened before the ranks start, not after the run

@@ -52,12 +52,12 @@ def prepare_output(out: str, spec: dict, pc, resume: bool) -> str:
     path for ``run_training``. Refused before any rank starts: a file at ``out``, a layout whose optimizer
     state cannot be checkpointed, a folder of another run's checkpoint (on resume: its settings differ; without
     resume: it is there at all)."""
+    from tilestack.cli.args import check_output
+
+    # a file there, a file above it, a folder that takes no new file, a folder on its way this user cannot enter
+    # (pathlib's exists() raised PermissionError out of the command as a traceback)
+    check_output("--out", out, folder=True)
     folder = Path(out)
-    if folder.exists() and not folder.is_dir():
-        raise typer.BadParameter(f"--out {out!r} is a file; expected a folder for the run's checkpoint")
-    above = next((p for p in folder.parents if p.exists()), None)
-    if not folder.exists() and above is not None and not above.is_dir():
-        raise typer.BadParameter(f"--out {out!r} cannot be made: it is below the file {os.fspath(above)!r}")
     if pc.zero:
         raise typer.BadParameter(f"--out with --zero {pc.zero}: ZeRO-1/2's flat optimizer slices cannot be "
                                  "checkpointed; expected --zero 0 (use --dp-shard for sharded state)")

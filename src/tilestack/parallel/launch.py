@@ -16,6 +16,7 @@ import math
 import os
 import queue as queue_mod
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -28,8 +29,27 @@ import torch.multiprocessing as mp
 
 from tilestack.errors import LaunchError
 
+# How often a rank looks whether the process that started it is still there (seconds).
+PARENT_POLL_S = 0.5
 
-def _entry(rank: int, world_size: int, init_file: str, device: str, fn: Callable, args: tuple, results) -> None:
+
+def _exit_with_parent(parent: int) -> None:
+    """End this rank when ``parent`` (run_local's process) is gone. A launcher SIGKILLed (by a user, the OOM killer)
+    cannot terminate its ranks: they went on training as orphans, saving checkpoints into the run's --out folder
+    while the user's next run (``--resume``) read and wrote the same folder. Checkpoints and stores are written
+    whole or not at all, so ending mid-step loses no more than the kill did."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="tilestack-parent-watch", daemon=True).start()
+
+
+def _entry(rank: int, world_size: int, init_file: str, device: str, fn: Callable, args: tuple, results,
+           parent: int | None = None) -> None:
+    if parent is not None:
+        _exit_with_parent(parent)
     try:
         if device == "cuda":
             torch.cuda.set_device(rank)
@@ -146,7 +166,7 @@ def _run_once(fn: Callable[..., Any], world_size: int, args: tuple, device: str,
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=_entry, args=(r, world_size, init_file, device, fn, args, results))
+        procs = [ctx.Process(target=_entry, args=(r, world_size, init_file, device, fn, args, results, os.getpid()))
                  for r in range(world_size)]
         for p in procs:
             p.start()

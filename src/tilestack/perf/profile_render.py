@@ -84,9 +84,14 @@ def load_target(target: str) -> tuple[Any, Any]:
             f"target={target!r} ({type(target).__name__}); expected 'path/to/script.py[:fn]' or 'package.module[:fn]'"
         )
     spec, _, fn_name = str(target).partition(":")
-    if spec.endswith(".py") or Path(spec).is_file():
+    try:
+        is_file = Path(spec).is_file()
+    except OSError as e:    # (a folder on its way this user cannot enter, a name too long: a bare traceback)
+        raise ProfileError(f"target={target!r}: {spec!r} cannot be looked up ({e.strerror or e}); expected a .py "
+                           "script this user can read, or a module path") from None
+    if spec.endswith(".py") or is_file:
         path = Path(spec)
-        if not path.is_file():
+        if not is_file:
             raise ProfileError(f"target={target!r}: no file {path}; expected a .py script or a module path")
         mod_spec = importlib.util.spec_from_file_location(f"_tilestack_target_{path.stem}", path)
         if mod_spec is None or mod_spec.loader is None:

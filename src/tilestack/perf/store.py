@@ -188,9 +188,15 @@ class Store:
         self.path = Path(path) if path is not None else default_path()
         # (a folder, or a path below a file, failed with sqlite3's "unable to open database file" or a bare
         # FileExistsError naming neither the store nor what was expected)
-        if self.path.is_dir():
+        try:
+            is_dir = self.path.is_dir()
+            above = next((q for q in self.path.parents if q.exists()), None)
+        except OSError as e:    # (a cache folder on its way this user cannot enter: a bare PermissionError)
+            whence = " (below the cache folder, config.knobs.cache_dir: TILESTACK_CACHE_DIR)" if path is None else ""
+            raise StoreError(f"result store path={str(self.path)!r}{whence} cannot be looked up ({e.strerror or e}); "
+                             "expected a SQLite file path in folders this user can enter") from None
+        if is_dir:
             raise StoreError(f"result store path={str(self.path)!r} is a folder; expected a SQLite file path")
-        above = next((q for q in self.path.parents if q.exists()), None)
         if above is not None and not above.is_dir():
             # (the default path below a cache folder that is a file named neither the knob nor its variable)
             whence = (" (the cache folder, config.knobs.cache_dir: TILESTACK_CACHE_DIR or its default)"

@@ -176,6 +176,22 @@ def _read_user(path: Path, damaged: str) -> Table | None:
         return None
 
 
+def _user_tables(folder: Path, damaged: str) -> dict[str, Table]:
+    """The user's tables in ``folder`` by device key. A folder this user cannot enter (a cache folder of another
+    user's, mode 000) raised a bare PermissionError out of every kernel launch's first lookup: it is a ValueError
+    naming it, or with ``damaged="warn"`` a warning, and no user tables."""
+    try:
+        paths = sorted(folder.glob("*.json"))
+    except OSError as e:
+        said = (f"tuned-config folder {folder} cannot be read ({e.strerror or e}); expected a folder this user can "
+                "enter (set TILESTACK_CACHE_DIR to one)")
+        if damaged == "raise":
+            raise ValueError(said) from None
+        warnings.warn(f"{said}; this process uses the shipped tables", stacklevel=4)
+        return {}
+    return {str(t.device): t for p in paths if (t := _read_user(p, damaged))}
+
+
 def file_name(kernel: str, device: DeviceKey) -> str:
     """A shipped table's file name: one kernel on one device, "gemm_sm90-132sm-227kb_nvidia-h200.json"."""
     return f"{kernel}_{device}_{device.slug}.json"
@@ -209,7 +225,7 @@ class ConfigCache:
         tables_dir = Path(tables_dir) if tables_dir else None     # ("" as None, as before: no shipped tables)
         self.dir = Path(cache_dir or knobs.cache_dir) / "tuned"
         self.shipped = [t for p in sorted(tables_dir.glob("*.json")) if (t := Table.read(p))] if tables_dir else []
-        self.user = {str(t.device): t for p in sorted(self.dir.glob("*.json")) if (t := _read_user(p, damaged))}
+        self.user = _user_tables(self.dir, damaged)
 
     def user_path(self, device: DeviceKey) -> Path:
         return self.dir / f"{device}.json"

@@ -176,9 +176,9 @@ def load_comm(name: str = "gloo-cpu") -> CommModel | None:
     if not isinstance(name, str) or not name or "/" in name or "\\" in name:
         raise PlanError(f"load_comm: name={name!r}; expected the name of a stored fit, such as 'gloo-cpu'")
     path = comm_path(name)
-    if not path.exists():
-        return None
     try:
+        if not path.exists():   # (inside: a cache folder this user cannot enter raised a bare PermissionError)
+            return None
         return CommModel.from_json(json.loads(path.read_text()))
     # OSError: a folder at the fit's path, or one that cannot be read, raised IsADirectoryError from deep in pathlib
     except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:

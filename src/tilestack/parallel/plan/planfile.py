@@ -84,15 +84,19 @@ def read_plan(path: str | Path) -> dict[str, Any]:
     if not isinstance(path, str | Path) or not str(path):
         raise PlanError(f"read_plan: path={path!r}; expected the path of a file written by `tilestack plan --out`")
     path = Path(path)
-    if path.is_dir():       # (was "does not exist": a folder there is, and the user is sent looking for a file)
-        raise PlanError(f"plan file {str(path)!r} is a folder; expected a file written by `tilestack plan --out`")
-    if not path.is_file():
-        raise PlanError(f"plan file {str(path)!r} does not exist; expected a file written by `tilestack plan --out`")
     try:
+        if path.is_dir():   # (was "does not exist": a folder there is, and the user is sent looking for a file)
+            raise PlanError(f"plan file {str(path)!r} is a folder; expected a file written by `tilestack plan --out`")
+        if not path.is_file():
+            raise PlanError(f"plan file {str(path)!r} does not exist; expected a file written by `tilestack plan "
+                            "--out`")
         spec = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PlanError(f"plan file {str(path)!r} is not JSON ({e}); expected a file written by `tilestack plan`"
                         ) from None
+    except OSError as e:    # (unreadable, a folder on its way this user cannot enter, a name too long: a traceback)
+        raise PlanError(f"plan file {str(path)!r} cannot be read ({e.strerror or e}); expected a file written by "
+                        "`tilestack plan --out` that this user can read") from None
     if not isinstance(spec, dict) or spec.get("format") != PLAN_FORMAT:
         got = spec.get("format") if isinstance(spec, dict) else type(spec).__name__
         raise PlanError(f"plan file {str(path)!r}: format={got!r}; expected {PLAN_FORMAT!r}")
