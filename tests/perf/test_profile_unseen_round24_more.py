@@ -16,7 +16,8 @@ What this round found:
   apply, 2 FLOPs an element of 8 (round 19's strict xfail; ``counting_rules.norms_statistics``, ``formulas.layernorm``);
 - what batch norm runs on a GPU, ``cudnn_batch_norm`` (``miopen_batch_norm``) and its backward, had no FLOP rule: every
   GPU profile of a BatchNorm net reported them uncounted (``counting_rules.norms_statistics``; found and checked on
-  meta tensors, as this round had no GPU).
+  meta tensors, as this round had no GPU); so did ``_cudnn_rnn`` and its backward, what nn.LSTM / nn.GRU / nn.RNN run
+  on an NVIDIA GPU (``counting_rules.conv_rnn``).
 """
 
 import math
@@ -153,6 +154,57 @@ def test_a_gpu_batch_norm_backward_forms_all_three_gradients(op):
     cpu = counting.count_ops(lambda: torch.ops.aten.native_batch_norm_backward(
         dy_cpu, x_cpu, torch.ones(4), None, None, torch.zeros(4), torch.ones(4), True, 1e-5, [True, True, True]))
     assert one_row(cpu, "aten::native_batch_norm_backward").flops == row.flops
+
+
+# what nn.LSTM / nn.GRU run on an NVIDIA GPU: every layer and direction in one _cudnn_rnn call
+RN_T, RN_B, RN_I, RN_H = 3, 2, 5, 4
+CUDNN_LSTM, CUDNN_GRU = 2, 3  # cudnn's mode numbers
+
+
+def _cudnn_args(rnn: nn.RNNBase, mode: int, x: torch.Tensor) -> tuple:
+    """_cudnn_rnn's arguments for ``rnn`` over ``x`` (T, B, I), on meta tensors."""
+    weights = [_meta(*w.shape) for w in rnn._flat_weights]
+    layers = rnn.num_layers * (2 if rnn.bidirectional else 1)
+    hx = _meta(layers, RN_B, RN_H)
+    cx = _meta(layers, RN_B, RN_H) if mode == CUDNN_LSTM else None
+    return (_meta(*x.shape), weights, len(weights) // layers, None, hx, cx, mode, RN_H, 0, rnn.num_layers, False, 0.0,
+            True, rnn.bidirectional, [], None)
+
+
+@pytest.mark.parametrize("make,mode", [
+    (lambda: nn.LSTM(RN_I, RN_H, bidirectional=True), CUDNN_LSTM),
+    (lambda: nn.GRU(RN_I, RN_H, num_layers=2), CUDNN_GRU),
+], ids=["bi-lstm", "2-layer-gru"])
+def test_a_gpu_recurrent_layer_counts_the_cpu_kernels_matmuls(make, mode):
+    """_cudnn_rnn (reported uncounted before round 24) counts each step's products with every gate matrix, 2 T B
+    (numel(w_ih) + numel(w_hh)) per layer and direction, as the CPU's per-layer kernel (mkldnn_rnn_layer) or its
+    unfused path count the same module: the same FLOPs on both devices. Counted on meta tensors."""
+    torch.manual_seed(0)
+    rnn, x = make(), torch.randn(RN_T, RN_B, RN_I)
+    with torch.no_grad():
+        cpu = counting.count_ops(lambda: rnn(x))
+    matmuls = sum(c.flops for (op, _), c in cpu.items() if op in ("aten::mkldnn_rnn_layer", "aten::mm",
+                                                                   "aten::addmm", "aten::linear"))
+    matrices = sum(w.numel() for w in rnn._flat_weights if w.dim() == 2)
+    assert matmuls == 2 * RN_T * RN_B * matrices
+    gpu = counting.count_ops(lambda: torch.ops.aten._cudnn_rnn(*_cudnn_args(rnn, mode, x)))
+    row = one_row(gpu, "aten::_cudnn_rnn")
+    assert (row.flops, row.unsupported) == (matmuls, False)
+
+
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_a_gpu_recurrent_backward_forms_the_data_gradients_and_the_weight_gradient_asked_for(weight_grad):
+    """_cudnn_rnn_backward always runs the data gradients through every step (the forward's matmuls again) and the
+    weight gradient's as many where output_mask asks for it (a frozen LSTM's input gradient alone)."""
+    from tilestack.perf.counting_rules import LAYER_FLOPS
+
+    rnn, x = nn.LSTM(RN_I, RN_H), torch.randn(RN_T, RN_B, RN_I)
+    forward = 2 * RN_T * RN_B * sum(w.numel() for w in rnn._flat_weights if w.dim() == 2)
+    h = torch.zeros(1, RN_B, RN_H)
+    args = (x, list(rnn._flat_weights), 4, torch.empty(0), h, h, torch.zeros(RN_T, RN_B, RN_H), None, None, None,
+            CUDNN_LSTM, RN_H, 0, 1, False, 0.0, True, False, [], None, torch.empty(0), [True, True, True, weight_grad])
+    rule = LAYER_FLOPS["aten._cudnn_rnn_backward"]
+    assert rule(torch.ops.aten._cudnn_rnn_backward.default, args, {}, None) == (2 if weight_grad else 1) * forward
 
 
 def test_the_layernorm_formula_leaves_out_the_affine_it_is_told_is_not_there():

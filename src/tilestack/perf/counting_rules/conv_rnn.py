@@ -59,6 +59,30 @@ def _rnn_layer_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any) ->
     return float(formulas.MATMUL_BWD_OVER_FWD * formulas.FLOPS_PER_MAC * rows * (w_ih.numel() + w_hh.numel()))
 
 
+def _cudnn_rnn_products(func: Any, args: tuple, kwargs: dict) -> float:
+    """The matmuls of aten._cudnn_rnn (a GPU's LSTM, GRU or RNN: every layer and direction in one call): each step
+    multiplies its layer's input and hidden state by the gate matrices (and an LSTM with proj_size its hidden state
+    by the projection), 2 * rows * (the elements of every weight matrix), rows the steps x batch (a packed sequence's
+    total length) as in the CPU kernel's count; the biases and the gates' element-wise work left out, as there."""
+    x = _argument(func, args, kwargs, "input")
+    rows = _numel(x) // max(x.shape[-1], 1)
+    matrices = [w for w in _tensors(_argument(func, args, kwargs, "weight")) if w.dim() == 2]
+    return float(formulas.FLOPS_PER_MAC * rows * sum(_numel(w) for w in matrices))
+
+
+def _cudnn_rnn_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """aten._cudnn_rnn (profiler round 24: reported uncounted, so a GPU profile of any recurrent net had its
+    recurrent layers without FLOPs): :func:`_cudnn_rnn_products`."""
+    return _cudnn_rnn_products(func, args, kwargs)
+
+
+def _cudnn_rnn_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """aten._cudnn_rnn_backward: the data gradients through every step (always run: the weight gradient needs them
+    too), each the forward's matmuls, and the weight gradient's as many again where ``output_mask[3]`` asks for it."""
+    weight_grad = bool(list(_argument(func, args, kwargs, "output_mask"))[3])
+    return (1 + weight_grad) * _cudnn_rnn_products(func, args, kwargs)
+
+
 def _conv_tbc_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     """conv_tbc: x (T, B, C_in) * w (K, C_in, C_out) -> y (T', B, C_out): a multiply-add per weight element per
     output position and batch entry, plus the bias's add per output element."""
@@ -73,5 +97,7 @@ CONV_RNN_FLOPS: dict[str, Rule] = {
     "aten.convolution_backward": _conv_backward_flops,
     "aten.mkldnn_rnn_layer": _rnn_layer_flops,
     "aten.mkldnn_rnn_layer_backward": _rnn_layer_backward_flops,
+    "aten._cudnn_rnn": _cudnn_rnn_flops,
+    "aten._cudnn_rnn_backward": _cudnn_rnn_backward_flops,
     "aten.conv_tbc": _conv_tbc_flops,
 }
