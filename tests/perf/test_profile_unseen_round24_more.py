@@ -17,7 +17,8 @@ What this round found:
 - what batch norm runs on a GPU, ``cudnn_batch_norm`` (``miopen_batch_norm``) and its backward, had no FLOP rule: every
   GPU profile of a BatchNorm net reported them uncounted (``counting_rules.norms_statistics``; found and checked on
   meta tensors, as this round had no GPU); so did ``_cudnn_rnn`` and its backward, what nn.LSTM / nn.GRU / nn.RNN run
-  on an NVIDIA GPU (``counting_rules.conv_rnn``).
+  on an NVIDIA GPU (``counting_rules.conv_rnn``); and a GPU's dropout, one ``native_dropout`` tagged a random draw, was
+  counted 0 FLOPs with no word said, where the CPU's path counts 2 an element (``counting_rules.elementwise``).
 """
 
 import math
@@ -205,6 +206,29 @@ def test_a_gpu_recurrent_backward_forms_the_data_gradients_and_the_weight_gradie
             CUDNN_LSTM, RN_H, 0, 1, False, 0.0, True, False, [], None, torch.empty(0), [True, True, True, weight_grad])
     rule = LAYER_FLOPS["aten._cudnn_rnn_backward"]
     assert rule(torch.ops.aten._cudnn_rnn_backward.default, args, {}, None) == (2 if weight_grad else 1) * forward
+
+
+DROP = (4, 8)
+
+
+def test_a_fused_gpu_dropout_counts_what_the_cpu_path_counts():
+    """F.dropout in training runs on a CPU as bernoulli_, the mask's scale (div_) and the multiply: 2 FLOPs an element;
+    on a GPU as one native_dropout, tagged a random draw, which was counted 0 with no word said before round 24. Now
+    2 an element (0 with train=False, a copy), as are the older _fused_dropout and _masked_scale; each reads x and
+    writes y and the mask (bool: 1 byte an element)."""
+    x = torch.randn(*DROP)
+    cpu = counting.count_ops(lambda: F.dropout(x, 0.5, training=True))
+    n = math.prod(DROP)
+    assert sum(c.flops for c in cpu.values()) == formulas.DROPOUT_FLOPS_PER_ELEMENT * n
+    for train, per_element in ((True, formulas.DROPOUT_FLOPS_PER_ELEMENT), (None, formulas.DROPOUT_FLOPS_PER_ELEMENT),
+                               (False, 0)):
+        counts = counting.count_ops(lambda train=train: torch.ops.aten.native_dropout(_meta(*DROP), 0.5, train))
+        row = one_row(counts, "aten::native_dropout")
+        assert (row.flops, row.unsupported) == (per_element * n, False)
+        assert (row.bytes_read, row.bytes_written) == (n * F32, n * F32 + n * 1)
+    fused = counting.count_ops(lambda: torch.ops.aten._fused_dropout(_meta(*DROP), 0.5))
+    scale = counting.count_ops(lambda: torch.ops.aten._masked_scale(_meta(*DROP), _meta(*DROP, dtype=torch.uint8), 2.0))
+    assert one_row(fused, "aten::_fused_dropout").flops == one_row(scale, "aten::_masked_scale").flops == 2 * n
 
 
 def test_the_layernorm_formula_leaves_out_the_affine_it_is_told_is_not_there():

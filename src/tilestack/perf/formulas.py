@@ -155,6 +155,7 @@ RNN_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 # inverse's 1/N, "ortho"'s 1/sqrt(N)) adds a multiply per real value of its output.
 FFT_FLOPS_PER_POINT_LOG2 = 5
 ROUND_DECIMALS_FLOPS_PER_ELEMENT = 3  # torch.round(x, decimals=d): x * 10^d, round, / 10^d
+DROPOUT_FLOPS_PER_ELEMENT = 2  # x * mask * 1/(1-p): the unfused path's mask.div_(1 - p) and x * mask
 # Fake quantization (quantization-aware training), per element: quantize (scale, round, clamp) and dequantize, each
 # counted as one element-wise op as quantize_per_tensor and dequantize are; a fused observer's min-max pass one
 # compare per element (as aminmax, the unfused observer's op, is counted). A learnable fake quantizer's backward
