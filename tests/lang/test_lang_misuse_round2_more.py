@@ -412,17 +412,11 @@ def test_the_same_tensor_as_input_and_output_of_an_elementwise_kernel_is_in_plac
     assert torch.equal(x.double(), want)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "no check for arguments whose memory partially overlaps, one of them stored to: with X = buf[:48] and Y = "
-    "buf[16:] of one buffer (program i reads rows program i - 1 wrote), the two CPU backends disagree: the reference "
-    "executor computes on copies of the arguments (each block shifted once: buf's blocks 0, 0, 1, 2), Triton's "
-    "interpreter runs programs in order on the memory itself (every block becomes block 0), and a GPU's answer "
-    "depends on its schedule. torch refuses such partial overlap in out= ops ('some elements of the input tensor and "
-    "the written-to tensor refer to a single memory location'); a like check in launch.check_args needs an exact "
-    "strided-overlap test for every pair of (read, stored) tensor arguments (torch._C._overlaps is conservative: it "
-    "calls x[:2] and x[2:] overlapping, so it would refuse legal disjoint views such as q, k, v slices of one qkv)"))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_partially_overlapping_input_and_output_are_refused_at_launch(backend):
+    """X = buf[:48] read and Y = buf[16:] written (program i reads rows program i - 1 wrote): the reference executor
+    and Triton's interpreter disagreed and a GPU's answer depends on its schedule; refused before any work now, as
+    torch refuses such out= arguments (lang.layout.check_no_partial_overlap, round 27; it was xfail here)."""
     buf = torch.arange(64 * 16, dtype=torch.float32).reshape(64, 16)
     before = buf.clone()
     with pytest.raises(LaunchError, match=r"copy_blocks: .*X.*Y.*(overlap|share)"):

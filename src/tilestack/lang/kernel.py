@@ -672,6 +672,8 @@ class TracedKernel:
         outputs, steps = self._outputs, self._step_plans
         if not outputs and not steps:
             return launch
+        from tilestack.lang.launch import overlap_guard
+        overlaps = overlap_guard(self, args)   # (where a written tensor could share memory with another argument)
 
         # per call, as neither is in the launch key: an output that requires grad, in grad mode (the kernel would
         # write it unseen by autograd; one is_grad_enabled() call when grad is off, as inside autograd's own
@@ -683,6 +685,8 @@ class TracedKernel:
                         refuse_grad_output(self.name, self.ir.params[i].name, args[i])
             if steps:
                 self.check_steps(args)
+            if overlaps is not None:
+                overlaps(args)
             return _launch(args)
         return checked
 

@@ -3,9 +3,10 @@
 Checks, in order: the number of arguments; each is a tensor where a global is expected (a dense, strided one:
 not sparse or MKL-DNN) and a number where a scalar is; the dtype and rank the kernel was traced for; every tensor
 on one device; a layout every written tensor can be addressed with (no two indices reaching one element:
-lang.layout.check_writable); and, in grad mode, no written tensor that requires grad (``refuse_grad_output``,
-checked on every launch, cached ones too). The per-parameter expectations are computed once per traced kernel;
-the checks run when a launch signature is first seen.
+lang.layout.check_writable); and, on every launch (cached ones too, as the launch key holds no addresses), no
+written tensor sharing elements at other indices with another argument (``overlap_guard``: X = buf[:48] read while
+Y = buf[16:] is written) and, in grad mode, none that requires grad (``refuse_grad_output``). The per-parameter
+expectations are computed once per traced kernel; the other checks run when a launch signature is first seen.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from tilestack.errors import LaunchError
 from tilestack.ir.ops import Op
 from tilestack.ir.types import TORCH_NAMES
-from tilestack.lang.layout import check_writable
+from tilestack.lang.layout import check_no_partial_overlap, check_writable
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -100,3 +101,27 @@ def refuse_grad_output(name: str, pname: str, a: torch.Tensor) -> None:
                       f"its gradients would be wrong; expected an output that does not require grad (one "
                       "allocated with torch.empty, say), or a launch under torch.no_grad() to write it on purpose (as "
                       "an optimizer's update does)")
+
+
+def overlap_guard(traced, args: Sequence):
+    """A per-launch check (the launch key holds no addresses) that no written tensor argument partially overlaps
+    another tensor argument (lang.layout.check_no_partial_overlap), or None where the kernel has fewer than two
+    tensors. Each call compares byte ranges (the spans are fixed by the launch key); only tensors whose ranges meet
+    are tested element by element."""
+    tensors = [i for i, s in enumerate(traced.signature) if isinstance(s, tuple)]
+    written = sorted(traced.written)
+    if len(tensors) < 2 or not written:
+        return None
+    names = [p.name if i in tensors else None for i, p in enumerate(traced.ir.params)]
+    spans = {i: (sum((n - 1) * st for n, st in zip(args[i].shape, args[i].stride(), strict=True)) + 1)
+             * args[i].element_size() if args[i].numel() else 0 for i in tensors}
+    used = [i for i in tensors if spans[i]]
+    pairs = [(used.index(w), used.index(i), spans[w], spans[i]) for w in written if spans[w] for i in used if i != w]
+
+    def check(args: Sequence) -> None:
+        ptrs = [args[i].data_ptr() for i in used]
+        for w, i, span_w, span_i in pairs:
+            if ptrs[i] < ptrs[w] + span_w and ptrs[w] < ptrs[i] + span_i:
+                check_no_partial_overlap(traced.name, names, written, args)
+                return
+    return check if pairs else None

@@ -16,6 +16,8 @@ even where no element happens to repeat, since proving that in general is an int
 
 from __future__ import annotations
 
+import math
+
 from tilestack.errors import LaunchError
 
 
@@ -74,3 +76,98 @@ def check_not_aliased(fn: str, name: str, out, **inputs) -> None:
         if t is not None and shares_memory(out, t):
             raise LaunchError(f"{fn}: {name} shares memory with {iname}; the kernel would read {iname} after "
                               f"overwriting it; pass a separate {name} tensor")
+
+
+# ---- two arguments that share memory, one of them written ---------------------------------------------------------
+OVERLAP_BUDGET = 100_000   # search nodes the exact test may visit before it gives up (and refuses nothing)
+
+
+def _reaches(target: int, terms: list[tuple[int, int, int]], budget: list[int]) -> bool | None:
+    """Whether sum(m * s) == target for whole m in [lo, hi], one per term (s, lo, hi), strides s > 0 sorted from
+    the largest; None where the search ran past ``budget`` nodes. Each level keeps the digits that leave a remainder
+    the smaller strides can still reach and divide (their bounds and gcd): a few per level for the layouts torch
+    makes, so the search is short."""
+    n = len(terms)
+    lo_rest, hi_rest, g_rest = [0] * (n + 1), [0] * (n + 1), [0] * (n + 1)
+    for k in range(n - 1, -1, -1):
+        s, lo, hi = terms[k]
+        lo_rest[k], hi_rest[k] = lo_rest[k + 1] + lo * s, hi_rest[k + 1] + hi * s
+        g_rest[k] = math.gcd(g_rest[k + 1], s)
+
+    def search(k: int, rem: int) -> bool | None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            return None
+        if k == n:
+            return rem == 0
+        s, lo, hi = terms[k]
+        first = max(lo, -((hi_rest[k + 1] - rem) // s))          # rem - m s <= hi_rest: m >= ceil((rem - hi) / s)
+        last = min(hi, (rem - lo_rest[k + 1]) // s)               # rem - m s >= lo_rest
+        g = g_rest[k + 1]
+        step = 1
+        if g > 1:                                                  # rem - m s divisible by the rest's gcd
+            d = math.gcd(s, g)
+            if rem % d:
+                return False
+            step = g // d
+            m0 = (rem // d) * pow(s // d, -1, step) % step if step > 1 else 0
+            first += (m0 - first) % step
+        undecided = False
+        for m in range(first, last + 1, step):
+            found = search(k + 1, rem - m * s)
+            if found:
+                return True
+            undecided = undecided or found is None
+            if budget[0] < 0:
+                return None
+        return None if undecided else False
+
+    return search(0, target)
+
+
+def elements_overlap(a, b) -> bool | None:
+    """Whether strided tensors ``a`` and ``b`` have an element in common (a byte of one inside an element of the
+    other): True or False when decided, None where the exact search gave up (after OVERLAP_BUDGET nodes)."""
+    if not shares_memory(a, b):
+        return False
+    ia, ib = a.element_size(), b.element_size()
+    # sum_k i_k sa_k - sum_k j_k sb_k = pb - pa + e, e in [-(ia - 1), ib - 1]: one bounded integer equation
+    by_stride: dict[int, list[int]] = {}
+    for t, sign in ((a, 1), (b, -1)):
+        for n, st in zip(t.shape, t.stride(), strict=True):
+            if n > 1 and st != 0:
+                lo, hi = (0, n - 1) if sign > 0 else (-(n - 1), 0)
+                r = by_stride.setdefault(st * t.element_size(), [0, 0])
+                r[0] += lo
+                r[1] += hi
+    r = by_stride.setdefault(1, [0, 0])
+    r[0] -= ia - 1
+    r[1] += ib - 1
+    terms = sorted(((s, lo, hi) for s, (lo, hi) in by_stride.items()), reverse=True)
+    return _reaches(b.data_ptr() - a.data_ptr(), terms, [OVERLAP_BUDGET])
+
+
+def aligned(a, b) -> bool:
+    """Whether ``a`` and ``b`` address memory alike (same first element, element size and strides): where they
+    overlap, an element is at the same index in both, as one tensor passed twice (an in-place update, or one
+    reinterpreted in place through a view of another dtype of its size)."""
+    return (a.data_ptr() == b.data_ptr() and a.element_size() == b.element_size() and a.stride() == b.stride()
+            and a.dim() == b.dim())
+
+
+def check_no_partial_overlap(fn: str, names: list[str], written: list[int], args) -> None:
+    """LaunchError where a written tensor argument and another tensor argument have elements in common at
+    different indices (X = buf[:48] read, Y = buf[16:] written): programs read what others wrote, the answer
+    depends on their order (torch refuses such out= arguments). Views that share storage without sharing elements
+    (q, k and v slices of one qkv; the even and odd elements of a head) and one tensor passed twice are taken."""
+    for w in written:
+        for i, t in enumerate(args):
+            if i == w or names[i] is None or not hasattr(t, "data_ptr") or aligned(args[w], t):
+                continue
+            if elements_overlap(args[w], t):
+                shown = [f"{names[k]} ({'written' if k in written else 'read'}, shape {tuple(args[k].shape)}, strides "
+                         f"{tuple(args[k].stride())})" for k in sorted((w, i))]   # in argument order
+                raise LaunchError(f"{fn}: {shown[0]} and {shown[1]} overlap: they share elements at different "
+                                  f"indices ({abs(t.data_ptr() - args[w].data_ptr())} bytes apart), so programs would "
+                                  "read what others wrote and the result would depend on their order; pass separate "
+                                  "tensors (clone the input), or the same tensor for an in-place update")

@@ -9,6 +9,8 @@ Destination first, as in ThunderKittens: ``mul(c, a, b)`` writes ``c = a * b``.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
 
 from tilestack.errors import MemorySpaceError, TileDTypeError, TileShapeError, TraceError
@@ -563,6 +565,10 @@ def where(dst: Tile, mask, a, b) -> None:
 def arange(dst: Tile, start=0) -> None:
     """``dst[k] = start + k`` for a register vector ``dst`` (i32, i64 or float): row or column indices, e.g.
     ``arange(q, i * BM)`` for the positions of a block's BM rows."""
+    if isinstance(dst, int | Scalar) and not isinstance(dst, bool):   # Triton's tl.arange(0, BN), which returns one
+        shown = repr(dst) if isinstance(dst, int) else "an index Scalar"
+        raise TraceError(f"arange: dst is {shown}; ts.arange(dst, start) fills a register vector and returns None: "
+                         "`r = ts.RegVec[ts.i32, BN](); ts.arange(r, start)` (r[k] = start + k)", user_line())
     _need_dst("arange", dst)
     if not dst.type.is_vec:
         raise TileShapeError(f"arange: dst must be a vector, got {dst.type}", user_line())
@@ -672,3 +678,52 @@ __all__ = [
     "where", "arange", "rand",
     "mma_AB", "mma_ABt", "mma_AtB", "mma_AtBt", "load", "load_scalar", "store", "atomic_add",
 ]
+
+
+# ---- calls that do not fit an op's signature ----------------------------------------------------------------------
+class OpCallError(TraceError, TypeError):
+    """An op called with arguments its signature does not take, most often Triton's value-returning form
+    (``y = ts.exp(x)``, ``ts.where(m, a, b)``, ``ts.max(x, axis=1)``): refused at the author's line with the op's
+    signature and the language's way; a TypeError too, as Python's own refusal was."""
+
+
+_RETURNING = ("ts ops write their first argument (dst) and return None: declare the destination and pass it first, "
+              "e.g. `y = ts.RegTile[x.dtype, BM, BN](); ts.{name}(y, ...)` (or x itself, in place)")
+
+
+def _call_hint(name: str, sig: inspect.Signature, args: tuple, kwargs: dict, error: TypeError) -> str:
+    """What ts.<name>(*args, **kwargs) should have been: its signature, and the way for the usual mistakes."""
+    shown = sig.replace(parameters=[p.replace(annotation=p.empty) for p in sig.parameters.values()],
+                        return_annotation=sig.empty)
+    head = f"ts.{name}{shown}: {error}"
+    if name.startswith("mma_") and len(args) == 3 and not kwargs:
+        return (f"{head}; ts.{name}(dst, a, b, acc) writes dst = a @ b + acc: pass the accumulator as acc (dst "
+                "itself to accumulate across a loop, ts.mma_AB(acc, a, b, acc), or a zeroed tile)")
+    if "axis" in kwargs or "dim" in kwargs:
+        return (f"{head}; a reduction along an axis is ts.row_sum / row_max / row_min (along each row) or ts.col_sum "
+                "/ col_max / col_min (down each column), dst first: ts.row_max(v, t)")
+    params = [p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.POSITIONAL_ONLY)]
+    required = [p for p in params if p.default is p.empty]
+    if params and params[0].name == "dst" and len(args) + len(kwargs) < len(required):
+        return f"{head}; {_RETURNING.format(name=name)}"
+    return head
+
+
+def _checked_call(fn):
+    """``fn`` refusing, as an OpCallError naming the op and its signature, a call its signature cannot bind."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            sig.bind(*args, **kwargs)
+        except TypeError as e:
+            raise OpCallError(_call_hint(fn.__name__, sig, args, kwargs, e), user_line()) from None
+        return fn(*args, **kwargs)
+    return call
+
+
+for _name_ in __all__:
+    if _name_ not in ("per_row", "per_col"):   # (markers, not ops that write a dst)
+        globals()[_name_] = _checked_call(globals()[_name_])
+del _name_

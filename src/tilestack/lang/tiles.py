@@ -336,6 +336,28 @@ class Tile:
     def __matmul__(self, other) -> Tile:
         return _matmul(self, False, other)
 
+    # torch's / Triton's tensor methods a user reaches for on a tile, and this language's word for each
+    _TENSOR_METHODS = {
+        "sum": "ts.row_sum(v, t) (along each row) or ts.col_sum(v, t) (down each column), into a vector v",
+        "max": "ts.row_max(v, t) or ts.col_max(v, t), into a vector v", "min": "ts.row_min(v, t) or ts.col_min(v, t)",
+        "mean": "ts.row_sum(v, t) then ts.div(v, v, n)",
+        "to": "ts.copy(u, t) into a tile u of the dtype", "astype": "ts.copy(u, t) into a tile u of the dtype",
+        "float": "ts.copy(u, t) into an f32 tile u", "half": "ts.copy(u, t) into an f16 tile u",
+        "exp": "ts.exp(u, t)", "sqrt": "ts.sqrt(u, t)", "abs": "abs(t) or ts.abs(u, t)",
+        "reshape": "a tile keeps its shape: load it with the shape wanted (pass a reshaped view as the argument)",
+        "view": "a tile keeps its shape: load it with the shape wanted (pass a reshaped view as the argument)",
+        "t": "ts.transpose(u, t), or t.T where `@` and copy read it", "trans": "ts.transpose(u, t)",
+        "size": "its shape is t.shape (compile-time ints)", "numel": "its shape is t.shape (compile-time ints)",
+    }
+
+    def __getattr__(self, name: str):
+        hint = Tile._TENSOR_METHODS.get(name)
+        if hint is None:
+            raise AttributeError(f"'Tile' object has no attribute {name!r}")
+        shown = user_name(self) or "t"
+        raise AttributeError(f"{user_line()}: `{shown}.{name}`: a tile is not a torch tensor and has no methods; "
+                             f"write {hint.replace('(v, t)', f'(v, {shown})').replace('(u, t)', f'(u, {shown})')}")
+
 
 def _matmul(a, ta: bool, other) -> Tile:
     """``a @ other`` (``a.T @ other`` if ``ta``; ``other`` a tile or ``b.T``) into a new f32 register tile."""
