@@ -17,8 +17,9 @@ What this round found:
 - what batch norm runs on a GPU, ``cudnn_batch_norm`` (``miopen_batch_norm``) and its backward, had no FLOP rule: every
   GPU profile of a BatchNorm net reported them uncounted (``counting_rules.norms_statistics``; found and checked on
   meta tensors, as this round had no GPU); so did ``_cudnn_rnn`` and its backward, what nn.LSTM / nn.GRU / nn.RNN run
-  on an NVIDIA GPU (``counting_rules.conv_rnn``); and a GPU's dropout, one ``native_dropout`` tagged a random draw, was
-  counted 0 FLOPs with no word said, where the CPU's path counts 2 an element (``counting_rules.elementwise``).
+  on an NVIDIA GPU, and the fused LSTMCell / GRUCell kernels (``counting_rules.conv_rnn``); and a GPU's dropout, one
+  ``native_dropout`` tagged a random draw, was counted 0 FLOPs with no word said, where the CPU's path counts 2 an
+  element (``counting_rules.elementwise``).
 """
 
 import math
@@ -206,6 +207,39 @@ def test_a_gpu_recurrent_backward_forms_the_data_gradients_and_the_weight_gradie
             CUDNN_LSTM, RN_H, 0, 1, False, 0.0, True, False, [], None, torch.empty(0), [True, True, True, weight_grad])
     rule = LAYER_FLOPS["aten._cudnn_rnn_backward"]
     assert rule(torch.ops.aten._cudnn_rnn_backward.default, args, {}, None) == (2 if weight_grad else 1) * forward
+
+
+CELL_B, CELL_H = 2, 3
+CELL_STATE = CELL_B * CELL_H
+
+
+@pytest.mark.parametrize("op,args,per_hidden,bias_adds", [
+    ("_thnn_fused_lstm_cell", lambda t: (t(2, 12), t(2, 12), t(2, 3), t(12), t(12)),
+     formulas.FUSED_LSTM_CELL_FLOPS_PER_HIDDEN, 2 * 4),
+    ("_thnn_fused_lstm_cell", lambda t: (t(2, 12), t(2, 12), t(2, 3)), formulas.FUSED_LSTM_CELL_FLOPS_PER_HIDDEN, 0),
+    ("_thnn_fused_lstm_cell_backward_impl", lambda t: (t(2, 3), t(2, 3), t(2, 3), t(2, 3), t(2, 12), True),
+     formulas.FUSED_LSTM_CELL_BWD_FLOPS_PER_HIDDEN, 4),
+    ("_thnn_fused_lstm_cell_backward_impl", lambda t: (None, t(2, 3), t(2, 3), t(2, 3), t(2, 12), False),
+     formulas.FUSED_LSTM_CELL_BWD_FLOPS_PER_HIDDEN, 0),
+    ("_thnn_fused_gru_cell", lambda t: (t(2, 9), t(2, 9), t(2, 3), t(9), t(9)),
+     formulas.FUSED_GRU_CELL_FLOPS_PER_HIDDEN, 2 * 3),
+    ("_thnn_fused_gru_cell_backward", lambda t: (t(2, 3), t(2, 15), True), formulas.FUSED_GRU_CELL_BWD_FLOPS_PER_HIDDEN,
+     2 * 3),
+    ("_thnn_fused_gru_cell_backward", lambda t: (t(2, 3), t(2, 15), False),
+     formulas.FUSED_GRU_CELL_BWD_FLOPS_PER_HIDDEN, 0),
+], ids=["lstm", "lstm-no-bias", "lstm-bwd", "lstm-bwd-no-bias", "gru", "gru-bwd", "gru-bwd-no-bias"])
+def test_a_gpu_fused_cell_counts_its_gate_arithmetic(op, args, per_hidden, bias_adds):
+    """LSTMCell / GRUCell on a GPU: the gate matmuls are mm's of their own, the element-wise rest one fused kernel
+    (reported uncounted before round 24): per element of the (B, H) state, the gates' arithmetic, and an add per gate
+    element for each bias given or bias gradient formed. The rule checked on CPU tensors (these kernels are CUDA's);
+    the LSTM cell also counted whole on meta tensors."""
+    from tilestack.perf.counting_rules import LAYER_FLOPS
+
+    func = getattr(torch.ops.aten, op).default
+    assert LAYER_FLOPS[f"aten.{op}"](func, args(torch.zeros), {}, None) == (per_hidden + bias_adds) * CELL_STATE
+    if op == "_thnn_fused_lstm_cell" and bias_adds:
+        row = one_row(counting.count_ops(lambda: func(*args(_meta))), f"aten::{op}")
+        assert (row.flops, row.unsupported) == ((per_hidden + bias_adds) * CELL_STATE, False)
 
 
 DROP = (4, 8)

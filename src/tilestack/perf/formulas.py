@@ -149,6 +149,15 @@ AMP_UNSCALE_FLOPS_PER_ELEMENT = 2
 AMP_UPDATE_SCALE_FLOPS = 4
 # Recurrent gates per cell kind: the rows of its input and hidden weights (gates x hidden size).
 RNN_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+# A GPU's fused recurrent cells (LSTMCell / GRUCell on CUDA: the gate matmuls are mm's of their own, the rest one
+# kernel), per hidden element: LSTM forward the 4 gate sums, 3 sigmoids, 2 tanh, f*c + i*g (3), o*tanh(c) (13); its
+# backward tanh(c) again, the output and cell gradients and the four gates' (23); GRU forward the r and z sums, 2
+# sigmoids, r*h_n and its add, tanh, n + z*(h - n) (10); its backward the gates' gradients (16). Each bias given adds
+# one add per gate element forward, and its gradient one add per gate element (a sum over the batch) backward.
+FUSED_LSTM_CELL_FLOPS_PER_HIDDEN = 13
+FUSED_LSTM_CELL_BWD_FLOPS_PER_HIDDEN = 23
+FUSED_GRU_CELL_FLOPS_PER_HIDDEN = 10
+FUSED_GRU_CELL_BWD_FLOPS_PER_HIDDEN = 16
 # FFTs: 5 N log2 N real FLOPs per complex transform of N points (the radix-2 Cooley-Tukey count, the convention FFTW
 # and the field quote for every N, power of two or not), half that for a transform of real input or output (r2c,
 # c2r); a multi-dimensional transform over N = n1 * n2 * ... points is that of N. A normalised transform (an

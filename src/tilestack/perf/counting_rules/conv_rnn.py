@@ -83,6 +83,24 @@ def _cudnn_rnn_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any) ->
     return (1 + weight_grad) * _cudnn_rnn_products(func, args, kwargs)
 
 
+def _fused_cell_flops(per_hidden: int, gates: int, *, backward: bool) -> Rule:
+    """_thnn_fused_lstm_cell / _thnn_fused_gru_cell and their backwards (LSTMCell / GRUCell on a GPU: profiler round 24,
+    reported uncounted): ``per_hidden`` FLOPs per element of the (B, H) state (``formulas.FUSED_*_CELL_*``), and one
+    add per gate element (B, gates * H) for each bias given, or for each bias gradient formed (``has_bias``)."""
+
+    def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
+        if backward:
+            state = _numel(arg("cx") if arg("cx") is not None else arg("grad_hy"))
+            biases = 2 * bool(arg("has_bias")) if gates == 3 else bool(arg("has_bias"))  # GRU: input's and hidden's
+        else:
+            state = _numel(arg("cx") if arg("cx") is not None else arg("hx"))
+            biases = (arg("input_bias") is not None) + (arg("hidden_bias") is not None)
+        return float(per_hidden * state + biases * gates * state)
+
+    return count
+
+
 def _conv_tbc_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     """conv_tbc: x (T, B, C_in) * w (K, C_in, C_out) -> y (T', B, C_out): a multiply-add per weight element per
     output position and batch entry, plus the bias's add per output element."""
@@ -99,5 +117,11 @@ CONV_RNN_FLOPS: dict[str, Rule] = {
     "aten.mkldnn_rnn_layer_backward": _rnn_layer_backward_flops,
     "aten._cudnn_rnn": _cudnn_rnn_flops,
     "aten._cudnn_rnn_backward": _cudnn_rnn_backward_flops,
+    "aten._thnn_fused_lstm_cell": _fused_cell_flops(formulas.FUSED_LSTM_CELL_FLOPS_PER_HIDDEN, 4, backward=False),
+    "aten._thnn_fused_lstm_cell_backward_impl": _fused_cell_flops(formulas.FUSED_LSTM_CELL_BWD_FLOPS_PER_HIDDEN, 4,
+                                                                  backward=True),
+    "aten._thnn_fused_gru_cell": _fused_cell_flops(formulas.FUSED_GRU_CELL_FLOPS_PER_HIDDEN, 3, backward=False),
+    "aten._thnn_fused_gru_cell_backward": _fused_cell_flops(formulas.FUSED_GRU_CELL_BWD_FLOPS_PER_HIDDEN, 3,
+                                                            backward=True),
     "aten.conv_tbc": _conv_tbc_flops,
 }
