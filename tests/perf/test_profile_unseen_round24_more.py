@@ -17,9 +17,9 @@ What this round found:
 - what batch norm runs on a GPU, ``cudnn_batch_norm`` (``miopen_batch_norm``) and its backward, had no FLOP rule: every
   GPU profile of a BatchNorm net reported them uncounted (``counting_rules.norms_statistics``; found and checked on
   meta tensors, as this round had no GPU); so did ``_cudnn_rnn`` and its backward, what nn.LSTM / nn.GRU / nn.RNN run
-  on an NVIDIA GPU, and the fused LSTMCell / GRUCell kernels (``counting_rules.conv_rnn``); and a GPU's dropout, one
-  ``native_dropout`` tagged a random draw, was counted 0 FLOPs with no word said, where the CPU's path counts 2 an
-  element (``counting_rules.elementwise``).
+  on an NVIDIA GPU, the fused LSTMCell / GRUCell kernels (``counting_rules.conv_rnn``) and cuDNN's grid sampler
+  (``counting_rules.pooling_resampling``); and a GPU's dropout, one ``native_dropout`` tagged a random draw, was
+  counted 0 FLOPs with no word said, where the CPU's path counts 2 an element (``counting_rules.elementwise``).
 """
 
 import math
@@ -240,6 +240,24 @@ def test_a_gpu_fused_cell_counts_its_gate_arithmetic(op, args, per_hidden, bias_
     if op == "_thnn_fused_lstm_cell" and bias_adds:
         row = one_row(counting.count_ops(lambda: func(*args(_meta))), f"aten::{op}")
         assert (row.flops, row.unsupported) == ((per_hidden + bias_adds) * CELL_STATE, False)
+
+
+def test_a_cudnn_grid_sample_counts_as_the_cpu_bilinear_one():
+    """F.grid_sample(align_corners=True, bilinear, zeros) on a GPU runs cudnn_grid_sampler (reported uncounted before
+    round 24): as grid_sampler_2d's bilinear, 4 taps a multiply-add each per output element, reading at most 4 input
+    elements per output and the grid; its backward both gradients. The rules checked on CPU tensors against the CPU
+    op's counts (cuDNN's kernels have no CPU or meta implementation)."""
+    from tilestack.perf import counting_bytes
+    from tilestack.perf.counting_rules import LAYER_FLOPS
+
+    x, grid = torch.randn(1, 2, 8, 8), torch.rand(1, 3, 3, 2) * 2 - 1
+    y = F.grid_sample(x, grid, align_corners=True)
+    cpu = one_row(counting.count_ops(lambda: F.grid_sample(x, grid, align_corners=True)), "aten::grid_sampler_2d")
+    func = torch.ops.aten.cudnn_grid_sampler.default
+    assert LAYER_FLOPS["aten.cudnn_grid_sampler"](func, (x, grid), {}, y) == cpu.flops == 2 * 4 * y.numel()
+    assert counting_bytes._sampled_bytes(func, (x, grid), {}, y) == cpu.bytes_read
+    back = torch.ops.aten.cudnn_grid_sampler_backward.default
+    assert LAYER_FLOPS["aten.cudnn_grid_sampler_backward"](back, (x, grid, y), {}, None) == 2 * cpu.flops
 
 
 DROP = (4, 8)

@@ -315,15 +315,17 @@ IGNORE_SELF_WHERE_BETA_0 = frozenset(
 # grid_sample reads the input elements its taps touch at each output point (one for nearest), at most the input it
 # holds, and its grid: a deformable attention sampling a few points of a large feature map was charged the whole map
 # at every call (profiler round 20), as advanced indexing was before round 19
-SAMPLERS = {"aten.grid_sampler_2d": 2, "aten.grid_sampler_3d": 3}
+SAMPLERS = {"aten.grid_sampler_2d": 2, "aten.grid_sampler_3d": 3, "aten.cudnn_grid_sampler": 2}  # cuDNN's: bilinear
 
 
 def _sampled_bytes(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     """Bytes a grid sampler reads: ``taps`` input elements per output element (1 where nearest), at most all the
     input holds, and the grid whole."""
     source, grid = _argument(func, args, kwargs, "input"), _argument(func, args, kwargs, "grid")
+    source = _argument(func, args, kwargs, "self") if source is None else source  # cudnn_grid_sampler's name
     dims = SAMPLERS[str(func._overloadpacket)]
-    taps = formulas.GRID_SAMPLE_TAPS.get((dims, int(_argument(func, args, kwargs, "interpolation_mode"))), 0) or 1
+    mode = _argument(func, args, kwargs, "interpolation_mode")
+    taps = formulas.GRID_SAMPLE_TAPS.get((dims, 0 if mode is None else int(mode)), 0) or 1  # (None: cuDNN's bilinear)
     taken = taps * sum(_numel(t) for t in _tensors(out)) * source.element_size()
     return min(taken, _held_bytes(source)) + _nbytes([grid])
 

@@ -92,6 +92,23 @@ def _grid_sample_flops(dims: int, *, backward: bool) -> Rule:
     return count
 
 
+def _cudnn_grid_sample_flops(*, backward: bool) -> Rule:
+    """cudnn_grid_sampler (F.grid_sample on a GPU where cuDNN takes it: 4-D, bilinear, zeros padding, align_corners)
+    as grid_sampler_2d's bilinear, a multiply-add per tap at each output element; its backward always forms both the
+    input's and the grid's gradients (profiler round 24: both were reported uncounted)."""
+    taps = formulas.GRID_SAMPLE_TAPS[(2, BILINEAR)]
+
+    def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        if not backward:
+            return float(formulas.FLOPS_PER_MAC * taps * _numel(_tensors(out)[0]))
+        return float(2 * formulas.FLOPS_PER_MAC * taps * _numel(_argument(func, args, kwargs, "grad_output")))
+
+    return count
+
+
+BILINEAR = 0  # grid_sampler's interpolation_mode for bilinear (1 nearest, 2 bicubic)
+
+
 def _affine_grid_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     """affine_grid_generator: each output point (N, *S, d) is theta (d, d + 1) times its homogeneous base point."""
     grid = _tensors(out)[0]
@@ -138,6 +155,8 @@ POOLING_RESAMPLING_FLOPS: dict[str, Rule] = {
     "aten.grid_sampler_3d": _grid_sample_flops(3, backward=False),
     "aten.grid_sampler_2d_backward": _grid_sample_flops(2, backward=True),
     "aten.grid_sampler_3d_backward": _grid_sample_flops(3, backward=True),
+    "aten.cudnn_grid_sampler": _cudnn_grid_sample_flops(backward=False),
+    "aten.cudnn_grid_sampler_backward": _cudnn_grid_sample_flops(backward=True),
     "aten.affine_grid_generator": _affine_grid_flops,
     **{f"aten.{op}{d}d{tail}": _window_flops(d) for op in ("max_pool", "avg_pool") for d in (1, 2, 3)
        for tail in (("", "_with_indices") if op == "max_pool" else ("",))},
