@@ -17,9 +17,10 @@ What this round found:
 - what batch norm runs on a GPU, ``cudnn_batch_norm`` (``miopen_batch_norm``) and its backward, had no FLOP rule: every
   GPU profile of a BatchNorm net reported them uncounted (``counting_rules.norms_statistics``; found and checked on
   meta tensors, as this round had no GPU); so did ``_cudnn_rnn`` and its backward, what nn.LSTM / nn.GRU / nn.RNN run
-  on an NVIDIA GPU, the fused LSTMCell / GRUCell kernels (``counting_rules.conv_rnn``) and cuDNN's grid sampler
-  (``counting_rules.pooling_resampling``); and a GPU's dropout, one ``native_dropout`` tagged a random draw, was
-  counted 0 FLOPs with no word said, where the CPU's path counts 2 an element (``counting_rules.elementwise``).
+  on an NVIDIA GPU, the fused LSTMCell / GRUCell kernels (``counting_rules.conv_rnn``), cuDNN's grid sampler
+  (``counting_rules.pooling_resampling``) and CTC loss (``counting_rules.losses``); and a GPU's dropout, one
+  ``native_dropout`` tagged a random draw, was counted 0 FLOPs with no word said, where the CPU's path counts 2 an
+  element (``counting_rules.elementwise``).
 """
 
 import math
@@ -258,6 +259,25 @@ def test_a_cudnn_grid_sample_counts_as_the_cpu_bilinear_one():
     assert counting_bytes._sampled_bytes(func, (x, grid), {}, y) == cpu.bytes_read
     back = torch.ops.aten.cudnn_grid_sampler_backward.default
     assert LAYER_FLOPS["aten.cudnn_grid_sampler_backward"](back, (x, grid, y), {}, None) == 2 * cpu.flops
+
+
+def test_a_cudnn_ctc_loss_counts_the_loss_and_its_gradient():
+    """F.ctc_loss on a GPU, where cuDNN takes it, runs _cudnn_ctc_loss: the loss and its gradient in one call, so the
+    CPU's _ctc_loss and _ctc_loss_backward together (reported uncounted before round 24). Its rule checked on CPU
+    tensors against the CPU ops' counts, lengths given as lists (default overload) or tensors (.Tensor)."""
+    from tilestack.perf.counting_rules import LAYER_FLOPS
+
+    torch.manual_seed(0)
+    logp = torch.randn(6, 2, 5).log_softmax(2).requires_grad_()
+    targets, lengths, target_lengths = torch.randint(1, 5, (2, 3)), [6, 5], [3, 2]
+    cpu = counting.count_ops(lambda: F.ctc_loss(logp, targets, lengths, target_lengths, reduction="sum").backward())
+    expected = one_row(cpu, "aten::_ctc_loss").flops + one_row(cpu, "aten::_ctc_loss_backward").flops
+    assert expected == (formulas.CTC_FLOPS_PER_STATE + formulas.CTC_BWD_FLOPS_PER_STATE) * (6 * 7 + 5 * 5) \
+        + formulas.CTC_BWD_FLOPS_PER_LOG_PROB * logp.numel()
+    rule = LAYER_FLOPS["aten._cudnn_ctc_loss"]
+    for func, lens in ((torch.ops.aten._cudnn_ctc_loss.default, (lengths, target_lengths)),
+                       (torch.ops.aten._cudnn_ctc_loss.Tensor, (torch.tensor(lengths), torch.tensor(target_lengths)))):
+        assert rule(func, (logp, targets.int(), *lens, 0, True, False), {}, None) == expected
 
 
 DROP = (4, 8)

@@ -69,6 +69,13 @@ def _ctc_flops(*, backward: bool) -> Rule:
     return count
 
 
+def _cudnn_ctc_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """_cudnn_ctc_loss (F.ctc_loss on a GPU where cuDNN takes it): the loss and its gradient in one call, the alpha and
+    beta recursions and each log-probability's gradient, as _ctc_loss and _ctc_loss_backward together (profiler
+    round 24: reported uncounted)."""
+    return _ctc_flops(backward=False)(func, args, kwargs, out) + _ctc_flops(backward=True)(func, args, kwargs, out)
+
+
 LOSS_FLOPS: dict[str, Rule] = {
     "aten.mse_loss": _per_element("self", formulas.MSE_FLOPS_PER_ELEMENT),
     "aten.mse_loss_backward": _per_element("self", formulas.MSE_BWD_FLOPS_PER_ELEMENT),
@@ -91,4 +98,5 @@ LOSS_FLOPS: dict[str, Rule] = {
     "aten.multilabel_margin_loss_backward": _multilabel_margin_flops(formulas.MARGIN_BWD_FLOPS_PER_TERM),
     "aten._ctc_loss": _ctc_flops(backward=False),
     "aten._ctc_loss_backward": _ctc_flops(backward=True),
+    "aten._cudnn_ctc_loss": _cudnn_ctc_flops,
 }
