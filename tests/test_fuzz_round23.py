@@ -229,6 +229,41 @@ def test_an_unused_result_leaves_its_inputs_gradient_none(case, create_graph):
             close(g.grad, w.grad, 2e-6, f"{case}: input {i}")
 
 
+OP_UNUSED = {
+    # the same through the tilestack:: ops (torch.compile's, tensor subclasses', torch.func's path)
+    "add_rms_norm h only": (lambda x, r, w: torch.ops.tilestack.add_rms_norm_fwd(x, r, w, 1e-6)[1],
+                            UNUSED["add_rms_norm h only"][1], UNUSED["add_rms_norm h only"][2]),
+    "add_layer_norm h only": (lambda x, r, w, b: torch.ops.tilestack.add_layer_norm_fwd(x, r, w, b, 1e-5)[1],
+                              UNUSED["add_layer_norm h only"][1], UNUSED["add_layer_norm h only"][2]),
+    "rotary q only": (lambda q, k: torch.ops.tilestack.rotary(q, k, COS, SIN, False)[0], UNUSED["rotary q only"][1],
+                      UNUSED["rotary q only"][2]),
+    "rotary k only": (lambda q, k: torch.ops.tilestack.rotary(q, k, COS, SIN, False)[1], UNUSED["rotary k only"][1],
+                      UNUSED["rotary k only"][2]),
+}
+
+
+@pytest.mark.parametrize("case", list(OP_UNUSED))
+def test_an_unused_result_of_the_tilestack_ops_leaves_its_inputs_gradient_none(case):
+    fn, ref, shapes = OP_UNUSED[case]
+    inputs = [randn(45 + i, *s) for i, s in enumerate(shapes)]
+    got = [t.clone().requires_grad_() for t in inputs]
+    want = [t.double().requires_grad_() for t in inputs]
+    g = randn(55, *ref(*[t.double() for t in inputs]).shape)
+    with config.override(backend="reference"), poisoned_allocations():
+        (fn(*got) * g).sum().backward()
+    (ref(*want) * g.double()).sum().backward()
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert (a.grad is None) == (b.grad is None), f"{case} (op): input {i}'s gradient None differs from torch's"
+        if b.grad is not None:
+            close(a.grad, b.grad, 2e-6, f"{case} (op): input {i}")
+    # torch.func.grad of the op with respect to the unused input: zeros, as torch.func gives for torch's own
+    unused = next(i for i, b in enumerate(want) if b.grad is None)
+    with config.override(backend="reference"):
+        zero = torch.func.grad(lambda t: (fn(*[t if j == unused else inputs[j] for j in range(len(inputs))])
+                                          * g).sum())(inputs[unused])
+    close(zero, torch.zeros_like(inputs[unused]), 0.0, f"{case} (op): torch.func.grad of the unused input")
+
+
 def test_rotary_with_one_result_unused_under_a_vectorized_jacobian():
     """jacobian(vectorize=True) of rotary's first result alone: batched incoming gradients for q, None for k."""
     from torch.autograd.functional import jacobian

@@ -150,9 +150,12 @@ def _add_rms_setup(ctx, inputs, output):
     _, _, weight, _ = inputs
     ctx.save_for_backward(output[1], weight, output[2])      # h, the normalised input
     ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)          # y unused: dy None, the weight's gradient None (as _Norm's)
 
 
 def _add_rms_backward(ctx, dy, dh, _drstd):
+    if dy is None:                            # only h read: x and r get dh, the weight none
+        return dh, dh, None, None
     h, weight, rstd = ctx.saved_tensors
     dx, dw = rms_norm_bwd_op(_plain(dy), h, weight, rstd, _plain(dh))
     return dx, dx, dw, None                                   # h = x + r: x and r get the same gradient
@@ -203,9 +206,12 @@ def _add_ln_setup(ctx, inputs, output):
     _, _, weight, _, _ = inputs
     ctx.save_for_backward(output[1], weight, output[2], output[3])
     ctx.mark_non_differentiable(output[2], output[3])
+    ctx.set_materialize_grads(False)          # y unused: dy None, weight and bias get None (as _Norm's)
 
 
 def _add_ln_backward(ctx, dy, dh, _dmean, _drstd):
+    if dy is None:                            # only h read: x and r get dh, weight and bias none
+        return dh, dh, None, None, None
     h, weight, mean, rstd = ctx.saved_tensors
     dx, sums = layer_norm_bwd_op(_plain(dy), h, weight, mean, rstd, _plain(dh))
     return dx, dx, sums[0], sums[1], None
@@ -414,12 +420,17 @@ def _rotary_setup(ctx, inputs, output):
     _, _, cos, sin, inverse = inputs
     ctx.save_for_backward(cos, sin)
     ctx.inverse = inverse
+    ctx.set_materialize_grads(False)          # an unused result: its input's gradient None (as _Rotary's)
 
 
 def _rotary_backward(ctx, dq, dk):
     cos, sin = ctx.saved_tensors
-    dq, dk = rotary_op(_plain(dq), _plain(dk), cos, sin, not ctx.inverse)    # the rotation by minus the angle
-    return dq, dk, None, None, None
+    if dq is None and dk is None:
+        return None, None, None, None, None
+    # an unused result's input gets None; the other is rotated beside zero heads of itself (as in _Rotary)
+    q_grad, k_grad = _plain(dk[:, :, :0] if dq is None else dq), _plain(dq[:, :, :0] if dk is None else dk)
+    q_grad, k_grad = rotary_op(q_grad, k_grad, cos, sin, not ctx.inverse)    # the rotation by minus the angle
+    return (None if dq is None else q_grad), (None if dk is None else k_grad), None, None, None
 
 
 @autograd_op("rotary", fake=lambda q, k, cos, sin, inverse: (_like(q), _like(k)), setup_context=_rotary_setup,
