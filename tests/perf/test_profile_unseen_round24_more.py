@@ -195,6 +195,24 @@ def test_a_gpu_recurrent_layer_counts_the_cpu_kernels_matmuls(make, mode):
     assert (row.flops, row.unsupported) == (matmuls, False)
 
 
+def test_an_amd_gpu_recurrent_layer_and_the_weight_flattening_are_counted():
+    """miopen_rnn (an AMD GPU's nn.LSTM), tagged a random draw for its dropout, was counted 0 with no word said; it
+    counts as _cudnn_rnn. _cudnn_rnn_flatten_weight (the weights copied into one buffer) and the check whether to do
+    it compute nothing: 0 FLOPs, not uncounted rows of every GPU LSTM profile."""
+    from tilestack.perf.counting_rules import LAYER_FLOPS
+
+    rnn, x = nn.LSTM(RN_I, RN_H), torch.randn(RN_T, RN_B, RN_I)
+    h = torch.zeros(1, RN_B, RN_H)
+    args = (x, list(rnn._flat_weights), 4, h, h, CUDNN_LSTM, RN_H, 1, False, 0.0, True, False, [], None)
+    forward = 2 * RN_T * RN_B * sum(w.numel() for w in rnn._flat_weights if w.dim() == 2)
+    assert LAYER_FLOPS["aten.miopen_rnn"](torch.ops.aten.miopen_rnn.default, args, {}, None) == forward
+    assert "aten.miopen_rnn_backward" in LAYER_FLOPS
+    counts = counting.count_ops(torch.ops.aten._use_cudnn_rnn_flatten_weight)
+    assert not any(c.unsupported for c in counts.values())
+    for op in (torch.ops.aten._cudnn_rnn_flatten_weight.default, torch.ops.aten._use_cudnn_rnn_flatten_weight.default):
+        assert counting.does_no_arithmetic(op)
+
+
 @pytest.mark.parametrize("weight_grad", [True, False])
 def test_a_gpu_recurrent_backward_forms_the_data_gradients_and_the_weight_gradient_asked_for(weight_grad):
     """_cudnn_rnn_backward always runs the data gradients through every step (the forward's matmuls again) and the

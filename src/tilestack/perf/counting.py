@@ -262,6 +262,8 @@ NO_ARITHMETIC = frozenset(
         "lu_unpack", "_nested_tensor_from_tensor_list",
         "_nested_tensor_size", "_nested_tensor_strides", "_nested_tensor_storage_offsets", "is_same_size",
         "_sparse_sum_backward", "_has_same_storage_numel", "is_coalesced", "sparse_mask",
+        # a GPU recurrent layer's weights copied into one buffer, and the check whether to (round 24: uncounted)
+        "_cudnn_rnn_flatten_weight", "_use_cudnn_rnn_flatten_weight",
         # a dense tensor made sparse (Tensor.to_sparse*): its nonzeros found and copied out, as nonzero's
         "_to_sparse", "_to_sparse_csr", "_to_sparse_csc", "_to_sparse_bsr", "_to_sparse_bsc",
     }

@@ -117,6 +117,8 @@ CONV_RNN_FLOPS: dict[str, Rule] = {
     "aten.mkldnn_rnn_layer_backward": _rnn_layer_backward_flops,
     "aten._cudnn_rnn": _cudnn_rnn_flops,
     "aten._cudnn_rnn_backward": _cudnn_rnn_backward_flops,
+    "aten.miopen_rnn": _cudnn_rnn_flops,  # an AMD GPU's (tagged a random draw for its dropout: was counted 0)
+    "aten.miopen_rnn_backward": _cudnn_rnn_backward_flops,
     "aten._thnn_fused_lstm_cell": _fused_cell_flops(formulas.FUSED_LSTM_CELL_FLOPS_PER_HIDDEN, 4, backward=False),
     "aten._thnn_fused_lstm_cell_backward_impl": _fused_cell_flops(formulas.FUSED_LSTM_CELL_BWD_FLOPS_PER_HIDDEN, 4,
                                                                   backward=True),
