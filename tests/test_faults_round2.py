@@ -235,7 +235,8 @@ def test_train_killed_mid_run_resumes_to_the_uninterrupted_run(tmp_path):
     assert set(got) == set(range(start + 1, STEPS + 1)) and all(got[s] == want[s] for s in got), (got, want)
     final = re.compile(r"final loss (\S+)")
     assert final.search(resumed.stdout)[1] == final.search(whole.stdout)[1]
-    assert sorted(os.listdir(killed)) == ["checkpoint", "train.json"]        # no .partial or .old left
+    # no .partial or .old left (.lock: the run's claim on the folder, tests/test_faults_round7.py)
+    assert sorted(os.listdir(killed)) == [".lock", "checkpoint", "train.json"]
     a, b = _parameters(tmp_path / "whole" / "checkpoint"), _parameters(killed / "checkpoint")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

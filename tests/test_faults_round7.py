@@ -19,7 +19,10 @@ for. A file reached through a symbolic link (a tuned table or a doc shared from 
 the link gone and the shared file left behind: the file the link names is written. The rename was not made durable
 (the folder was not fsynced). ``tilestack train`` SIGKILLed (by a user or the OOM killer) left its ranks training as
 orphans, saving checkpoints into the run's --out while the user's ``--resume`` used the same folder: a rank now ends
-when its launcher is gone. ``train --save-every N`` without ``--out`` was dropped without a word.
+when its launcher is gone. Two ``tilestack train --out DIR`` at once both passed the checks; the second wrote its
+settings over the first's train.json and both saved checkpoints there: the run holds ``DIR/.lock`` and a second is
+refused naming --out (``cli/train_state.py``; tests/test_faults_round2.py's listing of a resumed run's folder now
+holds the .lock). ``train --save-every N`` without ``--out`` was dropped without a word.
 """
 
 from __future__ import annotations
@@ -438,3 +441,35 @@ def test_save_every_without_out_is_refused(tmp_path):
     with config.override(cache_dir=tmp_path / "cache"):
         res = CliRunner().invoke(app, ["train", "--no-store", "--save-every", "2"])
     _refused([res.exit_code, res.output, None], "--save-every 2", "give --out")
+
+
+# ---- two runs of one --out at once -------------------------------------------------------------------------------
+def test_a_second_run_of_an_out_folder_in_use_is_refused_and_leaves_the_first_runs_settings(tmp_path):
+    """Two ``tilestack train --out DIR`` at once both passed the checks (no checkpoint yet): the second wrote its
+    settings (another lr) over the first's train.json, and both saved checkpoints there in turn, so a later
+    --resume checked one run's settings and loaded the other's state. The running one holds DIR/.lock; the second
+    is refused naming --out, before it writes anything; once the first is gone the folder can be used again."""
+    out = tmp_path / "run"
+    cmd = [str(TILESTACK), "train", "--batch", "4", "--seq", "16", "--no-store", "--out", str(out)]
+    env = _env(TILESTACK_CACHE_DIR=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+    first = subprocess.Popen([*cmd, "--steps", "2000", "--save-every", "1000"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = ""
+        for line in first.stdout:          # its first step: the folder is claimed, its settings written
+            seen += line
+            if line.startswith("step 1/"):
+                break
+        assert "step 1/" in seen, seen[-3000:]
+        settings = (out / "train.json").read_text()
+        second = subprocess.run([*cmd, "--steps", "4", "--lr", "0.01"], env=env, capture_output=True, text=True,
+                                timeout=120)
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
+        assert _flat(f"--out {str(out)!r} is in use by another tilestack train run") in _flat(second.stderr)
+        assert (out / "train.json").read_text() == settings and json.loads(settings)["lr"] == 0.001
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+        first.stdout.close()
+    again = subprocess.run([*cmd, "--steps", "2"], env=env, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stderr[-2000:]

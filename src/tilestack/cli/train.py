@@ -12,6 +12,7 @@ ModelConfig.flops_per_token over the device table's dense peak; none on a CPU) a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -106,10 +107,12 @@ def train(
     if store:
         from tilestack.cli.args import check_store
         check_store("--store", None)        # the default store, opened before the ranks start, not after the run
-    if out:
-        from tilestack.cli.train_state import prepare_output
-        spec.update(checkpoint=prepare_output(out, spec, pc, resume), save_every=save_every, resume=resume)
-    results = run_local(run_training, nproc, (spec,), device=device)
+    with contextlib.ExitStack() as claim:     # --out held for this run until its ranks are done
+        if out:
+            from tilestack.cli.train_state import prepare_output
+            spec.update(checkpoint=prepare_output(out, spec, pc, resume, claim), save_every=save_every,
+                        resume=resume)
+        results = run_local(run_training, nproc, (spec,), device=device)
     r0 = results[0]
     if not r0["losses"]:
         typer.echo(f"the checkpoint in {out} is at step {r0['start']}; --steps {steps} leaves nothing to train")

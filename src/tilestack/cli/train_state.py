@@ -2,6 +2,7 @@
 
     DIR/checkpoint/    the model and AdamW state (tilestack.parallel.checkpoint: whole or not at all)
     DIR/train.json     the settings that decide the losses (model, batch, seq, lr, dtype, seed)
+    DIR/.lock          held (flock) by the run writing DIR: a second run of the same DIR at once is refused
 
 A run with ``--resume`` loads DIR/checkpoint and skips the steps it holds; batch ``s`` is the same whichever run
 makes it, so the losses after the checkpoint are the uninterrupted run's. ``train.json`` is compared first: a
@@ -12,14 +13,17 @@ naming what differs. The layout (dp, tp, pp, ...) may change: checkpoints load u
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
 
 SETTINGS = "train.json"
 CHECKPOINT = "checkpoint"
+LOCK = ".lock"                  # held (flock) by the run writing the folder
 _DECIDING = ("model", "batch", "seq", "lr", "dtype", "seed")    # what the losses depend on besides the layout
 
 
@@ -47,11 +51,37 @@ def _read_settings(path: Path) -> dict | None:
     return data
 
 
-def prepare_output(out: str, spec: dict, pc, resume: bool) -> str:
+@contextlib.contextmanager
+def _claimed(folder: Path, out: str) -> Iterator[None]:
+    """Hold ``folder/.lock`` (flock) while a run writes into ``folder``. Two runs of one --out at once (a second
+    started while the first trains, a --resume while the first still runs) both passed the checks: the second
+    wrote its settings over the first's train.json and both saved checkpoints in turn, so a later --resume checked
+    one run's settings and loaded the other's state."""
+    import fcntl
+
+    lock = folder / LOCK
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise typer.BadParameter(f"--out {out!r} is in use by another tilestack train run (it holds {lock}); "
+                                 "expected a folder no other run is writing: wait for that run to end, or give "
+                                 "another --out", param_hint="--out") from None
+    except OSError:
+        pass                                    # a file system without locks (some NFS): as before, unclaimed
+    try:
+        yield
+    finally:
+        os.close(fd)                            # closing releases the lock (so does the process's end, a kill too)
+
+
+def prepare_output(out: str, spec: dict, pc, resume: bool, claim: contextlib.ExitStack | None = None) -> str:
     """Check and make the folder ``out`` for a run of ``spec`` (under ParallelConfig ``pc``); the checkpoint's
     path for ``run_training``. Refused before any rank starts: a file at ``out``, a layout whose optimizer
     state cannot be checkpointed, a folder of another run's checkpoint (on resume: its settings differ; without
-    resume: it is there at all)."""
+    resume: it is there at all), a folder another run is writing (with ``claim``: the folder is held for the run
+    until ``claim`` closes)."""
     from tilestack.cli.args import check_output
 
     # a file there, a file above it, a folder that takes no new file, a folder on its way this user cannot enter
@@ -85,5 +115,7 @@ def prepare_output(out: str, spec: dict, pc, resume: bool) -> str:
     except OSError as e:                                     # below a file, read-only, ...: before any rank starts
         raise typer.BadParameter(f"--out {out!r} cannot be made ({e}); expected a folder path this user can "
                                  "write") from e
+    if claim is not None:
+        claim.enter_context(_claimed(folder, out))
     _write_atomically(folder / SETTINGS, json.dumps(now, indent=1, sort_keys=True))
     return os.fspath(ckpt)
