@@ -473,3 +473,43 @@ def test_a_second_run_of_an_out_folder_in_use_is_refused_and_leaves_the_first_ru
         first.stdout.close()
     again = subprocess.run([*cmd, "--steps", "2"], env=env, capture_output=True, text=True, timeout=180)
     assert again.returncode == 0, again.stderr[-2000:]
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads process trees from /proc")
+def test_fl_bench_workers_end_when_it_is_sigkilled(tmp_path):
+    """``tilestack fl bench``'s spawned pool workers hold the pool's queue open themselves: after a SIGKILL of the
+    command they waited for cells forever (found here: two such workers were still there 52 minutes later). Each
+    ends once the command is gone (``federated/bench.py``, as ``fl run``'s workers do: ``federated/engine.py``)."""
+    bench = subprocess.Popen([str(TILESTACK), "fl", "bench", "--workers", "2", "--seeds", "1", "--doc",
+                              str(tmp_path / "fl.md"), "--img", str(tmp_path / "img")],
+                             env=_env(TILESTACK_CACHE_DIR=str(tmp_path / "cache")), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 180
+        while len(workers) < 2:
+            assert bench.poll() is None, bench.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no workers started"
+            workers = [c for c in _children(bench.pid)
+                       if "spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes().decode(errors="replace")]
+            time.sleep(0.2)
+        bench.send_signal(signal.SIGKILL)
+        bench.wait(timeout=30)
+        deadline = time.monotonic() + 60       # each ends within its poll; the margin is the machine's load
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(w) for w in workers), "fl bench's workers outlived it"
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
+        bench.stderr.close()

@@ -141,14 +141,20 @@ def _run_cell_args(args: tuple[BenchSpec, tuple]) -> Cell:
     return run_cell(*args)
 
 
-def _quiet_worker() -> None:
-    """A worker process: one BLAS thread, and Flower's per-round notices off (they would break the bar)."""
+def _quiet_worker(parent: int | None = None) -> None:
+    """A worker process: one BLAS thread, and Flower's per-round notices off (they would break the bar). It ends
+    when ``parent`` is gone: a `tilestack fl bench` SIGKILLed left its spawned workers waiting for cells forever."""
     import logging
+    import threading
 
     import torch
 
+    from tilestack.federated.engine import _exit_with
+
     torch.set_num_threads(1)
     logging.getLogger("flwr").setLevel(logging.ERROR)
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="tilestack-parent-watch").start()
 
 
 def run_bench(spec: BenchSpec, *, workers: int = 1, on_cell=None) -> list[Cell]:
@@ -165,7 +171,8 @@ def run_bench(spec: BenchSpec, *, workers: int = 1, on_cell=None) -> list[Cell]:
         return out
     import multiprocessing as mp
 
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_quiet_worker) as pool:
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_quiet_worker,
+                             initargs=(os.getpid(),)) as pool:
         for cell in pool.map(_run_cell_args, jobs, chunksize=1):
             out.append(cell)
             if on_cell:
