@@ -655,6 +655,15 @@ def _memory(plan: Plan, desc: ModelDesc, stages: list[range], my_stages: list[in
         # ZeRO-2 one copy goes to the reduce-scatter; then the slice and the master's f32 gradient
         after = ZERO_FLAT_COPIES[plan.zero] * padded * e_trained + owned * e_trained + owned * FP32_BYTES
         after += owned * FP32_BYTES if multi_tensor else 0.0     # sqrt(v) of the f32 master slice
+        if plan.zero == 1:
+            # ZeRO-1 keeps every full gradient to the end, so its moments after backward are apart, each beside
+            # the slice (owned * e): a bucket flattened and padded (two copies, as it is all-reduced); the step
+            # (the master's gradient, a copy only where the parameters are narrower than f32; foreach AdamW's
+            # sqrt(v)); the updated slices all-gathered into a padded bucket (and, on gloo, its staging copy:
+            # where the measured peak falls, session 28). Summed as if at once they were 14% over the measurement.
+            master_grad = owned * FP32_BYTES if e_trained < FP32_BYTES else 0.0
+            sqrt_v = owned * FP32_BYTES if multi_tensor else 0.0
+            after = owned * e_trained + master_grad + max(ZERO_FLAT_COPIES[1] * padded * e_trained, sqrt_v)
     blocks = [i for s in my_stages for i in stages[s] if desc.layers[i].kind == "block"]
     replayed = head_saved = 0.0
     if plan.recompute == "full" and blocks:
