@@ -5,8 +5,9 @@
 A write goes to a temporary of this process's own beside ``path`` (``<prefix><pid>.<random>.tmp``, the prefix
 ``.<name>.`` unless the caller keeps an older one), flushed to disk, then renamed over ``path`` (the folder synced
 after, so that the rename holds too; a link at ``path`` is followed, as ``open(path, "w")`` would). A failure (an
-interrupt, a full disk) removes the temporary, leaves the previous file and, for an OSError, names ``path``. A writer SIGKILLed before its rename
-cannot remove its own: the next write of the same path sweeps the temporaries of processes that are gone.
+interrupt, a full disk) removes the temporary, leaves the previous file and, for an OSError, names ``path``. A
+writer SIGKILLed before its rename cannot remove its own: the next write of the same path sweeps the temporaries
+of processes that are gone.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ The forward kernels, ``rms_norm_kernel`` and ``norm_fwd_kernel`` (the residual a
 normalised as rounded. It saves 1/std (and the mean) per row, f32, for the backward. A row that fits one
 tile (``ONE_TILE``) is read once; a wider one is read once per pass (largest |h|, mean, variance about it,
 normalise; RMS norm has no mean pass). A row past f32's range for squares (|h| > 2^32), or below it
-(|h| < 2^-32), has its statistics taken scaled (``layernorm.row_scale``). The backward is the shared norm backward (``tilestack.kernels.layernorm_bwd``),
-which also adds the residual stream's gradient into dx.
+(|h| < 2^-32), has its statistics taken scaled (``layernorm.row_scale``). The backward is the shared norm
+backward (``tilestack.kernels.layernorm_bwd``), which also adds the residual stream's gradient into dx.
 """
 
 from __future__ import annotations
