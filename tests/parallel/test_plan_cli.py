@@ -102,3 +102,20 @@ def test_plan_a_module_it_has_never_seen(tmp_path):
         assert spec["model"] is None and spec["bounds"][0] == 0 and spec["bounds"][-1] == 5
         run = CliRunner().invoke(app, ["train", "--plan", str(out)])
         assert _said(run, "not tilestack's parallel GPT"), run.output
+
+
+def test_device_names_cpu_and_cuda_in_any_case(tmp_path):
+    """``--device CPU`` is the CPU (it was looked up in the device table and refused for a bf16 peak the user never
+    asked for: --dtype float32); a device-table device is checked for the --dtype's peak, as its costs ask for."""
+    with config.override(cache_dir=tmp_path):
+        _store_fit(tmp_path)
+        lower = CliRunner().invoke(app, ["plan", "--nproc", "2", *MODEL, "--batch", "4", "--device", "cpu"])
+        upper = CliRunner().invoke(app, ["plan", "--nproc", "2", *MODEL, "--batch", "4", "--device", " CPU"])
+    assert lower.exit_code == 0 and upper.exit_code == 0, upper.output
+    chosen = [line for line in lower.output.splitlines() if "chosen (*)" in line]
+    assert chosen and chosen[0].split("predicted")[0] in upper.output
+    assert "bf16" not in upper.output
+    with config.override(cache_dir=tmp_path):
+        res = CliRunner().invoke(app, ["plan", "--nproc", "2", *MODEL, "--batch", "4", "--device", "h200",
+                                       "--dtype", "bfloat16"])
+    assert res.exit_code == 0, res.output

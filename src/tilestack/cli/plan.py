@@ -132,6 +132,8 @@ def plan_command(
     from tilestack.cli.args import check_output
     check_output("--out", out)
     check_output("--figures", figures, folder=True, files=("timeline.png", "memory.png"))
+    if device.strip().lower() == "cpu" or device.strip().lower().startswith("cuda"):
+        device = device.strip().lower()          # ('CPU' was looked up in the device table, and refused as a bf16 peak)
     if measure and (target or device != "cpu"):
         raise PlanError(f"--measure {measure} with {'--target ' + repr(target) if target else '--device ' + device}; "
                         "expected --device cpu and tilestack's GPT (--model or --layers): the measured runs are "
@@ -145,7 +147,8 @@ def plan_command(
     desc, build = _describe(model, layers, d, heads, vocab, target, seq, dtype)
     if not (device == "cpu" or device.startswith("cuda")):
         from tilestack.parallel.plan import RooflineCompute
-        RooflineCompute(desc, device)                            # PlanError naming an unknown device
+        # PlanError naming an unknown device, or one with no peak of the --dtype's (as _cost_models asks for it)
+        RooflineCompute(desc, device, dtype="bf16" if dtype == "bfloat16" else "tf32")
     for b in batches:
         enumerate_plans(desc, nproc, b)                          # PlanError: nothing fits nproc and this batch
     _check_memory(desc, nproc, batches, limit, cpu=device == "cpu")
