@@ -67,8 +67,8 @@ def _allocator_records(prof) -> list[tuple[int, int]]:
     - a block made inside a collective (a ``c10d::`` op) that is still open when the span ends goes at the end
       of its outermost op too. Blocks made elsewhere that stay open (the step's gradients) stay counted.
     """
-    records: list[tuple[int, int]] = []
-    open_blocks: dict[int, tuple[int, int, bool]] = {}       # ptr -> (bytes, end of its outermost op, in c10d)
+    # (time, ptr, bytes, end of its outermost op, made inside a collective) of every CPU allocation and free
+    events: list[tuple[int, int, int, int, bool]] = []
 
     def visit(node, root_end: int, in_collective: bool) -> None:
         in_collective = in_collective or node.name.startswith("c10d::")
@@ -78,10 +78,11 @@ def _allocator_records(prof) -> list[tuple[int, int]]:
         for child in node.children:
             visit(child, root_end, in_collective)
 
-    events: list[tuple[int, int, int, int, bool]] = []
     for root in prof.profiler.kineto_results.experimental_event_tree():
         visit(root, max(root.end_time_ns, root.start_time_ns), False)
     events.sort(key=lambda e: e[0])
+    records: list[tuple[int, int]] = []
+    open_blocks: dict[int, tuple[int, int, bool]] = {}       # ptr -> (bytes, end of its outermost op, in c10d)
     for t, ptr, nbytes, root_end, in_collective in events:
         if nbytes > 0:
             if ptr in open_blocks:                     # its free was lost: it came before this allocation
