@@ -1,9 +1,33 @@
-import time
+import types
 
 import pytest
 
 from tilestack.perf import timing
 from tilestack.perf.timing import TimingError
+
+CALL_S = 1e-6  # what one reading of the fake clock costs: a call that does nothing still takes this
+
+
+class FakeClock:
+    """time_fn's clock, advanced only by the calls it times (``sleep``) and by each reading (``CALL_S``): what the
+    timing loop decides from the clock is then the same on an idle and on a loaded machine."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += CALL_S
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=fake.perf_counter))
+    return fake
 
 
 def test_cpu_timing_statistics_and_rotation():
@@ -16,20 +40,21 @@ def test_cpu_timing_statistics_and_rotation():
     assert t.min_s <= t.p10_s <= t.median_s <= t.p90_s and t.total_s > 0
 
 
-def test_median_resists_outliers():
+def test_median_resists_outliers(clock):
     calls = iter(range(10_000))
 
     def fn():
         if next(calls) == 20:
-            time.sleep(0.05)
+            clock.sleep(0.05)
 
     t = timing.time_fn(fn, repeats=25, warmup_s=0)
     assert t.median_s < 0.01 and max(t.times_s) >= 0.04
 
 
-def test_repeats_chosen_from_the_window():
-    t = timing.time_fn(lambda: time.sleep(0.002), window_s=0.05, warmup_s=0, target_rel_ci=None)
+def test_repeats_chosen_from_the_window(clock):
+    t = timing.time_fn(lambda: clock.sleep(0.002), window_s=0.05, warmup_s=0, target_rel_ci=None)
     assert timing.MIN_REPEATS <= t.repeats <= 30
+    assert t.repeats == 24  # 0.05 s of calls of 2 ms and two clock readings each (the fake clock: exact)
 
 
 def test_median_interval_from_order_statistics():
@@ -43,31 +68,32 @@ def test_median_interval_from_order_statistics():
         timing.median_ci([])
 
 
-def _noisy(period: int, slow_s: float):
-    """A call that sleeps ``slow_s`` on one call in ``period``: a busy machine's descheduled calls."""
+def _noisy(clock: FakeClock, period: int, slow_s: float):
+    """A call that takes ``slow_s`` more on one call in ``period``: a busy machine's descheduled calls."""
     calls = iter(range(10**9))
 
     def fn():
         if next(calls) % period == 0:
-            time.sleep(slow_s)
+            clock.sleep(slow_s)
 
     return fn
 
 
-def test_repeats_until_the_median_is_known():
+def test_repeats_until_the_median_is_known(clock):
     # 1 call in 5 is 1 ms slower: a few repeats can put the median among the slow ones; enough repeats do not.
-    fn = _noisy(5, 0.001)
+    fn = _noisy(clock, 5, 0.001)
     t = timing.time_fn(fn, warmup_s=0, window_s=1e-4, target_rel_ci=0.5, budget_s=5.0)
     assert t.converged and t.repeats >= timing.MIN_CI_SAMPLES and t.rel_ci <= 0.5 and t.target_rel_ci == 0.5
+    assert t.median_s == pytest.approx(CALL_S)  # the fast calls' time, not the slow ones'
 
 
-def test_an_unreachable_target_stops_at_the_budget_and_says_so():
-    t0 = time.perf_counter()
-    t = timing.time_fn(_noisy(2, 0.002), warmup_s=0, target_rel_ci=1e-9, budget_s=0.3)
-    spent = time.perf_counter() - t0
+def test_an_unreachable_target_stops_at_the_budget_and_says_so(clock):
+    t0 = clock.perf_counter()
+    t = timing.time_fn(_noisy(clock, 2, 0.002), warmup_s=0, target_rel_ci=1e-9, budget_s=0.3)
+    spent = clock.perf_counter() - t0
     assert not t.converged and t.rel_ci > 1e-9 and t.repeats >= timing.MIN_CI_SAMPLES
-    assert spent < 1.0  # the budget (0.3 s), not the target, ended it
-    slow = timing.time_fn(lambda: time.sleep(0.05), warmup_s=0, budget_s=0.05)
+    assert 0.3 <= spent < 0.31  # the budget (0.3 s), not the target, ended it: past it by one call of 2 ms at most
+    slow = timing.time_fn(lambda: clock.sleep(0.05), warmup_s=0, budget_s=0.05)
     assert slow.repeats == timing.MIN_BUDGET_REPEATS and not slow.converged  # slower than the budget: 3 calls
 
 
