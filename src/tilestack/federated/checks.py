@@ -77,13 +77,28 @@ def _unit(v) -> bool:
     return 0 <= v <= 1
 
 
+# A server step that scales the clients' mean update (FedAvgM's server_learning_rate, SCAFFOLD's global_lr) by
+# 1 / eps(float32) = 2**23 or more turns the half-ulp rounding of a float32 upload into a move as large as the weight
+# itself, and FedOpt's eta (each weight moves by about eta a round) leaves a float32 weight no fraction: the run is
+# rounding noise, and at 1e300 every aggregate overflowed and was rejected, round after round, the model never moving.
+SERVER_STEP_LIMIT = float(1 / np.finfo(np.float32).eps)
+
+
+def _server_step(v) -> bool:
+    return 0 < v < SERVER_STEP_LIMIT
+
+
+SERVER_STEP_EXPECTED = f"a number > 0 and < 2**23 = {SERVER_STEP_LIMIT:.0f} (past it a server step is float32 rounding)"
+
+
 # Flower strategy class -> {attribute: (test on a finite real, what was expected)}; every level of a wrapped
 # strategy is checked. Flower itself checks FedTrimmedAvg's beta and (except NaN) the DP wrappers' numbers.
 HYPERPARAMETERS: dict[type, dict[str, tuple]] = {
     fl.FedProx: {"proximal_mu": (_non_negative, "a number >= 0 (0: FedAvg)")},
-    fl.FedAvgM: {"server_learning_rate": (_positive, "a number > 0"),
+    fl.FedAvgM: {"server_learning_rate": (_server_step, SERVER_STEP_EXPECTED),
                  "server_momentum": (_decay, "a number in [0, 1)")},
-    FedOpt: {"eta": (_positive, "a number > 0"), "eta_l": (_positive, "a number > 0"),  # FedAdam, FedYogi, FedAdagrad
+    # FedAdam, FedYogi, FedAdagrad
+    FedOpt: {"eta": (_server_step, SERVER_STEP_EXPECTED), "eta_l": (_positive, "a number > 0"),
              "beta_1": (_decay, "a number in [0, 1)"), "beta_2": (_decay, "a number in [0, 1)"),
              "tau": (_positive, "a number > 0 (it keeps eta / (sqrt(v) + tau) finite)")},
     fl.QFedAvg: {"q": (_non_negative, "a number >= 0"), "client_learning_rate": (_positive, "a number > 0")},

@@ -58,11 +58,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
 import math
 import numbers
+import os
 import pickle
 import random
 import time
@@ -567,6 +569,60 @@ def run_rounds(
     if grid.stragglers == "stale":
         check_stale(strategy)
     ckpt = checkpoint_path(checkpoint)
+    with checkpoint_held(ckpt):  # from before its resume is read until the last round's save
+        return _rounds(
+            strategy,
+            grid,
+            initial_arrays,
+            ckpt,
+            num_rounds=num_rounds,
+            train_config=train_config,
+            evaluate_config=evaluate_config,
+            run_task=run_task,
+            evaluator=evaluator,
+            seed=seed,
+            timeout=timeout,
+            on_round=on_round,
+            extra_metrics=extra_metrics,
+            stop_after=stop_after,
+        )
+
+
+@contextlib.contextmanager
+def checkpoint_held(ckpt: Path | None):
+    """Hold ``<checkpoint>.lock`` (flock) while a run reads and writes ``ckpt``. Two runs of one checkpoint at once
+    (two ``tilestack fl run --checkpoint run.ckpt`` started by mistake, a nested call) each resumed from it and saved
+    over the other's rounds, the file ending as whichever run saved last, mixing their histories without a word; the
+    second is refused now. The lock goes with the process (a killed run leaves none held); a file system without
+    locks runs unheld, as before."""
+    if ckpt is None:
+        yield
+        return
+    lock = ckpt.with_name(ckpt.name + ".lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as ex:
+        raise FederatedError(f"checkpoint={str(ckpt)!r}: its lock file {str(lock)!r} cannot be made ({ex}); expected "
+                             "a writable folder") from ex  # fmt: skip
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FederatedError(
+                f"checkpoint={str(ckpt)!r} is in use by another run now (it holds {str(lock)!r}); expected a "
+                "checkpoint no running run writes (wait for that run, or give this one another checkpoint)"
+            ) from None
+        except OSError:  # no locks on this file system (some NFS)
+            pass
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _rounds(strategy: Strategy, grid: ManagedGrid, initial_arrays: ArrayRecord, ckpt: Path | None, *, num_rounds: int,
+            train_config: dict, evaluate_config: dict, run_task: Task, evaluator: Evaluator | None, seed: int,
+            timeout: float | None, on_round, extra_metrics, stop_after: int | None) -> RunResult:  # fmt: skip
+    """run_rounds' rounds, its arguments checked (and ``ckpt`` held, if any)."""
     # replies whose weight is missing or not > 0 are left out by the grid, with the reason
     grid.weight_keys = frozenset(
         key for s in strategy_levels(strategy) if isinstance(key := vars(s).get("weighted_by_key"), str)

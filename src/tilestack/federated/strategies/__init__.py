@@ -17,7 +17,7 @@ import numbers
 
 from flwr.serverapp import strategy as fl
 
-from tilestack.federated.checks import require_int
+from tilestack.federated.checks import SERVER_STEP_LIMIT, require_int
 from tilestack.federated.client import UNIT_WEIGHT
 from tilestack.federated.strategies.cfl import CFL
 from tilestack.federated.strategies.ditto import Ditto
@@ -97,7 +97,7 @@ def make_strategy(
     for arg, value, ok, expected in (
         ("eval_fraction", eval_fraction, lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
         ("proximal_mu", proximal_mu, lambda v: v >= 0.0, ">= 0"),
-        ("server_lr", server_lr, lambda v: v > 0.0, "> 0"),
+        ("server_lr", server_lr, lambda v: 0.0 < v < SERVER_STEP_LIMIT, f"> 0 and < 2**23 = {SERVER_STEP_LIMIT:.0f}"),
         ("noise_multiplier", noise_multiplier, lambda v: v >= 0.0, ">= 0"),
         ("clipping_norm", clipping_norm, lambda v: v > 0.0, "> 0"),
         ("q", q, lambda v: v >= 0.0, ">= 0"),

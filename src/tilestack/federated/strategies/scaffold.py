@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from tilestack.federated.checks import SERVER_STEP_LIMIT
 from tilestack.federated.client import SCAFFOLD_C, SCAFFOLD_DC_PREFIX
 from tilestack.federated.strategies._util import ok_replies, to_numpy, to_record, with_content
 
@@ -37,8 +38,11 @@ class Scaffold(FedAvg):
     def __init__(self, *, global_lr: float = 1.0, **fedavg_kwargs):
         super().__init__(**fedavg_kwargs)
         # numbers.Real: a NumPy scalar (np.float32(1.0), read from a config array) is a number too; it was refused
-        if isinstance(global_lr, bool) or not isinstance(global_lr, numbers.Real) or not 0 < global_lr < math.inf:
-            raise ValueError(f"Scaffold: global_lr={global_lr!r}; expected a finite number > 0")
+        # and below SERVER_STEP_LIMIT: at 1e300 every aggregate overflowed and was rejected, the model never moving
+        number = isinstance(global_lr, numbers.Real) and not isinstance(global_lr, bool) and math.isfinite(global_lr)
+        if not number or not 0 < global_lr < SERVER_STEP_LIMIT:
+            raise ValueError(f"Scaffold: global_lr={global_lr!r}; expected a finite number > 0 and < 2**23 = "
+                             f"{SERVER_STEP_LIMIT:.0f} (past it the server step is float32 rounding)")  # fmt: skip
         self.global_lr = global_lr
         self.c: dict[str, np.ndarray] | None = None
         self._x: dict[str, np.ndarray] = {}
