@@ -86,7 +86,8 @@ def test_clients_1_to_3000_in_size_crashing_and_going_offline_are_averaged_by_ha
 # ---- a slow client and the reply timeout, on one process and on two -------------------------------------------------
 @pytest.mark.timeout(90)
 def test_a_client_slower_than_the_timeout_is_left_out_alike_on_one_process_and_on_two():
-    """Client 1 sleeps 1.5 s before replying to every training message; the server waits 0.5 s. On one process
+    """Client 1 sleeps 1.5 s before replying to every training message; the server waits 1 s (was 0.5 s: the
+    other clients' few ms of work must come back in it on a loaded 2-core CI machine too). On one process
     (each client on a thread with a deadline) and on two worker processes (each runs its clients under the deadline)
     the slow client is left out as a timeout in both rounds, its evaluation still counts, and both runs give the same
     model bit for bit: each round the example-weighted mean of clients 0, 2 and 3's own SGD replayed here."""
@@ -97,12 +98,12 @@ def test_a_client_slower_than_the_timeout_is_left_out_alike_on_one_process_and_o
     runs = {}
     for workers in (1, 2):
         models: list = []
-        runs[workers] = (simulate(FedAvg(**strategy), task, rounds=2, timeout=0.5, workers=workers, evaluate=False,
+        runs[workers] = (simulate(FedAvg(**strategy), task, rounds=2, timeout=1.0, workers=workers, evaluate=False,
                                   extra_metrics=keep(models)), models)  # fmt: skip
     (one, models), (two, _) = runs[1], runs[2]
     assert same(one.arrays, two.arrays)
     for res in (one, two):
-        assert [m.excluded for m in res.history.rounds] == [{"1": "timeout: no reply within 0.5 s"}] * 2
+        assert [m.excluded for m in res.history.rounds] == [{"1": "timeout: no reply within 1.0 s"}] * 2
         assert [m.num_aggregated for m in res.history.rounds] == [3, 3]
         assert [sorted(m.client_eval) for m in res.history.rounds] == [["0", "1", "2", "3"]] * 2
     start = np_(initial_arrays(task))

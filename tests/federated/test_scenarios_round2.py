@@ -65,10 +65,10 @@ def test_sampling_that_would_wait_forever_is_refused_before_any_work(monkeypatch
 
     monkeypatch.setattr("tilestack.federated.simulation.Evaluator", no_work)
     monkeypatch.setattr("tilestack.federated.simulation.InProcessGrid", no_work)
-    t0 = time.perf_counter()
+    # nor a wait: Flower's sampling polls once a second for nodes (a bound on wall time instead moved with CI's load)
+    monkeypatch.setattr("flwr.serverapp.strategy.strategy_utils.sleep", no_work)
     with pytest.raises(FederatedError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         simulate(make(), Task(**{**TINY, "num_clients": num_clients}), rounds=2)
-    assert time.perf_counter() - t0 < 5
 
 
 @pytest.mark.timeout(60)

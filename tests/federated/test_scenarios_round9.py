@@ -40,14 +40,13 @@ What this round found, fixed:
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
 from _fl_round5 import blobs, np_, scripted, update
 from _fl_round7 import client_model, weighted_mean
 from _fl_round9 import keep, near, online_sets
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, strategy_utils
 
 from tilestack.errors import FederatedError
 from tilestack.federated import History, ManagedGrid, SystemModel, Task, run_rounds, simulate
@@ -117,8 +116,12 @@ def test_clients_joining_and_leaving_on_a_schedule_are_sampled_and_averaged_only
 
 
 # ---- rounds with nobody, or too few, online --------------------------------------------------------------------------
+def _no_poll(seconds: float) -> None:
+    raise AssertionError(f"Flower's sample_nodes waited {seconds} s for nodes: the run would hang")
+
+
 @pytest.mark.timeout(30)
-def test_rounds_with_no_client_or_too_few_online_are_skipped_promptly_and_the_model_is_kept():
+def test_rounds_with_no_client_or_too_few_online_are_skipped_promptly_and_the_model_is_kept(monkeypatch):
     """Rounds 2 and 3 have no client and one client online. Under FedAvg's defaults (min_available_nodes=2), Flower's
     sampling polls once a second for nodes that never come: the run hung. Now both rounds are skipped at once with
     the numbers named, their evaluation too, the model stays as round 1 left it, and round 4 trains from it. With
@@ -128,11 +131,12 @@ def test_rounds_with_no_client_or_too_few_online_are_skipped_promptly_and_the_mo
     pattern = np.ones((4, 6))
     pattern[1] = 0
     pattern[2, 1:] = 0  # round 3: client 0 alone
-    t0 = time.perf_counter()
+    # promptly: Flower's sampling never polls for nodes (its one-second wait, the hang, refused here as it starts;
+    # a bound on wall time instead moved with the load of CI's machine)
+    monkeypatch.setattr(strategy_utils, "sleep", _no_poll)
     models: list[dict[str, np.ndarray]] = []
     res = simulate(FedAvg(fraction_train=1.0, fraction_evaluate=1.0), task, rounds=4, evaluate=False,
                    system=SystemModel(6, availability=pattern), extra_metrics=keep(models))  # fmt: skip
-    assert time.perf_counter() - t0 < 10
     r1, r2, r3, r4 = res.history.rounds
     assert r2.skipped == _short(0, 2, "train") and r3.skipped == _short(1, 2, "train")
     for r in (r2, r3):
