@@ -1,0 +1,283 @@
+"""Round 28 of held-out kernels, continued (test_heldout_round28.py has the first four): on the reference executor and
+Triton's interpreter against float64 torch or exact integers, outputs poisoned first, ragged sizes, seeds fixed.
+
+- Radix select (torch.kthvalue of int32 rows wider than a tile): the k-th smallest built bit by bit from the top in
+  i64 work (keys lifted by 2^31 so that signed order is unsigned order), each of 32 bits a pass over the row's
+  column tiles counting the elements that share the prefix chosen so far and have a 0 at that bit; a per-row k read
+  as a vector, rows given as a transposed (non-contiguous) view, INT32_MIN / INT32_MAX and all-equal rows.
+- A GEMM fused with a row-wise log-softmax (16-bit operands, f32 accumulation): an online log-sum-exp over N's tiles
+  in a first pass, the product recomputed and written as s - lse in a second; the log-sum-exp as a second output of
+  shape (M,); logits 1e4 apart, padded columns -inf.
+- Gauss-Jordan inversion of a batch of small matrices with partial pivoting (the pivot the first row of largest
+  magnitude at or below the diagonal, rows swapped by masks and one-hot reductions, the loop over a runtime n):
+  permutation matrices and a zero leading entry that need the swap, against torch.linalg.inv in float64.
+- Misuse: wrong uses of this round's ops refused when traced, each naming the argument.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from heldout_support import BACKENDS, BF, F16, F64, I32, I64, close, launch, randn
+
+import tilestack.lang as ts
+
+F32 = torch.float32
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(20262802)
+
+
+def poisoned(*shape, dtype=F32, value=math.nan) -> torch.Tensor:
+    return torch.full(shape, value, dtype=dtype)
+
+
+# ---- 5. radix select: the k-th smallest of each int32 row --------------------------------------------------------
+LIFT = 2**31      # int32 -> [0, 2^32): unsigned order of the lifted key is the signed order of the value
+
+
+@ts.kernel(grid=lambda X, BM: (ts.cdiv(X.shape[0], BM),))
+def radix_select(X, K, OUT, *, BM: int = 8, BN: int = 16):
+    """OUT[r] = the K[r]-th smallest (0-based) of X[r, :] for int32 X (R, N), 0 <= K[r] < N."""
+    i = ts.block_id(0)
+    n = X.shape[1]
+    kk, ans = ts.RegVec[ts.i64, BM](), ts.RegVec[ts.i64, BM]()
+    ts.load(kk, K, at=(i,))
+    ts.zero(ans)
+    x = ts.RegTile[ts.i32, BM, BN]()
+    key, t = ts.RegTile[ts.i64, BM, BN](), ts.RegTile[ts.i64, BM, BN]()
+    hit, m = ts.RegTile[ts.bool_, BM, BN](), ts.RegTile[ts.bool_, BM, BN]()
+    cols = ts.RegVec[ts.i32, BN]()
+    inside = ts.RegVec[ts.bool_, BN]()
+    cnt, prefix = ts.RegVec[ts.i64, BM](), ts.RegVec[ts.i64, BM]()
+    take = ts.RegVec[ts.bool_, BM]()
+    for b in ts.range(31, -1, -1):
+        ts.zero(cnt)
+        ts.shr(prefix, ans, b + 1)
+        for j in ts.range(ts.cdiv(n, BN)):
+            ts.load(x, X, at=(i, j))
+            ts.copy(key, x)
+            ts.add(key, key, LIFT)
+            ts.shr(t, key, b + 1)
+            ts.eq(hit, t, ts.per_row(prefix))          # shares the bits above b chosen so far
+            ts.shr(t, key, b)
+            ts.bit_and(t, t, 1)
+            ts.eq(m, t, 0)
+            ts.logical_and(hit, hit, m)
+            ts.arange(cols, j * BN)
+            ts.lt(inside, cols, n)
+            ts.logical_and(hit, hit, ts.per_col(inside))
+            ts.where(t, hit, 1, 0)
+            ts.row_sum(cnt, t, cnt)
+        ts.ge(take, kk, cnt)                           # the k-th lies among the 1s at bit b
+        bitv = ts.RegVec[ts.i64, BM]()
+        ts.one(bitv)
+        ts.shl(bitv, bitv, b)
+        ts.bit_or(bitv, ans, bitv)
+        ts.where(ans, take, bitv, ans)
+        ts.sub(bitv, kk, cnt)
+        ts.where(kk, take, bitv, kk)
+    ts.sub(ans, ans, LIFT)
+    out = ts.RegVec[OUT.dtype, BM]()
+    ts.copy(out, ans)
+    ts.store(OUT, out, at=(i,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("R", "N", "BM", "BN"), [(11, 37, 8, 16), (3, 1, 8, 16), (5, 16, 4, 16)])
+@pytest.mark.parametrize("kdtype", [I32, I64])
+def test_radix_select(backend, R, N, BM, BN, kdtype, rng):
+    x = torch.from_numpy(rng.integers(-(2**31), 2**31, (N, R))).to(I32).T    # a transposed view: strides (1, R)
+    if N > 4:
+        x[0, :3] = torch.tensor([-(2**31), 2**31 - 1, -(2**31)], dtype=I32)
+        x[1] = 7                                                               # all equal
+        x[2, : N // 2] = -1
+    k = torch.from_numpy(rng.integers(0, N, R)).to(kdtype)
+    k[0] = 0
+    k[R - 1] = N - 1
+    out = torch.full((R,), 12345, dtype=I64)
+    launch(radix_select, backend, x, k, out, BM=BM, BN=BN)
+    want = torch.stack([x[r].sort().values[int(k[r])] for r in range(R)]).to(I64)
+    assert torch.equal(out, want), (out, want)
+
+
+# ---- 6. GEMM + row-wise log-softmax, the log-sum-exp as a second output ------------------------------------------
+@ts.kernel(grid=lambda A, BM: (ts.cdiv(A.shape[0], BM),))
+def gemm_log_softmax(A, B, LP, LSE, scale: float, *, BM: int = 16, BN: int = 16, BK: int = 16):
+    """LP (M, N) = log_softmax(scale * A @ B^T, dim=1), LSE (M,) = logsumexp(scale * A @ B^T, dim=1) for A (M, K),
+    B (N, K); f32 accumulation."""
+    i = ts.block_id(0)
+    N, K = B.shape[0], A.shape[1]
+    a, b = ts.SharedTile[A.dtype, BM, BK](), ts.SharedTile[B.dtype, BN, BK]()
+    s = ts.RegTile[ts.f32, BM, BN]()
+    m, l, mt, alpha = (ts.RegVec[ts.f32, BM]() for _ in range(4))
+    cols = ts.RegVec[ts.i32, BN]()
+    inside = ts.RegVec[ts.bool_, BN]()
+
+    def logits(j):
+        ts.zero(s)
+        for k in ts.range(ts.cdiv(K, BK)):
+            ts.load(a, A, at=(i, k))
+            ts.load(b, B, at=(j, k))
+            ts.mma_ABt(s, a, b, s)
+        ts.mul(s, s, scale)
+        ts.arange(cols, j * BN)
+        ts.lt(inside, cols, N)
+        ts.where(s, ts.per_col(inside), s, -math.inf)
+
+    ts.neg_infty(m)
+    ts.zero(l)
+    for j in ts.range(ts.cdiv(N, BN)):
+        logits(j)
+        ts.row_max(mt, s, m)                           # the running max, never -inf after a column exists
+        ts.sub(alpha, m, mt)
+        ts.exp(alpha, alpha)
+        ts.mul(l, l, alpha)
+        ts.sub(s, s, ts.per_row(mt))
+        ts.exp(s, s)
+        ts.row_sum(l, s, l)
+        ts.copy(m, mt)
+    lse = ts.RegVec[ts.f32, BM]()
+    ts.log(lse, l)
+    ts.add(lse, lse, m)
+    ts.store(LSE, lse, at=(i,))
+    out = ts.RegTile[LP.dtype, BM, BN]()
+    for j in ts.range(ts.cdiv(N, BN)):
+        logits(j)
+        ts.sub(s, s, ts.per_row(lse))
+        ts.copy(out, s)
+        ts.store(LP, out, at=(i, j))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [F16, BF])
+@pytest.mark.parametrize(("M", "N", "K"), [(19, 37, 20), (1, 1, 1), (16, 16, 48)])
+def test_gemm_log_softmax(backend, dtype, M, N, K, rng):
+    a, b = randn(rng, M, K, dtype=dtype), randn(rng, N, K, dtype=dtype)
+    if M > 2 and N > 2:
+        a[1] *= 40.0                                   # logits ~1e4 apart: exp overflows without the max
+        a[2] = 0                                       # a row of equal logits: -log N everywhere
+    scale = 0.7
+    lp, lse = poisoned(M, N), poisoned(M)
+    launch(gemm_log_softmax, backend, a, b, lp, lse, scale)
+    s = scale * a.double() @ b.double().T
+    want_lse = torch.logsumexp(s, 1)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(lp.double(), s - want_lse[:, None], rtol=1e-5, atol=2e-4)
+    if M > 2 and N > 2:
+        torch.testing.assert_close(lp[2].double(), torch.full((N,), -math.log(N), dtype=F64), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gemm_log_softmax_16bit_output(backend, rng):
+    """LP stored as bf16 while LSE stays f32: two outputs of different shapes and dtypes."""
+    a, b = randn(rng, 9, 24, dtype=BF), randn(rng, 21, 24, dtype=BF)
+    lp, lse = poisoned(9, 21, dtype=BF), poisoned(9)
+    launch(gemm_log_softmax, backend, a, b, lp, lse, 1.0)
+    want = torch.log_softmax(a.double() @ b.double().T, 1)
+    close(lp, want, scale=4.0)
+    close(lse, torch.logsumexp(a.double() @ b.double().T, 1), scale=10.0)
+
+
+# ---- 7. Gauss-Jordan inversion with partial pivoting -------------------------------------------------------------
+@ts.kernel(grid=lambda A: (A.shape[0],))
+def gauss_jordan_inverse(A, INV, *, BN: int = 16):
+    """INV[b] = A[b]^-1 for A (B, n, n), n <= BN, f32 work: for each column k, the first row of largest |a[., k]| at
+    or below k swapped into row k, row k scaled by its pivot, column k eliminated from every other row."""
+    b = ts.block_id(0)
+    n = A.shape[1]
+    a, inv = ts.RegTile[ts.f32, BN, BN](), ts.RegTile[ts.f32, BN, BN]()
+    ts.load(a, A, at=(b, 0, 0))
+    r, c = ts.RegVec[ts.i32, BN](), ts.RegVec[ts.i32, BN]()
+    ts.arange(r, 0)
+    ts.arange(c, 0)
+    mask = ts.RegTile[ts.bool_, BN, BN]()
+    ts.eq(mask, ts.per_row(r), ts.per_col(c))
+    ts.where(inv, mask, 1.0, 0.0)
+    t = ts.RegTile[ts.f32, BN, BN]()
+    colk, mag, best = ts.RegVec[ts.f32, BN](), ts.RegVec[ts.f32, BN](), ts.RegVec[ts.f32, BN]()
+    cand, is_k, is_p = ts.RegVec[ts.bool_, BN](), ts.RegVec[ts.bool_, BN](), ts.RegVec[ts.bool_, BN]()
+    ci, idx = ts.RegVec[ts.bool_, BN](), ts.RegVec[ts.i32, BN]()
+    p = ts.RegVec[ts.i32, BN]()
+    big = ts.RegVec[ts.i32, BN]()
+    rk_a, rp_a, rk_i, rp_i = (ts.RegVec[ts.f32, BN]() for _ in range(4))
+    piv = ts.RegVec[ts.f32, BN]()
+    for k in ts.range(n):
+        ts.eq(ci, c, k)
+        ts.where(t, ts.per_col(ci), a, 0.0)
+        ts.row_sum(colk, t)                            # colk[i] = a[i, k]
+        ts.abs(mag, colk)
+        ts.ge(cand, r, k)
+        ts.lt(is_k, r, n)
+        ts.logical_and(cand, cand, is_k)
+        ts.where(mag, cand, mag, -1.0)
+        ts.zero(t)
+        ts.add(t, t, ts.per_row(mag))
+        ts.col_max(best, t)                            # every element: the largest candidate magnitude
+        ts.eq(is_p, mag, best)
+        ts.fill(big, BN)
+        ts.where(idx, is_p, r, big)
+        ts.zero(p)
+        it = ts.RegTile[ts.i32, BN, BN]()
+        ts.zero(it)
+        ts.add(it, it, ts.per_row(idx))
+        ts.col_min(p, it)                              # every element: the first row attaining it
+        ts.eq(is_k, r, k)
+        ts.eq(is_p, r, p)
+        for src, rk, rp in ((a, rk_a, rp_a), (inv, rk_i, rp_i)):   # swap rows k and p of both
+            ts.where(t, ts.per_row(is_k), src, 0.0)
+            ts.col_sum(rk, t)
+            ts.where(t, ts.per_row(is_p), src, 0.0)
+            ts.col_sum(rp, t)
+            ts.where(src, ts.per_row(is_p), ts.per_col(rk), src)
+            ts.where(src, ts.per_row(is_k), ts.per_col(rp), src)
+        # rp_a is now row k; its element k is the pivot, broadcast to every row
+        ts.where(t, ts.per_col(ci), ts.per_col(rp_a), 0.0)
+        ts.row_sum(piv, t)
+        ts.div(rp_a, rp_a, piv)
+        ts.div(rp_i, rp_i, piv)
+        ts.where(t, ts.per_col(ci), a, 0.0)
+        ts.row_sum(colk, t)                            # the factors a[i, k] after the swap
+        ts.where(colk, is_k, 0.0, colk)
+        for src, row in ((a, rp_a), (inv, rp_i)):
+            ts.zero(t)
+            ts.add(t, t, ts.per_col(row))
+            ts.mul(t, t, ts.per_row(colk))
+            ts.sub(src, src, t)
+            ts.where(src, ts.per_row(is_k), ts.per_col(row), src)
+    out = ts.RegTile[INV.dtype, BN, BN]()
+    ts.copy(out, inv)
+    ts.store(INV, out, at=(b, 0, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("B", "n", "BN"), [(4, 7, 8), (2, 16, 16), (1, 1, 16), (3, 12, 16)])
+def test_gauss_jordan_inverse(backend, B, n, BN, rng):
+    a = randn(rng, B, n, n) + 2 * torch.eye(n)
+    if n > 2:
+        a[0, 0, 0] = 0.0                               # a zero leading entry: no inverse without a swap
+        a[B - 1] = torch.eye(n)[torch.from_numpy(rng.permutation(n))]  # a permutation: every step swaps
+    inv = poisoned(B, n, n)
+    launch(gauss_jordan_inverse, backend, a, inv, BN=BN)
+    want = torch.linalg.inv(a.double())
+    cond = float(torch.linalg.cond(a.double()).amax())
+    torch.testing.assert_close(inv.double(), want, rtol=1e-5 * cond, atol=1e-5 * cond)
+    if n > 2:
+        assert torch.equal(inv[B - 1], a[B - 1].T)     # a permutation's inverse, exact
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gauss_jordan_pivot_choice_is_the_first_largest(backend):
+    """|a| ties in column 0 (rows 1 and 2 both 4): the first is taken; the result the same either way, but a wrong
+    swap of row 0 (|a| 1) into place would divide by a small pivot: the 2x2 [[1e-7, 1], [1, 1]] needs the swap."""
+    a = torch.tensor([[[1e-7, 1.0], [1.0, 1.0]]])
+    inv = poisoned(1, 2, 2)
+    launch(gauss_jordan_inverse, backend, a, inv, BN=8)
+    torch.testing.assert_close(inv.double(), torch.linalg.inv(a.double()), rtol=1e-6, atol=1e-6)
+    a3 = torch.tensor([[[1.0, 2.0, 0.0], [4.0, 1.0, 1.0], [-4.0, 0.0, 3.0]]])
+    inv3 = poisoned(1, 3, 3)
+    launch(gauss_jordan_inverse, backend, a3, inv3, BN=8)
+    torch.testing.assert_close(inv3.double(), torch.linalg.inv(a3.double()), rtol=1e-6, atol=1e-6)
