@@ -26,7 +26,7 @@ from tilestack.ir.types import (
 
 _UNARY = {"exp": "gl.exp({})", "exp2": "gl.exp2({})", "log": "gl.log({})", "log2": "gl.log2({})",
           "abs": "gl.abs({})", "neg": "({} * -1.0)", "relu": f"gl.maximum({{}}, 0.0, {NAN_FLAG})",
-          "sqrt": "gl.sqrt({})", "rsqrt": "gl.rsqrt({})", "sigmoid": "(1.0 / (1.0 + gl.exp(-{})))", "sin": "gl.sin({})",
+          "sqrt": "gl.sqrt({})", "rsqrt": "gl.rsqrt({})", "sigmoid": None, "sin": "gl.sin({})",
           "cos": "gl.cos({})"}
 _BINARY = {"add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "div": "({} / {})",
            "max": f"gl.maximum({{}}, {{}}, {NAN_FLAG})", "min": f"gl.minimum({{}}, {{}}, {NAN_FLAG})",
@@ -77,10 +77,19 @@ def _e_unary(e: Emitter, ins: Instr) -> None:
         expr = _INT_UNARY[ins.attrs.fn].format(e.cast(e.name(x), x.type.dtype, wd))
         e.assign(ins.result, e.cast(expr, wd, ins.result.type.dtype))
     else:
-        expr = _UNARY[ins.attrs.fn].format(e.f32(e.name(x), x))
+        x32 = e.f32(e.name(x), x)
+        expr = _sigmoid(e, ins, x32) if ins.attrs.fn == "sigmoid" else _UNARY[ins.attrs.fn].format(x32)
         e.assign(ins.result, e.cast(expr, x.type.dtype if x.type.dtype.name == "f64" else f32,
                                     ins.result.type.dtype))
     e.set_lay(ins.result, e.lay[x])
+
+
+def _sigmoid(e: Emitter, ins: Instr, x: str) -> str:
+    """sigmoid(x) as where(x >= 0, 1, t) / (1 + t), t = exp(-|x|) in (0, 1]: nothing overflows (1 / (1 + exp(-x)) is 0
+    once exp(-x) overflows f32, x < -88.7, where silu(x) is still a normal f32). As the Triton backend's."""
+    t = f"{e.name(ins.result)}_t"           # names end in a digit: no value is called this
+    e.emit(f"{t} = gl.exp(-gl.abs({x}))")
+    return f"(gl.where({x} >= 0, 1.0, {t}) / (1.0 + {t}))"
 
 
 @register_emitter("gluon", Op.BINARY, fns=_BINARY.keys() | _INT_BINARY.keys())

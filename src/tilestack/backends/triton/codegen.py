@@ -51,10 +51,10 @@ TL_DTYPES = {"f64": "tl.float64", "f32": "tl.float32", "f16": "tl.float16", "bf1
              "i32": "tl.int32", "i64": "tl.int64", "bool": "tl.int1", "i8": "tl.int8", "f8e4m3": "tl.float8e4nv",
              "u8": "tl.uint8"}
 # neg multiplies by -1 (exact, and the sign of a zero flips, as NumPy's and torch's negative): Triton's unary minus is
-# 0 - x, which makes -(+0.0) +0.0 (so 1 / neg(0.0) would be +inf)
+# 0 - x, which makes -(+0.0) +0.0 (so 1 / neg(0.0) would be +inf). sigmoid: _sigmoid, not tl.sigmoid
 _UNARY = {"exp": "tl.exp({})", "exp2": "tl.math.exp2({})", "log": "tl.log({})", "log2": "tl.log2({})",
           "abs": "tl.abs({})", "neg": "({} * -1.0)", "relu": "tl.maximum({}, 0.0, propagate_nan=tl.PropagateNan.ALL)",
-          "sqrt": "tl.sqrt({})", "rsqrt": "tl.rsqrt({})", "sigmoid": "tl.sigmoid({})", "sin": "tl.sin({})",
+          "sqrt": "tl.sqrt({})", "rsqrt": "tl.rsqrt({})", "sigmoid": None, "sin": "tl.sin({})",
           "cos": "tl.cos({})"}
 # max and min propagate NaN, as NumPy's (the reference), torch's and CUDA's max.NaN do (Triton's default ignores it)
 _BINARY = {"add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "div": "({} / {})",
@@ -331,8 +331,21 @@ def _e_unary(e: _Emitter, ins: Instr) -> None:
     if not wd.is_float:
         e.assign(ins.result, e.cast_to(_INT_UNARY[ins.attrs.fn].format(e.as_dtype(x, wd)), wd, ins.result.type))
         return
-    expr = _UNARY[ins.attrs.fn].format(e.f32(x))
+    if ins.attrs.fn == "sigmoid":
+        expr = _sigmoid(e, ins, e.f32(x))
+    else:
+        expr = _UNARY[ins.attrs.fn].format(e.f32(x))
     e.assign(ins.result, e.cast_to(expr, f32 if x.type.dtype is not f64 else f64, ins.result.type))
+
+
+def _sigmoid(e: _Emitter, ins: Instr, x: str) -> str:
+    """sigmoid(x) as where(x >= 0, 1, t) / (1 + t), t = exp(-|x|) in (0, 1]: nothing overflows, so a far negative x
+    keeps its tiny (down to subnormal) value and its digits; tl.sigmoid's 1 / (1 + exp(-x)) is 0 once exp(-x)
+    overflows f32 (x < -88.7), where silu(x) = x sigmoid(x) is still a normal f32 (-7e-38 at x = -90). NaN stays
+    NaN, sigmoid(-inf) = 0 and sigmoid(inf) = 1."""
+    t = f"{e.name(ins.result)}_t"           # names end in a digit: no value is called this
+    e.emit(f"{t} = tl.exp(-tl.abs({x}))")
+    return f"(tl.where({x} >= 0, 1.0, {t}) / (1.0 + {t}))"
 
 
 def _operand(e: _Emitter, v: Value, work) -> str:
