@@ -281,3 +281,71 @@ def test_gauss_jordan_pivot_choice_is_the_first_largest(backend):
     inv3 = poisoned(1, 3, 3)
     launch(gauss_jordan_inverse, backend, a3, inv3, BN=8)
     torch.testing.assert_close(inv3.double(), torch.linalg.inv(a3.double()), rtol=1e-6, atol=1e-6)
+
+
+# ---- misuse and launch checks --------------------------------------------------------------------------------------
+@ts.kernel(grid=lambda X, BS: (ts.cdiv(X.shape[0], BS),))
+def widen_copy(X, Y, *, BS: int = 8):
+    """Y = X converted to Y's dtype."""
+    i = ts.block_id(0)
+    x = ts.RegVec[X.dtype, BS]()
+    ts.load(x, X, at=(i,))
+    y = ts.RegVec[Y.dtype, BS]()
+    ts.copy(y, x)
+    ts.store(Y, y, at=(i,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overlap_of_views_of_two_element_sizes_is_refused(backend):
+    """An f32 output inside the upper half of an f64 input's element (the same buffer viewed as both), or a u8 input
+    whose bytes lie inside an f32 output's element past its first byte: they share bytes at different indices.
+    The overlap search's byte window was the wrong way round for element sizes that differ, so these ran
+    (lang.layout.elements_overlap)."""
+    buf = torch.zeros(8, dtype=F64)
+    x64 = buf[:2]
+    y32 = buf.view(F32)[1:3]                           # bytes 4..11: x64[0]'s upper half, x64[1]'s lower
+    with pytest.raises(Exception, match=r"X \(read.*Y \(written.*overlap"):
+        launch(widen_copy, backend, x64, y32)
+    raw = torch.zeros(16, dtype=F32)
+    y = raw[:1]                                        # bytes 0..3
+    xu8 = raw.view(torch.uint8)[1:4]                   # bytes 1..3
+    with pytest.raises(Exception, match=r"X \(read.*Y \(written.*overlap"):
+        launch(widen_copy, backend, xu8, y)
+    # the same buffer without shared bytes is taken: f32 elements 4.. against f64 elements 0..1 (bytes 0..15)
+    ok = buf.view(F32)[4:6]
+    launch(widen_copy, backend, x64, ok)
+    assert torch.equal(ok, torch.zeros(2))
+
+
+def test_elements_overlap_matches_a_byte_by_byte_search(rng):
+    """lang.layout.elements_overlap against the set of bytes each view covers, for random strided views of one
+    buffer in u8 / f16 / f32 / f64 (rank 1 and 2, steps, offsets)."""
+    from tilestack.lang.layout import elements_overlap
+
+    def covered(t):
+        es, base = t.element_size(), t.data_ptr()
+        offs = torch.zeros((), dtype=I64)
+        for n, st in zip(t.shape, t.stride(), strict=True):
+            offs = offs[..., None] + torch.arange(n) * st * es
+        return {int(o) + base + k for o in offs.flatten() for k in range(es)}
+
+    buf = torch.zeros(48, dtype=F64)
+    dtypes = [torch.uint8, F16, F32, F64]
+    for _ in range(600):
+        views = []
+        for _ in range(2):
+            v = buf.view(dtypes[int(rng.integers(4))])
+            if rng.integers(2):
+                size, st = int(rng.integers(1, 5)), int(rng.integers(1, 6))
+                views.append(v.as_strided((size,), (st,), int(rng.integers(0, v.numel() - (size - 1) * st))))
+            else:
+                s0, s1, st1 = (int(x) for x in rng.integers(1, 4, 3))
+                st0 = st1 * s1 + int(rng.integers(0, 5))
+                off = int(rng.integers(0, v.numel() - (s0 - 1) * st0 - (s1 - 1) * st1))
+                views.append(v.as_strided((s0, s1), (st0, st1), off))
+        a, b = views
+        want = bool(covered(a) & covered(b))
+        assert elements_overlap(a, b) is want and elements_overlap(b, a) is want, (a.dtype, a.shape, a.stride(),
+                                                                                  a.storage_offset(), b.dtype,
+                                                                                  b.shape, b.stride(),
+                                                                                  b.storage_offset())

@@ -131,7 +131,9 @@ def elements_overlap(a, b) -> bool | None:
     if not shares_memory(a, b):
         return False
     ia, ib = a.element_size(), b.element_size()
-    # sum_k i_k sa_k - sum_k j_k sb_k = pb - pa + e, e in [-(ia - 1), ib - 1]: one bounded integer equation
+    # a's element at A = pa + sum_k i_k sa_k and b's at B = pb + sum_k j_k sb_k share a byte when A - B is in
+    # [-(ia - 1), ib - 1]; as one bounded integer equation, sum_k i_k sa_k - sum_k j_k sb_k + e = pb - pa with the
+    # byte term e = B - A in [-(ib - 1), ia - 1] (a 4-byte a inside an 8-byte b's upper half: A - B = 4)
     by_stride: dict[int, list[int]] = {}
     for t, sign in ((a, 1), (b, -1)):
         for n, st in zip(t.shape, t.stride(), strict=True):
@@ -141,8 +143,8 @@ def elements_overlap(a, b) -> bool | None:
                 r[0] += lo
                 r[1] += hi
     r = by_stride.setdefault(1, [0, 0])
-    r[0] -= ia - 1
-    r[1] += ib - 1
+    r[0] -= ib - 1
+    r[1] += ia - 1
     terms = sorted(((s, lo, hi) for s, (lo, hi) in by_stride.items()), reverse=True)
     return _reaches(b.data_ptr() - a.data_ptr(), terms, [OVERLAP_BUDGET])
 
