@@ -227,3 +227,22 @@ def test_fl_run_on_a_checkpoint_another_run_holds_is_refused_naming_checkpoint(t
     res = CliRunner().invoke(cli_app, args, env={"COLUMNS": "400"})
     assert res.exit_code == 0, res.output
     assert load_checkpoint(ckpt)["round"] == 2
+
+
+def test_fl_run_with_a_server_lr_past_the_limit_is_refused_naming_it_and_just_inside_it_runs():
+    """``tilestack fl run --strategy fedadam --server-lr 1e7`` is refused before any round naming --server-lr and the
+    bound; FedYogi at 2**23 - 1 runs its round."""
+    from typer.testing import CliRunner
+
+    import tilestack.cli.fl  # noqa: F401  (registers `tilestack fl`)
+    from tilestack.cli import app as cli_app
+
+    base = ["fl", "run", "--dataset", "blobs", "--clients", "3", "--per-round", "3", "--rounds", "1",
+            "--local-steps", "1"]  # fmt: skip
+    res = CliRunner().invoke(cli_app, [*base, "--strategy", "fedadam", "--server-lr", "1e7"], env={"COLUMNS": "400"})
+    out = " ".join(re.sub("[\u2500-\u257f]", " ", res.output).split())
+    assert res.exit_code == 2 and "Invalid value for --server-lr" in out and "server_lr=10000000.0" in out, out
+    assert "2**23 = 8388608" in out and "test accuracy" not in out
+    res = CliRunner().invoke(cli_app, [*base, "--strategy", "fedyogi", "--server-lr", str(2**23 - 1)],
+                             env={"COLUMNS": "400"})  # fmt: skip
+    assert res.exit_code == 0, res.output

@@ -108,6 +108,20 @@ def _model_for(task: Task, params: Params) -> Model:
     return task.build_model()
 
 
+@functools.lru_cache(maxsize=64)
+def _model_names(task: Task) -> frozenset[str]:
+    return frozenset(task.initial_params())
+
+
+def _require_model_arrays(task: Task, params: Params) -> None:
+    """The arrays the server sent are the task's model's (by name): an array more ended every client's training with
+    a bare ``KeyError: 'extra'``, round after round."""
+    names = _model_names(task)
+    if extra := sorted(k for k in params if k not in names):
+        raise ValueError(f"arrays {extra[:4]} are not in the task's model ({', '.join(sorted(names))}); expected the "
+                         "model's arrays only (tilestack's ClientApp trains and scores exactly those)")  # fmt: skip
+
+
 def _split_clusters(arrays: Params, k: int) -> list[Params]:
     out: list[Params] = [{} for _ in range(k)]
     for name, v in arrays.items():
@@ -228,6 +242,7 @@ def train(msg: Message, context: Context) -> Message:
         j = _pick_cluster(task, clusters, x, y)
         arrays = clusters[j]
         metrics["cluster-id"] = j
+    _require_model_arrays(task, arrays)
     prefix = str(config.get(LOCAL_PREFIX_KEY, ""))
     start = _with_local(arrays, context, prefix)
 
@@ -311,6 +326,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     if ifca_k:
         clusters = _split_clusters(arrays, ifca_k)
         arrays = clusters[_pick_cluster(task, clusters, x, y)]
+    _require_model_arrays(task, arrays)
     params = _with_local(arrays, context, str(config.get(LOCAL_PREFIX_KEY, "")))
     if DITTO_KEY in config:  # Ditto scores the client's personal model (the global one until it has trained)
         params = _personal(context, params)

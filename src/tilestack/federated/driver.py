@@ -473,6 +473,25 @@ def model_difference(task: Task, arrays: ArrayRecord) -> tuple[str, str] | None:
     return ", ".join(f"{k}: {want.get(k)}" for k in diff), ", ".join(f"{k}: {got.get(k)}" for k in diff)
 
 
+def check_extra_arrays(where: str, grid: ManagedGrid, task: Task, arrays: ArrayRecord) -> None:
+    """Initial arrays the task's model lacks (IFCA's cluster models by their names within a cluster), sent to
+    tilestack's own ClientApp: it trains the task's model and nothing else, so every client failed on the first such
+    array with a bare KeyError, round after round, and the run ended with nothing aggregated and no error (``simulate``
+    refused them; another ClientApp may read arrays of its own, and is left to)."""
+    from tilestack.federated.client import app as tilestack_app
+
+    if getattr(grid.inner, "client_app", None) is not tilestack_app:
+        return
+    names = sorted(task.initial_params())
+    extra = sorted(k for k in arrays if k.rpartition(CLUSTER_SEP)[2] not in names)
+    if extra:
+        listed = ", ".join(repr(k) for k in extra[:4]) + (f" and {len(extra) - 4} more" if len(extra) > 4 else "")
+        raise ValueError(
+            f"{where}: initial_arrays hold {listed}, which the task's model ({', '.join(names)}) lacks; expected the "
+            "task's model arrays only (tilestack's ClientApp trains exactly those)"
+        )
+
+
 def check_config_tasks(where: str, evaluate_config: Mapping, train_task: Task, arrays: ArrayRecord,
                        set_by: frozenset[str]) -> None:  # fmt: skip
     """The tasks the round configs send are tasks of the initial arrays' model (``set_by``: the configs whose task
@@ -563,6 +582,7 @@ def run_rounds(
     check_config_tasks("run_rounds", evaluate_config, run_task, initial_arrays,
                        frozenset(n for n, c in (("train_config", given_train), ("evaluate_config", given_eval))
                                  if TASK_KEY in c))  # fmt: skip
+    check_extra_arrays("run_rounds", grid, run_task, initial_arrays)
     check_strategy(strategy, len(list(grid.get_node_ids())), run_task)  # also the roll call, before any seeding: it
     # may draw random numbers on some engines
     check_availability("run_rounds", strategy, grid.system)
