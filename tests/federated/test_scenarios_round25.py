@@ -246,3 +246,24 @@ def test_fl_run_with_a_server_lr_past_the_limit_is_refused_naming_it_and_just_in
     res = CliRunner().invoke(cli_app, [*base, "--strategy", "fedyogi", "--server-lr", str(2**23 - 1)],
                              env={"COLUMNS": "400"})  # fmt: skip
     assert res.exit_code == 0, res.output
+
+
+def test_a_resume_on_the_same_grid_of_worker_processes_is_not_refused_by_the_idle_workers(tmp_path):
+    """Found with the lock: InProcessGrid's worker processes (forked during the run, kept for the next) inherited the
+    open lock file, and an flock lasts while any copy is open, so resuming on the same grid was refused as in use by
+    its idle workers. The workers drop their copies: the resume runs, to the model of a run never stopped (one
+    process)."""
+    task, ckpt = _task(num_clients=4), tmp_path / "run.ckpt"
+    inner = InProcessGrid(tsclient.app, 4, workers=2)
+    try:
+        grid = ManagedGrid(inner, task)
+        run_rounds(FedAvg(**EVERYONE), grid, initial_arrays(task), num_rounds=3, checkpoint=ckpt, stop_after=1)
+        assert inner._pool is not None  # the workers outlive the run
+        resumed = run_rounds(FedAvg(**EVERYONE), grid, initial_arrays(task), num_rounds=3, checkpoint=ckpt)
+    finally:
+        inner.close()
+    assert [r.round for r in resumed.history.rounds] == [1, 2, 3]
+    plain = run_rounds(FedAvg(**EVERYONE), ManagedGrid(InProcessGrid(tsclient.app, 4), task), initial_arrays(task),
+                       num_rounds=3)  # fmt: skip
+    for k, v in np_(plain.arrays).items():
+        np.testing.assert_array_equal(np_(resumed.arrays)[k], v)

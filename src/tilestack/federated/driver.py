@@ -608,6 +608,22 @@ def run_rounds(
         )
 
 
+_HELD_LOCKS: set[int] = set()  # the lock files (fds) checkpoint_held holds in this process
+
+
+def _drop_held_locks() -> None:
+    """In a forked child (an InProcessGrid worker, whose pool outlives the run that made it), close the copies of the
+    held lock files it inherited: an flock lasts while any copy is open, so the next run of the same checkpoint (a
+    resume on the same grid) was refused as in use by the idle workers."""
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_held_locks)
+
+
 @contextlib.contextmanager
 def checkpoint_held(ckpt: Path | None):
     """Hold ``<checkpoint>.lock`` (flock) while a run reads and writes ``ckpt``. Two runs of one checkpoint at once
@@ -634,8 +650,10 @@ def checkpoint_held(ckpt: Path | None):
             ) from None
         except OSError:  # no locks on this file system (some NFS)
             pass
+        _HELD_LOCKS.add(fd)
         yield
     finally:
+        _HELD_LOCKS.discard(fd)
         os.close(fd)  # closing releases the lock
 
 
