@@ -15,6 +15,7 @@ Triton's interpreter against float64 torch or exact integers, outputs poisoned f
 """
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -349,3 +350,108 @@ def test_elements_overlap_matches_a_byte_by_byte_search(rng):
                                                                                   a.storage_offset(), b.dtype,
                                                                                   b.shape, b.stride(),
                                                                                   b.storage_offset())
+
+
+def _trace_error(kernel, *args, **consts) -> str:
+    """The message of the error tracing ``kernel`` raises (before any program runs)."""
+    with pytest.raises(Exception) as e:
+        kernel.trace(*args, **consts)
+    return str(e.value)
+
+
+@ts.kernel(grid=lambda X: (1,))
+def runtime_axis(X, Y, n: int, *, BS: int = 16):
+    i = ts.block_id(n)                                 # the axis from a runtime int
+    y = ts.RegVec[ts.f32, BS]()
+    ts.zero(y)
+    ts.store(Y, y, at=(i,))
+
+
+@ts.kernel(grid=lambda X: (1,))
+def bool_axis(X, Y, *, BS: int = 16):
+    i = ts.num_blocks(True)
+    y = ts.RegVec[ts.f32, BS]()
+    ts.zero(y)
+    ts.store(Y, y, at=(i,))
+
+
+@ts.kernel(grid=lambda X: (1,))
+def runtime_sized_tile(X, Y, n: int):
+    y = ts.RegVec[ts.f32, n]()                         # a tile as wide as a runtime int
+    ts.load(y, X, at=(0,))
+    ts.store(Y, y, at=(0,))
+
+
+@ts.kernel(grid=lambda X: (1,))
+def scalar_as_tile(X, Y, *, BS: int = 16):
+    k = ts.load_scalar(X, 0)
+    y = ts.RegVec[ts.f32, BS]()
+    ts.copy(y, k)                                      # a Scalar copied as if it were a tile
+    ts.store(Y, y, at=(0,))
+
+
+def test_misuse_of_runtime_values_names_them():
+    """A runtime int as a grid axis was refused as "`==` on a Scalar in `ts.block_id(n)`" (the axis check compared
+    it); True was taken as axis 1; a runtime tile size showed only the IR's Scalar(%n..); a Scalar copied into a
+    tile said nothing of ts.fill. Each names the value now (lang.control._axis, lang.tiles._runtime_size,
+    lang.ops._hint)."""
+    x, y = torch.zeros(16), torch.zeros(16)
+    msg = _trace_error(runtime_axis, x, y, 1)
+    assert "block_id: axis must be 0, 1 or 2" in msg and "`n`" in msg and "compile-time" in msg, msg
+    msg = _trace_error(bool_axis, x, y)
+    assert "num_blocks: axis must be 0, 1 or 2, got True" in msg, msg
+    msg = _trace_error(runtime_sized_tile, x, y, 16)
+    assert "sizes are positive compile-time ints" in msg and "`n`" in msg and "mask" in msg, msg
+    msg = _trace_error(scalar_as_tile, x, y)
+    assert "copy: src must be a tile or vector" in msg and "ts.fill(t, k)" in msg, msg
+
+
+@ts.kernel(grid=lambda X: (1,))
+def misuse_round28(X, Y, *, BS: int = 16, CASE: str = ""):
+    """One wrong use of this round's ops per CASE."""
+    v = ts.RegVec[ts.i64, BS]()
+    ts.zero(v)
+    m = ts.RegTile[ts.bool_, BS, BS]()
+    if CASE == "int_mma":                              # radix / modpow users multiplying integer tiles
+        a, c = ts.RegTile[ts.i64, BS, BS](), ts.RegTile[ts.f32, BS, BS]()
+        ts.zero(a)
+        ts.zero(c)
+        ts.mma_AB(c, a, a, c)
+    elif CASE == "shift_64":
+        ts.shl(v, v, 64)
+    elif CASE == "float_step":
+        for _ in ts.range(31, -1, -1.0):
+            ts.add(v, v, 1)
+    elif CASE == "short_per_col":                      # rank sort with a vector of another width
+        w = ts.RegVec[ts.f32, BS // 2]()
+        ts.zero(w)
+        ts.lt(m, ts.per_col(w), ts.per_row(v))
+    elif CASE == "float_mask":
+        t = ts.RegTile[ts.f32, BS, BS]()
+        ts.zero(t)
+        ts.where(t, t, 1.0, 0.0)
+    elif CASE == "short_row_sum":
+        t = ts.RegTile[ts.i32, BS, BS]()
+        ts.zero(t)
+        r = ts.RegVec[ts.i32, BS // 2]()
+        ts.row_sum(r, t)
+    elif CASE == "float_shift":
+        ts.shr(v, v, 1.5)
+    out = ts.RegVec[ts.f32, BS]()
+    ts.copy(out, v)
+    ts.store(Y, out, at=(0,))
+
+
+@pytest.mark.parametrize(("case", "pattern"), [
+    ("int_mma", r"mma_AB: a `a` is i64 and b `a` is i64; expected both bf16"),
+    ("shift_64", r"shl: shift count 64 for i64 work; expected 0 <= count < 64"),
+    ("float_step", r"range: an operand must be an index .* got float -1.0"),
+    ("short_per_col", r"lt: a per_col\(`w`\) has 8 elements but dst `m` \(16, 16\) has 16 columns"),
+    ("float_mask", r"where: mask `t` is f32; expected a bool_ mask"),
+    ("short_row_sum", r"row_sum: the result is \(16,\) but dst `r` is \(8,\)"),
+    ("float_shift", r"shr: a `v` is i64; b = 1.5 is not a whole number"),
+])
+def test_misuse_of_this_rounds_ops_is_named(case, pattern):
+    """Each refused when traced (no program runs), naming the argument and what was expected."""
+    msg = _trace_error(misuse_round28, torch.zeros(16), torch.zeros(16), CASE=case)
+    assert re.search(pattern, msg), msg

@@ -34,7 +34,13 @@ def num_blocks(axis: int = 0) -> Scalar:
 
 
 def _axis(name: str, axis) -> None:
-    if axis not in (0, 1, 2):
+    axis = plain(axis)
+    if isinstance(axis, Scalar | Tile):   # (`in` would compare a Scalar, refused as Python's `==` on it)
+        shown = f"`{user_name(axis)}`" if user_name(axis) else "a value"
+        kind = "runtime Scalar" if isinstance(axis, Scalar) else "tile"
+        raise TraceError(f"{name}: axis must be 0, 1 or 2, got the {kind} {shown}, known only when the kernel runs; "
+                         "the grid axis is a compile-time int (a constant of the kernel)", user_line())
+    if isinstance(axis, bool) or axis not in (0, 1, 2):
         raise TraceError(f"{name}: axis must be 0, 1 or 2, got {axis!r}", user_line())
 
 

@@ -44,6 +44,9 @@ def _hint(t) -> str:
                 "the call returned)")
     if isinstance(t, _Transposed):
         return " (t.T is read by `@` and copy: transpose into a register tile of the swapped shape first, copy(u, t.T))"
+    if isinstance(t, Scalar):   # copy(t, k): one run-time value where a tile belongs
+        name = user_name(t) or "s"
+        return f" (`{name}` is a Scalar, one value: ts.fill(t, {name}) writes it into every element of a tile t)"
     return ""
 
 

@@ -47,6 +47,16 @@ def _from_constant(size) -> str:
     return f" (the constant {', '.join(f'{k}={size!r}' for k in names)} of this launch)" if names else ""
 
 
+def _runtime_size(size) -> str:
+    """Which of the user's names a run-time tile size (a Scalar: an int argument, a shape, a load_scalar) is bound
+    to, and what to write instead."""
+    if not isinstance(size, Scalar):
+        return ""
+    name = user_name(size)
+    return (f" (`{name}`, " if name else " (") + ("a value known only when the kernel runs: size the tile by a "
+                                                  "constant bound and mask the elements past the run-time size)")
+
+
 class _TileFamily:
     def __init__(self, name: str, space: Space, rank: int):
         self.name, self.space, self.rank = name, space, rank
@@ -69,7 +79,7 @@ class _TileFamily:
         for s in shape:
             if not isinstance(s, int) or isinstance(s, bool) or s <= 0:
                 raise TileShapeError(f"{self.name} sizes are positive compile-time ints (use a tunable or "
-                                     f"constant); got {s!r}{_from_constant(s)}", user_line())
+                                     f"constant); got {s!r}{_from_constant(s)}{_runtime_size(s)}", user_line())
         return TileSpec(TileType(self.space, dtype, tuple(shape)))
 
     def __repr__(self) -> str:
