@@ -66,6 +66,13 @@ def test_the_server_step_limit_is_float32s_resolution():
     assert SERVER_STEP_LIMIT == 2.0**23 == 1 / np.finfo(np.float32).eps
 
 
+def _set(strategy, **settings):
+    """``strategy`` with ``settings`` set after construction (as a sweep script might)."""
+    for k, v in settings.items():
+        setattr(strategy, k, v)
+    return strategy
+
+
 @pytest.mark.parametrize(
     "make, words",
     [
@@ -75,6 +82,8 @@ def test_the_server_step_limit_is_float32s_resolution():
         (lambda: FedAdam(eta=1e300, **EVERYONE), "FedAdam: eta=1e+300"),
         (lambda: FedYogi(eta=1e40, **EVERYONE), "FedYogi: eta=1e+40"),
         (lambda: make_strategy("fedadam", num_clients=3, clients_per_round=3, server_lr=1e300), "server_lr=1e+300"),
+        (lambda: _set(Scaffold(**EVERYONE), global_lr=1e300), "Scaffold: global_lr=1e+300"),
+        (lambda: _set(FedAvgM(**EVERYONE), server_learning_rate=1e10), "FedAvgM: server_learning_rate=10000000000.0"),
     ],
 )
 def test_a_server_step_no_model_can_take_is_refused_naming_it_before_any_client_runs(make, words):

@@ -26,6 +26,15 @@ from tilestack.federated.client import SCAFFOLD_C, SCAFFOLD_DC_PREFIX
 from tilestack.federated.strategies._util import ok_replies, to_numpy, to_record, with_content
 
 
+def _check_global_lr(global_lr) -> None:
+    """A finite number in (0, SERVER_STEP_LIMIT): a NumPy scalar (np.float32(1.0), read from a config array) is a
+    number too; at 1e300 every aggregate overflowed and was rejected, the model never moving."""
+    number = isinstance(global_lr, numbers.Real) and not isinstance(global_lr, bool) and math.isfinite(global_lr)
+    if not number or not 0 < global_lr < SERVER_STEP_LIMIT:
+        raise ValueError(f"Scaffold: global_lr={global_lr!r}; expected a finite number > 0 and < 2**23 = "
+                         f"{SERVER_STEP_LIMIT:.0f} (past it the server step is float32 rounding)")  # fmt: skip
+
+
 class Scaffold(FedAvg):
     """SCAFFOLD on top of Flower's FedAvg (sampling, message construction, weighted averaging)."""
 
@@ -37,16 +46,16 @@ class Scaffold(FedAvg):
 
     def __init__(self, *, global_lr: float = 1.0, **fedavg_kwargs):
         super().__init__(**fedavg_kwargs)
-        # numbers.Real: a NumPy scalar (np.float32(1.0), read from a config array) is a number too; it was refused
-        # and below SERVER_STEP_LIMIT: at 1e300 every aggregate overflowed and was rejected, the model never moving
-        number = isinstance(global_lr, numbers.Real) and not isinstance(global_lr, bool) and math.isfinite(global_lr)
-        if not number or not 0 < global_lr < SERVER_STEP_LIMIT:
-            raise ValueError(f"Scaffold: global_lr={global_lr!r}; expected a finite number > 0 and < 2**23 = "
-                             f"{SERVER_STEP_LIMIT:.0f} (past it the server step is float32 rounding)")  # fmt: skip
+        _check_global_lr(global_lr)
         self.global_lr = global_lr
         self.c: dict[str, np.ndarray] | None = None
         self._x: dict[str, np.ndarray] = {}
         self._population = 1
+
+    def check_task(self, task) -> None:
+        """``global_lr`` again before any work (run by ``simulate`` and ``run_rounds``): set after construction, 1e300
+        overflowed every aggregate, each rejected, the model never moving."""
+        _check_global_lr(self.global_lr)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
