@@ -148,8 +148,10 @@ def check_reply(
             return "metrics: no 'num-examples'"
     if kind in (MessageType.TRAIN, MessageType.EVALUATE):
         n = next(iter(content.metric_records.values())).get("num-examples")
-        for key in {"num-examples", *weight_keys}:  # a weight is one number: Flower skipped the whole round over a
-            w = next(iter(content.metric_records.values())).get(key)  # list, tilestack's strategies raised
+        # a weight is one number: Flower skipped the whole round over a list, tilestack's strategies raised. In a
+        # fixed order (a set's order of strings changes with each process's hash seed: which key was named moved)
+        for key in dict.fromkeys(("num-examples", *weight_keys)):
+            w = next(iter(content.metric_records.values())).get(key)
             if isinstance(w, list):
                 return f"weight: {key} is a list of {len(w)} values, expected one number > 0"
         steps = next(iter(content.metric_records.values())).get("num-steps")
