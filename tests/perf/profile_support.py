@@ -142,11 +142,16 @@ def rendered(p) -> str:
     return text
 
 
+# fills of a tensor like another: they write their bytes (since profiler round 25; before, 0 as allocations), no
+# arithmetic, in every round (a training step's backward seeds its gradient by ones_like)
+FILLS = frozenset({"aten::zeros_like", "aten::ones_like", "aten::full_like"})
+
+
 def silent_zeros(counts, data_movement) -> set[str]:
     """Ops that moved bytes, were counted 0 FLOPs without being reported uncounted, and are not named data
-    movement: work counted as free."""
+    movement (nor FILLS): work counted as free."""
     return {op for (op, _), c in counts.items() if c.flops == 0 and not c.unsupported
-            and c.bytes_read + c.bytes_written > 0} - set(data_movement)
+            and c.bytes_read + c.bytes_written > 0} - set(data_movement) - FILLS
 
 
 def seeded(fn):

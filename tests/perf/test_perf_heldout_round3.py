@@ -36,6 +36,7 @@ DATA_MOVEMENT = {
     "aten::linspace", "aten::fill_", "aten::unsqueeze_",  # affine_grid's base grid, where autograd decomposes it
     "aten::arange", "aten::index_fill",  # trace's backward writes dy onto the diagonal
     "aten::randn_like",  # noisy gating's draw
+    "aten::zeros_like", "aten::ones_like", "aten::full_like",  # fills: their bytes written (round 25)
     "aten::eye", "aten::tril", "aten::_linalg_check_errors",  # the Gaussian process's jitter, factor, info check
     "aten::diag_embed",  # slogdet's backward
 }

@@ -6,8 +6,8 @@ head by hand, every row's metrics against its own counts and the synthetic ceili
 the roofline fraction, no energy on a CPU), a batch of 0 through the Conformer, and bad arguments: steps or warmup
 past profile_args.MAX_STEPS (steps=2**40 ran with no end: the round's fix), inputs that do not fit forward,
 arguments of the wrong type, each refused before the model runs, naming the argument; zeros_like's unwritten bytes
-as a strict xfail, and a non-affine LayerNorm's affine FLOPs (an xfail here, fixed in round 24). The counts of the
-round's models, and what the round found, are in tests/perf/test_profile_unseen_round19.py.
+as a strict xfail (fixed in round 25), and a non-affine LayerNorm's affine FLOPs (an xfail here, fixed in round 24).
+The counts of the round's models, and what the round found, are in tests/perf/test_profile_unseen_round19.py.
 """
 
 import math
@@ -251,12 +251,9 @@ def test_tied_embedding_head_by_hand():
     assert (table.flops, table.bytes_read, table.bytes_written) == (n * d, n * d * F32 + n * I64, v * d * F32)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "zeros_like / ones_like / full_like are counted as allocations (counting.ALLOCATING_PREFIXES: 0 bytes written), "
-    "though each fills its whole output as new_zeros, zeros and full do (those write their bytes): the same (4, 6) "
-    "zero tensor writes 96 bytes by z.new_zeros(4, 6) and 0 by torch.zeros_like(z). Left as it is in round 19: the "
-    "convention dates from the first profiler and earlier rounds' byte totals include it"))
 def test_zeros_like_writes_its_bytes_as_new_zeros_does():
+    """A strict xfail of round 19 (zeros_like / ones_like / full_like were counted as allocations, 0 bytes written),
+    fixed in round 25."""
     z = torch.randn(4, 6)
     counts = profile.count_ops(lambda: (torch.zeros_like(z), z.new_zeros(4, 6)))
     assert one_row(counts, "aten::new_zeros").bytes_written == 24 * F32

@@ -100,7 +100,7 @@ OVERWRITING_OPS = ("aten.fill_", "aten.zero_", "aten.copy_", "aten._foreach_zero
 # a new tensor like ``self``: none of its elements read (profiler round 19: randn_like(std), a VAE's reparameterisation
 # draw, was charged reading std besides writing the draw)
 LIKE_OPS = ("aten.new_zeros", "aten.new_ones", "aten.new_full", "aten.rand_like", "aten.randn_like",
-            "aten.randint_like")
+            "aten.randint_like", "aten.zeros_like", "aten.ones_like", "aten.full_like")
 # Backward ops handed the forward's input for its shape alone: their kernels read dy (and the max indices) and write
 # the input gradient, never the input's values (profiler round 18: a ResNet stem's max pool backward was charged its
 # (N, C, H, W) input too, more than doubling what it reads; an average pool's backward read 1 + H*W/taps times its dy).
