@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from torch.utils.flop_counter import sdpa_backward_flop_count
 
 from tilestack.perf import device, formulas, profile

@@ -444,8 +444,20 @@ class Ceilings:
         known = [(k, float(v["rel_ci"])) for k, v in self.spread.items() if v.get("rel_ci") is not None]
         return max(known, key=lambda kv: kv[1]) if known else None
 
-    def peak(self, dtype: str) -> float | None:
-        """Measured FLOP/s for ``dtype``; ``tf32`` falls back to ``fp32`` where only that was measured."""
+    def peak(self, dtype: Any) -> float | None:
+        """Measured FLOP/s for ``dtype``, a short name or a torch / numpy dtype (torch.float64 reads ``fp64``); None
+        where it was not measured, or for no dtype (None, ""); ``tf32`` falls back to ``fp32`` where only that was
+        measured. A name tilestack does not know is refused (profiler round 25: ``peak(torch.float64)`` and
+        ``peak("float64")`` read None, no roof, beside a measured fp64 one)."""
+        if dtype is None or dtype == "":
+            return None
+        from tilestack.perf import formulas
+
+        try:
+            dtype = formulas.dtype_name(dtype)
+        except Exception:
+            raise DeviceError(f"Ceilings.peak: dtype={dtype!r:.60} ({type(dtype).__name__}); expected a dtype short "
+                              f"name, one of {sorted(formulas.DTYPE_BYTES)}, or a torch dtype of one") from None
         if dtype in self.matmul:
             return self.matmul[dtype]
         return self.matmul.get("fp32") if dtype == "tf32" else None

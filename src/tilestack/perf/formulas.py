@@ -352,6 +352,8 @@ def elementwise(
 def sdpa(q: Any, k: Any, v: Any, *, causal: bool = False, backward: bool = False) -> Cost:
     """:func:`attention` read off torch tensors ``q (B, H, Nq, D)``, ``k, v (B, Hkv, Nkv, D)``."""
     for name, t in (("q", q), ("k", k), ("v", v)):
+        if not hasattr(t, "shape") or not hasattr(t, "dtype"):  # a shape tuple, a list, None: said as given
+            raise LaunchError(f"{name}={t!r} ({type(t).__name__}); expected a torch tensor of 4 dims (B, H, N, D)")
         if getattr(t, "ndim", None) != 4:
             raise LaunchError(
                 f"{name} of shape {tuple(getattr(t, 'shape', ()))}; expected 4 dims (B, H, N, D)"
