@@ -455,3 +455,38 @@ def test_misuse_of_this_rounds_ops_is_named(case, pattern):
     """Each refused when traced (no program runs), naming the argument and what was expected."""
     msg = _trace_error(misuse_round28, torch.zeros(16), torch.zeros(16), CASE=case)
     assert re.search(pattern, msg), msg
+
+
+@ts.kernel(grid=lambda Y: (Y.shape[0],))
+def window_sum_reversed(X, Y, *, BN: int = 8, BO: int = 4):
+    """Y[r, :] = sum(X[r, :]) for the rows taken in reverse program order (program 0 does the last row)."""
+    r = Y.shape[0] - 1 - ts.block_id(0)
+    x = ts.RegTile[ts.f32, 1, BN]()
+    ts.load(x, X, at=(r, 0))
+    s = ts.RegVec[ts.f32, 1]()
+    ts.row_sum(s, x)
+    y = ts.RegTile[ts.f32, 1, BO]()
+    ts.zero(y)
+    ts.add(y, y, ts.per_row(s))
+    ts.store(Y, y, at=(r, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overlapping_windows_at_the_outputs_address_are_refused(backend):
+    """X = (4, 8) windows of stride (4, 1) over a buffer (each window holds two rows), Y = the (4, 4) rows of the same
+    buffer, written: both start at one address with one element size and strides, so the overlap guard took them as
+    one tensor passed twice, though X's row r holds Y's row r + 1. The reference executor (on copies) gave
+    [28, 60, 92, 124] and Triton's interpreter (in place, reversed order) [8638, 2158, 534, 124]; refused now
+    (lang.layout.aligned). The same rows passed twice, and a window view as wide as the rows, are still taken."""
+    buf = torch.arange(20.0)
+    X, Y = buf.as_strided((4, 8), (4, 1)), buf.as_strided((4, 4), (4, 1))
+    with pytest.raises(Exception, match=r"X \(read.*Y \(written.*overlap"):
+        launch(window_sum_reversed, backend, X, Y)
+    assert torch.equal(buf, torch.arange(20.0))        # refused before any work
+    rows = torch.arange(16.0).view(4, 4)
+    launch(window_sum_reversed, backend, rows, rows, BN=4)   # in place, one tensor twice: each row its own sum
+    assert torch.equal(rows[:, 0], torch.tensor([6.0, 22.0, 38.0, 54.0]))
+    buf2 = torch.arange(32.0)
+    wide, narrow = buf2.as_strided((4, 8), (8, 1)), buf2.as_strided((4, 4), (8, 1))  # disjoint rows: taken
+    launch(window_sum_reversed, backend, wide, narrow)
+    assert torch.equal(narrow[:, 0], torch.tensor([28.0, 92.0, 156.0, 220.0]))

@@ -152,9 +152,15 @@ def elements_overlap(a, b) -> bool | None:
 def aligned(a, b) -> bool:
     """Whether ``a`` and ``b`` address memory alike (same first element, element size and strides): where they
     overlap, an element is at the same index in both, as one tensor passed twice (an in-place update, or one
-    reinterpreted in place through a view of another dtype of its size)."""
-    return (a.data_ptr() == b.data_ptr() and a.element_size() == b.element_size() and a.stride() == b.stride()
-            and a.dim() == b.dim())
+    reinterpreted in place through a view of another dtype of its size). Of two shapes, the larger must not reach
+    one element from two indices: (4, 8) windows of stride (4, 1) read beside the (4, 4) rows they cover, written,
+    hold row r + 1 of the rows at row r of the windows."""
+    if not (a.data_ptr() == b.data_ptr() and a.element_size() == b.element_size() and a.stride() == b.stride()
+            and a.dim() == b.dim()):
+        return False
+    if a.shape == b.shape:
+        return True
+    return overlap_reason(tuple(max(m, n) for m, n in zip(a.shape, b.shape, strict=True)), a.stride()) is None
 
 
 def check_no_partial_overlap(fn: str, names: list[str], written: list[int], args) -> None:
