@@ -324,3 +324,57 @@ def test_example_counts_whose_sum_passes_int64_weigh_each_client_by_its_share(co
     assert [r.client_train[str(p)]["num-examples"] for p in range(3)] == list(counts)
     assert math.isfinite(sum(float(c) for c in counts))
     assert isinstance(res.arrays, ArrayRecord)
+
+
+# ---- FedNova beside a reply that claims no steps ---------------------------------------------------------------------
+def test_fednova_leaves_out_a_reply_of_zero_steps_by_name_and_is_its_rule_over_the_others_by_hand():
+    """Found here: client 0 replies with a model it moved but reports ``num-steps`` 0 (FedNova divides its update by
+    it). FedNova dropped the reply inside its aggregation without a word: the round said 3 clients aggregated, none left
+    out. The grid leaves it out now naming num-steps, and the model is FedNova's rule (p_i = n_i / n, tau_eff =
+    sum p_i tau_i, x - tau_eff sum p_i (x - y_i) / tau_i) over clients 1 and 2, by hand."""
+    from _fl_round16 import fednova
+
+    from tilestack.federated.strategies import FedNova
+
+    task = _task(num_clients=3)
+    steps, sizes = {0: 0, 1: 2, 2: 5}, {0: 4, 1: 3, 2: 7}
+
+    def script(pid, rnd, got, context, config):
+        x = got["arrays"]
+        return {k: (v + 0.01 * update(pid, rnd, v.shape, np.float32)).astype(np.float32) for k, v in x.items()}, {
+            "num-examples": sizes[pid], "num-steps": steps[pid]}
+
+    res = run_rounds(FedNova(**EVERYONE), make_grid(scripted(script), task), initial_arrays(task), num_rounds=1)
+    r = res.history.rounds[0]
+    assert set(r.excluded) == {"0"} and "num-steps=0" in r.excluded["0"], r.excluded
+    assert r.num_aggregated == 2 and not r.skipped
+    x = np_(initial_arrays(task))
+    ups = {p: script(p, 1, {"arrays": x}, None, None)[0] for p in (1, 2)}
+    want = fednova(x, ups, {p: sizes[p] for p in (1, 2)}, {p: steps[p] for p in (1, 2)})
+    near(np_(res.arrays), want, ulps=4)
+
+
+def test_fednova_over_replies_without_their_steps_leaves_each_out_naming_num_steps():
+    """A ClientApp of one's own that reports its examples but not ``num-steps`` (as Flower's quickstart apps do):
+    under FedNova every reply is left out naming the missing metric, and the round keeps the model saying no reply was
+    left to aggregate (it said FedNova returned no model from 3 replies, each counted as aggregated)."""
+    from flwr.app import MetricRecord, RecordDict
+
+    from tilestack.federated.strategies import FedNova
+
+    task = _task(num_clients=3)
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        arrays = {k: v + 0.5 for k, v in codec.to_numpy(msg.content["arrays"]).items()}
+        metrics = MetricRecord({"num-examples": 5, tsclient.UNIT_WEIGHT: 1, tsclient.PARTITION_METRIC: pid})
+        return Message(RecordDict({"arrays": codec.to_record(arrays), "metrics": metrics}), reply_to=msg)
+
+    res = run_rounds(FedNova(**EVERYONE), make_grid(app, task), initial_arrays(task), num_rounds=1)
+    r = res.history.rounds[0]
+    assert set(r.excluded) == {"0", "1", "2"} and all("no 'num-steps'" in v for v in r.excluded.values()), r.excluded
+    assert r.num_aggregated == 0 and r.skipped == "no replies to aggregate"
+    for k, v in np_(initial_arrays(task)).items():
+        np.testing.assert_array_equal(np_(res.arrays)[k], v)

@@ -669,6 +669,10 @@ def _rounds(strategy: Strategy, grid: ManagedGrid, initial_arrays: ArrayRecord, 
     grid.loss_keys = frozenset(
         key for s in strategy_levels(strategy) if isinstance(key := vars(s).get("train_loss_key"), str)
     )
+    # and those without the steps the strategy divides each update by (FedNova's STEPS_KEY), or with 0 of them
+    grid.step_keys = frozenset(
+        key for s in strategy_levels(strategy) if isinstance(key := getattr(type(s), "STEPS_KEY", None), str)
+    )
     # (a resumed run then takes the checkpoint's state, its clients' too); before the signature reads settings
     _start_afresh(strategy)
     _fresh_clients(grid, strategy)

@@ -121,14 +121,20 @@ def expected_train_keys(sent: RecordDict) -> set[str]:
 
 
 def check_reply(
-    sent: RecordDict, reply: Message, weight_keys: Iterable[str] = (), loss_keys: Iterable[str] = ()
+    sent: RecordDict,
+    reply: Message,
+    weight_keys: Iterable[str] = (),
+    loss_keys: Iterable[str] = (),
+    step_keys: Iterable[str] = (),
 ) -> str:
     """Why ``reply`` must be left out ('' when it is fine): an error; no (or more than one) MetricRecord;
     for TRAIN, not exactly one ArrayRecord or missing or extra arrays; no examples (``num-examples`` 0);
     a weight (``weight_keys``: the strategy's ``weighted_by_key``) not > 0, or missing from TRAIN (Flower averaged
     with a negative weight, and weights summing to 0 raised ZeroDivisionError in the server); a TRAIN reply without
     the loss the strategy reads (``loss_keys``: QFedAvg's ``train_loss_key``; Flower's AggregationError ended the
-    run), or with that loss below 0; a wrong shape; a non-finite value."""
+    run), or with that loss below 0; a TRAIN reply without the steps the strategy divides its update by
+    (``step_keys``: FedNova's ``STEPS_KEY``), or with not > 0 of them (FedNova dropped it without a word, while the
+    round counted it as aggregated); a wrong shape; a non-finite value."""
     if reply.has_error():
         return f"error: {error_reason(reply.error.reason)}"
     content, kind = reply.content, reply.metadata.message_type
@@ -175,6 +181,12 @@ def check_reply(
             if kind == MessageType.TRAIN and loss < 0:  # q-FedAvg raises it to the power q: a negative loss ended the
                 # run with numpy's UFuncTypeError on a complex number (q = 0.5); a cross-entropy is never below 0
                 return f"metrics: {key}={loss!r}, expected a loss >= 0 (the strategy's train_loss_key)"
+        for key in step_keys if kind == MessageType.TRAIN else ():
+            tau = metrics.get(key)
+            if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+                return f"metrics: no {key!r} (the local steps the strategy divides the client's update by)"
+            if tau <= 0:
+                return f"metrics: {key}={tau!r}, expected > 0 (the strategy divides the client's update by its steps)"
     shapes = {_canonical(k): a.shape for rec in sent.array_records.values() for k, a in rec.items()}
     dtypes = _sent_dtypes(sent)
     compressing = "config" in sent.config_records and COMPRESS_KEY in sent["config"]
@@ -349,6 +361,7 @@ class ManagedGrid(Grid):
         self.server_round = 0
         self.weight_keys: frozenset[str] = frozenset()  # the strategy's weighted_by_key (run_rounds sets it)
         self.loss_keys: frozenset[str] = frozenset()  # the loss the strategy reads (QFedAvg's; run_rounds sets it)
+        self.step_keys: frozenset[str] = frozenset()  # the steps the strategy divides by (FedNova's; run_rounds too)
         self.last_strategy = None  # weakref to the strategy of the last run on this grid (run_state._fresh_clients)
         self._order: list[int] | None = None
         self._dtypes: dict[str, np.dtype] = {}  # array name -> the run's model dtype (see _as_sent)
@@ -650,7 +663,7 @@ class ManagedGrid(Grid):
             nid = reply.metadata.src_node_id
             pid = self.partition_of[nid]
             content, steps = sent[nid]
-            if why := check_reply(content, reply, self.weight_keys, self.loss_keys):
+            if why := check_reply(content, reply, self.weight_keys, self.loss_keys, self.step_keys):
                 self._exclude(pid, why, evaluating=not is_train)
             else:
                 checked.append((reply, pid, content, steps))

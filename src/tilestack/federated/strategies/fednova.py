@@ -30,6 +30,10 @@ class FedNova(FedAvg):
     NOT_A_MEAN = ("scales each client's update by tau_eff / its own steps, so a client that ran fewer steps than the "
                   "average (a straggler) moves the aggregate by more than clipping_norm / n")  # fmt: skip
 
+    # the metric each update is divided by: ManagedGrid leaves out a training reply without it > 0, naming it
+    # (run_rounds tells the grid); FedNova dropped such a reply itself, while the round counted it as aggregated
+    STEPS_KEY = "num-steps"
+
     def __init__(self, **fedavg_kwargs):
         super().__init__(**fedavg_kwargs)
         self._x: dict[str, np.ndarray] = {}
@@ -43,12 +47,12 @@ class FedNova(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = [m for m in ok_replies(replies) if metric(m, "num-steps") > 0]
+        replies = [m for m in ok_replies(replies) if metric(m, self.STEPS_KEY) > 0]  # (outside run_rounds too)
         if not replies:
             return None, None
         n = np.array([metric(m, self.weighted_by_key) for m in replies])
         p = n / n.sum()
-        tau = np.array([metric(m, "num-steps") for m in replies])
+        tau = np.array([metric(m, self.STEPS_KEY) for m in replies])
         tau_eff = float((p * tau).sum())
         step = {k: np.zeros_like(v, dtype=np.float64) for k, v in self._x.items()}
         for pi, ti, m in zip(p, tau, replies, strict=True):
