@@ -490,3 +490,20 @@ def test_overlapping_windows_at_the_outputs_address_are_refused(backend):
     wide, narrow = buf2.as_strided((4, 8), (8, 1)), buf2.as_strided((4, 4), (8, 1))  # disjoint rows: taken
     launch(window_sum_reversed, backend, wide, narrow)
     assert torch.equal(narrow[:, 0], torch.tensor([28.0, 92.0, 156.0, 220.0]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overlap_through_two_storages_of_one_memory_is_refused(backend):
+    """torch.from_numpy of two overlapping NumPy views makes two storages over one memory: the overlap check compared
+    the storages first and took them as apart, so X (rows 1-4 of a buffer) read while Y (rows 0-3) is written ran, the
+    reference giving [22, 38, 54, 70] and Triton's interpreter [4480, 1120, 280, 70] (lang.layout.shares_memory now
+    compares addresses). Disjoint views of one NumPy buffer are still taken."""
+    a = np.arange(24, dtype=np.float32)
+    X, Y = torch.from_numpy(a[4:20]).view(4, 4), torch.from_numpy(a[:16]).view(4, 4)
+    assert X.untyped_storage().data_ptr() != Y.untyped_storage().data_ptr()
+    with pytest.raises(Exception, match=r"X \(read.*Y \(written.*overlap"):
+        launch(window_sum_reversed, backend, X, Y, BN=4)
+    assert np.array_equal(a, np.arange(24, dtype=np.float32))
+    lo, hi = torch.from_numpy(a[:8]).view(2, 4), torch.from_numpy(a[8:16]).view(2, 4)
+    launch(window_sum_reversed, backend, lo, hi, BN=4)
+    assert hi[:, 0].tolist() == [6.0, 22.0]

@@ -61,10 +61,10 @@ def byte_range(t) -> tuple[int, int]:
 
 
 def shares_memory(a, b) -> bool:
-    """Whether two tensors may touch the same bytes: the same storage and intersecting byte ranges."""
+    """Whether two tensors may touch the same bytes: intersecting byte ranges on one device. The addresses decide,
+    not the storage objects: two storages may hold one memory (torch.from_numpy of two overlapping NumPy views, a
+    DLPack or shared-memory import)."""
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device or a.device.type == "meta":
-        return False
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False
     (a0, a1), (b0, b1) = byte_range(a), byte_range(b)
     return a0 < b1 and b0 < a1
