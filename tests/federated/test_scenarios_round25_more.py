@@ -103,8 +103,8 @@ def test_a_clientapp_of_ones_own_still_gets_arrays_of_its_own_beside_the_model()
     def script(pid, rnd, got, context, config):
         x = got["arrays"]
         assert "extra" in x
-        return {k: (v + (pid + 1) * 0.25).astype(np.float32) if k != "extra" else v for k, v in x.items()}, {
-            "num-examples": pid + 1}
+        moved = {k: (v + (pid + 1) * 0.25).astype(np.float32) if k != "extra" else v for k, v in x.items()}
+        return moved, {"num-examples": pid + 1}
 
     res = run_rounds(FedAvg(**EVERYONE), make_grid(scripted(script), task), codec.to_record(start), num_rounds=1)
     assert res.history.rounds[0].num_aggregated == 4
@@ -137,7 +137,7 @@ def test_fedprox_mu_zero_on_a_float64_model_is_fedavg_bit_for_bit_and_the_float6
         models: list = []
         runs[name] = run_rounds(strategy, ManagedGrid(InProcessGrid(tsclient.app, 4), task), codec.to_record(start),
                                 num_rounds=3, extra_metrics=keep(models)), models  # fmt: skip
-    (avg, avg_models), (prox, prox_models) = runs["fedavg"], runs["fedprox"]
+    (avg, avg_models), (_, prox_models) = runs["fedavg"], runs["fedprox"]
     for a, b in zip(avg_models, prox_models, strict=True):
         for k in a:
             assert a[k].dtype == b[k].dtype == np.float64
@@ -309,8 +309,8 @@ def test_example_counts_whose_sum_passes_int64_weigh_each_client_by_its_share(co
     task = _task(num_clients=3)
 
     def script(pid, rnd, got, context, config):
-        return {k: (v + (pid + 1) * 0.5).astype(np.float32) for k, v in got["arrays"].items()}, {
-            "num-examples": counts[pid]}
+        moved = {k: (v + (pid + 1) * 0.5).astype(np.float32) for k, v in got["arrays"].items()}
+        return moved, {"num-examples": counts[pid]}
 
     assert sum(counts) > 2**63 - 1
     res = run_rounds(FedAvg(**EVERYONE), make_grid(scripted(script), task), initial_arrays(task), num_rounds=1)
@@ -341,8 +341,8 @@ def test_fednova_leaves_out_a_reply_of_zero_steps_by_name_and_is_its_rule_over_t
 
     def script(pid, rnd, got, context, config):
         x = got["arrays"]
-        return {k: (v + 0.01 * update(pid, rnd, v.shape, np.float32)).astype(np.float32) for k, v in x.items()}, {
-            "num-examples": sizes[pid], "num-steps": steps[pid]}
+        moved = {k: (v + 0.01 * update(pid, rnd, v.shape, np.float32)).astype(np.float32) for k, v in x.items()}
+        return moved, {"num-examples": sizes[pid], "num-steps": steps[pid]}
 
     res = run_rounds(FedNova(**EVERYONE), make_grid(scripted(script), task), initial_arrays(task), num_rounds=1)
     r = res.history.rounds[0]
@@ -378,3 +378,39 @@ def test_fednova_over_replies_without_their_steps_leaves_each_out_naming_num_ste
     assert r.num_aggregated == 0 and r.skipped == "no replies to aggregate"
     for k, v in np_(initial_arrays(task)).items():
         np.testing.assert_array_equal(np_(res.arrays)[k], v)
+
+
+# ---- IFCA beside a reply naming no cluster ---------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [7, -1, 0.5, 2])
+def test_ifca_leaves_out_a_reply_whose_cluster_id_names_no_cluster_model_and_each_cluster_is_its_members_mean(bad):
+    """Found here: under IFCA (two cluster models) a reply with ``cluster-id`` 7 joined no cluster's mean and was
+    dropped without a word, the round counting it as aggregated. It is left out naming the id and the clusters; each
+    cluster model is the examples-weighted mean of the replies that named it, by hand (clients 0 and 3 train cluster
+    0, client 1 cluster 1; client 2 names ``bad``)."""
+    from tilestack.federated.client import CLUSTER_SEP
+    from tilestack.federated.strategies import IFCA
+
+    task = _task()
+    strategy = IFCA(num_clusters=2, reseed_after=0, **EVERYONE)
+    start = strategy.initial_arrays(task)
+    chosen = {0: 0, 1: 1, 2: bad, 3: 0}
+
+    def script(pid, rnd, got, context, config):
+        j = chosen[pid] if chosen[pid] in (0, 1) else 0
+        model = {k.partition(CLUSTER_SEP)[2]: (v + 0.25 * (pid + 1)).astype(np.float32)
+                 for k, v in got["arrays"].items() if k.startswith(f"cluster{j}{CLUSTER_SEP}")}  # fmt: skip
+        return model, {"num-examples": pid + 1, "cluster-id": chosen[pid]}
+
+    res = run_rounds(strategy, make_grid(scripted(script), task), start, num_rounds=1)
+    r = res.history.rounds[0]
+    assert set(r.excluded) == {"2"} and f"cluster-id={bad!r}" in r.excluded["2"] and "0..1" in r.excluded["2"]
+    assert r.num_aggregated == 3 and not r.skipped
+    x = np_(start)
+    for j, members in ((0, (0, 3)), (1, (1,))):
+        mine = {k.partition(CLUSTER_SEP)[2]: v for k, v in x.items() if k.startswith(f"cluster{j}{CLUSTER_SEP}")}
+        want = wmean(
+            {p: {k: v + 0.25 * (p + 1) for k, v in mine.items()} for p in members}, {p: p + 1 for p in members}
+        )
+        got = {k.partition(CLUSTER_SEP)[2]: v for k, v in np_(res.arrays).items() if k.startswith(f"cluster{j}")}
+        near(got, want)
+    assert 2 not in strategy.assignments

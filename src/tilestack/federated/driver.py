@@ -673,6 +673,10 @@ def _rounds(strategy: Strategy, grid: ManagedGrid, initial_arrays: ArrayRecord, 
     grid.step_keys = frozenset(
         key for s in strategy_levels(strategy) if isinstance(key := getattr(type(s), "STEPS_KEY", None), str)
     )
+    # and those a strategy's own check refuses (IFCA: a cluster-id naming no cluster model)
+    grid.reply_checks = tuple(
+        s.check_train_reply for s in strategy_levels(strategy) if callable(getattr(type(s), "check_train_reply", None))
+    )
     # (a resumed run then takes the checkpoint's state, its clients' too); before the signature reads settings
     _start_afresh(strategy)
     _fresh_clients(grid, strategy)

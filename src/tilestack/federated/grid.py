@@ -362,6 +362,7 @@ class ManagedGrid(Grid):
         self.weight_keys: frozenset[str] = frozenset()  # the strategy's weighted_by_key (run_rounds sets it)
         self.loss_keys: frozenset[str] = frozenset()  # the loss the strategy reads (QFedAvg's; run_rounds sets it)
         self.step_keys: frozenset[str] = frozenset()  # the steps the strategy divides by (FedNova's; run_rounds too)
+        self.reply_checks: tuple = ()  # the strategy's own checks of a training reply's metrics (IFCA's; run_rounds)
         self.last_strategy = None  # weakref to the strategy of the last run on this grid (run_state._fresh_clients)
         self._order: list[int] | None = None
         self._dtypes: dict[str, np.dtype] = {}  # array name -> the run's model dtype (see _as_sent)
@@ -663,7 +664,10 @@ class ManagedGrid(Grid):
             nid = reply.metadata.src_node_id
             pid = self.partition_of[nid]
             content, steps = sent[nid]
-            if why := check_reply(content, reply, self.weight_keys, self.loss_keys, self.step_keys):
+            why = check_reply(content, reply, self.weight_keys, self.loss_keys, self.step_keys)
+            for check in self.reply_checks if is_train and not why else ():
+                why = why or check(next(iter(reply.content.metric_records.values())))
+            if why:
                 self._exclude(pid, why, evaluating=not is_train)
             else:
                 checked.append((reply, pid, content, steps))

@@ -13,6 +13,7 @@ nobody chose keeps its model. ``agreement(task)`` measures how well the clusters
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from math import comb
 
@@ -71,6 +72,17 @@ class IFCA(FedAvg):
         if self.num_clusters > task.num_clients:
             raise ValueError(f"IFCA: num_clusters={self.num_clusters} with num_clients={task.num_clients}; expected "
                              f"at most one cluster model per client (num_clusters <= {task.num_clients})")
+
+    def check_train_reply(self, metrics: MetricRecord) -> str:
+        """Why a training reply must be left out ('' when it is fine; ManagedGrid asks, run_rounds tells it to): a
+        ``cluster-id`` that names none of the cluster models. Such a reply joined no cluster's mean, dropped without a
+        word while the round counted it as aggregated (and a missing id was recorded as cluster 0)."""
+        j = metrics.get("cluster-id")
+        number = isinstance(j, (int, float)) and not isinstance(j, bool) and math.isfinite(j)
+        if not number or j != int(j) or not 0 <= j < self.num_clusters:
+            return (f"metrics: cluster-id={j!r}, expected an integer in 0..{self.num_clusters - 1} (the cluster model "
+                    "the client trained)")  # fmt: skip
+        return ""
 
     def initial_arrays(self, task: Task) -> ArrayRecord:
         base = task.initial_params()
