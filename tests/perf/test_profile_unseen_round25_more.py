@@ -11,7 +11,10 @@ What this round found:
   roof, though an fp64 one was measured; a name it does not know (``"fp13"``) read None likewise. Now a torch or numpy
   dtype is read by its short name and an unknown name is refused, naming dtype (``device``);
 - ``formulas.sdpa`` given a shape tuple or a list for q, k or v said "q of shape ()", naming a shape it was never
-  given; now it names what it was given and its type (``formulas``).
+  given; now it names what it was given and its type (``formulas``);
+- a convolution whose input has 0 channels (x (N, 0, *S), w (C_out, 0, *K): torch runs it, giving 0 output channels)
+  failed the profile in its counting pass: the formula's shape check refused the output's channels. Now a
+  convolution or its backward with an empty operand counts no products (``counting_rules.conv_rnn``).
 """
 
 import sys
@@ -133,6 +136,40 @@ def test_cummax_and_cummin_backward_scatter_add_one_per_element():
         counts = _backward(lambda x, scan=scan: scan(x, 1).values, (4, 6))
         assert one_row(counts, "aten::scatter_add").flops == 4 * 6, scan.__name__
         assert one_row(counts, f"aten::{scan.__name__}").bytes_written == 4 * 6 * (F32 + I64)
+
+
+# --- a convolution over no input channels -------------------------------------------------------------------------
+class NoChannels(nn.Module):
+    """A convolution whose input has 0 channels (a fuzzed shape): torch runs it, giving an output of 0 channels."""
+
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 0, 3, 3))
+        self.b = nn.Parameter(torch.randn(4)) if bias else None
+
+    def forward(self, x):  # (N, 0, S, S)
+        return F.conv2d(x, self.w, self.b)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("train", [False, True], ids=["fwd", "train"])
+def test_a_convolution_over_zero_input_channels_is_profiled_as_no_work(bias, train):
+    """x (2, 0, 5, 5) by w (4, 0, 3, 3): the formula's shape check refused torch's (2, 0, 3, 3) output and the
+    profile failed in its counting pass; now no products and no bias adds (no output element), the rows finite."""
+    x = torch.randn(2, 0, 5, 5)
+    p = profile_cpu(NoChannels(bias), (x,), train=train)
+    assert not p.unsupported and (train or p.flops == 0)  # trained: the loss's scalar add alone besides
+    conv = [o for o in p.ops if o.op in ("aten::convolution", "aten::convolution_backward")]
+    assert conv and all(o.m.flops == 0 for o in conv)
+    assert one_row(counting.count_ops(lambda: F.conv2d(x, torch.randn(4, 0, 3, 3))), "aten::convolution").flops == 0
+
+
+def test_a_convolution_of_a_batch_of_zero_still_counts_as_before():
+    """A batch of 0 (consistent shapes, which passed before): 0 FLOPs; 2 images: the formula's count."""
+    w, b = torch.randn(4, 3, 3, 3), torch.randn(4)
+    for n in (0, 2):
+        row = one_row(counting.count_ops(lambda n=n: F.conv2d(torch.randn(n, 3, 5, 5), w, b)), "aten::convolution")
+        assert row.flops == n * (2 * 4 * 3 * 9 * 9 + 4 * 9)
 
 
 # --- bad arguments -------------------------------------------------------------------------------------------------
