@@ -17,6 +17,10 @@ sentinel) first, ragged sizes (not tile multiples), seeds fixed (the ``rng`` fix
 - A quaternion rotation of 3-vectors (v' = q v q*, by the two cross products of Rodrigues' form) with the quaternions
   and vectors read through stride-4 / stride-3 views of (N, 4) / (N, 3) tensors (one component a view), the result
   written through the stride-3 views of an (N, 3) output and each quaternion's norm into a second output of shape (N,).
+- Nucleus (top-p) filtering of a row's softmax without sorting: each token's mass of the tokens ranked before it (a
+  (BN, BN) tile of compares, ties by index, times the probabilities per column, summed along rows), kept while that
+  mass is below p (the top token always), renormalized; temperature a runtime float, -inf logits (masked tokens),
+  p = 0 (greedy), p = 1 (all), ragged vocabularies.
 
 test_heldout_round28_more.py has the rest of this round (radix select, GEMM + log-softmax with its log-sum-exp as a
 second output, Gauss-Jordan inversion with partial pivoting, misuse).
@@ -340,3 +344,98 @@ def test_quat_rotate(backend, dtype, N, BS, rng):
     assert torch.isnan(out[N - 1]).all() and norm[N - 1] == 0
     assert torch.equal(out[0].double(), (v[0].double() * torch.tensor([-1.0, -1.0, 1.0], dtype=F64)).to(dtype)
                        .double())
+
+
+# ---- 5. nucleus (top-p) filtering by mass-before counting ---------------------------------------------------------
+@ts.kernel(grid=lambda L: (L.shape[0],))
+def top_p_filter(L, P, KEEP, p: float, temperature: float, *, BN: int = 32):
+    """P[r] = softmax(L[r] / temperature) restricted to its nucleus and renormalized, KEEP[r] the nucleus (bool): a
+    token is kept when the probability of the tokens ranked before it (higher, or equal and earlier) is below p, or it
+    ranks first. L (R, V), V <= BN."""
+    r = ts.block_id(0)
+    v = L.shape[1]
+    x = ts.RegVec[ts.f32, BN]()
+    ts.load(x, L, at=(r, 0))
+    ts.div(x, x, temperature)
+    pos = ts.RegVec[ts.i32, BN]()
+    ts.arange(pos, 0)
+    valid = ts.RegVec[ts.bool_, BN]()
+    ts.lt(valid, pos, v)
+    ts.where(x, valid, x, -math.inf)
+    m, s = ts.RegVec[ts.f32, 1](), ts.RegVec[ts.f32, 1]()
+    xt = ts.RegTile[ts.f32, 1, BN]()
+    ts.zero(xt)
+    ts.add(xt, xt, ts.per_col(x))
+    ts.row_max(m, xt)
+    ts.sub(xt, xt, ts.per_row(m))
+    ts.exp(xt, xt)
+    ts.row_sum(s, xt)
+    ts.div(xt, xt, ts.per_row(s))
+    prob = ts.RegVec[ts.f32, BN]()
+    ts.col_sum(prob, xt)                               # the (1, BN) row back as a vector
+    before, t = ts.RegTile[ts.bool_, BN, BN](), ts.RegTile[ts.bool_, BN, BN]()
+    ts.gt(before, ts.per_col(prob), ts.per_row(prob))  # before[i, j]: token j ranks before token i
+    ts.eq(t, ts.per_col(prob), ts.per_row(prob))
+    lower = ts.RegTile[ts.bool_, BN, BN]()
+    ts.lt(lower, ts.per_col(pos), ts.per_row(pos))
+    ts.logical_and(t, t, lower)
+    ts.logical_or(before, before, t)
+    mass = ts.RegTile[ts.f32, BN, BN]()
+    ts.where(mass, before, ts.per_col(prob), 0.0)
+    ahead = ts.RegVec[ts.f32, BN]()
+    ts.row_sum(ahead, mass)
+    keep, first = ts.RegVec[ts.bool_, BN](), ts.RegVec[ts.bool_, BN]()
+    ts.lt(keep, ahead, p)
+    cnt = ts.RegTile[ts.i32, BN, BN]()
+    ts.where(cnt, before, 1, 0)
+    rank = ts.RegVec[ts.i32, BN]()
+    ts.row_sum(rank, cnt)
+    ts.eq(first, rank, 0)
+    ts.logical_or(keep, keep, first)
+    ts.logical_and(keep, keep, valid)
+    ts.where(prob, keep, prob, 0.0)
+    kt = ts.RegTile[ts.f32, 1, BN]()
+    ts.zero(kt)
+    ts.add(kt, kt, ts.per_col(prob))
+    ts.row_sum(s, kt)
+    ts.div(kt, kt, ts.per_row(s))
+    ts.col_sum(prob, kt)
+    out = ts.RegVec[P.dtype, BN]()
+    ts.copy(out, prob)
+    ts.store(P, out, at=(r, 0))
+    ts.store(KEEP, keep, at=(r, 0))
+
+
+def top_p_ref(logits, p, temperature):
+    prob = torch.softmax(logits.double() / temperature, 1)
+    order = torch.sort(prob, dim=1, descending=True, stable=True).indices
+    sorted_p = prob.gather(1, order)
+    ahead = sorted_p.cumsum(1) - sorted_p
+    keep_sorted = ahead < p
+    keep_sorted[:, 0] = True
+    keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+    kept = torch.where(keep, prob, 0.0)
+    return kept / kept.sum(1, keepdim=True), keep, ahead.gather(1, order.argsort(1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.5, 0.9, 1.5])
+@pytest.mark.parametrize(("R", "V", "BN"), [(6, 29, 32), (2, 1, 16), (3, 64, 64)])
+@pytest.mark.parametrize("dtype", [F32, BF])
+def test_top_p_filter(backend, p, R, V, BN, dtype, rng):
+    logits = randn(rng, R, V, dtype=dtype) * 2
+    if V > 4:
+        logits[0, 3] = -math.inf                       # a masked token: probability 0, never kept past p < 1
+        logits[1, :4] = logits[1, 4]                   # ties, ranked by index
+    temperature = 0.8
+    want, want_keep, ahead = top_p_ref(logits, p, temperature)
+    margin = (ahead - p).abs()[ahead > 0].amin() if (ahead > 0).any() else 1.0   # the first token is always kept
+    if margin < 1e-4:                                  # a token at the edge of the nucleus: f32 may round it either way
+        pytest.skip(f"mass ahead within {margin:.1e} of p")
+    out, keep = poisoned(R, V, dtype=dtype), torch.ones(R, V, dtype=torch.bool)
+    keep[:, ::2] = False
+    launch(top_p_filter, backend, logits, out, keep, p, temperature, BN=BN)
+    assert torch.equal(keep, want_keep)
+    close(out, want)
+    if p == 0.0:
+        assert (keep.sum(1) == 1).all()                # greedy: the top token alone, with all the mass
