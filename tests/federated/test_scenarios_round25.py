@@ -276,3 +276,28 @@ def test_a_resume_on_the_same_grid_of_worker_processes_is_not_refused_by_the_idl
                        num_rounds=3)  # fmt: skip
     for k, v in np_(plain.arrays).items():
         np.testing.assert_array_equal(np_(resumed.arrays)[k], v)
+
+
+# ---- a client learning rate past float32 ---------------------------------------------------------------------------
+def test_a_client_lr_past_float32s_largest_value_is_refused_where_it_is_given_naming_lr():
+    """Found beside SCAFFOLD's global_lr: ``Task(lr=1e300)`` (or a round config's ``lr``, or ``fl run --lr``) was taken,
+    every local step was inf, every client's update was left out as non-finite and no round aggregated anything.
+    Refused naming lr: in the Task, in run_rounds' train_config before any client runs, and as --lr; 3e38 (inside
+    float32) is still a Task."""
+    from typer.testing import CliRunner
+
+    import tilestack.cli.fl  # noqa: F401  (registers `tilestack fl`)
+    from tilestack.cli import app as cli_app
+
+    with pytest.raises(ValueError, match=r"Task: lr=1e\+300; expected > 0 \(and below 3\.4e\+38"):
+        _task(lr=1e300)
+    assert _task(lr=3e38).lr == 3e38
+    task, calls = _task(), []
+    with pytest.raises(FederatedError, match=r"train_config: config lr=1e\+39: Task: lr=1e\+39; expected > 0"):
+        run_rounds(FedAvg(**EVERYONE), ManagedGrid(InProcessGrid(_counting_app(calls), 3), task), initial_arrays(task),
+                   num_rounds=1, train_config={"lr": 1e39})  # fmt: skip
+    assert calls == []
+    res = CliRunner().invoke(cli_app, ["fl", "run", "--dataset", "blobs", "--clients", "3", "--per-round", "3",
+                                       "--rounds", "1", "--lr", "1e300"], env={"COLUMNS": "400"})  # fmt: skip
+    out = " ".join(re.sub("[\u2500-\u257f]", " ", res.output).split())
+    assert res.exit_code == 2 and "Invalid value for --lr" in out and "lr=1e+300" in out, out

@@ -164,8 +164,10 @@ class Task:
         if self.malicious_fraction > 0 and _malicious_count(self) == 0:  # (ran with no attacker, without a word)
             raise bad("malicious_fraction", f"0, or a share of num_clients={self.num_clients} that rounds to at least "
                       f"one malicious client (round({self.malicious_fraction:g} x {self.num_clients}) is 0)")
-        if not self.lr > 0:
-            raise bad("lr", "> 0")
+        if not 0 < self.lr < FLOAT32_MAX:  # (1e300 was taken: every step inf, every client's update left out, every
+            # round aggregating nothing)
+            raise bad("lr", f"> 0 (and below {FLOAT32_MAX:.3g}, float32's largest value: a larger step is inf for any "
+                      "gradient of 1 or more)")  # fmt: skip
         if self.batch_size < 1:
             raise bad("batch_size", ">= 1")
         if self.local_steps is None and not 0 < self.local_epochs <= MAX_LOCAL_EPOCHS:
