@@ -507,3 +507,24 @@ def test_overlap_through_two_storages_of_one_memory_is_refused(backend):
     lo, hi = torch.from_numpy(a[:8]).view(2, 4), torch.from_numpy(a[8:16]).view(2, 4)
     launch(window_sum_reversed, backend, lo, hi, BN=4)
     assert hi[:, 0].tolist() == [6.0, 22.0]
+
+
+@ts.kernel(grid=lambda X: (1,))
+def matvec_by_at(X, V, Y, *, BS: int = 16, RHS: str = "vector"):
+    a = ts.RegTile[ts.f32, BS, BS]()
+    ts.load(a, X, at=(0, 0))
+    v = ts.RegVec[ts.f32, BS]()
+    ts.load(v, V, at=(0,))
+    y = a @ v if RHS == "vector" else a @ 2.0          # Python's `@` with a vector, or a number
+    ts.store(Y, y, at=(0, 0))
+
+
+def test_matmul_sugar_with_a_vector_or_number_says_how():
+    """`a @ v` (a matrix-vector product, as torch writes it) showed the IR's TileType(space=<Space.REG: 'reg'>, ...);
+    it names the vector and gives the broadcast-and-reduce recipe now, and `a @ 2.0` points at `*`
+    (lang.tiles._matmul)."""
+    args = torch.zeros(16, 16), torch.zeros(16), torch.zeros(16, 16)
+    msg = _trace_error(matvec_by_at, *args)
+    assert "@: b must be a 2-D tile" in msg and "`v` (RegVec[f32, 16])" in msg and "ts.row_sum" in msg, msg
+    msg = _trace_error(matvec_by_at, *args, RHS="number")
+    assert "got float 2.0" in msg and "`*`" in msg, msg

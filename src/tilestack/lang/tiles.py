@@ -376,7 +376,13 @@ def _matmul(a, ta: bool, other) -> Tile:
     b, tb = (other.tile, True) if isinstance(other, _Transposed) else (other, False)
     for arg, t in (("a", a), ("b", b)):
         if not isinstance(t, Tile) or t.type.is_vec:
-            raise TraceError(f"@: {arg} must be a 2-D tile (or its .T), got {getattr(t, 'type', t)!r}", user_line())
+            shown = f"`{user_name(t)}` " if isinstance(t, Tile) and user_name(t) else ""
+            got = f"the vector {shown}({t.type})" if isinstance(t, Tile) else f"{type(t).__name__} {t!r}"
+            hint = ("; a matrix-vector product is a broadcast and a reduction: ts.mul(t, a, ts.per_col(v)); "
+                    "ts.row_sum(y, t) (y = a v), or ts.mul(t, a, ts.per_row(v)); ts.col_sum(y, t) (y = v a)"
+                    if isinstance(t, Tile) else "; a tile times a number is `*` (t * 2.0, or ts.mul)"
+                    if isinstance(t, int | float | Scalar) and not isinstance(t, bool) else "")
+            raise TraceError(f"@: {arg} must be a 2-D tile (or its .T), got {got}{hint}", user_line())
     m = a.shape[1] if ta else a.shape[0]
     n = b.shape[0] if tb else b.shape[-1]
     out = Tile(TileType(Space.REG, f32, (m, n)))
