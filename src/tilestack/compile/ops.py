@@ -68,8 +68,9 @@ def _softmax_backward(ctx, dy):
 @autograd_op("softmax", fake=lambda x: torch.empty_like(x, memory_format=torch.contiguous_format),
              setup_context=_softmax_setup, backward=_softmax_backward)
 def softmax_op(x: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim of x (any leading dims), in x's dtype, f32 arithmetic."""
-    rows = x.reshape(-1, x.shape[-1])                        # (M, N)
+    """Softmax over the last dim of x (any leading dims), in x's dtype, f32 arithmetic. An empty last dim (the
+    scores over no key: a cross-attention to an empty memory) gives an empty result, as torch's."""
+    rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])   # (M, N); reshape(-1, 0) cannot tell M
     return _softmax_kernel(rows.contiguous()).view(x.shape)
 
 
@@ -191,11 +192,17 @@ def ts_attention(q, k, v, mask, mask_is_fill: bool, causal: bool, scale: float, 
     if mask is not None and mask_is_fill:
         keep = torch.logical_not(mask)
     absorbed = None
-    if keep is not None and keep.dtype != torch.bool and not causal:
+    # no key at all (Nk = 0: a cross-attention to an empty memory): eager's softmax over no key is empty and its
+    # product with v 0, the kernel's 0; no row is absorbed, none averages v (the mean of no value is NaN), and the
+    # mask's largest value over no key does not exist (amax raised)
+    keyless = k.shape[-2] == 0
+    if keep is not None and keep.dtype != torch.bool and not causal and not keyless:
         absorbed = _absorbed_rows(keep, added_in)
         keep = keep.masked_fill(absorbed, -math.inf)        # the kernel sees no key there (0, no gradient)
     out = attention_fwd_op(q, k, v, keep, causal, scale, "top_left")[0]
-    if keep is not None and finite_fill and keep.dtype == torch.bool:
+    if keyless:     # the op's zeros for no key are contiguous where its fake takes q's layout (a transposed view's):
+        out = out.contiguous()      # a later view traced on the fake's strides failed on the real ones; one layout
+    if keep is not None and finite_fill and keep.dtype == torch.bool and not keyless:
         sees_none = torch.logical_not(keep.any(-1, keepdim=True))           # (.., Nq, 1), broadcast over D
         out = torch.where(sees_none, v.mean(-2, keepdim=True).to(out.dtype), out)
     elif absorbed is not None:
