@@ -414,3 +414,38 @@ def test_ifca_leaves_out_a_reply_whose_cluster_id_names_no_cluster_model_and_eac
         got = {k.partition(CLUSTER_SEP)[2]: v for k, v in np_(res.arrays).items() if k.startswith(f"cluster{j}")}
         near(got, want)
     assert 2 not in strategy.assignments
+
+
+# ---- a reply that names another client's partition -------------------------------------------------------------------
+def test_a_reply_naming_another_clients_partition_is_left_out_and_ifca_files_no_client_under_it():
+    """Found here: client 2's reply said its partition (``tilestack.partition``) was 0. IFCA (as CFL and Oort) files each reply under the partition
+    it names: client 2's cluster choice was recorded as client 0's, without a word. The grid leaves out a reply naming
+    another partition than its node's, in training and in evaluation, saying so; IFCA's clusters are the other
+    clients' means by hand and no assignment comes from the reply."""
+    from tilestack.federated.client import CLUSTER_SEP, PARTITION_METRIC
+    from tilestack.federated.strategies import IFCA
+
+    task = _task(num_clients=3)
+    strategy = IFCA(num_clusters=2, reseed_after=0, **(EVERYONE | dict(fraction_evaluate=1.0)))
+    start = strategy.initial_arrays(task)
+    chosen = {0: 0, 1: 1, 2: 1}
+
+    def script(pid, rnd, got, context, config):
+        j = chosen[pid]
+        model = {k.partition(CLUSTER_SEP)[2]: (v + 0.25 * (pid + 1)).astype(np.float32)
+                 for k, v in got["arrays"].items() if k.startswith(f"cluster{j}{CLUSTER_SEP}")}  # fmt: skip
+        return model, {"num-examples": pid + 1, "cluster-id": j} | ({PARTITION_METRIC: 0} if pid == 2 else {})
+
+    def evaluate_fn(pid, rnd):
+        return {"num-examples": 1, "eval-acc": 0.5, "eval-loss": 1.0, PARTITION_METRIC: 0 if pid == 2 else pid}
+
+    res = run_rounds(strategy, make_grid(scripted(script, evaluate_fn), task), start, num_rounds=1)
+    r = res.history.rounds[0]
+    assert set(r.excluded) == {"2"} and f"{PARTITION_METRIC}=0, from the node of partition 2" in r.excluded["2"]
+    assert set(r.eval_excluded) == {"2"} and "in evaluation" in r.excluded["2"]
+    assert r.num_aggregated == 2 and strategy.assignments == {0: 0, 1: 1}
+    x = np_(start)
+    for j, p in ((0, 0), (1, 1)):
+        mine = {k.partition(CLUSTER_SEP)[2]: v for k, v in x.items() if k.startswith(f"cluster{j}{CLUSTER_SEP}")}
+        got = {k.partition(CLUSTER_SEP)[2]: v for k, v in np_(res.arrays).items() if k.startswith(f"cluster{j}")}
+        near(got, {k: v.astype(np.float64) + 0.25 * (p + 1) for k, v in mine.items()})

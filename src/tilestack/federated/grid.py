@@ -665,6 +665,11 @@ class ManagedGrid(Grid):
             pid = self.partition_of[nid]
             content, steps = sent[nid]
             why = check_reply(content, reply, self.weight_keys, self.loss_keys, self.step_keys)
+            # a reply speaks for its own client: the partition it names is what IFCA, CFL and Oort file it under (a
+            # client naming another moved itself into that client's cluster, or wrote over its record)
+            claimed = None if why else next(iter(reply.content.metric_records.values())).get(PARTITION_METRIC)
+            if claimed is not None and claimed != pid:
+                why = f"partition: the reply says {PARTITION_METRIC}={claimed!r}, from the node of partition {pid}"
             for check in self.reply_checks if is_train and not why else ():
                 why = why or check(next(iter(reply.content.metric_records.values())))
             if why:
