@@ -5,8 +5,8 @@ sentinel) first, ragged sizes (not tile multiples), seeds fixed (the ``rng`` fix
 - A stable sort of each row by rank counting (torch.sort(stable=True), ascending and descending, values and
   indices): each element's rank is the number of elements before it in the order, from a (BN, BN) tile of compares of
   the row against itself (a per_col against a per_row broadcast), ties broken by index; NaN ordered last (first when
-  descending) as torch orders it; the sorted row gathered exactly by a one-hot column max; f32 / f16 / bf16 / i32,
-  ragged widths, padding past N kept out of every rank.
+  descending) as torch orders it; the sorted row gathered exactly by a one-hot column max; f32 / f16 / bf16 / f64 /
+  f8e4m3 / i32 / i64 / i8 / u8 (each integer type's extremes), ragged widths, padding past N kept out of every rank.
 - The matrix exponential of a batch of small matrices (torch.linalg.matrix_exp) by scaling and squaring: a Taylor
   polynomial of A / 2^s by Horner's rule in register products (both operands register tiles), then s squarings in a
   loop whose trip count is a runtime int argument; a zero matrix, a nilpotent one (the series ends), a rotation
@@ -36,6 +36,7 @@ from heldout_support import BACKENDS, BF, F16, F64, I32, I64, close, launch, ran
 import tilestack.lang as ts
 
 F32 = torch.float32
+I8, U8, E4M3 = torch.int8, torch.uint8, torch.float8_e4m3fn
 
 
 @pytest.fixture
@@ -48,6 +49,7 @@ def poisoned(*shape, dtype=F32, value=math.nan) -> torch.Tensor:
 
 
 # ---- 1. stable sort of rows by rank counting ---------------------------------------------------------------------
+LOWEST = {"i8": -(2**7), "u8": 0, "i32": -(2**31), "i64": -(2**63)}   # below every value: the one-hot gather's fill
 @ts.kernel(grid=lambda X: (X.shape[0],))
 def rank_sort(X, Y, IDX, *, BN: int = 32, descending: bool = False):
     """Y[r], IDX[r] = torch.sort(X[r], stable=True, descending=descending) for the rows of X (R, N), N <= BN:
@@ -90,7 +92,7 @@ def rank_sort(X, Y, IDX, *, BN: int = 32, descending: bool = False):
     ts.eq(hit, ts.per_row(rank), ts.per_col(pos))
     ts.logical_and(hit, hit, ts.per_row(valid))
     pick = ts.RegTile[X.dtype, BN, BN]()
-    low = -math.inf if X.dtype.is_float else -(2**31)
+    low = -math.inf if X.dtype.is_float else LOWEST[X.dtype.name]
     ts.where(pick, hit, ts.per_row(x), low)
     y = ts.RegVec[X.dtype, BN]()
     ts.col_max(y, pick)
@@ -104,8 +106,15 @@ def rank_sort(X, Y, IDX, *, BN: int = 32, descending: bool = False):
 
 
 def _sort_input(rng, R, N, dtype):
-    if dtype is I32:
-        return torch.from_numpy(rng.integers(-5, 5, (R, N))).to(I32)   # many ties
+    if not dtype.is_floating_point:
+        x = torch.from_numpy(rng.integers(0 if dtype is U8 else -5, 5, (R, N))).to(dtype)   # many ties
+        info = torch.iinfo(dtype)
+        x[0, 0], x[R - 1, N - 1] = info.max, info.min    # the extremes (u8's 0 is its fill too)
+        return x
+    if dtype is E4M3:                                  # no inf in e4m3fn: NaN and ties only
+        x = torch.from_numpy(np.round(rng.standard_normal((R, N)) * 4) / 4).to(dtype)
+        x[0, N // 2] = math.nan
+        return x
     x = torch.from_numpy(np.round(rng.standard_normal((R, N)) * 4) / 4).to(dtype)   # ties after rounding
     if R > 2 and N > 3:
         x[0, 1] = math.nan
@@ -117,15 +126,15 @@ def _sort_input(rng, R, N, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [F32, F16, BF, I32])
+@pytest.mark.parametrize("dtype", [F32, F16, BF, F64, E4M3, I32, I64, I8, U8])
 @pytest.mark.parametrize("descending", [False, True])
 @pytest.mark.parametrize(("R", "N", "BN"), [(5, 13, 16), (3, 32, 32), (2, 1, 16)])
 def test_rank_sort(backend, dtype, descending, R, N, BN, rng):
     x = _sort_input(rng, R, N, dtype)
-    y = poisoned(R, N, dtype=dtype, value=math.nan if dtype.is_floating_point else 12345)
+    y = poisoned(R, N, dtype=dtype, value=math.nan if dtype.is_floating_point else 77)   # no value of the input
     idx = torch.full((R, N), -7, dtype=I64)
     launch(rank_sort, backend, x, y, idx, BN=BN, descending=descending)
-    want_y, want_i = torch.sort(x.double() if dtype.is_floating_point else x, dim=1, stable=True,
+    want_y, want_i = torch.sort(x.double() if dtype.is_floating_point else x.long(), dim=1, stable=True,
                                 descending=descending)
     assert torch.equal(idx, want_i), (idx, want_i)
     assert torch.equal(y.double(), want_y.double()) or torch.allclose(y.double(), want_y.double(), equal_nan=True)
