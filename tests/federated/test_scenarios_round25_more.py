@@ -418,10 +418,10 @@ def test_ifca_leaves_out_a_reply_whose_cluster_id_names_no_cluster_model_and_eac
 
 # ---- a reply that names another client's partition -------------------------------------------------------------------
 def test_a_reply_naming_another_clients_partition_is_left_out_and_ifca_files_no_client_under_it():
-    """Found here: client 2's reply said its partition (``tilestack.partition``) was 0. IFCA (as CFL and Oort) files each reply under the partition
-    it names: client 2's cluster choice was recorded as client 0's, without a word. The grid leaves out a reply naming
-    another partition than its node's, in training and in evaluation, saying so; IFCA's clusters are the other
-    clients' means by hand and no assignment comes from the reply."""
+    """Found here: client 2's reply said its partition (``tilestack.partition``) was 0. IFCA (as CFL and Oort) files
+    each reply under the partition it names: client 2's cluster choice was recorded as client 0's, without a word. The
+    grid leaves out a reply naming another partition than its node's, in training and in evaluation, saying so; IFCA's
+    clusters are the other clients' means by hand and no assignment comes from the reply."""
     from tilestack.federated.client import CLUSTER_SEP, PARTITION_METRIC
     from tilestack.federated.strategies import IFCA
 
@@ -449,3 +449,38 @@ def test_a_reply_naming_another_clients_partition_is_left_out_and_ifca_files_no_
         mine = {k.partition(CLUSTER_SEP)[2]: v for k, v in x.items() if k.startswith(f"cluster{j}{CLUSTER_SEP}")}
         got = {k.partition(CLUSTER_SEP)[2]: v for k, v in np_(res.arrays).items() if k.startswith(f"cluster{j}")}
         near(got, {k: v.astype(np.float64) + 0.25 * (p + 1) for k, v in mine.items()})
+
+
+# ---- Oort over a ClientApp that does not report its partition ------------------------------------------------------
+def test_oort_files_each_reply_of_a_clientapp_without_partition_ids_under_its_own_client():
+    """Found here: a ClientApp that reports its examples and loss but not tilestack's partition id (as Flower's own apps
+    do): Oort filed every reply under partition 0 (``metric(m, PARTITION_METRIC)`` defaulting to 0), each picked
+    client's utility written over the last, and the others never counted as tried. Each reply is filed under the
+    partition of the node that sent it: after round 1 the utility of exactly the clients picked is n x loss, by hand;
+    the inner FedAvg's model is their weighted mean."""
+    from flwr.app import MetricRecord, RecordDict
+
+    from tilestack.federated import SystemModel
+    from tilestack.federated.strategies import OortSelector, Selected
+
+    task = _task()
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        arrays = {k: v + 0.5 * (pid + 1) for k, v in codec.to_numpy(msg.content["arrays"]).items()}
+        metrics = MetricRecord({"num-examples": pid + 1, "train-loss": 0.25 * (pid + 1)})
+        return Message(RecordDict({"arrays": codec.to_record(arrays), "metrics": metrics}), reply_to=msg)
+
+    selector = OortSelector(SystemModel(4, seed=2), seed=1)
+    res = run_rounds(Selected(FedAvg(**EVERYONE), selector, 3), make_grid(app, task), initial_arrays(task),
+                     num_rounds=1)  # fmt: skip
+    r = res.history.rounds[0]
+    picked = sorted(int(p) for p in r.client_train)
+    assert len(picked) == 3 and r.num_aggregated == 3 and not r.excluded
+    assert selector.utility == {p: (p + 1) * 0.25 * (p + 1) for p in picked}, (selector.utility, picked)
+    assert selector.last_round == {p: 1 for p in picked}
+    x = np_(initial_arrays(task))
+    near(np_(res.arrays), wmean({p: {k: v + 0.5 * (p + 1) for k, v in x.items()} for p in picked},
+                                {p: p + 1 for p in picked}))  # fmt: skip

@@ -20,7 +20,7 @@ import math
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -198,6 +198,7 @@ class Selected(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         ids = list(grid.get_node_ids())
+        self._partition_of = dict(getattr(grid, "partition_of", None) or {})  # node -> partition, for observe
         chosen = self.selector.select(server_round, ids, min(self.per_round, len(ids)), grid)
         return self.inner.configure_train(server_round, arrays, config, SubsetGrid(grid, chosen))
 
@@ -205,8 +206,20 @@ class Selected(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        self.selector.observe(server_round, ok_replies(replies))
+        self.selector.observe(server_round, [self._with_partition(m) for m in ok_replies(replies)])
         return self.inner.aggregate_train(server_round, replies)
+
+    def _with_partition(self, msg: Message) -> Message:
+        """``msg`` as the selector sees it: with its client's partition id (from the grid, by the sending node) where
+        the reply carries none. A ClientApp that does not report it (Flower's own apps) had every reply filed under
+        partition 0 by Oort's ``metric(m, PARTITION_METRIC)``, one client's utility written over by the others'."""
+        pid = vars(self).get("_partition_of", {}).get(msg.metadata.src_node_id)
+        records = msg.content.metric_records
+        if pid is None or len(records) != 1 or PARTITION_METRIC in next(iter(records.values())):
+            return msg
+        name, record = next(iter(records.items()))
+        content = RecordDict({**msg.content, name: MetricRecord({**record, PARTITION_METRIC: pid})})
+        return Message(content=content, metadata=msg.metadata)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
