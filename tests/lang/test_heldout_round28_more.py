@@ -559,3 +559,26 @@ def test_loop_bound_past_int32_from_an_int_argument_that_fits_it():
         y = poisoned(8)
         launch(trips_from, backend, torch.zeros(8), y, 2**31 - 2)
         assert (y == 3).all(), (backend, y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_tensor_output_outside_inference_mode_is_refused(backend):
+    """An output made under torch.inference_mode() and launched outside it (torch allows no in-place update of an
+    inference tensor there): the reference backend failed with torch's bare RuntimeError after running the kernel,
+    Triton's interpreter wrote it; refused now on every launch, naming the output, under no_grad too (lang.kernel's
+    launch guard, lang.launch.refuse_inference_output). Inside inference mode it is written; an inference input is
+    read anywhere."""
+    x = torch.arange(8.0)
+    with torch.inference_mode():
+        y = torch.zeros(8)
+        x_inf = torch.arange(8.0) * 2
+    for ctx in (torch.enable_grad, torch.no_grad):
+        with ctx(), pytest.raises(Exception, match=r"output Y is an inference tensor .*Y.clone\(\)"):
+            launch(widen_copy, backend, x, y)
+        assert (y == 0).all()
+    with torch.inference_mode():
+        launch(widen_copy, backend, x, y)
+    assert torch.equal(y, x)
+    out = poisoned(8)
+    launch(widen_copy, backend, x_inf, out)
+    assert torch.equal(out, x_inf)

@@ -41,7 +41,7 @@ from tilestack.ir.nodes import KernelIR, Param
 from tilestack.ir.ops import Op
 from tilestack.ir.types import FLOAT, INDEX, TORCH_NAMES, DType, GlobalType, dtype_of_torch
 from tilestack.ir.verify import verify
-from tilestack.lang.launch import refuse_grad_output
+from tilestack.lang.launch import refuse_grad_output, refuse_inference_output
 from tilestack.lang.tiles import GlobalTensor, Scalar, as_scalar
 from tilestack.lang.trace import Tracer, current_or_none, set_current, user_line
 
@@ -675,14 +675,19 @@ class TracedKernel:
         from tilestack.lang.launch import overlap_guard
         overlaps = overlap_guard(self, args)   # (where a written tensor could share memory with another argument)
 
-        # per call, as neither is in the launch key: an output that requires grad, in grad mode (the kernel would
-        # write it unseen by autograd; one is_grad_enabled() call when grad is off, as inside autograd's own
-        # forward and backward, where the library launches) and a ts.range loop's runtime step
-        def checked(args, _launch=launch, _outputs=outputs, _grad=torch.is_grad_enabled):
-            if _grad():
+        # per call, as none is in the launch key: an output that requires grad, in grad mode (the kernel would
+        # write it unseen by autograd), an inference tensor written outside inference mode (torch refuses such an
+        # in-place update: the reference backend failed after running, Triton wrote it) and a ts.range loop's
+        # runtime step. Inside inference mode (grad off there too) the outputs are not looked at.
+        def checked(args, _launch=launch, _outputs=outputs, _grad=torch.is_grad_enabled,
+                    _infer=torch.is_inference_mode_enabled):
+            if _outputs and not _infer():
+                grad = _grad()
                 for i in _outputs:
-                    if args[i].requires_grad:
+                    if grad and args[i].requires_grad:
                         refuse_grad_output(self.name, self.ir.params[i].name, args[i])
+                    if args[i].is_inference():
+                        refuse_inference_output(self.name, self.ir.params[i].name, args[i])
             if steps:
                 self.check_steps(args)
             if overlaps is not None:

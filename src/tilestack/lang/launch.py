@@ -103,6 +103,17 @@ def refuse_grad_output(name: str, pname: str, a: torch.Tensor) -> None:
                       "an optimizer's update does)")
 
 
+def refuse_inference_output(name: str, pname: str, a: torch.Tensor) -> None:
+    """LaunchError for output ``pname``, an inference tensor (made under torch.inference_mode()), launched outside
+    inference mode: torch refuses an in-place update of one there (it keeps no version counter to tell readers), so
+    the reference backend failed with torch's RuntimeError after running the kernel while Triton wrote it. Called on
+    every launch (TracedKernel.launcher's guard: the launch key holds neither the tensor's kind nor the mode)."""
+    raise LaunchError(f"{name}: output {pname} is an inference tensor (shape {tuple(a.shape)}, made under "
+                      "torch.inference_mode()) and this launch is outside inference mode, where torch allows no "
+                      f"in-place update of one; launch inside torch.inference_mode(), or pass {pname}.clone() "
+                      "(a normal tensor) to write")
+
+
 def overlap_guard(traced, args: Sequence):
     """A per-launch check (the launch key holds no addresses) that no written tensor argument partially overlaps
     another tensor argument (lang.layout.check_no_partial_overlap), or None where the kernel has fewer than two
