@@ -484,3 +484,33 @@ def test_oort_files_each_reply_of_a_clientapp_without_partition_ids_under_its_ow
     x = np_(initial_arrays(task))
     near(np_(res.arrays), wmean({p: {k: v + 0.5 * (p + 1) for k, v in x.items()} for p in picked},
                                 {p: p + 1 for p in picked}))  # fmt: skip
+
+
+def test_cfl_files_each_reply_of_a_clientapp_without_partition_ids_under_its_own_client():
+    """The same for CFL: every reply of a ClientApp without tilestack's partition id was taken for partition 0's (one
+    membership for all clients). Each is filed under the node that sent it: after a round every client is a member of
+    cluster 0, and its model is the examples-weighted mean of all four, by hand."""
+    from flwr.app import MetricRecord, RecordDict
+
+    from tilestack.federated.client import CLUSTER_SEP
+    from tilestack.federated.strategies import CFL
+
+    task = _task()
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        arrays = {k: v + 0.5 * (pid + 1) for k, v in codec.to_numpy(msg.content["arrays"]).items()}
+        metrics = MetricRecord({"num-examples": pid + 1, "train-loss": 0.25})
+        return Message(RecordDict({"arrays": codec.to_record(arrays), "metrics": metrics}), reply_to=msg)
+
+    strategy = CFL(**EVERYONE)
+    start = strategy.initial_arrays(task)
+    res = run_rounds(strategy, make_grid(app, task), start, num_rounds=1)
+    r = res.history.rounds[0]
+    assert r.num_aggregated == 4 and not r.excluded
+    assert strategy.assignments == {0: 0, 1: 0, 2: 0, 3: 0}, strategy.assignments
+    x = {k.partition(CLUSTER_SEP)[2]: v for k, v in np_(start).items()}
+    got = {k.partition(CLUSTER_SEP)[2]: v for k, v in np_(res.arrays).items() if k.startswith("cluster0")}
+    near(got, wmean({p: {k: v + 0.5 * (p + 1) for k, v in x.items()} for p in range(4)}, {p: p + 1 for p in range(4)}))

@@ -85,6 +85,13 @@ class CFL(FedAvg):
         self._pid_of_node: dict[int, int] = {}
         self._dp_noise: tuple[float, int] | None = None  # a client-side DP wrapper's noise (run_rounds; dp_top_up)
 
+    def _pid(self, msg: Message) -> int:
+        """The partition of the client that sent ``msg``: by its node (as the model was sent), else as the reply says.
+        A ClientApp that does not report tilestack's partition id (Flower's own apps) had every reply taken for
+        partition 0's: one membership for all, the clusters' means over whoever that was."""
+        pid = self._pid_of_node.get(msg.metadata.src_node_id)
+        return int(metric(msg, PARTITION_METRIC)) if pid is None else pid
+
     def initial_arrays(self, task: Task) -> ArrayRecord:
         return to_record({cluster_key(0, k): v for k, v in task.initial_params().items()})
 
@@ -98,6 +105,7 @@ class CFL(FedAvg):
         out = []
         for m in messages:
             pid = pid_of(grid, m.metadata.dst_node_id)
+            self._pid_of_node[m.metadata.dst_node_id] = pid  # the reply's client, by the node it comes from
             model = to_record(self._clusters[self.assignments.get(pid, 0)])
             out.append(with_content(m, RecordDict({**m.content, self.arrayrecord_key: model})))
         return out
@@ -121,17 +129,17 @@ class CFL(FedAvg):
         if not replies:
             return None, None
         for m in replies:
-            self.assignments.setdefault(int(metric(m, PARTITION_METRIC)), 0)
+            self.assignments.setdefault(self._pid(m), 0)
         models = [dict(c) for c in self._clusters]
         for j, start in enumerate(self._clusters):
-            members = [m for m in replies if self.assignments.get(int(metric(m, PARTITION_METRIC)), 0) == j]
+            members = [m for m in replies if self.assignments.get(self._pid(m), 0) == j]
             if not members:
                 continue
             models[j] = to_numpy(aggregate_arrayrecords([m.content for m in members], self.weighted_by_key))
             if server_round > self.warmup and len(members) >= 2 * self.min_size and len(models) < self.max_clusters:
                 self._maybe_split(server_round, j, start, members, models)
         for j, model in enumerate(models):  # each cluster's mean is over its members only: under DP topped up
-            members = [m for m in replies if self.assignments.get(int(metric(m, PARTITION_METRIC)), 0) == j]
+            members = [m for m in replies if self.assignments.get(self._pid(m), 0) == j]
             models[j] = dp_top_up(model, members, self.weighted_by_key, self._dp_noise)
         packed = {cluster_key(j, k): v for j, model in enumerate(models) for k, v in model.items()}
         metrics = aggregate_metricrecords([m.content for m in replies], self.weighted_by_key)
@@ -158,9 +166,9 @@ class CFL(FedAvg):
         models[j] = child_a
         models.append(child_b)
         for i in b:
-            self.assignments[int(metric(members[i], PARTITION_METRIC))] = new
+            self.assignments[self._pid(members[i])] = new
         for i in a:
-            self.assignments[int(metric(members[i], PARTITION_METRIC))] = j
+            self.assignments[self._pid(members[i])] = j
         self.splits.append((server_round, j, new))
 
     def agreement(self, task: Task) -> float:
