@@ -552,6 +552,10 @@ def _left_in_float(model: nn.Module, linears: dict[int, list[str]]) -> list[tupl
             what += ": its owner reads its weight in forward (nn.TransformerEncoderLayer's fast-path check)"
         elif lazy:
             what += ": not initialized (run a batch through the model before quantizing it)"
+        elif isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward:
+            # a LoRA or scaled layer: it was named as one its owner may read by weight, which says nothing of why
+            what += (": a subclass of nn.Linear with a forward of its own (a LoRA or adapter layer), whose output "
+                     "is more than x @ weight^T + bias: a QuantLinear in its place would drop the rest")
         elif isinstance(m, nn.Linear):
             what += ": a subclass of nn.Linear, which its owner may read by weight (nn.MultiheadAttention's out_proj)"
         elif not type(m).__module__.startswith("torch.nn"):
