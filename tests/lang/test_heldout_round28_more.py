@@ -582,3 +582,30 @@ def test_inference_tensor_output_outside_inference_mode_is_refused(backend):
     out = poisoned(8)
     launch(widen_copy, backend, x_inf, out)
     assert torch.equal(out, x_inf)
+
+
+@ts.kernel(grid=lambda X: (1,))
+def copy_2d(X, Y, *, BM: int = 2, BN: int = 8):
+    x = ts.RegTile[ts.f32, BM, BN]()
+    ts.load(x, X, at=(0, 0))
+    ts.store(Y, x, at=(0, 0))
+
+
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nested_tensor_arguments_are_refused_by_name(backend, layout):
+    """A nested tensor of the strided layout (torch.nested.nested_tensor's default) passed the layout check and failed
+    inside torch ("NestedTensorImpl doesn't support sizes"); a jagged one was told to call .to_dense(), which nested
+    tensors lack. Both are refused naming the argument and to_padded_tensor (lang.launch.check_args)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                # (torch's prototype-API warning for the strided layout)
+        n = torch.nested.nested_tensor([torch.ones(8), torch.ones(8)], layout=layout)
+    y = poisoned(2, 8)
+    with pytest.raises(Exception, match=r"argument X is a nested tensor .*X.to_padded_tensor\(0.0\)"):
+        launch(copy_2d, backend, n, y)
+    with pytest.raises(Exception, match=r"argument Y is a nested tensor .*Y.to_padded_tensor\(0.0\)"):
+        launch(copy_2d, backend, torch.ones(2, 8), n)
+    assert torch.isnan(y).all()
+    launch(copy_2d, backend, n.to_padded_tensor(0.0), y)
+    assert (y == 1).all()

@@ -61,6 +61,11 @@ def check_args(traced, args: Sequence) -> None:
             continue
         if not isinstance(a, torch.Tensor):
             raise LaunchError(f"{name}: argument {pname} must be a torch.Tensor, got {type(a).__name__}")
+        if a.is_nested:   # (a strided-layout nested tensor has no sizes or strides: torch's internal error)
+            raise LaunchError(f"{name}: argument {pname} is a nested tensor (layout {a.layout}, {a.size(0)} "
+                              "components); kernels address dense tensors: pass "
+                              f"{pname}.to_padded_tensor(0.0), or its components' values as one dense tensor with "
+                              "their offsets (a jagged kernel's arguments)")
         if a.layout is not torch.strided:   # (no storage to address: torch failed reading its data pointer)
             raise LaunchError(f"{name}: argument {pname} has layout {a.layout}; kernels address dense tensors "
                               f"(torch.strided): pass {pname}.to_dense()")
