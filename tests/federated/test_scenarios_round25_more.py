@@ -514,3 +514,39 @@ def test_cfl_files_each_reply_of_a_clientapp_without_partition_ids_under_its_own
     x = {k.partition(CLUSTER_SEP)[2]: v for k, v in np_(start).items()}
     got = {k.partition(CLUSTER_SEP)[2]: v for k, v in np_(res.arrays).items() if k.startswith("cluster0")}
     near(got, wmean({p: {k: v + 0.5 * (p + 1) for k, v in x.items()} for p in range(4)}, {p: p + 1 for p in range(4)}))
+
+
+def test_ifca_records_the_cluster_choice_of_a_clientapp_without_partition_ids_under_each_client():
+    """And IFCA: a ClientApp reporting its cluster-id but not tilestack's partition id had every choice recorded as
+    partition 0's ({0: the last reply's cluster}). Each choice is recorded under the node that sent it, and each
+    cluster model is its members' weighted mean, by hand."""
+    from flwr.app import MetricRecord, RecordDict
+
+    from tilestack.federated.client import CLUSTER_SEP
+    from tilestack.federated.strategies import IFCA
+
+    task = _task()
+    chosen = {0: 1, 1: 0, 2: 1, 3: 0}
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        j = chosen[pid]
+        got = codec.to_numpy(msg.content["arrays"])
+        model = {k.partition(CLUSTER_SEP)[2]: v + 0.5 * (pid + 1) for k, v in got.items()
+                 if k.startswith(f"cluster{j}{CLUSTER_SEP}")}  # fmt: skip
+        metrics = MetricRecord({"num-examples": pid + 1, "cluster-id": j})
+        return Message(RecordDict({"arrays": codec.to_record(model), "metrics": metrics}), reply_to=msg)
+
+    strategy = IFCA(num_clusters=2, reseed_after=0, **EVERYONE)
+    start = strategy.initial_arrays(task)
+    res = run_rounds(strategy, make_grid(app, task), start, num_rounds=1)
+    assert res.history.rounds[0].num_aggregated == 4 and strategy.assignments == chosen, strategy.assignments
+    x = np_(start)
+    for j in (0, 1):
+        members = [p for p, c in chosen.items() if c == j]
+        mine = {k.partition(CLUSTER_SEP)[2]: v for k, v in x.items() if k.startswith(f"cluster{j}{CLUSTER_SEP}")}
+        want = wmean({p: {k: v + 0.5 * (p + 1) for k, v in mine.items()} for p in members}, {p: p + 1 for p in members})
+        got = {k.partition(CLUSTER_SEP)[2]: v for k, v in np_(res.arrays).items() if k.startswith(f"cluster{j}")}
+        near(got, want)

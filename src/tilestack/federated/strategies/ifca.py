@@ -111,8 +111,15 @@ class IFCA(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._clusters = self._unpack(arrays)
+        self._pid_of_node = dict(getattr(grid, "partition_of", None) or {})  # node -> partition (_pid)
         config[IFCA_KEY] = self.num_clusters
         return super().configure_train(server_round, arrays, config, grid)
+
+    def _pid(self, msg: Message) -> int:
+        """The partition of the client that sent ``msg``: by its node, else as the reply says. A ClientApp that does
+        not report tilestack's partition id had every cluster choice recorded as partition 0's."""
+        pid = vars(self).get("_pid_of_node", {}).get(msg.metadata.src_node_id)
+        return int(metric(msg, PARTITION_METRIC)) if pid is None else pid
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -127,7 +134,7 @@ class IFCA(FedAvg):
         if not replies:
             return None, None
         for m in replies:
-            self.assignments[int(metric(m, PARTITION_METRIC))] = int(metric(m, "cluster-id"))
+            self.assignments[self._pid(m)] = int(metric(m, "cluster-id"))
         held = set(self.assignments.values())  # clusters some client chose last: this round's or an absent one's
         models, sizes = [], []
         for j in range(self.num_clusters):
