@@ -609,3 +609,34 @@ def test_nested_tensor_arguments_are_refused_by_name(backend, layout):
     assert torch.isnan(y).all()
     launch(copy_2d, backend, n.to_padded_tensor(0.0), y)
     assert (y == 1).all()
+
+
+@ts.kernel(grid=lambda X: (1,))
+def split_halves(X, LO, HI, *, BS: int = 8):
+    """LO's first tile = X's first; HI's second tile = 10 X's second: two outputs, often one tensor."""
+    x = ts.RegVec[ts.f32, BS]()
+    ts.load(x, X, at=(0,))
+    ts.store(LO, x, at=(0,))
+    ts.load(x, X, at=(1,))
+    ts.mul(x, x, 10.0)
+    ts.store(HI, x, at=(1,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_tensor_passed_as_two_outputs_keeps_both_stores(backend):
+    """The same tensor as LO and HI (taken: one tensor passed twice): the reference executor held a copy per argument
+    and wrote each back whole, so HI's copy put LO's half back as it was ([-1] * 8 + [80, ...]); Triton's
+    interpreter kept both. Outputs at one address with one dtype and strides are views of one copy now
+    (backends.reference.executor._share_outputs), the tensor and a prefix view of it too."""
+    x = torch.arange(16.0)
+    want = torch.cat([x[:8], 10 * x[8:]])
+    y = torch.full((16,), -1.0)
+    launch(split_halves, backend, x, y, y)
+    assert torch.equal(y, want), y
+    y = torch.full((16,), -1.0)
+    launch(split_halves, backend, x, y[:8], y)
+    assert torch.equal(y, want), y
+    lo, hi = torch.full((16,), -1.0), torch.full((16,), -1.0)   # apart: each keeps its own untouched half
+    launch(split_halves, backend, x, lo, hi)
+    assert torch.equal(lo[:8], x[:8]) and (lo[8:] == -1).all() and (hi[:8] == -1).all()
+    assert torch.equal(hi[8:], 10 * x[8:])

@@ -53,6 +53,7 @@ def run(traced, args):
                 arrays[i] = _numpy(a)
         else:
             scalars[i] = a
+    _share_outputs(ir, args, arrays, written, aliased)
     grid = traced.grid(*args)
     constants = {ins.result for ins in ir.walk() if ins.op is Op.CONST}
     wide = f64_floats(ir)
@@ -70,6 +71,31 @@ def run(traced, args):
         else:
             args[i].copy_(torch.from_numpy(arrays[i]).to(args[i].dtype))
     return None
+
+
+def _share_outputs(ir, args, arrays: dict, written, aliased: dict) -> None:
+    """Outputs that are one tensor passed twice (or views of one tensor at one address, with one dtype and strides:
+    ``Y[:8]`` and ``Y``) are held as views of one copy, so that what a program stores through one is in the
+    tensor written back through the other, as on the GPU. (Separate copies, each written back whole, kept only the
+    last one's stores.)"""
+    import torch
+
+    groups: dict[tuple, list[int]] = {}
+    for i in sorted(written):
+        a = args[i]
+        if isinstance(ir.params[i].type, GlobalType) and i not in aliased and a.numel():
+            groups.setdefault((a.data_ptr(), a.dtype, a.stride(), a.device), []).append(i)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        a = args[members[0]].detach()
+        held = torch.float64 if a.dtype.is_floating_point else torch.int64
+        span = max(1 + sum((n - 1) * st for n, st in zip(args[i].shape, args[i].stride(), strict=True))
+                   for i in members)
+        flat = a.as_strided((span,), (1,), a.storage_offset()).to("cpu", held).numpy().copy()
+        for i in members:
+            arrays[i] = np.lib.stride_tricks.as_strided(flat, tuple(args[i].shape),
+                                                        tuple(st * flat.itemsize for st in args[i].stride()))
 
 
 def _aliased(a) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
