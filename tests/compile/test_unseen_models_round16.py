@@ -20,6 +20,9 @@ What this round found and fixed (src/tilestack/compile/ops.py):
   kernel's 0, made contiguous: the op's zeros for no key are contiguous where its fake follows q's layout, and a
   later ``reshape`` traced as a view on the fake's strides failed on the real tensor ("view size is not compatible
   with input tensor's size and stride"; the op's own fake / kernel mismatch is tilestack.torch's, told to the lead).
+- a bf16 Linear of no input feature (in_features 0) with a GELU and a residual: the GEMM epilogue op's
+  ``reshape(-1, 0)`` raised inside the check (BackendCompilerFailed); ``ops.linear_epilogue_op`` now takes its rows
+  by their count.
 - the softmax pass's op on an empty last dim (those scores) raised "cannot reshape tensor of 0 elements into shape
   [-1, 0]" (``ops.softmax_op``), inside check mode's run of the rewrite: BackendCompilerFailed, the whole compile
   lost."""
@@ -361,3 +364,27 @@ def test_softmax_over_an_empty_last_dim():
     assert got[1].shape == (3, 0)
     _close(got[0], norm(x).detach(), F32)
     assert math.isfinite(float(got[0].abs().max()))
+
+
+class _NoFeatureLinear(torch.nn.Module):
+    """``r + gelu(fc(x))`` with ``fc = Linear(0, D)``: a feature group that is empty for this batch (x (b, n, 0))."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(0, D)
+
+    def forward(self, x, r):
+        return r + F.gelu(self.fc(x))
+
+
+def test_bf16_linear_of_no_input_feature():
+    """A bf16 Linear of in_features 0 with a GELU and a residual: the GEMM epilogue swapped, the output eager's
+    ``r + gelu(bias)`` (the op's ``reshape(-1, 0)`` raised inside the check: the whole compile failed)."""
+    model = seeded(_NoFeatureLinear, dtype=BF16)
+    torch.nn.init.normal_(model.fc.bias)
+    x, r = torch.randn(2, 5, 0, dtype=BF16), _x(n=5, dtype=BF16)
+    got, swaps, since = _compiled(model, x, r, dtype=BF16)
+    assert swaps == {"linear_epilogue": 1}, swaps
+    assert _whats(since, "linear_epilogue") == [f"linear + bias + gelu + residual add {EPILOGUE}"]
+    want = (r.double() + F.gelu(model.fc.bias.detach().double())).to(BF16)
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)

@@ -79,11 +79,12 @@ def softmax_op(x: torch.Tensor) -> torch.Tensor:
 def linear_epilogue_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
                        activation: str | None, w_is_kn: bool) -> torch.Tensor:
     """activation(x @ W + bias) + residual in one GEMM: x (..., K); W is w.T for a Linear's weight w (N, K), or
-    w itself (K, N) with ``w_is_kn``; bias (N,), residual (..., N); the result (..., N) in x's dtype."""
-    rows = x.reshape(-1, x.shape[-1])                                    # (M, K)
+    w itself (K, N) with ``w_is_kn``; bias (N,), residual (..., N); the result (..., N) in x's dtype. K = 0 (a Linear
+    of no input feature) is activation(bias) + residual, as torch's."""
+    rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])              # (M, K); reshape(-1, 0) cannot tell M
     b = w if w_is_kn else w.t()                                          # (K, N); a weight's .t() is read as is
     n = b.shape[1]
-    res = None if residual is None else residual.reshape(-1, n)          # (M, N)
+    res = None if residual is None else residual.reshape(rows.shape[0], n)   # (M, N)
     return _gemm(rows, b, bias=bias, activation=activation, residual=res).view(*x.shape[:-1], n)
 
 
