@@ -172,6 +172,58 @@ def test_a_convolution_of_a_batch_of_zero_still_counts_as_before():
         assert row.flops == n * (2 * 4 * 3 * 9 * 9 + 4 * 9)
 
 
+def _random_convolution(rng):
+    """One random convolution (1-3 spatial dims, maybe transposed, grouped, strided, dilated, padded, 'same', a
+    batch of 0 to 2, with or without a bias) that torch accepts, or None."""
+    dim, transposed = rng.choice([1, 2, 3]), rng.random() < 0.4
+    g = rng.choice([1, 1, 2, 3])
+    cin, cout = g * rng.randint(1, 3), g * rng.randint(1, 3)
+    k, s, d = ([rng.randint(1, hi) for _ in range(dim)] for hi in (3, 3, 2))
+    pad, size = [rng.randint(0, 2) for _ in range(dim)], [rng.randint(4, 7) for _ in range(dim)]
+    x = torch.randn(rng.randint(0, 2), cin, *size, requires_grad=True)
+    b = torch.randn(cout, requires_grad=True) if rng.random() < 0.5 else None
+    if transposed:
+        w = torch.randn(cin, cout // g, *k, requires_grad=True)
+        out_pad = [rng.randint(0, max(si, di) - 1) for si, di in zip(s, d, strict=True)]
+        op = [F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d][dim - 1]
+        kw = {"stride": s, "padding": pad, "output_padding": out_pad, "groups": g, "dilation": d}
+    else:
+        w = torch.randn(cout, cin // g, *k, requires_grad=True)
+        op = [F.conv1d, F.conv2d, F.conv3d][dim - 1]
+        same = all(si == 1 for si in s) and rng.random() < 0.3
+        kw = {"stride": s, "padding": "same" if same else pad, "groups": g, "dilation": d}
+    try:
+        y = op(x, w, b, **kw)
+    except RuntimeError:  # a size torch refuses (an output of negative size, output_padding past the stride)
+        return None
+    return (lambda: op(x, w, b, **kw)), y.numel(), b is not None, g
+
+
+def test_fuzzed_convolutions_count_as_torch_does_with_the_bias_adds():
+    """Forty random convolutions that torch runs, trained: the forward as torch's counter plus one add per output
+    element for a bias; the backward as torch's (ungrouped: torch counts a grouped weight gradient as if ungrouped)
+    plus the bias gradient's adds. None fails the counting pass."""
+    import random
+
+    from profile_support import torch_by_op
+
+    rng, checked = random.Random(25), 0
+    while checked < 40:
+        made = _random_convolution(rng)
+        if made is None:
+            continue
+        forward, out_elements, bias, groups = made
+        step = lambda forward=forward: forward().sum().backward()  # noqa: E731
+        ours, theirs = counting.count_ops(step), torch_by_op(step)
+        adds = out_elements if bias else 0
+        fwd = sum(c.flops for (op, _), c in ours.items() if op == "aten::convolution")
+        bwd = sum(c.flops for (op, _), c in ours.items() if op == "aten::convolution_backward")
+        assert fwd == theirs.get("aten::convolution", 0) + adds, (checked, fwd, theirs)
+        if groups == 1:
+            assert bwd == theirs.get("aten::convolution_backward", 0) + adds, (checked, bwd, theirs)
+        checked += 1
+
+
 # --- bad arguments -------------------------------------------------------------------------------------------------
 CEIL = device.Ceilings("cpu", 2e10, {"fp32": 2e11, "fp64": 1e11}, "now")
 

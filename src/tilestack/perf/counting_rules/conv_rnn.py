@@ -13,7 +13,7 @@ def _conv_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
     x, w, b = arg("input"), arg("weight"), arg("bias")
     groups, transposed = int(arg("groups")), bool(arg("transposed"))
-    if 0 in (_numel(x), _numel(w), _numel(out)):
+    if 0 in (_numel(x), _numel(w)):
         # nothing to multiply: torch gives x (N, 0, *S) by w (C_out, 0, *K) an output of 0 channels, which the
         # formula's shape check refused mid-profile (profiler round 25); a bias would be added to each output element
         return float(_numel(out)) if b is not None else 0.0
@@ -28,7 +28,7 @@ def _conv_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> floa
     """
     arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
     dx, dw, db = arg("output_mask")
-    if 0 in (_numel(arg("grad_output")), _numel(arg("input")), _numel(arg("weight"))):  # no products (see above)
+    if 0 in (_numel(arg("input")), _numel(arg("weight"))):  # no products (see above)
         return float(_numel(arg("grad_output"))) if db else 0.0
     return float(
         formulas.convolution_backward(
