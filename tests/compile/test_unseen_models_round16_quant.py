@@ -10,8 +10,10 @@ compiled (check=True) within tolerance of its eager self, the fused epilogues na
 What this round fixed (src/tilestack/quant/linear.py): a subclass of nn.Linear with a forward of its own (a LoRA
 layer: ``base(x) + x A^T B^T``) was left in float with the reason of nn.MultiheadAttention's out_proj, "which its owner
 may read by weight", which says nothing of why; it now says its forward computes more than x @ W^T + b, which a
-QuantLinear in its place would drop. Helpers and the reference-backend fixture: test_unseen_models_round1,
-test_unseen_round9, test_unseen_models_round12_quant, test_unseen_models_round13_quant."""
+QuantLinear in its place would drop. A bare nn.Linear model quantize cannot take (a float64 or NaN weight) was refused
+as "quantize_weight: w ...", naming neither the call nor the model; it is now refused as a model's layer is.
+Helpers and the reference-backend fixture: test_unseen_models_round1, test_unseen_round9,
+test_unseen_models_round12_quant, test_unseen_models_round13_quant."""
 
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from unseen_blocks_round16 import (
 
 import tilestack
 import tilestack.compile as tc
+from tilestack.errors import LaunchError
 from tilestack.quant import QuantLinear
 
 F32, BF16 = torch.float32, torch.bfloat16
@@ -217,3 +220,21 @@ def test_multihead_attention_out_proj_keeps_its_reason():
     with pytest.warns(UserWarning, match=r"0\.out_proj \(NonDynamicallyQuantizableLinear: a subclass of nn\.Linear, "
                                          r"which its owner may read by weight"):
         tilestack.quantize(model, "int8")
+
+
+@pytest.mark.parametrize("bad", ["float64", "nan"])
+def test_bare_linear_that_cannot_be_quantized_names_the_model(bad):
+    """A bare ``nn.Linear`` model whose weight is float64 or holds a NaN: refused as the call and its argument, as a
+    model's layer is ("quantize: layer 'fc' cannot be quantized"); it said only "quantize_weight: w ...". The layer
+    is left as it was."""
+    linear = seeded(nn.Linear, 4, 3)
+    if bad == "float64":
+        linear = linear.double()
+    else:
+        with torch.no_grad():
+            linear.weight[1, 2] = float("nan")
+    fragment = "float64; expected one of float32" if bad == "float64" else "holds NaN or infinite values"
+    with pytest.raises(LaunchError, match=rf"quantize: model \(an nn.Linear itself\) cannot be quantized: "
+                                         rf"quantize_weight: w .*{fragment}"):
+        tilestack.quantize(linear, "int8")
+    assert type(linear) is nn.Linear

@@ -443,7 +443,10 @@ def quantize(model: nn.Module, mode: str = "int8", *, calibration=None, skip=())
                                    linear)
 
     if "" in names:      # the model is itself a Linear: no parent to change in place, its replacement is returned
-        return replaced("", model)
+        try:             # (refused, it said "quantize_weight: w ...", not which call or argument: a model's layers do)
+            return replaced("", model)
+        except LaunchError as e:
+            raise LaunchError(f"quantize: model (an nn.Linear itself) cannot be quantized: {e}") from e
     # every replacement made before any is set: a layer refused (an f64 or NaN weight) left the layers before it
     # quantized in the caller's model, which then ran half quantized after the error
     made = []
