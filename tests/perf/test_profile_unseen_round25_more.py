@@ -98,6 +98,7 @@ def test_a_zeros_like_canvas_in_a_profile_is_memory_bound_data_movement():
     p = profile_cpu(Canvas(), (x,))
     row = next(o for o in p.ops if o.op == "aten::zeros_like")
     assert (row.m.flops, row.m.bytes_read, row.m.bytes_written) == (0, 0, x.numel() * F32)
+    assert row.counted and row.bound == "memory"
     assert not p.unsupported
     assert p.bytes == pytest.approx(sum(o.m.bytes * o.calls for o in p.ops) + sum(u.bytes for u in p.untimed))
 
