@@ -10,6 +10,16 @@ What this round found (the test failed before its fix):
   gelu_tanh (x < -9.9), where the reference executor and float64 torch give the value. Both GPU backends (Triton,
   Gluon) now emit where(x >= 0, 1, t) / (1 + t) with t = exp(-|x|) <= 1, which overflows nowhere (NaN stays NaN,
   sigmoid(-inf) = 0, sigmoid(inf) = 1).
+- attention of a query row whose scores are all -inf because q and k hold infinities (q's -inf against a key
+  column of positive values; no mask, top-left causal or none) was NaN, where torch's SDPA gives o = 0 (and finite
+  dv, dq of that row 0, dk NaN in the column the infinity multiplies): only rows that a mask or bottom-right
+  alignment could empty had the running max start at the lowest finite f32 and the guarded division, so
+  exp2(-inf + inf) made the row NaN, and the backward's P NaN. Every forward (the split kernel and the ping-pong
+  schedule) now starts every row there and guards every division, and every backward (the split kernels and the
+  warp-specialized schedule) raises every row's lse to the lowest f32; a one-max-per-row cost.
+- in the same backwards a row made NaN by a +inf score (its lse NaN) gave NaN to dv of keys it never sees under a
+  causal mask, where torch's is_causal leaves them finite: the masks filled -inf before lse was subtracted, and
+  exp2(-inf - NaN) is NaN. The backwards now subtract lse first and mask after, so a masked entry's P is 0.
 """
 
 from __future__ import annotations
@@ -20,8 +30,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import tilestack
 import tilestack.kernels as K
+from test_fuzz_round22_more import close  # (NaN and infinities exactly where float64 torch has them)
 from tilestack import config
+from tilestack.kernels.attention_bwd import attention_backward
+from tilestack.kernels.attention_fwd import attention_forward
 from tilestack.kernels.gemm import gemm
 from tilestack.testing.fuzz.outcomes import poisoned_allocations
 from tilestack.torch import ops
@@ -127,3 +141,67 @@ def test_gemm_epilogue_activation_on_its_far_negative_band(activation, backend):
     lo, hi = BANDS[activation]
     inner = (x > lo + 0.25 * (hi - lo)) & (x < hi)
     assert (y[inner] != 0).all(), f"{activation} on {backend}: a value inside its band flushed to zero"
+
+
+# ---- attention rows whose scores are all -inf from the data ---------------------------------------------------------
+def _infinite_rows(dtype=torch.float32, nq: int = 5, nk: int = 7, heads=(2, 1)):
+    """q, k, v (1, H, Nq, 16) / (1, Hkv, Nk, 16) where row 1 of q holds -inf against k's positive column 0 (every
+    score of that row -inf), row 3 holds +inf there (every score +inf: NaN, as torch's), the rest finite."""
+    g = torch.Generator().manual_seed(2401)
+    q = torch.randn(1, heads[0], nq, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(1, heads[1], nk, 16, generator=g, dtype=torch.float64)
+    v = torch.randn(1, heads[1], nk, 16, generator=g, dtype=torch.float64)
+    k[..., 0] = k[..., 0].abs() + 0.5
+    q[:, :, 1, 0] = -math.inf
+    q[:, 0, 3, 0] = math.inf
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _sdpa64(q, k, v, causal: bool, align: str):
+    """torch's SDPA (GQA); bottom-right alignment (Nq <= Nk) as is_causal over Nk - Nq finite query rows put before
+    q and dropped after (they get no gradient, so add nothing to dk, dv): a causal mask that leaves a row's unseen
+    keys out, as is_causal does, not a boolean mask, whose -inf added to a NaN score stays NaN."""
+    pad = k.shape[2] - q.shape[2] if causal and align == "bottom_right" else 0
+    q = torch.cat((torch.zeros(*q.shape[:2], pad, q.shape[3], dtype=q.dtype), q), 2)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)[:, :, pad:]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal,align", [(False, "top_left"), (True, "top_left"), (True, "bottom_right")],
+                         ids=["full", "causal", "bottom_right"])
+def test_attention_row_of_minus_inf_scores_from_the_data(causal, align, backend):
+    """Forward and backward of tilestack.attention (GQA) against float64 torch: the -inf row's o is 0 and its
+    gradients as torch's (dq 0, dv untouched by it, dk NaN only in the column its -inf multiplies)."""
+    q, k, v = _infinite_rows()
+    got = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = [t.double().requires_grad_() for t in (q, k, v)]
+    g = torch.randn(1, 2, 5, 16, generator=torch.Generator().manual_seed(2402))
+    with config.override(backend=backend), poisoned_allocations():
+        o = tilestack.attention(*got, causal, causal_align=align)
+        o.backward(g)
+    o64 = _sdpa64(*want, causal, align)
+    o64.backward(g.double())
+    assert bool((o64[0, :, 1] == 0).all()), "the case is what it claims: torch's o is 0 on the -inf row"
+    close(o, o64, 2e-6, f"attention o ({backend}, {align if causal else 'full'})")
+    for name, a, b in zip("qkv", got, want, strict=True):
+        close(a.grad, b.grad, 2e-5, f"attention d{name} ({backend}, {align if causal else 'full'})")
+
+
+@pytest.mark.parametrize("schedule", ["pingpong", "ws"])
+def test_attention_row_of_minus_inf_scores_on_the_scheduled_kernels(schedule):
+    """The ping-pong forward and the warp-specialized backward (bf16, the reference executor) on the same rows:
+    o = 0 on the -inf row, gradients as float64 torch's."""
+    q, k, v = _infinite_rows(torch.bfloat16, nq=37, nk=23)
+    g = torch.randn(1, 2, 37, 16, generator=torch.Generator().manual_seed(2403)).bfloat16()
+    want = [t.double().requires_grad_() for t in (q, k, v)]
+    o64 = _sdpa64(*want, True, "top_left")
+    o64.backward(g.double())
+    with poisoned_allocations():
+        fwd = dict(schedule="pingpong", BM=32, BN=16) if schedule == "pingpong" else {}
+        o, lse = attention_forward(q, k, v, True, backend="reference", **fwd)
+        close(o, o64, 2e-2, f"attention o ({schedule})")
+        if schedule == "ws":
+            cfg = {"dkdv": {"schedule": "ws", "BM": 16, "BN": 32}, "dq": {"schedule": "ws", "BM": 32, "BN": 16}}
+            grads = attention_backward(q, k, v, o, lse, g, True, backend="reference", config=cfg)
+            for name, a, b in zip("qkv", grads, want, strict=True):
+                close(a, b.grad, 5e-2, f"attention d{name} ({schedule})")

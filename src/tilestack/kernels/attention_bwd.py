@@ -29,9 +29,9 @@ either). The dK/dV kernel needs no key mask: a padded key's P reaches only its o
 drops. But it sums over query rows, so it masks the rows past Nq of the ragged last query block: they load q,
 dO, lse and delta as zero, which gives a finite P and zero products for finite keys, but 0 * inf = NaN for a
 key that overflowed to -inf (which torch treats as masked). In the dQ kernel a padded query row reaches only
-its own dQ row, which the store drops. A row that saw no key has lse = -inf (and every score -inf); where that
-can happen (a bias, bottom-right alignment) lse is raised to the lowest finite f32, so its P is
-exp2(-inf - lowest) = 0, not exp2(-inf + inf) = NaN.
+its own dQ row, which the store drops. A row that saw no key has lse = -inf (and every score -inf); that can
+happen to any row (a bias, bottom-right alignment, or q and k holding infinities), so lse is raised to the lowest
+finite f32 and its P is exp2(-inf - lowest) = 0, not exp2(-inf + inf) = NaN.
 """
 
 from __future__ import annotations
@@ -91,21 +91,23 @@ def _probabilities(s, q, k, lse, qk_scale, *, keys_left=None, rows_left=None, di
     as the forward normalised it; ``keys_left`` (= Nk - j*BN) masks keys past the end, ``rows_left`` (= Nq - i*BM)
     queries past the end, ``diagonal`` (see ``causal_diagonal``) the causal diagonal; lse is in the log2
     domain, and with ``l2`` (the biased kernels, ``_load_row_stats``) it is the row max and l2 log2 of the row
-    sum, subtracted one after the other: s - max is exact where both are huge, and l2 then still counts."""
+    sum, subtracted one after the other: s - max is exact where both are huge, and l2 then still counts. The
+    masks come after the subtraction: a masked entry's P is 0 whatever the row's lse, where exp2(-inf - NaN) (a
+    row made NaN by a NaN or +inf score) was NaN and reached dV of keys the row never sees (torch's are finite)."""
     ts.zero(s)
     ts.mma_ABt(s, q, k, s, input_precision=precision)   # (BM, BN) = q @ k.T
     ts.mul(s, s, qk_scale)
     if Bias is not None:
         add_bias(s, bias, Bias, at)
+    ts.sub_row(s, s, lse)
+    if l2 is not None:
+        ts.sub_row(s, s, l2)
     if keys_left is not None:
         ts.right_fill(s, s, keys_left, -math.inf)
     if rows_left is not None:
         ts.lower_fill(s, s, rows_left, -math.inf)
     if diagonal is not None:
         ts.make_causal(s, s, diagonal)
-    ts.sub_row(s, s, lse)
-    if l2 is not None:
-        ts.sub_row(s, s, l2)
     # P <= 1 (s - lse <= 0): where q k^T is huge (inputs of magnitude ~1e3 and up) this product rounds apart from
     # the forward's, s - lse lands above 0, and P passed 1 (dV wrong), then overflowed to inf (NaN gradients)
     ts.min(s, s, 0.0)
@@ -125,20 +127,19 @@ def _score_grad(ds, dp, p, do, v, delta, precision: str = "ieee", dropout: Dropo
     ts.copy(ds, dp)
 
 
-def _lse_log2(lse, empty_rows: bool) -> None:
+def _lse_log2(lse) -> None:
     """The saved natural-log lse to the log2 domain; -inf (a row that saw no key) raised to the lowest f32."""
     ts.mul(lse, lse, LOG2E)
-    if empty_rows:
-        ts.max(lse, lse, LOWEST_F32)
+    ts.max(lse, lse, LOWEST_F32)
 
 
-def _load_row_stats(lse, l2, LSE, at, empty_rows: bool) -> None:
+def _load_row_stats(lse, l2, LSE, at) -> None:
     """A query block's normaliser for ``_probabilities``: from the saved natural-log lse (B, H, Nq), or where
     ``l2`` is a vector (the biased kernels) from the forward's STATS (2, B, H, Nq): the row max into lse and log2
     of the row sum into l2, both log2 domain (kernels.attention_fwd's module docstring says why)."""
     if l2 is None:
         ts.load(lse, LSE, at=at)                 # (BM,) natural log
-        _lse_log2(lse, empty_rows)
+        _lse_log2(lse)
     else:
         ts.load(lse, LSE, at=(0, *at))           # (BM,) row max
         ts.load(l2, LSE, at=(1, *at))            # (BM,) log2 row sum
@@ -161,7 +162,7 @@ def key_block_queries(j, Nq, BM: int, BN: int, causal: bool, shift):
 
 
 def _dkdv_block(i, h, *, b, q, do, lse, delta, k, v, s, dp, p, ds, dk, dv, Q, dO, LSE, Delta, qk_scale,
-                masked: bool, diagonal: bool, shift, empty_rows: bool, Bias, bias, j, BM: int, BN: int,
+                masked: bool, diagonal: bool, shift, Bias, bias, j, BM: int, BN: int,
                 precision: str, dropout: Dropout | None, Nk, DQ=None, dq=None, scale=None, l2=None):
     """Query block i of query head h against this program's key block j; ``masked``: rows past Nq, and the
     causal diagonal if ``diagonal``. With ``dropout``: dV from the dropped P (scaled once, at the end), dS from the
@@ -169,7 +170,7 @@ def _dkdv_block(i, h, *, b, q, do, lse, delta, k, v, s, dp, p, ds, dk, dv, Q, dO
     atomically (``dq``: its (BM, D) f32 scratch)."""
     ts.load(q, Q, at=(b, h, i, 0))               # (BM, D)
     ts.load(do, dO, at=(b, h, i, 0))             # (BM, DV)
-    _load_row_stats(lse, l2, LSE, (b, h, i), empty_rows)
+    _load_row_stats(lse, l2, LSE, (b, h, i))
     ts.load(delta, Delta, at=(b, h, i))          # (BM,)
     # with DQ, keys past Nk are masked too: their P (exp2(0 - lse), which can overflow) would reach dQ = dS K
     _probabilities(s, q, k, lse, qk_scale, rows_left=Q.shape[2] - i * BM if masked else None,
@@ -193,7 +194,7 @@ def _dkdv_block(i, h, *, b, q, do, lse, delta, k, v, s, dp, p, ds, dk, dv, Q, dO
 
 
 def _dkdv_block_t(i, h, *, b, q, do, lse, delta, k, v, s, dp, p, ds, dk, dv, Q, dO, LSE, Delta, qk_scale,
-                  masked: bool, diagonal: bool, shift, empty_rows: bool, j, BM: int, BN: int, precision: str, Nk,
+                  masked: bool, diagonal: bool, shift, j, BM: int, BN: int, precision: str, Nk,
                   DQ=None, dq=None, scale=None, **_):
     """``_dkdv_block`` in the key-major orientation, as FlashAttention-2's backward works: S^T = K Q^T (BN, BM), so
     P^T and dS^T, the left operands of dV += P^T dO and dK += dS^T Q, are made in registers in the layout the
@@ -203,17 +204,17 @@ def _dkdv_block_t(i, h, *, b, q, do, lse, delta, k, v, s, dp, p, ds, dk, dv, Q, 
     ts.load(do, dO, at=(b, h, i, 0))             # (BM, DV)
     ts.load(lse, LSE, at=(b, h, i))              # (BM,) natural log
     ts.load(delta, Delta, at=(b, h, i))          # (BM,)
-    _lse_log2(lse, empty_rows)
+    _lse_log2(lse)
     ts.zero(s)
     ts.mma_ABt(s, k, q, s, input_precision=precision)     # (BN, BM) = K @ Q^T
     ts.mul(s, s, qk_scale)
+    ts.sub_col(s, s, lse)                        # before the masks (see _probabilities)
     if masked:                                   # queries past Nq are columns here
         ts.right_fill(s, s, Q.shape[2] - i * BM, -math.inf)
     if DQ is not None:                           # keys past Nk: their P would reach dQ (see _dkdv_block)
         ts.lower_fill(s, s, Nk - j * BN, -math.inf)
     if diagonal:                                 # keep key <= query + shift: row - col <= d, i.e. col - row >= -d
         ts.triu(s, s, -causal_diagonal(i, j, BM, BN, shift), -math.inf)
-    ts.sub_col(s, s, lse)
     ts.exp2(s, s)                                # P^T
     ts.copy(p, s)
     ts.mma_AB(dv, p, do, dv, input_precision=precision)    # (BN, DV) += P^T dO
@@ -274,8 +275,8 @@ def _dkdv(Q, K, V, Bias, dO, LSE, Delta, dK, dV, scale, *, D: int, DV: int | Non
     ts.zero(dv)
     first, full, tail, n_q_blocks = key_block_queries(j, Q.shape[2], BM, BN, causal, shift)
     tiles = dict(b=b, q=q, do=do, lse=lse, delta=delta, k=k, v=v, s=s, dp=dp, p=p, ds=ds, dk=dk, dv=dv, Q=Q,
-                 dO=dO, LSE=LSE, Delta=Delta, qk_scale=scale * LOG2E, shift=shift,
-                 empty_rows=Bias is not None or shift is not None, Bias=Bias, bias=bias, j=j, BM=BM, BN=BN,
+                 dO=dO, LSE=LSE, Delta=Delta, qk_scale=scale * LOG2E, shift=shift, Bias=Bias, bias=bias, j=j,
+                 BM=BM, BN=BN,
                  precision=precision, dropout=drop, Nk=K.shape[2])
     if l2 is not None:
         tiles["l2"] = l2
@@ -409,7 +410,7 @@ def _dq(Q, K, V, Bias, dO, LSE, Delta, dQ, scale, *, D: int, DV: int | None, cau
     drop = Dropout.tiles(*dropout, BM, BN) if dropout is not None else None
     ts.load(q, Q, at=(b, h, i, 0))
     ts.load(do, dO, at=(b, h, i, 0))
-    _load_row_stats(lse, l2, LSE, (b, h, i), Bias is not None or shift is not None)
+    _load_row_stats(lse, l2, LSE, (b, h, i))
     ts.load(delta, Delta, at=(b, h, i))
     ts.zero(dq)
     n_full, n_blocks = query_block_keys(i, K.shape[2], BM, BN, causal, shift)

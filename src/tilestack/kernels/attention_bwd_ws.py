@@ -59,7 +59,7 @@ def _in_turn(turns: bool):
 
 
 def _dkdv_trip(t, i, h, *, masked: bool, diagonal: bool, b, j, k, v, dk, dv, q_ring, do_ring, q_s, do_s, Q, dO,
-               LSE, Delta, qk_scale, shift, empty_rows: bool, HALF: int, BM: int, STAGES: int, TURNS: bool):
+               LSE, Delta, qk_scale, shift, HALF: int, BM: int, STAGES: int, TURNS: bool):
     """Query block i of query head h, the program's t-th trip: the producer's loads, then each consumer's share of
     the block pair (its HALF keys against the BM queries). ``masked``: queries past Nq (columns here), and the
     causal diagonal if ``diagonal``."""
@@ -71,7 +71,7 @@ def _dkdv_trip(t, i, h, *, masked: bool, diagonal: bool, b, j, k, v, dk, dv, q_r
         with ts.partition(role, **CONSUMER):
             lse = ts.RegVec[ts.f32, BM]()                      # per query: per column of S^T
             ts.load(lse, LSE, at=(b, h, i))
-            _lse_log2(lse, empty_rows)
+            _lse_log2(lse)
             delta = ts.RegVec[ts.f32, BM]()
             ts.load(delta, Delta, at=(b, h, i))
             ts.wait_load(q_s, q_ring, st)
@@ -86,11 +86,11 @@ def _dkdv_trip(t, i, h, *, masked: bool, diagonal: bool, b, j, k, v, dk, dv, q_r
             ts.mma_wait(s)                                     # (and dp: a wait retires every product before it)
             ts.mma_wait(dp)
             ts.mul(s, s, qk_scale)
+            ts.sub_col(s, s, lse)                              # before the masks (attention_bwd._probabilities)
             if masked:
                 ts.right_fill(s, s, Q.shape[2] - i * BM, -math.inf)        # queries past Nq
                 if diagonal:   # keep key <= query + shift: row - col <= d, i.e. col - row >= -d
                     ts.triu(s, s, -causal_diagonal(i, 2 * j + g, BM, HALF, shift), -math.inf)
-            ts.sub_col(s, s, lse)
             ts.min(s, s, 0.0)                                  # P^T <= 1 (see attention_bwd._probabilities)
             ts.exp2(s, s)                                      # P^T
             ts.sub_col(dp, dp, delta)
@@ -151,8 +151,8 @@ def attention_bwd_dkdv_ws_kernel(Q, K, V, dO, LSE, Delta, dK, dV, scale: float, 
     first, full, tail, n_q_blocks = key_block_queries(j, Q.shape[2], BM, BN, causal, shift)
     per_head = n_q_blocks - first                              # trips a head takes (the rings' stage: trip % STAGES)
     tiles = dict(b=b, j=j, k=k, v=v, dk=dk, dv=dv, q_ring=q_ring, do_ring=do_ring, q_s=q_s, do_s=do_s, Q=Q, dO=dO,
-                 LSE=LSE, Delta=Delta, qk_scale=scale * LOG2E, shift=shift, empty_rows=shift is not None,
-                 HALF=HALF, BM=BM, STAGES=STAGES, TURNS=TURNS)
+                 LSE=LSE, Delta=Delta, qk_scale=scale * LOG2E, shift=shift, HALF=HALF, BM=BM, STAGES=STAGES,
+                 TURNS=TURNS)
     for g_h in ts.range(heads):
         h = first_h + g_h
         t0 = g_h * per_head - first
@@ -196,11 +196,11 @@ def _dq_trip(j, *, masked: bool, causal: bool, b, hk, i, q, do, lse, delta, dq, 
             ts.mma_wait(s)
             ts.mma_wait(dp)
             ts.mul(s, s, qk_scale)
+            ts.sub_row(s, s, lse[g])                           # before the masks (attention_bwd._probabilities)
             if masked:         # keys past Nk (a zero key's P = exp2(-lse) may overflow, and dQ = dS K sums keys)
                 ts.right_fill(s, s, K.shape[2] - j * BN, -math.inf)
                 if causal:
                     ts.make_causal(s, s, causal_diagonal(2 * i + g, j, HALF, BN, shift))
-            ts.sub_row(s, s, lse[g])
             ts.min(s, s, 0.0)                                  # P <= 1 (see attention_bwd._probabilities)
             ts.exp2(s, s)                                      # P
             ts.sub_row(dp, dp, delta[g])
@@ -244,7 +244,7 @@ def attention_bwd_dq_ws_kernel(Q, K, V, dO, LSE, Delta, dQ, scale: float, *, D: 
             ts.load(do[g], dO, at=(b, h, 2 * i + g, 0))
             lse.append(ts.RegVec[ts.f32, HALF]())
             ts.load(lse[g], LSE, at=(b, h, 2 * i + g))
-            _lse_log2(lse[g], shift is not None)
+            _lse_log2(lse[g])
             delta.append(ts.RegVec[ts.f32, HALF]())
             ts.load(delta[g], Delta, at=(b, h, 2 * i + g))
             dq.append(ts.RegTile[ts.f32, HALF, D]())

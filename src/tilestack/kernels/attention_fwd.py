@@ -29,8 +29,8 @@ The meaning is torch's ``F.scaled_dot_product_attention`` (its math backend, in 
 - ``attn_mask``: an additive float bias or a boolean mask (True = attend) of rank 2 to 4, broadcastable to
   (B, H, Nq, Nk) (H counts query heads); bool, float32 or q's dtype, the masks torch's SDPA takes. A boolean
   mask becomes a 0 / -inf bias; with ``causal`` both apply.
-- A query row that sees no key (every key masked, bottom-right causal with Nq > Nk, or Nk = 0) gives o = 0
-  and lse = -inf, as torch's math backend. A finite additive bias past +-``MAX_BIAS`` (about 1.18e38) counts as
+- A query row that sees no key (every key masked, bottom-right causal with Nq > Nk, Nk = 0, or every score -inf
+  from infinities in q and k) gives o = 0 and lse = -inf, as torch's math backend. A finite additive bias past +-``MAX_BIAS`` (about 1.18e38) counts as
   +-MAX_BIAS (``add_bias``; its log2-domain value would overflow): a row masked everywhere with
   ``torch.finfo(torch.float32).min`` averages v over those keys as torch's (its softmax of equal huge scores is
   uniform), and a key with a huge positive bias takes its row's weight as in torch; but two such values in one
@@ -41,10 +41,11 @@ One program per (query block, batch*head). Keys are visited in two loops: blocks
 inside the sequence and, when causal, fully at or below the diagonal), then the few that do (the ragged end
 of the keys, the causal diagonal), so the common case pays for no masking. Scores live in the log2 domain (the
 softmax scale is folded with log2(e)) so the exponentials are exp2. A bias is a kernel of its own
-(``attention_fwd_bias_kernel``, the same body): the unbiased trace has no trace of it. Rows that may see no
-key (a bias, or bottom-right alignment) start the running max at the lowest finite f32 instead of -inf, so a
-fully masked block gives exp2(-inf - lowest) = 0 rather than exp2(-inf + inf) = NaN; such a row ends with
-l = 0 and o = 0, and its division is guarded.
+(``attention_fwd_bias_kernel``, the same body): the unbiased trace has no trace of it. Any row may see no key (a
+bias or bottom-right alignment masks all its keys; q and k holding infinities make all its scores -inf, where
+torch's o is 0 too), so rows start the running max at the lowest finite f32 instead of -inf: a fully masked block
+gives exp2(-inf - lowest) = 0 rather than exp2(-inf + inf) = NaN; such a row ends with l = 0 and o = 0, and the
+division is guarded.
 The log-sum-exp (natural log, per query row, f32) is saved for the backward. The biased kernels also keep each
 row's max m and log2 l apart (``STATS``, (2, B, H, Nq) f32, log2 domain; log2 0 raised to the lowest f32): where
 a huge finite fill masks every key a row sees (-1e30, ``torch.finfo(f32).min``), m is about fill * log2 e and
@@ -249,7 +250,6 @@ def _forward(Q, K, V, Bias, O, LSE, scale, *, D: int, DV: int | None, causal: bo
     b, h = bh // H, bh % H
     hk = h // (H // K.shape[1])                  # GQA: the key/value head of query head h
     shift = causal_shift(Q, K, causal, causal_align)
-    empty_rows = Bias is not None or shift is not None     # can a query row see no key at all?
 
     q = ts.SharedTile[Q.dtype, BM, D]()
     k = ts.SharedTile[K.dtype, BN, D]()
@@ -265,7 +265,7 @@ def _forward(Q, K, V, Bias, O, LSE, scale, *, D: int, DV: int | None, causal: bo
     drop = Dropout.tiles(*dropout, BM, BN) if dropout is not None else None
     ts.load(q, Q, at=(b, h, i, 0))               # (BM, D)
     ts.zero(o)
-    ts.fill(m, LOWEST_F32 if empty_rows else -math.inf)
+    ts.fill(m, LOWEST_F32)                       # not -inf: a row may see no key (module docstring)
     ts.zero(l)
     qk_scale = scale * LOG2E
 
@@ -279,12 +279,9 @@ def _forward(Q, K, V, Bias, O, LSE, scale, *, D: int, DV: int | None, causal: bo
         _attend_block(j, masked=True, **tiles)
 
     out = ts.RegTile[O.dtype, BM, DV]()
-    if empty_rows:                               # a row that saw no key has o = 0 and l = 0: 0 / tiny = 0
-        l_div = ts.RegVec[ts.f32, BM]()
-        ts.max(l_div, l, EMPTY_ROW_SUM)
-        ts.div_row(o, o, l_div)
-    else:
-        ts.div_row(o, o, l)
+    l_div = ts.RegVec[ts.f32, BM]()              # a row that saw no key has o = 0 and l = 0: 0 / tiny = 0
+    ts.max(l_div, l, EMPTY_ROW_SUM)
+    ts.div_row(o, o, l_div)
     if drop is not None:                         # the kept entries' 1 / (1 - p)
         ts.mul(o, o, drop.scale)
     ts.copy(out, o)

@@ -123,7 +123,7 @@ def attention_fwd_pingpong_kernel(Q, K, V, O, LSE, scale: float, *, D: int, DV: 
             acc.append(ts.RegTile[ts.f32, HALF, DV]())
             ts.zero(acc[g])
             m.append(ts.RegVec[ts.f32, HALF]())
-            ts.fill(m[g], LOWEST_F32 if shift is not None else -math.inf)   # a row may see no key (bottom-right)
+            ts.fill(m[g], LOWEST_F32)                             # a row may see no key (attention_fwd)
             lsum.append(ts.RegVec[ts.f32, HALF]())
             ts.zero(lsum[g])
             ts.wait_load(k_s, k_ring, 0)
@@ -141,12 +141,9 @@ def attention_fwd_pingpong_kernel(Q, K, V, O, LSE, scale: float, *, D: int, DV: 
         _trip(j, masked=True, **tiles)
     for g, role in enumerate(ROLES):
         with ts.partition(role, **CONSUMER):
-            if shift is not None:                                # a row that saw no key: o = 0, l = 0
-                l_div = ts.RegVec[ts.f32, HALF]()
-                ts.max(l_div, lsum[g], EMPTY_ROW_SUM)
-                ts.div_row(acc[g], acc[g], l_div)
-            else:
-                ts.div_row(acc[g], acc[g], lsum[g])
+            l_div = ts.RegVec[ts.f32, HALF]()                    # a row that saw no key: o = 0, l = 0
+            ts.max(l_div, lsum[g], EMPTY_ROW_SUM)
+            ts.div_row(acc[g], acc[g], l_div)
             o = ts.RegTile[O.dtype, HALF, DV]()
             ts.copy(o, acc[g])
             ts.store(O, o, at=(b, h, 2 * i + g, 0))
