@@ -640,3 +640,20 @@ def test_one_tensor_passed_as_two_outputs_keeps_both_stores(backend):
     launch(split_halves, backend, x, lo, hi)
     assert torch.equal(lo[:8], x[:8]) and (lo[8:] == -1).all() and (hi[:8] == -1).all()
     assert torch.equal(hi[8:], 10 * x[8:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_kernel_write_is_seen_by_autograd_as_an_in_place_update(backend):
+    """y = exp(x) is saved for exp's backward; a kernel then overwrites y through y.detach(). The reference backend's
+    copy back bumped y's version, so backward refused it as torch refuses any in-place change of a saved tensor;
+    Triton's writes bumped nothing and backward ran with the overwritten y: gradients of 0, silently. Every launch
+    bumps its written tensors' versions now (lang.kernel's launch guard)."""
+    x = torch.randn(8, requires_grad=True)
+    y = x.exp()
+    launch(widen_copy, backend, torch.zeros(8), y.detach())
+    assert y._version > 0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    z = torch.zeros(8)                                 # a plain output: written, version bumped, nothing else
+    launch(widen_copy, backend, torch.ones(8), z)
+    assert (z == 1).all() and z._version > 0

@@ -679,8 +679,12 @@ class TracedKernel:
         # write it unseen by autograd), an inference tensor written outside inference mode (torch refuses such an
         # in-place update: the reference backend failed after running, Triton wrote it) and a ts.range loop's
         # runtime step. Inside inference mode (grad off there too) the outputs are not looked at.
+        # After the launch, each written tensor's version counter is bumped as an in-place torch op bumps it: autograd
+        # then refuses a backward through a tensor the kernel overwrote (saved by exp, say), as it does on the
+        # reference backend (whose copy back is such an op), where Triton's writes went unseen and the gradients were
+        # silently wrong.
         def checked(args, _launch=launch, _outputs=outputs, _grad=torch.is_grad_enabled,
-                    _infer=torch.is_inference_mode_enabled):
+                    _infer=torch.is_inference_mode_enabled, _bump=torch.autograd.graph.increment_version):
             if _outputs and not _infer():
                 grad = _grad()
                 for i in _outputs:
@@ -692,7 +696,10 @@ class TracedKernel:
                 self.check_steps(args)
             if overlaps is not None:
                 overlaps(args)
-            return _launch(args)
+            result = _launch(args)
+            if _outputs:
+                _bump([args[i] for i in _outputs])
+            return result
         return checked
 
     def check_steps(self, args: Sequence) -> None:
