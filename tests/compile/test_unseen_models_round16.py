@@ -17,9 +17,11 @@ What this round found and fixed (src/tilestack/compile/ops.py):
   largest value over no key); eager gives the empty softmax and an output of 0. Under a ``masked_fill(~keep,
   finfo.min)`` the rows seeing no key were set to the mean of no value (NaN; the check then kept the original, and the
   softmax pass's check crashed the compile, below). ``ops.ts_attention`` now leaves a keyless attention to the
-  kernel's 0, made contiguous: the op's zeros for no key are contiguous where its fake follows q's layout, and a
-  later ``reshape`` traced as a view on the fake's strides failed on the real tensor ("view size is not compatible
-  with input tensor's size and stride"; the op's own fake / kernel mismatch is tilestack.torch's, told to the lead).
+  kernel's 0. That 0 is contiguous zeros (attention_forward launches nothing), where ``tilestack::attention_fwd``'s
+  fake gave q's layout (a transposed view's): a later ``reshape`` traced as a view on the fake's strides failed on the
+  real tensor, "view size is not compatible with input tensor's size and stride", through the passes and for
+  ``tilestack.scaled_dot_product_attention`` compiled in user code alike; the fake now says contiguous there
+  (src/tilestack/torch/attention.py ``_fwd_fake``).
 - a bf16 Linear of no input feature (in_features 0) with a GELU and a residual: the GEMM epilogue op's
   ``reshape(-1, 0)`` raised inside the check (BackendCompilerFailed); ``ops.linear_epilogue_op`` now takes its rows
   by their count.
@@ -388,3 +390,21 @@ def test_bf16_linear_of_no_input_feature():
     assert _whats(since, "linear_epilogue") == [f"linear + bias + gelu + residual add {EPILOGUE}"]
     want = (r.double() + F.gelu(model.fc.bias.detach().double())).to(BF16)
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+
+
+def test_tilestack_sdpa_over_no_key_under_torch_compile():
+    """``tilestack.scaled_dot_product_attention`` itself in a compiled function, q a transposed view, no key: the
+    output eager's 0 through a ``reshape`` after it (the op's fake took q's layout where the kernel's zeros are
+    contiguous: the view traced on the fake failed); with keys, eager's too."""
+    def f(q, k, v):
+        return tilestack.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 4, -1)   # (b, n, H * hd)
+
+    for nk in (0, 5):
+        torch.manual_seed(nk)
+        q = torch.randn(2, 4, 3, 8).transpose(1, 2)                                               # (b, H, n, hd)
+        k, v = torch.randn(2, 3, nk, 8), torch.randn(2, 3, nk, 8)
+        torch._dynamo.reset()
+        got = torch.compile(f, backend="aot_eager")(q, k, v)
+        torch.testing.assert_close(got, f(q, k, v), rtol=1e-5, atol=1e-5)
+        if nk == 0:
+            assert not got.any()

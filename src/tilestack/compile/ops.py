@@ -201,8 +201,6 @@ def ts_attention(q, k, v, mask, mask_is_fill: bool, causal: bool, scale: float, 
         absorbed = _absorbed_rows(keep, added_in)
         keep = keep.masked_fill(absorbed, -math.inf)        # the kernel sees no key there (0, no gradient)
     out = attention_fwd_op(q, k, v, keep, causal, scale, "top_left")[0]
-    if keyless:     # the op's zeros for no key are contiguous where its fake takes q's layout (a transposed view's):
-        out = out.contiguous()      # a later view traced on the fake's strides failed on the real ones; one layout
     if keep is not None and finite_fill and keep.dtype == torch.bool and not keyless:
         sees_none = torch.logical_not(keep.any(-1, keepdim=True))           # (.., Nq, 1), broadcast over D
         out = torch.where(sees_none, v.mean(-2, keepdim=True).to(out.dtype), out)

@@ -45,8 +45,10 @@ from tilestack.torch._library import autograd_op
 
 
 def _fwd_fake(q, k, v, attn_mask, causal, scale, causal_align, dropout_p=0.0, rng=None, precision="ieee"):
-    B, H, Nq, D = q.shape   # o as attention_forward makes it: q's layout when Dv == D
-    o = torch.empty_like(q) if v.shape[3] == D else q.new_empty((B, H, Nq, v.shape[3]))
+    B, H, Nq, D = q.shape   # o as attention_forward makes it: q's layout when Dv == D and it launches, else
+    # contiguous (its zeros where no row sees a key: a transposed q's layout here failed a view traced on it)
+    launches = 0 not in (B, H, Nq, k.shape[2])
+    o = torch.empty_like(q) if v.shape[3] == D and launches else q.new_empty((B, H, Nq, v.shape[3]))
     stats = (2, B, H, Nq) if attn_mask is not None and 0 not in (B, H, Nq, k.shape[2]) else (0,)
     return o, q.new_empty((B, H, Nq), dtype=torch.float32), q.new_empty(stats, dtype=torch.float32)
 
