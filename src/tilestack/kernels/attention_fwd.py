@@ -30,11 +30,11 @@ The meaning is torch's ``F.scaled_dot_product_attention`` (its math backend, in 
   (B, H, Nq, Nk) (H counts query heads); bool, float32 or q's dtype, the masks torch's SDPA takes. A boolean
   mask becomes a 0 / -inf bias; with ``causal`` both apply.
 - A query row that sees no key (every key masked, bottom-right causal with Nq > Nk, Nk = 0, or every score -inf
-  from infinities in q and k) gives o = 0 and lse = -inf, as torch's math backend. A finite additive bias past +-``MAX_BIAS`` (about 1.18e38) counts as
-  +-MAX_BIAS (``add_bias``; its log2-domain value would overflow): a row masked everywhere with
-  ``torch.finfo(torch.float32).min`` averages v over those keys as torch's (its softmax of equal huge scores is
-  uniform), and a key with a huge positive bias takes its row's weight as in torch; but two such values in one
-  row count alike where torch favours the larger.
+  from infinities in q and k) gives o = 0 and lse = -inf, as torch's math backend. A finite additive bias past
+  +-``MAX_BIAS`` (about 1.18e38) counts as +-MAX_BIAS (``add_bias``; its log2-domain value would overflow): a row
+  masked everywhere with ``torch.finfo(torch.float32).min`` averages v over those keys as torch's (its softmax
+  of equal huge scores is uniform), and a key with a huge positive bias takes its row's weight as in torch; but
+  two such values in one row count alike where torch favours the larger.
 - GQA/MQA: query head h reads key/value head h // (H // Hkv).
 
 One program per (query block, batch*head). Keys are visited in two loops: blocks that need no mask (fully
