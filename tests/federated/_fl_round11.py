@@ -1,5 +1,5 @@
 """Helpers of the round 11 federated scenario tests: a ClientApp whose replies are written array by array (compressed
-arrays where the server asked for none)."""
+arrays where the server asked for none), and tilestack's own ClientApp counting the messages it is given."""
 
 from __future__ import annotations
 
@@ -24,5 +24,26 @@ def array_app(encode) -> ClientApp:
         metrics = MetricRecord({"num-examples": 3 * (pid + 1), "train-loss": 0.0, "num-steps": 1,
                                 tsclient.PARTITION_METRIC: pid})  # fmt: skip
         return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+def counting_app(calls: list) -> ClientApp:
+    """tilestack's ClientApp, noting each training and evaluation message it is given in ``calls``."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context) -> Message:
+        calls.append("train")
+        return tsclient.app(msg, context)
+
+    @app.evaluate()
+    def evaluate_(msg: Message, context) -> Message:
+        calls.append("evaluate")
+        return tsclient.app(msg, context)
+
+    @app.query()
+    def query(msg: Message, context) -> Message:
+        return tsclient.app(msg, context)
 
     return app

@@ -16,9 +16,8 @@ import re
 import numpy as np
 import pytest
 from _fl_round5 import np_
+from _fl_round11 import counting_app as _counting_app
 from _fl_round18 import EVERYONE, secure_update
-from flwr.app import Message
-from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from tilestack.federated import (
@@ -143,24 +142,6 @@ def test_evaluation_only_rounds_score_exactly_the_online_clients_by_hand():
 
 
 # ---- bad configurations: refused before any client runs, naming the argument ---------------------------------------
-def _counting_app(calls: list) -> ClientApp:
-    app = ClientApp()
-
-    @app.train()
-    def train(msg: Message, context) -> Message:
-        calls.append("train")
-        return tsclient.app(msg, context)
-
-    @app.evaluate()
-    def evaluate_(msg: Message, context) -> Message:
-        calls.append("evaluate")
-        return tsclient.app(msg, context)
-
-    @app.query()
-    def query(msg: Message, context) -> Message:
-        return tsclient.app(msg, context)
-
-    return app
 
 
 BAD_STRATEGIES = [

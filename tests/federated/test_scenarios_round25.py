@@ -19,9 +19,8 @@ import re
 import numpy as np
 import pytest
 from _fl_round5 import DC, SC, make_grid, np_, scripted, update, wmean
+from _fl_round11 import counting_app as _counting_app
 from _fl_round18 import EVERYONE
-from flwr.app import Message
-from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi
 
 from tilestack.errors import FederatedError
@@ -40,25 +39,6 @@ def _task(**kw) -> Task:
     return Task(**(base | kw))
 
 
-def _counting_app(calls: list) -> ClientApp:
-    """tilestack's ClientApp, noting each training and evaluation message it is given."""
-    app = ClientApp()
-
-    @app.train()
-    def train(msg: Message, context) -> Message:
-        calls.append("train")
-        return tsclient.app(msg, context)
-
-    @app.evaluate()
-    def evaluate_(msg: Message, context) -> Message:
-        calls.append("evaluate")
-        return tsclient.app(msg, context)
-
-    @app.query()
-    def query(msg: Message, context) -> Message:
-        return tsclient.app(msg, context)
-
-    return app
 
 
 # ---- server steps past float32's resolution ---------------------------------------------------------------------

@@ -19,6 +19,7 @@ import pytest
 from _fl_round5 import DC, SC, make_grid, np_, scripted, update, wmean
 from _fl_round7 import client_model, weighted_mean
 from _fl_round9 import keep, near
+from _fl_round11 import counting_app as _counting_app
 from _fl_round16 import ServerOptimizer
 from _fl_round18 import EVERYONE
 from flwr.app import ArrayRecord, Message
@@ -39,24 +40,6 @@ def _task(**kw) -> Task:
     return Task(**(base | kw))
 
 
-def _counting_app(calls: list) -> ClientApp:
-    app = ClientApp()
-
-    @app.train()
-    def train(msg: Message, context) -> Message:
-        calls.append("train")
-        return tsclient.app(msg, context)
-
-    @app.evaluate()
-    def evaluate_(msg: Message, context) -> Message:
-        calls.append("evaluate")
-        return tsclient.app(msg, context)
-
-    @app.query()
-    def query(msg: Message, context) -> Message:
-        return tsclient.app(msg, context)
-
-    return app
 
 
 # ---- initial arrays the clients' model lacks -----------------------------------------------------------------------
