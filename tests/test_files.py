@@ -78,3 +78,42 @@ def test_figure_in_the_suffix_format_and_nothing_on_a_failure(tmp_path):
         write_figure(fig, tmp_path / "f.nosuchformat")
     plt.close(fig)
     assert sorted(os.listdir(tmp_path)) == ["f.png", "f.svg"]
+
+
+def test_a_held_lock_refuses_a_second_holder_until_released(tmp_path):
+    from tilestack.files import LockHeldError, held_lock
+
+    lock = tmp_path / "run.lock"
+    with held_lock(lock):
+        with pytest.raises(LockHeldError) as err, held_lock(lock):
+            pass
+        assert str(lock) in str(err.value)
+    with held_lock(lock):          # released at the block's end
+        pass
+
+
+def test_a_forked_child_lets_go_of_the_locks_it_inherited(tmp_path):
+    import os
+
+    from tilestack.files import LockHeldError, held_lock
+
+    lock = tmp_path / "run.lock"
+    with held_lock(lock):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:               # the child idles, as a worker pool that outlives its run does
+            os.close(r)
+            os.write(w, b"x")
+            import time
+            time.sleep(3)
+            os._exit(0)
+        os.close(w)
+        os.read(r, 1)
+        os.close(r)
+    try:
+        with held_lock(lock):      # the child's copy would keep it held for 3 s more
+            pass
+    except LockHeldError:
+        pytest.fail("a forked child kept the lock held after its parent let go")
+    finally:
+        os.waitpid(pid, 0)

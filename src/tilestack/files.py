@@ -8,6 +8,12 @@ after, so that the rename holds too; a link at ``path`` is followed, as ``open(p
 interrupt, a full disk) removes the temporary, leaves the previous file and, for an OSError, names ``path``. A
 writer SIGKILLed before its rename cannot remove its own: the next write of the same path sweeps the temporaries
 of processes that are gone.
+
+    with held_lock(path): ...                   # one run at a time: a second holder gets LockHeldError
+
+A run that writes a checkpoint or an output folder holds a lock file beside it (``fcntl.flock``, made if absent) for as
+long as it writes; the lock goes with the process (a killed run holds none), a file system without locks runs
+unheld, and a forked child (a worker pool that outlives the run) closes its inherited copies.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import errno
 import glob
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -120,3 +127,45 @@ def write_figure(fig, path: str | os.PathLike, **savefig_kwargs) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format=path.suffix[1:].lower() or "png", **savefig_kwargs)
     return write_atomic(path, buf.getvalue())
+
+
+class LockHeldError(BlockingIOError):
+    """Another process (or another run of this one) holds the lock file."""
+
+
+_HELD_LOCKS: set[int] = set()   # the lock files (fds) held_lock holds in this process
+
+
+def _drop_held_locks() -> None:
+    """In a forked child, close the inherited copies of the held lock files: an flock lasts while any copy is open,
+    so the idle workers of a pool that outlived its run kept the next run (a resume) refused as in use."""
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_held_locks)
+
+
+@contextlib.contextmanager
+def held_lock(lock: str | os.PathLike) -> Iterator[None]:
+    """Hold ``lock`` (an exclusive flock of that file, made if absent) for the block; LockHeldError at once where
+    another holder has it. The OSError of a lock file that cannot be made propagates; a file system without locks
+    (some NFS) runs the block unheld."""
+    import fcntl
+
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockHeldError(errno.EWOULDBLOCK, "held by another run", str(lock)) from None
+        except OSError:
+            pass
+        _HELD_LOCKS.add(fd)
+        yield
+    finally:
+        _HELD_LOCKS.discard(fd)
+        os.close(fd)                    # closing releases the lock

@@ -57,23 +57,16 @@ def _claimed(folder: Path, out: str) -> Iterator[None]:
     started while the first trains, a --resume while the first still runs) both passed the checks: the second
     wrote its settings over the first's train.json and both saved checkpoints in turn, so a later --resume checked
     one run's settings and loaded the other's state."""
-    import fcntl
+    from tilestack.files import LockHeldError, held_lock
 
     lock = folder / LOCK
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+        with held_lock(lock):                   # (released at the block's end, the process's end, a kill too)
+            yield
+    except LockHeldError:
         raise typer.BadParameter(f"--out {out!r} is in use by another tilestack train run (it holds {lock}); "
                                  "expected a folder no other run is writing: wait for that run to end, or give "
                                  "another --out", param_hint="--out") from None
-    except OSError:
-        pass                                    # a file system without locks (some NFS): as before, unclaimed
-    try:
-        yield
-    finally:
-        os.close(fd)                            # closing releases the lock (so does the process's end, a kill too)
 
 
 def prepare_output(out: str, spec: dict, pc, resume: bool, claim: contextlib.ExitStack | None = None) -> str:

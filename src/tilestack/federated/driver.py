@@ -58,13 +58,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
 import math
 import numbers
-import os
 import pickle
 import random
 import time
@@ -111,6 +109,7 @@ from tilestack.federated.run_state import (  # noqa: F401  (save_checkpoint, loa
     save_checkpoint,
 )
 from tilestack.federated.task import Task
+from tilestack.files import LockHeldError, held_lock
 
 log = logging.getLogger("tilestack.federated")
 ROUND_SEED_STRIDE = 1_000_003
@@ -608,22 +607,6 @@ def run_rounds(
         )
 
 
-_HELD_LOCKS: set[int] = set()  # the lock files (fds) checkpoint_held holds in this process
-
-
-def _drop_held_locks() -> None:
-    """In a forked child (an InProcessGrid worker, whose pool outlives the run that made it), close the copies of the
-    held lock files it inherited: an flock lasts while any copy is open, so the next run of the same checkpoint (a
-    resume on the same grid) was refused as in use by the idle workers."""
-    for fd in _HELD_LOCKS:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _HELD_LOCKS.clear()
-
-
-os.register_at_fork(after_in_child=_drop_held_locks)
-
-
 @contextlib.contextmanager
 def checkpoint_held(ckpt: Path | None):
     """Hold ``<checkpoint>.lock`` (flock) while a run reads and writes ``ckpt``. Two runs of one checkpoint at once
@@ -636,25 +619,18 @@ def checkpoint_held(ckpt: Path | None):
         return
     lock = ckpt.with_name(ckpt.name + ".lock")
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        with held_lock(lock):
+            yield
+    except LockHeldError:
+        raise FederatedError(
+            f"checkpoint={str(ckpt)!r} is in use by another run now (it holds {str(lock)!r}); expected a "
+            "checkpoint no running run writes (wait for that run, or give this one another checkpoint)"
+        ) from None
     except OSError as ex:
+        if str(ex.filename) != str(lock):      # (an OSError of the run itself passes through)
+            raise
         raise FederatedError(f"checkpoint={str(ckpt)!r}: its lock file {str(lock)!r} cannot be made ({ex}); expected "
                              "a writable folder") from ex  # fmt: skip
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FederatedError(
-                f"checkpoint={str(ckpt)!r} is in use by another run now (it holds {str(lock)!r}); expected a "
-                "checkpoint no running run writes (wait for that run, or give this one another checkpoint)"
-            ) from None
-        except OSError:  # no locks on this file system (some NFS)
-            pass
-        _HELD_LOCKS.add(fd)
-        yield
-    finally:
-        _HELD_LOCKS.discard(fd)
-        os.close(fd)  # closing releases the lock
 
 
 def _rounds(strategy: Strategy, grid: ManagedGrid, initial_arrays: ArrayRecord, ckpt: Path | None, *, num_rounds: int,
