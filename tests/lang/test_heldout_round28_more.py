@@ -29,8 +29,8 @@ What this round found: no kernel gave a wrong answer on either executor. Fixed, 
 - reference executor: one tensor passed as two outputs kept only the last one's stores (a copy per argument);
 - language: block_id(n) of a runtime n, a runtime tile size, a Scalar copied as a tile and `a @ v` of a vector
   now name the value and say what to write.
-Open (xfailed, strict): a loop bound past int32 computed from an int argument that fits it wraps under the Triton
-backend (test_loop_bound_past_int32_from_an_int_argument_that_fits_it).
+Fixed in session 30 (was a strict xfail): a loop bound past int32 computed from an int argument that fits it wrapped
+under the Triton backend (test_loop_bound_past_int32_from_an_int_argument_that_fits_it; ir.scalars.past_int32).
 """
 
 import math
@@ -567,12 +567,6 @@ def test_loop_bounds_from_an_int_argument(backend, n0):
     assert (y == 3).all(), y
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a loop bound computed from an int argument that fits int32 is computed in 32 bits by the Triton backend: "
-    "ts.range(n0, n0 + 3) at n0 = 2**31 - 2 has n0 + 3 wrap to -2**31 + 1, so the loop runs no trips where the "
-    "reference runs 3. ir.scalars.addressing counts loop bounds as address math, which wide_index keeps 32-bit "
-    "for the copy engine's coordinates; widening them makes the loop counter and every coordinate made from it "
-    "i64 in Triton's and Gluon's source (codegen.py, which another helper is editing now): not a small fix"))
 def test_loop_bound_past_int32_from_an_int_argument_that_fits_it():
     for backend in BACKENDS:
         y = poisoned(8)

@@ -17,8 +17,8 @@ What this round found (fixed in src/tilestack/lang/kernel.py, each kept as its t
   ("Scalar 2147483648 is out of range for type int32") and stores ("Block pointers only support 32 bit offsets"), and
   was a CompilationError through Gluon; now 64-bit (loads) or saturated into int32 (copy-engine stores): zeros read,
   nothing written, as on the reference executor.
-Left as a strict xfail: a coordinate from a runtime int argument whose product with the tile size passes int32 wraps
-on Triton and reads rows inside the tensor (see the test).
+Fixed in session 30 (was a strict xfail): a coordinate from a runtime int argument whose product with the tile size
+passes int32 wrapped on Triton and read rows inside the tensor; it is scaled in 64 bits now (ir.scalars.arg_bounds).
 """
 
 from __future__ import annotations
@@ -216,14 +216,7 @@ def test_a_constant_tile_row_past_int32_stores_nothing(backend, atomic, r):
 
 @pytest.mark.parametrize("backend", [
     "reference",
-    pytest.param("triton", marks=pytest.mark.xfail(strict=True, reason=(
-        "a tile coordinate computed from a runtime int argument is scaled by the tile size in 32 bits: r = 2**28 "
-        "(an int32 argument) times BM=16 is 2**32, which wraps to 0, so the load passes its mask and reads rows "
-        "0-15 of X where the reference reads zeros past the tensor (a silent wrong answer, on a GPU too). "
-        "backends/triton/codegen.py widens only coordinates read from memory (ir.scalars.from_memory) or of globals "
-        "whose own offsets need 64 bits; widening every int-argument-derived coordinate changes the address math of "
-        "every kernel with an int argument (varlen lengths, sizes), for the Gluon backend and TMA too: not a small "
-        "fix"))),
+    "triton",
 ])
 def test_a_runtime_tile_row_whose_product_with_the_tile_passes_int32_reads_zeros(backend):
     y = nan(16, 16)

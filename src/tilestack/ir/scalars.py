@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tilestack.ir.ops import OPS, Op, work_dtype
+from tilestack.ir.ops import OPS, SCALAR_FNS, Op, work_dtype
 from tilestack.ir.types import FLOAT, INDEX, f64
 
 
@@ -68,6 +68,98 @@ def from_memory(block) -> set:
             out.add(ins.result)
         elif ins.op is Op.SCALAR and ins.result.type == INDEX and any(s in out for s in ins.srcs):
             out.add(ins.result)
+        elif ins.op is Op.RANGE and any(s in out for s in ins.srcs[:3]):
+            out.add(ins.body.args[0])
+    return out
+
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+def _bounds_of(fn: str, a: tuple, b: tuple) -> tuple:
+    """Bounds of the index function ``fn`` of operands within bounds ``a`` and ``b`` (inclusive (lo, hi) pairs)."""
+    if fn in ("add", "sub", "mul"):
+        op = SCALAR_FNS[fn]
+        corners = [op(x, y) for x in a for y in b]
+        return min(corners), max(corners)
+    if fn in ("min", "max"):
+        op = min if fn == "min" else max
+        return op(a[0], b[0]), op(a[1], b[1])
+    big = max(abs(a[0]), abs(a[1]))
+    if fn == "mod":                                 # |a % b| < |b| and (truncating or flooring) <= |a| for b != 0
+        big = min(big, max(abs(b[0]), abs(b[1])) - 1) if 0 not in range(b[0], b[1] + 1) else big
+        return -big, big
+    if fn in ("floordiv", "cdiv") and b[0] > 0:     # a positive divisor: monotonic in a, at most a's size
+        op = SCALAR_FNS[fn]
+        corners = [op(x, y) for x in a for y in b]
+        return min(corners), max(corners)
+    return -big - 1, big + 1                        # (a divisor that may be negative: |a // b| <= |a| + 1)
+
+
+def arg_bounds(block) -> dict:
+    """Bounds (inclusive (lo, hi)) of the index values of ``block`` (and its loops) computed from an int argument,
+    and the counters of loops bounded by one. Triton and Gluon take an int argument that fits int32 as an i32 and add,
+    subtract and multiply it in 32 bits, so such a value can wrap (``ts.range(n0, n0 + 3)`` at n0 = 2**31 - 2 ran no
+    trips; a tile row ``r`` of 2**28 times a 16-row tile read row 0): a backend computes a value whose bounds pass
+    int32 in 64 bits (``past_int32``), and scales a coordinate whose product with the tile size may pass int32 in 64
+    bits (``fits_int32``). The argument is taken anywhere in int32 (a larger one is passed as an i64, whose arithmetic
+    is 64-bit already); sizes and block ids in [0, 2**31), constants as they are. Values made from sizes, block ids,
+    loop counters and constants alone are not here: their address math stays 32-bit (offsets past int32 get 64 bits
+    per tensor). Values read from memory are ``from_memory``'s."""
+    tame = {Op.DIM: (0, INT32_MAX), Op.BLOCK_ID: (0, INT32_MAX), Op.NUM_BLOCKS: (1, INT32_MAX)}
+    known: dict = {}                                 # every index value's bounds, tame ones included
+    out: dict = {}
+    for ins in block.walk():
+        op = ins.op
+        if op in tame:
+            known[ins.result] = tame[op]
+        elif op is Op.CONST and isinstance(ins.attrs.value, int) and ins.result.type == INDEX:
+            known[ins.result] = (ins.attrs.value, ins.attrs.value)
+        elif op is Op.ARG and ins.result.type == INDEX:
+            known[ins.result] = out[ins.result] = (INT32_MIN, INT32_MAX)
+        elif op is Op.SCALAR and ins.result.type == INDEX and all(s in known for s in ins.srcs):
+            known[ins.result] = _bounds_of(ins.attrs.fn, *(known[s] for s in ins.srcs))
+            if any(s in out for s in ins.srcs):
+                out[ins.result] = known[ins.result]
+        elif op is Op.RANGE:
+            lo, hi, step = ins.srcs[:3]
+            if all(s in known for s in (lo, hi, step)):
+                if known[step][0] > 0:           # lo <= i < hi
+                    counter = (known[lo][0], max(known[lo][0], known[hi][1] - 1))
+                elif known[step][1] < 0:         # hi < i <= lo
+                    counter = (min(known[lo][1], known[hi][0] + 1), known[lo][1])
+                else:
+                    counter = (min(known[lo][0], known[hi][0]), max(known[lo][1], known[hi][1]))
+                known[ins.body.args[0]] = counter
+                if any(s in out for s in (lo, hi, step)):
+                    out[ins.body.args[0]] = counter
+    return out
+
+
+def fits_int32(bounds: dict, v, scale: int = 1) -> bool:
+    """Whether ``v`` times ``scale`` stays within int32 (``bounds``: ``arg_bounds``; values not there are taken to
+    fit, as the address math of sizes and block ids is)."""
+    if v not in bounds:
+        return True
+    lo, hi = bounds[v]
+    return INT32_MIN <= lo * scale <= INT32_MAX and INT32_MIN <= hi * scale <= INT32_MAX
+
+
+def past_int32(block) -> set:
+    """The index values of ``block`` (and its loops) that Triton and Gluon compute in 64 bits although no operand was
+    read from memory: each add, sub or mul of address math (``addressing``) made from an int argument whose bounds
+    pass int32 (``arg_bounds``: ``n0 + 3``, ``r * 3``), the index values computed from one, and the counters of loops
+    bounded by one (a 64-bit bound makes a 64-bit counter). Backends treat them as values read from memory: scaled
+    into element offsets in 64 bits, saturated into the copy engine's 32-bit coordinates. A loop bounded by values
+    that fit (``ts.cdiv(n, BN)``, ``n - 1`` of a size) keeps its 32-bit counter."""
+    bounds = arg_bounds(block)
+    address = addressing(block)
+    out: set = set()
+    for ins in block.walk():
+        if ins.op is Op.SCALAR and ins.result.type == INDEX:
+            if any(s in out for s in ins.srcs) or (
+                    ins.attrs.fn in WIDE_FNS and ins.result in address and not fits_int32(bounds, ins.result)):
+                out.add(ins.result)
         elif ins.op is Op.RANGE and any(s in out for s in ins.srcs[:3]):
             out.add(ins.body.args[0])
     return out
@@ -142,7 +234,8 @@ def wide_index(block) -> set:
     ``X.shape[0] * X.shape[1]``, ``n * 3``). Those are the add, sub and mul results that are data (not address math,
     ``addressing``: kept 32-bit, offsets get 64 bits per tensor) and that take a size, an int argument or a value
     made from them, or multiply two runtime values. Block ids, loop counters and constants alone stay 32-bit (a
-    tile's first row ``i * BM``, a causal diagonal ``i * BM - j * BN``)."""
+    tile's first row ``i * BM``, a causal diagonal ``i * BM - j * BN``). Address math made from an int argument that
+    may pass int32 (``past_int32``: a loop bound ``n0 + 3``) is among them too."""
     address = addressing(block)
     consts = {ins.result for ins in block.walk() if ins.op is Op.CONST}
     big: set = set()      # sizes, int arguments and the index values made from them
@@ -157,4 +250,10 @@ def wide_index(block) -> set:
             if ins.attrs.fn in WIDE_FNS and ins.result not in address and (
                     ins.result in big or (ins.attrs.fn == "mul" and runtime)):
                 out.add(ins.result)
-    return out
+    return out | {v for v in past_int32(block) if v in made_by_wide_fn(block)}
+
+
+def made_by_wide_fn(block) -> set:
+    """The results of ``block``'s add, sub and mul index ops (and its loops')."""
+    return {ins.result for ins in block.walk()
+            if ins.op is Op.SCALAR and ins.result.type == INDEX and ins.attrs.fn in WIDE_FNS}

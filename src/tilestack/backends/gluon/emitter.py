@@ -20,7 +20,15 @@ from tilestack.backends.python_dsl import (
 from tilestack.errors import BackendError
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
 from tilestack.ir.ops import EMITTERS, Op
-from tilestack.ir.scalars import f64_floats, from_memory, nonnegative, wide_index
+from tilestack.ir.scalars import (
+    arg_bounds,
+    f64_floats,
+    fits_int32,
+    from_memory,
+    nonnegative,
+    past_int32,
+    wide_index,
+)
 from tilestack.ir.types import (
     StagesType,
     f64,
@@ -145,7 +153,9 @@ class Emitter:
         self.consts: set[Value] = set()
         self.nonneg = nonnegative(kernel.body)
         self.wide_index = wide_index(kernel.body)   # index values computed in 64 bits (data past 2**31)
-        self.from_memory = from_memory(kernel.body)   # index values read from memory: any size
+        # index values of any size: read from memory, or made from an int argument past int32 (ir.scalars.past_int32)
+        self.from_memory = from_memory(kernel.body) | past_int32(kernel.body)
+        self.arg_bounds = arg_bounds(kernel.body)    # bounds of the index values made from int arguments
         # floats f64 work takes (ir.scalars.f64_floats): value -> its f64 name (an argument's: an f64 parameter),
         # an f32 of it everywhere else
         self.f64_floats: dict[Value, str] = dict.fromkeys(f64_floats(kernel), "")
@@ -396,7 +406,7 @@ class Emitter:
         expr = expr or self.name
         lead = len(coords) - len(shape)
         scale = (1,) * lead + tuple(shape)
-        offs = [engine_coord(expr(c), n, "gl") if c in self.from_memory
+        offs = [engine_coord(expr(c), n, "gl") if c in self.from_memory or not fits_int32(self.arg_bounds, c, n)
                 else (c in self.consts and saturated_literal(expr(c), n))   # (a constant far past int32)
                 or (expr(c) if a < lead else f"{expr(c)} * {n}")
                 for a, (c, n) in enumerate(zip(coords, scale, strict=True))]
@@ -419,7 +429,7 @@ class Emitter:
             var = self.fresh("o")
             sl = f"gl.SliceLayout({1 - k}, {lname})" if len(shape) == 2 else lname
             c = coords[axis]     # (an index read from memory in 64 bits: its product must not wrap back inside)
-            x = self.wide(c) if c in self.from_memory else self.name(c)
+            x = self.wide(c) if c in self.from_memory or not fits_int32(self.arg_bounds, c, n) else self.name(c)
             if c in self.consts and saturated_literal(x, n):
                 # a constant whose product with the tile size passes int32 (at=(R, 0), R=2**27): multiplied as
                 # int32 literals it failed Gluon's compile ("Scalar 2147483648 is out of range for type int32")

@@ -29,7 +29,15 @@ from tilestack.backends.triton.interp_helpers import BF16_HELPER, F8E4M3_HELPER,
 from tilestack.backends.triton.passes import DOT_MIN_DIM, TMA_MAX_BOX, pipeline  # noqa: F401  (TMA_MAX_BOX: re-exported)
 from tilestack.ir.nodes import Block, Instr, KernelIR, Value
 from tilestack.ir.ops import EMITTERS, Op, access_of, mask_of, register_emitter, work_dtype
-from tilestack.ir.scalars import f64_floats, from_memory, nonnegative, wide_index
+from tilestack.ir.scalars import (
+    arg_bounds,
+    f64_floats,
+    fits_int32,
+    from_memory,
+    nonnegative,
+    past_int32,
+    wide_index,
+)
 from tilestack.ir.types import (
     FLOAT,
     INDEX,
@@ -128,7 +136,9 @@ class _Emitter:
         self.addresses = 0
         self.nonneg = nonnegative(kernel.body)  # index values >= 0: plain // and % floor them
         self.wide_index = wide_index(kernel.body)   # index values computed in 64 bits (data past 2**31)
-        self.from_memory = from_memory(kernel.body)   # index values read from memory: any size
+        # index values of any size: read from memory, or made from an int argument past int32 (ir.scalars.past_int32)
+        self.from_memory = from_memory(kernel.body) | past_int32(kernel.body)
+        self.arg_bounds = arg_bounds(kernel.body)    # bounds of the index values made from int arguments
         # floats f64 work takes (ir.scalars.f64_floats): value -> its f64 name (an argument's: an f64 parameter),
         # an f32 of it everywhere else
         self.f64_floats: dict[Value, str] = dict.fromkeys(f64_floats(kernel), "")
@@ -235,9 +245,11 @@ class _Emitter:
         # (an index read from memory too: its product with the tile size must not wrap back inside the tensor)
         wide = self.global_index[g] in self.index64
 
-        def coord(c: Value) -> str:
+        def coord(c: Value, n: int = 1) -> str:
+            # (an int argument's coordinate whose product with the tile size may pass int32, too: r = 2**28 rows of
+            # 16 wrapped to row 0)
             return f"tl.cast({self.name(c)}, tl.int64)" if wide or c in self.from_memory or big_literal(c) \
-                else self.name(c)
+                or not fits_int32(self.arg_bounds, c, n) else self.name(c)
 
         def big_literal(c: Value) -> bool:
             # a constant tile coordinate (at=(R, 0) with R a kernel constant) whose product with the tile size passes
@@ -252,7 +264,7 @@ class _Emitter:
         for k, n in enumerate(shape):
             axis = lead + k
             var = f"{key}_o{k}"
-            self.emit(f"{var} = {coord(coords[axis])} * {n} + tl.arange(0, {n})")
+            self.emit(f"{var} = {coord(coords[axis], n)} * {n} + tl.arange(0, {n})")
             if len(shape) == 2:
                 bcast = "[:, None]" if k == 0 else "[None, :]"
             else:
@@ -275,7 +287,7 @@ class _Emitter:
     def tma_offsets(self, coords: tuple[Value, ...], shape: tuple[int, ...]) -> str:
         lead = len(coords) - len(shape)
         scale = (1,) * lead + tuple(shape)
-        offs = [engine_coord(self.name(c), n, "tl") if c in self.from_memory
+        offs = [engine_coord(self.name(c), n, "tl") if c in self.from_memory or not fits_int32(self.arg_bounds, c, n)
                 else (c in self.consts and saturated_literal(self.name(c), n))   # (a constant far past int32)
                 or (self.name(c) if a < lead else f"{self.name(c)} * {n}")
                 for a, (c, n) in enumerate(zip(coords, scale, strict=True))]

@@ -1,0 +1,122 @@
+"""Known gaps closed in session 30: index arithmetic from int arguments past int32, on the reference executor and
+Triton's interpreter against exact integers (the Gluon backend's source and sm_90a compile checked where ptxas is
+here), outputs poisoned first.
+
+- An int argument that fits int32 is an i32 on Triton and Gluon: ``n0 + 3`` as a loop bound wrapped (no trips where
+  the reference ran 3), and a tile row ``r`` times the tile size wrapped back inside the tensor (r = 2**28 rows of 16
+  read row 0). ir.scalars.arg_bounds bounds the index values made from int arguments; address math whose bounds pass
+  int32 is computed in 64 bits (ir.scalars.past_int32), the loops it bounds count in 64 bits, and a coordinate
+  whose product with the tile may pass int32 is scaled in 64 bits (saturated into the copy engine's 32-bit range).
+  Loops whose bounds fit (``ts.range(0, ts.cdiv(n, BN))``) keep their 32-bit counters.
+"""
+
+import re
+
+import pytest
+import torch
+from heldout_support import BACKENDS, launch, meta
+
+import tilestack.lang as ts
+from tilestack.backends import get_backend
+from tilestack.ir.scalars import INT32_MAX, arg_bounds, past_int32
+
+F32 = torch.float32
+
+
+def poisoned(*shape) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=F32)
+
+
+# ---- int arguments past int32 -----------------------------------------------------------------------------------
+@ts.kernel(grid=(1,))
+def rows_of_a_far_loop(X, Y, n0: int, *, BM: int = 4):
+    """Y's tile k = X's tile k for the trips k = i - n0 of ts.range(n0, n0 + 3)."""
+    t = ts.RegTile[ts.f32, BM, 8]()
+    for i in ts.range(n0, n0 + 3):
+        ts.load(t, X, at=(i - n0, 0))
+        ts.store(Y, t, at=(i - n0, 0))
+
+
+@ts.kernel(grid=(1,))
+def store_rows_given_at_launch(X, Y, r: int, *, BM: int = 16):
+    t = ts.RegTile[ts.f32, BM, 16]()
+    ts.load(t, X, at=(0, 0))
+    ts.store(Y, t, at=(r, 0))
+
+
+@ts.kernel(grid=(1,))
+def sum_tiles(X, Y, n: int, *, BN: int = 16):
+    """Y = the sum of X's first cdiv(n, BN) tiles: a loop bound that fits int32 for every n."""
+    acc = ts.RegVec[ts.f32, BN]()
+    x = ts.RegVec[ts.f32, BN]()
+    ts.zero(acc)
+    for j in ts.range(0, ts.cdiv(n, BN)):
+        ts.load(x, X, at=(j,))
+        ts.add(acc, acc, x)
+    ts.store(Y, acc, at=(0,))
+
+
+@pytest.mark.parametrize("n0", [0, 2**31 - 2, 2**31 - 1, -(2**31)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_loop_past_int32_counts_its_trips_and_addresses_from_its_counter(backend, n0):
+    """ts.range(n0, n0 + 3) at n0 near 2**31: 3 trips whose counter minus n0 (0, 1, 2) picks the rows copied."""
+    x = torch.arange(12 * 8, dtype=F32).reshape(12, 8)
+    y = poisoned(12, 8)
+    launch(rows_of_a_far_loop, backend, x, y, n0)
+    assert torch.equal(y, x), (backend, y)
+
+
+@pytest.mark.parametrize("r", [2**27, 2**28, -(2**28), 2**31 - 1])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_runtime_tile_row_past_int32_stores_nothing(backend, r):
+    """The store's coordinate r * 16 from an int argument: wrapped in 32 bits (2**28 * 16 = 2**32 -> row 0) it wrote
+    inside the tensor; outside it, nothing is written, as on the reference."""
+    x = torch.arange(16 * 16, dtype=F32).reshape(16, 16) + 1
+    y = poisoned(32, 16)
+    launch(store_rows_given_at_launch, backend, x, y, r)
+    assert torch.isnan(y).all(), (backend, r)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_runtime_tile_row_inside_the_tensor_still_stores(backend):
+    x = torch.arange(16 * 16, dtype=F32).reshape(16, 16) + 1
+    y = poisoned(32, 16)
+    launch(store_rows_given_at_launch, backend, x, y, 1)
+    assert torch.equal(y[16:], x) and torch.isnan(y[:16]).all()
+
+
+def test_bounds_of_values_made_from_int_arguments():
+    traced = rows_of_a_far_loop.trace(meta(12, 8), meta(12, 8), 5)
+    bounds = arg_bounds(traced.ir.body)
+    assert (-(2**31), INT32_MAX) in bounds.values()                   # n0
+    assert (-(2**31) + 3, INT32_MAX + 3) in bounds.values()           # n0 + 3: past int32, so 64-bit
+    traced = sum_tiles.trace(meta(64), meta(16), 40)
+    assert not past_int32(traced.ir.body)                                      # cdiv(n, 16) and its counter fit
+
+
+def _source(kernel, backend, *args) -> str:
+    return get_backend(backend).source(kernel.trace(*args))
+
+
+@pytest.mark.parametrize("backend", ["triton", "gluon"])
+def test_loop_bound_past_int32_is_64_bit_and_a_fitting_one_stays_32_bit(backend):
+    """The source of both compiled backends: ``n0 + 3`` computed in 64 bits and the counter's coordinate scaled in
+    64 bits; a loop to cdiv(n, BN) keeps 32-bit offsets (no cast: the common case is not slowed)."""
+    ns = "tl" if backend == "triton" else "gl"
+    src = _source(rows_of_a_far_loop, backend, meta(12, 8), meta(12, 8), 5)
+    assert re.search(rf"= \({ns}\.cast\(n0, {ns}\.int64\) \+ 3\)", src), src
+    src = _source(sum_tiles, backend, meta(64), meta(16), 40)
+    assert f"{ns}.int64" not in src.split("def sum_tiles_kernel")[1].replace(".to(gl.int64)", ""), src
+
+
+def test_gluon_compiles_the_far_loop_with_a_64_bit_counter():
+    """sm_90a (ptxas here): the loop's induction variable is an i64 in the Gluon backend's TTGIR."""
+    from tilestack.backends.gluon import aot as gaot
+    try:
+        gaot.tool("ptxas")
+    except gaot.ToolMissing as e:
+        pytest.skip(str(e))
+    be = get_backend("gluon")
+    k = be.aot(rows_of_a_far_loop.trace(meta(12, 8), meta(12, 8), 2**31 - 2), be.Options(num_warps=4))
+    loops = [line for line in k.asm["ttgir"].splitlines() if "scf.for" in line]
+    assert loops and all(line.rstrip().endswith(": i64 {") for line in loops), loops
