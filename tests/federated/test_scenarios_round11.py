@@ -156,7 +156,7 @@ def test_step_counts_that_are_lists_or_negative_are_left_out_and_fednova_normali
     and 4 steps. Before, the grid's step count raised TypeError on the list (the run ended) and counted -3 steps. Now
     both are left out naming num-steps; the model is FedNova's x - tau_eff sum_i p_i (x - y_i) / tau_i over clients 2
     and 3 (p by examples), and the round counts their 6 steps."""
-    task = blobs(4)
+    task = blobs(4, local_steps=4)  # (the most steps a client may claim: the work the server asks of it)
     steps = {0: [2, 2], 1: -3, 2: 2, 3: 4}
 
     def script(pid, rnd, got, ctx, cfg):

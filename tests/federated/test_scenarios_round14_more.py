@@ -15,7 +15,8 @@ What this round found, fixed:
 - *q-FedAvg and a loss that cannot be.* A reply whose loss (the strategy's ``train_loss_key``) was negative ended the
   run with numpy's UFuncTypeError (a complex power, q = 0.5), and one of 1e200 at q = 2 with Python's OverflowError
   (tilestack's QFFL). A negative loss is now left out of the round naming it (``grid.check_reply``), QFFL powers as
-  Flower does (an overflow makes the aggregate inf, rejected by the driver: the model is kept), and the numpy models'
+  Flower does (an overflow made the aggregate inf, rejected by the driver; since round 26 QFFL sums in log space and
+  the aggregate is the rule's finite value), and the numpy models'
   cross-entropy is never below 0 (-log(p + 1e-12) was -1e-12 where a float64 model fits an example exactly).
 - *A weighting key that is no name.* ``FedAvg(weighted_by_key=None)`` trained every client in every round and skipped
   every aggregation as "inconsistent replies"; ``''`` under ``run_rounds`` left every reply out. Refused before any
@@ -159,18 +160,21 @@ def test_a_negative_loss_is_left_out_of_q_fedavg_naming_it_and_the_rest_follow_t
 
 @pytest.mark.timeout(60)
 def test_a_loss_whose_power_overflows_costs_qffl_that_round_not_the_run():
-    """q = 2, client 0 reports a loss of 1e200 in round 1 (F^q passes float's range) and 1 in round 2. Round 1's
-    aggregate is not finite: it is rejected and the model kept, saying so; round 2 is q-FedAvg's rule over all three
-    from that model. Before, Python's float power raised OverflowError out of the run."""
+    """q = 2, client 0 reports a loss of 1e200 in round 1 (F^q passes float's range) and 1 in round 2. Before,
+    Python's float power raised OverflowError out of the run; then round 1's aggregate was inf and rejected. QFFL now
+    sums in log space (round 26): round 1 is the rule's finite value, where client 0 takes all the weight
+    (c_0 = 1 / (1 + q L ||w - w_0||^2 / F_0) = 1 - 1e-199) and the model is client 0's; round 2 is q-FedAvg's rule over
+    all three from that model."""
     task = blobs(3)
     losses = {0: 1.0, 1: 1.5, 2: 2.0}
     script = _loss_script(lambda p, r: 1e200 if (p, r) == (0, 1) else losses[p])
     res = run_rounds(QFFL(q=2.0, client_learning_rate=0.05, **ALL), make_grid(scripted(script), task),
                      initial_arrays(task), num_rounds=2)  # fmt: skip
     first, second = res.history.rounds
-    assert first.num_aggregated == 0 and "non-finite" in first.skipped, first.skipped
+    assert first.num_aggregated == 3 and not first.skipped, first.skipped
     assert second.num_aggregated == 3 and not second.skipped
     x = np_(initial_arrays(task))
+    x = {k: v + np.float32(0.1) for k, v in x.items()}  # client 0's model: round 1's aggregate
     models = {p: {k: v + np.float32(0.1 * (p + 1)) for k, v in x.items()} for p in range(3)}
     want = _qffl_by_hand(x, models, losses, 2.0, 0.05)
     for k, v in np_(res.arrays).items():

@@ -319,7 +319,7 @@ def test_fednova_leaves_out_a_reply_of_zero_steps_by_name_and_is_its_rule_over_t
 
     from tilestack.federated.strategies import FedNova
 
-    task = _task(num_clients=3)
+    task = _task(num_clients=3, local_steps=5)  # (the most steps a client may claim: the work the server asks)
     steps, sizes = {0: 0, 1: 2, 2: 5}, {0: 4, 1: 3, 2: 7}
 
     def script(pid, rnd, got, context, config):

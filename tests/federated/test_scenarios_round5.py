@@ -91,7 +91,7 @@ def test_scaffold_server_follows_its_rule_exactly(dtype):
 def test_fednova_normalises_by_the_steps_each_client_reports(dtype):
     """Clients doing 1 to 40 local steps on 1 to 10**6 examples: x+ = x - tau_eff sum_i p_i (x - y_i) / tau_i with
     p_i = n_i / n and tau_eff = sum_i p_i tau_i, in float64, rounded once (a float64 model stayed float32-rounded)."""
-    task = blobs(5)
+    task = blobs(5, local_steps=40)  # (the most steps a client may claim: the work the server asks of it)
     n, tau = {0: 1, 1: 10**6, 2: 50, 3: 7, 4: 999}, {0: 40, 1: 1, 2: 3, 3: 17, 4: 8}
 
     def script(pid, rnd, got, context, config):

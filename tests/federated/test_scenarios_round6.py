@@ -426,7 +426,7 @@ def test_clients_with_different_local_epochs_do_their_own_work_and_are_weighted_
 def test_clients_reporting_different_local_steps_are_averaged_by_examples_not_steps():
     """Scripted clients doing 1, 2, 4, 8 local steps of +0.1 each: FedAvg's model is the example-weighted mean,
     and the aggregated num-steps metric is the example-weighted mean of the steps."""
-    task = blobs(4)
+    task = blobs(4, local_steps=8)  # (the most steps a client may claim: the work the server asks of it)
     sizes = _sizes(4)
 
     def script(pid, rnd, got, context, config):

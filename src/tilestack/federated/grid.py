@@ -126,6 +126,7 @@ def check_reply(
     weight_keys: Iterable[str] = (),
     loss_keys: Iterable[str] = (),
     step_keys: Iterable[str] = (),
+    max_steps: int | None = None,
 ) -> str:
     """Why ``reply`` must be left out ('' when it is fine): an error; no (or more than one) MetricRecord;
     for TRAIN, not exactly one ArrayRecord or missing or extra arrays; no examples (``num-examples`` 0);
@@ -134,7 +135,10 @@ def check_reply(
     the loss the strategy reads (``loss_keys``: QFedAvg's ``train_loss_key``; Flower's AggregationError ended the
     run), or with that loss below 0; a TRAIN reply without the steps the strategy divides its update by
     (``step_keys``: FedNova's ``STEPS_KEY``), or with not > 0 of them (FedNova dropped it without a word, while the
-    round counted it as aggregated); a wrong shape; a non-finite value."""
+    round counted it as aggregated); a TRAIN reply claiming more steps (``num-steps`` or a ``step_keys`` metric) than
+    ``max_steps``, the full local work the server asked of it (FedNova scales every other client's update by the mean
+    of the steps: a claim of 1e30 made the round's aggregate overflow, and one of 1e6 moved the model a million times
+    too far, each claim finite and > 0); a wrong shape; a non-finite value."""
     if reply.has_error():
         return f"error: {error_reason(reply.error.reason)}"
     content, kind = reply.content, reply.metadata.message_type
@@ -164,6 +168,12 @@ def check_reply(
         if kind == MessageType.TRAIN and (isinstance(steps, list) or isinstance(steps, (int, float)) and steps < 0):
             # the grid counts the steps (a list ended the run with TypeError), FedNova divides by them
             return f"metrics: num-steps={steps!r}, expected one number >= 0 (the local steps the client ran)"
+        if kind == MessageType.TRAIN and max_steps is not None:
+            for key in dict.fromkeys(("num-steps", *step_keys)):
+                tau = next(iter(content.metric_records.values())).get(key)
+                if isinstance(tau, (int, float)) and not isinstance(tau, bool) and tau > max_steps:  # (NaN: below)
+                    return (f"metrics: {key}={tau!r}, expected at most {max_steps}, the local steps the server asked "
+                            "of the client (its full work: local_steps, or local_epochs x its batches)")  # fmt: skip
         if isinstance(n, (int, float)) and n <= 0:  # weight 0: nothing to average with (NaN: caught below)
             what = "training" if kind == MessageType.TRAIN else "test"
             return f"empty: num-examples={n}, expected > 0 (the client has no {what} examples)"
@@ -596,7 +606,7 @@ class ManagedGrid(Grid):
         self.server_round = max(rounds, default=self.server_round)
         messages = [self._as_sent(m) for m in messages]
         out: list[Message] = []
-        sent: dict[int, tuple[RecordDict, int]] = {}  # node id -> (content, steps planned)
+        sent: dict[int, tuple[RecordDict, int, int | None]] = {}  # node id -> (content, steps planned, full work)
         durations: list[float] = []
         is_train = False
         due: dict[int, int] = {}  # node id -> the round its late update joins (stragglers="stale")
@@ -612,7 +622,7 @@ class ManagedGrid(Grid):
                               evaluating=not training)  # fmt: skip
                 continue
             down = payload_bytes(msg.content)
-            steps = 0
+            steps, full = 0, None
             if msg.metadata.message_type == MessageType.TRAIN:
                 is_train = True
                 self._log["selected"] += 1
@@ -649,7 +659,7 @@ class ManagedGrid(Grid):
                 else:
                     steps = full
             self._log["bytes_down"] += down
-            sent[nid] = (msg.content, steps)
+            sent[nid] = (msg.content, steps, full)
             out.append(msg)
         replies = list(self.inner.send_and_receive(out, timeout=timeout))
         # in partition order, whatever order they came in (Flower's engine: as its workers finish), so that what the
@@ -663,8 +673,8 @@ class ManagedGrid(Grid):
         for reply in replies:
             nid = reply.metadata.src_node_id
             pid = self.partition_of[nid]
-            content, steps = sent[nid]
-            why = check_reply(content, reply, self.weight_keys, self.loss_keys, self.step_keys)
+            content, steps, full = sent[nid]
+            why = check_reply(content, reply, self.weight_keys, self.loss_keys, self.step_keys, max_steps=full)
             # a reply speaks for its own client: the partition it names is what IFCA, CFL and Oort file it under (a
             # client naming another moved itself into that client's cluster, or wrote over its record)
             claimed = None if why else next(iter(reply.content.metric_records.values())).get(PARTITION_METRIC)

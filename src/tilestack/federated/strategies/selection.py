@@ -24,7 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from tilestack.federated.checks import require_int
+from tilestack.federated.checks import require_int, require_real
 from tilestack.federated.client import PARTITION_METRIC
 from tilestack.federated.strategies._util import metric, ok_replies
 from tilestack.federated.system import SystemModel
@@ -89,12 +89,15 @@ class OortSelector:
         self, system: SystemModel, *, full_steps: list[int] | None = None, alpha: float = 2.0,
         epsilon: float = 0.2, preferred_percentile: float = 50.0, seed: int = 0,
     ):  # fmt: skip
-        if not 0.0 <= epsilon <= 1.0:
-            raise ValueError(f"OortSelector: epsilon={epsilon!r}; expected in [0, 1]")
-        if not 0 <= alpha < math.inf:  # NaN too: every slow client's utility became NaN
-            raise ValueError(f"OortSelector: alpha={alpha!r}; expected a finite number >= 0")
-        if not 0 <= preferred_percentile <= 100:
-            raise ValueError(f"OortSelector: preferred_percentile={preferred_percentile!r}; expected in [0, 100]")
+        # (a str as any of them raised "'<=' not supported between instances of 'float' and 'str'", naming nothing)
+        if not isinstance(system, SystemModel):
+            raise TypeError(f"OortSelector: system is a {type(system).__name__}; expected a tilestack SystemModel "
+                            "(its speeds give each client's expected time)")  # fmt: skip
+        require_real("OortSelector", "epsilon", epsilon, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+        # NaN too: every slow client's utility became NaN
+        require_real("OortSelector", "alpha", alpha, lambda v: v >= 0, "a finite number >= 0")
+        require_real("OortSelector", "preferred_percentile", preferred_percentile, lambda v: 0 <= v <= 100,
+                     "a number in [0, 100]")
         require_int("OortSelector", "seed", seed, low=0)
         if full_steps is not None and len(full_steps) != system.num_clients:
             raise ValueError(
