@@ -32,12 +32,20 @@ import pytest
 from _fl_round5 import blobs, make_grid, np_, scripted, update
 from _fl_round16 import fednova
 from _fl_round18 import EVERYONE
+from flwr.serverapp.strategy import FedAvg
 
 from tilestack.errors import FederatedError
 from tilestack.federated import SystemModel, Task, codec, run_rounds, simulate
 from tilestack.federated import client as tsclient
 from tilestack.federated.simulation import initial_arrays
-from tilestack.federated.strategies import QFFL, FedNova, OortSelector, make_strategy
+from tilestack.federated.strategies import (
+    QFFL,
+    ClientSideAdaptiveClipping,
+    FedNova,
+    OortSelector,
+    ServerSideAdaptiveClipping,
+    make_strategy,
+)
 from tilestack.federated.strategies.qffl import Q_LIMIT
 
 pytestmark = pytest.mark.timeout(60)
@@ -252,3 +260,51 @@ def test_a_client_whose_model_changes_shape_in_round_two_is_left_out_of_that_rou
     want = fednova(models[0], ys, {p: sizes[p] for p in (1, 2)}, {1: 1, 2: 1})
     for k, v in models[1].items():
         np.testing.assert_allclose(v, want[k], rtol=2**-22, atol=1e-7, err_msg=k)
+
+
+# ---- adaptive clipping that moves its norm towards the updates ------------------------------------------------------
+def _unit_weight_fedavg() -> FedAvg:
+    return FedAvg(**EVERYONE, weighted_by_key=tsclient.UNIT_WEIGHT)
+
+
+@pytest.mark.parametrize("side", ["server", "client"])
+@pytest.mark.parametrize("c0", [1e-3, 1e2])
+def test_tilestacks_adaptive_clipping_moves_its_norm_towards_the_updates(side, c0):
+    """tilestack's subclasses of Flower's adaptive wrappers (Andrew et al. 2021): starting far below every update's
+    norm (all clipped, target share 0.5) the norm grows by exp(lr x (1 - 0.5)) a round; far above (none clipped) it
+    shrinks by exp(-lr x 0.5). Flower's own classes (round 19's strict xfail) move it the other way; the run's models
+    stay finite and every round aggregates all four clients."""
+    cls = {"server": ServerSideAdaptiveClipping, "client": ClientSideAdaptiveClipping}[side]
+    task = Task(dataset="blobs", num_samples=240, num_features=3, num_classes=3, num_clients=4, local_steps=5, lr=0.1,
+                seed=2)  # fmt: skip
+    s = cls(_unit_weight_fedavg(), 0.0, 4, initial_clipping_norm=c0, target_clipped_quantile=0.5, clip_norm_lr=0.5,
+            clipped_count_stddev=0.0)  # fmt: skip
+    norms: list = []
+    res = simulate(s, task, rounds=3, evaluate=False,
+                   extra_metrics=lambda st, a, r: norms.append(s.clipping_norm) or {})
+    sign = 1.0 if c0 < 1 else -1.0
+    assert norms == pytest.approx([c0 * math.exp(sign * 0.5 * 0.5 * r) for r in (1, 2, 3)], rel=1e-12)
+    assert [r.num_aggregated for r in res.history.rounds] == [4, 4, 4]
+    assert all(np.all(np.isfinite(v)) for v in np_(res.arrays).values())
+
+
+def test_tilestacks_adaptive_clipping_reaches_the_updates_where_flowers_runs_off_to_zero():
+    """From a norm of 0.001, far below the updates' (about 0.1 to 0.4), target share clipped 0.5, lr 1, exact counts,
+    16 rounds: tilestack's norm climbs to the updates and stays among them (its last four rounds between 0.05 and 1,
+    having clipped all, then none, then some); Flower's own class shrinks it every round (all clipped) to below 1e-5."""
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping
+
+    task = Task(dataset="blobs", num_samples=240, num_features=3, num_classes=3, num_clients=4, local_steps=5, lr=0.1,
+                seed=2)  # fmt: skip
+    runs = {}
+    for cls in (ServerSideAdaptiveClipping, DifferentialPrivacyServerSideAdaptiveClipping):
+        s = cls(_unit_weight_fedavg(), 0.0, 4, initial_clipping_norm=1e-3, target_clipped_quantile=0.5,
+                clip_norm_lr=1.0, clipped_count_stddev=0.0)  # fmt: skip
+        norms: list = []
+        simulate(s, task, rounds=16, evaluate=False,
+                 extra_metrics=lambda st, a, r, s=s, n=norms: n.append(s.clipping_norm) or {})
+        runs[cls] = norms
+    ours, flowers = runs[ServerSideAdaptiveClipping], runs[DifferentialPrivacyServerSideAdaptiveClipping]
+    assert all(0.05 < c < 1.0 for c in ours[-4:]), ours
+    assert max(ours) < 1.0 and any(b < a for a, b in zip(ours, ours[1:], strict=False)), ours  # (it turned back)
+    assert all(b < a for a, b in zip(flowers, flowers[1:], strict=False)) and flowers[-1] < 1e-5, flowers

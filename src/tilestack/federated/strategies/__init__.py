@@ -21,6 +21,7 @@ from tilestack.federated.checks import SERVER_STEP_LIMIT, require_int
 from tilestack.federated.client import UNIT_WEIGHT
 from tilestack.federated.strategies.cfl import CFL
 from tilestack.federated.strategies.ditto import Ditto
+from tilestack.federated.strategies.dp import ClientSideAdaptiveClipping, ServerSideAdaptiveClipping
 from tilestack.federated.strategies.fedbn import FedBN
 from tilestack.federated.strategies.feddf import FedDF
 from tilestack.federated.strategies.fednova import FedNova
@@ -183,4 +184,5 @@ __all__ = [
     "NAMES", "STRATEGY_SETTINGS", "make_strategy", "misplaced_setting",
     "Scaffold", "FedNova", "FedBN", "FedDF", "HeteroFL", "sub_model", "IFCA", "Ditto",
     "adjusted_rand_index", "QFFL", "CFL", "Selected", "RandomSelector", "OortSelector", "SubsetGrid",
+    "ServerSideAdaptiveClipping", "ClientSideAdaptiveClipping",
 ]  # fmt: skip
