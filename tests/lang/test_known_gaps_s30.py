@@ -8,6 +8,10 @@ here), outputs poisoned first.
   int32 is computed in 64 bits (ir.scalars.past_int32), the loops it bounds count in 64 bits, and a coordinate
   whose product with the tile may pass int32 is scaled in 64 bits (saturated into the copy engine's 32-bit range).
   Loops whose bounds fit (``ts.range(0, ts.cdiv(n, BN))``) keep their 32-bit counters.
+- Two outputs that are same-size views of one buffer in different dtypes (``Y`` and ``Y.view(torch.int32)``): the
+  reference executor held a copy of each and wrote both back whole, so one view's stores undid the other's, where
+  Triton keeps both. The GPU's answer is the one kept (the stores land in the one buffer, in program order): the
+  reference holds such outputs as views of one copy of their bits (backends.reference.executor._Reinterpreted).
 """
 
 import re
@@ -120,3 +124,82 @@ def test_gluon_compiles_the_far_loop_with_a_64_bit_counter():
     k = be.aot(rows_of_a_far_loop.trace(meta(12, 8), meta(12, 8), 2**31 - 2), be.Options(num_warps=4))
     loops = [line for line in k.asm["ttgir"].splitlines() if "scf.for" in line]
     assert loops and all(line.rstrip().endswith(": i64 {") for line in loops), loops
+
+
+# ---- two outputs that are views of one buffer in different dtypes ------------------------------------------------
+@ts.kernel(grid=(1,))
+def floats_then_ints(X, N, Y, Z, *, BS: int = 8, SAME: int = 0):
+    """Y's tile 0 = X's tile 0 (floats); Z's tile 1 (SAME=0) or tile 0 (SAME=1) = N's tile 0 (ints): with
+    Z = Y.view(torch.int32), the int stores land in Y's memory, after the float ones."""
+    x = ts.RegVec[ts.f32, BS]()
+    n = ts.RegVec[ts.i32, BS]()
+    ts.load(x, X, at=(0,))
+    ts.load(n, N, at=(0,))
+    ts.store(Y, x, at=(0,))
+    ts.store(Z, n, at=(1 - SAME,))
+
+
+@ts.kernel(grid=(1,))
+def ints_then_floats(X, N, Y, Z, *, BS: int = 8):
+    """Z's tile 0 = N's (ints), then Y's tile 0 = X's (floats): the floats are what the memory holds last."""
+    x = ts.RegVec[ts.f32, BS]()
+    n = ts.RegVec[ts.i32, BS]()
+    ts.load(x, X, at=(0,))
+    ts.load(n, N, at=(0,))
+    ts.store(Z, n, at=(0,))
+    ts.store(Y, x, at=(0,))
+
+
+def _floats_and_ints():
+    x = torch.arange(8, dtype=F32) * 1.5 - 3.0
+    n = torch.tensor([7, -1, 2**31 - 1, -(2**31), 0, 1065353216, 123456, -42], dtype=torch.int32)
+    return x, n
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_outputs_viewing_one_buffer_in_two_dtypes_keep_both_stores(backend):
+    """Y (f32) and Z = Y.view(torch.int32) as two outputs: the reference executor held a copy of each and wrote both
+    back whole, so Z's copy put Y's first tile back as it was (NaN); Triton kept both. The stores land in the one
+    buffer now, as bits (backends.reference.executor._Reinterpreted)."""
+    x, n = _floats_and_ints()
+    y = poisoned(16)
+    launch(floats_then_ints, backend, x, n, y, y.view(torch.int32))
+    assert torch.equal(y[:8], x), y
+    assert torch.equal(y.view(torch.int32)[8:], n), y.view(torch.int32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stores_through_two_dtype_views_of_one_element_land_in_program_order(backend):
+    x, n = _floats_and_ints()
+    y = poisoned(8)
+    launch(floats_then_ints, backend, x, n, y, y.view(torch.int32), SAME=1)
+    assert torch.equal(y.view(torch.int32), n), y.view(torch.int32)          # the ints, stored last
+    y = poisoned(8)
+    launch(ints_then_floats, backend, x, n, y, y.view(torch.int32))
+    assert torch.equal(y, x), y                                               # the floats, stored last
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, bits", [(torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16),
+                                         (torch.float64, torch.int64), (torch.uint8, torch.int8)])
+def test_two_dtype_views_of_other_sizes(backend, dtype, bits):
+    """8-, 16- and 64-bit buffers: Y of ``dtype`` and its view as ``bits``; Y's first tile is X as ``dtype``, the
+    second tile N's ints as ``bits``, each converted by the store."""
+    @ts.kernel(grid=(1,))
+    def write_both(X, N, Y, Z, *, BS: int = 8):
+        x = ts.RegVec[ts.f32, BS]()
+        n = ts.RegVec[ts.i32, BS]()
+        ts.load(x, X, at=(0,))
+        ts.load(n, N, at=(0,))
+        ts.store(Y, x, at=(0,))
+        ts.store(Z, n, at=(1,))
+
+    x = torch.arange(8, dtype=F32) * 1.25 - 2.0
+    n = torch.tensor([7, -1, 300, -300, 0, 15360, 12345, -42], dtype=torch.int32)
+    y = torch.full((16,), 77 if dtype is torch.uint8 else float("nan"), dtype=dtype)
+    if dtype is torch.uint8:
+        x = x.abs().round()
+        n = n.remainder(100) - 50
+    launch(write_both, backend, x, n, y, y.view(bits))
+    assert torch.equal(y[:8], x.to(dtype)), y
+    assert torch.equal(y.view(bits)[8:], n.to(bits)), y.view(bits)

@@ -68,34 +68,84 @@ def run(traced, args):
             span = args[i].as_strided((flat.size,), (1,), args[i].storage_offset())
             index = torch.from_numpy(offsets)
             span.index_copy_(0, index, torch.from_numpy(flat[offsets]).to(span.dtype))
+        elif isinstance(arrays[i], _Reinterpreted):
+            args[i].copy_(arrays[i].tensor())
         else:
             args[i].copy_(torch.from_numpy(arrays[i]).to(args[i].dtype))
     return None
 
 
 def _share_outputs(ir, args, arrays: dict, written, aliased: dict) -> None:
-    """Outputs that are one tensor passed twice (or views of one tensor at one address, with one dtype and strides:
-    ``Y[:8]`` and ``Y``) are held as views of one copy, so that what a program stores through one is in the
-    tensor written back through the other, as on the GPU. (Separate copies, each written back whole, kept only the
-    last one's stores.)"""
+    """Outputs that are one tensor passed twice (or views of one tensor at one address, with one element size and
+    strides: ``Y[:8]`` and ``Y``, or ``Y`` and ``Y.view(torch.int32)``) are held as views of one copy, so that what a
+    program stores through one is in the tensor written back through the other, in program order, as on the GPU.
+    (Separate copies, each written back whole, kept only the last one's stores.) Views of one dtype share a copy of
+    the values; views of several dtypes share a copy of the bits (``_Reinterpreted``)."""
     import torch
 
     groups: dict[tuple, list[int]] = {}
     for i in sorted(written):
         a = args[i]
         if isinstance(ir.params[i].type, GlobalType) and i not in aliased and a.numel():
-            groups.setdefault((a.data_ptr(), a.dtype, a.stride(), a.device), []).append(i)
+            groups.setdefault((a.data_ptr(), a.element_size(), a.stride(), a.device), []).append(i)
     for members in groups.values():
         if len(members) < 2:
             continue
         a = args[members[0]].detach()
-        held = torch.float64 if a.dtype.is_floating_point else torch.int64
         span = max(1 + sum((n - 1) * st for n, st in zip(args[i].shape, args[i].stride(), strict=True))
                    for i in members)
+        if len({args[i].dtype for i in members}) > 1:
+            flat = a.as_strided((span,), (1,), a.storage_offset()).view(_bits_dtypes()[a.element_size()])
+            bits = flat.cpu().numpy().copy()
+            for i in members:
+                view = np.lib.stride_tricks.as_strided(bits, tuple(args[i].shape),
+                                                       tuple(st * bits.itemsize for st in args[i].stride()))
+                arrays[i] = _Reinterpreted(view, args[i].dtype)
+            continue
+        held = torch.float64 if a.dtype.is_floating_point else torch.int64
         flat = a.as_strided((span,), (1,), a.storage_offset()).to("cpu", held).numpy().copy()
         for i in members:
             arrays[i] = np.lib.stride_tricks.as_strided(flat, tuple(args[i].shape),
                                                         tuple(st * flat.itemsize for st in args[i].stride()))
+
+
+class _Reinterpreted:
+    """An output that shares its elements with an output of another dtype of its size (``Y`` and
+    ``Y.view(torch.int32)``): a view of the bits both hold, read and written as the reference's values of this
+    output's dtype (float64 or int64), so a store through one view is seen through the other as those bits. Offers
+    what the executor uses of a global's array: shape, ndim, dtype and indexing."""
+
+    def __init__(self, bits: np.ndarray, dtype):
+        import torch
+
+        self.bits, self.torch_dtype = bits, dtype
+        self.shape, self.ndim = bits.shape, bits.ndim
+        self.held = torch.float64 if dtype.is_floating_point else torch.int64
+        self.dtype = np.float64 if dtype.is_floating_point else np.int64
+
+    def __getitem__(self, index):
+        import torch
+
+        b = np.array(self.bits[index], copy=True)
+        return torch.from_numpy(b).view(self.torch_dtype).to(self.held).numpy()
+
+    def __setitem__(self, index, values) -> None:
+        import torch
+
+        v = torch.from_numpy(np.array(values, dtype=self.dtype)).to(self.torch_dtype)   # (rounded to it already)
+        self.bits[index] = v.view(_bits_dtypes()[v.element_size()]).numpy()
+
+    def tensor(self):
+        """The values as a tensor of the output's dtype (for the write-back)."""
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(self.bits)).view(self.torch_dtype)
+
+
+def _bits_dtypes() -> dict:
+    import torch
+
+    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _aliased(a) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
