@@ -35,8 +35,9 @@ from _fl_round18 import EVERYONE
 from flwr.serverapp.strategy import FedAvg
 
 from tilestack.errors import FederatedError
-from tilestack.federated import SystemModel, Task, codec, run_rounds, simulate
+from tilestack.federated import InProcessGrid, ManagedGrid, SystemModel, Task, codec, run_rounds, simulate
 from tilestack.federated import client as tsclient
+from tilestack.federated.compression import Compressed
 from tilestack.federated.simulation import initial_arrays
 from tilestack.federated.strategies import (
     QFFL,
@@ -308,3 +309,58 @@ def test_tilestacks_adaptive_clipping_reaches_the_updates_where_flowers_runs_off
     assert all(0.05 < c < 1.0 for c in ours[-4:]), ours
     assert max(ours) < 1.0 and any(b < a for a, b in zip(ours, ours[1:], strict=False)), ours  # (it turned back)
     assert all(b < a for a, b in zip(flowers, flowers[1:], strict=False)) and flowers[-1] < 1e-5, flowers
+
+
+# ---- a node that leaves mid-run under a deadline --------------------------------------------------------------------
+class _LosingGrid(InProcessGrid):
+    """tilestack's in-process grid whose node of partition ``gone`` stops answering training from round ``after`` on
+    (its reply never comes back, as from a node that disconnected), whatever the timeout."""
+
+    def __init__(self, app, num_nodes: int, gone: int, after: int):
+        super().__init__(app, num_nodes)
+        self.gone, self.after, self.rounds = gone, after, 0
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        training = any(m.metadata.message_type == "train" for m in messages)
+        self.rounds += int(training)
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        if not training or self.rounds < self.after:
+            return replies
+        return [r for r in replies if self.partitions[r.metadata.src_node_id] != self.gone]
+
+
+@pytest.mark.parametrize("timeout", [None, 30.0])
+def test_a_node_gone_mid_run_under_a_deadline_is_waited_for_until_the_deadline(timeout):
+    """Partition 1's node stops answering from round 2 on; the system model's deadline is 5 s and every client's work
+    takes about 0.02 s. Round 1 lasts the clients' time; rounds 2 and 3 leave client 1 out as a timeout and last the
+    deadline, as a client planned to time out does (the server cannot tell a node gone from one still working). Before,
+    such a round was as short as its fastest clients, and with no timeout the reason read 'no reply within None s'."""
+    task = blobs(3)
+    system = SystemModel(3, speeds=np.full(3, 100.0), bandwidths=np.full(3, 1e9), deadline=5.0)
+    grid = ManagedGrid(_LosingGrid(tsclient.app, 3, gone=1, after=2), task, system=system)
+    res = run_rounds(FedAvg(**EVERYONE), grid, initial_arrays(task), num_rounds=3, timeout=timeout)
+    r1, r2, r3 = res.history.rounds
+    assert r1.excluded == {} and r1.sim_time < 0.1 and r1.num_aggregated == 3
+    why = "timeout: no reply (the node left the run)" if timeout is None else "timeout: no reply within 30.0 s"
+    for r in (r2, r3):
+        assert r.excluded == {"1": why} and r.num_aggregated == 2 and r.sim_time == 5.0, (r.excluded, r.sim_time)
+
+
+# ---- more arguments of the wrong type -------------------------------------------------------------------------------
+@pytest.mark.parametrize("checkpoint", [123, 1.5, object()])
+def test_a_checkpoint_that_is_no_path_is_refused_naming_it_before_any_client_runs(checkpoint):
+    calls: list = []
+    with pytest.raises(TypeError, match=f"checkpoint is a {type(checkpoint).__name__}"):
+        simulate(FedAvg(**EVERYONE), blobs(3), rounds=1, evaluate=False, checkpoint=checkpoint,
+                 on_round=calls.append)  # fmt: skip
+    assert calls == []
+
+
+@pytest.mark.parametrize("ratio", ["0.1", True, [0.1]])
+def test_a_topk_ratio_that_is_no_number_is_refused_naming_it(ratio):
+    """``Compressed(s, "topk", ratio="0.1")`` was formatted into its spec and ran as 0.1; a str, a bool or a list is
+    refused naming ratio, its value and type, and the range."""
+    with pytest.raises(ValueError) as ex:
+        Compressed(FedAvg(**EVERYONE), "topk", ratio=ratio)
+    assert f"topk ratio={ratio!r} is a {type(ratio).__name__}; expected a number in (0, 1]" in str(ex.value)

@@ -18,6 +18,7 @@ global model) is not compressed.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 
 import numpy as np
@@ -91,6 +92,10 @@ class Compressed(Strategy):
         if not isinstance(inner, Strategy):  # (None or a name ran until round 1 raised AttributeError on it)
             raise TypeError(f"Compressed: inner is a {type(inner).__name__}; expected a flwr Strategy to wrap")
         if method == "topk":
+            if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, numbers.Real)):
+                # (a str was formatted into the spec and taken: ratio="0.1" ran as 0.1, "1e-1x" failed naming the spec)
+                raise ValueError(f"compression: topk ratio={ratio!r} is a {type(ratio).__name__}; expected a number in "
+                                 "(0, 1]")  # fmt: skip
             self.spec = f"topk:{DEFAULT_TOPK_RATIO if ratio is None else ratio}"
         elif method == "int8" and (isinstance(ratio, bool) or ratio not in INT8_NO_RATIO):  # (True == 1.0)
             # int8 sends every entry: Compressed(s, "int8", ratio=0.05) ran plain int8, the ratio dropped without a word

@@ -63,6 +63,7 @@ import json
 import logging
 import math
 import numbers
+import os
 import pickle
 import random
 import time
@@ -522,6 +523,9 @@ def checkpoint_path(checkpoint: str | Path | None) -> Path | None:
     """``checkpoint`` as a Path whose folder exists (made if missing), so the first save cannot fail on it."""
     if checkpoint is None:
         return None
+    if not isinstance(checkpoint, (str, os.PathLike)):  # (an int ended in pathlib's TypeError, naming no argument)
+        raise TypeError(f"checkpoint is a {type(checkpoint).__name__} ({checkpoint!r:.60}); expected a file path (str "
+                        "or pathlib.Path), or None for no checkpoint")  # fmt: skip
     path = Path(checkpoint)
     if path.is_dir():
         raise FederatedError(f"checkpoint={str(path)!r} is a folder; expected a file path")

@@ -668,7 +668,14 @@ class ManagedGrid(Grid):
         answered = {r.metadata.src_node_id for r in replies}
         for nid in sent:
             if nid not in answered:
-                self._exclude(self.partition_of[nid], f"timeout: no reply within {timeout} s", evaluating=not is_train)
+                # (with no timeout, a grid that gives up on a node that left the run: "within None s" said nothing)
+                why = "timeout: no reply (the node left the run)" if timeout is None else \
+                    f"timeout: no reply within {timeout} s"
+                self._exclude(self.partition_of[nid], why, evaluating=not is_train)
+                if self.system is not None and self.system.deadline is not None:  # the server waited for it until
+                    # the deadline, as for a client planned to time out (a node gone mid-round made the round as
+                    # short as its fastest clients)
+                    durations.append(self.system.deadline)
         checked = []  # (reply, partition id, content sent, steps) of replies that passed check_reply
         for reply in replies:
             nid = reply.metadata.src_node_id
