@@ -364,3 +364,21 @@ def test_a_topk_ratio_that_is_no_number_is_refused_naming_it(ratio):
     with pytest.raises(ValueError) as ex:
         Compressed(FedAvg(**EVERYONE), "topk", ratio=ratio)
     assert f"topk ratio={ratio!r} is a {type(ratio).__name__}; expected a number in (0, 1]" in str(ex.value)
+
+
+@pytest.mark.parametrize("lr", [5e-324, 1e-309, 1e308])
+def test_a_client_learning_rate_whose_lipschitz_estimate_is_no_normal_float_is_refused(lr):
+    """L = 1 / client_learning_rate: a subnormal rate made L inf (Flower's QFedAvg: every aggregate NaN, round after
+    round), past 1 / tiny L is subnormal. Refused by QFFL on construction and by the run's check of Flower's own
+    QFedAvg before any client trains, naming the argument, the value and the range."""
+    from flwr.serverapp.strategy import QFedAvg
+
+    with pytest.raises(FederatedError, match=re.escape(f"QFFL: client_learning_rate={lr!r}; expected a number in [")):
+        QFFL(q=1.0, client_learning_rate=lr)
+    calls: list = []
+    flower = QFedAvg(q=1.0, client_learning_rate=lr, train_loss_key=SL, **EVERYONE)
+    want = f"QFedAvg: client_learning_rate={lr!r}; expected a number in ["
+    with pytest.raises(FederatedError, match=re.escape(want)):
+        simulate(flower, blobs(3), rounds=1, evaluate=False, on_round=calls.append)
+    assert calls == []
+    QFFL(q=1.0, client_learning_rate=1e-300)  # (L = 1e300: a normal float, taken)

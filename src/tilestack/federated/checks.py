@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 import threading
 import warnings
 
@@ -90,6 +91,16 @@ def _server_step(v) -> bool:
 
 SERVER_STEP_EXPECTED = f"a number > 0 and < 2**23 = {SERVER_STEP_LIMIT:.0f} (past it a server step is float32 rounding)"
 
+# q-FedAvg's Lipschitz estimate L = 1 / client_learning_rate must be a normal float64: a subnormal rate (5e-324) made
+# L inf and every aggregate NaN, one past 1 / tiny made L subnormal, its h_k terms rounding noise
+QFFL_LR_RANGE = (1.0 / sys.float_info.max, 1.0 / sys.float_info.min)
+QFFL_LR_EXPECTED = (f"a number in [{QFFL_LR_RANGE[0]:.3g}, {QFFL_LR_RANGE[1]:.3g}] (L = 1 / client_learning_rate, "
+                    "q-FedAvg's Lipschitz estimate, must be a normal float64)")
+
+
+def _qffl_lr(v) -> bool:
+    return QFFL_LR_RANGE[0] <= v <= QFFL_LR_RANGE[1]
+
 
 # Flower strategy class -> {attribute: (test on a finite real, what was expected)}; every level of a wrapped
 # strategy is checked. Flower itself checks FedTrimmedAvg's beta and (except NaN) the DP wrappers' numbers.
@@ -101,7 +112,7 @@ HYPERPARAMETERS: dict[type, dict[str, tuple]] = {
     FedOpt: {"eta": (_server_step, SERVER_STEP_EXPECTED), "eta_l": (_positive, "a number > 0"),
              "beta_1": (_decay, "a number in [0, 1)"), "beta_2": (_decay, "a number in [0, 1)"),
              "tau": (_positive, "a number > 0 (it keeps eta / (sqrt(v) + tau) finite)")},
-    fl.QFedAvg: {"q": (_non_negative, "a number >= 0"), "client_learning_rate": (_positive, "a number > 0")},
+    fl.QFedAvg: {"q": (_non_negative, "a number >= 0"), "client_learning_rate": (_qffl_lr, QFFL_LR_EXPECTED)},
     fl.FedTrimmedAvg: {"beta": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)")},
     fl.MultiKrum: {"num_malicious_nodes": (_non_negative, "an integer >= 0"),  # Krum too
                    "num_nodes_to_select": (_positive, "an integer >= 1")},

@@ -28,7 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import QFedAvg
 
-from tilestack.federated.checks import require_real
+from tilestack.federated.checks import QFFL_LR_EXPECTED, QFFL_LR_RANGE, require_real
 from tilestack.federated.client import START_LOSS_KEY, START_LOSS_METRIC
 from tilestack.federated.strategies._util import metric, to_numpy, to_record
 
@@ -46,7 +46,8 @@ class QFFL(QFedAvg):
     def __init__(self, *, q: float = 1.0, client_learning_rate: float, **kwargs):
         require_real("QFFL", "q", q, lambda v: 0 <= v <= Q_LIMIT,
                      f"a number in [0, {Q_LIMIT:.3g}] (past it the weights F_k^q carry over 1% float64 rounding)")
-        require_real("QFFL", "client_learning_rate", client_learning_rate, lambda v: v > 0, "a finite number > 0")
+        low, high = QFFL_LR_RANGE
+        require_real("QFFL", "client_learning_rate", client_learning_rate, lambda v: low <= v <= high, QFFL_LR_EXPECTED)
         super().__init__(client_learning_rate=client_learning_rate, q=q, train_loss_key=START_LOSS_METRIC, **kwargs)
 
     def configure_train(
