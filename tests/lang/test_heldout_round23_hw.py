@@ -12,11 +12,11 @@ What this round found. No kernel gave a wrong answer on the reference executor o
   first") though the reference executor and Triton run it. emit_compute's CAST emitter now reads the source through
   a coalesced register layout into a new shared tile (cast on the way) and fences it for wgmma:
   test_gluon_copies_a_shared_tile_into_another_through_registers.
-- Open (xfailed, strict): the cosine Gram kernel's wgmma is serialized by ptxas (C7515) under Gluon. Its K loop keeps
-  the product chain in flight while the trip reads the same shared stage into registers for the row norms, and the
-  masked store after the loop converts the accumulator to the blocked layout of a pointer store; by hand-edited
-  source, the same kernel storing straight from the accumulator's layout compiles unserialized, as does one without
-  the in-loop register reads. The Triton backend compiles it with no spills.
+- Fixed in session 30 (was a strict xfail): the cosine Gram kernel's wgmma was serialized by ptxas (C7515) under
+  Gluon. Its K loop kept the product chain in flight while the trip read the same shared stage into registers for
+  the row norms (storing from the accumulator's layout did not help: the in-flight wgmma beside the register reads
+  did it). Such a chain's wgmma is waited in its trip now (backends.gluon.passes.deferrable: _read_beside), the
+  loads still pipelined. The Triton backend compiles it with no spills.
 - Met, not changed: the median filter at (64, 32) tiles needs 9 live f32 register tiles; at 64 x 64 Triton's 4 warps
   spill (3978 bytes), so its case here uses (64, 32).
 """
@@ -60,16 +60,7 @@ def test_round23_compiles_for_sm90a_with_triton(name):
     check_triton_sm90a(*AOT_CASES[name])
 
 
-SERIALIZED = pytest.mark.xfail(strict=True, reason=(
-    "ptxas C7515 serializes the wgmma: a pipelined K loop whose trip also reads its shared stage into registers "
-    "(the rows' norms) keeps its wgmma chain in flight, and the accumulator's store through pointers after the loop "
-    "(a masked store, or any store that cannot go through the copy engine) converts it to the blocked layout; "
-    "storing from the accumulator's own layout compiles unserialized (found by hand-edited source). Not fixed: "
-    "it changes the layout every pointer store of the gluon backend uses"))
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=SERIALIZED) if n == "cosine_gram_tril" else n
-                                  for n in GLUON_CASES])
+@pytest.mark.parametrize("name", list(GLUON_CASES))
 def test_round23_compiles_for_sm90a_with_gluon(name):
     """One warpgroup (num_warps=4: the 64-row wgmma accumulators take it); no spills, no serialized wgmma."""
     res = gluon_resources_one_warpgroup(*GLUON_CASES[name])

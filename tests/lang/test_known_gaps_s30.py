@@ -8,6 +8,9 @@ here), outputs poisoned first.
   int32 is computed in 64 bits (ir.scalars.past_int32), the loops it bounds count in 64 bits, and a coordinate
   whose product with the tile may pass int32 is scaled in 64 bits (saturated into the copy engine's 32-bit range).
   Loops whose bounds fit (``ts.range(0, ts.cdiv(n, BN))``) keep their 32-bit counters.
+- Gluon: a wgmma accumulation chain kept in flight across trips while the trip read its shared operand into
+  registers (a cosine Gram matrix's row norms) was serialized by ptxas (C7515); it is waited in its trip now
+  (backends.gluon.passes.deferrable), a plain GEMM's chain still kept in flight.
 - Two outputs that are same-size views of one buffer in different dtypes (``Y`` and ``Y.view(torch.int32)``): the
   reference executor held a copy of each and wrote both back whole, so one view's stores undid the other's, where
   Triton keeps both. The GPU's answer is the one kept (the stores land in the one buffer, in program order): the
@@ -203,3 +206,63 @@ def test_two_dtype_views_of_other_sizes(backend, dtype, bits):
     launch(write_both, backend, x, n, y, y.view(bits))
     assert torch.equal(y[:8], x.to(dtype)), y
     assert torch.equal(y.view(bits)[8:], n.to(bits)), y.view(bits)
+
+
+# ---- Gluon: a wgmma chain whose trip reads its shared operand into registers -------------------------------------
+@ts.kernel(grid=lambda A, C, BM: (ts.cdiv(A.shape[0], BM),))
+def gram_with_row_norms(A, C, NORM, *, BM: int = 64, BK: int = 64):
+    """C's diagonal tile = A's rows against themselves; NORM = the rows' squared norms, read from the product's own
+    shared stage in each trip (the cosine Gram kernel's pattern)."""
+    i = ts.block_id(0)
+    a = ts.SharedTile[A.dtype, BM, BK]()
+    ra = ts.RegTile[ts.f32, BM, BK]()
+    acc = ts.RegTile[ts.f32, BM, BM]()
+    n = ts.RegVec[ts.f32, BM]()
+    ts.zero(acc)
+    ts.zero(n)
+    for k in ts.range(ts.cdiv(A.shape[1], BK)):
+        ts.load(a, A, at=(i, k))
+        ts.mma_ABt(acc, a, a, acc)
+        ts.load(ra, a)
+        ts.mul(ra, ra, ra)
+        ts.row_sum(n, ra, n)
+    ts.store(C, acc, at=(i, i))
+    ts.store(NORM, n, at=(i,))
+
+
+def test_gluon_waits_a_chain_whose_trip_reads_its_operand_into_registers():
+    """Kept in flight past the register reads of its stage, the wgmma was serialized by ptxas (C7515); the chain is
+    waited in its trip now (backends.gluon.passes.deferrable), and a plain GEMM's chain still stays in flight."""
+    be = get_backend("gluon")
+    bf = torch.bfloat16
+    src = be.source(gram_with_row_norms.trace(meta(512, 256, dtype=bf), meta(512, 512), meta(512)),
+                    be.Options(num_warps=4))
+    assert "warpgroup_mma(" in src and "warpgroup_mma_wait(1" not in src, src
+
+    @ts.kernel(grid=lambda A, C, BM: (ts.cdiv(A.shape[0], BM),))
+    def gram(A, C, *, BM: int = 64, BK: int = 64):
+        i = ts.block_id(0)
+        a = ts.SharedTile[A.dtype, BM, BK]()
+        acc = ts.RegTile[ts.f32, BM, BM]()
+        ts.zero(acc)
+        for k in ts.range(ts.cdiv(A.shape[1], BK)):
+            ts.load(a, A, at=(i, k))
+            ts.mma_ABt(acc, a, a, acc)
+        ts.store(C, acc, at=(i, i))
+
+    src = be.source(gram.trace(meta(512, 256, dtype=bf), meta(512, 512)), be.Options(num_warps=4))
+    assert "warpgroup_mma_wait(1" in src, src
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gram_with_row_norms_runs(backend):
+    g = torch.Generator().manual_seed(30)
+    a = torch.randn(70, 90, generator=g).to(torch.bfloat16)
+    c, norm = poisoned(70, 70), poisoned(70)
+    launch(gram_with_row_norms, backend, a, c, norm, BM=16, BK=32)
+    a64 = a.double()
+    want = a64 @ a64.T
+    for t in range(5):                                       # the diagonal tiles (70 rows: 4 whole, 1 ragged)
+        rows = slice(16 * t, min(16 * t + 16, 70))
+        torch.testing.assert_close(c[rows, rows].double(), want[rows, rows], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(norm.double(), (a64 * a64).sum(1), rtol=1e-5, atol=1e-4)

@@ -291,7 +291,18 @@ def deferrable(loop: Instr, ins: Instr) -> bool:
     waits for it anyway."""
     body = loop.body
     nested = any(i not in body.instrs for i in body.walk() if i.op in (Op.MMA, Op.MMA_ASYNC))
-    return not nested and _chain(body, ins) and not _restaged(loop, ins)
+    return not nested and _chain(body, ins) and not _restaged(loop, ins) and not _read_beside(loop, ins)
+
+
+def _read_beside(loop: Instr, ins: Instr) -> bool:
+    """Whether the trip also reads a shared operand of mma ``ins`` into registers (a cosine Gram matrix's row norms
+    from the stage its product reads): with the wgmma kept in flight past it, ptxas serialized every wgmma (C7515:
+    "non wgmma instructions defining accumulator registers ... between start and end of the pipeline stage"); waited
+    in its trip, the kernel compiles unserialized, its loads still pipelined."""
+    operands = {v for v in ins.srcs[1:3] if isinstance(v.type, TileType) and v.type.space is Space.SHARED}
+    return any(i is not ins and i.op not in (Op.MMA, Op.MMA_ASYNC) and any(s in operands for s in i.srcs)
+               and any(isinstance(r.type, TileType) and r.type.space is not Space.SHARED for r in i.results)
+               for i in loop.body.walk())
 
 
 def _restaged(loop: Instr, ins: Instr) -> bool:
