@@ -60,7 +60,7 @@ def _start(task: Task) -> dict[str, np.ndarray]:
 
 
 # ---- FedNova and a step count past the work asked for ---------------------------------------------------------------
-@pytest.mark.parametrize("claim", [1e30, 2**63, 10**6, 3])
+@pytest.mark.parametrize("claim", [1e30, 2**63, 10**6, 3, math.inf])
 def test_fednova_leaves_out_a_reply_claiming_more_steps_than_asked_naming_the_metric_and_the_bound(claim):
     """Three scripted clients asked for 2 local steps; client 0 claims ``claim`` of them (finite and > 0), clients 1 and
     2 ran 1 and 2. Client 0 is left out naming num-steps, its claim and the bound 2; the model is FedNova's rule over

@@ -31,7 +31,9 @@ class FedNova(FedAvg):
                   "average (a straggler) moves the aggregate by more than clipping_norm / n")  # fmt: skip
 
     # the metric each update is divided by: ManagedGrid leaves out a training reply without it > 0, naming it
-    # (run_rounds tells the grid); FedNova dropped such a reply itself, while the round counted it as aggregated
+    # (run_rounds tells the grid); FedNova dropped such a reply itself, while the round counted it as aggregated. So is
+    # one claiming more steps than the server asked of that client: tau_eff grows with the claim and scales every
+    # other client's normalised update (1e30 overflowed the aggregate)
     STEPS_KEY = "num-steps"
 
     def __init__(self, **fedavg_kwargs):
