@@ -38,12 +38,16 @@ class TimeRange:
 
 class Event:
     """One CPU event: its name (``ProfilerStep#3`` as ``ProfilerStep*``, as prof.events() names it), input shapes
-    (lists of ints, as ``record_shapes`` recorded them), interval, thread and place in the tree."""
+    (lists of ints, as ``record_shapes`` recorded them) and dtypes (the profiler's names: ``"c10::BFloat16"``),
+    interval, thread and place in the tree."""
 
-    __slots__ = ("name", "input_shapes", "time_range", "thread", "device_type", "cpu_parent", "cpu_children")
+    __slots__ = ("name", "input_shapes", "input_dtypes", "time_range", "thread", "device_type", "cpu_parent",
+                 "cpu_children")
 
-    def __init__(self, name: str, input_shapes: list, time_range: TimeRange, thread: int, device_type: Any):
+    def __init__(self, name: str, input_shapes: list, time_range: TimeRange, thread: int, device_type: Any,
+                 input_dtypes: list = ()):
         self.name, self.input_shapes, self.time_range = name, input_shapes, time_range
+        self.input_dtypes = input_dtypes
         self.thread, self.device_type = thread, device_type
         self.cpu_parent: Event | None = None
         self.cpu_children: list[Event] = []
@@ -74,7 +78,7 @@ def cpu_events(prof: Any) -> list[Event]:
         if name.startswith("ProfilerStep#"):
             name = "ProfilerStep*"
         span = TimeRange((k.start_ns() - trace_start) / NS_PER_US, (k.end_ns() - trace_start) / NS_PER_US)
-        out.append(Event(name, k.shapes(), span, k.start_thread_id(), DeviceType.CPU))
+        out.append(Event(name, k.shapes(), span, k.start_thread_id(), DeviceType.CPU, k.dtypes()))
     for _, thread in itertools.groupby(sorted(out, key=lambda e: e.thread), key=lambda e: e.thread):
         open_: list[Event] = []       # each inside every one below it
         for e in sorted(thread, key=lambda e: (e.time_range.start, -e.time_range.end)):

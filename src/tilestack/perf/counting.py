@@ -27,7 +27,7 @@ import collections
 import contextlib
 import dataclasses
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from tilestack.errors import TilestackError
@@ -84,6 +84,9 @@ class _Count:
     # per call of an eigen- or singular-value routine: FLOPs of vectors it formed only because the mode was on
     # (see VALUES_ONLY_CALLERS), taken off where the call came from a values-only function
     mode_vector_flops: list[float] = dataclasses.field(default_factory=list)
+    # where the op ran at these shapes in several dtypes (a bf16 and an fp32 Linear of one width): each dtype's own
+    # calls, FLOPs and bytes (its inputs' dtype, ``_dtype``), in the order first seen; the profiler splits the row
+    by_dtype: dict[str, _Count] = dataclasses.field(default_factory=dict)
 
 
 def _flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
@@ -352,6 +355,63 @@ def _event_shapes(e: Any) -> Shapes:
     )
 
 
+# The profiler's names of tensor dtypes (``FunctionEvent.input_dtypes``), as torch dtypes' names
+_PROFILER_DTYPES = {"float": "float32", "double": "float64", "c10::Half": "float16", "c10::BFloat16": "bfloat16",
+                    "c10::Float8_e4m3fn": "float8_e4m3fn", "c10::Float8_e5m2": "float8_e5m2", "int": "int32",
+                    "long int": "int64", "signed char": "int8", "unsigned char": "uint8", "bool": "bool",
+                    "c10::complex<float>": "float32", "c10::complex<double>": "float64"}
+
+
+def dtype_tagged(name: str, dtype: str) -> str:
+    """The row name of op ``name`` at shapes it also ran at in another dtype first (a bf16 and an fp32 Linear of one
+    width): ``aten::addmm[bf16]``; ``untagged`` gives the op's name back. Rows are keyed by (op, input shapes), so
+    the two would share one row, its dtype the first call's (the bf16 product under the fp32 roof, its bytes averaged
+    with the fp32 call's)."""
+    return f"{name}[{dtype}]"
+
+
+def untagged(name: str) -> str:
+    """The op's name of a row name (``dtype_tagged``'s inverse; a plain name as it is)."""
+    return name.partition("[")[0] if name.endswith("]") else name
+
+
+def _event_dtype(e: Any) -> str:
+    """The dtype counting keys an event's op by (``_dtype`` of its inputs), from ``FunctionEvent.input_dtypes``; ""
+    where the profiler gives none (or none tilestack names)."""
+    import torch
+
+    whole = ""
+    for text in getattr(e, "input_dtypes", None) or ():
+        torch_name = _PROFILER_DTYPES.get(text)
+        if torch_name is None or not hasattr(torch, torch_name):
+            continue
+        dtype = getattr(torch, torch_name)
+        try:
+            name = formulas.dtype_name(dtype)
+        except Exception:
+            continue
+        if dtype.is_floating_point:
+            return name
+        whole = whole or name
+    return whole
+
+
+def tagged_ops(counted: Collection[OpKey]) -> frozenset[str]:
+    """The ops with a dtype-tagged row among ``counted`` (``dtype_tagged``): their events need ``event_key``'s dtype."""
+    return frozenset(untagged(name) for name, _ in counted if name.endswith("]"))
+
+
+def event_key(e: Any, counted: Collection[OpKey], tagged: Collection[str]) -> OpKey:
+    """The row key of a profiler event: (name, shapes), or the dtype-tagged row of its dtype where the counting pass
+    saw the op at those shapes in several dtypes (``tagged``: ``tagged_ops(counted)``)."""
+    key = (e.name, _event_shapes(e))
+    if e.name in tagged:
+        row = (dtype_tagged(e.name, _event_dtype(e)), key[1])
+        if row in counted:
+            return row
+    return key
+
+
 def _run_higher_order(mode: Any, func: Any, args: tuple, kwargs: dict, counts: dict[OpKey, _Count]) -> Any:
     """A higher-order op (torch.cond, torch.while_loop, flex_attention) reaches the mode whole, the mode popped: run
     it eagerly as torch does, with the mode on, so that the ATen ops it runs are counted. cond runs the branch its
@@ -444,9 +504,10 @@ def count_ops(step: Callable[[], Any]) -> dict[OpKey, _Count]:
                     return decomposed
             out = func(*args, **kwargs)
             name = _profiler_name(func)
-            c = counts[name, _arg_shapes(func, args, kwargs)]
-            c.calls += 1
             ins = _tensors((args, kwargs))
+            whole = counts[name, _arg_shapes(func, args, kwargs)]
+            c = _Count()               # this call's counts: into the op's row, and its inputs' dtype's share of it
+            c.calls += 1
             # an in-place op returning nothing: the arguments it writes
             outs = _tensors(out) or counting_bytes._written_arguments(func, args, kwargs)
             if not _moves_no_data(func, name, ins, outs):
@@ -459,13 +520,38 @@ def count_ops(step: Callable[[], Any]) -> dict[OpKey, _Count]:
             c.unsupported = c.unsupported or not (
                 has_flop_formula(func) or str(func._overloadpacket) in UNDECOMPOSED_FLOPS or does_no_arithmetic(func)
             )
-            c.dtype = c.dtype or _dtype(ins + outs)
+            c.dtype = _dtype(ins + outs)
+            for into in (whole, whole.by_dtype.setdefault(_dtype(ins), _Count())):
+                into.calls += c.calls
+                into.flops += c.flops
+                into.bytes_read += c.bytes_read
+                into.bytes_written += c.bytes_written
+                into.mode_vector_flops += c.mode_vector_flops
+                into.unsupported = into.unsupported or c.unsupported
+                into.dtype = into.dtype or c.dtype
             return out
 
     with _eager(), _call_tree() as tree, counting_compat.subclasses_built_unwatched(), Counter():
         step()
     _note_parents(counts, tree)
+    for c in counts.values():
+        if len(c.by_dtype) < 2:
+            c.by_dtype = {}
     return dict(counts)
+
+
+def split_by_dtype(counts: dict[OpKey, _Count]) -> dict[OpKey, _Count]:
+    """``counts`` with each row an op ran at in several dtypes split into one row per dtype: the first dtype's under
+    the op's key, each other's under its ``dtype_tagged`` name (events find theirs by ``event_key``)."""
+    out: dict[OpKey, _Count] = {}
+    for (name, shapes), c in counts.items():
+        if not c.by_dtype:
+            out[name, shapes] = c
+            continue
+        for k, (tag, part) in enumerate(c.by_dtype.items()):
+            part = dataclasses.replace(part, parents=c.parents, mode_vector_flops=list(part.mode_vector_flops))
+            out[(name if k == 0 else dtype_tagged(name, tag)), shapes] = part
+    return out
 
 
 @contextlib.contextmanager

@@ -60,6 +60,10 @@ from tilestack.perf.counting import (  # noqa: F401 - ProfileError, OpKey, Shape
     _event_shapes,
     _tensors,
     count_ops,
+    event_key,
+    split_by_dtype,
+    tagged_ops,
+    untagged,
 )
 from tilestack.perf.metrics import Measurement, compute_metrics, roofs_for
 from tilestack.perf.profile_args import (
@@ -369,7 +373,8 @@ def profile_model(
         # Warm-up first, so the counted step is a steady-state one (gradients already allocated, caches built).
         guarded("warm-up", warm)
         step = same_state(step, model, inputs)  # every later step from the state the warm-up left: the same work
-        counts = guarded("counting pass", lambda: count_ops(step))
+        # (an op at one shape in several dtypes: a row per dtype, each under its own roof)
+        counts = split_by_dtype(guarded("counting pass", lambda: count_ops(step)))
         if ceilings is None and ceil is not None:
             ceil = _with_roofs_for(ceil, dev, counts)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -520,6 +525,7 @@ def attribute(
     from torch.autograd import DeviceType
 
     names = _by_name(counted)
+    tagged = tagged_ops(counted)   # ops counted at one shape in several dtypes: their events' rows by dtype
 
     per: dict[OpKey, _Timed] = collections.defaultdict(_Timed)
     cpu = [e for e in events if e.device_type == DeviceType.CPU]
@@ -537,7 +543,7 @@ def attribute(
             acc += _self_s(x, cuda)
             stack.extend(x.cpu_children)
             if x is not e and _is_op(x.name, names):
-                inner = resolve((x.name, _event_shapes(x)), counted, names)
+                inner = resolve(event_key(x, counted, tagged), counted, names)
                 if inner is not None and inner != row and per[inner].inside is None:
                     per[inner].inside = row
         return acc
@@ -545,7 +551,7 @@ def attribute(
     stack: list[tuple[Any, int | None]] = [(e, step_of.get(id(e))) for e in roots]
     while stack:
         e, step = stack.pop()
-        key = (e.name, _event_shapes(e)) if _is_op(e.name, names) else None
+        key = event_key(e, counted, tagged) if _is_op(e.name, names) else None
         row = resolve(key, counted, names) if key is not None else None
         whole = row is not None  # a counted op: its subtree is its time, and nothing below is visited
         s = subtree_s(e, row) if row is not None else 0.0 if e.name.startswith("ProfilerStep") else _self_s(e, cuda)
@@ -636,7 +642,7 @@ def _join(
     steps = len(step_s) or 1
     inside = {k: t.inside for k, t in rows.items() if t.inside is not None}
     rows = {k: t for k, t in rows.items() if t.seconds > 0}
-    unsupported = tuple(sorted({op for (op, _), c in counts.items() if c.unsupported}))
+    unsupported = tuple(sorted({untagged(op) for (op, _), c in counts.items() if c.unsupported}))
     # Rows with time in the median step: a counted op timed in fewer than half of the steps (data-dependent
     # shapes) has none, and its counts go to a row that has.
     timed = {k for k, t in rows.items() if statistics.median([t.per_step.get(i, 0.0) for i in range(steps)]) > 0}
@@ -665,7 +671,7 @@ def _join(
     step_dtype = max(moved, key=moved.__getitem__) if moved else DEFAULT_DTYPE
     ops: list[OpStat] = []
     for key, t in rows.items():
-        op, shapes = key
+        op, shapes = untagged(key[0]), key[1]     # (a row of an op's second dtype at these shapes: its own)
         s = median_s[key]
         if s <= 0:
             continue  # an op in fewer than half of the steps: no time in the median step
@@ -703,9 +709,9 @@ def _join(
         )
         ops.append(OpStat(op, calls, s, s / total if total else 0.0, m, key in counted, shapes, not c.unsupported))
     ops.sort(key=lambda o: o.total_s, reverse=True)
-    timed_keys = {(o.op, o.shapes) for o in ops}
+    timed_keys = {key for key in rows if median_s[key] > 0}
     untimed = tuple(
-        Untimed(op, shapes, c.calls, c.flops, c.bytes_read + c.bytes_written, not c.unsupported)
+        Untimed(untagged(op), shapes, c.calls, c.flops, c.bytes_read + c.bytes_written, not c.unsupported)
         for (op, shapes), c in counts.items()
         if (op, shapes) in counted and (op, shapes) not in timed_keys
     )
