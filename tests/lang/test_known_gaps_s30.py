@@ -116,6 +116,16 @@ def test_loop_bound_past_int32_is_64_bit_and_a_fitting_one_stays_32_bit(backend)
     assert f"{ns}.int64" not in src.split("def sum_tiles_kernel")[1].replace(".to(gl.int64)", ""), src
 
 
+@pytest.mark.parametrize("case", ["far_loop", "far_store"])
+def test_triton_compiles_the_64_bit_index_math_for_sm90a(case):
+    """The Triton backend's sm_90a compile (the copy engine's stores included, their coordinates saturated from
+    64 bits): the 64-bit loop counter and the widened coordinate compile, no spills."""
+    from sm90a_compile import check_triton_sm90a
+    kernel, args = {"far_loop": (rows_of_a_far_loop, (meta(12, 8), meta(12, 8), 2**31 - 2)),
+                    "far_store": (store_rows_given_at_launch, (meta(16, 16), meta(32, 16), 2**28))}[case]
+    check_triton_sm90a(kernel, args, {})
+
+
 def test_gluon_compiles_the_far_loop_with_a_64_bit_counter():
     """sm_90a (ptxas here): the loop's induction variable is an i64 in the Gluon backend's TTGIR."""
     from tilestack.backends.gluon import aot as gaot
