@@ -8,7 +8,7 @@
 #        fp8-gemm, fp8-sweep, fp8-probe, fp8-model, quant-tests (issue 14), ln-probe (issue 8),
 #        bwd-probe (issues 8, 11: attention backward variants), block-timing (issue 13: host vs device per block,
 #        with recompute), prefill-profile (issue 14: the compiled prefill's regression, passes bisected),
-#        bf16-probe, numerics, prefill-numerics, resnet (issue 14: the bf16 epilogue GEMM's configs, eager-rounding numerics, ResNet).
+#        bf16-probe, numerics, prefill-numerics, resnet, resnet-b1 (issue 14: the bf16 epilogue GEMM's configs, eager-rounding numerics, ResNet).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
 # Compile caches inside the repository's ignored out/: the device keeps ignored paths between calls while it is
@@ -65,6 +65,8 @@ for p in $PARTS; do
                 --variants eager,inductor,tilestack,tilestack-fused-numerics --json "$F/numerics.json" ;;
     resnet) part 260 resnet python3 scripts/bench_inference.py --cases resnet50-b1,resnet50-b64 --time-limit 250 \
               --variants eager,inductor,tilestack,tilestack-reduce-overhead --json "$F/resnet.json" ;;
+    resnet-b1) part 230 resnet-b1 python3 scripts/bench_inference.py --cases resnet50-b1 --time-limit 220 \
+                 --variants eager,inductor,tilestack,tilestack-fused-numerics --json "$F/resnet_b1.json" ;;
     prefill-numerics) part 200 prefill-numerics python3 scripts/gpu/diagnose_prefill_numerics.py ;;
     fp8-probe) part 300 fp8-probe python3 scripts/gpu/probe_fp8_gemm.py --json "$F/fp8_probe.json" ;;
     norm-bwd) part 120 norm-bwd python3 scripts/gpu/check_norm_backward.py --json "$F/norm_backward.json" ;;
