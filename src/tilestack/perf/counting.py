@@ -307,6 +307,17 @@ def _storage(t: Any) -> int:
         return id(t)
 
 
+def _same_view(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` are the same elements of one storage, alike in dtype, layout and conjugate/negative
+    bits (a copy from one to the other moves nothing)."""
+    try:
+        return (a.layout == b.layout and a.dtype == b.dtype and a.device == b.device and _storage(a) == _storage(b)
+                and _storage(a) != 0 and a.storage_offset() == b.storage_offset() and a.shape == b.shape
+                and a.stride() == b.stride() and a.is_conj() == b.is_conj() and a.is_neg() == b.is_neg())
+    except (RuntimeError, NotImplementedError):  # sparse, nested: no strides or offset to compare
+        return False
+
+
 def _moves_no_data(func: Any, name: str, ins: Sequence[Any], outs: Sequence[Any]) -> bool:
     """Views and aliases (their outputs share the inputs' storage), in-place views (``transpose_``: new sizes and
     strides, the same elements) and allocations move no bytes."""
@@ -317,6 +328,10 @@ def _moves_no_data(func: Any, name: str, ins: Sequence[Any], outs: Sequence[Any]
     if name in METADATA_OPS:
         return True
     if torch.Tag.inplace_view in getattr(func, "tags", ()):
+        return True
+    if name == "aten::copy_" and len(ins) >= 2 and _same_view(ins[0], ins[1]):
+        # ``x[:, 1:] *= 2`` multiplies the slice in place, then assigns it back to itself: torch's copy_ returns
+        # at once when its source is its destination viewed alike (same elements, same dtype), touching nothing
         return True
     # In-place ops and out= variants write into an argument: that argument is their output, and moves.
     writes = name.endswith("_") or any(
