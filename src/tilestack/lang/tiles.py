@@ -343,6 +343,16 @@ class Tile:
         self._no_sugar("[...] =", "a tile's elements are not assigned one by one: write them where a mask holds, "
                                   "ts.where(t, mask, value, t), the mask from ts.eq of a ts.arange vector")
 
+    def __iter__(self):
+        """``for v in t``: refused (Python would index t[0], t[1], ... and fail on the first), saying how."""
+        self._no_sugar("for ... in", "a tile's elements are not visited one by one in Python (its values exist only "
+                                     "when the kernel runs): work on the whole tile with tile ops, and loop over tiles "
+                                     "of a tensor with ts.range")
+
+    def __len__(self):
+        self._no_sugar("len()", f"its shape is `{user_name(self) or 't'}`.shape, a tuple of compile-time ints "
+                                f"({', '.join(map(str, self.shape))})")
+
     def __matmul__(self, other) -> Tile:
         return _matmul(self, False, other)
 
@@ -659,3 +669,24 @@ class GlobalTensor:
     def __setitem__(self, index, value):
         raise TraceError(f"`{self.name}[...] = ...`: a global tensor is written with ts.store({self.name}, t, "
                          "at=(...)) (or ts.atomic_add), a tile at a time", user_line())
+
+    def _not_a_pointer(self, sym: str, *_):
+        """``X + off`` (Triton's pointer arithmetic) and the other operators on a global: refused, saying how a
+        global is addressed."""
+        raise TraceError(f"`{sym}` on the global tensor `{self.name}`: a global is not a pointer and takes no "
+                         f"arithmetic; address its tiles by coordinates, ts.load(t, {self.name}, at=(...)) (the last "
+                         "axes in whole tiles, the others in elements), or pass a view (a slice, X[off:]) as the "
+                         "argument", user_line())
+
+    def __add__(self, o): self._not_a_pointer("+")
+    def __radd__(self, o): self._not_a_pointer("+")
+    def __sub__(self, o): self._not_a_pointer("-")
+    def __rsub__(self, o): self._not_a_pointer("-")
+    def __mul__(self, o): self._not_a_pointer("*")
+    def __rmul__(self, o): self._not_a_pointer("*")
+    def __truediv__(self, o): self._not_a_pointer("/")
+    def __floordiv__(self, o): self._not_a_pointer("//")
+    def __mod__(self, o): self._not_a_pointer("%")
+    def __matmul__(self, o): self._not_a_pointer("@")
+    def __rmatmul__(self, o): self._not_a_pointer("@")
+    def __neg__(self): self._not_a_pointer("-")
