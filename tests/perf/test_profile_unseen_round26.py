@@ -46,6 +46,7 @@ DATA_MOVEMENT = {
     "aten::_to_copy", "aten::zeros", "aten::fill_", "aten::masked_fill_", "aten::masked_fill", "aten::ones",
     "aten::select_backward", "aten::slice_backward", "aten::scalar_tensor", "aten::stack", "aten::cat",
     "aten::new_zeros", "aten::embedding_dense_backward", "aten::index_put_", "aten::zero_",
+    "aten::_sparse_coo_tensor_with_dims_and_tensors",
 }
 
 
@@ -207,9 +208,29 @@ def hashed():
     return HashedEmbedding(), (torch.randint(0, 10**6, (HE_B, HE_L)),)
 
 
+# --- a sparse-gradient embedding: batch, ids a row, table rows, width -------------------------------------------------
+SE_B, SE_L, SE_ROWS, SE_D = 3, 5, 20, 4
+
+
+class SparseBag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Embedding(SE_ROWS, SE_D, sparse=True)  # its gradient: the looked-up rows and their ids
+        self.head = nn.Linear(SE_D, 1)
+
+    def forward(self, ids):  # (B, L) int64
+        return self.head(self.table(ids)).sum()
+
+
+@seeded
+def sparse_embedding():
+    return SparseBag(), (torch.randint(0, SE_ROWS, (SE_B, SE_L)),)
+
+
 MODELS = {
     "segnet": (segnet, True), "fold": (fold, True), "activations": (activations, True), "ranker": (ranker, True),
     "inplace_views": (inplace_views, True), "lstm_proj": (lstm_proj, True), "hashed": (hashed, True),
+    "sparse_embedding": (sparse_embedding, True),
 }
 CASES, IDS, profiled = setup_round(MODELS)
 
@@ -421,3 +442,26 @@ def test_an_empty_batch_is_profiled_as_nothing_computed():
     assert one_row(counts, "aten::addmm").bytes_read >= HE_D * HE_CLS * F32
     p = profile_cpu(model, (torch.zeros(0, HE_L, dtype=torch.int64),), name="hashed")
     assert p.flops == 0 and all(o.m.flops == 0 for o in p.ops)
+
+
+def test_a_sparse_gradient_wraps_its_rows_and_ids_without_copying_them():
+    """An Embedding(sparse=True)'s backward makes its gradient by wrapping the rows' gradients (B L, D) and their
+    ids (1, B L) in a sparse tensor, which aliases them (round 26's fix: it was charged reading and writing them,
+    the output, a sparse tensor, having no storage of its own to compare); the gradient's rows are still written
+    once, by the product that makes them."""
+    _, counts, _ = profiled("sparse_embedding", True)
+    ids = SE_B * SE_L
+    wrap = one_row(counts, "aten::_sparse_coo_tensor_with_dims_and_tensors", ((1, ids), (ids, SE_D)))
+    assert (wrap.flops, wrap.bytes_read, wrap.bytes_written) == (0, 0, 0)
+    rows = one_row(counts, "aten::mm", ((ids, 1), (1, SE_D)))  # the rows' gradient: dy (ids, 1) times the weight
+    assert rows.flops == 2 * ids * SE_D and rows.bytes_written == ids * SE_D * F32
+
+
+def test_a_sparse_tensor_built_from_new_values_still_moves_them():
+    """The fix keeps real work: a sparse tensor coalesced (new indices and values, duplicates summed) and one made
+    dense move bytes."""
+    i = torch.tensor([[0, 2, 0], [1, 0, 1]])
+    v = torch.ones(3)
+    counts = profile.count_ops(lambda: torch.sparse_coo_tensor(i, v, (3, 3)).coalesce().to_dense())
+    assert one_row(counts, "aten::_coalesce").bytes_written > 0
+    assert one_row(counts, "aten::_to_dense").bytes_written == 9 * F32

@@ -307,6 +307,25 @@ def _storage(t: Any) -> int:
         return id(t)
 
 
+SPARSE_PARTS = {  # a sparse layout's tensors holding its elements, by accessor
+    "sparse_coo": ("_indices", "_values"),
+    "sparse_csr": ("crow_indices", "col_indices", "values"), "sparse_bsr": ("crow_indices", "col_indices", "values"),
+    "sparse_csc": ("ccol_indices", "row_indices", "values"), "sparse_bsc": ("ccol_indices", "row_indices", "values"),
+}
+
+
+def _storages(t: Any) -> set[int]:
+    """The storages ``t`` holds its elements in: its own, or a sparse tensor's indices' and values' (a sparse tensor
+    wrapped around its indices and values, as a sparse embedding's gradient is, aliases them: it copies nothing)."""
+    parts = SPARSE_PARTS.get(str(t.layout).removeprefix("torch."))
+    if parts is None:
+        return {_storage(t)}
+    try:
+        return {_storage(getattr(t, part)()) for part in parts}
+    except (RuntimeError, NotImplementedError):  # a subclass without its parts: the tensor itself, as before
+        return {_storage(t)}
+
+
 def _same_view(a: Any, b: Any) -> bool:
     """Whether ``a`` and ``b`` are the same elements of one storage, alike in dtype, layout and conjugate/negative
     bits (a copy from one to the other moves nothing)."""
@@ -339,7 +358,7 @@ def _moves_no_data(func: Any, name: str, ins: Sequence[Any], outs: Sequence[Any]
     )
     # an empty tensor's null data pointer aliases nothing (a batch of 0 through a convolution still reads its weight)
     held = [t for t in outs if _storage(t) != 0]
-    return not writes and bool(held) and {_storage(t) for t in held} <= {_storage(t) for t in ins}
+    return not writes and bool(held) and set().union(*map(_storages, held)) <= set().union(*map(_storages, ins))
 
 
 COMPLEX_PRODUCTS = {"aten.mul": formulas.COMPLEX_MUL_FLOPS, "aten.div": formulas.COMPLEX_DIV_FLOPS}
