@@ -9,12 +9,16 @@ grouped, dilated Conv2d under activations no round had used (Mish, CELU, Softmax
 log; a siamese scorer trained by ranking losses (MarginRankingLoss, SoftMarginLoss, MultiMarginLoss); a head that
 edits its activations in place through views (``y[:, 1:] *= 2``, ``y[:, 1:] += b``, ``y[:, 0] = 0``); an LSTM with a
 projection (``proj_size``: a recurrent state narrower than the cell); a hashed embedding (bitwise ops on int64 ids,
-a remainder, an int8 table dequantized by a per-row scale).
+a remainder, an int8 table dequantized by a per-row scale); an Embedding(sparse=True) trained. The SegNet also runs
+under bf16 autocast; bad inputs (a target the loss refuses, features of the wrong width, a batch of 0) close it.
 
 What this round found:
 - ``y[:, 1:] *= 2`` multiplies the slice in place, then Python assigns it back: ``copy_`` of the slice onto itself,
   which torch returns from at once (the same elements of one storage, alike in dtype and strides); it was charged
-  reading and writing the slice again (``counting._same_view``, ``counting._moves_no_data``).
+  reading and writing the slice again (``counting._same_view``, ``counting._moves_no_data``);
+- an Embedding(sparse=True)'s backward wraps the rows' gradients and their ids in a sparse COO tensor, which aliases
+  them; it was charged reading and writing them, as a sparse tensor has no storage of its own to find the alias by
+  (``counting._storages``: a sparse tensor's indices' and values' storages).
 
 Every count is written from the shapes: a multiply-add is 2 FLOPs (torch's addmm counts the product alone, its bias
 add not); a convolution by ``profile_support.conv``; element-wise ops and activations one per output element; a
@@ -465,3 +469,44 @@ def test_a_sparse_tensor_built_from_new_values_still_moves_them():
     counts = profile.count_ops(lambda: torch.sparse_coo_tensor(i, v, (3, 3)).coalesce().to_dense())
     assert one_row(counts, "aten::_coalesce").bytes_written > 0
     assert one_row(counts, "aten::_to_dense").bytes_written == 9 * F32
+
+
+class AutocastSegNet(nn.Module):
+    """The SegNet run under bf16 autocast on the CPU: its convolutions in bf16, the pools and unpool on their
+    bf16 outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = SegNet()
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            seg, head = self.net(x)
+        return seg.float().sum() + head.float().sum()
+
+
+def test_segnet_under_bf16_autocast_by_hand():
+    """Under autocast the convolutions' FLOPs are the fp32 net's, their rows bf16 (the weights cast first, each cast
+    reading fp32 and writing bf16); the unpool, which autocast runs in fp32, reads its values cast up from bf16 and
+    the int64 indices; the profile completes forward and trained with its convolutions' rows bf16."""
+    torch.manual_seed(0)
+    model, x = AutocastSegNet(), torch.randn(SG_B, SG_C, SG_S, SG_S)
+    counts = step_counts(model, (x,))
+    convs = (conv(SG_B, SG_C, SG_H, SG_S ** 2, 9) + conv(SG_B, SG_H, SG_H, SG_P ** 2, 9, bias=False)
+             + conv(SG_B, SG_H, SG_K, SG_S ** 2, 1))
+    assert flops_of(counts, "aten::convolution") == convs
+    assert {c.dtype for c in rows_of(counts, "aten::convolution")} == {"bf16"}
+    # CPU autocast runs max_unpool2d in fp32 (its fp32 list): the bf16 values are cast up first, a cast of its own
+    unpool = one_row(counts, "aten::max_unpool2d")
+    assert unpool.dtype == "fp32"
+    assert (unpool.bytes_read, unpool.bytes_written) == (SG_B * SG_H * SG_P ** 2 * (F32 + I64),
+                                                         SG_B * SG_H * SG_S ** 2 * F32)
+    up = one_row(counts, "aten::_to_copy", ((SG_B, SG_H, SG_P, SG_P),))
+    assert (up.bytes_read, up.bytes_written) == (SG_B * SG_H * SG_P ** 2 * 2, SG_B * SG_H * SG_P ** 2 * F32)
+    weights = SG_H * SG_C * 9 + SG_H + SG_H * SG_H * 9 + SG_K * SG_H + SG_K
+    casts = rows_of(counts, "aten::_to_copy")
+    assert sum(c.bytes_read for c in casts) >= (weights + SG_B * SG_C * SG_S ** 2) * F32
+    for train in (False, True):
+        p = profile_cpu(model, (x,), train=train, name="autocast_segnet")
+        assert not p.unsupported and p.flops > convs
+        assert {o.m.dtype for o in p.ops if o.op == "aten::convolution"} == {"bf16"}
