@@ -263,6 +263,9 @@ def _e_select(e: Emitter, ins: Instr) -> None:
     work = work_dtype(ins)       # dst's integer dtype, or f32 / f64 (f64 when dst or an operand is)
     (m, a, b), key = _broadcasting(e, ins, False, work)
     expr = _to_result_shape(e, ins, f"gl.where({m}, {a}, {b})", key)
+    if not work.is_float and t.dtype is not bool_ and not any(isinstance(s.type, TileType) for s in ins.srcs[1:]):
+        # two int constants (where(u8, m, 1, 0)) make an i32 tensor: a shared tile's store takes only dst's dtype
+        expr = f"{expr}.to({GL_DTYPES[t.dtype.name]})"
     e.assign(ins.result, e.cast(expr, work, t.dtype))
     e.set_lay(ins.result, key)
 
