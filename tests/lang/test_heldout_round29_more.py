@@ -20,6 +20,10 @@ for sm_90a through Triton without spills. Fixed, each kept as its test here:
 - Gluon: the game of life's `where(out, nxt, 1, 0)` into a u8 tile (two int constants) was an i32 tensor that the u8
   shared tile of its store refused at compile time ("source dtype int32 and destination dtype uint8 must match");
   converted to dst's dtype now (backends.gluon.emit_compute._e_select): test_life_compiles_for_sm90a_through_gluon;
+- Gluon: a tile the user named `o` (or `s`, `bar`, `trip`: the stems of the backend's own variables) could be given
+  the name of a store's or load's offsets (o_1 both), which then rebound it: a vector store wrote the offsets 0, 1,
+  2, ... in place of the tile, silently, and a bool mask's store failed to compile; fresh names skip the values'
+  now (backends.gluon.emitter.Emitter.fresh): test_gluon_keeps_a_tile_named_o_apart_from_its_offsets;
 - language: Triton's pointer arithmetic on a global (`ts.load(x, X + off, ...)`) failed with Python's bare "unsupported
   operand type(s) for +: 'GlobalTensor' and 'Scalar'"; `len(t)` of a tile with "object of type 'Tile' has no len()",
   and `for v in t` with t[0]'s message; each names the value and the language's way now (lang.tiles):
@@ -485,3 +489,36 @@ def test_round29_more_compiles_for_sm90a_through_triton(case):
         "knn": (knn, (meta(64, 16), meta(100, 16), meta(3, 64), meta(3, 64, dtype=I64)), {"K": 3}),
     }[case]
     check_triton_sm90a(kernel, args, consts)
+
+
+# ---- Gluon: a tile named as the backend's own offset variables ---------------------------------------------------------
+@ts.kernel(grid=(1,))
+def fill_named_o(Y, *, BN: int = 64):
+    o = ts.RegVec[ts.i32, BN]()
+    ts.fill(o, 7)
+    ts.store(Y, o, at=(0,))
+
+
+@ts.kernel(grid=(1,))
+def fill_mask_named_o(Y, *, BM: int = 64, BN: int = 64):
+    o = ts.RegTile[ts.bool_, BM, BN]()
+    ts.fill(o, 1)
+    ts.store(Y, o, at=(0, 0))
+
+
+def _assigned(src: str, kernel_name: str) -> list[str]:
+    body = src.split(f"def {kernel_name}_kernel")[1]
+    return re.findall(r"^\s+(\w+) = ", body, flags=re.M)
+
+
+def test_gluon_keeps_a_tile_named_o_apart_from_its_offsets():
+    """Were one name in Gluon's source: the user's tile `o` (o_1) and the store's offsets (fresh o_1), so the offsets
+    rebound the tile and the store wrote 0, 1, 2, ... where 7 was meant (a (64, 64) bool mask failed to compile:
+    "Cannot broadcast, rank mismatch"). backends.gluon.emitter.Emitter.fresh skips the names values have."""
+    from tilestack.backends import get_backend
+    src = get_backend("gluon").source(fill_named_o.trace(meta(64, dtype=I32)))
+    names = _assigned(src, "fill_named_o")
+    assert len(names) == len(set(names)), src
+    stored = re.search(r"gl\.store\([^,]+, (\w+),", src).group(1)
+    assert re.search(rf"^\s+{stored} = gl\.full\(\[64\], 7,", src, flags=re.M), src
+    compile_gluon_sm90a(fill_mask_named_o, (meta(64, 64, dtype=torch.bool),), {})

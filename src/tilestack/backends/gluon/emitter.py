@@ -169,6 +169,7 @@ class Emitter:
         self.layout_names: dict[tuple, str] = {}
         self.layout_decls: list[str] = []
         self.fresh_count = 0
+        self.taken: set[str] = set()                 # every variable name given so far (values' and fresh ones)
         self.ring_tiles: dict[Instr, str] = {}       # a pipelined load -> its stage's shared buffer expression
         self.deferred: list[Value] = []              # mma results kept in flight in a pipelined loop
         # freeing stages (warp roles): which stage each waited tile is; per open block, the stages waited on
@@ -189,12 +190,22 @@ class Emitter:
         if v not in self.names:
             n = len(self.names)
             hint = v.hint or self.hints.get(v.buffer, "")
-            self.names[v] = f"{hint}_{n}" if hint else f"v{n}"
+            name = f"{hint}_{n}" if hint else f"v{n}"
+            while name in self.taken:    # a fresh name of the same spelling (a tile `o` and an offset o_1)
+                name += "_"
+            self.names[v] = name
+            self.taken.add(name)
         return self.names[v]
 
     def fresh(self, stem: str) -> str:
-        self.fresh_count += 1
-        return f"{stem}_{self.fresh_count}"
+        """A new variable ``{stem}_{k}`` that no value's name is (a user's tile named ``o``, ``s`` or ``bar`` is
+        ``o_1``, ``s_5``, ``bar_2``: the same spelling would rebind it)."""
+        while True:
+            self.fresh_count += 1
+            name = f"{stem}_{self.fresh_count}"
+            if name not in self.taken:
+                self.taken.add(name)
+                return name
 
     def emit(self, line: str) -> None:
         self.lines.append("    " * self.indent + line)
