@@ -18,7 +18,10 @@ What this round found:
   reading and writing the slice again (``counting._same_view``, ``counting._moves_no_data``);
 - an Embedding(sparse=True)'s backward wraps the rows' gradients and their ids in a sparse COO tensor, which aliases
   them; it was charged reading and writing them, as a sparse tensor has no storage of its own to find the alias by
-  (``counting._storages``: a sparse tensor's indices' and values' storages).
+  (``counting._storages``: a sparse tensor's indices' and values' storages);
+- one op at one shape in several dtypes gets a row per dtype (since session 30), but the table and the hot spots
+  showed those rows alike, the same op at the same shapes twice or more, nothing telling which dtype each was; such
+  rows now show it (``aten::addmm [bf16]``; ``profile_render._shown_ops``).
 
 Every count is written from the shapes: a multiply-add is 2 FLOPs (torch's addmm counts the product alone, its bias
 add not); a convolution by ``profile_support.conv``; element-wise ops and activations one per output element; a
@@ -510,3 +513,42 @@ def test_segnet_under_bf16_autocast_by_hand():
         p = profile_cpu(model, (x,), train=train, name="autocast_segnet")
         assert not p.unsupported and p.flops > convs
         assert {o.m.dtype for o in p.ops if o.op == "aten::convolution"} == {"bf16"}
+
+
+class FourPrecisions(nn.Module):
+    """One width of Linear held in fp32, bf16, fp16 and fp64: four addmm rows at the same shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.lins = nn.ModuleList(nn.Linear(FP_D, FP_D).to(dtype) for dtype in FP_DTYPES.values())
+
+    def forward(self, x):  # (B, D) fp32
+        return sum(lin(x.to(dtype)).float().sum() for lin, dtype in zip(self.lins, FP_DTYPES.values(), strict=True))
+
+
+FP_B, FP_D = 4, 8
+FP_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+def test_rows_of_one_op_at_one_shape_in_four_dtypes_are_told_apart_in_the_table():
+    """A row per dtype (each under its own roof, its bytes its dtype's) was shown in the table and the hot spots as
+    the same op at the same shapes four times over, nothing telling which was which (round 26's fix: such rows show
+    their dtype, ``aten::addmm [bf16]``; a row whose op and shapes no other row shares is shown as before)."""
+    torch.manual_seed(0)
+    ceil = device.Ceilings("cpu", 2e10, {"fp32": 2e11, "bf16": 4e11, "fp16": 4e11, "fp64": 1e11}, "now")
+    p = profile.profile_model(FourPrecisions(), (torch.randn(FP_B, FP_D),), steps=1, warmup=1, ceilings=ceil,
+                              device="cpu", name="four_precisions")
+    addmms = {o.m.dtype: o for o in p.ops if o.op == "aten::addmm"}
+    assert sorted(addmms) == sorted(FP_DTYPES)
+    for name, o in addmms.items():
+        size = torch.empty(0, dtype=FP_DTYPES[name]).element_size()
+        assert o.m.flops == 2 * FP_B * FP_D * FP_D
+        assert (o.m.bytes_read, o.m.bytes_written) == ((FP_D + FP_B * FP_D + FP_D * FP_D) * size, FP_B * FP_D * size)
+    shown = [r[0] for r in profile.profile_rows(p)]
+    assert sorted(c for c in shown if c.startswith("aten::addmm")) == sorted(f"aten::addmm [{d}]" for d in FP_DTYPES)
+    assert len(shown) == len({(r[0], r[1]) for r in profile.profile_rows(p)}), shown
+    lonely = [o for o in p.ops if sum(x.op == o.op and x.shapes == o.shapes for x in p.ops) == 1]
+    assert lonely and all(shown[p.ops.index(o)] == o.op for o in lonely)
+    hot = profile.hot_spot_lines(p, n=len(p.ops))
+    assert len(set(hot)) == len(hot)
+    assert any(line.split(". ", 1)[1].startswith("aten::addmm [bf16] (8, 4x8, 8x8):") for line in hot), hot

@@ -10,6 +10,7 @@ Every name here is re-exported by ``tilestack.perf.profile``, where callers find
 
 from __future__ import annotations
 
+import collections
 import importlib
 import importlib.util
 import math
@@ -180,15 +181,24 @@ def _check_profile(fn: str, p: Any, **counts: Any) -> None:
                                + (" or None (all)" if name == "top" else ""))
 
 
+def _shown_ops(p: ModelProfile) -> dict[int, str]:
+    """Each row's op as the table and the hot spots show it: tagged with its dtype (``aten::addmm [bf16]``) where
+    another row holds the same op at the same shapes in another dtype (a bf16 and an fp32 Linear of one width get a
+    row each), which would otherwise read as twins."""
+    rows_at = collections.Counter((o.op, o.shapes) for o in p.ops)
+    return {id(o): f"{o.op} [{o.m.dtype}]" if rows_at[o.op, o.shapes] > 1 else o.op for o in p.ops}
+
+
 def profile_rows(p: ModelProfile) -> list[list[str]]:
     from tilestack.perf.report import pct, seconds, si, spread
 
     _check_profile("profile_rows", p)
+    shown = _shown_ops(p)
     out = []
     for o in p.ops:
         out.append(
             [
-                o.op,
+                shown[id(o)],
                 shapes_text(o.shapes),
                 f"{o.calls:g}",
                 seconds(o.total_s),
@@ -232,8 +242,10 @@ def hot_spot_lines(p: ModelProfile, n: int = HOT_SPOTS) -> list[str]:
     from tilestack.perf.report import pct, seconds
 
     _check_profile("hot_spot_lines", p, n=n)
+    shown = _shown_ops(p)
     return [
-        f"{i + 1}. {o.label}: {pct(o.share)} of the step ({seconds(o.total_s)}), {o.tip}"
+        f"{i + 1}. {shown[id(o)]}{f' ({shapes_text(o.shapes)})' if o.shapes else ''}: {pct(o.share)} of the step "
+        f"({seconds(o.total_s)}), {o.tip}"
         for i, o in enumerate(p.hot_spots(n))
     ]
 
