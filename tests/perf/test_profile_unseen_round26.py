@@ -552,3 +552,16 @@ def test_rows_of_one_op_at_one_shape_in_four_dtypes_are_told_apart_in_the_table(
     hot = profile.hot_spot_lines(p, n=len(p.ops))
     assert len(set(hot)) == len(hot)
     assert any(line.split(". ", 1)[1].startswith("aten::addmm [bf16] (8, 4x8, 8x8):") for line in hot), hot
+
+
+@pytest.mark.xfail(strict=True, reason="open (round 26): the counting pass's step clones the sparse gradient "
+                   "(aten::clone of the (rows, D) sparse tensor, in AccumulateGrad) where the profiled steps' events "
+                   "show no such clone; timed nowhere, it is joined by name to the clone mm runs inside itself and so "
+                   "lands in the weight-gradient mm's row (why the two passes differ is not yet known)")
+def test_a_sparse_gradient_s_clone_does_not_land_in_an_unrelated_row():
+    """The head's weight gradient, dy^T (1, B L) times the rows (B L, D), reads its two operands (dy expanded
+    from the loss: 4 bytes held) and writes a (1, D) gradient: nothing of the embedding's sparse gradient."""
+    p, _, _ = profiled("sparse_embedding", True)
+    ids = SE_B * SE_L
+    row = next(o for o in p.ops if o.op == "aten::mm" and o.shapes == ((1, ids), (ids, SE_D)))
+    assert (row.m.bytes_read, row.m.bytes_written) == (F32 + ids * SE_D * F32, SE_D * F32)
