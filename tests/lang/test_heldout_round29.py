@@ -16,6 +16,12 @@ sentinel) first, ragged sizes (not tile multiples), seeds fixed (the ``rng`` fix
   mean added by atomics into an f32 scalar (a (1,) tensor) as the other; f32 / f16 / bf16 inputs.
 - Mish forward and backward (x tanh(softplus(x)); softplus as log(1 + exp(x)) past the overflow of exp kept exact
   by a threshold), against torch.autograd in float64, inputs out to +-100.
+- Hamming distances between binary codes packed 8 bits a byte (u8 (N, NB)): each byte column read as a vector through
+  the transposed view, XORed query-against-key as a (BQ, BK) u8 tile, bits counted by the SWAR popcount in u8 (shifts
+  and masks, no wrap past 8), summed over the bytes in i32; all-zero and all-ones codes (distance 8 NB).
+- torch.trapezoid along the rows of Y (R, N) at sample points X (R, N): (y[i] + y[i + 1]) (x[i + 1] - x[i]) / 2 summed
+  over tiles, the i + 1 terms read through the views Y[:, 1:], X[:, 1:] (at a storage offset of one element), the last
+  pair masked; N = 1 (an empty sum) and N = 2, f32 / f64 / bf16.
 """
 
 import math
@@ -370,3 +376,99 @@ def test_mish(backend, dtype, N, rng):
     want.backward(dy.double())
     close(y, want.detach(), scale=2)
     close(dx, xd.grad, scale=2)
+
+
+# ---- 6. Hamming distances of packed binary codes -------------------------------------------------------------------
+@ts.kernel(grid=lambda QT, KT, BQ, BK: (ts.cdiv(QT.shape[1], BQ), ts.cdiv(KT.shape[1], BK)))
+def hamming(QT, KT, D, *, BQ: int = 16, BK: int = 16):
+    """D[q, k] = the number of bits in which codes Q[q] and K[k] differ; QT (NB, NQ), KT (NB, NK) the transposed
+    views of the u8 codes, so that byte b of every code in a block is one vector at element row b."""
+    i, j = ts.block_id(0), ts.block_id(1)
+    qb, kb = ts.RegVec[ts.u8, BQ](), ts.RegVec[ts.u8, BK]()
+    x, t = ts.RegTile[ts.u8, BQ, BK](), ts.RegTile[ts.u8, BQ, BK]()
+    acc, c = ts.RegTile[ts.i32, BQ, BK](), ts.RegTile[ts.i32, BQ, BK]()
+    ts.zero(acc)
+    for b in ts.range(QT.shape[0]):
+        ts.load(qb, QT, at=(b, i))
+        ts.load(kb, KT, at=(b, j))
+        ts.zero(x)
+        ts.add(x, x, ts.per_row(qb))                 # (BQ, BK): q's byte down the rows
+        ts.zero(t)
+        ts.add(t, t, ts.per_col(kb))
+        ts.bit_xor(x, x, t)
+        ts.shr(t, x, 1)                              # x - ((x >> 1) & 0x55): 2-bit counts
+        ts.bit_and(t, t, 0x55)
+        ts.sub(x, x, t)
+        ts.shr(t, x, 2)                              # (x & 0x33) + ((x >> 2) & 0x33): 4-bit counts
+        ts.bit_and(t, t, 0x33)
+        ts.bit_and(x, x, 0x33)
+        ts.add(x, x, t)
+        ts.shr(t, x, 4)                              # (x + (x >> 4)) & 0x0f: the byte's count
+        ts.add(x, x, t)
+        ts.bit_and(x, x, 0x0F)
+        ts.copy(c, x)
+        ts.add(acc, acc, c)
+    ts.store(D, acc, at=(i, j))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("NQ", "NK", "NB"), [(19, 37, 5), (3, 1, 1), (16, 16, 8)])
+def test_hamming(backend, NQ, NK, NB, rng):
+    q = torch.from_numpy(rng.integers(0, 256, (NQ, NB), dtype=np.int64)).to(torch.uint8)
+    k = torch.from_numpy(rng.integers(0, 256, (NK, NB), dtype=np.int64)).to(torch.uint8)
+    q[0] = 0
+    k[0] = 255                                       # all bits differ: 8 NB
+    if NQ > 1:
+        q[1] = k[NK - 1]                             # equal codes: 0
+    d = torch.full((NQ, NK), -7, dtype=I32)
+    launch(hamming, backend, q.T, k.T, d)
+    bits = np.unpackbits((q.numpy()[:, None, :] ^ k.numpy()[None, :, :]), axis=-1).sum(-1)
+    assert torch.equal(d, torch.from_numpy(bits.astype(np.int32)))
+    assert d[0, 0] == 8 * NB
+
+
+# ---- 7. trapezoidal integration along rows -------------------------------------------------------------------------
+@ts.kernel(grid=lambda Y: (Y.shape[0],))
+def trapezoid(Y, Y1, X, X1, OUT, *, BN: int = 16):
+    """OUT[r] = sum_i (Y[r, i] + Y[r, i + 1]) (X[r, i + 1] - X[r, i]) / 2, i < N - 1; Y1, X1 the views Y[:, 1:],
+    X[:, 1:] (the i + 1 terms at the same tile coordinates)."""
+    r = ts.block_id(0)
+    W = ts.f64 if Y.dtype is ts.f64 else ts.f32
+    n1 = Y1.shape[1]                                 # N - 1 pairs
+    y, y1, x, x1 = (ts.RegVec[W, BN]() for _ in range(4))
+    pos = ts.RegVec[ts.i32, BN]()
+    ok = ts.RegVec[ts.bool_, BN]()
+    acc = ts.RegVec[W, BN]()
+    ts.zero(acc)
+    for j in ts.range(ts.cdiv(n1, BN)):
+        ts.load(y, Y, at=(r, j))
+        ts.load(y1, Y1, at=(r, j))
+        ts.load(x, X, at=(r, j))
+        ts.load(x1, X1, at=(r, j))
+        ts.add(y, y, y1)
+        ts.sub(x1, x1, x)
+        ts.mul(y, y, x1)
+        ts.arange(pos, j * BN)
+        ts.lt(ok, pos, n1)                           # Y[:, n1] is a sample but no pair's first
+        ts.where(y, ok, y, 0.0)
+        ts.add(acc, acc, y)
+    tot = ts.RegVec[W, 1]()
+    one = ts.RegTile[W, 1, BN]()
+    ts.zero(one)
+    ts.add(one, one, ts.per_col(acc))
+    ts.row_sum(tot, one)
+    ts.mul(tot, tot, 0.5)
+    out = ts.RegVec[OUT.dtype, 1]()
+    ts.copy(out, tot)
+    ts.store(OUT, out, at=(r,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [F32, F64, BF])
+@pytest.mark.parametrize(("R", "N"), [(3, 37), (2, 16), (2, 17), (1, 2), (2, 1)])
+def test_trapezoid(backend, dtype, R, N, rng):
+    x = torch.from_numpy(np.sort(rng.uniform(-3, 3, (R, N)), axis=1)).to(dtype)
+    y = randn(rng, R, N, dtype=dtype)
+    out = poisoned(R, dtype=dtype)
+    launch(trapezoid, backend, y, y[:, 1:], x, x[:, 1:], out)
+    close(out, torch.trapezoid(y.double(), x.double(), dim=1), scale=10)

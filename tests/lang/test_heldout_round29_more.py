@@ -484,9 +484,16 @@ def test_life_compiles_for_sm90a_through_gluon():
     compile_gluon_sm90a(life_step, _life_args(), {})
 
 
-@pytest.mark.parametrize("case", ["life", "cosine", "kl_log", "knn"])
-def test_round29_more_compiles_for_sm90a_through_triton(case):
+@pytest.mark.parametrize("case", ["life", "cosine", "kl_log", "knn", "hamming", "gru"])
+def test_round29_compiles_for_sm90a_through_triton(case):
+    from test_heldout_round29 import gru_layer, hamming
+    bf = torch.bfloat16
     kernel, args, consts = {
+        "hamming": (hamming, (meta(64, 8, dtype=U8).T, meta(64, 8, dtype=U8).T, meta(64, 64, dtype=I32)),
+                    {"BQ": 64, "BK": 64}),
+        "gru": (gru_layer, (meta(4, 33, 16, dtype=bf), meta(33, 16, dtype=bf), meta(3, 16, 16, dtype=bf),
+                            meta(3, 16, 16, dtype=bf), meta(3, 16, dtype=bf), meta(3, 16, dtype=bf),
+                            meta(4, 33, 16, dtype=bf), meta(33, 16, dtype=bf), 4), {}),
         "life": (life_step, _life_args(), {}),
         "cosine": (cosine_rows, (meta(64, 100), meta(64, 100), meta(64), 1e-8), {}),
         "kl_log": (kl_div, (meta(64, 100), meta(64, 100), meta(64, 100), meta(1)), {"LOG_TARGET": True}),
