@@ -1,4 +1,4 @@
-"""Round 29 of held-out kernels, continued (test_heldout_round29.py has the first five): on the reference executor and
+"""Round 29 of held-out kernels, continued (test_heldout_round29.py has the first seven): on the reference executor and
 Triton's interpreter against float64 torch or exact integers, outputs poisoned first, ragged sizes, seeds fixed.
 
 - Conway's game of life on a u8 grid: the eight neighbours read through a (3, 3, H, W) overlapping view of the
@@ -198,7 +198,7 @@ def test_cosine_against_one_row_expanded(backend, rng):
     close(out, F.cosine_similarity(x.double(), y.double(), dim=1))
 
 
-# ---- 8. KL divergence -------------------------------------------------------------------------------------------------
+# ---- 8. KL divergence ------------------------------------------------------------------------------------------------
 @ts.kernel(grid=lambda LQ, BM, BN: (ts.cdiv(LQ.shape[0], BM), ts.cdiv(LQ.shape[1], BN)))
 def kl_div(LQ, P, OUT, TOTAL, *, BM: int = 16, BN: int = 16, LOG_TARGET: bool = False):
     """OUT = P (log P - LQ) (0 where P = 0) or, LOG_TARGET, exp(P) (P - LQ); TOTAL[0] += the tile's sum / rows."""
@@ -358,7 +358,7 @@ def test_knn(backend, NQ, NK, D, K, rng):
     assert torch.equal(dist.double(), want_d)
 
 
-# ---- misuse --------------------------------------------------------------------------------------------------------------
+# ---- misuse ----------------------------------------------------------------------------------------------------------
 @ts.kernel(grid=(1,))
 def mixed_add(X, I, Y, *, BN: int = 16):
     x, i = ts.RegVec[ts.f32, BN](), ts.RegVec[ts.i32, BN]()
@@ -502,7 +502,7 @@ def test_round29_compiles_for_sm90a_through_triton(case):
     check_triton_sm90a(kernel, args, consts)
 
 
-# ---- Gluon: a tile named as the backend's own offset variables ---------------------------------------------------------
+# ---- Gluon: a tile named as the backend's own offset variables -------------------------------------------------------
 @ts.kernel(grid=(1,))
 def fill_named_o(Y, *, BN: int = 64):
     o = ts.RegVec[ts.i32, BN]()
