@@ -28,9 +28,10 @@ for sm_90a through Triton without spills. Fixed, each kept as its test here:
   operand type(s) for +: 'GlobalTensor' and 'Scalar'"; `len(t)` of a tile with "object of type 'Tile' has no len()",
   and `for v in t` with t[0]'s message; each names the value and the language's way now (lang.tiles):
   test_python_operations_on_globals_and_tiles_say_how_the_language_writes_them;
-- Triton: a tile size no power of two was named by the tile only; the constant it came from is named too now ("the
-  constant BN=12 of this launch", backends.triton.passes.legalize):
-  test_a_tile_shape_of_twelve_is_refused_by_triton_and_runs_on_the_reference.
+- Triton and Gluon: a tile size no power of two was named by the tile only; the constant it came from is named too now
+  ("the constant BN=12 of this launch", backends.triton.passes.legalize, backends.gluon.passes.legalize):
+  test_a_tile_shape_of_twelve_is_refused_by_triton_and_runs_on_the_reference and
+  test_gluon_names_the_constant_of_a_tile_size_no_power_of_two.
 Met, not changed: the Gluon backend multiplies only 16- and 8-bit floats on wgmma (the GRU layer and kNN keep f32
 operands for exactness, so they compile through Triton only), as its error says.
 """
@@ -533,3 +534,10 @@ def test_gluon_keeps_a_tile_named_o_apart_from_its_offsets():
     stored = re.search(r"gl\.store\([^,]+, (\w+),", src).group(1)
     assert re.search(rf"^\s+{stored} = gl\.full\(\[64\], 7,", src, flags=re.M), src
     compile_gluon_sm90a(fill_mask_named_o, (meta(64, 64, dtype=torch.bool),), {})
+
+
+def test_gluon_names_the_constant_of_a_tile_size_no_power_of_two():
+    traced = copy_vec.trace(meta(16), meta(16), BN=12)
+    with pytest.raises(BackendError, match=r"gluon backend needs power-of-two tile sizes; load uses a "
+                                           r"RegVec\[f32, 12\] \(the constant BN=12 of this launch\)"):
+        traced.source("gluon")
