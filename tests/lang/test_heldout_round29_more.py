@@ -32,6 +32,9 @@ for sm_90a through Triton without spills. Fixed, each kept as its test here:
   ("the constant BN=12 of this launch", backends.triton.passes.legalize, backends.gluon.passes.legalize):
   test_a_tile_shape_of_twelve_is_refused_by_triton_and_runs_on_the_reference and
   test_gluon_names_the_constant_of_a_tile_size_no_power_of_two.
+- launch: a NumPy integer as a grid axis (fixed, or returned by the grid function) was refused though it is taken as a
+  tile size; an error raised inside the grid function named neither kernel nor grid (lang.kernel):
+  test_a_numpy_integer_is_a_number_of_programs, test_an_error_inside_the_grid_function_names_the_kernel.
 Met, not changed: the Gluon backend multiplies only 16- and 8-bit floats on wgmma (the GRU layer and kNN keep f32
 operands for exactness, so they compile through Triton only), as its error says.
 """
@@ -541,3 +544,30 @@ def test_gluon_names_the_constant_of_a_tile_size_no_power_of_two():
     with pytest.raises(BackendError, match=r"gluon backend needs power-of-two tile sizes; load uses a "
                                            r"RegVec\[f32, 12\] \(the constant BN=12 of this launch\)"):
         traced.source("gluon")
+
+
+# ---- grids -------------------------------------------------------------------------------------------------------------
+def _copy_rows(X, Y, *, BN: int = 4):
+    x = ts.RegVec[ts.f32, BN]()
+    ts.load(x, X, at=(ts.block_id(0),))
+    ts.store(Y, x, at=(ts.block_id(0),))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_numpy_integer_is_a_number_of_programs(backend):
+    """Was refused ("grid axis 0 is int64 np.int64(2); expected ... an int"), fixed or returned by the grid function,
+    though a NumPy integer is taken as a tile size and a constant (lang.kernel)."""
+    for grid in ((np.int64(2),), lambda X, BN: (np.int32(2),)):
+        k = ts.kernel(grid=grid)(_copy_rows)
+        y = poisoned(8)
+        launch(k, backend, torch.arange(8.0), y)
+        assert torch.equal(y, torch.arange(8.0))
+
+
+def test_an_error_inside_the_grid_function_names_the_kernel():
+    """A bare KeyError from the grid function named neither the kernel nor the grid: a note says both."""
+    per_row = {}
+    k = ts.kernel(grid=lambda X, BN: (per_row[BN],))(_copy_rows)          # a table without the key
+    with pytest.raises(KeyError) as err:
+        launch(k, "reference", torch.arange(8.0), poisoned(8))
+    assert "while computing the grid of kernel _copy_rows" in "".join(getattr(err.value, "__notes__", []))

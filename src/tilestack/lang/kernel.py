@@ -387,8 +387,15 @@ class Kernel:
                 else:
                     handles.append(Scalar(ins.result))
             named = dict(zip((p.name for p in self.params), handles, strict=True)) | consts
-            grid = self._call_by_name(self.grid_fn, named)
+            try:
+                grid = self._call_by_name(self.grid_fn, named)
+            except Exception as e:
+                if not isinstance(e, TilestackError):   # (a bare ZeroDivisionError named neither kernel nor grid)
+                    e.add_note(f"(raised while computing the grid of kernel {self.name})")
+                raise
             grid = grid if isinstance(grid, tuple) else (grid,)
+            # a NumPy integer (a count computed with NumPy) is a number of programs too, as it is a tile size
+            grid = tuple(int(g) if isinstance(g, np.integer) else g for g in grid)
             if not 1 <= len(grid) <= 3:
                 raise TraceError(f"{self.name}: grid must have 1 to 3 axes, got {grid!r}", self.where)
             for k, g in enumerate(grid):
@@ -535,6 +542,7 @@ def _grid_function(grid) -> Callable:
     if callable(grid):
         return grid
     fixed = grid if isinstance(grid, tuple) else (grid,)
+    fixed = tuple(int(g) if isinstance(g, np.integer) else g for g in fixed)
     if not 1 <= len(fixed) <= 3 or any(isinstance(g, bool) or not isinstance(g, int) or g < 0 for g in fixed):
         raise TraceError(f"ts.kernel: grid is {grid!r}; expected a function of the arguments and constants "
                          "returning the programs per axis, or a fixed int or tuple of 1 to 3 ints >= 0", user_line())
