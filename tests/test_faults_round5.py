@@ -30,6 +30,7 @@ WORKERS = Path(__file__).with_name("_faults_workers_round5.py")
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 sys.path.insert(0, str(Path(__file__).parent))
 import _faults_workers_round5 as W  # noqa: E402
+from _shared_fixture import shared_parts  # noqa: E402
 
 POINTS = W.POINTS
 KILLED = list(W.WRITERS)
@@ -48,16 +49,30 @@ def _run(what: str, root: Path, *args: str) -> dict:
     return json.loads(r.stdout.splitlines()[-1])
 
 
+def _halves(tmp_path_factory, what: str, writers: list[str], *args: str) -> dict:
+    """``{writer: its result}``: the writers run in two halves, each in one worker process (``_run``), each half
+    computed once per pytest session (``_shared_fixture``: under ``-n 2`` each xdist worker computes one half, at
+    the same time). Each writer's result holds its half's ``root`` (its refs/ are there) and ``pid``, the pytest
+    process that computed it (for the matrix, the live process whose pid the live temporary carries)."""
+    def half(k: int):
+        def compute(root: Path) -> dict:
+            out = _run(what, root, *args, *writers[k::2])
+            assert sorted(out) == sorted(writers[k::2]), sorted(out)
+            return {w: {**res, "root": str(root), "pid": os.getpid()} for w, res in out.items()}
+        return compute
+
+    parts = shared_parts(tmp_path_factory, f"round5-{what}", {"a": half(0), "b": half(1)})
+    return {**parts["a"], **parts["b"]}
+
+
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory):
-    root = tmp_path_factory.mktemp("round5-matrix")
-    return root, _run("matrix", root, str(os.getpid()))
+    return _halves(tmp_path_factory, "matrix", KILLED, str(os.getpid()))   # (the live pid: the computing process)
 
 
 @pytest.fixture(scope="module")
 def race(tmp_path_factory):
-    root = tmp_path_factory.mktemp("round5-race")
-    return root, _run("race", root, str(RACE_N))
+    return _halves(tmp_path_factory, "race", RACED, str(RACE_N))
 
 
 # ---- whole files, read independently of tilestack ------------------------------------------------------------------
@@ -102,9 +117,8 @@ def test_a_writer_killed_at_each_point_leaves_the_old_file_or_the_new_one_whole(
     first time) or the one the killed write was writing (killed after), and whole by a check of its own format
     (every PNG chunk's CRC, JSON, the HTML's last tag). A kill before the rename leaves the dead writer's
     temporary (the kill landed mid-write), after it none."""
-    root, out = matrix
-    res = out[writer]["points"][point]
-    refs = root / "refs" / writer / point
+    res = matrix[writer]["points"][point]
+    refs = Path(matrix[writer]["root"]) / "refs" / writer / point
     assert res["how"] == ["signal", 9], res
     new = (refs / "new").read_bytes()
     old = (refs / "old").read_bytes() if (refs / "old").exists() else None
@@ -127,17 +141,17 @@ def test_kills_again_and_again_leave_one_temporary_the_next_write_sweeps_a_live_
     swept the one before). Then a temporary named after a live process (the test's) is put beside it: the next
     write removes the dead writer's and keeps the live one's. Before this round the kernel cache kept every kill's
     (each kernel's file is written once, and nothing swept its name's temporaries again)."""
-    res = matrix[1][writer]
+    res = matrix[writer]
     assert len(res["after_repeats"]) == 1, res["after_repeats"]
     assert res["after_next_write"] == [res["live_tmp"]], res
-    assert f".{os.getpid()}." in res["live_tmp"]
+    assert f".{res['pid']}." in res["live_tmp"]           # (the pytest process that ran the matrix: alive)
 
 
 @pytest.mark.parametrize("writer", KILLED)
 def test_files_are_made_under_the_umask(matrix, writer):
     """0o644 under umask 022, 0o640 under 027 (a file written again takes the umask's mode, as a new one does):
     not mkstemp's owner-only 0o600."""
-    res = matrix[1][writer]
+    res = matrix[writer]
     assert (res["mode_022"], res["mode_027"]) == ("0o644", "0o640"), res
 
 
@@ -146,8 +160,7 @@ def test_files_are_made_under_the_umask(matrix, writer):
 def test_two_processes_writing_one_file_leave_one_of_theirs_whole(race, writer):
     """Two children released together write the file RACE_N times each: no write fails, the file left is the last
     write of one of them (by its bytes' sha256), no temporary is left."""
-    root, out = race
-    res = out[writer]
+    res = race[writer]
     for child in res["children"]:
         assert child["errors"] == [] and len(child["renamed"]) == RACE_N, child
     assert res["final"] in {child["renamed"][-1] for child in res["children"]}
@@ -164,12 +177,11 @@ def test_the_tune_cache_and_the_measure_cache_keep_both_racing_writers_entries(r
     the 2 x RACE_N entries the two children added is in the file (plus the first writer's)."""
     from tilestack.tune.cache import Table
 
-    root, out = race
-    table = Table.read(Path(out["tune"]["target"]))
+    table = Table.read(Path(race["tune"]["target"]))
     sigs = sorted(k.split("|")[1] for k in table.entries)
     assert sigs == sorted(["sig0", *(f"sig{1000 * k + j}" for k in (1, 2) for j in range(RACE_N))])
     assert table.entries[f"gemm|sig{2000 + RACE_N - 1}|1024"]["config"] == {"BM": 16 * (2000 + RACE_N)}
-    measured = json.loads(Path(out["measure"]["target"]).read_text())
+    measured = json.loads(Path(race["measure"]["target"]).read_text())
     ms = sorted(int(k.split("|M")[1].split(" ")[0]) for k in measured)
     assert ms == sorted([8, *(8 + 1000 * k + j for k in (1, 2) for j in range(RACE_N))])
     for k, v in measured.items():
