@@ -129,3 +129,24 @@ def direct_apply(function: type[torch.autograd.Function]) -> Callable:
         return python_apply(*args) if transforms_active() else c_apply(*args)
 
     return apply
+
+
+_AUTOCAST_DEVICES = ("cuda", "cpu")     # the device types whose autocast the ops follow
+
+
+def autocast_unify(*tensors):
+    """The tensors as torch's autocast hands them to a lower-precision op (``F.linear``, SDPA) when their floating
+    dtypes differ: inside ``torch.autocast`` of the first one's device type, each floating tensor cast to the
+    autocast dtype (a bf16 activation from an autocast Linear beside an f32 parameter, which torch's linear +
+    cross_entropy takes and the kernels, of one dtype, refused). Tensors of one floating dtype are returned as they
+    are (the ops answer in their inputs' dtype there), and so are any beside a float64 one (autocast leaves float64
+    alone: the ops refuse it by name). The casts are differentiable: each gradient comes back in its input's dtype."""
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor) or first.device.type not in _AUTOCAST_DEVICES or \
+            not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    floats = {t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    if len(floats) < 2 or torch.float64 in floats:
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)

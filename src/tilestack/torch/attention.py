@@ -40,7 +40,14 @@ from tilestack.kernels._plan import planned
 from tilestack.kernels.attention_bwd import attention_backward
 from tilestack.kernels.attention_fwd import attention_forward, check_attention_args, dropout_rng
 from tilestack.lang.kernel import remember
-from tilestack.torch._autograd import batched, direct_apply, forward_ad_active, once_differentiable, untraced
+from tilestack.torch._autograd import (
+    autocast_unify,
+    batched,
+    direct_apply,
+    forward_ad_active,
+    once_differentiable,
+    untraced,
+)
 from tilestack.torch._library import autograd_op
 
 
@@ -191,7 +198,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     """Scaled dot-product attention on (B, H, N, D) tensors, as ``F.scaled_dot_product_attention(q, k, v,
     attn_mask, dropout_p, is_causal=causal, scale=scale, enable_gqa=True)``; differentiable in q, k and v.
     Dropout applies whenever ``dropout_p > 0`` (module docstring). Arguments are checked before any work (by the
-    kernels' own checks, once per launch signature)."""
+    kernels' own checks, once per launch signature). Inside ``torch.autocast`` q, k and v of different dtypes are
+    all cast to the autocast dtype, as torch's SDPA there casts them (``autocast_unify``)."""
+    q, k, v = autocast_unify(q, k, v)
     rng = dropout_rng() if dropout_p else None   # checked with the rest: a bad dropout_p is refused below
     precision = fp32_precision(q)
     if _is_compiling() or type(q) is not torch.Tensor or q.is_meta or _transforms_active() or forward_ad_active() \

@@ -41,7 +41,14 @@ from tilestack.kernels.rotary import rotary as _rotary
 from tilestack.kernels.swiglu import swiglu as _swiglu
 from tilestack.kernels.swiglu import swiglu_backward as _swiglu_backward
 from tilestack.lang.kernel import remember
-from tilestack.torch._autograd import batched, direct_apply, forward_ad_active, once_differentiable, untraced
+from tilestack.torch._autograd import (
+    autocast_unify,
+    batched,
+    direct_apply,
+    forward_ad_active,
+    once_differentiable,
+    untraced,
+)
 from tilestack.torch._library import autograd_op
 
 _is_compiling = torch.compiler.is_compiling
@@ -685,7 +692,10 @@ def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: to
                                ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Mean cross-entropy of ``x @ weight.T`` (x: (T, d), weight: (V, d)) against ``labels`` (T,), skipping
     rows labelled ``ignore_index``; the (T, V) logits are never made whole. A 0-d f32 loss, differentiable in
-    x and weight (their gradients are made in the forward, for a loss gradient of 1, and scaled after)."""
+    x and weight (their gradients are made in the forward, for a loss gradient of 1, and scaled after). Inside
+    ``torch.autocast`` an x and a weight of different dtypes are both cast to the autocast dtype, as torch's
+    ``F.linear`` there casts them (``autocast_unify``)."""
+    x, weight = autocast_unify(x, weight)
     untraced(check_ce_args, "fused_linear_cross_entropy", x, weight, labels, ignore_index)
     if not _eager(x):
         return fused_linear_cross_entropy_op(x, weight, labels, int(ignore_index))[0]
