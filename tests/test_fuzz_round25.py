@@ -94,6 +94,19 @@ def test_attention_under_autocast_with_mixed_dtypes_answers_as_torchs_sdpa(backe
         close(t.grad, t64.grad, 2e-2, name)
 
 
+def test_attention_under_fp16_autocast_with_mixed_dtypes_and_an_f32_float_mask():
+    q, k, v = randn(19, 1, 2, 4, 16, dtype=BF16), randn(20, 1, 2, 5, 16), randn(21, 1, 2, 5, 16, dtype=BF16)
+    mask = randn(22, 4, 5)                                          # an additive f32 mask, broadcast over (B, H)
+    mask[1, :] = -float("inf")                                      # a query row that sees no key
+    with config.override(backend="reference"), poisoned_allocations(), torch.autocast("cpu", dtype=torch.float16):
+        o = tilestack.attention(q, k, v, attn_mask=mask)
+        want_torch = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert o.dtype == want_torch.dtype == torch.float16
+    f16_64 = lambda t: t.to(torch.float16).double()                  # noqa: E731
+    close(o, F.scaled_dot_product_attention(f16_64(q), f16_64(k), f16_64(v), attn_mask=mask.double()), 2e-3, "o")
+    close(o, want_torch, 2e-3, "o against torch's under autocast")
+
+
 def test_one_dtype_under_autocast_is_kept_and_mixed_outside_it_refused_by_name():
     x, w = randn(7, 5, 16), randn(8, 7, 16)
     with config.override(backend="reference"), poisoned_allocations():
