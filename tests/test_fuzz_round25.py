@@ -2,8 +2,9 @@
 bf16 activation from an autocast Linear beside an f32 parameter), forward and backward, against torch's own ops there
 and float64 torch; the backward on meta tensors (gradients of the inputs' shapes and dtypes, None where torch's are);
 NumPy and ``fractions`` scalars as eps, scale, dropout_p and ignore_index; the fused cross-entropy with NaN and
-infinities in x or the weight, in rows labelled and ignored, forward and backward on both CPU backends. Every result
-starts as NaN (``poisoned_allocations``).
+infinities in x or the weight, in rows labelled and ignored, forward and backward on both CPU backends; incoming
+gradients holding NaN, infinities and large values, through every differentiable op, against float64 torch. Every
+result starts as NaN (``poisoned_allocations``).
 
 What this round found (the test failed before its fix):
 - ``fused_linear_cross_entropy(h, lm_head.weight, labels)`` inside ``torch.autocast`` with h in bf16 (an autocast
@@ -210,3 +211,45 @@ def test_fused_cross_entropy_specials_forward_and_backward(case, backend):
     close(loss, want, 1e-4, f"{case}: loss")
     close(x.grad, x64.grad, 1e-4, f"{case}: dx")
     close(w.grad, w64.grad, 1e-4, f"{case}: dw")
+
+
+# ---- incoming gradients holding NaN, infinities and large values -------------------------------------------------
+def _rotate64(t):
+    c, s = COS[:3].double()[None, :, None], SIN[:3].double()[None, :, None]
+    return torch.cat((t[..., :8] * c - t[..., 8:] * s, t[..., 8:] * c + t[..., :8] * s), -1)
+
+
+DY_OPS = {
+    "rms_norm": ([(3, 8), (8,)], lambda x, w: ops.rms_norm(x, w), lambda x, w: F.rms_norm(x, (8,), w, 1e-6)),
+    "layer_norm": ([(3, 8), (8,), (8,)], lambda x, w, b: ops.layer_norm(x, w, b),
+                   lambda x, w, b: F.layer_norm(x, (8,), w, b, 1e-5)),
+    "swiglu": ([(3, 8)], lambda x: ops.swiglu(x), lambda x: F.silu(x[..., :4]) * x[..., 4:]),
+    "rotary": ([(1, 3, 2, 16)], lambda q: ops.rotary(q, q[:, :, :1].detach(), COS[:3], SIN[:3])[0], _rotate64),
+    "attention bottom_right": ([(1, 2, 3, 16), (1, 1, 4, 16), (1, 1, 4, 16)],
+                               lambda q, k, v: tilestack.attention(q, k, v, causal=True, causal_align="bottom_right"),
+                               lambda q, k, v: F.scaled_dot_product_attention(
+                                   q, k, v, attn_mask=torch.ones(3, 4, dtype=torch.bool).tril(1), enable_gqa=True)),
+}
+# (layer_norm with an infinite dy is left out: its dx is inf - inf somewhere in the row, and which entries come out
+# NaN rather than +-inf depends on how the two row sums are arranged: torch's CPU kernel sums over the uncentered x,
+# the kernels over (x - mean) * rstd, and both are the same gradient wherever it is finite)
+# (1e37: large, and its products with the O(1) values beside it stay finite in f32, as in float64)
+DY_SPECIALS = {"nan": float("nan"), "+inf": float("inf"), "-inf": -float("inf"), "1e37": 1e37}
+DY_CASES = [(name, special) for name in sorted(DY_OPS) for special in sorted(DY_SPECIALS)
+            if not (name == "layer_norm" and special.endswith("inf"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,special", DY_CASES)
+def test_incoming_gradient_specials_reach_the_inputs_as_in_float64(name, special, backend):
+    shapes, fn, fn64 = DY_OPS[name]
+    ins = [randn(30 + i, *s, requires_grad=True) for i, s in enumerate(shapes)]
+    ins64 = [t.detach().double().requires_grad_() for t in ins]
+    with config.override(backend=backend), poisoned_allocations():
+        y = fn(*ins)
+        dy = randn(40, *y.shape)
+        dy.view(-1)[1] = DY_SPECIALS[special]
+        y.backward(dy)
+    fn64(*ins64).backward(dy.double())
+    for i, (t, t64) in enumerate(zip(ins, ins64, strict=True)):
+        close(t.grad, t64.grad, 1e-4, f"{name}: gradient of input {i}")
