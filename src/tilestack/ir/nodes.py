@@ -121,6 +121,12 @@ class KernelIR:
                 out.add(args[ins.srcs[0]])
         return out
 
+    def constant_source(self, n: int) -> str:
+        """`` (the constant BN=12 of this launch)``: the int constants equal to ``n``, for an error about a size
+        that came from one (empty where none is)."""
+        named = [k for k, c in self.constants.items() if type(c) is int and c == n]
+        return f" (the constant {', '.join(f'{k}={n}' for k in named)} of this launch)" if named else ""
+
     def __str__(self) -> str:
         from tilestack.ir.printer import format_kernel
         return format_kernel(self)

@@ -116,10 +116,8 @@ def legalize(warps: int, tma: bool = True):
                 if isinstance(v.type, TileType | StagesType):
                     for n in v.type.shape:
                         if n & (n - 1):
-                            named = [k for k, c in ir.constants.items() if type(c) is int and c == n]
-                            which = f" (the constant {', '.join(f'{k}={n}' for k in named)} of this launch)" \
-                                if named else ""
-                            _fail(ins, f"needs power-of-two tile sizes; {ins.op.value} uses a {v.type}{which}")
+                            _fail(ins, f"needs power-of-two tile sizes; {ins.op.value} uses a {v.type}"
+                                       f"{ir.constant_source(n)}")
                     shared = isinstance(v.type, StagesType) or v.type.space is Space.SHARED
                     if shared and v.type.dtype is bool_:   # (its shared layouts take 8- to 64-bit elements)
                         _fail(ins, f"keeps bool_ masks in registers; {ins.op.value} uses a {v.type} (load the mask "

@@ -112,12 +112,9 @@ def legalize(ir: KernelIR) -> KernelIR:
             if isinstance(v.type, TileType | StagesType):
                 for n in v.type.shape:
                     if n & (n - 1):
-                        named = [k for k, c in ir.constants.items() if type(c) is int and c == n]
-                        which = f" (the constant {', '.join(f'{k}={n}' for k in named)} of this launch)" \
-                            if named else ""
                         raise BackendError(f"{ins.where}: the Triton backend needs power-of-two tile sizes; "
                                            f"{ins.op.value} uses a {v.type} (pad the tile and mask the edge)"
-                                           f"{which}")
+                                           f"{ir.constant_source(n)}")
             if isinstance(v.type, TileType) and math.prod(v.type.shape) > MAX_NUMEL:
                 raise BackendError(f"{ins.where}: {ins.op.value} uses a {v.type}, {math.prod(v.type.shape)} "
                                    f"elements; a Triton tensor holds at most {MAX_NUMEL} (2**20): use smaller tiles "
