@@ -96,6 +96,7 @@ SMOOTH_L1_BWD_FLOPS_PER_ELEMENT = 4  # subtract, compare, clamp or scale, multip
 BCE_FLOPS_PER_ELEMENT = 8  # -(y log x + (1 - y) log(1 - x)): two logs, two subtracts, two multiplies, add, sum
 BCE_BWD_FLOPS_PER_ELEMENT = 5  # dy * (x - y) / (x * (1 - x)): two subtracts, two multiplies, a divide
 BCE_LOGITS_FLOPS_PER_ELEMENT = 7  # (1 - y) x + log(1 + exp(-x)): subtract, multiply, exp, add, log, add, sum
+BCE_LOGITS_POS_WEIGHT_FLOPS_PER_ELEMENT = 3  # the log-sigmoid scaled by 1 + (p - 1) y: multiply, add, multiply
 NLL_FLOPS_PER_TARGET = 1  # the picked log-probability added into the sum (the backward writes one per target)
 # Weight norm w = g * v / ||v|| per element of v: square-accumulate (2), scale (1); its backward
 # dv = g / ||v|| * (dw - w_hat * sum(dw * w_hat)): multiply-accumulate (2), multiply, subtract, multiply.

@@ -21,8 +21,16 @@ def bag_entries(func: Any, args: tuple, kwargs: dict) -> int:
 
 def _embedding_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     """embedding_dense_backward: each looked-up token's gradient row added into its row of the table, but for the
-    tokens at ``padding_idx`` (nn.Embedding(padding_idx=...): a padded batch's pad tokens add nothing)."""
-    return float(bag_entries(func, args, kwargs) * _argument(func, args, kwargs, "grad_output").shape[-1])
+    tokens at ``padding_idx`` (nn.Embedding(padding_idx=...): a padded batch's pad tokens add nothing). With
+    ``scale_grad_by_freq`` each index is first counted (one add per token), each added row scaled by one over its
+    id's count (a divide per row, then a multiply-add per element, not an add; profiler round 27: counted as the
+    plain backward)."""
+    entries = bag_entries(func, args, kwargs)
+    width = _argument(func, args, kwargs, "grad_output").shape[-1]
+    if not _argument(func, args, kwargs, "scale_grad_by_freq"):
+        return float(entries * width)
+    tokens = _argument(func, args, kwargs, "indices").numel()
+    return float(tokens + entries + formulas.FLOPS_PER_MAC * entries * width)
 
 
 def _embedding_bag_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:

@@ -25,6 +25,19 @@ def _nll_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     return float(formulas.NLL_FLOPS_PER_TARGET * nll_targets(func, args, kwargs))
 
 
+def _bce_logits_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    """binary_cross_entropy_with_logits: its formula per element of the logits; a ``pos_weight`` (C,) first made
+    p - 1 (a subtract per class), then each element's log-sigmoid scaled by 1 + (p - 1) y (a multiply, an add and a
+    multiply); a ``weight`` a multiply per element (profiler round 27: both were left out, a multi-label loss with
+    positive weights counted as a plain one)."""
+    x = _argument(func, args, kwargs, "self")
+    pos_weight, weight = _argument(func, args, kwargs, "pos_weight"), _argument(func, args, kwargs, "weight")
+    per_element = (formulas.BCE_LOGITS_FLOPS_PER_ELEMENT
+                   + (formulas.BCE_LOGITS_POS_WEIGHT_FLOPS_PER_ELEMENT if pos_weight is not None else 0)
+                   + (weight is not None))
+    return float(per_element * _numel(x) + (_numel(pos_weight) if pos_weight is not None else 0))
+
+
 def _multi_margin_flops(per_term: int) -> Rule:
     """multi_margin_loss and its backward: a hinge per element of x (N, C); a square per term for p=2, a multiply
     for a class weight."""
@@ -85,7 +98,7 @@ LOSS_FLOPS: dict[str, Rule] = {
        for loss in ("smooth_l1_loss", "huber_loss")},
     "aten.binary_cross_entropy": _per_element("self", formulas.BCE_FLOPS_PER_ELEMENT),
     "aten.binary_cross_entropy_backward": _per_element("self", formulas.BCE_BWD_FLOPS_PER_ELEMENT),
-    "aten.binary_cross_entropy_with_logits": _per_element("self", formulas.BCE_LOGITS_FLOPS_PER_ELEMENT),
+    "aten.binary_cross_entropy_with_logits": _bce_logits_flops,
     **{f"aten.{nll}": _nll_flops for nll in (
         "nll_loss_forward", "nll_loss_backward", "nll_loss2d_forward", "nll_loss2d_backward",
     )},
