@@ -696,6 +696,9 @@ def _rounds(strategy: Strategy, grid: ManagedGrid, initial_arrays: ArrayRecord, 
             break
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         replies += grid.take_late_replies(arrays)  # updates of earlier rounds due now (stragglers="stale")
+        if short and replies:  # (with no reply at all the round is skipped below, naming the same reason)
+            log.warning("round %d: no client sampled for training: %s; the round aggregates only the %d late "
+                        "update(s) due now", r, short, len(replies))  # fmt: skip
         replies = summable_weights(replies, grid.weight_keys)
         # DP noise is drawn here, after the clients ran (in this process or not)
         _seed_global_rngs(seed, r, AGGREGATE_PHASE)
