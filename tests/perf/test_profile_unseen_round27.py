@@ -36,6 +36,7 @@ and writes (fp32: 4 bytes, int64: 8).
 """
 
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -233,7 +234,8 @@ def test_metric_head_by_hand():
     assert (embed.calls, embed.flops) == (3, 3 * 2 * ML_N * ML_F * ML_E)
     n = ML_N * ML_E
     bce = one_row(counts, "aten::binary_cross_entropy_with_logits")
-    assert bce.flops == (formulas.BCE_LOGITS_FLOPS_PER_ELEMENT + formulas.BCE_LOGITS_POS_WEIGHT_FLOPS_PER_ELEMENT) * n + ML_E
+    per_element = formulas.BCE_LOGITS_FLOPS_PER_ELEMENT + formulas.BCE_LOGITS_POS_WEIGHT_FLOPS_PER_ELEMENT
+    assert bce.flops == per_element * n + ML_E
     assert (bce.bytes_read, bce.bytes_written) == ((2 * n + ML_E) * F32, F32)
     log_sigmoid = one_row(counts, "aten::log_sigmoid_forward")
     assert (log_sigmoid.calls, log_sigmoid.flops, log_sigmoid.bytes_written) == (2, 2 * n, 2 * 2 * n * F32)
@@ -316,3 +318,156 @@ def test_rigid_body_trained_differentiates_the_cross_product_and_the_factors():
     assert crosses.calls == 2 and crosses.flops == 2 * formulas.CROSS_FLOPS_PER_ELEMENT * RB_N * 3
     back = [c for (op, sh), c in counts.items() if op == "aten::mul" and sh[0] == (RB_A[0], RB_B[0], RB_A[1], RB_B[1])]
     assert sum(c.flops for c in back) == 2 * RB_OUT * RB_IN
+
+
+def test_ragged_buckets_by_hand():
+    """pad_sequence fills a (2, L) int64 batch with the padding id and copies each sequence in (no arithmetic);
+    bucketize ceil(log2(3 + 1)) = 2 compares a value, reading the values and the boundaries and writing int64 ids;
+    each lookup reads its ids and one row an id; the sums, the square and the shift one FLOP an element: 91."""
+    p, counts, _ = profiled("ragged", False)
+    length = max(len(s) for s in RG_SEQS)
+    fill = one_row(counts, "aten::full")
+    assert (fill.flops, fill.bytes_written) == (0, len(RG_SEQS) * length * I64)
+    assert sum(c.bytes_written for c in rows_of(counts, "aten::copy_")) == sum(map(len, RG_SEQS)) * I64
+    search = one_row(counts, "aten::bucketize")
+    assert search.flops == RG_VALUES * math.ceil(math.log2(len(RG_EDGES) + 1))
+    assert (search.bytes_read, search.bytes_written) == ((RG_VALUES + len(RG_EDGES)) * F32, RG_VALUES * I64)
+    padded = one_row(counts, "aten::embedding", ((RG_ROWS, RG_D), (len(RG_SEQS), length)))
+    tokens = len(RG_SEQS) * length
+    assert (padded.bytes_read, padded.bytes_written) == (tokens * (I64 + RG_D * F32), tokens * RG_D * F32)
+    # the shift, the padded lookups' sum, the buckets' square and its sum, the final add
+    assert p.flops == search.flops + RG_VALUES + tokens * RG_D + 2 * RG_VALUES * RG_D + 1 == 91
+
+
+def test_ragged_frequency_scaled_backward_by_hand():
+    """Trained, each lookup's backward under scale_grad_by_freq counts its ids (one add a token, the padding's
+    too), divides one by the count for each row it adds, and adds that row scaled (a multiply-add an element),
+    skipping the padding's: 6 + 5 + 2 * 5 * D for the padded batch, 6 + 6 + 2 * 6 * D for the buckets (round 27's
+    fix: both counted as a plain backward's add an element, 5 D and 6 D)."""
+    _, counts, _ = profiled("ragged", True)
+    length = max(len(s) for s in RG_SEQS)
+    tokens, entries = len(RG_SEQS) * length, sum(map(len, RG_SEQS))
+    padded = one_row(counts, "aten::embedding_dense_backward", ((len(RG_SEQS), length, RG_D), (len(RG_SEQS), length)))
+    assert padded.flops == tokens + entries + 2 * entries * RG_D
+    buckets = one_row(counts, "aten::embedding_dense_backward", ((RG_VALUES, RG_D), (RG_VALUES,)))
+    assert buckets.flops == 2 * RG_VALUES + 2 * RG_VALUES * RG_D
+    assert buckets.bytes_written == RG_ROWS * RG_D * F32  # the whole table's gradient
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_frequency_scaling_is_counted_only_where_asked(padding_idx):
+    """The same lookup's backward without scale_grad_by_freq stays an add an element of each non-padding row;
+    with it, the count, the divides and multiply-adds of round 27's fix."""
+    ids = torch.tensor([[0, 3, 3, 5], [5, 5, 0, 2]])
+    kept = int((ids != padding_idx).sum()) if padding_idx is not None else ids.numel()
+    width = 3
+    def step(table, scale):
+        F.embedding(ids, table, padding_idx=padding_idx, scale_grad_by_freq=scale).sum().backward()
+
+    for scale in (False, True):
+        table = torch.randn(7, width, requires_grad=True)
+        counts = profile.count_ops(lambda t=table, s=scale: step(t, s))
+        back = one_row(counts, "aten::embedding_dense_backward")
+        assert back.flops == (ids.numel() + kept + 2 * kept * width if scale else kept * width), scale
+
+
+def test_padded_volume_by_hand():
+    """ReplicationPad3d copies its border (0 FLOPs; reads the volume, writes the padded one); the 3x3x3 convolution
+    by the formula; the ceil-mode average pool its 8 taps at each of its 3^3 outputs a plane (a window that overhangs
+    charged whole: the rounds' convention), the adaptive pool a mean of each plane; CircularPad1d copies; LPPool1d a
+    square, a 2-tap average pool and the root by sign, abs, relu, two multiplies and a power: 83485."""
+    p, counts, _ = profiled("padded_volume", False)
+    padded = PV_S + 2
+    pad = one_row(counts, "aten::replication_pad3d")
+    assert (pad.flops, pad.bytes_read, pad.bytes_written) == (
+        0, PV_B * PV_CI * PV_S ** 3 * F32, PV_B * PV_CI * padded ** 3 * F32)
+    conv_flops = conv(PV_B, PV_CI, PV_CO, PV_S ** 3, 27)
+    assert one_row(counts, "aten::convolution").flops == conv_flops == 81750
+    planes = PV_B * PV_CO
+    pool = one_row(counts, "aten::avg_pool3d")
+    assert pool.flops == 8 * planes * PV_POOLED ** 3
+    assert (pool.bytes_read, pool.bytes_written) == (planes * PV_S ** 3 * F32, planes * PV_POOLED ** 3 * F32)
+    signal = PV_B * PV_SC * (PV_L + 2)
+    lp_out = PV_B * PV_SC * ((PV_L + 2) // 2)
+    assert one_row(counts, "aten::avg_pool2d").flops == 2 * lp_out
+    volume = conv_flops + pool.flops + planes * PV_POOLED ** 3 + planes
+    lp = signal + 2 * lp_out + 6 * lp_out + lp_out
+    assert p.flops == volume + lp + 1 == 83485
+
+
+def test_padded_volume_trained_spreads_the_pool_s_gradient():
+    """Trained, the adaptive pool's gradient is spread by a divide over each plane, the ceil-mode pool's backward
+    charged its taps at each element of dy (as its forward), the convolution's backward for its weight and bias only
+    (the volume needs no gradient)."""
+    _, counts, _ = profiled("padded_volume", True)
+    planes = PV_B * PV_CO
+    back = one_row(counts, "aten::avg_pool3d_backward")
+    assert back.flops == 8 * planes * PV_POOLED ** 3
+    weight_grad = 2 * PV_B * PV_S ** 3 * PV_CO * PV_CI * 27 + PV_B * PV_CO * PV_S ** 3
+    assert one_row(counts, "aten::convolution_backward").flops == weight_grad
+
+
+@pytest.mark.parametrize(("weighted", "positive"), [(False, False), (True, False), (False, True), (True, True)])
+def test_bce_with_logits_counts_its_weights(weighted, positive):
+    """binary_cross_entropy_with_logits over (N, C) logits: its formula an element, a multiply an element for a
+    weight, p - 1 once per class and three FLOPs an element for a pos_weight (round 27's fix: both left out); the
+    weights read where given."""
+    n, c = 3, 4
+    x, y = torch.randn(n, c), (torch.rand(n, c) > 0.5).float()
+    w, pw = torch.rand(n, c), torch.rand(c) + 1
+    with torch.no_grad():
+        counts = profile.count_ops(lambda: F.binary_cross_entropy_with_logits(
+            x, y, weight=w if weighted else None, pos_weight=pw if positive else None))
+    row = one_row(counts, "aten::binary_cross_entropy_with_logits")
+    per = formulas.BCE_LOGITS_FLOPS_PER_ELEMENT + weighted + formulas.BCE_LOGITS_POS_WEIGHT_FLOPS_PER_ELEMENT * positive
+    assert row.flops == per * n * c + c * positive
+    assert row.bytes_read == (2 * n * c + n * c * weighted + c * positive) * F32
+
+
+def test_a_pos_weight_of_the_wrong_width_names_the_model_and_phase():
+    """A BCEWithLogitsLoss whose pos_weight does not broadcast over the labels raises inside the model: the profile
+    names the model, the phase and the inputs, with the model's error chained."""
+    model, inputs = metric_head()
+    model.bce.pos_weight = torch.ones(ML_E + 2)
+    with pytest.raises(profile.ProfileError, match=r"metric_head.*warm-up") as e:
+        profile_cpu(model, inputs, name="metric_head")
+    assert "inputs=" in str(e.value) and e.value.__cause__ is not None
+
+
+def test_float_ids_name_the_inputs():
+    """Float ids where the embedding wants integers: refused naming the model and the inputs' dtypes."""
+    model, (first, second, values) = ragged()
+    with pytest.raises(profile.ProfileError, match=r"ragged.*inputs=\(tensor 3 float32"):
+        profile_cpu(model, (first.float(), second, values), name="ragged")
+
+
+@pytest.mark.parametrize(("kwargs", "named"), [
+    ({"steps": 0}, "steps=0"), ({"warmup": -1}, "warmup=-1"), ({"train": "yes"}, "train='yes'"),
+    ({"name": 3}, "name=3"), ({"ceilings": "fast"}, "ceilings='fast'"),
+])
+def test_bad_arguments_are_refused_naming_them(kwargs, named):
+    """Arguments of the wrong kind or out of range: refused before the model runs, naming the argument, its value
+    and what was expected."""
+    model, inputs = rigid_body()
+    with pytest.raises(profile.ProfileError, match=re.escape(named) + ".*expected"):
+        profile_cpu(model, inputs, **kwargs)
+
+
+def test_inputs_that_do_not_fit_forward_name_its_signature():
+    """Two of the ragged model's three arguments: refused naming the inputs and forward's signature."""
+    model, (first, second, _) = ragged()
+    with pytest.raises(profile.ProfileError, match=r"do not fit RaggedBuckets\.forward\(first, second, values\)"):
+        profile_cpu(model, (first, second), name="ragged")
+
+
+def test_an_empty_batch_through_the_metric_head_computes_nothing():
+    """A batch of 0 pairs: the Linear reads its weight and computes nothing; the losses' means over nothing are
+    NaN, which the model returns; the profile's rows stay finite."""
+    model, _ = metric_head()
+    empty = torch.zeros(0, ML_F)
+    inputs = (empty, empty, empty, torch.zeros(0), torch.zeros(0, ML_E))
+    counts = step_counts(model, inputs)
+    embed = one_row(counts, "aten::addmm")
+    assert embed.flops == 0 and embed.bytes_read >= (ML_F * ML_E + ML_E) * F32
+    p = profile_cpu(model, inputs, name="metric_head")
+    assert all(math.isfinite(o.m.flops) for o in p.ops)
