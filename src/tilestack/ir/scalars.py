@@ -197,9 +197,12 @@ def f64_floats(kernel) -> frozenset:
     such value made by a SCALAR op (``a - 1.0``, ``-a``, ``a * N`` feeding f64 work: computed in f32 they rounded a
     = 1 + 2**-40 to 1 and -1e300 to -inf). Arguments among them are passed as f64 (``f64_float_args``), the
     arithmetic among them runs in f64 on every backend, and each is an f32 of that f64 value wherever f32 work takes
-    it. Other float scalars (a float read from memory, arithmetic only f32 work takes) stay f32."""
+    it. An element of an f64 tensor read by ``load_scalar`` that f64 work takes is one too (as an f32 it rounded
+    A[i, j] = 1 + 2**-40 in kron's A[i, j] * B to 1). Other float scalars (an element of a narrower float tensor,
+    exact in f32; arithmetic only f32 work takes) stay f32."""
     floats_made = {ins.result: ins for ins in kernel.walk()
-                   if ins.op in (Op.ARG, Op.SCALAR, Op.CONST) and ins.result.type == FLOAT}
+                   if (ins.op in (Op.ARG, Op.SCALAR, Op.CONST)
+                       or (ins.op is Op.LOAD_SCALAR and ins.srcs[0].type.dtype is f64)) and ins.result.type == FLOAT}
     out: set = set()
     for ins in kernel.walk():
         if OPS[ins.op].kind == "tile" and work_dtype(ins) is f64:

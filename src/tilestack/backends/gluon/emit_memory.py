@@ -30,12 +30,19 @@ def _tma_copy(e: Emitter, desc: str, coords: str, barrier: str, dst: str, pred: 
 @register_emitter("gluon", Op.LOAD_SCALAR)
 def _e_load_scalar(e: Emitter, ins: Instr) -> None:
     """One element through its pointer (offsets in 64 bits, as the tile accesses'), masked to the global's sizes
-    (0 outside); an index as a 32- or 64-bit int (narrower ints and bools widen to 32), a float as an f32."""
+    (0 outside); an index as a 32- or 64-bit int (narrower ints and bools widen to 32), a float as an f32 (an f64
+    element that f64 work takes as an f64 too)."""
     g, *index = ins.srcs
     gname, dtype = e.globals[g], g.type.dtype
     offset = " + ".join(f"{e.wide(c)} * {gname}_s{a}" for a, c in enumerate(index))
     mask = " & ".join(f"({e.name(c)} >= 0) & ({e.name(c)} < {gname}_d{a})" for a, c in enumerate(index))
     x = f"gl.load({gname} + {offset}, mask={mask}, other=0)" if index else f"gl.load({gname})"
+    if ins.result in e.f64_floats:     # an f64 element f64 work takes (ir.scalars.f64_floats): an f32 elsewhere
+        name = e.name(ins.result)
+        e.emit(f"{name} = {x}")
+        e.f64_floats[ins.result] = name
+        e.names[ins.result] = f"gl.cast({name}, gl.float32)"
+        return
     if ins.result.type == FLOAT:
         x = x if dtype.name == "f32" else f"{x}.to(gl.float32)"
     elif dtype.itemsize < 4 or not dtype.name.startswith("i"):     # bool, u8, i8, i16: as an i32 index

@@ -266,12 +266,15 @@ class _Program:
         return out
 
     def load_scalar(self, ins: Instr, srcs: list):
-        """One element of a global (0 outside it): an int for an index result, the f32 value of a float one."""
+        """One element of a global (0 outside it): an int for an index result, the f32 value of a float one (an f64
+        element that f64 work takes as it is: ``ir.scalars.f64_floats``; f32 work rounds it where it takes it)."""
         g = self.arrays[self.arg_index[ins.srcs[0]]]
         index = tuple(int(c) for c in srcs[1:])
         inside = all(0 <= c < n for c, n in zip(index, g.shape, strict=True))
         x = g[index] if inside else 0
-        return float(np.float32(x)) if ins.result.type == FLOAT else int(x)
+        if ins.result.type != FLOAT:
+            return int(x)
+        return float(x) if ins.result in self.f64_floats else float(np.float32(x))
 
     def stage_index(self, ins: Instr, stage) -> int:
         n = ins.srcs[0].type.stages

@@ -525,7 +525,8 @@ def _e_load(e: _Emitter, ins: Instr) -> None:
 @register_emitter("triton", Op.LOAD_SCALAR)
 def _e_load_scalar(e: _Emitter, ins: Instr) -> None:
     """One element through its pointer, masked to the global's sizes (0 outside); an index as a 32- or 64-bit
-    int (the tensor's width: narrower ints and bools widen to 32), a float as an f32."""
+    int (the tensor's width: narrower ints and bools widen to 32), a float as an f32 (an f64 element that f64 work
+    takes as an f64 too)."""
     g, *index = ins.srcs
     gname, dtype = e.globals[g], g.type.dtype
     wide = e.global_index[g] in e.index64
@@ -543,6 +544,12 @@ def _e_load_scalar(e: _Emitter, ins: Instr) -> None:
     # other=0.0 for a float global: the interpreter cannot cast the int 0 to f8e4m3 ('cannot cast [0] to fp8e4nv')
     other = "0.0" if dtype.is_float else "0"
     x = f"tl.load({gname} + {offset}, mask={mask}, other={other})" if index else f"tl.load({gname})"
+    if ins.result in e.f64_floats:     # an f64 element f64 work takes (ir.scalars.f64_floats): an f32 elsewhere
+        name = e.name(ins.result)
+        e.emit(f"{name} = {x}")
+        e.f64_floats[ins.result] = name
+        e.names[ins.result] = f"tl.cast({name}, tl.float32)"
+        return
     if ins.result.type == FLOAT:
         x = x if dtype is f32 else f"{x}.to(tl.float32)" if dtype is f64 else e.up(x, dtype)
     elif dtype.itemsize < 4 or not dtype.name.startswith("i"):     # bool, u8, i8, i16: as an i32 index
