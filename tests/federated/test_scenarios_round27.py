@@ -1,7 +1,8 @@
 """Federated scenarios, round 27: each client its own learning-rate schedule (and one client given a rate that cannot
 be, in one round), each client its own proximal pull, FedAvg weighted by the local steps each client really ran under
 stragglers (on time, and late under the stale policy), a round whose training can sample nobody while a late update
-lands, clients joining mid-training under FedAdagrad, label skew at Dirichlet alpha 0.01 under FedMedian, and a
+lands, clients joining mid-training under FedAdagrad, a local body per client sharing only the head (with a client
+joining late), label skew at Dirichlet alpha 0.01 under FedMedian, and a
 compressed FedAdagrad run with per-client schedules crashing mid-round and resumed from its checkpoint.
 
 tilestack's ClientApp over tilestack's in-process Flower ``Grid`` under ``ManagedGrid`` (``run_rounds``), with
@@ -38,9 +39,10 @@ from _fl_round10 import with_config
 from _fl_round18 import EVERYONE
 from flwr.serverapp.strategy import FedAdagrad, FedAvg, FedMedian, FedProx
 
-from tilestack.federated import InProcessGrid, ManagedGrid, SystemModel, Task, initial_arrays, run_rounds
+from tilestack.federated import InProcessGrid, ManagedGrid, SystemModel, Task, codec, initial_arrays, run_rounds
 from tilestack.federated import client as tsclient
 from tilestack.federated.compression import Compressed
+from tilestack.federated.strategies import FedBN
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -275,6 +277,35 @@ def test_clients_joining_in_round_three_under_fedadagrad_are_its_rule_by_hand():
         want = _adagrad(x, weighted_mean(sent, {p: task.num_train(p) for p in pids}), v, eta=0.1, tau=1e-3)
         near(models[rnd - 1], want, ulps=4.0)
         x = models[rnd - 1]
+
+
+# ---- a local body per client, only the head shared ---------------------------------------------------------------
+def test_a_local_body_per_client_sharing_only_the_head_with_a_client_joining_late_is_replayed_by_hand():
+    """``FedBN(local_prefix='fc1.')`` over an MLP: each client keeps its own body (fc1) and only the head (fc2) is
+    averaged (LG-FedAvg's split, the mirror of FedPer). Client 2 is offline in rounds 1-2 and joins in round 3, when it
+    starts from the server's body (never moved) and the global head. Each round's head is the example-weighted mean of
+    the online clients' heads, each client having trained from its own body of the round before, by hand; the server's
+    body never moves and no reply carries one (the bytes up are the heads')."""
+    task = _task(model="mlp", hidden=4, num_clients=3)
+    system = SystemModel(3, availability=[[1, 1, 0], [1, 1, 0], [1, 1, 1]])
+    models: list[dict] = []
+    res = run_rounds(FedBN(local_prefix="fc1.", **EVERYONE), _grid(task, system), initial_arrays(task), num_rounds=3,
+                     extra_metrics=keep(models))  # fmt: skip
+    x0 = _start(task)
+    x, bodies = dict(x0), {}
+    head_bytes = sum(len(codec.encode(v).data) for k, v in x0.items() if k.startswith("fc2."))
+    for rnd, pids in ((1, (0, 1)), (2, (0, 1)), (3, (0, 1, 2))):
+        trained = {p: client_model(task, p, rnd, x | bodies.get(p, {}))[0] for p in pids}
+        bodies |= {p: {k: v for k, v in t.items() if k.startswith("fc1.")} for p, t in trained.items()}
+        heads = {p: {k: v for k, v in t.items() if k.startswith("fc2.")} for p, t in trained.items()}
+        got = models[rnd - 1]
+        near({k: v for k, v in got.items() if k.startswith("fc2.")},
+             weighted_mean(heads, {p: task.num_train(p) for p in pids}), ulps=4.0)  # fmt: skip
+        for k in ("fc1.weight", "fc1.bias"):
+            np.testing.assert_array_equal(got[k], x0[k])
+        assert res.history.rounds[rnd - 1].bytes_up == len(pids) * head_bytes
+        x = got
+    assert not np.allclose(bodies[0]["fc1.weight"], bodies[1]["fc1.weight"])  # (each client its own body)
 
 
 # ---- label skew at Dirichlet alpha 0.01 -----------------------------------------------------------------------------
