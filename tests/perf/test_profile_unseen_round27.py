@@ -18,7 +18,9 @@ What this round found:
 - ``binary_cross_entropy_with_logits`` was counted by its plain formula whatever its arguments: a ``pos_weight``
   (each element's log-sigmoid scaled by 1 + (p - 1) y: three more FLOPs an element, and p - 1 once per class) and
   a ``weight`` (a multiply an element) were left out, a weighted multi-label loss counted as an unweighted one
-  (``counting_rules.losses._bce_logits_flops``, ``formulas.BCE_LOGITS_POS_WEIGHT_FLOPS_PER_ELEMENT``);
+  (``counting_rules.losses._bce_logits_flops``, ``formulas.BCE_LOGITS_POS_WEIGHT_FLOPS_PER_ELEMENT``); likewise
+  binary_cross_entropy on probabilities and its backward left out their ``weight``'s multiply an element
+  (``counting_rules.losses._weighted_bce_flops``);
 - an Embedding(scale_grad_by_freq=True)'s backward was counted as the plain one (an add per element of each looked-up
   row): the kernel first counts each id's occurrences (an add per token), then scales each row it adds by one over
   its id's count (a divide per row, a multiply-add per element) (``counting_rules.embedding
@@ -471,3 +473,19 @@ def test_an_empty_batch_through_the_metric_head_computes_nothing():
     assert embed.flops == 0 and embed.bytes_read >= (ML_F * ML_E + ML_E) * F32
     p = profile_cpu(model, inputs, name="metric_head")
     assert all(math.isfinite(o.m.flops) for o in p.ops)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_bce_on_probabilities_counts_its_weight(weighted):
+    """binary_cross_entropy on probabilities, trained: its formula an element forward and its backward's, each a
+    multiply an element more for a weight, which each reads (round 27's fix: the weight's multiplies left out)."""
+    n, c = 3, 4
+    x = torch.rand(n, c, requires_grad=True)
+    y, w = torch.rand(n, c), torch.rand(n, c)
+    counts = profile.count_ops(lambda: F.binary_cross_entropy(x, y, weight=w if weighted else None).backward())
+    fwd = one_row(counts, "aten::binary_cross_entropy")
+    assert fwd.flops == (formulas.BCE_FLOPS_PER_ELEMENT + weighted) * n * c
+    assert fwd.bytes_read == (2 + weighted) * n * c * F32
+    bwd = one_row(counts, "aten::binary_cross_entropy_backward")
+    assert bwd.flops == (formulas.BCE_BWD_FLOPS_PER_ELEMENT + weighted) * n * c
+    assert bwd.bytes_read == F32 + (2 + weighted) * n * c * F32  # dy, a scalar expanded; x, y, the weight

@@ -25,6 +25,17 @@ def _nll_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     return float(formulas.NLL_FLOPS_PER_TARGET * nll_targets(func, args, kwargs))
 
 
+def _weighted_bce_flops(per_element: int) -> Rule:
+    """binary_cross_entropy and its backward: ``per_element`` for each element of the probabilities, and a multiply
+    more for a ``weight`` (profiler round 27: a weighted BCE was counted as an unweighted one)."""
+
+    def count(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        weighted = _argument(func, args, kwargs, "weight") is not None
+        return float((per_element + weighted) * _numel(_argument(func, args, kwargs, "self")))
+
+    return count
+
+
 def _bce_logits_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     """binary_cross_entropy_with_logits: its formula per element of the logits; a ``pos_weight`` (C,) first made
     p - 1 (a subtract per class), then each element's log-sigmoid scaled by 1 + (p - 1) y (a multiply, an add and a
@@ -96,8 +107,8 @@ LOSS_FLOPS: dict[str, Rule] = {
        for loss in ("smooth_l1_loss", "huber_loss")},
     **{f"aten.{loss}_backward": _per_element("self", formulas.SMOOTH_L1_BWD_FLOPS_PER_ELEMENT)
        for loss in ("smooth_l1_loss", "huber_loss")},
-    "aten.binary_cross_entropy": _per_element("self", formulas.BCE_FLOPS_PER_ELEMENT),
-    "aten.binary_cross_entropy_backward": _per_element("self", formulas.BCE_BWD_FLOPS_PER_ELEMENT),
+    "aten.binary_cross_entropy": _weighted_bce_flops(formulas.BCE_FLOPS_PER_ELEMENT),
+    "aten.binary_cross_entropy_backward": _weighted_bce_flops(formulas.BCE_BWD_FLOPS_PER_ELEMENT),
     "aten.binary_cross_entropy_with_logits": _bce_logits_flops,
     **{f"aten.{nll}": _nll_flops for nll in (
         "nll_loss_forward", "nll_loss_backward", "nll_loss2d_forward", "nll_loss2d_backward",
