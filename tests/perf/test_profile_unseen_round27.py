@@ -24,7 +24,8 @@ What this round found:
 - an Embedding(scale_grad_by_freq=True)'s backward was counted as the plain one (an add per element of each looked-up
   row): the kernel first counts each id's occurrences (an add per token), then scales each row it adds by one over
   its id's count (a divide per row, a multiply-add per element) (``counting_rules.embedding
-  ._embedding_backward_flops``).
+  ._embedding_backward_flops``); an EmbeddingBag's alike (``_embedding_bag_backward_flops``: mode sum added each
+  row unscaled, and neither mode counted the ids).
 
 Left as it is, a convention every round keeps: a pool's window is charged all its taps at every output, also where
 it overhangs the input (padding, ceil_mode's last partial window), though the kernels visit only the taps inside
@@ -489,3 +490,20 @@ def test_bce_on_probabilities_counts_its_weight(weighted):
     bwd = one_row(counts, "aten::binary_cross_entropy_backward")
     assert bwd.flops == (formulas.BCE_BWD_FLOPS_PER_ELEMENT + weighted) * n * c
     assert bwd.bytes_read == F32 + (2 + weighted) * n * c * F32  # dy, a scalar expanded; x, y, the weight
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_an_embedding_bag_scaled_by_frequency_counts_its_scaling(mode):
+    """An EmbeddingBag(scale_grad_by_freq=True)'s backward, as an Embedding's: each id counted (an add an index),
+    each entry's scale divided by its count, its row added scaled (a multiply-add an element); without it, mode sum
+    adds each row (an add an element) and mode mean scales it by 1/size (round 27's fix: mode sum's scaling and the
+    counting were left out)."""
+    ids, offsets, width = torch.tensor([1, 2, 2, 4, 1, 1]), torch.tensor([0, 2, 4]), 3
+    entries = ids.numel() * width
+    for by_frequency in (False, True):
+        torch.manual_seed(0)
+        bag = nn.EmbeddingBag(7, width, mode=mode, scale_grad_by_freq=by_frequency)
+        counts = profile.count_ops(lambda b=bag: b(ids, offsets).sum().backward())
+        back = one_row(counts, "aten::_embedding_bag_backward")
+        scaled = by_frequency or mode == "mean"
+        assert back.flops == (1 + scaled) * entries + 2 * ids.numel() * by_frequency, by_frequency

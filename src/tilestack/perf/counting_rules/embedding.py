@@ -54,8 +54,10 @@ EMBEDDING_BAG_MEAN, EMBEDDING_BAG_MAX = 1, 2  # the ``mode`` argument of aten._e
 def _embedding_bag_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     """The backward of an EmbeddingBag: each bag's gradient row added into the row of each of its entries (padding
     entries skipped; in mode max only into the entry that held the maximum, one per non-empty bag and column), after
-    a multiply by the per-sample weight or by 1/bag size (mode mean). The per-sample weights' own gradient is a dot
-    product of the bag's gradient row with each looked-up row: a multiply-add per element."""
+    a multiply by the per-sample weight or by 1/bag size (mode mean). With ``scale_grad_by_freq`` each id is first
+    counted (an add per index) and each entry's scale divided by its id's count (a divide per entry), the row then
+    added scaled. The per-sample weights' own gradient is a dot product of the bag's gradient row with each looked-up
+    row: a multiply-add per element."""
     arg = lambda name: _argument(func, args, kwargs, name)  # noqa: E731
     grad = arg("grad")
     if arg("mode") == EMBEDDING_BAG_MAX and "weights_backward" not in str(func._overloadpacket):
@@ -65,10 +67,13 @@ def _embedding_bag_backward_flops(func: Any, args: tuple, kwargs: dict, out: Any
         bag_size = arg("bag_size")
         bags = grad.shape[0] if bag_size is None or bag_size.device.type == "meta" else int((bag_size != 0).sum())
         return float(bags * grad.shape[-1])
+    by_frequency = bool(arg("scale_grad_by_freq"))  # each id counted, each entry's scale divided by its count
     scaled = "weights_backward" in str(func._overloadpacket) or arg("per_sample_weights") is not None or (
         arg("mode") == EMBEDDING_BAG_MEAN
-    )
-    return float((1 + scaled) * bag_entries(func, args, kwargs) * grad.shape[-1])
+    ) or by_frequency
+    entries = bag_entries(func, args, kwargs)
+    frequencies = arg("indices").numel() + entries if by_frequency else 0  # profiler round 27: left out
+    return float((1 + scaled) * entries * grad.shape[-1] + frequencies)
 
 
 def distinct_rows(indices: Any) -> int:
