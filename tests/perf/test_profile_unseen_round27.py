@@ -1,10 +1,11 @@
-"""Twenty-seventh held-out round for the model profiler: six models written for this round (their builders below),
+"""Twenty-seventh held-out round for the model profiler: seven models written for this round (their builders below),
 profiled forward and trained, every row checked, and each model's FLOPs and the bytes of its telling rows written
 out by hand from the layer shapes.
 
-The models: a metric-learning head trained by embedding losses no round had used (CosineEmbeddingLoss,
-HingeEmbeddingLoss over pairwise distances, MultiLabelSoftMarginLoss, BCEWithLogitsLoss with a per-class
-``pos_weight``, TripletMarginWithDistanceLoss under a cosine distance); an MLP under shrinkage and clipping
+The models: a bag-of-words tagger (an EmbeddingBag(scale_grad_by_freq=True) into a sigmoid head trained by a
+class-weighted BCELoss); a metric-learning head trained by embedding losses no round had used
+(CosineEmbeddingLoss, HingeEmbeddingLoss over pairwise distances, MultiLabelSoftMarginLoss, BCEWithLogitsLoss with
+a per-class ``pos_weight``, TripletMarginWithDistanceLoss under a cosine distance); an MLP under shrinkage and clipping
 activations (SELU, Softshrink, Hardshrink, Tanhshrink, LogSigmoid, Threshold, Hardtanh) into a Softmin; a polar
 encoder (torch.hypot, torch.atan2, an erfinv Gaussian copula, torch.logaddexp, stacked into a head); a rigid-body
 torque head (torch.linalg.cross of positions with learned forces, a Kronecker-factored weight by torch.kron); a
@@ -210,9 +211,33 @@ def padded_volume():
     return PaddedVolume(), (torch.randn(PV_B, PV_CI, PV_S, PV_S, PV_S), torch.randn(PV_B, PV_SC, PV_L))
 
 
+# --- bag-of-words tagger: vocabulary, width, classes, ids, bag starts ----------------------------------------------
+TG_VOCAB, TG_D, TG_C = 12, 4, 3
+TG_IDS, TG_OFFSETS = (3, 5, 5, 7, 1, 3, 3, 3), (0, 3, 5)  # three bags of 3, 2 and 3 ids; ids 3 and 5 repeat
+TG_CLASS_WEIGHT = (1.0, 2.0, 0.5)
+
+
+class Tagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(TG_VOCAB, TG_D, mode="sum", scale_grad_by_freq=True)
+        self.head = nn.Linear(TG_D, TG_C)
+        self.loss = nn.BCELoss(weight=torch.tensor(TG_CLASS_WEIGHT))  # (C,), expanded over the bags
+
+    def forward(self, ids, offsets, tags):  # ids (E,) int64; offsets (BAGS,); tags (BAGS, C) multi-hot
+        return self.loss(torch.sigmoid(self.head(self.bag(ids, offsets))), tags)
+
+
+@seeded
+def tagger():
+    tags = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    return Tagger(), (torch.tensor(TG_IDS), torch.tensor(TG_OFFSETS), tags)
+
+
 MODELS = {
     "metric_head": (metric_head, True), "shrink_mlp": (shrink_mlp, True), "polar": (polar, True),
     "rigid_body": (rigid_body, True), "ragged": (ragged, True), "padded_volume": (padded_volume, True),
+    "tagger": (tagger, True),
 }
 CASES, IDS, profiled = setup_round(MODELS)
 
@@ -507,3 +532,27 @@ def test_an_embedding_bag_scaled_by_frequency_counts_its_scaling(mode):
         back = one_row(counts, "aten::_embedding_bag_backward")
         scaled = by_frequency or mode == "mean"
         assert back.flops == (1 + scaled) * entries + 2 * ids.numel() * by_frequency, by_frequency
+
+
+def test_tagger_by_hand():
+    """The bag sums each looked-up row into its bag (E D adds); the head 2 BAGS D C; the sigmoid one an element; the
+    weighted BCE its formula and the weight's multiply an element (round 27's fix), reading the probabilities, the
+    tags and the (C,) weight it broadcasts: 194."""
+    p, counts, _ = profiled("tagger", False)
+    bags, entries = len(TG_OFFSETS), len(TG_IDS)
+    assert one_row(counts, "aten::_embedding_bag").flops == entries * TG_D
+    assert one_row(counts, "aten::addmm").flops == 2 * bags * TG_D * TG_C
+    bce = one_row(counts, "aten::binary_cross_entropy")
+    assert bce.flops == (formulas.BCE_FLOPS_PER_ELEMENT + 1) * bags * TG_C
+    assert (bce.bytes_read, bce.bytes_written) == ((2 * bags * TG_C + TG_C) * F32, F32)
+    assert p.flops == entries * TG_D + 2 * bags * TG_D * TG_C + bags * TG_C + bce.flops == 194
+
+
+def test_tagger_trained_by_hand():
+    """Trained, the weighted BCE's backward its formula and a multiply an element; the bag's backward counts its
+    ids, divides each entry's scale by its id's count and adds each row scaled: E + E + 2 E D (round 27's fixes)."""
+    _, counts, _ = profiled("tagger", True)
+    bags, entries = len(TG_OFFSETS), len(TG_IDS)
+    bce = one_row(counts, "aten::binary_cross_entropy_backward")
+    assert bce.flops == (formulas.BCE_BWD_FLOPS_PER_ELEMENT + 1) * bags * TG_C
+    assert one_row(counts, "aten::_embedding_bag_backward").flops == 2 * entries + 2 * entries * TG_D
