@@ -223,6 +223,12 @@ _COMMUTING = ("add", "mul", "max", "min", "bit_and", "bit_or", "bit_xor")
 _SUGAR_SYMBOLS = {"sub": "-", "div": "/"}   # a number on the left of a tile: 7.0 - k, 1.0 / k (Tile.__rsub__ ...)
 
 
+def _scratch_name(*taken: str) -> str:
+    """A name for the scratch tile of an error's recipe that is none of the user's tiles it names (`t` unless one
+    of them is called `t`: "div(dst, t, t)" read as the user's own tile twice)."""
+    return next(n for n in ("t", "tmp", "scratch", "tmp2") if n not in taken)
+
+
 def _binary(fn: str, dst: Tile, a: Tile, b) -> None:
     """``dst = fn(a, b)`` with b a tile of a's shape, a number or Scalar, or (a 2-D a) a vector marked
     per_row(v) / per_col(v), which is the same op as ``{fn}_row`` / ``{fn}_col``. A marked vector, a number or a
@@ -234,9 +240,11 @@ def _binary(fn: str, dst: Tile, a: Tile, b) -> None:
             a, b = b, a
         else:
             v = f"per_{a.axis}({_name(a.vec)})"
+            bn = _name(b) if isinstance(b, Tile) else "b"
+            t = _scratch_name(bn, _name(a.vec))
             raise TraceError(f"{fn}: a is {v}; a marked vector broadcasts as b (or as a with a tile b, for an op "
-                             f"that commutes). Broadcast it into a tile first: zero(t); add(t, t, {v}); "
-                             f"{fn}(dst, t, b)", user_line())
+                             f"that commutes). Broadcast it into a tile first: zero({t}); add({t}, {t}, {v}); "
+                             f"{fn}(dst, {t}, {bn})", user_line())
     if isinstance(b, Tile) and isinstance(a, int | float | Scalar) and not isinstance(a, bool):
         # A number or Scalar first, as one writes 7 - k (`sub(dst, 7.0, k)`): "a must be a tile" left the reader to
         # find the form. Ops that commute take it as b (as they take a marked vector); the others say how to write it.
@@ -244,7 +252,8 @@ def _binary(fn: str, dst: Tile, a: Tile, b) -> None:
             a, b = b, a
         else:
             shown, val = (f"the number {a!r}", repr(a)) if not isinstance(a, Scalar) else ("a Scalar", "a")
-            recipe = f"zero(t); add(t, t, {val}); {fn}(dst, t, {_name(b)})"
+            t = _scratch_name(_name(b))
+            recipe = f"zero({t}); add({t}, {t}, {val}); {fn}(dst, {t}, {_name(b)})"
             how = "broadcast it into a tile first: "
             if fn in _SUGAR_SYMBOLS and not isinstance(a, Scalar):
                 how = f"write `{val} {_SUGAR_SYMBOLS[fn]} {_name(b)}` (operator sugar), or {how}"
