@@ -4,6 +4,10 @@ Triton's interpreter against float64 torch or exact integers, outputs poisoned f
 - A Householder reflection applied to the columns of X (n, k), n wider than a tile: Y = X - (2 / v.v) v (v^T X) in
   two passes over n (v^T X and v.v as column sums, v.v broadcast down a tile's columns since a vector has no sum),
   against (I - 2 v v^T / v^T v) X in float64 and against X after a second reflection; f32 / f64.
+- Conjugate gradient for batched SPD systems (n <= a tile), a runtime number of iterations carrying x, r, p and r.r
+  as vectors, the dot products as row sums of a broadcast tile, a converged step (p.Ap = 0 or r.r = 0) moving
+  nothing; n iterations against torch.linalg.solve, 2n (past convergence), 0 (x = 0), f32 / f64.
+- Kron again with a transposed A, an expanded (stride 0) B and a C whose inner stride is not 1.
 - FNV-1a again, in i32: the offset basis as its signed bits, the multiply wrapping at 32 bits as the GPU's does.
 - An f64 element read by load_scalar in every use f64 work makes of a float (fill, where, max, compares, scalar
   arithmetic, a sum in a loop): each an f64, against values f32 cannot hold.
@@ -32,7 +36,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from heldout_support import BACKENDS, F64, I32, I64, close, launch, meta, randn, wrap
+from heldout_support import BACKENDS, BF, F64, I32, I64, close, ints, launch, meta, randn, wrap
 from sm90a_compile import check_triton_sm90a, compile_gluon_sm90a
 from test_heldout_round30 import (
     FNV_PRIME,
@@ -142,6 +146,82 @@ def test_fnv1a_i32_against_the_i64_kernel(backend, R, L, rng):
     assert torch.equal(h, h32)
     if L == 0:
         assert h.tolist() == [FNV_OFFSET_I32] * R      # the empty string's hash is the offset basis
+
+
+# ---- 10. conjugate gradient, a runtime number of iterations ------------------------------------------------------
+@ts.kernel(grid=lambda A: (A.shape[0],))
+def conjugate_gradient(A, RHS, X, iters: int, *, BN: int = 16):
+    """X[b] = A[b]^-1 RHS[b] for symmetric positive definite A (B, n, n) (n <= BN) by ``iters`` CG steps from 0;
+    a step whose p.Ap or r.r is 0 (converged) moves nothing."""
+    b = ts.block_id(0)
+    W = ts.f64 if A.dtype is ts.f64 else ts.f32
+    a = ts.RegTile[W, BN, BN]()
+    ts.load(a, A, at=(b, 0, 0))
+    r, p, x, ap = ts.RegVec[W, BN](), ts.RegVec[W, BN](), ts.RegVec[W, BN](), ts.RegVec[W, BN]()
+    ts.load(r, RHS, at=(b, 0))
+    ts.copy(p, r)
+    ts.zero(x)
+    t = ts.RegTile[W, BN, BN]()
+    e = ts.RegVec[W, BN]()
+
+    def dot(dst, u, v):
+        """dst (BN,) = u.v in every element (a vector has no sum: broadcast down a tile's rows, summed per row)."""
+        ts.mul(e, u, v)
+        ts.zero(t)
+        ts.add(t, t, ts.per_col(e))
+        ts.row_sum(dst, t)
+
+    rs, rs_new, pap, alpha = ts.RegVec[W, BN](), ts.RegVec[W, BN](), ts.RegVec[W, BN](), ts.RegVec[W, BN]()
+    zero = ts.RegVec[ts.bool_, BN]()
+    dot(rs, r, r)
+    for _ in ts.range(iters):
+        ts.mul(t, a, ts.per_col(p))
+        ts.row_sum(ap, t)                              # A p
+        dot(pap, p, ap)
+        ts.eq(zero, pap, 0.0)
+        ts.where(pap, zero, 1.0, pap)
+        ts.div(alpha, rs, pap)
+        ts.where(alpha, zero, 0.0, alpha)
+        ts.mul(e, p, alpha)
+        ts.add(x, x, e)
+        ts.mul(e, ap, alpha)
+        ts.sub(r, r, e)
+        dot(rs_new, r, r)
+        ts.eq(zero, rs, 0.0)
+        ts.where(rs, zero, 1.0, rs)
+        ts.div(alpha, rs_new, rs)                      # beta
+        ts.where(alpha, zero, 0.0, alpha)
+        ts.mul(p, p, alpha)
+        ts.add(p, p, r)
+        ts.copy(rs, rs_new)
+    out = ts.RegVec[X.dtype, BN]()
+    ts.copy(out, x)
+    ts.store(X, out, at=(b, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize(("B", "n", "iters", "BN"), [(3, 7, 7, 16), (2, 16, 16, 16), (1, 1, 3, 16), (2, 20, 40, 32),
+                                                      (2, 5, 0, 16)])
+def test_conjugate_gradient(backend, dtype, B, n, iters, BN, rng):
+    m = randn(rng, B, n, n, dtype=F64)
+    a = (m @ m.transpose(1, 2) / n + torch.eye(n, dtype=F64)).to(dtype)
+    rhs = randn(rng, B, n, dtype=dtype)
+    x = poisoned(B, n, dtype=dtype)
+    launch(conjugate_gradient, backend, a, rhs, x, iters, BN=BN)
+    want = torch.linalg.solve(a.double(), rhs.double()) if iters else torch.zeros(B, n, dtype=F64)
+    close(x, want, scale=100)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [F32, F64, I64, BF])
+def test_kron_of_strided_views(backend, dtype, rng):
+    m, n, p, q = 3, 2, 5, 7
+    a = ints(rng, -9, 9, (n, m), dtype).T                       # transposed
+    b = ints(rng, -9, 9, (1, q), dtype).expand(p, q)            # stride 0 down the rows
+    c = torch.full((n * q, m * p), -5, dtype=dtype).T           # C's inner stride is n q
+    launch(kron, backend, a, b, c.unflatten(0, (m, p)).unflatten(2, (n, q)).permute(0, 2, 1, 3))
+    assert torch.equal(c.double(), torch.kron(a.double().contiguous(), b.double().contiguous()))
 
 
 # ---- f64 elements read by load_scalar ------------------------------------------------------------------------------
@@ -263,6 +343,7 @@ def _cases() -> dict:
                   {}),
         "householder": (householder, (meta(100), meta(100, 64), meta(100, 64)), {}),
         "fnv1a_i32": (fnv1a_i32, (meta(64, 40, dtype=U8).T, meta(64, dtype=I32)), {}),
+        "conjugate_gradient": (conjugate_gradient, (meta(8, 16, 16), meta(8, 16), meta(8, 16), 16), {}),
     }
 
 
