@@ -7,6 +7,8 @@ Triton's interpreter against float64 torch or exact integers, outputs poisoned f
 - Conjugate gradient for batched SPD systems (n <= a tile), a runtime number of iterations carrying x, r, p and r.r
   as vectors, the dot products as row sums of a broadcast tile, a converged step (p.Ap = 0 or r.r = 0) moving
   nothing; n iterations against torch.linalg.solve, 2n (past convergence), 0 (x = 0), f32 / f64.
+- One-hot encoding (F.one_hot) into i64 / i32 / u8 / bool / f32 outputs from i64 / i32 / u8 labels, classes wider
+  than a tile, an ignored label (-1, or C for u8) making a row of zeros.
 - Kron again with a transposed A, an expanded (stride 0) B and a C whose inner stride is not 1.
 - FNV-1a again, in i32: the offset basis as its signed bits, the multiply wrapping at 32 bits as the GPU's does.
 - An f64 element read by load_scalar in every use f64 work makes of a float (fill, where, max, compares, scalar
@@ -224,6 +226,46 @@ def test_kron_of_strided_views(backend, dtype, rng):
     assert torch.equal(c.double(), torch.kron(a.double().contiguous(), b.double().contiguous()))
 
 
+# ---- 11. one-hot encoding ----------------------------------------------------------------------------------------
+@ts.kernel(grid=lambda LABELS, BM: (ts.cdiv(LABELS.shape[0], BM),))
+def one_hot(LABELS, OUT, *, BM: int = 16, BC: int = 16):
+    """OUT (M, C) = F.one_hot(LABELS (M,), C) in OUT's dtype (i64, i32, u8, bool, f32); a label outside [0, C) (an
+    ignore index of -1) makes a row of zeros."""
+    b = ts.block_id(0)
+    lab = ts.RegVec[LABELS.dtype, BM]()
+    ts.load(lab, LABELS, at=(b,))
+    wide = ts.RegVec[ts.i64, BM]()
+    ts.copy(wide, lab)
+    cols = ts.RegVec[ts.i64, BC]()
+    hit = ts.RegTile[ts.bool_, BM, BC]()
+    out = ts.RegTile[OUT.dtype, BM, BC]()
+    for j in ts.range(ts.cdiv(OUT.shape[1], BC)):
+        ts.arange(cols, j * BC)
+        ts.eq(hit, ts.per_row(wide), ts.per_col(cols))
+        if OUT.dtype is ts.bool_:
+            ts.copy(out, hit)
+        else:
+            ts.where(out, hit, 1, 0)
+        ts.store(OUT, out, at=(b, j))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("out_dtype", [I64, I32, U8, torch.bool, F32])
+@pytest.mark.parametrize("label_dtype", [I64, I32, U8])
+@pytest.mark.parametrize(("M", "C"), [(21, 37), (16, 1), (3, 300), (0, 4)])
+def test_one_hot(backend, out_dtype, label_dtype, M, C, rng):
+    labels = ints(rng, 0, C, (M,), I64)
+    if M > 2:
+        labels[0], labels[1] = C - 1, -1 if label_dtype is not U8 else C   # the last class; an ignored label
+    labels = labels.to(label_dtype)
+    out = torch.full((M, C), 7, dtype=out_dtype) if out_dtype is not torch.bool else torch.ones(M, C, dtype=torch.bool)
+    launch(one_hot, backend, labels, out)
+    keep = (labels.long() >= 0) & (labels.long() < C)
+    want = torch.zeros(M, C, dtype=I64)
+    want[keep] = torch.nn.functional.one_hot(labels.long()[keep], C)
+    assert torch.equal(out, want.to(out_dtype))
+
+
 # ---- f64 elements read by load_scalar ------------------------------------------------------------------------------
 @ts.kernel(grid=(1,))
 def f64_element_uses(A, Y, *, BN: int = 16):
@@ -344,6 +386,9 @@ def _cases() -> dict:
         "householder": (householder, (meta(100), meta(100, 64), meta(100, 64)), {}),
         "fnv1a_i32": (fnv1a_i32, (meta(64, 40, dtype=U8).T, meta(64, dtype=I32)), {}),
         "conjugate_gradient": (conjugate_gradient, (meta(8, 16, 16), meta(8, 16), meta(8, 16), 16), {}),
+        "one_hot_bool": (one_hot, (meta(64, dtype=U8), meta(64, 100, dtype=torch.bool)), {"BM": 64, "BC": 64}),
+        "one_hot_u8": (one_hot, (meta(64, dtype=I32), meta(64, 100, dtype=U8)), {"BM": 64, "BC": 64}),
+        "one_hot_f32": (one_hot, (meta(64, dtype=I64), meta(64, 100)), {"BM": 64, "BC": 64}),
     }
 
 
