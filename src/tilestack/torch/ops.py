@@ -153,10 +153,16 @@ def rms_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[
     return y.view(x.shape), rstd
 
 
+def _op_needs_input_grad(ctx) -> tuple[bool, ...]:
+    """ctx.needs_input_grad of a ``tilestack::`` op's inputs (its autograd Function takes the dispatch keyset first)."""
+    return ctx.needs_input_grad[1:]
+
+
 def _add_rms_setup(ctx, inputs, output):
     _, _, weight, _ = inputs
     ctx.save_for_backward(output[1], weight, output[2])      # h, the normalised input
     ctx.mark_non_differentiable(output[2])
+    _mark_constant_results(ctx, (output[1],), (any(_op_needs_input_grad(ctx)[:2]),))    # h = x + r
     ctx.set_materialize_grads(False)          # y unused: dy None, the weight's gradient None (as _Norm's)
 
 
@@ -213,6 +219,7 @@ def _add_ln_setup(ctx, inputs, output):
     _, _, weight, _, _ = inputs
     ctx.save_for_backward(output[1], weight, output[2], output[3])
     ctx.mark_non_differentiable(output[2], output[3])
+    _mark_constant_results(ctx, (output[1],), (any(_op_needs_input_grad(ctx)[:2]),))    # h = x + r
     ctx.set_materialize_grads(False)          # y unused: dy None, weight and bias get None (as _Norm's)
 
 
@@ -320,6 +327,8 @@ class _Norm(torch.autograd.Function):
         ctx.set_materialize_grads(False)     # an unused h (the last norm's) gives dh None: no zeros made and read
         if r is None:
             return _own(y.view(*plan.shape))
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            ctx.mark_non_differentiable(h)   # h = x + r needs no gradient where x and r need none, as torch's
         return _own(y.view(*plan.shape)), h
 
     @staticmethod
@@ -416,6 +425,14 @@ def add_layer_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias:
     return _norm("add_layer_norm", x, r, weight, bias, eps)
 
 
+def _mark_constant_results(ctx, results, needed) -> None:
+    """Mark each result whose input needs no gradient as not differentiable: the rotation of k alone, or the sum
+    h = x + r, then does not require grad where torch's own ops' result does not (it did, with a graph to nothing)."""
+    constant = [t for t, need in zip(results, needed, strict=True) if not need]
+    if constant:
+        ctx.mark_non_differentiable(*constant)
+
+
 # ---- rotary embedding -----------------------------------------------------------------------------------------
 def _rotate(q, k, cos, sin, inverse: bool):
     # contiguous (B, N, H, D) results: attention reads them through a transpose, and its output, laid out like
@@ -428,6 +445,7 @@ def _rotary_setup(ctx, inputs, output):
     ctx.save_for_backward(cos, sin)
     ctx.inverse = inverse
     ctx.set_materialize_grads(False)          # an unused result: its input's gradient None (as _Rotary's)
+    _mark_constant_results(ctx, output, _op_needs_input_grad(ctx)[:2])
 
 
 def _rotary_backward(ctx, dq, dk):
@@ -456,7 +474,9 @@ class _Rotary(torch.autograd.Function):
         ctx.save_for_backward(cos, sin)
         ctx.inverse = inverse
         ctx.set_materialize_grads(False)     # an unused result gives None: its input gets no gradient, as torch's
-        return _rotate(q, k, cos, sin, inverse)
+        qr, kr = _rotate(q, k, cos, sin, inverse)
+        _mark_constant_results(ctx, (qr, kr), ctx.needs_input_grad[:2])
+        return qr, kr
 
     @staticmethod
     def backward(ctx, dq, dk):
