@@ -327,8 +327,7 @@ class _Norm(torch.autograd.Function):
         ctx.set_materialize_grads(False)     # an unused h (the last norm's) gives dh None: no zeros made and read
         if r is None:
             return _own(y.view(*plan.shape))
-        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-            ctx.mark_non_differentiable(h)   # h = x + r needs no gradient where x and r need none, as torch's
+        _mark_constant_results(ctx, (h,), (ctx.needs_input_grad[0] or ctx.needs_input_grad[1],))   # h = x + r
         return _own(y.view(*plan.shape)), h
 
     @staticmethod
