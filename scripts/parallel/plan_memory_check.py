@@ -19,6 +19,10 @@ PLANS = {
     "pp2-gpipe-m2-rc-full": dict(pp=2, schedule="gpipe", microbatches=2, recompute="full"),
     "pp2-1f1b-m4-rc-full": dict(pp=2, schedule="1f1b", microbatches=4, recompute="full"),
     "dp4-zero1": dict(dp=4, zero=1),
+    "dp4-zero2": dict(dp=4, zero=2),
+    "dp4-zero2-rc-selective": dict(dp=4, zero=2, recompute="selective"),
+    "dp4-zero2-rc-full": dict(dp=4, zero=2, recompute="full"),
+    "dp2-zero2-rc-full": dict(dp=2, zero=2, recompute="full"),
 }
 
 

@@ -267,3 +267,24 @@ def test_multi_tensor_adamw_makes_one_copy_of_the_second_moments():
     assert after(OnCpus(desc), dp=2) == 0.0
     assert after(OnGpus(desc), tp=2) == 0.0                   # a mixed list: AdamW loops
     assert after(OnGpus(desc), tp=2, sp=True) > 0.0
+
+
+class UnitOnCores(Unit):
+    """Unit times on a 2-core CPU: gloo's collectives, AdamW's per-tensor loop (as the real runs here)."""
+    cores = 2
+
+
+def test_zero2_peak_with_recompute_is_the_last_buckets_reduce_scatter():
+    """ZeRO-2 with full recompute, 2 gloo ranks: the activations at the first backward are small, so the peak is
+    the last bucket's reduce-scatter inside its gradient hook, with the full gradients, their flat copy, gloo's
+    own copy of it (c10d::_reduce_scatter_base_ clones its input) and the slice it fills; the master's f32
+    gradient comes later, in the step. The model summed those two moments and left gloo's copy out: 8% under on
+    this model, 12-18% over on 4 ranks (docs/planner.md, runs 11-12; scripts/parallel/plan_memory_moment.py)."""
+    from tilestack.parallel.plan.measure import measure_plans
+    desc = describe_gpt(ModelConfig(n_layer=4, d=64, n_head=4, vocab=256, max_seq=64), 64)
+    plan = Plan(batch=8, dp=2, zero=2, recompute="full")
+    (row,) = measure_plans(desc, [plan], steps=2, warmup=1)
+    pred = predict(plan, desc, UnitOnCores(desc), FREE)
+    moment, parts = pred.at_peak(0)
+    assert moment == "after backward", (moment, parts)
+    assert row["peak_bytes_per_rank"] == pytest.approx(pred.peaks * 2, rel=0.02)

@@ -66,6 +66,7 @@ LOSS_BYTES = FP32_BYTES          # the step's loss, all-reduced over pp and the 
 LOSS_GRAD_COPIES = 2             # (b, s, vocab) f32 gradients alive in log-softmax's backward (see _memory)
 ZERO_BUCKET_NUMEL = 1 << 22      # the Trainer's ZeroOptimizer bucket (elements)
 ZERO_FLAT_COPIES = {1: 2, 2: 1}  # copies of a bucket's gradients while ZeroOptimizer reduces it (see _memory)
+GLOO_REDUCE_SCATTER_COPIES = 1   # gloo's reduce-scatter clones its flat input (c10d::_reduce_scatter_base_); NCCL not
 FSDP_UNIT_COPIES = 4             # gathered block + prefetched neighbour + unsharded grads + reduce-scatter input
 FSDP_ROOT_COPIES = 3             # gathered root + its unsharded grads + reduce-scatter input
 FSDP_ROOT_START_COPIES = 2       # when backward begins: the gathered root + the head's gradients being made
@@ -467,8 +468,10 @@ def predict(plan: Plan, desc: ModelDesc, compute: ComputeModel, comm: CommModel,
     # torch's AdamW takes its multi-tensor path on a GPU (engine.adamw_foreach), except on lists that mix DTensors
     # and plain tensors (tensor parallelism without sequence parallelism); on a CPU it loops
     multi_tensor = compute.cores is None and not (tp > 1 and not plan.sp)
+    # the CPU's collectives are gloo's (MeasuredCompute / RooflineCompute on a CPU have cores; a GPU's none)
+    gloo = compute.cores is not None
     memory = [_memory(plan, desc, stages, rank_stages[r], held[r], sim.peak_inflight[r],
-                      sim.steady_inflight[r], recv_buffers, multi_tensor) for r in ranks]
+                      sim.steady_inflight[r], recv_buffers, multi_tensor, gloo) for r in ranks]
     peaks = [_peak(mem) for mem in memory]
     flops = desc.flops_per_sample * plan.batch
     bad = {k: v for k, v in (("step_s", step), *terms.items(), *(
@@ -619,10 +622,11 @@ def _act_bytes(layer: Any, plan: Plan) -> float:
 
 def _memory(plan: Plan, desc: ModelDesc, stages: list[range], my_stages: list[int], held: _Held,
             inflight: float, steady_inflight: float, recv_buffers: bool = True,
-            multi_tensor: bool = False) -> dict[str, float]:
+            multi_tensor: bool = False, gloo: bool = False) -> dict[str, float]:
     """The rank's bytes by component (``_peak`` adds them up per moment). ``multi_tensor``: AdamW's step takes
     torch's multi-tensor path, which makes sqrt(v) for every parameter at once, a copy of the second moments,
-    beside the gradients (the loop makes it and a quotient one tensor at a time: not charged). Parameters,
+    beside the gradients (the loop makes it and a quotient one tensor at a time: not charged). ``gloo``: the
+    collectives are gloo's, whose reduce-scatter copies its input (GLOO_REDUCE_SCATTER_COPIES). Parameters,
     gradients and moments are of the parameters' own bytes per element (``held``); activations of dtype_bytes."""
     params = held.elements
     local = params / plan.dp_shard
@@ -655,6 +659,15 @@ def _memory(plan: Plan, desc: ModelDesc, stages: list[range], my_stages: list[in
         # ZeRO-2 one copy goes to the reduce-scatter; then the slice and the master's f32 gradient
         after = ZERO_FLAT_COPIES[plan.zero] * padded * e_trained + owned * e_trained + owned * FP32_BYTES
         after += owned * FP32_BYTES if multi_tensor else 0.0     # sqrt(v) of the f32 master slice
+        if plan.zero == 2:
+            # two moments, apart: the last bucket reduce-scattered (from its gradient hook, the full gradients
+            # alive): its flat copy, gloo's own copy of it (measured: the peak of dp4-zero2 with recompute, where
+            # runs 11-12 were 12-18% over the prediction that summed the moments and left gloo's copy out;
+            # scripts/parallel/plan_memory_moment.py), the slice it fills; then the step: the slice and the master's
+            # f32 gradient (and foreach AdamW's sqrt(v))
+            copies = ZERO_FLAT_COPIES[2] + (GLOO_REDUCE_SCATTER_COPIES if gloo else 0)
+            step = owned * e_trained + owned * FP32_BYTES + (owned * FP32_BYTES if multi_tensor else 0.0)
+            after = max(copies * padded * e_trained + owned * e_trained, step)
         if plan.zero == 1:
             # ZeRO-1 keeps every full gradient to the end, so its moments after backward are apart, each beside
             # the slice (owned * e): a bucket flattened and padded (two copies, as it is all-reduced); the step
