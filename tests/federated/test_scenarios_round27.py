@@ -1,9 +1,10 @@
 """Federated scenarios, round 27: each client its own learning-rate schedule (and one client given a rate that cannot
 be, in one round), each client its own proximal pull, FedAvg weighted by the local steps each client really ran under
 stragglers (on time, and late under the stale policy), a round whose training can sample nobody while a late update
-lands, clients joining mid-training under FedAdagrad, a local body per client sharing only the head (with a client
-joining late), label skew at Dirichlet alpha 0.01 under FedMedian, and a
-compressed FedAdagrad run with per-client schedules crashing mid-round and resumed from its checkpoint.
+lands (under run_rounds and under Flower's own loop), clients joining mid-training (under FedAdagrad, and under
+Flower's own loop), a local body per client sharing only the head (with a client joining late), label skew at
+Dirichlet alpha 0.01 under FedMedian, and a compressed FedAdagrad run with per-client schedules crashing mid-round and
+resumed from its checkpoint.
 
 tilestack's ClientApp over tilestack's in-process Flower ``Grid`` under ``ManagedGrid`` (``run_rounds``), with
 Flower 1.41's FedAvg, FedProx, FedAdagrad and FedMedian subclassed where a strategy gives each client its own settings
@@ -20,6 +21,12 @@ What this round found, fixed:
   by one client's work of the round before) and nothing said no client had been asked to train (the same shortness in
   evaluation was logged). A warning now names the round, the minimum that could not be met and the late updates
   aggregated instead (``driver._rounds``).
+- *Flower's own loop sampled each round from the round before's clients.* Under ``FedAvg.start`` over a ManagedGrid
+  with an availability pattern, the grid learned the round only from the messages, after the strategy had sampled:
+  a pattern of {0, 1}, {2, 3}, all trained 0 and 1, then nobody, then 2 and 3 alone (run_rounds, which tells the grid
+  the round first, was right). The grid now reads the round from the strategy's configure_train / configure_evaluate
+  call that samples (``grid._sampling_round``); Flower's loop trains each round's online clients and gives
+  run_rounds' model bit for bit.
 
 Checked and sound: per-client settings a Task refuses (a negative ``lr``, a ``proximal-mu`` whose step with that
 client's ``lr`` overshoots) leave that client's reply out of that round alone, naming the key, the value and the range,
@@ -37,8 +44,11 @@ from _fl_round7 import client_model, weighted_mean
 from _fl_round9 import keep, near
 from _fl_round10 import with_config
 from _fl_round18 import EVERYONE
+from flwr.app import Message
+from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAdagrad, FedAvg, FedMedian, FedProx
 
+from tilestack.errors import FederatedError
 from tilestack.federated import InProcessGrid, ManagedGrid, SystemModel, Task, codec, initial_arrays, run_rounds
 from tilestack.federated import client as tsclient
 from tilestack.federated.compression import Compressed
@@ -260,6 +270,21 @@ def test_a_round_whose_training_samples_nobody_while_a_late_update_lands_says_so
         x = models[rnd - 1]
 
 
+@pytest.mark.timeout(60)
+def test_flowers_own_loop_asking_for_every_client_while_one_is_busy_with_late_work_fails_naming_it_not_hangs():
+    """The same setting under Flower's own ``FedAvg.start`` over the ManagedGrid: round 1 trains, and in round 2
+    Flower's ``sample_nodes`` would poll forever for the busy fourth client. It fails at once instead, a
+    FederatedError naming min_available_nodes=4 and the 3 nodes online of 4 (the test's 60 s timeout would catch a
+    hang)."""
+    task = _task(local_steps=8)
+    system = SystemModel(4, speeds=np.array([1e3, 1e3, 1e3, 5.0]), bandwidths=np.full(4, 1e9), deadline=1.0)
+    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=4, min_train_nodes=4)
+    grid = _grid(task, system, stragglers="stale")
+    with pytest.raises(FederatedError, match=r"min_available_nodes=4 .* lists 3 online this round of the run's 4"):
+        strategy.start(grid=grid, initial_arrays=initial_arrays(task), num_rounds=3)
+    assert grid.server_round == 2 and set(grid.late) == {3}  # (round 1 ran; client 3 its late work)
+
+
 # ---- clients joining mid-training -----------------------------------------------------------------------------------
 def test_clients_joining_in_round_three_under_fedadagrad_are_its_rule_by_hand():
     """Clients 2 and 3 are offline in rounds 1 and 2 (availability 0) and join in round 3. FedAdagrad (eta 0.1, tau
@@ -277,6 +302,53 @@ def test_clients_joining_in_round_three_under_fedadagrad_are_its_rule_by_hand():
         want = _adagrad(x, weighted_mean(sent, {p: task.num_train(p) for p in pids}), v, eta=0.1, tau=1e-3)
         near(models[rnd - 1], want, ulps=4.0)
         x = models[rnd - 1]
+
+
+def _recording_app(seen: list) -> ClientApp:
+    """tilestack's ClientApp, noting (round, partition) of each TRAIN message it answers."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context) -> Message:
+        seen.append((int(msg.content["config"]["server-round"]), int(context.node_config["partition-id"])))
+        return tsclient.app(msg, context)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context) -> Message:
+        return tsclient.app(msg, context)
+
+    @app.query()
+    def query(msg: Message, context) -> Message:
+        return tsclient.app(msg, context)
+
+    return app
+
+
+def test_flowers_own_loop_samples_each_round_from_the_clients_online_in_that_round():
+    """Found here: ``FedAvg.start`` (Flower's own loop) over a ManagedGrid whose clients come and go by an availability
+    pattern ({0, 1} in round 1, {2, 3} in round 2, all in round 3). The grid learned the round only from the messages,
+    after the strategy had sampled, so each round was sampled from the round before's online clients: round 1 trained
+    0 and 1 (all four sampled, two refused as offline), round 2 nobody (it sampled 0 and 1, now offline), round 3 only
+    2 and 3 while all four were online. The grid now takes the round from the strategy's configure_train / evaluate
+    call that samples (grid._sampling_round): each round trains exactly its online clients, and the model is the
+    weighted mean of their SGD by hand, as run_rounds gives it."""
+    task = _task()
+    pattern = {1: (0, 1), 2: (2, 3), 3: (0, 1, 2, 3)}
+    system = SystemModel(4, availability=[[1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1]])
+    seen: list = []
+    grid = ManagedGrid(InProcessGrid(_recording_app(seen), 4), task, system=system)
+    result = FedAvg(**EVERYONE).start(grid=grid, initial_arrays=initial_arrays(task), num_rounds=3)
+    assert sorted(seen) == [(r, p) for r, pids in pattern.items() for p in pids]
+    final = {k: v.numpy().astype(np.float32) for k, v in result.arrays.items()}  # (Flower's loop keeps it float64)
+    x = _start(task)
+    for rnd, pids in pattern.items():
+        sent = {p: client_model(task, p, rnd, x)[0] for p in pids}
+        want = weighted_mean(sent, {p: task.num_train(p) for p in pids})
+        x = {k: v.astype(np.float32) for k, v in want.items()}  # the clients are sent the float32 model
+    near(final, want, ulps=4.0)
+    ours = run_rounds(FedAvg(**EVERYONE), _grid(task, system), initial_arrays(task), num_rounds=3)
+    for k, v in ours.arrays.items():
+        np.testing.assert_array_equal(final[k], v.numpy(), err_msg=k)
 
 
 # ---- a local body per client, only the head shared ---------------------------------------------------------------

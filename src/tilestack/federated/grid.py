@@ -238,6 +238,26 @@ def _config(msg: Message) -> ConfigRecord:
     return config if config is not None else ConfigRecord()
 
 
+SAMPLING_HOOKS = ("configure_train", "configure_evaluate")
+SAMPLING_DEPTH = 8  # frames between a strategy's configure_* and the grid (wrappers, Flower's sample_nodes)
+
+
+def _sampling_round(frame) -> int | None:
+    """The round a strategy samples nodes for, when ``get_node_ids`` is called from within its ``configure_train`` /
+    ``configure_evaluate`` (read from that call's ``server_round``), else None. Under Flower's own ``Strategy.start``
+    the grid learned the round only from the messages, after sampling: each round was sampled from the clients online
+    in the round before (an availability pattern of rounds {0, 1}, {2, 3} trained 0 and 1 in round 1, nobody in round
+    2, and 2 and 3 alone in round 3, when all four were online)."""
+    for _ in range(SAMPLING_DEPTH):
+        if frame is None:
+            return None
+        found = frame.f_locals.get("server_round") if frame.f_code.co_name in SAMPLING_HOOKS else None
+        if isinstance(found, numbers.Integral) and not isinstance(found, bool):
+            return int(found)
+        frame = frame.f_back
+    return None
+
+
 def _sent_dtypes(sent: RecordDict) -> dict[str, np.dtype]:
     return {_canonical(k): np.dtype(a.dtype) for rec in sent.array_records.values() for k, a in rec.items()}
 
@@ -415,6 +435,8 @@ class ManagedGrid(Grid):
         if self._order is None:
             self._roll_call()
         assert self._order is not None
+        if (sampling := _sampling_round(sys._getframe(1))) is not None:
+            self._enter_round(sampling)
         # a client is busy from the round its late work starts in (its evaluation there too) until its update is in
         busy = {p for p, late in self.late.items() if late.started <= self.server_round <= late.due}
         if (self.system is None or self.system.availability is None) and not busy:
@@ -425,6 +447,12 @@ class ManagedGrid(Grid):
             nodes = [nid for nid, pid in pids if pid not in busy and (online is None or online[pid])]
         self._refuse_endless_wait(len(nodes), sys._getframe(1))
         return nodes
+
+    def _enter_round(self, server_round: int) -> None:
+        """Take ``server_round`` as the current round (Flower's own loop tells it only through the strategy's calls)."""
+        if server_round < self.server_round:  # Flower's loop started over on this grid: another run, its own model
+            self._dtypes = {}
+        self.server_round = server_round
 
     def _refuse_endless_wait(self, listed: int, caller) -> None:
         """Flower's ``sample_nodes`` (the ``caller`` frame) polls ``get_node_ids`` every second until its
@@ -601,9 +629,8 @@ class ManagedGrid(Grid):
         messages = list(messages)
         # Flower's own Strategy.start never tells the grid the round (run_rounds does): it is the messages' own
         rounds = [int(r) for m in messages if isinstance(r := _config(m).get("server-round"), numbers.Integral)]
-        if rounds and max(rounds) < self.server_round:  # Flower's loop started over on this grid: another run,
-            self._dtypes = {}  # its own model
-        self.server_round = max(rounds, default=self.server_round)
+        if rounds:
+            self._enter_round(max(rounds))
         messages = [self._as_sent(m) for m in messages]
         out: list[Message] = []
         sent: dict[int, tuple[RecordDict, int, int | None]] = {}  # node id -> (content, steps planned, full work)
