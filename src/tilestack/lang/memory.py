@@ -57,8 +57,8 @@ def load(dst: Tile, src, at=None) -> None:
 
 def load_scalar(src, *index) -> Scalar:
     """One element of global ``src`` at element indices ``index`` (one per axis, ints or index Scalars), as a
-    Scalar: an index for an integer or bool tensor, a float (its f32 value) for a float one; 0 where an index
-    falls outside ``src``. What a loop bound or a tile coordinate read from memory is made of::
+    Scalar: an index for an integer or bool tensor, a float (its f32 value) for a float one, kept f64 where an
+    f64 tensor's element is taken by f64 work; 0 where an index falls outside ``src``. What a loop bound or a tile coordinate read from memory is made of::
 
         start, end = ts.load_scalar(CU_SEQLENS, b), ts.load_scalar(CU_SEQLENS, b + 1)   # a varlen batch
         for j in ts.range(start // BN, ts.cdiv(end, BN)): ...
