@@ -655,25 +655,21 @@ def _memory(plan: Plan, desc: ModelDesc, stages: list[range], my_stages: list[in
         # micro-batch and reduces after the last, so every full gradient is alive then, as under ZeRO-1 (a rank of
         # more than one bucket was predicted to hold one bucket of them: 4M elements of a 13M-element stage)
         grads = (trained if plan.zero == 1 or plan.pp > 1 else bucket) * e_trained
-        # reducing a bucket: its gradients flattened (a copy), padded (another) for ZeRO-1's all-reduce; for
-        # ZeRO-2 one copy goes to the reduce-scatter; then the slice and the master's f32 gradient
-        after = ZERO_FLAT_COPIES[plan.zero] * padded * e_trained + owned * e_trained + owned * FP32_BYTES
-        after += owned * FP32_BYTES if multi_tensor else 0.0     # sqrt(v) of the f32 master slice
+        # after backward, the slice (owned * e) beside a bucket being reduced, then beside the step's f32 master
+        # gradient; the two moments apart (summed, ZeRO-1's were 14% over the measurement and ZeRO-2's under)
         if plan.zero == 2:
-            # two moments, apart: the last bucket reduce-scattered (from its gradient hook, the full gradients
-            # alive): its flat copy, gloo's own copy of it (measured: the peak of dp4-zero2 with recompute, where
-            # runs 11-12 were 12-18% over the prediction that summed the moments and left gloo's copy out;
-            # scripts/parallel/plan_memory_moment.py), the slice it fills; then the step: the slice and the master's
-            # f32 gradient (and foreach AdamW's sqrt(v))
+            # the last bucket reduce-scattered from its gradient hook (the full gradients alive): its flat copy and
+            # gloo's own copy of it (the peak of dp4-zero2 with recompute, runs 11-12 12-18% above the prediction
+            # without it: scripts/parallel/plan_memory_moment.py); the step: the master's f32 gradient, foreach
+            # AdamW's sqrt(v)
             copies = ZERO_FLAT_COPIES[2] + (GLOO_REDUCE_SCATTER_COPIES if gloo else 0)
-            step = owned * e_trained + owned * FP32_BYTES + (owned * FP32_BYTES if multi_tensor else 0.0)
-            after = max(copies * padded * e_trained + owned * e_trained, step)
-        if plan.zero == 1:
-            # ZeRO-1 keeps every full gradient to the end, so its moments after backward are apart, each beside
-            # the slice (owned * e): a bucket flattened and padded (two copies, as it is all-reduced); the step
-            # (the master's gradient, a copy only where the parameters are narrower than f32; foreach AdamW's
-            # sqrt(v)); the updated slices all-gathered into a padded bucket (and, on gloo, its staging copy:
-            # where the measured peak falls, session 28). Summed as if at once they were 14% over the measurement.
+            step = owned * FP32_BYTES + (owned * FP32_BYTES if multi_tensor else 0.0)
+            after = owned * e_trained + max(copies * padded * e_trained, step)
+        else:
+            # ZeRO-1 keeps every full gradient to the end: a bucket flattened and padded (two copies, as it is
+            # all-reduced); the step (the master's gradient, a copy only where the parameters are narrower than
+            # f32; foreach AdamW's sqrt(v)); the updated slices all-gathered into a padded bucket (and, on gloo, its
+            # staging copy: where the measured peak falls, session 28)
             master_grad = owned * FP32_BYTES if e_trained < FP32_BYTES else 0.0
             sqrt_v = owned * FP32_BYTES if multi_tensor else 0.0
             after = owned * e_trained + master_grad + max(ZERO_FLAT_COPIES[1] * padded * e_trained, sqrt_v)
