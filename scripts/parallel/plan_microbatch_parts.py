@@ -2,6 +2,7 @@
 machine's CPUs: pp2 on 2 gloo ranks, gpt LxD at a fixed batch, GPipe (or 1F1B) with m = 1, 2, 4, 8 micro-batches.
 
     PYTHONPATH=src python3 scripts/parallel/plan_microbatch_parts.py [--model 4x128] [--batch 8] [--schedule gpipe]
+                                                                      [--predict] [--trainer]
 
 Per rank and m, medians over the timed steps, in ms: the schedule's step; inside it the stage's forward and backward
 chunks (torch's forward_one_chunk / backward_one_chunk: the layers, the loss on the last stage, the stage's own
@@ -104,6 +105,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--predict", action="store_true", help="also the planner's prediction of each m: per stage and "
                     "micro-batch forward and backward, the sends, the schedule's makespan (measured compute model)")
+    ap.add_argument("--trainer", action="store_true", help="also the Trainer's whole steps of each m as the "
+                    "validation measures them (plan.measure.measure_plans), every timed step in ms")
     args = ap.parse_args()
     from tilestack.parallel.launch import run_local
     layers, d = (int(x) for x in args.model.split("x"))
@@ -117,6 +120,16 @@ def main() -> int:
         for m, r in per.items():
             print(f"{rank:>4} {m:>3} {r['step']:8.2f} {r['fwd']:8.2f} {r['bwd']:8.2f} {r['wait']:8.2f} "
                   f"{r['rest']:8.2f} {r['bare']:9.2f} {r['rest'] / m:7.2f}")
+    if args.trainer:
+        from tilestack.parallel.model import ModelConfig
+        from tilestack.parallel.plan import describe_gpt
+        from tilestack.parallel.plan.measure import measure_plans
+        from tilestack.parallel.plan.predict import Plan
+        desc = describe_gpt(ModelConfig(n_layer=layers, d=d, n_head=4, vocab=256, max_seq=64), 64)
+        plans = [Plan(pp=2, microbatches=m, schedule=args.schedule, batch=args.batch) for m in ms]
+        print("\nthe Trainer's whole steps (ms):")
+        for plan, row in zip(plans, measure_plans(desc, plans, steps=8), strict=True):
+            print(f"  {plan.label():16s} {[round(x * 1e3, 1) for x in row['step_s_all']]}")
     if preds:
         print("\npredicted (ms): per micro-batch forward / backward of each stage, a send, the schedule's makespan, the step")
         for m, p in preds.items():
